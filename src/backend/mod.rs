@@ -1,0 +1,148 @@
+//! The narrow interface between the pool and the memory it manages.
+//!
+//! The pool ([`crate::alloc`]) owns every policy decision; a backend only allocates, releases,
+//! zeroes fresh memory and runs scrub batches. Two implementations:
+//!
+//! - [`host::HostBackend`]: CPU memory, scrubs on a worker thread. It runs the same
+//!   PENDING → CLEAN path as the GPU so that machines without a GPU exercise it.
+//! - `cuda::CudaBackend`: device memory through the CUDA driver, loaded at run time.
+//!
+//! A backend knows nothing about blocks, tenants or policies (dependencies point downwards).
+
+pub mod host;
+pub mod verify;
+
+use std::fmt;
+
+pub use verify::{SegmentResult, WORD_BYTES};
+
+/// A device address (for the host backend: a process address). Opaque to the pool.
+pub type DevicePtr = u64;
+
+/// A stream handle as the caller passed it (`cudaStream_t`); 0 is the legacy default stream.
+/// The host backend ignores streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamHandle(pub u64);
+
+/// One region to scrub and verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubSegment {
+    pub addr: DevicePtr,
+    pub len: u64,
+    /// Seed of the verification sample positions (the block's scrub sequence number), recorded
+    /// so an auditor can recompute which words were read back.
+    pub seed: u64,
+}
+
+/// How a batch is scrubbed and verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubOptions {
+    /// Samples read back per segment (ignored when `full_verify`).
+    pub samples: u32,
+    /// Read back every word instead of sampling.
+    pub full_verify: bool,
+    /// Zero every byte twice before verifying.
+    pub double_pass: bool,
+}
+
+/// One launch worth of scrubs: every segment is zeroed, then verified, in stream order after
+/// all prior work on `stream` and on every stream in `wait_streams`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrubBatch {
+    pub device: u32,
+    pub stream: StreamHandle,
+    pub wait_streams: Vec<StreamHandle>,
+    pub segments: Vec<ScrubSegment>,
+    pub options: ScrubOptions,
+}
+
+/// An in-flight scrub batch. Results come back in the order of [`ScrubBatch::segments`].
+pub trait ScrubTicket: Send {
+    /// Non-blocking: `Some` once the batch is complete and its result slots are readable.
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError>;
+    /// Blocks until the batch is complete.
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError>;
+}
+
+/// Errors a backend reports. Driver errors keep the failing call's name and code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of memory: {requested} bytes requested on device {device}")]
+    OutOfMemory { device: u32, requested: u64 },
+    #[error("device {device} does not exist (the backend has {count} devices)")]
+    InvalidDevice { device: u32, count: u32 },
+    #[error("no CUDA driver: {0}")]
+    NoDriver(String),
+    #[error("{call} failed with CUDA error {code} ({name})")]
+    Driver {
+        call: &'static str,
+        code: i32,
+        name: String,
+    },
+    #[error("stream {stream:#x} is capturing a CUDA graph; {what} is deferred or refused")]
+    StreamCapturing { stream: u64, what: &'static str },
+    #[error("the process is exiting; no further device calls are made")]
+    ShuttingDown,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Which backend implementation is in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Host,
+    Cuda,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Host => "host",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// What the pool needs from memory. Every method may be called from any thread.
+pub trait Backend: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
+
+    /// Number of devices; valid device indices are `0..device_count()`.
+    fn device_count(&self) -> u32;
+
+    /// Allocates `len` bytes on `device`. The content is unspecified; the pool zeroes it with
+    /// [`Backend::zero_fresh`] before first hand-out. Alignment is at least 256 bytes.
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError>;
+
+    /// Returns memory obtained from [`Backend::allocate`]. The pool calls this only for blocks
+    /// whose last scrub was verified, or at shutdown never (exit leaks rather than calls).
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError>;
+
+    /// Zeroes fresh memory and returns once the zeros are visible to every later use on any
+    /// stream (synchronous with respect to the host).
+    fn zero_fresh(
+        &self,
+        device: u32,
+        addr: DevicePtr,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Result<(), BackendError>;
+
+    /// Enqueues a batch: zero, then verify, every segment. Never blocks on the device.
+    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError>;
+
+    /// Whether `stream` is capturing a CUDA graph (never for the host backend).
+    fn is_capturing(&self, _device: u32, _stream: StreamHandle) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// Copies host bytes into device memory (synchronous). For tests, the demo and checks.
+    fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError>;
+
+    /// Copies device memory into host bytes (synchronous). For tests, the demo and checks.
+    fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Process exit has begun: after this returns the backend makes no further driver calls;
+    /// later calls fail with [`BackendError::ShuttingDown`].
+    fn shutdown(&self) {}
+}

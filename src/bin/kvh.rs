@@ -1,0 +1,2 @@
+//! `kvh`: the kvhygiene command line.
+fn main() {}

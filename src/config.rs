@@ -1,0 +1,650 @@
+//! The policy: read once from `KVH_*` environment variables or a TOML file named by
+//! `KVH_CONFIG`, validated, then immutable.
+//!
+//! Every key has one name in the file (`coverage_threshold`) and one in the environment
+//! (`KVH_COVERAGE_THRESHOLD`); the environment wins over the file. An unknown key, in either
+//! place, is an error: a misspelt security knob must never be silently ignored. Errors name
+//! the key, the bad value and the accepted range.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Which memory backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// CUDA when a driver is installed; host memory only when no driver exists at all.
+    Auto,
+    Host,
+    Cuda,
+}
+
+/// Whether a block may move between tenants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantIsolation {
+    /// Scrubbed blocks are shared by all tenants.
+    Off,
+    /// A block last owned by tenant A is never handed to tenant B (even scrubbed).
+    Strict,
+}
+
+/// What a failed verification does after the block is quarantined and the event logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Quarantine the block and carry on.
+    Quarantine,
+    /// Fail closed: flush the event, then abort the process.
+    Abort,
+}
+
+/// What `kvh_malloc` does when it cannot allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OomMode {
+    /// Throw `std::bad_alloc` (PyTorch does not check for NULL).
+    Throw,
+    /// Return NULL and set the last error.
+    Null,
+}
+
+/// When the forensic writer calls fsync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    Always,
+    Interval,
+    Never,
+}
+
+/// Forensic log settings (used by `crate::forensic`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LogConfig {
+    /// Directory of the chains; `None` disables logging.
+    pub dir: Option<PathBuf>,
+    pub max_bytes: u64,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval_ms: u64,
+    /// Capacity of the writer's queue, in records.
+    pub queue_capacity: usize,
+    pub summary_interval_ms: u64,
+    /// File holding the HMAC key (`FORENSIC_HMAC_SECRET` is the other source).
+    pub hmac_key_file: Option<PathBuf>,
+    /// Ed25519 private key for checkpoints.
+    pub signing_key_file: Option<PathBuf>,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_interval_ms: u64,
+}
+
+/// The whole policy.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    pub backend: BackendChoice,
+    pub coverage_threshold: f64,
+    pub verify_samples: u32,
+    pub double_pass: bool,
+    pub full_verify: bool,
+    pub batch_size: usize,
+    pub batch_max_delay_us: u64,
+    /// Idle pooled blocks older than this go back to the backend; `<= 0`: never reuse.
+    pub idle_ttl_ms: i64,
+    /// A block live longer than this is reported at its free; 0 disables the check.
+    pub live_ttl_ms: u64,
+    /// After this many hand-outs a block is scrubbed and released; 0 = unlimited.
+    pub max_reuse: u32,
+    pub tenant_isolation: TenantIsolation,
+    pub failure_mode: FailureMode,
+    pub oom: OomMode,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: BackendChoice::Auto,
+            coverage_threshold: 0.999,
+            verify_samples: 64,
+            double_pass: false,
+            full_verify: false,
+            batch_size: 64,
+            batch_max_delay_us: 1000,
+            idle_ttl_ms: 300_000,
+            live_ttl_ms: 0,
+            max_reuse: 0,
+            tenant_isolation: TenantIsolation::Strict,
+            failure_mode: FailureMode::Quarantine,
+            oom: OomMode::Throw,
+            log: LogConfig {
+                dir: None,
+                max_bytes: 64 << 20,
+                fsync: FsyncPolicy::Interval,
+                fsync_interval_ms: 1000,
+                queue_capacity: 65_536,
+                summary_interval_ms: 60_000,
+                hmac_key_file: None,
+                signing_key_file: None,
+                checkpoint_dir: None,
+                checkpoint_every_records: 10_000,
+                checkpoint_interval_ms: 60_000,
+            },
+        }
+    }
+}
+
+/// A configuration error; the message names the key, the value and what is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: invalid value {value:?}; expected {expected}")]
+    Invalid {
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{key}: unknown configuration key (known keys: {known})")]
+    Unknown { key: String, known: String },
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// One configuration key: its file name, its environment name, what it accepts, its setter.
+struct Key {
+    name: &'static str,
+    expected: &'static str,
+    set: fn(&mut Config, &str) -> Option<()>,
+}
+
+impl Key {
+    fn env_name(&self) -> String {
+        format!("KVH_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+macro_rules! key {
+    ($name:literal, $expected:literal, |$c:ident, $v:ident| $body:expr) => {
+        Key {
+            name: $name,
+            expected: $expected,
+            set: |$c: &mut Config, $v: &str| -> Option<()> { $body },
+        }
+    };
+}
+
+/// Every key, in documentation order. The README's table lists the same keys.
+const KEYS: &[Key] = &[
+    key!("backend", "one of auto, host, cuda", |c, v| {
+        c.backend = match v {
+            "auto" => BackendChoice::Auto,
+            "host" => BackendChoice::Host,
+            "cuda" => BackendChoice::Cuda,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("coverage_threshold", "a number in (0, 1]", |c, v| {
+        c.coverage_threshold = parse_unit_interval(v)?;
+        Some(())
+    }),
+    key!("verify_samples", "an integer in [2, 1048576]", |c, v| {
+        c.verify_samples = parse_in(v, 2, 1 << 20)? as u32;
+        Some(())
+    }),
+    key!("double_pass", "true or false", |c, v| {
+        c.double_pass = parse_bool(v)?;
+        Some(())
+    }),
+    key!("full_verify", "true or false", |c, v| {
+        c.full_verify = parse_bool(v)?;
+        Some(())
+    }),
+    key!("batch_size", "an integer in [1, 65536]", |c, v| {
+        c.batch_size = parse_in(v, 1, 65_536)? as usize;
+        Some(())
+    }),
+    key!(
+        "batch_max_delay_us",
+        "an integer in [0, 10000000] (microseconds)",
+        |c, v| {
+            c.batch_max_delay_us = parse_in(v, 0, 10_000_000)?;
+            Some(())
+        }
+    ),
+    key!(
+        "idle_ttl_ms",
+        "an integer (milliseconds; <= 0 means never reuse a block)",
+        |c, v| {
+            c.idle_ttl_ms = v.trim().parse().ok()?;
+            Some(())
+        }
+    ),
+    key!(
+        "live_ttl_ms",
+        "an integer >= 0 (milliseconds; 0 disables the check)",
+        |c, v| {
+            c.live_ttl_ms = parse_in(v, 0, u64::MAX)?;
+            Some(())
+        }
+    ),
+    key!(
+        "max_reuse",
+        "an integer in [0, 4294967295] (0 = unlimited)",
+        |c, v| {
+            c.max_reuse = parse_in(v, 0, u64::from(u32::MAX))? as u32;
+            Some(())
+        }
+    ),
+    key!("tenant_isolation", "one of off, strict", |c, v| {
+        c.tenant_isolation = match v {
+            "off" => TenantIsolation::Off,
+            "strict" => TenantIsolation::Strict,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("failure_mode", "one of quarantine, abort", |c, v| {
+        c.failure_mode = match v {
+            "quarantine" => FailureMode::Quarantine,
+            "abort" => FailureMode::Abort,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("oom", "one of throw, null", |c, v| {
+        c.oom = match v {
+            "throw" => OomMode::Throw,
+            "null" => OomMode::Null,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("log_dir", "a directory path", |c, v| {
+        c.log.dir = non_empty_path(v)?;
+        Some(())
+    }),
+    key!(
+        "log_max_bytes",
+        "an integer in [4096, 2^63] (bytes)",
+        |c, v| {
+            c.log.max_bytes = parse_in(v, 4096, 1 << 63)?;
+            Some(())
+        }
+    ),
+    key!("log_fsync", "one of always, interval, never", |c, v| {
+        c.log.fsync = match v {
+            "always" => FsyncPolicy::Always,
+            "interval" => FsyncPolicy::Interval,
+            "never" => FsyncPolicy::Never,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!(
+        "log_fsync_interval_ms",
+        "an integer in [1, 3600000] (milliseconds)",
+        |c, v| {
+            c.log.fsync_interval_ms = parse_in(v, 1, 3_600_000)?;
+            Some(())
+        }
+    ),
+    key!(
+        "log_queue",
+        "an integer in [16, 16777216] (records)",
+        |c, v| {
+            c.log.queue_capacity = parse_in(v, 16, 1 << 24)? as usize;
+            Some(())
+        }
+    ),
+    key!(
+        "summary_interval_ms",
+        "an integer in [100, 86400000] (milliseconds)",
+        |c, v| {
+            c.log.summary_interval_ms = parse_in(v, 100, 86_400_000)?;
+            Some(())
+        }
+    ),
+    key!("hmac_key_file", "a file path", |c, v| {
+        c.log.hmac_key_file = non_empty_path(v)?;
+        Some(())
+    }),
+    key!("signing_key_file", "a file path", |c, v| {
+        c.log.signing_key_file = non_empty_path(v)?;
+        Some(())
+    }),
+    key!("checkpoint_dir", "a directory path", |c, v| {
+        c.log.checkpoint_dir = non_empty_path(v)?;
+        Some(())
+    }),
+    key!(
+        "checkpoint_every",
+        "an integer in [1, 2^32] (records)",
+        |c, v| {
+            c.log.checkpoint_every_records = parse_in(v, 1, 1 << 32)?;
+            Some(())
+        }
+    ),
+    key!(
+        "checkpoint_interval_ms",
+        "an integer in [100, 86400000] (milliseconds)",
+        |c, v| {
+            c.log.checkpoint_interval_ms = parse_in(v, 100, 86_400_000)?;
+            Some(())
+        }
+    ),
+];
+
+/// Environment variables with the `KVH_` prefix that are not policy keys.
+const OTHER_ENV: &[&str] = &["KVH_CONFIG"];
+
+impl Config {
+    /// The policy of this process: `KVH_CONFIG`'s file (if set), then `KVH_*` variables.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("KVH_"))
+            .collect();
+        Config::from_vars(&vars)
+    }
+
+    /// As [`Config::from_env`], from an explicit variable list (tests, embedding).
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut config = match vars.iter().find(|(k, _)| k == "KVH_CONFIG") {
+            Some((_, path)) if !path.is_empty() => Config::from_file(Path::new(path))?,
+            _ => Config::default(),
+        };
+        for (name, value) in vars {
+            if !name.starts_with("KVH_") || OTHER_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            let key = KEYS.iter().find(|k| k.env_name() == *name).ok_or_else(|| {
+                ConfigError::Unknown {
+                    key: name.clone(),
+                    known: known_keys(|k| k.env_name()),
+                }
+            })?;
+            config.set(key, name, value)?;
+        }
+        Ok(config)
+    }
+
+    /// Reads a TOML file of `key = value` pairs (file key names, e.g. `batch_size = 32`).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let file_err = |message: String| ConfigError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        Config::from_toml_str(&text).map_err(|e| match e {
+            ConfigError::File { message, .. } => file_err(message),
+            ConfigError::Invalid {
+                key,
+                value,
+                expected,
+            } => ConfigError::Invalid {
+                key: format!("{key} (in {})", path.display()),
+                value,
+                expected,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text (see [`Config::from_file`]).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                path: "<config>".into(),
+                message: e.message().to_string(),
+            })?;
+        let mut config = Config::default();
+        for (name, value) in &table {
+            let key = KEYS
+                .iter()
+                .find(|k| k.name == name)
+                .ok_or_else(|| ConfigError::Unknown {
+                    key: name.clone(),
+                    known: known_keys(|k| k.name.to_string()),
+                })?;
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: name.clone(),
+                        value: other.to_string(),
+                        expected: key.expected,
+                    })
+                }
+            };
+            config.set(key, name, &text)?;
+        }
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &Key, shown_name: &str, value: &str) -> Result<(), ConfigError> {
+        (key.set)(self, value.trim()).ok_or_else(|| ConfigError::Invalid {
+            key: shown_name.to_string(),
+            value: value.to_string(),
+            expected: key.expected,
+        })
+    }
+
+    /// Whether freed blocks may be handed out again at all.
+    pub fn reuse_enabled(&self) -> bool {
+        self.idle_ttl_ms > 0
+    }
+
+    /// Stable JSON of the whole policy (for the forensic `start` record's digest).
+    pub fn canonical_json(&self) -> String {
+        // Serialising plain data with derived impls cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `(file key, environment variable, accepted values)` of every key, for docs and `--help`.
+    pub fn keys() -> impl Iterator<Item = (&'static str, String, &'static str)> {
+        KEYS.iter().map(|k| (k.name, k.env_name(), k.expected))
+    }
+}
+
+fn known_keys(name: impl Fn(&Key) -> String) -> String {
+    KEYS.iter().map(name).collect::<Vec<_>>().join(", ")
+}
+
+fn parse_in(v: &str, min: u64, max: u64) -> Option<u64> {
+    let n: u64 = v.trim().parse().ok()?;
+    (min..=max).contains(&n).then_some(n)
+}
+
+/// A number in (0, 1].
+fn parse_unit_interval(v: &str) -> Option<f64> {
+    let x: f64 = v.trim().parse().ok()?;
+    (x.is_finite() && x > 0.0 && x <= 1.0).then_some(x)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
+    (!v.is_empty()).then(|| Some(PathBuf::from(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn invalid_key(pairs: &[(&str, &str)]) -> String {
+        match Config::from_vars(&vars(pairs)) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid-value error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_safe_ones() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.coverage_threshold, 0.999);
+        assert_eq!(c.tenant_isolation, TenantIsolation::Strict);
+        assert_eq!(c.failure_mode, FailureMode::Quarantine);
+        assert!(c.reuse_enabled());
+    }
+
+    #[test]
+    fn env_values_are_applied() {
+        let c = Config::from_vars(&vars(&[
+            ("KVH_BACKEND", "host"),
+            ("KVH_COVERAGE_THRESHOLD", "1"),
+            ("KVH_VERIFY_SAMPLES", "128"),
+            ("KVH_DOUBLE_PASS", "yes"),
+            ("KVH_IDLE_TTL_MS", "-1"),
+            ("KVH_TENANT_ISOLATION", "off"),
+            ("KVH_FAILURE_MODE", "abort"),
+            ("KVH_LOG_DIR", "/var/log/kvh"),
+            ("PATH", "/usr/bin"),
+        ]))
+        .unwrap();
+        assert_eq!(c.backend, BackendChoice::Host);
+        assert_eq!(c.coverage_threshold, 1.0);
+        assert_eq!(c.verify_samples, 128);
+        assert!(c.double_pass);
+        assert!(!c.reuse_enabled());
+        assert_eq!(c.tenant_isolation, TenantIsolation::Off);
+        assert_eq!(c.failure_mode, FailureMode::Abort);
+        assert_eq!(c.log.dir.as_deref(), Some(Path::new("/var/log/kvh")));
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_the_key() {
+        assert_eq!(
+            invalid_key(&[("KVH_COVERAGE_THRESHOLD", "0")]),
+            "KVH_COVERAGE_THRESHOLD"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_COVERAGE_THRESHOLD", "1.5")]),
+            "KVH_COVERAGE_THRESHOLD"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_COVERAGE_THRESHOLD", "NaN")]),
+            "KVH_COVERAGE_THRESHOLD"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_VERIFY_SAMPLES", "1")]),
+            "KVH_VERIFY_SAMPLES"
+        );
+        assert_eq!(invalid_key(&[("KVH_BATCH_SIZE", "0")]), "KVH_BATCH_SIZE");
+        assert_eq!(
+            invalid_key(&[("KVH_LOG_MAX_BYTES", "10")]),
+            "KVH_LOG_MAX_BYTES"
+        );
+    }
+
+    #[test]
+    fn malformed_values_name_the_key_and_range() {
+        let err = Config::from_vars(&vars(&[("KVH_BATCH_SIZE", "lots")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("KVH_BATCH_SIZE") && msg.contains("[1, 65536]"),
+            "{msg}"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_DOUBLE_PASS", "maybe")]),
+            "KVH_DOUBLE_PASS"
+        );
+        assert_eq!(invalid_key(&[("KVH_LIVE_TTL_MS", "-5")]), "KVH_LIVE_TTL_MS");
+        assert_eq!(
+            invalid_key(&[("KVH_IDLE_TTL_MS", "soon")]),
+            "KVH_IDLE_TTL_MS"
+        );
+    }
+
+    #[test]
+    fn unknown_enum_words_are_refused() {
+        assert_eq!(invalid_key(&[("KVH_BACKEND", "rocm")]), "KVH_BACKEND");
+        assert_eq!(
+            invalid_key(&[("KVH_TENANT_ISOLATION", "loose")]),
+            "KVH_TENANT_ISOLATION"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_FAILURE_MODE", "ignore")]),
+            "KVH_FAILURE_MODE"
+        );
+        assert_eq!(
+            invalid_key(&[("KVH_LOG_FSYNC", "sometimes")]),
+            "KVH_LOG_FSYNC"
+        );
+    }
+
+    #[test]
+    fn misspelt_env_key_is_an_error() {
+        let err = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHHOLD", "0.5")])).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Unknown { ref key, .. } if key == "KVH_COVERAGE_THRESHHOLD")
+        );
+    }
+
+    #[test]
+    fn file_values_and_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(
+            &path,
+            "batch_size = 32\ndouble_pass = true\nbackend = \"host\"\n",
+        )
+        .unwrap();
+        let c = Config::from_vars(&vars(&[
+            ("KVH_CONFIG", path.to_str().unwrap()),
+            ("KVH_BATCH_SIZE", "8"),
+        ]))
+        .unwrap();
+        assert_eq!(c.batch_size, 8);
+        assert!(c.double_pass);
+        assert_eq!(c.backend, BackendChoice::Host);
+    }
+
+    #[test]
+    fn malformed_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "batch_size = = 3\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+        std::fs::write(&path, "batch_sise = 3\n").unwrap();
+        assert!(matches!(
+            Config::from_file(&path),
+            Err(ConfigError::Unknown { .. })
+        ));
+        std::fs::write(&path, "batch_size = [1]\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("batch_size") && err.contains("bad.toml"),
+            "{err}"
+        );
+        let missing = Config::from_file(&dir.path().join("absent.toml")).unwrap_err();
+        assert!(missing.to_string().contains("absent.toml"));
+    }
+
+    #[test]
+    fn every_key_has_a_unique_env_name() {
+        let mut names: Vec<_> = Config::keys().map(|(_, env, _)| env).collect();
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n);
+    }
+}

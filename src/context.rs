@@ -1,0 +1,185 @@
+//! Tenant / request / model ids attached to the calling thread and stamped on blocks and events.
+//!
+//! Ids are validated once, where they enter (`kvh_set_context`): at most [`MAX_ID_LEN`] bytes of
+//! UTF-8 with no control characters, so an id can never forge a log line or a JSON field.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest accepted id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why an id was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    #[error("{field} is {len} bytes long; at most {MAX_ID_LEN} bytes are accepted")]
+    TooLong { field: &'static str, len: usize },
+    #[error("{field} contains a control character at byte {at}; ids must be printable text")]
+    ControlCharacter { field: &'static str, at: usize },
+    #[error("{field} is not valid UTF-8")]
+    NotUtf8 { field: &'static str },
+}
+
+/// The ids of one request. Cheap to clone (one `Arc`).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Context(Option<Arc<ContextIds>>);
+
+/// The three ids; each is optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ContextIds {
+    pub tenant_id: Option<String>,
+    pub request_id: Option<String>,
+    pub model_id: Option<String>,
+}
+
+impl Context {
+    /// The empty context (no ids).
+    pub const fn none() -> Self {
+        Context(None)
+    }
+
+    /// Validates and builds a context from raw ids.
+    pub fn new(
+        tenant_id: Option<&str>,
+        request_id: Option<&str>,
+        model_id: Option<&str>,
+    ) -> Result<Self, ContextError> {
+        let ids = ContextIds {
+            tenant_id: validate_id("tenant_id", tenant_id)?,
+            request_id: validate_id("request_id", request_id)?,
+            model_id: validate_id("model_id", model_id)?,
+        };
+        if ids == ContextIds::default() {
+            return Ok(Context(None));
+        }
+        Ok(Context(Some(Arc::new(ids))))
+    }
+
+    /// Builds a context from raw bytes (the C boundary), checking UTF-8 as well.
+    pub fn from_bytes(
+        tenant_id: Option<&[u8]>,
+        request_id: Option<&[u8]>,
+        model_id: Option<&[u8]>,
+    ) -> Result<Self, ContextError> {
+        Context::new(
+            utf8_id("tenant_id", tenant_id)?,
+            utf8_id("request_id", request_id)?,
+            utf8_id("model_id", model_id)?,
+        )
+    }
+
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|c| c.tenant_id.as_deref())
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|c| c.request_id.as_deref())
+    }
+
+    pub fn model_id(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|c| c.model_id.as_deref())
+    }
+
+    /// Sets this thread's context; returns the previous one.
+    pub fn set_current(ctx: Context) -> Context {
+        CURRENT.with(|c| c.replace(ctx))
+    }
+
+    /// This thread's context.
+    pub fn current() -> Context {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("tenant_id", &self.tenant_id())
+            .field("request_id", &self.request_id())
+            .field("model_id", &self.model_id())
+            .finish()
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Context> = const { RefCell::new(Context::none()) };
+}
+
+fn utf8_id<'a>(field: &'static str, b: Option<&'a [u8]>) -> Result<Option<&'a str>, ContextError> {
+    b.map(|b| std::str::from_utf8(b).map_err(|_| ContextError::NotUtf8 { field }))
+        .transpose()
+}
+
+fn validate_id(field: &'static str, id: Option<&str>) -> Result<Option<String>, ContextError> {
+    let Some(id) = id else { return Ok(None) };
+    if id.len() > MAX_ID_LEN {
+        return Err(ContextError::TooLong {
+            field,
+            len: id.len(),
+        });
+    }
+    if let Some((at, _)) = id.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(ContextError::ControlCharacter { field, at });
+    }
+    if id.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_printable_ids_and_treats_empty_as_absent() {
+        let c = Context::new(Some("tenant-a"), Some(""), None).unwrap();
+        assert_eq!(c.tenant_id(), Some("tenant-a"));
+        assert_eq!(c.request_id(), None);
+        assert_eq!(Context::new(None, Some(""), None).unwrap(), Context::none());
+    }
+
+    #[test]
+    fn refuses_long_ids() {
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        let err = Context::new(Some(&long), None, None).unwrap_err();
+        assert_eq!(
+            err,
+            ContextError::TooLong {
+                field: "tenant_id",
+                len: 129
+            }
+        );
+        assert!(Context::new(Some(&"x".repeat(MAX_ID_LEN)), None, None).is_ok());
+    }
+
+    #[test]
+    fn refuses_control_characters() {
+        let err = Context::new(None, Some("req\n{\"kind\":\"forged\"}"), None).unwrap_err();
+        assert_eq!(
+            err,
+            ContextError::ControlCharacter {
+                field: "request_id",
+                at: 3
+            }
+        );
+        assert!(Context::new(None, None, Some("m\u{7f}")).is_err());
+    }
+
+    #[test]
+    fn refuses_invalid_utf8() {
+        let err = Context::from_bytes(None, None, Some(&[0xff, 0xfe])).unwrap_err();
+        assert_eq!(err, ContextError::NotUtf8 { field: "model_id" });
+    }
+
+    #[test]
+    fn context_is_per_thread() {
+        let ctx = Context::new(Some("t1"), None, None).unwrap();
+        Context::set_current(ctx.clone());
+        let other = std::thread::spawn(Context::current).join().unwrap();
+        assert_eq!(other, Context::none());
+        assert_eq!(Context::current(), ctx);
+        Context::set_current(Context::none());
+    }
+}

@@ -1,0 +1,1 @@
+//! `kvh demo` (placeholder).

@@ -1,0 +1,205 @@
+//! Structured security and lifecycle events emitted by the pool.
+//!
+//! Events carry ids, sizes, states and counts, never payload bytes (invariant 5). The pool
+//! collects events while it holds its lock and hands them to the [`EventSink`] only after the
+//! lock is dropped, so a sink that blocks (the forensic writer's bounded queue is full) never
+//! stalls other threads' allocations.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::context::Context;
+
+/// Why a block was quarantined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuarantineReason {
+    /// The block's scrub verification failed (coverage below threshold, missing samples).
+    VerifyFailed,
+    /// A policy retires blocks at free (`idle_ttl_ms <= 0`: never reuse).
+    NeverReusePolicy,
+    /// The re-scrub of an already quarantined block failed: the block stays quarantined for
+    /// the life of the process and is never released to the backend.
+    RescrubFailed,
+}
+
+/// Why a block went back to the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// Quarantined block re-scrubbed (double pass, full verification) and verified.
+    QuarantineCleared,
+    /// The block reached the configured maximum reuse count.
+    MaxReuse,
+    /// The block sat idle in the pool longer than the idle TTL.
+    IdleTtl,
+    /// `kvh_empty_cache` or out-of-memory recovery returned cached clean blocks.
+    EmptyCache,
+}
+
+/// Why a free was refused. The pool is unchanged by every refused free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidFreeReason {
+    /// The pointer was never returned by this allocator (or was already released).
+    UnknownPointer,
+    /// The block is already freed (PENDING, CLEAN or QUARANTINED).
+    DoubleFree,
+    /// The pointer lies inside a block but is not its start.
+    InteriorPointer,
+    /// The pointer belongs to a block of another device than the one named in the call.
+    WrongDevice,
+    /// The device index is outside the backend's device range.
+    InvalidDevice,
+}
+
+/// Which time-to-live was exceeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TtlKind {
+    /// A block stayed LIVE longer than `live_ttl_ms` (reported at its free).
+    Live,
+}
+
+/// What happened. Each variant maps to one forensic record kind ([`EventKind::name`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventKind {
+    /// A scrub's verification did not pass.
+    VerifyFailed {
+        samples_expected: u64,
+        samples_checked: u64,
+        samples_nonzero: u64,
+        /// zero samples / samples checked (0.0 when nothing was checked).
+        coverage: f64,
+        threshold: f64,
+    },
+    /// A block entered QUARANTINED.
+    Quarantined { reason: QuarantineReason },
+    /// A block was returned to the backend.
+    Released { reason: ReleaseReason },
+    /// A free was refused.
+    InvalidFree {
+        reason: InvalidFreeReason,
+        device: i32,
+    },
+    /// The size given to free differs from the size the block was allocated with. The free
+    /// proceeds with the block table's size (the caller's size is never trusted).
+    SizeMismatch { claimed: i64 },
+    /// A time-to-live was exceeded.
+    TtlExceeded {
+        which: TtlKind,
+        age_ms: u64,
+        limit_ms: u64,
+    },
+    /// A policy was violated (the text says which); fail-closed deployments abort after it.
+    PolicyViolation {
+        policy: &'static str,
+        detail: String,
+    },
+}
+
+impl EventKind {
+    /// The forensic record kind for this event.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::VerifyFailed { .. } => "verify_failed",
+            EventKind::Quarantined { .. } => "quarantine",
+            EventKind::Released { .. } => "release",
+            EventKind::InvalidFree { .. } => "invalid_free",
+            EventKind::SizeMismatch { .. } => "size_mismatch",
+            EventKind::TtlExceeded { .. } => "ttl_exceeded",
+            EventKind::PolicyViolation { .. } => "policy_violation",
+        }
+    }
+
+    /// Security events must never be dropped by a sink (invariant 5). Releases are lifecycle
+    /// records: still logged, but a sink under pressure may coalesce them into a summary.
+    pub fn is_security(&self) -> bool {
+        !matches!(self, EventKind::Released { .. })
+    }
+}
+
+/// The block an event is about (no payload, only identity and geometry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRef {
+    /// Process-unique block id (monotonic, never reused).
+    pub id: u64,
+    pub device: i32,
+    /// Device address of the block.
+    pub addr: u64,
+    /// Size the block was last allocated with (bytes the caller asked for).
+    pub requested: u64,
+    /// Capacity of the block (its size class).
+    pub capacity: u64,
+    /// Scrub sequence number of the block's last scrub: the verification seed.
+    pub scrub_seq: u64,
+}
+
+/// One event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub at: SystemTime,
+    pub kind: EventKind,
+    /// The ids of the block's owner (for frees: the context of the allocation, not of the
+    /// thread that freed), or the calling thread's context when there is no block.
+    pub context: Context,
+    /// The block, when the event concerns one; the raw pointer for refused frees is in `addr`.
+    pub block: Option<BlockRef>,
+    /// The pointer the caller passed, for refused frees.
+    pub addr: Option<u64>,
+}
+
+/// Consumer of pool events. Implementations must be cheap to call or queue internally; they
+/// are called without any pool lock held, possibly from several threads at once.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: Event);
+}
+
+/// A sink that keeps events in memory: for tests, the demo and `kvh_stats_json`.
+#[derive(Default)]
+pub struct MemorySink {
+    events: std::sync::Mutex<Vec<Event>>,
+}
+
+impl MemorySink {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A copy of every event received so far.
+    pub fn snapshot(&self) -> Vec<Event> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many events of the given record kind were received.
+    pub fn count(&self, name: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| e.kind.name() == name)
+            .count()
+    }
+}
+
+impl EventSink for MemorySink {
+    fn emit(&self, event: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
+}
+
+/// Fans one event out to several sinks.
+pub struct FanoutSink(pub Vec<Arc<dyn EventSink>>);
+
+impl EventSink for FanoutSink {
+    fn emit(&self, event: Event) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for sink in rest {
+                sink.emit(event.clone());
+            }
+            last.emit(event);
+        }
+    }
+}

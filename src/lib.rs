@@ -1,0 +1,27 @@
+//! kvhygiene: verified zeroization of freed GPU memory for multi-tenant LLM inference.
+//!
+//! Crate map (one module, one job; dependencies point downwards only):
+//!
+//! - [`ffi`]: every `extern "C"` export (PyTorch's pluggable-allocator ABI and the rest of the
+//!   C API), the panic boundary and the error codes. Nothing else lives there.
+//! - [`alloc`]: the caching pool: size classes, the block table, the block state machine
+//!   (LIVE → PENDING → CLEAN / QUARANTINED → RELEASED), batching and policies.
+//! - [`backend`]: the narrow [`backend::Backend`] trait the pool drives, the host (CPU memory)
+//!   backend and the shared sampled-verification rule.
+//! - [`events`]: the structured security events the pool emits and the [`events::EventSink`]
+//!   trait that consumers (the forensic log) implement.
+//! - [`context`]: per-thread tenant / request / model ids, validated at the boundary.
+//! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once.
+//! - [`stats`]: counters and latency histograms of the pool, serialised as JSON.
+//! - [`demo`]: the multi-tenant simulation behind `kvh demo`.
+//!
+//! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
+
+pub mod alloc;
+pub mod backend;
+pub mod config;
+pub mod context;
+pub mod demo;
+pub mod events;
+pub mod ffi;
+pub mod stats;
