@@ -23,7 +23,13 @@ pub enum ContextError {
 
 /// The ids of one request. Cheap to clone (one `Arc`).
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Context(Option<Arc<ContextIds>>);
+pub struct Context {
+    ids: Option<Arc<ContextIds>>,
+    /// Hash of the tenant id (0 when absent), computed once so the pool can key its free lists
+    /// by tenant without hashing strings on every allocation. The pool still compares the ids
+    /// themselves before handing a block across, so a hash collision cannot cross tenants.
+    tenant_key: u64,
+}
 
 /// The three ids; each is optional.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -36,7 +42,10 @@ pub struct ContextIds {
 impl Context {
     /// The empty context (no ids).
     pub const fn none() -> Self {
-        Context(None)
+        Context {
+            ids: None,
+            tenant_key: 0,
+        }
     }
 
     /// Validates and builds a context from raw ids.
@@ -51,9 +60,13 @@ impl Context {
             model_id: validate_id("model_id", model_id)?,
         };
         if ids == ContextIds::default() {
-            return Ok(Context(None));
+            return Ok(Context::none());
         }
-        Ok(Context(Some(Arc::new(ids))))
+        let tenant_key = ids.tenant_id.as_deref().map_or(0, tenant_hash);
+        Ok(Context {
+            ids: Some(Arc::new(ids)),
+            tenant_key,
+        })
     }
 
     /// Builds a context from raw bytes (the C boundary), checking UTF-8 as well.
@@ -70,15 +83,20 @@ impl Context {
     }
 
     pub fn tenant_id(&self) -> Option<&str> {
-        self.0.as_ref().and_then(|c| c.tenant_id.as_deref())
+        self.ids.as_ref().and_then(|c| c.tenant_id.as_deref())
     }
 
     pub fn request_id(&self) -> Option<&str> {
-        self.0.as_ref().and_then(|c| c.request_id.as_deref())
+        self.ids.as_ref().and_then(|c| c.request_id.as_deref())
     }
 
     pub fn model_id(&self) -> Option<&str> {
-        self.0.as_ref().and_then(|c| c.model_id.as_deref())
+        self.ids.as_ref().and_then(|c| c.model_id.as_deref())
+    }
+
+    /// Hash of the tenant id (0 for no tenant); see the field's comment.
+    pub fn tenant_key(&self) -> u64 {
+        self.tenant_key
     }
 
     /// Sets this thread's context; returns the previous one.
@@ -104,6 +122,14 @@ impl fmt::Debug for Context {
 
 thread_local! {
     static CURRENT: RefCell<Context> = const { RefCell::new(Context::none()) };
+}
+
+fn tenant_hash(tenant: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    // Never 0, which stands for "no tenant".
+    BuildHasherDefault::<DefaultHasher>::default()
+        .hash_one(tenant)
+        .max(1)
 }
 
 fn utf8_id<'a>(field: &'static str, b: Option<&'a [u8]>) -> Result<Option<&'a str>, ContextError> {

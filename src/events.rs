@@ -149,6 +149,9 @@ pub struct Event {
 /// are called without any pool lock held, possibly from several threads at once.
 pub trait EventSink: Send + Sync {
     fn emit(&self, event: Event);
+
+    /// Makes every event emitted so far durable (called before a fail-closed abort).
+    fn flush(&self) {}
 }
 
 /// A sink that keeps events in memory: for tests, the demo and `kvh_stats_json`.

@@ -1,1 +1,210 @@
-//! Pool statistics (placeholder).
+//! Counters and latency histograms of the pool, and their JSON form (`kvh_stats_json`).
+//!
+//! Each device pool keeps its own [`PoolCounters`] under its lock (no atomics on the hot
+//! path); [`Stats`] is the merged snapshot.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Blocks and bytes in one state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Gauge {
+    pub blocks: u64,
+    pub bytes: u64,
+}
+
+impl Gauge {
+    pub fn add(&mut self, bytes: u64) {
+        self.blocks += 1;
+        self.bytes += bytes;
+    }
+
+    pub fn sub(&mut self, bytes: u64) {
+        self.blocks = self.blocks.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
+
+/// Current blocks per state. `live + pending + clean + quarantined` is every block the pool
+/// holds; released blocks belong to the backend again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Accounting {
+    pub live: Gauge,
+    pub pending: Gauge,
+    pub clean: Gauge,
+    pub quarantined: Gauge,
+}
+
+impl Accounting {
+    pub fn total(&self) -> Gauge {
+        Gauge {
+            blocks: self.live.blocks
+                + self.pending.blocks
+                + self.clean.blocks
+                + self.quarantined.blocks,
+            bytes: self.live.bytes + self.pending.bytes + self.clean.bytes + self.quarantined.bytes,
+        }
+    }
+
+    fn merge(&mut self, o: &Accounting) {
+        for (a, b) in [
+            (&mut self.live, &o.live),
+            (&mut self.pending, &o.pending),
+            (&mut self.clean, &o.clean),
+            (&mut self.quarantined, &o.quarantined),
+        ] {
+            a.blocks += b.blocks;
+            a.bytes += b.bytes;
+        }
+    }
+}
+
+/// Monotonic event counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub allocations: u64,
+    pub frees: u64,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub fresh_allocations: u64,
+    pub bytes_allocated_fresh: u64,
+    pub scrub_batches: u64,
+    pub scrubs: u64,
+    pub bytes_scrubbed: u64,
+    pub verifications_passed: u64,
+    pub verifications_failed: u64,
+    /// Verified scrubs that found non-zero samples: something wrote to the block after free.
+    pub residue_detected: u64,
+    pub quarantined: u64,
+    pub released: u64,
+    pub invalid_frees: u64,
+    pub size_mismatches: u64,
+    pub ttl_exceeded: u64,
+    pub out_of_memory: u64,
+    pub oom_recoveries: u64,
+    pub backend_errors: u64,
+}
+
+impl Counters {
+    fn merge(&mut self, o: &Counters) {
+        macro_rules! add { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
+        add!(
+            allocations,
+            frees,
+            pool_hits,
+            pool_misses,
+            fresh_allocations,
+            bytes_allocated_fresh,
+            scrub_batches,
+            scrubs,
+            bytes_scrubbed,
+            verifications_passed,
+            verifications_failed,
+            residue_detected,
+            quarantined,
+            released,
+            invalid_frees,
+            size_mismatches,
+            ttl_exceeded,
+            out_of_memory,
+            oom_recoveries,
+            backend_errors
+        );
+    }
+}
+
+/// One device pool's statistics.
+#[derive(Clone, Debug)]
+pub struct PoolCounters {
+    pub counters: Counters,
+    pub accounting: Accounting,
+    /// Free → CLEAN latency, microseconds (scrub queueing + batching + scrub + harvest).
+    pub scrub_latency_us: Histogram<u64>,
+}
+
+impl Default for PoolCounters {
+    fn default() -> Self {
+        PoolCounters {
+            counters: Counters::default(),
+            accounting: Accounting::default(),
+            scrub_latency_us: new_histogram(),
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// A merged snapshot of every pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub version: &'static str,
+    pub backend: String,
+    pub counters: Counters,
+    pub accounting: Accounting,
+    pub scrub_latency: LatencySummary,
+    /// Pool hits over allocations (0 when nothing was allocated).
+    pub pool_hit_rate: f64,
+    /// Human-readable description of the last asynchronous error, if any (sticky).
+    pub last_async_error: Option<String>,
+    /// Set by the embedding layer (e.g. the forensic log's statistics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<serde_json::Value>,
+}
+
+impl Stats {
+    /// Merges per-pool statistics.
+    pub fn merge(
+        backend: String,
+        pools: &[PoolCounters],
+        last_async_error: Option<String>,
+    ) -> Stats {
+        let mut counters = Counters::default();
+        let mut accounting = Accounting::default();
+        let mut latency = new_histogram();
+        for p in pools {
+            counters.merge(&p.counters);
+            accounting.merge(&p.accounting);
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = latency.add(&p.scrub_latency_us);
+        }
+        let pool_hit_rate = if counters.allocations == 0 {
+            0.0
+        } else {
+            counters.pool_hits as f64 / counters.allocations as f64
+        };
+        Stats {
+            version: env!("CARGO_PKG_VERSION"),
+            backend,
+            counters,
+            accounting,
+            scrub_latency: LatencySummary {
+                count: latency.len(),
+                p50_us: latency.value_at_quantile(0.50),
+                p95_us: latency.value_at_quantile(0.95),
+                p99_us: latency.value_at_quantile(0.99),
+                max_us: latency.max(),
+            },
+            pool_hit_rate,
+            last_async_error,
+            log: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Plain data with derived impls: serialisation cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}

@@ -1,1 +1,709 @@
-//! The caching pool (placeholder; see ARCHITECTURE.md).
+//! The caching pool: the block state machine of DESIGN.md, over a [`Backend`].
+//!
+//! ```text
+//!   CLEAN ──malloc──▶ LIVE ──free──▶ PENDING ──scrub verified──▶ CLEAN
+//!                                       │ verification failed / policy retires
+//!                                       ▼
+//!                                  QUARANTINED ──re-scrub (double pass, full) verified──▶ RELEASED
+//! ```
+//!
+//! Layout: [`Allocator`] owns one [`pool::DevicePool`] per device behind its own mutex. The
+//! pool-hit path of [`Allocator::malloc`] takes that mutex once and pops a free list; all rare
+//! work (fresh memory, out-of-memory recovery, harvesting scrubs) lives in `#[cold]`
+//! functions. Frees never wait: they move the block to PENDING and append it to its stream's
+//! open batch. A flusher thread submits batches that reached their age limit and harvests
+//! completed scrubs. Events are collected under the lock and emitted after it is dropped.
+
+pub mod block;
+mod pool;
+pub mod size_class;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::backend::{Backend, BackendError, StreamHandle};
+use crate::config::Config;
+use crate::context::Context;
+use crate::events::{Event, EventKind, EventSink, InvalidFreeReason};
+use crate::stats::{Accounting, Stats};
+
+use block::{Block, Disposition};
+pub use block::{BlockInfo, BlockState};
+use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused};
+use size_class::SizeClass;
+
+/// Why an allocation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("invalid allocation size {0}: sizes must be positive")]
+    InvalidSize(i64),
+    #[error("invalid device {device}: the backend has {count} devices")]
+    InvalidDevice { device: i32, count: u32 },
+    #[error("out of memory: {size} bytes on device {device}, after flushing scrubs and releasing cached blocks")]
+    OutOfMemory { size: u64, device: u32 },
+    #[error("stream {stream:#x} is capturing a CUDA graph and the pool has no clean block of {size} bytes; pre-allocate before capture")]
+    CaptureActive { stream: u64, size: u64 },
+    #[error("the allocator is shutting down")]
+    ShuttingDown,
+    #[error("backend error: {0}")]
+    Backend(BackendError),
+}
+
+/// Why a free was refused or did not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FreeError {
+    #[error("invalid free of {addr:#x} on device {device}: {reason:?}")]
+    Invalid {
+        reason: InvalidFreeReason,
+        addr: u64,
+        device: i32,
+    },
+    /// The block's scrub did not verify; it is quarantined (kvh_free_checked only).
+    #[error("scrub verification failed for block at {addr:#x}: the block is quarantined")]
+    VerifyFailed { addr: u64 },
+    #[error("backend error while waiting for the scrub: {0}")]
+    Backend(BackendError),
+}
+
+/// A free that was accepted, with what it noticed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FreeReport {
+    /// The caller's size differed from the block table's (the block was freed regardless).
+    pub size_mismatch: bool,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    sink: Option<Arc<dyn EventSink>>,
+    pools: Box<[Mutex<DevicePool>]>,
+    next_block_id: AtomicU64,
+    next_seq: AtomicU64,
+    /// First asynchronous backend error seen (sticky), for stats and `kvh_last_error`.
+    async_error: Mutex<Option<String>>,
+    shutting_down: AtomicBool,
+}
+
+/// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
+#[derive(Clone)]
+pub struct Allocator {
+    inner: Arc<Inner>,
+}
+
+impl Allocator {
+    /// An allocator over `backend` with `config`, emitting events to `sink`. Starts the flusher
+    /// thread, which stops when the last clone of the allocator is dropped.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        config: Config,
+        sink: Option<Arc<dyn EventSink>>,
+    ) -> Self {
+        let pools = (0..backend.device_count())
+            .map(|d| Mutex::new(DevicePool::new(d)))
+            .collect();
+        let inner = Arc::new(Inner {
+            backend,
+            config,
+            sink,
+            pools,
+            next_block_id: AtomicU64::new(1),
+            next_seq: AtomicU64::new(1),
+            async_error: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
+        });
+        spawn_flusher(Arc::downgrade(&inner));
+        Allocator { inner }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    // ----- malloc ---------------------------------------------------------------------------
+
+    /// Allocates `size` bytes on `device` for use on `stream`. Every byte of the result reads
+    /// zero (invariant 1).
+    pub fn malloc(&self, size: i64, device: i32, stream: StreamHandle) -> Result<u64, AllocError> {
+        let size = u64::try_from(size)
+            .ok()
+            .filter(|&s| s > 0)
+            .ok_or(AllocError::InvalidSize(size))?;
+        let dev = self.device_index(device)?;
+        let class = SizeClass::of(size).ok_or(AllocError::OutOfMemory { size, device: dev })?;
+        let ctx = Context::current();
+        let isolation = self.inner.config.tenant_isolation;
+        let key = FreeKey::new(class, &ctx, isolation);
+        // Hot path: one lock, one free-list pop.
+        if let Some(addr) = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation) {
+            return Ok(addr);
+        }
+        self.malloc_slow(size, dev, class, key, ctx, stream)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn malloc_slow(
+        &self,
+        size: u64,
+        dev: u32,
+        class: SizeClass,
+        key: FreeKey,
+        ctx: Context,
+        stream: StreamHandle,
+    ) -> Result<u64, AllocError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AllocError::ShuttingDown);
+        }
+        let isolation = self.inner.config.tenant_isolation;
+        // Completed scrubs may have produced a clean block; frees waiting in open batches are
+        // submitted now, since malloc needs memory.
+        let hit = self.with_pool(dev, |pool, backend, config, after| {
+            pool.harvest(backend, config, after);
+            pool.flush_open(false, backend, config, after);
+            pool.pop_clean(key, size, &ctx, stream, isolation)
+        });
+        if let Some(addr) = hit {
+            return Ok(addr);
+        }
+        // A stream capturing a CUDA graph must not see driver allocations.
+        if self
+            .inner
+            .backend
+            .is_capturing(dev, stream)
+            .map_err(AllocError::Backend)?
+        {
+            return Err(AllocError::CaptureActive {
+                stream: stream.0,
+                size,
+            });
+        }
+        match self.allocate_fresh(size, dev, class, &ctx, stream) {
+            Err(AllocError::OutOfMemory { .. }) => {
+                self.malloc_after_oom(size, dev, class, key, ctx, stream)
+            }
+            other => other,
+        }
+    }
+
+    /// Out of memory: wait for every scrub, retry the pool, release cached blocks, retry.
+    #[cold]
+    fn malloc_after_oom(
+        &self,
+        size: u64,
+        dev: u32,
+        class: SizeClass,
+        key: FreeKey,
+        ctx: Context,
+        stream: StreamHandle,
+    ) -> Result<u64, AllocError> {
+        self.drain_pool(dev, None);
+        let isolation = self.inner.config.tenant_isolation;
+        let hit = self.with_pool(dev, |pool, backend, _, after| {
+            pool.pop_clean(key, size, &ctx, stream, isolation)
+                .or_else(|| {
+                    pool.release_clean(backend, after);
+                    None
+                })
+        });
+        if let Some(addr) = hit {
+            self.with_pool(dev, |pool, _, _, _| pool.stats.counters.oom_recoveries += 1);
+            return Ok(addr);
+        }
+        let result = self.allocate_fresh(size, dev, class, &ctx, stream);
+        self.with_pool(dev, |pool, _, _, _| match result {
+            Ok(_) => pool.stats.counters.oom_recoveries += 1,
+            Err(_) => pool.stats.counters.out_of_memory += 1,
+        });
+        result
+    }
+
+    /// Fresh memory from the backend, zeroed once before first hand-out (invariant 1).
+    fn allocate_fresh(
+        &self,
+        size: u64,
+        dev: u32,
+        class: SizeClass,
+        ctx: &Context,
+        stream: StreamHandle,
+    ) -> Result<u64, AllocError> {
+        let backend = &self.inner.backend;
+        let addr = backend.allocate(dev, class.capacity).map_err(|e| match e {
+            BackendError::OutOfMemory { .. } => AllocError::OutOfMemory { size, device: dev },
+            BackendError::ShuttingDown => AllocError::ShuttingDown,
+            other => AllocError::Backend(other),
+        })?;
+        if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
+            // Never hand out memory that was not zeroed; give it back.
+            let _ = backend.release(dev, addr, class.capacity);
+            return Err(AllocError::Backend(e));
+        }
+        let now = Instant::now();
+        let block = Block {
+            id: self.inner.next_block_id.fetch_add(1, Ordering::Relaxed),
+            device: dev,
+            addr,
+            class,
+            requested: size,
+            state: BlockState::Live,
+            owner: ctx.clone(),
+            alloc_stream: stream,
+            recorded_streams: Vec::new(),
+            reuse_count: 1,
+            allocated_at: now,
+            state_since: now,
+            scrub_seq: 0,
+            disposition: Disposition::Reuse,
+        };
+        self.pool(dev).insert_fresh(block);
+        Ok(addr)
+    }
+
+    // ----- free -----------------------------------------------------------------------------
+
+    /// Frees `ptr`. Never waits: the scrub is batched. `size` is checked against the block
+    /// table, never trusted. `ptr == 0` is a no-op.
+    pub fn free(
+        &self,
+        ptr: u64,
+        size: i64,
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<FreeReport, FreeError> {
+        self.free_inner(ptr, size, device, stream)
+            .map(|(report, _)| report)
+    }
+
+    /// Frees `ptr` and waits for its scrub's verification (the synchronous-verification mode).
+    /// Returns [`FreeError::VerifyFailed`] when the block was quarantined instead of cleaned.
+    pub fn free_checked(
+        &self,
+        ptr: u64,
+        size: i64,
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<FreeReport, FreeError> {
+        let (report, freed) = self.free_inner(ptr, size, device, stream)?;
+        let Some((dev, seq)) = freed else {
+            return Ok(report);
+        };
+        self.with_pool(dev, |pool, backend, config, after| {
+            pool.flush_block(ptr, backend, config, after)
+        });
+        match self.drain_pool(dev, Some(seq)) {
+            Some(outcome) if outcome.passed => Ok(report),
+            Some(_) => Err(FreeError::VerifyFailed { addr: ptr }),
+            None => self.outcome_from_table(dev, ptr, seq, report),
+        }
+    }
+
+    /// The flusher harvested the scrub before we could wait for it: read the block's state.
+    #[cold]
+    fn outcome_from_table(
+        &self,
+        dev: u32,
+        ptr: u64,
+        seq: u64,
+        report: FreeReport,
+    ) -> Result<FreeReport, FreeError> {
+        let pool = self.pool(dev);
+        match pool.block(ptr) {
+            Some(b) if b.scrub_seq == seq && b.state == BlockState::Quarantined => {
+                let failed = !matches!(
+                    b.disposition,
+                    Disposition::Quarantine(crate::events::QuarantineReason::NeverReusePolicy)
+                );
+                if failed {
+                    Err(FreeError::VerifyFailed { addr: ptr })
+                } else {
+                    Ok(report)
+                }
+            }
+            // CLEAN, or released after a verified scrub.
+            _ => Ok(report),
+        }
+    }
+
+    /// Returns `(report, Some((device, scrub seq)))` for an accepted free of a real block.
+    fn free_inner(
+        &self,
+        ptr: u64,
+        size: i64,
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<(FreeReport, Option<(u32, u64)>), FreeError> {
+        if ptr == 0 {
+            return Ok((FreeReport::default(), None));
+        }
+        let Ok(dev) = self.device_index(device) else {
+            return Err(self.report_invalid_free(
+                InvalidFreeReason::InvalidDevice,
+                ptr,
+                device,
+                None,
+            ));
+        };
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let exiting = self.inner.shutting_down.load(Ordering::Acquire);
+        let result = self.with_pool(dev, |pool, backend, config, after| {
+            let mismatches = pool.stats.counters.size_mismatches;
+            pool.begin_free(ptr, size, stream, seq, config, after)?;
+            let size_mismatch = pool.stats.counters.size_mismatches != mismatches;
+            // Once exit has begun the block stays PENDING (leaked): no backend calls.
+            if !exiting {
+                pool.enqueue(ptr, stream, backend, config, after);
+            }
+            Ok::<_, Refused>(FreeReport { size_mismatch })
+        });
+        match result {
+            Ok(report) => Ok((report, Some((dev, seq)))),
+            Err(refused) => Err(self.refused_free(refused, ptr, device, dev)),
+        }
+    }
+
+    #[cold]
+    fn refused_free(&self, refused: Refused, ptr: u64, device: i32, dev: u32) -> FreeError {
+        let mut reason = refused.reason;
+        if reason == InvalidFreeReason::UnknownPointer {
+            // Lock order: this pool's lock was dropped before others are taken.
+            let elsewhere = (0..self.inner.pools.len() as u32)
+                .filter(|&d| d != dev)
+                .any(|d| self.pool(d).owns(ptr));
+            if elsewhere {
+                reason = InvalidFreeReason::WrongDevice;
+            }
+        }
+        let ctx = refused.owner.unwrap_or_else(Context::current);
+        self.emit(vec![Event {
+            at: SystemTime::now(),
+            kind: EventKind::InvalidFree { reason, device },
+            context: ctx,
+            block: refused.block,
+            addr: Some(ptr),
+        }]);
+        FreeError::Invalid {
+            reason,
+            addr: ptr,
+            device,
+        }
+    }
+
+    #[cold]
+    fn report_invalid_free(
+        &self,
+        reason: InvalidFreeReason,
+        ptr: u64,
+        device: i32,
+        _dev: Option<u32>,
+    ) -> FreeError {
+        self.emit(vec![Event {
+            at: SystemTime::now(),
+            kind: EventKind::InvalidFree { reason, device },
+            context: Context::current(),
+            block: None,
+            addr: Some(ptr),
+        }]);
+        FreeError::Invalid {
+            reason,
+            addr: ptr,
+            device,
+        }
+    }
+
+    /// Records that `ptr` is used on `stream` (PyTorch's record_stream): its scrub will wait
+    /// for the work queued there. Returns whether `ptr` is a LIVE block of this allocator.
+    pub fn record_stream(&self, ptr: u64, stream: StreamHandle) -> bool {
+        (0..self.inner.pools.len() as u32).any(|d| self.pool(d).record_stream(ptr, stream))
+    }
+
+    // ----- whole-pool operations ------------------------------------------------------------
+
+    /// Submits every open batch and waits for every scrub (including quarantine re-scrubs) to
+    /// complete and be applied. Returns the sticky asynchronous error, if any.
+    pub fn synchronize(&self) -> Result<(), String> {
+        for dev in 0..self.inner.pools.len() as u32 {
+            self.drain_pool(dev, None);
+        }
+        match self
+            .inner
+            .async_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes and waits for every scrub, then returns every CLEAN block to the backend.
+    pub fn empty_cache(&self) {
+        for dev in 0..self.inner.pools.len() as u32 {
+            self.drain_pool(dev, None);
+            self.with_pool(dev, |pool, backend, _, after| {
+                pool.release_clean(backend, after);
+            });
+        }
+    }
+
+    /// Orderly shutdown, before process exit: scrub and verify everything freed, then stop all
+    /// backend calls. Blocks still LIVE are leaked, never released under a caller.
+    pub fn shutdown(&self) {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        for dev in 0..self.inner.pools.len() as u32 {
+            self.drain_pool(dev, None);
+        }
+        self.begin_exit();
+    }
+
+    /// Process exit has begun (an `atexit` handler): make no further backend calls at all
+    /// (invariant 6). Pending scrubs are abandoned and their memory leaked.
+    pub fn begin_exit(&self) {
+        if !self.inner.shutting_down.swap(true, Ordering::AcqRel) {
+            self.inner.backend.shutdown();
+        }
+    }
+
+    /// Submits open batches of `dev` and waits for in-flight scrubs with the lock released,
+    /// applying results as they complete. With `seq`, waits only for that scrub's batch and
+    /// returns its outcome (if this call applied it).
+    fn drain_pool(&self, dev: u32, seq: Option<u64>) -> Option<pool::ScrubOutcome> {
+        let mut found = None;
+        // Each round may queue quarantine re-scrubs; a bounded number of rounds suffices
+        // (a re-scrub never queues another).
+        for _ in 0..4 {
+            let batches: Vec<InFlight> = self.with_pool(dev, |pool, backend, config, after| {
+                if seq.is_none() {
+                    pool.flush_open(false, backend, config, after);
+                }
+                pool.take_in_flight(seq)
+            });
+            if batches.is_empty() {
+                break;
+            }
+            for mut batch in batches {
+                let results = batch.wait();
+                let outcome = self.with_pool(dev, |pool, backend, config, after| {
+                    pool.complete(batch, results, backend, config, after);
+                    seq.and_then(|s| after.outcomes.iter().find(|o| o.seq == s).copied())
+                });
+                found = found.or(outcome);
+            }
+            if seq.is_some() {
+                break;
+            }
+        }
+        found
+    }
+
+    /// One flusher tick: submit stale batches, harvest, re-scrub; with `trim`, also release
+    /// blocks idle past the idle TTL (a scan of the free lists, so done less often).
+    fn tick(&self, trim: bool) {
+        let idle_ttl = u64::try_from(self.inner.config.idle_ttl_ms)
+            .ok()
+            .filter(|_| trim)
+            .map(Duration::from_millis);
+        for dev in 0..self.inner.pools.len() as u32 {
+            self.with_pool(dev, |pool, backend, config, after| {
+                if !pool.has_pending_work() && idle_ttl.is_none() {
+                    return;
+                }
+                pool.flush_open(true, backend, config, after);
+                pool.harvest(backend, config, after);
+                pool.submit_rescrubs(backend, config, after);
+                if let Some(ttl) = idle_ttl {
+                    pool.trim_idle(ttl, backend, after);
+                }
+            });
+        }
+    }
+
+    // ----- inspection -----------------------------------------------------------------------
+
+    /// Merged statistics of every pool.
+    pub fn stats(&self) -> Stats {
+        let pools: Vec<_> = (0..self.inner.pools.len() as u32)
+            .map(|d| self.pool(d).stats.clone())
+            .collect();
+        let err = self
+            .inner
+            .async_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Stats::merge(self.inner.backend.kind().to_string(), &pools, err)
+    }
+
+    /// The block at `ptr` (exact start), on any device.
+    pub fn block_info(&self, ptr: u64) -> Option<BlockInfo> {
+        (0..self.inner.pools.len() as u32)
+            .find_map(|d| self.pool(d).block(ptr).map(BlockInfo::from))
+    }
+
+    /// Every block the pool holds, on every device.
+    pub fn blocks(&self) -> Vec<BlockInfo> {
+        (0..self.inner.pools.len() as u32)
+            .flat_map(|d| {
+                self.pool(d)
+                    .blocks()
+                    .map(BlockInfo::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Checks the pool's internal consistency: per-state counters equal a recount of the
+    /// block table, and the free lists hold exactly the CLEAN blocks.
+    pub fn check_consistency(&self) -> Result<Accounting, String> {
+        let mut total = Accounting::default();
+        for d in 0..self.inner.pools.len() as u32 {
+            let pool = self.pool(d);
+            let recount = pool.recount();
+            if recount != pool.stats.accounting {
+                return Err(format!(
+                    "device {d}: counters {:?} != table {recount:?}",
+                    pool.stats.accounting
+                ));
+            }
+            if !pool.free_list_is_consistent() {
+                return Err(format!(
+                    "device {d}: free lists do not match the CLEAN blocks"
+                ));
+            }
+            for (a, b) in [
+                (&mut total.live, recount.live),
+                (&mut total.pending, recount.pending),
+                (&mut total.clean, recount.clean),
+                (&mut total.quarantined, recount.quarantined),
+            ] {
+                a.blocks += b.blocks;
+                a.bytes += b.bytes;
+            }
+        }
+        Ok(total)
+    }
+
+    // ----- plumbing -------------------------------------------------------------------------
+
+    fn device_index(&self, device: i32) -> Result<u32, AllocError> {
+        let count = self.inner.pools.len() as u32;
+        u32::try_from(device)
+            .ok()
+            .filter(|&d| d < count)
+            .ok_or(AllocError::InvalidDevice { device, count })
+    }
+
+    #[inline]
+    fn pool(&self, dev: u32) -> MutexGuard<'_, DevicePool> {
+        // A panic while holding the lock cannot leave a block half-moved between states in a
+        // way that hands out dirty memory (states change last), so a poisoned lock is usable.
+        self.inner.pools[dev as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` under the pool lock, then emits its events and acts on its aftermath.
+    fn with_pool<R>(
+        &self,
+        dev: u32,
+        f: impl FnOnce(&mut DevicePool, &dyn Backend, &Config, &mut Aftermath) -> R,
+    ) -> R {
+        let mut after = Aftermath::default();
+        let r = {
+            let mut pool = self.pool(dev);
+            f(
+                &mut pool,
+                self.inner.backend.as_ref(),
+                &self.inner.config,
+                &mut after,
+            )
+        };
+        self.settle(after);
+        r
+    }
+
+    fn settle(&self, after: Aftermath) {
+        if let Some(e) = after.backend_error {
+            let mut sticky = self
+                .inner
+                .async_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            sticky.get_or_insert_with(|| e.to_string());
+        }
+        let abort = after.abort;
+        self.emit(after.events);
+        if abort {
+            self.fail_closed();
+        }
+    }
+
+    /// `failure_mode = abort`: the verification failure is logged, then the process stops.
+    #[cold]
+    fn fail_closed(&self) -> ! {
+        self.emit(vec![Event {
+            at: SystemTime::now(),
+            kind: EventKind::PolicyViolation {
+                policy: "failure_mode",
+                detail: "scrub verification failed under failure_mode=abort; aborting".into(),
+            },
+            context: Context::current(),
+            block: None,
+            addr: None,
+        }]);
+        if let Some(sink) = &self.inner.sink {
+            sink.flush();
+        }
+        eprintln!(
+            "kvhygiene: scrub verification failed and failure_mode=abort: aborting the process"
+        );
+        std::process::abort()
+    }
+
+    fn emit(&self, events: Vec<Event>) {
+        if let Some(sink) = &self.inner.sink {
+            for e in events {
+                sink.emit(e);
+            }
+        }
+    }
+}
+
+/// The flusher: bounds how long a free waits in an open batch and how long a completed
+/// scrub waits to be harvested. Holds only a weak reference, so dropping the allocator ends it.
+fn spawn_flusher(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => Duration::from_micros(i.config.batch_max_delay_us.clamp(100, 10_000)),
+        None => return,
+    };
+    // Idle-TTL trimming scans the free lists; once a second is plenty for a TTL in ms..min.
+    const TRIM_EVERY: Duration = Duration::from_secs(1);
+    let spawned = std::thread::Builder::new()
+        .name("kvh-flusher".into())
+        .spawn(move || {
+            let mut last_trim = Instant::now();
+            loop {
+                std::thread::sleep(period);
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                let trim = last_trim.elapsed() >= TRIM_EVERY;
+                if trim {
+                    last_trim = Instant::now();
+                }
+                Allocator { inner }.tick(trim);
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the flusher, batches still flush when full, when malloc needs memory and on
+        // synchronize; only the time bound is lost. Say so once.
+        eprintln!("kvhygiene: cannot start the flusher thread ({e}); batches flush by count only");
+    }
+}

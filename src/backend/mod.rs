@@ -142,7 +142,35 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies device memory into host bytes (synchronous). For tests, the demo and checks.
     fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError>;
 
+    /// Makes the next `segments` scrubbed segments skip zeroing part of their memory, so that
+    /// verification must catch them: a fire drill for the detection path. Only backends that
+    /// can do this safely implement it (the host backend); others refuse.
+    fn inject_fault(&self, _segments: u64) -> Result<(), BackendError> {
+        Err(BackendError::Other(format!(
+            "fault injection is available on the host backend only, not on {}",
+            self.kind()
+        )))
+    }
+
     /// Process exit has begun: after this returns the backend makes no further driver calls;
     /// later calls fail with [`BackendError::ShuttingDown`].
     fn shutdown(&self) {}
+}
+
+/// Builds the backend the configuration asks for.
+///
+/// `auto` picks CUDA when a CUDA driver is installed and falls back to the host backend only
+/// when there is no driver at all; a driver that is present but fails is an error, never a
+/// silent switch to host memory (a caller expecting device memory must not get host memory).
+pub fn select(
+    choice: crate::config::BackendChoice,
+) -> Result<std::sync::Arc<dyn Backend>, BackendError> {
+    use crate::config::BackendChoice;
+    match choice {
+        BackendChoice::Host => Ok(host::HostBackend::new()),
+        BackendChoice::Cuda => Err(BackendError::NoDriver(
+            "this build of kvhygiene has no CUDA backend".into(),
+        )),
+        BackendChoice::Auto => Ok(host::HostBackend::new()),
+    }
 }

@@ -1,0 +1,108 @@
+//! One block of the pool and its state.
+
+use std::time::Instant;
+
+use crate::backend::StreamHandle;
+use crate::context::Context;
+use crate::events::{BlockRef, QuarantineReason, ReleaseReason};
+
+use super::size_class::SizeClass;
+
+/// Where a block is in its life (see the state machine in ARCHITECTURE.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockState {
+    /// Handed to a caller.
+    Live,
+    /// Freed; its scrub is batched or in flight. Not available to malloc.
+    Pending,
+    /// Scrubbed and verified: the only state malloc hands out from.
+    Clean,
+    /// Verification failed or a policy retired it: never handed out again.
+    Quarantined,
+}
+
+/// What happens to a block once its scrub completes and verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Back to the free list (CLEAN).
+    Reuse,
+    /// Back to the backend (max reuse reached).
+    Retire(ReleaseReason),
+    /// To quarantine, then re-scrub and release (never-reuse policy).
+    Quarantine(QuarantineReason),
+}
+
+/// A block: the truth for its pointer's size, owner, streams, state, reuse count and times.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub id: u64,
+    pub device: u32,
+    pub addr: u64,
+    pub class: SizeClass,
+    /// Size of the current (or last) allocation, as the caller asked for it.
+    pub requested: u64,
+    pub state: BlockState,
+    /// Context of the current (or last) owner.
+    pub owner: Context,
+    /// Stream the block was allocated on.
+    pub alloc_stream: StreamHandle,
+    /// Streams given to `kvh_record_stream` while LIVE.
+    pub recorded_streams: Vec<StreamHandle>,
+    /// Times handed out.
+    pub reuse_count: u32,
+    pub allocated_at: Instant,
+    /// When the block entered its current state.
+    pub state_since: Instant,
+    /// Sequence number of the latest scrub: the verification seed.
+    pub scrub_seq: u64,
+    pub disposition: Disposition,
+}
+
+impl Block {
+    pub fn capacity(&self) -> u64 {
+        self.class.capacity
+    }
+
+    /// The identity of this block as events report it.
+    pub fn to_ref(&self) -> BlockRef {
+        BlockRef {
+            id: self.id,
+            device: self.device as i32,
+            addr: self.addr,
+            requested: self.requested,
+            capacity: self.capacity(),
+            scrub_seq: self.scrub_seq,
+        }
+    }
+}
+
+/// A snapshot of a block for tests and diagnostics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BlockInfo {
+    pub id: u64,
+    pub device: u32,
+    pub addr: u64,
+    pub requested: u64,
+    pub capacity: u64,
+    pub state: BlockState,
+    pub reuse_count: u32,
+    pub scrub_seq: u64,
+    pub tenant_id: Option<String>,
+}
+
+impl From<&Block> for BlockInfo {
+    fn from(b: &Block) -> Self {
+        BlockInfo {
+            id: b.id,
+            device: b.device,
+            addr: b.addr,
+            requested: b.requested,
+            capacity: b.capacity(),
+            state: b.state,
+            reuse_count: b.reuse_count,
+            scrub_seq: b.scrub_seq,
+            tenant_id: b.owner.tenant_id().map(str::to_owned),
+        }
+    }
+}

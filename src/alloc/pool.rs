@@ -1,0 +1,820 @@
+//! One device's pool: the block table, the free lists, open and in-flight scrub batches.
+//!
+//! Everything here runs under the device's pool lock, held by [`super::Allocator`]. Methods
+//! never emit events themselves: they push them onto the caller's buffer, which is emitted
+//! after the lock is dropped. Backend calls made here never wait on the device (submission,
+//! polling); waiting on a ticket happens with the lock released.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Instant, SystemTime};
+
+use crate::backend::verify::{self, SegmentResult};
+use crate::backend::{
+    Backend, BackendError, ScrubBatch, ScrubOptions, ScrubSegment, ScrubTicket, StreamHandle,
+};
+use crate::config::{Config, TenantIsolation};
+use crate::context::Context;
+use crate::events::{
+    Event, EventKind, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
+};
+use crate::stats::PoolCounters;
+
+use super::block::{Block, BlockState, Disposition};
+use super::size_class::SizeClass;
+
+/// Free lists are keyed by size class and, under strict isolation, by tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct FreeKey {
+    class: u16,
+    tenant: u64,
+}
+
+impl FreeKey {
+    pub(crate) fn new(class: SizeClass, ctx: &Context, isolation: TenantIsolation) -> Self {
+        let tenant = match isolation {
+            TenantIsolation::Strict => ctx.tenant_key(),
+            TenantIsolation::Off => 0,
+        };
+        FreeKey {
+            class: class.index,
+            tenant,
+        }
+    }
+}
+
+/// Frees collected for one stream, not yet submitted.
+struct OpenBatch {
+    stream: StreamHandle,
+    opened_at: Instant,
+    blocks: Vec<u64>,
+    waits: Vec<StreamHandle>,
+}
+
+/// A submitted batch.
+pub(crate) struct InFlight {
+    ticket: Box<dyn ScrubTicket>,
+    /// `(address, scrub sequence)` of each segment, in segment order.
+    blocks: Vec<(u64, u64)>,
+    options: ScrubOptions,
+    /// A quarantine re-scrub (double pass, full verification) rather than a free's scrub.
+    rescrub: bool,
+}
+
+impl InFlight {
+    /// Blocks until the batch completes (called with the pool lock released).
+    pub(crate) fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        self.ticket.wait()
+    }
+
+    pub(crate) fn contains_seq(&self, seq: u64) -> bool {
+        self.blocks.iter().any(|&(_, s)| s == seq)
+    }
+}
+
+/// A refused free, with the block table untouched. The allocator turns it into an event
+/// once it has checked the other devices' pools (an unknown pointer here may be a
+/// wrong-device free), which it may do only after dropping this pool's lock.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Refused {
+    pub reason: InvalidFreeReason,
+    pub block: Option<crate::events::BlockRef>,
+    pub owner: Option<Context>,
+}
+
+/// The outcome of a verified scrub, for `kvh_free_checked`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ScrubOutcome {
+    pub seq: u64,
+    pub passed: bool,
+}
+
+/// Flags the allocator acts on after the lock is dropped.
+#[derive(Default)]
+pub(crate) struct Aftermath {
+    pub events: Vec<Event>,
+    pub outcomes: Vec<ScrubOutcome>,
+    /// A verification failed under `failure_mode = abort`.
+    pub abort: bool,
+    /// An asynchronous backend error to make sticky.
+    pub backend_error: Option<BackendError>,
+}
+
+impl Aftermath {
+    fn event(&mut self, kind: EventKind, block: &Block) {
+        self.events.push(Event {
+            at: SystemTime::now(),
+            kind,
+            context: block.owner.clone(),
+            block: Some(block.to_ref()),
+            addr: None,
+        });
+    }
+}
+
+pub(crate) struct DevicePool {
+    device: u32,
+    /// Every block the pool holds (not RELEASED), by address: the truth for every pointer.
+    blocks: BTreeMap<u64, Block>,
+    /// CLEAN blocks, most recently cleaned last (LIFO reuse keeps caches warm).
+    free_lists: HashMap<FreeKey, Vec<u64>>,
+    open: Vec<OpenBatch>,
+    in_flight: VecDeque<InFlight>,
+    pub(crate) stats: PoolCounters,
+}
+
+impl DevicePool {
+    pub(crate) fn new(device: u32) -> Self {
+        DevicePool {
+            device,
+            blocks: BTreeMap::new(),
+            free_lists: HashMap::new(),
+            open: Vec::new(),
+            in_flight: VecDeque::new(),
+            stats: PoolCounters::default(),
+        }
+    }
+
+    // ----- malloc ---------------------------------------------------------------------------
+
+    /// Hot path: hands out a CLEAN block of `key`'s class owned by `ctx`'s tenant, if any.
+    #[inline]
+    pub(crate) fn pop_clean(
+        &mut self,
+        key: FreeKey,
+        size: u64,
+        ctx: &Context,
+        stream: StreamHandle,
+        isolation: TenantIsolation,
+    ) -> Option<u64> {
+        let addr = self.free_lists.get_mut(&key)?.pop()?;
+        let block = self.blocks.get_mut(&addr)?;
+        // Invariant 1 and 4: only CLEAN blocks are ever on a free list. Strict isolation also
+        // compares the tenant ids themselves, so a tenant-hash collision is a miss, not a leak.
+        if block.state != BlockState::Clean
+            || (isolation == TenantIsolation::Strict && block.owner.tenant_id() != ctx.tenant_id())
+        {
+            return self.pop_clean_mismatch(key, addr);
+        }
+        let capacity = block.capacity();
+        block.state = BlockState::Live;
+        block.requested = size;
+        block.owner = ctx.clone();
+        block.alloc_stream = stream;
+        block.recorded_streams.clear();
+        block.reuse_count += 1;
+        let now = Instant::now();
+        block.allocated_at = now;
+        block.state_since = now;
+        let s = &mut self.stats;
+        s.accounting.clean.sub(capacity);
+        s.accounting.live.add(capacity);
+        s.counters.allocations += 1;
+        s.counters.pool_hits += 1;
+        Some(addr)
+    }
+
+    #[cold]
+    fn pop_clean_mismatch(&mut self, key: FreeKey, addr: u64) -> Option<u64> {
+        // Put the block back where it belongs and report a miss; the caller allocates fresh.
+        if self
+            .blocks
+            .get(&addr)
+            .is_some_and(|b| b.state == BlockState::Clean)
+        {
+            self.free_lists.entry(key).or_default().insert(0, addr);
+        }
+        None
+    }
+
+    /// Adds a fresh, zeroed block as LIVE.
+    pub(crate) fn insert_fresh(&mut self, block: Block) {
+        let capacity = block.capacity();
+        let s = &mut self.stats;
+        s.accounting.live.add(capacity);
+        s.counters.allocations += 1;
+        s.counters.pool_misses += 1;
+        s.counters.fresh_allocations += 1;
+        s.counters.bytes_allocated_fresh += capacity;
+        self.blocks.insert(block.addr, block);
+    }
+
+    /// Whether the pool has work that could produce CLEAN blocks (open or in-flight scrubs).
+    pub(crate) fn has_pending_work(&self) -> bool {
+        !self.open.is_empty() || !self.in_flight.is_empty()
+    }
+
+    // ----- free -----------------------------------------------------------------------------
+
+    /// Looks up `addr` for a free on this device and moves it LIVE → PENDING.
+    /// Returns the block's new scrub sequence number.
+    pub(crate) fn begin_free(
+        &mut self,
+        addr: u64,
+        claimed_size: i64,
+        stream: StreamHandle,
+        seq: u64,
+        config: &Config,
+        after: &mut Aftermath,
+    ) -> Result<(), Refused> {
+        let Some(block) = self.blocks.get_mut(&addr) else {
+            return Err(self.refuse(addr));
+        };
+        if block.state != BlockState::Live {
+            return Err(self.refuse(addr));
+        }
+        let now = Instant::now();
+        let capacity = block.capacity();
+        // Invariant 7: the caller's size is not trusted; a mismatch is reported, the table wins.
+        if claimed_size != block.requested as i64 {
+            self.stats.counters.size_mismatches += 1;
+            after.event(
+                EventKind::SizeMismatch {
+                    claimed: claimed_size,
+                },
+                block,
+            );
+        }
+        let age_ms = now.duration_since(block.allocated_at).as_millis() as u64;
+        if config.live_ttl_ms > 0 && age_ms > config.live_ttl_ms {
+            self.stats.counters.ttl_exceeded += 1;
+            let kind = EventKind::TtlExceeded {
+                which: TtlKind::Live,
+                age_ms,
+                limit_ms: config.live_ttl_ms,
+            };
+            after.event(kind, block);
+        }
+        block.disposition = if !config.reuse_enabled() {
+            Disposition::Quarantine(QuarantineReason::NeverReusePolicy)
+        } else if config.max_reuse > 0 && block.reuse_count >= config.max_reuse {
+            Disposition::Retire(ReleaseReason::MaxReuse)
+        } else {
+            Disposition::Reuse
+        };
+        // Invariant 2: the scrub runs on the freeing stream after the allocation stream and
+        // every recorded stream.
+        let mut waits = std::mem::take(&mut block.recorded_streams);
+        waits.push(block.alloc_stream);
+        waits.retain(|&w| w != stream);
+        block.state = BlockState::Pending;
+        block.state_since = now;
+        block.scrub_seq = seq;
+        block.recorded_streams = waits;
+        let s = &mut self.stats;
+        s.counters.frees += 1;
+        s.accounting.live.sub(capacity);
+        s.accounting.pending.add(capacity);
+        Ok(())
+    }
+
+    #[cold]
+    fn refuse(&mut self, addr: u64) -> Refused {
+        self.stats.counters.invalid_frees += 1;
+        if let Some(b) = self.blocks.get(&addr) {
+            // Exact match that is not LIVE: already freed.
+            return Refused {
+                reason: InvalidFreeReason::DoubleFree,
+                block: Some(b.to_ref()),
+                owner: Some(b.owner.clone()),
+            };
+        }
+        match self.blocks.range(..addr).next_back() {
+            Some((&base, b)) if addr < base + b.capacity() => Refused {
+                reason: InvalidFreeReason::InteriorPointer,
+                block: Some(b.to_ref()),
+                owner: Some(b.owner.clone()),
+            },
+            _ => Refused {
+                reason: InvalidFreeReason::UnknownPointer,
+                block: None,
+                owner: None,
+            },
+        }
+    }
+
+    /// Whether this pool holds a block starting exactly at `addr` (any state).
+    pub(crate) fn owns(&self, addr: u64) -> bool {
+        self.blocks.contains_key(&addr)
+    }
+
+    /// Adds a PENDING block to its stream's open batch; submits the batch when full.
+    pub(crate) fn enqueue(
+        &mut self,
+        addr: u64,
+        stream: StreamHandle,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let waits = self
+            .blocks
+            .get(&addr)
+            .map(|b| b.recorded_streams.clone())
+            .unwrap_or_default();
+        let i = match self.open.iter().position(|o| o.stream == stream) {
+            Some(i) => i,
+            None => {
+                self.open.push(OpenBatch {
+                    stream,
+                    opened_at: Instant::now(),
+                    blocks: Vec::with_capacity(config.batch_size),
+                    waits: Vec::new(),
+                });
+                self.open.len() - 1
+            }
+        };
+        let batch = &mut self.open[i];
+        batch.blocks.push(addr);
+        for w in waits {
+            if !batch.waits.contains(&w) {
+                batch.waits.push(w);
+            }
+        }
+        if batch.blocks.len() >= config.batch_size || config.batch_max_delay_us == 0 {
+            let batch = self.open.swap_remove(i);
+            self.submit_open(batch, backend, config, after);
+        }
+    }
+
+    /// Submits open batches: all of them, or only those older than the configured delay.
+    pub(crate) fn flush_open(
+        &mut self,
+        only_stale: bool,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let now = Instant::now();
+        let max_age = std::time::Duration::from_micros(config.batch_max_delay_us);
+        let mut i = 0;
+        while i < self.open.len() {
+            if only_stale && now.duration_since(self.open[i].opened_at) < max_age {
+                i += 1;
+                continue;
+            }
+            let batch = self.open.swap_remove(i);
+            self.submit_open(batch, backend, config, after);
+        }
+    }
+
+    fn submit_open(
+        &mut self,
+        batch: OpenBatch,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let options = ScrubOptions {
+            samples: config.verify_samples,
+            full_verify: config.full_verify,
+            double_pass: config.double_pass,
+        };
+        self.submit(
+            batch.stream,
+            batch.waits,
+            batch.blocks,
+            options,
+            false,
+            backend,
+            config,
+            after,
+        );
+    }
+
+    /// Submits a scrub of `addrs` (all PENDING or QUARANTINED) on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        stream: StreamHandle,
+        waits: Vec<StreamHandle>,
+        addrs: Vec<u64>,
+        options: ScrubOptions,
+        rescrub: bool,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let mut segments = Vec::with_capacity(addrs.len());
+        let mut blocks = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            if let Some(b) = self.blocks.get(&addr) {
+                segments.push(ScrubSegment {
+                    addr,
+                    len: b.capacity(),
+                    seed: b.scrub_seq,
+                });
+                blocks.push((addr, b.scrub_seq));
+            }
+        }
+        if segments.is_empty() {
+            return;
+        }
+        let batch = ScrubBatch {
+            device: self.device,
+            stream,
+            wait_streams: waits,
+            segments,
+            options,
+        };
+        match backend.submit_scrub(batch) {
+            Ok(ticket) => {
+                self.stats.counters.scrub_batches += 1;
+                self.in_flight.push_back(InFlight {
+                    ticket,
+                    blocks,
+                    options,
+                    rescrub,
+                });
+            }
+            Err(e) => self.fail_batch(&blocks, rescrub, e, config, after),
+        }
+    }
+
+    /// A batch that could not be submitted or completed fails closed: every block in it is
+    /// treated as unverified and quarantined.
+    #[cold]
+    fn fail_batch(
+        &mut self,
+        blocks: &[(u64, u64)],
+        rescrub: bool,
+        error: BackendError,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        self.stats.counters.backend_errors += 1;
+        let results = vec![SegmentResult::default(); blocks.len()];
+        let options = ScrubOptions {
+            samples: config.verify_samples,
+            full_verify: false,
+            double_pass: false,
+        };
+        self.apply_results(blocks, &results, options, rescrub, None, config, after);
+        after.backend_error = Some(error);
+    }
+
+    // ----- harvest --------------------------------------------------------------------------
+
+    /// Applies every in-flight batch that has completed (non-blocking).
+    pub(crate) fn harvest(
+        &mut self,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            match self.in_flight[i].ticket.poll() {
+                Ok(None) => i += 1,
+                Ok(Some(results)) => {
+                    if let Some(done) = self.in_flight.remove(i) {
+                        self.complete(done, Ok(results), backend, config, after);
+                    }
+                }
+                Err(e) => {
+                    if let Some(done) = self.in_flight.remove(i) {
+                        self.complete(done, Err(e), backend, config, after);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes in-flight batches out, to be waited on with the lock released: all of them, or
+    /// only the one holding scrub `seq`.
+    pub(crate) fn take_in_flight(&mut self, seq: Option<u64>) -> Vec<InFlight> {
+        match seq {
+            None => self.in_flight.drain(..).collect(),
+            Some(seq) => match self.in_flight.iter().position(|f| f.contains_seq(seq)) {
+                Some(i) => self.in_flight.remove(i).into_iter().collect(),
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// Submits the open batch holding `addr` now (for `kvh_free_checked`).
+    pub(crate) fn flush_block(
+        &mut self,
+        addr: u64,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        if let Some(i) = self.open.iter().position(|o| o.blocks.contains(&addr)) {
+            let batch = self.open.swap_remove(i);
+            self.submit_open(batch, backend, config, after);
+        }
+    }
+
+    /// Applies a batch waited on elsewhere.
+    pub(crate) fn complete(
+        &mut self,
+        done: InFlight,
+        results: Result<Vec<SegmentResult>, BackendError>,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        match results {
+            Ok(r) if r.len() == done.blocks.len() => self.apply_results(
+                &done.blocks,
+                &r,
+                done.options,
+                done.rescrub,
+                Some(backend),
+                config,
+                after,
+            ),
+            Ok(r) => {
+                let e = BackendError::Other(format!(
+                    "scrub returned {} results for {} segments",
+                    r.len(),
+                    done.blocks.len()
+                ));
+                self.fail_batch(&done.blocks, done.rescrub, e, config, after)
+            }
+            Err(e) => self.fail_batch(&done.blocks, done.rescrub, e, config, after),
+        }
+        // Re-scrubs of blocks quarantined above go out at once: quarantine is rare and the
+        // sooner a block is cleared, the sooner its memory returns.
+        self.submit_rescrubs(backend, config, after);
+    }
+
+    /// Moves each block of a completed batch to its next state.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_results(
+        &mut self,
+        blocks: &[(u64, u64)],
+        results: &[SegmentResult],
+        options: ScrubOptions,
+        rescrub: bool,
+        backend: Option<&dyn Backend>,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let now = Instant::now();
+        for (&(addr, seq), &result) in blocks.iter().zip(results) {
+            let Some(block) = self.blocks.get(&addr) else {
+                continue;
+            };
+            if block.scrub_seq != seq {
+                continue; // Stale result for a block that moved on (cannot happen; defensive).
+            }
+            let capacity = block.capacity();
+            let expected = verify::expected_samples(capacity, options.samples, options.full_verify);
+            let passed = verify::passes(result, expected, config.coverage_threshold);
+            after.outcomes.push(ScrubOutcome { seq, passed });
+            let c = &mut self.stats.counters;
+            c.scrubs += 1;
+            c.bytes_scrubbed += capacity;
+            if result.nonzero > 0 {
+                c.residue_detected += 1;
+            }
+            if passed {
+                c.verifications_passed += 1;
+            } else {
+                c.verifications_failed += 1;
+                after.event(
+                    EventKind::VerifyFailed {
+                        samples_expected: expected,
+                        samples_checked: result.checked,
+                        samples_nonzero: result.nonzero,
+                        coverage: verify::coverage(result),
+                        threshold: config.coverage_threshold,
+                    },
+                    block,
+                );
+                if config.failure_mode == crate::config::FailureMode::Abort {
+                    after.abort = true;
+                }
+            }
+            if !rescrub {
+                let latency = now.duration_since(block.state_since).as_micros() as u64;
+                let _ = self.stats.scrub_latency_us.record(latency.max(1));
+            }
+            match (rescrub, passed, block.disposition) {
+                (false, true, Disposition::Reuse) => {
+                    self.make_clean(addr, now, config.tenant_isolation)
+                }
+                (false, true, Disposition::Retire(reason)) => {
+                    self.release(addr, reason, backend, after)
+                }
+                (false, true, Disposition::Quarantine(reason)) => {
+                    self.quarantine(addr, reason, after)
+                }
+                (false, false, _) => self.quarantine(addr, QuarantineReason::VerifyFailed, after),
+                (true, true, _) => {
+                    self.release(addr, ReleaseReason::QuarantineCleared, backend, after)
+                }
+                (true, false, _) => self.condemn(addr, after),
+            }
+        }
+    }
+
+    fn make_clean(&mut self, addr: u64, now: Instant, isolation: TenantIsolation) {
+        let Some(block) = self.blocks.get_mut(&addr) else {
+            return;
+        };
+        block.state = BlockState::Clean;
+        block.state_since = now;
+        let key = FreeKey::new(block.class, &block.owner, isolation);
+        let capacity = block.capacity();
+        self.stats.accounting.pending.sub(capacity);
+        self.stats.accounting.clean.add(capacity);
+        self.free_lists.entry(key).or_default().push(addr);
+    }
+
+    fn quarantine(&mut self, addr: u64, reason: QuarantineReason, after: &mut Aftermath) {
+        let Some(block) = self.blocks.get_mut(&addr) else {
+            return;
+        };
+        let capacity = block.capacity();
+        block.state = BlockState::Quarantined;
+        block.state_since = Instant::now();
+        block.disposition = Disposition::Quarantine(reason);
+        self.stats.accounting.pending.sub(capacity);
+        self.stats.accounting.quarantined.add(capacity);
+        self.stats.counters.quarantined += 1;
+        let block = &self.blocks[&addr];
+        after.event(EventKind::Quarantined { reason }, block);
+    }
+
+    /// A quarantined block whose re-scrub failed stays quarantined for the life of the process.
+    #[cold]
+    fn condemn(&mut self, addr: u64, after: &mut Aftermath) {
+        let Some(block) = self.blocks.get_mut(&addr) else {
+            return;
+        };
+        block.disposition = Disposition::Quarantine(QuarantineReason::RescrubFailed);
+        let block = &self.blocks[&addr];
+        after.event(
+            EventKind::Quarantined {
+                reason: QuarantineReason::RescrubFailed,
+            },
+            block,
+        );
+    }
+
+    /// Queues a double-pass, fully verified re-scrub for every quarantined block awaiting one.
+    pub(crate) fn submit_rescrubs(
+        &mut self,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let waiting: Vec<u64> = self
+            .blocks
+            .values()
+            .filter(|b| {
+                b.state == BlockState::Quarantined
+                    && matches!(b.disposition, Disposition::Quarantine(r) if r != QuarantineReason::RescrubFailed)
+                    && !self.in_flight.iter().any(|f| f.rescrub && f.contains_seq(b.scrub_seq))
+            })
+            .map(|b| b.addr)
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let options = ScrubOptions {
+            samples: config.verify_samples,
+            full_verify: true,
+            double_pass: true,
+        };
+        let stream = self.blocks[&waiting[0]].alloc_stream;
+        self.submit(
+            stream,
+            Vec::new(),
+            waiting,
+            options,
+            true,
+            backend,
+            config,
+            after,
+        );
+    }
+
+    /// Returns a verified block to the backend.
+    fn release(
+        &mut self,
+        addr: u64,
+        reason: ReleaseReason,
+        backend: Option<&dyn Backend>,
+        after: &mut Aftermath,
+    ) {
+        let Some(block) = self.blocks.remove(&addr) else {
+            return;
+        };
+        let capacity = block.capacity();
+        match block.state {
+            BlockState::Pending => self.stats.accounting.pending.sub(capacity),
+            BlockState::Clean => self.stats.accounting.clean.sub(capacity),
+            BlockState::Quarantined => self.stats.accounting.quarantined.sub(capacity),
+            BlockState::Live => self.stats.accounting.live.sub(capacity),
+        }
+        self.stats.counters.released += 1;
+        if let Some(backend) = backend {
+            if let Err(e) = backend.release(self.device, addr, capacity) {
+                // The memory is verified clean; failing to return it only leaks it.
+                self.stats.counters.backend_errors += 1;
+                after.backend_error = Some(e);
+            }
+        }
+        after.event(EventKind::Released { reason }, &block);
+    }
+
+    /// Returns every CLEAN block to the backend (`kvh_empty_cache`, out-of-memory recovery).
+    pub(crate) fn release_clean(&mut self, backend: &dyn Backend, after: &mut Aftermath) -> u64 {
+        let addrs: Vec<u64> = self.free_lists.drain().flat_map(|(_, v)| v).collect();
+        let mut freed = 0;
+        for addr in addrs {
+            if self
+                .blocks
+                .get(&addr)
+                .is_some_and(|b| b.state == BlockState::Clean)
+            {
+                freed += self.blocks[&addr].capacity();
+                self.release(addr, ReleaseReason::EmptyCache, Some(backend), after);
+            }
+        }
+        freed
+    }
+
+    /// Releases CLEAN blocks idle for longer than `ttl`.
+    pub(crate) fn trim_idle(
+        &mut self,
+        ttl: std::time::Duration,
+        backend: &dyn Backend,
+        after: &mut Aftermath,
+    ) {
+        let now = Instant::now();
+        let stale: Vec<(FreeKey, u64)> = self
+            .free_lists
+            .iter()
+            .flat_map(|(k, v)| v.iter().map(move |&a| (*k, a)))
+            .filter(|&(_, a)| {
+                self.blocks
+                    .get(&a)
+                    .is_some_and(|b| now.duration_since(b.state_since) > ttl)
+            })
+            .collect();
+        for (key, addr) in stale {
+            if let Some(list) = self.free_lists.get_mut(&key) {
+                list.retain(|&a| a != addr);
+            }
+            self.release(addr, ReleaseReason::IdleTtl, Some(backend), after);
+        }
+    }
+
+    /// Records a stream on a LIVE block. Unknown or non-LIVE pointers are ignored (PyTorch
+    /// calls this for blocks of other allocators too); returns whether it was recorded.
+    pub(crate) fn record_stream(&mut self, addr: u64, stream: StreamHandle) -> bool {
+        match self.blocks.get_mut(&addr) {
+            Some(b) if b.state == BlockState::Live => {
+                if b.alloc_stream != stream && !b.recorded_streams.contains(&stream) {
+                    b.recorded_streams.push(stream);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    // ----- inspection -----------------------------------------------------------------------
+
+    pub(crate) fn block(&self, addr: u64) -> Option<&Block> {
+        self.blocks.get(&addr)
+    }
+
+    pub(crate) fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.blocks.values()
+    }
+
+    /// Accounting recomputed from the block table (tests compare it with the counters).
+    pub(crate) fn recount(&self) -> crate::stats::Accounting {
+        let mut a = crate::stats::Accounting::default();
+        for b in self.blocks.values() {
+            match b.state {
+                BlockState::Live => a.live.add(b.capacity()),
+                BlockState::Pending => a.pending.add(b.capacity()),
+                BlockState::Clean => a.clean.add(b.capacity()),
+                BlockState::Quarantined => a.quarantined.add(b.capacity()),
+            }
+        }
+        a
+    }
+
+    /// Blocks on free lists must be exactly the CLEAN blocks (checked by tests).
+    pub(crate) fn free_list_is_consistent(&self) -> bool {
+        let listed: usize = self.free_lists.values().map(Vec::len).sum();
+        let clean = self
+            .blocks
+            .values()
+            .filter(|b| b.state == BlockState::Clean)
+            .count();
+        listed == clean
+            && self.free_lists.values().flatten().all(|a| {
+                self.blocks
+                    .get(a)
+                    .is_some_and(|b| b.state == BlockState::Clean)
+            })
+    }
+}

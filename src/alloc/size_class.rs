@@ -1,0 +1,90 @@
+//! Size classes: eight per power of two.
+//!
+//! A request of `s` bytes with `2^k <= s < 2^(k+1)` is rounded up to a multiple of
+//! `step = 2^(k-3)` (`step = 1` below 16 bytes). The rounding adds at most `step - 1` bytes to a
+//! class of at least `2^k + step` bytes, so internal fragmentation — wasted bytes over class
+//! size — is below `step / 2^k = 1/8 = 12.5%` for every size. (Each block is its own backend
+//! allocation; the backend's own alignment padding is not part of this bound.)
+
+/// Classes per power of two.
+pub const CLASSES_PER_OCTAVE: u32 = 8;
+
+/// A size class: its index and the capacity of its blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SizeClass {
+    pub index: u16,
+    pub capacity: u64,
+}
+
+impl SizeClass {
+    /// The class serving requests of `size` bytes (`size >= 1`). `None` when the rounded size
+    /// would not fit in a `u64` (no backend could serve it anyway).
+    pub fn of(size: u64) -> Option<SizeClass> {
+        if size == 0 {
+            return None;
+        }
+        let k = 63 - size.leading_zeros(); // 2^k <= size < 2^(k+1)
+        let shift = k.saturating_sub(3);
+        let step = 1u64 << shift;
+        let capacity = size.checked_add(step - 1)? & !(step - 1);
+        // Index: octave k contributes 8 classes; position inside it is (capacity - 2^k) / step,
+        // which is 8 when rounding reached the next power of two (the next octave's first class).
+        let index = if k < 3 {
+            capacity as u32 // sizes 1..=7 are exact classes 1..=7 (8 is the next octave's first)
+        } else {
+            k * CLASSES_PER_OCTAVE + ((capacity - (1u64 << k)) >> shift) as u32
+        };
+        Some(SizeClass {
+            index: index as u16,
+            capacity,
+        })
+    }
+
+    /// Internal fragmentation of serving `size` from this class, as a fraction of capacity.
+    pub fn waste(&self, size: u64) -> f64 {
+        (self.capacity - size) as f64 / self.capacity as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn small_and_boundary_sizes() {
+        assert_eq!(SizeClass::of(0), None);
+        assert_eq!(SizeClass::of(1).unwrap().capacity, 1);
+        assert_eq!(SizeClass::of(8).unwrap().capacity, 8);
+        assert_eq!(SizeClass::of(17).unwrap().capacity, 18);
+        assert_eq!(SizeClass::of(1000).unwrap().capacity, 1024);
+        assert_eq!(SizeClass::of(1025).unwrap().capacity, 1152);
+        assert_eq!(SizeClass::of(u64::MAX), None);
+    }
+
+    #[test]
+    fn indices_are_monotonic_and_distinct_per_capacity() {
+        let mut last = SizeClass::of(1).unwrap();
+        for s in 2..100_000u64 {
+            let c = SizeClass::of(s).unwrap();
+            assert!(c.capacity >= s);
+            if c.capacity == last.capacity {
+                assert_eq!(c.index, last.index);
+            } else {
+                assert!(c.index > last.index, "size {s}: {c:?} after {last:?}");
+            }
+            last = c;
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn fragmentation_bound_holds(size in 1u64..(1u64 << 62)) {
+            let c = SizeClass::of(size).unwrap();
+            prop_assert!(c.capacity >= size);
+            prop_assert!(c.waste(size) < 0.125, "size {} class {:?}", size, c);
+            // The class of the capacity is the class itself.
+            prop_assert_eq!(SizeClass::of(c.capacity), Some(c));
+        }
+    }
+}

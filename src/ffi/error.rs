@@ -1,0 +1,153 @@
+//! Result codes of the C API.
+//!
+//! Codes live in a private range (7000..8000) so they cannot be confused with errno or CUDA
+//! error values; a code, once published, is never reused for another meaning.
+
+/// A result code. `KVH_OK` is 0; every error is in 7000..8000.
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum kvh_result {
+    KVH_OK = 0,
+    /// A Rust panic was caught at the C boundary; the call had no effect.
+    KVH_ERR_PANIC = 7000,
+    /// A required pointer argument was NULL.
+    KVH_ERR_NULL_PARAMETER = 7001,
+    /// The size is negative or zero where a positive size is required.
+    KVH_ERR_INVALID_SIZE = 7002,
+    /// No memory, even after flushing scrubs and releasing cached blocks.
+    KVH_ERR_OUT_OF_MEMORY = 7003,
+    /// Free of a pointer this allocator never returned (or already released).
+    KVH_ERR_UNKNOWN_POINTER = 7004,
+    /// Free of a block that is already free.
+    KVH_ERR_DOUBLE_FREE = 7005,
+    /// Free of a pointer inside a block rather than at its start.
+    KVH_ERR_INTERIOR_POINTER = 7006,
+    /// The size given to free differs from the allocation's; the block was freed anyway.
+    KVH_ERR_SIZE_MISMATCH = 7007,
+    /// Free of a block on another device than the one named.
+    KVH_ERR_WRONG_DEVICE = 7008,
+    /// The block's scrub did not verify (coverage below threshold); it is quarantined.
+    KVH_ERR_VERIFY_FAILED = 7009,
+    /// A tenant / request / model id is too long, has control characters or is not UTF-8.
+    KVH_ERR_INVALID_CONTEXT = 7010,
+    /// The configuration is invalid; the allocator did not start.
+    KVH_ERR_CONFIG = 7011,
+    /// The memory backend (CUDA driver) reported an error.
+    KVH_ERR_BACKEND = 7012,
+    /// The output buffer is too small; `*out_len` holds the size needed.
+    KVH_ERR_BUFFER_TOO_SMALL = 7013,
+    /// The device index is outside the backend's range.
+    KVH_ERR_INVALID_DEVICE = 7014,
+    /// The stream is capturing a CUDA graph and the pool cannot serve the request.
+    KVH_ERR_CAPTURE_ACTIVE = 7015,
+    /// The allocator is shutting down (process exit has begun).
+    KVH_ERR_SHUTTING_DOWN = 7016,
+    /// `kvh_strerror` was given a code that is not a kvhygiene result.
+    KVH_ERR_UNKNOWN_CODE = 7017,
+}
+
+use kvh_result::*;
+
+impl kvh_result {
+    /// All codes, for `kvh_strerror` and tests.
+    pub const ALL: &'static [kvh_result] = &[
+        KVH_OK,
+        KVH_ERR_PANIC,
+        KVH_ERR_NULL_PARAMETER,
+        KVH_ERR_INVALID_SIZE,
+        KVH_ERR_OUT_OF_MEMORY,
+        KVH_ERR_UNKNOWN_POINTER,
+        KVH_ERR_DOUBLE_FREE,
+        KVH_ERR_INTERIOR_POINTER,
+        KVH_ERR_SIZE_MISMATCH,
+        KVH_ERR_WRONG_DEVICE,
+        KVH_ERR_VERIFY_FAILED,
+        KVH_ERR_INVALID_CONTEXT,
+        KVH_ERR_CONFIG,
+        KVH_ERR_BACKEND,
+        KVH_ERR_BUFFER_TOO_SMALL,
+        KVH_ERR_INVALID_DEVICE,
+        KVH_ERR_CAPTURE_ACTIVE,
+        KVH_ERR_SHUTTING_DOWN,
+        KVH_ERR_UNKNOWN_CODE,
+    ];
+
+    pub fn from_u32(code: u32) -> Option<kvh_result> {
+        Self::ALL.iter().copied().find(|c| *c as u32 == code)
+    }
+
+    /// A one-line description.
+    pub fn message(self) -> &'static str {
+        match self {
+            KVH_OK => "success",
+            KVH_ERR_PANIC => "internal error: a panic was caught at the C boundary",
+            KVH_ERR_NULL_PARAMETER => "a required pointer argument was NULL",
+            KVH_ERR_INVALID_SIZE => "invalid size: sizes must be positive",
+            KVH_ERR_OUT_OF_MEMORY => "out of memory after flushing scrubs and releasing cached blocks",
+            KVH_ERR_UNKNOWN_POINTER => "invalid free: pointer was not allocated by kvhygiene",
+            KVH_ERR_DOUBLE_FREE => "invalid free: block is already free",
+            KVH_ERR_INTERIOR_POINTER => "invalid free: pointer is inside a block, not at its start",
+            KVH_ERR_SIZE_MISMATCH => "size given to free differs from the allocation (block freed with the recorded size)",
+            KVH_ERR_WRONG_DEVICE => "invalid free: block belongs to another device",
+            KVH_ERR_VERIFY_FAILED => "scrub verification failed: coverage below threshold; block quarantined",
+            KVH_ERR_INVALID_CONTEXT => "invalid context id: at most 128 bytes of printable UTF-8",
+            KVH_ERR_CONFIG => "invalid configuration; the allocator did not start",
+            KVH_ERR_BACKEND => "memory backend (CUDA driver) error",
+            KVH_ERR_BUFFER_TOO_SMALL => "output buffer too small",
+            KVH_ERR_INVALID_DEVICE => "invalid device index",
+            KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph and the pool has no clean block",
+            KVH_ERR_SHUTTING_DOWN => "allocator is shutting down",
+            KVH_ERR_UNKNOWN_CODE => "unknown result code",
+        }
+    }
+}
+
+impl From<&crate::alloc::AllocError> for kvh_result {
+    fn from(e: &crate::alloc::AllocError) -> Self {
+        use crate::alloc::AllocError as E;
+        match e {
+            E::InvalidSize(_) => KVH_ERR_INVALID_SIZE,
+            E::InvalidDevice { .. } => KVH_ERR_INVALID_DEVICE,
+            E::OutOfMemory { .. } => KVH_ERR_OUT_OF_MEMORY,
+            E::CaptureActive { .. } => KVH_ERR_CAPTURE_ACTIVE,
+            E::ShuttingDown => KVH_ERR_SHUTTING_DOWN,
+            E::Backend(_) => KVH_ERR_BACKEND,
+        }
+    }
+}
+
+impl From<&crate::alloc::FreeError> for kvh_result {
+    fn from(e: &crate::alloc::FreeError) -> Self {
+        use crate::alloc::FreeError as E;
+        use crate::events::InvalidFreeReason as R;
+        match e {
+            E::Invalid { reason, .. } => match reason {
+                R::UnknownPointer => KVH_ERR_UNKNOWN_POINTER,
+                R::DoubleFree => KVH_ERR_DOUBLE_FREE,
+                R::InteriorPointer => KVH_ERR_INTERIOR_POINTER,
+                R::WrongDevice => KVH_ERR_WRONG_DEVICE,
+                R::InvalidDevice => KVH_ERR_INVALID_DEVICE,
+            },
+            E::VerifyFailed { .. } => KVH_ERR_VERIFY_FAILED,
+            E::Backend(_) => KVH_ERR_BACKEND,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_in_the_private_range() {
+        let mut seen = std::collections::HashSet::new();
+        for &c in kvh_result::ALL {
+            assert!(seen.insert(c as u32));
+            assert!(c == KVH_OK || (7000..8000).contains(&(c as u32)));
+            assert_eq!(kvh_result::from_u32(c as u32), Some(c));
+            assert!(!c.message().is_empty());
+        }
+        assert_eq!(kvh_result::from_u32(1), None);
+    }
+}

@@ -1,0 +1,349 @@
+//! The seven invariants of the block state machine (ARCHITECTURE.md), one test each or more,
+//! plus the quarantine path that `kvh_free_checked` exposes.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::alloc::{BlockState, FreeError};
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::config::{Config, FailureMode};
+use kvhygiene::context::Context;
+use kvhygiene::events::{EventKind, QuarantineReason, ReleaseReason};
+
+const S: StreamHandle = StreamHandle(0);
+
+/// Invariant 1: every byte of every allocation reads zero, fresh or reused.
+#[test]
+fn inv1_allocations_read_zero_fresh_and_reused() {
+    let f = Fixture::new(manual_config());
+    for round in 0..20u8 {
+        let sizes = [1i64, 7, 512, 4096, 65_536 + 3];
+        let addrs: Vec<u64> = sizes.iter().map(|&s| f.malloc_zeroed(s, 0, 0)).collect();
+        for (&a, &s) in addrs.iter().zip(&sizes) {
+            f.write(0, a, &secret(s as usize, round));
+        }
+        for (&a, &s) in addrs.iter().zip(&sizes) {
+            f.alloc.free(a, s, 0, S).unwrap();
+        }
+        f.alloc.synchronize().unwrap();
+    }
+    let st = f.alloc.stats();
+    assert!(st.counters.pool_hits > 0, "reuse must have happened");
+    assert_eq!(st.counters.verifications_failed, 0);
+    f.assert_balanced();
+}
+
+/// Invariant 1: a block whose scrub has not been observed complete is never handed out.
+#[test]
+fn inv1_pending_block_is_never_handed_out() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 1));
+    f.backend.set_gate(false); // scrubs stay in flight
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    for _ in 0..5 {
+        let b = f.malloc_zeroed(4096, 0, 0);
+        assert_ne!(a, b, "PENDING block handed out");
+        f.alloc.free(b, 4096, 0, S).unwrap();
+    }
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Pending);
+    f.backend.set_gate(true);
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+    // Now it may be reused, and reads zero.
+    let c = f.malloc_zeroed(4096, 0, 0);
+    assert!(f.alloc.block_info(c).unwrap().reuse_count >= 2);
+    f.assert_balanced();
+}
+
+/// Invariant 2: the scrub runs on the freeing stream, after the allocation stream and every
+/// recorded stream.
+#[test]
+fn inv2_scrub_ordered_after_allocation_and_recorded_streams() {
+    let f = Fixture::new(manual_config());
+    let a = f.alloc.malloc(1024, 0, StreamHandle(1)).unwrap();
+    assert!(f.alloc.record_stream(a, StreamHandle(7)));
+    assert!(f.alloc.record_stream(a, StreamHandle(9)));
+    assert!(
+        !f.alloc.record_stream(0xdead_0000, StreamHandle(9)),
+        "unknown pointer"
+    );
+    f.alloc.free(a, 1024, 0, StreamHandle(5)).unwrap();
+    f.alloc.synchronize().unwrap();
+    let batches = f.backend.batches.lock().unwrap().clone();
+    let batch = batches
+        .iter()
+        .find(|b| b.segments.iter().any(|s| s.addr == a))
+        .unwrap();
+    assert_eq!(batch.stream, StreamHandle(5));
+    for w in [1, 7, 9] {
+        assert!(
+            batch.wait_streams.contains(&StreamHandle(w)),
+            "missing wait on stream {w}"
+        );
+    }
+    assert!(!batch.wait_streams.contains(&StreamHandle(5)));
+}
+
+/// Invariant 3: frees never wait for the device, and coalesce into batches bounded by count.
+#[test]
+fn inv3_free_never_waits_and_batches_by_count() {
+    let f = Fixture::new(Config {
+        batch_size: 4,
+        ..manual_config()
+    });
+    let addrs: Vec<u64> = (0..10).map(|_| f.malloc_zeroed(256, 0, 0)).collect();
+    f.backend.set_gate(false); // the device never finishes while frees run
+    let (tx, rx) = std::sync::mpsc::channel();
+    let alloc = f.alloc.clone();
+    std::thread::spawn(move || {
+        for a in addrs {
+            alloc.free(a, 256, 0, S).unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("free blocked on an incomplete scrub");
+    let sizes: Vec<usize> = f
+        .backend
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b.segments.len())
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![4, 4],
+        "two full batches submitted, two frees still open"
+    );
+    f.backend.set_gate(true);
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.stats().accounting.clean.blocks, 10);
+}
+
+/// Invariant 3: batches are also bounded by time (the flusher submits old batches).
+#[test]
+fn inv3_batches_flush_by_time() {
+    let f = Fixture::new(Config {
+        batch_size: 1000,
+        batch_max_delay_us: 1000,
+        ..Config::default()
+    });
+    let a = f.malloc_zeroed(256, 0, 0);
+    f.alloc.free(a, 256, 0, S).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.alloc.block_info(a).map(|b| b.state) != Some(BlockState::Clean) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch never flushed by time"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Invariant 4: a quarantined block is never handed out again; the quarantine path of
+/// `kvh_free_checked` (a scrub forced to miss part of the block) raises the coverage error.
+#[test]
+fn free_without_sanitize_quarantines_and_raises() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(8192, 0, 0);
+    f.write(0, a, &secret(8192, 0x5a));
+    let id = f.alloc.block_info(a).unwrap().id;
+    f.backend.inject_fault_next();
+    let err = f.alloc.free_checked(a, 8192, 0, S).unwrap_err();
+    assert_eq!(err, FreeError::VerifyFailed { addr: a });
+    // The event trail: verification failed, then quarantine.
+    let events = f.sink.snapshot();
+    let failed = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::VerifyFailed { .. }))
+        .expect("verify_failed event");
+    assert_eq!(failed.block.unwrap().id, id);
+    if let EventKind::VerifyFailed {
+        samples_nonzero,
+        coverage,
+        ..
+    } = failed.kind
+    {
+        assert!(samples_nonzero > 0 && coverage < 0.999);
+    }
+    assert!(events.iter().any(|e| e.kind
+        == EventKind::Quarantined {
+            reason: QuarantineReason::VerifyFailed
+        }));
+    // After re-scrub (double pass, full verification) it is released, never reused.
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.sink.count("release"), 1);
+    for _ in 0..50 {
+        let b = f.malloc_zeroed(8192, 0, 0);
+        let info = f.alloc.block_info(b).unwrap();
+        assert_ne!(info.id, id, "quarantined block handed out again");
+        f.alloc.free(b, 8192, 0, S).unwrap();
+        f.alloc.synchronize().unwrap();
+    }
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.verifications_failed, 1);
+    assert_eq!(st.counters.quarantined, 1);
+    f.assert_balanced();
+}
+
+/// Invariant 4 with the gate: while the re-scrub is in flight, the block is QUARANTINED and
+/// never on a free list.
+#[test]
+fn inv4_quarantined_block_stays_out_of_free_lists() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(1024, 0, 0);
+    f.write(0, a, &secret(1024, 3));
+    let id = f.alloc.block_info(a).unwrap().id;
+    f.backend.inject_fault_next();
+    f.backend.set_rescrub_gate(false);
+    assert!(f.alloc.free_checked(a, 1024, 0, S).is_err());
+    assert_eq!(
+        f.alloc.block_info(a).unwrap().state,
+        BlockState::Quarantined
+    );
+    for _ in 0..10 {
+        let b = f.malloc_zeroed(1024, 0, 0);
+        assert_ne!(b, a);
+    }
+    f.alloc.check_consistency().unwrap();
+    f.backend.set_rescrub_gate(true);
+    f.alloc.synchronize().unwrap();
+    assert!(
+        f.alloc.blocks().iter().all(|b| b.id != id),
+        "after a verified re-scrub the block goes back to the backend"
+    );
+}
+
+/// Invariant 5: every security event reaches the sink, under concurrency, in full.
+#[test]
+fn inv5_security_events_are_never_dropped() {
+    let f = Fixture::new(manual_config());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let alloc = f.alloc.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    // Unknown pointers: each is an invalid_free event.
+                    let _ = alloc.free(0x1000_0000 + t * 0x10000 + i * 16, 8, 0, S);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(f.sink.count("invalid_free"), 400);
+    assert_eq!(f.alloc.stats().counters.invalid_frees, 400);
+    // Events carry no payload: only ids, sizes, states and counts (the type has no byte
+    // buffer field at all; the Debug form shows what is carried).
+    let e = &f.sink.snapshot()[0];
+    assert!(e.addr.is_some() && e.block.is_none());
+}
+
+/// Invariant 6: once exit has begun, no backend call is made.
+#[test]
+fn inv6_no_backend_call_after_exit_begins() {
+    let f = Fixture::new(Config {
+        batch_size: 1,
+        ..manual_config()
+    });
+    let live = f.malloc_zeroed(4096, 0, 0);
+    let freed = f.malloc_zeroed(4096, 0, 0);
+    f.alloc.free(freed, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    f.alloc.begin_exit();
+    f.backend.seal();
+    // A clean block may still be served from the pool (no driver call)...
+    let from_pool = f.alloc.malloc(4096, 0, S);
+    assert!(from_pool.is_ok());
+    // ...but nothing that needs the backend.
+    assert!(f.alloc.malloc(1 << 20, 0, S).is_err());
+    f.alloc.free(live, 4096, 0, S).unwrap();
+    f.alloc.empty_cache();
+    let _ = f.alloc.synchronize();
+    std::thread::sleep(Duration::from_millis(20)); // a flusher tick would have run
+    assert_eq!(f.backend.calls_after_seal.load(Ordering::SeqCst), 0);
+}
+
+/// Invariant 7: the caller's size is not trusted; a mismatch is an event and the table wins.
+#[test]
+fn inv7_size_mismatch_is_reported_and_table_wins() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(10_000, 0, 0);
+    f.write(0, a, &secret(10_000, 9));
+    let report = f.alloc.free(a, 16, 0, S).unwrap();
+    assert!(report.size_mismatch);
+    assert_eq!(f.sink.count("size_mismatch"), 1);
+    f.alloc.synchronize().unwrap();
+    // The whole block (not 16 bytes) was scrubbed.
+    let info = f.alloc.block_info(a).unwrap();
+    assert_eq!(info.state, BlockState::Clean);
+    let bytes = f.read(0, a, info.capacity as usize);
+    assert!(bytes.iter().all(|&b| b == 0));
+    // A negative size on free is a mismatch too, never a crash.
+    let b = f.malloc_zeroed(64, 0, 0);
+    assert!(f.alloc.free(b, -1, 0, S).unwrap().size_mismatch);
+    f.assert_balanced();
+}
+
+/// Fail-closed mode: a verification failure aborts the process (run in a child process).
+#[test]
+fn failure_mode_abort_aborts_after_logging() {
+    if std::env::var_os("KVH_TEST_ABORT_CHILD").is_some() {
+        let f = Fixture::new(Config {
+            failure_mode: FailureMode::Abort,
+            ..manual_config()
+        });
+        let a = f.malloc_zeroed(4096, 0, 0);
+        f.write(0, a, &secret(4096, 1));
+        f.backend.inject_fault_next();
+        let _ = f.alloc.free_checked(a, 4096, 0, S);
+        println!("KVH-CHILD-SURVIVED");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "failure_mode_abort_aborts_after_logging",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_ABORT_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "child must abort");
+    assert!(!stdout.contains("KVH-CHILD-SURVIVED"), "{stdout}");
+    assert!(stderr.contains("failure_mode=abort"), "{stderr}");
+}
+
+/// Quarantined blocks are accounted for and the tenant of the owner is on every event.
+#[test]
+fn events_carry_the_owner_context() {
+    let f = Fixture::new(manual_config());
+    Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), Some("llama")).unwrap());
+    let a = f.malloc_zeroed(512, 0, 0);
+    Context::set_current(Context::none());
+    f.write(0, a, &secret(512, 2));
+    f.backend.inject_fault_next();
+    let _ = f.alloc.free_checked(a, 512, 0, S);
+    let q = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .find(|e| e.kind.name() == "quarantine")
+        .unwrap();
+    assert_eq!(q.context.tenant_id(), Some("tenant-a"));
+    assert_eq!(q.context.request_id(), Some("req-1"));
+    assert_eq!(q.context.model_id(), Some("llama"));
+    f.alloc.synchronize().unwrap();
+    assert!(f.sink.snapshot().iter().any(|e| e.kind
+        == EventKind::Released {
+            reason: ReleaseReason::QuarantineCleared
+        }));
+}

@@ -1,0 +1,227 @@
+//! Test scaffolding shared by the allocator tests: a host backend wrapped so that tests can
+//! hold scrubs in flight (a gate), inspect submitted batches and count backend calls.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use kvhygiene::alloc::Allocator;
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::verify::SegmentResult;
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+use kvhygiene::config::Config;
+use kvhygiene::events::MemorySink;
+
+/// A host backend whose scrubs can be held back, and which records what it was asked.
+pub struct TestBackend {
+    pub host: Arc<HostBackend>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    /// Separate gate for quarantine re-scrubs (double pass + full verification).
+    rescrub_gate: Arc<(Mutex<bool>, Condvar)>,
+    pub batches: Mutex<Vec<ScrubBatch>>,
+    pub calls: AtomicU64,
+    pub sealed: AtomicBool,
+    pub calls_after_seal: AtomicU64,
+}
+
+impl TestBackend {
+    pub fn new(host: Arc<HostBackend>) -> Arc<Self> {
+        Arc::new(TestBackend {
+            host,
+            gate: Arc::new((Mutex::new(true), Condvar::new())),
+            rescrub_gate: Arc::new((Mutex::new(true), Condvar::new())),
+            batches: Mutex::new(Vec::new()),
+            calls: AtomicU64::new(0),
+            sealed: AtomicBool::new(false),
+            calls_after_seal: AtomicU64::new(0),
+        })
+    }
+
+    /// While closed, scrubs stay in flight: poll says "not done", wait blocks.
+    pub fn set_gate(&self, open: bool) {
+        let (lock, cv) = &*self.gate;
+        *lock.lock().unwrap() = open;
+        cv.notify_all();
+    }
+
+    /// While closed, quarantine re-scrubs stay in flight.
+    pub fn set_rescrub_gate(&self, open: bool) {
+        let (lock, cv) = &*self.rescrub_gate;
+        *lock.lock().unwrap() = open;
+        cv.notify_all();
+    }
+
+    /// From now on, count every backend call (there should be none after exit begins).
+    pub fn seal(&self) {
+        self.sealed.store(true, Ordering::SeqCst);
+    }
+
+    fn note(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.sealed.load(Ordering::SeqCst) {
+            self.calls_after_seal.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+struct GatedTicket {
+    inner: Box<dyn ScrubTicket>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl ScrubTicket for GatedTicket {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        if !*self.gate.0.lock().unwrap() {
+            return Ok(None);
+        }
+        self.inner.poll()
+    }
+
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        let (lock, cv) = &*self.gate;
+        let mut open = lock.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.wait()
+    }
+}
+
+impl Backend for TestBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.note();
+        self.host.allocate(device, len)
+    }
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        self.note();
+        self.host.release(device, addr, len)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: DevicePtr,
+        l: u64,
+        s: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.note();
+        self.host.zero_fresh(d, a, l, s)
+    }
+    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        self.note();
+        self.batches.lock().unwrap().push(batch.clone());
+        let rescrub = batch.options.double_pass && batch.options.full_verify;
+        let gate = if rescrub {
+            &self.rescrub_gate
+        } else {
+            &self.gate
+        };
+        let gate = gate.clone();
+        let inner = self.host.submit_scrub(batch)?;
+        Ok(Box::new(GatedTicket { inner, gate }))
+    }
+    fn is_capturing(&self, d: u32, s: StreamHandle) -> Result<bool, BackendError> {
+        self.host.is_capturing(d, s)
+    }
+    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(d, a, dst)
+    }
+    fn inject_fault(&self, segments: u64) -> Result<(), BackendError> {
+        self.host.inject_fault(segments)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// A test fixture: allocator, its backend and an in-memory event sink.
+pub struct Fixture {
+    pub alloc: Allocator,
+    pub backend: Arc<TestBackend>,
+    pub sink: Arc<MemorySink>,
+}
+
+impl Fixture {
+    pub fn new(config: Config) -> Self {
+        Self::with_host(config, HostBackend::new())
+    }
+
+    pub fn with_host(config: Config, host: Arc<HostBackend>) -> Self {
+        let backend = TestBackend::new(host);
+        let sink = MemorySink::new();
+        let alloc = Allocator::new(backend.clone(), config, Some(sink.clone()));
+        Fixture {
+            alloc,
+            backend,
+            sink,
+        }
+    }
+
+    /// Reads `len` bytes of device memory.
+    pub fn read(&self, device: u32, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.backend.read(device, addr, &mut buf).unwrap();
+        buf
+    }
+
+    pub fn write(&self, device: u32, addr: u64, bytes: &[u8]) {
+        self.backend.write(device, addr, bytes).unwrap();
+    }
+
+    /// Allocates and asserts every byte reads zero (invariant 1).
+    pub fn malloc_zeroed(&self, size: i64, device: i32, stream: u64) -> u64 {
+        let addr = self
+            .alloc
+            .malloc(size, device, StreamHandle(stream))
+            .unwrap();
+        let bytes = self.read(device as u32, addr, size as usize);
+        if let Some(i) = bytes.iter().position(|&b| b != 0) {
+            panic!("new allocation {addr:#x} of {size} bytes has non-zero byte at {i}");
+        }
+        addr
+    }
+
+    /// Accounting balances: counters equal the block table, and the backend holds exactly
+    /// the bytes of the blocks the pool holds.
+    pub fn assert_balanced(&self) {
+        let total = self.alloc.check_consistency().unwrap().total();
+        assert_eq!(
+            total.bytes,
+            self.backend.host.bytes_in_use(),
+            "pool bytes vs backend bytes"
+        );
+    }
+}
+
+/// A config with a long batch delay, so tests decide when batches flush.
+pub fn manual_config() -> Config {
+    Config {
+        batch_max_delay_us: 10_000_000,
+        ..Config::default()
+    }
+}
+
+/// A secret-looking pattern.
+pub fn secret(len: usize, tag: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ tag | 1)
+        .collect()
+}
+
+impl TestBackend {
+    /// The next scrubbed segment leaves half its block unzeroed.
+    pub fn inject_fault_next(&self) {
+        self.host.inject_skip_tail(1);
+    }
+}
