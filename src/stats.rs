@@ -59,58 +59,48 @@ impl Accounting {
     }
 }
 
-/// Monotonic event counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub allocations: u64,
-    pub frees: u64,
-    pub pool_hits: u64,
-    pub pool_misses: u64,
-    pub fresh_allocations: u64,
-    pub bytes_allocated_fresh: u64,
-    pub scrub_batches: u64,
-    pub scrubs: u64,
-    pub bytes_scrubbed: u64,
-    pub verifications_passed: u64,
-    pub verifications_failed: u64,
-    /// Verified scrubs that found non-zero samples: something wrote to the block after free.
-    pub residue_detected: u64,
-    pub quarantined: u64,
-    pub released: u64,
-    pub invalid_frees: u64,
-    pub size_mismatches: u64,
-    pub ttl_exceeded: u64,
-    pub out_of_memory: u64,
-    pub oom_recoveries: u64,
-    pub backend_errors: u64,
+/// Declares [`Counters`] and its `merge` from one field list, so a new counter can never be
+/// left out of the merge.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
+        /// Monotonic event counters.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $field: u64,)*
+        }
+
+        impl Counters {
+            fn merge(&mut self, o: &Counters) {
+                $(self.$field += o.$field;)*
+            }
+        }
+    };
 }
 
-impl Counters {
-    fn merge(&mut self, o: &Counters) {
-        macro_rules! add { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
-        add!(
-            allocations,
-            frees,
-            pool_hits,
-            pool_misses,
-            fresh_allocations,
-            bytes_allocated_fresh,
-            scrub_batches,
-            scrubs,
-            bytes_scrubbed,
-            verifications_passed,
-            verifications_failed,
-            residue_detected,
-            quarantined,
-            released,
-            invalid_frees,
-            size_mismatches,
-            ttl_exceeded,
-            out_of_memory,
-            oom_recoveries,
-            backend_errors
-        );
-    }
+counters! {
+    allocations,
+    frees,
+    pool_hits,
+    pool_misses,
+    fresh_allocations,
+    bytes_allocated_fresh,
+    scrub_batches,
+    scrubs,
+    bytes_scrubbed,
+    verifications_passed,
+    verifications_failed,
+    /// Verified scrubs that found non-zero samples: something wrote to the block after free.
+    residue_detected,
+    quarantined,
+    /// Quarantined blocks whose re-scrub also failed: kept out of use for the process's life.
+    rescrub_failed,
+    released,
+    invalid_frees,
+    size_mismatches,
+    ttl_exceeded,
+    out_of_memory,
+    oom_recoveries,
+    backend_errors,
 }
 
 /// One device pool's statistics.

@@ -57,6 +57,10 @@ pub struct Block {
     /// Sequence number of the latest scrub: the verification seed.
     pub scrub_seq: u64,
     pub disposition: Disposition,
+    /// A scrub of this block is submitted and not yet applied. While set, the block's memory
+    /// is being written by the device: it must not be released or submitted again, even
+    /// while the batch is out of the pool being waited on with the lock dropped.
+    pub scrub_in_flight: bool,
 }
 
 impl Block {

@@ -258,6 +258,7 @@ impl Allocator {
             state_since: now,
             scrub_seq: 0,
             disposition: Disposition::Reuse,
+            scrub_in_flight: false,
         };
         self.pool(dev).insert_fresh(block);
         Ok(addr)

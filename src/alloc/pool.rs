@@ -397,7 +397,8 @@ impl DevicePool {
         let mut segments = Vec::with_capacity(addrs.len());
         let mut blocks = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            if let Some(b) = self.blocks.get(&addr) {
+            if let Some(b) = self.blocks.get_mut(&addr).filter(|b| !b.scrub_in_flight) {
+                b.scrub_in_flight = true;
                 segments.push(ScrubSegment {
                     addr,
                     len: b.capacity(),
@@ -553,12 +554,14 @@ impl DevicePool {
     ) {
         let now = Instant::now();
         for (&(addr, seq), &result) in blocks.iter().zip(results) {
-            let Some(block) = self.blocks.get(&addr) else {
+            let Some(block) = self.blocks.get_mut(&addr) else {
                 continue;
             };
-            if block.scrub_seq != seq {
-                continue; // Stale result for a block that moved on (cannot happen; defensive).
+            if block.scrub_seq != seq || !block.scrub_in_flight {
+                continue; // Not the scrub this block is waiting for (defensive).
             }
+            block.scrub_in_flight = false;
+            let block = &self.blocks[&addr];
             let capacity = block.capacity();
             let expected = verify::expected_samples(capacity, options.samples, options.full_verify);
             let passed = verify::passes(result, expected, config.coverage_threshold);
@@ -645,6 +648,7 @@ impl DevicePool {
             return;
         };
         block.disposition = Disposition::Quarantine(QuarantineReason::RescrubFailed);
+        self.stats.counters.rescrub_failed += 1;
         let block = &self.blocks[&addr];
         after.event(
             EventKind::Quarantined {
@@ -666,8 +670,8 @@ impl DevicePool {
             .values()
             .filter(|b| {
                 b.state == BlockState::Quarantined
+                    && !b.scrub_in_flight
                     && matches!(b.disposition, Disposition::Quarantine(r) if r != QuarantineReason::RescrubFailed)
-                    && !self.in_flight.iter().any(|f| f.rescrub && f.contains_seq(b.scrub_seq))
             })
             .map(|b| b.addr)
             .collect();
@@ -700,6 +704,10 @@ impl DevicePool {
         backend: Option<&dyn Backend>,
         after: &mut Aftermath,
     ) {
+        // Never release memory a scrub may still be writing.
+        if self.blocks.get(&addr).is_none_or(|b| b.scrub_in_flight) {
+            return;
+        }
         let Some(block) = self.blocks.remove(&addr) else {
             return;
         };
