@@ -401,6 +401,10 @@ impl Allocator {
         device: i32,
         _dev: Option<u32>,
     ) -> FreeError {
+        // The call names no valid device, so the refusal is counted on device 0's pool.
+        if !self.inner.pools.is_empty() {
+            self.pool(0).stats.counters.invalid_frees += 1;
+        }
         self.emit(vec![Event {
             at: SystemTime::now(),
             kind: EventKind::InvalidFree { reason, device },

@@ -83,7 +83,7 @@ extern "C-unwind" {
 /// Ownership: the caller owns the block until it passes it to `kvh_free`.
 #[no_mangle]
 pub extern "C-unwind" fn kvh_malloc(
-    size: isize,
+    size: libc::ssize_t,
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
@@ -99,7 +99,7 @@ pub extern "C-unwind" fn kvh_malloc(
 }
 
 /// Returns `(pointer, throw on failure)`.
-fn malloc_inner(size: isize, device: c_int, stream: *mut c_void) -> (*mut c_void, bool) {
+fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mut c_void, bool) {
     if size == 0 {
         clear_last_error();
         return (std::ptr::null_mut(), false);
@@ -136,7 +136,12 @@ fn malloc_inner(size: isize, device: c_int, stream: *mut c_void) -> (*mut c_void
 ///
 /// Ownership: the block returns to kvhygiene; the caller must not use it again.
 #[no_mangle]
-pub extern "C" fn kvh_free(ptr: *mut c_void, size: isize, device: c_int, stream: *mut c_void) {
+pub extern "C" fn kvh_free(
+    ptr: *mut c_void,
+    size: libc::ssize_t,
+    device: c_int,
+    stream: *mut c_void,
+) {
     boundary((), || {
         free_common(ptr, size, device, stream, false);
     })
@@ -147,7 +152,7 @@ pub extern "C" fn kvh_free(ptr: *mut c_void, size: isize, device: c_int, stream:
 #[no_mangle]
 pub extern "C" fn kvh_free_checked(
     ptr: *mut c_void,
-    size: isize,
+    size: libc::ssize_t,
     device: c_int,
     stream: *mut c_void,
 ) -> c_int {
@@ -158,7 +163,7 @@ pub extern "C" fn kvh_free_checked(
 
 fn free_common(
     ptr: *mut c_void,
-    size: isize,
+    size: libc::ssize_t,
     device: c_int,
     stream: *mut c_void,
     checked: bool,
@@ -299,7 +304,7 @@ pub extern "C" fn kvh_last_error() -> u32 {
 }
 
 /// Writes the calling thread's last error message (NUL-terminated) into `buf`, with the same
-/// length protocol as `kvh_stats_json`.
+/// length protocol as `kvh_stats_json`. Leaves the last error and its message unchanged.
 #[no_mangle]
 pub extern "C" fn kvh_last_error_message(
     buf: *mut c_char,
@@ -308,8 +313,13 @@ pub extern "C" fn kvh_last_error_message(
 ) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
         let message = LAST_MESSAGE.with(|m| m.borrow().clone());
+        let code = LAST_ERROR.with(Cell::get);
         // SAFETY: as for `kvh_stats_json`.
-        unsafe { write_c_string(&message, buf, len, out_len) }
+        let rc = unsafe { write_c_string(&message, buf, len, out_len) };
+        // Reading the message must not replace it (a size query would otherwise clobber it).
+        LAST_ERROR.with(|c| c.set(code));
+        LAST_MESSAGE.with(|m| *m.borrow_mut() = message);
+        rc
     })
 }
 

@@ -1,0 +1,238 @@
+"""Drives libkvhygiene.so through ctypes exactly as PyTorch's CUDAPluggableAllocator calls it
+(no torch needed): kvh_malloc(ssize_t size, int device, void* stream) -> void* and
+kvh_free(void* ptr, ssize_t size, int device, void* stream), on the host backend.
+
+Each test runs in a fresh interpreter: the allocator reads its configuration once per process.
+The library is found through KVH_LIBRARY, else target/debug, else target/release.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def library() -> str:
+    env = os.environ.get("KVH_LIBRARY")
+    candidates = [Path(env)] if env else [ROOT / "target/debug/libkvhygiene.so", ROOT / "target/release/libkvhygiene.so"]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    pytest.skip(f"libkvhygiene.so not built (looked in {', '.join(map(str, candidates))}); run cargo build")
+
+
+PRELUDE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    lib = ctypes.CDLL(LIB)
+    lib.kvh_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    lib.kvh_malloc.restype = ctypes.c_void_p
+    lib.kvh_free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    lib.kvh_free.restype = None
+    lib.kvh_free_checked.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+    lib.kvh_free_checked.restype = ctypes.c_int
+    lib.kvh_record_stream.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.kvh_record_stream.restype = None
+    lib.kvh_set_context.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+    lib.kvh_last_error.restype = ctypes.c_uint32
+    lib.kvh_stats_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+    lib.kvh_strerror.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+    lib.kvh_last_error_message.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+    lib.kvh_version.restype = ctypes.c_char_p
+    STREAM = None  # the default stream, as PyTorch passes it
+
+    def text(fn, *args):
+        n = ctypes.c_size_t(0)
+        fn(*args, None, 0, ctypes.byref(n))
+        buf = ctypes.create_string_buffer(n.value + 1)
+        rc = fn(*args, buf, len(buf), ctypes.byref(n))
+        assert rc == 0, rc
+        return buf.value.decode()
+
+    def stats():
+        return json.loads(text(lib.kvh_stats_json))
+
+    def zero(ptr, size):
+        return ctypes.string_at(ptr, size) == bytes(size)
+
+    out = {}
+    """
+)
+
+
+def run_child(body: str, **env: str) -> dict:
+    """Runs `body` after the prelude in a fresh interpreter; returns its `out` dict."""
+    code = f"LIB = {library()!r}\n" + PRELUDE + textwrap.dedent(body) + "\nprint('KVH-OUT ' + json.dumps(out))\n"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_")}
+    full_env.update({"KVH_BACKEND": "host", "KVH_OOM": "null", "KVH_BATCH_MAX_DELAY_US": "100"})
+    full_env.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("KVH-OUT ")]
+    assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1][len("KVH-OUT "):])
+
+
+def test_allocations_read_zero_after_secrets_are_freed():
+    out = run_child(
+        """
+        sizes = [1, 511, 4096, 65536 + 7, 1 << 20]
+        ok = True
+        for rnd in range(5):
+            ptrs = [lib.kvh_malloc(s, 0, STREAM) for s in sizes]
+            ok &= all(p is not None for p in ptrs)
+            ok &= all(zero(p, s) for p, s in zip(ptrs, sizes))
+            for p, s in zip(ptrs, sizes):
+                ctypes.memset(p, 0xAB, s)           # the request's secret
+                lib.kvh_free(p, s, 0, STREAM)
+                assert lib.kvh_last_error() == 0
+            assert lib.kvh_synchronize() == 0
+        out["all_zero"] = ok
+        out["stats"] = stats()
+        """
+    )
+    assert out["all_zero"]
+    c = out["stats"]["counters"]
+    assert c["allocations"] == 25 and c["frees"] == 25
+    assert c["pool_hits"] > 0 and c["verifications_failed"] == 0
+    assert out["stats"]["accounting"]["live"]["blocks"] == 0
+
+
+def test_invalid_frees_return_codes_and_leave_blocks_intact():
+    out = run_child(
+        """
+        keep = lib.kvh_malloc(4096, 0, STREAM)
+        ctypes.memset(keep, 0x42, 4096)
+        codes = {}
+        lib.kvh_free(0xdead0000, 64, 0, STREAM); codes["unknown"] = lib.kvh_last_error()
+        p = lib.kvh_malloc(256, 0, STREAM)
+        lib.kvh_free(p, 256, 0, STREAM); codes["first"] = lib.kvh_last_error()
+        lib.kvh_free(p, 256, 0, STREAM); codes["double"] = lib.kvh_last_error()
+        lib.kvh_free(keep + 16, 4096, 0, STREAM); codes["interior"] = lib.kvh_last_error()
+        lib.kvh_free(keep, 4096, 1, STREAM); codes["wrong_device"] = lib.kvh_last_error()
+        lib.kvh_free(keep, 4096, 42, STREAM); codes["invalid_device"] = lib.kvh_last_error()
+        q = lib.kvh_malloc(100, 0, STREAM)
+        lib.kvh_free(q, 99, 0, STREAM); codes["size_mismatch"] = lib.kvh_last_error()
+        r = lib.kvh_malloc(100, 0, STREAM)
+        lib.kvh_free(r, -5, 0, STREAM); codes["negative_size_free"] = lib.kvh_last_error()
+        codes["negative_malloc_is_null"] = lib.kvh_malloc(-1, 0, STREAM) is None
+        codes["negative_malloc"] = lib.kvh_last_error()
+        codes["zero_malloc_is_null"] = lib.kvh_malloc(0, 0, STREAM) is None
+        codes["zero_malloc"] = lib.kvh_last_error()
+        lib.kvh_free(None, 0, 0, STREAM); codes["null_free"] = lib.kvh_last_error()
+        out["codes"] = codes
+        out["keep_intact"] = ctypes.string_at(keep, 4096) == b"\\x42" * 4096
+        lib.kvh_free(keep, 4096, 0, STREAM); out["keep_free"] = lib.kvh_last_error()
+        lib.kvh_synchronize()
+        out["stats"] = stats()
+        out["message"] = text(lib.kvh_strerror, 7005)
+        """
+    )
+    c = out["codes"]
+    assert c["unknown"] == 7004
+    assert c["first"] == 0
+    assert c["double"] == 7005
+    assert c["interior"] == 7006
+    assert c["wrong_device"] == 7008
+    assert c["invalid_device"] == 7014
+    assert c["size_mismatch"] == 7007
+    assert c["negative_size_free"] == 7007
+    assert c["negative_malloc_is_null"] and c["negative_malloc"] == 7002
+    assert c["zero_malloc_is_null"] and c["zero_malloc"] == 0
+    assert c["null_free"] == 0
+    assert out["keep_intact"] and out["keep_free"] == 0
+    counters = out["stats"]["counters"]
+    assert counters["invalid_frees"] == 5
+    assert counters["size_mismatches"] == 2
+    assert out["stats"]["accounting"]["live"]["blocks"] == 0
+    assert "already free" in out["message"]
+
+
+def test_free_checked_reports_a_sabotaged_scrub_and_quarantines():
+    out = run_child(
+        """
+        p = lib.kvh_malloc(8192, 0, STREAM)
+        ctypes.memset(p, 0x5A, 8192)
+        assert lib.kvh_inject_fault(1) == 0
+        out["rc"] = lib.kvh_free_checked(p, 8192, 0, STREAM)
+        out["msg"] = text(lib.kvh_last_error_message)
+        lib.kvh_synchronize()
+        again = [lib.kvh_malloc(8192, 0, STREAM) for _ in range(8)]
+        out["zero"] = all(zero(a, 8192) for a in again)
+        out["stats"] = stats()
+        """
+    )
+    assert out["rc"] == 7009
+    assert "quarantined" in out["msg"]
+    assert out["zero"]
+    c = out["stats"]["counters"]
+    assert c["verifications_failed"] == 1 and c["quarantined"] == 1
+
+
+def test_context_ids_are_validated():
+    out = run_child(
+        """
+        out["ok"] = lib.kvh_set_context(b"tenant-a", b"req-1", None)
+        out["too_long"] = lib.kvh_set_context(b"x" * 129, None, None)
+        out["control"] = lib.kvh_set_context(b"t", b"req\\n{forged}", None)
+        out["not_utf8"] = lib.kvh_set_context(None, None, b"\\xff\\xfe")
+        out["msg"] = text(lib.kvh_last_error_message)
+        lib.kvh_clear_context()
+        """
+    )
+    assert out["ok"] == 0
+    assert out["too_long"] == 7010 and out["control"] == 7010 and out["not_utf8"] == 7010
+    assert "model_id" in out["msg"]
+
+
+def test_buffer_protocol_strerror_and_version():
+    out = run_child(
+        """
+        n = ctypes.c_size_t(0)
+        out["null_buf"] = lib.kvh_stats_json(None, 0, ctypes.byref(n))
+        out["needed"] = n.value
+        small = ctypes.create_string_buffer(4)
+        out["small"] = lib.kvh_stats_json(small, 4, ctypes.byref(n))
+        out["null_out_len"] = lib.kvh_stats_json(small, 4, None)
+        out["unknown_code"] = lib.kvh_strerror(12345, small, 4, ctypes.byref(n))
+        out["version"] = lib.kvh_version().decode()
+        out["stats_backend"] = stats()["backend"]
+        """
+    )
+    assert out["null_buf"] == 7013 and out["needed"] > 10
+    assert out["small"] == 7013
+    assert out["null_out_len"] == 7001
+    assert out["unknown_code"] == 7017
+    assert out["version"].count(".") == 2
+    assert out["stats_backend"] == "host"
+
+
+def test_invalid_configuration_is_reported_with_the_key():
+    out = run_child(
+        """
+        out["init"] = lib.kvh_init()
+        out["msg"] = text(lib.kvh_last_error_message)
+        lib.kvh_free(0x1000, 8, 0, STREAM)
+        out["free"] = lib.kvh_last_error()
+        """,
+        KVH_COVERAGE_THRESHOLD="1.5",
+    )
+    assert out["init"] == 7011 and out["free"] == 7011
+    assert "KVH_COVERAGE_THRESHOLD" in out["msg"] and "(0, 1]" in out["msg"]
+
+
+def test_oom_throws_bad_alloc_in_throw_mode():
+    # PyTorch does not check kvh_malloc for NULL, so the default is to throw. Through ctypes
+    # (C, no handler) the exception ends the process: that is the observable proof.
+    code = f"LIB = {library()!r}\n" + PRELUDE + "lib.kvh_malloc((1 << 62), 0, None)\nprint('survived')\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_")}
+    env.update({"KVH_BACKEND": "host", "KVH_OOM": "throw"})
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "survived" not in proc.stdout
+    assert "bad_alloc" in proc.stderr
