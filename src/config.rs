@@ -648,3 +648,15 @@ mod tests {
         assert_eq!(names.len(), n);
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    /// The README's configuration table documents every key.
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for (_, env, _) in super::Config::keys() {
+            assert!(readme.contains(&format!("`{env}`")), "README lacks {env}");
+        }
+    }
+}

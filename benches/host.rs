@@ -1,0 +1,147 @@
+//! Host-side benchmarks (issue targets in docs/benchmarks.md):
+//!
+//! - `scrub_64MiB/{kvh_scrub_verify,memset}`: one 64 MiB segment scrubbed and verified by the
+//!   host backend (submission, worker thread, zeroing, sampled verification, completion)
+//!   against a plain `memset` of a 64 MiB buffer in the same run. Target ratio >= 0.9.
+//! - `alloc_pair_mixed/{kvh_pool_hit,glibc_malloc_free_memset}`: a pool-hit `malloc` + `free`
+//!   pair of mixed sizes, timed on the calling thread only (the scrub is asynchronous and runs
+//!   outside the timed region), against glibc `malloc` + `memset` + `free` of the same sizes.
+//!   Target: no slower than the baseline.
+//!
+//! `scripts/bench-report.sh` prints the medians and ratios from criterion's estimates.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvhygiene::alloc::Allocator;
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::{Backend, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle};
+use kvhygiene::config::Config;
+
+const SCRUB_BYTES: u64 = 64 << 20;
+
+fn scrub_throughput(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scrub_64MiB");
+    g.throughput(Throughput::Bytes(SCRUB_BYTES));
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(4));
+
+    let backend = HostBackend::new();
+    let addr = backend.allocate(0, SCRUB_BYTES).expect("64 MiB");
+    let options = Config::default();
+    let mut seed = 1;
+    g.bench_function("kvh_scrub_verify", |b| {
+        b.iter(|| {
+            seed += 1;
+            let batch = ScrubBatch {
+                device: 0,
+                stream: StreamHandle(0),
+                wait_streams: vec![],
+                segments: vec![ScrubSegment {
+                    addr,
+                    len: SCRUB_BYTES,
+                    seed,
+                }],
+                options: ScrubOptions {
+                    samples: options.verify_samples,
+                    full_verify: options.full_verify,
+                    double_pass: options.double_pass,
+                },
+            };
+            let results = backend.submit_scrub(batch).expect("submit").wait().expect("wait");
+            black_box(results);
+        })
+    });
+
+    let mut buf = vec![1u8; SCRUB_BYTES as usize];
+    g.bench_function("memset", |b| {
+        b.iter(|| {
+            // SAFETY: `buf` is a live, exclusively borrowed allocation of exactly this length.
+            unsafe { std::ptr::write_bytes(buf.as_mut_ptr(), 0, buf.len()) };
+            black_box(&mut buf);
+        })
+    });
+    g.finish();
+    backend.release(0, addr, SCRUB_BYTES).expect("release");
+}
+
+/// Mixed sizes of KV blocks and activations, cycled.
+const SIZES: [usize; 8] = [
+    4 << 10,
+    16 << 10,
+    64 << 10,
+    8 << 10,
+    256 << 10,
+    32 << 10,
+    128 << 10,
+    1 << 20,
+];
+/// Pairs timed between two (untimed) synchronisations; the pool is warmed with this many
+/// clean blocks of every size so every malloc in a chunk is a pool hit.
+const CHUNK: u64 = 256;
+
+fn alloc_pair(c: &mut Criterion) {
+    let mut g = c.benchmark_group("alloc_pair_mixed");
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(4));
+
+    let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
+    warm(&alloc);
+    g.bench_function(BenchmarkId::new("kvh_pool_hit", "mixed"), |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            let mut i = 0usize;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(CHUNK);
+                alloc.synchronize().expect("synchronize");
+                let start = Instant::now();
+                for _ in 0..n {
+                    let size = SIZES[i % SIZES.len()];
+                    i += 1;
+                    let p = alloc.malloc(size as i64, 0, StreamHandle(0)).expect("malloc");
+                    alloc.free(black_box(p), size as i64, 0, StreamHandle(0)).expect("free");
+                }
+                timed += start.elapsed();
+                left -= n;
+            }
+            timed
+        })
+    });
+    assert_eq!(alloc.stats().counters.pool_misses, SIZES.len() as u64 * CHUNK, "misses only while warming");
+
+    g.bench_function(BenchmarkId::new("glibc_malloc_free_memset", "mixed"), |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            let size = SIZES[i % SIZES.len()];
+            i += 1;
+            // SAFETY: malloc/free pair on the C heap; the pointer is checked before use and
+            // freed exactly once.
+            unsafe {
+                let p = libc::malloc(size);
+                assert!(!p.is_null());
+                std::ptr::write_bytes(p.cast::<u8>(), 0, size);
+                libc::free(black_box(p));
+            }
+        })
+    });
+    g.finish();
+}
+
+/// Puts CHUNK clean blocks of every size into the pool.
+fn warm(alloc: &Allocator) {
+    let mut held = Vec::new();
+    for &size in &SIZES {
+        for _ in 0..CHUNK {
+            held.push((alloc.malloc(size as i64, 0, StreamHandle(0)).expect("warm"), size));
+        }
+    }
+    for (p, size) in held {
+        alloc.free(p, size as i64, 0, StreamHandle(0)).expect("free");
+    }
+    alloc.synchronize().expect("synchronize");
+}
+
+criterion_group!(benches, scrub_throughput, alloc_pair);
+criterion_main!(benches);

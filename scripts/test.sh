@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: Rust unit and integration tests, then the Python tests that load the built
+# library through ctypes. No GPU is needed; GPU checks live in scripts/gpu-check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --lib
+cargo test --all-targets
+if python3 -c 'import pytest' 2>/dev/null; then
+    KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python
+else
+    echo "pytest is not installed: python3 -m pip install pytest" >&2
+    exit 2
+fi
