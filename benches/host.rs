@@ -49,7 +49,11 @@ fn scrub_throughput(c: &mut Criterion) {
                     double_pass: options.double_pass,
                 },
             };
-            let results = backend.submit_scrub(batch).expect("submit").wait().expect("wait");
+            let results = backend
+                .submit_scrub(batch)
+                .expect("submit")
+                .wait()
+                .expect("wait");
             black_box(results);
         })
     });
@@ -100,8 +104,12 @@ fn alloc_pair(c: &mut Criterion) {
                 for _ in 0..n {
                     let size = SIZES[i % SIZES.len()];
                     i += 1;
-                    let p = alloc.malloc(size as i64, 0, StreamHandle(0)).expect("malloc");
-                    alloc.free(black_box(p), size as i64, 0, StreamHandle(0)).expect("free");
+                    let p = alloc
+                        .malloc(size as i64, 0, StreamHandle(0))
+                        .expect("malloc");
+                    alloc
+                        .free(black_box(p), size as i64, 0, StreamHandle(0))
+                        .expect("free");
                 }
                 timed += start.elapsed();
                 left -= n;
@@ -109,7 +117,11 @@ fn alloc_pair(c: &mut Criterion) {
             timed
         })
     });
-    assert_eq!(alloc.stats().counters.pool_misses, SIZES.len() as u64 * CHUNK, "misses only while warming");
+    assert_eq!(
+        alloc.stats().counters.pool_misses,
+        SIZES.len() as u64 * CHUNK,
+        "misses only while warming"
+    );
 
     g.bench_function(BenchmarkId::new("glibc_malloc_free_memset", "mixed"), |b| {
         let mut i = 0usize;
@@ -134,11 +146,16 @@ fn warm(alloc: &Allocator) {
     let mut held = Vec::new();
     for &size in &SIZES {
         for _ in 0..CHUNK {
-            held.push((alloc.malloc(size as i64, 0, StreamHandle(0)).expect("warm"), size));
+            held.push((
+                alloc.malloc(size as i64, 0, StreamHandle(0)).expect("warm"),
+                size,
+            ));
         }
     }
     for (p, size) in held {
-        alloc.free(p, size as i64, 0, StreamHandle(0)).expect("free");
+        alloc
+            .free(p, size as i64, 0, StreamHandle(0))
+            .expect("free");
     }
     alloc.synchronize().expect("synchronize");
 }

@@ -341,12 +341,12 @@ impl Allocator {
             return Ok((FreeReport::default(), None));
         }
         let Ok(dev) = self.device_index(device) else {
-            return Err(self.report_invalid_free(
-                InvalidFreeReason::InvalidDevice,
-                ptr,
-                device,
-                None,
-            ));
+            let refused = Refused {
+                reason: InvalidFreeReason::InvalidDevice,
+                block: None,
+                owner: None,
+            };
+            return Err(self.refused_free(refused, ptr, device, None));
         };
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
@@ -362,21 +362,29 @@ impl Allocator {
         });
         match result {
             Ok(report) => Ok((report, Some((dev, seq)))),
-            Err(refused) => Err(self.refused_free(refused, ptr, device, dev)),
+            Err(refused) => Err(self.refused_free(refused, ptr, device, Some(dev))),
         }
     }
 
+    /// Turns a refused free into its event. `dev` is the pool that refused it (and counted
+    /// it), or `None` when the call named no valid device.
     #[cold]
-    fn refused_free(&self, refused: Refused, ptr: u64, device: i32, dev: u32) -> FreeError {
+    fn refused_free(&self, refused: Refused, ptr: u64, device: i32, dev: Option<u32>) -> FreeError {
         let mut reason = refused.reason;
-        if reason == InvalidFreeReason::UnknownPointer {
-            // Lock order: this pool's lock was dropped before others are taken.
-            let elsewhere = (0..self.inner.pools.len() as u32)
-                .filter(|&d| d != dev)
-                .any(|d| self.pool(d).owns(ptr));
-            if elsewhere {
-                reason = InvalidFreeReason::WrongDevice;
+        match dev {
+            // Lock order: the refusing pool's lock was dropped before others are taken.
+            Some(dev) if reason == InvalidFreeReason::UnknownPointer => {
+                let elsewhere = (0..self.inner.pools.len() as u32)
+                    .filter(|&d| d != dev)
+                    .any(|d| self.pool(d).owns(ptr));
+                if elsewhere {
+                    reason = InvalidFreeReason::WrongDevice;
+                }
             }
+            Some(_) => {}
+            // No valid device to count it on: count it on device 0's pool.
+            None if !self.inner.pools.is_empty() => self.pool(0).stats.counters.invalid_frees += 1,
+            None => {}
         }
         let ctx = refused.owner.unwrap_or_else(Context::current);
         self.emit(vec![Event {
@@ -384,32 +392,6 @@ impl Allocator {
             kind: EventKind::InvalidFree { reason, device },
             context: ctx,
             block: refused.block,
-            addr: Some(ptr),
-        }]);
-        FreeError::Invalid {
-            reason,
-            addr: ptr,
-            device,
-        }
-    }
-
-    #[cold]
-    fn report_invalid_free(
-        &self,
-        reason: InvalidFreeReason,
-        ptr: u64,
-        device: i32,
-        _dev: Option<u32>,
-    ) -> FreeError {
-        // The call names no valid device, so the refusal is counted on device 0's pool.
-        if !self.inner.pools.is_empty() {
-            self.pool(0).stats.counters.invalid_frees += 1;
-        }
-        self.emit(vec![Event {
-            at: SystemTime::now(),
-            kind: EventKind::InvalidFree { reason, device },
-            context: Context::current(),
-            block: None,
             addr: Some(ptr),
         }]);
         FreeError::Invalid {
