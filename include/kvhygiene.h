@@ -132,7 +132,7 @@ int kvh_stats_json(char *buf, size_t len, size_t *out_len);
 uint32_t kvh_last_error(void);
 
 // Writes the calling thread's last error message (NUL-terminated) into `buf`, with the same
-// length protocol as `kvh_stats_json`.
+// length protocol as `kvh_stats_json`. Leaves the last error and its message unchanged.
 int kvh_last_error_message(char *buf, size_t len, size_t *out_len);
 
 // Writes the description of `code` (NUL-terminated) into `buf`, with the same length

@@ -77,3 +77,58 @@ fn eight_threads_keep_the_invariants() {
     assert_eq!(st.counters.allocations, st.counters.frees);
     f.assert_balanced();
 }
+
+/// `free_checked` reports the outcome of its own block's scrub even while other threads
+/// submit, wait for and apply batches at the same time: exactly the sabotaged scrubs fail.
+#[test]
+fn free_checked_outcomes_under_concurrency() {
+    let f = Arc::new(Fixture::new(Config {
+        batch_size: 8,
+        batch_max_delay_us: 100,
+        ..Config::default()
+    }));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncer = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.alloc.synchronize().unwrap();
+            }
+        })
+    };
+    f.backend.host.inject_skip_tail(5);
+    let failures: u64 = (0..4u64)
+        .map(|t| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut failed = 0;
+                for _ in 0..200 {
+                    let addr = f.alloc.malloc(2048, 0, StreamHandle(t)).unwrap();
+                    f.write(0, addr, &secret(2048, 0xC3));
+                    match f.alloc.free_checked(addr, 2048, 0, StreamHandle(t)) {
+                        Ok(_) => {}
+                        Err(kvhygiene::alloc::FreeError::VerifyFailed { .. }) => failed += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                failed
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    syncer.join().unwrap();
+    f.alloc.synchronize().unwrap();
+    let st = f.alloc.stats();
+    // A sabotaged segment is either a free's scrub (reported to that caller, quarantined) or
+    // a quarantine re-scrub (the block stays quarantined for good).
+    assert_eq!(
+        failures, st.counters.quarantined,
+        "each failure reported to its own caller"
+    );
+    assert_eq!(st.counters.quarantined + st.counters.rescrub_failed, 5);
+    assert!(failures >= 3);
+    f.assert_balanced();
+}

@@ -201,7 +201,7 @@ impl Allocator {
         ctx: Context,
         stream: StreamHandle,
     ) -> Result<u64, AllocError> {
-        self.drain_pool(dev, None);
+        self.drain_pool(dev);
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, backend, _, after| {
             pool.pop_clean(key, size, &ctx, stream, isolation)
@@ -275,7 +275,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        self.free_inner(ptr, size, device, stream)
+        self.free_inner(ptr, size, device, stream, false)
             .map(|(report, _)| report)
     }
 
@@ -288,54 +288,45 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        let (report, freed) = self.free_inner(ptr, size, device, stream)?;
+        let (report, freed) = self.free_inner(ptr, size, device, stream, true)?;
         let Some((dev, seq)) = freed else {
             return Ok(report);
         };
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            // The block was not queued (no backend calls once exit has begun).
+            self.pool(dev).unwatch(seq);
+            return Err(FreeError::Backend(BackendError::ShuttingDown));
+        }
         self.with_pool(dev, |pool, backend, config, after| {
             pool.flush_block(ptr, backend, config, after)
         });
-        match self.drain_pool(dev, Some(seq)) {
-            Some(outcome) if outcome.passed => Ok(report),
-            Some(_) => Err(FreeError::VerifyFailed { addr: ptr }),
-            None => self.outcome_from_table(dev, ptr, seq, report),
-        }
-    }
-
-    /// The flusher harvested the scrub before we could wait for it: read the block's state.
-    #[cold]
-    fn outcome_from_table(
-        &self,
-        dev: u32,
-        ptr: u64,
-        seq: u64,
-        report: FreeReport,
-    ) -> Result<FreeReport, FreeError> {
-        let pool = self.pool(dev);
-        match pool.block(ptr) {
-            Some(b) if b.scrub_seq == seq && b.state == BlockState::Quarantined => {
-                let failed = !matches!(
-                    b.disposition,
-                    Disposition::Quarantine(crate::events::QuarantineReason::NeverReusePolicy)
-                );
-                if failed {
-                    Err(FreeError::VerifyFailed { addr: ptr })
-                } else {
+        loop {
+            if let Some(passed) = self.pool(dev).take_outcome(seq) {
+                return if passed {
                     Ok(report)
-                }
+                } else {
+                    Err(FreeError::VerifyFailed { addr: ptr })
+                };
             }
-            // CLEAN, or released after a verified scrub.
-            _ => Ok(report),
+            let batches = self.with_pool(dev, |pool, _, _, _| pool.take_in_flight(Some(seq)));
+            if batches.is_empty() {
+                // Another thread is waiting on this batch with the lock dropped; it records
+                // the outcome when it applies the results.
+                std::thread::yield_now();
+            }
+            self.wait_and_apply(dev, batches);
         }
     }
 
     /// Returns `(report, Some((device, scrub seq)))` for an accepted free of a real block.
+    /// With `watch`, the pool records the outcome of the block's scrub for the caller.
     fn free_inner(
         &self,
         ptr: u64,
         size: i64,
         device: i32,
         stream: StreamHandle,
+        watch: bool,
     ) -> Result<(FreeReport, Option<(u32, u64)>), FreeError> {
         if ptr == 0 {
             return Ok((FreeReport::default(), None));
@@ -353,6 +344,9 @@ impl Allocator {
         let result = self.with_pool(dev, |pool, backend, config, after| {
             let mismatches = pool.stats.counters.size_mismatches;
             pool.begin_free(ptr, size, stream, seq, config, after)?;
+            if watch {
+                pool.watch(seq);
+            }
             let size_mismatch = pool.stats.counters.size_mismatches != mismatches;
             // Once exit has begun the block stays PENDING (leaked): no backend calls.
             if !exiting {
@@ -413,7 +407,7 @@ impl Allocator {
     /// complete and be applied. Returns the sticky asynchronous error, if any.
     pub fn synchronize(&self) -> Result<(), String> {
         for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev, None);
+            self.drain_pool(dev);
         }
         match self
             .inner
@@ -430,7 +424,7 @@ impl Allocator {
     /// Flushes and waits for every scrub, then returns every CLEAN block to the backend.
     pub fn empty_cache(&self) {
         for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev, None);
+            self.drain_pool(dev);
             self.with_pool(dev, |pool, backend, _, after| {
                 pool.release_clean(backend, after);
             });
@@ -444,7 +438,7 @@ impl Allocator {
             return;
         }
         for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev, None);
+            self.drain_pool(dev);
         }
         self.begin_exit();
     }
@@ -457,36 +451,31 @@ impl Allocator {
         }
     }
 
-    /// Submits open batches of `dev` and waits for in-flight scrubs with the lock released,
-    /// applying results as they complete. With `seq`, waits only for that scrub's batch and
-    /// returns its outcome (if this call applied it).
-    fn drain_pool(&self, dev: u32, seq: Option<u64>) -> Option<pool::ScrubOutcome> {
-        let mut found = None;
-        // Each round may queue quarantine re-scrubs; a bounded number of rounds suffices
-        // (a re-scrub never queues another).
+    /// Submits open batches of `dev` and waits for every in-flight scrub with the lock
+    /// released, applying results as they complete.
+    fn drain_pool(&self, dev: u32) {
+        // Each round may queue quarantine re-scrubs; a re-scrub never queues another, so a
+        // few rounds suffice.
         for _ in 0..4 {
             let batches: Vec<InFlight> = self.with_pool(dev, |pool, backend, config, after| {
-                if seq.is_none() {
-                    pool.flush_open(false, backend, config, after);
-                }
-                pool.take_in_flight(seq)
+                pool.flush_open(false, backend, config, after);
+                pool.take_in_flight(None)
             });
             if batches.is_empty() {
                 break;
             }
-            for mut batch in batches {
-                let results = batch.wait();
-                let outcome = self.with_pool(dev, |pool, backend, config, after| {
-                    pool.complete(batch, results, backend, config, after);
-                    seq.and_then(|s| after.outcomes.iter().find(|o| o.seq == s).copied())
-                });
-                found = found.or(outcome);
-            }
-            if seq.is_some() {
-                break;
-            }
+            self.wait_and_apply(dev, batches);
         }
-        found
+    }
+
+    /// Waits for batches taken out of the pool (lock released), then applies each.
+    fn wait_and_apply(&self, dev: u32, batches: Vec<InFlight>) {
+        for mut batch in batches {
+            let results = batch.wait();
+            self.with_pool(dev, |pool, backend, config, after| {
+                pool.complete(batch, results, backend, config, after)
+            });
+        }
     }
 
     /// One flusher tick: submit stale batches, harvest, re-scrub; with `trim`, also release

@@ -81,18 +81,10 @@ pub(crate) struct Refused {
     pub owner: Option<Context>,
 }
 
-/// The outcome of a verified scrub, for `kvh_free_checked`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ScrubOutcome {
-    pub seq: u64,
-    pub passed: bool,
-}
-
 /// Flags the allocator acts on after the lock is dropped.
 #[derive(Default)]
 pub(crate) struct Aftermath {
     pub events: Vec<Event>,
-    pub outcomes: Vec<ScrubOutcome>,
     /// A verification failed under `failure_mode = abort`.
     pub abort: bool,
     /// An asynchronous backend error to make sticky.
@@ -119,6 +111,8 @@ pub(crate) struct DevicePool {
     free_lists: HashMap<FreeKey, Vec<u64>>,
     open: Vec<OpenBatch>,
     in_flight: VecDeque<InFlight>,
+    /// Outcomes of first scrubs that a `kvh_free_checked` caller waits for, by scrub seq.
+    watched: HashMap<u64, Option<bool>>,
     pub(crate) stats: PoolCounters,
 }
 
@@ -130,6 +124,7 @@ impl DevicePool {
             free_lists: HashMap::new(),
             open: Vec::new(),
             in_flight: VecDeque::new(),
+            watched: HashMap::new(),
             stats: PoolCounters::default(),
         }
     }
@@ -492,6 +487,25 @@ impl DevicePool {
         }
     }
 
+    /// Asks for the outcome of scrub `seq` to be kept for [`DevicePool::take_outcome`].
+    pub(crate) fn watch(&mut self, seq: u64) {
+        self.watched.insert(seq, None);
+    }
+
+    pub(crate) fn unwatch(&mut self, seq: u64) {
+        self.watched.remove(&seq);
+    }
+
+    /// The outcome of watched scrub `seq` once applied (`Some(passed)`), forgetting it; `None`
+    /// while it is still pending.
+    pub(crate) fn take_outcome(&mut self, seq: u64) -> Option<bool> {
+        let outcome = *self.watched.get(&seq)?;
+        if outcome.is_some() {
+            self.watched.remove(&seq);
+        }
+        outcome
+    }
+
     /// Submits the open batch holding `addr` now (for `kvh_free_checked`).
     pub(crate) fn flush_block(
         &mut self,
@@ -565,7 +579,11 @@ impl DevicePool {
             let capacity = block.capacity();
             let expected = verify::expected_samples(capacity, options.samples, options.full_verify);
             let passed = verify::passes(result, expected, config.coverage_threshold);
-            after.outcomes.push(ScrubOutcome { seq, passed });
+            if !rescrub {
+                if let Some(slot) = self.watched.get_mut(&seq) {
+                    *slot = Some(passed);
+                }
+            }
             let c = &mut self.stats.counters;
             c.scrubs += 1;
             c.bytes_scrubbed += capacity;
