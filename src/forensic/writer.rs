@@ -181,7 +181,10 @@ impl ChainWriter {
             let mut n = 0;
             while stop.is_none() && n < BATCH {
                 match rx.try_recv() {
-                    Ok(m) => self.handle(m, &mut acks, &mut stop),
+                    Ok(m) => {
+                        self.handle(m, &mut acks, &mut stop);
+                        self.maybe_checkpoint();
+                    }
                     Err(_) => break,
                 }
                 n += 1;
@@ -425,14 +428,14 @@ impl ChainWriter {
     }
 
     fn maybe_checkpoint(&mut self) {
-        if self.signing.is_none() || self.records_since_ckpt == 0 {
+        let pending = self.records_since_ckpt + self.buf_kinds.len() as u64;
+        if self.signing.is_none() || pending == 0 {
             return;
         }
-        let by_count =
-            self.ckpt_every_records > 0 && self.records_since_ckpt >= self.ckpt_every_records;
+        let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;
         let by_time =
             self.ckpt_every > Duration::ZERO && self.last_ckpt.elapsed() >= self.ckpt_every;
-        if !(by_count || by_time) {
+        if !(by_count || by_time) || self.flush().is_err() {
             return;
         }
         if let Some(c) = self.checkpoint() {
