@@ -48,7 +48,12 @@ fn flipped_byte_is_reported_at_its_line() {
     // Change one digit of a value: still valid canonical JSON, so the hash catches it.
     lines[4] = lines[4].replacen("\"capacity\":4096", "\"capacity\":4097", 1);
     write_lines(&files[1], &lines);
-    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[1]), 5, "hash mismatch");
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[1]),
+        5,
+        "hash mismatch",
+    );
 }
 
 #[test]
@@ -67,7 +72,9 @@ fn flipped_byte_anywhere_is_detected_without_a_key() {
         b[pos] ^= 0x04;
         fs::write(f, &b).unwrap();
         let r = verify(&dir, &Default::default());
-        let p = r.first_problem().unwrap_or_else(|| panic!("flip at {pos} undetected"));
+        let p = r
+            .first_problem()
+            .unwrap_or_else(|| panic!("flip at {pos} undetected"));
         assert_eq!(p.line, line_of(pos), "flip at {pos}: {p}");
     }
 }
@@ -165,7 +172,12 @@ fn record_spliced_from_another_chain_is_reported() {
     let mut lines = read_lines(&files[0]);
     lines[5] = donor[5].clone(); // same seq, valid hash and MAC in its own chain
     write_lines(&files[0], &lines);
-    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[0]), 6, "another chain");
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[0]),
+        6,
+        "another chain",
+    );
 }
 
 #[test]
@@ -173,7 +185,9 @@ fn wrong_key_is_reported_at_the_first_record() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, files) = keyed_log(&tmp);
     let opts = VerifyOptions {
-        hmac_secret: Some(zeroize::Zeroizing::new(b"not-the-right-secret-at-all".to_vec())),
+        hmac_secret: Some(zeroize::Zeroizing::new(
+            b"not-the-right-secret-at-all".to_vec(),
+        )),
         ..Default::default()
     };
     assert_problem(&verify(&dir, &opts), &name(&files[0]), 1, "MAC mismatch");
@@ -221,7 +235,12 @@ fn stolen_epoch_key_cannot_forge_earlier_files_and_forgery_fails_the_checkpoint(
     forge_from(&files2[..2], 1, 2, Some(stolen()), |m| {
         m.insert("request_id".into(), Value::String("innocent".into()));
     });
-    assert_problem(&verify(&dir2, &keyed_opts()), &name(&files2[1]), 2, "MAC mismatch");
+    assert_problem(
+        &verify(&dir2, &keyed_opts()),
+        &name(&files2[1]),
+        2,
+        "MAC mismatch",
+    );
 }
 
 #[test]

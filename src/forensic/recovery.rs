@@ -26,6 +26,43 @@ pub struct Adopted {
     pub torn_bytes: u64,
     pub last_seq: u64,
     pub last_hash: [u8; 32],
+    /// The crash came after the newest file was created and before its `rotate` record:
+    /// the name of the previous file, which the continuation must link to first.
+    pub link_from: Option<String>,
+}
+
+/// Where a dead writer's chain stands.
+struct Head {
+    tail: Tail,
+    /// Index of the file holding `tail`.
+    tail_index: u64,
+    /// Bytes of the newest file to cut.
+    torn: usize,
+    link_from: Option<String>,
+}
+
+/// The last complete record of the chain: in the newest file, or, when that file holds no
+/// complete line yet, at the end of the previous one (which rotation left complete).
+fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head> {
+    if let Some(tail) = last_record(bytes) {
+        let torn = tail.torn;
+        return Some(Head {
+            tail,
+            tail_index: index,
+            torn,
+            link_from: None,
+        });
+    }
+    let prev_index = index.checked_sub(1)?;
+    let prev_name = files::file_name(chain, prev_index);
+    let prev_bytes = std::fs::read(path.with_file_name(&prev_name)).ok()?;
+    let tail = last_record(&prev_bytes).filter(|t| t.torn == 0)?;
+    Some(Head {
+        tail,
+        tail_index: prev_index,
+        torn: bytes.len(),
+        link_from: Some(prev_name),
+    })
 }
 
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue.
@@ -52,13 +89,16 @@ pub fn adopt(dir: &Path, key: Option<&mut EpochKey>) -> Result<Option<Adopted>, 
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| files::io_err(path, "cannot read", e))?;
-        let Some(tail) = last_record(&bytes) else {
+        let Some(head) = chain_head(chain, *index, &bytes, path) else {
             continue;
         };
-        if !continuable(&tail.record, *index, key.as_deref_mut()) {
+        if !continuable(&head.tail.record, head.tail_index, key.as_deref_mut()) {
             continue;
         }
-        let len = (bytes.len() - tail.torn) as u64;
+        if let Some(k) = key.as_deref_mut() {
+            k.advance_to(*index);
+        }
+        let len = (bytes.len() - head.torn) as u64;
         file.set_len(len)
             .map_err(|e| files::io_err(path, "cannot cut the torn tail", e))?;
         return Ok(Some(Adopted {
@@ -67,9 +107,10 @@ pub fn adopt(dir: &Path, key: Option<&mut EpochKey>) -> Result<Option<Adopted>, 
             path: path.clone(),
             file,
             len,
-            torn_bytes: tail.torn as u64,
-            last_seq: tail.seq,
-            last_hash: tail.hash,
+            torn_bytes: head.torn as u64,
+            last_seq: head.tail.seq,
+            last_hash: head.tail.hash,
+            link_from: head.link_from,
         }));
     }
     Ok(None)
@@ -102,8 +143,8 @@ fn last_record(bytes: &[u8]) -> Option<Tail> {
     })
 }
 
-/// A chain is continued only if it is not closed and its last MAC matches our key at the
-/// file's epoch (or neither side uses a key): one writer never mixes secrets in a chain.
+/// A chain is continued only if it is not closed and its last MAC matches our key at that
+/// record's epoch (or neither side uses a key): one writer never mixes secrets in a chain.
 fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
     if last.get("kind").and_then(Value::as_str) == Some("stop") {
         return false;
@@ -120,12 +161,7 @@ fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
             // must keep our epoch-0 key for a fresh chain.
             let mut probe = k.clone_for_probe();
             probe.advance_to(index);
-            if super::record::hex(&mac_of(&probe, &h)) == m {
-                k.advance_to(index);
-                true
-            } else {
-                false
-            }
+            super::record::hex(&mac_of(&probe, &h)) == m
         }
         _ => false,
     }

@@ -151,6 +151,12 @@ impl ChainWriter {
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
+        if let Some(prev_file) = adopted.as_ref().and_then(|a| a.link_from.clone()) {
+            let mut f = Map::new();
+            f.insert("prev_file".into(), prev_file.into());
+            f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
+            w.append("rotate", f, unix_nanos(now));
+        }
         let kind = match &adopted {
             Some(a) => {
                 fields.insert("torn_bytes".into(), a.torn_bytes.into());
