@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use forensic_common::*;
-use kvhygiene::forensic::{files, verify_all, VerifyOptions};
+use kvhygiene::forensic::{files, record, scan, verify_all, VerifyOptions};
 use proptest::prelude::*;
 
 /// A small valid keyed log, made once.
@@ -85,6 +85,58 @@ proptest! {
         let (code, reason) = run(line.as_bytes(), &VerifyOptions::default());
         prop_assert_eq!(code, 1);
         prop_assert!(!reason.is_empty());
+    }
+}
+
+/// The reference definition: the line equals the canonical serialisation of its parsed
+/// body with the seal appended.
+fn reference_accepts(line: &[u8]) -> bool {
+    let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(line) else {
+        return false;
+    };
+    let Some(serde_json::Value::String(hash)) = m.remove("hash") else {
+        return false;
+    };
+    let mac = match m.remove("mac") {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return false,
+    };
+    if m.is_empty() {
+        return false;
+    }
+    let mut body = Vec::new();
+    if record::write_canonical(&serde_json::Value::Object(m), &mut body).is_err() {
+        return false;
+    }
+    body.pop();
+    body.extend_from_slice(format!(",\"hash\":\"{hash}\"").as_bytes());
+    if let Some(m) = mac {
+        body.extend_from_slice(format!(",\"mac\":\"{m}\"").as_bytes());
+    }
+    body.push(b'}');
+    body == line
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The verifier's fast scanner accepts exactly what the reference definition accepts.
+    #[test]
+    fn scanner_matches_the_reference_canonical_form(
+        line_no in 0usize..8,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), prop::sample::select(b"{}[]\":,\\0123456789-.aeEnu \n\x01\x7f".to_vec())), 0..3),
+    ) {
+        let text = valid_log();
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let mut l = lines[line_no % lines.len()].to_vec();
+        for (at, val) in &edits {
+            let i = at.index(l.len());
+            l[i] = *val;
+        }
+        let fast = scan::scan(&l).is_ok();
+        let reference = reference_accepts(&l) && !l.contains(&b'\n');
+        prop_assert_eq!(fast, reference, "{}", String::from_utf8_lossy(&l));
     }
 }
 

@@ -192,8 +192,11 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Chain ids with their files' `(index, path)`, sorted by chain then index.
+pub type ChainList = Vec<(String, Vec<(u64, PathBuf)>)>;
+
 /// Chain files in `dir`, grouped by chain and sorted by index.
-pub fn list_chains(dir: &Path) -> io::Result<Vec<(String, Vec<(u64, PathBuf)>)>> {
+pub fn list_chains(dir: &Path) -> io::Result<ChainList> {
     let mut all: Vec<(ChainFile, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -202,7 +205,7 @@ pub fn list_chains(dir: &Path) -> io::Result<Vec<(String, Vec<(u64, PathBuf)>)>>
         }
     }
     all.sort();
-    let mut out: Vec<(String, Vec<(u64, PathBuf)>)> = Vec::new();
+    let mut out: ChainList = Vec::new();
     for (cf, p) in all {
         match out.last_mut() {
             Some((c, files)) if *c == cf.chain => files.push((cf.index, p)),

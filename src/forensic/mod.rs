@@ -14,6 +14,7 @@ pub mod files;
 pub mod keys;
 pub mod record;
 pub mod recovery;
+pub mod scan;
 pub mod verify;
 mod writer;
 

@@ -41,6 +41,11 @@ pub fn write_canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), NonCanonical>
     write_value(v, out, 0)
 }
 
+/// Appends the canonical serialisation of an object given as a map.
+pub fn write_canonical_map(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), NonCanonical> {
+    write_object(m.iter(), out, 0)
+}
+
 fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCanonical> {
     if depth > 32 {
         return Err(NonCanonical("nesting deeper than 32 levels"));
@@ -155,6 +160,15 @@ pub fn chain_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
     h.update(canonical);
+    h.finalize().into()
+}
+
+/// `SHA-256(prev || body_open || "}")`: the hash of a line's body without copying it.
+pub fn chain_hash_open(prev: &[u8; 32], body_open: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body_open);
+    h.update(b"}");
     h.finalize().into()
 }
 

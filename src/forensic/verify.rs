@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
-use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
 use super::checkpoint::{self, Checkpoint};
 use super::files;
 use super::keys::EpochKey;
-use super::record::{chain_hash, hex, mac_of, parse_hash, write_canonical, GENESIS_PREV};
+use super::record::{chain_hash_open, mac_of, parse_hash, GENESIS_PREV};
+use super::scan::{scan, Scanned};
 
 /// What to verify with.
 #[derive(Default)]
@@ -297,20 +297,13 @@ impl Walk<'_> {
     }
 
     fn record(&mut self, line: &[u8], index: u64, first_in_file: bool) -> Result<(), String> {
-        let v: Value = serde_json::from_slice(line).map_err(|e| format!("malformed JSON: {e}"))?;
-        let Value::Object(mut m) = v else {
-            return Err("record is not a JSON object".into());
-        };
-        let hash_hex = take_str(&mut m, "hash")?.ok_or("record has no hash")?;
-        let mac_hex = take_str(&mut m, "mac")?;
-        let body = canonical_body(&m)?;
-        check_line_form(line, &body, &hash_hex, mac_hex.as_deref())?;
-        self.header(&m, index)?;
-        let hash = chain_hash(&self.prev, &body);
-        if parse_hash(&hash_hex) != Some(hash) {
+        let r = scan(line).map_err(|e| scan_reason(line, e))?;
+        self.header(&r, index)?;
+        let hash = chain_hash_open(&self.prev, r.body_open);
+        if parse_hash(r.hash) != Some(hash) {
             return Err("hash mismatch: record modified".into());
         }
-        self.mac(&hash, mac_hex.as_deref())?;
+        self.mac(&hash, r.mac)?;
         if let Some(c) = self
             .ckpt
             .filter(|c| c.seq == self.next_seq && c.hash != hash)
@@ -320,59 +313,45 @@ impl Walk<'_> {
                 c.seq
             ));
         }
-        self.position(&m, first_in_file)?;
-        self.accept(&m, hash);
+        self.position(&r, first_in_file)?;
+        self.accept(&r, hash);
         Ok(())
     }
 
     /// Schema version, chain id, epoch, seq and prev.
-    fn header(&self, m: &Map<String, Value>, index: u64) -> Result<(), String> {
-        if m.get("v").and_then(Value::as_u64) != Some(1) {
+    fn header(&self, r: &Scanned<'_>, index: u64) -> Result<(), String> {
+        if r.v != Some(1) {
             return Err("unsupported or missing schema version v".into());
         }
-        let chain = m
-            .get("chain")
-            .and_then(Value::as_str)
-            .ok_or("record has no chain")?;
+        let chain = r.chain.ok_or("record has no chain")?;
         if chain != self.chain {
             return Err(format!(
                 "record belongs to chain {chain}, not {}: spliced from another chain",
                 self.chain
             ));
         }
-        if m.get("epoch").and_then(Value::as_u64) != Some(index) {
+        if r.epoch != Some(index) {
             return Err(format!("epoch is not the file's index {index}"));
         }
-        let seq = m
-            .get("seq")
-            .and_then(Value::as_u64)
-            .ok_or("record has no seq")?;
+        let seq = r.seq.ok_or("record has no seq")?;
         if seq != self.next_seq {
             return Err(format!(
                 "seq {seq}, expected {}: records deleted, duplicated or reordered",
                 self.next_seq
             ));
         }
-        let prev = m
-            .get("prev")
-            .and_then(Value::as_str)
-            .ok_or("record has no prev")?;
-        if prev != hex(&self.prev) {
+        if r.prev.and_then(parse_hash) != Some(self.prev) {
             return Err("prev is not the previous record's hash".into());
         }
-        m.get("ts")
-            .and_then(Value::as_u64)
-            .ok_or("record has no ts")?;
-        m.get("kind")
-            .and_then(Value::as_str)
-            .ok_or("record has no kind")?;
+        r.ts.ok_or("record has no ts")?;
+        r.kind.ok_or("record has no kind")?;
         Ok(())
     }
 
     fn mac(&self, hash: &[u8; 32], mac_hex: Option<&str>) -> Result<(), String> {
         let Some(k) = &self.key else { return Ok(()) };
         let mac = mac_hex.ok_or("record has no mac but a key was given")?;
-        if mac != hex(&mac_of(k, hash)) {
+        if parse_hash(mac) != Some(mac_of(k, hash)) {
             return Err(format!(
                 "MAC mismatch at epoch {}: wrong key or forged record",
                 k.epoch()
@@ -383,8 +362,8 @@ impl Walk<'_> {
 
     /// `start` opens file 0, `rotate` opens every later file and links to the previous one,
     /// nothing follows `stop`.
-    fn position(&self, m: &Map<String, Value>, first_in_file: bool) -> Result<(), String> {
-        let kind = m.get("kind").and_then(Value::as_str).unwrap_or("");
+    fn position(&self, r: &Scanned<'_>, first_in_file: bool) -> Result<(), String> {
+        let kind = r.kind.unwrap_or("");
         if self.report.closed {
             return Err("record after the chain's stop record".into());
         }
@@ -403,71 +382,47 @@ impl Walk<'_> {
         if kind != "rotate" {
             return Err(format!("file starts with a {kind} record, not rotate"));
         }
-        let pf = m.get("prev_file").and_then(Value::as_str);
-        if pf != Some(prev_name) {
+        if r.prev_file != Some(prev_name) {
             return Err(format!(
                 "rotate record links to {}, but the previous file is {prev_name}",
-                pf.unwrap_or("nothing")
+                r.prev_file.unwrap_or("nothing")
             ));
         }
-        if m.get("prev_seq").and_then(Value::as_u64) != self.next_seq.checked_sub(1) {
+        if r.prev_seq != self.next_seq.checked_sub(1) {
             return Err("rotate record's prev_seq is not the previous file's last seq".into());
         }
         Ok(())
     }
 
-    fn accept(&mut self, m: &Map<String, Value>, hash: [u8; 32]) {
+    fn accept(&mut self, r: &Scanned<'_>, hash: [u8; 32]) {
         let seq = self.next_seq;
-        let ts = m.get("ts").and_then(Value::as_u64).unwrap_or(0);
-        let r = &mut self.report;
-        r.records += 1;
-        r.first_seq.get_or_insert(seq);
-        r.last_seq = Some(seq);
-        r.first_ts = Some(r.first_ts.map_or(ts, |t| t.min(ts)));
-        r.last_ts = Some(r.last_ts.map_or(ts, |t| t.max(ts)));
-        if m.get("kind").and_then(Value::as_str) == Some("stop") {
-            r.closed = true;
+        let ts = r.ts.unwrap_or(0);
+        let rep = &mut self.report;
+        rep.records += 1;
+        rep.first_seq.get_or_insert(seq);
+        rep.last_seq = Some(seq);
+        rep.first_ts = Some(rep.first_ts.map_or(ts, |t| t.min(ts)));
+        rep.last_ts = Some(rep.last_ts.map_or(ts, |t| t.max(ts)));
+        if r.kind == Some("stop") {
+            rep.closed = true;
         }
         if let Some(c) = self.ckpt.filter(|c| c.seq == seq && c.hash == hash) {
-            r.checkpoint_seq = Some(c.seq);
+            rep.checkpoint_seq = Some(c.seq);
         }
         self.next_seq += 1;
         self.prev = hash;
     }
 }
 
-fn take_str(m: &mut Map<String, Value>, k: &str) -> Result<Option<String>, String> {
-    match m.remove(k) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("{k} is not a string")),
+/// A precise reason for a line the scanner refused: JSON errors from a full parser (only
+/// on this failure path), canonical-form errors from the scanner.
+#[cold]
+fn scan_reason(line: &[u8], scan_err: &str) -> String {
+    match serde_json::from_slice::<serde_json::Value>(line) {
+        Err(e) => format!("malformed JSON: {e}"),
+        Ok(v) if !v.is_object() => "record is not a JSON object".into(),
+        Ok(_) => scan_err.to_string(),
     }
-}
-
-fn canonical_body(m: &Map<String, Value>) -> Result<Vec<u8>, String> {
-    let mut body = Vec::with_capacity(512);
-    write_canonical(&Value::Object(m.clone()), &mut body)
-        .map_err(|e| format!("record is not canonical: {}", e.0))?;
-    Ok(body)
-}
-
-/// The line must be exactly the canonical body with the seal appended.
-fn check_line_form(line: &[u8], body: &[u8], hash: &str, mac: Option<&str>) -> Result<(), String> {
-    let mut expect = Vec::with_capacity(body.len() + 160);
-    expect.extend_from_slice(&body[..body.len() - 1]);
-    expect.extend_from_slice(b",\"hash\":\"");
-    expect.extend_from_slice(hash.as_bytes());
-    expect.push(b'"');
-    if let Some(m) = mac {
-        expect.extend_from_slice(b",\"mac\":\"");
-        expect.extend_from_slice(m.as_bytes());
-        expect.push(b'"');
-    }
-    expect.push(b'}');
-    if expect != line {
-        return Err("record is not in canonical form".into());
-    }
-    Ok(())
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` of Unix nanoseconds (proleptic Gregorian, UTC).

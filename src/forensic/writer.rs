@@ -404,7 +404,7 @@ impl ChainWriter {
         let due = force
             || self
                 .last_summary
-                .is_none_or(|t| t.elapsed() >= self.summary_every);
+                .map_or(true, |t| t.elapsed() >= self.summary_every);
         if !due {
             return;
         }
