@@ -16,7 +16,8 @@ fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
         log.emit(event(i));
     }
     log.flush();
-    log.inject_write_faults(2);
+    // The disk is full until further notice: every write fails after writing half its bytes.
+    log.inject_write_faults(u32::MAX);
     for i in 0..5 {
         log.emit(event(100 + i));
     }
@@ -26,7 +27,7 @@ fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
     }
     log.flush();
     let s = log.stats();
-    assert_eq!(s.write_errors, 2, "{s:?}");
+    assert!(s.write_errors >= 2, "{s:?}");
     assert_eq!(s.records_lost, 8, "{s:?}");
     assert!(s.bytes_lost > 0);
     assert!(
@@ -34,6 +35,8 @@ fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
         "{s:?}"
     );
 
+    // The disk recovers.
+    log.inject_write_faults(0);
     for i in 0..4 {
         log.emit(event(300 + i));
     }

@@ -25,7 +25,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::config::LogConfig;
@@ -33,6 +35,7 @@ use crate::events::{
     Event, EventKind, EventSink, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
 };
 
+use record::{Field, Fields};
 pub use verify::{verify_all, Report, VerifyOptions};
 
 /// Errors of opening or running the log.
@@ -311,36 +314,42 @@ impl Drop for ForensicLog {
     }
 }
 
-/// The record kind and fields of a pool event.
-pub(crate) fn event_fields(e: &Event) -> (&'static str, Map<String, Value>) {
-    let mut m = Map::new();
+/// The record kind and fields of a pool event (borrowing the event's strings).
+pub(crate) fn event_fields(e: &Event) -> (&'static str, Fields<'_>) {
+    let mut m: Fields<'_> = Vec::with_capacity(20);
     context_fields(&e.context, &mut m);
-    if let Some(b) = &e.block {
-        m.insert("block_id".into(), b.id.into());
-        m.insert("device".into(), b.device.into());
-        m.insert("addr".into(), format!("0x{:x}", b.addr).into());
-        m.insert("requested".into(), b.requested.into());
-        m.insert("capacity".into(), b.capacity.into());
-        m.insert("scrub_seq".into(), b.scrub_seq.into());
+    if let Some(blk) = &e.block {
+        m.push((b("block_id"), Field::U(blk.id)));
+        m.push((b("device"), Field::I(i64::from(blk.device))));
+        m.push((b("addr"), Field::S(Cow::Owned(format!("0x{:x}", blk.addr)))));
+        m.push((b("requested"), Field::U(blk.requested)));
+        m.push((b("capacity"), Field::U(blk.capacity)));
+        m.push((b("scrub_seq"), Field::U(blk.scrub_seq)));
     }
     if let Some(a) = e.addr {
-        m.insert("ptr".into(), format!("0x{a:x}").into());
+        m.push((b("ptr"), Field::S(Cow::Owned(format!("0x{a:x}")))));
     }
     kind_fields(&e.kind, &mut m);
     (e.kind.name(), m)
 }
 
-pub(crate) fn context_fields(c: &crate::context::Context, m: &mut Map<String, Value>) {
-    let opt = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(s.into()));
-    m.insert("tenant_id".into(), opt(c.tenant_id()));
-    m.insert("request_id".into(), opt(c.request_id()));
-    m.insert("model_id".into(), opt(c.model_id()));
+fn b(s: &'static str) -> Cow<'static, str> {
+    Cow::Borrowed(s)
 }
 
-fn kind_fields(k: &EventKind, m: &mut Map<String, Value>) {
-    let mut put = |k: &str, v: Value| {
-        m.insert(k.into(), v);
-    };
+fn st(s: &'static str) -> Field<'static> {
+    Field::S(Cow::Borrowed(s))
+}
+
+pub(crate) fn context_fields<'a>(c: &'a crate::context::Context, m: &mut Fields<'a>) {
+    let opt = |s: Option<&'a str>| s.map_or(Field::Null, |s| Field::S(Cow::Borrowed(s)));
+    m.push((b("tenant_id"), opt(c.tenant_id())));
+    m.push((b("request_id"), opt(c.request_id())));
+    m.push((b("model_id"), opt(c.model_id())));
+}
+
+fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
+    let mut put = |k: &'static str, v: Field<'a>| m.push((b(k), v));
     match k {
         EventKind::VerifyFailed {
             samples_expected,
@@ -349,47 +358,44 @@ fn kind_fields(k: &EventKind, m: &mut Map<String, Value>) {
             coverage,
             threshold,
         } => {
-            put("samples_expected", (*samples_expected).into());
-            put("samples_checked", (*samples_checked).into());
-            put("samples_nonzero", (*samples_nonzero).into());
+            put("samples_expected", Field::U(*samples_expected));
+            put("samples_checked", Field::U(*samples_checked));
+            put("samples_nonzero", Field::U(*samples_nonzero));
             // Fixed decimals: float text is not canonical.
-            put("coverage", format!("{coverage:.6}").into());
-            put("threshold", format!("{threshold:.6}").into());
+            put("coverage", Field::S(Cow::Owned(format!("{coverage:.6}"))));
+            put("threshold", Field::S(Cow::Owned(format!("{threshold:.6}"))));
         }
         EventKind::Quarantined { reason } => put(
             "reason",
-            match reason {
+            st(match reason {
                 QuarantineReason::VerifyFailed => "verify_failed",
                 QuarantineReason::NeverReusePolicy => "never_reuse_policy",
                 QuarantineReason::RescrubFailed => "rescrub_failed",
-            }
-            .into(),
+            }),
         ),
         EventKind::Released { reason } => put(
             "reason",
-            match reason {
+            st(match reason {
                 ReleaseReason::QuarantineCleared => "quarantine_cleared",
                 ReleaseReason::MaxReuse => "max_reuse",
                 ReleaseReason::IdleTtl => "idle_ttl",
                 ReleaseReason::EmptyCache => "empty_cache",
-            }
-            .into(),
+            }),
         ),
         EventKind::InvalidFree { reason, device } => {
             put(
                 "reason",
-                match reason {
+                st(match reason {
                     InvalidFreeReason::UnknownPointer => "unknown_pointer",
                     InvalidFreeReason::DoubleFree => "double_free",
                     InvalidFreeReason::InteriorPointer => "interior_pointer",
                     InvalidFreeReason::WrongDevice => "wrong_device",
                     InvalidFreeReason::InvalidDevice => "invalid_device",
-                }
-                .into(),
+                }),
             );
-            put("call_device", (*device).into());
+            put("call_device", Field::I(i64::from(*device)));
         }
-        EventKind::SizeMismatch { claimed } => put("claimed", (*claimed).into()),
+        EventKind::SizeMismatch { claimed } => put("claimed", Field::I(*claimed)),
         EventKind::TtlExceeded {
             which,
             age_ms,
@@ -397,17 +403,16 @@ fn kind_fields(k: &EventKind, m: &mut Map<String, Value>) {
         } => {
             put(
                 "which",
-                match which {
+                st(match which {
                     TtlKind::Live => "live",
-                }
-                .into(),
+                }),
             );
-            put("age_ms", (*age_ms).into());
-            put("limit_ms", (*limit_ms).into());
+            put("age_ms", Field::U(*age_ms));
+            put("limit_ms", Field::U(*limit_ms));
         }
         EventKind::PolicyViolation { policy, detail } => {
-            put("policy", (*policy).into());
-            put("detail", detail.clone().into());
+            put("policy", st(policy));
+            put("detail", Field::S(Cow::Borrowed(detail)));
         }
     }
 }

@@ -12,6 +12,8 @@
 //! then `,"mac":"<hex>"` when a key is configured, then `}` and a newline. Putting the seal
 //! last lets the writer hash exactly the bytes it writes.
 
+use std::borrow::Cow;
+
 use hmac::Mac;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -56,9 +58,9 @@ fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCano
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Number(n) => {
             if let Some(i) = n.as_u64() {
-                out.extend_from_slice(i.to_string().as_bytes());
+                write_int(out, i, false);
             } else if let Some(i) = n.as_i64() {
-                out.extend_from_slice(i.to_string().as_bytes());
+                write_int(out, i.unsigned_abs(), i < 0);
             } else {
                 return Err(NonCanonical("non-integer number"));
             }
@@ -229,36 +231,82 @@ pub struct Sealed {
 }
 
 /// Builds the canonical record from a header and the kind's fields, hashes and seals it.
-pub fn seal(h: &Header<'_>, mut fields: Map<String, Value>, key: Option<&EpochKey>) -> Sealed {
-    for r in RESERVED {
-        fields.remove(*r);
+pub fn seal(h: &Header<'_>, fields: Map<String, Value>, key: Option<&EpochKey>) -> Sealed {
+    seal_fields(h, fields_from_map(fields), key)
+}
+
+/// One field value. Borrowed strings and plain integers keep the writer's hot path free of
+/// JSON maps; `Json` carries caller-supplied structure (summaries, anomaly details).
+#[derive(Clone, Debug)]
+pub enum Field<'a> {
+    U(u64),
+    I(i64),
+    S(Cow<'a, str>),
+    Null,
+    Json(Value),
+}
+
+/// A record's fields in any order; [`seal_fields`] sorts them.
+pub type Fields<'a> = Vec<(Cow<'a, str>, Field<'a>)>;
+
+impl From<Value> for Field<'_> {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::Null => Field::Null,
+            Value::String(s) => Field::S(Cow::Owned(s)),
+            Value::Number(n) if n.is_u64() => Field::U(n.as_u64().unwrap_or(0)),
+            Value::Number(n) if n.is_i64() => Field::I(n.as_i64().unwrap_or(0)),
+            other => Field::Json(other),
+        }
     }
-    fields.insert("v".into(), SCHEMA_VERSION.into());
-    fields.insert("seq".into(), h.seq.into());
-    fields.insert("ts".into(), h.ts.into());
-    fields.insert("kind".into(), h.kind.into());
-    fields.insert("chain".into(), h.chain.into());
-    fields.insert("epoch".into(), h.epoch.into());
-    fields.insert("prev".into(), hex(h.prev).into());
+}
+
+/// Converts a JSON map into fields.
+pub fn fields_from_map<'a>(m: Map<String, Value>) -> Fields<'a> {
+    m.into_iter()
+        .map(|(k, v)| (Cow::Owned(k), Field::from(v)))
+        .collect()
+}
+
+/// Builds the canonical record from a header and the kind's fields, hashes and seals it.
+/// Caller fields named like header fields are dropped; of repeated names the last wins.
+pub fn seal_fields<'a>(h: &Header<'a>, mut fields: Fields<'a>, key: Option<&EpochKey>) -> Sealed {
+    fields.retain(|(k, _)| !RESERVED.contains(&k.as_ref()));
+    let prev = hex(h.prev);
+    fields.extend([
+        (Cow::Borrowed("v"), Field::U(SCHEMA_VERSION)),
+        (Cow::Borrowed("seq"), Field::U(h.seq)),
+        (Cow::Borrowed("ts"), Field::U(h.ts)),
+        (Cow::Borrowed("kind"), Field::S(Cow::Borrowed(h.kind))),
+        (Cow::Borrowed("chain"), Field::S(Cow::Borrowed(h.chain))),
+        (Cow::Borrowed("epoch"), Field::U(h.epoch)),
+        (Cow::Borrowed("prev"), Field::S(Cow::Owned(prev))),
+    ]);
     for id in ["tenant_id", "request_id", "model_id"] {
-        fields.entry(id).or_insert(Value::Null);
+        if !fields.iter().any(|(k, _)| k == id) {
+            fields.push((Cow::Borrowed(id), Field::Null));
+        }
     }
+    // Stable sort of the reversed list puts the last-inserted of equal keys first; dedup
+    // then keeps it, as a map insert would.
+    fields.reverse();
+    fields.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    fields.dedup_by(|a, b| a.0 == b.0);
     let mut line = Vec::with_capacity(512);
-    let record = Value::Object(fields);
-    if write_canonical(&record, &mut line).is_err() {
+    if write_fields(&fields, &mut line).is_err() {
         // Only reachable with a caller value that `sanitize` did not see: keep the record
         // (security events are never dropped) with its body replaced by the reason.
         line.clear();
-        let mut m = Map::new();
-        m.insert("unserialisable".into(), true.into());
-        if let Value::Object(orig) = record {
-            for k in ["v", "seq", "ts", "kind", "chain", "epoch", "prev"] {
-                if let Some(x) = orig.get(k) {
-                    m.insert(k.into(), x.clone());
-                }
-            }
-        }
-        let _ = write_canonical(&Value::Object(m), &mut line);
+        fields.retain(|(k, v)| {
+            ["chain", "epoch", "kind", "prev", "seq", "ts", "v"].contains(&k.as_ref())
+                || matches!(v, Field::Null)
+        });
+        fields.push((
+            Cow::Borrowed("unserialisable"),
+            Field::S(Cow::Borrowed("a caller value had no canonical form")),
+        ));
+        fields.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let _ = write_fields(&fields, &mut line);
     }
     let hash = chain_hash(h.prev, &line);
     line.pop(); // the closing brace; the seal goes before it
@@ -272,6 +320,45 @@ pub fn seal(h: &Header<'_>, mut fields: Map<String, Value>, key: Option<&EpochKe
     }
     line.extend_from_slice(b"}\n");
     Sealed { line, hash }
+}
+
+/// Writes sorted, unique fields as a canonical object.
+fn write_fields(fields: &Fields<'_>, out: &mut Vec<u8>) -> Result<(), NonCanonical> {
+    out.push(b'{');
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(k, out);
+        out.push(b':');
+        match v {
+            Field::U(n) => write_int(out, *n, false),
+            Field::I(n) => write_int(out, n.unsigned_abs(), *n < 0),
+            Field::S(s) => write_string(s, out),
+            Field::Null => out.extend_from_slice(b"null"),
+            Field::Json(j) => write_value(j, out, 1)?,
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Decimal digits without going through a `String`.
+fn write_int(out: &mut Vec<u8>, mut n: u64, negative: bool) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if negative {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! length, the batch is counted as lost, and the next successful batch starts with a `lost`
 //! record that says what was lost. Rotation happens only between batches.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
@@ -21,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, Checkpoint};
 use super::keys::{self, EpochKey};
-use super::record::{self, hex, Header, GENESIS_PREV};
+use super::record::{self, hex, Field, Fields, Header, GENESIS_PREV};
 use super::{files, lock, recovery, unix_nanos, ForensicError, Msg, Shared, StartInfo};
 use crate::config::{FsyncPolicy, LogConfig};
 
@@ -62,7 +63,7 @@ pub(crate) struct ChainWriter {
     committed_seq: u64,
     committed_prev: [u8; 32],
     buf: Vec<u8>,
-    buf_kinds: Vec<String>,
+    buf_kinds: Vec<&'static str>,
     lost: Option<Lost>,
     /// Whether `lost` is already described by a record in `buf`.
     lost_in_buf: bool,
@@ -155,7 +156,7 @@ impl ChainWriter {
             let mut f = Map::new();
             f.insert("prev_file".into(), prev_file.into());
             f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
-            w.append("rotate", f, unix_nanos(now));
+            w.append("rotate", record::fields_from_map(f), unix_nanos(now));
         }
         let kind = match &adopted {
             Some(a) => {
@@ -166,7 +167,7 @@ impl ChainWriter {
             }
             None => "start",
         };
-        w.append(kind, fields, unix_nanos(now));
+        w.append(kind, record::fields_from_map(fields), unix_nanos(now));
         w.write_buffer()
             .map_err(|e| ForensicError::Io(format!("cannot write the {kind} record: {e}")))?;
         w.sync();
@@ -224,9 +225,10 @@ impl ChainWriter {
                 self.append(kind, fields, unix_nanos(e.at));
             }
             Msg::Anomaly(detail, ctx, ts) => {
-                let mut f = Map::new();
+                let mut f = Vec::with_capacity(4);
                 super::context_fields(&ctx, &mut f);
-                f.insert("detail".into(), record::sanitize(detail, 0));
+                let detail = Field::from(record::sanitize(detail, 0));
+                f.push((Cow::Borrowed("detail"), detail));
                 self.append("anomaly", f, ts);
             }
             Msg::Wake => {}
@@ -236,14 +238,14 @@ impl ChainWriter {
     }
 
     /// Seals a record into the buffer, rotating first when it would overflow the file.
-    fn append(&mut self, kind: &str, fields: Map<String, Value>, ts: u64) {
+    fn append(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
         if self.lost.is_some() && !self.lost_in_buf {
             self.append_lost_record(ts);
         }
         self.append_raw(kind, fields, ts);
     }
 
-    fn append_raw(&mut self, kind: &str, fields: Map<String, Value>, ts: u64) {
+    fn append_raw(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
         let h = Header {
             seq: self.seq,
             ts,
@@ -252,16 +254,17 @@ impl ChainWriter {
             epoch: self.index,
             prev: &self.prev,
         };
-        let sealed = record::seal(&h, fields, self.key.as_ref());
+        let sealed = record::seal_fields(&h, fields, self.key.as_ref());
         let projected = self.file_len + (self.buf.len() + sealed.line.len()) as u64;
         if projected > self.max_bytes && self.file_len + self.buf.len() as u64 > 0 {
             // Re-seal after rotating: the record then belongs to the next epoch.
             if self.flush().is_ok() && self.rotate(ts).is_ok() {
-                return self.append_raw(kind, rebuild_fields(&sealed.line), ts);
+                let fields = record::fields_from_map(rebuild_fields(&sealed.line));
+                return self.append_raw(kind, fields, ts);
             }
         }
         self.buf.extend_from_slice(&sealed.line);
-        self.buf_kinds.push(kind.to_string());
+        self.buf_kinds.push(kind);
         self.seq += 1;
         self.prev = sealed.hash;
     }
@@ -280,7 +283,7 @@ impl ChainWriter {
         f.insert("since_ts".into(), l.since_ts.into());
         f.insert("error".into(), l.error.clone().into());
         self.lost_in_buf = true;
-        self.append_raw("lost", f, ts);
+        self.append_raw("lost", record::fields_from_map(f), ts);
     }
 
     /// Writes the buffer. On failure the file is cut back, the head rolled back and the
@@ -359,7 +362,7 @@ impl ChainWriter {
             }
             lost.records += 1;
             lost.bytes += len;
-            *lost.kinds.entry(kind).or_default() += 1;
+            *lost.kinds.entry(kind.to_string()).or_default() += 1;
             s.records_lost.fetch_add(1, Ordering::Relaxed);
             s.bytes_lost.fetch_add(len, Ordering::Relaxed);
         }
@@ -396,7 +399,7 @@ impl ChainWriter {
         let mut f = Map::new();
         f.insert("prev_file".into(), old_name.into());
         f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
-        self.append_raw("rotate", f, ts);
+        self.append_raw("rotate", record::fields_from_map(f), ts);
         Ok(())
     }
 
@@ -414,7 +417,11 @@ impl ChainWriter {
         let mut f = Map::new();
         f.insert("counters".into(), record::sanitize(counters, 0));
         self.last_summary = Some(Instant::now());
-        self.append("summary", f, unix_nanos(SystemTime::now()));
+        self.append(
+            "summary",
+            record::fields_from_map(f),
+            unix_nanos(SystemTime::now()),
+        );
     }
 
     fn sync(&mut self) {
@@ -448,7 +455,7 @@ impl ChainWriter {
             let mut f = Map::new();
             f.insert("ckpt_seq".into(), c.seq.into());
             f.insert("ckpt_file".into(), c.file.into());
-            self.append("checkpoint", f, c.ts);
+            self.append("checkpoint", record::fields_from_map(f), c.ts);
             let _ = self.flush();
         }
     }
@@ -493,7 +500,11 @@ impl ChainWriter {
             "records_lost".into(),
             self.shared.records_lost.load(Ordering::Relaxed).into(),
         );
-        self.append("stop", f, unix_nanos(SystemTime::now()));
+        self.append(
+            "stop",
+            record::fields_from_map(f),
+            unix_nanos(SystemTime::now()),
+        );
         let _ = self.flush();
         self.sync();
         let _ = self.checkpoint();
