@@ -172,6 +172,16 @@ mod tests {
     }
 
     #[test]
+    fn secret_from_the_environment_is_removed_from_it() {
+        // The only test in this binary that touches this variable.
+        std::env::set_var(SECRET_ENV, "env-secret-0123456789");
+        let k = load_secret(None).unwrap().unwrap();
+        assert_eq!(k.key.as_slice(), b"env-secret-0123456789");
+        assert!(std::env::var_os(SECRET_ENV).is_none());
+        assert!(load_secret(None).unwrap().is_none());
+    }
+
+    #[test]
     fn short_secret_refused() {
         assert!(EpochKey::from_secret(Zeroizing::new(b"short".to_vec())).is_err());
     }
