@@ -46,7 +46,6 @@ pub(crate) struct ChainWriter {
     file: File,
     /// Bytes of the active file known to be written.
     file_len: u64,
-    /// Previous file, kept open (and locked) until the next one exists.
     max_bytes: u64,
     key: Option<EpochKey>,
     signing: Option<SigningKey>,
@@ -195,6 +194,12 @@ impl ChainWriter {
                     Err(_) => break,
                 }
                 n += 1;
+            }
+            if stop.is_some() {
+                // Producers that raced with `stop` queued before it was seen: keep them.
+                while let Ok(m) = rx.try_recv() {
+                    self.handle(m, &mut acks, &mut None);
+                }
             }
             self.maybe_summary(stop.is_some());
             let _ = self.flush();

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
@@ -170,5 +169,3 @@ pub fn forge_from(
         write_lines(path, &lines);
     }
 }
-
-pub fn keep_alive(_: &Arc<ForensicLog>) {}
