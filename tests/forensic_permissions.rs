@@ -116,3 +116,27 @@ fn keygen_never_overwrites() {
     kvhygiene::forensic::cli::keygen(&prefix).unwrap();
     assert!(kvhygiene::forensic::cli::keygen(&prefix).is_err());
 }
+
+#[test]
+fn key_files_readable_by_others_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let err = ForensicLog::open_with_secret(&c, start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mode 0644"), "{err}");
+
+    let hmac = tmp.path().join("hmac.key");
+    fs::write(&hmac, "a-secret-of-enough-length\n").unwrap();
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o640)).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mode 0640"), "{err}");
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(kvhygiene::forensic::keys::read_key_file(&hmac).is_ok());
+}

@@ -101,20 +101,37 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
 
 /// A key file holds the secret's bytes; one trailing newline is not part of it.
 pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
-    let mut bytes = Zeroizing::new(
-        fs::read(p).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))?,
-    );
+    let mut bytes = read_private(p)?;
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
     }
     EpochKey::from_secret(bytes).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))
 }
 
+/// Reads a secret file the writer uses, refusing one that group or others may read: a key
+/// readable by others protects nothing.
+fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
+    let mut f = fs::File::open(p).map_err(err)?;
+    let mode = f.metadata().map_err(err)?.mode();
+    if mode & 0o077 != 0 {
+        return Err(ForensicError::Key(format!(
+            "{}: key file has mode {:04o}; it must not be accessible to group or others (0600)",
+            p.display(),
+            mode & 0o7777
+        )));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.read_to_end(&mut bytes).map_err(err)?;
+    Ok(bytes)
+}
+
 /// Reads an Ed25519 private key file: 64 hex digits (the 32-byte seed), optional newline.
 pub fn read_signing_key(p: &Path) -> Result<SigningKey, ForensicError> {
-    let text = Zeroizing::new(
-        fs::read_to_string(p).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))?,
-    );
+    let bytes = read_private(p)?;
+    let text = std::str::from_utf8(&bytes).unwrap_or("");
     let seed = super::record::parse_hash(text.trim_end()).ok_or_else(|| {
         ForensicError::Key(format!(
             "{}: expected 64 lower-case hex digits (an Ed25519 private key seed)",
