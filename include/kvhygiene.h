@@ -55,6 +55,9 @@ enum kvh_result
   KVH_ERR_SHUTTING_DOWN = 7016,
   // `kvh_strerror` was given a code that is not a kvhygiene result.
   KVH_ERR_UNKNOWN_CODE = 7017,
+  // The forensic log could not be opened (directory, permissions, key); the allocator did
+  // not start, since it must not run without the evidence it was configured to keep.
+  KVH_ERR_LOG = 7018,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

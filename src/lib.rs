@@ -10,6 +10,7 @@
 //!   backend and the shared sampled-verification rule.
 //! - [`events`]: the structured security events the pool emits and the [`events::EventSink`]
 //!   trait that consumers (the forensic log) implement.
+//! - [`forensic`]: the hash-chained, HMAC-sealed forensic log, its writer thread and `verify-log`.
 //! - [`context`]: per-thread tenant / request / model ids, validated at the boundary.
 //! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once.
 //! - [`stats`]: counters and latency histograms of the pool, serialised as JSON.
@@ -24,4 +25,5 @@ pub mod context;
 pub mod demo;
 pub mod events;
 pub mod ffi;
+pub mod forensic;
 pub mod stats;

@@ -3,11 +3,16 @@
 
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
 
 use kvhygiene::backend;
 use kvhygiene::config::{BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, VerifyLogArgs};
+use kvhygiene::forensic::{ForensicLog, StartInfo};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +37,14 @@ enum Command {
     /// end. Every new allocation is read back: any non-zero byte would be a leak. Exit status
     /// 0 when no allocation had residue (and, with --inject-fault, the fault was caught).
     Demo(DemoArgs),
+    /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
+    ///
+    /// Checks hashes, MACs (with the key ratchet), sequence continuity, rotation linkage and,
+    /// given a checkpoint and public key, truncation and deleted files. Names the first bad
+    /// record as file:line: reason.
+    VerifyLog(VerifyLogArgs),
+    /// Create an Ed25519 key pair for signed forensic-log checkpoints.
+    Keygen(KeygenArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +65,10 @@ struct DemoArgs {
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
+    /// Write the forensic log of the run into this directory (overrides KVH_LOG_DIR); check
+    /// it afterwards with `kvh verify-log DIR`.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<std::path::PathBuf>,
     /// Print the full report as JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -68,6 +85,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => run_demo(args),
+        Command::VerifyLog(args) => exit_code(forensic_cli::run_verify_log(&args)),
+        Command::Keygen(args) => exit_code(forensic_cli::run_keygen(&args)),
     }
 }
 
@@ -106,11 +125,27 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             backend.kind()
         );
     }
+    if let Some(dir) = args.log_dir {
+        config.log.dir = Some(dir);
+    }
+    let log = match open_log(&config) {
+        Ok(log) => log,
+        Err(code) => return code,
+    };
+    let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
     let progress = demo::stderr_progress();
-    let report = match demo::run(backend, config, None, &opts, &progress) {
+    let result = demo::run(backend, config.clone(), sink, &opts, &progress);
+    let mut report = match result {
         Ok(r) => r,
         Err(e) => return usage_error(&e.to_string()),
     };
+    if let Some(log) = &log {
+        if let Ok(counters) = serde_json::to_value(report.stats.counters) {
+            log.record_summary(counters);
+        }
+        log.stop();
+        report.stats.log = serde_json::to_value(log.stats()).ok();
+    }
     if args.json {
         println!(
             "{}",
@@ -118,12 +153,32 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         );
     } else {
         print!("{}", demo::render(&report));
+        if let (Some(log), Some(dir)) = (&log, &config.log.dir) {
+            println!(
+                "forensic log: {} records in {dir}; check it with: kvh verify-log {dir}",
+                log.stats().records_written,
+                dir = dir.display()
+            );
+        }
     }
     if report.passed() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The demo's forensic log, when a directory is configured.
+fn open_log(config: &Config) -> Result<Option<Arc<ForensicLog>>, ExitCode> {
+    if config.log.dir.is_none() {
+        return Ok(None);
+    }
+    ForensicLog::open(&config.log, StartInfo::current(config.canonical_json()))
+        .map_err(|e| usage_error(&e.to_string()))
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
 }
 
 fn usage_error(msg: &str) -> ExitCode {

@@ -45,6 +45,9 @@ pub enum kvh_result {
     KVH_ERR_SHUTTING_DOWN = 7016,
     /// `kvh_strerror` was given a code that is not a kvhygiene result.
     KVH_ERR_UNKNOWN_CODE = 7017,
+    /// The forensic log could not be opened (directory, permissions, key); the allocator did
+    /// not start, since it must not run without the evidence it was configured to keep.
+    KVH_ERR_LOG = 7018,
 }
 
 use kvh_result::*;
@@ -71,6 +74,7 @@ impl kvh_result {
         KVH_ERR_CAPTURE_ACTIVE,
         KVH_ERR_SHUTTING_DOWN,
         KVH_ERR_UNKNOWN_CODE,
+        KVH_ERR_LOG,
     ];
 
     pub fn from_u32(code: u32) -> Option<kvh_result> {
@@ -99,6 +103,7 @@ impl kvh_result {
             KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph and the pool has no clean block",
             KVH_ERR_SHUTTING_DOWN => "allocator is shutting down",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
+            KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
         }
     }
 }

@@ -6,21 +6,32 @@
 
 use std::sync::{Arc, OnceLock};
 
+use std::time::Duration;
+
 use crate::alloc::Allocator;
 use crate::backend;
 use crate::config::Config;
 use crate::events::EventSink;
+use crate::forensic::{ForensicLog, LogStats, StartInfo};
 
 use super::error::kvh_result;
 
 /// The started allocator and what hangs off it.
 pub(crate) struct Runtime {
     pub allocator: Allocator,
+    /// The forensic log; `None` when `KVH_LOG_DIR` is unset.
+    pub log: Option<Arc<ForensicLog>>,
 }
 
 impl Runtime {
     pub(crate) fn stats_json(&self) -> String {
-        self.allocator.stats().to_json()
+        let mut stats = self.allocator.stats();
+        let log = self
+            .log
+            .as_ref()
+            .map_or_else(LogStats::disabled, |l| l.stats());
+        stats.log = serde_json::to_value(log).ok();
+        stats.to_json()
     }
 }
 
@@ -31,6 +42,8 @@ pub(crate) enum StartError {
     Config(String),
     #[error("kvhygiene backend: {0}")]
     Backend(String),
+    #[error("kvhygiene: {0}")]
+    Log(String),
 }
 
 impl StartError {
@@ -38,6 +51,7 @@ impl StartError {
         match self {
             StartError::Config(_) => kvh_result::KVH_ERR_CONFIG,
             StartError::Backend(_) => kvh_result::KVH_ERR_BACKEND,
+            StartError::Log(_) => kvh_result::KVH_ERR_LOG,
         }
     }
 }
@@ -60,17 +74,51 @@ fn start() -> Result<Runtime, StartError> {
 
 fn try_start() -> Result<Runtime, StartError> {
     let config = Config::from_env().map_err(|e| StartError::Config(e.to_string()))?;
+    // The log opens first: a process configured to keep evidence must not serve memory
+    // without it.
+    let start = StartInfo::current(config.canonical_json());
+    let log = ForensicLog::open(&config.log, start).map_err(|e| StartError::Log(e.to_string()))?;
     let backend =
         backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
-    let sink: Option<Arc<dyn EventSink>> = None;
+    let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
+    let summary_every = Duration::from_millis(config.log.summary_interval_ms);
     let allocator = Allocator::new(backend, config, sink);
-    Ok(Runtime { allocator })
+    if let Some(log) = &log {
+        spawn_summaries(allocator.clone(), log.clone(), summary_every);
+    }
+    Ok(Runtime { allocator, log })
+}
+
+/// Writes the pool's counters to the log periodically (the log may coalesce them).
+fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("kvh-summary".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            if let Ok(counters) = serde_json::to_value(allocator.stats().counters) {
+                log.record_summary(counters);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("kvhygiene: cannot start the summary thread ({e}); no periodic summaries");
+    }
 }
 
 /// Orderly shutdown (`kvh_shutdown`).
 pub(crate) fn shutdown() {
     if let Some(Ok(rt)) = RUNTIME.get() {
         rt.allocator.shutdown();
+        stop_log(rt);
+    }
+}
+
+/// A final summary, then the log's `stop` record and last checkpoint.
+fn stop_log(rt: &Runtime) {
+    if let Some(log) = &rt.log {
+        if let Ok(counters) = serde_json::to_value(rt.allocator.stats().counters) {
+            log.record_summary(counters);
+        }
+        log.stop();
     }
 }
 
@@ -80,6 +128,8 @@ fn register_exit_handler() {
         let _ = std::panic::catch_unwind(|| {
             if let Some(Ok(rt)) = RUNTIME.get() {
                 rt.allocator.begin_exit();
+                // File I/O only: the log's stop record is written, no driver call is made.
+                stop_log(rt);
             }
         });
     }

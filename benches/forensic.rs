@@ -1,0 +1,153 @@
+//! Forensic log benchmarks.
+//!
+//! - `append/{hmac,no_hmac}`: records/s through `EventSink::emit` to records on disk (open,
+//!   emit N events, `stop` which flushes and joins), fsync=never.
+//! - `verify/{verify_all,sha256sum}`: MB/s of `verify_all` (with the HMAC key) and of the
+//!   `sha256sum` tool over the same files, in the same run. The ratio is printed at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
+use kvhygiene::context::Context;
+use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
+use kvhygiene::forensic::{verify_all, ForensicLog, StartInfo, VerifyOptions};
+use zeroize::Zeroizing;
+
+const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
+const APPEND_RECORDS: u64 = 100_000;
+const VERIFY_RECORDS: u64 = 150_000;
+
+fn cfg(dir: &Path) -> LogConfig {
+    LogConfig {
+        dir: Some(dir.to_path_buf()),
+        max_bytes: 16 << 20,
+        fsync: FsyncPolicy::Never,
+        queue_capacity: 65_536,
+        ..Config::default().log
+    }
+}
+
+fn event(i: u64, ctx: &Context) -> Event {
+    Event {
+        at: SystemTime::now(),
+        kind: EventKind::Quarantined {
+            reason: QuarantineReason::VerifyFailed,
+        },
+        context: ctx.clone(),
+        block: Some(BlockRef {
+            id: i,
+            device: 0,
+            addr: 0x7f00_0000_0000 + i * 4096,
+            requested: 1 << 20,
+            capacity: 1 << 20,
+            scrub_seq: i,
+        }),
+        addr: None,
+    }
+}
+
+/// Writes `n` records; returns the time from the first emit to the end of `stop`.
+fn write_log(dir: &Path, n: u64, keyed: bool) -> Duration {
+    let secret = keyed.then(|| Zeroizing::new(SECRET.to_vec()));
+    let start = StartInfo::current(Config::default().canonical_json());
+    let log = ForensicLog::open_with_secret(&cfg(dir), start, secret).expect("open log");
+    let ctx =
+        Context::new(Some("tenant-0042"), Some("req-0000001"), Some("llama-3-8b")).expect("ids");
+    let t = Instant::now();
+    for i in 0..n {
+        log.emit(event(i, &ctx));
+    }
+    log.stop();
+    t.elapsed()
+}
+
+fn append(c: &mut Criterion) {
+    let mut g = c.benchmark_group("append");
+    g.throughput(Throughput::Elements(APPEND_RECORDS));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    for keyed in [true, false] {
+        let name = if keyed { "hmac" } else { "no_hmac" };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let tmp = tempfile::tempdir().expect("tempdir");
+                        write_log(&tmp.path().join("log"), APPEND_RECORDS, keyed)
+                    })
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn chain_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn sha256sum(files: &[PathBuf]) {
+    let out = Command::new("sha256sum")
+        .args(files)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success());
+}
+
+fn verify(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("log");
+    write_log(&dir, VERIFY_RECORDS, true);
+    let files = chain_files(&dir);
+    let bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let opts = VerifyOptions {
+        hmac_secret: Some(Zeroizing::new(SECRET.to_vec())),
+        ..Default::default()
+    };
+    let report = verify_all(&dir, &opts).expect("verify");
+    assert!(report.ok(), "{report:?}");
+
+    let mut g = c.benchmark_group("verify");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(8));
+    g.bench_function("verify_all", |b| {
+        b.iter(|| verify_all(&dir, &opts).expect("verify"))
+    });
+    g.bench_function("sha256sum", |b| b.iter(|| sha256sum(&files)));
+    g.finish();
+
+    // Same files, same run, interleaved: the ratio the target is stated in.
+    let (mut tv, mut ts) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        let t = Instant::now();
+        let _ = verify_all(&dir, &opts);
+        tv = tv.min(t.elapsed());
+        let t = Instant::now();
+        sha256sum(&files);
+        ts = ts.min(t.elapsed());
+    }
+    let mb = bytes as f64 / 1e6;
+    eprintln!(
+        "verify-vs-sha256sum: {mb:.1} MB in {} files; verify_all {:.0} MB/s, sha256sum {:.0} MB/s, ratio {:.2}",
+        files.len(),
+        mb / tv.as_secs_f64(),
+        mb / ts.as_secs_f64(),
+        ts.as_secs_f64() / tv.as_secs_f64()
+    );
+}
+
+criterion_group!(benches, append, verify);
+criterion_main!(benches);

@@ -1,0 +1,145 @@
+//! Ed25519-signed checkpoints: "chain C had head hash H at seq N at time T".
+//!
+//! One file per chain, `kvh-<chain>.ckpt`, replaced atomically (write a temporary file,
+//! fsync, rename, fsync the directory). Its single line is the canonical JSON (see
+//! [`super::record`]) of `{v, chain, seq, hash, file, ts, public_key}` with `sig` appended
+//! last exactly like a record's seal: `...,"sig":"<128 hex>"}`. The signature covers the
+//! canonical bytes without `sig`.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde_json::{Map, Value};
+
+use super::files;
+use super::record::{hex, parse_hash, write_canonical};
+use super::ForensicError;
+
+/// The content of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Checkpoint {
+    pub chain: String,
+    pub seq: u64,
+    pub hash: [u8; 32],
+    /// File holding the record `seq`.
+    pub file: String,
+    pub ts: u64,
+}
+
+impl Checkpoint {
+    fn body(&self, public_key: &VerifyingKey) -> Vec<u8> {
+        let mut m = Map::new();
+        m.insert("v".into(), 1.into());
+        m.insert("chain".into(), self.chain.clone().into());
+        m.insert("seq".into(), self.seq.into());
+        m.insert("hash".into(), hex(&self.hash).into());
+        m.insert("file".into(), self.file.clone().into());
+        m.insert("ts".into(), self.ts.into());
+        m.insert("public_key".into(), hex(public_key.as_bytes()).into());
+        let mut out = Vec::new();
+        // Strings and integers only: always canonicalisable.
+        let _ = write_canonical(&Value::Object(m), &mut out);
+        out
+    }
+}
+
+/// The checkpoint file of `chain` in `dir`.
+pub fn path_for(dir: &Path, chain: &str) -> PathBuf {
+    dir.join(format!("kvh-{chain}.ckpt"))
+}
+
+/// Signs and atomically replaces the chain's checkpoint file.
+pub fn write(dir: &Path, key: &SigningKey, c: &Checkpoint) -> Result<(), ForensicError> {
+    let mut line = c.body(&key.verifying_key());
+    let sig = key.sign(&line);
+    line.pop();
+    line.extend_from_slice(b",\"sig\":\"");
+    line.extend_from_slice(hex(&sig.to_bytes()).as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    let dest = path_for(dir, &c.chain);
+    let tmp = dir.join(format!(".kvh-{}.ckpt.{}.tmp", c.chain, c.seq));
+    let _ = fs::remove_file(&tmp);
+    let mut f = files::create_file(&tmp)?;
+    f.write_all(&line)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| files::io_err(&tmp, "cannot write checkpoint", e))?;
+    fs::rename(&tmp, &dest).map_err(|e| files::io_err(&dest, "cannot install checkpoint", e))?;
+    files::sync_dir(dir).map_err(|e| files::io_err(dir, "cannot fsync checkpoint directory", e))
+}
+
+/// Reads and verifies a checkpoint file against a pinned public key.
+pub fn read(path: &Path, key: &VerifyingKey) -> Result<Checkpoint, String> {
+    let text = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&text, key).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn parse(text: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
+    let line = text.strip_suffix(b"\n").unwrap_or(text);
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
+    let Value::Object(mut m) = v else {
+        return Err("checkpoint is not a JSON object".into());
+    };
+    let sig_hex = match m.remove("sig") {
+        Some(Value::String(s)) => s,
+        _ => return Err("checkpoint has no signature".into()),
+    };
+    let sig_bytes: [u8; 64] = parse_sig(&sig_hex).ok_or("signature is not 128 hex digits")?;
+    let mut body = Vec::new();
+    write_canonical(&Value::Object(m.clone()), &mut body)
+        .map_err(|e| format!("checkpoint not canonical: {}", e.0))?;
+    let mut expect_line = body.clone();
+    expect_line.pop();
+    expect_line.extend_from_slice(format!(",\"sig\":\"{sig_hex}\"}}").as_bytes());
+    if expect_line != line {
+        return Err("checkpoint is not in canonical form".into());
+    }
+    let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
+    if embedded != hex(key.as_bytes()) {
+        return Err("checkpoint was signed by another key than the pinned public key".into());
+    }
+    key.verify(&body, &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| "bad checkpoint signature".to_string())?;
+    let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+    let u = |k: &str| m.get(k).and_then(Value::as_u64);
+    Ok(Checkpoint {
+        chain: s("chain").ok_or("checkpoint has no chain")?,
+        seq: u("seq").ok_or("checkpoint has no seq")?,
+        hash: s("hash")
+            .and_then(|h| parse_hash(&h))
+            .ok_or("checkpoint has no valid hash")?,
+        file: s("file").unwrap_or_default(),
+        ts: u("ts").unwrap_or(0),
+    })
+}
+
+fn parse_sig(s: &str) -> Option<[u8; 64]> {
+    if s.len() != 128 {
+        return None;
+    }
+    let a = parse_hash(&s[..64])?;
+    let b = parse_hash(&s[64..])?;
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(&a);
+    out[32..].copy_from_slice(&b);
+    Some(out)
+}
+
+/// Checkpoint files at `path`: the file itself, or every `kvh-*.ckpt` in a directory.
+pub fn find(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    for e in fs::read_dir(path)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("kvh-") && name.ends_with(".ckpt") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,253 @@
+//! The `verify-log` and `keygen` verbs. The binary only parses and dispatches; all logic is
+//! here so that it is tested as a library.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::files;
+use super::keys;
+use super::record::hex;
+use super::verify::{rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+
+/// Exit code: the log verified.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: tampering or corruption found.
+pub const EXIT_TAMPERED: i32 = 1;
+/// Exit code: usage or I/O error; nothing was concluded.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Directories larger than this get progress lines on stderr even when it is not a TTY.
+const PROGRESS_BYTES: u64 = 256 << 20;
+
+/// `kvh verify-log`: check every chain in a log directory.
+#[derive(Clone, Debug, clap::Args)]
+pub struct VerifyLogArgs {
+    /// The log directory (KVH_LOG_DIR of the writer).
+    pub dir: PathBuf,
+    /// File holding the HMAC secret (as given to the writer): MACs are checked, with the
+    /// key ratcheted to each file's epoch.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Ed25519 public key (64 hex digits) the checkpoints must be signed with.
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// Checkpoint file, or directory of `kvh-*.ckpt` files, to check the chains against
+    /// (detects tail truncation and deleted files). Needs --public-key.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kvh keygen`: create an Ed25519 key pair for signed checkpoints.
+#[derive(Clone, Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Writes PREFIX.key (private, 0600) and PREFIX.pub (public); neither may exist.
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+/// Runs `verify-log`; returns the process exit code.
+pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
+    let opts = match options(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("kvh verify-log: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let report = match verify_all(&args.dir, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvh verify-log: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)
+            .map_err(std::io::Error::from)
+            .and_then(|_| writeln!(out))
+    } else {
+        write_text(&mut out, &args.dir, &report)
+    };
+    if let Err(e) = written {
+        eprintln!("kvh verify-log: cannot write the report: {e}");
+        return EXIT_USAGE;
+    }
+    report.exit_code()
+}
+
+fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
+    if !args.dir.is_dir() {
+        return Err(format!("{}: not a directory", args.dir.display()));
+    }
+    let hmac_secret = match &args.key_file {
+        Some(p) => {
+            let mut b =
+                Zeroizing::new(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
+            if b.last() == Some(&b'\n') {
+                b.pop();
+            }
+            if b.len() < keys::MIN_SECRET_LEN {
+                return Err(format!(
+                    "{}: key is {} bytes; at least {} are required",
+                    p.display(),
+                    b.len(),
+                    keys::MIN_SECRET_LEN
+                ));
+            }
+            Some(b)
+        }
+        None => None,
+    };
+    let public_key = args
+        .public_key
+        .as_deref()
+        .map(keys::read_public_key)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut checkpoints: Vec<PathBuf> = args.checkpoint.iter().cloned().collect();
+    if checkpoints.is_empty() && public_key.is_some() {
+        // With a pinned key and no explicit location, the writer's default is the log dir.
+        checkpoints.push(args.dir.clone());
+    }
+    if !checkpoints.is_empty() && public_key.is_none() {
+        return Err(
+            "--checkpoint needs --public-key (the key the checkpoints are pinned to)".into(),
+        );
+    }
+    Ok(VerifyOptions {
+        hmac_secret,
+        public_key,
+        checkpoints,
+        progress: std::io::stderr().is_terminal() || dir_bytes(&args.dir) > PROGRESS_BYTES,
+    })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    files::list_chains(dir)
+        .map(|chains| {
+            chains
+                .iter()
+                .flat_map(|(_, l)| l.iter())
+                .filter_map(|(_, p)| p.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn write_text(out: &mut impl Write, dir: &Path, r: &Report) -> std::io::Result<()> {
+    if r.chains.is_empty() {
+        writeln!(out, "{}: no chain files (kvh-*.jsonl)", dir.display())?;
+    }
+    for c in &r.chains {
+        writeln!(out, "{}", chain_line(c))?;
+        if let Some(p) = &c.problem {
+            writeln!(
+                out,
+                "  {}:{}: {}",
+                dir.join(&p.file).display(),
+                p.line,
+                p.reason
+            )?;
+        }
+    }
+    for e in &r.errors {
+        writeln!(out, "error: {e}")?;
+    }
+    writeln!(out, "{}", if r.ok() { "OK" } else { "FAILED" })
+}
+
+/// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
+fn chain_line(c: &ChainReport) -> String {
+    let seq = match (c.first_seq, c.last_seq) {
+        (Some(a), Some(b)) => format!("seq {a}..{b}"),
+        _ => "no records".into(),
+    };
+    let time = match (c.first_ts, c.last_ts) {
+        (Some(a), Some(b)) => format!(", {} .. {}", rfc3339(a), rfc3339(b)),
+        _ => String::new(),
+    };
+    let mut notes = Vec::new();
+    notes.push(
+        if c.closed {
+            "closed"
+        } else {
+            "open (no stop record)"
+        }
+        .to_string(),
+    );
+    if c.torn_bytes > 0 {
+        notes.push(format!(
+            "torn tail of {} bytes (writer crashed)",
+            c.torn_bytes
+        ));
+    }
+    notes.push(
+        if c.macs_checked {
+            "MACs verified"
+        } else {
+            "MACs not checked (no --key-file)"
+        }
+        .into(),
+    );
+    if let Some(s) = c.checkpoint_seq {
+        notes.push(format!("checkpoint at seq {s} verified"));
+    }
+    format!(
+        "chain {}: {} records, {seq}{time}, {} files, {}: {}",
+        c.chain,
+        c.records,
+        c.files,
+        notes.join(", "),
+        if c.ok() { "OK" } else { "FAILED" }
+    )
+}
+
+/// Runs `keygen`; returns the process exit code.
+pub fn run_keygen(args: &KeygenArgs) -> i32 {
+    match keygen(&args.out) {
+        Ok((private, public)) => {
+            println!(
+                "wrote {} (private, 0600) and {} (public)",
+                private.display(),
+                public.display()
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("kvh keygen: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// Writes `PREFIX.key` and `PREFIX.pub`, each 64 hex digits and a newline.
+pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let key = keys::generate_signing_key().map_err(|e| e.to_string())?;
+    let with_ext = |ext: &str| {
+        let mut s = prefix.as_os_str().to_owned();
+        s.push(ext);
+        PathBuf::from(s)
+    };
+    let (private, public) = (with_ext(".key"), with_ext(".pub"));
+    let secret = Zeroizing::new(format!("{}\n", hex(key.as_bytes())));
+    write_new(&private, secret.as_bytes())?;
+    write_new(
+        &public,
+        format!("{}\n", hex(key.verifying_key().as_bytes())).as_bytes(),
+    )?;
+    Ok((private, public))
+}
+
+fn write_new(p: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut f = files::create_file(p).map_err(|e| e.to_string())?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", p.display()))
+}

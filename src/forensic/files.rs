@@ -1,0 +1,241 @@
+//! File system side of the log: naming, modes, ownership checks, locking, directory fsync.
+//!
+//! A chain's files are `kvh-<chain>-<index>.jsonl` with `<chain>` = `p<pid>-t<start unix
+//! nanoseconds>` and `<index>` six or more decimal digits, starting at 0. The directory is
+//! 0700, files 0600; both must belong to the effective user. Files are created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW` so a planted file or symlink is never written through.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::ForensicError;
+
+/// A parsed chain file name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChainFile {
+    pub chain: String,
+    pub index: u64,
+}
+
+impl ChainFile {
+    pub fn name(&self) -> String {
+        file_name(&self.chain, self.index)
+    }
+}
+
+/// The file name of `chain`'s file number `index`.
+pub fn file_name(chain: &str, index: u64) -> String {
+    format!("kvh-{chain}-{index:06}.jsonl")
+}
+
+/// Parses a chain file name; `None` for any other file.
+pub fn parse_file_name(name: &str) -> Option<ChainFile> {
+    let rest = name.strip_prefix("kvh-")?.strip_suffix(".jsonl")?;
+    let (chain, idx) = rest.rsplit_once('-')?;
+    if idx.len() < 6 || !idx.bytes().all(|b| b.is_ascii_digit()) || !valid_chain_id(chain) {
+        return None;
+    }
+    Some(ChainFile {
+        chain: chain.to_string(),
+        index: idx.parse().ok()?,
+    })
+}
+
+/// `p<digits>-t<digits>`.
+pub fn valid_chain_id(chain: &str) -> bool {
+    let Some((p, t)) = chain.split_once('-') else {
+        return false;
+    };
+    let digits = |s: &str, tag: char| {
+        s.strip_prefix(tag).is_some_and(|d| {
+            !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    digits(p, 'p') && digits(t, 't')
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Creates the log directory 0700 (with parents), or checks an existing one: it must be a
+/// real directory (not a symlink), owned by us, with no group or other permissions.
+pub fn prepare_dir(dir: &Path) -> Result<(), ForensicError> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| io_err(dir, "cannot create log directory", e))?;
+            // The umask may have narrowed the mode further, never widened it; set it exactly.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| io_err(dir, "cannot set log directory mode", e))?;
+            Ok(())
+        }
+        Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
+        Ok(m) => {
+            if m.file_type().is_symlink() {
+                return Err(ForensicError::Permission(format!(
+                    "{}: log directory is a symlink; refusing to follow it",
+                    dir.display()
+                )));
+            }
+            if !m.is_dir() {
+                return Err(ForensicError::Permission(format!(
+                    "{}: not a directory",
+                    dir.display()
+                )));
+            }
+            check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")
+        }
+    }
+}
+
+fn check_owner_mode(
+    p: &Path,
+    uid: u32,
+    mode: u32,
+    want: u32,
+    what: &str,
+) -> Result<(), ForensicError> {
+    if uid != euid() {
+        return Err(ForensicError::Permission(format!(
+            "{}: {what} is owned by uid {uid}, not by this process's uid {}; refusing to use it",
+            p.display(),
+            euid()
+        )));
+    }
+    if mode & 0o077 != 0 {
+        return Err(ForensicError::Permission(format!(
+            "{}: {what} has mode {:04o}; it must be {want:04o} (no group or other access)",
+            p.display(),
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a new chain file: 0600, exclusive, never through a symlink. The returned file
+/// is locked (see [`try_lock`]) for the life of the writer.
+pub fn create_file(path: &Path) -> Result<File, ForensicError> {
+    let f = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io_err(path, "cannot create log file", e))?;
+    // The umask cannot widen 0600, but an inherited default ACL could; set it exactly.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err(path, "cannot set log file mode", e))?;
+    checked(path, &f)?;
+    if !try_lock(&f) {
+        return Err(ForensicError::Permission(format!(
+            "{}: another process holds the lock of a file just created",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Opens an existing chain file for appending (crash recovery), refusing symlinks, files not
+/// owned by us and files with group or other permissions.
+pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                ForensicError::Permission(format!(
+                    "{}: is a symlink; refusing to open a log file through a link",
+                    path.display()
+                ))
+            } else {
+                io_err(path, "cannot open log file", e)
+            }
+        })?;
+    checked(path, &f)?;
+    Ok(f)
+}
+
+/// fstat checks on an open file: regular, ours, 0600.
+fn checked(path: &Path, f: &File) -> Result<(), ForensicError> {
+    let m = f
+        .metadata()
+        .map_err(|e| io_err(path, "cannot stat log file", e))?;
+    if !m.is_file() {
+        return Err(ForensicError::Permission(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file")
+}
+
+/// Takes an exclusive, non-blocking `flock`. A live writer holds it on its active file; the
+/// kernel drops it when the process dies, however it dies, which is how a crashed chain is
+/// told apart from one still being written by another process.
+pub fn try_lock(f: &File) -> bool {
+    // SAFETY: the descriptor is valid for the lifetime of `f`; flock has no memory effects.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// fsync of the directory, so a created or renamed entry survives a power failure.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Chain ids with their files' `(index, path)`, sorted by chain then index.
+pub type ChainList = Vec<(String, Vec<(u64, PathBuf)>)>;
+
+/// Chain files in `dir`, grouped by chain and sorted by index.
+pub fn list_chains(dir: &Path) -> io::Result<ChainList> {
+    let mut all: Vec<(ChainFile, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(cf) = entry.file_name().to_str().and_then(parse_file_name) {
+            all.push((cf, entry.path()));
+        }
+    }
+    all.sort();
+    let mut out: ChainList = Vec::new();
+    for (cf, p) in all {
+        match out.last_mut() {
+            Some((c, files)) if *c == cf.chain => files.push((cf.index, p)),
+            _ => out.push((cf.chain, vec![(cf.index, p)])),
+        }
+    }
+    Ok(out)
+}
+
+pub fn io_err(p: &Path, what: &str, e: io::Error) -> ForensicError {
+    ForensicError::Io(format!("{}: {what}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let n = file_name("p12-t345", 7);
+        assert_eq!(n, "kvh-p12-t345-000007.jsonl");
+        assert_eq!(
+            parse_file_name(&n),
+            Some(ChainFile {
+                chain: "p12-t345".into(),
+                index: 7
+            })
+        );
+        assert_eq!(parse_file_name("kvh-p1-t2-7.jsonl"), None);
+        assert_eq!(parse_file_name("kvh-x-000001.jsonl"), None);
+        assert_eq!(parse_file_name("other.jsonl"), None);
+    }
+}

@@ -1,0 +1,205 @@
+//! Secrets: the HMAC chain key with its forward-secure ratchet, and Ed25519 signing keys.
+//!
+//! Epoch 0's key is the configured secret itself; `K(e+1) = HMAC-SHA256(K(e), "kvh-ratchet")`.
+//! The writer holds only the current epoch's key and zeroizes the previous one when it
+//! ratchets, so a key stolen from a running process cannot forge files of earlier epochs.
+
+use std::fs;
+use std::path::Path;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::ForensicError;
+
+/// The environment variable holding the HMAC secret (read once, then removed).
+pub const SECRET_ENV: &str = "FORENSIC_HMAC_SECRET";
+
+/// The ratchet label.
+const RATCHET: &[u8] = b"kvh-ratchet";
+
+/// Shortest secret accepted, in bytes.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// The HMAC key of one epoch. Zeroized on drop; the keyed HMAC state is cached so that a
+/// record's MAC costs two SHA-256 compressions.
+pub struct EpochKey {
+    epoch: u64,
+    key: Zeroizing<Vec<u8>>,
+    state: Hmac<Sha256>,
+}
+
+impl EpochKey {
+    /// Epoch 0 from the raw secret.
+    pub fn from_secret(secret: Zeroizing<Vec<u8>>) -> Result<Self, ForensicError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(ForensicError::Key(format!(
+                "HMAC secret is {} bytes; at least {MIN_SECRET_LEN} are required",
+                secret.len()
+            )));
+        }
+        Ok(Self::with(0, secret))
+    }
+
+    fn with(epoch: u64, key: Zeroizing<Vec<u8>>) -> Self {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let state = <Hmac<Sha256> as Mac>::new_from_slice(&key)
+            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
+        EpochKey { epoch, key, state }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// A fresh keyed MAC.
+    pub fn mac(&self) -> Hmac<Sha256> {
+        self.state.clone()
+    }
+
+    /// Moves to the next epoch; the current key material is zeroized.
+    pub fn ratchet(&mut self) {
+        let mut m = self.mac();
+        m.update(RATCHET);
+        let mut next: [u8; 32] = m.finalize().into_bytes().into();
+        let next_key = Zeroizing::new(next.to_vec());
+        next.zeroize();
+        // Dropping the old `EpochKey` zeroizes its key bytes.
+        *self = Self::with(self.epoch + 1, next_key);
+    }
+
+    /// A copy, for trying a ratchet position without giving up the current key.
+    pub(crate) fn clone_for_probe(&self) -> Self {
+        Self::with(self.epoch, self.key.clone())
+    }
+
+    /// Ratchets forward until `epoch` (no-op when already there or past).
+    pub fn advance_to(&mut self, epoch: u64) {
+        while self.epoch < epoch {
+            self.ratchet();
+        }
+    }
+}
+
+/// Reads the secret: the environment variable first (then removed from the environment),
+/// else the key file. `None` when neither is configured.
+pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, ForensicError> {
+    if let Some(v) = std::env::var_os(SECRET_ENV) {
+        // Removing the variable keeps it out of child processes and /proc/self/environ
+        // readers that look later; the copy std holds is overwritten by the removal.
+        std::env::remove_var(SECRET_ENV);
+        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
+        return EpochKey::from_secret(bytes).map(Some);
+    }
+    match key_file {
+        Some(p) => read_key_file(p).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A key file holds the secret's bytes; one trailing newline is not part of it.
+pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
+    let mut bytes = read_private(p)?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    EpochKey::from_secret(bytes).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))
+}
+
+/// Reads a secret file the writer uses, refusing one that group or others may read: a key
+/// readable by others protects nothing.
+fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
+    let mut f = fs::File::open(p).map_err(err)?;
+    let mode = f.metadata().map_err(err)?.mode();
+    if mode & 0o077 != 0 {
+        return Err(ForensicError::Key(format!(
+            "{}: key file has mode {:04o}; it must not be accessible to group or others (0600)",
+            p.display(),
+            mode & 0o7777
+        )));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.read_to_end(&mut bytes).map_err(err)?;
+    Ok(bytes)
+}
+
+/// Reads an Ed25519 private key file: 64 hex digits (the 32-byte seed), optional newline.
+pub fn read_signing_key(p: &Path) -> Result<SigningKey, ForensicError> {
+    let bytes = read_private(p)?;
+    let text = std::str::from_utf8(&bytes).unwrap_or("");
+    let seed = super::record::parse_hash(text.trim_end()).ok_or_else(|| {
+        ForensicError::Key(format!(
+            "{}: expected 64 lower-case hex digits (an Ed25519 private key seed)",
+            p.display()
+        ))
+    })?;
+    let mut seed = Zeroizing::new(seed);
+    let key = SigningKey::from_bytes(&seed);
+    seed.zeroize();
+    Ok(key)
+}
+
+/// Reads an Ed25519 public key file: 64 hex digits, optional newline.
+pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
+    let text =
+        fs::read_to_string(p).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))?;
+    let bytes = super::record::parse_hash(text.trim_end()).ok_or_else(|| {
+        ForensicError::Key(format!(
+            "{}: expected 64 lower-case hex digits (an Ed25519 public key)",
+            p.display()
+        ))
+    })?;
+    VerifyingKey::from_bytes(&bytes)
+        .map_err(|e| ForensicError::Key(format!("{}: not an Ed25519 public key: {e}", p.display())))
+}
+
+/// A fresh signing key from the operating system's CSPRNG.
+pub fn generate_signing_key() -> Result<SigningKey, ForensicError> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(seed.as_mut())
+        .map_err(|e| ForensicError::Key(format!("no randomness from the OS: {e}")))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratchet_is_deterministic_and_moves_forward() {
+        let s = || Zeroizing::new(b"0123456789abcdef-secret".to_vec());
+        let mut a = EpochKey::from_secret(s()).unwrap();
+        let mut b = EpochKey::from_secret(s()).unwrap();
+        a.ratchet();
+        a.ratchet();
+        b.advance_to(2);
+        assert_eq!(a.epoch(), 2);
+        assert_eq!(a.key.as_slice(), b.key.as_slice());
+        let mut m = EpochKey::from_secret(s()).unwrap().mac();
+        m.update(RATCHET);
+        let k1: [u8; 32] = m.finalize().into_bytes().into();
+        let mut c = EpochKey::from_secret(s()).unwrap();
+        c.ratchet();
+        assert_eq!(c.key.as_slice(), &k1);
+    }
+
+    #[test]
+    fn secret_from_the_environment_is_removed_from_it() {
+        // The only test in this binary that touches this variable.
+        std::env::set_var(SECRET_ENV, "env-secret-0123456789");
+        let k = load_secret(None).unwrap().unwrap();
+        assert_eq!(k.key.as_slice(), b"env-secret-0123456789");
+        assert!(std::env::var_os(SECRET_ENV).is_none());
+        assert!(load_secret(None).unwrap().is_none());
+    }
+
+    #[test]
+    fn short_secret_refused() {
+        assert!(EpochKey::from_secret(Zeroizing::new(b"short".to_vec())).is_err());
+    }
+}

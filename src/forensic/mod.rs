@@ -1,0 +1,422 @@
+//! The forensic log: a hash-chained, HMAC-sealed, forward-secure, rotated and verifiable
+//! record of every security event, written off the allocation path.
+//!
+//! - [`record`]: schema and canonical form; [`keys`]: HMAC key ratchet and Ed25519 keys;
+//! - [`files`]: naming, modes, ownership, locks; [`recovery`]: torn tails and crashed chains;
+//! - [`writer`]: the writer thread behind a bounded queue; [`checkpoint`]: signed heads;
+//! - [`verify`]: `verify_all`, the code behind `kvh verify-log`; [`cli`]: the CLI verbs.
+//!
+//! `docs/forensic-log.md` describes the format precisely enough to verify it independently.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod files;
+pub mod keys;
+pub mod record;
+pub mod recovery;
+pub mod scan;
+pub mod verify;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use std::borrow::Cow;
+
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::config::LogConfig;
+use crate::events::{
+    Event, EventKind, EventSink, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
+};
+
+use record::{Field, Fields};
+pub use verify::{verify_all, Report, VerifyOptions};
+
+/// Errors of opening or running the log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ForensicError {
+    #[error("forensic log: {0}")]
+    Io(String),
+    #[error("forensic log: {0}")]
+    Permission(String),
+    #[error("forensic log key: {0}")]
+    Key(String),
+}
+
+/// What the `start` record says about the process.
+#[derive(Clone, Debug)]
+pub struct StartInfo {
+    /// `Config::canonical_json()`; the record carries its SHA-256, not the text.
+    pub config_json: String,
+    pub version: String,
+    pub pid: u32,
+    pub host: String,
+}
+
+impl StartInfo {
+    /// This process's pid and host name, with the given config JSON and crate version.
+    pub fn current(config_json: String) -> Self {
+        StartInfo {
+            config_json,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            host: host_name(),
+        }
+    }
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for `len` bytes; gethostname writes at most that many.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Counters of the log, for the allocator's stats JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LogStats {
+    pub enabled: bool,
+    /// Why logging is off, when it is.
+    pub disabled_reason: Option<String>,
+    pub chain: Option<String>,
+    pub current_file: Option<String>,
+    pub records_written: u64,
+    /// Times a producer found the queue full and waited (security events are never dropped).
+    pub producer_waits: u64,
+    /// Summaries replaced by a newer one before they were written.
+    pub summaries_coalesced: u64,
+    pub write_errors: u64,
+    /// Records that could not be written (disk errors) or arrived after `stop`.
+    pub records_lost: u64,
+    pub bytes_lost: u64,
+    /// The most recent write error, kept after the disk recovers.
+    pub last_error: Option<String>,
+}
+
+impl LogStats {
+    /// The stats of a process that logs nothing (`KVH_LOG_DIR` unset).
+    pub fn disabled() -> Self {
+        LogStats {
+            disabled_reason: Some("KVH_LOG_DIR is not set".into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// State shared by producers and the writer thread.
+#[derive(Default)]
+pub(crate) struct Shared {
+    records_written: AtomicU64,
+    producer_waits: AtomicU64,
+    summaries_coalesced: AtomicU64,
+    write_errors: AtomicU64,
+    records_lost: AtomicU64,
+    bytes_lost: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    current_file: Mutex<Option<String>>,
+    chain: Mutex<Option<String>>,
+    summary: Mutex<Option<Value>>,
+    /// Test hook: the next this-many writes fail after writing half their bytes.
+    injected_faults: AtomicU32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What producers send to the writer thread.
+pub(crate) enum Msg {
+    Event(Event),
+    Anomaly(Value, crate::context::Context, u64),
+    /// A summary is waiting in the slot.
+    Wake,
+    /// Write everything queued so far, then acknowledge.
+    Flush(SyncSender<()>),
+    Stop(SyncSender<()>),
+}
+
+/// The forensic log. One per process; cheap to share behind an `Arc`.
+pub struct ForensicLog {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    stopped: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Nanoseconds since the Unix epoch (0 before it).
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ForensicLog {
+    /// Opens the log described by `cfg`: `Ok(None)` when `cfg.dir` is unset (logging is off;
+    /// the caller says so once on stderr and reports [`LogStats::disabled`]). The HMAC secret
+    /// comes from `FORENSIC_HMAC_SECRET` (removed from the environment) or `cfg.hmac_key_file`.
+    pub fn open(cfg: &LogConfig, start: StartInfo) -> Result<Option<Arc<Self>>, ForensicError> {
+        if cfg.dir.is_none() {
+            return Ok(None);
+        }
+        let key = keys::load_secret(cfg.hmac_key_file.as_deref())?;
+        Self::open_with_key(cfg, start, key).map(Some)
+    }
+
+    /// Like [`ForensicLog::open`] with the HMAC secret given directly (the environment and
+    /// the key file are not consulted). `cfg.dir` must be set.
+    pub fn open_with_secret(
+        cfg: &LogConfig,
+        start: StartInfo,
+        secret: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<Arc<Self>, ForensicError> {
+        let key = secret.map(keys::EpochKey::from_secret).transpose()?;
+        Self::open_with_key(cfg, start, key)
+    }
+
+    fn open_with_key(
+        cfg: &LogConfig,
+        start: StartInfo,
+        key: Option<keys::EpochKey>,
+    ) -> Result<Arc<Self>, ForensicError> {
+        let shared = Arc::new(Shared::default());
+        let chain = writer::ChainWriter::open(cfg, &start, key, shared.clone())?;
+        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let thread = std::thread::Builder::new()
+            .name("kvh-forensic".into())
+            .spawn(move || chain.run(rx))
+            .map_err(|e| ForensicError::Io(format!("cannot start the writer thread: {e}")))?;
+        Ok(Arc::new(ForensicLog {
+            tx,
+            shared,
+            stopped: AtomicBool::new(false),
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Queues a message; waits (counted) rather than drop it when the queue is full.
+    fn send(&self, msg: Msg) {
+        if self.stopped.load(Ordering::Acquire) {
+            self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => {
+                self.shared.producer_waits.fetch_add(1, Ordering::Relaxed);
+                if self.tx.send(msg).is_err() {
+                    self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
+    /// (counted as coalesced); at most one is written per `summary_interval_ms`.
+    pub fn record_summary(&self, counters: Value) {
+        let replaced = lock(&self.shared.summary).replace(counters).is_some();
+        if replaced {
+            self.shared
+                .summaries_coalesced
+                .fetch_add(1, Ordering::Relaxed);
+        } else if !self.stopped.load(Ordering::Acquire) {
+            // A full queue will be drained soon anyway: the writer checks the slot each round.
+            let _ = self.tx.try_send(Msg::Wake);
+        }
+    }
+
+    /// Records an anomaly (kind `anomaly`) with the calling thread's context; `detail` is
+    /// any JSON (non-integer numbers are stored as strings). Never dropped.
+    pub fn record_anomaly(&self, detail: Value) {
+        self.send(Msg::Anomaly(
+            detail,
+            crate::context::Context::current(),
+            unix_nanos(SystemTime::now()),
+        ));
+    }
+
+    /// Waits until everything queued before the call is written (not necessarily fsynced).
+    pub fn flush(&self) {
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.send(Msg::Flush(ack_tx));
+        let _ = ack_rx.recv_timeout(Duration::from_secs(30));
+    }
+
+    /// Writes the `stop` record and the final checkpoint, flushes and joins the writer.
+    /// Idempotent; never panics; safe from an exit handler.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        if self.tx.send(Msg::Stop(ack_tx)).is_err() {
+            return;
+        }
+        // A writer stuck in the kernel (hung NFS) must not hang process exit forever.
+        if ack_rx.recv_timeout(Duration::from_secs(10)).is_ok() {
+            if let Some(t) = lock(&self.thread).take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> LogStats {
+        let s = &self.shared;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LogStats {
+            enabled: true,
+            disabled_reason: None,
+            chain: lock(&s.chain).clone(),
+            current_file: lock(&s.current_file).clone(),
+            records_written: n(&s.records_written),
+            producer_waits: n(&s.producer_waits),
+            summaries_coalesced: n(&s.summaries_coalesced),
+            write_errors: n(&s.write_errors),
+            records_lost: n(&s.records_lost),
+            bytes_lost: n(&s.bytes_lost),
+            last_error: lock(&s.last_error).clone(),
+        }
+    }
+
+    /// Fault injection for tests: the next `n` writes to the log file write half their bytes
+    /// and then fail with `ENOSPC`, as a full disk would.
+    #[doc(hidden)]
+    pub fn inject_write_faults(&self, n: u32) {
+        self.shared.injected_faults.store(n, Ordering::SeqCst);
+    }
+}
+
+impl EventSink for ForensicLog {
+    fn emit(&self, event: Event) {
+        self.send(Msg::Event(event));
+    }
+
+    fn flush(&self) {
+        ForensicLog::flush(self);
+    }
+}
+
+impl Drop for ForensicLog {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The record kind and fields of a pool event (borrowing the event's strings).
+pub(crate) fn event_fields(e: &Event) -> (&'static str, Fields<'_>) {
+    let mut m: Fields<'_> = Vec::with_capacity(20);
+    context_fields(&e.context, &mut m);
+    if let Some(blk) = &e.block {
+        m.push((b("block_id"), Field::U(blk.id)));
+        m.push((b("device"), Field::I(i64::from(blk.device))));
+        m.push((b("addr"), Field::S(Cow::Owned(format!("0x{:x}", blk.addr)))));
+        m.push((b("requested"), Field::U(blk.requested)));
+        m.push((b("capacity"), Field::U(blk.capacity)));
+        m.push((b("scrub_seq"), Field::U(blk.scrub_seq)));
+    }
+    if let Some(a) = e.addr {
+        m.push((b("ptr"), Field::S(Cow::Owned(format!("0x{a:x}")))));
+    }
+    kind_fields(&e.kind, &mut m);
+    (e.kind.name(), m)
+}
+
+fn b(s: &'static str) -> Cow<'static, str> {
+    Cow::Borrowed(s)
+}
+
+fn st(s: &'static str) -> Field<'static> {
+    Field::S(Cow::Borrowed(s))
+}
+
+pub(crate) fn context_fields<'a>(c: &'a crate::context::Context, m: &mut Fields<'a>) {
+    let opt = |s: Option<&'a str>| s.map_or(Field::Null, |s| Field::S(Cow::Borrowed(s)));
+    m.push((b("tenant_id"), opt(c.tenant_id())));
+    m.push((b("request_id"), opt(c.request_id())));
+    m.push((b("model_id"), opt(c.model_id())));
+}
+
+fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
+    let mut put = |k: &'static str, v: Field<'a>| m.push((b(k), v));
+    match k {
+        EventKind::VerifyFailed {
+            samples_expected,
+            samples_checked,
+            samples_nonzero,
+            coverage,
+            threshold,
+        } => {
+            put("samples_expected", Field::U(*samples_expected));
+            put("samples_checked", Field::U(*samples_checked));
+            put("samples_nonzero", Field::U(*samples_nonzero));
+            // Fixed decimals: float text is not canonical.
+            put("coverage", Field::S(Cow::Owned(format!("{coverage:.6}"))));
+            put("threshold", Field::S(Cow::Owned(format!("{threshold:.6}"))));
+        }
+        EventKind::Quarantined { reason } => put(
+            "reason",
+            st(match reason {
+                QuarantineReason::VerifyFailed => "verify_failed",
+                QuarantineReason::NeverReusePolicy => "never_reuse_policy",
+                QuarantineReason::RescrubFailed => "rescrub_failed",
+            }),
+        ),
+        EventKind::Released { reason } => put(
+            "reason",
+            st(match reason {
+                ReleaseReason::QuarantineCleared => "quarantine_cleared",
+                ReleaseReason::MaxReuse => "max_reuse",
+                ReleaseReason::IdleTtl => "idle_ttl",
+                ReleaseReason::EmptyCache => "empty_cache",
+            }),
+        ),
+        EventKind::InvalidFree { reason, device } => {
+            put(
+                "reason",
+                st(match reason {
+                    InvalidFreeReason::UnknownPointer => "unknown_pointer",
+                    InvalidFreeReason::DoubleFree => "double_free",
+                    InvalidFreeReason::InteriorPointer => "interior_pointer",
+                    InvalidFreeReason::WrongDevice => "wrong_device",
+                    InvalidFreeReason::InvalidDevice => "invalid_device",
+                }),
+            );
+            put("call_device", Field::I(i64::from(*device)));
+        }
+        EventKind::SizeMismatch { claimed } => put("claimed", Field::I(*claimed)),
+        EventKind::TtlExceeded {
+            which,
+            age_ms,
+            limit_ms,
+        } => {
+            put(
+                "which",
+                st(match which {
+                    TtlKind::Live => "live",
+                }),
+            );
+            put("age_ms", Field::U(*age_ms));
+            put("limit_ms", Field::U(*limit_ms));
+        }
+        EventKind::PolicyViolation { policy, detail } => {
+            put("policy", st(policy));
+            put("detail", Field::S(Cow::Borrowed(detail)));
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! Record schema and canonical form.
+//!
+//! A record is a flat-ish JSON object. Its *canonical bytes* are the compact JSON
+//! serialisation of the record without `hash` and `mac`, with every object's keys sorted by
+//! their UTF-8 bytes at every depth, and only integers as numbers (the writer turns any
+//! non-integer number into a string first). Strings are escaped as JSON requires and no
+//! more: `"` and `\` with a backslash, `\b \f \n \r \t` by name, other characters below
+//! U+0020 as `\u00xx` (lower-case hex); everything else, including non-ASCII, is written as
+//! its UTF-8 bytes. `docs/forensic-log.md` is the normative description.
+//!
+//! The line on disk is the canonical bytes without the closing `}`, then `,"hash":"<hex>"`,
+//! then `,"mac":"<hex>"` when a key is configured, then `}` and a newline. Putting the seal
+//! last lets the writer hash exactly the bytes it writes.
+
+use std::borrow::Cow;
+
+use hmac::Mac;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::keys::EpochKey;
+
+/// Schema version of every record.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// The `prev` of the first record of a chain.
+pub const GENESIS_PREV: [u8; 32] = [0u8; 32];
+
+/// Fields the writer sets itself; a caller-supplied field of these names is never emitted.
+pub const RESERVED: &[&str] = &[
+    "v", "seq", "ts", "kind", "chain", "epoch", "prev", "hash", "mac",
+];
+
+/// Why a value cannot be put into canonical form.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NonCanonical(pub &'static str);
+
+/// Appends the canonical serialisation of `v` to `out`.
+///
+/// Fails on non-integer numbers (their text form is not unique) and on nesting deeper than
+/// 32 levels (bounded recursion on untrusted input).
+pub fn write_canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), NonCanonical> {
+    write_value(v, out, 0)
+}
+
+/// Appends the canonical serialisation of an object given as a map.
+pub fn write_canonical_map(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), NonCanonical> {
+    write_object(m.iter(), out, 0)
+}
+
+fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCanonical> {
+    if depth > 32 {
+        return Err(NonCanonical("nesting deeper than 32 levels"));
+    }
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => {
+            if let Some(i) = n.as_u64() {
+                write_int(out, i, false);
+            } else if let Some(i) = n.as_i64() {
+                write_int(out, i.unsigned_abs(), i < 0);
+            } else {
+                return Err(NonCanonical("non-integer number"));
+            }
+        }
+        Value::String(s) => write_string(s, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(item, out, depth + 1)?;
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_object(map.iter(), out, depth)?,
+    }
+    Ok(())
+}
+
+/// Writes an object with its keys sorted bytewise, whatever order the map iterates in.
+fn write_object<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a Value)>,
+    out: &mut Vec<u8>,
+    depth: usize,
+) -> Result<(), NonCanonical> {
+    let mut sorted: Vec<(&String, &Value)> = entries.collect();
+    sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push(b'{');
+    for (i, (k, v)) in sorted.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(k, out);
+        out.push(b':');
+        write_value(v, out, depth + 1)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// JSON string escaping, exactly the minimal set the docs define.
+pub fn write_string(s: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            0x08 => Some(b"\\b"),
+            0x0c => Some(b"\\f"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            _ => None,
+        };
+        if esc.is_none() && b >= 0x20 {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        match esc {
+            Some(e) => out.extend_from_slice(e),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+/// Makes caller-supplied JSON canonicalisable: non-integer numbers become strings (their
+/// shortest round-trip text), nesting is cut at 16 levels.
+pub fn sanitize(v: Value, depth: usize) -> Value {
+    match v {
+        Value::Number(n) if n.as_u64().is_none() && n.as_i64().is_none() => {
+            Value::String(n.to_string())
+        }
+        Value::Array(items) if depth < 16 => {
+            Value::Array(items.into_iter().map(|x| sanitize(x, depth + 1)).collect())
+        }
+        Value::Object(map) if depth < 16 => Value::Object(
+            map.into_iter()
+                .map(|(k, x)| (k, sanitize(x, depth + 1)))
+                .collect(),
+        ),
+        Value::Array(_) | Value::Object(_) => Value::String("<nested too deep>".into()),
+        other => other,
+    }
+}
+
+/// `SHA-256(prev || canonical)`.
+pub fn chain_hash(prev: &[u8; 32], canonical: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical);
+    h.finalize().into()
+}
+
+/// `SHA-256(prev || body_open || "}")`: the hash of a line's body without copying it.
+pub fn chain_hash_open(prev: &[u8; 32], body_open: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body_open);
+    h.update(b"}");
+    h.finalize().into()
+}
+
+/// `HMAC-SHA256(key, hash)`.
+pub fn mac_of(key: &EpochKey, hash: &[u8; 32]) -> [u8; 32] {
+    let mut m = key.mac();
+    m.update(hash);
+    m.finalize().into_bytes().into()
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+/// Parses exactly 64 lower-case hex digits.
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// A record's header fields, set by the writer.
+pub struct Header<'a> {
+    pub seq: u64,
+    pub ts: u64,
+    pub kind: &'a str,
+    pub chain: &'a str,
+    pub epoch: u64,
+    pub prev: &'a [u8; 32],
+}
+
+/// A sealed record, ready to append.
+pub struct Sealed {
+    /// The full line, newline included.
+    pub line: Vec<u8>,
+    pub hash: [u8; 32],
+}
+
+/// Builds the canonical record from a header and the kind's fields, hashes and seals it.
+pub fn seal(h: &Header<'_>, fields: Map<String, Value>, key: Option<&EpochKey>) -> Sealed {
+    seal_fields(h, fields_from_map(fields), key)
+}
+
+/// One field value. Borrowed strings and plain integers keep the writer's hot path free of
+/// JSON maps; `Json` carries caller-supplied structure (summaries, anomaly details).
+#[derive(Clone, Debug)]
+pub enum Field<'a> {
+    U(u64),
+    I(i64),
+    S(Cow<'a, str>),
+    Null,
+    Json(Value),
+}
+
+/// A record's fields in any order; [`seal_fields`] sorts them.
+pub type Fields<'a> = Vec<(Cow<'a, str>, Field<'a>)>;
+
+impl From<Value> for Field<'_> {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::Null => Field::Null,
+            Value::String(s) => Field::S(Cow::Owned(s)),
+            Value::Number(n) if n.is_u64() => Field::U(n.as_u64().unwrap_or(0)),
+            Value::Number(n) if n.is_i64() => Field::I(n.as_i64().unwrap_or(0)),
+            other => Field::Json(other),
+        }
+    }
+}
+
+/// Converts a JSON map into fields.
+pub fn fields_from_map<'a>(m: Map<String, Value>) -> Fields<'a> {
+    m.into_iter()
+        .map(|(k, v)| (Cow::Owned(k), Field::from(v)))
+        .collect()
+}
+
+/// Builds the canonical record from a header and the kind's fields, hashes and seals it.
+/// Caller fields named like header fields are dropped; of repeated names the last wins.
+pub fn seal_fields<'a>(h: &Header<'a>, mut fields: Fields<'a>, key: Option<&EpochKey>) -> Sealed {
+    fields.retain(|(k, _)| !RESERVED.contains(&k.as_ref()));
+    let prev = hex(h.prev);
+    fields.extend([
+        (Cow::Borrowed("v"), Field::U(SCHEMA_VERSION)),
+        (Cow::Borrowed("seq"), Field::U(h.seq)),
+        (Cow::Borrowed("ts"), Field::U(h.ts)),
+        (Cow::Borrowed("kind"), Field::S(Cow::Borrowed(h.kind))),
+        (Cow::Borrowed("chain"), Field::S(Cow::Borrowed(h.chain))),
+        (Cow::Borrowed("epoch"), Field::U(h.epoch)),
+        (Cow::Borrowed("prev"), Field::S(Cow::Owned(prev))),
+    ]);
+    for id in ["tenant_id", "request_id", "model_id"] {
+        if !fields.iter().any(|(k, _)| k == id) {
+            fields.push((Cow::Borrowed(id), Field::Null));
+        }
+    }
+    // Stable sort of the reversed list puts the last-inserted of equal keys first; dedup
+    // then keeps it, as a map insert would.
+    fields.reverse();
+    fields.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    fields.dedup_by(|a, b| a.0 == b.0);
+    let mut line = Vec::with_capacity(512);
+    if write_fields(&fields, &mut line).is_err() {
+        // Only reachable with a caller value that `sanitize` did not see: keep the record
+        // (security events are never dropped) with its body replaced by the reason.
+        line.clear();
+        fields.retain(|(k, v)| {
+            ["chain", "epoch", "kind", "prev", "seq", "ts", "v"].contains(&k.as_ref())
+                || matches!(v, Field::Null)
+        });
+        fields.push((
+            Cow::Borrowed("unserialisable"),
+            Field::S(Cow::Borrowed("a caller value had no canonical form")),
+        ));
+        fields.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let _ = write_fields(&fields, &mut line);
+    }
+    let hash = chain_hash(h.prev, &line);
+    line.pop(); // the closing brace; the seal goes before it
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hex(&hash).as_bytes());
+    line.push(b'"');
+    if let Some(k) = key {
+        line.extend_from_slice(b",\"mac\":\"");
+        line.extend_from_slice(hex(&mac_of(k, &hash)).as_bytes());
+        line.push(b'"');
+    }
+    line.extend_from_slice(b"}\n");
+    Sealed { line, hash }
+}
+
+/// Writes sorted, unique fields as a canonical object.
+fn write_fields(fields: &Fields<'_>, out: &mut Vec<u8>) -> Result<(), NonCanonical> {
+    out.push(b'{');
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(k, out);
+        out.push(b':');
+        match v {
+            Field::U(n) => write_int(out, *n, false),
+            Field::I(n) => write_int(out, n.unsigned_abs(), *n < 0),
+            Field::S(s) => write_string(s, out),
+            Field::Null => out.extend_from_slice(b"null"),
+            Field::Json(j) => write_value(j, out, 1)?,
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Decimal digits without going through a `String`.
+fn write_int(out: &mut Vec<u8>, mut n: u64, negative: bool) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if negative {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_sorts_keys_and_escapes_minimally() {
+        let v = json!({"b": 1, "a": {"y": "q\"\\\n\u{1}é", "x": [true, null, -3]}});
+        let mut out = Vec::new();
+        write_canonical(&v, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a":{"x":[true,null,-3],"y":"q\"\\\n\u0001é"},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn canonical_refuses_floats() {
+        let mut out = Vec::new();
+        assert!(write_canonical(&json!({"c": 0.5}), &mut out).is_err());
+        assert_eq!(sanitize(json!({"c": 0.5}), 0), json!({"c": "0.5"}));
+    }
+
+    const VECTOR_BODY: &str = r#"{"chain":"p1-t2","epoch":0,"kind":"start","model_id":null,"pid":1,"prev":"0000000000000000000000000000000000000000000000000000000000000000","request_id":null,"seq":0,"tenant_id":null,"ts":1700000000000000000,"v":1}"#;
+    const VECTOR_HASH: &str = "bf1f7834f3783672df5afe4e576d5b322beac65b6479a1fa729062761472c8fe";
+
+    fn vector_header() -> Header<'static> {
+        Header {
+            seq: 0,
+            ts: 1_700_000_000_000_000_000,
+            kind: "start",
+            chain: "p1-t2",
+            epoch: 0,
+            prev: &GENESIS_PREV,
+        }
+    }
+
+    fn vector_fields() -> Map<String, Value> {
+        let mut f = Map::new();
+        f.insert("pid".into(), 1.into());
+        f
+    }
+
+    /// Fixed vectors (also in docs/forensic-log.md, computed independently with Python's
+    /// hashlib/hmac): an outside implementation of the documented form must reproduce them.
+    #[test]
+    fn fixed_vector_without_key() {
+        let s = seal(&vector_header(), vector_fields(), None);
+        assert_eq!(hex(&s.hash), VECTOR_HASH);
+        let line = String::from_utf8(s.line).unwrap();
+        let body = VECTOR_BODY;
+        assert_eq!(
+            line,
+            format!("{},\"hash\":\"{VECTOR_HASH}\"}}\n", &body[..body.len() - 1])
+        );
+    }
+
+    #[test]
+    fn fixed_vector_with_key_and_ratchet() {
+        let secret = || zeroize::Zeroizing::new(b"0123456789abcdef-secret".to_vec());
+        let k0 = EpochKey::from_secret(secret()).unwrap();
+        let s = seal(&vector_header(), vector_fields(), Some(&k0));
+        let line = String::from_utf8(s.line).unwrap();
+        assert!(line.ends_with(
+            ",\"mac\":\"181958f446e125d9452fad319e0fbd9137d2d5900f60496de925d1ea44bea117\"}\n"
+        ));
+        let mut k1 = EpochKey::from_secret(secret()).unwrap();
+        k1.ratchet();
+        assert_eq!(
+            hex(&mac_of(&k1, &s.hash)),
+            "a6d8b2c3038111f67189625763273db5692c6dd76b76f80f1d97de7f3837c598"
+        );
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let h = [0xabu8; 32];
+        assert_eq!(parse_hash(&hex(&h)), Some(h));
+        assert_eq!(parse_hash("AB"), None);
+        assert_eq!(parse_hash(&"G".repeat(64)), None);
+    }
+}

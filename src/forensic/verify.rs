@@ -1,0 +1,468 @@
+//! Verification of every chain in a directory: the code behind `kvh verify-log`.
+//!
+//! Per record: JSON, canonical form, schema version, chain id, seq continuity, `prev`
+//! linkage, hash, epoch, MAC (with the key ratcheted to the file's epoch); per file: index
+//! continuity and the `rotate` link to the previous file; per chain: signed checkpoints
+//! (the record at the checkpoint's seq must exist and carry its hash). The first problem of
+//! a chain is reported as `file:line: reason` and ends that chain's check.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::VerifyingKey;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use super::checkpoint::{self, Checkpoint};
+use super::files;
+use super::keys::EpochKey;
+use super::record::{chain_hash_open, mac_of, parse_hash, GENESIS_PREV};
+use super::scan::{scan, Scanned};
+
+/// What to verify with.
+#[derive(Default)]
+pub struct VerifyOptions {
+    /// The HMAC secret (epoch-0 key); MACs are only checked when it is given.
+    pub hmac_secret: Option<Zeroizing<Vec<u8>>>,
+    /// Pinned Ed25519 public key of the checkpoints.
+    pub public_key: Option<VerifyingKey>,
+    /// Checkpoint files (or directories of them) to check against.
+    pub checkpoints: Vec<PathBuf>,
+    /// Print per-file progress on stderr.
+    pub progress: bool,
+}
+
+/// The first bad record of a chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub file: String,
+    pub line: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.reason)
+    }
+}
+
+/// The result for one chain.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChainReport {
+    pub chain: String,
+    pub files: usize,
+    pub records: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub first_ts: Option<u64>,
+    pub last_ts: Option<u64>,
+    /// A `stop` record ends the chain (the writer shut down cleanly).
+    pub closed: bool,
+    /// Bytes after the last newline of the newest file (a writer crashed mid-line).
+    pub torn_bytes: u64,
+    pub macs_checked: bool,
+    /// Seq of the signed checkpoint that was matched, if any.
+    pub checkpoint_seq: Option<u64>,
+    pub problem: Option<Problem>,
+}
+
+impl ChainReport {
+    pub fn ok(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
+/// The result for a directory.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub chains: Vec<ChainReport>,
+    /// Problems not tied to a record (a checkpoint for a chain with no files, a forged
+    /// checkpoint).
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.chains.iter().all(ChainReport::ok)
+    }
+
+    /// 0 when everything verified, 1 when tampering or corruption was found.
+    pub fn exit_code(&self) -> i32 {
+        if self.ok() {
+            0
+        } else {
+            1
+        }
+    }
+
+    /// The first problem found, for messages and tests.
+    pub fn first_problem(&self) -> Option<&Problem> {
+        self.chains.iter().find_map(|c| c.problem.as_ref())
+    }
+}
+
+/// A usage or I/O error (exit 2): nothing could be concluded about the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct VerifyError(pub String);
+
+/// Verifies every chain found in `dir`.
+pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
+    let chains = files::list_chains(dir)
+        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    let mut report = Report::default();
+    let mut ckpts = load_checkpoints(opts, &mut report)?;
+    let total = chains.len();
+    for (i, (chain, list)) in chains.iter().enumerate() {
+        if opts.progress {
+            eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
+        }
+        let ckpt = ckpts.remove(chain);
+        report
+            .chains
+            .push(verify_chain(chain, list, opts, ckpt.as_ref())?);
+    }
+    for (chain, c) in ckpts {
+        report.errors.push(format!(
+            "checkpoint for chain {chain} (seq {}, file {}) but no file of that chain in {}: \
+             files deleted",
+            c.seq,
+            c.file,
+            dir.display()
+        ));
+    }
+    Ok(report)
+}
+
+/// Reads the checkpoints; a bad signature is tampering, an unreadable file a usage error.
+fn load_checkpoints(
+    opts: &VerifyOptions,
+    report: &mut Report,
+) -> Result<BTreeMap<String, Checkpoint>, VerifyError> {
+    let mut out = BTreeMap::new();
+    if opts.checkpoints.is_empty() {
+        return Ok(out);
+    }
+    let key = opts
+        .public_key
+        .as_ref()
+        .ok_or_else(|| VerifyError("--checkpoint needs --public-key".into()))?;
+    for p in &opts.checkpoints {
+        let found =
+            checkpoint::find(p).map_err(|e| VerifyError(format!("{}: {e}", p.display())))?;
+        for f in found {
+            if !f.exists() {
+                return Err(VerifyError(format!("{}: no such checkpoint", f.display())));
+            }
+            match checkpoint::read(&f, key) {
+                Ok(c) => {
+                    out.insert(c.chain.clone(), c);
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Walk state of one chain.
+struct Walk<'a> {
+    chain: &'a str,
+    key: Option<EpochKey>,
+    next_seq: u64,
+    prev: [u8; 32],
+    prev_file: Option<String>,
+    ckpt: Option<&'a Checkpoint>,
+    /// Index of the last file checked.
+    cur_index: u64,
+    report: ChainReport,
+}
+
+fn verify_chain(
+    chain: &str,
+    list: &[(u64, PathBuf)],
+    opts: &VerifyOptions,
+    ckpt: Option<&Checkpoint>,
+) -> Result<ChainReport, VerifyError> {
+    let key = match &opts.hmac_secret {
+        Some(s) => Some(
+            EpochKey::from_secret(s.clone())
+                .map_err(|e| VerifyError(format!("--key-file: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut w = Walk {
+        chain,
+        cur_index: 0,
+        key,
+        next_seq: 0,
+        prev: GENESIS_PREV,
+        prev_file: None,
+        ckpt,
+        report: ChainReport {
+            chain: chain.to_string(),
+            files: list.len(),
+            macs_checked: opts.hmac_secret.is_some(),
+            ..Default::default()
+        },
+    };
+    let mut last_line = (String::new(), 0u64);
+    for (pos, (index, path)) in list.iter().enumerate() {
+        let name = files::file_name(chain, *index);
+        if opts.progress {
+            eprintln!("verify-log:   {}", path.display());
+        }
+        let bytes = fs::read(path).map_err(|e| VerifyError(format!("{}: {e}", path.display())))?;
+        let is_last = pos + 1 == list.len();
+        match w.file(&name, *index, &bytes, is_last) {
+            Ok(lines) => last_line = (name, lines),
+            Err(p) => {
+                w.report.problem = Some(p);
+                return Ok(w.report);
+            }
+        }
+    }
+    if let Some(c) = ckpt {
+        if w.report.checkpoint_seq.is_none() {
+            let last = w
+                .report
+                .last_seq
+                .map_or("no record".into(), |s| format!("seq {s}"));
+            w.report.problem = Some(Problem {
+                file: last_line.0,
+                line: last_line.1 + 1,
+                reason: format!(
+                    "chain ends at {last} but the signed checkpoint covers seq {} in {}: \
+                     records truncated or newest files deleted",
+                    c.seq, c.file
+                ),
+            });
+        }
+    }
+    Ok(w.report)
+}
+
+impl Walk<'_> {
+    /// Checks one file; returns its number of complete lines.
+    fn file(
+        &mut self,
+        name: &str,
+        index: u64,
+        bytes: &[u8],
+        is_last: bool,
+    ) -> Result<u64, Problem> {
+        let bad = |line: u64, reason: String| Problem {
+            file: name.to_string(),
+            line,
+            reason,
+        };
+        let expected_index = self.prev_file.as_ref().map_or(0, |_| self.cur_index + 1);
+        if index != expected_index {
+            let reason = if self.prev_file.is_none() {
+                format!("chain starts at file index {index}: files 0..{index} are missing")
+            } else {
+                format!(
+                    "file index jumps from {} to {index}: rotated file(s) missing",
+                    expected_index - 1
+                )
+            };
+            return Err(bad(1, reason));
+        }
+        if let Some(k) = self.key.as_mut() {
+            k.advance_to(index);
+        }
+        let mut lines = 0u64;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                if is_last {
+                    self.report.torn_bytes = rest.len() as u64;
+                    break;
+                }
+                return Err(bad(lines + 1, "unterminated line in a rotated file".into()));
+            };
+            lines += 1;
+            let first_in_file = lines == 1;
+            self.record(&rest[..nl], index, first_in_file)
+                .map_err(|r| bad(lines, r))?;
+            rest = &rest[nl + 1..];
+        }
+        if lines == 0 && !is_last {
+            return Err(bad(1, "empty rotated file".into()));
+        }
+        self.prev_file = Some(name.to_string());
+        self.cur_index = index;
+        Ok(lines)
+    }
+
+    fn record(&mut self, line: &[u8], index: u64, first_in_file: bool) -> Result<(), String> {
+        let r = scan(line).map_err(|e| scan_reason(line, e))?;
+        self.header(&r, index)?;
+        let hash = chain_hash_open(&self.prev, r.body_open);
+        if parse_hash(r.hash) != Some(hash) {
+            return Err("hash mismatch: record modified".into());
+        }
+        self.mac(&hash, r.mac)?;
+        if let Some(c) = self
+            .ckpt
+            .filter(|c| c.seq == self.next_seq && c.hash != hash)
+        {
+            return Err(format!(
+                "record differs from the signed checkpoint at seq {}: chain rewritten",
+                c.seq
+            ));
+        }
+        self.position(&r, first_in_file)?;
+        self.accept(&r, hash);
+        Ok(())
+    }
+
+    /// Schema version, chain id, epoch, seq and prev.
+    fn header(&self, r: &Scanned<'_>, index: u64) -> Result<(), String> {
+        if r.v != Some(1) {
+            return Err("unsupported or missing schema version v".into());
+        }
+        let chain = r.chain.ok_or("record has no chain")?;
+        if chain != self.chain {
+            return Err(format!(
+                "record belongs to chain {chain}, not {}: spliced from another chain",
+                self.chain
+            ));
+        }
+        if r.epoch != Some(index) {
+            return Err(format!("epoch is not the file's index {index}"));
+        }
+        let seq = r.seq.ok_or("record has no seq")?;
+        if seq != self.next_seq {
+            return Err(format!(
+                "seq {seq}, expected {}: records deleted, duplicated or reordered",
+                self.next_seq
+            ));
+        }
+        if r.prev.and_then(parse_hash) != Some(self.prev) {
+            return Err("prev is not the previous record's hash".into());
+        }
+        r.ts.ok_or("record has no ts")?;
+        r.kind.ok_or("record has no kind")?;
+        Ok(())
+    }
+
+    fn mac(&self, hash: &[u8; 32], mac_hex: Option<&str>) -> Result<(), String> {
+        let Some(k) = &self.key else { return Ok(()) };
+        let mac = mac_hex.ok_or("record has no mac but a key was given")?;
+        if parse_hash(mac) != Some(mac_of(k, hash)) {
+            return Err(format!(
+                "MAC mismatch at epoch {}: wrong key or forged record",
+                k.epoch()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `start` opens file 0, `rotate` opens every later file and links to the previous one,
+    /// nothing follows `stop`.
+    fn position(&self, r: &Scanned<'_>, first_in_file: bool) -> Result<(), String> {
+        let kind = r.kind.unwrap_or("");
+        if self.report.closed {
+            return Err("record after the chain's stop record".into());
+        }
+        if !first_in_file {
+            if kind == "start" || kind == "rotate" {
+                return Err(format!("{kind} record in the middle of a file"));
+            }
+            return Ok(());
+        }
+        let Some(prev_name) = self.prev_file.as_deref() else {
+            if kind != "start" {
+                return Err(format!("chain starts with a {kind} record, not start"));
+            }
+            return Ok(());
+        };
+        if kind != "rotate" {
+            return Err(format!("file starts with a {kind} record, not rotate"));
+        }
+        if r.prev_file != Some(prev_name) {
+            return Err(format!(
+                "rotate record links to {}, but the previous file is {prev_name}",
+                r.prev_file.unwrap_or("nothing")
+            ));
+        }
+        if r.prev_seq != self.next_seq.checked_sub(1) {
+            return Err("rotate record's prev_seq is not the previous file's last seq".into());
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, r: &Scanned<'_>, hash: [u8; 32]) {
+        let seq = self.next_seq;
+        let ts = r.ts.unwrap_or(0);
+        let rep = &mut self.report;
+        rep.records += 1;
+        rep.first_seq.get_or_insert(seq);
+        rep.last_seq = Some(seq);
+        rep.first_ts = Some(rep.first_ts.map_or(ts, |t| t.min(ts)));
+        rep.last_ts = Some(rep.last_ts.map_or(ts, |t| t.max(ts)));
+        if r.kind == Some("stop") {
+            rep.closed = true;
+        }
+        if let Some(c) = self.ckpt.filter(|c| c.seq == seq && c.hash == hash) {
+            rep.checkpoint_seq = Some(c.seq);
+        }
+        self.next_seq += 1;
+        self.prev = hash;
+    }
+}
+
+/// A precise reason for a line the scanner refused: JSON errors from a full parser (only
+/// on this failure path), canonical-form errors from the scanner.
+#[cold]
+fn scan_reason(line: &[u8], scan_err: &str) -> String {
+    match serde_json::from_slice::<serde_json::Value>(line) {
+        Err(e) => format!("malformed JSON: {e}"),
+        Ok(v) if !v.is_object() => "record is not a JSON object".into(),
+        Ok(_) => scan_err.to_string(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` of Unix nanoseconds (proleptic Gregorian, UTC).
+pub fn rfc3339(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ns % 1_000_000_000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+    }
+}

@@ -1,0 +1,535 @@
+//! The chain writer: owns the active file, the chain head and the epoch key, and runs on
+//! its own thread so that producers never wait on disk.
+//!
+//! Records are sealed into a buffer and written in batches. The chain head only advances
+//! when a batch reaches the file: if a write fails, the file is cut back to its last good
+//! length, the batch is counted as lost, and the next successful batch starts with a `lost`
+//! record that says what was lost. Rotation happens only between batches.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ed25519_dalek::SigningKey;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::checkpoint::{self, Checkpoint};
+use super::keys::{self, EpochKey};
+use super::record::{self, hex, Field, Fields, Header, GENESIS_PREV};
+use super::{files, lock, recovery, unix_nanos, ForensicError, Msg, Shared, StartInfo};
+use crate::config::{FsyncPolicy, LogConfig};
+
+/// Largest number of queued messages handled before the buffer is written.
+const BATCH: usize = 4096;
+
+/// What was lost since the last successful write.
+#[derive(Default)]
+struct Lost {
+    records: u64,
+    bytes: u64,
+    kinds: BTreeMap<String, u64>,
+    since_ts: u64,
+    error: String,
+}
+
+pub(crate) struct ChainWriter {
+    dir: PathBuf,
+    chain: String,
+    index: u64,
+    file: File,
+    /// Bytes of the active file known to be written.
+    file_len: u64,
+    max_bytes: u64,
+    key: Option<EpochKey>,
+    signing: Option<SigningKey>,
+    ckpt_dir: PathBuf,
+    fsync: FsyncPolicy,
+    fsync_every: Duration,
+    summary_every: Duration,
+    ckpt_every_records: u64,
+    ckpt_every: Duration,
+    /// Head of the chain including buffered records.
+    seq: u64,
+    prev: [u8; 32],
+    /// Head as of the last successful write.
+    committed_seq: u64,
+    committed_prev: [u8; 32],
+    buf: Vec<u8>,
+    buf_kinds: Vec<&'static str>,
+    lost: Option<Lost>,
+    /// Whether `lost` is already described by a record in `buf`.
+    lost_in_buf: bool,
+    dirty_since_sync: bool,
+    last_sync: Instant,
+    last_summary: Option<Instant>,
+    records_since_ckpt: u64,
+    last_ckpt: Instant,
+    shared: Arc<Shared>,
+}
+
+impl ChainWriter {
+    /// Opens the directory, continues a crashed chain or starts a new one, and writes (and
+    /// flushes) its first record so that configuration and disk problems surface at open.
+    pub fn open(
+        cfg: &LogConfig,
+        start: &StartInfo,
+        mut key: Option<EpochKey>,
+        shared: Arc<Shared>,
+    ) -> Result<Self, ForensicError> {
+        let dir = cfg
+            .dir
+            .clone()
+            .ok_or_else(|| ForensicError::Io("KVH_LOG_DIR is not set".into()))?;
+        files::prepare_dir(&dir)?;
+        let signing = cfg
+            .signing_key_file
+            .as_deref()
+            .map(keys::read_signing_key)
+            .transpose()?;
+        let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
+        if signing.is_some() {
+            files::prepare_dir(&ckpt_dir)?;
+        }
+        let adopted = recovery::adopt(&dir, key.as_mut())?;
+        let now = SystemTime::now();
+        let (chain, index, file, file_len, next_seq, prev) = match &adopted {
+            Some(a) => (
+                a.chain.clone(),
+                a.index,
+                a.file
+                    .try_clone()
+                    .map_err(|e| files::io_err(&a.path, "dup", e))?,
+                a.len,
+                a.last_seq + 1,
+                a.last_hash,
+            ),
+            None => {
+                let chain = format!("p{}-t{}", start.pid, unix_nanos(now));
+                let path = dir.join(files::file_name(&chain, 0));
+                let file = files::create_file(&path)?;
+                files::sync_dir(&dir).map_err(|e| files::io_err(&dir, "fsync", e))?;
+                (chain, 0, file, 0, 0, GENESIS_PREV)
+            }
+        };
+        let mut w = ChainWriter {
+            dir,
+            chain,
+            index,
+            file,
+            file_len,
+            max_bytes: cfg.max_bytes.max(4096),
+            key,
+            signing,
+            ckpt_dir,
+            fsync: cfg.fsync,
+            fsync_every: Duration::from_millis(cfg.fsync_interval_ms),
+            summary_every: Duration::from_millis(cfg.summary_interval_ms),
+            ckpt_every_records: cfg.checkpoint_every_records,
+            ckpt_every: Duration::from_millis(cfg.checkpoint_interval_ms),
+            seq: next_seq,
+            prev,
+            committed_seq: next_seq,
+            committed_prev: prev,
+            buf: Vec::with_capacity(1 << 16),
+            buf_kinds: Vec::new(),
+            lost: None,
+            lost_in_buf: false,
+            dirty_since_sync: false,
+            last_sync: Instant::now(),
+            last_summary: None,
+            records_since_ckpt: 0,
+            last_ckpt: Instant::now(),
+            shared,
+        };
+        *lock(&w.shared.chain) = Some(w.chain.clone());
+        *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
+        let mut fields = start_fields(start);
+        if let Some(prev_file) = adopted.as_ref().and_then(|a| a.link_from.clone()) {
+            let mut f = Map::new();
+            f.insert("prev_file".into(), prev_file.into());
+            f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
+            w.append("rotate", record::fields_from_map(f), unix_nanos(now));
+        }
+        let kind = match &adopted {
+            Some(a) => {
+                fields.insert("torn_bytes".into(), a.torn_bytes.into());
+                fields.insert("last_good_seq".into(), a.last_seq.into());
+                fields.insert("last_good_hash".into(), hex(&a.last_hash).into());
+                "recovery"
+            }
+            None => "start",
+        };
+        w.append(kind, record::fields_from_map(fields), unix_nanos(now));
+        w.write_buffer()
+            .map_err(|e| ForensicError::Io(format!("cannot write the {kind} record: {e}")))?;
+        w.sync();
+        Ok(w)
+    }
+
+    /// The writer thread's loop; returns after `Stop` or when every producer is gone.
+    pub fn run(mut self, rx: Receiver<Msg>) {
+        let tick = Duration::from_millis(50);
+        loop {
+            let mut acks = Vec::new();
+            let mut stop = None;
+            match rx.recv_timeout(tick) {
+                Ok(m) => self.handle(m, &mut acks, &mut stop),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = Some(None),
+            }
+            let mut n = 0;
+            while stop.is_none() && n < BATCH {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        self.handle(m, &mut acks, &mut stop);
+                        self.maybe_checkpoint();
+                    }
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            if stop.is_some() {
+                // Producers that raced with `stop` queued before it was seen: keep them.
+                while let Ok(m) = rx.try_recv() {
+                    self.handle(m, &mut acks, &mut None);
+                }
+            }
+            self.maybe_summary(stop.is_some());
+            let _ = self.flush();
+            for a in acks {
+                let _ = a.try_send(());
+            }
+            if let Some(ack) = stop {
+                self.finish();
+                if let Some(a) = ack {
+                    let _ = a.try_send(());
+                }
+                return;
+            }
+            self.maybe_sync();
+            self.maybe_checkpoint();
+        }
+    }
+
+    fn handle(
+        &mut self,
+        m: Msg,
+        acks: &mut Vec<std::sync::mpsc::SyncSender<()>>,
+        stop: &mut Option<Option<std::sync::mpsc::SyncSender<()>>>,
+    ) {
+        match m {
+            Msg::Event(e) => {
+                let (kind, fields) = super::event_fields(&e);
+                self.append(kind, fields, unix_nanos(e.at));
+            }
+            Msg::Anomaly(detail, ctx, ts) => {
+                let mut f = Vec::with_capacity(4);
+                super::context_fields(&ctx, &mut f);
+                let detail = Field::from(record::sanitize(detail, 0));
+                f.push((Cow::Borrowed("detail"), detail));
+                self.append("anomaly", f, ts);
+            }
+            Msg::Wake => {}
+            Msg::Flush(a) => acks.push(a),
+            Msg::Stop(a) => *stop = Some(Some(a)),
+        }
+    }
+
+    /// Seals a record into the buffer, rotating first when it would overflow the file.
+    fn append(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
+        if self.lost.is_some() && !self.lost_in_buf {
+            self.append_lost_record(ts);
+        }
+        self.append_raw(kind, fields, ts);
+    }
+
+    fn append_raw(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
+        let h = Header {
+            seq: self.seq,
+            ts,
+            kind,
+            chain: &self.chain,
+            epoch: self.index,
+            prev: &self.prev,
+        };
+        let sealed = record::seal_fields(&h, fields, self.key.as_ref());
+        let projected = self.file_len + (self.buf.len() + sealed.line.len()) as u64;
+        if projected > self.max_bytes && self.file_len + self.buf.len() as u64 > 0 {
+            // Re-seal after rotating: the record then belongs to the next epoch.
+            if self.flush().is_ok() && self.rotate(ts).is_ok() {
+                let fields = record::fields_from_map(rebuild_fields(&sealed.line));
+                return self.append_raw(kind, fields, ts);
+            }
+        }
+        self.buf.extend_from_slice(&sealed.line);
+        self.buf_kinds.push(kind);
+        self.seq += 1;
+        self.prev = sealed.hash;
+    }
+
+    fn append_lost_record(&mut self, ts: u64) {
+        let Some(l) = &self.lost else { return };
+        let mut f = Map::new();
+        f.insert("records_lost".into(), l.records.into());
+        f.insert("bytes_lost".into(), l.bytes.into());
+        let kinds: Map<String, Value> = l
+            .kinds
+            .iter()
+            .map(|(k, n)| (k.clone(), Value::from(*n)))
+            .collect();
+        f.insert("lost_kinds".into(), Value::Object(kinds));
+        f.insert("since_ts".into(), l.since_ts.into());
+        f.insert("error".into(), l.error.clone().into());
+        self.lost_in_buf = true;
+        self.append_raw("lost", record::fields_from_map(f), ts);
+    }
+
+    /// Writes the buffer. On failure the file is cut back, the head rolled back and the
+    /// buffered records counted as lost.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        match self.write_buffer() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.on_write_error(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn write_buffer(&mut self) -> io::Result<()> {
+        if self.lost.is_some() {
+            // A failed write may have left part of a line: cut back to the last good byte.
+            self.file.set_len(self.file_len)?;
+        }
+        self.write_with_faults()?;
+        self.file_len += self.buf.len() as u64;
+        let n = self.buf_kinds.len() as u64;
+        self.shared.records_written.fetch_add(n, Ordering::Relaxed);
+        self.records_since_ckpt += n;
+        self.committed_seq = self.seq;
+        self.committed_prev = self.prev;
+        self.buf.clear();
+        self.buf_kinds.clear();
+        if self.lost_in_buf {
+            self.lost = None;
+            self.lost_in_buf = false;
+        }
+        self.dirty_since_sync = true;
+        if self.fsync == FsyncPolicy::Always {
+            self.sync();
+        }
+        Ok(())
+    }
+
+    fn write_with_faults(&mut self) -> io::Result<()> {
+        let armed = self
+            .shared
+            .injected_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if armed {
+            let half = self.buf.len() / 2;
+            self.file.write_all(&self.buf[..half])?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.file.write_all(&self.buf)
+    }
+
+    #[cold]
+    fn on_write_error(&mut self, e: &io::Error) {
+        let s = &self.shared;
+        s.write_errors.fetch_add(1, Ordering::Relaxed);
+        let msg = format!(
+            "{}: write failed: {e}",
+            files::file_name(&self.chain, self.index)
+        );
+        *lock(&s.last_error) = Some(msg.clone());
+        let lost = self.lost.get_or_insert_with(|| Lost {
+            since_ts: unix_nanos(SystemTime::now()),
+            ..Default::default()
+        });
+        lost.error = msg;
+        let mut lines = self.buf.split(|&b| b == b'\n');
+        for kind in self.buf_kinds.drain(..) {
+            let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
+            if kind == "lost" {
+                continue; // the description of earlier losses, rebuilt next time
+            }
+            lost.records += 1;
+            lost.bytes += len;
+            *lost.kinds.entry(kind.to_string()).or_default() += 1;
+            s.records_lost.fetch_add(1, Ordering::Relaxed);
+            s.bytes_lost.fetch_add(len, Ordering::Relaxed);
+        }
+        self.buf.clear();
+        self.lost_in_buf = false;
+        self.seq = self.committed_seq;
+        self.prev = self.committed_prev;
+    }
+
+    /// Starts the next file: create (locked) before the old one is released, ratchet the
+    /// key, fsync the directory, then link the new file to the old one.
+    fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
+        if self.fsync != FsyncPolicy::Never {
+            let _ = self.file.sync_data();
+        }
+        let old_name = files::file_name(&self.chain, self.index);
+        let path = self.dir.join(files::file_name(&self.chain, self.index + 1));
+        let file = match files::create_file(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.shared.last_error) = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        self.file = file; // the old file (and its lock) is released here
+        self.index += 1;
+        self.file_len = 0;
+        if let Some(k) = self.key.as_mut() {
+            k.ratchet();
+        }
+        let _ = files::sync_dir(&self.dir);
+        *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
+        let mut f = Map::new();
+        f.insert("prev_file".into(), old_name.into());
+        f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
+        self.append_raw("rotate", record::fields_from_map(f), ts);
+        Ok(())
+    }
+
+    fn maybe_summary(&mut self, force: bool) {
+        let due = force
+            || self
+                .last_summary
+                .is_none_or(|t| t.elapsed() >= self.summary_every);
+        if !due {
+            return;
+        }
+        let Some(counters) = lock(&self.shared.summary).take() else {
+            return;
+        };
+        let mut f = Map::new();
+        f.insert("counters".into(), record::sanitize(counters, 0));
+        self.last_summary = Some(Instant::now());
+        self.append(
+            "summary",
+            record::fields_from_map(f),
+            unix_nanos(SystemTime::now()),
+        );
+    }
+
+    fn sync(&mut self) {
+        if self.file.sync_data().is_ok() {
+            self.dirty_since_sync = false;
+            self.last_sync = Instant::now();
+        }
+    }
+
+    fn maybe_sync(&mut self) {
+        if self.fsync == FsyncPolicy::Interval
+            && self.dirty_since_sync
+            && self.last_sync.elapsed() >= self.fsync_every
+        {
+            self.sync();
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        let pending = self.records_since_ckpt + self.buf_kinds.len() as u64;
+        if self.signing.is_none() || pending == 0 {
+            return;
+        }
+        let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;
+        let by_time =
+            self.ckpt_every > Duration::ZERO && self.last_ckpt.elapsed() >= self.ckpt_every;
+        if !(by_count || by_time) || self.flush().is_err() {
+            return;
+        }
+        if let Some(c) = self.checkpoint() {
+            let mut f = Map::new();
+            f.insert("ckpt_seq".into(), c.seq.into());
+            f.insert("ckpt_file".into(), c.file.into());
+            self.append("checkpoint", record::fields_from_map(f), c.ts);
+            let _ = self.flush();
+        }
+    }
+
+    /// Signs the committed head. The file is fsynced first (unless the policy is `never`) so
+    /// a checkpoint never covers records a power failure could take back.
+    fn checkpoint(&mut self) -> Option<Checkpoint> {
+        if self.signing.is_none() || self.committed_seq == 0 {
+            return None;
+        }
+        if self.fsync != FsyncPolicy::Never {
+            self.sync();
+        }
+        let c = Checkpoint {
+            chain: self.chain.clone(),
+            seq: self.committed_seq - 1,
+            hash: self.committed_prev,
+            file: files::file_name(&self.chain, self.index),
+            ts: unix_nanos(SystemTime::now()),
+        };
+        self.records_since_ckpt = 0;
+        self.last_ckpt = Instant::now();
+        let key = self.signing.as_ref()?;
+        match checkpoint::write(&self.ckpt_dir, key, &c) {
+            Ok(()) => Some(c),
+            Err(e) => {
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.shared.last_error) = Some(e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `stop` record, flush, fsync, final checkpoint.
+    fn finish(&mut self) {
+        let mut f = Map::new();
+        f.insert(
+            "records_written".into(),
+            self.shared.records_written.load(Ordering::Relaxed).into(),
+        );
+        f.insert(
+            "records_lost".into(),
+            self.shared.records_lost.load(Ordering::Relaxed).into(),
+        );
+        self.append(
+            "stop",
+            record::fields_from_map(f),
+            unix_nanos(SystemTime::now()),
+        );
+        let _ = self.flush();
+        self.sync();
+        let _ = self.checkpoint();
+    }
+}
+
+/// The caller fields of a sealed line (to re-seal it in the next epoch).
+fn rebuild_fields(line: &[u8]) -> Map<String, Value> {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+fn start_fields(s: &StartInfo) -> Map<String, Value> {
+    let mut f = Map::new();
+    let digest = Sha256::digest(s.config_json.as_bytes());
+    f.insert("config_digest".into(), hex(&digest).into());
+    f.insert("version".into(), s.version.clone().into());
+    f.insert("pid".into(), s.pid.into());
+    f.insert("host".into(), s.host.clone().into());
+    f
+}

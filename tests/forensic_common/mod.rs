@@ -1,0 +1,171 @@
+//! Helpers shared by the forensic-log integration tests.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
+use kvhygiene::context::Context;
+use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
+use kvhygiene::forensic::keys::EpochKey;
+use kvhygiene::forensic::record::{self, Header};
+use kvhygiene::forensic::{verify_all, ForensicLog, Report, StartInfo, VerifyOptions};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+pub const SECRET: &[u8] = b"test-secret-0123456789abcdef";
+
+pub fn secret() -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(SECRET.to_vec())
+}
+
+/// A private log directory inside a temporary directory.
+pub fn log_dir(tmp: &tempfile::TempDir) -> PathBuf {
+    tmp.path().join("log")
+}
+
+pub fn cfg(dir: &Path, max_bytes: u64) -> LogConfig {
+    LogConfig {
+        dir: Some(dir.to_path_buf()),
+        max_bytes,
+        fsync: FsyncPolicy::Never,
+        queue_capacity: 1024,
+        summary_interval_ms: 0,
+        checkpoint_every_records: 0,
+        checkpoint_interval_ms: 0,
+        ..Config::default().log
+    }
+}
+
+pub fn start() -> StartInfo {
+    StartInfo::current(Config::default().canonical_json())
+}
+
+pub fn event(i: u64) -> Event {
+    Event {
+        at: SystemTime::now(),
+        kind: EventKind::Quarantined {
+            reason: QuarantineReason::VerifyFailed,
+        },
+        context: Context::new(Some("tenant-a"), Some(&format!("req-{i}")), Some("llama")).unwrap(),
+        block: Some(BlockRef {
+            id: i,
+            device: 0,
+            addr: 0x7f00_0000_0000 + i * 4096,
+            requested: 4000,
+            capacity: 4096,
+            scrub_seq: i,
+        }),
+        addr: None,
+    }
+}
+
+/// Opens a log, writes `n` events, stops it.
+pub fn write_log(cfg: &LogConfig, n: u64, keyed: bool) {
+    let log = ForensicLog::open_with_secret(cfg, start(), keyed.then(secret)).unwrap();
+    for i in 0..n {
+        log.emit(event(i));
+    }
+    log.stop();
+}
+
+pub fn keyed_opts() -> VerifyOptions {
+    VerifyOptions {
+        hmac_secret: Some(secret()),
+        ..Default::default()
+    }
+}
+
+pub fn verify(dir: &Path, opts: &VerifyOptions) -> Report {
+    verify_all(dir, opts).unwrap()
+}
+
+/// Chain files of `dir` in order (one chain expected).
+pub fn chain_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn name(p: &Path) -> String {
+    p.file_name().unwrap().to_str().unwrap().to_string()
+}
+
+pub fn read_lines(p: &Path) -> Vec<String> {
+    fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn write_lines(p: &Path, lines: &[String]) {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    fs::write(p, s).unwrap();
+}
+
+/// Asserts that the report's first problem is at `file:line` and mentions `needle`.
+pub fn assert_problem(r: &Report, file: &str, line: u64, needle: &str) {
+    let p = r
+        .first_problem()
+        .unwrap_or_else(|| panic!("no problem reported: {r:?}"));
+    assert_eq!((p.file.as_str(), p.line), (file, line), "{p}");
+    assert!(p.reason.contains(needle), "{p}");
+    assert_eq!(r.exit_code(), 1);
+}
+
+/// Re-seals every record from `files[from_file]` line `from_line` (1-based) to the end of
+/// the chain, after applying `mutate` to that first record: what an attacker holding the
+/// key of `from_file`'s epoch (and ratcheting it forward) can do.
+pub fn forge_from(
+    files: &[PathBuf],
+    from_file: usize,
+    from_line: usize,
+    key: Option<EpochKey>,
+    mutate: impl Fn(&mut Map<String, Value>),
+) {
+    let mut key = key;
+    let mut prev: Option<[u8; 32]> = None;
+    for (fi, path) in files.iter().enumerate().skip(from_file) {
+        if let (Some(k), true) = (key.as_mut(), fi > from_file) {
+            k.ratchet();
+        }
+        let mut lines = read_lines(path);
+        for (li, line) in lines.iter_mut().enumerate() {
+            if fi == from_file && li + 1 < from_line {
+                continue;
+            }
+            let Value::Object(mut m) = serde_json::from_str::<Value>(line).unwrap() else {
+                panic!()
+            };
+            let old_prev = record::parse_hash(m["prev"].as_str().unwrap()).unwrap();
+            let p = prev.unwrap_or(old_prev);
+            if fi == from_file && li + 1 == from_line {
+                mutate(&mut m);
+            }
+            let kind = m["kind"].as_str().unwrap().to_string();
+            let chain = m["chain"].as_str().unwrap().to_string();
+            let h = Header {
+                seq: m["seq"].as_u64().unwrap(),
+                ts: m["ts"].as_u64().unwrap(),
+                kind: &kind,
+                chain: &chain,
+                epoch: m["epoch"].as_u64().unwrap(),
+                prev: &p,
+            };
+            let sealed = record::seal(&h, m.clone(), key.as_ref());
+            prev = Some(sealed.hash);
+            *line = String::from_utf8(sealed.line)
+                .unwrap()
+                .trim_end()
+                .to_string();
+        }
+        write_lines(path, &lines);
+    }
+}

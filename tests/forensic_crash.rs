@@ -1,0 +1,128 @@
+//! Crash safety: a writer killed with SIGKILL at full speed leaves a log that verifies up to
+//! its last complete record, and the next process continues the chain with a `recovery`
+//! record that states how many torn bytes were cut.
+
+mod forensic_common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forensic_common::*;
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+
+const CHILD_ENV: &str = "KVH_FORENSIC_CRASH_CHILD_DIR";
+
+/// In the child (re-executed test binary), logs as fast as it can until it is killed. In a
+/// normal test run it returns at once.
+#[test]
+fn crash_child_entry() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let c = cfg(std::path::Path::new(&dir), 256 * 1024);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let mut i = 0;
+    loop {
+        log.emit(event(i));
+        i += 1;
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigkill_mid_write_then_recovery_continues_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while dir_bytes(&dir) < 600 * 1024 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(dir_bytes(&dir) > 0, "the child wrote nothing");
+
+    let files = chain_files(&dir);
+    let last = files.last().unwrap().clone();
+    let mut r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    assert!(!r.chains[0].closed);
+    if r.chains[0].torn_bytes == 0 {
+        // The kill landed between two writes: tear the tail by hand, as a kill mid-write does.
+        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+        f.write_all(b"{\"chain\":\"p1-t1\",\"epoch\":0,\"ki")
+            .unwrap();
+        r = verify(&dir, &keyed_opts());
+        assert!(r.ok(), "{r:?}");
+    }
+    let torn = r.chains[0].torn_bytes;
+    let records_before = r.chains[0].records;
+    assert!(torn > 0);
+
+    // The next process adopts the dead writer's chain.
+    let log =
+        ForensicLog::open_with_secret(&cfg(&dir, 256 * 1024), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(
+        r.chains.len(),
+        1,
+        "recovery must continue the chain, not start another"
+    );
+    let c = &r.chains[0];
+    assert!(c.closed);
+    assert_eq!(c.torn_bytes, 0);
+    // recovery, the event, stop; plus a rotate record when the kill came right after the
+    // newest file was created.
+    let added = c.records - records_before;
+    assert!(added == 3 || added == 4, "{added} records added");
+    let text = std::fs::read_to_string(&last).unwrap();
+    let rec = text
+        .lines()
+        .find(|l| l.contains("\"kind\":\"recovery\""))
+        .expect("recovery record");
+    assert!(rec.contains(&format!("\"torn_bytes\":{torn},")), "{rec}");
+    assert!(rec.contains("\"last_good_hash\":\""));
+}
+
+#[test]
+fn a_live_writers_chain_is_never_adopted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let a = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    let b = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    assert_ne!(a.stats().chain, b.stats().chain);
+    a.stop();
+    // A closed chain is not adopted either.
+    let d = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    assert_ne!(a.stats().chain, d.stats().chain);
+    b.stop();
+    d.stop();
+    assert!(verify(&dir, &Default::default()).ok());
+}

@@ -1,0 +1,142 @@
+//! File and directory modes, planted symlinks, wrong owner or mode on existing files.
+
+mod forensic_common;
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+use forensic_common::*;
+use kvhygiene::forensic::{files, ForensicError, ForensicLog};
+
+fn mode(p: &std::path::Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn directory_is_0700_and_files_0600() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b/log");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key.clone());
+    write_log(&c, 3, false);
+    assert_eq!(mode(&dir), 0o700);
+    for f in fs::read_dir(&dir).unwrap() {
+        assert_eq!(mode(&f.unwrap().path()), 0o600);
+    }
+    assert_eq!(mode(&key), 0o600);
+    assert!(fs::read_to_string(&public).unwrap().trim().len() == 64);
+}
+
+#[test]
+fn open_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let err = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None)
+        .err()
+        .unwrap();
+    assert!(matches!(err, ForensicError::Permission(_)), "{err}");
+    assert!(err.to_string().contains("mode 0755"), "{err}");
+}
+
+#[test]
+fn symlinked_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let link = tmp.path().join("log");
+    symlink(&real, &link).unwrap();
+    let err = ForensicLog::open_with_secret(&cfg(&link, 1 << 20), start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+}
+
+#[test]
+fn symlink_planted_at_a_log_path_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    files::prepare_dir(&dir).unwrap();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, "precious\n").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    let planted = dir.join(files::file_name("p1-t1", 0));
+    symlink(&victim, &planted).unwrap();
+    // Creating through it fails (O_EXCL + O_NOFOLLOW)...
+    assert!(files::create_file(&planted).is_err());
+    // ...and so does opening it as an existing chain to continue.
+    let err = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+}
+
+#[test]
+fn existing_file_with_wrong_mode_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    files::prepare_dir(&dir).unwrap();
+    let f = dir.join(files::file_name("p1-t1", 0));
+    fs::write(&f, "").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mode 0644"), "{err}");
+}
+
+#[test]
+fn existing_file_with_wrong_owner_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing a file's owner needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    files::prepare_dir(&dir).unwrap();
+    let f = dir.join(files::file_name("p1-t1", 0));
+    fs::write(&f, "").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&f, Some(4242), None).unwrap();
+    let err = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("owned by uid 4242"), "{err}");
+}
+
+#[test]
+fn keygen_never_overwrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("k");
+    kvhygiene::forensic::cli::keygen(&prefix).unwrap();
+    assert!(kvhygiene::forensic::cli::keygen(&prefix).is_err());
+}
+
+#[test]
+fn key_files_readable_by_others_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let err = ForensicLog::open_with_secret(&c, start(), None)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mode 0644"), "{err}");
+
+    let hmac = tmp.path().join("hmac.key");
+    fs::write(&hmac, "a-secret-of-enough-length\n").unwrap();
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o640)).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mode 0640"), "{err}");
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(kvhygiene::forensic::keys::read_key_file(&hmac).is_ok());
+}

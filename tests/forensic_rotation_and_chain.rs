@@ -1,0 +1,190 @@
+//! Many records across several rotations verify clean, with and without a key; several
+//! writers share a directory; summaries, anomalies and the CLI.
+
+mod forensic_common;
+
+use std::process::Command;
+
+use forensic_common::*;
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+use serde_json::json;
+
+fn rotation_and_chain(keyed: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 32 * 1024), 2000, keyed);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 5, "only {} files", files.len());
+    for f in &files {
+        assert!(std::fs::metadata(f).unwrap().len() <= 32 * 1024);
+    }
+    let opts = if keyed {
+        keyed_opts()
+    } else {
+        Default::default()
+    };
+    let r = verify(&dir, &opts);
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains.len(), 1);
+    let c = &r.chains[0];
+    // start + 2000 events + one rotate per later file + stop
+    assert_eq!(c.records, 2000 + 2 + (files.len() as u64 - 1));
+    assert!(c.closed);
+    assert_eq!(c.macs_checked, keyed);
+    assert_eq!(c.first_seq, Some(0));
+    // Every file after the first begins with a rotate record linking to its predecessor.
+    let second = read_lines(&files[1]);
+    assert!(second[0].contains("\"kind\":\"rotate\""));
+    assert!(second[0].contains(&format!("\"prev_file\":\"{}\"", name(&files[0]))));
+    if keyed {
+        assert!(second[0].contains("\"mac\":\""));
+    }
+}
+
+#[test]
+fn forensic_rotation_and_chain_without_key() {
+    rotation_and_chain(false);
+}
+
+#[test]
+fn forensic_rotation_and_chain_with_key() {
+    rotation_and_chain(true);
+}
+
+#[test]
+fn records_carry_ids_and_block_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 1, false);
+    let lines = read_lines(&chain_files(&dir)[0]);
+    assert!(lines[0].contains("\"kind\":\"start\""));
+    assert!(lines[0].contains("\"config_digest\":\""));
+    let q = &lines[1];
+    for f in [
+        "\"kind\":\"quarantine\"",
+        "\"tenant_id\":\"tenant-a\"",
+        "\"request_id\":\"req-0\"",
+        "\"model_id\":\"llama\"",
+        "\"addr\":\"0x7f0000000000\"",
+        "\"capacity\":4096",
+        "\"reason\":\"verify_failed\"",
+    ] {
+        assert!(q.contains(f), "{f} missing in {q}");
+    }
+    assert!(lines.last().unwrap().contains("\"kind\":\"stop\""));
+}
+
+#[test]
+fn shared_directory_holds_one_chain_per_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    let a = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let b = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..500 {
+        a.emit(event(i));
+        b.emit(event(i));
+    }
+    a.stop();
+    b.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains.len(), 2);
+}
+
+#[test]
+fn summaries_coalesce_and_anomalies_are_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 1 << 20);
+    c.summary_interval_ms = 60_000;
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    log.record_summary(json!({"allocs": 1}));
+    log.flush();
+    for i in 0..10 {
+        log.record_summary(json!({"allocs": i, "ratio": 0.5}));
+    }
+    log.record_anomaly(json!({"score": 3.25, "what": "burst"}));
+    log.stop();
+    let s = log.stats();
+    assert!(s.summaries_coalesced >= 9, "{s:?}");
+    let r = verify(&dir, &Default::default());
+    assert!(r.ok(), "{r:?}");
+    let text = std::fs::read_to_string(&chain_files(&dir)[0]).unwrap();
+    assert_eq!(text.matches("\"kind\":\"summary\"").count(), 2, "{text}");
+    assert!(text.contains("\"ratio\":\"0.5\""));
+    assert!(text.contains("\"kind\":\"anomaly\""));
+    assert!(text.contains("\"score\":\"3.25\""));
+    // stop is idempotent and emits after stop are counted, not written.
+    log.stop();
+    log.emit(event(1));
+    assert_eq!(log.stats().records_lost, 1);
+}
+
+#[test]
+fn checkpoints_are_written_periodically_and_at_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 32 * 1024);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    c.checkpoint_every_records = 100;
+    write_log(&c, 1000, true);
+    let text: String = chain_files(&dir)
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert!(text.matches("\"kind\":\"checkpoint\"").count() >= 5);
+    let out = Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--public-key")
+        .arg(&public)
+        .arg("--checkpoint")
+        .arg(&ck)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("checkpoint at seq"), "{stdout}");
+    assert!(stdout.contains(": OK"), "{stdout}");
+}
+
+#[test]
+fn cli_exit_codes_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 10, true);
+    let key_file = tmp.path().join("hmac.key");
+    std::fs::write(&key_file, SECRET).unwrap();
+    let kvh = env!("CARGO_BIN_EXE_kvh");
+    let run = |args: &[&std::ffi::OsStr]| Command::new(kvh).args(args).output().unwrap();
+    let ok = run(&[
+        "verify-log".as_ref(),
+        dir.as_os_str(),
+        "--key-file".as_ref(),
+        key_file.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(ok.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(v["chains"][0]["records"], 12);
+    let missing = run(&["verify-log".as_ref(), tmp.path().join("nope").as_os_str()]);
+    assert_eq!(missing.status.code(), Some(2));
+    let wrong = tmp.path().join("wrong.key");
+    std::fs::write(&wrong, "another-secret-0123456789").unwrap();
+    let bad = run(&[
+        "verify-log".as_ref(),
+        dir.as_os_str(),
+        "--key-file".as_ref(),
+        wrong.as_os_str(),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains("-000000.jsonl:1: MAC mismatch"), "{text}");
+    let usage = run(&["verify-log".as_ref()]);
+    assert_eq!(usage.status.code(), Some(2));
+}

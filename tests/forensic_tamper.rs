@@ -1,0 +1,256 @@
+//! Tamper suite: each manipulation is detected and reported at the right `file:line`.
+
+mod forensic_common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use forensic_common::*;
+use kvhygiene::forensic::keys::{read_public_key, EpochKey};
+use kvhygiene::forensic::VerifyOptions;
+use serde_json::Value;
+
+/// A keyed, signed log of several files; returns (log dir, checkpoint dir, public key file).
+fn signed_log(tmp: &tempfile::TempDir) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = log_dir(tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 16 * 1024);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    write_log(&c, 300, true);
+    assert!(chain_files(&dir).len() >= 4);
+    (dir, ck, public)
+}
+
+fn with_checkpoint(ck: &Path, public: &Path) -> VerifyOptions {
+    VerifyOptions {
+        hmac_secret: Some(secret()),
+        public_key: Some(read_public_key(public).unwrap()),
+        checkpoints: vec![ck.to_path_buf()],
+        progress: false,
+    }
+}
+
+fn keyed_log(tmp: &tempfile::TempDir) -> (PathBuf, Vec<PathBuf>) {
+    let dir = log_dir(tmp);
+    write_log(&cfg(&dir, 16 * 1024), 300, true);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 3);
+    (dir, files)
+}
+
+#[test]
+fn flipped_byte_is_reported_at_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[1]);
+    // Change one digit of a value: still valid canonical JSON, so the hash catches it.
+    lines[4] = lines[4].replacen("\"capacity\":4096", "\"capacity\":4097", 1);
+    write_lines(&files[1], &lines);
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[1]),
+        5,
+        "hash mismatch",
+    );
+}
+
+#[test]
+fn flipped_byte_anywhere_is_detected_without_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 20, false);
+    let f = &chain_files(&dir)[0];
+    let orig = fs::read(f).unwrap();
+    let line_of = |pos: usize| orig[..pos].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+    for pos in (0..orig.len()).step_by(97) {
+        if orig[pos] == b'\n' {
+            continue;
+        }
+        let mut b = orig.clone();
+        b[pos] ^= 0x04;
+        fs::write(f, &b).unwrap();
+        let r = verify(&dir, &Default::default());
+        let p = r
+            .first_problem()
+            .unwrap_or_else(|| panic!("flip at {pos} undetected"));
+        assert_eq!(p.line, line_of(pos), "flip at {pos}: {p}");
+    }
+}
+
+#[test]
+fn deleted_record_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[1]);
+    lines.remove(6);
+    write_lines(&files[1], &lines);
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[1]), 7, "seq");
+}
+
+#[test]
+fn swapped_records_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[0]);
+    lines.swap(10, 11);
+    write_lines(&files[0], &lines);
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[0]), 11, "seq");
+}
+
+#[test]
+fn duplicated_record_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[2]);
+    let dup = lines[3].clone();
+    lines.insert(4, dup);
+    write_lines(&files[2], &lines);
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[2]), 5, "seq");
+}
+
+#[test]
+fn truncated_tail_is_detected_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let files = chain_files(&dir);
+    let last = files.last().unwrap();
+    let mut lines = read_lines(last);
+    let cut = (lines.len() - 1).min(3);
+    assert!(cut > 0);
+    lines.truncate(lines.len() - cut);
+    let kept = lines.len() as u64;
+    write_lines(last, &lines);
+    // Without the checkpoint, a clean cut at a line boundary is indistinguishable from an
+    // unfinished chain...
+    assert!(verify(&dir, &keyed_opts()).ok());
+    // ...with it, the cut is found.
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_problem(&r, &name(last), kept + 1, "truncated");
+}
+
+#[test]
+fn deleted_middle_file_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    fs::remove_file(&files[1]).unwrap();
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[2]), 1, "missing");
+    fs::remove_file(&files[0]).unwrap();
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[2]), 1, "missing");
+}
+
+#[test]
+fn deleted_newest_file_is_detected_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let files = chain_files(&dir);
+    fs::remove_file(files.last().unwrap()).unwrap();
+    let prev = &files[files.len() - 2];
+    let n = read_lines(prev).len() as u64;
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_problem(&r, &name(prev), n + 1, "newest files deleted");
+    // Deleting every file leaves the checkpoint pointing at nothing.
+    for f in &files {
+        let _ = fs::remove_file(f);
+    }
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert!(!r.ok());
+    assert!(r.errors[0].contains("files deleted"), "{:?}", r.errors);
+}
+
+#[test]
+fn record_spliced_from_another_chain_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 20, true);
+    write_log(&c, 20, true);
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 2);
+    let donor = read_lines(&files[1]);
+    let mut lines = read_lines(&files[0]);
+    lines[5] = donor[5].clone(); // same seq, valid hash and MAC in its own chain
+    write_lines(&files[0], &lines);
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[0]),
+        6,
+        "another chain",
+    );
+}
+
+#[test]
+fn wrong_key_is_reported_at_the_first_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let opts = VerifyOptions {
+        hmac_secret: Some(zeroize::Zeroizing::new(
+            b"not-the-right-secret-at-all".to_vec(),
+        )),
+        ..Default::default()
+    };
+    assert_problem(&verify(&dir, &opts), &name(&files[0]), 1, "MAC mismatch");
+}
+
+#[test]
+fn recomputed_hashes_without_the_key_fail_the_mac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    forge_from(&files, 1, 3, None, |m| {
+        m.insert("tenant_id".into(), Value::String("someone-else".into()));
+    });
+    assert_problem(&verify(&dir, &keyed_opts()), &name(&files[1]), 3, "no mac");
+}
+
+/// An attacker steals the key of epoch 2 from the running process and rewrites history
+/// from there on: files before epoch 2 still verify as authentic, the forged records carry
+/// valid MACs, and the signed checkpoint exposes them. Going back is impossible: the stolen
+/// key does not produce epoch 1's MACs.
+#[test]
+fn stolen_epoch_key_cannot_forge_earlier_files_and_forgery_fails_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let files = chain_files(&dir);
+    let stolen = || {
+        let mut k = EpochKey::from_secret(secret()).unwrap();
+        k.advance_to(2);
+        k
+    };
+    forge_from(&files, 2, 4, Some(stolen()), |m| {
+        m.insert("request_id".into(), Value::String("innocent".into()));
+    });
+    // MACs all check out: the forgery is only visible against the checkpoint.
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    let last = files.last().unwrap();
+    let n = read_lines(last).len() as u64;
+    assert_problem(&r, &name(last), n, "signed checkpoint");
+
+    // The same key used on an earlier file fails at once.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (dir2, _, _) = signed_log(&tmp2);
+    let files2 = chain_files(&dir2);
+    forge_from(&files2[..2], 1, 2, Some(stolen()), |m| {
+        m.insert("request_id".into(), Value::String("innocent".into()));
+    });
+    assert_problem(
+        &verify(&dir2, &keyed_opts()),
+        &name(&files2[1]),
+        2,
+        "MAC mismatch",
+    );
+}
+
+#[test]
+fn forged_checkpoint_signature_is_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let ckpt = fs::read_dir(&ck).unwrap().next().unwrap().unwrap().path();
+    let text = fs::read_to_string(&ckpt).unwrap();
+    fs::write(&ckpt, text.replacen("\"seq\":", "\"seq\":1", 1)).unwrap();
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_eq!(r.exit_code(), 1);
+    assert!(r.errors[0].contains("signature"), "{:?}", r.errors);
+}

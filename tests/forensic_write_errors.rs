@@ -1,0 +1,57 @@
+//! A failing disk: the error is sticky and counted, the chain stays intact, and when writing
+//! resumes a `lost` record says what was lost.
+
+mod forensic_common;
+
+use forensic_common::*;
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+
+#[test]
+fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..10 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // The disk is full until further notice: every write fails after writing half its bytes.
+    log.inject_write_faults(u32::MAX);
+    for i in 0..5 {
+        log.emit(event(100 + i));
+    }
+    log.flush();
+    for i in 0..3 {
+        log.emit(event(200 + i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert!(s.write_errors >= 2, "{s:?}");
+    assert_eq!(s.records_lost, 8, "{s:?}");
+    assert!(s.bytes_lost > 0);
+    assert!(
+        s.last_error.as_deref().unwrap().contains("No space left"),
+        "{s:?}"
+    );
+
+    // The disk recovers.
+    log.inject_write_faults(0);
+    for i in 0..4 {
+        log.emit(event(300 + i));
+    }
+    log.stop();
+    let s = log.stats();
+    // Sticky: the error stays visible after the disk recovered.
+    assert!(s.last_error.is_some());
+    assert_eq!(s.records_written, 1 + 10 + 1 + 4 + 1);
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "half-written batches must be cut back: {r:?}");
+    let lines = read_lines(&chain_files(&dir)[0]);
+    let lost = &lines[11];
+    assert!(lost.contains("\"kind\":\"lost\""), "{lost}");
+    assert!(lost.contains("\"records_lost\":8"), "{lost}");
+    assert!(lost.contains("\"lost_kinds\":{\"quarantine\":8}"), "{lost}");
+    assert!(lost.contains("No space left"), "{lost}");
+    assert!(lines[12].contains("\"request_id\":\"req-300\""));
+}
