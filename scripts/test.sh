@@ -3,7 +3,7 @@
 # library through ctypes. No GPU is needed; GPU checks live in scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --lib
+cargo build
 cargo test --all-targets
 if python3 -c 'import pytest' 2>/dev/null; then
     KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python

@@ -236,3 +236,66 @@ def test_oom_throws_bad_alloc_in_throw_mode():
     assert proc.returncode != 0
     assert "survived" not in proc.stdout
     assert "bad_alloc" in proc.stderr
+
+
+def kvh_binary() -> str:
+    lib = Path(library())
+    exe = lib.parent / "kvh"
+    if not exe.exists():
+        pytest.skip(f"{exe} not built; run cargo build")
+    return str(exe)
+
+
+def test_security_events_reach_a_verifiable_forensic_log(tmp_path):
+    log_dir = tmp_path / "log"
+    out = run_child(
+        """
+        lib.kvh_set_context(b"tenant-a", b"req-7", b"llama")
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        ctypes.memset(p, 0x33, 4096)
+        lib.kvh_inject_fault(1)
+        out["rc"] = lib.kvh_free_checked(p, 4096, 0, STREAM)
+        lib.kvh_free(0xdead0000, 8, 0, STREAM)
+        lib.kvh_shutdown()
+        out["log"] = stats()["log"]
+        """,
+        KVH_LOG_DIR=str(log_dir),
+        FORENSIC_HMAC_SECRET="0123456789abcdef0123456789abcdef",
+    )
+    assert out["rc"] == 7009
+    assert out["log"]["enabled"] and out["log"]["records_lost"] == 0
+    records = [json.loads(l) for f in sorted(log_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    for kind in ["start", "verify_failed", "quarantine", "invalid_free", "stop"]:
+        assert kind in kinds, kinds
+    failed = next(r for r in records if r["kind"] == "verify_failed")
+    assert failed["tenant_id"] == "tenant-a" and failed["request_id"] == "req-7"
+    assert all("mac" in r for r in records)
+    # The secret was removed from the child's environment; verify with a key file.
+    key = tmp_path / "hmac.key"
+    key.write_text("0123456789abcdef0123456789abcdef")
+    key.chmod(0o600)
+    ok = subprocess.run([kvh_binary(), "verify-log", str(log_dir), "--key-file", str(key)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # One flipped byte in the middle of the chain is caught, naming the line.
+    f = sorted(log_dir.glob("*.jsonl"))[0]
+    lines = f.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace("tenant-a", "tenant-b")
+    f.write_text("".join(lines))
+    bad = subprocess.run([kvh_binary(), "verify-log", str(log_dir), "--key-file", str(key)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert f"{f.name}:2" in bad.stdout + bad.stderr
+
+
+def test_unusable_log_directory_stops_start_up(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    out = run_child(
+        """
+        out["init"] = lib.kvh_init()
+        out["msg"] = text(lib.kvh_last_error_message)
+        """,
+        KVH_LOG_DIR=str(not_a_dir / "sub"),
+    )
+    assert out["init"] == 7018, out
+    assert "sub" in out["msg"]
