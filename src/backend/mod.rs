@@ -9,6 +9,7 @@
 //!
 //! A backend knows nothing about blocks, tenants or policies (dependencies point downwards).
 
+pub mod cuda;
 pub mod host;
 pub mod verify;
 
