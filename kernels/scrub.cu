@@ -108,32 +108,42 @@ KVH_HD kvh_u64 kvh_sample_word(kvh_u64 seed, kvh_u64 i, kvh_u64 words, int full)
 
 #ifdef __CUDACC__
 
-// Stores through inline PTX so that neither the zeroing (whose result the kernel never reads)
-// nor the second pass (identical to the first) can be elided or merged by the compiler.
-__device__ __forceinline__ void kvh_store_zero16(kvh_u64 a) {
-    asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};" ::"l"(a), "r"(0u) : "memory");
+// Segment addresses are generic pointers (cuMemAlloc); the state-space-qualified instructions
+// below take global addresses, hence cvta.to.global first (what nvcc emits for plain C++).
+__device__ __forceinline__ kvh_u64 kvh_to_global(kvh_u64 a) {
+    kvh_u64 g;
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(a));
+    return g;
 }
 
-__device__ __forceinline__ void kvh_store_zero1(kvh_u64 a) {
-    asm volatile("st.global.u8 [%0], %1;" ::"l"(a), "h"((unsigned short)0) : "memory");
+// Stores through inline PTX so that neither the zeroing (whose result the kernel never reads)
+// nor the second pass (identical to the first) can be elided or merged by the compiler.
+__device__ __forceinline__ void kvh_store_zero16(kvh_u64 g) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};" ::"l"(g), "r"(0u) : "memory");
+}
+
+__device__ __forceinline__ void kvh_store_zero1(kvh_u64 g) {
+    asm volatile("st.global.u8 [%0], %1;" ::"l"(g), "h"((unsigned short)0) : "memory");
 }
 
 // Volatile loads: the read-back must observe memory, not a cached or assumed value.
-__device__ __forceinline__ kvh_u64 kvh_load8(kvh_u64 a) {
+__device__ __forceinline__ kvh_u64 kvh_load8(kvh_u64 g) {
     kvh_u64 v;
-    asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(a) : "memory");
+    asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(g) : "memory");
     return v;
 }
 
-__device__ __forceinline__ unsigned short kvh_load1(kvh_u64 a) {
+__device__ __forceinline__ unsigned short kvh_load1(kvh_u64 g) {
     unsigned short v;
-    asm volatile("ld.volatile.global.u8 %0, [%1];" : "=h"(v) : "l"(a) : "memory");
+    asm volatile("ld.volatile.global.u8 %0, [%1];" : "=h"(v) : "l"(g) : "memory");
     return v;
 }
 
-// Zeroes [begin, end) with the threads of one block: byte stores up to the first 16-byte
-// boundary, vector stores over the aligned body, byte stores over the tail.
-__device__ __forceinline__ void kvh_zero_range(kvh_u64 begin, kvh_u64 end) {
+// Zeroes `len` bytes from `generic_begin` with the threads of one block: byte stores up to the
+// first 16-byte boundary, vector stores over the aligned body, byte stores over the tail.
+__device__ __forceinline__ void kvh_zero_range(kvh_u64 generic_begin, kvh_u64 len) {
+    kvh_u64 begin = kvh_to_global(generic_begin);
+    kvh_u64 end = begin + len;
     kvh_u64 head_end = (begin + 15) & ~15ULL;
     if (head_end > end) head_end = end;
     kvh_u64 body_end = head_end + ((end - head_end) & ~15ULL);
@@ -159,7 +169,7 @@ kvh_scrub_zero(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_chunks, kvh_
             kvh_u64 len = segs[found_].len;
             kvh_u64 off = (c - segs[found_].first_chunk) * KVH_CHUNK_BYTES;
             kvh_u64 end = off + KVH_CHUNK_BYTES < len ? off + KVH_CHUNK_BYTES : len;
-            kvh_zero_range(addr + off, addr + end);
+            kvh_zero_range(addr + off, end - off);
         }
         // Each block's second pass rewrites the chunks of its first; the fence keeps the two
         // passes distinct writes in memory order.
@@ -171,7 +181,7 @@ kvh_scrub_zero(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_chunks, kvh_
 // unaligned segment's words are not 8-byte aligned: those are read byte by byte.
 __device__ __forceinline__ int kvh_word_nonzero(kvh_u64 addr, kvh_u64 len, kvh_u64 w) {
     kvh_u64 off = w * KVH_WORD_BYTES;
-    kvh_u64 a = addr + off;
+    kvh_u64 a = kvh_to_global(addr + off);
     kvh_u64 n = len - off < KVH_WORD_BYTES ? len - off : KVH_WORD_BYTES;
     if (n == KVH_WORD_BYTES && (a & 7ULL) == 0) return kvh_load8(a) != 0;
     unsigned short any = 0;

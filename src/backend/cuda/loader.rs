@@ -64,8 +64,15 @@ pub fn load_from(path: &str) -> Result<Driver, LoadError> {
     // SAFETY: 1. opening a shared library runs its initialisers; libcuda's are sound to run in
     // any process (the CUDA runtime does the same); any other library named by `path` is the
     // caller's choice (tests pass paths that do not exist).
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| LoadError::NotInstalled(format!("{path}: {e}")))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // dlerror's message usually names the file already.
+        let msg = e.to_string();
+        LoadError::NotInstalled(if msg.contains(path) {
+            msg
+        } else {
+            format!("{path}: {msg}")
+        })
+    })?;
     // SAFETY: 1. every field of `CudaDriver` is typed by bindgen from cuda.h of the pinned
     // CUDA 12.4, and the symbol names are the versioned ones that header maps to (cuMemAlloc ->
     // cuMemAlloc_v2), whose signatures NVIDIA keeps stable across drivers.

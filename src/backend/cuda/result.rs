@@ -350,16 +350,20 @@ pub unsafe fn stream_synchronize(d: &Driver, stream: CUstream) -> Result<(), Bac
 }
 
 /// Whether `stream` is capturing a graph (an invalidated capture still counts: the stream is
-/// in capture mode until the capture ends).
+/// in capture mode until the capture ends). The legacy default stream cannot be used at all
+/// while another stream captures in global mode (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`): that
+/// also reads as capturing, so the caller defers its work.
 ///
 /// # Safety
 /// 1. `stream` must be a live stream (or special handle) of the current context.
 pub unsafe fn stream_is_capturing(d: &Driver, stream: CUstream) -> Result<bool, BackendError> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     // SAFETY: contract 1; `status` is a valid out-pointer.
-    check(d, "cuStreamIsCapturing", unsafe {
-        d.api().cuStreamIsCapturing(stream, &mut status)
-    })?;
+    let rc = unsafe { d.api().cuStreamIsCapturing(stream, &mut status) };
+    if rc == sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT {
+        return Ok(true);
+    }
+    check(d, "cuStreamIsCapturing", rc)?;
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 

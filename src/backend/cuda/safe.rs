@@ -42,6 +42,7 @@ unsafe impl<T> Sync for Handle<T> {}
 
 /// Per-device state, created on first use of the device.
 struct Device {
+    ordinal: u32,
     ctx: Handle<CUcontext>,
     zero_fn: Handle<CUfunction>,
     verify_fn: Handle<CUfunction>,
@@ -190,6 +191,7 @@ fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
     let verify_fn = unsafe { r::module_get_function(d, module, kernel::VERIFY_KERNEL) }?;
     let order_event = r::event_create(d)?;
     Ok(Device {
+        ordinal,
         ctx: Handle(ctx),
         zero_fn: Handle(zero_fn),
         verify_fn: Handle(verify_fn),
@@ -361,13 +363,13 @@ fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError
             i += 1;
         }
     }
-    new_slot(d, n.max(MIN_SLOT_SEGMENTS).next_power_of_two())
+    new_slot(d, dev.ordinal, n.max(MIN_SLOT_SEGMENTS).next_power_of_two())
 }
 
 #[cold]
-fn new_slot(d: &Driver, capacity: usize) -> Result<Slot, BackendError> {
+fn new_slot(d: &Driver, device: u32, capacity: usize) -> Result<Slot, BackendError> {
     let bytes = Slot::bytes(capacity);
-    let dev = r::mem_alloc(d, 0, bytes as u64)?;
+    let dev = r::mem_alloc(d, device, bytes as u64)?;
     let host = match r::mem_host_alloc(d, bytes) {
         Ok(h) => h,
         Err(e) => {
