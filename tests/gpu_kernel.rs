@@ -5,20 +5,15 @@
 //! Each check fills device memory with random bytes, scrubs segments at odd offsets, reads the
 //! whole allocation back and asserts: every byte inside a segment is zero, every byte outside
 //! is unchanged (no overrun), and each result slot equals what `verify::verify_bytes` computes
-//! on the read-back bytes (so the kernel's sample positions are the host rule's).
+//! on the read-back bytes (so the kernel's sample positions are the host rule's). The same
+//! checks run in CI against a host stand-in for the driver (tests/cuda_fake_driver.rs).
 
+mod common;
+
+use common::{batch, random_bytes, random_layout, run, scrub_and_check, MIB, SAMPLED};
 use kvhygiene::backend::cuda::{probe, CudaBackend, Probe};
-use kvhygiene::backend::verify::{self, SegmentResult};
-use kvhygiene::backend::{
-    Backend, BackendError, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle,
-};
-
-const MIB: u64 = 1 << 20;
-const SAMPLED: ScrubOptions = ScrubOptions {
-    samples: 64,
-    full_verify: false,
-    double_pass: false,
-};
+use kvhygiene::backend::verify;
+use kvhygiene::backend::{Backend, BackendError, ScrubOptions, ScrubSegment, StreamHandle};
 
 fn backend() -> CudaBackend {
     match probe() {
@@ -28,77 +23,14 @@ fn backend() -> CudaBackend {
     }
 }
 
-/// Deterministic pseudo-random bytes with no zero byte (so "untouched" is recognisable).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut i = 0u64;
-    while out.len() < len {
-        let w = verify::splitmix64(seed.wrapping_add(i));
-        out.extend(w.to_le_bytes().iter().map(|b| b | 1));
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-fn batch(segments: Vec<ScrubSegment>, options: ScrubOptions) -> ScrubBatch {
-    ScrubBatch {
-        device: 0,
-        stream: StreamHandle(0),
-        wait_streams: Vec::new(),
-        segments,
-        options,
-    }
-}
-
-fn run(b: &CudaBackend, batch: ScrubBatch) -> Vec<SegmentResult> {
-    let mut ticket = b.submit_scrub(batch).expect("submit");
-    ticket.wait().expect("wait")
-}
-
-/// Random-fills `total` bytes, scrubs `segments` (offsets relative to the allocation), and
-/// checks bytes, guards and result slots. Returns the results.
-fn scrub_and_check(
-    b: &CudaBackend,
-    total: u64,
-    segments: &[(u64, u64)],
-    options: ScrubOptions,
-) -> Vec<SegmentResult> {
-    let base = b.allocate(0, total).expect("allocate");
-    let before = random_bytes(total as usize, total ^ segments.len() as u64);
-    b.write(0, base, &before).expect("write");
-    let segs: Vec<ScrubSegment> = segments
-        .iter()
-        .enumerate()
-        .map(|(i, &(off, len))| ScrubSegment {
-            addr: base + off,
-            len,
-            seed: 0x5eed + i as u64,
-        })
-        .collect();
-    let results = run(b, batch(segs.clone(), options));
-    let mut after = vec![0u8; total as usize];
-    b.read(0, base, &mut after).expect("read");
-    let mut expected = before.clone();
-    for &(off, len) in segments {
-        expected[off as usize..(off + len) as usize].fill(0);
-    }
-    if let Some(pos) = after.iter().zip(&expected).position(|(a, e)| a != e) {
-        panic!(
-            "byte {pos} of {total}: got {:#x}, expected {:#x}",
-            after[pos], expected[pos]
-        );
-    }
-    for (i, (seg, got)) in segs.iter().zip(&results).enumerate() {
-        let off = (seg.addr - base) as usize;
-        let bytes = &after[off..off + seg.len as usize];
-        let want = verify::verify_bytes(bytes, seg.seed, options.samples, options.full_verify);
-        assert_eq!(*got, want, "segment {i} (offset {off}, len {})", seg.len);
-        let n = verify::expected_samples(seg.len, options.samples, options.full_verify);
-        assert!(verify::passes(*got, n, 0.999), "segment {i} fails: {got:?}");
-    }
-    b.release(0, base, total).expect("release");
-    results
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn reports_the_kernel_image_in_use() {
+    let b = backend();
+    let image = b.image_in_use(0).expect("device 0");
+    let version = b.driver_version().expect("driver version");
+    eprintln!("device 0 runs {image}; driver API {version}");
+    assert!(version >= 12000);
 }
 
 #[test]
@@ -143,16 +75,8 @@ fn one_gib_segment_at_an_odd_offset() {
 fn batches_of_1_to_10000_segments() {
     let b = backend();
     for count in [1usize, 2, 17, 1000, 10_000] {
-        let mut segments = Vec::with_capacity(count);
-        let mut off = 0u64;
-        for i in 0..count as u64 {
-            let r = verify::splitmix64(i ^ count as u64);
-            off += r % 61; // a random gap of untouched bytes
-            let len = 1 + (r >> 8) % 20_000;
-            segments.push((off, len));
-            off += len;
-        }
-        scrub_and_check(&b, off + 64, &segments, SAMPLED);
+        let (segments, total) = random_layout(count, 20_000, count as u64);
+        scrub_and_check(&b, total, &segments, SAMPLED);
     }
 }
 
@@ -187,36 +111,7 @@ fn full_verification_and_double_pass() {
 #[ignore = "needs a CUDA GPU"]
 fn a_skipped_segment_is_caught_by_the_verification() {
     let b = backend();
-    let total = 3 * MIB;
-    let base = b.allocate(0, total).expect("allocate");
-    b.write(0, base, &random_bytes(total as usize, 7))
-        .expect("write");
-    let segs: Vec<ScrubSegment> = (0..3)
-        .map(|i| ScrubSegment {
-            addr: base + i * MIB + 1,
-            len: MIB - 1,
-            seed: 100 + i,
-        })
-        .collect();
-    b.inject_skip_zero(Some(1));
-    let results = run(&b, batch(segs.clone(), SAMPLED));
-    b.inject_skip_zero(None);
-    let mut dirty = vec![0u8; (MIB - 1) as usize];
-    b.read(0, segs[1].addr, &mut dirty).expect("read");
-    let want = verify::verify_bytes(&dirty, segs[1].seed, 64, false);
-    assert_eq!(
-        results[1], want,
-        "the kernel sampled the host rule's positions"
-    );
-    assert_eq!(
-        results[1].nonzero, 64,
-        "every sample of the skipped segment is dirty"
-    );
-    assert!(!verify::passes(results[1], 64, 0.999));
-    for i in [0, 2] {
-        assert!(verify::passes(results[i], 64, 0.999), "segment {i}");
-    }
-    b.release(0, base, total).expect("release");
+    common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
 }
 
 #[test]
@@ -272,8 +167,7 @@ fn zero_fresh_and_errors() {
         b.allocate(0, 1 << 60),
         Err(BackendError::OutOfMemory { .. })
     ));
-    let empty = run(&b, batch(Vec::new(), SAMPLED));
-    assert!(empty.is_empty());
+    assert!(run(&b, batch(Vec::new(), SAMPLED)).is_empty());
 }
 
 #[test]
