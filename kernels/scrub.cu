@@ -17,6 +17,9 @@
 // than the ~3 us of the extra launch. Cooperative grid sync would also work but caps the grid at
 // the co-resident block count and needs cuLaunchCooperativeKernel.
 //
+// Result slots: launch 1 clears them, launch 2 accumulates into them, the host downloads them
+// after launch 2 in stream order.
+//
 // Work distribution: every segment is cut into KVH_CHUNK_BYTES chunks, numbered consecutively
 // across the batch (the host writes each segment's first chunk number). Blocks grid-stride over
 // that flat chunk space, so one 1 GiB segment and 4096 segments of 64 KiB both spread over all
@@ -154,11 +157,19 @@ __device__ __forceinline__ void kvh_zero_range(kvh_u64 generic_begin, kvh_u64 le
     for (kvh_u64 a = body_end + threadIdx.x; a < end; a += blockDim.x) kvh_store_zero1(a);
 }
 
-// Launch 1. `skip_segment` exists for the fault-injection test only (KVH_NO_SKIP otherwise):
-// that segment is left untouched so the verification must catch it.
+// Launch 1. Also clears the result slots (block 0), which launch 2 then fills: a slot the
+// verification never reaches reads "0 checked" and fails. `skip_segment` exists for the
+// fault-injection test only (KVH_NO_SKIP otherwise): that segment is left untouched so the
+// verification must catch it.
 extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS)
 kvh_scrub_zero(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_chunks, kvh_u32 flags,
-               kvh_u32 skip_segment) {
+               kvh_u32 skip_segment, KvhResult* results) {
+    if (blockIdx.x == 0) {
+        for (kvh_u32 i = threadIdx.x; i < count; i += blockDim.x) {
+            results[i].checked = 0;
+            results[i].nonzero = 0;
+        }
+    }
     int passes = (flags & KVH_FLAG_DOUBLE_PASS) ? 2 : 1;
     for (int p = 0; p < passes; ++p) {
         for (kvh_u64 c = blockIdx.x; c < total_chunks; c += gridDim.x) {
@@ -196,7 +207,7 @@ __device__ __forceinline__ void kvh_flush(KvhResult* results, kvh_u32 seg, kvh_u
     if (nonzero != 0) atomicAdd(&results[seg].nonzero, nonzero);
 }
 
-// Launch 2. Result slots must be zero before it runs (the host clears them in stream order).
+// Launch 2. Result slots are zero when it starts (launch 1 cleared them, in stream order).
 // Each thread counts locally while its samples stay in one segment and adds to the slot when it
 // moves on, so a full verification of one large segment costs one atomic per thread.
 extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS)

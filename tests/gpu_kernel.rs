@@ -164,7 +164,7 @@ fn zero_fresh_and_errors() {
         Err(BackendError::InvalidDevice { .. })
     ));
     assert!(matches!(
-        b.allocate(0, 1 << 60),
+        b.allocate(0, 1 << 40),
         Err(BackendError::OutOfMemory { .. })
     ));
     assert!(run(&b, batch(Vec::new(), SAMPLED)).is_empty());

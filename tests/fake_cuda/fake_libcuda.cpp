@@ -141,6 +141,8 @@ static void zero(void** p) {
     kvh_u32 count = *(kvh_u32*)p[1];
     kvh_u64 total = *(kvh_u64*)p[2];
     kvh_u32 skip = *(kvh_u32*)p[4];
+    KvhResult* results = *(KvhResult**)p[5];
+    for (kvh_u32 i = 0; i < count; ++i) results[i] = KvhResult{0, 0};
     for (kvh_u64 c = 0; c < total; ++c) {
         kvh_u32 found_;
         KVH_FIND_SEGMENT(segs, count, c, first_chunk);

@@ -4,8 +4,8 @@
 //!   first use and made current at the top of every entry point, because PyTorch calls the
 //!   allocator's free without setting the device.
 //! - Stream order: a scrub batch runs on its stream after an event recorded on every wait
-//!   stream (`cuStreamWaitEvent`), as descriptor upload, result-slot clear, zero kernel, verify
-//!   kernel, result download, completion event. Nothing on the host waits for the device
+//!   stream (`cuStreamWaitEvent`), as descriptor upload, zero kernel (which also clears the
+//!   result slots), verify kernel, result download, completion event. Nothing on the host waits for the device
 //!   except [`Backend::zero_fresh`], `read` / `write` and [`ScrubTicket::wait`].
 //! - Graph capture: nothing is enqueued on a capturing stream (it would become part of the
 //!   graph, and the scrub would run at replay instead of now): such calls fail with
@@ -429,12 +429,14 @@ fn enqueue(
             n * DESC_BYTES,
         );
     }
+    // Poison the host copy of the results: should the download never run, the ticket reads
+    // "0 checked", which fails, rather than a previous batch's results.
+    // SAFETY: the result area holds `capacity >= n` slots and no copy writes it now (idle slot).
+    unsafe { std::ptr::write_bytes(slot.host_results(), 0, n * RESULT_BYTES) };
     // SAFETY: 1. the slot's device buffer holds `n` descriptors; 2. page-locked, unchanged until
     // the slot's completion event; 3. the batch's stream, context current.
     unsafe { r::memcpy_htod_async(d, slot.dev, slot.host.0, n * DESC_BYTES, s) }?;
-    // A slot the verification never reaches must read "0 checked", which fails.
-    // SAFETY: 1. the slot's result area; 2. as above.
-    unsafe { r::memset_d8_async(d, slot.dev_results(), n * RESULT_BYTES, s) }?;
+    // The zero kernel also clears the device result slots.
     launch_zero(d, dev, slot, plan, count, s, skip_segment)?;
     launch_verify(d, dev, slot, plan, count, batch.options.samples, s)?;
     // SAFETY: 1. result area; 2. page-locked, read only after the completion event; 3. as above.
@@ -484,21 +486,24 @@ fn launch_zero(
     let mut total = plan.total_chunks;
     let mut flags = plan.flags;
     let mut skip = skip_segment;
-    let mut params: [*mut c_void; 5] = [
+    let mut results = slot.dev_results();
+    let mut params: [*mut c_void; 6] = [
         (&mut segs as *mut u64).cast(),
         (&mut count as *mut u32).cast(),
         (&mut total as *mut u64).cast(),
         (&mut flags as *mut u32).cast(),
         (&mut skip as *mut u32).cast(),
+        (&mut results as *mut u64).cast(),
     ];
     let shape = r::LaunchShape {
         grid: kernel::grid_for(plan.total_chunks, dev.sm_count),
         block: kernel::BLOCK_THREADS,
     };
-    // SAFETY: 1. function of the current context; 2. five parameters of the kernel's types
-    // (pointer as u64, u32, u64, u32, u32), living until the call returns; 3. the batch's
-    // stream; 4. the descriptors were uploaded before in stream order and name segments the
-    // pool owns (PENDING blocks of this device).
+    // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types
+    // (pointer as u64, u32, u64, u32, u32, pointer as u64), living until the call returns;
+    // 3. the batch's stream; 4. the descriptors were uploaded before in stream order and name
+    // segments the pool owns (PENDING blocks of this device); the result area holds `count`
+    // slots.
     unsafe { r::launch_kernel(d, dev.zero_fn.0, shape, s, &mut params) }
 }
 
