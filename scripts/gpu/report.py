@@ -16,6 +16,15 @@ def load_json(path: Path):
         return None
 
 
+def bench_note(out: Path) -> str:
+    try:
+        lines = [l for l in (out / "gpu_scrub.log").read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "gpu_scrub did not run"
+    skipped = [l for l in lines if "skipped" in l]
+    return (skipped or lines or ["no output"])[-1].strip()[:120]
+
+
 def criterion_ns(out: Path, *parts: str):
     est = load_json(out.joinpath("criterion", *parts, "new", "estimates.json"))
     if not est:
@@ -41,6 +50,18 @@ def py(out: Path, name: str):
     return load_json(out / "py" / f"{name}.json")
 
 
+def why(out: Path, *steps: str) -> str:
+    """'missing' plus the last line of the first failed step's log, for the table."""
+    for step in steps:
+        try:
+            lines = [l for l in (out / f"{step}.log").read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            return f"missing ({step} did not run)"
+        if lines and not (out / "py" / f"{step}.json").exists():
+            return f"missing ({step}: {lines[-1].strip()[:120]})"
+    return "missing"
+
+
 def row(rows, check, measured, target, ok):
     verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
     rows.append({"check": check, "measured": measured, "target": target, "verdict": verdict})
@@ -48,10 +69,6 @@ def row(rows, check, measured, target, ok):
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
-
-
-def fmt(x, unit=""):
-    return "missing" if x is None else f"{x:.3g}{unit}"
 
 
 def main() -> int:
@@ -72,7 +89,9 @@ def main() -> int:
         row(
             rows,
             f"scrub+verify vs cuMemsetD8Async, {label}",
-            f"ratio {fmt(r)} (scrub {fmt(scrub and scrub / 1e3, ' us')}, memset {fmt(memset and memset / 1e3, ' us')})",
+            f"missing ({bench_note(out)})"
+            if r is None
+            else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
             ">= 0.9",
             None if r is None else r >= 0.9,
         )
@@ -82,7 +101,9 @@ def main() -> int:
     row(
         rows,
         "batched 4096 x 64 KiB vs one 256 MiB memset",
-        f"ratio {fmt(r)} (scrub {fmt(scrub and scrub / 1e3, ' us')}, memset {fmt(memset and memset / 1e3, ' us')})",
+        f"missing ({bench_note(out)})"
+        if r is None
+        else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
         ">= 0.8",
         None if r is None else r >= 0.8,
     )
@@ -91,14 +112,14 @@ def main() -> int:
         row(
             rows,
             f"residue, default allocator ({label})",
-            "missing" if not d else f"{d['secret_seen']} secret values seen",
+            why(out, f"{name}_default") if not d else f"{d['secret_seen']} secret values seen",
             "> 0 (the threat)",
             None if not d else d["secret_seen"] > 0,
         )
         row(
             rows,
             f"residue, kvhygiene ({label})",
-            "missing" if not k else f"{k['secret_seen']} secret, {k['nonzero']} non-zero",
+            why(out, f"{name}_kvh") if not k else f"{k['secret_seen']} secret, {k['nonzero']} non-zero",
             "0 and 0",
             None if not k else (k["secret_seen"] == 0 and k["nonzero"] == 0),
         )
@@ -107,7 +128,9 @@ def main() -> int:
     row(
         rows,
         "torch.empty/del mixed sizes, kvhygiene / default",
-        f"{fmt(r)}x ({fmt(k and k['us_per_op'], ' us')} vs {fmt(d and d['us_per_op'], ' us')})",
+        why(out, "alloc_default", "alloc_kvh")
+        if r is None
+        else f"{r:.3g}x ({k['us_per_op']:.3g} us vs {d['us_per_op']:.3g} us)",
         "<= 2x",
         None if r is None else r <= 2.0,
     )
@@ -116,7 +139,9 @@ def main() -> int:
     row(
         rows,
         "Llama generate 128 tokens, tokens/s kvhygiene / default",
-        f"{fmt(r)} ({fmt(k and k['tokens_per_s'])} vs {fmt(d and d['tokens_per_s'])} tok/s)",
+        why(out, "llama_default", "llama_kvh")
+        if r is None
+        else f"{r:.3g} ({k['tokens_per_s']:.4g} vs {d['tokens_per_s']:.4g} tok/s)",
         ">= 0.9",
         None if r is None else r >= 0.9,
     )
