@@ -21,7 +21,7 @@ command -v bindgen >/dev/null || { echo "gen-cuda-sys: bindgen not found (cargo 
 functions=(
     cuInit cuDriverGetVersion cuGetErrorName
     cuDeviceGetCount cuDeviceGet cuDeviceGetAttribute
-    cuDevicePrimaryCtxRetain cuCtxSetCurrent
+    cuDevicePrimaryCtxRetain cuCtxGetCurrent cuCtxSetCurrent
     cuModuleLoadData cuModuleGetFunction cuLaunchKernel
     cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost
     cuMemcpyHtoD_v2 cuMemcpyDtoH_v2 cuMemcpyHtoDAsync_v2 cuMemcpyDtoHAsync_v2

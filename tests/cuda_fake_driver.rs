@@ -182,6 +182,54 @@ fn every_entry_point_makes_the_context_current_on_its_thread() {
     }
 }
 
+fn current_context(lib: &libloading::Library, make_foreign: i32) -> i32 {
+    // SAFETY: `int fake_cuda_use_foreign_context(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(b"fake_cuda_use_foreign_context\0")
+            .expect("use_foreign_context");
+        f(make_foreign)
+    }
+}
+
+#[test]
+fn the_callers_current_context_is_restored() {
+    let (path, lib) = fake_or_skip!("restore");
+    let b = start(&path);
+    std::thread::spawn(move || {
+        // A thread with no current context keeps none.
+        assert_eq!(current_context(&lib, 0), 0);
+        let p = b.allocate(0, 4096).expect("allocate");
+        assert_eq!(
+            current_context(&lib, 0),
+            0,
+            "kvhygiene's context was left current"
+        );
+        // A thread working on another context (PyTorch's current device) keeps it.
+        assert_eq!(current_context(&lib, 1), 1);
+        let results = run(
+            &b,
+            batch(
+                vec![ScrubSegment {
+                    addr: p,
+                    len: 4096,
+                    seed: 5,
+                }],
+                SAMPLED,
+            ),
+        );
+        assert_eq!(results[0].checked, 64);
+        b.release(0, p, 4096).expect("release");
+        assert_eq!(
+            current_context(&lib, 0),
+            1,
+            "the caller's context was not restored"
+        );
+    })
+    .join()
+    .expect("thread");
+}
+
 #[test]
 fn poll_reports_pending_until_the_event_completes() {
     let (path, lib) = fake_or_skip!("poll");

@@ -10,6 +10,9 @@
 // - cuMemAlloc of more than 1 TiB fails with CUDA_ERROR_OUT_OF_MEMORY (2);
 // - stream handle 0xC0DE is "capturing"; events report NOT_READY for the first
 //   fake_cuda_set_pending_queries(n) queries after each record;
+// - fake_cuda_use_foreign_context(1) makes another context current on the calling thread
+//   (standing for PyTorch's current device), fake_cuda_use_foreign_context(0) reports which
+//   context is current: 1 that one, 0 none, 2 kvhygiene's;
 // - fake_cuda_set_init_result(code) makes cuInit fail; fake_cuda_reject_images(1) makes every
 //   cuModuleLoadData fail; fake_cuda_calls() counts driver calls.
 #define KVH_HOST_RULE 1
@@ -76,6 +79,14 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
 }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &g_ctx_token; return OK; }
 CUresult cuCtxSetCurrent(void* ctx) { t_current = ctx; return OK; }
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_current; return OK; }
+// Makes a context that is not kvhygiene's current on the calling thread (1), or reports
+// whether the calling thread's current context is that foreign one (returns 1), or none (0).
+static int g_foreign_token;
+int fake_cuda_use_foreign_context(int on) {
+    if (on) t_current = &g_foreign_token;
+    return t_current == &g_foreign_token ? 1 : (t_current == nullptr ? 0 : 2);
+}
 CUresult cuCtxSynchronize(void) { NEED_CTX(); return OK; }
 
 CUresult cuModuleLoadData(void** m, const void* image) {

@@ -100,8 +100,19 @@ pub fn primary_ctx_retain(d: &Driver, dev: CUdevice) -> Result<CUcontext, Backen
     Ok(ctx)
 }
 
+/// The calling thread's current context (null when none).
+pub fn ctx_get_current(d: &Driver) -> Result<CUcontext, BackendError> {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: `ctx` is a valid out-pointer.
+    check(d, "cuCtxGetCurrent", unsafe {
+        d.api().cuCtxGetCurrent(&mut ctx)
+    })?;
+    Ok(ctx)
+}
+
 /// # Safety
-/// 1. `ctx` must be a context retained with [`primary_ctx_retain`] and not released.
+/// 1. `ctx` must be null, or a live context (for kvhygiene's own calls: one retained with
+///    [`primary_ctx_retain`] and never released).
 pub unsafe fn ctx_set_current(d: &Driver, ctx: CUcontext) -> Result<(), BackendError> {
     // SAFETY: contract 1.
     check(d, "cuCtxSetCurrent", unsafe {

@@ -2,7 +2,7 @@
 //!
 //! - Contexts: each device's primary context (the CUDA runtime's, so PyTorch's) is retained on
 //!   first use and made current at the top of every entry point, because PyTorch calls the
-//!   allocator's free without setting the device.
+//!   allocator's free without setting the device; the caller's context is restored on return.
 //! - Stream order: a scrub batch runs on its stream after an event recorded on every wait
 //!   stream (`cuStreamWaitEvent`), as descriptor upload, zero kernel (which also clears the
 //!   result slots), verify kernel, result download, completion event. Nothing on the host waits for the device
@@ -132,7 +132,8 @@ impl CudaBackend {
 
     /// Which embedded image device `device` runs (e.g. "sm_90 cubin").
     pub fn image_in_use(&self, device: u32) -> Result<String, BackendError> {
-        Ok(self.inner.device(device)?.image.clone())
+        let (dev, _ctx) = self.inner.device(device)?;
+        Ok(dev.image.clone())
     }
 
     /// Fault injection for the GPU tests only: the zero kernel leaves segment `index` of every
@@ -153,8 +154,9 @@ impl Inner {
         Ok(())
     }
 
-    /// The device's state, created on first use, with its context made current.
-    fn device(&self, device: u32) -> Result<&Device, BackendError> {
+    /// The device's state, created on first use, with its context current until the returned
+    /// guard drops.
+    fn device(&self, device: u32) -> Result<(&Device, CurrentCtx<'_>), BackendError> {
         self.live()?;
         let cell = self
             .devices
@@ -163,13 +165,42 @@ impl Inner {
                 device,
                 count: self.devices.len() as u32,
             })?;
+        // The guard comes first: opening a device makes its context current too.
+        let guard = CurrentCtx::enter(self)?;
         let dev = cell
             .get_or_init(|| open_device(&self.driver, device))
             .as_ref()
             .map_err(Clone::clone)?;
         // SAFETY: 1. `dev.ctx` was retained by `open_device` and is never released.
         unsafe { r::ctx_set_current(&self.driver, dev.ctx.0) }?;
-        Ok(dev)
+        Ok((dev, guard))
+    }
+}
+
+/// Restores the calling thread's current context when an entry point returns. The CUDA runtime
+/// (so PyTorch) derives its current device from the thread's current context: an allocator
+/// call for device 1 from a thread working on device 0 must not leave it on device 1.
+struct CurrentCtx<'a> {
+    inner: &'a Inner,
+    previous: CUcontext,
+}
+
+impl<'a> CurrentCtx<'a> {
+    fn enter(inner: &'a Inner) -> Result<Self, BackendError> {
+        let previous = r::ctx_get_current(&inner.driver)?;
+        Ok(CurrentCtx { inner, previous })
+    }
+}
+
+impl Drop for CurrentCtx<'_> {
+    fn drop(&mut self) {
+        // No driver call once exit has begun.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: 1. `previous` was current on this thread when the entry point began, so it is
+        // null or a context its owner keeps alive across this call.
+        let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
     }
 }
 
@@ -238,12 +269,12 @@ impl Backend for CudaBackend {
     }
 
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         r::mem_alloc(&self.inner.driver, device, len)
     }
 
     fn release(&self, device: u32, addr: DevicePtr, _len: u64) -> Result<(), BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         // SAFETY: 1. the pool releases only addresses `allocate` returned, once; 2. it releases
         // a block only after its last scrub was observed complete.
         unsafe { r::mem_free(&self.inner.driver, addr) }
@@ -256,7 +287,7 @@ impl Backend for CudaBackend {
         len: u64,
         stream: StreamHandle,
     ) -> Result<(), BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         let d = &self.inner.driver;
         let s = stream_of(stream);
         // SAFETY: 1. the caller passes a stream handle of this device (PyTorch's current stream).
@@ -276,7 +307,7 @@ impl Backend for CudaBackend {
     }
 
     fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        let dev = self.inner.device(batch.device)?;
+        let (dev, _ctx) = self.inner.device(batch.device)?;
         if batch.segments.is_empty() {
             return Ok(Box::new(CudaTicket::finished(self.inner.clone())));
         }
@@ -320,13 +351,13 @@ impl Backend for CudaBackend {
     }
 
     fn is_capturing(&self, device: u32, stream: StreamHandle) -> Result<bool, BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         // SAFETY: 1. a stream handle of this device, as given by the caller.
         unsafe { r::stream_is_capturing(&self.inner.driver, stream_of(stream)) }
     }
 
     fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         let d = &self.inner.driver;
         // Device work on non-blocking streams is not ordered with this copy: wait for it.
         r::ctx_synchronize(d)?;
@@ -336,7 +367,7 @@ impl Backend for CudaBackend {
     }
 
     fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.inner.device(device)?;
+        let (_dev, _ctx) = self.inner.device(device)?;
         let d = &self.inner.driver;
         r::ctx_synchronize(d)?;
         // SAFETY: 1. `[addr, addr + dst.len())` is memory of this device (caller's contract).
@@ -590,7 +621,7 @@ impl CudaTicket {
             return Ok(Some(done.clone()));
         }
         let inner = self.inner.clone();
-        let dev = inner.device(self.device)?;
+        let (dev, _ctx) = inner.device(self.device)?;
         let Some(slot) = &self.slot else {
             return Err(BackendError::Other(
                 "scrub ticket lost its slot".to_string(),

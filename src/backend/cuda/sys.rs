@@ -469,6 +469,7 @@ pub struct CudaDriver {
     pub cuDevicePrimaryCtxRetain:
         unsafe extern "C" fn(pctx: *mut CUcontext, dev: CUdevice) -> CUresult,
     pub cuCtxSetCurrent: unsafe extern "C" fn(ctx: CUcontext) -> CUresult,
+    pub cuCtxGetCurrent: unsafe extern "C" fn(pctx: *mut CUcontext) -> CUresult,
     pub cuCtxSynchronize: unsafe extern "C" fn() -> CUresult,
     pub cuModuleLoadData: unsafe extern "C" fn(
         module: *mut CUmodule,
@@ -574,6 +575,7 @@ impl CudaDriver {
             .get(b"cuDevicePrimaryCtxRetain\0")
             .map(|sym| *sym)?;
         let cuCtxSetCurrent = __library.get(b"cuCtxSetCurrent\0").map(|sym| *sym)?;
+        let cuCtxGetCurrent = __library.get(b"cuCtxGetCurrent\0").map(|sym| *sym)?;
         let cuCtxSynchronize = __library.get(b"cuCtxSynchronize\0").map(|sym| *sym)?;
         let cuModuleLoadData = __library.get(b"cuModuleLoadData\0").map(|sym| *sym)?;
         let cuModuleGetFunction = __library.get(b"cuModuleGetFunction\0").map(|sym| *sym)?;
@@ -606,6 +608,7 @@ impl CudaDriver {
             cuDeviceGetAttribute,
             cuDevicePrimaryCtxRetain,
             cuCtxSetCurrent,
+            cuCtxGetCurrent,
             cuCtxSynchronize,
             cuModuleLoadData,
             cuModuleGetFunction,
@@ -666,6 +669,9 @@ impl CudaDriver {
     }
     pub unsafe fn cuCtxSetCurrent(&self, ctx: CUcontext) -> CUresult {
         (self.cuCtxSetCurrent)(ctx)
+    }
+    pub unsafe fn cuCtxGetCurrent(&self, pctx: *mut CUcontext) -> CUresult {
+        (self.cuCtxGetCurrent)(pctx)
     }
     pub unsafe fn cuCtxSynchronize(&self) -> CUresult {
         (self.cuCtxSynchronize)()
