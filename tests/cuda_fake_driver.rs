@@ -286,6 +286,22 @@ fn capturing_streams_are_refused_not_captured() {
         b.zero_fresh(0, base, 256, capturing),
         Err(BackendError::StreamCapturing { .. })
     ));
+    // A recorded (wait) stream under capture is refused too, and the slot stays usable.
+    let mut scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 256,
+            seed: 0,
+        }],
+        SAMPLED,
+    );
+    scrub.wait_streams = vec![StreamHandle(7), capturing];
+    assert!(matches!(
+        b.submit_scrub(scrub.clone()),
+        Err(BackendError::StreamCapturing { stream: 0xC0DE, .. })
+    ));
+    scrub.wait_streams = vec![StreamHandle(7)];
+    assert_eq!(run(&b, scrub)[0].checked, 32);
 }
 
 #[test]

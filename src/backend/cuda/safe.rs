@@ -484,7 +484,9 @@ fn enqueue(
     unsafe { r::event_record(d, slot.done.0, s) }
 }
 
-/// Makes `s` wait for all work queued so far on every other stream in `waits`.
+/// Makes `s` wait for all work queued so far on every other stream in `waits`. A wait stream
+/// that is capturing a graph is refused like a capturing scrub stream: recording the event
+/// there would add it to the graph instead of marking the work queued now.
 fn order_after_wait_streams(
     d: &Driver,
     dev: &Device,
@@ -492,8 +494,18 @@ fn order_after_wait_streams(
     waits: &[StreamHandle],
     own: StreamHandle,
 ) -> Result<(), BackendError> {
+    let others = || waits.iter().filter(|w| **w != own);
+    for w in others() {
+        // SAFETY: 1. a stream recorded for the block through kvh_record_stream, of this device.
+        if unsafe { r::stream_is_capturing(d, stream_of(*w)) }? {
+            return Err(BackendError::StreamCapturing {
+                stream: w.0,
+                what: "scrub ordering after a recorded stream",
+            });
+        }
+    }
     let ev = lock(&dev.order_event);
-    for w in waits.iter().filter(|w| **w != own) {
+    for w in others() {
         // SAFETY: 1. live event; `w` is a stream recorded for the block through
         // kvh_record_stream (PyTorch's), of this device.
         unsafe { r::event_record(d, ev.0, stream_of(*w)) }?;
