@@ -1,5 +1,8 @@
-//! Build script: compiles the C++ out-of-memory shim (csrc/oom_shim.cpp).
-//! The CUDA kernel build is added here as well (kernels/ -> fatbin, embedded).
+//! Build script: compiles the C++ out-of-memory shim (csrc/oom_shim.cpp) and the CUDA scrub
+//! kernels (kernels/scrub.cu, see build/cuda_kernel.rs), which are embedded in the library.
+
+#[path = "build/cuda_kernel.rs"]
+mod cuda_kernel;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/oom_shim.cpp");
@@ -8,4 +11,5 @@ fn main() {
         .file("csrc/oom_shim.cpp")
         .flag_if_supported("-std=c++17")
         .compile("kvh_oom_shim");
+    cuda_kernel::build();
 }

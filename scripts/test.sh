@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 cargo build
 cargo test --all-targets
 if python3 -c 'import pytest' 2>/dev/null; then
-    KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python
+    KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests
 else
     echo "pytest is not installed: python3 -m pip install pytest" >&2
     exit 2

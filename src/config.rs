@@ -335,7 +335,8 @@ const KEYS: &[Key] = &[
 ];
 
 /// Environment variables with the `KVH_` prefix that are not policy keys.
-const OTHER_ENV: &[&str] = &["KVH_CONFIG"];
+/// `KVH_LIBRARY` is read by the Python package to find the library, not by the library.
+const OTHER_ENV: &[&str] = &["KVH_CONFIG", "KVH_LIBRARY"];
 
 impl Config {
     /// The policy of this process: `KVH_CONFIG`'s file (if set), then `KVH_*` variables.

@@ -85,6 +85,8 @@ counters! {
     fresh_allocations,
     bytes_allocated_fresh,
     scrub_batches,
+    /// Scrubs postponed because a stream was capturing a CUDA graph (retried later).
+    scrubs_deferred,
     scrubs,
     bytes_scrubbed,
     verifications_passed,

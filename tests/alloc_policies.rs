@@ -175,3 +175,41 @@ fn empty_cache_returns_clean_blocks() {
     assert_eq!(f.alloc.block_info(b).unwrap().state, BlockState::Live);
     f.assert_balanced();
 }
+
+/// During a CUDA graph capture nothing is launched and the driver allocator is not called:
+/// scrubs are deferred (blocks stay PENDING, never handed out), malloc is served from clean
+/// blocks or fails with a clear error, and everything catches up once the capture ends.
+#[test]
+fn graph_capture_defers_scrubs_and_fresh_allocations() {
+    use kvhygiene::alloc::AllocError;
+    let f = Fixture::new(Config {
+        batch_size: 1,
+        ..manual_config()
+    });
+    let spare = f.malloc_zeroed(1024, 0, 0);
+    f.alloc.free(spare, 1024, 0, S).unwrap();
+    f.alloc.synchronize().unwrap(); // one clean 1 KiB block in the pool
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 4));
+
+    f.backend
+        .capturing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Pending);
+    assert!(f.alloc.stats().counters.scrubs_deferred >= 1);
+    // Served from the pool: fine. Needing the driver: a clear error, not a crash.
+    assert_eq!(f.alloc.malloc(1024, 0, S).unwrap(), spare);
+    let err = f.alloc.malloc(4096, 0, S).unwrap_err();
+    assert!(matches!(err, AllocError::CaptureActive { .. }), "{err}");
+    assert!(err.to_string().contains("pre-allocate"));
+    f.alloc.check_consistency().unwrap();
+
+    f.backend
+        .capturing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+    assert_eq!(f.malloc_zeroed(4096, 0, 0), a);
+    f.assert_balanced();
+}

@@ -310,9 +310,13 @@ impl Allocator {
             }
             let batches = self.with_pool(dev, |pool, _, _, _| pool.take_in_flight(Some(seq)));
             if batches.is_empty() {
-                // Another thread is waiting on this batch with the lock dropped; it records
-                // the outcome when it applies the results.
-                std::thread::yield_now();
+                // Another thread is waiting on this batch with the lock dropped (it records
+                // the outcome when it applies the results), or the scrub was deferred by a
+                // CUDA graph capture: resubmit it if it is open again, and back off.
+                self.with_pool(dev, |pool, backend, config, after| {
+                    pool.flush_block(ptr, backend, config, after)
+                });
+                std::thread::sleep(Duration::from_micros(50));
             }
             self.wait_and_apply(dev, batches);
         }

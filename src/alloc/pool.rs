@@ -341,13 +341,13 @@ impl DevicePool {
     ) {
         let now = Instant::now();
         let max_age = std::time::Duration::from_micros(config.batch_max_delay_us);
-        let mut i = 0;
-        while i < self.open.len() {
-            if only_stale && now.duration_since(self.open[i].opened_at) < max_age {
-                i += 1;
-                continue;
-            }
-            let batch = self.open.swap_remove(i);
+        // Take the list first: a submission deferred by a graph capture reopens its batch,
+        // which must wait for a later flush rather than be retried in this loop.
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.open)
+            .into_iter()
+            .partition(|b| !only_stale || now.duration_since(b.opened_at) >= max_age);
+        self.open = keep;
+        for batch in due {
             self.submit_open(batch, backend, config, after);
         }
     }
@@ -412,6 +412,7 @@ impl DevicePool {
             segments,
             options,
         };
+        let waits = batch.wait_streams.clone();
         match backend.submit_scrub(batch) {
             Ok(ticket) => {
                 self.stats.counters.scrub_batches += 1;
@@ -422,8 +423,39 @@ impl DevicePool {
                     rescrub,
                 });
             }
+            Err(BackendError::StreamCapturing { .. }) => {
+                self.defer(stream, waits, &blocks, rescrub)
+            }
             Err(e) => self.fail_batch(&blocks, rescrub, e, config, after),
         }
+    }
+
+    /// A stream is capturing a CUDA graph: nothing may be launched into it. The blocks stay
+    /// PENDING (or QUARANTINED) and out of every free list; the batch is reopened and retried
+    /// by the flusher once its delay has passed again, i.e. after the capture ends.
+    #[cold]
+    fn defer(
+        &mut self,
+        stream: StreamHandle,
+        waits: Vec<StreamHandle>,
+        blocks: &[(u64, u64)],
+        rescrub: bool,
+    ) {
+        self.stats.counters.scrubs_deferred += blocks.len() as u64;
+        for (addr, _) in blocks {
+            if let Some(b) = self.blocks.get_mut(addr) {
+                b.scrub_in_flight = false;
+            }
+        }
+        if rescrub {
+            return; // `submit_rescrubs` picks quarantined blocks up again on the next tick.
+        }
+        self.open.push(OpenBatch {
+            stream,
+            opened_at: Instant::now(),
+            blocks: blocks.iter().map(|&(addr, _)| addr).collect(),
+            waits,
+        });
     }
 
     /// A batch that could not be submitted or completed fails closed: every block in it is

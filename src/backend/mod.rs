@@ -9,6 +9,7 @@
 //!
 //! A backend knows nothing about blocks, tenants or policies (dependencies point downwards).
 
+pub mod cuda;
 pub mod host;
 pub mod verify;
 
@@ -168,9 +169,17 @@ pub fn select(
     use crate::config::BackendChoice;
     match choice {
         BackendChoice::Host => Ok(host::HostBackend::new()),
-        BackendChoice::Cuda => Err(BackendError::NoDriver(
-            "this build of kvhygiene has no CUDA backend".into(),
-        )),
-        BackendChoice::Auto => Ok(host::HostBackend::new()),
+        BackendChoice::Cuda => match cuda::probe() {
+            cuda::Probe::Available(b) => Ok(std::sync::Arc::new(b)),
+            cuda::Probe::NoDriver(why) => Err(BackendError::NoDriver(why)),
+            cuda::Probe::Broken(e) => Err(e),
+        },
+        BackendChoice::Auto => match cuda::probe() {
+            cuda::Probe::Available(b) => Ok(std::sync::Arc::new(b)),
+            // The only fallback: no driver installed at all.
+            cuda::Probe::NoDriver(_) => Ok(host::HostBackend::new()),
+            // A driver that is present but fails must not turn into host memory.
+            cuda::Probe::Broken(e) => Err(e),
+        },
     }
 }

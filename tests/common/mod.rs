@@ -23,6 +23,8 @@ pub struct TestBackend {
     pub batches: Mutex<Vec<ScrubBatch>>,
     pub calls: AtomicU64,
     pub sealed: AtomicBool,
+    /// Simulates a CUDA graph capture on every stream.
+    pub capturing: AtomicBool,
     pub calls_after_seal: AtomicU64,
 }
 
@@ -35,6 +37,7 @@ impl TestBackend {
             batches: Mutex::new(Vec::new()),
             calls: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
+            capturing: AtomicBool::new(false),
             calls_after_seal: AtomicU64::new(0),
         })
     }
@@ -117,6 +120,12 @@ impl Backend for TestBackend {
     }
     fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         self.note();
+        if self.capturing.load(Ordering::SeqCst) {
+            return Err(BackendError::StreamCapturing {
+                stream: batch.stream.0,
+                what: "scrub launch",
+            });
+        }
         self.batches.lock().unwrap().push(batch.clone());
         let rescrub = batch.options.double_pass && batch.options.full_verify;
         let gate = if rescrub {
@@ -128,8 +137,8 @@ impl Backend for TestBackend {
         let inner = self.host.submit_scrub(batch)?;
         Ok(Box::new(GatedTicket { inner, gate }))
     }
-    fn is_capturing(&self, d: u32, s: StreamHandle) -> Result<bool, BackendError> {
-        self.host.is_capturing(d, s)
+    fn is_capturing(&self, _d: u32, _s: StreamHandle) -> Result<bool, BackendError> {
+        Ok(self.capturing.load(Ordering::SeqCst))
     }
     fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
         self.host.write(d, a, src)

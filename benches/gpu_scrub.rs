@@ -1,0 +1,116 @@
+//! GPU scrub benchmarks (need a CUDA GPU; skip with a message otherwise).
+//!
+//! Side by side in one run on one card:
+//! - `scrub_vs_memset/{scrub_verify,memset}/{256MiB,1GiB}`: one segment scrubbed and verified
+//!   (64 samples) against `cuMemsetD8Async` of the same buffer (both followed by a stream
+//!   synchronisation). Target ratio (memset time / scrub time) >= 0.9.
+//! - `batched/{scrub_4096x64KiB,memset_256MiB}`: 4096 segments of 64 KiB in one batch against
+//!   one memset of the same 256 MiB. Target >= 0.8.
+//!
+//! Short measurement times keep the whole run well under a minute; scripts/gpu-check.sh reads
+//! the estimates criterion writes under `$CRITERION_HOME`.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use kvhygiene::backend::cuda::{probe, CudaBackend, Probe};
+use kvhygiene::backend::{
+    Backend, DevicePtr, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle,
+};
+
+const MIB: u64 = 1 << 20;
+const OPTIONS: ScrubOptions = ScrubOptions {
+    samples: 64,
+    full_verify: false,
+    double_pass: false,
+};
+
+fn scrub(b: &CudaBackend, segments: &[ScrubSegment]) {
+    let batch = ScrubBatch {
+        device: 0,
+        stream: StreamHandle(0),
+        wait_streams: Vec::new(),
+        segments: segments.to_vec(),
+        options: OPTIONS,
+    };
+    let results = b
+        .submit_scrub(batch)
+        .and_then(|mut t| t.wait())
+        .unwrap_or_else(|e| panic!("scrub failed: {e}"));
+    assert_eq!(results.len(), segments.len());
+}
+
+fn memset(b: &CudaBackend, addr: DevicePtr, len: u64) {
+    b.zero_fresh(0, addr, len, StreamHandle(0))
+        .unwrap_or_else(|e| panic!("memset failed: {e}"));
+}
+
+fn single_segment(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
+    let mut g = c.benchmark_group("scrub_vs_memset");
+    for (label, len) in [("256MiB", 256 * MIB), ("1GiB", 1024 * MIB)] {
+        g.throughput(Throughput::Bytes(len));
+        let seg = [ScrubSegment {
+            addr: buf,
+            len,
+            seed: 1,
+        }];
+        g.bench_function(BenchmarkId::new("scrub_verify", label), |x| {
+            x.iter(|| scrub(b, &seg))
+        });
+        g.bench_function(BenchmarkId::new("memset", label), |x| {
+            x.iter(|| memset(b, buf, len))
+        });
+    }
+    g.finish();
+}
+
+fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
+    let seg_len = 64 * 1024;
+    let segments: Vec<ScrubSegment> = (0..4096u64)
+        .map(|i| ScrubSegment {
+            addr: buf + i * seg_len,
+            len: seg_len,
+            seed: i,
+        })
+        .collect();
+    let mut g = c.benchmark_group("batched");
+    g.throughput(Throughput::Bytes(4096 * seg_len));
+    g.bench_function("scrub_4096x64KiB", |x| x.iter(|| scrub(b, &segments)));
+    g.bench_function("memset_256MiB", |x| {
+        x.iter(|| memset(b, buf, 4096 * seg_len))
+    });
+    g.finish();
+}
+
+fn main() {
+    let backend = match probe() {
+        Probe::Available(b) => b,
+        Probe::NoDriver(why) => {
+            println!("gpu_scrub: skipped: no CUDA driver ({why})");
+            return;
+        }
+        Probe::Broken(e) => {
+            println!("gpu_scrub: skipped: the CUDA backend cannot start: {e}");
+            return;
+        }
+    };
+    let buf = match backend.allocate(0, 1024 * MIB) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("gpu_scrub: skipped: cannot allocate 1 GiB: {e}");
+            return;
+        }
+    };
+    if let Ok(image) = backend.image_in_use(0) {
+        println!("gpu_scrub: kernel image {image}");
+    }
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .configure_from_args();
+    single_segment(&mut c, &backend, buf);
+    batched(&mut c, &backend, buf);
+    c.final_summary();
+    let _ = backend.release(0, buf, 1024 * MIB);
+}

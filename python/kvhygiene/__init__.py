@@ -1,0 +1,339 @@
+"""kvhygiene for PyTorch: verified zeroization of freed GPU memory.
+
+Three calls cover the integration::
+
+    import kvhygiene
+    kvhygiene.install()              # before the first CUDA allocation
+    with kvhygiene.context(tenant_id="acme", request_id="r-42", model_id="llama-3-8b"):
+        ...                          # tensors allocated here are stamped with these ids
+    kvhygiene.stats()                # the allocator's counters as a dict
+
+``install`` makes ``libkvhygiene.so`` PyTorch's CUDA allocator through
+``torch.cuda.memory.CUDAPluggableAllocator``: every tensor's memory then comes from the
+kvhygiene pool, and memory freed by one request is zeroed and verified before any other
+request can get it back.
+
+The package is pure Python (ctypes); the library is found by :func:`find_library`. Only
+:func:`install` needs torch; everything else works on the host backend without it, which is how
+the tests run in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Optional
+
+__all__ = [
+    "KvhError",
+    "AllocatorAlreadyInUseError",
+    "find_library",
+    "load",
+    "install",
+    "installed",
+    "context",
+    "stats",
+    "synchronize",
+    "empty_cache",
+    "version",
+]
+
+LIBRARY_NAME = "libkvhygiene.so"
+#: Error code the C ABI returns when a caller's buffer is too small (out_len says how much).
+KVH_ERR_BUFFER_TOO_SMALL = 7013
+KVH_OK = 0
+
+
+class KvhError(RuntimeError):
+    """A kvhygiene call failed; ``code`` is the library's error code."""
+
+    def __init__(self, call: str, code: int, message: str):
+        super().__init__(f"{call} failed: {message} (kvhygiene error {code})")
+        self.call = call
+        self.code = code
+
+
+class AllocatorAlreadyInUseError(RuntimeError):
+    """:func:`install` was called after PyTorch had already allocated CUDA memory."""
+
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_lib_path: Optional[str] = None
+_allocator = None
+_reset_hook_installed = False
+_local = threading.local()
+
+
+def _candidates(path: Optional[str]) -> list:
+    """Where to look for the library, in order."""
+    if path is not None:
+        return [Path(path)]
+    out = []
+    env = os.environ.get("KVH_LIBRARY")
+    if env:
+        out.append(Path(env))
+    here = Path(__file__).resolve().parent
+    out.append(here / LIBRARY_NAME)  # a wheel that carries the library
+    out.append(here.parent.parent / "target" / "release" / LIBRARY_NAME)  # repo checkout
+    out.append(Path.cwd() / "target" / "release" / LIBRARY_NAME)
+    return out
+
+
+def find_library(path: Optional[str] = None) -> str:
+    """The path of ``libkvhygiene.so``: ``path`` if given, else ``$KVH_LIBRARY``, the package
+    directory, then ``target/release`` of the source checkout and of the current directory.
+
+    Raises ``FileNotFoundError`` naming every place searched.
+    """
+    tried = _candidates(path)
+    for candidate in tried:
+        if candidate.is_file():
+            return str(candidate)
+    where = ", ".join(str(p) for p in tried)
+    raise FileNotFoundError(
+        f"{LIBRARY_NAME} not found (searched: {where}); build it with "
+        "`cargo build --release` or set KVH_LIBRARY"
+    )
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and return types of the C ABI (include/kvhygiene.h)."""
+    c_ssize = ctypes.c_ssize_t
+    sigs = {
+        "kvh_malloc": (ctypes.c_void_p, [c_ssize, ctypes.c_int, ctypes.c_void_p]),
+        "kvh_free": (None, [ctypes.c_void_p, c_ssize, ctypes.c_int, ctypes.c_void_p]),
+        "kvh_free_checked": (
+            ctypes.c_int,
+            [ctypes.c_void_p, c_ssize, ctypes.c_int, ctypes.c_void_p],
+        ),
+        "kvh_record_stream": (None, [ctypes.c_void_p, ctypes.c_void_p]),
+        "kvh_empty_cache": (None, []),
+        "kvh_set_context": (
+            ctypes.c_int,
+            [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p],
+        ),
+        "kvh_clear_context": (None, []),
+        "kvh_synchronize": (ctypes.c_int, []),
+        "kvh_stats_json": (
+            ctypes.c_int,
+            [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
+        ),
+        "kvh_last_error": (ctypes.c_uint32, []),
+        "kvh_strerror": (
+            ctypes.c_int,
+            [
+                ctypes.c_uint32,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_size_t),
+            ],
+        ),
+        "kvh_version": (ctypes.c_char_p, []),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def load(path: Optional[str] = None) -> ctypes.CDLL:
+    """Loads the library once per process (later calls return the same handle)."""
+    global _lib, _lib_path
+    with _lock:
+        if _lib is None:
+            resolved = find_library(path)
+            lib = ctypes.CDLL(resolved)
+            _declare(lib)
+            _lib, _lib_path = lib, resolved
+        return _lib
+
+
+def _read_string(fill, call: str) -> str:
+    """Calls a `(buf, len, out_len) -> code` export, growing the buffer once if asked to."""
+    size = 4096
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        needed = ctypes.c_size_t(0)
+        code = fill(buf, size, ctypes.byref(needed))
+        if code == KVH_OK:
+            return buf.raw[: needed.value].decode("utf-8", "replace").rstrip("\0")
+        if code != KVH_ERR_BUFFER_TOO_SMALL:
+            raise _error(call, code)
+        size = needed.value + 1
+    raise KvhError(call, KVH_ERR_BUFFER_TOO_SMALL, "the result kept growing")
+
+
+def _message(code: int) -> str:
+    lib = load()
+    buf = ctypes.create_string_buffer(512)
+    needed = ctypes.c_size_t(0)
+    if lib.kvh_strerror(code, buf, len(buf), ctypes.byref(needed)) != KVH_OK:
+        return "unknown error"
+    return buf.raw[: needed.value].decode("utf-8", "replace").rstrip("\0")
+
+
+def _error(call: str, code: int) -> KvhError:
+    return KvhError(call, code, _message(code))
+
+
+def _check(call: str, code: int) -> None:
+    if code != KVH_OK:
+        raise _error(call, code)
+
+
+def version() -> str:
+    """The library's version string."""
+    raw = load().kvh_version()
+    return raw.decode() if raw else ""
+
+
+def stats() -> dict:
+    """The allocator's counters (``kvh_stats_json``) as a dict."""
+    lib = load()
+    text = _read_string(lib.kvh_stats_json, "kvh_stats_json")
+    return json.loads(text)
+
+
+def synchronize() -> None:
+    """Waits until every pending scrub has completed and been verified."""
+    _check("kvh_synchronize", load().kvh_synchronize())
+
+
+def empty_cache() -> None:
+    """Flushes pending scrubs and returns clean cached blocks to the driver."""
+    load().kvh_empty_cache()
+
+
+def _encode(value: Optional[str]) -> Optional[bytes]:
+    return None if value is None else str(value).encode("utf-8")
+
+
+def _set(ids) -> None:
+    lib = load()
+    if ids is None:
+        lib.kvh_clear_context()
+        return
+    _check("kvh_set_context", lib.kvh_set_context(*(_encode(v) for v in ids)))
+
+
+@contextlib.contextmanager
+def context(
+    tenant_id: Optional[str] = None,
+    request_id: Optional[str] = None,
+    model_id: Optional[str] = None,
+) -> Iterator[None]:
+    """Stamps allocations and frees made by this thread inside the block with these ids.
+
+    Contexts nest: leaving an inner block restores the outer ids. The library refuses ids over
+    128 bytes or with control characters (:class:`KvhError`).
+    """
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    ids = (tenant_id, request_id, model_id)
+    _set(ids)
+    stack.append(ids)
+    try:
+        yield
+    finally:
+        stack.pop()
+        _set(stack[-1] if stack else None)
+
+
+def _function_address(lib: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def _cuda_state(torch) -> Optional[str]:
+    """Why PyTorch can no longer switch allocators, or None when it still can.
+
+    PyTorch initialises its allocator at CUDA initialisation (the first tensor on CUDA, or any
+    call that initialises CUDA) and refuses to swap an initialised allocator.
+    """
+    if not torch.cuda.is_initialized():
+        return None
+    held = sum(torch.cuda.memory_reserved(d) for d in range(torch.cuda.device_count()))
+    if held:
+        return f"PyTorch already holds {held} bytes of CUDA memory from its default allocator"
+    return "CUDA is already initialised in this process"
+
+
+def _register_hooks(raw_allocator, lib: ctypes.CDLL, torch) -> None:
+    """Record-stream and reset (empty_cache) hooks.
+
+    PyTorch 2.x exposes them on the object ``CUDAPluggableAllocator.allocator()`` returns
+    (``set_record_stream_fn``, ``set_reset_fn``). Without the record-stream hook, a tensor used
+    on a second stream could be scrubbed while that stream still uses it; without the reset
+    hook, ``torch.cuda.empty_cache()`` would not reach the pool. Where a build lacks the reset
+    setter, ``torch.cuda.empty_cache`` is wrapped instead; there is no substitute for the
+    record-stream hook, so its absence is an error.
+    """
+    global _reset_hook_installed
+    set_record = getattr(raw_allocator, "set_record_stream_fn", None)
+    if set_record is None:
+        raise RuntimeError(
+            "this PyTorch build does not expose set_record_stream_fn on the pluggable "
+            "allocator; kvhygiene cannot order scrubs after tensors used on other streams"
+        )
+    set_record(_function_address(lib, "kvh_record_stream"))
+    set_reset = getattr(raw_allocator, "set_reset_fn", None)
+    if set_reset is not None:
+        set_reset(_function_address(lib, "kvh_empty_cache"))
+    elif not _reset_hook_installed:
+        original = torch.cuda.empty_cache
+
+        def empty_cache_with_kvhygiene() -> None:
+            original()
+            lib.kvh_empty_cache()
+
+        torch.cuda.empty_cache = empty_cache_with_kvhygiene
+    _reset_hook_installed = True
+
+
+def install(path: Optional[str] = None):
+    """Makes kvhygiene PyTorch's CUDA allocator. Call before the first CUDA allocation.
+
+    Returns the ``CUDAPluggableAllocator``. Calling it again is a no-op. Raises
+    :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
+    (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch and ``FileNotFoundError`` when the
+    library cannot be found.
+    """
+    global _allocator
+    import torch  # only install() needs torch
+
+    with _lock:
+        if _allocator is not None:
+            return _allocator
+    why = _cuda_state(torch)
+    if why is not None:
+        raise AllocatorAlreadyInUseError(
+            f"kvhygiene.install() must run before CUDA is initialised: {why}, and PyTorch "
+            "cannot swap its allocator after that. Call install() at the top of the program, "
+            "before any tensor is created on CUDA."
+        )
+    lib = load(path)
+    assert _lib_path is not None
+    allocator = torch.cuda.memory.CUDAPluggableAllocator(
+        _lib_path, "kvh_malloc", "kvh_free"
+    )
+    _register_hooks(allocator.allocator(), lib, torch)
+    try:
+        torch.cuda.memory.change_current_allocator(allocator)
+    except RuntimeError as e:
+        raise AllocatorAlreadyInUseError(
+            f"PyTorch refused to switch allocators ({e}); call kvhygiene.install() before "
+            "the first CUDA allocation"
+        ) from e
+    with _lock:
+        _allocator = allocator
+    return allocator
+
+
+def installed() -> bool:
+    """Whether :func:`install` has made kvhygiene PyTorch's CUDA allocator."""
+    return _allocator is not None

@@ -1,0 +1,211 @@
+"""The kvhygiene package against the host backend (no GPU, no torch needed).
+
+Tests that need the built library skip unless KVH_LIBRARY names it, e.g.
+
+    cargo build --release
+    KVH_LIBRARY=$PWD/target/release/libkvhygiene.so python3 -m pytest python/tests
+"""
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import kvhygiene
+
+LIB = os.environ.get("KVH_LIBRARY")
+needs_lib = pytest.mark.skipif(
+    not LIB or not Path(LIB).is_file(),
+    reason="set KVH_LIBRARY to a built libkvhygiene.so (cargo build --release)",
+)
+
+try:
+    import torch  # noqa: F401
+
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+
+# ---- library discovery (no library needed) ----
+
+
+def test_explicit_path_wins(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.so", tmp_path / "b.so"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    monkeypatch.setenv("KVH_LIBRARY", str(b))
+    assert kvhygiene.find_library(str(a)) == str(a)
+    assert kvhygiene.find_library() == str(b)
+
+
+def test_missing_library_names_every_place_searched(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVH_LIBRARY", str(tmp_path / "nope.so"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        kvhygiene.find_library(str(tmp_path / "absent.so"))
+    assert "absent.so" in str(e.value)
+    assert "KVH_LIBRARY" in str(e.value)
+
+
+@pytest.mark.skipif(HAVE_TORCH, reason="checks the error without torch")
+def test_install_without_torch_is_an_import_error():
+    with pytest.raises(ImportError):
+        kvhygiene.install()
+
+
+# ---- against the library, host backend ----
+
+
+@needs_lib
+def test_version_and_stats():
+    assert kvhygiene.version()
+    s = kvhygiene.stats()
+    assert isinstance(s, dict) and s
+
+
+@needs_lib
+def test_context_nests_and_rejects_bad_ids():
+    with kvhygiene.context(tenant_id="acme", request_id="r-1", model_id="m"):
+        with kvhygiene.context(tenant_id="acme", request_id="r-2"):
+            pass
+    with pytest.raises(kvhygiene.KvhError) as e:
+        with kvhygiene.context(tenant_id="evil\ninjected"):
+            pass
+    assert e.value.code != 0
+    with pytest.raises(kvhygiene.KvhError):
+        with kvhygiene.context(request_id="x" * 129):
+            pass
+
+
+@needs_lib
+def test_pytorch_calling_convention_leaves_no_residue():
+    """kvh_malloc / kvh_free exactly as PyTorch calls them (size, device, stream)."""
+    lib = kvhygiene.load()
+    size = 1 << 16
+    p = lib.kvh_malloc(size, 0, None)
+    assert p
+    ctypes.memset(p, 0x5A, size)  # host backend: a process address we may write
+    with kvhygiene.context(tenant_id="a", request_id="1"):
+        lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    q = lib.kvh_malloc(size, 0, None)
+    assert q
+    assert ctypes.string_at(q, size) == bytes(size), "freed bytes reached the next caller"
+    lib.kvh_free(q, size, 0, None)
+    kvhygiene.synchronize()
+
+
+@needs_lib
+def test_contexts_are_per_thread():
+    lib = kvhygiene.load()
+    errors = []
+
+    def worker(tenant):
+        try:
+            with kvhygiene.context(tenant_id=tenant, request_id="r"):
+                for _ in range(50):
+                    p = lib.kvh_malloc(4096, 0, None)
+                    assert p
+                    lib.kvh_free(p, 4096, 0, None)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    kvhygiene.synchronize()
+
+
+@needs_lib
+def test_invalid_free_does_not_crash():
+    lib = kvhygiene.load()
+    buf = ctypes.create_string_buffer(64)
+    code = lib.kvh_free_checked(ctypes.addressof(buf), 64, 0, None)
+    assert code != 0
+    assert lib.kvh_last_error() != 0
+
+
+# ---- install() against a stand-in for torch (the real one needs a GPU) ----
+
+
+class _FakeRaw:
+    def __init__(self, with_reset=True):
+        self.calls = {}
+        if with_reset:
+            self.set_reset_fn = lambda addr: self.calls.__setitem__("reset", addr)
+
+    def set_record_stream_fn(self, addr):
+        self.calls["record_stream"] = addr
+
+
+def _fake_torch(initialized=False, reserved=0, with_reset=True):
+    import types
+
+    torch = types.ModuleType("torch")
+    cuda = types.SimpleNamespace()
+    memory = types.SimpleNamespace()
+    state = {"changed": None, "raw": _FakeRaw(with_reset)}
+
+    class CUDAPluggableAllocator:
+        def __init__(self, path, malloc_name, free_name):
+            self.args = (path, malloc_name, free_name)
+
+        def allocator(self):
+            return state["raw"]
+
+    memory.CUDAPluggableAllocator = CUDAPluggableAllocator
+    memory.change_current_allocator = lambda a: state.__setitem__("changed", a)
+    cuda.memory = memory
+    cuda.is_initialized = lambda: initialized
+    cuda.device_count = lambda: 1
+    cuda.memory_reserved = lambda d: reserved
+    cuda.empty_cache = lambda: state.__setitem__("torch_empty_cache", True)
+    torch.cuda = cuda
+    return torch, state
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    monkeypatch.setattr(kvhygiene, "_allocator", None)
+    monkeypatch.setattr(kvhygiene, "_reset_hook_installed", False)
+    return monkeypatch
+
+
+def test_install_refuses_after_cuda_initialisation(fresh):
+    torch, _ = _fake_torch(initialized=True, reserved=1 << 20)
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError) as e:
+        kvhygiene.install()
+    assert "1048576 bytes" in str(e.value)
+    assert not kvhygiene.installed()
+
+
+@needs_lib
+def test_install_registers_record_stream_and_reset_hooks(fresh):
+    torch, state = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    alloc = kvhygiene.install(LIB)
+    assert alloc.args[1:] == ("kvh_malloc", "kvh_free")
+    assert state["changed"] is alloc
+    lib = kvhygiene.load()
+    addr = lambda name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value  # noqa: E731
+    assert state["raw"].calls == {
+        "record_stream": addr("kvh_record_stream"),
+        "reset": addr("kvh_empty_cache"),
+    }
+    assert kvhygiene.install(LIB) is alloc, "a second install is a no-op"
+
+
+@needs_lib
+def test_without_a_reset_setter_empty_cache_is_wrapped(fresh):
+    torch, state = _fake_torch(with_reset=False)
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    torch.cuda.empty_cache()
+    assert state.get("torch_empty_cache"), "the original empty_cache still runs"

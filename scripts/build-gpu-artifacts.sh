@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu-check.sh runs on the GPU machine (which has no Rust toolchain) and
+# puts it in gpu-artifacts/ (git-ignored; carry it to the GPU machine with the working tree):
+# libkvhygiene.so, the gpu_kernel test binary and the gpu_scrub bench binary, stripped, plus
+# MANIFEST.txt. Release build with the kernels compiled by the pinned toolchain (SASS for
+# sm_80/86/89/90 + PTX), never the PTX fallback.
+#
+# Usage, from the repository root:   scripts/build-gpu-artifacts.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/install-nvcc.sh
+
+# The pinned toolchain, not whatever nvcc the environment names, and no silent PTX fallback.
+build_env=(env -u NVCC -u CUDA_HOME -u CUDA_PATH KVHYGIENE_REQUIRE_KERNEL_BUILD=1)
+
+# Path of the executable cargo built for a test or bench target (from its JSON messages).
+executable() {
+    python3 -c '
+import json, sys
+want = sys.argv[1]
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == want and m.get("executable"):
+        print(m["executable"])
+' "$1"
+}
+
+"${build_env[@]}" cargo build --release --lib
+test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
+    --message-format=json | executable gpu_kernel)"
+bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
+    --message-format=json | executable gpu_scrub)"
+
+dest="$root/gpu-artifacts"
+rm -rf "$dest"
+mkdir -p "$dest"
+cp target/release/libkvhygiene.so "$dest/"
+cp "$test_bin" "$dest/gpu_kernel"
+cp "$bench_bin" "$dest/gpu_scrub"
+strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/gpu_kernel" "$dest/gpu_scrub"
+
+origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygiene-*/out/kernel_images.rs | head -n1 | cut -d'"' -f2)"
+{
+    echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
+    echo "kernels: ${origin:-unknown}"
+    echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
+    (cd "$dest" && ls -l libkvhygiene.so gpu_kernel gpu_scrub | awk '{print "size: " $9 " " $5 " bytes"}')
+} >"$dest/MANIFEST.txt"
+cat "$dest/MANIFEST.txt"
+du -sh "$dest"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The real-GPU checks of kvhygiene, run from prebuilt artifacts on a machine with a GPU, PyTorch
+# and transformers but no Rust toolchain. One call, about 5 minutes, every step time-boxed.
+#
+# Layout (scripts/build-gpu-artifacts.sh fills gpu-artifacts/ on a build machine):
+#   gpu-artifacts/libkvhygiene.so   the library PyTorch loads (release, kernels embedded)
+#   gpu-artifacts/gpu_kernel        tests/gpu_kernel.rs, the #[ignore]d GPU tests
+#   gpu-artifacts/gpu_scrub         benches/gpu_scrub.rs, the criterion benches
+#   gpu-artifacts/MANIFEST.txt      commit, build date, kernel origin, sizes
+#   scripts/gpu/*.py                the Python steps (tracked in git)
+#
+# Usage, from the repository root:   bash scripts/gpu-check.sh
+# Output: $OUT (or ./gpu-check-out): results.md (table), results.json (summary), raw logs,
+# criterion/ estimates, py/*.json. Exit status 0 when no check failed.
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+art="$root/gpu-artifacts"
+out="${OUT:-$root/gpu-check-out}"
+mkdir -p "$out/py" "$out/status"
+export PYTHONUNBUFFERED=1
+# The whole run must end inside one 10-minute device call: every step's limit is capped by
+# what is left of this budget (seconds), keeping time for the report.
+budget="${GPU_CHECK_BUDGET_S:-540}"
+deadline=$(( $(date +%s) + budget ))
+
+log() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+# step NAME SECONDS CMD...: runs a step with a time limit, output to $out/NAME.log, status kept.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    log "$name"
+    local left=$(( deadline - $(date +%s) - 20 ))
+    if (( left < 15 )); then
+        echo "skipped: out of time" | tee "$out/$name.log"
+        echo 124 >"$out/status/$name.rc"
+        return
+    fi
+    (( limit > left )) && limit=$left
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "$rc" >"$out/status/$name.rc"
+    tail -n 25 "$out/$name.log"
+    echo "--- $name: exit $rc"
+}
+
+for f in libkvhygiene.so gpu_kernel gpu_scrub; do
+    if [[ ! -f "$art/$f" ]]; then
+        echo "gpu-check: $art/$f missing; build with scripts/build-gpu-artifacts.sh and carry gpu-artifacts/" >&2
+        exit 2
+    fi
+done
+chmod +x "$art/gpu_kernel" "$art/gpu_scrub"
+cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
+
+log "GPU"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv \
+    | tee "$out/nvidia-smi.csv"
+date -u +"run at %Y-%m-%dT%H:%M:%SZ" | tee -a "$out/manifest.txt"
+
+# 1. Kernel correctness through the Backend trait (sizes 1 B .. 1 GiB, batches up to 10,000).
+step gpu_kernel 180 "$art/gpu_kernel" --ignored --test-threads=1
+
+# 2. Kernel benchmarks (criterion, short measurement times), estimates under $out/criterion.
+CRITERION_HOME="$out/criterion" step gpu_scrub 100 "$art/gpu_scrub" --bench
+
+# 3. PyTorch: each measurement in its own process (the allocator is chosen per process,
+#    before its first CUDA allocation). The library path travels in GPU_CHECK_LIBRARY.
+export GPU_CHECK_LIBRARY="$art/libkvhygiene.so"
+# Fail closed: the kvhygiene runs must use the GPU, never fall back to host memory.
+export KVH_BACKEND=cuda
+for mode in default kvh; do
+    step "residue_$mode" 60 python3 scripts/gpu/residue.py --mode "$mode" \
+        --out "$out/py/residue_$mode.json"
+    step "residue_threads_$mode" 60 python3 scripts/gpu/residue.py --mode "$mode" --threads \
+        --out "$out/py/residue_threads_$mode.json"
+    step "alloc_$mode" 60 python3 scripts/gpu/alloc_bench.py --mode "$mode" \
+        --out "$out/py/alloc_$mode.json"
+    step "llama_$mode" 100 python3 scripts/gpu/llama_bench.py --mode "$mode" \
+        --out "$out/py/llama_$mode.json"
+done
+
+log "report"
+python3 scripts/gpu/report.py "$out"
+rc=$?
+echo "gpu-check: results in $out/results.md and $out/results.json"
+exit $rc

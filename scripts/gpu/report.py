@@ -1,0 +1,169 @@
+"""Builds the GPU check's Markdown table and JSON summary from the raw outputs in OUT.
+
+Usage: python3 scripts/gpu/report.py OUT   (writes OUT/results.md and OUT/results.json)
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def bench_note(out: Path) -> str:
+    try:
+        lines = [l for l in (out / "gpu_scrub.log").read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "gpu_scrub did not run"
+    skipped = [l for l in lines if "skipped" in l]
+    return (skipped or lines or ["no output"])[-1].strip()[:120]
+
+
+def criterion_ns(out: Path, *parts: str):
+    est = load_json(out.joinpath("criterion", *parts, "new", "estimates.json"))
+    if not est:
+        return None
+    return est["mean"]["point_estimate"]
+
+
+def tests(out: Path) -> dict:
+    try:
+        log = (out / "gpu_kernel.log").read_text(errors="replace")
+    except OSError:
+        return {"ran": False, "passed": 0, "failed": 0, "cases": {}}
+    cases = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", log, re.M))
+    return {
+        "ran": True,
+        "passed": sum(v == "ok" for v in cases.values()),
+        "failed": sum(v == "FAILED" for v in cases.values()),
+        "cases": cases,
+    }
+
+
+def py(out: Path, name: str):
+    return load_json(out / "py" / f"{name}.json")
+
+
+def why(out: Path, *steps: str) -> str:
+    """'missing' plus the last line of the first failed step's log, for the table."""
+    for step in steps:
+        try:
+            lines = [l for l in (out / f"{step}.log").read_text(errors="replace").splitlines() if l.strip()]
+        except OSError:
+            return f"missing ({step} did not run)"
+        if lines and not (out / "py" / f"{step}.json").exists():
+            return f"missing ({step}: {lines[-1].strip()[:120]})"
+    return "missing"
+
+
+def row(rows, check, measured, target, ok):
+    verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
+    rows.append({"check": check, "measured": measured, "target": target, "verdict": verdict})
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    rows = []
+    t = tests(out)
+    row(
+        rows,
+        "kernel correctness (tests/gpu_kernel.rs)",
+        f"{t['passed']} passed, {t['failed']} failed" if t["ran"] else "not run",
+        "all pass",
+        (t["failed"] == 0 and t["passed"] > 0) if t["ran"] else None,
+    )
+    for label in ["256MiB", "1GiB"]:
+        scrub = criterion_ns(out, "scrub_vs_memset", "scrub_verify", label)
+        memset = criterion_ns(out, "scrub_vs_memset", "memset", label)
+        r = ratio(memset, scrub)
+        row(
+            rows,
+            f"scrub+verify vs cuMemsetD8Async, {label}",
+            f"missing ({bench_note(out)})"
+            if r is None
+            else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
+            ">= 0.9",
+            None if r is None else r >= 0.9,
+        )
+    scrub = criterion_ns(out, "batched", "scrub_4096x64KiB")
+    memset = criterion_ns(out, "batched", "memset_256MiB")
+    r = ratio(memset, scrub)
+    row(
+        rows,
+        "batched 4096 x 64 KiB vs one 256 MiB memset",
+        f"missing ({bench_note(out)})"
+        if r is None
+        else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
+        ">= 0.8",
+        None if r is None else r >= 0.8,
+    )
+    for name, label in [("residue", "one thread"), ("residue_threads", "two threads, two tenants")]:
+        d, k = py(out, f"{name}_default"), py(out, f"{name}_kvh")
+        row(
+            rows,
+            f"residue, default allocator ({label})",
+            why(out, f"{name}_default") if not d else f"{d['secret_seen']} secret values seen",
+            "> 0 (the threat)",
+            None if not d else d["secret_seen"] > 0,
+        )
+        row(
+            rows,
+            f"residue, kvhygiene ({label})",
+            why(out, f"{name}_kvh") if not k else f"{k['secret_seen']} secret, {k['nonzero']} non-zero",
+            "0 and 0",
+            None if not k else (k["secret_seen"] == 0 and k["nonzero"] == 0),
+        )
+    d, k = py(out, "alloc_default"), py(out, "alloc_kvh")
+    r = ratio(k and k["us_per_op"], d and d["us_per_op"])
+    row(
+        rows,
+        "torch.empty/del mixed sizes, kvhygiene / default",
+        why(out, "alloc_default", "alloc_kvh")
+        if r is None
+        else f"{r:.3g}x ({k['us_per_op']:.3g} us vs {d['us_per_op']:.3g} us)",
+        "<= 2x",
+        None if r is None else r <= 2.0,
+    )
+    d, k = py(out, "llama_default"), py(out, "llama_kvh")
+    r = ratio(k and k["tokens_per_s"], d and d["tokens_per_s"])
+    row(
+        rows,
+        "Llama generate 128 tokens, tokens/s kvhygiene / default",
+        why(out, "llama_default", "llama_kvh")
+        if r is None
+        else f"{r:.3g} ({k['tokens_per_s']:.4g} vs {d['tokens_per_s']:.4g} tok/s)",
+        ">= 0.9",
+        None if r is None else r >= 0.9,
+    )
+    gpu = ""
+    try:
+        gpu = (out / "nvidia-smi.csv").read_text().strip()
+    except OSError:
+        pass
+    lines = ["# kvhygiene GPU check", "", "```", gpu, "```", ""]
+    lines += ["| check | measured | target | verdict |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['check']} | {r['measured']} | {r['target']} | {r['verdict']} |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    summary = {
+        "gpu": gpu,
+        "rows": rows,
+        "tests": t,
+        "python": {p.stem: load_json(p) for p in sorted((out / "py").glob("*.json"))},
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["verdict"] != "FAIL" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Residue demo: does torch.empty() after a free show the previous owner's data?
+
+With PyTorch's default caching allocator it does (the threat); under kvhygiene it must read
+zeros. --threads runs the writer and the reader on two threads under two tenant contexts.
+"""
+
+import threading
+
+from common import parse, setup, write
+
+SECRET = 1234.5
+ELEMENTS = 8 << 20  # 32 MiB of float32
+
+
+def write_secret(torch):
+    x = torch.full((ELEMENTS,), SECRET, device="cuda")
+    torch.cuda.synchronize()
+    del x
+
+
+def read_back(torch) -> dict:
+    y = torch.empty((ELEMENTS,), device="cuda")
+    seen = int((y == SECRET).sum().item())
+    nonzero = int((y != 0).sum().item())
+    del y
+    return {"secret_seen": seen, "nonzero": nonzero}
+
+
+def tenant(mode, tenant_id, request_id):
+    if mode != "kvh":
+        import contextlib
+
+        return contextlib.nullcontext()
+    import kvhygiene
+
+    return kvhygiene.context(tenant_id=tenant_id, request_id=request_id, model_id="residue")
+
+
+def main():
+    args = parse(__doc__)
+    torch = setup(args.mode)
+    result = {}
+    if args.threads:
+        written = threading.Event()
+
+        def writer():
+            with tenant(args.mode, "tenant-a", "req-a"):
+                write_secret(torch)
+            written.set()
+
+        def reader():
+            written.wait()
+            with tenant(args.mode, "tenant-b", "req-b"):
+                result.update(read_back(torch))
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        with tenant(args.mode, "tenant-a", "req-a"):
+            write_secret(torch)
+        with tenant(args.mode, "tenant-b", "req-b"):
+            result.update(read_back(torch))
+    write(
+        args.out,
+        {
+            "step": "residue_threads" if args.threads else "residue",
+            "mode": args.mode,
+            "elements": ELEMENTS,
+            **result,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

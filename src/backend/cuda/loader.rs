@@ -1,0 +1,107 @@
+//! Loads the CUDA driver (`libcuda.so.1`) at run time.
+//!
+//! There is no link-time dependency on libcuda or libcudart: a machine without a GPU loads
+//! kvhygiene normally and [`load`] reports [`LoadError::NotInstalled`]. Every symbol is resolved
+//! once, up front (`sys::CudaDriver::from_library`), so a driver too old to export one of them
+//! fails here with the symbol's name instead of at first use.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::sys;
+
+/// The file name the NVIDIA driver installs (the unversioned `libcuda.so` is a development
+/// link that production images often lack).
+pub const LIBCUDA: &str = "libcuda.so.1";
+
+/// Why the driver could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    /// The library does not exist or cannot be opened: no CUDA driver is installed.
+    NotInstalled(String),
+    /// The library opened but lacks a symbol kvhygiene needs: a driver is present but unusable.
+    MissingSymbol(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::NotInstalled(why) => write!(f, "cannot load the CUDA driver: {why}"),
+            LoadError::MissingSymbol(why) => {
+                write!(f, "the CUDA driver lacks a required entry point: {why}")
+            }
+        }
+    }
+}
+
+/// The resolved driver entry points. Cheap to share; the library stays loaded while any
+/// clone lives (in practice: for the life of the process).
+#[derive(Clone)]
+pub struct Driver {
+    api: Arc<sys::CudaDriver>,
+}
+
+impl fmt::Debug for Driver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Driver(libcuda)")
+    }
+}
+
+impl Driver {
+    /// The raw entry points, for [`super::result`].
+    pub(crate) fn api(&self) -> &sys::CudaDriver {
+        &self.api
+    }
+}
+
+/// Loads [`LIBCUDA`] from the dynamic loader's search path.
+pub fn load() -> Result<Driver, LoadError> {
+    load_from(LIBCUDA)
+}
+
+/// Loads the driver from `path` (a file name searched by the dynamic loader, or a path).
+pub fn load_from(path: &str) -> Result<Driver, LoadError> {
+    // SAFETY: 1. opening a shared library runs its initialisers; libcuda's are sound to run in
+    // any process (the CUDA runtime does the same); any other library named by `path` is the
+    // caller's choice (tests pass paths that do not exist).
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // dlerror's message usually names the file already.
+        let msg = e.to_string();
+        LoadError::NotInstalled(if msg.contains(path) {
+            msg
+        } else {
+            format!("{path}: {msg}")
+        })
+    })?;
+    // SAFETY: 1. every field of `CudaDriver` is typed by bindgen from cuda.h of the pinned
+    // CUDA 12.4, and the symbol names are the versioned ones that header maps to (cuMemAlloc ->
+    // cuMemAlloc_v2), whose signatures NVIDIA keeps stable across drivers.
+    let api = unsafe { sys::CudaDriver::from_library(lib) }
+        .map_err(|e| LoadError::MissingSymbol(format!("{path}: {e}")))?;
+    Ok(Driver { api: Arc::new(api) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_library_is_not_installed_with_the_name_in_the_message() {
+        let err = load_from("libkvh-no-such-driver.so.1").unwrap_err();
+        match &err {
+            LoadError::NotInstalled(msg) => assert!(msg.contains("libkvh-no-such-driver.so.1")),
+            other => panic!("expected NotInstalled, got {other:?}"),
+        }
+        assert!(err.to_string().starts_with("cannot load the CUDA driver"));
+    }
+
+    #[test]
+    fn a_library_without_the_driver_symbols_is_reported_as_such() {
+        // libc is always present and exports none of the cu* entry points.
+        let err = load_from("libc.so.6").unwrap_err();
+        match err {
+            LoadError::MissingSymbol(msg) => assert!(msg.contains("libc.so.6"), "{msg}"),
+            other => panic!("expected MissingSymbol, got {other:?}"),
+        }
+    }
+}

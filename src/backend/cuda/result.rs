@@ -1,0 +1,416 @@
+//! Thin wrappers over the driver entry points: each returns `Result<_, BackendError>` whose
+//! error keeps the call's name, the CUDA error code and the driver's name for it
+//! (`cuGetErrorName`). No policy lives here; [`super::safe`] decides what to call when.
+//!
+//! Functions taking raw handles or addresses are `unsafe`: the driver cannot check that a
+//! device address belongs to the caller, and a stale handle is undefined behaviour in the
+//! driver.
+
+use std::ffi::{c_uint, c_void, CStr};
+
+use super::loader::Driver;
+use super::sys;
+use crate::backend::BackendError;
+
+pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmodule, CUstream};
+
+/// Turns a `CUresult` into a `Result`, naming the call.
+pub fn check(driver: &Driver, call: &'static str, code: sys::CUresult) -> Result<(), BackendError> {
+    if code == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    Err(BackendError::Driver {
+        call,
+        code: code.0 as i32,
+        name: error_name(driver, code),
+    })
+}
+
+/// The driver's symbolic name of `code` (`CUDA_ERROR_OUT_OF_MEMORY`), or "unknown".
+pub fn error_name(driver: &Driver, code: sys::CUresult) -> String {
+    let mut ptr: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a pointer to a static string or leaves it NULL and returns
+    // CUDA_ERROR_INVALID_VALUE for unknown codes; `ptr` is a valid out-pointer.
+    let rc = unsafe { driver.api().cuGetErrorName(code, &mut ptr) };
+    if rc != sys::CUresult::CUDA_SUCCESS || ptr.is_null() {
+        return "unknown".to_string();
+    }
+    // SAFETY: the driver returned a NUL-terminated string with static lifetime.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub fn init(d: &Driver) -> Result<(), BackendError> {
+    // SAFETY: cuInit takes no pointers; flags must be 0.
+    check(d, "cuInit", unsafe { d.api().cuInit(0) })
+}
+
+pub fn driver_version(d: &Driver) -> Result<i32, BackendError> {
+    let mut v = 0;
+    // SAFETY: `v` is a valid out-pointer.
+    check(d, "cuDriverGetVersion", unsafe {
+        d.api().cuDriverGetVersion(&mut v)
+    })?;
+    Ok(v)
+}
+
+pub fn device_count(d: &Driver) -> Result<u32, BackendError> {
+    let mut n = 0;
+    // SAFETY: `n` is a valid out-pointer.
+    check(d, "cuDeviceGetCount", unsafe {
+        d.api().cuDeviceGetCount(&mut n)
+    })?;
+    Ok(u32::try_from(n).unwrap_or(0))
+}
+
+pub fn device_get(d: &Driver, ordinal: u32) -> Result<CUdevice, BackendError> {
+    let mut dev = 0;
+    let ordinal = i32::try_from(ordinal).map_err(|_| BackendError::InvalidDevice {
+        device: ordinal,
+        count: 0,
+    })?;
+    // SAFETY: `dev` is a valid out-pointer; the driver validates the ordinal.
+    check(d, "cuDeviceGet", unsafe {
+        d.api().cuDeviceGet(&mut dev, ordinal)
+    })?;
+    Ok(dev)
+}
+
+pub fn device_attribute(
+    d: &Driver,
+    dev: CUdevice,
+    attr: sys::CUdevice_attribute,
+) -> Result<i32, BackendError> {
+    let mut v = 0;
+    // SAFETY: `v` is a valid out-pointer; the driver validates `dev` and `attr`.
+    check(d, "cuDeviceGetAttribute", unsafe {
+        d.api().cuDeviceGetAttribute(&mut v, attr, dev)
+    })?;
+    Ok(v)
+}
+
+/// Retains the device's primary context (the one the CUDA runtime, and so PyTorch, uses).
+pub fn primary_ctx_retain(d: &Driver, dev: CUdevice) -> Result<CUcontext, BackendError> {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: `ctx` is a valid out-pointer; the driver validates `dev`.
+    check(d, "cuDevicePrimaryCtxRetain", unsafe {
+        d.api().cuDevicePrimaryCtxRetain(&mut ctx, dev)
+    })?;
+    Ok(ctx)
+}
+
+/// The calling thread's current context (null when none).
+pub fn ctx_get_current(d: &Driver) -> Result<CUcontext, BackendError> {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: `ctx` is a valid out-pointer.
+    check(d, "cuCtxGetCurrent", unsafe {
+        d.api().cuCtxGetCurrent(&mut ctx)
+    })?;
+    Ok(ctx)
+}
+
+/// # Safety
+/// 1. `ctx` must be null, or a live context (for kvhygiene's own calls: one retained with
+///    [`primary_ctx_retain`] and never released).
+pub unsafe fn ctx_set_current(d: &Driver, ctx: CUcontext) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuCtxSetCurrent", unsafe {
+        d.api().cuCtxSetCurrent(ctx)
+    })
+}
+
+/// Waits for all work of the current context.
+pub fn ctx_synchronize(d: &Driver) -> Result<(), BackendError> {
+    // SAFETY: no arguments; fails cleanly without a current context.
+    check(d, "cuCtxSynchronize", unsafe { d.api().cuCtxSynchronize() })
+}
+
+/// Loads a cubin, fatbin or NUL-terminated PTX image into the current context.
+pub fn module_load_data(d: &Driver, image: &[u8]) -> Result<CUmodule, BackendError> {
+    let mut module = std::ptr::null_mut();
+    // SAFETY: `image` is a complete image (the build embeds whole files; PTX is NUL-terminated)
+    // that outlives the call; the driver copies what it needs.
+    check(d, "cuModuleLoadData", unsafe {
+        d.api().cuModuleLoadData(&mut module, image.as_ptr().cast())
+    })?;
+    Ok(module)
+}
+
+/// # Safety
+/// 1. `module` must be a live module of the current context.
+pub unsafe fn module_get_function(
+    d: &Driver,
+    module: CUmodule,
+    name: &CStr,
+) -> Result<CUfunction, BackendError> {
+    let mut f = std::ptr::null_mut();
+    // SAFETY: contract 1; `name` is NUL-terminated.
+    check(d, "cuModuleGetFunction", unsafe {
+        d.api().cuModuleGetFunction(&mut f, module, name.as_ptr())
+    })?;
+    Ok(f)
+}
+
+/// Allocates device memory in the current context; out of memory maps to
+/// [`BackendError::OutOfMemory`].
+pub fn mem_alloc(d: &Driver, device: u32, len: u64) -> Result<CUdeviceptr, BackendError> {
+    let mut ptr = 0;
+    let bytes = usize::try_from(len).map_err(|_| BackendError::OutOfMemory {
+        device,
+        requested: len,
+    })?;
+    // SAFETY: `ptr` is a valid out-pointer.
+    let rc = unsafe { d.api().cuMemAlloc_v2(&mut ptr, bytes) };
+    if rc == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(BackendError::OutOfMemory {
+            device,
+            requested: len,
+        });
+    }
+    check(d, "cuMemAlloc", rc)?;
+    Ok(ptr)
+}
+
+/// # Safety
+/// 1. `ptr` must come from [`mem_alloc`] and not have been freed; 2. no queued or running
+///    work may still use it.
+pub unsafe fn mem_free(d: &Driver, ptr: CUdeviceptr) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 and 2.
+    check(d, "cuMemFree", unsafe { d.api().cuMemFree_v2(ptr) })
+}
+
+/// Page-locked host memory (needed for truly asynchronous copies).
+pub fn mem_host_alloc(d: &Driver, len: usize) -> Result<*mut u8, BackendError> {
+    let mut p: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `p` is a valid out-pointer. PORTABLE: usable from every context.
+    check(d, "cuMemHostAlloc", unsafe {
+        d.api()
+            .cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE as c_uint)
+    })?;
+    Ok(p.cast())
+}
+
+/// # Safety
+/// 1. `p` must come from [`mem_host_alloc`], not be freed, and not be used by queued work.
+pub unsafe fn mem_free_host(d: &Driver, p: *mut u8) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuMemFreeHost", unsafe {
+        d.api().cuMemFreeHost(p.cast())
+    })
+}
+
+/// # Safety
+/// 1. `[dst, dst + len)` must be device memory of the current context owned by the caller.
+pub unsafe fn memset_d8(d: &Driver, dst: CUdeviceptr, len: usize) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuMemsetD8", unsafe {
+        d.api().cuMemsetD8_v2(dst, 0, len)
+    })
+}
+
+/// # Safety
+/// 1. `[dst, dst + len)` must be device memory of the current context owned by the caller;
+/// 2. `stream` must be a live stream of the current context (or a special handle 0/1/2).
+pub unsafe fn memset_d8_async(
+    d: &Driver,
+    dst: CUdeviceptr,
+    len: usize,
+    stream: CUstream,
+) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 and 2.
+    check(d, "cuMemsetD8Async", unsafe {
+        d.api().cuMemsetD8Async(dst, 0, len, stream)
+    })
+}
+
+/// # Safety
+/// 1. `[dst, dst + src.len())` must be device memory of the current context owned by the caller.
+pub unsafe fn memcpy_htod(d: &Driver, dst: CUdeviceptr, src: &[u8]) -> Result<(), BackendError> {
+    // SAFETY: contract 1; `src` is readable for its length during the (synchronous) call.
+    check(d, "cuMemcpyHtoD", unsafe {
+        d.api().cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len())
+    })
+}
+
+/// # Safety
+/// 1. `[src, src + dst.len())` must be device memory of the current context.
+pub unsafe fn memcpy_dtoh(
+    d: &Driver,
+    dst: &mut [u8],
+    src: CUdeviceptr,
+) -> Result<(), BackendError> {
+    // SAFETY: contract 1; `dst` is writable for its length during the (synchronous) call.
+    check(d, "cuMemcpyDtoH", unsafe {
+        d.api()
+            .cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len())
+    })
+}
+
+/// # Safety
+/// 1. `[dst, dst + len)` must be device memory owned by the caller; 2. `src` must be
+///    page-locked host memory of at least `len` bytes that stays valid and unmodified until the
+///    copy completes in stream order; 3. `stream` as in [`memset_d8_async`].
+pub unsafe fn memcpy_htod_async(
+    d: &Driver,
+    dst: CUdeviceptr,
+    src: *const u8,
+    len: usize,
+    stream: CUstream,
+) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 to 3.
+    check(d, "cuMemcpyHtoDAsync", unsafe {
+        d.api().cuMemcpyHtoDAsync_v2(dst, src.cast(), len, stream)
+    })
+}
+
+/// # Safety
+/// 1. `[src, src + len)` must be device memory; 2. `dst` must be page-locked host memory of at
+///    least `len` bytes, not read until the copy completes in stream order; 3. `stream` as in
+///    [`memset_d8_async`].
+pub unsafe fn memcpy_dtoh_async(
+    d: &Driver,
+    dst: *mut u8,
+    src: CUdeviceptr,
+    len: usize,
+    stream: CUstream,
+) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 to 3.
+    check(d, "cuMemcpyDtoHAsync", unsafe {
+        d.api().cuMemcpyDtoHAsync_v2(dst.cast(), src, len, stream)
+    })
+}
+
+/// An event without timing (cheaper to record and query).
+pub fn event_create(d: &Driver) -> Result<CUevent, BackendError> {
+    let mut ev = std::ptr::null_mut();
+    // SAFETY: `ev` is a valid out-pointer.
+    check(d, "cuEventCreate", unsafe {
+        d.api().cuEventCreate(
+            &mut ev,
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING.0 as c_uint,
+        )
+    })?;
+    Ok(ev)
+}
+
+/// # Safety
+/// 1. `ev` must be a live event and `stream` a live stream (or special handle) of the current
+///    context.
+pub unsafe fn event_record(d: &Driver, ev: CUevent, stream: CUstream) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuEventRecord", unsafe {
+        d.api().cuEventRecord(ev, stream)
+    })
+}
+
+/// Whether the work before the event's last record has completed.
+///
+/// # Safety
+/// 1. `ev` must be a live event.
+pub unsafe fn event_query(d: &Driver, ev: CUevent) -> Result<bool, BackendError> {
+    // SAFETY: contract 1.
+    let rc = unsafe { d.api().cuEventQuery(ev) };
+    if rc == sys::CUresult::CUDA_ERROR_NOT_READY {
+        return Ok(false);
+    }
+    check(d, "cuEventQuery", rc)?;
+    Ok(true)
+}
+
+/// # Safety
+/// 1. `ev` must be a live event.
+pub unsafe fn event_synchronize(d: &Driver, ev: CUevent) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuEventSynchronize", unsafe {
+        d.api().cuEventSynchronize(ev)
+    })
+}
+
+/// # Safety
+/// 1. `ev` must be a live event that no queued work or later call uses.
+pub unsafe fn event_destroy(d: &Driver, ev: CUevent) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuEventDestroy", unsafe {
+        d.api().cuEventDestroy_v2(ev)
+    })
+}
+
+/// Makes `stream` wait for the work captured by the last record of `ev`.
+///
+/// # Safety
+/// 1. `stream` and `ev` must be live and of the current context.
+pub unsafe fn stream_wait_event(
+    d: &Driver,
+    stream: CUstream,
+    ev: CUevent,
+) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuStreamWaitEvent", unsafe {
+        d.api().cuStreamWaitEvent(stream, ev, 0)
+    })
+}
+
+/// # Safety
+/// 1. `stream` must be a live stream (or special handle) of the current context.
+pub unsafe fn stream_synchronize(d: &Driver, stream: CUstream) -> Result<(), BackendError> {
+    // SAFETY: contract 1.
+    check(d, "cuStreamSynchronize", unsafe {
+        d.api().cuStreamSynchronize(stream)
+    })
+}
+
+/// Whether `stream` is capturing a graph (an invalidated capture still counts: the stream is
+/// in capture mode until the capture ends). The legacy default stream cannot be used at all
+/// while another stream captures in global mode (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`): that
+/// also reads as capturing, so the caller defers its work.
+///
+/// # Safety
+/// 1. `stream` must be a live stream (or special handle) of the current context.
+pub unsafe fn stream_is_capturing(d: &Driver, stream: CUstream) -> Result<bool, BackendError> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: contract 1; `status` is a valid out-pointer.
+    let rc = unsafe { d.api().cuStreamIsCapturing(stream, &mut status) };
+    if rc == sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT {
+        return Ok(true);
+    }
+    check(d, "cuStreamIsCapturing", rc)?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// Grid and block shape of a 1-D launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchShape {
+    pub grid: u32,
+    pub block: u32,
+}
+
+/// # Safety
+/// 1. `f` must be a live function of the current context; 2. `params` must point to one value
+///    per kernel parameter, each of the exact type the kernel declares, valid until the call
+///    returns (the driver copies them); 3. `stream` as in [`memset_d8_async`]; 4. every device
+///    address among the parameters must be valid for what the kernel does with it.
+pub unsafe fn launch_kernel(
+    d: &Driver,
+    f: CUfunction,
+    shape: LaunchShape,
+    stream: CUstream,
+    params: &mut [*mut c_void],
+) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 to 4.
+    check(d, "cuLaunchKernel", unsafe {
+        d.api().cuLaunchKernel(
+            f,
+            shape.grid,
+            1,
+            1,
+            shape.block,
+            1,
+            1,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })
+}

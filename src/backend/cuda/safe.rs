@@ -1,0 +1,682 @@
+//! [`CudaBackend`]: the [`Backend`] trait on the CUDA driver.
+//!
+//! - Contexts: each device's primary context (the CUDA runtime's, so PyTorch's) is retained on
+//!   first use and made current at the top of every entry point, because PyTorch calls the
+//!   allocator's free without setting the device; the caller's context is restored on return.
+//! - Stream order: a scrub batch runs on its stream after an event recorded on every wait
+//!   stream (`cuStreamWaitEvent`), as descriptor upload, zero kernel (which also clears the
+//!   result slots), verify kernel, result download, completion event. Nothing on the host waits for the device
+//!   except [`Backend::zero_fresh`], `read` / `write` and [`ScrubTicket::wait`].
+//! - Graph capture: nothing is enqueued on a capturing stream (it would become part of the
+//!   graph, and the scrub would run at replay instead of now): such calls fail with
+//!   [`BackendError::StreamCapturing`] and the pool defers the work.
+//! - Exit: after [`Backend::shutdown`] no driver call is made; memory and handles are leaked.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::kernel::{self, DeviceSegment, Image};
+use super::loader::Driver;
+use super::result::{self as r, CUcontext, CUdeviceptr, CUevent, CUfunction, CUstream};
+use super::sys::CUdevice_attribute;
+use crate::backend::verify::SegmentResult;
+use crate::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+
+const DESC_BYTES: usize = std::mem::size_of::<DeviceSegment>();
+const RESULT_BYTES: usize = std::mem::size_of::<SegmentResult>();
+/// Smallest batch slot, in segments: covers the default batch size without regrowth.
+const MIN_SLOT_SEGMENTS: usize = 256;
+
+/// A raw driver handle that may cross threads.
+#[derive(Clone, Copy, Debug)]
+struct Handle<T>(T);
+// SAFETY: driver handles (contexts, functions, events, page-locked host pointers) are plain
+// identifiers the driver accepts from any thread once the owning context is current, which
+// every entry point ensures; all mutation of shared handles goes through a Mutex.
+unsafe impl<T> Send for Handle<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for Handle<T> {}
+
+/// Per-device state, created on first use of the device.
+struct Device {
+    ordinal: u32,
+    ctx: Handle<CUcontext>,
+    zero_fn: Handle<CUfunction>,
+    verify_fn: Handle<CUfunction>,
+    sm_count: u32,
+    /// Which embedded image was loaded (for diagnostics).
+    image: String,
+    /// Recorded on each wait stream, then waited on by the scrub stream. Reusable at once:
+    /// `cuStreamWaitEvent` captures the record that precedes it.
+    order_event: Mutex<Handle<CUevent>>,
+    /// Idle batch slots (descriptor + result buffers and a completion event).
+    slots: Mutex<Vec<Slot>>,
+}
+
+/// Device and page-locked host buffers of one in-flight batch: `capacity` descriptors followed
+/// by `capacity` result slots, in both memories.
+struct Slot {
+    capacity: usize,
+    dev: CUdeviceptr,
+    host: Handle<*mut u8>,
+    done: Handle<CUevent>,
+}
+
+impl Slot {
+    fn bytes(capacity: usize) -> usize {
+        capacity * (DESC_BYTES + RESULT_BYTES)
+    }
+    fn dev_results(&self) -> CUdeviceptr {
+        self.dev + (self.capacity * DESC_BYTES) as u64
+    }
+    fn host_results(&self) -> *mut u8 {
+        // SAFETY: the offset stays inside the `bytes(capacity)` allocation.
+        unsafe { self.host.0.add(self.capacity * DESC_BYTES) }
+    }
+}
+
+pub(crate) struct Inner {
+    driver: Driver,
+    devices: Vec<OnceLock<Result<Device, BackendError>>>,
+    shutting_down: AtomicBool,
+    /// Fault injection for tests: index of a segment the zero kernel skips (NO_SKIP: none).
+    skip_segment: AtomicU32,
+}
+
+/// Device memory and scrubs through the CUDA driver. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("devices", &self.inner.devices.len())
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// Initialises the driver and device 0 (its context and kernel image), so that a driver
+    /// that is present but unusable is reported here rather than at the first allocation.
+    pub fn new(driver: Driver) -> Result<Self, BackendError> {
+        r::init(&driver)?;
+        let count = r::device_count(&driver)?;
+        if count == 0 {
+            return Err(BackendError::Other(
+                "the CUDA driver reports no device".to_string(),
+            ));
+        }
+        let inner = Inner {
+            driver,
+            devices: (0..count).map(|_| OnceLock::new()).collect(),
+            shutting_down: AtomicBool::new(false),
+            skip_segment: AtomicU32::new(kernel::NO_SKIP),
+        };
+        let backend = CudaBackend {
+            inner: Arc::new(inner),
+        };
+        backend.inner.device(0)?;
+        Ok(backend)
+    }
+
+    /// The driver version as `cuDriverGetVersion` reports it (12040 = 12.4).
+    pub fn driver_version(&self) -> Result<i32, BackendError> {
+        self.inner.live()?;
+        r::driver_version(&self.inner.driver)
+    }
+
+    /// Which embedded image device `device` runs (e.g. "sm_90 cubin").
+    pub fn image_in_use(&self, device: u32) -> Result<String, BackendError> {
+        let (dev, _ctx) = self.inner.device(device)?;
+        Ok(dev.image.clone())
+    }
+
+    /// Fault injection for the GPU tests only: the zero kernel leaves segment `index` of every
+    /// later batch untouched, which the verification must then report. `None` restores normal
+    /// operation. Never set outside tests.
+    #[doc(hidden)]
+    pub fn inject_skip_zero(&self, index: Option<u32>) {
+        let v = index.unwrap_or(kernel::NO_SKIP);
+        self.inner.skip_segment.store(v, Ordering::SeqCst);
+    }
+}
+
+impl Inner {
+    fn live(&self) -> Result<(), BackendError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(BackendError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// The device's state, created on first use, with its context current until the returned
+    /// guard drops.
+    fn device(&self, device: u32) -> Result<(&Device, CurrentCtx<'_>), BackendError> {
+        self.live()?;
+        let cell = self
+            .devices
+            .get(device as usize)
+            .ok_or(BackendError::InvalidDevice {
+                device,
+                count: self.devices.len() as u32,
+            })?;
+        // The guard comes first: opening a device makes its context current too.
+        let guard = CurrentCtx::enter(self)?;
+        let dev = cell
+            .get_or_init(|| open_device(&self.driver, device))
+            .as_ref()
+            .map_err(Clone::clone)?;
+        // SAFETY: 1. `dev.ctx` was retained by `open_device` and is never released.
+        unsafe { r::ctx_set_current(&self.driver, dev.ctx.0) }?;
+        Ok((dev, guard))
+    }
+}
+
+/// Restores the calling thread's current context when an entry point returns. The CUDA runtime
+/// (so PyTorch) derives its current device from the thread's current context: an allocator
+/// call for device 1 from a thread working on device 0 must not leave it on device 1.
+struct CurrentCtx<'a> {
+    inner: &'a Inner,
+    previous: CUcontext,
+}
+
+impl<'a> CurrentCtx<'a> {
+    fn enter(inner: &'a Inner) -> Result<Self, BackendError> {
+        let previous = r::ctx_get_current(&inner.driver)?;
+        Ok(CurrentCtx { inner, previous })
+    }
+}
+
+impl Drop for CurrentCtx<'_> {
+    fn drop(&mut self) {
+        // No driver call once exit has begun.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: 1. `previous` was current on this thread when the entry point began, so it is
+        // null or a context its owner keeps alive across this call.
+        let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
+    }
+}
+
+/// Retains the primary context, loads the kernels and creates the ordering event.
+#[cold]
+fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
+    let cu_dev = r::device_get(d, ordinal)?;
+    let ctx = r::primary_ctx_retain(d, cu_dev)?;
+    // SAFETY: 1. just retained.
+    unsafe { r::ctx_set_current(d, ctx) }?;
+    let attr = |a| r::device_attribute(d, cu_dev, a);
+    let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let (module, image) = load_kernels(d, major as u32, minor as u32)?;
+    // SAFETY: 1. `module` was loaded into the current context just now.
+    let zero_fn = unsafe { r::module_get_function(d, module, kernel::ZERO_KERNEL) }?;
+    // SAFETY: as above.
+    let verify_fn = unsafe { r::module_get_function(d, module, kernel::VERIFY_KERNEL) }?;
+    let order_event = r::event_create(d)?;
+    Ok(Device {
+        ordinal,
+        ctx: Handle(ctx),
+        zero_fn: Handle(zero_fn),
+        verify_fn: Handle(verify_fn),
+        sm_count: u32::try_from(sms).unwrap_or(1).max(1),
+        image,
+        order_event: Mutex::new(Handle(order_event)),
+        slots: Mutex::new(Vec::new()),
+    })
+}
+
+/// Tries the embedded images in order of preference; the last error wins if none loads.
+fn load_kernels(d: &Driver, major: u32, minor: u32) -> Result<(r::CUmodule, String), BackendError> {
+    let mut last = BackendError::Other("no kernel image embedded".to_string());
+    for image in kernel::images_for(major, minor) {
+        let (bytes, name) = match image {
+            Image::Fatbin(b) => (b, "fatbin".to_string()),
+            Image::Cubin { arch, bytes } => (bytes, format!("sm_{arch} cubin")),
+            Image::Ptx(b) => (b, "compute_80 PTX (JIT)".to_string()),
+        };
+        match r::module_load_data(d, bytes) {
+            Ok(m) => return Ok((m, format!("{name}, {}", kernel::KERNEL_ORIGIN))),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn stream_of(s: StreamHandle) -> CUstream {
+    s.0 as usize as CUstream
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves only handles behind, which stay valid.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn device_count(&self) -> u32 {
+        self.inner.devices.len() as u32
+    }
+
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        r::mem_alloc(&self.inner.driver, device, len)
+    }
+
+    fn release(&self, device: u32, addr: DevicePtr, _len: u64) -> Result<(), BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        // SAFETY: 1. the pool releases only addresses `allocate` returned, once; 2. it releases
+        // a block only after its last scrub was observed complete.
+        unsafe { r::mem_free(&self.inner.driver, addr) }
+    }
+
+    fn zero_fresh(
+        &self,
+        device: u32,
+        addr: DevicePtr,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Result<(), BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        let d = &self.inner.driver;
+        let s = stream_of(stream);
+        // SAFETY: 1. the caller passes a stream handle of this device (PyTorch's current stream).
+        if unsafe { r::stream_is_capturing(d, s) }? {
+            return Err(BackendError::StreamCapturing {
+                stream: stream.0,
+                what: "zeroing fresh memory",
+            });
+        }
+        let bytes =
+            usize::try_from(len).map_err(|_| BackendError::Other(format!("{len} bytes")))?;
+        // SAFETY: 1. `addr` was returned by `allocate` for at least `len` bytes and is not yet
+        // handed out; 2. stream as above.
+        unsafe { r::memset_d8_async(d, addr, bytes, s) }?;
+        // SAFETY: as above.
+        unsafe { r::stream_synchronize(d, s) }
+    }
+
+    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        let (dev, _ctx) = self.inner.device(batch.device)?;
+        if batch.segments.is_empty() {
+            return Ok(Box::new(CudaTicket::finished(self.inner.clone())));
+        }
+        let d = &self.inner.driver;
+        let s = stream_of(batch.stream);
+        // SAFETY: 1. the pool passes the stream the block was freed on, of this device.
+        if unsafe { r::stream_is_capturing(d, s) }? {
+            return Err(BackendError::StreamCapturing {
+                stream: batch.stream.0,
+                what: "scrub launch",
+            });
+        }
+        let plan = kernel::plan(&batch.segments, batch.options);
+        let count = u32::try_from(plan.segments.len())
+            .ok()
+            .filter(|&c| c != kernel::NO_SKIP)
+            .ok_or_else(|| BackendError::Other("too many segments in one batch".to_string()))?;
+        let slot = acquire_slot(d, dev, plan.segments.len())?;
+        let enqueued = enqueue(
+            &self.inner,
+            dev,
+            &slot,
+            &plan,
+            count,
+            &batch,
+            self.inner.skip_segment.load(Ordering::Relaxed),
+        );
+        match enqueued {
+            Ok(()) => Ok(Box::new(CudaTicket {
+                inner: self.inner.clone(),
+                device: batch.device,
+                slot: Some(slot),
+                count: plan.segments.len(),
+                done: None,
+            })),
+            Err(e) => {
+                give_back_after_error(d, dev, slot, s);
+                Err(e)
+            }
+        }
+    }
+
+    fn is_capturing(&self, device: u32, stream: StreamHandle) -> Result<bool, BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        // SAFETY: 1. a stream handle of this device, as given by the caller.
+        unsafe { r::stream_is_capturing(&self.inner.driver, stream_of(stream)) }
+    }
+
+    fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        let d = &self.inner.driver;
+        // Device work on non-blocking streams is not ordered with this copy: wait for it.
+        r::ctx_synchronize(d)?;
+        // SAFETY: 1. the caller owns `[addr, addr + src.len())` (allocated by this backend).
+        unsafe { r::memcpy_htod(d, addr, src) }?;
+        r::ctx_synchronize(d)
+    }
+
+    fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        let d = &self.inner.driver;
+        r::ctx_synchronize(d)?;
+        // SAFETY: 1. `[addr, addr + dst.len())` is memory of this device (caller's contract).
+        unsafe { r::memcpy_dtoh(d, dst, addr) }
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+    }
+}
+
+/// An idle slot of at least `n` segments whose last use has completed, or a new one.
+fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError> {
+    {
+        let mut idle = lock(&dev.slots);
+        let mut i = 0;
+        while i < idle.len() {
+            if idle[i].capacity >= n {
+                // SAFETY: 1. the slot's event is live (destroyed only by `drop_slot`).
+                if unsafe { r::event_query(d, idle[i].done.0) }? {
+                    return Ok(idle.swap_remove(i));
+                }
+            }
+            i += 1;
+        }
+    }
+    new_slot(d, dev.ordinal, n.max(MIN_SLOT_SEGMENTS).next_power_of_two())
+}
+
+#[cold]
+fn new_slot(d: &Driver, device: u32, capacity: usize) -> Result<Slot, BackendError> {
+    let bytes = Slot::bytes(capacity);
+    let dev = r::mem_alloc(d, device, bytes as u64)?;
+    let host = match r::mem_host_alloc(d, bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            // SAFETY: 1-2. allocated just above, unused.
+            let _ = unsafe { r::mem_free(d, dev) };
+            return Err(e);
+        }
+    };
+    let done = match r::event_create(d) {
+        Ok(ev) => ev,
+        Err(e) => {
+            // SAFETY: 1-2. allocated just above, unused.
+            let _ = unsafe { r::mem_free(d, dev) };
+            // SAFETY: 1. allocated just above, unused.
+            let _ = unsafe { r::mem_free_host(d, host) };
+            return Err(e);
+        }
+    };
+    Ok(Slot {
+        capacity,
+        dev,
+        host: Handle(host),
+        done: Handle(done),
+    })
+}
+
+/// After a failed enqueue, some copies may be in flight: mark the slot's completion point so
+/// that `acquire_slot` reuses it only after them, or leak it when even that fails.
+#[cold]
+fn give_back_after_error(d: &Driver, dev: &Device, slot: Slot, s: CUstream) {
+    // SAFETY: 1. live event and the batch's stream, context current.
+    if unsafe { r::event_record(d, slot.done.0, s) }.is_ok() {
+        lock(&dev.slots).push(slot);
+    }
+}
+
+/// Enqueues one batch on its stream (see the module docs for the order).
+fn enqueue(
+    inner: &Inner,
+    dev: &Device,
+    slot: &Slot,
+    plan: &kernel::Plan,
+    count: u32,
+    batch: &ScrubBatch,
+    skip_segment: u32,
+) -> Result<(), BackendError> {
+    let d = &inner.driver;
+    let s = stream_of(batch.stream);
+    order_after_wait_streams(d, dev, s, &batch.wait_streams, batch.stream)?;
+    let n = plan.segments.len();
+    // SAFETY: the slot's host buffer holds `capacity >= n` descriptors, and the slot is idle
+    // (its previous batch completed), so no copy reads it now; DeviceSegment is plain data.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            plan.segments.as_ptr().cast::<u8>(),
+            slot.host.0,
+            n * DESC_BYTES,
+        );
+    }
+    // Poison the host copy of the results: should the download never run, the ticket reads
+    // "0 checked", which fails, rather than a previous batch's results.
+    // SAFETY: the result area holds `capacity >= n` slots and no copy writes it now (idle slot).
+    unsafe { std::ptr::write_bytes(slot.host_results(), 0, n * RESULT_BYTES) };
+    // SAFETY: 1. the slot's device buffer holds `n` descriptors; 2. page-locked, unchanged until
+    // the slot's completion event; 3. the batch's stream, context current.
+    unsafe { r::memcpy_htod_async(d, slot.dev, slot.host.0, n * DESC_BYTES, s) }?;
+    // The zero kernel also clears the device result slots.
+    launch_zero(d, dev, slot, plan, count, s, skip_segment)?;
+    launch_verify(d, dev, slot, plan, count, batch.options.samples, s)?;
+    // SAFETY: 1. result area; 2. page-locked, read only after the completion event; 3. as above.
+    unsafe {
+        r::memcpy_dtoh_async(
+            d,
+            slot.host_results(),
+            slot.dev_results(),
+            n * RESULT_BYTES,
+            s,
+        )
+    }?;
+    // SAFETY: 1. live event, the batch's stream.
+    unsafe { r::event_record(d, slot.done.0, s) }
+}
+
+/// Makes `s` wait for all work queued so far on every other stream in `waits`. A wait stream
+/// that is capturing a graph is refused like a capturing scrub stream: recording the event
+/// there would add it to the graph instead of marking the work queued now.
+fn order_after_wait_streams(
+    d: &Driver,
+    dev: &Device,
+    s: CUstream,
+    waits: &[StreamHandle],
+    own: StreamHandle,
+) -> Result<(), BackendError> {
+    let others = || waits.iter().filter(|w| **w != own);
+    for w in others() {
+        // SAFETY: 1. a stream recorded for the block through kvh_record_stream, of this device.
+        if unsafe { r::stream_is_capturing(d, stream_of(*w)) }? {
+            return Err(BackendError::StreamCapturing {
+                stream: w.0,
+                what: "scrub ordering after a recorded stream",
+            });
+        }
+    }
+    let ev = lock(&dev.order_event);
+    for w in others() {
+        // SAFETY: 1. live event; `w` is a stream recorded for the block through
+        // kvh_record_stream (PyTorch's), of this device.
+        unsafe { r::event_record(d, ev.0, stream_of(*w)) }?;
+        // SAFETY: 1. as above.
+        unsafe { r::stream_wait_event(d, s, ev.0) }?;
+    }
+    Ok(())
+}
+
+fn launch_zero(
+    d: &Driver,
+    dev: &Device,
+    slot: &Slot,
+    plan: &kernel::Plan,
+    count: u32,
+    s: CUstream,
+    skip_segment: u32,
+) -> Result<(), BackendError> {
+    let mut segs = slot.dev;
+    let mut count = count;
+    let mut total = plan.total_chunks;
+    let mut flags = plan.flags;
+    let mut skip = skip_segment;
+    let mut results = slot.dev_results();
+    let mut params: [*mut c_void; 6] = [
+        (&mut segs as *mut u64).cast(),
+        (&mut count as *mut u32).cast(),
+        (&mut total as *mut u64).cast(),
+        (&mut flags as *mut u32).cast(),
+        (&mut skip as *mut u32).cast(),
+        (&mut results as *mut u64).cast(),
+    ];
+    let shape = r::LaunchShape {
+        grid: kernel::grid_for(plan.total_chunks, dev.sm_count),
+        block: kernel::BLOCK_THREADS,
+    };
+    // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types
+    // (pointer as u64, u32, u64, u32, u32, pointer as u64), living until the call returns;
+    // 3. the batch's stream; 4. the descriptors were uploaded before in stream order and name
+    // segments the pool owns (PENDING blocks of this device); the result area holds `count`
+    // slots.
+    unsafe { r::launch_kernel(d, dev.zero_fn.0, shape, s, &mut params) }
+}
+
+fn launch_verify(
+    d: &Driver,
+    dev: &Device,
+    slot: &Slot,
+    plan: &kernel::Plan,
+    count: u32,
+    samples: u32,
+    s: CUstream,
+) -> Result<(), BackendError> {
+    if plan.total_samples == 0 {
+        return Ok(());
+    }
+    let mut segs = slot.dev;
+    let mut count = count;
+    let mut total = plan.total_samples;
+    let mut samples = samples;
+    let mut flags = plan.flags;
+    let mut results = slot.dev_results();
+    let mut params: [*mut c_void; 6] = [
+        (&mut segs as *mut u64).cast(),
+        (&mut count as *mut u32).cast(),
+        (&mut total as *mut u64).cast(),
+        (&mut samples as *mut u32).cast(),
+        (&mut flags as *mut u32).cast(),
+        (&mut results as *mut u64).cast(),
+    ];
+    let blocks = plan
+        .total_samples
+        .div_ceil(u64::from(kernel::BLOCK_THREADS));
+    let shape = r::LaunchShape {
+        grid: kernel::grid_for(blocks, dev.sm_count),
+        block: kernel::BLOCK_THREADS,
+    };
+    // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types;
+    // 3. the batch's stream; 4. descriptors and cleared result slots precede it in stream order.
+    unsafe { r::launch_kernel(d, dev.verify_fn.0, shape, s, &mut params) }
+}
+
+/// An in-flight batch: completion is its slot's event; results are in the slot's page-locked
+/// result area once that event has completed.
+struct CudaTicket {
+    inner: Arc<Inner>,
+    device: u32,
+    slot: Option<Slot>,
+    count: usize,
+    done: Option<Vec<SegmentResult>>,
+}
+
+impl CudaTicket {
+    fn finished(inner: Arc<Inner>) -> Self {
+        CudaTicket {
+            inner,
+            device: 0,
+            slot: None,
+            count: 0,
+            done: Some(Vec::new()),
+        }
+    }
+
+    /// Copies the results out of a completed slot and returns the slot to the idle list.
+    fn harvest(&mut self, dev: &Device) -> Vec<SegmentResult> {
+        let Some(slot) = self.slot.take() else {
+            return Vec::new();
+        };
+        let base = slot.host_results().cast::<SegmentResult>();
+        let results = (0..self.count)
+            // SAFETY: the completion event has been observed, so the download into the slot's
+            // result area (`count` SegmentResults, repr(C) pairs of u64) has finished; volatile
+            // because the device wrote it behind the compiler's back.
+            .map(|i| unsafe { std::ptr::read_volatile(base.add(i)) })
+            .collect();
+        lock(&dev.slots).push(slot);
+        results
+    }
+
+    fn finish(
+        &mut self,
+        complete: impl FnOnce(&Driver, CUevent) -> Result<bool, BackendError>,
+    ) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        if let Some(done) = &self.done {
+            return Ok(Some(done.clone()));
+        }
+        let inner = self.inner.clone();
+        let (dev, _ctx) = inner.device(self.device)?;
+        let Some(slot) = &self.slot else {
+            return Err(BackendError::Other(
+                "scrub ticket lost its slot".to_string(),
+            ));
+        };
+        if !complete(&inner.driver, slot.done.0)? {
+            return Ok(None);
+        }
+        let results = self.harvest(dev);
+        self.done = Some(results.clone());
+        Ok(Some(results))
+    }
+}
+
+impl ScrubTicket for CudaTicket {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        // SAFETY: 1. the slot's event is live while the ticket holds the slot.
+        self.finish(|d, ev| unsafe { r::event_query(d, ev) })
+    }
+
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        let got = self.finish(|d, ev| {
+            // SAFETY: 1. as above.
+            unsafe { r::event_synchronize(d, ev) }?;
+            Ok(true)
+        })?;
+        got.ok_or_else(|| BackendError::Other("event synchronised but not complete".to_string()))
+    }
+}
+
+impl Drop for CudaTicket {
+    fn drop(&mut self) {
+        // An abandoned batch's slot goes back to the idle list; `acquire_slot` reuses it only
+        // once its event reports completion. After shutdown it is leaked with everything else.
+        if let Some(slot) = self.slot.take() {
+            if let Some(Ok(dev)) = self
+                .inner
+                .devices
+                .get(self.device as usize)
+                .and_then(|c| c.get())
+            {
+                lock(&dev.slots).push(slot);
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Checks shared by the real-GPU tests (tests/gpu_kernel.rs) and the fake-driver tests
+//! (tests/cuda_fake_driver.rs): both drive a backend only through the `Backend` trait.
+
+#![allow(dead_code)]
+
+use kvhygiene::backend::verify::{self, SegmentResult};
+use kvhygiene::backend::{Backend, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle};
+
+pub const MIB: u64 = 1 << 20;
+pub const SAMPLED: ScrubOptions = ScrubOptions {
+    samples: 64,
+    full_verify: false,
+    double_pass: false,
+};
+
+/// Deterministic pseudo-random bytes with no zero byte (so "untouched" is recognisable).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0u64;
+    while out.len() < len {
+        let w = verify::splitmix64(seed.wrapping_add(i));
+        out.extend(w.to_le_bytes().iter().map(|b| b | 1));
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn batch(segments: Vec<ScrubSegment>, options: ScrubOptions) -> ScrubBatch {
+    ScrubBatch {
+        device: 0,
+        stream: StreamHandle(0),
+        wait_streams: Vec::new(),
+        segments,
+        options,
+    }
+}
+
+pub fn run(b: &dyn Backend, batch: ScrubBatch) -> Vec<SegmentResult> {
+    let mut ticket = b.submit_scrub(batch).expect("submit");
+    ticket.wait().expect("wait")
+}
+
+/// `count` segments with random lengths in 1..=max_len and random untouched gaps between
+/// them, as (offset, len); returns them and the bytes they span plus a guard.
+pub fn random_layout(count: usize, max_len: u64, seed: u64) -> (Vec<(u64, u64)>, u64) {
+    let mut segments = Vec::with_capacity(count);
+    let mut off = 0u64;
+    for i in 0..count as u64 {
+        let r = verify::splitmix64(i ^ seed);
+        off += r % 61;
+        let len = 1 + (r >> 8) % max_len;
+        segments.push((off, len));
+        off += len;
+    }
+    (segments, off + 64)
+}
+
+/// Random-fills `total` bytes on device 0, scrubs `segments` (offsets into the allocation),
+/// reads everything back and checks: every byte inside a segment is zero, every byte outside
+/// is unchanged, and each result slot equals `verify::verify_bytes` of the read-back bytes and
+/// passes. Returns the results.
+pub fn scrub_and_check(
+    b: &dyn Backend,
+    total: u64,
+    segments: &[(u64, u64)],
+    options: ScrubOptions,
+) -> Vec<SegmentResult> {
+    let base = b.allocate(0, total).expect("allocate");
+    let before = random_bytes(total as usize, total ^ segments.len() as u64);
+    b.write(0, base, &before).expect("write");
+    let segs: Vec<ScrubSegment> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, &(off, len))| ScrubSegment {
+            addr: base + off,
+            len,
+            seed: 0x5eed + i as u64,
+        })
+        .collect();
+    let results = run(b, batch(segs.clone(), options));
+    let mut after = vec![0u8; total as usize];
+    b.read(0, base, &mut after).expect("read");
+    let mut expected = before;
+    for &(off, len) in segments {
+        expected[off as usize..(off + len) as usize].fill(0);
+    }
+    if let Some(pos) = after.iter().zip(&expected).position(|(a, e)| a != e) {
+        panic!(
+            "byte {pos} of {total}: got {:#x}, expected {:#x}",
+            after[pos], expected[pos]
+        );
+    }
+    assert_eq!(results.len(), segs.len());
+    for (i, (seg, got)) in segs.iter().zip(&results).enumerate() {
+        let off = (seg.addr - base) as usize;
+        let bytes = &after[off..off + seg.len as usize];
+        let want = verify::verify_bytes(bytes, seg.seed, options.samples, options.full_verify);
+        assert_eq!(*got, want, "segment {i} (offset {off}, len {})", seg.len);
+        let n = verify::expected_samples(seg.len, options.samples, options.full_verify);
+        assert!(verify::passes(*got, n, 0.999), "segment {i} fails: {got:?}");
+    }
+    b.release(0, base, total).expect("release");
+    results
+}
+
+/// Scrubs three 1 MiB - 1 segments at odd offsets with the zero kernel told to skip the middle
+/// one (`inject` switches that on and off), and checks the verification reports it exactly as
+/// the host rule does on the dirty bytes, while the others pass.
+pub fn skipped_segment_is_caught(b: &dyn Backend, inject: &dyn Fn(Option<u32>)) {
+    let total = 3 * MIB;
+    let base = b.allocate(0, total).expect("allocate");
+    b.write(0, base, &random_bytes(total as usize, 7))
+        .expect("write");
+    let segs: Vec<ScrubSegment> = (0..3)
+        .map(|i| ScrubSegment {
+            addr: base + i * MIB + 1,
+            len: MIB - 1,
+            seed: 100 + i,
+        })
+        .collect();
+    inject(Some(1));
+    let results = run(b, batch(segs.clone(), SAMPLED));
+    inject(None);
+    let mut dirty = vec![0u8; (MIB - 1) as usize];
+    b.read(0, segs[1].addr, &mut dirty).expect("read");
+    let want = verify::verify_bytes(&dirty, segs[1].seed, 64, false);
+    assert_eq!(
+        results[1], want,
+        "the kernel sampled the host rule's positions"
+    );
+    assert_eq!(
+        results[1].nonzero, 64,
+        "every sample of the skipped segment is dirty"
+    );
+    assert!(!verify::passes(results[1], 64, 0.999));
+    for i in [0, 2] {
+        assert!(verify::passes(results[i], 64, 0.999), "segment {i}");
+    }
+    b.release(0, base, total).expect("release");
+}

@@ -1,0 +1,379 @@
+//! The CUDA backend's host side through the `Backend` trait, without a GPU: the driver is
+//! tests/fake_cuda/fake_libcuda.cpp, a host stand-in for libcuda.so.1 compiled here with the
+//! system C++ compiler (these tests skip with a message when there is none). It runs host ports
+//! of the two kernels, so what is checked is everything around them: loading, contexts made
+//! current on every thread, descriptor layout, kernel parameters, result slots, events, slot
+//! reuse, capture refusal, error mapping, shutdown. The kernels themselves are checked on a GPU
+//! by tests/gpu_kernel.rs, with the same helpers.
+
+#[path = "backend_common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{batch, random_layout, run, scrub_and_check, MIB, SAMPLED};
+use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, Probe};
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, ScrubOptions, ScrubSegment, StreamHandle,
+};
+
+/// The compiled stand-in, built once per test process; `None` without a C++ compiler.
+fn fake_driver() -> Option<&'static Path> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let out = dir.join("libkvh-fake-cuda.so");
+            let src =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
+            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+            let status = Command::new(&cxx)
+                .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status();
+            match status {
+                Ok(s) if s.success() => Some(out),
+                other => {
+                    eprintln!("no fake driver ({cxx}: {other:?}); skipping");
+                    None
+                }
+            }
+        })
+        .as_deref()
+}
+
+/// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
+fn instance(name: &str) -> Option<(String, libloading::Library)> {
+    let built = fake_driver()?;
+    let path = built.with_file_name(format!("libkvh-fake-cuda-{name}.so"));
+    std::fs::copy(built, &path).expect("copy fake driver");
+    let path = path.to_string_lossy().into_owned();
+    // SAFETY: our own stand-in library; its initialisers only set up C++ statics.
+    let lib = unsafe { libloading::Library::new(&path) }.expect("open fake driver");
+    Some((path, lib))
+}
+
+/// Calls `fake_cuda_<name>(arg)` in an instance.
+fn switch(lib: &libloading::Library, name: &str, arg: i32) {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* switch is `void(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32)>(symbol.as_bytes())
+            .expect("switch");
+        f(arg);
+    }
+}
+
+fn calls(lib: &libloading::Library) -> i32 {
+    // SAFETY: `int fake_cuda_calls(void)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn() -> i32>(b"fake_cuda_calls\0")
+            .expect("calls");
+        f()
+    }
+}
+
+fn start(path: &str) -> CudaBackend {
+    match probe_library(path) {
+        Probe::Available(b) => b,
+        other => panic!("the fake driver should start: {other:?}"),
+    }
+}
+
+macro_rules! fake_or_skip {
+    ($name:expr) => {
+        match instance($name) {
+            Some(x) => x,
+            None => return,
+        }
+    };
+}
+
+#[test]
+fn starts_and_picks_the_sass_for_the_device() {
+    let (path, _lib) = fake_or_skip!("start");
+    let b = start(&path);
+    assert_eq!(b.kind(), BackendKind::Cuda);
+    assert_eq!(b.device_count(), 2);
+    assert_eq!(b.driver_version().expect("version"), 12040);
+    let image = b.image_in_use(0).expect("device 0");
+    // The stand-in reports compute capability 9.0.
+    if kernel::KERNEL_ORIGIN.starts_with("nvrtc") {
+        assert!(image.starts_with("sm_90 cubin"), "{image}");
+    } else if kernel::KERNEL_ORIGIN.starts_with("nvcc") {
+        assert!(image.starts_with("fatbin"), "{image}");
+    } else {
+        assert!(image.starts_with("compute_80 PTX"), "{image}");
+    }
+}
+
+#[test]
+fn scrubs_through_the_trait_at_every_size_and_offset() {
+    let (path, _lib) = fake_or_skip!("sizes");
+    let b = start(&path);
+    for len in [
+        1u64,
+        7,
+        8,
+        9,
+        17,
+        4099,
+        65_535,
+        65_536,
+        65_537,
+        3 * 65_536 + 11,
+        MIB + 5,
+    ] {
+        for off in [0u64, 1, 3, 13] {
+            scrub_and_check(&b, len + off + 64, &[(off, len)], SAMPLED);
+        }
+    }
+}
+
+#[test]
+fn batches_full_verification_and_double_pass() {
+    let (path, _lib) = fake_or_skip!("batches");
+    let b = start(&path);
+    for count in [1usize, 17, 1000, 3000] {
+        let (segments, total) = random_layout(count, 5000, count as u64);
+        scrub_and_check(&b, total, &segments, SAMPLED);
+    }
+    let (segments, total) = random_layout(40, 70_000, 9);
+    for (full, double) in [(true, false), (false, true), (true, true)] {
+        let opts = ScrubOptions {
+            samples: 16,
+            full_verify: full,
+            double_pass: double,
+        };
+        scrub_and_check(&b, total, &segments, opts);
+    }
+}
+
+#[test]
+fn a_skipped_segment_is_caught() {
+    let (path, _lib) = fake_or_skip!("skip");
+    let b = start(&path);
+    common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+}
+
+#[test]
+fn every_entry_point_makes_the_context_current_on_its_thread() {
+    // The stand-in fails every call made without the primary context current on the calling
+    // thread, as PyTorch's freeing threads would leave it.
+    let (path, _lib) = fake_or_skip!("threads");
+    let b = start(&path);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let (segments, total) = random_layout(50, 3000, t);
+                scrub_and_check(&b, total, &segments, SAMPLED);
+                b.zero_fresh(0, 0, 0, StreamHandle(0)).expect("zero_fresh");
+                assert!(!b.is_capturing(1, StreamHandle(0)).expect("device 1"));
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread");
+    }
+}
+
+fn current_context(lib: &libloading::Library, make_foreign: i32) -> i32 {
+    // SAFETY: `int fake_cuda_use_foreign_context(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(b"fake_cuda_use_foreign_context\0")
+            .expect("use_foreign_context");
+        f(make_foreign)
+    }
+}
+
+#[test]
+fn the_callers_current_context_is_restored() {
+    let (path, lib) = fake_or_skip!("restore");
+    let b = start(&path);
+    std::thread::spawn(move || {
+        // A thread with no current context keeps none.
+        assert_eq!(current_context(&lib, 0), 0);
+        let p = b.allocate(0, 4096).expect("allocate");
+        assert_eq!(
+            current_context(&lib, 0),
+            0,
+            "kvhygiene's context was left current"
+        );
+        // A thread working on another context (PyTorch's current device) keeps it.
+        assert_eq!(current_context(&lib, 1), 1);
+        let results = run(
+            &b,
+            batch(
+                vec![ScrubSegment {
+                    addr: p,
+                    len: 4096,
+                    seed: 5,
+                }],
+                SAMPLED,
+            ),
+        );
+        assert_eq!(results[0].checked, 64);
+        b.release(0, p, 4096).expect("release");
+        assert_eq!(
+            current_context(&lib, 0),
+            1,
+            "the caller's context was not restored"
+        );
+    })
+    .join()
+    .expect("thread");
+}
+
+#[test]
+fn poll_reports_pending_until_the_event_completes() {
+    let (path, lib) = fake_or_skip!("poll");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    switch(&lib, "set_pending_queries", 3);
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 1,
+    };
+    let mut ticket = b.submit_scrub(batch(vec![seg], SAMPLED)).expect("submit");
+    for _ in 0..3 {
+        assert_eq!(ticket.poll().expect("poll"), None);
+    }
+    let results = ticket.poll().expect("poll").expect("complete");
+    assert_eq!(results[0].checked, 64);
+    assert_eq!(
+        ticket.wait().expect("wait"),
+        results,
+        "results stay readable"
+    );
+    // Abandoned tickets: their slots are reused only after their events complete.
+    for _ in 0..5 {
+        drop(b.submit_scrub(batch(vec![seg], SAMPLED)).expect("submit"));
+    }
+    switch(&lib, "set_pending_queries", 0);
+    assert_eq!(run(&b, batch(vec![seg], SAMPLED))[0].nonzero, 0);
+    b.release(0, base, 4096).expect("release");
+}
+
+#[test]
+fn capturing_streams_are_refused_not_captured() {
+    let (path, _lib) = fake_or_skip!("capture");
+    let b = start(&path);
+    let capturing = StreamHandle(0xC0DE);
+    assert!(b.is_capturing(0, capturing).expect("status"));
+    let base = b.allocate(0, 256).expect("allocate");
+    let mut scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 256,
+            seed: 0,
+        }],
+        SAMPLED,
+    );
+    scrub.stream = capturing;
+    match b.submit_scrub(scrub) {
+        Err(BackendError::StreamCapturing { stream, .. }) => assert_eq!(stream, 0xC0DE),
+        Err(e) => panic!("expected StreamCapturing, got {e}"),
+        Ok(_) => panic!("a scrub was enqueued on a capturing stream"),
+    }
+    assert!(matches!(
+        b.zero_fresh(0, base, 256, capturing),
+        Err(BackendError::StreamCapturing { .. })
+    ));
+    // A recorded (wait) stream under capture is refused too, and the slot stays usable.
+    let mut scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 256,
+            seed: 0,
+        }],
+        SAMPLED,
+    );
+    scrub.wait_streams = vec![StreamHandle(7), capturing];
+    assert!(matches!(
+        b.submit_scrub(scrub.clone()),
+        Err(BackendError::StreamCapturing { stream: 0xC0DE, .. })
+    ));
+    scrub.wait_streams = vec![StreamHandle(7)];
+    assert_eq!(run(&b, scrub)[0].checked, 32);
+}
+
+#[test]
+fn errors_keep_their_meaning() {
+    let (path, _lib) = fake_or_skip!("errors");
+    let b = start(&path);
+    assert_eq!(
+        b.allocate(0, 1 << 41),
+        Err(BackendError::OutOfMemory {
+            device: 0,
+            requested: 1 << 41
+        })
+    );
+    assert_eq!(
+        b.allocate(2, 16),
+        Err(BackendError::InvalidDevice {
+            device: 2,
+            count: 2
+        })
+    );
+    assert!(run(&b, batch(Vec::new(), SAMPLED)).is_empty());
+}
+
+#[test]
+fn a_driver_that_fails_is_broken_never_absent() {
+    let (path, lib) = fake_or_skip!("noinit");
+    switch(&lib, "set_init_result", 100);
+    match probe_library(&path) {
+        Probe::Broken(BackendError::Driver { call, code, name }) => {
+            assert_eq!(
+                (call, code, name.as_str()),
+                ("cuInit", 100, "CUDA_ERROR_NO_DEVICE")
+            );
+        }
+        other => panic!("expected Broken(cuInit), got {other:?}"),
+    }
+    let (path, lib) = fake_or_skip!("noimage");
+    switch(&lib, "reject_images", 1);
+    match probe_library(&path) {
+        Probe::Broken(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("cuModuleLoadData") && msg.contains("INVALID_IMAGE"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected Broken(cuModuleLoadData), got {other:?}"),
+    }
+}
+
+#[test]
+fn no_driver_call_after_shutdown() {
+    let (path, lib) = fake_or_skip!("shutdown");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut pending = b
+        .submit_scrub(batch(
+            vec![ScrubSegment {
+                addr: base,
+                len: 4096,
+                seed: 3,
+            }],
+            SAMPLED,
+        ))
+        .expect("submit");
+    b.shutdown();
+    let before = calls(&lib);
+    assert_eq!(b.allocate(0, 1), Err(BackendError::ShuttingDown));
+    assert_eq!(b.release(0, base, 4096), Err(BackendError::ShuttingDown));
+    assert_eq!(pending.poll(), Err(BackendError::ShuttingDown));
+    assert_eq!(pending.wait(), Err(BackendError::ShuttingDown));
+    drop(pending);
+    assert_eq!(calls(&lib), before, "a driver call was made after shutdown");
+}
