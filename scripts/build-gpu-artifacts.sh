@@ -29,7 +29,7 @@ for line in sys.stdin:
 ' "$1"
 }
 
-"${build_env[@]}" cargo build --release --lib
+"${build_env[@]}" cargo build --release --lib --bin kvh
 test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
     --message-format=json | executable gpu_kernel)"
 bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
@@ -41,7 +41,8 @@ mkdir -p "$dest"
 cp target/release/libkvhygiene.so "$dest/"
 cp "$test_bin" "$dest/gpu_kernel"
 cp "$bench_bin" "$dest/gpu_scrub"
-strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/gpu_kernel" "$dest/gpu_scrub"
+cp target/release/kvh "$dest/kvh"
+strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"
 
 origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygiene-*/out/kernel_images.rs | head -n1 | cut -d'"' -f2)"
 {
@@ -49,7 +50,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygien
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
     echo "kernels: ${origin:-unknown}"
     echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
-    (cd "$dest" && ls -l libkvhygiene.so gpu_kernel gpu_scrub | awk '{print "size: " $9 " " $5 " bytes"}')
+    (cd "$dest" && ls -l libkvhygiene.so gpu_kernel gpu_scrub kvh | awk '{print "size: " $9 " " $5 " bytes"}')
 } >"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
 du -sh "$dest"

@@ -6,6 +6,7 @@
 #   gpu-artifacts/libkvhygiene.so   the library PyTorch loads (release, kernels embedded)
 #   gpu-artifacts/gpu_kernel        tests/gpu_kernel.rs, the #[ignore]d GPU tests
 #   gpu-artifacts/gpu_scrub         benches/gpu_scrub.rs, the criterion benches
+#   gpu-artifacts/kvh               the CLI (kvh demo runs on the CUDA backend)
 #   gpu-artifacts/MANIFEST.txt      commit, build date, kernel origin, sizes
 #   scripts/gpu/*.py                the Python steps (tracked in git)
 #
@@ -46,13 +47,13 @@ step() {
     echo "--- $name: exit $rc"
 }
 
-for f in libkvhygiene.so gpu_kernel gpu_scrub; do
+for f in libkvhygiene.so gpu_kernel gpu_scrub kvh; do
     if [[ ! -f "$art/$f" ]]; then
         echo "gpu-check: $art/$f missing; build with scripts/build-gpu-artifacts.sh and carry gpu-artifacts/" >&2
         exit 2
     fi
 done
-chmod +x "$art/gpu_kernel" "$art/gpu_scrub"
+chmod +x "$art/gpu_kernel" "$art/gpu_scrub" "$art/kvh"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
 
 log "GPU"
@@ -62,6 +63,9 @@ date -u +"run at %Y-%m-%dT%H:%M:%SZ" | tee -a "$out/manifest.txt"
 
 # 1. Kernel correctness through the Backend trait (sizes 1 B .. 1 GiB, batches up to 10,000).
 step gpu_kernel 180 "$art/gpu_kernel" --ignored --test-threads=1
+
+# 1b. The demo on the real GPU path: every new allocation is copied back and must be zero.
+KVH_BACKEND=cuda step kvh_demo 60 "$art/kvh" demo --backend cuda --requests 8
 
 # 2. Kernel benchmarks (criterion, short measurement times), estimates under $out/criterion.
 CRITERION_HOME="$out/criterion" step gpu_scrub 100 "$art/gpu_scrub" --bench

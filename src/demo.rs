@@ -16,6 +16,10 @@ use crate::context::Context;
 use crate::events::EventSink;
 use crate::stats::Stats;
 
+/// Every simulated request runs on the default stream: stream handles are real `CUstream`
+/// values on the CUDA backend, and the demo owns no streams of its own.
+const DEFAULT_STREAM: StreamHandle = StreamHandle(0);
+
 /// Shape of the simulated workload.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -171,7 +175,7 @@ fn run_request(
     tenant: u32,
     rng: &mut Rng,
 ) -> Result<(u64, u64), DemoError> {
-    let stream = StreamHandle(u64::from(tenant) + 1);
+    let stream = DEFAULT_STREAM;
     let secret = tenant as u8 ^ 0xA5 | 1;
     let prompt_blocks = 1 + rng.below(4);
     let decode_blocks = u64::from(opts.decode_tokens / opts.tokens_per_block.max(1)).max(1);
@@ -221,18 +225,18 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
     .unwrap_or_default();
     Context::set_current(victim);
     let size = opts.kv_block_bytes;
-    let addr = alloc.malloc(size as i64, 0, StreamHandle(99))?;
+    let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
     alloc.backend().write(0, addr, &vec![0x5E; size as usize])?;
     let id = alloc.block_info(addr).map(|b| b.id);
     alloc.backend().inject_fault(1)?;
-    let result = alloc.free_checked(addr, size as i64, 0, StreamHandle(99));
+    let result = alloc.free_checked(addr, size as i64, 0, DEFAULT_STREAM);
     let caught = matches!(result, Err(FreeError::VerifyFailed { .. }));
     // Try hard to get the block back: it must never come.
     let mut handed_out_again = false;
     for _ in 0..64 {
-        let again = alloc.malloc(size as i64, 0, StreamHandle(99))?;
+        let again = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
         handed_out_again |= alloc.block_info(again).map(|b| b.id) == id;
-        alloc.free(again, size as i64, 0, StreamHandle(99))?;
+        alloc.free(again, size as i64, 0, DEFAULT_STREAM)?;
         let _ = alloc.synchronize();
     }
     Context::set_current(Context::none());

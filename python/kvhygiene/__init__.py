@@ -20,6 +20,7 @@ the tests run in CI.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -134,6 +135,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             ],
         ),
         "kvh_version": (ctypes.c_char_p, []),
+        "kvh_shutdown": (None, []),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -331,6 +333,9 @@ def install(path: Optional[str] = None):
         ) from e
     with _lock:
         _allocator = allocator
+    # Scrub and verify everything freed and write the log's stop record while CUDA is still
+    # up; the library's own exit handler then makes no driver calls.
+    atexit.register(lib.kvh_shutdown)
     return allocator
 
 

@@ -29,7 +29,7 @@ def criterion_ns(out: Path, *parts: str):
     est = load_json(out.joinpath("criterion", *parts, "new", "estimates.json"))
     if not est:
         return None
-    return est["mean"]["point_estimate"]
+    return est["median"]["point_estimate"]
 
 
 def tests(out: Path) -> dict:
@@ -144,6 +144,18 @@ def main() -> int:
         else f"{r:.3g} ({k['tokens_per_s']:.4g} vs {d['tokens_per_s']:.4g} tok/s)",
         ">= 0.9",
         None if r is None else r >= 0.9,
+    )
+    try:
+        demo = (out / "kvh_demo.log").read_text(errors="replace")
+    except OSError:
+        demo = None
+    residue = re.search(r"with residue: (\d+)", demo or "")
+    row(
+        rows,
+        "kvh demo on the CUDA backend (every new allocation read back)",
+        "not run" if demo is None else (f"residue in {residue.group(1)} allocations" if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
+        "0, PASS",
+        None if demo is None else bool(residue and residue.group(1) == "0" and "PASS" in demo),
     )
     gpu = ""
     try:
