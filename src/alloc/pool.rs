@@ -113,6 +113,9 @@ pub(crate) struct DevicePool {
     in_flight: VecDeque<InFlight>,
     /// Outcomes of first scrubs that a `kvh_free_checked` caller waits for, by scrub seq.
     watched: HashMap<u64, Option<bool>>,
+    /// Quarantined blocks waiting for their re-scrub (kept so that finding them never scans
+    /// the whole block table).
+    rescrub_waiting: Vec<u64>,
     pub(crate) stats: PoolCounters,
 }
 
@@ -125,6 +128,7 @@ impl DevicePool {
             open: Vec::new(),
             in_flight: VecDeque::new(),
             watched: HashMap::new(),
+            rescrub_waiting: Vec::new(),
             stats: PoolCounters::default(),
         }
     }
@@ -448,7 +452,10 @@ impl DevicePool {
             }
         }
         if rescrub {
-            return; // `submit_rescrubs` picks quarantined blocks up again on the next tick.
+            // `submit_rescrubs` picks them up again on the next tick.
+            self.rescrub_waiting
+                .extend(blocks.iter().map(|&(addr, _)| addr));
+            return;
         }
         self.open.push(OpenBatch {
             stream,
@@ -687,6 +694,7 @@ impl DevicePool {
         self.stats.accounting.pending.sub(capacity);
         self.stats.accounting.quarantined.add(capacity);
         self.stats.counters.quarantined += 1;
+        self.rescrub_waiting.push(addr);
         let block = &self.blocks[&addr];
         after.event(EventKind::Quarantined { reason }, block);
     }
@@ -715,15 +723,19 @@ impl DevicePool {
         config: &Config,
         after: &mut Aftermath,
     ) {
-        let waiting: Vec<u64> = self
-            .blocks
-            .values()
-            .filter(|b| {
-                b.state == BlockState::Quarantined
-                    && !b.scrub_in_flight
-                    && matches!(b.disposition, Disposition::Quarantine(r) if r != QuarantineReason::RescrubFailed)
+        if self.rescrub_waiting.is_empty() {
+            return;
+        }
+        let blocks = &self.blocks;
+        let waiting: Vec<u64> = std::mem::take(&mut self.rescrub_waiting)
+            .into_iter()
+            .filter(|a| {
+                blocks.get(a).is_some_and(|b| {
+                    b.state == BlockState::Quarantined
+                        && !b.scrub_in_flight
+                        && matches!(b.disposition, Disposition::Quarantine(r) if r != QuarantineReason::RescrubFailed)
+                })
             })
-            .map(|b| b.addr)
             .collect();
         if waiting.is_empty() {
             return;

@@ -119,8 +119,9 @@ pub trait Backend: Send + Sync + 'static {
     /// whose last scrub was verified, or at shutdown never (exit leaks rather than calls).
     fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError>;
 
-    /// Zeroes fresh memory and returns once the zeros are visible to every later use on any
-    /// stream (synchronous with respect to the host).
+    /// Zeroes fresh memory in stream order: every later use on `stream`, and every use on
+    /// another stream ordered after `stream`, sees zeros. Host reads through
+    /// [`Backend::read`] see them too. (The host backend zeroes synchronously.)
     fn zero_fresh(
         &self,
         device: u32,

@@ -299,11 +299,13 @@ impl Backend for CudaBackend {
         }
         let bytes =
             usize::try_from(len).map_err(|_| BackendError::Other(format!("{len} bytes")))?;
+        // Stream-ordered, like the allocation itself: every later use on `stream`, and every
+        // use on another stream that is ordered after it (the caller's stream semantics, as
+        // PyTorch's), sees the zeros. No host synchronisation: a pool miss must not stall the
+        // caller's queued work.
         // SAFETY: 1. `addr` was returned by `allocate` for at least `len` bytes and is not yet
         // handed out; 2. stream as above.
-        unsafe { r::memset_d8_async(d, addr, bytes, s) }?;
-        // SAFETY: as above.
-        unsafe { r::stream_synchronize(d, s) }
+        unsafe { r::memset_d8_async(d, addr, bytes, s) }
     }
 
     fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
