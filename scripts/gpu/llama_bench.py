@@ -52,10 +52,16 @@ def main():
     ids = torch.randint(3, 32000, (BATCH, PROMPT), device="cuda")
     generate(torch, model, ids)  # warm-up: kernels, caches, allocator pools
     times = []
+    per_run = []
     for _ in range(RUNS):
         start = time.perf_counter()
         out = generate(torch, model, ids)
         times.append(time.perf_counter() - start)
+        if args.mode == "kvh":
+            import kvhygiene
+
+            s = kvhygiene.stats()
+            per_run.append({"counters": s["counters"], "accounting": s["accounting"]})
     new = (out.shape[1] - PROMPT) * BATCH
     best = min(times)
     write(
@@ -67,6 +73,7 @@ def main():
             "new_tokens_per_sequence": out.shape[1] - PROMPT,
             "seconds": times,
             "tokens_per_s": new / best,
+            "kvh_per_run": per_run,
         },
     )
 
