@@ -145,53 +145,68 @@ CUresult cuEventQuery(void* e) {
 CUresult cuEventSynchronize(void* e) { NEED_CTX(); static_cast<Event*>(e)->pending = 0; return OK; }
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
 
-// Host ports of kvh_scrub_zero / kvh_scrub_verify: the same flat chunk and sample spaces and
-// the same segment search, one "thread".
-static void zero(void** p) {
+// Host ports of kvh_scrub_zero / kvh_scrub_verify: the kernels' own work distribution
+// (kvh_zero_walk per block, kvh_verify_walk per thread, for the launch's grid) and rule
+// functions, run one block / thread after the other.
+struct ZeroPiece {
+    const KvhSegment* segs;
+    kvh_u32 skip;
+    void operator()(kvh_u32 s, kvh_u64 off, kvh_u64 len) const {
+        if (s != skip) memset((char*)segs[s].addr + off, 0, len);
+    }
+};
+
+static void zero(void** p, kvh_u64 grid) {
     const KvhSegment* segs = *(const KvhSegment**)p[0];
     kvh_u32 count = *(kvh_u32*)p[1];
     kvh_u64 total = *(kvh_u64*)p[2];
+    kvh_u32 flags = *(kvh_u32*)p[3];
     kvh_u32 skip = *(kvh_u32*)p[4];
     KvhResult* results = *(KvhResult**)p[5];
     for (kvh_u32 i = 0; i < count; ++i) results[i] = KvhResult{0, 0};
-    for (kvh_u64 c = 0; c < total; ++c) {
-        kvh_u32 found_;
-        KVH_FIND_SEGMENT(segs, count, c, first_chunk);
-        if (found_ == skip) continue;
-        kvh_u64 off = (c - segs[found_].first_chunk) * KVH_CHUNK_BYTES;
-        kvh_u64 end = off + KVH_CHUNK_BYTES < segs[found_].len ? off + KVH_CHUNK_BYTES : segs[found_].len;
-        memset((char*)segs[found_].addr + off, 0, end - off);
-    }
+    ZeroPiece f = {segs, skip};
+    int passes = (flags & KVH_FLAG_DOUBLE_PASS) ? 2 : 1;
+    for (kvh_u64 b = 0; b < grid; ++b)
+        for (int pass = 0; pass < passes; ++pass) kvh_zero_walk(segs, count, total, grid, b, f);
 }
 
-static void verify(void** p) {
+struct VerifyRuns {
+    const KvhSegment* segs;
+    KvhResult* results;
+    kvh_u32 samples, flags;
+    void operator()(kvh_u32 seg, kvh_u64 i, kvh_u64 step, kvh_u64 m) const {
+        const KvhSegment& s = segs[seg];
+        for (kvh_u64 k = 0; k < m; ++k) {
+            kvh_u64 w = kvh_sample_word(s.seed, i + k * step, kvh_word_count(s.len),
+                                        kvh_is_full(s.len, samples, flags));
+            kvh_u64 off = w * KVH_WORD_BYTES;
+            kvh_u64 n = s.len - off < KVH_WORD_BYTES ? s.len - off : KVH_WORD_BYTES;
+            unsigned char any = 0;
+            for (kvh_u64 j = 0; j < n; ++j) any |= ((const unsigned char*)s.addr)[off + j];
+            results[seg].checked += 1;
+            results[seg].nonzero += any != 0;
+        }
+    }
+};
+
+static void verify(void** p, kvh_u64 threads) {
     const KvhSegment* segs = *(const KvhSegment**)p[0];
     kvh_u32 count = *(kvh_u32*)p[1];
     kvh_u64 total = *(kvh_u64*)p[2];
     kvh_u32 samples = *(kvh_u32*)p[3];
     kvh_u32 flags = *(kvh_u32*)p[4];
     KvhResult* results = *(KvhResult**)p[5];
-    for (kvh_u64 g = 0; g < total; ++g) {
-        kvh_u32 found_;
-        KVH_FIND_SEGMENT(segs, count, g, first_sample);
-        const KvhSegment& s = segs[found_];
-        kvh_u64 w = kvh_sample_word(s.seed, g - s.first_sample, kvh_word_count(s.len),
-                                    kvh_is_full(s.len, samples, flags));
-        kvh_u64 off = w * KVH_WORD_BYTES;
-        kvh_u64 n = s.len - off < KVH_WORD_BYTES ? s.len - off : KVH_WORD_BYTES;
-        unsigned char any = 0;
-        for (kvh_u64 k = 0; k < n; ++k) any |= ((const unsigned char*)s.addr)[off + k];
-        results[found_].checked += 1;
-        results[found_].nonzero += any != 0;
-    }
+    VerifyRuns f = {segs, results, samples, flags};
+    for (kvh_u64 t = 0; t < threads; ++t)
+        kvh_verify_walk(segs, count, total, samples, flags, threads, t, f);
 }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, unsigned,
                         unsigned, unsigned, void*, void** params, void**) {
     NEED_CTX();
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;
-    if (f == (void*)1) zero(params);
-    else if (f == (void*)2) verify(params);
+    if (f == (void*)1) zero(params, gx);
+    else if (f == (void*)2) verify(params, (kvh_u64)gx * bx);
     else return INVALID_VALUE;
     return OK;
 }

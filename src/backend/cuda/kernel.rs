@@ -22,9 +22,13 @@ pub const FLAG_DOUBLE_PASS: u32 = 1;
 pub const FLAG_FULL_VERIFY: u32 = 2;
 /// `KVH_NO_SKIP`: the zero kernel's "skip no segment" value.
 pub const NO_SKIP: u32 = u32::MAX;
-/// Resident blocks per SM we aim for; the grid is `min(work, sms * BLOCKS_PER_SM)` and
-/// grid-strides over the rest, which keeps every SM busy without launching idle blocks.
+/// Resident blocks per SM we aim for (`KVH_ZERO_MIN_BLOCKS`, the zero kernel's
+/// `__launch_bounds__` minimum): grids are at most `sms * BLOCKS_PER_SM` blocks, each block
+/// taking one contiguous share of the work, so the whole grid is resident at once.
 pub const BLOCKS_PER_SM: u32 = 8;
+/// Samples one verify thread reads per group of independent loads (`KVH_VERIFY_UNROLL`); the
+/// verify grid gives each thread at least that many when the batch has enough samples.
+pub const VERIFY_SAMPLES_PER_THREAD: u64 = 8;
 /// Kernel entry points.
 pub const ZERO_KERNEL: &std::ffi::CStr = c"kvh_scrub_zero";
 pub const VERIFY_KERNEL: &std::ffi::CStr = c"kvh_scrub_verify";
@@ -87,6 +91,22 @@ pub fn grid_for(work: u64, sms: u32) -> u32 {
     u32::try_from(work.clamp(1, cap)).unwrap_or(u32::MAX)
 }
 
+/// Grid of the zero kernel: at most `sms * BLOCKS_PER_SM` blocks, each taking
+/// `ceil(total_chunks / grid)` consecutive chunks, and no block without a chunk.
+pub fn zero_grid(total_chunks: u64, sms: u32) -> u32 {
+    let cap = u64::from(grid_for(total_chunks, sms));
+    let per = total_chunks.max(1).div_ceil(cap);
+    u32::try_from(total_chunks.max(1).div_ceil(per)).unwrap_or(u32::MAX)
+}
+
+/// Grid of the verify kernel: enough blocks that each thread reads about
+/// `VERIFY_SAMPLES_PER_THREAD` samples (a few for a small batch: one block), at most
+/// `sms * BLOCKS_PER_SM`.
+pub fn verify_grid(total_samples: u64, sms: u32) -> u32 {
+    let per_block = u64::from(BLOCK_THREADS) * VERIFY_SAMPLES_PER_THREAD;
+    grid_for(total_samples.div_ceil(per_block), sms)
+}
+
 /// The device image to load, by preference for a GPU of compute capability `major.minor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Image {
@@ -141,6 +161,208 @@ mod tests {
         fn kvh_host_rule_sample_word(seed: u64, i: u64, len: u64, samples: u32, flags: u32) -> u64;
         fn kvh_host_rule_expected_samples(len: u64, samples: u32, flags: u32) -> u64;
         fn kvh_host_rule_find_chunk(segs: *const DeviceSegment, count: u32, pos: u64) -> u32;
+        fn kvh_host_rule_zero_walk(
+            segs: *const DeviceSegment,
+            count: u32,
+            total_chunks: u64,
+            grid: u64,
+            block: u64,
+            out: *mut u64,
+            cap: u64,
+        ) -> u64;
+        #[allow(clippy::too_many_arguments)]
+        fn kvh_host_rule_verify_walk(
+            segs: *const DeviceSegment,
+            count: u32,
+            total_samples: u64,
+            samples: u32,
+            flags: u32,
+            threads: u64,
+            t: u64,
+            out: *mut u64,
+            cap: u64,
+        ) -> u64;
+    }
+
+    /// Batches of segments with lengths `lens` at 4 KiB-spaced (plus `skew`) addresses.
+    fn layout(lens: &[u64], skew: u64, options: ScrubOptions) -> Plan {
+        let segs: Vec<ScrubSegment> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| ScrubSegment {
+                addr: 0x1_0000_0000 + (i as u64) * 0x1000 + skew,
+                len,
+                seed: i as u64,
+            })
+            .collect();
+        plan(&segs, options)
+    }
+
+    fn layouts() -> Vec<Vec<u64>> {
+        vec![
+            vec![1],
+            vec![CHUNK_BYTES],
+            vec![1 << 30],
+            vec![CHUNK_BYTES + 1, 1, 7, 3 * CHUNK_BYTES - 5, 8, 9, 512],
+            vec![64 * 1024; 4096],
+            (0..300u64)
+                .map(|i| 1 + i * 997 % (5 * CHUNK_BYTES))
+                .collect(),
+            vec![1; 100],
+        ]
+    }
+
+    /// Every pass of the zero kernel, for any grid, writes each byte of each segment exactly
+    /// once: the blocks' pieces tile every segment.
+    #[test]
+    fn zero_walk_tiles_every_segment_for_any_grid() {
+        for lens in layouts() {
+            let options = ScrubOptions {
+                samples: 64,
+                full_verify: false,
+                double_pass: false,
+            };
+            let p = layout(&lens, 3, options);
+            let n = p.segments.len();
+            let count = u32::try_from(n).unwrap();
+            let grids = [
+                1,
+                2,
+                3,
+                7,
+                u64::from(zero_grid(p.total_chunks, 132)),
+                u64::from(grid_for(p.total_chunks, 132)),
+                u64::from(zero_grid(p.total_chunks, 7)),
+                p.total_chunks + 5,
+            ];
+            for grid in grids {
+                let mut pieces: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
+                let mut buf = vec![0u64; 3 * (n + 4)];
+                for block in 0..grid {
+                    // SAFETY: segment table of `count` entries; `buf` holds `n + 4` triples.
+                    let got = unsafe {
+                        kvh_host_rule_zero_walk(
+                            p.segments.as_ptr(),
+                            count,
+                            p.total_chunks,
+                            grid,
+                            block,
+                            buf.as_mut_ptr(),
+                            (n + 4) as u64,
+                        )
+                    };
+                    assert!(got as usize <= n, "{got} pieces in one block");
+                    let per = p.total_chunks.div_ceil(grid);
+                    for t in buf[..3 * got as usize].chunks(3) {
+                        let (seg, off, len) = (t[0] as usize, t[1], t[2]);
+                        assert!(len > 0);
+                        // The piece lies inside the block's chunk range.
+                        let c = p.segments[seg].first_chunk + off / CHUNK_BYTES;
+                        assert!(c >= block * per && c < (block + 1) * per, "grid {grid}");
+                        pieces[seg].push((off, len));
+                    }
+                }
+                for (seg, mut ps) in pieces.into_iter().enumerate() {
+                    ps.sort_unstable();
+                    let mut at = 0;
+                    for (off, len) in ps {
+                        assert_eq!(off, at, "segment {seg} grid {grid}: gap or overlap");
+                        at += len;
+                    }
+                    assert_eq!(at, lens[seg], "segment {seg} grid {grid}: not covered");
+                }
+            }
+        }
+    }
+
+    /// Whatever the thread count, the verify kernel's threads read every sample of every
+    /// segment exactly once, each thread's runs move forward through the segment table (one
+    /// flush per segment), and full mode hands a warp's lanes consecutive samples.
+    #[test]
+    fn verify_walk_reads_every_sample_once_for_any_thread_count() {
+        for lens in layouts() {
+            for (samples, full) in [(64u32, false), (2, false), (64, true)] {
+                let options = ScrubOptions {
+                    samples,
+                    full_verify: full,
+                    double_pass: false,
+                };
+                let p = layout(&lens, 0, options);
+                if p.total_samples > 1 << 22 {
+                    continue;
+                }
+                let n = p.segments.len();
+                let count = u32::try_from(n).unwrap();
+                let threads_options = [
+                    1,
+                    31,
+                    32,
+                    33,
+                    256,
+                    768,
+                    u64::from(verify_grid(p.total_samples, 132)) * u64::from(BLOCK_THREADS),
+                    u64::from(grid_for(p.total_samples.div_ceil(256), 132)) * 256,
+                ];
+                for threads in threads_options {
+                    let mut seen = vec![0u8; p.total_samples as usize];
+                    let cap = n + 4;
+                    let mut buf = vec![0u64; 4 * cap];
+                    for t in 0..threads {
+                        // SAFETY: segment table of `count` entries; `buf` holds `cap` runs.
+                        let got = unsafe {
+                            kvh_host_rule_verify_walk(
+                                p.segments.as_ptr(),
+                                count,
+                                p.total_samples,
+                                samples,
+                                p.flags,
+                                threads,
+                                t,
+                                buf.as_mut_ptr(),
+                                cap as u64,
+                            )
+                        };
+                        assert!(got as usize <= n);
+                        let mut last: Option<(usize, u64)> = None;
+                        for r in buf[..4 * got as usize].chunks(4) {
+                            let (seg, i, step, m) = (r[0] as usize, r[1], r[2], r[3]);
+                            assert!(m > 0);
+                            let lanes = full && threads % 32 == 0;
+                            assert_eq!(step, if lanes { 32 } else { 1 });
+                            let s = p.segments[seg];
+                            let expected = verify::expected_samples(s.len, samples, full);
+                            for k in 0..m {
+                                let idx = i + k * step;
+                                assert!(idx < expected, "seg {seg} sample {idx} of {expected}");
+                                let g = s.first_sample + idx;
+                                if let Some((ls, lg)) = last {
+                                    assert!(ls < seg || (ls == seg && lg < g));
+                                    assert!(ls == seg || k == 0);
+                                }
+                                last = Some((seg, g));
+                                seen[g as usize] += 1;
+                            }
+                        }
+                    }
+                    assert!(
+                        seen.iter().all(|&v| v == 1),
+                        "threads {threads} samples {samples} full {full}: coverage"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grids_are_balanced_and_bounded() {
+        assert_eq!(zero_grid(0, 132), 1);
+        assert_eq!(zero_grid(5, 132), 5);
+        assert_eq!(zero_grid(4096, 132), 1024, "4 chunks per block");
+        assert_eq!(zero_grid(16_384, 132), 1024, "16 chunks per block");
+        assert!(zero_grid(1 << 40, 132) <= 132 * BLOCKS_PER_SM);
+        assert_eq!(verify_grid(64, 132), 1);
+        assert_eq!(verify_grid(4096 * 64, 132), 128);
+        assert_eq!(verify_grid(1 << 30, 132), 132 * BLOCKS_PER_SM);
     }
 
     /// The value of `#define NAME value` in scrub.cu, without C suffixes.
@@ -165,6 +387,8 @@ mod tests {
         assert_eq!(define("KVH_FLAG_DOUBLE_PASS"), u64::from(FLAG_DOUBLE_PASS));
         assert_eq!(define("KVH_FLAG_FULL_VERIFY"), u64::from(FLAG_FULL_VERIFY));
         assert_eq!(define("KVH_NO_SKIP"), u64::from(NO_SKIP));
+        assert_eq!(define("KVH_ZERO_MIN_BLOCKS"), u64::from(BLOCKS_PER_SM));
+        assert_eq!(define("KVH_VERIFY_UNROLL"), VERIFY_SAMPLES_PER_THREAD);
         // splitmix64 is determined by its three constants; check them against the Rust
         // function through values only they produce.
         let (g, m1, m2) = (

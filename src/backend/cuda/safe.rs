@@ -541,7 +541,7 @@ fn launch_zero(
         (&mut results as *mut u64).cast(),
     ];
     let shape = r::LaunchShape {
-        grid: kernel::grid_for(plan.total_chunks, dev.sm_count),
+        grid: kernel::zero_grid(plan.total_chunks, dev.sm_count),
         block: kernel::BLOCK_THREADS,
     };
     // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types
@@ -578,11 +578,8 @@ fn launch_verify(
         (&mut flags as *mut u32).cast(),
         (&mut results as *mut u64).cast(),
     ];
-    let blocks = plan
-        .total_samples
-        .div_ceil(u64::from(kernel::BLOCK_THREADS));
     let shape = r::LaunchShape {
-        grid: kernel::grid_for(blocks, dev.sm_count),
+        grid: kernel::verify_grid(plan.total_samples, dev.sm_count),
         block: kernel::BLOCK_THREADS,
     };
     // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types;
