@@ -58,6 +58,8 @@ pub(crate) struct InFlight {
     options: ScrubOptions,
     /// A quarantine re-scrub (double pass, full verification) rather than a free's scrub.
     rescrub: bool,
+    /// The stream the batch runs on (batches of one stream complete in submission order).
+    stream: StreamHandle,
 }
 
 impl InFlight {
@@ -425,6 +427,7 @@ impl DevicePool {
                     blocks,
                     options,
                     rescrub,
+                    stream,
                 });
             }
             Err(BackendError::StreamCapturing { .. }) => {
@@ -489,27 +492,35 @@ impl DevicePool {
 
     // ----- harvest --------------------------------------------------------------------------
 
-    /// Applies every in-flight batch that has completed (non-blocking).
+    /// Applies every in-flight batch that has completed (non-blocking). Batches on one stream
+    /// complete in order, so only the oldest incomplete batch of each stream is polled: a
+    /// device running behind the host costs one driver query per stream, not one per batch.
     pub(crate) fn harvest(
         &mut self,
         backend: &dyn Backend,
         config: &Config,
         after: &mut Aftermath,
     ) {
+        let mut blocked: Vec<StreamHandle> = Vec::new();
         let mut i = 0;
         while i < self.in_flight.len() {
-            match self.in_flight[i].ticket.poll() {
-                Ok(None) => i += 1,
-                Ok(Some(results)) => {
-                    if let Some(done) = self.in_flight.remove(i) {
-                        self.complete(done, Ok(results), backend, config, after);
-                    }
+            let stream = self.in_flight[i].stream;
+            if blocked.contains(&stream) {
+                i += 1;
+                continue;
+            }
+            let polled = self.in_flight[i].ticket.poll();
+            let results = match polled {
+                Ok(None) => {
+                    blocked.push(stream);
+                    i += 1;
+                    continue;
                 }
-                Err(e) => {
-                    if let Some(done) = self.in_flight.remove(i) {
-                        self.complete(done, Err(e), backend, config, after);
-                    }
-                }
+                Ok(Some(results)) => Ok(results),
+                Err(e) => Err(e),
+            };
+            if let Some(done) = self.in_flight.remove(i) {
+                self.complete(done, results, backend, config, after);
             }
         }
     }

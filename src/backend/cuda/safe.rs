@@ -130,6 +130,12 @@ impl CudaBackend {
         r::driver_version(&self.inner.driver)
     }
 
+    /// Waits until all work queued on `device` has completed (benchmarks and checks).
+    pub fn synchronize(&self, device: u32) -> Result<(), BackendError> {
+        let (_dev, _ctx) = self.inner.device(device)?;
+        r::ctx_synchronize(&self.inner.driver)
+    }
+
     /// Which embedded image device `device` runs (e.g. "sm_90 cubin").
     pub fn image_in_use(&self, device: u32) -> Result<String, BackendError> {
         let (dev, _ctx) = self.inner.device(device)?;
