@@ -20,6 +20,9 @@ pub enum QuarantineReason {
     /// The re-scrub of an already quarantined block failed: the block stays quarantined for
     /// the life of the process and is never released to the backend.
     RescrubFailed,
+    /// Verification passed the coverage threshold but some samples read non-zero: something
+    /// wrote to the block after it was freed. It is never handed out again as clean.
+    Residue,
 }
 
 /// Why a block went back to the backend.

@@ -347,3 +347,79 @@ fn events_carry_the_owner_context() {
             reason: ReleaseReason::QuarantineCleared
         }));
 }
+
+/// Invariant 1 with a permissive threshold: a scrub that passes coverage but read non-zero
+/// samples (residue) never yields a CLEAN block; the block is quarantined.
+#[test]
+fn residue_is_never_handed_out_even_when_coverage_passes() {
+    let f = Fixture::new(Config {
+        coverage_threshold: 0.4,
+        ..manual_config()
+    });
+    let a = f.malloc_zeroed(4096, 0, 0);
+    let id = f.alloc.block_info(a).unwrap().id;
+    f.write(0, a, &secret(4096, 0x11));
+    f.backend.inject_fault_next(); // half the block stays dirty: coverage ~0.5 >= 0.4
+    assert!(
+        f.alloc.free_checked(a, 4096, 0, S).is_ok(),
+        "coverage passed"
+    );
+    assert!(f.sink.snapshot().iter().any(|e| e.kind
+        == EventKind::Quarantined {
+            reason: QuarantineReason::Residue
+        }));
+    f.alloc.synchronize().unwrap();
+    for _ in 0..10 {
+        let b = f.malloc_zeroed(4096, 0, 0);
+        assert_ne!(f.alloc.block_info(b).unwrap().id, id);
+    }
+    assert_eq!(f.alloc.stats().counters.residue_detected, 1);
+}
+
+/// Invariant 6 and 5 together: once exit has begun, pending scrubs are abandoned, not
+/// reported as failed verifications, and nothing aborts.
+#[test]
+fn exit_abandons_pending_scrubs_without_false_failures() {
+    let f = Fixture::new(Config {
+        failure_mode: FailureMode::Abort,
+        ..manual_config()
+    });
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.alloc.begin_exit();
+    let _ = f.alloc.synchronize();
+    f.alloc.empty_cache();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Pending);
+    assert_eq!(f.sink.count("verify_failed"), 0);
+    assert_eq!(f.sink.count("quarantine"), 0);
+}
+
+/// `synchronize` also waits for batches another thread is waiting on with the lock dropped.
+#[test]
+fn synchronize_waits_for_batches_held_by_other_threads() {
+    let f = std::sync::Arc::new(Fixture::new(manual_config()));
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.backend.set_gate(false);
+    let checker = {
+        let f = f.clone();
+        std::thread::spawn(move || f.alloc.free_checked(a, 4096, 0, S))
+    };
+    std::thread::sleep(Duration::from_millis(50)); // the checker now holds the batch
+    let (tx, rx) = std::sync::mpsc::channel();
+    let syncer = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            f.alloc.synchronize().unwrap();
+            tx.send(()).unwrap();
+        })
+    };
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "synchronize returned while a scrub was still running"
+    );
+    f.backend.set_gate(true);
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    syncer.join().unwrap();
+    checker.join().unwrap().unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+}

@@ -213,3 +213,29 @@ fn graph_capture_defers_scrubs_and_fresh_allocations() {
     assert_eq!(f.malloc_zeroed(4096, 0, 0), a);
     f.assert_balanced();
 }
+
+/// A checked free during a capture returns at once with the capture error (waiting could
+/// deadlock the capturing thread); the scrub still happens after the capture.
+#[test]
+fn free_checked_during_capture_returns_instead_of_waiting() {
+    use kvhygiene::alloc::FreeError;
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(2048, 0, 0);
+    f.backend
+        .capturing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = f.alloc.free_checked(a, 2048, 0, S).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FreeError::Backend(BackendError::StreamCapturing { .. })
+        ),
+        "{err}"
+    );
+    f.backend
+        .capturing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+}

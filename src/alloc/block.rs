@@ -47,6 +47,8 @@ pub struct Block {
     pub owner: Context,
     /// Stream the block was allocated on.
     pub alloc_stream: StreamHandle,
+    /// Stream of its latest free: its scrubs, re-scrubs included, run there.
+    pub free_stream: StreamHandle,
     /// Streams given to `kvh_record_stream` while LIVE.
     pub recorded_streams: Vec<StreamHandle>,
     /// Times handed out.

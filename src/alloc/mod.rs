@@ -203,10 +203,10 @@ impl Allocator {
     ) -> Result<u64, AllocError> {
         self.drain_pool(dev);
         let isolation = self.inner.config.tenant_isolation;
-        let hit = self.with_pool(dev, |pool, backend, _, after| {
+        let hit = self.with_pool(dev, |pool, _, _, after| {
             pool.pop_clean(key, size, &ctx, stream, isolation)
                 .or_else(|| {
-                    pool.release_clean(backend, after);
+                    pool.release_clean(after);
                     None
                 })
         });
@@ -252,6 +252,7 @@ impl Allocator {
             state: BlockState::Live,
             owner: ctx.clone(),
             alloc_stream: stream,
+            free_stream: stream,
             recorded_streams: Vec::new(),
             reuse_count: 1,
             allocated_at: now,
@@ -292,15 +293,12 @@ impl Allocator {
         let Some((dev, seq)) = freed else {
             return Ok(report);
         };
-        if self.inner.shutting_down.load(Ordering::Acquire) {
-            // The block was not queued (no backend calls once exit has begun).
-            self.pool(dev).unwatch(seq);
-            return Err(FreeError::Backend(BackendError::ShuttingDown));
-        }
-        self.with_pool(dev, |pool, backend, config, after| {
-            pool.flush_block(ptr, backend, config, after)
-        });
         loop {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                // No backend calls once exit has begun: the block stays PENDING (leaked).
+                self.pool(dev).unwatch(seq);
+                return Err(FreeError::Backend(BackendError::ShuttingDown));
+            }
             if let Some(passed) = self.pool(dev).take_outcome(seq) {
                 return if passed {
                     Ok(report)
@@ -308,14 +306,22 @@ impl Allocator {
                     Err(FreeError::VerifyFailed { addr: ptr })
                 };
             }
-            let batches = self.with_pool(dev, |pool, _, _, _| pool.take_in_flight(Some(seq)));
+            let (batches, deferred) = self.with_pool(dev, |pool, backend, config, after| {
+                pool.flush_block(ptr, backend, config, after);
+                (pool.take_in_flight(Some(seq)), pool.is_open(ptr))
+            });
+            if deferred {
+                // A CUDA graph capture refused the launch. Waiting here could deadlock the
+                // capturing thread; the scrub runs once the capture ends.
+                self.pool(dev).unwatch(seq);
+                return Err(FreeError::Backend(BackendError::StreamCapturing {
+                    stream: stream.0,
+                    what: "a checked free's scrub",
+                }));
+            }
             if batches.is_empty() {
-                // Another thread is waiting on this batch with the lock dropped (it records
-                // the outcome when it applies the results), or the scrub was deferred by a
-                // CUDA graph capture: resubmit it if it is open again, and back off.
-                self.with_pool(dev, |pool, backend, config, after| {
-                    pool.flush_block(ptr, backend, config, after)
-                });
+                // Another thread is waiting on this batch with the lock dropped; it records
+                // the outcome when it applies the results.
                 std::thread::sleep(Duration::from_micros(50));
             }
             self.wait_and_apply(dev, batches);
@@ -428,10 +434,11 @@ impl Allocator {
     /// Flushes and waits for every scrub, then returns every CLEAN block to the backend.
     pub fn empty_cache(&self) {
         for dev in 0..self.inner.pools.len() as u32 {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
             self.drain_pool(dev);
-            self.with_pool(dev, |pool, backend, _, after| {
-                pool.release_clean(backend, after);
-            });
+            self.with_pool(dev, |pool, _, _, after| pool.release_clean(after));
         }
     }
 
@@ -458,16 +465,25 @@ impl Allocator {
     /// Submits open batches of `dev` and waits for every in-flight scrub with the lock
     /// released, applying results as they complete.
     fn drain_pool(&self, dev: u32) {
-        // Each round may queue quarantine re-scrubs; a re-scrub never queues another, so a
-        // few rounds suffice.
-        for _ in 0..4 {
-            let batches: Vec<InFlight> = self.with_pool(dev, |pool, backend, config, after| {
+        // Waiting rounds are bounded so that a stream of new frees from other threads cannot
+        // keep a synchronize going forever; a round that only waits for batches other threads
+        // hold (with the lock dropped) does not count.
+        const ROUNDS: usize = 64;
+        let mut rounds = 0;
+        while rounds < ROUNDS && !self.inner.shutting_down.load(Ordering::Acquire) {
+            let (batches, others) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_open(false, backend, config, after);
-                pool.take_in_flight(None)
+                pool.submit_rescrubs(backend, config, after);
+                (pool.take_in_flight(None), pool.out_of_pool())
             });
             if batches.is_empty() {
-                break;
+                if others == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
             }
+            rounds += 1;
             self.wait_and_apply(dev, batches);
         }
     }
@@ -477,6 +493,7 @@ impl Allocator {
         for mut batch in batches {
             let results = batch.wait();
             self.with_pool(dev, |pool, backend, config, after| {
+                pool.returned();
                 pool.complete(batch, results, backend, config, after)
             });
         }
@@ -490,6 +507,9 @@ impl Allocator {
             .filter(|_| trim)
             .map(Duration::from_millis);
         for dev in 0..self.inner.pools.len() as u32 {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
             self.with_pool(dev, |pool, backend, config, after| {
                 if !pool.has_pending_work() && idle_ttl.is_none() {
                     return;
@@ -498,7 +518,7 @@ impl Allocator {
                 pool.harvest(backend, config, after);
                 pool.submit_rescrubs(backend, config, after);
                 if let Some(ttl) = idle_ttl {
-                    pool.trim_idle(ttl, backend, after);
+                    pool.trim_idle(ttl, after);
                 }
             });
         }
@@ -604,12 +624,24 @@ impl Allocator {
                 &mut after,
             )
         };
-        self.settle(after);
+        self.settle(dev, after);
         r
     }
 
-    fn settle(&self, after: Aftermath) {
-        if let Some(e) = after.backend_error {
+    fn settle(&self, dev: u32, after: Aftermath) {
+        let mut error = after.backend_error;
+        // Verified blocks go back to the backend with the lock dropped; once exit has begun
+        // they are leaked instead (invariant 6).
+        if !self.inner.shutting_down.load(Ordering::Acquire) {
+            for (addr, capacity) in after.releases {
+                if let Err(e) = self.inner.backend.release(dev, addr, capacity) {
+                    // The memory is verified clean; failing to return it only leaks it.
+                    self.pool(dev).stats.counters.backend_errors += 1;
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = error {
             let mut sticky = self
                 .inner
                 .async_error

@@ -91,6 +91,10 @@ pub(crate) struct Aftermath {
     pub abort: bool,
     /// An asynchronous backend error to make sticky.
     pub backend_error: Option<BackendError>,
+    /// Verified blocks to return to the backend once the lock is dropped:
+    /// `(address, capacity)`. `cuMemFree` synchronises the device, so it never runs under the
+    /// pool lock (invariant 3).
+    pub releases: Vec<(u64, u64)>,
 }
 
 impl Aftermath {
@@ -118,6 +122,9 @@ pub(crate) struct DevicePool {
     /// Quarantined blocks waiting for their re-scrub (kept so that finding them never scans
     /// the whole block table).
     rescrub_waiting: Vec<u64>,
+    /// Batches taken out of `in_flight` and being waited on with the lock dropped. Work is
+    /// finished only when this is zero too.
+    out_of_pool: usize,
     pub(crate) stats: PoolCounters,
 }
 
@@ -131,6 +138,7 @@ impl DevicePool {
             in_flight: VecDeque::new(),
             watched: HashMap::new(),
             rescrub_waiting: Vec::new(),
+            out_of_pool: 0,
             stats: PoolCounters::default(),
         }
     }
@@ -201,7 +209,7 @@ impl DevicePool {
 
     /// Whether the pool has work that could produce CLEAN blocks (open or in-flight scrubs).
     pub(crate) fn has_pending_work(&self) -> bool {
-        !self.open.is_empty() || !self.in_flight.is_empty()
+        !self.open.is_empty() || !self.in_flight.is_empty() || !self.rescrub_waiting.is_empty()
     }
 
     // ----- free -----------------------------------------------------------------------------
@@ -260,6 +268,7 @@ impl DevicePool {
         block.state = BlockState::Pending;
         block.state_since = now;
         block.scrub_seq = seq;
+        block.free_stream = stream;
         block.recorded_streams = waits;
         let s = &mut self.stats;
         s.counters.frees += 1;
@@ -433,6 +442,9 @@ impl DevicePool {
             Err(BackendError::StreamCapturing { .. }) => {
                 self.defer(stream, waits, &blocks, rescrub)
             }
+            // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
+            // releases or reuses them); no event, no failure.
+            Err(BackendError::ShuttingDown) => {}
             Err(e) => self.fail_batch(&blocks, rescrub, e, config, after),
         }
     }
@@ -486,7 +498,7 @@ impl DevicePool {
             full_verify: false,
             double_pass: false,
         };
-        self.apply_results(blocks, &results, options, rescrub, None, config, after);
+        self.apply_results(blocks, &results, options, rescrub, config, after);
         after.backend_error = Some(error);
     }
 
@@ -528,13 +540,31 @@ impl DevicePool {
     /// Takes in-flight batches out, to be waited on with the lock released: all of them, or
     /// only the one holding scrub `seq`.
     pub(crate) fn take_in_flight(&mut self, seq: Option<u64>) -> Vec<InFlight> {
-        match seq {
+        let taken: Vec<InFlight> = match seq {
             None => self.in_flight.drain(..).collect(),
             Some(seq) => match self.in_flight.iter().position(|f| f.contains_seq(seq)) {
                 Some(i) => self.in_flight.remove(i).into_iter().collect(),
                 None => Vec::new(),
             },
-        }
+        };
+        self.out_of_pool += taken.len();
+        taken
+    }
+
+    /// A batch taken by [`DevicePool::take_in_flight`] comes back to be applied.
+    pub(crate) fn returned(&mut self) {
+        self.out_of_pool = self.out_of_pool.saturating_sub(1);
+    }
+
+    /// Batches other threads are waiting on with the lock dropped.
+    pub(crate) fn out_of_pool(&self) -> usize {
+        self.out_of_pool
+    }
+
+    /// Whether `addr`'s scrub is still in an open (unsubmitted) batch, e.g. deferred by a
+    /// CUDA graph capture.
+    pub(crate) fn is_open(&self, addr: u64) -> bool {
+        self.open.iter().any(|o| o.blocks.contains(&addr))
     }
 
     /// Asks for the outcome of scrub `seq` to be kept for [`DevicePool::take_outcome`].
@@ -580,15 +610,12 @@ impl DevicePool {
         after: &mut Aftermath,
     ) {
         match results {
-            Ok(r) if r.len() == done.blocks.len() => self.apply_results(
-                &done.blocks,
-                &r,
-                done.options,
-                done.rescrub,
-                Some(backend),
-                config,
-                after,
-            ),
+            // Exit has begun: the batch is abandoned, its blocks stay out of use (leaked), and
+            // nothing is reported as a verification failure.
+            Err(BackendError::ShuttingDown) => return,
+            Ok(r) if r.len() == done.blocks.len() => {
+                self.apply_results(&done.blocks, &r, done.options, done.rescrub, config, after)
+            }
             Ok(r) => {
                 let e = BackendError::Other(format!(
                     "scrub returned {} results for {} segments",
@@ -612,7 +639,6 @@ impl DevicePool {
         results: &[SegmentResult],
         options: ScrubOptions,
         rescrub: bool,
-        backend: Option<&dyn Backend>,
         config: &Config,
         after: &mut Aftermath,
     ) {
@@ -662,20 +688,24 @@ impl DevicePool {
                 let latency = now.duration_since(block.state_since).as_micros() as u64;
                 let _ = self.stats.scrub_latency_us.record(latency.max(1));
             }
+            // A sample that read non-zero means something wrote to the block after it was
+            // freed. Even when coverage passes the threshold, such a block is never handed out
+            // again or released as clean (invariant 1): it goes to quarantine.
+            let residue = result.nonzero > 0;
             match (rescrub, passed, block.disposition) {
+                (false, true, _) if residue => {
+                    self.quarantine(addr, QuarantineReason::Residue, after)
+                }
+                (true, true, _) if residue => self.condemn(addr, after),
                 (false, true, Disposition::Reuse) => {
                     self.make_clean(addr, now, config.tenant_isolation)
                 }
-                (false, true, Disposition::Retire(reason)) => {
-                    self.release(addr, reason, backend, after)
-                }
+                (false, true, Disposition::Retire(reason)) => self.release(addr, reason, after),
                 (false, true, Disposition::Quarantine(reason)) => {
                     self.quarantine(addr, reason, after)
                 }
                 (false, false, _) => self.quarantine(addr, QuarantineReason::VerifyFailed, after),
-                (true, true, _) => {
-                    self.release(addr, ReleaseReason::QuarantineCleared, backend, after)
-                }
+                (true, true, _) => self.release(addr, ReleaseReason::QuarantineCleared, after),
                 (true, false, _) => self.condemn(addr, after),
             }
         }
@@ -756,27 +786,33 @@ impl DevicePool {
             full_verify: true,
             double_pass: true,
         };
-        let stream = self.blocks[&waiting[0]].alloc_stream;
-        self.submit(
-            stream,
-            Vec::new(),
-            waiting,
-            options,
-            true,
-            backend,
-            config,
-            after,
-        );
+        // One batch per freeing stream, ordered after the same streams as the first scrub
+        // (which may never have run, if its submission failed).
+        let mut groups: Vec<(StreamHandle, Vec<StreamHandle>, Vec<u64>)> = Vec::new();
+        for addr in waiting {
+            let b = &self.blocks[&addr];
+            let i = match groups.iter().position(|g| g.0 == b.free_stream) {
+                Some(i) => i,
+                None => {
+                    groups.push((b.free_stream, Vec::new(), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            for w in &b.recorded_streams {
+                if !groups[i].1.contains(w) {
+                    groups[i].1.push(*w);
+                }
+            }
+            groups[i].2.push(addr);
+        }
+        for (stream, waits, addrs) in groups {
+            self.submit(stream, waits, addrs, options, true, backend, config, after);
+        }
     }
 
-    /// Returns a verified block to the backend.
-    fn release(
-        &mut self,
-        addr: u64,
-        reason: ReleaseReason,
-        backend: Option<&dyn Backend>,
-        after: &mut Aftermath,
-    ) {
+    /// Removes a verified block from the pool; the allocator hands its memory back to the
+    /// backend after dropping the lock.
+    fn release(&mut self, addr: u64, reason: ReleaseReason, after: &mut Aftermath) {
         // Never release memory a scrub may still be writing.
         if self.blocks.get(&addr).is_none_or(|b| b.scrub_in_flight) {
             return;
@@ -792,56 +828,42 @@ impl DevicePool {
             BlockState::Live => self.stats.accounting.live.sub(capacity),
         }
         self.stats.counters.released += 1;
-        if let Some(backend) = backend {
-            if let Err(e) = backend.release(self.device, addr, capacity) {
-                // The memory is verified clean; failing to return it only leaks it.
-                self.stats.counters.backend_errors += 1;
-                after.backend_error = Some(e);
-            }
-        }
+        after.releases.push((addr, capacity));
         after.event(EventKind::Released { reason }, &block);
     }
 
     /// Returns every CLEAN block to the backend (`kvh_empty_cache`, out-of-memory recovery).
-    pub(crate) fn release_clean(&mut self, backend: &dyn Backend, after: &mut Aftermath) -> u64 {
+    pub(crate) fn release_clean(&mut self, after: &mut Aftermath) {
         let addrs: Vec<u64> = self.free_lists.drain().flat_map(|(_, v)| v).collect();
-        let mut freed = 0;
         for addr in addrs {
             if self
                 .blocks
                 .get(&addr)
                 .is_some_and(|b| b.state == BlockState::Clean)
             {
-                freed += self.blocks[&addr].capacity();
-                self.release(addr, ReleaseReason::EmptyCache, Some(backend), after);
+                self.release(addr, ReleaseReason::EmptyCache, after);
             }
         }
-        freed
     }
 
     /// Releases CLEAN blocks idle for longer than `ttl`.
-    pub(crate) fn trim_idle(
-        &mut self,
-        ttl: std::time::Duration,
-        backend: &dyn Backend,
-        after: &mut Aftermath,
-    ) {
+    pub(crate) fn trim_idle(&mut self, ttl: std::time::Duration, after: &mut Aftermath) {
         let now = Instant::now();
-        let stale: Vec<(FreeKey, u64)> = self
-            .free_lists
-            .iter()
-            .flat_map(|(k, v)| v.iter().map(move |&a| (*k, a)))
-            .filter(|&(_, a)| {
-                self.blocks
-                    .get(&a)
-                    .is_some_and(|b| now.duration_since(b.state_since) > ttl)
-            })
-            .collect();
-        for (key, addr) in stale {
-            if let Some(list) = self.free_lists.get_mut(&key) {
-                list.retain(|&a| a != addr);
-            }
-            self.release(addr, ReleaseReason::IdleTtl, Some(backend), after);
+        let blocks = &self.blocks;
+        let mut stale = Vec::new();
+        for list in self.free_lists.values_mut() {
+            list.retain(|a| {
+                let old = blocks
+                    .get(a)
+                    .is_some_and(|b| now.duration_since(b.state_since) > ttl);
+                if old {
+                    stale.push(*a);
+                }
+                !old
+            });
+        }
+        for addr in stale {
+            self.release(addr, ReleaseReason::IdleTtl, after);
         }
     }
 

@@ -13,9 +13,9 @@ use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::verify::{verify_bytes, SegmentResult};
+use super::verify::{verify_raw, SegmentResult};
 use super::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubOptions, ScrubTicket,
     StreamHandle,
@@ -26,6 +26,10 @@ pub const HOST_ALIGN: usize = 256;
 
 /// Virtual devices the host backend exposes (so multi-device paths are testable).
 pub const HOST_DEVICES: u32 = 8;
+
+/// Address → (device, layout) of every live allocation.
+type AllocationTable = BTreeMap<DevicePtr, (u32, Layout)>;
+type Allocations = Arc<Mutex<AllocationTable>>;
 
 /// A batch's completion: the worker fills `results` and notifies.
 #[derive(Default)]
@@ -41,8 +45,10 @@ struct Job {
 
 /// CPU-memory backend with an asynchronous scrub worker.
 pub struct HostBackend {
-    /// Live allocations: address → (device, layout). The truth for `release`, `read`, `write`.
-    allocations: Mutex<BTreeMap<DevicePtr, (u32, Layout)>>,
+    /// Live allocations: address → (device, layout). The truth for `release`, `read`,
+    /// `write` and the worker's scrubs, each of which holds the lock while it touches the
+    /// memory, so that a concurrent `release` can never free memory under them.
+    allocations: Allocations,
     queue: Mutex<Option<Sender<Job>>>,
     /// Segments still to be sabotaged by the fault injector.
     faults_pending: AtomicU64,
@@ -62,9 +68,11 @@ impl HostBackend {
     /// out-of-memory recovery).
     pub fn with_capacity(capacity: u64) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
+        let allocations: Allocations = Arc::default();
+        let worker_allocations = allocations.clone();
         let spawned = std::thread::Builder::new()
             .name("kvh-host-scrub".into())
-            .spawn(move || scrub_worker(rx));
+            .spawn(move || scrub_worker(rx, worker_allocations));
         // Without a worker no scrub could ever complete: refuse scrubs rather than hang.
         let queue = match spawned {
             Ok(_) => Some(tx),
@@ -74,7 +82,7 @@ impl HostBackend {
             }
         };
         Arc::new(HostBackend {
-            allocations: Mutex::new(BTreeMap::new()),
+            allocations,
             queue: Mutex::new(queue),
             faults_pending: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
@@ -107,21 +115,17 @@ impl HostBackend {
         Ok(())
     }
 
-    /// Checks that `[addr, addr + len)` lies inside one allocation of `device`.
-    fn check_range(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+    /// Locks the allocation table after checking that `[addr, addr + len)` lies inside one
+    /// allocation of `device`; the memory stays allocated while the guard lives.
+    fn lock_range(
+        &self,
+        device: u32,
+        addr: DevicePtr,
+        len: u64,
+    ) -> Result<MutexGuard<'_, AllocationTable>, BackendError> {
         let allocations = self.allocations.lock().unwrap_or_else(|p| p.into_inner());
-        let inside =
-            allocations
-                .range(..=addr)
-                .next_back()
-                .is_some_and(|(&base, &(dev, layout))| {
-                    dev == device
-                        && addr
-                            .checked_add(len)
-                            .is_some_and(|end| end <= base + layout.size() as u64)
-                });
-        if inside {
-            Ok(())
+        if range_is_allocated(&allocations, device, addr, len) {
+            Ok(allocations)
         } else {
             Err(BackendError::Other(format!(
                 "host range {addr:#x}+{len} is not inside an allocation of device {device}"
@@ -176,6 +180,9 @@ impl Backend for HostBackend {
     }
 
     fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(BackendError::ShuttingDown);
+        }
         let entry = self
             .allocations
             .lock()
@@ -214,18 +221,17 @@ impl Backend for HostBackend {
         _stream: StreamHandle,
     ) -> Result<(), BackendError> {
         self.check_device(device)?;
-        self.check_range(device, addr, len)?;
-        // SAFETY: the range lies inside one live allocation (checked above) that the pool has
-        // not handed out yet, so nothing else accesses it.
+        let _held = self.lock_range(device, addr, len)?;
+        // SAFETY: the range lies inside one live allocation, kept allocated by `_held`, that
+        // the pool has not handed out yet, so nothing else accesses it.
         unsafe { zero_volatile(addr as *mut u8, len as usize) };
         Ok(())
     }
 
     fn submit_scrub(&self, mut batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         self.check_device(batch.device)?;
-        for seg in &batch.segments {
-            self.check_range(batch.device, seg.addr, seg.len)?;
-        }
+        // Segments are checked by the worker, under the allocation lock, when it scrubs them:
+        // checking here too would make a free wait for a scrub in progress.
         // Mark sabotaged segments now, at submission, so the fault lands on a known batch.
         for seg in batch.segments.iter_mut() {
             if self.take_fault() {
@@ -247,17 +253,18 @@ impl Backend for HostBackend {
 
     fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
         self.check_device(device)?;
-        self.check_range(device, addr, src.len() as u64)?;
-        // SAFETY: destination range checked to lie in a live allocation; `src` is a valid slice
-        // and cannot overlap backend memory handed out through this API.
+        let _held = self.lock_range(device, addr, src.len() as u64)?;
+        // SAFETY: destination range lies in a live allocation, kept allocated by `_held`;
+        // `src` is a valid slice and cannot overlap backend memory handed out through this API.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) };
         Ok(())
     }
 
     fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
         self.check_device(device)?;
-        self.check_range(device, addr, dst.len() as u64)?;
-        // SAFETY: source range checked to lie in a live allocation; `dst` is a valid slice.
+        let _held = self.lock_range(device, addr, dst.len() as u64)?;
+        // SAFETY: source range lies in a live allocation, kept allocated by `_held`; `dst` is a
+        // valid slice.
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
@@ -311,13 +318,22 @@ impl ScrubTicket for HostTicket {
 
 /// The worker: zero then verify each segment of each batch, in submission order. It ends when
 /// the backend (the only sender) is dropped.
-fn scrub_worker(rx: Receiver<Job>) {
+fn scrub_worker(rx: Receiver<Job>, allocations: Allocations) {
     while let Ok(job) = rx.recv() {
+        let device = job.batch.device;
         let results = job
             .batch
             .segments
             .iter()
-            .map(|seg| scrub_segment(seg.addr, seg.len, seg.seed, &job.batch.options))
+            .map(|seg| {
+                let table = allocations.lock().unwrap_or_else(|p| p.into_inner());
+                if !range_is_allocated(&table, device, seg.addr, seg.len) {
+                    // Released under a pending scrub (a pool bug): report it unverified.
+                    return SegmentResult::default();
+                }
+                // The table stays locked while the memory is scrubbed: no release meanwhile.
+                scrub_segment(seg.addr, seg.len, seg.seed, &job.batch.options)
+            })
             .collect();
         *job.completion
             .results
@@ -340,9 +356,30 @@ fn scrub_segment(addr: DevicePtr, len: u64, seed: u64, options: &ScrubOptions) -
         // pool guarantees a PENDING block is accessed by nobody but its scrub.
         unsafe { zero_volatile(addr as *mut u8, zero_len) };
     }
-    // SAFETY: as above; the slice lives only for this verification.
-    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-    verify_bytes(bytes, seed, options.samples, options.full_verify)
+    // SAFETY: as above; raw volatile reads, no reference to memory a misbehaving caller may
+    // still be writing.
+    unsafe {
+        verify_raw(
+            addr as *const u8,
+            len,
+            seed,
+            options.samples,
+            options.full_verify,
+        )
+    }
+}
+
+/// Whether `[addr, addr + len)` lies inside one allocation of `device`.
+fn range_is_allocated(table: &AllocationTable, device: u32, addr: DevicePtr, len: u64) -> bool {
+    table
+        .range(..=addr)
+        .next_back()
+        .is_some_and(|(&base, &(dev, layout))| {
+            dev == device
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= base + layout.size() as u64)
+        })
 }
 
 /// Zeroes `len` bytes at `ptr` with writes the compiler may not elide.

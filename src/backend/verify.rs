@@ -87,26 +87,40 @@ pub fn passes(r: SegmentResult, expected: u64, threshold: f64) -> bool {
     r.checked == expected && r.checked > 0 && coverage(r) >= threshold
 }
 
-/// Verifies a segment held in host memory by the rule above. Used by the host backend and
-/// by tests that check other backends' results.
+/// Verifies a segment held in host memory by the rule above. Used by tests that check other
+/// backends' results.
 pub fn verify_bytes(bytes: &[u8], seed: u64, samples: u32, full_verify: bool) -> SegmentResult {
-    let len = bytes.len() as u64;
-    let words = word_count(len);
+    // SAFETY: a slice is valid for reads of its whole length.
+    unsafe { verify_raw(bytes.as_ptr(), bytes.len(), seed, samples, full_verify) }
+}
+
+/// [`verify_bytes`] over raw memory, read with volatile loads: the check must observe memory,
+/// not a value the compiler assumes from the zeroing writes before it, and it must not assert
+/// (as a `&[u8]` would) that nobody else writes the memory — a use-after-free writer might.
+///
+/// # Safety
+/// 1. `ptr..ptr + len` is valid for reads for the duration of the call.
+pub unsafe fn verify_raw(
+    ptr: *const u8,
+    len: usize,
+    seed: u64,
+    samples: u32,
+    full_verify: bool,
+) -> SegmentResult {
+    let words = word_count(len as u64);
     if words == 0 {
         return SegmentResult::default();
     }
-    let n = expected_samples(len, samples, full_verify);
-    let full = is_full(len, samples, full_verify);
+    let n = expected_samples(len as u64, samples, full_verify);
+    let full = is_full(len as u64, samples, full_verify);
     let mut nonzero = 0;
     for i in 0..n {
         let w = sample_word(seed, i, words, full);
         let start = (w * WORD_BYTES) as usize;
-        let end = (start + WORD_BYTES as usize).min(bytes.len());
-        // Volatile reads: the check must observe memory, not a value the compiler assumes
-        // from the preceding zeroing writes.
+        let end = (start + WORD_BYTES as usize).min(len);
         let dirty = (start..end).any(|k| {
-            // SAFETY: `k < bytes.len()`, so the pointer is in bounds and aligned for u8.
-            unsafe { std::ptr::read_volatile(bytes.as_ptr().add(k)) != 0 }
+            // SAFETY: `k < len`, inside the range the caller guarantees readable (1).
+            unsafe { std::ptr::read_volatile(ptr.add(k)) != 0 }
         });
         nonzero += u64::from(dirty);
     }

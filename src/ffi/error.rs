@@ -117,6 +117,10 @@ impl From<&crate::alloc::AllocError> for kvh_result {
             E::OutOfMemory { .. } => KVH_ERR_OUT_OF_MEMORY,
             E::CaptureActive { .. } => KVH_ERR_CAPTURE_ACTIVE,
             E::ShuttingDown => KVH_ERR_SHUTTING_DOWN,
+            E::Backend(crate::backend::BackendError::StreamCapturing { .. }) => {
+                KVH_ERR_CAPTURE_ACTIVE
+            }
+            E::Backend(crate::backend::BackendError::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(_) => KVH_ERR_BACKEND,
         }
     }
@@ -135,6 +139,10 @@ impl From<&crate::alloc::FreeError> for kvh_result {
                 R::InvalidDevice => KVH_ERR_INVALID_DEVICE,
             },
             E::VerifyFailed { .. } => KVH_ERR_VERIFY_FAILED,
+            E::Backend(crate::backend::BackendError::StreamCapturing { .. }) => {
+                KVH_ERR_CAPTURE_ACTIVE
+            }
+            E::Backend(crate::backend::BackendError::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(_) => KVH_ERR_BACKEND,
         }
     }

@@ -87,7 +87,7 @@ pub extern "C-unwind" fn kvh_malloc(
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    let (ptr, throw) = boundary((std::ptr::null_mut(), true), || {
+    let (ptr, throw) = boundary((std::ptr::null_mut(), oom_throws()), || {
         malloc_inner(size, device, stream)
     });
     if ptr.is_null() && throw {
@@ -107,8 +107,8 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
     let rt = match runtime::get() {
         Ok(rt) => rt,
         Err(e) => {
-            set_last_error(KVH_ERR_CONFIG, e.to_string());
-            return (std::ptr::null_mut(), true);
+            set_last_error(e.code(), e.to_string());
+            return (std::ptr::null_mut(), oom_throws());
         }
     };
     let throw = rt.allocator.config().oom == OomMode::Throw;
@@ -124,6 +124,16 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
             set_last_error(kvh_result::from(&e), e.to_string());
             (std::ptr::null_mut(), throw)
         }
+    }
+}
+
+/// Whether a failed `kvh_malloc` throws: the configured `oom` mode, or, when the
+/// configuration did not load, the raw `KVH_OOM` variable (throwing unless it says `null`,
+/// since PyTorch would otherwise use a NULL pointer).
+fn oom_throws() -> bool {
+    match runtime::get() {
+        Ok(rt) => rt.allocator.config().oom == OomMode::Throw,
+        Err(_) => std::env::var("KVH_OOM").map_or(true, |v| v.trim() != "null"),
     }
 }
 
@@ -192,11 +202,13 @@ fn free_common(
 /// scrub will be ordered after the work queued there. Unknown pointers are ignored.
 #[no_mangle]
 pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
-    boundary((), || {
-        if let Ok(rt) = runtime::get() {
+    boundary((), || match runtime::get() {
+        Ok(rt) => {
             rt.allocator
                 .record_stream(ptr as u64, stream_handle(stream));
+            clear_last_error();
         }
+        Err(e) => set_last_error(e.code(), e.to_string()),
     })
 }
 
@@ -204,10 +216,12 @@ pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
 /// backend (PyTorch's empty-cache hook).
 #[no_mangle]
 pub extern "C" fn kvh_empty_cache() {
-    boundary((), || {
-        if let Ok(rt) = runtime::get() {
+    boundary((), || match runtime::get() {
+        Ok(rt) => {
             rt.allocator.empty_cache();
+            clear_last_error();
         }
+        Err(e) => set_last_error(e.code(), e.to_string()),
     })
 }
 
@@ -281,6 +295,7 @@ pub extern "C" fn kvh_clear_context() {
 }
 
 /// Writes the allocator's statistics as JSON (NUL-terminated) into `buf` of `len` bytes.
+/// Like the other query exports, it leaves the thread's last error unchanged.
 /// `*out_len` receives the JSON's length without the NUL; `buf` must hold `*out_len + 1`
 /// bytes, else `KVH_ERR_BUFFER_TOO_SMALL` is returned and nothing is written (call with
 /// `buf = NULL, len = 0` to ask for the size). Ownership: `buf` stays the caller's.
@@ -293,7 +308,7 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
         };
         // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
         // write of one `usize` (the caller's contract above).
-        unsafe { write_c_string(&rt.stats_json(), buf, len, out_len) }
+        preserving_last_error(|| unsafe { write_c_string(&rt.stats_json(), buf, len, out_len) })
     })
 }
 
@@ -313,13 +328,8 @@ pub extern "C" fn kvh_last_error_message(
 ) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
         let message = LAST_MESSAGE.with(|m| m.borrow().clone());
-        let code = LAST_ERROR.with(Cell::get);
         // SAFETY: as for `kvh_stats_json`.
-        let rc = unsafe { write_c_string(&message, buf, len, out_len) };
-        // Reading the message must not replace it (a size query would otherwise clobber it).
-        LAST_ERROR.with(|c| c.set(code));
-        LAST_MESSAGE.with(|m| *m.borrow_mut() = message);
-        rc
+        preserving_last_error(|| unsafe { write_c_string(&message, buf, len, out_len) })
     })
 }
 
@@ -337,7 +347,7 @@ pub extern "C" fn kvh_strerror(
             return KVH_ERR_UNKNOWN_CODE as c_int;
         };
         // SAFETY: as for `kvh_stats_json`.
-        unsafe { write_c_string(result.message(), buf, len, out_len) }
+        preserving_last_error(|| unsafe { write_c_string(result.message(), buf, len, out_len) })
     })
 }
 
@@ -345,6 +355,17 @@ pub extern "C" fn kvh_strerror(
 #[no_mangle]
 pub extern "C" fn kvh_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Runs a query export without touching the thread's last error, so that
+/// `kvh_strerror(kvh_last_error(), ...)` and size queries never clobber what they describe.
+fn preserving_last_error(f: impl FnOnce() -> c_int) -> c_int {
+    let code = LAST_ERROR.with(Cell::get);
+    let message = LAST_MESSAGE.with(|m| m.borrow().clone());
+    let rc = f();
+    LAST_ERROR.with(|c| c.set(code));
+    LAST_MESSAGE.with(|m| *m.borrow_mut() = message);
+    rc
 }
 
 fn stream_handle(stream: *mut c_void) -> StreamHandle {

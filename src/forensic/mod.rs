@@ -375,6 +375,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 QuarantineReason::VerifyFailed => "verify_failed",
                 QuarantineReason::NeverReusePolicy => "never_reuse_policy",
                 QuarantineReason::RescrubFailed => "rescrub_failed",
+                QuarantineReason::Residue => "residue",
             }),
         ),
         EventKind::Released { reason } => put(

@@ -299,3 +299,31 @@ def test_unusable_log_directory_stops_start_up(tmp_path):
     )
     assert out["init"] == 7018, out
     assert "sub" in out["msg"]
+
+
+def test_queries_leave_the_last_error_alone():
+    out = run_child(
+        """
+        lib.kvh_free(0xdead0000, 8, 0, STREAM)
+        code = lib.kvh_last_error()
+        out["described"] = text(lib.kvh_strerror, code)
+        out["after_strerror"] = lib.kvh_last_error()
+        stats()
+        out["after_stats"] = lib.kvh_last_error()
+        out["message"] = text(lib.kvh_last_error_message)
+        """
+    )
+    assert out["after_strerror"] == 7004 and out["after_stats"] == 7004
+    assert "not allocated" in out["described"] and out["message"]
+
+
+def test_null_mode_never_throws_even_when_start_up_fails():
+    out = run_child(
+        """
+        out["null"] = lib.kvh_malloc(4096, 0, STREAM) is None
+        out["code"] = lib.kvh_last_error()
+        """,
+        KVH_OOM="null",
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["null"] and out["code"] == 7011
