@@ -35,8 +35,16 @@ const PTX_ARCH: u32 = 80;
 const NVRTC_OPTIONS: [&str; 2] = ["--gpu-architecture=compute_80", "-std=c++17"];
 
 pub fn build() {
-    for path in [SOURCE, FALLBACK_PTX, HOST_RULE_WRAPPER, ".tools/cuda/.pins"] {
+    for path in [SOURCE, FALLBACK_PTX, HOST_RULE_WRAPPER] {
         println!("cargo:rerun-if-changed={path}");
+    }
+    // Watch the pinned toolchain's stamp only when it exists: a watched path that does not
+    // exist makes cargo rerun this script on every build. The directory is watched instead,
+    // so that installing the toolchain triggers a rebuild.
+    if std::path::Path::new(".tools/cuda/.pins").exists() {
+        println!("cargo:rerun-if-changed=.tools/cuda/.pins");
+    } else if std::path::Path::new(".tools").exists() {
+        println!("cargo:rerun-if-changed=.tools");
     }
     for var in [
         "NVCC",

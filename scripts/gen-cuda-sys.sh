@@ -28,6 +28,7 @@ functions=(
     cuMemsetD8_v2 cuMemsetD8Async
     cuStreamSynchronize cuStreamWaitEvent cuStreamIsCapturing cuCtxSynchronize
     cuEventCreate cuEventRecord cuEventQuery cuEventSynchronize cuEventDestroy_v2
+    cuThreadExchangeStreamCaptureMode
 )
 allow=()
 for f in "${functions[@]}"; do allow+=(--allowlist-function "^${f}\$"); done
@@ -40,7 +41,7 @@ trap 'rm -f "$tmp"' EXIT
     echo
     bindgen "$header" --dynamic-loading CudaDriver --dynamic-link-require-all \
         "${allow[@]}" \
-        --allowlist-type '^CU(result|device_attribute|streamCaptureStatus|event_flags)$' \
+        --allowlist-type '^CU(result|device_attribute|streamCaptureStatus|streamCaptureMode|event_flags)$' \
         --allowlist-var '^CU_MEMHOSTALLOC_PORTABLE$' \
         --default-enum-style newtype --no-layout-tests --no-doc-comments \
         --rust-target 1.80 --raw-line '#![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]' \

@@ -62,7 +62,7 @@ class AllocatorAlreadyInUseError(RuntimeError):
     """:func:`install` was called after PyTorch had already allocated CUDA memory."""
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[str] = None
 _allocator = None
@@ -152,6 +152,12 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(resolved)
             _declare(lib)
             _lib, _lib_path = lib, resolved
+            # Registered at first load, so that it runs late at exit (atexit runs handlers in
+            # reverse order): after handlers registered later that may still free or allocate
+            # CUDA memory. It scrubs and verifies everything freed and writes the log's stop
+            # record while CUDA is still up; the library's own exit handler then makes no
+            # driver calls, and tensors still alive after it are leaked, not scrubbed.
+            atexit.register(lib.kvh_shutdown)
         return _lib
 
 
@@ -308,35 +314,32 @@ def install(path: Optional[str] = None):
     global _allocator
     import torch  # only install() needs torch
 
+    # One lock for the whole installation: two threads must not both swap allocators.
     with _lock:
         if _allocator is not None:
             return _allocator
-    why = _cuda_state(torch)
-    if why is not None:
-        raise AllocatorAlreadyInUseError(
-            f"kvhygiene.install() must run before CUDA is initialised: {why}, and PyTorch "
-            "cannot swap its allocator after that. Call install() at the top of the program, "
-            "before any tensor is created on CUDA."
+        why = _cuda_state(torch)
+        if why is not None:
+            raise AllocatorAlreadyInUseError(
+                f"kvhygiene.install() must run before CUDA is initialised: {why}, and PyTorch "
+                "cannot swap its allocator after that. Call install() at the top of the "
+                "program, before any tensor is created on CUDA."
+            )
+        lib = load(path)
+        assert _lib_path is not None
+        allocator = torch.cuda.memory.CUDAPluggableAllocator(
+            _lib_path, "kvh_malloc", "kvh_free"
         )
-    lib = load(path)
-    assert _lib_path is not None
-    allocator = torch.cuda.memory.CUDAPluggableAllocator(
-        _lib_path, "kvh_malloc", "kvh_free"
-    )
-    _register_hooks(allocator.allocator(), lib, torch)
-    try:
-        torch.cuda.memory.change_current_allocator(allocator)
-    except RuntimeError as e:
-        raise AllocatorAlreadyInUseError(
-            f"PyTorch refused to switch allocators ({e}); call kvhygiene.install() before "
-            "the first CUDA allocation"
-        ) from e
-    with _lock:
+        _register_hooks(allocator.allocator(), lib, torch)
+        try:
+            torch.cuda.memory.change_current_allocator(allocator)
+        except RuntimeError as e:
+            raise AllocatorAlreadyInUseError(
+                f"PyTorch refused to switch allocators ({e}); call kvhygiene.install() before "
+                "the first CUDA allocation"
+            ) from e
         _allocator = allocator
-    # Scrub and verify everything freed and write the log's stop record while CUDA is still
-    # up; the library's own exit handler then makes no driver calls.
-    atexit.register(lib.kvh_shutdown)
-    return allocator
+        return allocator
 
 
 def installed() -> bool:

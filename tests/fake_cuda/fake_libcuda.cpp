@@ -130,6 +130,13 @@ CUresult cuStreamIsCapturing(void* s, int* status) {
     *status = ((uintptr_t)s == CAPTURING_STREAM) ? 1 : 0;
     return OK;
 }
+CUresult cuThreadExchangeStreamCaptureMode(unsigned* mode) {
+    static thread_local unsigned current = 0;
+    unsigned previous = current;
+    current = *mode;
+    *mode = previous;
+    return OK;
+}
 CUresult cuEventCreate(void** e, unsigned) { NEED_CTX(); *e = new Event(); return OK; }
 CUresult cuEventRecord(void* e, void*) {
     NEED_CTX();

@@ -378,6 +378,21 @@ pub unsafe fn stream_is_capturing(d: &Driver, stream: CUstream) -> Result<bool, 
     Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
 }
 
+/// Sets the calling thread's stream-capture interaction mode and returns the previous one.
+/// kvhygiene switches to RELAXED for the length of each entry point: under a global-mode
+/// capture on another thread (PyTorch's default for `torch.cuda.graph`), its event queries,
+/// allocations and launches on non-capturing streams would otherwise invalidate that capture.
+pub fn thread_exchange_capture_mode(
+    d: &Driver,
+    mode: sys::CUstreamCaptureMode,
+) -> Result<sys::CUstreamCaptureMode, BackendError> {
+    let mut m = mode;
+    // SAFETY: `m` is a valid in/out pointer for the duration of the call.
+    let rc = unsafe { d.api().cuThreadExchangeStreamCaptureMode(&mut m) };
+    check(d, "cuThreadExchangeStreamCaptureMode", rc)?;
+    Ok(m)
+}
+
 /// Grid and block shape of a 1-D launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchShape {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::kernel::{self, DeviceSegment, Image};
 use super::loader::Driver;
 use super::result::{self as r, CUcontext, CUdeviceptr, CUevent, CUfunction, CUstream};
-use super::sys::CUdevice_attribute;
+use super::sys::{self, CUdevice_attribute};
 use crate::backend::verify::SegmentResult;
 use crate::backend::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
@@ -186,15 +186,34 @@ impl Inner {
 /// Restores the calling thread's current context when an entry point returns. The CUDA runtime
 /// (so PyTorch) derives its current device from the thread's current context: an allocator
 /// call for device 1 from a thread working on device 0 must not leave it on device 1.
+///
+/// It also puts the thread in RELAXED stream-capture mode for the call and restores the
+/// previous mode after: kvhygiene's own driver calls (event queries, allocations, launches on
+/// streams that are not capturing) must not invalidate a global-mode capture running elsewhere.
 struct CurrentCtx<'a> {
     inner: &'a Inner,
     previous: CUcontext,
+    previous_mode: sys::CUstreamCaptureMode,
 }
 
 impl<'a> CurrentCtx<'a> {
     fn enter(inner: &'a Inner) -> Result<Self, BackendError> {
-        let previous = r::ctx_get_current(&inner.driver)?;
-        Ok(CurrentCtx { inner, previous })
+        let previous_mode = r::thread_exchange_capture_mode(
+            &inner.driver,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )?;
+        let previous = match r::ctx_get_current(&inner.driver) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = r::thread_exchange_capture_mode(&inner.driver, previous_mode);
+                return Err(e);
+            }
+        };
+        Ok(CurrentCtx {
+            inner,
+            previous,
+            previous_mode,
+        })
     }
 }
 
@@ -207,6 +226,7 @@ impl Drop for CurrentCtx<'_> {
         // SAFETY: 1. `previous` was current on this thread when the entry point began, so it is
         // null or a context its owner keeps alive across this call.
         let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
+        let _ = r::thread_exchange_capture_mode(&self.inner.driver, self.previous_mode);
     }
 }
 
@@ -395,8 +415,15 @@ fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError
         while i < idle.len() {
             if idle[i].capacity >= n {
                 // SAFETY: 1. the slot's event is live (destroyed only by `drop_slot`).
-                if unsafe { r::event_query(d, idle[i].done.0) }? {
-                    return Ok(idle.swap_remove(i));
+                match unsafe { r::event_query(d, idle[i].done.0) } {
+                    Ok(true) => return Ok(idle.swap_remove(i)),
+                    Ok(false) => {}
+                    // A slot whose event errs may still be in use: never reuse it (leak it),
+                    // and keep looking rather than failing every later batch.
+                    Err(_) => {
+                        std::mem::forget(idle.swap_remove(i));
+                        continue;
+                    }
                 }
             }
             i += 1;

@@ -348,6 +348,17 @@ impl CUstreamCaptureStatus_enum {
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub struct CUstreamCaptureStatus_enum(pub ::std::os::raw::c_uint);
 pub use self::CUstreamCaptureStatus_enum as CUstreamCaptureStatus;
+impl CUstreamCaptureMode_enum {
+    pub const CU_STREAM_CAPTURE_MODE_GLOBAL: CUstreamCaptureMode_enum = CUstreamCaptureMode_enum(0);
+    pub const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: CUstreamCaptureMode_enum =
+        CUstreamCaptureMode_enum(1);
+    pub const CU_STREAM_CAPTURE_MODE_RELAXED: CUstreamCaptureMode_enum =
+        CUstreamCaptureMode_enum(2);
+}
+#[repr(transparent)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub struct CUstreamCaptureMode_enum(pub ::std::os::raw::c_uint);
+pub use self::CUstreamCaptureMode_enum as CUstreamCaptureMode;
 impl cudaError_enum {
     pub const CUDA_SUCCESS: cudaError_enum = cudaError_enum(0);
     pub const CUDA_ERROR_INVALID_VALUE: cudaError_enum = cudaError_enum(1);
@@ -526,6 +537,8 @@ pub struct CudaDriver {
         hEvent: CUevent,
         Flags: ::std::os::raw::c_uint,
     ) -> CUresult,
+    pub cuThreadExchangeStreamCaptureMode:
+        unsafe extern "C" fn(mode: *mut CUstreamCaptureMode) -> CUresult,
     pub cuStreamIsCapturing: unsafe extern "C" fn(
         hStream: CUstream,
         captureStatus: *mut CUstreamCaptureStatus,
@@ -590,6 +603,9 @@ impl CudaDriver {
         let cuMemsetD8_v2 = __library.get(b"cuMemsetD8_v2\0").map(|sym| *sym)?;
         let cuMemsetD8Async = __library.get(b"cuMemsetD8Async\0").map(|sym| *sym)?;
         let cuStreamWaitEvent = __library.get(b"cuStreamWaitEvent\0").map(|sym| *sym)?;
+        let cuThreadExchangeStreamCaptureMode = __library
+            .get(b"cuThreadExchangeStreamCaptureMode\0")
+            .map(|sym| *sym)?;
         let cuStreamIsCapturing = __library.get(b"cuStreamIsCapturing\0").map(|sym| *sym)?;
         let cuStreamSynchronize = __library.get(b"cuStreamSynchronize\0").map(|sym| *sym)?;
         let cuEventCreate = __library.get(b"cuEventCreate\0").map(|sym| *sym)?;
@@ -623,6 +639,7 @@ impl CudaDriver {
             cuMemsetD8_v2,
             cuMemsetD8Async,
             cuStreamWaitEvent,
+            cuThreadExchangeStreamCaptureMode,
             cuStreamIsCapturing,
             cuStreamSynchronize,
             cuEventCreate,
@@ -766,6 +783,12 @@ impl CudaDriver {
         Flags: ::std::os::raw::c_uint,
     ) -> CUresult {
         (self.cuStreamWaitEvent)(hStream, hEvent, Flags)
+    }
+    pub unsafe fn cuThreadExchangeStreamCaptureMode(
+        &self,
+        mode: *mut CUstreamCaptureMode,
+    ) -> CUresult {
+        (self.cuThreadExchangeStreamCaptureMode)(mode)
     }
     pub unsafe fn cuStreamIsCapturing(
         &self,
