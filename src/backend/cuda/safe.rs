@@ -418,10 +418,11 @@ fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError
                 match unsafe { r::event_query(d, idle[i].done.0) } {
                     Ok(true) => return Ok(idle.swap_remove(i)),
                     Ok(false) => {}
-                    // A slot whose event errs may still be in use: never reuse it (leak it),
-                    // and keep looking rather than failing every later batch.
+                    // A slot whose event errs may still be in use: never reuse it (drop it
+                    // from the list; its buffers are leaked, not freed), and keep looking
+                    // rather than failing every later batch.
                     Err(_) => {
-                        std::mem::forget(idle.swap_remove(i));
+                        idle.swap_remove(i);
                         continue;
                     }
                 }
