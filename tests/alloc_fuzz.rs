@@ -146,7 +146,7 @@ fn run(config: Config, ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         let acct = f.alloc.check_consistency().map_err(TestCaseError::fail)?;
         prop_assert_eq!(acct.live.blocks as usize, live.len());
-        prop_assert_eq!(acct.total().bytes, f.backend.host.bytes_in_use());
+        f.assert_balanced();
     }
     Context::set_current(Context::none());
     // Everything freed and synchronized: no PENDING block remains, and every failed

@@ -76,13 +76,13 @@ fn idle_blocks_are_released_after_the_idle_ttl() {
 #[test]
 fn live_ttl_exceeded_is_an_event() {
     let f = Fixture::new(Config {
-        live_ttl_ms: 5,
+        live_ttl_ms: 100,
         ..manual_config()
     });
     let a = f.malloc_zeroed(64, 0, 0);
     let quick = f.malloc_zeroed(64, 0, 0);
     f.alloc.free(quick, 64, 0, S).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(300));
     f.alloc.free(a, 64, 0, S).unwrap();
     assert_eq!(f.sink.count("ttl_exceeded"), 1);
     assert_eq!(f.alloc.stats().counters.ttl_exceeded, 1);
