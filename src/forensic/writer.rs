@@ -97,7 +97,7 @@ impl ChainWriter {
         if signing.is_some() {
             files::prepare_dir(&ckpt_dir)?;
         }
-        let adopted = recovery::adopt(&dir, key.as_mut())?;
+        let adopted = recovery::adopt(&dir, &ckpt_dir, key.as_mut())?;
         let now = SystemTime::now();
         let (chain, index, file, file_len, next_seq, prev) = match &adopted {
             Some(a) => (
