@@ -359,11 +359,14 @@ impl ChainWriter {
             ..Default::default()
         });
         lost.error = msg;
+        // A batch written to a fresh file starts with its `rotate` record; it is re-queued
+        // below rather than lost, so the file still starts with the link to its predecessor.
+        let relink = self.file_len == 0 && self.index > 0;
         let mut lines = self.buf.split(|&b| b == b'\n');
         for kind in self.buf_kinds.drain(..) {
             let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
-            if kind == "lost" {
-                continue; // the description of earlier losses, rebuilt next time
+            if kind == "lost" || (relink && kind == "rotate") {
+                continue; // rebuilt next time: the description of earlier losses, the link
             }
             lost.records += 1;
             lost.bytes += len;
@@ -375,6 +378,20 @@ impl ChainWriter {
         self.lost_in_buf = false;
         self.seq = self.committed_seq;
         self.prev = self.committed_prev;
+        if relink {
+            self.append_rotate(unix_nanos(SystemTime::now()));
+        }
+    }
+
+    /// The first record of a file after the first: links it to the previous file's head.
+    fn append_rotate(&mut self, ts: u64) {
+        let mut f = Map::new();
+        f.insert(
+            "prev_file".into(),
+            files::file_name(&self.chain, self.index.saturating_sub(1)).into(),
+        );
+        f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
+        self.append_raw("rotate", record::fields_from_map(f), ts);
     }
 
     /// Starts the next file: create (locked) before the old one is released, ratchet the
@@ -383,7 +400,6 @@ impl ChainWriter {
         if self.fsync != FsyncPolicy::Never {
             let _ = self.file.sync_data();
         }
-        let old_name = files::file_name(&self.chain, self.index);
         let path = self.dir.join(files::file_name(&self.chain, self.index + 1));
         let file = match files::create_file(&path) {
             Ok(f) => f,
@@ -401,10 +417,7 @@ impl ChainWriter {
         }
         let _ = files::sync_dir(&self.dir);
         *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
-        let mut f = Map::new();
-        f.insert("prev_file".into(), old_name.into());
-        f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
-        self.append_raw("rotate", record::fields_from_map(f), ts);
+        self.append_rotate(ts);
         Ok(())
     }
 
