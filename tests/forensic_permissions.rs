@@ -140,3 +140,67 @@ fn key_files_readable_by_others_are_refused() {
     fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(kvhygiene::forensic::keys::read_key_file(&hmac).is_ok());
 }
+
+/// Runs `verify_all` on another thread so that a hang fails the test instead of the run.
+fn verify_bounded(
+    dir: &std::path::Path,
+    opts: kvhygiene::forensic::VerifyOptions,
+) -> Result<kvhygiene::forensic::Report, kvhygiene::forensic::verify::VerifyError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(kvhygiene::forensic::verify_all(&d, &opts));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("verify-log hung on a planted file")
+}
+
+fn mkfifo(p: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn planted_fifo_symlink_and_directory_are_problems_of_their_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, true);
+    mkfifo(&dir.join("kvh-p7-t7-000000.jsonl"));
+    symlink("/dev/zero", dir.join("kvh-p8-t8-000000.jsonl")).unwrap();
+    fs::create_dir(dir.join("kvh-p9-t9-000000.jsonl")).unwrap();
+    let r = verify_bounded(&dir, keyed_opts()).expect("a planted file is not a usage error");
+    assert_eq!(r.exit_code(), 1);
+    assert_eq!(r.chains.len(), 4);
+    let bad: Vec<_> = r.chains.iter().filter(|c| !c.ok()).collect();
+    assert_eq!(bad.len(), 3, "{r:?}");
+    for c in bad {
+        let p = c.problem.as_ref().unwrap();
+        assert_eq!(p.file, format!("kvh-{}-000000.jsonl", c.chain), "{p}");
+        assert!(p.reason.contains("cannot read"), "{p}");
+    }
+}
+
+#[test]
+fn planted_fifo_checkpoint_does_not_hang_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    write_log(&c, 3, true);
+    mkfifo(&dir.join("kvh-p7-t7.ckpt"));
+    let opts = kvhygiene::forensic::VerifyOptions {
+        hmac_secret: Some(secret()),
+        public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
+        checkpoints: vec![dir.clone()],
+        progress: false,
+    };
+    let r = verify_bounded(&dir, opts).expect("a planted checkpoint is not a usage error");
+    assert_eq!(r.exit_code(), 1);
+    assert!(
+        r.errors.iter().any(|e| e.contains("kvh-p7-t7.ckpt")),
+        "{r:?}"
+    );
+}
