@@ -193,3 +193,51 @@ fn a_chain_behind_its_checkpoint_is_not_adopted_and_the_checkpoint_kept() {
     assert_eq!(ckpt_after.len(), 2, "a new chain with its own checkpoint");
     assert!(ckpt_before.iter().all(|b| ckpt_after.contains(b)));
 }
+
+#[test]
+fn a_forked_child_never_blocks_on_the_parents_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20); // a queue of 1024 records
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    // Built before the fork so that the child only queues them.
+    let events: Vec<_> = (0..3000).map(event).collect();
+    // SAFETY: the child only calls the log (atomics, try_send, no locks held across the
+    // fork by this thread) and leaves with `_exit`, never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        for e in events {
+            log.emit(e);
+        }
+        log.flush();
+        log.stop();
+        let code = i32::from(log.stats().records_lost < 3000);
+        // SAFETY: ends the child without running the parent's atexit handlers or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = 0;
+    let done = loop {
+        // SAFETY: `pid` is our child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break true;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kills only the child this test forked.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(done, "the forked child hung in the log");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    log.emit(event(1));
+    log.stop();
+    let r = verify(&dir, &Default::default());
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains[0].records, 3, "start, the parent's event, stop");
+}
