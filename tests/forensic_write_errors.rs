@@ -95,3 +95,30 @@ fn a_write_error_right_after_rotation_keeps_the_rotate_link() {
     assert!(lines[0].contains("\"kind\":\"rotate\""), "{}", lines[0]);
     assert!(lines[1].contains("\"kind\":\"lost\""), "{}", lines[1]);
 }
+
+#[test]
+fn a_failed_fsync_is_a_write_error_and_no_checkpoint_covers_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.fsync = kvhygiene::config::FsyncPolicy::Always;
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.inject_fsync_faults(1);
+    for i in 0..5 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    assert!(s.last_error.as_deref().unwrap().contains("fsync"), "{s:?}");
+    log.stop();
+    assert!(
+        std::fs::read_dir(&ck).map_or(true, |mut d| d.next().is_none()),
+        "a checkpoint was signed over records whose fsync failed"
+    );
+    assert!(verify(&dir, &keyed_opts()).ok());
+}

@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     summary: Mutex<Option<Value>>,
     /// Test hook: the next this-many writes fail after writing half their bytes.
     injected_faults: AtomicU32,
+    /// Test hook: the next this-many fsyncs of the log file fail with `EIO`.
+    injected_fsync_faults: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -340,6 +342,12 @@ impl ForensicLog {
     #[doc(hidden)]
     pub fn inject_write_faults(&self, n: u32) {
         self.shared.injected_faults.store(n, Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: the next `n` fsyncs of the log file fail with `EIO`.
+    #[doc(hidden)]
+    pub fn inject_fsync_faults(&self, n: u32) {
+        self.shared.injected_fsync_faults.store(n, Ordering::SeqCst);
     }
 }
 

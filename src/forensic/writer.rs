@@ -67,6 +67,10 @@ pub(crate) struct ChainWriter {
     /// Whether `lost` is already described by a record in `buf`.
     lost_in_buf: bool,
     dirty_since_sync: bool,
+    /// An fsync of this chain failed. After a failed fsync the kernel may have dropped the
+    /// dirty pages and a later fsync can succeed without them, so no record written before
+    /// it can be proven durable: no checkpoint is signed for this chain from then on.
+    fsync_failed: bool,
     last_sync: Instant,
     last_summary: Option<Instant>,
     records_since_ckpt: u64,
@@ -142,6 +146,7 @@ impl ChainWriter {
             lost: None,
             lost_in_buf: false,
             dirty_since_sync: false,
+            fsync_failed: false,
             last_sync: Instant::now(),
             last_summary: None,
             records_since_ckpt: 0,
@@ -398,7 +403,7 @@ impl ChainWriter {
     /// key, fsync the directory, then link the new file to the old one.
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
         if self.fsync != FsyncPolicy::Never {
-            let _ = self.file.sync_data();
+            self.sync();
         }
         let path = self.dir.join(files::file_name(&self.chain, self.index + 1));
         let file = match files::create_file(&path) {
@@ -442,11 +447,37 @@ impl ChainWriter {
         );
     }
 
+    /// fsyncs the active file; a failure is a (sticky) write error, see `fsync_failed`.
     fn sync(&mut self) {
-        if self.file.sync_data().is_ok() {
-            self.dirty_since_sync = false;
-            self.last_sync = Instant::now();
+        match self.sync_with_faults() {
+            Ok(()) => {
+                self.dirty_since_sync = false;
+                self.last_sync = Instant::now();
+            }
+            Err(e) => self.on_fsync_error(&e),
         }
+    }
+
+    fn sync_with_faults(&mut self) -> io::Result<()> {
+        let armed = self
+            .shared
+            .injected_fsync_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if armed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data()
+    }
+
+    #[cold]
+    fn on_fsync_error(&mut self, e: &io::Error) {
+        self.fsync_failed = true;
+        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.shared.last_error) = Some(format!(
+            "{}: fsync failed: {e}; no further checkpoints are signed for this chain",
+            files::file_name(&self.chain, self.index)
+        ));
     }
 
     fn maybe_sync(&mut self) {
@@ -486,6 +517,9 @@ impl ChainWriter {
         }
         if self.fsync != FsyncPolicy::Never {
             self.sync();
+        }
+        if self.fsync_failed {
+            return None;
         }
         let c = Checkpoint {
             chain: self.chain.clone(),
