@@ -204,3 +204,28 @@ fn planted_fifo_checkpoint_does_not_hang_verify() {
         "{r:?}"
     );
 }
+
+#[test]
+fn key_files_must_not_be_symlinks_and_must_be_ours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real.key");
+    fs::write(&real, SECRET).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).unwrap();
+    let link = tmp.path().join("link.key");
+    symlink(&real, &link).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&link)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert!(kvhygiene::forensic::keys::read_key_file(&real).is_ok());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the owner check: changing a file's owner needs root");
+        return;
+    }
+    std::os::unix::fs::chown(&real, Some(4242), None).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&real)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("owned by uid 4242"), "{err}");
+}

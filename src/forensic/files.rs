@@ -57,7 +57,7 @@ pub fn valid_chain_id(chain: &str) -> bool {
     digits(p, 'p') && digits(t, 't')
 }
 
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }

@@ -108,24 +108,62 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     EpochKey::from_secret(bytes).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))
 }
 
-/// Reads a secret file the writer uses, refusing one that group or others may read: a key
-/// readable by others protects nothing.
+/// Reads a secret file the writer uses. It is opened without following a symlink (a link
+/// planted at the configured path could point at a file an attacker controls) and without
+/// blocking (a FIFO), and must be a regular file owned by the effective uid that group and
+/// others cannot access: a key someone else owns or can read protects nothing.
 fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
-    let mut f = fs::File::open(p).map_err(err)?;
-    let mode = f.metadata().map_err(err)?.mode();
-    if mode & 0o077 != 0 {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => ForensicError::Key(format!(
+                "{}: is a symlink; a key file is never read through a link",
+                p.display()
+            )),
+            _ => err(e),
+        })?;
+    let m = f.metadata().map_err(err)?;
+    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    // Capped: a real key is at most a few hundred bytes; a larger file is not a key.
+    let cap = super::files::MAX_CKPT_BYTES;
+    (&mut f)
+        .take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if bytes.len() as u64 > cap {
         return Err(ForensicError::Key(format!(
-            "{}: key file has mode {:04o}; it must not be accessible to group or others (0600)",
-            p.display(),
-            mode & 0o7777
+            "{}: key file is larger than {cap} bytes",
+            p.display()
         )));
     }
-    let mut bytes = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut bytes).map_err(err)?;
     Ok(bytes)
+}
+
+/// A key file must be a regular file of ours with no group or other access.
+fn check_private(p: &Path, regular: bool, uid: u32, mode: u32) -> Result<(), ForensicError> {
+    let refuse = |why: String| Err(ForensicError::Key(format!("{}: {why}", p.display())));
+    if !regular {
+        return refuse("key file is not a regular file".into());
+    }
+    let euid = super::files::euid();
+    if uid != euid {
+        return refuse(format!(
+            "key file is owned by uid {uid}, not by this process's uid {euid}"
+        ));
+    }
+    if mode & 0o077 != 0 {
+        return refuse(format!(
+            "key file has mode {:04o}; it must not be accessible to group or others (0600)",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Reads an Ed25519 private key file: 64 hex digits (the 32-byte seed), optional newline.
