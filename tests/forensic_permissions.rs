@@ -229,3 +229,38 @@ fn key_files_must_not_be_symlinks_and_must_be_ours() {
         .unwrap();
     assert!(err.to_string().contains("owned by uid 4242"), "{err}");
 }
+
+const ENV_CHILD: &str = "KVH_FORENSIC_ENV_SECRET_CHILD";
+const ENV_SECRET: &str = "env-secret-in-proc-0123456789";
+
+/// In the child (re-executed test binary): loads the secret inherited at exec, then exits 0
+/// only if /proc/self/environ no longer shows it. In a normal test run it returns at once.
+#[test]
+fn env_secret_child_entry() {
+    if std::env::var_os(ENV_CHILD).is_none() {
+        return;
+    }
+    let key = kvhygiene::forensic::keys::load_secret(None).unwrap();
+    assert!(key.is_some());
+    let environ = fs::read("/proc/self/environ").unwrap();
+    let needle = ENV_SECRET.as_bytes();
+    let shown = environ.windows(needle.len()).any(|w| w == needle);
+    std::process::exit(if shown { 3 } else { 0 });
+}
+
+#[test]
+fn env_secret_is_wiped_from_proc_self_environ() {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["env_secret_child_entry", "--exact", "--test-threads=1"])
+        .env(ENV_CHILD, "1")
+        .env(kvhygiene::forensic::keys::SECRET_ENV, ENV_SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the secret is still in /proc/self/environ"
+    );
+}

@@ -87,8 +87,11 @@ impl EpochKey {
 /// else the key file. `None` when neither is configured.
 pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, ForensicError> {
     if let Some(v) = std::env::var_os(SECRET_ENV) {
-        // Removing the variable keeps it out of child processes and /proc/self/environ
-        // readers that look later; the copy std holds is overwritten by the removal.
+        // `remove_var` only unlinks the entry from `environ`: the bytes stay where they
+        // were, and for a variable inherited at exec that is the stack area that
+        // /proc/<pid>/environ shows. So the value is overwritten in place first; the removal
+        // then keeps the (now zeroed) entry out of child processes.
+        scrub_env_value(SECRET_ENV.as_bytes());
         std::env::remove_var(SECRET_ENV);
         let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
         return EpochKey::from_secret(bytes).map(Some);
@@ -96,6 +99,58 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
     match key_file {
         Some(p) => read_key_file(p).map(Some),
         None => Ok(None),
+    }
+}
+
+extern "C" {
+    /// The C library's environment array (POSIX).
+    static mut environ: *const *mut libc::c_char;
+}
+
+/// Overwrites with zeros the value bytes of every `name=value` entry of the process
+/// environment, in place (the entry keeps its length: `name=` then NULs).
+fn scrub_env_value(name: &[u8]) {
+    // SAFETY: `environ` is either null or a null-terminated array of pointers to
+    // NUL-terminated strings (POSIX). It is read once here and walked in a single pass,
+    // under the same precondition as `std::env::remove_var`, which is called right after:
+    // no other thread reads or changes the environment meanwhile (the log is opened at
+    // start-up). The entries are writable memory: the exec-time environment is on the
+    // initial stack, and `setenv` (which std uses) copies into the heap.
+    unsafe {
+        let mut p = std::ptr::addr_of!(environ).read();
+        if p.is_null() {
+            return;
+        }
+        while !(*p).is_null() {
+            scrub_entry(*p, name);
+            p = p.add(1);
+        }
+    }
+}
+
+/// Zeroes the value of one environment entry if its name is `name`.
+///
+/// # Safety
+/// `entry` points to a NUL-terminated, writable string that nothing else accesses during
+/// the call.
+unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) {
+    // SAFETY: `entry` is NUL-terminated (caller).
+    let len = unsafe { libc::strlen(entry) };
+    let matches = {
+        // SAFETY: the `len` bytes before the NUL are readable; the slice is dropped before
+        // any write below, so no reference aliases the writes.
+        let bytes = unsafe { std::slice::from_raw_parts(entry.cast::<u8>(), len) };
+        bytes.starts_with(name) && bytes.get(name.len()) == Some(&b'=')
+    };
+    if !matches {
+        return;
+    }
+    let value = name.len() + 1;
+    for i in value..len {
+        // SAFETY: `i < len`, inside the string and before its NUL; the memory is writable
+        // (caller). Volatile: the compiler must not drop writes to memory it sees no
+        // further reads of.
+        unsafe { std::ptr::write_volatile(entry.add(i), 0) };
     }
 }
 
