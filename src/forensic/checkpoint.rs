@@ -179,3 +179,30 @@ pub fn find(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     out.sort();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seq: u64) -> Checkpoint {
+        Checkpoint {
+            chain: "p1-t2".into(),
+            seq,
+            hash: [seq as u8; 32],
+            file: "kvh-p1-t2-000000.jsonl".into(),
+            ts: 1,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_never_replaced_by_a_lower_seq() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        write(tmp.path(), &key, &at(5)).unwrap();
+        assert!(write(tmp.path(), &key, &at(3)).is_err());
+        let path = path_for(tmp.path(), "p1-t2");
+        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 5);
+        write(tmp.path(), &key, &at(6)).unwrap();
+        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 6);
+    }
+}
