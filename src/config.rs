@@ -265,9 +265,9 @@ const KEYS: &[Key] = &[
     }),
     key!(
         "log_max_bytes",
-        "an integer in [4096, 2^63] (bytes)",
+        "an integer in [4096, 2^30] (bytes)",
         |c, v| {
-            c.log.max_bytes = parse_in(v, 4096, 1 << 63)?;
+            c.log.max_bytes = parse_in(v, 4096, crate::forensic::files::MAX_LOG_BYTES)?;
             Some(())
         }
     ),

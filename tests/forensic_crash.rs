@@ -126,3 +126,118 @@ fn a_live_writers_chain_is_never_adopted() {
     d.stop();
     assert!(verify(&dir, &Default::default()).ok());
 }
+
+/// A signed, keyed log of several files; returns its config.
+fn signed_cfg(tmp: &tempfile::TempDir) -> kvhygiene::config::LogConfig {
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&log_dir(tmp), 16 * 1024);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(tmp.path().join("ckpt"));
+    c
+}
+
+#[test]
+fn a_junk_line_makes_recovery_leave_the_chain_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    write_log(&c, 300, true);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 2);
+    let last = files.last().unwrap().clone();
+    let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+    f.write_all(b"x\n").unwrap();
+    let before = std::fs::read(&last).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&last).unwrap(),
+        before,
+        "recovery cut real records"
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert!(!r.ok());
+    let p = r.first_problem().unwrap();
+    assert_eq!(p.file, name(&last));
+}
+
+#[test]
+fn a_chain_behind_its_checkpoint_is_not_adopted_and_the_checkpoint_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = signed_cfg(&tmp);
+    write_log(&c, 300, true);
+    let ck = kvhygiene::forensic::checkpoint::path_for(&tmp.path().join("ckpt"), "x");
+    let ck_dir = ck.parent().unwrap().to_path_buf();
+    let ckpt_before: Vec<_> = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    // Drop the last records (the `stop` included): it now looks like a crashed chain, but
+    // its checkpoint covers records that are gone.
+    let last = chain_files(&dir).last().unwrap().clone();
+    let mut lines = read_lines(&last);
+    lines.truncate(lines.len() - 2);
+    write_lines(&last, &lines);
+    let before = std::fs::read(&last).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(std::fs::read(&last).unwrap(), before);
+    let ckpt_after: Vec<_> = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(ckpt_after.len(), 2, "a new chain with its own checkpoint");
+    assert!(ckpt_before.iter().all(|b| ckpt_after.contains(b)));
+}
+
+#[test]
+fn a_forked_child_never_blocks_on_the_parents_queue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20); // a queue of 1024 records
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    // Built before the fork so that the child only queues them.
+    let events: Vec<_> = (0..3000).map(event).collect();
+    // SAFETY: the child only calls the log (atomics, try_send, no locks held across the
+    // fork by this thread) and leaves with `_exit`, never returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        for e in events {
+            log.emit(e);
+        }
+        log.flush();
+        log.stop();
+        let code = i32::from(log.stats().records_lost < 3000);
+        // SAFETY: ends the child without running the parent's atexit handlers or destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = 0;
+    let done = loop {
+        // SAFETY: `pid` is our child; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break true;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kills only the child this test forked.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(done, "the forked child hung in the log");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    log.emit(event(1));
+    log.stop();
+    let r = verify(&dir, &Default::default());
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains[0].records, 3, "start, the parent's event, stop");
+}

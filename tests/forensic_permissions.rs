@@ -140,3 +140,127 @@ fn key_files_readable_by_others_are_refused() {
     fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(kvhygiene::forensic::keys::read_key_file(&hmac).is_ok());
 }
+
+/// Runs `verify_all` on another thread so that a hang fails the test instead of the run.
+fn verify_bounded(
+    dir: &std::path::Path,
+    opts: kvhygiene::forensic::VerifyOptions,
+) -> Result<kvhygiene::forensic::Report, kvhygiene::forensic::verify::VerifyError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(kvhygiene::forensic::verify_all(&d, &opts));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("verify-log hung on a planted file")
+}
+
+fn mkfifo(p: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn planted_fifo_symlink_and_directory_are_problems_of_their_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, true);
+    mkfifo(&dir.join("kvh-p7-t7-000000.jsonl"));
+    symlink("/dev/zero", dir.join("kvh-p8-t8-000000.jsonl")).unwrap();
+    fs::create_dir(dir.join("kvh-p9-t9-000000.jsonl")).unwrap();
+    let r = verify_bounded(&dir, keyed_opts()).expect("a planted file is not a usage error");
+    assert_eq!(r.exit_code(), 1);
+    assert_eq!(r.chains.len(), 4);
+    let bad: Vec<_> = r.chains.iter().filter(|c| !c.ok()).collect();
+    assert_eq!(bad.len(), 3, "{r:?}");
+    for c in bad {
+        let p = c.problem.as_ref().unwrap();
+        assert_eq!(p.file, format!("kvh-{}-000000.jsonl", c.chain), "{p}");
+        assert!(p.reason.contains("cannot read"), "{p}");
+    }
+}
+
+#[test]
+fn planted_fifo_checkpoint_does_not_hang_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    write_log(&c, 3, true);
+    mkfifo(&dir.join("kvh-p7-t7.ckpt"));
+    let opts = kvhygiene::forensic::VerifyOptions {
+        hmac_secret: Some(secret()),
+        public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
+        checkpoints: vec![dir.clone()],
+        progress: false,
+    };
+    let r = verify_bounded(&dir, opts).expect("a planted checkpoint is not a usage error");
+    assert_eq!(r.exit_code(), 1);
+    assert!(
+        r.errors.iter().any(|e| e.contains("kvh-p7-t7.ckpt")),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn key_files_must_not_be_symlinks_and_must_be_ours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real.key");
+    fs::write(&real, SECRET).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).unwrap();
+    let link = tmp.path().join("link.key");
+    symlink(&real, &link).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&link)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert!(kvhygiene::forensic::keys::read_key_file(&real).is_ok());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the owner check: changing a file's owner needs root");
+        return;
+    }
+    std::os::unix::fs::chown(&real, Some(4242), None).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&real)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("owned by uid 4242"), "{err}");
+}
+
+const ENV_CHILD: &str = "KVH_FORENSIC_ENV_SECRET_CHILD";
+const ENV_SECRET: &str = "env-secret-in-proc-0123456789";
+
+/// In the child (re-executed test binary): loads the secret inherited at exec, then exits 0
+/// only if /proc/self/environ no longer shows it. In a normal test run it returns at once.
+#[test]
+fn env_secret_child_entry() {
+    if std::env::var_os(ENV_CHILD).is_none() {
+        return;
+    }
+    let key = kvhygiene::forensic::keys::load_secret(None).unwrap();
+    assert!(key.is_some());
+    let environ = fs::read("/proc/self/environ").unwrap();
+    let needle = ENV_SECRET.as_bytes();
+    let shown = environ.windows(needle.len()).any(|w| w == needle);
+    std::process::exit(if shown { 3 } else { 0 });
+}
+
+#[test]
+fn env_secret_is_wiped_from_proc_self_environ() {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["env_secret_child_entry", "--exact", "--test-threads=1"])
+        .env(ENV_CHILD, "1")
+        .env(kvhygiene::forensic::keys::SECRET_ENV, ENV_SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the secret is still in /proc/self/environ"
+    );
+}

@@ -188,3 +188,18 @@ fn cli_exit_codes_and_json() {
     let usage = run(&["verify-log".as_ref()]);
     assert_eq!(usage.status.code(), Some(2));
 }
+
+#[test]
+fn text_report_says_when_no_checkpoint_was_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    let out = Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("verify-log")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("no checkpoint"), "{stdout}");
+}

@@ -254,3 +254,41 @@ fn forged_checkpoint_signature_is_tampering() {
     assert_eq!(r.exit_code(), 1);
     assert!(r.errors[0].contains("signature"), "{:?}", r.errors);
 }
+
+#[test]
+fn deleted_checkpoint_fails_the_chain_when_a_key_is_pinned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    for f in fs::read_dir(&ck).unwrap() {
+        fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    let p = r.first_problem().unwrap();
+    assert!(p.reason.contains("no checkpoint for chain"), "{p}");
+    assert_eq!(p.file, name(chain_files(&dir).last().unwrap()));
+}
+
+#[test]
+fn two_checkpoints_for_one_chain_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let other = tmp.path().join("ckpt2");
+    fs::create_dir(&other).unwrap();
+    for f in fs::read_dir(&ck).unwrap() {
+        let p = f.unwrap().path();
+        fs::copy(&p, other.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut opts = with_checkpoint(&ck, &public);
+    opts.checkpoints.push(other);
+    let r = verify(&dir, &opts);
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("a second checkpoint")),
+        "{r:?}"
+    );
+    // The same directory named twice is one set of files, not a duplicate.
+    let mut opts = with_checkpoint(&ck, &public);
+    opts.checkpoints.push(ck.clone());
+    assert!(verify(&dir, &opts).ok());
+}

@@ -55,3 +55,70 @@ fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
     assert!(lost.contains("No space left"), "{lost}");
     assert!(lines[12].contains("\"request_id\":\"req-300\""));
 }
+
+#[test]
+fn a_write_error_right_after_rotation_keeps_the_rotate_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let max = 4096;
+    let log = ForensicLog::open_with_secret(&cfg(&dir, max), start(), Some(secret())).unwrap();
+    let size = |d: &std::path::Path| std::fs::metadata(&chain_files(d)[0]).unwrap().len();
+    // Fill the first file until the next record (never shorter than the last) cannot fit.
+    let mut i = 0;
+    loop {
+        let before = size(&dir);
+        log.emit(event(i));
+        log.flush();
+        i += 1;
+        let after = size(&dir);
+        assert_eq!(chain_files(&dir).len(), 1);
+        if after + (after - before) > max {
+            break;
+        }
+    }
+    // The batch holding the new file's `rotate` record fails.
+    log.inject_write_faults(1);
+    log.emit(event(i));
+    log.flush();
+    assert_eq!(chain_files(&dir).len(), 2);
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    assert_eq!(
+        s.records_lost, 1,
+        "the rotate record is re-queued, not lost: {s:?}"
+    );
+    log.emit(event(i + 1));
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    let lines = read_lines(&chain_files(&dir)[1]);
+    assert!(lines[0].contains("\"kind\":\"rotate\""), "{}", lines[0]);
+    assert!(lines[1].contains("\"kind\":\"lost\""), "{}", lines[1]);
+}
+
+#[test]
+fn a_failed_fsync_is_a_write_error_and_no_checkpoint_covers_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.fsync = kvhygiene::config::FsyncPolicy::Always;
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.inject_fsync_faults(1);
+    for i in 0..5 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    assert!(s.last_error.as_deref().unwrap().contains("fsync"), "{s:?}");
+    log.stop();
+    assert!(
+        std::fs::read_dir(&ck).map_or(true, |mut d| d.next().is_none()),
+        "a checkpoint was signed over records whose fsync failed"
+    );
+    assert!(verify(&dir, &keyed_opts()).ok());
+}

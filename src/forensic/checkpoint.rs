@@ -59,6 +59,7 @@ pub fn write(dir: &Path, key: &SigningKey, c: &Checkpoint) -> Result<(), Forensi
     line.extend_from_slice(hex(&sig.to_bytes()).as_bytes());
     line.extend_from_slice(b"\"}\n");
     let dest = path_for(dir, &c.chain);
+    refuse_going_back(&dest, c)?;
     let tmp = dir.join(format!(".kvh-{}.ckpt.{}.tmp", c.chain, c.seq));
     let _ = fs::remove_file(&tmp);
     let mut f = files::create_file(&tmp)?;
@@ -69,10 +70,55 @@ pub fn write(dir: &Path, key: &SigningKey, c: &Checkpoint) -> Result<(), Forensi
     files::sync_dir(dir).map_err(|e| files::io_err(dir, "cannot fsync checkpoint directory", e))
 }
 
+/// A checkpoint only moves forward: replacing one with a lower seq would erase the proof
+/// that the records between them existed.
+fn refuse_going_back(dest: &Path, c: &Checkpoint) -> Result<(), ForensicError> {
+    match peek(dest) {
+        Ok(Some(old)) if old.seq > c.seq => Err(ForensicError::Io(format!(
+            "{}: holds seq {}; refusing to replace it with seq {}",
+            dest.display(),
+            old.seq,
+            c.seq
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Reads and verifies a checkpoint file against a pinned public key.
 pub fn read(path: &Path, key: &VerifyingKey) -> Result<Checkpoint, String> {
-    let text = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = files::read_regular(path, files::MAX_CKPT_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     parse(&text, key).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The unverified content of a chain's checkpoint, `None` when there is none. Recovery uses
+/// it to refuse continuing a chain that is behind its checkpoint; a forged file can only
+/// make it start a fresh chain, so the signature is not needed for that decision.
+pub fn peek(path: &Path) -> Result<Option<Checkpoint>, String> {
+    let text = match files::read_regular(path, files::MAX_CKPT_BYTES) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let line = text.strip_suffix(b"\n").unwrap_or(&text);
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
+    fields(&v).map(Some)
+}
+
+/// The checkpoint fields of a parsed checkpoint object.
+fn fields(m: &Value) -> Result<Checkpoint, String> {
+    let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+    let u = |k: &str| m.get(k).and_then(Value::as_u64);
+    Ok(Checkpoint {
+        chain: s("chain").ok_or("checkpoint has no chain")?,
+        seq: u("seq").ok_or("checkpoint has no seq")?,
+        hash: s("hash")
+            .and_then(|h| parse_hash(&h))
+            .ok_or("checkpoint has no valid hash")?,
+        file: s("file").unwrap_or_default(),
+        ts: u("ts").unwrap_or(0),
+    })
 }
 
 fn parse(text: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
@@ -102,17 +148,7 @@ fn parse(text: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
     }
     key.verify(&body, &Signature::from_bytes(&sig_bytes))
         .map_err(|_| "bad checkpoint signature".to_string())?;
-    let s = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
-    let u = |k: &str| m.get(k).and_then(Value::as_u64);
-    Ok(Checkpoint {
-        chain: s("chain").ok_or("checkpoint has no chain")?,
-        seq: u("seq").ok_or("checkpoint has no seq")?,
-        hash: s("hash")
-            .and_then(|h| parse_hash(&h))
-            .ok_or("checkpoint has no valid hash")?,
-        file: s("file").unwrap_or_default(),
-        ts: u("ts").unwrap_or(0),
-    })
+    fields(&Value::Object(m))
 }
 
 fn parse_sig(s: &str) -> Option<[u8; 64]> {
@@ -142,4 +178,31 @@ pub fn find(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seq: u64) -> Checkpoint {
+        Checkpoint {
+            chain: "p1-t2".into(),
+            seq,
+            hash: [seq as u8; 32],
+            file: "kvh-p1-t2-000000.jsonl".into(),
+            ts: 1,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_never_replaced_by_a_lower_seq() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        write(tmp.path(), &key, &at(5)).unwrap();
+        assert!(write(tmp.path(), &key, &at(3)).is_err());
+        let path = path_for(tmp.path(), "p1-t2");
+        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 5);
+        write(tmp.path(), &key, &at(6)).unwrap();
+        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 6);
+    }
 }

@@ -196,9 +196,11 @@ fn chain_line(c: &ChainReport) -> String {
         }
         .into(),
     );
-    if let Some(s) = c.checkpoint_seq {
-        notes.push(format!("checkpoint at seq {s} verified"));
-    }
+    notes.push(match c.checkpoint_seq {
+        Some(s) => format!("checkpoint at seq {s} verified"),
+        None if c.checkpoints_checked => "no checkpoint".into(),
+        None => "no checkpoint checked (no --public-key)".into(),
+    });
     format!(
         "chain {}: {} records, {seq}{time}, {} files, {}: {}",
         c.chain,

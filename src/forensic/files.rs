@@ -57,7 +57,7 @@ pub fn valid_chain_id(chain: &str) -> bool {
     digits(p, 'p') && digits(t, 't')
 }
 
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -177,6 +177,56 @@ fn checked(path: &Path, f: &File) -> Result<(), ForensicError> {
         )));
     }
     check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file")
+}
+
+/// Largest `KVH_LOG_MAX_BYTES` accepted (1 GiB).
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
+
+/// Largest chain file a reader loads: 4 x [`MAX_LOG_BYTES`], room for a record larger than
+/// the rotation size. Anything larger was not written by a writer and is refused rather
+/// than read into memory.
+pub const MAX_READ_BYTES: u64 = 4 * MAX_LOG_BYTES;
+
+/// Largest checkpoint file read (a real one is about 400 bytes).
+pub const MAX_CKPT_BYTES: u64 = 64 * 1024;
+
+/// Reads a chain file for verification or recovery, see [`read_regular`].
+pub fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_READ_BYTES)
+}
+
+/// Reads a planted-file-safe copy of `path`: opened with `O_NOFOLLOW` (no symlink to
+/// `/dev/zero` or elsewhere) and `O_NONBLOCK` (a FIFO cannot hang the open), then `fstat`
+/// must show a regular file of at most `cap` bytes; the read itself is also capped, in case
+/// the file grows meanwhile.
+pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::other("is a symlink; not followed"),
+            _ => e,
+        })?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if m.len() > cap {
+        return Err(io::Error::other(format!(
+            "{} bytes, larger than the {cap}-byte limit",
+            m.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(m.len()).unwrap_or(0));
+    f.take(cap + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > cap {
+        return Err(io::Error::other(format!(
+            "grew beyond the {cap}-byte limit while read"
+        )));
+    }
+    Ok(out)
 }
 
 /// Takes an exclusive, non-blocking `flock`. A live writer holds it on its active file; the

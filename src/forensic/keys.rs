@@ -87,8 +87,11 @@ impl EpochKey {
 /// else the key file. `None` when neither is configured.
 pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, ForensicError> {
     if let Some(v) = std::env::var_os(SECRET_ENV) {
-        // Removing the variable keeps it out of child processes and /proc/self/environ
-        // readers that look later; the copy std holds is overwritten by the removal.
+        // `remove_var` only unlinks the entry from `environ`: the bytes stay where they
+        // were, and for a variable inherited at exec that is the stack area that
+        // /proc/<pid>/environ shows. So the value is overwritten in place first; the removal
+        // then keeps the (now zeroed) entry out of child processes.
+        scrub_env_value(SECRET_ENV.as_bytes());
         std::env::remove_var(SECRET_ENV);
         let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
         return EpochKey::from_secret(bytes).map(Some);
@@ -96,6 +99,58 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
     match key_file {
         Some(p) => read_key_file(p).map(Some),
         None => Ok(None),
+    }
+}
+
+extern "C" {
+    /// The C library's environment array (POSIX).
+    static mut environ: *const *mut libc::c_char;
+}
+
+/// Overwrites with zeros the value bytes of every `name=value` entry of the process
+/// environment, in place (the entry keeps its length: `name=` then NULs).
+fn scrub_env_value(name: &[u8]) {
+    // SAFETY: `environ` is either null or a null-terminated array of pointers to
+    // NUL-terminated strings (POSIX). It is read once here and walked in a single pass,
+    // under the same precondition as `std::env::remove_var`, which is called right after:
+    // no other thread reads or changes the environment meanwhile (the log is opened at
+    // start-up). The entries are writable memory: the exec-time environment is on the
+    // initial stack, and `setenv` (which std uses) copies into the heap.
+    unsafe {
+        let mut p = std::ptr::addr_of!(environ).read();
+        if p.is_null() {
+            return;
+        }
+        while !(*p).is_null() {
+            scrub_entry(*p, name);
+            p = p.add(1);
+        }
+    }
+}
+
+/// Zeroes the value of one environment entry if its name is `name`.
+///
+/// # Safety
+/// `entry` points to a NUL-terminated, writable string that nothing else accesses during
+/// the call.
+unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) {
+    // SAFETY: `entry` is NUL-terminated (caller).
+    let len = unsafe { libc::strlen(entry) };
+    let matches = {
+        // SAFETY: the `len` bytes before the NUL are readable; the slice is dropped before
+        // any write below, so no reference aliases the writes.
+        let bytes = unsafe { std::slice::from_raw_parts(entry.cast::<u8>(), len) };
+        bytes.starts_with(name) && bytes.get(name.len()) == Some(&b'=')
+    };
+    if !matches {
+        return;
+    }
+    let value = name.len() + 1;
+    for i in value..len {
+        // SAFETY: `i < len`, inside the string and before its NUL; the memory is writable
+        // (caller). Volatile: the compiler must not drop writes to memory it sees no
+        // further reads of.
+        unsafe { std::ptr::write_volatile(entry.add(i), 0) };
     }
 }
 
@@ -108,24 +163,62 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     EpochKey::from_secret(bytes).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))
 }
 
-/// Reads a secret file the writer uses, refusing one that group or others may read: a key
-/// readable by others protects nothing.
+/// Reads a secret file the writer uses. It is opened without following a symlink (a link
+/// planted at the configured path could point at a file an attacker controls) and without
+/// blocking (a FIFO), and must be a regular file owned by the effective uid that group and
+/// others cannot access: a key someone else owns or can read protects nothing.
 fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
-    let mut f = fs::File::open(p).map_err(err)?;
-    let mode = f.metadata().map_err(err)?.mode();
-    if mode & 0o077 != 0 {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => ForensicError::Key(format!(
+                "{}: is a symlink; a key file is never read through a link",
+                p.display()
+            )),
+            _ => err(e),
+        })?;
+    let m = f.metadata().map_err(err)?;
+    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    // Capped: a real key is at most a few hundred bytes; a larger file is not a key.
+    let cap = super::files::MAX_CKPT_BYTES;
+    (&mut f)
+        .take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if bytes.len() as u64 > cap {
         return Err(ForensicError::Key(format!(
-            "{}: key file has mode {:04o}; it must not be accessible to group or others (0600)",
-            p.display(),
-            mode & 0o7777
+            "{}: key file is larger than {cap} bytes",
+            p.display()
         )));
     }
-    let mut bytes = Zeroizing::new(Vec::new());
-    f.read_to_end(&mut bytes).map_err(err)?;
     Ok(bytes)
+}
+
+/// A key file must be a regular file of ours with no group or other access.
+fn check_private(p: &Path, regular: bool, uid: u32, mode: u32) -> Result<(), ForensicError> {
+    let refuse = |why: String| Err(ForensicError::Key(format!("{}: {why}", p.display())));
+    if !regular {
+        return refuse("key file is not a regular file".into());
+    }
+    let euid = super::files::euid();
+    if uid != euid {
+        return refuse(format!(
+            "key file is owned by uid {uid}, not by this process's uid {euid}"
+        ));
+    }
+    if mode & 0o077 != 0 {
+        return refuse(format!(
+            "key file has mode {:04o}; it must not be accessible to group or others (0600)",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Reads an Ed25519 private key file: 64 hex digits (the 32-byte seed), optional newline.

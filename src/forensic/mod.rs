@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use std::borrow::Cow;
@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     summary: Mutex<Option<Value>>,
     /// Test hook: the next this-many writes fail after writing half their bytes.
     injected_faults: AtomicU32,
+    /// Test hook: the next this-many fsyncs of the log file fail with `EIO`.
+    injected_fsync_faults: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -151,7 +153,13 @@ pub struct ForensicLog {
     shared: Arc<Shared>,
     stopped: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The process that opened the log. A forked child inherits the queue but not the writer
+    /// thread: nothing would ever drain it, so the child must never wait on it.
+    pid: u32,
 }
+
+/// How long `stop` waits, in all, for room in the queue and for the writer's final write.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Nanoseconds since the Unix epoch (0 before it).
 pub fn unix_nanos(t: SystemTime) -> u64 {
@@ -200,12 +208,19 @@ impl ForensicLog {
             shared,
             stopped: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
+            pid: std::process::id(),
         }))
+    }
+
+    /// Whether this is a forked child of the process that opened the log (which has no
+    /// writer thread: the fork copied only the calling thread).
+    fn forked(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// Queues a message; waits (counted) rather than drop it when the queue is full.
     fn send(&self, msg: Msg) {
-        if self.stopped.load(Ordering::Acquire) {
+        if self.stopped.load(Ordering::Acquire) || self.forked() {
             self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -226,6 +241,10 @@ impl ForensicLog {
     /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
     /// (counted as coalesced); at most one is written per `summary_interval_ms`.
     pub fn record_summary(&self, counters: Value) {
+        if self.forked() {
+            self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let replaced = lock(&self.shared.summary).replace(counters).is_some();
         if replaced {
             self.shared
@@ -249,7 +268,7 @@ impl ForensicLog {
 
     /// Waits until everything queued before the call is written (not necessarily fsynced).
     pub fn flush(&self) {
-        if self.stopped.load(Ordering::Acquire) {
+        if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
@@ -258,19 +277,43 @@ impl ForensicLog {
     }
 
     /// Writes the `stop` record and the final checkpoint, flushes and joins the writer.
-    /// Idempotent; never panics; safe from an exit handler.
+    /// Idempotent; never panics; safe from an exit handler; returns within about 10 s even
+    /// when the disk hangs. A no-op in a forked child: the chain belongs to the parent.
     pub fn stop(&self) {
-        if self.stopped.swap(true, Ordering::AcqRel) {
+        self.stop_within(STOP_TIMEOUT);
+    }
+
+    fn stop_within(&self, limit: Duration) {
+        if self.forked() || self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
+        let deadline = Instant::now() + limit;
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        if self.tx.send(Msg::Stop(ack_tx)).is_err() {
+        if !self.send_before(Msg::Stop(ack_tx), deadline) {
             return;
         }
         // A writer stuck in the kernel (hung NFS) must not hang process exit forever.
-        if ack_rx.recv_timeout(Duration::from_secs(10)).is_ok() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if ack_rx.recv_timeout(left).is_ok() {
             if let Some(t) = lock(&self.thread).take() {
                 let _ = t.join();
+            }
+        }
+    }
+
+    /// Queues `msg` if there is room before `deadline`; a queue that stays full means the
+    /// writer is stuck, and waiting on it with a blocking send could last forever.
+    fn send_before(&self, msg: Msg, deadline: Instant) -> bool {
+        let mut msg = msg;
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => return false,
             }
         }
     }
@@ -299,6 +342,12 @@ impl ForensicLog {
     #[doc(hidden)]
     pub fn inject_write_faults(&self, n: u32) {
         self.shared.injected_faults.store(n, Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: the next `n` fsyncs of the log file fail with `EIO`.
+    #[doc(hidden)]
+    pub fn inject_fsync_faults(&self, n: u32) {
+        self.shared.injected_fsync_faults.store(n, Ordering::SeqCst);
     }
 }
 
@@ -419,5 +468,27 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put("policy", st(policy));
             put("detail", Field::S(Cow::Borrowed(detail)));
         }
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+
+    #[test]
+    fn stop_returns_when_the_queue_stays_full() {
+        let (tx, rx) = mpsc::sync_channel(1);
+        tx.send(Msg::Wake).ok();
+        let log = ForensicLog {
+            tx,
+            shared: Arc::new(Shared::default()),
+            stopped: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            pid: std::process::id(),
+        };
+        let t = Instant::now();
+        log.stop_within(Duration::from_millis(200));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(rx);
     }
 }

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
-use super::record::{mac_of, parse_hash};
+use super::record::{chain_hash_open, mac_of, parse_hash};
+use super::scan::scan;
 use super::ForensicError;
 
 /// A crashed chain, locked by us, ready to continue.
@@ -36,27 +38,35 @@ struct Head {
     tail: Tail,
     /// Index of the file holding `tail`.
     tail_index: u64,
-    /// Bytes of the newest file to cut.
+    /// Bytes of the newest file to cut: always only bytes after its last newline.
     torn: usize,
     link_from: Option<String>,
 }
 
 /// The last complete record of the chain: in the newest file, or, when that file holds no
 /// complete line yet, at the end of the previous one (which rotation left complete).
+///
+/// Only a torn (newline-less) tail is ever cut. If the last complete line is not a
+/// self-consistent record, the chain is not continued at all: a junk line is evidence for
+/// `verify-log`, not something recovery may repair by cutting whole records.
 fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head> {
-    if let Some(tail) = last_record(bytes) {
-        let torn = tail.torn;
+    if let Some(end) = last_newline(bytes) {
+        let tail = last_record(&bytes[..=end])?;
         return Some(Head {
             tail,
             tail_index: index,
-            torn,
+            torn: bytes.len() - end - 1,
             link_from: None,
         });
     }
+    // No newline at all: every byte of the newest file is the torn fragment of its first line.
     let prev_index = index.checked_sub(1)?;
     let prev_name = files::file_name(chain, prev_index);
-    let prev_bytes = std::fs::read(path.with_file_name(&prev_name)).ok()?;
-    let tail = last_record(&prev_bytes).filter(|t| t.torn == 0)?;
+    let prev_bytes = files::read_capped(&path.with_file_name(&prev_name)).ok()?;
+    if prev_bytes.last() != Some(&b'\n') {
+        return None; // a rotated file always ends with a newline
+    }
+    let tail = last_record(&prev_bytes)?;
     Some(Head {
         tail,
         tail_index: prev_index,
@@ -65,9 +75,19 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
     })
 }
 
+fn last_newline(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().rposition(|&b| b == b'\n')
+}
+
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue.
 /// Files with a wrong owner or mode, or planted symlinks, are refused with an error.
-pub fn adopt(dir: &Path, key: Option<&mut EpochKey>) -> Result<Option<Adopted>, ForensicError> {
+/// `ckpt_dir` is where the chains' checkpoints are: a chain whose checkpoint is ahead of
+/// (or disagrees with) what is on disk lost records and is left for `verify-log` to report.
+pub fn adopt(
+    dir: &Path,
+    ckpt_dir: &Path,
+    key: Option<&mut EpochKey>,
+) -> Result<Option<Adopted>, ForensicError> {
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     let mut key = key;
     for (chain, list) in chains.iter().rev() {
@@ -95,6 +115,9 @@ pub fn adopt(dir: &Path, key: Option<&mut EpochKey>) -> Result<Option<Adopted>, 
         if !continuable(&head.tail.record, head.tail_index, key.as_deref_mut()) {
             continue;
         }
+        if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
+            continue;
+        }
         if let Some(k) = key.as_deref_mut() {
             k.advance_to(*index);
         }
@@ -116,31 +139,61 @@ pub fn adopt(dir: &Path, key: Option<&mut EpochKey>) -> Result<Option<Adopted>, 
     Ok(None)
 }
 
+/// Whether the chain's existing checkpoint (if any) is consistent with its last good record:
+/// its seq must not be beyond it and the record at its seq must have its hash. Continuing a
+/// chain behind its checkpoint would let our own (later) checkpoint hide the loss.
+/// An unreadable or malformed checkpoint counts as disagreement.
+fn checkpoint_agrees(dir: &Path, ckpt_dir: &Path, chain: &str, tail: &Tail) -> bool {
+    let path = checkpoint::path_for(ckpt_dir, chain);
+    let (seq, hash, file) = match checkpoint::peek(&path) {
+        Ok(None) => return true,
+        Ok(Some(c)) => (c.seq, c.hash, c.file),
+        Err(_) => return false,
+    };
+    if seq > tail.seq {
+        return false;
+    }
+    if seq == tail.seq {
+        return hash == tail.hash;
+    }
+    let own_file = files::parse_file_name(&file).is_some_and(|f| f.chain == chain);
+    own_file && hash_at(&dir.join(&file), seq) == Some(hash)
+}
+
+/// The hash of record `seq` in a chain file, if it holds it.
+fn hash_at(path: &Path, seq: u64) -> Option<[u8; 32]> {
+    let bytes = files::read_capped(path).ok()?;
+    bytes
+        .split(|&b| b == b'\n')
+        .filter_map(|l| scan(l).ok())
+        .find(|r| r.seq == Some(seq))
+        .and_then(|r| parse_hash(r.hash))
+}
+
 struct Tail {
     record: Value,
     seq: u64,
     hash: [u8; 32],
-    /// Bytes after the last newline.
-    torn: usize,
 }
 
-/// The last complete line of a file and the size of the torn fragment after it.
+/// The last line of `bytes` (which ends with a newline), if it is a canonical record whose
+/// hash recomputes from its `prev` and body.
 fn last_record(bytes: &[u8]) -> Option<Tail> {
-    let end = bytes.iter().rposition(|&b| b == b'\n')?;
-    let torn = bytes.len() - end - 1;
+    let end = bytes.len().checked_sub(1)?;
     let start = bytes[..end]
         .iter()
         .rposition(|&b| b == b'\n')
         .map_or(0, |i| i + 1);
-    let record: Value = serde_json::from_slice(&bytes[start..end]).ok()?;
-    let seq = record.get("seq")?.as_u64()?;
-    let hash = parse_hash(record.get("hash")?.as_str()?)?;
-    Some(Tail {
-        record,
-        seq,
-        hash,
-        torn,
-    })
+    let line = &bytes[start..end];
+    let scanned = scan(line).ok()?;
+    let prev = parse_hash(scanned.prev?)?;
+    let hash = parse_hash(scanned.hash)?;
+    if chain_hash_open(&prev, scanned.body_open) != hash {
+        return None;
+    }
+    let seq = scanned.seq?;
+    let record: Value = serde_json::from_slice(line).ok()?;
+    Some(Tail { record, seq, hash })
 }
 
 /// A chain is continued only if it is not closed and its last MAC matches our key at that

@@ -7,7 +7,6 @@
 //! a chain is reported as `file:line: reason` and ends that chain's check.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
@@ -64,6 +63,8 @@ pub struct ChainReport {
     pub macs_checked: bool,
     /// Seq of the signed checkpoint that was matched, if any.
     pub checkpoint_seq: Option<u64>,
+    /// Checkpoints were checked (a public key was pinned): a chain without one fails.
+    pub checkpoints_checked: bool,
     pub problem: Option<Problem>,
 }
 
@@ -148,15 +149,31 @@ fn load_checkpoints(
         .public_key
         .as_ref()
         .ok_or_else(|| VerifyError("--checkpoint needs --public-key".into()))?;
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut files_seen = std::collections::BTreeSet::new();
     for p in &opts.checkpoints {
         let found =
             checkpoint::find(p).map_err(|e| VerifyError(format!("{}: {e}", p.display())))?;
         for f in found {
-            if !f.exists() {
+            if !files_seen.insert(f.clone()) {
+                continue; // the same file named twice (`--checkpoint DIR` and DIR's file)
+            }
+            if std::fs::symlink_metadata(&f).is_err() {
                 return Err(VerifyError(format!("{}: no such checkpoint", f.display())));
             }
             match checkpoint::read(&f, key) {
                 Ok(c) => {
+                    if let Some(first) = seen.get(&c.chain) {
+                        // Which one is genuine cannot be decided: both are tampering evidence.
+                        report.errors.push(format!(
+                            "{}: a second checkpoint for chain {} (the first is {})",
+                            f.display(),
+                            c.chain,
+                            first.display()
+                        ));
+                        continue;
+                    }
+                    seen.insert(c.chain.clone(), f.clone());
                     out.insert(c.chain.clone(), c);
                 }
                 Err(e) => report.errors.push(e),
@@ -204,6 +221,7 @@ fn verify_chain(
             chain: chain.to_string(),
             files: list.len(),
             macs_checked: opts.hmac_secret.is_some(),
+            checkpoints_checked: opts.public_key.is_some(),
             ..Default::default()
         },
     };
@@ -213,7 +231,14 @@ fn verify_chain(
         if opts.progress {
             eprintln!("verify-log:   {}", path.display());
         }
-        let bytes = fs::read(path).map_err(|e| VerifyError(format!("{}: {e}", path.display())))?;
+        let bytes = match files::read_capped(path) {
+            Ok(b) => b,
+            Err(e) => {
+                // A planted or broken file is a problem of this chain, not of the whole run.
+                w.report.problem = Some(unreadable(&name, &e));
+                return Ok(w.report);
+            }
+        };
         let is_last = pos + 1 == list.len();
         match w.file(&name, *index, &bytes, is_last) {
             Ok(lines) => last_line = (name, lines),
@@ -222,6 +247,19 @@ fn verify_chain(
                 return Ok(w.report);
             }
         }
+    }
+    if ckpt.is_none() && opts.public_key.is_some() {
+        // With a pinned signer every chain must be covered: deleting a chain's checkpoint
+        // would otherwise silently turn off the truncation and rewrite checks for it.
+        w.report.problem = Some(Problem {
+            file: last_line.0,
+            line: last_line.1 + 1,
+            reason: format!(
+                "no checkpoint for chain {chain} signed by the pinned public key: \
+                 its end cannot be checked (checkpoint deleted, or never written)"
+            ),
+        });
+        return Ok(w.report);
     }
     if let Some(c) = ckpt {
         if w.report.checkpoint_seq.is_none() {
@@ -241,6 +279,15 @@ fn verify_chain(
         }
     }
     Ok(w.report)
+}
+
+/// A chain file that cannot be read as a regular file of a sane size.
+fn unreadable(name: &str, e: &std::io::Error) -> Problem {
+    Problem {
+        file: name.to_string(),
+        line: 1,
+        reason: format!("cannot read chain file: {e}"),
+    }
 }
 
 impl Walk<'_> {

@@ -67,6 +67,10 @@ pub(crate) struct ChainWriter {
     /// Whether `lost` is already described by a record in `buf`.
     lost_in_buf: bool,
     dirty_since_sync: bool,
+    /// An fsync of this chain failed. After a failed fsync the kernel may have dropped the
+    /// dirty pages and a later fsync can succeed without them, so no record written before
+    /// it can be proven durable: no checkpoint is signed for this chain from then on.
+    fsync_failed: bool,
     last_sync: Instant,
     last_summary: Option<Instant>,
     records_since_ckpt: u64,
@@ -97,7 +101,7 @@ impl ChainWriter {
         if signing.is_some() {
             files::prepare_dir(&ckpt_dir)?;
         }
-        let adopted = recovery::adopt(&dir, key.as_mut())?;
+        let adopted = recovery::adopt(&dir, &ckpt_dir, key.as_mut())?;
         let now = SystemTime::now();
         let (chain, index, file, file_len, next_seq, prev) = match &adopted {
             Some(a) => (
@@ -142,6 +146,7 @@ impl ChainWriter {
             lost: None,
             lost_in_buf: false,
             dirty_since_sync: false,
+            fsync_failed: false,
             last_sync: Instant::now(),
             last_summary: None,
             records_since_ckpt: 0,
@@ -359,11 +364,14 @@ impl ChainWriter {
             ..Default::default()
         });
         lost.error = msg;
+        // A batch written to a fresh file starts with its `rotate` record; it is re-queued
+        // below rather than lost, so the file still starts with the link to its predecessor.
+        let relink = self.file_len == 0 && self.index > 0;
         let mut lines = self.buf.split(|&b| b == b'\n');
         for kind in self.buf_kinds.drain(..) {
             let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
-            if kind == "lost" {
-                continue; // the description of earlier losses, rebuilt next time
+            if kind == "lost" || (relink && kind == "rotate") {
+                continue; // rebuilt next time: the description of earlier losses, the link
             }
             lost.records += 1;
             lost.bytes += len;
@@ -375,15 +383,28 @@ impl ChainWriter {
         self.lost_in_buf = false;
         self.seq = self.committed_seq;
         self.prev = self.committed_prev;
+        if relink {
+            self.append_rotate(unix_nanos(SystemTime::now()));
+        }
+    }
+
+    /// The first record of a file after the first: links it to the previous file's head.
+    fn append_rotate(&mut self, ts: u64) {
+        let mut f = Map::new();
+        f.insert(
+            "prev_file".into(),
+            files::file_name(&self.chain, self.index.saturating_sub(1)).into(),
+        );
+        f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
+        self.append_raw("rotate", record::fields_from_map(f), ts);
     }
 
     /// Starts the next file: create (locked) before the old one is released, ratchet the
     /// key, fsync the directory, then link the new file to the old one.
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
         if self.fsync != FsyncPolicy::Never {
-            let _ = self.file.sync_data();
+            self.sync();
         }
-        let old_name = files::file_name(&self.chain, self.index);
         let path = self.dir.join(files::file_name(&self.chain, self.index + 1));
         let file = match files::create_file(&path) {
             Ok(f) => f,
@@ -401,10 +422,7 @@ impl ChainWriter {
         }
         let _ = files::sync_dir(&self.dir);
         *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
-        let mut f = Map::new();
-        f.insert("prev_file".into(), old_name.into());
-        f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
-        self.append_raw("rotate", record::fields_from_map(f), ts);
+        self.append_rotate(ts);
         Ok(())
     }
 
@@ -429,11 +447,37 @@ impl ChainWriter {
         );
     }
 
+    /// fsyncs the active file; a failure is a (sticky) write error, see `fsync_failed`.
     fn sync(&mut self) {
-        if self.file.sync_data().is_ok() {
-            self.dirty_since_sync = false;
-            self.last_sync = Instant::now();
+        match self.sync_with_faults() {
+            Ok(()) => {
+                self.dirty_since_sync = false;
+                self.last_sync = Instant::now();
+            }
+            Err(e) => self.on_fsync_error(&e),
         }
+    }
+
+    fn sync_with_faults(&mut self) -> io::Result<()> {
+        let armed = self
+            .shared
+            .injected_fsync_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if armed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.sync_data()
+    }
+
+    #[cold]
+    fn on_fsync_error(&mut self, e: &io::Error) {
+        self.fsync_failed = true;
+        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.shared.last_error) = Some(format!(
+            "{}: fsync failed: {e}; no further checkpoints are signed for this chain",
+            files::file_name(&self.chain, self.index)
+        ));
     }
 
     fn maybe_sync(&mut self) {
@@ -473,6 +517,9 @@ impl ChainWriter {
         }
         if self.fsync != FsyncPolicy::Never {
             self.sync();
+        }
+        if self.fsync_failed {
+            return None;
         }
         let c = Checkpoint {
             chain: self.chain.clone(),
