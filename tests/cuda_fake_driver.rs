@@ -377,3 +377,49 @@ fn no_driver_call_after_shutdown() {
     drop(pending);
     assert_eq!(calls(&lib), before, "a driver call was made after shutdown");
 }
+
+fn capture_mode(lib: &libloading::Library, set: i32) -> i32 {
+    // SAFETY: `int fake_cuda_capture_mode(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(b"fake_cuda_capture_mode\0")
+            .expect("capture_mode");
+        f(set)
+    }
+}
+
+/// Driver calls run in RELAXED capture mode (so a global-mode capture on another thread is
+/// not invalidated by them) and the caller's own mode is handed back afterwards.
+#[test]
+fn driver_calls_run_relaxed_and_restore_the_callers_capture_mode() {
+    let (path, lib) = fake_or_skip!("capmode");
+    let b = start(&path);
+    std::thread::spawn(move || {
+        assert_eq!(
+            capture_mode(&lib, 0),
+            0,
+            "global mode, as a capturing thread has"
+        );
+        let p = b.allocate(0, 4096).expect("allocate");
+        // SAFETY: `int fake_cuda_mode_at_alloc(void)`.
+        let during = unsafe {
+            lib.get::<unsafe extern "C" fn() -> i32>(b"fake_cuda_mode_at_alloc\0")
+                .expect("mode_at_alloc")()
+        };
+        assert_eq!(during, 2, "cuMemAlloc ran outside relaxed mode");
+        assert_eq!(
+            capture_mode(&lib, -1),
+            0,
+            "the caller's mode was not restored"
+        );
+        capture_mode(&lib, 1);
+        b.release(0, p, 4096).expect("release");
+        assert_eq!(
+            capture_mode(&lib, -1),
+            1,
+            "thread-local mode was not restored"
+        );
+    })
+    .join()
+    .expect("thread");
+}

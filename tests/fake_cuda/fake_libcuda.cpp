@@ -43,6 +43,12 @@ struct Event {
         if (t_current != &g_ctx_token) return INVALID_CONTEXT; \
     } while (0)
 
+// The calling thread's stream-capture interaction mode (0 global, 1 thread-local, 2 relaxed),
+// and the mode in force at the last cuMemAlloc: kvhygiene must run its driver calls relaxed
+// and hand the caller's mode back afterwards.
+static thread_local unsigned t_capture_mode = 0;
+static std::atomic<int> g_mode_at_alloc{-1};
+
 extern "C" {
 
 void fake_cuda_set_init_result(int code) { g_init_result = code; }
@@ -104,6 +110,7 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     NEED_CTX();
+    g_mode_at_alloc = (int)t_capture_mode;
     if (n > (1ull << 40)) return OUT_OF_MEMORY;
     void* m = aligned_alloc(256, (n + 255) / 256 * 256);
     if (!m) return OUT_OF_MEMORY;
@@ -131,12 +138,16 @@ CUresult cuStreamIsCapturing(void* s, int* status) {
     return OK;
 }
 CUresult cuThreadExchangeStreamCaptureMode(unsigned* mode) {
-    static thread_local unsigned current = 0;
-    unsigned previous = current;
-    current = *mode;
+    unsigned previous = t_capture_mode;
+    t_capture_mode = *mode;
     *mode = previous;
     return OK;
 }
+extern "C" int fake_cuda_capture_mode(int set) {
+    if (set >= 0) t_capture_mode = (unsigned)set;
+    return (int)t_capture_mode;
+}
+extern "C" int fake_cuda_mode_at_alloc(void) { return g_mode_at_alloc.load(); }
 CUresult cuEventCreate(void** e, unsigned) { NEED_CTX(); *e = new Event(); return OK; }
 CUresult cuEventRecord(void* e, void*) {
     NEED_CTX();
