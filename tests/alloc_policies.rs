@@ -239,3 +239,24 @@ fn free_checked_during_capture_returns_instead_of_waiting() {
     f.alloc.synchronize().unwrap();
     assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
 }
+
+/// A backend error while returning verified memory leaks that memory (it is clean) and
+/// becomes the sticky asynchronous error that `synchronize` reports.
+#[test]
+fn a_failed_release_is_counted_and_sticky() {
+    let f = Fixture::new(Config {
+        max_reuse: 1,
+        ..manual_config()
+    });
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.backend
+        .fail_release
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    let err = f.alloc.synchronize().unwrap_err();
+    assert!(err.contains("injected release failure"), "{err}");
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.backend_errors, 1);
+    assert_eq!(st.counters.released, 1);
+    assert!(f.alloc.block_info(a).is_none());
+}

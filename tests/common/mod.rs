@@ -25,6 +25,8 @@ pub struct TestBackend {
     pub sealed: AtomicBool,
     /// Simulates a CUDA graph capture on every stream.
     pub capturing: AtomicBool,
+    /// Makes `release` fail (a driver error while returning memory).
+    pub fail_release: AtomicBool,
     pub calls_after_seal: AtomicU64,
 }
 
@@ -38,6 +40,7 @@ impl TestBackend {
             calls: AtomicU64::new(0),
             sealed: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
+            fail_release: AtomicBool::new(false),
             calls_after_seal: AtomicU64::new(0),
         })
     }
@@ -106,6 +109,9 @@ impl Backend for TestBackend {
     }
     fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
         self.note();
+        if self.fail_release.load(Ordering::SeqCst) {
+            return Err(BackendError::Other("injected release failure".into()));
+        }
         self.host.release(device, addr, len)
     }
     fn zero_fresh(
