@@ -134,16 +134,25 @@ def main() -> int:
         "<= 2x",
         None if r is None else r <= 2.0,
     )
-    d, k = py(out, "llama_default"), py(out, "llama_kvh")
-    r = ratio(k and k["tokens_per_s"], d and d["tokens_per_s"])
+    rounds = []
+    for n in range(1, 100):
+        d, k = py(out, f"llama_default_{n}"), py(out, f"llama_kvh_{n}")
+        if d is None and k is None:
+            break
+        if d and k:
+            rounds.append((d["tokens_per_s"], k["tokens_per_s"]))
+    ratios = sorted(kv / dv for dv, kv in rounds if dv)
+    median = ratios[len(ratios) // 2] if ratios else None
     row(
         rows,
-        "Llama generate 128 tokens, tokens/s kvhygiene / default",
-        why(out, "llama_default", "llama_kvh")
-        if r is None
-        else f"{r:.3g} ({k['tokens_per_s']:.4g} vs {d['tokens_per_s']:.4g} tok/s)",
+        "Llama generate 128 tokens, tokens/s kvhygiene / default (median of alternating rounds)",
+        why(out, "llama_default_1", "llama_kvh_1")
+        if median is None
+        else f"{median:.3g} (rounds: "
+        + ", ".join(f"{kv:.4g}/{dv:.4g}" for dv, kv in rounds)
+        + " tok/s)",
         ">= 0.9",
-        None if r is None else r >= 0.9,
+        None if median is None else median >= 0.9,
     )
     try:
         demo = (out / "kvh_demo.log").read_text(errors="replace")
