@@ -183,14 +183,20 @@ fn every_entry_point_makes_the_context_current_on_its_thread() {
     }
 }
 
-fn current_context(lib: &libloading::Library, make_foreign: i32) -> i32 {
-    // SAFETY: `int fake_cuda_use_foreign_context(int)`.
+/// Calls `int fake_cuda_<name>(int)` in an instance.
+fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* query is `int(int)`.
     unsafe {
         let f = lib
-            .get::<unsafe extern "C" fn(i32) -> i32>(b"fake_cuda_use_foreign_context\0")
-            .expect("use_foreign_context");
-        f(make_foreign)
+            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
+            .expect("query");
+        f(arg)
     }
+}
+
+fn current_context(lib: &libloading::Library, make_foreign: i32) -> i32 {
+    query(lib, "use_foreign_context", make_foreign)
 }
 
 #[test]
@@ -379,13 +385,7 @@ fn no_driver_call_after_shutdown() {
 }
 
 fn capture_mode(lib: &libloading::Library, set: i32) -> i32 {
-    // SAFETY: `int fake_cuda_capture_mode(int)`.
-    unsafe {
-        let f = lib
-            .get::<unsafe extern "C" fn(i32) -> i32>(b"fake_cuda_capture_mode\0")
-            .expect("capture_mode");
-        f(set)
-    }
+    query(lib, "capture_mode", set)
 }
 
 /// Driver calls run in RELAXED capture mode (so a global-mode capture on another thread is
@@ -401,11 +401,7 @@ fn driver_calls_run_relaxed_and_restore_the_callers_capture_mode() {
             "global mode, as a capturing thread has"
         );
         let p = b.allocate(0, 4096).expect("allocate");
-        // SAFETY: `int fake_cuda_mode_at_alloc(void)`.
-        let during = unsafe {
-            lib.get::<unsafe extern "C" fn() -> i32>(b"fake_cuda_mode_at_alloc\0")
-                .expect("mode_at_alloc")()
-        };
+        let during = query(&lib, "mode_at_alloc", 0);
         assert_eq!(during, 2, "cuMemAlloc ran outside relaxed mode");
         assert_eq!(
             capture_mode(&lib, -1),

@@ -352,12 +352,10 @@ impl Allocator {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
         let result = self.with_pool(dev, |pool, backend, config, after| {
-            let mismatches = pool.stats.counters.size_mismatches;
-            pool.begin_free(ptr, size, stream, seq, config, after)?;
+            let size_mismatch = pool.begin_free(ptr, size, stream, seq, config, after)?;
             if watch {
                 pool.watch(seq);
             }
-            let size_mismatch = pool.stats.counters.size_mismatches != mismatches;
             // Once exit has begun the block stays PENDING (leaked): no backend calls.
             if !exiting {
                 pool.enqueue(ptr, stream, backend, config, after);

@@ -214,8 +214,9 @@ impl DevicePool {
 
     // ----- free -----------------------------------------------------------------------------
 
-    /// Looks up `addr` for a free on this device and moves it LIVE → PENDING.
-    /// Returns the block's new scrub sequence number.
+    /// Looks up `addr` for a free on this device and moves it LIVE → PENDING (its scrub
+    /// sequence number becomes `seq`). Returns whether the caller's size differed from the
+    /// block table's.
     pub(crate) fn begin_free(
         &mut self,
         addr: u64,
@@ -224,7 +225,7 @@ impl DevicePool {
         seq: u64,
         config: &Config,
         after: &mut Aftermath,
-    ) -> Result<(), Refused> {
+    ) -> Result<bool, Refused> {
         let Some(block) = self.blocks.get_mut(&addr) else {
             return Err(self.refuse(addr));
         };
@@ -234,7 +235,8 @@ impl DevicePool {
         let now = Instant::now();
         let capacity = block.capacity();
         // Invariant 7: the caller's size is not trusted; a mismatch is reported, the table wins.
-        if claimed_size != block.requested as i64 {
+        let size_mismatch = claimed_size != block.requested as i64;
+        if size_mismatch {
             self.stats.counters.size_mismatches += 1;
             after.event(
                 EventKind::SizeMismatch {
@@ -274,7 +276,7 @@ impl DevicePool {
         s.counters.frees += 1;
         s.accounting.live.sub(capacity);
         s.accounting.pending.add(capacity);
-        Ok(())
+        Ok(size_mismatch)
     }
 
     #[cold]

@@ -147,7 +147,7 @@ extern "C" int fake_cuda_capture_mode(int set) {
     if (set >= 0) t_capture_mode = (unsigned)set;
     return (int)t_capture_mode;
 }
-extern "C" int fake_cuda_mode_at_alloc(void) { return g_mode_at_alloc.load(); }
+extern "C" int fake_cuda_mode_at_alloc(int) { return g_mode_at_alloc.load(); }
 CUresult cuEventCreate(void** e, unsigned) { NEED_CTX(); *e = new Event(); return OK; }
 CUresult cuEventRecord(void* e, void*) {
     NEED_CTX();
