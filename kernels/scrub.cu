@@ -1,42 +1,55 @@
-// kvhygiene scrub kernels: zero a batch of device segments, then verify them by the sampled
-// read-back rule of src/backend/verify.rs.
+// kvhygiene scrub kernels: zero a batch of device segments and read back the words that the
+// verification rule of src/backend/verify.rs samples.
 //
-// One scrub batch is two launches on the caller's stream:
+// One scrub batch is one launch on the freeing stream (two when a segment spans chunks), then
+// a completion event:
 //
-//   1. kvh_scrub_zero   zeroes every byte of every segment (16-byte vector stores on the aligned
-//                       body, byte stores on the unaligned head and tail), optionally twice;
-//   2. kvh_scrub_verify reads the verification samples back and accumulates, per segment,
-//                       {checked, nonzero} into the result slots.
+//   1. kvh_scrub          zeroes every byte of every segment (16-byte vector stores on the
+//                         aligned body, byte stores on an unaligned head and tail), optionally
+//                         twice, then reads back the sampled words, chunk by chunk (below);
+//   2. kvh_scrub_publish  only when some segment spans more than one chunk: copies those
+//                         segments' sums {checked, nonzero} into the host's result area and
+//                         clears them for the slot's next batch.
 //
-// Why two launches rather than a last-block-done counter inside one: stream order already
-// guarantees that every store of launch 1 is complete and visible before launch 2 reads, with
-// no device-side counter to reset (a counter left half-incremented by an aborted launch would
-// silently skip a later verification), and the read-back then runs on the whole grid instead of
-// on the single last block. With one block, 4096 segments x 64 samples are 262,144 dependent
-// random reads (about a millisecond); spread over the grid they cost a few microseconds, less
-// than the ~3 us of the extra launch. Cooperative grid sync would also work but caps the grid at
-// the co-resident block count and needs cuLaunchCooperativeKernel.
+// Work: every segment is cut into chunks of 2^chunk_shift bytes, numbered consecutively
+// across the batch, and block c of the grid handles chunk c. One block per chunk, with a grid
+// as large as the work, is the shape of the driver's own memset: blocks start in order, so the
+// stores in flight cover a compact window of memory (docs/cuda.md, "Kernels", has the
+// measurements behind this choice and the chunk sizes).
 //
-// Result slots: launch 1 clears them, launch 2 accumulates into them, the host downloads them
-// after launch 2 in stream order.
+// Descriptors: a batch of up to KVH_INLINE_SEGMENTS segments travels inside the kernel
+// parameter (no copy before the launch); a block finds its segment by a binary search in
+// parameter space. A larger batch comes as one KvhChunk work item per chunk in page-locked host
+// memory mapped into the device: each block's first access is one 32-byte read, and no upload
+// precedes the launch.
 //
-// Work distribution: every segment is cut into KVH_CHUNK_BYTES chunks, numbered consecutively
-// across the batch (the host writes each segment's first chunk number). Each block of the zero
-// launch owns one contiguous, equal share of that flat chunk space (kvh_zero_walk): it searches
-// the segment table once for its first chunk and then walks forward, zeroing each segment's part
-// of its share as one range, so one 1 GiB segment and 4096 segments of 64 KiB both spread over
-// all SMs without a search per chunk. Samples are numbered the same way (first_sample) and each
-// verify thread owns one contiguous share of the sample space (kvh_verify_walk), with one search
-// per thread and at most one atomic pair per thread and segment.
+// Read-back: after zeroing its chunk, the block waits at a block barrier (every store of the
+// block is then visible to every thread of the block) and reads back the sampled words that
+// lie in its chunk, while those lines are still in L2. Each sampled word lies in exactly one
+// chunk, so each is read exactly once, by the block that zeroed it, after that block's stores:
+// no grid-wide barrier is needed, and the publish launch, ordered after launch 1 by the stream,
+// sees every block's sums. The sampling rule is stratified so that a block finds its samples
+// without generating the segment's others: sample i lies in stratum i of the segment's words.
 //
-// The rule functions (kvh_splitmix64 .. kvh_sample_word) are __host__ __device__: the Rust test
-// suite compiles this file as plain C++ (KVH_HOST_RULE) and checks them against verify.rs.
-// Keep the constants below in step with src/backend/verify.rs and src/backend/cuda/kernel.rs;
-// a test parses them.
+// Results: a segment of one chunk has its {checked, nonzero} written by its block straight
+// into the host's result area (page-locked, device-mapped); the host reads it after the
+// completion event. The host clears that area before the launch, so a segment nothing
+// verified reads "0 checked" and fails.
+//
+// The rule functions (kvh_splitmix64 .. kvh_sample_candidates) are __host__ __device__: the
+// Rust test suite compiles this file as plain C++ (KVH_HOST_RULE) and checks them against
+// verify.rs, and the fake driver of the tests runs a host port of the kernels on them. Keep the
+// constants below in step with src/backend/verify.rs and src/backend/cuda/kernel.rs; a test
+// parses them.
 
 #define KVH_WORD_BYTES 8ULL
-#define KVH_CHUNK_BYTES 65536ULL
 #define KVH_BLOCK_THREADS 256
+// Resident blocks per SM the scrub kernel is compiled for: at most 32 registers per thread, so
+// that a 2048-thread SM (sm_80, sm_90) holds 8 blocks and keeps enough stores in flight. On
+// 1536-thread SMs (sm_86, sm_89) 8 blocks cannot be resident; ptxas says so with a warning
+// (kernels/scrub.resources.txt) and ignores the hint there.
+#define KVH_MIN_BLOCKS_PER_SM 8
+#define KVH_INLINE_SEGMENTS 120
 #define KVH_SPLITMIX_GAMMA 0x9E3779B97F4A7C15ULL
 #define KVH_SPLITMIX_MUL1 0xBF58476D1CE4E5B9ULL
 #define KVH_SPLITMIX_MUL2 0x94D049BB133111EBULL
@@ -53,19 +66,43 @@
 typedef unsigned long long kvh_u64;
 typedef unsigned int kvh_u32;
 
-// One segment of a batch, as the host lays it out (src/backend/cuda/kernel.rs, 40 bytes).
+// One segment of an inline batch (DeviceSegment in kernel.rs, 32 bytes).
 struct KvhSegment {
-    kvh_u64 addr;         // device address of the first byte
-    kvh_u64 len;          // bytes, >= 1
-    kvh_u64 seed;         // seed of the sample positions
-    kvh_u64 first_chunk;  // number of this segment's first chunk in the batch
-    kvh_u64 first_sample; // number of this segment's first sample in the batch
+    kvh_u64 addr;        // device address of the first byte
+    kvh_u64 len;         // bytes, >= 1
+    kvh_u64 seed;        // seed of the sample positions
+    kvh_u64 first_chunk; // number of this segment's first chunk in the batch
 };
 
-// One result slot (SegmentResult in Rust).
+// One chunk of an uploaded batch (DeviceChunk in kernel.rs, 32 bytes): everything its block
+// needs in one load, so a block's first access is one 32-byte read rather than a search.
+struct KvhChunk {
+    kvh_u64 addr;    // the segment's first byte
+    kvh_u64 len;     // the segment's length
+    kvh_u64 seed;    // the segment's seed
+    kvh_u32 segment; // the segment's index in the batch
+    kvh_u32 index;   // this chunk's index within the segment
+};
+
+// Per-segment sums (SegmentResult in Rust).
 struct KvhResult {
     kvh_u64 checked;
     kvh_u64 nonzero;
+};
+
+// Both kernels' one parameter (BatchParams in kernel.rs), passed by value: a batch of up to
+// KVH_INLINE_SEGMENTS segments travels inside it and needs no upload.
+struct KvhBatch {
+    const KvhChunk* chunks; // uploaded work items, one per chunk; null: inline_segs
+    KvhResult* sums;        // device, `count` slots, zero between batches
+    KvhResult* results;     // page-locked host memory (device-mapped), `count` slots
+    kvh_u32 count;
+    kvh_u32 flags;
+    kvh_u32 samples;
+    kvh_u32 skip_segment; // fault injection for tests: this segment is not zeroed
+    kvh_u32 chunk_shift;
+    kvh_u32 reserved;
+    KvhSegment inline_segs[KVH_INLINE_SEGMENTS];
 };
 
 KVH_HD kvh_u64 kvh_splitmix64(kvh_u64 x) {
@@ -80,124 +117,85 @@ KVH_HD kvh_u64 kvh_word_count(kvh_u64 len) {
     return len / KVH_WORD_BYTES + (len % KVH_WORD_BYTES != 0);
 }
 
-KVH_HD kvh_u64 kvh_chunk_count(kvh_u64 len) {
-    return len / KVH_CHUNK_BYTES + (len % KVH_CHUNK_BYTES != 0);
-}
-
-KVH_HD int kvh_is_full(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
-    return (flags & KVH_FLAG_FULL_VERIFY) != 0 || (kvh_u64)samples >= kvh_word_count(len);
-}
-
-KVH_HD kvh_u64 kvh_expected_samples(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
+// Samples of a segment: every word under full verification or when `samples` covers them all.
+KVH_HD kvh_u64 kvh_sample_count(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
     kvh_u64 words = kvh_word_count(len);
     if (flags & KVH_FLAG_FULL_VERIFY) return words;
     return words < (kvh_u64)samples ? words : (kvh_u64)samples;
 }
 
-KVH_HD kvh_u64 kvh_sample_word(kvh_u64 seed, kvh_u64 i, kvh_u64 words, int full) {
-    if (full) return i;
+// The sampling rule of one segment: `m` samples over `words` words. Unless every word is a
+// sample (m >= words), the words are split into m strata, consecutive runs of q or q + 1
+// words (the first r = words % m of them one longer), and sample i lies in stratum i.
+struct KvhRule {
+    kvh_u64 words, m, q, r;
+};
+
+KVH_HD KvhRule kvh_rule(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
+    KvhRule rule;
+    rule.words = kvh_word_count(len);
+    rule.m = kvh_sample_count(len, samples, flags);
+    rule.q = rule.m != 0 ? rule.words / rule.m : 0;
+    rule.r = rule.m != 0 ? rule.words % rule.m : 0;
+    return rule;
+}
+
+// First word of stratum i (i <= m; no overflow: the result is <= words).
+KVH_HD kvh_u64 kvh_stratum_start(const KvhRule* rule, kvh_u64 i) {
+    return i * rule->q + (i < rule->r ? i : rule->r);
+}
+
+// The stratum holding word w (< words), for m < words (so q >= 1).
+KVH_HD kvh_u64 kvh_stratum_of(const KvhRule* rule, kvh_u64 w) {
+    kvh_u64 long_words = rule->r * (rule->q + 1);
+    return w < long_words ? w / (rule->q + 1) : rule->r + (w - long_words) / rule->q;
+}
+
+// floor(x * n / 2^64): maps a uniform 64-bit x onto [0, n) without a division.
+KVH_HD kvh_u64 kvh_scale(kvh_u64 x, kvh_u64 n) {
+#ifdef __CUDA_ARCH__
+    return __umul64hi(x, n);
+#else
+    return (kvh_u64)(((unsigned __int128)x * n) >> 64);
+#endif
+}
+
+// Word of sample i (< m): every word when m >= words; otherwise the first word (i = 0), the
+// last word (i = m - 1), and for each i in between one pseudo-random word of stratum i.
+KVH_HD kvh_u64 kvh_sample_word(const KvhRule* rule, kvh_u64 seed, kvh_u64 i) {
+    if (rule->m >= rule->words) return i;
     if (i == 0) return 0;
-    if (i == 1) return words - 1;
-    return kvh_splitmix64(seed + i * KVH_SPLITMIX_GAMMA) % words;
+    if (i + 1 == rule->m) return rule->words - 1;
+    kvh_u64 lo = kvh_stratum_start(rule, i);
+    kvh_u64 n = rule->q + (i < rule->r);
+    return lo + kvh_scale(kvh_splitmix64(seed + i * KVH_SPLITMIX_GAMMA), n);
 }
 
-// The index of the segment holding flat position `pos`, where `first(s)` is non-decreasing:
-// the last segment in [from, count) whose first position is <= pos (empty segments are skipped
-// that way). `from` must be a segment whose first position is <= pos.
-#define KVH_FIND_SEGMENT_FROM(segs, from, count, pos, field)                                    \
-    do {                                                                                        \
-        kvh_u32 lo_ = (from), hi_ = (count) - 1;                                                \
-        while (lo_ < hi_) {                                                                     \
-            kvh_u32 mid_ = lo_ + (hi_ - lo_ + 1) / 2;                                           \
-            if ((segs)[mid_].field <= (pos)) lo_ = mid_; else hi_ = mid_ - 1;                   \
-        }                                                                                       \
-        found_ = lo_;                                                                           \
-    } while (0)
-#define KVH_FIND_SEGMENT(segs, count, pos, field) KVH_FIND_SEGMENT_FROM(segs, 0, count, pos, field)
-
-// ---- Work distribution (shared by the kernels and the host-side tests) ----------------------
-//
-// Zeroing: block b of a grid of G owns the contiguous chunk range
-// [b * per, min((b + 1) * per, total_chunks)) with per = ceil(total_chunks / G). It finds the
-// segment of its first chunk once (binary search) and then walks the segment table forward,
-// handing each segment's part of the range to `f(seg, byte_offset, byte_count)` as one piece.
-template <class F>
-KVH_HD void kvh_zero_walk(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_chunks,
-                          kvh_u64 grid, kvh_u64 block, F& f) {
-    if (count == 0 || total_chunks == 0 || grid == 0) return;
-    kvh_u64 per = total_chunks / grid + (total_chunks % grid != 0);
-    kvh_u64 c = block * per;
-    if (c >= total_chunks) return;
-    kvh_u64 c_end = total_chunks - c < per ? total_chunks : c + per;
-    kvh_u32 found_;
-    KVH_FIND_SEGMENT(segs, count, c, first_chunk);
-    for (kvh_u32 s = found_; s < count && c < c_end; ++s) {
-        kvh_u64 first = segs[s].first_chunk;
-        kvh_u64 len = segs[s].len;
-        kvh_u64 seg_end = first + kvh_chunk_count(len);
-        if (seg_end <= c) continue; // empty segment
-        kvh_u64 stop = seg_end < c_end ? seg_end : c_end;
-        kvh_u64 off = (c - first) * KVH_CHUNK_BYTES;
-        kvh_u64 end = (stop - first) * KVH_CHUNK_BYTES;
-        if (end > len) end = len;
-        f(s, off, end - off);
-        c = stop;
-    }
-}
-
-// Verification: the flat sample space is cut into one contiguous range of
-// per = ceil(total_samples / threads) samples per thread. Sampled mode: thread t takes samples
-// [t * per, (t + 1) * per) (positions are pseudo-random, there is nothing to coalesce). Full
-// mode: the 32 lanes of a warp share the warp's range of 32 * per samples, lane l taking
-// base + l, base + l + 32, ... so that a warp reads 32 consecutive words per load (when the
-// thread count is a multiple of 32, as every launch's is; otherwise as sampled). Either way a
-// thread's samples increase, so it searches the segment table once and then advances; runs of
-// its samples inside one segment go to `f(seg, index_in_segment, step, n)` (samples i,
-// i + step, ..., i + (n - 1) * step of segment `seg`).
-#define KVH_WARP 32ULL
-template <class F>
-KVH_HD void kvh_verify_walk(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_samples,
-                            kvh_u32 samples, kvh_u32 flags, kvh_u64 threads, kvh_u64 t, F& f) {
-    if (count == 0 || total_samples == 0 || threads == 0) return;
-    kvh_u64 per = total_samples / threads + (total_samples % threads != 0);
-    kvh_u64 g, step, n;
-    if ((flags & KVH_FLAG_FULL_VERIFY) && threads % KVH_WARP == 0) {
-        g = (t / KVH_WARP) * KVH_WARP * per + t % KVH_WARP;
-        step = KVH_WARP;
-        if (g >= total_samples) return;
-        n = (total_samples - g + KVH_WARP - 1) / KVH_WARP;
+// The samples that can lie in words [w0, w1) (w0 < w1 <= words): [*first, *end) of the
+// sample numbers, each still to be checked against the range.
+KVH_HD void kvh_sample_candidates(const KvhRule* rule, kvh_u64 w0, kvh_u64 w1, kvh_u64* first,
+                                  kvh_u64* end) {
+    if (rule->m == 0) {
+        *first = *end = 0;
+    } else if (rule->m >= rule->words) {
+        *first = w0;
+        *end = w1;
     } else {
-        g = t * per;
-        step = 1;
-        if (g >= total_samples) return;
-        n = total_samples - g;
+        *first = kvh_stratum_of(rule, w0);
+        *end = kvh_stratum_of(rule, w1 - 1) + 1;
     }
-    if (n > per) n = per;
-    kvh_u32 found_;
-    KVH_FIND_SEGMENT(segs, count, g, first_sample);
-    kvh_u32 cur = found_;
-    for (;;) {
-        kvh_u64 lo = segs[cur].first_sample;
-        kvh_u64 hi = lo + kvh_expected_samples(segs[cur].len, samples, flags);
-        if (g < hi) {
-            kvh_u64 in_seg = (hi - g + step - 1) / step;
-            kvh_u64 m = in_seg < n ? in_seg : n;
-            f(cur, g - lo, step, m);
-            n -= m;
-            if (n == 0) return;
-            g += m * step;
-        }
-        // The next sample lies beyond segment `cur`: usually in the next one. `cur` strictly
-        // increases, so even a table inconsistent with total_samples ends the walk.
-        if (cur + 1 >= count) return;
-        if (segs[cur + 1].first_sample <= g &&
-            (cur + 2 >= count || segs[cur + 2].first_sample > g)) {
-            cur += 1;
-        } else {
-            KVH_FIND_SEGMENT_FROM(segs, cur + 1, count, g, first_sample);
-            cur = found_;
-        }
+}
+
+// The last segment whose first chunk is <= c (segments are in chunk order; a segment of
+// length 0 owns no chunk and is skipped that way).
+KVH_HD kvh_u32 kvh_find_chunk(const KvhSegment* segs, kvh_u32 count, kvh_u64 c) {
+    kvh_u32 lo = 0, hi = count - 1;
+    while (lo < hi) {
+        kvh_u32 mid = lo + (hi - lo + 1) / 2;
+        if (segs[mid].first_chunk <= c) lo = mid;
+        else hi = mid - 1;
     }
+    return lo;
 }
 
 #ifdef __CUDACC__
@@ -210,8 +208,8 @@ __device__ __forceinline__ kvh_u64 kvh_to_global(kvh_u64 a) {
     return g;
 }
 
-// Stores through inline PTX so that neither the zeroing (whose result the kernel never reads)
-// nor the second pass (identical to the first) can be elided or merged by the compiler.
+// Stores through inline PTX so that neither the zeroing (whose result the kernel only reads
+// back through volatile loads) nor the second pass (identical to the first) can be elided.
 __device__ __forceinline__ void kvh_store_zero16(kvh_u64 g) {
     asm volatile("st.global.v4.u32 [%0], {%1, %1, %1, %1};" ::"l"(g), "r"(0u) : "memory");
 }
@@ -237,11 +235,11 @@ __device__ __forceinline__ unsigned short kvh_load1(kvh_u64 g) {
 // coalesced row of 16 * blockDim.x bytes.
 #define KVH_ZERO_UNROLL 4
 
-// Zeroes `len` bytes from `generic_begin` with the threads of one block: byte stores up to the
-// first 16-byte boundary, vector stores over the aligned body (whole tiles of KVH_ZERO_UNROLL
-// rows with independent stores per thread, then single rows), byte stores over the tail.
-__device__ __forceinline__ void kvh_zero_range(kvh_u64 generic_begin, kvh_u64 len) {
-    kvh_u64 begin = kvh_to_global(generic_begin);
+// Zeroes `len` bytes from global address `begin` with the threads of one block: byte stores
+// up to the first 16-byte boundary, vector stores over the aligned body (whole tiles of
+// KVH_ZERO_UNROLL rows with independent stores per thread, then single rows), byte stores
+// over the tail.
+__device__ __forceinline__ void kvh_zero_range(kvh_u64 begin, kvh_u64 len) {
     kvh_u64 end = begin + len;
     kvh_u64 head_end = (begin + 15) & ~15ULL;
     if (head_end > end) head_end = end;
@@ -261,180 +259,160 @@ __device__ __forceinline__ void kvh_zero_range(kvh_u64 generic_begin, kvh_u64 le
     for (kvh_u64 b = body_end + threadIdx.x; b < end; b += blockDim.x) kvh_store_zero1(b);
 }
 
-struct KvhZeroPiece {
-    const KvhSegment* segs;
-    kvh_u32 skip;
-    __device__ __forceinline__ void operator()(kvh_u32 s, kvh_u64 off, kvh_u64 len) const {
-        if (s != skip) kvh_zero_range(segs[s].addr + off, len);
-    }
-};
-
-// Blocks of the zero kernel that must fit on one SM (at most 32 registers per thread on a
-// 64K-register SM): each block owns one contiguous range, so the whole grid (the host launches
-// at most BLOCKS_PER_SM blocks per SM) should be resident at once, with no second wave.
-#define KVH_ZERO_MIN_BLOCKS 8
-
-// Launch 1. Also clears the result slots (block 0), which launch 2 then fills: a slot the
-// verification never reaches reads "0 checked" and fails. `skip_segment` exists for the
-// fault-injection test only (KVH_NO_SKIP otherwise): that segment is left untouched so the
-// verification must catch it.
-extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS, KVH_ZERO_MIN_BLOCKS)
-kvh_scrub_zero(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_chunks, kvh_u32 flags,
-               kvh_u32 skip_segment, KvhResult* results) {
-    if (blockIdx.x == 0) {
-        for (kvh_u32 i = threadIdx.x; i < count; i += blockDim.x) {
-            results[i].checked = 0;
-            results[i].nonzero = 0;
-        }
-    }
-    KvhZeroPiece f = {segs, skip_segment};
-    int passes = (flags & KVH_FLAG_DOUBLE_PASS) ? 2 : 1;
-    for (int p = 0; p < passes; ++p) {
-        kvh_zero_walk(segs, count, total_chunks, gridDim.x, blockIdx.x, f);
-        // The second pass rewrites exactly the bytes of this block's first pass; the fence
-        // keeps the two passes distinct writes in memory order.
-        if (p + 1 < passes) __threadfence();
-    }
-}
-
-// Whether the bytes of word `w` of a segment that do not form an aligned full word hold a
-// non-zero byte: the last word may be partial and an unaligned segment's words are not 8-byte
-// aligned; those are read byte by byte.
-__device__ __forceinline__ kvh_u64 kvh_word_bytes_or(kvh_u64 g, kvh_u64 n) {
+// Whether word `w` of the segment at global address `g` of `len` bytes holds a non-zero
+// byte. A whole, 8-byte-aligned word is one load; the last word may be partial and an
+// unaligned segment's words are unaligned: those are read byte by byte.
+__device__ __forceinline__ kvh_u64 kvh_word_nonzero(kvh_u64 g, kvh_u64 len, kvh_u64 w) {
+    kvh_u64 off = w * KVH_WORD_BYTES;
+    if ((g & 7ULL) == 0 && len - off >= KVH_WORD_BYTES) return kvh_load8(g + off) != 0;
+    kvh_u64 n = len - off < KVH_WORD_BYTES ? len - off : KVH_WORD_BYTES;
     unsigned short any = 0;
-    for (kvh_u64 k = 0; k < n; ++k) any |= kvh_load1(g + k);
-    return any;
+    for (kvh_u64 k = 0; k < n; ++k) any |= kvh_load1(g + off + k);
+    return any != 0;
 }
 
-// Samples read per group: their loads are all issued before any result is used, so one
-// thread keeps KVH_VERIFY_UNROLL reads in flight.
-#define KVH_VERIFY_UNROLL 8
-
-// Accumulates a thread's runs; adds to the result slot when the thread moves to another
-// segment (and once at the end), so a thread issues at most one atomic pair per segment.
-struct KvhVerifyAcc {
-    const KvhSegment* segs;
-    KvhResult* results;
-    kvh_u32 samples, flags;
-    kvh_u32 cur;
-    kvh_u64 checked, nonzero;
-
-    __device__ __forceinline__ void flush() {
-        if (checked == 0) return;
-        atomicAdd(&results[cur].checked, checked);
-        if (nonzero != 0) atomicAdd(&results[cur].nonzero, nonzero);
-        checked = 0;
-        nonzero = 0;
-    }
-
-    __device__ __forceinline__ void operator()(kvh_u32 s, kvh_u64 i, kvh_u64 step, kvh_u64 n) {
-        if (s != cur) {
-            flush();
-            cur = s;
-        }
-        kvh_u64 addr = kvh_to_global(segs[s].addr);
-        kvh_u64 len = segs[s].len;
-        kvh_u64 seed = segs[s].seed;
-        kvh_u64 words = kvh_word_count(len);
-        int full = kvh_is_full(len, samples, flags);
-        // Words that are whole and 8-byte aligned are read with one 8-byte load.
-        kvh_u64 whole = (addr & 7ULL) == 0 ? len / KVH_WORD_BYTES : 0;
-        checked += n;
-        while (n > 0) {
-            kvh_u64 v[KVH_VERIFY_UNROLL];
-#pragma unroll
-            for (int k = 0; k < KVH_VERIFY_UNROLL; ++k) {
-                v[k] = 0;
-                if ((kvh_u64)k < n) {
-                    kvh_u64 w = kvh_sample_word(seed, i + (kvh_u64)k * step, words, full);
-                    kvh_u64 off = w * KVH_WORD_BYTES;
-                    if (w < whole) {
-                        v[k] = kvh_load8(addr + off);
-                    } else {
-                        kvh_u64 left = len - off;
-                        v[k] = kvh_word_bytes_or(addr + off,
-                                                 left < KVH_WORD_BYTES ? left : KVH_WORD_BYTES);
-                    }
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < KVH_VERIFY_UNROLL; ++k) nonzero += (kvh_u64)(v[k] != 0);
-            kvh_u64 done = n < KVH_VERIFY_UNROLL ? n : KVH_VERIFY_UNROLL;
-            n -= done;
-            i += done * step;
+// Reads back the sampled words of bytes [off, off + n) of the segment at global address `g`
+// with the threads of the block, after the block barrier that follows the zeroing. A segment
+// of one chunk has its result written straight to the host's result area; a longer one has
+// this chunk's part added to the device sums, which kvh_scrub_publish then copies.
+// Out of line: the zeroing keeps its few registers, and the read-back (once per chunk, after
+// the stores) pays for its own.
+__device__ __noinline__ void kvh_read_back(kvh_u64 g, kvh_u64 len, kvh_u64 seed, kvh_u64 off,
+                                           kvh_u64 n, kvh_u32 samples, kvh_u32 flags, int whole,
+                                           KvhResult* out) {
+    __shared__ kvh_u64 warp_sums[KVH_BLOCK_THREADS / 32][2];
+    const KvhRule rule = kvh_rule(len, samples, flags);
+    // Chunks start at multiples of 2^chunk_shift (a multiple of 8): no word straddles two.
+    const kvh_u64 w0 = off / KVH_WORD_BYTES, w1 = kvh_word_count(off + n);
+    kvh_u64 first, end;
+    kvh_sample_candidates(&rule, w0, w1, &first, &end);
+    kvh_u64 checked = 0, nonzero = 0;
+    for (kvh_u64 i = first + threadIdx.x; i < end; i += blockDim.x) {
+        kvh_u64 w = kvh_sample_word(&rule, seed, i);
+        if (w >= w0 && w < w1) {
+            ++checked;
+            nonzero += kvh_word_nonzero(g, len, w);
         }
     }
-};
+    for (int d = 16; d > 0; d /= 2) {
+        checked += __shfl_down_sync(0xFFFFFFFFu, checked, d);
+        nonzero += __shfl_down_sync(0xFFFFFFFFu, nonzero, d);
+    }
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    if (!whole) {
+        if (lane == 0 && checked != 0) {
+            atomicAdd(&out->checked, checked);
+            if (nonzero != 0) atomicAdd(&out->nonzero, nonzero);
+        }
+        return;
+    }
+    if (lane == 0) {
+        warp_sums[warp][0] = checked;
+        warp_sums[warp][1] = nonzero;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        kvh_u64 c = 0, z = 0;
+        for (unsigned k = 0; k < blockDim.x / 32; ++k) {
+            c += warp_sums[k][0];
+            z += warp_sums[k][1];
+        }
+        out->checked = c;
+        out->nonzero = z;
+    }
+}
 
-// Launch 2. Result slots are zero when it starts (launch 1 cleared them, in stream order).
+// Launch 1: one block of KVH_BLOCK_THREADS threads per chunk (the host keeps the chunk count
+// below 2^31 by its choice of chunk size).
+extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS, KVH_MIN_BLOCKS_PER_SM)
+kvh_scrub(const __grid_constant__ KvhBatch b) {
+    const kvh_u64 c = blockIdx.x;
+    kvh_u32 s;
+    kvh_u64 addr, len, seed, index;
+    if (b.chunks) {
+        const KvhChunk* w = &b.chunks[c];
+        s = w->segment;
+        addr = w->addr;
+        len = w->len;
+        seed = w->seed;
+        index = w->index;
+    } else {
+        s = kvh_find_chunk(b.inline_segs, b.count, c);
+        addr = b.inline_segs[s].addr;
+        len = b.inline_segs[s].len;
+        seed = b.inline_segs[s].seed;
+        index = c - b.inline_segs[s].first_chunk;
+    }
+    const kvh_u64 chunk = 1ULL << b.chunk_shift;
+    const kvh_u64 off = index << b.chunk_shift;
+    const kvh_u64 n = len - off < chunk ? len - off : chunk;
+    const kvh_u64 g = kvh_to_global(addr);
+    if (s != b.skip_segment) {
+        kvh_zero_range(g + off, n);
+        if (b.flags & KVH_FLAG_DOUBLE_PASS) {
+            // The second pass rewrites the same bytes; the fence keeps the two passes
+            // distinct writes in memory order.
+            __threadfence();
+            kvh_zero_range(g + off, n);
+        }
+    }
+    // Every store of this block is now visible to every thread of this block.
+    __syncthreads();
+    const int whole = len <= chunk;
+    kvh_read_back(g, len, seed, off, n, b.samples, b.flags, whole,
+                  whole ? &b.results[s] : &b.sums[s]);
+}
+
+// Launch 2, only for batches with a segment of more than one chunk: copies those segments'
+// sums to the host's result area and clears them for the next batch of the same slot. Stream
+// order puts it after every block of launch 1. Sums of one-chunk segments stay zero (their
+// blocks wrote the result area directly), and so do those of segments with no sample: both
+// are skipped, leaving what launch 1 or the host wrote.
 extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS)
-kvh_scrub_verify(const KvhSegment* segs, kvh_u32 count, kvh_u64 total_samples, kvh_u32 samples,
-                 kvh_u32 flags, KvhResult* results) {
-    KvhVerifyAcc acc = {segs, results, samples, flags, 0, 0, 0};
-    kvh_u64 threads = (kvh_u64)gridDim.x * blockDim.x;
-    kvh_u64 t = (kvh_u64)blockIdx.x * blockDim.x + threadIdx.x;
-    kvh_verify_walk(segs, count, total_samples, samples, flags, threads, t, acc);
-    acc.flush();
+kvh_scrub_publish(const __grid_constant__ KvhBatch b) {
+    for (kvh_u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < b.count;
+         i += gridDim.x * blockDim.x) {
+        KvhResult r = b.sums[i];
+        if (r.checked == 0 && r.nonzero == 0) continue;
+        b.results[i] = r;
+        b.sums[i].checked = 0;
+        b.sums[i].nonzero = 0;
+    }
 }
 
 #endif // __CUDACC__
 
 #ifdef KVH_HOST_RULE
-// Host build of the rule for the agreement test in src/backend/cuda/kernel.rs.
+// Host builds of the rule for the agreement tests in src/backend/cuda/kernel.rs.
 extern "C" kvh_u64 kvh_host_rule_sample_word(kvh_u64 seed, kvh_u64 i, kvh_u64 len,
                                              kvh_u32 samples, kvh_u32 flags) {
-    return kvh_sample_word(seed, i, kvh_word_count(len), kvh_is_full(len, samples, flags));
+    KvhRule rule = kvh_rule(len, samples, flags);
+    return kvh_sample_word(&rule, seed, i);
 }
 
 extern "C" kvh_u64 kvh_host_rule_expected_samples(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
-    return kvh_expected_samples(len, samples, flags);
+    return kvh_sample_count(len, samples, flags);
 }
 
-extern "C" kvh_u32 kvh_host_rule_find_chunk(const KvhSegment* segs, kvh_u32 count, kvh_u64 pos) {
-    kvh_u32 found_;
-    KVH_FIND_SEGMENT(segs, count, pos, first_chunk);
-    return found_;
+extern "C" void kvh_host_rule_candidates(kvh_u64 len, kvh_u32 samples, kvh_u32 flags, kvh_u64 w0,
+                                         kvh_u64 w1, kvh_u64* first, kvh_u64* end) {
+    KvhRule rule = kvh_rule(len, samples, flags);
+    kvh_sample_candidates(&rule, w0, w1, first, end);
 }
 
-// Records up to `cap` pieces as {segment, offset, length} triples; returns the piece count.
-struct KvhHostRecorder {
-    kvh_u64* out;
-    kvh_u64 cap, n;
-    void operator()(kvh_u32 s, kvh_u64 a, kvh_u64 b) {
-        if (n < cap) {
-            out[3 * n] = s;
-            out[3 * n + 1] = a;
-            out[3 * n + 2] = b;
-        }
-        ++n;
-    }
-    void operator()(kvh_u32 s, kvh_u64 i, kvh_u64 step, kvh_u64 m) {
-        if (n < cap) {
-            out[4 * n] = s;
-            out[4 * n + 1] = i;
-            out[4 * n + 2] = step;
-            out[4 * n + 3] = m;
-        }
-        ++n;
-    }
-};
-
-// The pieces block `block` of a `grid`-block zero launch writes (one pass).
-extern "C" kvh_u64 kvh_host_rule_zero_walk(const KvhSegment* segs, kvh_u32 count,
-                                           kvh_u64 total_chunks, kvh_u64 grid, kvh_u64 block,
-                                           kvh_u64* out, kvh_u64 cap) {
-    KvhHostRecorder r = {out, cap, 0};
-    kvh_zero_walk(segs, count, total_chunks, grid, block, r);
-    return r.n;
+// sizeof / offsetof values of the structs, for the layout test.
+extern "C" void kvh_host_rule_layout(kvh_u64* out) {
+    out[0] = sizeof(KvhSegment);
+    out[1] = sizeof(KvhChunk);
+    out[2] = sizeof(KvhBatch);
+    out[3] = __builtin_offsetof(KvhBatch, count);
+    out[4] = __builtin_offsetof(KvhBatch, chunk_shift);
+    out[5] = __builtin_offsetof(KvhBatch, inline_segs);
+    out[6] = sizeof(KvhResult);
+    out[7] = alignof(KvhBatch);
 }
 
-// The sample runs thread `t` of `threads` verifies, as {segment, index, step, count}.
-extern "C" kvh_u64 kvh_host_rule_verify_walk(const KvhSegment* segs, kvh_u32 count,
-                                             kvh_u64 total_samples, kvh_u32 samples,
-                                             kvh_u32 flags, kvh_u64 threads, kvh_u64 t,
-                                             kvh_u64* out, kvh_u64 cap) {
-    KvhHostRecorder r = {out, cap, 0};
-    kvh_verify_walk(segs, count, total_samples, samples, flags, threads, t, r);
-    return r.n;
+extern "C" kvh_u32 kvh_host_rule_find_chunk(const KvhSegment* segs, kvh_u32 count, kvh_u64 c) {
+    return kvh_find_chunk(segs, count, c);
 }
 #endif

@@ -23,8 +23,8 @@ functions=(
     cuDeviceGetCount cuDeviceGet cuDeviceGetAttribute
     cuDevicePrimaryCtxRetain cuCtxGetCurrent cuCtxSetCurrent
     cuModuleLoadData cuModuleGetFunction cuLaunchKernel
-    cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost
-    cuMemcpyHtoD_v2 cuMemcpyDtoH_v2 cuMemcpyHtoDAsync_v2 cuMemcpyDtoHAsync_v2
+    cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost cuMemHostGetDevicePointer_v2
+    cuMemcpyHtoD_v2 cuMemcpyDtoH_v2
     cuMemsetD8_v2 cuMemsetD8Async
     cuStreamSynchronize cuStreamWaitEvent cuStreamIsCapturing cuCtxSynchronize
     cuEventCreate cuEventRecord cuEventQuery cuEventSynchronize cuEventDestroy_v2
@@ -42,7 +42,7 @@ trap 'rm -f "$tmp"' EXIT
     bindgen "$header" --dynamic-loading CudaDriver --dynamic-link-require-all \
         "${allow[@]}" \
         --allowlist-type '^CU(result|device_attribute|streamCaptureStatus|streamCaptureMode|event_flags)$' \
-        --allowlist-var '^CU_MEMHOSTALLOC_PORTABLE$' \
+        --allowlist-var '^CU_MEMHOSTALLOC_(PORTABLE|DEVICEMAP)$' \
         --default-enum-style newtype --no-layout-tests --no-doc-comments \
         --rust-target 1.80 --raw-line '#![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]' \
         -- -x c 2>/dev/null

@@ -143,6 +143,12 @@ fn batches_full_verification_and_double_pass() {
         let (segments, total) = random_layout(count, 5000, count as u64);
         scrub_and_check(&b, total, &segments, SAMPLED);
     }
+    // Work items (more segments than travel inline) with segments that span chunks, so that
+    // the publish launch runs too; then the same slots again, inline.
+    for (count, max_len) in [(200usize, 200_000u64), (121, 70_000), (120, 70_000)] {
+        let (segments, total) = random_layout(count, max_len, count as u64 + 1);
+        scrub_and_check(&b, total, &segments, SAMPLED);
+    }
     let (segments, total) = random_layout(40, 70_000, 9);
     for (full, double) in [(true, false), (false, true), (true, true)] {
         let opts = ScrubOptions {

@@ -56,7 +56,11 @@ fn resource_report_is_fresh_and_spill_free() {
         .lines()
         .filter(|l| l.contains("spill stores"))
         .collect();
-    assert_eq!(spill_lines.len(), 8, "two kernels x four architectures");
+    assert_eq!(
+        spill_lines.len(),
+        12,
+        "two kernels and the read-back function x four architectures"
+    );
     for line in spill_lines {
         assert_eq!(
             line.trim(),

@@ -4,16 +4,22 @@
 //! the last word may be partial and then covers only the bytes inside the segment.
 //!
 //! - Full verification reads every word: sample `i` is word `i`, for `i < words`.
-//! - Sampled verification reads `n = min(samples, words)` words (when `samples >= words` it is
-//!   full verification). Sample 0 is word 0, sample 1 is word `words - 1` (first and last word are
-//!   always read), and sample `i >= 2` is word `splitmix64(seed + i * 0x9E3779B97F4A7C15) % words`.
-//!   Samples may repeat a word; each still counts as a sample.
+//! - Sampled verification reads `m = min(samples, words)` words (when `samples >= words` it is
+//!   full verification). The words are split into `m` strata: consecutive runs of
+//!   `q = words / m` words, the first `r = words % m` of them one word longer, so stratum `i`
+//!   starts at word `i * q + min(i, r)`. Sample 0 is word 0, sample `m - 1` is word
+//!   `words - 1` (first and last word are always read), and sample `i` in between is word
+//!   `start(i) + floor(splitmix64(seed + i * 0x9E3779B97F4A7C15) * len(i) / 2^64)` of its
+//!   stratum `i` (a 64 x 64 -> 128-bit product, high half). Every sample lies in its own
+//!   stratum, so samples spread over the whole segment, never repeat a word, and the samples
+//!   of any range of words can be found without generating the others (the CUDA kernel reads
+//!   back, per chunk, the samples of that chunk).
 //!
 //! A sample is non-zero when any of its bytes is non-zero. A segment passes when
 //! `checked == expected` and `(checked - nonzero) / checked >= threshold`. A result slot that a
 //! scrub never wrote reads `checked == 0` and therefore fails.
 //!
-//! The CUDA kernel (`kernels/scrub.cu`) implements exactly these functions; keep them in step.
+//! The CUDA kernel (`kernels/scrub.cu`) implements exactly this rule; a test compares the two.
 
 /// Bytes in one verification word.
 pub const WORD_BYTES: u64 = 8;
@@ -54,23 +60,85 @@ pub fn expected_samples(len: u64, samples: u32, full_verify: bool) -> u64 {
     }
 }
 
-/// Whether the verification reads every word in order (full, or samples >= words).
-#[inline]
-pub fn is_full(len: u64, samples: u32, full_verify: bool) -> bool {
-    full_verify || u64::from(samples) >= word_count(len)
+/// The sampling rule of one segment (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    words: u64,
+    samples: u64,
+    q: u64,
+    r: u64,
 }
 
-/// The word index read by sample `i` of a segment (see the module docs).
-#[inline]
-pub fn sample_word(seed: u64, i: u64, words: u64, full: bool) -> u64 {
-    debug_assert!(words > 0 && i < words.max(2));
-    if full {
-        return i;
+impl Rule {
+    /// The rule for a segment of `len` bytes scrubbed with these options.
+    pub fn new(len: u64, samples: u32, full_verify: bool) -> Rule {
+        let words = word_count(len);
+        let m = expected_samples(len, samples, full_verify);
+        let (q, r) = match (words.checked_div(m), words.checked_rem(m)) {
+            (Some(q), Some(r)) => (q, r),
+            _ => (0, 0),
+        };
+        Rule {
+            words,
+            samples: m,
+            q,
+            r,
+        }
     }
-    match i {
-        0 => 0,
-        1 => words - 1,
-        _ => splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))) % words,
+
+    /// Samples to read (`expected_samples`).
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Whether every word is read.
+    pub fn is_full(&self) -> bool {
+        self.samples >= self.words
+    }
+
+    /// First word of stratum `i` (`i <= samples`).
+    fn stratum_start(&self, i: u64) -> u64 {
+        i * self.q + i.min(self.r)
+    }
+
+    /// The stratum holding word `w < words`; only for sampled rules (`q >= 1`).
+    fn stratum_of(&self, w: u64) -> u64 {
+        let long_words = self.r * (self.q + 1);
+        if w < long_words {
+            w / (self.q + 1)
+        } else {
+            self.r + (w - long_words) / self.q
+        }
+    }
+
+    /// The word read by sample `i < samples()`.
+    pub fn word(&self, seed: u64, i: u64) -> u64 {
+        debug_assert!(i < self.samples);
+        if self.is_full() {
+            return i;
+        }
+        if i == 0 {
+            return 0;
+        }
+        if i + 1 == self.samples {
+            return self.words - 1;
+        }
+        let len = self.q + u64::from(i < self.r);
+        let x = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        self.stratum_start(i) + ((u128::from(x) * u128::from(len)) >> 64) as u64
+    }
+
+    /// The samples that may read a word of `w0..w1` (`w0 < w1 <= words`): every sample in the
+    /// range is among them, and a caller keeps those whose [`Rule::word`] falls inside.
+    pub fn candidates(&self, w0: u64, w1: u64) -> std::ops::Range<u64> {
+        debug_assert!(w0 < w1 && w1 <= self.words);
+        if self.samples == 0 {
+            0..0
+        } else if self.is_full() {
+            w0..w1
+        } else {
+            self.stratum_of(w0)..self.stratum_of(w1 - 1) + 1
+        }
     }
 }
 
@@ -111,11 +179,11 @@ pub unsafe fn verify_raw(
     if words == 0 {
         return SegmentResult::default();
     }
-    let n = expected_samples(len as u64, samples, full_verify);
-    let full = is_full(len as u64, samples, full_verify);
+    let rule = Rule::new(len as u64, samples, full_verify);
+    let n = rule.samples();
     let mut nonzero = 0;
     for i in 0..n {
-        let w = sample_word(seed, i, words, full);
+        let w = rule.word(seed, i);
         let start = (w * WORD_BYTES) as usize;
         let end = (start + WORD_BYTES as usize).min(len);
         let dirty = (start..end).any(|k| {
@@ -136,32 +204,105 @@ mod tests {
 
     #[test]
     fn first_and_last_word_always_sampled() {
-        for words in 1..50u64 {
-            assert_eq!(sample_word(7, 0, words, false), 0);
-            assert_eq!(sample_word(7, 1, words.max(2), false), words.max(2) - 1);
+        for words in 2..200u64 {
+            for samples in 2..70u32 {
+                let rule = Rule::new(words * 8, samples, false);
+                let m = rule.samples();
+                assert_eq!(rule.word(7, 0), 0);
+                assert_eq!(
+                    rule.word(7, m - 1),
+                    words - 1,
+                    "words {words} samples {samples}"
+                );
+            }
         }
     }
 
     #[test]
-    fn samples_stay_in_range_and_spread() {
-        let words = 1 << 20;
-        let mut max = 0;
-        for i in 0..64 {
-            let w = sample_word(42, i, words, false);
-            assert!(w < words);
-            max = max.max(w);
+    fn each_sample_lies_in_its_stratum_and_words_do_not_repeat() {
+        for (words, samples) in [
+            (1000u64, 64u32),
+            (64, 64),
+            (65, 64),
+            (127, 64),
+            (1 << 20, 7),
+        ] {
+            let rule = Rule::new(words * 8, samples, false);
+            let m = rule.samples();
+            let picked: Vec<u64> = (0..m).map(|i| rule.word(99, i)).collect();
+            for (i, &w) in picked.iter().enumerate() {
+                assert!(w < words);
+                let i = i as u64;
+                assert!(
+                    rule.stratum_start(i) <= w && w < rule.stratum_start(i + 1),
+                    "i {i}"
+                );
+            }
+            assert!(
+                picked.windows(2).all(|p| p[0] < p[1]),
+                "increasing, no repeats"
+            );
         }
-        assert!(max > words / 2, "samples cluster at the start");
     }
+
+    #[test]
+    fn samples_spread_over_the_segment() {
+        let rule = Rule::new(8 << 20, 64, false);
+        let words = 1 << 20;
+        let picked: Vec<u64> = (0..64).map(|i| rule.word(42, i)).collect();
+        // One sample per 1/64th of the segment.
+        for (i, w) in picked.iter().enumerate() {
+            assert_eq!(w * 64 / words, i as u64);
+        }
+    }
+
+    #[test]
+    fn candidates_cover_exactly_the_samples_of_a_range() {
+        for (len, samples, full) in [
+            (8u64 << 16, 64u32, false),
+            (1_000_003, 64, false),
+            (4096, 64, true),
+            (80, 64, false),
+            (1 << 24, 4096, false),
+        ] {
+            let rule = Rule::new(len, samples, full);
+            let words = word_count(len);
+            let m = rule.samples();
+            let step = (words / 37).max(1);
+            let mut w0 = 0;
+            let mut seen = 0;
+            while w0 < words {
+                let w1 = (w0 + step).min(words);
+                let range = rule.candidates(w0, w1);
+                let inside = (0..m)
+                    .filter(|&i| (w0..w1).contains(&rule.word(5, i)))
+                    .count() as u64;
+                let found = range
+                    .clone()
+                    .filter(|&i| (w0..w1).contains(&rule.word(5, i)))
+                    .count() as u64;
+                assert_eq!(found, inside, "len {len} range {w0}..{w1}");
+                assert!(
+                    range.end - range.start <= inside + 2,
+                    "at most the two edge strata extra"
+                );
+                seen += found;
+                w0 = w1;
+            }
+            assert_eq!(seen, m);
+        }
+    }
+
+    /// Sample positions of an 8000-byte segment, seed 1, 6 samples (see the test below).
+    const FIXED_POSITIONS: [u64; 6] = [0, 291, 496, 575, 741, 999];
 
     #[test]
     fn fixed_vectors_for_outside_verifiers() {
         // An auditor reimplementing the rule must reproduce these positions.
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
-        let got: Vec<u64> = (0..6).map(|i| sample_word(1, i, 1000, false)).collect();
-        let again: Vec<u64> = (0..6).map(|i| sample_word(1, i, 1000, false)).collect();
-        assert_eq!(got, again);
-        assert_eq!(&got[..2], &[0, 999]);
+        let rule = Rule::new(8000, 6, false);
+        let got: Vec<u64> = (0..6).map(|i| rule.word(1, i)).collect();
+        assert_eq!(got, FIXED_POSITIONS);
     }
 
     #[test]

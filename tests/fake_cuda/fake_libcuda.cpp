@@ -1,8 +1,8 @@
 // A stand-in for libcuda.so.1 that runs on the host, so the CUDA backend's host side (loader,
 // contexts, descriptor layout, kernel parameters, result slots, events, error mapping) can be
 // tested through the Backend trait without a GPU. Device memory is host memory; "launches"
-// run a host port of the two kernels of kernels/scrub.cu synchronously, reusing its rule
-// functions and segment search (KVH_HOST_RULE). Not a model of the GPU's concurrency.
+// run a host port of the two kernels of kernels/scrub.cu synchronously, reusing its structs,
+// rule functions and segment search (KVH_HOST_RULE). Not a model of the GPU's concurrency.
 //
 // Behaviour the tests rely on:
 // - every call that needs a context fails with CUDA_ERROR_INVALID_CONTEXT (201) unless the
@@ -103,8 +103,8 @@ CUresult cuModuleLoadData(void** m, const void* image) {
 }
 CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     NEED_CTX();
-    if (!strcmp(name, "kvh_scrub_zero")) { *f = (void*)1; return OK; }
-    if (!strcmp(name, "kvh_scrub_verify")) { *f = (void*)2; return OK; }
+    if (!strcmp(name, "kvh_scrub")) { *f = (void*)1; return OK; }
+    if (!strcmp(name, "kvh_scrub_publish")) { *f = (void*)2; return OK; }
     return NOT_FOUND;
 }
 
@@ -122,11 +122,16 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     *p = malloc(n);
     return *p ? OK : OUT_OF_MEMORY;
 }
+// Host memory is "device" memory here: the mapping is the identity.
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned flags) {
+    NEED_CTX();
+    if (flags != 0) return INVALID_VALUE;
+    *d = (CUdeviceptr)p;
+    return OK;
+}
 CUresult cuMemFreeHost(void* p) { free(p); return OK; }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { NEED_CTX(); memcpy((void*)d, s, n); return OK; }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(d, (void*)s, n); return OK; }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
 
@@ -163,69 +168,73 @@ CUresult cuEventQuery(void* e) {
 CUresult cuEventSynchronize(void* e) { NEED_CTX(); static_cast<Event*>(e)->pending = 0; return OK; }
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
 
-// Host ports of kvh_scrub_zero / kvh_scrub_verify: the kernels' own work distribution
-// (kvh_zero_walk per block, kvh_verify_walk per thread, for the launch's grid) and rule
-// functions, run one block / thread after the other.
-struct ZeroPiece {
-    const KvhSegment* segs;
-    kvh_u32 skip;
-    void operator()(kvh_u32 s, kvh_u64 off, kvh_u64 len) const {
-        if (s != skip) memset((char*)segs[s].addr + off, 0, len);
-    }
-};
-
-static void zero(void** p, kvh_u64 grid) {
-    const KvhSegment* segs = *(const KvhSegment**)p[0];
-    kvh_u32 count = *(kvh_u32*)p[1];
-    kvh_u64 total = *(kvh_u64*)p[2];
-    kvh_u32 flags = *(kvh_u32*)p[3];
-    kvh_u32 skip = *(kvh_u32*)p[4];
-    KvhResult* results = *(KvhResult**)p[5];
-    for (kvh_u32 i = 0; i < count; ++i) results[i] = KvhResult{0, 0};
-    ZeroPiece f = {segs, skip};
-    int passes = (flags & KVH_FLAG_DOUBLE_PASS) ? 2 : 1;
-    for (kvh_u64 b = 0; b < grid; ++b)
-        for (int pass = 0; pass < passes; ++pass) kvh_zero_walk(segs, count, total, grid, b, f);
+// Host ports of kvh_scrub / kvh_scrub_publish: the kernels' own work decomposition (one
+// chunk per block, its segment found as the kernel finds it, the read-back of the chunk's
+// samples by the rule's candidate range) run one block after the other.
+static kvh_u64 word_nonzero(const KvhSegment& s, kvh_u64 w) {
+    kvh_u64 off = w * KVH_WORD_BYTES;
+    kvh_u64 n = s.len - off < KVH_WORD_BYTES ? s.len - off : KVH_WORD_BYTES;
+    unsigned char any = 0;
+    for (kvh_u64 j = 0; j < n; ++j) any |= ((const unsigned char*)s.addr)[off + j];
+    return any != 0;
 }
 
-struct VerifyRuns {
-    const KvhSegment* segs;
-    KvhResult* results;
-    kvh_u32 samples, flags;
-    void operator()(kvh_u32 seg, kvh_u64 i, kvh_u64 step, kvh_u64 m) const {
-        const KvhSegment& s = segs[seg];
-        for (kvh_u64 k = 0; k < m; ++k) {
-            kvh_u64 w = kvh_sample_word(s.seed, i + k * step, kvh_word_count(s.len),
-                                        kvh_is_full(s.len, samples, flags));
-            kvh_u64 off = w * KVH_WORD_BYTES;
-            kvh_u64 n = s.len - off < KVH_WORD_BYTES ? s.len - off : KVH_WORD_BYTES;
-            unsigned char any = 0;
-            for (kvh_u64 j = 0; j < n; ++j) any |= ((const unsigned char*)s.addr)[off + j];
-            results[seg].checked += 1;
-            results[seg].nonzero += any != 0;
-        }
+static void scrub_block(const KvhBatch* b, kvh_u64 c) {
+    KvhSegment seg;
+    kvh_u32 s;
+    kvh_u64 index;
+    if (b->chunks) {
+        const KvhChunk* w = &b->chunks[c];
+        s = w->segment;
+        seg = KvhSegment{w->addr, w->len, w->seed, 0};
+        index = w->index;
+    } else {
+        s = kvh_find_chunk(b->inline_segs, b->count, c);
+        seg = b->inline_segs[s];
+        index = c - seg.first_chunk;
     }
-};
+    kvh_u64 chunk = 1ULL << b->chunk_shift, off = index << b->chunk_shift;
+    kvh_u64 n = seg.len - off < chunk ? seg.len - off : chunk;
+    if (s != b->skip_segment) memset((char*)seg.addr + off, 0, n);
+    KvhRule rule = kvh_rule(seg.len, b->samples, b->flags);
+    kvh_u64 w0 = off / KVH_WORD_BYTES, w1 = kvh_word_count(off + n), first, end;
+    kvh_sample_candidates(&rule, w0, w1, &first, &end);
+    KvhResult r = {0, 0};
+    for (kvh_u64 i = first; i < end; ++i) {
+        kvh_u64 w = kvh_sample_word(&rule, seg.seed, i);
+        if (w < w0 || w >= w1) continue;
+        r.checked += 1;
+        r.nonzero += word_nonzero(seg, w);
+    }
+    if (seg.len <= chunk) {
+        b->results[s] = r;
+    } else {
+        b->sums[s].checked += r.checked;
+        b->sums[s].nonzero += r.nonzero;
+    }
+}
 
-static void verify(void** p, kvh_u64 threads) {
-    const KvhSegment* segs = *(const KvhSegment**)p[0];
-    kvh_u32 count = *(kvh_u32*)p[1];
-    kvh_u64 total = *(kvh_u64*)p[2];
-    kvh_u32 samples = *(kvh_u32*)p[3];
-    kvh_u32 flags = *(kvh_u32*)p[4];
-    KvhResult* results = *(KvhResult**)p[5];
-    VerifyRuns f = {segs, results, samples, flags};
-    for (kvh_u64 t = 0; t < threads; ++t)
-        kvh_verify_walk(segs, count, total, samples, flags, threads, t, f);
+static void publish(const KvhBatch* b) {
+    for (kvh_u32 i = 0; i < b->count; ++i) {
+        KvhResult r = b->sums[i];
+        if (r.checked == 0 && r.nonzero == 0) continue;
+        b->results[i] = r;
+        b->sums[i] = KvhResult{0, 0};
+    }
 }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, unsigned,
                         unsigned, unsigned, void*, void** params, void**) {
     NEED_CTX();
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;
-    if (f == (void*)1) zero(params, gx);
-    else if (f == (void*)2) verify(params, (kvh_u64)gx * bx);
-    else return INVALID_VALUE;
+    const KvhBatch* b = (const KvhBatch*)params[0];
+    if (f == (void*)1) {
+        for (kvh_u64 c = 0; c < gx; ++c) scrub_block(b, c);
+    } else if (f == (void*)2) {
+        publish(b);
+    } else {
+        return INVALID_VALUE;
+    }
     return OK;
 }
 

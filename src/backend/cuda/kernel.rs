@@ -1,9 +1,9 @@
-//! The host side of kernels/scrub.cu: the embedded device images, the segment descriptor
-//! layout the kernels read, and the launch plan of a batch.
+//! The host side of kernels/scrub.cu: the embedded device images, the batch layout the kernels
+//! read, and the launch plan of a batch.
 //!
-//! Constants here mirror `#define`s in scrub.cu; the tests below parse the source and compare.
+//! Constants here mirror `#define`s in scrub.cu and the structs mirror its structs; the tests
+//! below parse the source and compare the layouts the C++ compiler gives the same structs.
 
-use crate::backend::verify;
 use crate::backend::{ScrubOptions, ScrubSegment};
 
 mod images {
@@ -12,28 +12,32 @@ mod images {
 
 pub use images::KERNEL_ORIGIN;
 
-/// Bytes per unit of zeroing work (`KVH_CHUNK_BYTES`).
-pub const CHUNK_BYTES: u64 = 65_536;
 /// Threads per block (`KVH_BLOCK_THREADS`, also the kernels' `__launch_bounds__`).
 pub const BLOCK_THREADS: u32 = 256;
+/// Segments a batch may carry inside the kernel parameter (`KVH_INLINE_SEGMENTS`).
+pub const INLINE_SEGMENTS: usize = 120;
 /// `KVH_FLAG_DOUBLE_PASS`.
 pub const FLAG_DOUBLE_PASS: u32 = 1;
 /// `KVH_FLAG_FULL_VERIFY`.
 pub const FLAG_FULL_VERIFY: u32 = 2;
-/// `KVH_NO_SKIP`: the zero kernel's "skip no segment" value.
+/// `KVH_NO_SKIP`: the scrub kernel's "skip no segment" value.
 pub const NO_SKIP: u32 = u32::MAX;
-/// Resident blocks per SM we aim for (`KVH_ZERO_MIN_BLOCKS`, the zero kernel's
-/// `__launch_bounds__` minimum): grids are at most `sms * BLOCKS_PER_SM` blocks, each block
-/// taking one contiguous share of the work, so the whole grid is resident at once.
-pub const BLOCKS_PER_SM: u32 = 8;
-/// Samples one verify thread reads per group of independent loads (`KVH_VERIFY_UNROLL`); the
-/// verify grid gives each thread at least that many when the batch has enough samples.
-pub const VERIFY_SAMPLES_PER_THREAD: u64 = 8;
+/// log2 of the chunk size of an inline batch (16 KiB): a block finds its segment in parameter
+/// space at almost no cost, so chunks are small and the stores in flight stay compact.
+pub const INLINE_CHUNK_SHIFT: u32 = 14;
+/// log2 of the chunk size of a batch with work items (64 KiB): each block's first access is
+/// a read of page-locked host memory, which a larger chunk amortises.
+pub const ITEM_CHUNK_SHIFT: u32 = 16;
+/// Most blocks of one launch (the grid's x dimension).
+pub const MAX_GRID: u64 = (1 << 31) - 1;
+/// Work items of a batch beyond one per segment before chunks grow: bounds the page-locked
+/// memory a batch of a few huge segments needs.
+pub const MAX_EXTRA_ITEMS: u64 = 65_536;
 /// Kernel entry points.
-pub const ZERO_KERNEL: &std::ffi::CStr = c"kvh_scrub_zero";
-pub const VERIFY_KERNEL: &std::ffi::CStr = c"kvh_scrub_verify";
+pub const SCRUB_KERNEL: &std::ffi::CStr = c"kvh_scrub";
+pub const PUBLISH_KERNEL: &std::ffi::CStr = c"kvh_scrub_publish";
 
-/// One segment as the kernels read it (`struct KvhSegment`, 40 bytes).
+/// One segment of an inline batch (`struct KvhSegment`, 32 bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct DeviceSegment {
@@ -41,22 +45,127 @@ pub struct DeviceSegment {
     pub len: u64,
     pub seed: u64,
     pub first_chunk: u64,
-    pub first_sample: u64,
 }
 
-/// The descriptors and totals of one batch.
+/// One chunk of a batch with work items (`struct KvhChunk`, 32 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct DeviceChunk {
+    pub addr: u64,
+    pub len: u64,
+    pub seed: u64,
+    pub segment: u32,
+    pub index: u32,
+}
+
+/// The kernels' one parameter (`struct KvhBatch`), passed by value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct BatchParams {
+    /// Device address of the work items, or 0: `inline_segs`.
+    pub chunks: u64,
+    /// Device address of `count` per-segment sums, zero between batches.
+    pub sums: u64,
+    /// Device address of the host's `count` result slots (page-locked, mapped).
+    pub results: u64,
+    pub count: u32,
+    pub flags: u32,
+    pub samples: u32,
+    pub skip_segment: u32,
+    pub chunk_shift: u32,
+    pub reserved: u32,
+    pub inline_segs: [DeviceSegment; INLINE_SEGMENTS],
+}
+
+/// Kernel parameters may take at most this many bytes (CUDA's limit before 12.1 drivers).
+pub const MAX_PARAM_BYTES: usize = 4096;
+const _: () = assert!(std::mem::size_of::<BatchParams>() <= MAX_PARAM_BYTES);
+
+/// How one batch is launched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
-    pub segments: Vec<DeviceSegment>,
+    /// The parameter, addresses still 0 (the backend fills `chunks`, `sums`, `results`).
+    pub params: BatchParams,
+    /// Work items, one per chunk, for a batch of more than [`INLINE_SEGMENTS`]; empty for an
+    /// inline batch.
+    pub items: Vec<DeviceChunk>,
+    /// Chunks, which is the scrub launch's grid.
     pub total_chunks: u64,
-    pub total_samples: u64,
-    pub flags: u32,
+    /// Whether a segment spans chunks, so that its sums need the publish launch.
+    pub needs_publish: bool,
 }
 
-/// Lays out a batch: consecutive chunk and sample numbers per segment, using the host rule
-/// (`verify::expected_samples`) for the sample counts, so a kernel that disagrees with the
-/// rule leaves `checked != expected` and the segment fails.
-pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Plan {
+/// A batch the kernels cannot take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanError(pub String);
+
+/// Lays out a batch: inline when it has at most [`INLINE_SEGMENTS`] segments, else one work
+/// item per chunk; chunks as small as the mode prefers and as large as the grid limit (and,
+/// with work items, the item budget) requires.
+pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, PlanError> {
+    let count = u32::try_from(segments.len())
+        .ok()
+        .filter(|&c| c != NO_SKIP && u64::from(c) <= MAX_GRID)
+        .ok_or_else(|| PlanError(format!("{} segments in one batch", segments.len())))?;
+    let inline = segments.len() <= INLINE_SEGMENTS;
+    let (mut shift, limit) = if inline {
+        (INLINE_CHUNK_SHIFT, MAX_GRID)
+    } else {
+        (
+            ITEM_CHUNK_SHIFT,
+            MAX_GRID.min(u64::from(count) + MAX_EXTRA_ITEMS),
+        )
+    };
+    // At shift 63 every segment is one chunk, and count <= limit: the loop ends.
+    while chunks_at(segments, shift) > limit {
+        shift += 1;
+    }
+    let total_chunks = chunks_at(segments, shift);
+    let chunk = 1u64 << shift;
+    let mut params = BatchParams {
+        chunks: 0,
+        sums: 0,
+        results: 0,
+        count,
+        flags: flags(options),
+        samples: options.samples,
+        skip_segment: NO_SKIP,
+        chunk_shift: shift,
+        reserved: 0,
+        inline_segs: [DeviceSegment::default(); INLINE_SEGMENTS],
+    };
+    let mut items = Vec::new();
+    let mut first_chunk = 0;
+    for (i, s) in segments.iter().enumerate() {
+        let n = s.len.div_ceil(chunk);
+        if inline {
+            params.inline_segs[i] = DeviceSegment {
+                addr: s.addr,
+                len: s.len,
+                seed: s.seed,
+                first_chunk,
+            };
+        } else {
+            // n <= total_chunks <= MAX_GRID < 2^32 and i < count: both fit.
+            items.extend((0..n).map(|k| DeviceChunk {
+                addr: s.addr,
+                len: s.len,
+                seed: s.seed,
+                segment: i as u32,
+                index: k as u32,
+            }));
+        }
+        first_chunk += n;
+    }
+    Ok(Plan {
+        params,
+        items,
+        total_chunks,
+        needs_publish: segments.iter().any(|s| s.len > chunk),
+    })
+}
+
+fn flags(options: ScrubOptions) -> u32 {
     let mut flags = 0;
     if options.double_pass {
         flags |= FLAG_DOUBLE_PASS;
@@ -64,47 +173,19 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Plan {
     if options.full_verify {
         flags |= FLAG_FULL_VERIFY;
     }
-    let mut out = Vec::with_capacity(segments.len());
-    let (mut chunk, mut sample) = (0u64, 0u64);
-    for s in segments {
-        out.push(DeviceSegment {
-            addr: s.addr,
-            len: s.len,
-            seed: s.seed,
-            first_chunk: chunk,
-            first_sample: sample,
-        });
-        chunk += s.len.div_ceil(CHUNK_BYTES);
-        sample += verify::expected_samples(s.len, options.samples, options.full_verify);
-    }
-    Plan {
-        segments: out,
-        total_chunks: chunk,
-        total_samples: sample,
-        flags,
-    }
+    flags
 }
 
-/// Blocks for `work` units (chunks, or samples / BLOCK_THREADS) on a GPU with `sms` SMs.
-pub fn grid_for(work: u64, sms: u32) -> u32 {
-    let cap = u64::from(sms.max(1)) * u64::from(BLOCKS_PER_SM);
-    u32::try_from(work.clamp(1, cap)).unwrap_or(u32::MAX)
+/// Chunks of 2^shift bytes in the batch, saturating.
+fn chunks_at(segments: &[ScrubSegment], shift: u32) -> u64 {
+    segments
+        .iter()
+        .fold(0u64, |n, s| n.saturating_add(s.len.div_ceil(1u64 << shift)))
 }
 
-/// Grid of the zero kernel: at most `sms * BLOCKS_PER_SM` blocks, each taking
-/// `ceil(total_chunks / grid)` consecutive chunks, and no block without a chunk.
-pub fn zero_grid(total_chunks: u64, sms: u32) -> u32 {
-    let cap = u64::from(grid_for(total_chunks, sms));
-    let per = total_chunks.max(1).div_ceil(cap);
-    u32::try_from(total_chunks.max(1).div_ceil(per)).unwrap_or(u32::MAX)
-}
-
-/// Grid of the verify kernel: enough blocks that each thread reads about
-/// `VERIFY_SAMPLES_PER_THREAD` samples (a few for a small batch: one block), at most
-/// `sms * BLOCKS_PER_SM`.
-pub fn verify_grid(total_samples: u64, sms: u32) -> u32 {
-    let per_block = u64::from(BLOCK_THREADS) * VERIFY_SAMPLES_PER_THREAD;
-    grid_for(total_samples.div_ceil(per_block), sms)
+/// Grid of the publish launch: one thread per segment.
+pub fn publish_grid(count: u32) -> u32 {
+    count.div_ceil(BLOCK_THREADS).max(1)
 }
 
 /// The device image to load, by preference for a GPU of compute capability `major.minor`.
@@ -153,200 +234,156 @@ fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::verify::{sample_word, splitmix64};
+    use crate::backend::verify::{self, splitmix64, Rule};
 
     const SOURCE: &str = include_str!("../../../kernels/scrub.cu");
 
     extern "C" {
         fn kvh_host_rule_sample_word(seed: u64, i: u64, len: u64, samples: u32, flags: u32) -> u64;
         fn kvh_host_rule_expected_samples(len: u64, samples: u32, flags: u32) -> u64;
-        fn kvh_host_rule_find_chunk(segs: *const DeviceSegment, count: u32, pos: u64) -> u32;
-        fn kvh_host_rule_zero_walk(
-            segs: *const DeviceSegment,
-            count: u32,
-            total_chunks: u64,
-            grid: u64,
-            block: u64,
-            out: *mut u64,
-            cap: u64,
-        ) -> u64;
-        #[allow(clippy::too_many_arguments)]
-        fn kvh_host_rule_verify_walk(
-            segs: *const DeviceSegment,
-            count: u32,
-            total_samples: u64,
+        fn kvh_host_rule_candidates(
+            len: u64,
             samples: u32,
             flags: u32,
-            threads: u64,
-            t: u64,
-            out: *mut u64,
-            cap: u64,
-        ) -> u64;
+            w0: u64,
+            w1: u64,
+            first: *mut u64,
+            end: *mut u64,
+        );
+        fn kvh_host_rule_find_chunk(segs: *const DeviceSegment, count: u32, c: u64) -> u32;
+        fn kvh_host_rule_layout(out: *mut u64);
     }
 
-    /// Batches of segments with lengths `lens` at 4 KiB-spaced (plus `skew`) addresses.
-    fn layout(lens: &[u64], skew: u64, options: ScrubOptions) -> Plan {
-        let segs: Vec<ScrubSegment> = lens
-            .iter()
+    fn options(samples: u32, full_verify: bool, double_pass: bool) -> ScrubOptions {
+        ScrubOptions {
+            samples,
+            full_verify,
+            double_pass,
+        }
+    }
+
+    /// Segments with lengths `lens` at 4 KiB-spaced (plus `skew`) addresses.
+    fn segments(lens: &[u64], skew: u64) -> Vec<ScrubSegment> {
+        lens.iter()
             .enumerate()
             .map(|(i, &len)| ScrubSegment {
                 addr: 0x1_0000_0000 + (i as u64) * 0x1000 + skew,
                 len,
                 seed: i as u64,
             })
-            .collect();
-        plan(&segs, options)
+            .collect()
     }
 
     fn layouts() -> Vec<Vec<u64>> {
         vec![
             vec![1],
-            vec![CHUNK_BYTES],
+            vec![1 << 14],
+            vec![(1 << 14) + 1],
             vec![1 << 30],
-            vec![CHUNK_BYTES + 1, 1, 7, 3 * CHUNK_BYTES - 5, 8, 9, 512],
+            vec![65_537, 1, 7, 3 * 65_536 - 5, 8, 9, 512],
             vec![64 * 1024; 4096],
-            (0..300u64)
-                .map(|i| 1 + i * 997 % (5 * CHUNK_BYTES))
-                .collect(),
-            vec![1; 100],
+            (0..300u64).map(|i| 1 + i * 997 % (5 * 65_536)).collect(),
+            vec![1; 121],
+            vec![1; 120],
         ]
     }
 
-    /// Every pass of the zero kernel, for any grid, writes each byte of each segment exactly
-    /// once: the blocks' pieces tile every segment.
-    #[test]
-    fn zero_walk_tiles_every_segment_for_any_grid() {
-        for lens in layouts() {
-            let options = ScrubOptions {
-                samples: 64,
-                full_verify: false,
-                double_pass: false,
-            };
-            let p = layout(&lens, 3, options);
-            let n = p.segments.len();
-            let count = u32::try_from(n).unwrap();
-            let grids = [
-                1,
-                2,
-                3,
-                7,
-                u64::from(zero_grid(p.total_chunks, 132)),
-                u64::from(grid_for(p.total_chunks, 132)),
-                u64::from(zero_grid(p.total_chunks, 7)),
-                p.total_chunks + 5,
-            ];
-            for grid in grids {
-                let mut pieces: Vec<Vec<(u64, u64)>> = vec![Vec::new(); n];
-                let mut buf = vec![0u64; 3 * (n + 4)];
-                for block in 0..grid {
-                    // SAFETY: segment table of `count` entries; `buf` holds `n + 4` triples.
-                    let got = unsafe {
-                        kvh_host_rule_zero_walk(
-                            p.segments.as_ptr(),
-                            count,
-                            p.total_chunks,
-                            grid,
-                            block,
-                            buf.as_mut_ptr(),
-                            (n + 4) as u64,
+    /// Every chunk of a plan as (segment, byte offset, bytes), the way the kernel derives it:
+    /// by the segment search for an inline batch, from the work item otherwise.
+    fn chunks_of(p: &Plan, segs: &[ScrubSegment]) -> Vec<(usize, u64, u64)> {
+        let chunk = 1u64 << p.params.chunk_shift;
+        (0..p.total_chunks)
+            .map(|c| {
+                let (s, index) = if p.items.is_empty() {
+                    // SAFETY: the pointer and count describe the inline segments.
+                    let s = unsafe {
+                        kvh_host_rule_find_chunk(p.params.inline_segs.as_ptr(), p.params.count, c)
+                    } as usize;
+                    (s, c - p.params.inline_segs[s].first_chunk)
+                } else {
+                    let item = p.items[c as usize];
+                    assert_eq!(
+                        (item.addr, item.len, item.seed),
+                        (
+                            segs[item.segment as usize].addr,
+                            segs[item.segment as usize].len,
+                            segs[item.segment as usize].seed
                         )
-                    };
-                    assert!(got as usize <= n, "{got} pieces in one block");
-                    let per = p.total_chunks.div_ceil(grid);
-                    for t in buf[..3 * got as usize].chunks(3) {
-                        let (seg, off, len) = (t[0] as usize, t[1], t[2]);
-                        assert!(len > 0);
-                        // The piece lies inside the block's chunk range.
-                        let c = p.segments[seg].first_chunk + off / CHUNK_BYTES;
-                        assert!(c >= block * per && c < (block + 1) * per, "grid {grid}");
-                        pieces[seg].push((off, len));
-                    }
+                    );
+                    (item.segment as usize, u64::from(item.index))
+                };
+                let off = index * chunk;
+                (s, off, (segs[s].len - off).min(chunk))
+            })
+            .collect()
+    }
+
+    /// The chunks of every plan tile every segment: each byte is zeroed by exactly one block.
+    #[test]
+    fn chunks_tile_every_segment() {
+        for lens in layouts() {
+            let segs = segments(&lens, 3);
+            let p = plan(&segs, options(64, false, false)).unwrap();
+            assert_eq!(p.items.is_empty(), segs.len() <= INLINE_SEGMENTS);
+            let mut pieces: Vec<Vec<(u64, u64)>> = vec![Vec::new(); segs.len()];
+            for (s, off, n) in chunks_of(&p, &segs) {
+                assert!(n > 0);
+                pieces[s].push((off, n));
+            }
+            for (s, ps) in pieces.into_iter().enumerate() {
+                let mut at = 0;
+                for (off, n) in ps {
+                    assert_eq!(off, at, "segment {s}: gap or overlap");
+                    at += n;
                 }
-                for (seg, mut ps) in pieces.into_iter().enumerate() {
-                    ps.sort_unstable();
-                    let mut at = 0;
-                    for (off, len) in ps {
-                        assert_eq!(off, at, "segment {seg} grid {grid}: gap or overlap");
-                        at += len;
-                    }
-                    assert_eq!(at, lens[seg], "segment {seg} grid {grid}: not covered");
-                }
+                assert_eq!(at, lens[s], "segment {s}: not covered");
             }
         }
     }
 
-    /// Whatever the thread count, the verify kernel's threads read every sample of every
-    /// segment exactly once, each thread's runs move forward through the segment table (one
-    /// flush per segment), and full mode hands a warp's lanes consecutive samples.
+    /// The blocks' read-backs, each over the samples of its own chunk (the kernel's candidate
+    /// range, filtered by the Rust rule), together read every sample exactly once.
     #[test]
-    fn verify_walk_reads_every_sample_once_for_any_thread_count() {
+    fn chunk_read_backs_read_every_sample_once() {
         for lens in layouts() {
-            for (samples, full) in [(64u32, false), (2, false), (64, true)] {
-                let options = ScrubOptions {
-                    samples,
-                    full_verify: full,
-                    double_pass: false,
-                };
-                let p = layout(&lens, 0, options);
-                if p.total_samples > 1 << 22 {
+            for (samples, full) in [(64u32, false), (2, false), (64, true), (1000, false)] {
+                let segs = segments(&lens, 0);
+                let opts = options(samples, full, false);
+                let p = plan(&segs, opts).unwrap();
+                let expected: u64 = segs
+                    .iter()
+                    .map(|s| verify::expected_samples(s.len, samples, full))
+                    .sum();
+                if expected > 1 << 22 {
                     continue;
                 }
-                let n = p.segments.len();
-                let count = u32::try_from(n).unwrap();
-                let threads_options = [
-                    1,
-                    31,
-                    32,
-                    33,
-                    256,
-                    768,
-                    u64::from(verify_grid(p.total_samples, 132)) * u64::from(BLOCK_THREADS),
-                    u64::from(grid_for(p.total_samples.div_ceil(256), 132)) * 256,
-                ];
-                for threads in threads_options {
-                    let mut seen = vec![0u8; p.total_samples as usize];
-                    let cap = n + 4;
-                    let mut buf = vec![0u64; 4 * cap];
-                    for t in 0..threads {
-                        // SAFETY: segment table of `count` entries; `buf` holds `cap` runs.
-                        let got = unsafe {
-                            kvh_host_rule_verify_walk(
-                                p.segments.as_ptr(),
-                                count,
-                                p.total_samples,
-                                samples,
-                                p.flags,
-                                threads,
-                                t,
-                                buf.as_mut_ptr(),
-                                cap as u64,
-                            )
-                        };
-                        assert!(got as usize <= n);
-                        let mut last: Option<(usize, u64)> = None;
-                        for r in buf[..4 * got as usize].chunks(4) {
-                            let (seg, i, step, m) = (r[0] as usize, r[1], r[2], r[3]);
-                            assert!(m > 0);
-                            let lanes = full && threads % 32 == 0;
-                            assert_eq!(step, if lanes { 32 } else { 1 });
-                            let s = p.segments[seg];
-                            let expected = verify::expected_samples(s.len, samples, full);
-                            for k in 0..m {
-                                let idx = i + k * step;
-                                assert!(idx < expected, "seg {seg} sample {idx} of {expected}");
-                                let g = s.first_sample + idx;
-                                if let Some((ls, lg)) = last {
-                                    assert!(ls < seg || (ls == seg && lg < g));
-                                    assert!(ls == seg || k == 0);
-                                }
-                                last = Some((seg, g));
-                                seen[g as usize] += 1;
-                            }
-                        }
-                    }
-                    assert!(
-                        seen.iter().all(|&v| v == 1),
-                        "threads {threads} samples {samples} full {full}: coverage"
+                let mut counts = vec![0u64; segs.len()];
+                for (s, off, n) in chunks_of(&p, &segs) {
+                    let rule = Rule::new(segs[s].len, samples, full);
+                    let (w0, w1) = (off / 8, verify::word_count(off + n));
+                    let (mut first, mut end) = (0, 0);
+                    // SAFETY: pure function; valid out-pointers.
+                    unsafe {
+                        kvh_host_rule_candidates(
+                            segs[s].len,
+                            samples,
+                            p.params.flags,
+                            w0,
+                            w1,
+                            &mut first,
+                            &mut end,
+                        )
+                    };
+                    assert_eq!(first..end, rule.candidates(w0, w1));
+                    counts[s] += (first..end)
+                        .filter(|&i| (w0..w1).contains(&rule.word(segs[s].seed, i)))
+                        .count() as u64;
+                }
+                for (s, seg) in segs.iter().enumerate() {
+                    assert_eq!(
+                        counts[s],
+                        verify::expected_samples(seg.len, samples, full),
+                        "segment {s} samples {samples} full {full}"
                     );
                 }
             }
@@ -354,22 +391,86 @@ mod tests {
     }
 
     #[test]
-    fn grids_are_balanced_and_bounded() {
-        assert_eq!(zero_grid(0, 132), 1);
-        assert_eq!(zero_grid(5, 132), 5);
-        assert_eq!(zero_grid(4096, 132), 1024, "4 chunks per block");
-        assert_eq!(zero_grid(16_384, 132), 1024, "16 chunks per block");
-        assert!(zero_grid(1 << 40, 132) <= 132 * BLOCKS_PER_SM);
-        assert_eq!(verify_grid(64, 132), 1);
-        assert_eq!(verify_grid(4096 * 64, 132), 128);
-        assert_eq!(verify_grid(1 << 30, 132), 132 * BLOCKS_PER_SM);
+    fn plan_inline_numbers_chunks_consecutively() {
+        let segs = [
+            ScrubSegment {
+                addr: 0x1000,
+                len: 1,
+                seed: 1,
+            },
+            ScrubSegment {
+                addr: 0x2001,
+                len: (2 << INLINE_CHUNK_SHIFT) + 3,
+                seed: 2,
+            },
+            ScrubSegment {
+                addr: 0x9000,
+                len: 24,
+                seed: 3,
+            },
+        ];
+        let p = plan(&segs, options(64, false, true)).unwrap();
+        assert_eq!(p.params.flags, FLAG_DOUBLE_PASS);
+        assert_eq!(p.params.count, 3);
+        assert_eq!(p.params.chunk_shift, INLINE_CHUNK_SHIFT);
+        assert_eq!(p.total_chunks, 1 + 3 + 1);
+        assert!(p.needs_publish, "segment 1 spans chunks");
+        assert!(p.items.is_empty());
+        let firsts: Vec<_> = p.params.inline_segs[..3]
+            .iter()
+            .map(|s| s.first_chunk)
+            .collect();
+        assert_eq!(firsts, [0, 1, 4]);
+        let owner = |c: u64| {
+            // SAFETY: the pointer and count describe the inline segments.
+            unsafe { kvh_host_rule_find_chunk(p.params.inline_segs.as_ptr(), 3, c) }
+        };
+        assert_eq!((0..5).map(owner).collect::<Vec<_>>(), [0, 1, 1, 1, 2]);
+    }
+
+    #[test]
+    fn plan_with_items_has_one_item_per_chunk() {
+        let segs = segments(&vec![65_536; 4096], 0);
+        let p = plan(&segs, options(64, false, false)).unwrap();
+        assert_eq!(p.params.chunk_shift, ITEM_CHUNK_SHIFT);
+        assert_eq!(p.items.len(), 4096);
+        assert_eq!(p.total_chunks, 4096);
+        assert!(!p.needs_publish, "every segment is one chunk");
+        assert_eq!(p.items[7].segment, 7);
+        assert_eq!(p.items[7].index, 0);
+        assert_eq!(p.params.count, 4096);
+    }
+
+    #[test]
+    fn chunks_grow_to_respect_the_limits() {
+        // 121 segments of 64 GiB: at 64 KiB chunks that is 126 M items; the item budget
+        // (count + 65,536) forces 256 MiB chunks... whatever the plan picks, it must fit.
+        let segs = segments(&vec![64 << 30; 121], 0);
+        let p = plan(&segs, options(64, false, false)).unwrap();
+        assert!(p.total_chunks <= 121 + MAX_EXTRA_ITEMS);
+        assert_eq!(p.items.len() as u64, p.total_chunks);
+        assert!(p.params.chunk_shift > ITEM_CHUNK_SHIFT);
+        // An inline segment of 2^60 bytes: the grid limit.
+        let huge = segments(&[1 << 60], 0);
+        let p = plan(&huge, options(64, false, false)).unwrap();
+        assert!(p.total_chunks <= MAX_GRID);
+        assert_eq!(p.total_chunks, (1u64 << 60) >> p.params.chunk_shift);
+    }
+
+    #[test]
+    fn an_empty_batch_has_no_chunks() {
+        let p = plan(&[], options(64, false, false)).unwrap();
+        assert_eq!(p.total_chunks, 0);
+        assert!(!p.needs_publish);
+        assert_eq!(publish_grid(0), 1);
+        assert_eq!(publish_grid(257), 2);
     }
 
     /// The value of `#define NAME value` in scrub.cu, without C suffixes.
     fn define(name: &str) -> u64 {
         let line = SOURCE
             .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .find(|l| l.starts_with("#define") && l.split_whitespace().nth(1) == Some(name))
             .unwrap_or_else(|| panic!("scrub.cu lacks #define {name}"));
         let raw = line.split_whitespace().nth(2).expect("value");
         let raw = raw.trim_end_matches(['U', 'L', 'u', 'l']);
@@ -382,13 +483,11 @@ mod tests {
     #[test]
     fn kernel_constants_match_the_host() {
         assert_eq!(define("KVH_WORD_BYTES"), verify::WORD_BYTES);
-        assert_eq!(define("KVH_CHUNK_BYTES"), CHUNK_BYTES);
         assert_eq!(define("KVH_BLOCK_THREADS"), u64::from(BLOCK_THREADS));
+        assert_eq!(define("KVH_INLINE_SEGMENTS"), INLINE_SEGMENTS as u64);
         assert_eq!(define("KVH_FLAG_DOUBLE_PASS"), u64::from(FLAG_DOUBLE_PASS));
         assert_eq!(define("KVH_FLAG_FULL_VERIFY"), u64::from(FLAG_FULL_VERIFY));
         assert_eq!(define("KVH_NO_SKIP"), u64::from(NO_SKIP));
-        assert_eq!(define("KVH_ZERO_MIN_BLOCKS"), u64::from(BLOCKS_PER_SM));
-        assert_eq!(define("KVH_VERIFY_UNROLL"), VERIFY_SAMPLES_PER_THREAD);
         // splitmix64 is determined by its three constants; check them against the Rust
         // function through values only they produce.
         let (g, m1, m2) = (
@@ -407,12 +506,40 @@ mod tests {
         }
     }
 
+    /// The structs as the C++ compiler lays them out equal the Rust ones.
     #[test]
-    fn descriptor_layout_is_five_u64() {
-        assert_eq!(std::mem::size_of::<DeviceSegment>(), 40);
-        assert_eq!(std::mem::align_of::<DeviceSegment>(), 8);
-        assert_eq!(std::mem::size_of::<verify::SegmentResult>(), 16);
-        assert!(SOURCE.contains("kvh_u64 first_sample;"));
+    fn struct_layouts_match_the_kernel() {
+        let mut got = [0u64; 8];
+        // SAFETY: the function writes 8 values.
+        unsafe { kvh_host_rule_layout(got.as_mut_ptr()) };
+        let params = BatchParams {
+            chunks: 0,
+            sums: 0,
+            results: 0,
+            count: 0,
+            flags: 0,
+            samples: 0,
+            skip_segment: 0,
+            chunk_shift: 0,
+            reserved: 0,
+            inline_segs: [DeviceSegment::default(); INLINE_SEGMENTS],
+        };
+        let base = std::ptr::addr_of!(params) as usize;
+        let at = |p: *const u8| (p as usize - base) as u64;
+        let want = [
+            std::mem::size_of::<DeviceSegment>() as u64,
+            std::mem::size_of::<DeviceChunk>() as u64,
+            std::mem::size_of::<BatchParams>() as u64,
+            at(std::ptr::addr_of!(params.count).cast()),
+            at(std::ptr::addr_of!(params.chunk_shift).cast()),
+            at(std::ptr::addr_of!(params.inline_segs).cast()),
+            std::mem::size_of::<verify::SegmentResult>() as u64,
+            std::mem::align_of::<BatchParams>() as u64,
+        ];
+        assert_eq!(got, want);
+        assert_eq!(want[0], 32);
+        assert_eq!(want[1], 32);
+        assert!(want[2] as usize <= MAX_PARAM_BYTES);
     }
 
     #[test]
@@ -436,74 +563,24 @@ mod tests {
         for &len in &lens {
             for (samples, full) in [(64u32, false), (2, false), (1000, false), (64, true)] {
                 let flags = if full { FLAG_FULL_VERIFY } else { 0 };
+                let rule = Rule::new(len, samples, full);
                 let n = verify::expected_samples(len, samples, full);
+                assert_eq!(rule.samples(), n);
                 // SAFETY: pure functions of their integer arguments.
                 let kn = unsafe { kvh_host_rule_expected_samples(len, samples, flags) };
                 assert_eq!(
                     kn, n,
                     "expected samples, len {len} samples {samples} full {full}"
                 );
-                let words = verify::word_count(len);
-                let is_full = verify::is_full(len, samples, full);
-                for i in (0..n).take(300) {
+                for i in (0..n).take(300).chain(n.saturating_sub(3)..n) {
                     for seed in [0u64, 1, 0x1234_5678_9ABC_DEF0] {
                         // SAFETY: as above.
                         let k = unsafe { kvh_host_rule_sample_word(seed, i, len, samples, flags) };
-                        assert_eq!(k, sample_word(seed, i, words, is_full), "len {len} i {i}");
+                        assert_eq!(k, rule.word(seed, i), "len {len} i {i}");
                     }
                 }
             }
         }
-    }
-
-    #[test]
-    fn plan_numbers_chunks_and_samples_consecutively() {
-        let segs = [
-            ScrubSegment {
-                addr: 0x1000,
-                len: 1,
-                seed: 1,
-            },
-            ScrubSegment {
-                addr: 0x2001,
-                len: CHUNK_BYTES * 2 + 3,
-                seed: 2,
-            },
-            ScrubSegment {
-                addr: 0x9000,
-                len: 24,
-                seed: 3,
-            },
-        ];
-        let opts = ScrubOptions {
-            samples: 64,
-            full_verify: false,
-            double_pass: true,
-        };
-        let p = plan(&segs, opts);
-        assert_eq!(p.flags, FLAG_DOUBLE_PASS);
-        assert_eq!(p.total_chunks, 1 + 3 + 1);
-        assert_eq!(p.total_samples, 1 + 64 + 3);
-        let firsts: Vec<_> = p
-            .segments
-            .iter()
-            .map(|s| (s.first_chunk, s.first_sample))
-            .collect();
-        assert_eq!(firsts, [(0, 0), (1, 1), (4, 65)]);
-        // The kernel's segment search maps every chunk to its segment.
-        let owner = |c: u64| {
-            // SAFETY: the pointer and count describe `p.segments`.
-            unsafe { kvh_host_rule_find_chunk(p.segments.as_ptr(), 3, c) }
-        };
-        assert_eq!((0..5).map(owner).collect::<Vec<_>>(), [0, 1, 1, 1, 2]);
-    }
-
-    #[test]
-    fn grid_is_bounded_by_work_and_by_the_gpu() {
-        assert_eq!(grid_for(0, 132), 1);
-        assert_eq!(grid_for(5, 132), 5);
-        assert_eq!(grid_for(1 << 20, 132), 132 * BLOCKS_PER_SM);
-        assert_eq!(grid_for(10, 0), 8);
     }
 
     #[test]
@@ -546,7 +623,7 @@ mod tests {
         let ptx = images::PTX;
         assert_eq!(ptx.last(), Some(&0));
         let text = String::from_utf8_lossy(ptx);
-        assert!(text.contains(".entry kvh_scrub_zero"), "{}", KERNEL_ORIGIN);
-        assert!(text.contains(".entry kvh_scrub_verify"));
+        assert!(text.contains(".entry kvh_scrub("), "{}", KERNEL_ORIGIN);
+        assert!(text.contains(".entry kvh_scrub_publish("));
     }
 }

@@ -180,19 +180,35 @@ pub unsafe fn mem_free(d: &Driver, ptr: CUdeviceptr) -> Result<(), BackendError>
     check(d, "cuMemFree", unsafe { d.api().cuMemFree_v2(ptr) })
 }
 
-/// Page-locked host memory (needed for truly asynchronous copies).
-pub fn mem_host_alloc(d: &Driver, len: usize) -> Result<*mut u8, BackendError> {
+/// Page-locked host memory mapped into the device address space of every context: the host
+/// writes a batch's work items and reads its results there, and the kernels access it directly
+/// (no copy is queued). Returns the host pointer and the device address of the same bytes.
+pub fn mem_host_alloc_mapped(
+    d: &Driver,
+    len: usize,
+) -> Result<(*mut u8, CUdeviceptr), BackendError> {
     let mut p: *mut c_void = std::ptr::null_mut();
-    // SAFETY: `p` is a valid out-pointer. PORTABLE: usable from every context.
+    let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+    // SAFETY: `p` is a valid out-pointer. PORTABLE: usable from every context; DEVICEMAP:
+    // mapped into the device address space.
     check(d, "cuMemHostAlloc", unsafe {
-        d.api()
-            .cuMemHostAlloc(&mut p, len, sys::CU_MEMHOSTALLOC_PORTABLE as c_uint)
+        d.api().cuMemHostAlloc(&mut p, len, flags as c_uint)
     })?;
-    Ok(p.cast())
+    let mut dev: CUdeviceptr = 0;
+    // SAFETY: `dev` is a valid out-pointer and `p` was allocated with DEVICEMAP just above.
+    let mapped = check(d, "cuMemHostGetDevicePointer", unsafe {
+        d.api().cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
+    });
+    if let Err(e) = mapped {
+        // SAFETY: allocated just above and not shared with anything.
+        let _ = unsafe { mem_free_host(d, p.cast()) };
+        return Err(e);
+    }
+    Ok((p.cast(), dev))
 }
 
 /// # Safety
-/// 1. `p` must come from [`mem_host_alloc`], not be freed, and not be used by queued work.
+/// 1. `p` must come from [`mem_host_alloc_mapped`], not be freed, and not be used by queued work.
 pub unsafe fn mem_free_host(d: &Driver, p: *mut u8) -> Result<(), BackendError> {
     // SAFETY: contract 1.
     check(d, "cuMemFreeHost", unsafe {
@@ -244,40 +260,6 @@ pub unsafe fn memcpy_dtoh(
     check(d, "cuMemcpyDtoH", unsafe {
         d.api()
             .cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len())
-    })
-}
-
-/// # Safety
-/// 1. `[dst, dst + len)` must be device memory owned by the caller; 2. `src` must be
-///    page-locked host memory of at least `len` bytes that stays valid and unmodified until the
-///    copy completes in stream order; 3. `stream` as in [`memset_d8_async`].
-pub unsafe fn memcpy_htod_async(
-    d: &Driver,
-    dst: CUdeviceptr,
-    src: *const u8,
-    len: usize,
-    stream: CUstream,
-) -> Result<(), BackendError> {
-    // SAFETY: contracts 1 to 3.
-    check(d, "cuMemcpyHtoDAsync", unsafe {
-        d.api().cuMemcpyHtoDAsync_v2(dst, src.cast(), len, stream)
-    })
-}
-
-/// # Safety
-/// 1. `[src, src + len)` must be device memory; 2. `dst` must be page-locked host memory of at
-///    least `len` bytes, not read until the copy completes in stream order; 3. `stream` as in
-///    [`memset_d8_async`].
-pub unsafe fn memcpy_dtoh_async(
-    d: &Driver,
-    dst: *mut u8,
-    src: CUdeviceptr,
-    len: usize,
-    stream: CUstream,
-) -> Result<(), BackendError> {
-    // SAFETY: contracts 1 to 3.
-    check(d, "cuMemcpyDtoHAsync", unsafe {
-        d.api().cuMemcpyDtoHAsync_v2(dst.cast(), src, len, stream)
     })
 }
 

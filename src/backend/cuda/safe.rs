@@ -4,9 +4,12 @@
 //!   first use and made current at the top of every entry point, because PyTorch calls the
 //!   allocator's free without setting the device; the caller's context is restored on return.
 //! - Stream order: a scrub batch runs on its stream after an event recorded on every wait
-//!   stream (`cuStreamWaitEvent`), as descriptor upload, zero kernel (which also clears the
-//!   result slots), verify kernel, result download, completion event. Nothing on the host waits for the device
-//!   except [`Backend::zero_fresh`], `read` / `write` and [`ScrubTicket::wait`].
+//!   stream (`cuStreamWaitEvent`), as the scrub kernel, the publish kernel when a segment spans
+//!   chunks, and a completion event. Nothing is copied: a batch of up to
+//!   [`kernel::INLINE_SEGMENTS`] segments travels in the kernel parameter, a larger one as work
+//!   items in page-locked host memory the kernel reads directly, and the kernels write results
+//!   into page-locked host memory. Nothing on the host waits for the device except
+//!   [`Backend::zero_fresh`], `read` / `write` and [`ScrubTicket::wait`].
 //! - Graph capture: nothing is enqueued on a capturing stream (it would become part of the
 //!   graph, and the scrub would run at replay instead of now): such calls fail with
 //!   [`BackendError::StreamCapturing`] and the pool defers the work.
@@ -16,7 +19,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::kernel::{self, DeviceSegment, Image};
+use super::kernel::{self, DeviceChunk, Image};
 use super::loader::Driver;
 use super::result::{self as r, CUcontext, CUdeviceptr, CUevent, CUfunction, CUstream};
 use super::sys::{self, CUdevice_attribute};
@@ -25,7 +28,7 @@ use crate::backend::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
 };
 
-const DESC_BYTES: usize = std::mem::size_of::<DeviceSegment>();
+const ITEM_BYTES: usize = std::mem::size_of::<DeviceChunk>();
 const RESULT_BYTES: usize = std::mem::size_of::<SegmentResult>();
 /// Smallest batch slot, in segments: covers the default batch size without regrowth.
 const MIN_SLOT_SEGMENTS: usize = 256;
@@ -44,9 +47,8 @@ unsafe impl<T> Sync for Handle<T> {}
 struct Device {
     ordinal: u32,
     ctx: Handle<CUcontext>,
-    zero_fn: Handle<CUfunction>,
-    verify_fn: Handle<CUfunction>,
-    sm_count: u32,
+    scrub_fn: Handle<CUfunction>,
+    publish_fn: Handle<CUfunction>,
     /// Which embedded image was loaded (for diagnostics).
     image: String,
     /// Recorded on each wait stream, then waited on by the scrub stream. Reusable at once:
@@ -56,26 +58,29 @@ struct Device {
     slots: Mutex<Vec<Slot>>,
 }
 
-/// Device and page-locked host buffers of one in-flight batch: `capacity` descriptors followed
-/// by `capacity` result slots, in both memories.
-struct Slot {
-    capacity: usize,
-    dev: CUdeviceptr,
+/// Page-locked host memory mapped into the device: `host` and `dev` address the same bytes.
+struct Mapped {
     host: Handle<*mut u8>,
-    done: Handle<CUevent>,
+    dev: CUdeviceptr,
 }
 
-impl Slot {
-    fn bytes(capacity: usize) -> usize {
-        capacity * (DESC_BYTES + RESULT_BYTES)
-    }
-    fn dev_results(&self) -> CUdeviceptr {
-        self.dev + (self.capacity * DESC_BYTES) as u64
-    }
-    fn host_results(&self) -> *mut u8 {
-        // SAFETY: the offset stays inside the `bytes(capacity)` allocation.
-        unsafe { self.host.0.add(self.capacity * DESC_BYTES) }
-    }
+/// The buffers of one in-flight batch: per-segment sums on the device, result slots and work
+/// items in mapped page-locked host memory, and a completion event.
+struct Slot {
+    /// Segments the sums and results hold.
+    segments: usize,
+    /// `segments` SegmentResults, zero between batches (the publish kernel clears what the
+    /// scrub kernel added).
+    sums: CUdeviceptr,
+    /// Whether `sums` must be cleared before the next batch: a new slot, or one whose last
+    /// batch failed part way.
+    sums_dirty: bool,
+    /// `segments` SegmentResults the kernels write and the ticket reads.
+    results: Mapped,
+    /// Work items (`item_capacity` DeviceChunks), allocated for the first batch with items.
+    items: Option<Mapped>,
+    item_capacity: usize,
+    done: Handle<CUevent>,
 }
 
 pub(crate) struct Inner {
@@ -240,19 +245,17 @@ fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
     let attr = |a| r::device_attribute(d, cu_dev, a);
     let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     let (module, image) = load_kernels(d, major as u32, minor as u32)?;
     // SAFETY: 1. `module` was loaded into the current context just now.
-    let zero_fn = unsafe { r::module_get_function(d, module, kernel::ZERO_KERNEL) }?;
+    let scrub_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_KERNEL) }?;
     // SAFETY: as above.
-    let verify_fn = unsafe { r::module_get_function(d, module, kernel::VERIFY_KERNEL) }?;
+    let publish_fn = unsafe { r::module_get_function(d, module, kernel::PUBLISH_KERNEL) }?;
     let order_event = r::event_create(d)?;
     Ok(Device {
         ordinal,
         ctx: Handle(ctx),
-        zero_fn: Handle(zero_fn),
-        verify_fn: Handle(verify_fn),
-        sm_count: u32::try_from(sms).unwrap_or(1).max(1),
+        scrub_fn: Handle(scrub_fn),
+        publish_fn: Handle(publish_fn),
         image,
         order_event: Mutex::new(Handle(order_event)),
         slots: Mutex::new(Vec::new()),
@@ -348,27 +351,16 @@ impl Backend for CudaBackend {
                 what: "scrub launch",
             });
         }
-        let plan = kernel::plan(&batch.segments, batch.options);
-        let count = u32::try_from(plan.segments.len())
-            .ok()
-            .filter(|&c| c != kernel::NO_SKIP)
-            .ok_or_else(|| BackendError::Other("too many segments in one batch".to_string()))?;
-        let slot = acquire_slot(d, dev, plan.segments.len())?;
-        let enqueued = enqueue(
-            &self.inner,
-            dev,
-            &slot,
-            &plan,
-            count,
-            &batch,
-            self.inner.skip_segment.load(Ordering::Relaxed),
-        );
-        match enqueued {
+        let mut plan = kernel::plan(&batch.segments, batch.options)
+            .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
+        plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
+        let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.items.len())?;
+        match enqueue(d, dev, &mut slot, &mut plan, &batch) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
                 slot: Some(slot),
-                count: plan.segments.len(),
+                count: batch.segments.len(),
                 done: None,
             })),
             Err(e) => {
@@ -407,14 +399,20 @@ impl Backend for CudaBackend {
     }
 }
 
-/// An idle slot of at least `n` segments whose last use has completed, or a new one.
-fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError> {
+/// An idle slot for `segments` segments and `items` work items whose last use has completed,
+/// or a new one.
+fn acquire_slot(
+    d: &Driver,
+    dev: &Device,
+    segments: usize,
+    items: usize,
+) -> Result<Slot, BackendError> {
     {
         let mut idle = lock(&dev.slots);
         let mut i = 0;
         while i < idle.len() {
-            if idle[i].capacity >= n {
-                // SAFETY: 1. the slot's event is live (destroyed only by `drop_slot`).
+            if idle[i].segments >= segments && idle[i].item_capacity >= items {
+                // SAFETY: 1. the slot's event is live (never destroyed).
                 match unsafe { r::event_query(d, idle[i].done.0) } {
                     Ok(true) => return Ok(idle.swap_remove(i)),
                     Ok(false) => {}
@@ -430,43 +428,82 @@ fn acquire_slot(d: &Driver, dev: &Device, n: usize) -> Result<Slot, BackendError
             i += 1;
         }
     }
-    new_slot(d, dev.ordinal, n.max(MIN_SLOT_SEGMENTS).next_power_of_two())
+    new_slot(
+        d,
+        dev.ordinal,
+        segments.max(MIN_SLOT_SEGMENTS).next_power_of_two(),
+        items,
+    )
 }
 
 #[cold]
-fn new_slot(d: &Driver, device: u32, capacity: usize) -> Result<Slot, BackendError> {
-    let bytes = Slot::bytes(capacity);
-    let dev = r::mem_alloc(d, device, bytes as u64)?;
-    let host = match r::mem_host_alloc(d, bytes) {
-        Ok(h) => h,
+fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Slot, BackendError> {
+    let bytes = segments * RESULT_BYTES;
+    let sums = r::mem_alloc(d, device, bytes as u64)?;
+    // Every step below frees what the steps before it allocated when it fails.
+    let results = match r::mem_host_alloc_mapped(d, bytes) {
+        Ok((host, dev)) => Mapped {
+            host: Handle(host),
+            dev,
+        },
         Err(e) => {
             // SAFETY: 1-2. allocated just above, unused.
-            let _ = unsafe { r::mem_free(d, dev) };
+            let _ = unsafe { r::mem_free(d, sums) };
             return Err(e);
+        }
+    };
+    let free_results = || {
+        // SAFETY: 1-2. allocated above, unused.
+        let _ = unsafe { r::mem_free(d, sums) };
+        // SAFETY: 1. allocated above, unused.
+        let _ = unsafe { r::mem_free_host(d, results.host.0) };
+    };
+    let (items, item_capacity) = if items == 0 {
+        (None, 0)
+    } else {
+        let capacity = items.next_power_of_two();
+        match r::mem_host_alloc_mapped(d, capacity * ITEM_BYTES) {
+            Ok((host, dev)) => (
+                Some(Mapped {
+                    host: Handle(host),
+                    dev,
+                }),
+                capacity,
+            ),
+            Err(e) => {
+                free_results();
+                return Err(e);
+            }
         }
     };
     let done = match r::event_create(d) {
         Ok(ev) => ev,
         Err(e) => {
-            // SAFETY: 1-2. allocated just above, unused.
-            let _ = unsafe { r::mem_free(d, dev) };
-            // SAFETY: 1. allocated just above, unused.
-            let _ = unsafe { r::mem_free_host(d, host) };
+            free_results();
+            if let Some(m) = &items {
+                // SAFETY: 1. allocated above, unused.
+                let _ = unsafe { r::mem_free_host(d, m.host.0) };
+            }
             return Err(e);
         }
     };
     Ok(Slot {
-        capacity,
-        dev,
-        host: Handle(host),
+        segments,
+        sums,
+        sums_dirty: true,
+        results,
+        items,
+        item_capacity,
         done: Handle(done),
     })
 }
 
-/// After a failed enqueue, some copies may be in flight: mark the slot's completion point so
-/// that `acquire_slot` reuses it only after them, or leak it when even that fails.
+/// After a failed enqueue, some work may be queued: mark the slot's completion point so that
+/// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
+/// even that fails.
 #[cold]
-fn give_back_after_error(d: &Driver, dev: &Device, slot: Slot, s: CUstream) {
+fn give_back_after_error(d: &Driver, dev: &Device, mut slot: Slot, s: CUstream) {
+    slot.sums_dirty = true;
     // SAFETY: 1. live event and the batch's stream, context current.
     if unsafe { r::event_record(d, slot.done.0, s) }.is_ok() {
         lock(&dev.slots).push(slot);
@@ -475,49 +512,87 @@ fn give_back_after_error(d: &Driver, dev: &Device, slot: Slot, s: CUstream) {
 
 /// Enqueues one batch on its stream (see the module docs for the order).
 fn enqueue(
-    inner: &Inner,
+    d: &Driver,
     dev: &Device,
-    slot: &Slot,
-    plan: &kernel::Plan,
-    count: u32,
+    slot: &mut Slot,
+    plan: &mut kernel::Plan,
     batch: &ScrubBatch,
-    skip_segment: u32,
 ) -> Result<(), BackendError> {
-    let d = &inner.driver;
     let s = stream_of(batch.stream);
     order_after_wait_streams(d, dev, s, &batch.wait_streams, batch.stream)?;
-    let n = plan.segments.len();
-    // SAFETY: the slot's host buffer holds `capacity >= n` descriptors, and the slot is idle
-    // (its previous batch completed), so no copy reads it now; DeviceSegment is plain data.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            plan.segments.as_ptr().cast::<u8>(),
-            slot.host.0,
-            n * DESC_BYTES,
-        );
+    let n = plan.params.count as usize;
+    if slot.sums_dirty {
+        // SAFETY: 1. the slot's sums hold `segments >= n` results, device memory of this
+        // context that only this slot's batches use; 2. the batch's stream.
+        unsafe { r::memset_d8_async(d, slot.sums, slot.segments * RESULT_BYTES, s) }?;
+        slot.sums_dirty = false;
     }
-    // Poison the host copy of the results: should the download never run, the ticket reads
-    // "0 checked", which fails, rather than a previous batch's results.
-    // SAFETY: the result area holds `capacity >= n` slots and no copy writes it now (idle slot).
-    unsafe { std::ptr::write_bytes(slot.host_results(), 0, n * RESULT_BYTES) };
-    // SAFETY: 1. the slot's device buffer holds `n` descriptors; 2. page-locked, unchanged until
-    // the slot's completion event; 3. the batch's stream, context current.
-    unsafe { r::memcpy_htod_async(d, slot.dev, slot.host.0, n * DESC_BYTES, s) }?;
-    // The zero kernel also clears the device result slots.
-    launch_zero(d, dev, slot, plan, count, s, skip_segment)?;
-    launch_verify(d, dev, slot, plan, count, batch.options.samples, s)?;
-    // SAFETY: 1. result area; 2. page-locked, read only after the completion event; 3. as above.
-    unsafe {
-        r::memcpy_dtoh_async(
+    // Clear the host's result slots: a segment the kernel never reaches reads "0 checked",
+    // which fails, rather than a previous batch's result.
+    // SAFETY: the result area holds `segments >= n` slots, and the slot is idle (its previous
+    // batch completed), so the device does not write it now.
+    unsafe { std::ptr::write_bytes(slot.results.host.0, 0, n * RESULT_BYTES) };
+    if !plan.items.is_empty() {
+        let Some(items) = &slot.items else {
+            return Err(BackendError::Other(
+                "batch slot has no work item area".to_string(),
+            ));
+        };
+        // SAFETY: the item area holds `item_capacity >= items.len()` DeviceChunks (plain data),
+        // and the slot is idle, so the device does not read it now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                plan.items.as_ptr().cast::<u8>(),
+                items.host.0,
+                plan.items.len() * ITEM_BYTES,
+            );
+        }
+        plan.params.chunks = items.dev;
+    }
+    plan.params.sums = slot.sums;
+    plan.params.results = slot.results.dev;
+    if plan.total_chunks > 0 {
+        let grid = u32::try_from(plan.total_chunks).map_err(|_| {
+            BackendError::Other(format!("{} chunks in one launch", plan.total_chunks))
+        })?;
+        launch(d, dev.scrub_fn.0, grid, s, &mut plan.params)?;
+    }
+    if plan.needs_publish {
+        // The scrub kernel has added to the sums; from here a failure leaves them dirty.
+        slot.sums_dirty = true;
+        launch(
             d,
-            slot.host_results(),
-            slot.dev_results(),
-            n * RESULT_BYTES,
+            dev.publish_fn.0,
+            kernel::publish_grid(plan.params.count),
             s,
-        )
-    }?;
+            &mut plan.params,
+        )?;
+        slot.sums_dirty = false;
+    }
     // SAFETY: 1. live event, the batch's stream.
     unsafe { r::event_record(d, slot.done.0, s) }
+}
+
+/// Launches one of the two kernels (both take the batch's parameter block by value).
+fn launch(
+    d: &Driver,
+    f: CUfunction,
+    grid: u32,
+    s: CUstream,
+    params: &mut kernel::BatchParams,
+) -> Result<(), BackendError> {
+    let mut args: [*mut c_void; 1] = [(params as *mut kernel::BatchParams).cast()];
+    let shape = r::LaunchShape {
+        grid,
+        block: kernel::BLOCK_THREADS,
+    };
+    // SAFETY: 1. a function of the device's module, its context current; 2. one parameter of
+    // the kernels' type `KvhBatch` (BatchParams is its repr(C) twin, checked by a layout test),
+    // alive until the call returns; 3. the batch's stream; 4. the parameter names segments the
+    // pool owns (PENDING blocks of this device), sums of `count` slots in device memory, and
+    // result slots and work items in mapped page-locked memory of the slot, which stays
+    // allocated and unused by others until the slot's completion event.
+    unsafe { r::launch_kernel(d, f, shape, s, &mut args) }
 }
 
 /// Makes `s` wait for all work queued so far on every other stream in `waits`. A wait stream
@@ -551,76 +626,6 @@ fn order_after_wait_streams(
     Ok(())
 }
 
-fn launch_zero(
-    d: &Driver,
-    dev: &Device,
-    slot: &Slot,
-    plan: &kernel::Plan,
-    count: u32,
-    s: CUstream,
-    skip_segment: u32,
-) -> Result<(), BackendError> {
-    let mut segs = slot.dev;
-    let mut count = count;
-    let mut total = plan.total_chunks;
-    let mut flags = plan.flags;
-    let mut skip = skip_segment;
-    let mut results = slot.dev_results();
-    let mut params: [*mut c_void; 6] = [
-        (&mut segs as *mut u64).cast(),
-        (&mut count as *mut u32).cast(),
-        (&mut total as *mut u64).cast(),
-        (&mut flags as *mut u32).cast(),
-        (&mut skip as *mut u32).cast(),
-        (&mut results as *mut u64).cast(),
-    ];
-    let shape = r::LaunchShape {
-        grid: kernel::zero_grid(plan.total_chunks, dev.sm_count),
-        block: kernel::BLOCK_THREADS,
-    };
-    // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types
-    // (pointer as u64, u32, u64, u32, u32, pointer as u64), living until the call returns;
-    // 3. the batch's stream; 4. the descriptors were uploaded before in stream order and name
-    // segments the pool owns (PENDING blocks of this device); the result area holds `count`
-    // slots.
-    unsafe { r::launch_kernel(d, dev.zero_fn.0, shape, s, &mut params) }
-}
-
-fn launch_verify(
-    d: &Driver,
-    dev: &Device,
-    slot: &Slot,
-    plan: &kernel::Plan,
-    count: u32,
-    samples: u32,
-    s: CUstream,
-) -> Result<(), BackendError> {
-    if plan.total_samples == 0 {
-        return Ok(());
-    }
-    let mut segs = slot.dev;
-    let mut count = count;
-    let mut total = plan.total_samples;
-    let mut samples = samples;
-    let mut flags = plan.flags;
-    let mut results = slot.dev_results();
-    let mut params: [*mut c_void; 6] = [
-        (&mut segs as *mut u64).cast(),
-        (&mut count as *mut u32).cast(),
-        (&mut total as *mut u64).cast(),
-        (&mut samples as *mut u32).cast(),
-        (&mut flags as *mut u32).cast(),
-        (&mut results as *mut u64).cast(),
-    ];
-    let shape = r::LaunchShape {
-        grid: kernel::verify_grid(plan.total_samples, dev.sm_count),
-        block: kernel::BLOCK_THREADS,
-    };
-    // SAFETY: 1. function of the current context; 2. six parameters of the kernel's types;
-    // 3. the batch's stream; 4. descriptors and cleared result slots precede it in stream order.
-    unsafe { r::launch_kernel(d, dev.verify_fn.0, shape, s, &mut params) }
-}
-
 /// An in-flight batch: completion is its slot's event; results are in the slot's page-locked
 /// result area once that event has completed.
 struct CudaTicket {
@@ -647,11 +652,11 @@ impl CudaTicket {
         let Some(slot) = self.slot.take() else {
             return Vec::new();
         };
-        let base = slot.host_results().cast::<SegmentResult>();
+        let base = slot.results.host.0.cast::<SegmentResult>();
         let results = (0..self.count)
-            // SAFETY: the completion event has been observed, so the download into the slot's
-            // result area (`count` SegmentResults, repr(C) pairs of u64) has finished; volatile
-            // because the device wrote it behind the compiler's back.
+            // SAFETY: the completion event has been observed, so every kernel write into the
+            // slot's result area (`count` SegmentResults, repr(C) pairs of u64) has completed;
+            // volatile because the device wrote it behind the compiler's back.
             .map(|i| unsafe { std::ptr::read_volatile(base.add(i)) })
             .collect();
         lock(&dev.slots).push(slot);

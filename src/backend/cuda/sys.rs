@@ -12,6 +12,7 @@
 )]
 
 pub const CU_MEMHOSTALLOC_PORTABLE: u32 = 1;
+pub const CU_MEMHOSTALLOC_DEVICEMAP: u32 = 2;
 pub type CUdeviceptr_v2 = ::std::os::raw::c_ulonglong;
 pub type CUdeviceptr = CUdeviceptr_v2;
 pub type CUdevice_v1 = ::std::os::raw::c_int;
@@ -499,6 +500,11 @@ pub struct CudaDriver {
         bytesize: usize,
         Flags: ::std::os::raw::c_uint,
     ) -> CUresult,
+    pub cuMemHostGetDevicePointer_v2: unsafe extern "C" fn(
+        pdptr: *mut CUdeviceptr,
+        p: *mut ::std::os::raw::c_void,
+        Flags: ::std::os::raw::c_uint,
+    ) -> CUresult,
     pub cuMemcpyHtoD_v2: unsafe extern "C" fn(
         dstDevice: CUdeviceptr,
         srcHost: *const ::std::os::raw::c_void,
@@ -508,18 +514,6 @@ pub struct CudaDriver {
         dstHost: *mut ::std::os::raw::c_void,
         srcDevice: CUdeviceptr,
         ByteCount: usize,
-    ) -> CUresult,
-    pub cuMemcpyHtoDAsync_v2: unsafe extern "C" fn(
-        dstDevice: CUdeviceptr,
-        srcHost: *const ::std::os::raw::c_void,
-        ByteCount: usize,
-        hStream: CUstream,
-    ) -> CUresult,
-    pub cuMemcpyDtoHAsync_v2: unsafe extern "C" fn(
-        dstHost: *mut ::std::os::raw::c_void,
-        srcDevice: CUdeviceptr,
-        ByteCount: usize,
-        hStream: CUstream,
     ) -> CUresult,
     pub cuMemsetD8_v2: unsafe extern "C" fn(
         dstDevice: CUdeviceptr,
@@ -596,10 +590,11 @@ impl CudaDriver {
         let cuMemFree_v2 = __library.get(b"cuMemFree_v2\0").map(|sym| *sym)?;
         let cuMemFreeHost = __library.get(b"cuMemFreeHost\0").map(|sym| *sym)?;
         let cuMemHostAlloc = __library.get(b"cuMemHostAlloc\0").map(|sym| *sym)?;
+        let cuMemHostGetDevicePointer_v2 = __library
+            .get(b"cuMemHostGetDevicePointer_v2\0")
+            .map(|sym| *sym)?;
         let cuMemcpyHtoD_v2 = __library.get(b"cuMemcpyHtoD_v2\0").map(|sym| *sym)?;
         let cuMemcpyDtoH_v2 = __library.get(b"cuMemcpyDtoH_v2\0").map(|sym| *sym)?;
-        let cuMemcpyHtoDAsync_v2 = __library.get(b"cuMemcpyHtoDAsync_v2\0").map(|sym| *sym)?;
-        let cuMemcpyDtoHAsync_v2 = __library.get(b"cuMemcpyDtoHAsync_v2\0").map(|sym| *sym)?;
         let cuMemsetD8_v2 = __library.get(b"cuMemsetD8_v2\0").map(|sym| *sym)?;
         let cuMemsetD8Async = __library.get(b"cuMemsetD8Async\0").map(|sym| *sym)?;
         let cuStreamWaitEvent = __library.get(b"cuStreamWaitEvent\0").map(|sym| *sym)?;
@@ -632,10 +627,9 @@ impl CudaDriver {
             cuMemFree_v2,
             cuMemFreeHost,
             cuMemHostAlloc,
+            cuMemHostGetDevicePointer_v2,
             cuMemcpyHtoD_v2,
             cuMemcpyDtoH_v2,
-            cuMemcpyHtoDAsync_v2,
-            cuMemcpyDtoHAsync_v2,
             cuMemsetD8_v2,
             cuMemsetD8Async,
             cuStreamWaitEvent,
@@ -725,6 +719,14 @@ impl CudaDriver {
     ) -> CUresult {
         (self.cuMemHostAlloc)(pp, bytesize, Flags)
     }
+    pub unsafe fn cuMemHostGetDevicePointer_v2(
+        &self,
+        pdptr: *mut CUdeviceptr,
+        p: *mut ::std::os::raw::c_void,
+        Flags: ::std::os::raw::c_uint,
+    ) -> CUresult {
+        (self.cuMemHostGetDevicePointer_v2)(pdptr, p, Flags)
+    }
     pub unsafe fn cuMemcpyHtoD_v2(
         &self,
         dstDevice: CUdeviceptr,
@@ -740,24 +742,6 @@ impl CudaDriver {
         ByteCount: usize,
     ) -> CUresult {
         (self.cuMemcpyDtoH_v2)(dstHost, srcDevice, ByteCount)
-    }
-    pub unsafe fn cuMemcpyHtoDAsync_v2(
-        &self,
-        dstDevice: CUdeviceptr,
-        srcHost: *const ::std::os::raw::c_void,
-        ByteCount: usize,
-        hStream: CUstream,
-    ) -> CUresult {
-        (self.cuMemcpyHtoDAsync_v2)(dstDevice, srcHost, ByteCount, hStream)
-    }
-    pub unsafe fn cuMemcpyDtoHAsync_v2(
-        &self,
-        dstHost: *mut ::std::os::raw::c_void,
-        srcDevice: CUdeviceptr,
-        ByteCount: usize,
-        hStream: CUstream,
-    ) -> CUresult {
-        (self.cuMemcpyDtoHAsync_v2)(dstHost, srcDevice, ByteCount, hStream)
     }
     pub unsafe fn cuMemsetD8_v2(
         &self,
