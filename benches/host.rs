@@ -8,6 +8,11 @@
 //!   outside the timed region), against glibc `malloc` + `memset` + `free` of the same sizes.
 //!   Target: no slower than the baseline.
 //!
+//! - `cuda_batch_prep/4096x64KiB`: the host's share of launching a CUDA scrub batch of 4096
+//!   segments (the GPU batched benchmark's shape): the launch plan and the copy of its work
+//!   items into the slot's page-locked area (a preallocated buffer stands in for it). No GPU
+//!   needed.
+//!
 //! `scripts/bench-report.sh` prints the medians and ratios from criterion's estimates.
 
 use std::hint::black_box;
@@ -160,5 +165,32 @@ fn warm(alloc: &Allocator) {
     alloc.synchronize().expect("synchronize");
 }
 
-criterion_group!(benches, scrub_throughput, alloc_pair);
+fn cuda_batch_prep(c: &mut Criterion) {
+    use kvhygiene::backend::cuda::kernel::{self, DeviceChunk};
+    let segments: Vec<ScrubSegment> = (0..4096u64)
+        .map(|i| ScrubSegment {
+            addr: 0x7f00_0000_0000 + i * 65_536,
+            len: 65_536,
+            seed: i,
+        })
+        .collect();
+    let options = ScrubOptions {
+        samples: 64,
+        full_verify: false,
+        double_pass: false,
+    };
+    let mut area = vec![DeviceChunk::default(); 4096];
+    let mut g = c.benchmark_group("cuda_batch_prep");
+    g.bench_function("4096x64KiB", |b| {
+        b.iter(|| {
+            let plan = kernel::plan(black_box(&segments), options).expect("plan");
+            area.copy_from_slice(&plan.items);
+            black_box(&area);
+            plan.total_chunks
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, scrub_throughput, alloc_pair, cuda_batch_prep);
 criterion_main!(benches);
