@@ -187,7 +187,8 @@ KVH_HD void kvh_sample_candidates(const KvhRule* rule, kvh_u64 w0, kvh_u64 w1, k
 }
 
 // The last segment whose first chunk is <= c (segments are in chunk order; a segment of
-// length 0 owns no chunk and is skipped that way).
+// length 0 owns no chunk and is skipped that way). count >= 1: a batch without chunks is
+// never launched.
 KVH_HD kvh_u32 kvh_find_chunk(const KvhSegment* segs, kvh_u32 count, kvh_u64 c) {
     kvh_u32 lo = 0, hi = count - 1;
     while (lo < hi) {

@@ -265,10 +265,18 @@ fn poll_reports_pending_until_the_event_completes() {
         results,
         "results stay readable"
     );
-    // Abandoned tickets: their slots are reused only after their events complete.
+    // Abandoned tickets: their slots are reused only after their events complete. With every
+    // new event pending, the first batch reuses the completed slot above and each of the
+    // other four needs a slot of its own.
+    switch(&lib, "set_pending_queries", 1000);
+    let slots_before = query(&lib, "host_allocs", 0);
     for _ in 0..5 {
         drop(b.submit_scrub(batch(vec![seg], SAMPLED)).expect("submit"));
     }
+    assert!(
+        query(&lib, "host_allocs", 0) - slots_before >= 4,
+        "a slot was reused before its batch completed"
+    );
     switch(&lib, "set_pending_queries", 0);
     assert_eq!(run(&b, batch(vec![seg], SAMPLED))[0].nonzero, 0);
     b.release(0, base, 4096).expect("release");

@@ -79,6 +79,12 @@ fn batches_of_1_to_10000_segments() {
         let (segments, total) = random_layout(count, 20_000, count as u64);
         scrub_and_check(&b, total, &segments, SAMPLED);
     }
+    // More segments than travel in the kernel parameter, some spanning several chunks: work
+    // items, sums and the publish launch on the real kernels.
+    for (count, max_len) in [(121usize, 300_000u64), (500, 1_000_000)] {
+        let (segments, total) = random_layout(count, max_len, count as u64 + 7);
+        scrub_and_check(&b, total, &segments, SAMPLED);
+    }
 }
 
 #[test]

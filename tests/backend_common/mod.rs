@@ -104,38 +104,54 @@ pub fn scrub_and_check(
     results
 }
 
-/// Scrubs three 1 MiB - 1 segments at odd offsets with the zero kernel told to skip the middle
-/// one (`inject` switches that on and off), and checks the verification reports it exactly as
-/// the host rule does on the dirty bytes, while the others pass.
+/// Scrubs batches with the zero kernel told to skip segment 1 (`inject` switches that on and
+/// off) and checks the verification reports it exactly as the host rule does on the dirty
+/// bytes, while the others pass. The shapes cover every way a result reaches the host on the
+/// CUDA backend: segments spanning chunks (sums, then the publish launch) and segments of one
+/// chunk (written by their block), each in a batch that travels in the kernel parameter (3
+/// segments) and in one with work items (130 segments).
 pub fn skipped_segment_is_caught(b: &dyn Backend, inject: &dyn Fn(Option<u32>)) {
-    let total = 3 * MIB;
+    for (count, len) in [(3u64, MIB - 1), (3, 4095), (130, 4095), (130, 300_001)] {
+        skipped_segment_is_caught_in(b, inject, count, len);
+    }
+}
+
+fn skipped_segment_is_caught_in(
+    b: &dyn Backend,
+    inject: &dyn Fn(Option<u32>),
+    count: u64,
+    len: u64,
+) {
+    let stride = len + 1;
+    let total = count * stride + 64;
     let base = b.allocate(0, total).expect("allocate");
     b.write(0, base, &random_bytes(total as usize, 7))
         .expect("write");
-    let segs: Vec<ScrubSegment> = (0..3)
+    let segs: Vec<ScrubSegment> = (0..count)
         .map(|i| ScrubSegment {
-            addr: base + i * MIB + 1,
-            len: MIB - 1,
+            addr: base + i * stride + 1,
+            len,
             seed: 100 + i,
         })
         .collect();
     inject(Some(1));
     let results = run(b, batch(segs.clone(), SAMPLED));
     inject(None);
-    let mut dirty = vec![0u8; (MIB - 1) as usize];
+    let shape = format!("{count} segments of {len} bytes");
+    let mut dirty = vec![0u8; len as usize];
     b.read(0, segs[1].addr, &mut dirty).expect("read");
     let want = verify::verify_bytes(&dirty, segs[1].seed, 64, false);
     assert_eq!(
         results[1], want,
-        "the kernel sampled the host rule's positions"
+        "{shape}: the kernel sampled the host rule's positions"
     );
     assert_eq!(
         results[1].nonzero, 64,
-        "every sample of the skipped segment is dirty"
+        "{shape}: every sample of the skipped segment is dirty"
     );
     assert!(!verify::passes(results[1], 64, 0.999));
-    for i in [0, 2] {
-        assert!(verify::passes(results[i], 64, 0.999), "segment {i}");
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert!(verify::passes(*r, 64, 0.999), "{shape}: segment {i}: {r:?}");
     }
     b.release(0, base, total).expect("release");
 }

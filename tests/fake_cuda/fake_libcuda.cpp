@@ -14,7 +14,8 @@
 //   (standing for PyTorch's current device), fake_cuda_use_foreign_context(0) reports which
 //   context is current: 1 that one, 0 none, 2 kvhygiene's;
 // - fake_cuda_set_init_result(code) makes cuInit fail; fake_cuda_reject_images(1) makes every
-//   cuModuleLoadData fail; fake_cuda_calls() counts driver calls.
+//   cuModuleLoadData fail; fake_cuda_calls() counts driver calls, fake_cuda_host_allocs(0)
+//   counts cuMemHostAlloc calls (each new batch slot makes at least one).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -30,7 +31,8 @@ static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONT
                       INVALID_IMAGE = 200, NOT_FOUND = 500, NOT_READY = 600;
 static int g_ctx_token;  // the primary context's address is its identity
 static thread_local void* t_current = nullptr;
-static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0};
+static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
+    g_host_allocs{0};
 static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 
 struct Event {
@@ -55,6 +57,7 @@ void fake_cuda_set_init_result(int code) { g_init_result = code; }
 void fake_cuda_reject_images(int on) { g_reject_images = on; }
 void fake_cuda_set_pending_queries(int n) { g_pending = n; }
 int fake_cuda_calls(void) { return g_calls.load(); }
+int fake_cuda_host_allocs(int) { return g_host_allocs.load(); }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
     switch (e) {
@@ -119,6 +122,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
 }
 CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); free((void*)p); return OK; }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
+    g_host_allocs++;
     *p = malloc(n);
     return *p ? OK : OUT_OF_MEMORY;
 }

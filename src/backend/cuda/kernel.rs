@@ -116,8 +116,15 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
             MAX_GRID.min(u64::from(count) + MAX_EXTRA_ITEMS),
         )
     };
-    // At shift 63 every segment is one chunk, and count <= limit: the loop ends.
+    // Chunks halve with each step; at shift 63 a segment is at most two chunks, which can
+    // still exceed the item budget only for lengths beyond 2^63 bytes.
     while chunks_at(segments, shift) > limit {
+        if shift == 63 {
+            return Err(PlanError(format!(
+                "{} segments too long to cut into {limit} chunks",
+                segments.len()
+            )));
+        }
         shift += 1;
     }
     let total_chunks = chunks_at(segments, shift);
@@ -455,6 +462,23 @@ mod tests {
         let p = plan(&huge, options(64, false, false)).unwrap();
         assert!(p.total_chunks <= MAX_GRID);
         assert_eq!(p.total_chunks, (1u64 << 60) >> p.params.chunk_shift);
+    }
+
+    #[test]
+    fn absurd_lengths_are_refused_not_a_panic() {
+        let segs: Vec<ScrubSegment> = (0..70_000u64)
+            .map(|i| ScrubSegment {
+                addr: i << 12,
+                len: u64::MAX - 1,
+                seed: i,
+            })
+            .collect();
+        let err = plan(&segs, options(64, false, false)).unwrap_err();
+        assert!(err.0.contains("70000 segments"), "{}", err.0);
+        // A few such segments still plan, with chunks as large as the item budget needs.
+        let p = plan(&segs[..200], options(64, false, false)).unwrap();
+        assert!(p.total_chunks <= 200 + MAX_EXTRA_ITEMS);
+        assert_eq!(p.items.len() as u64, p.total_chunks);
     }
 
     #[test]
