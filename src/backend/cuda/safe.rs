@@ -54,7 +54,7 @@ struct Device {
     /// Recorded on each wait stream, then waited on by the scrub stream. Reusable at once:
     /// `cuStreamWaitEvent` captures the record that precedes it.
     order_event: Mutex<Handle<CUevent>>,
-    /// Idle batch slots (descriptor + result buffers and a completion event).
+    /// Idle batch slots (sums, result and work item buffers, and a completion event).
     slots: Mutex<Vec<Slot>>,
 }
 
