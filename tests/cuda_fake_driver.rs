@@ -282,6 +282,60 @@ fn poll_reports_pending_until_the_event_completes() {
     b.release(0, base, 4096).expect("release");
 }
 
+/// A slot that cannot be allocated fails the submission, and the next one succeeds.
+#[test]
+fn a_failed_slot_allocation_is_reported_and_recovered() {
+    let (path, lib) = fake_or_skip!("slot_oom");
+    let b = start(&path);
+    let (segments, total) = random_layout(8, 5000, 3);
+    let base = b.allocate(0, total).expect("allocate");
+    let segs: Vec<ScrubSegment> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, &(off, len))| ScrubSegment {
+            addr: base + off,
+            len,
+            seed: i as u64,
+        })
+        .collect();
+    switch(&lib, "fail_host_allocs", 1);
+    match b.submit_scrub(batch(segs.clone(), SAMPLED)) {
+        Err(e) => assert!(e.to_string().contains("cuMemHostAlloc"), "{e}"),
+        Ok(_) => panic!("a batch was submitted without its slot"),
+    }
+    b.release(0, base, total).expect("release");
+    scrub_and_check(&b, total, &segments, SAMPLED);
+}
+
+/// The publish launch fails after the scrub launch added to the slot's sums: the submission
+/// fails, and the next batch on that slot starts from cleared sums (its counts are not
+/// doubled).
+#[test]
+fn sums_left_by_a_failed_batch_are_cleared_before_the_next() {
+    let (path, lib) = fake_or_skip!("dirty_sums");
+    let b = start(&path);
+    // Segments spanning chunks, so the batch needs the publish launch.
+    let segments = [(1u64, 100_000u64), (200_003, 70_001)];
+    let total = 300_000;
+    let base = b.allocate(0, total).expect("allocate");
+    let segs: Vec<ScrubSegment> = segments
+        .iter()
+        .map(|&(off, len)| ScrubSegment {
+            addr: base + off,
+            len,
+            seed: off,
+        })
+        .collect();
+    switch(&lib, "fail_launch", 2);
+    match b.submit_scrub(batch(segs, SAMPLED)) {
+        Err(e) => assert!(e.to_string().contains("cuLaunchKernel"), "{e}"),
+        Ok(_) => panic!("the failed publish launch was not reported"),
+    }
+    b.release(0, base, total).expect("release");
+    let results = scrub_and_check(&b, total, &segments, SAMPLED);
+    assert!(results.iter().all(|r| r.checked == 64), "{results:?}");
+}
+
 #[test]
 fn capturing_streams_are_refused_not_captured() {
     let (path, _lib) = fake_or_skip!("capture");

@@ -15,7 +15,10 @@
 //   context is current: 1 that one, 0 none, 2 kvhygiene's;
 // - fake_cuda_set_init_result(code) makes cuInit fail; fake_cuda_reject_images(1) makes every
 //   cuModuleLoadData fail; fake_cuda_calls() counts driver calls, fake_cuda_host_allocs(0)
-//   counts cuMemHostAlloc calls (each new batch slot makes at least one).
+//   counts cuMemHostAlloc calls (each new batch slot makes at least one);
+// - fake_cuda_fail_host_allocs(n) makes the next n cuMemHostAlloc calls fail with
+//   CUDA_ERROR_OUT_OF_MEMORY; fake_cuda_fail_launch(k) makes the next launch of kernel k
+//   (1 kvh_scrub, 2 kvh_scrub_publish) fail with CUDA_ERROR_INVALID_VALUE, without running it.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -32,7 +35,7 @@ static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONT
 static int g_ctx_token;  // the primary context's address is its identity
 static thread_local void* t_current = nullptr;
 static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
-    g_host_allocs{0};
+    g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0};
 static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 
 struct Event {
@@ -56,6 +59,8 @@ extern "C" {
 void fake_cuda_set_init_result(int code) { g_init_result = code; }
 void fake_cuda_reject_images(int on) { g_reject_images = on; }
 void fake_cuda_set_pending_queries(int n) { g_pending = n; }
+void fake_cuda_fail_host_allocs(int n) { g_fail_host_allocs = n; }
+void fake_cuda_fail_launch(int kernel) { g_fail_launch = kernel; }
 int fake_cuda_calls(void) { return g_calls.load(); }
 int fake_cuda_host_allocs(int) { return g_host_allocs.load(); }
 
@@ -123,6 +128,10 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
 CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); free((void*)p); return OK; }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     g_host_allocs++;
+    if (g_fail_host_allocs > 0) {
+        g_fail_host_allocs--;
+        return OUT_OF_MEMORY;
+    }
     *p = malloc(n);
     return *p ? OK : OUT_OF_MEMORY;
 }
@@ -231,6 +240,8 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
                         unsigned, unsigned, void*, void** params, void**) {
     NEED_CTX();
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;
+    int failing = (int)(uintptr_t)f;
+    if (g_fail_launch.compare_exchange_strong(failing, 0)) return INVALID_VALUE;
     const KvhBatch* b = (const KvhBatch*)params[0];
     if (f == (void*)1) {
         for (kvh_u64 c = 0; c < gx; ++c) scrub_block(b, c);
