@@ -77,7 +77,8 @@ pub struct BatchParams {
     pub inline_segs: [DeviceSegment; INLINE_SEGMENTS],
 }
 
-/// Kernel parameters may take at most this many bytes (CUDA's limit before 12.1 drivers).
+/// Kernel parameters may take at most this many bytes on every supported driver (12.1 and
+/// later allow more on Volta and newer GPUs; the inline capacity does not rely on that).
 pub const MAX_PARAM_BYTES: usize = 4096;
 const _: () = assert!(std::mem::size_of::<BatchParams>() <= MAX_PARAM_BYTES);
 
@@ -116,8 +117,8 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
             MAX_GRID.min(u64::from(count) + MAX_EXTRA_ITEMS),
         )
     };
-    // Chunks halve with each step; at shift 63 a segment is at most two chunks, which can
-    // still exceed the item budget only for lengths beyond 2^63 bytes.
+    // Each step doubles the chunk size; at shift 63 a segment is at most two chunks, which
+    // can still exceed the item budget only for lengths beyond 2^63 bytes.
     while chunks_at(segments, shift) > limit {
         if shift == 63 {
             return Err(PlanError(format!(
