@@ -10,8 +10,13 @@
 //!
 //! Short measurement times keep the whole run well under a minute; scripts/gpu-check.sh reads
 //! the estimates criterion writes under `$CRITERION_HOME`.
+//!
+//! After the criterion groups, `timeline` prints where one iteration of the batched scrub
+//! spends its wall time (medians over 20 iterations): until the first batch is submitted
+//! (the device is idle until then), until all are submitted, until the first completes, and
+//! until the last one's results are read. Not a target: it locates the host's share.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use kvhygiene::backend::cuda::{probe, CudaBackend, Probe};
@@ -98,6 +103,73 @@ fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
     g.finish();
 }
 
+/// Prints the median phase times of one batched-scrub iteration (see the module docs).
+fn timeline(b: &CudaBackend, buf: DevicePtr) {
+    let seg_len = 64 * 1024;
+    let segments: Vec<ScrubSegment> = (0..4096u64)
+        .map(|i| ScrubSegment {
+            addr: buf + i * seg_len,
+            len: seg_len,
+            seed: i,
+        })
+        .collect();
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for _ in 0..20 {
+        let start = Instant::now();
+        let mut tickets = Vec::with_capacity(DEPTH as usize);
+        let mut first_submitted = 0.0;
+        for i in 0..DEPTH {
+            let batch = ScrubBatch {
+                device: 0,
+                stream: StreamHandle(0),
+                wait_streams: Vec::new(),
+                segments: segments.clone(),
+                options: OPTIONS,
+            };
+            tickets.push(
+                b.submit_scrub(batch)
+                    .unwrap_or_else(|e| panic!("scrub failed: {e}")),
+            );
+            if i == 0 {
+                first_submitted = micros(start);
+            }
+        }
+        let all_submitted = micros(start);
+        let mut first_done = 0.0;
+        for (i, mut t) in tickets.into_iter().enumerate() {
+            let results = t.wait().unwrap_or_else(|e| panic!("scrub failed: {e}"));
+            assert_eq!(results.len(), segments.len());
+            if i == 0 {
+                first_done = micros(start);
+            }
+        }
+        let last_read = micros(start);
+        for (v, x) in phases
+            .iter_mut()
+            .zip([first_submitted, all_submitted, first_done, last_read])
+        {
+            v.push(x);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [a, b2, c, d] = &mut phases;
+    println!(
+        "gpu_scrub: timeline of {DEPTH} batches of 4096 x 64 KiB (median us from the start): \
+         first submitted {:.1}, all submitted {:.1}, first done {:.1}, last results read {:.1}",
+        median(a),
+        median(b2),
+        median(c),
+        median(d)
+    );
+}
+
+fn micros(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e6
+}
+
 fn main() {
     let backend = match probe() {
         Probe::Available(b) => b,
@@ -128,5 +200,6 @@ fn main() {
     single_segment(&mut c, &backend, buf);
     batched(&mut c, &backend, buf);
     c.final_summary();
+    timeline(&backend, buf);
     let _ = backend.release(0, buf, 1024 * MIB);
 }
