@@ -85,15 +85,23 @@ fn single_segment(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
     g.finish();
 }
 
-fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
-    let seg_len = 64 * 1024;
-    let segments: Vec<ScrubSegment> = (0..4096u64)
+/// Bytes in each segment of the batched case.
+const BATCH_SEG_LEN: u64 = 64 * 1024;
+
+/// The batched case: 4096 consecutive segments of 64 KiB from `buf`.
+fn batch_segments(buf: DevicePtr) -> Vec<ScrubSegment> {
+    (0..4096u64)
         .map(|i| ScrubSegment {
-            addr: buf + i * seg_len,
-            len: seg_len,
+            addr: buf + i * BATCH_SEG_LEN,
+            len: BATCH_SEG_LEN,
             seed: i,
         })
-        .collect();
+        .collect()
+}
+
+fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
+    let seg_len = BATCH_SEG_LEN;
+    let segments = batch_segments(buf);
     let mut g = c.benchmark_group("batched");
     g.throughput(Throughput::Bytes(DEPTH * 4096 * seg_len));
     g.bench_function("scrub_4096x64KiB", |x| x.iter(|| scrub(b, &segments)));
@@ -105,14 +113,7 @@ fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
 
 /// Prints the median phase times of one batched-scrub iteration (see the module docs).
 fn timeline(b: &CudaBackend, buf: DevicePtr) {
-    let seg_len = 64 * 1024;
-    let segments: Vec<ScrubSegment> = (0..4096u64)
-        .map(|i| ScrubSegment {
-            addr: buf + i * seg_len,
-            len: seg_len,
-            seed: i,
-        })
-        .collect();
+    let segments = batch_segments(buf);
     let mut phases: [Vec<f64>; 4] = Default::default();
     for _ in 0..20 {
         let start = Instant::now();

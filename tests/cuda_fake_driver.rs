@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{batch, random_layout, run, scrub_and_check, MIB, SAMPLED};
+use common::{batch, place, random_layout, run, scrub_and_check, MIB, SAMPLED};
 use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, Probe};
 use kvhygiene::backend::{
     Backend, BackendError, BackendKind, ScrubOptions, ScrubSegment, StreamHandle,
@@ -289,17 +289,8 @@ fn a_failed_slot_allocation_is_reported_and_recovered() {
     let b = start(&path);
     let (segments, total) = random_layout(8, 5000, 3);
     let base = b.allocate(0, total).expect("allocate");
-    let segs: Vec<ScrubSegment> = segments
-        .iter()
-        .enumerate()
-        .map(|(i, &(off, len))| ScrubSegment {
-            addr: base + off,
-            len,
-            seed: i as u64,
-        })
-        .collect();
     switch(&lib, "fail_host_allocs", 1);
-    match b.submit_scrub(batch(segs.clone(), SAMPLED)) {
+    match b.submit_scrub(batch(place(base, &segments), SAMPLED)) {
         Err(e) => assert!(e.to_string().contains("cuMemHostAlloc"), "{e}"),
         Ok(_) => panic!("a batch was submitted without its slot"),
     }
@@ -318,16 +309,8 @@ fn sums_left_by_a_failed_batch_are_cleared_before_the_next() {
     let segments = [(1u64, 100_000u64), (200_003, 70_001)];
     let total = 300_000;
     let base = b.allocate(0, total).expect("allocate");
-    let segs: Vec<ScrubSegment> = segments
-        .iter()
-        .map(|&(off, len)| ScrubSegment {
-            addr: base + off,
-            len,
-            seed: off,
-        })
-        .collect();
     switch(&lib, "fail_launch", 2);
-    match b.submit_scrub(batch(segs, SAMPLED)) {
+    match b.submit_scrub(batch(place(base, &segments), SAMPLED)) {
         Err(e) => assert!(e.to_string().contains("cuLaunchKernel"), "{e}"),
         Ok(_) => panic!("the failed publish launch was not reported"),
     }

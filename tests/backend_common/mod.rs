@@ -56,6 +56,19 @@ pub fn random_layout(count: usize, max_len: u64, seed: u64) -> (Vec<(u64, u64)>,
     (segments, off + 64)
 }
 
+/// The segments `(offset, len)` of an allocation at `base`, with seeds 0x5eed, 0x5eef, ...
+pub fn place(base: u64, segments: &[(u64, u64)]) -> Vec<ScrubSegment> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, &(off, len))| ScrubSegment {
+            addr: base + off,
+            len,
+            seed: 0x5eed + i as u64,
+        })
+        .collect()
+}
+
 /// Random-fills `total` bytes on device 0, scrubs `segments` (offsets into the allocation),
 /// reads everything back and checks: every byte inside a segment is zero, every byte outside
 /// is unchanged, and each result slot equals `verify::verify_bytes` of the read-back bytes and
@@ -69,15 +82,7 @@ pub fn scrub_and_check(
     let base = b.allocate(0, total).expect("allocate");
     let before = random_bytes(total as usize, total ^ segments.len() as u64);
     b.write(0, base, &before).expect("write");
-    let segs: Vec<ScrubSegment> = segments
-        .iter()
-        .enumerate()
-        .map(|(i, &(off, len))| ScrubSegment {
-            addr: base + off,
-            len,
-            seed: 0x5eed + i as u64,
-        })
-        .collect();
+    let segs = place(base, segments);
     let results = run(b, batch(segs.clone(), options));
     let mut after = vec![0u8; total as usize];
     b.read(0, base, &mut after).expect("read");

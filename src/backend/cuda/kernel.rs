@@ -119,7 +119,8 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
     };
     // Each step doubles the chunk size; at shift 63 a segment is at most two chunks, which
     // can still exceed the item budget only for lengths beyond 2^63 bytes.
-    while chunks_at(segments, shift) > limit {
+    let mut total_chunks = chunks_at(segments, shift);
+    while total_chunks > limit {
         if shift == 63 {
             return Err(PlanError(format!(
                 "{} segments too long to cut into {limit} chunks",
@@ -127,8 +128,8 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
             )));
         }
         shift += 1;
+        total_chunks = chunks_at(segments, shift);
     }
-    let total_chunks = chunks_at(segments, shift);
     let chunk = 1u64 << shift;
     let mut params = BatchParams {
         chunks: 0,
