@@ -9,9 +9,8 @@
 //!   Target: no slower than the baseline.
 //!
 //! - `cuda_batch_prep/4096x64KiB`: the host's share of launching a CUDA scrub batch of 4096
-//!   segments (the GPU batched benchmark's shape): the launch plan and the copy of its work
-//!   items into the slot's page-locked area (a preallocated buffer stands in for it). No GPU
-//!   needed.
+//!   segments (the GPU batched benchmark's shape): the launch plan and its work items, written
+//!   into the slot's page-locked area (a preallocated buffer stands in for it). No GPU needed.
 //!
 //! `scripts/bench-report.sh` prints the medians and ratios from criterion's estimates.
 
@@ -184,7 +183,7 @@ fn cuda_batch_prep(c: &mut Criterion) {
     g.bench_function("4096x64KiB", |b| {
         b.iter(|| {
             let plan = kernel::plan(black_box(&segments), options).expect("plan");
-            area.copy_from_slice(&plan.items);
+            plan.write_items(&segments, &mut area);
             black_box(&area);
             plan.total_chunks
         })

@@ -87,9 +87,9 @@ const _: () = assert!(std::mem::size_of::<BatchParams>() <= MAX_PARAM_BYTES);
 pub struct Plan {
     /// The parameter, addresses still 0 (the backend fills `chunks`, `sums`, `results`).
     pub params: BatchParams,
-    /// Work items, one per chunk, for a batch of more than [`INLINE_SEGMENTS`]; empty for an
-    /// inline batch.
-    pub items: Vec<DeviceChunk>,
+    /// Work items the batch needs, one per chunk, for a batch of more than
+    /// [`INLINE_SEGMENTS`]; 0 for an inline batch. [`Plan::write_items`] writes them.
+    pub item_count: usize,
     /// Chunks, which is the scrub launch's grid.
     pub total_chunks: u64,
     /// Whether a segment spans chunks, so that its sums need the publish launch.
@@ -143,35 +143,50 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
         reserved: 0,
         inline_segs: [DeviceSegment::default(); INLINE_SEGMENTS],
     };
-    let mut items = Vec::new();
-    let mut first_chunk = 0;
-    for (i, s) in segments.iter().enumerate() {
-        let n = s.len.div_ceil(chunk);
-        if inline {
-            params.inline_segs[i] = DeviceSegment {
+    if inline {
+        let mut first_chunk = 0;
+        for (slot, s) in params.inline_segs.iter_mut().zip(segments) {
+            *slot = DeviceSegment {
                 addr: s.addr,
                 len: s.len,
                 seed: s.seed,
                 first_chunk,
             };
-        } else {
-            // n <= total_chunks <= MAX_GRID < 2^32 and i < count: both fit.
-            items.extend((0..n).map(|k| DeviceChunk {
-                addr: s.addr,
-                len: s.len,
-                seed: s.seed,
-                segment: i as u32,
-                index: k as u32,
-            }));
+            first_chunk += s.len.div_ceil(chunk);
         }
-        first_chunk += n;
     }
     Ok(Plan {
         params,
-        items,
+        // total_chunks <= limit <= MAX_GRID < 2^31: fits.
+        item_count: if inline { 0 } else { total_chunks as usize },
         total_chunks,
         needs_publish: segments.iter().any(|s| s.len > chunk),
     })
+}
+
+impl Plan {
+    /// Writes the work items of the batch `segments` (the ones this plan was made from), one
+    /// per chunk in chunk order, into `out`, which holds [`Plan::item_count`] of them. The
+    /// backend passes the slot's page-locked item area itself: the items are written once,
+    /// where the kernel reads them, with no staging copy on the way to the launch.
+    pub fn write_items(&self, segments: &[ScrubSegment], out: &mut [DeviceChunk]) {
+        debug_assert_eq!(out.len(), self.item_count);
+        let chunk = 1u64 << self.params.chunk_shift;
+        let mut slots = out.iter_mut();
+        for (i, s) in segments.iter().enumerate() {
+            // Chunk indices are < total_chunks <= MAX_GRID < 2^32 and i < count: both fit.
+            for k in 0..s.len.div_ceil(chunk) {
+                let Some(slot) = slots.next() else { return };
+                *slot = DeviceChunk {
+                    addr: s.addr,
+                    len: s.len,
+                    seed: s.seed,
+                    segment: i as u32,
+                    index: k as u32,
+                };
+            }
+        }
+    }
 }
 
 fn flags(options: ScrubOptions) -> u32 {
@@ -297,20 +312,28 @@ mod tests {
         ]
     }
 
+    /// The plan's work items, written into a fresh area the way the backend writes the slot's.
+    fn items_of(p: &Plan, segs: &[ScrubSegment]) -> Vec<DeviceChunk> {
+        let mut items = vec![DeviceChunk::default(); p.item_count];
+        p.write_items(segs, &mut items);
+        items
+    }
+
     /// Every chunk of a plan as (segment, byte offset, bytes), the way the kernel derives it:
     /// by the segment search for an inline batch, from the work item otherwise.
     fn chunks_of(p: &Plan, segs: &[ScrubSegment]) -> Vec<(usize, u64, u64)> {
         let chunk = 1u64 << p.params.chunk_shift;
+        let items = items_of(p, segs);
         (0..p.total_chunks)
             .map(|c| {
-                let (s, index) = if p.items.is_empty() {
+                let (s, index) = if items.is_empty() {
                     // SAFETY: the pointer and count describe the inline segments.
                     let s = unsafe {
                         kvh_host_rule_find_chunk(p.params.inline_segs.as_ptr(), p.params.count, c)
                     } as usize;
                     (s, c - p.params.inline_segs[s].first_chunk)
                 } else {
-                    let item = p.items[c as usize];
+                    let item = items[c as usize];
                     assert_eq!(
                         (item.addr, item.len, item.seed),
                         (
@@ -333,7 +356,7 @@ mod tests {
         for lens in layouts() {
             let segs = segments(&lens, 3);
             let p = plan(&segs, options(64, false, false)).unwrap();
-            assert_eq!(p.items.is_empty(), segs.len() <= INLINE_SEGMENTS);
+            assert_eq!(p.item_count == 0, segs.len() <= INLINE_SEGMENTS);
             let mut pieces: Vec<Vec<(u64, u64)>> = vec![Vec::new(); segs.len()];
             for (s, off, n) in chunks_of(&p, &segs) {
                 assert!(n > 0);
@@ -424,7 +447,7 @@ mod tests {
         assert_eq!(p.params.chunk_shift, INLINE_CHUNK_SHIFT);
         assert_eq!(p.total_chunks, 1 + 3 + 1);
         assert!(p.needs_publish, "segment 1 spans chunks");
-        assert!(p.items.is_empty());
+        assert_eq!(p.item_count, 0);
         let firsts: Vec<_> = p.params.inline_segs[..3]
             .iter()
             .map(|s| s.first_chunk)
@@ -442,11 +465,12 @@ mod tests {
         let segs = segments(&vec![65_536; 4096], 0);
         let p = plan(&segs, options(64, false, false)).unwrap();
         assert_eq!(p.params.chunk_shift, ITEM_CHUNK_SHIFT);
-        assert_eq!(p.items.len(), 4096);
+        assert_eq!(p.item_count, 4096);
         assert_eq!(p.total_chunks, 4096);
         assert!(!p.needs_publish, "every segment is one chunk");
-        assert_eq!(p.items[7].segment, 7);
-        assert_eq!(p.items[7].index, 0);
+        let items = items_of(&p, &segs);
+        assert_eq!(items[7].segment, 7);
+        assert_eq!(items[7].index, 0);
         assert_eq!(p.params.count, 4096);
     }
 
@@ -457,7 +481,7 @@ mod tests {
         let segs = segments(&vec![64 << 30; 121], 0);
         let p = plan(&segs, options(64, false, false)).unwrap();
         assert!(p.total_chunks <= 121 + MAX_EXTRA_ITEMS);
-        assert_eq!(p.items.len() as u64, p.total_chunks);
+        assert_eq!(p.item_count as u64, p.total_chunks);
         assert!(p.params.chunk_shift > ITEM_CHUNK_SHIFT);
         // An inline segment of 2^60 bytes: the grid limit.
         let huge = segments(&[1 << 60], 0);
@@ -480,7 +504,7 @@ mod tests {
         // A few such segments still plan, with chunks as large as the item budget needs.
         let p = plan(&segs[..200], options(64, false, false)).unwrap();
         assert!(p.total_chunks <= 200 + MAX_EXTRA_ITEMS);
-        assert_eq!(p.items.len() as u64, p.total_chunks);
+        assert_eq!(p.item_count as u64, p.total_chunks);
     }
 
     #[test]

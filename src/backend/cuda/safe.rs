@@ -354,7 +354,7 @@ impl Backend for CudaBackend {
         let mut plan = kernel::plan(&batch.segments, batch.options)
             .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
         plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
-        let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.items.len())?;
+        let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.item_count)?;
         match enqueue(d, dev, &mut slot, &mut plan, &batch) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
@@ -532,22 +532,24 @@ fn enqueue(
     // SAFETY: the result area holds `segments >= n` slots, and the slot is idle (its previous
     // batch completed), so the device does not write it now.
     unsafe { std::ptr::write_bytes(slot.results.host.0, 0, n * RESULT_BYTES) };
-    if !plan.items.is_empty() {
-        let Some(items) = &slot.items else {
-            return Err(BackendError::Other(
-                "batch slot has no work item area".to_string(),
-            ));
+    if plan.item_count > 0 {
+        let area = match &slot.items {
+            Some(items) if slot.item_capacity >= plan.item_count => items,
+            _ => {
+                return Err(BackendError::Other(
+                    "batch slot has no room for the work items".to_string(),
+                ))
+            }
         };
-        // SAFETY: the item area holds `item_capacity >= items.len()` DeviceChunks (plain data),
-        // and the slot is idle, so the device does not read it now.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                plan.items.as_ptr().cast::<u8>(),
-                items.host.0,
-                plan.items.len() * ITEM_BYTES,
-            );
-        }
-        plan.params.chunks = items.dev;
+        // SAFETY: the area is page-locked host memory of `item_capacity >= item_count`
+        // DeviceChunks (page-aligned, so aligned for them; plain data, any bytes valid),
+        // allocated for this slot alone; the slot is idle (its last batch completed), so the
+        // device does not read it while the host writes.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(area.host.0.cast::<DeviceChunk>(), plan.item_count)
+        };
+        plan.write_items(&batch.segments, out);
+        plan.params.chunks = area.dev;
     }
     plan.params.sums = slot.sums;
     plan.params.results = slot.results.dev;
