@@ -5,21 +5,24 @@
 //!   (64 samples) against `cuMemsetD8Async` of the same buffer. Each iteration queues DEPTH
 //!   of them back to back and then waits for completion, on both sides (bandwidth, with the
 //!   same overlap of launch overheads). Target ratio (memset time / scrub time) >= 0.9.
-//! - `batched/{scrub_4096x64KiB,memset_256MiB}`: 4096 segments of 64 KiB in one batch against
-//!   one memset of the same 256 MiB, DEPTH of each per iteration. Target >= 0.8.
+//! - `batched/{scrub_4096x64KiB_per_chunk,scrub_4096x64KiB_resident,memset_256MiB}`: 4096
+//!   segments of 64 KiB in one batch (work items) against one memset of the same 256 MiB,
+//!   DEPTH of each per iteration, the batch under both launch shapes of [`ItemGrid`]. Target
+//!   >= 0.8 for the default shape.
 //!
 //! Short measurement times keep the whole run well under a minute; scripts/gpu-check.sh reads
 //! the estimates criterion writes under `$CRITERION_HOME`.
 //!
-//! After the criterion groups, `timeline` prints where one iteration of the batched scrub
-//! spends its wall time (medians over 20 iterations): until the first batch is submitted
-//! (the device is idle until then), until all are submitted, until the first completes, and
-//! until the last one's results are read. Not a target: it locates the host's share.
+//! After the criterion groups, `timeline` prints, for each shape, where one iteration of the
+//! batched scrub spends its wall time (medians over 20 iterations): until the first batch is
+//! submitted (the device is idle until then), until all are submitted, until the first
+//! completes, and until the last one's results are read. Not a target: it locates the host's
+//! share.
 
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use kvhygiene::backend::cuda::{probe, CudaBackend, Probe};
+use kvhygiene::backend::cuda::{probe, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::{
     Backend, DevicePtr, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle,
 };
@@ -99,12 +102,24 @@ fn batch_segments(buf: DevicePtr) -> Vec<ScrubSegment> {
         .collect()
 }
 
+/// The launch shapes of a batch with work items, with their benchmark names.
+const SHAPES: [(ItemGrid, &str); 2] = [
+    (ItemGrid::PerChunk, "per_chunk"),
+    (ItemGrid::Resident, "resident"),
+];
+
 fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
     let seg_len = BATCH_SEG_LEN;
     let segments = batch_segments(buf);
     let mut g = c.benchmark_group("batched");
     g.throughput(Throughput::Bytes(DEPTH * 4096 * seg_len));
-    g.bench_function("scrub_4096x64KiB", |x| x.iter(|| scrub(b, &segments)));
+    for (shape, name) in SHAPES {
+        b.set_item_grid(shape);
+        g.bench_function(format!("scrub_4096x64KiB_{name}"), |x| {
+            x.iter(|| scrub(b, &segments))
+        });
+    }
+    b.set_item_grid(ItemGrid::default());
     g.bench_function("memset_256MiB", |x| {
         x.iter(|| memset(b, buf, 4096 * seg_len))
     });
@@ -112,7 +127,7 @@ fn batched(c: &mut Criterion, b: &CudaBackend, buf: DevicePtr) {
 }
 
 /// Prints the median phase times of one batched-scrub iteration (see the module docs).
-fn timeline(b: &CudaBackend, buf: DevicePtr) {
+fn timeline(b: &CudaBackend, buf: DevicePtr, name: &str) {
     let segments = batch_segments(buf);
     let mut phases: [Vec<f64>; 4] = Default::default();
     for _ in 0..20 {
@@ -158,8 +173,9 @@ fn timeline(b: &CudaBackend, buf: DevicePtr) {
     };
     let [a, b2, c, d] = &mut phases;
     println!(
-        "gpu_scrub: timeline of {DEPTH} batches of 4096 x 64 KiB (median us from the start): \
-         first submitted {:.1}, all submitted {:.1}, first done {:.1}, last results read {:.1}",
+        "gpu_scrub: timeline of {DEPTH} batches of 4096 x 64 KiB, {name} (median us from the \
+         start): first submitted {:.1}, all submitted {:.1}, first done {:.1}, last results \
+         read {:.1}",
         median(a),
         median(b2),
         median(c),
@@ -201,6 +217,9 @@ fn main() {
     single_segment(&mut c, &backend, buf);
     batched(&mut c, &backend, buf);
     c.final_summary();
-    timeline(&backend, buf);
+    for (shape, name) in SHAPES {
+        backend.set_item_grid(shape);
+        timeline(&backend, buf, name);
+    }
     let _ = backend.release(0, buf, 1024 * MIB);
 }

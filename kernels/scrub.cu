@@ -7,21 +7,27 @@
 //   1. kvh_scrub          zeroes every byte of every segment (16-byte vector stores on the
 //                         aligned body, byte stores on an unaligned head and tail), optionally
 //                         twice, then reads back the sampled words, chunk by chunk (below);
+//                         or kvh_scrub_strided, the same work in another launch shape, for a
+//                         batch with work items when the host asks for it;
 //   2. kvh_scrub_publish  only when some segment spans more than one chunk: copies those
 //                         segments' sums {checked, nonzero} into the host's result area and
 //                         clears them for the slot's next batch.
 //
 // Work: every segment is cut into chunks of 2^chunk_shift bytes, numbered consecutively
-// across the batch, and block c of the grid handles chunk c. One block per chunk, with a grid
-// as large as the work, is the shape of the driver's own memset: blocks start in order, so the
-// stores in flight cover a compact window of memory (docs/cuda.md, "Kernels", has the
-// measurements behind this choice and the chunk sizes).
+// across the batch (chunk_count of them). kvh_scrub has one block per chunk, block c handling
+// chunk c, with a grid as large as the work: the shape of the driver's own memset, whose
+// blocks start in order, so the stores in flight cover a compact window of memory
+// (docs/cuda.md, "Kernels", has the measurements behind this choice and the chunk sizes).
+// kvh_scrub_strided has a grid of G blocks, at most as many as the GPU holds at once, block b
+// handling chunks b, b + G, b + 2G, ...: the window stays as compact, no block waits to be
+// scheduled, and a block reads the work items of up to KVH_ITEM_GROUP of its chunks in one
+// round trip to host memory.
 //
 // Descriptors: a batch of up to KVH_INLINE_SEGMENTS segments travels inside the kernel
 // parameter (no copy before the launch); a block finds its segment by a binary search in
 // parameter space. A larger batch comes as one KvhChunk work item per chunk in page-locked host
-// memory mapped into the device: each block's first access is one 32-byte read, and no upload
-// precedes the launch.
+// memory mapped into the device, and no upload precedes the launch: under kvh_scrub each
+// block's first access is one 32-byte read of its item.
 //
 // Read-back: after zeroing its chunk, the block waits at a block barrier (every store of the
 // block is then visible to every thread of the block) and reads back the sampled words that
@@ -49,6 +55,10 @@
 // 1536-thread SMs (sm_86, sm_89) 8 blocks cannot be resident; ptxas says so with a warning
 // (kernels/scrub.resources.txt) and ignores the hint there.
 #define KVH_MIN_BLOCKS_PER_SM 8
+// The same for kvh_scrub_strided, whose chunk loop holds more state: at most 48 registers
+// (5 blocks of 256 threads fill 1,280 of an SM's threads on every supported architecture),
+// the fewest that compile without spills.
+#define KVH_STRIDED_BLOCKS_PER_SM 5
 #define KVH_INLINE_SEGMENTS 120
 #define KVH_SPLITMIX_GAMMA 0x9E3779B97F4A7C15ULL
 #define KVH_SPLITMIX_MUL1 0xBF58476D1CE4E5B9ULL
@@ -84,6 +94,10 @@ struct KvhChunk {
     kvh_u32 index;   // this chunk's index within the segment
 };
 
+// Work items a block reads from host memory together (one round trip for up to this many of
+// its chunks; KVH_ITEM_GROUP * 32 bytes of shared memory).
+#define KVH_ITEM_GROUP 8
+
 // Per-segment sums (SegmentResult in Rust).
 struct KvhResult {
     kvh_u64 checked;
@@ -101,7 +115,7 @@ struct KvhBatch {
     kvh_u32 samples;
     kvh_u32 skip_segment; // fault injection for tests: this segment is not zeroed
     kvh_u32 chunk_shift;
-    kvh_u32 reserved;
+    kvh_u32 chunk_count; // chunks in the batch (< 2^31)
     KvhSegment inline_segs[KVH_INLINE_SEGMENTS];
 };
 
@@ -278,9 +292,9 @@ __device__ __forceinline__ kvh_u64 kvh_word_nonzero(kvh_u64 g, kvh_u64 len, kvh_
 // this chunk's part added to the device sums, which kvh_scrub_publish then copies.
 // Out of line: the zeroing keeps its few registers, and the read-back (once per chunk, after
 // the stores) pays for its own.
-__device__ __noinline__ void kvh_read_back(kvh_u64 g, kvh_u64 len, kvh_u64 seed, kvh_u64 off,
-                                           kvh_u64 n, kvh_u32 samples, kvh_u32 flags, int whole,
-                                           KvhResult* out) {
+__device__ __forceinline__ void kvh_read_back_inline(kvh_u64 g, kvh_u64 len, kvh_u64 seed,
+                                                    kvh_u64 off, kvh_u64 n, kvh_u32 samples,
+                                                    kvh_u32 flags, int whole, KvhResult* out) {
     __shared__ kvh_u64 warp_sums[KVH_BLOCK_THREADS / 32][2];
     const KvhRule rule = kvh_rule(len, samples, flags);
     // Chunks start at multiples of 2^chunk_shift (a multiple of 8): no word straddles two.
@@ -323,7 +337,28 @@ __device__ __noinline__ void kvh_read_back(kvh_u64 g, kvh_u64 len, kvh_u64 seed,
     }
 }
 
-// Launch 1: one block of KVH_BLOCK_THREADS threads per chunk (the host keeps the chunk count
+__device__ __noinline__ void kvh_read_back(kvh_u64 g, kvh_u64 len, kvh_u64 seed, kvh_u64 off,
+                                           kvh_u64 n, kvh_u32 samples, kvh_u32 flags, int whole,
+                                           KvhResult* out) {
+    kvh_read_back_inline(g, len, seed, off, n, samples, flags, whole, out);
+}
+
+// Zeroes the `n` bytes at global address `at` with the threads of the block, twice under
+// KVH_FLAG_DOUBLE_PASS; nothing for the fault-injection segment.
+__device__ __forceinline__ void kvh_zero_chunk(const KvhBatch& b, kvh_u32 s, kvh_u64 at,
+                                               kvh_u64 n) {
+    if (s != b.skip_segment) {
+        kvh_zero_range(at, n);
+        if (b.flags & KVH_FLAG_DOUBLE_PASS) {
+            // The second pass rewrites the same bytes; the fence keeps the two passes
+            // distinct writes in memory order.
+            __threadfence();
+            kvh_zero_range(at, n);
+        }
+    }
+}
+
+// Launch 1: one block of KVH_BLOCK_THREADS threads per chunk (the host keeps chunk_count
 // below 2^31 by its choice of chunk size).
 extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS, KVH_MIN_BLOCKS_PER_SM)
 kvh_scrub(const __grid_constant__ KvhBatch b) {
@@ -348,20 +383,58 @@ kvh_scrub(const __grid_constant__ KvhBatch b) {
     const kvh_u64 off = index << b.chunk_shift;
     const kvh_u64 n = len - off < chunk ? len - off : chunk;
     const kvh_u64 g = kvh_to_global(addr);
-    if (s != b.skip_segment) {
-        kvh_zero_range(g + off, n);
-        if (b.flags & KVH_FLAG_DOUBLE_PASS) {
-            // The second pass rewrites the same bytes; the fence keeps the two passes
-            // distinct writes in memory order.
-            __threadfence();
-            kvh_zero_range(g + off, n);
-        }
-    }
+    kvh_zero_chunk(b, s, g + off, n);
     // Every store of this block is now visible to every thread of this block.
     __syncthreads();
     const int whole = len <= chunk;
     kvh_read_back(g, len, seed, off, n, b.samples, b.flags, whole,
                   whole ? &b.results[s] : &b.sums[s]);
+}
+
+// Launch 1, alternative shape for a batch with work items: a grid of at most the blocks the
+// GPU holds at once (the host launches at most 2^28 blocks, so no chunk number below leaves
+// 32 bits), block b handling chunks b, b + gridDim.x, ... It reads the items of its next
+// KVH_ITEM_GROUP chunks together into shared memory (thread t copies word t % 4 of item t / 4):
+// one round trip to host memory for up to that many chunks, where kvh_scrub pays one per
+// chunk. Loop bounds depend only on the block and the batch, so every thread of a block
+// reaches every barrier. A chunk's fields are read from shared memory where they are used,
+// not held in registers across the zeroing.
+extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS, KVH_STRIDED_BLOCKS_PER_SM)
+kvh_scrub_strided(const __grid_constant__ KvhBatch b) {
+    __shared__ KvhChunk group[KVH_ITEM_GROUP];
+    const kvh_u32 stride = gridDim.x;
+    const kvh_u64 chunk = 1ULL << b.chunk_shift;
+    for (kvh_u32 c0 = blockIdx.x; c0 < b.chunk_count; c0 += stride * KVH_ITEM_GROUP) {
+        // No thread still reads the previous group.
+        __syncthreads();
+        if (threadIdx.x < KVH_ITEM_GROUP * 4) {
+            const kvh_u32 c = c0 + (threadIdx.x / 4) * stride;
+            if (c < b.chunk_count) {
+                const kvh_u64* from = reinterpret_cast<const kvh_u64*>(&b.chunks[c]);
+                kvh_u64* to = reinterpret_cast<kvh_u64*>(&group[threadIdx.x / 4]);
+                to[threadIdx.x % 4] = from[threadIdx.x % 4];
+            }
+        }
+        __syncthreads();
+        // Not unrolled: one chunk's registers at a time.
+#pragma unroll 1
+        for (kvh_u32 j = 0; j < KVH_ITEM_GROUP && c0 + j * stride < b.chunk_count; ++j) {
+            {
+                const kvh_u64 len = group[j].len, off = (kvh_u64)group[j].index << b.chunk_shift;
+                kvh_zero_chunk(b, group[j].segment, kvh_to_global(group[j].addr) + off,
+                               len - off < chunk ? len - off : chunk);
+            }
+            // Every store of this block is now visible to every thread of this block.
+            __syncthreads();
+            const KvhChunk& w = group[j];
+            const kvh_u64 off = (kvh_u64)w.index << b.chunk_shift;
+            const kvh_u64 n = w.len - off < chunk ? w.len - off : chunk;
+            const int whole = w.len <= chunk;
+            kvh_read_back_inline(kvh_to_global(w.addr), w.len, w.seed, off, n, b.samples,
+                                 b.flags, whole,
+                                 whole ? &b.results[w.segment] : &b.sums[w.segment]);
+        }
+    }
 }
 
 // Launch 2, only for batches with a segment of more than one chunk: copies those segments'
@@ -408,6 +481,7 @@ extern "C" void kvh_host_rule_layout(kvh_u64* out) {
     out[2] = sizeof(KvhBatch);
     out[3] = __builtin_offsetof(KvhBatch, count);
     out[4] = __builtin_offsetof(KvhBatch, chunk_shift);
+    out[8] = __builtin_offsetof(KvhBatch, chunk_count);
     out[5] = __builtin_offsetof(KvhBatch, inline_segs);
     out[6] = sizeof(KvhResult);
     out[7] = alignof(KvhBatch);

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::{batch, place, random_layout, run, scrub_and_check, MIB, SAMPLED};
-use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, Probe};
+use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::{
     Backend, BackendError, BackendKind, ScrubOptions, ScrubSegment, StreamHandle,
 };
@@ -165,6 +165,44 @@ fn a_skipped_segment_is_caught() {
     let (path, _lib) = fake_or_skip!("skip");
     let b = start(&path);
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+}
+
+/// Under `ItemGrid::Resident`, batches with work items run on `kvh_scrub_strided` with a grid
+/// of the device's resident blocks (the stand-in: 4 SMs x 2), each block taking many chunks in
+/// groups; everything `scrub_and_check` and the fault injection check still holds. Inline
+/// batches keep one block per chunk.
+#[test]
+fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
+    let (path, lib) = fake_or_skip!("resident");
+    let b = start(&path);
+    let last_grid = || query(&lib, "last_scrub_grid", 0);
+    let (segments, total) = random_layout(4096, 3000, 5);
+    scrub_and_check(&b, total, &segments, SAMPLED);
+    assert_eq!(
+        last_grid(),
+        4096,
+        "the default: one kvh_scrub block per chunk"
+    );
+
+    b.set_item_grid(ItemGrid::Resident);
+    scrub_and_check(&b, total, &segments, SAMPLED);
+    assert_eq!(last_grid(), -8, "kvh_scrub_strided on the resident blocks");
+    common::item_batches_are_scrubbed(&b);
+    common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+    scrub_and_check(&b, 50_000, &[(1, 40_000)], SAMPLED);
+    assert_eq!(
+        last_grid(),
+        3,
+        "an inline batch: one kvh_scrub block per 16 KiB chunk"
+    );
+    let (segments, total) = random_layout(121, 100, 6);
+    scrub_and_check(&b, total, &segments, SAMPLED);
+    assert_eq!(last_grid(), -8, "121 one-chunk segments, 8 blocks");
+
+    b.set_item_grid(ItemGrid::PerChunk);
+    let (segments, total) = random_layout(121, 100, 7);
+    scrub_and_check(&b, total, &segments, SAMPLED);
+    assert_eq!(last_grid(), 121);
 }
 
 #[test]

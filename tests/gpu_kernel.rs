@@ -12,7 +12,7 @@
 mod common;
 
 use common::{batch, random_bytes, random_layout, run, scrub_and_check, MIB, SAMPLED};
-use kvhygiene::backend::cuda::{probe, CudaBackend, Probe};
+use kvhygiene::backend::cuda::{probe, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::verify;
 use kvhygiene::backend::{Backend, BackendError, ScrubOptions, ScrubSegment, StreamHandle};
 
@@ -112,6 +112,19 @@ fn full_verification_and_double_pass() {
             );
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn batches_with_work_items_under_both_launch_shapes() {
+    let b = backend();
+    for shape in [ItemGrid::PerChunk, ItemGrid::Resident] {
+        b.set_item_grid(shape);
+        eprintln!("work-item batches under {shape:?}");
+        common::item_batches_are_scrubbed(&b);
+        common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+    }
+    b.set_item_grid(ItemGrid::default());
 }
 
 #[test]

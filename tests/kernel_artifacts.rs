@@ -58,8 +58,8 @@ fn resource_report_is_fresh_and_spill_free() {
         .collect();
     assert_eq!(
         spill_lines.len(),
-        12,
-        "two kernels and the read-back function x four architectures"
+        16,
+        "three kernels and the read-back function x four architectures"
     );
     for line in spill_lines {
         assert_eq!(

@@ -109,6 +109,31 @@ pub fn scrub_and_check(
     results
 }
 
+/// Batches with work items (more segments than travel in the kernel parameter), checked as
+/// `scrub_and_check` does, under whatever launch shape the backend is set to: one-chunk and
+/// multi-chunk segments (so the publish launch too), thousands of segments, and the double
+/// pass and full verification options.
+pub fn item_batches_are_scrubbed(b: &dyn Backend) {
+    for (count, max_len) in [
+        (121usize, 70_000u64),
+        (200, 200_000),
+        (1000, 5000),
+        (4096, 20_000),
+    ] {
+        let (segments, total) = random_layout(count, max_len, count as u64 + 3);
+        scrub_and_check(b, total, &segments, SAMPLED);
+    }
+    let (segments, total) = random_layout(130, 100_000, 11);
+    for (full, double) in [(true, false), (false, true)] {
+        let opts = ScrubOptions {
+            samples: 16,
+            full_verify: full,
+            double_pass: double,
+        };
+        scrub_and_check(b, total, &segments, opts);
+    }
+}
+
 /// Scrubs batches with the zero kernel told to skip segment 1 (`inject` switches that on and
 /// off) and checks the verification reports it exactly as the host rule does on the dirty
 /// bytes, while the others pass. The shapes cover every way a result reaches the host on the

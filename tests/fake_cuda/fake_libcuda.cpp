@@ -1,7 +1,7 @@
 // A stand-in for libcuda.so.1 that runs on the host, so the CUDA backend's host side (loader,
 // contexts, descriptor layout, kernel parameters, result slots, events, error mapping) can be
 // tested through the Backend trait without a GPU. Device memory is host memory; "launches"
-// run a host port of the two kernels of kernels/scrub.cu synchronously, reusing its structs,
+// run a host port of the kernels of kernels/scrub.cu synchronously, reusing its structs,
 // rule functions and segment search (KVH_HOST_RULE). Not a model of the GPU's concurrency.
 //
 // Behaviour the tests rely on:
@@ -18,7 +18,11 @@
 //   counts cuMemHostAlloc calls (each new batch slot makes at least one);
 // - fake_cuda_fail_host_allocs(n) makes the next n cuMemHostAlloc calls fail with
 //   CUDA_ERROR_OUT_OF_MEMORY; fake_cuda_fail_launch(k) makes the next launch of kernel k
-//   (1 kvh_scrub, 2 kvh_scrub_publish) fail with CUDA_ERROR_INVALID_VALUE, without running it.
+//   (1 kvh_scrub, 2 kvh_scrub_publish, 3 kvh_scrub_strided) fail with
+//   CUDA_ERROR_INVALID_VALUE, without running it;
+// - the device has 4 SMs that hold 2 blocks of any kernel each
+//   (cuOccupancyMaxActiveBlocksPerMultiprocessor); fake_cuda_last_scrub_grid(0) is the grid of
+//   the last scrub launch, negative for kvh_scrub_strided.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -35,7 +39,7 @@ static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONT
 static int g_ctx_token;  // the primary context's address is its identity
 static thread_local void* t_current = nullptr;
 static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
-    g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0};
+    g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0}, g_last_scrub_grid{0};
 static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 
 struct Event {
@@ -63,6 +67,7 @@ void fake_cuda_fail_host_allocs(int n) { g_fail_host_allocs = n; }
 void fake_cuda_fail_launch(int kernel) { g_fail_launch = kernel; }
 int fake_cuda_calls(void) { return g_calls.load(); }
 int fake_cuda_host_allocs(int) { return g_host_allocs.load(); }
+int fake_cuda_last_scrub_grid(int) { return g_last_scrub_grid.load(); }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
     switch (e) {
@@ -113,7 +118,15 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     NEED_CTX();
     if (!strcmp(name, "kvh_scrub")) { *f = (void*)1; return OK; }
     if (!strcmp(name, "kvh_scrub_publish")) { *f = (void*)2; return OK; }
+    if (!strcmp(name, "kvh_scrub_strided")) { *f = (void*)3; return OK; }
     return NOT_FOUND;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block, size_t smem) {
+    NEED_CTX();
+    if (f != (void*)1 && f != (void*)2 && f != (void*)3) return INVALID_VALUE;
+    if (block != KVH_BLOCK_THREADS || smem != 0) return INVALID_VALUE;
+    *n = 2;
+    return OK;
 }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
@@ -181,9 +194,10 @@ CUresult cuEventQuery(void* e) {
 CUresult cuEventSynchronize(void* e) { NEED_CTX(); static_cast<Event*>(e)->pending = 0; return OK; }
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
 
-// Host ports of kvh_scrub / kvh_scrub_publish: the kernels' own work decomposition (one
-// chunk per block, its segment found as the kernel finds it, the read-back of the chunk's
-// samples by the rule's candidate range) run one block after the other.
+// Host ports of kvh_scrub / kvh_scrub_strided / kvh_scrub_publish: the kernels' own work
+// decomposition (one chunk per block, or block b of a grid of G taking chunks b, b + G, ...;
+// a chunk's segment found as the kernel finds it; the read-back of the chunk's samples by the
+// rule's candidate range) run one block after the other.
 static kvh_u64 word_nonzero(const KvhSegment& s, kvh_u64 w) {
     kvh_u64 off = w * KVH_WORD_BYTES;
     kvh_u64 n = s.len - off < KVH_WORD_BYTES ? s.len - off : KVH_WORD_BYTES;
@@ -244,7 +258,15 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
     if (g_fail_launch.compare_exchange_strong(failing, 0)) return INVALID_VALUE;
     const KvhBatch* b = (const KvhBatch*)params[0];
     if (f == (void*)1) {
+        // One block per chunk: a larger grid would read past the work items on a GPU.
+        if (gx > b->chunk_count) return INVALID_VALUE;
+        g_last_scrub_grid = (int)gx;
         for (kvh_u64 c = 0; c < gx; ++c) scrub_block(b, c);
+    } else if (f == (void*)3) {
+        if (!b->chunks) return INVALID_VALUE;  // strided batches always have work items
+        g_last_scrub_grid = -(int)gx;
+        for (kvh_u64 block = 0; block < gx; ++block)
+            for (kvh_u64 c = block; c < b->chunk_count; c += gx) scrub_block(b, c);
     } else if (f == (void*)2) {
         publish(b);
     } else {

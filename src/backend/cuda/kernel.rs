@@ -35,6 +35,10 @@ pub const MAX_GRID: u64 = (1 << 31) - 1;
 pub const MAX_EXTRA_ITEMS: u64 = 65_536;
 /// Kernel entry points.
 pub const SCRUB_KERNEL: &std::ffi::CStr = c"kvh_scrub";
+pub const SCRUB_STRIDED_KERNEL: &std::ffi::CStr = c"kvh_scrub_strided";
+/// Most blocks of a `kvh_scrub_strided` launch: its chunk numbers stay within 32 bits. The
+/// grid is the device's resident blocks, far below this.
+pub const MAX_STRIDED_GRID: u64 = 1 << 28;
 pub const PUBLISH_KERNEL: &std::ffi::CStr = c"kvh_scrub_publish";
 
 /// One segment of an inline batch (`struct KvhSegment`, 32 bytes).
@@ -73,7 +77,8 @@ pub struct BatchParams {
     pub samples: u32,
     pub skip_segment: u32,
     pub chunk_shift: u32,
-    pub reserved: u32,
+    /// Chunks in the batch (`total_chunks` of the plan, below 2^31).
+    pub chunk_count: u32,
     pub inline_segs: [DeviceSegment; INLINE_SEGMENTS],
 }
 
@@ -140,7 +145,8 @@ pub fn plan(segments: &[ScrubSegment], options: ScrubOptions) -> Result<Plan, Pl
         samples: options.samples,
         skip_segment: NO_SKIP,
         chunk_shift: shift,
-        reserved: 0,
+        // total_chunks <= limit <= MAX_GRID < 2^31: fits.
+        chunk_count: total_chunks as u32,
         inline_segs: [DeviceSegment::default(); INLINE_SEGMENTS],
     };
     if inline {
@@ -559,33 +565,21 @@ mod tests {
     /// The structs as the C++ compiler lays them out equal the Rust ones.
     #[test]
     fn struct_layouts_match_the_kernel() {
-        let mut got = [0u64; 8];
-        // SAFETY: the function writes 8 values.
+        let mut got = [0u64; 9];
+        // SAFETY: the function writes 9 values.
         unsafe { kvh_host_rule_layout(got.as_mut_ptr()) };
-        let params = BatchParams {
-            chunks: 0,
-            sums: 0,
-            results: 0,
-            count: 0,
-            flags: 0,
-            samples: 0,
-            skip_segment: 0,
-            chunk_shift: 0,
-            reserved: 0,
-            inline_segs: [DeviceSegment::default(); INLINE_SEGMENTS],
-        };
-        let base = std::ptr::addr_of!(params) as usize;
-        let at = |p: *const u8| (p as usize - base) as u64;
         let want = [
-            std::mem::size_of::<DeviceSegment>() as u64,
-            std::mem::size_of::<DeviceChunk>() as u64,
-            std::mem::size_of::<BatchParams>() as u64,
-            at(std::ptr::addr_of!(params.count).cast()),
-            at(std::ptr::addr_of!(params.chunk_shift).cast()),
-            at(std::ptr::addr_of!(params.inline_segs).cast()),
-            std::mem::size_of::<verify::SegmentResult>() as u64,
-            std::mem::align_of::<BatchParams>() as u64,
-        ];
+            std::mem::size_of::<DeviceSegment>(),
+            std::mem::size_of::<DeviceChunk>(),
+            std::mem::size_of::<BatchParams>(),
+            std::mem::offset_of!(BatchParams, count),
+            std::mem::offset_of!(BatchParams, chunk_shift),
+            std::mem::offset_of!(BatchParams, inline_segs),
+            std::mem::size_of::<verify::SegmentResult>(),
+            std::mem::align_of::<BatchParams>(),
+            std::mem::offset_of!(BatchParams, chunk_count),
+        ]
+        .map(|v| v as u64);
         assert_eq!(got, want);
         assert_eq!(want[0], 32);
         assert_eq!(want[1], 32);
@@ -669,11 +663,13 @@ mod tests {
     }
 
     #[test]
-    fn embedded_ptx_is_nul_terminated_and_has_both_kernels() {
+    fn embedded_ptx_is_nul_terminated_and_has_every_kernel() {
         let ptx = images::PTX;
         assert_eq!(ptx.last(), Some(&0));
         let text = String::from_utf8_lossy(ptx);
-        assert!(text.contains(".entry kvh_scrub("), "{}", KERNEL_ORIGIN);
-        assert!(text.contains(".entry kvh_scrub_publish("));
+        for name in [SCRUB_KERNEL, SCRUB_STRIDED_KERNEL, PUBLISH_KERNEL] {
+            let entry = format!(".entry {}(", name.to_str().expect("ASCII"));
+            assert!(text.contains(&entry), "{entry} in {}", KERNEL_ORIGIN);
+        }
     }
 }

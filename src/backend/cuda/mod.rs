@@ -19,7 +19,7 @@ mod safe;
 #[allow(clippy::all, clippy::pedantic, missing_docs, unsafe_op_in_unsafe_fn)]
 pub mod sys;
 
-pub use safe::CudaBackend;
+pub use safe::{CudaBackend, ItemGrid};
 
 use crate::backend::BackendError;
 

@@ -152,6 +152,27 @@ pub unsafe fn module_get_function(
     Ok(f)
 }
 
+/// Blocks of `block_threads` threads of `f` that one SM holds at once (registers, shared
+/// memory and thread limits of the device of the current context).
+///
+/// # Safety
+/// 1. `f` must be a live function of a module of the current context.
+pub unsafe fn occupancy_blocks_per_sm(
+    d: &Driver,
+    f: CUfunction,
+    block_threads: u32,
+) -> Result<u32, BackendError> {
+    let mut n = 0;
+    let threads = i32::try_from(block_threads)
+        .map_err(|_| BackendError::Other(format!("{block_threads} threads per block")))?;
+    // SAFETY: contract 1; `n` is a valid out-pointer; no dynamic shared memory.
+    check(d, "cuOccupancyMaxActiveBlocksPerMultiprocessor", unsafe {
+        d.api()
+            .cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, threads, 0)
+    })?;
+    Ok(u32::try_from(n).unwrap_or(0))
+}
+
 /// Allocates device memory in the current context; out of memory maps to
 /// [`BackendError::OutOfMemory`].
 pub fn mem_alloc(d: &Driver, device: u32, len: u64) -> Result<CUdeviceptr, BackendError> {

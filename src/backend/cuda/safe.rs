@@ -16,7 +16,7 @@
 //! - Exit: after [`Backend::shutdown`] no driver call is made; memory and handles are leaked.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::kernel::{self, DeviceChunk, Image};
@@ -48,7 +48,11 @@ struct Device {
     ordinal: u32,
     ctx: Handle<CUcontext>,
     scrub_fn: Handle<CUfunction>,
+    strided_fn: Handle<CUfunction>,
     publish_fn: Handle<CUfunction>,
+    /// `kvh_scrub_strided` blocks the GPU holds at once (SMs x blocks per SM); 0 when the
+    /// driver could not say, and then every batch is launched with `kvh_scrub`.
+    resident_blocks: u64,
     /// Which embedded image was loaded (for diagnostics).
     image: String,
     /// Recorded on each wait stream, then waited on by the scrub stream. Reusable at once:
@@ -89,6 +93,34 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     /// Fault injection for tests: index of a segment the zero kernel skips (NO_SKIP: none).
     skip_segment: AtomicU32,
+    /// The [`ItemGrid`] of batches with work items, as its `u8` value.
+    item_grid: AtomicU8,
+}
+
+/// How many blocks the scrub launch of a batch with work items (more than
+/// [`kernel::INLINE_SEGMENTS`] segments) has. Inline batches always get one block per chunk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ItemGrid {
+    /// One block per chunk, the shape of the driver's memset; each block reads its chunk's
+    /// work item from host memory before its first store. The default.
+    #[default]
+    PerChunk = 0,
+    /// `kvh_scrub_strided`: at most as many blocks as the GPU holds at once (SMs times the
+    /// kernel's occupancy), block b taking chunks b, b + grid, ...: a block reads the work
+    /// items of eight of its chunks in one round trip to host memory, and no block waits to be
+    /// scheduled.
+    Resident = 1,
+}
+
+impl ItemGrid {
+    fn from_u8(v: u8) -> Self {
+        if v == ItemGrid::Resident as u8 {
+            ItemGrid::Resident
+        } else {
+            ItemGrid::PerChunk
+        }
+    }
 }
 
 /// Device memory and scrubs through the CUDA driver. Cheap to clone; clones share state.
@@ -121,6 +153,7 @@ impl CudaBackend {
             devices: (0..count).map(|_| OnceLock::new()).collect(),
             shutting_down: AtomicBool::new(false),
             skip_segment: AtomicU32::new(kernel::NO_SKIP),
+            item_grid: AtomicU8::new(ItemGrid::default() as u8),
         };
         let backend = CudaBackend {
             inner: Arc::new(inner),
@@ -145,6 +178,12 @@ impl CudaBackend {
     pub fn image_in_use(&self, device: u32) -> Result<String, BackendError> {
         let (dev, _ctx) = self.inner.device(device)?;
         Ok(dev.image.clone())
+    }
+
+    /// The launch shape of later batches with work items (benchmarks compare the two; the
+    /// default is [`ItemGrid::PerChunk`]). Either shape zeroes and verifies the same bytes.
+    pub fn set_item_grid(&self, grid: ItemGrid) {
+        self.inner.item_grid.store(grid as u8, Ordering::Relaxed);
     }
 
     /// Fault injection for the GPU tests only: the zero kernel leaves segment `index` of every
@@ -249,17 +288,53 @@ fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
     // SAFETY: 1. `module` was loaded into the current context just now.
     let scrub_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_KERNEL) }?;
     // SAFETY: as above.
+    let strided_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_STRIDED_KERNEL) }?;
+    // SAFETY: as above.
     let publish_fn = unsafe { r::module_get_function(d, module, kernel::PUBLISH_KERNEL) }?;
     let order_event = r::event_create(d)?;
     Ok(Device {
         ordinal,
         ctx: Handle(ctx),
         scrub_fn: Handle(scrub_fn),
+        strided_fn: Handle(strided_fn),
         publish_fn: Handle(publish_fn),
+        // SAFETY: 1. `strided_fn` is a function of the module loaded just now.
+        resident_blocks: unsafe { resident_blocks(d, cu_dev, strided_fn) }.unwrap_or(0),
         image,
         order_event: Mutex::new(Handle(order_event)),
         slots: Mutex::new(Vec::new()),
     })
+}
+
+/// Scrub blocks the device holds at once: its SMs times the kernel's blocks per SM.
+///
+/// # Safety
+/// 1. `f` must be a live function of a module of the current context, of device `dev`.
+unsafe fn resident_blocks(
+    d: &Driver,
+    dev: r::CUdevice,
+    f: CUfunction,
+) -> Result<u64, BackendError> {
+    let sms = r::device_attribute(
+        d,
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
+    // SAFETY: contract 1.
+    let per_sm = unsafe { r::occupancy_blocks_per_sm(d, f, kernel::BLOCK_THREADS) }?;
+    Ok(u64::try_from(sms).unwrap_or(0) * u64::from(per_sm))
+}
+
+/// The scrub launch of a plan, as (kernel, blocks): `kvh_scrub` with one block per chunk, or
+/// under [`ItemGrid::Resident`] for a batch with work items, `kvh_scrub_strided` with at most
+/// the `resident` blocks the device holds at once (0: unknown, so `kvh_scrub`).
+fn scrub_launch(dev: &Device, plan: &kernel::Plan, shape: ItemGrid) -> (CUfunction, u64) {
+    let resident = dev.resident_blocks.min(kernel::MAX_STRIDED_GRID);
+    if plan.item_count > 0 && shape == ItemGrid::Resident && resident > 0 {
+        (dev.strided_fn.0, plan.total_chunks.min(resident))
+    } else {
+        (dev.scrub_fn.0, plan.total_chunks)
+    }
 }
 
 /// Tries the embedded images in order of preference; the last error wins if none loads.
@@ -355,7 +430,8 @@ impl Backend for CudaBackend {
             .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
         plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
         let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.item_count)?;
-        match enqueue(d, dev, &mut slot, &mut plan, &batch) {
+        let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
+        match enqueue(d, dev, &mut slot, &mut plan, &batch, shape) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
@@ -517,6 +593,7 @@ fn enqueue(
     slot: &mut Slot,
     plan: &mut kernel::Plan,
     batch: &ScrubBatch,
+    shape: ItemGrid,
 ) -> Result<(), BackendError> {
     let s = stream_of(batch.stream);
     order_after_wait_streams(d, dev, s, &batch.wait_streams, batch.stream)?;
@@ -554,10 +631,10 @@ fn enqueue(
     plan.params.sums = slot.sums;
     plan.params.results = slot.results.dev;
     if plan.total_chunks > 0 {
-        let grid = u32::try_from(plan.total_chunks).map_err(|_| {
-            BackendError::Other(format!("{} chunks in one launch", plan.total_chunks))
-        })?;
-        launch(d, dev.scrub_fn.0, grid, s, &mut plan.params)?;
+        let (f, blocks) = scrub_launch(dev, plan, shape);
+        let grid = u32::try_from(blocks)
+            .map_err(|_| BackendError::Other(format!("{blocks} blocks in one launch")))?;
+        launch(d, f, grid, s, &mut plan.params)?;
     }
     if plan.needs_publish {
         // The scrub kernel has added to the sums; from here a failure leaves them dirty.
@@ -575,7 +652,7 @@ fn enqueue(
     unsafe { r::event_record(d, slot.done.0, s) }
 }
 
-/// Launches one of the two kernels (both take the batch's parameter block by value).
+/// Launches one of the kernels (all take the batch's parameter block by value).
 fn launch(
     d: &Driver,
     f: CUfunction,

@@ -557,6 +557,12 @@ pub struct CudaDriver {
         kernelParams: *mut *mut ::std::os::raw::c_void,
         extra: *mut *mut ::std::os::raw::c_void,
     ) -> CUresult,
+    pub cuOccupancyMaxActiveBlocksPerMultiprocessor: unsafe extern "C" fn(
+        numBlocks: *mut ::std::os::raw::c_int,
+        func: CUfunction,
+        blockSize: ::std::os::raw::c_int,
+        dynamicSMemSize: usize,
+    ) -> CUresult,
 }
 impl CudaDriver {
     pub unsafe fn new<P>(path: P) -> Result<Self, ::libloading::Error>
@@ -609,6 +615,9 @@ impl CudaDriver {
         let cuEventSynchronize = __library.get(b"cuEventSynchronize\0").map(|sym| *sym)?;
         let cuEventDestroy_v2 = __library.get(b"cuEventDestroy_v2\0").map(|sym| *sym)?;
         let cuLaunchKernel = __library.get(b"cuLaunchKernel\0").map(|sym| *sym)?;
+        let cuOccupancyMaxActiveBlocksPerMultiprocessor = __library
+            .get(b"cuOccupancyMaxActiveBlocksPerMultiprocessor\0")
+            .map(|sym| *sym)?;
         Ok(CudaDriver {
             __library,
             cuGetErrorName,
@@ -642,6 +651,7 @@ impl CudaDriver {
             cuEventSynchronize,
             cuEventDestroy_v2,
             cuLaunchKernel,
+            cuOccupancyMaxActiveBlocksPerMultiprocessor,
         })
     }
     pub unsafe fn cuGetErrorName(
@@ -829,6 +839,20 @@ impl CudaDriver {
             hStream,
             kernelParams,
             extra,
+        )
+    }
+    pub unsafe fn cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        &self,
+        numBlocks: *mut ::std::os::raw::c_int,
+        func: CUfunction,
+        blockSize: ::std::os::raw::c_int,
+        dynamicSMemSize: usize,
+    ) -> CUresult {
+        (self.cuOccupancyMaxActiveBlocksPerMultiprocessor)(
+            numBlocks,
+            func,
+            blockSize,
+            dynamicSMemSize,
         )
     }
 }
