@@ -213,6 +213,17 @@ fn chunks_at(segments: &[ScrubSegment], shift: u32) -> u64 {
         .fold(0u64, |n, s| n.saturating_add(s.len.div_ceil(1u64 << shift)))
 }
 
+/// Blocks of a `kvh_scrub_strided` launch of `total_chunks` chunks on a device that holds
+/// `resident` blocks at once (>= 1): as few rounds of chunks per block as the resident blocks
+/// allow, and then as few blocks as those rounds need, so that every block takes the same
+/// number of chunks or one fewer (with `min(total, resident)` blocks, a last round taken by
+/// a few blocks would leave most of the GPU idle). At most [`MAX_STRIDED_GRID`].
+pub fn strided_grid(total_chunks: u64, resident: u64) -> u64 {
+    let resident = resident.clamp(1, MAX_STRIDED_GRID);
+    let rounds = total_chunks.div_ceil(resident).max(1);
+    total_chunks.div_ceil(rounds)
+}
+
 /// Grid of the publish launch: one thread per segment.
 pub fn publish_grid(count: u32) -> u32 {
     count.div_ceil(BLOCK_THREADS).max(1)
@@ -511,6 +522,36 @@ mod tests {
         let p = plan(&segs[..200], options(64, false, false)).unwrap();
         assert!(p.total_chunks <= 200 + MAX_EXTRA_ITEMS);
         assert_eq!(p.item_count as u64, p.total_chunks);
+    }
+
+    #[test]
+    fn strided_grids_give_every_block_an_equal_share() {
+        // 4096 chunks on 132 SMs x 5 blocks: 7 rounds, so 586 blocks of 7 (or 6) chunks
+        // rather than 660 blocks with a seventh round for 136 of them.
+        assert_eq!(strided_grid(4096, 660), 586);
+        assert_eq!(strided_grid(100, 660), 100);
+        assert_eq!(strided_grid(660, 660), 660);
+        assert_eq!(strided_grid(661, 660), 331);
+        assert_eq!(strided_grid(7, 1), 1);
+        assert_eq!(strided_grid(5, 0), 1, "an unknown residency still launches");
+        assert!(strided_grid(MAX_GRID, u64::MAX) <= MAX_STRIDED_GRID);
+        for total in 1..2000u64 {
+            for resident in [1u64, 7, 64, 660, 5000] {
+                let g = strided_grid(total, resident);
+                assert!(
+                    g >= 1 && g <= resident.max(1) && g <= total,
+                    "{total} {resident}"
+                );
+                let rounds = total.div_ceil(g);
+                assert_eq!(
+                    rounds,
+                    total.div_ceil(resident),
+                    "{total} {resident}: no extra round"
+                );
+                // Fewer than `rounds` blocks sit out the last round.
+                assert!(g * rounds - total < rounds, "{total} {resident}: balanced");
+            }
+        }
     }
 
     #[test]

@@ -327,11 +327,12 @@ unsafe fn resident_blocks(
 
 /// The scrub launch of a plan, as (kernel, blocks): `kvh_scrub` with one block per chunk, or
 /// under [`ItemGrid::Resident`] for a batch with work items, `kvh_scrub_strided` with at most
-/// the `resident` blocks the device holds at once (0: unknown, so `kvh_scrub`).
+/// the blocks the device holds at once ([`kernel::strided_grid`]; when the driver could not
+/// say how many, `kvh_scrub`).
 fn scrub_launch(dev: &Device, plan: &kernel::Plan, shape: ItemGrid) -> (CUfunction, u64) {
-    let resident = dev.resident_blocks.min(kernel::MAX_STRIDED_GRID);
-    if plan.item_count > 0 && shape == ItemGrid::Resident && resident > 0 {
-        (dev.strided_fn.0, plan.total_chunks.min(resident))
+    if plan.item_count > 0 && shape == ItemGrid::Resident && dev.resident_blocks > 0 {
+        let blocks = kernel::strided_grid(plan.total_chunks, dev.resident_blocks);
+        (dev.strided_fn.0, blocks)
     } else {
         (dev.scrub_fn.0, plan.total_chunks)
     }
