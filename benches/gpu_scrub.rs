@@ -209,6 +209,11 @@ fn main() {
     if let Ok(image) = backend.image_in_use(0) {
         println!("gpu_scrub: kernel image {image}");
     }
+    match backend.strided_blocks(0) {
+        Ok(0) => println!("gpu_scrub: the resident shape falls back to kvh_scrub (no occupancy)"),
+        Ok(n) => println!("gpu_scrub: resident shape: kvh_scrub_strided on up to {n} blocks"),
+        Err(e) => println!("gpu_scrub: no occupancy figure: {e}"),
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))

@@ -183,7 +183,7 @@ fn cuda_batch_prep(c: &mut Criterion) {
     g.bench_function("4096x64KiB", |b| {
         b.iter(|| {
             let plan = kernel::plan(black_box(&segments), options).expect("plan");
-            plan.write_items(&segments, &mut area);
+            assert_eq!(plan.write_items(&segments, &mut area), 4096);
             black_box(&area);
             plan.total_chunks
         })

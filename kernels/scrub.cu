@@ -104,10 +104,10 @@ struct KvhResult {
     kvh_u64 nonzero;
 };
 
-// Both kernels' one parameter (BatchParams in kernel.rs), passed by value: a batch of up to
+// Every kernel's one parameter (BatchParams in kernel.rs), passed by value: a batch of up to
 // KVH_INLINE_SEGMENTS segments travels inside it and needs no upload.
 struct KvhBatch {
-    const KvhChunk* chunks; // uploaded work items, one per chunk; null: inline_segs
+    const KvhChunk* chunks; // work items (mapped host memory), one per chunk; null: inline_segs
     KvhResult* sums;        // device, `count` slots, zero between batches
     KvhResult* results;     // page-locked host memory (device-mapped), `count` slots
     kvh_u32 count;
@@ -290,8 +290,6 @@ __device__ __forceinline__ kvh_u64 kvh_word_nonzero(kvh_u64 g, kvh_u64 len, kvh_
 // with the threads of the block, after the block barrier that follows the zeroing. A segment
 // of one chunk has its result written straight to the host's result area; a longer one has
 // this chunk's part added to the device sums, which kvh_scrub_publish then copies.
-// Out of line: the zeroing keeps its few registers, and the read-back (once per chunk, after
-// the stores) pays for its own.
 __device__ __forceinline__ void kvh_read_back_inline(kvh_u64 g, kvh_u64 len, kvh_u64 seed,
                                                     kvh_u64 off, kvh_u64 n, kvh_u32 samples,
                                                     kvh_u32 flags, int whole, KvhResult* out) {
@@ -337,6 +335,9 @@ __device__ __forceinline__ void kvh_read_back_inline(kvh_u64 g, kvh_u64 len, kvh
     }
 }
 
+// kvh_read_back_inline out of line, for kvh_scrub: the zeroing keeps its few registers, and the
+// read-back (once per block, after the stores) pays for its own. kvh_scrub_strided, which
+// loops over chunks, inlines it: a call inside the loop would make it spill.
 __device__ __noinline__ void kvh_read_back(kvh_u64 g, kvh_u64 len, kvh_u64 seed, kvh_u64 off,
                                            kvh_u64 n, kvh_u32 samples, kvh_u32 flags, int whole,
                                            KvhResult* out) {
@@ -401,7 +402,9 @@ kvh_scrub(const __grid_constant__ KvhBatch b) {
 // not held in registers across the zeroing.
 extern "C" __global__ void __launch_bounds__(KVH_BLOCK_THREADS, KVH_STRIDED_BLOCKS_PER_SM)
 kvh_scrub_strided(const __grid_constant__ KvhBatch b) {
-    __shared__ KvhChunk group[KVH_ITEM_GROUP];
+    // The group's items as the four 8-byte words of a KvhChunk: addr, len, seed, and segment
+    // (low half) with index (high half), as the host, little-endian like the GPU, lays them out.
+    __shared__ kvh_u64 group[KVH_ITEM_GROUP][4];
     const kvh_u32 stride = gridDim.x;
     const kvh_u64 chunk = 1ULL << b.chunk_shift;
     for (kvh_u32 c0 = blockIdx.x; c0 < b.chunk_count; c0 += stride * KVH_ITEM_GROUP) {
@@ -410,9 +413,8 @@ kvh_scrub_strided(const __grid_constant__ KvhBatch b) {
         if (threadIdx.x < KVH_ITEM_GROUP * 4) {
             const kvh_u32 c = c0 + (threadIdx.x / 4) * stride;
             if (c < b.chunk_count) {
-                const kvh_u64* from = reinterpret_cast<const kvh_u64*>(&b.chunks[c]);
-                kvh_u64* to = reinterpret_cast<kvh_u64*>(&group[threadIdx.x / 4]);
-                to[threadIdx.x % 4] = from[threadIdx.x % 4];
+                const kvh_u64* item = reinterpret_cast<const kvh_u64*>(&b.chunks[c]);
+                group[threadIdx.x / 4][threadIdx.x % 4] = item[threadIdx.x % 4];
             }
         }
         __syncthreads();
@@ -420,19 +422,22 @@ kvh_scrub_strided(const __grid_constant__ KvhBatch b) {
 #pragma unroll 1
         for (kvh_u32 j = 0; j < KVH_ITEM_GROUP && c0 + j * stride < b.chunk_count; ++j) {
             {
-                const kvh_u64 len = group[j].len, off = (kvh_u64)group[j].index << b.chunk_shift;
-                kvh_zero_chunk(b, group[j].segment, kvh_to_global(group[j].addr) + off,
+                const kvh_u64 len = group[j][1];
+                const kvh_u64 off = (group[j][3] >> 32) << b.chunk_shift;
+                kvh_zero_chunk(b, (kvh_u32)group[j][3], kvh_to_global(group[j][0]) + off,
                                len - off < chunk ? len - off : chunk);
             }
-            // Every store of this block is now visible to every thread of this block.
+            // Every store of this block is now visible to every thread of this block. The
+            // chunk's fields are read again from shared memory below rather than held in
+            // registers across the zeroing.
             __syncthreads();
-            const KvhChunk& w = group[j];
-            const kvh_u64 off = (kvh_u64)w.index << b.chunk_shift;
-            const kvh_u64 n = w.len - off < chunk ? w.len - off : chunk;
-            const int whole = w.len <= chunk;
-            kvh_read_back_inline(kvh_to_global(w.addr), w.len, w.seed, off, n, b.samples,
-                                 b.flags, whole,
-                                 whole ? &b.results[w.segment] : &b.sums[w.segment]);
+            const kvh_u64 len = group[j][1];
+            const kvh_u32 s = (kvh_u32)group[j][3];
+            const kvh_u64 off = (group[j][3] >> 32) << b.chunk_shift;
+            const kvh_u64 n = len - off < chunk ? len - off : chunk;
+            const int whole = len <= chunk;
+            kvh_read_back_inline(kvh_to_global(group[j][0]), len, group[j][2], off, n,
+                                 b.samples, b.flags, whole, whole ? &b.results[s] : &b.sums[s]);
         }
     }
 }
@@ -482,6 +487,8 @@ extern "C" void kvh_host_rule_layout(kvh_u64* out) {
     out[3] = __builtin_offsetof(KvhBatch, count);
     out[4] = __builtin_offsetof(KvhBatch, chunk_shift);
     out[8] = __builtin_offsetof(KvhBatch, chunk_count);
+    out[9] = __builtin_offsetof(KvhChunk, segment);
+    out[10] = __builtin_offsetof(KvhChunk, index);
     out[5] = __builtin_offsetof(KvhBatch, inline_segs);
     out[6] = sizeof(KvhResult);
     out[7] = alignof(KvhBatch);

@@ -168,14 +168,15 @@ fn a_skipped_segment_is_caught() {
 }
 
 /// Under `ItemGrid::Resident`, batches with work items run on `kvh_scrub_strided` with a grid
-/// of the device's resident blocks (the stand-in: 4 SMs x 2), each block taking many chunks in
-/// groups; everything `scrub_and_check` and the fault injection check still holds. Inline
-/// batches keep one block per chunk.
+/// of at most the device's resident blocks of that kernel (the stand-in: 4 SMs x 2), each block
+/// taking many chunks, in groups of eight as the kernel does; everything `scrub_and_check` and
+/// the fault injection check still holds. Inline batches keep one block per chunk.
 #[test]
 fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
     let (path, lib) = fake_or_skip!("resident");
     let b = start(&path);
     let last_grid = || query(&lib, "last_scrub_grid", 0);
+    assert_eq!(b.strided_blocks(0).expect("device 0"), 8);
     let (segments, total) = random_layout(4096, 3000, 5);
     scrub_and_check(&b, total, &segments, SAMPLED);
     assert_eq!(
@@ -186,7 +187,11 @@ fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
 
     b.set_item_grid(ItemGrid::Resident);
     scrub_and_check(&b, total, &segments, SAMPLED);
-    assert_eq!(last_grid(), -8, "kvh_scrub_strided on the resident blocks");
+    assert_eq!(
+        last_grid(),
+        -8,
+        "kvh_scrub_strided, 512 chunks per block in 64 groups"
+    );
     common::item_batches_are_scrubbed(&b);
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
     scrub_and_check(&b, 50_000, &[(1, 40_000)], SAMPLED);
@@ -197,12 +202,30 @@ fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
     );
     let (segments, total) = random_layout(121, 100, 6);
     scrub_and_check(&b, total, &segments, SAMPLED);
-    assert_eq!(last_grid(), -8, "121 one-chunk segments, 8 blocks");
+    assert_eq!(
+        last_grid(),
+        -8,
+        "121 one-chunk segments: 8 blocks of 16 or 15"
+    );
 
     b.set_item_grid(ItemGrid::PerChunk);
     let (segments, total) = random_layout(121, 100, 7);
     scrub_and_check(&b, total, &segments, SAMPLED);
     assert_eq!(last_grid(), 121);
+}
+
+/// A device whose occupancy the driver cannot report runs batches with work items on
+/// `kvh_scrub` even under `ItemGrid::Resident`: the shape is a preference, never a failure.
+#[test]
+fn without_an_occupancy_figure_the_resident_grid_falls_back_to_one_block_per_chunk() {
+    let (path, lib) = fake_or_skip!("no-occupancy");
+    switch(&lib, "fail_occupancy", 1);
+    let b = start(&path);
+    assert_eq!(b.strided_blocks(0).expect("device 0"), 0);
+    b.set_item_grid(ItemGrid::Resident);
+    let (segments, total) = random_layout(500, 3000, 8);
+    scrub_and_check(&b, total, &segments, SAMPLED);
+    assert_eq!(query(&lib, "last_scrub_grid", 0), 500);
 }
 
 #[test]

@@ -118,6 +118,12 @@ fn full_verification_and_double_pass() {
 #[ignore = "needs a CUDA GPU"]
 fn batches_with_work_items_under_both_launch_shapes() {
     let b = backend();
+    let strided = b.strided_blocks(0).expect("device 0");
+    eprintln!("kvh_scrub_strided: {strided} resident blocks");
+    assert!(
+        strided > 0,
+        "the driver reports the strided kernel's occupancy"
+    );
     for shape in [ItemGrid::PerChunk, ItemGrid::Resident] {
         b.set_item_grid(shape);
         eprintln!("work-item batches under {shape:?}");

@@ -111,13 +111,15 @@ pub fn scrub_and_check(
 
 /// Batches with work items (more segments than travel in the kernel parameter), checked as
 /// `scrub_and_check` does, under whatever launch shape the backend is set to: one-chunk and
-/// multi-chunk segments (so the publish launch too), thousands of segments, and the double
-/// pass and full verification options.
+/// multi-chunk segments (so the publish launch too), thousands of segments (20,000 chunks:
+/// more than eight per resident block on any current GPU, so the strided kernel's blocks go
+/// through several groups of work items), and the double pass and full verification options.
 pub fn item_batches_are_scrubbed(b: &dyn Backend) {
     for (count, max_len) in [
         (121usize, 70_000u64),
         (200, 200_000),
         (1000, 5000),
+        (20_000, 4000),
         (4096, 20_000),
     ] {
         let (segments, total) = random_layout(count, max_len, count as u64 + 3);

@@ -20,9 +20,10 @@
 //   CUDA_ERROR_OUT_OF_MEMORY; fake_cuda_fail_launch(k) makes the next launch of kernel k
 //   (1 kvh_scrub, 2 kvh_scrub_publish, 3 kvh_scrub_strided) fail with
 //   CUDA_ERROR_INVALID_VALUE, without running it;
-// - the device has 4 SMs that hold 2 blocks of any kernel each
-//   (cuOccupancyMaxActiveBlocksPerMultiprocessor); fake_cuda_last_scrub_grid(0) is the grid of
-//   the last scrub launch, negative for kvh_scrub_strided.
+// - the device has 4 SMs, each holding 8 blocks of kvh_scrub or kvh_scrub_publish and 2 of
+//   kvh_scrub_strided (cuOccupancyMaxActiveBlocksPerMultiprocessor); fake_cuda_fail_occupancy(n)
+//   makes the next n occupancy queries fail; fake_cuda_last_scrub_grid(0) is the grid of the
+//   last scrub launch, negative for kvh_scrub_strided.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -39,7 +40,8 @@ static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONT
 static int g_ctx_token;  // the primary context's address is its identity
 static thread_local void* t_current = nullptr;
 static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
-    g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0}, g_last_scrub_grid{0};
+    g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0}, g_last_scrub_grid{0},
+    g_fail_occupancy{0};
 static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 
 struct Event {
@@ -65,6 +67,7 @@ void fake_cuda_reject_images(int on) { g_reject_images = on; }
 void fake_cuda_set_pending_queries(int n) { g_pending = n; }
 void fake_cuda_fail_host_allocs(int n) { g_fail_host_allocs = n; }
 void fake_cuda_fail_launch(int kernel) { g_fail_launch = kernel; }
+void fake_cuda_fail_occupancy(int n) { g_fail_occupancy = n; }
 int fake_cuda_calls(void) { return g_calls.load(); }
 int fake_cuda_host_allocs(int) { return g_host_allocs.load(); }
 int fake_cuda_last_scrub_grid(int) { return g_last_scrub_grid.load(); }
@@ -125,7 +128,11 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block,
     NEED_CTX();
     if (f != (void*)1 && f != (void*)2 && f != (void*)3) return INVALID_VALUE;
     if (block != KVH_BLOCK_THREADS || smem != 0) return INVALID_VALUE;
-    *n = 2;
+    if (g_fail_occupancy.load() > 0) {
+        g_fail_occupancy--;
+        return INVALID_VALUE;
+    }
+    *n = f == (void*)3 ? 2 : 8;
     return OK;
 }
 
@@ -206,20 +213,40 @@ static kvh_u64 word_nonzero(const KvhSegment& s, kvh_u64 w) {
     return any != 0;
 }
 
+static void scrub_chunk(const KvhBatch* b, kvh_u32 s, KvhSegment seg, kvh_u64 index);
+
+// kvh_scrub's block c.
 static void scrub_block(const KvhBatch* b, kvh_u64 c) {
-    KvhSegment seg;
-    kvh_u32 s;
-    kvh_u64 index;
     if (b->chunks) {
         const KvhChunk* w = &b->chunks[c];
-        s = w->segment;
-        seg = KvhSegment{w->addr, w->len, w->seed, 0};
-        index = w->index;
+        scrub_chunk(b, w->segment, KvhSegment{w->addr, w->len, w->seed, 0}, w->index);
     } else {
-        s = kvh_find_chunk(b->inline_segs, b->count, c);
-        seg = b->inline_segs[s];
-        index = c - seg.first_chunk;
+        kvh_u32 s = kvh_find_chunk(b->inline_segs, b->count, c);
+        scrub_chunk(b, s, b->inline_segs[s], c - b->inline_segs[s].first_chunk);
     }
+}
+
+// kvh_scrub_strided's block `block` of `grid`: the kernel's loop over groups of
+// KVH_ITEM_GROUP chunks in 32-bit arithmetic, each item copied as four words and unpacked as
+// the kernel unpacks them.
+static void scrub_strided_block(const KvhBatch* b, kvh_u32 block, kvh_u32 grid) {
+    for (kvh_u32 c0 = block; c0 < b->chunk_count; c0 += grid * KVH_ITEM_GROUP) {
+        kvh_u64 group[KVH_ITEM_GROUP][4] = {};
+        for (kvh_u32 t = 0; t < KVH_ITEM_GROUP * 4; ++t) {
+            kvh_u32 c = c0 + (t / 4) * grid;
+            if (c < b->chunk_count) {
+                memcpy(&group[t / 4][t % 4], (const char*)&b->chunks[c] + 8 * (t % 4), 8);
+            }
+        }
+        for (kvh_u32 j = 0; j < KVH_ITEM_GROUP && c0 + j * grid < b->chunk_count; ++j) {
+            KvhSegment seg{group[j][0], group[j][1], group[j][2], 0};
+            scrub_chunk(b, (kvh_u32)group[j][3], seg, group[j][3] >> 32);
+        }
+    }
+}
+
+// One chunk: zeroed unless it is the fault-injection segment, then its samples read back.
+static void scrub_chunk(const KvhBatch* b, kvh_u32 s, KvhSegment seg, kvh_u64 index) {
     kvh_u64 chunk = 1ULL << b->chunk_shift, off = index << b->chunk_shift;
     kvh_u64 n = seg.len - off < chunk ? seg.len - off : chunk;
     if (s != b->skip_segment) memset((char*)seg.addr + off, 0, n);
@@ -265,8 +292,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
     } else if (f == (void*)3) {
         if (!b->chunks) return INVALID_VALUE;  // strided batches always have work items
         g_last_scrub_grid = -(int)gx;
-        for (kvh_u64 block = 0; block < gx; ++block)
-            for (kvh_u64 c = block; c < b->chunk_count; c += gx) scrub_block(b, c);
+        for (kvh_u32 block = 0; block < gx; ++block) scrub_strided_block(b, block, gx);
     } else if (f == (void*)2) {
         publish(b);
     } else {

@@ -95,7 +95,7 @@ pub struct Plan {
     /// Work items the batch needs, one per chunk, for a batch of more than
     /// [`INLINE_SEGMENTS`]; 0 for an inline batch. [`Plan::write_items`] writes them.
     pub item_count: usize,
-    /// Chunks, which is the scrub launch's grid.
+    /// Chunks (the grid of a `kvh_scrub` launch, one block per chunk).
     pub total_chunks: u64,
     /// Whether a segment spans chunks, so that its sums need the publish launch.
     pub needs_publish: bool,
@@ -175,14 +175,21 @@ impl Plan {
     /// per chunk in chunk order, into `out`, which holds [`Plan::item_count`] of them. The
     /// backend passes the slot's page-locked item area itself: the items are written once,
     /// where the kernel reads them, with no staging copy on the way to the launch.
-    pub fn write_items(&self, segments: &[ScrubSegment], out: &mut [DeviceChunk]) {
-        debug_assert_eq!(out.len(), self.item_count);
+    ///
+    /// Returns how many items it wrote, which is `item_count` exactly when `segments` are the
+    /// plan's and `out` has room; the caller must not launch otherwise (the kernel would read
+    /// items left from an earlier batch).
+    #[must_use]
+    pub fn write_items(&self, segments: &[ScrubSegment], out: &mut [DeviceChunk]) -> usize {
         let chunk = 1u64 << self.params.chunk_shift;
         let mut slots = out.iter_mut();
+        let mut written = 0;
         for (i, s) in segments.iter().enumerate() {
             // Chunk indices are < total_chunks <= MAX_GRID < 2^32 and i < count: both fit.
             for k in 0..s.len.div_ceil(chunk) {
-                let Some(slot) = slots.next() else { return };
+                let Some(slot) = slots.next() else {
+                    return written;
+                };
                 *slot = DeviceChunk {
                     addr: s.addr,
                     len: s.len,
@@ -190,8 +197,10 @@ impl Plan {
                     segment: i as u32,
                     index: k as u32,
                 };
+                written += 1;
             }
         }
+        written
     }
 }
 
@@ -332,7 +341,7 @@ mod tests {
     /// The plan's work items, written into a fresh area the way the backend writes the slot's.
     fn items_of(p: &Plan, segs: &[ScrubSegment]) -> Vec<DeviceChunk> {
         let mut items = vec![DeviceChunk::default(); p.item_count];
-        p.write_items(segs, &mut items);
+        assert_eq!(p.write_items(segs, &mut items), p.item_count);
         items
     }
 
@@ -525,6 +534,24 @@ mod tests {
     }
 
     #[test]
+    fn write_items_reports_a_short_area_or_other_segments() {
+        let segs = segments(&vec![65_536; 200], 0);
+        let p = plan(&segs, options(64, false, false)).unwrap();
+        let mut area = vec![DeviceChunk::default(); p.item_count];
+        assert_eq!(p.write_items(&segs, &mut area), 200);
+        assert_eq!(
+            p.write_items(&segs, &mut area[..150]),
+            150,
+            "area too small"
+        );
+        assert_eq!(
+            p.write_items(&segs[..199], &mut area),
+            199,
+            "not the plan's segments"
+        );
+    }
+
+    #[test]
     fn strided_grids_give_every_block_an_equal_share() {
         // 4096 chunks on 132 SMs x 5 blocks: 7 rounds, so 586 blocks of 7 (or 6) chunks
         // rather than 660 blocks with a seventh round for 136 of them.
@@ -606,8 +633,8 @@ mod tests {
     /// The structs as the C++ compiler lays them out equal the Rust ones.
     #[test]
     fn struct_layouts_match_the_kernel() {
-        let mut got = [0u64; 9];
-        // SAFETY: the function writes 9 values.
+        let mut got = [0u64; 11];
+        // SAFETY: the function writes 11 values.
         unsafe { kvh_host_rule_layout(got.as_mut_ptr()) };
         let want = [
             std::mem::size_of::<DeviceSegment>(),
@@ -619,11 +646,15 @@ mod tests {
             std::mem::size_of::<verify::SegmentResult>(),
             std::mem::align_of::<BatchParams>(),
             std::mem::offset_of!(BatchParams, chunk_count),
+            // kvh_scrub_strided unpacks the fourth word of an item as segment | index << 32.
+            std::mem::offset_of!(DeviceChunk, segment),
+            std::mem::offset_of!(DeviceChunk, index),
         ]
         .map(|v| v as u64);
         assert_eq!(got, want);
         assert_eq!(want[0], 32);
         assert_eq!(want[1], 32);
+        assert_eq!((want[9], want[10]), (24, 28));
         assert!(want[2] as usize <= MAX_PARAM_BYTES);
     }
 

@@ -186,6 +186,14 @@ impl CudaBackend {
         self.inner.item_grid.store(grid as u8, Ordering::Relaxed);
     }
 
+    /// Blocks of `kvh_scrub_strided` that device `device` holds at once, the most an
+    /// [`ItemGrid::Resident`] launch gets; 0 when the driver could not say, and then batches
+    /// with work items run on `kvh_scrub` whatever the item grid.
+    pub fn strided_blocks(&self, device: u32) -> Result<u64, BackendError> {
+        let (dev, _ctx) = self.inner.device(device)?;
+        Ok(dev.resident_blocks)
+    }
+
     /// Fault injection for the GPU tests only: the zero kernel leaves segment `index` of every
     /// later batch untouched, which the verification must then report. `None` restores normal
     /// operation. Never set outside tests.
@@ -626,7 +634,11 @@ fn enqueue(
         let out = unsafe {
             std::slice::from_raw_parts_mut(area.host.0.cast::<DeviceChunk>(), plan.item_count)
         };
-        plan.write_items(&batch.segments, out);
+        if plan.write_items(&batch.segments, out) != plan.item_count {
+            return Err(BackendError::Other(
+                "the batch's work items do not match its plan".to_string(),
+            ));
+        }
         plan.params.chunks = area.dev;
     }
     plan.params.sums = slot.sums;
@@ -671,7 +683,11 @@ fn launch(
     // alive until the call returns; 3. the batch's stream; 4. the parameter names segments the
     // pool owns (PENDING blocks of this device), sums of `count` slots in device memory, and
     // result slots and work items in mapped page-locked memory of the slot, which stays
-    // allocated and unused by others until the slot's completion event.
+    // allocated and unused by others until the slot's completion event; 5. the grid is the
+    // kernel's (`scrub_launch`, `publish_grid`): `kvh_scrub` gets `chunk_count` blocks and block
+    // c reads item c of a batch with items; `kvh_scrub_strided` runs only for a batch with items
+    // and reads items below `chunk_count`; all `chunk_count` items were written for this batch
+    // (`enqueue` checks the count `write_items` returns).
     unsafe { r::launch_kernel(d, f, shape, s, &mut args) }
 }
 
