@@ -108,8 +108,8 @@ pub enum ItemGrid {
     PerChunk = 0,
     /// `kvh_scrub_strided`: at most as many blocks as the GPU holds at once (SMs times the
     /// kernel's occupancy), block b taking chunks b, b + grid, ...: a block reads the work
-    /// items of eight of its chunks in one round trip to host memory, and no block waits to be
-    /// scheduled.
+    /// items of up to eight of its chunks in one round trip to host memory, and no block waits
+    /// to be scheduled.
     Resident = 1,
 }
 
