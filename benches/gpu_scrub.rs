@@ -209,6 +209,10 @@ fn main() {
     if let Ok(image) = backend.image_in_use(0) {
         println!("gpu_scrub: kernel image {image}");
     }
+    // scripts/gpu/report.py applies the batched target to the shape named here.
+    if let Some((_, name)) = SHAPES.iter().find(|(s, _)| *s == ItemGrid::default()) {
+        println!("gpu_scrub: default item grid: {name}");
+    }
     match backend.strided_blocks(0) {
         Ok(0) => println!("gpu_scrub: the resident shape falls back to kvh_scrub (no occupancy)"),
         Ok(n) => println!("gpu_scrub: resident shape: kvh_scrub_strided on up to {n} blocks"),

@@ -71,9 +71,15 @@ def why(out: Path, *steps: str) -> str:
     return "missing"
 
 
-# The launch shape of batches with work items that the library uses unless told otherwise:
-# keep in step with `ItemGrid::default()` in src/backend/cuda/safe.rs.
-DEFAULT_ITEM_GRID = "per_chunk"
+def default_item_grid(out: Path) -> str:
+    """The launch shape the library uses for batches with work items unless told otherwise,
+    as benches/gpu_scrub.rs prints it (`ItemGrid::default()`); one block per chunk if absent."""
+    try:
+        text = (out / "gpu_scrub.log").read_text(errors="replace")
+    except OSError:
+        return "per_chunk"
+    m = re.search(r"^gpu_scrub: default item grid: (\w+)", text, re.M)
+    return m.group(1) if m else "per_chunk"
 
 
 def row(rows, check, measured, target, ok):
@@ -112,8 +118,9 @@ def main() -> int:
     # Both launch shapes of a batch with work items (ItemGrid in src/backend/cuda/safe.rs); the
     # target applies to the one the library uses by default, the other is a comparison.
     memset = criterion_ns(out, "batched", "memset_256MiB")
+    default_shape = default_item_grid(out)
     for shape, label in [("per_chunk", "one block per chunk"), ("resident", "resident grid")]:
-        default = shape == DEFAULT_ITEM_GRID
+        default = shape == default_shape
         scrub = criterion_ns(out, "batched", f"scrub_4096x64KiB_{shape}")
         r = ratio(memset, scrub)
         row(

@@ -62,3 +62,15 @@ def test_a_met_target_passes_and_missing_figures_are_not_verdicts(tmp_path, monk
     assert "Benchmark notes" in (tmp_path / "results.md").read_text()
     # Nothing else ran: no FAIL anywhere, so the report exits 0.
     assert code == 0
+
+
+def test_the_target_follows_the_default_the_bench_reports(tmp_path, monkeypatch):
+    estimate(tmp_path, "batched", "memset_256MiB", median_ns=500_000)
+    estimate(tmp_path, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / 0.75)
+    estimate(tmp_path, "batched", "scrub_4096x64KiB_resident", median_ns=500_000 / 0.9)
+    (tmp_path / "gpu_scrub.log").write_text("gpu_scrub: default item grid: resident\n")
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    default, other = batched_rows(rows)
+    assert "resident grid" in [c for c, r in rows.items() if r is default][0]
+    assert default["verdict"] == "PASS" and other["verdict"] == "n/a"
+    assert code == 0
