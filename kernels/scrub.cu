@@ -486,12 +486,12 @@ extern "C" void kvh_host_rule_layout(kvh_u64* out) {
     out[2] = sizeof(KvhBatch);
     out[3] = __builtin_offsetof(KvhBatch, count);
     out[4] = __builtin_offsetof(KvhBatch, chunk_shift);
-    out[8] = __builtin_offsetof(KvhBatch, chunk_count);
-    out[9] = __builtin_offsetof(KvhChunk, segment);
-    out[10] = __builtin_offsetof(KvhChunk, index);
     out[5] = __builtin_offsetof(KvhBatch, inline_segs);
     out[6] = sizeof(KvhResult);
     out[7] = alignof(KvhBatch);
+    out[8] = __builtin_offsetof(KvhBatch, chunk_count);
+    out[9] = __builtin_offsetof(KvhChunk, segment);
+    out[10] = __builtin_offsetof(KvhChunk, index);
 }
 
 extern "C" kvh_u32 kvh_host_rule_find_chunk(const KvhSegment* segs, kvh_u32 count, kvh_u64 c) {
