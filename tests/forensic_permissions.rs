@@ -113,8 +113,26 @@ fn existing_file_with_wrong_owner_is_refused() {
 fn keygen_never_overwrites() {
     let tmp = tempfile::tempdir().unwrap();
     let prefix = tmp.path().join("k");
-    kvhygiene::forensic::cli::keygen(&prefix).unwrap();
-    assert!(kvhygiene::forensic::cli::keygen(&prefix).is_err());
+    let (key, public) = kvhygiene::forensic::cli::keygen(&prefix).unwrap();
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&public), 0o644, "the public half is for auditors");
+    let err = kvhygiene::forensic::cli::keygen(&prefix).unwrap_err();
+    assert!(err.contains("k.key: already exists"), "{err}");
+}
+
+/// An existing PREFIX.pub stops keygen before it writes anything: no private key is left
+/// behind without its public half.
+#[test]
+fn keygen_leaves_no_half_pair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("k2");
+    fs::write(tmp.path().join("k2.pub"), "someone else's\n").unwrap();
+    let err = kvhygiene::forensic::cli::keygen(&prefix).unwrap_err();
+    assert!(err.contains("k2.pub: already exists"), "{err}");
+    assert!(!tmp.path().join("k2.key").exists());
+    // A directory that cannot be written: a clear error naming the file, nothing left.
+    let err = kvhygiene::forensic::cli::keygen(&tmp.path().join("missing/k3")).unwrap_err();
+    assert!(err.contains("k3.key: cannot create the key file"), "{err}");
 }
 
 #[test]

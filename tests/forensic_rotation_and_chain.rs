@@ -187,6 +187,20 @@ fn cli_exit_codes_and_json() {
     assert!(text.contains("-000000.jsonl:1: MAC mismatch"), "{text}");
     let usage = run(&["verify-log".as_ref()]);
     assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("No such file or directory"));
+    // A directory without a log is not "verified": a mistyped path must not read as OK.
+    let empty = tempfile::tempdir().unwrap();
+    for json in [false, true] {
+        let mut args = vec!["verify-log".as_ref(), empty.path().as_os_str()];
+        if json {
+            args.push("--json".as_ref());
+        }
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no forensic log files (kvh-*.jsonl)"), "{err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("OK"));
+    }
 }
 
 #[test]

@@ -162,9 +162,13 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
 
 
 def _read_string(fill, call: str) -> str:
-    """Calls a `(buf, len, out_len) -> code` export, growing the buffer once if asked to."""
+    """Calls a `(buf, len, out_len) -> code` export, growing the buffer when asked to.
+
+    The stats change while the allocator runs (a counter gains a digit between two calls), so
+    a grown buffer gets slack beyond the size last reported, and a few attempts are allowed.
+    """
     size = 4096
-    for _ in range(2):
+    for _ in range(4):
         buf = ctypes.create_string_buffer(size)
         needed = ctypes.c_size_t(0)
         code = fill(buf, size, ctypes.byref(needed))
@@ -172,7 +176,7 @@ def _read_string(fill, call: str) -> str:
             return buf.raw[: needed.value].decode("utf-8", "replace").rstrip("\0")
         if code != KVH_ERR_BUFFER_TOO_SMALL:
             raise _error(call, code)
-        size = needed.value + 1
+        size = needed.value + needed.value // 4 + 1024
     raise KvhError(call, KVH_ERR_BUFFER_TOO_SMALL, "the result kept growing")
 
 

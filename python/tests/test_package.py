@@ -209,3 +209,34 @@ def test_without_a_reset_setter_empty_cache_is_wrapped(fresh):
     kvhygiene.install(LIB)
     torch.cuda.empty_cache()
     assert state.get("torch_empty_cache"), "the original empty_cache still runs"
+
+
+def _growing_fill(sizes):
+    """A stand-in for a `(buf, len, out_len) -> code` export whose result grows between calls."""
+    calls = []
+
+    def fill(buf, size, needed):
+        want = sizes[min(len(calls), len(sizes) - 1)]
+        calls.append(size)
+        needed._obj.value = want
+        if size <= want:
+            return kvhygiene.KVH_ERR_BUFFER_TOO_SMALL
+        ctypes.memmove(buf, b"x" * want, want)
+        return kvhygiene.KVH_OK
+
+    return fill, calls
+
+
+def test_results_that_grow_between_calls_are_still_read():
+    # 5,000 bytes reported, then 5,010 by the time of the second call (a counter gained
+    # digits): the slack in the grown buffer absorbs it.
+    fill, calls = _growing_fill([5000, 5010])
+    assert kvhygiene._read_string(fill, "kvh_stats_json") == "x" * 5010
+    assert len(calls) == 2 and calls[1] > 5010
+
+
+def test_a_result_that_keeps_outgrowing_the_buffer_is_an_error():
+    fill, calls = _growing_fill([5000, 10_000, 20_000, 40_000, 80_000])
+    with pytest.raises(kvhygiene.KvhError, match="kept growing"):
+        kvhygiene._read_string(fill, "kvh_stats_json")
+    assert len(calls) == 4

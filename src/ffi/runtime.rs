@@ -78,6 +78,14 @@ fn try_start() -> Result<Runtime, StartError> {
     // without it.
     let start = StartInfo::current(config.canonical_json());
     let log = ForensicLog::open(&config.log, start).map_err(|e| StartError::Log(e.to_string()))?;
+    if log.is_none() {
+        // Once per process: an operator who meant to keep evidence learns at start that none
+        // is being kept (the stats say so too: `log.enabled` is false).
+        eprintln!(
+            "kvhygiene: forensic log off (KVH_LOG_DIR is not set): security events are counted \
+             but not recorded"
+        );
+    }
     let backend =
         backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
     let sink = log.clone().map(|l| l as Arc<dyn EventSink>);

@@ -30,8 +30,9 @@ pub struct VerifyLogArgs {
     /// key ratcheted to each file's epoch.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
-    /// Ed25519 public key (64 hex digits) the checkpoints must be signed with.
-    #[arg(long)]
+    /// File holding the Ed25519 public key the checkpoints must be signed with
+    /// (PREFIX.pub from `kvh keygen`: 64 hex digits).
+    #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
     /// Checkpoint file, or directory of `kvh-*.ckpt` files, to check the chains against
     /// (detects tail truncation and deleted files). Needs --public-key.
@@ -66,6 +67,14 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    if report.chains.is_empty() && report.errors.is_empty() {
+        // Nothing verified is not "verified": a mistyped directory must not read as OK.
+        eprintln!(
+            "kvh verify-log: {}: no forensic log files (kvh-*.jsonl) to verify",
+            args.dir.display()
+        );
+        return EXIT_USAGE;
+    }
     let mut out = std::io::stdout().lock();
     let written = if args.json {
         serde_json::to_writer_pretty(&mut out, &report)
@@ -82,8 +91,10 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
 }
 
 fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
-    if !args.dir.is_dir() {
-        return Err(format!("{}: not a directory", args.dir.display()));
+    match std::fs::metadata(&args.dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{}: not a directory", args.dir.display())),
+        Err(e) => return Err(format!("{}: {e}", args.dir.display())),
     }
     let hmac_secret = match &args.key_file {
         Some(p) => {
@@ -142,9 +153,6 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 fn write_text(out: &mut impl Write, dir: &Path, r: &Report) -> std::io::Result<()> {
-    if r.chains.is_empty() {
-        writeln!(out, "{}: no chain files (kvh-*.jsonl)", dir.display())?;
-    }
     for c in &r.chains {
         writeln!(out, "{}", chain_line(c))?;
         if let Some(p) = &c.problem {
@@ -229,27 +237,57 @@ pub fn run_keygen(args: &KeygenArgs) -> i32 {
     }
 }
 
-/// Writes `PREFIX.key` and `PREFIX.pub`, each 64 hex digits and a newline.
+/// Writes `PREFIX.key` (0600) and `PREFIX.pub` (0644), each 64 hex digits and a newline.
+/// Neither may exist; when the second cannot be written the first is removed, so a failure
+/// leaves no half pair behind.
 pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
-    let key = keys::generate_signing_key().map_err(|e| e.to_string())?;
     let with_ext = |ext: &str| {
         let mut s = prefix.as_os_str().to_owned();
         s.push(ext);
         PathBuf::from(s)
     };
     let (private, public) = (with_ext(".key"), with_ext(".pub"));
+    for p in [&private, &public] {
+        if p.symlink_metadata().is_ok() {
+            return Err(format!(
+                "{}: already exists; keygen never overwrites a key",
+                p.display()
+            ));
+        }
+    }
+    let key = keys::generate_signing_key().map_err(|e| e.to_string())?;
     let secret = Zeroizing::new(format!("{}\n", hex(key.as_bytes())));
-    write_new(&private, secret.as_bytes())?;
-    write_new(
-        &public,
-        format!("{}\n", hex(key.verifying_key().as_bytes())).as_bytes(),
-    )?;
+    write_new_key(&private, secret.as_bytes(), 0o600)?;
+    let verifying = format!("{}\n", hex(key.verifying_key().as_bytes()));
+    if let Err(e) = write_new_key(&public, verifying.as_bytes(), 0o644) {
+        let _ = std::fs::remove_file(&private);
+        return Err(e);
+    }
     Ok((private, public))
 }
 
-fn write_new(p: &Path, bytes: &[u8]) -> Result<(), String> {
-    let mut f = files::create_file(p).map_err(|e| e.to_string())?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", p.display()))
+/// Creates `p` with exactly `mode`, exclusively and never through a symlink, and writes
+/// `bytes` to disk.
+fn write_new_key(p: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail =
+        |what: &str, e: std::io::Error| format!("{}: cannot {what} the key file: {e}", p.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| fail("create", e))?;
+    // The umask may have narrowed the mode and a default ACL widened it: set it exactly.
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|_| f.write_all(bytes))
+        .and_then(|_| f.sync_all());
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(p);
+        return Err(fail("write", e));
+    }
+    Ok(())
 }

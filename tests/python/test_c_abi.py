@@ -50,7 +50,8 @@ PRELUDE = textwrap.dedent(
     def text(fn, *args):
         n = ctypes.c_size_t(0)
         fn(*args, None, 0, ctypes.byref(n))
-        buf = ctypes.create_string_buffer(n.value + 1)
+        # Slack: the stats may grow between the two calls while scrubs complete.
+        buf = ctypes.create_string_buffer(n.value + 4096)
         rc = fn(*args, buf, len(buf), ctypes.byref(n))
         assert rc == 0, rc
         return buf.value.decode()
@@ -236,6 +237,32 @@ def test_oom_throws_bad_alloc_in_throw_mode():
     assert proc.returncode != 0
     assert "survived" not in proc.stdout
     assert "bad_alloc" in proc.stderr
+
+
+def test_start_up_says_once_when_no_forensic_log_is_kept(tmp_path):
+    code = (
+        f"LIB = {library()!r}\n" + PRELUDE
+        + "for _ in range(3):\n    lib.kvh_free(lib.kvh_malloc(4096, 0, STREAM), 4096, 0, STREAM)\n"
+        + "assert lib.kvh_synchronize() == 0\n"
+        + "print('KVH-LOG ' + json.dumps(stats()['log']))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVH_")}
+    base.update({"KVH_BACKEND": "host"})
+    notice = "forensic log off (KVH_LOG_DIR is not set)"
+    off = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, timeout=60)
+    assert off.returncode == 0, off.stderr
+    assert off.stderr.count(notice) == 1, off.stderr
+    assert '"enabled": false' in off.stdout
+    on = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**base, "KVH_LOG_DIR": str(tmp_path / "log")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert on.returncode == 0, on.stderr
+    assert notice not in on.stderr
+    assert '"enabled": true' in on.stdout
 
 
 def kvh_binary() -> str:
