@@ -12,13 +12,20 @@
 #
 # Usage, from the repository root:   bash scripts/gpu-check.sh
 # Output: $OUT (or ./gpu-check-out): results.md (table), results.json (summary), raw logs,
-# criterion/ estimates, py/*.json. Exit status 0 when no check failed.
+# criterion/ estimates, py/*.json. Exit status 0 when every check ran and passed; a previous
+# run's outputs in $OUT are removed first, so nothing stale can pass for this run's.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 art="$root/gpu-artifacts"
 out="${OUT:-$root/gpu-check-out}"
+if [[ -d "$out" && ! -d "$out/status" && -n "$(ls -A "$out" 2>/dev/null)" ]]; then
+    echo "gpu-check: $out is neither empty nor an earlier gpu-check output; set OUT to a new directory" >&2
+    exit 2
+fi
+rm -rf "$out/py" "$out/status" "$out/criterion"
+rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv"
 mkdir -p "$out/py" "$out/status"
 export PYTHONUNBUFFERED=1
 # The whole run must end inside one 10-minute device call: every step's limit is capped by
@@ -57,6 +64,8 @@ chmod +x "$art/gpu_kernel" "$art/gpu_scrub" "$art/kvh"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
 
 log "GPU"
+command -v nvidia-smi >/dev/null ||
+    echo "gpu-check: nvidia-smi not found; is this a GPU machine? The steps below will say." >&2
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv \
     | tee "$out/nvidia-smi.csv"
 date -u +"run at %Y-%m-%dT%H:%M:%SZ" | tee -a "$out/manifest.txt"

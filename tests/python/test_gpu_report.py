@@ -13,8 +13,31 @@ REPORT = Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "report.py"
 
 def estimate(out: Path, *parts: str, median_ns: float) -> None:
     d = out.joinpath("criterion", *parts, "new")
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "estimates.json").write_text(json.dumps({"median": {"point_estimate": median_ns}}))
+
+
+def py_result(out: Path, name: str, **fields) -> None:
+    (out / "py").mkdir(exist_ok=True)
+    (out / "py" / f"{name}.json").write_text(json.dumps(fields))
+
+
+def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
+    """Every output a passing gpu-check run leaves behind."""
+    (out / "gpu_kernel.log").write_text("test a ... ok\ntest b ... ok\n")
+    (out / "kvh_demo.log").write_text("new allocations read back 10, with residue: 0\nPASS: ok\n")
+    for label in ["256MiB", "1GiB"]:
+        estimate(out, "scrub_vs_memset", "memset", label, median_ns=1000)
+        estimate(out, "scrub_vs_memset", "scrub_verify", label, median_ns=1050)
+    estimate(out, "batched", "memset_256MiB", median_ns=500_000)
+    estimate(out, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / batched_ratio)
+    for name in ["residue", "residue_threads"]:
+        py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
+        py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
+    py_result(out, "alloc_default", us_per_op=4.0)
+    py_result(out, "alloc_kvh", us_per_op=6.0)
+    py_result(out, "llama_default_1", tokens_per_s=1000.0)
+    py_result(out, "llama_kvh_1", tokens_per_s=990.0)
 
 
 def run_report(out: Path, monkeypatch) -> tuple:
@@ -32,10 +55,21 @@ def batched_rows(rows: dict) -> tuple:
     return default[0], other[0]
 
 
+def test_a_complete_passing_run_exits_0(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    verdicts = {c: r["verdict"] for c, r in rows.items()}
+    default, other = batched_rows(rows)
+    assert default["verdict"] == "PASS"
+    # The alternative shape was not measured: shown as n/a, not counted against the run.
+    assert other["verdict"] == "n/a" and other["measured"].startswith("missing")
+    assert all(v == "PASS" for c, v in verdicts.items() if "not the default" not in c), verdicts
+    assert code == 0
+
+
 def test_the_batched_target_judges_the_default_shape_only(tmp_path, monkeypatch):
-    estimate(tmp_path, "batched", "memset_256MiB", median_ns=500_000)
-    # The default shape at 0.75 of the memset fails; the alternative at 0.9 is only shown.
-    estimate(tmp_path, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / 0.75)
+    complete_run(tmp_path, batched_ratio=0.75)
+    # The alternative at 0.9 is only shown.
     estimate(tmp_path, "batched", "scrub_4096x64KiB_resident", median_ns=500_000 / 0.9)
     code, rows, _ = run_report(tmp_path, monkeypatch)
     default, other = batched_rows(rows)
@@ -44,33 +78,37 @@ def test_the_batched_target_judges_the_default_shape_only(tmp_path, monkeypatch)
     assert code == 1
 
 
-def test_a_met_target_passes_and_missing_figures_are_not_verdicts(tmp_path, monkeypatch):
-    estimate(tmp_path, "batched", "memset_256MiB", median_ns=500_000)
-    estimate(tmp_path, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / 0.85)
-    (tmp_path / "gpu_scrub.log").write_text(
-        "noise\ngpu_scrub: kernel image sm_90 cubin\n"
-        "gpu_scrub: timeline of 8 batches of 4096 x 64 KiB, per_chunk (median us): 1, 2, 3, 4\n"
-    )
-    code, rows, summary = run_report(tmp_path, monkeypatch)
-    default, other = batched_rows(rows)
-    assert default["verdict"] == "PASS"
-    assert other["verdict"] == "n/a" and other["measured"].startswith("missing")
-    assert summary["bench_notes"] == [
-        "kernel image sm_90 cubin",
-        "timeline of 8 batches of 4096 x 64 KiB, per_chunk (median us): 1, 2, 3, 4",
-    ]
-    assert "Benchmark notes" in (tmp_path / "results.md").read_text()
-    # Nothing else ran: no FAIL anywhere, so the report exits 0.
-    assert code == 0
-
-
 def test_the_target_follows_the_default_the_bench_reports(tmp_path, monkeypatch):
-    estimate(tmp_path, "batched", "memset_256MiB", median_ns=500_000)
-    estimate(tmp_path, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / 0.75)
+    complete_run(tmp_path, batched_ratio=0.75)
     estimate(tmp_path, "batched", "scrub_4096x64KiB_resident", median_ns=500_000 / 0.9)
     (tmp_path / "gpu_scrub.log").write_text("gpu_scrub: default item grid: resident\n")
     code, rows, _ = run_report(tmp_path, monkeypatch)
     default, other = batched_rows(rows)
     assert "resident grid" in [c for c, r in rows.items() if r is default][0]
     assert default["verdict"] == "PASS" and other["verdict"] == "n/a"
+    assert code == 0
+
+
+def test_a_check_that_did_not_run_fails_the_run(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "py" / "residue_kvh.json").unlink()
+    (tmp_path / "residue_kvh.log").write_text("ModuleNotFoundError: No module named 'torch'\n")
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    row = rows["residue, kvhygiene (one thread)"]
+    assert row["verdict"] == "MISSING" and "No module named 'torch'" in row["measured"]
+    assert code == 1
+
+
+def test_benchmark_notes_are_kept(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "gpu_scrub.log").write_text(
+        "noise\ngpu_scrub: kernel image sm_90 cubin\n"
+        "gpu_scrub: timeline of 8 batches of 4096 x 64 KiB, per_chunk (median us): 1, 2, 3, 4\n"
+    )
+    code, _, summary = run_report(tmp_path, monkeypatch)
+    assert summary["bench_notes"] == [
+        "kernel image sm_90 cubin",
+        "timeline of 8 batches of 4096 x 64 KiB, per_chunk (median us): 1, 2, 3, 4",
+    ]
+    assert "Benchmark notes" in (tmp_path / "results.md").read_text()
     assert code == 0
