@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on the GPU machine (which has no Rust toolchain) and
 # puts it in gpu-artifacts/ (git-ignored; carry it to the GPU machine with the working tree):
-# libkvhygiene.so, the gpu_kernel test binary and the gpu_scrub bench binary, stripped, plus
-# MANIFEST.txt. Release build with the kernels compiled by the pinned toolchain (SASS for
+# libkvhygiene.so, the gpu_kernel test binary, the gpu_scrub bench binary and the kvh CLI,
+# stripped, plus MANIFEST.txt. Release build with the kernels compiled by the pinned toolchain (SASS for
 # sm_80/86/89/90 + PTX), never the PTX fallback.
 #
 # Usage, from the repository root:   scripts/build-gpu-artifacts.sh

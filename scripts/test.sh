@@ -3,11 +3,11 @@
 # library through ctypes. No GPU is needed; GPU checks live in scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build
-cargo test --all-targets
-if python3 -c 'import pytest' 2>/dev/null; then
-    KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests
-else
+# Checked first, so that a missing pytest is said before minutes of Rust tests, not after.
+if ! python3 -c 'import pytest' 2>/dev/null; then
     echo "pytest is not installed: python3 -m pip install pytest" >&2
     exit 2
 fi
+cargo build
+cargo test --all-targets
+KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests

@@ -147,6 +147,9 @@ pub enum ConfigError {
     Unknown { key: String, known: String },
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    /// Keys valid one by one that together would silently lose a safeguard.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// One configuration key: its file name, its environment name, what it accepts, its setter.
@@ -334,6 +337,18 @@ const KEYS: &[Key] = &[
     ),
 ];
 
+/// A TOML syntax error as one line: `line L, column C: message`.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    let message = e.message().trim_end().replace('\n', "; ");
+    format!("line {line}, column {column}: {message}")
+}
+
 /// Environment variables with the `KVH_` prefix that are not policy keys.
 /// `KVH_LIBRARY` is read by the Python package to find the library, not by the library.
 const OTHER_ENV: &[&str] = &["KVH_CONFIG", "KVH_LIBRARY"];
@@ -366,7 +381,20 @@ impl Config {
             })?;
             config.set(key, name, value)?;
         }
+        config.check_combination()?;
         Ok(config)
+    }
+
+    /// Refuses settings that are each valid but together do not do what they ask for.
+    fn check_combination(&self) -> Result<(), ConfigError> {
+        if self.log.checkpoint_dir.is_some() && self.log.signing_key_file.is_none() {
+            return Err(ConfigError::Conflict(
+                "KVH_CHECKPOINT_DIR is set but KVH_SIGNING_KEY_FILE is not: checkpoints are \
+                 signed, so none would be written (set both, or neither)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Reads a TOML file of `key = value` pairs (file key names, e.g. `batch_size = 32`).
@@ -397,7 +425,7 @@ impl Config {
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::File {
                 path: "<config>".into(),
-                message: e.message().to_string(),
+                message: toml_error(text, &e),
             })?;
         let mut config = Config::default();
         for (name, value) in &table {
@@ -619,12 +647,26 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_dir_without_a_signing_key_is_refused() {
+        let err = Config::from_vars(&vars(&[("KVH_CHECKPOINT_DIR", "/ckpt")])).unwrap_err();
+        assert!(matches!(err, ConfigError::Conflict(_)));
+        assert!(err.to_string().contains("KVH_SIGNING_KEY_FILE"), "{err}");
+        let c = Config::from_vars(&vars(&[
+            ("KVH_CHECKPOINT_DIR", "/ckpt"),
+            ("KVH_SIGNING_KEY_FILE", "/k.key"),
+        ]))
+        .unwrap();
+        assert!(c.log.checkpoint_dir.is_some());
+    }
+
+    #[test]
     fn malformed_file_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
-        std::fs::write(&path, "batch_size = = 3\n").unwrap();
+        std::fs::write(&path, "double_pass = true\nbatch_size = = 3\n").unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("bad.toml: line 2, column 14"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
         std::fs::write(&path, "batch_sise = 3\n").unwrap();
         assert!(matches!(
             Config::from_file(&path),

@@ -57,6 +57,11 @@ pub struct FaultDrill {
     /// The block went to quarantine and was never handed out again.
     pub quarantined: bool,
     pub detail: String,
+    /// The drill's own allocations, each read back like the workload's.
+    #[serde(skip)]
+    checked: u64,
+    #[serde(skip)]
+    with_residue: u64,
 }
 
 /// The demo's findings.
@@ -147,7 +152,10 @@ pub fn run(
         Ok(())
     })?;
     let fault_drill = if opts.inject_fault {
-        Some(fault_drill(&alloc, opts)?)
+        let drill = fault_drill(&alloc, opts)?;
+        checked.fetch_add(drill.checked, Ordering::Relaxed);
+        residue.fetch_add(drill.with_residue, Ordering::Relaxed);
+        Some(drill)
     } else {
         None
     };
@@ -225,7 +233,14 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
     .unwrap_or_default();
     Context::set_current(victim);
     let size = opts.kv_block_bytes;
+    let (mut checked, mut with_residue) = (0, 0);
+    let mut read_back = |addr: u64| -> Result<(), DemoError> {
+        checked += 1;
+        with_residue += u64::from(!reads_zero(alloc.backend().as_ref(), addr, size)?);
+        Ok(())
+    };
     let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+    read_back(addr)?;
     alloc.backend().write(0, addr, &vec![0x5E; size as usize])?;
     let id = alloc.block_info(addr).map(|b| b.id);
     alloc.backend().inject_fault(1)?;
@@ -235,6 +250,7 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
     let mut handed_out_again = false;
     for _ in 0..64 {
         let again = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+        read_back(again)?;
         handed_out_again |= alloc.block_info(again).map(|b| b.id) == id;
         alloc.free(again, size as i64, 0, DEFAULT_STREAM)?;
         let _ = alloc.synchronize();
@@ -249,6 +265,8 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
         caught,
         quarantined,
         detail,
+        checked,
+        with_residue,
     })
 }
 

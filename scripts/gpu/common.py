@@ -28,7 +28,7 @@ def setup(mode: str):
     if mode == "kvh":
         import kvhygiene
 
-        # Passed by path, not through KVH_LIBRARY: the library rejects unknown KVH_* variables.
+        # Passed by path: the run's environment carries only the KVH_* settings under test.
         kvhygiene.install(os.environ.get("GPU_CHECK_LIBRARY"))
     return torch
 

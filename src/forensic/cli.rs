@@ -174,8 +174,8 @@ fn write_text(out: &mut impl Write, dir: &Path, r: &Report) -> std::io::Result<(
 /// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
 fn chain_line(c: &ChainReport) -> String {
     let seq = match (c.first_seq, c.last_seq) {
-        (Some(a), Some(b)) => format!("seq {a}..{b}"),
-        _ => "no records".into(),
+        (Some(a), Some(b)) => format!(", seq {a}..{b}"),
+        _ => String::new(),
     };
     let time = match (c.first_ts, c.last_ts) {
         (Some(a), Some(b)) => format!(", {} .. {}", rfc3339(a), rfc3339(b)),
@@ -197,10 +197,11 @@ fn chain_line(c: &ChainReport) -> String {
         ));
     }
     notes.push(
-        if c.macs_checked {
-            "MACs verified"
-        } else {
-            "MACs not checked (no --key-file)"
+        match (c.macs_checked, c.ok()) {
+            (true, true) => "MACs verified",
+            // The problem line below says what failed, a MAC or something else.
+            (true, false) => "MACs checked",
+            (false, _) => "MACs not checked (no --key-file)",
         }
         .into(),
     );
@@ -210,7 +211,7 @@ fn chain_line(c: &ChainReport) -> String {
         None => "no checkpoint checked (no --public-key)".into(),
     });
     format!(
-        "chain {}: {} records, {seq}{time}, {} files, {}: {}",
+        "chain {}: {} records{seq}{time}, {} files, {}: {}",
         c.chain,
         c.records,
         c.files,

@@ -94,11 +94,24 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
         scrub_env_value(SECRET_ENV.as_bytes());
         std::env::remove_var(SECRET_ENV);
         let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
-        return EpochKey::from_secret(bytes).map(Some);
+        return EpochKey::from_secret(bytes)
+            .map(Some)
+            .map_err(|e| in_setting(SECRET_ENV, e));
     }
     match key_file {
-        Some(p) => read_key_file(p).map(Some),
+        Some(p) => read_key_file(p)
+            .map(Some)
+            .map_err(|e| in_setting("KVH_HMAC_KEY_FILE", e)),
         None => Ok(None),
+    }
+}
+
+/// A key error prefixed with the setting that named the key, so that the operator knows which
+/// of the keys to fix: `forensic log key: KVH_SIGNING_KEY_FILE: /path: reason`.
+pub fn in_setting(setting: &str, e: ForensicError) -> ForensicError {
+    match e {
+        ForensicError::Key(m) => ForensicError::Key(format!("{setting}: {m}")),
+        other => other,
     }
 }
 
@@ -160,7 +173,10 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
     }
-    EpochKey::from_secret(bytes).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))
+    EpochKey::from_secret(bytes).map_err(|e| match e {
+        ForensicError::Key(m) => ForensicError::Key(format!("{}: {m}", p.display())),
+        other => other,
+    })
 }
 
 /// Reads a secret file the writer uses. It is opened without following a symlink (a link

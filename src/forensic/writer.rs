@@ -96,7 +96,8 @@ impl ChainWriter {
             .signing_key_file
             .as_deref()
             .map(keys::read_signing_key)
-            .transpose()?;
+            .transpose()
+            .map_err(|e| keys::in_setting("KVH_SIGNING_KEY_FILE", e))?;
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         if signing.is_some() {
             files::prepare_dir(&ckpt_dir)?;
