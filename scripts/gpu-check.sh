@@ -12,21 +12,22 @@
 #
 # Usage, from the repository root:   bash scripts/gpu-check.sh
 # Output: $OUT (or ./gpu-check-out): results.md (table), results.json (summary), raw logs,
-# criterion/ estimates, py/*.json. Exit status 0 when every check ran and passed; a previous
-# run's outputs in $OUT are removed first, so nothing stale can pass for this run's.
+# criterion/ estimates, py/*.json. Exit status 0 when every check ran to the end and passed
+# (scripts/gpu/report.py); an earlier run's outputs in $OUT are removed first, so nothing stale
+# can pass for this run's, and a directory this script did not write is refused.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 art="$root/gpu-artifacts"
 out="${OUT:-$root/gpu-check-out}"
-if [[ -d "$out" && ! -d "$out/status" && -n "$(ls -A "$out" 2>/dev/null)" ]]; then
+# This script's outputs carry a marker file; only a directory with it (or an empty or new
+# one) is written to, so a mistaken OUT never loses anyone else's files.
+marker="$out/.gpu-check-out"
+if [[ -d "$out" && ! -f "$marker" && -n "$(ls -A "$out" 2>/dev/null)" ]]; then
     echo "gpu-check: $out is neither empty nor an earlier gpu-check output; set OUT to a new directory" >&2
     exit 2
 fi
-rm -rf "$out/py" "$out/status" "$out/criterion"
-rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv"
-mkdir -p "$out/py" "$out/status"
 export PYTHONUNBUFFERED=1
 # The whole run must end inside one 10-minute device call: every step's limit is capped by
 # what is left of this budget (seconds), keeping time for the report.
@@ -61,6 +62,15 @@ for f in libkvhygiene.so gpu_kernel gpu_scrub kvh; do
     fi
 done
 chmod +x "$art/gpu_kernel" "$art/gpu_scrub" "$art/kvh"
+
+# Only now, with the artifacts there, an earlier run's outputs go: nothing stale can pass for
+# this run's, and a run that cannot start leaves the previous results alone.
+mkdir -p "$out"
+touch "$marker"
+rm -rf "$out/py" "$out/status" "$out/criterion"
+rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv"
+mkdir -p "$out/py" "$out/status"
+echo "${GPU_CHECK_LLAMA_ROUNDS:-3}" >"$out/status/llama_rounds"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
 
 log "GPU"

@@ -342,9 +342,9 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
         return e.message().to_string();
     };
-    let before = &text.as_bytes()[..span.start.min(text.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
     let message = e.message().trim_end().replace('\n', "; ");
     format!("line {line}, column {column}: {message}")
 }
@@ -386,11 +386,16 @@ impl Config {
     }
 
     /// Refuses settings that are each valid but together do not do what they ask for.
-    fn check_combination(&self) -> Result<(), ConfigError> {
-        if self.log.checkpoint_dir.is_some() && self.log.signing_key_file.is_none() {
+    /// [`Config::from_vars`] calls it; a caller that changes the configuration afterwards
+    /// (`kvh demo --log-dir`) calls it again.
+    pub fn check_combination(&self) -> Result<(), ConfigError> {
+        // Checkpoints belong to a log: without one, the key is inert, not a lost safeguard.
+        let logging = self.log.dir.is_some();
+        if logging && self.log.checkpoint_dir.is_some() && self.log.signing_key_file.is_none() {
             return Err(ConfigError::Conflict(
-                "KVH_CHECKPOINT_DIR is set but KVH_SIGNING_KEY_FILE is not: checkpoints are \
-                 signed, so none would be written (set both, or neither)"
+                "checkpoint_dir (KVH_CHECKPOINT_DIR) is set but signing_key_file \
+                 (KVH_SIGNING_KEY_FILE) is not: checkpoints are signed, so none would be \
+                 written (set both, or neither)"
                     .into(),
             ));
         }
@@ -648,15 +653,52 @@ mod tests {
 
     #[test]
     fn a_checkpoint_dir_without_a_signing_key_is_refused() {
-        let err = Config::from_vars(&vars(&[("KVH_CHECKPOINT_DIR", "/ckpt")])).unwrap_err();
+        let log = ("KVH_LOG_DIR", "/log");
+        let err = Config::from_vars(&vars(&[log, ("KVH_CHECKPOINT_DIR", "/ckpt")])).unwrap_err();
         assert!(matches!(err, ConfigError::Conflict(_)));
         assert!(err.to_string().contains("KVH_SIGNING_KEY_FILE"), "{err}");
-        let c = Config::from_vars(&vars(&[
+        let both = [
+            log,
             ("KVH_CHECKPOINT_DIR", "/ckpt"),
             ("KVH_SIGNING_KEY_FILE", "/k.key"),
-        ]))
-        .unwrap();
-        assert!(c.log.checkpoint_dir.is_some());
+        ];
+        assert!(Config::from_vars(&vars(&both))
+            .unwrap()
+            .log
+            .checkpoint_dir
+            .is_some());
+        // Without a log there is nothing to checkpoint: inert, not refused.
+        assert!(Config::from_vars(&vars(&[("KVH_CHECKPOINT_DIR", "/ckpt")])).is_ok());
+        // The file and the environment each give one half: accepted, either way round.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvh.toml");
+        for (in_file, in_env) in [
+            (
+                "checkpoint_dir = \"/ckpt\"",
+                ("KVH_SIGNING_KEY_FILE", "/k.key"),
+            ),
+            (
+                "signing_key_file = \"/k.key\"",
+                ("KVH_CHECKPOINT_DIR", "/ckpt"),
+            ),
+        ] {
+            std::fs::write(&file, format!("log_dir = \"/log\"\n{in_file}\n")).unwrap();
+            let path = file.to_string_lossy().into_owned();
+            let c = Config::from_vars(&vars(&[("KVH_CONFIG", &path), in_env])).unwrap();
+            assert!(c.log.checkpoint_dir.is_some() && c.log.signing_key_file.is_some());
+        }
+        // A checkpoint dir from the file alone: refused, naming the file's keys too.
+        std::fs::write(&file, "log_dir = \"/log\"\ncheckpoint_dir = \"/ckpt\"\n").unwrap();
+        let path = file.to_string_lossy().into_owned();
+        let err = Config::from_vars(&vars(&[("KVH_CONFIG", &path)])).unwrap_err();
+        assert!(err.to_string().contains("signing_key_file"), "{err}");
+    }
+
+    #[test]
+    fn toml_error_columns_count_characters() {
+        let err = Config::from_toml_str("double_pass = true\nmodel = \"ééé\" = 3\n").unwrap_err();
+        // The second `=`: character 15 of the line (byte 18).
+        assert!(err.to_string().contains("line 2, column 15"), "{err}");
     }
 
     #[test]

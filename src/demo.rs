@@ -57,11 +57,11 @@ pub struct FaultDrill {
     /// The block went to quarantine and was never handed out again.
     pub quarantined: bool,
     pub detail: String,
-    /// The drill's own allocations, each read back like the workload's.
-    #[serde(skip)]
-    checked: u64,
-    #[serde(skip)]
-    with_residue: u64,
+    /// The drill's own allocations, each read back like the workload's (included in the
+    /// report's totals).
+    pub checked: u64,
+    /// Of those, allocations with any non-zero byte. Must be 0.
+    pub with_residue: u64,
 }
 
 /// The demo's findings.
@@ -392,6 +392,40 @@ pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
             eprint!("\r  requests {done}/{total}");
             if done == total {
                 eprintln!();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::host::HostBackend;
+
+    fn small(inject_fault: bool) -> DemoReport {
+        let opts = DemoOptions {
+            tenants: 2,
+            requests_per_tenant: 3,
+            decode_tokens: 64,
+            inject_fault,
+            ..DemoOptions::default()
+        };
+        let backend: Arc<dyn Backend> = HostBackend::new();
+        run(backend, Config::default(), None, &opts, &|_, _| {}).expect("demo runs")
+    }
+
+    /// Every allocation the demo makes is read back, the fault drill's included, so the
+    /// "read back" line accounts for all of them.
+    #[test]
+    fn every_allocation_is_read_back_and_the_drill_is_caught() {
+        for inject_fault in [false, true] {
+            let r = small(inject_fault);
+            assert!(r.passed(), "{}", render(&r));
+            assert_eq!(r.allocations_checked, r.stats.counters.allocations);
+            assert_eq!(r.allocations_with_residue, 0);
+            if let Some(d) = &r.fault_drill {
+                assert!(d.caught && d.quarantined, "{d:?}");
+                assert_eq!((d.checked, d.with_residue), (65, 0));
             }
         }
     }

@@ -147,6 +147,10 @@ fn key_files_readable_by_others_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("mode 0644"), "{err}");
+    assert!(
+        err.to_string().contains("KVH_SIGNING_KEY_FILE: "),
+        "names the setting: {err}"
+    );
 
     let hmac = tmp.path().join("hmac.key");
     fs::write(&hmac, "a-secret-of-enough-length\n").unwrap();
@@ -155,8 +159,23 @@ fn key_files_readable_by_others_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("mode 0640"), "{err}");
+    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("KVH_HMAC_KEY_FILE: "), "{err}");
     fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
     assert!(kvhygiene::forensic::keys::read_key_file(&hmac).is_ok());
+    // A short key: the reason once, under the setting and the path.
+    fs::write(&hmac, "short\n").unwrap();
+    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("is 5 bytes"),
+        "{err}"
+    );
+    assert_eq!(err.matches("forensic log key").count(), 1, "{err}");
 }
 
 /// Runs `verify_all` on another thread so that a hang fails the test instead of the run.

@@ -201,6 +201,29 @@ fn cli_exit_codes_and_json() {
         assert!(err.contains("no forensic log files (kvh-*.jsonl)"), "{err}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("OK"));
     }
+    // Nor is a chain file without a single record.
+    let first = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-000000.jsonl"))
+        .expect("first chain file");
+    std::fs::copy(&first, empty.path().join(first.file_name().unwrap())).unwrap();
+    std::fs::File::create(empty.path().join(first.file_name().unwrap()))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let out = run(&["verify-log".as_ref(), empty.path().as_os_str()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no records in its forensic log files"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -127,6 +127,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     if let Some(dir) = args.log_dir {
         config.log.dir = Some(dir);
+        if let Err(e) = config.check_combination() {
+            return usage_error(&format!("configuration: {e}"));
+        }
     }
     let log = match open_log(&config) {
         Ok(log) => log,

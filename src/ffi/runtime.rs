@@ -4,6 +4,7 @@
 //! start-up failure is remembered: every later call fails with the same error (an allocator
 //! that half-started must not serve memory), and the reason is printed once on stderr.
 
+use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
@@ -80,8 +81,10 @@ fn try_start() -> Result<Runtime, StartError> {
     let log = ForensicLog::open(&config.log, start).map_err(|e| StartError::Log(e.to_string()))?;
     if log.is_none() {
         // Once per process: an operator who meant to keep evidence learns at start that none
-        // is being kept (the stats say so too: `log.enabled` is false).
-        eprintln!(
+        // is being kept (the stats say so too: `log.enabled` is false). Not `eprintln!`: a
+        // closed stderr (EPIPE) must not turn into a panic that stops the allocator starting.
+        let _ = writeln!(
+            std::io::stderr(),
             "kvhygiene: forensic log off (KVH_LOG_DIR is not set): security events are counted \
              but not recorded"
         );

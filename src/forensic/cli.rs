@@ -67,12 +67,15 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if report.chains.is_empty() && report.errors.is_empty() {
-        // Nothing verified is not "verified": a mistyped directory must not read as OK.
-        eprintln!(
-            "kvh verify-log: {}: no forensic log files (kvh-*.jsonl) to verify",
-            args.dir.display()
-        );
+    if report.errors.is_empty() && report.chains.iter().all(|c| c.ok() && c.records == 0) {
+        // Nothing verified is not "verified": a mistyped directory, or chain files without a
+        // single record, must not read as OK.
+        let what = if report.chains.is_empty() {
+            "no forensic log files (kvh-*.jsonl)"
+        } else {
+            "no records in its forensic log files"
+        };
+        eprintln!("kvh verify-log: {}: {what} to verify", args.dir.display());
         return EXIT_USAGE;
     }
     let mut out = std::io::stdout().lock();
@@ -261,8 +264,10 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
     write_new_key(&private, secret.as_bytes(), 0o600)?;
     let verifying = format!("{}\n", hex(key.verifying_key().as_bytes()));
     if let Err(e) = write_new_key(&public, verifying.as_bytes(), 0o644) {
-        let _ = std::fs::remove_file(&private);
-        return Err(e);
+        return Err(match std::fs::remove_file(&private) {
+            Ok(()) => e,
+            Err(r) => format!("{e}; {} is left behind: {r}", private.display()),
+        });
     }
     Ok((private, public))
 }
@@ -287,8 +292,10 @@ fn write_new_key(p: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         .and_then(|_| f.sync_all());
     if let Err(e) = written {
         drop(f);
-        let _ = std::fs::remove_file(p);
-        return Err(fail("write", e));
+        return Err(match std::fs::remove_file(p) {
+            Ok(()) => fail("write", e),
+            Err(r) => format!("{}; it is left behind: {r}", fail("write", e)),
+        });
     }
     Ok(())
 }

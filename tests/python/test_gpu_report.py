@@ -17,15 +17,27 @@ def estimate(out: Path, *parts: str, median_ns: float) -> None:
     (d / "estimates.json").write_text(json.dumps({"median": {"point_estimate": median_ns}}))
 
 
+def status(out: Path, step: str, rc: int) -> None:
+    (out / "status").mkdir(exist_ok=True)
+    (out / "status" / f"{step}.rc").write_text(f"{rc}\n")
+
+
 def py_result(out: Path, name: str, **fields) -> None:
     (out / "py").mkdir(exist_ok=True)
     (out / "py" / f"{name}.json").write_text(json.dumps(fields))
+    (out / f"{name}.log").write_text(json.dumps(fields) + "\n")
+    status(out, name, 0)
 
 
 def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     """Every output a passing gpu-check run leaves behind."""
-    (out / "gpu_kernel.log").write_text("test a ... ok\ntest b ... ok\n")
+    (out / "gpu_kernel.log").write_text(
+        "test a ... ok\ntest b ... ok\n\ntest result: ok. 2 passed; 0 failed\n"
+    )
+    status(out, "gpu_kernel", 0)
     (out / "kvh_demo.log").write_text("new allocations read back 10, with residue: 0\nPASS: ok\n")
+    status(out, "kvh_demo", 0)
+    (out / "status" / "llama_rounds").write_text("1\n")
     for label in ["256MiB", "1GiB"]:
         estimate(out, "scrub_vs_memset", "memset", label, median_ns=1000)
         estimate(out, "scrub_vs_memset", "scrub_verify", label, median_ns=1050)
@@ -112,3 +124,40 @@ def test_benchmark_notes_are_kept(tmp_path, monkeypatch):
     ]
     assert "Benchmark notes" in (tmp_path / "results.md").read_text()
     assert code == 0
+
+
+def test_a_kernel_test_run_cut_short_is_missing_not_passed(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    # Killed by its time limit after two passing tests: no summary line, exit 124.
+    (tmp_path / "gpu_kernel.log").write_text("test a ... ok\ntest b ... ok\n")
+    status(tmp_path, "gpu_kernel", 124)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    row = rows["kernel correctness (tests/gpu_kernel.rs)"]
+    assert row["verdict"] == "MISSING" and "exit 124" in row["measured"]
+    assert code == 1
+
+
+def test_a_step_that_crashed_after_writing_its_figure_is_missing(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    status(tmp_path, "residue_kvh", 139)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    row = rows["residue, kvhygiene (one thread)"]
+    assert row["verdict"] == "MISSING" and "exited 139" in row["measured"]
+    assert code == 1
+
+
+def test_llama_needs_every_planned_round(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "status" / "llama_rounds").write_text("3\n")
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    row = [r for c, r in rows.items() if c.startswith("Llama")][0]
+    assert row["verdict"] == "MISSING" and "1 of 3 rounds" in row["measured"]
+    assert code == 1
+
+
+def test_an_unknown_default_shape_is_missing(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "gpu_scrub.log").write_text("gpu_scrub: default item grid: sideways\n")
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows["batched 4096 x 64 KiB, default shape 'sideways'"]["verdict"] == "MISSING"
+    assert code == 1
