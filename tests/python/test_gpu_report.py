@@ -101,16 +101,6 @@ def test_the_target_follows_the_default_the_bench_reports(tmp_path, monkeypatch)
     assert code == 0
 
 
-def test_a_check_that_did_not_run_fails_the_run(tmp_path, monkeypatch):
-    complete_run(tmp_path)
-    (tmp_path / "py" / "residue_kvh.json").unlink()
-    (tmp_path / "residue_kvh.log").write_text("ModuleNotFoundError: No module named 'torch'\n")
-    code, rows, _ = run_report(tmp_path, monkeypatch)
-    row = rows["residue, kvhygiene (one thread)"]
-    assert row["verdict"] == "MISSING" and "No module named 'torch'" in row["measured"]
-    assert code == 1
-
-
 def test_benchmark_notes_are_kept(tmp_path, monkeypatch):
     complete_run(tmp_path)
     (tmp_path / "gpu_scrub.log").write_text(
@@ -126,38 +116,45 @@ def test_benchmark_notes_are_kept(tmp_path, monkeypatch):
     assert code == 0
 
 
-def test_a_kernel_test_run_cut_short_is_missing_not_passed(tmp_path, monkeypatch):
-    complete_run(tmp_path)
+def _torch_missing(out: Path) -> None:
+    (out / "py" / "residue_kvh.json").unlink()
+    (out / "residue_kvh.log").write_text("ModuleNotFoundError: No module named 'torch'\n")
+    status(out, "residue_kvh", 1)
+
+
+def _kernel_tests_killed(out: Path) -> None:
     # Killed by its time limit after two passing tests: no summary line, exit 124.
-    (tmp_path / "gpu_kernel.log").write_text("test a ... ok\ntest b ... ok\n")
-    status(tmp_path, "gpu_kernel", 124)
-    code, rows, _ = run_report(tmp_path, monkeypatch)
-    row = rows["kernel correctness (tests/gpu_kernel.rs)"]
-    assert row["verdict"] == "MISSING" and "exit 124" in row["measured"]
-    assert code == 1
+    (out / "gpu_kernel.log").write_text("test a ... ok\ntest b ... ok\n")
+    status(out, "gpu_kernel", 124)
 
 
-def test_a_step_that_crashed_after_writing_its_figure_is_missing(tmp_path, monkeypatch):
+def _crashed_after_writing(out: Path) -> None:
+    status(out, "residue_kvh", 139)
+
+
+def _one_llama_round_of_three(out: Path) -> None:
+    (out / "status" / "llama_rounds").write_text("3\n")
+
+
+def _unknown_default_shape(out: Path) -> None:
+    (out / "gpu_scrub.log").write_text("gpu_scrub: default item grid: sideways\n")
+
+
+@pytest.mark.parametrize(
+    "spoil, check, says",
+    [
+        (_torch_missing, "residue, kvhygiene (one thread)", "No module named 'torch'"),
+        (_kernel_tests_killed, "kernel correctness", "exit 124"),
+        (_crashed_after_writing, "residue, kvhygiene (one thread)", "exited 139"),
+        (_one_llama_round_of_three, "Llama", "1 of 3 rounds"),
+        (_unknown_default_shape, "batched 4096 x 64 KiB, default shape 'sideways'", "not measured"),
+    ],
+    ids=["not-run", "cut-short", "crashed", "rounds", "unknown-shape"],
+)
+def test_a_check_that_did_not_finish_fails_the_run(tmp_path, monkeypatch, spoil, check, says):
     complete_run(tmp_path)
-    status(tmp_path, "residue_kvh", 139)
+    spoil(tmp_path)
     code, rows, _ = run_report(tmp_path, monkeypatch)
-    row = rows["residue, kvhygiene (one thread)"]
-    assert row["verdict"] == "MISSING" and "exited 139" in row["measured"]
-    assert code == 1
-
-
-def test_llama_needs_every_planned_round(tmp_path, monkeypatch):
-    complete_run(tmp_path)
-    (tmp_path / "status" / "llama_rounds").write_text("3\n")
-    code, rows, _ = run_report(tmp_path, monkeypatch)
-    row = [r for c, r in rows.items() if c.startswith("Llama")][0]
-    assert row["verdict"] == "MISSING" and "1 of 3 rounds" in row["measured"]
-    assert code == 1
-
-
-def test_an_unknown_default_shape_is_missing(tmp_path, monkeypatch):
-    complete_run(tmp_path)
-    (tmp_path / "gpu_scrub.log").write_text("gpu_scrub: default item grid: sideways\n")
-    code, rows, _ = run_report(tmp_path, monkeypatch)
-    assert rows["batched 4096 x 64 KiB, default shape 'sideways'"]["verdict"] == "MISSING"
+    row = [r for c, r in rows.items() if c.startswith(check)][0]
+    assert row["verdict"] == "MISSING" and says in row["measured"], row
     assert code == 1
