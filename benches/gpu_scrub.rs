@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use kvhygiene::backend::cuda::{probe, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::{
-    Backend, DevicePtr, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle,
+    Backend, DevicePtr, ScrubBatch, ScrubOptions, ScrubSegment, ScrubTicket, StreamHandle,
 };
 
 const MIB: u64 = 1 << 20;
@@ -39,24 +39,31 @@ const OPTIONS: ScrubOptions = ScrubOptions {
 /// in the same way, and both end by waiting for the device.
 const DEPTH: u64 = 8;
 
+/// Queues one batch of `segments` on the default stream.
+fn submit(b: &CudaBackend, segments: &[ScrubSegment]) -> Box<dyn ScrubTicket> {
+    let batch = ScrubBatch {
+        device: 0,
+        stream: StreamHandle(0),
+        wait_streams: Vec::new(),
+        segments: segments.to_vec(),
+        options: OPTIONS,
+    };
+    b.submit_scrub(batch)
+        .unwrap_or_else(|e| panic!("scrub failed: {e}"))
+}
+
+/// Waits for a batch and reads its results, one per segment.
+fn finish(mut ticket: Box<dyn ScrubTicket>, segments: usize) {
+    let results = ticket
+        .wait()
+        .unwrap_or_else(|e| panic!("scrub failed: {e}"));
+    assert_eq!(results.len(), segments);
+}
+
 fn scrub(b: &CudaBackend, segments: &[ScrubSegment]) {
-    let mut tickets = Vec::with_capacity(DEPTH as usize);
-    for _ in 0..DEPTH {
-        let batch = ScrubBatch {
-            device: 0,
-            stream: StreamHandle(0),
-            wait_streams: Vec::new(),
-            segments: segments.to_vec(),
-            options: OPTIONS,
-        };
-        tickets.push(
-            b.submit_scrub(batch)
-                .unwrap_or_else(|e| panic!("scrub failed: {e}")),
-        );
-    }
-    for mut t in tickets {
-        let results = t.wait().unwrap_or_else(|e| panic!("scrub failed: {e}"));
-        assert_eq!(results.len(), segments.len());
+    let tickets: Vec<_> = (0..DEPTH).map(|_| submit(b, segments)).collect();
+    for t in tickets {
+        finish(t, segments.len());
     }
 }
 
@@ -135,26 +142,15 @@ fn timeline(b: &CudaBackend, buf: DevicePtr, name: &str) {
         let mut tickets = Vec::with_capacity(DEPTH as usize);
         let mut first_submitted = 0.0;
         for i in 0..DEPTH {
-            let batch = ScrubBatch {
-                device: 0,
-                stream: StreamHandle(0),
-                wait_streams: Vec::new(),
-                segments: segments.clone(),
-                options: OPTIONS,
-            };
-            tickets.push(
-                b.submit_scrub(batch)
-                    .unwrap_or_else(|e| panic!("scrub failed: {e}")),
-            );
+            tickets.push(submit(b, &segments));
             if i == 0 {
                 first_submitted = micros(start);
             }
         }
         let all_submitted = micros(start);
         let mut first_done = 0.0;
-        for (i, mut t) in tickets.into_iter().enumerate() {
-            let results = t.wait().unwrap_or_else(|e| panic!("scrub failed: {e}"));
-            assert_eq!(results.len(), segments.len());
+        for (i, t) in tickets.into_iter().enumerate() {
+            finish(t, segments.len());
             if i == 0 {
                 first_done = micros(start);
             }

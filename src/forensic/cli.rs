@@ -264,38 +264,35 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
     write_new_key(&private, secret.as_bytes(), 0o600)?;
     let verifying = format!("{}\n", hex(key.verifying_key().as_bytes()));
     if let Err(e) = write_new_key(&public, verifying.as_bytes(), 0o644) {
-        return Err(match std::fs::remove_file(&private) {
-            Ok(()) => e,
-            Err(r) => format!("{e}; {} is left behind: {r}", private.display()),
-        });
+        return Err(remove_incomplete(&private, e));
     }
     Ok((private, public))
 }
 
-/// Creates `p` with exactly `mode`, exclusively and never through a symlink, and writes
-/// `bytes` to disk.
+/// Creates `p` with exactly `mode` ([`files::create_exclusive`]) and writes `bytes` to disk;
+/// a file it created but could not complete is removed.
 fn write_new_key(p: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let fail =
         |what: &str, e: std::io::Error| format!("{}: cannot {what} the key file: {e}", p.display());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(p)
-        .map_err(|e| fail("create", e))?;
-    // The umask may have narrowed the mode and a default ACL widened it: set it exactly.
-    let written = f
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .and_then(|_| f.write_all(bytes))
-        .and_then(|_| f.sync_all());
-    if let Err(e) = written {
+    let mut f = match files::create_exclusive(p, mode) {
+        Ok(f) => f,
+        Err((files::CreateStep::Create, e)) => return Err(fail("create", e)),
+        Err((files::CreateStep::SetMode, e)) => {
+            return Err(remove_incomplete(p, fail("set the mode of", e)))
+        }
+    };
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
         drop(f);
-        return Err(match std::fs::remove_file(p) {
-            Ok(()) => fail("write", e),
-            Err(r) => format!("{}; it is left behind: {r}", fail("write", e)),
-        });
+        return Err(remove_incomplete(p, fail("write", e)));
     }
     Ok(())
+}
+
+/// Removes a key file this command created but could not complete, so that a failure leaves
+/// no half pair; `err` says why, and says too when the file could not be removed.
+fn remove_incomplete(p: &Path, err: String) -> String {
+    match std::fs::remove_file(p) {
+        Ok(()) => err,
+        Err(r) => format!("{err}; {} is left behind: {r}", p.display()),
+    }
 }

@@ -120,19 +120,37 @@ fn check_owner_mode(
     Ok(())
 }
 
-/// Creates a new chain file: 0600, exclusive, never through a symlink. The returned file
-/// is locked (see [`try_lock`]) for the life of the writer.
-pub fn create_file(path: &Path) -> Result<File, ForensicError> {
+/// Which step of [`create_exclusive`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateStep {
+    Create,
+    SetMode,
+}
+
+/// Creates a new file for appending with exactly `mode`: exclusive (an existing file, or a
+/// symlink at the name, is an error) and close-on-exec. The umask may have narrowed the mode
+/// and an inherited default ACL widened it, so it is set again after the open. Chain files
+/// and `kvh keygen`'s key files come through here.
+pub fn create_exclusive(path: &Path, mode: u32) -> Result<File, (CreateStep, io::Error)> {
     let f = OpenOptions::new()
         .append(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| io_err(path, "cannot create log file", e))?;
-    // The umask cannot widen 0600, but an inherited default ACL could; set it exactly.
-    f.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(|e| io_err(path, "cannot set log file mode", e))?;
+        .map_err(|e| (CreateStep::Create, e))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| (CreateStep::SetMode, e))?;
+    Ok(f)
+}
+
+/// Creates a new chain file: 0600, exclusive, never through a symlink. The returned file
+/// is locked (see [`try_lock`]) for the life of the writer.
+pub fn create_file(path: &Path) -> Result<File, ForensicError> {
+    let f = create_exclusive(path, 0o600).map_err(|(step, e)| match step {
+        CreateStep::Create => io_err(path, "cannot create log file", e),
+        CreateStep::SetMode => io_err(path, "cannot set log file mode", e),
+    })?;
     checked(path, &f)?;
     if !try_lock(&f) {
         return Err(ForensicError::Permission(format!(
