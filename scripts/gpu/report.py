@@ -178,6 +178,17 @@ def main() -> int:
             "0 and 0",
             None if not k else (k["secret_seen"] == 0 and k["nonzero"] == 0),
         )
+    kv = py(out, "kv_blocks_kvh")
+    row(
+        rows,
+        "KV cache blocks, vLLM layout: scrub_blocks zeroes the named blocks only",
+        why(out, "kv_blocks_kvh")
+        if not kv
+        else f"{kv['named_nonzero']} non-zero in named blocks, {kv['others_changed']} changed elsewhere; "
+        + f"{kv['request_blocks']} blocks x {kv['regions']} regions per call, median {kv['call_us_median']:.4g} us",
+        "0 and 0",
+        None if not kv else (kv["named_nonzero"] == 0 and kv["others_changed"] == 0),
+    )
     d, k = py(out, "alloc_default"), py(out, "alloc_kvh")
     r = ratio(k and k["us_per_op"], d and d["us_per_op"])
     row(

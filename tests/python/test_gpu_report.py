@@ -46,6 +46,7 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     for name in ["residue", "residue_threads"]:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
+    py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
     py_result(out, "alloc_default", us_per_op=4.0)
     py_result(out, "alloc_kvh", us_per_op=6.0)
     py_result(out, "llama_default_1", tokens_per_s=1000.0)
@@ -157,4 +158,25 @@ def test_a_check_that_did_not_finish_fails_the_run(tmp_path, monkeypatch, spoil,
     code, rows, _ = run_report(tmp_path, monkeypatch)
     row = [r for c, r in rows.items() if c.startswith(check)][0]
     assert row["verdict"] == "MISSING" and says in row["measured"], row
+    assert code == 1
+
+
+@pytest.mark.parametrize(
+    "fields, verdict",
+    [
+        ({"named_nonzero": 3, "others_changed": 0}, "FAIL"),
+        ({"named_nonzero": 0, "others_changed": 12}, "FAIL"),
+        (None, "MISSING"),
+    ],
+)
+def test_kv_block_scrub_fails_on_residue_overreach_or_absence(tmp_path, monkeypatch, fields, verdict):
+    complete_run(tmp_path)
+    if fields is None:
+        (tmp_path / "py" / "kv_blocks_kvh.json").unlink()
+    else:
+        base = {"request_blocks": 32, "regions": 8, "call_us_median": 150.0}
+        py_result(tmp_path, "kv_blocks_kvh", **base, **fields)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    kv = next(r for c, r in rows.items() if c.startswith("KV cache blocks"))
+    assert kv["verdict"] == verdict
     assert code == 1
