@@ -273,7 +273,13 @@ impl Allocator {
             stream,
             segments: layout.segments(ids, first_seed),
         };
-        let launched = match self.launch_kv(&call) {
+        // Batches are cut before the pool lock is taken; under it only checks and submissions run.
+        let batches = call
+            .segments
+            .chunks(KV_BATCH_SEGMENTS)
+            .map(<[ScrubSegment]>::to_vec)
+            .collect();
+        let launched = match self.launch_kv(&call, batches) {
             Ok(l) => l,
             Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
         };
@@ -287,7 +293,11 @@ impl Allocator {
     /// Under the pool lock: checks every region against the block table, records the call's
     /// stream on the owning allocations and submits the batches (submission never waits on
     /// the device).
-    fn launch_kv(&self, call: &KvCall<'_>) -> Result<Launched, KvScrubError> {
+    fn launch_kv(
+        &self,
+        call: &KvCall<'_>,
+        batches: Vec<Vec<ScrubSegment>>,
+    ) -> Result<Launched, KvScrubError> {
         let layout = call.layout;
         let extent = layout.extent().unwrap_or(u64::MAX); // validated
         let config = &self.inner.config;
@@ -321,12 +331,12 @@ impl Allocator {
                 tickets: Vec::new(),
                 error: None,
             };
-            for (n, chunk) in call.segments.chunks(KV_BATCH_SEGMENTS).enumerate() {
+            for (n, segments) in batches.into_iter().enumerate() {
                 let batch = ScrubBatch {
                     device: call.dev,
                     stream: call.stream,
                     wait_streams: waits.clone(),
-                    segments: chunk.to_vec(),
+                    segments,
                     options,
                 };
                 match backend.submit_scrub(batch) {
