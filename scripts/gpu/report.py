@@ -229,15 +229,19 @@ def main() -> int:
         demo = (out / "kvh_demo.log").read_text(errors="replace")
     except OSError:
         demo = None
-    residue = re.search(r"with residue: (\d+)", demo or "")
+    # One "with residue: N" per kind of memory the demo reads back (new allocations, paged KV
+    # blocks): every one must be 0.
+    residue = re.findall(r"^[ \t]*(\S.*?)[ \t]{2,}[^\n]*with residue: (\d+)", demo or "", re.M)
     row(
         rows,
-        "kvh demo on the CUDA backend (every new allocation read back)",
-        "not run" if demo is None else (f"residue in {residue.group(1)} allocations" if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
+        "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",
+        "not run"
+        if demo is None
+        else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
         "0, PASS",
         None
         if demo is None
-        else bool(residue and residue.group(1) == "0" and "PASS" in demo and step_rc(out, "kvh_demo") == 0),
+        else bool(residue and all(n == "0" for _, n in residue) and "PASS" in demo and step_rc(out, "kvh_demo") == 0),
     )
     gpu = ""
     try:

@@ -35,7 +35,11 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         "test a ... ok\ntest b ... ok\n\ntest result: ok. 2 passed; 0 failed\n"
     )
     status(out, "gpu_kernel", 0)
-    (out / "kvh_demo.log").write_text("new allocations read back 10, with residue: 0\nPASS: ok\n")
+    (out / "kvh_demo.log").write_text(
+        "  new allocations read back   10, with residue: 0\n"
+        "  paged KV blocks read back   7, with residue: 0 (3 scrub_blocks calls; blocks retired: 0)\n"
+        "PASS: ok\n"
+    )
     status(out, "kvh_demo", 0)
     (out / "status" / "llama_rounds").write_text("1\n")
     for label in ["256MiB", "1GiB"]:
@@ -179,4 +183,19 @@ def test_kv_block_scrub_fails_on_residue_overreach_or_absence(tmp_path, monkeypa
     code, rows, _ = run_report(tmp_path, monkeypatch)
     kv = next(r for c, r in rows.items() if c.startswith("KV cache blocks"))
     assert kv["verdict"] == verdict
+    assert code == 1
+
+
+def test_demo_residue_in_paged_blocks_fails_the_run(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "kvh_demo.log").write_text(
+        "  scrub latency (free→clean)  p50 1031 µs, p95 5187 µs, max 5539 µs\n"
+        "  new allocations read back   10, with residue: 0\n"
+        "  paged KV blocks read back   7, with residue: 2 (3 scrub_blocks calls; blocks retired: 0)\n"
+        "PASS: ok\n"
+    )
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    demo = next(r for c, r in rows.items() if c.startswith("kvh demo"))
+    assert demo["verdict"] == "FAIL"
+    assert demo["measured"] == "new allocations read back: residue in 0; paged KV blocks read back: residue in 2"
     assert code == 1
