@@ -189,6 +189,14 @@ def main() -> int:
         "0 and 0",
         None if not kv else (kv["named_nonzero"] == 0 and kv["others_changed"] == 0),
     )
+    example_rc = step_rc(out, "example_torch")
+    row(
+        rows,
+        "examples/torch_pluggable.py runs as documented",
+        "not run" if example_rc is None else f"exit {example_rc}",
+        "exit 0",
+        None if example_rc is None else example_rc == 0,
+    )
     d, k = py(out, "alloc_default"), py(out, "alloc_kvh")
     r = ratio(k and k["us_per_op"], d and d["us_per_op"])
     row(

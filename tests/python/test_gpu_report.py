@@ -51,6 +51,7 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
     py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
+    status(out, "example_torch", 0)
     py_result(out, "alloc_default", us_per_op=4.0)
     py_result(out, "alloc_kvh", us_per_op=6.0)
     py_result(out, "llama_default_1", tokens_per_s=1000.0)
