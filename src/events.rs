@@ -95,21 +95,10 @@ pub enum EventKind {
         policy: &'static str,
         detail: String,
     },
-    /// `kvh_scrub_blocks` scrubbed and verified blocks of a paged KV cache. The event's block
-    /// is absent (one call covers many); the calling thread's context says whose they were.
-    KvScrubbed {
-        device: u32,
-        /// Block ids scrubbed, and how many of them failed verification.
-        blocks: u64,
-        failed_blocks: u64,
-        /// Segments (block × region) and their bytes.
-        segments: u64,
-        bytes: u64,
-        /// Seed of the first segment; segment `i` (block-major, in the order given) used
-        /// `first_seed + i`.
-        first_seed: u64,
-        stream: u64,
-    },
+    /// A `kvh_scrub_blocks` call ran: the blocks of a paged KV cache it scrubbed and verified
+    /// (or, with `error`, what it did before it stopped). The event's block is absent (one
+    /// call covers many); the calling thread's context says whose they were.
+    KvScrubbed(Box<KvScrubRecord>),
     /// One segment of a `kvh_scrub_blocks` call did not verify (or read residue). The event's
     /// block is the allocation holding the KV cache.
     KvVerifyFailed {
@@ -126,6 +115,37 @@ pub enum EventKind {
     },
 }
 
+/// The fields of a `kv_scrub` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvScrubRecord {
+    pub device: u32,
+    /// Block ids named, and how many of them failed verification.
+    pub blocks: u64,
+    pub failed_blocks: u64,
+    /// Segments (block × region), those not verified because the call stopped, and the
+    /// segments' bytes.
+    pub segments: u64,
+    pub unverified_segments: u64,
+    pub bytes: u64,
+    /// Seed of the first segment; segment `i` (block-major, in the order given) used
+    /// `first_seed + i`.
+    pub first_seed: u64,
+    pub stream: u64,
+    /// The layout: region count, geometry and the SHA-256 of all of it (region bases
+    /// included), so the record can be matched to the engine's cache.
+    pub regions: u64,
+    pub block_bytes: u64,
+    pub block_stride: u64,
+    pub blocks_per_region: u64,
+    pub layout_sha256: [u8; 32],
+    /// The ids in the caller's order, when there are at most `KV_LOGGED_IDS` of them.
+    pub block_ids: Option<Vec<u32>>,
+    /// SHA-256 of the ids (little-endian `u32`s, in order), always.
+    pub block_ids_sha256: [u8; 32],
+    /// Why the call stopped before every segment was verified.
+    pub error: Option<String>,
+}
+
 impl EventKind {
     /// The forensic record kind for this event.
     pub fn name(&self) -> &'static str {
@@ -137,19 +157,16 @@ impl EventKind {
             EventKind::SizeMismatch { .. } => "size_mismatch",
             EventKind::TtlExceeded { .. } => "ttl_exceeded",
             EventKind::PolicyViolation { .. } => "policy_violation",
-            EventKind::KvScrubbed { .. } => "kv_scrub",
+            EventKind::KvScrubbed(_) => "kv_scrub",
             EventKind::KvVerifyFailed { .. } => "kv_verify_failed",
         }
     }
 
-    /// Security events must never be dropped by a sink (invariant 5). Releases and KV scrubs
-    /// are lifecycle records: still logged, but a sink under pressure may coalesce them into
-    /// a summary.
+    /// Security events must never be dropped by a sink (invariant 5); a `kv_scrub` record is
+    /// one, as the evidence that a request's KV blocks were cleared. Releases are lifecycle
+    /// records: still logged, but a sink under pressure may coalesce them into a summary.
     pub fn is_security(&self) -> bool {
-        !matches!(
-            self,
-            EventKind::Released { .. } | EventKind::KvScrubbed { .. }
-        )
+        !matches!(self, EventKind::Released { .. })
     }
 }
 

@@ -6,9 +6,10 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::{manual_config, secret, Fixture};
-use kvhygiene::alloc::{BlockState, KvLayout, KvScrubError};
+use kvhygiene::alloc::{BlockState, KvLayout, KvScrubError, KvScrubReport};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::events::{Event, EventKind};
+use kvhygiene::config::Config;
+use kvhygiene::events::{Event, EventKind, KvScrubRecord};
 
 const BLOCK: u64 = 256;
 const BLOCKS: u64 = 8;
@@ -39,6 +40,14 @@ fn zero_blocks(f: &Fixture, base: u64, len: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The `n`-th `kv_scrub` record.
+fn kv_record(f: &Fixture, n: usize) -> KvScrubRecord {
+    match &kv_events(f, "kv_scrub")[n].kind {
+        EventKind::KvScrubbed(r) => (**r).clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn kv_events(f: &Fixture, name: &str) -> Vec<Event> {
     f.sink
         .snapshot()
@@ -67,24 +76,23 @@ fn named_blocks_read_zero_and_every_other_byte_is_kept() {
             assert_eq!(x, y, "byte {i} outside the named blocks changed");
         }
     }
-    let scrubbed = kv_events(&f, "kv_scrub");
-    assert_eq!(scrubbed.len(), 1);
-    match scrubbed[0].kind {
-        EventKind::KvScrubbed {
-            device,
-            blocks,
-            failed_blocks,
-            segments,
-            bytes,
-            first_seed,
-            stream,
-        } => {
-            assert_eq!((device, blocks, failed_blocks), (0, 2, 0));
-            assert_eq!((segments, bytes, stream), (4, 4 * BLOCK, 3));
-            assert_eq!(first_seed, report.first_seed);
-        }
-        ref other => panic!("{other:?}"),
-    }
+    let r = kv_record(&f, 0);
+    assert_eq!((r.device, r.blocks, r.failed_blocks), (0, 2, 0));
+    assert_eq!(
+        (r.segments, r.unverified_segments, r.bytes),
+        (4, 0, 4 * BLOCK)
+    );
+    assert_eq!(
+        (r.first_seed, r.stream, r.regions),
+        (report.first_seed, 3, 2)
+    );
+    assert_eq!(
+        (r.block_bytes, r.block_stride, r.blocks_per_region),
+        (BLOCK, BLOCK, BLOCKS)
+    );
+    assert_eq!(r.block_ids.as_deref(), Some(&[5, 1][..]));
+    assert_ne!(r.block_ids_sha256, [0; 32]);
+    assert!(r.error.is_none());
     let c = f.alloc.stats().counters;
     assert_eq!((c.kv_scrub_calls, c.kv_blocks_scrubbed), (1, 2));
     assert_eq!(
@@ -161,29 +169,31 @@ fn a_failed_segment_names_its_block_and_is_logged() {
     assert!(e.kind.is_security());
     let c = f.alloc.stats().counters;
     assert_eq!((c.kv_blocks_scrubbed, c.kv_blocks_failed), (2, 1));
-    match kv_events(&f, "kv_scrub")[0].kind {
-        EventKind::KvScrubbed { failed_blocks, .. } => assert_eq!(failed_blocks, 1),
-        ref other => panic!("{other:?}"),
-    }
+    assert_eq!(kv_record(&f, 0).failed_blocks, 1);
 }
 
-/// Refused calls write nothing, submit nothing, and are logged as policy violations.
+/// Runs `call`, which must be refused: it writes nothing, submits nothing, records no stream,
+/// and is logged as a policy violation naming `want`. Returns the error.
 fn assert_refused(
     f: &Fixture,
     a: u64,
     before: &[u8],
-    got: Result<impl std::fmt::Debug, KvScrubError>,
+    call: impl FnOnce() -> Result<KvScrubReport, KvScrubError>,
     want: &str,
-) {
+) -> KvScrubError {
     let batches = f.backend.batches.lock().unwrap().len();
-    let e = got.expect_err("the call must be refused");
+    let e = call().expect_err("the call must be refused");
     assert!(e.to_string().contains(want), "{e} does not say {want:?}");
     assert_eq!(
         f.read(0, a, before.len()),
         before,
         "a refused call wrote memory"
     );
-    assert_eq!(f.backend.batches.lock().unwrap().len(), batches);
+    assert_eq!(
+        f.backend.batches.lock().unwrap().len(),
+        batches,
+        "a refused call submitted a batch"
+    );
     let violations: Vec<_> = kv_events(f, "policy_violation");
     let last = violations.last().expect("a policy_violation record");
     match &last.kind {
@@ -193,6 +203,7 @@ fn assert_refused(
         }
         other => panic!("{other:?}"),
     }
+    e
 }
 
 #[test]
@@ -207,12 +218,18 @@ fn memory_that_is_not_a_live_allocation_is_refused() {
         blocks_per_region: BLOCKS + 1,
         ..layout.clone()
     };
-    let got = f.alloc.scrub_kv_blocks(&long, &[0], 0, s);
-    assert!(
-        matches!(got, Err(KvScrubError::NotLive { region: 0, .. })),
-        "{got:?}"
+    let scrub = |l: &KvLayout, device: i32| f.alloc.scrub_kv_blocks(l, &[0], device, s);
+    let e = assert_refused(
+        &f,
+        a,
+        &before,
+        || scrub(&long, 0),
+        "not inside the requested bytes",
     );
-    assert_refused(&f, a, &before, got, "not inside the requested bytes");
+    assert!(
+        matches!(e, KvScrubError::NotLive { region: 0, .. }),
+        "{e:?}"
+    );
     // Inside the block's capacity but past the bytes the caller asked for.
     let short = f.malloc_zeroed(3000, 0, 1);
     assert!(f.alloc.block_info(short).unwrap().capacity >= 12 * BLOCK);
@@ -221,28 +238,15 @@ fn memory_that_is_not_a_live_allocation_is_refused() {
         blocks_per_region: 12,
         ..layout.clone()
     };
-    assert_refused(
-        &f,
-        a,
-        &before,
-        f.alloc.scrub_kv_blocks(&past, &[0], 0, s),
-        "requested bytes",
-    );
+    assert_refused(&f, a, &before, || scrub(&past, 0), "requested bytes");
     // An address the allocator never handed out.
     let stray = KvLayout {
         regions: vec![0x1000],
         ..layout.clone()
     };
-    assert_refused(
-        &f,
-        a,
-        &before,
-        f.alloc.scrub_kv_blocks(&stray, &[0], 0, s),
-        "0x1000",
-    );
+    assert_refused(&f, a, &before, || scrub(&stray, 0), "0x1000");
     // The right memory named on another device.
-    let got = f.alloc.scrub_kv_blocks(&layout, &[0], 1, s);
-    assert_refused(&f, a, &before, got, "device 1");
+    assert_refused(&f, a, &before, || scrub(&layout, 1), "device 1");
     // A freed cache is not live any more.
     let other = f.malloc_zeroed(4096, 0, 1);
     f.alloc.free(other, 4096, 0, s).unwrap();
@@ -250,13 +254,7 @@ fn memory_that_is_not_a_live_allocation_is_refused() {
         regions: vec![other],
         ..layout.clone()
     };
-    assert_refused(
-        &f,
-        a,
-        &before,
-        f.alloc.scrub_kv_blocks(&freed, &[0], 0, s),
-        "live",
-    );
+    assert_refused(&f, a, &before, || scrub(&freed, 0), "live");
     assert_eq!(f.alloc.stats().counters.kv_scrubs_refused, 5);
     assert_eq!(f.alloc.stats().counters.kv_scrub_calls, 0);
 }
@@ -289,8 +287,13 @@ fn bad_layouts_and_ids_are_refused_before_any_write() {
         ),
     ];
     for (l, ids, want) in cases {
-        let got = f.alloc.scrub_kv_blocks(&l, &ids, 0, s);
-        assert_refused(&f, a, &before, got, want);
+        assert_refused(
+            &f,
+            a,
+            &before,
+            || f.alloc.scrub_kv_blocks(&l, &ids, 0, s),
+            want,
+        );
     }
     assert_eq!(f.alloc.stats().counters.kv_scrubs_refused, 4);
     // An invalid device is an argument error of the call itself.
@@ -364,6 +367,21 @@ fn calls_larger_than_a_batch_are_split_and_fully_scrubbed() {
     assert!(f.read(0, a, len as usize).iter().all(|&b| b == 0));
 }
 
+/// The streams the scrub of the allocation at `a` waits for, once it is freed on stream 9.
+fn free_waits(f: &Fixture, a: u64) -> Vec<StreamHandle> {
+    let len = f.alloc.block_info(a).unwrap().requested as i64;
+    f.alloc.free(a, len, 0, StreamHandle(9)).unwrap();
+    f.alloc.synchronize().unwrap();
+    let batches = f.backend.batches.lock().unwrap().clone();
+    batches
+        .iter()
+        .rev()
+        .find(|b| b.segments.iter().any(|s| s.addr == a && s.len > BLOCK))
+        .expect("the free's scrub")
+        .wait_streams
+        .clone()
+}
+
 #[test]
 fn capture_and_exit_stop_the_call_without_a_false_verdict() {
     let f = Fixture::new(manual_config());
@@ -379,17 +397,132 @@ fn capture_and_exit_stop_the_call_without_a_false_verdict() {
     assert_eq!(f.read(0, a, before.len()), before);
     let c = f.alloc.stats().counters;
     assert_eq!(
-        (c.backend_errors, c.kv_scrub_calls, c.kv_blocks_failed),
+        (c.backend_errors, c.kv_blocks_scrubbed, c.kv_blocks_failed),
         (0, 0, 0)
     );
-    assert!(kv_events(&f, "kv_scrub").is_empty());
+    assert!(kv_events(&f, "kv_verify_failed").is_empty());
+    // The attempt is on record: nothing verified, and why.
+    let r = kv_record(&f, 0);
+    assert_eq!(
+        (r.segments, r.unverified_segments, r.failed_blocks),
+        (2, 2, 0)
+    );
+    assert!(r.error.as_deref().unwrap().contains("capturing"), "{r:?}");
     assert!(f.alloc.stats().last_async_error.is_none());
+    // Nothing was launched, so the cache's later free does not wait for that stream.
+    let (b, _) = layer(&f, 0x12);
+    assert!(!free_waits(&f, a).contains(&StreamHandle(4)));
     // After exit begins, no backend call at all.
     f.alloc.begin_exit();
     f.backend.seal();
+    let live = KvLayout {
+        regions: vec![b],
+        ..layout
+    };
     assert_eq!(
-        f.alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(0)),
+        f.alloc.scrub_kv_blocks(&live, &[1], 0, StreamHandle(0)),
         Err(KvScrubError::ShuttingDown)
     );
     assert_eq!(f.backend.calls_after_seal.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_refused_call_records_no_stream_on_the_cache() {
+    let f = Fixture::new(manual_config());
+    let (a, layout) = layer(&f, 0x21);
+    // Region 0 is live, region 1 is not: refused after region 0 was looked up.
+    let half = KvLayout {
+        regions: vec![a, 0x1000],
+        ..layout
+    };
+    let got = f.alloc.scrub_kv_blocks(&half, &[0], 0, StreamHandle(6));
+    assert!(
+        matches!(got, Err(KvScrubError::NotLive { region: 1, .. })),
+        "{got:?}"
+    );
+    assert!(!free_waits(&f, a).contains(&StreamHandle(6)));
+}
+
+#[test]
+fn a_later_batch_failing_keeps_the_evidence_of_the_earlier_ones() {
+    let f = Fixture::new(manual_config());
+    let (block, blocks) = (8u64, 40_000u64);
+    let len = 2 * blocks * block;
+    let a = f.malloc_zeroed(len as i64, 0, 0);
+    f.write(0, a, &secret(len as usize, 3));
+    let layout = KvLayout {
+        regions: vec![a, a + blocks * block],
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    let ids: Vec<u32> = (0..blocks as u32).collect();
+    // The first batch (65,536 segments) runs with its first segment sabotaged; the second
+    // cannot be submitted.
+    f.backend.inject_fault_next();
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let got = f.alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    assert!(
+        matches!(&got, Err(KvScrubError::Backend(BackendError::Other(m))) if m.contains("injected")),
+        "{got:?}"
+    );
+    // The sabotaged segment of the first batch is still reported; nothing else is judged.
+    let failed = kv_events(&f, "kv_verify_failed");
+    assert_eq!(failed.len(), 1);
+    let r = kv_record(&f, 0);
+    assert_eq!(
+        (r.segments, r.unverified_segments),
+        (80_000, 80_000 - 65_536)
+    );
+    assert_eq!(r.failed_blocks, 1);
+    assert!(r.error.as_deref().unwrap().contains("injected"));
+    assert!(
+        r.block_ids.is_none(),
+        "40,000 ids are logged as a digest only"
+    );
+    let c = f.alloc.stats().counters;
+    // 32,768 blocks had both segments in the first batch; the sabotaged one failed.
+    assert_eq!((c.kv_blocks_scrubbed, c.kv_blocks_failed), (32_768, 1));
+    assert_eq!(c.backend_errors, 1);
+    assert!(f.alloc.stats().last_async_error.is_none(), "not sticky");
+}
+
+#[test]
+fn failures_are_named_once_per_block_in_the_callers_order() {
+    let f = Fixture::new(manual_config());
+    let (_, layout) = layer(&f, 0x31);
+    // The first three segments: block 4 (K and V) and block 2 (K).
+    f.backend.host.inject_skip_tail(3);
+    let r = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[4, 2, 7], 0, StreamHandle(0))
+        .unwrap();
+    assert_eq!(r.failed, vec![4, 2]);
+    let regions: Vec<(u32, u32)> = kv_events(&f, "kv_verify_failed")
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::KvVerifyFailed {
+                kv_block, region, ..
+            } => (kv_block, region),
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(regions, vec![(4, 0), (4, 1), (2, 0)]);
+}
+
+#[test]
+fn residue_fails_a_block_even_above_the_coverage_threshold() {
+    let f = Fixture::new(Config {
+        coverage_threshold: 0.4,
+        ..manual_config()
+    });
+    let (_, layout) = layer(&f, 0x41);
+    // Half the block is left dirty: coverage 0.5 passes 0.4, the residue does not.
+    f.backend.inject_fault_next();
+    let r = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[3], 0, StreamHandle(0))
+        .unwrap();
+    assert_eq!(r.failed, vec![3]);
 }

@@ -1,9 +1,16 @@
 //! `kvh evidence`: the auditor's report is built from verified records only, counts what the
 //! log holds, lists every exception with its file:line, and exits as verify-log does.
 
+mod forensic_common;
+
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::SystemTime;
 
+use forensic_common::{cfg, start};
+use kvhygiene::context::Context;
+use kvhygiene::events::{Event, EventKind, EventSink, KvScrubRecord};
+use kvhygiene::forensic::ForensicLog;
 use serde_json::Value;
 
 fn kvh(args: &[&str], envs: &[(&str, &str)]) -> Output {
@@ -151,4 +158,55 @@ fn no_log_or_no_directory_is_a_usage_error() {
     );
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope"));
+}
+
+#[test]
+fn a_kv_scrub_that_did_not_finish_is_an_exception() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    let record = |error: Option<&str>| KvScrubRecord {
+        device: 0,
+        blocks: 2,
+        failed_blocks: 0,
+        segments: 4,
+        unverified_segments: if error.is_some() { 4 } else { 0 },
+        bytes: 4096,
+        first_seed: 10,
+        stream: 0,
+        regions: 2,
+        block_bytes: 1024,
+        block_stride: 1024,
+        blocks_per_region: 8,
+        layout_sha256: [7; 32],
+        block_ids: Some(vec![1, 2]),
+        block_ids_sha256: [9; 32],
+        error: error.map(str::to_string),
+    };
+    for error in [None, Some("stream 0x4 is capturing a CUDA graph")] {
+        log.emit(Event {
+            at: SystemTime::now(),
+            kind: EventKind::KvScrubbed(Box::new(record(error))),
+            context: Context::new(Some("tenant-a"), Some("req-1"), None).unwrap(),
+            block: None,
+            addr: None,
+        });
+    }
+    log.stop();
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["kv_scrubs"]["calls"], 2);
+    assert_eq!(v["exceptions_by_kind"]["kv_scrub"], 1, "{v}");
+    let e = &v["exceptions"][0];
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("error=stream 0x4 is capturing"),
+        "{e}"
+    );
+    assert!(
+        e["detail"].as_str().unwrap().contains("block_ids=[1,2]"),
+        "{e}"
+    );
 }

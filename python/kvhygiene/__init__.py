@@ -311,21 +311,25 @@ def context(
         _set(stack[-1] if stack else None)
 
 
+_U64 = (1 << 64) - 1
+
+
 class KvLayout:
     """Where the blocks of a paged KV cache are (``kvh_kv_layout``).
 
     ``regions`` are device addresses (for example one per layer and per K/V); each holds
     ``blocks_per_region`` blocks, block ``i`` starting ``i * block_stride`` bytes after its
-    region's base and ``block_bytes`` long. Every region must lie inside one tensor allocated
-    through kvhygiene (install it before the cache is allocated), and no two blocks may
-    overlap; the library checks both and refuses the call otherwise.
+    region's base and ``block_bytes`` long (``block_stride`` defaults to ``block_bytes``). Every
+    region must lie inside one tensor allocated through kvhygiene (install it before the cache
+    is allocated), and no two blocks may overlap; the library checks both and refuses the call
+    otherwise.
     """
 
-    def __init__(self, regions, block_bytes: int, blocks_per_region: int, block_stride=None, device: int = 0):
-        self.regions = tuple(int(r) for r in regions)
-        self.block_bytes = int(block_bytes)
-        self.block_stride = int(block_bytes if block_stride is None else block_stride)
-        self.blocks_per_region = int(blocks_per_region)
+    def __init__(self, regions, block_bytes: int, blocks_per_region: int, *, block_stride=None, device: int = 0):
+        self.regions = tuple(_u64(r, "region base") for r in regions)
+        self.block_bytes = _u64(block_bytes, "block_bytes")
+        self.block_stride = _u64(block_bytes if block_stride is None else block_stride, "block_stride")
+        self.blocks_per_region = _u64(blocks_per_region, "blocks_per_region")
         self.device = int(device)
 
     def __repr__(self) -> str:
@@ -340,10 +344,10 @@ class KvLayout:
         """The layout of KV-cache tensors whose dimension ``block_dim`` indexes blocks.
 
         Every index of the dimensions before ``block_dim`` is a region; the dimensions after it
-        must be contiguous (one block is one run of bytes). vLLM's per-layer
-        ``[2, num_blocks, block_size, heads, head_size]`` caches use ``block_dim=1`` (K and V are
-        two regions); a ``[num_blocks, 2, ...]`` cache uses ``block_dim=0``. All tensors must
-        share one block geometry and one device.
+        must cover one dense run of memory per block, in any order (vLLM's HND and NHD layouts
+        both do). vLLM's per-layer ``[2, num_blocks, block_size, heads, head_size]`` caches use
+        ``block_dim=1`` (K and V are two regions); a ``[num_blocks, 2, ...]`` cache uses
+        ``block_dim=0``. All tensors must share one block geometry and one device.
         """
         tensors = list(tensors)
         if not tensors:
@@ -367,25 +371,39 @@ class KvLayout:
         return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
 
 
+def _u64(value, name: str) -> int:
+    v = int(value)
+    if not 0 <= v <= _U64:
+        raise ValueError(f"{name} {v} is not a 64-bit unsigned value")
+    return v
+
+
 def _tensor_blocks(t, block_dim: int, name: str):
     """``((block_bytes, block_stride, blocks), region bases)`` of one tensor (see from_tensors)."""
     shape, stride = list(t.shape), list(t.stride())
     if not 0 <= block_dim < len(shape):
         raise ValueError(f"{name}: block_dim {block_dim} is not a dimension of shape {tuple(shape)}")
     esize = t.element_size()
-    # Elements of one block; each trailing dimension must step over exactly the ones inside it.
+    # One block is the elements sharing a block index: dense when its dimensions, taken from
+    # the smallest stride up, each step over exactly the elements of the ones before.
+    inner = sorted((st, size) for size, st in zip(shape[block_dim + 1 :], stride[block_dim + 1 :]) if size != 1)
     elements = 1
-    for size, st in reversed(list(zip(shape[block_dim + 1 :], stride[block_dim + 1 :]))):
-        if size != 1 and st != elements:
+    for st, size in inner:
+        if st != elements:
             raise ValueError(
-                f"{name}: the dimensions after block_dim {block_dim} are not contiguous "
-                f"(shape {tuple(shape)}, stride {tuple(stride)}); pass the tensor that owns the storage"
+                f"{name}: the dimensions after block_dim {block_dim} do not cover one dense run "
+                f"of memory (shape {tuple(shape)}, stride {tuple(stride)}); pass the tensor that "
+                "owns the storage"
             )
         elements *= size
+    blocks = shape[block_dim]
+    block_bytes = elements * esize
+    # A dimension of size 1 has an arbitrary stride: one block needs none.
+    block_stride = stride[block_dim] * esize if blocks > 1 else block_bytes
     bases = [t.data_ptr()]
     for size, st in zip(shape[:block_dim], stride[:block_dim]):
         bases = [b + i * st * esize for b in bases for i in range(size)]
-    return (elements * esize, stride[block_dim] * esize, shape[block_dim]), bases
+    return (block_bytes, block_stride, blocks), bases
 
 
 def _current_stream(device: int) -> int:
@@ -401,20 +419,27 @@ def _current_stream(device: int) -> int:
 def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     """Zeroes and verifies KV-cache blocks ``block_ids`` of ``layout`` and waits for the verdict.
 
-    Call it when blocks leave a request or a tenant, before they are handed to another one.
-    The scrub runs on ``stream`` (a ``torch.cuda.Stream``, a raw ``cudaStream_t`` as an int, or
-    ``None`` for PyTorch's current stream), after the work queued there.
+    Call it when the engine frees blocks (their last reference: with prefix caching a block
+    may be shared by several requests), before they can be handed to another request. The
+    scrub runs on ``stream`` (a ``torch.cuda.Stream`` of the layout's device, a raw
+    ``cudaStream_t`` as an int, or ``None`` for PyTorch's current stream), after the work
+    queued there; the stream must stay valid until the cache is freed.
 
     Raises :class:`ScrubVerificationError` listing the blocks that did not verify (they must not
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
     may be taken as clean). Ids must be distinct and below ``layout.blocks_per_region``.
     """
     lib = load()
+    if hasattr(block_ids, "tolist"):  # a tensor or array: one transfer, not one per element
+        block_ids = block_ids.tolist()
     ids = [int(i) for i in block_ids]
     if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
         raise ValueError("block ids must be in 0..2**32-1")
     if stream is None:
         stream = _current_stream(layout.device)
+    stream_device = getattr(getattr(stream, "device", None), "index", None)
+    if stream_device is not None and stream_device != layout.device:
+        raise ValueError(f"the stream is on device {stream_device}, the layout on device {layout.device}")
     stream = int(getattr(stream, "cuda_stream", stream))
     bases = (ctypes.c_uint64 * len(layout.regions))(*layout.regions)
     c_layout = _CLayout(

@@ -283,13 +283,27 @@ def test_layout_of_a_vllm_layer_cache():
     assert l2.regions == (0x20000,) and l2.block_bytes == l2.block_stride == 2 * block
 
 
+def test_permuted_dense_blocks_and_single_blocks_are_accepted():
+    # vLLM's HND layout: [2, blocks, block_size, heads, head_size] viewed with heads before
+    # block_size in memory. Each block is still one dense run of 16 x 8 x 128 elements.
+    hnd = _FakeTensor(0x40000, (2, 4, 16, 8, 128), stride=(65536, 16384, 128, 2048, 1))
+    layout = kvhygiene.KvLayout.from_tensors([hnd], block_dim=1)
+    assert (layout.block_bytes, layout.block_stride) == (16384 * 2, 16384 * 2)
+    # One block: its dimension's stride is arbitrary and ignored.
+    one = _FakeTensor(0x50000, (2, 1, 4), stride=(4, 1, 1))
+    l1 = kvhygiene.KvLayout.from_tensors([one], block_dim=1)
+    assert l1.block_stride == l1.block_bytes == 8 and l1.regions == (0x50000, 0x50008)
+
+
 def test_layout_errors_name_the_tensor_and_the_problem():
     a = _FakeTensor(0x10000, (2, 8, 16))
     with pytest.raises(ValueError, match="block_dim 3"):
         kvhygiene.KvLayout.from_tensors([a], block_dim=3)
-    strided = _FakeTensor(0x10000, (2, 8, 16, 4), stride=(512, 64, 1, 16))
-    with pytest.raises(ValueError, match="tensor 0: the dimensions after block_dim 1 are not contiguous"):
-        kvhygiene.KvLayout.from_tensors([strided], block_dim=1)
+    gappy = _FakeTensor(0x10000, (2, 8, 16, 4), stride=(1024, 128, 2, 32))
+    with pytest.raises(ValueError, match="tensor 0: the dimensions after block_dim 1 do not cover one dense run"):
+        kvhygiene.KvLayout.from_tensors([gappy], block_dim=1)
+    with pytest.raises(ValueError, match="block_bytes -1"):
+        kvhygiene.KvLayout([0x1000], -1, 4)
     other = _FakeTensor(0x90000, (2, 9, 16))
     with pytest.raises(ValueError, match="tensor 1 has block geometry"):
         kvhygiene.KvLayout.from_tensors([a, other], block_dim=1)
@@ -326,6 +340,9 @@ def test_scrub_blocks_zeroes_named_blocks_of_two_layers():
         kvhygiene.scrub_blocks(layout, [8])
     assert bad.value.code == 7019
     stray = kvhygiene.KvLayout([0x1000], 128, 8)
+    with pytest.raises(ValueError, match="stream is on device 3"):
+        stream = type("Stream", (), {"cuda_stream": 0, "device": type("D", (), {"index": 3})()})()
+        kvhygiene.scrub_blocks(layout, [0], stream=stream)
     with pytest.raises(kvhygiene.KvhError, match="not inside") as stray_err:
         kvhygiene.scrub_blocks(stray, [0])
     assert stray_err.value.code == 7020

@@ -352,8 +352,9 @@ fn scrub_segment(addr: DevicePtr, len: u64, seed: u64, options: &ScrubOptions) -
     let zero_len = if sabotaged { len / 2 } else { len };
     let passes = if options.double_pass { 2 } else { 1 };
     for _ in 0..passes {
-        // SAFETY: `submit_scrub` checked that the segment lies in a live allocation, and the
-        // pool guarantees a PENDING block is accessed by nobody but its scrub.
+        // SAFETY: the worker checked, with the table locked, that the segment lies in a live
+        // allocation; the pool guarantees nobody but this scrub accesses it: a PENDING block,
+        // or KV-cache blocks inside a LIVE one whose caller handed them in (`kvh_scrub_blocks`).
         unsafe { zero_volatile(addr as *mut u8, zero_len) };
     }
     // SAFETY: as above; raw volatile reads, no reference to memory a misbehaving caller may

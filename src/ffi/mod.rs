@@ -231,26 +231,32 @@ pub struct kvh_kv_layout {
 /// Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
 /// `device`, in stream order on `stream` (after the work queued there and on the streams of
 /// the allocations holding the cache), and waits for the verdict. For engines that hand KV
-/// blocks between requests themselves: call it when blocks leave a request or a tenant.
+/// blocks between requests themselves: call it when the engine frees blocks (their last
+/// reference: with prefix caching a block may be shared), before they can be reassigned.
 ///
 /// Every region, all of its blocks, must lie inside the requested bytes of one live
 /// allocation from `kvh_malloc` on `device`, and no two blocks of the layout may overlap:
 /// kvhygiene never writes memory it did not hand out, nor a block the call did not name.
+/// `stream` is NULL or a stream of `device`; it is recorded on the allocations, so it must
+/// stay valid until they are freed (as with `kvh_record_stream`).
 ///
 /// Returns `KVH_OK` when every block verified zero. `KVH_ERR_VERIFY_FAILED` when some did
 /// not: `*failed_count` says how many, and the first `failed_capacity` of their ids are
 /// written to `failed_ids`, in the order given; those blocks must not be handed to another
-/// request. Any other code means nothing was scrubbed (`KVH_ERR_INVALID_LAYOUT`,
-/// `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_NULL_PARAMETER`) or the call did not
-/// finish (`KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE`, `KVH_ERR_SHUTTING_DOWN`): no block of
-/// the call may then be taken as clean. Calls the allocator refuses (layout, ids, memory not
-/// live) are logged as policy violations; NULLs and over-limit lengths are refused before.
+/// request. Any other code means no block of the call may be taken as clean: refusals
+/// (`KVH_ERR_INVALID_LAYOUT`, `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`,
+/// `KVH_ERR_NULL_PARAMETER`, and start-up errors such as `KVH_ERR_CONFIG`) scrub nothing;
+/// `KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE` and `KVH_ERR_SHUTTING_DOWN` mean the call did
+/// not finish. Calls that reach the device leave a `kv_scrub` record (with the error when they
+/// did not finish); calls the allocator refuses (layout, ids, memory not live) leave a policy
+/// violation; NULLs and over-limit lengths are refused before either.
 ///
-/// `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout is checked);
-/// `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and `failed_count` are
-/// required. Waits on the device: call it per finished request, not per token.
+/// `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout's geometry is
+/// checked); `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and
+/// `failed_count` are required. Waits for its scrub launches (one per 65,536 segments), not
+/// for the whole device: call it once per freed set of blocks, not per block.
 ///
-/// Ownership: every pointer stays the caller's and is used only during the call.
+/// Ownership: the arrays stay the caller's and are used only during the call.
 #[no_mangle]
 // A C signature: each array travels as a pointer and a length.
 #[allow(clippy::too_many_arguments)]

@@ -337,10 +337,12 @@ impl Tally {
             "lost" => ev.records_lost += num("records_lost"),
             _ => {}
         }
-        // Blocks retired by the never-reuse policy are the control working, not an exception.
+        // Blocks retired by the never-reuse policy are the control working, not an exception;
+        // a KV scrub that stopped before verifying everything is one.
         let policy_retirement =
             kind == "quarantine" && text("reason").as_deref() == Some("never_reuse_policy");
-        if EXCEPTION_KINDS.contains(&kind) && !policy_retirement {
+        let incomplete_kv_scrub = kind == "kv_scrub" && text("error").is_some();
+        if (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub {
             *ev.exceptions_by_kind.entry(kind.to_string()).or_default() += 1;
             if ev.exceptions.len() < max_exceptions {
                 ev.exceptions.push(Exception {

@@ -469,22 +469,36 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put("policy", st(policy));
             put("detail", Field::S(Cow::Borrowed(detail)));
         }
-        EventKind::KvScrubbed {
-            device,
-            blocks,
-            failed_blocks,
-            segments,
-            bytes,
-            first_seed,
-            stream,
-        } => {
-            put("device", Field::I(i64::from(*device)));
-            put("blocks", Field::U(*blocks));
-            put("failed_blocks", Field::U(*failed_blocks));
-            put("segments", Field::U(*segments));
-            put("bytes", Field::U(*bytes));
-            put("first_seed", Field::U(*first_seed));
-            put("stream", Field::S(Cow::Owned(format!("0x{stream:x}"))));
+        EventKind::KvScrubbed(r) => {
+            put("device", Field::I(i64::from(r.device)));
+            put("blocks", Field::U(r.blocks));
+            put("failed_blocks", Field::U(r.failed_blocks));
+            put("segments", Field::U(r.segments));
+            put("unverified_segments", Field::U(r.unverified_segments));
+            put("bytes", Field::U(r.bytes));
+            put("first_seed", Field::U(r.first_seed));
+            put("stream", Field::S(Cow::Owned(format!("0x{:x}", r.stream))));
+            put("regions", Field::U(r.regions));
+            put("block_bytes", Field::U(r.block_bytes));
+            put("block_stride", Field::U(r.block_stride));
+            put("blocks_per_region", Field::U(r.blocks_per_region));
+            put(
+                "layout_sha256",
+                Field::S(Cow::Owned(record::hex(&r.layout_sha256))),
+            );
+            if let Some(ids) = &r.block_ids {
+                put("block_ids", Field::Json(serde_json::json!(ids)));
+            }
+            put(
+                "block_ids_sha256",
+                Field::S(Cow::Owned(record::hex(&r.block_ids_sha256))),
+            );
+            put(
+                "error",
+                r.error
+                    .as_deref()
+                    .map_or(Field::Null, |e| Field::S(Cow::Borrowed(e))),
+            );
         }
         EventKind::KvVerifyFailed {
             kv_block,

@@ -2,7 +2,7 @@
 //! hold scrubs in flight (a gate), inspect submitted batches and count backend calls.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use kvhygiene::alloc::Allocator;
@@ -27,6 +27,8 @@ pub struct TestBackend {
     pub capturing: AtomicBool,
     /// Makes `release` fail (a driver error while returning memory).
     pub fail_release: AtomicBool,
+    /// Submissions left before `submit_scrub` fails with a driver error; negative: no limit.
+    pub submit_budget: AtomicI64,
     pub calls_after_seal: AtomicU64,
 }
 
@@ -41,6 +43,7 @@ impl TestBackend {
             sealed: AtomicBool::new(false),
             capturing: AtomicBool::new(false),
             fail_release: AtomicBool::new(false),
+            submit_budget: AtomicI64::new(-1),
             calls_after_seal: AtomicU64::new(0),
         })
     }
@@ -131,6 +134,10 @@ impl Backend for TestBackend {
                 stream: batch.stream.0,
                 what: "scrub launch",
             });
+        }
+        if self.submit_budget.fetch_sub(1, Ordering::SeqCst) == 0 {
+            self.submit_budget.store(0, Ordering::SeqCst);
+            return Err(BackendError::Other("injected submission failure".into()));
         }
         self.batches.lock().unwrap().push(batch.clone());
         let rescrub = batch.options.double_pass && batch.options.full_verify;

@@ -391,6 +391,7 @@ B, N = 512, 16
 cache = lib.kvh_malloc(2 * N * B, 0, STREAM)
 ctypes.memset(cache, 0x5C, 2 * N * B)
 kv = layout([cache, cache + N * B], B, B, N)
+out["cache"] = cache
 out["ok"] = scrub(kv, [3, 11])
 mem = ctypes.string_at(cache, 2 * N * B)
 blocks = [mem[i * B:(i + 1) * B] for i in range(2 * N)]
@@ -408,6 +409,11 @@ out["null_layout"] = lib.kvh_scrub_blocks(None, None, 0, 0, STREAM, None, 0, cty
 out["null_count"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, None)
 out["null_ids"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 2, 0, STREAM, None, 0, ctypes.byref(count))
 out["empty"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, ctypes.byref(count))
+# Lengths over the limits are refused before any array is read.
+wide = Layout(kv.region_bases, 65537, B, B, N)
+out["too_many_regions"] = lib.kvh_scrub_blocks(ctypes.byref(wide), None, 0, 0, STREAM, None, 0, ctypes.byref(count))
+one_id = (ctypes.c_uint32 * 1)(0)
+out["too_many_ids"] = lib.kvh_scrub_blocks(ctypes.byref(kv), one_id, (1 << 20) + 1, 0, STREAM, None, 0, ctypes.byref(count))
 out["counters"] = stats()["counters"]
 lib.kvh_free(cache, 2 * N * B, 0, STREAM)
 lib.kvh_shutdown()
@@ -422,11 +428,19 @@ lib.kvh_shutdown()
     assert "0x1000" in out["msg"] and "live" in out["msg"]
     assert out["null_layout"] == out["null_count"] == out["null_ids"] == 7001
     assert out["empty"] == 0
+    assert out["too_many_regions"] == out["too_many_ids"] == 7019
     c = out["counters"]
     assert (c["kv_scrub_calls"], c["kv_blocks_scrubbed"], c["kv_blocks_failed"], c["kv_scrubs_refused"]) == (2, 4, 1, 2)
     records = [json.loads(l) for f in sorted(log_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
     scrubs = [r for r in records if r["kind"] == "kv_scrub"]
     assert [(r["blocks"], r["failed_blocks"], r["segments"]) for r in scrubs] == [(2, 0, 4), (2, 1, 4)]
+    assert scrubs[0]["block_ids"] == [3, 11] and scrubs[0]["error"] is None
+    assert (scrubs[0]["regions"], scrubs[0]["block_bytes"], scrubs[0]["blocks_per_region"]) == (2, 512, 16)
+    import hashlib, struct
+    assert scrubs[0]["block_ids_sha256"] == hashlib.sha256(struct.pack("<2I", 3, 11)).hexdigest()
+    cache = out["cache"]
+    layout = struct.pack("<6Q", 2, cache, cache + 16 * 512, 512, 512, 16)
+    assert scrubs[0]["layout_sha256"] == hashlib.sha256(layout).hexdigest()
     assert scrubs[0]["request_id"] == "req-9" and scrubs[0]["bytes"] == 4 * 512
     failed = [r for r in records if r["kind"] == "kv_verify_failed"]
     assert [(r["kv_block"], r["region"]) for r in failed] == [(7, 0)]

@@ -428,7 +428,8 @@ impl Backend for CudaBackend {
         }
         let d = &self.inner.driver;
         let s = stream_of(batch.stream);
-        // SAFETY: 1. the pool passes the stream the block was freed on, of this device.
+        // SAFETY: 1. the pool passes the stream the block was freed on, or the stream a
+        // `kvh_scrub_blocks` caller named (its contract: a stream of this device, or NULL).
         if unsafe { r::stream_is_capturing(d, s) }? {
             return Err(BackendError::StreamCapturing {
                 stream: batch.stream.0,
@@ -681,9 +682,11 @@ fn launch(
     // SAFETY: 1. a function of the device's module, its context current; 2. one parameter of
     // the kernels' type `KvhBatch` (BatchParams is its repr(C) twin, checked by a layout test),
     // alive until the call returns; 3. the batch's stream; 4. the parameter names segments the
-    // pool owns (PENDING blocks of this device), sums of `count` slots in device memory, and
-    // result slots and work items in mapped page-locked memory of the slot, which stays
-    // allocated and unused by others until the slot's completion event; 5. the grid is the
+    // pool owns (PENDING blocks of this device, or named KV-cache blocks inside a LIVE
+    // allocation of this device, handed in by a `kvh_scrub_blocks` caller), sums of `count`
+    // slots in device memory, and result slots and work items in mapped page-locked memory of
+    // the slot, which stays allocated and unused by others until the slot's completion
+    // event; 5. the grid is the
     // kernel's (`scrub_launch`, `publish_grid`): `kvh_scrub` gets `chunk_count` blocks and block
     // c reads item c of a batch with items; `kvh_scrub_strided` runs only for a batch with items
     // and reads items below `chunk_count`; all `chunk_count` items were written for this batch
