@@ -221,7 +221,10 @@ pub fn kv_blocks_are_scrubbed(backend: std::sync::Arc<dyn Backend>) {
         }
     }
     if let Some(pos) = after.iter().zip(&expected).position(|(a, e)| a != e) {
-        panic!("byte {pos}: got {:#x}, expected {:#x}", after[pos], expected[pos]);
+        panic!(
+            "byte {pos}: got {:#x}, expected {:#x}",
+            after[pos], expected[pos]
+        );
     }
     alloc.free(base, total as i64, 0, s).expect("free");
 
