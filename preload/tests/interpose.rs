@@ -18,6 +18,9 @@ use std::sync::OnceLock;
 
 struct Built {
     probe: PathBuf,
+    /// plugin_host.cpp, and plugin.cpp's library, which it loads with RTLD_LOCAL.
+    plugin_host: PathBuf,
+    plugin: PathBuf,
 }
 
 /// The fake runtime and the engine, compiled once per test process; `None` without a C++
@@ -56,7 +59,30 @@ fn built() -> Option<&'static Built> {
                 .status()
                 .expect("run the C++ compiler");
             assert!(linked.success(), "the probe did not compile");
-            Some(Built { probe })
+            let plugin = dir.join("libengine.so");
+            let plugin_built = Command::new(&cxx)
+                .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-Wall", "-o"])
+                .arg(&plugin)
+                .arg(src.join("plugin.cpp"))
+                .arg(&runtime)
+                .arg(format!("-Wl,-rpath,{}", dir.display()))
+                .status()
+                .expect("run the C++ compiler");
+            assert!(plugin_built.success(), "the plugin did not compile");
+            let plugin_host = dir.join("plugin_host");
+            let host_built = Command::new(&cxx)
+                .args(["-std=c++17", "-O1", "-Wall", "-o"])
+                .arg(&plugin_host)
+                .arg(src.join("plugin_host.cpp"))
+                .arg("-ldl")
+                .status()
+                .expect("run the C++ compiler");
+            assert!(host_built.success(), "the plugin host did not compile");
+            Some(Built {
+                probe,
+                plugin_host,
+                plugin,
+            })
         })
         .as_ref()
 }
@@ -110,7 +136,12 @@ impl Run {
 /// backend, with `env` added. The test's own `KVH_*` and `LD_PRELOAD` variables are removed.
 fn run(built: &Built, scenario: &str, preload: bool, env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(&built.probe);
-    cmd.arg(scenario).env_remove("LD_PRELOAD");
+    cmd.arg(scenario);
+    run_command(cmd, preload, env)
+}
+
+fn run_command(mut cmd: Command, preload: bool, env: &[(&str, &str)]) -> Run {
+    cmd.env_remove("LD_PRELOAD");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("KVH_") {
             cmd.env_remove(key);
@@ -332,4 +363,60 @@ fn a_core_configuration_error_fails_allocations_and_still_forwards_frees() {
         ("real_cudaMalloc", 1),
     ]);
     assert!(r.stderr.contains("KVH_BATCH_SIZE"), "{}", r.stderr);
+}
+
+#[test]
+fn a_runtime_loaded_with_rtld_local_is_found_by_its_soname() {
+    // The engine's library and its CUDA runtime are outside the global scope, so
+    // dlsym(RTLD_NEXT) finds nothing there (without the soname look-up every call below
+    // returns 302); the interposers still serve and forward.
+    let Some(b) = built() else { return };
+    let mut cmd = Command::new(&b.plugin_host);
+    cmd.arg(&b.plugin);
+    let without = run_command(cmd, false, &[]);
+    without.expect(&[("rc_malloc", 0), ("reuse_zero", 0)]);
+    let mut cmd = Command::new(&b.plugin_host);
+    cmd.arg(&b.plugin);
+    let r = run_command(cmd, true, &[]);
+    r.expect(&[
+        ("rc_malloc", 0),
+        ("rc_free", 0),
+        ("rc_malloc_again", 0),
+        ("reuse_zero", 1),
+        ("rc_free_q", 0),
+        ("rc_foreign_free", 0),
+        ("real_frees_for_foreign", 1),
+        ("real_cudaMalloc", 0),
+    ]);
+    assert!(!r.stderr.contains("is not loaded"), "{}", r.stderr);
+}
+
+#[test]
+fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
+    let Some(b) = built() else { return };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("preload-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log_dir = dir.to_string_lossy().into_owned();
+    let r = run(b, "main", true, &[("KVH_LOG_DIR", &log_dir)]);
+    r.expect(&[("rc_double_free", 1), ("rc_interior_free", 1)]);
+    let mut reasons = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("the log directory") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("a log file");
+        for line in text
+            .lines()
+            .filter(|l| l.contains(r#""kind":"invalid_free""#))
+        {
+            for reason in ["double_free", "interior_pointer", "unknown_pointer"] {
+                if line.contains(&format!(r#""reason":"{reason}""#)) {
+                    reasons.push(reason);
+                }
+            }
+        }
+    }
+    reasons.sort_unstable();
+    // The two invalid frees of kvhygiene memory, and nothing about the foreign pointers,
+    // which went to the runtime without being offered to the core.
+    assert_eq!(reasons, ["double_free", "interior_pointer"], "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
 }
