@@ -56,8 +56,9 @@ use mode::{mode, Mode};
 const LEGACY_STREAM: StreamHandle = StreamHandle(0);
 
 /// Pitch granularity of `cudaMallocPitch`: a multiple of every GPU's texture pitch alignment
-/// (`cudaDevAttrTexturePitchAlignment`, 32 bytes on current GPUs) and of the 512 bytes the
-/// runtime itself uses, so rows stay aligned for coalesced access.
+/// (`cudaDevAttrTexturePitchAlignment`, 32 bytes on current GPUs), so that rows suit 2D
+/// copies, textures and coalesced access. Any pitch of at least `width` meets the API: callers
+/// must use the pitch returned.
 const PITCH_ALIGN: usize = 512;
 
 /// Runs one export as a panic boundary.
