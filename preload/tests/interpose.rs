@@ -55,7 +55,7 @@ fn built() -> Option<&'static Built> {
                 .arg(src.join("probe.cpp"))
                 .arg(&runtime)
                 .arg(format!("-Wl,-rpath,{}", dir.display()))
-                .arg("-ldl")
+                .args(["-ldl", "-pthread"])
                 .status()
                 .expect("run the C++ compiler");
             assert!(linked.success(), "the probe did not compile");
@@ -419,4 +419,23 @@ fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
     // which went to the runtime without being offered to the core.
     assert_eq!(reasons, ["double_free", "interior_pointer"], "{}", r.stderr);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn concurrent_engine_threads_only_ever_get_zeroed_memory() {
+    let Some(b) = built() else { return };
+    let without = run(b, "threads", false, &[]);
+    without.expect(&[("threads_errors", 0), ("threads_allocations", 1600)]);
+    assert!(
+        without.get("threads_nonzero") > 0,
+        "the fake runtime hands back freed secrets"
+    );
+    let r = run(b, "threads", true, &[]);
+    r.expect(&[
+        ("threads_allocations", 1600),
+        ("threads_nonzero", 0),
+        ("threads_errors", 0),
+        ("kvh_invalid_frees", 0),
+        ("real_cudaMalloc", 0),
+    ]);
 }

@@ -4,13 +4,16 @@
 // LD_PRELOAD=libkvhygiene_preload.so; the Rust test compares the two. It never stops early:
 // every step guards its own pointers, so one failure cannot hide the next.
 //
-// Usage: probe main | probe sync-failure
+// Usage: probe main | probe sync-failure | probe threads
 
 #include <dlfcn.h>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 extern "C" {
 typedef void* cudaStream_t;
@@ -231,10 +234,49 @@ static int scenario_sync_failure() {
     return 0;
 }
 
+// Eight engine threads allocate, check, fill with a secret and free, synchronously and in
+// stream order, mixed with memory the runtime owns (managed), all at once.
+static int scenario_threads() {
+    std::atomic<long long> allocations{0}, nonzero{0}, errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; t++) {
+        threads.emplace_back([t, &allocations, &nonzero, &errors] {
+            const size_t sizes[] = {512, 4096, 40000};
+            cudaStream_t s = reinterpret_cast<cudaStream_t>(uintptr_t(0x7000 + 0x10 * t));
+            for (int i = 0; i < 200; i++) {
+                size_t n = sizes[(i + t) % 3];
+                bool async = i % 2 == 1;
+                void* p = nullptr;
+                int rc = async ? cudaMallocAsync(&p, n, s) : cudaMalloc(&p, n);
+                if (rc != 0 || p == nullptr) {
+                    errors++;
+                    continue;
+                }
+                allocations++;
+                if (!all_zero(p, n)) nonzero++;
+                fill_secret(p, n);
+                void* m = nullptr;
+                if (cudaMallocManaged(&m, 64, 1) != 0 || cudaFree(m) != 0) errors++;
+                rc = async ? cudaFreeAsync(p, s) : cudaFree(p);
+                if (rc != 0) errors++;
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    out("threads_allocations", allocations);
+    out("threads_nonzero", nonzero);
+    out("threads_errors", errors);
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("real_cudaMalloc", fake_cudart_calls("cudaMalloc"));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
     if (std::strcmp(which, "sync-failure") == 0) return scenario_sync_failure();
+    if (std::strcmp(which, "threads") == 0) return scenario_threads();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
