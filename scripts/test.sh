@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test suite: Rust unit and integration tests, then the Python tests that load the built
-# library through ctypes. No GPU is needed; GPU checks live in scripts/gpu-check.sh.
+# The test suite: Rust unit and integration tests of the workspace (the library, and preload/,
+# whose tests run libkvhygiene_preload.so under a fake CUDA runtime), then the Python tests
+# that load the built library through ctypes. No GPU is needed; GPU checks live in
+# scripts/gpu-check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Checked first, so that a missing pytest is said before minutes of Rust tests, not after.
@@ -8,6 +10,6 @@ if ! python3 -c 'import pytest' 2>/dev/null; then
     echo "pytest is not installed: python3 -m pip install pytest" >&2
     exit 2
 fi
-cargo build
-cargo test --all-targets
+cargo build --workspace
+cargo test --workspace --all-targets
 KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests

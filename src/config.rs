@@ -351,7 +351,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 
 /// Environment variables with the `KVH_` prefix that are not policy keys.
 /// `KVH_LIBRARY` is read by the Python package to find the library, not by the library.
-const OTHER_ENV: &[&str] = &["KVH_CONFIG", "KVH_LIBRARY"];
+/// `KVH_PRELOAD` is read by the LD_PRELOAD interposers (`preload/`), not by the policy.
+const OTHER_ENV: &[&str] = &["KVH_CONFIG", "KVH_LIBRARY", "KVH_PRELOAD"];
 
 impl Config {
     /// The policy of this process: `KVH_CONFIG`'s file (if set), then `KVH_*` variables.
@@ -630,6 +631,12 @@ mod tests {
         assert!(
             matches!(err, ConfigError::Unknown { ref key, .. } if key == "KVH_COVERAGE_THRESHHOLD")
         );
+    }
+
+    #[test]
+    fn preload_switch_is_not_a_policy_key() {
+        // Read by the LD_PRELOAD interposers; the policy must not refuse to start over it.
+        assert!(Config::from_vars(&vars(&[("KVH_PRELOAD", "off")])).is_ok());
     }
 
     #[test]

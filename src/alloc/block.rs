@@ -112,3 +112,14 @@ impl From<&Block> for BlockInfo {
         }
     }
 }
+
+/// Where a block lies, for ownership queries ([`crate::alloc::Allocator::block_containing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSpan {
+    pub device: u32,
+    /// The block's start: the pointer its allocation returned.
+    pub addr: u64,
+    /// Size of the current (or last) allocation, as the caller asked for it.
+    pub requested: u64,
+    pub capacity: u64,
+}

@@ -30,7 +30,7 @@ use crate::events::{Event, EventKind, EventSink, InvalidFreeReason};
 use crate::stats::{Accounting, Stats};
 
 use block::{Block, Disposition};
-pub use block::{BlockInfo, BlockState};
+pub use block::{BlockInfo, BlockSpan, BlockState};
 pub use kv::{KvLayout, KvScrubError, KvScrubReport};
 use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused};
 use size_class::SizeClass;
@@ -544,6 +544,22 @@ impl Allocator {
     pub fn block_info(&self, ptr: u64) -> Option<BlockInfo> {
         (0..self.inner.pools.len() as u32)
             .find_map(|d| self.pool(d).block(ptr).map(BlockInfo::from))
+    }
+
+    /// The block holding `ptr` (its start or an interior address) in any state, on any
+    /// device; `None` when no block of this allocator holds it (never allocated here, or
+    /// already released to the backend). One lock and one ordered-map lookup per device, no
+    /// allocation: cheap enough for a front end to ask on every free whether a pointer is
+    /// kvhygiene's before handing it over (the LD_PRELOAD interposers do).
+    pub fn block_containing(&self, ptr: u64) -> Option<BlockSpan> {
+        (0..self.inner.pools.len() as u32).find_map(|d| {
+            self.pool(d).block_containing(ptr).map(|b| BlockSpan {
+                device: b.device,
+                addr: b.addr,
+                requested: b.requested,
+                capacity: b.capacity(),
+            })
+        })
     }
 
     /// Every block the pool holds, on every device.

@@ -911,6 +911,15 @@ impl DevicePool {
         self.blocks.get(&addr)
     }
 
+    /// The block whose bytes include `addr` (its start or an interior address), any state.
+    pub(crate) fn block_containing(&self, addr: u64) -> Option<&Block> {
+        self.blocks
+            .range(..=addr)
+            .next_back()
+            .map(|(_, b)| b)
+            .filter(|b| addr < b.addr + b.capacity())
+    }
+
     pub(crate) fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.blocks.values()
     }

@@ -27,6 +27,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 pub use error::kvh_result;
 use error::kvh_result::*;
 
+use crate::alloc::Allocator;
 use crate::backend::StreamHandle;
 use crate::config::OomMode;
 use crate::context::{Context, MAX_ID_LEN};
@@ -529,6 +530,22 @@ pub extern "C" fn kvh_strerror(
 #[no_mangle]
 pub extern "C" fn kvh_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The process-wide allocator behind this C ABI, started on first use (the configuration is
+/// read then, as by `kvh_init`). For Rust front ends linked into the same library, such as
+/// the LD_PRELOAD interposers of `preload/`: they share its pools, forensic log and exit
+/// handling with the C API. On failure, the code `kvh_init` returns; the reason has been
+/// printed on stderr once.
+pub fn process_allocator() -> Result<&'static Allocator, kvh_result> {
+    runtime::get().map(|rt| &rt.allocator).map_err(|e| e.code())
+}
+
+/// The process-wide allocator if it has already started; never starts it. An allocator
+/// that has not started owns no memory, so a front end can answer "is this pointer
+/// kvhygiene's?" without starting one.
+pub fn started_process_allocator() -> Option<&'static Allocator> {
+    runtime::started().map(|rt| &rt.allocator)
 }
 
 /// Runs a query export without touching the thread's last error, so that

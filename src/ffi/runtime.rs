@@ -64,6 +64,14 @@ pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
     RUNTIME.get_or_init(start).as_ref()
 }
 
+/// The runtime if it has already started successfully; never starts it.
+pub(crate) fn started() -> Option<&'static Runtime> {
+    match RUNTIME.get() {
+        Some(Ok(rt)) => Some(rt),
+        _ => None,
+    }
+}
+
 fn start() -> Result<Runtime, StartError> {
     let result = try_start();
     match &result {

@@ -1,0 +1,359 @@
+//! libkvhygiene_preload.so: LD_PRELOAD interposers for the CUDA runtime's allocation entry
+//! points, so that a C++ inference engine gets kvhygiene's memory — zeroed before first use,
+//! zeroed and verified after every free before reuse — without changing a line of it:
+//!
+//! ```sh
+//! LD_PRELOAD=/path/to/libkvhygiene_preload.so ./engine ...
+//! ```
+//!
+//! Interposers only: allocation, ownership, scrubbing and the forensic log are the core's
+//! ([`kvhygiene::alloc::Allocator`]), reached through the process-wide allocator of the C ABI
+//! ([`kvhygiene::ffi::process_allocator`]), so the `kvh_*` C API exported by this library too
+//! (`kvh_set_context`, `kvh_stats_json`, …) acts on the same pools.
+//!
+//! | Entry point | Served by kvhygiene | Forwarded to the real runtime |
+//! | --- | --- | --- |
+//! | `cudaMalloc`, `cudaMallocPitch` | size > 0 | size 0, `KVH_PRELOAD=off` |
+//! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on the given stream | size 0, `KVH_PRELOAD=off` |
+//! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
+//!
+//! Everything else (`cudaMallocManaged`, `cudaMallocHost`, `cudaMalloc3D`, memory pools, …)
+//! is not interposed and reaches the runtime directly; ARCHITECTURE.md says why.
+//!
+//! Rules every export keeps:
+//! - One panic boundary each: a panic returns `cudaErrorUnknown`, never unwinds into C.
+//! - A pointer kvhygiene does not hold is never handed to it, and one it holds is never
+//!   handed to the real runtime: the block table decides
+//!   ([`kvhygiene::alloc::Allocator::block_containing`]), so double and interior frees of
+//!   kvhygiene memory are reported by the core (and logged) and not forwarded.
+//! - The synchronous entry points keep their synchronous contract, which engines rely on when
+//!   they use a buffer on several streams: `cudaFree` synchronises the block's device before
+//!   the block is freed (the real `cudaFree` does too), and `cudaMalloc` /
+//!   `cudaMallocPitch` synchronise the legacy default stream, where the zeroing of fresh
+//!   memory is queued, before returning. The asynchronous ones are stream-ordered on their
+//!   stream, like the runtime's stream-ordered allocator; kvhygiene's free never waits.
+
+// Exports take raw pointers by the nature of a C ABI; each documents its contract, and each
+// dereference carries a SAFETY comment.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+#![allow(non_snake_case)] // the exports carry the CUDA runtime's names
+
+mod cuda;
+mod mode;
+mod real;
+
+use std::ffi::{c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use kvhygiene::alloc::{AllocError, Allocator, BlockSpan, FreeError};
+use kvhygiene::backend::{BackendError, StreamHandle};
+use kvhygiene::ffi::{process_allocator, started_process_allocator};
+
+use cuda::*;
+use mode::{mode, Mode};
+
+/// The legacy default stream (stream 0 of the synchronous entry points).
+const LEGACY_STREAM: StreamHandle = StreamHandle(0);
+
+/// Pitch granularity of `cudaMallocPitch`: a multiple of every GPU's texture pitch alignment
+/// (`cudaDevAttrTexturePitchAlignment`, 32 bytes on current GPUs), so that rows suit 2D
+/// copies, textures and coalesced access. Any pitch of at least `width` meets the API: callers
+/// must use the pitch returned.
+const PITCH_ALIGN: usize = 512;
+
+/// Runs one export as a panic boundary.
+fn boundary(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(UNKNOWN)
+}
+
+// ----- allocation -------------------------------------------------------------------------
+
+/// `cudaMalloc`: `size` bytes of device memory on the current device, every byte zero.
+/// Size 0 and `KVH_PRELOAD=off` are forwarded to the real `cudaMalloc`.
+///
+/// Contract (the runtime's): `dev_ptr` is NULL or valid for one pointer write.
+#[no_mangle]
+pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaError_t {
+    boundary(|| match mode() {
+        Mode::Refuse => INITIALIZATION_ERROR,
+        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+        Mode::Forward => unsafe { real::cudaMalloc(dev_ptr, size) },
+        // SAFETY: as above. Zero bytes need no scrubbing: the real runtime answers exactly.
+        Mode::Serve if size == 0 => unsafe { real::cudaMalloc(dev_ptr, size) },
+        Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
+        Mode::Serve => {
+            let result = allocate_ready(size);
+            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+            unsafe { store(dev_ptr, result) }
+        }
+    })
+}
+
+/// `cudaMallocPitch`: `height` rows of `width` bytes, each row starting at a multiple of the
+/// returned `*pitch` (a multiple of 512 bytes), on the current device, every byte zero. A zero
+/// width or height and `KVH_PRELOAD=off` are forwarded to the real `cudaMallocPitch`.
+///
+/// Contract (the runtime's): `dev_ptr` and `pitch` are NULL or valid for one write each.
+#[no_mangle]
+pub extern "C" fn cudaMallocPitch(
+    dev_ptr: *mut *mut c_void,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+) -> cudaError_t {
+    boundary(|| match mode() {
+        Mode::Refuse => INITIALIZATION_ERROR,
+        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+        Mode::Forward => unsafe { real::cudaMallocPitch(dev_ptr, pitch, width, height) },
+        // SAFETY: as above.
+        Mode::Serve if width == 0 || height == 0 => unsafe {
+            real::cudaMallocPitch(dev_ptr, pitch, width, height)
+        },
+        Mode::Serve => {
+            if dev_ptr.is_null() || pitch.is_null() {
+                return INVALID_VALUE;
+            }
+            let row = width.checked_next_multiple_of(PITCH_ALIGN);
+            let Some((row, bytes)) = row.and_then(|r| Some((r, r.checked_mul(height)?))) else {
+                return MEMORY_ALLOCATION;
+            };
+            let result = allocate_ready(bytes);
+            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+            let rc = unsafe { store(dev_ptr, result) };
+            if rc == SUCCESS {
+                // SAFETY: `pitch` is non-null (checked) and valid for one write (contract).
+                unsafe { *pitch = row };
+            }
+            rc
+        }
+    })
+}
+
+/// `cudaMallocAsync`: `size` bytes on the current device, usable in stream order on
+/// `stream` (the zeroing of fresh memory is queued there), every byte zero. Size 0 and
+/// `KVH_PRELOAD=off` are forwarded to the real `cudaMallocAsync`.
+///
+/// Contract (the runtime's): `dev_ptr` is NULL or valid for one pointer write; `stream` is
+/// a stream of the current device, or 0, `cudaStreamLegacy` or `cudaStreamPerThread`.
+#[no_mangle]
+pub extern "C" fn cudaMallocAsync(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    stream: cudaStream_t,
+) -> cudaError_t {
+    boundary(|| match mode() {
+        Mode::Refuse => INITIALIZATION_ERROR,
+        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+        Mode::Forward => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
+        // SAFETY: as above.
+        Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
+        Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
+        Mode::Serve => {
+            let result = allocate(size, StreamHandle(stream as u64));
+            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+            unsafe { store(dev_ptr, result) }
+        }
+    })
+}
+
+/// `cudaMallocAsync` as compiled with `--default-stream per-thread`: stream 0 is the
+/// calling thread's default stream.
+#[no_mangle]
+pub extern "C" fn cudaMallocAsync_ptsz(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    stream: cudaStream_t,
+) -> cudaError_t {
+    boundary(|| match mode() {
+        Mode::Refuse => INITIALIZATION_ERROR,
+        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+        Mode::Forward => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
+        // SAFETY: as above.
+        Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
+        Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
+        Mode::Serve => {
+            let result = allocate(size, per_thread(stream));
+            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+            unsafe { store(dev_ptr, result) }
+        }
+    })
+}
+
+// ----- free -------------------------------------------------------------------------------
+
+/// `cudaFree`. A block kvhygiene holds is freed to it after its device is synchronised (the
+/// runtime's `cudaFree` contract), then scrubbed and verified before any reuse; NULL (which
+/// engines call to create the CUDA context) and every other pointer go to the real
+/// `cudaFree`. An invalid free of kvhygiene memory (double, interior) returns
+/// `cudaErrorInvalidValue` and is logged by the core.
+#[no_mangle]
+pub extern "C" fn cudaFree(dev_ptr: *mut c_void) -> cudaError_t {
+    boundary(|| match held(dev_ptr) {
+        Some((alloc, span)) => free_held(alloc, dev_ptr, span, None),
+        // SAFETY: the caller's argument, passed on unchanged under the runtime's contract.
+        None => unsafe { real::cudaFree(dev_ptr) },
+    })
+}
+
+/// `cudaFreeAsync`. A block kvhygiene holds is freed to it in stream order on `stream`
+/// (never waits); NULL and every other pointer go to the real `cudaFreeAsync`.
+#[no_mangle]
+pub extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: cudaStream_t) -> cudaError_t {
+    boundary(|| match held(dev_ptr) {
+        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(StreamHandle(stream as u64))),
+        // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
+        None => unsafe { real::cudaFreeAsync(dev_ptr, stream) },
+    })
+}
+
+/// `cudaFreeAsync` as compiled with `--default-stream per-thread`.
+#[no_mangle]
+pub extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: cudaStream_t) -> cudaError_t {
+    boundary(|| match held(dev_ptr) {
+        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(per_thread(stream))),
+        // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
+        None => unsafe { real::cudaFreeAsync_ptsz(dev_ptr, stream) },
+    })
+}
+
+// ----- the work ---------------------------------------------------------------------------
+
+/// kvhygiene's allocation of `size` bytes on the runtime's current device, on `stream`.
+fn allocate(size: usize, stream: StreamHandle) -> Result<u64, cudaError_t> {
+    // More than i64::MAX bytes: no device has them (the runtime says the same).
+    let size = i64::try_from(size).map_err(|_| MEMORY_ALLOCATION)?;
+    let device = current_device()?;
+    let alloc = process_allocator().map_err(|_| INITIALIZATION_ERROR)?;
+    alloc
+        .malloc(size, device, stream)
+        .map_err(|e| alloc_error(&e))
+}
+
+/// As [`allocate`] on the legacy default stream, then waits for that stream, where fresh
+/// memory's zeroing is queued: the synchronous entry points return memory every stream can
+/// use at once. If the wait fails (an earlier asynchronous error), the block goes back to
+/// kvhygiene and the runtime's error is returned.
+fn allocate_ready(size: usize) -> Result<u64, cudaError_t> {
+    let addr = allocate(size, LEGACY_STREAM)?;
+    // SAFETY: a NULL stream (the legacy default stream) is valid for cudaStreamSynchronize.
+    let rc = unsafe { real::cudaStreamSynchronize(std::ptr::null_mut()) };
+    if rc == SUCCESS {
+        return Ok(addr);
+    }
+    if let Some((alloc, span)) = held(addr as *mut c_void) {
+        // Never handed out: its free cannot be refused; it is scrubbed like any other.
+        let _ = alloc.free(addr, requested(&span), span.device as i32, LEGACY_STREAM);
+    }
+    Err(rc)
+}
+
+/// Writes an allocation's result to the caller's pointer (NULL on failure).
+///
+/// # Safety
+/// 1. `dev_ptr` is valid for one pointer write.
+unsafe fn store(dev_ptr: *mut *mut c_void, result: Result<u64, cudaError_t>) -> cudaError_t {
+    let (ptr, rc) = match result {
+        Ok(addr) => (addr as *mut c_void, SUCCESS),
+        Err(rc) => (std::ptr::null_mut(), rc),
+    };
+    // SAFETY: valid for one pointer write by (1).
+    unsafe { *dev_ptr = ptr };
+    rc
+}
+
+/// The block holding `ptr`, when kvhygiene has started and holds it (any state: a second
+/// free of a freed block is kvhygiene's to refuse, not the runtime's).
+fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
+    if ptr.is_null() {
+        return None;
+    }
+    let alloc = started_process_allocator()?;
+    alloc.block_containing(ptr as u64).map(|span| (alloc, span))
+}
+
+/// Frees a block kvhygiene holds: in stream order on `stream`, or, for the synchronous
+/// `cudaFree` (`stream == None`), after synchronising the block's device. The block is freed
+/// even when that synchronisation reports an earlier asynchronous error (which is then
+/// returned, as the runtime's `cudaFree` does): its contents must be scrubbed regardless.
+fn free_held(
+    alloc: &Allocator,
+    ptr: *mut c_void,
+    span: BlockSpan,
+    stream: Option<StreamHandle>,
+) -> cudaError_t {
+    let (synced, stream) = match stream {
+        Some(s) => (SUCCESS, s),
+        None => (synchronize_device(span.device as c_int), LEGACY_STREAM),
+    };
+    // The block table's size, so that a correct free is not reported as a size mismatch
+    // (the runtime's free takes no size). An interior pointer is refused whatever the size.
+    match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
+        Ok(_) => synced,
+        Err(FreeError::Invalid { .. }) => INVALID_VALUE,
+        Err(_) => UNKNOWN,
+    }
+}
+
+fn requested(span: &BlockSpan) -> i64 {
+    i64::try_from(span.requested).unwrap_or(i64::MAX)
+}
+
+/// The runtime's current device.
+fn current_device() -> Result<c_int, cudaError_t> {
+    let mut device: c_int = 0;
+    // SAFETY: `device` is a valid, writable `int` for the duration of the call.
+    match unsafe { real::cudaGetDevice(&mut device) } {
+        SUCCESS => Ok(device),
+        rc => Err(rc),
+    }
+}
+
+/// `cudaDeviceSynchronize` on `device`, restoring the thread's current device after.
+fn synchronize_device(device: c_int) -> cudaError_t {
+    let current = match current_device() {
+        Ok(d) => d,
+        Err(rc) => return rc,
+    };
+    if current == device {
+        // SAFETY: no arguments; valid at any time outside a stream capture.
+        return unsafe { real::cudaDeviceSynchronize() };
+    }
+    // SAFETY: `device` holds a live kvhygiene block, so it is a valid device ordinal.
+    let rc = unsafe { real::cudaSetDevice(device) };
+    if rc != SUCCESS {
+        return rc;
+    }
+    // SAFETY: as above.
+    let rc = unsafe { real::cudaDeviceSynchronize() };
+    // SAFETY: `current` was the thread's device a moment ago.
+    let restored = unsafe { real::cudaSetDevice(current) };
+    if rc != SUCCESS {
+        rc
+    } else {
+        restored
+    }
+}
+
+/// A `_ptsz` entry point's stream: 0 means the calling thread's default stream.
+fn per_thread(stream: cudaStream_t) -> StreamHandle {
+    if stream.is_null() {
+        StreamHandle(STREAM_PER_THREAD)
+    } else {
+        StreamHandle(stream as u64)
+    }
+}
+
+fn alloc_error(e: &AllocError) -> cudaError_t {
+    match e {
+        AllocError::InvalidSize(_) => INVALID_VALUE,
+        AllocError::InvalidDevice { .. } => INVALID_DEVICE,
+        AllocError::OutOfMemory { .. } | AllocError::Backend(BackendError::OutOfMemory { .. }) => {
+            MEMORY_ALLOCATION
+        }
+        AllocError::CaptureActive { .. } => STREAM_CAPTURE_UNSUPPORTED,
+        AllocError::ShuttingDown | AllocError::Backend(BackendError::ShuttingDown) => {
+            CUDART_UNLOADING
+        }
+        AllocError::Backend(_) => UNKNOWN,
+    }
+}

@@ -1,0 +1,83 @@
+//! `KVH_PRELOAD`: whether the interposers serve allocations from kvhygiene, and the one-line
+//! notice that says so on stderr.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+/// What the interposers do with allocations, fixed for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `KVH_PRELOAD` unset or `on`: kvhygiene serves device allocations.
+    Serve,
+    /// `KVH_PRELOAD=off`: every call goes to the real runtime unchanged.
+    Forward,
+    /// `KVH_PRELOAD` has another value: allocations fail (fail closed, like the core's
+    /// configuration errors), frees of memory kvhygiene does not hold are still forwarded.
+    Refuse,
+}
+
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The mode, read from the environment on first use; the first use also prints the notice.
+pub(crate) fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let value = std::env::var_os("KVH_PRELOAD");
+        let mode = parse(value.as_deref().and_then(|v| v.to_str()), value.is_some());
+        notice(
+            mode,
+            value.as_deref().map(|v| v.to_string_lossy().into_owned()),
+        );
+        mode
+    })
+}
+
+/// `set` says whether the variable exists at all (it may not be UTF-8).
+fn parse(value: Option<&str>, set: bool) -> Mode {
+    match value.map(str::trim) {
+        None if !set => Mode::Serve,
+        Some(v) if v.eq_ignore_ascii_case("on") => Mode::Serve,
+        Some(v) if v.eq_ignore_ascii_case("off") => Mode::Forward,
+        _ => Mode::Refuse,
+    }
+}
+
+fn notice(mode: Mode, raw: Option<String>) {
+    let line = match mode {
+        Mode::Serve => format!(
+            "kvhygiene-preload {VERSION}: cudaMalloc, cudaMallocAsync and cudaMallocPitch are \
+             served by kvhygiene (freed memory is zeroed and verified before reuse); \
+             KVH_PRELOAD=off forwards them unchanged"
+        ),
+        Mode::Forward => format!(
+            "kvhygiene-preload {VERSION}: KVH_PRELOAD=off: CUDA allocations are forwarded \
+             unchanged and freed memory is not scrubbed"
+        ),
+        Mode::Refuse => format!(
+            "kvhygiene-preload {VERSION}: KVH_PRELOAD={:?} is invalid (accepted: on, off); CUDA \
+             allocations fail with cudaErrorInitializationError",
+            raw.unwrap_or_default()
+        ),
+    };
+    // Not `eprintln!`: a closed stderr must not become a panic (as in the core's notice).
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse, Mode};
+
+    #[test]
+    fn values() {
+        assert_eq!(parse(None, false), Mode::Serve);
+        assert_eq!(parse(Some("on"), true), Mode::Serve);
+        assert_eq!(parse(Some(" ON "), true), Mode::Serve);
+        assert_eq!(parse(Some("off"), true), Mode::Forward);
+        assert_eq!(parse(Some("Off"), true), Mode::Forward);
+        assert_eq!(parse(Some(""), true), Mode::Refuse);
+        assert_eq!(parse(Some("of"), true), Mode::Refuse);
+        assert_eq!(parse(Some("0"), true), Mode::Refuse);
+        // Set but not UTF-8.
+        assert_eq!(parse(None, true), Mode::Refuse);
+    }
+}

@@ -1,0 +1,282 @@
+// An "engine" for the interposer tests: calls the CUDA runtime's allocation entry points the
+// way a C++ inference engine does, and prints what it saw as `key value` lines. It links
+// against the fake runtime (fake_cudart.cpp) and runs with or without
+// LD_PRELOAD=libkvhygiene_preload.so; the Rust test compares the two. It never stops early:
+// every step guards its own pointers, so one failure cannot hide the next.
+//
+// Usage: probe main | probe sync-failure | probe threads
+
+#include <dlfcn.h>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+extern "C" {
+typedef void* cudaStream_t;
+int cudaMalloc(void** p, size_t size);
+int cudaMallocManaged(void** p, size_t size, unsigned int flags);
+int cudaMallocAsync(void** p, size_t size, cudaStream_t s);
+int cudaMallocPitch(void** p, size_t* pitch, size_t width, size_t height);
+int cudaFree(void* p);
+int cudaFreeAsync(void* p, cudaStream_t s);
+int cudaSetDevice(int d);
+int cudaGetDevice(int* d);
+int fake_cudart_calls(const char* name);
+int fake_cudart_last_synced_device(void);
+void fake_cudart_fail_syncs(int rc);
+}
+
+static const char SECRET[] = "tenant-A: the patient's diagnosis is confidential";
+
+static void out(const char* key, long long v) { std::printf("%s %lld\n", key, v); }
+
+static bool all_zero(const void* p, size_t n) {
+    if (p == nullptr) return false;
+    const unsigned char* b = static_cast<const unsigned char*>(p);
+    for (size_t i = 0; i < n; i++)
+        if (b[i] != 0) return false;
+    return true;
+}
+
+static bool holds_secret(const void* p, size_t n) {
+    if (p == nullptr) return false;
+    return memmem(p, n, SECRET, sizeof SECRET - 1) != nullptr;
+}
+
+static void fill_secret(void* p, size_t n) {
+    char* c = static_cast<char*>(p);
+    for (size_t i = 0; i + sizeof SECRET <= n; i += sizeof SECRET) std::memcpy(c + i, SECRET, sizeof SECRET);
+}
+
+// kvhygiene's C API, present only when the interposer library is loaded.
+typedef int (*sync_fn)(void);
+typedef int (*stats_fn)(char*, size_t, size_t*);
+
+static void kvh_sync() {
+    sync_fn f = reinterpret_cast<sync_fn>(dlsym(RTLD_DEFAULT, "kvh_synchronize"));
+    if (f) f();
+}
+
+static long long kvh_counter(const char* name) {
+    stats_fn f = reinterpret_cast<stats_fn>(dlsym(RTLD_DEFAULT, "kvh_stats_json"));
+    if (!f) return -1;
+    static char buf[1 << 16];
+    size_t len = 0;
+    if (f(buf, sizeof buf, &len) != 0) return -1;
+    char key[128];
+    std::snprintf(key, sizeof key, "\"%s\":", name);
+    const char* at = std::strstr(buf, key);
+    return at ? std::atoll(at + std::strlen(key)) : -1;
+}
+
+static int scenario_main() {
+    out("kvh_loaded", dlsym(RTLD_DEFAULT, "kvh_synchronize") != nullptr);
+
+    // Engines create the context with cudaFree(NULL): it must reach the runtime.
+    out("rc_free_null", cudaFree(nullptr));
+    out("real_free_null", fake_cudart_calls("cudaFree(NULL)"));
+
+    // Request 1 leaves a secret in its buffer; request 2 allocates the same size.
+    const size_t N = 4096;
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, N));
+    out("fresh_zero", all_zero(p, N));
+    if (p) fill_secret(p, N);
+    out("rc_free", cudaFree(p));
+    kvh_sync();
+    // The freed block itself, once its scrub is done (both allocators keep it allocated).
+    out("old_block_zero", all_zero(p, N));
+    void* q = nullptr;
+    out("rc_malloc_again", cudaMalloc(&q, N));
+    out("same_block", p != nullptr && p == q);
+    out("reuse_zero", all_zero(q, N));
+    out("secret_seen", holds_secret(q, N));
+
+    // A double free is refused and not forwarded a second time.
+    int frees = fake_cudart_calls("cudaFree");
+    out("rc_free_q", cudaFree(q));
+    out("rc_double_free", cudaFree(q));
+    out("real_frees_for_q", fake_cudart_calls("cudaFree") - frees);
+
+    // An interior pointer.
+    void* r = nullptr;
+    cudaMalloc(&r, N);
+    frees = fake_cudart_calls("cudaFree");
+    out("rc_interior_free", r ? cudaFree(static_cast<char*>(r) + 8) : -1);
+    out("real_frees_for_interior", fake_cudart_calls("cudaFree") - frees);
+    out("rc_free_r", cudaFree(r));
+
+    // Memory kvhygiene never handed out (managed memory is not interposed) is forwarded.
+    void* m = nullptr;
+    out("rc_managed", cudaMallocManaged(&m, 256, 1));
+    frees = fake_cudart_calls("cudaFree");
+    out("rc_foreign_free", cudaFree(m));
+    out("real_frees_for_foreign", fake_cudart_calls("cudaFree") - frees);
+    void* m2 = nullptr;
+    cudaMallocManaged(&m2, 256, 1);
+    int async_frees = fake_cudart_calls("cudaFreeAsync");
+    out("rc_foreign_free_async", cudaFreeAsync(m2, nullptr));
+    out("real_async_frees_for_foreign", fake_cudart_calls("cudaFreeAsync") - async_frees);
+
+    // Size 0 and a NULL output pointer.
+    int mallocs = fake_cudart_calls("cudaMalloc");
+    void* z = reinterpret_cast<void*>(1);
+    out("rc_malloc_zero", cudaMalloc(&z, 0));
+    out("zero_is_null", z == nullptr);
+    out("real_mallocs_for_zero", fake_cudart_calls("cudaMalloc") - mallocs);
+    out("rc_malloc_null_out", cudaMalloc(nullptr, 16));
+
+    // No device has these.
+    void* h = nullptr;
+    out("rc_malloc_huge", cudaMalloc(&h, size_t(1) << 50));
+    out("huge_is_null", h == nullptr);
+    out("rc_malloc_max", cudaMalloc(&h, SIZE_MAX));
+
+    // Stream-ordered allocation on a stream.
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(uintptr_t(0x5000));
+    void* a = nullptr;
+    out("rc_malloc_async", cudaMallocAsync(&a, 1000, s));
+    out("async_fresh_zero", all_zero(a, 1000));
+    if (a) fill_secret(a, 1000);
+    out("rc_free_async", cudaFreeAsync(a, s));
+    kvh_sync();
+    void* b = nullptr;
+    out("rc_malloc_async_again", cudaMallocAsync(&b, 1000, s));
+    out("async_same_block", a != nullptr && a == b);
+    out("async_reuse_zero", all_zero(b, 1000));
+    out("rc_free_async_b", cudaFreeAsync(b, s));
+
+    // Pitched rows.
+    void* pp = nullptr;
+    size_t pitch = 0;
+    out("rc_malloc_pitch", cudaMallocPitch(&pp, &pitch, 100, 3));
+    out("pitch", (long long)pitch);
+    out("pitch_zero", all_zero(pp, pitch * 3));
+    if (pp) fill_secret(pp, pitch * 3);
+    out("rc_free_pitch", cudaFree(pp));
+    kvh_sync();
+    out("pitch_block_scrubbed", all_zero(pp, pitch * 3));
+
+    // The per-thread-default-stream variants (exported only by the interposer library).
+    typedef int (*malloc_async_fn)(void**, size_t, cudaStream_t);
+    typedef int (*free_async_fn)(void*, cudaStream_t);
+    malloc_async_fn malloc_ptsz = reinterpret_cast<malloc_async_fn>(dlsym(RTLD_DEFAULT, "cudaMallocAsync_ptsz"));
+    free_async_fn free_ptsz = reinterpret_cast<free_async_fn>(dlsym(RTLD_DEFAULT, "cudaFreeAsync_ptsz"));
+    if (malloc_ptsz && free_ptsz) {
+        void* t = nullptr;
+        out("rc_malloc_ptsz", malloc_ptsz(&t, 64, nullptr));
+        out("ptsz_zero", all_zero(t, 64));
+        out("rc_free_ptsz", free_ptsz(t, nullptr));
+        // A pointer kvhygiene does not hold must go to the runtime's cudaFreeAsync_ptsz,
+        // which this runtime lacks.
+        void* m3 = nullptr;
+        cudaMallocManaged(&m3, 64, 1);
+        out("rc_foreign_free_ptsz", free_ptsz(m3, nullptr));
+        out("rc_foreign_free_after", cudaFree(m3));
+    }
+
+    // Devices: the allocation is made on the runtime's current device, and the synchronous
+    // free synchronises the block's device, then restores the thread's device.
+    int syncs = fake_cudart_calls("cudaDeviceSynchronize");
+    cudaSetDevice(3);
+    void* d3 = nullptr;
+    out("rc_malloc_device3", cudaMalloc(&d3, 64));
+    cudaSetDevice(0);
+    out("rc_free_device3", cudaFree(d3));
+    out("device_syncs_for_free", fake_cudart_calls("cudaDeviceSynchronize") - syncs);
+    out("synced_device", fake_cudart_last_synced_device());
+    int dev = -1;
+    cudaGetDevice(&dev);
+    out("device_after_free", dev);
+    cudaSetDevice(9);
+    void* d9 = nullptr;
+    out("rc_malloc_device9", cudaMalloc(&d9, 64));
+    cudaFree(d9);
+    cudaSetDevice(0);
+
+    // What the core counted (kvhygiene's stats; -1 without it).
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("kvh_size_mismatches", kvh_counter("size_mismatches"));
+    out("kvh_verifications_passed", kvh_counter("verifications_passed"));
+
+    // What reached the runtime.
+    out("real_cudaMalloc", fake_cudart_calls("cudaMalloc"));
+    out("real_cudaMallocAsync", fake_cudart_calls("cudaMallocAsync"));
+    out("real_cudaMallocPitch", fake_cudart_calls("cudaMallocPitch"));
+    out("real_cudaStreamSynchronize", fake_cudart_calls("cudaStreamSynchronize"));
+    out("done", 1);
+    return 0;
+}
+
+// The runtime reports an earlier asynchronous error at the synchronisation the interposer
+// makes: the call returns it, and no memory is lost or left unscrubbed.
+static int scenario_sync_failure() {
+    const size_t N = 4096;
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, N));
+    if (p) fill_secret(p, N);
+    fake_cudart_fail_syncs(700);  // cudaErrorIllegalAddress
+    void* q = nullptr;
+    out("rc_malloc_failing_sync", cudaMalloc(&q, N));
+    out("failed_is_null", q == nullptr);
+    out("rc_free_failing_sync", cudaFree(p));
+    fake_cudart_fail_syncs(0);
+    // The block was freed regardless: a second free is a double free.
+    out("rc_free_again", cudaFree(p));
+    kvh_sync();
+    out("old_block_zero", all_zero(p, N));
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
+// Eight engine threads allocate, check, fill with a secret and free, synchronously and in
+// stream order, mixed with memory the runtime owns (managed), all at once.
+static int scenario_threads() {
+    std::atomic<long long> allocations{0}, nonzero{0}, errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; t++) {
+        threads.emplace_back([t, &allocations, &nonzero, &errors] {
+            const size_t sizes[] = {512, 4096, 40000};
+            cudaStream_t s = reinterpret_cast<cudaStream_t>(uintptr_t(0x7000 + 0x10 * t));
+            for (int i = 0; i < 200; i++) {
+                size_t n = sizes[(i + t) % 3];
+                bool async = i % 2 == 1;
+                void* p = nullptr;
+                int rc = async ? cudaMallocAsync(&p, n, s) : cudaMalloc(&p, n);
+                if (rc != 0 || p == nullptr) {
+                    errors++;
+                    continue;
+                }
+                allocations++;
+                if (!all_zero(p, n)) nonzero++;
+                fill_secret(p, n);
+                void* m = nullptr;
+                if (cudaMallocManaged(&m, 64, 1) != 0 || cudaFree(m) != 0) errors++;
+                rc = async ? cudaFreeAsync(p, s) : cudaFree(p);
+                if (rc != 0) errors++;
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    out("threads_allocations", allocations);
+    out("threads_nonzero", nonzero);
+    out("threads_errors", errors);
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("real_cudaMalloc", fake_cudart_calls("cudaMalloc"));
+    out("done", 1);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    const char* which = argc > 1 ? argv[1] : "main";
+    if (std::strcmp(which, "main") == 0) return scenario_main();
+    if (std::strcmp(which, "sync-failure") == 0) return scenario_sync_failure();
+    if (std::strcmp(which, "threads") == 0) return scenario_threads();
+    std::fprintf(stderr, "unknown scenario %s\n", which);
+    return 2;
+}
