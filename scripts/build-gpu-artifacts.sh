@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on the GPU machine (which has no Rust toolchain) and
 # puts it in gpu-artifacts/ (git-ignored; carry it to the GPU machine with the working tree):
-# libkvhygiene.so, the gpu_kernel test binary, the gpu_scrub bench binary and the kvh CLI,
-# stripped, plus MANIFEST.txt. Release build with the kernels compiled by the pinned toolchain (SASS for
+# libkvhygiene.so, libkvhygiene_preload.so, the gpu_kernel test binary, the gpu_scrub bench
+# binary and the kvh CLI, stripped, plus MANIFEST.txt. Release build with the kernels compiled by the pinned toolchain (SASS for
 # sm_80/86/89/90 + PTX), never the PTX fallback.
 #
 # Usage, from the repository root:   scripts/build-gpu-artifacts.sh
@@ -29,7 +29,8 @@ for line in sys.stdin:
 ' "$1"
 }
 
-"${build_env[@]}" cargo build --release --lib --bin kvh
+"${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh
+"${build_env[@]}" cargo build --release -p kvhygiene-preload --lib
 test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
     --message-format=json | executable gpu_kernel)"
 bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
@@ -38,11 +39,12 @@ bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
 dest="$root/gpu-artifacts"
 rm -rf "$dest"
 mkdir -p "$dest"
-cp target/release/libkvhygiene.so "$dest/"
+cp target/release/libkvhygiene.so target/release/libkvhygiene_preload.so "$dest/"
 cp "$test_bin" "$dest/gpu_kernel"
 cp "$bench_bin" "$dest/gpu_scrub"
 cp target/release/kvh "$dest/kvh"
-strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"
+strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
+    "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"
 
 origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygiene-*/out/kernel_images.rs | head -n1 | cut -d'"' -f2)"
 {
@@ -50,7 +52,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygien
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
     echo "kernels: ${origin:-unknown}"
     echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
-    (cd "$dest" && ls -l libkvhygiene.so gpu_kernel gpu_scrub kvh | awk '{print "size: " $9 " " $5 " bytes"}')
+    (cd "$dest" && ls -l libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh | awk '{print "size: " $9 " " $5 " bytes"}')
 } >"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
 du -sh "$dest"

@@ -4,6 +4,7 @@
 #
 # Layout (scripts/build-gpu-artifacts.sh fills gpu-artifacts/ on a build machine):
 #   gpu-artifacts/libkvhygiene.so   the library PyTorch loads (release, kernels embedded)
+#   gpu-artifacts/libkvhygiene_preload.so   the LD_PRELOAD interposers for C++ engines
 #   gpu-artifacts/gpu_kernel        tests/gpu_kernel.rs, the #[ignore]d GPU tests
 #   gpu-artifacts/gpu_scrub         benches/gpu_scrub.rs, the criterion benches
 #   gpu-artifacts/kvh               the CLI (kvh demo runs on the CUDA backend)
@@ -55,7 +56,7 @@ step() {
     echo "--- $name: exit $rc"
 }
 
-for f in libkvhygiene.so gpu_kernel gpu_scrub kvh; do
+for f in libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh; do
     if [[ ! -f "$art/$f" ]]; then
         echo "gpu-check: $art/$f missing; build with scripts/build-gpu-artifacts.sh and carry gpu-artifacts/" >&2
         exit 2
@@ -104,6 +105,13 @@ for mode in default kvh; do
 done
 # Paged KV cache blocks (vLLM layout) scrubbed through kvhygiene.scrub_blocks.
 step kv_blocks_kvh 60 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py/kv_blocks_kvh.json"
+# LD_PRELOAD: a C++ "engine" on the CUDA runtime, built here with nvcc (shared runtime, so it
+# can be interposed), run plain (the threat) and under libkvhygiene_preload.so (LD_PRELOAD on
+# the probe only, not on the shell around it).
+step preload_build 90 nvcc -cudart shared -O1 -o "$out/preload_probe" scripts/gpu/preload_probe.cpp
+step preload_default 60 bash -c '"$0" >"$1"' "$out/preload_probe" "$out/py/preload_default.json"
+step preload_kvh 60 bash -c 'LD_PRELOAD="$2" "$0" >"$1"' "$out/preload_probe" \
+    "$out/py/preload_kvh.json" "$art/libkvhygiene_preload.so"
 # The PyTorch example as a user runs it (exit 0: no residue, KV blocks scrubbed).
 KVH_LIBRARY="$GPU_CHECK_LIBRARY" step example_torch 60 python3 examples/torch_pluggable.py
 # The host CPU's speed drifts between processes by more than the effect measured here, so

@@ -103,9 +103,12 @@ def default_item_grid(out: Path) -> str:
 
 def row(rows, check, measured, target, ok, required=True):
     """One table row. A required check without a figure is MISSING, which fails the run as a
-    FAIL does: a check that did not run has not passed."""
-    if ok is None:
-        verdict = "MISSING" if required else "n/a"
+    FAIL does: a check that did not run has not passed. A row that is not required is
+    information (`yes` / `no` / `n/a`) and never fails the run."""
+    if not required:
+        verdict = "n/a" if ok is None else ("yes" if ok else "no")
+    elif ok is None:
+        verdict = "MISSING"
     else:
         verdict = "PASS" if ok else "FAIL"
     rows.append({"check": check, "measured": measured, "target": target, "verdict": verdict})
@@ -188,6 +191,32 @@ def main() -> int:
         + f"{kv['request_blocks']} blocks x {kv['regions']} regions per call, median {kv['call_us_median']:.4g} us",
         "0 and 0",
         None if not kv else (kv["named_nonzero"] == 0 and kv["others_changed"] == 0),
+    )
+    d, k = py(out, "preload_default"), py(out, "preload_kvh")
+
+    def probe(r):
+        return "; ".join(
+            f"{name}: {r[name]['secret_seen']} secret copies, {r[name]['nonzero']} non-zero bytes"
+            + (" (same address)" if r[name]["same_address"] else "")
+            for name in ("sync", "async")
+        )
+
+    row(
+        rows,
+        "LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)",
+        why(out, "preload_build", "preload_default") if not d else probe(d),
+        "> 0 shows the threat",
+        None if not d else d["sync"]["secret_seen"] + d["async"]["secret_seen"] > 0,
+        required=False,
+    )
+    row(
+        rows,
+        "LD_PRELOAD probe under libkvhygiene_preload.so",
+        why(out, "preload_build", "preload_kvh") if not k else probe(k),
+        "0 and 0",
+        None
+        if not k
+        else all(k[n]["secret_seen"] == 0 and k[n]["nonzero"] == 0 and k[n]["rc"] == 0 for n in ("sync", "async")),
     )
     example_rc = step_rc(out, "example_torch")
     row(

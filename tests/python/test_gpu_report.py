@@ -52,6 +52,11 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
     py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
     status(out, "example_torch", 0)
+    status(out, "preload_build", 0)
+    threat = {"rc": 0, "secret_seen": 9, "nonzero": 100, "same_address": True}
+    clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": False}
+    py_result(out, "preload_default", **{"sync": threat, "async": threat})
+    py_result(out, "preload_kvh", **{"sync": clean, "async": clean})
     py_result(out, "alloc_default", us_per_op=4.0)
     py_result(out, "alloc_kvh", us_per_op=6.0)
     py_result(out, "llama_default_1", tokens_per_s=1000.0)
@@ -81,6 +86,8 @@ def test_a_complete_passing_run_exits_0(tmp_path, monkeypatch):
     assert default["verdict"] == "PASS"
     # The alternative shape was not measured: shown as n/a, not counted against the run.
     assert other["verdict"] == "n/a" and other["measured"].startswith("missing")
+    plain = "LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)"
+    assert verdicts.pop(plain) == "yes", "the threat shown is information, not a check"
     assert all(v == "PASS" for c, v in verdicts.items() if "not the default" not in c), verdicts
     assert code == 0
 
@@ -200,3 +207,22 @@ def test_demo_residue_in_paged_blocks_fails_the_run(tmp_path, monkeypatch):
     assert demo["verdict"] == "FAIL"
     assert demo["measured"] == "new allocations read back: residue in 0; paged KV blocks read back: residue in 2"
     assert code == 1
+
+
+def test_preload_residue_fails_and_a_quiet_plain_runtime_does_not(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": False}
+    leaked = {"rc": 0, "secret_seen": 0, "nonzero": 12, "same_address": True}
+    # The plain runtime happening not to hand the secret back is not a failure of kvhygiene.
+    py_result(tmp_path, "preload_default", **{"sync": clean, "async": clean})
+    py_result(tmp_path, "preload_kvh", **{"sync": clean, "async": leaked})
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    plain = rows["LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)"]
+    kvh = rows["LD_PRELOAD probe under libkvhygiene_preload.so"]
+    assert plain["verdict"] == "no" and kvh["verdict"] == "FAIL"
+    assert "async: 0 secret copies, 12 non-zero bytes (same address)" in kvh["measured"]
+    assert code == 1
+    # Only the kvhygiene row is required.
+    py_result(tmp_path, "preload_kvh", **{"sync": clean, "async": clean})
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert code == 0, {c: r["verdict"] for c, r in rows.items()}
