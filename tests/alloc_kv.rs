@@ -342,20 +342,31 @@ fn kv_scrubs_are_ordered_after_the_cache_streams_and_before_its_free() {
     );
 }
 
+/// Blocks per region of [`big_cache`]: two regions of them make 80,000 segments, more than
+/// one backend batch.
+const BIG_BLOCKS: u64 = 40_000;
+
+/// A cache of two regions of `BIG_BLOCKS` 8-byte blocks, filled with a secret. Returns the
+/// allocation, its length and the layout.
+fn big_cache(f: &Fixture, tag: u8) -> (u64, u64, KvLayout) {
+    let block = 8u64;
+    let len = 2 * BIG_BLOCKS * block;
+    let a = f.malloc_zeroed(len as i64, 0, 0);
+    f.write(0, a, &secret(len as usize, tag));
+    let layout = KvLayout {
+        regions: vec![a, a + BIG_BLOCKS * block],
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: BIG_BLOCKS,
+    };
+    (a, len, layout)
+}
+
 #[test]
 fn calls_larger_than_a_batch_are_split_and_fully_scrubbed() {
     let f = Fixture::new(manual_config());
-    let (block, blocks) = (8u64, 40_000u64);
-    let len = 2 * blocks * block;
-    let a = f.malloc_zeroed(len as i64, 0, 0);
-    f.write(0, a, &secret(len as usize, 9));
-    let layout = KvLayout {
-        regions: vec![a, a + blocks * block],
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
-    let ids: Vec<u32> = (0..blocks as u32).rev().collect();
+    let (a, len, layout) = big_cache(&f, 9);
+    let ids: Vec<u32> = (0..BIG_BLOCKS as u32).rev().collect();
     let before = f.backend.batches.lock().unwrap().len();
     let r = f
         .alloc
@@ -446,17 +457,8 @@ fn a_refused_call_records_no_stream_on_the_cache() {
 #[test]
 fn a_later_batch_failing_keeps_the_evidence_of_the_earlier_ones() {
     let f = Fixture::new(manual_config());
-    let (block, blocks) = (8u64, 40_000u64);
-    let len = 2 * blocks * block;
-    let a = f.malloc_zeroed(len as i64, 0, 0);
-    f.write(0, a, &secret(len as usize, 3));
-    let layout = KvLayout {
-        regions: vec![a, a + blocks * block],
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
-    let ids: Vec<u32> = (0..blocks as u32).collect();
+    let (_, _, layout) = big_cache(&f, 3);
+    let ids: Vec<u32> = (0..BIG_BLOCKS as u32).collect();
     // The first batch (65,536 segments) runs with its first segment sabotaged; the second
     // cannot be submitted.
     f.backend.inject_fault_next();

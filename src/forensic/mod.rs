@@ -411,14 +411,12 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             samples_nonzero,
             coverage,
             threshold,
-        } => {
-            put("samples_expected", Field::U(*samples_expected));
-            put("samples_checked", Field::U(*samples_checked));
-            put("samples_nonzero", Field::U(*samples_nonzero));
-            // Fixed decimals: float text is not canonical.
-            put("coverage", Field::S(Cow::Owned(format!("{coverage:.6}"))));
-            put("threshold", Field::S(Cow::Owned(format!("{threshold:.6}"))));
-        }
+        } => verification_fields(
+            m,
+            [*samples_expected, *samples_checked, *samples_nonzero],
+            *coverage,
+            *threshold,
+        ),
         EventKind::Quarantined { reason } => put(
             "reason",
             st(match reason {
@@ -517,13 +515,35 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put("segment_addr", Field::S(Cow::Owned(format!("0x{addr:x}"))));
             put("segment_len", Field::U(*len));
             put("seed", Field::U(*seed));
-            put("samples_expected", Field::U(*samples_expected));
-            put("samples_checked", Field::U(*samples_checked));
-            put("samples_nonzero", Field::U(*samples_nonzero));
-            put("coverage", Field::S(Cow::Owned(format!("{coverage:.6}"))));
-            put("threshold", Field::S(Cow::Owned(format!("{threshold:.6}"))));
+            verification_fields(
+                m,
+                [*samples_expected, *samples_checked, *samples_nonzero],
+                *coverage,
+                *threshold,
+            );
         }
     }
+}
+
+/// The fields of a failed verification: samples expected, checked and non-zero, coverage
+/// and threshold (these two with fixed decimals: float text is not canonical).
+fn verification_fields(
+    m: &mut Fields<'_>,
+    [expected, checked, nonzero]: [u64; 3],
+    coverage: f64,
+    threshold: f64,
+) {
+    m.push((b("samples_expected"), Field::U(expected)));
+    m.push((b("samples_checked"), Field::U(checked)));
+    m.push((b("samples_nonzero"), Field::U(nonzero)));
+    m.push((
+        b("coverage"),
+        Field::S(Cow::Owned(format!("{coverage:.6}"))),
+    ));
+    m.push((
+        b("threshold"),
+        Field::S(Cow::Owned(format!("{threshold:.6}"))),
+    ));
 }
 
 #[cfg(test)]
