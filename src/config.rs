@@ -730,7 +730,13 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["localhost:9464", "127.0.0.1", "9464", "[::1]", "127.0.0.1:99999"] {
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            "9464",
+            "[::1]",
+            "127.0.0.1:99999",
+        ] {
             assert_eq!(
                 invalid_key(&[("KVH_METRICS_ADDR", bad)]),
                 "KVH_METRICS_ADDR",
@@ -755,7 +761,11 @@ mod tests {
             err.contains("metrics_interval_ms") && err.contains("kvh.toml"),
             "{err}"
         );
-        std::fs::write(&path, "metrics_addr = \"[::1]:9464\"\nmetrics_file = \"m.prom\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "metrics_addr = \"[::1]:9464\"\nmetrics_file = \"m.prom\"\n",
+        )
+        .unwrap();
         let c = Config::from_file(&path).unwrap();
         assert_eq!(c.metrics.addr, Some("[::1]:9464".parse().unwrap()));
         assert_eq!(c.metrics.file.as_deref(), Some(Path::new("m.prom")));
