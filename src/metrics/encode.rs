@@ -220,7 +220,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Blocks returned to the backend after a verified scrub."
+        "Blocks returned to the backend (idle, reuse limit, emptied cache, re-scrubbed quarantine)."
     ),
     series!(
         "/counters/invalid_frees",
