@@ -8,8 +8,8 @@
 //! fixed GET paths needs only a request line, so the whole server is this file.
 //!
 //! Limits ([`Limits`]): a request head larger than `max_request_bytes` gets 431; a request not
-//! complete within `request_timeout` gets 408; more than `max_connections` open connections
-//! get 503 at once. Connections are multiplexed without blocking, so a stalled client costs
+//! complete within `request_timeout` gets 408; a connection beyond `max_connections` gets 503
+//! at once (and beyond twice that is closed unanswered). Connections are multiplexed without blocking, so a stalled client costs
 //! one slot until its deadline, not the server's attention. Each connection carries one
 //! request (`Connection: close`). When no connection is open the thread blocks in `accept`
 //! and uses no CPU; while some are open it polls them every few milliseconds.
@@ -250,13 +250,18 @@ impl Loop {
             state: State::Reading,
             deadline: Instant::now() + self.limits.request_timeout,
         };
-        if self.conns.len() >= self.limits.max_connections {
+        let max = self.limits.max_connections;
+        if self.conns.len() >= max {
             self.rejected.fetch_add(1, Ordering::Relaxed);
-            // Best effort: one non-blocking write of the refusal, then close.
+            if self.conns.len() >= max.saturating_mul(2) {
+                // Refusals are piling up too: close at once, unanswered.
+                let _ = conn.stream.shutdown(Shutdown::Both);
+                return;
+            }
+            // Answered 503 like any response (written, then drained), so the client reads
+            // the refusal rather than a reset; refusals take at most as many slots again.
             let r = Response::text(503, "kvh: too many connections; try again\n");
-            let _ = conn.stream.write(&render(&r, false));
-            let _ = conn.stream.shutdown(Shutdown::Both);
-            return;
+            respond(&mut conn, &r, false, self.limits);
         }
         self.conns.push(conn);
     }
