@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use crate::config::MetricsConfig;
@@ -40,8 +41,18 @@ pub type Source = Arc<dyn Fn() -> Stats + Send + Sync>;
 pub struct Exporter {
     inner: Arc<Inner>,
     http: Option<http::Server>,
-    /// Dropping the sender stops the file thread.
-    _stop: Option<Sender<()>>,
+    /// The file thread and the sender whose drop stops it.
+    file_thread: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.file_thread.take() {
+            drop(stop);
+            // The thread ends after at most the write in progress.
+            let _ = thread.join();
+        }
+    }
 }
 
 struct Inner {
@@ -131,14 +142,14 @@ impl Exporter {
             http_rejected: Mutex::new(None),
         });
         let http = cfg.addr.and_then(|addr| start_http(addr, &inner, limits));
-        let stop = cfg
+        let file_thread = cfg
             .file
             .as_ref()
             .and_then(|_| spawn_file_thread(inner.clone(), Duration::from_millis(cfg.interval_ms)));
         Some(Exporter {
             inner,
             http,
-            _stop: stop,
+            file_thread,
         })
     }
 
@@ -186,7 +197,7 @@ fn start_http(addr: SocketAddr, inner: &Arc<Inner>, limits: http::Limits) -> Opt
     }
 }
 
-fn spawn_file_thread(inner: Arc<Inner>, every: Duration) -> Option<Sender<()>> {
+fn spawn_file_thread(inner: Arc<Inner>, every: Duration) -> Option<(Sender<()>, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("kvh-metrics-file".into())
@@ -199,7 +210,7 @@ fn spawn_file_thread(inner: Arc<Inner>, every: Duration) -> Option<Sender<()>> {
             }
         });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(thread) => Some((tx, thread)),
         Err(e) => {
             note(&format!(
                 "cannot start the metrics file thread ({e}); the file is written at exit only"
