@@ -390,7 +390,7 @@ pub const SERIES: &[Series] = &[
         Gauge,
         Present,
         NONE,
-        "1 once an asynchronous backend error occurred (sticky; the message is in /stats)."
+        "1 once an asynchronous backend error occurred (sticky; the message is in the stats JSON)."
     ),
     // The forensic log (`LogStats`, merged into the stats JSON as `log`).
     series!(

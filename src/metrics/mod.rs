@@ -1,6 +1,6 @@
 //! Metrics: the Prometheus exposition of the statistics, and its two exports.
 //!
-//! - [`encode`]: the Prometheus text format (0.0.4) of a [`Stats`] snapshot (with the
+//! - [`mod@encode`]: the Prometheus text format (0.0.4) of a [`Stats`] snapshot (with the
 //!   forensic log's statistics merged in), one metric per numeric field;
 //! - [`parse`]: a reader of that format (`kvh metrics`, `kvh serve-metrics`, the tests);
 //! - [`textfile`]: atomic replacement of the metrics file (node-exporter textfile collector);
