@@ -281,6 +281,24 @@ fn an_oversized_request_is_refused_and_counted() {
 }
 
 #[test]
+fn the_request_size_limit_is_exact_even_in_one_read() {
+    let limits = Limits {
+        max_request_bytes: 1024,
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let head = |len: usize| {
+        let mut h = "GET /healthz HTTP/1.1\r\nX-Pad: ".to_string();
+        h.push_str(&"p".repeat(len - h.len() - 4));
+        h.push_str("\r\n\r\n");
+        assert_eq!(h.len(), len);
+        h
+    };
+    assert_eq!(get(addr, &head(1024)).status, 200);
+    assert_eq!(get(addr, &head(1025)).status, 431);
+}
+
+#[test]
 fn a_slow_client_neither_hangs_the_server_nor_delays_others() {
     let limits = Limits {
         request_timeout: Duration::from_secs(2),

@@ -284,15 +284,19 @@ impl Loop {
                     Ok(n) => {
                         let from = conn.buf.len().saturating_sub(3);
                         conn.buf.extend_from_slice(&chunk[..n]);
-                        let complete = find(&conn.buf[from..], b"\r\n\r\n").is_some()
-                            || find(&conn.buf[from..], b"\n\n").is_some();
-                        if complete {
-                            let (r, head_only) = answer(&conn.buf, self.routes.as_ref());
+                        // Where the head ends (blank line), counted from the start.
+                        let head_end = [&b"\r\n\r\n"[..], b"\n\n"]
+                            .iter()
+                            .filter_map(|t| find(&conn.buf[from..], t).map(|i| from + i + t.len()))
+                            .min();
+                        let max = limits.max_request_bytes;
+                        if let Some(end) = head_end.filter(|&end| end <= max) {
+                            let (r, head_only) = answer(&conn.buf[..end], self.routes.as_ref());
                             if r.status == 400 {
                                 self.rejected.fetch_add(1, Ordering::Relaxed);
                             }
                             respond(conn, &r, head_only, limits);
-                        } else if conn.buf.len() > limits.max_request_bytes {
+                        } else if head_end.is_some() || conn.buf.len() > max {
                             self.rejected.fetch_add(1, Ordering::Relaxed);
                             let r = Response::text(431, "kvh: request head too large\n");
                             respond(conn, &r, false, limits);
