@@ -11,6 +11,10 @@
 //! - `cuda_batch_prep/4096x64KiB`: the host's share of launching a CUDA scrub batch of 4096
 //!   segments (the GPU batched benchmark's shape): the launch plan and its work items, written
 //!   into the slot's page-locked area (a preallocated buffer stands in for it). No GPU needed.
+//! - `kv_scrub/{scrub_blocks,memset}`: `Allocator::scrub_kv_blocks` of 32 blocks of 4 KiB in
+//!   each of 160 regions (an 80-layer model's K and V), waited for, against a `memset` of the
+//!   same 5120 blocks: the cost of the checks, the submission and the verification on top of
+//!   the zeroing.
 //!
 //! `scripts/bench-report.sh` prints the medians and ratios from criterion's estimates.
 
@@ -191,5 +195,61 @@ fn cuda_batch_prep(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scrub_throughput, alloc_pair, cuda_batch_prep);
+fn kv_scrub(c: &mut Criterion) {
+    use kvhygiene::alloc::KvLayout;
+    const REGIONS: u64 = 160;
+    const BLOCKS: u64 = 256;
+    const BLOCK: u64 = 4096;
+    let ids: Vec<u32> = (0..32).map(|i| i * 7 + 3).collect();
+    let mut g = c.benchmark_group("kv_scrub");
+    g.throughput(Throughput::Bytes(REGIONS * ids.len() as u64 * BLOCK));
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(4));
+
+    let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
+    let region = BLOCKS * BLOCK;
+    let cache = alloc
+        .malloc((REGIONS * region) as i64, 0, StreamHandle(0))
+        .expect("cache");
+    let layout = KvLayout {
+        regions: (0..REGIONS).map(|r| cache + r * region).collect(),
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    g.bench_function("scrub_blocks", |b| {
+        b.iter(|| {
+            let report = alloc
+                .scrub_kv_blocks(&layout, black_box(&ids), 0, StreamHandle(0))
+                .expect("scrub");
+            assert!(report.failed.is_empty());
+        })
+    });
+
+    let mut buf = vec![1u8; (REGIONS * region) as usize];
+    g.bench_function("memset", |b| {
+        b.iter(|| {
+            for r in 0..REGIONS {
+                for &id in &ids {
+                    let off = (r * region + u64::from(id) * BLOCK) as usize;
+                    buf[off..off + BLOCK as usize].fill(0);
+                }
+            }
+            black_box(&mut buf);
+        })
+    });
+    g.finish();
+    alloc
+        .free(cache, (REGIONS * region) as i64, 0, StreamHandle(0))
+        .expect("free");
+    alloc.synchronize().expect("synchronize");
+}
+
+criterion_group!(
+    benches,
+    scrub_throughput,
+    alloc_pair,
+    cuda_batch_prep,
+    kv_scrub
+);
 criterion_main!(benches);

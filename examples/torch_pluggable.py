@@ -10,7 +10,9 @@ What it shows:
    them carry the tenant, request and model ids;
 3. memory a request frees comes back zeroed: the next request's torch.empty() cannot read the
    previous request's data (with PyTorch's default allocator it can);
-4. kvhygiene.stats() reports what the allocator did.
+4. a paged KV cache (one tensor per layer, blocks handed between requests by the engine, as
+   vLLM does) gets a finished request's blocks zeroed and verified with scrub_blocks;
+5. kvhygiene.stats() reports what the allocator did.
 """
 
 import sys
@@ -52,14 +54,32 @@ def main() -> int:
         print(f"tenant B sees {leaked} of tenant A's values, {nonzero} non-zero elements")
         del probe
 
+    # 4. A paged KV cache: per layer [2 (K, V), num_blocks, block_size, heads, head_size], as
+    #    vLLM lays it out. The engine hands blocks from request to request itself, so it asks
+    #    kvhygiene to scrub a finished request's blocks before they go back to its free list.
+    caches = [torch.zeros((2, 256, 16, 8, 64), dtype=torch.float16, device="cuda") for _ in range(2)]
+    layout = kvhygiene.KvLayout.from_tensors(caches, block_dim=1)
+    request_blocks = [3, 17, 42]
+    with kvhygiene.context(tenant_id="tenant-a", request_id="req-3", model_id="demo-model"):
+        for c in caches:
+            c[:, request_blocks] = 7.0  # the request's keys and values
+        try:
+            kvhygiene.scrub_blocks(layout, request_blocks)  # on the current stream; waits
+        except kvhygiene.ScrubVerificationError as e:
+            print("retire these blocks, never reuse them:", e.failed_blocks)
+            return 2
+    kv_left = sum(int((c[:, request_blocks] != 0).sum().item()) for c in caches)
+    print(f"after scrub_blocks, {kv_left} non-zero values in the request's KV blocks")
+    del caches
+
     # torch.cuda.empty_cache() reaches kvhygiene through the reset hook install() registered.
     torch.cuda.empty_cache()
     kvhygiene.synchronize()
 
-    # 4. What the allocator did.
+    # 5. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
-    return 0 if leaked == 0 and nonzero == 0 else 2
+    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 else 2
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ enum kvh_result
   KVH_ERR_SIZE_MISMATCH = 7007,
   // Free of a block on another device than the one named.
   KVH_ERR_WRONG_DEVICE = 7008,
-  // The block's scrub did not verify (coverage below threshold); it is quarantined.
+  // A scrub did not verify (coverage below threshold, or residue): a freed block is
+  // quarantined; `kvh_scrub_blocks` lists the KV blocks that failed.
   KVH_ERR_VERIFY_FAILED = 7009,
   // A tenant / request / model id is too long, has control characters or is not UTF-8.
   KVH_ERR_INVALID_CONTEXT = 7010,
@@ -58,6 +59,12 @@ enum kvh_result
   // The forensic log could not be opened (directory, permissions, key); the allocator did
   // not start, since it must not run without the evidence it was configured to keep.
   KVH_ERR_LOG = 7018,
+  // `kvh_scrub_blocks`: the KV layout or the block ids are invalid (overlapping blocks,
+  // an id out of range or named twice, too many segments); nothing was scrubbed.
+  KVH_ERR_INVALID_LAYOUT = 7019,
+  // `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
+  // kvhygiene on that device; nothing was scrubbed.
+  KVH_ERR_NOT_LIVE = 7020,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -66,6 +73,21 @@ typedef enum kvh_result kvh_result;
 typedef uint32_t kvh_result;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
+
+// Where the blocks of a paged KV cache are, for `kvh_scrub_blocks`: `region_count` regions
+// (for example one per layer and per K/V) whose bases are in `region_bases`, each holding
+// `blocks_per_region` blocks; block `i` of a region starts `i * block_stride` bytes after
+// the region's base and is `block_bytes` long. vLLM's `[2, num_blocks, ...]` layer tensor is
+// two regions (K, V) with `block_stride == block_bytes`; a `[num_blocks, 2, ...]` tensor is
+// two regions `block_bytes` apart with `block_stride == 2 * block_bytes`.
+typedef struct {
+  // `region_count` device addresses (aligned `uint64_t`s).
+  const uint64_t *region_bases;
+  size_t region_count;
+  uint64_t block_bytes;
+  uint64_t block_stride;
+  uint64_t blocks_per_region;
+} kvh_kv_layout;
 
 #ifdef __cplusplus
 extern "C" {
@@ -98,6 +120,38 @@ int kvh_free_checked(void *ptr, ssize_t size, int device, void *stream);
 // Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
 // scrub will be ordered after the work queued there. Unknown pointers are ignored.
 void kvh_record_stream(void *ptr, void *stream);
+
+// Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
+// `device`, in stream order on `stream` (after the work queued there and on the streams of
+// the allocations holding the cache), and waits for the verdict. For engines that hand KV
+// blocks between requests themselves: call it when blocks leave a request or a tenant.
+//
+// Every region, all of its blocks, must lie inside the requested bytes of one live
+// allocation from `kvh_malloc` on `device`, and no two blocks of the layout may overlap:
+// kvhygiene never writes memory it did not hand out, nor a block the call did not name.
+//
+// Returns `KVH_OK` when every block verified zero. `KVH_ERR_VERIFY_FAILED` when some did
+// not: `*failed_count` says how many, and the first `failed_capacity` of their ids are
+// written to `failed_ids`, in the order given; those blocks must not be handed to another
+// request. Any other code means nothing was scrubbed (`KVH_ERR_INVALID_LAYOUT`,
+// `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_NULL_PARAMETER`) or the call did not
+// finish (`KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE`, `KVH_ERR_SHUTTING_DOWN`): no block of
+// the call may then be taken as clean. Calls the allocator refuses (layout, ids, memory not
+// live) are logged as policy violations; NULLs and over-limit lengths are refused before.
+//
+// `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout is checked);
+// `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and `failed_count` are
+// required. Waits on the device: call it per finished request, not per token.
+//
+// Ownership: every pointer stays the caller's and is used only during the call.
+int kvh_scrub_blocks(const kvh_kv_layout *layout,
+                     const uint32_t *block_ids,
+                     size_t block_count,
+                     int device,
+                     void *stream,
+                     uint32_t *failed_ids,
+                     size_t failed_capacity,
+                     size_t *failed_count);
 
 // Submits every pending scrub, waits for them, and returns every clean cached block to the
 // backend (PyTorch's empty-cache hook).

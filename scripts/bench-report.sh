@@ -17,5 +17,6 @@ def ratio(label, num, den, target, higher_is_better=True):
         print(f"{label:<60} {r:8.3f}  (target {target})")
 print()
 ratio("host scrub+verify throughput / memset throughput", "scrub_64MiB/kvh_scrub_verify", "scrub_64MiB/memset", ">= 0.9")
+ratio("KV blocks: memset time / kvh scrub_blocks time", "kv_scrub/scrub_blocks", "kv_scrub/memset", "none; the overhead of checks and verification")
 ratio("glibc malloc+memset+free time / kvh pool-hit pair time", "alloc_pair_mixed/kvh_pool_hit/mixed", "alloc_pair_mixed/glibc_malloc_free_memset/mixed", ">= 1.0")
 PY

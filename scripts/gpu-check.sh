@@ -102,6 +102,10 @@ for mode in default kvh; do
     step "alloc_$mode" 60 python3 scripts/gpu/alloc_bench.py --mode "$mode" \
         --out "$out/py/alloc_$mode.json"
 done
+# Paged KV cache blocks (vLLM layout) scrubbed through kvhygiene.scrub_blocks.
+step kv_blocks_kvh 60 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py/kv_blocks_kvh.json"
+# The PyTorch example as a user runs it (exit 0: no residue, KV blocks scrubbed).
+KVH_LIBRARY="$GPU_CHECK_LIBRARY" step example_torch 60 python3 examples/torch_pluggable.py
 # The host CPU's speed drifts between processes by more than the effect measured here, so
 # Llama runs alternate default / kvhygiene in fresh processes, ROUNDS times; the report takes
 # the median of the per-round ratios.

@@ -2,14 +2,18 @@
 //! are freed at request end, on a real [`Allocator`]. Every new allocation is read back and
 //! must be all zero, while every request fills its blocks with its own secret bytes: a single
 //! leak between requests would show up as a non-zero byte.
+//!
+//! Each request also takes blocks from a shared paged KV cache, as vLLM-style engines keep
+//! one, and hands them back through [`Allocator::scrub_kv_blocks`]; every block a request
+//! takes is read back the same way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::alloc::{Allocator, FreeError};
+use crate::alloc::{Allocator, FreeError, KvLayout, KvScrubError};
 use crate::backend::{Backend, BackendKind, StreamHandle};
 use crate::config::Config;
 use crate::context::Context;
@@ -62,6 +66,9 @@ pub struct FaultDrill {
     pub checked: u64,
     /// Of those, allocations with any non-zero byte. Must be 0.
     pub with_residue: u64,
+    /// A sabotaged paged-cache block was named by `scrub_kv_blocks` and kept out of the
+    /// cache's free list, while its neighbour, scrubbed in the same call, went back.
+    pub kv_caught: bool,
 }
 
 /// The demo's findings.
@@ -75,6 +82,12 @@ pub struct DemoReport {
     pub allocations_checked: u64,
     /// Of those, allocations with any non-zero byte: leaks. Must be 0.
     pub allocations_with_residue: u64,
+    /// Paged-cache blocks taken by requests, each read back (K and V) before use.
+    pub kv_blocks_checked: u64,
+    /// Of those, blocks with any non-zero byte: leaks. Must be 0.
+    pub kv_blocks_with_residue: u64,
+    /// Blocks `scrub_kv_blocks` named as failed, kept out of the cache's free list.
+    pub kv_blocks_retired: u64,
     pub fault_drill: Option<FaultDrill>,
     pub stats: Stats,
 }
@@ -83,10 +96,11 @@ impl DemoReport {
     /// Whether the run showed what it must: no residue, and a caught fault when one was set.
     pub fn passed(&self) -> bool {
         self.allocations_with_residue == 0
+            && self.kv_blocks_with_residue == 0
             && self
                 .fault_drill
                 .as_ref()
-                .is_none_or(|d| d.caught && d.quarantined)
+                .is_none_or(|d| d.caught && d.quarantined && d.kv_caught)
     }
 }
 
@@ -101,6 +115,8 @@ pub enum DemoError {
     FaultNeedsHost(BackendKind),
     #[error("free failed: {0}")]
     Free(#[from] FreeError),
+    #[error("KV block scrub failed: {0}")]
+    KvScrub(#[from] KvScrubError),
 }
 
 /// Runs the simulation on `backend` with `config`. `progress` is called after each request.
@@ -115,7 +131,8 @@ pub fn run(
         return Err(DemoError::FaultNeedsHost(backend.kind()));
     }
     let alloc = Allocator::new(backend, config, sink);
-    let checked = AtomicU64::new(0);
+    let paged = PagedCache::new(&alloc, opts)?;
+    let checked = AtomicU64::new(1); // the paged cache's allocation, read back by `new`
     let residue = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let total = u64::from(opts.tenants) * u64::from(opts.requests_per_tenant);
@@ -123,7 +140,8 @@ pub fn run(
     std::thread::scope(|scope| -> Result<(), DemoError> {
         let workers: Vec<_> = (0..opts.tenants)
             .map(|tenant| {
-                let (alloc, checked, residue, done) = (&alloc, &checked, &residue, &done);
+                let (alloc, paged) = (&alloc, &paged);
+                let (checked, residue, done) = (&checked, &residue, &done);
                 scope.spawn(move || -> Result<(), DemoError> {
                     let mut rng = Rng(
                         opts.seed ^ (u64::from(tenant) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -137,6 +155,7 @@ pub fn run(
                         .unwrap_or_default();
                         Context::set_current(ctx);
                         let found = run_request(alloc, opts, tenant, &mut rng)?;
+                        paged.serve(alloc, &mut rng, tenant_secret(tenant))?;
                         checked.fetch_add(found.0, Ordering::Relaxed);
                         residue.fetch_add(found.1, Ordering::Relaxed);
                         progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
@@ -152,13 +171,14 @@ pub fn run(
         Ok(())
     })?;
     let fault_drill = if opts.inject_fault {
-        let drill = fault_drill(&alloc, opts)?;
+        let drill = fault_drill(&alloc, &paged, opts)?;
         checked.fetch_add(drill.checked, Ordering::Relaxed);
         residue.fetch_add(drill.with_residue, Ordering::Relaxed);
         Some(drill)
     } else {
         None
     };
+    alloc.free(paged.addr, paged.size as i64, 0, DEFAULT_STREAM)?;
     // Shutdown drains every scrub so the figures are final.
     alloc.shutdown();
     let stats = alloc.stats();
@@ -169,6 +189,9 @@ pub fn run(
         elapsed_ms: started.elapsed().as_millis() as u64,
         allocations_checked: checked.into_inner(),
         allocations_with_residue: residue.into_inner(),
+        kv_blocks_checked: paged.checked.into_inner(),
+        kv_blocks_with_residue: paged.with_residue.into_inner(),
+        kv_blocks_retired: paged.retired.into_inner(),
         fault_drill,
         stats,
     })
@@ -184,7 +207,7 @@ fn run_request(
     rng: &mut Rng,
 ) -> Result<(u64, u64), DemoError> {
     let stream = DEFAULT_STREAM;
-    let secret = tenant as u8 ^ 0xA5 | 1;
+    let secret = tenant_secret(tenant);
     let prompt_blocks = 1 + rng.below(4);
     let decode_blocks = u64::from(opts.decode_tokens / opts.tokens_per_block.max(1)).max(1);
     let mut kv = Vec::new();
@@ -216,6 +239,103 @@ fn run_request(
     Ok((checked, dirty))
 }
 
+/// The bytes a tenant's requests write into their memory (never zero).
+fn tenant_secret(tenant: u32) -> u8 {
+    tenant as u8 ^ 0xA5 | 1
+}
+
+/// Blocks of the paged cache per tenant; a request takes at most half of them.
+const PAGED_BLOCKS_PER_TENANT: u64 = 16;
+
+/// A paged KV cache shared by every tenant, as a vLLM-style engine keeps one: K and V regions
+/// in one allocation, whose blocks requests take from a free list and hand back through
+/// `scrub_kv_blocks`. A block the scrub names as failed is retired, never handed out again.
+struct PagedCache {
+    addr: u64,
+    size: u64,
+    layout: KvLayout,
+    free: Mutex<Vec<u32>>,
+    checked: AtomicU64,
+    with_residue: AtomicU64,
+    retired: AtomicU64,
+}
+
+impl PagedCache {
+    fn new(alloc: &Allocator, opts: &DemoOptions) -> Result<PagedCache, DemoError> {
+        let blocks = PAGED_BLOCKS_PER_TENANT * u64::from(opts.tenants.max(1));
+        // One block of the cache is a KV block's K half, or its V half.
+        let block_bytes = (opts.kv_block_bytes / 2).max(1);
+        let size = 2 * blocks * block_bytes;
+        let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+        let cache = PagedCache {
+            addr,
+            size,
+            layout: KvLayout {
+                regions: vec![addr, addr + blocks * block_bytes],
+                block_bytes,
+                block_stride: block_bytes,
+                blocks_per_region: blocks,
+            },
+            free: Mutex::new((0..blocks as u32).rev().collect()),
+            checked: AtomicU64::new(0),
+            with_residue: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
+        };
+        // A new allocation like any other: it must read zero.
+        if !reads_zero(alloc.backend().as_ref(), addr, size)? {
+            cache.with_residue.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(cache)
+    }
+
+    /// One request's use of the cache: take blocks, check they read zero, fill them with the
+    /// tenant's secret, hand them back.
+    fn serve(&self, alloc: &Allocator, rng: &mut Rng, secret: u8) -> Result<(), DemoError> {
+        let ids = self.take(1 + rng.below(PAGED_BLOCKS_PER_TENANT / 2) as usize);
+        let backend = alloc.backend().as_ref();
+        for &id in &ids {
+            self.checked.fetch_add(1, Ordering::Relaxed);
+            let mut dirty = false;
+            for (addr, len) in self.block(id) {
+                dirty |= !reads_zero(backend, addr, len)?;
+                backend.write(0, addr, &vec![secret; len as usize])?;
+            }
+            if dirty {
+                self.with_residue.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.give_back(alloc, &ids)?;
+        Ok(())
+    }
+
+    /// Takes up to `n` blocks off the free list.
+    fn take(&self, n: usize) -> Vec<u32> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = free.len().saturating_sub(n);
+        free.split_off(keep)
+    }
+
+    /// Scrubs `ids` and returns the verified ones to the free list. Returns the failed ones.
+    fn give_back(&self, alloc: &Allocator, ids: &[u32]) -> Result<Vec<u32>, DemoError> {
+        let report = alloc.scrub_kv_blocks(&self.layout, ids, 0, DEFAULT_STREAM)?;
+        self.retired
+            .fetch_add(report.failed.len() as u64, Ordering::Relaxed);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.extend(ids.iter().filter(|id| !report.failed.contains(id)));
+        Ok(report.failed)
+    }
+
+    /// The K and V parts of block `id`, as `(address, length)`.
+    fn block(&self, id: u32) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let offset = u64::from(id) * self.layout.block_stride;
+        let len = self.layout.block_bytes;
+        self.layout
+            .regions
+            .iter()
+            .map(move |&base| (base + offset, len))
+    }
+}
+
 /// Reads a whole allocation back and checks it is zero.
 fn reads_zero(backend: &dyn Backend, addr: u64, size: u64) -> Result<bool, DemoError> {
     let mut buf = vec![0xFFu8; size as usize];
@@ -223,8 +343,12 @@ fn reads_zero(backend: &dyn Backend, addr: u64, size: u64) -> Result<bool, DemoE
     Ok(buf.iter().all(|&b| b == 0))
 }
 
-/// Sabotages one scrub and shows verification catching it.
-fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, DemoError> {
+/// Sabotages one scrub and shows verification catching it, then one paged-cache block scrub.
+fn fault_drill(
+    alloc: &Allocator,
+    paged: &PagedCache,
+    opts: &DemoOptions,
+) -> Result<FaultDrill, DemoError> {
     let victim = Context::new(
         Some("tenant-victim"),
         Some("req-victim"),
@@ -243,6 +367,8 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
     read_back(addr)?;
     alloc.backend().write(0, addr, &vec![0x5E; size as usize])?;
     let id = alloc.block_info(addr).map(|b| b.id);
+    // Frees still batched from the workload must not take the sabotage meant for this one.
+    let _ = alloc.synchronize();
     alloc.backend().inject_fault(1)?;
     let result = alloc.free_checked(addr, size as i64, 0, DEFAULT_STREAM);
     let caught = matches!(result, Err(FreeError::VerifyFailed { .. }));
@@ -255,6 +381,7 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
         alloc.free(again, size as i64, 0, DEFAULT_STREAM)?;
         let _ = alloc.synchronize();
     }
+    let kv_caught = kv_fault_drill(alloc, paged)?;
     Context::set_current(Context::none());
     let quarantined = alloc.stats().counters.quarantined >= 1 && !handed_out_again;
     let detail = match result {
@@ -267,7 +394,32 @@ fn fault_drill(alloc: &Allocator, opts: &DemoOptions) -> Result<FaultDrill, Demo
         detail,
         checked,
         with_residue,
+        kv_caught,
     })
+}
+
+/// Two paged-cache blocks filled with a secret are scrubbed with the first one sabotaged:
+/// `scrub_kv_blocks` must name exactly that one, which stays out of the free list, while the
+/// other goes back, reading zero.
+fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoError> {
+    let ids = paged.take(2);
+    let backend = alloc.backend().as_ref();
+    for &id in &ids {
+        for (addr, len) in paged.block(id) {
+            backend.write(0, addr, &vec![0x5E; len as usize])?;
+        }
+    }
+    let _ = alloc.synchronize();
+    backend.inject_fault(1)?;
+    let failed = paged.give_back(alloc, &ids)?;
+    let free = paged.free.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut clean = true;
+    for &id in &free {
+        for (addr, len) in paged.block(id) {
+            clean &= reads_zero(backend, addr, len)?;
+        }
+    }
+    Ok(ids.len() == 2 && failed == ids[..1] && !free.contains(&ids[0]) && clean)
 }
 
 /// xorshift64*: a small deterministic generator for the workload shape.
@@ -348,13 +500,24 @@ pub fn render(report: &DemoReport) -> String {
             report.allocations_checked, report.allocations_with_residue
         ),
     );
+    line(
+        "paged KV blocks read back",
+        format!(
+            "{}, with residue: {} ({} scrub_blocks calls; blocks retired: {})",
+            report.kv_blocks_checked,
+            report.kv_blocks_with_residue,
+            c.kv_scrub_calls,
+            report.kv_blocks_retired
+        ),
+    );
     if let Some(d) = &report.fault_drill {
         line(
             "fault drill",
             format!(
-                "caught: {}, quarantined and never reused: {}",
+                "caught: {}, quarantined and never reused: {}, KV block named and retired: {}",
                 yes(d.caught),
-                yes(d.quarantined)
+                yes(d.quarantined),
+                yes(d.kv_caught)
             ),
         );
         line("", d.detail.clone());
@@ -423,8 +586,16 @@ mod tests {
             assert!(r.passed(), "{}", render(&r));
             assert_eq!(r.allocations_checked, r.stats.counters.allocations);
             assert_eq!(r.allocations_with_residue, 0);
+            // Every request took at least one paged block; each was read back.
+            assert!(r.kv_blocks_checked >= 6, "{}", r.kv_blocks_checked);
+            assert_eq!(r.kv_blocks_with_residue, 0);
+            assert_eq!(
+                r.stats.counters.kv_blocks_scrubbed,
+                r.kv_blocks_checked + 2 * u64::from(inject_fault)
+            );
+            assert_eq!(r.kv_blocks_retired, u64::from(inject_fault));
             if let Some(d) = &r.fault_drill {
-                assert!(d.caught && d.quarantined, "{d:?}");
+                assert!(d.caught && d.quarantined && d.kv_caught, "{d:?}");
                 assert_eq!((d.checked, d.with_residue), (65, 0));
             }
         }

@@ -95,6 +95,35 @@ pub enum EventKind {
         policy: &'static str,
         detail: String,
     },
+    /// `kvh_scrub_blocks` scrubbed and verified blocks of a paged KV cache. The event's block
+    /// is absent (one call covers many); the calling thread's context says whose they were.
+    KvScrubbed {
+        device: u32,
+        /// Block ids scrubbed, and how many of them failed verification.
+        blocks: u64,
+        failed_blocks: u64,
+        /// Segments (block × region) and their bytes.
+        segments: u64,
+        bytes: u64,
+        /// Seed of the first segment; segment `i` (block-major, in the order given) used
+        /// `first_seed + i`.
+        first_seed: u64,
+        stream: u64,
+    },
+    /// One segment of a `kvh_scrub_blocks` call did not verify (or read residue). The event's
+    /// block is the allocation holding the KV cache.
+    KvVerifyFailed {
+        kv_block: u32,
+        region: u32,
+        addr: u64,
+        len: u64,
+        seed: u64,
+        samples_expected: u64,
+        samples_checked: u64,
+        samples_nonzero: u64,
+        coverage: f64,
+        threshold: f64,
+    },
 }
 
 impl EventKind {
@@ -108,13 +137,19 @@ impl EventKind {
             EventKind::SizeMismatch { .. } => "size_mismatch",
             EventKind::TtlExceeded { .. } => "ttl_exceeded",
             EventKind::PolicyViolation { .. } => "policy_violation",
+            EventKind::KvScrubbed { .. } => "kv_scrub",
+            EventKind::KvVerifyFailed { .. } => "kv_verify_failed",
         }
     }
 
-    /// Security events must never be dropped by a sink (invariant 5). Releases are lifecycle
-    /// records: still logged, but a sink under pressure may coalesce them into a summary.
+    /// Security events must never be dropped by a sink (invariant 5). Releases and KV scrubs
+    /// are lifecycle records: still logged, but a sink under pressure may coalesce them into
+    /// a summary.
     pub fn is_security(&self) -> bool {
-        !matches!(self, EventKind::Released { .. })
+        !matches!(
+            self,
+            EventKind::Released { .. } | EventKind::KvScrubbed { .. }
+        )
     }
 }
 

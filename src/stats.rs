@@ -103,6 +103,15 @@ counters! {
     out_of_memory,
     oom_recoveries,
     backend_errors,
+    /// `kvh_scrub_blocks` calls that ran, and what they scrubbed.
+    kv_scrub_calls,
+    kv_blocks_scrubbed,
+    kv_segments_scrubbed,
+    kv_bytes_scrubbed,
+    /// KV blocks with a segment that failed verification or read residue.
+    kv_blocks_failed,
+    /// `kvh_scrub_blocks` calls refused (bad layout or ids, memory not live).
+    kv_scrubs_refused,
 }
 
 /// One device pool's statistics.

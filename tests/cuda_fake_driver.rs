@@ -229,6 +229,12 @@ fn without_an_occupancy_figure_the_resident_grid_falls_back_to_one_block_per_chu
 }
 
 #[test]
+fn kv_cache_blocks_are_scrubbed_through_the_allocator() {
+    let (path, _lib) = fake_or_skip!("kv_blocks");
+    common::kv_blocks_are_scrubbed(std::sync::Arc::new(start(&path)));
+}
+
+#[test]
 fn every_entry_point_makes_the_context_current_on_its_thread() {
     // The stand-in fails every call made without the primary context current on the calling
     // thread, as PyTorch's freeing threads would leave it.

@@ -135,6 +135,12 @@ fn batches_with_work_items_under_both_launch_shapes() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn kv_cache_blocks_are_scrubbed_through_the_allocator() {
+    common::kv_blocks_are_scrubbed(std::sync::Arc::new(backend()));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn a_skipped_segment_is_caught_by_the_verification() {
     let b = backend();
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));

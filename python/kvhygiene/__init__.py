@@ -8,6 +8,12 @@ Three calls cover the integration::
         ...                          # tensors allocated here are stamped with these ids
     kvhygiene.stats()                # the allocator's counters as a dict
 
+Engines with a paged KV cache (vLLM, SGLang) hand cache blocks between requests themselves;
+they call :func:`scrub_blocks` when blocks leave a request::
+
+    layout = kvhygiene.KvLayout.from_tensors(kv_caches, block_dim=1)   # once
+    kvhygiene.scrub_blocks(layout, finished_request_block_ids)          # per finished request
+
 ``install`` makes ``libkvhygiene.so`` PyTorch's CUDA allocator through
 ``torch.cuda.memory.CUDAPluggableAllocator``: every tensor's memory then comes from the
 kvhygiene pool, and memory freed by one request is zeroed and verified before any other
@@ -31,7 +37,10 @@ from typing import Iterator, Optional
 
 __all__ = [
     "KvhError",
+    "ScrubVerificationError",
     "AllocatorAlreadyInUseError",
+    "KvLayout",
+    "scrub_blocks",
     "find_library",
     "load",
     "install",
@@ -46,6 +55,8 @@ __all__ = [
 LIBRARY_NAME = "libkvhygiene.so"
 #: Error code the C ABI returns when a caller's buffer is too small (out_len says how much).
 KVH_ERR_BUFFER_TOO_SMALL = 7013
+#: Error code of a scrub that did not verify.
+KVH_ERR_VERIFY_FAILED = 7009
 KVH_OK = 0
 
 
@@ -56,6 +67,20 @@ class KvhError(RuntimeError):
         super().__init__(f"{call} failed: {message} (kvhygiene error {code})")
         self.call = call
         self.code = code
+
+
+class ScrubVerificationError(KvhError):
+    """:func:`scrub_blocks` ran, but ``failed_blocks`` did not verify zero: they must not be
+    handed to another request (retire them)."""
+
+    def __init__(self, failed_blocks: list, scrubbed: int):
+        super().__init__(
+            "kvh_scrub_blocks",
+            KVH_ERR_VERIFY_FAILED,
+            f"{len(failed_blocks)} of {scrubbed} KV blocks failed verification "
+            f"(first: {failed_blocks[0] if failed_blocks else None}); they must not be reused",
+        )
+        self.failed_blocks = failed_blocks
 
 
 class AllocatorAlreadyInUseError(RuntimeError):
@@ -102,6 +127,18 @@ def find_library(path: Optional[str] = None) -> str:
     )
 
 
+class _CLayout(ctypes.Structure):
+    """``kvh_kv_layout`` of include/kvhygiene.h."""
+
+    _fields_ = [
+        ("region_bases", ctypes.POINTER(ctypes.c_uint64)),
+        ("region_count", ctypes.c_size_t),
+        ("block_bytes", ctypes.c_uint64),
+        ("block_stride", ctypes.c_uint64),
+        ("blocks_per_region", ctypes.c_uint64),
+    ]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     """Argument and return types of the C ABI (include/kvhygiene.h)."""
     c_ssize = ctypes.c_ssize_t
@@ -134,7 +171,24 @@ def _declare(lib: ctypes.CDLL) -> None:
                 ctypes.POINTER(ctypes.c_size_t),
             ],
         ),
+        "kvh_last_error_message": (
+            ctypes.c_int,
+            [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
+        ),
         "kvh_version": (ctypes.c_char_p, []),
+        "kvh_scrub_blocks": (
+            ctypes.c_int,
+            [
+                ctypes.POINTER(_CLayout),
+                ctypes.POINTER(ctypes.c_uint32),
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_uint32),
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_size_t),
+            ],
+        ),
         "kvh_shutdown": (None, []),
     }
     for name, (restype, argtypes) in sigs.items():
@@ -255,6 +309,133 @@ def context(
     finally:
         stack.pop()
         _set(stack[-1] if stack else None)
+
+
+class KvLayout:
+    """Where the blocks of a paged KV cache are (``kvh_kv_layout``).
+
+    ``regions`` are device addresses (for example one per layer and per K/V); each holds
+    ``blocks_per_region`` blocks, block ``i`` starting ``i * block_stride`` bytes after its
+    region's base and ``block_bytes`` long. Every region must lie inside one tensor allocated
+    through kvhygiene (install it before the cache is allocated), and no two blocks may
+    overlap; the library checks both and refuses the call otherwise.
+    """
+
+    def __init__(self, regions, block_bytes: int, blocks_per_region: int, block_stride=None, device: int = 0):
+        self.regions = tuple(int(r) for r in regions)
+        self.block_bytes = int(block_bytes)
+        self.block_stride = int(block_bytes if block_stride is None else block_stride)
+        self.blocks_per_region = int(blocks_per_region)
+        self.device = int(device)
+
+    def __repr__(self) -> str:
+        return (
+            f"KvLayout({len(self.regions)} regions, block_bytes={self.block_bytes}, "
+            f"block_stride={self.block_stride}, blocks_per_region={self.blocks_per_region}, "
+            f"device={self.device})"
+        )
+
+    @classmethod
+    def from_tensors(cls, tensors, block_dim: int) -> "KvLayout":
+        """The layout of KV-cache tensors whose dimension ``block_dim`` indexes blocks.
+
+        Every index of the dimensions before ``block_dim`` is a region; the dimensions after it
+        must be contiguous (one block is one run of bytes). vLLM's per-layer
+        ``[2, num_blocks, block_size, heads, head_size]`` caches use ``block_dim=1`` (K and V are
+        two regions); a ``[num_blocks, 2, ...]`` cache uses ``block_dim=0``. All tensors must
+        share one block geometry and one device.
+        """
+        tensors = list(tensors)
+        if not tensors:
+            raise ValueError("from_tensors needs at least one tensor")
+        regions, geometry, device = [], None, None
+        for n, t in enumerate(tensors):
+            g, bases = _tensor_blocks(t, block_dim, f"tensor {n}")
+            if geometry is None:
+                geometry = g
+            elif g != geometry:
+                raise ValueError(
+                    f"tensor {n} has block geometry (block_bytes, block_stride, blocks) = {g}, "
+                    f"tensor 0 has {geometry}: one layout needs one geometry"
+                )
+            index = getattr(getattr(t, "device", None), "index", None) or 0
+            if device is not None and index != device:
+                raise ValueError(f"tensor {n} is on device {index}, tensor 0 on device {device}")
+            device = index
+            regions.extend(bases)
+        block_bytes, block_stride, blocks = geometry
+        return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
+
+
+def _tensor_blocks(t, block_dim: int, name: str):
+    """``((block_bytes, block_stride, blocks), region bases)`` of one tensor (see from_tensors)."""
+    shape, stride = list(t.shape), list(t.stride())
+    if not 0 <= block_dim < len(shape):
+        raise ValueError(f"{name}: block_dim {block_dim} is not a dimension of shape {tuple(shape)}")
+    esize = t.element_size()
+    # Elements of one block; each trailing dimension must step over exactly the ones inside it.
+    elements = 1
+    for size, st in reversed(list(zip(shape[block_dim + 1 :], stride[block_dim + 1 :]))):
+        if size != 1 and st != elements:
+            raise ValueError(
+                f"{name}: the dimensions after block_dim {block_dim} are not contiguous "
+                f"(shape {tuple(shape)}, stride {tuple(stride)}); pass the tensor that owns the storage"
+            )
+        elements *= size
+    bases = [t.data_ptr()]
+    for size, st in zip(shape[:block_dim], stride[:block_dim]):
+        bases = [b + i * st * esize for b in bases for i in range(size)]
+    return (elements * esize, stride[block_dim] * esize, shape[block_dim]), bases
+
+
+def _current_stream(device: int) -> int:
+    """PyTorch's current stream on ``device`` when torch has CUDA up, else the default stream."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    return 0
+
+
+def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
+    """Zeroes and verifies KV-cache blocks ``block_ids`` of ``layout`` and waits for the verdict.
+
+    Call it when blocks leave a request or a tenant, before they are handed to another one.
+    The scrub runs on ``stream`` (a ``torch.cuda.Stream``, a raw ``cudaStream_t`` as an int, or
+    ``None`` for PyTorch's current stream), after the work queued there.
+
+    Raises :class:`ScrubVerificationError` listing the blocks that did not verify (they must not
+    be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
+    may be taken as clean). Ids must be distinct and below ``layout.blocks_per_region``.
+    """
+    lib = load()
+    ids = [int(i) for i in block_ids]
+    if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
+        raise ValueError("block ids must be in 0..2**32-1")
+    if stream is None:
+        stream = _current_stream(layout.device)
+    stream = int(getattr(stream, "cuda_stream", stream))
+    bases = (ctypes.c_uint64 * len(layout.regions))(*layout.regions)
+    c_layout = _CLayout(
+        bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region
+    )
+    c_ids = (ctypes.c_uint32 * len(ids))(*ids)
+    failed = (ctypes.c_uint32 * max(1, len(ids)))()
+    count = ctypes.c_size_t(0)
+    code = lib.kvh_scrub_blocks(
+        ctypes.byref(c_layout), c_ids, len(ids), layout.device, stream or None, failed, len(ids), ctypes.byref(count)
+    )
+    if code == KVH_ERR_VERIFY_FAILED:
+        raise ScrubVerificationError(list(failed)[: count.value], len(ids))
+    if code != KVH_OK:
+        raise KvhError("kvh_scrub_blocks", code, _last_message() or _message(code))
+
+
+def _last_message() -> str:
+    """The calling thread's last error message (it names the bad value)."""
+    lib = load()
+    return _read_string(lib.kvh_last_error_message, "kvh_last_error_message")
 
 
 def _function_address(lib: ctypes.CDLL, name: str) -> int:

@@ -240,3 +240,97 @@ def test_a_result_that_keeps_outgrowing_the_buffer_is_an_error():
     with pytest.raises(kvhygiene.KvhError, match="kept growing"):
         kvhygiene._read_string(fill, "kvh_stats_json")
     assert len(calls) == 4
+
+
+# ---- paged KV caches: KvLayout and scrub_blocks ----
+
+
+class _FakeTensor:
+    """The parts of a torch tensor KvLayout.from_tensors reads, over caller-chosen memory."""
+
+    def __init__(self, ptr, shape, stride=None, element_size=2, device_index=None):
+        self.shape = tuple(shape)
+        if stride is None:
+            stride, acc = [], 1
+            for size in reversed(shape):
+                stride.insert(0, acc)
+                acc *= size
+        self._stride = tuple(stride)
+        self._ptr = ptr
+        self._esize = element_size
+        self.device = type("Device", (), {"index": device_index})()
+
+    def stride(self):
+        return self._stride
+
+    def element_size(self):
+        return self._esize
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def test_layout_of_a_vllm_layer_cache():
+    # [2, num_blocks, block_size, heads, head_size] in fp16: K and V are two regions.
+    t = _FakeTensor(0x10000, (2, 32, 16, 4, 8))
+    layout = kvhygiene.KvLayout.from_tensors([t], block_dim=1)
+    block = 16 * 4 * 8 * 2
+    assert layout.regions == (0x10000, 0x10000 + 32 * block)
+    assert (layout.block_bytes, layout.block_stride, layout.blocks_per_region) == (block, block, 32)
+    # [num_blocks, 2, ...]: one region, K and V of a block together.
+    t2 = _FakeTensor(0x20000, (32, 2, 16, 4, 8))
+    l2 = kvhygiene.KvLayout.from_tensors([t2], block_dim=0)
+    assert l2.regions == (0x20000,) and l2.block_bytes == l2.block_stride == 2 * block
+
+
+def test_layout_errors_name_the_tensor_and_the_problem():
+    a = _FakeTensor(0x10000, (2, 8, 16))
+    with pytest.raises(ValueError, match="block_dim 3"):
+        kvhygiene.KvLayout.from_tensors([a], block_dim=3)
+    strided = _FakeTensor(0x10000, (2, 8, 16, 4), stride=(512, 64, 1, 16))
+    with pytest.raises(ValueError, match="tensor 0: the dimensions after block_dim 1 are not contiguous"):
+        kvhygiene.KvLayout.from_tensors([strided], block_dim=1)
+    other = _FakeTensor(0x90000, (2, 9, 16))
+    with pytest.raises(ValueError, match="tensor 1 has block geometry"):
+        kvhygiene.KvLayout.from_tensors([a, other], block_dim=1)
+    elsewhere = _FakeTensor(0x90000, (2, 8, 16), device_index=1)
+    with pytest.raises(ValueError, match="tensor 1 is on device 1"):
+        kvhygiene.KvLayout.from_tensors([a, elsewhere], block_dim=1)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        kvhygiene.KvLayout.from_tensors([], block_dim=0)
+
+
+@needs_lib
+def test_scrub_blocks_zeroes_named_blocks_of_two_layers():
+    lib = kvhygiene.load()
+    shape = (2, 8, 16, 4)  # 8 blocks of 16 x 4 fp16 values = 128 bytes, K and V
+    size = 2 * 8 * 128
+    layers = [lib.kvh_malloc(size, 0, None) for _ in range(2)]
+    for p in layers:
+        ctypes.memset(p, 0x7E, size)
+    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, shape) for p in layers], block_dim=1)
+    assert len(layout.regions) == 4
+    kvhygiene.scrub_blocks(layout, [6, 2])
+    for p in layers:
+        mem = ctypes.string_at(p, size)
+        zero = [i for i in range(16) if mem[i * 128 : (i + 1) * 128] == bytes(128)]
+        assert zero == [2, 6, 10, 14]
+        assert mem.count(0x7E) == size - 4 * 128
+    # Scrubbing nothing is fine; a failed block is named; bad requests say what is wrong.
+    kvhygiene.scrub_blocks(layout, [])
+    lib.kvh_inject_fault(1)
+    with pytest.raises(kvhygiene.ScrubVerificationError) as failed:
+        kvhygiene.scrub_blocks(layout, [4, 5])
+    assert failed.value.failed_blocks == [4] and failed.value.code == 7009
+    with pytest.raises(kvhygiene.KvhError, match="block id 8 is out of range") as bad:
+        kvhygiene.scrub_blocks(layout, [8])
+    assert bad.value.code == 7019
+    stray = kvhygiene.KvLayout([0x1000], 128, 8)
+    with pytest.raises(kvhygiene.KvhError, match="not inside") as stray_err:
+        kvhygiene.scrub_blocks(stray, [0])
+    assert stray_err.value.code == 7020
+    with pytest.raises(ValueError):
+        kvhygiene.scrub_blocks(layout, [-1])
+    for p in layers:
+        lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()

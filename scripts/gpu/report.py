@@ -178,6 +178,25 @@ def main() -> int:
             "0 and 0",
             None if not k else (k["secret_seen"] == 0 and k["nonzero"] == 0),
         )
+    kv = py(out, "kv_blocks_kvh")
+    row(
+        rows,
+        "KV cache blocks, vLLM layout: scrub_blocks zeroes the named blocks only",
+        why(out, "kv_blocks_kvh")
+        if not kv
+        else f"{kv['named_nonzero']} non-zero in named blocks, {kv['others_changed']} changed elsewhere; "
+        + f"{kv['request_blocks']} blocks x {kv['regions']} regions per call, median {kv['call_us_median']:.4g} us",
+        "0 and 0",
+        None if not kv else (kv["named_nonzero"] == 0 and kv["others_changed"] == 0),
+    )
+    example_rc = step_rc(out, "example_torch")
+    row(
+        rows,
+        "examples/torch_pluggable.py runs as documented",
+        "not run" if example_rc is None else f"exit {example_rc}",
+        "exit 0",
+        None if example_rc is None else example_rc == 0,
+    )
     d, k = py(out, "alloc_default"), py(out, "alloc_kvh")
     r = ratio(k and k["us_per_op"], d and d["us_per_op"])
     row(
@@ -218,15 +237,19 @@ def main() -> int:
         demo = (out / "kvh_demo.log").read_text(errors="replace")
     except OSError:
         demo = None
-    residue = re.search(r"with residue: (\d+)", demo or "")
+    # One "with residue: N" per kind of memory the demo reads back (new allocations, paged KV
+    # blocks): every one must be 0.
+    residue = re.findall(r"^[ \t]*(\S.*?)[ \t]{2,}[^\n]*with residue: (\d+)", demo or "", re.M)
     row(
         rows,
-        "kvh demo on the CUDA backend (every new allocation read back)",
-        "not run" if demo is None else (f"residue in {residue.group(1)} allocations" if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
+        "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",
+        "not run"
+        if demo is None
+        else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
         "0, PASS",
         None
         if demo is None
-        else bool(residue and residue.group(1) == "0" and "PASS" in demo and step_rc(out, "kvh_demo") == 0),
+        else bool(residue and all(n == "0" for _, n in residue) and "PASS" in demo and step_rc(out, "kvh_demo") == 0),
     )
     gpu = ""
     try:

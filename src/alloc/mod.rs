@@ -15,6 +15,7 @@
 //! completed scrubs. Events are collected under the lock and emitted after it is dropped.
 
 pub mod block;
+pub mod kv;
 mod pool;
 pub mod size_class;
 
@@ -30,6 +31,7 @@ use crate::stats::{Accounting, Stats};
 
 use block::{Block, Disposition};
 pub use block::{BlockInfo, BlockState};
+pub use kv::{KvLayout, KvScrubError, KvScrubReport};
 use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused};
 use size_class::SizeClass;
 

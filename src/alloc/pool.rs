@@ -883,6 +883,34 @@ impl DevicePool {
         }
     }
 
+    /// The LIVE block whose requested bytes contain `[addr, addr + len)`, for a scrub of part
+    /// of it (`kvh_scrub_blocks`). Records `stream` on the block, so that the scrub of a
+    /// later free of the block is ordered after this one; returns the block and the streams
+    /// that the partial scrub must wait for (its allocation and recorded streams).
+    pub(crate) fn pin_live_range(
+        &mut self,
+        addr: u64,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Option<(crate::events::BlockRef, Vec<StreamHandle>)> {
+        let end = addr.checked_add(len)?;
+        let (_, b) = self.blocks.range_mut(..=addr).next_back()?;
+        let inside = b.state == BlockState::Live && end <= b.addr.saturating_add(b.requested);
+        if !inside {
+            return None;
+        }
+        let mut waits = Vec::with_capacity(1 + b.recorded_streams.len());
+        waits.extend(
+            std::iter::once(b.alloc_stream)
+                .chain(b.recorded_streams.iter().copied())
+                .filter(|&s| s != stream),
+        );
+        if b.alloc_stream != stream && !b.recorded_streams.contains(&stream) {
+            b.recorded_streams.push(stream);
+        }
+        Some((b.to_ref(), waits))
+    }
+
     // ----- inspection -----------------------------------------------------------------------
 
     pub(crate) fn block(&self, addr: u64) -> Option<&Block> {

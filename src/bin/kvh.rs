@@ -35,8 +35,10 @@ enum Command {
     /// Simulate tenants running requests through the allocator and show that no byte leaks.
     ///
     /// Each tenant runs requests whose KV cache grows during decode and is freed at request
-    /// end. Every new allocation is read back: any non-zero byte would be a leak. Exit status
-    /// 0 when no allocation had residue (and, with --inject-fault, the fault was caught).
+    /// end, and which borrow blocks of a shared paged KV cache, handed back through
+    /// kvh_scrub_blocks. Every new allocation and every borrowed block is read back: any
+    /// non-zero byte would be a leak. Exit status 0 when nothing had residue (and, with
+    /// --inject-fault, both sabotaged scrubs were caught).
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -109,8 +111,8 @@ struct DemoArgs {
     /// Tokens decoded per request (a KV block every 16 tokens).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=65_536))]
     decode_tokens: u32,
-    /// Sabotage one scrub on purpose and show verification catch and quarantine it
-    /// (host backend only).
+    /// Sabotage one scrub of a freed block and one of a paged KV block on purpose and show
+    /// verification catch both (host backend only).
     #[arg(long)]
     inject_fault: bool,
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.

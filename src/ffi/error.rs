@@ -27,7 +27,8 @@ pub enum kvh_result {
     KVH_ERR_SIZE_MISMATCH = 7007,
     /// Free of a block on another device than the one named.
     KVH_ERR_WRONG_DEVICE = 7008,
-    /// The block's scrub did not verify (coverage below threshold); it is quarantined.
+    /// A scrub did not verify (coverage below threshold, or residue): a freed block is
+    /// quarantined; `kvh_scrub_blocks` lists the KV blocks that failed.
     KVH_ERR_VERIFY_FAILED = 7009,
     /// A tenant / request / model id is too long, has control characters or is not UTF-8.
     KVH_ERR_INVALID_CONTEXT = 7010,
@@ -48,6 +49,12 @@ pub enum kvh_result {
     /// The forensic log could not be opened (directory, permissions, key); the allocator did
     /// not start, since it must not run without the evidence it was configured to keep.
     KVH_ERR_LOG = 7018,
+    /// `kvh_scrub_blocks`: the KV layout or the block ids are invalid (overlapping blocks,
+    /// an id out of range or named twice, too many segments); nothing was scrubbed.
+    KVH_ERR_INVALID_LAYOUT = 7019,
+    /// `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
+    /// kvhygiene on that device; nothing was scrubbed.
+    KVH_ERR_NOT_LIVE = 7020,
 }
 
 use kvh_result::*;
@@ -75,6 +82,8 @@ impl kvh_result {
         KVH_ERR_SHUTTING_DOWN,
         KVH_ERR_UNKNOWN_CODE,
         KVH_ERR_LOG,
+        KVH_ERR_INVALID_LAYOUT,
+        KVH_ERR_NOT_LIVE,
     ];
 
     pub fn from_u32(code: u32) -> Option<kvh_result> {
@@ -94,7 +103,7 @@ impl kvh_result {
             KVH_ERR_INTERIOR_POINTER => "invalid free: pointer is inside a block, not at its start",
             KVH_ERR_SIZE_MISMATCH => "size given to free differs from the allocation (block freed with the recorded size)",
             KVH_ERR_WRONG_DEVICE => "invalid free: block belongs to another device",
-            KVH_ERR_VERIFY_FAILED => "scrub verification failed: coverage below threshold; block quarantined",
+            KVH_ERR_VERIFY_FAILED => "scrub verification failed (coverage below threshold or residue); the memory is not reused",
             KVH_ERR_INVALID_CONTEXT => "invalid context id: at most 128 bytes of printable UTF-8",
             KVH_ERR_CONFIG => "invalid configuration; the allocator did not start",
             KVH_ERR_BACKEND => "memory backend (CUDA driver) error",
@@ -104,6 +113,8 @@ impl kvh_result {
             KVH_ERR_SHUTTING_DOWN => "allocator is shutting down",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
+            KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed",
+            KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed",
         }
     }
 }
@@ -143,6 +154,21 @@ impl From<&crate::alloc::FreeError> for kvh_result {
                 KVH_ERR_CAPTURE_ACTIVE
             }
             E::Backend(crate::backend::BackendError::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
+            E::Backend(_) => KVH_ERR_BACKEND,
+        }
+    }
+}
+
+impl From<&crate::alloc::KvScrubError> for kvh_result {
+    fn from(e: &crate::alloc::KvScrubError) -> Self {
+        use crate::alloc::KvScrubError as E;
+        use crate::backend::BackendError as B;
+        match e {
+            E::InvalidLayout(_) | E::InvalidBlocks(_) => KVH_ERR_INVALID_LAYOUT,
+            E::InvalidDevice { .. } => KVH_ERR_INVALID_DEVICE,
+            E::NotLive { .. } => KVH_ERR_NOT_LIVE,
+            E::ShuttingDown | E::Backend(B::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
+            E::Backend(B::StreamCapturing { .. }) => KVH_ERR_CAPTURE_ACTIVE,
             E::Backend(_) => KVH_ERR_BACKEND,
         }
     }

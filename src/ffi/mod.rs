@@ -212,6 +212,174 @@ pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
     })
 }
 
+/// Where the blocks of a paged KV cache are, for `kvh_scrub_blocks`: `region_count` regions
+/// (for example one per layer and per K/V) whose bases are in `region_bases`, each holding
+/// `blocks_per_region` blocks; block `i` of a region starts `i * block_stride` bytes after
+/// the region's base and is `block_bytes` long. vLLM's `[2, num_blocks, ...]` layer tensor is
+/// two regions (K, V) with `block_stride == block_bytes`; a `[num_blocks, 2, ...]` tensor is
+/// two regions `block_bytes` apart with `block_stride == 2 * block_bytes`.
+#[repr(C)]
+pub struct kvh_kv_layout {
+    /// `region_count` device addresses (aligned `uint64_t`s).
+    pub region_bases: *const u64,
+    pub region_count: usize,
+    pub block_bytes: u64,
+    pub block_stride: u64,
+    pub blocks_per_region: u64,
+}
+
+/// Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
+/// `device`, in stream order on `stream` (after the work queued there and on the streams of
+/// the allocations holding the cache), and waits for the verdict. For engines that hand KV
+/// blocks between requests themselves: call it when blocks leave a request or a tenant.
+///
+/// Every region, all of its blocks, must lie inside the requested bytes of one live
+/// allocation from `kvh_malloc` on `device`, and no two blocks of the layout may overlap:
+/// kvhygiene never writes memory it did not hand out, nor a block the call did not name.
+///
+/// Returns `KVH_OK` when every block verified zero. `KVH_ERR_VERIFY_FAILED` when some did
+/// not: `*failed_count` says how many, and the first `failed_capacity` of their ids are
+/// written to `failed_ids`, in the order given; those blocks must not be handed to another
+/// request. Any other code means nothing was scrubbed (`KVH_ERR_INVALID_LAYOUT`,
+/// `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_NULL_PARAMETER`) or the call did not
+/// finish (`KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE`, `KVH_ERR_SHUTTING_DOWN`): no block of
+/// the call may then be taken as clean. Calls the allocator refuses (layout, ids, memory not
+/// live) are logged as policy violations; NULLs and over-limit lengths are refused before.
+///
+/// `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout is checked);
+/// `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and `failed_count` are
+/// required. Waits on the device: call it per finished request, not per token.
+///
+/// Ownership: every pointer stays the caller's and is used only during the call.
+#[no_mangle]
+// A C signature: each array travels as a pointer and a length.
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn kvh_scrub_blocks(
+    layout: *const kvh_kv_layout,
+    block_ids: *const u32,
+    block_count: usize,
+    device: c_int,
+    stream: *mut c_void,
+    failed_ids: *mut u32,
+    failed_capacity: usize,
+    failed_count: *mut usize,
+) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        if failed_count.is_null() {
+            return fail(KVH_ERR_NULL_PARAMETER, "failed_count is NULL");
+        }
+        // SAFETY: non-null; the caller passes a pointer valid for one `usize` write.
+        unsafe { *failed_count = 0 };
+        // SAFETY: `layout`, `block_ids` and their lengths are the caller's contract above;
+        // `read_kv_call` checks NULLs and bounds the lengths before reading.
+        let (layout, ids) = match unsafe { read_kv_call(layout, block_ids, block_count) } {
+            Ok(call) => call,
+            Err(rc) => return rc,
+        };
+        if failed_ids.is_null() && failed_capacity > 0 {
+            return fail(
+                KVH_ERR_NULL_PARAMETER,
+                "failed_ids is NULL but failed_capacity is not 0",
+            );
+        }
+        let rt = match runtime::get() {
+            Ok(rt) => rt,
+            Err(e) => return fail(e.code(), e.to_string()),
+        };
+        let report =
+            match rt
+                .allocator
+                .scrub_kv_blocks(&layout, &ids, device, stream_handle(stream))
+            {
+                Ok(report) => report,
+                Err(e) => return fail(kvh_result::from(&e), e.to_string()),
+            };
+        if report.failed.is_empty() {
+            return ok();
+        }
+        let shown = report.failed.len().min(failed_capacity);
+        // SAFETY: `failed_ids` is non-null when `failed_capacity > 0` (checked above) and valid
+        // for `failed_capacity` `u32` writes (the caller's contract); `shown` is at most that.
+        // `failed_count` was checked non-null.
+        unsafe {
+            if shown > 0 {
+                std::ptr::copy_nonoverlapping(report.failed.as_ptr(), failed_ids, shown);
+            }
+            *failed_count = report.failed.len();
+        }
+        fail(
+            KVH_ERR_VERIFY_FAILED,
+            format!(
+                "{} of {} KV blocks failed verification (first: {}); they must not be reused",
+                report.failed.len(),
+                ids.len(),
+                report.failed[0]
+            ),
+        )
+    })
+}
+
+/// Copies a `kvh_scrub_blocks` layout and id list into Rust values, after checking NULLs and
+/// bounding the lengths (so that no slice is formed over an absurd length).
+///
+/// # Safety
+/// 1. `layout` is NULL or points to a readable `kvh_kv_layout`.
+/// 2. Its `region_bases` is NULL or points to `region_count` readable, aligned `u64`s.
+/// 3. `block_ids` is NULL or points to `block_count` readable, aligned `u32`s.
+unsafe fn read_kv_call(
+    layout: *const kvh_kv_layout,
+    block_ids: *const u32,
+    block_count: usize,
+) -> Result<(crate::alloc::KvLayout, Vec<u32>), c_int> {
+    use crate::alloc::kv::{MAX_KV_REGIONS, MAX_KV_SEGMENTS};
+    if layout.is_null() {
+        return Err(fail(KVH_ERR_NULL_PARAMETER, "layout is NULL"));
+    }
+    // SAFETY: non-null, readable by (1).
+    let l = unsafe { &*layout };
+    if l.region_count > MAX_KV_REGIONS {
+        return Err(fail(
+            KVH_ERR_INVALID_LAYOUT,
+            format!(
+                "invalid KV layout: {} regions; at most {MAX_KV_REGIONS} are accepted",
+                l.region_count
+            ),
+        ));
+    }
+    if block_count as u64 > MAX_KV_SEGMENTS {
+        return Err(fail(
+            KVH_ERR_INVALID_LAYOUT,
+            format!("invalid block ids: {block_count} blocks; at most {MAX_KV_SEGMENTS} segments per call"),
+        ));
+    }
+    let regions = if l.region_count == 0 {
+        Vec::new()
+    } else if l.region_bases.is_null() {
+        return Err(fail(KVH_ERR_NULL_PARAMETER, "layout.region_bases is NULL"));
+    } else {
+        // SAFETY: non-null, `region_count` (bounded above) aligned u64s readable by (2).
+        unsafe { std::slice::from_raw_parts(l.region_bases, l.region_count) }.to_vec()
+    };
+    let ids = if block_count == 0 {
+        Vec::new()
+    } else if block_ids.is_null() {
+        return Err(fail(
+            KVH_ERR_NULL_PARAMETER,
+            "block_ids is NULL but block_count is not 0",
+        ));
+    } else {
+        // SAFETY: non-null, `block_count` (bounded above) aligned u32s readable by (3).
+        unsafe { std::slice::from_raw_parts(block_ids, block_count) }.to_vec()
+    };
+    let layout = crate::alloc::KvLayout {
+        regions,
+        block_bytes: l.block_bytes,
+        block_stride: l.block_stride,
+        blocks_per_region: l.blocks_per_region,
+    };
+    Ok((layout, ids))
+}
+
 /// Submits every pending scrub, waits for them, and returns every clean cached block to the
 /// backend (PyTorch's empty-cache hook).
 #[no_mangle]

@@ -468,6 +468,46 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put("policy", st(policy));
             put("detail", Field::S(Cow::Borrowed(detail)));
         }
+        EventKind::KvScrubbed {
+            device,
+            blocks,
+            failed_blocks,
+            segments,
+            bytes,
+            first_seed,
+            stream,
+        } => {
+            put("device", Field::I(i64::from(*device)));
+            put("blocks", Field::U(*blocks));
+            put("failed_blocks", Field::U(*failed_blocks));
+            put("segments", Field::U(*segments));
+            put("bytes", Field::U(*bytes));
+            put("first_seed", Field::U(*first_seed));
+            put("stream", Field::S(Cow::Owned(format!("0x{stream:x}"))));
+        }
+        EventKind::KvVerifyFailed {
+            kv_block,
+            region,
+            addr,
+            len,
+            seed,
+            samples_expected,
+            samples_checked,
+            samples_nonzero,
+            coverage,
+            threshold,
+        } => {
+            put("kv_block", Field::U(u64::from(*kv_block)));
+            put("region", Field::U(u64::from(*region)));
+            put("segment_addr", Field::S(Cow::Owned(format!("0x{addr:x}"))));
+            put("segment_len", Field::U(*len));
+            put("seed", Field::U(*seed));
+            put("samples_expected", Field::U(*samples_expected));
+            put("samples_checked", Field::U(*samples_checked));
+            put("samples_nonzero", Field::U(*samples_nonzero));
+            put("coverage", Field::S(Cow::Owned(format!("{coverage:.6}"))));
+            put("threshold", Field::S(Cow::Owned(format!("{threshold:.6}"))));
+        }
     }
 }
 

@@ -354,3 +354,84 @@ def test_null_mode_never_throws_even_when_start_up_fails():
         KVH_BATCH_SIZE="0",
     )
     assert out["null"] and out["code"] == 7011
+
+
+KV_PRELUDE = """
+class Layout(ctypes.Structure):
+    _fields_ = [("region_bases", ctypes.POINTER(ctypes.c_uint64)), ("region_count", ctypes.c_size_t),
+                ("block_bytes", ctypes.c_uint64), ("block_stride", ctypes.c_uint64),
+                ("blocks_per_region", ctypes.c_uint64)]
+lib.kvh_scrub_blocks.argtypes = [ctypes.POINTER(Layout), ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t,
+                                 ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                 ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+lib.kvh_scrub_blocks.restype = ctypes.c_int
+
+def layout(bases, block, stride, n):
+    arr = (ctypes.c_uint64 * len(bases))(*bases)
+    l = Layout(arr, len(bases), block, stride, n)
+    l._keep = arr
+    return l
+
+def scrub(l, ids, cap=8):
+    idarr = (ctypes.c_uint32 * len(ids))(*ids)
+    failed = (ctypes.c_uint32 * cap)()
+    count = ctypes.c_size_t(99)
+    rc = lib.kvh_scrub_blocks(ctypes.byref(l), idarr, len(ids), 0, STREAM, failed, cap, ctypes.byref(count))
+    return rc, list(failed)[: min(cap, count.value)], count.value
+"""
+
+
+def test_kv_blocks_are_scrubbed_through_the_c_abi_and_logged(tmp_path):
+    log_dir = tmp_path / "log"
+    out = run_child(
+        KV_PRELUDE
+        + """
+lib.kvh_set_context(b"tenant-a", b"req-9", b"llama")
+B, N = 512, 16
+cache = lib.kvh_malloc(2 * N * B, 0, STREAM)
+ctypes.memset(cache, 0x5C, 2 * N * B)
+kv = layout([cache, cache + N * B], B, B, N)
+out["ok"] = scrub(kv, [3, 11])
+mem = ctypes.string_at(cache, 2 * N * B)
+blocks = [mem[i * B:(i + 1) * B] for i in range(2 * N)]
+out["zero_blocks"] = [i for i, b in enumerate(blocks) if b == bytes(B)]
+out["kept"] = all(b == b"\\x5c" * B for i, b in enumerate(blocks) if i not in (3, 11, 19, 27))
+# A sabotaged scrub: the first segment (block 7, K) is left half dirty.
+lib.kvh_inject_fault(1)
+out["failed"] = scrub(kv, [7, 8], cap=1)
+# Refusals: overlapping regions, a stray address, NULL arguments.
+out["overlap"] = scrub(layout([cache, cache + B // 2], B, B, N), [0])
+out["stray"] = scrub(layout([0x1000], B, B, N), [0])
+out["msg"] = text(lib.kvh_last_error_message)
+count = ctypes.c_size_t(0)
+out["null_layout"] = lib.kvh_scrub_blocks(None, None, 0, 0, STREAM, None, 0, ctypes.byref(count))
+out["null_count"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, None)
+out["null_ids"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 2, 0, STREAM, None, 0, ctypes.byref(count))
+out["empty"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, ctypes.byref(count))
+out["counters"] = stats()["counters"]
+lib.kvh_free(cache, 2 * N * B, 0, STREAM)
+lib.kvh_shutdown()
+""",
+        KVH_LOG_DIR=str(log_dir),
+    )
+    assert out["ok"] == [0, [], 0]
+    assert out["zero_blocks"] == [3, 11, 19, 27] and out["kept"]
+    # Only one failed id fits the buffer, but the count says how many failed.
+    assert out["failed"] == [7009, [7], 1]
+    assert out["overlap"][0] == 7019 and out["stray"][0] == 7020
+    assert "0x1000" in out["msg"] and "live" in out["msg"]
+    assert out["null_layout"] == out["null_count"] == out["null_ids"] == 7001
+    assert out["empty"] == 0
+    c = out["counters"]
+    assert (c["kv_scrub_calls"], c["kv_blocks_scrubbed"], c["kv_blocks_failed"], c["kv_scrubs_refused"]) == (2, 4, 1, 2)
+    records = [json.loads(l) for f in sorted(log_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
+    scrubs = [r for r in records if r["kind"] == "kv_scrub"]
+    assert [(r["blocks"], r["failed_blocks"], r["segments"]) for r in scrubs] == [(2, 0, 4), (2, 1, 4)]
+    assert scrubs[0]["request_id"] == "req-9" and scrubs[0]["bytes"] == 4 * 512
+    failed = [r for r in records if r["kind"] == "kv_verify_failed"]
+    assert [(r["kv_block"], r["region"]) for r in failed] == [(7, 0)]
+    assert failed[0]["seed"] == scrubs[1]["first_seed"]
+    refused = [r for r in records if r["kind"] == "policy_violation" and r["policy"] == "kv_scrub"]
+    assert len(refused) == 2
+    ok = subprocess.run([kvh_binary(), "verify-log", str(log_dir)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr

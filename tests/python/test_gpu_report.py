@@ -35,7 +35,11 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         "test a ... ok\ntest b ... ok\n\ntest result: ok. 2 passed; 0 failed\n"
     )
     status(out, "gpu_kernel", 0)
-    (out / "kvh_demo.log").write_text("new allocations read back 10, with residue: 0\nPASS: ok\n")
+    (out / "kvh_demo.log").write_text(
+        "  new allocations read back   10, with residue: 0\n"
+        "  paged KV blocks read back   7, with residue: 0 (3 scrub_blocks calls; blocks retired: 0)\n"
+        "PASS: ok\n"
+    )
     status(out, "kvh_demo", 0)
     (out / "status" / "llama_rounds").write_text("1\n")
     for label in ["256MiB", "1GiB"]:
@@ -46,6 +50,8 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     for name in ["residue", "residue_threads"]:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
+    py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
+    status(out, "example_torch", 0)
     py_result(out, "alloc_default", us_per_op=4.0)
     py_result(out, "alloc_kvh", us_per_op=6.0)
     py_result(out, "llama_default_1", tokens_per_s=1000.0)
@@ -157,4 +163,40 @@ def test_a_check_that_did_not_finish_fails_the_run(tmp_path, monkeypatch, spoil,
     code, rows, _ = run_report(tmp_path, monkeypatch)
     row = [r for c, r in rows.items() if c.startswith(check)][0]
     assert row["verdict"] == "MISSING" and says in row["measured"], row
+    assert code == 1
+
+
+@pytest.mark.parametrize(
+    "fields, verdict",
+    [
+        ({"named_nonzero": 3, "others_changed": 0}, "FAIL"),
+        ({"named_nonzero": 0, "others_changed": 12}, "FAIL"),
+        (None, "MISSING"),
+    ],
+)
+def test_kv_block_scrub_fails_on_residue_overreach_or_absence(tmp_path, monkeypatch, fields, verdict):
+    complete_run(tmp_path)
+    if fields is None:
+        (tmp_path / "py" / "kv_blocks_kvh.json").unlink()
+    else:
+        base = {"request_blocks": 32, "regions": 8, "call_us_median": 150.0}
+        py_result(tmp_path, "kv_blocks_kvh", **base, **fields)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    kv = next(r for c, r in rows.items() if c.startswith("KV cache blocks"))
+    assert kv["verdict"] == verdict
+    assert code == 1
+
+
+def test_demo_residue_in_paged_blocks_fails_the_run(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "kvh_demo.log").write_text(
+        "  scrub latency (free→clean)  p50 1031 µs, p95 5187 µs, max 5539 µs\n"
+        "  new allocations read back   10, with residue: 0\n"
+        "  paged KV blocks read back   7, with residue: 2 (3 scrub_blocks calls; blocks retired: 0)\n"
+        "PASS: ok\n"
+    )
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    demo = next(r for c, r in rows.items() if c.startswith("kvh demo"))
+    assert demo["verdict"] == "FAIL"
+    assert demo["measured"] == "new allocations read back: residue in 0; paged KV blocks read back: residue in 2"
     assert code == 1

@@ -1,0 +1,620 @@
+//! Scrubs of blocks inside a live allocation: the paged KV caches of vLLM- and SGLang-style
+//! engines (`kvh_scrub_blocks`).
+//!
+//! Such engines allocate their KV cache once (one large tensor per layer) and hand its
+//! fixed-size blocks from request to request themselves, so the pool never sees those blocks
+//! freed. When blocks leave a request or a tenant, the engine names them here; each
+//! (block, region) pair becomes one scrub segment, zeroed and verified by the same rule and
+//! backend kernel as a freed block. The call waits for the verdict, so when it returns the
+//! blocks are verified zero (or named as failed, and must not be reused).
+//!
+//! Invariants:
+//! - **Only memory kvhygiene handed out is written.** Every region of the layout, all of its
+//!   blocks, must lie inside the requested bytes of one LIVE block of the named device.
+//! - **Blocks of a layout never overlap**, within a region (`block_stride >= block_bytes`) or
+//!   across regions, so scrubbing one block can never zero part of another block that another
+//!   request still uses.
+//! - **A scrub is ordered after the work on its memory, and before a later free's scrub.** It
+//!   waits for the allocation's streams, and its own stream is recorded on the allocation, so
+//!   the allocation cannot be freed, scrubbed, and handed to someone else while this scrub may
+//!   still be writing it.
+//! - **Every call is evidence**: a `kv_scrub` record per call, a `kv_verify_failed` record per
+//!   failed segment and a `policy_violation` record (policy `kv_scrub`) per refused call.
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use crate::backend::verify;
+use crate::backend::{BackendError, ScrubBatch, ScrubOptions, ScrubSegment, StreamHandle};
+use crate::context::Context;
+use crate::events::{BlockRef, Event, EventKind};
+
+use super::Allocator;
+
+/// Most regions a layout may have (e.g. layers × {K, V}).
+pub const MAX_KV_REGIONS: usize = 65_536;
+
+/// Most segments (blocks × regions) one call may scrub.
+pub const MAX_KV_SEGMENTS: u64 = 1 << 20;
+
+/// Segments per backend batch: the pool's own batch bound, which every backend accepts.
+const KV_BATCH_SEGMENTS: usize = 65_536;
+
+/// Where the blocks of a paged KV cache are: `regions` (e.g. one per layer and K/V) each hold
+/// `blocks_per_region` blocks; block `i` of a region starts `i * block_stride` bytes after the
+/// region's base and is `block_bytes` long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub regions: Vec<u64>,
+    pub block_bytes: u64,
+    pub block_stride: u64,
+    pub blocks_per_region: u64,
+}
+
+/// What a `kvh_scrub_blocks` call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvScrubReport {
+    pub segments: u64,
+    pub bytes: u64,
+    /// Seed of the first segment (segment `i`, block-major in the order given, used
+    /// `first_seed + i`).
+    pub first_seed: u64,
+    /// Block ids with a segment that failed verification or read residue, in the order given.
+    /// They are not verified clean and must not be handed to another request.
+    pub failed: Vec<u32>,
+}
+
+/// Why a KV block scrub did not run, or did not finish.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KvScrubError {
+    #[error("invalid KV layout: {0}")]
+    InvalidLayout(String),
+    #[error("invalid block ids: {0}")]
+    InvalidBlocks(String),
+    #[error("invalid device {device}: the backend has {count} devices")]
+    InvalidDevice { device: i32, count: u32 },
+    #[error("region {region} ({base:#x}, {extent} bytes for its {blocks} blocks) is not inside the requested bytes of a live kvhygiene allocation on device {device}")]
+    NotLive {
+        region: usize,
+        base: u64,
+        extent: u64,
+        blocks: u64,
+        device: u32,
+    },
+    #[error("the allocator is shutting down")]
+    ShuttingDown,
+    /// Submission failed (for example a CUDA graph capture on the stream). Blocks of batches
+    /// that were submitted are waited for; none of the call's blocks may be taken as clean.
+    #[error("backend error: {0}")]
+    Backend(BackendError),
+}
+
+impl KvLayout {
+    /// Bytes from a region's base to the end of its last block.
+    fn extent(&self) -> Option<u64> {
+        (self.blocks_per_region - 1)
+            .checked_mul(self.block_stride)?
+            .checked_add(self.block_bytes)
+    }
+
+    /// Checks the geometry: non-empty, no arithmetic overflow, no two blocks overlapping.
+    pub fn validate(&self) -> Result<(), KvScrubError> {
+        let bad = |m: String| Err(KvScrubError::InvalidLayout(m));
+        if self.regions.is_empty() || self.regions.len() > MAX_KV_REGIONS {
+            return bad(format!(
+                "{} regions; between 1 and {MAX_KV_REGIONS} are accepted",
+                self.regions.len()
+            ));
+        }
+        if self.block_bytes == 0 || self.blocks_per_region == 0 {
+            return bad(format!(
+                "block_bytes ({}) and blocks_per_region ({}) must be positive",
+                self.block_bytes, self.blocks_per_region
+            ));
+        }
+        if self.block_stride < self.block_bytes {
+            return bad(format!(
+                "block_stride ({}) is smaller than block_bytes ({}): blocks would overlap",
+                self.block_stride, self.block_bytes
+            ));
+        }
+        let Some(extent) = self.extent() else {
+            return bad("blocks_per_region × block_stride overflows 64 bits".into());
+        };
+        if let Some((r, base)) = self
+            .regions
+            .iter()
+            .enumerate()
+            .find(|(_, &b)| b.checked_add(extent).is_none())
+        {
+            return bad(format!(
+                "region {r} at {base:#x} runs past the address space"
+            ));
+        }
+        match self.overlapping_regions(extent) {
+            Some((a, b)) => bad(format!("blocks of regions {a} and {b} overlap")),
+            None => Ok(()),
+        }
+    }
+
+    /// The first pair of regions with overlapping blocks. Regions are swept in address order;
+    /// only pairs whose extents overlap are compared, so separate per-layer tensors cost
+    /// O(R log R) and interleaved regions (K and V of one block side by side) a few more.
+    fn overlapping_regions(&self, extent: u64) -> Option<(usize, usize)> {
+        let mut order: Vec<usize> = (0..self.regions.len()).collect();
+        order.sort_by_key(|&i| self.regions[i]);
+        for (n, &i) in order.iter().enumerate() {
+            let end = self.regions[i] + extent; // checked by `validate`
+            for &j in &order[n + 1..] {
+                if self.regions[j] >= end {
+                    break;
+                }
+                if self.grids_collide(self.regions[j] - self.regions[i]) {
+                    return Some((i.min(j), i.max(j)));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the blocks of a region based `d` bytes after another's overlap any of its
+    /// blocks. With `S` the stride, `B` the block size and `n` the blocks per region, write
+    /// `d = q·S + off` (`0 <= off < S`). Block `m` of the later region starts at
+    /// `(q + m)·S + off`; it can only meet block `k = q + m` (when `off < B`) or block
+    /// `k = q + m + 1` (when `off + B > S`) of the earlier one, and such a `k < n` exists for
+    /// some `m >= 0` iff `q < n`, respectively `q + 1 < n`.
+    fn grids_collide(&self, d: u64) -> bool {
+        let (stride, bytes, n) = (self.block_stride, self.block_bytes, self.blocks_per_region);
+        let (q, off) = (d / stride, d % stride);
+        (off < bytes && q < n) || (off > stride - bytes && q.saturating_add(1) < n)
+    }
+
+    /// Segments of `ids`, block-major: for each id in order, each region in order.
+    fn segments(&self, ids: &[u32], first_seed: u64) -> Vec<ScrubSegment> {
+        let mut out = Vec::with_capacity(ids.len() * self.regions.len());
+        for &id in ids {
+            let offset = u64::from(id) * self.block_stride; // id < n: inside the extent
+            for &base in &self.regions {
+                out.push(ScrubSegment {
+                    addr: base + offset,
+                    len: self.block_bytes,
+                    seed: first_seed + out.len() as u64,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Checks the block ids against the layout: each below `blocks_per_region`, none twice (a
+/// block named twice is the KV cache's double free), and not more segments than a call takes.
+fn check_ids(layout: &KvLayout, ids: &[u32]) -> Result<(), KvScrubError> {
+    let bad = |m: String| Err(KvScrubError::InvalidBlocks(m));
+    let segments = ids.len() as u64 * layout.regions.len() as u64;
+    if segments > MAX_KV_SEGMENTS {
+        return bad(format!(
+            "{} blocks × {} regions = {segments} segments; at most {MAX_KV_SEGMENTS} per call",
+            ids.len(),
+            layout.regions.len()
+        ));
+    }
+    if let Some(&id) = ids
+        .iter()
+        .find(|&&id| u64::from(id) >= layout.blocks_per_region)
+    {
+        return bad(format!(
+            "block id {id} is out of range: the layout has {} blocks per region",
+            layout.blocks_per_region
+        ));
+    }
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return bad(format!("block id {} is named more than once", w[0]));
+    }
+    Ok(())
+}
+
+/// A submitted batch and the segment index it starts at.
+type Submitted = (usize, Box<dyn crate::backend::ScrubTicket>);
+
+/// One call, checked: where it runs and its segments.
+struct KvCall<'a> {
+    dev: u32,
+    layout: &'a KvLayout,
+    ids: &'a [u32],
+    stream: StreamHandle,
+    segments: Vec<ScrubSegment>,
+}
+
+/// What was checked and submitted under the pool lock.
+struct Launched {
+    /// The allocation holding each region, by region index.
+    owners: Vec<BlockRef>,
+    tickets: Vec<Submitted>,
+    /// The submission error that stopped the call, after `tickets` were submitted.
+    error: Option<BackendError>,
+}
+
+impl Allocator {
+    /// Zeroes and verifies blocks `ids` of the paged KV cache `layout` on `device`, in stream
+    /// order on `stream`, and waits for the verdict. `Ok` reports which blocks failed (they
+    /// must not be reused); an error means the call was refused or did not finish, and none of
+    /// its blocks may be taken as clean. No ids is a no-op once the layout is checked.
+    pub fn scrub_kv_blocks(
+        &self,
+        layout: &KvLayout,
+        ids: &[u32],
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<KvScrubReport, KvScrubError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(KvScrubError::ShuttingDown);
+        }
+        let dev = self
+            .device_index(device)
+            .map_err(|_| KvScrubError::InvalidDevice {
+                device,
+                count: self.inner.pools.len() as u32,
+            })?;
+        let checked = layout.validate().and_then(|()| check_ids(layout, ids));
+        if let Err(e) = checked {
+            return Err(self.refuse_kv_scrub(dev, e));
+        }
+        if ids.is_empty() {
+            return Ok(KvScrubReport::default());
+        }
+        let count = ids.len() as u64 * layout.regions.len() as u64;
+        let first_seed = self.inner.next_seq.fetch_add(count, Ordering::Relaxed);
+        let call = KvCall {
+            dev,
+            layout,
+            ids,
+            stream,
+            segments: layout.segments(ids, first_seed),
+        };
+        // Batches are cut before the pool lock is taken; under it only checks and submissions run.
+        let batches = call
+            .segments
+            .chunks(KV_BATCH_SEGMENTS)
+            .map(<[ScrubSegment]>::to_vec)
+            .collect();
+        let launched = match self.launch_kv(&call, batches) {
+            Ok(l) => l,
+            Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
+        };
+        let (results, error) = wait_all(launched.tickets, call.segments.len(), launched.error);
+        match error {
+            None => Ok(self.judge_kv(&call, &results, &launched.owners)),
+            Some(e) => Err(self.kv_backend_error(dev, e)),
+        }
+    }
+
+    /// Under the pool lock: checks every region against the block table, records the call's
+    /// stream on the owning allocations and submits the batches (submission never waits on
+    /// the device).
+    fn launch_kv(
+        &self,
+        call: &KvCall<'_>,
+        batches: Vec<Vec<ScrubSegment>>,
+    ) -> Result<Launched, KvScrubError> {
+        let layout = call.layout;
+        let extent = layout.extent().unwrap_or(u64::MAX); // validated
+        let config = &self.inner.config;
+        let options = ScrubOptions {
+            samples: config.verify_samples,
+            full_verify: config.full_verify,
+            double_pass: config.double_pass,
+        };
+        self.with_pool(call.dev, |pool, backend, _, _| {
+            let mut owners = Vec::with_capacity(layout.regions.len());
+            let mut waits: Vec<StreamHandle> = Vec::new();
+            for (region, &base) in layout.regions.iter().enumerate() {
+                let Some((owner, w)) = pool.pin_live_range(base, extent, call.stream) else {
+                    return Err(KvScrubError::NotLive {
+                        region,
+                        base,
+                        extent,
+                        blocks: layout.blocks_per_region,
+                        device: call.dev,
+                    });
+                };
+                owners.push(owner);
+                for s in w {
+                    if !waits.contains(&s) {
+                        waits.push(s);
+                    }
+                }
+            }
+            let mut launched = Launched {
+                owners,
+                tickets: Vec::new(),
+                error: None,
+            };
+            for (n, segments) in batches.into_iter().enumerate() {
+                let batch = ScrubBatch {
+                    device: call.dev,
+                    stream: call.stream,
+                    wait_streams: waits.clone(),
+                    segments,
+                    options,
+                };
+                match backend.submit_scrub(batch) {
+                    Ok(ticket) => {
+                        pool.stats.counters.scrub_batches += 1;
+                        launched.tickets.push((n * KV_BATCH_SEGMENTS, ticket));
+                    }
+                    Err(e) => {
+                        launched.error = Some(e);
+                        break;
+                    }
+                }
+            }
+            Ok(launched)
+        })
+    }
+
+    /// Turns verification results into the report, counters and events. Aborts the process
+    /// after logging under `failure_mode = abort`, as a failed free's scrub does.
+    fn judge_kv(
+        &self,
+        call: &KvCall<'_>,
+        results: &[verify::SegmentResult],
+        owners: &[BlockRef],
+    ) -> KvScrubReport {
+        let config = &self.inner.config;
+        let layout = call.layout;
+        let expected = verify::expected_samples(
+            layout.block_bytes,
+            config.verify_samples,
+            config.full_verify,
+        );
+        let ctx = Context::current();
+        let regions = layout.regions.len();
+        let mut events = Vec::new();
+        let mut failed = Vec::new();
+        for (i, &id) in call.ids.iter().enumerate() {
+            let mut block_failed = false;
+            for (r, owner) in owners.iter().enumerate() {
+                let n = i * regions + r;
+                let (result, segment) = (results[n], call.segments[n]);
+                // Residue fails a KV block even above the threshold: something wrote to it
+                // after it was handed in for scrubbing.
+                if verify::passes(result, expected, config.coverage_threshold)
+                    && result.nonzero == 0
+                {
+                    continue;
+                }
+                block_failed = true;
+                events.push(Event {
+                    at: SystemTime::now(),
+                    kind: EventKind::KvVerifyFailed {
+                        kv_block: id,
+                        region: r as u32,
+                        addr: segment.addr,
+                        len: segment.len,
+                        seed: segment.seed,
+                        samples_expected: expected,
+                        samples_checked: result.checked,
+                        samples_nonzero: result.nonzero,
+                        coverage: verify::coverage(result),
+                        threshold: config.coverage_threshold,
+                    },
+                    context: ctx.clone(),
+                    block: Some(*owner),
+                    addr: None,
+                });
+            }
+            if block_failed {
+                failed.push(id);
+            }
+        }
+        let segments = call.segments.len() as u64;
+        let report = KvScrubReport {
+            segments,
+            bytes: segments * layout.block_bytes,
+            first_seed: call.segments.first().map_or(0, |s| s.seed),
+            failed,
+        };
+        events.push(Event {
+            at: SystemTime::now(),
+            kind: EventKind::KvScrubbed {
+                device: call.dev,
+                blocks: call.ids.len() as u64,
+                failed_blocks: report.failed.len() as u64,
+                segments: report.segments,
+                bytes: report.bytes,
+                first_seed: report.first_seed,
+                stream: call.stream.0,
+            },
+            context: ctx,
+            block: None,
+            addr: None,
+        });
+        let abort =
+            !report.failed.is_empty() && config.failure_mode == crate::config::FailureMode::Abort;
+        self.with_pool(call.dev, |pool, _, _, after| {
+            let c = &mut pool.stats.counters;
+            c.kv_scrub_calls += 1;
+            c.kv_blocks_scrubbed += call.ids.len() as u64;
+            c.kv_segments_scrubbed += report.segments;
+            c.kv_bytes_scrubbed += report.bytes;
+            c.kv_blocks_failed += report.failed.len() as u64;
+            after.events = events;
+            after.abort = abort;
+        });
+        report
+    }
+
+    /// Counts and logs a refused call (policy `kv_scrub`), then returns its error.
+    #[cold]
+    fn refuse_kv_scrub(&self, dev: u32, e: KvScrubError) -> KvScrubError {
+        self.with_pool(dev, |pool, _, _, after| {
+            pool.stats.counters.kv_scrubs_refused += 1;
+            after.events.push(Event {
+                at: SystemTime::now(),
+                kind: EventKind::PolicyViolation {
+                    policy: "kv_scrub",
+                    detail: format!("kvh_scrub_blocks refused: {e}"),
+                },
+                context: Context::current(),
+                block: None,
+                addr: None,
+            });
+        });
+        e
+    }
+
+    /// A submission or wait failed. A graph capture or process exit is the caller's
+    /// situation, not a fault; anything else is counted and made the sticky error.
+    #[cold]
+    fn kv_backend_error(&self, dev: u32, e: BackendError) -> KvScrubError {
+        let fault = !matches!(
+            e,
+            BackendError::StreamCapturing { .. } | BackendError::ShuttingDown
+        );
+        if fault {
+            self.with_pool(dev, |pool, _, _, after| {
+                pool.stats.counters.backend_errors += 1;
+                after.backend_error = Some(e.clone());
+            });
+        }
+        KvScrubError::Backend(e)
+    }
+}
+
+/// Waits for every submitted batch (with no lock held) and gathers results in segment order.
+/// Segments that were never submitted, or whose batch failed, read as never checked, which
+/// fails them.
+fn wait_all(
+    tickets: Vec<Submitted>,
+    segments: usize,
+    submit_error: Option<BackendError>,
+) -> (Vec<verify::SegmentResult>, Option<BackendError>) {
+    let mut results = vec![verify::SegmentResult::default(); segments];
+    let mut error = submit_error;
+    for (start, mut ticket) in tickets {
+        match ticket.wait() {
+            Ok(r) => {
+                for (slot, v) in results[start..].iter_mut().zip(r) {
+                    *slot = v;
+                }
+            }
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    (results, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(regions: Vec<u64>, bytes: u64, stride: u64, n: u64) -> KvLayout {
+        KvLayout {
+            regions,
+            block_bytes: bytes,
+            block_stride: stride,
+            blocks_per_region: n,
+        }
+    }
+
+    /// Brute force: do any two blocks of different regions share a byte?
+    fn brute_overlap(l: &KvLayout) -> bool {
+        let blocks: Vec<(u64, u64)> = l
+            .regions
+            .iter()
+            .flat_map(|&b| {
+                (0..l.blocks_per_region).map(move |i| (b + i * l.block_stride, l.block_bytes))
+            })
+            .collect();
+        blocks.iter().enumerate().any(|(i, a)| {
+            blocks[i + 1..]
+                .iter()
+                .any(|b| a.0 < b.0 + b.1 && b.0 < a.0 + a.1)
+        })
+    }
+
+    #[test]
+    fn the_overlap_check_agrees_with_brute_force() {
+        // Every placement of a second and third region near the first, for small geometries.
+        for (bytes, stride, n) in [(4, 4, 3), (3, 8, 4), (5, 8, 2), (8, 8, 1), (2, 7, 5)] {
+            for d1 in 0..40 {
+                for d2 in 0..40 {
+                    let l = layout(vec![1000, 1000 + d1, 1000 + d2], bytes, stride, n);
+                    let want = brute_overlap(&l);
+                    let got = l.overlapping_regions(l.extent().unwrap()).is_some();
+                    assert_eq!(got, want, "bytes {bytes} stride {stride} n {n} d {d1},{d2}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_k_and_v_are_accepted_and_shifted_ones_refused() {
+        // FlashInfer-style [blocks, 2, ...]: K and V of a block side by side.
+        assert!(layout(vec![0x1000, 0x1100], 0x100, 0x200, 64)
+            .validate()
+            .is_ok());
+        // V shifted by half a block collides with K.
+        let e = layout(vec![0x1000, 0x1080], 0x100, 0x200, 64).validate();
+        assert!(matches!(e, Err(KvScrubError::InvalidLayout(m)) if m.contains("regions 0 and 1")));
+        // The same base twice.
+        assert!(layout(vec![0x1000, 0x1000], 0x100, 0x100, 1)
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn geometry_errors_name_the_value() {
+        let cases = [
+            (layout(vec![], 8, 8, 1), "0 regions"),
+            (layout(vec![0], 0, 8, 1), "block_bytes (0)"),
+            (layout(vec![0], 8, 8, 0), "blocks_per_region (0)"),
+            (layout(vec![0], 16, 8, 4), "block_stride (8)"),
+            (layout(vec![0], 8, u64::MAX, 3), "overflows"),
+            (
+                layout(vec![u64::MAX - 4], 8, 8, 1),
+                "past the address space",
+            ),
+        ];
+        for (l, want) in cases {
+            match l.validate() {
+                Err(KvScrubError::InvalidLayout(m)) => assert!(m.contains(want), "{m}"),
+                other => panic!("{l:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_bounded_and_unique() {
+        let l = layout(vec![0, 4096], 64, 64, 10);
+        assert!(check_ids(&l, &[0, 9, 3]).is_ok());
+        let e = check_ids(&l, &[2, 10]).unwrap_err().to_string();
+        assert!(e.contains("block id 10 is out of range"), "{e}");
+        let e = check_ids(&l, &[4, 1, 4]).unwrap_err().to_string();
+        assert!(e.contains("block id 4 is named more than once"), "{e}");
+        let many: Vec<u32> = (0..(MAX_KV_SEGMENTS / 2 + 1) as u32).collect();
+        let big = layout(vec![0, 1 << 40], 1, 1, 1 << 30);
+        let e = check_ids(&big, &many).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
+
+    #[test]
+    fn segments_are_block_major_with_consecutive_seeds() {
+        let l = layout(vec![0x10_000, 0x20_000], 0x40, 0x100, 8);
+        let s = l.segments(&[3, 0], 77);
+        let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x10_300, 0x40, 77),
+                (0x20_300, 0x40, 78),
+                (0x10_000, 0x40, 79),
+                (0x20_000, 0x40, 80),
+            ]
+        );
+    }
+}
