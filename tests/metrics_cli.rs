@@ -110,6 +110,20 @@ fn security_failures_fail_only_when_asked() {
         .args(["metrics", "--fail-on-security", "--file"])
         .arg(&f));
     assert_eq!(code, 0);
+    // A paged KV cache block whose scrub failed is a failure too.
+    let mut pool = PoolCounters::default();
+    pool.counters.kv_blocks_failed = 1;
+    let stats = Stats::merge("host".into(), &[pool], None);
+    std::fs::write(
+        &f,
+        encode(&stats, &ExporterStats::default(), SystemTime::now()),
+    )
+    .unwrap();
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("kvh_kv_failed_blocks_total = 1"), "{out}");
 }
 
 #[test]

@@ -66,7 +66,8 @@ samples, when it was taken and whether it shows a security failure, and exits:
   0  the snapshot is fresh enough (and shows no security failure, when checked)
   1  the snapshot is older than --max-age (the process stopped exporting: hung or gone),
      or, with --fail-on-security, it shows a failed verification, residue, a failed
-     re-scrub, lost forensic log records or an asynchronous backend error
+     re-scrub, a failed KV block scrub, lost forensic log records or an asynchronous
+     backend error
   2  usage error, or the file is missing, unreadable or not a kvhygiene metrics snapshot
 
 Without --file the file is this environment's KVH_METRICS_FILE.

@@ -55,6 +55,11 @@ pub const SECURITY_CHECKS: &[SecurityCheck] = &[
         what: "quarantined blocks whose re-scrub failed",
     },
     SecurityCheck {
+        metric: "kvh_kv_failed_blocks_total",
+        labels: &[],
+        what: "paged KV cache blocks whose scrub failed",
+    },
+    SecurityCheck {
         metric: "kvh_log_records_lost_total",
         labels: &[],
         what: "forensic log records lost",
@@ -78,7 +83,8 @@ pub struct MetricsArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_age: Option<u64>,
     /// Exit 1 when the snapshot shows a security failure: a failed verification, residue,
-    /// a failed re-scrub, lost forensic log records or an asynchronous backend error.
+    /// a failed re-scrub, a failed KV block scrub, lost forensic log records or an
+    /// asynchronous backend error.
     #[arg(long)]
     pub fail_on_security: bool,
     /// Print a JSON summary on stdout instead of the samples and verdict.

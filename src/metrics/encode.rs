@@ -270,6 +270,55 @@ pub const SERIES: &[Series] = &[
         NONE,
         "Errors reported by the memory backend (driver)."
     ),
+    // Paged KV cache scrubs (`kvh_scrub_blocks`).
+    series!(
+        "/counters/kv_scrub_calls",
+        "kvh_kv_scrub_calls_total",
+        Counter,
+        Number,
+        NONE,
+        "kvh_scrub_blocks calls that ran (refused ones are counted apart)."
+    ),
+    series!(
+        "/counters/kv_blocks_scrubbed",
+        "kvh_kv_scrubbed_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "Paged KV cache blocks zeroed and verified by kvh_scrub_blocks."
+    ),
+    series!(
+        "/counters/kv_segments_scrubbed",
+        "kvh_kv_scrubbed_segments_total",
+        Counter,
+        Number,
+        NONE,
+        "Memory segments (one per block and layout region) scrubbed by kvh_scrub_blocks."
+    ),
+    series!(
+        "/counters/kv_bytes_scrubbed",
+        "kvh_kv_scrubbed_bytes_total",
+        Counter,
+        Number,
+        NONE,
+        "Bytes zeroed by kvh_scrub_blocks."
+    ),
+    series!(
+        "/counters/kv_blocks_failed",
+        "kvh_kv_failed_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "Paged KV cache blocks whose scrub failed verification or read residue."
+    ),
+    series!(
+        "/counters/kv_scrubs_refused",
+        "kvh_kv_scrubs_refused_total",
+        Counter,
+        Number,
+        NONE,
+        "kvh_scrub_blocks calls refused (bad layout or block ids, memory not live)."
+    ),
     // Accounting (`Stats::accounting`): what the pool holds now.
     series!(
         "/accounting/live/blocks",
