@@ -12,6 +12,7 @@ use kvhygiene::config::{BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, VerifyLogArgs};
+use kvhygiene::forensic::evidence::{self, EvidenceArgs};
 use kvhygiene::forensic::{ForensicLog, StartInfo};
 use kvhygiene::metrics::cli::{self as metrics_cli, MetricsArgs, ServeMetricsArgs};
 
@@ -48,6 +49,17 @@ enum Command {
     VerifyLog(VerifyLogArgs),
     /// Create an Ed25519 key pair for signed forensic-log checkpoints.
     Keygen(KeygenArgs),
+    /// Auditor's report from a forensic log (exit 0 verified, 1 tampered, 2 error).
+    ///
+    /// Verifies the log as verify-log does, then reports, from the chains that verified only:
+    /// the period and processes covered (host, pid, version, configuration digest, clean
+    /// stop), what the allocator did (each process's last periodic counters, KV block
+    /// scrubs), every exception (verification failures, quarantines, invalid frees, policy
+    /// violations, lost records, crash recoveries) with its file:line, and the SOC 2 criteria
+    /// the figures serve. Markdown on stdout, or --json.
+    ///
+    /// Example: kvh evidence /var/log/kvh --key-file hmac.key --public-key ckpt.pub > report.md
+    Evidence(EvidenceArgs),
     /// Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
     #[command(long_about = METRICS_HELP)]
     Metrics(MetricsArgs),
@@ -141,6 +153,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => run_demo(args),
         Command::VerifyLog(args) => exit_code(forensic_cli::run_verify_log(&args)),
         Command::Keygen(args) => exit_code(forensic_cli::run_keygen(&args)),
+        Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
     }

@@ -93,7 +93,8 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     report.exit_code()
 }
 
-fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
+/// Checks the arguments and reads the keys they name.
+pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     match std::fs::metadata(&args.dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(format!("{}: not a directory", args.dir.display())),

@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod evidence;
 pub mod files;
 pub mod keys;
 pub mod record;
