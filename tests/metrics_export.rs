@@ -55,11 +55,11 @@ fn the_metrics_file_is_rewritten_every_interval_and_on_demand() {
     assert_eq!(exporter.file(), Some(path.as_path()));
     assert!(exporter.http_addr().is_none());
     // Written at start, then periodically: a new value shows up without any call.
-    wait_for("the first snapshot", Duration::from_secs(5), || {
+    wait_for("the first snapshot", Duration::from_secs(30), || {
         read_metrics(&path).and_then(|e| e.value("kvh_allocations_total", &[])) == Some(5.0)
     });
     n.store(9, Ordering::SeqCst);
-    wait_for("a periodic snapshot", Duration::from_secs(5), || {
+    wait_for("a periodic snapshot", Duration::from_secs(30), || {
         read_metrics(&path).and_then(|e| e.value("kvh_allocations_total", &[])) == Some(9.0)
     });
     let e = read_metrics(&path).unwrap();
@@ -72,14 +72,15 @@ fn the_metrics_file_is_rewritten_every_interval_and_on_demand() {
         0,
         "not executable, not writable by others: {mode:o}"
     );
-    // Only the snapshot is left in the directory: temporary files are renamed away.
+    // Only the snapshot is left in the directory once the file thread has stopped (dropping
+    // the exporter joins it): temporary files are renamed away.
+    drop(exporter);
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, vec!["kvh.prom".to_string()]);
     // The exit path: an explicit write reflects the latest value at once.
-    drop(exporter);
     n.store(11, Ordering::SeqCst);
     let cfg = MetricsConfig {
         interval_ms: 3_600_000,
@@ -112,7 +113,7 @@ fn a_metrics_file_that_cannot_be_written_is_counted_and_retried() {
     assert!(errors(&exporter.render()) >= 1.0);
     // The directory appears (a volume mounted late): the next period writes the file.
     std::fs::create_dir(dir.path().join("later")).unwrap();
-    wait_for("the file after recovery", Duration::from_secs(5), || {
+    wait_for("the file after recovery", Duration::from_secs(30), || {
         path.exists()
     });
     let text = std::fs::read_to_string(&path).unwrap();
@@ -354,7 +355,7 @@ fn an_address_in_use_leaves_the_file_export_running() {
     };
     let exporter = Exporter::start(&cfg, counting_source(Arc::new(AtomicU64::new(1)))).unwrap();
     assert!(exporter.http_addr().is_none());
-    wait_for("the file", Duration::from_secs(5), || path.exists());
+    wait_for("the file", Duration::from_secs(30), || path.exists());
 }
 
 #[test]
