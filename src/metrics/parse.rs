@@ -4,9 +4,10 @@
 //! It enforces the rules a scraper relies on: metric and label names are well formed, label
 //! values are escaped, values are numbers, a family has at most one `# HELP` and one
 //! `# TYPE`, its `# TYPE` comes before its samples and names a known type, and a family's
-//! samples are not split by another family's.
+//! samples are not split by another family's, and no series (name and label set, in any
+//! label order) appears twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One sample line.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,6 +81,8 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
     // Families whose samples have been seen, and the one being read.
     let mut finished: Vec<String> = Vec::new();
     let mut current: Option<String> = None;
+    // Every series seen: name and sorted labels.
+    let mut series: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
     for (i, line) in text.split('\n').enumerate() {
         let n = i + 1;
         let err = |message: String| ParseError { line: n, message };
@@ -132,6 +135,11 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                 finished.push(prev);
             }
             current = Some(family);
+        }
+        let mut labels = sample.labels.clone();
+        labels.sort();
+        if !series.insert((sample.name.clone(), labels)) {
+            return Err(err(format!("{}: the same series twice", sample.name)));
         }
         out.samples.push(sample);
     }
@@ -304,11 +312,15 @@ mod tests {
             ("a 1\n# TYPE a gauge\n", "after its samples"),
             ("a 1\nb 1\na 2\n", "split"),
             ("a\n", "no value"),
+            ("a 1\na 2\n", "same series twice"),
+            ("a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n", "same series twice"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.message.contains(why), "{text:?}: {e}");
         }
         assert_eq!(parse("x 1\ny 2\nz\n").unwrap_err().line, 3);
+        // Distinct label values are distinct series.
+        assert_eq!(parse("a{x=\"1\"} 1\na{x=\"2\"} 1\na 3\n").unwrap().samples.len(), 3);
     }
 
     #[test]
