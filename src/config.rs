@@ -6,6 +6,7 @@
 //! place, is an error: a misspelt security knob must never be silently ignored. Errors name
 //! the key, the bad value and the accepted range.
 
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -105,11 +106,50 @@ pub struct Config {
 /// Metrics export settings (used by `crate::metrics`). Both exports are off by default.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MetricsConfig {
-    /// Prometheus text file rewritten every `interval_ms` and at exit; `None`: no file.
+    /// Prometheus text file rewritten every `interval_ms` and at exit; `None`: no file. Each
+    /// [`PID_PLACEHOLDER`] in it is replaced by the writing process's id (see
+    /// [`MetricsConfig::file_for`]).
     pub file: Option<PathBuf>,
     pub interval_ms: u64,
     /// Address of the in-process HTTP exporter (`/metrics`, `/stats`, `/healthz`); `None`: off.
     pub addr: Option<std::net::SocketAddr>,
+}
+
+/// Written in `KVH_METRICS_FILE`, replaced by the process id: each process of a multi-process
+/// engine (whose workers inherit the environment) writes its own file.
+pub const PID_PLACEHOLDER: &str = "{pid}";
+
+impl MetricsConfig {
+    /// Whether the file name holds [`PID_PLACEHOLDER`] (one file per process).
+    pub fn per_process(&self) -> bool {
+        self.file
+            .as_ref()
+            .is_some_and(|f| contains(f.as_os_str().as_bytes(), PID_PLACEHOLDER.as_bytes()))
+    }
+
+    /// The metrics file of process `pid`: `file` with each [`PID_PLACEHOLDER`] replaced.
+    pub fn file_for(&self, pid: u32) -> Option<PathBuf> {
+        let file = self.file.as_ref()?;
+        let bytes = file.as_os_str().as_bytes();
+        let needle = PID_PLACEHOLDER.as_bytes();
+        let pid = pid.to_string();
+        let mut out = Vec::with_capacity(bytes.len() + 8);
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(needle) {
+                out.extend_from_slice(pid.as_bytes());
+                i += needle.len();
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 impl Default for MetricsConfig {
@@ -359,7 +399,7 @@ const KEYS: &[Key] = &[
     ),
     key!(
         "metrics_file",
-        "a file path (e.g. /var/lib/node_exporter/textfile/kvh.prom)",
+        "a file path (e.g. /var/lib/node_exporter/textfile/kvh.prom; {pid} in it is replaced by the process id)",
         |c, v| {
             c.metrics.file = metrics_file_path(v)?;
             Some(())
@@ -557,12 +597,13 @@ fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
     (!v.is_empty()).then(|| Some(PathBuf::from(v)))
 }
 
-/// A path naming a file, not a directory: non-empty, with a file name (not ending in `/`,
-/// `.` or `..`), since the exporter writes a temporary file beside it and renames it there.
+/// A path naming a file, not a directory: non-empty, with a last component that is not empty,
+/// `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the exporter writes a
+/// temporary file beside it and renames it there.
 fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
-    let path = PathBuf::from(v);
-    let named = !v.ends_with('/') && path.file_name().is_some();
-    named.then_some(Some(path))
+    let last = v.rsplit('/').next().unwrap_or(v);
+    let named = !matches!(last, "" | "." | "..");
+    named.then(|| Some(PathBuf::from(v)))
 }
 
 #[cfg(test)]
@@ -743,7 +784,7 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["", "/var/lib/", "/tmp/..", "."] {
+        for bad in ["", "/var/lib/", "/tmp/..", ".", "/tmp/.", "dir/.", "..", "/"] {
             assert_eq!(
                 invalid_key(&[("KVH_METRICS_FILE", bad)]),
                 "KVH_METRICS_FILE",
@@ -769,6 +810,17 @@ mod tests {
         let c = Config::from_file(&path).unwrap();
         assert_eq!(c.metrics.addr, Some("[::1]:9464".parse().unwrap()));
         assert_eq!(c.metrics.file.as_deref(), Some(Path::new("m.prom")));
+        assert!(!c.metrics.per_process());
+        assert_eq!(c.metrics.file_for(7).as_deref(), Some(Path::new("m.prom")));
+        // One file per process: `{pid}` is replaced wherever it appears.
+        let c = Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/{pid}/kvh-{pid}.prom")]))
+            .unwrap();
+        assert!(c.metrics.per_process());
+        assert_eq!(
+            c.metrics.file_for(4242).as_deref(),
+            Some(Path::new("/m/4242/kvh-4242.prom"))
+        );
+        assert_eq!(MetricsConfig::default().file_for(1), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::backend;
 use crate::config::Config;
 use crate::events::EventSink;
 use crate::forensic::{ForensicLog, LogStats, StartInfo};
-use crate::metrics::Exporter;
+use crate::metrics::{Exporter, FINAL_WRITE_LIMIT};
 use crate::stats::Stats;
 
 use super::error::kvh_result;
@@ -144,11 +144,13 @@ pub(crate) fn shutdown() {
     }
 }
 
-/// The last metrics file, after the log's stop record (file I/O only; errors are counted
-/// and said by the exporter).
+/// The last metrics file, after the log's stop record: file I/O only, on a helper thread
+/// waited for at most `FINAL_WRITE_LIMIT` (a hung filesystem does not hang the caller), and
+/// nothing in a forked child (the file is the parent's). Errors are counted and said by the
+/// exporter.
 fn write_metrics(rt: &Runtime) {
     if let Some(m) = &rt.metrics {
-        let _ = m.write_file_now();
+        let _ = m.write_file_bounded(FINAL_WRITE_LIMIT);
     }
 }
 
@@ -170,6 +172,10 @@ fn register_exit_handler() {
                 rt.allocator.begin_exit();
                 // File I/O only: the log's stop record is written, no driver call is made.
                 stop_log(rt);
+                // No periodic write starts after this one (none is left half-done at exit).
+                if let Some(m) = &rt.metrics {
+                    m.stop_periodic();
+                }
                 write_metrics(rt);
             }
         });

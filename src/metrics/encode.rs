@@ -9,6 +9,15 @@
 //! [`super::parse`] reads it back in the tests, so this encoder is checked against the
 //! grammar it claims.
 //!
+//! Nor with the `prometheus` crate, although its `TextEncoder` writes 0.0.4: it is built around
+//! live instruments (`Counter`, `Gauge`, …) registered in a `Registry` and updated in place,
+//! whereas the values here are a snapshot read from [`Stats`] when asked for. Exporting a
+//! snapshot through it means either copying every field into instruments before each encode
+//! (its counters only increase, so they would be gauges or a second set of counters to keep in
+//! step) or a custom `Collector` that builds its `proto::MetricFamily` values by hand, which is
+//! more code than this encoder and brings that crate's dependency tree (its metric model is the
+//! rust-protobuf generated types) into a library loaded by every inference process.
+//!
 //! The metrics are derived from the JSON form of [`Stats`] (the `kvh_stats_json` document),
 //! through the table [`SERIES`] that maps each numeric field to a metric. A numeric field the
 //! table does not map is still exported under a name derived from its path (a counter under
@@ -505,8 +514,8 @@ pub const SERIES: &[Series] = &[
 pub struct ExporterStats {
     /// Failed writes of the metrics file.
     pub textfile_errors: u64,
-    /// HTTP connections closed without an answer to a well-formed request: too slow, too
-    /// large, malformed, or over the connection limit.
+    /// HTTP requests refused: too slow (408), too large (431), malformed (400), or over the
+    /// connection limit (503, or closed unanswered beyond twice the limit).
     pub http_rejected: u64,
 }
 
@@ -519,33 +528,43 @@ struct Family {
 }
 
 #[derive(Default)]
-struct Families(Vec<Family>);
+struct Families {
+    list: Vec<Family>,
+    /// Labels put first on every sample (the `pid` of a per-process metrics file).
+    common: Vec<(String, String)>,
+}
 
 impl Families {
     fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Family {
-        let i = match self.0.iter().position(|f| f.name == name) {
+        let i = match self.list.iter().position(|f| f.name == name) {
             Some(i) => i,
             None => {
-                self.0.push(Family {
+                self.list.push(Family {
                     name: name.to_string(),
                     kind,
                     help: help.to_string(),
                     samples: Vec::new(),
                 });
-                self.0.len() - 1
+                self.list.len() - 1
             }
         };
-        &mut self.0[i]
+        &mut self.list[i]
     }
 
     fn add(&mut self, name: &str, kind: Kind, help: &str, labels: &[(&str, &str)], v: String) {
-        let fam = self.family(name, kind, help);
-        fam.samples.push(format!("{name}{} {v}", label_set(labels)));
+        let mut all: Vec<(&str, &str)> = self
+            .common
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        all.extend_from_slice(labels);
+        let sample = format!("{name}{} {v}", label_set(&all));
+        self.family(name, kind, help).samples.push(sample);
     }
 
     fn render(&self) -> String {
         let mut out = String::new();
-        for f in &self.0 {
+        for f in &self.list {
             // Writing to a String cannot fail.
             let _ = writeln!(out, "# HELP {} {}", f.name, escape_help(&f.help));
             let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.as_str());
@@ -560,9 +579,21 @@ impl Families {
 
 /// The exposition of `stats` (whose `log` field the embedding layer has set) taken at `at`.
 pub fn encode(stats: &Stats, exporter: &ExporterStats, at: SystemTime) -> String {
+    encode_labelled(stats, exporter, at, &[])
+}
+
+/// [`encode`] with `common` labels first on every sample: `pid` when each process of an
+/// engine writes its own file (`KVH_METRICS_FILE` with `{pid}`), so that a collector reading
+/// all the files sees no series twice.
+pub fn encode_labelled(
+    stats: &Stats,
+    exporter: &ExporterStats,
+    at: SystemTime,
+    common: &[(&str, &str)],
+) -> String {
     // Plain data with derived impls: serialisation cannot fail.
     let doc = serde_json::to_value(stats).unwrap_or(Value::Null);
-    encode_document(&doc, exporter, at).0
+    encode_document_labelled(&doc, exporter, at, common).0
 }
 
 /// [`encode`] from the stats JSON document; also returns the pointers of the numeric fields
@@ -572,7 +603,22 @@ pub fn encode_document(
     exporter: &ExporterStats,
     at: SystemTime,
 ) -> (String, Vec<String>) {
-    let mut fams = Families::default();
+    encode_document_labelled(doc, exporter, at, &[])
+}
+
+fn encode_document_labelled(
+    doc: &Value,
+    exporter: &ExporterStats,
+    at: SystemTime,
+    common: &[(&str, &str)],
+) -> (String, Vec<String>) {
+    let mut fams = Families {
+        list: Vec::new(),
+        common: common
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
     let version = doc.get("version").and_then(Value::as_str).unwrap_or("");
     let backend = doc.get("backend").and_then(Value::as_str).unwrap_or("");
     fams.add(
@@ -637,7 +683,7 @@ pub fn encode_document(
     fams.add(
         "kvh_metrics_http_rejected_total",
         Kind::Counter,
-        "HTTP exporter connections closed unanswered: too slow, too large, malformed or over the limit.",
+        "HTTP exporter requests refused: too slow (408), too large (431), malformed (400) or over the connection limit (503, or closed unanswered beyond twice the limit).",
         NONE,
         exporter.http_rejected.to_string(),
     );
@@ -895,5 +941,22 @@ mod tests {
         let e = parse(&encode(&stats, &ex, at())).unwrap();
         assert_eq!(e.value("kvh_metrics_textfile_errors_total", &[]), Some(3.0));
         assert_eq!(e.value("kvh_metrics_http_rejected_total", &[]), Some(4.0));
+    }
+
+    #[test]
+    fn common_labels_go_on_every_sample() {
+        let stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
+        let text = encode_labelled(&stats, &ExporterStats::default(), at(), &[("pid", "41")]);
+        let e = parse(&text).unwrap();
+        assert!(e.samples.len() > 10);
+        for s in &e.samples {
+            assert_eq!(s.labels.first(), Some(&("pid".into(), "41".into())), "{s:?}");
+        }
+        assert_eq!(
+            e.value("kvh_verifications_total", &[("result", "failed")]),
+            Some(0.0)
+        );
+        assert!(text.contains("kvh_allocations_total{pid=\"41\"} 0\n"), "{text}");
+        assert!(text.contains("kvh_verifications_total{pid=\"41\",result=\"passed\"} 0\n"));
     }
 }
