@@ -9,13 +9,18 @@
 //!
 //! Limits ([`Limits`]): a request head larger than `max_request_bytes` gets 431; a request not
 //! complete within `request_timeout` gets 408; a connection beyond `max_connections` gets 503
-//! at once (and beyond twice that is closed unanswered). Connections are multiplexed without blocking, so a stalled client costs
-//! one slot until its deadline, not the server's attention. Each connection carries one
-//! request (`Connection: close`). When no connection is open the thread blocks in `accept`
-//! and uses no CPU; while some are open it polls them every few milliseconds.
+//! at once (and beyond twice that is closed unanswered). Connections are multiplexed without
+//! blocking, so a stalled client costs one slot until its deadline, not the server's
+//! attention; one pass accepts at most `max_connections` new ones, so a flood of connections
+//! cannot hold off the deadlines of those already open. Each connection carries one request
+//! (`Connection: close`). The thread sleeps in `poll(2)` until the listener or a connection is
+//! ready or the nearest deadline passes, and wakes at least every half second to see whether
+//! it must stop. A route that panics is answered 500 and the server goes on.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -94,6 +99,8 @@ impl Server {
     ) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
+        // Never blocking: the thread waits in `poll`, and `accept` must not hang it.
+        listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let rejected = Arc::new(AtomicU64::new(0));
         let mut state = Loop {
@@ -120,7 +127,8 @@ impl Server {
         self.addr
     }
 
-    /// Connections closed without an answer to a well-formed request.
+    /// Requests refused: too slow (408), too large (431), malformed (400), or over the
+    /// connection limit (503, or closed unanswered beyond twice the limit).
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -134,20 +142,26 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake a blocking accept. If that fails the thread stays parked in accept, harmless.
-        let wake = match self.addr.ip() {
+        // Wake the thread's `poll` at once with a connection; if none can be made (an IPv6
+        // wildcard on a host without IPv6 loopback), it sees `stop` within `STOP_CHECK`.
+        let port = self.addr.port();
+        let wake: &[SocketAddr] = match self.addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.addr.port())
+                &[SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)]
             }
-            IpAddr::V6(ip) if ip.is_unspecified() => {
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), self.addr.port())
-            }
-            _ => self.addr,
+            IpAddr::V6(ip) if ip.is_unspecified() => &[
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            ],
+            _ => std::slice::from_ref(&self.addr),
         };
-        if TcpStream::connect_timeout(&wake, Duration::from_secs(1)).is_ok() {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
+        for a in wake {
+            if TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok() {
+                break;
             }
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -176,6 +190,8 @@ struct Conn {
 const DRAIN_BYTES: usize = 1 << 20;
 /// Time a draining connection is kept.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
+/// Longest sleep in `poll`: how soon a stop is seen without a wake-up connection.
+const STOP_CHECK: Duration = Duration::from_millis(500);
 
 struct Loop {
     listener: TcpListener,
@@ -189,52 +205,75 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         while !self.stop.load(Ordering::SeqCst) {
-            if self.conns.is_empty() {
-                // Nothing to poll: block in accept.
-                if self.listener.set_nonblocking(false).is_err() {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-                match self.listener.accept() {
-                    Ok((s, _)) => self.admit(s),
-                    // EMFILE and the like: do not spin.
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-                if self.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if self.listener.set_nonblocking(true).is_err() {
-                    continue;
-                }
+            self.wait();
+            if self.stop.load(Ordering::SeqCst) {
+                break;
             }
-            let mut progress = self.accept_pending();
+            self.accept_pending();
             let now = Instant::now();
             let mut i = 0;
             while i < self.conns.len() {
-                let (moved, done) = self.step(i, now);
-                progress |= moved;
+                let (_, done) = self.step(i, now);
                 if done {
                     self.conns.swap_remove(i);
                 } else {
                     i += 1;
                 }
             }
-            if !progress {
-                std::thread::sleep(Duration::from_millis(3));
-            }
         }
     }
 
-    fn accept_pending(&mut self) -> bool {
-        let mut any = false;
-        loop {
+    /// Sleeps until the listener or a connection is ready, the nearest deadline passes, or
+    /// `STOP_CHECK` has gone by.
+    fn wait(&self) {
+        let now = Instant::now();
+        let mut timeout = STOP_CHECK;
+        let mut fds = Vec::with_capacity(self.conns.len() + 1);
+        fds.push(libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &self.conns {
+            timeout = timeout.min(c.deadline.saturating_duration_since(now));
+            let events = match c.state {
+                State::Writing { .. } => libc::POLLOUT,
+                State::Reading | State::Draining { .. } => libc::POLLIN,
+            };
+            fds.push(libc::pollfd {
+                fd: c.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        // Rounded up, so that a deadline has passed when `poll` times out.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is an array of `fds.len()` initialised `pollfd`s that lives across the
+        // call, and each descriptor in it is owned by `self` and open.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+            // Not expected (the descriptors are valid): do not spin.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Accepts what is pending, at most `max_connections` a pass, so that the deadlines of
+    /// open connections are checked between bursts.
+    fn accept_pending(&mut self) {
+        let mut budget = self.limits.max_connections.max(1);
+        while budget > 0 {
             match self.listener.accept() {
                 Ok((s, _)) => {
-                    any = true;
+                    budget -= 1;
                     self.admit(s);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return any,
+                Err(e) if would_block(&e) => return,
+                Err(_) => {
+                    // EMFILE and the like: the listener stays readable; do not spin on it.
+                    std::thread::sleep(Duration::from_millis(10));
+                    return;
+                }
             }
         }
     }
@@ -389,9 +428,13 @@ fn answer(head: &[u8], routes: &dyn Routes) -> (Response, bool) {
     let Some(&known) = routes.paths().iter().find(|p| **p == path) else {
         return (Response::text(404, "kvh: not found\n"), method == "HEAD");
     };
+    let get = || {
+        std::panic::catch_unwind(AssertUnwindSafe(|| routes.get(known)))
+            .unwrap_or_else(|_| Response::text(500, "kvh: internal error\n"))
+    };
     match method {
-        "GET" => (routes.get(known), false),
-        "HEAD" => (routes.get(known), true),
+        "GET" => (get(), false),
+        "HEAD" => (get(), true),
         _ => (
             Response::text(405, "kvh: method not allowed (GET or HEAD)\n"),
             false,
