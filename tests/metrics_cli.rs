@@ -7,8 +7,16 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
+use kvhygiene::forensic::LogStats;
 use kvhygiene::metrics::{encode, ExporterStats};
 use kvhygiene::stats::{PoolCounters, Stats};
+
+/// Stats as the runtime exports them: the forensic log's statistics included (disabled).
+fn runtime_stats(pool: PoolCounters) -> Stats {
+    let mut stats = Stats::merge("host".into(), &[pool], None);
+    stats.log = serde_json::to_value(LogStats::disabled()).ok();
+    stats
+}
 
 fn kvh() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
@@ -26,8 +34,11 @@ fn write_snapshot(path: &Path, age: Duration, failed: u64) {
     let mut pool = PoolCounters::default();
     pool.counters.allocations = 17;
     pool.counters.verifications_failed = failed;
-    let stats = Stats::merge("host".into(), &[pool], None);
-    let text = encode(&stats, &ExporterStats::default(), SystemTime::now() - age);
+    let text = encode(
+        &runtime_stats(pool),
+        &ExporterStats::default(),
+        SystemTime::now() - age,
+    );
     std::fs::write(path, text).unwrap();
 }
 
@@ -113,10 +124,9 @@ fn security_failures_fail_only_when_asked() {
     // A paged KV cache block whose scrub failed is a failure too.
     let mut pool = PoolCounters::default();
     pool.counters.kv_blocks_failed = 1;
-    let stats = Stats::merge("host".into(), &[pool], None);
     std::fs::write(
         &f,
-        encode(&stats, &ExporterStats::default(), SystemTime::now()),
+        encode(&runtime_stats(pool), &ExporterStats::default(), SystemTime::now()),
     )
     .unwrap();
     let (code, out, _) = run(kvh()
@@ -124,6 +134,70 @@ fn security_failures_fail_only_when_asked() {
         .arg(&f));
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("kvh_kv_failed_blocks_total = 1"), "{out}");
+}
+
+#[test]
+fn a_missing_checked_series_fails_the_security_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    // No forensic log statistics: kvh_log_records_lost_total is absent.
+    let stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
+    std::fs::write(
+        &f,
+        encode(&stats, &ExporterStats::default(), SystemTime::now()),
+    )
+    .unwrap();
+    let (code, out, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 0, "listed, not failed, without the flag: {out}");
+    assert!(
+        out.contains("kvh_log_records_lost_total missing from the snapshot: not checked"),
+        "{out}"
+    );
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--json", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let failures = j["security_failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{out}");
+    assert_eq!(failures[0]["metric"], "kvh_log_records_lost_total");
+    assert_eq!(failures[0]["missing"], true);
+    assert!(failures[0]["value"].is_null());
+}
+
+#[test]
+fn a_snapshot_from_the_future_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let at = |t: SystemTime| {
+        let text = encode(
+            &runtime_stats(PoolCounters::default()),
+            &ExporterStats::default(),
+            t,
+        );
+        std::fs::write(&f, text).unwrap();
+    };
+    at(SystemTime::now() + Duration::from_secs(600));
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in the future"), "{err}");
+    // Within the tolerance for clock adjustments: accepted, age 0.
+    at(SystemTime::now() + Duration::from_secs(1));
+    let (code, out, err) = run(kvh().args(["metrics", "--max-age", "60", "--file"]).arg(&f));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn a_per_process_file_name_in_the_environment_needs_file() {
+    let (code, _, err) = run(kvh()
+        .arg("metrics")
+        .env("KVH_METRICS_FILE", "/run/kvh/kvh-{pid}.prom"));
+    assert_eq!(code, 2);
+    assert!(err.contains("{pid}") && err.contains("--file"), "{err}");
 }
 
 #[test]
@@ -146,6 +220,8 @@ fn json_summary() {
     assert_eq!(j["stale"], false);
     assert_eq!(j["ok"], false);
     assert_eq!(j["backend"], "host");
+    assert_eq!(j["security_failures"][0]["missing"], false);
+    assert_eq!(j["security_failures"][0]["value"], 1.0);
     assert_eq!(j["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(j["max_age_seconds"], 3600);
     let age = j["age_seconds"].as_f64().unwrap();
@@ -197,10 +273,17 @@ fn unusable_input_exits_2_naming_the_file() {
     assert!(err.contains("KVH_METRICS_INTERVAL_MS"), "{err}");
 }
 
-/// A running `kvh serve-metrics`, killed on drop.
+/// A running `kvh serve-metrics`, killed on drop; its stderr goes to a file.
 struct Sidecar {
     child: Child,
     addr: SocketAddr,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Sidecar {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap()
+    }
 }
 
 impl Drop for Sidecar {
@@ -211,12 +294,13 @@ impl Drop for Sidecar {
 }
 
 fn sidecar(file: &Path, extra: &[&str]) -> Sidecar {
+    let stderr = tempfile::NamedTempFile::new().unwrap();
     let mut child = kvh()
         .args(["serve-metrics", "--listen", "127.0.0.1:0", "--file"])
         .arg(file)
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr.reopen().unwrap())
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -230,7 +314,11 @@ fn sidecar(file: &Path, extra: &[&str]) -> Sidecar {
         .and_then(|s| s.strip_suffix("/metrics"))
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
-    Sidecar { child, addr }
+    Sidecar {
+        child,
+        addr,
+        stderr,
+    }
 }
 
 fn http(addr: SocketAddr, raw: &str) -> (u16, String, String) {
@@ -248,38 +336,67 @@ fn http(addr: SocketAddr, raw: &str) -> (u16, String, String) {
     (status, head.to_string(), body.to_string())
 }
 
+const UNAVAILABLE: &str =
+    "kvh serve-metrics: metrics file missing, stale or not a kvhygiene snapshot\n";
+
 #[test]
 fn serve_metrics_serves_the_file_or_says_why_not() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
     let side = sidecar(&f, &["--max-age", "60"]);
     let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    // Missing file: 503 naming it.
+    // Missing file: 503, the same body as every refusal; the reason on stderr.
     let (status, _, body) = http(side.addr, get);
-    assert_eq!(status, 503);
-    assert!(body.contains("kvh.prom"), "{body}");
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
     // Present and fresh: served byte for byte.
     write_snapshot(&f, Duration::ZERO, 0);
     let (status, head, body) = http(side.addr, get);
     assert_eq!(status, 200, "{body}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert_eq!(body, std::fs::read_to_string(&f).unwrap());
-    // Stale: 503 saying so.
+    // Stale: 503.
     write_snapshot(&f, Duration::from_secs(600), 0);
     let (status, _, body) = http(side.addr, get);
-    assert_eq!(status, 503);
-    assert!(
-        body.contains("old") && body.contains("--max-age 60"),
-        "{body}"
-    );
-    // Not a snapshot: 503, never a file a scraper would choke on.
-    std::fs::write(&f, "garbage here\n").unwrap();
-    let (status, _, body) = http(side.addr, get);
-    assert_eq!(status, 503);
-    assert!(body.contains("line 1"), "{body}");
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    // Not a snapshot: 503, never a file a scraper would choke on, nor its content.
+    std::fs::write(&f, "secret-token-value here\n").unwrap();
+    for _ in 0..3 {
+        let (status, _, body) = http(side.addr, get);
+        assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    }
     assert_eq!(http(side.addr, "GET /healthz HTTP/1.1\r\n\r\n").0, 200);
     assert_eq!(http(side.addr, "GET /stats HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(side.addr, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+    // The reasons are on stderr, each change once.
+    let err = side.stderr();
+    assert!(err.contains("kvh.prom: No such file"), "{err}");
+    assert!(err.contains("--max-age 60"), "{err}");
+    assert_eq!(err.matches("line 1").count(), 1, "{err}");
+    assert!(err.contains("serving"), "{err}");
+}
+
+#[test]
+fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.prom");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let side = sidecar(&fifo, &[]);
+    let get = "GET /metrics HTTP/1.1\r\n\r\n";
+    // A FIFO without a writer: answered (the client's read timeout is 10 s), not hung.
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    assert!(side.stderr().contains("not a regular file"), "{}", side.stderr());
+
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "hunter2-token\n").unwrap();
+    let link = dir.path().join("link.prom");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let side = sidecar(&link, &[]);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    assert!(!body.contains("hunter2"));
 }
 
 #[test]
@@ -294,13 +411,8 @@ fn serve_metrics_exits_2_when_the_address_is_taken() {
         &addr,
     ]));
     assert_eq!(code, 2);
-    assert!(err.contains(&addr), "{err}");
-    let (code, _, _) = run(kvh().args([
-        "serve-metrics",
-        "--file",
-        "x.prom",
-        "--listen",
-        "localhost:1",
-    ]));
-    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")),
+        "the bind failure names the address: {err}"
+    );
 }

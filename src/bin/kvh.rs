@@ -79,10 +79,12 @@ samples, when it was taken and whether it shows a security failure, and exits:
   1  the snapshot is older than --max-age (the process stopped exporting: hung or gone),
      or, with --fail-on-security, it shows a failed verification, residue, a failed
      re-scrub, a failed KV block scrub, lost forensic log records or an asynchronous
-     backend error
-  2  usage error, or the file is missing, unreadable or not a kvhygiene metrics snapshot
+     backend error, or one of those series is missing from it (not checked is not passed)
+  2  usage error, or the file is missing, unreadable, not a kvhygiene metrics snapshot,
+     or dated more than 5 s in the future (its age cannot be judged)
 
-Without --file the file is this environment's KVH_METRICS_FILE.
+Without --file the file is this environment's KVH_METRICS_FILE; when that holds {pid} (one \
+file per process), --file must name the process's file.
 
 Examples:
   # Liveness check (cron, Kubernetes exec probe): fail when the last snapshot is > 60 s old
@@ -99,8 +101,10 @@ Serve a metrics file over HTTP at /metrics: a sidecar for Prometheus.
 
 In Kubernetes, the inference container writes KVH_METRICS_FILE into a shared emptyDir and this \
 verb, in a sidecar container, serves it, so the inference process opens no port. GET /metrics \
-answers the file (Content-Type text/plain; version=0.0.4), or 503 with a one-line reason when \
-the file is missing, not a metrics snapshot, or older than --max-age. GET /healthz answers ok \
+answers the file (Content-Type text/plain; version=0.0.4), or 503 when the file is missing, \
+not a metrics snapshot, or older than --max-age; the 503 body is the same in every case, and \
+the reason (which may quote the file) is written on stderr when it changes. The file is opened \
+without blocking and must be a regular file of at most 1 MiB. GET /healthz answers ok \
 while the sidecar runs. Other paths get 404, other methods 405. Requests are limited in size \
 (8 KiB) and time (5 s), and at most 32 connections are served at once.
 

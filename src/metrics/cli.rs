@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -13,19 +14,29 @@ use serde::Serialize;
 use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
-use crate::config::Config;
+use crate::config::{Config, PID_PLACEHOLDER};
 use crate::forensic::verify::rfc3339;
 
 /// Exit code: the snapshot is fresh (and, when asked, shows no security failure).
 pub const EXIT_OK: i32 = 0;
-/// Exit code: the snapshot is stale, or shows a security failure under
-/// `--fail-on-security`.
+/// Exit code: the snapshot is stale, or under `--fail-on-security` shows a security failure
+/// or lacks a checked series.
 pub const EXIT_FAILED: i32 = 1;
-/// Exit code: usage error, or the file is missing, unreadable or not a metrics snapshot.
+/// Exit code: usage error, or the file is missing, unreadable, not a metrics snapshot, or
+/// dated more than [`MAX_FUTURE_SECS`] in the future.
 pub const EXIT_USAGE: i32 = 2;
 
 /// Largest metrics file read (a snapshot is a few kilobytes).
-pub const MAX_FILE_BYTES: u64 = 16 << 20;
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// How far in the future a snapshot's timestamp may be (clock adjustments) before the
+/// snapshot is refused: its age, hence its staleness, cannot be judged.
+pub const MAX_FUTURE_SECS: f64 = 5.0;
+
+/// The body of every 503 of `serve-metrics`: the details, which may quote the file, go to its
+/// stderr only.
+pub const UNAVAILABLE_BODY: &str =
+    "kvh serve-metrics: metrics file missing, stale or not a kvhygiene snapshot\n";
 
 /// A sample that, when non-zero, means the control failed or evidence was lost.
 #[derive(Debug)]
@@ -74,8 +85,8 @@ pub const SECURITY_CHECKS: &[SecurityCheck] = &[
 /// `kvh metrics`: check a metrics file the library wrote.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MetricsArgs {
-    /// The metrics file (KVH_METRICS_FILE of the process that writes it); default: this
-    /// environment's KVH_METRICS_FILE.
+    /// The metrics file (KVH_METRICS_FILE of the process that writes it, `{pid}` replaced);
+    /// default: this environment's KVH_METRICS_FILE (without `{pid}`).
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// Exit 1 when the snapshot was taken more than SECS seconds ago (the writer stopped).
@@ -84,7 +95,8 @@ pub struct MetricsArgs {
     pub max_age: Option<u64>,
     /// Exit 1 when the snapshot shows a security failure: a failed verification, residue,
     /// a failed re-scrub, a failed KV block scrub, lost forensic log records or an
-    /// asynchronous backend error.
+    /// asynchronous backend error; or when one of those series is missing from it (nothing
+    /// to check is not a pass).
     #[arg(long)]
     pub fail_on_security: bool,
     /// Print a JSON summary on stdout instead of the samples and verdict.
@@ -117,7 +129,8 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Seconds since the snapshot was taken (0 for a snapshot from the future: clock skew).
+    /// Seconds since the snapshot was taken (0 for a snapshot up to [`MAX_FUTURE_SECS`] in the
+    /// future, which [`load_at`] allows for clock adjustments).
     pub fn age_seconds(&self, now: SystemTime) -> f64 {
         let now = now
             .duration_since(UNIX_EPOCH)
@@ -125,13 +138,16 @@ impl Snapshot {
         (now - self.timestamp).max(0.0)
     }
 
-    /// The security checks whose sample is non-zero, with their values.
-    pub fn security_failures(&self) -> Vec<(&'static SecurityCheck, f64)> {
+    /// The security checks that fail: their sample is non-zero (`Some(value)`), or missing
+    /// from the snapshot (`None`), which is a failure too: an unchecked control is not a
+    /// passed one.
+    pub fn security_failures(&self) -> Vec<(&'static SecurityCheck, Option<f64>)> {
         SECURITY_CHECKS
             .iter()
-            .filter_map(|c| {
-                let v = self.exposition.value(c.metric, c.labels)?;
-                (v != 0.0).then_some((c, v))
+            .filter_map(|c| match self.exposition.value(c.metric, c.labels) {
+                None => Some((c, None)),
+                Some(v) if v != 0.0 => Some((c, Some(v))),
+                Some(_) => None,
             })
             .collect()
     }
@@ -144,13 +160,32 @@ impl Snapshot {
     }
 }
 
-/// Reads and parses `path`; the error names the file and says what is wrong.
+/// Reads and parses `path` as of now; see [`load_at`].
 pub fn load(path: &Path) -> Result<Snapshot, String> {
+    load_at(path, SystemTime::now())
+}
+
+/// Reads and parses `path`, a snapshot read at `now`; the error names the file and says what
+/// is wrong. The file is opened without blocking (`O_NONBLOCK`: a FIFO put in its place
+/// does not wait for a writer) and must be a regular file of at most [`MAX_FILE_BYTES`].
+/// Links are followed, as operators and volume mounts use them; what is accepted must still
+/// parse as a kvhygiene snapshot, and `serve-metrics` never serves an error's text. A
+/// snapshot dated more than [`MAX_FUTURE_SECS`] after `now` is refused.
+pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let shown = path.display();
-    let file = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{shown}: not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{shown}: larger than {MAX_FILE_BYTES} bytes; not a metrics snapshot"
+        ));
     }
     let mut bytes = Vec::new();
     file.take(MAX_FILE_BYTES + 1)
@@ -170,6 +205,16 @@ pub fn load(path: &Path) -> Result<Snapshot, String> {
         .ok_or_else(|| {
             format!("{shown}: not a kvhygiene metrics snapshot (no {SNAPSHOT_TIMESTAMP})")
         })?;
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if timestamp > now_secs + MAX_FUTURE_SECS {
+        return Err(format!(
+            "{shown}: the snapshot is dated {:.1} s in the future (more than {MAX_FUTURE_SECS} \
+             s): its age cannot be judged",
+            timestamp - now_secs
+        ));
+    }
     Ok(Snapshot {
         text,
         exposition,
@@ -199,7 +244,10 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct FailureJson {
     pub metric: String,
-    pub value: f64,
+    /// The non-zero value; `null` when the series is missing from the snapshot.
+    pub value: Option<f64>,
+    /// The series is missing, so the control could not be checked.
+    pub missing: bool,
     pub what: &'static str,
 }
 
@@ -220,6 +268,7 @@ pub fn report(file: &Path, snap: &Snapshot, args: &MetricsArgs, now: SystemTime)
         .map(|(c, value)| FailureJson {
             metric: series_name(c.metric, c.labels),
             value,
+            missing: value.is_none(),
             what: c.what,
         })
         .collect();
@@ -263,6 +312,13 @@ pub fn run_metrics(args: &MetricsArgs) -> i32 {
     let file = match &args.file {
         Some(f) => f.clone(),
         None => match Config::from_env() {
+            Ok(c) if c.metrics.per_process() => {
+                eprintln!(
+                    "kvh metrics: KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per \
+                     process): pass --file with the file of the process to check"
+                );
+                return EXIT_USAGE;
+            }
             Ok(c) => match c.metrics.file {
                 Some(f) => f,
                 None => {
@@ -326,7 +382,13 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
         let list: Vec<String> = r
             .security_failures
             .iter()
-            .map(|f| format!("{} = {} ({})", f.metric, f.value, f.what))
+            .map(|f| match f.value {
+                Some(v) => format!("{} = {v} ({})", f.metric, f.what),
+                None => format!(
+                    "{} missing from the snapshot: not checked ({})",
+                    f.metric, f.what
+                ),
+            })
             .collect();
         writeln!(out, "security: FAILURES: {}", list.join("; "))?;
     }
@@ -345,6 +407,62 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
 pub struct FileRoutes {
     pub file: PathBuf,
     pub max_age: Option<u64>,
+    /// The kind of the last problem said on stderr (`None`: serving), so that each change
+    /// is said once rather than at every scrape.
+    said: Mutex<Option<String>>,
+}
+
+impl FileRoutes {
+    pub fn new(file: PathBuf, max_age: Option<u64>) -> Self {
+        FileRoutes {
+            file,
+            max_age,
+            said: Mutex::new(None),
+        }
+    }
+
+    /// The snapshot to serve now, or why there is none (which may quote the file).
+    pub fn check(&self, now: SystemTime) -> Result<Snapshot, String> {
+        self.checked(now).map_err(|(_, why)| why)
+    }
+
+    /// [`FileRoutes::check`] with the kind of problem: `true` when the snapshot is stale.
+    fn checked(&self, now: SystemTime) -> Result<Snapshot, (bool, String)> {
+        let snap = load_at(&self.file, now).map_err(|e| (false, e))?;
+        let age = snap.age_seconds(now);
+        if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
+            return Err((
+                true,
+                format!(
+                    "{}: the snapshot is {age:.1} s old (--max-age {max}): its writer has \
+                     stopped exporting",
+                    self.file.display()
+                ),
+            ));
+        }
+        Ok(snap)
+    }
+
+    /// [`FileRoutes::check`], saying on stderr when the problem changes or goes away.
+    fn check_and_say(&self) -> Option<Snapshot> {
+        let checked = self.checked(SystemTime::now());
+        // Staleness is one kind whatever the age, so it is said once per outage.
+        let kind = match &checked {
+            Ok(_) => None,
+            Err((true, _)) => Some("stale".to_string()),
+            Err((false, e)) => Some(e.clone()),
+        };
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        if *said != kind {
+            let mut err = std::io::stderr();
+            let _ = match &checked {
+                Err((_, e)) => writeln!(err, "kvh serve-metrics: {e}; /metrics answers 503"),
+                Ok(_) => writeln!(err, "kvh serve-metrics: serving {}", self.file.display()),
+            };
+            *said = kind;
+        }
+        checked.ok()
+    }
 }
 
 impl http::Routes for FileRoutes {
@@ -356,29 +474,16 @@ impl http::Routes for FileRoutes {
         if path != "/metrics" {
             return Response::text(200, "ok\n");
         }
-        let unavailable = |why: String| Response::text(503, format!("kvh serve-metrics: {why}\n"));
-        let snap = match load(&self.file) {
-            Ok(s) => s,
-            Err(e) => return unavailable(e),
-        };
-        let age = snap.age_seconds(SystemTime::now());
-        if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
-            return unavailable(format!(
-                "{}: the snapshot is {age:.1} s old (--max-age {max}): its writer has stopped \
-                 exporting",
-                self.file.display()
-            ));
+        match self.check_and_say() {
+            Some(snap) => Response::new(200, CONTENT_TYPE, snap.text),
+            None => Response::text(503, UNAVAILABLE_BODY),
         }
-        Response::new(200, CONTENT_TYPE, snap.text)
     }
 }
 
 /// Runs `serve-metrics` until the process is killed; returns only on a start-up error.
 pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
-    let routes = Arc::new(FileRoutes {
-        file: args.file.clone(),
-        max_age: args.max_age,
-    });
+    let routes = Arc::new(FileRoutes::new(args.file.clone(), args.max_age));
     let server = match http::Server::start(
         args.listen,
         routes.clone(),
@@ -400,9 +505,8 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     );
     let _ = out.flush();
     drop(out);
-    if let Err(e) = load(&args.file) {
-        eprintln!("kvh serve-metrics: {e}; /metrics answers 503 until a valid snapshot is there");
-    }
+    // Said at start when the file is not servable yet, and again at each change.
+    let _ = routes.check_and_say();
     loop {
         std::thread::park();
     }
