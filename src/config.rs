@@ -784,7 +784,16 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["", "/var/lib/", "/tmp/..", ".", "/tmp/.", "dir/.", "..", "/"] {
+        for bad in [
+            "",
+            "/var/lib/",
+            "/tmp/..",
+            ".",
+            "/tmp/.",
+            "dir/.",
+            "..",
+            "/",
+        ] {
             assert_eq!(
                 invalid_key(&[("KVH_METRICS_FILE", bad)]),
                 "KVH_METRICS_FILE",
@@ -813,8 +822,8 @@ mod tests {
         assert!(!c.metrics.per_process());
         assert_eq!(c.metrics.file_for(7).as_deref(), Some(Path::new("m.prom")));
         // One file per process: `{pid}` is replaced wherever it appears.
-        let c = Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/{pid}/kvh-{pid}.prom")]))
-            .unwrap();
+        let c =
+            Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/{pid}/kvh-{pid}.prom")])).unwrap();
         assert!(c.metrics.per_process());
         assert_eq!(
             c.metrics.file_for(4242).as_deref(),

@@ -126,7 +126,11 @@ fn security_failures_fail_only_when_asked() {
     pool.counters.kv_blocks_failed = 1;
     std::fs::write(
         &f,
-        encode(&runtime_stats(pool), &ExporterStats::default(), SystemTime::now()),
+        encode(
+            &runtime_stats(pool),
+            &ExporterStats::default(),
+            SystemTime::now(),
+        ),
     )
     .unwrap();
     let (code, out, _) = run(kvh()
@@ -387,7 +391,11 @@ fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
     // A FIFO without a writer: answered (the client's read timeout is 10 s), not hung.
     let (status, _, body) = http(side.addr, get);
     assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
-    assert!(side.stderr().contains("not a regular file"), "{}", side.stderr());
+    assert!(
+        side.stderr().contains("not a regular file"),
+        "{}",
+        side.stderr()
+    );
 
     let secret = dir.path().join("token");
     std::fs::write(&secret, "hunter2-token\n").unwrap();

@@ -950,13 +950,20 @@ mod tests {
         let e = parse(&text).unwrap();
         assert!(e.samples.len() > 10);
         for s in &e.samples {
-            assert_eq!(s.labels.first(), Some(&("pid".into(), "41".into())), "{s:?}");
+            assert_eq!(
+                s.labels.first(),
+                Some(&("pid".into(), "41".into())),
+                "{s:?}"
+            );
         }
         assert_eq!(
             e.value("kvh_verifications_total", &[("result", "failed")]),
             Some(0.0)
         );
-        assert!(text.contains("kvh_allocations_total{pid=\"41\"} 0\n"), "{text}");
+        assert!(
+            text.contains("kvh_allocations_total{pid=\"41\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("kvh_verifications_total{pid=\"41\",result=\"passed\"} 0\n"));
     }
 }

@@ -52,22 +52,13 @@ pub type Source = Arc<dyn Fn() -> Stats + Send + Sync>;
 pub const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Settings of an [`Exporter`] beyond its configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
     /// Limits of the HTTP exporter.
     pub limits: http::Limits,
     /// How long the HTTP exporter serves one snapshot (`/metrics` and `/stats` alike) before
     /// taking another; `None`: 1 s, or `KVH_METRICS_INTERVAL_MS` when shorter.
     pub snapshot_every: Option<Duration>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            limits: http::Limits::default(),
-            snapshot_every: None,
-        }
-    }
 }
 
 /// The running exports of one process. Dropping it stops the file thread and the HTTP server
@@ -303,7 +294,9 @@ impl Exporter {
                 .snapshot_every
                 .unwrap_or_else(|| interval.min(Duration::from_secs(1))),
         });
-        let http = cfg.addr.and_then(|addr| start_http(addr, &inner, opts.limits));
+        let http = cfg
+            .addr
+            .and_then(|addr| start_http(addr, &inner, opts.limits));
         let file_thread = inner
             .file
             .as_ref()
@@ -474,7 +467,9 @@ mod tests {
 
     fn allocations(path: &Path) -> Option<f64> {
         let text = std::fs::read_to_string(path).ok()?;
-        parse::parse(&text).ok()?.value("kvh_allocations_total", &[])
+        parse::parse(&text)
+            .ok()?
+            .value("kvh_allocations_total", &[])
     }
 
     /// Waits for child `pid` at most `limit`; past it, kills it and returns `None`.
@@ -554,7 +549,9 @@ mod tests {
         let exporter = Exporter::start(&cfg, counting(n.clone())).unwrap();
         exporter.stop_periodic();
         n.store(2, Ordering::SeqCst);
-        exporter.write_file_bounded(Duration::from_secs(30)).unwrap();
+        exporter
+            .write_file_bounded(Duration::from_secs(30))
+            .unwrap();
         assert_eq!(allocations(&path), Some(2.0));
         // The stopped thread never writes again: a later value stays out of the file.
         n.store(3, Ordering::SeqCst);
@@ -644,8 +641,14 @@ mod tests {
         let m = cached.get("/metrics");
         let j = cached.get("/stats");
         cached.get("/metrics");
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one snapshot for three requests");
-        assert!(String::from_utf8(m.body).unwrap().contains("kvh_allocations_total 0"));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "one snapshot for three requests"
+        );
+        assert!(String::from_utf8(m.body)
+            .unwrap()
+            .contains("kvh_allocations_total 0"));
         let j: serde_json::Value = serde_json::from_slice(&j.body).unwrap();
         assert_eq!(j["counters"]["allocations"], 0);
         let uncached = routes(Duration::ZERO);
@@ -669,7 +672,10 @@ mod tests {
         assert_eq!(exporter.file(), Some(want.as_path()));
         exporter.write_file_now().unwrap();
         let e = parse::parse(&std::fs::read_to_string(&want).unwrap()).unwrap();
-        assert!(e.samples.iter().all(|s| s.label("pid") == Some(pid.as_str())));
+        assert!(e
+            .samples
+            .iter()
+            .all(|s| s.label("pid") == Some(pid.as_str())));
         assert_eq!(e.value("kvh_allocations_total", &[]), Some(4.0));
         // Without `{pid}`, no label.
         let plain = MetricsConfig {

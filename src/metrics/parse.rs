@@ -313,14 +313,23 @@ mod tests {
             ("a 1\nb 1\na 2\n", "split"),
             ("a\n", "no value"),
             ("a 1\na 2\n", "same series twice"),
-            ("a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n", "same series twice"),
+            (
+                "a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n",
+                "same series twice",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.message.contains(why), "{text:?}: {e}");
         }
         assert_eq!(parse("x 1\ny 2\nz\n").unwrap_err().line, 3);
         // Distinct label values are distinct series.
-        assert_eq!(parse("a{x=\"1\"} 1\na{x=\"2\"} 1\na 3\n").unwrap().samples.len(), 3);
+        assert_eq!(
+            parse("a{x=\"1\"} 1\na{x=\"2\"} 1\na 3\n")
+                .unwrap()
+                .samples
+                .len(),
+            3
+        );
     }
 
     #[test]

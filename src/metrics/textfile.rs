@@ -78,7 +78,10 @@ mod tests {
         write_atomic(&path, b"a 1\n").unwrap();
         write_atomic(&path, b"a 2\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 2\n");
-        assert_eq!(names(dir.path()), vec![std::ffi::OsString::from("kvh.prom")]);
+        assert_eq!(
+            names(dir.path()),
+            vec![std::ffi::OsString::from("kvh.prom")]
+        );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & !0o644, 0, "at most 0644: {mode:o}");
     }
