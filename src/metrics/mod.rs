@@ -537,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn the_last_write_waits_for_a_periodic_one_and_stops_the_thread() {
+    fn the_last_write_at_exit_stops_the_periodic_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kvh.prom");
         let n = Arc::new(AtomicU64::new(1));
