@@ -6,6 +6,7 @@
 //! place, is an error: a misspelt security knob must never be silently ignored. Errors name
 //! the key, the bad value and the accepted range.
 
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -99,6 +100,66 @@ pub struct Config {
     pub failure_mode: FailureMode,
     pub oom: OomMode,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Metrics export settings (used by `crate::metrics`). Both exports are off by default.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MetricsConfig {
+    /// Prometheus text file rewritten every `interval_ms` and at exit; `None`: no file. Each
+    /// [`PID_PLACEHOLDER`] in it is replaced by the writing process's id (see
+    /// [`MetricsConfig::file_for`]).
+    pub file: Option<PathBuf>,
+    pub interval_ms: u64,
+    /// Address of the in-process HTTP exporter (`/metrics`, `/stats`, `/healthz`); `None`: off.
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+/// Written in `KVH_METRICS_FILE`, replaced by the process id: each process of a multi-process
+/// engine (whose workers inherit the environment) writes its own file.
+pub const PID_PLACEHOLDER: &str = "{pid}";
+
+impl MetricsConfig {
+    /// Whether the file name holds [`PID_PLACEHOLDER`] (one file per process).
+    pub fn per_process(&self) -> bool {
+        self.file
+            .as_ref()
+            .is_some_and(|f| contains(f.as_os_str().as_bytes(), PID_PLACEHOLDER.as_bytes()))
+    }
+
+    /// The metrics file of process `pid`: `file` with each [`PID_PLACEHOLDER`] replaced.
+    pub fn file_for(&self, pid: u32) -> Option<PathBuf> {
+        let file = self.file.as_ref()?;
+        let bytes = file.as_os_str().as_bytes();
+        let needle = PID_PLACEHOLDER.as_bytes();
+        let pid = pid.to_string();
+        let mut out = Vec::with_capacity(bytes.len() + 8);
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(needle) {
+                out.extend_from_slice(pid.as_bytes());
+                i += needle.len();
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            file: None,
+            interval_ms: 10_000,
+            addr: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -130,6 +191,7 @@ impl Default for Config {
                 checkpoint_every_records: 10_000,
                 checkpoint_interval_ms: 60_000,
             },
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -335,6 +397,30 @@ const KEYS: &[Key] = &[
             Some(())
         }
     ),
+    key!(
+        "metrics_file",
+        "a file path (e.g. /var/lib/node_exporter/textfile/kvh.prom; {pid} in it is replaced by the process id)",
+        |c, v| {
+            c.metrics.file = metrics_file_path(v)?;
+            Some(())
+        }
+    ),
+    key!(
+        "metrics_interval_ms",
+        "an integer in [100, 3600000] (milliseconds)",
+        |c, v| {
+            c.metrics.interval_ms = parse_in(v, 100, 3_600_000)?;
+            Some(())
+        }
+    ),
+    key!(
+        "metrics_addr",
+        "an IP address and port, e.g. 127.0.0.1:9464 (no host names)",
+        |c, v| {
+            c.metrics.addr = Some(v.parse().ok()?);
+            Some(())
+        }
+    ),
 ];
 
 /// A TOML syntax error as one line: `line L, column C: message`.
@@ -512,6 +598,15 @@ fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
     (!v.is_empty()).then(|| Some(PathBuf::from(v)))
 }
 
+/// A path naming a file, not a directory: non-empty, with a last component that is not empty,
+/// `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the exporter writes a
+/// temporary file beside it and renames it there.
+fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
+    let last = v.rsplit('/').next().unwrap_or(v);
+    let named = !matches!(last, "" | "." | "..");
+    named.then(|| Some(PathBuf::from(v)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,6 +751,92 @@ mod tests {
         assert_eq!(c.batch_size, 8);
         assert!(c.double_pass);
         assert_eq!(c.backend, BackendChoice::Host);
+    }
+
+    #[test]
+    fn metrics_keys_are_off_by_default_and_validated() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.metrics, MetricsConfig::default());
+        assert!(c.metrics.file.is_none() && c.metrics.addr.is_none());
+        assert_eq!(c.metrics.interval_ms, 10_000);
+        let c = Config::from_vars(&vars(&[
+            ("KVH_METRICS_FILE", "/var/lib/node_exporter/kvh.prom"),
+            ("KVH_METRICS_INTERVAL_MS", "500"),
+            ("KVH_METRICS_ADDR", "127.0.0.1:9464"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.metrics.file.as_deref(),
+            Some(Path::new("/var/lib/node_exporter/kvh.prom"))
+        );
+        assert_eq!(c.metrics.interval_ms, 500);
+        assert_eq!(c.metrics.addr, Some("127.0.0.1:9464".parse().unwrap()));
+        for bad in ["99", "3600001", "often", "-1"] {
+            assert_eq!(
+                invalid_key(&[("KVH_METRICS_INTERVAL_MS", bad)]),
+                "KVH_METRICS_INTERVAL_MS",
+                "{bad}"
+            );
+        }
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            "9464",
+            "[::1]",
+            "127.0.0.1:99999",
+        ] {
+            assert_eq!(
+                invalid_key(&[("KVH_METRICS_ADDR", bad)]),
+                "KVH_METRICS_ADDR",
+                "{bad}"
+            );
+        }
+        for bad in [
+            "",
+            "/var/lib/",
+            "/tmp/..",
+            ".",
+            "/tmp/.",
+            "dir/.",
+            "..",
+            "/",
+        ] {
+            assert_eq!(
+                invalid_key(&[("KVH_METRICS_FILE", bad)]),
+                "KVH_METRICS_FILE",
+                "{bad:?}"
+            );
+        }
+        let err = Config::from_vars(&vars(&[("KVH_METRICS_ADDR", "localhost:1")])).unwrap_err();
+        assert!(err.to_string().contains("127.0.0.1:9464"), "{err}");
+        // The file keys are validated the same way, naming the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(&path, "metrics_interval_ms = 5\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("metrics_interval_ms") && err.contains("kvh.toml"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "metrics_addr = \"[::1]:9464\"\nmetrics_file = \"m.prom\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.metrics.addr, Some("[::1]:9464".parse().unwrap()));
+        assert_eq!(c.metrics.file.as_deref(), Some(Path::new("m.prom")));
+        assert!(!c.metrics.per_process());
+        assert_eq!(c.metrics.file_for(7).as_deref(), Some(Path::new("m.prom")));
+        // One file per process: `{pid}` is replaced wherever it appears.
+        let c =
+            Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/{pid}/kvh-{pid}.prom")])).unwrap();
+        assert!(c.metrics.per_process());
+        assert_eq!(
+            c.metrics.file_for(4242).as_deref(),
+            Some(Path::new("/m/4242/kvh-4242.prom"))
+        );
+        assert_eq!(MetricsConfig::default().file_for(1), None);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`context`]: per-thread tenant / request / model ids, validated at the boundary.
 //! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once.
 //! - [`stats`]: counters and latency histograms of the pool, serialised as JSON.
+//! - [`metrics`]: the Prometheus exposition of the statistics, the metrics file and the HTTP
+//!   exporter, and the `metrics` / `serve-metrics` verbs.
 //! - [`demo`]: the multi-tenant simulation behind `kvh demo`.
 //!
 //! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
@@ -26,4 +28,5 @@ pub mod demo;
 pub mod events;
 pub mod ffi;
 pub mod forensic;
+pub mod metrics;
 pub mod stats;

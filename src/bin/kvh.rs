@@ -14,6 +14,7 @@ use kvhygiene::events::EventSink;
 use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, VerifyLogArgs};
 use kvhygiene::forensic::evidence::{self, EvidenceArgs};
 use kvhygiene::forensic::{ForensicLog, StartInfo};
+use kvhygiene::metrics::cli::{self as metrics_cli, MetricsArgs, ServeMetricsArgs};
 
 #[derive(Parser)]
 #[command(
@@ -59,7 +60,62 @@ enum Command {
     ///
     /// Example: kvh evidence /var/log/kvh --key-file hmac.key --public-key ckpt.pub > report.md
     Evidence(EvidenceArgs),
+    /// Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
+    #[command(long_about = METRICS_HELP)]
+    Metrics(MetricsArgs),
+    /// Serve a metrics file over HTTP at /metrics: a sidecar for Prometheus.
+    #[command(long_about = SERVE_METRICS_HELP)]
+    ServeMetrics(ServeMetricsArgs),
 }
+
+const METRICS_HELP: &str = "\
+Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
+
+A process with KVH_METRICS_FILE set rewrites that file, in the Prometheus text format, every \
+KVH_METRICS_INTERVAL_MS (default 10 s) and once at exit. This verb reads it, prints its \
+samples, when it was taken and whether it shows a security failure, and exits:
+
+  0  the snapshot is fresh enough (and shows no security failure, when checked)
+  1  the snapshot is older than --max-age (the process stopped exporting: hung or gone),
+     or, with --fail-on-security, it shows a failed verification, residue, a failed
+     re-scrub, a failed KV block scrub, lost forensic log records or an asynchronous
+     backend error, or one of those series is missing from it (not checked is not passed)
+  2  usage error, or the file is missing, unreadable, not a kvhygiene metrics snapshot,
+     or dated more than 5 s in the future (its age cannot be judged)
+
+Without --file the file is this environment's KVH_METRICS_FILE; when that holds {pid} (one \
+file per process), --file must name the process's file.
+
+Examples:
+  # Liveness check (cron, Kubernetes exec probe): fail when the last snapshot is > 60 s old
+  kvh metrics --file /var/lib/node_exporter/textfile/kvh.prom --max-age 60
+
+  # Alert when the control failed or evidence was lost
+  kvh metrics --file /run/kvh/kvh.prom --fail-on-security || page-oncall
+
+  # Structured summary for scripts
+  kvh metrics --file /run/kvh/kvh.prom --json | jq '.security_failures'";
+
+const SERVE_METRICS_HELP: &str = "\
+Serve a metrics file over HTTP at /metrics: a sidecar for Prometheus.
+
+In Kubernetes, the inference container writes KVH_METRICS_FILE into a shared emptyDir and this \
+verb, in a sidecar container, serves it, so the inference process opens no port. GET /metrics \
+answers the file (Content-Type text/plain; version=0.0.4), or 503 when the file is missing, \
+not a metrics snapshot, or older than --max-age; the 503 body is the same in every case, and \
+the reason (which may quote the file) is written on stderr when it changes. The file is opened \
+without blocking and must be a regular file of at most 1 MiB. GET /healthz answers ok \
+while the sidecar runs. Other paths get 404, other methods 405. Requests are limited in size \
+(8 KiB) and time (5 s), and at most 32 connections are served at once.
+
+Runs until killed; exits 2 at once when the address cannot be bound.
+
+Examples:
+  # On this machine only
+  kvh serve-metrics --file /run/kvh/kvh.prom --listen 127.0.0.1:9464
+
+  # In a pod (reachable by Prometheus), 503 when the writer has been silent for a minute
+  kvh serve-metrics --file /shared/kvh.prom --listen 0.0.0.0:9464 --max-age 60";
 
 #[derive(Args)]
 struct DemoArgs {
@@ -102,6 +158,8 @@ fn main() -> ExitCode {
         Command::VerifyLog(args) => exit_code(forensic_cli::run_verify_log(&args)),
         Command::Keygen(args) => exit_code(forensic_cli::run_keygen(&args)),
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
+        Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
+        Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
     }
 }
 

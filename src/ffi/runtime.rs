@@ -3,6 +3,10 @@
 //! Start-up reads the configuration once, picks the backend and opens the event sinks. A
 //! start-up failure is remembered: every later call fails with the same error (an allocator
 //! that half-started must not serve memory), and the reason is printed once on stderr.
+//!
+//! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
+//! metrics file that cannot be written or an address in use is said on stderr, and the
+//! allocator runs without that export.
 
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
@@ -14,6 +18,8 @@ use crate::backend;
 use crate::config::Config;
 use crate::events::EventSink;
 use crate::forensic::{ForensicLog, LogStats, StartInfo};
+use crate::metrics::{Exporter, FINAL_WRITE_LIMIT};
+use crate::stats::Stats;
 
 use super::error::kvh_result;
 
@@ -22,18 +28,22 @@ pub(crate) struct Runtime {
     pub allocator: Allocator,
     /// The forensic log; `None` when `KVH_LOG_DIR` is unset.
     pub log: Option<Arc<ForensicLog>>,
+    /// The metrics exports; `None` when neither a file nor an address is configured.
+    pub metrics: Option<Exporter>,
 }
 
 impl Runtime {
     pub(crate) fn stats_json(&self) -> String {
-        let mut stats = self.allocator.stats();
-        let log = self
-            .log
-            .as_ref()
-            .map_or_else(LogStats::disabled, |l| l.stats());
-        stats.log = serde_json::to_value(log).ok();
-        stats.to_json()
+        snapshot(&self.allocator, self.log.as_deref()).to_json()
     }
+}
+
+/// The allocator's statistics with the forensic log's merged in (`kvh_stats_json`).
+fn snapshot(allocator: &Allocator, log: Option<&ForensicLog>) -> Stats {
+    let mut stats = allocator.stats();
+    let log = log.map_or_else(LogStats::disabled, |l| l.stats());
+    stats.log = serde_json::to_value(log).ok();
+    stats
 }
 
 /// Why the allocator did not start.
@@ -101,11 +111,21 @@ fn try_start() -> Result<Runtime, StartError> {
         backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
     let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
     let summary_every = Duration::from_millis(config.log.summary_interval_ms);
+    let metrics_config = config.metrics.clone();
     let allocator = Allocator::new(backend, config, sink);
     if let Some(log) = &log {
         spawn_summaries(allocator.clone(), log.clone(), summary_every);
     }
-    Ok(Runtime { allocator, log })
+    let (a, l) = (allocator.clone(), log.clone());
+    let metrics = Exporter::start(
+        &metrics_config,
+        Arc::new(move || snapshot(&a, l.as_deref())),
+    );
+    Ok(Runtime {
+        allocator,
+        log,
+        metrics,
+    })
 }
 
 /// Writes the pool's counters to the log periodically (the log may coalesce them).
@@ -128,6 +148,17 @@ pub(crate) fn shutdown() {
     if let Some(Ok(rt)) = RUNTIME.get() {
         rt.allocator.shutdown();
         stop_log(rt);
+        write_metrics(rt);
+    }
+}
+
+/// The last metrics file, after the log's stop record: file I/O only, on a helper thread
+/// waited for at most `FINAL_WRITE_LIMIT` (a hung filesystem does not hang the caller), and
+/// nothing in a forked child (the file is the parent's). Errors are counted and said by the
+/// exporter.
+fn write_metrics(rt: &Runtime) {
+    if let Some(m) = &rt.metrics {
+        let _ = m.write_file_bounded(FINAL_WRITE_LIMIT);
     }
 }
 
@@ -149,6 +180,11 @@ fn register_exit_handler() {
                 rt.allocator.begin_exit();
                 // File I/O only: the log's stop record is written, no driver call is made.
                 stop_log(rt);
+                // No periodic write starts after this one (none is left half-done at exit).
+                if let Some(m) = &rt.metrics {
+                    m.stop_periodic();
+                }
+                write_metrics(rt);
             }
         });
     }

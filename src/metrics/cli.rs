@@ -1,0 +1,533 @@
+//! The `metrics` and `serve-metrics` verbs. The binary only parses and dispatches; the logic
+//! is here so that it is tested as a library.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
+use super::http::{self, Response};
+use super::parse::{self, Exposition};
+use crate::config::{Config, PID_PLACEHOLDER};
+use crate::forensic::verify::rfc3339;
+
+/// Exit code: the snapshot is fresh (and, when asked, shows no security failure).
+pub const EXIT_OK: i32 = 0;
+/// Exit code: the snapshot is stale, or under `--fail-on-security` shows a security failure
+/// or lacks a checked series.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: usage error, or the file is missing, unreadable, not a metrics snapshot, or
+/// dated more than [`MAX_FUTURE_SECS`] in the future.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Largest metrics file read (a snapshot is a few kilobytes).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// How far in the future a snapshot's timestamp may be (clock adjustments) before the
+/// snapshot is refused: its age, hence its staleness, cannot be judged.
+pub const MAX_FUTURE_SECS: f64 = 5.0;
+
+/// The body of every 503 of `serve-metrics`: the details, which may quote the file, go to its
+/// stderr only.
+pub const UNAVAILABLE_BODY: &str =
+    "kvh serve-metrics: metrics file missing, stale or not a kvhygiene snapshot\n";
+
+/// A sample that, when non-zero, means the control failed or evidence was lost.
+#[derive(Debug)]
+pub struct SecurityCheck {
+    pub metric: &'static str,
+    pub labels: &'static [(&'static str, &'static str)],
+    pub what: &'static str,
+}
+
+/// What `--fail-on-security` checks. Quarantines alone are not failures (a policy such as
+/// a non-positive idle TTL quarantines every freed block), nor are invalid frees (caller
+/// bugs the allocator refused); both are in the metrics for alerting rules.
+pub const SECURITY_CHECKS: &[SecurityCheck] = &[
+    SecurityCheck {
+        metric: "kvh_verifications_total",
+        labels: &[("result", "failed")],
+        what: "scrub verifications failed",
+    },
+    SecurityCheck {
+        metric: "kvh_residue_detected_total",
+        labels: &[],
+        what: "blocks written to after their free (residue)",
+    },
+    SecurityCheck {
+        metric: "kvh_rescrub_failures_total",
+        labels: &[],
+        what: "quarantined blocks whose re-scrub failed",
+    },
+    SecurityCheck {
+        metric: "kvh_kv_failed_blocks_total",
+        labels: &[],
+        what: "paged KV cache blocks whose scrub failed",
+    },
+    SecurityCheck {
+        metric: "kvh_log_records_lost_total",
+        labels: &[],
+        what: "forensic log records lost",
+    },
+    SecurityCheck {
+        metric: "kvh_async_error",
+        labels: &[],
+        what: "asynchronous backend error",
+    },
+];
+
+/// `kvh metrics`: check a metrics file the library wrote.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MetricsArgs {
+    /// The metrics file (KVH_METRICS_FILE of the process that writes it, `{pid}` replaced);
+    /// default: this environment's KVH_METRICS_FILE (without `{pid}`).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Exit 1 when the snapshot was taken more than SECS seconds ago (the writer stopped).
+    /// Pick a few times KVH_METRICS_INTERVAL_MS.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_age: Option<u64>,
+    /// Exit 1 when the snapshot shows a security failure: a failed verification, residue,
+    /// a failed re-scrub, a failed KV block scrub, lost forensic log records or an
+    /// asynchronous backend error; or when one of those series is missing from it (nothing
+    /// to check is not a pass).
+    #[arg(long)]
+    pub fail_on_security: bool,
+    /// Print a JSON summary on stdout instead of the samples and verdict.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kvh serve-metrics`: serve a metrics file over HTTP.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeMetricsArgs {
+    /// The metrics file to serve (the inference process's KVH_METRICS_FILE).
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Address to listen on (an IP and port). Use 0.0.0.0:9464 in a pod so that Prometheus
+    /// can reach it.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Answer /metrics with 503 when the snapshot is older than SECS seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_age: Option<u64>,
+}
+
+/// A metrics file, read and parsed.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub text: String,
+    pub exposition: Exposition,
+    /// Unix seconds of `kvh_snapshot_timestamp_seconds`.
+    pub timestamp: f64,
+}
+
+impl Snapshot {
+    /// Seconds since the snapshot was taken (0 for a snapshot up to [`MAX_FUTURE_SECS`] in the
+    /// future, which [`load_at`] allows for clock adjustments).
+    pub fn age_seconds(&self, now: SystemTime) -> f64 {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        (now - self.timestamp).max(0.0)
+    }
+
+    /// The security checks that fail: their sample is non-zero (`Some(value)`), or missing
+    /// from the snapshot (`None`), which is a failure too: an unchecked control is not a
+    /// passed one.
+    pub fn security_failures(&self) -> Vec<(&'static SecurityCheck, Option<f64>)> {
+        SECURITY_CHECKS
+            .iter()
+            .filter_map(|c| match self.exposition.value(c.metric, c.labels) {
+                None => Some((c, None)),
+                Some(v) if v != 0.0 => Some((c, Some(v))),
+                Some(_) => None,
+            })
+            .collect()
+    }
+
+    fn build_label(&self, name: &str) -> Option<String> {
+        self.exposition
+            .sample(BUILD_INFO)
+            .and_then(|s| s.label(name))
+            .map(str::to_string)
+    }
+}
+
+/// Reads and parses `path` as of now; see [`load_at`].
+pub fn load(path: &Path) -> Result<Snapshot, String> {
+    load_at(path, SystemTime::now())
+}
+
+/// Reads and parses `path`, a snapshot read at `now`; the error names the file and says what
+/// is wrong. The file is opened without blocking (`O_NONBLOCK`: a FIFO put in its place
+/// does not wait for a writer) and must be a regular file of at most [`MAX_FILE_BYTES`].
+/// Links are followed, as operators and volume mounts use them; what is accepted must still
+/// parse as a kvhygiene snapshot, and `serve-metrics` never serves an error's text. A
+/// snapshot dated more than [`MAX_FUTURE_SECS`] after `now` is refused.
+pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
+    let shown = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{shown}: larger than {MAX_FILE_BYTES} bytes; not a metrics snapshot"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "{shown}: larger than {MAX_FILE_BYTES} bytes; not a metrics snapshot"
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{shown}: not UTF-8 text"))?;
+    let exposition = parse::parse(&text)
+        .map_err(|e| format!("{shown}: not in the Prometheus text format: {e}"))?;
+    let timestamp = exposition
+        .value(SNAPSHOT_TIMESTAMP, &[])
+        .filter(|t| t.is_finite())
+        .ok_or_else(|| {
+            format!("{shown}: not a kvhygiene metrics snapshot (no {SNAPSHOT_TIMESTAMP})")
+        })?;
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if timestamp > now_secs + MAX_FUTURE_SECS {
+        return Err(format!(
+            "{shown}: the snapshot is dated {:.1} s in the future (more than {MAX_FUTURE_SECS} \
+             s): its age cannot be judged",
+            timestamp - now_secs
+        ));
+    }
+    Ok(Snapshot {
+        text,
+        exposition,
+        timestamp,
+    })
+}
+
+/// The JSON summary of `kvh metrics --json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub file: String,
+    pub taken_at: String,
+    pub timestamp: f64,
+    pub age_seconds: f64,
+    pub version: Option<String>,
+    pub backend: Option<String>,
+    pub max_age_seconds: Option<u64>,
+    pub stale: bool,
+    /// Whether `--fail-on-security` was given (the failures are listed either way).
+    pub security_checked: bool,
+    pub security_failures: Vec<FailureJson>,
+    /// The exit status's verdict: not stale, and no failure when they were checked.
+    pub ok: bool,
+    pub metrics: Vec<SampleJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FailureJson {
+    pub metric: String,
+    /// The non-zero value; `null` when the series is missing from the snapshot.
+    pub value: Option<f64>,
+    /// The series is missing, so the control could not be checked.
+    pub missing: bool,
+    pub what: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SampleJson {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// The report on `snap` (read from `file`) as of `now`.
+pub fn report(file: &Path, snap: &Snapshot, args: &MetricsArgs, now: SystemTime) -> Report {
+    let age = snap.age_seconds(now);
+    let stale = args.max_age.is_some_and(|m| age > m as f64);
+    let failures: Vec<FailureJson> = snap
+        .security_failures()
+        .into_iter()
+        .map(|(c, value)| FailureJson {
+            metric: series_name(c.metric, c.labels),
+            value,
+            missing: value.is_none(),
+            what: c.what,
+        })
+        .collect();
+    let failed_security = args.fail_on_security && !failures.is_empty();
+    let ok = !stale && !failed_security;
+    Report {
+        file: file.display().to_string(),
+        taken_at: rfc3339((snap.timestamp.max(0.0) * 1e9) as u64),
+        timestamp: snap.timestamp,
+        age_seconds: (age * 1000.0).round() / 1000.0,
+        version: snap.build_label("version"),
+        backend: snap.build_label("backend"),
+        max_age_seconds: args.max_age,
+        stale,
+        security_checked: args.fail_on_security,
+        security_failures: failures,
+        ok,
+        metrics: snap
+            .exposition
+            .samples
+            .iter()
+            .map(|s| SampleJson {
+                name: s.name.clone(),
+                labels: s.labels.iter().cloned().collect(),
+                value: s.value,
+            })
+            .collect(),
+    }
+}
+
+fn series_name(metric: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return metric.to_string();
+    }
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    format!("{metric}{{{}}}", inner.join(","))
+}
+
+/// Runs `metrics`; returns the process exit code.
+pub fn run_metrics(args: &MetricsArgs) -> i32 {
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => match Config::from_env() {
+            Ok(c) if c.metrics.per_process() => {
+                eprintln!(
+                    "kvh metrics: KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per \
+                     process): pass --file with the file of the process to check"
+                );
+                return EXIT_USAGE;
+            }
+            Ok(c) => match c.metrics.file {
+                Some(f) => f,
+                None => {
+                    eprintln!(
+                        "kvh metrics: no metrics file: pass --file FILE or set KVH_METRICS_FILE"
+                    );
+                    return EXIT_USAGE;
+                }
+            },
+            Err(e) => {
+                eprintln!("kvh metrics: configuration: {e}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let snap = match load(&file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvh metrics: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let r = report(&file, &snap, args, SystemTime::now());
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &r)
+            .map_err(std::io::Error::from)
+            .and_then(|_| writeln!(out))
+    } else {
+        write_text(&mut out, &snap, &r)
+    };
+    if let Err(e) = written {
+        eprintln!("kvh metrics: cannot write the report: {e}");
+        return EXIT_USAGE;
+    }
+    if r.ok {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Result<()> {
+    for line in snap.text.lines() {
+        if !line.trim().is_empty() && !line.starts_with('#') {
+            writeln!(out, "{line}")?;
+        }
+    }
+    writeln!(
+        out,
+        "snapshot {}: taken {} ({:.1} s ago), kvhygiene {}, backend {}",
+        r.file,
+        r.taken_at,
+        r.age_seconds,
+        r.version.as_deref().unwrap_or("?"),
+        r.backend.as_deref().unwrap_or("?"),
+    )?;
+    if r.security_failures.is_empty() {
+        writeln!(out, "security: no failures")?;
+    } else {
+        let list: Vec<String> = r
+            .security_failures
+            .iter()
+            .map(|f| match f.value {
+                Some(v) => format!("{} = {v} ({})", f.metric, f.what),
+                None => format!(
+                    "{} missing from the snapshot: not checked ({})",
+                    f.metric, f.what
+                ),
+            })
+            .collect();
+        writeln!(out, "security: FAILURES: {}", list.join("; "))?;
+    }
+    if r.stale {
+        writeln!(
+            out,
+            "STALE: the snapshot is {:.1} s old (--max-age {}): its writer has stopped exporting",
+            r.age_seconds,
+            r.max_age_seconds.unwrap_or(0)
+        )?;
+    }
+    writeln!(out, "{}", if r.ok { "OK" } else { "FAILED" })
+}
+
+/// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
+pub struct FileRoutes {
+    pub file: PathBuf,
+    pub max_age: Option<u64>,
+    /// The kind of the last problem said on stderr (`None`: serving), so that each change
+    /// is said once rather than at every scrape.
+    said: Mutex<Option<String>>,
+}
+
+impl FileRoutes {
+    pub fn new(file: PathBuf, max_age: Option<u64>) -> Self {
+        FileRoutes {
+            file,
+            max_age,
+            said: Mutex::new(None),
+        }
+    }
+
+    /// The snapshot to serve now, or why there is none (which may quote the file).
+    pub fn check(&self, now: SystemTime) -> Result<Snapshot, String> {
+        self.checked(now).map_err(|(_, why)| why)
+    }
+
+    /// [`FileRoutes::check`] with the kind of problem: `true` when the snapshot is stale.
+    fn checked(&self, now: SystemTime) -> Result<Snapshot, (bool, String)> {
+        let snap = load_at(&self.file, now).map_err(|e| (false, e))?;
+        let age = snap.age_seconds(now);
+        if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
+            return Err((
+                true,
+                format!(
+                    "{}: the snapshot is {age:.1} s old (--max-age {max}): its writer has \
+                     stopped exporting",
+                    self.file.display()
+                ),
+            ));
+        }
+        Ok(snap)
+    }
+
+    /// [`FileRoutes::check`], saying on stderr when the problem changes or goes away.
+    fn check_and_say(&self) -> Option<Snapshot> {
+        let checked = self.checked(SystemTime::now());
+        // Staleness is one kind whatever the age, so it is said once per outage.
+        let kind = match &checked {
+            Ok(_) => None,
+            Err((true, _)) => Some("stale".to_string()),
+            Err((false, e)) => Some(e.clone()),
+        };
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        if *said != kind {
+            let mut err = std::io::stderr();
+            let _ = match &checked {
+                Err((_, e)) => writeln!(err, "kvh serve-metrics: {e}; /metrics answers 503"),
+                Ok(_) => writeln!(err, "kvh serve-metrics: serving {}", self.file.display()),
+            };
+            *said = kind;
+        }
+        checked.ok()
+    }
+}
+
+impl http::Routes for FileRoutes {
+    fn paths(&self) -> &[&'static str] {
+        &["/metrics", "/healthz"]
+    }
+
+    fn get(&self, path: &str) -> Response {
+        if path != "/metrics" {
+            return Response::text(200, "ok\n");
+        }
+        match self.check_and_say() {
+            Some(snap) => Response::new(200, CONTENT_TYPE, snap.text),
+            None => Response::text(503, UNAVAILABLE_BODY),
+        }
+    }
+}
+
+/// Runs `serve-metrics` until the process is killed; returns only on a start-up error.
+pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
+    let routes = Arc::new(FileRoutes::new(args.file.clone(), args.max_age));
+    let server = match http::Server::start(
+        args.listen,
+        routes.clone(),
+        http::Limits::default(),
+        "kvh-serve-metrics",
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvh serve-metrics: cannot listen on {}: {e}", args.listen);
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "kvh serve-metrics: serving {} at http://{}/metrics",
+        args.file.display(),
+        server.local_addr()
+    );
+    let _ = out.flush();
+    drop(out);
+    // Said at start when the file is not servable yet, and again at each change.
+    let _ = routes.check_and_say();
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::encode::SERIES;
+
+    #[test]
+    fn every_security_check_names_an_exported_series() {
+        for c in SECURITY_CHECKS {
+            assert!(
+                SERIES
+                    .iter()
+                    .any(|s| s.name == c.metric && s.labels == c.labels),
+                "{} {:?} is not exported",
+                c.metric,
+                c.labels
+            );
+        }
+    }
+}

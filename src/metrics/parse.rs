@@ -1,0 +1,342 @@
+//! A reader of the Prometheus text exposition format 0.0.4: what `kvh metrics` and
+//! `kvh serve-metrics` check a metrics file with, and what the tests hold the encoder to.
+//!
+//! It enforces the rules a scraper relies on: metric and label names are well formed, label
+//! values are escaped, values are numbers, a family has at most one `# HELP` and one
+//! `# TYPE`, its `# TYPE` comes before its samples and names a known type, and a family's
+//! samples are not split by another family's, and no series (name and label set, in any
+//! label order) appears twice.
+
+use std::collections::{HashMap, HashSet};
+
+/// One sample line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    /// The label's value, if the sample has it.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A parsed exposition.
+#[derive(Clone, Debug, Default)]
+pub struct Exposition {
+    pub samples: Vec<Sample>,
+    /// Family name → declared type.
+    pub types: HashMap<String, String>,
+    /// Family name → help text (unescaped).
+    pub help: HashMap<String, String>,
+}
+
+impl Exposition {
+    /// The value of the sample `name` whose labels include every pair of `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+            .map(|s| s.value)
+    }
+
+    /// The first sample named `name`.
+    pub fn sample(&self, name: &str) -> Option<&Sample> {
+        self.samples.iter().find(|s| s.name == name)
+    }
+}
+
+/// Where and why the text is not a valid exposition.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+/// The family a sample belongs to: summaries and histograms own `_sum`, `_count`, `_bucket`.
+fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+    for suffix in ["_sum", "_count", "_bucket"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if matches!(
+                types.get(base).map(String::as_str),
+                Some("summary" | "histogram")
+            ) {
+                return base;
+            }
+        }
+    }
+    name
+}
+
+/// Parses `text`.
+pub fn parse(text: &str) -> Result<Exposition, ParseError> {
+    let mut out = Exposition::default();
+    // Families whose samples have been seen, and the one being read.
+    let mut finished: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    // Every series seen: name and sorted labels.
+    let mut series: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i + 1;
+        let err = |message: String| ParseError { line: n, message };
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut words = comment.trim_start().splitn(3, [' ', '\t']);
+            let keyword = words.next().unwrap_or("");
+            if keyword != "HELP" && keyword != "TYPE" {
+                continue; // An ordinary comment.
+            }
+            let name = words.next().unwrap_or("");
+            if !valid_metric_name(name) {
+                return Err(err(format!("# {keyword}: invalid metric name {name:?}")));
+            }
+            let rest = words.next().unwrap_or("").trim_start();
+            if keyword == "HELP" {
+                if out.help.insert(name.into(), unescape_help(rest)).is_some() {
+                    return Err(err(format!("second # HELP for {name}")));
+                }
+            } else {
+                let kind = rest.trim();
+                if !matches!(
+                    kind,
+                    "counter" | "gauge" | "histogram" | "summary" | "untyped"
+                ) {
+                    return Err(err(format!("# TYPE {name}: unknown type {kind:?}")));
+                }
+                if out.types.contains_key(name) {
+                    return Err(err(format!("second # TYPE for {name}")));
+                }
+                if finished.iter().any(|f| f == name) || current.as_deref() == Some(name) {
+                    return Err(err(format!("# TYPE for {name} after its samples")));
+                }
+                out.types.insert(name.into(), kind.into());
+            }
+            continue;
+        }
+        let sample = parse_sample(line).map_err(err)?;
+        let family = family_of(&sample.name, &out.types).to_string();
+        if current.as_deref() != Some(family.as_str()) {
+            if finished.contains(&family) {
+                return Err(err(format!(
+                    "samples of {family} are split by another metric's"
+                )));
+            }
+            if let Some(prev) = current.take() {
+                finished.push(prev);
+            }
+            current = Some(family);
+        }
+        let mut labels = sample.labels.clone();
+        labels.sort();
+        if !series.insert((sample.name.clone(), labels)) {
+            return Err(err(format!("{}: the same series twice", sample.name)));
+        }
+        out.samples.push(sample);
+    }
+    Ok(out)
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+    let name = &line[..name_end];
+    if !valid_metric_name(name) {
+        return Err(format!("invalid metric name {name:?}"));
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        let (parsed, remaining) = parse_labels(after)?;
+        labels = parsed;
+        rest = remaining;
+    }
+    let mut fields = rest.split_whitespace();
+    let value = fields.next().ok_or_else(|| format!("{name}: no value"))?;
+    let value = parse_value(value).ok_or_else(|| format!("{name}: invalid value {value:?}"))?;
+    if let Some(ts) = fields.next() {
+        ts.parse::<i64>()
+            .map_err(|_| format!("{name}: invalid timestamp {ts:?}"))?;
+    }
+    if let Some(extra) = fields.next() {
+        return Err(format!("{name}: unexpected {extra:?} after the value"));
+    }
+    Ok(Sample {
+        name: name.into(),
+        labels,
+        value,
+    })
+}
+
+/// Parses `name="value",...}`; returns the labels and the text after the `}`.
+type Labels<'a> = (Vec<(String, String)>, &'a str);
+
+fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
+    let mut labels: Vec<(String, String)> = Vec::new();
+    loop {
+        s = s.trim_start();
+        if let Some(after) = s.strip_prefix('}') {
+            return Ok((labels, after));
+        }
+        let eq = s.find('=').ok_or("label without '='")?;
+        let key = s[..eq].trim();
+        if !valid_label_name(key) {
+            return Err(format!("invalid label name {key:?}"));
+        }
+        if labels.iter().any(|(k, _)| k == key) {
+            return Err(format!("label {key} given twice"));
+        }
+        s = s[eq + 1..].trim_start();
+        s = s
+            .strip_prefix('"')
+            .ok_or_else(|| format!("label {key}: value is not quoted"))?;
+        let mut value = String::new();
+        let mut chars = s.char_indices();
+        let end = loop {
+            match chars.next() {
+                None => return Err(format!("label {key}: unterminated value")),
+                Some((i, '"')) => break i,
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, '\\')) => value.push('\\'),
+                    Some((_, '"')) => value.push('"'),
+                    Some((_, 'n')) => value.push('\n'),
+                    _ => return Err(format!("label {key}: invalid escape")),
+                },
+                Some((_, c)) => value.push(c),
+            }
+        };
+        labels.push((key.to_string(), value));
+        s = s[end + 1..].trim_start();
+        if let Some(after) = s.strip_prefix(',') {
+            s = after;
+        } else if !s.starts_with('}') {
+            return Err(format!("label {key}: expected ',' or '}}' after the value"));
+        }
+    }
+}
+
+fn parse_value(v: &str) -> Option<f64> {
+    match v {
+        "NaN" => Some(f64::NAN),
+        "+Inf" | "Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        // Rust also reads "inf" and "nan", which the format does not allow.
+        _ if v
+            .chars()
+            .any(|c| c.is_ascii_alphabetic() && c != 'e' && c != 'E') =>
+        {
+            None
+        }
+        _ => v.parse().ok(),
+    }
+}
+
+fn unescape_help(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('\\') => out.push('\\'),
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`
+pub fn valid_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// `[a-zA-Z_][a-zA-Z0-9_]*`
+fn valid_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_samples_labels_and_escapes() {
+        let text = "# HELP a_total Things.\\nMore.\n# TYPE a_total counter\na_total 3\n\
+                    b{x=\"q\\\"uo\\\\te\\n\",y=\"2\",} 1.5e3 1700000000000\nc -Inf\n";
+        let e = parse(text).unwrap();
+        assert_eq!(e.value("a_total", &[]), Some(3.0));
+        assert_eq!(e.help["a_total"], "Things.\nMore.");
+        assert_eq!(e.types["a_total"], "counter");
+        let b = e.sample("b").unwrap();
+        assert_eq!(b.label("x"), Some("q\"uo\\te\n"));
+        assert_eq!(b.value, 1500.0);
+        assert_eq!(e.value("b", &[("y", "2")]), Some(1500.0));
+        assert_eq!(e.value("b", &[("y", "3")]), None);
+        assert_eq!(e.value("c", &[]), Some(f64::NEG_INFINITY));
+    }
+
+    #[test]
+    fn refuses_what_a_scraper_would() {
+        for (text, why) in [
+            ("a b\n", "invalid value"),
+            ("1a 1\n", "invalid metric name"),
+            ("a{x=1} 1\n", "not quoted"),
+            ("a{x=\"1} 1\n", "unterminated"),
+            ("a{x=\"1\" 1\n", "expected ','"),
+            ("a{x=\"1\",x=\"2\"} 1\n", "twice"),
+            ("a 1 2 3\n", "unexpected"),
+            ("a 1 soon\n", "timestamp"),
+            ("a inf\n", "invalid value"),
+            ("# TYPE a info\na 1\n", "unknown type"),
+            ("# TYPE a gauge\n# TYPE a gauge\n", "second # TYPE"),
+            ("# HELP a x\n# HELP a y\n", "second # HELP"),
+            ("a 1\n# TYPE a gauge\n", "after its samples"),
+            ("a 1\nb 1\na 2\n", "split"),
+            ("a\n", "no value"),
+            ("a 1\na 2\n", "same series twice"),
+            (
+                "a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n",
+                "same series twice",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.message.contains(why), "{text:?}: {e}");
+        }
+        assert_eq!(parse("x 1\ny 2\nz\n").unwrap_err().line, 3);
+        // Distinct label values are distinct series.
+        assert_eq!(
+            parse("a{x=\"1\"} 1\na{x=\"2\"} 1\na 3\n")
+                .unwrap()
+                .samples
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn summary_suffixes_belong_to_their_family() {
+        let text = "# TYPE s summary\ns{quantile=\"0.5\"} 1\ns_sum 2\ns_count 3\n";
+        assert_eq!(parse(text).unwrap().samples.len(), 3);
+        // Without the summary type, `s_count` is another family and `s` cannot resume.
+        assert!(parse("s 1\ns_count 3\ns 2\n").is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! Atomic writes of the metrics file, as node-exporter's textfile collector expects them: the
+//! text goes to a temporary file in the same directory, which is then renamed over the target,
+//! so a reader sees the old snapshot or the new one, never a torn one.
+//!
+//! The file is created with mode 0644 (less whatever the umask removes): metrics hold counts,
+//! sizes and the version, never payload bytes, keys or tenant ids, so other local users (the
+//! node exporter among them) may read them. The temporary file's name starts with a dot, does
+//! not end in `.prom` (so the collector never reads a half-written one) and ends in 64 random
+//! bits, so another local user cannot guess it in advance; it is created exclusively
+//! (`O_EXCL`) and without following links (`O_NOFOLLOW`), so a name planted in the directory
+//! makes the write fail rather than redirect it. A writer killed between create and rename
+//! leaves its temporary file behind (the collector ignores it).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A fresh temporary file name beside `path` for [`write_atomic`]: `.NAME.tmp-RANDOM`.
+pub fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "metrics".into());
+    let mut random = [0u8; 8];
+    getrandom::getrandom(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tmp = format!(".{name}.tmp-{:016x}", u64::from_le_bytes(random));
+    Ok(match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(tmp),
+        _ => PathBuf::from(tmp),
+    })
+}
+
+/// Replaces `path` with `contents` atomically (temporary file + rename). On failure the
+/// temporary file is removed and `path` is left as it was. No fsync: a snapshot lost to a
+/// power cut is replaced by the next one.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_via(path, &temp_path(path)?, contents)
+}
+
+/// [`write_atomic`] through the temporary file `tmp`, which must not exist yet.
+fn write_via(path: &Path, tmp: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)?;
+    let written = file
+        .write_all(contents)
+        .and_then(|_| file.flush())
+        .and_then(|_| {
+            drop(file);
+            std::fs::rename(tmp, path)
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    }
+
+    #[test]
+    fn replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.prom");
+        write_atomic(&path, b"a 1\n").unwrap();
+        write_atomic(&path, b"a 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 2\n");
+        assert_eq!(
+            names(dir.path()),
+            vec![std::ffi::OsString::from("kvh.prom")]
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o644, 0, "at most 0644: {mode:o}");
+    }
+
+    #[test]
+    fn temporary_names_are_hidden_and_unpredictable() {
+        let path = Path::new("/d/kvh.prom");
+        let a = temp_path(path).unwrap();
+        let b = temp_path(path).unwrap();
+        assert_ne!(a, b);
+        for t in [&a, &b] {
+            assert_eq!(t.parent(), Some(Path::new("/d")));
+            let name = t.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with(".kvh.prom.tmp-"), "{name}");
+            assert!(!name.ends_with(".prom"), "{name}");
+            assert_eq!(name.len(), ".kvh.prom.tmp-".len() + 16, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_planted_name_is_neither_followed_nor_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.prom");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = dir.path().join(".kvh.prom.tmp-planted");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(write_via(&path, &link, b"a 1\n").is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!path.exists());
+        let plain = dir.path().join(".kvh.prom.tmp-file");
+        std::fs::write(&plain, "other").unwrap();
+        assert!(write_via(&path, &plain, b"a 1\n").is_err());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.prom");
+        write_atomic(&path, b"a 1\n").unwrap();
+        // A directory where the file should be: the rename fails, its temporary is removed.
+        let blocked = dir.path().join("sub");
+        std::fs::create_dir_all(blocked.join("x")).unwrap();
+        assert!(write_atomic(&blocked, b"a 2\n").is_err());
+        let mut left = names(dir.path());
+        left.sort();
+        assert_eq!(left, vec!["kvh.prom", "sub"]);
+        assert!(write_atomic(&dir.path().join("missing/kvh.prom"), b"a 3\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 1\n");
+    }
+}

@@ -1,0 +1,426 @@
+//! `kvh metrics` and `kvh serve-metrics`, run as the built binary: exit codes, messages and
+//! the sidecar's HTTP answers (loopback only).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use kvhygiene::forensic::LogStats;
+use kvhygiene::metrics::{encode, ExporterStats};
+use kvhygiene::stats::{PoolCounters, Stats};
+
+/// Stats as the runtime exports them: the forensic log's statistics included (disabled).
+fn runtime_stats(pool: PoolCounters) -> Stats {
+    let mut stats = Stats::merge("host".into(), &[pool], None);
+    stats.log = serde_json::to_value(LogStats::disabled()).ok();
+    stats
+}
+
+fn kvh() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    // The verbs read KVH_METRICS_FILE when --file is absent: start from a clean slate.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Writes a snapshot taken `age` ago, with `failed` failed verifications.
+fn write_snapshot(path: &Path, age: Duration, failed: u64) {
+    let mut pool = PoolCounters::default();
+    pool.counters.allocations = 17;
+    pool.counters.verifications_failed = failed;
+    let text = encode(
+        &runtime_stats(pool),
+        &ExporterStats::default(),
+        SystemTime::now() - age,
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_fresh_snapshot_passes_and_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .args(["--max-age", "60"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("kvh_allocations_total 17"), "{out}");
+    assert!(out.contains("backend host"), "{out}");
+    assert!(out.contains("security: no failures"), "{out}");
+    assert_eq!(out.lines().last(), Some("OK"));
+    // The file can also come from the environment, as the writer was configured.
+    let (code, out, _) = run(kvh().arg("metrics").env("KVH_METRICS_FILE", &f));
+    assert_eq!(code, 0);
+    assert!(out.contains(&f.display().to_string()), "{out}");
+}
+
+#[test]
+fn a_stale_snapshot_fails_the_liveness_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::from_secs(600), 0);
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .args(["--max-age", "60"]));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("STALE") && out.contains("--max-age 60"),
+        "{out}"
+    );
+    assert_eq!(out.lines().last(), Some("FAILED"));
+    // Without --max-age, age alone is not a failure.
+    let (code, _, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 0);
+    // --max-age 0 is a usage error (clap), not "always stale".
+    let (code, _, _) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .args(["--max-age", "0"]));
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn security_failures_fail_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 2);
+    let (code, out, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("security: FAILURES: kvh_verifications_total{result=\"failed\"} = 2"),
+        "{out}"
+    );
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let (code, _, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 0);
+    // A paged KV cache block whose scrub failed is a failure too.
+    let mut pool = PoolCounters::default();
+    pool.counters.kv_blocks_failed = 1;
+    std::fs::write(
+        &f,
+        encode(
+            &runtime_stats(pool),
+            &ExporterStats::default(),
+            SystemTime::now(),
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("kvh_kv_failed_blocks_total = 1"), "{out}");
+}
+
+#[test]
+fn a_missing_checked_series_fails_the_security_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    // No forensic log statistics: kvh_log_records_lost_total is absent.
+    let stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
+    std::fs::write(
+        &f,
+        encode(&stats, &ExporterStats::default(), SystemTime::now()),
+    )
+    .unwrap();
+    let (code, out, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 0, "listed, not failed, without the flag: {out}");
+    assert!(
+        out.contains("kvh_log_records_lost_total missing from the snapshot: not checked"),
+        "{out}"
+    );
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--json", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let failures = j["security_failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{out}");
+    assert_eq!(failures[0]["metric"], "kvh_log_records_lost_total");
+    assert_eq!(failures[0]["missing"], true);
+    assert!(failures[0]["value"].is_null());
+}
+
+#[test]
+fn a_snapshot_from_the_future_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let at = |t: SystemTime| {
+        let text = encode(
+            &runtime_stats(PoolCounters::default()),
+            &ExporterStats::default(),
+            t,
+        );
+        std::fs::write(&f, text).unwrap();
+    };
+    at(SystemTime::now() + Duration::from_secs(600));
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in the future"), "{err}");
+    // Within the tolerance for clock adjustments: accepted, age 0.
+    at(SystemTime::now() + Duration::from_secs(1));
+    let (code, out, err) = run(kvh().args(["metrics", "--max-age", "60", "--file"]).arg(&f));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn a_per_process_file_name_in_the_environment_needs_file() {
+    let (code, _, err) = run(kvh()
+        .arg("metrics")
+        .env("KVH_METRICS_FILE", "/run/kvh/kvh-{pid}.prom"));
+    assert_eq!(code, 2);
+    assert!(err.contains("{pid}") && err.contains("--file"), "{err}");
+}
+
+#[test]
+fn json_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::from_secs(30), 1);
+    let (code, out, err) = run(kvh()
+        .args([
+            "metrics",
+            "--json",
+            "--fail-on-security",
+            "--max-age",
+            "3600",
+            "--file",
+        ])
+        .arg(&f));
+    assert_eq!(code, 1, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["stale"], false);
+    assert_eq!(j["ok"], false);
+    assert_eq!(j["backend"], "host");
+    assert_eq!(j["security_failures"][0]["missing"], false);
+    assert_eq!(j["security_failures"][0]["value"], 1.0);
+    assert_eq!(j["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(j["max_age_seconds"], 3600);
+    let age = j["age_seconds"].as_f64().unwrap();
+    assert!((29.0..60.0).contains(&age), "{age}");
+    assert_eq!(
+        j["security_failures"][0]["metric"],
+        "kvh_verifications_total{result=\"failed\"}"
+    );
+    let m = j["metrics"].as_array().unwrap();
+    assert!(m
+        .iter()
+        .any(|s| s["name"] == "kvh_allocations_total" && s["value"] == 17.0));
+}
+
+#[test]
+fn unusable_input_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.prom");
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&missing));
+    assert_eq!(code, 2);
+    assert!(err.contains("absent.prom"), "{err}");
+
+    let bad = dir.path().join("bad.prom");
+    std::fs::write(&bad, "kvh_snapshot_timestamp_seconds 1\nkvh_x{a=1} 2\n").unwrap();
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&bad));
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.prom") && err.contains("line 2"), "{err}");
+
+    let foreign = dir.path().join("node.prom");
+    std::fs::write(&foreign, "# TYPE up gauge\nup 1\n").unwrap();
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&foreign));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("node.prom") && err.contains("kvh_snapshot_timestamp_seconds"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(dir.path()));
+    assert_eq!(code, 2);
+    assert!(err.contains("not a regular file"), "{err}");
+
+    let (code, _, err) = run(kvh().arg("metrics"));
+    assert_eq!(code, 2);
+    assert!(err.contains("KVH_METRICS_FILE"), "{err}");
+
+    // An invalid environment is reported, naming the key.
+    let (code, _, err) = run(kvh().arg("metrics").env("KVH_METRICS_INTERVAL_MS", "5"));
+    assert_eq!(code, 2);
+    assert!(err.contains("KVH_METRICS_INTERVAL_MS"), "{err}");
+}
+
+/// A running `kvh serve-metrics`, killed on drop; its stderr goes to a file.
+struct Sidecar {
+    child: Child,
+    addr: SocketAddr,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl Sidecar {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sidecar(file: &Path, extra: &[&str]) -> Sidecar {
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = kvh()
+        .args(["serve-metrics", "--listen", "127.0.0.1:0", "--file"])
+        .arg(file)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Sidecar {
+        child,
+        addr,
+        stderr,
+    }
+}
+
+fn http(addr: SocketAddr, raw: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+const UNAVAILABLE: &str =
+    "kvh serve-metrics: metrics file missing, stale or not a kvhygiene snapshot\n";
+
+#[test]
+fn serve_metrics_serves_the_file_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let side = sidecar(&f, &["--max-age", "60"]);
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Missing file: 503, the same body as every refusal; the reason on stderr.
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    // Present and fresh: served byte for byte.
+    write_snapshot(&f, Duration::ZERO, 0);
+    let (status, head, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert_eq!(body, std::fs::read_to_string(&f).unwrap());
+    // Stale: 503.
+    write_snapshot(&f, Duration::from_secs(600), 0);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    // Not a snapshot: 503, never a file a scraper would choke on, nor its content.
+    std::fs::write(&f, "secret-token-value here\n").unwrap();
+    for _ in 0..3 {
+        let (status, _, body) = http(side.addr, get);
+        assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    }
+    assert_eq!(http(side.addr, "GET /healthz HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(http(side.addr, "GET /stats HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(http(side.addr, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+    // The reasons are on stderr, each change once.
+    let err = side.stderr();
+    assert!(err.contains("kvh.prom: No such file"), "{err}");
+    assert!(err.contains("--max-age 60"), "{err}");
+    assert_eq!(err.matches("line 1").count(), 1, "{err}");
+    assert!(err.contains("serving"), "{err}");
+}
+
+#[test]
+fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.prom");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let side = sidecar(&fifo, &[]);
+    let get = "GET /metrics HTTP/1.1\r\n\r\n";
+    // A FIFO without a writer: answered (the client's read timeout is 10 s), not hung.
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    assert!(
+        side.stderr().contains("not a regular file"),
+        "{}",
+        side.stderr()
+    );
+
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "hunter2-token\n").unwrap();
+    let link = dir.path().join("link.prom");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let side = sidecar(&link, &[]);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    assert!(!body.contains("hunter2"));
+}
+
+#[test]
+fn serve_metrics_exits_2_when_the_address_is_taken() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run(kvh().args([
+        "serve-metrics",
+        "--file",
+        "/nonexistent.prom",
+        "--listen",
+        &addr,
+    ]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")),
+        "the bind failure names the address: {err}"
+    );
+}

@@ -1,0 +1,431 @@
+//! The metrics exports: the periodic metrics file and the in-process HTTP exporter, driven
+//! through `metrics::Exporter` with a real host-backend allocator or a hand-made source. Only
+//! loopback networking.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvhygiene::alloc::Allocator;
+use kvhygiene::backend::{self, StreamHandle};
+use kvhygiene::config::{BackendChoice, Config, MetricsConfig};
+use kvhygiene::forensic::LogStats;
+use kvhygiene::metrics::http::{Limits, Response, Routes, Server};
+use kvhygiene::metrics::parse::{parse, Exposition};
+use kvhygiene::metrics::{Exporter, Source};
+use kvhygiene::stats::{PoolCounters, Stats};
+
+/// Stats whose `allocations` counter is whatever `n` holds.
+fn counting_source(n: Arc<AtomicU64>) -> Source {
+    Arc::new(move || {
+        let mut pool = PoolCounters::default();
+        pool.counters.allocations = n.load(Ordering::SeqCst);
+        let mut stats = Stats::merge("host".into(), &[pool], None);
+        stats.log = serde_json::to_value(LogStats::disabled()).ok();
+        stats
+    })
+}
+
+fn read_metrics(path: &std::path::Path) -> Option<Exposition> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(parse(&text).expect("the metrics file parses"))
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_metrics_file_is_rewritten_every_interval_and_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvh.prom");
+    let n = Arc::new(AtomicU64::new(5));
+    let cfg = MetricsConfig {
+        file: Some(path.clone()),
+        interval_ms: 100,
+        addr: None,
+    };
+    let exporter = Exporter::start(&cfg, counting_source(n.clone())).unwrap();
+    assert_eq!(exporter.file(), Some(path.as_path()));
+    assert!(exporter.http_addr().is_none());
+    // Written at start, then periodically: a new value shows up without any call.
+    wait_for("the first snapshot", Duration::from_secs(30), || {
+        read_metrics(&path).and_then(|e| e.value("kvh_allocations_total", &[])) == Some(5.0)
+    });
+    n.store(9, Ordering::SeqCst);
+    wait_for("a periodic snapshot", Duration::from_secs(30), || {
+        read_metrics(&path).and_then(|e| e.value("kvh_allocations_total", &[])) == Some(9.0)
+    });
+    let e = read_metrics(&path).unwrap();
+    assert_eq!(e.value("kvh_log_enabled", &[]), Some(0.0));
+    assert_eq!(e.value("kvh_metrics_textfile_errors_total", &[]), Some(0.0));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(
+        mode & 0o133,
+        0,
+        "not executable, not writable by others: {mode:o}"
+    );
+    // Only the snapshot is left in the directory once the file thread has stopped (dropping
+    // the exporter joins it): temporary files are renamed away.
+    drop(exporter);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["kvh.prom".to_string()]);
+    // The exit path: an explicit write reflects the latest value at once.
+    n.store(11, Ordering::SeqCst);
+    let cfg = MetricsConfig {
+        interval_ms: 3_600_000,
+        ..cfg
+    };
+    let exporter = Exporter::start(&cfg, counting_source(n.clone())).unwrap();
+    n.store(12, Ordering::SeqCst);
+    exporter.write_file_now().unwrap();
+    let e = read_metrics(&path).unwrap();
+    assert_eq!(e.value("kvh_allocations_total", &[]), Some(12.0));
+}
+
+#[test]
+fn a_metrics_file_that_cannot_be_written_is_counted_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("later/kvh.prom");
+    let cfg = MetricsConfig {
+        file: Some(path.clone()),
+        interval_ms: 100,
+        addr: None,
+    };
+    let exporter = Exporter::start(&cfg, counting_source(Arc::new(AtomicU64::new(1)))).unwrap();
+    assert!(exporter.write_file_now().is_err());
+    let errors = |text: &str| {
+        parse(text)
+            .unwrap()
+            .value("kvh_metrics_textfile_errors_total", &[])
+            .unwrap()
+    };
+    assert!(errors(&exporter.render()) >= 1.0);
+    // The directory appears (a volume mounted late): the next period writes the file.
+    std::fs::create_dir(dir.path().join("later")).unwrap();
+    wait_for("the file after recovery", Duration::from_secs(30), || {
+        path.exists()
+    });
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(errors(&text) >= 1.0, "the failures stay counted");
+}
+
+#[test]
+fn metrics_come_from_the_allocator_s_own_counters() {
+    let backend = backend::select(BackendChoice::Host).unwrap();
+    let alloc = Allocator::new(backend, Config::default(), None);
+    for _ in 0..3 {
+        let p = alloc.malloc(4096, 0, StreamHandle(0)).unwrap();
+        alloc.free(p, 4096, 0, StreamHandle(0)).unwrap();
+    }
+    alloc.synchronize().unwrap();
+    let a = alloc.clone();
+    let source: Source = Arc::new(move || a.stats());
+    let cfg = MetricsConfig {
+        file: None,
+        interval_ms: 10_000,
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let exporter = Exporter::start(&cfg, source).unwrap();
+    let stats = alloc.stats();
+    let e = parse(&exporter.render()).unwrap();
+    let c = &stats.counters;
+    for (name, labels, want) in [
+        ("kvh_allocations_total", &[][..], c.allocations),
+        ("kvh_frees_total", &[], c.frees),
+        ("kvh_scrubs_total", &[], c.scrubs),
+        ("kvh_scrubbed_bytes_total", &[], c.bytes_scrubbed),
+        (
+            "kvh_verifications_total",
+            &[("result", "passed")],
+            c.verifications_passed,
+        ),
+        (
+            "kvh_pool_blocks",
+            &[("state", "clean")],
+            stats.accounting.clean.blocks,
+        ),
+    ] {
+        assert_eq!(e.value(name, labels), Some(want as f64), "{name}");
+    }
+    assert_eq!(c.allocations, 3);
+    assert!(c.verifications_passed >= 3);
+    let info = e.sample("kvh_build_info").unwrap();
+    assert_eq!(info.label("backend"), Some("host"));
+    // Over HTTP too.
+    let addr = exporter.http_addr().unwrap();
+    let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let e = parse(&r.body).unwrap();
+    assert_eq!(e.value("kvh_allocations_total", &[]), Some(3.0));
+}
+
+/// A parsed HTTP response.
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+fn request(addr: SocketAddr, raw: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw).unwrap();
+    read_reply(&mut s)
+}
+
+fn read_reply(s: &mut TcpStream) -> Reply {
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Reply {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+fn get(addr: SocketAddr, raw: &str) -> Reply {
+    request(addr, raw.as_bytes())
+}
+
+fn http_exporter(limits: Limits) -> (Exporter, SocketAddr) {
+    let cfg = MetricsConfig {
+        file: None,
+        interval_ms: 10_000,
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let exporter =
+        Exporter::start_with(&cfg, counting_source(Arc::new(AtomicU64::new(42))), limits).unwrap();
+    let addr = exporter.http_addr().unwrap();
+    (exporter, addr)
+}
+
+#[test]
+fn http_exporter_serves_metrics_stats_and_health() {
+    let (_exporter, addr) = http_exporter(Limits::default());
+    let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(
+        r.head
+            .contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{}",
+        r.head
+    );
+    assert!(r
+        .head
+        .contains(&format!("Content-Length: {}", r.body.len())));
+    let e = parse(&r.body).unwrap();
+    assert_eq!(e.value("kvh_allocations_total", &[]), Some(42.0));
+    // A query string does not change the path.
+    assert_eq!(get(addr, "GET /metrics?x=1 HTTP/1.0\r\n\r\n").status, 200);
+
+    let r = get(addr, "GET /stats HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.head.contains("Content-Type: application/json"));
+    let json: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(json["counters"]["allocations"], 42);
+    assert_eq!(json["log"]["enabled"], false);
+
+    let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+
+    let r = get(addr, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty(), "HEAD has no body");
+
+    assert_eq!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").status, 404);
+    assert_eq!(get(addr, "GET / HTTP/1.1\r\n\r\n").status, 404);
+    for method in ["POST", "PUT", "DELETE"] {
+        let r = get(
+            addr,
+            &format!("{method} /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+        );
+        assert_eq!(r.status, 405, "{method}");
+        assert!(r.head.contains("Allow: GET, HEAD"), "{}", r.head);
+    }
+    assert_eq!(get(addr, "BREW\r\n\r\n").status, 400);
+    assert_eq!(get(addr, "GET /metrics SPDY/3\r\n\r\n").status, 400);
+}
+
+#[test]
+fn an_oversized_request_is_refused_and_counted() {
+    let (exporter, addr) = http_exporter(Limits::default());
+    let mut raw = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    while raw.len() < 64 * 1024 {
+        raw.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    raw.extend_from_slice(b"\r\n");
+    let r = request(addr, &raw);
+    assert_eq!(r.status, 431, "{}", r.head);
+    // The server is still serving, and says what it refused.
+    let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    let e = parse(&r.body).unwrap();
+    assert_eq!(e.value("kvh_metrics_http_rejected_total", &[]), Some(1.0));
+    drop(exporter);
+}
+
+#[test]
+fn the_request_size_limit_is_exact_even_in_one_read() {
+    let limits = Limits {
+        max_request_bytes: 1024,
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let head = |len: usize| {
+        let mut h = "GET /healthz HTTP/1.1\r\nX-Pad: ".to_string();
+        h.push_str(&"p".repeat(len - h.len() - 4));
+        h.push_str("\r\n\r\n");
+        assert_eq!(h.len(), len);
+        h
+    };
+    assert_eq!(get(addr, &head(1024)).status, 200);
+    assert_eq!(get(addr, &head(1025)).status, 431);
+}
+
+#[test]
+fn a_slow_client_neither_hangs_the_server_nor_delays_others() {
+    // Stalled clients hold their slot for 10 s; the next client must be served long before.
+    let limits = Limits {
+        request_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    // A client that sends half a request line and stalls, and one that sends nothing.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /met").unwrap();
+    let _silent = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the next client waited {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_stalled_request_is_cut_off_at_its_deadline_with_408() {
+    let limits = Limits {
+        request_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (exporter, addr) = http_exporter(limits);
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /met").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let r = read_reply(&mut slow);
+    assert_eq!(r.status, 408, "{}", r.head);
+    drop(exporter);
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_at_once() {
+    // The two held connections would time out after 30 s; the refusal must come long before.
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let _a = TcpStream::connect(addr).unwrap();
+    let _b = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 503, "{}", r.head);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// Routes whose `/boom` panics.
+struct Panicking;
+
+impl Routes for Panicking {
+    fn paths(&self) -> &[&'static str] {
+        &["/boom", "/healthz"]
+    }
+
+    fn get(&self, path: &str) -> Response {
+        if path == "/boom" {
+            panic!("route failure (test)");
+        }
+        Response::text(200, "ok\n")
+    }
+}
+
+#[test]
+fn a_panicking_route_is_answered_500_and_the_server_goes_on() {
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(Panicking),
+        Limits::default(),
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let r = get(addr, "GET /boom HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 500, "{}", r.head);
+    assert_eq!(get(addr, "GET /healthz HTTP/1.1\r\n\r\n").status, 200);
+    assert_eq!(get(addr, "GET /boom HTTP/1.1\r\n\r\n").status, 500);
+}
+
+#[test]
+fn an_ipv6_wildcard_server_stops_on_drop() {
+    // Where IPv6 is unavailable there is nothing to bind, hence nothing to test.
+    let Ok(server) = Server::start(
+        "[::]:0".parse().unwrap(),
+        Arc::new(Panicking),
+        Limits::default(),
+        "test-http6",
+    ) else {
+        return;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(server);
+        let _ = tx.send(());
+    });
+    // A hang would never end; the drop takes well under a second.
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("dropping the server hung");
+}
+
+#[test]
+fn an_address_in_use_leaves_the_file_export_running() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvh.prom");
+    let cfg = MetricsConfig {
+        file: Some(path.clone()),
+        interval_ms: 100,
+        addr: Some(taken.local_addr().unwrap()),
+    };
+    let exporter = Exporter::start(&cfg, counting_source(Arc::new(AtomicU64::new(1)))).unwrap();
+    assert!(exporter.http_addr().is_none());
+    wait_for("the file", Duration::from_secs(30), || path.exists());
+}
+
+#[test]
+fn nothing_starts_when_both_exports_are_off() {
+    let source = counting_source(Arc::new(AtomicU64::new(0)));
+    assert!(Exporter::start(&MetricsConfig::default(), source).is_none());
+}

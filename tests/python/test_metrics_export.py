@@ -1,0 +1,167 @@
+"""The metrics exports of the process-wide runtime, through the C ABI on the host backend:
+KVH_METRICS_FILE written at start and at exit (by the process that started the runtime only,
+never by a forked child), one file per process with {pid}, KVH_METRICS_ADDR served over
+loopback (port 0: the bound address is said on stderr), and an address in use leaving the
+allocator working. Each test runs in a fresh interpreter.
+"""
+
+import re
+import socket
+import subprocess
+import sys
+
+from test_c_abi import kvh_binary, library, run_child
+
+
+def sample(text: str, series: str) -> float:
+    m = re.search(r"^" + re.escape(series) + r" (\S+)$", text, re.M)
+    assert m, f"{series} not in:\n{text}"
+    return float(m.group(1))
+
+
+def test_metrics_file_is_written_at_exit_with_the_final_counters(tmp_path):
+    prom = tmp_path / "kvh.prom"
+    # An hour between periodic writes: after the write at start (awaited below, before the
+    # allocations), the counts can only reach the file through the write at exit.
+    out = run_child(
+        f"""
+        import os, time
+        assert lib.kvh_synchronize() == 0  # starts the runtime
+        deadline = time.time() + 10
+        while not os.path.exists({str(prom)!r}):
+            assert time.time() < deadline, "no metrics file written at start"
+            time.sleep(0.01)
+        out["at_start"] = open({str(prom)!r}).read()
+        for _ in range(7):
+            p = lib.kvh_malloc(4096, 0, STREAM)
+            lib.kvh_free(p, 4096, 0, STREAM)
+        lib.kvh_synchronize()
+        """,
+        KVH_METRICS_FILE=str(prom),
+        KVH_METRICS_INTERVAL_MS="3600000",
+    )
+    assert sample(out["at_start"], "kvh_allocations_total") == 0
+    text = prom.read_text()
+    assert sample(text, "kvh_allocations_total") == 7
+    assert sample(text, "kvh_frees_total") == 7
+    assert sample(text, 'kvh_verifications_total{result="passed"}') == 7
+    assert sample(text, 'kvh_pool_blocks{state="live"}') == 0
+    ok = subprocess.run([kvh_binary(), "metrics", "--file", str(prom), "--max-age", "600", "--fail-on-security"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_http_exporter_serves_the_live_counters(tmp_path):
+    out = run_child(
+        """
+        import os, re, urllib.request, urllib.error
+        # The runtime starts on the first call; its stderr (the bound address) goes to a pipe.
+        r, w = os.pipe()
+        saved = os.dup(2)
+        os.dup2(w, 2)
+        try:
+            for _ in range(3):
+                p = lib.kvh_malloc(1024, 0, STREAM)
+                lib.kvh_free(p, 1024, 0, STREAM)
+        finally:
+            os.dup2(saved, 2)
+            os.close(w)
+        said = os.read(r, 65536).decode()
+        m = re.search(r"metrics HTTP exporter listening on (127\\.0\\.0\\.1:\\d+)", said)
+        assert m, said
+        base = "http://" + m.group(1)
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            out["metrics"] = r.read().decode()
+            out["type"] = r.headers["Content-Type"]
+        with urllib.request.urlopen(base + "/stats", timeout=10) as r:
+            out["stats"] = json.loads(r.read())
+        try:
+            urllib.request.urlopen(base + "/other", timeout=10)
+        except urllib.error.HTTPError as e:
+            out["other"] = e.code
+        """,
+        KVH_METRICS_ADDR="127.0.0.1:0",
+    )
+    assert out["type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert sample(out["metrics"], "kvh_allocations_total") == 3
+    assert sample(out["metrics"], "kvh_log_enabled") == 0
+    assert out["stats"]["counters"]["allocations"] == 3
+    assert out["other"] == 404
+
+
+def test_an_address_in_use_is_named_and_the_allocator_keeps_working():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = (
+            f"import ctypes\nlib = ctypes.CDLL({library()!r})\n"
+            "lib.kvh_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]\n"
+            "lib.kvh_malloc.restype = ctypes.c_void_p\n"
+            "assert lib.kvh_malloc(256, 0, None)\nprint('allocated')\n"
+        )
+        env = {"KVH_BACKEND": "host", "KVH_METRICS_ADDR": f"127.0.0.1:{port}", "PATH": "/usr/bin:/bin"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "allocated" in proc.stdout
+    assert f"127.0.0.1:{port}" in proc.stderr and "KVH_METRICS_ADDR" in proc.stderr, proc.stderr
+
+
+def test_a_forked_child_does_not_overwrite_the_parent_s_file(tmp_path):
+    prom = tmp_path / "kvh.prom"
+    out = run_child(
+        f"""
+        import os, time
+        assert lib.kvh_synchronize() == 0  # starts the runtime, which writes the file
+        deadline = time.time() + 60
+        while not os.path.exists({str(prom)!r}):
+            assert time.time() < deadline, "no metrics file written at start"
+            time.sleep(0.01)
+        for _ in range(2):
+            p = lib.kvh_malloc(4096, 0, STREAM)
+            lib.kvh_free(p, 4096, 0, STREAM)
+        assert lib.kvh_synchronize() == 0
+        pid = os.fork()
+        if pid == 0:
+            # The child exits normally: its exit handlers (the runtime's among them) run.
+            sys.exit(0)
+        deadline = time.time() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            assert time.time() < deadline, "the forked child did not exit"
+            time.sleep(0.02)
+        out["child_status"] = status
+        out["after_child"] = open({str(prom)!r}).read() if os.path.exists({str(prom)!r}) else ""
+        out["names"] = sorted(os.listdir({str(tmp_path)!r}))
+        """,
+        KVH_METRICS_FILE=str(prom),
+        KVH_METRICS_INTERVAL_MS="3600000",
+    )
+    assert out["child_status"] == 0
+    # The file still holds the snapshot written at start (0 allocations), not the child's (2).
+    assert sample(out["after_child"], "kvh_allocations_total") == 0
+    assert out["names"] == ["kvh.prom"]
+    # The parent's exit wrote its own final counts.
+    assert sample(prom.read_text(), "kvh_allocations_total") == 2
+
+
+def test_pid_in_the_file_name_gives_a_file_per_process_with_a_pid_label(tmp_path):
+    out = run_child(
+        """
+        import os
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        lib.kvh_free(p, 4096, 0, STREAM)
+        lib.kvh_synchronize()
+        out["pid"] = os.getpid()
+        """,
+        KVH_METRICS_FILE=str(tmp_path / "kvh-{pid}.prom"),
+        KVH_METRICS_INTERVAL_MS="3600000",
+    )
+    pid = out["pid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"kvh-{pid}.prom"]
+    text = (tmp_path / f"kvh-{pid}.prom").read_text()
+    assert sample(text, f'kvh_allocations_total{{pid="{pid}"}}') == 1
+    samples = [l for l in text.splitlines() if l and not l.startswith("#")]
+    assert samples and all(l.split("{", 1)[1].startswith(f'pid="{pid}"') for l in samples), text
