@@ -108,7 +108,13 @@ step kv_blocks_kvh 60 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py
 # LD_PRELOAD: a C++ "engine" on the CUDA runtime, built here with nvcc (shared runtime, so it
 # can be interposed), run plain (the threat) and under libkvhygiene_preload.so (LD_PRELOAD on
 # the probe only, not on the shell around it).
-step preload_build 90 nvcc -cudart shared -O1 -o "$out/preload_probe" scripts/gpu/preload_probe.cpp
+nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+cuda_lib="$(dirname "$nvcc_bin")/.."
+# The runtime's directory goes into the probe's rpath, so it runs without LD_LIBRARY_PATH;
+# ldd then shows which libcudart it will use.
+step preload_build 90 bash -c '"$0" -cudart shared -O1 -o "$1" "$2" -ldl \
+    -Xlinker -rpath -Xlinker "$3/lib64" -Xlinker -rpath -Xlinker "$3/lib" && ldd "$1"' \
+    "$nvcc_bin" "$out/preload_probe" scripts/gpu/preload_probe.cpp "$cuda_lib"
 step preload_default 60 bash -c '"$0" >"$1"' "$out/preload_probe" "$out/py/preload_default.json"
 step preload_kvh 60 bash -c 'LD_PRELOAD="$2" "$0" >"$1"' "$out/preload_probe" \
     "$out/py/preload_kvh.json" "$art/libkvhygiene_preload.so"

@@ -5,12 +5,20 @@
 // synchronous pair (cudaMalloc / cudaFree) and the stream-ordered pair (cudaMallocAsync /
 // cudaFreeAsync), and prints one JSON object.
 //
+// When kvhygiene is loaded (its C API is then in the process: `kvh_loaded`), the probe waits
+// with kvh_synchronize between the free and the new allocation, so the freed block is
+// scrubbed and verified and the new allocation is that same block (`same_address`): the run
+// shows the block's own bytes after kvhygiene, not merely some other fresh memory.
+//
 // Built on the GPU machine by scripts/gpu-check.sh: nvcc -cudart shared -o probe this.cpp
 // (the runtime must be a shared library for LD_PRELOAD to interpose it). Only runtime API
 // calls, declared here, so the file needs no CUDA header.
 
+#include <dlfcn.h>
+
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -38,6 +46,32 @@ struct Round {
     bool same_address = false;
 };
 
+// kvhygiene's C API, present only when the interposer library is loaded.
+typedef int (*kvh_sync_fn)(void);
+typedef int (*kvh_stats_fn)(char*, size_t, size_t*);
+
+static kvh_sync_fn kvh_sync() {
+    return reinterpret_cast<kvh_sync_fn>(dlsym(RTLD_DEFAULT, "kvh_synchronize"));
+}
+
+// Waits until kvhygiene has scrubbed and verified every freed block (no-op without it).
+static void settle() {
+    if (kvh_sync_fn f = kvh_sync()) f();
+}
+
+// A counter of kvhygiene's stats JSON (`"name":N`), or -1.
+static long long kvh_counter(const char* name) {
+    kvh_stats_fn f = reinterpret_cast<kvh_stats_fn>(dlsym(RTLD_DEFAULT, "kvh_stats_json"));
+    if (!f) return -1;
+    std::vector<char> buf(1 << 16);
+    size_t len = 0;
+    if (f(buf.data(), buf.size(), &len) != 0) return -1;
+    char key[128];
+    std::snprintf(key, sizeof key, "\"%s\":", name);
+    const char* at = std::strstr(buf.data(), key);
+    return at ? std::atoll(at + std::strlen(key)) : -1;
+}
+
 static void note(Round& r, int rc) {
     if (r.rc == 0 && rc != 0) r.rc = rc;
 }
@@ -58,6 +92,7 @@ static Round sync_round(std::vector<char>& secret, std::vector<char>& host) {
     if (a) note(r, cudaMemcpy(a, secret.data(), BYTES, HOST_TO_DEVICE));
     note(r, cudaDeviceSynchronize());
     note(r, cudaFree(a));
+    settle();
     note(r, cudaMalloc(&b, BYTES));
     if (b) inspect(r, b, host);
     r.same_address = a == b;
@@ -76,6 +111,7 @@ static Round async_round(std::vector<char>& secret, std::vector<char>& host) {
     note(r, cudaStreamSynchronize(s));
     if (a) note(r, cudaMemcpy(a, secret.data(), BYTES, HOST_TO_DEVICE));
     note(r, cudaFreeAsync(a, s));
+    settle();
     note(r, cudaMallocAsync(&b, BYTES, s));
     note(r, cudaStreamSynchronize(s));
     if (b) inspect(r, b, host);
@@ -96,9 +132,16 @@ int main() {
         std::memcpy(secret.data() + i, SECRET, sizeof SECRET);
     Round s = sync_round(secret, host);
     Round a = async_round(secret, host);
+    settle();
     std::printf("{\n");
+    std::printf("  \"kvh_loaded\": %d,\n", kvh_sync() ? 1 : 0);
+    std::printf("  \"kvh_verifications_passed\": %lld,\n", kvh_counter("verifications_passed"));
+    std::printf("  \"kvh_verifications_failed\": %lld,\n", kvh_counter("verifications_failed"));
     print("sync", s, false);
     print("async", a, true);
     std::printf("}\n");
+    // Flushed now: stdio would otherwise flush after the libraries' exit handlers, and a crash
+    // there would lose the result.
+    std::fflush(stdout);
     return s.rc != 0 || a.rc != 0 ? 1 : 0;
 }

@@ -76,17 +76,26 @@ def py(out: Path, name: str):
     return load_json(out / "py" / f"{name}.json")
 
 
+def failed_step(out: Path, step: str, needs_json: bool = True):
+    """'missing (...)' naming how `step` failed (exit status, last log line), or None when it
+    exited 0 (and wrote its JSON, if it writes one)."""
+    try:
+        lines = [l for l in (out / f"{step}.log").read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return f"missing ({step} did not run)"
+    rc = step_rc(out, step)
+    if rc != 0 or (needs_json and not (out / "py" / f"{step}.json").exists()):
+        last = lines[-1].strip()[:120] if lines else "no output"
+        return f"missing ({step} exited {rc}: {last})"
+    return None
+
+
 def why(out: Path, *steps: str) -> str:
     """'missing' plus the exit status and last log line of the first failed step."""
     for step in steps:
-        try:
-            lines = [l for l in (out / f"{step}.log").read_text(errors="replace").splitlines() if l.strip()]
-        except OSError:
-            return f"missing ({step} did not run)"
-        rc = step_rc(out, step)
-        if rc != 0 or not (out / "py" / f"{step}.json").exists():
-            last = lines[-1].strip()[:120] if lines else "no output"
-            return f"missing ({step} exited {rc}: {last})"
+        failure = failed_step(out, step)
+        if failure:
+            return failure
     return "missing"
 
 
@@ -195,28 +204,41 @@ def main() -> int:
     d, k = py(out, "preload_default"), py(out, "preload_kvh")
 
     def probe(r):
-        return "; ".join(
+        rounds = "; ".join(
             f"{name}: {r[name]['secret_seen']} secret copies, {r[name]['nonzero']} non-zero bytes"
-            + (" (same address)" if r[name]["same_address"] else "")
+            + (" (same address)" if r[name]["same_address"] else " (another address)")
             for name in ("sync", "async")
         )
+        if r.get("kvh_loaded"):
+            rounds += f"; kvhygiene verifications passed {r['kvh_verifications_passed']}, failed {r['kvh_verifications_failed']}"
+        return rounds
+
+    def probe_missing(step):
+        return failed_step(out, "preload_build", needs_json=False) or why(out, step)
 
     row(
         rows,
         "LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)",
-        why(out, "preload_build", "preload_default") if not d else probe(d),
+        probe_missing("preload_default") if not d else probe(d),
         "> 0 shows the threat",
         None if not d else d["sync"]["secret_seen"] + d["async"]["secret_seen"] > 0,
         required=False,
     )
+    # Under the library the freed block itself must come back (the probe waits for its scrub),
+    # read zero, and kvhygiene must be the one that served it.
     row(
         rows,
-        "LD_PRELOAD probe under libkvhygiene_preload.so",
-        why(out, "preload_build", "preload_kvh") if not k else probe(k),
-        "0 and 0",
+        "LD_PRELOAD probe under libkvhygiene_preload.so (the freed block reused, read back)",
+        probe_missing("preload_kvh") if not k else probe(k),
+        "interposed, same block, 0 and 0",
         None
         if not k
-        else all(k[n]["secret_seen"] == 0 and k[n]["nonzero"] == 0 and k[n]["rc"] == 0 for n in ("sync", "async")),
+        else k.get("kvh_loaded") == 1
+        and k.get("kvh_verifications_failed") == 0
+        and all(
+            k[n]["rc"] == 0 and k[n]["same_address"] and k[n]["secret_seen"] == 0 and k[n]["nonzero"] == 0
+            for n in ("sync", "async")
+        ),
     )
     example_rc = step_rc(out, "example_torch")
     row(

@@ -29,6 +29,18 @@ def py_result(out: Path, name: str, **fields) -> None:
     status(out, name, 0)
 
 
+def preload_kvh(**round_changes) -> dict:
+    """The probe's output under libkvhygiene_preload.so, as a passing run prints it."""
+    clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": True}
+    return {
+        "kvh_loaded": 1,
+        "kvh_verifications_passed": 4,
+        "kvh_verifications_failed": 0,
+        "sync": clean,
+        "async": {**clean, **round_changes},
+    }
+
+
 def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     """Every output a passing gpu-check run leaves behind."""
     (out / "gpu_kernel.log").write_text(
@@ -54,9 +66,8 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     status(out, "example_torch", 0)
     status(out, "preload_build", 0)
     threat = {"rc": 0, "secret_seen": 9, "nonzero": 100, "same_address": True}
-    clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": False}
-    py_result(out, "preload_default", **{"sync": threat, "async": threat})
-    py_result(out, "preload_kvh", **{"sync": clean, "async": clean})
+    py_result(out, "preload_default", kvh_loaded=0, **{"sync": threat, "async": threat})
+    py_result(out, "preload_kvh", **preload_kvh())
     py_result(out, "alloc_default", us_per_op=4.0)
     py_result(out, "alloc_kvh", us_per_op=6.0)
     py_result(out, "llama_default_1", tokens_per_s=1000.0)
@@ -86,8 +97,7 @@ def test_a_complete_passing_run_exits_0(tmp_path, monkeypatch):
     assert default["verdict"] == "PASS"
     # The alternative shape was not measured: shown as n/a, not counted against the run.
     assert other["verdict"] == "n/a" and other["measured"].startswith("missing")
-    plain = "LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)"
-    assert verdicts.pop(plain) == "yes", "the threat shown is information, not a check"
+    assert verdicts.pop(PLAIN_PROBE) == "yes", "the threat shown is information, not a check"
     assert all(v == "PASS" for c, v in verdicts.items() if "not the default" not in c), verdicts
     assert code == 0
 
@@ -209,20 +219,48 @@ def test_demo_residue_in_paged_blocks_fails_the_run(tmp_path, monkeypatch):
     assert code == 1
 
 
-def test_preload_residue_fails_and_a_quiet_plain_runtime_does_not(tmp_path, monkeypatch):
+KVH_PROBE = "LD_PRELOAD probe under libkvhygiene_preload.so (the freed block reused, read back)"
+PLAIN_PROBE = "LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)"
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        preload_kvh(nonzero=12),
+        preload_kvh(same_address=False),  # some other fresh memory: the scrub was not shown
+        {**preload_kvh(), "kvh_loaded": 0},  # not interposed at all
+        {**preload_kvh(), "kvh_verifications_failed": 1},
+    ],
+)
+def test_the_preload_probe_must_show_the_freed_block_clean(tmp_path, monkeypatch, probe):
+    complete_run(tmp_path)
+    py_result(tmp_path, "preload_kvh", **probe)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[KVH_PROBE]["verdict"] == "FAIL"
+    assert code == 1
+
+
+def test_a_quiet_plain_runtime_is_information_not_a_failure(tmp_path, monkeypatch):
     complete_run(tmp_path)
     clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": False}
-    leaked = {"rc": 0, "secret_seen": 0, "nonzero": 12, "same_address": True}
-    # The plain runtime happening not to hand the secret back is not a failure of kvhygiene.
-    py_result(tmp_path, "preload_default", **{"sync": clean, "async": clean})
-    py_result(tmp_path, "preload_kvh", **{"sync": clean, "async": leaked})
+    py_result(tmp_path, "preload_default", kvh_loaded=0, **{"sync": clean, "async": clean})
     code, rows, _ = run_report(tmp_path, monkeypatch)
-    plain = rows["LD_PRELOAD probe, plain CUDA runtime (cudaMalloc/cudaFree, cudaMallocAsync/cudaFreeAsync)"]
-    kvh = rows["LD_PRELOAD probe under libkvhygiene_preload.so"]
-    assert plain["verdict"] == "no" and kvh["verdict"] == "FAIL"
-    assert "async: 0 secret copies, 12 non-zero bytes (same address)" in kvh["measured"]
-    assert code == 1
-    # Only the kvhygiene row is required.
-    py_result(tmp_path, "preload_kvh", **{"sync": clean, "async": clean})
-    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[PLAIN_PROBE]["verdict"] == "no"
     assert code == 0, {c: r["verdict"] for c, r in rows.items()}
+
+
+def test_a_probe_that_did_not_build_or_crashed_is_named(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "preload_build.log").write_text("preload_probe.cpp:3: error: something\n")
+    status(tmp_path, "preload_build", 1)
+    (tmp_path / "py" / "preload_kvh.json").unlink()
+    status(tmp_path, "preload_kvh", 127)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[KVH_PROBE]["verdict"] == "MISSING"
+    assert "preload_build exited 1: preload_probe.cpp:3: error" in rows[KVH_PROBE]["measured"]
+    # Built, but the probe crashed: the probe step is named, not the build.
+    status(tmp_path, "preload_build", 0)
+    (tmp_path / "preload_kvh.log").write_text("error while loading shared libraries: libcudart.so.12\n")
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert "preload_kvh exited 127: error while loading shared libraries" in rows[KVH_PROBE]["measured"]
+    assert code == 1
