@@ -147,4 +147,8 @@ real_functions! {
     fn cudaDeviceSynchronize();
     /// `cudaError_t cudaStreamSynchronize(cudaStream_t stream)`
     fn cudaStreamSynchronize(stream: cudaStream_t);
+    /// `cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *pCaptureStatus)`
+    fn cudaStreamIsCapturing(stream: cudaStream_t, status: *mut c_int);
+    /// `cudaError_t cudaStreamDestroy(cudaStream_t stream)`
+    fn cudaStreamDestroy(stream: cudaStream_t);
 }
