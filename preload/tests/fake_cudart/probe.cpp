@@ -135,6 +135,7 @@ static int scenario_main() {
 
     // A pool hit queues nothing of kvhygiene's: no stream synchronisation. Fresh memory
     // (zeroed on the legacy stream) waits for it.
+    kvh_sync();
     int syncs = fake_cudart_calls("cudaStreamSynchronize");
     void* hit = nullptr;
     cudaMalloc(&hit, N);
