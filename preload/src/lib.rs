@@ -513,3 +513,49 @@ fn alloc_error(e: &AllocError) -> cudaError_t {
         AllocError::Backend(_) => UNKNOWN,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_errors_map_to_the_runtimes_codes() {
+        let capturing = BackendError::StreamCapturing {
+            stream: 5,
+            what: "fresh memory's zeroing",
+        };
+        assert_eq!(
+            alloc_error(&AllocError::Backend(capturing)),
+            STREAM_CAPTURE_UNSUPPORTED
+        );
+        let active = AllocError::CaptureActive { stream: 5, size: 1 };
+        assert_eq!(alloc_error(&active), STREAM_CAPTURE_UNSUPPORTED);
+        let oom = AllocError::OutOfMemory { size: 1, device: 0 };
+        assert_eq!(alloc_error(&oom), MEMORY_ALLOCATION);
+        assert_eq!(alloc_error(&AllocError::ShuttingDown), CUDART_UNLOADING);
+        let other = AllocError::Backend(BackendError::Other("driver".into()));
+        assert_eq!(alloc_error(&other), UNKNOWN);
+    }
+
+    #[test]
+    fn capture_errors() {
+        for rc in [900, 901, 904, 905, 906, 907, 908] {
+            assert!(is_capture_error(rc), "{rc}");
+        }
+        for rc in [0, 1, 700, 902, 903, 909, 999] {
+            assert!(!is_capture_error(rc), "{rc}");
+        }
+    }
+
+    #[test]
+    fn per_thread_stream_arguments() {
+        let null = std::ptr::null_mut();
+        let two = STREAM_PER_THREAD as cudaStream_t;
+        assert_eq!(ordering(null, true), StreamOrder::PerThread);
+        assert_eq!(ordering(two, true), StreamOrder::PerThread);
+        assert_eq!(ordering(two, false), StreamOrder::PerThread);
+        assert_eq!(ordering(null, false), StreamOrder::Stream(StreamHandle(0)));
+        let legacy = 1usize as cudaStream_t;
+        assert_eq!(ordering(legacy, true), StreamOrder::Stream(StreamHandle(1)));
+    }
+}

@@ -632,6 +632,10 @@ fn a_destroyed_stream_is_synchronised_first_and_never_used_after() {
         // just before the destroy is scrubbed.
         ("rc_free_b", 0),
         ("a_zero", 1),
+        // A capture refusing the synchronisation: its error, nothing destroyed.
+        ("rc_destroy_capturing", 900),
+        ("real_destroys_capturing", 0),
+        ("rc_destroy_after_capture", 0),
         // The per-thread handle is not the engine's stream: no synchronisation (the runtime
         // answers the destroy).
         ("rc_destroy_per_thread", 400),

@@ -416,6 +416,16 @@ static int scenario_streams() {
     out("rc_free_b", b ? cudaFreeAsync(b, nullptr) : -1);
     kvh_sync();
     out("a_zero", all_zero(a, N));
+    // A stream whose synchronisation a capture refuses is not destroyed: the capture's
+    // error is returned, and the stream can be destroyed once the capture is over.
+    cudaStream_t c = nullptr;
+    cudaStreamCreate(&c);
+    int destroys = fake_cudart_calls("cudaStreamDestroy");
+    fake_cudart_set_capturing(c, 1);
+    out("rc_destroy_capturing", cudaStreamDestroy(c));
+    out("real_destroys_capturing", fake_cudart_calls("cudaStreamDestroy") - destroys);
+    fake_cudart_set_capturing(c, 0);
+    out("rc_destroy_after_capture", cudaStreamDestroy(c));
     // The legacy, per-thread and NULL handles are not the engine's to destroy: forwarded
     // without a synchronisation.
     int syncs = fake_cudart_calls("cudaStreamSynchronize");
