@@ -14,11 +14,10 @@
 //! call returns `cudaErrorSharedObjectSymbolNotFound`, with a line on stderr once per symbol.
 //!
 //! Several runtimes in one process: each symbol is taken from the first of these that
-//! defines it: the next runtime in the global scope, then the sonames newest first, then
-//! the scanned object. Memory kvhygiene does not hold is forwarded to that runtime, so an
-//! engine that allocates through a second runtime's own entry points, outside the global
-//! scope, frees it through the same interposers into the first: such a process is not
-//! supported unless both runtimes are the same one.
+//! defines it (the next runtime in the global scope, then the sonames newest first, then the
+//! scanned object), and the forwarded calls of every library go there, whichever runtime
+//! the library was linked against; the current device and the synchronisations are asked
+//! of that runtime too. Such a mix is not tested.
 //!
 //! Nothing here calls the runtime's allocator by itself, and kvhygiene's own CUDA backend
 //! uses the driver API (`libcuda.so.1`), so no interposer can recurse into another.
