@@ -423,3 +423,20 @@ fn synchronize_waits_for_batches_held_by_other_threads() {
     checker.join().unwrap().unwrap();
     assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
 }
+
+/// `malloc_with_origin` says whether the memory is fresh (its zeroing queued on the stream by
+/// this call: what the synchronous `cudaMalloc` interposer waits for) or a pool hit.
+#[test]
+fn malloc_with_origin_tells_fresh_memory_from_pool_hits() {
+    let f = Fixture::new(manual_config());
+    let first = f.alloc.malloc_with_origin(4096, 0, S).unwrap();
+    assert!(first.fresh);
+    f.alloc.free(first.addr, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    let again = f.alloc.malloc_with_origin(4096, 0, S).unwrap();
+    assert_eq!(again.addr, first.addr);
+    assert!(!again.fresh, "a pool hit");
+    let other = f.alloc.malloc_with_origin(100_000, 0, S).unwrap();
+    assert!(other.fresh);
+    assert_eq!(f.alloc.malloc(8, 0, S).map(|_| ()), Ok(()));
+}

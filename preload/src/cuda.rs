@@ -26,11 +26,25 @@ pub const INVALID_DEVICE: cudaError_t = 101;
 /// `cudaErrorSharedObjectSymbolNotFound`: the real runtime function to forward to, or
 /// `cudaGetDevice`, is not loaded in the process.
 pub const SHARED_OBJECT_SYMBOL_NOT_FOUND: cudaError_t = 302;
-/// `cudaErrorStreamCaptureUnsupported`: a graph capture is under way and kvhygiene's pool
-/// has no clean block to serve it.
+/// `cudaErrorStreamCaptureUnsupported`: a graph capture is under way: kvhygiene's pool has
+/// no clean block to serve a synchronous allocation, or a kvhygiene block is freed in stream
+/// order on a capturing stream.
 pub const STREAM_CAPTURE_UNSUPPORTED: cudaError_t = 900;
 /// `cudaErrorUnknown`: a backend error, or a panic caught at the boundary.
 pub const UNKNOWN: cudaError_t = 999;
+
+/// Whether `rc` is one of the runtime's stream-capture errors: refused because a capture is
+/// under way (`cudaErrorStreamCaptureUnsupported` 900, `...Invalidated` 901, `...Unjoined`
+/// 904, `...Isolation` 905, `...Implicit` 906, `cudaErrorCapturedEvent` 907,
+/// `...WrongThread` 908). 902 and 903 (merge, unmatched) concern capture API misuse and
+/// are not returned by the calls the interposers make.
+pub fn is_capture_error(rc: cudaError_t) -> bool {
+    rc == 900 || rc == 901 || (904..=908).contains(&rc)
+}
+
+/// `cudaStreamCaptureStatusNone`: the stream is not capturing (any other status, active or
+/// invalidated, means a capture sequence is open on it).
+pub const CAPTURE_STATUS_NONE: c_int = 0;
 
 /// `cudaStreamPerThread`: what stream 0 means to the `_ptsz` entry points (the driver's
 /// `CU_STREAM_PER_THREAD` has the same value).

@@ -14,9 +14,11 @@
 //! | Entry point | Served by kvhygiene | Forwarded to the real runtime |
 //! | --- | --- | --- |
 //! | `cudaMalloc`, `cudaMallocPitch` | size > 0 | size 0, `KVH_PRELOAD=off` |
-//! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on the given stream | size 0, `KVH_PRELOAD=off` |
+//! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
+//! | `cudaStreamDestroy` | forgets the stream (after synchronising it) | always, after that |
 //!
+//! In a forked child of the process that started kvhygiene, every call is forwarded.
 //! Everything else (`cudaMallocManaged`, `cudaMallocHost`, `cudaMalloc3D`, memory pools, …)
 //! is not interposed and reaches the runtime directly; ARCHITECTURE.md says why.
 //!
@@ -29,9 +31,24 @@
 //! - The synchronous entry points keep their synchronous contract, which engines rely on when
 //!   they use a buffer on several streams: `cudaFree` synchronises the block's device before
 //!   the block is freed (the real `cudaFree` does too), and `cudaMalloc` /
-//!   `cudaMallocPitch` synchronise the legacy default stream, where the zeroing of fresh
-//!   memory is queued, before returning. The asynchronous ones are stream-ordered on their
-//!   stream, like the runtime's stream-ordered allocator; kvhygiene's free never waits.
+//!   `cudaMallocPitch` of fresh memory synchronise the legacy default stream, where its
+//!   zeroing is queued, before returning (a pool hit queues nothing and does not wait). The
+//!   asynchronous ones are stream-ordered on their stream, like the runtime's stream-ordered
+//!   allocator; kvhygiene's free never waits, except on the per-thread default stream
+//!   (below).
+//! - A stream capturing a CUDA graph gets the runtime's own stream-ordered allocator: a
+//!   captured `cudaMallocAsync` becomes a graph memory node re-run at every replay, which a
+//!   pooled block handed out once cannot be. Graph memory is the runtime's and is not
+//!   scrubbed. A kvhygiene block freed in stream order on a capturing stream is refused
+//!   (`cudaErrorStreamCaptureUnsupported`) and stays live, and so is a `cudaFree` whose
+//!   device synchronisation a capture refuses.
+//! - The per-thread default stream (`cudaStreamPerThread`, or stream 0 of a `_ptsz` call)
+//!   means the calling thread's stream, and kvhygiene's batches are submitted later from
+//!   other threads: such requests are never given to the core by that handle. A free
+//!   synchronises the caller's per-thread stream and is scrubbed on the legacy default
+//!   stream; an allocation is made on the legacy stream, as `cudaMalloc`'s is.
+//! - A stream handle is never used by kvhygiene after the engine destroys it with
+//!   `cudaStreamDestroy` ([`kvhygiene::alloc::Allocator::forget_stream`]).
 
 // Exports take raw pointers by the nature of a C ABI; each documents its contract, and each
 // dereference carries a SAFETY comment.
@@ -45,9 +62,9 @@ mod real;
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kvhygiene::alloc::{AllocError, Allocator, BlockSpan, FreeError};
+use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::ffi::{process_allocator, started_process_allocator};
+use kvhygiene::ffi::{process_allocator, process_allocator_pid, started_process_allocator};
 
 use cuda::*;
 use mode::{mode, Mode};
@@ -69,12 +86,15 @@ fn boundary(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
 // ----- allocation -------------------------------------------------------------------------
 
 /// `cudaMalloc`: `size` bytes of device memory on the current device, every byte zero.
-/// Size 0 and `KVH_PRELOAD=off` are forwarded to the real `cudaMalloc`.
+/// Size 0 and `KVH_PRELOAD=off` are forwarded to the real `cudaMalloc`. During a graph
+/// capture it is served like at any other time (the memory of a synchronous allocation is
+/// not part of a graph); fresh memory then needs a legacy-stream synchronisation the
+/// runtime may refuse, whose capture error is returned.
 ///
 /// Contract (the runtime's): `dev_ptr` is NULL or valid for one pointer write.
 #[no_mangle]
 pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaError_t {
-    boundary(|| match mode() {
+    boundary(|| match route() {
         Mode::Refuse => INITIALIZATION_ERROR,
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMalloc(dev_ptr, size) },
@@ -101,7 +121,7 @@ pub extern "C" fn cudaMallocPitch(
     width: usize,
     height: usize,
 ) -> cudaError_t {
-    boundary(|| match mode() {
+    boundary(|| match route() {
         Mode::Refuse => INITIALIZATION_ERROR,
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMallocPitch(dev_ptr, pitch, width, height) },
@@ -130,8 +150,12 @@ pub extern "C" fn cudaMallocPitch(
 }
 
 /// `cudaMallocAsync`: `size` bytes on the current device, usable in stream order on
-/// `stream` (the zeroing of fresh memory is queued there), every byte zero. Size 0 and
-/// `KVH_PRELOAD=off` are forwarded to the real `cudaMallocAsync`.
+/// `stream` (the zeroing of fresh memory is queued there), every byte zero. The memory is
+/// the current device's even when `stream` belongs to another device (the runtime would
+/// use the stream's). Size 0, a stream capturing a CUDA graph (the allocation becomes the
+/// graph's, re-run at every replay) and `KVH_PRELOAD=off` are forwarded to the real
+/// `cudaMallocAsync`. `cudaStreamPerThread` is served like `cudaMalloc` (legacy stream,
+/// waited for when fresh).
 ///
 /// Contract (the runtime's): `dev_ptr` is NULL or valid for one pointer write; `stream` is
 /// a stream of the current device, or 0, `cudaStreamLegacy` or `cudaStreamPerThread`.
@@ -141,18 +165,17 @@ pub extern "C" fn cudaMallocAsync(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| match mode() {
+    boundary(|| match route() {
         Mode::Refuse => INITIALIZATION_ERROR,
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
         // SAFETY: as above.
         Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
-        Mode::Serve => {
-            let result = allocate(size, StreamHandle(stream as u64));
-            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
-            unsafe { store(dev_ptr, result) }
-        }
+        Mode::Serve => serve_async(dev_ptr, size, ordering(stream, false), || {
+            // SAFETY: as above: the caller's arguments, unchanged.
+            unsafe { real::cudaMallocAsync(dev_ptr, size, stream) }
+        }),
     })
 }
 
@@ -164,18 +187,17 @@ pub extern "C" fn cudaMallocAsync_ptsz(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| match mode() {
+    boundary(|| match route() {
         Mode::Refuse => INITIALIZATION_ERROR,
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
         // SAFETY: as above.
         Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
-        Mode::Serve => {
-            let result = allocate(size, per_thread(stream));
-            // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
-            unsafe { store(dev_ptr, result) }
-        }
+        Mode::Serve => serve_async(dev_ptr, size, ordering(stream, true), || {
+            // SAFETY: as above: the caller's arguments, unchanged.
+            unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) }
+        }),
     })
 }
 
@@ -185,7 +207,8 @@ pub extern "C" fn cudaMallocAsync_ptsz(
 /// runtime's `cudaFree` contract), then scrubbed and verified before any reuse; NULL (which
 /// engines call to create the CUDA context) and every other pointer go to the real
 /// `cudaFree`. An invalid free of kvhygiene memory (double, interior) returns
-/// `cudaErrorInvalidValue` and is logged by the core.
+/// `cudaErrorInvalidValue` and is logged by the core. When a graph capture refuses the
+/// synchronisation, its error is returned and the block stays live.
 #[no_mangle]
 pub extern "C" fn cudaFree(dev_ptr: *mut c_void) -> cudaError_t {
     boundary(|| match held(dev_ptr) {
@@ -196,11 +219,13 @@ pub extern "C" fn cudaFree(dev_ptr: *mut c_void) -> cudaError_t {
 }
 
 /// `cudaFreeAsync`. A block kvhygiene holds is freed to it in stream order on `stream`
-/// (never waits); NULL and every other pointer go to the real `cudaFreeAsync`.
+/// (never waits, except on `cudaStreamPerThread`: see the module notes); on a stream
+/// capturing a CUDA graph it is refused with `cudaErrorStreamCaptureUnsupported` and stays
+/// live. NULL and every other pointer go to the real `cudaFreeAsync`.
 #[no_mangle]
 pub extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: cudaStream_t) -> cudaError_t {
     boundary(|| match held(dev_ptr) {
-        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(StreamHandle(stream as u64))),
+        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(ordering(stream, false))),
         // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
         None => unsafe { real::cudaFreeAsync(dev_ptr, stream) },
     })
@@ -210,31 +235,148 @@ pub extern "C" fn cudaFreeAsync(dev_ptr: *mut c_void, stream: cudaStream_t) -> c
 #[no_mangle]
 pub extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: cudaStream_t) -> cudaError_t {
     boundary(|| match held(dev_ptr) {
-        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(per_thread(stream))),
+        Some((alloc, span)) => free_held(alloc, dev_ptr, span, Some(ordering(stream, true))),
         // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
         None => unsafe { real::cudaFreeAsync_ptsz(dev_ptr, stream) },
     })
 }
 
+// ----- streams ----------------------------------------------------------------------------
+
+/// `cudaStreamDestroy`. When kvhygiene has started (in this process) and `stream` is an
+/// engine's own stream (not 0, `cudaStreamLegacy` or `cudaStreamPerThread`), the stream is
+/// synchronised first, so that nothing queued there before is left for kvhygiene to order
+/// against, and kvhygiene forgets it (open scrub batches naming it are submitted now;
+/// blocks allocated or freed on it are ordered on the legacy stream from then on); then the
+/// real `cudaStreamDestroy` is called. A synchronisation refused by a graph capture is
+/// returned and the stream is not destroyed; any other error of the synchronisation is the
+/// destroy's to report. Cost: the host waits for the stream's queued work, where the
+/// runtime's destroy returns at once.
+#[no_mangle]
+pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
+    boundary(|| {
+        if (stream as u64) > STREAM_PER_THREAD && !forked() {
+            if let Some(alloc) = started_process_allocator() {
+                // SAFETY: the caller's stream, which it is about to destroy, so still valid.
+                let synced = unsafe { real::cudaStreamSynchronize(stream) };
+                if is_capture_error(synced) {
+                    return synced;
+                }
+                alloc.forget_stream(StreamHandle(stream as u64));
+            }
+        }
+        // SAFETY: the caller's argument, passed on unchanged under the runtime's contract.
+        unsafe { real::cudaStreamDestroy(stream) }
+    })
+}
+
 // ----- the work ---------------------------------------------------------------------------
 
+/// What a stream argument orders kvhygiene's work on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamOrder {
+    /// The calling thread's default stream: its handle means another stream on the threads
+    /// kvhygiene submits from, so it is never given to the core.
+    PerThread,
+    /// A stream every thread names alike (the legacy stream 0 or 0x1 included).
+    Stream(StreamHandle),
+}
+
+impl StreamOrder {
+    /// The handle to ask the runtime about on the calling thread.
+    fn handle(self) -> cudaStream_t {
+        match self {
+            StreamOrder::PerThread => STREAM_PER_THREAD as cudaStream_t,
+            StreamOrder::Stream(s) => s.0 as cudaStream_t,
+        }
+    }
+}
+
+/// A stream argument: `cudaStreamPerThread`, or 0 in a `_ptsz` call, is the calling
+/// thread's default stream.
+fn ordering(stream: cudaStream_t, ptsz: bool) -> StreamOrder {
+    match stream as u64 {
+        0 if ptsz => StreamOrder::PerThread,
+        STREAM_PER_THREAD => StreamOrder::PerThread,
+        s => StreamOrder::Stream(StreamHandle(s)),
+    }
+}
+
+/// What the interposers do now: `KVH_PRELOAD`'s mode, except in a forked child of the
+/// process that started kvhygiene, which forwards everything: the pools it inherited may
+/// have been locked at the fork, their threads do not exist there, and the parent's CUDA
+/// context cannot be used in a child anyway.
+fn route() -> Mode {
+    if forked() {
+        Mode::Forward
+    } else {
+        mode()
+    }
+}
+
+/// Whether this process is a fork of the one that started kvhygiene.
+fn forked() -> bool {
+    process_allocator_pid().is_some_and(|pid| pid != std::process::id())
+}
+
+/// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling
+/// thread. A capture error from the query itself (the legacy stream while another stream
+/// captures in global mode) counts as capturing; other errors are returned.
+fn capturing(stream: cudaStream_t) -> Result<bool, cudaError_t> {
+    let mut status: c_int = CAPTURE_STATUS_NONE;
+    // SAFETY: `stream` is the caller's stream argument (or cudaStreamPerThread), valid for
+    // a query by the caller's contract; `status` is a writable int for the call.
+    match unsafe { real::cudaStreamIsCapturing(stream, &mut status) } {
+        SUCCESS => Ok(status != CAPTURE_STATUS_NONE),
+        rc if is_capture_error(rc) => Ok(true),
+        rc => Err(rc),
+    }
+}
+
+/// A stream-ordered allocation: forwarded (`forward`) on a capturing stream, otherwise
+/// kvhygiene's, on the stream or, for the per-thread stream, as [`allocate_ready`].
+fn serve_async(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    order: StreamOrder,
+    forward: impl FnOnce() -> cudaError_t,
+) -> cudaError_t {
+    match capturing(order.handle()) {
+        Err(rc) => return rc,
+        Ok(true) => return forward(),
+        Ok(false) => {}
+    }
+    let result = match order {
+        StreamOrder::PerThread => allocate_ready(size),
+        StreamOrder::Stream(s) => allocate(size, s).map(|a| a.addr),
+    };
+    // SAFETY: the callers checked `dev_ptr` is non-null; it is valid for one pointer write
+    // by the runtime's contract.
+    unsafe { store(dev_ptr, result) }
+}
+
 /// kvhygiene's allocation of `size` bytes on the runtime's current device, on `stream`.
-fn allocate(size: usize, stream: StreamHandle) -> Result<u64, cudaError_t> {
+fn allocate(size: usize, stream: StreamHandle) -> Result<Allocation, cudaError_t> {
     // More than i64::MAX bytes: no device has them (the runtime says the same).
     let size = i64::try_from(size).map_err(|_| MEMORY_ALLOCATION)?;
     let device = current_device()?;
     let alloc = process_allocator().map_err(|_| INITIALIZATION_ERROR)?;
     alloc
-        .malloc(size, device, stream)
+        .malloc_with_origin(size, device, stream)
         .map_err(|e| alloc_error(&e))
 }
 
-/// As [`allocate`] on the legacy default stream, then waits for that stream, where fresh
-/// memory's zeroing is queued: the synchronous entry points return memory every stream can
-/// use at once. If the wait fails (an earlier asynchronous error), the block goes back to
-/// kvhygiene and the runtime's error is returned.
+/// As [`allocate`] on the legacy default stream; fresh memory (whose zeroing is queued
+/// there) is then waited for, so the synchronous entry points return memory every stream
+/// can use at once. A pool hit has nothing of kvhygiene's queued and does not wait. If the
+/// wait fails (an earlier asynchronous error, or a capture that refuses it), the block goes
+/// back to kvhygiene and the runtime's error is returned.
 fn allocate_ready(size: usize) -> Result<u64, cudaError_t> {
-    let addr = allocate(size, LEGACY_STREAM)?;
+    let allocation = allocate(size, LEGACY_STREAM)?;
+    if !allocation.fresh {
+        return Ok(allocation.addr);
+    }
+    let addr = allocation.addr;
     // SAFETY: a NULL stream (the legacy default stream) is valid for cudaStreamSynchronize.
     let rc = unsafe { real::cudaStreamSynchronize(std::ptr::null_mut()) };
     if rc == SUCCESS {
@@ -261,30 +403,52 @@ unsafe fn store(dev_ptr: *mut *mut c_void, result: Result<u64, cudaError_t>) -> 
     rc
 }
 
-/// The block holding `ptr`, when kvhygiene has started and holds it (any state: a second
-/// free of a freed block is kvhygiene's to refuse, not the runtime's).
+/// The block holding `ptr`, when kvhygiene has started in this process and holds it (any
+/// state: a second free of a freed block is kvhygiene's to refuse, not the runtime's).
 fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
-    if ptr.is_null() {
+    if ptr.is_null() || forked() {
         return None;
     }
     let alloc = started_process_allocator()?;
     alloc.block_containing(ptr as u64).map(|span| (alloc, span))
 }
 
-/// Frees a block kvhygiene holds: in stream order on `stream`, or, for the synchronous
-/// `cudaFree` (`stream == None`), after synchronising the block's device. The block is freed
+/// Frees a block kvhygiene holds: in stream order (`order`), or, for the synchronous
+/// `cudaFree` (`order == None`), after synchronising the block's device. The block is freed
 /// even when that synchronisation reports an earlier asynchronous error (which is then
 /// returned, as the runtime's `cudaFree` does): its contents must be scrubbed regardless.
+/// It is not freed, and stays live, when a graph capture refuses the synchronisation or the
+/// stream-ordered free (the capture error is returned): a capture has not run the work
+/// queued before it, and a captured free would be re-run at every replay.
 fn free_held(
     alloc: &Allocator,
     ptr: *mut c_void,
     span: BlockSpan,
-    stream: Option<StreamHandle>,
+    order: Option<StreamOrder>,
 ) -> cudaError_t {
-    let (synced, stream) = match stream {
-        Some(s) => (SUCCESS, s),
+    let (synced, stream) = match order {
         None => (synchronize_device(span.device as c_int), LEGACY_STREAM),
+        Some(order) => {
+            match capturing(order.handle()) {
+                Err(rc) => return rc,
+                Ok(true) => return STREAM_CAPTURE_UNSUPPORTED,
+                Ok(false) => {}
+            }
+            match order {
+                StreamOrder::Stream(s) => (SUCCESS, s),
+                // The caller's per-thread stream is waited for here, on its own thread; the
+                // scrub then runs on the legacy stream, which every thread names alike.
+                StreamOrder::PerThread => {
+                    // SAFETY: cudaStreamPerThread is valid for cudaStreamSynchronize.
+                    let rc = unsafe { real::cudaStreamSynchronize(order.handle()) };
+                    (rc, LEGACY_STREAM)
+                }
+            }
+        }
     };
+    if is_capture_error(synced) {
+        return synced;
+    }
     // The block table's size, so that a correct free is not reported as a size mismatch
     // (the runtime's free takes no size). An interior pointer is refused whatever the size.
     match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
@@ -315,7 +479,7 @@ fn synchronize_device(device: c_int) -> cudaError_t {
         Err(rc) => return rc,
     };
     if current == device {
-        // SAFETY: no arguments; valid at any time outside a stream capture.
+        // SAFETY: no arguments; valid at any time (a capture makes it return an error).
         return unsafe { real::cudaDeviceSynchronize() };
     }
     // SAFETY: `device` holds a live kvhygiene block, so it is a valid device ordinal.
@@ -334,15 +498,6 @@ fn synchronize_device(device: c_int) -> cudaError_t {
     }
 }
 
-/// A `_ptsz` entry point's stream: 0 means the calling thread's default stream.
-fn per_thread(stream: cudaStream_t) -> StreamHandle {
-    if stream.is_null() {
-        StreamHandle(STREAM_PER_THREAD)
-    } else {
-        StreamHandle(stream as u64)
-    }
-}
-
 fn alloc_error(e: &AllocError) -> cudaError_t {
     match e {
         AllocError::InvalidSize(_) => INVALID_VALUE,
@@ -350,10 +505,57 @@ fn alloc_error(e: &AllocError) -> cudaError_t {
         AllocError::OutOfMemory { .. } | AllocError::Backend(BackendError::OutOfMemory { .. }) => {
             MEMORY_ALLOCATION
         }
-        AllocError::CaptureActive { .. } => STREAM_CAPTURE_UNSUPPORTED,
+        AllocError::CaptureActive { .. }
+        | AllocError::Backend(BackendError::StreamCapturing { .. }) => STREAM_CAPTURE_UNSUPPORTED,
         AllocError::ShuttingDown | AllocError::Backend(BackendError::ShuttingDown) => {
             CUDART_UNLOADING
         }
         AllocError::Backend(_) => UNKNOWN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocation_errors_map_to_the_runtimes_codes() {
+        let capturing = BackendError::StreamCapturing {
+            stream: 5,
+            what: "fresh memory's zeroing",
+        };
+        assert_eq!(
+            alloc_error(&AllocError::Backend(capturing)),
+            STREAM_CAPTURE_UNSUPPORTED
+        );
+        let active = AllocError::CaptureActive { stream: 5, size: 1 };
+        assert_eq!(alloc_error(&active), STREAM_CAPTURE_UNSUPPORTED);
+        let oom = AllocError::OutOfMemory { size: 1, device: 0 };
+        assert_eq!(alloc_error(&oom), MEMORY_ALLOCATION);
+        assert_eq!(alloc_error(&AllocError::ShuttingDown), CUDART_UNLOADING);
+        let other = AllocError::Backend(BackendError::Other("driver".into()));
+        assert_eq!(alloc_error(&other), UNKNOWN);
+    }
+
+    #[test]
+    fn capture_errors() {
+        for rc in [900, 901, 904, 905, 906, 907, 908] {
+            assert!(is_capture_error(rc), "{rc}");
+        }
+        for rc in [0, 1, 700, 902, 903, 909, 999] {
+            assert!(!is_capture_error(rc), "{rc}");
+        }
+    }
+
+    #[test]
+    fn per_thread_stream_arguments() {
+        let null = std::ptr::null_mut();
+        let two = STREAM_PER_THREAD as cudaStream_t;
+        assert_eq!(ordering(null, true), StreamOrder::PerThread);
+        assert_eq!(ordering(two, true), StreamOrder::PerThread);
+        assert_eq!(ordering(two, false), StreamOrder::PerThread);
+        assert_eq!(ordering(null, false), StreamOrder::Stream(StreamHandle(0)));
+        let legacy = 1usize as cudaStream_t;
+        assert_eq!(ordering(legacy, true), StreamOrder::Stream(StreamHandle(1)));
     }
 }

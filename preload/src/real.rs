@@ -4,17 +4,27 @@
 //! after this library in the global lookup order, which is the CUDA runtime's when the
 //! engine links `libcudart.so`. When the runtime is not in the global scope (a plugin that
 //! links it was loaded with `dlopen(RTLD_LOCAL)`, as Python loads extension modules), the
-//! already-loaded runtime is found by its soname with `RTLD_NOLOAD` instead. A symbol found
+//! already-loaded runtime is found by its soname with `RTLD_NOLOAD` instead. When no soname
+//! matches either (a runtime bundled under another name, as Python wheels rename the
+//! libraries they vendor: `libcudart-<hash>.so.12`), the loaded objects are scanned in load
+//! order (`dl_iterate_phdr`) for the first, other than this library, through which
+//! `cudaMalloc` is found; that object is kept for every later look-up. A symbol found
 //! is cached for the life of the process (the runtime is kept loaded: the `RTLD_NOLOAD`
-//! handle is never closed); a symbol not found is looked up again at the next call, and the
+//! handles are never closed); a symbol not found is looked up again at the next call, and the
 //! call returns `cudaErrorSharedObjectSymbolNotFound`, with a line on stderr once per symbol.
+//!
+//! Several runtimes in one process: each symbol is taken from the first of these that
+//! defines it (the next runtime in the global scope, then the sonames newest first, then the
+//! scanned object), and the forwarded calls of every library go there, whichever runtime
+//! the library was linked against; the current device and the synchronisations are asked
+//! of that runtime too. Such a mix is not tested.
 //!
 //! Nothing here calls the runtime's allocator by itself, and kvhygiene's own CUDA backend
 //! uses the driver API (`libcuda.so.1`), so no interposer can recurse into another.
 
 #![allow(non_snake_case)] // the functions carry the CUDA runtime's names
 
-use std::ffi::{c_int, c_void, CStr};
+use std::ffi::{c_int, c_void, CStr, CString};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
@@ -77,18 +87,96 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
     if !next.is_null() {
         return Some(next);
     }
-    RUNTIME_SONAMES.iter().find_map(|soname| {
-        // SAFETY: `soname` is NUL-terminated and static. With RTLD_NOLOAD nothing is loaded
-        // (no initialiser runs): the call only returns a handle to an object already loaded.
-        let handle = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-        if handle.is_null() {
-            return None;
-        }
+    let by_soname = RUNTIME_SONAMES.iter().find_map(|soname| {
+        let handle = loaded(soname)?;
         // SAFETY: `handle` is a live handle from dlopen (never closed, so the address found
         // stays valid for the life of the process); `name` is NUL-terminated.
         let addr = unsafe { libc::dlsym(handle, name.as_ptr()) };
         (!addr.is_null()).then_some(addr)
+    });
+    by_soname.or_else(|| {
+        let handle = scanned_runtime()?;
+        // SAFETY: as above: a live handle that is never closed, a NUL-terminated name.
+        let addr = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        (!addr.is_null()).then_some(addr)
     })
+}
+
+/// A handle to the already-loaded object `name`, or `None` when it is not loaded.
+fn loaded(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: `name` is NUL-terminated and outlives the call. With RTLD_NOLOAD nothing is
+    // loaded (no initialiser runs): the call only returns a handle to an object already
+    // loaded, or NULL.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    (!handle.is_null()).then_some(handle)
+}
+
+/// The first loaded object, in load order, through which `cudaMalloc` resolves to a
+/// function outside this library: a CUDA runtime under a name no soname matches. Found once
+/// and kept (its handle is never closed); while none is found, every call scans again.
+fn scanned_runtime() -> Option<*mut c_void> {
+    static FOUND: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+    let cached = FOUND.load(Ordering::Acquire);
+    if !cached.is_null() {
+        return Some(cached);
+    }
+    let own = object_base(scanned_runtime as *const c_void);
+    let handle = loaded_object_names().into_iter().find_map(|name| {
+        let handle = loaded(&name)?;
+        // SAFETY: a live handle from dlopen; the name is a static NUL-terminated string.
+        let addr = unsafe { libc::dlsym(handle, c"cudaMalloc".as_ptr()) };
+        if !addr.is_null() && object_base(addr) != own {
+            return Some(handle);
+        }
+        // SAFETY: `handle` came from the dlopen above and is not used after; closing an
+        // RTLD_NOLOAD handle only drops the reference that dlopen added.
+        unsafe { libc::dlclose(handle) };
+        None
+    })?;
+    FOUND.store(handle, Ordering::Release);
+    Some(handle)
+}
+
+/// The load address of the object holding `addr` (`None` when none does).
+fn object_base(addr: *const c_void) -> Option<usize> {
+    // SAFETY: `Dl_info` is plain data (pointers and integers): all zeroes is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is writable for the call; dladdr only reads the loader's tables.
+    let found = unsafe { libc::dladdr(addr, &mut info) };
+    (found != 0).then_some(info.dli_fbase as usize)
+}
+
+/// The path of every loaded shared object, in load order, except the main program (whose
+/// empty name would open the global scope, where this library's own functions are).
+fn loaded_object_names() -> Vec<CString> {
+    /// Collects one object's name; `data` is the `Vec<CString>` being filled.
+    ///
+    /// # Safety
+    /// 1. `info` points to a valid `dl_phdr_info` for the duration of the call (the loader's
+    ///    contract) and `data` is the `&mut Vec<CString>` passed to `dl_iterate_phdr` below.
+    unsafe extern "C" fn collect(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: by (1).
+        let (info, names) = unsafe { (&*info, &mut *data.cast::<Vec<CString>>()) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: a non-null `dlpi_name` is a NUL-terminated string owned by the loader,
+            // valid during the callback; it is copied before the callback returns.
+            let name = unsafe { CStr::from_ptr(info.dlpi_name) };
+            if !name.is_empty() {
+                names.push(name.to_owned());
+            }
+        }
+        0
+    }
+    let mut names: Vec<CString> = Vec::new();
+    // SAFETY: `collect` keeps the callback contract (it only reads `info` and pushes to the
+    // vector, and does not call into the loader, which holds its lock meanwhile); `data`
+    // is `&mut names`, alive for the whole call.
+    unsafe { libc::dl_iterate_phdr(Some(collect), (&mut names as *mut Vec<CString>).cast()) };
+    names
 }
 
 /// Declares typed calls to real runtime functions. Each generated function returns
@@ -147,4 +235,8 @@ real_functions! {
     fn cudaDeviceSynchronize();
     /// `cudaError_t cudaStreamSynchronize(cudaStream_t stream)`
     fn cudaStreamSynchronize(stream: cudaStream_t);
+    /// `cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *pCaptureStatus)`
+    fn cudaStreamIsCapturing(stream: cudaStream_t, status: *mut c_int);
+    /// `cudaError_t cudaStreamDestroy(cudaStream_t stream)`
+    fn cudaStreamDestroy(stream: cudaStream_t);
 }

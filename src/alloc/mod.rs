@@ -52,6 +52,16 @@ pub enum AllocError {
     Backend(BackendError),
 }
 
+/// An allocation and where its memory came from ([`Allocator::malloc_with_origin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub addr: u64,
+    /// Fresh backend memory, whose zeroing was queued on the allocation's stream by this
+    /// call. `false` for a pool hit: a CLEAN block, whose scrub has been observed complete,
+    /// so nothing of kvhygiene's is queued for it on any stream.
+    pub fresh: bool,
+}
+
 /// Why a free was refused or did not verify.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FreeError {
@@ -131,6 +141,21 @@ impl Allocator {
     /// Allocates `size` bytes on `device` for use on `stream`. Every byte of the result reads
     /// zero (invariant 1).
     pub fn malloc(&self, size: i64, device: i32, stream: StreamHandle) -> Result<u64, AllocError> {
+        self.malloc_with_origin(size, device, stream)
+            .map(|a| a.addr)
+    }
+
+    /// As [`Allocator::malloc`], also saying whether the memory is fresh (its zeroing queued
+    /// on `stream` by this call) or a pool hit (nothing queued). A front end whose callers
+    /// expect memory ready on every stream (the runtime's synchronous `cudaMalloc`) waits
+    /// for `stream` only after a fresh allocation.
+    #[inline]
+    pub fn malloc_with_origin(
+        &self,
+        size: i64,
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<Allocation, AllocError> {
         let size = u64::try_from(size)
             .ok()
             .filter(|&s| s > 0)
@@ -142,7 +167,7 @@ impl Allocator {
         let key = FreeKey::new(class, &ctx, isolation);
         // Hot path: one lock, one free-list pop.
         if let Some(addr) = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation) {
-            return Ok(addr);
+            return Ok(Allocation { addr, fresh: false });
         }
         self.malloc_slow(size, dev, class, key, ctx, stream)
     }
@@ -157,7 +182,7 @@ impl Allocator {
         key: FreeKey,
         ctx: Context,
         stream: StreamHandle,
-    ) -> Result<u64, AllocError> {
+    ) -> Result<Allocation, AllocError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
@@ -170,7 +195,7 @@ impl Allocator {
             pool.pop_clean(key, size, &ctx, stream, isolation)
         });
         if let Some(addr) = hit {
-            return Ok(addr);
+            return Ok(Allocation { addr, fresh: false });
         }
         // A stream capturing a CUDA graph must not see driver allocations.
         if self
@@ -188,7 +213,7 @@ impl Allocator {
             Err(AllocError::OutOfMemory { .. }) => {
                 self.malloc_after_oom(size, dev, class, key, ctx, stream)
             }
-            other => other,
+            other => other.map(|addr| Allocation { addr, fresh: true }),
         }
     }
 
@@ -202,7 +227,7 @@ impl Allocator {
         key: FreeKey,
         ctx: Context,
         stream: StreamHandle,
-    ) -> Result<u64, AllocError> {
+    ) -> Result<Allocation, AllocError> {
         self.drain_pool(dev);
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, _, _, after| {
@@ -214,14 +239,14 @@ impl Allocator {
         });
         if let Some(addr) = hit {
             self.with_pool(dev, |pool, _, _, _| pool.stats.counters.oom_recoveries += 1);
-            return Ok(addr);
+            return Ok(Allocation { addr, fresh: false });
         }
         let result = self.allocate_fresh(size, dev, class, &ctx, stream);
         self.with_pool(dev, |pool, _, _, _| match result {
             Ok(_) => pool.stats.counters.oom_recoveries += 1,
             Err(_) => pool.stats.counters.out_of_memory += 1,
         });
-        result
+        result.map(|addr| Allocation { addr, fresh: true })
     }
 
     /// Fresh memory from the backend, zeroed once before first hand-out (invariant 1).
@@ -409,6 +434,32 @@ impl Allocator {
     /// for the work queued there. Returns whether `ptr` is a LIVE block of this allocator.
     pub fn record_stream(&self, ptr: u64, stream: StreamHandle) -> bool {
         (0..self.inner.pools.len() as u32).any(|d| self.pool(d).record_stream(ptr, stream))
+    }
+
+    /// The caller is about to destroy `stream`: from now on the allocator never names it to
+    /// the backend. On every device, the open batches that run on `stream` or wait for it
+    /// are submitted now, while it still exists; every reference a block keeps (allocation
+    /// stream, freeing stream, recorded streams) is dropped, the allocation and freeing
+    /// streams becoming the legacy default stream `StreamHandle(0)`, on which later scrubs
+    /// and re-scrubs of those blocks then run. A batch a CUDA graph capture defers here is
+    /// kept open on the legacy stream. Batches already submitted keep `stream` only as a
+    /// label (their completion is polled through the ticket, never through the stream).
+    ///
+    /// The caller must have waited for the work it queued on `stream` before (the
+    /// LD_PRELOAD interposer of `cudaStreamDestroy` synchronises it): what is moved to the
+    /// legacy stream is ordered after the work of blocking streams only. One pass over each
+    /// device's block table, under its lock: meant for stream destruction, not a hot path.
+    /// The legacy stream itself is never forgotten (a no-op).
+    pub fn forget_stream(&self, stream: StreamHandle) {
+        if stream == StreamHandle(0) {
+            return;
+        }
+        let exiting = self.inner.shutting_down.load(Ordering::Acquire);
+        for dev in 0..self.inner.pools.len() as u32 {
+            self.with_pool(dev, |pool, backend, config, after| {
+                pool.forget_stream(stream, !exiting, backend, config, after)
+            });
+        }
     }
 
     // ----- whole-pool operations ------------------------------------------------------------

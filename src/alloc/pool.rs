@@ -369,6 +369,45 @@ impl DevicePool {
         }
     }
 
+    /// [`super::Allocator::forget_stream`] on this device: submits (when `submit`) the open
+    /// batches on `stream` or waiting for it, then replaces every reference to it.
+    pub(crate) fn forget_stream(
+        &mut self,
+        stream: StreamHandle,
+        submit: bool,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        const LEGACY: StreamHandle = StreamHandle(0);
+        if submit {
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.open)
+                .into_iter()
+                .partition(|b| b.stream == stream || b.waits.contains(&stream));
+            self.open = keep;
+            for batch in due {
+                self.submit_open(batch, backend, config, after);
+            }
+        }
+        // Left open: deferred by a capture, or not submitted (exit has begun).
+        for batch in &mut self.open {
+            if batch.stream == stream {
+                batch.stream = LEGACY;
+            }
+            let own = batch.stream;
+            batch.waits.retain(|&w| w != stream && w != own);
+        }
+        for block in self.blocks.values_mut() {
+            block.recorded_streams.retain(|&s| s != stream);
+            if block.alloc_stream == stream {
+                block.alloc_stream = LEGACY;
+            }
+            if block.free_stream == stream {
+                block.free_stream = LEGACY;
+            }
+        }
+    }
+
     fn submit_open(
         &mut self,
         batch: OpenBatch,

@@ -30,6 +30,9 @@ pub(crate) struct Runtime {
     pub log: Option<Arc<ForensicLog>>,
     /// The metrics exports; `None` when neither a file nor an address is configured.
     pub metrics: Option<Exporter>,
+    /// The process that started the allocator. A forked child inherits the runtime with
+    /// this pid; front ends compare it with their own to leave the inherited pools alone.
+    pub pid: u32,
 }
 
 impl Runtime {
@@ -125,6 +128,7 @@ fn try_start() -> Result<Runtime, StartError> {
         allocator,
         log,
         metrics,
+        pid: std::process::id(),
     })
 }
 

@@ -6,12 +6,20 @@
 //
 // Deliberately absent: the `_ptsz` entry points, so that a forward to them exercises the
 // interposer's "real symbol not found" path.
+//
+// Streams: cudaStreamCreate hands out handles it tracks; a destroyed handle given to any
+// stream call afterwards fails with cudaErrorInvalidResourceHandle and is counted
+// (`fake_cudart_dead_stream_uses`). A test can mark any handle as capturing a graph
+// (`fake_cudart_set_capturing`); the synchronisations then fail as the runtime's do
+// (cudaErrorStreamCaptureUnsupported).
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <pthread.h>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -24,6 +32,31 @@ std::map<std::string, int> calls;
 int current_device = 0;
 int last_synced_device = -1;
 int sync_error = 0;                               // returned by the synchronisations when set
+uintptr_t next_stream = 0x10000;
+std::set<uintptr_t> streams;                      // created, not destroyed
+std::set<uintptr_t> destroyed;
+std::map<uintptr_t, int> capture_status;          // handle -> cudaStreamCaptureStatus
+std::map<uintptr_t, int> stream_syncs;            // handle -> cudaStreamSynchronize calls
+std::map<uintptr_t, int> syncs_at_destroy;        // handle -> its syncs when destroyed
+int dead_stream_uses = 0;
+pthread_t per_thread_sync_thread;                 // last caller of cudaStreamSynchronize(2)
+bool per_thread_synced = false;
+
+const int INVALID_RESOURCE_HANDLE = 400;
+const int CAPTURE_UNSUPPORTED = 900;
+
+// A destroyed handle used again: an error, counted.
+bool dead(void* s) {
+    if (destroyed.count(reinterpret_cast<uintptr_t>(s)) == 0) return false;
+    dead_stream_uses += 1;
+    return true;
+}
+
+bool any_capturing() {
+    for (auto& c : capture_status)
+        if (c.second != 0) return true;
+    return false;
+}
 
 void count(const char* name) { calls[name] += 1; }
 
@@ -115,14 +148,54 @@ int cudaSetDevice(int d) {
 int cudaDeviceSynchronize(void) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaDeviceSynchronize");
+    if (any_capturing()) return CAPTURE_UNSUPPORTED;
     last_synced_device = current_device;
     return sync_error;
 }
 
-int cudaStreamSynchronize(cudaStream_t) {
+int cudaStreamSynchronize(cudaStream_t s) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaStreamSynchronize");
+    if (dead(s)) return INVALID_RESOURCE_HANDLE;
+    uintptr_t h = reinterpret_cast<uintptr_t>(s);
+    if (capture_status[h] != 0) return CAPTURE_UNSUPPORTED;
+    stream_syncs[h] += 1;
+    if (h == 2) {
+        per_thread_sync_thread = pthread_self();
+        per_thread_synced = true;
+    }
     return sync_error;
+}
+
+int cudaStreamCreate(cudaStream_t* s) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaStreamCreate");
+    if (s == nullptr) return 1;
+    uintptr_t h = next_stream;
+    next_stream += 0x10;
+    streams.insert(h);
+    *s = reinterpret_cast<cudaStream_t>(h);
+    return 0;
+}
+
+int cudaStreamDestroy(cudaStream_t s) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaStreamDestroy");
+    if (dead(s)) return INVALID_RESOURCE_HANDLE;
+    uintptr_t h = reinterpret_cast<uintptr_t>(s);
+    if (streams.erase(h) == 0) return INVALID_RESOURCE_HANDLE;
+    destroyed.insert(h);
+    syncs_at_destroy[h] = stream_syncs[h];
+    return 0;
+}
+
+int cudaStreamIsCapturing(cudaStream_t s, int* status) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaStreamIsCapturing");
+    if (dead(s)) return INVALID_RESOURCE_HANDLE;
+    if (status == nullptr) return 1;
+    *status = capture_status[reinterpret_cast<uintptr_t>(s)];
+    return 0;
 }
 
 // ----- test controls (not CUDA) -----
@@ -141,6 +214,35 @@ int fake_cudart_last_synced_device(void) {
 void fake_cudart_fail_syncs(int rc) {
     std::lock_guard<std::mutex> g(mu);
     sync_error = rc;
+}
+
+// 1: the stream captures (cudaStreamCaptureStatusActive); 0: it does not.
+void fake_cudart_set_capturing(cudaStream_t s, int status) {
+    std::lock_guard<std::mutex> g(mu);
+    capture_status[reinterpret_cast<uintptr_t>(s)] = status;
+}
+
+int fake_cudart_stream_syncs(cudaStream_t s) {
+    std::lock_guard<std::mutex> g(mu);
+    return stream_syncs[reinterpret_cast<uintptr_t>(s)];
+}
+
+// How many times the handle had been synchronised when it was destroyed (-1: never destroyed).
+int fake_cudart_syncs_at_destroy(cudaStream_t s) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = syncs_at_destroy.find(reinterpret_cast<uintptr_t>(s));
+    return it == syncs_at_destroy.end() ? -1 : it->second;
+}
+
+int fake_cudart_dead_stream_uses(void) {
+    std::lock_guard<std::mutex> g(mu);
+    return dead_stream_uses;
+}
+
+// Whether the last cudaStreamSynchronize(cudaStreamPerThread) came from the calling thread.
+int fake_cudart_per_thread_synced_here(void) {
+    std::lock_guard<std::mutex> g(mu);
+    return per_thread_synced && pthread_equal(per_thread_sync_thread, pthread_self());
 }
 
 }  // extern "C"

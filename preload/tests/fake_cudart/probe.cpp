@@ -4,9 +4,11 @@
 // LD_PRELOAD=libkvhygiene_preload.so; the Rust test compares the two. It never stops early:
 // every step guards its own pointers, so one failure cannot hide the next.
 //
-// Usage: probe main | probe sync-failure | probe threads
+// Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork
 
 #include <dlfcn.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -25,10 +27,19 @@ int cudaFree(void* p);
 int cudaFreeAsync(void* p, cudaStream_t s);
 int cudaSetDevice(int d);
 int cudaGetDevice(int* d);
+int cudaStreamCreate(cudaStream_t* s);
+int cudaStreamDestroy(cudaStream_t s);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
 void fake_cudart_fail_syncs(int rc);
+void fake_cudart_set_capturing(cudaStream_t s, int status);
+int fake_cudart_stream_syncs(cudaStream_t s);
+int fake_cudart_syncs_at_destroy(cudaStream_t s);
+int fake_cudart_dead_stream_uses(void);
+int fake_cudart_per_thread_synced_here(void);
 }
+
+static const cudaStream_t PER_THREAD = reinterpret_cast<cudaStream_t>(uintptr_t(2));
 
 static const char SECRET[] = "tenant-A: the patient's diagnosis is confidential";
 
@@ -122,6 +133,20 @@ static int scenario_main() {
     out("rc_foreign_free_async", cudaFreeAsync(m2, nullptr));
     out("real_async_frees_for_foreign", fake_cudart_calls("cudaFreeAsync") - async_frees);
 
+    // A pool hit queues nothing of kvhygiene's: no stream synchronisation. Fresh memory
+    // (zeroed on the legacy stream) waits for it.
+    kvh_sync();
+    int syncs = fake_cudart_calls("cudaStreamSynchronize");
+    void* hit = nullptr;
+    cudaMalloc(&hit, N);
+    out("syncs_for_pool_hit", fake_cudart_calls("cudaStreamSynchronize") - syncs);
+    syncs = fake_cudart_calls("cudaStreamSynchronize");
+    void* fresh = nullptr;
+    cudaMalloc(&fresh, 3 * N);
+    out("syncs_for_fresh", fake_cudart_calls("cudaStreamSynchronize") - syncs);
+    cudaFree(hit);
+    cudaFree(fresh);
+
     // Size 0 and a NULL output pointer.
     int mallocs = fake_cudart_calls("cudaMalloc");
     void* z = reinterpret_cast<void*>(1);
@@ -181,13 +206,13 @@ static int scenario_main() {
 
     // Devices: the allocation is made on the runtime's current device, and the synchronous
     // free synchronises the block's device, then restores the thread's device.
-    int syncs = fake_cudart_calls("cudaDeviceSynchronize");
+    int device_syncs = fake_cudart_calls("cudaDeviceSynchronize");
     cudaSetDevice(3);
     void* d3 = nullptr;
     out("rc_malloc_device3", cudaMalloc(&d3, 64));
     cudaSetDevice(0);
     out("rc_free_device3", cudaFree(d3));
-    out("device_syncs_for_free", fake_cudart_calls("cudaDeviceSynchronize") - syncs);
+    out("device_syncs_for_free", fake_cudart_calls("cudaDeviceSynchronize") - device_syncs);
     out("synced_device", fake_cudart_last_synced_device());
     int dev = -1;
     cudaGetDevice(&dev);
@@ -272,11 +297,181 @@ static int scenario_threads() {
     return 0;
 }
 
+typedef int (*malloc_async_fn)(void**, size_t, cudaStream_t);
+typedef int (*free_async_fn)(void*, cudaStream_t);
+
+// CUDA graph capture: a capturing stream gets the runtime's own stream-ordered allocator,
+// kvhygiene blocks are not freed into a capture, and a cudaFree whose device
+// synchronisation the capture refuses keeps its block.
+static int scenario_capture() {
+    const size_t N = 4096;
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    // Clean blocks in kvhygiene's pool: what a capture was wrongly served from.
+    void* warm = nullptr;
+    cudaMallocAsync(&warm, N, s);
+    cudaFreeAsync(warm, s);
+    kvh_sync();
+    void* before = nullptr;
+    out("rc_malloc_before", cudaMallocAsync(&before, N, s));
+    void* sync_block = nullptr;
+    out("rc_malloc_sync_before", cudaMalloc(&sync_block, N));
+
+    fake_cudart_set_capturing(s, 1);
+    int real_mallocs = fake_cudart_calls("cudaMallocAsync");
+    void* g = nullptr;
+    out("rc_malloc_captured", cudaMallocAsync(&g, N, s));
+    out("captured_malloc_forwarded", fake_cudart_calls("cudaMallocAsync") - real_mallocs);
+    int real_frees = fake_cudart_calls("cudaFreeAsync");
+    out("rc_free_captured", cudaFreeAsync(g, s));
+    out("captured_free_forwarded", fake_cudart_calls("cudaFreeAsync") - real_frees);
+    out("rc_free_kvh_in_capture", cudaFreeAsync(before, s));
+    out("rc_cudafree_in_capture", cudaFree(sync_block));
+    // A stream not capturing is still served by kvhygiene.
+    real_mallocs = fake_cudart_calls("cudaMallocAsync");
+    void* other = nullptr;
+    out("rc_malloc_other_stream", cudaMallocAsync(&other, N, nullptr));
+    out("other_stream_forwarded", fake_cudart_calls("cudaMallocAsync") - real_mallocs);
+    fake_cudart_set_capturing(s, 0);
+
+    // The blocks were kept live: freeing them now succeeds (no double free).
+    out("rc_free_kvh_after", cudaFreeAsync(before, s));
+    out("rc_cudafree_after", cudaFree(sync_block));
+    out("rc_free_other", cudaFreeAsync(other, nullptr));
+
+    // The per-thread stream capturing: a _ptsz call with stream 0 asks about it and
+    // forwards (to the runtime's cudaMallocAsync_ptsz, which this runtime lacks).
+    malloc_async_fn malloc_ptsz =
+        reinterpret_cast<malloc_async_fn>(dlsym(RTLD_DEFAULT, "cudaMallocAsync_ptsz"));
+    fake_cudart_set_capturing(PER_THREAD, 1);
+    void* t = nullptr;
+    out("rc_malloc_ptsz_captured", malloc_ptsz ? malloc_ptsz(&t, 64, nullptr) : -1);
+    fake_cudart_set_capturing(PER_THREAD, 0);
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
+// The per-thread default stream from an engine thread: the free synchronises that thread's
+// stream on that thread.
+static int scenario_per_thread() {
+    malloc_async_fn malloc_ptsz =
+        reinterpret_cast<malloc_async_fn>(dlsym(RTLD_DEFAULT, "cudaMallocAsync_ptsz"));
+    free_async_fn free_ptsz =
+        reinterpret_cast<free_async_fn>(dlsym(RTLD_DEFAULT, "cudaFreeAsync_ptsz"));
+    if (!malloc_ptsz || !free_ptsz) {
+        out("done", 1);
+        return 0;
+    }
+    long long rc_malloc = -1, rc_free = -1, syncs = -1, here = -1, zero = -1;
+    long long rc_malloc2 = -1, rc_free2 = -1, syncs2 = -1, here2 = -1;
+    std::thread th([&] {
+        int before = fake_cudart_stream_syncs(PER_THREAD);
+        void* t = nullptr;
+        rc_malloc = malloc_ptsz(&t, 4096, nullptr);
+        zero = all_zero(t, 4096);
+        if (t) fill_secret(t, 4096);
+        rc_free = free_ptsz(t, nullptr);
+        syncs = fake_cudart_stream_syncs(PER_THREAD) - before;
+        here = fake_cudart_per_thread_synced_here();
+        // cudaStreamPerThread named explicitly, through the plain entry points.
+        before = fake_cudart_stream_syncs(PER_THREAD);
+        void* u = nullptr;
+        rc_malloc2 = cudaMallocAsync(&u, 4096, PER_THREAD);
+        rc_free2 = cudaFreeAsync(u, PER_THREAD);
+        syncs2 = fake_cudart_stream_syncs(PER_THREAD) - before;
+        here2 = fake_cudart_per_thread_synced_here();
+    });
+    th.join();
+    out("rc_malloc_ptsz", rc_malloc);
+    out("ptsz_zero", zero);
+    out("rc_free_ptsz", rc_free);
+    out("per_thread_syncs", syncs);
+    out("per_thread_synced_by_caller", here);
+    out("rc_malloc_per_thread", rc_malloc2);
+    out("rc_free_per_thread", rc_free2);
+    out("per_thread_syncs_plain", syncs2);
+    out("per_thread_synced_by_caller_plain", here2);
+    kvh_sync();
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
+// An engine destroys a stream right after freeing on it, and frees a block allocated on
+// it afterwards: both legal.
+static int scenario_streams() {
+    const size_t N = 4096;
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    void* a = nullptr;
+    void* b = nullptr;
+    out("rc_malloc_a", cudaMallocAsync(&a, N, s));
+    out("rc_malloc_b", cudaMallocAsync(&b, N, s));
+    if (a) fill_secret(a, N);
+    out("rc_free_a", cudaFreeAsync(a, s));
+    out("rc_destroy", cudaStreamDestroy(s));
+    out("syncs_at_destroy", fake_cudart_syncs_at_destroy(s));
+    out("real_destroys", fake_cudart_calls("cudaStreamDestroy"));
+    out("rc_free_b", b ? cudaFreeAsync(b, nullptr) : -1);
+    kvh_sync();
+    out("a_zero", all_zero(a, N));
+    // A stream whose synchronisation a capture refuses is not destroyed: the capture's
+    // error is returned, and the stream can be destroyed once the capture is over.
+    cudaStream_t c = nullptr;
+    cudaStreamCreate(&c);
+    int destroys = fake_cudart_calls("cudaStreamDestroy");
+    fake_cudart_set_capturing(c, 1);
+    out("rc_destroy_capturing", cudaStreamDestroy(c));
+    out("real_destroys_capturing", fake_cudart_calls("cudaStreamDestroy") - destroys);
+    fake_cudart_set_capturing(c, 0);
+    out("rc_destroy_after_capture", cudaStreamDestroy(c));
+    // The legacy, per-thread and NULL handles are not the engine's to destroy: forwarded
+    // without a synchronisation.
+    int syncs = fake_cudart_calls("cudaStreamSynchronize");
+    out("rc_destroy_per_thread", cudaStreamDestroy(PER_THREAD));
+    out("syncs_for_special_destroy", fake_cudart_calls("cudaStreamSynchronize") - syncs);
+    out("dead_stream_uses", fake_cudart_dead_stream_uses());
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
+// A forked child of a process kvhygiene serves: its calls go to the real runtime.
+static int scenario_fork() {
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, 4096));
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        int mallocs = fake_cudart_calls("cudaMalloc");
+        int frees = fake_cudart_calls("cudaFree");
+        void* c = nullptr;
+        out("child_rc_malloc", cudaMalloc(&c, 4096));
+        out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
+        out("child_rc_free", cudaFree(c));
+        out("child_free_forwarded", fake_cudart_calls("cudaFree") - frees);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    out("child_exited_cleanly", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("rc_free", cudaFree(p));
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
     if (std::strcmp(which, "sync-failure") == 0) return scenario_sync_failure();
     if (std::strcmp(which, "threads") == 0) return scenario_threads();
+    if (std::strcmp(which, "capture") == 0) return scenario_capture();
+    if (std::strcmp(which, "per-thread") == 0) return scenario_per_thread();
+    if (std::strcmp(which, "streams") == 0) return scenario_streams();
+    if (std::strcmp(which, "fork") == 0) return scenario_fork();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }

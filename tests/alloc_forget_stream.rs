@@ -1,0 +1,161 @@
+//! `Allocator::forget_stream`: once a caller says it destroys a stream, no batch submitted
+//! afterwards runs on that stream or waits for it. Batches that name it are submitted at the
+//! call (while it still exists); blocks allocated, recorded or freed on it are ordered on the
+//! legacy stream from then on, first scrubs, deferred batches and quarantine re-scrubs alike.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{manual_config, Fixture};
+use kvhygiene::alloc::BlockState;
+use kvhygiene::backend::{ScrubBatch, StreamHandle};
+
+const DOOMED: StreamHandle = StreamHandle(7);
+const LEGACY: StreamHandle = StreamHandle(0);
+
+fn names(batch: &ScrubBatch, stream: StreamHandle) -> bool {
+    batch.stream == stream || batch.wait_streams.contains(&stream)
+}
+
+fn holds(batch: &ScrubBatch, addr: u64) -> bool {
+    batch.segments.iter().any(|s| s.addr == addr)
+}
+
+fn batches(f: &Fixture) -> Vec<ScrubBatch> {
+    f.backend.batches.lock().unwrap().clone()
+}
+
+#[test]
+fn open_batches_naming_the_stream_are_submitted_and_later_ones_never_name_it() {
+    let f = Fixture::new(manual_config());
+    // Allocated first: a pool miss submits every open batch.
+    let on = f.malloc_zeroed(1024, 0, DOOMED.0);
+    let waits = f.malloc_zeroed(1024, 0, 3);
+    let unrelated = f.malloc_zeroed(1024, 0, 3);
+    let live = f.malloc_zeroed(4096, 0, DOOMED.0);
+    let recorded = f.malloc_zeroed(4096, 0, 3);
+    // Freed on the stream: an open batch on it.
+    f.alloc.free(on, 1024, 0, DOOMED).unwrap();
+    // Recorded on it, freed elsewhere: an open batch waiting for it.
+    assert!(f.alloc.record_stream(waits, DOOMED));
+    f.alloc.free(waits, 1024, 0, StreamHandle(9)).unwrap();
+    // Unrelated: stays open.
+    f.alloc.free(unrelated, 1024, 0, StreamHandle(11)).unwrap();
+    // Live blocks stay allocated on it, or recorded on it.
+    assert!(f.alloc.record_stream(recorded, DOOMED));
+    let before = batches(&f).len();
+
+    f.alloc.forget_stream(DOOMED);
+
+    let submitted = batches(&f)[before..].to_vec();
+    assert_eq!(submitted.len(), 2, "{submitted:?}");
+    assert!(submitted.iter().any(|b| b.stream == DOOMED && holds(b, on)));
+    assert!(submitted
+        .iter()
+        .any(|b| b.wait_streams.contains(&DOOMED) && holds(b, waits)));
+    assert!(!submitted.iter().any(|b| holds(b, unrelated)));
+    let at_forget = batches(&f).len();
+
+    f.alloc.free(live, 4096, 0, StreamHandle(13)).unwrap();
+    f.alloc.free(recorded, 4096, 0, StreamHandle(13)).unwrap();
+    f.alloc.synchronize().unwrap();
+
+    let later = batches(&f)[at_forget..].to_vec();
+    assert!(!later.is_empty());
+    for b in &later {
+        assert!(
+            !names(b, DOOMED),
+            "a batch after forget_stream names it: {b:?}"
+        );
+    }
+    // The block allocated on the forgotten stream is ordered after the legacy stream.
+    let scrub = later.iter().find(|b| holds(b, live)).expect("live's scrub");
+    assert!(scrub.wait_streams.contains(&LEGACY), "{scrub:?}");
+    for addr in [on, waits, unrelated, live, recorded] {
+        assert_eq!(f.alloc.block_info(addr).unwrap().state, BlockState::Clean);
+    }
+    f.assert_balanced();
+}
+
+#[test]
+fn a_batch_a_capture_defers_moves_to_the_legacy_stream() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(1024, 0, DOOMED.0);
+    f.backend.capturing.store(true, Ordering::SeqCst);
+    f.alloc.free(a, 1024, 0, DOOMED).unwrap();
+    let before = batches(&f).len();
+    // The submission is refused by the capture: the batch stays open, on the legacy stream.
+    f.alloc.forget_stream(DOOMED);
+    assert_eq!(batches(&f).len(), before);
+    f.backend.capturing.store(false, Ordering::SeqCst);
+    f.alloc.synchronize().unwrap();
+    let later = batches(&f)[before..].to_vec();
+    let scrub = later.iter().find(|b| holds(b, a)).expect("a's scrub");
+    assert_eq!(scrub.stream, LEGACY);
+    assert!(!names(scrub, DOOMED), "{scrub:?}");
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+    f.assert_balanced();
+}
+
+#[test]
+fn a_quarantine_rescrub_waiting_for_its_turn_runs_on_the_legacy_stream() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(1024, 0, DOOMED.0);
+    f.write(0, a, &common::secret(1024, 1));
+    f.backend.inject_fault_next();
+    f.backend.set_gate(false);
+    f.alloc.free(a, 1024, 0, DOOMED).unwrap();
+    // Submit the first scrub and wait for it on another thread; while it is held, a capture
+    // begins, so that the re-scrub its failure asks for is deferred.
+    let alloc = f.alloc.clone();
+    let waiter = std::thread::spawn(move || alloc.synchronize());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !batches(&f).iter().any(|b| holds(b, a)) {
+        assert!(
+            Instant::now() < deadline,
+            "the first scrub was never submitted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.backend.capturing.store(true, Ordering::SeqCst);
+    f.backend.set_gate(true);
+    waiter.join().unwrap().unwrap();
+    assert_eq!(
+        f.alloc.block_info(a).unwrap().state,
+        BlockState::Quarantined
+    );
+    let before = batches(&f).len();
+
+    f.alloc.forget_stream(DOOMED);
+    f.backend.capturing.store(false, Ordering::SeqCst);
+    f.alloc.synchronize().unwrap();
+
+    let rescrub = batches(&f)[before..]
+        .iter()
+        .find(|b| holds(b, a) && b.options.double_pass && b.options.full_verify)
+        .cloned()
+        .expect("the re-scrub");
+    assert_eq!(rescrub.stream, LEGACY);
+    assert!(!names(&rescrub, DOOMED), "{rescrub:?}");
+    // Cleared and released.
+    assert!(f.alloc.block_info(a).is_none());
+    f.assert_balanced();
+}
+
+#[test]
+fn forgetting_the_legacy_stream_changes_nothing() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(1024, 0, LEGACY.0);
+    f.alloc.free(a, 1024, 0, LEGACY).unwrap();
+    let before = batches(&f).len();
+    f.alloc.forget_stream(LEGACY);
+    assert_eq!(
+        batches(&f).len(),
+        before,
+        "the open batch was left to the flush rules"
+    );
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
+}
