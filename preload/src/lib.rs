@@ -165,18 +165,7 @@ pub extern "C" fn cudaMallocAsync(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| match route() {
-        Mode::Refuse => INITIALIZATION_ERROR,
-        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
-        Mode::Forward => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
-        // SAFETY: as above.
-        Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync(dev_ptr, size, stream) },
-        Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
-        Mode::Serve => serve_async(dev_ptr, size, ordering(stream, false), || {
-            // SAFETY: as above: the caller's arguments, unchanged.
-            unsafe { real::cudaMallocAsync(dev_ptr, size, stream) }
-        }),
-    })
+    boundary(|| malloc_async(dev_ptr, size, stream, false, real::cudaMallocAsync))
 }
 
 /// `cudaMallocAsync` as compiled with `--default-stream per-thread`: stream 0 is the
@@ -187,18 +176,31 @@ pub extern "C" fn cudaMallocAsync_ptsz(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| match route() {
+    boundary(|| malloc_async(dev_ptr, size, stream, true, real::cudaMallocAsync_ptsz))
+}
+
+/// The real `cudaMallocAsync` or its `_ptsz` form.
+type RealMallocAsync = unsafe fn(*mut *mut c_void, usize, cudaStream_t) -> cudaError_t;
+
+/// The body of `cudaMallocAsync` and `cudaMallocAsync_ptsz` (`per_thread`: stream 0 is the
+/// calling thread's default stream): served by kvhygiene, or forwarded to `real`.
+fn malloc_async(
+    dev_ptr: *mut *mut c_void,
+    size: usize,
+    stream: cudaStream_t,
+    per_thread: bool,
+    real: RealMallocAsync,
+) -> cudaError_t {
+    // SAFETY: the caller's arguments, passed on unchanged to the real function of the same
+    // signature, under the runtime's contract.
+    let forward = || unsafe { real(dev_ptr, size, stream) };
+    match route() {
         Mode::Refuse => INITIALIZATION_ERROR,
-        // SAFETY: the caller's arguments, passed on unchanged under the same contract.
-        Mode::Forward => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
-        // SAFETY: as above.
-        Mode::Serve if size == 0 => unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) },
+        Mode::Forward => forward(),
+        Mode::Serve if size == 0 => forward(),
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
-        Mode::Serve => serve_async(dev_ptr, size, ordering(stream, true), || {
-            // SAFETY: as above: the caller's arguments, unchanged.
-            unsafe { real::cudaMallocAsync_ptsz(dev_ptr, size, stream) }
-        }),
-    })
+        Mode::Serve => serve_async(dev_ptr, size, ordering(stream, per_thread), forward),
+    }
 }
 
 // ----- free -------------------------------------------------------------------------------
