@@ -403,8 +403,8 @@ fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
     std::os::unix::fs::symlink(&secret, &link).unwrap();
     let side = sidecar(&link, &[]);
     let (status, _, body) = http(side.addr, get);
+    // The same body as every refusal: nothing of the linked file is served.
     assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
-    assert!(!body.contains("hunter2"));
 }
 
 #[test]

@@ -399,6 +399,7 @@ fn an_ipv6_wildcard_server_stops_on_drop() {
     ) else {
         return;
     };
+    let port = server.local_addr().port();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         drop(server);
@@ -407,6 +408,8 @@ fn an_ipv6_wildcard_server_stops_on_drop() {
     // A hang would never end; the drop takes well under a second.
     rx.recv_timeout(Duration::from_secs(30))
         .expect("dropping the server hung");
+    // The thread was joined and the listener closed, not left parked: the port is free again.
+    TcpListener::bind(("::", port)).expect("the listener is closed after the drop");
 }
 
 #[test]

@@ -149,7 +149,7 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
 
 /// Orderly shutdown (`kvh_shutdown`).
 pub(crate) fn shutdown() {
-    if let Some(Ok(rt)) = RUNTIME.get() {
+    if let Some(rt) = own_runtime() {
         rt.allocator.shutdown();
         stop_log(rt);
         write_metrics(rt);
@@ -176,11 +176,21 @@ fn stop_log(rt: &Runtime) {
     }
 }
 
+/// The started runtime, unless this is a forked child: a child inherits the runtime with its
+/// parent's pid and pool locks (one may have been held at the fork, by a thread the child
+/// does not have), so it must not touch them, even to shut down or to exit.
+fn own_runtime() -> Option<&'static Runtime> {
+    match RUNTIME.get() {
+        Some(Ok(rt)) if rt.pid == std::process::id() => Some(rt),
+        _ => None,
+    }
+}
+
 fn register_exit_handler() {
     extern "C" fn on_exit() {
         // Invariant 6: once exit begins, no driver calls. Nothing here may unwind.
         let _ = std::panic::catch_unwind(|| {
-            if let Some(Ok(rt)) = RUNTIME.get() {
+            if let Some(rt) = own_runtime() {
                 rt.allocator.begin_exit();
                 // File I/O only: the log's stop record is written, no driver call is made.
                 stop_log(rt);

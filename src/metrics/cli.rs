@@ -173,6 +173,13 @@ pub fn load(path: &Path) -> Result<Snapshot, String> {
 /// snapshot dated more than [`MAX_FUTURE_SECS`] after `now` is refused.
 pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let shown = path.display();
+    // Checked before opening too: opening a device node can have effects of its own. The
+    // check after opening (fstat) is the one that holds if the path changes in between.
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Err(format!("{shown}: not a regular file")),
+        Ok(_) => {}
+        Err(e) => return Err(format!("{shown}: {e}")),
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -209,10 +216,11 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     if timestamp > now_secs + MAX_FUTURE_SECS {
+        // The message names the snapshot's own time, not the distance to now: it stays the
+        // same while the file does (serve-metrics says each distinct problem once).
         return Err(format!(
-            "{shown}: the snapshot is dated {:.1} s in the future (more than {MAX_FUTURE_SECS} \
-             s): its age cannot be judged",
-            timestamp - now_secs
+            "{shown}: the snapshot is dated {timestamp:.0} (Unix seconds), more than \
+             {MAX_FUTURE_SECS} s in the future: its age cannot be judged"
         ));
     }
     Ok(Snapshot {

@@ -57,7 +57,8 @@ pub struct Options {
     /// Limits of the HTTP exporter.
     pub limits: http::Limits,
     /// How long the HTTP exporter serves one snapshot (`/metrics` and `/stats` alike) before
-    /// taking another; `None`: 1 s, or `KVH_METRICS_INTERVAL_MS` when shorter.
+    /// taking another; `None`: 1 s, so that scrapes take a snapshot (each pool's lock, briefly)
+    /// at most once a second however often they come.
     pub snapshot_every: Option<Duration>,
 }
 
@@ -71,6 +72,17 @@ pub struct Exporter {
 
 impl Drop for Exporter {
     fn drop(&mut self) {
+        if self.inner.forked() {
+            // A forked child has neither the file thread nor the server thread: joining them
+            // would wait forever, and the server's wake-up would reach the parent's listener.
+            if let Some(thread) = self.file_thread.take() {
+                std::mem::forget(thread);
+            }
+            if let Some(server) = self.http.take() {
+                std::mem::forget(server);
+            }
+            return;
+        }
         self.inner.stop_file_thread();
         if let Some(thread) = self.file_thread.take() {
             // The thread ends after at most the write in progress.
@@ -290,9 +302,7 @@ impl Exporter {
             wake_file_thread: Mutex::new(None),
             http_rejected: Mutex::new(None),
             cache: Mutex::new(None),
-            snapshot_every: opts
-                .snapshot_every
-                .unwrap_or_else(|| interval.min(Duration::from_secs(1))),
+            snapshot_every: opts.snapshot_every.unwrap_or(Duration::from_secs(1)),
         });
         let http = cfg
             .addr
@@ -504,8 +514,13 @@ mod tests {
             addr: None,
         };
         let exporter = Exporter::start(&cfg, counting(n.clone())).unwrap();
-        exporter.write_file_now().unwrap();
-        assert_eq!(allocations(&path), Some(5.0));
+        // The file thread's first write; after it the thread sleeps for its hour-long interval,
+        // so nothing but this test writes the file from here on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while allocations(&path) != Some(5.0) {
+            assert!(std::time::Instant::now() < deadline, "no first write");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // A write in progress in the parent at the fork: the child inherits the lock held by a
         // thread it does not have.
         let held = exporter.inner.write_lock.lock().unwrap();
@@ -530,9 +545,10 @@ mod tests {
         );
         // The child's snapshot (99) did not replace the parent's.
         assert_eq!(allocations(&path), Some(5.0));
-        // The parent's exporter is untouched: its file thread still runs, and it writes.
-        assert!(!exporter.inner.stopping.load(Ordering::SeqCst));
-        exporter.write_file_bounded(FINAL_WRITE_LIMIT).unwrap();
+        // The parent's exporter is untouched: it still writes.
+        exporter
+            .write_file_bounded(Duration::from_secs(30))
+            .unwrap();
         assert_eq!(allocations(&path), Some(99.0));
     }
 
