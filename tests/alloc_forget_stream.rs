@@ -159,3 +159,40 @@ fn forgetting_the_legacy_stream_changes_nothing() {
     f.alloc.synchronize().unwrap();
     assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Clean);
 }
+
+#[test]
+fn uses_stream_sees_every_reference_and_none_after_forgetting() {
+    let f = Fixture::new(manual_config());
+    assert!(!f.alloc.uses_stream(DOOMED), "nothing yet");
+    let a = f.malloc_zeroed(1024, 0, DOOMED.0);
+    assert!(f.alloc.uses_stream(DOOMED), "allocated on it");
+    let b = f.malloc_zeroed(1024, 0, 3);
+    assert!(f.alloc.record_stream(b, StreamHandle(11)));
+    assert!(f.alloc.uses_stream(StreamHandle(11)), "recorded on a block");
+    f.alloc.free(b, 1024, 0, StreamHandle(12)).unwrap();
+    assert!(
+        f.alloc.uses_stream(StreamHandle(12)),
+        "an open batch runs on it"
+    );
+    f.alloc.forget_stream(DOOMED);
+    assert!(!f.alloc.uses_stream(DOOMED));
+    assert!(
+        f.alloc.uses_stream(StreamHandle(12)),
+        "other streams are kept"
+    );
+    f.alloc.free(a, 1024, 0, LEGACY).unwrap();
+    f.alloc.synchronize().unwrap();
+}
+
+#[test]
+fn forgetting_a_stream_after_exit_began_makes_no_backend_call() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(1024, 0, DOOMED.0);
+    f.alloc.free(a, 1024, 0, DOOMED).unwrap();
+    f.alloc.begin_exit();
+    f.backend.seal();
+    f.alloc.forget_stream(DOOMED);
+    assert_eq!(f.backend.calls_after_seal.load(Ordering::SeqCst), 0);
+    // The open batch is not submitted but no longer names the stream.
+    assert!(!f.alloc.uses_stream(DOOMED));
+}

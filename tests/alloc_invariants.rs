@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{manual_config, secret, Fixture};
 use kvhygiene::alloc::{BlockState, FreeError};
+use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::StreamHandle;
 use kvhygiene::config::{Config, FailureMode};
 use kvhygiene::context::Context;
@@ -439,4 +440,18 @@ fn malloc_with_origin_tells_fresh_memory_from_pool_hits() {
     let other = f.alloc.malloc_with_origin(100_000, 0, S).unwrap();
     assert!(other.fresh);
     assert_eq!(f.alloc.malloc(8, 0, S).map(|_| ()), Ok(()));
+}
+
+/// The out-of-memory path's pool hit is a hit too: the backend holds one block, which is
+/// freed and still being scrubbed when the next malloc asks; waiting for the scrub gives that
+/// block back, not fresh memory.
+#[test]
+fn malloc_with_origin_counts_an_out_of_memory_recovery_as_a_pool_hit() {
+    let f = Fixture::with_host(manual_config(), HostBackend::with_capacity(4096));
+    let first = f.alloc.malloc_with_origin(4096, 0, S).unwrap();
+    f.alloc.free(first.addr, 4096, 0, S).unwrap();
+    let again = f.alloc.malloc_with_origin(4096, 0, S).unwrap();
+    assert_eq!(again.addr, first.addr);
+    assert!(!again.fresh);
+    assert_eq!(f.alloc.stats().counters.oom_recoveries, 1);
 }

@@ -45,6 +45,9 @@ pub fn is_capture_error(rc: cudaError_t) -> bool {
 /// `cudaStreamCaptureStatusNone`: the stream is not capturing (any other status, active or
 /// invalidated, means a capture sequence is open on it).
 pub const CAPTURE_STATUS_NONE: c_int = 0;
+/// `cudaStreamCaptureModeRelaxed`: this thread's calls do not count as unsafe during another
+/// thread's capture.
+pub const CAPTURE_MODE_RELAXED: c_int = 2;
 
 /// `cudaStreamPerThread`: what stream 0 means to the `_ptsz` entry points (the driver's
 /// `CU_STREAM_PER_THREAD` has the same value).

@@ -16,7 +16,7 @@
 //! | `cudaMalloc`, `cudaMallocPitch` | size > 0 | size 0, `KVH_PRELOAD=off` |
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
-//! | `cudaStreamDestroy` | forgets the stream (after synchronising it) | always, after that |
+//! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded.
 //! Everything else (`cudaMallocManaged`, `cudaMallocHost`, `cudaMalloc3D`, memory pools, …)
@@ -61,10 +61,11 @@ mod real;
 
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::ffi::{process_allocator, process_allocator_pid, started_process_allocator};
+use kvhygiene::ffi::{process_allocator, started_process_allocator};
 
 use cuda::*;
 use mode::{mode, Mode};
@@ -245,31 +246,54 @@ pub extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: cudaStream_t)
 
 // ----- streams ----------------------------------------------------------------------------
 
-/// `cudaStreamDestroy`. When kvhygiene has started (in this process) and `stream` is an
-/// engine's own stream (not 0, `cudaStreamLegacy` or `cudaStreamPerThread`), the stream is
-/// synchronised first, so that nothing queued there before is left for kvhygiene to order
-/// against, and kvhygiene forgets it (open scrub batches naming it are submitted now;
-/// blocks allocated or freed on it are ordered on the legacy stream from then on); then the
-/// real `cudaStreamDestroy` is called. A synchronisation refused by a graph capture is
-/// returned and the stream is not destroyed; any other error of the synchronisation is the
-/// destroy's to report. Cost: the host waits for the stream's queued work, where the
-/// runtime's destroy returns at once.
+/// `cudaStreamDestroy`. When kvhygiene (started in this process) holds a reference to
+/// `stream`, an engine's own stream (not 0, `cudaStreamLegacy` or `cudaStreamPerThread`),
+/// the stream is synchronised first, so that nothing queued there before is left for
+/// kvhygiene to order against, and kvhygiene forgets it (open scrub batches naming it are
+/// submitted now; blocks allocated or freed on it are ordered on the legacy stream from then
+/// on); then the real `cudaStreamDestroy` is called. A synchronisation refused by a graph
+/// capture is returned and the stream is not destroyed; after any other failed
+/// synchronisation (a handle destroyed twice, say, whose value may now be another stream's)
+/// kvhygiene forgets nothing and the destroy reports. Streams kvhygiene never saw are
+/// destroyed as the runtime does, without waiting. Cost: for a stream kvhygiene used, the host
+/// waits for its queued work, where the runtime's destroy returns at once.
 #[no_mangle]
 pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
     boundary(|| {
-        if (stream as u64) > STREAM_PER_THREAD && !forked() {
-            if let Some(alloc) = started_process_allocator() {
-                // SAFETY: the caller's stream, which it is about to destroy, so still valid.
-                let synced = unsafe { real::cudaStreamSynchronize(stream) };
-                if is_capture_error(synced) {
-                    return synced;
-                }
-                alloc.forget_stream(StreamHandle(stream as u64));
+        let handle = StreamHandle(stream as u64);
+        let alloc = (handle.0 > STREAM_PER_THREAD && !forked())
+            .then(started_process_allocator)
+            .flatten()
+            .filter(|alloc| alloc.uses_stream(handle));
+        if let Some(alloc) = alloc {
+            // SAFETY: the caller's stream, which it is about to destroy, so still valid.
+            let synced = relaxed_capture(|| unsafe { real::cudaStreamSynchronize(stream) });
+            if is_capture_error(synced) {
+                return synced;
+            }
+            if synced == SUCCESS {
+                alloc.forget_stream(handle);
             }
         }
         // SAFETY: the caller's argument, passed on unchanged under the runtime's contract.
         unsafe { real::cudaStreamDestroy(stream) }
     })
+}
+
+/// Runs `f`, a synchronisation the runtime's own call would not make, in the relaxed capture
+/// mode on this thread: under global mode (PyTorch's default) another thread's graph capture
+/// would count it as unsafe and be invalidated. A stream that is itself capturing still
+/// refuses it.
+fn relaxed_capture(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
+    let mut mode = CAPTURE_MODE_RELAXED;
+    // SAFETY: `mode` is a writable int; the call swaps it with the thread's capture mode.
+    let swapped = unsafe { real::cudaThreadExchangeStreamCaptureMode(&mut mode) } == SUCCESS;
+    let rc = f();
+    if swapped {
+        // SAFETY: as above; `mode` now holds the thread's previous mode, restored here.
+        unsafe { real::cudaThreadExchangeStreamCaptureMode(&mut mode) };
+    }
+    rc
 }
 
 // ----- the work ---------------------------------------------------------------------------
@@ -316,9 +340,30 @@ fn route() -> Mode {
     }
 }
 
-/// Whether this process is a fork of the one that started kvhygiene.
+/// Whether this process is a forked child of the one that loaded this library: set by a
+/// `pthread_atfork` child handler, so the check is one load, not a `getpid` per call, and it
+/// holds even for a fork made while another thread was starting kvhygiene.
 fn forked() -> bool {
-    process_allocator_pid().is_some_and(|pid| pid != std::process::id())
+    FORKED.load(Ordering::Relaxed)
+}
+
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_forked() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+/// Registers the fork handler when the library is loaded, before the process can fork with
+/// kvhygiene started. One `.init_array` entry, which is all a constructor crate would add.
+#[used]
+#[link_section = ".init_array"]
+static REGISTER_FORK_HANDLER: extern "C" fn() = register_fork_handler;
+
+extern "C" fn register_fork_handler() {
+    // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe);
+    // no prepare or parent handler. This library is never unloaded (LD_PRELOAD), so the
+    // handler stays valid for the life of the process.
+    unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
 }
 
 /// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling
@@ -442,7 +487,8 @@ fn free_held(
                 // scrub then runs on the legacy stream, which every thread names alike.
                 StreamOrder::PerThread => {
                     // SAFETY: cudaStreamPerThread is valid for cudaStreamSynchronize.
-                    let rc = unsafe { real::cudaStreamSynchronize(order.handle()) };
+                    let rc =
+                        relaxed_capture(|| unsafe { real::cudaStreamSynchronize(order.handle()) });
                     (rc, LEGACY_STREAM)
                 }
             }

@@ -239,4 +239,6 @@ real_functions! {
     fn cudaStreamIsCapturing(stream: cudaStream_t, status: *mut c_int);
     /// `cudaError_t cudaStreamDestroy(cudaStream_t stream)`
     fn cudaStreamDestroy(stream: cudaStream_t);
+    /// `cudaError_t cudaThreadExchangeStreamCaptureMode(enum cudaStreamCaptureMode *mode)`
+    fn cudaThreadExchangeStreamCaptureMode(mode: *mut c_int);
 }

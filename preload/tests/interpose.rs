@@ -618,13 +618,20 @@ fn per_thread_stream_frees_synchronise_the_calling_threads_stream() {
 #[test]
 fn a_destroyed_stream_is_synchronised_first_and_never_used_after() {
     let Some(b) = built() else { return };
-    let r = run(b, "streams", true, &[]);
+    // A long batch delay keeps a's scrub open until the destroy submits it.
+    let r = run(
+        b,
+        "streams",
+        true,
+        &[("KVH_BATCH_MAX_DELAY_US", "10000000")],
+    );
     r.expect(&[
         ("rc_stream_create", 0),
         ("rc_malloc_a", 0),
         ("rc_malloc_b", 0),
         ("rc_free_a", 0),
         ("rc_destroy", 0),
+        ("batches_submitted_at_destroy", 1),
         // Synchronised before the real destroy, which is called once.
         ("syncs_at_destroy", 1),
         ("real_destroys", 1),
@@ -636,6 +643,9 @@ fn a_destroyed_stream_is_synchronised_first_and_never_used_after() {
         ("rc_destroy_capturing", 900),
         ("real_destroys_capturing", 0),
         ("rc_destroy_after_capture", 0),
+        ("rc_destroy_unknown", 0),
+        ("syncs_for_unknown_destroy", 0),
+        ("capture_mode_swaps", 1),
         // The per-thread handle is not the engine's stream: no synchronisation (the runtime
         // answers the destroy).
         ("rc_destroy_per_thread", 400),

@@ -436,6 +436,14 @@ impl Allocator {
         (0..self.inner.pools.len() as u32).any(|d| self.pool(d).record_stream(ptr, stream))
     }
 
+    /// Whether the allocator holds any reference to `stream` (an open batch, or a block
+    /// allocated, freed or recorded on it): a front end about to destroy a stream needs to
+    /// synchronise it and call [`Allocator::forget_stream`] only then. One pass over each
+    /// device's block table, under its lock: for stream destruction, not a hot path.
+    pub fn uses_stream(&self, stream: StreamHandle) -> bool {
+        (0..self.inner.pools.len() as u32).any(|d| self.pool(d).uses_stream(stream))
+    }
+
     /// The caller is about to destroy `stream`: from now on the allocator never names it to
     /// the backend. On every device, the open batches that run on `stream` or wait for it
     /// are submitted now, while it still exists; every reference a block keeps (allocation

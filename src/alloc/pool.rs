@@ -369,6 +369,19 @@ impl DevicePool {
         }
     }
 
+    /// Whether anything on this device names `stream`: an open batch (running on it or
+    /// waiting for it) or a block (allocated, freed or recorded on it).
+    pub(crate) fn uses_stream(&self, stream: StreamHandle) -> bool {
+        self.open
+            .iter()
+            .any(|b| b.stream == stream || b.waits.contains(&stream))
+            || self.blocks.values().any(|b| {
+                b.alloc_stream == stream
+                    || b.free_stream == stream
+                    || b.recorded_streams.contains(&stream)
+            })
+    }
+
     /// [`super::Allocator::forget_stream`] on this device: submits (when `submit`) the open
     /// batches on `stream` or waiting for it, then replaces every reference to it.
     pub(crate) fn forget_stream(

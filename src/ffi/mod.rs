@@ -548,14 +548,6 @@ pub fn started_process_allocator() -> Option<&'static Allocator> {
     runtime::started().map(|rt| &rt.allocator)
 }
 
-/// The id of the process that started the process-wide allocator, when it has started;
-/// never starts it. A forked child inherits the started allocator, pool locks included (one
-/// may have been held at the fork), with its parent's pid: a front end that sees a pid other
-/// than its own must not use it (the LD_PRELOAD interposers forward to the real runtime).
-pub fn process_allocator_pid() -> Option<u32> {
-    runtime::started().map(|rt| rt.pid)
-}
-
 /// Runs a query export without touching the thread's last error, so that
 /// `kvh_strerror(kvh_last_error(), ...)` and size queries never clobber what they describe.
 fn preserving_last_error(f: impl FnOnce() -> c_int) -> c_int {

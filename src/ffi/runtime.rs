@@ -31,7 +31,7 @@ pub(crate) struct Runtime {
     /// The metrics exports; `None` when neither a file nor an address is configured.
     pub metrics: Option<Exporter>,
     /// The process that started the allocator. A forked child inherits the runtime with
-    /// this pid; front ends compare it with their own to leave the inherited pools alone.
+    /// this pid; the exit paths compare it with their own to leave the inherited pools alone.
     pub pid: u32,
 }
 

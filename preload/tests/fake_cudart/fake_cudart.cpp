@@ -167,6 +167,19 @@ int cudaStreamSynchronize(cudaStream_t s) {
     return sync_error;
 }
 
+// The calling thread's capture mode (0 global, 1 thread-local, 2 relaxed), swapped.
+thread_local int capture_mode = 0;
+
+int cudaThreadExchangeStreamCaptureMode(int* mode) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaThreadExchangeStreamCaptureMode");
+    if (mode == nullptr) return 1;
+    int previous = capture_mode;
+    capture_mode = *mode;
+    *mode = previous;
+    return 0;
+}
+
 int cudaStreamCreate(cudaStream_t* s) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaStreamCreate");

@@ -410,7 +410,11 @@ static int scenario_streams() {
     out("rc_malloc_b", cudaMallocAsync(&b, N, s));
     if (a) fill_secret(a, N);
     out("rc_free_a", cudaFreeAsync(a, s));
+    // With the batch delay long (the test sets it), a's scrub is still in its open batch on
+    // s here: the destroy must submit it while s exists.
+    long long batches = kvh_counter("scrub_batches");
     out("rc_destroy", cudaStreamDestroy(s));
+    out("batches_submitted_at_destroy", kvh_counter("scrub_batches") - batches);
     out("syncs_at_destroy", fake_cudart_syncs_at_destroy(s));
     out("real_destroys", fake_cudart_calls("cudaStreamDestroy"));
     out("rc_free_b", b ? cudaFreeAsync(b, nullptr) : -1);
@@ -420,12 +424,23 @@ static int scenario_streams() {
     // error is returned, and the stream can be destroyed once the capture is over.
     cudaStream_t c = nullptr;
     cudaStreamCreate(&c);
+    void* x = nullptr;
+    cudaMallocAsync(&x, N, c);  // kvhygiene now names c
     int destroys = fake_cudart_calls("cudaStreamDestroy");
     fake_cudart_set_capturing(c, 1);
     out("rc_destroy_capturing", cudaStreamDestroy(c));
     out("real_destroys_capturing", fake_cudart_calls("cudaStreamDestroy") - destroys);
     fake_cudart_set_capturing(c, 0);
+    if (x) cudaFreeAsync(x, c);
     out("rc_destroy_after_capture", cudaStreamDestroy(c));
+    // A stream kvhygiene never saw is destroyed as the runtime does: no synchronisation.
+    cudaStream_t u = nullptr;
+    cudaStreamCreate(&u);
+    int syncs_before = fake_cudart_calls("cudaStreamSynchronize");
+    out("rc_destroy_unknown", cudaStreamDestroy(u));
+    out("syncs_for_unknown_destroy", fake_cudart_calls("cudaStreamSynchronize") - syncs_before);
+    // The synchronisations kvhygiene adds run in the relaxed capture mode.
+    out("capture_mode_swaps", fake_cudart_calls("cudaThreadExchangeStreamCaptureMode") > 0);
     // The legacy, per-thread and NULL handles are not the engine's to destroy: forwarded
     // without a synchronisation.
     int syncs = fake_cudart_calls("cudaStreamSynchronize");
