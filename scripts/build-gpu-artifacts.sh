@@ -51,7 +51,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygien
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
     echo "kernels: ${origin:-unknown}"
-    echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
+    echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
     (cd "$dest" && ls -l libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh | awk '{print "size: " $9 " " $5 " bytes"}')
 } >"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
