@@ -119,8 +119,10 @@ pub enum EventKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvScrubRecord {
     pub device: u32,
-    /// Block ids named, and how many of them failed verification.
+    /// Block ids named; of them, those whose every segment was verified (all of them unless
+    /// the call stopped: `error`), and those that failed verification.
     pub blocks: u64,
+    pub verified_blocks: u64,
     pub failed_blocks: u64,
     /// Segments (block × region), those not verified because the call stopped, and the
     /// segments' bytes.

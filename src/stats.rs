@@ -103,7 +103,8 @@ counters! {
     out_of_memory,
     oom_recoveries,
     backend_errors,
-    /// `kvh_scrub_blocks` calls that ran, and what they scrubbed.
+    /// `kvh_scrub_blocks` calls that reached the device (also those that stopped part way),
+    /// and the blocks, segments and bytes they verified.
     kv_scrub_calls,
     kv_blocks_scrubbed,
     kv_segments_scrubbed,

@@ -77,7 +77,10 @@ fn named_blocks_read_zero_and_every_other_byte_is_kept() {
         }
     }
     let r = kv_record(&f, 0);
-    assert_eq!((r.device, r.blocks, r.failed_blocks), (0, 2, 0));
+    assert_eq!(
+        (r.device, r.blocks, r.verified_blocks, r.failed_blocks),
+        (0, 2, 2, 0)
+    );
     assert_eq!(
         (r.segments, r.unverified_segments, r.bytes),
         (4, 0, 4 * BLOCK)
@@ -415,7 +418,11 @@ fn capture_and_exit_stop_the_call_without_a_false_verdict() {
     // The attempt is on record: nothing verified, and why.
     let r = kv_record(&f, 0);
     assert_eq!(
-        (r.segments, r.unverified_segments, r.failed_blocks),
+        (
+            r.segments,
+            r.unverified_segments,
+            r.failed_blocks + r.verified_blocks
+        ),
         (2, 2, 0)
     );
     assert!(r.error.as_deref().unwrap().contains("capturing"), "{r:?}");
@@ -477,7 +484,7 @@ fn a_later_batch_failing_keeps_the_evidence_of_the_earlier_ones() {
         (r.segments, r.unverified_segments),
         (80_000, 80_000 - 65_536)
     );
-    assert_eq!(r.failed_blocks, 1);
+    assert_eq!((r.verified_blocks, r.failed_blocks), (32_768, 1));
     assert!(r.error.as_deref().unwrap().contains("injected"));
     assert!(
         r.block_ids.is_none(),

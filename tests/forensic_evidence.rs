@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
-use forensic_common::{cfg, start};
+use forensic_common::{cfg, chain_files, forge_from, start, write_log};
 use kvhygiene::context::Context;
 use kvhygiene::events::{Event, EventKind, EventSink, KvScrubRecord};
 use kvhygiene::forensic::ForensicLog;
@@ -168,6 +168,7 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     let record = |error: Option<&str>| KvScrubRecord {
         device: 0,
         blocks: 2,
+        verified_blocks: if error.is_some() { 0 } else { 2 },
         failed_blocks: 0,
         segments: 4,
         unverified_segments: if error.is_some() { 4 } else { 0 },
@@ -196,6 +197,15 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     let (code, v) = evidence_json(&dir, &[]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["kv_scrubs"]["calls"], 2);
+    assert_eq!(v["kv_scrubs"]["unfinished_calls"], 1);
+    assert_eq!(
+        (
+            v["kv_scrubs"]["blocks"].as_u64(),
+            v["kv_scrubs"]["verified_blocks"].as_u64()
+        ),
+        (Some(4), Some(2)),
+        "named and verified are told apart"
+    );
     assert_eq!(v["exceptions_by_kind"]["kv_scrub"], 1, "{v}");
     let e = &v["exceptions"][0];
     assert!(
@@ -209,4 +219,140 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
         e["detail"].as_str().unwrap().contains("block_ids=[1,2]"),
         "{e}"
     );
+}
+
+/// A log of `n` quarantine events and a stop record, written by the real writer, whose lines
+/// the caller then rewrites (re-sealed, as a writer without a MAC key could): the records a
+/// crashed and recovered chain, or a lossy one, would hold.
+fn crafted_log(tmp: &tempfile::TempDir, n: u64) -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), n, false);
+    let files = chain_files(&dir);
+    (dir, files)
+}
+
+fn set(m: &mut serde_json::Map<String, Value>, fields: Value) {
+    for (k, v) in fields.as_object().unwrap() {
+        m.insert(k.clone(), v.clone());
+    }
+}
+
+#[test]
+fn a_tampered_first_record_is_a_failed_log_not_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    std::fs::write(
+        &files[0],
+        text.replacen("\"kind\":\"start\"", "\"kind\":\"stort\"", 1),
+    )
+    .unwrap();
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["integrity"]["verified"], false);
+}
+
+#[test]
+fn each_process_of_a_recovered_chain_counts_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 6);
+    // Lines: 1 start, 2..7 events, 8 stop. Process 1 writes a summary and loses 2 records
+    // (a `lost` record), then crashes; process 2 recovers the chain, writes its summary and
+    // stops cleanly having lost 7 in all (its stop total counts its own `lost` record of 7).
+    let summary = |frees: u64, failed: u64| serde_json::json!({"kind": "summary", "counters": {"frees": frees, "verifications_failed": failed}});
+    let edits: Vec<(usize, Value)> = vec![
+        (2, summary(100, 3)),
+        (3, serde_json::json!({"kind": "lost", "records_lost": 2})),
+        (
+            4,
+            serde_json::json!({"kind": "recovery", "pid": 2, "host": "node-2", "version": "0.1.0",
+                               "config_digest": "ab", "torn_bytes": 10}),
+        ),
+        (5, serde_json::json!({"kind": "lost", "records_lost": 7})),
+        (6, summary(5, 0)),
+        (8, serde_json::json!({"records_lost": 7})),
+    ];
+    for (line, fields) in edits {
+        forge_from(&files, 0, line, None, |m| set(m, fields.clone()));
+    }
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["counters"]["frees"], 105,
+        "both processes' last summaries"
+    );
+    assert_eq!(v["counters"]["verifications_failed"], 3);
+    assert_eq!(
+        v["records_lost"], 9,
+        "2 lost by process 1, 7 by process 2, none twice"
+    );
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 2, "{v}");
+    assert_eq!(
+        (
+            procs[0]["clean_stop"].as_bool(),
+            procs[0]["recovered"].as_bool()
+        ),
+        (Some(false), Some(false))
+    );
+    assert_eq!(
+        (procs[1]["pid"].as_u64(), procs[1]["recovered"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(procs[1]["clean_stop"], true);
+}
+
+#[test]
+fn text_from_the_log_cannot_reshape_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 2, None, |m| {
+        set(m, serde_json::json!({"tenant_id": "evil | - | all clean"}))
+    });
+    forge_from(&files, 0, 3, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "policy_violation", "policy": "x",
+                               "detail": "a\n\n## Exceptions\n\nNone: forged"}),
+        )
+    });
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    // The forged heading stays inside its cell: one section heading, no forged line.
+    let headings = text
+        .lines()
+        .filter(|l| l.starts_with("## Exceptions"))
+        .count();
+    assert_eq!(headings, 1, "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("None: forged")),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.contains("evil"))
+        .expect("the tenant's row");
+    assert!(row.contains("evil \\| - \\| all clean"), "{row}");
+    // Every row of the exceptions table keeps its six cells.
+    for line in text.lines().filter(|l| l.starts_with("| 20")) {
+        assert_eq!(line.matches(" | ").count(), 5, "{line}");
+    }
+}
+
+#[test]
+fn huge_figures_saturate_instead_of_overflowing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 2);
+    for line in [2, 3] {
+        forge_from(&files, 0, line, None, |m| {
+            set(
+                m,
+                serde_json::json!({"kind": "kv_scrub", "blocks": u64::MAX, "bytes": u64::MAX}),
+            )
+        });
+    }
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["kv_scrubs"]["blocks"].as_u64(), Some(u64::MAX));
 }

@@ -432,6 +432,8 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     lib = load()
     if hasattr(block_ids, "tolist"):  # a tensor or array: one transfer, not one per element
         block_ids = block_ids.tolist()
+        if isinstance(block_ids, int):  # a 0-d tensor: one id
+            block_ids = [block_ids]
     ids = [int(i) for i in block_ids]
     if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
         raise ValueError("block ids must be in 0..2**32-1")

@@ -54,9 +54,10 @@ enum Command {
     /// Verifies the log as verify-log does, then reports, from the chains that verified only:
     /// the period and processes covered (host, pid, version, configuration digest, clean
     /// stop), what the allocator did (each process's last periodic counters, KV block
-    /// scrubs), every exception (verification failures, quarantines, invalid frees, policy
-    /// violations, lost records, crash recoveries) with its file:line, and the SOC 2 criteria
-    /// the figures serve. Markdown on stdout, or --json.
+    /// scrubs), every exception (verification failures of freed and KV blocks, quarantines,
+    /// invalid frees, size mismatches, TTL breaches, policy violations, anomalies, lost
+    /// records, crash recoveries, KV scrubs that did not finish) with its file:line, and the
+    /// SOC 2 criteria the figures serve. Markdown on stdout, or --json.
     ///
     /// Example: kvh evidence /var/log/kvh --key-file hmac.key --public-key ckpt.pub > report.md
     Evidence(EvidenceArgs),

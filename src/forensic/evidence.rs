@@ -70,15 +70,18 @@ pub struct Evidence {
     pub period: Option<(String, String)>,
     pub processes: Vec<Process>,
     pub records_by_kind: BTreeMap<String, u64>,
-    /// The last `summary` counters of each process, summed (0 where a process wrote none).
+    /// The last `summary` counters of each process (run), summed.
     pub counters: BTreeMap<String, u64>,
+    /// Processes (runs) that wrote no `summary`: their counters are not in `counters`.
+    pub processes_without_summary: u64,
     pub kv_scrubs: KvScrubs,
     /// Distinct tenant ids in the records.
     pub tenants: u64,
     pub exceptions_by_kind: BTreeMap<String, u64>,
-    /// The first `--max-exceptions`, in log order.
+    /// The first `--max-exceptions`, chain by chain (in chain id order), each in log order.
     pub exceptions: Vec<Exception>,
-    /// `records_lost` of `stop` and `lost` records: records a failed write lost.
+    /// Records failed writes lost: per process, its `stop` record's total, or without one the
+    /// sum of its `lost` records.
     pub records_lost: u64,
 }
 
@@ -95,7 +98,8 @@ pub struct Integrity {
     pub problems: Vec<String>,
 }
 
-/// One writer process (one chain).
+/// One writer process: a run of a chain, from its `start` record, or from the `recovery`
+/// record of a process that continued the chain after its writer crashed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Process {
     pub chain: String,
@@ -105,17 +109,22 @@ pub struct Process {
     pub config_digest: Option<String>,
     pub started: Option<String>,
     pub last_record: Option<String>,
-    /// The chain ends with a `stop` record.
+    /// The run ends with a `stop` record.
     pub clean_stop: bool,
-    /// `recovery` records: the writer continued the chain after a crash.
-    pub recoveries: u64,
+    /// The run began with a `recovery` record: it continued a chain whose writer crashed.
+    pub recovered: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KvScrubs {
     pub calls: u64,
+    /// Calls that stopped before every segment was verified (their records carry `error`).
+    pub unfinished_calls: u64,
+    /// Blocks named, blocks whose every segment was verified, blocks that failed.
     pub blocks: u64,
+    pub verified_blocks: u64,
     pub failed_blocks: u64,
+    /// Bytes of the segments named.
     pub bytes: u64,
 }
 
@@ -163,11 +172,17 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
 }
 
 /// Verifies the log and builds the report.
+///
+/// The chain files are listed before the verification and read after it, each chain only up
+/// to the last record verified; the log is then verified again, and a chain that changed in
+/// between (a live writer appending, an edit) makes the report unverified, so no figure comes
+/// from a record that was not checked.
 pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     let dir = &args.log.dir;
     let opts = options(&args.log)?;
+    let chains = files::list_chains(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
-    if report.chains.iter().all(|c| c.records == 0) {
+    if report.ok() && report.chains.iter().all(|c| c.records == 0) {
         return Err(format!(
             "{}: no forensic log records to report on",
             dir.display()
@@ -180,38 +195,57 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         integrity: integrity(&report),
         ..Evidence::default()
     };
-    let chains = files::list_chains(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut tally = Tally::default();
     for chain in report.chains.iter().filter(|c| c.ok()) {
         let Some((_, list)) = chains.iter().find(|(id, _)| *id == chain.chain) else {
             continue;
         };
-        let mut state = ChainState {
-            process: Process {
-                chain: chain.chain.clone(),
-                ..Process::default()
-            },
-            last_summary: None,
+        let Some(last_seq) = chain.last_seq else {
+            continue;
         };
+        let mut state = ChainState::new(&chain.chain);
         for (_, path) in list {
             read_file(path, &mut |line, record| {
-                let at = (path.as_path(), line);
-                tally.add(&mut ev, &mut state, at, record, args.max_exceptions)
+                let seq = record.get("seq").and_then(Value::as_u64);
+                if seq.is_some_and(|s| s <= last_seq) {
+                    let at = (path.as_path(), line);
+                    tally.add(&mut ev, &mut state, at, record, args.max_exceptions);
+                }
             })?;
         }
-        for (k, v) in state.last_summary.unwrap_or_default() {
-            if let Some(n) = v.as_u64() {
-                *ev.counters.entry(k).or_default() += n;
-            }
-        }
-        ev.processes.push(state.process);
+        state.finish_run(&mut ev);
     }
     ev.tenants = tally.tenants.len() as u64;
     ev.period = tally
         .first_ts
         .zip(tally.last_ts)
         .map(|(a, b)| (rfc3339(a), rfc3339(b)));
+    let again = verify_all(dir, &opts).map_err(|e| e.to_string())?;
+    for changed in changed_chains(&report, &again) {
+        ev.integrity.verified = false;
+        ev.integrity.problems.push(format!(
+            "chain {changed} changed while the report was being made (a writer still running, \
+             or an edit); make the report again from a stable copy"
+        ));
+    }
     Ok(ev)
+}
+
+/// Chains whose verification differs between two runs: records, last seq, files or verdict.
+fn changed_chains(before: &Report, after: &Report) -> Vec<String> {
+    let key = |c: &super::verify::ChainReport| (c.records, c.last_seq, c.files, c.ok());
+    before
+        .chains
+        .iter()
+        .filter(|b| {
+            after
+                .chains
+                .iter()
+                .find(|a| a.chain == b.chain)
+                .is_none_or(|a| key(a) != key(b))
+        })
+        .map(|b| b.chain.clone())
+        .collect()
 }
 
 fn integrity(r: &Report) -> Integrity {
@@ -280,11 +314,60 @@ struct Tally {
     last_ts: Option<u64>,
 }
 
-/// Running state of one chain.
+/// Running state of one chain: the run (process) being read.
 struct ChainState {
-    process: Process,
-    /// Counters of the chain's latest `summary` record.
+    chain: String,
+    process: Option<Process>,
+    /// Counters of the run's latest `summary` record.
     last_summary: Option<Map<String, Value>>,
+    /// The run's `stop` total of lost records, and the sum of its `lost` records.
+    stop_lost: Option<u64>,
+    lost_sum: u64,
+}
+
+impl ChainState {
+    fn new(chain: &str) -> Self {
+        ChainState {
+            chain: chain.to_string(),
+            process: None,
+            last_summary: None,
+            stop_lost: None,
+            lost_sum: 0,
+        }
+    }
+
+    /// The run being read (one is opened for records before any `start`, as in a file whose
+    /// earlier files were rotated away).
+    fn process(&mut self) -> &mut Process {
+        let chain = &self.chain;
+        self.process.get_or_insert_with(|| Process {
+            chain: chain.clone(),
+            ..Process::default()
+        })
+    }
+
+    /// Ends the run being read: its counters, lost records and row go into the report.
+    fn finish_run(&mut self, ev: &mut Evidence) {
+        let Some(process) = self.process.take() else {
+            return;
+        };
+        match self.last_summary.take() {
+            Some(counters) => {
+                for (k, v) in counters {
+                    if let Some(n) = v.as_u64() {
+                        let total = ev.counters.entry(k).or_default();
+                        *total = total.saturating_add(n);
+                    }
+                }
+            }
+            None => ev.processes_without_summary += 1,
+        }
+        // A `stop` record's total already counts every loss its `lost` records describe.
+        let lost = self.stop_lost.take().unwrap_or(self.lost_sum);
+        self.lost_sum = 0;
+        ev.records_lost = ev.records_lost.saturating_add(lost);
+        ev.processes.push(process);
+    }
 }
 
 impl Tally {
@@ -297,8 +380,11 @@ impl Tally {
         record: &Map<String, Value>,
         max_exceptions: usize,
     ) {
-        let process = &mut chain.process;
         let kind = record.get("kind").and_then(Value::as_str).unwrap_or("?");
+        if kind == "start" || kind == "recovery" {
+            chain.finish_run(ev);
+        }
+        let process = chain.process();
         let ts = record.get("ts").and_then(Value::as_u64);
         if let Some(ts) = ts {
             self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
@@ -309,7 +395,8 @@ impl Tally {
         if let Some(t) = record.get("tenant_id").and_then(Value::as_str) {
             self.tenants.insert(t.to_string());
         }
-        *ev.records_by_kind.entry(kind.to_string()).or_default() += 1;
+        let count = ev.records_by_kind.entry(kind.to_string()).or_default();
+        *count = count.saturating_add(1);
         let num = |k: &str| record.get(k).and_then(Value::as_u64).unwrap_or(0);
         let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         match kind {
@@ -318,23 +405,27 @@ impl Tally {
                 process.pid = record.get("pid").and_then(Value::as_u64);
                 process.version = text("version");
                 process.config_digest = text("config_digest");
-                process.recoveries += u64::from(kind == "recovery");
+                process.recovered = kind == "recovery";
             }
             "summary" => {
                 chain.last_summary = record.get("counters").and_then(Value::as_object).cloned();
             }
             "kv_scrub" => {
                 let kv = &mut ev.kv_scrubs;
-                kv.calls += 1;
-                kv.blocks += num("blocks");
-                kv.failed_blocks += num("failed_blocks");
-                kv.bytes += num("bytes");
+                kv.calls = kv.calls.saturating_add(1);
+                kv.unfinished_calls = kv
+                    .unfinished_calls
+                    .saturating_add(u64::from(text("error").is_some()));
+                kv.blocks = kv.blocks.saturating_add(num("blocks"));
+                kv.verified_blocks = kv.verified_blocks.saturating_add(num("verified_blocks"));
+                kv.failed_blocks = kv.failed_blocks.saturating_add(num("failed_blocks"));
+                kv.bytes = kv.bytes.saturating_add(num("bytes"));
             }
             "stop" => {
                 process.clean_stop = true;
-                ev.records_lost += num("records_lost");
+                chain.stop_lost = Some(num("records_lost"));
             }
-            "lost" => ev.records_lost += num("records_lost"),
+            "lost" => chain.lost_sum = chain.lost_sum.saturating_add(num("records_lost")),
             _ => {}
         }
         // Blocks retired by the never-reuse policy are the control working, not an exception;
@@ -343,7 +434,8 @@ impl Tally {
             kind == "quarantine" && text("reason").as_deref() == Some("never_reuse_policy");
         let incomplete_kv_scrub = kind == "kv_scrub" && text("error").is_some();
         if (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub {
-            *ev.exceptions_by_kind.entry(kind.to_string()).or_default() += 1;
+            let count = ev.exceptions_by_kind.entry(kind.to_string()).or_default();
+            *count = count.saturating_add(1);
             if ev.exceptions.len() < max_exceptions {
                 ev.exceptions.push(Exception {
                     file: path
@@ -381,7 +473,31 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// The report as Markdown.
+/// Text from the log made safe for one Markdown table cell or list line: control characters
+/// (a newline would end the row and could forge lines after it) become spaces, and `\`, `|`,
+/// `` ` ``, `<`, `[` and `*` are escaped, so a tenant id or a detail can neither shift the
+/// columns nor format anything.
+fn cell(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() => out.push(' '),
+            '\\' | '|' | '`' | '<' | '[' | '*' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`cell`] of an optional value, `-` when absent.
+fn cell_or_dash(v: Option<&str>) -> String {
+    v.map_or_else(|| "-".into(), cell)
+}
+
+/// The report as Markdown. Everything taken from the log goes through [`cell`].
 pub fn render(ev: &Evidence) -> String {
     let mut s = String::new();
     let mut push = |line: String| {
@@ -391,8 +507,10 @@ pub fn render(ev: &Evidence) -> String {
     push("# kvhygiene evidence report".into());
     push(String::new());
     push(format!(
-        "Forensic log `{}`, report generated {} by {}.",
-        ev.log_dir, ev.generated_at, ev.generator
+        "Forensic log {}, report generated {} by {}.",
+        cell(&ev.log_dir),
+        ev.generated_at,
+        ev.generator
     ));
     push(String::new());
     push("## Integrity of the log".into());
@@ -421,7 +539,7 @@ pub fn render(ev: &Evidence) -> String {
         }
     ));
     for p in &i.problems {
-        push(format!("- Problem: {p}"));
+        push(format!("- Problem: {}", cell(p)));
     }
     if !i.verified {
         push(
@@ -437,26 +555,32 @@ pub fn render(ev: &Evidence) -> String {
         push(format!("Records from {a} to {b}; {} tenants.", ev.tenants));
     }
     push(String::new());
-    push("| chain | host | pid | version | config digest | started | last record | stop |".into());
+    push("| chain | host | pid | version | config digest | started | last record | end |".into());
     push("| --- | --- | --- | --- | --- | --- | --- | --- |".into());
     for p in &ev.processes {
-        let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        let digest = p
+            .config_digest
+            .as_deref()
+            .map(|d| d.chars().take(16).collect::<String>());
+        let end = if p.clean_stop {
+            "clean stop"
+        } else {
+            "no stop record (running or crashed)"
+        };
         push(format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            p.chain,
-            opt(&p.host),
+            "| {} | {} | {} | {} | {} | {} | {} | {}{} |",
+            cell(&p.chain),
+            cell_or_dash(p.host.as_deref()),
             p.pid.map_or_else(|| "-".into(), |n| n.to_string()),
-            opt(&p.version),
-            p.config_digest.as_deref().map_or_else(
-                || "-".into(),
-                |d| format!("`{}`", d.chars().take(16).collect::<String>())
-            ),
-            opt(&p.started),
-            opt(&p.last_record),
-            match (p.clean_stop, p.recoveries) {
-                (true, 0) => "clean".to_string(),
-                (true, n) => format!("clean, after {n} crash recoveries"),
-                (false, _) => "no stop record (running or crashed)".to_string(),
+            cell_or_dash(p.version.as_deref()),
+            cell_or_dash(digest.as_deref()),
+            cell_or_dash(p.started.as_deref()),
+            cell_or_dash(p.last_record.as_deref()),
+            end,
+            if p.recovered {
+                "; continued the chain after its writer crashed"
+            } else {
+                ""
             }
         ));
     }
@@ -476,10 +600,17 @@ pub fn render(ev: &Evidence) -> String {
         c("quarantined"),
         c("invalid_frees")
     ));
+    if ev.processes_without_summary > 0 {
+        push(format!(
+            "{} processes wrote no periodic counters; theirs are not in these figures.",
+            ev.processes_without_summary
+        ));
+    }
     let kv = &ev.kv_scrubs;
     push(format!(
-        "Paged KV cache scrubs (`kv_scrub` records): {} calls, {} blocks ({} bytes), {} blocks failed.",
-        kv.calls, kv.blocks, kv.bytes, kv.failed_blocks
+        "Paged KV cache scrubs (`kv_scrub` records): {} calls ({} did not finish); {} blocks \
+         named ({} bytes), {} verified, {} failed.",
+        kv.calls, kv.unfinished_calls, kv.blocks, kv.bytes, kv.verified_blocks, kv.failed_blocks
     ));
     push(format!(
         "Records lost by failed writes: {}.",
@@ -489,38 +620,43 @@ pub fn render(ev: &Evidence) -> String {
     push("| record kind | records |".into());
     push("| --- | --- |".into());
     for (k, n) in &ev.records_by_kind {
-        push(format!("| {k} | {n} |"));
+        push(format!("| {} | {n} |", cell(k)));
     }
     push(String::new());
     push("## Exceptions".into());
     push(String::new());
-    let total: u64 = ev.exceptions_by_kind.values().sum();
+    let total = ev
+        .exceptions_by_kind
+        .values()
+        .fold(0u64, |a, n| a.saturating_add(*n));
     if total == 0 {
         push("None: no security record in the verified chains.".into());
     } else {
         let kinds: Vec<String> = ev
             .exceptions_by_kind
             .iter()
-            .map(|(k, n)| format!("{k} {n}"))
+            .map(|(k, n)| format!("{} {n}", cell(k)))
             .collect();
         push(format!("{total} security records: {}.", kinds.join(", ")));
         if (ev.exceptions.len() as u64) < total {
-            push(format!("The first {} are listed.", ev.exceptions.len()));
+            push(format!(
+                "The first {} are listed (chain by chain, each in log order).",
+                ev.exceptions.len()
+            ));
         }
         push(String::new());
         push("| time | file:line | kind | tenant | request | detail |".into());
         push("| --- | --- | --- | --- | --- | --- |".into());
         for e in &ev.exceptions {
-            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             push(format!(
                 "| {} | {}:{} | {} | {} | {} | {} |",
-                e.time,
-                e.file,
+                cell(&e.time),
+                cell(&e.file),
                 e.line,
-                e.kind,
-                opt(&e.tenant_id),
-                opt(&e.request_id),
-                e.detail.replace('|', "\\|")
+                cell(&e.kind),
+                cell_or_dash(e.tenant_id.as_deref()),
+                cell_or_dash(e.request_id.as_deref()),
+                cell(&e.detail)
             ));
         }
     }
@@ -546,6 +682,43 @@ pub fn render(ev: &Evidence) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_that_changed_between_two_verifications_is_named() {
+        use super::super::verify::ChainReport;
+        let chain = |name: &str, records: u64| ChainReport {
+            chain: name.into(),
+            records,
+            last_seq: records.checked_sub(1),
+            files: 1,
+            ..ChainReport::default()
+        };
+        let before = Report {
+            chains: vec![chain("a", 5), chain("b", 3)],
+            errors: vec![],
+        };
+        let after = Report {
+            chains: vec![chain("a", 6), chain("b", 3)],
+            errors: vec![],
+        };
+        assert_eq!(changed_chains(&before, &after), vec!["a".to_string()]);
+        let gone = Report {
+            chains: vec![chain("a", 5)],
+            errors: vec![],
+        };
+        assert_eq!(changed_chains(&before, &gone), vec!["b".to_string()]);
+        assert!(changed_chains(&before, &before).is_empty());
+    }
+
+    #[test]
+    fn cells_keep_text_from_reshaping_a_table() {
+        assert_eq!(cell("a|b\nc"), "a\\|b c");
+        assert_eq!(
+            cell("[x](y) <b> *z* `q` \\"),
+            "\\[x](y) \\<b> \\*z\\* \\`q\\` \\\\"
+        );
+        assert_eq!(cell("kv_verify_failed"), "kv_verify_failed");
+    }
 
     #[test]
     fn detail_keeps_only_the_kinds_own_fields() {

@@ -470,6 +470,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
         EventKind::KvScrubbed(r) => {
             put("device", Field::I(i64::from(r.device)));
             put("blocks", Field::U(r.blocks));
+            put("verified_blocks", Field::U(r.verified_blocks));
             put("failed_blocks", Field::U(r.failed_blocks));
             put("segments", Field::U(r.segments));
             put("unverified_segments", Field::U(r.unverified_segments));
