@@ -57,9 +57,10 @@ def main() -> int:
     # 4. A paged KV cache: per layer [2 (K, V), num_blocks, block_size, heads, head_size], as
     #    vLLM lays it out. The engine hands blocks from request to request itself, so it asks
     #    kvhygiene to scrub a finished request's blocks before they go back to its free list.
-    caches = [torch.zeros((2, 256, 16, 8, 64), dtype=torch.float16, device="cuda") for _ in range(2)]
+    caches = [torch.full((2, 256, 16, 8, 64), 5.0, dtype=torch.float16, device="cuda") for _ in range(2)]
     layout = kvhygiene.KvLayout.from_tensors(caches, block_dim=1)
     request_blocks = [3, 17, 42]
+    others = [b for b in range(256) if b not in request_blocks]
     with kvhygiene.context(tenant_id="tenant-a", request_id="req-3", model_id="demo-model"):
         for c in caches:
             c[:, request_blocks] = 7.0  # the request's keys and values
@@ -69,7 +70,9 @@ def main() -> int:
             print("retire these blocks, never reuse them:", e.failed_blocks)
             return 2
     kv_left = sum(int((c[:, request_blocks] != 0).sum().item()) for c in caches)
-    print(f"after scrub_blocks, {kv_left} non-zero values in the request's KV blocks")
+    # Only the request's blocks were written: other requests' blocks (5.0) are untouched.
+    kv_touched = sum(int((c[:, others] != 5.0).sum().item()) for c in caches)
+    print(f"after scrub_blocks, {kv_left} non-zero values in the request's KV blocks, {kv_touched} changed elsewhere")
     del caches
 
     # torch.cuda.empty_cache() reaches kvhygiene through the reset hook install() registered.
@@ -79,7 +82,7 @@ def main() -> int:
     # 5. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
-    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 else 2
+    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 else 2
 
 
 if __name__ == "__main__":

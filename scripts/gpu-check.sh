@@ -69,7 +69,8 @@ chmod +x "$art/gpu_kernel" "$art/gpu_scrub" "$art/kvh"
 mkdir -p "$out"
 touch "$marker"
 rm -rf "$out/py" "$out/status" "$out/criterion"
-rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv"
+rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$out/nvidia-smi.csv" \
+    "$out/preload_probe"
 mkdir -p "$out/py" "$out/status"
 echo "${GPU_CHECK_LLAMA_ROUNDS:-3}" >"$out/status/llama_rounds"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
@@ -104,22 +105,17 @@ for mode in default kvh; do
         --out "$out/py/alloc_$mode.json"
 done
 # Paged KV cache blocks (vLLM layout) scrubbed through kvhygiene.scrub_blocks.
-step kv_blocks_kvh 60 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py/kv_blocks_kvh.json"
-# LD_PRELOAD: a C++ "engine" on the CUDA runtime, built here with nvcc (shared runtime, so it
-# can be interposed), run plain (the threat) and under libkvhygiene_preload.so (LD_PRELOAD on
-# the probe only, not on the shell around it).
-nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-cuda_lib="$(dirname "$nvcc_bin")/.."
-# The runtime's directory goes into the probe's rpath, so it runs without LD_LIBRARY_PATH;
-# ldd then shows which libcudart it will use.
-step preload_build 90 bash -c '"$0" -cudart shared -O1 -o "$1" "$2" -ldl \
-    -Xlinker -rpath -Xlinker "$3/lib64" -Xlinker -rpath -Xlinker "$3/lib" && ldd "$1"' \
-    "$nvcc_bin" "$out/preload_probe" scripts/gpu/preload_probe.cpp "$cuda_lib"
-step preload_default 60 bash -c '"$0" >"$1"' "$out/preload_probe" "$out/py/preload_default.json"
-step preload_kvh 60 bash -c 'LD_PRELOAD="$2" "$0" >"$1"' "$out/preload_probe" \
+step kv_blocks_kvh 40 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py/kv_blocks_kvh.json"
+# LD_PRELOAD: a C++ "engine" on the CUDA runtime, built here against the shared runtime (so it
+# can be interposed; nvcc, or the host compiler and PyTorch's libcudart), run plain (the
+# threat) and under libkvhygiene_preload.so (LD_PRELOAD on the probe only, not on the shell
+# around it). The limits are tight: these steps run before the Llama rounds, which need time.
+step preload_build 45 bash scripts/gpu/build_preload_probe.sh "$out/preload_probe"
+step preload_default 20 bash -c '"$0" >"$1"' "$out/preload_probe" "$out/py/preload_default.json"
+step preload_kvh 20 bash -c 'LD_PRELOAD="$2" "$0" >"$1"' "$out/preload_probe" \
     "$out/py/preload_kvh.json" "$art/libkvhygiene_preload.so"
 # The PyTorch example as a user runs it (exit 0: no residue, KV blocks scrubbed).
-KVH_LIBRARY="$GPU_CHECK_LIBRARY" step example_torch 60 python3 examples/torch_pluggable.py
+KVH_LIBRARY="$GPU_CHECK_LIBRARY" step example_torch 40 python3 examples/torch_pluggable.py
 # The host CPU's speed drifts between processes by more than the effect measured here, so
 # Llama runs alternate default / kvhygiene in fresh processes, ROUNDS times; the report takes
 # the median of the per-round ratios.

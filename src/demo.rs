@@ -93,10 +93,17 @@ pub struct DemoReport {
 }
 
 impl DemoReport {
-    /// Whether the run showed what it must: no residue, and a caught fault when one was set.
+    /// Whether the run showed what it must: no residue, a caught fault when one was set, and
+    /// no verification failure other than the drill's (a failed block is quarantined or
+    /// retired, so it never reads back dirty: the failure itself must fail the run).
     pub fn passed(&self) -> bool {
+        let drilled = u64::from(self.fault_drill.is_some());
+        let c = &self.stats.counters;
         self.allocations_with_residue == 0
             && self.kv_blocks_with_residue == 0
+            && c.verifications_failed == drilled
+            && c.kv_blocks_failed == drilled
+            && self.kv_blocks_retired == drilled
             && self
                 .fault_drill
                 .as_ref()
@@ -131,9 +138,10 @@ pub fn run(
         return Err(DemoError::FaultNeedsHost(backend.kind()));
     }
     let alloc = Allocator::new(backend, config, sink);
-    let paged = PagedCache::new(&alloc, opts)?;
-    let checked = AtomicU64::new(1); // the paged cache's allocation, read back by `new`
-    let residue = AtomicU64::new(0);
+    let (paged, paged_dirty) = PagedCache::new(&alloc, opts)?;
+    // The paged cache's allocation, read back by `new`, counts as a new allocation.
+    let checked = AtomicU64::new(1);
+    let residue = AtomicU64::new(u64::from(paged_dirty));
     let done = AtomicU64::new(0);
     let total = u64::from(opts.tenants) * u64::from(opts.requests_per_tenant);
     let started = Instant::now();
@@ -261,7 +269,8 @@ struct PagedCache {
 }
 
 impl PagedCache {
-    fn new(alloc: &Allocator, opts: &DemoOptions) -> Result<PagedCache, DemoError> {
+    /// The cache, and whether its allocation read back dirty (a residue of a new allocation).
+    fn new(alloc: &Allocator, opts: &DemoOptions) -> Result<(PagedCache, bool), DemoError> {
         let blocks = PAGED_BLOCKS_PER_TENANT * u64::from(opts.tenants.max(1));
         // One block of the cache is a KV block's K half, or its V half.
         let block_bytes = (opts.kv_block_bytes / 2).max(1);
@@ -282,10 +291,8 @@ impl PagedCache {
             retired: AtomicU64::new(0),
         };
         // A new allocation like any other: it must read zero.
-        if !reads_zero(alloc.backend().as_ref(), addr, size)? {
-            cache.with_residue.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(cache)
+        let dirty = !reads_zero(alloc.backend().as_ref(), addr, size)?;
+        Ok((cache, dirty))
     }
 
     /// One request's use of the cache: take blocks, check they read zero, fill them with the
@@ -419,7 +426,11 @@ fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoErr
             clean &= reads_zero(backend, addr, len)?;
         }
     }
-    Ok(ids.len() == 2 && failed == ids[..1] && !free.contains(&ids[0]) && clean)
+    // The block named is the one sabotaged: it still holds the secret (it is retired, so
+    // nobody reads it again).
+    let (k_addr, k_len) = paged.block(ids[0]).next().unwrap_or((0, 0));
+    let named_dirty = k_len > 0 && !reads_zero(backend, k_addr, k_len)?;
+    Ok(ids.len() == 2 && failed == ids[..1] && named_dirty && clean)
 }
 
 /// xorshift64*: a small deterministic generator for the workload shape.
@@ -575,6 +586,26 @@ mod tests {
         };
         let backend: Arc<dyn Backend> = HostBackend::new();
         run(backend, Config::default(), None, &opts, &|_, _| {}).expect("demo runs")
+    }
+
+    /// A failed block is quarantined or retired and never reads back dirty, so a failure
+    /// the drill did not cause must fail the run by itself.
+    #[test]
+    fn a_verification_failure_outside_the_drill_fails_the_run() {
+        let clean = small(false);
+        assert!(clean.passed());
+        let mut r = clean.clone();
+        r.stats.counters.verifications_failed = 1;
+        assert!(!r.passed());
+        let mut r = clean.clone();
+        r.stats.counters.kv_blocks_failed = 1;
+        r.kv_blocks_retired = 1;
+        assert!(!r.passed());
+        let drilled = small(true);
+        assert!(drilled.passed());
+        let mut r = drilled;
+        r.stats.counters.verifications_failed = 2;
+        assert!(!r.passed());
     }
 
     /// Every allocation the demo makes is read back, the fault drill's included, so the

@@ -214,7 +214,15 @@ def main() -> int:
         return rounds
 
     def probe_missing(step):
-        return failed_step(out, "preload_build", needs_json=False) or why(out, step)
+        failure = failed_step(out, "preload_build", needs_json=False) or why(out, step)
+        raw = load_json(out / "py" / f"{step}.json")
+        if isinstance(raw, dict) and all(isinstance(raw.get(n), dict) for n in ("sync", "async")):
+            failure += f" (CUDA results: sync {raw['sync'].get('rc')}, async {raw['async'].get('rc')})"
+        return failure
+
+    # A probe counts only if this run built it (a failed build must not run an old binary).
+    if step_rc(out, "preload_build") != 0:
+        d = k = None
 
     row(
         rows,
@@ -289,18 +297,22 @@ def main() -> int:
     except OSError:
         demo = None
     # One "with residue: N" per kind of memory the demo reads back (new allocations, paged KV
-    # blocks): every one must be 0.
+    # blocks): both must be there, and 0.
     residue = re.findall(r"^[ \t]*(\S.*?)[ \t]{2,}[^\n]*with residue: (\d+)", demo or "", re.M)
+    kinds = {what for what, _ in residue}
+    both = {"new allocations read back", "paged KV blocks read back"} <= kinds
+    demo_rc = step_rc(out, "kvh_demo")
     row(
         rows,
         "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",
         "not run"
         if demo is None
-        else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output"),
+        else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output")
+        + ("" if demo is None or demo_rc == 0 else f" (exit {demo_rc})"),
         "0, PASS",
         None
         if demo is None
-        else bool(residue and all(n == "0" for _, n in residue) and "PASS" in demo and step_rc(out, "kvh_demo") == 0),
+        else bool(both and all(n == "0" for _, n in residue) and "PASS" in demo and demo_rc == 0),
     )
     gpu = ""
     try:

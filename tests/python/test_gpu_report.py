@@ -64,6 +64,7 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
     py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
     status(out, "example_torch", 0)
+    (out / "preload_build.log").write_text("built with nvcc\n\tlibcudart.so.13 => /usr/local/cuda/lib64/libcudart.so.13\n")
     status(out, "preload_build", 0)
     threat = {"rc": 0, "secret_seen": 9, "nonzero": 100, "same_address": True}
     py_result(out, "preload_default", kvh_loaded=0, **{"sync": threat, "async": threat})
@@ -263,4 +264,44 @@ def test_a_probe_that_did_not_build_or_crashed_is_named(tmp_path, monkeypatch):
     (tmp_path / "preload_kvh.log").write_text("error while loading shared libraries: libcudart.so.12\n")
     code, rows, _ = run_report(tmp_path, monkeypatch)
     assert "preload_kvh exited 127: error while loading shared libraries" in rows[KVH_PROBE]["measured"]
+    assert code == 1
+
+
+def test_a_probe_left_from_an_earlier_run_never_counts(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    # This run's build failed; the probe outputs present are not this run's to count.
+    (tmp_path / "preload_build.log").write_text("nvcc: fatal error\n")
+    status(tmp_path, "preload_build", 1)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[KVH_PROBE]["verdict"] == "MISSING"
+    assert "preload_build exited 1" in rows[KVH_PROBE]["measured"]
+    assert code == 1
+
+
+DEMO = "kvh demo on the CUDA backend (every new allocation and paged KV block read back)"
+
+
+@pytest.mark.parametrize(
+    "log, rc",
+    [
+        # A clean output from a run that did not exit 0.
+        ("  new allocations read back   10, with residue: 0\n  paged KV blocks read back   7, with residue: 0\nPASS\n", 1),
+        # The paged KV line missing.
+        ("  new allocations read back   10, with residue: 0\nPASS\n", 0),
+    ],
+)
+def test_the_demo_row_needs_both_read_back_lines_and_a_clean_exit(tmp_path, monkeypatch, log, rc):
+    complete_run(tmp_path)
+    (tmp_path / "kvh_demo.log").write_text(log)
+    status(tmp_path, "kvh_demo", rc)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[DEMO]["verdict"] == "FAIL"
+    assert code == 1
+
+
+def test_an_example_that_fails_fails_the_run(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    status(tmp_path, "example_torch", 2)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows["examples/torch_pluggable.py runs as documented"]["verdict"] == "FAIL"
     assert code == 1
