@@ -356,3 +356,79 @@ fn huge_figures_saturate_instead_of_overflowing() {
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["kv_scrubs"]["blocks"].as_u64(), Some(u64::MAX));
 }
+
+mod crafted_values {
+    use super::*;
+    use kvhygiene::forensic::cli::VerifyLogArgs;
+    use kvhygiene::forensic::evidence::{collect, render, EvidenceArgs};
+    use proptest::prelude::*;
+
+    /// Any JSON value a record's field could hold once someone without the MAC key rewrote
+    /// and re-sealed the chain.
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            Just(Value::from(u64::MAX)),
+            Just(Value::from(u64::MAX)),
+            any::<i64>().prop_map(Value::from),
+            "[\\PC\n|`<\\[*]{0,12}".prop_map(Value::from),
+            prop::collection::vec(any::<u32>(), 0..4).prop_map(|v| serde_json::json!(v)),
+            Just(serde_json::json!({"frees": u64::MAX, "x": "y"})),
+        ]
+    }
+
+    /// (kind, field) pairs the report reads: each edit rewrites one record into that kind
+    /// with that field set to an arbitrary value.
+    const EDITS: &[(&str, &str)] = &[
+        ("kv_scrub", "blocks"),
+        ("kv_scrub", "verified_blocks"),
+        ("kv_scrub", "bytes"),
+        ("kv_scrub", "error"),
+        ("summary", "counters"),
+        ("stop", "records_lost"),
+        ("lost", "records_lost"),
+        ("start", "pid"),
+        ("recovery", "host"),
+        ("recovery", "config_digest"),
+        ("quarantine", "reason"),
+        ("quarantine", "tenant_id"),
+        ("policy_violation", "detail"),
+        ("anomaly", "detail"),
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever verified records hold, the report is built and rendered without a panic.
+        #[test]
+        fn crafted_records_never_panic_the_report(
+            edits in prop::collection::vec((2usize..10, prop::sample::select(EDITS), any_value()), 1..8)
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (dir, files) = crafted_log(&tmp, 9);
+            for (line, (kind, field), value) in edits {
+                forge_from(&files, 0, line, None, |m| {
+                    m.insert("kind".into(), Value::from(kind));
+                    m.insert(field.into(), value.clone());
+                });
+            }
+            let args = EvidenceArgs {
+                log: VerifyLogArgs {
+                    dir,
+                    key_file: None,
+                    public_key: None,
+                    checkpoint: None,
+                    json: false,
+                },
+                max_exceptions: 200,
+            };
+            // Whether the report is built (the log verified) or refused, nothing panics.
+            if let Ok(ev) = collect(&args) {
+                let md = render(&ev);
+                prop_assert!(md.contains("## Exceptions"));
+            }
+        }
+    }
+}
