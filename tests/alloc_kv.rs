@@ -14,18 +14,25 @@ use kvhygiene::events::{Event, EventKind, KvScrubRecord};
 const BLOCK: u64 = 256;
 const BLOCKS: u64 = 8;
 
-/// A vLLM-style layer: K region then V region, `BLOCKS` blocks of `BLOCK` bytes each, in one
-/// allocation filled with a secret. Returns the allocation and its layout.
-fn layer(f: &Fixture, tag: u8) -> (u64, KvLayout) {
-    let len = 2 * BLOCKS * BLOCK;
-    let a = f.malloc_zeroed(len as i64, 0, 1);
+/// A vLLM-style cache: K region then V region, `blocks` blocks of `block` bytes each, in one
+/// allocation made on `stream` and filled with a secret. Returns the allocation, its length
+/// and its layout.
+fn kv_cache(f: &Fixture, tag: u8, block: u64, blocks: u64, stream: u64) -> (u64, u64, KvLayout) {
+    let len = 2 * blocks * block;
+    let a = f.malloc_zeroed(len as i64, 0, stream);
     f.write(0, a, &secret(len as usize, tag));
     let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
+        regions: vec![a, a + blocks * block],
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
     };
+    (a, len, layout)
+}
+
+/// A layer of `BLOCKS` blocks of `BLOCK` bytes, allocated on stream 1.
+fn layer(f: &Fixture, tag: u8) -> (u64, KvLayout) {
+    let (a, _, layout) = kv_cache(f, tag, BLOCK, BLOCKS, 1);
     (a, layout)
 }
 
@@ -349,20 +356,9 @@ fn kv_scrubs_are_ordered_after_the_cache_streams_and_before_its_free() {
 /// one backend batch.
 const BIG_BLOCKS: u64 = 40_000;
 
-/// A cache of two regions of `BIG_BLOCKS` 8-byte blocks, filled with a secret. Returns the
-/// allocation, its length and the layout.
+/// A cache of two regions of `BIG_BLOCKS` 8-byte blocks.
 fn big_cache(f: &Fixture, tag: u8) -> (u64, u64, KvLayout) {
-    let block = 8u64;
-    let len = 2 * BIG_BLOCKS * block;
-    let a = f.malloc_zeroed(len as i64, 0, 0);
-    f.write(0, a, &secret(len as usize, tag));
-    let layout = KvLayout {
-        regions: vec![a, a + BIG_BLOCKS * block],
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: BIG_BLOCKS,
-    };
-    (a, len, layout)
+    kv_cache(f, tag, 8, BIG_BLOCKS, 0)
 }
 
 #[test]

@@ -1,12 +1,16 @@
 //! `kvh metrics` and `kvh serve-metrics`, run as the built binary: exit codes, messages and
 //! the sidecar's HTTP answers (loopback only).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "http_common/mod.rs"]
+mod http_common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
+use http_common::read_reply;
 use kvhygiene::forensic::LogStats;
 use kvhygiene::metrics::{encode, ExporterStats};
 use kvhygiene::stats::{PoolCounters, Stats};
@@ -329,15 +333,8 @@ fn http(addr: SocketAddr, raw: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw.as_bytes()).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_string(), body.to_string())
+    let r = read_reply(&mut s);
+    (r.status, r.head, r.body)
 }
 
 const UNAVAILABLE: &str =

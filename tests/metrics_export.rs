@@ -2,12 +2,16 @@
 //! through `metrics::Exporter` with a real host-backend allocator or a hand-made source. Only
 //! loopback networking.
 
-use std::io::{Read, Write};
+#[path = "http_common/mod.rs"]
+mod http_common;
+
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_common::{read_reply, Reply};
 use kvhygiene::alloc::Allocator;
 use kvhygiene::backend::{self, StreamHandle};
 use kvhygiene::config::{BackendChoice, Config, MetricsConfig};
@@ -169,35 +173,11 @@ fn metrics_come_from_the_allocator_s_own_counters() {
     assert_eq!(e.value("kvh_allocations_total", &[]), Some(3.0));
 }
 
-/// A parsed HTTP response.
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
 fn request(addr: SocketAddr, raw: &[u8]) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw).unwrap();
     read_reply(&mut s)
-}
-
-fn read_reply(s: &mut TcpStream) -> Reply {
-    let mut bytes = Vec::new();
-    s.read_to_end(&mut bytes).unwrap();
-    let text = String::from_utf8(bytes).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Reply {
-        status,
-        head: head.to_string(),
-        body: body.to_string(),
-    }
 }
 
 fn get(addr: SocketAddr, raw: &str) -> Reply {

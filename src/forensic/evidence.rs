@@ -711,6 +711,22 @@ mod tests {
     }
 
     #[test]
+    fn a_line_that_no_longer_parses_is_an_error_and_a_torn_tail_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh-x-000000.jsonl");
+        std::fs::write(&path, "{\"seq\":0}\n{\"seq\":1}\n{\"seq\":2").unwrap();
+        let mut seen = Vec::new();
+        read_file(&path, &mut |line, _| seen.push(line)).unwrap();
+        assert_eq!(seen, vec![1, 2], "the torn third line is not read");
+        std::fs::write(&path, "{\"seq\":0}\nnot json\n").unwrap();
+        let e = read_file(&path, &mut |_, _| {}).unwrap_err();
+        assert!(
+            e.ends_with(":2: not a JSON record; the file changed after verification"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn cells_keep_text_from_reshaping_a_table() {
         assert_eq!(cell("a|b\nc"), "a\\|b c");
         assert_eq!(

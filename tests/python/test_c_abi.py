@@ -408,6 +408,8 @@ count = ctypes.c_size_t(0)
 out["null_layout"] = lib.kvh_scrub_blocks(None, None, 0, 0, STREAM, None, 0, ctypes.byref(count))
 out["null_count"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, None)
 out["null_ids"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 2, 0, STREAM, None, 0, ctypes.byref(count))
+one = (ctypes.c_uint32 * 1)(5)
+out["null_failed_ids"] = lib.kvh_scrub_blocks(ctypes.byref(kv), one, 1, 0, STREAM, None, 4, ctypes.byref(count))
 out["empty"] = lib.kvh_scrub_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, ctypes.byref(count))
 # Lengths over the limits are refused before any array is read.
 wide = Layout(kv.region_bases, 65537, B, B, N)
@@ -426,7 +428,7 @@ lib.kvh_shutdown()
     assert out["failed"] == [7009, [7], 1]
     assert out["overlap"][0] == 7019 and out["stray"][0] == 7020
     assert "0x1000" in out["msg"] and "live" in out["msg"]
-    assert out["null_layout"] == out["null_count"] == out["null_ids"] == 7001
+    assert out["null_layout"] == out["null_count"] == out["null_ids"] == out["null_failed_ids"] == 7001
     assert out["empty"] == 0
     assert out["too_many_regions"] == out["too_many_ids"] == 7019
     c = out["counters"]

@@ -6,21 +6,14 @@
 #include <cstdio>
 #include <cstring>
 
+#include "probe_util.h"
+
 extern "C" {
 int cudaMalloc(void** p, size_t size);
 int cudaMallocManaged(void** p, size_t size, unsigned int flags);
 int cudaFree(void* p);
 int fake_cudart_calls(const char* name);
 
-static void out(const char* key, long long v) { std::printf("%s %lld\n", key, v); }
-
-static bool all_zero(const void* p, size_t n) {
-    if (p == nullptr) return false;
-    const unsigned char* b = static_cast<const unsigned char*>(p);
-    for (size_t i = 0; i < n; i++)
-        if (b[i] != 0) return false;
-    return true;
-}
 
 int engine_run(void) {
     const size_t N = 4096;

@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include "probe_util.h"
+
 extern "C" {
 typedef void* cudaStream_t;
 int cudaMalloc(void** p, size_t size);
@@ -43,15 +45,6 @@ static const cudaStream_t PER_THREAD = reinterpret_cast<cudaStream_t>(uintptr_t(
 
 static const char SECRET[] = "tenant-A: the patient's diagnosis is confidential";
 
-static void out(const char* key, long long v) { std::printf("%s %lld\n", key, v); }
-
-static bool all_zero(const void* p, size_t n) {
-    if (p == nullptr) return false;
-    const unsigned char* b = static_cast<const unsigned char*>(p);
-    for (size_t i = 0; i < n; i++)
-        if (b[i] != 0) return false;
-    return true;
-}
 
 static bool holds_secret(const void* p, size_t n) {
     if (p == nullptr) return false;
