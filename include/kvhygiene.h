@@ -65,6 +65,10 @@ enum kvh_result
   // `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
   // kvhygiene on that device; nothing was scrubbed.
   KVH_ERR_NOT_LIVE = 7020,
+  // `kvh_claim_blocks` with `KVH_KV_GATE=enforce`: some blocks would change owner without a
+  // verified scrub since their last owner (or failed their last scrub); nothing was
+  // claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
+  KVH_ERR_KV_GATE = 7021,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -158,6 +162,43 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
                      uint32_t *failed_ids,
                      size_t failed_capacity,
                      size_t *failed_count);
+
+// Gives blocks `block_ids[0..block_count]` of the paged KV cache `layout` on `device` to the
+// calling thread's request (its `kvh_set_context` ids): the eviction gate. Call it when the
+// engine hands blocks to a request (blocks taken from its free pool, including evicted
+// prefix-cache blocks; not prefix-cache hits the request shares). A block that would change
+// owner without a verified scrub since its last owner (`kvh_scrub_blocks`, or an earlier
+// claim's scrub), or whose owner kvhygiene does not know, is scrubbed and verified on
+// `stream` first (`KVH_KV_GATE=scrub`, the default) or makes the claim fail
+// (`KVH_KV_GATE=enforce`). `KVH_KV_GATE_SCOPE=tenant` makes a tenant, not a request, the
+// owner (a tenant's requests share blocks). A thread with no request id (tenant id, under
+// the tenant scope) matches no owner, itself included. `KVH_KV_GATE=off` accepts every claim
+// once the layout and ids are checked.
+//
+// The layout and stream rules are those of `kvh_scrub_blocks`.
+//
+// Returns `KVH_OK` when every block was handed over. `KVH_ERR_VERIFY_FAILED` when some were
+// not: their scrub failed verification (now or before), or another claim took them while
+// they were scrubbed; `*refused_count` says how many, the first `refused_capacity` ids are
+// written to `refused_ids` in the order given, and those blocks must not be used; the others
+// were handed over. `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
+// failed their last scrub); they are listed the same way and nothing was handed over. Any
+// other code is one of `kvh_scrub_blocks`'s: nothing may be taken as handed over. Refusals
+// and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
+// leave `kv_scrub` records with `trigger` `claim_gate`.
+//
+// `block_ids` may be NULL when `block_count` is 0; `refused_ids` may be NULL when
+// `refused_capacity` is 0; `layout` and `refused_count` are required.
+//
+// Ownership: the arrays stay the caller's and are used only during the call.
+int kvh_claim_blocks(const kvh_kv_layout *layout,
+                     const uint32_t *block_ids,
+                     size_t block_count,
+                     int device,
+                     void *stream,
+                     uint32_t *refused_ids,
+                     size_t refused_capacity,
+                     size_t *refused_count);
 
 // Submits every pending scrub, waits for them, and returns every clean cached block to the
 // backend (PyTorch's empty-cache hook).

@@ -31,6 +31,29 @@ pub enum TenantIsolation {
     Strict,
 }
 
+/// What `kvh_claim_blocks` does with KV blocks that would change owner without a verified
+/// scrub (the eviction gate; see `crate::alloc::kv_gate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvGateMode {
+    /// No ledger: claims are accepted as they are (the engine scrubs with `kvh_scrub_blocks`).
+    Off,
+    /// Scrub and verify such blocks inside the claim, then hand them over.
+    Scrub,
+    /// Refuse the claim (nothing changes hands); the engine must scrub first.
+    Enforce,
+}
+
+/// Whose KV blocks the eviction gate keeps apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvGateScope {
+    /// Every request is an owner: a block moves between requests only through a scrub.
+    Request,
+    /// Every tenant is an owner: a tenant's requests share its blocks (its prefix cache).
+    Tenant,
+}
+
 /// What a failed verification does after the block is quarantined and the event logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,6 +120,9 @@ pub struct Config {
     /// After this many hand-outs a block is scrubbed and released; 0 = unlimited.
     pub max_reuse: u32,
     pub tenant_isolation: TenantIsolation,
+    /// The KV eviction gate (`kvh_claim_blocks`) and whose blocks it keeps apart.
+    pub kv_gate: KvGateMode,
+    pub kv_gate_scope: KvGateScope,
     pub failure_mode: FailureMode,
     pub oom: OomMode,
     pub log: LogConfig,
@@ -176,6 +202,8 @@ impl Default for Config {
             live_ttl_ms: 0,
             max_reuse: 0,
             tenant_isolation: TenantIsolation::Strict,
+            kv_gate: KvGateMode::Scrub,
+            kv_gate_scope: KvGateScope::Request,
             failure_mode: FailureMode::Quarantine,
             oom: OomMode::Throw,
             log: LogConfig {
@@ -304,6 +332,23 @@ const KEYS: &[Key] = &[
         c.tenant_isolation = match v {
             "off" => TenantIsolation::Off,
             "strict" => TenantIsolation::Strict,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("kv_gate", "one of off, scrub, enforce", |c, v| {
+        c.kv_gate = match v {
+            "off" => KvGateMode::Off,
+            "scrub" => KvGateMode::Scrub,
+            "enforce" => KvGateMode::Enforce,
+            _ => return None,
+        };
+        Some(())
+    }),
+    key!("kv_gate_scope", "one of request, tenant", |c, v| {
+        c.kv_gate_scope = match v {
+            "request" => KvGateScope::Request,
+            "tenant" => KvGateScope::Tenant,
             _ => return None,
         };
         Some(())
@@ -631,6 +676,8 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.coverage_threshold, 0.999);
         assert_eq!(c.tenant_isolation, TenantIsolation::Strict);
+        assert_eq!(c.kv_gate, KvGateMode::Scrub);
+        assert_eq!(c.kv_gate_scope, KvGateScope::Request);
         assert_eq!(c.failure_mode, FailureMode::Quarantine);
         assert!(c.reuse_enabled());
     }
@@ -644,6 +691,8 @@ mod tests {
             ("KVH_DOUBLE_PASS", "yes"),
             ("KVH_IDLE_TTL_MS", "-1"),
             ("KVH_TENANT_ISOLATION", "off"),
+            ("KVH_KV_GATE", "enforce"),
+            ("KVH_KV_GATE_SCOPE", "tenant"),
             ("KVH_FAILURE_MODE", "abort"),
             ("KVH_LOG_DIR", "/var/log/kvh"),
             ("PATH", "/usr/bin"),
@@ -655,6 +704,8 @@ mod tests {
         assert!(c.double_pass);
         assert!(!c.reuse_enabled());
         assert_eq!(c.tenant_isolation, TenantIsolation::Off);
+        assert_eq!(c.kv_gate, KvGateMode::Enforce);
+        assert_eq!(c.kv_gate_scope, KvGateScope::Tenant);
         assert_eq!(c.failure_mode, FailureMode::Abort);
         assert_eq!(c.log.dir.as_deref(), Some(Path::new("/var/log/kvh")));
     }
@@ -709,6 +760,11 @@ mod tests {
         assert_eq!(
             invalid_key(&[("KVH_TENANT_ISOLATION", "loose")]),
             "KVH_TENANT_ISOLATION"
+        );
+        assert_eq!(invalid_key(&[("KVH_KV_GATE", "warn")]), "KVH_KV_GATE");
+        assert_eq!(
+            invalid_key(&[("KVH_KV_GATE_SCOPE", "model")]),
+            "KVH_KV_GATE_SCOPE"
         );
         assert_eq!(
             invalid_key(&[("KVH_FAILURE_MODE", "ignore")]),

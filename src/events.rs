@@ -146,6 +146,28 @@ pub struct KvScrubRecord {
     pub block_ids_sha256: [u8; 32],
     /// Why the call stopped before every segment was verified.
     pub error: Option<String>,
+    /// Who asked for the scrub.
+    pub trigger: KvScrubTrigger,
+}
+
+/// Who asked for a KV block scrub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvScrubTrigger {
+    /// The engine, through `kvh_scrub_blocks`, when it freed the blocks.
+    Engine,
+    /// The eviction gate, inside `kvh_claim_blocks`: the blocks were changing owner (or their
+    /// owner was unknown) without a verified scrub since their last owner.
+    Gate,
+}
+
+impl KvScrubTrigger {
+    /// The record's `trigger` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvScrubTrigger::Engine => "scrub_blocks",
+            KvScrubTrigger::Gate => "claim_gate",
+        }
+    }
 }
 
 impl EventKind {

@@ -113,6 +113,15 @@ counters! {
     kv_blocks_failed,
     /// `kvh_scrub_blocks` calls refused (bad layout or ids, memory not live).
     kv_scrubs_refused,
+    /// `kvh_claim_blocks` calls that were judged, and the KV blocks they handed over.
+    kv_claim_calls,
+    kv_blocks_claimed,
+    /// KV blocks the eviction gate scrubbed (and verified) inside a claim because they were
+    /// changing owner, or their owner was unknown, without a verified scrub since.
+    kv_gate_scrubbed_blocks,
+    /// `kvh_claim_blocks` calls refused: bad input, memory not live, or blocks that would
+    /// change owner unscrubbed under `kv_gate = enforce`.
+    kv_claims_refused,
 }
 
 /// One device pool's statistics.

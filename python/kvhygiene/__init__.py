@@ -14,6 +14,11 @@ they call :func:`scrub_blocks` when blocks leave a request::
     layout = kvhygiene.KvLayout.from_tensors(kv_caches, block_dim=1)   # once
     kvhygiene.scrub_blocks(layout, finished_request_block_ids)          # per finished request
 
+and, as the eviction gate that catches a free path the engine forgot, claim blocks when they
+are handed to a request (inside its ``context``)::
+
+    kvhygiene.claim_blocks(layout, newly_allocated_block_ids)          # per block allocation
+
 ``install`` makes ``libkvhygiene.so`` PyTorch's CUDA allocator through
 ``torch.cuda.memory.CUDAPluggableAllocator``: every tensor's memory then comes from the
 kvhygiene pool, and memory freed by one request is zeroed and verified before any other
@@ -38,9 +43,11 @@ from typing import Iterator, Optional
 __all__ = [
     "KvhError",
     "ScrubVerificationError",
+    "ClaimRefusedError",
     "AllocatorAlreadyInUseError",
     "KvLayout",
     "scrub_blocks",
+    "claim_blocks",
     "find_library",
     "load",
     "install",
@@ -57,6 +64,8 @@ LIBRARY_NAME = "libkvhygiene.so"
 KVH_ERR_BUFFER_TOO_SMALL = 7013
 #: Error code of a scrub that did not verify.
 KVH_ERR_VERIFY_FAILED = 7009
+#: Error code of a claim the eviction gate refused (``KVH_KV_GATE=enforce``).
+KVH_ERR_KV_GATE = 7021
 KVH_OK = 0
 
 
@@ -81,6 +90,17 @@ class ScrubVerificationError(KvhError):
             f"(first: {failed_blocks[0] if failed_blocks else None}); they must not be reused",
         )
         self.failed_blocks = failed_blocks
+
+
+class ClaimRefusedError(KvhError):
+    """:func:`claim_blocks` did not hand ``refused_blocks`` to the request: their scrub failed
+    verification (``code`` 7009; the other blocks were handed over), or, with
+    ``KVH_KV_GATE=enforce``, they would change owner without a verified scrub (``code`` 7021;
+    nothing was handed over). Refused blocks must not be used."""
+
+    def __init__(self, code: int, message: str, refused_blocks: list):
+        super().__init__("kvh_claim_blocks", code, message)
+        self.refused_blocks = refused_blocks
 
 
 class AllocatorAlreadyInUseError(RuntimeError):
@@ -139,6 +159,20 @@ class _CLayout(ctypes.Structure):
     ]
 
 
+#: Arguments of kvh_scrub_blocks and kvh_claim_blocks: layout, ids, count, device, stream, and
+#: the buffer, capacity and count of the blocks they name back.
+_KV_CALL_ARGS = [
+    ctypes.POINTER(_CLayout),
+    ctypes.POINTER(ctypes.c_uint32),
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+    ctypes.c_size_t,
+    ctypes.POINTER(ctypes.c_size_t),
+]
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     """Argument and return types of the C ABI (include/kvhygiene.h)."""
     c_ssize = ctypes.c_ssize_t
@@ -176,19 +210,8 @@ def _declare(lib: ctypes.CDLL) -> None:
             [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
         ),
         "kvh_version": (ctypes.c_char_p, []),
-        "kvh_scrub_blocks": (
-            ctypes.c_int,
-            [
-                ctypes.POINTER(_CLayout),
-                ctypes.POINTER(ctypes.c_uint32),
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_void_p,
-                ctypes.POINTER(ctypes.c_uint32),
-                ctypes.c_size_t,
-                ctypes.POINTER(ctypes.c_size_t),
-            ],
-        ),
+        "kvh_scrub_blocks": (ctypes.c_int, _KV_CALL_ARGS),
+        "kvh_claim_blocks": (ctypes.c_int, _KV_CALL_ARGS),
         "kvh_shutdown": (None, []),
     }
     for name, (restype, argtypes) in sigs.items():
@@ -429,6 +452,37 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
     may be taken as clean). Ids must be distinct and below ``layout.blocks_per_region``.
     """
+    code, named, ids = _kv_call("kvh_scrub_blocks", layout, block_ids, stream)
+    if code == KVH_ERR_VERIFY_FAILED:
+        raise ScrubVerificationError(named, len(ids))
+    if code != KVH_OK:
+        raise KvhError("kvh_scrub_blocks", code, _last_message() or _message(code))
+
+
+def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
+    """Hands KV-cache blocks ``block_ids`` of ``layout`` to the calling thread's request: the
+    eviction gate.
+
+    Call it inside the request's :func:`context` when the engine gives it blocks from its free
+    pool (evicted prefix-cache blocks included; not prefix-cache hits it shares). A block that
+    would change owner without a verified scrub since its last owner is scrubbed and verified
+    first (``KVH_KV_GATE=scrub``, the default), or the claim is refused
+    (``KVH_KV_GATE=enforce``). ``KVH_KV_GATE_SCOPE=tenant`` lets a tenant's requests share
+    blocks. ``stream`` is as for :func:`scrub_blocks`.
+
+    Raises :class:`ClaimRefusedError` naming the blocks not handed over (they must not be used),
+    and :class:`KvhError` when the call was refused or did not finish.
+    """
+    code, named, _ = _kv_call("kvh_claim_blocks", layout, block_ids, stream)
+    if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE):
+        raise ClaimRefusedError(code, _last_message() or _message(code), named)
+    if code != KVH_OK:
+        raise KvhError("kvh_claim_blocks", code, _last_message() or _message(code))
+
+
+def _kv_call(name: str, layout: KvLayout, block_ids, stream):
+    """Calls kvh_scrub_blocks or kvh_claim_blocks; returns the code, the block ids the call
+    named back (failed or refused) and the ids passed."""
     lib = load()
     if hasattr(block_ids, "tolist"):  # a tensor or array: one transfer, not one per element
         block_ids = block_ids.tolist()
@@ -448,15 +502,12 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
         bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region
     )
     c_ids = (ctypes.c_uint32 * len(ids))(*ids)
-    failed = (ctypes.c_uint32 * max(1, len(ids)))()
+    named = (ctypes.c_uint32 * max(1, len(ids)))()
     count = ctypes.c_size_t(0)
-    code = lib.kvh_scrub_blocks(
-        ctypes.byref(c_layout), c_ids, len(ids), layout.device, stream or None, failed, len(ids), ctypes.byref(count)
+    code = getattr(lib, name)(
+        ctypes.byref(c_layout), c_ids, len(ids), layout.device, stream or None, named, len(ids), ctypes.byref(count)
     )
-    if code == KVH_ERR_VERIFY_FAILED:
-        raise ScrubVerificationError(list(failed)[: count.value], len(ids))
-    if code != KVH_OK:
-        raise KvhError("kvh_scrub_blocks", code, _last_message() or _message(code))
+    return code, list(named)[: count.value], ids
 
 
 def _last_message() -> str:

@@ -351,3 +351,36 @@ def test_scrub_blocks_zeroes_named_blocks_of_two_layers():
     for p in layers:
         lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
+
+
+def test_claim_blocks_scrubs_blocks_that_change_request():
+    lib = kvhygiene.load()
+    shape = (2, 8, 16, 4)  # K and V, 8 blocks of 128 bytes
+    size = 2 * 8 * 128
+    p = lib.kvh_malloc(size, 0, None)
+    ctypes.memset(p, 0x7E, size)  # what earlier requests left in the cache
+    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, shape)], block_dim=1)
+
+    def block(i):
+        return ctypes.string_at(p + i * 128, 128) + ctypes.string_at(p + (8 + i) * 128, 128)
+
+    with kvhygiene.context(tenant_id="acme", request_id="r-1"):
+        kvhygiene.claim_blocks(layout, [3])
+        ctypes.memset(p + 3 * 128, 0x42, 128)  # the request's keys
+        kvhygiene.claim_blocks(layout, [3])  # its own block: kept
+        assert block(3) != bytes(256)
+    with kvhygiene.context(tenant_id="acme", request_id="r-2"):
+        kvhygiene.claim_blocks(layout, [3])  # another request: scrubbed first
+        assert block(3) == bytes(256)
+        kvhygiene.synchronize()  # no free's scrub may take the injected fault
+        lib.kvh_inject_fault(1)
+        with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+            kvhygiene.claim_blocks(layout, [5, 6])
+    assert refused.value.refused_blocks == [5] and refused.value.code == 7009
+    with pytest.raises(kvhygiene.KvhError, match="named more than once") as bad:
+        kvhygiene.claim_blocks(layout, [1, 1])
+    assert bad.value.code == 7019
+    counters = kvhygiene.stats()["counters"]
+    assert counters["kv_gate_scrubbed_blocks"] >= 2 and counters["kv_claims_refused"] >= 1
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()

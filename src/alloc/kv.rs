@@ -34,7 +34,7 @@ use crate::backend::{
     BackendError, ScrubBatch, ScrubOptions, ScrubSegment, ScrubTicket, StreamHandle,
 };
 use crate::context::Context;
-use crate::events::{BlockRef, Event, EventKind, KvScrubRecord};
+use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger};
 
 use super::Allocator;
 
@@ -116,7 +116,7 @@ enum Overlap {
 
 impl KvLayout {
     /// Bytes from a region's base to the end of its last block.
-    fn extent(&self) -> Option<u64> {
+    pub(super) fn extent(&self) -> Option<u64> {
         (self.blocks_per_region - 1)
             .checked_mul(self.block_stride)?
             .checked_add(self.block_bytes)
@@ -206,7 +206,7 @@ impl KvLayout {
     /// SHA-256 of the layout: region count, region bases, block bytes, stride and blocks per
     /// region, each as a little-endian `u64`. Logged so an auditor can match a `kv_scrub`
     /// record to the engine's cache.
-    fn digest(&self) -> [u8; 32] {
+    pub(super) fn digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update((self.regions.len() as u64).to_le_bytes());
         for base in &self.regions {
@@ -221,7 +221,7 @@ impl KvLayout {
 
 /// Checks the block ids against the layout: each below `blocks_per_region`, none twice (a
 /// block named twice is the KV cache's double free), and not more segments than a call takes.
-fn check_ids(layout: &KvLayout, ids: &[u32]) -> Result<(), KvScrubError> {
+pub(super) fn check_ids(layout: &KvLayout, ids: &[u32]) -> Result<(), KvScrubError> {
     let bad = |m: String| Err(KvScrubError::InvalidBlocks(m));
     let segments = (ids.len() as u64).saturating_mul(layout.regions.len() as u64);
     if segments > MAX_KV_SEGMENTS {
@@ -266,6 +266,7 @@ struct KvCall<'a> {
     ids: &'a [u32],
     stream: StreamHandle,
     first_seed: u64,
+    trigger: KvScrubTrigger,
 }
 
 impl KvCall<'_> {
@@ -323,6 +324,18 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<KvScrubReport, KvScrubError> {
+        self.scrub_kv(layout, ids, device, stream, KvScrubTrigger::Engine)
+    }
+
+    /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate (`trigger`).
+    pub(super) fn scrub_kv(
+        &self,
+        layout: &KvLayout,
+        ids: &[u32],
+        device: i32,
+        stream: StreamHandle,
+        trigger: KvScrubTrigger,
+    ) -> Result<KvScrubReport, KvScrubError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(KvScrubError::ShuttingDown);
         }
@@ -346,6 +359,7 @@ impl Allocator {
             ids,
             stream,
             first_seed: self.inner.next_seq.fetch_add(count, Ordering::Relaxed),
+            trigger,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
         let launched = match self.launch_kv(&call, call.batches()) {
@@ -353,7 +367,8 @@ impl Allocator {
             Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
         };
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
-        let report = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
+        let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
+        self.note_kv_verdicts(dev, layout, &launched.owners, &clean, &report.failed);
         match error {
             None => Ok(report),
             Some(e) => Err(self.kv_backend_error(dev, e)),
@@ -441,14 +456,14 @@ impl Allocator {
     /// Turns verification results into the report, counters and events: every verified
     /// segment that failed is an event, also when `error` stopped the call before the rest
     /// was verified. Aborts the process after logging under `failure_mode = abort`, as a
-    /// failed free's scrub does.
+    /// failed free's scrub does. Also returns the blocks whose every segment verified clean.
     fn judge_kv(
         &self,
         call: &KvCall<'_>,
         results: &[Option<SegmentResult>],
         owners: &[BlockRef],
         error: Option<&BackendError>,
-    ) -> KvScrubReport {
+    ) -> (KvScrubReport, Vec<u32>) {
         let config = &self.inner.config;
         let layout = call.layout;
         let expected = verify::expected_samples(
@@ -460,6 +475,7 @@ impl Allocator {
         let regions = layout.regions.len();
         let mut events = Vec::new();
         let mut failed = Vec::new();
+        let mut clean = Vec::new();
         let (mut verified_blocks, mut verified_segments) = (0u64, 0u64);
         for (i, &id) in call.ids.iter().enumerate() {
             let (mut block_failed, mut block_verified) = (false, true);
@@ -501,6 +517,8 @@ impl Allocator {
             verified_blocks += u64::from(block_verified);
             if block_failed {
                 failed.push(id);
+            } else if block_verified {
+                clean.push(id);
             }
         }
         let segments = call.segment_count() as u64;
@@ -528,6 +546,7 @@ impl Allocator {
             block_ids: (call.ids.len() <= KV_LOGGED_IDS).then(|| call.ids.to_vec()),
             block_ids_sha256: ids_digest(call.ids),
             error: error.map(ToString::to_string),
+            trigger: call.trigger,
         };
         events.push(Event {
             at: SystemTime::now(),
@@ -548,7 +567,7 @@ impl Allocator {
             after.events = events;
             after.abort = abort;
         });
-        report
+        (report, clean)
     }
 
     /// Counts and logs a refused call (policy `kv_scrub`), then returns its error.
@@ -732,6 +751,7 @@ mod tests {
             ids: &ids,
             stream: StreamHandle(0),
             first_seed: 77,
+            trigger: KvScrubTrigger::Engine,
         };
         let s: Vec<ScrubSegment> = call.batches().concat();
         let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();

@@ -16,6 +16,7 @@
 
 pub mod block;
 pub mod kv;
+pub mod kv_gate;
 mod pool;
 pub mod size_class;
 
@@ -32,6 +33,7 @@ use crate::stats::{Accounting, Stats};
 use block::{Block, Disposition};
 pub use block::{BlockInfo, BlockSpan, BlockState};
 pub use kv::{KvLayout, KvScrubError, KvScrubReport};
+pub use kv_gate::{KvClaimError, KvClaimReport};
 use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused};
 use size_class::SizeClass;
 
@@ -95,6 +97,8 @@ struct Inner {
     /// First asynchronous backend error seen (sticky), for stats and `kvh_last_error`.
     async_error: Mutex<Option<String>>,
     shutting_down: AtomicBool,
+    /// The eviction gate's ledgers of paged KV caches (`kv_gate.rs`).
+    kv_ledgers: Mutex<kv_gate::Ledgers>,
 }
 
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
@@ -123,6 +127,7 @@ impl Allocator {
             next_seq: AtomicU64::new(1),
             async_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
         });
         spawn_flusher(Arc::downgrade(&inner));
         Allocator { inner }

@@ -55,6 +55,10 @@ pub enum kvh_result {
     /// `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
     /// kvhygiene on that device; nothing was scrubbed.
     KVH_ERR_NOT_LIVE = 7020,
+    /// `kvh_claim_blocks` with `KVH_KV_GATE=enforce`: some blocks would change owner without a
+    /// verified scrub since their last owner (or failed their last scrub); nothing was
+    /// claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
+    KVH_ERR_KV_GATE = 7021,
 }
 
 use kvh_result::*;
@@ -84,6 +88,7 @@ impl kvh_result {
         KVH_ERR_LOG,
         KVH_ERR_INVALID_LAYOUT,
         KVH_ERR_NOT_LIVE,
+        KVH_ERR_KV_GATE,
     ];
 
     pub fn from_u32(code: u32) -> Option<kvh_result> {
@@ -113,8 +118,9 @@ impl kvh_result {
             KVH_ERR_SHUTTING_DOWN => "allocator is shutting down",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
-            KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed",
-            KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed",
+            KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
+            KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed or claimed",
+            KVH_ERR_KV_GATE => "KV blocks would change owner without a verified scrub; nothing was claimed",
         }
     }
 }
@@ -170,6 +176,15 @@ impl From<&crate::alloc::KvScrubError> for kvh_result {
             E::ShuttingDown | E::Backend(B::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(B::StreamCapturing { .. }) => KVH_ERR_CAPTURE_ACTIVE,
             E::Backend(_) => KVH_ERR_BACKEND,
+        }
+    }
+}
+
+impl From<&crate::alloc::KvClaimError> for kvh_result {
+    fn from(e: &crate::alloc::KvClaimError) -> Self {
+        match e {
+            crate::alloc::KvClaimError::Scrub(e) => e.into(),
+            crate::alloc::KvClaimError::Unscrubbed { .. } => KVH_ERR_KV_GATE,
         }
     }
 }

@@ -304,16 +304,9 @@ pub extern "C" fn kvh_scrub_blocks(
         if report.failed.is_empty() {
             return ok();
         }
-        let shown = report.failed.len().min(failed_capacity);
         // SAFETY: `failed_ids` is non-null when `failed_capacity > 0` (checked above) and valid
-        // for `failed_capacity` `u32` writes (the caller's contract); `shown` is at most that.
-        // `failed_count` was checked non-null.
-        unsafe {
-            if shown > 0 {
-                std::ptr::copy_nonoverlapping(report.failed.as_ptr(), failed_ids, shown);
-            }
-            *failed_count = report.failed.len();
-        }
+        // for `failed_capacity` writes; `failed_count` was checked non-null.
+        unsafe { write_ids(&report.failed, failed_ids, failed_capacity, failed_count) };
         fail(
             KVH_ERR_VERIFY_FAILED,
             format!(
@@ -324,6 +317,117 @@ pub extern "C" fn kvh_scrub_blocks(
             ),
         )
     })
+}
+
+/// Gives blocks `block_ids[0..block_count]` of the paged KV cache `layout` on `device` to the
+/// calling thread's request (its `kvh_set_context` ids): the eviction gate. Call it when the
+/// engine hands blocks to a request (blocks taken from its free pool, including evicted
+/// prefix-cache blocks; not prefix-cache hits the request shares). A block that would change
+/// owner without a verified scrub since its last owner (`kvh_scrub_blocks`, or an earlier
+/// claim's scrub), or whose owner kvhygiene does not know, is scrubbed and verified on
+/// `stream` first (`KVH_KV_GATE=scrub`, the default) or makes the claim fail
+/// (`KVH_KV_GATE=enforce`). `KVH_KV_GATE_SCOPE=tenant` makes a tenant, not a request, the
+/// owner (a tenant's requests share blocks). A thread with no request id (tenant id, under
+/// the tenant scope) matches no owner, itself included. `KVH_KV_GATE=off` accepts every claim
+/// once the layout and ids are checked.
+///
+/// The layout and stream rules are those of `kvh_scrub_blocks`.
+///
+/// Returns `KVH_OK` when every block was handed over. `KVH_ERR_VERIFY_FAILED` when some were
+/// not: their scrub failed verification (now or before), or another claim took them while
+/// they were scrubbed; `*refused_count` says how many, the first `refused_capacity` ids are
+/// written to `refused_ids` in the order given, and those blocks must not be used; the others
+/// were handed over. `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
+/// failed their last scrub); they are listed the same way and nothing was handed over. Any
+/// other code is one of `kvh_scrub_blocks`'s: nothing may be taken as handed over. Refusals
+/// and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
+/// leave `kv_scrub` records with `trigger` `claim_gate`.
+///
+/// `block_ids` may be NULL when `block_count` is 0; `refused_ids` may be NULL when
+/// `refused_capacity` is 0; `layout` and `refused_count` are required.
+///
+/// Ownership: the arrays stay the caller's and are used only during the call.
+#[no_mangle]
+// A C signature: each array travels as a pointer and a length.
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn kvh_claim_blocks(
+    layout: *const kvh_kv_layout,
+    block_ids: *const u32,
+    block_count: usize,
+    device: c_int,
+    stream: *mut c_void,
+    refused_ids: *mut u32,
+    refused_capacity: usize,
+    refused_count: *mut usize,
+) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        if refused_count.is_null() {
+            return fail(KVH_ERR_NULL_PARAMETER, "refused_count is NULL");
+        }
+        // SAFETY: non-null; the caller passes a pointer valid for one `usize` write.
+        unsafe { *refused_count = 0 };
+        // SAFETY: `layout`, `block_ids` and their lengths are the caller's contract above;
+        // `read_kv_call` checks NULLs and bounds the lengths before reading.
+        let (layout, ids) = match unsafe { read_kv_call(layout, block_ids, block_count) } {
+            Ok(call) => call,
+            Err(rc) => return rc,
+        };
+        if refused_ids.is_null() && refused_capacity > 0 {
+            return fail(
+                KVH_ERR_NULL_PARAMETER,
+                "refused_ids is NULL but refused_capacity is not 0",
+            );
+        }
+        let rt = match runtime::get() {
+            Ok(rt) => rt,
+            Err(e) => return fail(e.code(), e.to_string()),
+        };
+        let claimed = rt
+            .allocator
+            .claim_kv_blocks(&layout, &ids, device, stream_handle(stream));
+        let (refused, code, message) = match claimed {
+            Ok(report) if report.refused.is_empty() => return ok(),
+            Ok(report) => {
+                let message = format!(
+                    "{} of {} KV blocks were not handed over (first: {}): their scrub failed \
+                     verification or another claim took them; they must not be used",
+                    report.refused.len(),
+                    ids.len(),
+                    report.refused[0]
+                );
+                (report.refused, KVH_ERR_VERIFY_FAILED, message)
+            }
+            Err(e) => {
+                let (code, message) = (kvh_result::from(&e), e.to_string());
+                match e {
+                    crate::alloc::KvClaimError::Unscrubbed { blocks } => (blocks, code, message),
+                    crate::alloc::KvClaimError::Scrub(_) => return fail(code, message),
+                }
+            }
+        };
+        // SAFETY: `refused_ids` is non-null when `refused_capacity > 0` (checked above) and
+        // valid for `refused_capacity` writes; `refused_count` was checked non-null.
+        unsafe { write_ids(&refused, refused_ids, refused_capacity, refused_count) };
+        fail(code, message)
+    })
+}
+
+/// Writes the first `capacity` of `ids` to `out` and their full count to `count`.
+///
+/// # Safety
+/// 1. `out` is non-null and valid for `capacity` aligned `u32` writes when `capacity > 0`.
+/// 2. `count` is non-null and valid for one aligned `usize` write.
+unsafe fn write_ids(ids: &[u32], out: *mut u32, capacity: usize, count: *mut usize) {
+    let shown = ids.len().min(capacity);
+    // SAFETY: `shown <= capacity`, and `out` is valid for that many writes by (1); the
+    // source is a live slice that cannot overlap the caller's buffer.
+    unsafe {
+        if shown > 0 {
+            std::ptr::copy_nonoverlapping(ids.as_ptr(), out, shown);
+        }
+        // SAFETY: by (2).
+        *count = ids.len();
+    }
 }
 
 /// Copies a `kvh_scrub_blocks` layout and id list into Rust values, after checking NULLs and

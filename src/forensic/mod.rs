@@ -498,6 +498,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                     .as_deref()
                     .map_or(Field::Null, |e| Field::S(Cow::Borrowed(e))),
             );
+            put("trigger", st(r.trigger.name()));
         }
         EventKind::KvVerifyFailed {
             kv_block,

@@ -328,6 +328,39 @@ pub const SERIES: &[Series] = &[
         NONE,
         "kvh_scrub_blocks calls refused (bad layout or block ids, memory not live)."
     ),
+    // The KV eviction gate (`kvh_claim_blocks`).
+    series!(
+        "/counters/kv_claim_calls",
+        "kvh_kv_claim_calls_total",
+        Counter,
+        Number,
+        NONE,
+        "kvh_claim_blocks calls judged by the eviction gate (refused ones are counted apart)."
+    ),
+    series!(
+        "/counters/kv_blocks_claimed",
+        "kvh_kv_claimed_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "Paged KV cache blocks handed to a request through kvh_claim_blocks."
+    ),
+    series!(
+        "/counters/kv_gate_scrubbed_blocks",
+        "kvh_kv_gate_scrubbed_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "KV blocks the eviction gate scrubbed because they changed owner unscrubbed."
+    ),
+    series!(
+        "/counters/kv_claims_refused",
+        "kvh_kv_claims_refused_total",
+        Counter,
+        Number,
+        NONE,
+        "kvh_claim_blocks calls refused (bad input, memory not live, or enforce)."
+    ),
     // Accounting (`Stats::accounting`): what the pool holds now.
     series!(
         "/accounting/live/blocks",

@@ -365,6 +365,8 @@ lib.kvh_scrub_blocks.argtypes = [ctypes.POINTER(Layout), ctypes.POINTER(ctypes.c
                                  ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
                                  ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
 lib.kvh_scrub_blocks.restype = ctypes.c_int
+lib.kvh_claim_blocks.argtypes = lib.kvh_scrub_blocks.argtypes
+lib.kvh_claim_blocks.restype = ctypes.c_int
 
 def layout(bases, block, stride, n):
     arr = (ctypes.c_uint64 * len(bases))(*bases)
@@ -378,6 +380,13 @@ def scrub(l, ids, cap=8):
     count = ctypes.c_size_t(99)
     rc = lib.kvh_scrub_blocks(ctypes.byref(l), idarr, len(ids), 0, STREAM, failed, cap, ctypes.byref(count))
     return rc, list(failed)[: min(cap, count.value)], count.value
+
+def claim(l, ids, cap=8):
+    idarr = (ctypes.c_uint32 * len(ids))(*ids)
+    refused = (ctypes.c_uint32 * cap)()
+    count = ctypes.c_size_t(99)
+    rc = lib.kvh_claim_blocks(ctypes.byref(l), idarr, len(ids), 0, STREAM, refused, cap, ctypes.byref(count))
+    return rc, list(refused)[: min(cap, count.value)], count.value
 """
 
 
@@ -451,3 +460,64 @@ lib.kvh_shutdown()
     assert len(refused) == 2
     ok = subprocess.run([kvh_binary(), "verify-log", str(log_dir)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_the_eviction_gate_scrubs_or_refuses_a_change_of_owner_through_the_c_abi(tmp_path):
+    body = (
+        KV_PRELUDE
+        + """
+B, N = 256, 8
+cache = lib.kvh_malloc(2 * N * B, 0, STREAM)
+kv = layout([cache, cache + N * B], B, B, N)
+def block_zero(i):
+    return zero(cache + i * B, B) and zero(cache + (N + i) * B, B)
+def fill(i):
+    ctypes.memset(cache + i * B, 0x3C, B)
+    ctypes.memset(cache + (N + i) * B, 0x3C, B)
+lib.kvh_set_context(b"tenant-a", b"req-1", None)
+out["first"] = claim(kv, [1, 2])      # unknown owners: scrubbed (scrub) or refused (enforce)
+out["engine"] = scrub(kv, [1, 2])     # the engine's own scrub at start
+out["own"] = claim(kv, [1, 2])
+fill(1)
+lib.kvh_set_context(b"tenant-a", b"req-2", None)
+out["other"] = claim(kv, [2, 1], cap=1)
+out["block1_zero"] = block_zero(1)
+out["msg"] = text(lib.kvh_last_error_message)
+count = ctypes.c_size_t(0)
+out["null_count"] = lib.kvh_claim_blocks(ctypes.byref(kv), None, 0, 0, STREAM, None, 0, None)
+one = (ctypes.c_uint32 * 1)(5)
+out["null_refused"] = lib.kvh_claim_blocks(ctypes.byref(kv), one, 1, 0, STREAM, None, 4, ctypes.byref(count))
+out["bad_id"] = claim(kv, [N])
+out["counters"] = stats()["counters"]
+lib.kvh_free(cache, 2 * N * B, 0, STREAM)
+lib.kvh_shutdown()
+"""
+    )
+    scrub_dir, enforce_dir = tmp_path / "scrub", tmp_path / "enforce"
+    scrubbed = run_child(body, KVH_LOG_DIR=str(scrub_dir))
+    assert scrubbed["first"] == scrubbed["own"] == scrubbed["other"] == [0, [], 0]
+    assert scrubbed["block1_zero"], "request 2 got request 1's block unscrubbed"
+    c = scrubbed["counters"]
+    assert (c["kv_claim_calls"], c["kv_blocks_claimed"], c["kv_gate_scrubbed_blocks"]) == (3, 6, 4)
+    records = [json.loads(l) for f in sorted(scrub_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
+    gate = [r for r in records if r["kind"] == "kv_scrub" and r["trigger"] == "claim_gate"]
+    assert [(r["block_ids"], r["request_id"]) for r in gate] == [([1, 2], "req-1"), ([2, 1], "req-2")]
+    assert [r["trigger"] for r in records if r["kind"] == "kv_scrub"].count("scrub_blocks") == 1
+
+    enforced = run_child(body, KVH_LOG_DIR=str(enforce_dir), KVH_KV_GATE="enforce")
+    assert enforced["first"] == [7021, [1, 2], 2]
+    assert enforced["own"] == [0, [], 0]
+    # Both blocks are request 1's; one id fits the buffer, the count says two.
+    assert enforced["other"] == [7021, [2], 2]
+    assert not enforced["block1_zero"], "a refused claim wrote memory"
+    assert "kv_gate = enforce" in enforced["msg"]
+    assert enforced["null_count"] == enforced["null_refused"] == 7001
+    assert enforced["bad_id"][0] == 7019
+    c = enforced["counters"]
+    assert (c["kv_claims_refused"], c["kv_gate_scrubbed_blocks"]) == (3, 0)
+    records = [json.loads(l) for f in sorted(enforce_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
+    violations = [r for r in records if r["kind"] == "policy_violation" and r["policy"] == "kv_gate"]
+    assert len(violations) == 3 and "would change owner" in violations[1]["detail"]
+    for d in (scrub_dir, enforce_dir):
+        ok = subprocess.run([kvh_binary(), "verify-log", str(d)], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr

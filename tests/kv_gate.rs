@@ -1,0 +1,332 @@
+//! The eviction gate (`Allocator::claim_kv_blocks`, `kvh_claim_blocks`): a paged KV cache
+//! block changes owner only through a verified scrub.
+
+mod common;
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::alloc::{KvClaimError, KvClaimReport, KvLayout, KvScrubError};
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::config::{Config, KvGateMode, KvGateScope};
+use kvhygiene::context::Context;
+use kvhygiene::events::{EventKind, KvScrubTrigger};
+
+const BLOCK: u64 = 256;
+const BLOCKS: u64 = 8;
+
+/// A K and a V region of `BLOCKS` blocks in one live allocation, filled with a secret.
+fn cache(f: &Fixture) -> (u64, KvLayout) {
+    let len = 2 * BLOCKS * BLOCK;
+    let a = f.malloc_zeroed(len as i64, 0, 1);
+    f.write(0, a, &secret(len as usize, 0x6b));
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    (a, layout)
+}
+
+fn config(mode: KvGateMode, scope: KvGateScope) -> Config {
+    Config {
+        kv_gate: mode,
+        kv_gate_scope: scope,
+        ..manual_config()
+    }
+}
+
+/// Runs `f` as request `request` of tenant `tenant` (this thread's context).
+fn as_request<R>(tenant: &str, request: &str, f: impl FnOnce() -> R) -> R {
+    let ctx = Context::new(Some(tenant), Some(request), None).unwrap();
+    let previous = Context::set_current(ctx);
+    let r = f();
+    Context::set_current(previous);
+    r
+}
+
+fn claim(f: &Fixture, layout: &KvLayout, ids: &[u32]) -> Result<KvClaimReport, KvClaimError> {
+    f.alloc.claim_kv_blocks(layout, ids, 0, StreamHandle(2))
+}
+
+fn batches(f: &Fixture) -> usize {
+    f.backend.batches.lock().unwrap().len()
+}
+
+/// Whether both segments (K and V) of block `id` read zero.
+fn block_is_zero(f: &Fixture, layout: &KvLayout, id: u64) -> bool {
+    layout.regions.iter().all(|&base| {
+        f.read(0, base + id * BLOCK, BLOCK as usize)
+            .iter()
+            .all(|&b| b == 0)
+    })
+}
+
+fn fill_block(f: &Fixture, layout: &KvLayout, id: u64, tag: u8) {
+    for &base in &layout.regions {
+        f.write(0, base + id * BLOCK, &secret(BLOCK as usize, tag));
+    }
+}
+
+fn gate_violations(f: &Fixture) -> Vec<String> {
+    f.sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PolicyViolation {
+                policy: "kv_gate",
+                detail,
+            } => Some(detail),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_block_moving_to_another_request_is_scrubbed_by_the_gate() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    // Unknown owner: the first claim scrubs.
+    let r = as_request("t1", "a", || claim(&f, &layout, &[1, 2])).unwrap();
+    assert_eq!(
+        (r.claimed, r.gate_scrubbed, r.refused),
+        (2, vec![1, 2], vec![])
+    );
+    assert!(block_is_zero(&f, &layout, 1) && block_is_zero(&f, &layout, 2));
+    // Request a writes its keys and values; claiming its own blocks again costs no scrub.
+    fill_block(&f, &layout, 1, 0xa1);
+    fill_block(&f, &layout, 2, 0xa2);
+    let before = batches(&f);
+    let r = as_request("t1", "a", || claim(&f, &layout, &[2])).unwrap();
+    assert_eq!((r.claimed, r.gate_scrubbed.len()), (1, 0));
+    assert_eq!(
+        batches(&f),
+        before,
+        "a claim without a change of owner ran a scrub"
+    );
+    assert!(!block_is_zero(&f, &layout, 2));
+    // The engine forgot to scrub them: request b of the same tenant gets them zeroed.
+    let r = as_request("t1", "b", || claim(&f, &layout, &[2, 1])).unwrap();
+    assert_eq!((r.claimed, r.gate_scrubbed), (2, vec![2, 1]));
+    assert!(block_is_zero(&f, &layout, 1) && block_is_zero(&f, &layout, 2));
+    // The gate's scrub is evidence, for the new owner, marked as the gate's.
+    let records: Vec<_> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.kind.name() == "kv_scrub")
+        .collect();
+    let last = records.last().unwrap();
+    assert_eq!(last.context.request_id(), Some("b"));
+    match &last.kind {
+        EventKind::KvScrubbed(r) => {
+            assert_eq!(r.trigger, KvScrubTrigger::Gate);
+            assert_eq!(r.block_ids.as_deref(), Some(&[2, 1][..]));
+            assert_eq!(r.verified_blocks, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = f.alloc.stats().counters;
+    assert_eq!((c.kv_claim_calls, c.kv_blocks_claimed), (3, 5));
+    assert_eq!((c.kv_gate_scrubbed_blocks, c.kv_claims_refused), (4, 0));
+    assert!(gate_violations(&f).is_empty());
+    f.assert_balanced();
+}
+
+#[test]
+fn blocks_the_engine_scrubbed_change_owner_without_device_work() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    as_request("t1", "a", || claim(&f, &layout, &[3])).unwrap();
+    fill_block(&f, &layout, 3, 0x33);
+    let engine = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[3], 0, StreamHandle(2))
+        .unwrap();
+    assert!(engine.failed.is_empty());
+    let before = batches(&f);
+    let r = as_request("t2", "b", || claim(&f, &layout, &[3])).unwrap();
+    assert_eq!((r.claimed, r.gate_scrubbed.len()), (1, 0));
+    assert_eq!(batches(&f), before);
+    assert!(block_is_zero(&f, &layout, 3));
+    // Claimed by b, it is b's: a third request must not get it without a scrub.
+    let r = as_request("t2", "c", || claim(&f, &layout, &[3])).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![3]);
+}
+
+#[test]
+fn enforce_refuses_a_change_of_owner_and_hands_over_nothing() {
+    let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    // Unknown blocks are refused: the engine scrubs the whole cache once at start.
+    let e = as_request("t1", "a", || claim(&f, &layout, &[0])).unwrap_err();
+    assert_eq!(e, KvClaimError::Unscrubbed { blocks: vec![0] });
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&layout, &all, 0, StreamHandle(2))
+        .unwrap();
+    let before = batches(&f);
+    let r = as_request("t1", "a", || claim(&f, &layout, &[0, 1])).unwrap();
+    assert_eq!((r.claimed, r.gate_scrubbed.len()), (2, 0));
+    fill_block(&f, &layout, 1, 0x11);
+    // b asks for a's block 1 and the clean block 2: refused as a whole.
+    let e = as_request("t1", "b", || claim(&f, &layout, &[2, 1])).unwrap_err();
+    assert_eq!(e, KvClaimError::Unscrubbed { blocks: vec![1] });
+    assert!(e.to_string().contains("kv_gate = enforce"), "{e}");
+    assert_eq!(batches(&f), before, "enforce never scrubs");
+    assert!(
+        !block_is_zero(&f, &layout, 1),
+        "a refused claim wrote memory"
+    );
+    // Block 2 was not handed to b: c may take it without a scrub.
+    let r = as_request("t1", "c", || claim(&f, &layout, &[2])).unwrap();
+    assert_eq!(r.claimed, 1);
+    let v = gate_violations(&f);
+    assert_eq!(v.len(), 2, "{v:?}");
+    assert!(
+        v[1].contains("would change owner") && v[1].contains("ids 1"),
+        "{v:?}"
+    );
+    let c = f.alloc.stats().counters;
+    assert_eq!((c.kv_claims_refused, c.kv_claim_calls), (2, 2));
+}
+
+#[test]
+fn a_block_that_failed_its_scrub_is_not_handed_over_until_one_verifies() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    f.backend.inject_fault_next();
+    let engine = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[6, 2], 0, StreamHandle(2))
+        .unwrap();
+    assert_eq!(engine.failed, vec![6]);
+    let r = as_request("t1", "a", || claim(&f, &layout, &[2, 6])).unwrap();
+    assert_eq!(
+        (r.claimed, r.refused, r.gate_scrubbed.len()),
+        (1, vec![6], 0)
+    );
+    let v = gate_violations(&f);
+    assert!(
+        v.len() == 1 && v[0].contains("failed verification"),
+        "{v:?}"
+    );
+    // Enforce refuses it too; once a scrub verifies it, it can be claimed.
+    f.alloc
+        .scrub_kv_blocks(&layout, &[6], 0, StreamHandle(2))
+        .unwrap();
+    let r = as_request("t1", "a", || claim(&f, &layout, &[6])).unwrap();
+    assert_eq!((r.claimed, r.refused.len()), (1, 0));
+}
+
+#[test]
+fn a_gate_scrub_that_fails_verification_refuses_the_block() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    f.backend.inject_fault_next();
+    let r = as_request("t1", "a", || claim(&f, &layout, &[4, 5])).unwrap();
+    assert_eq!(
+        (r.claimed, r.refused, r.gate_scrubbed),
+        (1, vec![4], vec![5])
+    );
+    // Still refused to its next claimant, whoever it is.
+    let r = as_request("t1", "a", || claim(&f, &layout, &[4])).unwrap();
+    assert_eq!((r.claimed, r.refused), (0, vec![4]));
+}
+
+#[test]
+fn the_tenant_scope_lets_a_tenants_requests_share_blocks() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Tenant));
+    let (_, layout) = cache(&f);
+    as_request("t1", "a", || claim(&f, &layout, &[0])).unwrap();
+    fill_block(&f, &layout, 0, 0x10);
+    let r = as_request("t1", "b", || claim(&f, &layout, &[0])).unwrap();
+    assert_eq!(r.gate_scrubbed.len(), 0);
+    assert!(
+        !block_is_zero(&f, &layout, 0),
+        "the tenant's prefix cache was kept"
+    );
+    let r = as_request("t2", "c", || claim(&f, &layout, &[0])).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![0]);
+    assert!(block_is_zero(&f, &layout, 0));
+}
+
+#[test]
+fn a_thread_without_ids_never_matches_an_owner() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    let r = claim(&f, &layout, &[7]).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![7]);
+    let r = claim(&f, &layout, &[7]).unwrap();
+    assert_eq!(
+        r.gate_scrubbed,
+        vec![7],
+        "anonymous claims must not share blocks"
+    );
+}
+
+#[test]
+fn with_the_gate_off_claims_are_accepted_as_they_are() {
+    let f = Fixture::new(config(KvGateMode::Off, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    let before = batches(&f);
+    as_request("t1", "a", || claim(&f, &layout, &[1])).unwrap();
+    let r = as_request("t2", "b", || claim(&f, &layout, &[1])).unwrap();
+    assert_eq!((r.claimed, r.gate_scrubbed.len()), (1, 0));
+    assert_eq!(batches(&f), before);
+    // Input is still checked.
+    let e = claim(&f, &layout, &[BLOCKS as u32]).unwrap_err();
+    assert!(matches!(
+        e,
+        KvClaimError::Scrub(KvScrubError::InvalidBlocks(_))
+    ));
+}
+
+#[test]
+fn bad_claims_are_refused_and_logged() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (a, layout) = cache(&f);
+    let e = claim(&f, &layout, &[1, 1]).unwrap_err();
+    assert!(e.to_string().contains("named more than once"), "{e}");
+    // A cache the engine freed is no longer live.
+    f.alloc
+        .free(a, (2 * BLOCKS * BLOCK) as i64, 0, StreamHandle(1))
+        .unwrap();
+    let e = claim(&f, &layout, &[1]).unwrap_err();
+    assert!(
+        matches!(e, KvClaimError::Scrub(KvScrubError::NotLive { .. })),
+        "{e}"
+    );
+    let e = f
+        .alloc
+        .claim_kv_blocks(&layout, &[1], 9, StreamHandle(0))
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        KvClaimError::Scrub(KvScrubError::InvalidDevice { .. })
+    ));
+    let v = gate_violations(&f);
+    assert_eq!(v.len(), 2, "{v:?}");
+    assert!(
+        v.iter().all(|d| d.starts_with("kvh_claim_blocks refused")),
+        "{v:?}"
+    );
+    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 2);
+}
+
+#[test]
+fn a_cache_allocated_again_forgets_its_owners() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (a, layout) = cache(&f);
+    f.alloc
+        .scrub_kv_blocks(&layout, &[0], 0, StreamHandle(2))
+        .unwrap();
+    f.alloc
+        .free(a, (2 * BLOCKS * BLOCK) as i64, 0, StreamHandle(1))
+        .unwrap();
+    f.alloc.synchronize().unwrap();
+    // The same bytes come back as a new allocation (same layout digest, new block id).
+    let b = f.malloc_zeroed((2 * BLOCKS * BLOCK) as i64, 0, 1);
+    assert_eq!(b, a, "the pool hands the cached block back");
+    let r = as_request("t1", "a", || claim(&f, &layout, &[0])).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![0], "a new cache's owners are unknown");
+}
