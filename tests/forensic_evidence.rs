@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use forensic_common::{cfg, chain_files, forge_from, start, write_log};
 use kvhygiene::context::Context;
-use kvhygiene::events::{Event, EventKind, EventSink, KvScrubRecord};
+use kvhygiene::events::{Event, EventKind, EventSink, KvScrubRecord, KvScrubTrigger};
 use kvhygiene::forensic::ForensicLog;
 use serde_json::Value;
 
@@ -183,6 +183,12 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
         block_ids: Some(vec![1, 2]),
         block_ids_sha256: [9; 32],
         error: error.map(str::to_string),
+        // The finished call is the gate's.
+        trigger: if error.is_some() {
+            KvScrubTrigger::Engine
+        } else {
+            KvScrubTrigger::Gate
+        },
     };
     for error in [None, Some("stream 0x4 is capturing a CUDA graph")] {
         log.emit(Event {
@@ -198,6 +204,13 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["kv_scrubs"]["calls"], 2);
     assert_eq!(v["kv_scrubs"]["unfinished_calls"], 1);
+    assert_eq!(
+        (
+            v["kv_scrubs"]["gate_calls"].as_u64(),
+            v["kv_scrubs"]["gate_blocks"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
     assert_eq!(
         (
             v["kv_scrubs"]["blocks"].as_u64(),

@@ -126,6 +126,11 @@ pub struct KvScrubs {
     pub failed_blocks: u64,
     /// Bytes of the segments named.
     pub bytes: u64,
+    /// Of the calls, those the eviction gate made inside `kvh_claim_blocks` (`trigger`
+    /// `claim_gate`), and the blocks they named: blocks the engine handed to another owner
+    /// without scrubbing them first.
+    pub gate_calls: u64,
+    pub gate_blocks: u64,
 }
 
 /// One security record.
@@ -420,6 +425,10 @@ impl Tally {
                 kv.verified_blocks = kv.verified_blocks.saturating_add(num("verified_blocks"));
                 kv.failed_blocks = kv.failed_blocks.saturating_add(num("failed_blocks"));
                 kv.bytes = kv.bytes.saturating_add(num("bytes"));
+                if text("trigger").as_deref() == Some("claim_gate") {
+                    kv.gate_calls = kv.gate_calls.saturating_add(1);
+                    kv.gate_blocks = kv.gate_blocks.saturating_add(num("blocks"));
+                }
             }
             "stop" => {
                 process.clean_stop = true;
@@ -609,8 +618,16 @@ pub fn render(ev: &Evidence) -> String {
     let kv = &ev.kv_scrubs;
     push(format!(
         "Paged KV cache scrubs (`kv_scrub` records): {} calls ({} did not finish); {} blocks \
-         named ({} bytes), {} verified, {} failed.",
-        kv.calls, kv.unfinished_calls, kv.blocks, kv.bytes, kv.verified_blocks, kv.failed_blocks
+         named ({} bytes), {} verified, {} failed. Of them, the eviction gate made {} calls \
+         for {} blocks that changed owner without the engine's scrub.",
+        kv.calls,
+        kv.unfinished_calls,
+        kv.blocks,
+        kv.bytes,
+        kv.verified_blocks,
+        kv.failed_blocks,
+        kv.gate_calls,
+        kv.gate_blocks
     ));
     push(format!(
         "Records lost by failed writes: {}.",
