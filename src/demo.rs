@@ -4,18 +4,21 @@
 //! leak between requests would show up as a non-zero byte.
 //!
 //! Each request also takes blocks from a shared paged KV cache, as vLLM-style engines keep
-//! one, and hands them back through [`Allocator::scrub_kv_blocks`]; every block a request
-//! takes is read back the same way.
+//! one, claims them through the eviction gate ([`Allocator::claim_kv_blocks`]) and hands them
+//! back through [`Allocator::scrub_kv_blocks`]; every block a request takes is read back the
+//! same way. With the gate on, some requests are "preempted" down a path that forgets the
+//! scrub: the gate must scrub those blocks before their next request gets them.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::alloc::{Allocator, FreeError, KvLayout, KvScrubError};
+use crate::alloc::{Allocator, FreeError, KvClaimError, KvLayout, KvScrubError};
 use crate::backend::{Backend, BackendKind, StreamHandle};
-use crate::config::Config;
+use crate::config::{Config, KvGateMode};
 use crate::context::Context;
 use crate::events::EventSink;
 use crate::stats::Stats;
@@ -88,6 +91,13 @@ pub struct DemoReport {
     pub kv_blocks_with_residue: u64,
     /// Blocks `scrub_kv_blocks` named as failed, kept out of the cache's free list.
     pub kv_blocks_retired: u64,
+    /// The eviction gate: blocks preempted requests released without a scrub, and of those
+    /// taken again, how many the gate caught (scrubbed inside the claim, or refused under
+    /// `enforce` and then scrubbed by the engine). All of them must be caught.
+    pub kv_gate: KvGateMode,
+    pub kv_blocks_released_unscrubbed: u64,
+    pub kv_blocks_reclaimed_unscrubbed: u64,
+    pub kv_blocks_caught_by_gate: u64,
     pub fault_drill: Option<FaultDrill>,
     pub stats: Stats,
 }
@@ -104,6 +114,7 @@ impl DemoReport {
             && c.verifications_failed == drilled
             && c.kv_blocks_failed == drilled
             && self.kv_blocks_retired == drilled
+            && self.kv_blocks_caught_by_gate == self.kv_blocks_reclaimed_unscrubbed
             && self
                 .fault_drill
                 .as_ref()
@@ -116,6 +127,8 @@ impl DemoReport {
 pub enum DemoError {
     #[error("allocation failed: {0}")]
     Alloc(#[from] crate::alloc::AllocError),
+    #[error("KV block claim failed: {0}")]
+    KvClaim(#[from] KvClaimError),
     #[error("backend error: {0}")]
     Backend(#[from] crate::backend::BackendError),
     #[error("--inject-fault needs the host backend (it sabotages a scrub on purpose); this run uses {0}")]
@@ -163,7 +176,11 @@ pub fn run(
                         .unwrap_or_default();
                         Context::set_current(ctx);
                         let found = run_request(alloc, opts, tenant, &mut rng)?;
-                        paged.serve(alloc, &mut rng, tenant_secret(tenant))?;
+                        // With the gate on, one request in four is preempted down a path that
+                        // forgets to scrub its paged blocks.
+                        let preempted =
+                            alloc.config().kv_gate != KvGateMode::Off && request % 4 == 3;
+                        paged.serve(alloc, &mut rng, tenant_secret(tenant), preempted)?;
                         checked.fetch_add(found.0, Ordering::Relaxed);
                         residue.fetch_add(found.1, Ordering::Relaxed);
                         progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
@@ -200,6 +217,10 @@ pub fn run(
         kv_blocks_checked: paged.checked.into_inner(),
         kv_blocks_with_residue: paged.with_residue.into_inner(),
         kv_blocks_retired: paged.retired.into_inner(),
+        kv_gate: alloc.config().kv_gate,
+        kv_blocks_released_unscrubbed: paged.released_unscrubbed.into_inner(),
+        kv_blocks_reclaimed_unscrubbed: paged.reclaimed_unscrubbed.into_inner(),
+        kv_blocks_caught_by_gate: paged.caught_by_gate.into_inner(),
         fault_drill,
         stats,
     })
@@ -266,6 +287,11 @@ struct PagedCache {
     checked: AtomicU64,
     with_residue: AtomicU64,
     retired: AtomicU64,
+    /// Blocks in the free list that went back without a scrub (a preempted request's).
+    unscrubbed: Mutex<HashSet<u32>>,
+    released_unscrubbed: AtomicU64,
+    reclaimed_unscrubbed: AtomicU64,
+    caught_by_gate: AtomicU64,
 }
 
 impl PagedCache {
@@ -285,20 +311,37 @@ impl PagedCache {
                 block_stride: block_bytes,
                 blocks_per_region: blocks,
             },
-            free: Mutex::new((0..blocks as u32).rev().collect()),
+            // Filled by the scrub below.
+            free: Mutex::new(Vec::new()),
             checked: AtomicU64::new(0),
             with_residue: AtomicU64::new(0),
             retired: AtomicU64::new(0),
+            unscrubbed: Mutex::new(HashSet::new()),
+            released_unscrubbed: AtomicU64::new(0),
+            reclaimed_unscrubbed: AtomicU64::new(0),
+            caught_by_gate: AtomicU64::new(0),
         };
         // A new allocation like any other: it must read zero.
         let dirty = !reads_zero(alloc.backend().as_ref(), addr, size)?;
+        // The engine scrubs its whole cache once at start: the gate then knows every block
+        // is clean and owned by nobody (under `enforce`, claims of unknown blocks fail).
+        let all: Vec<u32> = (0..blocks as u32).rev().collect();
+        cache.give_back(alloc, &all)?;
         Ok((cache, dirty))
     }
 
-    /// One request's use of the cache: take blocks, check they read zero, fill them with the
-    /// tenant's secret, hand them back.
-    fn serve(&self, alloc: &Allocator, rng: &mut Rng, secret: u8) -> Result<(), DemoError> {
+    /// One request's use of the cache: take blocks, claim them through the eviction gate,
+    /// check they read zero, fill them with the tenant's secret, hand them back (scrubbed, or
+    /// unscrubbed when `preempted`).
+    fn serve(
+        &self,
+        alloc: &Allocator,
+        rng: &mut Rng,
+        secret: u8,
+        preempted: bool,
+    ) -> Result<(), DemoError> {
         let ids = self.take(1 + rng.below(PAGED_BLOCKS_PER_TENANT / 2) as usize);
+        let ids = self.claim(alloc, ids)?;
         let backend = alloc.backend().as_ref();
         for &id in &ids {
             self.checked.fetch_add(1, Ordering::Relaxed);
@@ -311,15 +354,86 @@ impl PagedCache {
                 self.with_residue.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.give_back(alloc, &ids)?;
+        if preempted {
+            self.release_unscrubbed(&ids);
+        } else {
+            self.give_back(alloc, &ids)?;
+        }
         Ok(())
     }
 
-    /// Takes up to `n` blocks off the free list.
+    /// Claims `ids` for the calling thread's request. Under `enforce` a refused claim is
+    /// answered as an engine would: scrub the blocks named, then claim again. Blocks the
+    /// gate will not hand over are retired. Returns the blocks the request may use.
+    fn claim(&self, alloc: &Allocator, ids: Vec<u32>) -> Result<Vec<u32>, DemoError> {
+        let kept = self.claim_or_scrub(alloc, ids.clone());
+        // Whatever happened, these blocks no longer count as released unscrubbed.
+        let mut unscrubbed = self.unscrubbed.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &ids {
+            unscrubbed.remove(id);
+        }
+        kept
+    }
+
+    fn claim_or_scrub(&self, alloc: &Allocator, ids: Vec<u32>) -> Result<Vec<u32>, DemoError> {
+        let report = match alloc.claim_kv_blocks(&self.layout, &ids, 0, DEFAULT_STREAM) {
+            Err(KvClaimError::Unscrubbed { blocks }) => {
+                self.caught_by_gate
+                    .fetch_add(self.count_unscrubbed(&blocks), Ordering::Relaxed);
+                let failed = alloc
+                    .scrub_kv_blocks(&self.layout, &blocks, 0, DEFAULT_STREAM)?
+                    .failed;
+                self.retired
+                    .fetch_add(failed.len() as u64, Ordering::Relaxed);
+                let ids: Vec<u32> = ids.into_iter().filter(|id| !failed.contains(id)).collect();
+                let report = alloc.claim_kv_blocks(&self.layout, &ids, 0, DEFAULT_STREAM)?;
+                return Ok(self.keep_handed_over(ids, &report.refused));
+            }
+            other => other?,
+        };
+        self.caught_by_gate.fetch_add(
+            self.count_unscrubbed(&report.gate_scrubbed),
+            Ordering::Relaxed,
+        );
+        Ok(self.keep_handed_over(ids, &report.refused))
+    }
+
+    /// Of `blocks`, how many went back to the free list unscrubbed.
+    fn count_unscrubbed(&self, blocks: &[u32]) -> u64 {
+        let unscrubbed = self.unscrubbed.lock().unwrap_or_else(|p| p.into_inner());
+        blocks.iter().filter(|id| unscrubbed.contains(id)).count() as u64
+    }
+
+    /// `ids` without `refused`, which are retired.
+    fn keep_handed_over(&self, ids: Vec<u32>, refused: &[u32]) -> Vec<u32> {
+        self.retired
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        ids.into_iter().filter(|id| !refused.contains(id)).collect()
+    }
+
+    /// A preempted request's blocks go back to the free list without a scrub.
+    fn release_unscrubbed(&self, ids: &[u32]) {
+        self.unscrubbed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+        self.released_unscrubbed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+    }
+
+    /// Takes up to `n` blocks off the free list, counting those that went back unscrubbed.
     fn take(&self, n: usize) -> Vec<u32> {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         let keep = free.len().saturating_sub(n);
-        free.split_off(keep)
+        let ids = free.split_off(keep);
+        drop(free);
+        self.reclaimed_unscrubbed
+            .fetch_add(self.count_unscrubbed(&ids), Ordering::Relaxed);
+        ids
     }
 
     /// Scrubs `ids` and returns the verified ones to the free list. Returns the failed ones.
@@ -327,6 +441,11 @@ impl PagedCache {
         let report = alloc.scrub_kv_blocks(&self.layout, ids, 0, DEFAULT_STREAM)?;
         self.retired
             .fetch_add(report.failed.len() as u64, Ordering::Relaxed);
+        let mut unscrubbed = self.unscrubbed.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            unscrubbed.remove(id);
+        }
+        drop(unscrubbed);
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         free.extend(ids.iter().filter(|id| !report.failed.contains(id)));
         Ok(report.failed)
@@ -407,9 +526,10 @@ fn fault_drill(
 
 /// Two paged-cache blocks filled with a secret are scrubbed with the first one sabotaged:
 /// `scrub_kv_blocks` must name exactly that one, which stays out of the free list, while the
-/// other goes back, reading zero.
+/// other goes back, reading zero, like every block of the free list that was scrubbed.
 fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoError> {
-    let ids = paged.take(2);
+    let taken = paged.take(2);
+    let ids = paged.claim(alloc, taken)?;
     let backend = alloc.backend().as_ref();
     for &id in &ids {
         for (addr, len) in paged.block(id) {
@@ -420,8 +540,14 @@ fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoErr
     backend.inject_fault(1)?;
     let failed = paged.give_back(alloc, &ids)?;
     let free = paged.free.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let unscrubbed = paged
+        .unscrubbed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let mut clean = true;
-    for &id in &free {
+    // Blocks preempted requests put back unscrubbed are the gate's to scrub at their claim.
+    for &id in free.iter().filter(|id| !unscrubbed.contains(id)) {
         for (addr, len) in paged.block(id) {
             clean &= reads_zero(backend, addr, len)?;
         }
@@ -521,6 +647,25 @@ pub fn render(report: &DemoReport) -> String {
             report.kv_blocks_retired
         ),
     );
+    line(
+        "eviction gate",
+        if report.kv_gate == KvGateMode::Off {
+            "off (KVH_KV_GATE=off): claims are not checked; no request was preempted".to_string()
+        } else {
+            let mode = if report.kv_gate == KvGateMode::Enforce {
+                "enforce (refused, then scrubbed by the engine)"
+            } else {
+                "scrub (scrubbed inside the claim)"
+            };
+            format!(
+                "{mode}: {} blocks released unscrubbed by preempted requests; {} taken again, \
+                 {} caught by the gate before their next request",
+                report.kv_blocks_released_unscrubbed,
+                report.kv_blocks_reclaimed_unscrubbed,
+                report.kv_blocks_caught_by_gate
+            )
+        },
+    );
     if let Some(d) = &report.fault_drill {
         line(
             "fault drill",
@@ -579,7 +724,8 @@ mod tests {
     fn small(inject_fault: bool) -> DemoReport {
         let opts = DemoOptions {
             tenants: 2,
-            requests_per_tenant: 3,
+            // Every fourth request of a tenant is preempted without a scrub.
+            requests_per_tenant: 8,
             decode_tokens: 64,
             inject_fault,
             ..DemoOptions::default()
@@ -601,6 +747,10 @@ mod tests {
         r.stats.counters.kv_blocks_failed = 1;
         r.kv_blocks_retired = 1;
         assert!(!r.passed());
+        // A block released unscrubbed that reached its next request without the gate's scrub.
+        let mut r = clean.clone();
+        r.kv_blocks_caught_by_gate = r.kv_blocks_reclaimed_unscrubbed.saturating_sub(1);
+        assert!(r.kv_blocks_reclaimed_unscrubbed > 0 && !r.passed());
         let drilled = small(true);
         assert!(drilled.passed());
         let mut r = drilled;
@@ -620,10 +770,17 @@ mod tests {
             // Every request took at least one paged block; each was read back.
             assert!(r.kv_blocks_checked >= 6, "{}", r.kv_blocks_checked);
             assert_eq!(r.kv_blocks_with_residue, 0);
+            // The cache's first scrub, the engine's scrubs of blocks not preempted, the
+            // gate's, and the drill's.
+            let c = &r.stats.counters;
             assert_eq!(
-                r.stats.counters.kv_blocks_scrubbed,
-                r.kv_blocks_checked + 2 * u64::from(inject_fault)
+                c.kv_blocks_scrubbed,
+                2 * PAGED_BLOCKS_PER_TENANT + r.kv_blocks_checked - r.kv_blocks_released_unscrubbed
+                    + c.kv_gate_scrubbed_blocks
+                    + 2 * u64::from(inject_fault)
             );
+            assert!(r.kv_blocks_released_unscrubbed > 0);
+            assert_eq!(r.kv_blocks_caught_by_gate, r.kv_blocks_reclaimed_unscrubbed);
             assert_eq!(r.kv_blocks_retired, u64::from(inject_fault));
             if let Some(d) = &r.fault_drill {
                 assert!(d.caught && d.quarantined && d.kv_caught, "{d:?}");
