@@ -17,6 +17,8 @@
 //! - [`metrics`]: the Prometheus exposition of the statistics, the metrics file and the HTTP
 //!   exporter, and the `metrics` / `serve-metrics` verbs.
 //! - [`demo`]: the multi-tenant simulation behind `kvh demo`.
+//! - [`gate`]: `kvh gate`, whether a process may keep serving tenants (its metrics snapshot and
+//!   forensic log judged as one exit status).
 //!
 //! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
 
@@ -28,5 +30,6 @@ pub mod demo;
 pub mod events;
 pub mod ffi;
 pub mod forensic;
+pub mod gate;
 pub mod metrics;
 pub mod stats;

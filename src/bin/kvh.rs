@@ -14,6 +14,7 @@ use kvhygiene::events::EventSink;
 use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, VerifyLogArgs};
 use kvhygiene::forensic::evidence::{self, EvidenceArgs};
 use kvhygiene::forensic::{ForensicLog, StartInfo};
+use kvhygiene::gate::{self, GateArgs};
 use kvhygiene::metrics::cli::{self as metrics_cli, MetricsArgs, ServeMetricsArgs};
 
 #[derive(Parser)]
@@ -36,10 +37,12 @@ enum Command {
     /// Simulate tenants running requests through the allocator and show that no byte leaks.
     ///
     /// Each tenant runs requests whose KV cache grows during decode and is freed at request
-    /// end, and which borrow blocks of a shared paged KV cache, handed back through
-    /// kvh_scrub_blocks. Every new allocation and every borrowed block is read back: any
-    /// non-zero byte would be a leak. Exit status 0 when nothing had residue (and, with
-    /// --inject-fault, both sabotaged scrubs were caught).
+    /// end, and which borrow blocks of a shared paged KV cache, claimed through the eviction
+    /// gate (kvh_claim_blocks) and handed back through kvh_scrub_blocks; one request in four
+    /// is preempted down a path that skips the scrub, which the gate must catch. Every new
+    /// allocation and every borrowed block is read back: any non-zero byte would be a leak.
+    /// Exit status 0 when nothing had residue and the gate caught every unscrubbed block
+    /// (and, with --inject-fault, both sabotaged scrubs were caught).
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -67,7 +70,38 @@ enum Command {
     /// Serve a metrics file over HTTP at /metrics: a sidecar for Prometheus.
     #[command(long_about = SERVE_METRICS_HELP)]
     ServeMetrics(ServeMetricsArgs),
+    /// Decide whether an inference process may keep serving tenants (exit 0 admit, 1 evict, 2 error).
+    #[command(long_about = GATE_HELP)]
+    Gate(GateArgs),
 }
+
+const GATE_HELP: &str = "\
+Decide whether an inference process may keep serving tenants (exit 0 admit, 1 evict, 2 error).
+
+A process whose hygiene control failed keeps running (a quarantined block is not a crash), so \
+something must take it out of rotation. This verb is that decision, from the metrics file the \
+process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
+
+  0  admit: the snapshot is fresh, shows no security failure and no anomaly (and the log
+     verifies); what still deserves a look is printed as notes (KV blocks the eviction
+     gate had to scrub, refused claims, invalid frees)
+  1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
+     verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
+     records or an asynchronous backend error, or lacks one of those series; the anomaly
+     detector flagged something (unless --allow-anomalies); or the log does not verify
+  2  usage error, or the metrics file (or log) is missing, unreadable or not kvhygiene's
+
+Counters only grow, so an evicted process stays evicted until it restarts.
+
+Examples:
+  # Kubernetes readinessProbe (exec) of the inference container
+  kvh gate --metrics-file /run/kvh/kvh.prom --max-age 60
+
+  # Before promoting a canary: the control held and the evidence verifies
+  kvh gate --metrics-file /run/kvh/kvh.prom --log-dir /var/log/kvh --key-file /etc/kvh/hmac.key
+
+  # For scripts
+  kvh gate --metrics-file /run/kvh/kvh.prom --json | jq -r '.verdict'";
 
 const METRICS_HELP: &str = "\
 Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
@@ -161,6 +195,7 @@ fn main() -> ExitCode {
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
+        Command::Gate(args) => exit_code(gate::run_gate(&args)),
     }
 }
 

@@ -315,32 +315,32 @@ fn series_name(metric: &str, labels: &[(&str, &str)]) -> String {
     format!("{metric}{{{}}}", inner.join(","))
 }
 
+/// The metrics file a verb reads: `arg`, else this environment's `KVH_METRICS_FILE` (which
+/// must not be a per-process `{pid}` pattern: the process's own file must be named).
+pub fn resolve_file(arg: Option<&Path>, verb: &str) -> Result<PathBuf, String> {
+    if let Some(f) = arg {
+        return Ok(f.to_path_buf());
+    }
+    match Config::from_env() {
+        Ok(c) if c.metrics.per_process() => Err(format!(
+            "KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per process): pass the file \
+             of the process to check (`kvh {verb} --help`)"
+        )),
+        Ok(c) => c.metrics.file.ok_or_else(|| {
+            "no metrics file: pass the file (see --help) or set KVH_METRICS_FILE".to_string()
+        }),
+        Err(e) => Err(format!("configuration: {e}")),
+    }
+}
+
 /// Runs `metrics`; returns the process exit code.
 pub fn run_metrics(args: &MetricsArgs) -> i32 {
-    let file = match &args.file {
-        Some(f) => f.clone(),
-        None => match Config::from_env() {
-            Ok(c) if c.metrics.per_process() => {
-                eprintln!(
-                    "kvh metrics: KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per \
-                     process): pass --file with the file of the process to check"
-                );
-                return EXIT_USAGE;
-            }
-            Ok(c) => match c.metrics.file {
-                Some(f) => f,
-                None => {
-                    eprintln!(
-                        "kvh metrics: no metrics file: pass --file FILE or set KVH_METRICS_FILE"
-                    );
-                    return EXIT_USAGE;
-                }
-            },
-            Err(e) => {
-                eprintln!("kvh metrics: configuration: {e}");
-                return EXIT_USAGE;
-            }
-        },
+    let file = match resolve_file(args.file.as_deref(), "metrics") {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("kvh metrics: {e}");
+            return EXIT_USAGE;
+        }
     };
     let snap = match load(&file) {
         Ok(s) => s,

@@ -1,0 +1,321 @@
+//! `kvh gate`: whether an inference process may keep serving tenants, as one exit status for a
+//! Kubernetes readiness probe, a load balancer's health check or a deployment pipeline.
+//!
+//! The allocator keeps every tenant's bytes apart only while its control works. When it
+//! stops working — a scrub fails verification, something writes freed memory, evidence is
+//! lost, the process stops exporting its state — a process keeps running (quarantine is not a
+//! crash), and traffic keeps coming unless something takes it out of rotation. This verb is
+//! that decision, from the metrics snapshot the process exports (`KVH_METRICS_FILE`) and,
+//! optionally, its forensic log:
+//!
+//! - **evict** (exit 1) when the snapshot is stale or unreadable as a snapshot of a live
+//!   process, when it shows a security failure (the checks of `kvh metrics
+//!   --fail-on-security`), when the anomaly detector flagged anything (unless
+//!   `--allow-anomalies`), or when the log does not verify;
+//! - **admit** (exit 0) otherwise; what an operator should still look at (blocks the KV
+//!   eviction gate had to scrub, refused claims, invalid frees) is printed as notes;
+//! - exit 2 for usage errors and unreadable inputs, as every verb.
+//!
+//! Counters are per process and only grow, so an evicted process stays evicted until it is
+//! restarted: a control that failed once is not trusted again by itself.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
+use crate::forensic::verify::{self, verify_all};
+use crate::metrics::cli::{self as metrics_cli, Snapshot};
+
+/// Exit code: the process may keep serving.
+pub const EXIT_ADMIT: i32 = 0;
+/// Exit code: take the process out of rotation.
+pub const EXIT_EVICT: i32 = 1;
+/// Exit code: usage error or unreadable input; nothing was concluded.
+pub const EXIT_USAGE: i32 = 2;
+
+/// The anomaly detector's counter (one series per signal).
+pub const ANOMALIES: &str = "kvh_anomalies_total";
+
+/// `kvh gate`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GateArgs {
+    /// The process's metrics file (its KVH_METRICS_FILE, `{pid}` replaced); default: this
+    /// environment's KVH_METRICS_FILE (without `{pid}`).
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
+    /// Evict when the snapshot is older than SECS seconds (the process stopped exporting:
+    /// hung or gone). Pick a few times KVH_METRICS_INTERVAL_MS (default 10 s).
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_age: u64,
+    /// Also verify the forensic log in DIR (as `kvh verify-log`) and evict when it fails.
+    /// This reads the whole log: for frequent probes, verify on a schedule instead.
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// With --log-dir: the HMAC secret file, so that MACs are checked too.
+    #[arg(long, value_name = "FILE", requires = "log_dir")]
+    pub key_file: Option<PathBuf>,
+    /// Admit a process whose anomaly detector flagged something (anomalies become notes).
+    #[arg(long)]
+    pub allow_anomalies: bool,
+    /// Print the verdict as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The gate's decision and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// `admit` or `evict`.
+    pub verdict: &'static str,
+    /// Why the process must be evicted (empty when admitted).
+    pub reasons: Vec<String>,
+    /// What an operator should look at, without evicting.
+    pub notes: Vec<String>,
+    pub metrics_file: String,
+    pub snapshot_age_seconds: f64,
+    pub max_age_seconds: u64,
+    /// The log directory verified, and the chains and records found, when --log-dir was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogSummary>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LogSummary {
+    pub dir: String,
+    pub chains: usize,
+    pub records: u64,
+    pub verified: bool,
+}
+
+impl Verdict {
+    pub fn admitted(&self) -> bool {
+        self.reasons.is_empty()
+    }
+}
+
+/// Judges a snapshot (and a log report) as of `now`. Pure: everything it needs is passed in.
+pub fn judge(
+    file: &str,
+    snap: &Snapshot,
+    args: &GateArgs,
+    log: Option<(&str, &verify::Report)>,
+    now: SystemTime,
+) -> Verdict {
+    let age = snap.age_seconds(now);
+    let mut reasons = Vec::new();
+    let mut notes = Vec::new();
+    if age > args.max_age as f64 {
+        reasons.push(format!(
+            "the metrics snapshot is {age:.0} s old (--max-age {}): the process stopped \
+             exporting (hung or gone)",
+            args.max_age
+        ));
+    }
+    for (check, value) in snap.security_failures() {
+        reasons.push(match value {
+            Some(v) => format!("{}: {} = {v}", check.what, check.metric),
+            None => format!(
+                "{} is missing from the snapshot: {} cannot be checked",
+                check.metric, check.what
+            ),
+        });
+    }
+    let anomalies = sum(snap, ANOMALIES);
+    match anomalies {
+        Some(n) if n > 0.0 => {
+            let text = format!(
+                "the anomaly detector flagged {n} anomalies ({}); see the `anomaly` records",
+                by_label(snap, ANOMALIES, "signal")
+            );
+            if args.allow_anomalies {
+                notes.push(text);
+            } else {
+                reasons.push(text);
+            }
+        }
+        Some(_) => {}
+        None => notes.push(format!(
+            "{ANOMALIES} is not in the snapshot: the anomaly detector is off or predates it"
+        )),
+    }
+    note_if_positive(
+        snap,
+        &mut notes,
+        "kvh_kv_gate_scrubbed_blocks_total",
+        "KV blocks changed owner without the engine's scrub; the eviction gate scrubbed them",
+    );
+    note_if_positive(
+        snap,
+        &mut notes,
+        "kvh_kv_claims_refused_total",
+        "kvh_claim_blocks calls were refused (see the kv_gate policy_violation records)",
+    );
+    note_if_positive(
+        snap,
+        &mut notes,
+        "kvh_invalid_frees_total",
+        "invalid frees were refused (caller bugs; see the invalid_free records)",
+    );
+    let log = log.map(|(dir, report)| {
+        if let Some(p) = report.first_problem() {
+            reasons.push(format!("the forensic log does not verify: {p}"));
+        } else if let Some(e) = report.errors.first() {
+            reasons.push(format!("the forensic log does not verify: {e}"));
+        }
+        LogSummary {
+            dir: dir.to_string(),
+            chains: report.chains.len(),
+            records: report.chains.iter().map(|c| c.records).sum(),
+            verified: report.ok(),
+        }
+    });
+    Verdict {
+        verdict: if reasons.is_empty() { "admit" } else { "evict" },
+        reasons,
+        notes,
+        metrics_file: file.to_string(),
+        snapshot_age_seconds: (age * 1000.0).round() / 1000.0,
+        max_age_seconds: args.max_age,
+        log,
+    }
+}
+
+/// The sum of every series of `metric`, `None` when it has none.
+fn sum(snap: &Snapshot, metric: &str) -> Option<f64> {
+    let mut values = snap
+        .exposition
+        .samples
+        .iter()
+        .filter(|s| s.name == metric)
+        .map(|s| s.value)
+        .peekable();
+    values.peek()?;
+    Some(values.sum())
+}
+
+/// `a=1, b=2` for the non-zero series of `metric`, by the value of `label`.
+fn by_label(snap: &Snapshot, metric: &str, label: &str) -> String {
+    let parts: Vec<String> = snap
+        .exposition
+        .samples
+        .iter()
+        .filter(|s| s.name == metric && s.value != 0.0)
+        .map(|s| format!("{}={}", s.label(label).unwrap_or("?"), s.value))
+        .collect();
+    parts.join(", ")
+}
+
+fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what: &str) {
+    if let Some(n) = sum(snap, metric).filter(|&n| n > 0.0) {
+        notes.push(format!("{what}: {metric} = {n}"));
+    }
+}
+
+/// Runs `gate`; returns the process exit code.
+pub fn run_gate(args: &GateArgs) -> i32 {
+    let file = match metrics_cli::resolve_file(args.metrics_file.as_deref(), "gate") {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("kvh gate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let snap = match metrics_cli::load(&file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvh gate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let log = match &args.log_dir {
+        Some(dir) => match verify_log(dir, args.key_file.clone()) {
+            Ok(report) => Some((dir.display().to_string(), report)),
+            Err(e) => {
+                eprintln!("kvh gate: {e}");
+                return EXIT_USAGE;
+            }
+        },
+        None => None,
+    };
+    let verdict = judge(
+        &file.display().to_string(),
+        &snap,
+        args,
+        log.as_ref().map(|(d, r)| (d.as_str(), r)),
+        SystemTime::now(),
+    );
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        serde_json::to_writer_pretty(&mut out, &verdict)
+            .map_err(std::io::Error::from)
+            .and_then(|_| writeln!(out))
+    } else {
+        write_text(&mut out, &verdict)
+    };
+    if let Err(e) = written {
+        eprintln!("kvh gate: cannot write the verdict: {e}");
+        return EXIT_USAGE;
+    }
+    if verdict.admitted() {
+        EXIT_ADMIT
+    } else {
+        EXIT_EVICT
+    }
+}
+
+/// Verifies the log as `verify-log` does; an empty log is an error, not a pass.
+fn verify_log(dir: &std::path::Path, key_file: Option<PathBuf>) -> Result<verify::Report, String> {
+    let args = VerifyLogArgs {
+        dir: dir.to_path_buf(),
+        key_file,
+        public_key: None,
+        checkpoint: None,
+        json: false,
+    };
+    let opts = log_cli::options(&args)?;
+    let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
+    if report.chains.iter().all(|c| c.records == 0) && report.errors.is_empty() {
+        return Err(format!(
+            "{}: no forensic log records to verify",
+            dir.display()
+        ));
+    }
+    Ok(report)
+}
+
+fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
+    if v.admitted() {
+        writeln!(
+            out,
+            "ADMIT: {} ({:.1} s old) shows the hygiene control working",
+            v.metrics_file, v.snapshot_age_seconds
+        )?;
+    } else {
+        writeln!(out, "EVICT: take this process out of rotation")?;
+        for r in &v.reasons {
+            writeln!(out, "  - {r}")?;
+        }
+    }
+    if let Some(log) = &v.log {
+        writeln!(
+            out,
+            "forensic log {}: {} chains, {} records, {}",
+            log.dir,
+            log.chains,
+            log.records,
+            if log.verified {
+                "verified"
+            } else {
+                "NOT verified"
+            }
+        )?;
+    }
+    for n in &v.notes {
+        writeln!(out, "note: {n}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `kvh gate`, run as the built binary: admit (0), evict (1) and usage errors (2), from metrics
+//! snapshots written by the library's own encoder and from real forensic logs.
+
+#[path = "forensic_common/mod.rs"]
+mod forensic_common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use kvhygiene::forensic::LogStats;
+use kvhygiene::metrics::{encode, ExporterStats};
+use kvhygiene::stats::{PoolCounters, Stats};
+
+fn kvh() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// A snapshot taken `age` ago of a pool whose counters `set` adjusts, with `anomalies`
+/// (signal, count) series in place of the encoder's own, when given.
+fn snapshot(
+    path: &Path,
+    age: Duration,
+    set: impl FnOnce(&mut PoolCounters),
+    anomalies: &[(&str, u64)],
+) {
+    let mut pool = PoolCounters::default();
+    pool.counters.allocations = 5;
+    set(&mut pool);
+    let mut stats = Stats::merge("host".into(), &[pool], None);
+    stats.log = serde_json::to_value(LogStats::disabled()).ok();
+    let text = encode(&stats, &ExporterStats::default(), SystemTime::now() - age);
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| anomalies.is_empty() || !l.starts_with("kvh_anomalies_total"))
+        .map(str::to_string)
+        .collect();
+    for (signal, n) in anomalies {
+        lines.push(format!("kvh_anomalies_total{{signal=\"{signal}\"}} {n}"));
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn gate(file: &Path, extra: &[&str]) -> (i32, String, String) {
+    run(kvh().args(["gate", "--metrics-file"]).arg(file).args(extra))
+}
+
+#[test]
+fn a_healthy_process_is_admitted_with_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |p| {
+            p.counters.kv_gate_scrubbed_blocks = 3;
+            p.counters.invalid_frees = 1;
+        },
+        &[("residue", 0)],
+    );
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ADMIT"), "{out}");
+    assert!(
+        out.contains("note: KV blocks changed owner without the engine's scrub")
+            && out.contains("kvh_kv_gate_scrubbed_blocks_total = 3"),
+        "{out}"
+    );
+    assert!(out.contains("kvh_invalid_frees_total = 1"), "{out}");
+    // JSON for scripts; the file can come from the environment.
+    let (code, out, _) = run(kvh().args(["gate", "--json"]).env("KVH_METRICS_FILE", &f));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "admit");
+    assert_eq!(v["reasons"].as_array().unwrap().len(), 0);
+    assert_eq!(v["max_age_seconds"], 60);
+}
+
+#[test]
+fn a_failed_control_evicts_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |p| {
+            p.counters.verifications_failed = 2;
+            p.counters.residue_detected = 1;
+        },
+        &[],
+    );
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("EVICT"), "{out}");
+    assert!(out.contains("scrub verifications failed"), "{out}");
+    assert!(out.contains("kvh_residue_detected_total = 1"), "{out}");
+}
+
+#[test]
+fn a_stale_snapshot_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::from_secs(120), |_| {}, &[]);
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("stopped exporting"), "{out}");
+    let (code, out, _) = gate(&f, &["--max-age", "600"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn anomalies_evict_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |_| {},
+        &[("invalid_free", 2), ("residue", 0)],
+    );
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("anomaly detector flagged 2 anomalies (invalid_free=2)"),
+        "{out}"
+    );
+    let (code, out, _) = gate(&f, &["--allow-anomalies"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("note: the anomaly detector flagged 2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_forensic_log_is_verified_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let log = dir.path().join("log");
+    forensic_common::write_log(&forensic_common::cfg(&log, 1 << 20), 20, false);
+    let (code, out, err) = gate(&f, &["--log-dir", log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("verified"), "{out}");
+    // A record rewritten: the log no longer verifies, the process is evicted.
+    let file = &forensic_common::chain_files(&log)[0];
+    let mut lines = forensic_common::read_lines(file);
+    assert!(lines[5].contains("req-4"), "{}", lines[5]);
+    lines[5] = lines[5].replace("req-4", "req-X");
+    forensic_common::write_lines(file, &lines);
+    let (code, out, _) = gate(&f, &["--log-dir", log.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "evict");
+    assert_eq!(v["log"]["verified"], false);
+    assert!(
+        v["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("forensic log does not verify"),
+        "{v}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_usage_error_not_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.prom");
+    let (code, _, err) = gate(&missing, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("nope.prom"), "{err}");
+    let junk = dir.path().join("junk.prom");
+    std::fs::write(&junk, "hello world\n").unwrap();
+    let (code, _, err) = gate(&junk, &[]);
+    assert_eq!(code, 2, "{err}");
+    // No file named and none configured.
+    let (code, _, err) = run(kvh().arg("gate"));
+    assert_eq!(code, 2);
+    assert!(err.contains("no metrics file"), "{err}");
+    // A per-process pattern cannot be read as one file.
+    let (code, _, err) = run(kvh()
+        .arg("gate")
+        .env("KVH_METRICS_FILE", "/run/kvh/kvh-{pid}.prom"));
+    assert_eq!(code, 2);
+    assert!(err.contains("{pid}"), "{err}");
+    // An empty log directory is not a verified log.
+    let good = dir.path().join("kvh.prom");
+    snapshot(&good, Duration::ZERO, |_| {}, &[]);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, _, err) = gate(&good, &["--log-dir", empty.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no forensic log records"), "{err}");
+    // --key-file needs --log-dir; --max-age must be positive.
+    let (code, _, _) = gate(&good, &["--key-file", "/dev/null"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = gate(&good, &["--max-age", "0"]);
+    assert_eq!(code, 2);
+}
