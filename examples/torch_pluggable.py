@@ -11,7 +11,9 @@ What it shows:
 3. memory a request frees comes back zeroed: the next request's torch.empty() cannot read the
    previous request's data (with PyTorch's default allocator it can);
 4. a paged KV cache (one tensor per layer, blocks handed between requests by the engine, as
-   vLLM does) gets a finished request's blocks zeroed and verified with scrub_blocks;
+   vLLM does) gets a finished request's blocks zeroed and verified with scrub_blocks, and
+   claim_blocks (the eviction gate) zeroes a block a request released without that scrub
+   before the next request gets it;
 5. kvhygiene.stats() reports what the allocator did.
 """
 
@@ -73,6 +75,18 @@ def main() -> int:
     # Only the request's blocks were written: other requests' blocks (5.0) are untouched.
     kv_touched = sum(int((c[:, others] != 5.0).sum().item()) for c in caches)
     print(f"after scrub_blocks, {kv_left} non-zero values in the request's KV blocks, {kv_touched} changed elsewhere")
+
+    # The eviction gate: the engine claims blocks when it gives them to a request. Block 99 is
+    # used by req-5, which is preempted down a path that forgets scrub_blocks; when req-6 of
+    # another tenant is given it, the claim zeroes and verifies it first.
+    with kvhygiene.context(tenant_id="tenant-a", request_id="req-5", model_id="demo-model"):
+        kvhygiene.claim_blocks(layout, [99])
+        for c in caches:
+            c[:, 99] = 9.0
+    with kvhygiene.context(tenant_id="tenant-b", request_id="req-6", model_id="demo-model"):
+        kvhygiene.claim_blocks(layout, [99])  # raises ClaimRefusedError if it cannot be cleared
+        gate_left = sum(int((c[:, 99] != 0).sum().item()) for c in caches)
+    print(f"after the eviction gate, {gate_left} non-zero values in the block req-6 was given")
     del caches
 
     # torch.cuda.empty_cache() reaches kvhygiene through the reset hook install() registered.
@@ -82,7 +96,7 @@ def main() -> int:
     # 5. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
-    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 else 2
+    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 and gate_left == 0 else 2
 
 
 if __name__ == "__main__":
