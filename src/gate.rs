@@ -217,7 +217,7 @@ fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what
 
 /// Runs `gate`; returns the process exit code.
 pub fn run_gate(args: &GateArgs) -> i32 {
-    let file = match metrics_cli::resolve_file(args.metrics_file.as_deref(), "gate") {
+    let file = match metrics_cli::resolve_file(args.metrics_file.as_deref(), "--metrics-file") {
         Ok(f) => f,
         Err(e) => {
             eprintln!("kvh gate: {e}");

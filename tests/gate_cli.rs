@@ -201,7 +201,10 @@ fn bad_input_is_a_usage_error_not_a_verdict() {
         .arg("gate")
         .env("KVH_METRICS_FILE", "/run/kvh/kvh-{pid}.prom"));
     assert_eq!(code, 2);
-    assert!(err.contains("{pid}"), "{err}");
+    assert!(
+        err.contains("{pid}") && err.contains("--metrics-file"),
+        "{err}"
+    );
     // An empty log directory is not a verified log.
     let good = dir.path().join("kvh.prom");
     snapshot(&good, Duration::ZERO, |_| {}, &[]);

@@ -315,27 +315,29 @@ fn series_name(metric: &str, labels: &[(&str, &str)]) -> String {
     format!("{metric}{{{}}}", inner.join(","))
 }
 
-/// The metrics file a verb reads: `arg`, else this environment's `KVH_METRICS_FILE` (which
-/// must not be a per-process `{pid}` pattern: the process's own file must be named).
-pub fn resolve_file(arg: Option<&Path>, verb: &str) -> Result<PathBuf, String> {
+/// The metrics file a verb reads: `arg` (given with `flag`), else this environment's
+/// `KVH_METRICS_FILE`, which must not be a per-process `{pid}` pattern: the process's own file
+/// must be named.
+pub fn resolve_file(arg: Option<&Path>, flag: &str) -> Result<PathBuf, String> {
     if let Some(f) = arg {
         return Ok(f.to_path_buf());
     }
     match Config::from_env() {
         Ok(c) if c.metrics.per_process() => Err(format!(
-            "KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per process): pass the file \
-             of the process to check (`kvh {verb} --help`)"
+            "KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per process): pass {flag} \
+             with the file of the process to check"
         )),
-        Ok(c) => c.metrics.file.ok_or_else(|| {
-            "no metrics file: pass the file (see --help) or set KVH_METRICS_FILE".to_string()
-        }),
+        Ok(c) => c
+            .metrics
+            .file
+            .ok_or_else(|| format!("no metrics file: pass {flag} FILE or set KVH_METRICS_FILE")),
         Err(e) => Err(format!("configuration: {e}")),
     }
 }
 
 /// Runs `metrics`; returns the process exit code.
 pub fn run_metrics(args: &MetricsArgs) -> i32 {
-    let file = match resolve_file(args.file.as_deref(), "metrics") {
+    let file = match resolve_file(args.file.as_deref(), "--file") {
         Ok(f) => f,
         Err(e) => {
             eprintln!("kvh metrics: {e}");
