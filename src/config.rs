@@ -127,6 +127,31 @@ pub struct Config {
     pub oom: OomMode,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub anomaly: AnomalyConfig,
+}
+
+/// Anomaly detector settings (used by `crate::anomaly`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnomalyConfig {
+    /// Whether the detector layer sits in front of the event sinks.
+    pub enabled: bool,
+    /// Length of the sliding (burst) and baseline (surge) windows, milliseconds.
+    pub window_ms: u64,
+    /// Standard deviations above the baseline that make a window's count a surge.
+    pub z: f64,
+    /// Multiplier of every signal's default burst threshold (thresholds stay at least 1).
+    pub burst_scale: f64,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            enabled: true,
+            window_ms: 10_000,
+            z: 4.0,
+            burst_scale: 1.0,
+        }
+    }
 }
 
 /// Metrics export settings (used by `crate::metrics`). Both exports are off by default.
@@ -220,6 +245,7 @@ impl Default for Config {
                 checkpoint_interval_ms: 60_000,
             },
             metrics: MetricsConfig::default(),
+            anomaly: AnomalyConfig::default(),
         }
     }
 }
@@ -466,6 +492,26 @@ const KEYS: &[Key] = &[
             Some(())
         }
     ),
+    key!("anomaly", "on or off", |c, v| {
+        c.anomaly.enabled = parse_bool(v)?;
+        Some(())
+    }),
+    key!(
+        "anomaly_window_ms",
+        "an integer in [100, 3600000] (milliseconds)",
+        |c, v| {
+            c.anomaly.window_ms = parse_in(v, 100, 3_600_000)?;
+            Some(())
+        }
+    ),
+    key!("anomaly_z", "a number in [1, 100]", |c, v| {
+        c.anomaly.z = parse_f64_in(v, 1.0, 100.0)?;
+        Some(())
+    }),
+    key!("anomaly_burst_scale", "a number in [0.01, 1000]", |c, v| {
+        c.anomaly.burst_scale = parse_f64_in(v, 0.01, 1000.0)?;
+        Some(())
+    }),
 ];
 
 /// A TOML syntax error as one line: `line L, column C: message`.
@@ -629,6 +675,13 @@ fn parse_in(v: &str, min: u64, max: u64) -> Option<u64> {
 fn parse_unit_interval(v: &str) -> Option<f64> {
     let x: f64 = v.trim().parse().ok()?;
     (x.is_finite() && x > 0.0 && x <= 1.0).then_some(x)
+}
+
+/// A finite number in `[min, max]` (NaN and infinities are refused: they would disable or
+/// break every comparison made with the value).
+fn parse_f64_in(v: &str, min: f64, max: f64) -> Option<f64> {
+    let x: f64 = v.trim().parse().ok()?;
+    (x.is_finite() && (min..=max).contains(&x)).then_some(x)
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -893,6 +946,76 @@ mod tests {
             Some(Path::new("/m/4242/kvh-4242.prom"))
         );
         assert_eq!(MetricsConfig::default().file_for(1), None);
+    }
+
+    #[test]
+    fn anomaly_keys_default_on_and_are_validated() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.anomaly, AnomalyConfig::default());
+        assert!(c.anomaly.enabled);
+        assert_eq!(c.anomaly.window_ms, 10_000);
+        assert_eq!(c.anomaly.z, 4.0);
+        assert_eq!(c.anomaly.burst_scale, 1.0);
+        let c = Config::from_vars(&vars(&[
+            ("KVH_ANOMALY", "off"),
+            ("KVH_ANOMALY_WINDOW_MS", "2500"),
+            ("KVH_ANOMALY_Z", "3.5"),
+            ("KVH_ANOMALY_BURST_SCALE", "0.5"),
+        ]))
+        .unwrap();
+        assert!(!c.anomaly.enabled);
+        assert_eq!(c.anomaly.window_ms, 2500);
+        assert_eq!(c.anomaly.z, 3.5);
+        assert_eq!(c.anomaly.burst_scale, 0.5);
+        assert!(
+            Config::from_vars(&vars(&[("KVH_ANOMALY", "on")]))
+                .unwrap()
+                .anomaly
+                .enabled
+        );
+        for bad in ["maybe", ""] {
+            assert_eq!(invalid_key(&[("KVH_ANOMALY", bad)]), "KVH_ANOMALY", "{bad}");
+        }
+        for bad in ["99", "3600001", "0", "-1", "soon", "1e4"] {
+            assert_eq!(
+                invalid_key(&[("KVH_ANOMALY_WINDOW_MS", bad)]),
+                "KVH_ANOMALY_WINDOW_MS",
+                "{bad}"
+            );
+        }
+        for bad in ["NaN", "nan", "inf", "-inf", "0.5", "100.5", "-4", "four"] {
+            assert_eq!(
+                invalid_key(&[("KVH_ANOMALY_Z", bad)]),
+                "KVH_ANOMALY_Z",
+                "{bad}"
+            );
+        }
+        for bad in ["NaN", "0", "0.001", "1001", "inf", "x"] {
+            assert_eq!(
+                invalid_key(&[("KVH_ANOMALY_BURST_SCALE", bad)]),
+                "KVH_ANOMALY_BURST_SCALE",
+                "{bad}"
+            );
+        }
+        let err = Config::from_vars(&vars(&[("KVH_ANOMALY_Z", "NaN")])).unwrap_err();
+        assert!(err.to_string().contains("[1, 100]"), "{err}");
+        // The same keys in a file, named after the file's key.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(
+            &path,
+            "anomaly = false\nanomaly_z = 6\nanomaly_window_ms = 500\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert!(!c.anomaly.enabled);
+        assert_eq!((c.anomaly.z, c.anomaly.window_ms), (6.0, 500));
+        std::fs::write(&path, "anomaly_z = nan\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("anomaly_z") && err.contains("kvh.toml"),
+            "{err}"
+        );
     }
 
     #[test]

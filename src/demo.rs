@@ -150,7 +150,9 @@ pub fn run(
     if opts.inject_fault && backend.kind() != BackendKind::Host {
         return Err(DemoError::FaultNeedsHost(backend.kind()));
     }
-    let alloc = Allocator::new(backend, config, sink);
+    // The anomaly detector in front of the caller's sink, as the runtime puts it.
+    let layered = crate::anomaly::layer(&config.anomaly, sink);
+    let alloc = Allocator::new(backend, config, layered.sink.clone());
     let (paged, paged_dirty) = PagedCache::new(&alloc, opts)?;
     // The paged cache's allocation, read back by `new`, counts as a new allocation.
     let checked = AtomicU64::new(1);
@@ -206,7 +208,8 @@ pub fn run(
     alloc.free(paged.addr, paged.size as i64, 0, DEFAULT_STREAM)?;
     // Shutdown drains every scrub so the figures are final.
     alloc.shutdown();
-    let stats = alloc.stats();
+    let mut stats = alloc.stats();
+    stats.anomaly = layered.stats_json();
     Ok(DemoReport {
         backend: stats.backend.clone(),
         tenants: opts.tenants,
@@ -666,6 +669,7 @@ pub fn render(report: &DemoReport) -> String {
             )
         },
     );
+    line("anomalies", anomalies_line(s));
     if let Some(d) = &report.fault_drill {
         line(
             "fault drill",
@@ -685,6 +689,32 @@ pub fn render(report: &DemoReport) -> String {
     };
     out.push_str(&format!("{verdict}\n"));
     out
+}
+
+/// The anomaly detector's records by signal, from the stats' `anomaly` field.
+fn anomalies_line(s: &Stats) -> String {
+    let Some(a) = &s.anomaly else {
+        return "detector not running".into();
+    };
+    if a.get("enabled").and_then(serde_json::Value::as_bool) != Some(true) {
+        return "detector off (KVH_ANOMALY=off)".into();
+    }
+    let total = a
+        .get("anomalies")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let fired: Vec<String> = a
+        .get("by_signal")
+        .and_then(serde_json::Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_u64().filter(|&n| n > 0).map(|n| format!("{k} {n}")))
+        .collect();
+    if fired.is_empty() {
+        "none".into()
+    } else {
+        format!("{total} ({})", fired.join(", "))
+    }
 }
 
 fn yes(b: bool) -> &'static str {
@@ -787,5 +817,40 @@ mod tests {
                 assert_eq!((d.checked, d.with_residue), (65, 0));
             }
         }
+    }
+
+    /// The drill's failures trip the anomaly detector (and the output says so); a clean run
+    /// trips nothing. Neither changes the verdict.
+    #[test]
+    fn the_drill_shows_anomalies_and_a_clean_run_none() {
+        let clean = small(false);
+        let a = clean.stats.anomaly.as_ref().expect("anomaly stats");
+        assert_eq!(a["enabled"], true);
+        assert_eq!(a["anomalies"], 0, "{a}");
+        assert!(render(&clean).contains("anomalies                   none\n"));
+        let drilled = small(true);
+        assert!(drilled.passed());
+        let a = drilled.stats.anomaly.as_ref().expect("anomaly stats");
+        // The sabotaged free read residue and failed; the sabotaged KV block failed too.
+        assert_eq!(a["by_signal"]["residue"], 1, "{a}");
+        assert_eq!(a["by_signal"]["verify_failed"], 1, "{a}");
+        let text = render(&drilled);
+        assert!(
+            text.contains("residue 1") && text.contains("verify_failed 1"),
+            "{text}"
+        );
+        // Off: said, and nothing counted.
+        let opts = DemoOptions {
+            tenants: 1,
+            requests_per_tenant: 1,
+            decode_tokens: 16,
+            inject_fault: true,
+            ..DemoOptions::default()
+        };
+        let mut config = Config::default();
+        config.anomaly.enabled = false;
+        let r = run(HostBackend::new(), config, None, &opts, &|_, _| {}).expect("demo runs");
+        assert!(r.passed());
+        assert!(render(&r).contains("detector off"), "{}", render(&r));
     }
 }

@@ -60,6 +60,83 @@ pub enum TtlKind {
     Live,
 }
 
+/// The event patterns the anomaly detector ([`crate::anomaly`]) watches, one per kind of
+/// security event it counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AnomalySignal {
+    /// Refused frees (`invalid_free`).
+    InvalidFree,
+    /// Frees whose size differed from the block's (`size_mismatch`).
+    SizeMismatch,
+    /// Scrubs that did not verify (`verify_failed`, `kv_verify_failed`).
+    VerifyFailed,
+    /// Scrubs that read a non-zero sample: something wrote to memory after it was freed.
+    Residue,
+    /// Blocks quarantined for a failure (not the never-reuse policy's retirements).
+    Quarantine,
+    /// Blocks live longer than the live TTL (`ttl_exceeded`).
+    TtlExceeded,
+    /// Policy violations (`policy_violation`).
+    PolicyViolation,
+}
+
+impl AnomalySignal {
+    /// Every signal, in the order of the stats and metrics.
+    pub const ALL: [AnomalySignal; 7] = [
+        AnomalySignal::InvalidFree,
+        AnomalySignal::SizeMismatch,
+        AnomalySignal::VerifyFailed,
+        AnomalySignal::Residue,
+        AnomalySignal::Quarantine,
+        AnomalySignal::TtlExceeded,
+        AnomalySignal::PolicyViolation,
+    ];
+
+    /// The signal's name in records, stats and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            AnomalySignal::InvalidFree => "invalid_free",
+            AnomalySignal::SizeMismatch => "size_mismatch",
+            AnomalySignal::VerifyFailed => "verify_failed",
+            AnomalySignal::Residue => "residue",
+            AnomalySignal::Quarantine => "quarantine",
+            AnomalySignal::TtlExceeded => "ttl_exceeded",
+            AnomalySignal::PolicyViolation => "policy_violation",
+        }
+    }
+}
+
+/// Which rule of the anomaly detector fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnomalyRule {
+    /// The count within the sliding window reached the signal's threshold.
+    Burst,
+    /// The window's count exceeded the baseline of earlier windows by `z` standard deviations.
+    Surge,
+}
+
+impl AnomalyRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            AnomalyRule::Burst => "burst",
+            AnomalyRule::Surge => "surge",
+        }
+    }
+}
+
+/// The statistics behind a `surge`: the baseline of earlier windows and how far the window's
+/// count is above it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AnomalyBaseline {
+    /// Exponentially weighted mean and standard deviation of earlier windows' counts.
+    pub mean: f64,
+    pub stddev: f64,
+    /// `(count - mean) / spread`, the spread being the standard deviation with its floor.
+    pub z_score: f64,
+    /// The configured `z` the score exceeded.
+    pub z_threshold: f64,
+}
+
 /// What happened. Each variant maps to one forensic record kind ([`EventKind::name`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventKind {
@@ -112,6 +189,23 @@ pub enum EventKind {
         samples_nonzero: u64,
         coverage: f64,
         threshold: f64,
+    },
+    /// The anomaly detector saw a burst or surge of a signal for one tenant (the event's
+    /// context is that of the event that tripped the rule; none when `folded`). Counts only,
+    /// never payload bytes.
+    Anomaly {
+        signal: AnomalySignal,
+        rule: AnomalyRule,
+        /// Counted under the shared `*other*` key: the tenant was beyond the detector's cap
+        /// of tracked tenants for the signal.
+        folded: bool,
+        window_ms: u64,
+        /// Events in the window when the rule fired.
+        count: u64,
+        /// The count the rule needed (the burst threshold, or the smallest surge count).
+        threshold: u64,
+        /// Present for `surge`.
+        baseline: Option<AnomalyBaseline>,
     },
 }
 
@@ -183,6 +277,7 @@ impl EventKind {
             EventKind::PolicyViolation { .. } => "policy_violation",
             EventKind::KvScrubbed(_) => "kv_scrub",
             EventKind::KvVerifyFailed { .. } => "kv_verify_failed",
+            EventKind::Anomaly { .. } => "anomaly",
         }
     }
 

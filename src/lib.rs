@@ -10,6 +10,9 @@
 //!   backend and the shared sampled-verification rule.
 //! - [`events`]: the structured security events the pool emits and the [`events::EventSink`]
 //!   trait that consumers (the forensic log) implement.
+//! - [`anomaly`]: the anomaly detector ("activation logger"), an [`events::EventSink`] layer
+//!   in front of the log that turns bursts and surges of security events per tenant into
+//!   `anomaly` records.
 //! - [`forensic`]: the hash-chained, HMAC-sealed forensic log, its writer thread and `verify-log`.
 //! - [`context`]: per-thread tenant / request / model ids, validated at the boundary.
 //! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once.
@@ -23,6 +26,7 @@
 //! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
 
 pub mod alloc;
+pub mod anomaly;
 pub mod backend;
 pub mod config;
 pub mod context;

@@ -173,6 +173,9 @@ pub struct Stats {
     /// Set by the embedding layer (e.g. the forensic log's statistics).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<serde_json::Value>,
+    /// Set by the embedding layer: the anomaly detector's counters (`crate::anomaly`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<serde_json::Value>,
 }
 
 impl Stats {
@@ -211,6 +214,7 @@ impl Stats {
             pool_hit_rate,
             last_async_error,
             log: None,
+            anomaly: None,
         }
     }
 

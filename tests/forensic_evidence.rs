@@ -69,7 +69,12 @@ fn a_verified_log_reports_activity_and_every_exception() {
     assert_eq!(by_kind["verify_failed"], 1, "{v}");
     assert_eq!(by_kind["kv_verify_failed"], 1, "{v}");
     assert_eq!(by_kind["quarantine"], 1, "{v}");
-    assert_eq!(v["exceptions"].as_array().unwrap().len(), 3);
+    // The drill's failures also trip the anomaly detector: residue (the sabotaged free read
+    // non-zero) and verify_failed (it and the sabotaged KV block), once each.
+    assert_eq!(by_kind["anomaly"], 2, "{v}");
+    assert_eq!(v["anomalies_by_signal"]["residue"], 1, "{v}");
+    assert_eq!(v["anomalies_by_signal"]["verify_failed"], 1, "{v}");
+    assert_eq!(v["exceptions"].as_array().unwrap().len(), 5);
     let first = &v["exceptions"][0];
     assert_eq!(first["kind"], "verify_failed");
     assert_eq!(first["tenant_id"], "tenant-victim");
@@ -95,10 +100,16 @@ fn a_verified_log_reports_activity_and_every_exception() {
     assert_eq!(md.status.code(), Some(0));
     assert!(text.contains("- VERIFIED: 1 chains"), "{text}");
     assert!(
-        text.contains("3 security records: kv_verify_failed 1, quarantine 1, verify_failed 1."),
+        text.contains(
+            "5 security records: anomaly 2, kv_verify_failed 1, quarantine 1, verify_failed 1."
+        ),
         "{text}"
     );
     assert!(text.contains("SOC 2 CC6.5"), "{text}");
+    assert!(
+        text.contains("each is listed under Exceptions): residue 1, verify_failed 1."),
+        "{text}"
+    );
 
     // Listing is bounded; counting is not.
     let (_, few) = evidence_json(&dir, &["--max-exceptions", "1"]);
@@ -409,6 +420,7 @@ mod crafted_values {
         ("quarantine", "tenant_id"),
         ("policy_violation", "detail"),
         ("anomaly", "detail"),
+        ("anomaly", "signal"),
     ];
 
     proptest! {

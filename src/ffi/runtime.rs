@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::alloc::Allocator;
+use crate::anomaly::{self, AnomalySink, AnomalyStats};
 use crate::backend;
 use crate::config::Config;
 use crate::events::EventSink;
@@ -28,6 +29,8 @@ pub(crate) struct Runtime {
     pub allocator: Allocator,
     /// The forensic log; `None` when `KVH_LOG_DIR` is unset.
     pub log: Option<Arc<ForensicLog>>,
+    /// The anomaly detector in front of the log; `None` with `KVH_ANOMALY=off`.
+    pub anomaly: Option<Arc<AnomalySink>>,
     /// The metrics exports; `None` when neither a file nor an address is configured.
     pub metrics: Option<Exporter>,
     /// The process that started the allocator. A forked child inherits the runtime with
@@ -37,15 +40,27 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     pub(crate) fn stats_json(&self) -> String {
-        snapshot(&self.allocator, self.log.as_deref()).to_json()
+        snapshot(
+            &self.allocator,
+            self.log.as_deref(),
+            self.anomaly.as_deref(),
+        )
+        .to_json()
     }
 }
 
-/// The allocator's statistics with the forensic log's merged in (`kvh_stats_json`).
-fn snapshot(allocator: &Allocator, log: Option<&ForensicLog>) -> Stats {
+/// The allocator's statistics with the forensic log's and the anomaly detector's merged in
+/// (`kvh_stats_json`).
+fn snapshot(
+    allocator: &Allocator,
+    log: Option<&ForensicLog>,
+    anomaly: Option<&AnomalySink>,
+) -> Stats {
     let mut stats = allocator.stats();
     let log = log.map_or_else(LogStats::disabled, |l| l.stats());
     stats.log = serde_json::to_value(log).ok();
+    let anomaly = anomaly.map_or_else(AnomalyStats::disabled, |a| a.stats());
+    stats.anomaly = serde_json::to_value(anomaly).ok();
     stats
 }
 
@@ -112,21 +127,28 @@ fn try_start() -> Result<Runtime, StartError> {
     }
     let backend =
         backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
-    let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
+    // The detector sits between the allocator and the log: it sees every event, forwards it
+    // unchanged and adds `anomaly` records after the events that trip its rules.
+    let layered = anomaly::layer(
+        &config.anomaly,
+        log.clone().map(|l| l as Arc<dyn EventSink>),
+    );
+    let anomaly = layered.detector;
     let summary_every = Duration::from_millis(config.log.summary_interval_ms);
     let metrics_config = config.metrics.clone();
-    let allocator = Allocator::new(backend, config, sink);
+    let allocator = Allocator::new(backend, config, layered.sink);
     if let Some(log) = &log {
         spawn_summaries(allocator.clone(), log.clone(), summary_every);
     }
-    let (a, l) = (allocator.clone(), log.clone());
+    let (a, l, d) = (allocator.clone(), log.clone(), anomaly.clone());
     let metrics = Exporter::start(
         &metrics_config,
-        Arc::new(move || snapshot(&a, l.as_deref())),
+        Arc::new(move || snapshot(&a, l.as_deref(), d.as_deref())),
     );
     Ok(Runtime {
         allocator,
         log,
+        anomaly,
         metrics,
         pid: std::process::id(),
     })

@@ -78,6 +78,9 @@ pub struct Evidence {
     /// Distinct tenant ids in the records.
     pub tenants: u64,
     pub exceptions_by_kind: BTreeMap<String, u64>,
+    /// `anomaly` records by signal (records without one, written through
+    /// `ForensicLog::record_anomaly`, count under `unspecified`).
+    pub anomalies_by_signal: BTreeMap<String, u64>,
     /// The first `--max-exceptions`, chain by chain (in chain id order), each in log order.
     pub exceptions: Vec<Exception>,
     /// Records failed writes lost: per process, its `stop` record's total, or without one the
@@ -435,6 +438,11 @@ impl Tally {
                 chain.stop_lost = Some(num("records_lost"));
             }
             "lost" => chain.lost_sum = chain.lost_sum.saturating_add(num("records_lost")),
+            "anomaly" => {
+                let signal = text("signal").unwrap_or_else(|| "unspecified".into());
+                let count = ev.anomalies_by_signal.entry(signal).or_default();
+                *count = count.saturating_add(1);
+            }
             _ => {}
         }
         // Blocks retired by the never-reuse policy are the control working, not an exception;
@@ -504,6 +512,25 @@ fn cell(text: &str) -> String {
 /// [`cell`] of an optional value, `-` when absent.
 fn cell_or_dash(v: Option<&str>) -> String {
     v.map_or_else(|| "-".into(), cell)
+}
+
+/// The anomaly detector's findings, by signal (each record is also an exception below).
+fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
+    if ev.anomalies_by_signal.is_empty() {
+        push("Anomalies (`anomaly` records): none.".into());
+    } else {
+        let by_signal: Vec<String> = ev
+            .anomalies_by_signal
+            .iter()
+            .map(|(s, n)| format!("{} {n}", cell(s)))
+            .collect();
+        push(format!(
+            "Anomalies (`anomaly` records: a tenant's burst or surge of security events; each \
+             is listed under Exceptions): {}.",
+            by_signal.join(", ")
+        ));
+    }
+    push(String::new());
 }
 
 /// The report as Markdown. Everything taken from the log goes through [`cell`].
@@ -634,6 +661,7 @@ pub fn render(ev: &Evidence) -> String {
         ev.records_lost
     ));
     push(String::new());
+    render_anomalies(ev, &mut push);
     push("| record kind | records |".into());
     push("| --- | --- |".into());
     for (k, n) in &ev.records_by_kind {
@@ -690,7 +718,8 @@ pub fn render(ev: &Evidence) -> String {
     );
     push(
         "- SOC 2 CC7.2 (monitoring for anomalies): invalid frees, verification failures, policy \
-         violations and lost records are logged as tamper-evident records, listed above."
+         violations and lost records are logged as tamper-evident records, listed above; \
+         bursts and surges of them per tenant are flagged as `anomaly` records."
             .into(),
     );
     s

@@ -33,7 +33,8 @@ use zeroize::Zeroizing;
 
 use crate::config::LogConfig;
 use crate::events::{
-    Event, EventKind, EventSink, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
+    AnomalyBaseline, Event, EventKind, EventSink, InvalidFreeReason, QuarantineReason,
+    ReleaseReason, TtlKind,
 };
 
 use record::{Field, Fields};
@@ -524,6 +525,36 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 *threshold,
             );
         }
+        EventKind::Anomaly {
+            signal,
+            rule,
+            folded,
+            window_ms,
+            count,
+            threshold,
+            baseline,
+        } => {
+            put("signal", st(signal.name()));
+            put("rule", st(rule.name()));
+            put("key", st(if *folded { "*other*" } else { "tenant" }));
+            put("window_ms", Field::U(*window_ms));
+            put("count", Field::U(*count));
+            put("threshold", Field::U(*threshold));
+            anomaly_baseline_fields(m, baseline.as_ref());
+        }
+    }
+}
+
+/// A surge's statistics, with fixed decimals (float text is not canonical); `null` for a
+/// burst, so every detector record has the same fields.
+fn anomaly_baseline_fields(m: &mut Fields<'_>, baseline: Option<&AnomalyBaseline>) {
+    let fixed = |x: f64| Field::S(Cow::Owned(format!("{x:.6}")));
+    let values = baseline.map(|b| [b.mean, b.stddev, b.z_score, b.z_threshold]);
+    for (i, name) in ["baseline_mean", "baseline_stddev", "z_score", "z_threshold"]
+        .into_iter()
+        .enumerate()
+    {
+        m.push((b(name), values.map_or(Field::Null, |v| fixed(v[i]))));
     }
 }
 

@@ -540,6 +540,89 @@ pub const SERIES: &[Series] = &[
         NONE,
         "Bytes of forensic log records that could not be written."
     ),
+    // The anomaly detector (`AnomalyStats`, merged into the stats JSON as `anomaly`). With
+    // the detector off only `kvh_anomaly_enabled 0` is exported: absent series mean "not
+    // watched", zero means "watched, nothing found".
+    series!(
+        "/anomaly/enabled",
+        "kvh_anomaly_enabled",
+        Gauge,
+        Bool,
+        NONE,
+        "1 when the anomaly detector is on (KVH_ANOMALY)."
+    ),
+    series!(
+        "/anomaly/by_signal/invalid_free",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "invalid_free")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/size_mismatch",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "size_mismatch")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/verify_failed",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "verify_failed")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/residue",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "residue")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/quarantine",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "quarantine")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/ttl_exceeded",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "ttl_exceeded")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/by_signal/policy_violation",
+        "kvh_anomalies_total",
+        Counter,
+        Number,
+        &[("signal", "policy_violation")],
+        "Anomaly records by signal: a tenant's burst or surge of that kind of security event."
+    ),
+    series!(
+        "/anomaly/anomalies",
+        "kvh_anomaly_records_total",
+        Counter,
+        Number,
+        NONE,
+        "Anomaly records emitted, all signals (the sum of kvh_anomalies_total)."
+    ),
+    series!(
+        "/anomaly/folded_events",
+        "kvh_anomaly_folded_events_total",
+        Counter,
+        Number,
+        NONE,
+        "Events counted under the detector's shared *other* key: their signal already tracked its most tenants."
+    ),
 ];
 
 /// Counters of the exporters themselves.
@@ -802,6 +885,8 @@ fn escape_help(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anomaly;
+    use crate::config::AnomalyConfig;
     use crate::forensic::LogStats;
     use crate::metrics::parse::parse;
     use crate::stats::{PoolCounters, Stats};
@@ -816,6 +901,7 @@ mod tests {
             ..LogStats::default()
         })
         .ok();
+        stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
         serde_json::to_value(&stats).unwrap()
     }
 
@@ -962,6 +1048,67 @@ mod tests {
         assert_eq!(format_f64(f64::INFINITY), "+Inf");
         assert_eq!(format_f64(f64::NEG_INFINITY), "-Inf");
         assert_eq!(format_f64(1e-7), "0.0000001");
+    }
+
+    /// Without a detector in the snapshot its series are absent, not zero; with it off only
+    /// `kvh_anomaly_enabled 0` is there; with it on every signal has a series from the start.
+    #[test]
+    fn anomaly_series_tell_missing_from_zero() {
+        use crate::events::{Event, EventKind, QuarantineReason};
+        let signals = crate::events::AnomalySignal::ALL.map(|s| s.name());
+        let exported =
+            |stats: &Stats| parse(&encode(stats, &ExporterStats::default(), at())).unwrap();
+        let mut stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
+        let e = exported(&stats);
+        assert!(e.value("kvh_anomaly_enabled", &[]).is_none());
+        assert!(e
+            .value("kvh_anomalies_total", &[("signal", "residue")])
+            .is_none());
+        let off = AnomalyConfig {
+            enabled: false,
+            ..AnomalyConfig::default()
+        };
+        stats.anomaly = anomaly::layer(&off, None).stats_json();
+        let e = exported(&stats);
+        assert_eq!(e.value("kvh_anomaly_enabled", &[]), Some(0.0));
+        for s in signals {
+            assert!(
+                e.value("kvh_anomalies_total", &[("signal", s)]).is_none(),
+                "{s}"
+            );
+        }
+        assert!(e.value("kvh_anomaly_records_total", &[]).is_none());
+        let on = anomaly::layer(&AnomalyConfig::default(), None);
+        let sink = on.sink.clone().unwrap();
+        let residue = Event {
+            at: SystemTime::now(),
+            kind: EventKind::Quarantined {
+                reason: QuarantineReason::Residue,
+            },
+            context: crate::context::Context::none(),
+            block: None,
+            addr: None,
+        };
+        sink.emit(residue);
+        stats.anomaly = on.stats_json();
+        let e = exported(&stats);
+        assert_eq!(e.value("kvh_anomaly_enabled", &[]), Some(1.0));
+        for s in signals {
+            let want = if s == "residue" { 1.0 } else { 0.0 };
+            assert_eq!(
+                e.value("kvh_anomalies_total", &[("signal", s)]),
+                Some(want),
+                "{s}"
+            );
+        }
+        assert_eq!(e.value("kvh_anomaly_records_total", &[]), Some(1.0));
+        assert_eq!(e.value("kvh_anomaly_folded_events_total", &[]), Some(0.0));
+        assert_eq!(e.types["kvh_anomalies_total"], "counter");
+        let text = encode(&stats, &ExporterStats::default(), at());
+        assert!(
+            text.contains("kvh_anomalies_total{signal=\"residue\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -314,6 +314,48 @@ def test_security_events_reach_a_verifiable_forensic_log(tmp_path):
     assert f"{f.name}:2" in bad.stdout + bad.stderr
 
 
+def test_the_runtime_puts_the_anomaly_detector_before_the_log(tmp_path):
+    log_dir = tmp_path / "log"
+    out = run_child(
+        """
+        lib.kvh_set_context(b"tenant-a", b"req-1", b"llama")
+        for i in range(40):
+            lib.kvh_free(0xdead0000 + 16 * i, 8, 0, STREAM)
+        lib.kvh_set_context(b"tenant-b", b"req-2", b"llama")
+        for i in range(5):
+            lib.kvh_free(0xbeef0000 + 16 * i, 8, 0, STREAM)
+        out["anomaly"] = stats()["anomaly"]
+        lib.kvh_shutdown()
+        """,
+        KVH_LOG_DIR=str(log_dir),
+    )
+    a = out["anomaly"]
+    assert a["enabled"] is True and a["anomalies"] == 1, a
+    assert a["by_signal"]["invalid_free"] == 1 and a["by_signal"]["residue"] == 0, a
+    records = [json.loads(l) for f in sorted(log_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
+    assert sum(r["kind"] == "invalid_free" for r in records) == 45
+    anomalies = [r for r in records if r["kind"] == "anomaly"]
+    assert len(anomalies) == 1, anomalies
+    (x,) = anomalies
+    assert (x["signal"], x["rule"], x["key"], x["tenant_id"]) == ("invalid_free", "burst", "tenant", "tenant-a"), x
+    assert (x["count"], x["threshold"], x["window_ms"]) == (16, 16, 10000), x
+    ok = subprocess.run([kvh_binary(), "verify-log", str(log_dir)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_anomaly_detector_off_is_said_in_the_stats():
+    out = run_child(
+        """
+        lib.kvh_set_context(b"tenant-a", None, None)
+        for i in range(40):
+            lib.kvh_free(0xdead0000 + 16 * i, 8, 0, STREAM)
+        out["anomaly"] = stats()["anomaly"]
+        """,
+        KVH_ANOMALY="off",
+    )
+    assert out["anomaly"] == {"enabled": False}
+
+
 def test_unusable_log_directory_stops_start_up(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")

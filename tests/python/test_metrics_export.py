@@ -85,6 +85,10 @@ def test_http_exporter_serves_the_live_counters(tmp_path):
     assert out["type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert sample(out["metrics"], "kvh_allocations_total") == 3
     assert sample(out["metrics"], "kvh_log_enabled") == 0
+    # The anomaly detector is on by default: its series are there, at zero, before it fires.
+    assert sample(out["metrics"], "kvh_anomaly_enabled") == 1
+    assert sample(out["metrics"], 'kvh_anomalies_total{signal="invalid_free"}') == 0
+    assert out["stats"]["anomaly"]["by_signal"]["residue"] == 0
     assert out["stats"]["counters"]["allocations"] == 3
     assert out["other"] == 404
 
