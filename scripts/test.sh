@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Checked first, so that a missing pytest is said before minutes of Rust tests, not after.
 if ! python3 -c 'import pytest' 2>/dev/null; then
-    echo "pytest is not installed: python3 -m pip install pytest" >&2
+    echo "pytest is not installed: python3 -m pip install pytest pyyaml" >&2
+    exit 2
+fi
+if ! python3 -c 'import yaml' 2>/dev/null; then
+    echo "PyYAML is not installed (tests/python/test_deploy.py reads deploy/k8s): python3 -m pip install pyyaml" >&2
     exit 2
 fi
 cargo build --workspace

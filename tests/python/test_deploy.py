@@ -1,0 +1,795 @@
+"""Checks of deploy/ (deploy/Dockerfile, deploy/k8s/) that need neither a Docker engine nor a
+cluster:
+
+- the manifests parse, the kustomization lists each of them, every volume mount names a volume
+  of its pod, every ConfigMap, Secret and PersistentVolumeClaim a pod uses is defined by the
+  kustomization or (Secrets) created by a command in deploy/README.md with the keys used;
+- every KVH_* name in deploy/ is a key src/config.rs accepts (or one of its OTHER_ENV);
+- every kvh command line (container commands, shell scripts, probes) names a verb of the built
+  kvh and only flags that verb's --help lists;
+- the Dockerfile copies what scripts/build-release.sh produces, and every /opt/kvhygiene path
+  in deploy/ is part of that layout; the builder's Rust is new enough for Cargo.lock;
+- the security settings (non-root uid shared with the image, no privilege escalation, no
+  capabilities, read-only root filesystems) and the metrics wiring agree across the files;
+- and the pod is run, on this machine, from the manifests themselves: the init container's
+  script, a process with the server container's environment (the ConfigMap, the key files,
+  LD_PRELOAD) allocating through the library, the probes against what it exported, and the
+  CronJob's script over the log it wrote (exit 0), a tampered log (exit 1) and no log (2).
+
+Neither `docker build` nor `kubectl apply` is run (deploy/README.md says what that leaves).
+"""
+
+import functools
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_c_abi import ROOT, kvh_binary, library
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DEPLOY_README = DEPLOY / "README.md"
+MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+# The image built from deploy/Dockerfile, as the manifests name it (ENTRYPOINT ["kvh"]).
+KVH_IMAGE_REPO = "registry.example.com/kvhygiene"
+PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the files
+
+
+def load_yaml(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def objects() -> tuple:
+    """Every Kubernetes object of the manifests, as (file name, object)."""
+    return tuple((p.name, doc) for p in MANIFESTS for doc in load_yaml(p))
+
+
+def kustomization() -> dict:
+    (doc,) = load_yaml(K8S / "kustomization.yaml")
+    return doc
+
+
+def the(kind: str, name: str) -> dict:
+    found = [o for _, o in objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} definitions in deploy/k8s"
+    return found[0]
+
+
+def pod_specs() -> list:
+    """(label, pod spec) of every workload: Deployment, StatefulSet, DaemonSet, Job, CronJob."""
+    out = []
+    for _, o in objects():
+        label = f"{o['kind'].lower()}/{o['metadata']['name']}"
+        spec = o.get("spec", {})
+        if o["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        if "template" in spec:
+            out.append((label, spec["template"]["spec"]))
+    return out
+
+
+def containers(spec: dict) -> list:
+    return [("initContainer", c) for c in spec.get("initContainers", [])] + [
+        ("container", c) for c in spec["containers"]
+    ]
+
+
+def is_kvh_image(image: str) -> bool:
+    return image.rsplit(":", 1)[0] == KVH_IMAGE_REPO
+
+
+def container_argv(c: dict) -> list:
+    """What the container runs: command + args, or the kvh image's entrypoint + args."""
+    if c.get("command"):
+        return list(c["command"]) + list(c.get("args", []))
+    if is_kvh_image(c["image"]):
+        return ["kvh"] + list(c.get("args", []))
+    return list(c.get("args", []))
+
+
+def dockerfile_instructions() -> list:
+    """(INSTRUCTION, rest) of deploy/Dockerfile, continuation lines joined. Comment and empty
+    lines are dropped, inside a continued instruction too (as Docker does)."""
+    out, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        word, _, rest = (current + line).partition(" ")
+        out.append((word.upper(), rest.strip()))
+        current = ""
+    return out
+
+
+def dockerfile_stages() -> list:
+    """[(stage name or None, [(INSTRUCTION, rest), ...]), ...]"""
+    stages = []
+    for word, rest in dockerfile_instructions():
+        if word == "FROM":
+            m = re.match(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?$", rest, re.I)
+            stages.append((m.group(2), [(word, rest)]))
+        elif stages:
+            stages[-1][1].append((word, rest))
+    return stages
+
+
+def dockerfile_args() -> dict:
+    """Default values of the ARGs declared before the first FROM."""
+    out = {}
+    for word, rest in dockerfile_instructions():
+        if word == "FROM":
+            break
+        if word == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            out[k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def release_layout() -> frozenset:
+    """The files of a distribution, as scripts/build-release.sh defines them (no build)."""
+    proc = subprocess.run(
+        [str(ROOT / "scripts/build-release.sh"), "--list-layout"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = frozenset(proc.stdout.split())
+    assert {"bin/kvh", "lib/libkvhygiene.so", "lib/libkvhygiene_preload.so"} <= files, files
+    return files | {"BUILD-INFO", "MANIFEST"}  # written by the build itself
+
+
+def in_layout(rel: str) -> bool:
+    """Whether `rel` is a file of the distribution or a directory holding some."""
+    rel = rel.strip("/")
+    return rel == "" or rel in release_layout() or any(f.startswith(rel + "/") for f in release_layout())
+
+
+def accepted_env_names() -> set:
+    """The KVH_* variables the library accepts, from its source of truth, src/config.rs: the
+    KEYS table (`key!("name", ...)` -> KVH_NAME) and OTHER_ENV (read by other parts)."""
+    src = (ROOT / "src/config.rs").read_text()
+    keys = re.findall(r'key!\(\s*"([a-z0-9_]+)"', src)
+    other = re.search(r"const OTHER_ENV: &\[&str\] = &\[([^\]]*)\]", src)
+    assert len(keys) >= 20 and "log_dir" in keys and other, "src/config.rs changed shape: update this parser"
+    return {"KVH_" + k.upper() for k in keys} | set(re.findall(r'"(KVH_[A-Z0-9_]+)"', other.group(1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# kvh's own description of its command line
+
+
+@functools.lru_cache(maxsize=None)
+def kvh_help(*verb: str) -> str:
+    proc = subprocess.run([kvh_binary(), *verb, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kvh {' '.join(verb)} --help: {proc.stderr}"
+    return proc.stdout
+
+
+def kvh_verbs() -> set:
+    commands = kvh_help().split("Commands:", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"^  ([a-z][a-z0-9-]*)\s", commands, re.M)) - {"help"}
+
+
+def kvh_flags(verb: str) -> set:
+    return set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", kvh_help(verb), re.M))
+
+
+OPERATORS = set(";&|<>()")
+
+
+def shell_commands(script: str) -> list:
+    """The simple commands of a shell script, as argv lists (enough for the scripts here)."""
+    out = []
+    for line in script.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>()")
+        lexer.whitespace_split = True
+        lexer.commenters = "#"
+        cmd = []
+        for token in list(lexer) + [";"]:
+            if token and set(token) <= OPERATORS:
+                # Leading NAME=value words are assignments, not the command.
+                while cmd and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", cmd[0]):
+                    cmd.pop(0)
+                if cmd:
+                    out.append(cmd)
+                cmd = []
+            else:
+                cmd.append(token)
+    return out
+
+
+def kvh_argvs(argv: list) -> list:
+    """Every kvh invocation in an argv: itself, or the commands of a `sh -c` script."""
+    if len(argv) >= 3 and Path(argv[0]).name in ("sh", "bash") and argv[1] == "-c":
+        return [cmd[1:] for cmd in shell_commands(argv[2]) if Path(cmd[0]).name == "kvh"]
+    return [argv[1:]] if argv and Path(argv[0]).name == "kvh" else []
+
+
+def kvh_command_lines() -> list:
+    """(where, argv after `kvh`) of every kvh command line in the manifests."""
+    out = []
+    for label, spec in pod_specs():
+        for role, c in containers(spec):
+            where = f"{label} {role} {c['name']}"
+            out += [(where, a) for a in kvh_argvs(container_argv(c))]
+            for probe in PROBES:
+                cmd = c.get(probe, {}).get("exec", {}).get("command")
+                if cmd:
+                    out += [(f"{where} {probe}", a) for a in kvh_argvs(list(cmd))]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Static checks
+
+
+def test_every_manifest_parses_as_kubernetes_objects():
+    assert MANIFESTS, "no manifests in deploy/k8s"
+    for path in MANIFESTS:
+        docs = load_yaml(path)
+        assert docs, f"{path.name}: no object"
+        for doc in docs:
+            assert isinstance(doc, dict), f"{path.name}: not a mapping"
+            for field in ("apiVersion", "kind", "metadata"):
+                assert field in doc, f"{path.name}: no {field}"
+            assert doc["metadata"].get("name"), f"{path.name}: {doc['kind']} without a name"
+
+
+def test_kustomization_lists_every_manifest_and_nothing_else():
+    k = kustomization()
+    assert k["kind"] == "Kustomization"
+    listed = k.get("resources", [])
+    assert len(listed) == len(set(listed)), f"listed twice: {listed}"
+    assert sorted(listed) == [p.name for p in MANIFESTS], (
+        f"kustomization.yaml resources {sorted(listed)} != manifests in deploy/k8s {[p.name for p in MANIFESTS]}"
+    )
+
+
+def test_every_kvh_env_name_is_a_key_the_library_accepts():
+    accepted = accepted_env_names()
+    files = [DOCKERFILE, DEPLOY_README, *MANIFESTS, K8S / "kustomization.yaml"]
+    used = {}
+    for path in files:
+        for name in re.findall(r"\bKVH_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()):
+            used.setdefault(name, path.relative_to(ROOT))
+    unknown = {n: str(p) for n, p in used.items() if n not in accepted}
+    assert not unknown, (
+        f"KVH_* names the library does not accept (src/config.rs KEYS / OTHER_ENV): {unknown}; "
+        "an unknown KVH_* variable stops the library at start"
+    )
+    # Env entries of the manifests, too (the regex above would not see a computed name).
+    for label, spec in pod_specs():
+        for _, c in containers(spec):
+            for e in c.get("env", []):
+                if e["name"].startswith("KVH_"):
+                    assert e["name"] in accepted, f"{label} {c['name']}: {e['name']}"
+    for _, o in objects():
+        if o["kind"] == "ConfigMap":
+            for name in o.get("data", {}):
+                assert not name.startswith("KVH") or name in accepted, f"ConfigMap {o['metadata']['name']}: {name}"
+
+
+def test_kvh_preload_is_a_switch_and_library_paths_are_in_the_distribution():
+    # KVH_PRELOAD is on/off, not a path: anything else makes the interposers fail allocations.
+    values = {}
+    for label, spec in pod_specs():
+        for _, c in containers(spec):
+            for e in c.get("env", []):
+                values.setdefault(e["name"], []).append((f"{label} {c['name']}", e.get("value")))
+    for _, o in objects():
+        if o["kind"] == "ConfigMap":
+            for k, v in o.get("data", {}).items():
+                values.setdefault(k, []).append((f"ConfigMap {o['metadata']['name']}", v))
+    for where, v in values.get("KVH_PRELOAD", []):
+        assert v in ("on", "off"), f"{where}: KVH_PRELOAD={v!r}; it is on or off"
+    for name, want in (("LD_PRELOAD", "lib/libkvhygiene_preload.so"), ("KVH_LIBRARY", "lib/libkvhygiene.so")):
+        for where, v in values.get(name, []):
+            assert v == "/opt/kvhygiene/" + want, f"{where}: {name}={v!r}"
+    env = [rest for word, rest in dockerfile_instructions() if word == "ENV"]
+    assert any("KVH_LIBRARY=/opt/kvhygiene/lib/libkvhygiene.so" in e for e in env), env
+    assert not any("KVH_PRELOAD" in e for e in env), "KVH_PRELOAD is a switch, not the library's path"
+
+
+@pytest.mark.parametrize(
+    "where,argv", kvh_command_lines(), ids=lambda x: x if isinstance(x, str) else " ".join(x[:1])
+)
+def test_kvh_command_line_names_a_verb_and_flags_its_help_lists(where, argv):
+    assert argv, f"{where}: kvh without a verb"
+    verb = argv[0]
+    verbs = kvh_verbs()
+    if verb not in verbs:
+        pending = (
+            " `kvh gate` is being added separately (exit 0 serve, 1 out of rotation, 2 usage or "
+            "unreadable input); this check fails until it is in the binary."
+            if verb == "gate"
+            else ""
+        )
+        pytest.fail(f"{where}: `kvh {verb}` is not a verb of {kvh_binary()} (it has {sorted(verbs)}).{pending}")
+    flags = kvh_flags(verb)
+    for token in argv[1:]:
+        if token.startswith("--"):
+            flag = token.split("=", 1)[0]
+            assert flag in flags, f"{where}: `kvh {verb}` has no flag {flag} (its --help lists {sorted(flags)})"
+
+
+def test_the_kvh_command_lines_were_found():
+    # Guards the parser: the probes, the sidecar and the CronJob's script are all seen.
+    found = {tuple(a[:1]) for _, a in kvh_command_lines()}
+    assert {("gate",), ("metrics",), ("serve-metrics",), ("verify-log",), ("evidence",)} <= found, found
+
+
+def test_every_volume_mount_names_a_volume_of_its_pod_and_every_volume_is_used():
+    for label, spec in pod_specs():
+        volumes = [v["name"] for v in spec.get("volumes", [])]
+        assert len(volumes) == len(set(volumes)), f"{label}: a volume defined twice: {volumes}"
+        used = set()
+        for role, c in containers(spec):
+            paths = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            assert len(paths) == len(set(paths)), f"{label} {c['name']}: a path mounted twice"
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{label} {role} {c['name']}: mounts undefined volume {m['name']}"
+                used.add(m["name"])
+        assert set(volumes) == used, f"{label}: volumes never mounted: {set(volumes) - used}"
+
+
+def documented_secrets() -> dict:
+    """Secret name -> keys, from the `kubectl create secret generic` commands of deploy/README.md."""
+    text = DEPLOY_README.read_text().replace("\\\n", " ")
+    out = {}
+    for m in re.finditer(r"kubectl create secret generic (\S+)([^\n]*)", text):
+        keys = set()
+        for f in re.findall(r"--from-file=(\S+)", m.group(2)):
+            keys.add(f.split("=", 1)[0] if "=" in f else Path(f).name)
+        keys |= set(re.findall(r"--from-literal=([^=\s]+)=", m.group(2)))
+        out[m.group(1)] = keys
+    return out
+
+
+def test_referenced_configmaps_secrets_and_claims_are_defined_or_documented():
+    listed = set(kustomization().get("resources", []))
+    defined = {(o["kind"], o["metadata"]["name"]) for f, o in objects() if f in listed}
+    by_hand = documented_secrets()
+    for label, spec in pod_specs():
+
+        def need(kind, name, keys=()):
+            if kind == "Secret" and (kind, name) not in defined:
+                assert name in by_hand, (
+                    f"{label}: Secret {name} is neither in the kustomization nor created by a "
+                    "`kubectl create secret generic` command in deploy/README.md"
+                )
+                missing = set(keys) - by_hand[name]
+                assert not missing, f"{label}: Secret {name} keys {missing} are not in deploy/README.md's command"
+                return
+            assert (kind, name) in defined, f"{label}: {kind} {name} is not defined in deploy/k8s"
+            if kind == "ConfigMap":
+                data = the("ConfigMap", name).get("data", {})
+                assert set(keys) <= set(data), f"{label}: ConfigMap {name} lacks {set(keys) - set(data)}"
+
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                need("ConfigMap", v["configMap"]["name"], [i["key"] for i in v["configMap"].get("items", [])])
+            if "secret" in v:
+                need("Secret", v["secret"]["secretName"], [i["key"] for i in v["secret"].get("items", [])])
+            if "persistentVolumeClaim" in v:
+                need("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+        for _, c in containers(spec):
+            for ef in c.get("envFrom", []):
+                if "configMapRef" in ef:
+                    need("ConfigMap", ef["configMapRef"]["name"])
+                if "secretRef" in ef:
+                    need("Secret", ef["secretRef"]["name"])
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    need("ConfigMap", ref["configMapKeyRef"]["name"], [ref["configMapKeyRef"]["key"]])
+                if "secretKeyRef" in ref:
+                    need("Secret", ref["secretKeyRef"]["name"], [ref["secretKeyRef"]["key"]])
+
+
+def test_no_secret_material_is_committed():
+    assert not any(o["kind"] == "Secret" for _, o in objects()), "a Secret object in deploy/k8s"
+    k = kustomization()
+    assert "secretGenerator" not in k, "kustomization.yaml generates a Secret: keys are created by hand"
+    for path in [DOCKERFILE, *MANIFESTS, K8S / "kustomization.yaml"]:
+        text = path.read_text()
+        assert "PRIVATE KEY" not in text, path
+        assert not re.search(r"\b[0-9a-f]{64}\b", text), f"{path}: looks like a committed key"
+
+
+def test_dockerfile_copies_what_build_release_produces():
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "deploy/Dockerfile is not multi-stage"
+    names = [n for n, _ in stages]
+    assert "builder" in names
+    builder = dict(stages)["builder"]
+    runs = " ".join(rest for word, rest in builder if word == "RUN")
+    m = re.search(r"scripts/build-release\.sh\s+(/\S+)", runs)
+    assert m, "the builder stage does not run scripts/build-release.sh OUTDIR"
+    dist = m.group(1).rstrip("/")
+    assert f"scripts/check-release.sh {dist}" in runs, "the builder does not check the distribution it built"
+    copies = []
+    for name, instrs in stages:
+        for word, rest in instrs:
+            if word == "COPY" and "--from=" in rest:
+                parts = [p for p in rest.split() if not p.startswith("--")]
+                src, dest = parts[0], parts[-1]
+                assert re.search(r"--from=builder\b", rest), f"COPY from an unknown stage: {rest}"
+                assert src == dist or src.startswith(dist + "/"), f"COPY {src}: not the distribution {dist}"
+                rel = src[len(dist):]
+                assert in_layout(rel), f"COPY {src}: {rel!r} is not in build-release.sh's layout"
+                copies.append((rel.strip("/"), dest))
+    assert ("", "/opt/kvhygiene/") in copies, f"the distribution is not copied whole to /opt/kvhygiene: {copies}"
+
+
+def test_every_opt_kvhygiene_path_is_in_the_distribution():
+    files = [DOCKERFILE, DEPLOY_README, *MANIFESTS]
+    for path in files:
+        for m in re.finditer(r"/opt/kvhygiene((?:/[A-Za-z0-9_.+-]+)*)/?", path.read_text()):
+            rel = m.group(1).rstrip(".")  # a sentence's full stop
+            assert in_layout(rel), (
+                f"{path.relative_to(ROOT)}: /opt/kvhygiene{rel} is not in scripts/build-release.sh --list-layout"
+            )
+
+
+def test_dockerfile_runtime_stage():
+    stages = dockerfile_stages()
+    runtime = stages[-1][1]
+    words = [w for w, _ in runtime]
+    args = dockerfile_args()
+    # Runtime: Debian bookworm slim, pinned; builder: bookworm too (same glibc).
+    assert re.fullmatch(r"debian:12\.\d+-slim(@sha256:[0-9a-f]{64})?|debian:bookworm-\d{8}-slim(@sha256:[0-9a-f]{64})?",
+                        args["RUNTIME_IMAGE"]), args["RUNTIME_IMAGE"]
+    assert re.fullmatch(r"rust:\d+\.\d+\.\d+-bookworm(@sha256:[0-9a-f]{64})?", args["RUST_IMAGE"]), args["RUST_IMAGE"]
+    user = [rest for w, rest in runtime if w == "USER"]
+    assert user and re.fullmatch(r"\d+:\d+", user[-1]), f"USER must be a numeric uid:gid, got {user}"
+    assert ("ENTRYPOINT", '["kvh"]') in runtime and ("CMD", '["demo"]') in runtime
+    assert "HEALTHCHECK" not in words, "a HEALTHCHECK here has nothing meaningful to check (see the Dockerfile)"
+    run = " ".join(rest for w, rest in runtime if w == "RUN")
+    assert "install -d -o 10001 -g 10001 -m 0700 /var/log/kvh" in run
+    env = " ".join(rest for w, rest in runtime if w == "ENV")
+    assert "/opt/kvhygiene/bin" in env.split("PATH=", 1)[1].split()[0], "kvh is not on PATH"
+
+
+def test_dockerignore_keeps_build_outputs_out_of_the_context():
+    patterns = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    for needed in ("target/", "gpu-artifacts/", ".tools/", ".git"):
+        assert needed in patterns, f".dockerignore lacks {needed}"
+
+
+def version_tuple(v: str) -> tuple:
+    parts = [int(x) for x in v.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def test_builder_rust_is_new_enough_for_every_locked_package():
+    tag = re.match(r"rust:(\d+\.\d+\.\d+)", dockerfile_args()["RUST_IMAGE"]).group(1)
+    proc = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--locked", "--offline"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(proc.stdout)
+    packages = {p["id"]: p for p in meta["packages"]}
+    nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
+    # What a release build compiles: the workspace and its normal and build dependencies.
+    todo, seen = list(meta["workspace_members"]), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        for dep in nodes[pid]["deps"]:
+            if any(k["kind"] != "dev" for k in dep["dep_kinds"]):
+                todo.append(dep["pkg"])
+    too_new = {
+        f"{packages[p]['name']} {packages[p]['version']}": packages[p]["rust_version"]
+        for p in seen
+        if packages[p].get("rust_version") and version_tuple(packages[p]["rust_version"]) > version_tuple(tag)
+    }
+    assert not too_new, f"deploy/Dockerfile's rust:{tag} is older than these packages need: {too_new}"
+
+
+def test_pods_run_as_the_image_user_without_privileges():
+    uid, gid = [rest for w, rest in dockerfile_stages()[-1][1] if w == "USER"][-1].split(":")
+    for label, spec in pod_specs():
+        sc = spec.get("securityContext", {})
+        assert sc.get("runAsNonRoot") is True, f"{label}: runAsNonRoot"
+        # The library accepts a log directory and key files only when owned by its own uid.
+        assert str(sc.get("runAsUser")) == uid and str(sc.get("runAsGroup")) == gid, f"{label}: uid/gid != image's {uid}:{gid}"
+        if any("persistentVolumeClaim" in v or "secret" in v for v in spec.get("volumes", [])):
+            assert str(sc.get("fsGroup")) == gid, f"{label}: fsGroup"
+            # Always (the default) would re-open the log directory's permissions at each start.
+            assert sc.get("fsGroupChangePolicy") == "OnRootMismatch", f"{label}: fsGroupChangePolicy"
+        assert spec.get("automountServiceAccountToken") is False, f"{label}: automountServiceAccountToken"
+        for role, c in containers(spec):
+            csc = c.get("securityContext", {})
+            where = f"{label} {role} {c['name']}"
+            assert csc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+            assert csc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities.drop"
+            assert csc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+            assert not csc.get("privileged"), f"{where}: privileged"
+
+
+def server_container() -> dict:
+    spec = dict(pod_specs())["deployment/inference-server"]
+    return next(c for c in spec["containers"] if c["name"] == "server")
+
+
+def test_server_requests_a_gpu_and_has_the_three_probes():
+    c = server_container()
+    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert "registry.example.com/your-inference-server" in c["image"], "the server image must stay a marked placeholder"
+    assert kvh_argvs(c["readinessProbe"]["exec"]["command"]) == [
+        ["gate", "--metrics-file", "/run/kvh/kvh.prom", "--max-age", "60"]
+    ]
+    for probe in ("startupProbe", "livenessProbe"):
+        (argv,) = kvh_argvs(c[probe]["exec"]["command"])
+        assert argv[0] == "metrics" and "--max-age" in argv and "--fail-on-security" not in argv, argv
+
+
+def flag_value(argv: list, flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_metrics_file_port_and_scrape_settings_agree():
+    spec = dict(pod_specs())["deployment/inference-server"]
+    server = server_container()
+    policy = the("ConfigMap", server["envFrom"][0]["configMapRef"]["name"])["data"]
+    prom = policy["KVH_METRICS_FILE"]
+    sidecar = next(c for c in spec["containers"] if c is not server and is_kvh_image(c["image"]))
+    (serve,) = kvh_argvs(container_argv(sidecar))
+    assert serve[0] == "serve-metrics" and flag_value(serve, "--file") == prom
+    for probe in PROBES:
+        (argv,) = kvh_argvs(server[probe]["exec"]["command"])
+        assert prom in argv, f"{probe} reads {argv}, not the exported {prom}"
+
+    def volume_of(c, path):
+        mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert mounts, f"{c['name']}: {path} is not on a volume"
+        return max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+
+    shared = volume_of(server, prom)
+    assert volume_of(sidecar, prom) == shared
+    assert next(v for v in spec["volumes"] if v["name"] == shared).get("emptyDir") is not None
+    port = int(flag_value(serve, "--listen").rsplit(":", 1)[1])
+    (cport,) = sidecar["ports"]
+    assert cport["containerPort"] == port
+    annotations = the("Deployment", "inference-server")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    svc = the("Service", "inference-server-kvh-metrics")["spec"]
+    assert svc["ports"][0]["targetPort"] in (cport["name"], port)
+    assert svc["publishNotReadyAddresses"] is True, "a pod out of rotation must still be scraped"
+    labels = the("Deployment", "inference-server")["spec"]["template"]["metadata"]["labels"]
+    assert svc["selector"].items() <= labels.items()
+
+
+def test_build_release_refuses_bad_outdirs_before_building(tmp_path):
+    script = str(ROOT / "scripts/build-release.sh")
+
+    def run(*args):
+        return subprocess.run([script, *args], capture_output=True, text=True, timeout=60)
+
+    r = run()
+    assert r.returncode == 2 and "missing OUTDIR" in r.stderr, r.stderr
+    r = run("--frobnicate", str(tmp_path))
+    assert r.returncode == 2 and "--frobnicate" in r.stderr, r.stderr
+    (tmp_path / "file").write_text("x")
+    r = run(str(tmp_path / "file"))
+    assert r.returncode == 2 and "is not a directory" in r.stderr, r.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    r = run(str(busy))
+    assert r.returncode == 2 and "not empty" in r.stderr and "--force" in r.stderr, r.stderr
+    r = run("--force", str(busy))
+    assert r.returncode == 2 and "notes.txt" in r.stderr, r.stderr
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pod, run here from the manifests
+
+
+class PodFiles:
+    """The file systems the pod's containers see, laid out under one directory: a volume is a
+    directory (a PVC one per claim, shared by every pod that mounts it); a path outside every
+    mount of a kvh-image container is in that image's /opt/kvhygiene (links to the built files
+    at the paths build-release.sh gives them)."""
+
+    def __init__(self, root: Path, secret_data: dict):
+        self.root = root
+        self.image = root / "image"
+        self.secret_data = secret_data
+        built = {
+            "bin/kvh": Path(kvh_binary()),
+            "lib/libkvhygiene.so": Path(library()),
+            "lib/libkvhygiene_preload.so": Path(library()).parent / "libkvhygiene_preload.so",
+        }
+        for rel in release_layout():
+            dest = self.image / "opt/kvhygiene" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = built.get(rel, ROOT / rel)
+            if src.exists():
+                dest.symlink_to(src)
+            else:
+                dest.write_text("")
+
+    def volume_dir(self, label: str, volume: dict) -> Path:
+        if "persistentVolumeClaim" in volume:
+            d = self.root / "pvc" / volume["persistentVolumeClaim"]["claimName"]
+        else:
+            d = self.root / label.replace("/", "_") / volume["name"]
+        if not d.exists():
+            d.mkdir(parents=True)
+            if "secret" in volume:
+                s = volume["secret"]
+                for item in s["items"]:
+                    f = d / item["path"]
+                    f.write_bytes(self.secret_data[s["secretName"]][item["key"]])
+                    f.chmod(item.get("mode", s.get("defaultMode", 0o644)))
+        return d
+
+    def mapper(self, label: str, spec: dict, c: dict):
+        """A function rewriting the container's absolute paths to where they are here."""
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        prefixes = {m["mountPath"].rstrip("/"): self.volume_dir(label, volumes[m["name"]]) for m in c.get("volumeMounts", [])}
+        if is_kvh_image(c["image"]):
+            prefixes.setdefault("/opt/kvhygiene", self.image / "opt/kvhygiene")
+        pattern = re.compile(
+            "(" + "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True)) + r")(?=[/\s\"':]|$)"
+        )
+        return lambda text: pattern.sub(lambda m: str(prefixes[m.group(1)]), text)
+
+    def env(self, c: dict, remap) -> dict:
+        """The container's environment: its env and envFrom (paths rewritten), on top of a
+        minimal base (and the kvh image's PATH)."""
+        declared = {}
+        for ef in c.get("envFrom", []):
+            declared.update(the("ConfigMap", ef["configMapRef"]["name"])["data"])
+        for e in c.get("env", []):
+            declared[e["name"]] = e["value"]
+        path = os.environ["PATH"]
+        if is_kvh_image(c["image"]):
+            path = remap("/opt/kvhygiene") + "/bin:" + path  # the image's ENV PATH
+        base = {"PATH": path, "HOME": str(self.root), "LANG": "C.UTF-8"}
+        return {**base, **{k: remap(v) for k, v in declared.items()}}
+
+
+def run_in(cmd: list, env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    """Runs the Deployment's init container and a process with its server's environment, which
+    allocates through the LD_PRELOAD library and exits (writing the metrics file and the
+    log's stop record). Returns what the tests need."""
+    root = tmp_path_factory.mktemp("pod")
+    keys = root / "made-by-hand"
+    keys.mkdir(mode=0o700)
+    (keys / "hmac.key").write_text(secrets.token_hex(32) + "\n")
+    r = subprocess.run([kvh_binary(), "keygen", "--out", str(keys / "checkpoint")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    documented = documented_secrets()["kvhygiene-forensic-keys"]
+    data = {"kvhygiene-forensic-keys": {k: (keys / k).read_bytes() for k in documented}}
+    files = PodFiles(root, data)
+
+    label, spec = "deployment/inference-server", dict(pod_specs())["deployment/inference-server"]
+    (init,) = spec["initContainers"]
+    remap = files.mapper(label, spec, init)
+    r = run_in([remap(a) for a in container_argv(init)], files.env(init, remap))
+    assert r.returncode == 0, f"init container {init['name']} failed: {r.stdout}{r.stderr}"
+
+    server = server_container()
+    remap = files.mapper(label, spec, server)
+    env = files.env(server, remap)
+    for name in ("KVH_HMAC_KEY_FILE", "KVH_SIGNING_KEY_FILE"):
+        mode = stat.S_IMODE(os.stat(env[name]).st_mode)
+        assert mode == 0o600 and not os.path.islink(env[name]), f"{name}: the init copy is {oct(mode)}"
+    assert Path(env["KVH_LIBRARY"]).is_file(), "KVH_LIBRARY does not name a file after the init container ran"
+    # The engine stands in: its allocations go through the C API the preloaded library exports
+    # (a real engine's cudaMalloc would reach the same allocator). Host memory here: the
+    # ConfigMap's cuda backend is checked by the demo below.
+    engine = run_in(
+        ["python3", "-c", ENGINE],
+        {**env, "KVH_BACKEND": "host"},
+    )
+    assert engine.returncode == 0, f"the server's environment failed: {engine.stdout}{engine.stderr}"
+    assert "cannot be preloaded" not in engine.stderr, engine.stderr
+    return {"files": files, "spec": spec, "server": server, "remap": remap, "env": env, "engine": engine}
+
+
+ENGINE = """
+import ctypes, json
+lib = ctypes.CDLL(None)  # the global scope: the LD_PRELOAD library's exports
+lib.kvh_malloc.restype = ctypes.c_void_p
+lib.kvh_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+lib.kvh_free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+lib.kvh_stats_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+lib.kvh_set_context(b"tenant-a", b"req-1", b"model")
+for size in (4096, 1 << 20):
+    p = lib.kvh_malloc(size, 0, None)
+    assert p, "kvh_malloc failed"
+    ctypes.memset(p, 0x5A, size)
+    lib.kvh_free(p, size, 0, None)
+assert lib.kvh_synchronize() == 0
+buf = ctypes.create_string_buffer(1 << 20)
+n = ctypes.c_size_t(0)
+assert lib.kvh_stats_json(buf, len(buf), ctypes.byref(n)) == 0
+stats = json.loads(buf.value)
+assert stats["log"]["enabled"], stats["log"]
+assert stats["counters"]["verifications_passed"] == 2, stats["counters"]
+print("engine ok")
+"""
+
+
+def test_server_environment_starts_the_library_with_the_policy_and_keys(pod):
+    assert "engine ok" in pod["engine"].stdout
+    log_dir = Path(pod["env"]["KVH_LOG_DIR"])
+    assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
+    assert list(log_dir.glob("kvh-*.jsonl")) and list(log_dir.glob("kvh-*.ckpt")), "no log or checkpoint written"
+    assert Path(pod["env"]["KVH_METRICS_FILE"]).is_file()
+
+
+def test_configmap_policy_is_accepted_by_kvh(pod):
+    # Config::from_env reads every KVH_* of the server's environment, the ConfigMap's
+    # KVH_BACKEND=cuda included, and refuses unknown keys and bad values (exit 2); --backend
+    # host then runs the demo without a GPU.
+    r = run_in([kvh_binary(), "demo", "--backend", "host", "--tenants", "1", "--requests", "2", "--decode-tokens", "16"], pod["env"])
+    assert r.returncode == 0, f"kvh demo under the server's environment: {r.stdout}{r.stderr}"
+    assert pod["env"]["KVH_BACKEND"] == "cuda"
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_passes_against_the_exported_metrics(pod, probe):
+    cmd = [pod["remap"](a) for a in pod["server"][probe]["exec"]["command"]]
+    if cmd[1] not in kvh_verbs():
+        pytest.fail(f"{probe}: `kvh {cmd[1]}` is not a verb of {kvh_binary()} yet (being added separately)")
+    r = run_in(cmd, pod["env"])
+    assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
+
+
+def test_cronjob_verifies_the_log_and_fails_on_tampering(pod):
+    label = "cronjob/kvhygiene-verify-log"
+    spec = dict(pod_specs())[label]
+    (c,) = spec["containers"]
+    files = pod["files"]
+    remap = files.mapper(label, spec, c)
+    cmd = [remap(a) for a in container_argv(c)]
+    env = files.env(c, remap)
+    r = run_in(cmd, env)
+    assert r.returncode == 0, f"the CronJob's script exited {r.returncode}: {r.stdout}{r.stderr}"
+    assert "MACs verified" in r.stdout and "checkpoint at seq" in r.stdout, r.stdout
+    assert "# kvhygiene evidence report" in r.stdout, r.stdout
+
+    # Change one record (its time stamp): exit 1, the bad record named.
+    log = sorted(Path(pod["env"]["KVH_LOG_DIR"]).glob("kvh-*.jsonl"))[0]
+    text = log.read_text()
+    tampered = re.sub(r'"ts":(\d)', lambda m: '"ts":' + str((int(m.group(1)) + 1) % 10), text, count=1)
+    assert tampered != text
+    log.write_text(tampered)
+    r = run_in(cmd, env)
+    assert r.returncode == 1, f"a tampered log gave exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert log.name in r.stdout + r.stderr
+
+    # No log at all: the check could not be made, exit 2.
+    shutil.rmtree(Path(pod["env"]["KVH_LOG_DIR"]))
+    r = run_in(cmd, env)
+    assert r.returncode == 2, f"a missing log gave exit {r.returncode}: {r.stdout}{r.stderr}"
