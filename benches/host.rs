@@ -15,6 +15,10 @@
 //!   each of 160 regions (an 80-layer model's K and V), waited for, against a `memset` of the
 //!   same 5120 blocks: the cost of the checks, the submission and the verification on top of
 //!   the zeroing.
+//! - `kv_claim/{same_owner,new_owner}`: `Allocator::claim_kv_blocks` of the same 32 blocks
+//!   (160 regions) by the request that owns them (the eviction gate's ledger only: what every
+//!   claim without a change of owner costs), and alternately by two requests (each claim
+//!   scrubs and verifies the blocks, like `kv_scrub/scrub_blocks`, plus the ledger).
 //!
 //! `scripts/bench-report.sh` prints the medians and ratios from criterion's estimates.
 
@@ -245,11 +249,63 @@ fn kv_scrub(c: &mut Criterion) {
     alloc.synchronize().expect("synchronize");
 }
 
+fn kv_claim(c: &mut Criterion) {
+    use kvhygiene::alloc::KvLayout;
+    use kvhygiene::context::Context;
+    const REGIONS: u64 = 160;
+    const BLOCKS: u64 = 256;
+    const BLOCK: u64 = 4096;
+    let ids: Vec<u32> = (0..32).map(|i| i * 7 + 3).collect();
+    let mut g = c.benchmark_group("kv_claim");
+    g.sample_size(30);
+    g.measurement_time(Duration::from_secs(4));
+
+    let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
+    let region = BLOCKS * BLOCK;
+    let cache = alloc
+        .malloc((REGIONS * region) as i64, 0, StreamHandle(0))
+        .expect("cache");
+    let layout = KvLayout {
+        regions: (0..REGIONS).map(|r| cache + r * region).collect(),
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    let request = |r: &str| Context::new(Some("tenant"), Some(r), None).expect("ids");
+    let claim = |ctx: &Context| {
+        Context::set_current(ctx.clone());
+        let report = alloc
+            .claim_kv_blocks(&layout, black_box(&ids), 0, StreamHandle(0))
+            .expect("claim");
+        assert_eq!(report.claimed, ids.len() as u64);
+        report.gate_scrubbed.len()
+    };
+    let (a, b) = (request("a"), request("b"));
+    claim(&a);
+    g.bench_function("same_owner", |x| {
+        x.iter(|| assert_eq!(claim(&a), 0));
+    });
+    let mut turn = false;
+    g.bench_function("new_owner", |x| {
+        x.iter(|| {
+            turn = !turn;
+            assert_eq!(claim(if turn { &b } else { &a }), ids.len());
+        })
+    });
+    g.finish();
+    Context::set_current(Context::none());
+    alloc
+        .free(cache, (REGIONS * region) as i64, 0, StreamHandle(0))
+        .expect("free");
+    alloc.synchronize().expect("synchronize");
+}
+
 criterion_group!(
     benches,
     scrub_throughput,
     alloc_pair,
     cuda_batch_prep,
-    kv_scrub
+    kv_scrub,
+    kv_claim
 );
 criterion_main!(benches);

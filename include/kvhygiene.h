@@ -69,6 +69,10 @@ enum kvh_result
   // verified scrub since their last owner (or failed their last scrub); nothing was
   // claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
   KVH_ERR_KV_GATE = 7021,
+  // `kvh_claim_blocks`: some blocks were not handed over because another claim took them
+  // while the gate scrubbed them (two requests were given the same blocks); the others
+  // were. The blocks named are the other request's: do not use them.
+  KVH_ERR_KV_TAKEN = 7022,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -177,11 +181,12 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 //
 // The layout and stream rules are those of `kvh_scrub_blocks`.
 //
-// Returns `KVH_OK` when every block was handed over. `KVH_ERR_VERIFY_FAILED` when some were
-// not: their scrub failed verification (now or before), or another claim took them while
-// they were scrubbed; `*refused_count` says how many, the first `refused_capacity` ids are
-// written to `refused_ids` in the order given, and those blocks must not be used; the others
-// were handed over. `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
+// Returns `KVH_OK` when every block was handed over. When some were not, the others were,
+// `*refused_count` says how many were not, and the first `refused_capacity` of their ids are
+// written to `refused_ids` in the order given; those blocks must not be used:
+// `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now or before;
+// the list also holds any taken ones), `KVH_ERR_KV_TAKEN` when another claim took them
+// while the gate scrubbed them (two requests were given the same blocks). `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
 // failed their last scrub); they are listed the same way and nothing was handed over. Any
 // other code is one of `kvh_scrub_blocks`'s: nothing may be taken as handed over. Refusals
 // and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::alloc::{Allocator, FreeError, KvClaimError, KvLayout, KvScrubError};
+use crate::alloc::{Allocator, FreeError, KvClaimError, KvClaimReport, KvLayout, KvScrubError};
 use crate::backend::{Backend, BackendKind, StreamHandle};
-use crate::config::{Config, KvGateMode};
+use crate::config::{Config, KvGateMode, KvGateScope};
 use crate::context::Context;
 use crate::events::EventSink;
 use crate::stats::Stats;
@@ -95,6 +95,8 @@ pub struct DemoReport {
     /// taken again, how many the gate caught (scrubbed inside the claim, or refused under
     /// `enforce` and then scrubbed by the engine). All of them must be caught.
     pub kv_gate: KvGateMode,
+    /// Whether requests were preempted without a scrub (the gate on, per request).
+    pub preemption_simulated: bool,
     pub kv_blocks_released_unscrubbed: u64,
     pub kv_blocks_reclaimed_unscrubbed: u64,
     pub kv_blocks_caught_by_gate: u64,
@@ -180,8 +182,7 @@ pub fn run(
                         let found = run_request(alloc, opts, tenant, &mut rng)?;
                         // With the gate on, one request in four is preempted down a path that
                         // forgets to scrub its paged blocks.
-                        let preempted =
-                            alloc.config().kv_gate != KvGateMode::Off && request % 4 == 3;
+                        let preempted = simulates_preemption(alloc.config()) && request % 4 == 3;
                         paged.serve(alloc, &mut rng, tenant_secret(tenant), preempted)?;
                         checked.fetch_add(found.0, Ordering::Relaxed);
                         residue.fetch_add(found.1, Ordering::Relaxed);
@@ -221,6 +222,7 @@ pub fn run(
         kv_blocks_with_residue: paged.with_residue.into_inner(),
         kv_blocks_retired: paged.retired.into_inner(),
         kv_gate: alloc.config().kv_gate,
+        preemption_simulated: simulates_preemption(alloc.config()),
         kv_blocks_released_unscrubbed: paged.released_unscrubbed.into_inner(),
         kv_blocks_reclaimed_unscrubbed: paged.reclaimed_unscrubbed.into_inner(),
         kv_blocks_caught_by_gate: paged.caught_by_gate.into_inner(),
@@ -269,6 +271,13 @@ fn run_request(
         alloc.free(addr, size as i64, 0, stream)?;
     }
     Ok((checked, dirty))
+}
+
+/// Whether the run preempts requests without a scrub: only when the gate keeps requests apart.
+/// Under `kv_gate_scope = tenant` a tenant's next request may legitimately get its blocks
+/// unscrubbed, which the read-back would count as residue.
+fn simulates_preemption(config: &Config) -> bool {
+    config.kv_gate != KvGateMode::Off && config.kv_gate_scope == KvGateScope::Request
 }
 
 /// The bytes a tenant's requests write into their memory (never zero).
@@ -390,7 +399,7 @@ impl PagedCache {
                     .fetch_add(failed.len() as u64, Ordering::Relaxed);
                 let ids: Vec<u32> = ids.into_iter().filter(|id| !failed.contains(id)).collect();
                 let report = alloc.claim_kv_blocks(&self.layout, &ids, 0, DEFAULT_STREAM)?;
-                return Ok(self.keep_handed_over(ids, &report.refused));
+                return Ok(self.keep_handed_over(ids, &report));
             }
             other => other?,
         };
@@ -398,7 +407,7 @@ impl PagedCache {
             self.count_unscrubbed(&report.gate_scrubbed),
             Ordering::Relaxed,
         );
-        Ok(self.keep_handed_over(ids, &report.refused))
+        Ok(self.keep_handed_over(ids, &report))
     }
 
     /// Of `blocks`, how many went back to the free list unscrubbed.
@@ -408,10 +417,15 @@ impl PagedCache {
     }
 
     /// `ids` without `refused`, which are retired.
-    fn keep_handed_over(&self, ids: Vec<u32>, refused: &[u32]) -> Vec<u32> {
+    /// `ids` without those the claim did not hand over. Refused ones (failed verification)
+    /// are retired; taken ones belong to another request (never the case here, where every
+    /// block is taken off the free list by one request).
+    fn keep_handed_over(&self, ids: Vec<u32>, report: &KvClaimReport) -> Vec<u32> {
         self.retired
-            .fetch_add(refused.len() as u64, Ordering::Relaxed);
-        ids.into_iter().filter(|id| !refused.contains(id)).collect()
+            .fetch_add(report.refused.len() as u64, Ordering::Relaxed);
+        ids.into_iter()
+            .filter(|id| !report.refused.contains(id) && !report.taken.contains(id))
+            .collect()
     }
 
     /// A preempted request's blocks go back to the free list without a scrub.
@@ -654,6 +668,8 @@ pub fn render(report: &DemoReport) -> String {
         "eviction gate",
         if report.kv_gate == KvGateMode::Off {
             "off (KVH_KV_GATE=off): claims are not checked; no request was preempted".to_string()
+        } else if !report.preemption_simulated {
+            "on, per tenant (KVH_KV_GATE_SCOPE=tenant): no request was preempted".to_string()
         } else {
             let mode = if report.kv_gate == KvGateMode::Enforce {
                 "enforce (refused, then scrubbed by the engine)"
@@ -752,6 +768,10 @@ mod tests {
     use crate::backend::host::HostBackend;
 
     fn small(inject_fault: bool) -> DemoReport {
+        small_with(inject_fault, Config::default())
+    }
+
+    fn small_with(inject_fault: bool, config: Config) -> DemoReport {
         let opts = DemoOptions {
             tenants: 2,
             // Every fourth request of a tenant is preempted without a scrub.
@@ -761,7 +781,32 @@ mod tests {
             ..DemoOptions::default()
         };
         let backend: Arc<dyn Backend> = HostBackend::new();
-        run(backend, Config::default(), None, &opts, &|_, _| {}).expect("demo runs")
+        run(backend, config, None, &opts, &|_, _| {}).expect("demo runs")
+    }
+
+    /// Every gate setting passes: under `enforce` the engine scrubs what the gate refuses;
+    /// per tenant, or with the gate off, no request is preempted without a scrub.
+    #[test]
+    fn the_demo_passes_under_every_gate_setting() {
+        for (mode, scope, preempts) in [
+            (KvGateMode::Enforce, KvGateScope::Request, true),
+            (KvGateMode::Scrub, KvGateScope::Tenant, false),
+            (KvGateMode::Off, KvGateScope::Request, false),
+        ] {
+            let config = Config {
+                kv_gate: mode,
+                kv_gate_scope: scope,
+                ..Config::default()
+            };
+            let r = small_with(false, config);
+            assert!(r.passed(), "{mode:?} {scope:?}: {}", render(&r));
+            assert_eq!(r.preemption_simulated, preempts);
+            assert_eq!(r.kv_blocks_released_unscrubbed > 0, preempts);
+            if mode == KvGateMode::Enforce {
+                assert_eq!(r.stats.counters.kv_gate_scrubbed_blocks, 0);
+                assert!(r.stats.counters.kv_claims_refused > 0);
+            }
+        }
     }
 
     /// A failed block is quarantined or retired and never reads back dirty, so a failure

@@ -58,6 +58,14 @@ pub struct GateArgs {
     /// With --log-dir: the HMAC secret file, so that MACs are checked too.
     #[arg(long, value_name = "FILE", requires = "log_dir")]
     pub key_file: Option<PathBuf>,
+    /// With --log-dir: the Ed25519 public key (PREFIX.pub of `kvh keygen`) the checkpoints are
+    /// signed with.
+    #[arg(long, value_name = "FILE", requires = "log_dir")]
+    pub public_key: Option<PathBuf>,
+    /// With --log-dir and --public-key: the checkpoint file or directory to check the chains
+    /// against, which detects a truncated log and deleted files.
+    #[arg(long, value_name = "FILE", requires = "public_key")]
+    pub checkpoint: Option<PathBuf>,
     /// Admit a process whose anomaly detector flagged something (anomalies become notes).
     #[arg(long)]
     pub allow_anomalies: bool,
@@ -124,12 +132,15 @@ pub fn judge(
             ),
         });
     }
-    let anomalies = sum(snap, ANOMALIES);
-    match anomalies {
-        Some(n) if n > 0.0 => {
+    match flagged(snap, ANOMALIES, "signal") {
+        Flagged::Missing => notes.push(format!(
+            "{ANOMALIES} is not in the snapshot: the anomaly detector is off or predates it"
+        )),
+        Flagged::Clear => {}
+        Flagged::Series(series) => {
             let text = format!(
-                "the anomaly detector flagged {n} anomalies ({}); see the `anomaly` records",
-                by_label(snap, ANOMALIES, "signal")
+                "the anomaly detector flagged anomalies ({}); see the `anomaly` records",
+                describe(&series)
             );
             if args.allow_anomalies {
                 notes.push(text);
@@ -137,10 +148,6 @@ pub fn judge(
                 reasons.push(text);
             }
         }
-        Some(_) => {}
-        None => notes.push(format!(
-            "{ANOMALIES} is not in the snapshot: the anomaly detector is off or predates it"
-        )),
     }
     note_if_positive(
         snap,
@@ -184,34 +191,51 @@ pub fn judge(
     }
 }
 
-/// The sum of every series of `metric`, `None` when it has none.
-fn sum(snap: &Snapshot, metric: &str) -> Option<f64> {
-    let mut values = snap
-        .exposition
-        .samples
-        .iter()
-        .filter(|s| s.name == metric)
-        .map(|s| s.value)
-        .peekable();
-    values.peek()?;
-    Some(values.sum())
+/// What the series of a counter say.
+#[derive(Debug, PartialEq)]
+enum Flagged {
+    /// The snapshot has no series of it.
+    Missing,
+    /// Every series is exactly 0.
+    Clear,
+    /// The label and value of each series that is not exactly 0: a count, or a value a
+    /// counter cannot have (negative, NaN, infinite), which is judged the same way, never
+    /// summed away.
+    Series(Vec<(Option<String>, f64)>),
 }
 
-/// `a=1, b=2` for the non-zero series of `metric`, by the value of `label`.
-fn by_label(snap: &Snapshot, metric: &str, label: &str) -> String {
-    let parts: Vec<String> = snap
-        .exposition
-        .samples
+/// `a=1, b=2`, or `1` for a series without the label.
+fn describe(series: &[(Option<String>, f64)]) -> String {
+    let parts: Vec<String> = series
         .iter()
-        .filter(|s| s.name == metric && s.value != 0.0)
-        .map(|s| format!("{}={}", s.label(label).unwrap_or("?"), s.value))
+        .map(|(label, v)| match label {
+            Some(l) => format!("{l}={v}"),
+            None => v.to_string(),
+        })
         .collect();
     parts.join(", ")
 }
 
+fn flagged(snap: &Snapshot, metric: &str, label: &str) -> Flagged {
+    let mut seen = false;
+    let mut series = Vec::new();
+    for s in snap.exposition.samples.iter().filter(|s| s.name == metric) {
+        seen = true;
+        // NaN != 0.0 too: a value that is not exactly zero is never a pass.
+        if s.value != 0.0 {
+            series.push((s.label(label).map(str::to_string), s.value));
+        }
+    }
+    match (seen, series.is_empty()) {
+        (false, _) => Flagged::Missing,
+        (true, true) => Flagged::Clear,
+        (true, false) => Flagged::Series(series),
+    }
+}
+
 fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what: &str) {
-    if let Some(n) = sum(snap, metric).filter(|&n| n > 0.0) {
-        notes.push(format!("{what}: {metric} = {n}"));
+    if let Flagged::Series(series) = flagged(snap, metric, "") {
+        notes.push(format!("{what}: {metric} = {}", describe(&series)));
     }
 }
 
@@ -232,7 +256,7 @@ pub fn run_gate(args: &GateArgs) -> i32 {
         }
     };
     let log = match &args.log_dir {
-        Some(dir) => match verify_log(dir, args.key_file.clone()) {
+        Some(dir) => match verify_log(dir, args) {
             Ok(report) => Some((dir.display().to_string(), report)),
             Err(e) => {
                 eprintln!("kvh gate: {e}");
@@ -267,20 +291,22 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     }
 }
 
-/// Verifies the log as `verify-log` does; an empty log is an error, not a pass.
-fn verify_log(dir: &std::path::Path, key_file: Option<PathBuf>) -> Result<verify::Report, String> {
-    let args = VerifyLogArgs {
+/// Verifies the log as `verify-log` does. A directory that holds no record is reported as
+/// a problem of the log (evidence that should exist and does not), not as a usage error; a
+/// directory that does not exist, or a key that cannot be read, is a usage error.
+fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, String> {
+    let verify_args = VerifyLogArgs {
         dir: dir.to_path_buf(),
-        key_file,
-        public_key: None,
-        checkpoint: None,
+        key_file: args.key_file.clone(),
+        public_key: args.public_key.clone(),
+        checkpoint: args.checkpoint.clone(),
         json: false,
     };
-    let opts = log_cli::options(&args)?;
-    let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
+    let opts = log_cli::options(&verify_args)?;
+    let mut report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
     if report.chains.iter().all(|c| c.records == 0) && report.errors.is_empty() {
-        return Err(format!(
-            "{}: no forensic log records to verify",
+        report.errors.push(format!(
+            "{}: no forensic log records (the log is empty or was removed)",
             dir.display()
         ));
     }

@@ -140,15 +140,41 @@ fn anomalies_evict_unless_allowed() {
     let (code, out, _) = gate(&f, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("anomaly detector flagged 2 anomalies (invalid_free=2)"),
+        out.contains("anomaly detector flagged anomalies (invalid_free=2)"),
         "{out}"
     );
     let (code, out, _) = gate(&f, &["--allow-anomalies"]);
     assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("note: the anomaly detector flagged 2"),
-        "{out}"
-    );
+    assert!(out.contains("note: the anomaly detector flagged"), "{out}");
+    // Values a counter cannot have are never a pass, and never cancel out.
+    for bad in [
+        &[("residue", f64::NAN)][..],
+        &[("residue", 3.0), ("quarantine", -3.0)],
+    ] {
+        write_raw_anomalies(&f, bad);
+        let (code, out, _) = gate(&f, &[]);
+        assert_eq!(code, 1, "{bad:?}: {out}");
+    }
+}
+
+/// Like [`snapshot`], with raw anomaly values (which may be ones a counter cannot have).
+fn write_raw_anomalies(path: &Path, values: &[(&str, f64)]) {
+    snapshot(path, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("kvh_anomalies_total"))
+        .map(str::to_string)
+        .collect();
+    for (signal, v) in values {
+        let v = if v.is_nan() {
+            "NaN".to_string()
+        } else {
+            v.to_string()
+        };
+        lines.push(format!("kvh_anomalies_total{{signal=\"{signal}\"}} {v}"));
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
 #[test]
@@ -161,6 +187,22 @@ fn the_forensic_log_is_verified_when_asked() {
     let (code, out, err) = gate(&f, &["--log-dir", log.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("verified"), "{out}");
+    // The checkpoint options reach the verification: with a pinned public key, a chain that
+    // no signed checkpoint covers fails (its tail could have been cut).
+    let prefix = dir.path().join("ckpt");
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(&prefix));
+    assert_eq!(code, 0, "{err}");
+    let public = prefix.with_extension("pub");
+    let (code, out, _) = gate(
+        &f,
+        &[
+            "--log-dir",
+            log.to_str().unwrap(),
+            "--public-key",
+            public.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
     // A record rewritten: the log no longer verifies, the process is evicted.
     let file = &forensic_common::chain_files(&log)[0];
     let mut lines = forensic_common::read_lines(file);
@@ -205,17 +247,27 @@ fn bad_input_is_a_usage_error_not_a_verdict() {
         err.contains("{pid}") && err.contains("--metrics-file"),
         "{err}"
     );
-    // An empty log directory is not a verified log.
+    // An empty log directory is evidence that is missing: evict, not a usage error; a
+    // directory that does not exist is a usage error.
     let good = dir.path().join("kvh.prom");
     snapshot(&good, Duration::ZERO, |_| {}, &[]);
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let (code, _, err) = gate(&good, &["--log-dir", empty.to_str().unwrap()]);
+    let (code, out, err) = gate(&good, &["--log-dir", empty.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("no forensic log records"), "{out}");
+    let (code, _, err) = gate(&good, &["--log-dir", "/nonexistent/kvh-log"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no forensic log records"), "{err}");
-    // --key-file needs --log-dir; --max-age must be positive.
-    let (code, _, _) = gate(&good, &["--key-file", "/dev/null"]);
-    assert_eq!(code, 2);
+    // --key-file and --public-key need --log-dir, --checkpoint needs --public-key;
+    // --max-age must be positive.
+    for args in [
+        &["--key-file", "/dev/null"][..],
+        &["--public-key", "/dev/null"],
+        &["--log-dir", "/tmp", "--checkpoint", "/dev/null"],
+    ] {
+        let (code, _, _) = gate(&good, args);
+        assert_eq!(code, 2, "{args:?}");
+    }
     let (code, _, _) = gate(&good, &["--max-age", "0"]);
     assert_eq!(code, 2);
 }

@@ -324,9 +324,266 @@ fn a_cache_allocated_again_forgets_its_owners() {
         .free(a, (2 * BLOCKS * BLOCK) as i64, 0, StreamHandle(1))
         .unwrap();
     f.alloc.synchronize().unwrap();
-    // The same bytes come back as a new allocation (same layout digest, new block id).
+    // The same bytes come back as a new allocation: the same block, the same layout digest,
+    // but a new scrub sequence number (its free was scrubbed).
     let b = f.malloc_zeroed((2 * BLOCKS * BLOCK) as i64, 0, 1);
     assert_eq!(b, a, "the pool hands the cached block back");
     let r = as_request("t1", "a", || claim(&f, &layout, &[0])).unwrap();
     assert_eq!(r.gate_scrubbed, vec![0], "a new cache's owners are unknown");
+}
+
+#[test]
+fn another_layout_over_the_same_memory_forgets_what_the_first_one_said() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (a, fine) = cache(&f);
+    // The same regions seen with blocks twice as large.
+    let coarse = KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    };
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
+        .unwrap();
+    as_request("t1", "x", || claim(&f, &coarse, &[0])).unwrap();
+    f.write(0, a, &secret(2 * BLOCK as usize, 0x5a)); // x's bytes: fine blocks 0 and 1
+    let r = as_request("t1", "y", || claim(&f, &fine, &[0])).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![0], "y got x's bytes without a scrub");
+    assert!(block_is_zero(&f, &fine, 0));
+}
+
+/// A host backend whose scrubs on chosen streams complete only when released, and which says
+/// when a scrub was submitted: for interleavings of claims and scrubs, without sleeping.
+mod held {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use kvhygiene::backend::host::HostBackend;
+    use kvhygiene::backend::verify::SegmentResult;
+    use kvhygiene::backend::{
+        Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+    };
+
+    #[derive(Default)]
+    struct State {
+        held: HashSet<u64>,
+        submitted: HashMap<u64, usize>,
+    }
+
+    pub struct Held {
+        pub host: Arc<HostBackend>,
+        state: Arc<(Mutex<State>, Condvar)>,
+    }
+
+    impl Held {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Held {
+                host: HostBackend::new(),
+                state: Arc::default(),
+            })
+        }
+
+        /// Scrubs on `stream` wait (`true`) or complete (`false`).
+        pub fn hold(&self, stream: u64, held: bool) {
+            let mut s = self.state.0.lock().unwrap();
+            if held {
+                s.held.insert(stream);
+            } else {
+                s.held.remove(&stream);
+            }
+            self.state.1.notify_all();
+        }
+
+        /// Waits until `n` scrubs were submitted on `stream`.
+        pub fn wait_submitted(&self, stream: u64, n: usize) {
+            let mut s = self.state.0.lock().unwrap();
+            while s.submitted.get(&stream).copied().unwrap_or(0) < n {
+                s = self.state.1.wait(s).unwrap();
+            }
+        }
+    }
+
+    struct Ticket {
+        inner: Box<dyn ScrubTicket>,
+        stream: u64,
+        state: Arc<(Mutex<State>, Condvar)>,
+    }
+
+    impl Ticket {
+        fn released(&self) -> bool {
+            !self.state.0.lock().unwrap().held.contains(&self.stream)
+        }
+    }
+
+    impl ScrubTicket for Ticket {
+        fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+            if !self.released() {
+                return Ok(None);
+            }
+            self.inner.poll()
+        }
+
+        fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+            let mut s = self.state.0.lock().unwrap();
+            while s.held.contains(&self.stream) {
+                s = self.state.1.wait(s).unwrap();
+            }
+            drop(s);
+            self.inner.wait()
+        }
+    }
+
+    impl Backend for Held {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Host
+        }
+        fn device_count(&self) -> u32 {
+            self.host.device_count()
+        }
+        fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
+            self.host.allocate(d, len)
+        }
+        fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
+            self.host.release(d, a, len)
+        }
+        fn zero_fresh(
+            &self,
+            d: u32,
+            a: DevicePtr,
+            len: u64,
+            s: StreamHandle,
+        ) -> Result<(), BackendError> {
+            self.host.zero_fresh(d, a, len, s)
+        }
+        fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+            let stream = b.stream.0;
+            let inner = self.host.submit_scrub(b)?;
+            let mut s = self.state.0.lock().unwrap();
+            *s.submitted.entry(stream).or_default() += 1;
+            self.state.1.notify_all();
+            Ok(Box::new(Ticket {
+                inner,
+                stream,
+                state: self.state.clone(),
+            }))
+        }
+        fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+            self.host.write(d, a, src)
+        }
+        fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+            self.host.read(d, a, dst)
+        }
+        fn shutdown(&self) {
+            self.host.shutdown()
+        }
+    }
+}
+
+/// An allocator over a [`held::Held`] backend, with a cache of `BLOCKS` blocks.
+fn held_cache() -> (
+    kvhygiene::alloc::Allocator,
+    std::sync::Arc<held::Held>,
+    KvLayout,
+) {
+    let backend = held::Held::new();
+    let alloc = kvhygiene::alloc::Allocator::new(
+        backend.clone(),
+        config(KvGateMode::Scrub, KvGateScope::Request),
+        None,
+    );
+    let len = 2 * BLOCKS * BLOCK;
+    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    (alloc, backend, layout)
+}
+
+fn held_fill(b: &held::Held, layout: &KvLayout, id: u64, tag: u8) {
+    use kvhygiene::backend::Backend;
+    for &base in &layout.regions {
+        b.write(0, base + id * BLOCK, &secret(BLOCK as usize, tag))
+            .unwrap();
+    }
+}
+
+fn held_zero(b: &held::Held, layout: &KvLayout, id: u64) -> bool {
+    use kvhygiene::backend::Backend;
+    layout.regions.iter().all(|&base| {
+        let mut v = vec![1u8; BLOCK as usize];
+        b.read(0, base + id * BLOCK, &mut v).unwrap();
+        v.iter().all(|&x| x == 0)
+    })
+}
+
+#[test]
+fn an_engine_verdict_that_lands_after_a_new_owner_took_the_block_is_not_applied() {
+    let (alloc, backend, layout) = held_cache();
+    let claim_as = |req: &str| {
+        as_request("t", req, || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+        })
+        .unwrap()
+    };
+    claim_as("w");
+    held_fill(&backend, &layout, 5, 0x77);
+    // The engine scrubs w's block on stream 7; its verdict is held back.
+    backend.hold(7, true);
+    let engine = std::thread::scope(|s| {
+        let scrub = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        // Meanwhile x is given the block: the gate scrubs it (stream 2) and hands it over.
+        let r = claim_as("x");
+        assert_eq!((r.claimed, r.gate_scrubbed.clone()), (1, vec![5]));
+        held_fill(&backend, &layout, 5, 0xab); // x's keys and values
+        backend.hold(7, false);
+        scrub.join().unwrap().unwrap()
+    });
+    assert!(engine.failed.is_empty());
+    // The engine's verdict described w's block, not x's: y must get it scrubbed.
+    let r = claim_as("y");
+    assert_eq!((r.claimed, r.gate_scrubbed), (1, vec![5]));
+    assert!(held_zero(&backend, &layout, 5), "y got x's bytes");
+}
+
+#[test]
+fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
+    let (alloc, backend, layout) = held_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        held_fill(&backend, &layout, 5, 0xcd); // y's keys and values
+        backend.hold(3, false);
+        (x.join().unwrap().unwrap(), y)
+    });
+    assert_eq!((y.claimed, y.gate_scrubbed.clone()), (1, vec![5]));
+    assert_eq!(
+        (x.claimed, x.taken.clone(), x.refused.len()),
+        (0, vec![5], 0)
+    );
+    // The block is y's: x's claim left nothing behind that lets a third request skip a scrub.
+    let z = as_request("t", "z", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    assert_eq!(z.gate_scrubbed, vec![5]);
 }

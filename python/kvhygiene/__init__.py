@@ -66,6 +66,8 @@ KVH_ERR_BUFFER_TOO_SMALL = 7013
 KVH_ERR_VERIFY_FAILED = 7009
 #: Error code of a claim the eviction gate refused (``KVH_KV_GATE=enforce``).
 KVH_ERR_KV_GATE = 7021
+#: Error code of a claim some of whose blocks another claim took while they were scrubbed.
+KVH_ERR_KV_TAKEN = 7022
 KVH_OK = 0
 
 
@@ -94,9 +96,11 @@ class ScrubVerificationError(KvhError):
 
 class ClaimRefusedError(KvhError):
     """:func:`claim_blocks` did not hand ``refused_blocks`` to the request: their scrub failed
-    verification (``code`` 7009; the other blocks were handed over), or, with
-    ``KVH_KV_GATE=enforce``, they would change owner without a verified scrub (``code`` 7021;
-    nothing was handed over). Refused blocks must not be used."""
+    verification (``code`` 7009; the other blocks were handed over), another claim took them
+    while the gate scrubbed them (``code`` 7022: two requests were given the same blocks; the
+    other blocks were handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
+    without a verified scrub (``code`` 7021; nothing was handed over). Refused blocks must not
+    be used."""
 
     def __init__(self, code: int, message: str, refused_blocks: list):
         super().__init__("kvh_claim_blocks", code, message)
@@ -474,7 +478,7 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     and :class:`KvhError` when the call was refused or did not finish.
     """
     code, named, _ = _kv_call("kvh_claim_blocks", layout, block_ids, stream)
-    if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE):
+    if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE, KVH_ERR_KV_TAKEN):
         raise ClaimRefusedError(code, _last_message() or _message(code), named)
     if code != KVH_OK:
         raise KvhError("kvh_claim_blocks", code, _last_message() or _message(code))

@@ -36,6 +36,7 @@ use crate::backend::{
 use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger};
 
+use super::kv_gate::{Generations, LedgerKey, ScrubFor};
 use super::Allocator;
 
 /// Most regions a layout may have (e.g. layers × {K, V}).
@@ -310,6 +311,9 @@ struct Launched {
     tickets: Vec<Submitted>,
     /// The submission error that stopped the call, after `tickets` were submitted.
     error: Option<BackendError>,
+    /// The gate ledger's generations of the call's blocks before anything was submitted,
+    /// which its verdicts are checked against (none when the gate is off).
+    seen: Option<Generations>,
 }
 
 impl Allocator {
@@ -324,18 +328,21 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<KvScrubReport, KvScrubError> {
-        self.scrub_kv(layout, ids, device, stream, KvScrubTrigger::Engine)
+        self.scrub_kv(layout, ids, device, stream, ScrubFor::Engine)
+            .map(|(report, _)| report)
     }
 
-    /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate (`trigger`).
+    /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate. Also returns the
+    /// verified blocks whose verdict the gate's ledger could not apply because they changed
+    /// hands while the scrub ran.
     pub(super) fn scrub_kv(
         &self,
         layout: &KvLayout,
         ids: &[u32],
         device: i32,
         stream: StreamHandle,
-        trigger: KvScrubTrigger,
-    ) -> Result<KvScrubReport, KvScrubError> {
+        by: ScrubFor<'_>,
+    ) -> Result<(KvScrubReport, Vec<u32>), KvScrubError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(KvScrubError::ShuttingDown);
         }
@@ -350,8 +357,12 @@ impl Allocator {
             return Err(self.refuse_kv_scrub(dev, e));
         }
         if ids.is_empty() {
-            return Ok(KvScrubReport::default());
+            return Ok((KvScrubReport::default(), Vec::new()));
         }
+        let (trigger, claimant, seen) = match by {
+            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None),
+            ScrubFor::Gate { claimant, seen } => (KvScrubTrigger::Gate, Some(claimant), Some(seen)),
+        };
         let count = ids.len() as u64 * layout.regions.len() as u64; // bounded by check_ids
         let call = KvCall {
             dev,
@@ -362,15 +373,21 @@ impl Allocator {
             trigger,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
-        let launched = match self.launch_kv(&call, call.batches()) {
+        let launched = match self.launch_kv(&call, call.batches(), seen) {
             Ok(l) => l,
             Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
         };
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
         let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
-        self.note_kv_verdicts(dev, layout, &launched.owners, &clean, &report.failed);
+        let changed = match &launched.seen {
+            Some(seen) => {
+                let scrubbed = LedgerKey::new(dev, layout, &launched.owners);
+                self.settle_kv(seen, &scrubbed, &clean, &report.failed, claimant)
+            }
+            None => Vec::new(),
+        };
         match error {
-            None => Ok(report),
+            None => Ok((report, changed)),
             Some(e) => Err(self.kv_backend_error(dev, e)),
         }
     }
@@ -382,6 +399,7 @@ impl Allocator {
         &self,
         call: &KvCall<'_>,
         batches: Vec<Vec<ScrubSegment>>,
+        seen: Option<Generations>,
     ) -> Result<Launched, KvScrubError> {
         let layout = call.layout;
         let extent = layout.extent().unwrap_or(u64::MAX); // validated
@@ -411,10 +429,14 @@ impl Allocator {
                     }
                 }
             }
+            // Before anything is submitted: a claim after this point shows in the generations.
+            // (The ledger lock is taken inside the pool lock here and never the other way.)
+            let seen = seen.or_else(|| self.kv_generations(call.dev, layout, &owners, call.ids));
             let mut launched = Launched {
                 owners,
                 tickets: Vec::new(),
                 error: None,
+                seen,
             };
             for (n, segments) in batches.into_iter().enumerate() {
                 let len = segments.len();

@@ -33,7 +33,7 @@
 //!   holding its regions. A cache freed and allocated again starts an empty ledger, since a
 //!   free's scrub zeroed it but nothing says who wrote it since.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -41,7 +41,7 @@ use std::time::SystemTime;
 use crate::backend::StreamHandle;
 use crate::config::{KvGateMode, KvGateScope};
 use crate::context::Context;
-use crate::events::{BlockRef, Event, EventKind, KvScrubTrigger};
+use crate::events::{BlockRef, Event, EventKind};
 
 use super::kv::{check_ids, KvLayout, KvScrubError};
 use super::Allocator;
@@ -80,7 +80,7 @@ pub(crate) fn owner_of(ctx: &Context, scope: KvGateScope) -> Option<Arc<OwnerKey
     Some(Arc::new(key))
 }
 
-/// One block's entry. A block without one is unknown.
+/// One block's state. A block without an entry is unknown.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Slot {
     /// Verified zero by a scrub, owned by nobody since.
@@ -89,6 +89,15 @@ enum Slot {
     Owned(Option<Arc<OwnerKey>>),
     /// Its last scrub failed verification.
     Failed,
+}
+
+/// A block's entry: its state, and the generation at which the state was set. Every change
+/// takes a new generation, so a scrub's verdict can tell whether the block changed hands
+/// while the scrub ran (an absent entry is generation 0).
+#[derive(Clone, Debug)]
+struct Entry {
+    slot: Slot,
+    generation: u64,
 }
 
 /// Which cache a ledger belongs to.
@@ -110,24 +119,50 @@ impl LedgerKey {
             allocations: owners.iter().map(|o| (o.id, o.scrub_seq)).collect(),
         }
     }
+
+    /// Whether `other` may describe some of the same bytes: the same device, and the same
+    /// layout (this cache before its memory was handed out again) or an allocation in common
+    /// (another view of the same memory).
+    fn overlaps(&self, other: &LedgerKey) -> bool {
+        self.device == other.device
+            && (self.layout == other.layout
+                || self
+                    .allocations
+                    .iter()
+                    .any(|(id, _)| other.allocations.iter().any(|(o, _)| o == id)))
+    }
 }
 
 struct Book {
     key: LedgerKey,
-    slots: HashMap<u32, Slot>,
+    slots: HashMap<u32, Entry>,
+    /// Set when the book is created or cleared: generations of an earlier epoch mean nothing.
+    epoch: u64,
     last_used: u64,
 }
 
+/// The generations of some blocks of one ledger at one moment: when a claim sorted them, or
+/// just before a scrub of them was submitted. A scrub's verdict is applied to a block only if
+/// its generation is still the one seen then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Generations {
+    pub key: LedgerKey,
+    epoch: u64,
+    of: HashMap<u32, u64>,
+}
+
 /// What a claim found, before any scrub.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Sorted {
     /// Blocks that would change owner without a verified scrub (or whose owner is unknown).
     pub dirty: Vec<u32>,
     /// Blocks whose last scrub failed.
     pub failed: Vec<u32>,
+    /// The generations of the dirty blocks when they were sorted.
+    pub dirty_generations: Generations,
 }
 
-/// Every cache's ledger.
+/// Every cache's ledger. One clock gives recency, epochs and generations: all only grow.
 #[derive(Default)]
 pub(crate) struct Ledgers {
     books: Vec<Book>,
@@ -135,38 +170,56 @@ pub(crate) struct Ledgers {
 }
 
 impl Ledgers {
-    /// The ledger of `key`'s cache, new (empty) when none is kept or its allocations changed.
-    fn book(&mut self, key: &LedgerKey) -> &mut Book {
+    fn tick(&mut self) -> u64 {
         self.clock += 1;
-        let now = self.clock;
-        let found = self
-            .books
-            .iter()
-            .position(|b| b.key.device == key.device && b.key.layout == key.layout);
-        let i = match found {
-            Some(i) => i,
-            None => {
-                if self.books.len() >= MAX_LEDGERS {
-                    let oldest = (0..self.books.len())
-                        .min_by_key(|&i| self.books[i].last_used)
-                        .unwrap_or(0);
-                    self.books.swap_remove(oldest);
-                }
-                self.books.push(Book {
-                    key: key.clone(),
-                    slots: HashMap::new(),
-                    last_used: now,
-                });
-                self.books.len() - 1
+        self.clock
+    }
+
+    /// The index of `key`'s ledger, created (empty) when none is kept. Ledgers of other views
+    /// of the same memory are dropped first: what they say was written through another
+    /// layout, or into memory since handed out again, and says nothing about this one.
+    fn book(&mut self, key: &LedgerKey) -> usize {
+        let now = self.tick();
+        if let Some(i) = self.books.iter().position(|b| b.key == *key) {
+            let book = &mut self.books[i];
+            if book.slots.len() > MAX_LEDGER_SLOTS {
+                book.slots.clear();
+                book.epoch = now;
             }
-        };
-        let book = &mut self.books[i];
-        if book.key.allocations != key.allocations || book.slots.len() > MAX_LEDGER_SLOTS {
-            book.key = key.clone();
-            book.slots.clear();
+            book.last_used = now;
+            return i;
         }
-        book.last_used = now;
-        book
+        self.books.retain(|b| !b.key.overlaps(key));
+        if self.books.len() >= MAX_LEDGERS {
+            let oldest = (0..self.books.len())
+                .min_by_key(|&i| self.books[i].last_used)
+                .unwrap_or(0);
+            self.books.swap_remove(oldest);
+        }
+        self.books.push(Book {
+            key: key.clone(),
+            slots: HashMap::new(),
+            epoch: now,
+            last_used: now,
+        });
+        self.books.len() - 1
+    }
+
+    fn generations_in(&self, i: usize, ids: &[u32]) -> Generations {
+        let book = &self.books[i];
+        Generations {
+            key: book.key.clone(),
+            epoch: book.epoch,
+            of: ids
+                .iter()
+                .map(|&id| (id, book.slots.get(&id).map_or(0, |e| e.generation)))
+                .collect(),
+        }
+    }
+
+    fn set(&mut self, i: usize, id: u32, slot: Slot) {
+        let generation = self.tick();
+        self.books[i].slots.insert(id, Entry { slot, generation });
     }
 
     /// Sorts a claim's blocks and, unless `all_or_nothing` and some block is dirty or failed,
@@ -179,57 +232,76 @@ impl Ledgers {
         claimant: &Option<Arc<OwnerKey>>,
         all_or_nothing: bool,
     ) -> Sorted {
-        let book = self.book(key);
-        let mut sorted = Sorted::default();
-        let mut free = Vec::with_capacity(ids.len());
+        let i = self.book(key);
+        let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
         for &id in ids {
-            match book.slots.get(&id) {
+            match self.books[i].slots.get(&id).map(|e| &e.slot) {
                 Some(Slot::Clean) => free.push(id),
                 Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => free.push(id),
-                Some(Slot::Failed) => sorted.failed.push(id),
-                Some(Slot::Owned(_)) | None => sorted.dirty.push(id),
+                Some(Slot::Failed) => failed.push(id),
+                Some(Slot::Owned(_)) | None => dirty.push(id),
             }
         }
-        if all_or_nothing && (!sorted.dirty.is_empty() || !sorted.failed.is_empty()) {
-            return sorted;
+        let dirty_generations = self.generations_in(i, &dirty);
+        let refuse = all_or_nothing && (!dirty.is_empty() || !failed.is_empty());
+        if !refuse {
+            for id in free {
+                self.set(i, id, Slot::Owned(claimant.clone()));
+            }
         }
-        for id in free {
-            book.slots.insert(id, Slot::Owned(claimant.clone()));
+        Sorted {
+            dirty,
+            failed,
+            dirty_generations,
         }
-        sorted
     }
 
-    /// Hands blocks the gate just scrubbed to `claimant`; returns those another claim took
-    /// first (they are not handed over).
-    pub(crate) fn hand_over_scrubbed(
+    /// The generations of `ids` in `key`'s ledger now (before a scrub of them is submitted).
+    pub(crate) fn generations(&mut self, key: &LedgerKey, ids: &[u32]) -> Generations {
+        let i = self.book(key);
+        self.generations_in(i, ids)
+    }
+
+    /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
+    /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. Returns the
+    /// verified blocks whose verdict could not be applied (they changed hands meanwhile, or
+    /// the ledger was forgotten or cleared): nobody may take them as verified by this scrub.
+    pub(crate) fn settle(
         &mut self,
-        key: &LedgerKey,
-        ids: &[u32],
-        claimant: &Option<Arc<OwnerKey>>,
+        seen: &Generations,
+        verified: &[u32],
+        failed: &[u32],
+        claimant: Option<&Option<Arc<OwnerKey>>>,
     ) -> Vec<u32> {
-        let book = self.book(key);
-        let mut taken = Vec::new();
-        for &id in ids {
-            match book.slots.get(&id) {
-                Some(Slot::Clean) => {
-                    book.slots.insert(id, Slot::Owned(claimant.clone()));
-                }
-                _ => taken.push(id),
+        let Some(i) = self
+            .books
+            .iter()
+            .position(|b| b.key == seen.key && b.epoch == seen.epoch)
+        else {
+            return verified.to_vec();
+        };
+        let unchanged = |books: &[Book], id: u32| {
+            let now = books[i].slots.get(&id).map_or(0, |e| e.generation);
+            seen.of.get(&id) == Some(&now)
+        };
+        for &id in failed {
+            if unchanged(&self.books, id) {
+                self.set(i, id, Slot::Failed);
             }
         }
-        taken
-    }
-
-    /// Applies a scrub's verdicts: verified blocks become CLEAN, failed ones FAILED; blocks the
-    /// scrub did not finish keep their entry.
-    pub(crate) fn record_scrub(&mut self, key: &LedgerKey, clean: &[u32], failed: &[u32]) {
-        let book = self.book(key);
-        for &id in clean {
-            book.slots.insert(id, Slot::Clean);
+        let mut changed = Vec::new();
+        for &id in verified {
+            if !unchanged(&self.books, id) {
+                changed.push(id);
+                continue;
+            }
+            let slot = match claimant {
+                Some(owner) => Slot::Owned(owner.clone()),
+                None => Slot::Clean,
+            };
+            self.set(i, id, slot);
         }
-        for &id in failed {
-            book.slots.insert(id, Slot::Failed);
-        }
+        changed
     }
 }
 
@@ -238,11 +310,15 @@ impl Ledgers {
 pub struct KvClaimReport {
     /// Blocks handed to the caller.
     pub claimed: u64,
-    /// Blocks the gate scrubbed and verified before handing them over, in the order given.
+    /// Blocks the gate scrubbed, verified and handed over, in the order given.
     pub gate_scrubbed: Vec<u32>,
-    /// Blocks not handed over, in the order given: their scrub failed verification (now or
-    /// earlier), or another claim took them during the gate's scrub. They must not be used.
+    /// Blocks not handed over because their scrub failed verification (now or earlier), in
+    /// the order given. They must not be used, by anyone, until a scrub verifies them.
     pub refused: Vec<u32>,
+    /// Blocks not handed over because another claim took them while the gate scrubbed them
+    /// for this one (two requests were given the same blocks), in the order given. They are
+    /// the other claimant's: this caller must not use them.
+    pub taken: Vec<u32>,
 }
 
 /// Why a claim did not run, or did not finish.
@@ -260,12 +336,23 @@ pub enum KvClaimError {
     Unscrubbed { blocks: Vec<u32> },
 }
 
+/// Who a KV scrub runs for: the engine (`kvh_scrub_blocks`), or the gate inside a claim, with
+/// the claimant and the generations its claim saw.
+pub(super) enum ScrubFor<'a> {
+    Engine,
+    Gate {
+        claimant: &'a Option<Arc<OwnerKey>>,
+        seen: Generations,
+    },
+}
+
 impl Allocator {
     /// Gives blocks `ids` of the paged KV cache `layout` on `device` to the calling thread's
     /// request (or tenant, by `kv_gate_scope`). Blocks that would change owner without a
     /// verified scrub since their last owner are scrubbed on `stream` and verified first
     /// (`kv_gate = scrub`), or make the whole claim fail (`enforce`). `Ok` lists the blocks
-    /// that were not handed over ([`KvClaimReport::refused`]); they must not be used.
+    /// that were not handed over ([`KvClaimReport::refused`], [`KvClaimReport::taken`]);
+    /// they must not be used.
     pub fn claim_kv_blocks(
         &self,
         layout: &KvLayout,
@@ -302,11 +389,8 @@ impl Allocator {
         let enforce = mode == KvGateMode::Enforce;
         let sorted = self.ledgers().claim(&key, ids, &claimant, enforce);
         if enforce && (!sorted.dirty.is_empty() || !sorted.failed.is_empty()) {
-            let blocks: Vec<u32> = ids
-                .iter()
-                .copied()
-                .filter(|id| sorted.dirty.contains(id) || sorted.failed.contains(id))
-                .collect();
+            let named: HashSet<u32> = sorted.dirty.iter().chain(&sorted.failed).copied().collect();
+            let blocks = in_order(ids, &named);
             let detail = format!(
                 "kvh_claim_blocks refused: {} blocks would change owner without a verified \
                  scrub, {} failed their last scrub (ids {})",
@@ -316,34 +400,34 @@ impl Allocator {
             );
             return Err(self.refuse_claim(dev, detail, KvClaimError::Unscrubbed { blocks }));
         }
-        let mut refused = sorted.failed.clone();
+        let mut refused: HashSet<u32> = sorted.failed.iter().copied().collect();
+        let mut taken = HashSet::new();
         let mut gate_scrubbed = Vec::new();
         if !sorted.dirty.is_empty() {
-            let report =
-                self.scrub_kv(layout, &sorted.dirty, device, stream, KvScrubTrigger::Gate)?;
-            let verified: Vec<u32> = sorted
+            let gate = ScrubFor::Gate {
+                claimant: &claimant,
+                seen: sorted.dirty_generations,
+            };
+            let (report, changed) = self.scrub_kv(layout, &sorted.dirty, device, stream, gate)?;
+            refused.extend(report.failed.iter().copied());
+            taken.extend(changed.iter().copied());
+            gate_scrubbed = sorted
                 .dirty
                 .iter()
                 .copied()
-                .filter(|id| !report.failed.contains(id))
+                .filter(|id| !refused.contains(id) && !taken.contains(id))
                 .collect();
-            let taken = self
-                .ledgers()
-                .hand_over_scrubbed(&key, &verified, &claimant);
-            gate_scrubbed = verified;
-            refused.extend(report.failed.iter().copied());
-            refused.extend(taken.iter().copied());
-            if !taken.is_empty() {
-                self.report_gate_violation(
-                    dev,
-                    format!(
-                        "{} KV blocks were claimed by another owner while the gate scrubbed \
-                         them for this claim (ids {}): two requests claimed the same blocks",
-                        taken.len(),
-                        id_list(&taken)
-                    ),
-                );
-            }
+        }
+        if !taken.is_empty() {
+            self.report_gate_violation(
+                dev,
+                format!(
+                    "{} KV blocks changed hands while the gate scrubbed them for this claim \
+                     (ids {}): another claim took them; they were not handed over",
+                    taken.len(),
+                    id_list(&in_order(ids, &taken))
+                ),
+            );
         }
         if !sorted.failed.is_empty() {
             self.report_gate_violation(
@@ -356,8 +440,7 @@ impl Allocator {
                 ),
             );
         }
-        refused.sort_unstable_by_key(|id| ids.iter().position(|x| x == id));
-        let claimed = (ids.len() - refused.len()) as u64;
+        let claimed = (ids.len() - refused.len() - taken.len()) as u64;
         let scrubbed = gate_scrubbed.len() as u64;
         self.with_pool(dev, |pool, _, _, _| {
             let c = &mut pool.stats.counters;
@@ -368,24 +451,42 @@ impl Allocator {
         Ok(KvClaimReport {
             claimed,
             gate_scrubbed,
-            refused,
+            refused: in_order(ids, &refused),
+            taken: in_order(ids, &taken),
         })
     }
 
-    /// After a KV scrub: records its verdicts in the cache's ledger (when the gate is on).
-    pub(super) fn note_kv_verdicts(
+    /// Before a KV scrub is submitted (under the pool lock, with its regions resolved): the
+    /// generations its verdict will be checked against, when the gate keeps ledgers.
+    pub(super) fn kv_generations(
         &self,
         dev: u32,
         layout: &KvLayout,
         owners: &[BlockRef],
-        clean: &[u32],
-        failed: &[u32],
-    ) {
-        if self.inner.config.kv_gate == KvGateMode::Off || (clean.is_empty() && failed.is_empty()) {
-            return;
+        ids: &[u32],
+    ) -> Option<Generations> {
+        if self.inner.config.kv_gate == KvGateMode::Off {
+            return None;
         }
         let key = LedgerKey::new(dev, layout, owners);
-        self.ledgers().record_scrub(&key, clean, failed);
+        Some(self.ledgers().generations(&key, ids))
+    }
+
+    /// After a KV scrub: applies its verdicts to the blocks unchanged since `seen` and returns
+    /// the verified blocks it could not apply (see [`Ledgers::settle`]). A gate scrub whose
+    /// regions turned out to be other allocations than its claim saw applies nothing.
+    pub(super) fn settle_kv(
+        &self,
+        seen: &Generations,
+        scrubbed: &LedgerKey,
+        verified: &[u32],
+        failed: &[u32],
+        claimant: Option<&Option<Arc<OwnerKey>>>,
+    ) -> Vec<u32> {
+        if seen.key != *scrubbed {
+            return verified.to_vec();
+        }
+        self.ledgers().settle(seen, verified, failed, claimant)
     }
 
     fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
@@ -452,6 +553,11 @@ impl Allocator {
     }
 }
 
+/// The ids of `ids` that are in `set`, in the order of `ids`.
+fn in_order(ids: &[u32], set: &HashSet<u32>) -> Vec<u32> {
+    ids.iter().copied().filter(|id| set.contains(id)).collect()
+}
+
 /// The first ids of a list, for a record's detail.
 fn id_list(ids: &[u32]) -> String {
     let shown: Vec<String> = ids.iter().take(DETAIL_IDS).map(u32::to_string).collect();
@@ -480,27 +586,47 @@ mod tests {
         owner_of(&ctx, KvGateScope::Request)
     }
 
+    /// An engine scrub of `clean` and `failed` that nothing overlapped.
+    fn scrub(l: &mut Ledgers, k: &LedgerKey, clean: &[u32], failed: &[u32]) {
+        let ids: Vec<u32> = clean.iter().chain(failed).copied().collect();
+        let seen = l.generations(k, &ids);
+        assert!(l.settle(&seen, clean, failed, None).is_empty());
+    }
+
+    /// (dirty, failed) of a claim.
+    fn sort(
+        l: &mut Ledgers,
+        k: &LedgerKey,
+        ids: &[u32],
+        who: &Option<Arc<OwnerKey>>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        let s = l.claim(k, ids, who, false);
+        (s.dirty, s.failed)
+    }
+
+    const NONE: (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
+
     #[test]
     fn unknown_blocks_are_dirty_and_own_blocks_are_free() {
         let mut l = Ledgers::default();
         let (k, a) = (key(vec![1]), who("t", "a"));
-        assert_eq!(l.claim(&k, &[1, 2], &a, false).dirty, vec![1, 2]);
-        l.record_scrub(&k, &[1, 2], &[]);
-        assert_eq!(l.claim(&k, &[1, 2], &a, false), Sorted::default());
+        assert_eq!(sort(&mut l, &k, &[1, 2], &a).0, vec![1, 2]);
+        scrub(&mut l, &k, &[1, 2], &[]);
+        assert_eq!(sort(&mut l, &k, &[1, 2], &a), NONE);
         // The same request claims again: no scrub.
-        assert_eq!(l.claim(&k, &[2], &a, false), Sorted::default());
+        assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
         // Another request of the same tenant: dirty under the request scope.
-        assert_eq!(l.claim(&k, &[2], &who("t", "b"), false).dirty, vec![2]);
+        assert_eq!(sort(&mut l, &k, &[2], &who("t", "b")).0, vec![2]);
     }
 
     #[test]
     fn anonymous_owners_match_nobody_not_even_themselves() {
         let mut l = Ledgers::default();
         let k = key(vec![1]);
-        l.record_scrub(&k, &[5], &[]);
-        assert_eq!(l.claim(&k, &[5], &None, false), Sorted::default());
-        assert_eq!(l.claim(&k, &[5], &None, false).dirty, vec![5]);
-        assert_eq!(l.claim(&k, &[5], &who("t", "a"), false).dirty, vec![5]);
+        scrub(&mut l, &k, &[5], &[]);
+        assert_eq!(sort(&mut l, &k, &[5], &None), NONE);
+        assert_eq!(sort(&mut l, &k, &[5], &None).0, vec![5]);
+        assert_eq!(sort(&mut l, &k, &[5], &who("t", "a")).0, vec![5]);
     }
 
     #[test]
@@ -513,10 +639,10 @@ mod tests {
                 KvGateScope::Tenant,
             )
         };
-        l.record_scrub(&k, &[0], &[]);
-        assert_eq!(l.claim(&k, &[0], &t("x", "r1"), false), Sorted::default());
-        assert_eq!(l.claim(&k, &[0], &t("x", "r2"), false), Sorted::default());
-        assert_eq!(l.claim(&k, &[0], &t("y", "r3"), false).dirty, vec![0]);
+        scrub(&mut l, &k, &[0], &[]);
+        assert_eq!(sort(&mut l, &k, &[0], &t("x", "r1")), NONE);
+        assert_eq!(sort(&mut l, &k, &[0], &t("x", "r2")), NONE);
+        assert_eq!(sort(&mut l, &k, &[0], &t("y", "r3")).0, vec![0]);
         // No tenant id: anonymous under this scope.
         let ctx = Context::new(None, Some("r"), None).unwrap();
         assert_eq!(owner_of(&ctx, KvGateScope::Tenant), None);
@@ -527,39 +653,86 @@ mod tests {
     fn failed_blocks_stay_refused_until_a_scrub_verifies_them() {
         let mut l = Ledgers::default();
         let (k, a) = (key(vec![1]), who("t", "a"));
-        l.record_scrub(&k, &[1], &[2]);
-        let s = l.claim(&k, &[1, 2], &a, false);
-        assert_eq!((s.dirty, s.failed), (vec![], vec![2]));
-        l.record_scrub(&k, &[2], &[]);
-        assert_eq!(l.claim(&k, &[2], &a, false), Sorted::default());
+        scrub(&mut l, &k, &[1], &[2]);
+        assert_eq!(sort(&mut l, &k, &[1, 2], &a), (vec![], vec![2]));
+        scrub(&mut l, &k, &[2], &[]);
+        assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
     }
 
     #[test]
     fn all_or_nothing_changes_nothing_when_a_block_is_dirty() {
         let mut l = Ledgers::default();
         let (k, a, b) = (key(vec![1]), who("t", "a"), who("t", "b"));
-        l.record_scrub(&k, &[1], &[]);
+        scrub(&mut l, &k, &[1], &[]);
         assert_eq!(l.claim(&k, &[1, 2], &a, true).dirty, vec![2]);
         // Block 1 was not handed to `a`: `b` may still take it without a scrub.
-        assert_eq!(l.claim(&k, &[1], &b, true), Sorted::default());
+        let s = l.claim(&k, &[1], &b, true);
+        assert!(s.dirty.is_empty() && s.failed.is_empty());
     }
 
     #[test]
-    fn a_scrubbed_block_another_claim_took_is_reported() {
+    fn a_verdict_is_not_applied_to_a_block_that_changed_hands_meanwhile() {
         let mut l = Ledgers::default();
-        let (k, a, b) = (key(vec![1]), who("t", "a"), who("t", "b"));
-        l.record_scrub(&k, &[3, 4], &[]);
-        assert_eq!(l.claim(&k, &[4], &b, false), Sorted::default());
-        assert_eq!(l.hand_over_scrubbed(&k, &[3, 4], &a), vec![4]);
-        assert_eq!(l.claim(&k, &[3], &a, false), Sorted::default());
+        let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));
+        assert_eq!(sort(&mut l, &k, &[5], &w).0, vec![5]);
+        scrub(&mut l, &k, &[5], &[]);
+        sort(&mut l, &k, &[5], &w);
+        // The engine starts scrubbing w's block; meanwhile x's claim scrubs and takes it.
+        let engine = l.generations(&k, &[5]);
+        let sorted = l.claim(&k, &[5], &x, false);
+        assert_eq!(sorted.dirty, vec![5]);
+        assert!(l
+            .settle(&sorted.dirty_generations, &[5], &[], Some(&x))
+            .is_empty());
+        // The engine's older verdict must not make x's block clean.
+        assert_eq!(l.settle(&engine, &[5], &[], None), vec![5]);
+        assert_eq!(sort(&mut l, &k, &[5], &y).0, vec![5]);
+    }
+
+    #[test]
+    fn of_two_claims_scrubbing_one_block_only_the_first_verdict_hands_it_over() {
+        let mut l = Ledgers::default();
+        let (k, x, y) = (key(vec![1]), who("t", "x"), who("t", "y"));
+        let for_x = l.claim(&k, &[5], &x, false);
+        let for_y = l.claim(&k, &[5], &y, false);
+        assert_eq!((&for_x.dirty, &for_y.dirty), (&vec![5], &vec![5]));
+        assert!(l
+            .settle(&for_y.dirty_generations, &[5], &[], Some(&y))
+            .is_empty());
+        assert_eq!(
+            l.settle(&for_x.dirty_generations, &[5], &[], Some(&x)),
+            vec![5]
+        );
+        // The block is y's.
+        assert_eq!(sort(&mut l, &k, &[5], &y), NONE);
+        assert_eq!(sort(&mut l, &k, &[5], &x).0, vec![5]);
     }
 
     #[test]
     fn a_cache_allocated_again_starts_an_empty_ledger() {
         let mut l = Ledgers::default();
         let a = who("t", "a");
-        l.record_scrub(&key(vec![1]), &[0], &[]);
-        assert_eq!(l.claim(&key(vec![2]), &[0], &a, false).dirty, vec![0]);
+        scrub(&mut l, &key(vec![1]), &[0], &[]);
+        assert_eq!(sort(&mut l, &key(vec![2]), &[0], &a).0, vec![0]);
+        // And the old cache's ledger is gone: a verdict for it applies to nothing.
+        let old = Generations {
+            key: key(vec![1]),
+            epoch: 1,
+            of: HashMap::from([(0, 0)]),
+        };
+        assert_eq!(l.settle(&old, &[0], &[], None), vec![0]);
+    }
+
+    #[test]
+    fn another_layout_over_the_same_allocation_replaces_the_ledger() {
+        let mut l = Ledgers::default();
+        let a = who("t", "a");
+        let (first, mut second) = (key(vec![1, 2]), key(vec![2, 3]));
+        second.layout = [8; 32];
+        scrub(&mut l, &first, &[0], &[]);
+        sort(&mut l, &second, &[0], &a);
+        // What `first` said about block 0 was written through another view: forgotten.
+        assert_eq!(sort(&mut l, &first, &[0], &a).0, vec![0]);
     }
 
     #[test]
@@ -569,18 +742,15 @@ mod tests {
         let k = |n: u8| LedgerKey {
             device: 0,
             layout: [n; 32],
-            allocations: vec![(1, 1)],
+            allocations: vec![(u64::from(n) + 100, 1)],
         };
         for n in 0..=MAX_LEDGERS as u8 {
-            l.record_scrub(&k(n), &[0], &[]);
+            scrub(&mut l, &k(n), &[0], &[]);
         }
         assert_eq!(l.books.len(), MAX_LEDGERS);
         // The first cache's ledger was forgotten: its block is unknown again.
-        assert_eq!(l.claim(&k(0), &[0], &a, false).dirty, vec![0]);
-        assert_eq!(
-            l.claim(&k(MAX_LEDGERS as u8), &[0], &a, false),
-            Sorted::default()
-        );
+        assert_eq!(sort(&mut l, &k(0), &[0], &a).0, vec![0]);
+        assert_eq!(sort(&mut l, &k(MAX_LEDGERS as u8), &[0], &a), NONE);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum kvh_result {
     /// verified scrub since their last owner (or failed their last scrub); nothing was
     /// claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
     KVH_ERR_KV_GATE = 7021,
+    /// `kvh_claim_blocks`: some blocks were not handed over because another claim took them
+    /// while the gate scrubbed them (two requests were given the same blocks); the others
+    /// were. The blocks named are the other request's: do not use them.
+    KVH_ERR_KV_TAKEN = 7022,
 }
 
 use kvh_result::*;
@@ -89,6 +93,7 @@ impl kvh_result {
         KVH_ERR_INVALID_LAYOUT,
         KVH_ERR_NOT_LIVE,
         KVH_ERR_KV_GATE,
+        KVH_ERR_KV_TAKEN,
     ];
 
     pub fn from_u32(code: u32) -> Option<kvh_result> {
@@ -121,6 +126,7 @@ impl kvh_result {
             KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
             KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed or claimed",
             KVH_ERR_KV_GATE => "KV blocks would change owner without a verified scrub; nothing was claimed",
+            KVH_ERR_KV_TAKEN => "KV blocks were taken by another claim while they were scrubbed; they were not handed over",
         }
     }
 }

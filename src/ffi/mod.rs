@@ -333,11 +333,12 @@ pub extern "C" fn kvh_scrub_blocks(
 ///
 /// The layout and stream rules are those of `kvh_scrub_blocks`.
 ///
-/// Returns `KVH_OK` when every block was handed over. `KVH_ERR_VERIFY_FAILED` when some were
-/// not: their scrub failed verification (now or before), or another claim took them while
-/// they were scrubbed; `*refused_count` says how many, the first `refused_capacity` ids are
-/// written to `refused_ids` in the order given, and those blocks must not be used; the others
-/// were handed over. `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
+/// Returns `KVH_OK` when every block was handed over. When some were not, the others were,
+/// `*refused_count` says how many were not, and the first `refused_capacity` of their ids are
+/// written to `refused_ids` in the order given; those blocks must not be used:
+/// `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now or before;
+/// the list also holds any taken ones), `KVH_ERR_KV_TAKEN` when another claim took them
+/// while the gate scrubbed them (two requests were given the same blocks). `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
 /// failed their last scrub); they are listed the same way and nothing was handed over. Any
 /// other code is one of `kvh_scrub_blocks`'s: nothing may be taken as handed over. Refusals
 /// and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
@@ -386,17 +387,8 @@ pub extern "C" fn kvh_claim_blocks(
             .allocator
             .claim_kv_blocks(&layout, &ids, device, stream_handle(stream));
         let (refused, code, message) = match claimed {
-            Ok(report) if report.refused.is_empty() => return ok(),
-            Ok(report) => {
-                let message = format!(
-                    "{} of {} KV blocks were not handed over (first: {}): their scrub failed \
-                     verification or another claim took them; they must not be used",
-                    report.refused.len(),
-                    ids.len(),
-                    report.refused[0]
-                );
-                (report.refused, KVH_ERR_VERIFY_FAILED, message)
-            }
+            Ok(report) if report.refused.is_empty() && report.taken.is_empty() => return ok(),
+            Ok(report) => not_handed_over(&ids, report),
             Err(e) => {
                 let (code, message) = (kvh_result::from(&e), e.to_string());
                 match e {
@@ -410,6 +402,34 @@ pub extern "C" fn kvh_claim_blocks(
         unsafe { write_ids(&refused, refused_ids, refused_capacity, refused_count) };
         fail(code, message)
     })
+}
+
+/// The list, code and message of a claim that did not hand every block over.
+fn not_handed_over(
+    ids: &[u32],
+    report: crate::alloc::KvClaimReport,
+) -> (Vec<u32>, kvh_result, String) {
+    let failed = report.refused.len();
+    let taken = report.taken.len();
+    let code = if failed > 0 {
+        KVH_ERR_VERIFY_FAILED
+    } else {
+        KVH_ERR_KV_TAKEN
+    };
+    // Both lists are in the caller's order; merged back into it.
+    let position: std::collections::HashMap<u32, usize> =
+        ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut named = report.refused;
+    named.extend(report.taken);
+    named.sort_unstable_by_key(|id| position.get(id).copied());
+    let message = format!(
+        "{} of {} KV blocks were not handed over (first: {}): {failed} failed verification, \
+         {taken} were taken by another claim meanwhile; they must not be used",
+        named.len(),
+        ids.len(),
+        named.first().copied().unwrap_or_default()
+    );
+    (named, code, message)
 }
 
 /// Writes the first `capacity` of `ids` to `out` and their full count to `count`.
