@@ -4,6 +4,10 @@ Layer caches of shape [2, num_blocks, block_size, heads, head_size] (fp16) are a
 kvhygiene and filled with a secret; a request's blocks are scrubbed on PyTorch's current
 stream. The named blocks of every layer, K and V, must read zero and every other block must
 still hold the secret. Also times one call (median of repeated calls) for a request's blocks.
+
+Then the eviction gate: a request claims blocks (claim_blocks) and writes its own values into
+them; when another request claims them, they must read zero. Claims by the owner itself (no
+device work) are timed too.
 """
 
 import random
@@ -48,6 +52,22 @@ def main():
         start = time.perf_counter()
         kvhygiene.scrub_blocks(layout, batch)
         times.append((time.perf_counter() - start) * 1e6)
+    # The eviction gate: req-g1 owns GATE_BLOCKS and writes them; req-g2 is given them
+    # without any scrub_blocks in between, so the claim must zero them.
+    gate_ids = rng.sample(range(SHAPE[1]), REQUEST_BLOCKS)
+    with kvhygiene.context(tenant_id="tenant-a", request_id="req-g1", model_id="kv-blocks"):
+        kvhygiene.claim_blocks(layout, gate_ids)
+        for c in caches:
+            c[:, gate_ids] = SECRET
+        claim_times = []
+        for n in range(TIMED_CALLS):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            kvhygiene.claim_blocks(layout, gate_ids)
+            claim_times.append((time.perf_counter() - start) * 1e6)
+    with kvhygiene.context(tenant_id="tenant-b", request_id="req-g2", model_id="kv-blocks"):
+        kvhygiene.claim_blocks(layout, gate_ids)
+    gate_nonzero = sum(int((c[:, gate_ids] != 0).sum().item()) for c in caches)
     write(
         args.out,
         {
@@ -62,6 +82,8 @@ def main():
             "others_changed": others_changed,
             "call_us_median": statistics.median(times),
             "call_us_max": max(times),
+            "gate_nonzero": gate_nonzero,
+            "claim_same_owner_us_median": statistics.median(claim_times),
         },
     )
 

@@ -201,6 +201,17 @@ def main() -> int:
         "0 and 0",
         None if not kv else (kv["named_nonzero"] == 0 and kv["others_changed"] == 0),
     )
+    gate = kv if kv and "gate_nonzero" in kv else None
+    row(
+        rows,
+        "KV eviction gate: claim_blocks zeroes blocks another request wrote",
+        (why(out, "kv_blocks_kvh") if not kv else "the kv_blocks step predates the gate")
+        if not gate
+        else f"{gate['gate_nonzero']} non-zero after the new owner's claim; "
+        + f"a claim by the owner itself, median {gate['claim_same_owner_us_median']:.4g} us",
+        "0",
+        None if not gate else gate["gate_nonzero"] == 0,
+    )
     d, k = py(out, "preload_default"), py(out, "preload_kvh")
 
     def probe(r):

@@ -62,7 +62,17 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     for name in ["residue", "residue_threads"]:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
-    py_result(out, "kv_blocks_kvh", named_nonzero=0, others_changed=0, request_blocks=32, regions=8, call_us_median=150.0)
+    py_result(
+        out,
+        "kv_blocks_kvh",
+        named_nonzero=0,
+        others_changed=0,
+        request_blocks=32,
+        regions=8,
+        call_us_median=150.0,
+        gate_nonzero=0,
+        claim_same_owner_us_median=12.0,
+    )
     status(out, "example_torch", 0)
     (out / "preload_build.log").write_text("built with nvcc\n\tlibcudart.so.13 => /usr/local/cuda/lib64/libcudart.so.13\n")
     status(out, "preload_build", 0)
@@ -203,6 +213,19 @@ def test_kv_block_scrub_fails_on_residue_overreach_or_absence(tmp_path, monkeypa
     kv = next(r for c, r in rows.items() if c.startswith("KV cache blocks"))
     assert kv["verdict"] == verdict
     assert code == 1
+
+
+@pytest.mark.parametrize("gate_nonzero, verdict", [(0, "PASS"), (5, "FAIL"), (None, "MISSING")])
+def test_the_eviction_gate_row_fails_on_residue_or_absence(tmp_path, monkeypatch, gate_nonzero, verdict):
+    complete_run(tmp_path)
+    fields = {"named_nonzero": 0, "others_changed": 0, "request_blocks": 32, "regions": 8, "call_us_median": 150.0}
+    if gate_nonzero is not None:
+        fields.update(gate_nonzero=gate_nonzero, claim_same_owner_us_median=12.0)
+    py_result(tmp_path, "kv_blocks_kvh", **fields)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    gate = next(r for c, r in rows.items() if c.startswith("KV eviction gate"))
+    assert gate["verdict"] == verdict, gate
+    assert (code == 0) == (verdict == "PASS")
 
 
 def test_demo_residue_in_paged_blocks_fails_the_run(tmp_path, monkeypatch):
