@@ -1,0 +1,113 @@
+"""deploy/prometheus/kvhygiene-rules.yaml against what the library exports and what the runbook
+says: every metric and label an alert's expression uses is in a snapshot the library writes
+(with the forensic log and the anomaly detector on, and off), every alert has a severity, a
+summary and a runbook section of docs/operations.md that exists, and every runbook section is
+some alert's. No Prometheus is needed (and none is available here): the expressions are read,
+not evaluated.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_c_abi import ROOT, run_child
+
+RULES = ROOT / "deploy" / "prometheus" / "kvhygiene-rules.yaml"
+RUNBOOK = ROOT / "docs" / "operations.md"
+SEVERITIES = {"critical", "warning"}
+# Sections of the runbook that are not an alert's.
+GENERAL_SECTIONS = {"signals", "during-an-incident-in-this-order"}
+
+
+def alerts():
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for g in groups for rule in g["rules"]]
+
+
+def snapshot(tmp_path, **env) -> str:
+    prom = tmp_path / "kvh.prom"
+    run_child(
+        """
+        for _ in range(3):
+            p = lib.kvh_malloc(4096, 0, STREAM)
+            lib.kvh_free(p, 4096, 0, STREAM)
+        assert lib.kvh_synchronize() == 0
+        lib.kvh_shutdown()
+        """,
+        KVH_METRICS_FILE=str(prom),
+        **env,
+    )
+    return prom.read_text()
+
+
+def series(text: str) -> dict:
+    """metric name -> list of label dicts, from the Prometheus text format."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})? ", line)
+        assert m, line
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        out.setdefault(m.group(1), []).append(labels)
+    return out
+
+
+def anchors(markdown: str) -> set:
+    """GitHub's anchors of the `##` headings: lower case, punctuation dropped, spaces to '-'."""
+    heads = re.findall(r"^## (.+)$", markdown, re.M)
+    return {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_alert_is_complete_and_named_once():
+    names = [a["alert"] for a in alerts()]
+    assert len(names) == len(set(names)), names
+    assert len(names) >= 10
+    for a in alerts():
+        assert a["labels"]["severity"] in SEVERITIES, a
+        assert a["annotations"]["summary"] and a["annotations"]["description"], a
+        assert a["annotations"]["runbook_url"].startswith("docs/operations.md#"), a
+        assert a["expr"].count("(") == a["expr"].count(")"), a
+        if "for" in a:
+            assert re.fullmatch(r"\d+[smh]", a["for"]), a
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"KVH_LOG_DIR": "{tmp}/log"},
+        {"KVH_ANOMALY": "off"},
+    ],
+    ids=["log-and-anomaly-on", "anomaly-off"],
+)
+def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    exported = series(snapshot(tmp_path, **env))
+    anomaly_off = env.get("KVH_ANOMALY") == "off"
+    for a in alerts():
+        for name, _, matchers in re.findall(r"(kvh_[a-z0-9_]+)(\{([^}]*)\})?", a["expr"]):
+            if anomaly_off and name == "kvh_anomalies_total":
+                # Not exported when the detector is off; kvh_anomaly_enabled says so, and
+                # KvhAnomalyDetectorOff alerts on it.
+                assert "kvh_anomaly_enabled" in exported
+                continue
+            assert name in exported, f"{a['alert']}: {name} is not exported"
+            for key, value in re.findall(r'(\w+)="([^"]*)"', matchers):
+                values = {labels.get(key) for labels in exported[name]}
+                assert value in values, f"{a['alert']}: {name}{{{key}={value!r}}} is not exported ({values})"
+        for label in re.findall(r"\$labels\.(\w+)", str(a["annotations"])):
+            if label == "instance":
+                continue  # added by Prometheus at scrape time
+            metric = re.search(r"kvh_[a-z0-9_]+", a["expr"]).group(0)
+            if anomaly_off and metric == "kvh_anomalies_total":
+                continue
+            assert all(label in labels for labels in exported[metric]), f"{a['alert']}: no label {label}"
+
+
+def test_each_runbook_link_has_a_section_and_each_section_an_alert():
+    sections = anchors(RUNBOOK.read_text())
+    linked = {a["annotations"]["runbook_url"].split("#", 1)[1] for a in alerts()}
+    assert linked <= sections, linked - sections
+    assert sections - GENERAL_SECTIONS <= linked, (sections - GENERAL_SECTIONS) - linked
