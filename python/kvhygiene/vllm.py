@@ -1,0 +1,95 @@
+"""The eviction gate in a vLLM (v1) GPU worker: claim, at every step, the KV blocks the
+scheduler newly gave each request.
+
+vLLM's scheduler runs apart from the GPU workers and frees blocks on many paths (finish,
+abort, preemption, prefix-cache eviction) that the workers never see. What every worker does
+see is the block ids each scheduled request holds, in the step's ``SchedulerOutput``; blocks
+that are new to a request are where one request's memory becomes another's. Claiming them
+there, inside the worker that owns the KV cache tensors, puts the gate on the one path every
+reuse takes::
+
+    from kvhygiene.vllm import claim_scheduled
+
+    layouts = [kvhygiene.KvLayout.from_tensors(group_caches, block_dim=1) for group_caches in ...]
+    # in the model runner, before the step's forward pass:
+    claim_scheduled(scheduler_output, layouts, block_sizes=[16])
+
+Which blocks are new, read from ``SchedulerOutput`` as vLLM v1 defines it (``scheduled_new_reqs``
+of ``NewRequestData`` with ``req_id``, ``block_ids`` (one list per KV cache group) and
+``num_computed_tokens``; ``scheduled_cached_reqs``, a ``CachedRequestData`` with ``req_ids``,
+``resumed_req_ids``, ``new_block_ids`` and ``num_computed_tokens``):
+
+- a new (or resumed) request's blocks after its prefix-cache hits: the first
+  ``num_computed_tokens // block_size`` blocks hold a cached prefix the request shares on
+  purpose (prefix caching only caches full blocks) and must not be scrubbed;
+- a running request's ``new_block_ids``, appended blocks, all new.
+
+Only attribute names are used (no vLLM import): the module is tested against stand-ins with
+those names, not against vLLM itself. With a KV connector that loads external KV into new
+blocks, claim before the load. A request that is given blocks that cannot be verified clean
+must not run: the claim's error propagates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from . import KvLayout, claim_blocks, context
+
+__all__ = ["new_blocks", "claim_scheduled"]
+
+
+def _per_group(values, groups: int, name: str) -> list:
+    if isinstance(values, int):
+        return [values] * groups
+    values = list(values)
+    if len(values) != groups:
+        raise ValueError(f"{name}: {len(values)} values for {groups} KV cache groups")
+    return values
+
+
+def new_blocks(scheduler_output, block_sizes) -> dict:
+    """``{req_id: [ids per KV cache group]}`` of the blocks the step newly gives each request
+    (see the module's documentation for the rule). Requests with no new block are left out."""
+    out = {}
+
+    def add(req_id, groups, skip_tokens):
+        if groups is None:
+            return
+        sizes = _per_group(block_sizes, len(groups), "block_sizes")
+        fresh = [list(ids)[skip_tokens // size :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
+        if any(fresh):
+            out[req_id] = fresh
+
+    for req in scheduler_output.scheduled_new_reqs:
+        add(req.req_id, req.block_ids, req.num_computed_tokens)
+    cached = scheduler_output.scheduled_cached_reqs
+    resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
+    for i, req_id in enumerate(cached.req_ids):
+        # A resumed request's ids replace its old ones and start with its prefix hits again.
+        skip = cached.num_computed_tokens[i] if req_id in resumed else 0
+        add(req_id, cached.new_block_ids[i], skip)
+    return out
+
+
+def claim_scheduled(
+    scheduler_output,
+    layouts: Sequence[KvLayout],
+    block_sizes,
+    tenant_of: Optional[Callable[[str], Optional[str]]] = None,
+    stream=None,
+) -> dict:
+    """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
+    request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
+    or for the records). ``layouts`` has one layout per KV cache group. Returns what was
+    claimed, ``{req_id: [ids per group]}``. Raises :class:`kvhygiene.ClaimRefusedError` when
+    blocks could not be handed over (the request must not run on them)."""
+    claimed = new_blocks(scheduler_output, block_sizes)
+    for req_id, groups in claimed.items():
+        layouts_ = _per_group(layouts, len(groups), "layouts")
+        tenant = tenant_of(req_id) if tenant_of else None
+        with context(tenant_id=tenant, request_id=req_id):
+            for layout, ids in zip(layouts_, groups):
+                if ids:
+                    claim_blocks(layout, ids, stream=stream)
+    return claimed

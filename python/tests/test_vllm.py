@@ -1,0 +1,82 @@
+"""kvhygiene.vllm against stand-ins of vLLM v1's SchedulerOutput (the attribute names it reads),
+over a paged cache in kvhygiene memory on the host backend: which blocks are new to a request,
+and that claiming them zeroes blocks another request wrote while prefix-cache hits keep their
+contents."""
+
+import ctypes
+from types import SimpleNamespace as NS
+
+import pytest
+
+import kvhygiene
+from kvhygiene.vllm import claim_scheduled, new_blocks
+
+BLOCK_TOKENS = 16
+BLOCKS = 8
+BLOCK_BYTES = 256
+
+
+def step(new=(), cached=(), resumed=()):
+    """A SchedulerOutput stand-in: `new` of (req_id, [ids], num_computed_tokens), `cached` of
+    (req_id, [new ids] or None, num_computed_tokens)."""
+    return NS(
+        scheduled_new_reqs=[NS(req_id=r, block_ids=(ids,), num_computed_tokens=n) for r, ids, n in new],
+        scheduled_cached_reqs=NS(
+            req_ids=[r for r, _, _ in cached],
+            resumed_req_ids=set(resumed),
+            new_block_ids=[None if ids is None else (ids,) for _, ids, _ in cached],
+            num_computed_tokens=[n for _, _, n in cached],
+        ),
+    )
+
+
+def test_new_blocks_skip_prefix_hits_and_take_appended_blocks():
+    s = step(
+        new=[("a", [0, 1, 2], 0), ("b", [0, 5], 16)],
+        cached=[("c", [7], 48), ("d", None, 32), ("e", [0, 6], 16)],
+        resumed=["e"],
+    )
+    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[0, 1, 2]], "b": [[5]], "c": [[7]], "e": [[6]]}
+    # Two KV cache groups with their own block sizes.
+    two = NS(
+        scheduled_new_reqs=[NS(req_id="x", block_ids=([0, 1, 2], [4, 5, 6, 7, 8, 9]), num_computed_tokens=32)],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    # 32 cached tokens: 2 blocks of 16 in the first group, 4 of 8 in the second.
+    assert new_blocks(two, [16, 8]) == {"x": [[2], [8, 9]]}
+    with pytest.raises(ValueError, match="2 KV cache groups"):
+        new_blocks(two, [16])
+
+
+def test_claiming_scheduled_blocks_clears_another_requests_bytes_and_keeps_shared_prefixes():
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+
+    def fill(ids, byte):
+        for i in ids:
+            for base in layout.regions:
+                ctypes.memset(base + i * BLOCK_BYTES, byte, BLOCK_BYTES)
+
+    def zero(i):
+        return all(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for b in layout.regions)
+
+    # Request a prefills blocks 0-2 (block 0 becomes a cached prefix).
+    assert claim_scheduled(step(new=[("a", [0, 1, 2], 0)]), [layout], BLOCK_TOKENS) == {"a": [[0, 1, 2]]}
+    fill([0, 1, 2], 0xA1)
+    # Request b hits a's prefix (block 0) and gets block 5: block 0 keeps a's prefix.
+    claim_scheduled(step(new=[("b", [0, 5], 16)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: "acme")
+    assert not zero(0), "a shared prefix block was scrubbed"
+    # a finishes; the scheduler frees 1 and 2 without any scrub and gives them to c.
+    assert claim_scheduled(step(new=[("c", [1, 2], 0)]), [layout], BLOCK_TOKENS) == {"c": [[1, 2]]}
+    assert zero(1) and zero(2), "c got a's bytes"
+    # A running request's appended block, and a step with nothing new.
+    fill([1], 0xC1)
+    assert claim_scheduled(step(cached=[("c", [3], 32)]), [layout], BLOCK_TOKENS) == {"c": [[3]]}
+    assert claim_scheduled(step(cached=[("c", None, 48)]), [layout], BLOCK_TOKENS) == {}
+    assert not zero(1), "c's own block was scrubbed"
+    counters = kvhygiene.stats()["counters"]
+    assert counters["kv_gate_scrubbed_blocks"] >= 5  # 0-2 (unknown), 5 (unknown), 1-2 (a's)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
