@@ -26,8 +26,11 @@
 # Usage: scripts/build-release.sh [--force] OUTDIR
 #        scripts/build-release.sh --list-layout     (the files a distribution holds; no build)
 #   --force   OUTDIR may hold an earlier distribution: its files are replaced. Without it a
-#             non-empty OUTDIR is refused; with it, anything in OUTDIR that a distribution does
-#             not hold is still refused (this script never deletes what it did not write).
+#             non-empty OUTDIR is refused; with it, OUTDIR must hold an earlier distribution and
+#             nothing else: its MANIFEST must list every file under bin/, lib/, include/,
+#             python/ and share/, and no other entry may exist (this script never deletes
+#             what it did not write). Leftovers of an interrupted run (.build-release.*) are
+#             removed.
 # KVHYGIENE_SOURCE_COMMIT names the commit in BUILD-INFO when there is no git checkout (a
 # Docker build context has no .git).
 set -euo pipefail
@@ -107,15 +110,40 @@ if [[ -e "$outdir" && ! -d "$outdir" ]]; then
     die "OUTDIR '$outdir' exists and is not a directory"
 fi
 owned=(bin lib include python share BUILD-INFO MANIFEST)
+
+# Refuses (exit 2) unless everything in OUTDIR is an earlier distribution's: top-level entries
+# are the distribution's (or a leftover stage of this script), and every file, link or other
+# non-directory under them is BUILD-INFO, MANIFEST, or listed in MANIFEST. Only then may
+# --force delete them. Run before the build and again just before the files are replaced.
+check_replaceable() {
+    local dir="$1" entry o known listed path rel
+    while IFS= read -r entry; do
+        [[ "$entry" == .build-release.* ]] && continue
+        known=0
+        for o in "${owned[@]}"; do [[ "$entry" == "$o" ]] && known=1; done
+        ((known)) || die "OUTDIR '$dir' holds '$entry', which is not part of a distribution; refusing to write there even with --force"
+    done < <(ls -A -- "$dir")
+    [[ -f "$dir/MANIFEST" && ! -L "$dir/MANIFEST" ]] ||
+        die "OUTDIR '$dir' has no MANIFEST, so it is not an earlier distribution; refusing to replace anything there even with --force"
+    listed="$(sed -E 's/^[0-9a-f]{64}  //' -- "$dir/MANIFEST")"
+    for o in "${owned[@]}"; do
+        [[ -e "$dir/$o" || -L "$dir/$o" ]] || continue
+        while IFS= read -r -d '' path; do
+            rel="${path#"$dir"/}"
+            [[ "$rel" == BUILD-INFO || "$rel" == MANIFEST ]] && continue
+            grep -qxF -- "$rel" <<<"$listed" ||
+                die "OUTDIR '$dir' holds '$rel', which its MANIFEST does not list; refusing to delete it even with --force"
+        done < <(find "$dir/$o" ! -type d -print0)
+    done
+}
+
+replacing=0
 if [[ -d "$outdir" ]] && [[ -n "$(ls -A -- "$outdir")" ]]; then
     if ((!force)); then
         die "OUTDIR '$outdir' is not empty; pass --force to replace an earlier distribution there"
     fi
-    while IFS= read -r entry; do
-        known=0
-        for o in "${owned[@]}"; do [[ "$entry" == "$o" ]] && known=1; done
-        ((known)) || die "OUTDIR '$outdir' holds '$entry', which is not part of a distribution; refusing to write there even with --force"
-    done < <(ls -A -- "$outdir")
+    check_replaceable "$outdir"
+    replacing=1
 fi
 
 cd "$root"
@@ -209,6 +237,11 @@ fi
 manifest="$(cd "$stage" && find . -type f -printf '%P\0' | LC_ALL=C sort -z | xargs -0 sha256sum)"
 printf '%s\n' "$manifest" >"$stage/MANIFEST"
 
+if ((replacing)); then
+    # Checked again: the build took minutes, and OUTDIR may have changed meanwhile.
+    check_replaceable "$outdir"
+    find "$outdir" -mindepth 1 -maxdepth 1 -name '.build-release.*' ! -path "$stage" -exec rm -rf -- {} +
+fi
 for o in "${owned[@]}"; do rm -rf -- "${outdir:?}/$o"; done
 for o in "${owned[@]}"; do mv -- "$stage/$o" "$outdir/$o"; done
 rmdir -- "$stage"

@@ -601,6 +601,20 @@ def test_build_release_refuses_bad_outdirs_before_building(tmp_path):
     r = run("--force", str(busy))
     assert r.returncode == 2 and "notes.txt" in r.stderr, r.stderr
     assert (busy / "notes.txt").read_text() == "mine"
+    # Entries named like a distribution's are not one: without an earlier MANIFEST, or with
+    # files it does not list, --force deletes nothing (a ~/.local-style directory).
+    home = tmp_path / "local"
+    for rel in ("bin/my-tool", "lib/python3.11/site-packages/mine.py", "share/keyrings/login.keyring"):
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text("mine")
+    r = run("--force", str(home))
+    assert r.returncode == 2 and "no MANIFEST" in r.stderr, r.stderr
+    digest = "0" * 64
+    (home / "MANIFEST").write_text(f"{digest}  bin/my-tool\n")
+    r = run("--force", str(home))
+    assert r.returncode == 2 and "does not list" in r.stderr, r.stderr
+    for rel in ("bin/my-tool", "lib/python3.11/site-packages/mine.py", "share/keyrings/login.keyring"):
+        assert (home / rel).read_text() == "mine", rel
 
 
 # ---------------------------------------------------------------------------------------------
