@@ -10,10 +10,13 @@
 //!
 //! - **evict** (exit 1) when the snapshot is stale or unreadable as a snapshot of a live
 //!   process, when it shows a security failure (the checks of `kvh metrics
-//!   --fail-on-security`), when the anomaly detector flagged anything (unless
-//!   `--allow-anomalies`), or when the log does not verify;
+//!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
+//!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
+//!   or when the log does not verify;
 //! - **admit** (exit 0) otherwise; what an operator should still look at (blocks the KV
-//!   eviction gate had to scrub, refused claims, invalid frees) is printed as notes;
+//!   eviction gate had to scrub, refused claims, invalid frees, anomalies of caller bugs such
+//!   as bursts of invalid frees, which the allocator refused without harm) is printed as
+//!   notes: one tenant's requests hitting an engine bug must not take every replica out;
 //! - exit 2 for usage errors and unreadable inputs, as every verb.
 //!
 //! Counters are per process and only grow, so an evicted process stays evicted until it is
@@ -38,6 +41,19 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// The anomaly detector's counter (one series per signal).
 pub const ANOMALIES: &str = "kvh_anomalies_total";
+
+/// Anomaly signals that mean the control failed, not that a caller erred: they evict by
+/// default. (Each also shows in the security checks; the anomaly adds the tenant and rate.)
+pub const CONTROL_SIGNALS: &[&str] = &["verify_failed", "residue", "quarantine"];
+
+/// Anomaly signals of caller errors the allocator refused or reported without harm: notes by
+/// default, evictions with `--strict-anomalies`.
+pub const CALLER_SIGNALS: &[&str] = &[
+    "invalid_free",
+    "size_mismatch",
+    "ttl_exceeded",
+    "policy_violation",
+];
 
 /// `kvh gate`.
 #[derive(Clone, Debug, clap::Args)]
@@ -66,9 +82,11 @@ pub struct GateArgs {
     /// against, which detects a truncated log and deleted files.
     #[arg(long, value_name = "FILE", requires = "public_key")]
     pub checkpoint: Option<PathBuf>,
-    /// Admit a process whose anomaly detector flagged something (anomalies become notes).
+    /// Evict on an anomaly of any signal, not only of those that mean the control failed
+    /// (verify_failed, residue, quarantine): also on bursts of caller bugs the allocator
+    /// refused without harm (invalid frees, size mismatches, TTL breaches, policy violations).
     #[arg(long)]
-    pub allow_anomalies: bool,
+    pub strict_anomalies: bool,
     /// Print the verdict as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -138,14 +156,26 @@ pub fn judge(
         )),
         Flagged::Clear => {}
         Flagged::Series(series) => {
-            let text = format!(
-                "the anomaly detector flagged anomalies ({}); see the `anomaly` records",
-                describe(&series)
-            );
-            if args.allow_anomalies {
-                notes.push(text);
-            } else {
-                reasons.push(text);
+            // A series without a signal label, or with one not known here, is judged as a
+            // control failure: what is not understood is not a pass.
+            let (control, callers): (Vec<_>, Vec<_>) = series.into_iter().partition(|(s, _)| {
+                args.strict_anomalies
+                    || s.as_deref().is_none_or(|s| {
+                        CONTROL_SIGNALS.contains(&s) || !CALLER_SIGNALS.contains(&s)
+                    })
+            });
+            if !control.is_empty() {
+                reasons.push(format!(
+                    "the anomaly detector flagged anomalies ({}); see the `anomaly` records",
+                    describe(&control)
+                ));
+            }
+            if !callers.is_empty() {
+                notes.push(format!(
+                    "the anomaly detector flagged bursts of caller errors the allocator refused \
+                     ({}); see the `anomaly` records (--strict-anomalies evicts on them)",
+                    describe(&callers)
+                ));
             }
         }
     }

@@ -128,9 +128,10 @@ fn a_stale_snapshot_evicts() {
 }
 
 #[test]
-fn anomalies_evict_unless_allowed() {
+fn anomalies_of_a_failed_control_evict_and_caller_errors_are_notes() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
+    // A burst of invalid frees: caller bugs the allocator refused without harm.
     snapshot(
         &f,
         Duration::ZERO,
@@ -138,14 +139,34 @@ fn anomalies_evict_unless_allowed() {
         &[("invalid_free", 2), ("residue", 0)],
     );
     let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("note: the anomaly detector flagged bursts of caller errors")
+            && out.contains("invalid_free=2"),
+        "{out}"
+    );
+    let (code, out, _) = gate(&f, &["--strict-anomalies"]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("anomaly detector flagged anomalies (invalid_free=2)"),
         "{out}"
     );
-    let (code, out, _) = gate(&f, &["--allow-anomalies"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("note: the anomaly detector flagged"), "{out}");
+    // Anomalies of a failed control evict, whatever else is there.
+    for signal in ["verify_failed", "residue", "quarantine"] {
+        snapshot(
+            &f,
+            Duration::ZERO,
+            |_| {},
+            &[(signal, 1), ("invalid_free", 3)],
+        );
+        let (code, out, _) = gate(&f, &[]);
+        assert_eq!(code, 1, "{signal}: {out}");
+        assert!(out.contains(&format!("({signal}=1)")), "{out}");
+    }
+    // A signal the gate does not know is judged as a failed control.
+    snapshot(&f, Duration::ZERO, |_| {}, &[("new_signal", 1)]);
+    let (code, _, _) = gate(&f, &[]);
+    assert_eq!(code, 1);
     // Values a counter cannot have are never a pass, and never cancel out.
     for bad in [
         &[("residue", f64::NAN)][..],

@@ -82,13 +82,15 @@ A process whose hygiene control failed keeps running (a quarantined block is not
 something must take it out of rotation. This verb is that decision, from the metrics file the \
 process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
 
-  0  admit: the snapshot is fresh, shows no security failure and no anomaly (and the log
-     verifies); what still deserves a look is printed as notes (KV blocks the eviction
-     gate had to scrub, refused claims, invalid frees)
+  0  admit: the snapshot is fresh, shows no security failure and no anomaly of a failed
+     control (and the log verifies); what still deserves a look is printed as notes (KV
+     blocks the eviction gate had to scrub, refused claims, invalid frees, anomalies of
+     caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
-     detector flagged something (unless --allow-anomalies); or the log does not verify
+     detector flagged verify_failed, residue or quarantine (any signal with
+     --strict-anomalies); or the log does not verify
   2  usage error, or the metrics file (or log) is missing, unreadable or not kvhygiene's
 
 Counters only grow, so an evicted process stays evicted until it restarts.

@@ -315,13 +315,7 @@ def test_kvh_command_line_names_a_verb_and_flags_its_help_lists(where, argv):
     verb = argv[0]
     verbs = kvh_verbs()
     if verb not in verbs:
-        pending = (
-            " `kvh gate` is being added separately (exit 0 serve, 1 out of rotation, 2 usage or "
-            "unreadable input); this check fails until it is in the binary."
-            if verb == "gate"
-            else ""
-        )
-        pytest.fail(f"{where}: `kvh {verb}` is not a verb of {kvh_binary()} (it has {sorted(verbs)}).{pending}")
+        pytest.fail(f"{where}: `kvh {verb}` is not a verb of {kvh_binary()} (it has {sorted(verbs)})")
     flags = kvh_flags(verb)
     for token in argv[1:]:
         if token.startswith("--"):
@@ -775,7 +769,7 @@ def test_configmap_policy_is_accepted_by_kvh(pod):
 def test_probe_passes_against_the_exported_metrics(pod, probe):
     cmd = [pod["remap"](a) for a in pod["server"][probe]["exec"]["command"]]
     if cmd[1] not in kvh_verbs():
-        pytest.fail(f"{probe}: `kvh {cmd[1]}` is not a verb of {kvh_binary()} yet (being added separately)")
+        pytest.fail(f"{probe}: `kvh {cmd[1]}` is not a verb of {kvh_binary()}")
     r = run_in(cmd, pod["env"])
     assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
 
