@@ -241,3 +241,34 @@ fn a_forked_child_never_blocks_on_the_parents_queue() {
     assert!(r.ok(), "{r:?}");
     assert_eq!(r.chains[0].records, 3, "start, the parent's event, stop");
 }
+
+/// A process that dies before its first periodic checkpoint (here: none are configured)
+/// leaves a chain that verifies against a pinned public key: the chain's first checkpoint is
+/// signed when it opens.
+#[test]
+fn a_chain_that_ends_before_any_periodic_checkpoint_still_verifies_with_a_pinned_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&log_dir(&tmp), 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(tmp.path().join("ckpt"));
+    assert_eq!(
+        (c.checkpoint_every_records, c.checkpoint_interval_ms),
+        (0, 0)
+    );
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // The process dies here: no stop record, no final checkpoint.
+    std::mem::forget(log);
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
+        checkpoints: vec![tmp.path().join("ckpt")],
+        ..keyed_opts()
+    };
+    let r = verify(&log_dir(&tmp), &opts);
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains[0].checkpoint_seq, Some(0));
+}

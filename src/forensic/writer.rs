@@ -176,6 +176,10 @@ impl ChainWriter {
         w.write_buffer()
             .map_err(|e| ForensicError::Io(format!("cannot write the {kind} record: {e}")))?;
         w.sync();
+        // A chain is covered by a signed checkpoint from its first record on: a process that
+        // dies before the first periodic one must not leave a chain whose end cannot be
+        // checked (which verification, with a pinned key, rightly reports as a failure).
+        w.checkpoint_now();
         Ok(w)
     }
 
@@ -498,7 +502,15 @@ impl ChainWriter {
         let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;
         let by_time =
             self.ckpt_every > Duration::ZERO && self.last_ckpt.elapsed() >= self.ckpt_every;
-        if !(by_count || by_time) || self.flush().is_err() {
+        if by_count || by_time {
+            self.checkpoint_now();
+        }
+    }
+
+    /// Signs a checkpoint of what is written so far and records it in the chain (when
+    /// checkpoints are configured and the buffer can be written first).
+    fn checkpoint_now(&mut self) {
+        if self.signing.is_none() || self.flush().is_err() {
             return;
         }
         if let Some(c) = self.checkpoint() {
