@@ -427,7 +427,14 @@ pub struct Detector {
 
 impl Detector {
     /// A detector whose time starts at `origin` (earlier instants count as `origin`).
-    pub fn new(params: Params, origin: Instant) -> Detector {
+    pub fn new(mut params: Params, origin: Instant) -> Detector {
+        // The arithmetic divides by the window and compares counts with thresholds: hold the
+        // bounds `Params::from_config` gives whatever a caller built.
+        params.window_ms = params.window_ms.max(1);
+        params.max_tenants = params.max_tenants.max(1);
+        for t in &mut params.burst {
+            *t = (*t).max(1);
+        }
         Detector {
             params,
             origin,
@@ -561,13 +568,21 @@ impl ManualClock {
 
     pub fn advance(&self, by: Duration) {
         let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.offset_ms.fetch_add(ms, Ordering::SeqCst);
+        let _ = self
+            .offset_ms
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
+                Some(o.saturating_add(ms).min(MANUAL_CLOCK_MAX_MS))
+            });
     }
 }
 
+/// The furthest a [`ManualClock`] goes (a century): every `Instant` platform adds that much.
+const MANUAL_CLOCK_MAX_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
-        self.origin + Duration::from_millis(self.offset_ms.load(Ordering::SeqCst))
+        let offset = Duration::from_millis(self.offset_ms.load(Ordering::SeqCst));
+        self.origin.checked_add(offset).unwrap_or(self.origin)
     }
 }
 
@@ -622,18 +637,20 @@ impl EventSink for AnomalySink {
         if signals.is_empty() {
             return self.forward(event);
         }
+        let (context, at) = (event.context.clone(), event.at);
+        // The event first, before the detector looks at it: whatever happens in the detector,
+        // the security event itself has reached the log (invariant 5), and the anomaly record
+        // follows it in this thread's order.
+        self.forward(event);
         let now = self.clock.now();
         let mut fired = Vec::new();
         let window_ms = {
             let mut d = self.detector();
             for &s in signals {
-                d.observe(s, &event.context, now, &mut fired);
+                d.observe(s, &context, now, &mut fired);
             }
             d.params().window_ms
         };
-        let at = event.at;
-        // The event first: the anomaly record follows the record that tripped it.
-        self.forward(event);
         for a in fired {
             self.forward(a.into_event(window_ms, at));
         }
@@ -1149,6 +1166,25 @@ mod tests {
             feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 0, 1).len(),
             1
         );
+    }
+
+    #[test]
+    fn parameters_out_of_bounds_are_clamped_not_a_panic() {
+        let p = Params {
+            window_ms: 0,
+            burst: [0; 7],
+            max_tenants: 0,
+            ..params()
+        };
+        let (mut d, at) = detector(p);
+        assert_eq!(d.params().window_ms, 1);
+        // A threshold of 0 is read as 1: the first event fires.
+        let a = tenant("a");
+        assert_eq!(feed(&mut d, &at, AnomalySignal::Residue, &a, 0, 1).len(), 1);
+        let clock = ManualClock::new();
+        clock.advance(Duration::MAX);
+        clock.advance(Duration::MAX);
+        assert!(clock.now() >= clock.origin());
     }
 
     // ----- the sink -----------------------------------------------------------------------
