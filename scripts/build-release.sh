@@ -5,7 +5,7 @@
 #   lib/libkvhygiene.so                      the allocator (PyTorch's CUDAPluggableAllocator, C ABI)
 #   lib/libkvhygiene_preload.so              the LD_PRELOAD interposers for C++ engines
 #   include/kvhygiene.h                      the C header
-#   python/                                  the Python helper package (pip install OUTDIR/python)
+#   python/                                  the Python helper package (PYTHONPATH=OUTDIR/python)
 #   share/doc/kvhygiene/                     README, ARCHITECTURE, docs/, the PyTorch example
 #   BUILD-INFO                               version, commit, toolchain, kernel origin, glibc needed
 #   MANIFEST                                 sha256 of every other file (sha256sum -c MANIFEST)
