@@ -683,6 +683,13 @@ pub fn render(ev: &Evidence) -> String {
             .map(|(k, n)| format!("{} {n}", cell(k)))
             .collect();
         push(format!("{total} security records: {}.", kinds.join(", ")));
+        if ev.exceptions_by_kind.contains_key("anomaly") {
+            push(
+                "An `anomaly` record summarises a burst or surge of the other records (by signal \
+                 and tenant): it is not a further incident."
+                    .into(),
+            );
+        }
         if (ev.exceptions.len() as u64) < total {
             push(format!(
                 "The first {} are listed (chain by chain, each in log order).",
