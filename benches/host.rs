@@ -199,32 +199,70 @@ fn cuda_batch_prep(c: &mut Criterion) {
     g.finish();
 }
 
+/// The paged cache of the `kv_*` benchmarks: 160 regions (an 80-layer model's K and V) of 256
+/// blocks of 4 KiB in one allocation, and the 32 blocks a request hands in.
+struct PagedCache {
+    alloc: Allocator,
+    cache: u64,
+    layout: kvhygiene::alloc::KvLayout,
+    ids: Vec<u32>,
+}
+
+const KV_REGIONS: u64 = 160;
+const KV_BLOCKS: u64 = 256;
+const KV_BLOCK: u64 = 4096;
+const KV_REGION_BYTES: u64 = KV_BLOCKS * KV_BLOCK;
+
+impl PagedCache {
+    fn new() -> PagedCache {
+        let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
+        let cache = alloc
+            .malloc((KV_REGIONS * KV_REGION_BYTES) as i64, 0, StreamHandle(0))
+            .expect("cache");
+        let layout = kvhygiene::alloc::KvLayout {
+            regions: (0..KV_REGIONS)
+                .map(|r| cache + r * KV_REGION_BYTES)
+                .collect(),
+            block_bytes: KV_BLOCK,
+            block_stride: KV_BLOCK,
+            blocks_per_region: KV_BLOCKS,
+        };
+        let ids = (0..32).map(|i| i * 7 + 3).collect();
+        PagedCache {
+            alloc,
+            cache,
+            layout,
+            ids,
+        }
+    }
+
+    fn free(self) {
+        self.alloc
+            .free(
+                self.cache,
+                (KV_REGIONS * KV_REGION_BYTES) as i64,
+                0,
+                StreamHandle(0),
+            )
+            .expect("free");
+        self.alloc.synchronize().expect("synchronize");
+    }
+}
+
 fn kv_scrub(c: &mut Criterion) {
-    use kvhygiene::alloc::KvLayout;
-    const REGIONS: u64 = 160;
-    const BLOCKS: u64 = 256;
-    const BLOCK: u64 = 4096;
-    let ids: Vec<u32> = (0..32).map(|i| i * 7 + 3).collect();
+    const REGIONS: u64 = KV_REGIONS;
+    const BLOCK: u64 = KV_BLOCK;
+    let region = KV_REGION_BYTES;
+    let p = PagedCache::new();
+    let (alloc, layout, ids) = (&p.alloc, &p.layout, &p.ids);
     let mut g = c.benchmark_group("kv_scrub");
     g.throughput(Throughput::Bytes(REGIONS * ids.len() as u64 * BLOCK));
     g.sample_size(30);
     g.measurement_time(Duration::from_secs(4));
-
-    let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
-    let region = BLOCKS * BLOCK;
-    let cache = alloc
-        .malloc((REGIONS * region) as i64, 0, StreamHandle(0))
-        .expect("cache");
-    let layout = KvLayout {
-        regions: (0..REGIONS).map(|r| cache + r * region).collect(),
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
     g.bench_function("scrub_blocks", |b| {
         b.iter(|| {
             let report = alloc
-                .scrub_kv_blocks(&layout, black_box(&ids), 0, StreamHandle(0))
+                .scrub_kv_blocks(layout, black_box(ids), 0, StreamHandle(0))
                 .expect("scrub");
             assert!(report.failed.is_empty());
         })
@@ -234,7 +272,7 @@ fn kv_scrub(c: &mut Criterion) {
     g.bench_function("memset", |b| {
         b.iter(|| {
             for r in 0..REGIONS {
-                for &id in &ids {
+                for &id in ids {
                     let off = (r * region + u64::from(id) * BLOCK) as usize;
                     buf[off..off + BLOCK as usize].fill(0);
                 }
@@ -243,39 +281,21 @@ fn kv_scrub(c: &mut Criterion) {
         })
     });
     g.finish();
-    alloc
-        .free(cache, (REGIONS * region) as i64, 0, StreamHandle(0))
-        .expect("free");
-    alloc.synchronize().expect("synchronize");
+    p.free();
 }
 
 fn kv_claim(c: &mut Criterion) {
-    use kvhygiene::alloc::KvLayout;
     use kvhygiene::context::Context;
-    const REGIONS: u64 = 160;
-    const BLOCKS: u64 = 256;
-    const BLOCK: u64 = 4096;
-    let ids: Vec<u32> = (0..32).map(|i| i * 7 + 3).collect();
+    let p = PagedCache::new();
+    let (alloc, layout, ids) = (&p.alloc, &p.layout, &p.ids);
     let mut g = c.benchmark_group("kv_claim");
     g.sample_size(30);
     g.measurement_time(Duration::from_secs(4));
-
-    let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
-    let region = BLOCKS * BLOCK;
-    let cache = alloc
-        .malloc((REGIONS * region) as i64, 0, StreamHandle(0))
-        .expect("cache");
-    let layout = KvLayout {
-        regions: (0..REGIONS).map(|r| cache + r * region).collect(),
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
     let request = |r: &str| Context::new(Some("tenant"), Some(r), None).expect("ids");
     let claim = |ctx: &Context| {
         Context::set_current(ctx.clone());
         let report = alloc
-            .claim_kv_blocks(&layout, black_box(&ids), 0, StreamHandle(0))
+            .claim_kv_blocks(layout, black_box(ids), 0, StreamHandle(0))
             .expect("claim");
         assert_eq!(report.claimed, ids.len() as u64);
         report.gate_scrubbed.len()
@@ -294,10 +314,7 @@ fn kv_claim(c: &mut Criterion) {
     });
     g.finish();
     Context::set_current(Context::none());
-    alloc
-        .free(cache, (REGIONS * region) as i64, 0, StreamHandle(0))
-        .expect("free");
-    alloc.synchronize().expect("synchronize");
+    p.free();
 }
 
 criterion_group!(

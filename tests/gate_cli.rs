@@ -1,39 +1,17 @@
 //! `kvh gate`, run as the built binary: admit (0), evict (1) and usage errors (2), from metrics
 //! snapshots written by the library's own encoder and from real forensic logs.
 
+#[path = "cli_common/mod.rs"]
+mod cli_common;
 #[path = "forensic_common/mod.rs"]
 mod forensic_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use kvhygiene::forensic::LogStats;
+use cli_common::{kvh, run, runtime_stats};
 use kvhygiene::metrics::{encode, ExporterStats};
-use kvhygiene::stats::{PoolCounters, Stats};
-
-fn kvh() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KVH_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().unwrap();
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
-}
+use kvhygiene::stats::PoolCounters;
 
 /// A snapshot taken `age` ago of a pool whose counters `set` adjusts, with `anomalies`
 /// (signal, count) series in place of the encoder's own, when given.
@@ -46,9 +24,11 @@ fn snapshot(
     let mut pool = PoolCounters::default();
     pool.counters.allocations = 5;
     set(&mut pool);
-    let mut stats = Stats::merge("host".into(), &[pool], None);
-    stats.log = serde_json::to_value(LogStats::disabled()).ok();
-    let text = encode(&stats, &ExporterStats::default(), SystemTime::now() - age);
+    let text = encode(
+        &runtime_stats(pool),
+        &ExporterStats::default(),
+        SystemTime::now() - age,
+    );
     let mut lines: Vec<String> = text
         .lines()
         .filter(|l| anomalies.is_empty() || !l.starts_with("kvh_anomalies_total"))

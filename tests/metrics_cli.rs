@@ -1,37 +1,21 @@
 //! `kvh metrics` and `kvh serve-metrics`, run as the built binary: exit codes, messages and
 //! the sidecar's HTTP answers (loopback only).
 
+#[path = "cli_common/mod.rs"]
+mod cli_common;
 #[path = "http_common/mod.rs"]
 mod http_common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime};
 
+use cli_common::{kvh, run, runtime_stats};
 use http_common::read_reply;
-use kvhygiene::forensic::LogStats;
 use kvhygiene::metrics::{encode, ExporterStats};
 use kvhygiene::stats::{PoolCounters, Stats};
-
-/// Stats as the runtime exports them: the forensic log's statistics included (disabled).
-fn runtime_stats(pool: PoolCounters) -> Stats {
-    let mut stats = Stats::merge("host".into(), &[pool], None);
-    stats.log = serde_json::to_value(LogStats::disabled()).ok();
-    stats
-}
-
-fn kvh() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
-    // The verbs read KVH_METRICS_FILE when --file is absent: start from a clean slate.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KVH_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
 
 /// Writes a snapshot taken `age` ago, with `failed` failed verifications.
 fn write_snapshot(path: &Path, age: Duration, failed: u64) {
@@ -44,19 +28,6 @@ fn write_snapshot(path: &Path, age: Duration, failed: u64) {
         SystemTime::now() - age,
     );
     std::fs::write(path, text).unwrap();
-}
-
-fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().unwrap();
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -343,15 +343,7 @@ impl Allocator {
         stream: StreamHandle,
         by: ScrubFor<'_>,
     ) -> Result<(KvScrubReport, Vec<u32>), KvScrubError> {
-        if self.inner.shutting_down.load(Ordering::Acquire) {
-            return Err(KvScrubError::ShuttingDown);
-        }
-        let dev = self
-            .device_index(device)
-            .map_err(|_| KvScrubError::InvalidDevice {
-                device,
-                count: self.inner.pools.len() as u32,
-            })?;
+        let dev = self.kv_device(device)?;
         let checked = layout.validate().and_then(|()| check_ids(layout, ids));
         if let Err(e) = checked {
             return Err(self.refuse_kv_scrub(dev, e));
@@ -590,6 +582,19 @@ impl Allocator {
             after.abort = abort;
         });
         (report, clean)
+    }
+
+    /// The pool index of `device` for a KV call, unless the allocator is shutting down or the
+    /// device does not exist (refusals that name no pool to count them in).
+    pub(super) fn kv_device(&self, device: i32) -> Result<u32, KvScrubError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(KvScrubError::ShuttingDown);
+        }
+        self.device_index(device)
+            .map_err(|_| KvScrubError::InvalidDevice {
+                device,
+                count: self.inner.pools.len() as u32,
+            })
     }
 
     /// Counts and logs a refused call (policy `kv_scrub`), then returns its error.

@@ -34,7 +34,6 @@
 //!   free's scrub zeroed it but nothing says who wrote it since.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -360,15 +359,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<KvClaimReport, KvClaimError> {
-        if self.inner.shutting_down.load(Ordering::Acquire) {
-            return Err(KvScrubError::ShuttingDown.into());
-        }
-        let dev = self
-            .device_index(device)
-            .map_err(|_| KvScrubError::InvalidDevice {
-                device,
-                count: self.inner.pools.len() as u32,
-            })?;
+        let dev = self.kv_device(device)?;
         let checked = layout.validate().and_then(|()| check_ids(layout, ids));
         if let Err(e) = checked {
             return Err(self.refuse_claim(dev, e.to_string(), e.into()));

@@ -1,0 +1,41 @@
+//! Running the built `kvh` in the CLI tests (tests/metrics_cli.rs, tests/gate_cli.rs), and the
+//! statistics a process's metrics snapshot is encoded from.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+
+use kvhygiene::forensic::LogStats;
+use kvhygiene::stats::{PoolCounters, Stats};
+
+/// The built `kvh`, with no `KVH_*` variable of the test's environment: the verbs read
+/// `KVH_METRICS_FILE` when no file is named, so each test starts from a clean slate.
+pub fn kvh() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Exit code (-1 when killed by a signal), stdout and stderr.
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Stats as the runtime exports them: the forensic log's statistics included (disabled).
+pub fn runtime_stats(pool: PoolCounters) -> Stats {
+    let mut stats = Stats::merge("host".into(), &[pool], None);
+    stats.log = serde_json::to_value(LogStats::disabled()).ok();
+    stats
+}
