@@ -262,9 +262,11 @@ impl Ledgers {
     }
 
     /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
-    /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. Returns the
-    /// verified blocks whose verdict could not be applied (they changed hands meanwhile, or
-    /// the ledger was forgotten or cleared): nobody may take them as verified by this scrub.
+    /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. A verified block
+    /// that changed but is CLEAN now (another scrub's verdict landed meanwhile, and nobody
+    /// took it since) may still go to the gate's claimant. Returns the verified blocks whose
+    /// verdict could not be applied (they changed hands meanwhile, or the ledger was forgotten
+    /// or cleared): nobody may take them as verified by this scrub.
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
@@ -290,7 +292,14 @@ impl Ledgers {
         }
         let mut changed = Vec::new();
         for &id in verified {
-            if !unchanged(&self.books, id) {
+            let clean_now = matches!(
+                self.books[i].slots.get(&id),
+                Some(Entry {
+                    slot: Slot::Clean,
+                    ..
+                })
+            );
+            if !unchanged(&self.books, id) && !(claimant.is_some() && clean_now) {
                 changed.push(id);
                 continue;
             }
@@ -742,6 +751,191 @@ mod tests {
         // The first cache's ledger was forgotten: its block is unknown again.
         assert_eq!(sort(&mut l, &k(0), &[0], &a).0, vec![0]);
         assert_eq!(sort(&mut l, &k(MAX_LEDGERS as u8), &[0], &a), NONE);
+    }
+
+    /// A model of the memory the ledger describes: who wrote each block since it was last
+    /// zeroed, and who holds it. The engine's contract is encoded in what the operations do:
+    /// a block's holder stops writing it when the engine hands it in for a scrub or gives it
+    /// to another request; only holders write.
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        const N: u32 = 4;
+
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        enum Writer {
+            Nobody,
+            Named(usize),
+            Anonymous,
+        }
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// A claim by owner `o` (3: anonymous) of `ids`; the gate's scrub of the dirty ones
+            /// fails for those in `fail` and finishes at a later `Finish`.
+            Claim {
+                o: usize,
+                ids: Vec<u32>,
+                fail: Vec<u32>,
+            },
+            /// The engine's scrub of `ids` (it released them), finishing later.
+            Engine { ids: Vec<u32>, fail: Vec<u32> },
+            /// The `k`-th oldest pending scrub's verdict lands.
+            Finish(usize),
+            /// Every holder writes its blocks.
+            Write,
+        }
+
+        fn ids() -> impl Strategy<Value = Vec<u32>> {
+            proptest::sample::subsequence((0..N).collect::<Vec<_>>(), 1..=N as usize)
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..4usize, ids(), ids()).prop_map(|(o, ids, fail)| Op::Claim { o, ids, fail }),
+                (ids(), ids()).prop_map(|(ids, fail)| Op::Engine { ids, fail }),
+                (0..4usize).prop_map(Op::Finish),
+                Just(Op::Write),
+            ]
+        }
+
+        struct Pending {
+            claimant: Option<(usize, Option<Arc<OwnerKey>>)>,
+            seen: Generations,
+            verified: Vec<u32>,
+            failed: Vec<u32>,
+        }
+
+        struct World {
+            ledger: Ledgers,
+            key: LedgerKey,
+            owners: Vec<Option<Arc<OwnerKey>>>,
+            written: Vec<Writer>,
+            held: Vec<Option<usize>>,
+            pending: Vec<Pending>,
+        }
+
+        impl World {
+            fn new() -> World {
+                let owners = ["a", "b", "c"]
+                    .iter()
+                    .map(|r| who("t", r))
+                    .chain([None])
+                    .collect();
+                World {
+                    ledger: Ledgers::default(),
+                    key: key(vec![1]),
+                    owners,
+                    written: vec![Writer::Nobody; N as usize],
+                    held: vec![None; N as usize],
+                    pending: Vec::new(),
+                }
+            }
+
+            /// Block `id` goes to owner `o`: what it holds must be nobody's, or `o`'s own.
+            fn hand_over(&mut self, id: u32, o: usize) -> Result<(), TestCaseError> {
+                let w = self.written[id as usize];
+                let own = o < 3 && w == Writer::Named(o);
+                prop_assert!(
+                    w == Writer::Nobody || own,
+                    "block {} handed to owner {} holding {:?}'s bytes",
+                    id,
+                    o,
+                    w
+                );
+                self.held[id as usize] = Some(o);
+                Ok(())
+            }
+
+            /// A scrub of `ids` submitted: the holders let go, and the memory is zeroed,
+            /// except the blocks whose scrub fails.
+            fn scrub(&mut self, ids: &[u32], fail: &[u32]) -> (Vec<u32>, Vec<u32>) {
+                let (failed, verified): (Vec<u32>, Vec<u32>) =
+                    ids.iter().partition(|id| fail.contains(id));
+                for &id in ids {
+                    self.held[id as usize] = None;
+                }
+                for &id in &verified {
+                    self.written[id as usize] = Writer::Nobody;
+                }
+                (verified, failed)
+            }
+
+            fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
+                match op {
+                    Op::Claim { o, ids, fail } => {
+                        let owner = self.owners[o].clone();
+                        let sorted = self.ledger.claim(&self.key, &ids, &owner, false);
+                        for &id in &ids {
+                            if !sorted.dirty.contains(&id) && !sorted.failed.contains(&id) {
+                                self.hand_over(id, o)?;
+                            }
+                        }
+                        let (verified, failed) = self.scrub(&sorted.dirty, &fail);
+                        self.pending.push(Pending {
+                            claimant: Some((o, owner)),
+                            seen: sorted.dirty_generations,
+                            verified,
+                            failed,
+                        });
+                    }
+                    Op::Engine { ids, fail } => {
+                        let seen = self.ledger.generations(&self.key, &ids);
+                        let (verified, failed) = self.scrub(&ids, &fail);
+                        self.pending.push(Pending {
+                            claimant: None,
+                            seen,
+                            verified,
+                            failed,
+                        });
+                    }
+                    Op::Finish(k) => {
+                        if self.pending.is_empty() {
+                            return Ok(());
+                        }
+                        let p = self.pending.remove(k % self.pending.len());
+                        let claimant = p.claimant.as_ref().map(|(_, owner)| owner);
+                        let changed = self
+                            .ledger
+                            .settle(&p.seen, &p.verified, &p.failed, claimant);
+                        if let Some((o, _)) = p.claimant {
+                            for &id in p.verified.iter().filter(|id| !changed.contains(id)) {
+                                self.hand_over(id, o)?;
+                            }
+                        }
+                    }
+                    Op::Write => {
+                        for id in 0..N as usize {
+                            if let Some(o) = self.held[id] {
+                                self.written[id] = if o < 3 {
+                                    Writer::Named(o)
+                                } else {
+                                    Writer::Anonymous
+                                };
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Whatever claims, engine scrubs, verdicts (in any order) and writes happen, a
+            /// block is never handed to an owner while it holds another owner's bytes.
+            #[test]
+            fn no_block_reaches_a_new_owner_with_another_owners_bytes(
+                ops in proptest::collection::vec(op(), 1..40)
+            ) {
+                let mut world = World::new();
+                for op in ops {
+                    world.apply(op)?;
+                }
+            }
+        }
     }
 
     #[test]
