@@ -299,7 +299,8 @@ impl Ledgers {
                     ..
                 })
             );
-            if !unchanged(&self.books, id) && !(claimant.is_some() && clean_now) {
+            let applies = unchanged(&self.books, id) || (claimant.is_some() && clean_now);
+            if !applies {
                 changed.push(id);
                 continue;
             }
