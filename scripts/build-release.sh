@@ -26,11 +26,13 @@
 # Usage: scripts/build-release.sh [--force] OUTDIR
 #        scripts/build-release.sh --list-layout     (the files a distribution holds; no build)
 #   --force   OUTDIR may hold an earlier distribution: its files are replaced. Without it a
-#             non-empty OUTDIR is refused; with it, OUTDIR must hold an earlier distribution and
-#             nothing else: its MANIFEST must list every file under bin/, lib/, include/,
-#             python/ and share/, and no other entry may exist (this script never deletes
-#             what it did not write). Leftovers of an interrupted run (.build-release.*) are
-#             removed.
+#             non-empty OUTDIR is refused; with it, OUTDIR must hold an earlier distribution,
+#             unchanged, and nothing else: a BUILD-INFO, a well-formed MANIFEST that lists
+#             every file under bin/, lib/, include/, python/ and share/, and whose sums still
+#             match (sha256sum -c), and no other entry (this script never deletes what it did
+#             not write). Leftovers of an interrupted run (a .build-release.XXXXXX directory
+#             holding only files a distribution holds) are removed, with or without --force.
+#             One run at a time writes an OUTDIR (flock).
 # KVHYGIENE_SOURCE_COMMIT names the commit in BUILD-INFO when there is no git checkout (a
 # Docker build context has no .git).
 set -euo pipefail
@@ -111,40 +113,81 @@ if [[ -e "$outdir" && ! -d "$outdir" ]]; then
 fi
 owned=(bin lib include python share BUILD-INFO MANIFEST)
 
-# Refuses (exit 2) unless everything in OUTDIR is an earlier distribution's: top-level entries
-# are the distribution's (or a leftover stage of this script), and every file, link or other
-# non-directory under them is BUILD-INFO, MANIFEST, or listed in MANIFEST. Only then may
-# --force delete them. Run before the build and again just before the files are replaced.
+# The paths a distribution holds.
+declare -A layout_set=()
+while IFS= read -r p; do layout_set["$p"]=1; done < <(layout | awk '{print $2}' && printf '%s\n' BUILD-INFO MANIFEST)
+
+# Whether $1 is the stage of an interrupted run: a directory named as mktemp names it below,
+# holding nothing but files a distribution holds.
+is_leftover() {
+    local d="$1" path rel
+    [[ "$(basename -- "$d")" =~ ^\.build-release\.[A-Za-z0-9]{6}$ && -d "$d" && ! -L "$d" ]] || return 1
+    while IFS= read -r -d '' path; do
+        rel="${path#"$d"/}"
+        [[ "$rel" != *$'\n'* && -n "${layout_set[$rel]:-}" ]] || return 1
+    done < <(find "$d" -mindepth 1 ! -type d -print0)
+}
+
+# Whether OUTDIR holds anything but leftovers of interrupted runs.
+holds_files() {
+    local entry
+    while IFS= read -r -d '' entry; do
+        is_leftover "$entry" || return 0
+    done < <(find "$1" -mindepth 1 -maxdepth 1 -print0)
+    return 1
+}
+
+# Refuses (exit 2) unless everything in OUTDIR is an earlier distribution's, unchanged: top-level
+# entries are the distribution's (or leftovers), BUILD-INFO is there, MANIFEST is well formed,
+# lists every file, link or other non-directory under the entries, and its sums match. Only
+# then may --force delete them. Run before the build and again just before the replacement.
 check_replaceable() {
-    local dir="$1" entry o known listed path rel
-    while IFS= read -r entry; do
-        [[ "$entry" == .build-release.* ]] && continue
+    local dir="$1" entry o known path rel line
+    while IFS= read -r -d '' entry; do
+        is_leftover "$entry" && continue
         known=0
-        for o in "${owned[@]}"; do [[ "$entry" == "$o" ]] && known=1; done
-        ((known)) || die "OUTDIR '$dir' holds '$entry', which is not part of a distribution; refusing to write there even with --force"
-    done < <(ls -A -- "$dir")
-    [[ -f "$dir/MANIFEST" && ! -L "$dir/MANIFEST" ]] ||
-        die "OUTDIR '$dir' has no MANIFEST, so it is not an earlier distribution; refusing to replace anything there even with --force"
-    listed="$(sed -E 's/^[0-9a-f]{64}  //' -- "$dir/MANIFEST")"
+        for o in "${owned[@]}"; do [[ "$entry" == "$dir/$o" ]] && known=1; done
+        ((known)) || die "OUTDIR '$dir' holds '${entry#"$dir"/}', which is not part of a distribution; refusing to write there even with --force"
+    done < <(find "$dir" -mindepth 1 -maxdepth 1 -print0)
+    for o in MANIFEST BUILD-INFO; do
+        [[ -f "$dir/$o" && ! -L "$dir/$o" ]] ||
+            die "OUTDIR '$dir' has no $o, so it is not an earlier distribution; refusing to replace anything there even with --force"
+    done
+    declare -A listed=()
+    while IFS= read -r line; do
+        [[ "$line" =~ ^[0-9a-f]{64}\ \ (.+)$ ]] ||
+            die "OUTDIR '$dir': MANIFEST line '$line' is not 'SHA256  PATH'; refusing to replace anything there even with --force"
+        listed["${BASH_REMATCH[1]}"]=1
+    done <"$dir/MANIFEST"
     for o in "${owned[@]}"; do
         [[ -e "$dir/$o" || -L "$dir/$o" ]] || continue
         while IFS= read -r -d '' path; do
             rel="${path#"$dir"/}"
+            [[ "$rel" != *$'\n'* ]] ||
+                die "OUTDIR '$dir' holds a file whose name has a newline; refusing to delete it even with --force"
             [[ "$rel" == BUILD-INFO || "$rel" == MANIFEST ]] && continue
-            grep -qxF -- "$rel" <<<"$listed" ||
+            [[ -n "${listed[$rel]:-}" ]] ||
                 die "OUTDIR '$dir' holds '$rel', which its MANIFEST does not list; refusing to delete it even with --force"
         done < <(find "$dir/$o" ! -type d -print0)
     done
+    (cd -- "$dir" && sha256sum --check --strict --quiet MANIFEST >/dev/null 2>&1) ||
+        die "files of the distribution in OUTDIR '$dir' changed since it was built ('cd $dir && sha256sum -c MANIFEST' says which); refusing to delete them even with --force"
 }
 
 replacing=0
-if [[ -d "$outdir" ]] && [[ -n "$(ls -A -- "$outdir")" ]]; then
+if [[ -d "$outdir" ]] && holds_files "$outdir"; then
     if ((!force)); then
         die "OUTDIR '$outdir' is not empty; pass --force to replace an earlier distribution there"
     fi
     check_replaceable "$outdir"
     replacing=1
 fi
+# One run at a time: the lock is held on OUTDIR itself until this script exits.
+command -v flock >/dev/null || die "'flock' (util-linux) is needed and not on PATH"
+mkdir -p -- "$outdir"
+outdir="$(cd -- "$outdir" && pwd)"
+exec {lock}<"$outdir"
+flock -n "$lock" || die "another $prog is writing OUTDIR '$outdir'"
 
 cd "$root"
 for tool in cargo python3 sha256sum; do
@@ -197,8 +240,6 @@ if [[ "$origin" == *"committed kernels/scrub.ptx"* ]]; then
 fi
 
 # Assembled next to OUTDIR and moved in only when complete, so a failure leaves OUTDIR as it was.
-mkdir -p -- "$outdir"
-outdir="$(cd -- "$outdir" && pwd)"
 stage="$(mktemp -d "$outdir/.build-release.XXXXXX")"
 trap 'rm -f "$messages"; rm -rf "$stage"' EXIT
 
@@ -240,8 +281,10 @@ printf '%s\n' "$manifest" >"$stage/MANIFEST"
 if ((replacing)); then
     # Checked again: the build took minutes, and OUTDIR may have changed meanwhile.
     check_replaceable "$outdir"
-    find "$outdir" -mindepth 1 -maxdepth 1 -name '.build-release.*' ! -path "$stage" -exec rm -rf -- {} +
 fi
+while IFS= read -r -d '' entry; do
+    if [[ "$entry" != "$stage" ]] && is_leftover "$entry"; then rm -rf -- "$entry"; fi
+done < <(find "$outdir" -mindepth 1 -maxdepth 1 -name '.build-release.*' -print0)
 for o in "${owned[@]}"; do rm -rf -- "${outdir:?}/$o"; done
 for o in "${owned[@]}"; do mv -- "$stage/$o" "$outdir/$o"; done
 rmdir -- "$stage"

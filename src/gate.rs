@@ -156,10 +156,12 @@ pub fn judge(
         )),
         Flagged::Clear => {}
         Flagged::Series(series) => {
-            // A series without a signal label, or with one not known here, is judged as a
-            // control failure: what is not understood is not a pass.
-            let (control, callers): (Vec<_>, Vec<_>) = series.into_iter().partition(|(s, _)| {
+            // A series without a signal label, with one not known here, or with a value no
+            // counter can have (a corrupt snapshot) is judged as a control failure: what is
+            // not understood is not a pass.
+            let (control, callers): (Vec<_>, Vec<_>) = series.into_iter().partition(|(s, v)| {
                 args.strict_anomalies
+                    || !(v.is_finite() && *v >= 0.0)
                     || s.as_deref().is_none_or(|s| {
                         CONTROL_SIGNALS.contains(&s) || !CALLER_SIGNALS.contains(&s)
                     })

@@ -151,6 +151,8 @@ fn anomalies_of_a_failed_control_evict_and_caller_errors_are_notes() {
     for bad in [
         &[("residue", f64::NAN)][..],
         &[("residue", 3.0), ("quarantine", -3.0)],
+        &[("invalid_free", f64::NAN)],
+        &[("policy_violation", -5.0)],
     ] {
         write_raw_anomalies(&f, bad);
         let (code, out, _) = gate(&f, &[]);

@@ -122,13 +122,17 @@ impl LedgerKey {
     /// Whether `other` may describe some of the same bytes: the same device, and the same
     /// layout (this cache before its memory was handed out again) or an allocation in common
     /// (another view of the same memory).
+    /// Linear in the regions of both (a layout may have 65,536 of them, and this runs under
+    /// the ledger lock, itself taken inside a pool lock).
     fn overlaps(&self, other: &LedgerKey) -> bool {
-        self.device == other.device
-            && (self.layout == other.layout
-                || self
-                    .allocations
-                    .iter()
-                    .any(|(id, _)| other.allocations.iter().any(|(o, _)| o == id)))
+        if self.device != other.device {
+            return false;
+        }
+        if self.layout == other.layout {
+            return true;
+        }
+        let mine: HashSet<u64> = self.allocations.iter().map(|&(id, _)| id).collect();
+        other.allocations.iter().any(|(id, _)| mine.contains(id))
     }
 }
 
@@ -285,21 +289,24 @@ impl Ledgers {
             let now = books[i].slots.get(&id).map_or(0, |e| e.generation);
             seen.of.get(&id) == Some(&now)
         };
+        let slot_of = |books: &[Book], id: u32| books[i].slots.get(&id).map(|e| e.slot.clone());
         for &id in failed {
-            if unchanged(&self.books, id) {
+            // A CLEAN block has no owner a failure could hurt, and another verdict may have
+            // made it CLEAN meanwhile: this scrub read residue, so it must not stay CLEAN.
+            if unchanged(&self.books, id) || slot_of(&self.books, id) == Some(Slot::Clean) {
                 self.set(i, id, Slot::Failed);
             }
         }
         let mut changed = Vec::new();
         for &id in verified {
-            let clean_now = matches!(
-                self.books[i].slots.get(&id),
-                Some(Entry {
-                    slot: Slot::Clean,
-                    ..
-                })
-            );
-            let applies = unchanged(&self.books, id) || (claimant.is_some() && clean_now);
+            // Changed, but CLEAN (another verdict landed, nobody took it since) or already the
+            // claimant's own (the same request claimed it twice at once): still the claimant's.
+            let free_for_claimant = claimant.is_some_and(|c| match slot_of(&self.books, id) {
+                Some(Slot::Clean) => true,
+                Some(Slot::Owned(Some(owner))) => c.as_ref() == Some(&owner),
+                _ => false,
+            });
+            let applies = unchanged(&self.books, id) || free_for_claimant;
             if !applies {
                 changed.push(id);
                 continue;
@@ -710,6 +717,39 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_verdict_is_kept_even_when_another_verdict_made_the_block_clean() {
+        let mut l = Ledgers::default();
+        let (k, a, c, d) = (key(vec![1]), who("t", "a"), who("t", "c"), who("t", "d"));
+        sort(&mut l, &k, &[5], &a);
+        scrub(&mut l, &k, &[5], &[]);
+        sort(&mut l, &k, &[5], &a);
+        // The engine scrubs a's block while c's claim scrubs it too.
+        let engine = l.generations(&k, &[5]);
+        let for_c = l.claim(&k, &[5], &c, false);
+        assert!(l.settle(&engine, &[5], &[], None).is_empty());
+        // c's scrub read residue: the block must not stay CLEAN for d.
+        assert!(l
+            .settle(&for_c.dirty_generations, &[], &[5], Some(&c))
+            .is_empty());
+        assert_eq!(sort(&mut l, &k, &[5], &d), (vec![], vec![5]));
+    }
+
+    #[test]
+    fn a_request_claiming_its_block_twice_at_once_keeps_it() {
+        let mut l = Ledgers::default();
+        let (k, a) = (key(vec![1]), who("t", "a"));
+        let first = l.claim(&k, &[2], &a, false);
+        let second = l.claim(&k, &[2], &a, false);
+        assert!(l
+            .settle(&first.dirty_generations, &[2], &[], Some(&a))
+            .is_empty());
+        assert!(l
+            .settle(&second.dirty_generations, &[2], &[], Some(&a))
+            .is_empty());
+        assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
+    }
+
+    #[test]
     fn a_cache_allocated_again_starts_an_empty_ledger() {
         let mut l = Ledgers::default();
         let a = who("t", "a");
@@ -754,10 +794,13 @@ mod tests {
         assert_eq!(sort(&mut l, &k(MAX_LEDGERS as u8), &[0], &a), NONE);
     }
 
-    /// A model of the memory the ledger describes: who wrote each block since it was last
-    /// zeroed, and who holds it. The engine's contract is encoded in what the operations do:
-    /// a block's holder stops writing it when the engine hands it in for a scrub or gives it
-    /// to another request; only holders write.
+    /// A model of the memory the ledgers describe: who wrote each cell since it was last
+    /// zeroed, and who holds it, under two layouts over the same memory (a permutation of its
+    /// cells) that may be freed and allocated again. A claim's sort, its scrub's submission
+    /// and the verdict are separate steps, interleaved with engine scrubs and writes. The
+    /// engine's contract is encoded in what the operations do: a block's holder stops writing
+    /// it when the engine hands it in for a scrub or gives it to another request; only holders
+    /// write.
     mod model {
         use super::*;
         use proptest::prelude::*;
@@ -773,19 +816,21 @@ mod tests {
 
         #[derive(Clone, Debug)]
         enum Op {
-            /// A claim by owner `o` (3: anonymous) of `ids`; the gate's scrub of the dirty ones
-            /// fails for those in `fail` and finishes at a later `Finish`.
-            Claim {
+            Sort {
                 o: usize,
+                layout: usize,
                 ids: Vec<u32>,
                 fail: Vec<u32>,
             },
-            /// The engine's scrub of `ids` (it released them), finishing later.
-            Engine { ids: Vec<u32>, fail: Vec<u32> },
-            /// The `k`-th oldest pending scrub's verdict lands.
+            Submit(usize),
+            Engine {
+                layout: usize,
+                ids: Vec<u32>,
+                fail: Vec<u32>,
+            },
             Finish(usize),
-            /// Every holder writes its blocks.
             Write,
+            Realloc,
         }
 
         fn ids() -> impl Strategy<Value = Vec<u32>> {
@@ -794,99 +839,134 @@ mod tests {
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                (0..4usize, ids(), ids()).prop_map(|(o, ids, fail)| Op::Claim { o, ids, fail }),
-                (ids(), ids()).prop_map(|(ids, fail)| Op::Engine { ids, fail }),
-                (0..4usize).prop_map(Op::Finish),
-                Just(Op::Write),
+                3 => (0..4usize, 0..2usize, ids(), ids()).prop_map(|(o, layout, ids, fail)| Op::Sort { o, layout, ids, fail }),
+                3 => (0..4usize).prop_map(Op::Submit),
+                3 => (0..2usize, ids(), ids()).prop_map(|(layout, ids, fail)| Op::Engine { layout, ids, fail }),
+                3 => (0..4usize).prop_map(Op::Finish),
+                2 => Just(Op::Write),
+                1 => Just(Op::Realloc),
             ]
         }
 
-        struct Pending {
-            claimant: Option<(usize, Option<Arc<OwnerKey>>)>,
+        struct Gate {
+            o: usize,
+            owner: Option<Arc<OwnerKey>>,
+            layout: usize,
             seen: Generations,
+            ids: Vec<u32>,
+            fail: Vec<u32>,
+        }
+        struct Verdict {
+            claimant: Option<(usize, Option<Arc<OwnerKey>>)>,
+            layout: usize,
+            seen: Generations,
+            scrubbed: LedgerKey,
             verified: Vec<u32>,
             failed: Vec<u32>,
         }
 
         struct World {
             ledger: Ledgers,
-            key: LedgerKey,
+            seq: u64,
             owners: Vec<Option<Arc<OwnerKey>>>,
             written: Vec<Writer>,
             held: Vec<Option<usize>>,
-            pending: Vec<Pending>,
+            sorted: Vec<Gate>,
+            pending: Vec<Verdict>,
+        }
+
+        fn cell(layout: usize, id: u32) -> usize {
+            ((id + layout as u32) % N) as usize
         }
 
         impl World {
-            fn new() -> World {
-                let owners = ["a", "b", "c"]
-                    .iter()
-                    .map(|r| who("t", r))
-                    .chain([None])
-                    .collect();
-                World {
-                    ledger: Ledgers::default(),
-                    key: key(vec![1]),
-                    owners,
-                    written: vec![Writer::Nobody; N as usize],
-                    held: vec![None; N as usize],
-                    pending: Vec::new(),
+            fn key(&self, layout: usize) -> LedgerKey {
+                LedgerKey {
+                    device: 0,
+                    layout: [layout as u8; 32],
+                    allocations: vec![(1, self.seq)],
                 }
             }
-
-            /// Block `id` goes to owner `o`: what it holds must be nobody's, or `o`'s own.
-            fn hand_over(&mut self, id: u32, o: usize) -> Result<(), TestCaseError> {
-                let w = self.written[id as usize];
-                let own = o < 3 && w == Writer::Named(o);
+            fn hand_over(&mut self, layout: usize, id: u32, o: usize) -> Result<(), TestCaseError> {
+                let c = cell(layout, id);
+                let w = self.written[c];
                 prop_assert!(
-                    w == Writer::Nobody || own,
-                    "block {} handed to owner {} holding {:?}'s bytes",
+                    w == Writer::Nobody || (o < 3 && w == Writer::Named(o)),
+                    "cell {} (layout {} block {}) handed to owner {} holding {:?}'s bytes",
+                    c,
+                    layout,
                     id,
                     o,
                     w
                 );
-                self.held[id as usize] = Some(o);
+                self.held[c] = Some(o);
                 Ok(())
             }
-
-            /// A scrub of `ids` submitted: the holders let go, and the memory is zeroed,
-            /// except the blocks whose scrub fails.
-            fn scrub(&mut self, ids: &[u32], fail: &[u32]) -> (Vec<u32>, Vec<u32>) {
+            fn zero(&mut self, layout: usize, ids: &[u32], fail: &[u32]) -> (Vec<u32>, Vec<u32>) {
                 let (failed, verified): (Vec<u32>, Vec<u32>) =
                     ids.iter().partition(|id| fail.contains(id));
-                for &id in ids {
-                    self.held[id as usize] = None;
-                }
                 for &id in &verified {
-                    self.written[id as usize] = Writer::Nobody;
+                    self.written[cell(layout, id)] = Writer::Nobody;
                 }
                 (verified, failed)
             }
-
             fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
                 match op {
-                    Op::Claim { o, ids, fail } => {
+                    Op::Sort {
+                        o,
+                        layout,
+                        ids,
+                        fail,
+                    } => {
                         let owner = self.owners[o].clone();
-                        let sorted = self.ledger.claim(&self.key, &ids, &owner, false);
+                        let key = self.key(layout);
+                        let s = self.ledger.claim(&key, &ids, &owner, false);
                         for &id in &ids {
-                            if !sorted.dirty.contains(&id) && !sorted.failed.contains(&id) {
-                                self.hand_over(id, o)?;
+                            if !s.dirty.contains(&id) && !s.failed.contains(&id) {
+                                self.hand_over(layout, id, o)?;
                             }
                         }
-                        let (verified, failed) = self.scrub(&sorted.dirty, &fail);
-                        self.pending.push(Pending {
-                            claimant: Some((o, owner)),
-                            seen: sorted.dirty_generations,
+                        // The engine gave the dirty blocks to `o`: their last holder let go.
+                        for &id in &s.dirty {
+                            self.held[cell(layout, id)] = None;
+                        }
+                        self.sorted.push(Gate {
+                            o,
+                            owner,
+                            layout,
+                            seen: s.dirty_generations,
+                            ids: s.dirty,
+                            fail,
+                        });
+                    }
+                    Op::Submit(k) => {
+                        if self.sorted.is_empty() {
+                            return Ok(());
+                        }
+                        let g = self.sorted.remove(k % self.sorted.len());
+                        let scrubbed = self.key(g.layout);
+                        let (verified, failed) = self.zero(g.layout, &g.ids, &g.fail);
+                        self.pending.push(Verdict {
+                            claimant: Some((g.o, g.owner)),
+                            layout: g.layout,
+                            seen: g.seen,
+                            scrubbed,
                             verified,
                             failed,
                         });
                     }
-                    Op::Engine { ids, fail } => {
-                        let seen = self.ledger.generations(&self.key, &ids);
-                        let (verified, failed) = self.scrub(&ids, &fail);
-                        self.pending.push(Pending {
+                    Op::Engine { layout, ids, fail } => {
+                        let key = self.key(layout);
+                        let seen = self.ledger.generations(&key, &ids);
+                        for &id in &ids {
+                            self.held[cell(layout, id)] = None;
+                        }
+                        let (verified, failed) = self.zero(layout, &ids, &fail);
+                        self.pending.push(Verdict {
                             claimant: None,
+                            layout,
                             seen,
+                            scrubbed: key,
                             verified,
                             failed,
                         });
@@ -896,25 +976,36 @@ mod tests {
                             return Ok(());
                         }
                         let p = self.pending.remove(k % self.pending.len());
-                        let claimant = p.claimant.as_ref().map(|(_, owner)| owner);
-                        let changed = self
-                            .ledger
-                            .settle(&p.seen, &p.verified, &p.failed, claimant);
+                        let claimant = p.claimant.as_ref().map(|(_, o)| o);
+                        let changed = if p.seen.key != p.scrubbed {
+                            p.verified.clone()
+                        } else {
+                            self.ledger
+                                .settle(&p.seen, &p.verified, &p.failed, claimant)
+                        };
                         if let Some((o, _)) = p.claimant {
                             for &id in p.verified.iter().filter(|id| !changed.contains(id)) {
-                                self.hand_over(id, o)?;
+                                self.hand_over(p.layout, id, o)?;
                             }
                         }
                     }
                     Op::Write => {
-                        for id in 0..N as usize {
-                            if let Some(o) = self.held[id] {
-                                self.written[id] = if o < 3 {
+                        for c in 0..N as usize {
+                            if let Some(o) = self.held[c] {
+                                self.written[c] = if o < 3 {
                                     Writer::Named(o)
                                 } else {
                                     Writer::Anonymous
                                 };
                             }
+                        }
+                    }
+                    Op::Realloc => {
+                        // Freed (its scrub zeroes it, ordered after every scrub of it) and allocated again.
+                        self.seq += 1;
+                        for c in 0..N as usize {
+                            self.held[c] = None;
+                            self.written[c] = Writer::Nobody;
                         }
                     }
                 }
@@ -923,18 +1014,16 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            #![proptest_config(ProptestConfig::with_cases(1024))]
 
-            /// Whatever claims, engine scrubs, verdicts (in any order) and writes happen, a
-            /// block is never handed to an owner while it holds another owner's bytes.
+            /// Whatever claims, engine scrubs, failing scrubs, verdicts (in any order), writes
+            /// and reallocations happen, no block is handed to an owner while it holds another
+            /// owner's bytes.
             #[test]
-            fn no_block_reaches_a_new_owner_with_another_owners_bytes(
-                ops in proptest::collection::vec(op(), 1..40)
-            ) {
-                let mut world = World::new();
-                for op in ops {
-                    world.apply(op)?;
-                }
+            fn no_block_reaches_a_new_owner_with_another_owners_bytes(ops in proptest::collection::vec(op(), 1..60)) {
+                let owners = ["a", "b", "c"].iter().map(|r| who("t", r)).chain([None]).collect();
+                let mut w = World { ledger: Ledgers::default(), seq: 1, owners, written: vec![Writer::Nobody; N as usize], held: vec![None; N as usize], sorted: Vec::new(), pending: Vec::new() };
+                for op in ops { w.apply(op)?; }
             }
         }
     }

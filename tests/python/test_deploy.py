@@ -603,12 +603,35 @@ def test_build_release_refuses_bad_outdirs_before_building(tmp_path):
         (home / rel).write_text("mine")
     r = run("--force", str(home))
     assert r.returncode == 2 and "no MANIFEST" in r.stderr, r.stderr
-    digest = "0" * 64
-    (home / "MANIFEST").write_text(f"{digest}  bin/my-tool\n")
+    (home / "BUILD-INFO").write_text("version: kvh 0.1.0\n")
+    import hashlib
+
+    def line(rel):
+        return f"{hashlib.sha256((home / rel).read_bytes()).hexdigest()}  {rel}\n"
+
+    (home / "MANIFEST").write_text(line("bin/my-tool"))
     r = run("--force", str(home))
     assert r.returncode == 2 and "does not list" in r.stderr, r.stderr
-    for rel in ("bin/my-tool", "lib/python3.11/site-packages/mine.py", "share/keyrings/login.keyring"):
+    # A MANIFEST that lists everything but is not one (no sums), or whose sums no longer match
+    # (a file changed since), does not make the files deletable either.
+    listed = ("bin/my-tool", "lib/python3.11/site-packages/mine.py", "share/keyrings/login.keyring")
+    (home / "MANIFEST").write_text("".join(rel + "\n" for rel in listed))
+    r = run("--force", str(home))
+    assert r.returncode == 2 and "is not 'SHA256  PATH'" in r.stderr, r.stderr
+    (home / "MANIFEST").write_text("".join(line(rel) for rel in listed))
+    (home / "bin/my-tool").write_text("mine, edited")
+    r = run("--force", str(home))
+    assert r.returncode == 2 and "changed since it was built" in r.stderr, r.stderr
+    # A name with a newline cannot pass for a listed one.
+    odd = home / "lib" / "private\nbin"
+    odd.mkdir()
+    (odd / "my-tool").write_text("mine")
+    (home / "bin/my-tool").write_text("mine")
+    r = run("--force", str(home))
+    assert r.returncode == 2 and "newline" in r.stderr, r.stderr
+    for rel in listed:
         assert (home / rel).read_text() == "mine", rel
+    assert (odd / "my-tool").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------
