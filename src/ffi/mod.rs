@@ -750,3 +750,28 @@ pub extern "C" fn kvh_inject_fault(segments: u32) -> c_int {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::KvClaimReport;
+
+    #[test]
+    fn blocks_not_handed_over_are_named_in_the_callers_order_with_the_right_code() {
+        let ids = [9, 4, 7, 1];
+        let report = |refused: Vec<u32>, taken: Vec<u32>| KvClaimReport {
+            claimed: 0,
+            gate_scrubbed: Vec::new(),
+            refused,
+            taken,
+        };
+        // Only taken blocks: KVH_ERR_KV_TAKEN.
+        let (named, code, message) = not_handed_over(&ids, report(vec![], vec![7, 4]));
+        assert_eq!((named, code), (vec![4, 7], KVH_ERR_KV_TAKEN));
+        assert!(message.contains("2 were taken"), "{message}");
+        // Any failed verification makes it KVH_ERR_VERIFY_FAILED; both lists merge in order.
+        let (named, code, message) = not_handed_over(&ids, report(vec![1], vec![9]));
+        assert_eq!((named, code), (vec![9, 1], KVH_ERR_VERIFY_FAILED));
+        assert!(message.contains("(first: 9)"), "{message}");
+    }
+}

@@ -416,19 +416,20 @@ def layout(bases, block, stride, n):
     l._keep = arr
     return l
 
-def scrub(l, ids, cap=8):
+# (code, the ids the call named back that fit, how many it named) of kvh_scrub_blocks or
+# kvh_claim_blocks.
+def kv_call(fn, l, ids, cap):
     idarr = (ctypes.c_uint32 * len(ids))(*ids)
-    failed = (ctypes.c_uint32 * cap)()
+    named = (ctypes.c_uint32 * cap)()
     count = ctypes.c_size_t(99)
-    rc = lib.kvh_scrub_blocks(ctypes.byref(l), idarr, len(ids), 0, STREAM, failed, cap, ctypes.byref(count))
-    return rc, list(failed)[: min(cap, count.value)], count.value
+    rc = fn(ctypes.byref(l), idarr, len(ids), 0, STREAM, named, cap, ctypes.byref(count))
+    return rc, list(named)[: min(cap, count.value)], count.value
+
+def scrub(l, ids, cap=8):
+    return kv_call(lib.kvh_scrub_blocks, l, ids, cap)
 
 def claim(l, ids, cap=8):
-    idarr = (ctypes.c_uint32 * len(ids))(*ids)
-    refused = (ctypes.c_uint32 * cap)()
-    count = ctypes.c_size_t(99)
-    rc = lib.kvh_claim_blocks(ctypes.byref(l), idarr, len(ids), 0, STREAM, refused, cap, ctypes.byref(count))
-    return rc, list(refused)[: min(cap, count.value)], count.value
+    return kv_call(lib.kvh_claim_blocks, l, ids, cap)
 """
 
 
