@@ -15,7 +15,8 @@
 //!   `anomaly` records.
 //! - [`forensic`]: the hash-chained, HMAC-sealed forensic log, its writer thread and `verify-log`.
 //! - [`context`]: per-thread tenant / request / model ids, validated at the boundary.
-//! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once.
+//! - [`config`]: the policy, read from `KVH_*` variables or a TOML file, validated once, and
+//!   the `config` verb that reports it and the controls it weakens.
 //! - [`stats`]: counters and latency histograms of the pool, serialised as JSON.
 //! - [`metrics`]: the Prometheus exposition of the statistics, the metrics file and the HTTP
 //!   exporter, and the `metrics` / `serve-metrics` verbs.

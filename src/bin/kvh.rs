@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use kvhygiene::backend;
+use kvhygiene::config::cli::{self as config_cli, ConfigArgs};
 use kvhygiene::config::{BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
@@ -73,7 +74,39 @@ enum Command {
     /// Decide whether an inference process may keep serving tenants (exit 0 admit, 1 evict, 2 error).
     #[command(long_about = GATE_HELP)]
     Gate(GateArgs),
+    /// Check the policy a process started here would run with (exit 0 valid, 1 weakened with --strict, 2 invalid).
+    #[command(long_about = CONFIG_HELP)]
+    Config(ConfigArgs),
 }
+
+const CONFIG_HELP: &str = "\
+Check the policy a process started here would run with (exit 0 valid, 1 weakened with \
+--strict, 2 invalid).
+
+The library reads its policy once, at start: the TOML file named by KVH_CONFIG, then every \
+KVH_* environment variable (which wins). An unknown key or a bad value stops it from starting. \
+This verb reads the policy the same way, so a rollout can find out first (a pipeline step, an \
+init container, a shell with the pod's environment), and prints:
+
+  - every key: its value, where it came from (default, file, env) and its variable;
+  - the configuration digest, which the forensic log's start records carry as config_digest \
+(kvh evidence lists it per process): it ties a reviewed policy to the runs that used it;
+  - the controls the policy turns off or weakens, each with its risk: no forensic log, a log \
+without HMAC seal (no hmac_key_file or FORENSIC_HMAC_SECRET) or without signed checkpoints, \
+log_fsync=never, no metrics export, tenant_isolation=off, kv_gate=off, kv_gate_scope=tenant, \
+coverage_threshold or verify_samples below the defaults, anomaly=off.
+
+Nothing is opened but the KVH_CONFIG file: key files and directories are checked by the \
+library when it starts. FORENSIC_HMAC_SECRET is only tested for being set; no value is printed.
+
+Exit status: 0 the policy is valid (with --strict: and weakens nothing); 1 with --strict, a \
+control is off or weakened; 2 the policy is invalid (the message names the key) or a usage \
+error.
+
+Examples:
+  kvh config                                # this environment's policy
+  kvh config --file /etc/kvh/policy.toml --strict
+  env $(cat policy.env) kvh config --strict --json";
 
 const GATE_HELP: &str = "\
 Decide whether an inference process may keep serving tenants (exit 0 admit, 1 evict, 2 error).
@@ -198,6 +231,7 @@ fn main() -> ExitCode {
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
         Command::Gate(args) => exit_code(gate::run_gate(&args)),
+        Command::Config(args) => exit_code(config_cli::run_config(&args)),
     }
 }
 

@@ -71,6 +71,18 @@ impl StartInfo {
             host: host_name(),
         }
     }
+
+    /// The `config_digest` of the `start` record: SHA-256 of the configuration JSON, in hex.
+    pub fn config_digest(&self) -> String {
+        config_digest(&self.config_json)
+    }
+}
+
+/// SHA-256 of a policy's `Config::canonical_json()`, in lower-case hex: what `start` records
+/// carry as `config_digest` (and `kvh config` prints, to match a reviewed policy to a run).
+pub fn config_digest(config_json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    record::hex(&Sha256::digest(config_json.as_bytes()))
 }
 
 fn host_name() -> String {

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use super::checkpoint::{self, Checkpoint};
 use super::keys::{self, EpochKey};
@@ -586,8 +585,7 @@ fn rebuild_fields(line: &[u8]) -> Map<String, Value> {
 
 fn start_fields(s: &StartInfo) -> Map<String, Value> {
     let mut f = Map::new();
-    let digest = Sha256::digest(s.config_json.as_bytes());
-    f.insert("config_digest".into(), hex(&digest).into());
+    f.insert("config_digest".into(), s.config_digest().into());
     f.insert("version".into(), s.version.clone().into());
     f.insert("pid".into(), s.pid.into());
     f.insert("host".into(), s.host.clone().into());

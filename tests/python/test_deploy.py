@@ -4,7 +4,7 @@ cluster:
 - the manifests parse, the kustomization lists each of them, every volume mount names a volume
   of its pod, every ConfigMap, Secret and PersistentVolumeClaim a pod uses is defined by the
   kustomization or (Secrets) created by a command in deploy/README.md with the keys used;
-- every KVH_* name in deploy/ is a key src/config.rs accepts (or one of its OTHER_ENV);
+- every KVH_* name in deploy/ is a key src/config/mod.rs accepts (or one of its OTHER_ENV);
 - every kvh command line (container commands, shell scripts, probes) names a verb of the built
   kvh and only flags that verb's --help lists;
 - the Dockerfile copies what scripts/build-release.sh produces, and every /opt/kvhygiene path
@@ -162,12 +162,12 @@ def in_layout(rel: str) -> bool:
 
 
 def accepted_env_names() -> set:
-    """The KVH_* variables the library accepts, from its source of truth, src/config.rs: the
+    """The KVH_* variables the library accepts, from its source of truth, src/config/mod.rs: the
     KEYS table (`key!("name", ...)` -> KVH_NAME) and OTHER_ENV (read by other parts)."""
-    src = (ROOT / "src/config.rs").read_text()
+    src = (ROOT / "src/config/mod.rs").read_text()
     keys = re.findall(r'key!\(\s*"([a-z0-9_]+)"', src)
     other = re.search(r"const OTHER_ENV: &\[&str\] = &\[([^\]]*)\]", src)
-    assert len(keys) >= 20 and "log_dir" in keys and other, "src/config.rs changed shape: update this parser"
+    assert len(keys) >= 20 and "log_dir" in keys and other, "src/config/mod.rs changed shape: update this parser"
     return {"KVH_" + k.upper() for k in keys} | set(re.findall(r'"(KVH_[A-Z0-9_]+)"', other.group(1)))
 
 
@@ -271,7 +271,7 @@ def test_every_kvh_env_name_is_a_key_the_library_accepts():
             used.setdefault(name, path.relative_to(ROOT))
     unknown = {n: str(p) for n, p in used.items() if n not in accepted}
     assert not unknown, (
-        f"KVH_* names the library does not accept (src/config.rs KEYS / OTHER_ENV): {unknown}; "
+        f"KVH_* names the library does not accept (src/config/mod.rs KEYS / OTHER_ENV): {unknown}; "
         "an unknown KVH_* variable stops the library at start"
     )
     # Env entries of the manifests, too (the regex above would not see a computed name).
@@ -786,6 +786,14 @@ def test_configmap_policy_is_accepted_by_kvh(pod):
     r = run_in([kvh_binary(), "demo", "--backend", "host", "--tenants", "1", "--requests", "2", "--decode-tokens", "16"], pod["env"])
     assert r.returncode == 0, f"kvh demo under the server's environment: {r.stdout}{r.stderr}"
     assert pod["env"]["KVH_BACKEND"] == "cuda"
+
+
+def test_configmap_policy_weakens_no_control(pod):
+    # The example deployment is the recommended posture: a sealed, checkpointed log, metrics
+    # for the probes, the defaults' isolation and gate; `kvh config --strict` lists anything less.
+    r = run_in([kvh_binary(), "config", "--strict"], pod["env"])
+    assert r.returncode == 0, f"kvh config --strict under the server's environment: {r.stdout}{r.stderr}"
+    assert "weakened controls: none" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("probe", PROBES)

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub mod cli;
+
 /// Which memory backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -531,21 +533,103 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 /// `KVH_PRELOAD` is read by the LD_PRELOAD interposers (`preload/`), not by the policy.
 const OTHER_ENV: &[&str] = &["KVH_CONFIG", "KVH_LIBRARY", "KVH_PRELOAD"];
 
+/// Where a key's value came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Default,
+    /// The TOML file named by `KVH_CONFIG`.
+    File,
+    /// A `KVH_*` environment variable (which wins over the file).
+    Env,
+}
+
+/// One key of a loaded policy: its names, its value and where the value came from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Setting {
+    pub key: &'static str,
+    pub env: String,
+    /// The value as [`Config::canonical_json`] holds it (`null`: unset).
+    pub value: serde_json::Value,
+    pub source: Source,
+    pub accepted: &'static str,
+}
+
+/// The `KVH_*` environment variables of this process, every one as UTF-8 text.
+///
+/// A variable whose name or value is not UTF-8 is an error, not skipped: a log directory
+/// named in other bytes must not leave the process running without a log.
+pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        if !name.as_bytes().starts_with(b"KVH_") {
+            continue;
+        }
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => vars.push((name, value)),
+            (name, value) => {
+                let lossy = |r: Result<String, std::ffi::OsString>| match r {
+                    Ok(s) => s,
+                    Err(os) => os.to_string_lossy().into_owned(),
+                };
+                return Err(ConfigError::Invalid {
+                    key: lossy(name),
+                    value: lossy(value),
+                    expected: "UTF-8 text (in the variable's name and value)",
+                });
+            }
+        }
+    }
+    Ok(vars)
+}
+
 impl Config {
     /// The policy of this process: `KVH_CONFIG`'s file (if set), then `KVH_*` variables.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let vars: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| k.starts_with("KVH_"))
-            .collect();
-        Config::from_vars(&vars)
+        Config::from_vars(&env_vars()?)
     }
 
     /// As [`Config::from_env`], from an explicit variable list (tests, embedding).
     pub fn from_vars(vars: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut config = match vars.iter().find(|(k, _)| k == "KVH_CONFIG") {
-            Some((_, path)) if !path.is_empty() => Config::from_file(Path::new(path))?,
-            _ => Config::default(),
+        Ok(Config::load(vars)?.0)
+    }
+
+    /// As [`Config::from_vars`], with every key's value and its source (`kvh config`).
+    pub fn explain(vars: &[(String, String)]) -> Result<(Config, Vec<Setting>), ConfigError> {
+        let (config, file_keys) = Config::load(vars)?;
+        let from_env = |k: &Key| vars.iter().any(|(name, _)| *name == k.env_name());
+        let settings = settings(&config, |k| {
+            if from_env(k) {
+                Source::Env
+            } else if file_keys.contains(&k.name) {
+                Source::File
+            } else {
+                Source::Default
+            }
+        });
+        Ok((config, settings))
+    }
+
+    /// The policy of a TOML file alone, as a process whose only variable is `KVH_CONFIG`
+    /// naming it would run with, with every key's value and its source (`kvh config --file`).
+    pub fn explain_file(path: &Path) -> Result<(Config, Vec<Setting>), ConfigError> {
+        let (config, file_keys) = Config::read_file(path)?;
+        config.check_combination()?;
+        let settings = settings(&config, |k| {
+            if file_keys.contains(&k.name) {
+                Source::File
+            } else {
+                Source::Default
+            }
+        });
+        Ok((config, settings))
+    }
+
+    /// The policy and the names of the keys its file set.
+    fn load(vars: &[(String, String)]) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        let (mut config, file_keys) = match vars.iter().find(|(k, _)| k == "KVH_CONFIG") {
+            Some((_, path)) if !path.is_empty() => Config::read_file(Path::new(path))?,
+            _ => (Config::default(), Vec::new()),
         };
         for (name, value) in vars {
             if !name.starts_with("KVH_") || OTHER_ENV.contains(&name.as_str()) {
@@ -560,7 +644,7 @@ impl Config {
             config.set(key, name, value)?;
         }
         config.check_combination()?;
-        Ok(config)
+        Ok((config, file_keys))
     }
 
     /// Refuses settings that are each valid but together do not do what they ask for.
@@ -582,12 +666,17 @@ impl Config {
 
     /// Reads a TOML file of `key = value` pairs (file key names, e.g. `batch_size = 32`).
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Ok(Config::read_file(path)?.0)
+    }
+
+    /// As [`Config::from_file`], with the names of the keys the file set.
+    fn read_file(path: &Path) -> Result<(Config, Vec<&'static str>), ConfigError> {
         let file_err = |message: String| ConfigError::File {
             path: path.display().to_string(),
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
-        Config::from_toml_str(&text).map_err(|e| match e {
+        Config::parse_toml(&text).map_err(|e| match e {
             ConfigError::File { message, .. } => file_err(message),
             ConfigError::Invalid {
                 key,
@@ -604,6 +693,11 @@ impl Config {
 
     /// Parses TOML text (see [`Config::from_file`]).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Ok(Config::parse_toml(text)?.0)
+    }
+
+    /// As [`Config::from_toml_str`], with the names of the keys the text set.
+    fn parse_toml(text: &str) -> Result<(Config, Vec<&'static str>), ConfigError> {
         let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::File {
@@ -611,6 +705,7 @@ impl Config {
                 message: toml_error(text, &e),
             })?;
         let mut config = Config::default();
+        let mut set_keys = Vec::with_capacity(table.len());
         for (name, value) in &table {
             let key = KEYS
                 .iter()
@@ -633,8 +728,9 @@ impl Config {
                 }
             };
             config.set(key, name, &text)?;
+            set_keys.push(key.name);
         }
-        Ok(config)
+        Ok((config, set_keys))
     }
 
     fn set(&mut self, key: &Key, shown_name: &str, value: &str) -> Result<(), ConfigError> {
@@ -660,6 +756,51 @@ impl Config {
     pub fn keys() -> impl Iterator<Item = (&'static str, String, &'static str)> {
         KEYS.iter().map(|k| (k.name, k.env_name(), k.expected))
     }
+}
+
+/// Keys whose value is not at `/<key>` in the policy's JSON ([`Config::canonical_json`]).
+const FIELDS: &[(&str, &str)] = &[
+    ("log_dir", "/log/dir"),
+    ("log_max_bytes", "/log/max_bytes"),
+    ("log_fsync", "/log/fsync"),
+    ("log_fsync_interval_ms", "/log/fsync_interval_ms"),
+    ("log_queue", "/log/queue_capacity"),
+    ("summary_interval_ms", "/log/summary_interval_ms"),
+    ("hmac_key_file", "/log/hmac_key_file"),
+    ("signing_key_file", "/log/signing_key_file"),
+    ("checkpoint_dir", "/log/checkpoint_dir"),
+    ("checkpoint_every", "/log/checkpoint_every_records"),
+    ("checkpoint_interval_ms", "/log/checkpoint_interval_ms"),
+    ("metrics_file", "/metrics/file"),
+    ("metrics_interval_ms", "/metrics/interval_ms"),
+    ("metrics_addr", "/metrics/addr"),
+    ("anomaly", "/anomaly/enabled"),
+    ("anomaly_window_ms", "/anomaly/window_ms"),
+    ("anomaly_z", "/anomaly/z"),
+    ("anomaly_burst_scale", "/anomaly/burst_scale"),
+];
+
+/// Where `key`'s value sits in the policy's JSON, as a JSON pointer.
+fn field_of(key: &str) -> String {
+    match FIELDS.iter().find(|(k, _)| *k == key) {
+        Some((_, pointer)) => (*pointer).to_string(),
+        None => format!("/{key}"),
+    }
+}
+
+/// Every key of `config` in documentation order, its source given by `source`.
+fn settings(config: &Config, source: impl Fn(&Key) -> Source) -> Vec<Setting> {
+    // Plain data with derived impls: serialising cannot fail.
+    let json = serde_json::to_value(config).unwrap_or_default();
+    KEYS.iter()
+        .map(|k| Setting {
+            key: k.name,
+            env: k.env_name(),
+            value: json.pointer(&field_of(k.name)).cloned().unwrap_or_default(),
+            source: source(k),
+            accepted: k.expected,
+        })
+        .collect()
 }
 
 fn known_keys(name: impl Fn(&Key) -> String) -> String {
@@ -709,7 +850,8 @@ fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
 mod tests {
     use super::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// `(name, value)` pairs as the variable list `Config::from_vars` takes.
+    pub(super) fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -721,6 +863,57 @@ mod tests {
             Err(ConfigError::Invalid { key, .. }) => key,
             other => panic!("expected an invalid-value error, got {other:?}"),
         }
+    }
+
+    /// The JSON pointers of every leaf (non-object value) of `v`.
+    fn leaves(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    leaves(child, format!("{at}/{k}"), out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+
+    #[test]
+    fn every_field_of_the_policy_is_exactly_one_keys_value() {
+        let json = serde_json::to_value(Config::default()).unwrap();
+        let mut fields = Vec::new();
+        leaves(&json, String::new(), &mut fields);
+        let mut pointers: Vec<String> = KEYS.iter().map(|k| field_of(k.name)).collect();
+        for p in &pointers {
+            assert!(
+                json.pointer(p).is_some(),
+                "{p} is not a field of the policy"
+            );
+        }
+        fields.sort();
+        pointers.sort();
+        assert_eq!(fields, pointers, "fields and keys differ");
+        for (key, _) in FIELDS {
+            assert!(
+                KEYS.iter().any(|k| k.name == *key),
+                "FIELDS names {key}, no key"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_show_each_keys_value_as_set() {
+        let (_, settings) = Config::explain(&vars(&[
+            ("KVH_LOG_QUEUE", "32"),
+            ("KVH_ANOMALY", "off"),
+            ("KVH_METRICS_ADDR", "127.0.0.1:9464"),
+        ]))
+        .unwrap();
+        let value = |k: &str| settings.iter().find(|s| s.key == k).unwrap().value.clone();
+        assert_eq!(value("log_queue"), serde_json::json!(32));
+        assert_eq!(value("anomaly"), serde_json::json!(false));
+        assert_eq!(value("metrics_addr"), serde_json::json!("127.0.0.1:9464"));
+        assert_eq!(value("log_dir"), serde_json::Value::Null);
+        assert_eq!(settings.len(), KEYS.len());
     }
 
     #[test]
@@ -1106,7 +1299,7 @@ mod doc_tests {
     /// The README's configuration table documents every key.
     #[test]
     fn readme_documents_every_key() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for (_, env, _) in super::Config::keys() {
             assert!(readme.contains(&format!("`{env}`")), "README lacks {env}");
         }

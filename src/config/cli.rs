@@ -1,0 +1,532 @@
+//! `kvh config`: the policy a process started here would run with, where each value came
+//! from, its digest, and the controls it turns off or weakens.
+//!
+//! The library reads its policy once, at start, and refuses to start on an invalid one: this
+//! verb lets an operator find out before a rollout instead (a pipeline step on the ConfigMap,
+//! an init container, a shell on the node). It loads the policy exactly as the library does
+//! ([`Config::from_env`]: `KVH_CONFIG`'s file, then `KVH_*` variables), or a file alone with
+//! `--file`, and prints:
+//!
+//! - every key with its value and its source (default, file or environment);
+//! - the configuration digest, which the forensic log's `start` record carries as
+//!   `config_digest`: an auditor matches a reviewed policy to the processes that ran it;
+//! - the controls the policy turns off or weakens against the recommended production posture
+//!   ([`weakened`]); `--strict` makes any of them exit 1.
+//!
+//! Exit codes: 0 valid (and with `--strict`, nothing weakened), 1 (`--strict`) a control is
+//! weakened, 2 usage error or an invalid policy (the message names the key).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{
+    env_vars, Config, FsyncPolicy, KvGateMode, KvGateScope, Setting, Source, TenantIsolation,
+};
+use crate::forensic::config_digest;
+
+/// Exit code: the policy is valid (and, with `--strict`, weakens nothing).
+pub const EXIT_OK: i32 = 0;
+/// Exit code (`--strict`): the policy turns a control off or weakens it.
+pub const EXIT_WEAKENED: i32 = 1;
+/// Exit code: usage error or an invalid policy.
+pub const EXIT_USAGE: i32 = 2;
+
+/// The environment variable that carries the HMAC secret itself (read once by the library,
+/// then removed from its environment). `kvh config` only asks whether it is set.
+const HMAC_SECRET_ENV: &str = "FORENSIC_HMAC_SECRET";
+
+/// `kvh config`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// Check this TOML file alone, as a process whose only setting is KVH_CONFIG=FILE would
+    /// read it; the environment (KVH_* and FORENSIC_HMAC_SECRET) is not read.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Exit 1 when the policy turns a control off or weakens it (each is listed with its risk).
+    #[arg(long)]
+    pub strict: bool,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A control the policy turns off or weakens, and what that risks.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Weakened {
+    /// The key responsible (its file name; the environment variable is `KVH_` + upper case).
+    pub key: &'static str,
+    /// Its value, as the settings list shows it.
+    pub value: String,
+    pub risk: String,
+}
+
+/// Whether the secret of the HMAC seal comes from somewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmacSecret {
+    /// `FORENSIC_HMAC_SECRET` is set in the environment the policy was read from.
+    InEnvironment,
+    /// Only `hmac_key_file` can provide it.
+    NotInEnvironment,
+}
+
+/// The coverage threshold and sample count below which verification is weaker than the
+/// defaults (a scrub may pass with non-zero samples, or fewer samples look at each block).
+const DEFAULT_COVERAGE: f64 = 0.999;
+const DEFAULT_SAMPLES: u32 = 64;
+
+/// The controls `config` turns off or weakens, in the order of the settings list.
+///
+/// The bar is the recommended production posture of a multi-tenant server, not the defaults
+/// (the log and the metrics are off by default, because they need paths only the operator
+/// knows): every check here is something an auditor or an on-call engineer would ask about.
+pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
+    let mut out = Vec::new();
+    let mut add =
+        |key: &'static str, value: String, risk: String| out.push(Weakened { key, value, risk });
+    if config.coverage_threshold < DEFAULT_COVERAGE {
+        add(
+            "coverage_threshold",
+            config.coverage_threshold.to_string(),
+            format!(
+                "below the default {DEFAULT_COVERAGE}: a scrub passes verification with up to \
+                 {:.1}% of its samples non-zero",
+                (1.0 - config.coverage_threshold) * 100.0
+            ),
+        );
+    }
+    if config.verify_samples < DEFAULT_SAMPLES && !config.full_verify {
+        add(
+            "verify_samples",
+            config.verify_samples.to_string(),
+            format!(
+                "fewer than the default {DEFAULT_SAMPLES} samples a block: a partly cleared \
+                 block is likelier to pass verification"
+            ),
+        );
+    }
+    if config.tenant_isolation == TenantIsolation::Off {
+        add(
+            "tenant_isolation",
+            "off".into(),
+            "a block one tenant freed is handed to another once its scrub verified: only the \
+             sampled verification stands between tenants (strict keeps each tenant's blocks \
+             its own)"
+                .into(),
+        );
+    }
+    match (config.kv_gate, config.kv_gate_scope) {
+        (KvGateMode::Off, _) => add(
+            "kv_gate",
+            "off".into(),
+            "KV blocks change owner unchecked: an engine path that frees blocks without \
+             kvh_scrub_blocks (preemption, abort, eviction) hands one request's keys and values \
+             to the next"
+                .into(),
+        ),
+        (_, KvGateScope::Tenant) => add(
+            "kv_gate_scope",
+            "tenant".into(),
+            "the eviction gate keeps tenants apart, not requests: one tenant's requests get \
+             each other's KV blocks without a scrub"
+                .into(),
+        ),
+        (_, KvGateScope::Request) => {}
+    }
+    log_weakened(config, hmac, &mut add);
+    if config.metrics.file.is_none() && config.metrics.addr.is_none() {
+        add(
+            "metrics_file",
+            "unset".into(),
+            "the process exports no metrics (neither metrics_file nor metrics_addr): kvh \
+             gate, readiness probes and alert rules cannot see a failed control"
+                .into(),
+        );
+    }
+    if !config.anomaly.enabled {
+        add(
+            "anomaly",
+            "off".into(),
+            "no anomaly detection: a tenant's burst of residue, failed verifications or \
+             invalid frees raises no anomaly record and no kvh_anomalies_total"
+                .into(),
+        );
+    }
+    out
+}
+
+/// The forensic log's part of [`weakened`].
+fn log_weakened(
+    config: &Config,
+    hmac: HmacSecret,
+    add: &mut impl FnMut(&'static str, String, String),
+) {
+    let log = &config.log;
+    if log.dir.is_none() {
+        add(
+            "log_dir",
+            "unset".into(),
+            "no forensic log: security events are counted but not recorded, and no evidence \
+             is left for an audit or an investigation"
+                .into(),
+        );
+        return;
+    }
+    if log.hmac_key_file.is_none() && hmac == HmacSecret::NotInEnvironment {
+        add(
+            "hmac_key_file",
+            "unset".into(),
+            format!(
+                "the log is hash-chained but not sealed (no hmac_key_file, no \
+                 {HMAC_SECRET_ENV}): whoever can write its directory can rewrite a chain \
+                 without detection"
+            ),
+        );
+    }
+    if log.signing_key_file.is_none() {
+        add(
+            "signing_key_file",
+            "unset".into(),
+            "no signed checkpoints: a truncated tail or a deleted log file goes unnoticed".into(),
+        );
+    }
+    if log.fsync == FsyncPolicy::Never {
+        add(
+            "log_fsync",
+            "never".into(),
+            "records wait in the page cache for as long as the kernel likes: a machine crash \
+             can lose the newest ones, security events included"
+                .into(),
+        );
+    }
+}
+
+/// What `kvh config` reports (its `--json` form).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `environment` (KVH_CONFIG's file, then KVH_* variables) or `file`.
+    pub origin: &'static str,
+    /// The TOML file read, if any.
+    pub file: Option<String>,
+    /// Whether `FORENSIC_HMAC_SECRET` is set (never its value); `false` with `--file`.
+    pub hmac_secret_in_environment: bool,
+    /// The `config_digest` a `start` record of a process with this policy carries.
+    pub config_digest: String,
+    pub settings: Vec<Setting>,
+    pub weakened: Vec<Weakened>,
+}
+
+/// Loads the policy as `args` asks and judges it.
+pub fn report(args: &ConfigArgs) -> Result<Report, String> {
+    let (origin, file, hmac, loaded) = match &args.file {
+        Some(path) => (
+            "file",
+            Some(path.display().to_string()),
+            HmacSecret::NotInEnvironment,
+            Config::explain_file(path),
+        ),
+        None => {
+            let vars = env_vars().map_err(|e| e.to_string())?;
+            let file = vars
+                .iter()
+                .find(|(k, v)| k == "KVH_CONFIG" && !v.is_empty())
+                .map(|(_, v)| v.clone());
+            let hmac = match std::env::var_os(HMAC_SECRET_ENV) {
+                Some(v) if !v.is_empty() => HmacSecret::InEnvironment,
+                _ => HmacSecret::NotInEnvironment,
+            };
+            ("environment", file, hmac, Config::explain(&vars))
+        }
+    };
+    let (config, settings) = loaded.map_err(|e| e.to_string())?;
+    Ok(Report {
+        origin,
+        file,
+        hmac_secret_in_environment: hmac == HmacSecret::InEnvironment,
+        config_digest: config_digest(&config.canonical_json()),
+        weakened: weakened(&config, hmac),
+        settings,
+    })
+}
+
+/// `kvh config`: prints the report; returns the exit code.
+pub fn run_config(args: &ConfigArgs) -> i32 {
+    let report = match report(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kvh config: invalid policy: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let text = if args.json {
+        // Plain data with derived impls: serialising cannot fail.
+        serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+    } else {
+        render(&report)
+    };
+    // A closed stdout (`kvh config | head`) is not worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    if args.strict && !report.weakened.is_empty() {
+        eprintln!(
+            "kvh config: {} control(s) off or weakened (--strict)",
+            report.weakened.len()
+        );
+        return EXIT_WEAKENED;
+    }
+    EXIT_OK
+}
+
+/// A setting's value as text: JSON strings unquoted, `null` as `unset`.
+fn shown(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "unset".into(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The text form of a report.
+fn render(r: &Report) -> String {
+    let mut out = match (r.origin, &r.file) {
+        ("file", Some(f)) => {
+            format!("kvh config: the policy of {f} alone (environment not read)\n")
+        }
+        (_, Some(f)) => format!(
+            "kvh config: the policy of this environment (KVH_CONFIG={f}, then KVH_* variables)\n"
+        ),
+        _ => "kvh config: the policy of this environment (KVH_* variables)\n".to_string(),
+    };
+    out += &format!(
+        "config digest: {} (the config_digest of the forensic log's start records)\n\n",
+        r.config_digest
+    );
+    let width = r.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
+    let values: Vec<String> = r.settings.iter().map(|s| shown(&s.value)).collect();
+    let vwidth = values.iter().map(String::len).max().unwrap_or(0).min(48);
+    for (s, value) in r.settings.iter().zip(&values) {
+        let source = match s.source {
+            Source::Default => "default",
+            Source::File => "file",
+            Source::Env => "env",
+        };
+        out += &format!("{:width$}  {value:vwidth$}  {source:7}  {}\n", s.key, s.env);
+    }
+    if r.weakened.is_empty() {
+        out += "\nweakened controls: none\n";
+    } else {
+        out += &format!("\nweakened controls ({}):\n", r.weakened.len());
+        for w in &r.weakened {
+            out += &format!("  {} = {}: {}\n", w.key, w.value, w.risk);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::vars;
+    use crate::config::{FailureMode, Source};
+
+    /// A policy that weakens nothing: the log sealed and checkpointed, metrics exported.
+    fn hardened() -> Vec<(String, String)> {
+        vars(&[
+            ("KVH_LOG_DIR", "/var/log/kvh"),
+            ("KVH_HMAC_KEY_FILE", "/run/keys/hmac.key"),
+            ("KVH_SIGNING_KEY_FILE", "/run/keys/ckpt.key"),
+            ("KVH_METRICS_FILE", "/run/kvh/kvh.prom"),
+        ])
+    }
+
+    fn keys_weakened(extra: &[(&str, &str)], hmac: HmacSecret) -> Vec<&'static str> {
+        let mut v = hardened();
+        v.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        v.extend(vars(extra));
+        let config = Config::from_vars(&v).unwrap();
+        weakened(&config, hmac).into_iter().map(|w| w.key).collect()
+    }
+
+    #[test]
+    fn a_hardened_policy_weakens_nothing() {
+        assert!(keys_weakened(&[], HmacSecret::NotInEnvironment).is_empty());
+        // Stronger than the defaults is not weaker.
+        let stronger = [
+            ("KVH_COVERAGE_THRESHOLD", "1"),
+            ("KVH_VERIFY_SAMPLES", "1024"),
+            ("KVH_KV_GATE", "enforce"),
+            ("KVH_FAILURE_MODE", "abort"),
+            ("KVH_LOG_FSYNC", "always"),
+        ];
+        assert!(keys_weakened(&stronger, HmacSecret::NotInEnvironment).is_empty());
+    }
+
+    #[test]
+    fn the_defaults_weaken_the_log_and_the_metrics_only() {
+        let config = Config::default();
+        assert_eq!(config.failure_mode, FailureMode::Quarantine);
+        let keys: Vec<_> = weakened(&config, HmacSecret::NotInEnvironment)
+            .into_iter()
+            .map(|w| w.key)
+            .collect();
+        assert_eq!(keys, ["log_dir", "metrics_file"]);
+    }
+
+    #[test]
+    fn each_weakening_is_named_by_its_key() {
+        // (variables on top of the hardened policy, keys weakened)
+        type Case = (
+            &'static [(&'static str, &'static str)],
+            &'static [&'static str],
+        );
+        let cases: &[Case] = &[
+            (
+                &[("KVH_COVERAGE_THRESHOLD", "0.9")],
+                &["coverage_threshold"],
+            ),
+            (&[("KVH_VERIFY_SAMPLES", "8")], &["verify_samples"]),
+            // Every word is read: the sample count no longer matters.
+            (
+                &[("KVH_VERIFY_SAMPLES", "8"), ("KVH_FULL_VERIFY", "yes")],
+                &[],
+            ),
+            (&[("KVH_TENANT_ISOLATION", "off")], &["tenant_isolation"]),
+            (&[("KVH_KV_GATE", "off")], &["kv_gate"]),
+            // With the gate off, its scope is moot: one finding, not two.
+            (
+                &[("KVH_KV_GATE", "off"), ("KVH_KV_GATE_SCOPE", "tenant")],
+                &["kv_gate"],
+            ),
+            (&[("KVH_KV_GATE_SCOPE", "tenant")], &["kv_gate_scope"]),
+            (&[("KVH_LOG_FSYNC", "never")], &["log_fsync"]),
+            (&[("KVH_ANOMALY", "off")], &["anomaly"]),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(
+                keys_weakened(extra, HmacSecret::NotInEnvironment),
+                *want,
+                "{extra:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_keys_are_judged_only_with_a_log() {
+        let mut v = hardened();
+        v.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+        let config = Config::from_vars(&v).unwrap();
+        let keys =
+            |hmac| -> Vec<_> { weakened(&config, hmac).into_iter().map(|w| w.key).collect() };
+        assert_eq!(keys(HmacSecret::NotInEnvironment), ["hmac_key_file"]);
+        assert!(keys(HmacSecret::InEnvironment).is_empty());
+
+        let mut v = hardened();
+        v.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+        let config = Config::from_vars(&v).unwrap();
+        let keys: Vec<_> = weakened(&config, HmacSecret::NotInEnvironment)
+            .into_iter()
+            .map(|w| w.key)
+            .collect();
+        assert_eq!(keys, ["signing_key_file"]);
+
+        // No log at all: one finding, not one a missing key.
+        let config = Config::from_vars(&vars(&[("KVH_METRICS_ADDR", "127.0.0.1:9464")])).unwrap();
+        let keys: Vec<_> = weakened(&config, HmacSecret::NotInEnvironment)
+            .into_iter()
+            .map(|w| w.key)
+            .collect();
+        assert_eq!(keys, ["log_dir"]);
+    }
+
+    #[test]
+    fn the_coverage_risk_says_how_many_samples_may_be_dirty() {
+        let config = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHOLD", "0.95")])).unwrap();
+        let w = weakened(&config, HmacSecret::NotInEnvironment);
+        assert!(w[0].risk.contains("5.0%"), "{}", w[0].risk);
+        assert_eq!(w[0].value, "0.95");
+    }
+
+    #[test]
+    fn sources_are_env_over_file_over_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(&path, "batch_size = 8\nlog_dir = \"/from/file\"\n").unwrap();
+        let (config, settings) = Config::explain(&vars(&[
+            ("KVH_CONFIG", path.to_str().unwrap()),
+            ("KVH_LOG_DIR", "/from/env"),
+        ]))
+        .unwrap();
+        let find = |k: &str| settings.iter().find(|s| s.key == k).unwrap().clone();
+        assert_eq!(find("batch_size").source, Source::File);
+        assert_eq!(find("batch_size").value, serde_json::json!(8));
+        assert_eq!(find("log_dir").source, Source::Env);
+        assert_eq!(find("log_dir").value, serde_json::json!("/from/env"));
+        assert_eq!(find("backend").source, Source::Default);
+        assert_eq!(find("log_dir").env, "KVH_LOG_DIR");
+        assert_eq!(config.batch_size, 8);
+
+        let (_, alone) = Config::explain_file(&path).unwrap();
+        let log_dir = alone.iter().find(|s| s.key == "log_dir").unwrap();
+        assert_eq!(
+            (log_dir.source, &log_dir.value),
+            (Source::File, &serde_json::json!("/from/file"))
+        );
+    }
+
+    #[test]
+    fn a_file_alone_is_refused_for_what_the_library_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(&path, "log_dir = \"/l\"\ncheckpoint_dir = \"/c\"\n").unwrap();
+        let err = Config::explain_file(&path).unwrap_err().to_string();
+        assert!(err.contains("signing_key_file"), "{err}");
+    }
+
+    #[test]
+    fn the_digest_is_the_start_records() {
+        let config = Config::from_vars(&hardened()).unwrap();
+        let start = crate::forensic::StartInfo::current(config.canonical_json());
+        assert_eq!(
+            start.config_digest(),
+            config_digest(&config.canonical_json())
+        );
+        assert_eq!(start.config_digest().len(), 64);
+        // A different policy, a different digest.
+        let other = Config::from_vars(&vars(&[("KVH_BATCH_SIZE", "8")])).unwrap();
+        assert_ne!(
+            config_digest(&other.canonical_json()),
+            start.config_digest()
+        );
+    }
+
+    #[test]
+    fn text_lists_every_key_and_each_weakening() {
+        let (config, settings) = Config::explain(&vars(&[("KVH_KV_GATE", "off")])).unwrap();
+        let r = Report {
+            origin: "environment",
+            file: None,
+            hmac_secret_in_environment: false,
+            config_digest: config_digest(&config.canonical_json()),
+            weakened: weakened(&config, HmacSecret::NotInEnvironment),
+            settings,
+        };
+        let text = render(&r);
+        for (key, env, _) in Config::keys() {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(key) && l.ends_with(&env)),
+                "{key} missing:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("  kv_gate = off: KV blocks change owner unchecked"),
+            "{text}"
+        );
+        assert!(text.contains("weakened controls (3):"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("log_dir ") && l.contains(" unset ")),
+            "{text}"
+        );
+    }
+}

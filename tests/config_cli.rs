@@ -1,0 +1,261 @@
+//! `kvh config`, run as the built binary: the policy of an environment or of a file, its exit
+//! codes (0 valid, 1 weakened with --strict, 2 invalid), and its digest against the
+//! `config_digest` of a real process's `start` record.
+
+#[path = "cli_common/mod.rs"]
+mod cli_common;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+
+use cli_common::{kvh, run};
+use serde_json::Value;
+
+/// `kvh config ARGS` with no `KVH_*` variable and no HMAC secret from the test's environment.
+fn config(args: &[&str]) -> Command {
+    let mut c = kvh();
+    c.env_remove("FORENSIC_HMAC_SECRET")
+        .arg("config")
+        .args(args);
+    c
+}
+
+/// The variables of a policy that weakens nothing (no file is opened by `kvh config`).
+const HARDENED: &[(&str, &str)] = &[
+    ("KVH_LOG_DIR", "/var/log/kvh"),
+    ("KVH_HMAC_KEY_FILE", "/run/keys/hmac.key"),
+    ("KVH_SIGNING_KEY_FILE", "/run/keys/ckpt.key"),
+    ("KVH_METRICS_FILE", "/run/kvh/kvh.prom"),
+];
+
+fn json_of(cmd: &mut Command) -> Value {
+    let (code, out, err) = run(cmd.arg("--json"));
+    assert_eq!(code, 0, "{out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+fn weakened_keys(report: &Value) -> Vec<String> {
+    report["weakened"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_valid_policy_exits_0_and_strict_exits_1_only_when_a_control_is_weakened() {
+    let (code, out, err) = run(&mut config(&[]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("weakened controls (2):"), "{out}");
+
+    let (code, out, err) = run(&mut config(&["--strict"]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("2 control(s) off or weakened"), "{err}");
+    assert!(out.contains("log_dir = unset: no forensic log"), "{out}");
+
+    let (code, out, err) = run(config(&["--strict"]).envs(HARDENED.iter().copied()));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("weakened controls: none"), "{out}");
+
+    let (code, out, err) = run(config(&["--strict"])
+        .envs(HARDENED.iter().copied())
+        .env("KVH_TENANT_ISOLATION", "off"));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("tenant_isolation = off:"), "{out}");
+}
+
+#[test]
+fn an_invalid_policy_exits_2_naming_the_key() {
+    for (name, value) in [
+        ("KVH_BATCH_SIZE", "0"),
+        ("KVH_COVERAGE_TRESHOLD", "0.5"),
+        ("KVH_KV_GATE", "warn"),
+    ] {
+        let (code, out, err) = run(config(&[]).env(name, value));
+        assert_eq!(code, 2, "{name}={value}: {out}{err}");
+        assert!(err.contains(name), "{name}: {err}");
+        assert!(out.is_empty(), "an invalid policy printed a report: {out}");
+    }
+    // Keys valid one by one that the library refuses together.
+    let (code, _, err) = run(config(&[])
+        .env("KVH_LOG_DIR", "/l")
+        .env("KVH_CHECKPOINT_DIR", "/c"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("KVH_SIGNING_KEY_FILE"), "{err}");
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_is_refused_by_kvh_config_and_by_the_library() {
+    let not_utf8 = OsStr::from_bytes(b"/var/log/kvh-\xff");
+    let (code, _, err) = run(config(&[]).env("KVH_LOG_DIR", not_utf8));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("KVH_LOG_DIR") && err.contains("UTF-8"),
+        "{err}"
+    );
+    // The library's own start reads the policy the same way: no log would be no evidence.
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1"])
+        .env("KVH_LOG_DIR", not_utf8));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("KVH_LOG_DIR"), "{err}");
+}
+
+#[test]
+fn the_digest_is_the_config_digest_of_a_processs_start_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let env = [
+        ("KVH_LOG_DIR", log.to_str().unwrap()),
+        ("KVH_BATCH_SIZE", "8"),
+        ("KVH_BACKEND", "host"),
+    ];
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--decode-tokens",
+            "16",
+        ])
+        .envs(env));
+    assert_eq!(code, 0, "{out}{err}");
+    let started = start_digests(&log);
+    assert_eq!(started.len(), 1, "{started:?}");
+
+    let report = json_of(config(&[]).envs(env));
+    assert_eq!(report["config_digest"].as_str(), Some(started[0].as_str()));
+    // Another policy, another digest.
+    let other = json_of(config(&[]).envs(env).env("KVH_BATCH_SIZE", "9"));
+    assert_ne!(other["config_digest"], report["config_digest"]);
+}
+
+/// The `config_digest` of every `start` record in the log directory.
+fn start_digests(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(OsStr::to_str) != Some("jsonl") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let record: Value = serde_json::from_str(line).unwrap();
+            if record["kind"] == "start" {
+                out.push(record["config_digest"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sources_and_values_follow_the_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "batch_size = 8\nkv_gate = \"enforce\"\n").unwrap();
+    let report = json_of(
+        config(&[])
+            .env("KVH_CONFIG", &file)
+            .env("KVH_KV_GATE", "off"),
+    );
+    assert_eq!(report["origin"], "environment");
+    assert_eq!(report["file"].as_str(), file.to_str());
+    let settings = report["settings"].as_array().unwrap();
+    assert_eq!(settings.len(), kvhygiene::config::Config::keys().count());
+    let setting = |k: &str| settings.iter().find(|s| s["key"] == k).unwrap().clone();
+    assert_eq!(setting("batch_size")["source"], "file");
+    assert_eq!(setting("batch_size")["value"], 8);
+    assert_eq!(setting("kv_gate")["source"], "env");
+    assert_eq!(setting("kv_gate")["value"], "off");
+    assert_eq!(setting("double_pass")["source"], "default");
+    assert_eq!(
+        weakened_keys(&report),
+        ["kv_gate", "log_dir", "metrics_file"]
+    );
+}
+
+#[test]
+fn file_alone_ignores_the_environment_and_names_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "kv_gate = \"enforce\"\n").unwrap();
+    let f = file.to_str().unwrap();
+    // An invalid variable does not matter: only the file is read.
+    let report = json_of(
+        config(&["--file", f])
+            .env("KVH_BATCH_SIZE", "0")
+            .env("FORENSIC_HMAC_SECRET", "x".repeat(64)),
+    );
+    assert_eq!(report["origin"], "file");
+    assert_eq!(report["hmac_secret_in_environment"], false);
+    let kv_gate = &report["settings"][11];
+    assert_eq!(
+        (&kv_gate["key"], &kv_gate["source"]),
+        (&"kv_gate".into(), &"file".into())
+    );
+    // Its digest is a process's whose only setting is KVH_CONFIG naming the file.
+    let via_env = json_of(config(&[]).env("KVH_CONFIG", &file));
+    assert_eq!(report["config_digest"], via_env["config_digest"]);
+
+    std::fs::write(&file, "kv_gate = \"enforce\"\nbatch_size = [1]\n").unwrap();
+    let (code, _, err) = run(&mut config(&["--file", f]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("batch_size") && err.contains(f), "{err}");
+
+    std::fs::write(&file, "kv_gate = enforce\n").unwrap();
+    let (code, _, err) = run(&mut config(&["--file", f]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 1"), "{err}");
+
+    let missing = dir.path().join("missing.toml");
+    let (code, _, err) = run(&mut config(&["--file", missing.to_str().unwrap()]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+#[test]
+fn the_hmac_secret_counts_when_set_and_is_never_printed() {
+    let secret = "5ecret-".repeat(10);
+    let without_key: Vec<_> = HARDENED
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "KVH_HMAC_KEY_FILE")
+        .collect();
+    let report = json_of(config(&[]).envs(without_key.iter().copied()));
+    assert_eq!(weakened_keys(&report), ["hmac_key_file"]);
+
+    for json in [false, true] {
+        let mut cmd = config(&["--strict"]);
+        cmd.envs(without_key.iter().copied())
+            .env("FORENSIC_HMAC_SECRET", &secret);
+        if json {
+            cmd.arg("--json");
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            !out.contains(&secret) && !err.contains(&secret),
+            "the secret was printed"
+        );
+    }
+}
+
+#[test]
+fn help_teaches_the_exit_codes_and_the_checks() {
+    let (code, out, _) = run(&mut config(&["--help"]));
+    assert_eq!(code, 0);
+    for needle in [
+        "--strict",
+        "--file",
+        "config_digest",
+        "Exit status",
+        "kv_gate=off",
+    ] {
+        assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
+    }
+}
