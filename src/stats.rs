@@ -176,6 +176,10 @@ pub struct Stats {
     /// Set by the embedding layer: the anomaly detector's counters (`crate::anomaly`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anomaly: Option<serde_json::Value>,
+    /// Set by the embedding layer: the digest of the policy the process runs with, as its
+    /// forensic log's `start` record carries it (`crate::forensic::config_digest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
 }
 
 impl Stats {
@@ -215,6 +219,7 @@ impl Stats {
             last_async_error,
             log: None,
             anomaly: None,
+            config_digest: None,
         }
     }
 

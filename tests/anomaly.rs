@@ -286,6 +286,7 @@ fn evidence_args(dir: &Path, key_file: &Path) -> EvidenceArgs {
             json: false,
         },
         max_exceptions: 200,
+        approved_config: Vec::new(),
     }
 }
 

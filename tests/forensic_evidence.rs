@@ -448,6 +448,7 @@ mod crafted_values {
                     json: false,
                 },
                 max_exceptions: 200,
+                approved_config: Vec::new(),
             };
             // Whether the report is built (the log verified) or refused, nothing panics.
             if let Ok(ev) = collect(&args) {
@@ -456,4 +457,137 @@ mod crafted_values {
             }
         }
     }
+}
+
+/// A short demo run on the host backend whose policy is `envs` plus `KVH_LOG_DIR=dir`.
+fn policy_run(dir: &Path, envs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut all = vec![
+        ("KVH_LOG_DIR".to_string(), dir.to_str().unwrap().to_string()),
+        ("KVH_BACKEND".to_string(), "host".to_string()),
+    ];
+    all.extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let pairs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = kvh(&["demo", "--tenants", "1", "--requests", "2"], &pairs);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    all
+}
+
+/// `kvh config --json`'s digest under the variables `envs`.
+fn digest_of(envs: &[(String, String)]) -> String {
+    let pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = kvh(&["config", "--json"], &pairs);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["config_digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn approved_configs_split_the_processes_by_the_policy_they_ran() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let reviewed = policy_run(&dir, &[("KVH_BATCH_SIZE", "8")]);
+    let other = policy_run(&dir, &[("KVH_BATCH_SIZE", "9")]);
+    let (reviewed, other) = (digest_of(&reviewed), digest_of(&other));
+    assert_ne!(reviewed, other);
+
+    let (code, v) = evidence_json(&dir, &["--approved-config", &reviewed.to_uppercase()]);
+    assert_eq!(code, Some(0), "{v}");
+    let policy = &v["policy"];
+    assert_eq!(policy["approved"], serde_json::json!([reviewed]));
+    assert_eq!(policy["processes_approved"], 1);
+    let unapproved = policy["unapproved"].as_array().unwrap();
+    assert_eq!(unapproved.len(), 1, "{policy}");
+    assert_eq!(
+        unapproved[0]["config_digest"].as_str(),
+        Some(other.as_str())
+    );
+
+    // The same policy as a reviewed file: the digest depends on the values, not their source.
+    let file = tmp.path().join("reviewed.toml");
+    let toml = format!(
+        "log_dir = \"{}\"\nbackend = \"host\"\nbatch_size = 8\n",
+        dir.display()
+    );
+    std::fs::write(&file, toml).unwrap();
+    let (code, v) = evidence_json(&dir, &["--approved-config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["policy"]["approved"], serde_json::json!([reviewed]));
+    assert_eq!(v["policy"]["processes_approved"], 1);
+
+    // Both approved: no process is listed; without the option, no policy section at all.
+    let (_, v) = evidence_json(
+        &dir,
+        &["--approved-config", &reviewed, "--approved-config", &other],
+    );
+    assert_eq!(v["policy"]["processes_approved"], 2);
+    assert_eq!(v["policy"]["unapproved"], serde_json::json!([]));
+    let (_, v) = evidence_json(&dir, &[]);
+    assert!(v.get("policy").is_none(), "{v}");
+
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--approved-config",
+            &reviewed,
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Policy: 1 of 2 processes ran an approved policy"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("`{other}`")), "{text}");
+}
+
+#[test]
+fn an_approved_config_that_is_neither_digest_nor_policy_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    policy_run(&dir, &[]);
+    let bad_file = tmp.path().join("bad.toml");
+    std::fs::write(&bad_file, "batch_size = 0\n").unwrap();
+    for value in [
+        "abc123",
+        "g".repeat(64).as_str(),
+        bad_file.to_str().unwrap(),
+    ] {
+        let out = kvh(
+            &[
+                "evidence",
+                dir.to_str().unwrap(),
+                "--approved-config",
+                value,
+            ],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {err}");
+        assert!(
+            err.contains("--approved-config") && err.contains(value),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "a report was written for {value}");
+    }
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--approved-config",
+            bad_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch_size"));
 }

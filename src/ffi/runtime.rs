@@ -36,6 +36,8 @@ pub(crate) struct Runtime {
     /// The process that started the allocator. A forked child inherits the runtime with
     /// this pid; the exit paths compare it with their own to leave the inherited pools alone.
     pub pid: u32,
+    /// The policy's digest, as the log's `start` record carries it.
+    pub config_digest: Arc<str>,
 }
 
 impl Runtime {
@@ -44,23 +46,26 @@ impl Runtime {
             &self.allocator,
             self.log.as_deref(),
             self.anomaly.as_deref(),
+            &self.config_digest,
         )
         .to_json()
     }
 }
 
-/// The allocator's statistics with the forensic log's and the anomaly detector's merged in
-/// (`kvh_stats_json`).
+/// The allocator's statistics with the forensic log's and the anomaly detector's merged in,
+/// and the policy's digest (`kvh_stats_json`).
 fn snapshot(
     allocator: &Allocator,
     log: Option<&ForensicLog>,
     anomaly: Option<&AnomalySink>,
+    config_digest: &str,
 ) -> Stats {
     let mut stats = allocator.stats();
     let log = log.map_or_else(LogStats::disabled, |l| l.stats());
     stats.log = serde_json::to_value(log).ok();
     let anomaly = anomaly.map_or_else(AnomalyStats::disabled, |a| a.stats());
     stats.anomaly = serde_json::to_value(anomaly).ok();
+    stats.config_digest = Some(config_digest.to_string());
     stats
 }
 
@@ -114,6 +119,7 @@ fn try_start() -> Result<Runtime, StartError> {
     // The log opens first: a process configured to keep evidence must not serve memory
     // without it.
     let start = StartInfo::current(config.canonical_json());
+    let config_digest: Arc<str> = start.config_digest().into();
     let log = ForensicLog::open(&config.log, start).map_err(|e| StartError::Log(e.to_string()))?;
     if log.is_none() {
         // Once per process: an operator who meant to keep evidence learns at start that none
@@ -140,10 +146,15 @@ fn try_start() -> Result<Runtime, StartError> {
     if let Some(log) = &log {
         spawn_summaries(allocator.clone(), log.clone(), summary_every);
     }
-    let (a, l, d) = (allocator.clone(), log.clone(), anomaly.clone());
+    let (a, l, d, c) = (
+        allocator.clone(),
+        log.clone(),
+        anomaly.clone(),
+        config_digest.clone(),
+    );
     let metrics = Exporter::start(
         &metrics_config,
-        Arc::new(move || snapshot(&a, l.as_deref(), d.as_deref())),
+        Arc::new(move || snapshot(&a, l.as_deref(), d.as_deref(), &c)),
     );
     Ok(Runtime {
         allocator,
@@ -151,6 +162,7 @@ fn try_start() -> Result<Runtime, StartError> {
         anomaly,
         metrics,
         pid: std::process::id(),
+        config_digest,
     })
 }
 

@@ -16,8 +16,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
-use super::files;
 use super::verify::{rfc3339, verify_all, Report};
+use super::{config_digest, files};
+use crate::config::Config;
 
 /// `kvh evidence`: arguments.
 #[derive(Clone, Debug, clap::Args)]
@@ -27,6 +28,11 @@ pub struct EvidenceArgs {
     /// Exceptions listed one by one (all are counted).
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub max_exceptions: usize,
+    /// A reviewed policy: its digest (64 hex digits, as `kvh config` prints it) or its TOML
+    /// file (digested as `kvh config --file` does). Repeatable. The report then lists every
+    /// process whose start record carries another digest.
+    #[arg(long, value_name = "DIGEST|FILE")]
+    pub approved_config: Vec<String>,
 }
 
 /// Envelope fields of every record; the rest are the kind's own.
@@ -86,6 +92,20 @@ pub struct Evidence {
     /// Records failed writes lost: per process, its `stop` record's total, or without one the
     /// sum of its `lost` records.
     pub records_lost: u64,
+    /// With `--approved-config`: which processes ran a reviewed policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyCheck>,
+}
+
+/// The processes' policies against the reviewed ones (`--approved-config`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PolicyCheck {
+    /// The approved digests, as given or computed from the files.
+    pub approved: Vec<String>,
+    /// Processes whose `start` (or `recovery`) record carries an approved digest.
+    pub processes_approved: u64,
+    /// The others: another digest, or none.
+    pub unapproved: Vec<Process>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -196,6 +216,7 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
             dir.display()
         ));
     }
+    let approved = approved_digests(&args.approved_config)?;
     let mut ev = Evidence {
         log_dir: dir.display().to_string(),
         generated_at: rfc3339(now_ns()),
@@ -228,6 +249,9 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         .first_ts
         .zip(tally.last_ts)
         .map(|(a, b)| (rfc3339(a), rfc3339(b)));
+    if !approved.is_empty() {
+        ev.policy = Some(check_policies(&ev.processes, approved));
+    }
     let again = verify_all(dir, &opts).map_err(|e| e.to_string())?;
     for changed in changed_chains(&report, &again) {
         ev.integrity.verified = false;
@@ -237,6 +261,47 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         ));
     }
     Ok(ev)
+}
+
+/// The digests `--approved-config` names: each value a digest, or a policy file's digest.
+fn approved_digests(values: &[String]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::with_capacity(values.len());
+    for v in values {
+        let digest = if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            v.to_ascii_lowercase()
+        } else {
+            let (config, _) = Config::explain_file(Path::new(v)).map_err(|e| {
+                format!(
+                    "--approved-config {v}: neither a digest (64 hex digits) nor a valid \
+                     policy file: {e}"
+                )
+            })?;
+            config_digest(&config.canonical_json())
+        };
+        if !out.contains(&digest) {
+            out.push(digest);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits the processes into those that ran an approved policy and the others.
+fn check_policies(processes: &[Process], approved: Vec<String>) -> PolicyCheck {
+    let is_approved = |p: &Process| {
+        p.config_digest
+            .as_deref()
+            .is_some_and(|d| approved.iter().any(|a| a == d))
+    };
+    let unapproved: Vec<Process> = processes
+        .iter()
+        .filter(|p| !is_approved(p))
+        .cloned()
+        .collect();
+    PolicyCheck {
+        processes_approved: (processes.len() - unapproved.len()) as u64,
+        approved,
+        unapproved,
+    }
 }
 
 /// Chains whose verification differs between two runs: records, last seq, files or verdict.
@@ -534,6 +599,40 @@ fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
 }
 
 /// The report as Markdown. Everything taken from the log goes through [`cell`].
+/// The `--approved-config` part of the Coverage section.
+fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
+    push(String::new());
+    let total = policy.processes_approved as usize + policy.unapproved.len();
+    push(format!(
+        "Policy: {} of {total} processes ran an approved policy (config digest {}).",
+        policy.processes_approved,
+        policy
+            .approved
+            .iter()
+            .map(|d| format!("`{d}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if policy.unapproved.is_empty() {
+        return;
+    }
+    push(String::new());
+    push("| chain | host | pid | started | config digest (not approved) |".into());
+    push("| --- | --- | --- | --- | --- |".into());
+    for p in &policy.unapproved {
+        push(format!(
+            "| {} | {} | {} | {} | {} |",
+            cell(&p.chain),
+            cell_or_dash(p.host.as_deref()),
+            p.pid.map_or_else(|| "-".into(), |n| n.to_string()),
+            cell_or_dash(p.started.as_deref()),
+            p.config_digest
+                .as_deref()
+                .map_or_else(|| "none recorded".into(), |d| format!("`{}`", cell(d)))
+        ));
+    }
+}
+
 pub fn render(ev: &Evidence) -> String {
     let mut s = String::new();
     let mut push = |line: String| {
@@ -619,6 +718,9 @@ pub fn render(ev: &Evidence) -> String {
                 ""
             }
         ));
+    }
+    if let Some(policy) = &ev.policy {
+        render_policy(policy, &mut push);
     }
     push(String::new());
     push("## Activity".into());
@@ -729,6 +831,13 @@ pub fn render(ev: &Evidence) -> String {
          bursts and surges of them per tenant are flagged as `anomaly` records."
             .into(),
     );
+    if ev.policy.is_some() {
+        push(
+            "- SOC 2 CC8.1 (changes are authorised): each process's policy digest, from its \
+             `start` record, against the reviewed policies given; see Policy above."
+                .into(),
+        );
+    }
     s
 }
 

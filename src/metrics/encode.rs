@@ -737,11 +737,17 @@ fn encode_document_labelled(
     };
     let version = doc.get("version").and_then(Value::as_str).unwrap_or("");
     let backend = doc.get("backend").and_then(Value::as_str).unwrap_or("");
+    let mut info = vec![("version", version), ("backend", backend)];
+    // Processes of one deployment that report different digests run different policies.
+    if let Some(digest) = doc.get("config_digest").and_then(Value::as_str) {
+        info.push(("config_digest", digest));
+    }
     fams.add(
         BUILD_INFO,
         Kind::Gauge,
-        "kvhygiene version and memory backend of this process (value 1).",
-        &[("version", version), ("backend", backend)],
+        "kvhygiene version, memory backend and policy digest (config_digest, as the forensic \
+         log's start record carries it) of this process (value 1).",
+        &info,
         "1".into(),
     );
     let secs = at
@@ -969,6 +975,21 @@ mod tests {
                 s.labels
             );
         }
+    }
+
+    #[test]
+    fn build_info_carries_the_policy_digest_when_the_runtime_set_it() {
+        let mut stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
+        let without = parse(&encode(&stats, &ExporterStats::default(), at())).unwrap();
+        assert_eq!(
+            without.sample(BUILD_INFO).unwrap().label("config_digest"),
+            None
+        );
+        stats.config_digest = Some("ab".repeat(32));
+        let with = parse(&encode(&stats, &ExporterStats::default(), at())).unwrap();
+        let info = with.sample(BUILD_INFO).unwrap();
+        assert_eq!(info.label("config_digest"), Some("ab".repeat(32).as_str()));
+        assert_eq!(info.label("backend"), Some("host"));
     }
 
     #[test]

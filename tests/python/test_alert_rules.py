@@ -17,6 +17,8 @@ from test_c_abi import ROOT, run_child
 RULES = ROOT / "deploy" / "prometheus" / "kvhygiene-rules.yaml"
 RUNBOOK = ROOT / "docs" / "operations.md"
 SEVERITIES = {"critical", "warning"}
+# Labels Prometheus adds to every series at scrape time (the target's), not the library.
+SCRAPE_LABELS = {"instance", "job"}
 # Sections of the runbook that are not an alert's.
 GENERAL_SECTIONS = {"signals", "during-an-incident-in-this-order"}
 
@@ -97,11 +99,12 @@ def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
             for key, value in re.findall(r'(\w+)="([^"]*)"', matchers):
                 values = {labels.get(key) for labels in exported[name]}
                 assert value in values, f"{a['alert']}: {name}{{{key}={value!r}}} is not exported ({values})"
-        for label in re.findall(r"\$labels\.(\w+)", str(a["annotations"])):
-            if label == "instance":
-                continue  # added by Prometheus at scrape time
-            metric = re.search(r"kvh_[a-z0-9_]+", a["expr"]).group(0)
-            if anomaly_off and metric == "kvh_anomalies_total":
+        metric = re.search(r"kvh_[a-z0-9_]+", a["expr"]).group(0)
+        if anomaly_off and metric == "kvh_anomalies_total":
+            continue
+        grouped = [g.strip() for by in re.findall(r"\bby\s*\(([^)]*)\)", a["expr"]) for g in by.split(",")]
+        for label in re.findall(r"\$labels\.(\w+)", str(a["annotations"])) + grouped:
+            if label in SCRAPE_LABELS:
                 continue
             assert all(label in labels for labels in exported[metric]), f"{a['alert']}: no label {label}"
 

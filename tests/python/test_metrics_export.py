@@ -169,3 +169,31 @@ def test_pid_in_the_file_name_gives_a_file_per_process_with_a_pid_label(tmp_path
     assert sample(text, f'kvh_allocations_total{{pid="{pid}"}}') == 1
     samples = [l for l in text.splitlines() if l and not l.startswith("#")]
     assert samples and all(l.split("{", 1)[1].startswith(f'pid="{pid}"') for l in samples), text
+
+
+def test_build_info_carries_the_policy_digest_of_the_start_record_and_kvh_config(tmp_path):
+    import json
+
+    prom, log = tmp_path / "kvh.prom", tmp_path / "log"
+    env = {"KVH_METRICS_FILE": str(prom), "KVH_LOG_DIR": str(log), "KVH_BATCH_SIZE": "16"}
+    out = run_child(
+        """
+        assert lib.kvh_synchronize() == 0  # starts the runtime
+        out["stats"] = stats()
+        lib.kvh_shutdown()
+        """,
+        **env,
+    )
+    m = re.search(r'^kvh_build_info\{[^}]*config_digest="([0-9a-f]{64})"[^}]*\} 1$', prom.read_text(), re.M)
+    assert m, prom.read_text()
+    digest = m.group(1)
+    assert out["stats"]["config_digest"] == digest
+    starts = [json.loads(l) for f in log.glob("kvh-*.jsonl") for l in f.read_text().splitlines()]
+    assert [r["config_digest"] for r in starts if r["kind"] == "start"] == [digest]
+    # `kvh config` in the same environment names the same digest (run_child's fixed variables
+    # included: they are part of the policy).
+    child_env = {"KVH_BACKEND": "host", "KVH_OOM": "null", "KVH_BATCH_MAX_DELAY_US": "100", **env}
+    cfg = subprocess.run([kvh_binary(), "config", "--json"], env={"PATH": "/usr/bin:/bin", **child_env},
+                         capture_output=True, text=True)
+    assert cfg.returncode == 0, cfg.stderr
+    assert json.loads(cfg.stdout)["config_digest"] == digest
