@@ -82,6 +82,10 @@ pub struct GateArgs {
     /// against, which detects a truncated log and deleted files.
     #[arg(long, value_name = "FILE", requires = "public_key")]
     pub checkpoint: Option<PathBuf>,
+    /// With --log-dir: accept chains whose oldest files `kvh prune-log` moved away (as
+    /// `verify-log --allow-pruned`); without it, a pruned log evicts.
+    #[arg(long, requires = "log_dir")]
+    pub allow_pruned: bool,
     /// Evict on an anomaly of any signal, not only of those that mean the control failed
     /// (verify_failed, residue, quarantine): also on bursts of caller bugs the allocator
     /// refused without harm (invalid frees, size mismatches, TTL breaches, policy violations).
@@ -332,6 +336,8 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
         key_file: args.key_file.clone(),
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
+        allow_pruned: args.allow_pruned,
+        archive_dir: Vec::new(),
         json: false,
     };
     let opts = log_cli::options(&verify_args)?;

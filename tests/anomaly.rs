@@ -283,6 +283,8 @@ fn evidence_args(dir: &Path, key_file: &Path) -> EvidenceArgs {
             key_file: Some(key_file.to_path_buf()),
             public_key: None,
             checkpoint: None,
+            allow_pruned: false,
+            archive_dir: Vec::new(),
             json: false,
         },
         max_exceptions: 200,

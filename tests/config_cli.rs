@@ -259,3 +259,52 @@ fn help_teaches_the_exit_codes_and_the_checks() {
         assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
     }
 }
+
+#[test]
+fn kvh_preload_is_judged_as_the_interposers_read_it() {
+    let (code, out, err) = run(config(&["--strict"])
+        .envs(HARDENED.iter().copied())
+        .env("KVH_PRELOAD", " Off "));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("KVH_PRELOAD = off:"), "{out}");
+    let (code, out, err) = run(config(&["--strict"])
+        .envs(HARDENED.iter().copied())
+        .env("KVH_PRELOAD", "on"));
+    assert_eq!(code, 0, "{out}{err}");
+    // A value the interposers refuse (they would fail every allocation) is an invalid policy.
+    for bad in ["of", "", "yes"] {
+        let (code, out, err) = run(config(&[]).env("KVH_PRELOAD", bad));
+        assert_eq!(code, 2, "{bad:?}: {out}{err}");
+        assert!(err.contains("KVH_PRELOAD"), "{err}");
+    }
+    let (code, _, err) = run(config(&[]).env("KVH_PRELOAD", OsStr::from_bytes(b"o\xffn")));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn an_hmac_secret_the_library_would_refuse_is_an_invalid_policy() {
+    for short in ["", "short"] {
+        let (code, out, err) = run(config(&[])
+            .envs(HARDENED.iter().copied())
+            .env("FORENSIC_HMAC_SECRET", short));
+        assert_eq!(code, 2, "{short:?}: {out}{err}");
+        assert!(err.contains(&format!("is {} bytes", short.len())), "{err}");
+        // The library agrees: the demo opens the log as the runtime does.
+        let dir = tempfile::tempdir().unwrap();
+        let (code, _, err) = run(kvh()
+            .args(["demo", "--tenants", "1", "--requests", "1"])
+            .env("KVH_LOG_DIR", dir.path().join("log"))
+            .env("FORENSIC_HMAC_SECRET", short));
+        assert_eq!(code, 2, "{err}");
+    }
+    // Without a log the secret is never read.
+    let (code, out, err) = run(config(&[]).env("FORENSIC_HMAC_SECRET", "short"));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn variables_of_other_readers_need_not_be_utf8() {
+    let (code, out, err) =
+        run(config(&[]).env("KVH_LIBRARY", OsStr::from_bytes(b"/opt/\xff/lib.so")));
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -445,6 +445,8 @@ mod crafted_values {
                     key_file: None,
                     public_key: None,
                     checkpoint: None,
+                    allow_pruned: false,
+                    archive_dir: Vec::new(),
                     json: false,
                 },
                 max_exceptions: 200,
@@ -590,4 +592,33 @@ fn an_approved_config_that_is_neither_digest_nor_policy_is_a_usage_error() {
         &[],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch_size"));
+}
+
+#[test]
+fn a_file_named_like_a_digest_is_ambiguous() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    policy_run(&dir, &[]);
+    let name = "ab".repeat(32);
+    let file = tmp.path().join(&name);
+    std::fs::write(&file, "batch_size = 8\n").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    cmd.current_dir(tmp.path()).args([
+        "evidence",
+        dir.to_str().unwrap(),
+        "--approved-config",
+        &name,
+    ]);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("./{name}")));
+    let out = cmd
+        .args(["--approved-config", &format!("./{name}"), "--json"])
+        .output()
+        .unwrap();
+    // Both values are read now: the ambiguous one still fails.
+    assert_eq!(out.status.code(), Some(2));
 }

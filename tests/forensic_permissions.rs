@@ -232,7 +232,7 @@ fn planted_fifo_checkpoint_does_not_hang_verify() {
         hmac_secret: Some(secret()),
         public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
         checkpoints: vec![dir.clone()],
-        progress: false,
+        ..Default::default()
     };
     let r = verify_bounded(&dir, opts).expect("a planted checkpoint is not a usage error");
     assert_eq!(r.exit_code(), 1);

@@ -28,7 +28,7 @@ fn with_checkpoint(ck: &Path, public: &Path) -> VerifyOptions {
         hmac_secret: Some(secret()),
         public_key: Some(read_public_key(public).unwrap()),
         checkpoints: vec![ck.to_path_buf()],
-        progress: false,
+        ..VerifyOptions::default()
     }
 }
 

@@ -274,3 +274,44 @@ fn bad_input_is_a_usage_error_not_a_verdict() {
     let (code, _, _) = gate(&good, &["--max-age", "0"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn a_pruned_log_is_admitted_only_with_allow_pruned() {
+    use kvhygiene::events::EventSink;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let log = dir.path().join("log");
+    // An open chain of several files: its writer is still running.
+    let writer = kvhygiene::forensic::ForensicLog::open_with_secret(
+        &forensic_common::cfg(&log, 4096),
+        forensic_common::start(),
+        None,
+    )
+    .unwrap();
+    for i in 0..60 {
+        writer.emit(forensic_common::event(i));
+    }
+    writer.flush();
+    std::mem::forget(writer);
+    let archive = dir.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args([
+            "prune-log",
+            log.to_str().unwrap(),
+            "--older-than",
+            "0",
+            "--archive-dir",
+        ])
+        .arg(&archive));
+    assert_eq!(code, 0, "{out}{err}");
+    let l = log.to_str().unwrap();
+    let (code, out, _) = gate(&f, &["--log-dir", l]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing"), "{out}");
+    let (code, out, err) = gate(&f, &["--log-dir", l, "--allow-pruned"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -1,8 +1,11 @@
 //! `KVH_PRELOAD`: whether the interposers serve allocations from kvhygiene, and the one-line
 //! notice that says so on stderr.
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::sync::OnceLock;
+
+use kvhygiene::config::{PreloadSwitch, PRELOAD_ENV};
 
 /// What the interposers do with allocations, fixed for the life of the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,8 +25,8 @@ pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub(crate) fn mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
     *MODE.get_or_init(|| {
-        let value = std::env::var_os("KVH_PRELOAD");
-        let mode = parse(value.as_deref().and_then(|v| v.to_str()), value.is_some());
+        let value = std::env::var_os(PRELOAD_ENV);
+        let mode = parse(value.as_deref());
         notice(
             mode,
             value.as_deref().map(|v| v.to_string_lossy().into_owned()),
@@ -32,13 +35,13 @@ pub(crate) fn mode() -> Mode {
     })
 }
 
-/// `set` says whether the variable exists at all (it may not be UTF-8).
-fn parse(value: Option<&str>, set: bool) -> Mode {
-    match value.map(str::trim) {
-        None if !set => Mode::Serve,
-        Some(v) if v.eq_ignore_ascii_case("on") => Mode::Serve,
-        Some(v) if v.eq_ignore_ascii_case("off") => Mode::Forward,
-        _ => Mode::Refuse,
+/// The core's rule ([`PreloadSwitch::parse`]), so that `kvh config` judges the variable as
+/// the interposers read it.
+fn parse(value: Option<&OsStr>) -> Mode {
+    match PreloadSwitch::parse(value) {
+        PreloadSwitch::Serve => Mode::Serve,
+        PreloadSwitch::Forward => Mode::Forward,
+        PreloadSwitch::Refuse => Mode::Refuse,
     }
 }
 
@@ -65,19 +68,21 @@ fn notice(mode: Mode, raw: Option<String>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse, Mode};
+    use super::{parse, Mode, OsStr};
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn values() {
-        assert_eq!(parse(None, false), Mode::Serve);
-        assert_eq!(parse(Some("on"), true), Mode::Serve);
-        assert_eq!(parse(Some(" ON "), true), Mode::Serve);
-        assert_eq!(parse(Some("off"), true), Mode::Forward);
-        assert_eq!(parse(Some("Off"), true), Mode::Forward);
-        assert_eq!(parse(Some(""), true), Mode::Refuse);
-        assert_eq!(parse(Some("of"), true), Mode::Refuse);
-        assert_eq!(parse(Some("0"), true), Mode::Refuse);
+        let parse_str = |v: &str| parse(Some(OsStr::new(v)));
+        assert_eq!(parse(None), Mode::Serve);
+        assert_eq!(parse_str("on"), Mode::Serve);
+        assert_eq!(parse_str(" ON "), Mode::Serve);
+        assert_eq!(parse_str("off"), Mode::Forward);
+        assert_eq!(parse_str("Off"), Mode::Forward);
+        assert_eq!(parse_str(""), Mode::Refuse);
+        assert_eq!(parse_str("of"), Mode::Refuse);
+        assert_eq!(parse_str("0"), Mode::Refuse);
         // Set but not UTF-8.
-        assert_eq!(parse(None, true), Mode::Refuse);
+        assert_eq!(parse(Some(OsStr::from_bytes(b"o\xffn"))), Mode::Refuse);
     }
 }

@@ -12,7 +12,7 @@ use kvhygiene::config::cli::{self as config_cli, ConfigArgs};
 use kvhygiene::config::{BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
-use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, VerifyLogArgs};
+use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, PruneLogArgs, VerifyLogArgs};
 use kvhygiene::forensic::evidence::{self, EvidenceArgs};
 use kvhygiene::forensic::{ForensicLog, StartInfo};
 use kvhygiene::gate::{self, GateArgs};
@@ -53,6 +53,9 @@ enum Command {
     VerifyLog(VerifyLogArgs),
     /// Create an Ed25519 key pair for signed forensic-log checkpoints.
     Keygen(KeygenArgs),
+    /// Move the old files of a verified forensic log to an archive (exit 0 done, 1 log does not verify, 2 error).
+    #[command(long_about = PRUNE_LOG_HELP)]
+    PruneLog(PruneLogArgs),
     /// Auditor's report from a forensic log (exit 0 verified, 1 tampered, 2 error).
     ///
     /// Verifies the log as verify-log does, then reports, from the chains that verified only:
@@ -79,6 +82,33 @@ enum Command {
     Config(ConfigArgs),
 }
 
+const PRUNE_LOG_HELP: &str = "\
+Move the old files of a verified forensic log to an archive (exit 0 done, 1 log does not \
+verify, 2 error).
+
+The log directory only grows: a file per rotation, a chain per process start. Files removed \
+by hand make verify-log report them missing, as it must. prune-log is the retention step \
+that keeps the log verifiable:
+
+  1. it verifies the whole directory (as verify-log --allow-pruned, with the keys given) and \
+moves nothing from a log that does not verify;
+  2. per chain, it moves the oldest files whose newest record is older than --older-than \
+days: never the two newest files of a chain still open (a writer, or crash recovery, reads \
+them), and every file of a chain that ended with a stop record;
+  3. each file is copied into --archive-dir (exclusive create, 0600, fsync, read back and \
+compared), recorded in the chain's manifest DIR/kvh-CHAIN.pruned.json (MACed with \
+--key-file's secret), and only then removed. A run that is interrupted is finished by running \
+it again.
+
+Afterwards `kvh verify-log DIR --allow-pruned` checks what is left from where the manifests \
+say the moved files ended (the first file left must link to the last one moved), and \
+`kvh verify-log DIR --archive-dir ARCHIVE` checks the chains whole. Checkpoints stay where \
+they are. One prune-log at a time per archive (it takes a lock on the archive directory).
+
+Example (a nightly job keeping 90 days in the log directory):
+  kvh prune-log /var/log/kvh/chains --archive-dir /archive/kvh --older-than 90 \
+--key-file hmac.key --public-key checkpoint.pub";
+
 const CONFIG_HELP: &str = "\
 Check the policy a process started here would run with (exit 0 valid, 1 weakened with \
 --strict, 2 invalid).
@@ -90,14 +120,19 @@ init container, a shell with the pod's environment), and prints:
 
   - every key: its value, where it came from (default, file, env) and its variable;
   - the configuration digest, which the forensic log's start records carry as config_digest \
-(kvh evidence lists it per process): it ties a reviewed policy to the runs that used it;
+(kvh evidence lists it per process) and kvh_build_info as a label: it ties a reviewed policy \
+to the runs that used it (with --file, the digest of a process whose only setting is \
+KVH_CONFIG naming the file; digests differ between kvhygiene versions);
+  - KVH_PRELOAD, as the LD_PRELOAD interposers read it (a value they refuse is invalid, off \
+is weakened);
   - the controls the policy turns off or weakens, each with its risk: no forensic log, a log \
 without HMAC seal (no hmac_key_file or FORENSIC_HMAC_SECRET) or without signed checkpoints, \
 log_fsync=never, no metrics export, tenant_isolation=off, kv_gate=off, kv_gate_scope=tenant, \
 coverage_threshold or verify_samples below the defaults, anomaly=off.
 
 Nothing is opened but the KVH_CONFIG file: key files and directories are checked by the \
-library when it starts. FORENSIC_HMAC_SECRET is only tested for being set; no value is printed.
+library when it starts. Of FORENSIC_HMAC_SECRET only the presence and the length are checked \
+(the library refuses one under 16 bytes); no value is printed.
 
 Exit status: 0 the policy is valid (with --strict: and weakens nothing); 1 with --strict, a \
 control is off or weakened; 2 the policy is invalid (the message names the key) or a usage \
@@ -227,6 +262,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => run_demo(args),
         Command::VerifyLog(args) => exit_code(forensic_cli::run_verify_log(&args)),
         Command::Keygen(args) => exit_code(forensic_cli::run_keygen(&args)),
+        Command::PruneLog(args) => exit_code(forensic_cli::run_prune_log(&args)),
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),

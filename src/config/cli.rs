@@ -22,9 +22,11 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{
-    env_vars, Config, FsyncPolicy, KvGateMode, KvGateScope, Setting, Source, TenantIsolation,
+    env_vars, Config, FsyncPolicy, KvGateMode, KvGateScope, PreloadSwitch, Setting, Source,
+    TenantIsolation, PRELOAD_ENV,
 };
 use crate::forensic::config_digest;
+use crate::forensic::keys::MIN_SECRET_LEN;
 
 /// Exit code: the policy is valid (and, with `--strict`, weakens nothing).
 pub const EXIT_OK: i32 = 0;
@@ -65,11 +67,18 @@ pub struct Weakened {
 /// Whether the secret of the HMAC seal comes from somewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HmacSecret {
-    /// `FORENSIC_HMAC_SECRET` is set in the environment the policy was read from.
+    /// `FORENSIC_HMAC_SECRET` is set in the environment the policy was read from (the
+    /// library then uses it, and not `hmac_key_file`).
     InEnvironment,
     /// Only `hmac_key_file` can provide it.
     NotInEnvironment,
 }
+
+/// Thresholds beyond which a valid value switches its control off in practice.
+const MAX_FSYNC_INTERVAL_MS: u64 = 60_000;
+const MAX_ANOMALY_Z: f64 = 10.0;
+const MAX_ANOMALY_BURST_SCALE: f64 = 10.0;
+const MAX_CHECKPOINT_INTERVAL_MS: u64 = 3_600_000;
 
 /// The coverage threshold and sample count below which verification is weaker than the
 /// defaults (a scrub may pass with non-zero samples, or fewer samples look at each block).
@@ -144,7 +153,14 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
                 .into(),
         );
     }
-    if !config.anomaly.enabled {
+    anomaly_weakened(config, &mut add);
+    out
+}
+
+/// The anomaly detector's part of [`weakened`].
+fn anomaly_weakened(config: &Config, add: &mut impl FnMut(&'static str, String, String)) {
+    let a = &config.anomaly;
+    if !a.enabled {
         add(
             "anomaly",
             "off".into(),
@@ -152,8 +168,28 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
              invalid frees raises no anomaly record and no kvh_anomalies_total"
                 .into(),
         );
+        return;
     }
-    out
+    if a.z > MAX_ANOMALY_Z {
+        add(
+            "anomaly_z",
+            a.z.to_string(),
+            format!(
+                "above {MAX_ANOMALY_Z}: a surge must stand so far above a tenant's baseline \
+                 that the rule practically never fires"
+            ),
+        );
+    }
+    if a.burst_scale > MAX_ANOMALY_BURST_SCALE {
+        add(
+            "anomaly_burst_scale",
+            a.burst_scale.to_string(),
+            format!(
+                "above {MAX_ANOMALY_BURST_SCALE}: every burst threshold is that many times \
+                 the default, so bursts of security events go unflagged"
+            ),
+        );
+    }
 }
 
 /// The forensic log's part of [`weakened`].
@@ -191,13 +227,35 @@ fn log_weakened(
             "no signed checkpoints: a truncated tail or a deleted log file goes unnoticed".into(),
         );
     }
-    if log.fsync == FsyncPolicy::Never {
-        add(
+    match log.fsync {
+        FsyncPolicy::Never => add(
             "log_fsync",
             "never".into(),
             "records wait in the page cache for as long as the kernel likes: a machine crash \
              can lose the newest ones, security events included"
                 .into(),
+        ),
+        FsyncPolicy::Interval if log.fsync_interval_ms > MAX_FSYNC_INTERVAL_MS => add(
+            "log_fsync_interval_ms",
+            log.fsync_interval_ms.to_string(),
+            format!(
+                "records reach the disk only every {} s (more than {} s): a machine crash \
+                 can lose that much of the log",
+                log.fsync_interval_ms / 1000,
+                MAX_FSYNC_INTERVAL_MS / 1000
+            ),
+        ),
+        _ => {}
+    }
+    if log.signing_key_file.is_some() && log.checkpoint_interval_ms > MAX_CHECKPOINT_INTERVAL_MS {
+        add(
+            "checkpoint_interval_ms",
+            log.checkpoint_interval_ms.to_string(),
+            format!(
+                "checkpoints may be {} h apart (more than 1 h, unless checkpoint_every records \
+                 come first): a truncated tail younger than the last checkpoint goes unnoticed",
+                log.checkpoint_interval_ms / 3_600_000
+            ),
         );
     }
 }
@@ -211,6 +269,8 @@ pub struct Report {
     pub file: Option<String>,
     /// Whether `FORENSIC_HMAC_SECRET` is set (never its value); `false` with `--file`.
     pub hmac_secret_in_environment: bool,
+    /// What `KVH_PRELOAD` asks of the LD_PRELOAD interposers; `None` with `--file`.
+    pub preload: Option<PreloadSwitch>,
     /// The `config_digest` a `start` record of a process with this policy carries.
     pub config_digest: String,
     pub settings: Vec<Setting>,
@@ -219,11 +279,12 @@ pub struct Report {
 
 /// Loads the policy as `args` asks and judges it.
 pub fn report(args: &ConfigArgs) -> Result<Report, String> {
-    let (origin, file, hmac, loaded) = match &args.file {
+    let (origin, file, hmac, preload, loaded) = match &args.file {
         Some(path) => (
             "file",
             Some(path.display().to_string()),
             HmacSecret::NotInEnvironment,
+            None,
             Config::explain_file(path),
         ),
         None => {
@@ -232,22 +293,75 @@ pub fn report(args: &ConfigArgs) -> Result<Report, String> {
                 .iter()
                 .find(|(k, v)| k == "KVH_CONFIG" && !v.is_empty())
                 .map(|(_, v)| v.clone());
-            let hmac = match std::env::var_os(HMAC_SECRET_ENV) {
-                Some(v) if !v.is_empty() => HmacSecret::InEnvironment,
-                _ => HmacSecret::NotInEnvironment,
-            };
-            ("environment", file, hmac, Config::explain(&vars))
+            let preload = PreloadSwitch::parse(std::env::var_os(PRELOAD_ENV).as_deref());
+            let hmac = hmac_secret_of_env();
+            (
+                "environment",
+                file,
+                hmac,
+                Some(preload),
+                Config::explain(&vars),
+            )
         }
     };
     let (config, settings) = loaded.map_err(|e| e.to_string())?;
+    if preload == Some(PreloadSwitch::Refuse) {
+        return Err(format!(
+            "{PRELOAD_ENV}={:?}: expected on or off; the LD_PRELOAD interposers would fail \
+             every CUDA allocation",
+            std::env::var_os(PRELOAD_ENV)
+                .map(|v| v.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+    }
+    if hmac == HmacSecret::InEnvironment && config.log.dir.is_some() {
+        check_secret_len()?;
+    }
+    let mut weak = weakened(&config, hmac);
+    if preload == Some(PreloadSwitch::Forward) {
+        weak.insert(
+            0,
+            Weakened {
+                key: "KVH_PRELOAD",
+                value: "off".into(),
+                risk: "the LD_PRELOAD interposers forward every CUDA allocation unchanged: an \
+                       engine that loads kvhygiene through LD_PRELOAD scrubs nothing (the \
+                       PyTorch route does not read this variable)"
+                    .into(),
+            },
+        );
+    }
     Ok(Report {
         origin,
         file,
         hmac_secret_in_environment: hmac == HmacSecret::InEnvironment,
+        preload,
         config_digest: config_digest(&config.canonical_json()),
-        weakened: weakened(&config, hmac),
+        weakened: weak,
         settings,
     })
+}
+
+/// Whether `FORENSIC_HMAC_SECRET` is present: the library reads it whenever it exists, even
+/// empty.
+fn hmac_secret_of_env() -> HmacSecret {
+    match std::env::var_os(HMAC_SECRET_ENV) {
+        Some(_) => HmacSecret::InEnvironment,
+        None => HmacSecret::NotInEnvironment,
+    }
+}
+
+/// The library refuses to start with a secret shorter than [`MIN_SECRET_LEN`]; so does this
+/// check (the length is said, never the value).
+fn check_secret_len() -> Result<(), String> {
+    let len = std::env::var_os(HMAC_SECRET_ENV).map_or(0, |v| v.len());
+    if len < MIN_SECRET_LEN {
+        return Err(format!(
+            "{HMAC_SECRET_ENV} is {len} bytes; the library needs at least {MIN_SECRET_LEN} and \
+             would not start (it uses this variable, when present, instead of hmac_key_file)"
+        ));
+    }
+    Ok(())
 }
 
 /// `kvh config`: prints the report; returns the exit code.
@@ -297,10 +411,24 @@ fn render(r: &Report) -> String {
         ),
         _ => "kvh config: the policy of this environment (KVH_* variables)\n".to_string(),
     };
+    let whose = if r.origin == "file" {
+        "of a process whose only setting is KVH_CONFIG naming this file"
+    } else {
+        "of a process started in this environment"
+    };
     out += &format!(
-        "config digest: {} (the config_digest of the forensic log's start records)\n\n",
+        "config digest: {} (the config_digest of the forensic log's start records {whose}, \
+         with this kvh version)\n",
         r.config_digest
     );
+    out += &match r.preload {
+        Some(PreloadSwitch::Forward) => {
+            "KVH_PRELOAD: off (the LD_PRELOAD interposers forward everything)\n".to_string()
+        }
+        Some(_) => "KVH_PRELOAD: on (for engines that load libkvhygiene_preload.so)\n".to_string(),
+        None => String::new(),
+    };
+    out.push('\n');
     let width = r.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
     let values: Vec<String> = r.settings.iter().map(|s| shown(&s.value)).collect();
     let vwidth = values.iter().map(String::len).max().unwrap_or(0).min(48);
@@ -400,6 +528,35 @@ mod tests {
             (&[("KVH_KV_GATE_SCOPE", "tenant")], &["kv_gate_scope"]),
             (&[("KVH_LOG_FSYNC", "never")], &["log_fsync"]),
             (&[("KVH_ANOMALY", "off")], &["anomaly"]),
+            // With the detector off, its thresholds are moot.
+            (
+                &[("KVH_ANOMALY", "off"), ("KVH_ANOMALY_Z", "50")],
+                &["anomaly"],
+            ),
+            (&[("KVH_ANOMALY_Z", "10")], &[]),
+            (&[("KVH_ANOMALY_Z", "10.5")], &["anomaly_z"]),
+            (
+                &[("KVH_ANOMALY_BURST_SCALE", "11")],
+                &["anomaly_burst_scale"],
+            ),
+            (&[("KVH_LOG_FSYNC_INTERVAL_MS", "60000")], &[]),
+            (
+                &[("KVH_LOG_FSYNC_INTERVAL_MS", "60001")],
+                &["log_fsync_interval_ms"],
+            ),
+            // The interval is unused when every write is synced.
+            (
+                &[
+                    ("KVH_LOG_FSYNC_INTERVAL_MS", "600000"),
+                    ("KVH_LOG_FSYNC", "always"),
+                ],
+                &[],
+            ),
+            (&[("KVH_CHECKPOINT_INTERVAL_MS", "3600000")], &[]),
+            (
+                &[("KVH_CHECKPOINT_INTERVAL_MS", "7200000")],
+                &["checkpoint_interval_ms"],
+            ),
         ];
         for (extra, want) in cases {
             assert_eq!(
@@ -483,20 +640,24 @@ mod tests {
     }
 
     #[test]
-    fn the_digest_is_the_start_records() {
-        let config = Config::from_vars(&hardened()).unwrap();
-        let start = crate::forensic::StartInfo::current(config.canonical_json());
-        assert_eq!(
-            start.config_digest(),
-            config_digest(&config.canonical_json())
-        );
-        assert_eq!(start.config_digest().len(), 64);
-        // A different policy, a different digest.
-        let other = Config::from_vars(&vars(&[("KVH_BATCH_SIZE", "8")])).unwrap();
-        assert_ne!(
-            config_digest(&other.canonical_json()),
-            start.config_digest()
-        );
+    fn every_key_changes_the_digest() {
+        // (tests/config_cli.rs checks the digest against a real process's start record.)
+        let base = config_digest(&Config::default().canonical_json());
+        assert_eq!(base.len(), 64);
+        assert!(base
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        let changed = [
+            ("KVH_BATCH_SIZE", "8"),
+            ("KVH_KV_GATE", "enforce"),
+            ("KVH_LOG_DIR", "/l"),
+            ("KVH_ANOMALY_Z", "5"),
+            ("KVH_METRICS_ADDR", "127.0.0.1:1"),
+        ];
+        for (k, v) in changed {
+            let c = Config::from_vars(&vars(&[(k, v)])).unwrap();
+            assert_ne!(config_digest(&c.canonical_json()), base, "{k}");
+        }
     }
 
     #[test]
@@ -506,6 +667,7 @@ mod tests {
             origin: "environment",
             file: None,
             hmac_secret_in_environment: false,
+            preload: Some(PreloadSwitch::Serve),
             config_digest: config_digest(&config.canonical_json()),
             weakened: weakened(&config, HmacSecret::NotInEnvironment),
             settings,

@@ -528,6 +528,37 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {message}")
 }
 
+/// What `KVH_PRELOAD` asks of the LD_PRELOAD interposers (`preload/`), read by them and by
+/// `kvh config`. Not a policy key: it decides whether the policy applies at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreloadSwitch {
+    /// Unset or `on`: kvhygiene serves device allocations.
+    Serve,
+    /// `off`: every call goes to the real runtime unchanged (no scrub).
+    Forward,
+    /// Any other value, or not UTF-8: allocations fail (fail closed).
+    Refuse,
+}
+
+/// The environment variable of [`PreloadSwitch`].
+pub const PRELOAD_ENV: &str = "KVH_PRELOAD";
+
+impl PreloadSwitch {
+    /// The switch for the variable's value (`None`: unset). `on` and `off`, any case,
+    /// surrounding blanks ignored.
+    pub fn parse(value: Option<&std::ffi::OsStr>) -> PreloadSwitch {
+        let Some(v) = value else {
+            return PreloadSwitch::Serve;
+        };
+        match v.to_str().map(str::trim) {
+            Some(t) if t.eq_ignore_ascii_case("on") => PreloadSwitch::Serve,
+            Some(t) if t.eq_ignore_ascii_case("off") => PreloadSwitch::Forward,
+            _ => PreloadSwitch::Refuse,
+        }
+    }
+}
+
 /// Environment variables with the `KVH_` prefix that are not policy keys.
 /// `KVH_LIBRARY` is read by the Python package to find the library, not by the library.
 /// `KVH_PRELOAD` is read by the LD_PRELOAD interposers (`preload/`), not by the policy.
@@ -557,12 +588,17 @@ pub struct Setting {
 
 /// The `KVH_*` environment variables of this process, every one as UTF-8 text.
 ///
-/// A variable whose name or value is not UTF-8 is an error, not skipped: a log directory
-/// named in other bytes must not leave the process running without a log.
+/// A policy variable (or `KVH_CONFIG`) whose name or value is not UTF-8 is an error, not
+/// skipped: a log directory named in other bytes must not leave the process running without
+/// a log. The variables other readers own (`KVH_LIBRARY`, `KVH_PRELOAD`) are left to them.
 pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
     let mut vars = Vec::new();
     for (name, value) in std::env::vars_os() {
         if !name.as_bytes().starts_with(b"KVH_") {
+            continue;
+        }
+        let others = OTHER_ENV.iter().filter(|n| **n != "KVH_CONFIG");
+        if others.clone().any(|n| name.as_bytes() == n.as_bytes()) {
             continue;
         }
         match (name.into_string(), value.into_string()) {

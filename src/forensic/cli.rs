@@ -8,8 +8,9 @@ use zeroize::Zeroizing;
 
 use super::files;
 use super::keys;
+use super::prune::{self, ChainPruned};
 use super::record::hex;
-use super::verify::{rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+use super::verify::{list_all, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
 /// Exit code: the log verified.
 pub const EXIT_OK: i32 = 0;
@@ -38,7 +39,47 @@ pub struct VerifyLogArgs {
     /// (detects tail truncation and deleted files). Needs --public-key.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Accept chains whose oldest files `kvh prune-log` moved to an archive: each is checked
+    /// from the last record its manifest (kvh-CHAIN.pruned.json in DIR) says was moved, and
+    /// the manifest must account for every missing file (its MAC is checked with
+    /// --key-file). Without it, missing files fail the chain.
+    #[arg(long)]
+    pub allow_pruned: bool,
+    /// An archive directory `kvh prune-log` moved files to: its chain files are read with
+    /// DIR's, so the chains are checked whole. Repeatable.
+    #[arg(long, value_name = "ARCHIVE")]
+    pub archive_dir: Vec<PathBuf>,
     /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kvh prune-log`: move the old files of a verified log to an archive directory.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PruneLogArgs {
+    /// The log directory (KVH_LOG_DIR of the writers).
+    pub dir: PathBuf,
+    /// Where the files go: an existing directory owned by this user, not writable by group or
+    /// others (0700), on storage kept as long as the evidence must be; never the log directory.
+    #[arg(long, value_name = "ARCHIVE")]
+    pub archive_dir: PathBuf,
+    /// Move files whose newest record is older than DAYS days (0: every file that may move).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(0..=36_500))]
+    pub older_than: u64,
+    /// The HMAC secret file: the log's MACs are checked before anything moves, and the
+    /// manifests are MACed with it (verify-log then checks them with the same file).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Ed25519 public key of the checkpoints, checked before anything moves.
+    #[arg(long, value_name = "FILE")]
+    pub public_key: Option<PathBuf>,
+    /// Checkpoint file or directory (needs --public-key).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<PathBuf>,
+    /// Say what would move; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -70,8 +111,11 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     if report.errors.is_empty() && report.chains.iter().all(|c| c.ok() && c.records == 0) {
         // Nothing verified is not "verified": a mistyped directory, or chain files without a
         // single record, must not read as OK.
+        let archived = |c: &ChainReport| c.pruned.as_ref().is_some_and(|p| p.complete);
         let what = if report.chains.is_empty() {
             "no forensic log files (kvh-*.jsonl)"
+        } else if report.chains.iter().all(archived) {
+            "every chain was moved whole by prune-log (verify them with --archive-dir)"
         } else {
             "no records in its forensic log files"
         };
@@ -135,16 +179,27 @@ pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
             "--checkpoint needs --public-key (the key the checkpoints are pinned to)".into(),
         );
     }
+    for a in &args.archive_dir {
+        match std::fs::metadata(a) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("--archive-dir {}: not a directory", a.display())),
+            Err(e) => return Err(format!("--archive-dir {}: {e}", a.display())),
+        }
+    }
+    let mut dirs = vec![args.dir.as_path()];
+    dirs.extend(args.archive_dir.iter().map(PathBuf::as_path));
     Ok(VerifyOptions {
         hmac_secret,
         public_key,
         checkpoints,
-        progress: std::io::stderr().is_terminal() || dir_bytes(&args.dir) > PROGRESS_BYTES,
+        progress: std::io::stderr().is_terminal() || dir_bytes(&dirs) > PROGRESS_BYTES,
+        allow_pruned: args.allow_pruned,
+        archive_dirs: args.archive_dir.clone(),
     })
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    files::list_chains(dir)
+fn dir_bytes(dirs: &[&Path]) -> u64 {
+    files::list_chains_in(dirs)
         .map(|chains| {
             chains
                 .iter()
@@ -209,6 +264,15 @@ fn chain_line(c: &ChainReport) -> String {
         }
         .into(),
     );
+    if let Some(p) = &c.pruned {
+        notes.push(format!(
+            "{} oldest file(s) up to seq {} moved to {} by prune-log{}",
+            p.files,
+            p.last_seq,
+            p.archive,
+            if p.complete { " (the whole chain)" } else { "" }
+        ));
+    }
     notes.push(match c.checkpoint_seq {
         Some(s) => format!("checkpoint at seq {s} verified"),
         None if c.checkpoints_checked => "no checkpoint".into(),
@@ -222,6 +286,150 @@ fn chain_line(c: &ChainReport) -> String {
         notes.join(", "),
         if c.ok() { "OK" } else { "FAILED" }
     )
+}
+
+/// What `prune-log` did, for `--json`.
+#[derive(serde::Serialize)]
+struct PruneOutcome<'a> {
+    dry_run: bool,
+    archive: String,
+    cutoff: String,
+    chains: &'a [ChainPruned],
+    files: usize,
+    bytes: u64,
+}
+
+/// Runs `prune-log`; returns the process exit code: 0 done (or nothing to move), 1 the log
+/// does not verify (nothing moved), 2 usage or I/O error.
+pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
+    match prune_log(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvh prune-log: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
+    let verify_args = VerifyLogArgs {
+        dir: args.dir.clone(),
+        key_file: args.key_file.clone(),
+        public_key: args.public_key.clone(),
+        checkpoint: args.checkpoint.clone(),
+        // Earlier runs' manifests account for the files they moved.
+        allow_pruned: true,
+        archive_dir: Vec::new(),
+        json: false,
+    };
+    let opts = options(&verify_args)?;
+    prune::check_archive_dir(&args.archive_dir)?;
+    if same_dir(&args.dir, &args.archive_dir) {
+        return Err("--archive-dir is the log directory itself".into());
+    }
+    let _lock = prune::lock_dir(&args.archive_dir)?;
+    let report = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
+    if !report.ok() {
+        write_text(&mut std::io::stderr(), &args.dir, &report).map_err(|e| e.to_string())?;
+        eprintln!("kvh prune-log: the log does not verify; nothing was moved");
+        return Ok(EXIT_TAMPERED);
+    }
+    let key = prune::manifest_key(opts.hmac_secret.as_ref())?;
+    let cutoff_ns = now_ns().saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
+    let plan = prune::PrunePlan {
+        dir: &args.dir,
+        archive: &args.archive_dir,
+        cutoff_ns,
+        dry_run: args.dry_run,
+        key: key.as_ref(),
+    };
+    let mut moved = Vec::new();
+    for (chain, list) in list_all(&args.dir, &opts).map_err(|e| e.to_string())? {
+        let closed = report.chains.iter().any(|c| c.chain == chain && c.closed);
+        let (selected, complete) = prune::select(&list, closed, cutoff_ns)?;
+        if selected.is_empty() {
+            continue;
+        }
+        let done = prune::move_chain(&plan, &chain, selected, complete)?;
+        if !args.json {
+            println!("{}", pruned_line(&done, args.dry_run));
+        }
+        moved.push(done);
+    }
+    let files: usize = moved.iter().map(|c| c.files.len()).sum();
+    let bytes: u64 = moved.iter().map(|c| c.bytes).sum();
+    if args.json {
+        let outcome = PruneOutcome {
+            dry_run: args.dry_run,
+            archive: args.archive_dir.display().to_string(),
+            cutoff: rfc3339(cutoff_ns),
+            chains: &moved,
+            files,
+            bytes,
+        };
+        let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        let verb = if args.dry_run { "would move" } else { "moved" };
+        println!(
+            "{verb} {files} files ({bytes} bytes) of {} chains with no record since {} to {}",
+            moved.len(),
+            rfc3339(cutoff_ns),
+            args.archive_dir.display()
+        );
+    }
+    if args.dry_run || files == 0 {
+        return Ok(EXIT_OK);
+    }
+    // What is left must still verify, from the manifests just written.
+    let after = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
+    if !after.ok() {
+        write_text(&mut std::io::stderr(), &args.dir, &after).map_err(|e| e.to_string())?;
+        eprintln!("kvh prune-log: the log does not verify after the move");
+        return Ok(EXIT_TAMPERED);
+    }
+    if !args.json {
+        println!(
+            "verify what is left with: kvh verify-log {} --allow-pruned; the whole chains \
+             with: kvh verify-log {} --archive-dir {}",
+            args.dir.display(),
+            args.dir.display(),
+            args.archive_dir.display()
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {
+    let (Some(first), Some(last)) = (c.files.first(), c.files.last()) else {
+        return format!("chain {}: nothing", c.chain);
+    };
+    format!(
+        "chain {}: {} {} files ({} .. {}, seq {}..{}, {} bytes){}",
+        c.chain,
+        if dry_run { "would move" } else { "moved" },
+        c.files.len(),
+        first.name,
+        last.name,
+        first.first_seq,
+        last.last_seq,
+        c.bytes,
+        if c.complete { ", the whole chain" } else { "" }
+    )
+}
+
+/// Whether two paths name the same directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Runs `keygen`; returns the process exit code.

@@ -16,8 +16,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
-use super::verify::{rfc3339, verify_all, Report};
-use super::{config_digest, files};
+use super::config_digest;
+use super::verify::{self, rfc3339, verify_all, Report};
 use crate::config::Config;
 
 /// `kvh evidence`: arguments.
@@ -28,9 +28,11 @@ pub struct EvidenceArgs {
     /// Exceptions listed one by one (all are counted).
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub max_exceptions: usize,
-    /// A reviewed policy: its digest (64 hex digits, as `kvh config` prints it) or its TOML
-    /// file (digested as `kvh config --file` does). Repeatable. The report then lists every
-    /// process whose start record carries another digest.
+    /// A reviewed policy: its digest (64 hex digits, as `kvh config` prints it in the
+    /// process's environment) or its TOML file (digested as `kvh config --file` does, so it
+    /// matches only processes whose whole policy is that file). Repeatable. The report then
+    /// lists every process whose start record carries another digest. Digests differ between
+    /// kvhygiene versions.
     #[arg(long, value_name = "DIGEST|FILE")]
     pub approved_config: Vec<String>,
 }
@@ -208,7 +210,7 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
 pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     let dir = &args.log.dir;
     let opts = options(&args.log)?;
-    let chains = files::list_chains(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let chains = verify::list_all(dir, &opts).map_err(|e| e.to_string())?;
     let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
     if report.ok() && report.chains.iter().all(|c| c.records == 0) {
         return Err(format!(
@@ -267,7 +269,14 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
 fn approved_digests(values: &[String]) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = Vec::with_capacity(values.len());
     for v in values {
-        let digest = if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let looks_like_digest = v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+        if looks_like_digest && Path::new(v).exists() {
+            return Err(format!(
+                "--approved-config {v}: both a digest and an existing file; name the file as \
+                 ./{v}"
+            ));
+        }
+        let digest = if looks_like_digest {
             v.to_ascii_lowercase()
         } else {
             let (config, _) = Config::explain_file(Path::new(v)).map_err(|e| {
@@ -598,7 +607,17 @@ fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
     push(String::new());
 }
 
-/// The report as Markdown. Everything taken from the log goes through [`cell`].
+/// A digest from the log as a table cell: in a code span when it is one (64 lower-case hex
+/// digits; backslash escapes do not work inside code spans), escaped text otherwise.
+fn digest_cell(d: &str) -> String {
+    let is_digest = d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if is_digest {
+        format!("`{d}`")
+    } else {
+        cell(d)
+    }
+}
+
 /// The `--approved-config` part of the Coverage section.
 fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
     push(String::new());
@@ -628,11 +647,12 @@ fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
             cell_or_dash(p.started.as_deref()),
             p.config_digest
                 .as_deref()
-                .map_or_else(|| "none recorded".into(), |d| format!("`{}`", cell(d)))
+                .map_or_else(|| "none recorded".into(), digest_cell)
         ));
     }
 }
 
+/// The report as Markdown. Everything taken from the log goes through [`cell`].
 pub fn render(ev: &Evidence) -> String {
     let mut s = String::new();
     let mut push = |line: String| {
@@ -896,6 +916,17 @@ mod tests {
             "\\[x](y) \\<b> \\*z\\* \\`q\\` \\\\"
         );
         assert_eq!(cell("kv_verify_failed"), "kv_verify_failed");
+    }
+
+    #[test]
+    fn only_a_real_digest_goes_in_a_code_span() {
+        let d = "0123456789abcdef".repeat(4);
+        assert_eq!(digest_cell(&d), format!("`{d}`"));
+        for forged in ["`x` | y", &"0123456789ABCDEF".repeat(4), &d[..63]] {
+            let c = digest_cell(forged);
+            assert!(!c.starts_with('`'), "{c}");
+            assert!(!c.contains(" | "), "{c}");
+        }
     }
 
     #[test]

@@ -265,14 +265,27 @@ pub type ChainList = Vec<(String, Vec<(u64, PathBuf)>)>;
 
 /// Chain files in `dir`, grouped by chain and sorted by index.
 pub fn list_chains(dir: &Path) -> io::Result<ChainList> {
+    list_chains_in(&[dir])
+}
+
+/// Chain files in every directory of `dirs` (a log directory and the archive directories
+/// `kvh prune-log` moved its older files to), grouped by chain and sorted by index.
+///
+/// A file found under the same name in two directories is listed once when both copies
+/// have the same bytes (a move `prune-log` was interrupted in), and twice otherwise, which
+/// the verifier reports.
+pub fn list_chains_in(dirs: &[&Path]) -> io::Result<ChainList> {
     let mut all: Vec<(ChainFile, PathBuf)> = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if let Some(cf) = entry.file_name().to_str().and_then(parse_file_name) {
-            all.push((cf, entry.path()));
+    for dir in dirs {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if let Some(cf) = entry.file_name().to_str().and_then(parse_file_name) {
+                all.push((cf, entry.path()));
+            }
         }
     }
     all.sort();
+    all.dedup_by(|b, a| a.0 == b.0 && same_bytes(&a.1, &b.1));
     let mut out: ChainList = Vec::new();
     for (cf, p) in all {
         match out.last_mut() {
@@ -281,6 +294,14 @@ pub fn list_chains(dir: &Path) -> io::Result<ChainList> {
         }
     }
     Ok(out)
+}
+
+/// Whether two files hold the same bytes (both readable as chain files).
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    match (read_capped(a), read_capped(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
 }
 
 pub fn io_err(p: &Path, what: &str, e: io::Error) -> ForensicError {

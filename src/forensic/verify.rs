@@ -5,6 +5,10 @@
 //! continuity and the `rotate` link to the previous file; per chain: signed checkpoints
 //! (the record at the checkpoint's seq must exist and carry its hash). The first problem of
 //! a chain is reported as `file:line: reason` and ends that chain's check.
+//!
+//! Files `kvh prune-log` moved to an archive are read from there with `archive_dirs`, and
+//! checked as if they had never moved; or, with `allow_pruned`, a chain whose oldest files
+//! are gone is checked from where its manifest (`crate::forensic::prune`) says they ended.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use zeroize::Zeroizing;
 use super::checkpoint::{self, Checkpoint};
 use super::files;
 use super::keys::EpochKey;
+use super::prune::{self, Manifest};
 use super::record::{chain_hash_open, mac_of, parse_hash, GENESIS_PREV};
 use super::scan::{scan, Scanned};
 
@@ -30,6 +35,12 @@ pub struct VerifyOptions {
     pub checkpoints: Vec<PathBuf>,
     /// Print per-file progress on stderr.
     pub progress: bool,
+    /// Accept a chain whose oldest files `kvh prune-log` moved away, as its manifest in the
+    /// log directory records them; the chain is checked from the manifest's last record on.
+    pub allow_pruned: bool,
+    /// Directories `kvh prune-log` moved files to: their chain files are read with the log
+    /// directory's, so the chains are checked whole.
+    pub archive_dirs: Vec<PathBuf>,
 }
 
 /// The first bad record of a chain.
@@ -65,7 +76,23 @@ pub struct ChainReport {
     pub checkpoint_seq: Option<u64>,
     /// Checkpoints were checked (a public key was pinned): a chain without one fails.
     pub checkpoints_checked: bool,
+    /// With `allow_pruned`: the files `prune-log` moved away before the first one checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<Pruned>,
     pub problem: Option<Problem>,
+}
+
+/// The part of a chain `prune-log` moved away, as its manifest records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Files moved (0 .. files - 1).
+    pub files: u64,
+    /// Seq of the last record moved; the chain was checked from the next one.
+    pub last_seq: u64,
+    /// Every file was moved (the chain had ended with `stop`).
+    pub complete: bool,
+    /// Where the manifest says they went.
+    pub archive: String,
 }
 
 impl ChainReport {
@@ -108,10 +135,9 @@ impl Report {
 #[error("{0}")]
 pub struct VerifyError(pub String);
 
-/// Verifies every chain found in `dir`.
+/// Verifies every chain found in `dir` (and in `opts.archive_dirs`).
 pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
-    let chains = files::list_chains(dir)
-        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    let chains = list_all(dir, opts)?;
     let mut report = Report::default();
     let mut ckpts = load_checkpoints(opts, &mut report)?;
     let total = chains.len();
@@ -120,9 +146,16 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
         }
         let ckpt = ckpts.remove(chain);
+        let pruned_from = match list.first() {
+            Some((index, _)) if *index > 0 && opts.allow_pruned => Some(dir),
+            _ => None,
+        };
         report
             .chains
-            .push(verify_chain(chain, list, opts, ckpt.as_ref())?);
+            .push(verify_chain(chain, list, opts, ckpt.as_ref(), pruned_from)?);
+    }
+    if opts.allow_pruned {
+        archived_chains(dir, opts, &chains, &mut ckpts, &mut report)?;
     }
     for (chain, c) in ckpts {
         report.errors.push(format!(
@@ -134,6 +167,106 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         ));
     }
     Ok(report)
+}
+
+/// The chain files of `dir` and of the archive directories.
+pub fn list_all(dir: &Path, opts: &VerifyOptions) -> Result<files::ChainList, VerifyError> {
+    let mut dirs = vec![dir];
+    dirs.extend(opts.archive_dirs.iter().map(PathBuf::as_path));
+    files::list_chains_in(&dirs).map_err(|e| {
+        VerifyError(format!(
+            "cannot list {}: {e}",
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// With `allow_pruned`: the chains of the manifests in `dir` of which no file is left. A
+/// chain `prune-log` moved whole (it had ended) is accepted, its checkpoint held to the
+/// manifest's last record; a manifest whose chain should still have files means they were
+/// deleted.
+fn archived_chains(
+    dir: &Path,
+    opts: &VerifyOptions,
+    chains: &files::ChainList,
+    ckpts: &mut BTreeMap<String, Checkpoint>,
+    report: &mut Report,
+) -> Result<(), VerifyError> {
+    let listed = prune::list_manifests(dir)
+        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    for chain in listed {
+        if chains.iter().any(|(c, _)| *c == chain) {
+            continue;
+        }
+        let name = prune::manifest_path(Path::new(""), &chain)
+            .display()
+            .to_string();
+        let mut rep = ChainReport {
+            chain: chain.clone(),
+            macs_checked: opts.hmac_secret.is_some(),
+            checkpoints_checked: opts.public_key.is_some(),
+            ..Default::default()
+        };
+        let ckpt = ckpts.remove(&chain);
+        if let Err(reason) =
+            whole_chain_archived(dir, &chain, key.as_ref(), ckpt.as_ref(), &mut rep)
+        {
+            rep.problem = Some(Problem {
+                file: name,
+                line: 1,
+                reason,
+            });
+        }
+        report.chains.push(rep);
+    }
+    Ok(())
+}
+
+/// Checks the manifest of a chain with no file left: it must say the chain was moved whole,
+/// and match the chain's checkpoint, if any.
+fn whole_chain_archived(
+    dir: &Path,
+    chain: &str,
+    key: Option<&EpochKey>,
+    ckpt: Option<&Checkpoint>,
+    rep: &mut ChainReport,
+) -> Result<(), String> {
+    let m = prune::read_manifest(dir, chain)?.ok_or("manifest disappeared while verifying")?;
+    m.check(key)?;
+    let tail = m.tail().ok_or("manifest lists no file")?;
+    rep.pruned = Some(pruned_of(&m, tail.last_seq));
+    rep.closed = m.complete;
+    if !m.complete {
+        return Err(format!(
+            "the manifest moved files up to {} of an open chain, but no later file of chain \
+             {chain} exists: files deleted",
+            tail.name
+        ));
+    }
+    if let Some(c) = ckpt {
+        if c.seq != tail.last_seq || parse_hash(&tail.last_hash) != Some(c.hash) {
+            return Err(format!(
+                "the signed checkpoint (seq {}) does not match the last record the manifest \
+                 moved (seq {}): chain rewritten or manifest forged",
+                c.seq, tail.last_seq
+            ));
+        }
+        rep.checkpoint_seq = Some(c.seq);
+    }
+    Ok(())
+}
+
+fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
+    Pruned {
+        files: m.files.len() as u64,
+        last_seq,
+        complete: m.complete,
+        archive: m.archive.clone(),
+    }
 }
 
 /// Reads the checkpoints; a bad signature is tampering, an unreadable file a usage error.
@@ -196,11 +329,14 @@ struct Walk<'a> {
     report: ChainReport,
 }
 
+/// Verifies one chain's files; `pruned_from` is the log directory whose manifest accounts
+/// for the chain's missing oldest files (`allow_pruned`, first file not file 0).
 fn verify_chain(
     chain: &str,
     list: &[(u64, PathBuf)],
     opts: &VerifyOptions,
     ckpt: Option<&Checkpoint>,
+    pruned_from: Option<&Path>,
 ) -> Result<ChainReport, VerifyError> {
     let key = match &opts.hmac_secret {
         Some(s) => Some(
@@ -225,6 +361,25 @@ fn verify_chain(
             ..Default::default()
         },
     };
+    if let (Some(dir), Some((first, _))) = (pruned_from, list.first()) {
+        if let Err(p) = w.continue_pruned(dir, *first, opts) {
+            w.report.problem = Some(p);
+            return Ok(w.report);
+        }
+    }
+    // Listed twice: the same name in the log and an archive directory, with other bytes.
+    if let Some(pair) = list.windows(2).find(|p| p[0].0 == p[1].0) {
+        w.report.problem = Some(Problem {
+            file: files::file_name(chain, pair[0].0),
+            line: 1,
+            reason: format!(
+                "two different files of this name: {} and {}",
+                pair[0].1.display(),
+                pair[1].1.display()
+            ),
+        });
+        return Ok(w.report);
+    }
     let mut last_line = (String::new(), 0u64);
     for (pos, (index, path)) in list.iter().enumerate() {
         let name = files::file_name(chain, *index);
@@ -291,6 +446,58 @@ fn unreadable(name: &str, e: &std::io::Error) -> Problem {
 }
 
 impl Walk<'_> {
+    /// Starts the walk where the manifest of `prune-log` in `dir` says the moved files ended:
+    /// they must be exactly files 0 .. `first` - 1, so the first file left links to the last
+    /// one moved.
+    fn continue_pruned(
+        &mut self,
+        dir: &Path,
+        first: u64,
+        opts: &VerifyOptions,
+    ) -> Result<(), Problem> {
+        let name = prune::manifest_path(Path::new(""), self.chain)
+            .display()
+            .to_string();
+        let bad = |reason: String| Problem {
+            file: name.clone(),
+            line: 1,
+            reason,
+        };
+        let m = prune::read_manifest(dir, self.chain)
+            .map_err(&bad)?
+            .ok_or_else(|| {
+                bad(format!(
+                    "chain starts at file index {first}: files 0..{first} are missing, and no \
+                     prune manifest accounts for them"
+                ))
+            })?;
+        let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(&bad)?;
+        m.check(key.as_ref()).map_err(&bad)?;
+        // An interrupted run may have recorded files it had not removed yet: the manifest
+        // must cover the missing files, in order, and may list later ones still present.
+        let covers = m.files.len() as u64 >= first
+            && (0..first).all(|i| m.files[i as usize].name == files::file_name(self.chain, i));
+        if !covers {
+            return Err(bad(format!(
+                "the manifest lists {} moved files, which do not account for the missing \
+                 files 0..{first}",
+                m.files.len()
+            )));
+        }
+        let tail = &m.files[first as usize - 1];
+        let prev = parse_hash(&tail.last_hash)
+            .ok_or_else(|| bad(format!("{}: last_hash is not a hash", tail.name)))?;
+        self.next_seq = tail.last_seq + 1;
+        self.prev = prev;
+        self.prev_file = Some(tail.name.clone());
+        self.cur_index = first - 1;
+        self.report.pruned = Some(Pruned {
+            files: first,
+            ..pruned_of(&m, tail.last_seq)
+        });
+        Ok(())
+    }
+
     /// Checks one file; returns its number of complete lines.
     fn file(
         &mut self,

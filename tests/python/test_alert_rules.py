@@ -17,8 +17,9 @@ from test_c_abi import ROOT, run_child
 RULES = ROOT / "deploy" / "prometheus" / "kvhygiene-rules.yaml"
 RUNBOOK = ROOT / "docs" / "operations.md"
 SEVERITIES = {"critical", "warning"}
-# Labels Prometheus adds to every series at scrape time (the target's), not the library.
-SCRAPE_LABELS = {"instance", "job"}
+# Labels Prometheus adds at scrape time (the target's; namespace through Kubernetes service
+# discovery), not the library.
+SCRAPE_LABELS = {"instance", "job", "namespace"}
 # Sections of the runbook that are not an alert's.
 GENERAL_SECTIONS = {"signals", "during-an-incident-in-this-order"}
 

@@ -1,0 +1,480 @@
+//! `kvh prune-log` and the verifier's two ways of reading a pruned log: what moves (a prefix
+//! of files older than the cut-off, never the two newest of an open chain, every file of an
+//! ended one), that nothing moves from a log that does not verify, that what is left verifies
+//! with `--allow-pruned` and the whole with `--archive-dir`, and that deleting, editing or
+//! forging after a prune is still caught.
+
+mod forensic_common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use forensic_common::{cfg, chain_files, event, keyed_opts, secret, start, verify, write_log};
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::keys::read_public_key;
+use kvhygiene::forensic::prune::{manifest_path, Manifest};
+use kvhygiene::forensic::{ForensicLog, VerifyOptions};
+use serde_json::Value;
+
+fn kvh(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args(args).output().expect("run kvh")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A temporary directory with a log directory, a private archive and the HMAC key file.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    log: PathBuf,
+    archive: PathBuf,
+    key: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let archive = tmp.path().join("archive");
+    fs::create_dir(&archive).unwrap();
+    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+    let key = tmp.path().join("hmac.key");
+    fs::write(&key, &*secret()).unwrap();
+    Setup {
+        _tmp: tmp,
+        log,
+        archive,
+        key,
+    }
+}
+
+/// A chain of `n` events in 4 KiB files whose writer is still running (no `stop`).
+fn open_chain(dir: &Path, n: u64) {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 4096), start(), Some(secret())).unwrap();
+    for i in 0..n {
+        log.emit(event(i));
+    }
+    log.flush();
+    // The writer keeps running for the rest of the test process: an open chain.
+    std::mem::forget(log);
+}
+
+fn prune(s: &Setup, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "prune-log",
+        s.log.to_str().unwrap(),
+        "--archive-dir",
+        s.archive.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kvh(&args)
+}
+
+fn names(dir: &Path, ext: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(ext))
+        .collect();
+    v.sort();
+    v
+}
+
+fn pruned_opts() -> VerifyOptions {
+    VerifyOptions {
+        allow_pruned: true,
+        ..keyed_opts()
+    }
+}
+
+fn with_archive(s: &Setup) -> VerifyOptions {
+    VerifyOptions {
+        archive_dirs: vec![s.archive.clone()],
+        ..keyed_opts()
+    }
+}
+
+fn manifest(s: &Setup) -> (PathBuf, Manifest) {
+    let chain = &verify(&s.log, &pruned_opts()).chains[0].chain;
+    let path = manifest_path(&s.log, chain);
+    let m = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    (path, m)
+}
+
+#[test]
+fn an_open_chain_keeps_its_two_newest_files_and_verifies_from_the_manifest() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    let before = chain_files(&s.log);
+    assert!(before.len() >= 5, "{} files", before.len());
+    let records = verify(&s.log, &keyed_opts()).chains[0].records;
+
+    let out = prune(&s, &["--older-than", "0", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("would move"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(chain_files(&s.log), before, "a dry run moved files");
+    assert!(names(&s.archive, ".jsonl").is_empty());
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let left = chain_files(&s.log);
+    assert_eq!(
+        left,
+        before[before.len() - 2..],
+        "the two newest files stay"
+    );
+    let moved = names(&s.archive, ".jsonl");
+    assert_eq!(moved.len(), before.len() - 2);
+    for f in &before[..before.len() - 2] {
+        let archived = s.archive.join(f.file_name().unwrap());
+        let mode = fs::metadata(&archived).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", archived.display());
+    }
+
+    // Without the option, missing files fail the chain, as before.
+    assert!(!verify(&s.log, &keyed_opts()).ok());
+    let r = verify(&s.log, &pruned_opts());
+    assert!(r.ok(), "{r:?}");
+    let pruned = r.chains[0].pruned.clone().expect("pruned span");
+    assert_eq!(pruned.files as usize, moved.len());
+    assert_eq!(r.chains[0].first_seq, Some(pruned.last_seq + 1));
+    let whole = verify(&s.log, &with_archive(&s));
+    assert!(whole.ok(), "{whole:?}");
+    assert_eq!(whole.chains[0].records, records);
+    assert_eq!(whole.chains[0].pruned, None);
+
+    // The CLI says the same, and evidence reports on what is left.
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--allow-pruned"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("moved to"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = kvh(&["evidence", d, "--key-file", k, "--allow-pruned", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // A second run finds nothing more to move (the two newest stay), and the manifest keeps
+    // its entries once.
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("moved 0 files"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(manifest(&s).1.files.len(), moved.len());
+}
+
+#[test]
+fn nothing_moves_from_a_log_that_does_not_verify() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let files = chain_files(&s.log);
+    let mut bytes = fs::read(&files[0]).unwrap();
+    let at = bytes.iter().position(|&b| b == b'q').unwrap(); // inside a record
+    bytes[at] = b'Q';
+    fs::write(&files[0], bytes).unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nothing was moved"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(chain_files(&s.log), files);
+    assert!(fs::read_dir(&s.archive).unwrap().next().is_none());
+    assert!(names(&s.log, ".pruned.json").is_empty());
+
+    // A wrong key is caught the same way.
+    let s = setup();
+    open_chain(&s.log, 60);
+    fs::write(&s.key, b"another-secret-0123456789").unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(fs::read_dir(&s.archive).unwrap().next().is_none());
+}
+
+#[test]
+fn deleting_or_forging_after_a_prune_is_caught() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    let left = chain_files(&s.log);
+    let (path, m) = manifest(&s);
+
+    // Deleting the oldest file left: the manifest does not account for it.
+    let kept = fs::read(&left[0]).unwrap();
+    fs::remove_file(&left[0]).unwrap();
+    let r = verify(&s.log, &pruned_opts());
+    assert!(!r.ok());
+    let reason = &r.first_problem().unwrap().reason;
+    assert!(reason.contains("do not account"), "{reason}");
+    fs::write(&left[0], &kept).unwrap();
+    assert!(verify(&s.log, &pruned_opts()).ok());
+
+    // Editing the manifest: its MAC fails with the key; without the key, the first file left
+    // no longer links to the hash it records.
+    let mut forged = m.clone();
+    forged.files.last_mut().unwrap().last_hash = "00".repeat(32);
+    fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let r = verify(&s.log, &pruned_opts());
+    assert!(
+        r.first_problem().unwrap().reason.contains("MAC mismatch"),
+        "{r:?}"
+    );
+    let unkeyed = VerifyOptions {
+        allow_pruned: true,
+        ..VerifyOptions::default()
+    };
+    let r = verify(&s.log, &unkeyed);
+    assert!(
+        r.first_problem().unwrap().reason.contains("prev is not"),
+        "{r:?}"
+    );
+
+    // Removing the manifest: the missing files are missing again.
+    fs::remove_file(&path).unwrap();
+    let r = verify(&s.log, &pruned_opts());
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("no prune manifest"),
+        "{r:?}"
+    );
+
+    // An archive copy edited later fails when the chain is read whole.
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let first = s.archive.join(&m.files[0].name);
+    let mut bytes = fs::read(&first).unwrap();
+    let at = bytes.iter().position(|&b| b == b'q').unwrap();
+    bytes[at] = b'Q';
+    fs::set_permissions(&first, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&first, bytes).unwrap();
+    assert!(!verify(&s.log, &with_archive(&s)).ok());
+}
+
+#[test]
+fn an_interrupted_move_is_finished_by_running_again() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    let before = chain_files(&s.log);
+    // The copies were made but the originals not removed (an interruption).
+    for f in &before[..2] {
+        fs::copy(f, s.archive.join(f.file_name().unwrap())).unwrap();
+    }
+    // Read whole with both copies present, each file counts once.
+    let records = verify(&s.log, &keyed_opts()).chains[0].records;
+    let both = verify(&s.log, &with_archive(&s));
+    assert!(both.ok(), "{both:?}");
+    assert_eq!(both.chains[0].records, records);
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(chain_files(&s.log), before[before.len() - 2..]);
+    assert!(verify(&s.log, &pruned_opts()).ok());
+}
+
+#[test]
+fn an_archive_file_with_other_bytes_stops_the_move() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let before = chain_files(&s.log);
+    fs::write(
+        s.archive.join(before[0].file_name().unwrap()),
+        b"something else\n",
+    )
+    .unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("other contents"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(chain_files(&s.log), before, "nothing may be removed");
+    assert!(names(&s.log, ".pruned.json").is_empty());
+    // Read together, the two different files of one name are named.
+    let r = verify(&s.log, &with_archive(&s));
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("two different files"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn the_archive_must_be_a_private_directory_other_than_the_log() {
+    let s = setup();
+    open_chain(&s.log, 20);
+    let log = s.log.to_str().unwrap().to_string();
+    fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("writable by group or others"),
+        "{}",
+        text(&out.stderr)
+    );
+    fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o700)).unwrap();
+
+    for (archive, needle) in [
+        (log.as_str(), "the log directory itself"),
+        ("/nonexistent/archive", "No such file"),
+    ] {
+        let out = kvh(&[
+            "prune-log",
+            &log,
+            "--archive-dir",
+            archive,
+            "--older-than",
+            "0",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{archive}");
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+    }
+    let link = s.archive.with_extension("link");
+    std::os::unix::fs::symlink(&s.archive, &link).unwrap();
+    let out = kvh(&[
+        "prune-log",
+        &log,
+        "--archive-dir",
+        link.to_str().unwrap(),
+        "--older-than",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("symlink"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn recent_files_stay() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let before = chain_files(&s.log);
+    let out = prune(&s, &["--older-than", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("moved 0 files"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(chain_files(&s.log), before);
+}
+
+#[test]
+fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 40, true);
+    let files = chain_files(&s.log);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("the whole chain"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(chain_files(&s.log).is_empty());
+    assert_eq!(names(&s.archive, ".jsonl").len(), files.len());
+
+    let signed = VerifyOptions {
+        public_key: Some(read_public_key(&public).unwrap()),
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    let r = verify(&s.log, &signed);
+    assert!(r.ok(), "{r:?}");
+    assert!(r.chains[0].pruned.as_ref().unwrap().complete);
+    assert!(r.chains[0].checkpoint_seq.is_some());
+    // Without --allow-pruned the checkpoint's chain has no file: deleted.
+    let strict = VerifyOptions {
+        allow_pruned: false,
+        ..signed
+    };
+    assert!(!verify(&s.log, &strict).ok());
+    let signed = VerifyOptions {
+        allow_pruned: true,
+        ..strict
+    };
+
+    // A manifest that claims less than the checkpoint covers (seq, without a key to catch
+    // the edit) is caught by the checkpoint.
+    let (path, mut m) = manifest(&s);
+    m.files.pop();
+    m.mac = None;
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let unkeyed = VerifyOptions {
+        hmac_secret: None,
+        ..signed
+    };
+    let r = verify(&s.log, &unkeyed);
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("does not match the last record"),
+        "{r:?}"
+    );
+    // A manifest of an open chain whose files are all gone: deleted.
+    m.complete = false;
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&s.log, &unkeyed);
+    assert!(
+        r.first_problem().unwrap().reason.contains("files deleted"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn the_manifest_records_each_moved_file() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    let before = chain_files(&s.log);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    let (_, m) = manifest(&s);
+    assert_eq!(m.v, 1);
+    assert!(!m.complete);
+    assert!(m.mac.is_some());
+    let mut next_seq = 0;
+    for (i, f) in m.files.iter().enumerate() {
+        assert_eq!(f.name, before[i].file_name().unwrap().to_str().unwrap());
+        let bytes = fs::read(s.archive.join(&f.name)).unwrap();
+        use sha2::Digest;
+        assert_eq!(
+            f.sha256,
+            kvhygiene::forensic::record::hex(&sha2::Sha256::digest(&bytes))
+        );
+        assert_eq!(f.first_seq, next_seq);
+        let last: Value =
+            serde_json::from_str(std::str::from_utf8(&bytes).unwrap().lines().last().unwrap())
+                .unwrap();
+        assert_eq!(last["seq"], f.last_seq);
+        assert_eq!(last["hash"], f.last_hash.as_str());
+        next_seq = f.last_seq + 1;
+    }
+}
