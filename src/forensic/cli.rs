@@ -273,10 +273,15 @@ fn chain_line(c: &ChainReport) -> String {
             if p.complete { " (the whole chain)" } else { "" }
         ));
     }
-    notes.push(match c.checkpoint_seq {
-        Some(s) => format!("checkpoint at seq {s} verified"),
-        None if c.checkpoints_checked => "no checkpoint".into(),
-        None => "no checkpoint checked (no --public-key)".into(),
+    let in_moved = c.pruned.as_ref().and_then(|p| p.checkpoint_in_moved_files);
+    notes.push(match (c.checkpoint_seq, in_moved) {
+        (_, Some(s)) => format!(
+            "checkpoint at seq {s} falls in the moved files (its record is checked only with \
+             --archive-dir)"
+        ),
+        (Some(s), None) => format!("checkpoint at seq {s} verified"),
+        (None, None) if c.checkpoints_checked => "no checkpoint".into(),
+        (None, None) => "no checkpoint checked (no --public-key)".into(),
     });
     format!(
         "chain {}: {} records{seq}{time}, {} files, {}: {}",

@@ -93,6 +93,11 @@ pub struct Pruned {
     pub complete: bool,
     /// Where the manifest says they went.
     pub archive: String,
+    /// The chain's signed checkpoint points into the moved files at a record whose hash the
+    /// manifest does not hold: it shows the chain reached that seq, but only `--archive-dir`
+    /// can check the record itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_in_moved_files: Option<u64>,
 }
 
 impl ChainReport {
@@ -248,14 +253,16 @@ fn whole_chain_archived(
         ));
     }
     if let Some(c) = ckpt {
-        if c.seq != tail.last_seq || parse_hash(&tail.last_hash) != Some(c.hash) {
+        if c.seq > tail.last_seq {
             return Err(format!(
-                "the signed checkpoint (seq {}) does not match the last record the manifest \
-                 moved (seq {}): chain rewritten or manifest forged",
+                "the signed checkpoint covers seq {}, beyond the last record the manifest moved \
+                 (seq {}): records truncated, or manifest forged",
                 c.seq, tail.last_seq
             ));
         }
-        rep.checkpoint_seq = Some(c.seq);
+        let mut pruned = rep.pruned.take().unwrap_or_default();
+        rep.checkpoint_seq = checkpoint_in_moved(c, &moved_heads(&m), &mut pruned)?;
+        rep.pruned = Some(pruned);
     }
     Ok(())
 }
@@ -266,7 +273,39 @@ fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
         last_seq,
         complete: m.complete,
         archive: m.archive.clone(),
+        checkpoint_in_moved_files: None,
     }
+}
+
+/// A signed checkpoint at or before the last moved record: where the manifest holds that
+/// record's hash (a moved file's last record) it must match; elsewhere the hash cannot be
+/// checked without the archive, which the report says.
+fn checkpoint_in_moved(
+    c: &Checkpoint,
+    moved: &[(u64, [u8; 32])],
+    pruned: &mut Pruned,
+) -> Result<Option<u64>, String> {
+    match moved.iter().find(|(seq, _)| *seq == c.seq) {
+        Some((_, hash)) if *hash == c.hash => Ok(Some(c.seq)),
+        Some(_) => Err(format!(
+            "the signed checkpoint (seq {}) does not match the hash the manifest records for \
+             that record: chain rewritten or manifest forged",
+            c.seq
+        )),
+        None => {
+            pruned.checkpoint_in_moved_files = Some(c.seq);
+            Ok(None)
+        }
+    }
+}
+
+/// `(last_seq, last_hash)` of every moved file the manifest lists (unparsable hashes left
+/// out: they never match).
+fn moved_heads(m: &Manifest) -> Vec<(u64, [u8; 32])> {
+    m.files
+        .iter()
+        .filter_map(|f| Some((f.last_seq, parse_hash(&f.last_hash)?)))
+        .collect()
 }
 
 /// Reads the checkpoints; a bad signature is tampering, an unreadable file a usage error.
@@ -326,6 +365,9 @@ struct Walk<'a> {
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
     cur_index: u64,
+    /// With a pruned start: `(last_seq, last_hash)` of each moved file, for a checkpoint
+    /// that points into them.
+    moved: Vec<(u64, [u8; 32])>,
     report: ChainReport,
 }
 
@@ -353,6 +395,7 @@ fn verify_chain(
         prev: GENESIS_PREV,
         prev_file: None,
         ckpt,
+        moved: Vec::new(),
         report: ChainReport {
             chain: chain.to_string(),
             files: list.len(),
@@ -415,6 +458,27 @@ fn verify_chain(
             ),
         });
         return Ok(w.report);
+    }
+    if let (Some(c), Some(mut pruned)) = (ckpt, w.report.pruned.clone()) {
+        if w.report.checkpoint_seq.is_none() && c.seq <= pruned.last_seq {
+            match checkpoint_in_moved(c, &w.moved, &mut pruned) {
+                Ok(seq) => {
+                    w.report.checkpoint_seq = seq;
+                    w.report.pruned = Some(pruned);
+                    return Ok(w.report);
+                }
+                Err(reason) => {
+                    w.report.problem = Some(Problem {
+                        file: prune::manifest_path(Path::new(""), chain)
+                            .display()
+                            .to_string(),
+                        line: 1,
+                        reason,
+                    });
+                    return Ok(w.report);
+                }
+            }
+        }
     }
     if let Some(c) = ckpt {
         if w.report.checkpoint_seq.is_none() {
@@ -491,6 +555,8 @@ impl Walk<'_> {
         self.prev = prev;
         self.prev_file = Some(tail.name.clone());
         self.cur_index = first - 1;
+        self.moved = moved_heads(&m);
+        self.moved.truncate(first as usize);
         self.report.pruned = Some(Pruned {
             files: first,
             ..pruned_of(&m, tail.last_seq)
