@@ -78,6 +78,20 @@ fn prune(s: &Setup, extra: &[&str]) -> Output {
     kvh(&args)
 }
 
+/// `prune-log --older-than 0` of the setup's log into `archive`, with the key.
+fn prune_into(s: &Setup, archive: &str) -> Output {
+    kvh(&[
+        "prune-log",
+        s.log.to_str().unwrap(),
+        "--archive-dir",
+        archive,
+        "--older-than",
+        "0",
+        "--key-file",
+        s.key.to_str().unwrap(),
+    ])
+}
+
 fn names(dir: &Path, ext: &str) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap()
@@ -167,6 +181,16 @@ fn an_open_chain_keeps_its_two_newest_files_and_verifies_from_the_manifest() {
     );
     let out = kvh(&["evidence", d, "--key-file", k, "--allow-pruned", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = &ev["integrity"]["pruned"][0];
+    assert_eq!(said["files"], moved.len());
+    assert_eq!(said["last_seq"], pruned.last_seq);
+    let out = kvh(&["evidence", d, "--key-file", k, "--allow-pruned"]);
+    assert!(
+        text(&out.stdout).contains(&format!("the oldest {} files moved", moved.len())),
+        "{}",
+        text(&out.stdout)
+    );
 
     // A second run finds nothing more to move (the two newest stay), and the manifest keeps
     // its entries once.
@@ -237,11 +261,27 @@ fn deleting_or_forging_after_a_prune_is_caught() {
         r.first_problem().unwrap().reason.contains("MAC mismatch"),
         "{r:?}"
     );
+    // Without the key a manifest is not taken as the word for anything.
     let unkeyed = VerifyOptions {
         allow_pruned: true,
         ..VerifyOptions::default()
     };
     let r = verify(&s.log, &unkeyed);
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("needs the HMAC key"),
+        "{r:?}"
+    );
+    // Whoever holds the key can write a manifest that says anything; the chain left must
+    // still link to it.
+    let key = kvhygiene::forensic::prune::manifest_key(Some(&secret()))
+        .unwrap()
+        .unwrap();
+    forged.seal(Some(&key));
+    fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let r = verify(&s.log, &pruned_opts());
     assert!(
         r.first_problem().unwrap().reason.contains("prev is not"),
         "{r:?}"
@@ -336,30 +376,16 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
     fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o700)).unwrap();
 
     for (archive, needle) in [
-        (log.as_str(), "the log directory itself"),
+        (log.as_str(), "or inside it"),
         ("/nonexistent/archive", "No such file"),
     ] {
-        let out = kvh(&[
-            "prune-log",
-            &log,
-            "--archive-dir",
-            archive,
-            "--older-than",
-            "0",
-        ]);
+        let out = prune_into(&s, archive);
         assert_eq!(out.status.code(), Some(2), "{archive}");
         assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
     }
     let link = s.archive.with_extension("link");
     std::os::unix::fs::symlink(&s.archive, &link).unwrap();
-    let out = kvh(&[
-        "prune-log",
-        &log,
-        "--archive-dir",
-        link.to_str().unwrap(),
-        "--older-than",
-        "0",
-    ]);
+    let out = prune_into(&s, link.to_str().unwrap());
     assert_eq!(out.status.code(), Some(2));
     assert!(
         text(&out.stderr).contains("symlink"),
@@ -422,30 +448,45 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
         ..strict
     };
 
-    // A manifest that claims less than the checkpoint covers (seq, without a key to catch
-    // the edit) is caught by the checkpoint.
+    // Even a manifest sealed with the key must end at the signed checkpoint.
+    let key = kvhygiene::forensic::prune::manifest_key(Some(&secret()))
+        .unwrap()
+        .unwrap();
     let (path, mut m) = manifest(&s);
+    let original = m.clone();
     m.files.pop();
-    m.mac = None;
+    m.seal(Some(&key));
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
-    let unkeyed = VerifyOptions {
-        hmac_secret: None,
-        ..signed
-    };
-    let r = verify(&s.log, &unkeyed);
+    let r = verify(&s.log, &signed);
     assert!(
         r.first_problem()
             .unwrap()
             .reason
-            .contains("beyond the last record"),
+            .contains("is not the last record the manifest moved"),
         "{r:?}"
     );
     // A manifest of an open chain whose files are all gone: deleted.
-    m.complete = false;
-    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
-    let r = verify(&s.log, &unkeyed);
+    let mut open = original.clone();
+    open.complete = false;
+    open.seal(Some(&key));
+    fs::write(&path, serde_json::to_vec(&open).unwrap()).unwrap();
+    let r = verify(&s.log, &signed);
     assert!(
         r.first_problem().unwrap().reason.contains("files deleted"),
+        "{r:?}"
+    );
+    // With a pinned key, a chain moved whole still needs its checkpoint.
+    fs::write(&path, serde_json::to_vec(&original).unwrap()).unwrap();
+    assert!(verify(&s.log, &signed).ok());
+    for f in fs::read_dir(&s.log).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "ckpt") {
+            fs::remove_file(f).unwrap();
+        }
+    }
+    let r = verify(&s.log, &signed);
+    assert!(
+        r.first_problem().unwrap().reason.contains("no checkpoint"),
         "{r:?}"
     );
 }
@@ -563,63 +604,262 @@ proptest::proptest! {
 }
 
 #[test]
-fn a_checkpoint_in_the_moved_files_is_checked_where_the_manifest_can() {
+fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
     use kvhygiene::forensic::checkpoint::{self, Checkpoint};
     use kvhygiene::forensic::keys::read_signing_key;
-    use kvhygiene::forensic::record::parse_hash;
     let s = setup();
     open_chain(&s.log, 80);
-    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
-    let (_, m) = manifest(&s);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 6);
     let tmp = tempfile::tempdir().unwrap();
     let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
     let signer = read_signing_key(&signer).unwrap();
-    let ck = tmp.path().join("ckpt");
-    fs::create_dir(&ck).unwrap();
+    // A checkpoint at the last record of file 2 (as a writer that checkpointed then).
+    let third = fs::read_to_string(&files[2]).unwrap();
+    let last: Value = serde_json::from_str(third.lines().last().unwrap()).unwrap();
+    let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
+    let c = Checkpoint {
+        chain: chain.clone(),
+        seq: last["seq"].as_u64().unwrap(),
+        hash: kvhygiene::forensic::record::parse_hash(last["hash"].as_str().unwrap()).unwrap(),
+        file: files[2].file_name().unwrap().to_str().unwrap().to_string(),
+        ts: 1,
+    };
+    checkpoint::write(&s.log, &signer, &c).unwrap();
+    let first: Value = serde_json::from_str(
+        fs::read_to_string(&files[0])
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Files 0 and 1 moved; the checkpoint's file stays, so it is held to its record.
+    assert_eq!(chain_files(&s.log), files[2..]);
     let opts = VerifyOptions {
         public_key: Some(read_public_key(&public).unwrap()),
-        checkpoints: vec![ck.clone()],
+        checkpoints: vec![s.log.clone()],
         ..pruned_opts()
     };
-    let sign = |seq: u64, hash: [u8; 32], file: &str| {
-        let c = Checkpoint {
-            chain: m.chain.clone(),
-            seq,
-            hash,
-            file: file.to_string(),
-            ts: 1,
-        };
-        // The writer refuses to move a checkpoint back; these are made up.
-        let _ = fs::remove_file(checkpoint::path_for(&ck, &c.chain));
-        checkpoint::write(&ck, &signer, &c).unwrap();
-    };
-    // At a moved file's last record: the manifest holds its hash, which must match.
-    let f = &m.files[1];
-    sign(f.last_seq, parse_hash(&f.last_hash).unwrap(), &f.name);
     let r = verify(&s.log, &opts);
     assert!(r.ok(), "{r:?}");
-    assert_eq!(r.chains[0].checkpoint_seq, Some(f.last_seq));
-    sign(f.last_seq, [7; 32], &f.name);
+    assert_eq!(r.chains[0].checkpoint_seq, Some(c.seq));
+
+    // A checkpoint that points into the moved files cannot be held to a record here.
+    let _ = fs::remove_file(checkpoint::path_for(&s.log, &chain));
+    let earlier = Checkpoint {
+        seq: first["seq"].as_u64().unwrap(),
+        hash: kvhygiene::forensic::record::parse_hash(first["hash"].as_str().unwrap()).unwrap(),
+        ..c
+    };
+    checkpoint::write(&s.log, &signer, &earlier).unwrap();
     let r = verify(&s.log, &opts);
     assert!(
         r.first_problem()
             .unwrap()
             .reason
-            .contains("does not match the hash"),
+            .contains("points into the moved files"),
         "{r:?}"
     );
-    // Inside a moved file: accepted, and the report says its record was not checked.
-    sign(f.first_seq, [7; 32], &f.name);
-    let r = verify(&s.log, &opts);
-    assert!(r.ok(), "{r:?}");
-    assert_eq!(r.chains[0].checkpoint_seq, None);
-    let pruned = r.chains[0].pruned.as_ref().unwrap();
-    assert_eq!(pruned.checkpoint_in_moved_files, Some(f.first_seq));
-    // Read whole, the same checkpoint is a rewrite.
+    // Read whole, it verifies.
     let whole = VerifyOptions {
         allow_pruned: false,
         archive_dirs: vec![s.archive.clone()],
         ..opts
     };
-    assert!(!verify(&s.log, &whole).ok());
+    assert!(verify(&s.log, &whole).ok());
+}
+
+#[test]
+fn a_file_changed_after_the_verification_is_not_moved() {
+    use kvhygiene::forensic::prune::{prune_chain, ChainState, PrunePlan};
+    let s = setup();
+    open_chain(&s.log, 60);
+    let files = chain_files(&s.log);
+    let opts = keyed_opts();
+    assert!(verify(&s.log, &opts).ok());
+    // Between the verification and the move, file 0 changes.
+    let mut bytes = fs::read(&files[0]).unwrap();
+    let at = bytes.iter().position(|&b| b == b'q').unwrap();
+    bytes[at] = b'Q';
+    fs::write(&files[0], bytes).unwrap();
+    let key = kvhygiene::forensic::prune::manifest_key(Some(&secret()))
+        .unwrap()
+        .unwrap();
+    let plan = PrunePlan {
+        dir: &s.log,
+        archive: &s.archive,
+        cutoff_ns: u64::MAX,
+        dry_run: false,
+        opts: &opts,
+        key: &key,
+    };
+    let list: Vec<(u64, PathBuf)> = files
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, p)| (i as u64, p))
+        .collect();
+    let chain = verify(&s.log, &VerifyOptions::default()).chains[0]
+        .chain
+        .clone();
+    let state = ChainState {
+        chain: &chain,
+        list: &list,
+        closed: false,
+        last_seq: None,
+        checkpoint_seq: None,
+    };
+    let err = prune_chain(&plan, &state).unwrap_err();
+    assert!(
+        matches!(&err, kvhygiene::forensic::prune::PruneError::NotVerified(e) if e.contains("not moved")),
+        "{err}"
+    );
+    assert_eq!(chain_files(&s.log), files, "nothing removed");
+    assert!(names(&s.log, ".pruned.json").is_empty());
+    assert!(names(&s.archive, ".jsonl").is_empty());
+}
+
+#[test]
+fn a_key_is_required_and_the_archive_stays_with_the_chain() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    let d = s.log.to_str().unwrap();
+    let a = s.archive.to_str().unwrap();
+    let out = kvh(&["prune-log", d, "--archive-dir", a, "--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--key-file is required"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = kvh(&["verify-log", d, "--allow-pruned"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("needs --key-file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    // Leftovers of an interrupted copy are cleared by the next run.
+    fs::write(s.archive.join(".kvh-tmp-x.jsonl.1"), b"partial").unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !s.archive.join(".kvh-tmp-x.jsonl.1").exists(),
+        "leftover kept"
+    );
+}
+
+#[test]
+fn a_chains_files_all_go_to_one_archive() {
+    let s = setup();
+    let log = ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret())).unwrap();
+    for i in 0..60 {
+        log.emit(event(i));
+    }
+    log.flush();
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    // The chain grows; its next old files may not go elsewhere.
+    for i in 60..120 {
+        log.emit(event(i));
+    }
+    log.flush();
+    std::mem::forget(log);
+    let other = s.archive.with_extension("other");
+    fs::create_dir(&other).unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = prune_into(&s, other.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("to the same archive"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    assert!(verify(&s.log, &pruned_opts()).ok());
+}
+
+#[test]
+fn nothing_may_follow_a_stop_record() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 20, true);
+    let files = chain_files(&s.log);
+    let last = files.last().unwrap();
+    let next = last.with_file_name(kvhygiene::forensic::files::file_name(
+        &verify(&s.log, &keyed_opts()).chains[0].chain,
+        files.len() as u64,
+    ));
+    fs::write(&next, b"").unwrap();
+    let r = verify(&s.log, &keyed_opts());
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("after the chain's stop"),
+        "{r:?}"
+    );
+    fs::remove_file(&next).unwrap();
+    let mut f = fs::OpenOptions::new().append(true).open(last).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"torn").unwrap();
+    let r = verify(&s.log, &keyed_opts());
+    assert!(
+        r.first_problem()
+            .unwrap()
+            .reason
+            .contains("after the chain's stop"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn read_whole_every_moved_file_must_be_in_the_archive_as_recorded() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    let (_, m) = manifest(&s);
+    assert!(verify(&s.log, &with_archive(&s)).ok());
+    // A moved file lost from the archive: with --allow-pruned too, reading the archive says so.
+    let lost = s.archive.join(&m.files[0].name);
+    let kept = fs::read(&lost).unwrap();
+    fs::remove_file(&lost).unwrap();
+    let both = VerifyOptions {
+        allow_pruned: true,
+        ..with_archive(&s)
+    };
+    let r = verify(&s.log, &both);
+    assert!(
+        r.errors.iter().any(|e| e.contains("moved file lost")),
+        "{r:?}"
+    );
+    fs::write(&lost, &kept).unwrap();
+    assert!(verify(&s.log, &both).ok());
+}
+
+#[test]
+fn the_archive_may_not_be_inside_the_log_directory() {
+    let s = setup();
+    open_chain(&s.log, 20);
+    let inside = s.log.join("archive");
+    fs::create_dir(&inside).unwrap();
+    fs::set_permissions(&inside, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = kvh(&[
+        "prune-log",
+        s.log.to_str().unwrap(),
+        "--archive-dir",
+        inside.to_str().unwrap(),
+        "--older-than",
+        "0",
+        "--key-file",
+        s.key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("or inside it"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -287,9 +287,11 @@ fn a_pruned_log_is_admitted_only_with_allow_pruned() {
     let writer = kvhygiene::forensic::ForensicLog::open_with_secret(
         &forensic_common::cfg(&log, 4096),
         forensic_common::start(),
-        None,
+        Some(forensic_common::secret()),
     )
     .unwrap();
+    let key = dir.path().join("hmac.key");
+    std::fs::write(&key, &*forensic_common::secret()).unwrap();
     for i in 0..60 {
         writer.emit(forensic_common::event(i));
     }
@@ -299,19 +301,20 @@ fn a_pruned_log_is_admitted_only_with_allow_pruned() {
     std::fs::create_dir(&archive).unwrap();
     std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
     let (code, out, err) = run(kvh()
-        .args([
-            "prune-log",
-            log.to_str().unwrap(),
-            "--older-than",
-            "0",
-            "--archive-dir",
-        ])
-        .arg(&archive));
+        .args(["prune-log", log.to_str().unwrap(), "--older-than", "0"])
+        .arg("--archive-dir")
+        .arg(&archive)
+        .arg("--key-file")
+        .arg(&key));
     assert_eq!(code, 0, "{out}{err}");
     let l = log.to_str().unwrap();
-    let (code, out, _) = gate(&f, &["--log-dir", l]);
+    let k = key.to_str().unwrap();
+    let (code, out, _) = gate(&f, &["--log-dir", l, "--key-file", k]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("missing"), "{out}");
-    let (code, out, err) = gate(&f, &["--log-dir", l, "--allow-pruned"]);
+    let (code, out, err) = gate(&f, &["--log-dir", l, "--key-file", k, "--allow-pruned"]);
     assert_eq!(code, 0, "{out}{err}");
+    // The manifests are taken only with their key.
+    let (code, _, err) = gate(&f, &["--log-dir", l, "--allow-pruned"]);
+    assert_eq!(code, 2, "{err}");
 }

@@ -88,22 +88,29 @@ verify, 2 error).
 
 The log directory only grows: a file per rotation, a chain per process start. Files removed \
 by hand make verify-log report them missing, as it must. prune-log is the retention step \
-that keeps the log verifiable:
+that keeps the log verifiable. It needs --key-file: the manifests that stand in for moved \
+files are MACed with the log's HMAC secret.
 
   1. it verifies the whole directory (as verify-log --allow-pruned, with the keys given) and \
 moves nothing from a log that does not verify;
-  2. per chain, it moves the oldest files whose newest record is older than --older-than \
-days: never the two newest files of a chain still open (a writer, or crash recovery, reads \
-them), and every file of a chain that ended with a stop record;
-  3. each file is copied into --archive-dir (exclusive create, 0600, fsync, read back and \
-compared), recorded in the chain's manifest DIR/kvh-CHAIN.pruned.json (MACed with \
---key-file's secret), and only then removed. A run that is interrupted is finished by running \
-it again.
+  2. per chain, oldest first, it moves files whose records are all older than --older-than \
+days, stopping at the two newest files of a chain still open (a writer, or crash recovery, \
+reads them) and at the file holding the chain's signed checkpoint (so verifiers can always \
+hold the checkpoint to a record); every file of a chain that ended with a stop record may \
+move;
+  3. each file's bytes are checked again as the continuation of the chain (exactly the bytes \
+that move), written to --archive-dir (temporary file, 0600, fsync, then linked to its name), \
+recorded in the chain's manifest DIR/kvh-CHAIN.pruned.json, and only then removed. An \
+interrupted run is finished by running it again.
 
-Afterwards `kvh verify-log DIR --allow-pruned` checks what is left from where the manifests \
-say the moved files ended (the first file left must link to the last one moved), and \
-`kvh verify-log DIR --archive-dir ARCHIVE` checks the chains whole. Checkpoints stay where \
-they are. One prune-log at a time per archive (it takes a lock on the archive directory).
+Afterwards `kvh verify-log DIR --key-file F --allow-pruned` checks what is left from where \
+the manifests say the moved files ended (the first file left must link to the last one \
+moved), and `kvh verify-log DIR --key-file F --archive-dir ARCHIVE` checks the chains whole. \
+One prune-log at a time per log directory and per archive.
+
+Exit status: 0 done (or nothing to move); 1 the log does not verify (nothing moved), or a \
+chain changed since the verification (that chain not moved); 2 usage or I/O error, or a file \
+of another content already in the archive.
 
 Example (a nightly job keeping 90 days in the log directory):
   kvh prune-log /var/log/kvh/chains --archive-dir /archive/kvh --older-than 90 \

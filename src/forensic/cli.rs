@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
+use super::checkpoint;
 use super::files;
 use super::keys;
 use super::prune::{self, ChainPruned};
@@ -66,8 +67,9 @@ pub struct PruneLogArgs {
     /// Move files whose newest record is older than DAYS days (0: every file that may move).
     #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(0..=36_500))]
     pub older_than: u64,
-    /// The HMAC secret file: the log's MACs are checked before anything moves, and the
-    /// manifests are MACed with it (verify-log then checks them with the same file).
+    /// The HMAC secret file (required): the log's MACs are checked before anything moves,
+    /// and the manifests are MACed with it (verify-log --allow-pruned then checks them with
+    /// the same file).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// Ed25519 public key of the checkpoints, checked before anything moves.
@@ -128,7 +130,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
             .map_err(std::io::Error::from)
             .and_then(|_| writeln!(out))
     } else {
-        write_text(&mut out, &args.dir, &report)
+        write_text(&mut out, &args.dir, &args.archive_dir, &report)
     };
     if let Err(e) = written {
         eprintln!("kvh verify-log: cannot write the report: {e}");
@@ -179,6 +181,13 @@ pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
             "--checkpoint needs --public-key (the key the checkpoints are pinned to)".into(),
         );
     }
+    if args.allow_pruned && hmac_secret.is_none() {
+        return Err(
+            "--allow-pruned needs --key-file: a prune manifest stands in for moved \
+                    files only when its MAC verifies"
+                .into(),
+        );
+    }
     for a in &args.archive_dir {
         match std::fs::metadata(a) {
             Ok(m) if m.is_dir() => {}
@@ -211,17 +220,22 @@ fn dir_bytes(dirs: &[&Path]) -> u64 {
         .unwrap_or(0)
 }
 
-fn write_text(out: &mut impl Write, dir: &Path, r: &Report) -> std::io::Result<()> {
+fn write_text(
+    out: &mut impl Write,
+    dir: &Path,
+    archives: &[PathBuf],
+    r: &Report,
+) -> std::io::Result<()> {
     for c in &r.chains {
         writeln!(out, "{}", chain_line(c))?;
         if let Some(p) = &c.problem {
-            writeln!(
-                out,
-                "  {}:{}: {}",
-                dir.join(&p.file).display(),
-                p.line,
-                p.reason
-            )?;
+            // The file may be one read from an archive directory.
+            let path = std::iter::once(dir)
+                .chain(archives.iter().map(PathBuf::as_path))
+                .map(|d| d.join(&p.file))
+                .find(|f| f.symlink_metadata().is_ok())
+                .unwrap_or_else(|| dir.join(&p.file));
+            writeln!(out, "  {}:{}: {}", path.display(), p.line, p.reason)?;
         }
     }
     for e in &r.errors {
@@ -266,22 +280,17 @@ fn chain_line(c: &ChainReport) -> String {
     );
     if let Some(p) = &c.pruned {
         notes.push(format!(
-            "{} oldest file(s) up to seq {} moved to {} by prune-log{}",
+            "{} oldest file(s) up to seq {} moved to {} by prune-log (MACed manifest){}",
             p.files,
             p.last_seq,
-            p.archive,
+            p.archive.escape_debug(),
             if p.complete { " (the whole chain)" } else { "" }
         ));
     }
-    let in_moved = c.pruned.as_ref().and_then(|p| p.checkpoint_in_moved_files);
-    notes.push(match (c.checkpoint_seq, in_moved) {
-        (_, Some(s)) => format!(
-            "checkpoint at seq {s} falls in the moved files (its record is checked only with \
-             --archive-dir)"
-        ),
-        (Some(s), None) => format!("checkpoint at seq {s} verified"),
-        (None, None) if c.checkpoints_checked => "no checkpoint".into(),
-        (None, None) => "no checkpoint checked (no --public-key)".into(),
+    notes.push(match c.checkpoint_seq {
+        Some(s) => format!("checkpoint at seq {s} verified"),
+        None if c.checkpoints_checked => "no checkpoint".into(),
+        None => "no checkpoint checked (no --public-key)".into(),
     });
     format!(
         "chain {}: {} records{seq}{time}, {} files, {}: {}",
@@ -317,6 +326,14 @@ pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
 }
 
 fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
+    if args.key_file.is_none() {
+        return Err(
+            "--key-file is required: the manifests that stand in for moved files are \
+                    MACed with the log's HMAC secret (a log without one cannot be pruned; keep \
+                    it whole)"
+                .into(),
+        );
+    }
     let verify_args = VerifyLogArgs {
         dir: args.dir.clone(),
         key_file: args.key_file.clone(),
@@ -328,38 +345,57 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         json: false,
     };
     let opts = options(&verify_args)?;
-    prune::check_archive_dir(&args.archive_dir)?;
-    if same_dir(&args.dir, &args.archive_dir) {
-        return Err("--archive-dir is the log directory itself".into());
-    }
-    let _lock = prune::lock_dir(&args.archive_dir)?;
+    let key = prune::manifest_key(opts.hmac_secret.as_ref())?.ok_or("--key-file is required")?;
+    prune::check_archive_dir(&args.archive_dir, &args.dir)?;
+    // One run per log directory and per archive.
+    let _log_lock = prune::lock_dir(&args.dir)?;
+    let _archive_lock = prune::lock_dir(&args.archive_dir)?;
+    prune::remove_leftovers(&args.dir, &args.archive_dir);
     let report = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
     if !report.ok() {
-        write_text(&mut std::io::stderr(), &args.dir, &report).map_err(|e| e.to_string())?;
+        write_text(&mut std::io::stderr(), &args.dir, &[], &report).map_err(|e| e.to_string())?;
         eprintln!("kvh prune-log: the log does not verify; nothing was moved");
         return Ok(EXIT_TAMPERED);
     }
-    let key = prune::manifest_key(opts.hmac_secret.as_ref())?;
+    let checkpoints = checkpoint_seqs(&args.dir, args.checkpoint.as_deref());
     let cutoff_ns = now_ns().saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
     let plan = prune::PrunePlan {
         dir: &args.dir,
         archive: &args.archive_dir,
         cutoff_ns,
         dry_run: args.dry_run,
-        key: key.as_ref(),
+        opts: &opts,
+        key: &key,
     };
     let mut moved = Vec::new();
+    let (mut refused, mut failed) = (0usize, 0usize);
     for (chain, list) in list_all(&args.dir, &opts).map_err(|e| e.to_string())? {
-        let closed = report.chains.iter().any(|c| c.chain == chain && c.closed);
-        let (selected, complete) = prune::select(&list, closed, cutoff_ns)?;
-        if selected.is_empty() {
-            continue;
+        let verified = report.chains.iter().find(|c| c.chain == chain);
+        let state = prune::ChainState {
+            chain: &chain,
+            list: &list,
+            closed: verified.is_some_and(|c| c.closed),
+            last_seq: verified.and_then(|c| c.last_seq),
+            checkpoint_seq: checkpoints.get(&chain).copied(),
+        };
+        match prune::prune_chain(&plan, &state) {
+            Ok(done) if done.files.is_empty() => {}
+            Ok(done) => {
+                if !args.json {
+                    println!("{}", pruned_line(&done, args.dry_run));
+                }
+                moved.push(done);
+            }
+            // One chain that cannot move (changed since the verification, an I/O error)
+            // does not hold the others back; it is said, and the exit status says it too.
+            Err(e) => {
+                eprintln!("kvh prune-log: {e}");
+                match e {
+                    prune::PruneError::NotVerified(_) => refused += 1,
+                    prune::PruneError::Io(_) => failed += 1,
+                }
+            }
         }
-        let done = prune::move_chain(&plan, &chain, selected, complete)?;
-        if !args.json {
-            println!("{}", pruned_line(&done, args.dry_run));
-        }
-        moved.push(done);
     }
     let files: usize = moved.iter().map(|c| c.files.len()).sum();
     let bytes: u64 = moved.iter().map(|c| c.bytes).sum();
@@ -383,26 +419,50 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             args.archive_dir.display()
         );
     }
-    if args.dry_run || files == 0 {
-        return Ok(EXIT_OK);
+    if !args.dry_run && files > 0 {
+        // What is left must still verify, from the manifests just written.
+        let after = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
+        if !after.ok() {
+            write_text(&mut std::io::stderr(), &args.dir, &[], &after)
+                .map_err(|e| e.to_string())?;
+            eprintln!("kvh prune-log: the log does not verify after the move");
+            return Ok(EXIT_TAMPERED);
+        }
+        if !args.json {
+            println!(
+                "verify what is left with: kvh verify-log {} --key-file KEY --allow-pruned; the \
+                 whole chains with: kvh verify-log {} --key-file KEY --archive-dir {}",
+                args.dir.display(),
+                args.dir.display(),
+                args.archive_dir.display()
+            );
+        }
     }
-    // What is left must still verify, from the manifests just written.
-    let after = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
-    if !after.ok() {
-        write_text(&mut std::io::stderr(), &args.dir, &after).map_err(|e| e.to_string())?;
-        eprintln!("kvh prune-log: the log does not verify after the move");
+    if failed > 0 {
+        eprintln!("kvh prune-log: {failed} chain(s) not moved for an I/O error (see above)");
+        return Ok(EXIT_USAGE);
+    }
+    if refused > 0 {
+        eprintln!("kvh prune-log: {refused} chain(s) changed since the verification; not moved");
         return Ok(EXIT_TAMPERED);
     }
-    if !args.json {
-        println!(
-            "verify what is left with: kvh verify-log {} --allow-pruned; the whole chains \
-             with: kvh verify-log {} --archive-dir {}",
-            args.dir.display(),
-            args.dir.display(),
-            args.archive_dir.display()
-        );
-    }
     Ok(EXIT_OK)
+}
+
+/// The seq of each chain's checkpoint in DIR and in `--checkpoint`, read without checking
+/// the signature: only to keep the checkpoint's file in place (a forged one can only make
+/// less move).
+fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for place in std::iter::once(dir).chain(extra) {
+        for f in checkpoint::find(place).unwrap_or_default() {
+            if let Ok(Some(c)) = checkpoint::peek(&f) {
+                let seq = out.entry(c.chain).or_insert(c.seq);
+                *seq = (*seq).min(c.seq);
+            }
+        }
+    }
+    out
 }
 
 fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {
@@ -421,14 +481,6 @@ fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {
         c.bytes,
         if c.complete { ", the whole chain" } else { "" }
     )
-}
-
-/// Whether two paths name the same directory.
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 fn now_ns() -> u64 {

@@ -120,7 +120,22 @@ pub struct Integrity {
     pub macs_checked: bool,
     /// Chains whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
+    /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
+    /// the moved range's end are not in this report.
+    pub pruned: Vec<PrunedChain>,
     pub problems: Vec<String>,
+}
+
+/// A chain's part that `kvh prune-log` moved, as its (MAC-verified) manifest says.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PrunedChain {
+    pub chain: String,
+    pub files: u64,
+    /// Records up to this seq are not in the log directory.
+    pub last_seq: u64,
+    pub archive: String,
+    /// The whole chain moved.
+    pub complete: bool,
 }
 
 /// One writer process: a run of a chain, from its `start` record, or from the `recovery`
@@ -355,6 +370,20 @@ fn integrity(r: &Report) -> Integrity {
                 .filter(|c| c.checkpoint_seq.is_some())
                 .count()
         }),
+        pruned: r
+            .chains
+            .iter()
+            .filter_map(|c| {
+                let p = c.pruned.as_ref()?;
+                Some(PrunedChain {
+                    chain: c.chain.clone(),
+                    files: p.files,
+                    last_seq: p.last_seq,
+                    archive: p.archive.clone(),
+                    complete: p.complete,
+                })
+            })
+            .collect(),
         problems,
     }
 }
@@ -693,6 +722,21 @@ pub fn render(ev: &Evidence) -> String {
             None => "not checked (no --public-key given)".into(),
         }
     ));
+    for p in &i.pruned {
+        push(format!(
+            "- Retention: chain {}: {} by `kvh prune-log` to {} (records up to seq {}), \
+             accounted for by its MAC-verified manifest; those records are not in this \
+             report (verify them with `--archive-dir`).",
+            cell(&p.chain),
+            if p.complete {
+                "every file moved".to_string()
+            } else {
+                format!("the oldest {} files moved", p.files)
+            },
+            cell(&p.archive),
+            p.last_seq
+        ));
+    }
     for p in &i.problems {
         push(format!("- Problem: {}", cell(p)));
     }

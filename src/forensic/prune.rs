@@ -37,10 +37,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::files::{self, CreateStep};
+use super::files;
 use super::keys::EpochKey;
 use super::record::{hex, parse_hash, write_canonical};
 use super::scan::scan;
+use super::verify::{ChainCheck, VerifyOptions};
 
 /// Schema version of the manifest.
 pub const MANIFEST_VERSION: u64 = 1;
@@ -73,9 +74,10 @@ pub struct PrunedFile {
     pub last_seq: u64,
     /// Hash of the file's last record: the `prev` of the next file's first record.
     pub last_hash: String,
-    /// Unix nanoseconds of the file's first and last records.
-    pub first_ts: u64,
-    pub last_ts: u64,
+    /// Unix nanoseconds of the file's oldest and newest records (records carry their
+    /// event's time, which need not grow with seq).
+    pub oldest_ts: u64,
+    pub newest_ts: u64,
 }
 
 /// What `prune-log` moved of one chain.
@@ -202,19 +204,21 @@ fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
 
 /// The facts of one chain file that a manifest entry records.
 pub fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
-    let mut first: Option<(u64, u64)> = None;
-    let mut last: Option<(u64, u64, String)> = None;
+    let mut first: Option<u64> = None;
+    let mut last: Option<(u64, String)> = None;
+    let (mut oldest, mut newest) = (u64::MAX, 0u64);
     for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let r = scan(line).map_err(|e| format!("{name}: {e}"))?;
         let (Some(seq), Some(ts)) = (r.seq, r.ts) else {
             return Err(format!("{name}: a record without seq or ts"));
         };
-        first.get_or_insert((seq, ts));
-        last = Some((seq, ts, r.hash.to_string()));
+        first.get_or_insert(seq);
+        last = Some((seq, r.hash.to_string()));
+        // Records carry their event's time, which need not grow with seq.
+        oldest = oldest.min(ts);
+        newest = newest.max(ts);
     }
-    let ((first_seq, first_ts), Some((last_seq, last_ts, last_hash))) =
-        (first.unwrap_or((0, 0)), last)
-    else {
+    let (Some(first_seq), Some((last_seq, last_hash))) = (first, last) else {
         return Err(format!("{name}: no record"));
     };
     Ok(PrunedFile {
@@ -223,14 +227,15 @@ pub fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
         first_seq,
         last_seq,
         last_hash,
-        first_ts,
-        last_ts,
+        oldest_ts: oldest,
+        newest_ts: newest,
     })
 }
 
-/// The archive directory must exist, be a real directory owned by us, and not be writable
-/// by group or others (the moved files are evidence).
-pub fn check_archive_dir(dir: &Path) -> Result<(), String> {
+/// The archive directory must exist, be a real directory owned by us, not be writable by
+/// group or others, and be neither the log directory nor inside it (nor reach it through a
+/// bind mount: compared by device and inode).
+pub fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
     let m = fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !m.is_dir() {
         return Err(format!(
@@ -253,23 +258,42 @@ pub fn check_archive_dir(dir: &Path) -> Result<(), String> {
             m.permissions().mode() & 0o777
         ));
     }
+    let log = fs::metadata(log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    let canonical = fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for ancestor in canonical.ancestors() {
+        let Ok(a) = fs::metadata(ancestor) else {
+            continue;
+        };
+        if (a.dev(), a.ino()) == (log.dev(), log.ino()) {
+            return Err(format!(
+                "--archive-dir {} is the log directory {} or inside it",
+                dir.display(),
+                log_dir.display()
+            ));
+        }
+    }
     Ok(())
 }
 
-/// Copies `src` (whose bytes are `bytes`) to `dest`: exclusive create 0600, fsync, read
-/// back and compared. An existing `dest` with the same bytes is accepted (a rerun after an
-/// interruption); one with other bytes is an error.
-pub fn archive_copy(bytes: &[u8], dest: &Path) -> Result<(), String> {
-    match files::create_exclusive(dest, 0o600) {
-        Ok(mut f) => {
-            f.write_all(bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("{}: {e}", dest.display()))?;
-        }
-        Err((CreateStep::Create, e)) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err((_, e)) => return Err(format!("{}: {e}", dest.display())),
+/// Puts `bytes` in the archive as `name`: written to a temporary file (exclusive, 0600),
+/// fsynced, then linked to `name`, which must not exist. An existing `name` with the same
+/// bytes is accepted (a rerun after an interruption); one with other bytes is an error. A
+/// failed write leaves no partial file under `name`.
+pub fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
+    let dest = archive.join(name);
+    let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = files::create_exclusive(&tmp, 0o600)
+        .map_err(|(_, e)| e)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
+    let linked = written.and_then(|_| fs::hard_link(&tmp, &dest));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("{}: {e}", dest.display())),
     }
-    let back = files::read_capped(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let back = files::read_capped(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     if back != bytes {
         return Err(format!(
             "{}: exists with other contents than the file being archived; nothing removed",
@@ -279,6 +303,29 @@ pub fn archive_copy(bytes: &[u8], dest: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Names of this module's temporary files: `<archive>/.kvh-tmp-*` (copies) and
+/// `<log>/.kvh-*.pruned.json.*.tmp` (manifests).
+const TMP_PREFIX: &str = ".kvh-tmp-";
+
+/// Removes temporary files an interrupted run left (under the locks, so no run is writing
+/// them now).
+pub fn remove_leftovers(log_dir: &Path, archive: &Path) {
+    let remove_if = |dir: &Path, keep: &dyn Fn(&str) -> bool| {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if name.to_str().is_some_and(|n| !keep(n)) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    };
+    remove_if(archive, &|n| !n.starts_with(TMP_PREFIX));
+    remove_if(log_dir, &|n| {
+        !(n.starts_with(".kvh-") && n.contains(".pruned.json.") && n.ends_with(".tmp"))
+    });
+}
+
 /// Adds `moved` to the chain's manifest (creating it), seals it and writes it.
 pub fn record_moved(
     dir: &Path,
@@ -286,11 +333,11 @@ pub fn record_moved(
     moved: Vec<PrunedFile>,
     complete: bool,
     archive: &Path,
-    key: Option<&EpochKey>,
+    key: &EpochKey,
 ) -> Result<Manifest, String> {
     let mut m = match read_manifest(dir, chain)? {
         Some(m) => {
-            m.check(key)?;
+            m.check(Some(key))?;
             m
         }
         None => Manifest {
@@ -298,7 +345,7 @@ pub fn record_moved(
             chain: chain.to_string(),
             files: Vec::new(),
             complete: false,
-            archive: String::new(),
+            archive: archive.display().to_string(),
             updated_at: 0,
             mac: None,
         },
@@ -310,9 +357,8 @@ pub fn record_moved(
         }
     }
     m.complete |= complete;
-    m.archive = archive.display().to_string();
     m.updated_at = now_ns();
-    m.seal(key);
+    m.seal(Some(key));
     write_manifest(dir, &m).map_err(|e| format!("{}: {e}", manifest_path(dir, chain).display()))?;
     Ok(m)
 }
@@ -330,15 +376,15 @@ fn now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// An open directory, `flock`ed for the life of the value: one `prune-log` at a time per
-/// archive.
+/// An open directory, `flock`ed for the life of the value.
 pub struct DirLock(#[allow(dead_code)] File);
 
+/// Locks `dir` against another `prune-log` (on the same log directory, or the same archive).
 pub fn lock_dir(dir: &Path) -> Result<DirLock, String> {
     let f = File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !files::try_lock(&f) {
         return Err(format!(
-            "{}: another kvh prune-log is running on this archive",
+            "{}: another kvh prune-log is running on this directory",
             dir.display()
         ));
     }
@@ -353,8 +399,10 @@ pub struct PrunePlan<'a> {
     pub cutoff_ns: u64,
     /// Say what would move; move nothing.
     pub dry_run: bool,
+    /// The verification options (the HMAC key above all) the moved bytes are checked with.
+    pub opts: &'a VerifyOptions,
     /// The epoch-0 key, for the manifests' MACs.
-    pub key: Option<&'a EpochKey>,
+    pub key: &'a EpochKey,
 }
 
 /// What moved (or, in a dry run, would move) of one chain.
@@ -368,86 +416,112 @@ pub struct ChainPruned {
     pub bytes: u64,
 }
 
-/// A file chosen to move: where it is, its bytes as verified, and its manifest entry.
-pub struct Selected {
-    pub path: PathBuf,
-    pub bytes: Vec<u8>,
-    pub facts: PrunedFile,
+/// Why a chain was not (wholly) moved.
+#[derive(Debug)]
+pub enum PruneError {
+    /// A file read for the move is not the continuation of the chain that verified: it
+    /// changed since. Nothing of it was removed.
+    NotVerified(String),
+    /// An I/O error or a conflict in the archive.
+    Io(String),
 }
 
-/// The files of one chain that may move, by the rules of the module docs: files of a chain
-/// that ended (`closed`) when its newest record is older than the cut-off, all of them;
-/// otherwise the oldest files whose newest record is, never the two newest.
-pub fn select(
-    list: &[(u64, PathBuf)],
-    closed: bool,
-    cutoff_ns: u64,
-) -> Result<(Vec<Selected>, bool), String> {
-    let keep = if closed { 0 } else { 2 };
-    let movable = list.len().saturating_sub(keep);
-    let mut out = Vec::new();
-    for (_, path) in &list[..movable] {
-        let name = file_name_of(path)?;
-        let bytes = files::read_capped(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let facts = describe(&name, &bytes)?;
-        if facts.last_ts >= cutoff_ns {
-            break; // files are in time order: the rest are newer
+impl std::fmt::Display for PruneError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PruneError::NotVerified(e) | PruneError::Io(e) => f.write_str(e),
         }
-        out.push(Selected {
-            path: path.clone(),
-            bytes,
-            facts,
-        });
     }
-    let complete = closed && out.len() == list.len();
-    Ok((out, complete))
 }
 
-fn file_name_of(path: &Path) -> Result<String, String> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .ok_or_else(|| format!("{}: not a chain file name", path.display()))
+impl From<String> for PruneError {
+    fn from(e: String) -> Self {
+        PruneError::Io(e)
+    }
 }
 
-/// Moves the selected files of one chain: copies into the archive, records them in the
-/// manifest, then removes the originals (oldest first, so what is left is always a suffix
-/// of the chain).
-pub fn move_chain(
-    plan: &PrunePlan<'_>,
-    chain: &str,
-    selected: Vec<Selected>,
-    complete: bool,
-) -> Result<ChainPruned, String> {
+/// What `prune_chain` knows of a chain from the verification of the directory.
+pub struct ChainState<'a> {
+    pub chain: &'a str,
+    /// Its files in the log directory, oldest first.
+    pub list: &'a [(u64, PathBuf)],
+    /// It ended with `stop`.
+    pub closed: bool,
+    /// Its last seq.
+    pub last_seq: Option<u64>,
+    /// The seq of its signed checkpoint, if one was found.
+    pub checkpoint_seq: Option<u64>,
+}
+
+/// Moves what may move of one chain, one file at a time, by the rules of the module docs:
+/// each file is read once, checked as the continuation of the chain ([`ChainCheck`]: hashes,
+/// links and MACs of exactly these bytes), copied to the archive and read back; then the
+/// manifest is written and the originals are removed, oldest first. Moving stops before the
+/// file that holds the chain's checkpoint (so a verifier can always hold the checkpoint to a
+/// record), unless the checkpoint is the last record of an ended chain.
+pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPruned, PruneError> {
     let mut done = ChainPruned {
-        chain: chain.to_string(),
-        complete,
+        chain: c.chain.to_string(),
         ..Default::default()
     };
-    for f in &selected {
-        done.bytes += f.bytes.len() as u64;
-        done.files.push(f.facts.clone());
-        if !plan.dry_run {
-            archive_copy(&f.bytes, &plan.archive.join(&f.facts.name))?;
+    if let Some(m) = read_manifest(plan.dir, c.chain)? {
+        if m.archive != plan.archive.display().to_string() {
+            return Err(PruneError::Io(format!(
+                "chain {}: its earlier files went to {}; move the rest to the same archive",
+                c.chain,
+                m.archive.escape_debug()
+            )));
         }
     }
-    if plan.dry_run || selected.is_empty() {
+    let Some((first, _)) = c.list.first() else {
+        return Ok(done);
+    };
+    let mut check =
+        ChainCheck::new(c.chain, plan.dir, *first, plan.opts).map_err(PruneError::NotVerified)?;
+    let keep = if c.closed { 0 } else { 2 };
+    let movable = c.list.len().saturating_sub(keep);
+    let whole_allowed = c.checkpoint_seq.is_none() || c.checkpoint_seq == c.last_seq;
+    let mut moved_paths = Vec::new();
+    for (index, path) in &c.list[..movable] {
+        let name = files::file_name(c.chain, *index);
+        let bytes = files::read_capped(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let facts = describe(&name, &bytes)?;
+        if facts.newest_ts >= plan.cutoff_ns {
+            break;
+        }
+        let holds_checkpoint = c.checkpoint_seq.is_some_and(|s| s <= facts.last_seq);
+        let last_of_ended = c.closed && moved_paths.len() + 1 == c.list.len();
+        if holds_checkpoint && !(last_of_ended && whole_allowed) {
+            break;
+        }
+        check
+            .file(*index, &bytes)
+            .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
+        if !plan.dry_run {
+            archive_copy(&bytes, plan.archive, &name)?;
+        }
+        done.bytes += bytes.len() as u64;
+        done.files.push(facts);
+        moved_paths.push(path.clone());
+    }
+    done.complete = c.closed && moved_paths.len() == c.list.len();
+    if plan.dry_run || moved_paths.is_empty() {
         return Ok(done);
     }
     files::sync_dir(plan.archive).map_err(|e| format!("{}: {e}", plan.archive.display()))?;
     record_moved(
         plan.dir,
-        chain,
+        c.chain,
         done.files.clone(),
-        complete,
+        done.complete,
         plan.archive,
         plan.key,
     )?;
-    for f in &selected {
-        fs::remove_file(&f.path).map_err(|e| {
+    for path in &moved_paths {
+        fs::remove_file(path).map_err(|e| {
             format!(
                 "{}: archived and recorded, but cannot be removed: {e}",
-                f.path.display()
+                path.display()
             )
         })?;
     }
@@ -473,8 +547,8 @@ mod tests {
                 first_seq: 0,
                 last_seq: 9,
                 last_hash: "cd".repeat(32),
-                first_ts: 1,
-                last_ts: 2,
+                oldest_ts: 1,
+                newest_ts: 2,
             }],
             complete: false,
             archive: "/archive".into(),
@@ -535,12 +609,12 @@ mod tests {
         };
         let bytes = format!(
             "{}{}",
-            line(4, 40, &"11".repeat(32)),
-            line(5, 50, &"22".repeat(32))
+            line(4, 50, &"11".repeat(32)),
+            line(5, 40, &"22".repeat(32))
         );
         let d = describe("f", bytes.as_bytes()).unwrap();
         assert_eq!(
-            (d.first_seq, d.last_seq, d.first_ts, d.last_ts),
+            (d.first_seq, d.last_seq, d.oldest_ts, d.newest_ts),
             (4, 5, 40, 50)
         );
         assert_eq!(d.last_hash, "22".repeat(32));

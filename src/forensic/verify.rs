@@ -93,11 +93,6 @@ pub struct Pruned {
     pub complete: bool,
     /// Where the manifest says they went.
     pub archive: String,
-    /// The chain's signed checkpoint points into the moved files at a record whose hash the
-    /// manifest does not hold: it shows the chain reached that seq, but only `--archive-dir`
-    /// can check the record itself.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_in_moved_files: Option<u64>,
 }
 
 impl ChainReport {
@@ -161,6 +156,9 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     }
     if opts.allow_pruned {
         archived_chains(dir, opts, &chains, &mut ckpts, &mut report)?;
+    }
+    if !opts.archive_dirs.is_empty() {
+        manifests_match_archive(dir, opts, &chains, &mut report)?;
     }
     for (chain, c) in ckpts {
         report.errors.push(format!(
@@ -231,6 +229,63 @@ fn archived_chains(
     Ok(())
 }
 
+/// With archive directories: every file a prune manifest in `dir` lists must be among the
+/// files read, with the bytes the manifest recorded (a file missing from the archive, or
+/// replaced there, is reported even when the chain itself would not show it).
+fn manifests_match_archive(
+    dir: &Path,
+    opts: &VerifyOptions,
+    chains: &files::ChainList,
+    report: &mut Report,
+) -> Result<(), VerifyError> {
+    use sha2::{Digest, Sha256};
+    let listed = prune::list_manifests(dir)
+        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    for chain in listed {
+        let m = match prune::read_manifest(dir, &chain).and_then(|m| {
+            m.as_ref().map_or(Ok(()), |m| m.check(key.as_ref()))?;
+            Ok(m)
+        }) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(e) => {
+                report.errors.push(e);
+                continue;
+            }
+        };
+        let files = chains
+            .iter()
+            .find(|(c, _)| *c == chain)
+            .map_or(&[][..], |(_, l)| l.as_slice());
+        for f in &m.files {
+            let path = files
+                .iter()
+                .map(|(_, p)| p)
+                .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(f.name.as_str()));
+            let Some(path) = path else {
+                report.errors.push(format!(
+                    "the prune manifest of chain {chain} lists {}, which is in none of the \
+                     directories read: moved file lost",
+                    f.name
+                ));
+                continue;
+            };
+            let same = files::read_capped(path)
+                .map(|b| super::record::hex(&Sha256::digest(&b)) == f.sha256)
+                .unwrap_or(false);
+            if !same {
+                report.errors.push(format!(
+                    "{}: not the file the prune manifest of chain {chain} recorded (SHA-256 \
+                     differs)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the manifest of a chain with no file left: it must say the chain was moved whole,
 /// and match the chain's checkpoint, if any.
 fn whole_chain_archived(
@@ -241,7 +296,8 @@ fn whole_chain_archived(
     rep: &mut ChainReport,
 ) -> Result<(), String> {
     let m = prune::read_manifest(dir, chain)?.ok_or("manifest disappeared while verifying")?;
-    m.check(key)?;
+    let key = key.ok_or(NEEDS_KEY)?;
+    m.check(Some(key))?;
     let tail = m.tail().ok_or("manifest lists no file")?;
     rep.pruned = Some(pruned_of(&m, tail.last_seq));
     rep.closed = m.complete;
@@ -252,20 +308,29 @@ fn whole_chain_archived(
             tail.name
         ));
     }
-    if let Some(c) = ckpt {
-        if c.seq > tail.last_seq {
-            return Err(format!(
-                "the signed checkpoint covers seq {}, beyond the last record the manifest moved \
-                 (seq {}): records truncated, or manifest forged",
-                c.seq, tail.last_seq
-            ));
+    match ckpt {
+        // prune-log moves a whole chain only when its checkpoint is at its last record.
+        Some(c) if c.seq == tail.last_seq && parse_hash(&tail.last_hash) == Some(c.hash) => {
+            rep.checkpoint_seq = Some(c.seq);
+            Ok(())
         }
-        let mut pruned = rep.pruned.take().unwrap_or_default();
-        rep.checkpoint_seq = checkpoint_in_moved(c, &moved_heads(&m), &mut pruned)?;
-        rep.pruned = Some(pruned);
+        Some(c) => Err(format!(
+            "the signed checkpoint (seq {}) is not the last record the manifest moved (seq \
+             {}): records truncated, chain rewritten or manifest forged",
+            c.seq, tail.last_seq
+        )),
+        None if rep.checkpoints_checked => Err(format!(
+            "no checkpoint for chain {chain} signed by the pinned public key: its end cannot be \
+             checked (checkpoint deleted, or never written)"
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
+
+/// Why `allow_pruned` without the HMAC key is refused: only a manifest whose MAC verifies
+/// may stand in for files.
+const NEEDS_KEY: &str = "--allow-pruned needs the HMAC key (--key-file): a prune manifest \
+                         stands in for moved files only when its MAC verifies";
 
 fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
     Pruned {
@@ -273,39 +338,7 @@ fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
         last_seq,
         complete: m.complete,
         archive: m.archive.clone(),
-        checkpoint_in_moved_files: None,
     }
-}
-
-/// A signed checkpoint at or before the last moved record: where the manifest holds that
-/// record's hash (a moved file's last record) it must match; elsewhere the hash cannot be
-/// checked without the archive, which the report says.
-fn checkpoint_in_moved(
-    c: &Checkpoint,
-    moved: &[(u64, [u8; 32])],
-    pruned: &mut Pruned,
-) -> Result<Option<u64>, String> {
-    match moved.iter().find(|(seq, _)| *seq == c.seq) {
-        Some((_, hash)) if *hash == c.hash => Ok(Some(c.seq)),
-        Some(_) => Err(format!(
-            "the signed checkpoint (seq {}) does not match the hash the manifest records for \
-             that record: chain rewritten or manifest forged",
-            c.seq
-        )),
-        None => {
-            pruned.checkpoint_in_moved_files = Some(c.seq);
-            Ok(None)
-        }
-    }
-}
-
-/// `(last_seq, last_hash)` of every moved file the manifest lists (unparsable hashes left
-/// out: they never match).
-fn moved_heads(m: &Manifest) -> Vec<(u64, [u8; 32])> {
-    m.files
-        .iter()
-        .filter_map(|f| Some((f.last_seq, parse_hash(&f.last_hash)?)))
-        .collect()
 }
 
 /// Reads the checkpoints; a bad signature is tampering, an unreadable file a usage error.
@@ -365,9 +398,6 @@ struct Walk<'a> {
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
     cur_index: u64,
-    /// With a pruned start: `(last_seq, last_hash)` of each moved file, for a checkpoint
-    /// that points into them.
-    moved: Vec<(u64, [u8; 32])>,
     report: ChainReport,
 }
 
@@ -380,30 +410,7 @@ fn verify_chain(
     ckpt: Option<&Checkpoint>,
     pruned_from: Option<&Path>,
 ) -> Result<ChainReport, VerifyError> {
-    let key = match &opts.hmac_secret {
-        Some(s) => Some(
-            EpochKey::from_secret(s.clone())
-                .map_err(|e| VerifyError(format!("--key-file: {e}")))?,
-        ),
-        None => None,
-    };
-    let mut w = Walk {
-        chain,
-        cur_index: 0,
-        key,
-        next_seq: 0,
-        prev: GENESIS_PREV,
-        prev_file: None,
-        ckpt,
-        moved: Vec::new(),
-        report: ChainReport {
-            chain: chain.to_string(),
-            files: list.len(),
-            macs_checked: opts.hmac_secret.is_some(),
-            checkpoints_checked: opts.public_key.is_some(),
-            ..Default::default()
-        },
-    };
+    let mut w = Walk::new(chain, opts, ckpt, list.len())?;
     if let (Some(dir), Some((first, _))) = (pruned_from, list.first()) {
         if let Err(p) = w.continue_pruned(dir, *first, opts) {
             w.report.problem = Some(p);
@@ -459,25 +466,23 @@ fn verify_chain(
         });
         return Ok(w.report);
     }
-    if let (Some(c), Some(mut pruned)) = (ckpt, w.report.pruned.clone()) {
-        if w.report.checkpoint_seq.is_none() && c.seq <= pruned.last_seq {
-            match checkpoint_in_moved(c, &w.moved, &mut pruned) {
-                Ok(seq) => {
-                    w.report.checkpoint_seq = seq;
-                    w.report.pruned = Some(pruned);
-                    return Ok(w.report);
-                }
-                Err(reason) => {
-                    w.report.problem = Some(Problem {
-                        file: prune::manifest_path(Path::new(""), chain)
-                            .display()
-                            .to_string(),
-                        line: 1,
-                        reason,
-                    });
-                    return Ok(w.report);
-                }
-            }
+    if let (Some(c), Some(pruned)) = (ckpt, &w.report.pruned) {
+        if c.seq <= pruned.last_seq {
+            // prune-log never moves the checkpoint's file: a checkpoint that points into the
+            // moved files cannot be held to a record here, and the manifest's word for it is
+            // not enough (anyone with the HMAC secret could write one).
+            w.report.problem = Some(Problem {
+                file: prune::manifest_path(Path::new(""), chain)
+                    .display()
+                    .to_string(),
+                line: 1,
+                reason: format!(
+                    "the signed checkpoint (seq {}) points into the moved files (up to seq {}): \
+                     verify with --archive-dir",
+                    c.seq, pruned.last_seq
+                ),
+            });
+            return Ok(w.report);
         }
     }
     if let Some(c) = ckpt {
@@ -509,7 +514,73 @@ fn unreadable(name: &str, e: &std::io::Error) -> Problem {
     }
 }
 
-impl Walk<'_> {
+/// Checks, in order, files of one chain held in memory, as [`verify_all`] checks them on
+/// disk: `kvh prune-log` moves exactly the bytes this accepted, so a file changed between
+/// the verification of the directory and the move is caught.
+pub struct ChainCheck<'a> {
+    walk: Walk<'a>,
+}
+
+impl<'a> ChainCheck<'a> {
+    /// Starts at file `first` of `chain`: from the genesis for file 0, else from where the
+    /// prune manifest in `dir` says the moved files ended (which needs the HMAC key).
+    pub fn new(
+        chain: &'a str,
+        dir: &Path,
+        first: u64,
+        opts: &VerifyOptions,
+    ) -> Result<Self, String> {
+        let mut walk = Walk::new(chain, opts, None, 0).map_err(|e| e.0)?;
+        if first > 0 {
+            walk.continue_pruned(dir, first, opts)
+                .map_err(|p| p.to_string())?;
+        }
+        Ok(ChainCheck { walk })
+    }
+
+    /// Checks the chain's next file, which must be complete (end with a newline, hold a
+    /// record) as every file but an open chain's newest is.
+    pub fn file(&mut self, index: u64, bytes: &[u8]) -> Result<(), String> {
+        let name = files::file_name(self.walk.chain, index);
+        self.walk
+            .file(&name, index, bytes, false)
+            .map(|_| ())
+            .map_err(|p| p.to_string())
+    }
+}
+
+impl<'a> Walk<'a> {
+    fn new(
+        chain: &'a str,
+        opts: &VerifyOptions,
+        ckpt: Option<&'a Checkpoint>,
+        files: usize,
+    ) -> Result<Self, VerifyError> {
+        let key = match &opts.hmac_secret {
+            Some(s) => Some(
+                EpochKey::from_secret(s.clone())
+                    .map_err(|e| VerifyError(format!("--key-file: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Walk {
+            chain,
+            cur_index: 0,
+            key,
+            next_seq: 0,
+            prev: GENESIS_PREV,
+            prev_file: None,
+            ckpt,
+            report: ChainReport {
+                chain: chain.to_string(),
+                files,
+                macs_checked: opts.hmac_secret.is_some(),
+                checkpoints_checked: opts.public_key.is_some(),
+                ..Default::default()
+            },
+        })
+    }
+
     /// Starts the walk where the manifest of `prune-log` in `dir` says the moved files ended:
     /// they must be exactly files 0 .. `first` - 1, so the first file left links to the last
     /// one moved.
@@ -535,8 +606,10 @@ impl Walk<'_> {
                      prune manifest accounts for them"
                 ))
             })?;
-        let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(&bad)?;
-        m.check(key.as_ref()).map_err(&bad)?;
+        let key = prune::manifest_key(opts.hmac_secret.as_ref())
+            .map_err(&bad)?
+            .ok_or_else(|| bad(NEEDS_KEY.into()))?;
+        m.check(Some(&key)).map_err(&bad)?;
         // An interrupted run may have recorded files it had not removed yet: the manifest
         // must cover the missing files, in order, and may list later ones still present.
         let covers = m.files.len() as u64 >= first
@@ -551,12 +624,13 @@ impl Walk<'_> {
         let tail = &m.files[first as usize - 1];
         let prev = parse_hash(&tail.last_hash)
             .ok_or_else(|| bad(format!("{}: last_hash is not a hash", tail.name)))?;
-        self.next_seq = tail.last_seq + 1;
+        self.next_seq = tail
+            .last_seq
+            .checked_add(1)
+            .ok_or_else(|| bad(format!("{}: last_seq out of range", tail.name)))?;
         self.prev = prev;
         self.prev_file = Some(tail.name.clone());
         self.cur_index = first - 1;
-        self.moved = moved_heads(&m);
-        self.moved.truncate(first as usize);
         self.report.pruned = Some(Pruned {
             files: first,
             ..pruned_of(&m, tail.last_seq)
@@ -577,6 +651,10 @@ impl Walk<'_> {
             line,
             reason,
         };
+        if self.report.closed {
+            // A writer writes nothing after `stop`: not a record, not a file.
+            return Err(bad(1, "file after the chain's stop record".into()));
+        }
         let expected_index = self.prev_file.as_ref().map_or(0, |_| self.cur_index + 1);
         if index != expected_index {
             let reason = if self.prev_file.is_none() {
@@ -596,6 +674,9 @@ impl Walk<'_> {
         let mut rest = bytes;
         while !rest.is_empty() {
             let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                if self.report.closed {
+                    return Err(bad(lines + 1, "bytes after the chain's stop record".into()));
+                }
                 if is_last {
                     self.report.torn_bytes = rest.len() as u64;
                     break;
