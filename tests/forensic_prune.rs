@@ -92,6 +92,13 @@ fn prune_into(s: &Setup, archive: &str) -> Output {
     ])
 }
 
+/// The reason of a report's first problem (empty when it has none).
+fn first_reason(r: &kvhygiene::forensic::Report) -> String {
+    r.first_problem()
+        .map(|p| p.reason.clone())
+        .unwrap_or_default()
+}
+
 fn names(dir: &Path, ext: &str) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap()
@@ -257,23 +264,14 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     forged.files.last_mut().unwrap().last_hash = "00".repeat(32);
     fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
     let r = verify(&s.log, &pruned_opts());
-    assert!(
-        r.first_problem().unwrap().reason.contains("MAC mismatch"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("MAC mismatch"), "{r:?}");
     // Without the key a manifest is not taken as the word for anything.
     let unkeyed = VerifyOptions {
         allow_pruned: true,
         ..VerifyOptions::default()
     };
     let r = verify(&s.log, &unkeyed);
-    assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("needs the HMAC key"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("needs the HMAC key"), "{r:?}");
     // Whoever holds the key can write a manifest that says anything; the chain left must
     // still link to it.
     let key = kvhygiene::forensic::prune::manifest_key(Some(&secret()))
@@ -282,21 +280,12 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     forged.seal(Some(&key));
     fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
     let r = verify(&s.log, &pruned_opts());
-    assert!(
-        r.first_problem().unwrap().reason.contains("prev is not"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("prev is not"), "{r:?}");
 
     // Removing the manifest: the missing files are missing again.
     fs::remove_file(&path).unwrap();
     let r = verify(&s.log, &pruned_opts());
-    assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("no prune manifest"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("no prune manifest"), "{r:?}");
 
     // An archive copy edited later fails when the chain is read whole.
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
@@ -351,13 +340,7 @@ fn an_archive_file_with_other_bytes_stops_the_move() {
     assert!(names(&s.log, ".pruned.json").is_empty());
     // Read together, the two different files of one name are named.
     let r = verify(&s.log, &with_archive(&s));
-    assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("two different files"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("two different files"), "{r:?}");
 }
 
 #[test]
@@ -459,10 +442,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
     let r = verify(&s.log, &signed);
     assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("is not the last record the manifest moved"),
+        first_reason(&r).contains("is not the last record the manifest moved"),
         "{r:?}"
     );
     // A manifest of an open chain whose files are all gone: deleted.
@@ -471,10 +451,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     open.seal(Some(&key));
     fs::write(&path, serde_json::to_vec(&open).unwrap()).unwrap();
     let r = verify(&s.log, &signed);
-    assert!(
-        r.first_problem().unwrap().reason.contains("files deleted"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("files deleted"), "{r:?}");
     // With a pinned key, a chain moved whole still needs its checkpoint.
     fs::write(&path, serde_json::to_vec(&original).unwrap()).unwrap();
     assert!(verify(&s.log, &signed).ok());
@@ -485,10 +462,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
         }
     }
     let r = verify(&s.log, &signed);
-    assert!(
-        r.first_problem().unwrap().reason.contains("no checkpoint"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("no checkpoint"), "{r:?}");
 }
 
 #[test]
@@ -657,10 +631,7 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
     checkpoint::write(&s.log, &signer, &earlier).unwrap();
     let r = verify(&s.log, &opts);
     assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("points into the moved files"),
+        first_reason(&r).contains("points into the moved files"),
         "{r:?}"
     );
     // Read whole, it verifies.
@@ -795,24 +766,12 @@ fn nothing_may_follow_a_stop_record() {
     ));
     fs::write(&next, b"").unwrap();
     let r = verify(&s.log, &keyed_opts());
-    assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("after the chain's stop"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("after the chain's stop"), "{r:?}");
     fs::remove_file(&next).unwrap();
     let mut f = fs::OpenOptions::new().append(true).open(last).unwrap();
     std::io::Write::write_all(&mut f, b"{\"torn").unwrap();
     let r = verify(&s.log, &keyed_opts());
-    assert!(
-        r.first_problem()
-            .unwrap()
-            .reason
-            .contains("after the chain's stop"),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("after the chain's stop"), "{r:?}");
 }
 
 #[test]

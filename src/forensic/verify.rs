@@ -198,9 +198,7 @@ fn archived_chains(
     ckpts: &mut BTreeMap<String, Checkpoint>,
     report: &mut Report,
 ) -> Result<(), VerifyError> {
-    let listed = prune::list_manifests(dir)
-        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
-    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    let (listed, key) = manifests_and_key(dir, opts)?;
     for chain in listed {
         if chains.iter().any(|(c, _)| *c == chain) {
             continue;
@@ -229,6 +227,17 @@ fn archived_chains(
     Ok(())
 }
 
+/// The chains of the prune manifests in `dir`, and the key their MACs are checked with.
+fn manifests_and_key(
+    dir: &Path,
+    opts: &VerifyOptions,
+) -> Result<(Vec<String>, Option<EpochKey>), VerifyError> {
+    let listed = prune::list_manifests(dir)
+        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    Ok((listed, key))
+}
+
 /// With archive directories: every file a prune manifest in `dir` lists must be among the
 /// files read, with the bytes the manifest recorded (a file missing from the archive, or
 /// replaced there, is reported even when the chain itself would not show it).
@@ -239,9 +248,7 @@ fn manifests_match_archive(
     report: &mut Report,
 ) -> Result<(), VerifyError> {
     use sha2::{Digest, Sha256};
-    let listed = prune::list_manifests(dir)
-        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
-    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    let (listed, key) = manifests_and_key(dir, opts)?;
     for chain in listed {
         let m = match prune::read_manifest(dir, &chain).and_then(|m| {
             m.as_ref().map_or(Ok(()), |m| m.check(key.as_ref()))?;
