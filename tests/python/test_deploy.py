@@ -788,6 +788,25 @@ def test_configmap_policy_is_accepted_by_kvh(pod):
     assert pod["env"]["KVH_BACKEND"] == "cuda"
 
 
+def test_the_init_container_checks_the_policy_the_server_gets():
+    spec = dict(pod_specs())["deployment/inference-server"]
+    (init,) = spec["initContainers"]
+    script = " ".join(container_argv(init))
+    assert "kvh config --strict" in script, script
+
+    def kvh_env(c: dict) -> dict:
+        declared = {}
+        for ef in c.get("envFrom", []):
+            declared.update(the("ConfigMap", ef["configMapRef"]["name"])["data"])
+        declared.update({e["name"]: e["value"] for e in c.get("env", [])})
+        # KVH_LIBRARY is the Python package's, not the policy's.
+        return {k: v for k, v in declared.items() if k.startswith("KVH_") and k != "KVH_LIBRARY"}
+
+    assert kvh_env(init) == kvh_env(server_container()), "the init container must judge the server's KVH_* policy"
+    # The check runs before anything is copied: a refused policy leaves the pod with nothing.
+    assert script.index("kvh config") < script.index("cp -R"), script
+
+
 def test_configmap_policy_weakens_no_control(pod):
     # The example deployment is the recommended posture: a sealed, checkpointed log, metrics
     # for the probes, the defaults' isolation and gate; `kvh config --strict` lists anything less.
