@@ -350,12 +350,17 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     // One run per log directory and per archive.
     let _log_lock = prune::lock_dir(&args.dir)?;
     let _archive_lock = prune::lock_dir(&args.archive_dir)?;
-    prune::remove_leftovers(&args.dir, &args.archive_dir);
+    if !args.dry_run {
+        prune::remove_leftovers(&args.dir, &args.archive_dir);
+    }
     let report = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
     if !report.ok() {
         write_text(&mut std::io::stderr(), &args.dir, &[], &report).map_err(|e| e.to_string())?;
         eprintln!("kvh prune-log: the log does not verify; nothing was moved");
         return Ok(EXIT_TAMPERED);
+    }
+    if !args.dry_run {
+        prune::mark_archive(&args.archive_dir)?;
     }
     let checkpoints = checkpoint_seqs(&args.dir, args.checkpoint.as_deref());
     let cutoff_ns = now_ns().saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
@@ -376,7 +381,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             list: &list,
             closed: verified.is_some_and(|c| c.closed),
             last_seq: verified.and_then(|c| c.last_seq),
-            checkpoint_seq: checkpoints.get(&chain).copied(),
+            checkpoint_seq: checkpoint_bound(verified, checkpoints.get(&chain).copied()),
         };
         match prune::prune_chain(&plan, &state) {
             Ok(done) if done.files.is_empty() => {}
@@ -447,6 +452,20 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         return Ok(EXIT_TAMPERED);
     }
     Ok(EXIT_OK)
+}
+
+/// Where a chain's checkpoint points, for what `prune-log` may move: the earliest of its own
+/// (MAC-checked) `checkpoint` records' newest `ckpt_seq`, the checkpoint the verification
+/// matched and the checkpoint file found — or, for a chain that ended, its last record when
+/// the final checkpoint (written after `stop`, so named by no record) is there.
+fn checkpoint_bound(verified: Option<&ChainReport>, file: Option<u64>) -> Option<u64> {
+    let matched = verified.and_then(|c| c.checkpoint_seq);
+    let recorded = verified.and_then(|c| c.checkpoint_recorded);
+    let last = verified.filter(|c| c.closed).and_then(|c| c.last_seq);
+    if last.is_some() && (matched == last || file == last) {
+        return last;
+    }
+    [recorded, matched, file].into_iter().flatten().min()
 }
 
 /// The seq of each chain's checkpoint in DIR and in `--checkpoint`, read without checking

@@ -108,6 +108,8 @@ pub struct PolicyCheck {
     pub processes_approved: u64,
     /// The others: another digest, or none.
     pub unapproved: Vec<Process>,
+    /// Processes whose `start` record `prune-log` moved away: not judged.
+    pub processes_not_judged: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -153,6 +155,10 @@ pub struct Process {
     pub clean_stop: bool,
     /// The run began with a `recovery` record: it continued a chain whose writer crashed.
     pub recovered: bool,
+    /// No `start` or `recovery` record of the run is in the records read (`prune-log` moved
+    /// it): host, pid, version and policy digest are unknown here, and `started` is the
+    /// first record left.
+    pub start_archived: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -316,13 +322,16 @@ fn check_policies(processes: &[Process], approved: Vec<String>) -> PolicyCheck {
             .as_deref()
             .is_some_and(|d| approved.iter().any(|a| a == d))
     };
-    let unapproved: Vec<Process> = processes
-        .iter()
+    // A run whose start record was moved away has no digest here to judge.
+    let judged = processes.iter().filter(|p| !p.start_archived);
+    let unapproved: Vec<Process> = judged
+        .clone()
         .filter(|p| !is_approved(p))
         .cloned()
         .collect();
     PolicyCheck {
-        processes_approved: (processes.len() - unapproved.len()) as u64,
+        processes_approved: (judged.count() - unapproved.len()) as u64,
+        processes_not_judged: processes.iter().filter(|p| p.start_archived).count() as u64,
         approved,
         unapproved,
     }
@@ -434,6 +443,8 @@ struct ChainState {
     /// The run's `stop` total of lost records, and the sum of its `lost` records.
     stop_lost: Option<u64>,
     lost_sum: u64,
+    /// The run being read began with a `start` or `recovery` record that was read.
+    run_started: bool,
 }
 
 impl ChainState {
@@ -444,6 +455,7 @@ impl ChainState {
             last_summary: None,
             stop_lost: None,
             lost_sum: 0,
+            run_started: false,
         }
     }
 
@@ -459,9 +471,10 @@ impl ChainState {
 
     /// Ends the run being read: its counters, lost records and row go into the report.
     fn finish_run(&mut self, ev: &mut Evidence) {
-        let Some(process) = self.process.take() else {
+        let Some(mut process) = self.process.take() else {
             return;
         };
+        process.start_archived = !std::mem::take(&mut self.run_started);
         match self.last_summary.take() {
             Some(counters) => {
                 for (k, v) in counters {
@@ -494,6 +507,7 @@ impl Tally {
         let kind = record.get("kind").and_then(Value::as_str).unwrap_or("?");
         if kind == "start" || kind == "recovery" {
             chain.finish_run(ev);
+            chain.run_started = true;
         }
         let process = chain.process();
         let ts = record.get("ts").and_then(Value::as_u64);
@@ -651,6 +665,12 @@ fn digest_cell(d: &str) -> String {
 fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
     push(String::new());
     let total = policy.processes_approved as usize + policy.unapproved.len();
+    if policy.processes_not_judged > 0 {
+        push(format!(
+            "{} processes are not judged: their start record was moved by `kvh prune-log`.",
+            policy.processes_not_judged
+        ));
+    }
     push(format!(
         "Policy: {} of {total} processes ran an approved policy (config digest {}).",
         policy.processes_approved,
@@ -778,6 +798,8 @@ pub fn render(ev: &Evidence) -> String {
             end,
             if p.recovered {
                 "; continued the chain after its writer crashed"
+            } else if p.start_archived {
+                "; start record moved by prune-log (started: first record left)"
             } else {
                 ""
             }

@@ -91,7 +91,20 @@ pub fn prepare_dir(dir: &Path) -> Result<(), ForensicError> {
                     dir.display()
                 )));
             }
-            check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")
+            check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")?;
+            // A writer in an archive would continue the chains `prune-log` moved there.
+            if dir
+                .join(super::prune::ARCHIVE_MARKER)
+                .symlink_metadata()
+                .is_ok()
+            {
+                return Err(ForensicError::Permission(format!(
+                    "{}: an archive of kvh prune-log ({} is there), not a log directory",
+                    dir.display(),
+                    super::prune::ARCHIVE_MARKER
+                )));
+            }
+            Ok(())
         }
     }
 }

@@ -129,6 +129,28 @@ impl Manifest {
         if parse_hash(mac) != Some(manifest_mac(k, &self.body())) {
             return Err("manifest MAC mismatch: wrong key or forged manifest".into());
         }
+        self.check_contiguous()
+    }
+
+    /// Files 0, 1, ... of the chain, each starting at the seq after the previous one's last:
+    /// a manifest that skips a file or a record accounts for nothing.
+    fn check_contiguous(&self) -> Result<(), String> {
+        let mut next_seq = 0u64;
+        for (i, f) in self.files.iter().enumerate() {
+            if f.name != files::file_name(&self.chain, i as u64) || f.first_seq != next_seq {
+                return Err(format!(
+                    "manifest entry {i} ({}) does not continue the one before it",
+                    f.name
+                ));
+            }
+            if f.last_seq < f.first_seq {
+                return Err(format!(
+                    "manifest entry {i} ({}) ends before it starts",
+                    f.name
+                ));
+            }
+            next_seq = f.last_seq.saturating_add(1);
+        }
         Ok(())
     }
 
@@ -303,6 +325,32 @@ pub fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// Whether two paths name the same existing directory (device and inode).
+fn same_place(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
+/// The file that marks a directory as an archive of `kvh prune-log`: the forensic writer
+/// refuses it as a log directory (a writer there would continue the archived chains).
+pub const ARCHIVE_MARKER: &str = ".kvh-archive";
+
+/// Marks `archive` (once; fsynced).
+pub fn mark_archive(archive: &Path) -> Result<(), String> {
+    let marker = archive.join(ARCHIVE_MARKER);
+    if marker.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let mut f = files::create_exclusive(&marker, 0o600)
+        .map_err(|(_, e)| format!("{}: {e}", marker.display()))?;
+    f.write_all(b"an archive of kvh prune-log: not a log directory\n")
+        .and_then(|_| f.sync_all())
+        .and_then(|_| files::sync_dir(archive))
+        .map_err(|e| format!("{}: {e}", marker.display()))
+}
+
 /// Names of this module's temporary files: `<archive>/.kvh-tmp-*` (copies) and
 /// `<log>/.kvh-*.pruned.json.*.tmp` (manifests).
 const TMP_PREFIX: &str = ".kvh-tmp-";
@@ -327,25 +375,36 @@ pub fn remove_leftovers(log_dir: &Path, archive: &Path) {
 }
 
 /// Adds `moved` to the chain's manifest (creating it), seals it and writes it.
+/// Adds `moved` to `base`, the manifest the run started from (`None`: a new one), seals it
+/// and writes it, provided the manifest on disk is still `base`: one swapped in meanwhile
+/// (an older one, say) is not extended and sealed.
 pub fn record_moved(
     dir: &Path,
+    base: Option<&Manifest>,
     chain: &str,
     moved: Vec<PrunedFile>,
     complete: bool,
     archive: &Path,
     key: &EpochKey,
-) -> Result<Manifest, String> {
-    let mut m = match read_manifest(dir, chain)? {
-        Some(m) => {
-            m.check(Some(key))?;
-            m
-        }
+) -> Result<Manifest, PruneError> {
+    let on_disk = read_manifest(dir, chain)?;
+    if on_disk.as_ref() != base {
+        return Err(PruneError::NotVerified(format!(
+            "{}: changed while the chain's files were being moved; not rewritten",
+            manifest_path(dir, chain).display()
+        )));
+    }
+    let mut m = match base {
+        Some(m) => m.clone(),
         None => Manifest {
             v: MANIFEST_VERSION,
             chain: chain.to_string(),
             files: Vec::new(),
             complete: false,
-            archive: archive.display().to_string(),
+            archive: fs::canonicalize(archive)
+                .unwrap_or_else(|_| archive.to_path_buf())
+                .display()
+                .to_string(),
             updated_at: 0,
             mac: None,
         },
@@ -359,6 +418,8 @@ pub fn record_moved(
     m.complete |= complete;
     m.updated_at = now_ns();
     m.seal(Some(key));
+    m.check(Some(key))
+        .map_err(|e| PruneError::NotVerified(format!("chain {chain}: {e}")))?;
     write_manifest(dir, &m).map_err(|e| format!("{}: {e}", manifest_path(dir, chain).display()))?;
     Ok(m)
 }
@@ -464,8 +525,15 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPrun
         chain: c.chain.to_string(),
         ..Default::default()
     };
-    if let Some(m) = read_manifest(plan.dir, c.chain)? {
-        if m.archive != plan.archive.display().to_string() {
+    let base = read_manifest(plan.dir, c.chain)?;
+    if let Some(m) = &base {
+        m.check(Some(plan.key)).map_err(|e| {
+            PruneError::NotVerified(format!(
+                "{}: {e}",
+                manifest_path(plan.dir, c.chain).display()
+            ))
+        })?;
+        if !same_place(Path::new(&m.archive), plan.archive) {
             return Err(PruneError::Io(format!(
                 "chain {}: its earlier files went to {}; move the rest to the same archive",
                 c.chain,
@@ -476,8 +544,8 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPrun
     let Some((first, _)) = c.list.first() else {
         return Ok(done);
     };
-    let mut check =
-        ChainCheck::new(c.chain, plan.dir, *first, plan.opts).map_err(PruneError::NotVerified)?;
+    let mut check = ChainCheck::new(c.chain, base.as_ref(), *first, plan.opts)
+        .map_err(PruneError::NotVerified)?;
     let keep = if c.closed { 0 } else { 2 };
     let movable = c.list.len().saturating_sub(keep);
     let whole_allowed = c.checkpoint_seq.is_none() || c.checkpoint_seq == c.last_seq;
@@ -485,7 +553,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPrun
     for (index, path) in &c.list[..movable] {
         let name = files::file_name(c.chain, *index);
         let bytes = files::read_capped(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let facts = describe(&name, &bytes)?;
+        let facts = describe(&name, &bytes).map_err(PruneError::NotVerified)?;
         if facts.newest_ts >= plan.cutoff_ns {
             break;
         }
@@ -511,6 +579,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPrun
     files::sync_dir(plan.archive).map_err(|e| format!("{}: {e}", plan.archive.display()))?;
     record_moved(
         plan.dir,
+        base.as_ref(),
         c.chain,
         done.files.clone(),
         done.complete,

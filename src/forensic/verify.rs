@@ -79,6 +79,10 @@ pub struct ChainReport {
     /// With `allow_pruned`: the files `prune-log` moved away before the first one checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pruned: Option<Pruned>,
+    /// The newest seq a `checkpoint` record of the chain says was signed (`ckpt_seq`): where
+    /// the chain's checkpoint points, whatever became of the checkpoint file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_recorded: Option<u64>,
     pub problem: Option<Problem>,
 }
 
@@ -201,6 +205,15 @@ fn archived_chains(
     let (listed, key) = manifests_and_key(dir, opts)?;
     for chain in listed {
         if chains.iter().any(|(c, _)| *c == chain) {
+            // A chain still starting at file 0 never reads its manifest: a forged one is
+            // reported all the same.
+            let m = prune::read_manifest(dir, &chain);
+            if let Err(e) = m.and_then(|m| m.map_or(Ok(()), |m| m.check(key.as_ref()))) {
+                report.errors.push(format!(
+                    "{}: {e}",
+                    prune::manifest_path(dir, &chain).display()
+                ));
+            }
             continue;
         }
         let name = prune::manifest_path(Path::new(""), &chain)
@@ -419,7 +432,16 @@ fn verify_chain(
 ) -> Result<ChainReport, VerifyError> {
     let mut w = Walk::new(chain, opts, ckpt, list.len())?;
     if let (Some(dir), Some((first, _))) = (pruned_from, list.first()) {
-        if let Err(p) = w.continue_pruned(dir, *first, opts) {
+        let started = prune::read_manifest(dir, chain)
+            .map_err(|reason| Problem {
+                file: prune::manifest_path(Path::new(""), chain)
+                    .display()
+                    .to_string(),
+                line: 1,
+                reason,
+            })
+            .and_then(|m| w.continue_pruned(m.as_ref(), *first, opts));
+        if let Err(p) = started {
             w.report.problem = Some(p);
             return Ok(w.report);
         }
@@ -530,16 +552,16 @@ pub struct ChainCheck<'a> {
 
 impl<'a> ChainCheck<'a> {
     /// Starts at file `first` of `chain`: from the genesis for file 0, else from where the
-    /// prune manifest in `dir` says the moved files ended (which needs the HMAC key).
+    /// chain's prune manifest says the moved files ended (which needs the HMAC key).
     pub fn new(
         chain: &'a str,
-        dir: &Path,
+        manifest: Option<&Manifest>,
         first: u64,
         opts: &VerifyOptions,
     ) -> Result<Self, String> {
         let mut walk = Walk::new(chain, opts, None, 0).map_err(|e| e.0)?;
         if first > 0 {
-            walk.continue_pruned(dir, first, opts)
+            walk.continue_pruned(manifest, first, opts)
                 .map_err(|p| p.to_string())?;
         }
         Ok(ChainCheck { walk })
@@ -593,7 +615,7 @@ impl<'a> Walk<'a> {
     /// one moved.
     fn continue_pruned(
         &mut self,
-        dir: &Path,
+        manifest: Option<&Manifest>,
         first: u64,
         opts: &VerifyOptions,
     ) -> Result<(), Problem> {
@@ -605,14 +627,12 @@ impl<'a> Walk<'a> {
             line: 1,
             reason,
         };
-        let m = prune::read_manifest(dir, self.chain)
-            .map_err(&bad)?
-            .ok_or_else(|| {
-                bad(format!(
-                    "chain starts at file index {first}: files 0..{first} are missing, and no \
-                     prune manifest accounts for them"
-                ))
-            })?;
+        let m = manifest.ok_or_else(|| {
+            bad(format!(
+                "chain starts at file index {first}: files 0..{first} are missing, and no \
+                 prune manifest accounts for them"
+            ))
+        })?;
         let key = prune::manifest_key(opts.hmac_secret.as_ref())
             .map_err(&bad)?
             .ok_or_else(|| bad(NEEDS_KEY.into()))?;
@@ -640,8 +660,11 @@ impl<'a> Walk<'a> {
         self.cur_index = first - 1;
         self.report.pruned = Some(Pruned {
             files: first,
-            ..pruned_of(&m, tail.last_seq)
+            ..pruned_of(m, tail.last_seq)
         });
+        // A chain moved whole had ended: nothing may follow its last moved file. (Files the
+        // manifest lists that are still here, from an interrupted run, end with the stop.)
+        self.report.closed = m.complete && m.files.len() as u64 == first;
         Ok(())
     }
 
@@ -722,6 +745,11 @@ impl<'a> Walk<'a> {
             ));
         }
         self.position(&r, first_in_file)?;
+        if r.kind == Some("checkpoint") {
+            let named = checkpoint_named(line);
+            let rep = &mut self.report;
+            rep.checkpoint_recorded = rep.checkpoint_recorded.max(named);
+        }
         self.accept(&r, hash);
         Ok(())
     }
@@ -820,6 +848,12 @@ impl<'a> Walk<'a> {
         self.next_seq += 1;
         self.prev = hash;
     }
+}
+
+/// The `ckpt_seq` of a `checkpoint` record (rare: parsed in full).
+fn checkpoint_named(line: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get("ckpt_seq")?.as_u64()
 }
 
 /// A precise reason for a line the scanner refused: JSON errors from a full parser (only
