@@ -679,6 +679,7 @@ fn a_file_changed_after_the_verification_is_not_moved() {
         dry_run: false,
         opts: &opts,
         key: &key,
+        progress: false,
     };
     let list: Vec<(u64, PathBuf)> = files
         .iter()

@@ -371,6 +371,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         dry_run: args.dry_run,
         opts: &opts,
         key: &key,
+        progress: opts.progress,
     };
     let mut moved = Vec::new();
     let (mut refused, mut failed) = (0usize, 0usize);

@@ -464,6 +464,8 @@ pub struct PrunePlan<'a> {
     pub opts: &'a VerifyOptions,
     /// The epoch-0 key, for the manifests' MACs.
     pub key: &'a EpochKey,
+    /// Say each file as it moves, on stderr.
+    pub progress: bool,
 }
 
 /// What moved (or, in a dry run, would move) of one chain.
@@ -567,6 +569,9 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPrun
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
         if !plan.dry_run {
             archive_copy(&bytes, plan.archive, &name)?;
+        }
+        if plan.progress {
+            eprintln!("prune-log:   {name} ({} bytes)", bytes.len());
         }
         done.bytes += bytes.len() as u64;
         done.files.push(facts);
