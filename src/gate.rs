@@ -332,13 +332,11 @@ pub fn run_gate(args: &GateArgs) -> i32 {
 /// directory that does not exist, or a key that cannot be read, is a usage error.
 fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, String> {
     let verify_args = VerifyLogArgs {
-        dir: dir.to_path_buf(),
         key_file: args.key_file.clone(),
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
         allow_pruned: args.allow_pruned,
-        archive_dir: Vec::new(),
-        json: false,
+        ..VerifyLogArgs::of(dir.to_path_buf())
     };
     let opts = log_cli::options(&verify_args)?;
     let mut report = verify_all(dir, &opts).map_err(|e| e.to_string())?;

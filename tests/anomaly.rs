@@ -279,13 +279,8 @@ fn a_log_with_anomaly_records_verifies_and_is_reported() {
 fn evidence_args(dir: &Path, key_file: &Path) -> EvidenceArgs {
     EvidenceArgs {
         log: VerifyLogArgs {
-            dir: dir.to_path_buf(),
             key_file: Some(key_file.to_path_buf()),
-            public_key: None,
-            checkpoint: None,
-            allow_pruned: false,
-            archive_dir: Vec::new(),
-            json: false,
+            ..VerifyLogArgs::of(dir.to_path_buf())
         },
         max_exceptions: 200,
         approved_config: Vec::new(),

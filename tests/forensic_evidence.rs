@@ -440,15 +440,7 @@ mod crafted_values {
                 });
             }
             let args = EvidenceArgs {
-                log: VerifyLogArgs {
-                    dir,
-                    key_file: None,
-                    public_key: None,
-                    checkpoint: None,
-                    allow_pruned: false,
-                    archive_dir: Vec::new(),
-                    json: false,
-                },
+                log: VerifyLogArgs::of(dir),
                 max_exceptions: 200,
                 approved_config: Vec::new(),
             };

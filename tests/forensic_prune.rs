@@ -123,6 +123,13 @@ fn with_archive(s: &Setup) -> VerifyOptions {
     }
 }
 
+/// Asserts the exit code and that stderr says `needle`.
+fn expect_failure(out: &Output, code: i32, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "{err}");
+}
+
 /// The epoch-0 key manifests are sealed with.
 fn key0() -> kvhygiene::forensic::keys::EpochKey {
     kvhygiene::forensic::prune::manifest_key(Some(&secret()))
@@ -239,12 +246,7 @@ fn nothing_moves_from_a_log_that_does_not_verify() {
     bytes[at] = b'Q';
     fs::write(&files[0], bytes).unwrap();
     let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("nothing was moved"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 1, "nothing was moved");
     assert_eq!(chain_files(&s.log), files);
     assert!(fs::read_dir(&s.archive).unwrap().next().is_none());
     assert!(names(&s.log, ".pruned.json").is_empty());
@@ -344,12 +346,7 @@ fn an_archive_file_with_other_bytes_stops_the_move() {
     )
     .unwrap();
     let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("other contents"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "other contents");
     assert_eq!(chain_files(&s.log), before, "nothing may be removed");
     assert!(names(&s.log, ".pruned.json").is_empty());
     // Read together, the two different files of one name are named.
@@ -364,12 +361,7 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
     let log = s.log.to_str().unwrap().to_string();
     fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o777)).unwrap();
     let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("writable by group or others"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "writable by group or others");
     fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o700)).unwrap();
 
     for (archive, needle) in [
@@ -383,12 +375,7 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
     let link = s.archive.with_extension("link");
     std::os::unix::fs::symlink(&s.archive, &link).unwrap();
     let out = prune_into(&s, link.to_str().unwrap());
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("symlink"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "symlink");
 }
 
 #[test]
@@ -714,19 +701,9 @@ fn a_key_is_required_and_the_archive_stays_with_the_chain() {
     let d = s.log.to_str().unwrap();
     let a = s.archive.to_str().unwrap();
     let out = kvh(&["prune-log", d, "--archive-dir", a, "--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("--key-file is required"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "--key-file is required");
     let out = kvh(&["verify-log", d, "--allow-pruned"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("needs --key-file"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "needs --key-file");
 
     assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
     // Leftovers of an interrupted copy are cleared by the next run.
@@ -758,12 +735,7 @@ fn a_chains_files_all_go_to_one_archive() {
     fs::create_dir(&other).unwrap();
     fs::set_permissions(&other, fs::Permissions::from_mode(0o700)).unwrap();
     let out = prune_into(&s, other.to_str().unwrap());
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("to the same archive"),
-        "{}",
-        text(&out.stderr)
-    );
+    expect_failure(&out, 2, "to the same archive");
     assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
     assert!(verify(&s.log, &pruned_opts()).ok());
 }
@@ -817,22 +789,8 @@ fn the_archive_may_not_be_inside_the_log_directory() {
     let inside = s.log.join("archive");
     fs::create_dir(&inside).unwrap();
     fs::set_permissions(&inside, fs::Permissions::from_mode(0o700)).unwrap();
-    let out = kvh(&[
-        "prune-log",
-        s.log.to_str().unwrap(),
-        "--archive-dir",
-        inside.to_str().unwrap(),
-        "--older-than",
-        "0",
-        "--key-file",
-        s.key.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("or inside it"),
-        "{}",
-        text(&out.stderr)
-    );
+    let out = prune_into(&s, inside.to_str().unwrap());
+    expect_failure(&out, 2, "or inside it");
 }
 
 #[test]

@@ -55,6 +55,22 @@ pub struct VerifyLogArgs {
     pub json: bool,
 }
 
+impl VerifyLogArgs {
+    /// Verification of `dir` with nothing else given (no key, no checkpoint, text output);
+    /// callers set what they have with struct update syntax.
+    pub fn of(dir: PathBuf) -> Self {
+        VerifyLogArgs {
+            dir,
+            key_file: None,
+            public_key: None,
+            checkpoint: None,
+            allow_pruned: false,
+            archive_dir: Vec::new(),
+            json: false,
+        }
+    }
+}
+
 /// `kvh prune-log`: move the old files of a verified log to an archive directory.
 #[derive(Clone, Debug, clap::Args)]
 pub struct PruneLogArgs {
@@ -335,14 +351,12 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         );
     }
     let verify_args = VerifyLogArgs {
-        dir: args.dir.clone(),
         key_file: args.key_file.clone(),
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
         // Earlier runs' manifests account for the files they moved.
         allow_pruned: true,
-        archive_dir: Vec::new(),
-        json: false,
+        ..VerifyLogArgs::of(args.dir.clone())
     };
     let opts = options(&verify_args)?;
     let key = prune::manifest_key(opts.hmac_secret.as_ref())?.ok_or("--key-file is required")?;
