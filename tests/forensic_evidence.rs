@@ -474,15 +474,15 @@ fn policy_run(dir: &Path, envs: &[(&str, &str)]) -> Vec<(String, String)> {
 /// `kvh config --json`'s digest under the variables `envs`.
 fn digest_of(envs: &[(String, String)]) -> String {
     let pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let out = kvh(&["config", "--json"], &pairs);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&kvh(&["config", "--json"], &pairs));
     v["config_digest"].as_str().unwrap().to_string()
+}
+
+/// The JSON a command that must succeed printed.
+fn json_of(out: &Output) -> Value {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"))
 }
 
 #[test]
@@ -590,27 +590,32 @@ fn an_approved_config_that_is_neither_digest_nor_policy_is_a_usage_error() {
 fn a_file_named_like_a_digest_is_ambiguous() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
-    policy_run(&dir, &[]);
+    let env = policy_run(&dir, &[]);
     let name = "ab".repeat(32);
-    let file = tmp.path().join(&name);
-    std::fs::write(&file, "batch_size = 8\n").unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
-    cmd.current_dir(tmp.path()).args([
-        "evidence",
-        dir.to_str().unwrap(),
-        "--approved-config",
-        &name,
-    ]);
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
-        cmd.env_remove(k);
-    }
-    let out = cmd.output().unwrap();
+    // The file is the policy the run had: named as a file, it is approved.
+    let toml = format!("log_dir = \"{}\"\nbackend = \"host\"\n", dir.display());
+    std::fs::write(tmp.path().join(&name), toml).unwrap();
+    let evidence = |value: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+        cmd.current_dir(tmp.path()).args([
+            "evidence",
+            dir.to_str().unwrap(),
+            "--json",
+            "--approved-config",
+            value,
+        ]);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+            cmd.env_remove(k);
+        }
+        cmd.output().unwrap()
+    };
+    let out = evidence(&name);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("./{name}")));
-    let out = cmd
-        .args(["--approved-config", &format!("./{name}"), "--json"])
-        .output()
-        .unwrap();
-    // Both values are read now: the ambiguous one still fails.
-    assert_eq!(out.status.code(), Some(2));
+    let v = json_of(&evidence(&format!("./{name}")));
+    assert_eq!(
+        v["policy"]["approved"],
+        serde_json::json!([digest_of(&env)])
+    );
+    assert_eq!(v["policy"]["processes_approved"], 1);
 }

@@ -187,7 +187,7 @@ fn an_open_chain_keeps_its_two_newest_files_and_verifies_from_the_manifest() {
         assert_eq!(mode, 0o600, "{}", archived.display());
     }
 
-    // Without the option, missing files fail the chain, as before.
+    // Without the option, missing files fail the chain.
     assert!(!verify(&s.log, &keyed_opts()).ok());
     let r = verify(&s.log, &pruned_opts());
     assert!(r.ok(), "{r:?}");
@@ -276,8 +276,8 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     fs::write(&left[0], &kept).unwrap();
     assert!(verify(&s.log, &pruned_opts()).ok());
 
-    // Editing the manifest: its MAC fails with the key; without the key, the first file left
-    // no longer links to the hash it records.
+    // Editing the manifest: its MAC fails with the key; without the key, a manifest is not
+    // used at all; resealed with the key, the first file left no longer links to it.
     let mut forged = m.clone();
     forged.files.last_mut().unwrap().last_hash = "00".repeat(32);
     fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
@@ -293,7 +293,7 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     // Whoever holds the key can write a manifest that says anything; the chain left must
     // still link to it.
     let key = key0();
-    forged.seal(Some(&key));
+    forged.seal(&key);
     fs::write(&path, serde_json::to_vec(&forged).unwrap()).unwrap();
     let r = verify(&s.log, &pruned_opts());
     assert!(first_reason(&r).contains("prev is not"), "{r:?}");
@@ -437,7 +437,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     let (path, mut m) = manifest(&s);
     let original = m.clone();
     m.files.pop();
-    m.seal(Some(&key));
+    m.seal(&key);
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
     let r = verify(&s.log, &signed);
     assert!(
@@ -447,7 +447,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     // A manifest of an open chain whose files are all gone: deleted.
     let mut open = original.clone();
     open.complete = false;
-    open.seal(Some(&key));
+    open.seal(&key);
     fs::write(&path, serde_json::to_vec(&open).unwrap()).unwrap();
     let r = verify(&s.log, &signed);
     assert!(first_reason(&r).contains("files deleted"), "{r:?}");
@@ -647,7 +647,7 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
 
 #[test]
 fn a_file_changed_after_the_verification_is_not_moved() {
-    use kvhygiene::forensic::prune::{prune_chain, ChainState, PrunePlan};
+    use kvhygiene::forensic::prune::{prune_chain, ChainToPrune, PrunePlan};
     let s = setup();
     open_chain(&s.log, 60);
     let files = chain_files(&s.log);
@@ -677,7 +677,7 @@ fn a_file_changed_after_the_verification_is_not_moved() {
     let chain = verify(&s.log, &VerifyOptions::default()).chains[0]
         .chain
         .clone();
-    let state = ChainState {
+    let state = ChainToPrune {
         chain: &chain,
         list: &list,
         closed: false,
@@ -701,7 +701,7 @@ fn a_key_is_required_and_the_archive_stays_with_the_chain() {
     let d = s.log.to_str().unwrap();
     let a = s.archive.to_str().unwrap();
     let out = kvh(&["prune-log", d, "--archive-dir", a, "--older-than", "0"]);
-    expect_failure(&out, 2, "--key-file is required");
+    expect_failure(&out, 2, "--key-file <FILE>");
     let out = kvh(&["verify-log", d, "--allow-pruned"]);
     expect_failure(&out, 2, "needs --key-file");
 
@@ -774,12 +774,17 @@ fn read_whole_every_moved_file_must_be_in_the_archive_as_recorded() {
         ..with_archive(&s)
     };
     let r = verify(&s.log, &both);
-    assert!(
-        r.errors.iter().any(|e| e.contains("moved file lost")),
-        "{r:?}"
-    );
+    assert!(first_reason(&r).contains("moved file lost"), "{r:?}");
     fs::write(&lost, &kept).unwrap();
     assert!(verify(&s.log, &both).ok());
+    // A moved file replaced by other bytes (the chain catches an edit; the recorded SHA-256
+    // catches it first, naming the file).
+    let mut other = kept.clone();
+    let at = other.iter().position(|&b| b == b'q').unwrap();
+    other[at] = b'Q';
+    fs::write(&lost, &other).unwrap();
+    let r = verify(&s.log, &both);
+    assert!(first_reason(&r).contains("SHA-256 differs"), "{r:?}");
 }
 
 #[test]
@@ -855,7 +860,7 @@ fn a_manifest_swapped_during_the_move_is_not_sealed() {
     // The run started from `m`; meanwhile an older genuine manifest is put in its place.
     let mut older = m.clone();
     older.files.truncate(1);
-    older.seal(Some(&key));
+    older.seal(&key);
     fs::write(&path, serde_json::to_vec(&older).unwrap()).unwrap();
     let err = record_moved(
         &s.log,
@@ -873,7 +878,7 @@ fn a_manifest_swapped_during_the_move_is_not_sealed() {
     // A manifest with a gap is refused even with a good MAC.
     let mut gap = m.clone();
     gap.files.remove(1);
-    gap.seal(Some(&key));
+    gap.seal(&key);
     assert!(gap
         .check(Some(&key))
         .unwrap_err()
@@ -881,7 +886,7 @@ fn a_manifest_swapped_during_the_move_is_not_sealed() {
 }
 
 #[test]
-fn a_forged_manifest_is_reported_even_for_a_whole_chain() {
+fn a_forged_manifest_is_reported_for_a_chain_starting_at_file_0() {
     let s = setup();
     open_chain(&s.log, 40);
     let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
@@ -900,7 +905,8 @@ fn a_forged_manifest_is_reported_even_for_a_whole_chain() {
     )
     .unwrap();
     let r = verify(&s.log, &pruned_opts());
-    assert!(r.errors.iter().any(|e| e.contains("MAC mismatch")), "{r:?}");
+    assert!(first_reason(&r).contains("MAC mismatch"), "{r:?}");
+    assert!(r.errors.is_empty(), "reported once: {r:?}");
 }
 
 #[test]
@@ -963,4 +969,57 @@ fn a_dry_run_changes_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(leftover.exists());
     assert!(!s.archive.join(".kvh-archive").exists());
+}
+
+#[test]
+fn one_run_at_a_time_and_usage_errors_are_named() {
+    let s = setup();
+    open_chain(&s.log, 40);
+    {
+        let _held = kvhygiene::forensic::prune::lock_dir(&s.archive).unwrap();
+        let out = prune(&s, &["--older-than", "0"]);
+        expect_failure(&out, 2, "another kvh prune-log is running");
+    }
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--archive-dir", k]);
+    expect_failure(&out, 2, "not a directory");
+}
+
+#[test]
+fn runs_whose_start_record_moved_are_not_judged_by_policy() {
+    let s = pruned_open_chain();
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let digest = "ab".repeat(32);
+    let out = kvh(&[
+        "evidence",
+        d,
+        "--key-file",
+        k,
+        "--allow-pruned",
+        "--json",
+        "--approved-config",
+        &digest,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let policy = &ev["policy"];
+    assert_eq!(policy["processes_not_judged"], 1, "{policy}");
+    assert_eq!(policy["processes_approved"], 0);
+    assert_eq!(policy["unapproved"], serde_json::json!([]));
+}
+
+#[test]
+fn a_directory_whose_every_chain_moved_has_nothing_to_verify() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--allow-pruned"]);
+    expect_failure(&out, 2, "every chain was moved whole by prune-log");
+    let a = s.archive.to_str().unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--archive-dir", a]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }

@@ -36,8 +36,9 @@ pub const EXIT_WEAKENED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 
 /// The environment variable that carries the HMAC secret itself (read once by the library,
-/// then removed from its environment). `kvh config` only asks whether it is set.
-const HMAC_SECRET_ENV: &str = "FORENSIC_HMAC_SECRET";
+/// then removed from its environment). `kvh config` only asks whether it is set, and its
+/// length.
+use crate::forensic::keys::SECRET_ENV as HMAC_SECRET_ENV;
 
 /// `kvh config`.
 #[derive(Clone, Debug, clap::Args)]
@@ -80,12 +81,8 @@ const MAX_ANOMALY_Z: f64 = 10.0;
 const MAX_ANOMALY_BURST_SCALE: f64 = 10.0;
 const MAX_CHECKPOINT_INTERVAL_MS: u64 = 3_600_000;
 
-/// The coverage threshold and sample count below which verification is weaker than the
-/// defaults (a scrub may pass with non-zero samples, or fewer samples look at each block).
-const DEFAULT_COVERAGE: f64 = 0.999;
-const DEFAULT_SAMPLES: u32 = 64;
-
-/// The controls `config` turns off or weakens, in the order of the settings list.
+/// The controls `config` turns off or weakens (`KVH_PRELOAD`, added by [`report`], first;
+/// then by subject: verification, isolation, the gate, the log, metrics, anomalies).
 ///
 /// The bar is the recommended production posture of a multi-tenant server, not the defaults
 /// (the log and the metrics are off by default, because they need paths only the operator
@@ -94,24 +91,29 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
     let mut out = Vec::new();
     let mut add =
         |key: &'static str, value: String, risk: String| out.push(Weakened { key, value, risk });
-    if config.coverage_threshold < DEFAULT_COVERAGE {
+    // Below the defaults, a scrub may pass with non-zero samples, or fewer samples look at
+    // each block.
+    let defaults = Config::default();
+    if config.coverage_threshold < defaults.coverage_threshold {
         add(
             "coverage_threshold",
             config.coverage_threshold.to_string(),
             format!(
-                "below the default {DEFAULT_COVERAGE}: a scrub passes verification with up to \
-                 {:.1}% of its samples non-zero",
+                "below the default {}: a scrub passes verification with up to {:.1}% of its \
+                 samples non-zero",
+                defaults.coverage_threshold,
                 (1.0 - config.coverage_threshold) * 100.0
             ),
         );
     }
-    if config.verify_samples < DEFAULT_SAMPLES && !config.full_verify {
+    if config.verify_samples < defaults.verify_samples && !config.full_verify {
         add(
             "verify_samples",
             config.verify_samples.to_string(),
             format!(
-                "fewer than the default {DEFAULT_SAMPLES} samples a block: a partly cleared \
-                 block is likelier to pass verification"
+                "fewer than the default {} samples a block: a partly cleared block is likelier \
+                 to pass verification",
+                defaults.verify_samples
             ),
         );
     }
@@ -260,11 +262,20 @@ fn log_weakened(
     }
 }
 
+/// Where `kvh config` read the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `KVH_CONFIG`'s file, then `KVH_*` variables, as the library reads them.
+    Environment,
+    /// A file alone (`--file`).
+    File,
+}
+
 /// What `kvh config` reports (its `--json` form).
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `environment` (KVH_CONFIG's file, then KVH_* variables) or `file`.
-    pub origin: &'static str,
+    pub origin: Origin,
     /// The TOML file read, if any.
     pub file: Option<String>,
     /// Whether `FORENSIC_HMAC_SECRET` is set (never its value); `false` with `--file`.
@@ -281,7 +292,7 @@ pub struct Report {
 pub fn report(args: &ConfigArgs) -> Result<Report, String> {
     let (origin, file, hmac, preload, loaded) = match &args.file {
         Some(path) => (
-            "file",
+            Origin::File,
             Some(path.display().to_string()),
             HmacSecret::NotInEnvironment,
             None,
@@ -296,7 +307,7 @@ pub fn report(args: &ConfigArgs) -> Result<Report, String> {
             let preload = PreloadSwitch::parse(std::env::var_os(PRELOAD_ENV).as_deref());
             let hmac = hmac_secret_of_env();
             (
-                "environment",
+                Origin::Environment,
                 file,
                 hmac,
                 Some(preload),
@@ -403,7 +414,7 @@ fn shown(value: &serde_json::Value) -> String {
 /// The text form of a report.
 fn render(r: &Report) -> String {
     let mut out = match (r.origin, &r.file) {
-        ("file", Some(f)) => {
+        (Origin::File, Some(f)) => {
             format!("kvh config: the policy of {f} alone (environment not read)\n")
         }
         (_, Some(f)) => format!(
@@ -411,7 +422,7 @@ fn render(r: &Report) -> String {
         ),
         _ => "kvh config: the policy of this environment (KVH_* variables)\n".to_string(),
     };
-    let whose = if r.origin == "file" {
+    let whose = if r.origin == Origin::File {
         "of a process whose only setting is KVH_CONFIG naming this file"
     } else {
         "of a process started in this environment"
@@ -664,7 +675,7 @@ mod tests {
     fn text_lists_every_key_and_each_weakening() {
         let (config, settings) = Config::explain(&vars(&[("KVH_KV_GATE", "off")])).unwrap();
         let r = Report {
-            origin: "environment",
+            origin: Origin::Environment,
             file: None,
             hmac_secret_in_environment: false,
             preload: Some(PreloadSwitch::Serve),

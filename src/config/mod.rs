@@ -597,8 +597,9 @@ pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
         if !name.as_bytes().starts_with(b"KVH_") {
             continue;
         }
-        let others = OTHER_ENV.iter().filter(|n| **n != "KVH_CONFIG");
-        if others.clone().any(|n| name.as_bytes() == n.as_bytes()) {
+        // Their readers judge these (`KVH_LIBRARY`: the Python package; `KVH_PRELOAD`: the
+        // interposers), whatever their bytes.
+        if name == "KVH_LIBRARY" || name == PRELOAD_ENV {
             continue;
         }
         match (name.into_string(), value.into_string()) {
@@ -649,16 +650,12 @@ impl Config {
     /// The policy of a TOML file alone, as a process whose only variable is `KVH_CONFIG`
     /// naming it would run with, with every key's value and its source (`kvh config --file`).
     pub fn explain_file(path: &Path) -> Result<(Config, Vec<Setting>), ConfigError> {
-        let (config, file_keys) = Config::read_file(path)?;
-        config.check_combination()?;
-        let settings = settings(&config, |k| {
-            if file_keys.contains(&k.name) {
-                Source::File
-            } else {
-                Source::Default
-            }
-        });
-        Ok((config, settings))
+        // Exactly the library's loading, with nothing else in the environment.
+        let name = path.to_str().ok_or_else(|| ConfigError::File {
+            path: path.display().to_string(),
+            message: "the path is not UTF-8 (KVH_CONFIG could not name it)".into(),
+        })?;
+        Config::explain(&[("KVH_CONFIG".to_string(), name.to_string())])
     }
 
     /// The policy and the names of the keys its file set.

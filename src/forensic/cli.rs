@@ -83,11 +83,11 @@ pub struct PruneLogArgs {
     /// Move files whose newest record is older than DAYS days (0: every file that may move).
     #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(0..=36_500))]
     pub older_than: u64,
-    /// The HMAC secret file (required): the log's MACs are checked before anything moves,
-    /// and the manifests are MACed with it (verify-log --allow-pruned then checks them with
-    /// the same file).
+    /// The HMAC secret file: the log's MACs are checked before anything moves, and the
+    /// manifests that stand in for moved files are MACed with it (verify-log --allow-pruned
+    /// checks them with the same file). A log without one cannot be pruned: keep it whole.
     #[arg(long, value_name = "FILE")]
-    pub key_file: Option<PathBuf>,
+    pub key_file: PathBuf,
     /// Ed25519 public key of the checkpoints, checked before anything moves.
     #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
@@ -131,13 +131,14 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         // single record, must not read as OK.
         let archived = |c: &ChainReport| c.pruned.as_ref().is_some_and(|p| p.complete);
         let what = if report.chains.is_empty() {
-            "no forensic log files (kvh-*.jsonl)"
+            "no forensic log files (kvh-*.jsonl) to verify"
         } else if report.chains.iter().all(archived) {
-            "every chain was moved whole by prune-log (verify them with --archive-dir)"
+            "every chain was moved whole by prune-log: nothing left to verify here (verify \
+             them with --archive-dir)"
         } else {
-            "no records in its forensic log files"
+            "no records in its forensic log files to verify"
         };
-        eprintln!("kvh verify-log: {}: {what} to verify", args.dir.display());
+        eprintln!("kvh verify-log: {}: {what}", args.dir.display());
         return EXIT_USAGE;
     }
     let mut out = std::io::stdout().lock();
@@ -342,16 +343,8 @@ pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
 }
 
 fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
-    if args.key_file.is_none() {
-        return Err(
-            "--key-file is required: the manifests that stand in for moved files are \
-                    MACed with the log's HMAC secret (a log without one cannot be pruned; keep \
-                    it whole)"
-                .into(),
-        );
-    }
     let verify_args = VerifyLogArgs {
-        key_file: args.key_file.clone(),
+        key_file: Some(args.key_file.clone()),
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
         // Earlier runs' manifests account for the files they moved.
@@ -359,7 +352,8 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         ..VerifyLogArgs::of(args.dir.clone())
     };
     let opts = options(&verify_args)?;
-    let key = prune::manifest_key(opts.hmac_secret.as_ref())?.ok_or("--key-file is required")?;
+    // `options` read the key file given.
+    let key = prune::manifest_key(opts.hmac_secret.as_ref())?.ok_or("--key-file: no key read")?;
     prune::check_archive_dir(&args.archive_dir, &args.dir)?;
     // One run per log directory and per archive.
     let _log_lock = prune::lock_dir(&args.dir)?;
@@ -377,7 +371,8 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         prune::mark_archive(&args.archive_dir)?;
     }
     let checkpoints = checkpoint_seqs(&args.dir, args.checkpoint.as_deref());
-    let cutoff_ns = now_ns().saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
+    let cutoff_ns = super::unix_nanos(std::time::SystemTime::now())
+        .saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
     let plan = prune::PrunePlan {
         dir: &args.dir,
         archive: &args.archive_dir,
@@ -391,7 +386,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     let (mut refused, mut failed) = (0usize, 0usize);
     for (chain, list) in list_all(&args.dir, &opts).map_err(|e| e.to_string())? {
         let verified = report.chains.iter().find(|c| c.chain == chain);
-        let state = prune::ChainState {
+        let state = prune::ChainToPrune {
             chain: &chain,
             list: &list,
             closed: verified.is_some_and(|c| c.closed),
@@ -515,12 +510,6 @@ fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {
         c.bytes,
         if c.complete { ", the whole chain" } else { "" }
     )
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Runs `keygen`; returns the process exit code.

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
-use super::verify::{self, rfc3339, verify_all, Report};
+use super::verify::{self, rfc3339, verify_all, Pruned, Report};
 use crate::config::Config;
 
 /// `kvh evidence`: arguments.
@@ -132,12 +132,8 @@ pub struct Integrity {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PrunedChain {
     pub chain: String,
-    pub files: u64,
-    /// Records up to this seq are not in the log directory.
-    pub last_seq: u64,
-    pub archive: String,
-    /// The whole chain moved.
-    pub complete: bool,
+    #[serde(flatten)]
+    pub pruned: Pruned,
 }
 
 /// One writer process: a run of a chain, from its `start` record, or from the `recovery`
@@ -300,12 +296,14 @@ fn approved_digests(values: &[String]) -> Result<Vec<String>, String> {
         let digest = if looks_like_digest {
             v.to_ascii_lowercase()
         } else {
-            let (config, _) = Config::explain_file(Path::new(v)).map_err(|e| {
-                format!(
-                    "--approved-config {v}: neither a digest (64 hex digits) nor a valid \
+            let config = Config::explain_file(Path::new(v))
+                .map(|(c, _)| c)
+                .map_err(|e| {
+                    format!(
+                        "--approved-config {v}: neither a digest (64 hex digits) nor a valid \
                      policy file: {e}"
-                )
-            })?;
+                    )
+                })?;
             config_digest(&config.canonical_json())
         };
         if !out.contains(&digest) {
@@ -383,13 +381,9 @@ fn integrity(r: &Report) -> Integrity {
             .chains
             .iter()
             .filter_map(|c| {
-                let p = c.pruned.as_ref()?;
                 Some(PrunedChain {
                     chain: c.chain.clone(),
-                    files: p.files,
-                    last_seq: p.last_seq,
-                    archive: p.archive.clone(),
-                    complete: p.complete,
+                    pruned: c.pruned.clone()?,
                 })
             })
             .collect(),
@@ -742,12 +736,12 @@ pub fn render(ev: &Evidence) -> String {
             None => "not checked (no --public-key given)".into(),
         }
     ));
-    for p in &i.pruned {
+    for PrunedChain { chain, pruned: p } in &i.pruned {
         push(format!(
             "- Retention: chain {}: {} by `kvh prune-log` to {} (records up to seq {}), \
              accounted for by its MAC-verified manifest; those records are not in this \
              report (verify them with `--archive-dir`).",
-            cell(&p.chain),
+            cell(chain),
             if p.complete {
                 "every file moved".to_string()
             } else {

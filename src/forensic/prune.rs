@@ -13,8 +13,8 @@
 //!    recovery, reads them), and every file of a chain that ended with `stop`;
 //! 3. it copies each file into the archive (exclusive create, 0600, fsync, read back and
 //!    compared), then writes the chain's manifest `kvh-<chain>.pruned.json` in the log
-//!    directory (atomically, MACed with a key derived from the HMAC secret when one is
-//!    given), and only then removes the originals. An interrupted run leaves identical
+//!    directory (atomically, MACed with the HMAC secret), and only then removes the
+//!    originals. An interrupted run leaves identical
 //!    copies in both places, which a rerun finishes and `verify-log --archive-dir` reads
 //!    once.
 //!
@@ -89,7 +89,7 @@ pub struct Manifest {
     pub files: Vec<PrunedFile>,
     /// Every file of the chain was moved (it had ended with `stop`).
     pub complete: bool,
-    /// Where the files were moved to, as given to `prune-log`.
+    /// Where the files were moved to: the archive directory's absolute path.
     pub archive: String,
     /// Unix nanoseconds of the last change.
     pub updated_at: u64,
@@ -112,16 +112,18 @@ impl Manifest {
         out
     }
 
-    /// Sets `mac` (or clears it without a key).
-    pub fn seal(&mut self, key: Option<&EpochKey>) {
-        self.mac = key.map(|k| hex(&manifest_mac(k, &self.body())));
+    /// Sets `mac`.
+    pub fn seal(&mut self, key: &EpochKey) {
+        self.mac = Some(hex(&manifest_mac(key, &self.body())));
     }
 
-    /// Checks the MAC against `key` (the epoch-0 key); without a key nothing is checked.
+    /// Checks the version and the contiguity of the files, and the MAC against `key` (the
+    /// epoch-0 key) when one is given.
     pub fn check(&self, key: Option<&EpochKey>) -> Result<(), String> {
         if self.v != MANIFEST_VERSION {
             return Err(format!("unsupported manifest version {}", self.v));
         }
+        self.check_contiguous()?;
         let Some(k) = key else { return Ok(()) };
         let Some(mac) = self.mac.as_deref() else {
             return Err("manifest has no mac but a key was given".into());
@@ -129,7 +131,7 @@ impl Manifest {
         if parse_hash(mac) != Some(manifest_mac(k, &self.body())) {
             return Err("manifest MAC mismatch: wrong key or forged manifest".into());
         }
-        self.check_contiguous()
+        Ok(())
     }
 
     /// Files 0, 1, ... of the chain, each starting at the seq after the previous one's last:
@@ -280,19 +282,14 @@ pub fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
             m.permissions().mode() & 0o777
         ));
     }
-    let log = fs::metadata(log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    fs::metadata(log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
     let canonical = fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for ancestor in canonical.ancestors() {
-        let Ok(a) = fs::metadata(ancestor) else {
-            continue;
-        };
-        if (a.dev(), a.ino()) == (log.dev(), log.ino()) {
-            return Err(format!(
-                "--archive-dir {} is the log directory {} or inside it",
-                dir.display(),
-                log_dir.display()
-            ));
-        }
+    if canonical.ancestors().any(|a| same_place(a, log_dir)) {
+        return Err(format!(
+            "--archive-dir {} is the log directory {} or inside it",
+            dir.display(),
+            log_dir.display()
+        ));
     }
     Ok(())
 }
@@ -374,7 +371,6 @@ pub fn remove_leftovers(log_dir: &Path, archive: &Path) {
     });
 }
 
-/// Adds `moved` to the chain's manifest (creating it), seals it and writes it.
 /// Adds `moved` to `base`, the manifest the run started from (`None`: a new one), seals it
 /// and writes it, provided the manifest on disk is still `base`: one swapped in meanwhile
 /// (an older one, say) is not extended and sealed.
@@ -416,10 +412,10 @@ pub fn record_moved(
         }
     }
     m.complete |= complete;
-    m.updated_at = now_ns();
-    m.seal(Some(key));
-    m.check(Some(key))
+    m.updated_at = super::unix_nanos(SystemTime::now());
+    m.check_contiguous()
         .map_err(|e| PruneError::NotVerified(format!("chain {chain}: {e}")))?;
+    m.seal(key);
     write_manifest(dir, &m).map_err(|e| format!("{}: {e}", manifest_path(dir, chain).display()))?;
     Ok(m)
 }
@@ -429,12 +425,6 @@ pub fn manifest_key(secret: Option<&Zeroizing<Vec<u8>>>) -> Result<Option<EpochK
     secret
         .map(|s| EpochKey::from_secret(s.clone()).map_err(|e| format!("--key-file: {e}")))
         .transpose()
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// An open directory, `flock`ed for the life of the value.
@@ -480,21 +470,15 @@ pub struct ChainPruned {
 }
 
 /// Why a chain was not (wholly) moved.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PruneError {
     /// A file read for the move is not the continuation of the chain that verified: it
     /// changed since. Nothing of it was removed.
+    #[error("{0}")]
     NotVerified(String),
     /// An I/O error or a conflict in the archive.
+    #[error("{0}")]
     Io(String),
-}
-
-impl std::fmt::Display for PruneError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PruneError::NotVerified(e) | PruneError::Io(e) => f.write_str(e),
-        }
-    }
 }
 
 impl From<String> for PruneError {
@@ -504,7 +488,7 @@ impl From<String> for PruneError {
 }
 
 /// What `prune_chain` knows of a chain from the verification of the directory.
-pub struct ChainState<'a> {
+pub struct ChainToPrune<'a> {
     pub chain: &'a str,
     /// Its files in the log directory, oldest first.
     pub list: &'a [(u64, PathBuf)],
@@ -522,7 +506,7 @@ pub struct ChainState<'a> {
 /// manifest is written and the originals are removed, oldest first. Moving stops before the
 /// file that holds the chain's checkpoint (so a verifier can always hold the checkpoint to a
 /// record), unless the checkpoint is the last record of an ended chain.
-pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainState<'_>) -> Result<ChainPruned, PruneError> {
+pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPruned, PruneError> {
     let mut done = ChainPruned {
         chain: c.chain.to_string(),
         ..Default::default()
@@ -650,7 +634,7 @@ mod tests {
     fn the_mac_covers_every_field_and_needs_the_key() {
         let k = key(b"0123456789abcdef-secret");
         let mut m = manifest();
-        m.seal(Some(&k));
+        m.seal(&k);
         assert!(m.check(Some(&k)).is_ok());
         assert!(m.check(None).is_ok(), "unchecked without a key");
         assert!(m.check(Some(&key(b"another-secret-0123"))).is_err());

@@ -23,6 +23,8 @@ pub struct Scanned<'a> {
     pub chain: Option<&'a str>,
     pub prev: Option<&'a str>,
     pub prev_file: Option<&'a str>,
+    /// The seq a `checkpoint` record says was signed.
+    pub ckpt_seq: Option<u64>,
 }
 
 /// Deepest nesting accepted (the writer's `write_canonical` limit).
@@ -102,6 +104,7 @@ fn header_field<'a>(out: &mut Scanned<'a>, key: &[u8], raw: &'a [u8]) {
         b"chain" => out.chain = s(),
         b"prev" => out.prev = s(),
         b"prev_file" => out.prev_file = s(),
+        b"ckpt_seq" => out.ckpt_seq = num(),
         _ => {}
     }
 }

@@ -144,25 +144,29 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     let chains = list_all(dir, opts)?;
     let mut report = Report::default();
     let mut ckpts = load_checkpoints(opts, &mut report)?;
+    // Prune manifests matter only to a pruned reading: read once, checked once.
+    let mut manifests = if opts.allow_pruned || !opts.archive_dirs.is_empty() {
+        load_manifests(dir, opts)?
+    } else {
+        BTreeMap::new()
+    };
     let total = chains.len();
     for (i, (chain, list)) in chains.iter().enumerate() {
         if opts.progress {
             eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
         }
         let ckpt = ckpts.remove(chain);
-        let pruned_from = match list.first() {
-            Some((index, _)) if *index > 0 && opts.allow_pruned => Some(dir),
-            _ => None,
-        };
+        let manifest = manifests.remove(chain);
         report
             .chains
-            .push(verify_chain(chain, list, opts, ckpt.as_ref(), pruned_from)?);
+            .push(verify_chain(chain, list, opts, ckpt.as_ref(), manifest)?);
     }
-    if opts.allow_pruned {
-        archived_chains(dir, opts, &chains, &mut ckpts, &mut report)?;
-    }
-    if !opts.archive_dirs.is_empty() {
-        manifests_match_archive(dir, opts, &chains, &mut report)?;
+    // Manifests of chains with no file left.
+    for (chain, manifest) in manifests {
+        let ckpt = ckpts.remove(&chain);
+        report
+            .chains
+            .push(archived_chain(&chain, manifest, opts, ckpt.as_ref()));
     }
     for (chain, c) in ckpts {
         report.errors.push(format!(
@@ -191,135 +195,87 @@ pub fn list_all(dir: &Path, opts: &VerifyOptions) -> Result<files::ChainList, Ve
     })
 }
 
-/// With `allow_pruned`: the chains of the manifests in `dir` of which no file is left. A
-/// chain `prune-log` moved whole (it had ended) is accepted, its checkpoint held to the
-/// manifest's last record; a manifest whose chain should still have files means they were
-/// deleted.
-fn archived_chains(
-    dir: &Path,
-    opts: &VerifyOptions,
-    chains: &files::ChainList,
-    ckpts: &mut BTreeMap<String, Checkpoint>,
-    report: &mut Report,
-) -> Result<(), VerifyError> {
-    let (listed, key) = manifests_and_key(dir, opts)?;
-    for chain in listed {
-        if chains.iter().any(|(c, _)| *c == chain) {
-            // A chain still starting at file 0 never reads its manifest: a forged one is
-            // reported all the same.
-            let m = prune::read_manifest(dir, &chain);
-            if let Err(e) = m.and_then(|m| m.map_or(Ok(()), |m| m.check(key.as_ref()))) {
-                report.errors.push(format!(
-                    "{}: {e}",
-                    prune::manifest_path(dir, &chain).display()
-                ));
-            }
-            continue;
-        }
-        let name = prune::manifest_path(Path::new(""), &chain)
-            .display()
-            .to_string();
-        let mut rep = ChainReport {
-            chain: chain.clone(),
-            macs_checked: opts.hmac_secret.is_some(),
-            checkpoints_checked: opts.public_key.is_some(),
-            ..Default::default()
-        };
-        let ckpt = ckpts.remove(&chain);
-        if let Err(reason) =
-            whole_chain_archived(dir, &chain, key.as_ref(), ckpt.as_ref(), &mut rep)
-        {
-            rep.problem = Some(Problem {
-                file: name,
-                line: 1,
-                reason,
-            });
-        }
-        report.chains.push(rep);
-    }
-    Ok(())
-}
+/// A chain's prune manifest as read, or why it cannot be used (unreadable, not a manifest,
+/// MAC or contiguity); reported at the manifest's name.
+type LoadedManifest = Result<Manifest, String>;
 
-/// The chains of the prune manifests in `dir`, and the key their MACs are checked with.
-fn manifests_and_key(
+/// Every prune manifest in `dir`, by chain, each checked (MAC with the key when given,
+/// contiguity always).
+fn load_manifests(
     dir: &Path,
     opts: &VerifyOptions,
-) -> Result<(Vec<String>, Option<EpochKey>), VerifyError> {
+) -> Result<BTreeMap<String, LoadedManifest>, VerifyError> {
     let listed = prune::list_manifests(dir)
         .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
     let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
-    Ok((listed, key))
+    let mut out = BTreeMap::new();
+    for chain in listed {
+        let loaded = prune::read_manifest(dir, &chain)
+            .and_then(|m| m.ok_or_else(|| "disappeared while verifying".to_string()))
+            .and_then(|m| m.check(key.as_ref()).map(|()| m));
+        out.insert(chain, loaded);
+    }
+    Ok(out)
 }
 
-/// With archive directories: every file a prune manifest in `dir` lists must be among the
-/// files read, with the bytes the manifest recorded (a file missing from the archive, or
-/// replaced there, is reported even when the chain itself would not show it).
-fn manifests_match_archive(
-    dir: &Path,
-    opts: &VerifyOptions,
-    chains: &files::ChainList,
-    report: &mut Report,
-) -> Result<(), VerifyError> {
-    use sha2::{Digest, Sha256};
-    let (listed, key) = manifests_and_key(dir, opts)?;
-    for chain in listed {
-        let m = match prune::read_manifest(dir, &chain).and_then(|m| {
-            m.as_ref().map_or(Ok(()), |m| m.check(key.as_ref()))?;
-            Ok(m)
-        }) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => {
-                report.errors.push(e);
-                continue;
-            }
-        };
-        let files = chains
-            .iter()
-            .find(|(c, _)| *c == chain)
-            .map_or(&[][..], |(_, l)| l.as_slice());
-        for f in &m.files {
-            let path = files
-                .iter()
-                .map(|(_, p)| p)
-                .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(f.name.as_str()));
-            let Some(path) = path else {
-                report.errors.push(format!(
-                    "the prune manifest of chain {chain} lists {}, which is in none of the \
-                     directories read: moved file lost",
-                    f.name
-                ));
-                continue;
-            };
-            let same = files::read_capped(path)
-                .map(|b| super::record::hex(&Sha256::digest(&b)) == f.sha256)
-                .unwrap_or(false);
-            if !same {
-                report.errors.push(format!(
-                    "{}: not the file the prune manifest of chain {chain} recorded (SHA-256 \
-                     differs)",
-                    path.display()
-                ));
-            }
-        }
+/// The problem of a manifest that cannot be used, at the manifest's name.
+fn manifest_problem(chain: &str, reason: String) -> Problem {
+    Problem {
+        file: prune::manifest_path(Path::new(""), chain)
+            .display()
+            .to_string(),
+        line: 1,
+        reason,
     }
-    Ok(())
+}
+
+/// A chain of which only a prune manifest is left: with `allow_pruned`, one `prune-log`
+/// moved whole (it had ended) is accepted, its checkpoint held to the manifest's last record;
+/// one whose chain should still have files means they were deleted. Read whole
+/// (`archive_dirs`), its files were in none of the directories.
+fn archived_chain(
+    chain: &str,
+    manifest: LoadedManifest,
+    opts: &VerifyOptions,
+    ckpt: Option<&Checkpoint>,
+) -> ChainReport {
+    let mut rep = ChainReport {
+        chain: chain.to_string(),
+        macs_checked: opts.hmac_secret.is_some(),
+        checkpoints_checked: opts.public_key.is_some(),
+        ..Default::default()
+    };
+    let judged = manifest.and_then(|m| {
+        if !opts.archive_dirs.is_empty() {
+            let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+            return Err(format!(
+                "the prune manifest lists {}, in none of the directories read: moved files \
+                 lost",
+                names.join(", ")
+            ));
+        }
+        whole_chain_archived(&m, chain, opts, ckpt, &mut rep)
+    });
+    if let Err(reason) = judged {
+        rep.problem = Some(manifest_problem(chain, reason));
+    }
+    rep
 }
 
 /// Checks the manifest of a chain with no file left: it must say the chain was moved whole,
 /// and match the chain's checkpoint, if any.
 fn whole_chain_archived(
-    dir: &Path,
+    m: &Manifest,
     chain: &str,
-    key: Option<&EpochKey>,
+    opts: &VerifyOptions,
     ckpt: Option<&Checkpoint>,
     rep: &mut ChainReport,
 ) -> Result<(), String> {
-    let m = prune::read_manifest(dir, chain)?.ok_or("manifest disappeared while verifying")?;
-    let key = key.ok_or(NEEDS_KEY)?;
-    m.check(Some(key))?;
+    if opts.hmac_secret.is_none() {
+        return Err(NEEDS_KEY.into());
+    }
     let tail = m.tail().ok_or("manifest lists no file")?;
-    rep.pruned = Some(pruned_of(&m, tail.last_seq));
+    rep.pruned = Some(pruned_of(m, tail.last_seq));
     rep.closed = m.complete;
     if !m.complete {
         return Err(format!(
@@ -421,29 +377,31 @@ struct Walk<'a> {
     report: ChainReport,
 }
 
-/// Verifies one chain's files; `pruned_from` is the log directory whose manifest accounts
-/// for the chain's missing oldest files (`allow_pruned`, first file not file 0).
+/// Verifies one chain's files. `manifest` is its prune manifest, read when the reading is a
+/// pruned one: with `allow_pruned` it accounts for missing oldest files; every file it lists
+/// that is read must have the SHA-256 it recorded, and read whole (`archive_dirs`), every
+/// file it lists must be read.
 fn verify_chain(
     chain: &str,
     list: &[(u64, PathBuf)],
     opts: &VerifyOptions,
     ckpt: Option<&Checkpoint>,
-    pruned_from: Option<&Path>,
+    manifest: Option<LoadedManifest>,
 ) -> Result<ChainReport, VerifyError> {
     let mut w = Walk::new(chain, opts, ckpt, list.len())?;
-    if let (Some(dir), Some((first, _))) = (pruned_from, list.first()) {
-        let started = prune::read_manifest(dir, chain)
-            .map_err(|reason| Problem {
-                file: prune::manifest_path(Path::new(""), chain)
-                    .display()
-                    .to_string(),
-                line: 1,
-                reason,
-            })
-            .and_then(|m| w.continue_pruned(m.as_ref(), *first, opts));
-        if let Err(p) = started {
-            w.report.problem = Some(p);
+    let manifest = match manifest.transpose() {
+        Ok(m) => m,
+        Err(reason) => {
+            w.report.problem = Some(manifest_problem(chain, reason));
             return Ok(w.report);
+        }
+    };
+    if let (true, Some((first, _))) = (opts.allow_pruned, list.first()) {
+        if *first > 0 {
+            if let Err(p) = w.continue_pruned(manifest.as_ref(), *first, opts) {
+                w.report.problem = Some(p);
+                return Ok(w.report);
+            }
         }
     }
     // Listed twice: the same name in the log and an archive directory, with other bytes.
@@ -473,6 +431,13 @@ fn verify_chain(
                 return Ok(w.report);
             }
         };
+        if let Some(p) = manifest
+            .as_ref()
+            .and_then(|m| moved_file_differs(m, &name, &bytes))
+        {
+            w.report.problem = Some(p);
+            return Ok(w.report);
+        }
         let is_last = pos + 1 == list.len();
         match w.file(&name, *index, &bytes, is_last) {
             Ok(lines) => last_line = (name, lines),
@@ -480,6 +445,24 @@ fn verify_chain(
                 w.report.problem = Some(p);
                 return Ok(w.report);
             }
+        }
+    }
+    if let (false, Some(m)) = (opts.archive_dirs.is_empty(), &manifest) {
+        // Read whole, every moved file must have been found.
+        let read: Vec<String> = list
+            .iter()
+            .map(|(i, _)| files::file_name(chain, *i))
+            .collect();
+        if let Some(lost) = m.files.iter().find(|f| !read.contains(&f.name)) {
+            w.report.problem = Some(manifest_problem(
+                chain,
+                format!(
+                    "the prune manifest lists {}, in none of the directories read: moved file \
+                     lost",
+                    lost.name
+                ),
+            ));
+            return Ok(w.report);
         }
     }
     if ckpt.is_none() && opts.public_key.is_some() {
@@ -532,6 +515,17 @@ fn verify_chain(
         }
     }
     Ok(w.report)
+}
+
+/// A file the manifest says was moved, read here with other bytes than it recorded.
+fn moved_file_differs(m: &Manifest, name: &str, bytes: &[u8]) -> Option<Problem> {
+    use sha2::{Digest, Sha256};
+    let recorded = m.files.iter().find(|f| f.name == name)?;
+    (super::record::hex(&Sha256::digest(bytes)) != recorded.sha256).then(|| Problem {
+        file: name.to_string(),
+        line: 1,
+        reason: "not the file the prune manifest recorded (SHA-256 differs)".into(),
+    })
 }
 
 /// A chain file that cannot be read as a regular file of a sane size.
@@ -638,10 +632,9 @@ impl<'a> Walk<'a> {
             .ok_or_else(|| bad(NEEDS_KEY.into()))?;
         m.check(Some(&key)).map_err(&bad)?;
         // An interrupted run may have recorded files it had not removed yet: the manifest
-        // must cover the missing files, in order, and may list later ones still present.
-        let covers = m.files.len() as u64 >= first
-            && (0..first).all(|i| m.files[i as usize].name == files::file_name(self.chain, i));
-        if !covers {
+        // must cover the missing files (`check` made its entries files 0, 1, ... in order)
+        // and may list later ones still present.
+        if (m.files.len() as u64) < first {
             return Err(bad(format!(
                 "the manifest lists {} moved files, which do not account for the missing \
                  files 0..{first}",
@@ -746,9 +739,8 @@ impl<'a> Walk<'a> {
         }
         self.position(&r, first_in_file)?;
         if r.kind == Some("checkpoint") {
-            let named = checkpoint_named(line);
             let rep = &mut self.report;
-            rep.checkpoint_recorded = rep.checkpoint_recorded.max(named);
+            rep.checkpoint_recorded = rep.checkpoint_recorded.max(r.ckpt_seq);
         }
         self.accept(&r, hash);
         Ok(())
@@ -848,12 +840,6 @@ impl<'a> Walk<'a> {
         self.next_seq += 1;
         self.prev = hash;
     }
-}
-
-/// The `ckpt_seq` of a `checkpoint` record (rare: parsed in full).
-fn checkpoint_named(line: &[u8]) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-    v.get("ckpt_seq")?.as_u64()
 }
 
 /// A precise reason for a line the scanner refused: JSON errors from a full parser (only
