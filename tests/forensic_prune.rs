@@ -647,7 +647,7 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
 
 #[test]
 fn a_file_changed_after_the_verification_is_not_moved() {
-    use kvhygiene::forensic::prune::{prune_chain, ChainToPrune, PrunePlan};
+    use kvhygiene::forensic::prune::{prune_chain, ChainToPrune, PrunePlan, PruneRequest};
     let s = setup();
     open_chain(&s.log, 60);
     let files = chain_files(&s.log);
@@ -659,14 +659,18 @@ fn a_file_changed_after_the_verification_is_not_moved() {
     bytes[at] = b'Q';
     fs::write(&files[0], bytes).unwrap();
     let key = key0();
-    let plan = PrunePlan {
+    let req = PruneRequest {
         dir: &s.log,
         archive: &s.archive,
-        cutoff_ns: u64::MAX,
+        older_than_days: 0,
         dry_run: false,
         opts: &opts,
+        checkpoint_place: None,
+    };
+    let plan = PrunePlan {
+        req: &req,
+        cutoff_ns: u64::MAX,
         key: &key,
-        progress: false,
     };
     let list: Vec<(u64, PathBuf)> = files
         .iter()

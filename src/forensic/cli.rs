@@ -6,12 +6,11 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use super::checkpoint;
 use super::files;
 use super::keys;
 use super::prune::{self, ChainPruned};
 use super::record::hex;
-use super::verify::{list_all, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+use super::verify::{rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
 /// Exit code: the log verified.
 pub const EXIT_OK: i32 = 0;
@@ -352,74 +351,33 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         ..VerifyLogArgs::of(args.dir.clone())
     };
     let opts = options(&verify_args)?;
-    // `options` read the key file given.
-    let key = prune::manifest_key(opts.hmac_secret.as_ref())?.ok_or("--key-file: no key read")?;
-    prune::check_archive_dir(&args.archive_dir, &args.dir)?;
-    // One run per log directory and per archive.
-    let _log_lock = prune::lock_dir(&args.dir)?;
-    let _archive_lock = prune::lock_dir(&args.archive_dir)?;
-    if !args.dry_run {
-        prune::remove_leftovers(&args.dir, &args.archive_dir);
-    }
-    let report = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
-    if !report.ok() {
-        write_text(&mut std::io::stderr(), &args.dir, &[], &report).map_err(|e| e.to_string())?;
+    let request = prune::PruneRequest {
+        dir: &args.dir,
+        archive: &args.archive_dir,
+        older_than_days: args.older_than,
+        dry_run: args.dry_run,
+        opts: &opts,
+        checkpoint_place: args.checkpoint.as_deref(),
+    };
+    let run = prune::prune_all(&request, |done| {
+        if !args.json {
+            println!("{}", pruned_line(done, args.dry_run));
+        }
+    })?;
+    if !run.before.ok() {
+        write_text(&mut std::io::stderr(), &args.dir, &[], &run.before)
+            .map_err(|e| e.to_string())?;
         eprintln!("kvh prune-log: the log does not verify; nothing was moved");
         return Ok(EXIT_TAMPERED);
     }
-    if !args.dry_run {
-        prune::mark_archive(&args.archive_dir)?;
-    }
-    let checkpoints = checkpoint_seqs(&args.dir, args.checkpoint.as_deref());
-    let cutoff_ns = super::unix_nanos(std::time::SystemTime::now())
-        .saturating_sub(args.older_than.saturating_mul(86_400 * 1_000_000_000));
-    let plan = prune::PrunePlan {
-        dir: &args.dir,
-        archive: &args.archive_dir,
-        cutoff_ns,
-        dry_run: args.dry_run,
-        opts: &opts,
-        key: &key,
-        progress: opts.progress,
-    };
-    let mut moved = Vec::new();
-    let (mut refused, mut failed) = (0usize, 0usize);
-    for (chain, list) in list_all(&args.dir, &opts).map_err(|e| e.to_string())? {
-        let verified = report.chains.iter().find(|c| c.chain == chain);
-        let state = prune::ChainToPrune {
-            chain: &chain,
-            list: &list,
-            closed: verified.is_some_and(|c| c.closed),
-            last_seq: verified.and_then(|c| c.last_seq),
-            checkpoint_seq: checkpoint_bound(verified, checkpoints.get(&chain).copied()),
-        };
-        match prune::prune_chain(&plan, &state) {
-            Ok(done) if done.files.is_empty() => {}
-            Ok(done) => {
-                if !args.json {
-                    println!("{}", pruned_line(&done, args.dry_run));
-                }
-                moved.push(done);
-            }
-            // One chain that cannot move (changed since the verification, an I/O error)
-            // does not hold the others back; it is said, and the exit status says it too.
-            Err(e) => {
-                eprintln!("kvh prune-log: {e}");
-                match e {
-                    prune::PruneError::NotVerified(_) => refused += 1,
-                    prune::PruneError::Io(_) => failed += 1,
-                }
-            }
-        }
-    }
-    let files: usize = moved.iter().map(|c| c.files.len()).sum();
-    let bytes: u64 = moved.iter().map(|c| c.bytes).sum();
+    let files: usize = run.moved.iter().map(|c| c.files.len()).sum();
+    let bytes: u64 = run.moved.iter().map(|c| c.bytes).sum();
     if args.json {
         let outcome = PruneOutcome {
             dry_run: args.dry_run,
             archive: args.archive_dir.display().to_string(),
-            cutoff: rfc3339(cutoff_ns),
-            chains: &moved,
+            cutoff: rfc3339(run.cutoff_ns),
+            chains: &run.moved,
             files,
             bytes,
         };
@@ -429,17 +387,14 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         let verb = if args.dry_run { "would move" } else { "moved" };
         println!(
             "{verb} {files} files ({bytes} bytes) of {} chains with no record since {} to {}",
-            moved.len(),
-            rfc3339(cutoff_ns),
+            run.moved.len(),
+            rfc3339(run.cutoff_ns),
             args.archive_dir.display()
         );
     }
-    if !args.dry_run && files > 0 {
-        // What is left must still verify, from the manifests just written.
-        let after = verify_all(&args.dir, &opts).map_err(|e| e.to_string())?;
+    if let Some(after) = &run.after {
         if !after.ok() {
-            write_text(&mut std::io::stderr(), &args.dir, &[], &after)
-                .map_err(|e| e.to_string())?;
+            write_text(&mut std::io::stderr(), &args.dir, &[], after).map_err(|e| e.to_string())?;
             eprintln!("kvh prune-log: the log does not verify after the move");
             return Ok(EXIT_TAMPERED);
         }
@@ -453,45 +408,25 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             );
         }
     }
+    // One chain that could not move (changed since the verification, an I/O error) did not
+    // hold the others back; it is said here, and the exit status says it too.
+    for e in &run.refused {
+        eprintln!("kvh prune-log: {e}");
+    }
+    let io = |e: &&prune::PruneError| matches!(e, prune::PruneError::Io(_));
+    let failed = run.refused.iter().filter(io).count();
     if failed > 0 {
         eprintln!("kvh prune-log: {failed} chain(s) not moved for an I/O error (see above)");
         return Ok(EXIT_USAGE);
     }
-    if refused > 0 {
-        eprintln!("kvh prune-log: {refused} chain(s) changed since the verification; not moved");
+    if !run.refused.is_empty() {
+        eprintln!(
+            "kvh prune-log: {} chain(s) changed since the verification; not moved",
+            run.refused.len()
+        );
         return Ok(EXIT_TAMPERED);
     }
     Ok(EXIT_OK)
-}
-
-/// Where a chain's checkpoint points, for what `prune-log` may move: the earliest of its own
-/// (MAC-checked) `checkpoint` records' newest `ckpt_seq`, the checkpoint the verification
-/// matched and the checkpoint file found — or, for a chain that ended, its last record when
-/// the final checkpoint (written after `stop`, so named by no record) is there.
-fn checkpoint_bound(verified: Option<&ChainReport>, file: Option<u64>) -> Option<u64> {
-    let matched = verified.and_then(|c| c.checkpoint_seq);
-    let recorded = verified.and_then(|c| c.checkpoint_recorded);
-    let last = verified.filter(|c| c.closed).and_then(|c| c.last_seq);
-    if last.is_some() && (matched == last || file == last) {
-        return last;
-    }
-    [recorded, matched, file].into_iter().flatten().min()
-}
-
-/// The seq of each chain's checkpoint in DIR and in `--checkpoint`, read without checking
-/// the signature: only to keep the checkpoint's file in place (a forged one can only make
-/// less move).
-fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> std::collections::BTreeMap<String, u64> {
-    let mut out = std::collections::BTreeMap::new();
-    for place in std::iter::once(dir).chain(extra) {
-        for f in checkpoint::find(place).unwrap_or_default() {
-            if let Ok(Some(c)) = checkpoint::peek(&f) {
-                let seq = out.entry(c.chain).or_insert(c.seq);
-                *seq = (*seq).min(c.seq);
-            }
-        }
-    }
-    out
 }
 
 fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {

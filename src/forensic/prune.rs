@@ -26,6 +26,7 @@
 //! chain to, not a protection of the moved files: those are protected by the archive's own
 //! controls, and can be verified there at any time.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -37,11 +38,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
 use super::record::{hex, parse_hash, write_canonical};
 use super::scan::scan;
-use super::verify::{ChainCheck, VerifyOptions};
+use super::verify::{list_all, verify_all, ChainCheck, ChainReport, Report, VerifyOptions};
 
 /// Schema version of the manifest.
 pub const MANIFEST_VERSION: u64 = 1;
@@ -59,7 +61,7 @@ pub fn manifest_path(dir: &Path, chain: &str) -> PathBuf {
 }
 
 /// The chain id of a manifest file name, `None` for any other file.
-pub fn parse_manifest_name(name: &str) -> Option<&str> {
+fn parse_manifest_name(name: &str) -> Option<&str> {
     let chain = name.strip_prefix("kvh-")?.strip_suffix(".pruned.json")?;
     files::valid_chain_id(chain).then_some(chain)
 }
@@ -227,7 +229,7 @@ fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
 }
 
 /// The facts of one chain file that a manifest entry records.
-pub fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
+fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
     let mut first: Option<u64> = None;
     let mut last: Option<(u64, String)> = None;
     let (mut oldest, mut newest) = (u64::MAX, 0u64);
@@ -259,7 +261,7 @@ pub fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
 /// The archive directory must exist, be a real directory owned by us, not be writable by
 /// group or others, and be neither the log directory nor inside it (nor reach it through a
 /// bind mount: compared by device and inode).
-pub fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
+fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
     let m = fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if !m.is_dir() {
         return Err(format!(
@@ -298,7 +300,7 @@ pub fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
 /// fsynced, then linked to `name`, which must not exist. An existing `name` with the same
 /// bytes is accepted (a rerun after an interruption); one with other bytes is an error. A
 /// failed write leaves no partial file under `name`.
-pub fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
+fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
     let dest = archive.join(name);
     let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
@@ -335,7 +337,7 @@ fn same_place(a: &Path, b: &Path) -> bool {
 pub const ARCHIVE_MARKER: &str = ".kvh-archive";
 
 /// Marks `archive` (once; fsynced).
-pub fn mark_archive(archive: &Path) -> Result<(), String> {
+fn mark_archive(archive: &Path) -> Result<(), String> {
     let marker = archive.join(ARCHIVE_MARKER);
     if marker.symlink_metadata().is_ok() {
         return Ok(());
@@ -354,7 +356,7 @@ const TMP_PREFIX: &str = ".kvh-tmp-";
 
 /// Removes temporary files an interrupted run left (under the locks, so no run is writing
 /// them now).
-pub fn remove_leftovers(log_dir: &Path, archive: &Path) {
+fn remove_leftovers(log_dir: &Path, archive: &Path) {
     let remove_if = |dir: &Path, keep: &dyn Fn(&str) -> bool| {
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
@@ -442,20 +444,13 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, String> {
     Ok(DirLock(f))
 }
 
-/// What one run of `prune-log` is asked to do.
+/// A run's request, with what `prune_all` derived from it: the cut-off and the key.
 pub struct PrunePlan<'a> {
-    pub dir: &'a Path,
-    pub archive: &'a Path,
+    pub req: &'a PruneRequest<'a>,
     /// Files whose newest record is older than this (Unix nanoseconds) may move.
     pub cutoff_ns: u64,
-    /// Say what would move; move nothing.
-    pub dry_run: bool,
-    /// The verification options (the HMAC key above all) the moved bytes are checked with.
-    pub opts: &'a VerifyOptions,
     /// The epoch-0 key, for the manifests' MACs.
     pub key: &'a EpochKey,
-    /// Say each file as it moves, on stderr.
-    pub progress: bool,
 }
 
 /// What moved (or, in a dry run, would move) of one chain.
@@ -511,15 +506,15 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         chain: c.chain.to_string(),
         ..Default::default()
     };
-    let base = read_manifest(plan.dir, c.chain)?;
+    let base = read_manifest(plan.req.dir, c.chain)?;
     if let Some(m) = &base {
         m.check(Some(plan.key)).map_err(|e| {
             PruneError::NotVerified(format!(
                 "{}: {e}",
-                manifest_path(plan.dir, c.chain).display()
+                manifest_path(plan.req.dir, c.chain).display()
             ))
         })?;
-        if !same_place(Path::new(&m.archive), plan.archive) {
+        if !same_place(Path::new(&m.archive), plan.req.archive) {
             return Err(PruneError::Io(format!(
                 "chain {}: its earlier files went to {}; move the rest to the same archive",
                 c.chain,
@@ -530,7 +525,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
     let Some((first, _)) = c.list.first() else {
         return Ok(done);
     };
-    let mut check = ChainCheck::new(c.chain, base.as_ref(), *first, plan.opts)
+    let mut check = ChainCheck::new(c.chain, base.as_ref(), *first, plan.req.opts)
         .map_err(PruneError::NotVerified)?;
     let keep = if c.closed { 0 } else { 2 };
     let movable = c.list.len().saturating_sub(keep);
@@ -551,10 +546,10 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         check
             .file(*index, &bytes)
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
-        if !plan.dry_run {
-            archive_copy(&bytes, plan.archive, &name)?;
+        if !plan.req.dry_run {
+            archive_copy(&bytes, plan.req.archive, &name)?;
         }
-        if plan.progress {
+        if plan.req.opts.progress {
             eprintln!("prune-log:   {name} ({} bytes)", bytes.len());
         }
         done.bytes += bytes.len() as u64;
@@ -562,17 +557,18 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         moved_paths.push(path.clone());
     }
     done.complete = c.closed && moved_paths.len() == c.list.len();
-    if plan.dry_run || moved_paths.is_empty() {
+    if plan.req.dry_run || moved_paths.is_empty() {
         return Ok(done);
     }
-    files::sync_dir(plan.archive).map_err(|e| format!("{}: {e}", plan.archive.display()))?;
+    files::sync_dir(plan.req.archive)
+        .map_err(|e| format!("{}: {e}", plan.req.archive.display()))?;
     record_moved(
-        plan.dir,
+        plan.req.dir,
         base.as_ref(),
         c.chain,
         done.files.clone(),
         done.complete,
-        plan.archive,
+        plan.req.archive,
         plan.key,
     )?;
     for path in &moved_paths {
@@ -583,8 +579,140 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             )
         })?;
     }
-    files::sync_dir(plan.dir).map_err(|e| format!("{}: {e}", plan.dir.display()))?;
+    files::sync_dir(plan.req.dir).map_err(|e| format!("{}: {e}", plan.req.dir.display()))?;
     Ok(done)
+}
+
+/// What one `kvh prune-log` is asked to do.
+pub struct PruneRequest<'a> {
+    pub dir: &'a Path,
+    pub archive: &'a Path,
+    /// Files whose records are all older than this many days may move (0: any).
+    pub older_than_days: u64,
+    /// Say what would move; write and remove nothing.
+    pub dry_run: bool,
+    /// How the log is verified: with the HMAC key (required) and any checkpoints, reading
+    /// earlier runs' manifests (`allow_pruned`).
+    pub opts: &'a VerifyOptions,
+    /// Where checkpoint files are looked for besides `dir` (`--checkpoint`).
+    pub checkpoint_place: Option<&'a Path>,
+}
+
+/// What one `kvh prune-log` did.
+pub struct PruneRun {
+    /// Files whose records were all older than this (Unix nanoseconds) could move.
+    pub cutoff_ns: u64,
+    /// The verification before anything moved; when it failed, nothing moved.
+    pub before: Report,
+    /// What moved (or, in a dry run, would move), chain by chain.
+    pub moved: Vec<ChainPruned>,
+    /// The chains that could not move, and why (the others went on).
+    pub refused: Vec<PruneError>,
+    /// The verification of what is left, when files moved.
+    pub after: Option<Report>,
+}
+
+/// `kvh prune-log`: verifies the log, then moves what may move of each chain
+/// ([`prune_chain`]), saying each chain that moved to `on_chain` as it goes, and verifies
+/// what is left. Usage and set-up errors (archive, locks, key) are `Err`.
+pub fn prune_all(
+    req: &PruneRequest<'_>,
+    mut on_chain: impl FnMut(&ChainPruned),
+) -> Result<PruneRun, String> {
+    let key = manifest_key(req.opts.hmac_secret.as_ref())?
+        .ok_or("the HMAC key is required: the manifests are MACed with it")?;
+    check_archive_dir(req.archive, req.dir)?;
+    // One run per log directory and per archive.
+    let _log_lock = lock_dir(req.dir)?;
+    let _archive_lock = lock_dir(req.archive)?;
+    if !req.dry_run {
+        remove_leftovers(req.dir, req.archive);
+    }
+    let cutoff_ns = super::unix_nanos(SystemTime::now())
+        .saturating_sub(req.older_than_days.saturating_mul(86_400 * 1_000_000_000));
+    let before = verify_all(req.dir, req.opts).map_err(|e| e.to_string())?;
+    let mut run = PruneRun {
+        cutoff_ns,
+        before,
+        moved: Vec::new(),
+        refused: Vec::new(),
+        after: None,
+    };
+    if !run.before.ok() {
+        return Ok(run);
+    }
+    if !req.dry_run {
+        mark_archive(req.archive)?;
+    }
+    let checkpoints = checkpoint_seqs(req.dir, req.checkpoint_place);
+    let plan = PrunePlan {
+        req,
+        cutoff_ns,
+        key: &key,
+    };
+    let verified: BTreeMap<&str, &ChainReport> = run
+        .before
+        .chains
+        .iter()
+        .map(|c| (c.chain.as_str(), c))
+        .collect();
+    let mut moved = Vec::new();
+    let mut refused = Vec::new();
+    for (chain, list) in list_all(req.dir, req.opts).map_err(|e| e.to_string())? {
+        let report = verified.get(chain.as_str()).copied();
+        let state = ChainToPrune {
+            chain: &chain,
+            list: &list,
+            closed: report.is_some_and(|c| c.closed),
+            last_seq: report.and_then(|c| c.last_seq),
+            checkpoint_seq: checkpoint_bound(report, checkpoints.get(&chain).copied()),
+        };
+        match prune_chain(&plan, &state) {
+            Ok(done) if done.files.is_empty() => {}
+            Ok(done) => {
+                on_chain(&done);
+                moved.push(done);
+            }
+            Err(e) => refused.push(e),
+        }
+    }
+    run.moved = moved;
+    run.refused = refused;
+    if !req.dry_run && run.moved.iter().any(|c| !c.files.is_empty()) {
+        // What is left must still verify, from the manifests just written.
+        run.after = Some(verify_all(req.dir, req.opts).map_err(|e| e.to_string())?);
+    }
+    Ok(run)
+}
+
+/// Where a chain's checkpoint points, for what `prune-log` may move: the earliest of its own
+/// (MAC-checked) `checkpoint` records' newest `ckpt_seq`, the checkpoint the verification
+/// matched and the checkpoint file found — or, for a chain that ended, its last record when
+/// the final checkpoint (written after `stop`, so named by no record) is there.
+fn checkpoint_bound(verified: Option<&ChainReport>, file: Option<u64>) -> Option<u64> {
+    let matched = verified.and_then(|c| c.checkpoint_seq);
+    let recorded = verified.and_then(|c| c.checkpoint_recorded);
+    let last = verified.filter(|c| c.closed).and_then(|c| c.last_seq);
+    if last.is_some() && (matched == last || file == last) {
+        return last;
+    }
+    [recorded, matched, file].into_iter().flatten().min()
+}
+
+/// The seq of each chain's checkpoint in DIR and in `--checkpoint`, read without checking
+/// the signature: only to keep the checkpoint's file in place (a forged one can only make
+/// less move).
+fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for place in std::iter::once(dir).chain(extra) {
+        for f in checkpoint::find(place).unwrap_or_default() {
+            if let Ok(Some(c)) = checkpoint::peek(&f) {
+                let seq = out.entry(c.chain).or_insert(c.seq);
+                *seq = (*seq).min(c.seq);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
