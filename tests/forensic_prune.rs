@@ -130,6 +130,12 @@ fn expect_failure(out: &Output, code: i32, needle: &str) {
     assert!(err.contains(needle), "{err}");
 }
 
+/// The 1-based line of the first `q` in `bytes` (where the tests flip a byte).
+fn first_q_line(bytes: &[u8]) -> u64 {
+    let at = bytes.iter().position(|&b| b == b'q').unwrap();
+    bytes[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+}
+
 /// The epoch-0 key manifests are sealed with.
 fn key0() -> kvhygiene::forensic::keys::EpochKey {
     kvhygiene::forensic::prune::manifest_key(Some(&secret()))
@@ -788,6 +794,17 @@ fn read_whole_every_moved_file_must_be_in_the_archive_as_recorded() {
     other[at] = b'Q';
     fs::write(&lost, &other).unwrap();
     let r = verify(&s.log, &both);
+    // The walk names the record when it finds one.
+    assert!(first_reason(&r).contains("hash mismatch"), "{r:?}");
+    assert_eq!(r.first_problem().unwrap().line, first_q_line(&kept));
+    // Bytes that verify but are not the recorded ones: the manifest's SHA-256 says so (here a
+    // key holder resealed a manifest recording other bytes).
+    fs::write(&lost, &kept).unwrap();
+    let (path, mut m) = manifest(&s);
+    m.files[0].sha256 = "00".repeat(32);
+    m.seal(&key0());
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&s.log, &both);
     assert!(first_reason(&r).contains("SHA-256 differs"), "{r:?}");
 }
 
@@ -1026,4 +1043,24 @@ fn a_directory_whose_every_chain_moved_has_nothing_to_verify() {
     let a = s.archive.to_str().unwrap();
     let out = kvh(&["verify-log", d, "--key-file", k, "--archive-dir", a]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+#[test]
+fn files_a_manifest_lists_may_not_vanish_from_the_end() {
+    let s = pruned_open_chain();
+    let (_, m) = manifest(&s);
+    let k = m.files.len();
+    assert!(k >= 4, "{k} files moved");
+    // The state an interrupted run leaves: files recorded as moved are still here.
+    for f in &m.files[k - 3..] {
+        fs::copy(s.archive.join(&f.name), s.log.join(&f.name)).unwrap();
+    }
+    assert!(verify(&s.log, &pruned_opts()).ok());
+    // Every file after the second of those deleted: the chain would end inside what the
+    // manifest proves it reached.
+    for f in chain_files(&s.log).iter().skip(2) {
+        fs::remove_file(f).unwrap();
+    }
+    let r = verify(&s.log, &pruned_opts());
+    assert!(first_reason(&r).contains("later files deleted"), "{r:?}");
 }

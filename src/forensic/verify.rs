@@ -431,6 +431,16 @@ fn verify_chain(
                 return Ok(w.report);
             }
         };
+        let is_last = pos + 1 == list.len();
+        match w.file(&name, *index, &bytes, is_last) {
+            Ok(lines) => last_line = (name.clone(), lines),
+            Err(p) => {
+                w.report.problem = Some(p);
+                return Ok(w.report);
+            }
+        }
+        // After the walk, whose reason names the record when it finds one: bytes that verify
+        // but are not the ones the manifest recorded.
         if let Some(p) = manifest
             .as_ref()
             .and_then(|m| moved_file_differs(m, &name, &bytes))
@@ -438,28 +448,27 @@ fn verify_chain(
             w.report.problem = Some(p);
             return Ok(w.report);
         }
-        let is_last = pos + 1 == list.len();
-        match w.file(&name, *index, &bytes, is_last) {
-            Ok(lines) => last_line = (name, lines),
-            Err(p) => {
-                w.report.problem = Some(p);
-                return Ok(w.report);
-            }
-        }
     }
-    if let (false, Some(m)) = (opts.archive_dirs.is_empty(), &manifest) {
-        // Read whole, every moved file must have been found.
+    if let Some(m) = &manifest {
+        // The manifest proves the chain reached its last entry: no file it lists may lie
+        // beyond the last one left (prune-log removes the oldest first), and read whole every
+        // file it lists must have been read.
         let read: Vec<String> = list
             .iter()
             .map(|(i, _)| files::file_name(chain, *i))
             .collect();
-        if let Some(lost) = m.files.iter().find(|f| !read.contains(&f.name)) {
+        let last_read = list.last().map(|(i, _)| *i);
+        let lost = m.files.iter().enumerate().find(|(i, f)| {
+            let beyond = last_read.is_some_and(|l| *i as u64 > l);
+            beyond || (!opts.archive_dirs.is_empty() && !read.contains(&f.name))
+        });
+        if let Some((_, f)) = lost {
             w.report.problem = Some(manifest_problem(
                 chain,
                 format!(
-                    "the prune manifest lists {}, in none of the directories read: moved file \
-                     lost",
-                    lost.name
+                    "the prune manifest lists {}, which is not among the files read: moved \
+                     file lost, or later files deleted",
+                    f.name
                 ),
             ));
             return Ok(w.report);
