@@ -26,7 +26,8 @@ use kvhygiene::metrics::cli::{self as metrics_cli, MetricsArgs, ServeMetricsArgs
     long_about = "kvhygiene makes sure memory one inference request freed is zeroed and verified \
                   before any other request can get it, and keeps tamper-evident evidence of it.\n\n\
                   Configuration comes from KVH_* environment variables or the TOML file named by \
-                  KVH_CONFIG; every key is listed in the README."
+                  KVH_CONFIG; every key is listed in the README, and `kvh config` shows the \
+                  policy this environment gives and the controls it weakens."
 )]
 struct Cli {
     #[command(subcommand)]
