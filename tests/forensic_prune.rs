@@ -78,18 +78,25 @@ fn prune(s: &Setup, extra: &[&str]) -> Output {
     kvh(&args)
 }
 
-/// `prune-log --older-than 0` of the setup's log into `archive`, with the key.
-fn prune_into(s: &Setup, archive: &str) -> Output {
-    kvh(&[
+/// `kvh prune-log --older-than 0` of the setup's log into `archive`, with the key, and no
+/// `KVH_*` variable of the test's environment.
+fn prune_command(s: &Setup, archive: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args([
         "prune-log",
         s.log.to_str().unwrap(),
         "--archive-dir",
         archive,
-        "--older-than",
-        "0",
-        "--key-file",
-        s.key.to_str().unwrap(),
     ])
+    .args(["--older-than", "0", "--key-file", s.key.to_str().unwrap()]);
+    cmd
+}
+
+fn prune_into(s: &Setup, archive: &str) -> Output {
+    prune_command(s, archive).output().unwrap()
 }
 
 /// The reason of a report's first problem (empty when it has none).
@@ -952,18 +959,10 @@ fn the_archive_is_one_place_however_it_is_named() {
     log.flush();
     let base = s.archive.parent().unwrap().to_path_buf();
     let run_from = |cwd: &Path, archive: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
-        cmd.current_dir(cwd).args([
-            "prune-log",
-            s.log.to_str().unwrap(),
-            "--archive-dir",
-            archive,
-            "--older-than",
-            "0",
-            "--key-file",
-            s.key.to_str().unwrap(),
-        ]);
-        cmd.output().unwrap()
+        prune_command(&s, archive)
+            .current_dir(cwd)
+            .output()
+            .unwrap()
     };
     let out = run_from(&base, "archive");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
