@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
 use kvhygiene::context::Context;
 use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
-use kvhygiene::forensic::{verify_all, ForensicLog, StartInfo, VerifyOptions};
+use kvhygiene::forensic::{verify_all, ForensicLog, SealKey, StartInfo, VerifyOptions};
 use zeroize::Zeroizing;
 
 const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
@@ -113,7 +113,7 @@ fn verify(c: &mut Criterion) {
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     let opts = VerifyOptions {
-        hmac_secret: Some(Zeroizing::new(SECRET.to_vec())),
+        hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(SECRET.to_vec()))],
         ..Default::default()
     };
     let report = verify_all(&dir, &opts).expect("verify");

@@ -71,13 +71,14 @@ pub struct GateArgs {
     /// This reads the whole log: for frequent probes, verify on a schedule instead.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
-    /// With --log-dir: the HMAC secret file, so that MACs are checked too.
+    /// With --log-dir: the HMAC secret file, so that MACs are checked too. Repeatable after
+    /// a key rotation, current key first (as `verify-log`).
     #[arg(long, value_name = "FILE", requires = "log_dir")]
-    pub key_file: Option<PathBuf>,
+    pub key_file: Vec<PathBuf>,
     /// With --log-dir: the Ed25519 public key (PREFIX.pub of `kvh keygen`) the checkpoints are
-    /// signed with.
+    /// signed with. Repeatable after a rotation of the signing key.
     #[arg(long, value_name = "FILE", requires = "log_dir")]
-    pub public_key: Option<PathBuf>,
+    pub public_key: Vec<PathBuf>,
     /// With --log-dir and --public-key: the checkpoint file or directory to check the chains
     /// against, which detects a truncated log and deleted files.
     #[arg(long, value_name = "FILE", requires = "public_key")]

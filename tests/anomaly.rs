@@ -279,7 +279,7 @@ fn a_log_with_anomaly_records_verifies_and_is_reported() {
 fn evidence_args(dir: &Path, key_file: &Path) -> EvidenceArgs {
     EvidenceArgs {
         log: VerifyLogArgs {
-            key_file: Some(key_file.to_path_buf()),
+            key_file: vec![key_file.to_path_buf()],
             ..VerifyLogArgs::of(dir.to_path_buf())
         },
         max_exceptions: 200,

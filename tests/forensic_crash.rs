@@ -264,7 +264,7 @@ fn a_chain_that_ends_before_any_periodic_checkpoint_still_verifies_with_a_pinned
     // The process dies here: no stop record, no final checkpoint.
     std::mem::forget(log);
     let opts = kvhygiene::forensic::VerifyOptions {
-        public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
         checkpoints: vec![tmp.path().join("ckpt")],
         ..keyed_opts()
     };

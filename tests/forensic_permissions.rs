@@ -229,8 +229,8 @@ fn planted_fifo_checkpoint_does_not_hang_verify() {
     write_log(&c, 3, true);
     mkfifo(&dir.join("kvh-p7-t7.ckpt"));
     let opts = kvhygiene::forensic::VerifyOptions {
-        hmac_secret: Some(secret()),
-        public_key: Some(kvhygiene::forensic::keys::read_public_key(&public).unwrap()),
+        hmac_keys: vec![kvhygiene::forensic::SealKey::new("hmac.key", secret())],
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
         checkpoints: vec![dir.clone()],
         ..Default::default()
     };

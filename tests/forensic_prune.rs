@@ -145,9 +145,7 @@ fn first_q_line(bytes: &[u8]) -> u64 {
 
 /// The epoch-0 key manifests are sealed with.
 fn key0() -> kvhygiene::forensic::keys::EpochKey {
-    kvhygiene::forensic::prune::manifest_key(Some(&secret()))
-        .unwrap()
-        .unwrap()
+    kvhygiene::forensic::prune::manifest_key(&secret()).unwrap()
 }
 
 /// An open chain of 80 events, pruned with `--older-than 0`.
@@ -426,7 +424,7 @@ fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     assert_eq!(names(&s.archive, ".jsonl").len(), files.len());
 
     let signed = VerifyOptions {
-        public_key: Some(read_public_key(&public).unwrap()),
+        public_keys: vec![read_public_key(&public).unwrap()],
         checkpoints: vec![s.log.clone()],
         ..pruned_opts()
     };
@@ -628,7 +626,7 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
     // Files 0 and 1 moved; the checkpoint's file stays, so it is held to its record.
     assert_eq!(chain_files(&s.log), files[2..]);
     let opts = VerifyOptions {
-        public_key: Some(read_public_key(&public).unwrap()),
+        public_keys: vec![read_public_key(&public).unwrap()],
         checkpoints: vec![s.log.clone()],
         ..pruned_opts()
     };
@@ -683,7 +681,7 @@ fn a_file_changed_after_the_verification_is_not_moved() {
     let plan = PrunePlan {
         req: &req,
         cutoff_ns: u64::MAX,
-        key: &key,
+        keys: std::slice::from_ref(&key),
     };
     let list: Vec<(u64, PathBuf)> = files
         .iter()
@@ -700,6 +698,7 @@ fn a_file_changed_after_the_verification_is_not_moved() {
         closed: false,
         last_seq: None,
         checkpoint_seq: None,
+        key_index: Some(0),
     };
     let err = prune_chain(&plan, &state).unwrap_err();
     assert!(
@@ -848,7 +847,7 @@ fn checkpoints_kept_elsewhere_still_bound_what_moves() {
     assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
     assert!(chain_files(&s.log).len() < before.len(), "something moved");
     let opts = VerifyOptions {
-        public_key: Some(read_public_key(&public).unwrap()),
+        public_keys: vec![read_public_key(&public).unwrap()],
         checkpoints: vec![ck],
         ..pruned_opts()
     };

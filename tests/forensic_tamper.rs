@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use forensic_common::*;
 use kvhygiene::forensic::keys::{read_public_key, EpochKey};
-use kvhygiene::forensic::VerifyOptions;
+use kvhygiene::forensic::{SealKey, VerifyOptions};
 use serde_json::Value;
 
 /// A keyed, signed log of several files; returns (log dir, checkpoint dir, public key file).
@@ -25,8 +25,8 @@ fn signed_log(tmp: &tempfile::TempDir) -> (PathBuf, PathBuf, PathBuf) {
 
 fn with_checkpoint(ck: &Path, public: &Path) -> VerifyOptions {
     VerifyOptions {
-        hmac_secret: Some(secret()),
-        public_key: Some(read_public_key(public).unwrap()),
+        hmac_keys: vec![SealKey::new("hmac.key", secret())],
+        public_keys: vec![read_public_key(public).unwrap()],
         checkpoints: vec![ck.to_path_buf()],
         ..VerifyOptions::default()
     }
@@ -185,9 +185,10 @@ fn wrong_key_is_reported_at_the_first_record() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, files) = keyed_log(&tmp);
     let opts = VerifyOptions {
-        hmac_secret: Some(zeroize::Zeroizing::new(
-            b"not-the-right-secret-at-all".to_vec(),
-        )),
+        hmac_keys: vec![SealKey::new(
+            "wrong.key",
+            zeroize::Zeroizing::new(b"not-the-right-secret-at-all".to_vec()),
+        )],
         ..Default::default()
     };
     assert_problem(&verify(&dir, &opts), &name(&files[0]), 1, "MAC mismatch");

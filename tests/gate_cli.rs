@@ -226,6 +226,51 @@ fn the_forensic_log_is_verified_when_asked() {
     );
 }
 
+/// After an HMAC key rotation the log holds chains sealed with each secret: every key file
+/// given reaches the verification.
+#[test]
+fn a_log_sealed_with_a_rotated_key_is_admitted_with_every_key() {
+    use kvhygiene::events::EventSink;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let log = dir.path().join("log");
+    let mut keys = Vec::new();
+    for (name, secret) in [
+        ("old", "old-secret-0123456789abcdef"),
+        ("new", "new-secret-0123456789abcdef"),
+    ] {
+        let secret = zeroize::Zeroizing::new(secret.as_bytes().to_vec());
+        let cfg = forensic_common::cfg(&log, 1 << 20);
+        let w = kvhygiene::forensic::ForensicLog::open_with_secret(
+            &cfg,
+            forensic_common::start(),
+            Some(secret.clone()),
+        )
+        .unwrap();
+        w.emit(forensic_common::event(0));
+        w.stop();
+        let key = dir.path().join(format!("{name}.key"));
+        std::fs::write(&key, &*secret).unwrap();
+        keys.push(key.to_str().unwrap().to_string());
+    }
+    let l = log.to_str().unwrap();
+    let (code, out, _) = gate(&f, &["--log-dir", l, "--key-file", &keys[1]]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, err) = gate(
+        &f,
+        &[
+            "--log-dir",
+            l,
+            "--key-file",
+            &keys[1],
+            "--key-file",
+            &keys[0],
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[test]
 fn bad_input_is_a_usage_error_not_a_verdict() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,11 +84,12 @@ fn refuse_going_back(dest: &Path, c: &Checkpoint) -> Result<(), ForensicError> {
     }
 }
 
-/// Reads and verifies a checkpoint file against a pinned public key.
-pub fn read(path: &Path, key: &VerifyingKey) -> Result<Checkpoint, String> {
+/// Reads and verifies a checkpoint file: it must be signed by one of the pinned public keys
+/// (several when the signing key was rotated).
+pub fn read(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     let text = files::read_regular(path, files::MAX_CKPT_BYTES)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&text, key).map_err(|e| format!("{}: {e}", path.display()))
+    parse(&text, keys).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The unverified content of a chain's checkpoint, `None` when there is none. Recovery uses
@@ -121,7 +122,7 @@ fn fields(m: &Value) -> Result<Checkpoint, String> {
     })
 }
 
-fn parse(text: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
+fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     let line = text.strip_suffix(b"\n").unwrap_or(text);
     let v: Value =
         serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
@@ -142,10 +143,12 @@ fn parse(text: &[u8], key: &VerifyingKey) -> Result<Checkpoint, String> {
     if expect_line != line {
         return Err("checkpoint is not in canonical form".into());
     }
+    // The file names its signer; only a pinned key is trusted to be it.
     let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
-    if embedded != hex(key.as_bytes()) {
-        return Err("checkpoint was signed by another key than the pinned public key".into());
-    }
+    let key = keys
+        .iter()
+        .find(|k| embedded == hex(k.as_bytes()))
+        .ok_or("checkpoint was signed by another key than the pinned public key")?;
     key.verify(&body, &Signature::from_bytes(&sig_bytes))
         .map_err(|_| "bad checkpoint signature".to_string())?;
     fields(&Value::Object(m))
@@ -201,8 +204,8 @@ mod tests {
         write(tmp.path(), &key, &at(5)).unwrap();
         assert!(write(tmp.path(), &key, &at(3)).is_err());
         let path = path_for(tmp.path(), "p1-t2");
-        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 5);
+        assert_eq!(read(&path, &[key.verifying_key()]).unwrap().seq, 5);
         write(tmp.path(), &key, &at(6)).unwrap();
-        assert_eq!(read(&path, &key.verifying_key()).unwrap().seq, 6);
+        assert_eq!(read(&path, &[key.verifying_key()]).unwrap().seq, 6);
     }
 }

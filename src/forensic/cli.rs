@@ -10,7 +10,7 @@ use super::files;
 use super::keys;
 use super::prune::{self, ChainPruned};
 use super::record::hex;
-use super::verify::{rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+use super::verify::{rfc3339, verify_all, ChainReport, Report, SealKey, VerifyOptions};
 
 /// Exit code: the log verified.
 pub const EXIT_OK: i32 = 0;
@@ -28,13 +28,16 @@ pub struct VerifyLogArgs {
     /// The log directory (KVH_LOG_DIR of the writer).
     pub dir: PathBuf,
     /// File holding the HMAC secret (as given to the writer): MACs are checked, with the
-    /// key ratcheted to each file's epoch.
-    #[arg(long)]
-    pub key_file: Option<PathBuf>,
-    /// File holding the Ed25519 public key the checkpoints must be signed with
-    /// (PREFIX.pub from `kvh keygen`: 64 hex digits).
+    /// key ratcheted to each file's epoch. Repeatable, after a key rotation: the current key
+    /// first, then the ones it replaced; each chain must verify with one of them throughout
+    /// (the report names which).
     #[arg(long, value_name = "FILE")]
-    pub public_key: Option<PathBuf>,
+    pub key_file: Vec<PathBuf>,
+    /// File holding the Ed25519 public key the checkpoints must be signed with
+    /// (PREFIX.pub from `kvh keygen`: 64 hex digits). Repeatable, after a rotation of the
+    /// signing key: each checkpoint must be signed by one of them.
+    #[arg(long, value_name = "FILE")]
+    pub public_key: Vec<PathBuf>,
     /// Checkpoint file, or directory of `kvh-*.ckpt` files, to check the chains against
     /// (detects tail truncation and deleted files). Needs --public-key.
     #[arg(long)]
@@ -60,8 +63,8 @@ impl VerifyLogArgs {
     pub fn of(dir: PathBuf) -> Self {
         VerifyLogArgs {
             dir,
-            key_file: None,
-            public_key: None,
+            key_file: Vec::new(),
+            public_key: Vec::new(),
             checkpoint: None,
             allow_pruned: false,
             archive_dir: Vec::new(),
@@ -85,11 +88,13 @@ pub struct PruneLogArgs {
     /// The HMAC secret file: the log's MACs are checked before anything moves, and the
     /// manifests that stand in for moved files are MACed with it (verify-log --allow-pruned
     /// checks them with the same file). A log without one cannot be pruned: keep it whole.
+    /// Repeatable after a key rotation (as verify-log's): each chain's manifest is MACed
+    /// with the secret that seals the chain.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub key_file: Vec<PathBuf>,
+    /// Ed25519 public key of the checkpoints, checked before anything moves. Repeatable.
     #[arg(long, value_name = "FILE")]
-    pub key_file: PathBuf,
-    /// Ed25519 public key of the checkpoints, checked before anything moves.
-    #[arg(long, value_name = "FILE")]
-    pub public_key: Option<PathBuf>,
+    pub public_key: Vec<PathBuf>,
     /// Checkpoint file or directory (needs --public-key).
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
@@ -162,42 +167,32 @@ pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
         Ok(_) => return Err(format!("{}: not a directory", args.dir.display())),
         Err(e) => return Err(format!("{}: {e}", args.dir.display())),
     }
-    let hmac_secret = match &args.key_file {
-        Some(p) => {
-            let mut b =
-                Zeroizing::new(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
-            if b.last() == Some(&b'\n') {
-                b.pop();
-            }
-            if b.len() < keys::MIN_SECRET_LEN {
-                return Err(format!(
-                    "{}: key is {} bytes; at least {} are required",
-                    p.display(),
-                    b.len(),
-                    keys::MIN_SECRET_LEN
-                ));
-            }
-            Some(b)
+    let mut hmac_keys: Vec<SealKey> = Vec::new();
+    for p in &args.key_file {
+        let secret = read_hmac_secret(p)?;
+        // The same secret named twice (one file under two paths) is one key.
+        if !hmac_keys.iter().any(|k| k.secret == secret) {
+            hmac_keys.push(SealKey::new(p.display().to_string(), secret));
         }
-        None => None,
-    };
-    let public_key = args
-        .public_key
-        .as_deref()
-        .map(keys::read_public_key)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    }
+    let mut public_keys = Vec::new();
+    for p in &args.public_key {
+        let key = keys::read_public_key(p).map_err(|e| e.to_string())?;
+        if !public_keys.contains(&key) {
+            public_keys.push(key);
+        }
+    }
     let mut checkpoints: Vec<PathBuf> = args.checkpoint.iter().cloned().collect();
-    if checkpoints.is_empty() && public_key.is_some() {
+    if checkpoints.is_empty() && !public_keys.is_empty() {
         // With a pinned key and no explicit location, the writer's default is the log dir.
         checkpoints.push(args.dir.clone());
     }
-    if !checkpoints.is_empty() && public_key.is_none() {
+    if !checkpoints.is_empty() && public_keys.is_empty() {
         return Err(
             "--checkpoint needs --public-key (the key the checkpoints are pinned to)".into(),
         );
     }
-    if args.allow_pruned && hmac_secret.is_none() {
+    if args.allow_pruned && hmac_keys.is_empty() {
         return Err(
             "--allow-pruned needs --key-file: a prune manifest stands in for moved \
                     files only when its MAC verifies"
@@ -214,13 +209,31 @@ pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     let mut dirs = vec![args.dir.as_path()];
     dirs.extend(args.archive_dir.iter().map(PathBuf::as_path));
     Ok(VerifyOptions {
-        hmac_secret,
-        public_key,
+        hmac_keys,
+        public_keys,
         checkpoints,
         progress: std::io::stderr().is_terminal() || dir_bytes(&dirs) > PROGRESS_BYTES,
         allow_pruned: args.allow_pruned,
         archive_dirs: args.archive_dir.clone(),
     })
+}
+
+/// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of at least
+/// the length the writer accepts.
+fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    let mut b = Zeroizing::new(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
+    if b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    if b.len() < keys::MIN_SECRET_LEN {
+        return Err(format!(
+            "{}: key is {} bytes; at least {} are required",
+            p.display(),
+            b.len(),
+            keys::MIN_SECRET_LEN
+        ));
+    }
+    Ok(b)
 }
 
 fn dir_bytes(dirs: &[&Path]) -> u64 {
@@ -242,8 +255,10 @@ fn write_text(
     archives: &[PathBuf],
     r: &Report,
 ) -> std::io::Result<()> {
+    // With one key, every chain verified is sealed by it; with several, each line says which.
+    let name_keys = r.hmac_keys.len() > 1;
     for c in &r.chains {
-        writeln!(out, "{}", chain_line(c))?;
+        writeln!(out, "{}", chain_line(c, name_keys))?;
         if let Some(p) = &c.problem {
             // The file may be one read from an archive directory.
             let path = std::iter::once(dir)
@@ -261,7 +276,7 @@ fn write_text(
 }
 
 /// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
-fn chain_line(c: &ChainReport) -> String {
+fn chain_line(c: &ChainReport, name_key: bool) -> String {
     let seq = match (c.first_seq, c.last_seq) {
         (Some(a), Some(b)) => format!(", seq {a}..{b}"),
         _ => String::new(),
@@ -285,15 +300,17 @@ fn chain_line(c: &ChainReport) -> String {
             c.torn_bytes
         ));
     }
-    notes.push(
-        match (c.macs_checked, c.ok()) {
-            (true, true) => "MACs verified",
-            // The problem line below says what failed, a MAC or something else.
-            (true, false) => "MACs checked",
-            (false, _) => "MACs not checked (no --key-file)",
-        }
-        .into(),
-    );
+    let mut macs = match (c.macs_checked, c.ok()) {
+        (true, true) => "MACs verified",
+        // The problem line below says what failed, a MAC or something else.
+        (true, false) => "MACs checked",
+        (false, _) => "MACs not checked (no --key-file)",
+    }
+    .to_string();
+    if let (true, Some(k)) = (name_key, &c.key) {
+        macs.push_str(&format!(" with {}", k.escape_debug()));
+    }
+    notes.push(macs);
     if let Some(p) = &c.pruned {
         notes.push(format!(
             "{} oldest file(s) up to seq {} moved to {} by prune-log (MACed manifest){}",
@@ -343,7 +360,7 @@ pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
 
 fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     let verify_args = VerifyLogArgs {
-        key_file: Some(args.key_file.clone()),
+        key_file: args.key_file.clone(),
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
         // Earlier runs' manifests account for the files they moved.

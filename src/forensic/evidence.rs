@@ -120,12 +120,29 @@ pub struct Integrity {
     pub records: u64,
     /// Every chain's MACs were checked (a key was given).
     pub macs_checked: bool,
+    /// What each HMAC secret given sealed, current (first given) first.
+    pub keys: Vec<KeyUse>,
+    /// Chains sealed with a retired secret (not the first given) that began after a newer
+    /// one had sealed a chain: a process started with the old key after the rotation, or a
+    /// chain forged with a retired key. Listed, not failed: the log itself verified.
+    pub late_retired_key: Vec<String>,
     /// Chains whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
     /// the moved range's end are not in this report.
     pub pruned: Vec<PrunedChain>,
     pub problems: Vec<String>,
+}
+
+/// The chains one HMAC secret sealed (after a key rotation, several secrets are given).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeyUse {
+    /// The secret's file, as given.
+    pub key: String,
+    pub chains: usize,
+    /// First and last record of those chains (the records left, for pruned chains).
+    pub first_record: Option<String>,
+    pub last_record: Option<String>,
 }
 
 /// A chain's part that `kvh prune-log` moved, as its (MAC-verified) manifest says.
@@ -371,6 +388,8 @@ fn integrity(r: &Report) -> Integrity {
         files: r.chains.iter().map(|c| c.files).sum(),
         records: r.chains.iter().map(|c| c.records).sum(),
         macs_checked: keyed,
+        keys: key_uses(r),
+        late_retired_key: late_retired_key(r),
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()
@@ -389,6 +408,57 @@ fn integrity(r: &Report) -> Integrity {
             .collect(),
         problems,
     }
+}
+
+/// What each HMAC secret sealed.
+fn key_uses(r: &Report) -> Vec<KeyUse> {
+    r.hmac_keys
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let sealed: Vec<_> = r.chains.iter().filter(|c| c.key_index == Some(i)).collect();
+            KeyUse {
+                key: name.clone(),
+                chains: sealed.len(),
+                first_record: sealed.iter().filter_map(|c| c.first_ts).min().map(rfc3339),
+                last_record: sealed.iter().filter_map(|c| c.last_ts).max().map(rfc3339),
+            }
+        })
+        .collect()
+}
+
+/// Chains sealed with secret `j` > 0 whose first record is later than the first record of a
+/// chain sealed with a newer secret `i` < `j`. A pruned chain's start is not known here (its
+/// first records moved): not judged.
+fn late_retired_key(r: &Report) -> Vec<String> {
+    let started = |c: &verify::ChainReport| c.first_ts.filter(|_| c.pruned.is_none());
+    let mut first_use: Vec<Option<u64>> = vec![None; r.hmac_keys.len()];
+    for c in &r.chains {
+        if let (Some(i), Some(t)) = (c.key_index, started(c)) {
+            if let Some(slot) = first_use.get_mut(i) {
+                *slot = Some(slot.map_or(t, |u| u.min(t)));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for c in &r.chains {
+        let (Some(j), Some(t)) = (c.key_index, started(c)) else {
+            continue;
+        };
+        let newer = (0..j).find_map(|i| first_use[i].filter(|&u| u < t).map(|u| (i, u)));
+        if let Some((i, u)) = newer {
+            out.push(format!(
+                "chain {} began at {}, sealed with the retired key {}, after the newer key {} \
+                 sealed a chain (from {})",
+                c.chain,
+                rfc3339(t),
+                r.hmac_keys[j],
+                r.hmac_keys[i],
+                rfc3339(u)
+            ));
+        }
+    }
+    out
 }
 
 /// Calls `f(line number, record)` for every complete line of a verified chain file. A torn
@@ -729,6 +799,24 @@ pub fn render(ev: &Evidence) -> String {
             "not checked (no --key-file given)"
         }
     ));
+    for k in &i.keys {
+        let period = match (&k.first_record, &k.last_record) {
+            (Some(a), Some(b)) => format!(", records from {a} to {b}"),
+            _ => String::new(),
+        };
+        push(format!(
+            "- Sealed with {}: {} chains{period}.",
+            cell(&k.key),
+            k.chains
+        ));
+    }
+    for late in &i.late_retired_key {
+        push(format!(
+            "- Attention: {}: a process started with the old key after the rotation, or a \
+             chain forged with the retired key.",
+            cell(late)
+        ));
+    }
     push(format!(
         "- Signed checkpoints: {}.",
         match i.checkpoints_matched {
@@ -937,16 +1025,16 @@ mod tests {
         };
         let before = Report {
             chains: vec![chain("a", 5), chain("b", 3)],
-            errors: vec![],
+            ..Report::default()
         };
         let after = Report {
             chains: vec![chain("a", 6), chain("b", 3)],
-            errors: vec![],
+            ..Report::default()
         };
         assert_eq!(changed_chains(&before, &after), vec!["a".to_string()]);
         let gone = Report {
             chains: vec![chain("a", 5)],
-            errors: vec![],
+            ..Report::default()
         };
         assert_eq!(changed_chains(&before, &gone), vec!["b".to_string()]);
         assert!(changed_chains(&before, &before).is_empty());

@@ -39,7 +39,7 @@ use crate::events::{
 };
 
 use record::{Field, Fields};
-pub use verify::{verify_all, Report, VerifyOptions};
+pub use verify::{verify_all, Report, SealKey, VerifyOptions};
 
 /// Errors of opening or running the log.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -423,10 +423,8 @@ pub fn record_moved(
 }
 
 /// The epoch-0 key of `secret`, for manifest MACs.
-pub fn manifest_key(secret: Option<&Zeroizing<Vec<u8>>>) -> Result<Option<EpochKey>, String> {
-    secret
-        .map(|s| EpochKey::from_secret(s.clone()).map_err(|e| format!("--key-file: {e}")))
-        .transpose()
+pub fn manifest_key(secret: &Zeroizing<Vec<u8>>) -> Result<EpochKey, String> {
+    EpochKey::from_secret(secret.clone()).map_err(|e| format!("--key-file: {e}"))
 }
 
 /// An open directory, `flock`ed for the life of the value.
@@ -444,13 +442,14 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, String> {
     Ok(DirLock(f))
 }
 
-/// A run's request, with what `prune_all` derived from it: the cut-off and the key.
+/// A run's request, with what `prune_all` derived from it: the cut-off and the keys.
 pub struct PrunePlan<'a> {
     pub req: &'a PruneRequest<'a>,
     /// Files whose newest record is older than this (Unix nanoseconds) may move.
     pub cutoff_ns: u64,
-    /// The epoch-0 key, for the manifests' MACs.
-    pub key: &'a EpochKey,
+    /// The epoch-0 key of each HMAC secret of `req.opts.hmac_keys`, in order: a chain's
+    /// manifest is MACed with the secret that seals the chain.
+    pub keys: &'a [EpochKey],
 }
 
 /// What moved (or, in a dry run, would move) of one chain.
@@ -493,6 +492,9 @@ pub struct ChainToPrune<'a> {
     pub last_seq: Option<u64>,
     /// The seq of its signed checkpoint, if one was found.
     pub checkpoint_seq: Option<u64>,
+    /// The HMAC secret that sealed it, as the verification found it (index in
+    /// `hmac_keys`); `None` when no record's MAC was read.
+    pub key_index: Option<usize>,
 }
 
 /// Moves what may move of one chain, one file at a time, by the rules of the module docs:
@@ -506,9 +508,18 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         chain: c.chain.to_string(),
         ..Default::default()
     };
+    // A chain is sealed by one secret: its manifest is MACed with that one too.
+    let key = || {
+        c.key_index.and_then(|i| plan.keys.get(i)).ok_or_else(|| {
+            PruneError::NotVerified(format!(
+                "chain {}: no record's MAC was verified, so its HMAC key is not known",
+                c.chain
+            ))
+        })
+    };
     let base = read_manifest(plan.req.dir, c.chain)?;
     if let Some(m) = &base {
-        m.check(Some(plan.key)).map_err(|e| {
+        m.check(Some(key()?)).map_err(|e| {
             PruneError::NotVerified(format!(
                 "{}: {e}",
                 manifest_path(plan.req.dir, c.chain).display()
@@ -525,7 +536,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
     let Some((first, _)) = c.list.first() else {
         return Ok(done);
     };
-    let mut check = ChainCheck::new(c.chain, base.as_ref(), *first, plan.req.opts)
+    let mut check = ChainCheck::new(c.chain, base.as_ref(), *first, c.key_index, plan.req.opts)
         .map_err(PruneError::NotVerified)?;
     let keep = if c.closed { 0 } else { 2 };
     let movable = c.list.len().saturating_sub(keep);
@@ -569,7 +580,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         done.files.clone(),
         done.complete,
         plan.req.archive,
-        plan.key,
+        key()?,
     )?;
     for path in &moved_paths {
         fs::remove_file(path).map_err(|e| {
@@ -619,8 +630,15 @@ pub fn prune_all(
     req: &PruneRequest<'_>,
     mut on_chain: impl FnMut(&ChainPruned),
 ) -> Result<PruneRun, String> {
-    let key = manifest_key(req.opts.hmac_secret.as_ref())?
-        .ok_or("the HMAC key is required: the manifests are MACed with it")?;
+    if req.opts.hmac_keys.is_empty() {
+        return Err("the HMAC key is required: the manifests are MACed with it".into());
+    }
+    let keys = req
+        .opts
+        .hmac_keys
+        .iter()
+        .map(|k| manifest_key(&k.secret))
+        .collect::<Result<Vec<_>, _>>()?;
     check_archive_dir(req.archive, req.dir)?;
     // One run per log directory and per archive.
     let _log_lock = lock_dir(req.dir)?;
@@ -648,7 +666,7 @@ pub fn prune_all(
     let plan = PrunePlan {
         req,
         cutoff_ns,
-        key: &key,
+        keys: &keys,
     };
     let verified: BTreeMap<&str, &ChainReport> = run
         .before
@@ -666,6 +684,7 @@ pub fn prune_all(
             closed: report.is_some_and(|c| c.closed),
             last_seq: report.and_then(|c| c.last_seq),
             checkpoint_seq: checkpoint_bound(report, checkpoints.get(&chain).copied()),
+            key_index: report.and_then(|c| c.key_index),
         };
         match prune_chain(&plan, &state) {
             Ok(done) if done.files.is_empty() => {}

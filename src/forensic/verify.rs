@@ -9,6 +9,10 @@
 //! Files `kvh prune-log` moved to an archive are read from there with `archive_dirs`, and
 //! checked as if they had never moved; or, with `allow_pruned`, a chain whose oldest files
 //! are gone is checked from where its manifest (`crate::forensic::prune`) says they ended.
+//!
+//! Keys rotate: several HMAC secrets and public keys may be given. Each chain is sealed by
+//! one HMAC secret, the one that verifies the first MAC the walk reads (its first record, or
+//! its prune manifest); every later MAC of the chain must verify with that same secret.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,13 +28,31 @@ use super::prune::{self, Manifest};
 use super::record::{chain_hash_open, mac_of, parse_hash, GENESIS_PREV};
 use super::scan::{scan, Scanned};
 
+/// An HMAC secret (the epoch-0 key) a log may be sealed with, and the name reports give it.
+pub struct SealKey {
+    /// Where the secret came from (its file), as reports name it.
+    pub name: String,
+    pub secret: Zeroizing<Vec<u8>>,
+}
+
+impl SealKey {
+    pub fn new(name: impl Into<String>, secret: Zeroizing<Vec<u8>>) -> Self {
+        SealKey {
+            name: name.into(),
+            secret,
+        }
+    }
+}
+
 /// What to verify with.
 #[derive(Default)]
 pub struct VerifyOptions {
-    /// The HMAC secret (epoch-0 key); MACs are only checked when it is given.
-    pub hmac_secret: Option<Zeroizing<Vec<u8>>>,
-    /// Pinned Ed25519 public key of the checkpoints.
-    pub public_key: Option<VerifyingKey>,
+    /// The HMAC secrets: the current one first, then those it replaced (a rotated key still
+    /// verifies the chains it sealed). MACs are only checked when at least one is given;
+    /// each chain must verify with one of them throughout.
+    pub hmac_keys: Vec<SealKey>,
+    /// Pinned Ed25519 public keys of the checkpoints: a checkpoint must be signed by one.
+    pub public_keys: Vec<VerifyingKey>,
     /// Checkpoint files (or directories of them) to check against.
     pub checkpoints: Vec<PathBuf>,
     /// Print per-file progress on stderr.
@@ -72,6 +94,12 @@ pub struct ChainReport {
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
     pub torn_bytes: u64,
     pub macs_checked: bool,
+    /// The HMAC secret the chain's MACs were checked with (its [`SealKey::name`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its index in [`VerifyOptions::hmac_keys`].
+    #[serde(skip)]
+    pub key_index: Option<usize>,
     /// Seq of the signed checkpoint that was matched, if any.
     pub checkpoint_seq: Option<u64>,
     /// Checkpoints were checked (a public key was pinned): a chain without one fails.
@@ -108,6 +136,8 @@ impl ChainReport {
 /// The result for a directory.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
+    /// The names of the HMAC secrets given, current first ([`VerifyOptions::hmac_keys`]).
+    pub hmac_keys: Vec<String>,
     pub chains: Vec<ChainReport>,
     /// Problems not tied to a record (a checkpoint for a chain with no files, a forged
     /// checkpoint).
@@ -142,7 +172,10 @@ pub struct VerifyError(pub String);
 /// Verifies every chain found in `dir` (and in `opts.archive_dirs`).
 pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
     let chains = list_all(dir, opts)?;
-    let mut report = Report::default();
+    let mut report = Report {
+        hmac_keys: opts.hmac_keys.iter().map(|k| k.name.clone()).collect(),
+        ..Report::default()
+    };
     let mut ckpts = load_checkpoints(opts, &mut report)?;
     // Prune manifests matter only to a pruned reading: read once, checked once.
     let mut manifests = if opts.allow_pruned || !opts.archive_dirs.is_empty() {
@@ -167,6 +200,12 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         report
             .chains
             .push(archived_chain(&chain, manifest, opts, ckpt.as_ref()));
+    }
+    for c in &mut report.chains {
+        c.key = c
+            .key_index
+            .and_then(|i| opts.hmac_keys.get(i))
+            .map(|k| k.name.clone());
     }
     for (chain, c) in ckpts {
         report.errors.push(format!(
@@ -199,23 +238,53 @@ pub fn list_all(dir: &Path, opts: &VerifyOptions) -> Result<files::ChainList, Ve
 /// MAC or contiguity); reported at the manifest's name.
 type LoadedManifest = Result<Manifest, String>;
 
-/// Every prune manifest in `dir`, by chain, each checked (MAC with the key when given,
-/// contiguity always).
+/// Every prune manifest in `dir`, by chain, each checked (MAC with one of the keys when
+/// given, contiguity always).
 fn load_manifests(
     dir: &Path,
     opts: &VerifyOptions,
 ) -> Result<BTreeMap<String, LoadedManifest>, VerifyError> {
     let listed = prune::list_manifests(dir)
         .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
-    let key = prune::manifest_key(opts.hmac_secret.as_ref()).map_err(VerifyError)?;
+    let keys = manifest_keys(opts).map_err(VerifyError)?;
     let mut out = BTreeMap::new();
     for chain in listed {
         let loaded = prune::read_manifest(dir, &chain)
             .and_then(|m| m.ok_or_else(|| "disappeared while verifying".to_string()))
-            .and_then(|m| m.check(key.as_ref()).map(|()| m));
+            .and_then(|m| manifest_sealer(&m, &keys).map(|_| m));
         out.insert(chain, loaded);
     }
     Ok(out)
+}
+
+/// The epoch-0 key of each HMAC secret, in order, for manifest MACs.
+fn manifest_keys(opts: &VerifyOptions) -> Result<Vec<EpochKey>, String> {
+    opts.hmac_keys
+        .iter()
+        .map(|k| prune::manifest_key(&k.secret))
+        .collect()
+}
+
+/// Checks a manifest (version, contiguity, and its MAC when keys are given); returns the
+/// index of the key whose MAC it carries, `None` when none was given.
+fn manifest_sealer(m: &Manifest, keys: &[EpochKey]) -> Result<Option<usize>, String> {
+    let Some(first) = keys.first() else {
+        return m.check(None).map(|()| None);
+    };
+    if keys.len() == 1 {
+        return m.check(Some(first)).map(|()| Some(0));
+    }
+    m.check(None)?;
+    keys.iter()
+        .position(|k| m.check(Some(k)).is_ok())
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "manifest MAC mismatch: none of the {} keys given seals it (wrong keys or \
+                 forged manifest)",
+                keys.len()
+            )
+        })
 }
 
 /// The problem of a manifest that cannot be used, at the manifest's name.
@@ -241,8 +310,8 @@ fn archived_chain(
 ) -> ChainReport {
     let mut rep = ChainReport {
         chain: chain.to_string(),
-        macs_checked: opts.hmac_secret.is_some(),
-        checkpoints_checked: opts.public_key.is_some(),
+        macs_checked: !opts.hmac_keys.is_empty(),
+        checkpoints_checked: !opts.public_keys.is_empty(),
         ..Default::default()
     };
     let judged = manifest.and_then(|m| {
@@ -271,9 +340,8 @@ fn whole_chain_archived(
     ckpt: Option<&Checkpoint>,
     rep: &mut ChainReport,
 ) -> Result<(), String> {
-    if opts.hmac_secret.is_none() {
-        return Err(NEEDS_KEY.into());
-    }
+    let sealer = manifest_sealer(m, &manifest_keys(opts)?)?.ok_or(NEEDS_KEY)?;
+    rep.key_index = Some(sealer);
     let tail = m.tail().ok_or("manifest lists no file")?;
     rep.pruned = Some(pruned_of(m, tail.last_seq));
     rep.closed = m.complete;
@@ -326,10 +394,9 @@ fn load_checkpoints(
     if opts.checkpoints.is_empty() {
         return Ok(out);
     }
-    let key = opts
-        .public_key
-        .as_ref()
-        .ok_or_else(|| VerifyError("--checkpoint needs --public-key".into()))?;
+    if opts.public_keys.is_empty() {
+        return Err(VerifyError("--checkpoint needs --public-key".into()));
+    }
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut files_seen = std::collections::BTreeSet::new();
     for p in &opts.checkpoints {
@@ -342,7 +409,7 @@ fn load_checkpoints(
             if std::fs::symlink_metadata(&f).is_err() {
                 return Err(VerifyError(format!("{}: no such checkpoint", f.display())));
             }
-            match checkpoint::read(&f, key) {
+            match checkpoint::read(&f, &opts.public_keys) {
                 Ok(c) => {
                     if let Some(first) = seen.get(&c.chain) {
                         // Which one is genuine cannot be decided: both are tampering evidence.
@@ -364,10 +431,97 @@ fn load_checkpoints(
     Ok(out)
 }
 
+/// The HMAC key of a chain walk. A chain is sealed by one secret throughout: with several
+/// given (a rotated key), the first MAC the walk reads picks it among them.
+enum ChainKey {
+    /// No secret given: MACs are not checked.
+    Unchecked,
+    /// Several secrets, none picked yet: (index in `hmac_keys`, key at the walk's epoch).
+    Candidates(Vec<(usize, EpochKey)>),
+    /// The chain's secret: (index in `hmac_keys`, key at the walk's epoch).
+    Pinned(usize, EpochKey),
+}
+
+impl ChainKey {
+    fn new(opts: &VerifyOptions) -> Result<Self, VerifyError> {
+        let mut keys = Vec::with_capacity(opts.hmac_keys.len());
+        for (i, k) in opts.hmac_keys.iter().enumerate() {
+            let key = EpochKey::from_secret(k.secret.clone())
+                .map_err(|e| VerifyError(format!("--key-file {}: {e}", k.name)))?;
+            keys.push((i, key));
+        }
+        Ok(match keys.len() {
+            0 => ChainKey::Unchecked,
+            1 => {
+                let (i, k) = keys.remove(0);
+                ChainKey::Pinned(i, k)
+            }
+            _ => ChainKey::Candidates(keys),
+        })
+    }
+
+    /// Ratchets every key still in play to `epoch`.
+    fn advance_to(&mut self, epoch: u64) {
+        match self {
+            ChainKey::Unchecked => {}
+            ChainKey::Candidates(keys) => keys.iter_mut().for_each(|(_, k)| k.advance_to(epoch)),
+            ChainKey::Pinned(_, k) => k.advance_to(epoch),
+        }
+    }
+
+    /// Makes the secret at `index` (the one found sealing the chain) the chain's key, before
+    /// any record is read; a chain already pinned to another secret is refused.
+    fn pin(&mut self, index: usize) -> Result<(), String> {
+        match self {
+            ChainKey::Unchecked => Ok(()),
+            ChainKey::Pinned(i, _) if *i == index => Ok(()),
+            ChainKey::Pinned(..) => {
+                Err("sealed with another HMAC key than the rest of its chain".into())
+            }
+            ChainKey::Candidates(keys) => {
+                let pos = keys
+                    .iter()
+                    .position(|(i, _)| *i == index)
+                    .ok_or("no such HMAC key")?;
+                let (i, k) = keys.swap_remove(pos);
+                *self = ChainKey::Pinned(i, k);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks the MAC of the record whose chain hash is `hash` (`mac`: `None` when it is not
+    /// a MAC at all); with several candidates, the one that verifies it becomes the chain's
+    /// key. Returns the index of the chain's key (`None`: MACs not checked).
+    fn check(&mut self, hash: &[u8; 32], mac: Option<[u8; 32]>) -> Result<Option<usize>, String> {
+        match self {
+            ChainKey::Unchecked => Ok(None),
+            ChainKey::Pinned(i, k) if Some(mac_of(k, hash)) == mac => Ok(Some(*i)),
+            ChainKey::Pinned(_, k) => Err(format!(
+                "MAC mismatch at epoch {}: wrong key or forged record",
+                k.epoch()
+            )),
+            ChainKey::Candidates(keys) => {
+                let epoch = keys.first().map_or(0, |(_, k)| k.epoch());
+                let Some(pos) = keys.iter().position(|(_, k)| Some(mac_of(k, hash)) == mac) else {
+                    return Err(format!(
+                        "MAC mismatch at epoch {epoch}: none of the {} keys given seals this \
+                         chain (wrong keys or forged record)",
+                        keys.len()
+                    ));
+                };
+                let (i, k) = keys.swap_remove(pos);
+                *self = ChainKey::Pinned(i, k);
+                Ok(Some(i))
+            }
+        }
+    }
+}
+
 /// Walk state of one chain.
 struct Walk<'a> {
     chain: &'a str,
-    key: Option<EpochKey>,
+    key: ChainKey,
     next_seq: u64,
     prev: [u8; 32],
     prev_file: Option<String>,
@@ -474,7 +628,7 @@ fn verify_chain(
             return Ok(w.report);
         }
     }
-    if ckpt.is_none() && opts.public_key.is_some() {
+    if ckpt.is_none() && !opts.public_keys.is_empty() {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
         // would otherwise silently turn off the truncation and rewrite checks for it.
         w.report.problem = Some(Problem {
@@ -556,13 +710,19 @@ pub struct ChainCheck<'a> {
 impl<'a> ChainCheck<'a> {
     /// Starts at file `first` of `chain`: from the genesis for file 0, else from where the
     /// chain's prune manifest says the moved files ended (which needs the HMAC key).
+    /// `key_index` is the secret of `opts.hmac_keys` the chain's verification found sealing
+    /// it: the files checked must carry its MACs.
     pub fn new(
         chain: &'a str,
         manifest: Option<&Manifest>,
         first: u64,
+        key_index: Option<usize>,
         opts: &VerifyOptions,
     ) -> Result<Self, String> {
         let mut walk = Walk::new(chain, opts, None, 0).map_err(|e| e.0)?;
+        if let Some(i) = key_index {
+            walk.key.pin(i)?;
+        }
         if first > 0 {
             walk.continue_pruned(manifest, first, opts)
                 .map_err(|p| p.to_string())?;
@@ -588,13 +748,7 @@ impl<'a> Walk<'a> {
         ckpt: Option<&'a Checkpoint>,
         files: usize,
     ) -> Result<Self, VerifyError> {
-        let key = match &opts.hmac_secret {
-            Some(s) => Some(
-                EpochKey::from_secret(s.clone())
-                    .map_err(|e| VerifyError(format!("--key-file: {e}")))?,
-            ),
-            None => None,
-        };
+        let key = ChainKey::new(opts)?;
         Ok(Walk {
             chain,
             cur_index: 0,
@@ -606,8 +760,8 @@ impl<'a> Walk<'a> {
             report: ChainReport {
                 chain: chain.to_string(),
                 files,
-                macs_checked: opts.hmac_secret.is_some(),
-                checkpoints_checked: opts.public_key.is_some(),
+                macs_checked: !opts.hmac_keys.is_empty(),
+                checkpoints_checked: !opts.public_keys.is_empty(),
                 ..Default::default()
             },
         })
@@ -636,10 +790,13 @@ impl<'a> Walk<'a> {
                  prune manifest accounts for them"
             ))
         })?;
-        let key = prune::manifest_key(opts.hmac_secret.as_ref())
+        let keys = manifest_keys(opts).map_err(&bad)?;
+        let sealer = manifest_sealer(m, &keys)
             .map_err(&bad)?
             .ok_or_else(|| bad(NEEDS_KEY.into()))?;
-        m.check(Some(&key)).map_err(&bad)?;
+        // The manifest was MACed with the chain's own key: the records left must be too.
+        self.key.pin(sealer).map_err(&bad)?;
+        self.report.key_index = Some(sealer);
         // An interrupted run may have recorded files it had not removed yet: the manifest
         // must cover the missing files (`check` made its entries files 0, 1, ... in order)
         // and may list later ones still present.
@@ -699,9 +856,7 @@ impl<'a> Walk<'a> {
             };
             return Err(bad(1, reason));
         }
-        if let Some(k) = self.key.as_mut() {
-            k.advance_to(index);
-        }
+        self.key.advance_to(index);
         let mut lines = 0u64;
         let mut rest = bytes;
         while !rest.is_empty() {
@@ -736,7 +891,10 @@ impl<'a> Walk<'a> {
         if parse_hash(r.hash) != Some(hash) {
             return Err("hash mismatch: record modified".into());
         }
-        self.mac(&hash, r.mac)?;
+        let sealer = self.mac(&hash, r.mac)?;
+        if self.report.key_index.is_none() {
+            self.report.key_index = sealer;
+        }
         if let Some(c) = self
             .ckpt
             .filter(|c| c.seq == self.next_seq && c.hash != hash)
@@ -785,16 +943,13 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    fn mac(&self, hash: &[u8; 32], mac_hex: Option<&str>) -> Result<(), String> {
-        let Some(k) = &self.key else { return Ok(()) };
-        let mac = mac_hex.ok_or("record has no mac but a key was given")?;
-        if parse_hash(mac) != Some(mac_of(k, hash)) {
-            return Err(format!(
-                "MAC mismatch at epoch {}: wrong key or forged record",
-                k.epoch()
-            ));
+    /// Checks the record's MAC; returns the index of the chain's key (`None`: unchecked).
+    fn mac(&mut self, hash: &[u8; 32], mac_hex: Option<&str>) -> Result<Option<usize>, String> {
+        if let ChainKey::Unchecked = self.key {
+            return Ok(None);
         }
-        Ok(())
+        let mac = mac_hex.ok_or("record has no mac but a key was given")?;
+        self.key.check(hash, parse_hash(mac))
     }
 
     /// `start` opens file 0, `rotate` opens every later file and links to the previous one,

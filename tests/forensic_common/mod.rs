@@ -10,7 +10,7 @@ use kvhygiene::context::Context;
 use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
 use kvhygiene::forensic::keys::EpochKey;
 use kvhygiene::forensic::record::{self, Header};
-use kvhygiene::forensic::{verify_all, ForensicLog, Report, StartInfo, VerifyOptions};
+use kvhygiene::forensic::{verify_all, ForensicLog, Report, SealKey, StartInfo, VerifyOptions};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
@@ -72,7 +72,7 @@ pub fn write_log(cfg: &LogConfig, n: u64, keyed: bool) {
 
 pub fn keyed_opts() -> VerifyOptions {
     VerifyOptions {
-        hmac_secret: Some(secret()),
+        hmac_keys: vec![SealKey::new("hmac.key", secret())],
         ..Default::default()
     }
 }

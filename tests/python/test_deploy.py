@@ -671,9 +671,15 @@ class PodFiles:
             d.mkdir(parents=True)
             if "secret" in volume:
                 s = volume["secret"]
-                for item in s["items"]:
+                data = self.secret_data.get(s["secretName"])
+                if data is None:
+                    # Kubernetes mounts an absent optional Secret as an empty directory.
+                    assert s.get("optional"), f"{label}: Secret {s['secretName']} is not there"
+                    return d
+                # Without items, every key of the Secret is a file of that name.
+                for item in s.get("items") or [{"key": k, "path": k} for k in data]:
                     f = d / item["path"]
-                    f.write_bytes(self.secret_data[s["secretName"]][item["key"]])
+                    f.write_bytes(data[item["key"]])
                     f.chmod(item.get("mode", s.get("defaultMode", 0o644)))
         return d
 
@@ -822,6 +828,67 @@ def test_probe_passes_against_the_exported_metrics(pod, probe):
         pytest.fail(f"{probe}: `kvh {cmd[1]}` is not a verb of {kvh_binary()}")
     r = run_in(cmd, pod["env"])
     assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
+
+
+def keyed_demo_log(log_dir: Path, hmac_key: Path, signing_key: Path):
+    """A short `kvh demo` run writing its forensic log to `log_dir`, sealed with `hmac_key` and
+    checkpointed with `signing_key`: one chain, as one process of the server would leave."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "KVH_HMAC_KEY_FILE": str(hmac_key),
+        "KVH_SIGNING_KEY_FILE": str(signing_key),
+    }
+    argv = [kvh_binary(), "demo", "--backend", "host", "--tenants", "1", "--requests", "2"]
+    r = run_in(argv + ["--decode-tokens", "16", "--log-dir", str(log_dir)], env)
+    assert r.returncode == 0, f"kvh demo: {r.stdout}{r.stderr}"
+
+
+def test_cronjob_verifies_chains_sealed_with_retired_keys(tmp_path):
+    # The log holds a chain sealed before a key rotation and one after; the retired HMAC key
+    # and public key are in the optional Secret of deploy/README.md's rotation steps.
+    keys = tmp_path / "made-by-hand"
+    keys.mkdir(mode=0o700)
+    for era in ("old", "new"):
+        (keys / f"{era}-hmac.key").write_text(secrets.token_hex(32) + "\n")
+        (keys / f"{era}-hmac.key").chmod(0o600)
+        r = subprocess.run([kvh_binary(), "keygen", "--out", str(keys / f"{era}-checkpoint")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    current = {
+        "hmac.key": (keys / "new-hmac.key").read_bytes(),
+        "checkpoint.pub": (keys / "new-checkpoint.pub").read_bytes(),
+        "checkpoint.key": (keys / "new-checkpoint.key").read_bytes(),
+    }
+    retired = {
+        "hmac-until-2026-11.key": (keys / "old-hmac.key").read_bytes(),
+        "checkpoint-until-2026-11.pub": (keys / "old-checkpoint.pub").read_bytes(),
+    }
+    assert set(documented_secrets()["kvhygiene-forensic-keys"]) == set(current)
+    label = "cronjob/kvhygiene-verify-log"
+    spec = dict(pod_specs())[label]
+    (c,) = spec["containers"]
+
+    def run_cronjob(root: Path, data: dict):
+        files = PodFiles(root, data)
+        remap = files.mapper(label, spec, c)
+        log = Path(remap("/var/log/kvh/chains"))
+        if not log.exists():
+            log.mkdir(parents=True, mode=0o700)
+            keyed_demo_log(log, keys / "old-hmac.key", keys / "old-checkpoint.key")
+            keyed_demo_log(log, keys / "new-hmac.key", keys / "new-checkpoint.key")
+        return run_in([remap(a) for a in container_argv(c)], files.env(c, remap))
+
+    # Without the retired keys the old chain fails: a finding, exit 1.
+    r = run_cronjob(tmp_path / "before", {"kvhygiene-forensic-keys": current})
+    assert r.returncode == 1, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "MAC mismatch" in r.stdout, r.stdout
+    # With them, both chains verify, each with its own key, and the report says which.
+    data = {"kvhygiene-forensic-keys": current, "kvhygiene-forensic-keys-retired": retired}
+    r = run_cronjob(tmp_path / "after", data)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert r.stdout.count("checkpoint at seq") == 2, r.stdout
+    for name in ("hmac.key", "hmac-until-2026-11.key"):
+        assert re.search(rf"MACs verified with \S*/{re.escape(name)}", r.stdout), r.stdout
+        assert re.search(rf"- Sealed with \S*/{re.escape(name)}: 1 chains", r.stdout), r.stdout
 
 
 def test_cronjob_verifies_the_log_and_fails_on_tampering(pod):

@@ -1,0 +1,442 @@
+//! Key rotation: a log directory holds chains sealed with the HMAC secret of their time and
+//! checkpoints signed by the signing key of theirs. `verify-log`, `evidence`, `gate` and
+//! `prune-log` take every key (`--key-file` and `--public-key` repeated): each chain must
+//! verify with one secret throughout, the report names which, and the evidence report lists
+//! a chain begun with a retired secret after a newer one was in use.
+
+#[path = "cli_common/mod.rs"]
+mod cli_common;
+mod forensic_common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use forensic_common::{assert_problem, cfg, chain_files, event, forge_from, name, start, verify};
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::cli::VerifyLogArgs;
+use kvhygiene::forensic::evidence::{self, EvidenceArgs};
+use kvhygiene::forensic::keys::{read_public_key, EpochKey};
+use kvhygiene::forensic::prune::{manifest_key, read_manifest};
+use kvhygiene::forensic::{ForensicLog, Report, SealKey, VerifyOptions};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+const OLD: &[u8] = b"old-secret-retired-in-june-0123456789";
+const NEW: &[u8] = b"new-secret-current-since-june-987654";
+
+fn secret(s: &[u8]) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(s.to_vec())
+}
+
+fn seal_keys(secrets: &[(&str, &[u8])]) -> VerifyOptions {
+    VerifyOptions {
+        hmac_keys: secrets
+            .iter()
+            .map(|(n, s)| SealKey::new(*n, secret(s)))
+            .collect(),
+        ..VerifyOptions::default()
+    }
+}
+
+/// `kvh ARGS --key-file K1 --key-file K2 ...`: exit code, stdout and stderr.
+fn kvh_keyed(args: &[&str], key_files: &[&str]) -> (i32, String, String) {
+    let mut cmd = cli_common::kvh();
+    cmd.args(args);
+    for k in key_files {
+        cmd.args(["--key-file", k]);
+    }
+    cli_common::run(&mut cmd)
+}
+
+/// A private archive directory in `dir`.
+fn archive_in(dir: &Path) -> PathBuf {
+    let archive = dir.join("archive");
+    fs::create_dir(&archive).unwrap();
+    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+    archive
+}
+
+/// Writes one chain of `n` events sealed with `secret`, in 4 KiB files, and ends it.
+fn chain_sealed_with(dir: &Path, secret_bytes: &[u8], n: u64) {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 4096), start(), Some(secret(secret_bytes)))
+        .unwrap();
+    for i in 0..n {
+        log.emit(event(i));
+    }
+    log.stop();
+}
+
+/// The chain ids of a report, in its order, with the key each was sealed with.
+fn keys_of(r: &Report) -> Vec<Option<String>> {
+    r.chains.iter().map(|c| c.key.clone()).collect()
+}
+
+/// A log directory with a chain sealed with the old secret, then one with the new; and both
+/// secrets as key files.
+struct Rotated {
+    tmp: tempfile::TempDir,
+    log: PathBuf,
+    old_key: PathBuf,
+    new_key: PathBuf,
+}
+
+fn rotated() -> Rotated {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    chain_sealed_with(&log, OLD, 40);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    chain_sealed_with(&log, NEW, 40);
+    let old_key = tmp.path().join("old.key");
+    let new_key = tmp.path().join("new.key");
+    fs::write(&old_key, OLD).unwrap();
+    fs::write(&new_key, NEW).unwrap();
+    Rotated {
+        tmp,
+        log,
+        old_key,
+        new_key,
+    }
+}
+
+impl Rotated {
+    fn paths(&self) -> [&str; 3] {
+        [
+            self.log.to_str().unwrap(),
+            self.new_key.to_str().unwrap(),
+            self.old_key.to_str().unwrap(),
+        ]
+    }
+}
+
+#[test]
+fn each_chain_verifies_with_the_secret_that_sealed_it() {
+    let r = rotated();
+    let only_new = verify(&r.log, &seal_keys(&[("new", NEW)]));
+    assert!(
+        !only_new.ok(),
+        "the chain sealed with the old secret needs it"
+    );
+    let failed: Vec<_> = only_new.chains.iter().filter(|c| !c.ok()).collect();
+    assert_eq!(failed.len(), 1);
+    let p = failed[0].problem.as_ref().unwrap();
+    assert_eq!(p.line, 1, "{p}");
+    assert!(p.reason.contains("MAC mismatch at epoch 0"), "{p}");
+
+    for order in [[("new", NEW), ("old", OLD)], [("old", OLD), ("new", NEW)]] {
+        let both = verify(&r.log, &seal_keys(&order));
+        assert!(both.ok(), "{:?}", both.first_problem());
+        let mut keys = keys_of(&both);
+        keys.sort();
+        assert_eq!(keys, [Some("new".into()), Some("old".into())]);
+        assert!(both.chains.iter().all(|c| c.macs_checked));
+    }
+}
+
+#[test]
+fn a_chain_continued_under_another_secret_fails_where_the_secret_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    chain_sealed_with(&log, OLD, 120);
+    let files = chain_files(&log);
+    assert!(files.len() >= 3, "{files:?}");
+    // From file 1 on, every record is re-sealed with the new secret's epoch-1 key: each file
+    // is sealed with one of the given secrets, but the chain is not sealed with one.
+    let mut k = EpochKey::from_secret(secret(NEW)).unwrap();
+    k.ratchet();
+    forge_from(&files, 1, 1, Some(k), |_| {});
+    let opts = seal_keys(&[("new", NEW), ("old", OLD)]);
+    assert_problem(
+        &verify(&log, &opts),
+        &name(&files[1]),
+        1,
+        "MAC mismatch at epoch 1",
+    );
+    // No given secret seals it at all: both are named as tried.
+    let wrong = seal_keys(&[
+        ("a", b"another-secret-of-no-use-0000"),
+        ("b", b"and-one-more-of-no-use-1111"),
+    ]);
+    assert_problem(
+        &verify(&log, &wrong),
+        &name(&files[0]),
+        1,
+        "none of the 2 keys given seals this chain",
+    );
+}
+
+#[test]
+fn verify_log_takes_every_key_file_and_names_the_one_of_each_chain() {
+    let r = rotated();
+    let [log, new_key, old_key] = r.paths();
+    let (code, out, _) = kvh_keyed(&["verify-log", log], &[new_key]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("MAC mismatch"), "{out}");
+
+    let (code, out, err) = kvh_keyed(&["verify-log", log], &[new_key, old_key]);
+    assert_eq!(code, 0, "{out}{err}");
+    for key in [new_key, old_key] {
+        assert!(out.contains(&format!("MACs verified with {key}")), "{out}");
+    }
+
+    let (code, out, _) = kvh_keyed(&["verify-log", log, "--json"], &[new_key, old_key]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["hmac_keys"], serde_json::json!([new_key, old_key]));
+    let mut sealed: Vec<&str> = json["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["key"].as_str().unwrap())
+        .collect();
+    sealed.sort();
+    let mut expected = vec![new_key, old_key];
+    expected.sort();
+    assert_eq!(sealed, expected);
+
+    // One secret in two files is one key, known by the first name given.
+    let twice = r.tmp.path().join("again.key");
+    fs::write(&twice, NEW).unwrap();
+    let keys = [new_key, twice.to_str().unwrap(), old_key];
+    let (code, out, _) = kvh_keyed(&["verify-log", log, "--json"], &keys);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["hmac_keys"], serde_json::json!([new_key, old_key]));
+    // A key file that cannot be used is named, and nothing is concluded.
+    let short = r.tmp.path().join("short.key");
+    fs::write(&short, b"too short").unwrap();
+    let (code, _, err) = kvh_keyed(&["verify-log", log], &[new_key, short.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("short.key: key is 9 bytes"), "{err}");
+}
+
+#[test]
+fn checkpoints_of_a_rotated_signing_key_verify_with_both_public_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let mut publics = Vec::new();
+    for (n, s) in [("old", OLD), ("new", NEW)] {
+        let (private, public) =
+            kvhygiene::forensic::cli::keygen(&tmp.path().join(format!("signer-{n}"))).unwrap();
+        let mut c = cfg(&log, 4096);
+        c.signing_key_file = Some(private);
+        let w = ForensicLog::open_with_secret(&c, start(), Some(secret(s))).unwrap();
+        for i in 0..30 {
+            w.emit(event(i));
+        }
+        w.stop();
+        publics.push(public);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let with = |public: &[&PathBuf]| VerifyOptions {
+        public_keys: public.iter().map(|p| read_public_key(p).unwrap()).collect(),
+        checkpoints: vec![log.clone()],
+        ..seal_keys(&[("new", NEW), ("old", OLD)])
+    };
+    let only_new = verify(&log, &with(&[&publics[1]]));
+    assert!(
+        only_new
+            .errors
+            .iter()
+            .any(|e| e.contains("signed by another key than the pinned public key")),
+        "{:?}",
+        only_new.errors
+    );
+    let both = verify(&log, &with(&[&publics[1], &publics[0]]));
+    assert!(both.ok(), "{:?} {:?}", both.first_problem(), both.errors);
+    assert!(both.chains.iter().all(|c| c.checkpoint_seq.is_some()));
+
+    let [p_old, p_new] = [&publics[0], &publics[1]].map(|p| p.to_str().unwrap().to_string());
+    let key_files = [("old.key", OLD), ("new.key", NEW)].map(|(n, s)| {
+        let p = tmp.path().join(n);
+        fs::write(&p, s).unwrap();
+        p.to_str().unwrap().to_string()
+    });
+    let public_keys = ["--public-key", &p_new, "--public-key", &p_old];
+    let args = [&["verify-log", log.to_str().unwrap()][..], &public_keys].concat();
+    let (code, out, _) = kvh_keyed(&args, &[&key_files[1], &key_files[0]]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("checkpoint at seq").count(), 2);
+}
+
+fn evidence_of(r: &Rotated, key_files: &[&Path]) -> evidence::Evidence {
+    evidence::collect(&EvidenceArgs {
+        log: VerifyLogArgs {
+            key_file: key_files.iter().map(|p| p.to_path_buf()).collect(),
+            ..VerifyLogArgs::of(r.log.clone())
+        },
+        max_exceptions: 10,
+        approved_config: Vec::new(),
+    })
+    .unwrap()
+}
+
+#[test]
+fn evidence_says_what_each_secret_sealed_and_names_a_late_chain_of_a_retired_one() {
+    let r = rotated();
+    let ev = evidence_of(&r, &[&r.new_key, &r.old_key]);
+    assert!(ev.integrity.verified, "{:?}", ev.integrity.problems);
+    let uses: Vec<(String, usize)> = ev
+        .integrity
+        .keys
+        .iter()
+        .map(|k| (k.key.clone(), k.chains))
+        .collect();
+    assert_eq!(
+        uses,
+        [
+            (r.new_key.display().to_string(), 1),
+            (r.old_key.display().to_string(), 1)
+        ]
+    );
+    assert!(ev.integrity.late_retired_key.is_empty());
+    let md = evidence::render(&ev);
+    assert!(md.contains("- Sealed with "), "{md}");
+    assert!(!md.contains("Attention"), "{md}");
+
+    // A chain sealed with the old secret, begun after the new one was in use.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    chain_sealed_with(&r.log, OLD, 10);
+    let ev = evidence_of(&r, &[&r.new_key, &r.old_key]);
+    assert!(ev.integrity.verified, "listed, not failed");
+    assert_eq!(ev.integrity.late_retired_key.len(), 1, "{:?}", ev.integrity);
+    let late = &ev.integrity.late_retired_key[0];
+    assert!(
+        late.contains("sealed with the retired key") && late.contains("old.key"),
+        "{late}"
+    );
+    assert!(evidence::render(&ev).contains("Attention"));
+    // Given in the other order, the old secret is the current one: the new chain began after
+    // the old secret's first and is named instead.
+    let ev = evidence_of(&r, &[&r.old_key, &r.new_key]);
+    assert_eq!(ev.integrity.late_retired_key.len(), 1);
+    assert!(ev.integrity.late_retired_key[0].contains("new.key"));
+}
+
+#[test]
+fn prune_log_seals_each_manifest_with_the_secret_of_its_chain() {
+    let r = rotated();
+    let [log, new_key, old_key] = r.paths();
+    let archive = archive_in(r.tmp.path());
+    let archive = archive.to_str().unwrap();
+    let prune = |keys: &[&str]| {
+        kvh_keyed(
+            &[
+                "prune-log",
+                log,
+                "--archive-dir",
+                archive,
+                "--older-than",
+                "0",
+            ],
+            keys,
+        )
+    };
+    // With the current secret alone, the old chain does not verify: nothing moves.
+    let (code, _, err) = prune(&[new_key]);
+    assert_eq!(code, 1, "{err}");
+    assert!(fs::read_dir(archive).unwrap().next().is_none());
+
+    // Which secret seals which chain, from the chains themselves.
+    let before = verify(&r.log, &seal_keys(&[("new", NEW), ("old", OLD)]));
+    let sealed_by: std::collections::BTreeMap<String, Option<String>> = before
+        .chains
+        .iter()
+        .map(|c| (c.chain.clone(), c.key.clone()))
+        .collect();
+    let (code, out, err) = prune(&[new_key, old_key]);
+    assert_eq!(code, 0, "{out}{err}");
+    let opts = VerifyOptions {
+        allow_pruned: true,
+        ..seal_keys(&[("new", NEW), ("old", OLD)])
+    };
+    let chains = verify(&r.log, &opts);
+    assert!(chains.ok(), "{:?}", chains.first_problem());
+    for c in &chains.chains {
+        let m = read_manifest(&r.log, &c.chain)
+            .unwrap()
+            .expect("every chain ended: moved whole");
+        assert_eq!(c.key, sealed_by[&c.chain], "chain {}", c.chain);
+        let (sealer, other) = match c.key.as_deref() {
+            Some("new") => (NEW, OLD),
+            Some("old") => (OLD, NEW),
+            k => panic!("chain {} sealed with {k:?}", c.chain),
+        };
+        m.check(Some(&manifest_key(&secret(sealer)).unwrap()))
+            .unwrap();
+        assert!(m
+            .check(Some(&manifest_key(&secret(other)).unwrap()))
+            .is_err());
+    }
+    // Read back with the archive, the log needs both secrets.
+    let read_back = ["verify-log", log, "--archive-dir", archive];
+    let (code, out, _) = kvh_keyed(&read_back, &[new_key, old_key]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = kvh_keyed(&read_back, &[new_key]);
+    assert_eq!(code, 1, "{out}");
+}
+
+#[test]
+fn a_partly_pruned_chain_keeps_the_secret_of_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    // A process started before the rotation, still running: its chain stays open.
+    let w = ForensicLog::open_with_secret(&cfg(&log, 4096), start(), Some(secret(OLD))).unwrap();
+    for i in 0..120 {
+        w.emit(event(i));
+    }
+    w.flush();
+    std::mem::forget(w);
+    chain_sealed_with(&log, NEW, 20);
+    let archive = archive_in(tmp.path());
+    let (old_key, new_key) = (tmp.path().join("old.key"), tmp.path().join("new.key"));
+    fs::write(&old_key, OLD).unwrap();
+    fs::write(&new_key, NEW).unwrap();
+    let [log_s, archive_s, old_s, new_s] =
+        [&log, &archive, &old_key, &new_key].map(|p| p.to_str().unwrap());
+    let args = [
+        "prune-log",
+        log_s,
+        "--archive-dir",
+        archive_s,
+        "--older-than",
+        "0",
+    ];
+    let (code, _, err) = kvh_keyed(&args, &[new_s, old_s]);
+    assert_eq!(code, 0, "{err}");
+    let opts = VerifyOptions {
+        allow_pruned: true,
+        ..seal_keys(&[("new", NEW), ("old", OLD)])
+    };
+    let after = verify(&log, &opts);
+    assert!(after.ok(), "{:?}", after.first_problem());
+    let open = after
+        .chains
+        .iter()
+        .find(|c| !c.closed)
+        .expect("the open chain");
+    assert!(
+        open.pruned
+            .as_ref()
+            .is_some_and(|p| p.files > 0 && !p.complete),
+        "{open:?}"
+    );
+    assert_eq!(open.key.as_deref(), Some("old"));
+
+    // The current secret's holder rewrites the open chain's manifest (to hide deleted files,
+    // say): the manifest now pins the chain to the new secret, and the chain's first record
+    // left, sealed with the old one, fails.
+    let mut m = read_manifest(&log, &open.chain).unwrap().unwrap();
+    m.seal(&manifest_key(&secret(NEW)).unwrap());
+    let path = kvhygiene::forensic::prune::manifest_path(&log, &open.chain);
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let forged = verify(&log, &opts);
+    let bad = forged
+        .chains
+        .iter()
+        .find(|c| c.chain == open.chain)
+        .unwrap();
+    let p = bad.problem.as_ref().expect("the forged manifest is caught");
+    assert_eq!(p.line, 1, "{p}");
+    assert!(p.reason.contains("MAC mismatch"), "{p}");
+}
