@@ -4,15 +4,20 @@
 //!   emit N events, `stop` which flushes and joins), fsync=never.
 //! - `verify/{verify_all,sha256sum}`: MB/s of `verify_all` (with the HMAC key) and of the
 //!   `sha256sum` tool over the same files, in the same run. The ratio is printed at the end.
+//! - `prune/{prune_all,verify_all}`: MB/s of `prune::prune_all` moving a whole ended chain to
+//!   an archive on the same file system (verify, re-check and copy each file, sync, manifest,
+//!   remove, verify what is left), against `verify_all` of the same log in the same run: the
+//!   cost of retention in verifications.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
 use kvhygiene::context::Context;
 use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
+use kvhygiene::forensic::prune::{prune_all, PruneRequest};
 use kvhygiene::forensic::{verify_all, ForensicLog, SealKey, StartInfo, VerifyOptions};
 use zeroize::Zeroizing;
 
@@ -154,5 +159,70 @@ fn verify(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, append, verify);
+/// A private copy of the log directory `src`, and an empty private archive, in a new
+/// temporary directory (the writer's modes: 0700 directories, 0600 files).
+fn fresh_copy(src: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (log, archive) = (tmp.path().join("log"), tmp.path().join("archive"));
+    for d in [&log, &archive] {
+        std::fs::create_dir(d).expect("mkdir");
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
+    for f in chain_files(src) {
+        let name = f.file_name().expect("file name");
+        std::fs::copy(&f, log.join(name)).expect("copy");
+    }
+    (tmp, log, archive)
+}
+
+fn prune(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("log");
+    write_log(&src, VERIFY_RECORDS, true);
+    let files = chain_files(&src);
+    let bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let opts = VerifyOptions {
+        hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(SECRET.to_vec()))],
+        allow_pruned: true,
+        ..Default::default()
+    };
+
+    let mut g = c.benchmark_group("prune");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function("prune_all", |b| {
+        b.iter_batched(
+            || fresh_copy(&src),
+            |(tmp, log, archive)| {
+                let req = PruneRequest {
+                    dir: &log,
+                    archive: &archive,
+                    older_than_days: 0,
+                    dry_run: false,
+                    opts: &opts,
+                    checkpoint_place: None,
+                };
+                let run = prune_all(&req, |_| {}).expect("prune");
+                let moved: usize = run.moved.iter().map(|c| c.files.len()).sum();
+                assert!(
+                    run.refused.is_empty() && moved == files.len(),
+                    "moved {moved}"
+                );
+                tmp // removed after the measurement
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("verify_all", |b| {
+        b.iter(|| verify_all(&src, &opts).expect("verify"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, append, verify, prune);
 criterion_main!(benches);
