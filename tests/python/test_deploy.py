@@ -326,7 +326,8 @@ def test_kvh_command_line_names_a_verb_and_flags_its_help_lists(where, argv):
 def test_the_kvh_command_lines_were_found():
     # Guards the parser: the probes, the sidecar and the CronJob's script are all seen.
     found = {tuple(a[:1]) for _, a in kvh_command_lines()}
-    assert {("gate",), ("metrics",), ("serve-metrics",), ("verify-log",), ("evidence",)} <= found, found
+    expected = {("gate",), ("metrics",), ("serve-metrics",), ("verify-log",), ("evidence",), ("prune-log",)}
+    assert expected <= found, found
 
 
 def test_every_volume_mount_names_a_volume_of_its_pod_and_every_volume_is_used():
@@ -889,6 +890,61 @@ def test_cronjob_verifies_chains_sealed_with_retired_keys(tmp_path):
     for name in ("hmac.key", "hmac-until-2026-11.key"):
         assert re.search(rf"MACs verified with \S*/{re.escape(name)}", r.stdout), r.stdout
         assert re.search(rf"- Sealed with \S*/{re.escape(name)}: 1 chains", r.stdout), r.stdout
+
+
+def test_retention_job_moves_old_files_and_the_verification_still_passes(tmp_path):
+    # The weekly prune-log job, then the nightly verification, on one log volume: what the
+    # job moves is accounted for by its manifests, and the chains left verify.
+    keys = tmp_path / "made-by-hand"
+    keys.mkdir(mode=0o700)
+    (keys / "hmac.key").write_text(secrets.token_hex(32) + "\n")
+    (keys / "hmac.key").chmod(0o600)
+    r = subprocess.run([kvh_binary(), "keygen", "--out", str(keys / "checkpoint")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = {"kvhygiene-forensic-keys": {k: (keys / k).read_bytes() for k in ("hmac.key", "checkpoint.key", "checkpoint.pub")}}
+    files = PodFiles(tmp_path / "pod", data)
+
+    def job(label: str, days=None):
+        spec = dict(pod_specs())[label]
+        (c,) = spec["containers"]
+        remap = files.mapper(label, spec, c)
+        env = files.env(c, remap)
+        if days is not None:
+            env["RETENTION_DAYS"] = days
+        return remap, run_in([remap(a) for a in container_argv(c)], env)
+
+    prune, verify = "cronjob/kvhygiene-prune-log", "cronjob/kvhygiene-verify-log"
+    remap, _ = job(verify)  # lays out the volumes; the log is written as the server would
+    log = Path(remap("/var/log/kvh/chains"))
+    log.mkdir(parents=True, mode=0o700)
+    keyed_demo_log(log, keys / "hmac.key", keys / "checkpoint.key")
+    before = sorted(p.name for p in log.glob("kvh-*.jsonl"))
+
+    # The example's 30 days: nothing is that old yet.
+    remap, r = job(prune)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "moved 0 files" in r.stdout, r.stdout
+    assert sorted(p.name for p in log.glob("kvh-*.jsonl")) == before
+    # With 0 days, the ended chain moves whole to the archive volume, its manifest stays.
+    remap, r = job(prune, days="0")
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    archive = Path(remap("/var/lib/kvh-archive/chains"))
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o700
+    assert sorted(p.name for p in archive.glob("kvh-*.jsonl")) == before, r.stdout
+    assert not list(log.glob("kvh-*.jsonl")) and list(log.glob("kvh-*.pruned.json")), r.stdout
+
+    # A later process writes a chain; the nightly verification accepts the pruned one.
+    keyed_demo_log(log, keys / "hmac.key", keys / "checkpoint.key")
+    _, r = job(verify)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "moved to" in r.stdout and "by prune-log" in r.stdout, r.stdout
+    # Removing the manifest is caught: the moved chain's signed checkpoint, still in the log
+    # directory, names a chain of which nothing is accounted for.
+    for m in log.glob("kvh-*.pruned.json"):
+        m.unlink()
+    _, r = job(verify)
+    assert r.returncode == 1, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert "files deleted" in r.stdout, r.stdout
 
 
 def test_cronjob_verifies_the_log_and_fails_on_tampering(pod):
