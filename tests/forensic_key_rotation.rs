@@ -302,15 +302,13 @@ fn evidence_says_what_each_secret_sealed_and_names_a_late_chain_of_a_retired_one
     assert_eq!(ev.integrity.late_retired_key.len(), 1, "{:?}", ev.integrity);
     let late = &ev.integrity.late_retired_key[0];
     assert!(
-        late.contains("sealed with the retired key") && late.contains("old.key"),
+        late.contains("old.key, after the newer key") && late.contains("new.key"),
         "{late}"
     );
     assert!(evidence::render(&ev).contains("Attention"));
-    // Given in the other order, the old secret is the current one: the new chain began after
-    // the old secret's first and is named instead.
+    // Which key is newer comes from the log, not from the order of the key files.
     let ev = evidence_of(&r, &[&r.old_key, &r.new_key]);
-    assert_eq!(ev.integrity.late_retired_key.len(), 1);
-    assert!(ev.integrity.late_retired_key[0].contains("new.key"));
+    assert_eq!(ev.integrity.late_retired_key, std::slice::from_ref(late));
 }
 
 #[test]
@@ -439,4 +437,318 @@ fn a_partly_pruned_chain_keeps_the_secret_of_its_manifest() {
     let p = bad.problem.as_ref().expect("the forged manifest is caught");
     assert_eq!(p.line, 1, "{p}");
     assert!(p.reason.contains("MAC mismatch"), "{p}");
+}
+
+// What the holder of a retired key can do to the chains of the current one, once verifiers
+// take both: with signed checkpoints pinned, nothing that verifies.
+
+/// One ended chain sealed with `secret` and checkpointed with `signer`; returns its files.
+fn signed_chain(dir: &Path, secret_bytes: &[u8], signer: &Path, n: u64) -> Vec<PathBuf> {
+    let before = chain_files_or_none(dir);
+    let mut c = cfg(dir, 4096);
+    c.signing_key_file = Some(signer.to_path_buf());
+    let w = ForensicLog::open_with_secret(&c, start(), Some(secret(secret_bytes))).unwrap();
+    for i in 0..n {
+        w.emit(event(i));
+    }
+    w.stop();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut new: Vec<PathBuf> = chain_files_or_none(dir)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    new.sort();
+    new
+}
+
+fn chain_files_or_none(dir: &Path) -> Vec<PathBuf> {
+    if dir.exists() {
+        chain_files(dir)
+    } else {
+        Vec::new()
+    }
+}
+
+/// The chain id of one of its files.
+fn chain_of(file: &Path) -> String {
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let rest = name.strip_prefix("kvh-").unwrap();
+    rest[..rest.rfind('-').unwrap()].to_string()
+}
+
+/// A log with a chain of the old keys, then one of the new keys (the victim), both signed;
+/// returns (log, victim's files, options pinning both public keys and taking both secrets).
+fn rotated_signed(tmp: &tempfile::TempDir) -> (PathBuf, Vec<PathBuf>, VerifyOptions) {
+    let log = tmp.path().join("log");
+    let (old_signer, old_pub) = kvhygiene::forensic::cli::keygen(&tmp.path().join("old")).unwrap();
+    let (new_signer, new_pub) = kvhygiene::forensic::cli::keygen(&tmp.path().join("new")).unwrap();
+    signed_chain(&log, OLD, &old_signer, 30);
+    let victim = signed_chain(&log, NEW, &new_signer, 90);
+    assert!(victim.len() >= 3, "{victim:?}");
+    let opts = VerifyOptions {
+        public_keys: [&new_pub, &old_pub]
+            .iter()
+            .map(|p| read_public_key(p).unwrap())
+            .collect(),
+        checkpoints: vec![log.clone()],
+        allow_pruned: true,
+        ..seal_keys(&[("new", NEW), ("old", OLD)])
+    };
+    let r = verify(&log, &opts);
+    assert!(r.ok(), "{:?} {:?}", r.first_problem(), r.errors);
+    (log, victim, opts)
+}
+
+/// The victim chain's report.
+fn report_of<'a>(r: &'a Report, files: &[PathBuf]) -> &'a kvhygiene::forensic::verify::ChainReport {
+    let chain = chain_of(&files[0]);
+    r.chains.iter().find(|c| c.chain == chain).unwrap()
+}
+
+#[test]
+fn a_chain_of_the_current_secret_cannot_be_resealed_with_a_retired_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
+    // Re-MACed whole with the retired secret, hashes unchanged: the checkpoint still matches
+    // the records, but it names the current secret.
+    forge_from(
+        &victim,
+        0,
+        1,
+        Some(EpochKey::from_secret(secret(OLD)).unwrap()),
+        |_| {},
+    );
+    let r = verify(&log, &opts);
+    let p = report_of(&r, &victim).problem.as_ref().expect("caught");
+    assert_eq!(
+        (p.file.as_str(), p.line),
+        (name(&victim[0]).as_str(), 1),
+        "{p}"
+    );
+    assert!(p.reason.contains("MAC mismatch at epoch 0"), "{p}");
+    // And an edit behind it is caught too (the hashes no longer reach the checkpoint).
+    forge_from(&victim, 1, 2, Some(k_at(OLD, 1)), |m| {
+        m.insert("tenant_id".into(), "someone-else".into());
+    });
+    assert!(!verify(&log, &opts).ok());
+}
+
+/// The key at `epoch` of `secret`.
+fn k_at(secret_bytes: &[u8], epoch: u64) -> EpochKey {
+    let mut k = EpochKey::from_secret(secret(secret_bytes)).unwrap();
+    k.advance_to(epoch);
+    k
+}
+
+#[test]
+fn a_chain_of_the_current_secret_cannot_be_replaced_by_a_manifest_of_a_retired_one() {
+    use kvhygiene::forensic::prune::{manifest_path, Manifest, PrunedFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
+    let chain = chain_of(&victim[0]);
+    let ckpt = verify(&log, &opts);
+    let seq = report_of(&ckpt, &victim).checkpoint_seq.unwrap();
+    let last: Value = serde_json::from_str(
+        fs::read_to_string(victim.last().unwrap())
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["seq"].as_u64(), Some(seq));
+    // The whole chain deleted, and a manifest saying it moved, MACed with the retired secret
+    // and ending at the (public) checkpoint's seq and hash.
+    for f in &victim {
+        fs::remove_file(f).unwrap();
+    }
+    let mut m = Manifest {
+        v: 1,
+        chain: chain.clone(),
+        files: vec![PrunedFile {
+            name: kvhygiene::forensic::files::file_name(&chain, 0),
+            sha256: "00".repeat(32),
+            first_seq: 0,
+            last_seq: seq,
+            last_hash: last["hash"].as_str().unwrap().to_string(),
+            oldest_ts: 0,
+            newest_ts: 0,
+        }],
+        complete: true,
+        archive: "/nowhere".into(),
+        updated_at: 0,
+        mac: None,
+    };
+    m.seal(&manifest_key(&secret(OLD)).unwrap());
+    fs::write(manifest_path(&log, &chain), serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&log, &opts);
+    let c = r.chains.iter().find(|c| c.chain == chain).unwrap();
+    let p = c.problem.as_ref().expect("caught");
+    assert!(
+        p.reason
+            .contains("another HMAC key than the one the chain's signed checkpoint names"),
+        "{p}"
+    );
+}
+
+#[test]
+fn a_checkpoint_of_the_current_signer_cannot_be_resigned_with_a_retired_one() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
+    let chain = chain_of(&victim[0]);
+    // The newest file dropped, and a checkpoint at the new end signed with the retired key.
+    let kept = &victim[victim.len() - 2];
+    fs::remove_file(victim.last().unwrap()).unwrap();
+    let last: Value =
+        serde_json::from_str(fs::read_to_string(kept).unwrap().lines().last().unwrap()).unwrap();
+    let old = kvhygiene::forensic::keys::read_signing_key(&tmp.path().join("old.key")).unwrap();
+    let c = Checkpoint {
+        chain: chain.clone(),
+        seq: last["seq"].as_u64().unwrap(),
+        hash: kvhygiene::forensic::record::parse_hash(last["hash"].as_str().unwrap()).unwrap(),
+        file: name(kept),
+        ts: last["ts"].as_u64().unwrap(),
+        key_id: Some(EpochKey::from_secret(secret(NEW)).unwrap().key_id()),
+        public_key: None,
+    };
+    fs::remove_file(checkpoint::path_for(&log, &chain)).unwrap();
+    checkpoint::write(&log, &old, &c).unwrap();
+    let r = verify(&log, &opts);
+    let p = report_of(&r, &victim[..1])
+        .problem
+        .as_ref()
+        .expect("caught");
+    assert!(
+        p.reason.contains("checkpoint re-signed with another key"),
+        "{p}"
+    );
+}
+
+#[test]
+fn a_manifest_must_be_sealed_with_the_secret_of_its_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    chain_sealed_with(&log, NEW, 60);
+    let files = chain_files(&log);
+    let chain = chain_of(&files[0]);
+    let archive = archive_in(tmp.path());
+    let new_key = tmp.path().join("new.key");
+    fs::write(&new_key, NEW).unwrap();
+    let args = [
+        "prune-log",
+        log.to_str().unwrap(),
+        "--archive-dir",
+        archive.to_str().unwrap(),
+        "--older-than",
+        "0",
+    ];
+    let (code, _, err) = kvh_keyed(&args, &[new_key.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // The manifest re-MACed with the retired secret.
+    let path = kvhygiene::forensic::prune::manifest_path(&log, &chain);
+    let mut m = read_manifest(&log, &chain).unwrap().unwrap();
+    m.seal(&manifest_key(&secret(OLD)).unwrap());
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let both = seal_keys(&[("new", NEW), ("old", OLD)]);
+    let whole = VerifyOptions {
+        archive_dirs: vec![archive.clone()],
+        ..seal_keys(&[("new", NEW), ("old", OLD)])
+    };
+    let reason = |r: &Report| {
+        r.first_problem()
+            .map(|p| p.reason.clone())
+            .unwrap_or_default()
+    };
+    let r = verify(&log, &whole);
+    assert!(
+        reason(&r).contains("MACed with another HMAC key than its chain's records"),
+        "{r:?}"
+    );
+    // An interrupted run: the files back in the log directory, the manifest still there.
+    for f in chain_files(&archive) {
+        fs::copy(&f, log.join(f.file_name().unwrap())).unwrap();
+    }
+    let r = verify(
+        &log,
+        &VerifyOptions {
+            allow_pruned: true,
+            ..both
+        },
+    );
+    assert!(
+        reason(&r).contains("MACed with another HMAC key than its chain's records"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_late_chain_of_an_old_secret_stays_named_once_pruned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    chain_sealed_with(&log, OLD, 20);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    chain_sealed_with(&log, NEW, 20);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    // Begun late with the old secret, still open, several files.
+    let w = ForensicLog::open_with_secret(&cfg(&log, 4096), start(), Some(secret(OLD))).unwrap();
+    for i in 0..120 {
+        w.emit(event(i));
+    }
+    w.flush();
+    std::mem::forget(w);
+    let keys = [("new.key", NEW), ("old.key", OLD)].map(|(n, s)| {
+        let p = tmp.path().join(n);
+        fs::write(&p, s).unwrap();
+        p
+    });
+    let ev = |r: &Rotated| {
+        let mut a = VerifyLogArgs::of(r.log.clone());
+        a.key_file = keys.to_vec();
+        a.allow_pruned = true;
+        evidence::collect(&EvidenceArgs {
+            log: a,
+            max_exceptions: 10,
+            approved_config: Vec::new(),
+        })
+        .unwrap()
+    };
+    let r = Rotated {
+        log: log.clone(),
+        old_key: keys[1].clone(),
+        new_key: keys[0].clone(),
+        tmp,
+    };
+    assert_eq!(
+        ev(&r).integrity.late_retired_key.len(),
+        1,
+        "named before pruning"
+    );
+    let archive = archive_in(r.tmp.path());
+    let args = [
+        "prune-log",
+        log.to_str().unwrap(),
+        "--archive-dir",
+        archive.to_str().unwrap(),
+        "--older-than",
+        "0",
+    ];
+    let (code, _, err) = kvh_keyed(
+        &args,
+        &[keys[0].to_str().unwrap(), keys[1].to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let after = ev(&r);
+    assert!(after.integrity.verified, "{:?}", after.integrity.problems);
+    assert!(
+        after.integrity.pruned.len() >= 2,
+        "{:?}",
+        after.integrity.pruned
+    );
+    assert_eq!(
+        after.integrity.late_retired_key.len(),
+        1,
+        "{:?}",
+        after.integrity
+    );
 }

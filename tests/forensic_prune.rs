@@ -611,6 +611,8 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
         hash: kvhygiene::forensic::record::parse_hash(last["hash"].as_str().unwrap()).unwrap(),
         file: files[2].file_name().unwrap().to_str().unwrap().to_string(),
         ts: 1,
+        key_id: None,
+        public_key: None,
     };
     checkpoint::write(&s.log, &signer, &c).unwrap();
     let first: Value = serde_json::from_str(

@@ -2,9 +2,10 @@
 //!
 //! One file per chain, `kvh-<chain>.ckpt`, replaced atomically (write a temporary file,
 //! fsync, rename, fsync the directory). Its single line is the canonical JSON (see
-//! [`super::record`]) of `{v, chain, seq, hash, file, ts, public_key}` with `sig` appended
-//! last exactly like a record's seal: `...,"sig":"<128 hex>"}`. The signature covers the
-//! canonical bytes without `sig`.
+//! [`super::record`]) of `{v, chain, seq, hash, file, ts, public_key}` (and `key_id`, the id
+//! of the chain's HMAC secret, when the chain is sealed) with `sig` appended last exactly
+//! like a record's seal: `...,"sig":"<128 hex>"}`. The signature covers the canonical bytes
+//! without `sig`.
 
 use std::fs;
 use std::io::Write;
@@ -26,6 +27,13 @@ pub struct Checkpoint {
     /// File holding the record `seq`.
     pub file: String,
     pub ts: u64,
+    /// The id of the HMAC secret that seals the chain ([`super::keys::EpochKey::key_id`]):
+    /// signed, so that the chain is verified with that secret and no other one a verifier
+    /// takes. `None` for an unsealed chain.
+    pub key_id: Option<String>,
+    /// The signer's public key, in hex, as the file names it (set when a file is read; the
+    /// writer signs with its own key, whatever this says).
+    pub public_key: Option<String>,
 }
 
 impl Checkpoint {
@@ -38,6 +46,9 @@ impl Checkpoint {
         m.insert("file".into(), self.file.clone().into());
         m.insert("ts".into(), self.ts.into());
         m.insert("public_key".into(), hex(public_key.as_bytes()).into());
+        if let Some(id) = &self.key_id {
+            m.insert("key_id".into(), id.clone().into());
+        }
         let mut out = Vec::new();
         // Strings and integers only: always canonicalisable.
         let _ = write_canonical(&Value::Object(m), &mut out);
@@ -119,6 +130,8 @@ fn fields(m: &Value) -> Result<Checkpoint, String> {
             .ok_or("checkpoint has no valid hash")?,
         file: s("file").unwrap_or_default(),
         ts: u("ts").unwrap_or(0),
+        key_id: s("key_id"),
+        public_key: s("public_key"),
     })
 }
 
@@ -194,7 +207,29 @@ mod tests {
             hash: [seq as u8; 32],
             file: "kvh-p1-t2-000000.jsonl".into(),
             ts: 1,
+            key_id: None,
+            public_key: None,
         }
+    }
+
+    #[test]
+    fn the_key_id_is_signed_and_the_signer_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        let c = Checkpoint {
+            key_id: Some("00112233445566778899aabbccddeeff".into()),
+            ..at(5)
+        };
+        write(tmp.path(), &key, &c).unwrap();
+        let path = path_for(tmp.path(), "p1-t2");
+        let back = read(&path, &[key.verifying_key()]).unwrap();
+        assert_eq!(back.key_id, c.key_id);
+        assert_eq!(back.public_key, Some(hex(key.verifying_key().as_bytes())));
+        // Another key id in the file breaks the signature.
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("00112233", "00112234")).unwrap();
+        let err = read(&path, &[key.verifying_key()]).unwrap_err();
+        assert!(err.contains("bad checkpoint signature"), "{err}");
     }
 
     #[test]

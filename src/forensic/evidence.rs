@@ -120,11 +120,12 @@ pub struct Integrity {
     pub records: u64,
     /// Every chain's MACs were checked (a key was given).
     pub macs_checked: bool,
-    /// What each HMAC secret given sealed, current (first given) first.
+    /// What each HMAC secret given sealed (the chains that verified), in the order given.
     pub keys: Vec<KeyUse>,
-    /// Chains sealed with a retired secret (not the first given) that began after a newer
-    /// one had sealed a chain: a process started with the old key after the rotation, or a
-    /// chain forged with a retired key. Listed, not failed: the log itself verified.
+    /// Chains sealed with a secret whose first chain is older than another secret's first
+    /// chain, begun after that newer secret was in use: a process started with the old key
+    /// after the rotation, or a chain forged with a retired key. Listed, not failed: the log
+    /// itself verified.
     pub late_retired_key: Vec<String>,
     /// Chains whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
@@ -410,50 +411,69 @@ fn integrity(r: &Report) -> Integrity {
     }
 }
 
-/// What each HMAC secret sealed.
+/// What each HMAC secret sealed, of the chains that verified.
 fn key_uses(r: &Report) -> Vec<KeyUse> {
     r.hmac_keys
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let sealed: Vec<_> = r.chains.iter().filter(|c| c.key_index == Some(i)).collect();
+            let sealed: Vec<_> = r
+                .chains
+                .iter()
+                .filter(|c| c.ok() && c.key_index == Some(i))
+                .collect();
             KeyUse {
                 key: name.clone(),
                 chains: sealed.len(),
-                first_record: sealed.iter().filter_map(|c| c.first_ts).min().map(rfc3339),
+                first_record: sealed.iter().filter_map(|c| started(c)).min().map(rfc3339),
                 last_record: sealed.iter().filter_map(|c| c.last_ts).max().map(rfc3339),
             }
         })
         .collect()
 }
 
-/// Chains sealed with secret `j` > 0 whose first record is later than the first record of a
-/// chain sealed with a newer secret `i` < `j`. A pruned chain's start is not known here (its
-/// first records moved): not judged.
+/// When a chain began: its first record, or for a pruned chain the oldest record of the
+/// first file moved, as its MAC-verified manifest recorded it.
+fn started(c: &verify::ChainReport) -> Option<u64> {
+    match &c.pruned {
+        Some(p) => p.first_ts,
+        None => c.first_ts,
+    }
+}
+
+/// Chains begun with a secret after a newer secret was in use. Which secret is newer comes
+/// from the log, not from the order the keys were given in: a secret is newer than another
+/// when its first chain began later.
 fn late_retired_key(r: &Report) -> Vec<String> {
-    let started = |c: &verify::ChainReport| c.first_ts.filter(|_| c.pruned.is_none());
-    let mut first_use: Vec<Option<u64>> = vec![None; r.hmac_keys.len()];
-    for c in &r.chains {
+    let mut first_use: BTreeMap<usize, u64> = BTreeMap::new();
+    for c in r.chains.iter().filter(|c| c.ok()) {
         if let (Some(i), Some(t)) = (c.key_index, started(c)) {
-            if let Some(slot) = first_use.get_mut(i) {
-                *slot = Some(slot.map_or(t, |u| u.min(t)));
-            }
+            let u = first_use.entry(i).or_insert(t);
+            *u = (*u).min(t);
         }
     }
+    let name = |i: usize| r.hmac_keys.get(i).map_or("?", String::as_str);
     let mut out = Vec::new();
-    for c in &r.chains {
-        let (Some(j), Some(t)) = (c.key_index, started(c)) else {
+    for c in r.chains.iter().filter(|c| c.ok()) {
+        let (Some(own), Some(t)) = (c.key_index, started(c)) else {
             continue;
         };
-        let newer = (0..j).find_map(|i| first_use[i].filter(|&u| u < t).map(|u| (i, u)));
-        if let Some((i, u)) = newer {
+        let Some(&own_first) = first_use.get(&own) else {
+            continue;
+        };
+        // The newest secret already in use when this chain began, if newer than its own.
+        let newer = first_use
+            .iter()
+            .filter(|&(_, &u)| u > own_first && u < t)
+            .max_by_key(|&(_, &u)| u);
+        if let Some((&i, &u)) = newer {
             out.push(format!(
-                "chain {} began at {}, sealed with the retired key {}, after the newer key {} \
-                 sealed a chain (from {})",
+                "chain {} began at {}, sealed with {}, after the newer key {} sealed a chain \
+                 (from {})",
                 c.chain,
                 rfc3339(t),
-                r.hmac_keys[j],
-                r.hmac_keys[i],
+                name(own),
+                name(i),
                 rfc3339(u)
             ));
         }
@@ -805,15 +825,16 @@ pub fn render(ev: &Evidence) -> String {
             _ => String::new(),
         };
         push(format!(
-            "- Sealed with {}: {} chains{period}.",
+            "- Sealed with {}: {} chain{}{period}.",
             cell(&k.key),
-            k.chains
+            k.chains,
+            if k.chains == 1 { "" } else { "s" }
         ));
     }
     for late in &i.late_retired_key {
         push(format!(
             "- Attention: {}: a process started with the old key after the rotation, or a \
-             chain forged with the retired key.",
+             chain forged with a retired key.",
             cell(late)
         ));
     }

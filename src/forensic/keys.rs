@@ -20,6 +20,9 @@ pub const SECRET_ENV: &str = "FORENSIC_HMAC_SECRET";
 /// The ratchet label.
 const RATCHET: &[u8] = b"kvh-ratchet";
 
+/// The label of a secret's key id.
+const KEY_ID: &[u8] = b"kvh-key-id";
+
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
@@ -68,6 +71,15 @@ impl EpochKey {
         next.zeroize();
         // Dropping the old `EpochKey` zeroizes its key bytes.
         *self = Self::with(self.epoch + 1, next_key);
+    }
+
+    /// The id of the secret this key ratchets from: the first 16 bytes of
+    /// `HMAC-SHA256(K(0), "kvh-key-id")`, in hex. Only meaningful at epoch 0 (the caller takes
+    /// it before ratcheting); it names the secret without revealing it.
+    pub fn key_id(&self) -> String {
+        let mut m = self.mac();
+        m.update(KEY_ID);
+        super::record::hex(&m.finalize().into_bytes()[..16])
     }
 
     /// A copy, for trying a ratchet position without giving up the current key.

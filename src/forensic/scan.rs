@@ -25,6 +25,8 @@ pub struct Scanned<'a> {
     pub prev_file: Option<&'a str>,
     /// The seq a `checkpoint` record says was signed.
     pub ckpt_seq: Option<u64>,
+    /// The public key a `checkpoint` record says signed it.
+    pub signer: Option<&'a str>,
 }
 
 /// Deepest nesting accepted (the writer's `write_canonical` limit).
@@ -105,6 +107,7 @@ fn header_field<'a>(out: &mut Scanned<'a>, key: &[u8], raw: &'a [u8]) {
         b"prev" => out.prev = s(),
         b"prev_file" => out.prev_file = s(),
         b"ckpt_seq" => out.ckpt_seq = num(),
+        b"signer" => out.signer = s(),
         _ => {}
     }
 }

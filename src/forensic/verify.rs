@@ -125,6 +125,9 @@ pub struct Pruned {
     pub complete: bool,
     /// Where the manifest says they went.
     pub archive: String,
+    /// The oldest record time of the first file moved (the chain's start), as the manifest
+    /// recorded it.
+    pub first_ts: Option<u64>,
 }
 
 impl ChainReport {
@@ -340,7 +343,17 @@ fn whole_chain_archived(
     ckpt: Option<&Checkpoint>,
     rep: &mut ChainReport,
 ) -> Result<(), String> {
-    let sealer = manifest_sealer(m, &manifest_keys(opts)?)?.ok_or(NEEDS_KEY)?;
+    let keys = manifest_keys(opts)?;
+    let sealer = manifest_sealer(m, &keys)?.ok_or(NEEDS_KEY)?;
+    if let Some(id) = ckpt.and_then(|c| c.key_id.as_deref()) {
+        // The checkpoint is signed: the manifest must be MACed with the secret it names.
+        if keys.get(sealer).map(EpochKey::key_id).as_deref() != Some(id) {
+            return Err(format!(
+                "the prune manifest is MACed with another HMAC key than the one the chain's \
+                 signed checkpoint names ({id})"
+            ));
+        }
+    }
     rep.key_index = Some(sealer);
     let tail = m.tail().ok_or("manifest lists no file")?;
     rep.pruned = Some(pruned_of(m, tail.last_seq));
@@ -382,6 +395,7 @@ fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
         last_seq,
         complete: m.complete,
         archive: m.archive.clone(),
+        first_ts: m.files.first().map(|f| f.oldest_ts),
     }
 }
 
@@ -431,60 +445,86 @@ fn load_checkpoints(
     Ok(out)
 }
 
-/// The HMAC key of a chain walk. A chain is sealed by one secret throughout: with several
-/// given (a rotated key), the first MAC the walk reads picks it among them.
+/// One HMAC secret given to the verifier, as a chain walk holds it.
+struct GivenKey {
+    /// Its index in [`VerifyOptions::hmac_keys`].
+    index: usize,
+    /// Its key id ([`EpochKey::key_id`]).
+    id: String,
+    /// The key at the walk's epoch.
+    key: EpochKey,
+}
+
+/// The HMAC key of a chain walk. A chain is sealed by one secret throughout. The chain's
+/// signed checkpoint names it (`key_id`); without one (no checkpoint checked), the first MAC
+/// the walk reads picks it among the secrets given.
 enum ChainKey {
     /// No secret given: MACs are not checked.
     Unchecked,
-    /// Several secrets, none picked yet: (index in `hmac_keys`, key at the walk's epoch).
-    Candidates(Vec<(usize, EpochKey)>),
-    /// The chain's secret: (index in `hmac_keys`, key at the walk's epoch).
-    Pinned(usize, EpochKey),
+    /// Several secrets, none picked yet.
+    Candidates(Vec<GivenKey>),
+    /// The chain's secret.
+    Pinned(GivenKey),
+    /// The chain's signed checkpoint names a secret (this key id) that none of those given
+    /// is: no MAC of the chain can be checked.
+    Absent(String),
 }
 
 impl ChainKey {
     fn new(opts: &VerifyOptions) -> Result<Self, VerifyError> {
         let mut keys = Vec::with_capacity(opts.hmac_keys.len());
-        for (i, k) in opts.hmac_keys.iter().enumerate() {
+        for (index, k) in opts.hmac_keys.iter().enumerate() {
             let key = EpochKey::from_secret(k.secret.clone())
                 .map_err(|e| VerifyError(format!("--key-file {}: {e}", k.name)))?;
-            keys.push((i, key));
+            let id = key.key_id();
+            keys.push(GivenKey { index, id, key });
         }
         Ok(match keys.len() {
             0 => ChainKey::Unchecked,
-            1 => {
-                let (i, k) = keys.remove(0);
-                ChainKey::Pinned(i, k)
-            }
+            1 => ChainKey::Pinned(keys.remove(0)),
             _ => ChainKey::Candidates(keys),
         })
+    }
+
+    /// Binds the walk to the secret the chain's signed checkpoint names, before any MAC is
+    /// read: a secret the verifier takes for other chains (a retired one) cannot seal this one.
+    fn bind(&mut self, key_id: &str) {
+        *self = match std::mem::replace(self, ChainKey::Unchecked) {
+            ChainKey::Unchecked => ChainKey::Unchecked,
+            ChainKey::Candidates(keys) => match keys.into_iter().find(|g| g.id == key_id) {
+                Some(g) => ChainKey::Pinned(g),
+                None => ChainKey::Absent(key_id.to_string()),
+            },
+            ChainKey::Pinned(g) if g.id == key_id => ChainKey::Pinned(g),
+            ChainKey::Pinned(_) | ChainKey::Absent(_) => ChainKey::Absent(key_id.to_string()),
+        };
     }
 
     /// Ratchets every key still in play to `epoch`.
     fn advance_to(&mut self, epoch: u64) {
         match self {
-            ChainKey::Unchecked => {}
-            ChainKey::Candidates(keys) => keys.iter_mut().for_each(|(_, k)| k.advance_to(epoch)),
-            ChainKey::Pinned(_, k) => k.advance_to(epoch),
+            ChainKey::Unchecked | ChainKey::Absent(_) => {}
+            ChainKey::Candidates(keys) => keys.iter_mut().for_each(|g| g.key.advance_to(epoch)),
+            ChainKey::Pinned(g) => g.key.advance_to(epoch),
         }
     }
 
-    /// Makes the secret at `index` (the one found sealing the chain) the chain's key, before
-    /// any record is read; a chain already pinned to another secret is refused.
+    /// Makes the secret at `index` (the one found sealing the chain's prune manifest) the
+    /// chain's key, before any record is read; a chain bound to another secret is refused.
     fn pin(&mut self, index: usize) -> Result<(), String> {
         match self {
             ChainKey::Unchecked => Ok(()),
-            ChainKey::Pinned(i, _) if *i == index => Ok(()),
-            ChainKey::Pinned(..) => {
+            ChainKey::Pinned(g) if g.index == index => Ok(()),
+            ChainKey::Pinned(_) => {
                 Err("sealed with another HMAC key than the rest of its chain".into())
             }
+            ChainKey::Absent(id) => Err(absent(id)),
             ChainKey::Candidates(keys) => {
                 let pos = keys
                     .iter()
-                    .position(|(i, _)| *i == index)
+                    .position(|g| g.index == index)
                     .ok_or("no such HMAC key")?;
-                let (i, k) = keys.swap_remove(pos);
-                *self = ChainKey::Pinned(i, k);
+                *self = ChainKey::Pinned(keys.swap_remove(pos));
                 Ok(())
             }
         }
@@ -496,26 +536,36 @@ impl ChainKey {
     fn check(&mut self, hash: &[u8; 32], mac: Option<[u8; 32]>) -> Result<Option<usize>, String> {
         match self {
             ChainKey::Unchecked => Ok(None),
-            ChainKey::Pinned(i, k) if Some(mac_of(k, hash)) == mac => Ok(Some(*i)),
-            ChainKey::Pinned(_, k) => Err(format!(
+            ChainKey::Absent(id) => Err(absent(id)),
+            ChainKey::Pinned(g) if Some(mac_of(&g.key, hash)) == mac => Ok(Some(g.index)),
+            ChainKey::Pinned(g) => Err(format!(
                 "MAC mismatch at epoch {}: wrong key or forged record",
-                k.epoch()
+                g.key.epoch()
             )),
             ChainKey::Candidates(keys) => {
-                let epoch = keys.first().map_or(0, |(_, k)| k.epoch());
-                let Some(pos) = keys.iter().position(|(_, k)| Some(mac_of(k, hash)) == mac) else {
+                let epoch = keys.first().map_or(0, |g| g.key.epoch());
+                let Some(pos) = keys.iter().position(|g| Some(mac_of(&g.key, hash)) == mac) else {
                     return Err(format!(
                         "MAC mismatch at epoch {epoch}: none of the {} keys given seals this \
                          chain (wrong keys or forged record)",
                         keys.len()
                     ));
                 };
-                let (i, k) = keys.swap_remove(pos);
-                *self = ChainKey::Pinned(i, k);
-                Ok(Some(i))
+                let g = keys.swap_remove(pos);
+                let index = g.index;
+                *self = ChainKey::Pinned(g);
+                Ok(Some(index))
             }
         }
     }
+}
+
+/// Why no MAC of a chain bound to a secret not given can be checked.
+fn absent(key_id: &str) -> String {
+    format!(
+        "MAC mismatch: the chain's signed checkpoint names HMAC key id {key_id}, which none \
+         of the keys given has (wrong key, or a record sealed with another one)"
+    )
 }
 
 /// Walk state of one chain.
@@ -528,6 +578,8 @@ struct Walk<'a> {
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
     cur_index: u64,
+    /// The signer the chain's newest `checkpoint` record names.
+    signer_recorded: Option<String>,
     report: ChainReport,
 }
 
@@ -628,6 +680,17 @@ fn verify_chain(
             return Ok(w.report);
         }
     }
+    if let Some(p) = manifest
+        .as_ref()
+        .and_then(|m| manifest_of_another_key(m, chain, w.report.key_index, opts))
+    {
+        w.report.problem = Some(p);
+        return Ok(w.report);
+    }
+    if let Some(p) = ckpt.and_then(|c| resigned(c, w.signer_recorded.as_deref(), &last_line)) {
+        w.report.problem = Some(p);
+        return Ok(w.report);
+    }
     if ckpt.is_none() && !opts.public_keys.is_empty() {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
         // would otherwise silently turn off the truncation and rewrite checks for it.
@@ -678,6 +741,41 @@ fn verify_chain(
         }
     }
     Ok(w.report)
+}
+
+/// A prune manifest MACed with another of the secrets given than the one that seals its
+/// chain's records (`key_index`): it does not vouch for this chain.
+fn manifest_of_another_key(
+    m: &Manifest,
+    chain: &str,
+    key_index: Option<usize>,
+    opts: &VerifyOptions,
+) -> Option<Problem> {
+    let chain_key = key_index?;
+    let sealer = manifest_keys(opts).and_then(|keys| manifest_sealer(m, &keys));
+    match sealer {
+        Ok(Some(i)) if i == chain_key => None,
+        Ok(_) => Some(manifest_problem(
+            chain,
+            "the prune manifest is MACed with another HMAC key than its chain's records".into(),
+        )),
+        Err(reason) => Some(manifest_problem(chain, reason)),
+    }
+}
+
+/// A checkpoint signed by another key than the one the chain's own (MAC-checked)
+/// `checkpoint` records name: re-signed by a key the verifier also takes (a retired one).
+fn resigned(c: &Checkpoint, recorded: Option<&str>, at: &(String, u64)) -> Option<Problem> {
+    let recorded = recorded?;
+    (c.public_key.as_deref() != Some(recorded)).then(|| Problem {
+        file: at.0.clone(),
+        line: at.1 + 1,
+        reason: format!(
+            "the signed checkpoint is signed by {}, but the chain's checkpoint records name \
+             {recorded}: checkpoint re-signed with another key",
+            c.public_key.as_deref().unwrap_or("no key")
+        ),
+    })
 }
 
 /// A file the manifest says was moved, read here with other bytes than it recorded.
@@ -748,7 +846,10 @@ impl<'a> Walk<'a> {
         ckpt: Option<&'a Checkpoint>,
         files: usize,
     ) -> Result<Self, VerifyError> {
-        let key = ChainKey::new(opts)?;
+        let mut key = ChainKey::new(opts)?;
+        if let Some(id) = ckpt.and_then(|c| c.key_id.as_deref()) {
+            key.bind(id);
+        }
         Ok(Walk {
             chain,
             cur_index: 0,
@@ -757,6 +858,7 @@ impl<'a> Walk<'a> {
             prev: GENESIS_PREV,
             prev_file: None,
             ckpt,
+            signer_recorded: None,
             report: ChainReport {
                 chain: chain.to_string(),
                 files,
@@ -908,6 +1010,9 @@ impl<'a> Walk<'a> {
         if r.kind == Some("checkpoint") {
             let rep = &mut self.report;
             rep.checkpoint_recorded = rep.checkpoint_recorded.max(r.ckpt_seq);
+            if let Some(signer) = r.signer {
+                self.signer_recorded = Some(signer.to_string());
+            }
         }
         self.accept(&r, hash);
         Ok(())

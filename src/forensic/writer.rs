@@ -47,6 +47,8 @@ pub(crate) struct ChainWriter {
     file_len: u64,
     max_bytes: u64,
     key: Option<EpochKey>,
+    /// The id of the chain's HMAC secret, written into every checkpoint.
+    key_id: Option<String>,
     signing: Option<SigningKey>,
     ckpt_dir: PathBuf,
     fsync: FsyncPolicy,
@@ -101,6 +103,8 @@ impl ChainWriter {
         if signing.is_some() {
             files::prepare_dir(&ckpt_dir)?;
         }
+        // Taken at epoch 0, before recovery ratchets the key to a crashed chain's epoch.
+        let key_id = key.as_ref().map(EpochKey::key_id);
         let adopted = recovery::adopt(&dir, &ckpt_dir, key.as_mut())?;
         let now = SystemTime::now();
         let (chain, index, file, file_len, next_seq, prev) = match &adopted {
@@ -130,6 +134,7 @@ impl ChainWriter {
             file_len,
             max_bytes: cfg.max_bytes.max(4096),
             key,
+            key_id,
             signing,
             ckpt_dir,
             fsync: cfg.fsync,
@@ -516,6 +521,11 @@ impl ChainWriter {
             let mut f = Map::new();
             f.insert("ckpt_seq".into(), c.seq.into());
             f.insert("ckpt_file".into(), c.file.into());
+            // The chain names its signer: a checkpoint re-signed with another key a verifier
+            // also takes (a retired one) does not match it.
+            if let Some(k) = &self.signing {
+                f.insert("signer".into(), hex(k.verifying_key().as_bytes()).into());
+            }
             self.append("checkpoint", record::fields_from_map(f), c.ts);
             let _ = self.flush();
         }
@@ -539,6 +549,8 @@ impl ChainWriter {
             hash: self.committed_prev,
             file: files::file_name(&self.chain, self.index),
             ts: unix_nanos(SystemTime::now()),
+            key_id: self.key_id.clone(),
+            public_key: None,
         };
         self.records_since_ckpt = 0;
         self.last_ckpt = Instant::now();

@@ -889,7 +889,7 @@ def test_cronjob_verifies_chains_sealed_with_retired_keys(tmp_path):
     assert r.stdout.count("checkpoint at seq") == 2, r.stdout
     for name in ("hmac.key", "hmac-until-2026-11.key"):
         assert re.search(rf"MACs verified with \S*/{re.escape(name)}", r.stdout), r.stdout
-        assert re.search(rf"- Sealed with \S*/{re.escape(name)}: 1 chains", r.stdout), r.stdout
+        assert re.search(rf"- Sealed with \S*/{re.escape(name)}: 1 chain,", r.stdout), r.stdout
 
 
 def test_retention_job_moves_old_files_and_the_verification_still_passes(tmp_path):
