@@ -57,6 +57,33 @@ fn archive_in(dir: &Path) -> PathBuf {
     archive
 }
 
+/// `kvh prune-log LOG --archive-dir ARCHIVE --older-than 0` with `key_files`.
+fn prune_everything(log: &Path, archive: &Path, key_files: &[&Path]) -> (i32, String, String) {
+    let [log, archive] = [log, archive].map(|p| p.to_str().unwrap());
+    let keys: Vec<&str> = key_files.iter().map(|p| p.to_str().unwrap()).collect();
+    let args = [
+        "prune-log",
+        log,
+        "--archive-dir",
+        archive,
+        "--older-than",
+        "0",
+    ];
+    kvh_keyed(&args, &keys)
+}
+
+/// A chain of `n` events sealed with `secret`, in 4 KiB files, whose writer keeps running
+/// for the rest of the test process: an open chain.
+fn open_chain_sealed_with(dir: &Path, secret_bytes: &[u8], n: u64) {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 4096), start(), Some(secret(secret_bytes)))
+        .unwrap();
+    for i in 0..n {
+        log.emit(event(i));
+    }
+    log.flush();
+    std::mem::forget(log);
+}
+
 /// Writes one chain of `n` events sealed with `secret`, in 4 KiB files, and ends it.
 fn chain_sealed_with(dir: &Path, secret_bytes: &[u8], n: u64) {
     let log = ForensicLog::open_with_secret(&cfg(dir, 4096), start(), Some(secret(secret_bytes)))
@@ -315,23 +342,11 @@ fn evidence_says_what_each_secret_sealed_and_names_a_late_chain_of_a_retired_one
 fn prune_log_seals_each_manifest_with_the_secret_of_its_chain() {
     let r = rotated();
     let [log, new_key, old_key] = r.paths();
-    let archive = archive_in(r.tmp.path());
-    let archive = archive.to_str().unwrap();
-    let prune = |keys: &[&str]| {
-        kvh_keyed(
-            &[
-                "prune-log",
-                log,
-                "--archive-dir",
-                archive,
-                "--older-than",
-                "0",
-            ],
-            keys,
-        )
-    };
+    let archive_dir = archive_in(r.tmp.path());
+    let archive = archive_dir.to_str().unwrap();
+    let prune = |keys: &[&Path]| prune_everything(&r.log, &archive_dir, keys);
     // With the current secret alone, the old chain does not verify: nothing moves.
-    let (code, _, err) = prune(&[new_key]);
+    let (code, _, err) = prune(&[&r.new_key]);
     assert_eq!(code, 1, "{err}");
     assert!(fs::read_dir(archive).unwrap().next().is_none());
 
@@ -342,7 +357,7 @@ fn prune_log_seals_each_manifest_with_the_secret_of_its_chain() {
         .iter()
         .map(|c| (c.chain.clone(), c.key.clone()))
         .collect();
-    let (code, out, err) = prune(&[new_key, old_key]);
+    let (code, out, err) = prune(&[&r.new_key, &r.old_key]);
     assert_eq!(code, 0, "{out}{err}");
     let opts = VerifyOptions {
         allow_pruned: true,
@@ -376,31 +391,12 @@ fn prune_log_seals_each_manifest_with_the_secret_of_its_chain() {
 
 #[test]
 fn a_partly_pruned_chain_keeps_the_secret_of_its_manifest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("log");
+    let r = rotated();
+    let log = r.log.clone();
     // A process started before the rotation, still running: its chain stays open.
-    let w = ForensicLog::open_with_secret(&cfg(&log, 4096), start(), Some(secret(OLD))).unwrap();
-    for i in 0..120 {
-        w.emit(event(i));
-    }
-    w.flush();
-    std::mem::forget(w);
-    chain_sealed_with(&log, NEW, 20);
-    let archive = archive_in(tmp.path());
-    let (old_key, new_key) = (tmp.path().join("old.key"), tmp.path().join("new.key"));
-    fs::write(&old_key, OLD).unwrap();
-    fs::write(&new_key, NEW).unwrap();
-    let [log_s, archive_s, old_s, new_s] =
-        [&log, &archive, &old_key, &new_key].map(|p| p.to_str().unwrap());
-    let args = [
-        "prune-log",
-        log_s,
-        "--archive-dir",
-        archive_s,
-        "--older-than",
-        "0",
-    ];
-    let (code, _, err) = kvh_keyed(&args, &[new_s, old_s]);
+    open_chain_sealed_with(&log, OLD, 120);
+    let archive = archive_in(r.tmp.path());
+    let (code, _, err) = prune_everything(&log, &archive, &[&r.new_key, &r.old_key]);
     assert_eq!(code, 0, "{err}");
     let opts = VerifyOptions {
         allow_pruned: true,
@@ -635,15 +631,7 @@ fn a_manifest_must_be_sealed_with_the_secret_of_its_chain() {
     let archive = archive_in(tmp.path());
     let new_key = tmp.path().join("new.key");
     fs::write(&new_key, NEW).unwrap();
-    let args = [
-        "prune-log",
-        log.to_str().unwrap(),
-        "--archive-dir",
-        archive.to_str().unwrap(),
-        "--older-than",
-        "0",
-    ];
-    let (code, _, err) = kvh_keyed(&args, &[new_key.to_str().unwrap()]);
+    let (code, _, err) = prune_everything(&log, &archive, &[&new_key]);
     assert_eq!(code, 0, "{err}");
     // The manifest re-MACed with the retired secret.
     let path = kvhygiene::forensic::prune::manifest_path(&log, &chain);
@@ -684,27 +672,13 @@ fn a_manifest_must_be_sealed_with_the_secret_of_its_chain() {
 
 #[test]
 fn a_late_chain_of_an_old_secret_stays_named_once_pruned() {
-    let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("log");
-    chain_sealed_with(&log, OLD, 20);
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    chain_sealed_with(&log, NEW, 20);
+    let r = rotated();
     std::thread::sleep(std::time::Duration::from_millis(5));
     // Begun late with the old secret, still open, several files.
-    let w = ForensicLog::open_with_secret(&cfg(&log, 4096), start(), Some(secret(OLD))).unwrap();
-    for i in 0..120 {
-        w.emit(event(i));
-    }
-    w.flush();
-    std::mem::forget(w);
-    let keys = [("new.key", NEW), ("old.key", OLD)].map(|(n, s)| {
-        let p = tmp.path().join(n);
-        fs::write(&p, s).unwrap();
-        p
-    });
-    let ev = |r: &Rotated| {
+    open_chain_sealed_with(&r.log, OLD, 120);
+    let ev = || {
         let mut a = VerifyLogArgs::of(r.log.clone());
-        a.key_file = keys.to_vec();
+        a.key_file = vec![r.new_key.clone(), r.old_key.clone()];
         a.allow_pruned = true;
         evidence::collect(&EvidenceArgs {
             log: a,
@@ -713,32 +687,15 @@ fn a_late_chain_of_an_old_secret_stays_named_once_pruned() {
         })
         .unwrap()
     };
-    let r = Rotated {
-        log: log.clone(),
-        old_key: keys[1].clone(),
-        new_key: keys[0].clone(),
-        tmp,
-    };
     assert_eq!(
-        ev(&r).integrity.late_retired_key.len(),
+        ev().integrity.late_retired_key.len(),
         1,
         "named before pruning"
     );
     let archive = archive_in(r.tmp.path());
-    let args = [
-        "prune-log",
-        log.to_str().unwrap(),
-        "--archive-dir",
-        archive.to_str().unwrap(),
-        "--older-than",
-        "0",
-    ];
-    let (code, _, err) = kvh_keyed(
-        &args,
-        &[keys[0].to_str().unwrap(), keys[1].to_str().unwrap()],
-    );
+    let (code, _, err) = prune_everything(&r.log, &archive, &[&r.new_key, &r.old_key]);
     assert_eq!(code, 0, "{err}");
-    let after = ev(&r);
+    let after = ev();
     assert!(after.integrity.verified, "{:?}", after.integrity.problems);
     assert!(
         after.integrity.pruned.len() >= 2,
