@@ -657,17 +657,20 @@ fn a_manifest_must_be_sealed_with_the_secret_of_its_chain() {
     for f in chain_files(&archive) {
         fs::copy(&f, log.join(f.file_name().unwrap())).unwrap();
     }
-    let r = verify(
-        &log,
-        &VerifyOptions {
-            allow_pruned: true,
-            ..both
-        },
-    );
+    let pruned = VerifyOptions {
+        allow_pruned: true,
+        ..both
+    };
+    let r = verify(&log, &pruned);
     assert!(
         reason(&r).contains("MACed with another HMAC key than its chain's records"),
         "{r:?}"
     );
+    // Without a MAC at all, the manifest says so, whatever the number of keys.
+    m.mac = None;
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&log, &pruned);
+    assert!(reason(&r).contains("manifest has no mac"), "{r:?}");
 }
 
 #[test]

@@ -278,6 +278,9 @@ fn manifest_sealer(m: &Manifest, keys: &[EpochKey]) -> Result<Option<usize>, Str
         return m.check(Some(first)).map(|()| Some(0));
     }
     m.check(None)?;
+    if m.mac.is_none() {
+        return Err("manifest has no mac but a key was given".into());
+    }
     keys.iter()
         .position(|k| m.check(Some(k)).is_ok())
         .map(Some)
