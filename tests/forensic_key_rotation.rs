@@ -712,3 +712,24 @@ fn a_late_chain_of_an_old_secret_stays_named_once_pruned() {
         after.integrity
     );
 }
+
+#[test]
+fn a_chain_whose_checkpoint_names_a_secret_not_given_fails_naming_both_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
+    let only_old = VerifyOptions {
+        hmac_keys: vec![SealKey::new("old", secret(OLD))],
+        ..opts
+    };
+    let r = verify(&log, &only_old);
+    let p = report_of(&r, &victim).problem.as_ref().expect("fails");
+    assert_eq!((p.file.clone(), p.line), (name(&victim[0]), 1), "{p}");
+    let id = |s: &[u8]| EpochKey::from_secret(secret(s)).unwrap().key_id();
+    assert!(
+        p.reason.contains(&format!("names HMAC key id {}", id(NEW)))
+            && p.reason.contains(&format!("their ids: {}", id(OLD))),
+        "{p}"
+    );
+    // The old chain, whose checkpoint names the old secret, verifies.
+    assert_eq!(r.chains.iter().filter(|c| c.ok()).count(), 1);
+}

@@ -468,9 +468,9 @@ enum ChainKey {
     Candidates(Vec<GivenKey>),
     /// The chain's secret.
     Pinned(GivenKey),
-    /// The chain's signed checkpoint names a secret (this key id) that none of those given
-    /// is: no MAC of the chain can be checked.
-    Absent(String),
+    /// The chain's signed checkpoint names a secret (`wanted`, a key id) that none of those
+    /// given (`given`, their ids) is: no MAC of the chain can be checked.
+    Absent { wanted: String, given: Vec<String> },
 }
 
 impl ChainKey {
@@ -492,21 +492,29 @@ impl ChainKey {
     /// Binds the walk to the secret the chain's signed checkpoint names, before any MAC is
     /// read: a secret the verifier takes for other chains (a retired one) cannot seal this one.
     fn bind(&mut self, key_id: &str) {
+        let absent = |given: Vec<String>| ChainKey::Absent {
+            wanted: key_id.to_string(),
+            given,
+        };
         *self = match std::mem::replace(self, ChainKey::Unchecked) {
             ChainKey::Unchecked => ChainKey::Unchecked,
-            ChainKey::Candidates(keys) => match keys.into_iter().find(|g| g.id == key_id) {
-                Some(g) => ChainKey::Pinned(g),
-                None => ChainKey::Absent(key_id.to_string()),
-            },
             ChainKey::Pinned(g) if g.id == key_id => ChainKey::Pinned(g),
-            ChainKey::Pinned(_) | ChainKey::Absent(_) => ChainKey::Absent(key_id.to_string()),
+            ChainKey::Pinned(g) => absent(vec![g.id]),
+            ChainKey::Candidates(keys) => {
+                let ids = keys.iter().map(|g| g.id.clone()).collect();
+                match keys.into_iter().find(|g| g.id == key_id) {
+                    Some(g) => ChainKey::Pinned(g),
+                    None => absent(ids),
+                }
+            }
+            ChainKey::Absent { given, .. } => absent(given),
         };
     }
 
     /// Ratchets every key still in play to `epoch`.
     fn advance_to(&mut self, epoch: u64) {
         match self {
-            ChainKey::Unchecked | ChainKey::Absent(_) => {}
+            ChainKey::Unchecked | ChainKey::Absent { .. } => {}
             ChainKey::Candidates(keys) => keys.iter_mut().for_each(|g| g.key.advance_to(epoch)),
             ChainKey::Pinned(g) => g.key.advance_to(epoch),
         }
@@ -521,7 +529,7 @@ impl ChainKey {
             ChainKey::Pinned(_) => {
                 Err("sealed with another HMAC key than the rest of its chain".into())
             }
-            ChainKey::Absent(id) => Err(absent(id)),
+            ChainKey::Absent { wanted, given } => Err(absent(wanted, given)),
             ChainKey::Candidates(keys) => {
                 let pos = keys
                     .iter()
@@ -539,7 +547,7 @@ impl ChainKey {
     fn check(&mut self, hash: &[u8; 32], mac: Option<[u8; 32]>) -> Result<Option<usize>, String> {
         match self {
             ChainKey::Unchecked => Ok(None),
-            ChainKey::Absent(id) => Err(absent(id)),
+            ChainKey::Absent { wanted, given } => Err(absent(wanted, given)),
             ChainKey::Pinned(g) if Some(mac_of(&g.key, hash)) == mac => Ok(Some(g.index)),
             ChainKey::Pinned(g) => Err(format!(
                 "MAC mismatch at epoch {}: wrong key or forged record",
@@ -564,10 +572,11 @@ impl ChainKey {
 }
 
 /// Why no MAC of a chain bound to a secret not given can be checked.
-fn absent(key_id: &str) -> String {
+fn absent(wanted: &str, given: &[String]) -> String {
     format!(
-        "MAC mismatch: the chain's signed checkpoint names HMAC key id {key_id}, which none \
-         of the keys given has (wrong key, or a record sealed with another one)"
+        "MAC mismatch: the chain's signed checkpoint names HMAC key id {wanted}, which none \
+         of the keys given has (their ids: {}): wrong key, or a record sealed with another one",
+        given.join(", ")
     )
 }
 
