@@ -255,10 +255,14 @@ fn write_text(
     archives: &[PathBuf],
     r: &Report,
 ) -> std::io::Result<()> {
-    // With one key, every chain verified is sealed by it; with several, each line says which.
-    let name_keys = r.hmac_keys.len() > 1;
+    // With one key of each kind, every chain verified is sealed and signed by them; with
+    // several, each line says which secret, and whether the chain is bound to its keys.
+    let several = Several {
+        secrets: r.hmac_keys.len() > 1,
+        keys: r.hmac_keys.len() > 1 || r.public_keys.len() > 1,
+    };
     for c in &r.chains {
-        writeln!(out, "{}", chain_line(c, name_keys))?;
+        writeln!(out, "{}", chain_line(c, several))?;
         if let Some(p) = &c.problem {
             // The file may be one read from an archive directory.
             let path = std::iter::once(dir)
@@ -276,7 +280,14 @@ fn write_text(
 }
 
 /// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
-fn chain_line(c: &ChainReport, name_key: bool) -> String {
+/// Which kinds of key were given more than one of (after a rotation).
+#[derive(Clone, Copy)]
+struct Several {
+    secrets: bool,
+    keys: bool,
+}
+
+fn chain_line(c: &ChainReport, several: Several) -> String {
     let seq = match (c.first_seq, c.last_seq) {
         (Some(a), Some(b)) => format!(", seq {a}..{b}"),
         _ => String::new(),
@@ -307,10 +318,17 @@ fn chain_line(c: &ChainReport, name_key: bool) -> String {
         (false, _) => "MACs not checked (no --key-file)",
     }
     .to_string();
-    if let (true, Some(k)) = (name_key, &c.key) {
+    if let (true, Some(k)) = (several.secrets, &c.key) {
         macs.push_str(&format!(" with {}", k.escape_debug()));
     }
     notes.push(macs);
+    if several.keys && c.ok() && c.macs_checked && !c.keys_bound {
+        notes.push(
+            "not bound to its keys (no signed checkpoint names them): another key given could \
+             have rewritten it"
+                .into(),
+        );
+    }
     if let Some(p) = &c.pruned {
         notes.push(format!(
             "{} oldest file(s) up to seq {} moved to {} by prune-log (MACed manifest){}",

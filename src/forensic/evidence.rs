@@ -127,6 +127,10 @@ pub struct Integrity {
     /// after the rotation, or a chain forged with a retired key. Listed, not failed: the log
     /// itself verified.
     pub late_retired_key: Vec<String>,
+    /// With several keys given: chains that verified but are not bound to their keys (no
+    /// signed checkpoint names their HMAC secret and signer), which whoever holds another
+    /// key given could have rewritten.
+    pub unbound: Vec<String>,
     /// Chains whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
@@ -391,6 +395,7 @@ fn integrity(r: &Report) -> Integrity {
         macs_checked: keyed,
         keys: key_uses(r),
         late_retired_key: late_retired_key(r),
+        unbound: unbound(r),
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()
@@ -409,6 +414,18 @@ fn integrity(r: &Report) -> Integrity {
             .collect(),
         problems,
     }
+}
+
+/// Chains not bound to their keys, when several keys of a kind were given.
+fn unbound(r: &Report) -> Vec<String> {
+    if r.hmac_keys.len() < 2 && r.public_keys.len() < 2 {
+        return Vec::new();
+    }
+    r.chains
+        .iter()
+        .filter(|c| c.ok() && c.macs_checked && !c.keys_bound)
+        .map(|c| c.chain.clone())
+        .collect()
 }
 
 /// What each HMAC secret sealed, of the chains that verified.
@@ -829,6 +846,14 @@ pub fn render(ev: &Evidence) -> String {
             cell(&k.key),
             k.chains,
             if k.chains == 1 { "" } else { "s" }
+        ));
+    }
+    for chain in &i.unbound {
+        push(format!(
+            "- Attention: chain {} is not bound to its keys (no signed checkpoint names its \
+             HMAC key and signer): whoever holds another of the keys given could have \
+             rewritten it.",
+            cell(chain)
         ));
     }
     for late in &i.late_retired_key {

@@ -25,7 +25,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::files;
 use super::keys::EpochKey;
 use super::prune::{self, Manifest};
-use super::record::{chain_hash_open, mac_of, parse_hash, GENESIS_PREV};
+use super::record::{chain_hash_open, hex, mac_of, parse_hash, GENESIS_PREV};
 use super::scan::{scan, Scanned};
 
 /// An HMAC secret (the epoch-0 key) a log may be sealed with, and the name reports give it.
@@ -94,6 +94,10 @@ pub struct ChainReport {
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
     pub torn_bytes: u64,
     pub macs_checked: bool,
+    /// The chain is bound to its keys: its signed checkpoint names its HMAC secret, and the
+    /// checkpoint was signed by the key the chain's own records name. A chain that is not
+    /// could have been rewritten by whoever holds another of the keys given.
+    pub keys_bound: bool,
     /// The HMAC secret the chain's MACs were checked with (its [`SealKey::name`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -141,6 +145,8 @@ impl ChainReport {
 pub struct Report {
     /// The names of the HMAC secrets given, current first ([`VerifyOptions::hmac_keys`]).
     pub hmac_keys: Vec<String>,
+    /// The public keys given (hex), in order.
+    pub public_keys: Vec<String>,
     pub chains: Vec<ChainReport>,
     /// Problems not tied to a record (a checkpoint for a chain with no files, a forged
     /// checkpoint).
@@ -177,6 +183,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     let chains = list_all(dir, opts)?;
     let mut report = Report {
         hmac_keys: opts.hmac_keys.iter().map(|k| k.name.clone()).collect(),
+        public_keys: opts.public_keys.iter().map(|k| hex(k.as_bytes())).collect(),
         ..Report::default()
     };
     let mut ckpts = load_checkpoints(opts, &mut report)?;
@@ -356,6 +363,7 @@ fn whole_chain_archived(
                  signed checkpoint names ({id})"
             ));
         }
+        rep.keys_bound = true;
     }
     rep.key_index = Some(sealer);
     let tail = m.tail().ok_or("manifest lists no file")?;
@@ -590,8 +598,12 @@ struct Walk<'a> {
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
     cur_index: u64,
-    /// The signer the chain's newest `checkpoint` record names.
-    signer_recorded: Option<String>,
+    /// The signer the newest record read that names one names (`start`, `recovery`,
+    /// `rotate` and `checkpoint` records do, when their writer signs checkpoints).
+    signer: Option<String>,
+    /// The signer named up to the record the checkpoint covers, once the walk reached it:
+    /// the key the checkpoint must be signed with.
+    signer_at_ckpt: Option<Option<String>>,
     report: ChainReport,
 }
 
@@ -699,9 +711,14 @@ fn verify_chain(
         w.report.problem = Some(p);
         return Ok(w.report);
     }
-    if let Some(p) = ckpt.and_then(|c| resigned(c, w.signer_recorded.as_deref(), &last_line)) {
-        w.report.problem = Some(p);
-        return Ok(w.report);
+    if let (Some(c), Some(named)) = (ckpt, &w.signer_at_ckpt) {
+        match signed_by_named(c, named.as_deref(), &last_line) {
+            Ok(bound) => w.report.keys_bound = bound,
+            Err(p) => {
+                w.report.problem = Some(p);
+                return Ok(w.report);
+            }
+        }
     }
     if ckpt.is_none() && !opts.public_keys.is_empty() {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
@@ -775,19 +792,39 @@ fn manifest_of_another_key(
     }
 }
 
-/// A checkpoint signed by another key than the one the chain's own (MAC-checked)
-/// `checkpoint` records name: re-signed by a key the verifier also takes (a retired one).
-fn resigned(c: &Checkpoint, recorded: Option<&str>, at: &(String, u64)) -> Option<Problem> {
-    let recorded = recorded?;
-    (c.public_key.as_deref() != Some(recorded)).then(|| Problem {
+/// Holds the checkpoint's signer to the one the chain's own (MAC-checked) records name up
+/// to the record it covers (`named`). Another key is a checkpoint re-signed with a key the
+/// verifier also takes (a retired one); none named, when the checkpoint names the chain's
+/// secret (a writer that names its signer in every run's and file's first record), is a
+/// checkpoint signed at a point its writer never signed. Returns whether the chain is bound
+/// to its keys: its checkpoint names its secret and was signed by the signer it names.
+fn signed_by_named(
+    c: &Checkpoint,
+    named: Option<&str>,
+    at: &(String, u64),
+) -> Result<bool, Problem> {
+    let bad = |reason: String| Problem {
         file: at.0.clone(),
         line: at.1 + 1,
-        reason: format!(
-            "the signed checkpoint is signed by {}, but the chain's checkpoint records name \
-             {recorded}: checkpoint re-signed with another key",
-            c.public_key.as_deref().unwrap_or("no key")
-        ),
-    })
+        reason,
+    };
+    let signed_by = c.public_key.as_deref().unwrap_or("no key");
+    match (named, &c.key_id) {
+        (Some(n), _) if n != signed_by => Err(bad(format!(
+            "the signed checkpoint (seq {}) is signed by {signed_by}, but the chain's records \
+             up to it name {n}: checkpoint re-signed with another key",
+            c.seq
+        ))),
+        (Some(_), key_id) => Ok(key_id.is_some()),
+        (None, Some(_)) => Err(bad(format!(
+            "no record up to the signed checkpoint (seq {}) names its signer, though the \
+             checkpoint names the chain's HMAC key: checkpoint signed at a point its writer \
+             never signed",
+            c.seq
+        ))),
+        // Written by a writer that names neither: not bound to its keys.
+        (None, None) => Ok(false),
+    }
 }
 
 /// A file the manifest says was moved, read here with other bytes than it recorded.
@@ -870,7 +907,8 @@ impl<'a> Walk<'a> {
             prev: GENESIS_PREV,
             prev_file: None,
             ckpt,
-            signer_recorded: None,
+            signer: None,
+            signer_at_ckpt: None,
             report: ChainReport {
                 chain: chain.to_string(),
                 files,
@@ -1022,9 +1060,13 @@ impl<'a> Walk<'a> {
         if r.kind == Some("checkpoint") {
             let rep = &mut self.report;
             rep.checkpoint_recorded = rep.checkpoint_recorded.max(r.ckpt_seq);
-            if let Some(signer) = r.signer {
-                self.signer_recorded = Some(signer.to_string());
-            }
+        }
+        let names_signer = matches!(r.kind, Some("start" | "recovery" | "rotate" | "checkpoint"));
+        if let (true, Some(signer)) = (names_signer, r.signer) {
+            self.signer = Some(signer.to_string());
+        }
+        if self.ckpt.is_some_and(|c| c.seq == self.next_seq) {
+            self.signer_at_ckpt = Some(self.signer.clone());
         }
         self.accept(&r, hash);
         Ok(())

@@ -161,10 +161,12 @@ impl ChainWriter {
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
+        w.name_signer(&mut fields);
         if let Some(prev_file) = adopted.as_ref().and_then(|a| a.link_from.clone()) {
             let mut f = Map::new();
             f.insert("prev_file".into(), prev_file.into());
             f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
+            w.name_signer(&mut f);
             w.append("rotate", record::fields_from_map(f), unix_nanos(now));
         }
         let kind = match &adopted {
@@ -405,7 +407,18 @@ impl ChainWriter {
             files::file_name(&self.chain, self.index.saturating_sub(1)).into(),
         );
         f.insert("prev_seq".into(), self.seq.saturating_sub(1).into());
+        self.name_signer(&mut f);
         self.append_raw("rotate", record::fields_from_map(f), ts);
+    }
+
+    /// Adds `signer`, the public key this writer signs checkpoints with, to the fields of a
+    /// record that opens a run or a file (`start`, `recovery`, `rotate`) or notes a
+    /// checkpoint: every file, and every run, names the key its checkpoints must carry, so a
+    /// checkpoint signed by another key a verifier takes (a retired one) matches none.
+    fn name_signer(&self, f: &mut Map<String, Value>) {
+        if let Some(k) = &self.signing {
+            f.insert("signer".into(), hex(k.verifying_key().as_bytes()).into());
+        }
     }
 
     /// Starts the next file: create (locked) before the old one is released, ratchet the
@@ -521,11 +534,7 @@ impl ChainWriter {
             let mut f = Map::new();
             f.insert("ckpt_seq".into(), c.seq.into());
             f.insert("ckpt_file".into(), c.file.into());
-            // The chain names its signer: a checkpoint re-signed with another key a verifier
-            // also takes (a retired one) does not match it.
-            if let Some(k) = &self.signing {
-                f.insert("signer".into(), hex(k.verifying_key().as_bytes()).into());
-            }
+            self.name_signer(&mut f);
             self.append("checkpoint", record::fields_from_map(f), c.ts);
             let _ = self.flush();
         }

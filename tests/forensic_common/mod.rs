@@ -9,6 +9,7 @@ use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
 use kvhygiene::context::Context;
 use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
 use kvhygiene::forensic::keys::EpochKey;
+use kvhygiene::forensic::prune::{Manifest, PrunedFile};
 use kvhygiene::forensic::record::{self, Header};
 use kvhygiene::forensic::{verify_all, ForensicLog, Report, SealKey, StartInfo, VerifyOptions};
 use serde_json::{Map, Value};
@@ -145,27 +146,82 @@ pub fn forge_from(
                 panic!()
             };
             let old_prev = record::parse_hash(m["prev"].as_str().unwrap()).unwrap();
-            let p = prev.unwrap_or(old_prev);
             if fi == from_file && li + 1 == from_line {
                 mutate(&mut m);
             }
-            let kind = m["kind"].as_str().unwrap().to_string();
-            let chain = m["chain"].as_str().unwrap().to_string();
-            let h = Header {
-                seq: m["seq"].as_u64().unwrap(),
-                ts: m["ts"].as_u64().unwrap(),
-                kind: &kind,
-                chain: &chain,
-                epoch: m["epoch"].as_u64().unwrap(),
-                prev: &p,
-            };
-            let sealed = record::seal(&h, m.clone(), key.as_ref());
-            prev = Some(sealed.hash);
-            *line = String::from_utf8(sealed.line)
-                .unwrap()
-                .trim_end()
-                .to_string();
+            let (hash, sealed) = seal_again(m, &prev.unwrap_or(old_prev), key.as_ref());
+            prev = Some(hash);
+            *line = sealed;
         }
         write_lines(path, &lines);
+    }
+}
+
+/// Re-seals every record of a whole chain (`files`, from file 0) with the key of `secret`,
+/// after applying `each` to it: what the holder of that secret can make of the chain.
+pub fn reseal_all(files: &[PathBuf], secret: &[u8], each: impl Fn(&mut Map<String, Value>)) {
+    let mut key = EpochKey::from_secret(Zeroizing::new(secret.to_vec())).unwrap();
+    let mut prev = record::GENESIS_PREV;
+    for (fi, path) in files.iter().enumerate() {
+        if fi > 0 {
+            key.ratchet();
+        }
+        let mut lines = read_lines(path);
+        for line in lines.iter_mut() {
+            let Value::Object(mut m) = serde_json::from_str::<Value>(line).unwrap() else {
+                panic!()
+            };
+            each(&mut m);
+            let (hash, sealed) = seal_again(m, &prev, Some(&key));
+            prev = hash;
+            *line = sealed;
+        }
+        write_lines(path, &lines);
+    }
+}
+
+/// Seals record `m` after `prev` with `key`: its hash and its line (without the newline).
+fn seal_again(
+    m: Map<String, Value>,
+    prev: &[u8; 32],
+    key: Option<&EpochKey>,
+) -> ([u8; 32], String) {
+    let kind = m["kind"].as_str().unwrap().to_string();
+    let chain = m["chain"].as_str().unwrap().to_string();
+    let h = Header {
+        seq: m["seq"].as_u64().unwrap(),
+        ts: m["ts"].as_u64().unwrap(),
+        kind: &kind,
+        chain: &chain,
+        epoch: m["epoch"].as_u64().unwrap(),
+        prev,
+    };
+    let sealed = record::seal(&h, m.clone(), key);
+    let line = String::from_utf8(sealed.line)
+        .unwrap()
+        .trim_end()
+        .to_string();
+    (sealed.hash, line)
+}
+
+/// An unsealed prune manifest saying chain `chain` was moved whole, as one file ending at
+/// `last_seq` with `last_hash` (hex): the manifest a forger would write.
+pub fn manifest_of_whole_chain(chain: &str, last_seq: u64, last_hash: &str) -> Manifest {
+    Manifest {
+        v: 1,
+        chain: chain.to_string(),
+        files: vec![PrunedFile {
+            name: kvhygiene::forensic::files::file_name(chain, 0),
+            sha256: "00".repeat(32),
+            first_seq: 0,
+            last_seq,
+            last_hash: last_hash.to_string(),
+            oldest_ts: 0,
+            newest_ts: 0,
+        }],
+        complete: true,
+        archive: "/nowhere".into(),
+        updated_at: 0,
+        mac: None,
     }
 }
