@@ -29,13 +29,15 @@ pub struct VerifyLogArgs {
     pub dir: PathBuf,
     /// File holding the HMAC secret (as given to the writer): MACs are checked, with the
     /// key ratcheted to each file's epoch. Repeatable, after a key rotation: the current key
-    /// first, then the ones it replaced; each chain must verify with one of them throughout
-    /// (the report names which).
+    /// first, then the ones it replaced; each chain must verify with one of them throughout,
+    /// the one its signed checkpoint names (the report names which, and any chain not bound
+    /// to its keys).
     #[arg(long, value_name = "FILE")]
     pub key_file: Vec<PathBuf>,
     /// File holding the Ed25519 public key the checkpoints must be signed with
     /// (PREFIX.pub from `kvh keygen`: 64 hex digits). Repeatable, after a rotation of the
-    /// signing key: each checkpoint must be signed by one of them.
+    /// signing key: each checkpoint must be signed by one of them, the one its chain's
+    /// records name.
     #[arg(long, value_name = "FILE")]
     pub public_key: Vec<PathBuf>,
     /// Checkpoint file, or directory of `kvh-*.ckpt` files, to check the chains against
