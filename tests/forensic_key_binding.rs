@@ -467,10 +467,11 @@ fn a_retired_secret_cannot_extend_a_manifest() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Genuine logs: crash recovery by a process with another signing key (same HMAC secret).
+// Genuine logs: crash recovery, by a process with the same keys or another signing key.
 
 /// The writer process the recovery tests kill: run as this test binary's `child_entry`
-/// with these variables set (a no-op test otherwise).
+/// with these variables set (a no-op test otherwise). An empty signing key path runs it
+/// without one.
 const CHILD_DIR: &str = "KEY_BINDING_CHILD_DIR";
 const CHILD_SK: &str = "KEY_BINDING_CHILD_SK";
 
@@ -480,7 +481,7 @@ fn child_entry() {
         return;
     };
     let mut c = cfg(Path::new(&dir), 4096);
-    c.signing_key_file = Some(PathBuf::from(sk));
+    c.signing_key_file = (!sk.is_empty()).then(|| PathBuf::from(sk));
     c.checkpoint_every_records = 20;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret(NEW))).unwrap();
     let mut i = 0;
@@ -494,14 +495,23 @@ fn child_entry() {
     }
 }
 
-/// A writer with signing key `old_sk` killed mid-run; then a recovery with `new_sk`. Returns
-/// the env and the checkpoint file's bytes right after the recovery's first checkpoint.
-fn recovered_by_another_signer() -> (Env, Vec<u8>, String) {
-    let e = Env::new();
+/// A writer with the current secret and signing key `sk` (none: `None`) killed mid-run, then
+/// a process with the current secret and signing key `then_sk` that writes 60 events and
+/// stops, with its checkpoints in `ckpt_dir`. Returns the crashed chain and the second
+/// process's.
+fn crash_then_restart(
+    e: &Env,
+    sk: Option<&Path>,
+    then_sk: &Path,
+    ckpt_dir: &Path,
+) -> (String, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, &e.log)
-        .env(CHILD_SK, &e.old_sk)
+        .env(
+            CHILD_SK,
+            sk.map_or(Default::default(), |p| p.as_os_str().to_owned()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -512,76 +522,112 @@ fn recovered_by_another_signer() -> (Env, Vec<u8>, String) {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    let crashed = chain_of(&chain_files(&e.log)[0]);
     let mut c = cfg(&e.log, 4096);
-    c.signing_key_file = Some(e.new_sk.clone());
+    c.signing_key_file = Some(then_sk.to_path_buf());
+    c.checkpoint_dir = Some(ckpt_dir.to_path_buf());
     c.checkpoint_every_records = 20;
     let w = ForensicLog::open_with_secret(&c, start(), Some(secret(NEW))).unwrap();
     let chain = w.stats().chain.clone().unwrap();
-    let first_ckpt = fs::read(checkpoint::path_for(&e.log, &chain)).unwrap();
     for i in 0..60 {
         w.emit(event(i));
     }
     w.stop();
-    (e, first_ckpt, chain)
+    (crashed, chain)
 }
 
-#[test]
-fn a_chain_recovered_by_a_process_with_another_signing_key_verifies() {
-    let (e, _, chain) = recovered_by_another_signer();
-    let files = chain_files(&e.log);
-    let text: String = files
+/// The records of `chain` that name a signer, by signer.
+fn signers_of(log: &Path, chain: &str) -> std::collections::BTreeSet<String> {
+    chain_files(log)
         .iter()
-        .map(|f| fs::read_to_string(f).unwrap())
-        .collect();
-    assert!(text.contains("\"kind\":\"recovery\""), "not continued");
-    let old_hex = fs::read_to_string(&e.old_pub).unwrap().trim().to_string();
-    let new_hex = fs::read_to_string(&e.new_pub).unwrap().trim().to_string();
-    assert!(
-        text.contains(&old_hex) && text.contains(&new_hex),
-        "two signers"
-    );
+        .filter(|f| chain_of(f) == chain)
+        .flat_map(|f| read_lines(f))
+        .filter_map(|l| {
+            serde_json::from_str::<Value>(&l).ok()?["signer"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// After a rotation of the signing key alone, a crashed chain of the old one is not
+/// continued by a process with the new one: it starts its own chain, so no chain has two
+/// signers (with two, the old key's holder could cut off what the new one signed and
+/// re-sign the end). Both chains verify, bound to their keys.
+#[test]
+fn a_process_with_another_signing_key_starts_a_new_chain() {
+    let e = Env::new();
+    let (crashed, chain) = crash_then_restart(&e, Some(&e.old_sk), &e.new_sk, &e.log);
+    assert_ne!(crashed, chain, "the crashed chain was continued");
+    assert_eq!(signers_of(&e.log, &crashed).len(), 1);
+    assert_eq!(signers_of(&e.log, &chain).len(), 1);
     for m in MODES {
         let r = verify(&e.log, &e.opts(m));
         assert!(r.ok(), "{m:?}: {:?} {:?}", r.first_problem(), r.errors);
-        assert!(victim_report(&r, &chain).unwrap().checkpoint_seq.is_some());
+        assert!(r.chains.iter().all(|c| c.keys_bound), "{m:?}: {r:?}");
+        assert!(
+            !victim_report(&r, &crashed).unwrap().closed,
+            "crashed: open"
+        );
     }
-    // Single secret, both public keys.
-    let mut o = e.opts(Mode::Plain);
-    o.hmac_keys.truncate(1);
-    assert!(verify(&e.log, &o).ok());
 }
 
-/// The recovering process dies after signing its first checkpoint but before writing the
-/// `checkpoint` record that names it (or a power loss takes the unsynced record): the log is
-/// genuine, and its `recovery` record names the new signer.
+/// With the same keys, the crashed chain is continued (a `recovery` record), and verifies.
 #[test]
-fn a_recovery_that_died_before_its_first_checkpoint_record_verifies() {
-    let (e, first_ckpt, chain) = recovered_by_another_signer();
-    let ck: Value = serde_json::from_slice(&first_ckpt).unwrap();
-    let seq = ck["seq"].as_u64().unwrap();
-    let file = ck["file"].as_str().unwrap().to_string();
-    let mut past = false;
-    for f in chain_files(&e.log) {
-        if past {
-            fs::remove_file(&f).unwrap();
-            continue;
-        }
-        if name(&f) == file {
-            let lines = read_lines(&f);
-            let pos = lines
-                .iter()
-                .position(|l| l.contains(&format!("\"seq\":{seq},")))
-                .unwrap();
-            write_lines(&f, &lines[..=pos]);
-            past = true;
-        }
+fn a_process_with_the_same_keys_continues_a_crashed_chain() {
+    let e = Env::new();
+    let (crashed, chain) = crash_then_restart(&e, Some(&e.new_sk), &e.new_sk, &e.log);
+    assert_eq!(crashed, chain, "not continued");
+    assert_eq!(signers_of(&e.log, &chain).len(), 1);
+    for m in MODES {
+        let r = verify(&e.log, &e.opts(m));
+        assert!(r.ok(), "{m:?}: {:?} {:?}", r.first_problem(), r.errors);
+        assert!(victim_report(&r, &chain).unwrap().keys_bound);
     }
-    fs::write(checkpoint::path_for(&e.log, &chain), first_ckpt).unwrap();
-    let r = verify(&e.log, &e.opts(Mode::Plain));
-    assert!(
-        r.ok(),
-        "genuine log refused: {:?} {:?}",
-        r.first_problem(),
-        r.errors
-    );
+}
+
+/// A chain whose writer did not sign may gain a signer: a process with a signing key that
+/// keeps its checkpoints in another directory continues it; the chain verifies bound (no
+/// checkpoint before the signer is named can exist), also after a prune of the whole chain.
+#[test]
+fn an_unsigned_chain_continued_by_a_signing_process_verifies() {
+    let e = Env::new();
+    let ck = e.tmp.path().join("ckpts");
+    let (crashed, chain) = crash_then_restart(&e, None, &e.new_sk, &ck);
+    assert_eq!(crashed, chain, "not continued");
+    let check = |label: &str, modes: &[Mode]| {
+        for &m in modes {
+            let o = VerifyOptions {
+                checkpoints: vec![ck.clone()],
+                ..e.opts(m)
+            };
+            let r = verify(&e.log, &o);
+            assert!(
+                r.ok(),
+                "{label} {m:?}: {:?} {:?}",
+                r.first_problem(),
+                r.errors
+            );
+            assert!(
+                r.chains.iter().all(|c| c.keys_bound),
+                "{label} {m:?}: unbound"
+            );
+        }
+    };
+    check("before prune", &MODES);
+    let mut cmd = cli_common::kvh();
+    cmd.args(["prune-log", e.log.to_str().unwrap(), "--archive-dir"])
+        .arg(&e.archive)
+        .args(["--older-than", "0", "--checkpoint"])
+        .arg(&ck);
+    for k in ["new-hmac.key", "old-hmac.key"] {
+        cmd.arg("--key-file").arg(e.tmp.path().join(k));
+    }
+    for p in [&e.new_pub, &e.old_pub] {
+        cmd.arg("--public-key").arg(p);
+    }
+    let (code, out, err) = cli_common::run(&mut cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    // Read plainly, the moved files are missing, as for any pruned log.
+    check("after prune", &[Mode::AllowPruned, Mode::Archive]);
 }

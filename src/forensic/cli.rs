@@ -281,7 +281,6 @@ fn write_text(
     writeln!(out, "{}", if r.ok() { "OK" } else { "FAILED" })
 }
 
-/// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
 /// Which kinds of key were given more than one of (after a rotation).
 #[derive(Clone, Copy)]
 struct Several {
@@ -289,6 +288,7 @@ struct Several {
     keys: bool,
 }
 
+/// `chain ID: N records, seq A..B, T1 .. T2, F files[, notes]: OK|FAILED`.
 fn chain_line(c: &ChainReport, several: Several) -> String {
     let seq = match (c.first_seq, c.last_seq) {
         (Some(a), Some(b)) => format!(", seq {a}..{b}"),

@@ -79,14 +79,17 @@ fn last_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().rposition(|&b| b == b'\n')
 }
 
-/// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue.
-/// Files with a wrong owner or mode, or planted symlinks, are refused with an error.
-/// `ckpt_dir` is where the chains' checkpoints are: a chain whose checkpoint is ahead of
-/// (or disagrees with) what is on disk lost records and is left for `verify-log` to report.
+/// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
+/// whose writer signed with `signer` (the public key, hex; `None`: no signing key) or did not
+/// sign, so that a chain is signed by one key at most. Files with a wrong owner or mode, or planted
+/// symlinks, are refused with an error. `ckpt_dir` is where the chains' checkpoints are: a
+/// chain whose checkpoint is ahead of (or disagrees with) what is on disk lost records and is
+/// left for `verify-log` to report.
 pub fn adopt(
     dir: &Path,
     ckpt_dir: &Path,
     key: Option<&mut EpochKey>,
+    signer: Option<&str>,
 ) -> Result<Option<Adopted>, ForensicError> {
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     let mut key = key;
@@ -115,6 +118,13 @@ pub fn adopt(
         if !continuable(&head.tail.record, head.tail_index, key.as_deref_mut()) {
             continue;
         }
+        // A chain that names a signer is continued only by that signer. One that names none
+        // (its writer did not sign) may gain one: no checkpoint of it exists for an old key
+        // to stand in for, and a checkpoint before the signer is named fails verification.
+        let named = last_signer(chain, &head, &bytes, path);
+        if named.is_some() && named.as_deref() != signer {
+            continue;
+        }
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
             continue;
         }
@@ -137,6 +147,29 @@ pub fn adopt(
         }));
     }
     Ok(None)
+}
+
+/// The signer the crashed writer named: the last `signer` of a record that names one in the
+/// file holding the chain's last record. Every file starts with a record naming its writer's
+/// signer, and a `recovery` record names the next one's, so that is the chain's current
+/// signer; `None` when its writer did not sign. A chain signed by another key (a rotated
+/// one) is not continued: with two signers in one chain, a holder of the old key could cut
+/// off what the new one signed and re-sign the end.
+fn last_signer(chain: &str, head: &Head, newest: &[u8], path: &Path) -> Option<String> {
+    let previous;
+    let bytes = if head.link_from.is_some() {
+        let name = files::file_name(chain, head.tail_index);
+        previous = files::read_capped(&path.with_file_name(name)).ok()?;
+        &previous[..]
+    } else {
+        newest
+    };
+    bytes
+        .split(|&b| b == b'\n')
+        .rev()
+        .filter_map(|l| scan(l).ok())
+        .filter(|r| matches!(r.kind, Some("start" | "recovery" | "rotate" | "checkpoint")))
+        .find_map(|r| r.signer.map(str::to_string))
 }
 
 /// Whether the chain's existing checkpoint (if any) is consistent with its last good record:

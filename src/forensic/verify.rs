@@ -713,7 +713,8 @@ fn verify_chain(
     }
     if let (Some(c), Some(named)) = (ckpt, &w.signer_at_ckpt) {
         match signed_by_named(c, named.as_deref(), &last_line) {
-            Ok(bound) => w.report.keys_bound = bound,
+            // Bound to a secret only when MACs were checked with it.
+            Ok(bound) => w.report.keys_bound = bound && w.report.macs_checked,
             Err(p) => {
                 w.report.problem = Some(p);
                 return Ok(w.report);
