@@ -108,19 +108,30 @@ fn sha256sum(files: &[PathBuf]) {
     assert!(out.status.success());
 }
 
-fn verify(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("log");
-    write_log(&dir, VERIFY_RECORDS, true);
-    let files = chain_files(&dir);
-    let bytes: u64 = files
+/// A keyed log of `VERIFY_RECORDS` records in `dir`: its files and their total size.
+fn verify_log(dir: &Path) -> (Vec<PathBuf>, u64) {
+    write_log(dir, VERIFY_RECORDS, true);
+    let files = chain_files(dir);
+    let bytes = files
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
-    let opts = VerifyOptions {
+    (files, bytes)
+}
+
+/// Verification with the HMAC key.
+fn keyed() -> VerifyOptions {
+    VerifyOptions {
         hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(SECRET.to_vec()))],
         ..Default::default()
-    };
+    }
+}
+
+fn verify(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("log");
+    let (files, bytes) = verify_log(&dir);
+    let opts = keyed();
     let report = verify_all(&dir, &opts).expect("verify");
     assert!(report.ok(), "{report:?}");
 
@@ -179,16 +190,10 @@ fn fresh_copy(src: &Path) -> (tempfile::TempDir, PathBuf, PathBuf) {
 fn prune(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = tmp.path().join("log");
-    write_log(&src, VERIFY_RECORDS, true);
-    let files = chain_files(&src);
-    let bytes: u64 = files
-        .iter()
-        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let (files, bytes) = verify_log(&src);
     let opts = VerifyOptions {
-        hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(SECRET.to_vec()))],
         allow_pruned: true,
-        ..Default::default()
+        ..keyed()
     };
 
     let mut g = c.benchmark_group("prune");
