@@ -495,6 +495,16 @@ fn child_entry() {
     }
 }
 
+/// Where the killed writer was.
+#[derive(Clone, Copy, PartialEq)]
+enum Crash {
+    /// Anywhere in a file.
+    MidFile,
+    /// Between creating its next file and writing that file's first line: the newest file
+    /// holds a torn fragment and the chain's last record is in the file before.
+    BetweenFiles,
+}
+
 /// A writer with the current secret and signing key `sk` (none: `None`) killed mid-run, then
 /// a process with the current secret and signing key `then_sk` that writes 60 events and
 /// stops, with its checkpoints in `ckpt_dir`. Returns the crashed chain and the second
@@ -504,6 +514,7 @@ fn crash_then_restart(
     sk: Option<&Path>,
     then_sk: &Path,
     ckpt_dir: &Path,
+    crash: Crash,
 ) -> (String, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
@@ -522,7 +533,14 @@ fn crash_then_restart(
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let crashed = chain_of(&chain_files(&e.log)[0]);
+    let files = chain_files(&e.log);
+    let crashed = chain_of(&files[0]);
+    if crash == Crash::BetweenFiles {
+        let next = kvhygiene::forensic::files::file_name(&crashed, files.len() as u64);
+        let path = e.log.join(next);
+        fs::write(&path, b"{\"chain\":\"").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let mut c = cfg(&e.log, 4096);
     c.signing_key_file = Some(then_sk.to_path_buf());
     c.checkpoint_dir = Some(ckpt_dir.to_path_buf());
@@ -557,7 +575,8 @@ fn signers_of(log: &Path, chain: &str) -> std::collections::BTreeSet<String> {
 #[test]
 fn a_process_with_another_signing_key_starts_a_new_chain() {
     let e = Env::new();
-    let (crashed, chain) = crash_then_restart(&e, Some(&e.old_sk), &e.new_sk, &e.log);
+    let (crashed, chain) =
+        crash_then_restart(&e, Some(&e.old_sk), &e.new_sk, &e.log, Crash::MidFile);
     assert_ne!(crashed, chain, "the crashed chain was continued");
     assert_eq!(signers_of(&e.log, &crashed).len(), 1);
     assert_eq!(signers_of(&e.log, &chain).len(), 1);
@@ -576,7 +595,8 @@ fn a_process_with_another_signing_key_starts_a_new_chain() {
 #[test]
 fn a_process_with_the_same_keys_continues_a_crashed_chain() {
     let e = Env::new();
-    let (crashed, chain) = crash_then_restart(&e, Some(&e.new_sk), &e.new_sk, &e.log);
+    let (crashed, chain) =
+        crash_then_restart(&e, Some(&e.new_sk), &e.new_sk, &e.log, Crash::MidFile);
     assert_eq!(crashed, chain, "not continued");
     assert_eq!(signers_of(&e.log, &chain).len(), 1);
     for m in MODES {
@@ -593,7 +613,7 @@ fn a_process_with_the_same_keys_continues_a_crashed_chain() {
 fn an_unsigned_chain_continued_by_a_signing_process_verifies() {
     let e = Env::new();
     let ck = e.tmp.path().join("ckpts");
-    let (crashed, chain) = crash_then_restart(&e, None, &e.new_sk, &ck);
+    let (crashed, chain) = crash_then_restart(&e, None, &e.new_sk, &ck, Crash::MidFile);
     assert_eq!(crashed, chain, "not continued");
     let check = |label: &str, modes: &[Mode]| {
         for &m in modes {
@@ -630,4 +650,29 @@ fn an_unsigned_chain_continued_by_a_signing_process_verifies() {
     assert_eq!(code, 0, "{out}{err}");
     // Read plainly, the moved files are missing, as for any pruned log.
     check("after prune", &[Mode::AllowPruned, Mode::Archive]);
+}
+
+/// A writer killed between creating its next file and writing its first line: the chain's
+/// last record, and the signer it names, are in the file before. Its own signer continues
+/// it; another one starts a new chain.
+#[test]
+fn a_chain_crashed_between_files_is_continued_only_by_its_signer() {
+    for same_signer in [true, false] {
+        let e = Env::new();
+        let then_sk = if same_signer { &e.new_sk } else { &e.old_sk };
+        let (crashed, chain) =
+            crash_then_restart(&e, Some(&e.new_sk), then_sk, &e.log, Crash::BetweenFiles);
+        assert_eq!(crashed == chain, same_signer, "continued");
+        assert_eq!(signers_of(&e.log, &crashed).len(), 1);
+        for m in MODES {
+            let r = verify(&e.log, &e.opts(m));
+            assert!(
+                r.ok(),
+                "{same_signer} {m:?}: {:?} {:?}",
+                r.first_problem(),
+                r.errors
+            );
+            assert!(r.chains.iter().all(|c| c.keys_bound), "{m:?}: {r:?}");
+        }
+    }
 }

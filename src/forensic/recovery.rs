@@ -41,6 +41,9 @@ struct Head {
     /// Bytes of the newest file to cut: always only bytes after its last newline.
     torn: usize,
     link_from: Option<String>,
+    /// The signing key (hex) the chain's current writer named ([`named_signer`] of the file
+    /// holding `tail`); `None` when its records name none.
+    signer: Option<String>,
 }
 
 /// The last complete record of the chain: in the newest file, or, when that file holds no
@@ -57,6 +60,7 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
             tail_index: index,
             torn: bytes.len() - end - 1,
             link_from: None,
+            signer: named_signer(&bytes[..=end]),
         });
     }
     // No newline at all: every byte of the newest file is the torn fragment of its first line.
@@ -72,6 +76,7 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
         tail_index: prev_index,
         torn: bytes.len(),
         link_from: Some(prev_name),
+        signer: named_signer(&prev_bytes),
     })
 }
 
@@ -119,10 +124,11 @@ pub fn adopt(
             continue;
         }
         // A chain that names a signer is continued only by that signer. One that names none
-        // (its writer did not sign) may gain one: no checkpoint of it exists for an old key
-        // to stand in for, and a checkpoint before the signer is named fails verification.
-        let named = last_signer(chain, &head, &bytes, path);
-        if named.is_some() && named.as_deref() != signer {
+        // may gain one: if its writer did not sign, it has no checkpoint an old key could
+        // stand in for (and one before the signer is named fails verification); if its
+        // writer signed before records named signers, its checkpoint names no key either,
+        // and verifiers report it as not bound to its keys.
+        if head.signer.is_some() && head.signer.as_deref() != signer {
             continue;
         }
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
@@ -149,21 +155,14 @@ pub fn adopt(
     Ok(None)
 }
 
-/// The signer the crashed writer named: the last `signer` of a record that names one in the
-/// file holding the chain's last record. Every file starts with a record naming its writer's
-/// signer, and a `recovery` record names the next one's, so that is the chain's current
-/// signer; `None` when its writer did not sign. A chain signed by another key (a rotated
-/// one) is not continued: with two signers in one chain, a holder of the old key could cut
-/// off what the new one signed and re-sign the end.
-fn last_signer(chain: &str, head: &Head, newest: &[u8], path: &Path) -> Option<String> {
-    let previous;
-    let bytes = if head.link_from.is_some() {
-        let name = files::file_name(chain, head.tail_index);
-        previous = files::read_capped(&path.with_file_name(name)).ok()?;
-        &previous[..]
-    } else {
-        newest
-    };
+/// The signer a chain file names last: the `signer` of its last `start`, `recovery`,
+/// `rotate` or `checkpoint` record that has one. A writer that signs names its key in the
+/// first record of every file it starts and in its `recovery` record, so in the file holding a
+/// chain's last record this is the chain's current signer. `None` when no record names one:
+/// its writer did not sign, or wrote before records named their signer. A chain that names
+/// another key (a rotated one) is not continued: with two signers in one chain, a holder of
+/// the old key could cut off what the new one signed and re-sign the end.
+fn named_signer(bytes: &[u8]) -> Option<String> {
     bytes
         .split(|&b| b == b'\n')
         .rev()

@@ -11,8 +11,10 @@
 //! are gone is checked from where its manifest (`crate::forensic::prune`) says they ended.
 //!
 //! Keys rotate: several HMAC secrets and public keys may be given. Each chain is sealed by
-//! one HMAC secret, the one that verifies the first MAC the walk reads (its first record, or
-//! its prune manifest); every later MAC of the chain must verify with that same secret.
+//! one HMAC secret: the one its signed checkpoint names (`key_id`), or without one, the one
+//! that verifies the first MAC the walk reads (its first record, or its prune manifest);
+//! every MAC of the chain must verify with it. Its checkpoint must be signed by the key its
+//! records name (`signer`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
