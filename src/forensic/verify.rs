@@ -96,9 +96,10 @@ pub struct ChainReport {
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
     pub torn_bytes: u64,
     pub macs_checked: bool,
-    /// The chain is bound to its keys: its signed checkpoint names its HMAC secret, and the
-    /// checkpoint was signed by the key the chain's own records name. A chain that is not
-    /// could have been rewritten by whoever holds another of the keys given.
+    /// The chain is bound to its keys: its MACs were checked with the HMAC secret its signed
+    /// checkpoint names, and the checkpoint was signed by the key the chain's own records
+    /// name (moved whole: its manifest is MACed with that secret). A chain that is not could
+    /// have been rewritten by whoever holds another of the keys given.
     pub keys_bound: bool,
     /// The HMAC secret the chain's MACs were checked with (its [`SealKey::name`]).
     #[serde(skip_serializing_if = "Option::is_none")]
