@@ -465,8 +465,17 @@ struct GivenKey {
     index: usize,
     /// Its key id ([`EpochKey::key_id`]).
     id: String,
+    /// Its name ([`SealKey::name`]), for messages.
+    name: String,
     /// The key at the walk's epoch.
     key: EpochKey,
+}
+
+impl GivenKey {
+    /// `ID (NAME)`.
+    fn described(&self) -> String {
+        format!("{} ({})", self.id, self.name)
+    }
 }
 
 /// The HMAC key of a chain walk. A chain is sealed by one secret throughout. The chain's
@@ -480,7 +489,7 @@ enum ChainKey {
     /// The chain's secret.
     Pinned(GivenKey),
     /// The chain's signed checkpoint names a secret (`wanted`, a key id) that none of those
-    /// given (`given`, their ids) is: no MAC of the chain can be checked.
+    /// given (`given`, their ids and names) is: no MAC of the chain can be checked.
     Absent { wanted: String, given: Vec<String> },
 }
 
@@ -491,7 +500,12 @@ impl ChainKey {
             let key = EpochKey::from_secret(k.secret.clone())
                 .map_err(|e| VerifyError(format!("--key-file {}: {e}", k.name)))?;
             let id = key.key_id();
-            keys.push(GivenKey { index, id, key });
+            keys.push(GivenKey {
+                index,
+                id,
+                name: k.name.clone(),
+                key,
+            });
         }
         Ok(match keys.len() {
             0 => ChainKey::Unchecked,
@@ -510,9 +524,9 @@ impl ChainKey {
         *self = match std::mem::replace(self, ChainKey::Unchecked) {
             ChainKey::Unchecked => ChainKey::Unchecked,
             ChainKey::Pinned(g) if g.id == key_id => ChainKey::Pinned(g),
-            ChainKey::Pinned(g) => absent(vec![g.id]),
+            ChainKey::Pinned(g) => absent(vec![g.described()]),
             ChainKey::Candidates(keys) => {
-                let ids = keys.iter().map(|g| g.id.clone()).collect();
+                let ids = keys.iter().map(GivenKey::described).collect();
                 match keys.into_iter().find(|g| g.id == key_id) {
                     Some(g) => ChainKey::Pinned(g),
                     None => absent(ids),
