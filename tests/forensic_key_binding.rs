@@ -536,8 +536,14 @@ fn crash_then_restart(
     let files = chain_files(&e.log);
     let crashed = chain_of(&files[0]);
     if crash == Crash::BetweenFiles {
-        let next = kvhygiene::forensic::files::file_name(&crashed, files.len() as u64);
-        let path = e.log.join(next);
+        // The newest file, if the kill already left it without a line; else a next one.
+        let newest = files.last().unwrap();
+        let path = if fs::read(newest).unwrap().contains(&b'\n') {
+            let next = kvhygiene::forensic::files::file_name(&crashed, files.len() as u64);
+            e.log.join(next)
+        } else {
+            newest.clone()
+        };
         fs::write(&path, b"{\"chain\":\"").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     }
