@@ -536,13 +536,17 @@ fn crash_then_restart(
     let files = chain_files(&e.log);
     let crashed = chain_of(&files[0]);
     if crash == Crash::BetweenFiles {
-        // The newest file, if the kill already left it without a line; else a next one.
+        // The newest file, if the kill already left it without a complete line; else a next
+        // one, after cutting a torn line off the newest (rotation leaves files complete).
         let newest = files.last().unwrap();
-        let path = if fs::read(newest).unwrap().contains(&b'\n') {
-            let next = kvhygiene::forensic::files::file_name(&crashed, files.len() as u64);
-            e.log.join(next)
-        } else {
-            newest.clone()
+        let bytes = fs::read(newest).unwrap();
+        let path = match bytes.iter().rposition(|&b| b == b'\n') {
+            None => newest.clone(),
+            Some(end) => {
+                fs::write(newest, &bytes[..=end]).unwrap();
+                let next = kvhygiene::forensic::files::file_name(&crashed, files.len() as u64);
+                e.log.join(next)
+            }
         };
         fs::write(&path, b"{\"chain\":\"").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();

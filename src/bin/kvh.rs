@@ -90,7 +90,7 @@ verify, 2 error).
 The log directory only grows: a file per rotation, a chain per process start. Files removed \
 by hand make verify-log report them missing, as it must. prune-log is the retention step \
 that keeps the log verifiable. It needs --key-file: the manifests that stand in for moved \
-files are MACed with the log's HMAC secret.
+files are MACed with each chain's HMAC secret (after a key rotation, give every key).
 
   1. it verifies the whole directory (as verify-log --allow-pruned, with the keys given) and \
 moves nothing from a log that does not verify;

@@ -13,7 +13,7 @@
 //!    recovery, reads them), and every file of a chain that ended with `stop`;
 //! 3. it copies each file into the archive (exclusive create, 0600, fsync, read back and
 //!    compared), then writes the chain's manifest `kvh-<chain>.pruned.json` in the log
-//!    directory (atomically, MACed with the HMAC secret), and only then removes the
+//!    directory (atomically, MACed with the chain's HMAC secret), and only then removes the
 //!    originals. An interrupted run leaves identical
 //!    copies in both places, which a rerun finishes and `verify-log --archive-dir` reads
 //!    once.
@@ -164,8 +164,8 @@ impl Manifest {
     }
 }
 
-/// The manifest MAC: HMAC-SHA256(K0, domain || body). Only the epoch-0 key (the configured
-/// secret) is used: verifiers hold it, writers past their first rotation do not.
+/// The manifest MAC: HMAC-SHA256(K0, domain || body), K0 the epoch-0 key of the chain's
+/// secret: verifiers hold it, writers past their first rotation do not.
 fn manifest_mac(key: &EpochKey, body: &[u8]) -> [u8; 32] {
     let mut m = key.mac();
     m.update(MANIFEST_MAC_DOMAIN);

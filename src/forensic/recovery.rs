@@ -126,8 +126,8 @@ pub fn adopt(
         // A chain that names a signer is continued only by that signer. One that names none
         // may gain one: if its writer did not sign, it has no checkpoint an old key could
         // stand in for (and one before the signer is named fails verification); if its
-        // writer signed before records named signers, its checkpoint names no key either,
-        // and verifiers report it as not bound to its keys.
+        // writer signed before records named signers, its checkpoint names no key, and
+        // until our checkpoint replaces it verifiers report the chain as not bound.
         if head.signer.is_some() && head.signer.as_deref() != signer {
             continue;
         }
