@@ -210,6 +210,26 @@ fn forge_ckpt(
     checkpoint::write(ckpt_dir, &read_signing_key(sk).unwrap(), &c).unwrap();
 }
 
+/// Cuts `chain` back to the first `keep` lines of `file` (all of them with `usize::MAX`),
+/// deletes the chain's `later` files, and re-signs its checkpoint there with the retired
+/// signing key, naming `key_id`: the truncation the holder of that key alone can make.
+fn cut_and_resign(
+    e: &Env,
+    chain: &str,
+    file: &Path,
+    keep: usize,
+    later: &[PathBuf],
+    key_id: Option<String>,
+) {
+    for f in later {
+        fs::remove_file(f).unwrap();
+    }
+    let lines = read_lines(file);
+    let keep = keep.min(lines.len());
+    write_lines(file, &lines[..keep]);
+    forge_ckpt(&e.log, chain, file, &lines[keep - 1], &e.old_sk, key_id);
+}
+
 fn ckpt_of(dir: &Path, chain: &str) -> Checkpoint {
     checkpoint::peek(&checkpoint::path_for(dir, chain))
         .unwrap()
@@ -229,12 +249,7 @@ fn a_retired_signing_key_cannot_cut_a_current_chain_back_to_its_start() {
     let chain = chain_of(&victim[0]);
     let key_id = ckpt_of(&e.log, &chain).key_id;
     assert!(key_id.is_some());
-    for f in &victim[1..] {
-        fs::remove_file(f).unwrap();
-    }
-    let lines = read_lines(&victim[0]);
-    write_lines(&victim[0], &lines[..1]);
-    forge_ckpt(&e.log, &chain, &victim[0], &lines[0], &e.old_sk, key_id);
+    cut_and_resign(&e, &chain, &victim[0], 1, &victim[1..], key_id);
     let accepted = e.accepting_modes(&chain);
     assert!(
         accepted.is_empty(),
@@ -270,11 +285,7 @@ fn a_retired_signing_key_cannot_cut_a_pruned_chain() {
         .max(1);
     let key_id = ckpt_of(&e.log, &chain).key_id;
     let before = r.chains.iter().find(|c| c.chain == chain).unwrap().last_seq;
-    for f in &left[1..] {
-        fs::remove_file(f).unwrap();
-    }
-    write_lines(first, &lines[..keep]);
-    forge_ckpt(&e.log, &chain, first, &lines[keep - 1], &e.old_sk, key_id);
+    cut_and_resign(&e, &chain, first, keep, &left[1..], key_id);
     let r = verify(&e.log, &e.opts(Mode::AllowPruned));
     let after = victim_report(&r, &chain).and_then(|c| c.last_seq);
     assert!(
@@ -312,11 +323,7 @@ fn a_chain_whose_checkpoint_names_no_key_is_reported_not_bound() {
         assert!(!bound(m), "{m:?}");
     }
     // Cut short and re-signed with the retired key: not caught, still not bound.
-    for f in &victim[2..] {
-        fs::remove_file(f).unwrap();
-    }
-    let last = read_lines(&victim[1]).last().unwrap().clone();
-    forge_ckpt(&e.log, &chain, &victim[1], &last, &e.old_sk, None);
+    cut_and_resign(&e, &chain, &victim[1], usize::MAX, &victim[2..], None);
     assert!(!bound(Mode::Plain));
     // The chains of the writer bind their keys; the evidence names the one that does not.
     let r = verify(&e.log, &e.opts(Mode::Plain));
