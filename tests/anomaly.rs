@@ -277,14 +277,10 @@ fn a_log_with_anomaly_records_verifies_and_is_reported() {
 }
 
 fn evidence_args(dir: &Path, key_file: &Path) -> EvidenceArgs {
-    EvidenceArgs {
-        log: VerifyLogArgs {
-            key_file: vec![key_file.to_path_buf()],
-            ..VerifyLogArgs::of(dir.to_path_buf())
-        },
-        max_exceptions: 200,
-        approved_config: Vec::new(),
-    }
+    EvidenceArgs::of(VerifyLogArgs {
+        key_file: vec![key_file.to_path_buf()],
+        ..VerifyLogArgs::of(dir.to_path_buf())
+    })
 }
 
 /// The detector adds records but never holds events back: with it off the same calls give

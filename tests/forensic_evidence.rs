@@ -440,9 +440,8 @@ mod crafted_values {
                 });
             }
             let args = EvidenceArgs {
-                log: VerifyLogArgs::of(dir),
                 max_exceptions: 200,
-                approved_config: Vec::new(),
+                ..EvidenceArgs::of(VerifyLogArgs::of(dir))
             };
             // Whether the report is built (the log verified) or refused, nothing panics.
             if let Ok(ev) = collect(&args) {
@@ -618,4 +617,250 @@ fn a_file_named_like_a_digest_is_ambiguous() {
         serde_json::json!([digest_of(&env)])
     );
     assert_eq!(v["policy"]["processes_approved"], 1);
+}
+
+/// 2026-01-01T00:00:00Z plus `minutes`, as the log's Unix nanoseconds.
+fn at(minutes: u64) -> u64 {
+    20_454 * 86_400 * 1_000_000_000 + minutes * 60_000_000_000
+}
+
+/// A crafted log of one chain whose lines are rewritten to `lines` (kind's fields and a time
+/// in minutes after 2026-01-01), line 1 first; `n` is how many lines the writer wrote.
+fn timed_log(tmp: &tempfile::TempDir, lines: &[(u64, Value)]) -> std::path::PathBuf {
+    let (dir, files) = crafted_log(tmp, lines.len() as u64 - 2);
+    for (i, (minutes, fields)) in lines.iter().enumerate() {
+        let mut fields = fields.clone();
+        fields["ts"] = at(*minutes).into();
+        forge_from(&files, 0, i + 1, None, |m| set(m, fields.clone()));
+    }
+    dir
+}
+
+fn summary(frees: u64, failed: u64) -> Value {
+    serde_json::json!({"kind": "summary", "counters": {"frees": frees, "verifications_failed": failed}})
+}
+
+/// One process: start at 0, a lost record at 60, a summary at 120, a quarantine at 180, a lost
+/// record at 210, a summary at 240, a quarantine at 360 and a stop at 420 (minutes).
+fn one_process_day(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    timed_log(
+        tmp,
+        &[
+            (0, serde_json::json!({})),
+            (60, serde_json::json!({"kind": "lost", "records_lost": 1})),
+            (120, summary(10, 1)),
+            (180, serde_json::json!({})),
+            (210, serde_json::json!({"kind": "lost", "records_lost": 2})),
+            (240, summary(25, 4)),
+            (360, serde_json::json!({})),
+            (420, serde_json::json!({"records_lost": 5})),
+        ],
+    )
+}
+
+fn rfc(minutes: u64) -> String {
+    kvhygiene::forensic::verify::rfc3339(at(minutes))
+}
+
+#[test]
+fn an_audit_period_counts_its_own_records_and_the_counters_it_saw_grow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let (code, v) = evidence_json(
+        &dir,
+        &[
+            "--since",
+            "2026-01-01T02:30:00Z",
+            "--until",
+            "2026-01-01T05:00:00+00:00",
+        ],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["integrity"]["records"], 8,
+        "the whole log is verified: {v}"
+    );
+    assert_eq!(v["period"], serde_json::json!([rfc(180), rfc(240)]));
+    assert_eq!(
+        v["records_by_kind"],
+        serde_json::json!({"quarantine": 1, "lost": 1, "summary": 1})
+    );
+    assert_eq!(v["exceptions_by_kind"]["quarantine"], 1, "{v}");
+    assert_eq!(v["exceptions"][0]["time"], rfc(180).as_str());
+    assert_eq!(
+        v["counters"],
+        serde_json::json!({"frees": 15, "verifications_failed": 3}),
+        "the summary in the period less the one before it"
+    );
+    assert_eq!(
+        v["records_lost"], 2,
+        "only the period's lost record: the stop is after it"
+    );
+    let p = &v["audit_period"];
+    assert_eq!(p["since"], rfc(150).as_str());
+    assert_eq!(p["until"], rfc(300).as_str());
+    assert_eq!(p["records_outside"], 5);
+    assert_eq!(p["still_running"], false);
+    assert_eq!(
+        p["gaps"],
+        serde_json::json!([]),
+        "the process ran throughout: {v}"
+    );
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1);
+    assert_eq!(
+        procs[0]["started"],
+        rfc(0).as_str(),
+        "the row shows the whole run"
+    );
+    assert_eq!(
+        procs[0]["clean_stop"], true,
+        "its stop, after the period, still says how it ended"
+    );
+
+    // A period holding the stop: its total, less the losses reported before the period.
+    let (_, v) = evidence_json(&dir, &["--since", "2026-01-01T02:30:00Z"]);
+    assert_eq!(v["records_lost"], 4, "{v}");
+    assert_eq!(v["exceptions_by_kind"]["quarantine"], 2);
+    assert_eq!(v["audit_period"]["until"], Value::Null);
+    assert_eq!(v["audit_period"]["still_running"], true);
+    // Without a period, the whole log, as before.
+    let (_, v) = evidence_json(&dir, &[]);
+    assert_eq!(v["records_lost"], 5);
+    assert_eq!(v["counters"]["frees"], 25);
+    assert!(v.get("audit_period").is_none(), "{v}");
+    // A period with no record of the log in it lists nothing and says so.
+    let (code, v) = evidence_json(&dir, &["--since", "2026-02-01", "--until", "2026-03-01"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["processes"], serde_json::json!([]));
+    assert_eq!(v["period"], Value::Null);
+    assert_eq!(v["audit_period"]["records_outside"], 8);
+    assert_eq!(
+        v["audit_period"]["gaps"],
+        serde_json::json!([{"from": "2026-02-01T00:00:00.000000000Z", "to": "2026-03-01T00:00:00.000000000Z", "minutes": 40_320}])
+    );
+}
+
+#[test]
+fn stretches_of_the_period_without_any_process_are_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Process 1 runs from minute 0 to 30 and crashes; process 2 recovers the chain at 300
+    // and stops at 330.
+    let dir = timed_log(
+        &tmp,
+        &[
+            (0, serde_json::json!({})),
+            (30, summary(3, 0)),
+            (
+                300,
+                serde_json::json!({"kind": "recovery", "pid": 2, "host": "node-2", "version": "0.1.0",
+                                   "config_digest": "ab", "torn_bytes": 0}),
+            ),
+            (310, serde_json::json!({})),
+            (320, summary(7, 0)),
+            (330, serde_json::json!({})),
+        ],
+    );
+    let (code, v) = evidence_json(
+        &dir,
+        &[
+            "--since",
+            "2025-12-31T23:00:00Z",
+            "--until",
+            "2026-01-01T06:00:00Z",
+            "--max-gap",
+            "60",
+        ],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    let gap = |from: &str, to: &str, minutes: u64| serde_json::json!({"from": from, "to": to, "minutes": minutes});
+    assert_eq!(
+        v["audit_period"]["gaps"],
+        serde_json::json!([
+            gap("2025-12-31T23:00:00.000000000Z", &rfc(0), 60),
+            gap(&rfc(30), &rfc(300), 270),
+        ]),
+        "before the log, and between the crash and the recovery; the 30 minutes after the stop \
+         are under --max-gap: {v}"
+    );
+    assert_eq!(v["processes"].as_array().unwrap().len(), 2);
+    // A period inside the second run: only that process is listed, and nothing is missing.
+    let (_, v) = evidence_json(
+        &dir,
+        &[
+            "--since",
+            "2026-01-01T05:05:00Z",
+            "--until",
+            "2026-01-01T05:25:00Z",
+        ],
+    );
+    let procs = v["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "{v}");
+    assert_eq!(procs[0]["pid"], 2);
+    assert_eq!(v["audit_period"]["gaps"], serde_json::json!([]));
+    assert_eq!(
+        v["counters"]["frees"], 7,
+        "a run started in the period counts from zero"
+    );
+
+    let text = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--since",
+            "2025-12-31T23:00:00Z",
+            "--max-gap",
+            "60",
+        ],
+        &[],
+    );
+    let report = String::from_utf8_lossy(&text.stdout);
+    assert!(report.contains("## Audit period"), "{report}");
+    assert!(
+        report.contains(&format!(
+            "- Attention: no record from {} to {} (270 minutes)",
+            rfc(30),
+            rfc(300)
+        )),
+        "{report}"
+    );
+    assert!(
+        report.contains("Over the audit period, from each process's periodic counters"),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_empty_or_unreadable_period_is_a_usage_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let d = dir.to_str().unwrap();
+    let out = kvh(
+        &[
+            "evidence",
+            d,
+            "--since",
+            "2026-01-02",
+            "--until",
+            "2026-01-01",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--since 2026-01-02T00:00:00.000000000Z is not before --until"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no report for an empty period");
+    for (flag, bad) in [
+        ("--since", "last week"),
+        ("--until", "2026-02-30"),
+        ("--max-gap", "0"),
+    ] {
+        let out = kvh(&["evidence", d, flag, bad], &[]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains(bad), "{err}");
+    }
 }

@@ -335,9 +335,8 @@ fn a_chain_whose_checkpoint_names_no_key_is_reported_not_bound() {
     ];
     a.public_key = vec![e.new_pub.clone(), e.old_pub.clone()];
     let ev = evidence::collect(&EvidenceArgs {
-        log: a,
         max_exceptions: 10,
-        approved_config: Vec::new(),
+        ..EvidenceArgs::of(a)
     })
     .unwrap();
     assert_eq!(ev.integrity.unbound, std::slice::from_ref(&chain));

@@ -291,12 +291,11 @@ fn checkpoints_of_a_rotated_signing_key_verify_with_both_public_keys() {
 
 fn evidence_of(r: &Rotated, key_files: &[&Path]) -> evidence::Evidence {
     evidence::collect(&EvidenceArgs {
-        log: VerifyLogArgs {
+        max_exceptions: 10,
+        ..EvidenceArgs::of(VerifyLogArgs {
             key_file: key_files.iter().map(|p| p.to_path_buf()).collect(),
             ..VerifyLogArgs::of(r.log.clone())
-        },
-        max_exceptions: 10,
-        approved_config: Vec::new(),
+        })
     })
     .unwrap()
 }
@@ -674,9 +673,8 @@ fn a_late_chain_of_an_old_secret_stays_named_once_pruned() {
         a.key_file = vec![r.new_key.clone(), r.old_key.clone()];
         a.allow_pruned = true;
         evidence::collect(&EvidenceArgs {
-            log: a,
             max_exceptions: 10,
-            approved_config: Vec::new(),
+            ..EvidenceArgs::of(a)
         })
         .unwrap()
     };

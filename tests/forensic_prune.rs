@@ -1064,3 +1064,55 @@ fn files_a_manifest_lists_may_not_vanish_from_the_end() {
     let r = verify(&s.log, &pruned_opts());
     assert!(first_reason(&r).contains("later files deleted"), "{r:?}");
 }
+
+#[test]
+fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report() {
+    let s = pruned_open_chain();
+    let chain = verify(&s.log, &pruned_opts()).chains[0].chain.clone();
+    let evidence = |period: &[&str]| {
+        let mut args = vec![
+            "evidence",
+            s.log.to_str().unwrap(),
+            "--key-file",
+            s.key.to_str().unwrap(),
+            "--allow-pruned",
+            "--json",
+        ];
+        args.extend_from_slice(period);
+        let out = kvh(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // The records were written today: a period from 2000 holds the moved ones.
+    let v = evidence(&["--since", "2000-01-01"]);
+    assert_eq!(
+        v["audit_period"]["pruned_in_period"],
+        serde_json::json!([chain]),
+        "{v}"
+    );
+    let with_archive = kvh(&[
+        "evidence",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--archive-dir",
+        s.archive.to_str().unwrap(),
+        "--since",
+        "2000-01-01",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&with_archive.stdout).unwrap();
+    assert_eq!(
+        v["audit_period"]["pruned_in_period"],
+        serde_json::json!([]),
+        "{v}"
+    );
+    for outside in [["--until", "2000-01-01"], ["--since", "2400-01-01"]] {
+        let v = evidence(&outside);
+        assert_eq!(
+            v["audit_period"]["pruned_in_period"],
+            serde_json::json!([]),
+            "{outside:?}: {v}"
+        );
+    }
+}

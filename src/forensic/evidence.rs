@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
+use super::period::{self, Period};
 use super::verify::{self, rfc3339, verify_all, Pruned, Report};
 use crate::config::Config;
 
@@ -35,6 +36,40 @@ pub struct EvidenceArgs {
     /// kvhygiene versions.
     #[arg(long, value_name = "DIGEST|FILE")]
     pub approved_config: Vec<String>,
+    /// Report on an audit period only, from this instant on: a date (2026-01-01, meaning
+    /// 00:00 UTC) or an RFC 3339 time (2026-01-01T08:00:00+02:00). The whole log is still
+    /// verified; the figures, processes and exceptions are those of the period.
+    #[arg(long, value_name = "TIME", value_parser = period::parse_instant)]
+    pub since: Option<u64>,
+    /// End of the audit period, not included: `--since 2026-01-01 --until 2026-07-01` is the
+    /// first half of 2026.
+    #[arg(long, value_name = "TIME", value_parser = period::parse_instant)]
+    pub until: Option<u64>,
+    /// With --since or --until: list the stretches of the period of at least this many minutes
+    /// in which no process wrote a record (a running writer records a summary every
+    /// summary_interval_ms, a minute by default, even when idle).
+    #[arg(
+        long,
+        value_name = "MINUTES",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=5_256_000)
+    )]
+    pub max_gap: u64,
+}
+
+impl EvidenceArgs {
+    /// The report on `log` with the defaults of the command line (no audit period, no
+    /// approved policy); callers set what they have with struct update syntax.
+    pub fn of(log: VerifyLogArgs) -> Self {
+        EvidenceArgs {
+            log,
+            max_exceptions: 200,
+            approved_config: Vec::new(),
+            since: None,
+            until: None,
+            max_gap: 10,
+        }
+    }
 }
 
 /// Envelope fields of every record; the rest are the kind's own.
@@ -97,6 +132,44 @@ pub struct Evidence {
     /// With `--approved-config`: which processes ran a reviewed policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyCheck>,
+    /// With `--since` / `--until`: the audit period the figures cover (`period` is then the
+    /// first and last record inside it, and every other figure counts its records only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_period: Option<AuditPeriod>,
+}
+
+/// The audit period of `--since` / `--until`, and how fully the log covers it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuditPeriod {
+    /// From (included) and until (not included); `None` is an open end.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// The period had not ended when the report was made: it covers up to then.
+    pub still_running: bool,
+    /// Records of the verified chains outside the period: verified, not counted.
+    pub records_outside: u64,
+    /// Processes are counted by the differences of their periodic `summary` counters; a
+    /// writer records one every `summary_interval_ms`, so activity within one interval of
+    /// either end may fall on the other side.
+    pub counters_from_summaries: bool,
+    /// The gap length listed, in minutes (`--max-gap`).
+    pub max_gap_minutes: u64,
+    /// Stretches of the period (up to the report's time) of at least `max_gap_minutes` in which
+    /// no process wrote a record to the verified chains: no process ran with kvhygiene, or
+    /// its log is not in the directory read. Without `--since`, the period starts at the
+    /// first record; without `--until`, it ends at the last.
+    pub gaps: Vec<Gap>,
+    /// Chains whose records `kvh prune-log` moved away include records of the period: they
+    /// are not in this report (give `--archive-dir` to read them).
+    pub pruned_in_period: Vec<String>,
+}
+
+/// A stretch of the audit period with no record.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Gap {
+    pub from: String,
+    pub to: String,
+    pub minutes: u64,
 }
 
 /// The processes' policies against the reviewed ones (`--approved-config`).
@@ -248,6 +321,7 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
 /// from a record that was not checked.
 pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     let dir = &args.log.dir;
+    let period = audit_period_of(args)?;
     let opts = options(&args.log)?;
     let chains = verify::list_all(dir, &opts).map_err(|e| e.to_string())?;
     let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
@@ -265,7 +339,10 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         integrity: integrity(&report),
         ..Evidence::default()
     };
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        period,
+        ..Tally::default()
+    };
     for chain in report.chains.iter().filter(|c| c.ok()) {
         let Some((_, list)) = chains.iter().find(|(id, _)| *id == chain.chain) else {
             continue;
@@ -283,13 +360,16 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
                 }
             })?;
         }
-        state.finish_run(&mut ev);
+        state.finish_run(&mut ev, &mut tally);
     }
     ev.tenants = tally.tenants.len() as u64;
     ev.period = tally
         .first_ts
         .zip(tally.last_ts)
         .map(|(a, b)| (rfc3339(a), rfc3339(b)));
+    if period.is_set() {
+        ev.audit_period = Some(coverage(args, tally, &ev.integrity, now_ns()));
+    }
     if !approved.is_empty() {
         ev.policy = Some(check_policies(&ev.processes, approved));
     }
@@ -302,6 +382,67 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         ));
     }
     Ok(ev)
+}
+
+/// The period `--since` / `--until` name, refused when it is empty.
+fn audit_period_of(args: &EvidenceArgs) -> Result<Period, String> {
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if since >= until {
+            return Err(format!(
+                "--since {} is not before --until {}: the audit period is empty",
+                rfc3339(since),
+                rfc3339(until)
+            ));
+        }
+    }
+    Ok(Period {
+        since: args.since,
+        until: args.until,
+    })
+}
+
+/// How the verified chains cover the audit period: the stretches with no record in them,
+/// up to `now` (the report's time), and the pruned chains whose moved records reach into it.
+fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) -> AuditPeriod {
+    let period = tally.period;
+    let from = period.since.or(tally.runs.iter().map(|r| r.0).min());
+    let to = match period.until {
+        Some(until) => Some(until.min(now)),
+        None => tally.runs.iter().map(|r| r.1).max(),
+    };
+    let at_least = args.max_gap.saturating_mul(60_000_000_000);
+    let gaps = match (from, to) {
+        (Some(from), Some(to)) => period::uncovered(tally.runs, from, to, at_least),
+        _ => Vec::new(),
+    };
+    AuditPeriod {
+        since: period.since.map(rfc3339),
+        until: period.until.map(rfc3339),
+        still_running: period.until.is_none_or(|u| u > now),
+        records_outside: tally.records_outside,
+        counters_from_summaries: true,
+        max_gap_minutes: args.max_gap,
+        gaps: gaps
+            .into_iter()
+            .map(|(a, b)| Gap {
+                from: rfc3339(a),
+                to: rfc3339(b),
+                minutes: (b - a) / 60_000_000_000,
+            })
+            .collect(),
+        pruned_in_period: integrity
+            .pruned
+            .iter()
+            .filter(|c| {
+                // A manifest without times (none is written so) is taken to reach in.
+                let p = &c.pruned;
+                p.first_ts
+                    .zip(p.last_ts)
+                    .is_none_or(|(a, b)| period.overlaps(a, b))
+            })
+            .map(|c| c.chain.clone())
+            .collect(),
+    }
 }
 
 /// The digests `--approved-config` names: each value a digest, or a policy file's digest.
@@ -530,22 +671,35 @@ fn read_file(path: &Path, f: &mut dyn FnMut(u64, &Map<String, Value>)) -> Result
 /// Running state of the aggregation over every chain.
 #[derive(Default)]
 struct Tally {
+    /// The audit period: records outside it are verified but not counted.
+    period: Period,
     tenants: BTreeSet<String>,
+    /// First and last record counted.
     first_ts: Option<u64>,
     last_ts: Option<u64>,
+    records_outside: u64,
+    /// Each run's first and last record time, in or out of the period: when a writer was seen.
+    runs: Vec<(u64, u64)>,
 }
 
 /// Running state of one chain: the run (process) being read.
 struct ChainState {
     chain: String,
     process: Option<Process>,
-    /// Counters of the run's latest `summary` record.
+    /// Counters of the run's latest `summary` record (in the audit period, when one is given).
     last_summary: Option<Map<String, Value>>,
-    /// The run's `stop` total of lost records, and the sum of its `lost` records.
+    /// Counters of the run's latest `summary` record before the audit period: what it had
+    /// done before, taken off `last_summary`.
+    baseline: Option<Map<String, Value>>,
+    /// The run's `stop` total of lost records (when the stop is in the period), the sum of
+    /// its `lost` records in the period, and of those before it.
     stop_lost: Option<u64>,
     lost_sum: u64,
+    lost_before: u64,
     /// The run being read began with a `start` or `recovery` record that was read.
     run_started: bool,
+    /// Times of the run's first and last records, in or out of the period.
+    span: Option<(u64, u64)>,
 }
 
 impl ChainState {
@@ -554,9 +708,12 @@ impl ChainState {
             chain: chain.to_string(),
             process: None,
             last_summary: None,
+            baseline: None,
             stop_lost: None,
             lost_sum: 0,
+            lost_before: 0,
             run_started: false,
+            span: None,
         }
     }
 
@@ -570,28 +727,54 @@ impl ChainState {
         })
     }
 
-    /// Ends the run being read: its counters, lost records and row go into the report.
-    fn finish_run(&mut self, ev: &mut Evidence) {
-        let Some(mut process) = self.process.take() else {
+    /// Ends the run being read: its counters, lost records and row go into the report when
+    /// it ran during the audit period (always, without one).
+    fn finish_run(&mut self, ev: &mut Evidence, tally: &mut Tally) {
+        let process = self.process.take();
+        let run_started = std::mem::take(&mut self.run_started);
+        let (summary, baseline) = (self.last_summary.take(), self.baseline.take());
+        let (stop_lost, lost_sum) = (self.stop_lost.take(), std::mem::take(&mut self.lost_sum));
+        let lost_before = std::mem::take(&mut self.lost_before);
+        let span = self.span.take();
+        tally.runs.extend(span);
+        let Some(mut process) = process else {
             return;
         };
-        process.start_archived = !std::mem::take(&mut self.run_started);
-        match self.last_summary.take() {
-            Some(counters) => {
-                for (k, v) in counters {
-                    if let Some(n) = v.as_u64() {
-                        let total = ev.counters.entry(k).or_default();
-                        *total = total.saturating_add(n);
-                    }
-                }
-            }
+        let in_period = !tally.period.is_set()
+            || span.is_some_and(|(first, last)| tally.period.overlaps(first, last));
+        if !in_period {
+            return;
+        }
+        process.start_archived = !run_started;
+        match summary {
+            Some(counters) => add_counters(ev, counters, baseline.as_ref()),
             None => ev.processes_without_summary += 1,
         }
-        // A `stop` record's total already counts every loss its `lost` records describe.
-        let lost = self.stop_lost.take().unwrap_or(self.lost_sum);
-        self.lost_sum = 0;
+        // A `stop` record's total already counts every loss its `lost` records describe,
+        // those before the period too.
+        let lost = stop_lost.map_or(lost_sum, |total| total.saturating_sub(lost_before));
         ev.records_lost = ev.records_lost.saturating_add(lost);
         ev.processes.push(process);
+    }
+}
+
+/// Adds a run's counters to the report: those of its last summary, less those of its last
+/// summary before the audit period (counters only grow within a run).
+fn add_counters(
+    ev: &mut Evidence,
+    counters: Map<String, Value>,
+    baseline: Option<&Map<String, Value>>,
+) {
+    for (k, v) in counters {
+        let Some(n) = v.as_u64() else {
+            continue;
+        };
+        let before = baseline
+            .and_then(|b| b.get(&k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let total = ev.counters.entry(k).or_default();
+        *total = total.saturating_add(n.saturating_sub(before));
     }
 }
 
@@ -607,24 +790,23 @@ impl Tally {
     ) {
         let kind = record.get("kind").and_then(Value::as_str).unwrap_or("?");
         if kind == "start" || kind == "recovery" {
-            chain.finish_run(ev);
+            chain.finish_run(ev, self);
             chain.run_started = true;
         }
-        let process = chain.process();
+        let num = |k: &str| record.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         let ts = record.get("ts").and_then(Value::as_u64);
         if let Some(ts) = ts {
-            self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
-            self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));
+            let (first, last) = chain.span.unwrap_or((ts, ts));
+            chain.span = Some((first.min(ts), last.max(ts)));
+        }
+        // What the run is and how it ended describe its row, from records in or out of the
+        // period.
+        let process = chain.process();
+        if let Some(ts) = ts {
             process.started.get_or_insert_with(|| rfc3339(ts));
             process.last_record = Some(rfc3339(ts));
         }
-        if let Some(t) = record.get("tenant_id").and_then(Value::as_str) {
-            self.tenants.insert(t.to_string());
-        }
-        let count = ev.records_by_kind.entry(kind.to_string()).or_default();
-        *count = count.saturating_add(1);
-        let num = |k: &str| record.get(k).and_then(Value::as_u64).unwrap_or(0);
-        let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         match kind {
             "start" | "recovery" => {
                 process.host = text("host");
@@ -633,6 +815,36 @@ impl Tally {
                 process.config_digest = text("config_digest");
                 process.recovered = kind == "recovery";
             }
+            "stop" => process.clean_stop = true,
+            _ => {}
+        }
+        // A record without a time cannot be placed in a period; every writer gives one.
+        let in_period = ts.map_or(!self.period.is_set(), |t| self.period.contains(t));
+        if !in_period {
+            self.records_outside = self.records_outside.saturating_add(1);
+            if ts.is_some_and(|t| self.period.is_before(t)) {
+                match kind {
+                    "summary" => {
+                        chain.baseline = record.get("counters").and_then(Value::as_object).cloned();
+                    }
+                    "lost" => {
+                        chain.lost_before = chain.lost_before.saturating_add(num("records_lost"))
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if let Some(ts) = ts {
+            self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
+            self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));
+        }
+        if let Some(t) = record.get("tenant_id").and_then(Value::as_str) {
+            self.tenants.insert(t.to_string());
+        }
+        let count = ev.records_by_kind.entry(kind.to_string()).or_default();
+        *count = count.saturating_add(1);
+        match kind {
             "summary" => {
                 chain.last_summary = record.get("counters").and_then(Value::as_object).cloned();
             }
@@ -651,10 +863,7 @@ impl Tally {
                     kv.gate_blocks = kv.gate_blocks.saturating_add(num("blocks"));
                 }
             }
-            "stop" => {
-                process.clean_stop = true;
-                chain.stop_lost = Some(num("records_lost"));
-            }
+            "stop" => chain.stop_lost = Some(num("records_lost")),
             "lost" => chain.lost_sum = chain.lost_sum.saturating_add(num("records_lost")),
             "anomaly" => {
                 let signal = text("signal").unwrap_or_else(|| "unspecified".into());
@@ -802,6 +1011,45 @@ fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
     }
 }
 
+fn render_audit_period(p: &AuditPeriod, push: &mut impl FnMut(String)) {
+    push(String::new());
+    push("## Audit period".into());
+    push(String::new());
+    let end = |t: &Option<String>, open: &str| t.clone().unwrap_or_else(|| open.to_string());
+    push(format!(
+        "From {} (included) to {} (not included). The whole log was verified; the figures \
+         below count the records of the period only ({} records outside it are not counted), \
+         and list the processes that ran during it.",
+        end(&p.since, "the first record"),
+        end(&p.until, "the last record"),
+        p.records_outside
+    ));
+    push(String::new());
+    if p.still_running {
+        push("- The period has not ended: the report covers it up to its own time.".into());
+    }
+    if p.gaps.is_empty() {
+        push(format!(
+            "- No stretch of {} minutes or more without a record.",
+            p.max_gap_minutes
+        ));
+    }
+    for g in &p.gaps {
+        push(format!(
+            "- Attention: no record from {} to {} ({} minutes): no process ran with kvhygiene \
+             then, or its log is not in this directory.",
+            g.from, g.to, g.minutes
+        ));
+    }
+    for chain in &p.pruned_in_period {
+        push(format!(
+            "- Attention: chain {}: records `kvh prune-log` moved to the archive fall in the \
+             period and are not in this report; give `--archive-dir` to include them.",
+            cell(chain)
+        ));
+    }
+}
+
 /// The report as Markdown. Everything taken from the log goes through [`cell`].
 pub fn render(ev: &Evidence) -> String {
     let mut s = String::new();
@@ -895,11 +1143,18 @@ pub fn render(ev: &Evidence) -> String {
                 .into(),
         );
     }
+    if let Some(period) = &ev.audit_period {
+        render_audit_period(period, &mut push);
+    }
     push(String::new());
     push("## Coverage".into());
     push(String::new());
-    if let Some((a, b)) = &ev.period {
-        push(format!("Records from {a} to {b}; {} tenants.", ev.tenants));
+    match &ev.period {
+        Some((a, b)) => push(format!("Records from {a} to {b}; {} tenants.", ev.tenants)),
+        None if ev.audit_period.is_some() => {
+            push("No record of the verified chains falls in the audit period.".into())
+        }
+        None => {}
     }
     push(String::new());
     push("| chain | host | pid | version | config digest | started | last record | end |".into());
@@ -941,8 +1196,15 @@ pub fn render(ev: &Evidence) -> String {
     push(String::new());
     let c = |k: &str| ev.counters.get(k).copied().unwrap_or(0);
     push(format!(
-        "From each process's last periodic counters: {} frees; {} scrubs ({} bytes), \
+        "{}: {} frees; {} scrubs ({} bytes), \
          verifications passed {}, failed {}; residue detected {}; quarantined {}; invalid frees {}.",
+        if ev.audit_period.is_some() {
+            "Over the audit period, from each process's periodic counters (its last summary in \
+             the period less its last one before; summaries come every summary_interval_ms, so \
+             activity within one interval of either end may be counted on the other side)"
+        } else {
+            "From each process's last periodic counters"
+        },
         c("frees"),
         c("scrubs"),
         c("bytes_scrubbed"),

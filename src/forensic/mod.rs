@@ -13,6 +13,7 @@ pub mod cli;
 pub mod evidence;
 pub mod files;
 pub mod keys;
+pub mod period;
 pub mod prune;
 pub mod record;
 pub mod recovery;

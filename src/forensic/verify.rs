@@ -135,6 +135,8 @@ pub struct Pruned {
     /// The oldest record time of the first file moved (the chain's start), as the manifest
     /// recorded it.
     pub first_ts: Option<u64>,
+    /// The newest record time of the files moved, as the manifest recorded it.
+    pub last_ts: Option<u64>,
 }
 
 impl ChainReport {
@@ -370,7 +372,7 @@ fn whole_chain_archived(
     }
     rep.key_index = Some(sealer);
     let tail = m.tail().ok_or("manifest lists no file")?;
-    rep.pruned = Some(pruned_of(m, tail.last_seq));
+    rep.pruned = Some(pruned_of(m, m.files.len(), tail.last_seq));
     rep.closed = m.complete;
     if !m.complete {
         return Err(format!(
@@ -403,13 +405,17 @@ fn whole_chain_archived(
 const NEEDS_KEY: &str = "--allow-pruned needs the HMAC key (--key-file): a prune manifest \
                          stands in for moved files only when its MAC verifies";
 
-fn pruned_of(m: &Manifest, last_seq: u64) -> Pruned {
+/// What the manifest `m` says of its first `files` files, the last of which ends at
+/// `last_seq`.
+fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
+    let moved = &m.files[..files.min(m.files.len())];
     Pruned {
-        files: m.files.len() as u64,
+        files: moved.len() as u64,
         last_seq,
         complete: m.complete,
         archive: m.archive.clone(),
-        first_ts: m.files.first().map(|f| f.oldest_ts),
+        first_ts: moved.first().map(|f| f.oldest_ts),
+        last_ts: moved.iter().map(|f| f.newest_ts).max(),
     }
 }
 
@@ -987,10 +993,7 @@ impl<'a> Walk<'a> {
         self.prev = prev;
         self.prev_file = Some(tail.name.clone());
         self.cur_index = first - 1;
-        self.report.pruned = Some(Pruned {
-            files: first,
-            ..pruned_of(m, tail.last_seq)
-        });
+        self.report.pruned = Some(pruned_of(m, first as usize, tail.last_seq));
         // A chain moved whole had ended: nothing may follow its last moved file. (Files the
         // manifest lists that are still here, from an interrupted run, end with the stop.)
         self.report.closed = m.complete && m.files.len() as u64 == first;
