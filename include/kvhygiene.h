@@ -73,6 +73,10 @@ enum kvh_result
   // while the gate scrubbed them (two requests were given the same blocks); the others
   // were. The blocks named are the other request's: do not use them.
   KVH_ERR_KV_TAKEN = 7022,
+  // This process is a child forked after kvhygiene started in its parent: the allocator
+  // it inherited is the parent's (its pool locks may have been held at the fork, its
+  // threads do not exist here), so the call was refused without touching it.
+  KVH_ERR_FORKED_CHILD = 7023,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -219,7 +223,10 @@ int kvh_synchronize(void);
 int kvh_init(void);
 
 // Orderly shutdown before process exit: scrubs and verifies everything freed, writes the
-// forensic log's stop record, then makes no further device calls. Later allocations fail.
+// forensic log's stop record, then makes no further device calls. Later allocations are
+// served only from clean pooled blocks (already verified, no device call), so teardown code
+// that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
+// frees are accepted and leak their block (no scrub can run).
 void kvh_shutdown(void);
 
 // Sets the calling thread's tenant, request and model ids, stamped on every block it

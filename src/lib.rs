@@ -38,3 +38,11 @@ pub mod forensic;
 pub mod gate;
 pub mod metrics;
 pub mod stats;
+
+/// Writes one line on stderr for the operator, ignoring a failure. The allocator runs inside
+/// servers whose stderr may be closed (EPIPE): `eprintln!` would turn that into a panic in the
+/// middle of an allocation, a free or an abort for a failed verification.
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

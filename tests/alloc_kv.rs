@@ -306,11 +306,25 @@ fn bad_layouts_and_ids_are_refused_before_any_write() {
         );
     }
     assert_eq!(f.alloc.stats().counters.kv_scrubs_refused, 4);
-    // An invalid device is an argument error of the call itself.
+    // A device that does not exist: refused, counted and logged (on device 0's pool, as an
+    // invalid free is), so an engine that mis-indexes its devices leaves a trace.
     assert!(matches!(
         f.alloc.scrub_kv_blocks(&layout, &[0], 99, s),
         Err(KvScrubError::InvalidDevice { device: 99, .. })
     ));
+    assert_eq!(f.alloc.stats().counters.kv_scrubs_refused, 5);
+    let last = f.sink.snapshot().pop().unwrap();
+    assert!(
+        matches!(&last.kind, EventKind::PolicyViolation { policy: "kv_scrub", detail } if detail.contains("99")),
+        "{last:?}"
+    );
+    assert!(f.alloc.claim_kv_blocks(&layout, &[0], -1, s).is_err());
+    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 1);
+    let last = f.sink.snapshot().pop().unwrap();
+    assert!(
+        matches!(&last.kind, EventKind::PolicyViolation { policy: "kv_gate", detail } if detail.contains("-1")),
+        "{last:?}"
+    );
     // No ids: nothing to do once the layout is checked.
     let r = f.alloc.scrub_kv_blocks(&layout, &[], 0, s).unwrap();
     assert_eq!(r.segments, 0);

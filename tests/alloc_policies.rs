@@ -260,3 +260,26 @@ fn a_failed_release_is_counted_and_sticky() {
     assert_eq!(st.counters.released, 1);
     assert!(f.alloc.block_info(a).is_none());
 }
+
+/// `KVH_IDLE_TTL_MS`: the flusher trims every half TTL (not once a second), so a block idle
+/// ten times its TTL is back with the backend, not handed out again.
+#[test]
+fn a_block_idle_well_past_its_ttl_is_not_handed_out_again() {
+    let f = Fixture::new(Config {
+        idle_ttl_ms: 20,
+        batch_max_delay_us: 500,
+        ..Config::default()
+    });
+    let a = f.malloc_zeroed(4096, 0, 0);
+    let id = f.alloc.block_info(a).unwrap().id;
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = f.malloc_zeroed(4096, 0, 0);
+    assert_ne!(
+        f.alloc.block_info(b).unwrap().id,
+        id,
+        "a block idle for 200 ms was handed out under idle_ttl_ms = 20"
+    );
+    assert!(f.alloc.stats().counters.released >= 1);
+}

@@ -304,13 +304,15 @@ fn bad_claims_are_refused_and_logged() {
         e,
         KvClaimError::Scrub(KvScrubError::InvalidDevice { .. })
     ));
+    // Each refusal is logged, the device that does not exist too.
     let v = gate_violations(&f);
-    assert_eq!(v.len(), 2, "{v:?}");
+    assert_eq!(v.len(), 3, "{v:?}");
     assert!(
         v.iter().all(|d| d.starts_with("kvh_claim_blocks refused")),
         "{v:?}"
     );
-    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 2);
+    assert!(v[2].contains("invalid device 9"), "{v:?}");
+    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 3);
 }
 
 #[test]

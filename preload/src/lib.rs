@@ -61,11 +61,10 @@ mod real;
 
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::ffi::{process_allocator, started_process_allocator};
+use kvhygiene::ffi::{is_forked_child, process_allocator, started_process_allocator};
 
 use cuda::*;
 use mode::{mode, Mode};
@@ -340,30 +339,13 @@ fn route() -> Mode {
     }
 }
 
-/// Whether this process is a forked child of the one that loaded this library: set by a
-/// `pthread_atfork` child handler, so the check is one load, not a `getpid` per call, and it
-/// holds even for a fork made while another thread was starting kvhygiene.
+/// Whether this process is a child forked after kvhygiene's start-up began in its parent
+/// ([`kvhygiene::ffi::is_forked_child`]: a fork handler the core registers before it starts,
+/// so the check is one load, not a `getpid` per call, and it holds even for a fork made while
+/// another thread was starting kvhygiene). A child forked before start-up (a launcher that
+/// loaded this library but never allocated) is served as any process is.
 fn forked() -> bool {
-    FORKED.load(Ordering::Relaxed)
-}
-
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn mark_forked() {
-    FORKED.store(true, Ordering::Relaxed);
-}
-
-/// Registers the fork handler when the library is loaded, before the process can fork with
-/// kvhygiene started. One `.init_array` entry, which is all a constructor crate would add.
-#[used]
-#[link_section = ".init_array"]
-static REGISTER_FORK_HANDLER: extern "C" fn() = register_fork_handler;
-
-extern "C" fn register_fork_handler() {
-    // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe);
-    // no prepare or parent handler. This library is never unloaded (LD_PRELOAD), so the
-    // handler stays valid for the life of the process.
-    unsafe { libc::pthread_atfork(None, None, Some(mark_forked)) };
+    is_forked_child()
 }
 
 /// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling

@@ -672,6 +672,23 @@ fn a_forked_child_forwards_to_the_real_runtime() {
 }
 
 #[test]
+fn a_child_forked_before_kvhygiene_started_is_still_served_and_scrubbed() {
+    // A pre-fork launcher or server loads the library but never allocates; its workers run
+    // the engine. Only a child forked after kvhygiene started forwards: these workers are
+    // served and scrubbed, or the next request would read the previous one's secret.
+    let Some(b) = built() else { return };
+    let r = run(b, "fork-before-start", true, &[]);
+    r.expect(&[
+        ("child_exited_cleanly", 1),
+        ("child_rc_malloc", 0),
+        ("child_malloc_forwarded", 0),
+        ("child_rc_free", 0),
+        ("child_rc_malloc_again", 0),
+        ("child_secret_seen", 0),
+    ]);
+}
+
+#[test]
 fn a_runtime_under_a_vendored_name_is_found_among_the_loaded_objects() {
     // As in the RTLD_LOCAL test, but the runtime is `libcudart-0a1b2c3d.so.12` (wheels
     // rename the libraries they bundle): no soname look-up finds it; the scan of loaded

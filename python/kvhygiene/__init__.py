@@ -271,7 +271,9 @@ def _message(code: int) -> str:
 
 
 def _error(call: str, code: int) -> KvhError:
-    return KvhError(call, code, _message(code))
+    # The thread's last message names the bad value (or says the library's stored error);
+    # the code's generic text only when there is none.
+    return KvhError(call, code, _last_message() or _message(code))
 
 
 def _check(call: str, code: int) -> None:
@@ -302,8 +304,18 @@ def empty_cache() -> None:
     load().kvh_empty_cache()
 
 
-def _encode(value: Optional[str]) -> Optional[bytes]:
-    return None if value is None else str(value).encode("utf-8")
+_CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
+
+
+def _encode(value: Optional[str], name: str) -> Optional[bytes]:
+    if value is None:
+        return None
+    raw = str(value).encode("utf-8")
+    # ctypes passes bytes as a C string, which ends at the first NUL: "acme\0evil" would reach
+    # the library as "acme", and two tenants would share one identity.
+    if b"\0" in raw:
+        raise ValueError(f"{name} {value!r} contains a NUL character")
+    return raw
 
 
 def _set(ids) -> None:
@@ -311,7 +323,8 @@ def _set(ids) -> None:
     if ids is None:
         lib.kvh_clear_context()
         return
-    _check("kvh_set_context", lib.kvh_set_context(*(_encode(v) for v in ids)))
+    encoded = [_encode(v, name) for v, name in zip(ids, _CONTEXT_FIELDS)]
+    _check("kvh_set_context", lib.kvh_set_context(*encoded))
 
 
 @contextlib.contextmanager
@@ -358,6 +371,9 @@ class KvLayout:
         self.block_stride = _u64(block_bytes if block_stride is None else block_stride, "block_stride")
         self.blocks_per_region = _u64(blocks_per_region, "blocks_per_region")
         self.device = int(device)
+        # The C argument is an int: ctypes would wrap a larger value silently (2**32 is 0).
+        if not 0 <= self.device < 2**31:
+            raise ValueError(f"device {self.device} is not a device index (0 .. 2**31 - 1)")
 
     def __repr__(self) -> str:
         return (
@@ -515,9 +531,20 @@ def _kv_call(name: str, layout: KvLayout, block_ids, stream):
 
 
 def _last_message() -> str:
-    """The calling thread's last error message (it names the bad value)."""
+    """The calling thread's last error message (it names the bad value), or "" when there is
+    none or it cannot be read. Never raises: every error path calls it."""
     lib = load()
-    return _read_string(lib.kvh_last_error_message, "kvh_last_error_message")
+    size = 1024
+    for _ in range(4):
+        buf = ctypes.create_string_buffer(size)
+        needed = ctypes.c_size_t(0)
+        code = lib.kvh_last_error_message(buf, size, ctypes.byref(needed))
+        if code == KVH_OK:
+            return buf.raw[: needed.value].decode("utf-8", "replace").rstrip("\0")
+        if code != KVH_ERR_BUFFER_TOO_SMALL:
+            return ""
+        size = needed.value + 1
+    return ""
 
 
 def _function_address(lib: ctypes.CDLL, name: str) -> int:

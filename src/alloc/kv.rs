@@ -343,7 +343,14 @@ impl Allocator {
         stream: StreamHandle,
         by: ScrubFor<'_>,
     ) -> Result<(KvScrubReport, Vec<u32>), KvScrubError> {
-        let dev = self.kv_device(device)?;
+        let dev = match self.kv_device(device) {
+            Ok(dev) => dev,
+            Err(e @ KvScrubError::InvalidDevice { .. }) if !self.inner.pools.is_empty() => {
+                // Counted and logged on device 0's pool, as an invalid free is.
+                return Err(self.refuse_kv_scrub(0, e));
+            }
+            Err(e) => return Err(e),
+        };
         let checked = layout.validate().and_then(|()| check_ids(layout, ids));
         if let Err(e) = checked {
             return Err(self.refuse_kv_scrub(dev, e));
@@ -585,7 +592,8 @@ impl Allocator {
     }
 
     /// The pool index of `device` for a KV call, unless the allocator is shutting down or the
-    /// device does not exist (refusals that name no pool to count them in).
+    /// device does not exist (refusals that name no pool: the callers count and log a device
+    /// that does not exist on device 0's pool).
     pub(super) fn kv_device(&self, device: i32) -> Result<u32, KvScrubError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(KvScrubError::ShuttingDown);

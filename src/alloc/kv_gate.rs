@@ -376,7 +376,14 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<KvClaimReport, KvClaimError> {
-        let dev = self.kv_device(device)?;
+        let dev = match self.kv_device(device) {
+            Ok(dev) => dev,
+            Err(e @ KvScrubError::InvalidDevice { .. }) if !self.inner.pools.is_empty() => {
+                // Counted and logged on device 0's pool, as an invalid free is.
+                return Err(self.refuse_claim(0, e.to_string(), e.into()));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let checked = layout.validate().and_then(|()| check_ids(layout, ids));
         if let Err(e) = checked {
             return Err(self.refuse_claim(dev, e.to_string(), e.into()));

@@ -752,9 +752,9 @@ impl Allocator {
         if let Some(sink) = &self.inner.sink {
             sink.flush();
         }
-        eprintln!(
+        crate::say(format_args!(
             "kvhygiene: scrub verification failed and failure_mode=abort: aborting the process"
-        );
+        ));
         std::process::abort()
     }
 
@@ -767,15 +767,25 @@ impl Allocator {
     }
 }
 
+/// How often the flusher trims blocks idle past `idle_ttl_ms`: every half TTL, so a block goes
+/// back to the backend at most half a TTL late, but no more often than the flusher wakes
+/// (`tick`) and no less often than once a second (the trim scans the free lists: a
+/// TTL in minutes does not need it more often).
+fn trim_period(idle_ttl_ms: i64, tick: Duration) -> Duration {
+    let half_ttl = Duration::from_millis(u64::try_from(idle_ttl_ms).unwrap_or(0) / 2);
+    half_ttl.clamp(tick, Duration::from_secs(1))
+}
+
 /// The flusher: bounds how long a free waits in an open batch and how long a completed
 /// scrub waits to be harvested. Holds only a weak reference, so dropping the allocator ends it.
 fn spawn_flusher(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(i) => Duration::from_micros(i.config.batch_max_delay_us.clamp(100, 10_000)),
+    let (period, trim_every) = match inner.upgrade() {
+        Some(i) => {
+            let period = Duration::from_micros(i.config.batch_max_delay_us.clamp(100, 10_000));
+            (period, trim_period(i.config.idle_ttl_ms, period))
+        }
         None => return,
     };
-    // Idle-TTL trimming scans the free lists; once a second is plenty for a TTL in ms..min.
-    const TRIM_EVERY: Duration = Duration::from_secs(1);
     let spawned = std::thread::Builder::new()
         .name("kvh-flusher".into())
         .spawn(move || {
@@ -786,7 +796,7 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 if inner.shutting_down.load(Ordering::Acquire) {
                     return;
                 }
-                let trim = last_trim.elapsed() >= TRIM_EVERY;
+                let trim = last_trim.elapsed() >= trim_every;
                 if trim {
                     last_trim = Instant::now();
                 }
@@ -796,6 +806,8 @@ fn spawn_flusher(inner: Weak<Inner>) {
     if let Err(e) = spawned {
         // Without the flusher, batches still flush when full, when malloc needs memory and on
         // synchronize; only the time bound is lost. Say so once.
-        eprintln!("kvhygiene: cannot start the flusher thread ({e}); batches flush by count only");
+        crate::say(format_args!(
+            "kvhygiene: cannot start the flusher thread ({e}); batches flush by count only"
+        ));
     }
 }

@@ -77,7 +77,9 @@ impl HostBackend {
         let queue = match spawned {
             Ok(_) => Some(tx),
             Err(e) => {
-                eprintln!("kvhygiene: cannot start the host scrub worker: {e}");
+                crate::say(format_args!(
+                    "kvhygiene: cannot start the host scrub worker: {e}"
+                ));
                 None
             }
         };

@@ -63,6 +63,10 @@ pub enum kvh_result {
     /// while the gate scrubbed them (two requests were given the same blocks); the others
     /// were. The blocks named are the other request's: do not use them.
     KVH_ERR_KV_TAKEN = 7022,
+    /// This process is a child forked after kvhygiene started in its parent: the allocator
+    /// it inherited is the parent's (its pool locks may have been held at the fork, its
+    /// threads do not exist here), so the call was refused without touching it.
+    KVH_ERR_FORKED_CHILD = 7023,
 }
 
 use kvh_result::*;
@@ -94,6 +98,7 @@ impl kvh_result {
         KVH_ERR_NOT_LIVE,
         KVH_ERR_KV_GATE,
         KVH_ERR_KV_TAKEN,
+        KVH_ERR_FORKED_CHILD,
     ];
 
     pub fn from_u32(code: u32) -> Option<kvh_result> {
@@ -127,6 +132,7 @@ impl kvh_result {
             KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed or claimed",
             KVH_ERR_KV_GATE => "KV blocks would change owner without a verified scrub; nothing was claimed",
             KVH_ERR_KV_TAKEN => "KV blocks were taken by another claim while they were scrubbed; they were not handed over",
+            KVH_ERR_FORKED_CHILD => "forked child: kvhygiene started in the parent process, and a child cannot use the allocator it inherited",
         }
     }
 }

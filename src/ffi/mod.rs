@@ -88,9 +88,13 @@ pub extern "C-unwind" fn kvh_malloc(
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    let (ptr, throw) = boundary((std::ptr::null_mut(), oom_throws()), || {
-        malloc_inner(size, device, stream)
+    let (ptr, throw) = boundary((std::ptr::null_mut(), None), || {
+        let (ptr, throw) = malloc_inner(size, device, stream);
+        (ptr, Some(throw))
     });
+    // A panic caught inside left no answer; the environment alone decides then (starting the
+    // runtime out here, outside the boundary, could panic again).
+    let throw = throw.unwrap_or_else(oom_throws_by_env);
     if ptr.is_null() && throw {
         // SAFETY: the shim only throws; the unwind passes through this "C-unwind" frame, which
         // holds no state needing cleanup, outside of any catch_unwind.
@@ -109,7 +113,7 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
         Ok(rt) => rt,
         Err(e) => {
             set_last_error(e.code(), e.to_string());
-            return (std::ptr::null_mut(), oom_throws());
+            return (std::ptr::null_mut(), oom_throws_by_env());
         }
     };
     let throw = rt.allocator.config().oom == OomMode::Throw;
@@ -128,14 +132,11 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
     }
 }
 
-/// Whether a failed `kvh_malloc` throws: the configured `oom` mode, or, when the
-/// configuration did not load, the raw `KVH_OOM` variable (throwing unless it says `null`,
-/// since PyTorch would otherwise use a NULL pointer).
-fn oom_throws() -> bool {
-    match runtime::get() {
-        Ok(rt) => rt.allocator.config().oom == OomMode::Throw,
-        Err(_) => std::env::var("KVH_OOM").map_or(true, |v| v.trim() != "null"),
-    }
+/// Whether a failed `kvh_malloc` throws when the runtime did not start (so no configured
+/// `oom` mode exists): the raw `KVH_OOM` variable, throwing unless it says `null`, since
+/// PyTorch would otherwise use a NULL pointer.
+fn oom_throws_by_env() -> bool {
+    std::env::var("KVH_OOM").map_or(true, |v| v.trim() != "null")
 }
 
 /// Frees `ptr` (allocated by `kvh_malloc` on `device`). PyTorch's `CUDAPluggableAllocator`
@@ -181,7 +182,7 @@ fn free_common(
 ) -> c_int {
     let rt = match runtime::get() {
         Ok(rt) => rt,
-        Err(e) => return fail(KVH_ERR_CONFIG, e.to_string()),
+        Err(e) => return fail(e.code(), e.to_string()),
     };
     let (addr, stream) = (ptr as u64, stream_handle(stream));
     let result = if checked {
@@ -531,7 +532,7 @@ pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
         let rt = match runtime::get() {
             Ok(rt) => rt,
-            Err(e) => return fail(KVH_ERR_CONFIG, e.to_string()),
+            Err(e) => return fail(e.code(), e.to_string()),
         };
         match rt.allocator.synchronize() {
             Ok(()) => ok(),
@@ -552,7 +553,10 @@ pub extern "C" fn kvh_init() -> c_int {
 }
 
 /// Orderly shutdown before process exit: scrubs and verifies everything freed, writes the
-/// forensic log's stop record, then makes no further device calls. Later allocations fail.
+/// forensic log's stop record, then makes no further device calls. Later allocations are
+/// served only from clean pooled blocks (already verified, no device call), so teardown code
+/// that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
+/// frees are accepted and leak their block (no scrub can run).
 #[no_mangle]
 pub extern "C" fn kvh_shutdown() {
     boundary((), runtime::shutdown)
@@ -603,7 +607,7 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
     boundary(KVH_ERR_PANIC as c_int, || {
         let rt = match runtime::get() {
             Ok(rt) => rt,
-            Err(e) => return fail(KVH_ERR_CONFIG, e.to_string()),
+            Err(e) => return fail(e.code(), e.to_string()),
         };
         // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
         // write of one `usize` (the caller's contract above).
@@ -663,6 +667,14 @@ pub extern "C" fn kvh_version() -> *const c_char {
 /// printed on stderr once.
 pub fn process_allocator() -> Result<&'static Allocator, kvh_result> {
     runtime::get().map(|rt| &rt.allocator).map_err(|e| e.code())
+}
+
+/// Whether this process is a child forked after kvhygiene's start-up began in its parent:
+/// such a child must not use the allocator it inherited, and every export refuses to, with
+/// `KVH_ERR_FORKED_CHILD`. A child forked before start-up is not one: it starts its own.
+/// One atomic load (a fork handler sets it).
+pub fn is_forked_child() -> bool {
+    runtime::is_forked_child()
 }
 
 /// The process-wide allocator if it has already started; never starts it. An allocator

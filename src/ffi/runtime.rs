@@ -4,12 +4,20 @@
 //! start-up failure is remembered: every later call fails with the same error (an allocator
 //! that half-started must not serve memory), and the reason is printed once on stderr.
 //!
+//! A child forked after start-up began never uses the runtime it inherited: its pool locks
+//! may have been held at the fork by threads the child does not have, and its worker threads
+//! do not exist there. A `pthread_atfork` child handler, registered before start-up begins,
+//! marks such a child, so the check on every call is one atomic load. A child forked before
+//! start-up (a launcher or pre-fork server that loaded the library but never allocated) is
+//! not marked and starts its own runtime.
+//!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
 //! allocator runs without that export.
 
 use std::io::Write;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 use std::time::Duration;
 
@@ -20,6 +28,7 @@ use crate::config::Config;
 use crate::events::EventSink;
 use crate::forensic::{ForensicLog, LogStats, StartInfo};
 use crate::metrics::{Exporter, FINAL_WRITE_LIMIT};
+use crate::say;
 use crate::stats::Stats;
 
 use super::error::kvh_result;
@@ -78,6 +87,11 @@ pub(crate) enum StartError {
     Backend(String),
     #[error("kvhygiene: {0}")]
     Log(String),
+    #[error(
+        "kvhygiene: this process is a child forked after kvhygiene started in its parent; the \
+         allocator it inherited is the parent's and is not used here"
+    )]
+    ForkedChild,
 }
 
 impl StartError {
@@ -86,30 +100,78 @@ impl StartError {
             StartError::Config(_) => kvh_result::KVH_ERR_CONFIG,
             StartError::Backend(_) => kvh_result::KVH_ERR_BACKEND,
             StartError::Log(_) => kvh_result::KVH_ERR_LOG,
+            StartError::ForkedChild => kvh_result::KVH_ERR_FORKED_CHILD,
         }
     }
 }
 
 static RUNTIME: OnceLock<Result<Runtime, StartError>> = OnceLock::new();
 
-/// The runtime, started on first call.
+/// Set in a child forked after start-up began (see the module documentation).
+static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
+
+static FORKED_CHILD_ERROR: StartError = StartError::ForkedChild;
+
+/// The runtime, started on first call. In a child forked after start-up began, the
+/// [`StartError::ForkedChild`] error, without touching the inherited runtime (whose start-up
+/// may even have been under way in a thread the child does not have).
 pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
+    if is_forked_child() {
+        return Err(&FORKED_CHILD_ERROR);
+    }
+    match RUNTIME.get() {
+        Some(started) => started.as_ref(),
+        None => start_once(),
+    }
+}
+
+#[cold]
+fn start_once() -> Result<&'static Runtime, &'static StartError> {
+    // Before the start-up begins, so that a fork during it marks the child too.
+    watch_forks();
     RUNTIME.get_or_init(start).as_ref()
 }
 
-/// The runtime if it has already started successfully; never starts it.
+/// The runtime if it has already started successfully in this process; never starts it.
 pub(crate) fn started() -> Option<&'static Runtime> {
     match RUNTIME.get() {
-        Some(Ok(rt)) => Some(rt),
+        Some(Ok(rt)) if !is_forked_child() => Some(rt),
         _ => None,
     }
+}
+
+/// Whether this process is a child forked after kvhygiene's start-up began in its parent.
+pub(crate) fn is_forked_child() -> bool {
+    FORKED_CHILD.load(Ordering::Relaxed)
+}
+
+/// Registers the fork handler that marks children, once per process.
+fn watch_forks() {
+    extern "C" fn mark_child() {
+        FORKED_CHILD.store(true, Ordering::Relaxed);
+    }
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe,
+        // as a handler running in the child of a multi-threaded process must be); no prepare
+        // or parent handler. The library is never unloaded while the process may still fork
+        // (PyTorch and LD_PRELOAD keep it for the life of the process), so the handler stays
+        // valid.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(mark_child)) };
+        if rc != 0 {
+            say(format_args!(
+                "kvhygiene: cannot register the fork handler (error {rc}); a forked child \
+                 would use the allocator it inherited"
+            ));
+        }
+    });
 }
 
 fn start() -> Result<Runtime, StartError> {
     let result = try_start();
     match &result {
         Ok(_) => register_exit_handler(),
-        Err(e) => eprintln!("{e}"),
+        Err(e) => say(format_args!("{e}")),
     }
     result
 }
@@ -177,7 +239,9 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
             }
         });
     if let Err(e) = spawned {
-        eprintln!("kvhygiene: cannot start the summary thread ({e}); no periodic summaries");
+        say(format_args!(
+            "kvhygiene: cannot start the summary thread ({e}); no periodic summaries"
+        ));
     }
 }
 
@@ -239,6 +303,8 @@ fn register_exit_handler() {
     // SAFETY: `on_exit` is an `extern "C" fn()` that never unwinds (catch_unwind above).
     let rc = unsafe { libc::atexit(on_exit) };
     if rc != 0 {
-        eprintln!("kvhygiene: cannot register the exit handler; driver calls may run during exit");
+        say(format_args!(
+            "kvhygiene: cannot register the exit handler; driver calls may run during exit"
+        ));
     }
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = str(ROOT / "python")
 
 
 def library() -> str:
@@ -564,3 +565,189 @@ lib.kvh_shutdown()
     for d in (scrub_dir, enforce_dir):
         ok = subprocess.run([kvh_binary(), "verify-log", str(d)], capture_output=True, text=True)
         assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+
+def test_kvh_malloc_start_up_failure_with_a_broken_stderr_does_not_unwind_into_c():
+    # Start-up runs inside kvh_malloc's panic boundary, and says why it failed on stderr
+    # without panicking when stderr is a pipe nobody reads (EPIPE: Python ignores SIGPIPE, as
+    # servers do): the caller gets NULL and KVH_ERR_CONFIG, and the process goes on.
+    out = run_child(
+        """
+        import os
+        r, w = os.pipe(); os.close(r); os.dup2(w, 2)
+        out["null"] = lib.kvh_malloc(4096, 0, STREAM) is None
+        out["code"] = lib.kvh_last_error()
+        """,
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["null"] and out["code"] == 7011, out
+
+
+def test_kvh_init_reports_the_configuration_error_when_stderr_is_broken():
+    # With stderr broken, kvh_init still returns the configuration error and the message
+    # naming the bad key (not KVH_ERR_PANIC).
+    out = run_child(
+        """
+        import os
+        r, w = os.pipe(); os.close(r); os.dup2(w, 2)
+        out["init"] = lib.kvh_init()
+        out["msg"] = text(lib.kvh_last_error_message)
+        """,
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["init"] == 7011, out
+    assert "KVH_BATCH_SIZE" in out["msg"], out
+
+
+
+
+def test_a_forked_child_does_not_use_or_hang_on_the_inherited_allocator():
+    # A child forked after kvhygiene started must not use the allocator it inherited (its
+    # worker and flusher threads do not exist there, a pool lock may have been held at the
+    # fork): it is never handed the parent's pooled block, and kvh_synchronize does not wait
+    # for a scrub worker that does not exist. Every call says KVH_ERR_FORKED_CHILD.
+    out = run_child(
+        """
+        import os, signal
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        lib.kvh_free(p, 4096, 0, STREAM)
+        assert lib.kvh_synchronize() == 0
+        out["parent_block"] = p
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            signal.alarm(10)  # a hang ends the child with SIGALRM
+            q = lib.kvh_malloc(4096, 0, STREAM)
+            malloc_code = lib.kvh_last_error()
+            if q:
+                lib.kvh_free(q, 4096, 0, STREAM)
+            rc = lib.kvh_synchronize()
+            os.write(w, json.dumps({"q": q, "malloc": malloc_code, "sync": rc}).encode())
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        out["child_status"] = status
+        out["child"] = json.loads(os.read(r, 4096) or b"null")
+        """
+    )
+    assert out["child_status"] == 0, f"forked child hung or died (wait status {out['child_status']})"
+    assert out["child"]["q"] != out["parent_block"], "the child was handed the parent's pooled block"
+    assert out["child"] == {"q": None, "malloc": 7023, "sync": 7023}, out
+
+
+
+
+def test_start_up_errors_keep_their_code_in_every_export(tmp_path):
+    # A log that does not open is KVH_ERR_LOG (7018) from every export, not KVH_ERR_CONFIG
+    # from some, which would send an operator to the configuration instead of the log.
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    out = run_child(
+        """
+        out["init"] = lib.kvh_init()
+        out["free_checked"] = lib.kvh_free_checked(0x1000, 8, 0, STREAM)
+        lib.kvh_free(0x1000, 8, 0, STREAM)
+        out["free"] = lib.kvh_last_error()
+        out["synchronize"] = lib.kvh_synchronize()
+        n = ctypes.c_size_t(0)
+        out["stats_json"] = lib.kvh_stats_json(None, 0, ctypes.byref(n))
+        """,
+        KVH_LOG_DIR=str(not_a_dir / "sub"),
+    )
+    assert out["init"] == 7018, out
+    assert {k: v for k, v in out.items() if k != "init"} == {
+        "free_checked": 7018,
+        "free": 7018,
+        "synchronize": 7018,
+        "stats_json": 7018,
+    }, out
+
+
+
+
+def test_after_kvh_shutdown_only_clean_pooled_blocks_are_served():
+    # After kvh_shutdown no device call is made: a clean pooled block (verified zero) is still
+    # served, so teardown code that allocates does not fail; an allocation that needs the
+    # device fails with KVH_ERR_SHUTTING_DOWN.
+    out = run_child(
+        """
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        ctypes.memset(p, 0xAB, 4096)
+        lib.kvh_free(p, 4096, 0, STREAM)
+        assert lib.kvh_synchronize() == 0
+        lib.kvh_shutdown()
+        q = lib.kvh_malloc(4096, 0, STREAM)
+        out["pooled"] = q == p and zero(q, 4096)
+        out["fresh"] = lib.kvh_malloc(64 << 20, 0, STREAM)
+        out["code"] = lib.kvh_last_error()
+        """
+    )
+    assert out == {"pooled": True, "fresh": None, "code": 7016}, out
+
+
+
+
+def test_context_refuses_an_id_with_an_embedded_nul():
+    # Ids reach the library as C strings, which end at the first NUL: "acme\\0evil" would be
+    # tenant "acme", and two tenants would share one identity (isolation, the KV gate's
+    # tenant scope, the log). The package refuses such an id.
+    out = run_child(
+        f"""
+        import sys
+        sys.path.insert(0, {PACKAGE!r})
+        import kvhygiene
+        try:
+            with kvhygiene.context(tenant_id="acme\\0evil", request_id="r-1"):
+                out["accepted"] = True
+        except (kvhygiene.KvhError, ValueError) as e:
+            out["accepted"] = False
+            out["error"] = str(e)
+        """,
+        KVH_LIBRARY=library(),
+    )
+    assert out["accepted"] is False, out
+
+
+def test_context_errors_name_the_bad_id():
+    # The error carries the library's message naming the field ("tenant_id is 129 bytes
+    # long ..."), not only the code's generic text.
+    out = run_child(
+        f"""
+        import sys
+        sys.path.insert(0, {PACKAGE!r})
+        import kvhygiene
+        try:
+            with kvhygiene.context(tenant_id="x" * 129, request_id="r-1"):
+                pass
+        except kvhygiene.KvhError as e:
+            out["error"] = str(e)
+        """,
+        KVH_LIBRARY=library(),
+    )
+    assert "tenant_id" in out["error"], out
+
+
+
+
+def test_a_kv_layout_device_outside_the_c_int_range_is_refused():
+    # `device` goes to a C int: ctypes would wrap 2**32 to device 0 and scrub its memory.
+    out = run_child(
+        f"""
+        import sys
+        sys.path.insert(0, {PACKAGE!r})
+        import kvhygiene
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        ctypes.memset(p, 0xAB, 4096)
+        try:
+            layout = kvhygiene.KvLayout([p], 4096, 1, device=2**32)
+            kvhygiene.scrub_blocks(layout, [0])
+            out["refused"] = False
+        except (kvhygiene.KvhError, ValueError) as e:
+            out["refused"] = True
+        out["untouched"] = ctypes.string_at(p, 4096) == b"\\xab" * 4096
+        """,
+        KVH_LIBRARY=library(),
+    )
+    assert out["refused"] and out["untouched"], out

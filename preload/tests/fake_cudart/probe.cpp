@@ -4,7 +4,8 @@
 // LD_PRELOAD=libkvhygiene_preload.so; the Rust test compares the two. It never stops early:
 // every step guards its own pointers, so one failure cannot hide the next.
 //
-// Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork
+// Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
+//        fork-before-start
 
 #include <dlfcn.h>
 #include <sys/wait.h>
@@ -471,6 +472,35 @@ static int scenario_fork() {
     return 0;
 }
 
+// A process that loaded the interposer but never allocated (a launcher, a pre-fork server)
+// forks a worker, and the worker is the engine: kvhygiene never started in the parent, so the
+// child is not using anything it inherited, and its allocations must be served and scrubbed.
+static int scenario_fork_before_start() {
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        const size_t N = 4096;
+        int mallocs = fake_cudart_calls("cudaMalloc");
+        void* p = nullptr;
+        out("child_rc_malloc", cudaMalloc(&p, N));
+        out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
+        if (p) fill_secret(p, N);
+        out("child_rc_free", cudaFree(p));
+        kvh_sync();
+        void* q = nullptr;
+        out("child_rc_malloc_again", cudaMalloc(&q, N));
+        out("child_secret_seen", holds_secret(q, N));
+        cudaFree(q);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    out("child_exited_cleanly", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -480,6 +510,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "per-thread") == 0) return scenario_per_thread();
     if (std::strcmp(which, "streams") == 0) return scenario_streams();
     if (std::strcmp(which, "fork") == 0) return scenario_fork();
+    if (std::strcmp(which, "fork-before-start") == 0) return scenario_fork_before_start();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
