@@ -188,6 +188,23 @@ fn cli_exit_codes_and_json() {
     let usage = run(&["verify-log".as_ref()]);
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("No such file or directory"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("log directory "));
+    // A key file that cannot be read is named with the option that gave it.
+    let absent = tmp.path().join("absent.key");
+    for option in ["--key-file", "--public-key"] {
+        let out = run(&[
+            "verify-log".as_ref(),
+            dir.as_os_str(),
+            option.as_ref(),
+            absent.as_os_str(),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{option} {}: No such file", absent.display())),
+            "{err}"
+        );
+    }
     // A directory without a log is not "verified": a mistyped path must not read as OK.
     let empty = tempfile::tempdir().unwrap();
     for json in [false, true] {

@@ -341,7 +341,10 @@ pub struct KvClaimReport {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvClaimError {
     /// Refused before any change (bad layout or ids, memory not live, device), or the gate's
-    /// scrub did not finish; see [`KvScrubError`].
+    /// scrub did not finish; see [`KvScrubError`]. In the second case the blocks that needed
+    /// no scrub (clean, or already the claimant's) may have been handed over already: the
+    /// call failed as a whole, but the ledger names the claimant as their owner, which is
+    /// safe (a later claim by another owner scrubs them again).
     #[error(transparent)]
     Scrub(#[from] KvScrubError),
     /// `kv_gate = enforce` and blocks would change owner without a verified scrub (or failed

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::files;
+use super::ForensicError;
 use super::keys;
 use super::prune::{self, ChainPruned};
 use super::record::hex;
@@ -166,12 +167,12 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
 pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     match std::fs::metadata(&args.dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("{}: not a directory", args.dir.display())),
-        Err(e) => return Err(format!("{}: {e}", args.dir.display())),
+        Ok(_) => return Err(format!("log directory {}: not a directory", args.dir.display())),
+        Err(e) => return Err(format!("log directory {}: {e}", args.dir.display())),
     }
     let mut hmac_keys: Vec<SealKey> = Vec::new();
     for p in &args.key_file {
-        let secret = read_hmac_secret(p)?;
+        let secret = read_hmac_secret(p).map_err(|e| format!("--key-file {e}"))?;
         // The same secret named twice (one file under two paths) is one key.
         if !hmac_keys.iter().any(|k| k.secret == secret) {
             hmac_keys.push(SealKey::new(p.display().to_string(), secret));
@@ -179,7 +180,10 @@ pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     }
     let mut public_keys = Vec::new();
     for p in &args.public_key {
-        let key = keys::read_public_key(p).map_err(|e| e.to_string())?;
+        let key = keys::read_public_key(p).map_err(|e| match e {
+            ForensicError::Key(m) => format!("--public-key {m}"),
+            other => format!("--public-key {}: {other}", p.display()),
+        })?;
         if !public_keys.contains(&key) {
             public_keys.push(key);
         }
