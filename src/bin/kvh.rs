@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use kvhygiene::backend;
 use kvhygiene::config::cli::{self as config_cli, ConfigArgs};
@@ -67,7 +67,15 @@ enum Command {
     /// records, crash recoveries, KV scrubs that did not finish) with its file:line, and the
     /// SOC 2 criteria the figures serve. Markdown on stdout, or --json.
     ///
+    /// With --since / --until, the report covers one audit period: the whole log is still
+    /// verified, the figures count the period's records (each process's counters as their
+    /// growth across it), and every stretch of the period in which no process wrote a record
+    /// (--max-gap minutes or more) is listed.
+    ///
     /// Example: kvh evidence /var/log/kvh --key-file hmac.key --public-key ckpt.pub > report.md
+    ///
+    /// Example, the first half of 2026: kvh evidence /var/log/kvh --key-file hmac.key
+    /// --since 2026-01-01 --until 2026-07-01 > report-2026h1.md
     Evidence(EvidenceArgs),
     /// Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
     #[command(long_about = METRICS_HELP)]
@@ -81,6 +89,16 @@ enum Command {
     /// Check the policy a process started here would run with (exit 0 valid, 1 weakened with --strict, 2 invalid).
     #[command(long_about = CONFIG_HELP)]
     Config(ConfigArgs),
+    /// Print a shell completion script for kvh on stdout.
+    ///
+    /// Example (bash): kvh completions bash > /etc/bash_completion.d/kvh
+    ///
+    /// Example (zsh): kvh completions zsh > "${fpath[1]}/_kvh"
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 const PRUNE_LOG_HELP: &str = "\
@@ -277,6 +295,7 @@ fn main() -> ExitCode {
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
         Command::Gate(args) => exit_code(gate::run_gate(&args)),
         Command::Config(args) => exit_code(config_cli::run_config(&args)),
+        Command::Completions { shell } => print_completions(shell),
     }
 }
 
@@ -377,4 +396,17 @@ fn exit_code(code: i32) -> ExitCode {
 fn usage_error(msg: &str) -> ExitCode {
     eprintln!("kvh: {msg}");
     ExitCode::from(2)
+}
+
+/// `kvh completions SHELL`. The script is built in memory first: the generator panics on a
+/// failed write, and a closed pipe (`kvh completions bash | head`) must be an error, not a
+/// panic.
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "kvh", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage_error(&format!("cannot write the completion script: {e}")),
+    }
 }
