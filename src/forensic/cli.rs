@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::files;
-use super::ForensicError;
 use super::keys;
 use super::prune::{self, ChainPruned};
 use super::record::hex;
 use super::verify::{rfc3339, verify_all, ChainReport, Report, SealKey, VerifyOptions};
+use super::ForensicError;
 
 /// Exit code: the log verified.
 pub const EXIT_OK: i32 = 0;
@@ -167,7 +167,12 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
 pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     match std::fs::metadata(&args.dir) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("log directory {}: not a directory", args.dir.display())),
+        Ok(_) => {
+            return Err(format!(
+                "log directory {}: not a directory",
+                args.dir.display()
+            ))
+        }
         Err(e) => return Err(format!("log directory {}: {e}", args.dir.display())),
     }
     let mut hmac_keys: Vec<SealKey> = Vec::new();
