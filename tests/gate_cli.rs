@@ -363,3 +363,31 @@ fn a_pruned_log_is_admitted_only_with_allow_pruned() {
     let (code, _, err) = gate(&f, &["--log-dir", l, "--allow-pruned"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// A checked series with several samples (a label the checks do not name: a second device, a
+/// second process's `pid`) is judged by every sample: a non-zero one after a zero one evicts,
+/// as the anomaly check beside it reads every series.
+#[test]
+fn a_failure_in_any_sample_of_a_checked_series_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    let text = text.replace(
+        "kvh_residue_detected_total 0\n",
+        "kvh_residue_detected_total{device=\"0\"} 0\nkvh_residue_detected_total{device=\"1\"} 3\n",
+    );
+    assert!(text.contains("{device=\"1\"} 3"), "{text}");
+    std::fs::write(&f, text).unwrap();
+    // The file is a valid exposition (two distinct series).
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(
+        code, 1,
+        "kvh metrics --fail-on-security passed residue = 3: {out}{err}"
+    );
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 1, "kvh gate admitted residue = 3: {out}{err}");
+    assert!(out.contains("kvh_residue_detected_total"), "{out}");
+}

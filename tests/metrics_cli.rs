@@ -392,3 +392,54 @@ fn serve_metrics_exits_2_when_the_address_is_taken() {
         "the bind failure names the address: {err}"
     );
 }
+
+/// A complexity bound, not a speed target: a 1 MiB file (the largest accepted) of ~116,000
+/// one-sample families is judged in linear time. Quadratic parsing took some 44 s for it in a
+/// debug build, which `kvh gate` as a probe (5 s timeout) and each `serve-metrics` scrape, on
+/// its only thread, cannot afford; linear parsing takes well under a second, so the 20 s
+/// limit holds on a loaded machine.
+#[test]
+fn a_largest_accepted_file_is_judged_within_a_probe_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut text = format!("kvh_snapshot_timestamp_seconds {now}\n");
+    let mut i = 0u64;
+    loop {
+        let line = format!("a{i} 0\n");
+        if text.len() + line.len() > 1 << 20 {
+            break;
+        }
+        text.push_str(&line);
+        i += 1;
+    }
+    std::fs::write(&f, &text).unwrap();
+    let mut child = kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let limit = Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.is_some(),
+        "kvh metrics took over {limit:?} on a {} byte file of {i} families",
+        text.len()
+    );
+}

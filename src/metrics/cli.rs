@@ -138,16 +138,20 @@ impl Snapshot {
         (now - self.timestamp).max(0.0)
     }
 
-    /// The security checks that fail: their sample is non-zero (`Some(value)`), or missing
-    /// from the snapshot (`None`), which is a failure too: an unchecked control is not a
-    /// passed one.
+    /// The security checks that fail: one of their samples is not zero (`Some(value)`, the
+    /// first such; NaN included), or they have none in the snapshot (`None`), which is a
+    /// failure too: an unchecked control is not a passed one. Every sample of a check counts
+    /// (a series per device, or per label set a later version adds): one that passes does not
+    /// hide another that failed.
     pub fn security_failures(&self) -> Vec<(&'static SecurityCheck, Option<f64>)> {
         SECURITY_CHECKS
             .iter()
-            .filter_map(|c| match self.exposition.value(c.metric, c.labels) {
-                None => Some((c, None)),
-                Some(v) if v != 0.0 => Some((c, Some(v))),
-                Some(_) => None,
+            .filter_map(|c| {
+                let mut values = self.exposition.values(c.metric, c.labels).peekable();
+                if values.peek().is_none() {
+                    return Some((c, None));
+                }
+                values.find(|v| *v != 0.0).map(|v| (c, Some(v)))
             })
             .collect()
     }
@@ -206,12 +210,21 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let text = String::from_utf8(bytes).map_err(|_| format!("{shown}: not UTF-8 text"))?;
     let exposition = parse::parse(&text)
         .map_err(|e| format!("{shown}: not in the Prometheus text format: {e}"))?;
-    let timestamp = exposition
-        .value(SNAPSHOT_TIMESTAMP, &[])
-        .filter(|t| t.is_finite())
-        .ok_or_else(|| {
-            format!("{shown}: not a kvhygiene metrics snapshot (no {SNAPSHOT_TIMESTAMP})")
-        })?;
+    // Exactly one time: a file holding two snapshots (concatenated, say) has no one age.
+    let times: Vec<f64> = exposition.values(SNAPSHOT_TIMESTAMP, &[]).take(2).collect();
+    let timestamp = match times[..] {
+        [t] if t.is_finite() => t,
+        [_, _] => {
+            return Err(format!(
+                "{shown}: not a kvhygiene metrics snapshot (more than one {SNAPSHOT_TIMESTAMP})"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{shown}: not a kvhygiene metrics snapshot (no {SNAPSHOT_TIMESTAMP})"
+            ))
+        }
+    };
     let now_secs = now
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

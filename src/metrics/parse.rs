@@ -38,11 +38,21 @@ pub struct Exposition {
 }
 
 impl Exposition {
-    /// The value of the sample `name` whose labels include every pair of `labels`.
+    /// The value of the first sample `name` whose labels include every pair of `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.values(name, labels).next()
+    }
+
+    /// The values of every sample `name` whose labels include every pair of `labels` (one
+    /// series per device, say), in file order.
+    pub fn values<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = f64> + 'a {
         self.samples
             .iter()
-            .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+            .filter(move |s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
             .map(|s| s.value)
     }
 
@@ -79,7 +89,7 @@ fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
 pub fn parse(text: &str) -> Result<Exposition, ParseError> {
     let mut out = Exposition::default();
     // Families whose samples have been seen, and the one being read.
-    let mut finished: Vec<String> = Vec::new();
+    let mut finished: HashSet<String> = HashSet::new();
     let mut current: Option<String> = None;
     // Every series seen: name and sorted labels.
     let mut series: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
@@ -116,7 +126,7 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                 if out.types.contains_key(name) {
                     return Err(err(format!("second # TYPE for {name}")));
                 }
-                if finished.iter().any(|f| f == name) || current.as_deref() == Some(name) {
+                if finished.contains(name) || current.as_deref() == Some(name) {
                     return Err(err(format!("# TYPE for {name} after its samples")));
                 }
                 out.types.insert(name.into(), kind.into());
@@ -132,7 +142,7 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                 )));
             }
             if let Some(prev) = current.take() {
-                finished.push(prev);
+                finished.insert(prev);
             }
             current = Some(family);
         }

@@ -16,7 +16,12 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// A fresh temporary file name beside `path` for [`write_atomic`]: `.NAME.tmp-RANDOM`.
+/// Longest file name the filesystems the file goes on take (`NAME_MAX` of Linux's).
+const NAME_MAX: usize = 255;
+
+/// A fresh temporary file name beside `path` for [`write_atomic`]: `.NAME.tmp-RANDOM`, or
+/// `.kvh.tmp-RANDOM` when that would be longer than a file name may be (hidden and not ending
+/// in `.prom` either way, so no collector reads it half-written).
 pub fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
     let name = path
         .file_name()
@@ -24,7 +29,11 @@ pub fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
         .unwrap_or_else(|| "metrics".into());
     let mut random = [0u8; 8];
     getrandom::getrandom(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tmp = format!(".{name}.tmp-{:016x}", u64::from_le_bytes(random));
+    let random = u64::from_le_bytes(random);
+    let mut tmp = format!(".{name}.tmp-{random:016x}");
+    if tmp.len() > NAME_MAX {
+        tmp = format!(".kvh.tmp-{random:016x}");
+    }
     Ok(match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(tmp),
         _ => PathBuf::from(tmp),
@@ -131,6 +140,19 @@ mod tests {
         left.sort();
         assert_eq!(left, vec!["kvh.prom", "sub"]);
         assert!(write_atomic(&dir.path().join("missing/kvh.prom"), b"a 3\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 1\n");
+    }
+
+    /// The temporary name adds 22 bytes (`.` + `.tmp-` + 16 hex digits) to the file's own: a
+    /// valid file name of 234..=255 bytes gets the short temporary name instead.
+    #[test]
+    fn a_long_but_valid_file_name_can_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("{}.prom", "k".repeat(245));
+        assert_eq!(name.len(), 250);
+        let path = dir.path().join(&name);
+        std::fs::write(&path, b"a 0\n").expect("the name itself is valid");
+        write_atomic(&path, b"a 1\n").expect("replacing a file with a valid name");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "a 1\n");
     }
 }

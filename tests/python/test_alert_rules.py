@@ -115,3 +115,40 @@ def test_each_runbook_link_has_a_section_and_each_section_an_alert():
     linked = {a["annotations"]["runbook_url"].split("#", 1)[1] for a in alerts()}
     assert linked <= sections, linked - sections
     assert sections - GENERAL_SECTIONS <= linked, (sections - GENERAL_SECTIONS) - linked
+
+
+def test_a_process_that_stops_exporting_through_the_shipped_sidecar_raises_an_alert():
+    """The shipped sidecar (deploy/k8s) runs `kvh serve-metrics --max-age 60`, which answers
+    /metrics with 503 as soon as the snapshot is 60 s old, and when the file is missing or
+    malformed. A failed scrape makes Prometheus mark every series of the target stale, so
+    `time() - kvh_snapshot_timestamp_seconds > 120` (KvhMetricsStale) has no sample to fire on;
+    the in-process exporter (KVH_METRICS_ADDR) serves snapshots at most 1 s old. Either the
+    stale threshold is below what the sidecar still serves, or a rule watches the target that
+    stopped answering (`up`), restricted to targets that exported kvhygiene metrics."""
+    docs = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+    sidecar_max_age = None
+    for d in docs:
+        if not d or d.get("kind") != "Deployment":
+            continue
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            args = c.get("args") or []
+            if "serve-metrics" in args and "--max-age" in args:
+                sidecar_max_age = int(args[args.index("--max-age") + 1])
+    assert sidecar_max_age is not None, "the shipped sidecar has no --max-age"
+    rules = {a["alert"]: a for a in alerts()}
+    m = re.fullmatch(
+        r"time\(\) - kvh_snapshot_timestamp_seconds > (\d+)", rules["KvhMetricsStale"]["expr"]
+    )
+    assert m, rules["KvhMetricsStale"]["expr"]
+    stale_after = int(m.group(1))
+    watches_the_target = any(
+        re.search(r"\bup\b|absent(_over_time)?\(", a["expr"]) for a in alerts()
+    )
+    down = rules.get("KvhMetricsDown")
+    assert down is None or "kvh_snapshot_timestamp_seconds" in down["expr"], (
+        "KvhMetricsDown must be limited to targets that exported kvhygiene metrics"
+    )
+    assert stale_after < sidecar_max_age or watches_the_target, (
+        f"KvhMetricsStale fires on snapshots over {stale_after} s old, but the shipped sidecar "
+        f"answers 503 past {sidecar_max_age} s, and no rule watches `up` or absent series"
+    )
