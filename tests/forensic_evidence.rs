@@ -666,6 +666,7 @@ fn rfc(minutes: u64) -> String {
 fn an_audit_period_counts_its_own_records_and_the_counters_it_saw_grow() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = one_process_day(&tmp);
+    // The records of the period are at most an hour apart: no gap of 61 minutes.
     let (code, v) = evidence_json(
         &dir,
         &[
@@ -673,6 +674,8 @@ fn an_audit_period_counts_its_own_records_and_the_counters_it_saw_grow() {
             "2026-01-01T02:30:00Z",
             "--until",
             "2026-01-01T05:00:00+00:00",
+            "--max-gap",
+            "61",
         ],
     );
     assert_eq!(code, Some(0), "{v}");
@@ -784,7 +787,8 @@ fn stretches_of_the_period_without_any_process_are_listed() {
          are under --max-gap: {v}"
     );
     assert_eq!(v["processes"].as_array().unwrap().len(), 2);
-    // A period inside the second run: only that process is listed, and nothing is missing.
+    // A period inside the second run, whose records are 10 minutes apart: only that process
+    // is listed, and no stretch of 11 minutes lacks a record.
     let (_, v) = evidence_json(
         &dir,
         &[
@@ -792,6 +796,8 @@ fn stretches_of_the_period_without_any_process_are_listed() {
             "2026-01-01T05:05:00Z",
             "--until",
             "2026-01-01T05:25:00Z",
+            "--max-gap",
+            "11",
         ],
     );
     let procs = v["processes"].as_array().unwrap();
@@ -863,4 +869,85 @@ fn an_empty_or_unreadable_period_is_a_usage_error_naming_it() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag) && err.contains(bad), "{err}");
     }
+}
+
+#[test]
+fn an_open_ended_period_does_not_hide_that_logging_stopped_long_before_the_report() {
+    // `--since` alone: the period runs on to the report's time, and so does the search for
+    // gaps: a deployment whose last process stopped months ago shows that stretch.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp); // the last record is at 2026-01-01T07:00Z
+    let (code, v) = evidence_json(&dir, &["--since", "2026-01-01"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["audit_period"]["still_running"], true, "{v}");
+    let gaps = v["audit_period"]["gaps"].as_array().unwrap();
+    assert!(
+        gaps.iter().any(|g| g["from"] == rfc(420).as_str()),
+        "no record from the last one (2026-01-01T07:00Z) to the report's time, yet no gap: {v}"
+    );
+}
+
+#[test]
+fn a_stretch_inside_a_run_without_any_record_is_a_gap() {
+    // "Every stretch of the period in which no process wrote a record": 190 minutes in which
+    // the one running process wrote nothing (its summaries stopped) are a gap, although the
+    // run spans them.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = timed_log(
+        &tmp,
+        &[
+            (0, serde_json::json!({})),
+            (10, summary(1, 0)),
+            (200, summary(2, 0)),
+            (210, serde_json::json!({})),
+        ],
+    );
+    let (code, v) = evidence_json(
+        &dir,
+        &[
+            "--since",
+            "2026-01-01",
+            "--until",
+            "2026-01-01T03:30:00Z",
+            "--max-gap",
+            "60",
+        ],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["audit_period"]["gaps"],
+        serde_json::json!([{"from": rfc(10), "to": rfc(200), "minutes": 190}]),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_period_that_has_not_begun_claims_no_coverage() {
+    // `--since` after the report's time: nothing of the period has happened, so the report
+    // must not say that it found no gap in it.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let out = kvh(
+        &["evidence", dir.to_str().unwrap(), "--since", "2400-01-01"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("## Audit period"), "{report}");
+    assert!(
+        !report.contains("no stretch of 10 minutes or more without a record"),
+        "a period with no record and not yet begun is reported as covered: {report}"
+    );
+    assert!(
+        report.contains(
+            "None of the period lies between the log's first record and the report's time"
+        ),
+        "{report}"
+    );
+    let (_, v) = evidence_json(&dir, &["--since", "2400-01-01"]);
+    assert_eq!(v["audit_period"]["searched"], Value::Null, "{v}");
+    // Ending before the log's first record: nothing to search either.
+    let (_, v) = evidence_json(&dir, &["--until", "2025-12-31"]);
+    assert_eq!(v["audit_period"]["searched"], Value::Null, "{v}");
+    assert_eq!(v["processes"], serde_json::json!([]));
 }

@@ -1116,3 +1116,97 @@ fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report()
         );
     }
 }
+
+#[test]
+fn an_audit_period_after_moved_records_does_not_count_what_the_run_did_before_it() {
+    // One process runs throughout; its summary before the audit period (frees 10) lies in a
+    // file `prune-log` moved, its summary in the period (frees 25) in a file still here. Read
+    // whole (--archive-dir) the period's frees are 25 - 10 = 15. Read with --allow-pruned the
+    // baseline is gone: the run's whole count (25) must not be reported as the period's; its
+    // counters are left out and its chain named.
+    let s = setup();
+    open_chain(&s.log, 80);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 4, "{} files", files.len());
+    let kept_from = files.len() - 2; // prune keeps the two newest files of an open chain
+    let first_kept_seq = {
+        let line = fs::read_to_string(&files[kept_from]).unwrap();
+        let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        first["seq"].as_u64().unwrap()
+    };
+    let last_seq = {
+        let line = fs::read_to_string(files.last().unwrap()).unwrap();
+        let last: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+        last["seq"].as_u64().unwrap()
+    };
+    // 2026-01-01T00:00Z plus one minute per record.
+    let minute = |seq: u64| 20_454 * 86_400 * 1_000_000_000 + seq * 60_000_000_000;
+    let summary = |frees: u64| serde_json::json!({"frees": frees});
+    forensic_common::reseal_all(&files, &secret(), |m| {
+        let seq = m["seq"].as_u64().unwrap();
+        m.insert("ts".into(), minute(seq).into());
+        let counters = if seq == first_kept_seq - 2 {
+            Some(summary(10))
+        } else if seq == last_seq {
+            Some(summary(25))
+        } else {
+            None
+        };
+        if let Some(c) = counters {
+            m.insert("kind".into(), "summary".into());
+            m.insert("counters".into(), c);
+        }
+    });
+    assert!(verify(&s.log, &keyed_opts()).ok());
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(chain_files(&s.log).len(), 2);
+
+    let since = kvhygiene::forensic::verify::rfc3339(minute(first_kept_seq));
+    let evidence = |how: &[&str]| {
+        let mut args = vec![
+            "evidence",
+            s.log.to_str().unwrap(),
+            "--key-file",
+            s.key.to_str().unwrap(),
+            "--since",
+            &since,
+            "--json",
+        ];
+        args.extend_from_slice(how);
+        let out = kvh(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let whole = evidence(&["--archive-dir", s.archive.to_str().unwrap()]);
+    assert_eq!(whole["counters"]["frees"], 15, "{whole}");
+    assert_eq!(
+        whole["audit_period"]["counters_unattributed"],
+        serde_json::json!([])
+    );
+    let pruned = evidence(&["--allow-pruned"]);
+    let chain = verify(&s.log, &pruned_opts()).chains[0].chain.clone();
+    assert_eq!(
+        pruned["audit_period"]["counters_unattributed"],
+        serde_json::json!([chain]),
+        "{pruned}"
+    );
+    assert_eq!(pruned["counters"].get("frees"), None, "{pruned}");
+    assert_eq!(pruned["processes"].as_array().unwrap().len(), 1);
+    let report = text(
+        &kvh(&[
+            "evidence",
+            s.log.to_str().unwrap(),
+            "--key-file",
+            s.key.to_str().unwrap(),
+            "--since",
+            &since,
+            "--allow-pruned",
+        ])
+        .stdout,
+    );
+    assert!(
+        report.contains("its counters cannot be split at the period's start"),
+        "{report}"
+    );
+}

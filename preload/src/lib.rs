@@ -64,7 +64,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::ffi::{is_forked_child, process_allocator, started_process_allocator};
+use kvhygiene::ffi::{is_forked_child, process_allocator, started_process_allocator, watch_forks};
 
 use cuda::*;
 use mode::{mode, Mode};
@@ -346,6 +346,16 @@ fn route() -> Mode {
 /// loaded this library but never allocated) is served as any process is.
 fn forked() -> bool {
     is_forked_child()
+}
+
+/// Registers the core's fork handler when this library is loaded, before the process can fork
+/// with kvhygiene started. One `.init_array` entry, which is all a constructor crate would add.
+#[used]
+#[link_section = ".init_array"]
+static WATCH_FORKS: extern "C" fn() = watch_forks_at_load;
+
+extern "C" fn watch_forks_at_load() {
+    watch_forks();
 }
 
 /// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling

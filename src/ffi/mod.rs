@@ -677,6 +677,14 @@ pub fn is_forked_child() -> bool {
     runtime::is_forked_child()
 }
 
+/// Registers the fork handler behind [`is_forked_child`] (once; later calls do nothing). The
+/// library registers it when it is loaded; a front end that links this crate into its own
+/// shared library (the preload library) calls this from its constructor too, since a linker
+/// may leave the library's own constructor out.
+pub fn watch_forks() {
+    runtime::watch_forks()
+}
+
 /// The process-wide allocator if it has already started; never starts it. An allocator
 /// that has not started owns no memory, so a front end can answer "is this pointer
 /// kvhygiene's?" without starting one.

@@ -6,10 +6,13 @@
 //!
 //! A child forked after start-up began never uses the runtime it inherited: its pool locks
 //! may have been held at the fork by threads the child does not have, and its worker threads
-//! do not exist there. A `pthread_atfork` child handler, registered before start-up begins,
-//! marks such a child, so the check on every call is one atomic load. A child forked before
+//! do not exist there. A `pthread_atfork` child handler, registered when the library is
+//! loaded, marks a child whose parent had begun start-up (its copy of [`STARTING`] says so),
+//! so the check on every call is one atomic load. Registering at load, not at start-up, leaves
+//! no window: a fork racing a start-up either copied `STARTING` set (the child is marked) or
+//! not (the child's runtime is untouched and it starts its own). A child forked before
 //! start-up (a launcher or pre-fork server that loaded the library but never allocated) is
-//! not marked and starts its own runtime.
+//! not marked and starts its own runtime; its own children are marked once it has.
 //!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
@@ -17,7 +20,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
 
@@ -110,6 +113,9 @@ static RUNTIME: OnceLock<Result<Runtime, StartError>> = OnceLock::new();
 /// Set in a child forked after start-up began (see the module documentation).
 static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
 
+/// Set when this process begins starting the runtime, before anything of it exists.
+static STARTING: AtomicBool = AtomicBool::new(false);
+
 static FORKED_CHILD_ERROR: StartError = StartError::ForkedChild;
 
 /// The runtime, started on first call. In a child forked after start-up began, the
@@ -127,8 +133,10 @@ pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
 
 #[cold]
 fn start_once() -> Result<&'static Runtime, &'static StartError> {
-    // Before the start-up begins, so that a fork during it marks the child too.
+    // Before the start-up begins, so that a child forked during it is marked. Registering
+    // again is a no-op (when the loader ran no constructor, as in a static link).
     watch_forks();
+    STARTING.store(true, Ordering::SeqCst);
     RUNTIME.get_or_init(start).as_ref()
 }
 
@@ -145,26 +153,43 @@ pub(crate) fn is_forked_child() -> bool {
     FORKED_CHILD.load(Ordering::Relaxed)
 }
 
-/// Registers the fork handler that marks children, once per process.
-fn watch_forks() {
+/// The fork handler, registered when the library is loaded: one `.init_array` entry (all a
+/// constructor crate would add), which the loader runs before any code of the process can
+/// call into the library, so before any start-up.
+#[used]
+#[link_section = ".init_array"]
+static WATCH_FORKS_AT_LOAD: extern "C" fn() = watch_forks_at_load;
+
+extern "C" fn watch_forks_at_load() {
+    watch_forks();
+}
+
+/// Registers the child handler that marks a child forked after start-up began, once per
+/// process. Front ends linking this crate (the preload library) call it from their own
+/// constructor, since a linker may leave out an unreferenced constructor of a library.
+pub(crate) fn watch_forks() {
     extern "C" fn mark_child() {
-        FORKED_CHILD.store(true, Ordering::Relaxed);
-    }
-    static REGISTER: Once = Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: registers a child handler that only stores to an atomic (async-signal-safe,
-        // as a handler running in the child of a multi-threaded process must be); no prepare
-        // or parent handler. The library is never unloaded while the process may still fork
-        // (PyTorch and LD_PRELOAD keep it for the life of the process), so the handler stays
-        // valid.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(mark_child)) };
-        if rc != 0 {
-            say(format_args!(
-                "kvhygiene: cannot register the fork handler (error {rc}); a forked child \
-                 would use the allocator it inherited"
-            ));
+        // Runs in the child, on the copy of the parent's memory: async-signal-safe loads and
+        // stores only.
+        if STARTING.load(Ordering::Relaxed) {
+            FORKED_CHILD.store(true, Ordering::Relaxed);
         }
-    });
+    }
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if REGISTERED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // SAFETY: registers a child handler that only loads and stores atomics (async-signal-safe,
+    // as a handler running in the child of a multi-threaded process must be); no prepare or
+    // parent handler. glibc's `pthread_atfork` names this library's DSO, and its handlers are
+    // removed if the library is unloaded, so the handler never outlives its code.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(mark_child)) };
+    if rc != 0 {
+        say(format_args!(
+            "kvhygiene: cannot register the fork handler (error {rc}); a forked child would \
+             use the allocator it inherited"
+        ));
+    }
 }
 
 fn start() -> Result<Runtime, StartError> {

@@ -146,6 +146,9 @@ pub struct AuditPeriod {
     pub until: Option<String>,
     /// The period had not ended when the report was made: it covers up to then.
     pub still_running: bool,
+    /// The stretch searched for gaps: the period from its start (without `--since`, the first
+    /// record) up to its end or the report's time, whichever is first. `None` when none of
+    /// the period lies there (it has not begun, or ends before the first record).
     /// Records of the verified chains outside the period: verified, not counted.
     pub records_outside: u64,
     /// Processes are counted by the differences of their periodic `summary` counters; a
@@ -154,11 +157,17 @@ pub struct AuditPeriod {
     pub counters_from_summaries: bool,
     /// The gap length listed, in minutes (`--max-gap`).
     pub max_gap_minutes: u64,
-    /// Stretches of the period (up to the report's time) of at least `max_gap_minutes` in which
-    /// no process wrote a record to the verified chains: no process ran with kvhygiene, or
-    /// its log is not in the directory read. Without `--since`, the period starts at the
-    /// first record; without `--until`, it ends at the last.
+    pub searched: Option<(String, String)>,
+    /// Stretches of `searched` of at least `max_gap_minutes` in which no process wrote a
+    /// record to the verified chains: no process ran with kvhygiene, its writer stalled, or
+    /// its log is not in the directory read.
     pub gaps: Vec<Gap>,
+    /// Chains with a process that ran into the period but whose records before it (its
+    /// `start`, and every summary before the period) `kvh prune-log` moved away: what it did
+    /// before the period cannot be told from what it did in it, so its counters and its
+    /// `stop` total of lost records are left out of the figures (its `lost` records in the
+    /// period still count). Read the log with `--archive-dir` to count them.
+    pub counters_unattributed: Vec<String>,
     /// Chains whose records `kvh prune-log` moved away include records of the period: they
     /// are not in this report (give `--archive-dir` to read them).
     pub pruned_in_period: Vec<String>,
@@ -341,6 +350,7 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     };
     let mut tally = Tally {
         period,
+        gap_ns: args.max_gap.saturating_mul(60_000_000_000),
         ..Tally::default()
     };
     for chain in report.chains.iter().filter(|c| c.ok()) {
@@ -405,23 +415,23 @@ fn audit_period_of(args: &EvidenceArgs) -> Result<Period, String> {
 /// up to `now` (the report's time), and the pruned chains whose moved records reach into it.
 fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) -> AuditPeriod {
     let period = tally.period;
-    let from = period.since.or(tally.runs.iter().map(|r| r.0).min());
-    let to = match period.until {
-        Some(until) => Some(until.min(now)),
-        None => tally.runs.iter().map(|r| r.1).max(),
-    };
-    let at_least = args.max_gap.saturating_mul(60_000_000_000);
-    let gaps = match (from, to) {
-        (Some(from), Some(to)) => period::uncovered(tally.runs, from, to, at_least),
-        _ => Vec::new(),
+    // The period up to the report's time; without --since from the first record.
+    let from = period.since.or(tally.seen.iter().map(|s| s.0).min());
+    let to = period.until.map_or(now, |until| until.min(now));
+    let searched = from.filter(|&from| from < to).map(|from| (from, to));
+    let gaps = match searched {
+        Some((from, to)) => period::uncovered(tally.seen, from, to, tally.gap_ns),
+        None => Vec::new(),
     };
     AuditPeriod {
         since: period.since.map(rfc3339),
         until: period.until.map(rfc3339),
         still_running: period.until.is_none_or(|u| u > now),
+        searched: searched.map(|(a, b)| (rfc3339(a), rfc3339(b))),
         records_outside: tally.records_outside,
         counters_from_summaries: true,
         max_gap_minutes: args.max_gap,
+        counters_unattributed: tally.counters_unattributed,
         gaps: gaps
             .into_iter()
             .map(|(a, b)| Gap {
@@ -678,8 +688,12 @@ struct Tally {
     first_ts: Option<u64>,
     last_ts: Option<u64>,
     records_outside: u64,
-    /// Each run's first and last record time, in or out of the period: when a writer was seen.
-    runs: Vec<(u64, u64)>,
+    /// Spans of record times, in or out of the period, each cut where a run wrote nothing for
+    /// `gap_ns` or more: when writers were seen writing.
+    seen: Vec<(u64, u64)>,
+    gap_ns: u64,
+    /// See [`AuditPeriod::counters_unattributed`].
+    counters_unattributed: Vec<String>,
 }
 
 /// Running state of one chain: the run (process) being read.
@@ -700,6 +714,8 @@ struct ChainState {
     run_started: bool,
     /// Times of the run's first and last records, in or out of the period.
     span: Option<(u64, u64)>,
+    /// The span of record times being extended (see [`Tally::seen`]).
+    piece: Option<(u64, u64)>,
 }
 
 impl ChainState {
@@ -714,6 +730,7 @@ impl ChainState {
             lost_before: 0,
             run_started: false,
             span: None,
+            piece: None,
         }
     }
 
@@ -736,7 +753,7 @@ impl ChainState {
         let (stop_lost, lost_sum) = (self.stop_lost.take(), std::mem::take(&mut self.lost_sum));
         let lost_before = std::mem::take(&mut self.lost_before);
         let span = self.span.take();
-        tally.runs.extend(span);
+        tally.seen.extend(self.piece.take());
         let Some(mut process) = process else {
             return;
         };
@@ -746,6 +763,17 @@ impl ChainState {
             return;
         }
         process.start_archived = !run_started;
+        // A run that began before the period, whose records before it were all moved away:
+        // its counters and its stop total include what it did before, which nothing read says.
+        let unattributed = tally.period.since.is_some() && !run_started && baseline.is_none();
+        if unattributed {
+            if !tally.counters_unattributed.contains(&self.chain) {
+                tally.counters_unattributed.push(self.chain.clone());
+            }
+            ev.records_lost = ev.records_lost.saturating_add(lost_sum);
+            ev.processes.push(process);
+            return;
+        }
         match summary {
             Some(counters) => add_counters(ev, counters, baseline.as_ref()),
             None => ev.processes_without_summary += 1,
@@ -755,6 +783,29 @@ impl ChainState {
         let lost = stop_lost.map_or(lost_sum, |total| total.saturating_sub(lost_before));
         ev.records_lost = ev.records_lost.saturating_add(lost);
         ev.processes.push(process);
+    }
+
+    /// Notes a record at `ts` in the run's spans of record times: a record `gap` or more after
+    /// the span being extended (or before it) starts another, so a stretch in which the run
+    /// wrote nothing stays uncovered.
+    fn see(&mut self, ts: u64, gap: u64, seen: &mut Vec<(u64, u64)>) {
+        let (first, last) = self.span.unwrap_or((ts, ts));
+        self.span = Some((first.min(ts), last.max(ts)));
+        self.piece = match self.piece {
+            None => Some((ts, ts)),
+            Some((a, b)) if ts >= b && ts - b < gap => Some((a, ts)),
+            Some((a, b)) if ts >= b => {
+                seen.push((a, b));
+                Some((ts, ts))
+            }
+            Some((a, b)) if ts >= a => Some((a, b)),
+            // Earlier than the span (records carry their event's time, not always in order).
+            Some((a, b)) if a - ts < gap => Some((ts, b)),
+            Some(piece) => {
+                seen.push((ts, ts));
+                Some(piece)
+            }
+        };
     }
 }
 
@@ -797,8 +848,7 @@ impl Tally {
         let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         let ts = record.get("ts").and_then(Value::as_u64);
         if let Some(ts) = ts {
-            let (first, last) = chain.span.unwrap_or((ts, ts));
-            chain.span = Some((first.min(ts), last.max(ts)));
+            chain.see(ts, self.gap_ns, &mut self.seen);
         }
         // What the run is and how it ended describe its row, from records in or out of the
         // period.
@@ -1015,30 +1065,49 @@ fn render_audit_period(p: &AuditPeriod, push: &mut impl FnMut(String)) {
     push(String::new());
     push("## Audit period".into());
     push(String::new());
-    let end = |t: &Option<String>, open: &str| t.clone().unwrap_or_else(|| open.to_string());
+    let since = p
+        .since
+        .as_ref()
+        .map_or_else(|| "the first record".into(), |t| format!("{t} (included)"));
+    let until = p
+        .until
+        .as_ref()
+        .map_or_else(|| "no end".into(), |t| format!("{t} (not included)"));
     push(format!(
-        "From {} (included) to {} (not included). The whole log was verified; the figures \
-         below count the records of the period only ({} records outside it are not counted), \
-         and list the processes that ran during it.",
-        end(&p.since, "the first record"),
-        end(&p.until, "the last record"),
+        "From {since} to {until}. The whole log was verified; the figures below count the \
+         records of the period only ({} records outside it are not counted), and list the \
+         processes that ran during it.",
         p.records_outside
     ));
     push(String::new());
     if p.still_running {
         push("- The period has not ended: the report covers it up to its own time.".into());
     }
-    if p.gaps.is_empty() {
-        push(format!(
-            "- No stretch of {} minutes or more without a record.",
+    match &p.searched {
+        None => push(
+            "- None of the period lies between the log's first record and the report's time \
+             (it has not begun, or it ends before the log begins): no record covers it."
+                .into(),
+        ),
+        Some((a, b)) if p.gaps.is_empty() => push(format!(
+            "- From {a} to {b}, no stretch of {} minutes or more without a record.",
             p.max_gap_minutes
-        ));
+        )),
+        Some(_) => {}
     }
     for g in &p.gaps {
         push(format!(
             "- Attention: no record from {} to {} ({} minutes): no process ran with kvhygiene \
-             then, or its log is not in this directory.",
+             then, its writer stalled, or its log is not in this directory.",
             g.from, g.to, g.minutes
+        ));
+    }
+    for chain in &p.counters_unattributed {
+        push(format!(
+            "- Attention: chain {}: a process ran into the period, but `kvh prune-log` moved its \
+             records from before it; its counters cannot be split at the period's start and \
+             are left out of the figures below (give `--archive-dir` to count them).",
+            cell(chain)
         ));
     }
     for chain in &p.pruned_in_period {

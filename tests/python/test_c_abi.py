@@ -751,3 +751,49 @@ def test_a_kv_layout_device_outside_the_c_int_range_is_refused():
         KVH_LIBRARY=library(),
     )
     assert out["refused"] and out["untouched"], out
+
+
+def test_a_child_forked_while_another_thread_starts_kvhygiene_is_marked():
+    # glibc runs a fork's prepare handlers with its atfork lock released and does not run, in
+    # that fork's child, a child handler registered meanwhile. A thread that starts kvhygiene
+    # while the forking thread is in its prepare handlers (here one that takes a while)
+    # finishes start-up before the fork copies memory: the child must still be marked (the
+    # handler is registered when the library is loaded) and refuse the inherited allocator,
+    # neither using it nor hanging on its start-up.
+    out = run_child(
+        """
+        import os, signal, threading, time
+        libc = ctypes.CDLL("libc.so.6")
+        in_prepare = threading.Event()
+        first = [True]
+        @ctypes.CFUNCTYPE(None)
+        def prepare():
+            if first[0]:
+                first[0] = False
+                in_prepare.set()
+                time.sleep(1.0)  # releases the GIL: the other thread starts kvhygiene now
+        # pthread_atfork is in libc_nonshared.a; this is what it calls (no DSO: never unloaded).
+        assert libc.__register_atfork(prepare, None, None, None) == 0
+        def starter():
+            in_prepare.wait()
+            out["parent_init"] = lib.kvh_init()
+        t = threading.Thread(target=starter)
+        t.start()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            signal.alarm(10)  # a hang ends the child with SIGALRM
+            q = lib.kvh_malloc(4096, 0, STREAM)
+            os.write(w, json.dumps({"q": q, "malloc": lib.kvh_last_error()}).encode())
+            os._exit(0)
+        os.close(w)
+        t.join()
+        _, status = os.waitpid(pid, 0)
+        out["child_status"] = status
+        out["child"] = json.loads(os.read(r, 4096) or b"null")
+        """
+    )
+    assert out["parent_init"] == 0, out
+    assert out["child_status"] == 0, f"forked child hung or died (wait status {out['child_status']})"
+    assert out["child"] == {"q": None, "malloc": 7023}, out
