@@ -89,7 +89,8 @@ pub struct GateArgs {
     pub allow_pruned: bool,
     /// Evict on an anomaly of any signal, not only of those that mean the control failed
     /// (verify_failed, residue, quarantine): also on bursts of caller bugs the allocator
-    /// refused without harm (invalid frees, size mismatches, TTL breaches, policy violations).
+    /// refused without harm (invalid frees, size mismatches, TTL breaches, policy violations);
+    /// and on a snapshot without anomaly counts (the detector off), which cannot be checked.
     #[arg(long)]
     pub strict_anomalies: bool,
     /// Print the verdict as JSON on stdout.
@@ -156,6 +157,11 @@ pub fn judge(
         });
     }
     match flagged(snap, ANOMALIES, "signal") {
+        // With --strict-anomalies the anomalies are a check: one that cannot be made fails.
+        Flagged::Missing if args.strict_anomalies => reasons.push(format!(
+            "{ANOMALIES} is missing from the snapshot: --strict-anomalies cannot be checked \
+             (the anomaly detector is off, KVH_ANOMALY=off, or predates it)"
+        )),
         Flagged::Missing => notes.push(format!(
             "{ANOMALIES} is not in the snapshot: the anomaly detector is off or predates it"
         )),

@@ -391,3 +391,26 @@ fn a_failure_in_any_sample_of_a_checked_series_evicts() {
     assert_eq!(code, 1, "kvh gate admitted residue = 3: {out}{err}");
     assert!(out.contains("kvh_residue_detected_total"), "{out}");
 }
+
+/// `--strict-anomalies` makes the anomalies a check: a snapshot without them (the detector off)
+/// cannot pass it, where the default judges the control and notes the missing series.
+#[test]
+fn strict_anomalies_evict_when_the_anomaly_series_are_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(!text.contains("kvh_anomalies_total"), "{text}");
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kvh_anomalies_total is not in the snapshot"),
+        "{out}"
+    );
+    let (code, out, _) = gate(&f, &["--strict-anomalies"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kvh_anomalies_total is missing from the snapshot: --strict-anomalies cannot be checked"),
+        "{out}"
+    );
+}

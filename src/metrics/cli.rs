@@ -384,20 +384,34 @@ pub fn run_metrics(args: &MetricsArgs) -> i32 {
     }
 }
 
+/// `text` with its control characters written as `\u{..}` escapes: label values come from a
+/// file anyone who can write it chose, and an escape sequence must not reach the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Result<()> {
     for line in snap.text.lines() {
         if !line.trim().is_empty() && !line.starts_with('#') {
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", printable(line))?;
         }
     }
     writeln!(
         out,
         "snapshot {}: taken {} ({:.1} s ago), kvhygiene {}, backend {}",
-        r.file,
+        printable(&r.file),
         r.taken_at,
         r.age_seconds,
-        r.version.as_deref().unwrap_or("?"),
-        r.backend.as_deref().unwrap_or("?"),
+        printable(r.version.as_deref().unwrap_or("?")),
+        printable(r.backend.as_deref().unwrap_or("?")),
     )?;
     if r.security_failures.is_empty() {
         writeln!(out, "security: no failures")?;
@@ -552,5 +566,11 @@ mod tests {
                 c.labels
             );
         }
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("a{x=\"\u{1b}[2J\"} 1"), "a{x=\"\\u{1b}[2J\"} 1");
+        assert_eq!(printable("kvh_x{v=\"0.1.0\"} 0"), "kvh_x{v=\"0.1.0\"} 0");
     }
 }

@@ -13,9 +13,8 @@
 //! Metrics are read from [`Stats`] snapshots (`Allocator::stats`, the same as
 //! `kvh_stats_json`) on the exporters' own threads. A snapshot briefly takes each pool's lock
 //! (the one allocations and frees take) to copy its counters: the file thread takes one per
-//! interval, and the HTTP exporter at most one per [`Options::snapshot_every`] (1 s, or the
-//! interval when shorter), whatever the request rate, serving the cached text and JSON
-//! in between.
+//! interval, and the HTTP exporter at most one per [`Options::snapshot_every`] (1 s unless
+//! set), whatever the request rate, serving the cached text and JSON in between.
 //!
 //! One exporter belongs to one process: a forked child inherits the parent's exporter
 //! without its threads, and neither writes the file nor waits on its locks (the parent's
