@@ -10,6 +10,7 @@ const VERBS: &[&str] = &[
     "keygen",
     "prune-log",
     "evidence",
+    "tail-log",
     "metrics",
     "serve-metrics",
     "gate",

@@ -14,6 +14,7 @@ use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, PruneLogArgs, VerifyLogArgs};
 use kvhygiene::forensic::evidence::{self, EvidenceArgs};
+use kvhygiene::forensic::tail::{self, TailLogArgs};
 use kvhygiene::forensic::{ForensicLog, StartInfo};
 use kvhygiene::gate::{self, GateArgs};
 use kvhygiene::metrics::cli::{self as metrics_cli, MetricsArgs, ServeMetricsArgs};
@@ -77,6 +78,9 @@ enum Command {
     /// Example, the first half of 2026: kvh evidence /var/log/kvh --key-file hmac.key
     /// --since 2026-01-01 --until 2026-07-01 > report-2026h1.md
     Evidence(EvidenceArgs),
+    /// Pass on a forensic log's records as they are written, each once it verified (exit 1 on tampering).
+    #[command(long_about = TAIL_LOG_HELP)]
+    TailLog(TailLogArgs),
     /// Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
     #[command(long_about = METRICS_HELP)]
     Metrics(MetricsArgs),
@@ -134,6 +138,32 @@ of another content already in the archive.
 Example (a nightly job keeping 90 days in the log directory):
   kvh prune-log /var/log/kvh/chains --archive-dir /archive/kvh --older-than 90 \
 --key-file hmac.key --public-key checkpoint.pub";
+
+const TAIL_LOG_HELP: &str = "\
+Pass on a forensic log's records as they are written, each once it verified (exit 1 on \
+tampering).
+
+For a log shipper or a SIEM: every --interval seconds it verifies the directory as verify-log \
+does (give it the same keys), then writes the records written since the last pass to stdout, \
+one per line, exactly as they are in the files. A record is written only when the bytes read \
+hash to the chain's verified head, so nothing that did not verify is passed on.
+
+It also remembers where each chain was (in --state across restarts), and so catches what \
+verify-log alone cannot without signed checkpoints: records cut off a chain's end, a chain \
+rolled back to an earlier copy, a chain whose files are gone. On that, or on a chain that no \
+longer verifies, it writes a line {\"kvh_tail_log\": \"tampering\", \"chain\": ..., \
+\"reason\": ...} to stdout, says why on stderr and exits 1.
+
+By default the records already in the log are not passed on, only those written from the \
+first pass on (--from-start passes them all); a chain that appears later is passed on whole. \
+With --state FILE a restarted tail goes on where it stopped. Where prune-log runs, give \
+--allow-pruned (with --key-file), or the first prune reads as files gone.
+
+Exit status: runs until killed; 0 after --once; 1 tampering; 2 usage or I/O error.
+
+Examples:
+  kvh tail-log /var/log/kvh/chains --key-file hmac.key --state /var/lib/kvh/tail.json | shipper
+  kvh tail-log /var/log/kvh/chains --key-file hmac.key --security-only --once --state s.json";
 
 const CONFIG_HELP: &str = "\
 Check the policy a process started here would run with (exit 0 valid, 1 weakened with \
@@ -291,6 +321,7 @@ fn main() -> ExitCode {
         Command::Keygen(args) => exit_code(forensic_cli::run_keygen(&args)),
         Command::PruneLog(args) => exit_code(forensic_cli::run_prune_log(&args)),
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
+        Command::TailLog(args) => exit_code(tail::run_tail_log(&args)),
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
         Command::Gate(args) => exit_code(gate::run_gate(&args)),

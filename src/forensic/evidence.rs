@@ -922,12 +922,7 @@ impl Tally {
             }
             _ => {}
         }
-        // Blocks retired by the never-reuse policy are the control working, not an exception;
-        // a KV scrub that stopped before verifying everything is one.
-        let policy_retirement =
-            kind == "quarantine" && text("reason").as_deref() == Some("never_reuse_policy");
-        let incomplete_kv_scrub = kind == "kv_scrub" && text("error").is_some();
-        if (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub {
+        if is_exception(record) {
             let count = ev.exceptions_by_kind.entry(kind.to_string()).or_default();
             *count = count.saturating_add(1);
             if ev.exceptions.len() < max_exceptions {
@@ -946,6 +941,18 @@ impl Tally {
             }
         }
     }
+}
+
+/// Whether a record is an exception an auditor must see (a security record). Blocks retired
+/// by the never-reuse policy are the control working, not an exception; a KV scrub that
+/// stopped before verifying everything is one.
+pub(crate) fn is_exception(record: &Map<String, Value>) -> bool {
+    let text = |k: &str| record.get(k).and_then(Value::as_str);
+    let kind = text("kind").unwrap_or("?");
+    let policy_retirement = kind == "quarantine" && text("reason") == Some("never_reuse_policy");
+    let incomplete_kv_scrub =
+        kind == "kv_scrub" && record.get("error").is_some_and(|e| !e.is_null());
+    (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub
 }
 
 /// The kind's own fields as `key=value`, in the record's (sorted) order.

@@ -18,6 +18,7 @@ pub mod prune;
 pub mod record;
 pub mod recovery;
 pub mod scan;
+pub mod tail;
 pub mod verify;
 mod writer;
 

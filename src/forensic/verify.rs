@@ -91,6 +91,10 @@ pub struct ChainReport {
     pub last_seq: Option<u64>,
     pub first_ts: Option<u64>,
     pub last_ts: Option<u64>,
+    /// Hash of the last record verified (hex): the head a reader of the chain's files can
+    /// hold the bytes it reads to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_hash: Option<String>,
     /// A `stop` record ends the chain (the writer shut down cleanly).
     pub closed: bool,
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
@@ -792,6 +796,9 @@ fn verify_chain(
                 ),
             });
         }
+    }
+    if w.report.last_seq.is_some() {
+        w.report.last_hash = Some(hex(&w.prev));
     }
     Ok(w.report)
 }

@@ -1,0 +1,519 @@
+//! `kvh tail-log`: the records of a forensic log as they are written, each passed on only
+//! once it has verified, for a log shipper or a SIEM.
+//!
+//! Every pass verifies the directory as `verify-log` does (hashes, MACs, links, checkpoints),
+//! then reads the records written since the last pass and writes them to stdout, exactly as
+//! they are in the files, one per line. The bytes written are held to the chain's verified
+//! head: each record's hash is computed again from its bytes and the previous hash, and the
+//! last one must be the head the verification reached, so a file changed between the
+//! verification and the reading is never passed on (it is read again at the next pass).
+//!
+//! Between passes the tail remembers where each chain was (seq and hash of the last record
+//! passed on, in `--state` across runs), which adds two checks `verify-log` cannot make
+//! without signed checkpoints: a chain that went back (records cut off its end, or the chain
+//! rolled back to an earlier copy) and a chain whose files are gone. Either, like a chain that
+//! no longer verifies, is reported on stderr and as a JSON line on stdout, and ends the tail
+//! with exit status 1.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
+use super::evidence::is_exception;
+use super::record::{chain_hash_open, hex, parse_hash};
+use super::scan::scan;
+use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+
+/// `kvh tail-log`: arguments.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TailLogArgs {
+    #[command(flatten)]
+    pub log: VerifyLogArgs,
+    /// Seconds between passes (each verifies the whole directory).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub interval: u64,
+    /// Pass on every record already in the log at the first pass (default: only those
+    /// written after it). Chains that appear later are always passed on whole.
+    #[arg(long)]
+    pub from_start: bool,
+    /// File keeping where each chain was, so that a restarted tail goes on where it stopped
+    /// (no record twice, none missed) and still detects a chain that went back or vanished
+    /// meanwhile. Written atomically (0600) after each pass that moved.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
+    #[arg(long)]
+    pub once: bool,
+    /// Pass on only security records (the exceptions `kvh evidence` lists), not every record.
+    #[arg(long)]
+    pub security_only: bool,
+}
+
+/// Where a chain was: its last record passed on (or, at a start from the end, its head).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Position {
+    seq: u64,
+    /// Hash of that record (hex).
+    hash: String,
+    /// Index of the file holding it: the next pass reads from there.
+    file: u64,
+}
+
+/// What the tail remembers between passes (the `--state` file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    chains: BTreeMap<String, Position>,
+}
+
+/// Why the tail stops.
+enum Stop {
+    /// The log was tampered with: say so and exit 1.
+    Tampered { chain: String, reason: String },
+    /// Usage or I/O that cannot go on: exit 2.
+    Error(String),
+}
+
+/// Runs `kvh tail-log`; returns the exit code (it returns only with `--once`, on tampering
+/// or on an error).
+pub fn run_tail_log(args: &TailLogArgs) -> i32 {
+    match tail(args) {
+        Ok(()) => EXIT_OK,
+        Err(Stop::Tampered { chain, reason }) => {
+            eprintln!("kvh tail-log: TAMPERING: chain {chain}: {reason}");
+            let alert = serde_json::json!({
+                "kvh_tail_log": "tampering",
+                "chain": chain,
+                "reason": reason,
+                "at": rfc3339(now_ns()),
+            });
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{alert}").and_then(|()| out.flush());
+            EXIT_TAMPERED
+        }
+        Err(Stop::Error(e)) => {
+            eprintln!("kvh tail-log: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn tail(args: &TailLogArgs) -> Result<(), Stop> {
+    if args.log.json {
+        return Err(Stop::Error(
+            "--json: tail-log always writes JSON lines (the records themselves)".into(),
+        ));
+    }
+    let mut opts = options(&args.log).map_err(Stop::Error)?;
+    // One line per pass is said below; the verifier's own progress would repeat every pass.
+    opts.progress = false;
+    let saved = match &args.state {
+        Some(path) => load_state(path).map_err(Stop::Error)?,
+        None => None,
+    };
+    let resumed = saved.is_some();
+    let mut state = saved.unwrap_or_default();
+    // The first pass: from the state, from the start, or from the heads (nothing passed on).
+    let mut skip_existing = !resumed && !args.from_start;
+    let mut said_error: Option<String> = None;
+    loop {
+        match pass(
+            &args.log.dir,
+            &opts,
+            &mut state,
+            skip_existing,
+            args.security_only,
+        ) {
+            Ok(moved) => {
+                if skip_existing {
+                    eprintln!(
+                        "kvh tail-log: {}: {} chains verified; passing on the records written \
+                         from now on, every {} s",
+                        args.log.dir.display(),
+                        state.chains.len(),
+                        args.interval
+                    );
+                }
+                skip_existing = false;
+                said_error = None;
+                if moved {
+                    if let Some(path) = &args.state {
+                        save_state(path, &state).map_err(Stop::Error)?;
+                    }
+                }
+            }
+            Err(PassError::Stop(stop)) => return Err(stop),
+            // The directory could not be read this time (a volume remounting, say): said
+            // once, tried again at the next pass; with --once it is the run's result.
+            Err(PassError::Io(e)) if !args.once => {
+                if said_error.as_deref() != Some(e.as_str()) {
+                    eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
+                    said_error = Some(e);
+                }
+            }
+            Err(PassError::Io(e)) => return Err(Stop::Error(e)),
+        }
+        if args.once {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(args.interval));
+    }
+}
+
+enum PassError {
+    Stop(Stop),
+    Io(String),
+}
+
+fn tampered(chain: &str, reason: String) -> PassError {
+    PassError::Stop(Stop::Tampered {
+        chain: chain.to_string(),
+        reason,
+    })
+}
+
+/// One pass: verifies the directory, checks it against `state`, writes the new records of
+/// each chain to stdout and moves `state` past them. Returns whether `state` moved.
+fn pass(
+    dir: &Path,
+    opts: &VerifyOptions,
+    state: &mut State,
+    skip_existing: bool,
+    security_only: bool,
+) -> Result<bool, PassError> {
+    let report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    if let Some(p) = report.first_problem() {
+        let chain = report
+            .chains
+            .iter()
+            .find(|c| c.problem.is_some())
+            .map_or_else(String::new, |c| c.chain.clone());
+        return Err(tampered(&chain, format!("the log no longer verifies: {p}")));
+    }
+    if let Some(e) = report.errors.first() {
+        return Err(PassError::Io(e.clone()));
+    }
+    check_against(&report, state)?;
+    let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    let mut moved = false;
+    let mut out = std::io::stdout().lock();
+    for chain in &report.chains {
+        let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
+            continue;
+        };
+        let list = files
+            .iter()
+            .find(|(id, _)| *id == chain.chain)
+            .map_or(&[][..], |(_, l)| l.as_slice());
+        let from = state.chains.get(&chain.chain).cloned();
+        if from.as_ref().is_some_and(|p| p.seq >= head_seq) {
+            continue;
+        }
+        if skip_existing && from.is_none() {
+            let file = list.last().map_or(0, |(i, _)| *i);
+            state.chains.insert(
+                chain.chain.clone(),
+                Position {
+                    seq: head_seq,
+                    hash: head_hash.to_string(),
+                    file,
+                },
+            );
+            moved = true;
+            continue;
+        }
+        let Some(new) = read_new(chain, list, from.as_ref(), head_seq, head_hash)? else {
+            // Changed since the verification: read again at the next pass.
+            continue;
+        };
+        for line in &new.lines {
+            if security_only && !security_line(line) {
+                continue;
+            }
+            out.write_all(line)
+                .and_then(|()| out.write_all(b"\n"))
+                .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+        }
+        state.chains.insert(chain.chain.clone(), new.to);
+        moved = true;
+    }
+    out.flush()
+        .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+    Ok(moved)
+}
+
+/// The chains remembered must still be there, and no shorter: records cut off a chain's
+/// end, a chain rolled back to an earlier copy, or a chain's files deleted would each verify
+/// on their own.
+fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
+    for (id, pos) in &state.chains {
+        let Some(chain) = report.chains.iter().find(|c| &c.chain == id) else {
+            return Err(tampered(
+                id,
+                format!(
+                    "its files are gone (seq {} was passed on): deleted, or moved without a \
+                     prune manifest",
+                    pos.seq
+                ),
+            ));
+        };
+        // A chain `prune-log` moved whole has no record left; its manifest says how far.
+        let head = chain
+            .last_seq
+            .or_else(|| chain.pruned.as_ref().map(|p| p.last_seq));
+        if head.is_none_or(|h| h < pos.seq) {
+            return Err(tampered(
+                id,
+                format!(
+                    "it went back from seq {} to {}: records cut off its end, or the chain \
+                     rolled back to an earlier copy",
+                    pos.seq,
+                    head.map_or("no record".into(), |h| format!("seq {h}"))
+                ),
+            ));
+        }
+        if head == Some(pos.seq) && chain.last_hash.as_deref().is_some_and(|h| h != pos.hash) {
+            return Err(tampered(
+                id,
+                format!("record seq {} is not the one passed on: rewritten", pos.seq),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The records of a chain after `from` up to its verified head.
+struct NewRecords {
+    lines: Vec<Vec<u8>>,
+    to: Position,
+}
+
+/// Reads the records of `chain` after `from` (all of them without it) up to seq `head_seq`,
+/// computing each hash again: `Ok(None)` when the bytes read do not end at the verified head
+/// `head_hash` (the file changed since the verification).
+fn read_new(
+    chain: &ChainReport,
+    list: &[(u64, PathBuf)],
+    from: Option<&Position>,
+    head_seq: u64,
+    head_hash: &str,
+) -> Result<Option<NewRecords>, PassError> {
+    let id = chain.chain.as_str();
+    let start_file = from.map_or(0, |p| p.file);
+    let mut prev: Option<[u8; 32]> = match from {
+        Some(p) => Some(parse_hash(&p.hash).ok_or_else(|| {
+            PassError::Stop(Stop::Error(format!("state of chain {id}: not a hash")))
+        })?),
+        None => None,
+    };
+    let after = from.map(|p| p.seq);
+    let mut lines = Vec::new();
+    let mut last: Option<(u64, u64)> = None;
+    'files: for (index, path) in list.iter().filter(|(i, _)| *i >= start_file) {
+        let file = std::fs::File::open(path)
+            .map_err(|e| PassError::Io(format!("{}: {e}", path.display())))?;
+        let mut reader = std::io::BufReader::new(file);
+        loop {
+            let mut line = Vec::new();
+            reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| PassError::Io(format!("{}: {e}", path.display())))?;
+            // The end of the file, or a line still being written (or torn by a crash): the
+            // verification counted neither.
+            if line.pop() != Some(b'\n') {
+                break;
+            }
+            let Ok(r) = scan(&line) else {
+                return Ok(None);
+            };
+            let Some(seq) = r.seq else {
+                return Ok(None);
+            };
+            if after.is_some_and(|a| seq <= a) {
+                continue;
+            }
+            if seq > head_seq {
+                break 'files;
+            }
+            if after.is_some_and(|a| seq == a + 1) && r.prev != from.map(|p| p.hash.as_str()) {
+                return Err(tampered(
+                    id,
+                    format!(
+                        "record seq {seq} no longer follows the record passed on before it: \
+                         the chain was rewritten"
+                    ),
+                ));
+            }
+            let prior = match prev {
+                Some(h) => h,
+                None => match r.prev.and_then(parse_hash) {
+                    Some(h) => h,
+                    None => return Ok(None),
+                },
+            };
+            let hash = chain_hash_open(&prior, r.body_open);
+            if r.hash != hex(&hash) {
+                return Ok(None);
+            }
+            prev = Some(hash);
+            last = Some((seq, *index));
+            lines.push(line);
+        }
+    }
+    match (last, prev) {
+        (Some((seq, file)), Some(hash)) if seq == head_seq && hex(&hash) == head_hash => {
+            Ok(Some(NewRecords {
+                lines,
+                to: Position {
+                    seq,
+                    hash: hex(&hash),
+                    file,
+                },
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether a record line is a security record (`--security-only`).
+fn security_line(line: &[u8]) -> bool {
+    serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|r| is_exception(&r))
+}
+
+fn load_state(path: &Path) -> Result<Option<State>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            format!(
+                "--state {}: not a tail-log state file ({e}); remove it to start afresh",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("--state {}: {e}", path.display())),
+    }
+}
+
+/// Replaces the state file atomically (temporary file, 0600, fsync, rename): a crash leaves
+/// the old position or the new one, never a torn file.
+fn save_state(path: &Path, state: &State) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| format!("--state {}: {e}", path.display());
+    let mut text = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
+    text.push(b'\n');
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{}", std::process::id(), now_ns()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FsyncPolicy, LogConfig};
+    use crate::forensic::{ForensicLog, StartInfo};
+
+    /// A stopped, unkeyed log of one chain in `dir`: its report and file list.
+    fn log(dir: &Path) -> (Report, Vec<(u64, PathBuf)>) {
+        let cfg = LogConfig {
+            dir: Some(dir.to_path_buf()),
+            fsync: FsyncPolicy::Never,
+            summary_interval_ms: 0,
+            checkpoint_every_records: 0,
+            checkpoint_interval_ms: 0,
+            ..Config::default().log
+        };
+        let start = StartInfo::current(Config::default().canonical_json());
+        ForensicLog::open_with_secret(&cfg, start, None)
+            .unwrap()
+            .stop();
+        let opts = VerifyOptions::default();
+        let report = verify_all(dir, &opts).unwrap();
+        let files = verify::list_all(dir, &opts).unwrap().remove(0).1;
+        (report, files)
+    }
+
+    #[test]
+    fn bytes_that_do_not_hash_to_the_verified_head_are_not_passed_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (report, files) = log(&dir);
+        let chain = &report.chains[0];
+        let (seq, head) = (chain.last_seq.unwrap(), chain.last_hash.clone().unwrap());
+        let new = read_new(chain, &files, None, seq, &head).ok().flatten();
+        assert_eq!(new.map(|n| n.lines.len() as u64), Some(seq + 1));
+        // The file changes after the verification (its last record's time, say): the bytes
+        // read no longer end at the head verified, and nothing is passed on.
+        let path = &files[0].1;
+        let text = std::fs::read_to_string(path).unwrap();
+        let at = text.rfind("\"ts\":").unwrap() + 5;
+        let digit = if text.as_bytes()[at] == b'1' {
+            "2"
+        } else {
+            "1"
+        };
+        let mut changed = text.clone();
+        changed.replace_range(at..at + 1, digit);
+        std::fs::write(path, changed).unwrap();
+        assert!(read_new(chain, &files, None, seq, &head)
+            .ok()
+            .flatten()
+            .is_none());
+        // A head that is not the chain's: nothing either.
+        std::fs::write(path, text).unwrap();
+        let other = "0".repeat(64);
+        assert!(read_new(chain, &files, None, seq, &other)
+            .ok()
+            .flatten()
+            .is_none());
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("tail.json");
+        assert_eq!(load_state(&path), Ok(None));
+        let mut state = State::default();
+        state.chains.insert(
+            "p1-t2".into(),
+            Position {
+                seq: 7,
+                hash: "ab".repeat(32),
+                file: 3,
+            },
+        );
+        save_state(&path, &state).unwrap();
+        assert_eq!(load_state(&path), Ok(Some(state)));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+    }
+}

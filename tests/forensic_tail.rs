@@ -1,0 +1,344 @@
+//! `kvh tail-log`: every verified record passed on once, in order, across runs (`--state`),
+//! and a log that stops verifying, goes back or vanishes reported as tampering.
+
+mod forensic_common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use forensic_common::{cfg, chain_files, event, forge_from, secret, start, write_log};
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+use serde_json::Value;
+
+fn kvh() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
+/// `kvh tail-log DIR --once ARGS...`.
+fn tail_once(dir: &Path, args: &[&str]) -> Output {
+    kvh()
+        .arg("tail-log")
+        .arg(dir)
+        .arg("--once")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every line of the chain files, in order.
+fn log_lines(dir: &Path) -> Vec<String> {
+    chain_files(dir)
+        .iter()
+        .flat_map(|f| forensic_common::read_lines(f))
+        .collect()
+}
+
+struct Keyed {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    key: PathBuf,
+    state: PathBuf,
+}
+
+fn keyed() -> Keyed {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, &*secret()).unwrap();
+    Keyed {
+        dir: tmp.path().join("log"),
+        state: tmp.path().join("tail.json"),
+        key,
+        _tmp: tmp,
+    }
+}
+
+impl Keyed {
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "--key-file",
+            self.key.to_str().unwrap(),
+            "--state",
+            self.state.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+}
+
+#[test]
+fn each_record_is_passed_on_once_in_order_across_runs() {
+    let k = keyed();
+    // A running writer, in small files so that the records span rotations.
+    let log = ForensicLog::open_with_secret(&cfg(&k.dir, 2048), start(), Some(secret())).unwrap();
+    for i in 0..20 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&["--from-start"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout_lines(&out);
+    assert_eq!(first, log_lines(&k.dir), "every record, exactly as written");
+    assert!(chain_files(&k.dir).len() > 1, "the records span files");
+
+    for i in 20..45 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(out.status.code(), Some(0));
+    let second = stdout_lines(&out);
+    let events = second
+        .iter()
+        .filter(|l| l.contains("\"kind\":\"quarantine\""))
+        .count();
+    assert_eq!(
+        events, 25,
+        "the new events (with the rotations between them)"
+    );
+    let all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(all, log_lines(&k.dir), "nothing twice, nothing missed");
+
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty(), "nothing new: nothing passed on");
+    log.stop();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    let last = stdout_lines(&out);
+    assert!(
+        last.last().is_some_and(|l| l.contains("\"kind\":\"stop\"")),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn a_first_run_starts_at_the_end_and_a_new_chain_is_passed_on_whole() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 5, true);
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.is_empty(),
+        "records already there are not passed on"
+    );
+    let before = log_lines(&k.dir);
+    // A second process: a new chain, passed on from its first record.
+    write_log(&cfg(&k.dir, 1 << 20), 3, true);
+    let out = tail_once(&k.dir, &k.args(&[]));
+    let lines = stdout_lines(&out);
+    let now: Vec<String> = log_lines(&k.dir)
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert_eq!(lines.len(), 5, "start, 3 events, stop: {lines:?}");
+    let mut sorted = lines.clone();
+    sorted.sort();
+    let mut expected = now;
+    expected.sort();
+    assert_eq!(sorted, expected);
+}
+
+/// The alert line a tail writes when it stops on tampering.
+fn alert(out: &Output) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout_lines(out);
+    let v: Value = serde_json::from_str(lines.last().expect("an alert line")).unwrap();
+    assert_eq!(v["kvh_tail_log"], "tampering", "{v}");
+    v
+}
+
+#[test]
+fn records_cut_off_a_rewritten_record_and_deleted_files_are_caught() {
+    // Without a key or checkpoints, verify-log cannot tell any of these from a log that was
+    // always so; the tail remembers what it passed on.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    write_log(&cfg(&dir, 1 << 20), 6, false);
+    let out = tail_once(&dir, &["--state", st, "--from-start"]);
+    assert_eq!(stdout_lines(&out).len(), 8);
+    let file = chain_files(&dir).remove(0);
+    let whole = std::fs::read(&file).unwrap();
+
+    // The last three records cut off: the rest still verifies on its own.
+    let lines = forensic_common::read_lines(&file);
+    forensic_common::write_lines(&file, &lines[..5]);
+    assert_eq!(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(0)
+    );
+    let v = alert(&tail_once(&dir, &["--state", st]));
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("went back from seq 7 to seq 4"),
+        "{v}"
+    );
+
+    // A record rewritten and the chain sealed again after it (no key to stop that).
+    std::fs::write(&file, &whole).unwrap();
+    forge_from(std::slice::from_ref(&file), 0, 3, None, |m| {
+        m.insert("tenant_id".into(), "someone-else".into());
+    });
+    assert_eq!(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(0)
+    );
+    let v = alert(&tail_once(&dir, &["--state", st]));
+    assert!(v["reason"].as_str().unwrap().contains("rewritten"), "{v}");
+
+    // The chain's files deleted.
+    std::fs::remove_file(&file).unwrap();
+    write_log(&cfg(&dir, 1 << 20), 1, false); // another chain, so the directory has a log
+    let v = alert(&tail_once(&dir, &["--state", st]));
+    assert!(
+        v["reason"].as_str().unwrap().contains("its files are gone"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_log_that_stops_verifying_stops_the_tail_and_nothing_of_it_is_passed_on() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 4, true);
+    assert_eq!(tail_once(&k.dir, &k.args(&[])).status.code(), Some(0));
+    let file = chain_files(&k.dir).remove(0);
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replacen("tenant-a", "tenant-b", 1)).unwrap();
+    let out = tail_once(&k.dir, &k.args(&["--from-start"]));
+    let v = alert(&out);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    assert_eq!(stdout_lines(&out).len(), 1, "only the alert");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TAMPERING"), "{err}");
+}
+
+#[test]
+fn security_only_passes_on_the_exceptions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 4, false);
+    let out = tail_once(&dir, &["--from-start", "--security-only"]);
+    let lines = stdout_lines(&out);
+    assert_eq!(
+        lines.len(),
+        4,
+        "the four quarantines, not start and stop: {lines:?}"
+    );
+    assert!(lines.iter().all(|l| l.contains("\"kind\":\"quarantine\"")));
+}
+
+#[test]
+fn the_tail_passes_on_records_as_they_are_written() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut child = kvh()
+        .arg("tail-log")
+        .arg(&k.dir)
+        .args(["--key-file", k.key.to_str().unwrap(), "--interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first pass says it started at the end; records after it are passed on.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    err.read_line(&mut said).unwrap();
+    assert!(said.contains("1 chains verified"), "{said}");
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < 3 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            got.push(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got.len(), 3, "{got:?}");
+    let written = log_lines(&k.dir);
+    assert_eq!(
+        got,
+        written[2..5].to_vec(),
+        "the three records after the start"
+    );
+    log.stop();
+}
+
+#[test]
+fn bad_arguments_and_a_bad_state_file_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 1, false);
+    let out = tail_once(&dir, &["--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--json"));
+    let out = tail_once(&dir, &["--interval", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let state = tmp.path().join("state.json");
+    std::fs::write(&state, "not json").unwrap();
+    let out = tail_once(&dir, &["--state", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a tail-log state file") && err.contains("state.json"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
