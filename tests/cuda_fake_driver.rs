@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{batch, place, random_layout, run, scrub_and_check, MIB, SAMPLED};
+use common::{batch, place, random_layout, run, scrub_and_check, submit, MIB, SAMPLED};
 use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::{
     Backend, BackendError, BackendKind, ScrubOptions, ScrubSegment, StreamHandle,
@@ -246,7 +246,9 @@ fn every_entry_point_makes_the_context_current_on_its_thread() {
             std::thread::spawn(move || {
                 let (segments, total) = random_layout(50, 3000, t);
                 scrub_and_check(&b, total, &segments, SAMPLED);
-                b.zero_fresh(0, 0, 0, StreamHandle(0)).expect("zero_fresh");
+                let p = b.allocate(0, 64).expect("allocate");
+                b.zero_fresh(0, p, 64, StreamHandle(0)).expect("zero_fresh");
+                b.release(0, p, 64).expect("release");
                 assert!(!b.is_capturing(1, StreamHandle(0)).expect("device 1"));
             })
         })
@@ -321,7 +323,7 @@ fn poll_reports_pending_until_the_event_completes() {
         len: 4096,
         seed: 1,
     };
-    let mut ticket = b.submit_scrub(batch(vec![seg], SAMPLED)).expect("submit");
+    let mut ticket = submit(&b, batch(vec![seg], SAMPLED)).expect("submit");
     for _ in 0..3 {
         assert_eq!(ticket.poll().expect("poll"), None);
     }
@@ -338,7 +340,7 @@ fn poll_reports_pending_until_the_event_completes() {
     switch(&lib, "set_pending_queries", 1000);
     let slots_before = query(&lib, "host_allocs", 0);
     for _ in 0..5 {
-        drop(b.submit_scrub(batch(vec![seg], SAMPLED)).expect("submit"));
+        drop(submit(&b, batch(vec![seg], SAMPLED)).expect("submit"));
     }
     assert!(
         query(&lib, "host_allocs", 0) - slots_before >= 4,
@@ -357,8 +359,9 @@ fn a_failed_slot_allocation_is_reported_and_recovered() {
     let (segments, total) = random_layout(8, 5000, 3);
     let base = b.allocate(0, total).expect("allocate");
     switch(&lib, "fail_host_allocs", 1);
-    match b.submit_scrub(batch(place(base, &segments), SAMPLED)) {
-        Err(e) => assert!(e.to_string().contains("cuMemHostAlloc"), "{e}"),
+    match submit(&b, batch(place(base, &segments), SAMPLED)) {
+        // Out of memory: the pool keeps the blocks and submits them again later.
+        Err(e) => assert!(e.to_string().starts_with("out of memory"), "{e}"),
         Ok(_) => panic!("a batch was submitted without its slot"),
     }
     b.release(0, base, total).expect("release");
@@ -377,7 +380,7 @@ fn sums_left_by_a_failed_batch_are_cleared_before_the_next() {
     let total = 300_000;
     let base = b.allocate(0, total).expect("allocate");
     switch(&lib, "fail_launch", 2);
-    match b.submit_scrub(batch(place(base, &segments), SAMPLED)) {
+    match submit(&b, batch(place(base, &segments), SAMPLED)) {
         Err(e) => assert!(e.to_string().contains("cuLaunchKernel"), "{e}"),
         Ok(_) => panic!("the failed publish launch was not reported"),
     }
@@ -402,7 +405,7 @@ fn capturing_streams_are_refused_not_captured() {
         SAMPLED,
     );
     scrub.stream = capturing;
-    match b.submit_scrub(scrub) {
+    match submit(&b, scrub) {
         Err(BackendError::StreamCapturing { stream, .. }) => assert_eq!(stream, 0xC0DE),
         Err(e) => panic!("expected StreamCapturing, got {e}"),
         Ok(_) => panic!("a scrub was enqueued on a capturing stream"),
@@ -422,7 +425,7 @@ fn capturing_streams_are_refused_not_captured() {
     );
     scrub.wait_streams = vec![StreamHandle(7), capturing];
     assert!(matches!(
-        b.submit_scrub(scrub.clone()),
+        submit(&b, scrub.clone()),
         Err(BackendError::StreamCapturing { stream: 0xC0DE, .. })
     ));
     scrub.wait_streams = vec![StreamHandle(7)];
@@ -482,16 +485,18 @@ fn no_driver_call_after_shutdown() {
     let (path, lib) = fake_or_skip!("shutdown");
     let b = start(&path);
     let base = b.allocate(0, 4096).expect("allocate");
-    let mut pending = b
-        .submit_scrub(batch(
+    let mut pending = submit(
+        &b,
+        batch(
             vec![ScrubSegment {
                 addr: base,
                 len: 4096,
                 seed: 3,
             }],
             SAMPLED,
-        ))
-        .expect("submit");
+        ),
+    )
+    .expect("submit");
     b.shutdown();
     let before = calls(&lib);
     assert_eq!(b.allocate(0, 1), Err(BackendError::ShuttingDown));
@@ -536,4 +541,142 @@ fn driver_calls_run_relaxed_and_restore_the_callers_capture_mode() {
     })
     .join()
     .expect("thread");
+}
+
+/// A batch slot that cannot be allocated is a transient resource failure, not a verification
+/// failure (docs/cuda.md, "Out of memory"): the blocks stay PENDING and are submitted again,
+/// never quarantined as failed (their re-scrub would meet the same shortage and condemn them
+/// for good, although nothing was ever read back dirty).
+#[test]
+fn a_transient_slot_allocation_failure_does_not_condemn_the_blocks() {
+    use kvhygiene::alloc::Allocator;
+    let (path, lib) = fake_or_skip!("slot_oom_alloc");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let s = StreamHandle(0);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    alloc.free(p, 4096, 0, s).expect("free");
+    // The next two slot allocations fail (the batch's, then the re-scrub's), then memory is
+    // available again.
+    switch(&lib, "fail_host_allocs", 2);
+    let _ = alloc.synchronize();
+    let _ = alloc.synchronize();
+    let stats = alloc.stats();
+    eprintln!(
+        "verifications_failed {}, rescrub_failed {}, quarantined bytes {}",
+        stats.counters.verifications_failed,
+        stats.counters.rescrub_failed,
+        stats.accounting.quarantined.bytes
+    );
+    assert_eq!(
+        stats.counters.verifications_failed, 0,
+        "a slot allocation failure was logged as a failed verification"
+    );
+    assert_eq!(
+        stats.counters.rescrub_failed, 0,
+        "a block was condemned (leaked for good) after a transient slot allocation failure"
+    );
+    alloc.shutdown();
+}
+
+/// Once `Backend::shutdown` returns no further driver call is made (invariant 6: none after
+/// process exit begins), also by a call already past its first check (the flusher thread
+/// submitting a batch while an atexit handler runs `begin_exit`): it stops at its next step.
+/// Here the shutdown happens during the submission's capture query.
+#[test]
+fn no_driver_call_once_shutdown_has_returned_even_mid_submission() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_race");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 9,
+    };
+    // SAFETY: `void fake_cuda_on_capture_query(void (*)(void))`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_capture_query\0")
+            .expect("hook");
+        f(exit_begins);
+    }
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let at_shutdown = query(&lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    let after = calls(&lib) - at_shutdown;
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        match &submitted {
+            Ok(_) => "Ok(ticket)".to_string(),
+            Err(e) => format!("Err({e})"),
+        }
+    );
+}
+
+/// Devices other than 0 are opened on first use; a failure to open one (here
+/// cuModuleLoadData; on a GPU, e.g. out of memory while loading the module on a device another
+/// library has filled) is not kept: the next call opens it once the driver works again.
+#[test]
+fn a_transient_failure_opening_a_device_is_not_cached_for_good() {
+    let (path, lib) = fake_or_skip!("lazy_open");
+    let b = start(&path);
+    switch(&lib, "reject_images", 1);
+    assert!(
+        b.allocate(1, 4096).is_err(),
+        "device 1 opened without an image"
+    );
+    switch(&lib, "reject_images", 0);
+    match b.allocate(1, 4096) {
+        Ok(p) => b.release(1, p, 4096).expect("release"),
+        Err(e) => panic!("device 1 stays unusable after the driver recovered: {e}"),
+    }
+}
+
+/// The safe entry points that take a raw address (`write`, `read`, `zero_fresh`, `release`)
+/// work only inside memory this backend allocated: under unified addressing a page-locked
+/// host buffer (the backend's own result slots, a framework's pinned staging buffers) is a
+/// valid device address, which the driver would copy into or zero. (`submit_scrub` is an
+/// `unsafe fn` with that contract, since its segments are not looked up on the hot path.) The
+/// stand-in's "device memory" is host memory, which plays the page-locked buffer here.
+#[test]
+fn safe_entry_points_refuse_addresses_the_backend_never_allocated() {
+    let (path, _lib) = fake_or_skip!("foreign_addr");
+    let b = start(&path);
+    let not_ours = [0x5au8; 64];
+    let addr = not_ours.as_ptr() as u64;
+    assert!(
+        b.write(0, addr, &[0u8; 64]).is_err(),
+        "write into memory this backend never allocated was accepted"
+    );
+    assert!(
+        b.zero_fresh(0, addr, 64, StreamHandle(0)).is_err(),
+        "zero_fresh of memory this backend never allocated was accepted"
+    );
+    let mut back = [0u8; 64];
+    assert!(b.read(0, addr, &mut back).is_err());
+    assert!(
+        b.release(0, addr, 64).is_err(),
+        "a foreign address was freed"
+    );
+    assert!(
+        not_ours.iter().all(|&x| x == 0x5a),
+        "the buffer was written"
+    );
+    // Inside an allocation, and a range running past its end.
+    let p = b.allocate(0, 4096).expect("allocate");
+    b.write(0, p + 4000, &[1u8; 96]).expect("the last 96 bytes");
+    assert!(
+        b.write(0, p + 4000, &[1u8; 97]).is_err(),
+        "one byte past the end"
+    );
+    assert!(b.zero_fresh(0, p + 1, 4096, StreamHandle(0)).is_err());
+    b.release(0, p, 4096).expect("release");
+    assert!(b.release(0, p, 4096).is_err(), "a second release");
+    assert!(b.write(0, p, &[1u8; 1]).is_err(), "a write after release");
 }

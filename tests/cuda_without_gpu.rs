@@ -47,3 +47,25 @@ fn a_present_but_unusable_driver_fails_closed() {
     // never be reported as "no driver", which would let `auto` hand out host memory.
     assert!(matches!(probe_library("libm.so.6"), Probe::Broken(_)));
 }
+
+/// A driver file that exists but cannot be loaded (truncated or corrupt, the wrong
+/// architecture, a missing dependency, no read permission) is a broken installation, not the
+/// absence of a driver: `auto` must fail closed rather than hand out host memory.
+#[test]
+fn a_driver_file_that_exists_but_cannot_be_loaded_is_broken_not_absent() {
+    let dir = std::env::temp_dir().join(format!("kvh-corrupt-driver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("libcuda.so.1");
+    // Not an ELF object: what a truncated or corrupted driver install leaves behind.
+    std::fs::write(&path, b"this is not a shared object").unwrap();
+    let probed = probe_library(path.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    match probed {
+        Probe::Broken(_) => {}
+        Probe::NoDriver(why) => panic!(
+            "a present but unloadable driver probed as NoDriver, so `auto` would fall back \
+             to host memory: {why}"
+        ),
+        Probe::Available(_) => panic!("a corrupt file cannot be a working driver"),
+    }
+}

@@ -11,7 +11,7 @@
 #[path = "backend_common/mod.rs"]
 mod common;
 
-use common::{batch, random_bytes, random_layout, run, scrub_and_check, MIB, SAMPLED};
+use common::{batch, random_bytes, random_layout, run, scrub_and_check, submit, MIB, SAMPLED};
 use kvhygiene::backend::cuda::{probe, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::verify;
 use kvhygiene::backend::{Backend, BackendError, ScrubOptions, ScrubSegment, StreamHandle};
@@ -165,7 +165,7 @@ fn wait_streams_poll_and_capture_status() {
     );
     // Legacy (1) and per-thread (2) default streams as "recorded" streams.
     batch.wait_streams = vec![StreamHandle(1), StreamHandle(2), StreamHandle(0)];
-    let mut ticket = b.submit_scrub(batch).expect("submit");
+    let mut ticket = submit(&b, batch).expect("submit");
     let results = loop {
         if let Some(r) = ticket.poll().expect("poll") {
             break r;
@@ -209,7 +209,7 @@ fn no_driver_call_after_shutdown() {
     b.shutdown();
     assert_eq!(b.allocate(0, 1), Err(BackendError::ShuttingDown));
     assert!(matches!(
-        b.submit_scrub(batch(Vec::new(), SAMPLED)),
+        submit(&b, batch(Vec::new(), SAMPLED)),
         Err(BackendError::ShuttingDown)
     ));
 }

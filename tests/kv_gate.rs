@@ -459,9 +459,10 @@ mod held {
         ) -> Result<(), BackendError> {
             self.host.zero_fresh(d, a, len, s)
         }
-        fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
             let stream = b.stream.0;
-            let inner = self.host.submit_scrub(b)?;
+            // SAFETY: 1-2. this method's own contract, passed on unchanged.
+            let inner = unsafe { self.host.submit_scrub(b) }?;
             let mut s = self.state.0.lock().unwrap();
             *s.submitted.entry(stream).or_default() += 1;
             self.state.1.notify_all();

@@ -446,7 +446,13 @@ impl Allocator {
                     segments,
                     options,
                 };
-                let submitted = backend.submit_scrub(batch);
+                // SAFETY: 1. each segment is a block of a layout region that `live_range`
+                // checked lies inside the requested bytes of a LIVE allocation of this pool on
+                // this device, which the engine cannot free while the call holds the pool's
+                // lock, and whose stream the later free's scrub waits for; 2. the engine hands
+                // the blocks over (their caller's contract: nothing writes them until the scrub
+                // completes).
+                let submitted = unsafe { backend.submit_scrub(batch) };
                 // Once a submission was tried, something may write the cache on this stream
                 // (a failed submission may have launched part of its work): a later free's
                 // scrub must wait for it. Only a refusal before any launch records nothing.

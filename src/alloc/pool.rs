@@ -482,7 +482,11 @@ impl DevicePool {
             options,
         };
         let waits = batch.wait_streams.clone();
-        match backend.submit_scrub(batch) {
+        // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
+        // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released only
+        // after their ticket completed; 2. a freed block is written by nothing until it is
+        // handed out again, which needs this scrub verified first.
+        match unsafe { backend.submit_scrub(batch) } {
             Ok(ticket) => {
                 self.stats.counters.scrub_batches += 1;
                 self.in_flight.push_back(InFlight {
@@ -496,6 +500,15 @@ impl DevicePool {
             Err(BackendError::StreamCapturing { .. }) => {
                 self.defer(stream, waits, &blocks, rescrub)
             }
+            // No memory for the batch's own buffers (its slot): nothing was queued, so the
+            // blocks were not scrubbed and not read back either. They stay PENDING, out of every
+            // free list, and are submitted again later, as under a graph capture; a failed
+            // verification would quarantine them, and their re-scrub would meet the same
+            // shortage and condemn them for good.
+            Err(BackendError::OutOfMemory { .. }) => {
+                self.stats.counters.backend_errors += 1;
+                self.defer(stream, waits, &blocks, rescrub)
+            }
             // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
             // releases or reuses them); no event, no failure.
             Err(BackendError::ShuttingDown) => {}
@@ -503,9 +516,10 @@ impl DevicePool {
         }
     }
 
-    /// A stream is capturing a CUDA graph: nothing may be launched into it. The blocks stay
-    /// PENDING (or QUARANTINED) and out of every free list; the batch is reopened and retried
-    /// by the flusher once its delay has passed again, i.e. after the capture ends.
+    /// The batch cannot be queued now (its stream is capturing a CUDA graph, or there is no
+    /// memory for its buffers). The blocks stay PENDING (or QUARANTINED) and out of every
+    /// free list; the batch is reopened and retried by the flusher once its delay has passed
+    /// again, i.e. after the capture ends or memory is freed.
     #[cold]
     fn defer(
         &mut self,

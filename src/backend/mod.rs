@@ -131,7 +131,16 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
 
     /// Enqueues a batch: zero, then verify, every segment. Never blocks on the device.
-    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError>;
+    ///
+    /// # Safety
+    /// 1. Every segment of `batch` lies inside memory that [`Backend::allocate`] of this
+    ///    backend returned on `batch.device` and that is not released before the ticket
+    ///    completes. The CUDA backend cannot check it without a lookup per segment on the
+    ///    hot path (under unified addressing any page-locked host buffer is a valid device
+    ///    address, which the kernel would zero); the host backend checks it anyway.
+    /// 2. Nothing else writes those bytes until the ticket completes (the pool's freed
+    ///    blocks; KV cache blocks the engine handed back).
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError>;
 
     /// Whether `stream` is capturing a CUDA graph (never for the host backend).
     fn is_capturing(&self, _device: u32, _stream: StreamHandle) -> Result<bool, BackendError> {

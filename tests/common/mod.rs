@@ -127,7 +127,7 @@ impl Backend for TestBackend {
         self.note();
         self.host.zero_fresh(d, a, l, s)
     }
-    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         self.note();
         if self.capturing.load(Ordering::SeqCst) {
             return Err(BackendError::StreamCapturing {
@@ -147,7 +147,8 @@ impl Backend for TestBackend {
             &self.gate
         };
         let gate = gate.clone();
-        let inner = self.host.submit_scrub(batch)?;
+        // SAFETY: 1-2. this method's own contract, passed on unchanged.
+        let inner = unsafe { self.host.submit_scrub(batch) }?;
         Ok(Box::new(GatedTicket { inner, gate }))
     }
     fn is_capturing(&self, _d: u32, _s: StreamHandle) -> Result<bool, BackendError> {

@@ -23,7 +23,10 @@
 // - the device has 4 SMs, each holding 8 blocks of kvh_scrub or kvh_scrub_publish and 2 of
 //   kvh_scrub_strided (cuOccupancyMaxActiveBlocksPerMultiprocessor); fake_cuda_fail_occupancy(n)
 //   makes the next n occupancy queries fail; fake_cuda_last_scrub_grid(0) is the grid of the
-//   last scrub launch, negative for kvh_scrub_strided.
+//   last scrub launch, negative for kvh_scrub_strided;
+// - fake_cuda_on_capture_query(cb) makes the next cuStreamIsCapturing call cb() before it
+//   returns (standing for another thread, e.g. an atexit handler, acting at that moment);
+//   fake_cuda_calls_at_hook(0) is the driver call count when cb returned (-1: not yet run).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -170,8 +173,17 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { retu
 
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { NEED_CTX(); return OK; }
 CUresult cuStreamSynchronize(void*) { NEED_CTX(); return OK; }
+static void (*g_capture_hook)(void) = nullptr;
+static std::atomic<int> g_calls_at_hook{-1};
+void fake_cuda_on_capture_query(void (*cb)(void)) { g_capture_hook = cb; }
+int fake_cuda_calls_at_hook(int) { return g_calls_at_hook.load(); }
 CUresult cuStreamIsCapturing(void* s, int* status) {
     NEED_CTX();
+    if (void (*hook)(void) = g_capture_hook) {
+        g_capture_hook = nullptr;
+        hook();
+        g_calls_at_hook = g_calls.load();
+    }
     *status = ((uintptr_t)s == CAPTURING_STREAM) ? 1 : 0;
     return OK;
 }

@@ -17,8 +17,11 @@ pub const LIBCUDA: &str = "libcuda.so.1";
 /// Why the driver could not be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LoadError {
-    /// The library does not exist or cannot be opened: no CUDA driver is installed.
+    /// The library does not exist: no CUDA driver is installed.
     NotInstalled(String),
+    /// The library exists but cannot be loaded (corrupt or truncated, another architecture,
+    /// a dependency missing, unreadable): a driver is installed but unusable.
+    Unloadable(String),
     /// The library opened but lacks a symbol kvhygiene needs: a driver is present but unusable.
     MissingSymbol(String),
 }
@@ -27,6 +30,9 @@ impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LoadError::NotInstalled(why) => write!(f, "cannot load the CUDA driver: {why}"),
+            LoadError::Unloadable(why) => {
+                write!(f, "a CUDA driver is installed but cannot be loaded: {why}")
+            }
             LoadError::MissingSymbol(why) => {
                 write!(f, "the CUDA driver lacks a required entry point: {why}")
             }
@@ -67,11 +73,16 @@ pub fn load_from(path: &str) -> Result<Driver, LoadError> {
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
         // dlerror's message usually names the file already.
         let msg = e.to_string();
-        LoadError::NotInstalled(if msg.contains(path) {
+        let msg = if msg.contains(path) {
             msg
         } else {
             format!("{path}: {msg}")
-        })
+        };
+        if is_absent(path, &msg) {
+            LoadError::NotInstalled(msg)
+        } else {
+            LoadError::Unloadable(msg)
+        }
     })?;
     // SAFETY: 1. every field of `CudaDriver` is typed by bindgen from cuda.h of the pinned
     // CUDA 12.4, and the symbol names are the versioned ones that header maps to (cuMemAlloc ->
@@ -79,6 +90,21 @@ pub fn load_from(path: &str) -> Result<Driver, LoadError> {
     let api = unsafe { sys::CudaDriver::from_library(lib) }
         .map_err(|e| LoadError::MissingSymbol(format!("{path}: {e}")))?;
     Ok(Driver { api: Arc::new(api) })
+}
+
+/// Whether a failed `dlopen` of `path` means the library is not there at all, rather than
+/// there but unloadable: only then may `auto` take the host backend. A path is absent when no
+/// file is at it; a bare name when the loader says that name itself (not a dependency of
+/// it) was not found on its search path. The loader's messages are English unless the
+/// process set `LC_MESSAGES` (neither Rust nor Python does); a translated one reads as
+/// unloadable, which fails closed.
+fn is_absent(path: &str, dlerror: &str) -> bool {
+    if path.contains('/') {
+        return !std::path::Path::new(path).exists();
+    }
+    dlerror.starts_with(&format!(
+        "{path}: cannot open shared object file: No such file or directory"
+    ))
 }
 
 #[cfg(test)]
@@ -93,6 +119,24 @@ mod tests {
             other => panic!("expected NotInstalled, got {other:?}"),
         }
         assert!(err.to_string().starts_with("cannot load the CUDA driver"));
+    }
+
+    #[test]
+    fn only_the_library_itself_missing_counts_as_absent() {
+        let missing = "libcuda.so.1: cannot open shared object file: No such file or directory";
+        assert!(is_absent("libcuda.so.1", missing));
+        // A dependency of the driver missing: the driver is there.
+        let dependency =
+            "libnvidia-ptxjitcompiler.so.1: cannot open shared object file: No such file or \
+             directory";
+        assert!(!is_absent("libcuda.so.1", dependency));
+        assert!(!is_absent("libcuda.so.1", "libcuda.so.1: file too short"));
+        assert!(!is_absent(
+            "libcuda.so.1",
+            "libcuda.so.1: wrong ELF class: ELFCLASS32"
+        ));
+        assert!(is_absent("/nonexistent/libcuda.so.1", "whatever"));
+        assert!(!is_absent("/proc/self/exe", "whatever"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub fn probe() -> Probe {
 pub fn probe_library(path: &str) -> Probe {
     match loader::load_from(path) {
         Err(loader::LoadError::NotInstalled(why)) => Probe::NoDriver(why),
-        Err(e @ loader::LoadError::MissingSymbol(_)) => {
+        Err(e @ (loader::LoadError::MissingSymbol(_) | loader::LoadError::Unloadable(_))) => {
             Probe::Broken(BackendError::Other(e.to_string()))
         }
         Ok(driver) => match CudaBackend::new(driver) {

@@ -204,17 +204,24 @@ pub unsafe fn mem_free(d: &Driver, ptr: CUdeviceptr) -> Result<(), BackendError>
 /// Page-locked host memory mapped into the device address space of every context: the host
 /// writes a batch's work items and reads its results there, and the kernels access it directly
 /// (no copy is queued). Returns the host pointer and the device address of the same bytes.
+/// Out of memory maps to [`BackendError::OutOfMemory`] (of `device`, whose batches need it).
 pub fn mem_host_alloc_mapped(
     d: &Driver,
+    device: u32,
     len: usize,
 ) -> Result<(*mut u8, CUdeviceptr), BackendError> {
     let mut p: *mut c_void = std::ptr::null_mut();
     let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
     // SAFETY: `p` is a valid out-pointer. PORTABLE: usable from every context; DEVICEMAP:
     // mapped into the device address space.
-    check(d, "cuMemHostAlloc", unsafe {
-        d.api().cuMemHostAlloc(&mut p, len, flags as c_uint)
-    })?;
+    let rc = unsafe { d.api().cuMemHostAlloc(&mut p, len, flags as c_uint) };
+    if rc == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(BackendError::OutOfMemory {
+            device,
+            requested: len as u64,
+        });
+    }
+    check(d, "cuMemHostAlloc", rc)?;
     let mut dev: CUdeviceptr = 0;
     // SAFETY: `dev` is a valid out-pointer and `p` was allocated with DEVICEMAP just above.
     let mapped = check(d, "cuMemHostGetDevicePointer", unsafe {

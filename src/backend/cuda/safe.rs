@@ -15,9 +15,12 @@
 //!   [`BackendError::StreamCapturing`] and the pool defers the work.
 //! - Exit: after [`Backend::shutdown`] no driver call is made; memory and handles are leaked.
 
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::kernel::{self, DeviceChunk, Image};
 use super::loader::Driver;
@@ -55,6 +58,11 @@ struct Device {
     resident_blocks: u64,
     /// Which embedded image was loaded (for diagnostics).
     image: String,
+    /// The allocations `allocate` made and `release` has not freed: start -> length. The
+    /// safe entry points that take an address (`release`, `zero_fresh`, `write`, `read`) work
+    /// only inside one: under unified addressing any page-locked host buffer is a valid
+    /// device address too.
+    live: Mutex<BTreeMap<DevicePtr, u64>>,
     /// Recorded on each wait stream, then waited on by the scrub stream. Reusable at once:
     /// `cuStreamWaitEvent` captures the record that precedes it.
     order_event: Mutex<Handle<CUevent>>,
@@ -89,8 +97,15 @@ struct Slot {
 
 pub(crate) struct Inner {
     driver: Driver,
-    devices: Vec<OnceLock<Result<Device, BackendError>>>,
+    /// Each device's state once it opened. A failed open is not kept: the next call tries
+    /// again (a module load can fail for lack of memory on a full device), leaking what the
+    /// failed attempt retained (a primary context reference, a module), which is small.
+    devices: Vec<OnceLock<Device>>,
+    /// Held while a device opens, so that two threads do not open the same one twice.
+    opening: Mutex<()>,
     shutting_down: AtomicBool,
+    /// Entry points past their shutdown check and not yet returned ([`InCall`]).
+    calls: AtomicU64,
     /// Fault injection for tests: index of a segment the zero kernel skips (NO_SKIP: none).
     skip_segment: AtomicU32,
     /// The [`ItemGrid`] of batches with work items, as its `u8` value.
@@ -151,7 +166,9 @@ impl CudaBackend {
         let inner = Inner {
             driver,
             devices: (0..count).map(|_| OnceLock::new()).collect(),
+            opening: Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            calls: AtomicU64::new(0),
             skip_segment: AtomicU32::new(kernel::NO_SKIP),
             item_grid: AtomicU8::new(ItemGrid::default() as u8),
         };
@@ -164,7 +181,7 @@ impl CudaBackend {
 
     /// The driver version as `cuDriverGetVersion` reports it (12040 = 12.4).
     pub fn driver_version(&self) -> Result<i32, BackendError> {
-        self.inner.live()?;
+        let _call = self.inner.enter()?;
         r::driver_version(&self.inner.driver)
     }
 
@@ -204,9 +221,42 @@ impl CudaBackend {
     }
 }
 
+/// How long [`Backend::shutdown`] waits for entry points already past their check to return:
+/// a submission takes microseconds; a wait blocked on a hung device is not waited for.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// [`InCall`]s this thread holds: a shutdown begun inside an entry point (an exit handler
+    /// run from it) does not wait for its own caller.
+    static CALLS_HERE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// An entry point in progress, counted from before it checks the shutdown flag until it
+/// returns. The count and the flag are both sequentially consistent: either the entry point
+/// sees the flag and makes no driver call, or the shutdown sees the count and waits for it.
+struct InCall<'a>(&'a Inner);
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        CALLS_HERE.with(|c| c.set(c.get().saturating_sub(1)));
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Inner {
+    /// Begins an entry point: refused once shutdown has begun.
+    fn enter(&self) -> Result<InCall<'_>, BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        CALLS_HERE.with(|c| c.set(c.get() + 1));
+        let call = InCall(self);
+        self.live()?;
+        Ok(call)
+    }
+
+    /// Refuses further driver calls once shutdown has begun; an entry point checks again
+    /// between its driver calls, so one that began just before stops at the next step.
     fn live(&self) -> Result<(), BackendError> {
-        if self.shutting_down.load(Ordering::Acquire) {
+        if self.shutting_down.load(Ordering::SeqCst) {
             return Err(BackendError::ShuttingDown);
         }
         Ok(())
@@ -215,7 +265,7 @@ impl Inner {
     /// The device's state, created on first use, with its context current until the returned
     /// guard drops.
     fn device(&self, device: u32) -> Result<(&Device, CurrentCtx<'_>), BackendError> {
-        self.live()?;
+        let call = self.enter()?;
         let cell = self
             .devices
             .get(device as usize)
@@ -224,14 +274,28 @@ impl Inner {
                 count: self.devices.len() as u32,
             })?;
         // The guard comes first: opening a device makes its context current too.
-        let guard = CurrentCtx::enter(self)?;
-        let dev = cell
-            .get_or_init(|| open_device(&self.driver, device))
-            .as_ref()
-            .map_err(Clone::clone)?;
+        let guard = CurrentCtx::enter(self, call)?;
+        let dev = match cell.get() {
+            Some(dev) => dev,
+            None => self.open(cell, device)?,
+        };
         // SAFETY: 1. `dev.ctx` was retained by `open_device` and is never released.
         unsafe { r::ctx_set_current(&self.driver, dev.ctx.0) }?;
         Ok((dev, guard))
+    }
+
+    #[cold]
+    fn open<'a>(
+        &'a self,
+        cell: &'a OnceLock<Device>,
+        device: u32,
+    ) -> Result<&'a Device, BackendError> {
+        let _one = lock(&self.opening);
+        if let Some(dev) = cell.get() {
+            return Ok(dev);
+        }
+        let opened = open_device(&self.driver, device)?;
+        Ok(cell.get_or_init(|| opened))
     }
 }
 
@@ -246,10 +310,12 @@ struct CurrentCtx<'a> {
     inner: &'a Inner,
     previous: CUcontext,
     previous_mode: sys::CUstreamCaptureMode,
+    /// Dropped after the context is restored: the call ends with its last driver call.
+    _call: InCall<'a>,
 }
 
 impl<'a> CurrentCtx<'a> {
-    fn enter(inner: &'a Inner) -> Result<Self, BackendError> {
+    fn enter(inner: &'a Inner, call: InCall<'a>) -> Result<Self, BackendError> {
         let previous_mode = r::thread_exchange_capture_mode(
             &inner.driver,
             sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
@@ -265,6 +331,7 @@ impl<'a> CurrentCtx<'a> {
             inner,
             previous,
             previous_mode,
+            _call: call,
         })
     }
 }
@@ -280,6 +347,34 @@ impl Drop for CurrentCtx<'_> {
         let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
         let _ = r::thread_exchange_capture_mode(&self.inner.driver, self.previous_mode);
     }
+}
+
+impl Device {
+    /// `[addr, addr + len)` lies inside one allocation of this device that is not released.
+    fn check_live(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        let live = lock(&self.live);
+        let inside = live
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&start, &size)| {
+                addr.checked_add(len)
+                    .zip(start.checked_add(size))
+                    .is_some_and(|(end, alloc_end)| end <= alloc_end)
+            });
+        if inside {
+            Ok(())
+        } else {
+            Err(not_allocated(device, addr, len))
+        }
+    }
+}
+
+#[cold]
+fn not_allocated(device: u32, addr: DevicePtr, len: u64) -> BackendError {
+    BackendError::Other(format!(
+        "{len} bytes at {addr:#x} are not inside memory this backend allocated on device \
+         {device}"
+    ))
 }
 
 /// Retains the primary context, loads the kernels and creates the ordering event.
@@ -311,6 +406,7 @@ fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
         image,
         order_event: Mutex::new(Handle(order_event)),
         slots: Mutex::new(Vec::new()),
+        live: Mutex::new(BTreeMap::new()),
     })
 }
 
@@ -382,14 +478,20 @@ impl Backend for CudaBackend {
     }
 
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        let (_dev, _ctx) = self.inner.device(device)?;
-        r::mem_alloc(&self.inner.driver, device, len)
+        let (dev, _ctx) = self.inner.device(device)?;
+        let ptr = r::mem_alloc(&self.inner.driver, device, len)?;
+        lock(&dev.live).insert(ptr, len);
+        Ok(ptr)
     }
 
     fn release(&self, device: u32, addr: DevicePtr, _len: u64) -> Result<(), BackendError> {
-        let (_dev, _ctx) = self.inner.device(device)?;
-        // SAFETY: 1. the pool releases only addresses `allocate` returned, once; 2. it releases
-        // a block only after its last scrub was observed complete.
+        let (dev, _ctx) = self.inner.device(device)?;
+        if lock(&dev.live).remove(&addr).is_none() {
+            return Err(not_allocated(device, addr, 0));
+        }
+        // SAFETY: 1. an address `allocate` returned, removed from the live table just now, so
+        // freed once; 2. the pool releases a block only after its last scrub was observed
+        // complete.
         unsafe { r::mem_free(&self.inner.driver, addr) }
     }
 
@@ -400,7 +502,8 @@ impl Backend for CudaBackend {
         len: u64,
         stream: StreamHandle,
     ) -> Result<(), BackendError> {
-        let (_dev, _ctx) = self.inner.device(device)?;
+        let (dev, _ctx) = self.inner.device(device)?;
+        dev.check_live(device, addr, len)?;
         let d = &self.inner.driver;
         let s = stream_of(stream);
         // SAFETY: 1. the caller passes a stream handle of this device (PyTorch's current stream).
@@ -416,12 +519,12 @@ impl Backend for CudaBackend {
         // use on another stream that is ordered after it (the caller's stream semantics, as
         // PyTorch's), sees the zeros. No host synchronisation: a pool miss must not stall the
         // caller's queued work.
-        // SAFETY: 1. `addr` was returned by `allocate` for at least `len` bytes and is not yet
-        // handed out; 2. stream as above.
+        // SAFETY: 1. `[addr, addr + len)` lies in an allocation of this device (checked above);
+        // 2. stream as above.
         unsafe { r::memset_d8_async(d, addr, bytes, s) }
     }
 
-    fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         let (dev, _ctx) = self.inner.device(batch.device)?;
         if batch.segments.is_empty() {
             return Ok(Box::new(CudaTicket::finished(self.inner.clone())));
@@ -436,12 +539,13 @@ impl Backend for CudaBackend {
                 what: "scrub launch",
             });
         }
+        self.inner.live()?;
         let mut plan = kernel::plan(&batch.segments, batch.options)
             .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
         plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
         let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.item_count)?;
         let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
-        match enqueue(d, dev, &mut slot, &mut plan, &batch, shape) {
+        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
@@ -449,6 +553,8 @@ impl Backend for CudaBackend {
                 count: batch.segments.len(),
                 done: None,
             })),
+            // Shutdown began part way: no further driver call, the slot is leaked.
+            Err(BackendError::ShuttingDown) => Err(BackendError::ShuttingDown),
             Err(e) => {
                 give_back_after_error(d, dev, slot, s);
                 Err(e)
@@ -463,25 +569,37 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        let (_dev, _ctx) = self.inner.device(device)?;
+        let (dev, _ctx) = self.inner.device(device)?;
+        dev.check_live(device, addr, src.len() as u64)?;
         let d = &self.inner.driver;
         // Device work on non-blocking streams is not ordered with this copy: wait for it.
         r::ctx_synchronize(d)?;
-        // SAFETY: 1. the caller owns `[addr, addr + src.len())` (allocated by this backend).
+        // SAFETY: 1. `[addr, addr + src.len())` lies in an allocation of this device (checked
+        // above).
         unsafe { r::memcpy_htod(d, addr, src) }?;
         r::ctx_synchronize(d)
     }
 
     fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        let (_dev, _ctx) = self.inner.device(device)?;
+        let (dev, _ctx) = self.inner.device(device)?;
+        dev.check_live(device, addr, dst.len() as u64)?;
         let d = &self.inner.driver;
         r::ctx_synchronize(d)?;
-        // SAFETY: 1. `[addr, addr + dst.len())` is memory of this device (caller's contract).
+        // SAFETY: 1. `[addr, addr + dst.len())` lies in an allocation of this device (checked
+        // above).
         unsafe { r::memcpy_dtoh(d, dst, addr) }
     }
 
+    /// No driver call is made once this returns (invariant 6): entry points begun before it
+    /// stop at their next step, and it waits for them, up to [`SHUTDOWN_WAIT`] (one blocked
+    /// in the driver on a hung device is left there).
     fn shutdown(&self) {
-        self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let own = CALLS_HERE.with(Cell::get);
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while self.inner.calls.load(Ordering::SeqCst) > own && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }
 
@@ -527,7 +645,7 @@ fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Sl
     let bytes = segments * RESULT_BYTES;
     let sums = r::mem_alloc(d, device, bytes as u64)?;
     // Every step below frees what the steps before it allocated when it fails.
-    let results = match r::mem_host_alloc_mapped(d, bytes) {
+    let results = match r::mem_host_alloc_mapped(d, device, bytes) {
         Ok((host, dev)) => Mapped {
             host: Handle(host),
             dev,
@@ -548,7 +666,7 @@ fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Sl
         (None, 0)
     } else {
         let capacity = items.next_power_of_two();
-        match r::mem_host_alloc_mapped(d, capacity * ITEM_BYTES) {
+        match r::mem_host_alloc_mapped(d, device, capacity * ITEM_BYTES) {
             Ok((host, dev)) => (
                 Some(Mapped {
                     host: Handle(host),
@@ -598,15 +716,18 @@ fn give_back_after_error(d: &Driver, dev: &Device, mut slot: Slot, s: CUstream) 
 
 /// Enqueues one batch on its stream (see the module docs for the order).
 fn enqueue(
-    d: &Driver,
+    inner: &Inner,
     dev: &Device,
     slot: &mut Slot,
     plan: &mut kernel::Plan,
     batch: &ScrubBatch,
     shape: ItemGrid,
 ) -> Result<(), BackendError> {
+    let d = &inner.driver;
     let s = stream_of(batch.stream);
+    inner.live()?;
     order_after_wait_streams(d, dev, s, &batch.wait_streams, batch.stream)?;
+    inner.live()?;
     let n = plan.params.count as usize;
     if slot.sums_dirty {
         // SAFETY: 1. the slot's sums hold `segments >= n` results, device memory of this
@@ -644,6 +765,7 @@ fn enqueue(
     }
     plan.params.sums = slot.sums;
     plan.params.results = slot.results.dev;
+    inner.live()?;
     if plan.total_chunks > 0 {
         let (f, blocks) = scrub_launch(dev, plan, shape);
         let grid = u32::try_from(blocks)
@@ -681,9 +803,9 @@ fn launch(
     };
     // SAFETY: 1. a function of the device's module, its context current; 2. one parameter of
     // the kernels' type `KvhBatch` (BatchParams is its repr(C) twin, checked by a layout test),
-    // alive until the call returns; 3. the batch's stream; 4. the parameter names segments the
-    // pool owns (PENDING blocks of this device, or named KV-cache blocks inside a LIVE
-    // allocation of this device, handed in by a `kvh_scrub_blocks` caller), sums of `count`
+    // alive until the call returns; 3. the batch's stream; 4. the parameter names segments
+    // inside allocations of this device that nothing else writes until the batch completes
+    // (contracts 1 and 2 of `submit_scrub`, whose only caller is `enqueue`), sums of `count`
     // slots in device memory, and result slots and work items in mapped page-locked memory of
     // the slot, which stays allocated and unused by others until the slot's completion
     // event; 5. the grid is the
@@ -806,7 +928,7 @@ impl Drop for CudaTicket {
         // An abandoned batch's slot goes back to the idle list; `acquire_slot` reuses it only
         // once its event reports completion. After shutdown it is leaked with everything else.
         if let Some(slot) = self.slot.take() {
-            if let Some(Ok(dev)) = self
+            if let Some(dev) = self
                 .inner
                 .devices
                 .get(self.device as usize)
