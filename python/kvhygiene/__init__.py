@@ -35,6 +35,7 @@ import atexit
 import contextlib
 import ctypes
 import json
+import operator
 import os
 import threading
 from pathlib import Path
@@ -120,13 +121,14 @@ _local = threading.local()
 
 
 def _candidates(path: Optional[str]) -> list:
-    """Where to look for the library, in order."""
+    """Where to look for the library, in order. A path the caller or ``KVH_LIBRARY`` names is
+    the only candidate: when it is wrong, another build must not be loaded in its place."""
     if path is not None:
         return [Path(path)]
-    out = []
     env = os.environ.get("KVH_LIBRARY")
     if env:
-        out.append(Path(env))
+        return [Path(env)]
+    out = []
     here = Path(__file__).resolve().parent
     out.append(here / LIBRARY_NAME)  # a wheel that carries the library
     out.append(here.parent.parent / "target" / "release" / LIBRARY_NAME)  # repo checkout
@@ -135,15 +137,22 @@ def _candidates(path: Optional[str]) -> list:
 
 
 def find_library(path: Optional[str] = None) -> str:
-    """The path of ``libkvhygiene.so``: ``path`` if given, else ``$KVH_LIBRARY``, the package
-    directory, then ``target/release`` of the source checkout and of the current directory.
+    """The absolute path of ``libkvhygiene.so``: ``path`` if given, else ``$KVH_LIBRARY`` (each
+    alone), else the package directory, then ``target/release`` of the source checkout and of
+    the current directory. Absolute, since PyTorch loads it again later, maybe from another
+    working directory.
 
     Raises ``FileNotFoundError`` naming every place searched.
     """
     tried = _candidates(path)
     for candidate in tried:
         if candidate.is_file():
-            return str(candidate)
+            return str(candidate.resolve())
+    hint = "build it with `cargo build --release`, or name the built file (path or KVH_LIBRARY)"
+    if path is not None:
+        raise FileNotFoundError(f"{LIBRARY_NAME}: {path} is not a file; {hint}")
+    if os.environ.get("KVH_LIBRARY"):
+        raise FileNotFoundError(f"{LIBRARY_NAME}: {tried[0]} (from KVH_LIBRARY) is not a file; {hint}")
     where = ", ".join(str(p) for p in tried)
     raise FileNotFoundError(
         f"{LIBRARY_NAME} not found (searched: {where}); build it with "
@@ -217,6 +226,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvh_scrub_blocks": (ctypes.c_int, _KV_CALL_ARGS),
         "kvh_claim_blocks": (ctypes.c_int, _KV_CALL_ARGS),
         "kvh_shutdown": (None, []),
+        "kvh_init": (ctypes.c_int, []),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -225,9 +235,18 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def load(path: Optional[str] = None) -> ctypes.CDLL:
-    """Loads the library once per process (later calls return the same handle)."""
+    """Loads the library once per process (later calls return the same handle). A ``path``
+    given once it is loaded must name the same file: ``FileNotFoundError`` when it names
+    none, ``ValueError`` when it names another."""
     global _lib, _lib_path
     with _lock:
+        if _lib is not None and path is not None:
+            wanted = find_library(path)
+            if not os.path.samefile(wanted, _lib_path):
+                raise ValueError(
+                    f"{LIBRARY_NAME} is already loaded from {_lib_path}; {path} is another "
+                    "file, and one process runs one kvhygiene"
+                )
         if _lib is None:
             resolved = find_library(path)
             lib = ctypes.CDLL(resolved)
@@ -343,12 +362,18 @@ def context(
         stack = _local.stack = []
     ids = (tenant_id, request_id, model_id)
     _set(ids)
-    stack.append(ids)
+    # Each entry is its own object: leaving a context removes its entry, wherever it is (one
+    # left out of order, by interleaved generators, must not take another's with it).
+    entry = [ids]
+    stack.append(entry)
     try:
         yield
     finally:
-        stack.pop()
-        _set(stack[-1] if stack else None)
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
+        _set(stack[-1][0] if stack else None)
 
 
 _U64 = (1 << 64) - 1
@@ -409,7 +434,10 @@ class KvLayout:
             if device is not None and index != device:
                 raise ValueError(f"tensor {n} is on device {index}, tensor 0 on device {device}")
             device = index
-            regions.extend(bases)
+            # One tensor bound to several layers (vLLM's cross-layer KV sharing) lists the same
+            # regions again: they are one region each. Regions that only partly overlap are left
+            # to the library, which refuses them.
+            regions.extend(b for b in bases if b not in regions)
         block_bytes, block_stride, blocks = geometry
         return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
 
@@ -500,6 +528,17 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
         raise KvhError("kvh_claim_blocks", code, _last_message() or _message(code))
 
 
+def _block_id(value) -> int:
+    """A block id as an int: an integer (Python's, numpy's, a tensor element's), never a float
+    (2.9 would be block 2), a string or a bool (a mask would name blocks 1 and 0)."""
+    if isinstance(value, bool):
+        raise TypeError(f"block id {value!r} is a bool: pass the ids a mask selects, not the mask")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"block id {value!r} is not an integer") from None
+
+
 def _kv_call(name: str, layout: KvLayout, block_ids, stream):
     """Calls kvh_scrub_blocks or kvh_claim_blocks; returns the code, the block ids the call
     named back (failed or refused) and the ids passed."""
@@ -508,7 +547,7 @@ def _kv_call(name: str, layout: KvLayout, block_ids, stream):
         block_ids = block_ids.tolist()
         if isinstance(block_ids, int):  # a 0-d tensor: one id
             block_ids = [block_ids]
-    ids = [int(i) for i in block_ids]
+    ids = [_block_id(i) for i in block_ids]
     if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
         raise ValueError("block ids must be in 0..2**32-1")
     if stream is None:
@@ -602,8 +641,10 @@ def install(path: Optional[str] = None):
 
     Returns the ``CUDAPluggableAllocator``. Calling it again is a no-op. Raises
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
-    (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch and ``FileNotFoundError`` when the
-    library cannot be found.
+    (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
+    library cannot be found (``ValueError`` when ``path`` names another file than the one
+    already loaded), and :class:`KvhError` when the allocator cannot start (an invalid
+    configuration: the message names the key; the forensic log or the backend).
     """
     global _allocator
     import torch  # only install() needs torch
@@ -621,6 +662,11 @@ def install(path: Optional[str] = None):
             )
         lib = load(path)
         assert _lib_path is not None
+        # Starts the allocator now, where a bad configuration can be handled: otherwise it
+        # would surface at PyTorch's first CUDA allocation, as std::bad_alloc.
+        code = lib.kvh_init()
+        if code != KVH_OK:
+            raise _error("kvh_init", code)
         allocator = torch.cuda.memory.CUDAPluggableAllocator(
             _lib_path, "kvh_malloc", "kvh_free"
         )

@@ -17,7 +17,8 @@ reuse takes::
 Which blocks are new, read from ``SchedulerOutput`` as vLLM v1 defines it (``scheduled_new_reqs``
 of ``NewRequestData`` with ``req_id``, ``block_ids`` (one list per KV cache group) and
 ``num_computed_tokens``; ``scheduled_cached_reqs``, a ``CachedRequestData`` with ``req_ids``,
-``resumed_req_ids``, ``new_block_ids`` and ``num_computed_tokens``):
+``resumed_req_ids`` (or, in earlier v1 releases, one ``resumed_from_preemption`` flag per
+request), ``new_block_ids`` and ``num_computed_tokens``):
 
 - a new (or resumed) request's blocks after its prefix-cache hits: the first
   ``num_computed_tokens // block_size`` blocks hold a cached prefix the request shares on
@@ -25,9 +26,10 @@ of ``NewRequestData`` with ``req_id``, ``block_ids`` (one list per KV cache grou
 - a running request's ``new_block_ids``, appended blocks, all new.
 
 Only attribute names are used (no vLLM import): the module is tested against stand-ins with
-those names, not against vLLM itself. With a KV connector that loads external KV into new
-blocks, claim before the load. A request that is given blocks that cannot be verified clean
-must not run: the claim's error propagates.
+those names, not against vLLM itself. With a KV connector, ``num_computed_tokens`` also counts
+the tokens loaded from outside, so the blocks the connector fills are taken for prefix hits
+and not claimed: the gate does not cover them. A request that is given blocks that cannot be
+verified clean must not run: the claim's error propagates.
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def _per_group(values, groups: int, name: str) -> list:
     return values
 
 
+def _resumed(cached) -> set:
+    """The ids of the cached requests that resumed after a preemption: ``resumed_req_ids`` in
+    current vLLM, one ``resumed_from_preemption`` flag per request in earlier v1 releases.
+    Neither field: refused, since taking every request as running would claim a resumed
+    request's prefix hits, which other requests share."""
+    ids = getattr(cached, "resumed_req_ids", None)
+    if ids is not None:
+        return set(ids)
+    flags = getattr(cached, "resumed_from_preemption", None)
+    if flags is not None:
+        return {req_id for req_id, resumed in zip(cached.req_ids, flags) if resumed}
+    raise AttributeError(
+        "scheduled_cached_reqs has neither resumed_req_ids nor resumed_from_preemption: "
+        "this vLLM's SchedulerOutput is not one kvhygiene.vllm can read"
+    )
+
+
 def new_blocks(scheduler_output, block_sizes) -> dict:
     """``{req_id: [ids per KV cache group]}`` of the blocks the step newly gives each request
     (see the module's documentation for the rule). Requests with no new block are left out."""
@@ -64,7 +83,7 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
     for req in scheduler_output.scheduled_new_reqs:
         add(req.req_id, req.block_ids, req.num_computed_tokens)
     cached = scheduler_output.scheduled_cached_reqs
-    resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
+    resumed = _resumed(cached)
     for i, req_id in enumerate(cached.req_ids):
         # A resumed request's ids replace its old ones and start with its prefix hits again.
         skip = cached.num_computed_tokens[i] if req_id in resumed else 0

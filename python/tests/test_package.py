@@ -384,3 +384,105 @@ def test_claim_blocks_scrubs_blocks_that_change_request():
     assert counters["kv_gate_scrubbed_blocks"] >= 2 and counters["kv_claims_refused"] >= 1
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
+
+
+def test_a_kvh_library_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    # KVH_LIBRARY names the build the operator chose. When it is wrong (a typo, a missing
+    # mount), another build further down the list (a stale target/release, a wheel's copy)
+    # must not be loaded silently in its place.
+    (tmp_path / "target" / "release").mkdir(parents=True)
+    (tmp_path / "target" / "release" / "libkvhygiene.so").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVH_LIBRARY", str(tmp_path / "typo" / "libkvhygiene.so"))
+    with pytest.raises(FileNotFoundError, match="typo"):
+        kvhygiene.find_library()
+
+
+def test_a_relative_library_path_is_made_absolute(tmp_path, monkeypatch):
+    # The path found is loaded again later by PyTorch (CUDAPluggableAllocator dlopens it in
+    # install()); relative, it resolves against the working directory of that moment, which
+    # may name another file than the one ctypes loaded (or none).
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libkvhygiene.so").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVH_LIBRARY", "lib/libkvhygiene.so")
+    assert os.path.isabs(kvhygiene.find_library())
+
+
+@needs_lib
+def test_install_with_another_path_than_the_loaded_library_is_refused(fresh, tmp_path):
+    # The library was loaded earlier (stats(), context(), ...); install(path) with a path
+    # that names another file, here none at all, does not silently use the loaded one.
+    kvhygiene.load()
+    torch, state = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises((FileNotFoundError, ValueError)):
+        kvhygiene.install(str(tmp_path / "absent" / "libkvhygiene.so"))
+    assert state["changed"] is None and not kvhygiene.installed()
+
+
+@needs_lib
+def test_block_ids_that_are_not_integers_are_refused():
+    # A float (2.9 is not block 2), a string or a bool (a mask passed by mistake would name
+    # blocks 1 and 0) is refused before anything is scrubbed or claimed.
+    lib = kvhygiene.load()
+    size = 2 * 8 * 128
+    p = lib.kvh_malloc(size, 0, None)
+    ctypes.memset(p, 0x7E, size)
+    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+    try:
+        for bad in ([2.9], ["4"], [True]):
+            with pytest.raises((TypeError, ValueError)):
+                kvhygiene.scrub_blocks(layout, bad)
+            with pytest.raises((TypeError, ValueError)):
+                kvhygiene.claim_blocks(layout, bad)
+        assert ctypes.string_at(p, size) == b"\x7e" * size, "a block was scrubbed for a non-integer id"
+    finally:
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()
+
+
+@needs_lib
+def test_layers_sharing_one_cache_tensor_give_a_usable_layout():
+    # vLLM binds one cache tensor to several layers (cross-layer KV sharing: the runner's
+    # kv_caches list holds the same tensor twice). Its regions count once, or the library
+    # would refuse every call (regions overlap).
+    lib = kvhygiene.load()
+    size = 2 * 8 * 128
+    p = lib.kvh_malloc(size, 0, None)
+    ctypes.memset(p, 0x7E, size)
+    t = _FakeTensor(p, (2, 8, 16, 4))
+    try:
+        layout = kvhygiene.KvLayout.from_tensors([t, t], block_dim=1)
+        kvhygiene.scrub_blocks(layout, [3])
+        assert ctypes.string_at(p + 3 * 128, 128) == bytes(128)
+        assert ctypes.string_at(p + 11 * 128, 128) == bytes(128)
+    finally:
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()
+
+
+@needs_lib
+def test_a_context_left_out_of_order_keeps_the_one_still_open():
+    # Two contexts open in one thread (interleaved generators, a context held by an object):
+    # when the outer one is left first, the inner one is still open and its ids stay.
+    lib = kvhygiene.load()
+    size = 2 * 8 * 128
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+    a = kvhygiene.context(tenant_id="t", request_id="r-a")
+    b = kvhygiene.context(tenant_id="t", request_id="r-b")
+    try:
+        a.__enter__()
+        b.__enter__()
+        kvhygiene.claim_blocks(layout, [1])  # r-b's block
+        ctypes.memset(p + 128, 0x42, 128)  # r-b's keys
+        a.__exit__(None, None, None)
+        kvhygiene.claim_blocks(layout, [1])  # still inside b: its own block, kept
+        assert ctypes.string_at(p + 128, 128) == b"\x42" * 128, "the thread's ids became r-a's inside r-b"
+        b.__exit__(None, None, None)
+    finally:
+        kvhygiene._local.stack = []
+        lib.kvh_clear_context()
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()

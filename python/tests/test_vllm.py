@@ -80,3 +80,25 @@ def test_claiming_scheduled_blocks_clears_another_requests_bytes_and_keeps_share
     assert counters["kv_gate_scrubbed_blocks"] >= 5  # 0-2 (unknown), 5 (unknown), 1-2 (a's)
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
+
+
+def test_resumed_requests_flagged_by_resumed_from_preemption_keep_their_prefix_hits():
+    # vLLM v1 before resumed_req_ids (CachedRequestData.resumed_from_preemption, one bool per
+    # request) flags resumed requests another way. A resumed request's prefix hits (block 0
+    # here, shared with the requests that hit the same prefix) must not be claimed, or the gate
+    # would scrub a prefix other requests are reading (scrub) or refuse the step (enforce).
+    s = NS(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(
+            req_ids=["c", "e"],
+            resumed_from_preemption=[False, True],
+            new_token_ids=[[], []],
+            new_block_ids=[([7],), ([0, 6],)],
+            num_computed_tokens=[48, 16],
+        ),
+    )
+    assert new_blocks(s, BLOCK_TOKENS) == {"c": [[7]], "e": [[6]]}
+    # Neither field: a SchedulerOutput this module cannot read is refused, not guessed at.
+    del s.scheduled_cached_reqs.resumed_from_preemption
+    with pytest.raises(AttributeError, match="resumed_from_preemption"):
+        new_blocks(s, BLOCK_TOKENS)

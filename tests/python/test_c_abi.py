@@ -797,3 +797,42 @@ def test_a_child_forked_while_another_thread_starts_kvhygiene_is_marked():
     assert out["parent_init"] == 0, out
     assert out["child_status"] == 0, f"forked child hung or died (wait status {out['child_status']})"
     assert out["child"] == {"q": None, "malloc": 7023}, out
+
+
+def test_install_reports_a_bad_configuration_before_pytorch_allocates():
+    # install() is where a program can handle errors: it starts the allocator (kvh_init), so a
+    # bad configuration is reported there, naming the key, not at PyTorch's first CUDA
+    # allocation as std::bad_alloc. A stand-in for torch stands in for CUDAPluggableAllocator
+    # and change_current_allocator.
+    out = run_child(
+        f"""
+        import sys, types
+        sys.path.insert(0, {PACKAGE!r})
+        raw = types.SimpleNamespace(set_record_stream_fn=lambda a: None, set_reset_fn=lambda a: None)
+        class Pluggable:
+            def __init__(self, path, malloc_name, free_name):
+                pass
+            def allocator(self):
+                return raw
+        torch = types.ModuleType("torch")
+        torch.cuda = types.SimpleNamespace(
+            is_initialized=lambda: False,
+            device_count=lambda: 1,
+            memory_reserved=lambda d: 0,
+            memory=types.SimpleNamespace(CUDAPluggableAllocator=Pluggable, change_current_allocator=lambda a: None),
+        )
+        sys.modules["torch"] = torch
+        import kvhygiene
+        try:
+            kvhygiene.install()
+            out["installed"] = True
+        except kvhygiene.KvhError as e:
+            out["installed"] = False
+            out["code"] = e.code
+            out["error"] = str(e)
+        """,
+        KVH_LIBRARY=library(),
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["installed"] is False, out
+    assert out["code"] == 7011 and "KVH_BATCH_SIZE" in out["error"], out
