@@ -217,6 +217,13 @@ void kvh_empty_cache(void);
 // `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky).
 int kvh_synchronize(void);
 
+// Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
+// `KVH_*` variables) without starting anything: no thread, device, log or metrics export.
+// Returns `KVH_OK`, or `KVH_ERR_CONFIG` with the message naming the key in
+// `kvh_last_error_message`. For a launcher that forks its workers afterwards (each starts its
+// own allocator; a child forked after `kvh_init` could not): it checks the policy first.
+int kvh_check_config(void);
+
 // Starts the allocator now (reading the configuration) instead of at the first call, so a
 // bad configuration is reported where it can be handled. Returns `KVH_OK` or
 // `KVH_ERR_CONFIG` / `KVH_ERR_BACKEND` with the reason in `kvh_last_error_message`.

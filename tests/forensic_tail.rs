@@ -342,3 +342,206 @@ fn bad_arguments_and_a_bad_state_file_are_usage_errors() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// A chain whose files were deleted while its signed checkpoint stays is tampering evidence
+/// (`verify-log` exits 1: the report's `errors`, not a chain's problem). The tail stops on it
+/// as tampering (exit 1, the alert line), not as an unreadable directory it would try again
+/// forever with nothing on stdout.
+#[test]
+fn tampering_evidence_outside_the_chains_stops_the_tail() {
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let mut c = cfg(&k.dir, 1 << 20);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 4, true);
+    let public = public.to_str().unwrap().to_string();
+    let out = tail_once(&k.dir, &k.args(&["--public-key", &public]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every record file deleted; the checkpoint stays.
+    for f in chain_files(&k.dir) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let verify = kvh()
+        .arg("verify-log")
+        .arg(&k.dir)
+        .args([
+            "--key-file",
+            k.key.to_str().unwrap(),
+            "--public-key",
+            &public,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "verify-log calls it tampering"
+    );
+    let v = alert(&tail_once(&k.dir, &k.args(&["--public-key", &public])));
+    assert!(v["reason"].as_str().is_some(), "{v}");
+}
+
+/// Records `prune-log` moved before the tail passed them on (a tail stopped for a while, a
+/// scheduled `--once` job behind a nightly prune): the first record the tail then reads is
+/// not the one after its position. It says which records went to the archive (a `gap`
+/// line) and goes on from the first one left, rather than stalling on the chain.
+#[test]
+fn records_pruned_before_they_were_passed_on_are_named_as_a_gap() {
+    let k = keyed();
+    let archive = k._tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(
+        &archive,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let log = ForensicLog::open_with_secret(&cfg(&k.dir, 4096), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&["--from-start", "--allow-pruned"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The tail is down; the writer goes on over many files, and the nightly prune runs.
+    for i in 1..80 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let pruned = kvh()
+        .arg("prune-log")
+        .arg(&k.dir)
+        .args(["--archive-dir", archive.to_str().unwrap()])
+        .args(["--older-than", "0", "--key-file", k.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    // The tail comes back, and the writer writes more.
+    for i in 80..85 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout_lines(&out);
+    // First the gap, said; then every record left after it, the new ones among them.
+    let gap: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(gap["kvh_tail_log"], "gap", "{gap}");
+    assert_eq!(
+        gap["first_seq"], 2,
+        "the record after the one passed on: {gap}"
+    );
+    let left = log_lines(&k.dir);
+    assert_eq!(
+        lines[1..],
+        left[..],
+        "every record still in the log directory"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("moved by prune-log"));
+    // And nothing twice.
+    let again = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(again.status.code(), Some(0));
+    assert!(again.stdout.is_empty());
+    std::mem::forget(log);
+}
+
+/// A scheduled `--once --state` job whose first run finds no chain yet (a fresh deployment)
+/// saves its state all the same: the next run is not a first run again (which would start
+/// at the heads), so the chain that appeared in between is passed on whole.
+#[test]
+fn a_chain_appearing_after_a_first_run_on_an_empty_log_is_passed_on_whole() {
+    let k = keyed();
+    std::fs::create_dir(&k.dir).unwrap();
+    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_log(&cfg(&k.dir, 1 << 20), 3, true);
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stdout_lines(&out),
+        log_lines(&k.dir),
+        "the chain that appeared after the first run, whole"
+    );
+}
+
+/// The first pass without a state file puts each chain at its verified head, in the file the
+/// verification found that head in, not the newest file listed: a writer that rotates after
+/// the verification (here: its next file already created, still empty) would otherwise leave
+/// the position past the records that follow it, and the chain would stall.
+#[test]
+fn the_first_position_is_the_file_of_the_verified_head() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let file = chain_files(&k.dir).remove(0);
+    let next = PathBuf::from(
+        file.to_str()
+            .unwrap()
+            .replace("-000000.jsonl", "-000001.jsonl"),
+    );
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&next)
+            .unwrap();
+    }
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved: Value = serde_json::from_slice(&std::fs::read(&k.state).unwrap()).unwrap();
+    let pos = saved["chains"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(pos["file"], 0, "{saved}");
+    // The writer goes on in its file: the next run passes the new records on.
+    std::fs::remove_file(&next).unwrap();
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(
+        stdout_lines(&out).len(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    log.stop();
+}

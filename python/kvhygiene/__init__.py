@@ -227,6 +227,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvh_claim_blocks": (ctypes.c_int, _KV_CALL_ARGS),
         "kvh_shutdown": (None, []),
         "kvh_init": (ctypes.c_int, []),
+        "kvh_check_config": (ctypes.c_int, []),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -643,8 +644,8 @@ def install(path: Optional[str] = None):
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
     library cannot be found (``ValueError`` when ``path`` names another file than the one
-    already loaded), and :class:`KvhError` when the allocator cannot start (an invalid
-    configuration: the message names the key; the forensic log or the backend).
+    already loaded), and :class:`KvhError` for an invalid configuration (the message names the
+    key). The allocator itself starts at the first allocation, in the process that makes it.
     """
     global _allocator
     import torch  # only install() needs torch
@@ -662,11 +663,12 @@ def install(path: Optional[str] = None):
             )
         lib = load(path)
         assert _lib_path is not None
-        # Starts the allocator now, where a bad configuration can be handled: otherwise it
-        # would surface at PyTorch's first CUDA allocation, as std::bad_alloc.
-        code = lib.kvh_init()
+        # A bad configuration is reported here, where it can be handled, not at PyTorch's
+        # first CUDA allocation as std::bad_alloc. Checked, not started: a launcher that
+        # installs, then forks its workers, leaves each to start its own allocator.
+        code = lib.kvh_check_config()
         if code != KVH_OK:
-            raise _error("kvh_init", code)
+            raise _error("kvh_check_config", code)
         allocator = torch.cuda.memory.CUDAPluggableAllocator(
             _lib_path, "kvh_malloc", "kvh_free"
         )

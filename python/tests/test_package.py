@@ -486,3 +486,69 @@ def test_a_context_left_out_of_order_keeps_the_one_still_open():
         lib.kvh_clear_context()
         lib.kvh_free(p, size, 0, None)
         kvhygiene.synchronize()
+
+
+
+_FORK_AFTER_INSTALL = r"""
+import os, sys, types
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+
+torch = types.ModuleType("torch")
+class _Raw:
+    def set_record_stream_fn(self, addr): pass
+    def set_reset_fn(self, addr): pass
+class _Alloc:
+    def __init__(self, *args): pass
+    def allocator(self): return _Raw()
+torch.cuda = types.SimpleNamespace(
+    is_initialized=lambda: False,
+    device_count=lambda: 1,
+    memory_reserved=lambda d: 0,
+    empty_cache=lambda: None,
+    memory=types.SimpleNamespace(
+        CUDAPluggableAllocator=_Alloc, change_current_allocator=lambda a: None
+    ),
+)
+sys.modules["torch"] = torch
+if sys.argv[3] == "install":
+    kvhygiene.install(sys.argv[2])
+else:
+    kvhygiene.load(sys.argv[2])
+pid = os.fork()
+if pid == 0:
+    # A worker forked by a launcher (vLLM's fork workers, a pre-fork server): its first
+    # allocation starts kvhygiene in the worker.
+    os.write(1, str(kvhygiene.load().kvh_init()).encode())
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_lib
+def test_a_worker_forked_after_install_starts_its_own_allocator(tmp_path):
+    # docs/cuda.md, "Fork": a child forked before kvhygiene started in its parent (a launcher
+    # that loaded the library but never allocated, whose workers run the engine) is served as
+    # any process is. install() is how a launcher sets PyTorch's allocator before it forks its
+    # workers (vLLM forks them when torch has not initialised CUDA, which install() does not
+    # do): it checks the configuration without starting kvhygiene, so each worker starts its
+    # own.
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_after_install.py"
+    script.write_text(_FORK_AFTER_INSTALL)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host")
+    run = lambda how: subprocess.run(  # noqa: E731
+        [sys.executable, str(script), pkg, LIB, how], env=env, capture_output=True, text=True
+    )
+    control = run("load")
+    assert control.returncode == 0 and control.stdout == str(kvhygiene.KVH_OK), control
+    after_install = run("install")
+    assert after_install.returncode == 0, after_install.stderr
+    assert after_install.stdout == str(kvhygiene.KVH_OK), (
+        f"kvh_init in a worker forked after install() returned {after_install.stdout} "
+        "(7023 is KVH_ERR_FORKED_CHILD)"
+    )

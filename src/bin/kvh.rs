@@ -146,7 +146,8 @@ tampering).
 For a log shipper or a SIEM: every --interval seconds it verifies the directory as verify-log \
 does (give it the same keys), then writes the records written since the last pass to stdout, \
 one per line, exactly as they are in the files. A record is written only when the bytes read \
-hash to the chain's verified head, so nothing that did not verify is passed on.
+hash (and, with keys, seal) to the chain's verified head, so nothing that did not verify is \
+passed on.
 
 It also remembers where each chain was (in --state across restarts), and so catches what \
 verify-log alone cannot without signed checkpoints: records cut off a chain's end, a chain \
@@ -157,7 +158,8 @@ longer verifies, it writes a line {\"kvh_tail_log\": \"tampering\", \"chain\": .
 By default the records already in the log are not passed on, only those written from the \
 first pass on (--from-start passes them all); a chain that appears later is passed on whole. \
 With --state FILE a restarted tail goes on where it stopped. Where prune-log runs, give \
---allow-pruned (with --key-file), or the first prune reads as files gone.
+--allow-pruned (with --key-file), or the first prune reads as files gone; records it moved \
+before they were passed on are named by a {\"kvh_tail_log\": \"gap\", ...} line.
 
 Exit status: runs until killed; 0 after --once; 1 tampering; 2 usage or I/O error.
 

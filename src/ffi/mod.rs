@@ -541,6 +541,22 @@ pub extern "C" fn kvh_synchronize() -> c_int {
     })
 }
 
+/// Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
+/// `KVH_*` variables) without starting anything: no thread, device, log or metrics export.
+/// Returns `KVH_OK`, or `KVH_ERR_CONFIG` with the message naming the key in
+/// `kvh_last_error_message`. For a launcher that forks its workers afterwards (each starts its
+/// own allocator; a child forked after `kvh_init` could not): it checks the policy first.
+#[no_mangle]
+pub extern "C" fn kvh_check_config() -> c_int {
+    boundary(
+        KVH_ERR_PANIC as c_int,
+        || match crate::config::Config::from_env() {
+            Ok(_) => ok(),
+            Err(e) => fail(KVH_ERR_CONFIG, format!("kvhygiene configuration: {e}")),
+        },
+    )
+}
+
 /// Starts the allocator now (reading the configuration) instead of at the first call, so a
 /// bad configuration is reported where it can be handled. Returns `KVH_OK` or
 /// `KVH_ERR_CONFIG` / `KVH_ERR_BACKEND` with the reason in `kvh_last_error_message`.

@@ -306,7 +306,40 @@ pub fn list_chains_in(dirs: &[&Path]) -> io::Result<ChainList> {
             _ => out.push((cf.chain, vec![(cf.index, p)])),
         }
     }
+    for (chain, files) in &mut out {
+        fill_listing_gaps(dirs, chain, files);
+    }
     Ok(out)
+}
+
+/// Most missing files looked up by name per chain: more is a chain with files deleted, not a
+/// listing that raced a writer.
+const MAX_GAP_LOOKUPS: u64 = 64;
+
+/// `readdir` is not a snapshot: a file a writer creates while the directory is listed may be
+/// missing from the listing while a newer one shows (`file index jumps from 4 to 6`, on a log
+/// that is whole). Each index missing between a chain's listed ones is looked up by name,
+/// which finds the file if it exists now; one that does not stays missing, for the verifier
+/// to report.
+fn fill_listing_gaps(dirs: &[&Path], chain: &str, files: &mut Vec<(u64, PathBuf)>) {
+    let (Some(&(first, _)), Some(&(last, _))) = (files.first(), files.last()) else {
+        return;
+    };
+    let listed: std::collections::BTreeSet<u64> = files.iter().map(|(i, _)| *i).collect();
+    let missing = (last - first + 1).saturating_sub(listed.len() as u64);
+    if missing == 0 || missing > MAX_GAP_LOOKUPS {
+        return;
+    }
+    for index in (first..last).filter(|i| !listed.contains(i)) {
+        let found = dirs
+            .iter()
+            .map(|d| d.join(file_name(chain, index)))
+            .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()));
+        if let Some(p) = found {
+            files.push((index, p));
+        }
+    }
+    files.sort();
 }
 
 /// Whether two files hold the same bytes (both readable as chain files).
@@ -324,6 +357,32 @@ pub fn io_err(p: &Path, what: &str, e: io::Error) -> ForensicError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_the_listing_missed_is_found_by_name_and_a_deleted_one_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let chain = "p1-t2";
+        for i in [0, 1, 2, 4] {
+            fs::write(dir.join(file_name(chain, i)), b"x\n").unwrap();
+        }
+        // As a listing made while file 1 was being created could see the chain.
+        let mut files: Vec<(u64, PathBuf)> = [0, 2, 4]
+            .iter()
+            .map(|&i| (i, dir.join(file_name(chain, i))))
+            .collect();
+        fill_listing_gaps(&[dir], chain, &mut files);
+        let indices: Vec<u64> = files.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            indices,
+            vec![0, 1, 2, 4],
+            "1 found by name, 3 (deleted) still missing"
+        );
+        // Too many missing: a chain with files deleted, not looked up one by one.
+        let mut far = vec![(0, dir.join(file_name(chain, 0))), (1000, dir.join("x"))];
+        fill_listing_gaps(&[dir], chain, &mut far);
+        assert_eq!(far.len(), 2);
+    }
 
     #[test]
     fn names_round_trip() {

@@ -25,7 +25,8 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::evidence::is_exception;
-use super::record::{chain_hash_open, hex, parse_hash};
+use super::keys::EpochKey;
+use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
 use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
@@ -73,8 +74,12 @@ struct State {
 
 /// Why the tail stops.
 enum Stop {
-    /// The log was tampered with: say so and exit 1.
-    Tampered { chain: String, reason: String },
+    /// The log was tampered with: say so and exit 1. `chain` is `None` for evidence not
+    /// tied to one chain (a forged checkpoint, a checkpoint whose chain's files are gone).
+    Tampered {
+        chain: Option<String>,
+        reason: String,
+    },
     /// Usage or I/O that cannot go on: exit 2.
     Error(String),
 }
@@ -85,7 +90,10 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
     match tail(args) {
         Ok(()) => EXIT_OK,
         Err(Stop::Tampered { chain, reason }) => {
-            eprintln!("kvh tail-log: TAMPERING: chain {chain}: {reason}");
+            match &chain {
+                Some(c) => eprintln!("kvh tail-log: TAMPERING: chain {c}: {reason}"),
+                None => eprintln!("kvh tail-log: TAMPERING: {reason}"),
+            }
             let alert = serde_json::json!({
                 "kvh_tail_log": "tampering",
                 "chain": chain,
@@ -120,15 +128,16 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     let mut state = saved.unwrap_or_default();
     // The first pass: from the state, from the start, or from the heads (nothing passed on).
     let mut skip_existing = !resumed && !args.from_start;
+    let mut first = true;
+    let mut stalls = BTreeMap::new();
     let mut said_error: Option<String> = None;
     loop {
-        match pass(
-            &args.log.dir,
-            &opts,
-            &mut state,
+        let how = Pass {
+            opts: &opts,
             skip_existing,
-            args.security_only,
-        ) {
+            security_only: args.security_only,
+        };
+        match pass(&args.log.dir, &how, &mut state, &mut stalls) {
             Ok(moved) => {
                 if skip_existing {
                     eprintln!(
@@ -141,11 +150,15 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 }
                 skip_existing = false;
                 said_error = None;
-                if moved {
+                // Saved after the first pass even when nothing moved: the next run then goes
+                // on from here (a chain that appears meanwhile is passed on whole), instead of
+                // starting at the heads again.
+                if moved || first {
                     if let Some(path) = &args.state {
                         save_state(path, &state).map_err(Stop::Error)?;
                     }
                 }
+                first = false;
             }
             Err(PassError::Stop(stop)) => return Err(stop),
             // The directory could not be read this time (a volume remounting, say): said
@@ -172,21 +185,45 @@ enum PassError {
 
 fn tampered(chain: &str, reason: String) -> PassError {
     PassError::Stop(Stop::Tampered {
-        chain: chain.to_string(),
+        chain: Some(chain.to_string()),
         reason,
     })
 }
 
-/// One pass: verifies the directory, checks it against `state`, writes the new records of
-/// each chain to stdout and moves `state` past them. Returns whether `state` moved.
-fn pass(
-    dir: &Path,
-    opts: &VerifyOptions,
-    state: &mut State,
+/// Passes in a row whose bytes did not hash to the verified head before a chain is reported:
+/// a file changed between a verification and the reading is read again, but bytes that never
+/// match what was verified are not a race.
+const MAX_STALLS: u32 = 3;
+
+/// How long before a verification that found a problem is made again.
+const RECHECK_AFTER: Duration = Duration::from_millis(200);
+
+/// How a pass runs.
+struct Pass<'a> {
+    opts: &'a VerifyOptions,
+    /// The first pass from the heads: chains are placed at their heads, nothing passed on.
     skip_existing: bool,
     security_only: bool,
+}
+
+/// One pass: verifies the directory, checks it against `state`, writes the new records of
+/// each chain to stdout and moves `state` past them. Returns whether `state` moved.
+/// `stalls` counts, per chain, the passes in a row whose bytes did not hash to the head.
+fn pass(
+    dir: &Path,
+    how: &Pass<'_>,
+    state: &mut State,
+    stalls: &mut BTreeMap<String, u32>,
 ) -> Result<bool, PassError> {
-    let report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    let opts = how.opts;
+    let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    if !report.ok() {
+        // A directory listed while a writer creates its next file may show the new file and
+        // miss the one before it (readdir is not a snapshot): a problem is tampering only if a
+        // second verification finds one too.
+        std::thread::sleep(RECHECK_AFTER);
+        report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    }
     if let Some(p) = report.first_problem() {
         let chain = report
             .chains
@@ -195,8 +232,12 @@ fn pass(
             .map_or_else(String::new, |c| c.chain.clone());
         return Err(tampered(&chain, format!("the log no longer verifies: {p}")));
     }
+    // Evidence not tied to one chain (`verify-log` exits 1 on it too).
     if let Some(e) = report.errors.first() {
-        return Err(PassError::Io(e.clone()));
+        return Err(PassError::Stop(Stop::Tampered {
+            chain: None,
+            reason: format!("the log no longer verifies: {e}"),
+        }));
     }
     check_against(&report, state)?;
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
@@ -214,8 +255,9 @@ fn pass(
         if from.as_ref().is_some_and(|p| p.seq >= head_seq) {
             continue;
         }
-        if skip_existing && from.is_none() {
-            let file = list.last().map_or(0, |(i, _)| *i);
+        if how.skip_existing && from.is_none() {
+            // The file the verification found the head in: the writer may have rotated since.
+            let file = chain.last_file.unwrap_or(0);
             state.chains.insert(
                 chain.chain.clone(),
                 Position {
@@ -227,12 +269,46 @@ fn pass(
             moved = true;
             continue;
         }
-        let Some(new) = read_new(chain, list, from.as_ref(), head_seq, head_hash)? else {
-            // Changed since the verification: read again at the next pass.
-            continue;
+        let new = match read_new(chain, list, from.as_ref(), opts)? {
+            Read::New(new) => new,
+            Read::Changed => {
+                // Changed since the verification: read again at the next pass, a few times.
+                let n = stalls.entry(chain.chain.clone()).or_default();
+                *n += 1;
+                if *n >= MAX_STALLS {
+                    return Err(tampered(
+                        &chain.chain,
+                        format!(
+                            "in {MAX_STALLS} passes in a row the bytes read did not hash to the \
+                             head the verification reached (seq {head_seq}): the files are not \
+                             the ones verified"
+                        ),
+                    ));
+                }
+                continue;
+            }
         };
+        stalls.remove(&chain.chain);
+        if let Some(gap) = &new.gap {
+            // Moved before they were passed on: said where they went, not skipped silently.
+            let line = serde_json::json!({
+                "kvh_tail_log": "gap",
+                "chain": chain.chain,
+                "first_seq": gap.0,
+                "last_seq": gap.1,
+                "reason": "moved by kvh prune-log before they were passed on: read them in its \
+                           archive (kvh verify-log --archive-dir)",
+            });
+            eprintln!(
+                "kvh tail-log: chain {}: records {} to {} were moved by prune-log before they \
+                 were passed on; read them in its archive",
+                chain.chain, gap.0, gap.1
+            );
+            writeln!(out, "{line}")
+                .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+        }
         for line in &new.lines {
-            if security_only && !security_line(line) {
+            if how.security_only && !security_line(line) {
                 continue;
             }
             out.write_all(line)
@@ -291,19 +367,42 @@ fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
 struct NewRecords {
     lines: Vec<Vec<u8>>,
     to: Position,
+    /// Seqs after `from` that `prune-log` moved away before they were passed on.
+    gap: Option<(u64, u64)>,
 }
 
-/// Reads the records of `chain` after `from` (all of them without it) up to seq `head_seq`,
-/// computing each hash again: `Ok(None)` when the bytes read do not end at the verified head
-/// `head_hash` (the file changed since the verification).
+/// What reading a chain gave.
+enum Read {
+    New(NewRecords),
+    /// The bytes read do not end at the verified head: changed since the verification.
+    Changed,
+}
+
+/// Reads the records of `chain` after `from` (all of them without it) up to its verified
+/// head, computing each hash again, and each MAC when keys were given (the hash does not
+/// cover the seal): [`Read::Changed`] when the bytes read do not end at the head.
 fn read_new(
     chain: &ChainReport,
     list: &[(u64, PathBuf)],
     from: Option<&Position>,
-    head_seq: u64,
-    head_hash: &str,
-) -> Result<Option<NewRecords>, PassError> {
+    opts: &VerifyOptions,
+) -> Result<Read, PassError> {
     let id = chain.chain.as_str();
+    let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
+        return Ok(Read::Changed);
+    };
+    let mut key = match (opts.hmac_keys.is_empty(), chain.key_index) {
+        (true, _) => None,
+        (false, Some(i)) => match opts.hmac_keys.get(i) {
+            Some(k) => Some(
+                EpochKey::from_secret(k.secret.clone())
+                    .map_err(|e| PassError::Stop(Stop::Error(format!("{}: {e}", k.name))))?,
+            ),
+            None => return Ok(Read::Changed),
+        },
+        // Keys given, yet the chain's was not found: nothing to hold its seals to.
+        (false, None) => return Ok(Read::Changed),
+    };
     let start_file = from.map_or(0, |p| p.file);
     let mut prev: Option<[u8; 32]> = match from {
         Some(p) => Some(parse_hash(&p.hash).ok_or_else(|| {
@@ -312,6 +411,7 @@ fn read_new(
         None => None,
     };
     let after = from.map(|p| p.seq);
+    let mut gap = None;
     let mut lines = Vec::new();
     let mut last: Option<(u64, u64)> = None;
     'files: for (index, path) in list.iter().filter(|(i, _)| *i >= start_file) {
@@ -329,10 +429,10 @@ fn read_new(
                 break;
             }
             let Ok(r) = scan(&line) else {
-                return Ok(None);
+                return Ok(Read::Changed);
             };
             let Some(seq) = r.seq else {
-                return Ok(None);
+                return Ok(Read::Changed);
             };
             if after.is_some_and(|a| seq <= a) {
                 continue;
@@ -340,25 +440,48 @@ fn read_new(
             if seq > head_seq {
                 break 'files;
             }
-            if after.is_some_and(|a| seq == a + 1) && r.prev != from.map(|p| p.hash.as_str()) {
-                return Err(tampered(
-                    id,
-                    format!(
-                        "record seq {seq} no longer follows the record passed on before it: \
-                         the chain was rewritten"
-                    ),
-                ));
+            if let Some(a) = after.filter(|_| last.is_none()) {
+                // The first record after the position.
+                if seq != a + 1 {
+                    let moved = chain.pruned.as_ref().map(|p| p.last_seq);
+                    if moved.is_none_or(|m| m + 1 != seq) {
+                        return Err(tampered(
+                            id,
+                            format!(
+                                "the record after seq {a}, which was passed on, is seq {seq}: \
+                                 records between them are missing"
+                            ),
+                        ));
+                    }
+                    // Its link to the moved records was verified against their manifest.
+                    gap = Some((a + 1, seq - 1));
+                    prev = None;
+                } else if r.prev != from.map(|p| p.hash.as_str()) {
+                    return Err(tampered(
+                        id,
+                        format!(
+                            "record seq {seq} no longer follows the record passed on before \
+                             it: the chain was rewritten"
+                        ),
+                    ));
+                }
             }
             let prior = match prev {
                 Some(h) => h,
                 None => match r.prev.and_then(parse_hash) {
                     Some(h) => h,
-                    None => return Ok(None),
+                    None => return Ok(Read::Changed),
                 },
             };
             let hash = chain_hash_open(&prior, r.body_open);
             if r.hash != hex(&hash) {
-                return Ok(None);
+                return Ok(Read::Changed);
+            }
+            if let Some(k) = key.as_mut() {
+                k.advance_to(r.epoch.unwrap_or(0));
+                if r.mac != Some(hex(&mac_of(k, &hash)).as_str()) {
+                    return Ok(Read::Changed);
+                }
             }
             prev = Some(hash);
             last = Some((seq, *index));
@@ -367,16 +490,17 @@ fn read_new(
     }
     match (last, prev) {
         (Some((seq, file)), Some(hash)) if seq == head_seq && hex(&hash) == head_hash => {
-            Ok(Some(NewRecords {
+            Ok(Read::New(NewRecords {
                 lines,
                 to: Position {
                     seq,
                     hash: hex(&hash),
                     file,
                 },
+                gap,
             }))
         }
-        _ => Ok(None),
+        _ => Ok(Read::Changed),
     }
 }
 
@@ -434,10 +558,12 @@ fn now_ns() -> u64 {
 mod tests {
     use super::*;
     use crate::config::{Config, FsyncPolicy, LogConfig};
-    use crate::forensic::{ForensicLog, StartInfo};
+    use crate::forensic::{ForensicLog, SealKey, StartInfo};
+    use zeroize::Zeroizing;
 
-    /// A stopped, unkeyed log of one chain in `dir`: its report and file list.
-    fn log(dir: &Path) -> (Report, Vec<(u64, PathBuf)>) {
+    /// A stopped log of one chain in `dir`, sealed with `secret` if given: the options that
+    /// verify it, its report and its file list.
+    fn log(dir: &Path, secret: Option<&[u8]>) -> (VerifyOptions, Report, Vec<(u64, PathBuf)>) {
         let cfg = LogConfig {
             dir: Some(dir.to_path_buf()),
             fsync: FsyncPolicy::Never,
@@ -447,48 +573,94 @@ mod tests {
             ..Config::default().log
         };
         let start = StartInfo::current(Config::default().canonical_json());
-        ForensicLog::open_with_secret(&cfg, start, None)
+        let secret = secret.map(|s| Zeroizing::new(s.to_vec()));
+        ForensicLog::open_with_secret(&cfg, start, secret.clone())
             .unwrap()
             .stop();
-        let opts = VerifyOptions::default();
+        let opts = VerifyOptions {
+            hmac_keys: secret
+                .into_iter()
+                .map(|s| SealKey::new("hmac.key", s))
+                .collect(),
+            ..VerifyOptions::default()
+        };
         let report = verify_all(dir, &opts).unwrap();
+        assert!(report.ok(), "{report:?}");
         let files = verify::list_all(dir, &opts).unwrap().remove(0).1;
-        (report, files)
+        (opts, report, files)
+    }
+
+    /// The lines `read_new` passes on from the start, or `None` for [`Read::Changed`].
+    fn read_all(
+        chain: &ChainReport,
+        files: &[(u64, PathBuf)],
+        opts: &VerifyOptions,
+    ) -> Option<Vec<String>> {
+        match read_new(chain, files, None, opts).ok()? {
+            Read::New(n) => Some(
+                n.lines
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .collect(),
+            ),
+            Read::Changed => None,
+        }
+    }
+
+    /// Replaces the last line of `path` by `f` of it.
+    fn change_last_line(path: &Path, f: impl Fn(&str) -> String) -> String {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let last = lines.pop().unwrap();
+        lines.push(f(&last));
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+        text
     }
 
     #[test]
     fn bytes_that_do_not_hash_to_the_verified_head_are_not_passed_on() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("log");
-        let (report, files) = log(&dir);
+        let (opts, report, files) = log(&tmp.path().join("log"), None);
         let chain = &report.chains[0];
-        let (seq, head) = (chain.last_seq.unwrap(), chain.last_hash.clone().unwrap());
-        let new = read_new(chain, &files, None, seq, &head).ok().flatten();
-        assert_eq!(new.map(|n| n.lines.len() as u64), Some(seq + 1));
+        let lines = read_all(chain, &files, &opts).expect("the verified bytes");
+        assert_eq!(lines.len() as u64, chain.last_seq.unwrap() + 1);
         // The file changes after the verification (its last record's time, say): the bytes
         // read no longer end at the head verified, and nothing is passed on.
         let path = &files[0].1;
-        let text = std::fs::read_to_string(path).unwrap();
-        let at = text.rfind("\"ts\":").unwrap() + 5;
-        let digit = if text.as_bytes()[at] == b'1' {
-            "2"
-        } else {
-            "1"
-        };
-        let mut changed = text.clone();
-        changed.replace_range(at..at + 1, digit);
-        std::fs::write(path, changed).unwrap();
-        assert!(read_new(chain, &files, None, seq, &head)
-            .ok()
-            .flatten()
-            .is_none());
+        let text = change_last_line(path, |l| {
+            let at = l.find("\"ts\":").unwrap() + 5;
+            let digit = if l.as_bytes()[at] == b'1' { "2" } else { "1" };
+            let mut l = l.to_string();
+            l.replace_range(at..at + 1, digit);
+            l
+        });
+        assert!(read_all(chain, &files, &opts).is_none());
         // A head that is not the chain's: nothing either.
         std::fs::write(path, text).unwrap();
-        let other = "0".repeat(64);
-        assert!(read_new(chain, &files, None, seq, &other)
-            .ok()
-            .flatten()
-            .is_none());
+        let mut other = chain.clone();
+        other.last_hash = Some("0".repeat(64));
+        assert!(read_all(&other, &files, &opts).is_none());
+    }
+
+    #[test]
+    fn a_seal_changed_after_the_verification_is_not_passed_on() {
+        // The seal (`mac`) follows the hash and is not covered by it: with a key given, each
+        // is computed again.
+        let tmp = tempfile::tempdir().unwrap();
+        let (opts, report, files) = log(
+            &tmp.path().join("log"),
+            Some(b"tail-secret-0123456789abcdef"),
+        );
+        let chain = &report.chains[0];
+        assert!(read_all(chain, &files, &opts).is_some());
+        change_last_line(&files[0].1, |l| {
+            let at = l.find("\"mac\":\"").unwrap() + 7;
+            let digit = if l.as_bytes()[at] == b'a' { "b" } else { "a" };
+            let mut l = l.to_string();
+            l.replace_range(at..at + 1, digit);
+            l
+        });
+        assert!(read_all(chain, &files, &opts).is_none());
     }
 
     #[test]

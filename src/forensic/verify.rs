@@ -95,6 +95,9 @@ pub struct ChainReport {
     /// hold the bytes it reads to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_hash: Option<String>,
+    /// Index of the file holding that record.
+    #[serde(skip)]
+    pub last_file: Option<u64>,
     /// A `stop` record ends the chain (the writer shut down cleanly).
     pub closed: bool,
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
@@ -1058,6 +1061,9 @@ impl<'a> Walk<'a> {
         }
         if lines == 0 && !is_last {
             return Err(bad(1, "empty rotated file".into()));
+        }
+        if lines > 0 {
+            self.report.last_file = Some(index);
         }
         self.prev_file = Some(name.to_string());
         self.cur_index = index;

@@ -294,6 +294,8 @@ impl Inner {
         if let Some(dev) = cell.get() {
             return Ok(dev);
         }
+        // Waiting for another thread's open may have outlasted a shutdown.
+        self.live()?;
         let opened = open_device(&self.driver, device)?;
         Ok(cell.get_or_init(|| opened))
     }
