@@ -545,3 +545,148 @@ fn the_first_position_is_the_file_of_the_verified_head() {
     );
     log.stop();
 }
+
+/// A private archive directory beside the log, for `prune-log`.
+fn archive_dir(k: &Keyed) -> PathBuf {
+    let archive = k._tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(
+        &archive,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    archive
+}
+
+/// `kvh prune-log DIR --archive-dir ARCHIVE --older-than 0 --key-file KEY`, which must succeed.
+fn prune_everything_it_may(k: &Keyed, archive: &Path) {
+    let pruned = kvh()
+        .arg("prune-log")
+        .arg(&k.dir)
+        .args(["--archive-dir", archive.to_str().unwrap()])
+        .args(["--older-than", "0", "--key-file", k.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+}
+
+/// A chain the tail had not read yet when `prune-log` moved its first files (a scheduled
+/// `--once --state` job behind a nightly prune, the chain begun between two runs; or a tail
+/// started with `--from-start`): it is passed on "from its first record", and the records
+/// that moved are named by a gap line, as for a chain the tail was already following, not
+/// dropped from the shipped stream without a word.
+#[test]
+fn records_pruned_before_a_chain_was_first_read_are_named_as_a_gap() {
+    let k = keyed();
+    std::fs::create_dir(&k.dir).unwrap();
+    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let archive = archive_dir(&k);
+    // The first run of the job: no chain yet, its state saved.
+    let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A process starts and writes many files; the nightly prune runs before the next run.
+    let log = ForensicLog::open_with_secret(&cfg(&k.dir, 4096), start(), Some(secret())).unwrap();
+    for i in 0..80 {
+        log.emit(event(i));
+    }
+    log.flush();
+    prune_everything_it_may(&k, &archive);
+    let left = log_lines(&k.dir);
+    let first_left: Value = serde_json::from_str(&left[0]).unwrap();
+    let first_left = first_left["seq"].as_u64().unwrap();
+    assert!(first_left > 0, "prune-log moved the chain's first files");
+
+    let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout_lines(&out);
+    let gap: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(
+        gap["kvh_tail_log"],
+        "gap",
+        "records 0 to {} were moved before they were passed on, and are not named: {}",
+        first_left - 1,
+        lines[0]
+    );
+    assert_eq!(
+        (gap["first_seq"].as_u64(), gap["last_seq"].as_u64()),
+        (Some(0), Some(first_left - 1))
+    );
+    assert_eq!(lines[1..], left[..]);
+    std::mem::forget(log);
+}
+
+/// A chain the tail was following ends (`stop`), and `prune-log` moves it whole before the
+/// tail's next pass. Its manifest accounts for it (`--allow-pruned`), so the tail does not
+/// call it tampering; the records after the position (here 2 .. the `stop`), never passed on,
+/// are named by a gap line, and the position moves to the chain's end.
+#[test]
+fn a_chain_pruned_whole_after_its_position_has_the_rest_named_as_a_gap() {
+    let k = keyed();
+    let archive = archive_dir(&k);
+    let log = ForensicLog::open_with_secret(&cfg(&k.dir, 4096), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&["--from-start", "--allow-pruned"]));
+    assert_eq!(stdout_lines(&out).len(), 2, "start and the first event");
+    let chain = log.stats().chain.clone().expect("a chain");
+    // The tail is down; the process writes more, stops, and the nightly prune moves its
+    // chain whole.
+    for i in 1..40 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let last: Value = serde_json::from_str(log_lines(&k.dir).last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "stop");
+    let stop_seq = last["seq"].as_u64().unwrap();
+    prune_everything_it_may(&k, &archive);
+    assert!(chain_files(&k.dir).is_empty(), "the chain moved whole");
+    // Another process writes meanwhile, so the log directory still holds records.
+    write_log(&cfg(&k.dir, 1 << 20), 1, true);
+
+    let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gaps: Vec<Value> = stdout_lines(&out)
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kvh_tail_log"] == "gap" && v["chain"] == chain.as_str())
+        .collect();
+    assert_eq!(
+        gaps.len(),
+        1,
+        "records 2 to {stop_seq} of chain {chain} were moved before they were passed on, and \
+         are not named: {:?}",
+        stdout_lines(&out)
+    );
+    assert_eq!(
+        (gaps[0]["first_seq"].as_u64(), gaps[0]["last_seq"].as_u64()),
+        (Some(2), Some(stop_seq))
+    );
+    // The position moved to the chain's end: the next run names nothing again.
+    let again = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
+    assert_eq!(again.status.code(), Some(0));
+    assert!(
+        !stdout_lines(&again).iter().any(|l| l.contains("\"gap\"")),
+        "{:?}",
+        stdout_lines(&again)
+    );
+}

@@ -232,6 +232,21 @@ pub fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
 /// the file grows meanwhile.
 pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
+    let (f, len) = open_regular(path, cap)?;
+    let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    f.take(cap + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > cap {
+        return Err(io::Error::other(format!(
+            "grew beyond the {cap}-byte limit while read"
+        )));
+    }
+    Ok(out)
+}
+
+/// Opens `path` as [`read_regular`] does (no symlink followed, no FIFO waited for, a regular
+/// file of at most `cap` bytes), for a reader that streams it; returns it and its length. The
+/// caller caps its reads too, in case the file grows meanwhile.
+pub fn open_regular(path: &Path, cap: u64) -> io::Result<(File, u64)> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -250,14 +265,7 @@ pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
             m.len()
         )));
     }
-    let mut out = Vec::with_capacity(usize::try_from(m.len()).unwrap_or(0));
-    f.take(cap + 1).read_to_end(&mut out)?;
-    if out.len() as u64 > cap {
-        return Err(io::Error::other(format!(
-            "grew beyond the {cap}-byte limit while read"
-        )));
-    }
-    Ok(out)
+    Ok((f, m.len()))
 }
 
 /// Takes an exclusive, non-blocking `flock`. A live writer holds it on its active file; the
@@ -326,8 +334,12 @@ fn fill_listing_gaps(dirs: &[&Path], chain: &str, files: &mut Vec<(u64, PathBuf)
         return;
     };
     // Sorted by index: as many files as indices means none missing (a file listed twice,
-    // from two directories, is reported by the verifier and not looked at here).
-    let missing = (last - first + 1).saturating_sub(files.len() as u64);
+    // from two directories, is reported by the verifier and not looked at here). A span of
+    // every u64 (a planted name) is too many missing.
+    let Some(span) = (last - first).checked_add(1) else {
+        return;
+    };
+    let missing = span.saturating_sub(files.len() as u64);
     if missing == 0 || missing > MAX_GAP_LOOKUPS {
         return;
     }
@@ -384,6 +396,22 @@ mod tests {
         let mut far = vec![(0, dir.join(file_name(chain, 0))), (1000, dir.join("x"))];
         fill_listing_gaps(&[dir], chain, &mut far);
         assert_eq!(far.len(), 2);
+    }
+
+    /// A file planted under the largest index (`kvh-<chain>-18446744073709551615.jsonl`, a
+    /// name `parse_file_name` accepts) beside file 0: the count of indices must not overflow
+    /// (a panic in the listing of verify-log, tail-log and prune-log in a debug build).
+    #[test]
+    fn indices_spanning_the_whole_range_do_not_overflow_the_gap_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let chain = "p1-t2";
+        let mut files = vec![
+            (0, dir.join(file_name(chain, 0))),
+            (u64::MAX, dir.join(file_name(chain, u64::MAX))),
+        ];
+        fill_listing_gaps(&[dir], chain, &mut files);
+        assert_eq!(files.len(), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! with exit status 1.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::evidence::is_exception;
+use super::files;
 use super::keys::EpochKey;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
@@ -245,6 +246,12 @@ fn pass(
     let mut out = std::io::stdout().lock();
     for chain in &report.chains {
         let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
+            // No record left: a chain `prune-log` moved whole. What was not passed on of it
+            // is named, and its position moves to its end.
+            if let Some(to) = moved_whole(chain, state.chains.get(&chain.chain), how, &mut out)? {
+                state.chains.insert(chain.chain.clone(), to);
+                moved = true;
+            }
             continue;
         };
         let list = files
@@ -289,23 +296,8 @@ fn pass(
             }
         };
         stalls.remove(&chain.chain);
-        if let Some(gap) = &new.gap {
-            // Moved before they were passed on: said where they went, not skipped silently.
-            let line = serde_json::json!({
-                "kvh_tail_log": "gap",
-                "chain": chain.chain,
-                "first_seq": gap.0,
-                "last_seq": gap.1,
-                "reason": "moved by kvh prune-log before they were passed on: read them in its \
-                           archive (kvh verify-log --archive-dir)",
-            });
-            eprintln!(
-                "kvh tail-log: chain {}: records {} to {} were moved by prune-log before they \
-                 were passed on; read them in its archive",
-                chain.chain, gap.0, gap.1
-            );
-            writeln!(out, "{line}")
-                .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+        if let Some((first, last)) = new.gap {
+            say_gap(&mut out, &chain.chain, first, last)?;
         }
         for line in &new.lines {
             if how.security_only && !security_line(line) {
@@ -321,6 +313,54 @@ fn pass(
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
     Ok(moved)
+}
+
+/// Writes the line that names records `first ..= last` of `chain`, moved by `prune-log` before
+/// they were passed on (said on stderr too): they are in its archive, not skipped silently.
+fn say_gap(out: &mut impl Write, chain: &str, first: u64, last: u64) -> Result<(), PassError> {
+    let line = serde_json::json!({
+        "kvh_tail_log": "gap",
+        "chain": chain,
+        "first_seq": first,
+        "last_seq": last,
+        "reason": "moved by kvh prune-log before they were passed on: read them in its archive \
+                   (kvh verify-log --archive-dir)",
+    });
+    eprintln!(
+        "kvh tail-log: chain {chain}: records {first} to {last} were moved by prune-log before \
+         they were passed on; read them in its archive"
+    );
+    writeln!(out, "{line}").map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))
+}
+
+/// A chain `prune-log` moved whole (its manifest, MAC-verified, accounts for it): the records
+/// after `from` are named as a gap (none on a first pass from the heads), and the position
+/// it moves to, its last record, is returned; `None` when there is nothing to move.
+fn moved_whole(
+    chain: &ChainReport,
+    from: Option<&Position>,
+    how: &Pass<'_>,
+    out: &mut impl Write,
+) -> Result<Option<Position>, PassError> {
+    let Some(p) = chain.pruned.as_ref().filter(|p| p.complete) else {
+        return Ok(None);
+    };
+    let Some(hash) = p.last_hash.clone() else {
+        return Ok(None);
+    };
+    let first = match from {
+        Some(pos) if pos.seq >= p.last_seq => return Ok(None),
+        Some(pos) => pos.seq + 1,
+        None => 0,
+    };
+    if !(how.skip_existing && from.is_none()) {
+        say_gap(out, &chain.chain, first, p.last_seq)?;
+    }
+    Ok(Some(Position {
+        seq: p.last_seq,
+        hash,
+        file: p.files.saturating_sub(1),
+    }))
 }
 
 /// The chains remembered must still be there, and no shorter: records cut off a chain's
@@ -415,14 +455,18 @@ fn read_new(
     let mut lines = Vec::new();
     let mut last: Option<(u64, u64)> = None;
     'files: for (index, path) in list.iter().filter(|(i, _)| *i >= start_file) {
-        let file = std::fs::File::open(path)
-            .map_err(|e| PassError::Io(format!("{}: {e}", path.display())))?;
-        let mut reader = std::io::BufReader::new(file);
+        // Opened as the verifier opens it: a FIFO or a symlink planted since cannot hang or
+        // flood the reading. A file that cannot be read now (moved by a prune since the
+        // verification, say) is read again at the next pass.
+        let Ok((file, _)) = files::open_regular(path, files::MAX_READ_BYTES) else {
+            return Ok(Read::Changed);
+        };
+        let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
         loop {
             let mut line = Vec::new();
-            reader
-                .read_until(b'\n', &mut line)
-                .map_err(|e| PassError::Io(format!("{}: {e}", path.display())))?;
+            if reader.read_until(b'\n', &mut line).is_err() {
+                return Ok(Read::Changed);
+            }
             // The end of the file, or a line still being written (or torn by a crash): the
             // verification counted neither.
             if line.pop() != Some(b'\n') {
@@ -440,23 +484,21 @@ fn read_new(
             if seq > head_seq {
                 break 'files;
             }
-            if let Some(a) = after.filter(|_| last.is_none()) {
-                // The first record after the position.
-                if seq != a + 1 {
+            if last.is_none() {
+                // The first record read: the one after the position (or the chain's first).
+                let expected = after.map_or(0, |a| a + 1);
+                if seq != expected {
+                    // Records moved by `prune-log`: its manifest accounts for them, and the
+                    // verification held this record's link to them. Anything else is read
+                    // again at the next pass (a prune that ran after this pass's
+                    // verification), whose verification judges the files.
                     let moved = chain.pruned.as_ref().map(|p| p.last_seq);
                     if moved.is_none_or(|m| m + 1 != seq) {
-                        return Err(tampered(
-                            id,
-                            format!(
-                                "the record after seq {a}, which was passed on, is seq {seq}: \
-                                 records between them are missing"
-                            ),
-                        ));
+                        return Ok(Read::Changed);
                     }
-                    // Its link to the moved records was verified against their manifest.
-                    gap = Some((a + 1, seq - 1));
+                    gap = Some((expected, seq - 1));
                     prev = None;
-                } else if r.prev != from.map(|p| p.hash.as_str()) {
+                } else if after.is_some() && r.prev != from.map(|p| p.hash.as_str()) {
                     return Err(tampered(
                         id,
                         format!(
@@ -661,6 +703,119 @@ mod tests {
             l
         });
         assert!(read_all(chain, &files, &opts).is_none());
+    }
+
+    /// A FIFO (or a symlink to one, or to `/dev/zero`) planted at a chain file name after the
+    /// pass's verification and before its reading, here at the index after the newest file
+    /// the verification read: the reading opens files as the verifier does, so it neither
+    /// blocks on it forever (no alert line while the log is tampered with) nor follows it.
+    #[test]
+    fn a_fifo_planted_after_the_verification_does_not_hang_the_reading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (opts, report, mut files) = log(&dir, None);
+        let chain = report.chains[0].clone();
+        let fifo = dir.join(crate::forensic::files::file_name(&chain.chain, 1));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // As the pass's second listing, made after the verification, sees the directory.
+        files.push((1, fifo));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = read_new(&chain, &files, None, &opts);
+            let _ = tx.send(matches!(read, Ok(Read::New(_))));
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the reading of a verified chain blocked opening a FIFO at a chain file name"
+        );
+    }
+
+    /// `prune-log` (a nightly job) runs while a pass is under way, after its verification and
+    /// before its listing, and moves files the tail has not read yet (it lags two files or
+    /// more: a `--once` job, a busy writer with small files). The verification saw no
+    /// manifest, the reading no longer finds the records after the position: a race with
+    /// normal operation, read again at the next pass, not tampering.
+    #[test]
+    fn a_prune_between_the_verification_and_the_reading_is_not_tampering() {
+        use crate::forensic::prune::{prune_all, PruneRequest};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let archive = tmp.path().join("archive");
+        std::fs::create_dir(&archive).unwrap();
+        std::fs::set_permissions(
+            &archive,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let cfg = LogConfig {
+            dir: Some(dir.clone()),
+            max_bytes: 4096,
+            fsync: FsyncPolicy::Never,
+            summary_interval_ms: 0,
+            checkpoint_every_records: 0,
+            checkpoint_interval_ms: 0,
+            ..Config::default().log
+        };
+        let secret = b"tail-secret-0123456789abcdef";
+        let log = ForensicLog::open_with_secret(
+            &cfg,
+            StartInfo::current(Config::default().canonical_json()),
+            Some(Zeroizing::new(secret.to_vec())),
+        )
+        .unwrap();
+        log.record_anomaly(serde_json::json!({"n": 0}));
+        log.flush();
+        let opts = VerifyOptions {
+            hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(secret.to_vec()))],
+            allow_pruned: true,
+            ..VerifyOptions::default()
+        };
+        // The position: the tail passed on the first records, in file 0.
+        let report = verify_all(&dir, &opts).unwrap();
+        let c = &report.chains[0];
+        let pos = Position {
+            seq: c.last_seq.unwrap(),
+            hash: c.last_hash.clone().unwrap(),
+            file: c.last_file.unwrap(),
+        };
+        for i in 1..80 {
+            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
+        }
+        log.flush();
+        // The pass: its verification...
+        let report = verify_all(&dir, &opts).unwrap();
+        assert!(report.ok(), "{report:?}");
+        // ... then prune-log runs ...
+        prune_all(
+            &PruneRequest {
+                dir: &dir,
+                archive: &archive,
+                older_than_days: 0,
+                dry_run: false,
+                opts: &opts,
+                checkpoint_place: None,
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert!(
+            verify::list_all(&dir, &opts).unwrap()[0].1[0].0 > 0,
+            "prune-log moved the chain's first files"
+        );
+        // ... then the pass lists the files and reads the chain.
+        let files = verify::list_all(&dir, &opts).unwrap().remove(0).1;
+        let read = read_new(&report.chains[0], &files, Some(&pos), &opts);
+        let reason = match &read {
+            Err(PassError::Stop(Stop::Tampered { reason, .. })) => Some(reason.clone()),
+            _ => None,
+        };
+        assert!(
+            reason.is_none(),
+            "a prune racing a pass is reported as tampering: {reason:?}"
+        );
+        std::mem::forget(log);
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct Pruned {
     pub first_ts: Option<u64>,
     /// The newest record time of the files moved, as the manifest recorded it.
     pub last_ts: Option<u64>,
+    /// Hash of the last record moved (hex), as the manifest recorded it.
+    #[serde(skip)]
+    pub last_hash: Option<String>,
 }
 
 impl ChainReport {
@@ -423,6 +426,7 @@ fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
         archive: m.archive.clone(),
         first_ts: moved.first().map(|f| f.oldest_ts),
         last_ts: moved.iter().map(|f| f.newest_ts).max(),
+        last_hash: moved.last().map(|f| f.last_hash.clone()),
     }
 }
 
