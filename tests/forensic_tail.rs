@@ -690,3 +690,119 @@ fn a_chain_pruned_whole_after_its_position_has_the_rest_named_as_a_gap() {
         stdout_lines(&again)
     );
 }
+
+/// A chain the tail passed on, rewritten without a key (which `verify-log` cannot tell from
+/// a chain always so) with its files laid out anew: the record after the position is now in
+/// an earlier file than the position's, so the first record the tail reads from its file is
+/// not the next seq. No manifest accounts for the jump. A scheduled `--once --state` job (the
+/// documented use of `--once`) reports it, at once or after the three passes the retry
+/// allows (counted in the state, across runs), rather than exit 0 forever with nothing
+/// passed on.
+#[test]
+fn a_seq_jump_without_a_manifest_is_reported_by_a_scheduled_once_job() {
+    use kvhygiene::forensic::record::{self, Header};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    write_log(&cfg(&dir, 2048), 20, false);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 3, "the chain spans files");
+    let out = tail_once(&dir, &["--state", st, "--from-start"]);
+    assert_eq!(out.status.code(), Some(0));
+    let passed = stdout_lines(&out).len() as u64;
+    let last_file = files.len() - 1;
+
+    // The forgery: every record but the rotates and the stop, ten events more, and the same
+    // number of files, the later ones each a rotate and one event (the last with the stop).
+    let mut body: Vec<serde_json::Map<String, Value>> = Vec::new();
+    let mut rotate = None;
+    for f in &files {
+        for l in forensic_common::read_lines(f) {
+            let Value::Object(m) = serde_json::from_str::<Value>(&l).unwrap() else {
+                panic!()
+            };
+            match m["kind"].as_str().unwrap() {
+                "rotate" => rotate = Some(m),
+                "stop" => {}
+                _ => body.push(m),
+            }
+        }
+    }
+    let stop: serde_json::Map<String, Value> =
+        serde_json::from_str(log_lines(&dir).last().unwrap()).unwrap();
+    let extra = body.last().unwrap().clone();
+    for _ in 0..10 {
+        body.push(extra.clone());
+    }
+    let rotate = rotate.unwrap();
+    let mut layout: Vec<Vec<serde_json::Map<String, Value>>> = vec![Vec::new(); files.len()];
+    let tail_events = body.split_off(body.len() - last_file);
+    layout[0] = body;
+    for (i, ev) in tail_events.into_iter().enumerate() {
+        layout[i + 1] = vec![rotate.clone(), ev];
+    }
+    let chain = stop["chain"].as_str().unwrap().to_string();
+    layout[last_file].push(stop);
+    let mut prev = record::GENESIS_PREV;
+    let mut seq = 0u64;
+    for (index, records) in layout.into_iter().enumerate() {
+        let mut lines = Vec::new();
+        for mut m in records {
+            if m["kind"] == "rotate" {
+                let name = kvhygiene::forensic::files::file_name(&chain, index as u64 - 1);
+                m.insert("prev_file".into(), name.into());
+                m.insert("prev_seq".into(), (seq - 1).into());
+            }
+            let kind = m["kind"].as_str().unwrap().to_string();
+            let h = Header {
+                seq,
+                ts: m["ts"].as_u64().unwrap(),
+                kind: &kind,
+                chain: &chain,
+                epoch: index as u64,
+                prev: &prev,
+            };
+            let sealed = record::seal(&h, m, None);
+            prev = sealed.hash;
+            lines.push(
+                String::from_utf8(sealed.line)
+                    .unwrap()
+                    .trim_end()
+                    .to_string(),
+            );
+            seq += 1;
+        }
+        forensic_common::write_lines(&files[index], &lines);
+    }
+    let verified = kvh().arg("verify-log").arg(&dir).output().unwrap();
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "the forgery verifies without a key: {}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let first_in_last: Value =
+        serde_json::from_str(&forensic_common::read_lines(&files[last_file])[0]).unwrap();
+    assert!(
+        first_in_last["seq"].as_u64().unwrap() > passed,
+        "the record after the position ({passed}) is in an earlier file than the position's"
+    );
+
+    // The nightly job runs, three times (or more): the chain must be reported.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let out = tail_once(&dir, &["--state", st]);
+        let tampered = out.status.code() == Some(1);
+        runs.push((out.status.code(), stdout_lines(&out)));
+        if tampered {
+            break;
+        }
+    }
+    let (code, lines) = runs.last().unwrap();
+    assert!(
+        *code == Some(1) && lines.last().is_some_and(|l| l.contains("\"tampering\"")),
+        "a chain rewritten after its position is never reported by --once runs (exit 0, \
+         nothing passed on): {runs:?}"
+    );
+}

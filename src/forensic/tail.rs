@@ -71,6 +71,10 @@ struct Position {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct State {
     chains: BTreeMap<String, Position>,
+    /// Passes in a row whose bytes did not hash to the chain's verified head, per chain: kept
+    /// across runs, so that scheduled `--once` runs count them too.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    stalls: BTreeMap<String, u32>,
 }
 
 /// Why the tail stops.
@@ -130,7 +134,6 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     // The first pass: from the state, from the start, or from the heads (nothing passed on).
     let mut skip_existing = !resumed && !args.from_start;
     let mut first = true;
-    let mut stalls = BTreeMap::new();
     let mut said_error: Option<String> = None;
     loop {
         let how = Pass {
@@ -138,7 +141,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             skip_existing,
             security_only: args.security_only,
         };
-        match pass(&args.log.dir, &how, &mut state, &mut stalls) {
+        match pass(&args.log.dir, &how, &mut state) {
             Ok(moved) => {
                 if skip_existing {
                     eprintln!(
@@ -208,14 +211,8 @@ struct Pass<'a> {
 }
 
 /// One pass: verifies the directory, checks it against `state`, writes the new records of
-/// each chain to stdout and moves `state` past them. Returns whether `state` moved.
-/// `stalls` counts, per chain, the passes in a row whose bytes did not hash to the head.
-fn pass(
-    dir: &Path,
-    how: &Pass<'_>,
-    state: &mut State,
-    stalls: &mut BTreeMap<String, u32>,
-) -> Result<bool, PassError> {
+/// each chain to stdout and moves `state` past them. Returns whether `state` changed.
+fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError> {
     let opts = how.opts;
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     if !report.ok() {
@@ -280,8 +277,9 @@ fn pass(
             Read::New(new) => new,
             Read::Changed => {
                 // Changed since the verification: read again at the next pass, a few times.
-                let n = stalls.entry(chain.chain.clone()).or_default();
+                let n = state.stalls.entry(chain.chain.clone()).or_default();
                 *n += 1;
+                moved = true;
                 if *n >= MAX_STALLS {
                     return Err(tampered(
                         &chain.chain,
@@ -295,7 +293,7 @@ fn pass(
                 continue;
             }
         };
-        stalls.remove(&chain.chain);
+        state.stalls.remove(&chain.chain);
         if let Some((first, last)) = new.gap {
             say_gap(&mut out, &chain.chain, first, last)?;
         }
@@ -427,6 +425,23 @@ fn read_new(
     from: Option<&Position>,
     opts: &VerifyOptions,
 ) -> Result<Read, PassError> {
+    match read_from(chain, list, from, opts, from.map_or(0, |p| p.file))? {
+        // The record after the position is not in its file or a later one: the files were
+        // laid out again since (which an unkeyed chain allows). Read from the first file: the
+        // records after the position, if there, still follow it by hash.
+        Read::Changed if from.is_some_and(|p| p.file > 0) => read_from(chain, list, from, opts, 0),
+        read => Ok(read),
+    }
+}
+
+/// [`read_new`] from file index `start_file` on.
+fn read_from(
+    chain: &ChainReport,
+    list: &[(u64, PathBuf)],
+    from: Option<&Position>,
+    opts: &VerifyOptions,
+    start_file: u64,
+) -> Result<Read, PassError> {
     let id = chain.chain.as_str();
     let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
         return Ok(Read::Changed);
@@ -443,7 +458,6 @@ fn read_new(
         // Keys given, yet the chain's was not found: nothing to hold its seals to.
         (false, None) => return Ok(Read::Changed),
     };
-    let start_file = from.map_or(0, |p| p.file);
     let mut prev: Option<[u8; 32]> = match from {
         Some(p) => Some(parse_hash(&p.hash).ok_or_else(|| {
             PassError::Stop(Stop::Error(format!("state of chain {id}: not a hash")))
