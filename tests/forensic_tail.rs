@@ -32,6 +32,16 @@ fn tail_once(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The command exited 0 (its stderr shown when not).
+fn assert_ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn stdout_lines(out: &Output) -> Vec<String> {
     String::from_utf8(out.stdout.clone())
         .unwrap()
@@ -90,12 +100,7 @@ fn each_record_is_passed_on_once_in_order_across_runs() {
     }
     log.flush();
     let out = tail_once(&k.dir, &k.args(&["--from-start"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let first = stdout_lines(&out);
     assert_eq!(first, log_lines(&k.dir), "every record, exactly as written");
     assert!(chain_files(&k.dir).len() > 1, "the records span files");
@@ -357,12 +362,7 @@ fn tampering_evidence_outside_the_chains_stops_the_tail() {
     write_log(&c, 4, true);
     let public = public.to_str().unwrap().to_string();
     let out = tail_once(&k.dir, &k.args(&["--public-key", &public]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // Every record file deleted; the checkpoint stays.
     for f in chain_files(&k.dir) {
         std::fs::remove_file(f).unwrap();
@@ -405,12 +405,7 @@ fn records_pruned_before_they_were_passed_on_are_named_as_a_gap() {
     log.emit(event(0));
     log.flush();
     let out = tail_once(&k.dir, &k.args(&["--from-start", "--allow-pruned"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // The tail is down; the writer goes on over many files, and the nightly prune runs.
     for i in 1..80 {
         log.emit(event(i));
@@ -423,24 +418,14 @@ fn records_pruned_before_they_were_passed_on_are_named_as_a_gap() {
         .args(["--older-than", "0", "--key-file", k.key.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(
-        pruned.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&pruned.stderr)
-    );
+    assert_ok(&pruned);
     // The tail comes back, and the writer writes more.
     for i in 80..85 {
         log.emit(event(i));
     }
     log.flush();
     let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let lines = stdout_lines(&out);
     // First the gap, said; then every record left after it, the new ones among them.
     let gap: Value = serde_json::from_str(&lines[0]).unwrap();
@@ -472,12 +457,7 @@ fn a_chain_appearing_after_a_first_run_on_an_empty_log_is_passed_on_whole() {
     std::fs::create_dir(&k.dir).unwrap();
     std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let out = tail_once(&k.dir, &k.args(&[]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     write_log(&cfg(&k.dir, 1 << 20), 3, true);
     let out = tail_once(&k.dir, &k.args(&[]));
     assert_eq!(out.status.code(), Some(0));
@@ -515,12 +495,7 @@ fn the_first_position_is_the_file_of_the_verified_head() {
             .unwrap();
     }
     let out = tail_once(&k.dir, &k.args(&[]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let saved: Value = serde_json::from_slice(&std::fs::read(&k.state).unwrap()).unwrap();
     let pos = saved["chains"]
         .as_object()
@@ -567,12 +542,7 @@ fn prune_everything_it_may(k: &Keyed, archive: &Path) {
         .args(["--older-than", "0", "--key-file", k.key.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(
-        pruned.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&pruned.stderr)
-    );
+    assert_ok(&pruned);
 }
 
 /// A chain the tail had not read yet when `prune-log` moved its first files (a scheduled
@@ -588,12 +558,7 @@ fn records_pruned_before_a_chain_was_first_read_are_named_as_a_gap() {
     let archive = archive_dir(&k);
     // The first run of the job: no chain yet, its state saved.
     let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // A process starts and writes many files; the nightly prune runs before the next run.
     let log = ForensicLog::open_with_secret(&cfg(&k.dir, 4096), start(), Some(secret())).unwrap();
     for i in 0..80 {
@@ -607,12 +572,7 @@ fn records_pruned_before_a_chain_was_first_read_are_named_as_a_gap() {
     assert!(first_left > 0, "prune-log moved the chain's first files");
 
     let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let lines = stdout_lines(&out);
     let gap: Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(
@@ -659,12 +619,7 @@ fn a_chain_pruned_whole_after_its_position_has_the_rest_named_as_a_gap() {
     write_log(&cfg(&k.dir, 1 << 20), 1, true);
 
     let out = tail_once(&k.dir, &k.args(&["--allow-pruned"]));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let gaps: Vec<Value> = stdout_lines(&out)
         .iter()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
