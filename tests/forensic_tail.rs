@@ -761,3 +761,52 @@ fn a_seq_jump_without_a_manifest_is_reported_by_a_scheduled_once_job() {
          nothing passed on): {runs:?}"
     );
 }
+
+/// A pass that stops on tampering keeps what it already wrote: the records of the chains it
+/// passed on before the tampered one are not passed on again by the next run.
+#[test]
+fn records_written_before_a_tampering_stop_are_not_passed_on_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    // Two running writers: chain a (older, listed first) and chain b.
+    let a = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    a.emit(event(0));
+    a.flush();
+    std::thread::sleep(Duration::from_millis(2));
+    let b = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    b.emit(event(0));
+    b.flush();
+    assert_ok(&tail_once(&dir, &["--state", st, "--from-start"]));
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 2);
+    // a writes more; b writes more, and someone re-seals b from its first event (no key
+    // stops that): b no longer follows what was passed on.
+    for i in 1..4 {
+        a.emit(event(i));
+        b.emit(event(i));
+    }
+    a.flush();
+    b.flush();
+    forge_from(std::slice::from_ref(&files[1]), 0, 2, None, |m| {
+        m.insert("tenant_id".into(), "someone-else".into());
+    });
+    let first = tail_once(&dir, &["--state", st]);
+    let v = alert(&first);
+    assert!(v["reason"].as_str().unwrap().contains("rewritten"), "{v}");
+    let written: Vec<String> = stdout_lines(&first)
+        .into_iter()
+        .filter(|l| !l.contains("kvh_tail_log"))
+        .collect();
+    assert_eq!(written.len(), 3, "chain a's three new records: {written:?}");
+    let again = tail_once(&dir, &["--state", st]);
+    alert(&again);
+    let repeated: Vec<String> = stdout_lines(&again)
+        .into_iter()
+        .filter(|l| written.contains(l))
+        .collect();
+    assert!(repeated.is_empty(), "passed on twice: {repeated:?}");
+    std::mem::forget(a);
+    std::mem::forget(b);
+}

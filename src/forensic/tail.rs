@@ -164,7 +164,14 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 }
                 first = false;
             }
-            Err(PassError::Stop(stop)) => return Err(stop),
+            Err(PassError::Stop(stop)) => {
+                // What this pass already wrote stays written: the position moves past it, so
+                // a run after the investigation does not pass it on twice.
+                if let (Some(path), Stop::Tampered { .. }) = (&args.state, &stop) {
+                    let _ = save_state(path, &state);
+                }
+                return Err(stop);
+            }
             // The directory could not be read this time (a volume remounting, say): said
             // once, tried again at the next pass; with --once it is the run's result.
             Err(PassError::Io(e)) if !args.once => {
