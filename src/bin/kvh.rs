@@ -79,7 +79,7 @@ enum Command {
     /// --since 2026-01-01 --until 2026-07-01 > report-2026h1.md
     Evidence(EvidenceArgs),
     /// Pass on a forensic log's records as they are written, each once it verified (exit 1 on tampering).
-    #[command(long_about = TAIL_LOG_HELP)]
+    #[command(long_about = TAIL_LOG_HELP, mut_arg("json", |a| a.hide(true)))]
     TailLog(TailLogArgs),
     /// Check the metrics file an inference process exports (exit 0 ok, 1 stale or failure, 2 error).
     #[command(long_about = METRICS_HELP)]
