@@ -32,6 +32,18 @@ fn tail_once(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Exit status of `kvh verify-log DIR ARGS...`.
+fn verify_log(dir: &Path, args: &[&str]) -> Option<i32> {
+    kvh()
+        .arg("verify-log")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+        .status
+        .code()
+}
+
 /// The command exited 0 (its stderr shown when not).
 fn assert_ok(out: &Output) {
     assert_eq!(
@@ -193,16 +205,7 @@ fn records_cut_off_a_rewritten_record_and_deleted_files_are_caught() {
     // The last three records cut off: the rest still verifies on its own.
     let lines = forensic_common::read_lines(&file);
     forensic_common::write_lines(&file, &lines[..5]);
-    assert_eq!(
-        kvh()
-            .arg("verify-log")
-            .arg(&dir)
-            .output()
-            .unwrap()
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(verify_log(&dir, &[]), Some(0));
     let v = alert(&tail_once(&dir, &["--state", st]));
     assert!(
         v["reason"]
@@ -217,16 +220,7 @@ fn records_cut_off_a_rewritten_record_and_deleted_files_are_caught() {
     forge_from(std::slice::from_ref(&file), 0, 3, None, |m| {
         m.insert("tenant_id".into(), "someone-else".into());
     });
-    assert_eq!(
-        kvh()
-            .arg("verify-log")
-            .arg(&dir)
-            .output()
-            .unwrap()
-            .status
-            .code(),
-        Some(0)
-    );
+    assert_eq!(verify_log(&dir, &[]), Some(0));
     let v = alert(&tail_once(&dir, &["--state", st]));
     assert!(v["reason"].as_str().unwrap().contains("rewritten"), "{v}");
 
@@ -367,19 +361,14 @@ fn tampering_evidence_outside_the_chains_stops_the_tail() {
     for f in chain_files(&k.dir) {
         std::fs::remove_file(f).unwrap();
     }
-    let verify = kvh()
-        .arg("verify-log")
-        .arg(&k.dir)
-        .args([
-            "--key-file",
-            k.key.to_str().unwrap(),
-            "--public-key",
-            &public,
-        ])
-        .output()
-        .unwrap();
+    let keys = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--public-key",
+        &public,
+    ];
     assert_eq!(
-        verify.status.code(),
+        verify_log(&k.dir, &keys),
         Some(1),
         "verify-log calls it tampering"
     );
@@ -809,4 +798,21 @@ fn records_written_before_a_tampering_stop_are_not_passed_on_twice() {
     assert!(repeated.is_empty(), "passed on twice: {repeated:?}");
     std::mem::forget(a);
     std::mem::forget(b);
+}
+
+/// A state file that cannot be written (its directory gone) is an error naming it, exit 2:
+/// a tail that could not remember where it was would pass records on twice.
+#[test]
+fn a_state_file_that_cannot_be_written_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 1, false);
+    let state = tmp.path().join("gone").join("tail.json");
+    let out = tail_once(&dir, &["--state", state.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--state") && err.contains("tail.json"),
+        "{err}"
+    );
 }

@@ -6,6 +6,7 @@ Tests that need the built library skip unless KVH_LIBRARY names it, e.g.
     KVH_LIBRARY=$PWD/target/release/libkvhygiene.so python3 -m pytest python/tests
 """
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -421,25 +422,35 @@ def test_install_with_another_path_than_the_loaded_library_is_refused(fresh, tmp
     assert state["changed"] is None and not kvhygiene.installed()
 
 
+_CACHE_BYTES = 2 * 8 * 128
+
+
+@contextlib.contextmanager
+def _cache(fill: int = 0x7E):
+    """A KV cache of 2 regions of 8 blocks of 128 bytes, allocated through kvhygiene and
+    filled with ``fill``; freed, and its scrub waited for, on the way out."""
+    lib = kvhygiene.load()
+    p = lib.kvh_malloc(_CACHE_BYTES, 0, None)
+    ctypes.memset(p, fill, _CACHE_BYTES)
+    try:
+        yield p
+    finally:
+        lib.kvh_free(p, _CACHE_BYTES, 0, None)
+        kvhygiene.synchronize()
+
+
 @needs_lib
 def test_block_ids_that_are_not_integers_are_refused():
     # A float (2.9 is not block 2), a string or a bool (a mask passed by mistake would name
     # blocks 1 and 0) is refused before anything is scrubbed or claimed.
-    lib = kvhygiene.load()
-    size = 2 * 8 * 128
-    p = lib.kvh_malloc(size, 0, None)
-    ctypes.memset(p, 0x7E, size)
-    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
-    try:
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
         for bad in ([2.9], ["4"], [True]):
             with pytest.raises((TypeError, ValueError)):
                 kvhygiene.scrub_blocks(layout, bad)
             with pytest.raises((TypeError, ValueError)):
                 kvhygiene.claim_blocks(layout, bad)
-        assert ctypes.string_at(p, size) == b"\x7e" * size, "a block was scrubbed for a non-integer id"
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+        assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "a block was scrubbed for a non-integer id"
 
 
 @needs_lib
@@ -447,45 +458,34 @@ def test_layers_sharing_one_cache_tensor_give_a_usable_layout():
     # vLLM binds one cache tensor to several layers (cross-layer KV sharing: the runner's
     # kv_caches list holds the same tensor twice). Its regions count once, or the library
     # would refuse every call (regions overlap).
-    lib = kvhygiene.load()
-    size = 2 * 8 * 128
-    p = lib.kvh_malloc(size, 0, None)
-    ctypes.memset(p, 0x7E, size)
-    t = _FakeTensor(p, (2, 8, 16, 4))
-    try:
+    with _cache() as p:
+        t = _FakeTensor(p, (2, 8, 16, 4))
         layout = kvhygiene.KvLayout.from_tensors([t, t], block_dim=1)
         kvhygiene.scrub_blocks(layout, [3])
         assert ctypes.string_at(p + 3 * 128, 128) == bytes(128)
         assert ctypes.string_at(p + 11 * 128, 128) == bytes(128)
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
 
 
 @needs_lib
 def test_a_context_left_out_of_order_keeps_the_one_still_open():
     # Two contexts open in one thread (interleaved generators, a context held by an object):
     # when the outer one is left first, the inner one is still open and its ids stay.
-    lib = kvhygiene.load()
-    size = 2 * 8 * 128
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
-    a = kvhygiene.context(tenant_id="t", request_id="r-a")
-    b = kvhygiene.context(tenant_id="t", request_id="r-b")
-    try:
-        a.__enter__()
-        b.__enter__()
-        kvhygiene.claim_blocks(layout, [1])  # r-b's block
-        ctypes.memset(p + 128, 0x42, 128)  # r-b's keys
-        a.__exit__(None, None, None)
-        kvhygiene.claim_blocks(layout, [1])  # still inside b: its own block, kept
-        assert ctypes.string_at(p + 128, 128) == b"\x42" * 128, "the thread's ids became r-a's inside r-b"
-        b.__exit__(None, None, None)
-    finally:
-        kvhygiene._local.stack = []
-        lib.kvh_clear_context()
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        a = kvhygiene.context(tenant_id="t", request_id="r-a")
+        b = kvhygiene.context(tenant_id="t", request_id="r-b")
+        try:
+            a.__enter__()
+            b.__enter__()
+            kvhygiene.claim_blocks(layout, [1])  # r-b's block
+            ctypes.memset(p + 128, 0x42, 128)  # r-b's keys
+            a.__exit__(None, None, None)
+            kvhygiene.claim_blocks(layout, [1])  # still inside b: its own block, kept
+            assert ctypes.string_at(p + 128, 128) == b"\x42" * 128, "the thread's ids became r-a's inside r-b"
+            b.__exit__(None, None, None)
+        finally:
+            kvhygiene._local.stack = []
+            kvhygiene.load().kvh_clear_context()
 
 
 

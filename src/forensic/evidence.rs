@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
 use super::period::{self, Period};
+use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, Pruned, Report};
 use crate::config::Config;
 
@@ -343,7 +344,7 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     let approved = approved_digests(&args.approved_config)?;
     let mut ev = Evidence {
         log_dir: dir.display().to_string(),
-        generated_at: rfc3339(now_ns()),
+        generated_at: rfc3339(unix_nanos(std::time::SystemTime::now())),
         generator: format!("kvh {}", env!("CARGO_PKG_VERSION")),
         integrity: integrity(&report),
         ..Evidence::default()
@@ -378,7 +379,12 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         .zip(tally.last_ts)
         .map(|(a, b)| (rfc3339(a), rfc3339(b)));
     if period.is_set() {
-        ev.audit_period = Some(coverage(args, tally, &ev.integrity, now_ns()));
+        ev.audit_period = Some(coverage(
+            args,
+            tally,
+            &ev.integrity,
+            unix_nanos(std::time::SystemTime::now()),
+        ));
     }
     if !approved.is_empty() {
         ev.policy = Some(check_policies(&ev.processes, approved));
@@ -966,12 +972,6 @@ fn detail(record: &Map<String, Value>) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Text from the log made safe for one Markdown table cell or list line: control characters

@@ -29,6 +29,7 @@ use super::files;
 use super::keys::EpochKey;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
+use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
 /// `kvh tail-log`: arguments.
@@ -103,7 +104,7 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
                 "kvh_tail_log": "tampering",
                 "chain": chain,
                 "reason": reason,
-                "at": rfc3339(now_ns()),
+                "at": rfc3339(unix_nanos(std::time::SystemTime::now())),
             });
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{alert}").and_then(|()| out.flush());
@@ -595,7 +596,11 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{}", std::process::id(), now_ns()));
+    let tmp = path.with_file_name(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        unix_nanos(std::time::SystemTime::now())
+    ));
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -609,12 +614,6 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
         return Err(err(e));
     }
     Ok(())
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[cfg(test)]
