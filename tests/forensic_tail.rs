@@ -816,3 +816,167 @@ fn a_state_file_that_cannot_be_written_is_a_usage_error() {
         "{err}"
     );
 }
+
+/// A running `kvh tail-log DIR ARGS...` whose stdout lines arrive on a channel.
+struct Running {
+    child: std::process::Child,
+    stderr: BufReader<std::process::ChildStderr>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_tail(dir: &Path, args: &[&str]) -> Running {
+    let mut child = kvh()
+        .arg("tail-log")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    Running {
+        child,
+        stderr,
+        lines,
+    }
+}
+
+impl Running {
+    /// The next line the tail says on stderr.
+    fn said(&mut self) -> String {
+        let mut line = String::new();
+        self.stderr.read_line(&mut line).unwrap();
+        line
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Exit status, within 30 s (the child is killed after that, and the test fails).
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("the tail did not exit within 30 s");
+    }
+
+    /// Every stdout line written, once stdout is closed.
+    fn output(self) -> Vec<String> {
+        self.lines.iter().collect()
+    }
+}
+
+#[test]
+fn sigterm_ends_the_tail_after_a_last_pass_over_what_was_written_until_then() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    // An hour between passes: only the signal can make the tail read again.
+    let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "3600"]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    tail.signal(libc::SIGTERM);
+    assert_eq!(tail.exit_code(), Some(0), "a stopped tail exits 0");
+    let written = log_lines(&k.dir);
+    assert_eq!(
+        tail.output(),
+        written[2..5].to_vec(),
+        "the records written before the signal"
+    );
+    // The position was saved: a restarted tail passes on only what came after.
+    log.emit(event(4));
+    log.flush();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_ok(&out);
+    assert_eq!(stdout_lines(&out), log_lines(&k.dir)[5..6].to_vec());
+    log.stop();
+}
+
+#[test]
+fn a_tail_started_before_its_log_directory_passes_its_chains_on_whole() {
+    let k = keyed();
+    let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "1"]));
+    let said = tail.said();
+    assert!(said.contains("does not exist yet"), "{said}");
+    assert!(
+        k.state.is_file(),
+        "the state is saved before the tail waits"
+    );
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // Every record from the chain's first, though the first pass found them already written.
+    let written = log_lines(&k.dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < written.len() && Instant::now() < deadline {
+        if let Ok(line) = tail.lines.recv_timeout(Duration::from_millis(200)) {
+            got.push(line);
+        }
+    }
+    assert_eq!(got, written, "the chain whole, from its start record");
+    tail.signal(libc::SIGINT);
+    assert_eq!(tail.exit_code(), Some(0));
+    log.stop();
+}
+
+#[test]
+fn a_tail_stopped_while_waiting_for_its_directory_exits_0_and_remembers_it_started_first() {
+    let k = keyed();
+    let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "3600"]));
+    let said = tail.said();
+    assert!(said.contains("does not exist yet"), "{said}");
+    tail.signal(libc::SIGTERM);
+    assert_eq!(tail.exit_code(), Some(0));
+    assert!(tail.output().is_empty());
+    // The state says the tail started before the directory existed: the next run passes
+    // the chains on whole, from their start records.
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.stop();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_ok(&out);
+    assert_eq!(stdout_lines(&out), log_lines(&k.dir));
+}
+
+#[test]
+fn a_directory_gone_after_chains_were_passed_on_is_an_error_not_waited_for() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.stop();
+    assert_ok(&tail_once(&k.dir, &k.args(&[])));
+    std::fs::rename(&k.dir, k.dir.with_extension("moved")).unwrap();
+    let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "3600"]));
+    assert_eq!(tail.exit_code(), Some(2), "{}", tail.said());
+    // Once too, as before.
+    assert_eq!(tail_once(&k.dir, &k.args(&[])).status.code(), Some(2));
+}

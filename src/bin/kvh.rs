@@ -161,7 +161,11 @@ With --state FILE a restarted tail goes on where it stopped. Where prune-log run
 --allow-pruned (with --key-file), or the first prune reads as files gone; records it moved \
 before they were passed on are named by a {\"kvh_tail_log\": \"gap\", ...} line.
 
-Exit status: runs until killed; 0 after --once; 1 tampering; 2 usage or I/O error.
+A log directory that does not exist yet is waited for, and its chains are then passed on \
+from their first records. SIGTERM or SIGINT ends the tail after one more pass over what was \
+written until then (a second one ends it at once).
+
+Exit status: 0 after --once or a SIGTERM/SIGINT; 1 tampering; 2 usage or I/O error.
 
 Examples:
   kvh tail-log /var/log/kvh/chains --key-file hmac.key --state /var/lib/kvh/tail.json | shipper

@@ -14,10 +14,17 @@
 //! rolled back to an earlier copy) and a chain whose files are gone. Either, like a chain that
 //! no longer verifies, is reported on stderr and as a JSON line on stdout, and ends the tail
 //! with exit status 1.
+//!
+//! A tail runs beside the writers, so it is started before them and stopped after them: it
+//! waits for a log directory that does not exist yet (every chain then appears later and is
+//! passed on whole), and SIGTERM or SIGINT ends it after one more pass, so that the records
+//! written while the server shut down are passed on too.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read as _, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +58,7 @@ pub struct TailLogArgs {
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
+    /// Without it the tail runs until SIGTERM or SIGINT, which end it after one more pass.
     #[arg(long)]
     pub once: bool,
     /// Pass on only security records (the exceptions `kvh evidence` lists), not every record.
@@ -123,20 +131,51 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             "--json: tail-log always writes JSON lines (the records themselves)".into(),
         ));
     }
-    let mut opts = options(&args.log).map_err(Stop::Error)?;
-    // One line per pass is said below; the verifier's own progress would repeat every pass.
-    opts.progress = false;
     let saved = match &args.state {
         Some(path) => load_state(path).map_err(Stop::Error)?,
         None => None,
     };
+    let stop = if args.once {
+        // A scheduled pass keeps the signals' default action: killed is killed.
+        None
+    } else {
+        Some(stop_on_signals().map_err(Stop::Error)?)
+    };
+    // A directory that does not exist yet is waited for, unless the state says chains were
+    // passed on from it: a directory that held them and is gone is not "not yet".
+    let mut appeared_later = false;
+    if let Some(stop) = &stop {
+        if saved.as_ref().is_none_or(|s| s.chains.is_empty()) && dir_missing(&args.log.dir) {
+            // Saved before waiting: every chain of the directory will be new, and a restarted
+            // tail must know it too. The file's presence also says the tail has started (a
+            // start-up probe can wait for it before the writers start).
+            if let Some(path) = &args.state {
+                save_state(path, &State::default()).map_err(Stop::Error)?;
+            }
+            wait_for_dir(&args.log.dir, args.interval, stop);
+            if dir_missing(&args.log.dir) {
+                // Stopped before it appeared: nothing was written, nothing to pass on.
+                return Ok(());
+            }
+            // Stopped or not, the first pass passes on what is there (a stop makes it the
+            // last one).
+            appeared_later = true;
+        }
+    }
+    let mut opts = options(&args.log).map_err(Stop::Error)?;
+    // One line per pass is said below; the verifier's own progress would repeat every pass.
+    opts.progress = false;
     let resumed = saved.is_some();
     let mut state = saved.unwrap_or_default();
     // The first pass: from the state, from the start, or from the heads (nothing passed on).
-    let mut skip_existing = !resumed && !args.from_start;
+    // Chains in a directory that appeared after the start are all new: passed on whole.
+    let mut skip_existing = !resumed && !args.from_start && !appeared_later;
     let mut first = true;
     let mut said_error: Option<String> = None;
     loop {
+        // Asked to stop before this pass began: it is the last one, and it passes on every
+        // record written up to the signal.
+        let last = stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         let how = Pass {
             opts: &opts,
             skip_existing,
@@ -174,8 +213,9 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 return Err(stop);
             }
             // The directory could not be read this time (a volume remounting, say): said
-            // once, tried again at the next pass; with --once it is the run's result.
-            Err(PassError::Io(e)) if !args.once => {
+            // once, tried again at the next pass; with --once, or in the last pass, it is
+            // the run's result.
+            Err(PassError::Io(e)) if !args.once && !last => {
                 if said_error.as_deref() != Some(e.as_str()) {
                     eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
                     said_error = Some(e);
@@ -183,10 +223,58 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             }
             Err(PassError::Io(e)) => return Err(Stop::Error(e)),
         }
-        if args.once {
-            return Ok(());
+        match &stop {
+            Some(stop) if !last => sleep_unless_stopped(Duration::from_secs(args.interval), stop),
+            _ => return Ok(()),
         }
-        std::thread::sleep(Duration::from_secs(args.interval));
+    }
+}
+
+/// Makes SIGTERM and SIGINT set the returned flag, which ends the tail after one more pass; a
+/// second one ends the process at once, with the shell's status for that signal (128 + its
+/// number), in case the last pass hangs on a stuck volume.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // The order matters: the shutdown action, registered first, sees the flag the first
+        // signal set only from the second signal on.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, Arc::clone(&flag))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&flag)))
+            .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
+    }
+    Ok(flag)
+}
+
+/// How often a sleeping tail looks at the stop flag: a stop is served within this time.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Sleeps `total`, or less once `stop` is set.
+fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
+    let mut left = total;
+    while !left.is_zero() && !stop.load(Ordering::SeqCst) {
+        let step = left.min(STOP_POLL);
+        std::thread::sleep(step);
+        left -= step;
+    }
+}
+
+/// Whether `dir` does not exist (other failures to look at it are `options`' to report).
+fn dir_missing(dir: &Path) -> bool {
+    matches!(std::fs::symlink_metadata(dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Waits for the missing `dir` to exist, looking every `interval` seconds, or until `stop` is
+/// set: a tail started beside a server starts before the server's first record creates the
+/// directory.
+fn wait_for_dir(dir: &Path, interval: u64, stop: &AtomicBool) {
+    eprintln!(
+        "kvh tail-log: log directory {} does not exist yet: waiting for it (looking every {interval} s); \
+         its chains will be passed on from their first record",
+        dir.display()
+    );
+    while dir_missing(dir) && !stop.load(Ordering::SeqCst) {
+        sleep_unless_stopped(Duration::from_secs(interval), stop);
     }
 }
 

@@ -26,8 +26,10 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,12 @@ def containers(spec: dict) -> list:
     return [("initContainer", c) for c in spec.get("initContainers", [])] + [
         ("container", c) for c in spec["containers"]
     ]
+
+
+def install_container(spec: dict) -> dict:
+    """The pod's init container that runs to completion (not a native sidecar)."""
+    (c,) = [c for c in spec["initContainers"] if c.get("restartPolicy") != "Always"]
+    return c
 
 
 def is_kvh_image(image: str) -> bool:
@@ -218,7 +226,9 @@ def shell_commands(script: str) -> list:
 def kvh_argvs(argv: list) -> list:
     """Every kvh invocation in an argv: itself, or the commands of a `sh -c` script."""
     if len(argv) >= 3 and Path(argv[0]).name in ("sh", "bash") and argv[1] == "-c":
-        return [cmd[1:] for cmd in shell_commands(argv[2]) if Path(cmd[0]).name == "kvh"]
+        # `exec kvh ...` runs kvh too.
+        commands = [cmd[1:] if cmd[0] == "exec" else cmd for cmd in shell_commands(argv[2])]
+        return [cmd[1:] for cmd in commands if cmd and Path(cmd[0]).name == "kvh"]
     return [argv[1:]] if argv and Path(argv[0]).name == "kvh" else []
 
 
@@ -714,12 +724,9 @@ def run_in(cmd: list, env: dict, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory):
-    """Runs the Deployment's init container and a process with its server's environment, which
-    allocates through the LD_PRELOAD library and exits (writing the metrics file and the
-    log's stop record). Returns what the tests need."""
-    root = tmp_path_factory.mktemp("pod")
+def installed_pod(root: Path):
+    """The Deployment's pod under `root`, with keys made by hand in its Secret, after its
+    install init container ran: (files, label, spec)."""
     keys = root / "made-by-hand"
     keys.mkdir(mode=0o700)
     (keys / "hmac.key").write_text(secrets.token_hex(32) + "\n")
@@ -728,13 +735,21 @@ def pod(tmp_path_factory):
     documented = documented_secrets()["kvhygiene-forensic-keys"]
     data = {"kvhygiene-forensic-keys": {k: (keys / k).read_bytes() for k in documented}}
     files = PodFiles(root, data)
-
     label, spec = "deployment/inference-server", dict(pod_specs())["deployment/inference-server"]
-    (init,) = spec["initContainers"]
+    init = install_container(spec)
     remap = files.mapper(label, spec, init)
     r = run_in([remap(a) for a in container_argv(init)], files.env(init, remap))
     assert r.returncode == 0, f"init container {init['name']} failed: {r.stdout}{r.stderr}"
+    return files, label, spec
 
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    """Runs the Deployment's init container and a process with its server's environment, which
+    allocates through the LD_PRELOAD library and exits (writing the metrics file and the
+    log's stop record). Returns what the tests need."""
+    root = tmp_path_factory.mktemp("pod")
+    files, label, spec = installed_pod(root)
     server = server_container()
     remap = files.mapper(label, spec, server)
     env = files.env(server, remap)
@@ -797,7 +812,7 @@ def test_configmap_policy_is_accepted_by_kvh(pod):
 
 def test_the_init_container_checks_the_policy_the_server_gets():
     spec = dict(pod_specs())["deployment/inference-server"]
-    (init,) = spec["initContainers"]
+    init = install_container(spec)
     script = " ".join(container_argv(init))
     assert "kvh config --strict" in script, script
 
@@ -820,6 +835,84 @@ def test_configmap_policy_weakens_no_control(pod):
     r = run_in([kvh_binary(), "config", "--strict"], pod["env"])
     assert r.returncode == 0, f"kvh config --strict under the server's environment: {r.stdout}{r.stderr}"
     assert "weakened controls: none" in r.stdout, r.stdout
+
+
+def tail_sidecar(spec: dict) -> dict:
+    (c,) = [c for c in spec["initContainers"] if c["name"] == "kvh-tail"]
+    return c
+
+
+def test_tail_sidecar_is_native_and_its_start_up_probe_waits_for_its_state():
+    spec = dict(pod_specs())["deployment/inference-server"]
+    tail = tail_sidecar(spec)
+    # Started before the server and stopped after it: a native sidecar, after the install.
+    assert tail.get("restartPolicy") == "Always"
+    assert spec["initContainers"].index(tail) > spec["initContainers"].index(install_container(spec))
+    (argv,) = kvh_argvs(container_argv(tail))
+    assert argv[0] == "tail-log" and "--once" not in argv, argv
+    state = argv[argv.index("--state") + 1]
+    assert tail["startupProbe"]["exec"]["command"] == ["test", "-f", state]
+    assert all(e["name"] != "KVH_LOG_DIR" for e in server_container().get("env", []))
+    log_dir = the("ConfigMap", "kvhygiene-policy")["data"]["KVH_LOG_DIR"]
+    assert argv[1] == log_dir, "the tail reads the directory the server writes"
+    mounts = {m["name"]: m for m in tail["volumeMounts"]}
+    assert mounts["kvh-log"].get("readOnly") is True, "the tail cannot alter the evidence"
+    # The state survives a restart of the container: not on its read-only root.
+    assert any(state.startswith(m["mountPath"].rstrip("/") + "/") for m in tail["volumeMounts"] if not m.get("readOnly"))
+
+
+ENGINE_DOUBLE_FREE = """
+import ctypes
+lib = ctypes.CDLL(None)
+lib.kvh_malloc.restype = ctypes.c_void_p
+lib.kvh_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+lib.kvh_free.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+lib.kvh_set_context(b"tenant-b", b"req-7", b"model")
+p = lib.kvh_malloc(4096, 0, None)
+assert p, "kvh_malloc failed"
+lib.kvh_free(p, 4096, 0, None)
+lib.kvh_free(p, 4096, 0, None)  # a double free: a security record
+assert lib.kvh_synchronize() == 0
+print("engine ok")
+"""
+
+
+def test_tail_sidecar_ships_the_servers_security_records_and_stops_after_a_last_pass(tmp_path):
+    # The pod's order: install, then the tail (before the log directory exists), its start-up
+    # probe, then the server; at the end the server exits first and the tail gets SIGTERM.
+    files, label, spec = installed_pod(tmp_path)
+    tail = tail_sidecar(spec)
+    remap = files.mapper(label, spec, tail)
+    env = files.env(tail, remap)
+    probe = [remap(a) for a in tail["startupProbe"]["exec"]["command"]]
+    err_path = tmp_path / "kvh-tail.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [remap(a) for a in container_argv(tail)], env=env, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while run_in(probe, env).returncode != 0:
+            assert proc.poll() is None, f"the tail exited {proc.returncode}: {err_path.read_text()}"
+            assert time.monotonic() < deadline, f"start-up probe never passed: {err_path.read_text()}"
+            time.sleep(0.1)
+        assert "does not exist yet" in err_path.read_text()
+
+        server = server_container()
+        server_remap = files.mapper(label, spec, server)
+        engine = run_in(["python3", "-c", ENGINE_DOUBLE_FREE], {**files.env(server, server_remap), "KVH_BACKEND": "host"})
+        assert engine.returncode == 0, f"{engine.stdout}{engine.stderr}"
+
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err_path.read_text()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["kind"] for r in records] == ["invalid_free"], records
+    assert (records[0]["tenant_id"], records[0]["request_id"]) == ("tenant-b", "req-7")
 
 
 @pytest.mark.parametrize("probe", PROBES)
