@@ -257,3 +257,76 @@ fn text_report_says_when_no_checkpoint_was_checked() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("no checkpoint"), "{stdout}");
 }
+
+const BIG_RECORD_CHILD: &str = "KVH_FORENSIC_BIG_RECORD_CHILD_DIR";
+
+/// In the child (re-executed test binary): with the smallest rotation size, writes a record
+/// larger than a whole file, then stops the log and exits 0. In a normal test run it returns
+/// at once.
+#[test]
+fn big_record_child_entry() {
+    let Some(dir) = std::env::var_os(BIG_RECORD_CHILD) else {
+        return;
+    };
+    let log = ForensicLog::open_with_secret(
+        &cfg(std::path::Path::new(&dir), 4096),
+        start(),
+        Some(secret()),
+    )
+    .unwrap();
+    log.emit(event(0));
+    log.record_anomaly(json!({"note": "x".repeat(6000)}));
+    log.emit(event(1));
+    log.stop();
+    std::process::exit(0);
+}
+
+/// A record larger than `KVH_LOG_MAX_BYTES` (a caller's anomaly detail, a `kv_scrub` record
+/// naming many blocks) is written once, in a file of its own after one rotation; the writer
+/// goes on, and the chain verifies.
+#[test]
+fn a_record_larger_than_the_rotation_size_is_written_in_a_file_of_its_own() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "big_record_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(BIG_RECORD_CHILD, &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let files = chain_files(&dir);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the writer did not survive a record larger than a file: {status:?}, {} files",
+        files.len()
+    );
+    assert!(files.len() <= 3, "{} files", files.len());
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert!(text.contains(&"x".repeat(6000)));
+    assert!(text.contains("\"request_id\":\"req-1\""));
+    assert!(text.contains("\"kind\":\"stop\""));
+}

@@ -17,7 +17,10 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
+use super::files;
 use super::period::{self, Period};
+use super::record::{chain_hash_open, hex, parse_hash};
+use super::scan::scan;
 use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, Pruned, Report};
 use crate::config::Config;
@@ -362,15 +365,21 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
             continue;
         };
         let mut state = ChainState::new(&chain.chain);
+        let mut held = HeldToHead::default();
         for (_, path) in list {
-            read_file(path, &mut |line, record| {
+            read_file(path, &mut |line, bytes, record| {
                 let seq = record.get("seq").and_then(Value::as_u64);
                 if seq.is_some_and(|s| s <= last_seq) {
+                    held.follow(bytes)
+                        .map_err(|e| format!("{}:{line}: {e}", path.display()))?;
                     let at = (path.as_path(), line);
                     tally.add(&mut ev, &mut state, at, record, args.max_exceptions);
                 }
+                Ok(())
             })?;
         }
+        held.at(chain.last_hash.as_deref())
+            .map_err(|e| format!("chain {}: {e}", chain.chain))?;
         state.finish_run(&mut ev, &mut tally);
     }
     ev.tenants = tally.tenants.len() as u64;
@@ -516,7 +525,9 @@ fn check_policies(processes: &[Process], approved: Vec<String>) -> PolicyCheck {
 
 /// Chains whose verification differs between two runs: records, last seq, files or verdict.
 fn changed_chains(before: &Report, after: &Report) -> Vec<String> {
-    let key = |c: &super::verify::ChainReport| (c.records, c.last_seq, c.files, c.ok());
+    let key = |c: &super::verify::ChainReport| {
+        (c.records, c.last_seq, c.last_hash.clone(), c.files, c.ok())
+    };
     before
         .chains
         .iter()
@@ -655,11 +666,62 @@ fn late_retired_key(r: &Report) -> Vec<String> {
     out
 }
 
-/// Calls `f(line number, record)` for every complete line of a verified chain file. A torn
-/// last line (no newline: the writer crashed) was reported by the verification and is skipped.
-fn read_file(path: &Path, f: &mut dyn FnMut(u64, &Map<String, Value>)) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut reader = std::io::BufReader::new(file);
+/// The records a report counts, held to the chain the verification reached: each record's
+/// hash is computed again from its bytes and the one before, and the last must be the
+/// verified head. A file swapped between the verification and the reading (and put back
+/// before the second verification) therefore cannot feed the figures.
+#[derive(Default)]
+struct HeldToHead {
+    prev: Option<[u8; 32]>,
+}
+
+impl HeldToHead {
+    /// Takes the next record of the chain (its line without the newline).
+    fn follow(&mut self, line: &[u8]) -> Result<(), &'static str> {
+        const CHANGED: &str =
+            "the record is not the one verified; the file changed after verification";
+        let r = scan(line).map_err(|_| CHANGED)?;
+        // The first record read links to what came before it (records `prune-log` moved, or
+        // the genesis hash); its own hash is held by the next record's link, the last's by
+        // the verified head.
+        let prior = match self.prev {
+            Some(h) => h,
+            None => r.prev.and_then(parse_hash).ok_or(CHANGED)?,
+        };
+        let hash = chain_hash_open(&prior, r.body_open);
+        if r.hash != hex(&hash) {
+            return Err(CHANGED);
+        }
+        self.prev = Some(hash);
+        Ok(())
+    }
+
+    /// Whether the last record taken is the verified head (`None`: the chain had none).
+    fn at(&self, head: Option<&str>) -> Result<(), String> {
+        if self.prev.map(|h| hex(&h)).as_deref() == head {
+            Ok(())
+        } else {
+            Err(
+                "the records read do not end at the verified head; the files changed after \
+                 verification"
+                    .into(),
+            )
+        }
+    }
+}
+
+/// What [`read_file`] calls with each line: its number, its bytes and its record.
+type LineVisitor<'a> = dyn FnMut(u64, &[u8], &Map<String, Value>) -> Result<(), String> + 'a;
+
+/// Calls `f(line number, line without its newline, record)` for every complete line of a
+/// verified chain file, until `f` fails. A torn last line (no newline: the writer crashed)
+/// was reported by the verification and is skipped. Opened as the verifier opens files (no
+/// symlink followed, no FIFO waited for, a regular file of bounded size), so a file planted
+/// after the verification can neither hold the report up nor be read in place of the chain's.
+fn read_file(path: &Path, f: &mut LineVisitor<'_>) -> Result<(), String> {
+    let (file, _) = files::open_regular(path, files::MAX_READ_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut reader = std::io::BufReader::new(std::io::Read::take(file, files::MAX_READ_BYTES));
     let mut buf = Vec::new();
     let mut line = 0;
     loop {
@@ -673,7 +735,7 @@ fn read_file(path: &Path, f: &mut dyn FnMut(u64, &Map<String, Value>)) -> Result
         line += 1;
         // The verification parsed every line; one that does not parse now changed since.
         match serde_json::from_slice::<Value>(&buf) {
-            Ok(Value::Object(record)) => f(line, &record),
+            Ok(Value::Object(record)) => f(line, &buf[..buf.len() - 1], &record)?,
             _ => {
                 return Err(format!(
                     "{}:{line}: not a JSON record; the file changed after verification",
@@ -983,7 +1045,9 @@ fn cell(text: &str) -> String {
     for c in text.chars() {
         match c {
             c if c.is_control() => out.push(' '),
-            '\\' | '|' | '`' | '<' | '[' | '*' => {
+            // Not `_`: ids and kinds are snake_case, and an underscore inside a word makes
+            // no emphasis.
+            '\\' | '|' | '`' | '<' | '[' | '*' | '~' | '&' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -1430,13 +1494,133 @@ mod tests {
         let path = dir.path().join("kvh-x-000000.jsonl");
         std::fs::write(&path, "{\"seq\":0}\n{\"seq\":1}\n{\"seq\":2").unwrap();
         let mut seen = Vec::new();
-        read_file(&path, &mut |line, _| seen.push(line)).unwrap();
+        read_file(&path, &mut |line, _, _| {
+            seen.push(line);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(seen, vec![1, 2], "the torn third line is not read");
         std::fs::write(&path, "{\"seq\":0}\nnot json\n").unwrap();
-        let e = read_file(&path, &mut |_, _| {}).unwrap_err();
+        let e = read_file(&path, &mut |_, _, _| Ok(())).unwrap_err();
         assert!(
             e.ends_with(":2: not a JSON record; the file changed after verification"),
             "{e}"
+        );
+    }
+
+    /// Two verified chains, each stopped after its start record, as (lines, head hash).
+    fn two_chains(dir: &Path) -> Vec<(Vec<Vec<u8>>, String)> {
+        use crate::config::FsyncPolicy;
+        use crate::forensic::{ForensicLog, StartInfo};
+        let cfg = crate::config::LogConfig {
+            dir: Some(dir.to_path_buf()),
+            fsync: FsyncPolicy::Never,
+            summary_interval_ms: 0,
+            checkpoint_every_records: 0,
+            checkpoint_interval_ms: 0,
+            ..Config::default().log
+        };
+        for _ in 0..2 {
+            let start = StartInfo::current(Config::default().canonical_json());
+            ForensicLog::open_with_secret(&cfg, start, None)
+                .unwrap()
+                .stop();
+        }
+        let opts = verify::VerifyOptions::default();
+        let report = verify_all(dir, &opts).unwrap();
+        assert!(report.ok() && report.chains.len() == 2, "{report:?}");
+        let files = verify::list_all(dir, &opts).unwrap();
+        report
+            .chains
+            .iter()
+            .map(|c| {
+                let (_, list) = files.iter().find(|(id, _)| *id == c.chain).unwrap();
+                let text = std::fs::read(&list[0].1).unwrap();
+                let lines = text.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+                (
+                    lines.map(<[u8]>::to_vec).collect(),
+                    c.last_hash.clone().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_records_of_the_verified_chain_are_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chains = two_chains(&tmp.path().join("log"));
+        let (lines, head) = &chains[0];
+        let mut held = HeldToHead::default();
+        for l in lines {
+            held.follow(l).unwrap();
+        }
+        assert_eq!(held.at(Some(head)), Ok(()));
+        // Another chain's records, each well formed and linked, in place of this one's.
+        let (other, _) = &chains[1];
+        let mut held = HeldToHead::default();
+        for l in other {
+            held.follow(l).unwrap();
+        }
+        assert!(
+            held.at(Some(head)).is_err(),
+            "a swapped file ends elsewhere"
+        );
+        // A record edited (its hash no longer its bytes'), or records left out.
+        let edited = String::from_utf8(lines[0].clone())
+            .unwrap()
+            .replace("\"start\"", "\"stert\"");
+        assert!(HeldToHead::default().follow(edited.as_bytes()).is_err());
+        let mut held = HeldToHead::default();
+        held.follow(&lines[0]).unwrap();
+        assert!(
+            held.at(Some(head)).is_err(),
+            "the chain read stops short of its head"
+        );
+        assert!(
+            HeldToHead::default().at(None).is_ok(),
+            "a chain without records"
+        );
+    }
+
+    /// A FIFO planted at a chain file name after the verification and before the reading:
+    /// the reading opens files as the verifier opens them (no FIFO waited for, regular files
+    /// only), so the report is not held up for ever, nor fed by whoever writes to the FIFO.
+    #[test]
+    fn a_fifo_planted_after_the_verification_does_not_hang_the_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh-p1-t2-000000.jsonl");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = read_file(&path, &mut |_, _, _| Ok(()));
+            let _ = tx.send(read.is_err());
+        });
+        let refused = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the reading of a verified chain blocked opening a FIFO at a chain file name");
+        assert!(refused, "a FIFO was read as a chain file");
+    }
+
+    /// A symlink planted at a chain file name after the verification (to another file of
+    /// records): the verifier never follows one, and the reading does not either, so no
+    /// figure comes from records that were not verified.
+    #[test]
+    fn a_symlink_planted_after_the_verification_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.jsonl");
+        std::fs::write(&elsewhere, "{\"seq\":0}\n{\"seq\":1}\n").unwrap();
+        let path = dir.path().join("kvh-p1-t2-000000.jsonl");
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let mut seen = Vec::new();
+        let read = read_file(&path, &mut |line, _, _| {
+            seen.push(line);
+            Ok(())
+        });
+        assert!(
+            read.is_err() && seen.is_empty(),
+            "records read through a symlink at a chain file name: {seen:?}"
         );
     }
 
@@ -1448,6 +1632,8 @@ mod tests {
             "\\[x](y) \\<b> \\*z\\* \\`q\\` \\\\"
         );
         assert_eq!(cell("kv_verify_failed"), "kv_verify_failed");
+        // Strike-through and character references.
+        assert_eq!(cell("~~t~~ &lt;"), "\\~\\~t\\~\\~ \\&lt;");
     }
 
     #[test]

@@ -228,6 +228,13 @@ fn last_record(bytes: &[u8]) -> Option<Tail> {
     Some(Tail { record, seq, hash })
 }
 
+/// The furthest a writer ratchets its key to continue a chain: 2^20 epochs, one HMAC each
+/// (a fraction of a second in an optimised build). A chain file named with a larger index (4 GiB of one chain at the
+/// smallest rotation size, 64 TiB at the default) is not continued, so a file planted with
+/// an index near 2^64 cannot hold the writer's start-up in the ratchet for days; the
+/// writer starts a chain of its own instead.
+const MAX_ADOPTED_EPOCH: u64 = 1 << 20;
+
 /// A chain is continued only if it is not closed and its last MAC matches our key at that
 /// record's epoch (or neither side uses a key): one writer never mixes secrets in a chain.
 fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
@@ -241,7 +248,7 @@ fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
         .and_then(parse_hash);
     match (key, mac, hash) {
         (None, None, _) => true,
-        (Some(k), Some(m), Some(h)) if k.epoch() <= index => {
+        (Some(k), Some(m), Some(h)) if k.epoch() <= index && index <= MAX_ADOPTED_EPOCH => {
             // Check with a scratch copy of the ratchet state: if the MAC does not match we
             // must keep our epoch-0 key for a fresh chain.
             let mut probe = k.clone_for_probe();
@@ -249,5 +256,30 @@ fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
             super::record::hex(&mac_of(&probe, &h)) == m
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record of a chain file named with a far index: its MAC is not checked (nor the key
+    /// ratcheted towards it), so an open of the log is not held up.
+    #[test]
+    fn a_chain_file_with_a_far_index_is_not_continued_and_does_not_hold_up_the_open() {
+        let record = serde_json::json!({
+            "kind": "summary",
+            "hash": "11".repeat(32),
+            "mac": "22".repeat(32),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut key = EpochKey::from_secret(zeroize::Zeroizing::new(vec![7u8; 32])).unwrap();
+            let _ = tx.send(continuable(&record, 1 << 40, Some(&mut key)));
+        });
+        let continued = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the key was ratcheted towards a planted file's index");
+        assert!(!continued);
     }
 }

@@ -565,6 +565,11 @@ fn read_from(
     let mut lines = Vec::new();
     let mut last: Option<(u64, u64)> = None;
     'files: for (index, path) in list.iter().filter(|(i, _)| *i >= start_file) {
+        // The verified head is in `last_file`: a file after it (planted since the
+        // verification, say) holds no record to pass on.
+        if chain.last_file.is_some_and(|last| *index > last) {
+            break;
+        }
         // Opened as the verifier opens it: a FIFO or a symlink planted since cannot hang or
         // flood the reading. A file that cannot be read now (moved by a prune since the
         // verification, say) is read again at the next pass.
@@ -630,7 +635,13 @@ fn read_from(
                 return Ok(Read::Changed);
             }
             if let Some(k) = key.as_mut() {
-                k.advance_to(r.epoch.unwrap_or(0));
+                // The verifier holds every record's epoch to its file's index; a record read
+                // now that does not is not the one verified. Checked before the ratchet, which
+                // an epoch far ahead would keep turning for ever.
+                if r.epoch != Some(*index) {
+                    return Ok(Read::Changed);
+                }
+                k.advance_to(*index);
                 if r.mac != Some(hex(&mac_of(k, &hash)).as_str()) {
                     return Ok(Read::Changed);
                 }
@@ -838,6 +849,88 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(5)).is_ok(),
             "the reading of a verified chain blocked opening a FIFO at a chain file name"
         );
+    }
+
+    /// A record rewritten after the pass's verification with an `epoch` far beyond its file's
+    /// index (and its hash computed again, which needs no key): the reading of a keyed chain
+    /// holds the record to its file before ratcheting the key to it, and reports the bytes as
+    /// changed at once instead of ratcheting for ever (no alert, nothing more passed on).
+    #[test]
+    fn a_record_claiming_a_far_epoch_does_not_hang_the_reading() {
+        use crate::forensic::record::{chain_hash, write_canonical};
+        let tmp = tempfile::tempdir().unwrap();
+        let (opts, report, files) = log(
+            &tmp.path().join("log"),
+            Some(b"tail-secret-0123456789abcdef"),
+        );
+        let chain = report.chains[0].clone();
+        assert!(read_all(&chain, &files, &opts).is_some());
+        change_last_line(&files[0].1, |l| {
+            let mut m: Map<String, Value> = serde_json::from_str(l).unwrap();
+            let mac = m.remove("mac").unwrap();
+            m.remove("hash");
+            m.insert("epoch".into(), Value::from(1u64 << 40));
+            let prev = parse_hash(m["prev"].as_str().unwrap()).unwrap();
+            let mut body = Vec::new();
+            write_canonical(&Value::Object(m), &mut body).unwrap();
+            let hash = hex(&chain_hash(&prev, &body));
+            body.pop();
+            let mut line = String::from_utf8(body).unwrap();
+            line.push_str(&format!(",\"hash\":\"{hash}\",\"mac\":{mac}}}"));
+            assert!(scan(line.as_bytes()).is_ok(), "{line}");
+            line
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = read_new(&chain, &files, None, &opts);
+            let _ = tx.send(matches!(read, Ok(Read::Changed)));
+        });
+        let changed = rx.recv_timeout(Duration::from_secs(10)).expect(
+            "the reading of a keyed chain ratchets its key towards the epoch a rewritten record \
+             claims, far beyond its file's index",
+        );
+        assert!(changed, "a record sealed for another epoch is passed on");
+    }
+
+    /// A file planted after the verification, named after the chain with a far index, holding
+    /// a record that links to the verified head and claims the file's epoch: not read, so the
+    /// key is not ratcheted towards it.
+    #[test]
+    fn a_file_planted_beyond_the_head_file_is_not_read() {
+        use crate::forensic::record::{chain_hash, write_canonical};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (opts, report, mut files) = log(&dir, Some(b"tail-secret-0123456789abcdef"));
+        let chain = report.chains[0].clone();
+        let expected = read_all(&chain, &files, &opts).expect("the verified records");
+        let far = 1u64 << 40;
+        let mut m = Map::new();
+        m.insert("chain".into(), Value::from(chain.chain.clone()));
+        m.insert("epoch".into(), Value::from(far));
+        m.insert("kind".into(), Value::from("summary"));
+        m.insert("prev".into(), Value::from(chain.last_hash.clone().unwrap()));
+        m.insert("seq".into(), Value::from(chain.last_seq.unwrap()));
+        let prev = parse_hash(chain.last_hash.as_deref().unwrap()).unwrap();
+        let mut body = Vec::new();
+        write_canonical(&Value::Object(m), &mut body).unwrap();
+        let hash = hex(&chain_hash(&prev, &body));
+        body.pop();
+        let mut line = String::from_utf8(body).unwrap();
+        line.push_str(&format!(
+            ",\"hash\":\"{hash}\",\"mac\":\"{}\"}}\n",
+            "00".repeat(32)
+        ));
+        let planted = dir.join(crate::forensic::files::file_name(&chain.chain, far));
+        std::fs::write(&planted, line).unwrap();
+        files.push((far, planted));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_all(&chain, &files, &opts));
+        });
+        let read = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the key was ratcheted towards a planted file's index");
+        assert_eq!(read, Some(expected));
     }
 
     /// `prune-log` (a nightly job) runs while a pass is under way, after its verification and

@@ -262,12 +262,26 @@ impl ChainWriter {
     /// Seals a record into the buffer, rotating first when it would overflow the file.
     fn append(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
         if self.lost.is_some() && !self.lost_in_buf {
-            self.append_lost_record(ts);
+            self.append_lost_record(ts, Rotation::Allowed);
         }
         self.append_raw(kind, fields, ts);
     }
 
     fn append_raw(&mut self, kind: &'static str, fields: Fields<'_>, ts: u64) {
+        self.seal_into_buffer(kind, fields, ts, Rotation::Allowed);
+    }
+
+    /// Seals a record on the current head into the buffer. With `Rotation::Allowed`, a
+    /// record that would overflow the file first has the buffer written and the file
+    /// rotated, and is sealed again in the next epoch: once, so a record larger than a whole
+    /// file is written in a file of its own instead of rotating for ever.
+    fn seal_into_buffer(
+        &mut self,
+        kind: &'static str,
+        fields: Fields<'_>,
+        ts: u64,
+        rotation: Rotation,
+    ) {
         let h = Header {
             seq: self.seq,
             ts,
@@ -278,12 +292,20 @@ impl ChainWriter {
         };
         let sealed = record::seal_fields(&h, fields, self.key.as_ref());
         let projected = self.file_len + (self.buf.len() + sealed.line.len()) as u64;
-        if projected > self.max_bytes && self.file_len + self.buf.len() as u64 > 0 {
-            // Re-seal after rotating: the record then belongs to the next epoch.
-            if self.flush().is_ok() && self.rotate(ts).is_ok() {
-                let fields = record::fields_from_map(rebuild_fields(&sealed.line));
-                return self.append_raw(kind, fields, ts);
+        if rotation == Rotation::Allowed
+            && projected > self.max_bytes
+            && self.file_len + self.buf.len() as u64 > 0
+        {
+            if self.flush().is_err() {
+                return self.reseal_after_write_error(kind, &sealed.line, ts);
             }
+            if self.rotate(ts).is_ok() {
+                // Re-sealed after rotating: the record then belongs to the next epoch.
+                let fields = record::fields_from_map(rebuild_fields(&sealed.line));
+                return self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+            }
+            // Not rotated: the head has not moved, so the record stays sealed as it is, in
+            // this file.
         }
         self.buf.extend_from_slice(&sealed.line);
         self.buf_kinds.push(kind);
@@ -291,7 +313,24 @@ impl ChainWriter {
         self.prev = sealed.hash;
     }
 
-    fn append_lost_record(&mut self, ts: u64) {
+    /// The write before a rotation failed: the head went back to the last record on disk and
+    /// the buffered records were counted as lost, so `line`, sealed on the head that was
+    /// discarded, would not link. It is sealed again on the head now, after the `lost` record
+    /// that describes the loss, in this file: no rotation is tried until a write succeeds
+    /// (each failed write would otherwise add a level of recursion).
+    #[cold]
+    fn reseal_after_write_error(&mut self, kind: &'static str, line: &[u8], ts: u64) {
+        if self.lost.is_some() && !self.lost_in_buf {
+            self.append_lost_record(ts, Rotation::Done);
+        }
+        // A `lost` record is rebuilt from the losses so far (this one included), not repeated.
+        if kind != "lost" {
+            let fields = record::fields_from_map(rebuild_fields(line));
+            self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+        }
+    }
+
+    fn append_lost_record(&mut self, ts: u64, rotation: Rotation) {
         let Some(l) = &self.lost else { return };
         let mut f = Map::new();
         f.insert("records_lost".into(), l.records.into());
@@ -305,7 +344,7 @@ impl ChainWriter {
         f.insert("since_ts".into(), l.since_ts.into());
         f.insert("error".into(), l.error.clone().into());
         self.lost_in_buf = true;
-        self.append_raw("lost", record::fields_from_map(f), ts);
+        self.seal_into_buffer("lost", record::fields_from_map(f), ts, rotation);
     }
 
     /// Writes the buffer. On failure the file is cut back, the head rolled back and the
@@ -425,6 +464,18 @@ impl ChainWriter {
     /// Starts the next file: create (locked) before the old one is released, ratchet the
     /// key, fsync the directory, then link the new file to the old one.
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
+        if self.lost.is_some() {
+            // A failed write may have left part of a line, which a write cuts before it
+            // appends; a file rotated with nothing buffered is never written again, so it is
+            // cut here, or not rotated (a rotated file must end with its last record).
+            let path = self.dir.join(files::file_name(&self.chain, self.index));
+            if let Err(e) = self.file.set_len(self.file_len) {
+                let e = files::io_err(&path, "cannot cut a failed write", e);
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.shared.last_error) = Some(e.to_string());
+                return Err(e);
+            }
+        }
         if self.fsync != FsyncPolicy::Never {
             self.sync();
         }
@@ -514,7 +565,9 @@ impl ChainWriter {
 
     fn maybe_checkpoint(&mut self) {
         let pending = self.records_since_ckpt + self.buf_kinds.len() as u64;
-        if self.signing.is_none() || pending == 0 {
+        // After a failed fsync no checkpoint is signed (see `checkpoint`): one due then would
+        // stay due, and every record would be written and fsynced on its own.
+        if self.signing.is_none() || self.fsync_failed || pending == 0 {
             return;
         }
         let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;
@@ -597,6 +650,14 @@ impl ChainWriter {
     }
 }
 
+/// Whether sealing a record may rotate the file first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rotation {
+    Allowed,
+    /// Already rotated for this record, or a write just failed: it goes in this file.
+    Done,
+}
+
 /// The caller fields of a sealed line (to re-seal it in the next epoch).
 fn rebuild_fields(line: &[u8]) -> Map<String, Value> {
     match serde_json::from_slice::<Value>(line) {
@@ -612,4 +673,134 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
     f.insert("pid".into(), s.pid.into());
     f.insert("host".into(), s.host.clone().into());
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::forensic::{verify_all, VerifyOptions};
+    use std::path::Path;
+
+    const TS: u64 = 1_700_000_000_000_000_000;
+
+    fn test_cfg(dir: &Path) -> LogConfig {
+        LogConfig {
+            dir: Some(dir.to_path_buf()),
+            max_bytes: 1 << 20,
+            fsync: FsyncPolicy::Never,
+            summary_interval_ms: 0,
+            checkpoint_every_records: 0,
+            checkpoint_interval_ms: 0,
+            ..Config::default().log
+        }
+    }
+
+    fn open_with(cfg: &LogConfig, shared: Arc<Shared>) -> ChainWriter {
+        let start = StartInfo::current(Config::default().canonical_json());
+        ChainWriter::open(cfg, &start, None, shared).unwrap()
+    }
+
+    fn open(dir: &Path) -> ChainWriter {
+        open_with(&test_cfg(dir), Arc::new(Shared::default()))
+    }
+
+    /// One small record of a fixed length (for a seq below 10).
+    fn small(w: &mut ChainWriter, n: u64) {
+        let mut f = Map::new();
+        f.insert("n".into(), n.into());
+        w.append("quarantine", record::fields_from_map(f), TS);
+    }
+
+    /// Appends and writes one small record; returns its length on disk.
+    fn small_written(w: &mut ChainWriter, n: u64) -> u64 {
+        let before = w.file_len;
+        small(w, n);
+        w.flush().unwrap();
+        w.file_len - before
+    }
+
+    fn assert_verifies(dir: &Path) {
+        let r = verify_all(dir, &VerifyOptions::default()).unwrap();
+        assert!(r.ok(), "{r:?}");
+    }
+
+    /// The buffer is written before a rotation. When that write fails, the record that asked
+    /// for the rotation is sealed on the rolled-back head (after the `lost` record), not on
+    /// the head of the records just lost: the chain verifies.
+    #[test]
+    fn a_write_error_of_the_batch_before_a_rotation_keeps_the_chain_linked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        let len = small_written(&mut w, 1);
+        // Room for two more small records in this file, not for three.
+        w.max_bytes = w.file_len + 2 * len + len / 2;
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        for n in 2..5 {
+            small(&mut w, n);
+        }
+        let _ = w.flush();
+        small(&mut w, 5);
+        w.finish();
+        assert!(w.shared.records_lost.load(Ordering::Relaxed) > 0);
+        assert_verifies(&dir);
+    }
+
+    /// A failed write can leave part of its batch in the file. Those bytes are cut before
+    /// anything else happens to the file, also when the next record rotates to a new file
+    /// with nothing buffered: a rotated file ends with the last record written.
+    #[test]
+    fn a_half_written_batch_is_cut_before_the_file_is_rotated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        let len = small_written(&mut w, 1);
+        // Exactly one more small record fits; the `lost` record describing it does not.
+        w.max_bytes = w.file_len + len;
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        small(&mut w, 2);
+        assert!(w.flush().is_err());
+        let good_len = w.file_len;
+        small(&mut w, 3);
+        w.flush().unwrap();
+        w.finish();
+        assert_verifies(&dir);
+        if w.index >= 1 {
+            let first = dir.join(files::file_name(&w.chain, 0));
+            assert_eq!(std::fs::metadata(&first).unwrap().len(), good_len);
+        }
+    }
+
+    /// After a failed fsync no checkpoint is signed for the chain, and none is attempted at
+    /// every record either: records are still written in batches, and the file is fsynced
+    /// no more often than the configured checkpoint cadence asks (here once per 50 records).
+    #[test]
+    fn after_a_failed_fsync_records_are_not_fsynced_one_by_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = LogConfig {
+            fsync: FsyncPolicy::Interval,
+            fsync_interval_ms: 60_000,
+            signing_key_file: Some(key),
+            checkpoint_every_records: 50,
+            ..test_cfg(&dir)
+        };
+        let shared = Arc::new(Shared::default());
+        // The fsync of the start record fails.
+        shared.injected_fsync_faults.store(1, Ordering::SeqCst);
+        let mut w = open_with(&cfg, shared.clone());
+        assert!(w.fsync_failed);
+        // From here on, each fsync of the log file takes one of these: a count of fsyncs.
+        const PLENTY: u32 = 1_000_000;
+        shared.injected_fsync_faults.store(PLENTY, Ordering::SeqCst);
+        // What the writer thread does with each queued record of a batch.
+        for n in 0..200 {
+            small(&mut w, n);
+            w.maybe_checkpoint();
+        }
+        let fsyncs = PLENTY - shared.injected_fsync_faults.load(Ordering::SeqCst);
+        assert!(fsyncs <= 5, "{fsyncs} fsyncs for 200 records");
+    }
 }
