@@ -23,6 +23,8 @@
 //! - [`demo`]: the multi-tenant simulation behind `kvh demo`.
 //! - [`gate`]: `kvh gate`, whether a process may keep serving tenants (its metrics snapshot and
 //!   forensic log judged as one exit status).
+//! - [`report_out`]: standard output for the verbs' reports, a failed write remembered
+//!   rather than a panic.
 //!
 //! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
 
@@ -37,6 +39,7 @@ pub mod ffi;
 pub mod forensic;
 pub mod gate;
 pub mod metrics;
+pub mod report_out;
 pub mod stats;
 
 /// Writes one line on stderr for the operator, ignoring a failure. The allocator runs inside
@@ -45,4 +48,19 @@ pub mod stats;
 pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// `text` with its control characters (line breaks included) written as `\u{..}` escapes, for
+/// a report on a terminal: text from a file anyone who can write it chose (a metrics label, a
+/// policy's path) must neither send an escape sequence to the terminal nor forge a line.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

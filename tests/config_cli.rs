@@ -308,3 +308,92 @@ fn variables_of_other_readers_need_not_be_utf8() {
         run(config(&[]).env("KVH_LIBRARY", OsStr::from_bytes(b"/opt/\xff/lib.so")));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn the_text_report_passes_no_control_character_of_the_policy_to_the_terminal() {
+    // A policy file's paths are text its author chose: an escape sequence in one (here one
+    // that hides all that follows) or a line break must not reach the operator's terminal,
+    // where it could hide or forge the list of weakened controls.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "kv_gate = \"off\"\n\
+         log_dir = \"/var/log/kvh\\u001b[8m\\nweakened controls: none\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character of the policy reached stdout: {out:?}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("weakened controls"))
+            .count(),
+        1,
+        "a value forged a line of the report: {out}"
+    );
+    assert!(out.contains("  kv_gate = off:"), "{out}");
+}
+
+/// Runs `cmd` for at most `limit`; `None` (the process killed) when it is still running then.
+fn run_for(cmd: &mut Command, limit: std::time::Duration) -> Option<(i32, String)> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return Some((status.code().unwrap_or(-1), err));
+        }
+        if began.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_policy_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer() {
+    // KVH_CONFIG (read by the library at its first allocation) or --file naming a FIFO that
+    // nobody writes: the policy is refused as not a regular file, promptly, rather than
+    // waiting for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.toml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let limit = std::time::Duration::from_secs(10);
+    let by_file = run_for(&mut config(&["--file", fifo.to_str().unwrap()]), limit);
+    let by_env = run_for(config(&[]).env("KVH_CONFIG", &fifo), limit);
+    for (how, result) in [("--file", by_file), ("KVH_CONFIG", by_env)] {
+        let (code, err) = result.unwrap_or_else(|| panic!("{how}: still waiting after {limit:?}"));
+        assert_eq!(code, 2, "{how}: {err}");
+        assert!(err.contains("policy.toml"), "{how}: {err}");
+    }
+}
+
+#[test]
+fn a_report_that_cannot_be_written_exits_2() {
+    // As the other reporting verbs: a policy report lost to a full disk is not a success.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (code, _, err) = run(config(&["--json"]).stdout(full));
+    assert_eq!(code, 2, "{err}");
+}

@@ -1,6 +1,7 @@
 //! `kvh`: the kvhygiene command line. Each verb's logic lives in the library; this file only
 //! parses arguments and maps results to exit codes (0 ok, 1 check failed, 2 usage or I/O).
 
+use kvhygiene::report_out::ReportOut;
 use std::process::ExitCode;
 
 use std::sync::Arc;
@@ -45,7 +46,8 @@ enum Command {
     /// is preempted down a path that skips the scrub, which the gate must catch. Every new
     /// allocation and every borrowed block is read back: any non-zero byte would be a leak.
     /// Exit status 0 when nothing had residue and the gate caught every unscrubbed block
-    /// (and, with --inject-fault, both sabotaged scrubs were caught).
+    /// (and, with --inject-fault, both sabotaged scrubs were caught); 1 when not; 2 for a
+    /// usage, configuration or start-up error, or a report that could not be written.
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -132,8 +134,9 @@ moved), and `kvh verify-log DIR --key-file F --archive-dir ARCHIVE` checks the c
 One prune-log at a time per log directory and per archive.
 
 Exit status: 0 done (or nothing to move); 1 the log does not verify (nothing moved), or a \
-chain changed since the verification (that chain not moved); 2 usage or I/O error, or a file \
-of another content already in the archive.
+chain changed since the verification (that chain not moved); 2 usage or I/O error, a file \
+of another content already in the archive, or the report could not be written (the moves \
+were made).
 
 Example (a nightly job keeping 90 days in the log directory):
   kvh prune-log /var/log/kvh/chains --archive-dir /archive/kvh --older-than 90 \
@@ -198,8 +201,8 @@ library when it starts. Of FORENSIC_HMAC_SECRET only the presence and the length
 (the library refuses one under 16 bytes); no value is printed.
 
 Exit status: 0 the policy is valid (with --strict: and weakens nothing); 1 with --strict, a \
-control is off or weakened; 2 the policy is invalid (the message names the key) or a usage \
-error.
+control is off or weakened; 2 the policy is invalid (the message names the key), a usage \
+error, or the report could not be written.
 
 Examples:
   kvh config                                # this environment's policy
@@ -363,13 +366,14 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         inject_fault: args.inject_fault,
         ..DemoOptions::default()
     };
+    let mut out = ReportOut::new();
     if !args.json {
-        println!(
+        out.line(format_args!(
             "kvhygiene demo: {} tenants x {} requests on the {} backend",
             opts.tenants,
             opts.requests_per_tenant,
             backend.kind()
-        );
+        ));
     }
     if let Some(dir) = args.log_dir {
         config.log.dir = Some(dir);
@@ -396,24 +400,31 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
     if args.json {
-        println!(
+        out.line(format_args!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        ));
     } else {
-        print!("{}", demo::render(&report));
+        out.text(&demo::render(&report));
         if let (Some(log), Some(dir)) = (&log, &config.log.dir) {
-            println!(
+            out.line(format_args!(
                 "forensic log: {} records in {dir}; check it with: kvh verify-log {dir}",
                 log.stats().records_written,
                 dir = dir.display()
-            );
+            ));
         }
     }
-    if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    let written = out.finish();
+    if !report.passed() {
+        // What the run found outranks a report that could not be written.
+        return ExitCode::from(1);
+    }
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvh demo: passed, but the report cannot be written: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -16,7 +16,8 @@
 //! Exit codes: 0 valid (and with `--strict`, nothing weakened), 1 (`--strict`) a control is
 //! weakened, 2 usage error or an invalid policy (the message names the key).
 
-use std::io::Write;
+use crate::printable;
+use crate::report_out::ReportOut;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -390,8 +391,12 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
     } else {
         render(&report)
     };
-    // A closed stdout (`kvh config | head`) is not worth a panic.
-    let _ = std::io::stdout().write_all(text.as_bytes());
+    let mut out = ReportOut::new();
+    out.text(&text);
+    if let Err(e) = out.finish() {
+        eprintln!("kvh config: cannot write the report: {e}");
+        return EXIT_USAGE;
+    }
     if args.strict && !report.weakened.is_empty() {
         eprintln!(
             "kvh config: {} control(s) off or weakened (--strict)",
@@ -402,11 +407,12 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
     EXIT_OK
 }
 
-/// A setting's value as text: JSON strings unquoted, `null` as `unset`.
+/// A setting's value as text: JSON strings unquoted (their control characters escaped: the
+/// policy's author chose them), `null` as `unset`.
 fn shown(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::Null => "unset".into(),
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => printable(s),
         other => other.to_string(),
     }
 }
@@ -414,11 +420,13 @@ fn shown(value: &serde_json::Value) -> String {
 /// The text form of a report.
 fn render(r: &Report) -> String {
     let mut out = match (r.origin, &r.file) {
-        (Origin::File, Some(f)) => {
-            format!("kvh config: the policy of {f} alone (environment not read)\n")
-        }
+        (Origin::File, Some(f)) => format!(
+            "kvh config: the policy of {} alone (environment not read)\n",
+            printable(f)
+        ),
         (_, Some(f)) => format!(
-            "kvh config: the policy of this environment (KVH_CONFIG={f}, then KVH_* variables)\n"
+            "kvh config: the policy of this environment (KVH_CONFIG={}, then KVH_* variables)\n",
+            printable(f)
         ),
         _ => "kvh config: the policy of this environment (KVH_* variables)\n".to_string(),
     };
@@ -456,7 +464,8 @@ fn render(r: &Report) -> String {
     } else {
         out += &format!("\nweakened controls ({}):\n", r.weakened.len());
         for w in &r.weakened {
-            out += &format!("  {} = {}: {}\n", w.key, w.value, w.risk);
+            let (value, risk) = (printable(&w.value), printable(&w.risk));
+            out += &format!("  {} = {value}: {risk}\n", w.key);
         }
     }
     out

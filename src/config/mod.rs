@@ -11,6 +11,47 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+/// The largest policy file read: a policy is a few hundred bytes; this keeps a wrong path (a
+/// device, a huge file) from being read into memory.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
+/// Reads a regular file of at most `cap` bytes; `what` names what it should be, for the
+/// messages. Links are followed (a Kubernetes ConfigMap mounts each key as one), but the file
+/// must be regular: it is opened without waiting (a FIFO in its place cannot hold up the
+/// reader; checked again after opening, which holds if the path changes in between), and a
+/// device is refused before it is opened (opening one can have effects of its own). Errors
+/// say what is wrong, without the path, which the caller adds.
+pub(crate) fn read_regular_file(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let too_large = || format!("larger than {cap} bytes; not {what}");
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Err("not a regular file".into()),
+        Ok(_) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > cap {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > cap {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
 pub mod cli;
 
 /// Which memory backend to use.
@@ -291,6 +332,22 @@ macro_rules! key {
             set: |$c: &mut Config, $v: &str| -> Option<()> { $body },
         }
     };
+}
+
+/// Whether a TOML value's type suits a key, from what the key expects: numbers as TOML
+/// numbers (integers for integer keys), switches as booleans, and any key as a string (the
+/// text the environment gives it). Everything else (paths, words) takes strings only, so
+/// that `log_dir = false` is refused rather than read as a directory named `false`.
+fn toml_type_fits(expected: &str, value: &toml::Value) -> bool {
+    match value {
+        toml::Value::String(_) => true,
+        toml::Value::Integer(_) => {
+            expected.starts_with("an integer") || expected.starts_with("a number")
+        }
+        toml::Value::Float(_) => expected.starts_with("a number"),
+        toml::Value::Boolean(_) => matches!(expected, "true or false" | "on or off"),
+        _ => false,
+    }
 }
 
 /// Every key, in documentation order. The README's table lists the same keys.
@@ -708,7 +765,8 @@ impl Config {
             path: path.display().to_string(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let bytes = read_regular_file(path, MAX_POLICY_BYTES, "a policy file").map_err(file_err)?;
+        let text = String::from_utf8(bytes).map_err(|_| file_err("not UTF-8 text".into()))?;
         Config::parse_toml(&text).map_err(|e| match e {
             ConfigError::File { message, .. } => file_err(message),
             ConfigError::Invalid {
@@ -719,6 +777,10 @@ impl Config {
                 key: format!("{key} (in {})", path.display()),
                 value,
                 expected,
+            },
+            ConfigError::Unknown { key, known } => ConfigError::Unknown {
+                key: format!("{key} (in {})", path.display()),
+                known,
             },
             other => other,
         })
@@ -748,17 +810,15 @@ impl Config {
                     known: known_keys(|k| k.name.to_string()),
                 })?;
             let text = match value {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => {
+                _ if !toml_type_fits(key.expected, value) => {
                     return Err(ConfigError::Invalid {
                         key: name.clone(),
-                        value: other.to_string(),
+                        value: value.to_string(),
                         expected: key.expected,
                     })
                 }
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
             };
             config.set(key, name, &text)?;
             set_keys.push(key.name);
@@ -1285,6 +1345,66 @@ mod tests {
         let path = file.to_string_lossy().into_owned();
         let err = Config::from_vars(&vars(&[("KVH_CONFIG", &path)])).unwrap_err();
         assert!(err.to_string().contains("signing_key_file"), "{err}");
+    }
+
+    #[test]
+    fn numbers_and_switches_in_a_file_take_their_toml_types() {
+        let c = Config::from_toml_str("batch_size = 64\ncoverage_threshold = 1\ndouble_pass = true\nanomaly = false\nanomaly_z = 2.5\n").unwrap();
+        assert_eq!(c.batch_size, 64);
+        assert!(c.double_pass && !c.anomaly.enabled);
+        // As text too, as the environment gives them.
+        assert_eq!(
+            Config::from_toml_str("batch_size = \"64\"\n")
+                .unwrap()
+                .batch_size,
+            64
+        );
+        for text in [
+            "batch_size = 32.0\n",
+            "double_pass = 1\n",
+            "backend = true\n",
+            "anomaly_z = [2]\n",
+        ] {
+            let key = text.split(' ').next().unwrap();
+            match Config::from_toml_str(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        std::fs::write(&path, "batch_sise = 32\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with("batch_sise (in ") && err.contains("kvh.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn path_keys_in_a_file_take_only_strings() {
+        // A TOML boolean or number is not a path: `log_dir = false` must not become a log
+        // directory named "false" (nor `metrics_file = true` a file named "true").
+        for text in [
+            "log_dir = false\n",
+            "log_dir = 5\n",
+            "metrics_file = true\n",
+            "hmac_key_file = 0\n",
+            "checkpoint_dir = 1.5\n",
+        ] {
+            let key = text.split(' ').next().unwrap();
+            match Config::from_toml_str(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
+            }
+        }
+        // A string is still a path.
+        let c = Config::from_toml_str("log_dir = \"false\"\n").unwrap();
+        assert_eq!(c.log.dir.as_deref(), Some(Path::new("false")));
     }
 
     #[test]

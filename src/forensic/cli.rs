@@ -1,6 +1,7 @@
 //! The `verify-log` and `keygen` verbs. The binary only parses and dispatches; all logic is
 //! here so that it is tested as a library.
 
+use crate::report_out::ReportOut;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -405,9 +406,10 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         opts: &opts,
         checkpoint_place: args.checkpoint.as_deref(),
     };
+    let mut out = ReportOut::new();
     let run = prune::prune_all(&request, |done| {
         if !args.json {
-            println!("{}", pruned_line(done, args.dry_run));
+            out.line(format_args!("{}", pruned_line(done, args.dry_run)));
         }
     })?;
     if !run.before.ok() {
@@ -428,15 +430,15 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             bytes,
         };
         let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
-        println!("{text}");
+        out.line(format_args!("{text}"));
     } else {
         let verb = if args.dry_run { "would move" } else { "moved" };
-        println!(
+        out.line(format_args!(
             "{verb} {files} files ({bytes} bytes) of {} chains with no record since {} to {}",
             run.moved.len(),
             rfc3339(run.cutoff_ns),
             args.archive_dir.display()
-        );
+        ));
     }
     if let Some(after) = &run.after {
         if !after.ok() {
@@ -445,13 +447,20 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             return Ok(EXIT_TAMPERED);
         }
         if !args.json {
-            println!(
+            out.line(format_args!(
                 "verify what is left with: kvh verify-log {} --key-file KEY --allow-pruned; the \
                  whole chains with: kvh verify-log {} --key-file KEY --archive-dir {}",
                 args.dir.display(),
                 args.dir.display(),
                 args.archive_dir.display()
-            );
+            ));
+        }
+    }
+    if let Err(e) = out.finish() {
+        // The moves were made (and are in the manifests); only their report is lost.
+        eprintln!("kvh prune-log: cannot write the report: {e}");
+        if run.refused.is_empty() {
+            return Ok(EXIT_USAGE);
         }
     }
     // One chain that could not move (changed since the verification, an I/O error) did not
@@ -497,11 +506,21 @@ fn pruned_line(c: &ChainPruned, dry_run: bool) -> String {
 pub fn run_keygen(args: &KeygenArgs) -> i32 {
     match keygen(&args.out) {
         Ok((private, public)) => {
-            println!(
+            let mut out = ReportOut::new();
+            out.line(format_args!(
                 "wrote {} (private, 0600) and {} (public)",
                 private.display(),
                 public.display()
-            );
+            ));
+            // The key pair is what was asked for, and it exists: a lost confirmation is said,
+            // not turned into a failure a retry would trip over ("already exists").
+            if let Err(e) = out.finish() {
+                eprintln!(
+                    "kvh keygen: wrote {} and {}, but cannot write to stdout: {e}",
+                    private.display(),
+                    public.display()
+                );
+            }
             EXIT_OK
         }
         Err(e) => {

@@ -1,10 +1,10 @@
 //! The `metrics` and `serve-metrics` verbs. The binary only parses and dispatches; the logic
 //! is here so that it is tested as a library.
 
+use crate::printable;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
-use crate::config::{Config, PID_PLACEHOLDER};
+use crate::config::{read_regular_file, Config, PID_PLACEHOLDER};
 use crate::forensic::verify::rfc3339;
 
 /// Exit code: the snapshot is fresh (and, when asked, shows no security failure).
@@ -177,36 +177,8 @@ pub fn load(path: &Path) -> Result<Snapshot, String> {
 /// snapshot dated more than [`MAX_FUTURE_SECS`] after `now` is refused.
 pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let shown = path.display();
-    // Checked before opening too: opening a device node can have effects of its own. The
-    // check after opening (fstat) is the one that holds if the path changes in between.
-    match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => return Err(format!("{shown}: not a regular file")),
-        Ok(_) => {}
-        Err(e) => return Err(format!("{shown}: {e}")),
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
+    let bytes = read_regular_file(path, MAX_FILE_BYTES, "a metrics snapshot")
         .map_err(|e| format!("{shown}: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("{shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{shown}: not a regular file"));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(format!(
-            "{shown}: larger than {MAX_FILE_BYTES} bytes; not a metrics snapshot"
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!(
-            "{shown}: larger than {MAX_FILE_BYTES} bytes; not a metrics snapshot"
-        ));
-    }
     let text = String::from_utf8(bytes).map_err(|_| format!("{shown}: not UTF-8 text"))?;
     let exposition = parse::parse(&text)
         .map_err(|e| format!("{shown}: not in the Prometheus text format: {e}"))?;
@@ -382,20 +354,6 @@ pub fn run_metrics(args: &MetricsArgs) -> i32 {
     } else {
         EXIT_FAILED
     }
-}
-
-/// `text` with its control characters written as `\u{..}` escapes: label values come from a
-/// file anyone who can write it chose, and an escape sequence must not reach the terminal.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Result<()> {

@@ -1,0 +1,45 @@
+//! Standard output for a verb's report, written without panicking.
+//!
+//! `println!` panics when stdout cannot be written (a full disk, a closed pipe), which would
+//! end a verb half-way (a `prune-log` between two chains) with status 101. A [`ReportOut`]
+//! remembers the first failure instead and stops writing; the verb finishes its work and
+//! then says the report was lost, with its own exit status.
+
+use std::fmt;
+use std::io::{self, Write};
+
+/// Lines of a report on stdout; the first write error is kept for [`ReportOut::finish`].
+#[derive(Debug, Default)]
+pub struct ReportOut {
+    failed: Option<io::Error>,
+}
+
+impl ReportOut {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes `text` as it is, unless an earlier write failed.
+    pub fn text(&mut self, text: &str) {
+        if self.failed.is_none() {
+            if let Err(e) = io::stdout().lock().write_all(text.as_bytes()) {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    /// Writes one line.
+    pub fn line(&mut self, line: fmt::Arguments<'_>) {
+        self.text(&format!("{line}\n"));
+    }
+
+    /// Flushes stdout; the first error of the report, if any.
+    pub fn finish(mut self) -> io::Result<()> {
+        if self.failed.is_none() {
+            if let Err(e) = io::stdout().lock().flush() {
+                self.failed = Some(e);
+            }
+        }
+        self.failed.map_or(Ok(()), Err)
+    }
+}
