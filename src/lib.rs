@@ -23,6 +23,8 @@
 //! - [`demo`]: the multi-tenant simulation behind `kvh demo`.
 //! - [`gate`]: `kvh gate`, whether a process may keep serving tenants (its metrics snapshot and
 //!   forensic log judged as one exit status).
+//! - [`preflight`]: `kvh preflight`, the start-up's checks (policy, log directory and keys,
+//!   metrics exports, backend) made without starting, before a server loads its model.
 //! - [`report_out`]: standard output for the verbs' reports, a failed write remembered
 //!   rather than a panic.
 //!
@@ -39,6 +41,7 @@ pub mod ffi;
 pub mod forensic;
 pub mod gate;
 pub mod metrics;
+pub mod preflight;
 pub mod report_out;
 pub mod stats;
 

@@ -15,6 +15,7 @@ const VERBS: &[&str] = &[
     "serve-metrics",
     "gate",
     "config",
+    "preflight",
     "completions",
 ];
 

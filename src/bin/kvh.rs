@@ -1,6 +1,7 @@
 //! `kvh`: the kvhygiene command line. Each verb's logic lives in the library; this file only
 //! parses arguments and maps results to exit codes (0 ok, 1 check failed, 2 usage or I/O).
 
+use kvhygiene::preflight::{self, PreflightArgs};
 use kvhygiene::report_out::ReportOut;
 use std::process::ExitCode;
 
@@ -95,6 +96,9 @@ enum Command {
     /// Check the policy a process started here would run with (exit 0 valid, 1 weakened with --strict, 2 invalid).
     #[command(long_about = CONFIG_HELP)]
     Config(ConfigArgs),
+    /// Check that a process started here would start, with what its policy asks for (exit 0 ready, 1 not, 2 invalid policy).
+    #[command(long_about = PREFLIGHT_HELP)]
+    Preflight(PreflightArgs),
     /// Print a shell completion script for kvh on stdout.
     ///
     /// Example (bash): kvh completions bash > /etc/bash_completion.d/kvh
@@ -173,6 +177,29 @@ Exit status: 0 after --once or a SIGTERM/SIGINT; 1 tampering; 2 usage or I/O err
 Examples:
   kvh tail-log /var/log/kvh/chains --key-file hmac.key --state /var/lib/kvh/tail.json | shipper
   kvh tail-log /var/log/kvh/chains --key-file hmac.key --security-only --once --state s.json";
+
+const PREFLIGHT_HELP: &str = "\
+Check that a process started in this environment would start, with what its policy asks for.
+
+The library starts at the server's first CUDA allocation, often minutes into a model load, \
+and stops there (fail closed) when its log directory or a key cannot be used. This makes the \
+same checks first, through the same code, without starting anything: the policy (as kvh \
+config), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
+log directory (usable as it is: ours, 0700; or creatable in its parent), the signing key and \
+the checkpoint directory, the metrics file's directory (writable) and address (free), and the \
+backend KVH_BACKEND names (started and shut down: on a GPU, a CUDA context for a moment). It \
+writes nothing. Each check is ok, off (not configured: kvh config --strict judges that), \
+skipped or FAIL.
+
+Run it where the server runs, with its variables and volumes: in a Kubernetes init \
+container, with --skip-backend when the container has no GPU.
+
+Exit status: 0 no check failed; 1 a check failed; 2 the policy is invalid (the message names \
+the key), a usage error, or the report could not be written.
+
+Examples:
+  kvh preflight
+  kvh preflight --skip-backend --json";
 
 const CONFIG_HELP: &str = "\
 Check the policy a process started here would run with (exit 0 valid, 1 weakened with \
@@ -331,6 +358,7 @@ fn main() -> ExitCode {
         Command::PruneLog(args) => exit_code(forensic_cli::run_prune_log(&args)),
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
         Command::TailLog(args) => exit_code(tail::run_tail_log(&args)),
+        Command::Preflight(args) => exit_code(preflight::run_preflight(&args)),
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
         Command::Gate(args) => exit_code(gate::run_gate(&args)),

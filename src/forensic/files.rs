@@ -7,6 +7,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,74 @@ pub(crate) fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// What [`inspect_dir`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirState {
+    /// The directory exists and [`prepare_dir`] accepts it as it is.
+    Ready,
+    /// It does not exist; [`prepare_dir`] would create it (0700) under `parent`, the nearest
+    /// existing directory above it, which this process may write.
+    WouldCreate { parent: PathBuf },
+}
+
+/// What [`prepare_dir`] would do with `dir`, without doing it: for a check before start-up
+/// (`kvh preflight`). The same refusals, plus a missing directory whose nearest existing
+/// parent is not a directory this process may write (and so could not create it).
+pub fn inspect_dir(dir: &Path) -> Result<DirState, ForensicError> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| fs::symlink_metadata(a).is_ok())
+                .unwrap_or(Path::new("/"))
+                .to_path_buf();
+            if !fs::metadata(&parent).is_ok_and(|m| m.is_dir()) {
+                return Err(ForensicError::Permission(format!(
+                    "{}: cannot create log directory: {} is not a directory",
+                    dir.display(),
+                    parent.display()
+                )));
+            }
+            if !may_write(&parent) {
+                return Err(ForensicError::Permission(format!(
+                    "{}: cannot create log directory: {} is not writable by this process's uid {}",
+                    dir.display(),
+                    parent.display(),
+                    euid()
+                )));
+            }
+            Ok(DirState::WouldCreate { parent })
+        }
+        Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
+        Ok(m) => check_existing_dir(dir, &m).map(|()| DirState::Ready),
+    }
+}
+
+/// Whether this process (its effective ids) may create entries in the directory `dir`.
+pub(crate) fn may_write(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call; faccessat only reads
+    // it. AT_EACCESS checks with the effective ids, as the creation would.
+    unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        ) == 0
+    }
+}
+
 /// Creates the log directory 0700 (with parents), or checks an existing one: it must be a
 /// real directory (not a symlink), owned by us, with no group or other permissions.
 pub fn prepare_dir(dir: &Path) -> Result<(), ForensicError> {
@@ -78,35 +147,39 @@ pub fn prepare_dir(dir: &Path) -> Result<(), ForensicError> {
             Ok(())
         }
         Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
-        Ok(m) => {
-            if m.file_type().is_symlink() {
-                return Err(ForensicError::Permission(format!(
-                    "{}: log directory is a symlink; refusing to follow it",
-                    dir.display()
-                )));
-            }
-            if !m.is_dir() {
-                return Err(ForensicError::Permission(format!(
-                    "{}: not a directory",
-                    dir.display()
-                )));
-            }
-            check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")?;
-            // A writer in an archive would continue the chains `prune-log` moved there.
-            if dir
-                .join(super::prune::ARCHIVE_MARKER)
-                .symlink_metadata()
-                .is_ok()
-            {
-                return Err(ForensicError::Permission(format!(
-                    "{}: an archive of kvh prune-log ({} is there), not a log directory",
-                    dir.display(),
-                    super::prune::ARCHIVE_MARKER
-                )));
-            }
-            Ok(())
-        }
+        Ok(m) => check_existing_dir(dir, &m),
     }
+}
+
+/// The checks of an existing log directory: a real directory (not a symlink), owned by us,
+/// with no group or other permissions, and not an archive of `prune-log`.
+fn check_existing_dir(dir: &Path, m: &fs::Metadata) -> Result<(), ForensicError> {
+    if m.file_type().is_symlink() {
+        return Err(ForensicError::Permission(format!(
+            "{}: log directory is a symlink; refusing to follow it",
+            dir.display()
+        )));
+    }
+    if !m.is_dir() {
+        return Err(ForensicError::Permission(format!(
+            "{}: not a directory",
+            dir.display()
+        )));
+    }
+    check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")?;
+    // A writer in an archive would continue the chains `prune-log` moved there.
+    if dir
+        .join(super::prune::ARCHIVE_MARKER)
+        .symlink_metadata()
+        .is_ok()
+    {
+        return Err(ForensicError::Permission(format!(
+            "{}: an archive of kvh prune-log ({} is there), not a log directory",
+            dir.display(),
+            super::prune::ARCHIVE_MARKER
+        )));
+    }
+    Ok(())
 }
 
 fn check_owner_mode(

@@ -724,12 +724,12 @@ def run_in(cmd: list, env: dict, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **kw)
 
 
-def installed_pod(root: Path):
-    """The Deployment's pod under `root`, with keys made by hand in its Secret, after its
-    install init container ran: (files, label, spec)."""
+def run_install(root: Path, hmac_key: str) -> tuple:
+    """The Deployment's pod under `root`, with keys made by hand in its Secret (`hmac_key` the
+    HMAC key's text), and its install init container run: (files, label, spec, result)."""
     keys = root / "made-by-hand"
     keys.mkdir(mode=0o700)
-    (keys / "hmac.key").write_text(secrets.token_hex(32) + "\n")
+    (keys / "hmac.key").write_text(hmac_key)
     r = subprocess.run([kvh_binary(), "keygen", "--out", str(keys / "checkpoint")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     documented = documented_secrets()["kvhygiene-forensic-keys"]
@@ -739,8 +739,24 @@ def installed_pod(root: Path):
     init = install_container(spec)
     remap = files.mapper(label, spec, init)
     r = run_in([remap(a) for a in container_argv(init)], files.env(init, remap))
-    assert r.returncode == 0, f"init container {init['name']} failed: {r.stdout}{r.stderr}"
+    return files, label, spec, r
+
+
+def installed_pod(root: Path):
+    """The Deployment's pod under `root` after its install init container ran: (files, label,
+    spec)."""
+    files, label, spec, r = run_install(root, secrets.token_hex(32) + "\n")
+    assert r.returncode == 0, f"init container failed: {r.stdout}{r.stderr}"
+    assert "ready: no check failed" in r.stdout, r.stdout
     return files, label, spec
+
+
+def test_the_init_container_stops_the_pod_on_a_key_the_library_would_refuse(tmp_path):
+    # A Secret whose HMAC key is too short: the library would refuse it at the server's first
+    # CUDA allocation, after the model loaded; the init container's preflight says so first.
+    files, label, spec, r = run_install(tmp_path, "0123\n")
+    assert r.returncode != 0, r.stdout
+    assert re.search(r"FAIL +hmac key", r.stdout), r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -827,6 +843,11 @@ def test_the_init_container_checks_the_policy_the_server_gets():
     assert kvh_env(init) == kvh_env(server_container()), "the init container must judge the server's KVH_* policy"
     # The check runs before anything is copied: a refused policy leaves the pod with nothing.
     assert script.index("kvh config") < script.index("cp -R"), script
+    # The start-up's checks run last, on the key copies the server will read.
+    assert script.rstrip().endswith("kvh preflight --skip-backend"), script
+    mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    assert {"/var/log/kvh", "/run/kvh"} <= mounts, "preflight checks the server's log and metrics volumes"
+
 
 
 def test_configmap_policy_weakens_no_control(pod):

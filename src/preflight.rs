@@ -1,0 +1,346 @@
+//! `kvh preflight`: whether a process started in this environment would start, with what
+//! its policy asks for, checked without starting one.
+//!
+//! The library starts at an inference server's first CUDA allocation, often minutes into a
+//! model load, and a log directory it may not use or a key it cannot read stops it there
+//! (fail closed: `KVH_ERR_LOG`). This verb makes the same checks first, through the same
+//! functions the start-up calls, in the order it calls them: the policy, the forensic log's
+//! directory and keys, the checkpoint directory, the metrics file and address, and the
+//! backend (whose start loads the kernels on device 0: a CUDA context for a moment). It
+//! writes nothing: a directory the library would create is reported as such, not created.
+//!
+//! It checks the environment it runs in, so run it where the server runs, with its
+//! variables and volumes (a Kubernetes init container, with `--skip-backend` where the
+//! container has no GPU).
+
+use std::net::TcpListener;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::backend::{self, BackendKind};
+use crate::config::{BackendChoice, Config};
+use crate::forensic::files::{self, DirState};
+use crate::forensic::keys;
+use crate::forensic::StartInfo;
+use crate::printable;
+use crate::report_out::ReportOut;
+
+/// Exit code: every check passed.
+pub const EXIT_READY: i32 = 0;
+/// Exit code: a check failed; a process started here would not start, or would run without
+/// something its policy asks for.
+pub const EXIT_NOT_READY: i32 = 1;
+/// Exit code: the policy is invalid (as `kvh config`), or the report could not be written.
+pub const EXIT_USAGE: i32 = 2;
+
+/// `kvh preflight`: arguments.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PreflightArgs {
+    /// Do not start the backend: for a container without the server's GPU (a Kubernetes
+    /// init container). The other checks still run.
+    #[arg(long)]
+    pub skip_backend: bool,
+    /// The checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The outcome of one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Checked and usable.
+    Ok,
+    /// Not configured, so not used (`kvh config --strict` judges whether that is allowed).
+    Off,
+    /// Not checked (`--skip-backend`).
+    Skipped,
+    /// A process started here would fail at it, or run without it.
+    Fail,
+}
+
+/// One check: what was checked, its outcome and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub check: &'static str,
+    pub status: Status,
+    pub detail: String,
+}
+
+/// Every check, in the order the start-up makes them.
+#[derive(Clone, Debug, Serialize)]
+pub struct Preflight {
+    /// No check failed.
+    pub ready: bool,
+    /// The `config_digest` the process's `start` record would carry.
+    pub config_digest: String,
+    pub checks: Vec<Check>,
+}
+
+/// Runs `kvh preflight`; returns the exit code.
+pub fn run_preflight(args: &PreflightArgs) -> i32 {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvh preflight: invalid policy: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let report = preflight(&config, !args.skip_backend);
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+    } else {
+        render(&report)
+    };
+    let mut out = ReportOut::new();
+    out.text(&text);
+    if let Err(e) = out.finish() {
+        eprintln!("kvh preflight: cannot write the report: {e}");
+        return EXIT_USAGE;
+    }
+    if report.ready {
+        EXIT_READY
+    } else {
+        EXIT_NOT_READY
+    }
+}
+
+/// Makes every check for `config`; the backend is started (and shut down) only with
+/// `start_backend`.
+pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
+    let mut checks = vec![Check {
+        check: "policy",
+        status: Status::Ok,
+        detail: "valid (KVH_CONFIG and KVH_* variables)".into(),
+    }];
+    log_checks(config, &mut checks);
+    metrics_checks(config, &mut checks);
+    checks.push(if start_backend {
+        backend_check(config.backend)
+    } else {
+        Check {
+            check: "backend",
+            status: Status::Skipped,
+            detail: "not started (--skip-backend)".into(),
+        }
+    });
+    Preflight {
+        ready: checks.iter().all(|c| c.status != Status::Fail),
+        config_digest: StartInfo::current(config.canonical_json()).config_digest(),
+        checks,
+    }
+}
+
+fn check(check: &'static str, status: Status, detail: String) -> Check {
+    Check {
+        check,
+        status,
+        detail,
+    }
+}
+
+/// The forensic log's checks, as `ForensicLog::open` makes them: the HMAC key, the
+/// directory, the signing key, the checkpoint directory.
+fn log_checks(config: &Config, out: &mut Vec<Check>) {
+    let log = &config.log;
+    let Some(dir) = &log.dir else {
+        out.push(check(
+            "log directory",
+            Status::Off,
+            "KVH_LOG_DIR is not set: security events are counted, not recorded".into(),
+        ));
+        return;
+    };
+    let from_env = std::env::var_os(keys::SECRET_ENV).is_some();
+    out.push(match keys::load_secret(log.hmac_key_file.as_deref()) {
+        Ok(Some(key)) => {
+            let source = if from_env {
+                keys::SECRET_ENV.to_string()
+            } else {
+                shown_path("KVH_HMAC_KEY_FILE", log.hmac_key_file.as_deref())
+            };
+            check(
+                "hmac key",
+                Status::Ok,
+                format!("{source}: read, key id {}", key.key_id()),
+            )
+        }
+        Ok(None) => check(
+            "hmac key",
+            Status::Off,
+            "no KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: records are hash-chained, not sealed"
+                .into(),
+        ),
+        Err(e) => check("hmac key", Status::Fail, printable(&e.to_string())),
+    });
+    out.push(dir_check("log directory", dir));
+    let signing = match &log.signing_key_file {
+        None => {
+            out.push(check(
+                "signing key",
+                Status::Off,
+                "KVH_SIGNING_KEY_FILE is not set: no signed checkpoints".into(),
+            ));
+            return;
+        }
+        Some(path) => keys::read_signing_key(path),
+    };
+    match signing {
+        Ok(key) => out.push(check(
+            "signing key",
+            Status::Ok,
+            format!(
+                "{}: read, signer {}",
+                shown_path("KVH_SIGNING_KEY_FILE", log.signing_key_file.as_deref()),
+                crate::forensic::record::hex(key.verifying_key().as_bytes())
+            ),
+        )),
+        Err(e) => out.push(check(
+            "signing key",
+            Status::Fail,
+            printable(&keys::in_setting("KVH_SIGNING_KEY_FILE", e).to_string()),
+        )),
+    }
+    out.push(match &log.checkpoint_dir {
+        None => check(
+            "checkpoint directory",
+            Status::Ok,
+            "the log directory".into(),
+        ),
+        Some(ckpt) => dir_check("checkpoint directory", ckpt),
+    });
+}
+
+/// `NAME PATH` for a report line.
+fn shown_path(name: &str, path: Option<&Path>) -> String {
+    match path {
+        Some(p) => format!("{name} {}", printable(&p.display().to_string())),
+        None => name.to_string(),
+    }
+}
+
+/// A directory the log writer prepares: usable as it is, or creatable.
+fn dir_check(what: &'static str, dir: &Path) -> Check {
+    let shown = printable(&dir.display().to_string());
+    match files::inspect_dir(dir) {
+        Ok(DirState::Ready) => check(what, Status::Ok, format!("{shown}: usable (0700, ours)")),
+        Ok(DirState::WouldCreate { parent }) => check(
+            what,
+            Status::Ok,
+            format!(
+                "{shown}: does not exist yet; the first process creates it (0700) in {}",
+                printable(&parent.display().to_string())
+            ),
+        ),
+        Err(e) => check(what, Status::Fail, printable(&e.to_string())),
+    }
+}
+
+/// The metrics exports: the file's directory must take the file (written atomically next
+/// to it), the address must be free to bind.
+fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
+    let m = &config.metrics;
+    out.push(match &m.file {
+        None => check(
+            "metrics file",
+            Status::Off,
+            "KVH_METRICS_FILE is not set: no metrics file for probes or node-exporter".into(),
+        ),
+        Some(file) => {
+            let file = m
+                .file_for(std::process::id())
+                .unwrap_or_else(|| file.clone());
+            let shown = printable(&file.display().to_string());
+            let parent = match file.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => ".".into(),
+            };
+            if std::fs::symlink_metadata(&file).is_ok_and(|md| md.is_dir()) {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!("{shown}: a directory is there"),
+                )
+            } else if !std::fs::metadata(&parent).is_ok_and(|md| md.is_dir()) {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!("{shown}: its directory does not exist"),
+                )
+            } else if !files::may_write(&parent) {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!("{shown}: its directory is not writable by this process's uid"),
+                )
+            } else {
+                check(
+                    "metrics file",
+                    Status::Ok,
+                    format!("{shown}: its directory is writable"),
+                )
+            }
+        }
+    });
+    if let Some(addr) = m.addr {
+        // Bound and released at once: the process binds it at start-up.
+        out.push(match TcpListener::bind(addr) {
+            Ok(_) => check("metrics address", Status::Ok, format!("{addr}: free")),
+            Err(e) => check(
+                "metrics address",
+                Status::Fail,
+                format!("{addr}: cannot be bound: {e}"),
+            ),
+        });
+    }
+}
+
+/// Starts the backend `KVH_BACKEND` names, as the start-up does, and shuts it down.
+fn backend_check(choice: BackendChoice) -> Check {
+    match backend::select(choice) {
+        Ok(b) => {
+            let kind = b.kind();
+            b.shutdown();
+            let detail = match (choice, kind) {
+                (BackendChoice::Auto, BackendKind::Host) => {
+                    "host memory: KVH_BACKEND=auto found no CUDA driver".to_string()
+                }
+                (_, BackendKind::Host) => "host memory (KVH_BACKEND=host)".to_string(),
+                (_, kind) => {
+                    format!("{kind}: the driver loaded and the kernels loaded on device 0")
+                }
+            };
+            check("backend", Status::Ok, detail)
+        }
+        Err(e) => check("backend", Status::Fail, printable(&e.to_string())),
+    }
+}
+
+/// The text form.
+fn render(r: &Preflight) -> String {
+    let mut out = format!(
+        "kvh preflight: a process started in this environment (config digest {})\n",
+        r.config_digest
+    );
+    let width = r.checks.iter().map(|c| c.check.len()).max().unwrap_or(0);
+    for c in &r.checks {
+        let status = match c.status {
+            Status::Ok => "ok",
+            Status::Off => "off",
+            Status::Skipped => "skipped",
+            Status::Fail => "FAIL",
+        };
+        out += &format!("  {status:7}  {:width$}  {}\n", c.check, c.detail);
+    }
+    let failed = r.checks.iter().filter(|c| c.status == Status::Fail).count();
+    out += &if failed == 0 {
+        "ready: no check failed\n".to_string()
+    } else {
+        format!(
+            "NOT READY: {failed} check(s) failed; a process started here would not start, or \
+             would run without what its policy asks for\n"
+        )
+    };
+    out
+}

@@ -1,0 +1,223 @@
+//! `kvh preflight`: the start-up's checks without starting. Each check is held to what the
+//! start-up itself does with the same environment (`kvh demo`, which starts the library's
+//! log and backend the same way): a check passes exactly when the start-up gets past it.
+
+mod cli_common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use cli_common::{kvh, run};
+use serde_json::Value;
+
+/// A server's environment, laid out in a temporary directory: keys, a log directory not
+/// created yet, a metrics directory.
+struct Env {
+    tmp: tempfile::TempDir,
+    vars: Vec<(String, String)>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let hmac = root.join("hmac.key");
+        fs::write(&hmac, "ab".repeat(32) + "\n").unwrap();
+        fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
+        let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("ckpt")));
+        assert_eq!(code, 0, "{err}");
+        fs::create_dir(root.join("metrics")).unwrap();
+        let path = |p: &str| root.join(p).display().to_string();
+        let vars = vec![
+            ("KVH_BACKEND".into(), "host".into()),
+            ("KVH_LOG_DIR".into(), path("log/chains")),
+            ("KVH_HMAC_KEY_FILE".into(), path("hmac.key")),
+            ("KVH_SIGNING_KEY_FILE".into(), path("ckpt.key")),
+            ("KVH_METRICS_FILE".into(), path("metrics/kvh.prom")),
+        ];
+        Env { tmp, vars }
+    }
+
+    fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn set(&mut self, key: &str, value: impl Into<String>) {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.into(), value.into()));
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = kvh();
+        c.args(args).envs(self.vars.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Exit code and the checks by name (`--json`).
+    fn preflight(&self, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec!["preflight", "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&mut self.command(&args));
+        let report: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        assert_eq!(report["ready"], Value::Bool(code == 0), "{report}");
+        (code, report)
+    }
+
+    /// The start-up with this environment: `kvh demo` opens the log and the backend as the
+    /// library does. Its exit code.
+    fn start(&self) -> i32 {
+        let args = [
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--decode-tokens",
+            "16",
+        ];
+        run(&mut self.command(&args)).0
+    }
+}
+
+fn status<'a>(report: &'a Value, check: &str) -> (&'a str, &'a str) {
+    let c = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == check)
+        .unwrap_or_else(|| panic!("no check {check}: {report}"));
+    (c["status"].as_str().unwrap(), c["detail"].as_str().unwrap())
+}
+
+#[test]
+fn a_ready_environment_passes_every_check_and_nothing_is_created() {
+    let env = Env::new();
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 0, "{report}");
+    for check in [
+        "policy",
+        "hmac key",
+        "log directory",
+        "signing key",
+        "checkpoint directory",
+        "metrics file",
+        "backend",
+    ] {
+        assert_eq!(status(&report, check).0, "ok", "{check}: {report}");
+    }
+    assert!(status(&report, "log directory")
+        .1
+        .contains("does not exist yet"));
+    assert!(
+        !env.root().join("log").exists(),
+        "preflight created the log directory"
+    );
+    assert!(!env.root().join("metrics/kvh.prom").exists());
+    // What it said: the start-up passes, and the directory it created passes too.
+    assert_eq!(env.start(), 0);
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        status(&report, "log directory").1.contains("usable"),
+        "{report}"
+    );
+}
+
+/// Each thing the start-up refuses fails its check, and the start-up does refuse it.
+#[test]
+fn what_the_start_up_refuses_fails_its_check() {
+    type Break = fn(&mut Env);
+    let cases: [(&str, &str, Break); 5] = [
+        ("log directory", "mode 0755", |e| {
+            let d = e.root().join("log/chains");
+            fs::create_dir_all(&d).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        }),
+        ("log directory", "Not a directory", |e| {
+            fs::write(e.root().join("log"), "a file").unwrap();
+        }),
+        ("hmac key", "hmac.key", |e| {
+            let k = e.root().join("hmac.key");
+            fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
+        }),
+        ("signing key", "KVH_SIGNING_KEY_FILE", |e| {
+            fs::write(e.root().join("ckpt.key"), "not a key\n").unwrap();
+        }),
+        ("checkpoint directory", "not a directory", |e| {
+            let f = e.root().join("ckpt-file");
+            fs::write(&f, "").unwrap();
+            e.set("KVH_CHECKPOINT_DIR", f.display().to_string());
+        }),
+    ];
+    for (check, says, break_it) in cases {
+        let mut env = Env::new();
+        break_it(&mut env);
+        let (code, report) = env.preflight(&[]);
+        assert_eq!(code, 1, "{check}: {report}");
+        let (st, detail) = status(&report, check);
+        assert_eq!(st, "fail", "{check}: {report}");
+        assert!(detail.contains(says), "{check}: {detail}");
+        assert_eq!(
+            env.start(),
+            2,
+            "{check}: the start-up got past what preflight failed"
+        );
+    }
+}
+
+#[test]
+fn metrics_exports_that_cannot_work_fail() {
+    let mut env = Env::new();
+    let missing = env.root().join("no-such-dir/kvh.prom");
+    env.set("KVH_METRICS_FILE", missing.display().to_string());
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 1);
+    assert_eq!(status(&report, "metrics file").0, "fail", "{report}");
+
+    let mut env = Env::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    env.set("KVH_METRICS_ADDR", taken.local_addr().unwrap().to_string());
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 1);
+    let (st, detail) = status(&report, "metrics address");
+    assert_eq!(st, "fail", "{detail}");
+    drop(taken);
+}
+
+/// `cuda` on this machine: preflight says what the start-up does (on a machine without a
+/// driver both fail; with a working one both pass).
+#[test]
+fn the_backend_check_agrees_with_the_start_up() {
+    let mut env = Env::new();
+    env.set("KVH_BACKEND", "cuda");
+    let (code, report) = env.preflight(&[]);
+    let started = env.start();
+    assert_eq!(
+        status(&report, "backend").0 == "ok",
+        started == 0,
+        "{report}"
+    );
+    assert_eq!(code == 0, started == 0);
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(status(&report, "backend").0, "skipped");
+}
+
+#[test]
+fn an_unset_log_or_metrics_file_is_off_not_failed() {
+    let (code, out, err) = run(kvh().args(["preflight", "--skip-backend"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("off      log directory"), "{out}");
+    assert!(out.contains("off      metrics file"), "{out}");
+    assert!(out.contains("ready: no check failed"), "{out}");
+}
+
+#[test]
+fn an_invalid_policy_exits_2_naming_the_key() {
+    let (code, _, err) = run(kvh().args(["preflight"]).env("KVH_BATCH_SIZE", "0"));
+    assert_eq!(code, 2);
+    assert!(err.contains("KVH_BATCH_SIZE"), "{err}");
+}
