@@ -221,3 +221,41 @@ fn an_invalid_policy_exits_2_naming_the_key() {
     assert_eq!(code, 2);
     assert!(err.contains("KVH_BATCH_SIZE"), "{err}");
 }
+
+/// tests/fake_cuda/fake_libcuda.cpp compiled as `libcuda.so.1` into a directory of its own,
+/// for `LD_LIBRARY_PATH`; `None` without a C++ compiler.
+fn fake_driver_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let built = Command::new(&cxx)
+        .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
+        .arg(dir.path().join("libcuda.so.1"))
+        .arg(&src)
+        .status();
+    match built {
+        Ok(s) if s.success() => Some(dir),
+        other => {
+            eprintln!("no fake driver ({cxx}: {other:?}); skipping");
+            None
+        }
+    }
+}
+
+/// With a driver (the host stand-in) the backend starts: preflight's check passes, and so
+/// does the start-up on the same driver.
+#[test]
+fn with_a_driver_the_backend_check_passes_as_the_start_up_does() {
+    let Some(driver) = fake_driver_dir() else {
+        return;
+    };
+    let mut env = Env::new();
+    env.set("KVH_BACKEND", "cuda");
+    env.set("LD_LIBRARY_PATH", driver.path().display().to_string());
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 0, "{report}");
+    let (st, detail) = status(&report, "backend");
+    assert_eq!(st, "ok", "{detail}");
+    assert!(detail.starts_with("cuda"), "{detail}");
+    assert_eq!(env.start(), 0);
+}
