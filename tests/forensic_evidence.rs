@@ -951,3 +951,39 @@ fn a_period_that_has_not_begun_claims_no_coverage() {
     assert_eq!(v["audit_period"]["searched"], Value::Null, "{v}");
     assert_eq!(v["processes"], serde_json::json!([]));
 }
+
+/// The nightly report is made on the log of a server that keeps writing. Records appended
+/// after the verified head while the report is made are not a change of anything it counts
+/// (it counts each chain up to that head): the report is verified and exits 0.
+#[test]
+fn records_appended_while_the_report_is_made_leave_it_verified() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Arc::new(ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap());
+    for i in 0..2000 {
+        log.emit(forensic_common::event(i));
+    }
+    log.flush();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 2000;
+            while !stop.load(Ordering::Relaxed) {
+                log.emit(forensic_common::event(i));
+                log.flush();
+                i += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let (code, v) = evidence_json(&dir, &[]);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    log.stop();
+    assert_eq!(code, Some(0), "{}", v["integrity"]);
+    assert_eq!(v["integrity"]["verified"], true, "{}", v["integrity"]);
+}

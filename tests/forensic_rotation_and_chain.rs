@@ -330,3 +330,56 @@ fn a_record_larger_than_the_rotation_size_is_written_in_a_file_of_its_own() {
     assert!(text.contains("\"request_id\":\"req-1\""));
     assert!(text.contains("\"kind\":\"stop\""));
 }
+
+/// A verification of the log of a running writer (the nightly job, `kvh gate --log-dir`)
+/// finds it intact: a writer that rotates and writes a checkpoint while the directory is
+/// being listed has only added records, which is not records cut off or files deleted. The
+/// directory holds many entries, as the log of a long-lived deployment does, so that listing
+/// it takes a while.
+#[test]
+fn a_writer_rotating_and_checkpointing_during_a_verification_is_not_truncation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    for j in 0..20_000 {
+        std::fs::write(dir.join(format!("notes-{j}.txt")), b"").unwrap();
+    }
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 4096);
+    c.signing_key_file = Some(key);
+    c.checkpoint_every_records = 8;
+    let log = Arc::new(ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                log.emit(event(i));
+                i += 1;
+            }
+        })
+    };
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![dir.clone()],
+        ..keyed_opts()
+    };
+    let began = Instant::now();
+    let mut failed = None;
+    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
+        let r = verify(&dir, &opts);
+        if !r.ok() {
+            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    log.stop();
+    assert_eq!(failed, None, "a growing log reported as tampered");
+}

@@ -980,3 +980,27 @@ fn a_directory_gone_after_chains_were_passed_on_is_an_error_not_waited_for() {
     // Once too, as before.
     assert_eq!(tail_once(&k.dir, &k.args(&[])).status.code(), Some(2));
 }
+
+/// A scheduled `--once --state` job whose first run comes before the server created the log
+/// directory (a fresh deployment, where the directory is created at the first allocation) is
+/// a run on a log with no chain yet: the chains the directory then receives are new, and the
+/// next run passes them on whole, from their first records, as a tail waiting for the
+/// directory would.
+#[test]
+fn a_once_job_run_before_its_log_directory_exists_passes_its_chains_on_whole() {
+    let k = keyed();
+    let _ = tail_once(&k.dir, &k.args(&[]));
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_ok(&out);
+    assert_eq!(
+        stdout_lines(&out),
+        log_lines(&k.dir),
+        "the chain that appeared after the first run, whole"
+    );
+}

@@ -399,7 +399,11 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         ev.policy = Some(check_policies(&ev.processes, approved));
     }
     let again = verify_all(dir, &opts).map_err(|e| e.to_string())?;
-    for changed in changed_chains(&report, &again) {
+    let head_still_there = |b: &super::verify::ChainReport| {
+        let list = chains.iter().find(|(id, _)| *id == b.chain).map(|(_, l)| l);
+        list.is_some_and(|l| head_in_files(b, l))
+    };
+    for changed in changed_chains(&report, &again, head_still_there) {
         ev.integrity.verified = false;
         ev.integrity.problems.push(format!(
             "chain {changed} changed while the report was being made (a writer still running, \
@@ -523,10 +527,26 @@ fn check_policies(processes: &[Process], approved: Vec<String>) -> PolicyCheck {
     }
 }
 
-/// Chains whose verification differs between two runs: records, last seq, files or verdict.
-fn changed_chains(before: &Report, after: &Report) -> Vec<String> {
+/// Chains whose verification differs between two runs (records, last seq and hash, files or
+/// verdict), but for a chain a running writer only added to: it verified both times, its
+/// head moved forward, and `head_still_there` finds the first run's head record, hash and
+/// all, in its files. The report counts each chain up to the first run's head, so records
+/// after it change nothing it says (the nightly report runs beside a live server).
+fn changed_chains(
+    before: &Report,
+    after: &Report,
+    head_still_there: impl Fn(&super::verify::ChainReport) -> bool,
+) -> Vec<String> {
     let key = |c: &super::verify::ChainReport| {
         (c.records, c.last_seq, c.last_hash.clone(), c.files, c.ok())
+    };
+    let grew = |b: &super::verify::ChainReport, a: &super::verify::ChainReport| {
+        b.ok()
+            && a.ok()
+            && a.records > b.records
+            && a.last_seq > b.last_seq
+            && a.files >= b.files
+            && head_still_there(b)
     };
     before
         .chains
@@ -536,7 +556,7 @@ fn changed_chains(before: &Report, after: &Report) -> Vec<String> {
                 .chains
                 .iter()
                 .find(|a| a.chain == b.chain)
-                .is_none_or(|a| key(a) != key(b))
+                .is_none_or(|a| key(a) != key(b) && !grew(b, a))
         })
         .map(|b| b.chain.clone())
         .collect()
@@ -706,6 +726,39 @@ impl HeldToHead {
                  verification"
                     .into(),
             )
+        }
+    }
+}
+
+/// Whether the record `chain` ended at when it was verified is still in its file, with the
+/// same hash.
+fn head_in_files(chain: &super::verify::ChainReport, list: &[(u64, std::path::PathBuf)]) -> bool {
+    let (Some(seq), Some(hash), Some(file)) =
+        (chain.last_seq, chain.last_hash.as_deref(), chain.last_file)
+    else {
+        return false;
+    };
+    let Some((_, path)) = list.iter().find(|(i, _)| *i == file) else {
+        return false;
+    };
+    let Ok((f, _)) = files::open_regular(path, files::MAX_READ_BYTES) else {
+        return false;
+    };
+    let mut reader = std::io::BufReader::new(std::io::Read::take(f, files::MAX_READ_BYTES));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+        if line.pop() != Some(b'\n') {
+            return false;
+        }
+        if let Ok(r) = scan(&line) {
+            if r.seq == Some(seq) {
+                return r.hash == hash;
+            }
         }
     }
 }
@@ -1479,13 +1532,30 @@ mod tests {
             chains: vec![chain("a", 6), chain("b", 3)],
             ..Report::default()
         };
-        assert_eq!(changed_chains(&before, &after), vec!["a".to_string()]);
+        // Grown: unchanged if the first head is still there, changed if not.
+        assert!(changed_chains(&before, &after, |_| true).is_empty());
+        assert_eq!(
+            changed_chains(&before, &after, |_| false),
+            vec!["a".to_string()]
+        );
         let gone = Report {
             chains: vec![chain("a", 5)],
             ..Report::default()
         };
-        assert_eq!(changed_chains(&before, &gone), vec!["b".to_string()]);
-        assert!(changed_chains(&before, &before).is_empty());
+        assert_eq!(
+            changed_chains(&before, &gone, |_| true),
+            vec!["b".to_string()]
+        );
+        assert!(changed_chains(&before, &before, |_| false).is_empty());
+        // Shorter: changed, whatever the files say.
+        let shorter = Report {
+            chains: vec![chain("a", 4), chain("b", 3)],
+            ..Report::default()
+        };
+        assert_eq!(
+            changed_chains(&before, &shorter, |_| true),
+            vec!["a".to_string()]
+        );
     }
 
     #[test]

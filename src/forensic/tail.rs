@@ -144,23 +144,32 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     // A directory that does not exist yet is waited for, unless the state says chains were
     // passed on from it: a directory that held them and is gone is not "not yet".
     let mut appeared_later = false;
-    if let Some(stop) = &stop {
-        if saved.as_ref().is_none_or(|s| s.chains.is_empty()) && dir_missing(&args.log.dir) {
-            // Saved before waiting: every chain of the directory will be new, and a restarted
-            // tail must know it too. The file's presence also says the tail has started (a
-            // start-up probe can wait for it before the writers start).
-            if let Some(path) = &args.state {
-                save_state(path, &State::default()).map_err(Stop::Error)?;
-            }
-            wait_for_dir(&args.log.dir, args.interval, stop);
-            if dir_missing(&args.log.dir) {
-                // Stopped before it appeared: nothing was written, nothing to pass on.
-                return Ok(());
-            }
-            // Stopped or not, the first pass passes on what is there (a stop makes it the
-            // last one).
-            appeared_later = true;
+    let nothing_passed_on = saved.as_ref().is_none_or(|s| s.chains.is_empty());
+    if nothing_passed_on && dir_missing(&args.log.dir) && (stop.is_some() || args.state.is_some()) {
+        // Saved first: every chain of the directory will be new, and a restarted tail (or
+        // the next scheduled run) must know it too. The file's presence also says the tail
+        // has started (a start-up probe can wait for it before the writers start).
+        if let Some(path) = &args.state {
+            save_state(path, &State::default()).map_err(Stop::Error)?;
         }
+        let Some(stop) = &stop else {
+            // A scheduled run before the writers created the directory: a log with no chain
+            // yet. (Without --state there would be nothing to remember it by: an error.)
+            eprintln!(
+                "kvh tail-log: log directory {} does not exist yet: nothing to pass on; the \
+                 chains written in it will be passed on from their first record",
+                args.log.dir.display()
+            );
+            return Ok(());
+        };
+        wait_for_dir(&args.log.dir, args.interval, stop);
+        if dir_missing(&args.log.dir) {
+            // Stopped before it appeared: nothing was written, nothing to pass on.
+            return Ok(());
+        }
+        // Stopped or not, the first pass passes on what is there (a stop makes it the last
+        // one).
+        appeared_later = true;
     }
     let mut opts = options(&args.log).map_err(Stop::Error)?;
     // One line per pass is said below; the verifier's own progress would repeat every pass.

@@ -195,13 +195,17 @@ pub struct VerifyError(pub String);
 
 /// Verifies every chain found in `dir` (and in `opts.archive_dirs`).
 pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
-    let chains = list_all(dir, opts)?;
     let mut report = Report {
         hmac_keys: opts.hmac_keys.iter().map(|k| k.name.clone()).collect(),
         public_keys: opts.public_keys.iter().map(|k| hex(k.as_bytes())).collect(),
         ..Report::default()
     };
+    // The checkpoints are read before the files are listed: a checkpoint covers only records
+    // already on disk, so every file it points into is in the listing that follows. Read
+    // after it, a checkpoint a running writer signed just after rotating would point past
+    // the files listed, and read as truncation.
     let mut ckpts = load_checkpoints(opts, &mut report)?;
+    let chains = list_all(dir, opts)?;
     // Prune manifests matter only to a pruned reading: read once, checked once.
     let mut manifests = if opts.allow_pruned || !opts.archive_dirs.is_empty() {
         load_manifests(dir, opts)?
