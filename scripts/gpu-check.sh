@@ -87,6 +87,8 @@ step gpu_kernel 180 "$art/gpu_kernel" --ignored --test-threads=1
 
 # 1b. The demo on the real GPU path: every new allocation is copied back and must be zero.
 KVH_BACKEND=cuda step kvh_demo 60 "$art/kvh" demo --backend cuda --requests 8
+# 1c. kvh preflight's backend check on the real driver: starts the backend, loads the kernels.
+KVH_BACKEND=cuda step kvh_preflight 30 "$art/kvh" preflight
 
 # 2. Kernel benchmarks (criterion, short measurement times), estimates under $out/criterion.
 CRITERION_HOME="$out/criterion" step gpu_scrub 100 "$art/gpu_scrub" --bench

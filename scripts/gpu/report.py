@@ -325,6 +325,18 @@ def main() -> int:
         if demo is None
         else bool(both and all(n == "0" for _, n in residue) and "PASS" in demo and demo_rc == 0),
     )
+    try:
+        preflight = (out / "kvh_preflight.log").read_text(errors="replace")
+    except OSError:
+        preflight = None
+    backend = re.search(r"^\s*(\S+)\s+backend\s+(.*)$", preflight or "", re.M)
+    row(
+        rows,
+        "kvh preflight with KVH_BACKEND=cuda (the backend started, kernels loaded)",
+        "not run" if preflight is None else (f"{backend.group(1)}: {backend.group(2)[:100]}" if backend else "no backend line"),
+        "ok, exit 0",
+        None if preflight is None else bool(backend and backend.group(1) == "ok" and step_rc(out, "kvh_preflight") == 0),
+    )
     gpu = ""
     try:
         gpu = (out / "nvidia-smi.csv").read_text().strip()

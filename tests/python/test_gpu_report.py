@@ -53,6 +53,13 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         "PASS: ok\n"
     )
     status(out, "kvh_demo", 0)
+    (out / "kvh_preflight.log").write_text(
+        "kvh preflight: a process started in this environment (config digest 00)\n"
+        "  ok       policy   valid (KVH_CONFIG and KVH_* variables)\n"
+        "  ok       backend  cuda: the driver loaded and the kernels loaded on device 0\n"
+        "ready: no check failed\n"
+    )
+    status(out, "kvh_preflight", 0)
     (out / "status" / "llama_rounds").write_text("1\n")
     for label in ["256MiB", "1GiB"]:
         estimate(out, "scrub_vs_memset", "memset", label, median_ns=1000)
@@ -328,3 +335,15 @@ def test_an_example_that_fails_fails_the_run(tmp_path, monkeypatch):
     code, rows, _ = run_report(tmp_path, monkeypatch)
     assert rows["examples/torch_pluggable.py runs as documented"]["verdict"] == "FAIL"
     assert code == 1
+
+
+def test_a_failed_preflight_backend_check_fails_its_row(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    (tmp_path / "kvh_preflight.log").write_text(
+        "  FAIL     backend  CUDA_ERROR_NO_DEVICE\nNOT READY: 1 check(s) failed\n"
+    )
+    status(tmp_path, "kvh_preflight", 1)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kvh preflight")]
+    assert row["verdict"] == "FAIL" and row["measured"].startswith("FAIL"), row
+    assert code != 0
