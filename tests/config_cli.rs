@@ -397,3 +397,24 @@ fn a_report_that_cannot_be_written_exits_2() {
     let (code, _, err) = run(config(&["--json"]).stdout(full));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn an_unknown_key_of_a_policy_file_reaches_the_terminal_without_its_control_characters() {
+    // A key of a policy file is text its author chose, as its values are: the message that
+    // names an unknown one must not pass an escape sequence (here one that sets the
+    // terminal's title, then one that erases the line) to the operator's terminal.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "\"batch_size\\u001b]0;title\\u0007\\u001b[2K\" = 64\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("policy.toml"), "{err}");
+    assert!(
+        !err.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character of the policy reached stderr: {err:?}"
+    );
+}

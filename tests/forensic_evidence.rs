@@ -987,3 +987,57 @@ fn records_appended_while_the_report_is_made_leave_it_verified() {
     assert_eq!(code, Some(0), "{}", v["integrity"]);
     assert_eq!(v["integrity"]["verified"], true, "{}", v["integrity"]);
 }
+
+/// A report made while a writer still runs, rotating its small files as it goes (every record
+/// here starts a file). The chains verified at the start are read up to their verified heads
+/// and the log is verified again: the report is made, and says the log changed meanwhile
+/// (status 1) or that nothing did (status 0). A file the writer creates between the listing
+/// of the files and their verification is the writer still running, not a file swapped after
+/// the verification: it does not end the run without a report (status 2).
+#[test]
+fn a_report_on_a_log_still_being_written_is_made() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Arc::new(ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), None).unwrap());
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+        std::thread::spawn(move || {
+            // Bounded, so that the log stays small whatever the machine's speed.
+            for i in 0..12_000u64 {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(2500)}));
+            }
+        })
+    };
+    // A log of a few thousand files, still growing by a file a record.
+    let began = Instant::now();
+    while std::fs::read_dir(&dir).map_or(0, Iterator::count) < 2000
+        && began.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let out = kvh(&["evidence", dir.to_str().unwrap(), "--json"], &[]);
+        let code = out.status.code();
+        runs.push((code, String::from_utf8_lossy(&out.stderr).into_owned()));
+        if code == Some(2) {
+            break;
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    log.stop();
+    for (code, err) in &runs {
+        assert!(
+            matches!(code, Some(0 | 1)),
+            "a report on a log still being written ended with {code:?}: {err}"
+        );
+    }
+}

@@ -1004,3 +1004,29 @@ fn a_once_job_run_before_its_log_directory_exists_passes_its_chains_on_whole() {
         "the chain that appeared after the first run, whole"
     );
 }
+
+/// Arguments no pass could use (here a key file that does not exist) are a usage error when
+/// the tail starts, also when the log directory does not exist yet: the tail does not wait
+/// for the directory with them, nor write the state file that says it has started (which a
+/// start-up probe takes as the tail being in place).
+#[test]
+fn bad_arguments_are_a_usage_error_before_the_wait_for_the_log_directory() {
+    let k = keyed();
+    let missing = k.key.with_file_name("missing.key");
+    let mut tail = spawn_tail(
+        &k.dir,
+        &[
+            "--key-file",
+            missing.to_str().unwrap(),
+            "--state",
+            k.state.to_str().unwrap(),
+            "--interval",
+            "1",
+        ],
+    );
+    assert_eq!(tail.exit_code(), Some(2), "{}", tail.said());
+    assert!(
+        !k.state.exists(),
+        "the state file says the tail started, with a key file it cannot read"
+    );
+}

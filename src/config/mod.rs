@@ -727,7 +727,7 @@ impl Config {
             }
             let key = KEYS.iter().find(|k| k.env_name() == *name).ok_or_else(|| {
                 ConfigError::Unknown {
-                    key: name.clone(),
+                    key: crate::printable(name),
                     known: known_keys(|k| k.env_name()),
                 }
             })?;
@@ -806,7 +806,8 @@ impl Config {
                 .iter()
                 .find(|k| k.name == name)
                 .ok_or_else(|| ConfigError::Unknown {
-                    key: name.clone(),
+                    // Shown on a terminal: the file's author chose these characters.
+                    key: crate::printable(name),
                     known: known_keys(|k| k.name.to_string()),
                 })?;
             let text = match value {

@@ -166,16 +166,22 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
 
 /// Checks the arguments and reads the keys they name.
 pub(crate) fn options(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
-    match std::fs::metadata(&args.dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(format!(
-                "log directory {}: not a directory",
-                args.dir.display()
-            ))
-        }
-        Err(e) => return Err(format!("log directory {}: {e}", args.dir.display())),
+    check_log_dir(&args.dir)?;
+    options_but_dir(args)
+}
+
+/// The log directory must exist and be a directory.
+pub(crate) fn check_log_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("log directory {}: not a directory", dir.display())),
+        Err(e) => Err(format!("log directory {}: {e}", dir.display())),
     }
+}
+
+/// [`options`] but for the log directory, which a tail may wait for: the keys and the other
+/// arguments are checked before it waits.
+pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, String> {
     let mut hmac_keys: Vec<SealKey> = Vec::new();
     for p in &args.key_file {
         let secret = read_hmac_secret(p).map_err(|e| format!("--key-file {e}"))?;

@@ -328,16 +328,17 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
 
 /// Verifies the log and builds the report.
 ///
-/// The chain files are listed before the verification and read after it, each chain only up
-/// to the last record verified; the log is then verified again, and a chain that changed in
-/// between (a live writer appending, an edit) makes the report unverified, so no figure comes
-/// from a record that was not checked.
+/// The chain files are listed after the verification (so a running writer's newest file, which
+/// may hold a verified head, is in the listing) and read, each chain only up to the last
+/// record verified and held to it by hash; the log is then verified again, and a chain that
+/// changed in between (an edit; not records appended after the head) makes the report
+/// unverified, so no figure comes from a record that was not checked.
 pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
     let dir = &args.log.dir;
     let period = audit_period_of(args)?;
     let opts = options(&args.log)?;
-    let chains = verify::list_all(dir, &opts).map_err(|e| e.to_string())?;
     let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
+    let chains = verify::list_all(dir, &opts).map_err(|e| e.to_string())?;
     if report.ok() && report.chains.iter().all(|c| c.records == 0) {
         return Err(format!(
             "{}: no forensic log records to report on",

@@ -30,7 +30,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
+use super::cli::{
+    check_log_dir, options_but_dir, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE,
+};
 use super::evidence::is_exception;
 use super::files;
 use super::keys::EpochKey;
@@ -131,6 +133,11 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             "--json: tail-log always writes JSON lines (the records themselves)".into(),
         ));
     }
+    // The keys and the other arguments first: a tail that would fail at its first pass must
+    // not wait for the directory (nor write the state that says it started) with them.
+    let mut opts = options_but_dir(&args.log).map_err(Stop::Error)?;
+    // One line per pass is said below; the verifier's own progress would repeat every pass.
+    opts.progress = false;
     let saved = match &args.state {
         Some(path) => load_state(path).map_err(Stop::Error)?,
         None => None,
@@ -171,9 +178,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         // one).
         appeared_later = true;
     }
-    let mut opts = options(&args.log).map_err(Stop::Error)?;
-    // One line per pass is said below; the verifier's own progress would repeat every pass.
-    opts.progress = false;
+    check_log_dir(&args.log.dir).map_err(Stop::Error)?;
     let resumed = saved.is_some();
     let mut state = saved.unwrap_or_default();
     // The first pass: from the state, from the start, or from the heads (nothing passed on).

@@ -323,10 +323,18 @@ impl ChainWriter {
         if self.lost.is_some() && !self.lost_in_buf {
             self.append_lost_record(ts, Rotation::Done);
         }
-        // A `lost` record is rebuilt from the losses so far (this one included), not repeated.
-        if kind != "lost" {
-            let fields = record::fields_from_map(rebuild_fields(line));
-            self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+        // Records of totals are rebuilt, not repeated: a `lost` record from the losses so far
+        // (this one included), a `stop` record from the counts now.
+        match kind {
+            "lost" => {}
+            "stop" => {
+                let fields = record::fields_from_map(self.stop_fields());
+                self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+            }
+            _ => {
+                let fields = record::fields_from_map(rebuild_fields(line));
+                self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+            }
         }
     }
 
@@ -628,8 +636,8 @@ impl ChainWriter {
         }
     }
 
-    /// `stop` record, flush, fsync, final checkpoint.
-    fn finish(&mut self) {
+    /// The fields of the `stop` record: the chain's totals as they are now.
+    fn stop_fields(&self) -> Map<String, Value> {
         let mut f = Map::new();
         f.insert(
             "records_written".into(),
@@ -639,6 +647,12 @@ impl ChainWriter {
             "records_lost".into(),
             self.shared.records_lost.load(Ordering::Relaxed).into(),
         );
+        f
+    }
+
+    /// `stop` record, flush, fsync, final checkpoint.
+    fn finish(&mut self) {
+        let f = self.stop_fields();
         self.append(
             "stop",
             record::fields_from_map(f),
@@ -802,5 +816,48 @@ mod tests {
         }
         let fsyncs = PLENTY - shared.injected_fsync_faults.load(Ordering::SeqCst);
         assert!(fsyncs <= 5, "{fsyncs} fsyncs for 200 records");
+    }
+
+    /// The `stop` record carries the process's totals, `records_lost` among them, which
+    /// `kvh evidence` takes as the run's loss. When the write of the batch before it fails
+    /// (here as the `stop` record rotates the file), the records of that batch are lost
+    /// before the `stop` record reaches the file: its total counts them, as the `lost`
+    /// record written before it does.
+    #[test]
+    fn a_stop_record_sealed_again_after_a_failed_write_counts_the_records_it_lost() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        let len = small_written(&mut w, 1);
+        // Room for two more small records in this file, not for the `stop` record after them.
+        w.max_bytes = w.file_len + 2 * len + len / 2;
+        small(&mut w, 2);
+        small(&mut w, 3);
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        w.finish();
+        assert_verifies(&dir);
+        let lost = w.shared.records_lost.load(Ordering::Relaxed);
+        assert_eq!(lost, 2, "the batch of two records was lost");
+        let mut records = Vec::new();
+        for i in 0..=w.index {
+            let text = std::fs::read_to_string(dir.join(files::file_name(&w.chain, i))).unwrap();
+            records.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+        }
+        let described: u64 = records
+            .iter()
+            .filter(|r| r["kind"] == "lost")
+            .map(|r| r["records_lost"].as_u64().unwrap())
+            .sum();
+        assert_eq!(described, lost, "{records:?}");
+        let stop = records.last().unwrap();
+        assert_eq!(stop["kind"], "stop", "{records:?}");
+        assert_eq!(
+            stop["records_lost"].as_u64(),
+            Some(lost),
+            "the stop record's total leaves out the records lost before it: {stop}"
+        );
     }
 }
