@@ -22,6 +22,7 @@ use crate::backend::{self, BackendKind};
 use crate::config::{BackendChoice, Config};
 use crate::forensic::files::{self, DirState};
 use crate::forensic::keys;
+use crate::forensic::recovery;
 use crate::forensic::StartInfo;
 use crate::printable;
 use crate::report_out::ReportOut;
@@ -174,7 +175,16 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         ),
         Err(e) => check("hmac key", Status::Fail, printable(&e.to_string())),
     });
-    out.push(dir_check("log directory", dir));
+    let mut log_dir = dir_check("log directory", dir);
+    if log_dir.status == Status::Ok && dir.is_dir() {
+        // Crash recovery opens the newest file of every chain there, and a refusal stops
+        // the start-up.
+        match recovery::check_chain_files(dir) {
+            Ok(n) => log_dir.detail += &format!("; {n} chain(s), each newest file usable"),
+            Err(e) => log_dir = check("log directory", Status::Fail, printable(&e.to_string())),
+        }
+    }
+    out.push(log_dir);
     let signing = match &log.signing_key_file {
         None => {
             out.push(check(

@@ -259,3 +259,119 @@ fn with_a_driver_the_backend_check_passes_as_the_start_up_does() {
     assert!(detail.starts_with("cuda"), "{detail}");
     assert_eq!(env.start(), 0);
 }
+
+/// The start-up continues in an existing log directory: crash recovery opens the newest file
+/// of every chain in it and refuses one that is not a regular file of ours with mode 0600 (a
+/// file made group-readable by a restore, a symlink planted at a chain file's name), which
+/// stops the start-up. Preflight fails on such a file as the start-up does.
+#[test]
+fn a_chain_file_the_start_up_refuses_fails_the_preflight() {
+    type Break = fn(&Path);
+    let cases: [(&str, Break); 2] = [
+        ("a group-readable chain file", |f| {
+            fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+        }),
+        ("a symlink at a chain file's name", |f| {
+            let copy = f.with_extension("copy");
+            fs::rename(f, &copy).unwrap();
+            std::os::unix::fs::symlink(&copy, f).unwrap();
+        }),
+    ];
+    for (what, break_it) in cases {
+        let env = Env::new();
+        assert_eq!(env.start(), 0, "{what}: the first start-up");
+        let dir = env.root().join("log/chains");
+        let file = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .expect("a chain file");
+        break_it(&file);
+        let (code, report) = env.preflight(&[]);
+        assert_eq!(
+            env.start(),
+            2,
+            "{what}: the start-up refuses the log directory's chain file"
+        );
+        assert_eq!(
+            code, 1,
+            "{what}: preflight passed a log directory the start-up refuses: {report}"
+        );
+        assert!(
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["status"] == "fail"),
+            "{what}: {report}"
+        );
+    }
+}
+
+/// `kvh ARGS` under `env` with the existing directory `dir` not writable: mode 0500 (ours,
+/// no group or other access, which the directory checks accept) for an unprivileged user; a
+/// read-only bind mount in a mount namespace of its own for root (whom modes do not stop).
+/// `None` where neither can be arranged.
+fn with_dir_unwritable(env: &Env, dir: &Path, args: &[&str]) -> Option<Command> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o500)).unwrap();
+        return Some(env.command(args));
+    }
+    let unshare_works = Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unshare_works {
+        return None;
+    }
+    let mut c = Command::new("unshare");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        c.env_remove(k);
+    }
+    c.args(["--mount", "sh", "-c"])
+        .arg(r#"d="$1"; shift; mount --bind -o ro "$d" "$d" && exec "$@""#)
+        .arg("sh")
+        .arg(dir)
+        .arg(env!("CARGO_BIN_EXE_kvh"))
+        .args(args)
+        .envs(env.vars.iter().map(|(k, v)| (k, v)));
+    Some(c)
+}
+
+/// An existing log directory of ours, mode 0700 or narrower, in which no file can be
+/// created (a read-only volume, say): the start-up cannot create its chain file and stops.
+/// Preflight fails on the directory as the start-up does.
+#[test]
+fn an_existing_log_directory_that_cannot_be_written_fails_the_preflight() {
+    let env = Env::new();
+    let dir = env.root().join("log/chains");
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let demo = [
+        "demo",
+        "--tenants",
+        "1",
+        "--requests",
+        "1",
+        "--decode-tokens",
+        "16",
+    ];
+    let Some(mut start) = with_dir_unwritable(&env, &dir, &demo) else {
+        eprintln!("skipped: no way to make the directory unwritable here");
+        return;
+    };
+    let (started, _, err) = run(&mut start);
+    assert_eq!(
+        started, 2,
+        "the start-up cannot create its chain file: {err}"
+    );
+    let mut preflight = with_dir_unwritable(&env, &dir, &["preflight", "--json"]).unwrap();
+    let (code, out, err) = run(&mut preflight);
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(
+        code, 1,
+        "preflight passed a log directory the start-up cannot write: {report}"
+    );
+    assert_eq!(status(&report, "log directory").0, "fail", "{report}");
+}

@@ -185,7 +185,8 @@ The library starts at the server's first CUDA allocation, often minutes into a m
 and stops there (fail closed) when its log directory or a key cannot be used. This makes the \
 same checks first, through the same code, without starting anything: the policy (as kvh \
 config), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
-log directory (usable as it is: ours, 0700; or creatable in its parent), the signing key and \
+log directory (usable as it is: ours, 0700, writable, each chain's newest file as crash \
+recovery opens it; or creatable in its parent), the signing key and \
 the checkpoint directory, the metrics file's directory (writable) and address (free), and the \
 backend KVH_BACKEND names (started and shut down: on a GPU, a CUDA context for a moment). It \
 writes nothing. Each check is ok, off (not configured: kvh config --strict judges that), \

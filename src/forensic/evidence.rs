@@ -19,7 +19,7 @@ use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
 use super::files;
 use super::period::{self, Period};
-use super::record::{chain_hash_open, hex, parse_hash};
+use super::record::{chain_hash_open, hex, parse_hash, GENESIS_PREV};
 use super::scan::scan;
 use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, Pruned, Report};
@@ -366,7 +366,7 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
             continue;
         };
         let mut state = ChainState::new(&chain.chain);
-        let mut held = HeldToHead::default();
+        let mut held = HeldToHead::of(chain);
         for (_, path) in list {
             read_file(path, &mut |line, bytes, record| {
                 let seq = record.get("seq").and_then(Value::as_u64);
@@ -379,7 +379,7 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
                 Ok(())
             })?;
         }
-        held.at(chain.last_hash.as_deref())
+        held.at(chain.last_hash.as_deref(), chain.records)
             .map_err(|e| format!("chain {}: {e}", chain.chain))?;
         state.finish_run(&mut ev, &mut tally);
     }
@@ -687,46 +687,75 @@ fn late_retired_key(r: &Report) -> Vec<String> {
     out
 }
 
-/// The records a report counts, held to the chain the verification reached: each record's
-/// hash is computed again from its bytes and the one before, and the last must be the
-/// verified head. A file swapped between the verification and the reading (and put back
+/// The records a report counts, held to the chain the verification reached: they must be
+/// that chain's records, all of them, in order: the first at the chain's first verified seq
+/// (linked to the genesis hash when that is 0), each next one at the next seq, each one's
+/// hash computed again from its bytes and the one before, and the last the verified head. A
+/// file swapped, emptied or cut between the verification and the reading (and put back
 /// before the second verification) therefore cannot feed the figures.
-#[derive(Default)]
 struct HeldToHead {
+    /// The hash the next record must link to; `None` before the first record of a chain
+    /// whose start is not the genesis (records `prune-log` moved): there its own link is
+    /// taken, and held by the next record's.
     prev: Option<[u8; 32]>,
+    next_seq: u64,
+    read: u64,
 }
 
 impl HeldToHead {
+    /// Before the first record of a chain whose first verified record is `first_seq`.
+    fn from(first_seq: u64) -> Self {
+        HeldToHead {
+            prev: (first_seq == 0).then_some(GENESIS_PREV),
+            next_seq: first_seq,
+            read: 0,
+        }
+    }
+
+    /// Before the first record of `chain` as the verification found it.
+    fn of(chain: &super::verify::ChainReport) -> Self {
+        Self::from(chain.first_seq.unwrap_or(0))
+    }
+
     /// Takes the next record of the chain (its line without the newline).
     fn follow(&mut self, line: &[u8]) -> Result<(), &'static str> {
         const CHANGED: &str =
             "the record is not the one verified; the file changed after verification";
         let r = scan(line).map_err(|_| CHANGED)?;
-        // The first record read links to what came before it (records `prune-log` moved, or
-        // the genesis hash); its own hash is held by the next record's link, the last's by
-        // the verified head.
-        let prior = match self.prev {
-            Some(h) => h,
-            None => r.prev.and_then(parse_hash).ok_or(CHANGED)?,
-        };
+        if r.seq != Some(self.next_seq) {
+            return Err(CHANGED);
+        }
+        let linked = r.prev.and_then(parse_hash).ok_or(CHANGED)?;
+        let prior = self.prev.unwrap_or(linked);
+        if linked != prior {
+            return Err(CHANGED);
+        }
         let hash = chain_hash_open(&prior, r.body_open);
         if r.hash != hex(&hash) {
             return Err(CHANGED);
         }
         self.prev = Some(hash);
+        self.next_seq += 1;
+        self.read += 1;
         Ok(())
     }
 
-    /// Whether the last record taken is the verified head (`None`: the chain had none).
-    fn at(&self, head: Option<&str>) -> Result<(), String> {
-        if self.prev.map(|h| hex(&h)).as_deref() == head {
+    /// Whether the records taken are the verified chain: `records` of them, the last the
+    /// verified `head` (`None`: the chain had no record).
+    fn at(&self, head: Option<&str>, records: u64) -> Result<(), String> {
+        let last = if self.read == 0 {
+            None
+        } else {
+            self.prev.map(|h| hex(&h))
+        };
+        if last.as_deref() == head && self.read == records {
             Ok(())
         } else {
-            Err(
-                "the records read do not end at the verified head; the files changed after \
-                 verification"
-                    .into(),
-            )
+            Err(format!(
+                "the records read ({} of {records}) are not the verified chain up to its head; \
+                 the files changed after verification",
+                self.read
+            ))
         }
     }
 }
@@ -1621,35 +1650,66 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let chains = two_chains(&tmp.path().join("log"));
         let (lines, head) = &chains[0];
-        let mut held = HeldToHead::default();
+        let n = lines.len() as u64;
+        let mut held = HeldToHead::from(0);
         for l in lines {
             held.follow(l).unwrap();
         }
-        assert_eq!(held.at(Some(head)), Ok(()));
+        assert_eq!(held.at(Some(head), n), Ok(()));
+        assert!(
+            held.at(Some(head), n + 1).is_err(),
+            "fewer records than verified"
+        );
         // Another chain's records, each well formed and linked, in place of this one's.
         let (other, _) = &chains[1];
-        let mut held = HeldToHead::default();
+        let mut held = HeldToHead::from(0);
         for l in other {
             held.follow(l).unwrap();
         }
         assert!(
-            held.at(Some(head)).is_err(),
+            held.at(Some(head), n).is_err(),
             "a swapped file ends elsewhere"
         );
         // A record edited (its hash no longer its bytes'), or records left out.
         let edited = String::from_utf8(lines[0].clone())
             .unwrap()
             .replace("\"start\"", "\"stert\"");
-        assert!(HeldToHead::default().follow(edited.as_bytes()).is_err());
-        let mut held = HeldToHead::default();
+        assert!(HeldToHead::from(0).follow(edited.as_bytes()).is_err());
+        let mut held = HeldToHead::from(0);
         held.follow(&lines[0]).unwrap();
         assert!(
-            held.at(Some(head)).is_err(),
+            held.at(Some(head), n).is_err(),
             "the chain read stops short of its head"
         );
         assert!(
-            HeldToHead::default().at(None).is_ok(),
+            HeldToHead::from(0).at(None, 0).is_ok(),
             "a chain without records"
+        );
+        // A chain whose first records were moved: it begins at its first verified seq.
+        let mut held = HeldToHead::from(1);
+        for l in &lines[1..] {
+            held.follow(l).unwrap();
+        }
+        assert_eq!(held.at(Some(head), n - 1), Ok(()));
+    }
+
+    /// Records left out at the start of a chain (its first file emptied between the
+    /// verification and the reading, and put back before the second verification): the
+    /// records read still link to one another up to the verified head, but they are not the
+    /// chain that was verified, and the records left out (exceptions among them) would be
+    /// missing from a report marked verified. What is read must begin where the verified
+    /// chain begins.
+    #[test]
+    fn records_left_out_at_the_start_of_the_chain_are_not_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chains = two_chains(&tmp.path().join("log"));
+        let (lines, head) = &chains[0];
+        assert!(lines.len() >= 2, "a chain of several records: {lines:?}");
+        let mut held = HeldToHead::from(0);
+        let followed = lines[1..].iter().all(|l| held.follow(l).is_ok());
+        assert!(
+            !followed || held.at(Some(head), lines.len() as u64).is_err(),
+            "a chain read without its first record was taken as the verified chain"
         );
     }
 

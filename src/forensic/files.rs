@@ -110,7 +110,18 @@ pub fn inspect_dir(dir: &Path) -> Result<DirState, ForensicError> {
             Ok(DirState::WouldCreate { parent })
         }
         Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
-        Ok(m) => check_existing_dir(dir, &m).map(|()| DirState::Ready),
+        Ok(m) => {
+            check_existing_dir(dir, &m)?;
+            // The writer creates its files in it (a read-only volume refuses even root).
+            if !may_write(dir) {
+                return Err(ForensicError::Permission(format!(
+                    "{}: no file can be created in the log directory (a read-only volume, or \
+                     a mode without write access)",
+                    dir.display()
+                )));
+            }
+            Ok(DirState::Ready)
+        }
     }
 }
 

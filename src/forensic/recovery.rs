@@ -84,6 +84,20 @@ fn last_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().rposition(|&b| b == b'\n')
 }
 
+/// The checks [`adopt`] makes of a log directory's files before it reads one: the newest file
+/// of every chain is opened as a chain file to continue (regular, ours, 0600, no symlink),
+/// and a refusal stops the start-up. Reads, locks and changes nothing; returns the number
+/// of chains (`kvh preflight`).
+pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
+    let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
+    for (_, list) in &chains {
+        if let Some((_, path)) = list.last() {
+            files::open_existing(path)?;
+        }
+    }
+    Ok(chains.len())
+}
+
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
 /// whose writer signed with `signer` (the public key, hex; `None`: no signing key) or did not
 /// sign, so that a chain is signed by one key at most. Files with a wrong owner or mode, or planted
