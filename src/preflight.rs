@@ -233,7 +233,7 @@ fn shown_path(name: &str, path: Option<&Path>) -> String {
 /// A directory the log writer prepares: usable as it is, or creatable.
 fn dir_check(what: &'static str, dir: &Path) -> Check {
     let shown = printable(&dir.display().to_string());
-    match files::inspect_dir(dir) {
+    match files::inspect_dir(dir, what) {
         Ok(DirState::Ready) => check(what, Status::Ok, format!("{shown}: usable (0700, ours)")),
         Ok(DirState::WouldCreate { parent }) => check(
             what,

@@ -375,3 +375,105 @@ fn an_existing_log_directory_that_cannot_be_written_fails_the_preflight() {
     );
     assert_eq!(status(&report, "log directory").0, "fail", "{report}");
 }
+
+/// The chain files in `dir`, sorted by name (chain id, then index).
+fn chain_files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Leaves `file` as a writer killed before its `stop` record leaves it: every record but the
+/// last (the `stop`).
+fn cut_stop_record(file: &Path) {
+    let text = fs::read_to_string(file).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("\"kind\":\"stop\"")),
+        "{text}"
+    );
+    lines.pop();
+    fs::write(file, lines.join("\n") + "\n").unwrap();
+}
+
+/// A log directory holding two chains of earlier processes: one that ended cleanly and
+/// whose file was restored group-readable, and one whose writer died (no `stop` record),
+/// which crash recovery continues. Whatever the start-up does with such a directory,
+/// preflight says the same: it passes exactly when the start-up gets past the directory.
+#[test]
+fn preflight_and_the_start_up_agree_on_a_directory_with_a_crashed_chain_and_a_refused_file() {
+    let mut env = Env::new();
+    // Checkpoints unsigned, so that a chain cut before its `stop` record is one recovery
+    // continues (a signed final checkpoint would be ahead of it).
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    assert_eq!(env.start(), 0, "the first process");
+    assert_eq!(env.start(), 0, "the second process");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert_eq!(files.len(), 2, "two chains of one file each: {files:?}");
+    // Crash recovery looks at the chains from the last in name order: the last one's writer
+    // died, the first one's file was restored with mode 0644.
+    cut_stop_record(&files[1]);
+    fs::set_permissions(&files[0], fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, report) = env.preflight(&[]);
+    let started = env.start();
+    assert_eq!(
+        code == 0,
+        started == 0,
+        "preflight exit {code}, start-up exit {started}: {report}"
+    );
+}
+
+/// Removes the append-only attribute again, so that the temporary directory can be removed.
+struct AppendOnly(std::path::PathBuf);
+
+impl Drop for AppendOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+    }
+}
+
+/// A chain whose writer died after a whole record (no torn tail to cut), its file marked
+/// append-only (`chattr +a`, which still lets a writer append): crash recovery continues it by
+/// appending. Preflight passes such a directory only if the start-up does get past it.
+#[test]
+fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_writer() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    assert_eq!(env.start(), 0, "the first process");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    cut_stop_record(&files[0]);
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&files[0])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(files[0].clone());
+    let (code, report) = env.preflight(&[]);
+    let (started, _, err) = run(&mut env.command(&[
+        "demo",
+        "--tenants",
+        "1",
+        "--requests",
+        "1",
+        "--decode-tokens",
+        "16",
+    ]));
+    assert_eq!(
+        code == 0,
+        started == 0,
+        "preflight exit {code} ({report}), start-up exit {started}: {err}"
+    );
+}

@@ -76,7 +76,7 @@ pub enum DirState {
 /// What [`prepare_dir`] would do with `dir`, without doing it: for a check before start-up
 /// (`kvh preflight`). The same refusals, plus a missing directory whose nearest existing
 /// parent is not a directory this process may write (and so could not create it).
-pub fn inspect_dir(dir: &Path) -> Result<DirState, ForensicError> {
+pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = dir
@@ -115,8 +115,8 @@ pub fn inspect_dir(dir: &Path) -> Result<DirState, ForensicError> {
             // The writer creates its files in it (a read-only volume refuses even root).
             if !may_write(dir) {
                 return Err(ForensicError::Permission(format!(
-                    "{}: no file can be created in the log directory (a read-only volume, or \
-                     a mode without write access)",
+                    "{}: no file can be created in the {what} (a read-only volume, or a mode \
+                     without write access)",
                     dir.display()
                 )));
             }

@@ -84,10 +84,11 @@ fn last_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().rposition(|&b| b == b'\n')
 }
 
-/// The checks [`adopt`] makes of a log directory's files before it reads one: the newest file
-/// of every chain is opened as a chain file to continue (regular, ours, 0600, no symlink),
-/// and a refusal stops the start-up. Reads, locks and changes nothing; returns the number
-/// of chains (`kvh preflight`).
+/// The checks [`adopt`] makes of a log directory's files before it looks for a chain to
+/// continue: the newest file of every chain is opened as a chain file to continue (regular,
+/// ours, 0600, no symlink), and a refusal stops the start-up, whichever chain it would have
+/// continued. Reads, locks and changes nothing; returns the number of chains (`kvh
+/// preflight` makes the same check).
 pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     for (_, list) in &chains {
@@ -110,6 +111,9 @@ pub fn adopt(
     key: Option<&mut EpochKey>,
     signer: Option<&str>,
 ) -> Result<Option<Adopted>, ForensicError> {
+    // Every chain first: whether a refused file stops the start-up must not depend on which
+    // chain sorts first, nor differ from what `kvh preflight` found.
+    check_chain_files(dir)?;
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     let mut key = key;
     for (chain, list) in chains.iter().rev() {
@@ -152,8 +156,12 @@ pub fn adopt(
             k.advance_to(*index);
         }
         let len = (bytes.len() - head.torn) as u64;
-        file.set_len(len)
-            .map_err(|e| files::io_err(path, "cannot cut the torn tail", e))?;
+        // Cut only what is torn: a file with nothing to cut may refuse a truncation it does
+        // not need (an append-only file, `chattr +a`) and still be continued.
+        if head.torn > 0 {
+            file.set_len(len)
+                .map_err(|e| files::io_err(path, "cannot cut the torn tail", e))?;
+        }
         return Ok(Some(Adopted {
             chain: chain.clone(),
             index: *index,
