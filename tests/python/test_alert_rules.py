@@ -21,7 +21,12 @@ SEVERITIES = {"critical", "warning"}
 # discovery), not the library.
 SCRAPE_LABELS = {"instance", "job", "namespace"}
 # Sections of the runbook that are not an alert's.
-GENERAL_SECTIONS = {"signals", "during-an-incident-in-this-order"}
+GENERAL_SECTIONS = {
+    "signals",
+    "a-pod-that-does-not-start",
+    "the-log-shipper-reports-tampering",
+    "during-an-incident-in-this-order",
+}
 
 
 def alerts():
