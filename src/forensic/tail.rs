@@ -273,7 +273,7 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
     }
 }
 
-/// Whether `dir` does not exist (other failures to look at it are `options`' to report).
+/// Whether `dir` does not exist (other failures to look at it are `check_log_dir`'s to report).
 fn dir_missing(dir: &Path) -> bool {
     matches!(std::fs::symlink_metadata(dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
