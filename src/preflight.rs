@@ -94,10 +94,7 @@ pub fn run_preflight(args: &PreflightArgs) -> i32 {
     } else {
         render(&report)
     };
-    let mut out = ReportOut::new();
-    out.text(&text);
-    if let Err(e) = out.finish() {
-        eprintln!("kvh preflight: cannot write the report: {e}");
+    if !ReportOut::print("preflight", &text) {
         return EXIT_USAGE;
     }
     if report.ready {

@@ -33,6 +33,20 @@ impl ReportOut {
         self.text(&format!("{line}\n"));
     }
 
+    /// Writes a whole report; `false` (said on stderr, naming `verb`) when it could not be
+    /// written, which the verbs report with their usage status.
+    pub fn print(verb: &str, text: &str) -> bool {
+        let mut out = ReportOut::new();
+        out.text(text);
+        match out.finish() {
+            Ok(()) => true,
+            Err(e) => {
+                crate::say(format_args!("kvh {verb}: cannot write the report: {e}"));
+                false
+            }
+        }
+    }
+
     /// Flushes stdout; the first error of the report, if any.
     pub fn finish(mut self) -> io::Result<()> {
         if self.failed.is_none() {

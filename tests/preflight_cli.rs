@@ -12,6 +12,17 @@ use std::process::Command;
 use cli_common::{kvh, run};
 use serde_json::Value;
 
+/// The start-up's stand-in: `kvh demo` opens the log and the backend as the library does.
+const START: [&str; 7] = [
+    "demo",
+    "--tenants",
+    "1",
+    "--requests",
+    "1",
+    "--decode-tokens",
+    "16",
+];
+
 /// A server's environment, laid out in a temporary directory: keys, a log directory not
 /// created yet, a metrics directory.
 struct Env {
@@ -69,16 +80,7 @@ impl Env {
     /// The start-up with this environment: `kvh demo` opens the log and the backend as the
     /// library does. Its exit code.
     fn start(&self) -> i32 {
-        let args = [
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--decode-tokens",
-            "16",
-        ];
-        run(&mut self.command(&args)).0
+        run(&mut self.command(&START)).0
     }
 }
 
@@ -348,16 +350,7 @@ fn an_existing_log_directory_that_cannot_be_written_fails_the_preflight() {
     let dir = env.root().join("log/chains");
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-    let demo = [
-        "demo",
-        "--tenants",
-        "1",
-        "--requests",
-        "1",
-        "--decode-tokens",
-        "16",
-    ];
-    let Some(mut start) = with_dir_unwritable(&env, &dir, &demo) else {
+    let Some(mut start) = with_dir_unwritable(&env, &dir, &START) else {
         eprintln!("skipped: no way to make the directory unwritable here");
         return;
     };
@@ -462,15 +455,7 @@ fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_wr
     }
     let _unmark = AppendOnly(files[0].clone());
     let (code, report) = env.preflight(&[]);
-    let (started, _, err) = run(&mut env.command(&[
-        "demo",
-        "--tenants",
-        "1",
-        "--requests",
-        "1",
-        "--decode-tokens",
-        "16",
-    ]));
+    let (started, _, err) = run(&mut env.command(&START));
     assert_eq!(
         code == 0,
         started == 0,

@@ -391,10 +391,7 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
     } else {
         render(&report)
     };
-    let mut out = ReportOut::new();
-    out.text(&text);
-    if let Err(e) = out.finish() {
-        eprintln!("kvh config: cannot write the report: {e}");
+    if !ReportOut::print("config", &text) {
         return EXIT_USAGE;
     }
     if args.strict && !report.weakened.is_empty() {

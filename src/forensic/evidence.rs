@@ -1610,16 +1610,8 @@ mod tests {
 
     /// Two verified chains, each stopped after its start record, as (lines, head hash).
     fn two_chains(dir: &Path) -> Vec<(Vec<Vec<u8>>, String)> {
-        use crate::config::FsyncPolicy;
         use crate::forensic::{ForensicLog, StartInfo};
-        let cfg = crate::config::LogConfig {
-            dir: Some(dir.to_path_buf()),
-            fsync: FsyncPolicy::Never,
-            summary_interval_ms: 0,
-            checkpoint_every_records: 0,
-            checkpoint_interval_ms: 0,
-            ..Config::default().log
-        };
+        let cfg = crate::forensic::quiet_test_config(dir);
         for _ in 0..2 {
             let start = StartInfo::current(Config::default().canonical_json());
             ForensicLog::open_with_secret(&cfg, start, None)

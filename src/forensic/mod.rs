@@ -594,6 +594,20 @@ fn verification_fields(
     ));
 }
 
+/// A log configuration for unit tests: the log in `dir`, no fsync, no periodic summaries and
+/// no checkpoints (each test adds what it needs).
+#[cfg(test)]
+pub(crate) fn quiet_test_config(dir: &std::path::Path) -> crate::config::LogConfig {
+    crate::config::LogConfig {
+        dir: Some(dir.to_path_buf()),
+        fsync: crate::config::FsyncPolicy::Never,
+        summary_interval_ms: 0,
+        checkpoint_every_records: 0,
+        checkpoint_interval_ms: 0,
+        ..crate::config::Config::default().log
+    }
+}
+
 #[cfg(test)]
 mod stop_tests {
     use super::*;

@@ -732,21 +732,14 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, FsyncPolicy, LogConfig};
+    use crate::config::{Config, LogConfig};
     use crate::forensic::{ForensicLog, SealKey, StartInfo};
     use zeroize::Zeroizing;
 
     /// A stopped log of one chain in `dir`, sealed with `secret` if given: the options that
     /// verify it, its report and its file list.
     fn log(dir: &Path, secret: Option<&[u8]>) -> (VerifyOptions, Report, Vec<(u64, PathBuf)>) {
-        let cfg = LogConfig {
-            dir: Some(dir.to_path_buf()),
-            fsync: FsyncPolicy::Never,
-            summary_interval_ms: 0,
-            checkpoint_every_records: 0,
-            checkpoint_interval_ms: 0,
-            ..Config::default().log
-        };
+        let cfg = crate::forensic::quiet_test_config(dir);
         let start = StartInfo::current(Config::default().canonical_json());
         let secret = secret.map(|s| Zeroizing::new(s.to_vec()));
         ForensicLog::open_with_secret(&cfg, start, secret.clone())
@@ -965,13 +958,8 @@ mod tests {
         )
         .unwrap();
         let cfg = LogConfig {
-            dir: Some(dir.clone()),
             max_bytes: 4096,
-            fsync: FsyncPolicy::Never,
-            summary_interval_ms: 0,
-            checkpoint_every_records: 0,
-            checkpoint_interval_ms: 0,
-            ..Config::default().log
+            ..crate::forensic::quiet_test_config(&dir)
         };
         let secret = b"tail-secret-0123456789abcdef";
         let log = ForensicLog::open_with_secret(

@@ -700,13 +700,8 @@ mod tests {
 
     fn test_cfg(dir: &Path) -> LogConfig {
         LogConfig {
-            dir: Some(dir.to_path_buf()),
             max_bytes: 1 << 20,
-            fsync: FsyncPolicy::Never,
-            summary_interval_ms: 0,
-            checkpoint_every_records: 0,
-            checkpoint_interval_ms: 0,
-            ..Config::default().log
+            ..crate::forensic::quiet_test_config(dir)
         }
     }
 
