@@ -320,11 +320,16 @@ fn with_dir_unwritable(env: &Env, dir: &Path, args: &[&str]) -> Option<Command> 
         fs::set_permissions(dir, fs::Permissions::from_mode(0o500)).unwrap();
         return Some(env.command(args));
     }
-    let unshare_works = Command::new("unshare")
-        .args(["--mount", "true"])
+    // The read-only bind mount must work here and must stop a write (a container without
+    // the capability to mount, or a mount that ignores `ro`, skips the test).
+    let read_only_works = Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(r#"mount --bind -o ro "$1" "$1" 2>/dev/null && ! touch "$1/.probe" 2>/dev/null"#)
+        .arg("sh")
+        .arg(dir)
         .status()
         .is_ok_and(|s| s.success());
-    if !unshare_works {
+    if !read_only_works {
         return None;
     }
     let mut c = Command::new("unshare");
