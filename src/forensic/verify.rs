@@ -16,7 +16,7 @@
 //! every MAC of the chain must verify with it. Its checkpoint must be signed by the key its
 //! records name (`signer`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
@@ -204,7 +204,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     // already on disk, so every file it points into is in the listing that follows. Read
     // after it, a checkpoint a running writer signed just after rotating would point past
     // the files listed, and read as truncation.
-    let mut ckpts = load_checkpoints(opts, &mut report)?;
+    let (mut ckpts, ckpt_files_read) = load_checkpoints(opts, &mut report)?;
     let chains = list_all(dir, opts)?;
     // Prune manifests matter only to a pruned reading: read once, checked once.
     let mut manifests = if opts.allow_pruned || !opts.archive_dirs.is_empty() {
@@ -217,7 +217,9 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         if opts.progress {
             eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
         }
-        let ckpt = ckpts.remove(chain);
+        let ckpt = ckpts
+            .remove(chain)
+            .or_else(|| late_checkpoint(chain, opts, &ckpt_files_read, &mut report));
         let manifest = manifests.remove(chain);
         report
             .chains
@@ -435,19 +437,59 @@ fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
 }
 
 /// Reads the checkpoints; a bad signature is tampering, an unreadable file a usage error.
+/// The checkpoint of a chain listed after the checkpoints were read: a writer that started
+/// in between created its chain and then its first checkpoint before the listing, so the
+/// checkpoint is there now, under its chain's name. Looked up in each checkpoint directory,
+/// unless that file was read already (`read`: its verdict stands); `None` when there is none
+/// (the chain then has no checkpoint, which a pinned key refuses).
+fn late_checkpoint(
+    chain: &str,
+    opts: &VerifyOptions,
+    read: &BTreeSet<PathBuf>,
+    report: &mut Report,
+) -> Option<Checkpoint> {
+    if opts.public_keys.is_empty() {
+        return None;
+    }
+    let found = opts
+        .checkpoints
+        .iter()
+        .filter(|p| p.is_dir())
+        .map(|d| checkpoint::path_for(d, chain))
+        .find(|f| !read.contains(f) && std::fs::symlink_metadata(f).is_ok())?;
+    match checkpoint::read(&found, &opts.public_keys) {
+        Ok(c) if c.chain == chain => Some(c),
+        Ok(c) => {
+            report.errors.push(format!(
+                "{}: a checkpoint of chain {} under the name of chain {chain}",
+                found.display(),
+                c.chain
+            ));
+            None
+        }
+        Err(e) => {
+            report.errors.push(e);
+            None
+        }
+    }
+}
+
+/// Every checkpoint in the checkpoint locations, by chain, and the files read.
+type CheckpointsRead = (BTreeMap<String, Checkpoint>, BTreeSet<PathBuf>);
+
 fn load_checkpoints(
     opts: &VerifyOptions,
     report: &mut Report,
-) -> Result<BTreeMap<String, Checkpoint>, VerifyError> {
+) -> Result<CheckpointsRead, VerifyError> {
     let mut out = BTreeMap::new();
     if opts.checkpoints.is_empty() {
-        return Ok(out);
+        return Ok((out, BTreeSet::new()));
     }
     if opts.public_keys.is_empty() {
         return Err(VerifyError("--checkpoint needs --public-key".into()));
     }
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut files_seen = std::collections::BTreeSet::new();
+    let mut files_seen = BTreeSet::new();
     for p in &opts.checkpoints {
         let found =
             checkpoint::find(p).map_err(|e| VerifyError(format!("{}: {e}", p.display())))?;
@@ -477,7 +519,7 @@ fn load_checkpoints(
             }
         }
     }
-    Ok(out)
+    Ok((out, files_seen))
 }
 
 /// One HMAC secret given to the verifier, as a chain walk holds it.
@@ -1245,6 +1287,45 @@ pub fn rfc3339(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::rfc3339;
+
+    /// A chain listed after the checkpoints were read (its writer started in between) has its
+    /// checkpoint looked up by name; one already read is not read twice, and one that does
+    /// not verify is an error, not a checkpoint.
+    #[test]
+    fn a_checkpoint_written_after_the_checkpoints_were_read_is_found_by_name() {
+        use super::*;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, public) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = crate::config::LogConfig {
+            signing_key_file: Some(key),
+            ..crate::forensic::quiet_test_config(&dir)
+        };
+        let start =
+            crate::forensic::StartInfo::current(crate::config::Config::default().canonical_json());
+        crate::forensic::ForensicLog::open_with_secret(&cfg, start, None)
+            .unwrap()
+            .stop();
+        let opts = VerifyOptions {
+            public_keys: vec![crate::forensic::keys::read_public_key(&public).unwrap()],
+            checkpoints: vec![dir.clone()],
+            ..VerifyOptions::default()
+        };
+        let (chain, _) = list_all(&dir, &opts).unwrap().remove(0);
+        let mut report = Report::default();
+        let found = late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report);
+        assert_eq!(found.map(|c| c.chain), Some(chain.clone()));
+        let path = checkpoint::path_for(&dir, &chain);
+        let read = BTreeSet::from([path.clone()]);
+        assert!(late_checkpoint(&chain, &opts, &read, &mut report).is_none());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let forged = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"seq\":", "\"seq\":1");
+        std::fs::write(&path, forged).unwrap();
+        assert!(late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report).is_none());
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    }
 
     #[test]
     fn rfc3339_of_known_instants() {
