@@ -4,10 +4,11 @@
 //! The library starts at an inference server's first CUDA allocation, often minutes into a
 //! model load, and a log directory it may not use or a key it cannot read stops it there
 //! (fail closed: `KVH_ERR_LOG`). This verb makes the same checks first, through the same
-//! functions the start-up calls, in the order it calls them: the policy, the forensic log's
-//! directory and keys, the checkpoint directory, the metrics file and address, and the
-//! backend (whose start loads the kernels on device 0: a CUDA context for a moment). It
-//! writes nothing: a directory the library would create is reported as such, not created.
+//! functions the start-up calls, in its order (but the chain files, reported with their
+//! directory): the policy, the forensic log's keys and directory, the checkpoint directory,
+//! the backend (whose start loads the kernels on device 0: a CUDA context for a moment), and
+//! the metrics file and address, which the library would run without. It writes nothing: a
+//! directory the library would create is reported as such, not created.
 //!
 //! It checks the environment it runs in, so run it where the server runs, with its
 //! variables and volumes (a Kubernetes init container, with `--skip-backend` where the
@@ -69,7 +70,7 @@ pub struct Check {
     pub detail: String,
 }
 
-/// Every check, in the order the start-up makes them.
+/// Every check, in the start-up's order (the chain files with their directory).
 #[derive(Clone, Debug, Serialize)]
 pub struct Preflight {
     /// No check failed.
@@ -113,7 +114,6 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
         detail: "valid (KVH_CONFIG and KVH_* variables)".into(),
     }];
     log_checks(config, &mut checks);
-    metrics_checks(config, &mut checks);
     checks.push(if start_backend {
         backend_check(config.backend)
     } else {
@@ -123,6 +123,7 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
             detail: "not started (--skip-backend)".into(),
         }
     });
+    metrics_checks(config, &mut checks);
     Preflight {
         ready: checks.iter().all(|c| c.status != Status::Fail),
         config_digest: StartInfo::current(config.canonical_json()).config_digest(),

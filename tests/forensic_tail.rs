@@ -967,7 +967,7 @@ fn a_tail_stopped_while_waiting_for_its_directory_exits_0_and_remembers_it_start
 }
 
 #[test]
-fn a_directory_gone_after_chains_were_passed_on_is_an_error_not_waited_for() {
+fn a_directory_gone_after_chains_were_passed_on_is_tampering_not_waited_for() {
     let k = keyed();
     let log =
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
@@ -976,9 +976,17 @@ fn a_directory_gone_after_chains_were_passed_on_is_an_error_not_waited_for() {
     assert_ok(&tail_once(&k.dir, &k.args(&[])));
     std::fs::rename(&k.dir, k.dir.with_extension("moved")).unwrap();
     let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "3600"]));
-    assert_eq!(tail.exit_code(), Some(2), "{}", tail.said());
-    // Once too, as before.
-    assert_eq!(tail_once(&k.dir, &k.args(&[])).status.code(), Some(2));
+    assert_eq!(tail.exit_code(), Some(1), "{}", tail.said());
+    let out = tail.output();
+    assert!(
+        out.iter()
+            .any(|l| l.contains("\"tampering\"") && l.contains("is gone")),
+        "{out:?}"
+    );
+    // Once too.
+    let once = tail_once(&k.dir, &k.args(&[]));
+    assert_eq!(once.status.code(), Some(1));
+    assert_eq!(alert(&once)["kvh_tail_log"], "tampering");
 }
 
 /// A scheduled `--once --state` job whose first run comes before the server created the log
@@ -1028,5 +1036,56 @@ fn bad_arguments_are_a_usage_error_before_the_wait_for_the_log_directory() {
     assert!(
         !k.state.exists(),
         "the state file says the tail started, with a key file it cannot read"
+    );
+}
+
+/// The log directory removed (or renamed) under a running tail, after its chains were passed
+/// on: every chain passed on is gone from the directory, which is tampering as a chain whose
+/// files are gone is. The tail stops with exit status 1 after the alert line, within a few
+/// passes, rather than retrying for ever without a word on stdout.
+#[test]
+fn a_log_directory_removed_under_a_running_tail_stops_it_as_tampering() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 3, true);
+    let mut tail = spawn_tail(&k.dir, &k.args(&["--interval", "1"]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    std::fs::remove_dir_all(&k.dir).unwrap();
+    assert_eq!(
+        tail.exit_code(),
+        Some(1),
+        "a tail whose log directory was removed did not stop as on tampering"
+    );
+    let lines = tail.output();
+    let v: Value = serde_json::from_str(lines.last().expect("an alert line")).unwrap();
+    assert_eq!(v["kvh_tail_log"], "tampering", "{v}");
+}
+
+/// A first run (no state file, so starting at the heads) that stops on tampering has passed
+/// nothing on and established no position: the next run, once the log verifies (here with
+/// the right key, the first run having been given another), is still a run from the heads,
+/// and does not pass on every record that was already in the log.
+#[test]
+fn a_first_run_stopped_by_tampering_leaves_the_next_run_starting_at_the_heads() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 4, true);
+    let other = k.key.with_file_name("other.key");
+    std::fs::write(&other, b"another-secret-of-enough-length-0123").unwrap();
+    let st = k.state.to_str().unwrap();
+    let first = tail_once(
+        &k.dir,
+        &["--key-file", other.to_str().unwrap(), "--state", st],
+    );
+    let v = alert(&first);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    let next = tail_once(&k.dir, &k.args(&[]));
+    assert_ok(&next);
+    assert_eq!(
+        stdout_lines(&next).len(),
+        0,
+        "the records already in the log at the first run are passed on"
     );
 }

@@ -178,9 +178,12 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         // one).
         appeared_later = true;
     }
-    check_log_dir(&args.log.dir).map_err(Stop::Error)?;
     let resumed = saved.is_some();
     let mut state = saved.unwrap_or_default();
+    if let Some(gone) = directory_gone(&args.log.dir, &state) {
+        return Err(gone);
+    }
+    check_log_dir(&args.log.dir).map_err(Stop::Error)?;
     // The first pass: from the state, from the start, or from the heads (nothing passed on).
     // Chains in a directory that appeared after the start are all new: passed on whole.
     let mut skip_existing = !resumed && !args.from_start && !appeared_later;
@@ -220,8 +223,11 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             }
             Err(PassError::Stop(stop)) => {
                 // What this pass already wrote stays written: the position moves past it, so
-                // a run after the investigation does not pass it on twice.
-                if let (Some(path), Stop::Tampered { .. }) = (&args.state, &stop) {
+                // a run after the investigation does not pass it on twice. A first pass from
+                // the heads wrote nothing and placed nothing: saved, its empty state would
+                // read as "every chain is new" and the next run would pass the log on whole.
+                let placed = !(first && skip_existing);
+                if let (Some(path), Stop::Tampered { .. }, true) = (&args.state, &stop, placed) {
                     let _ = save_state(path, &state);
                 }
                 return Err(stop);
@@ -271,6 +277,24 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
         std::thread::sleep(step);
         left -= step;
     }
+}
+
+/// Tampering when the log directory itself is gone (removed or renamed) after chains were
+/// passed on from it, as when their files are gone; looked at again after a moment first.
+/// `None` while nothing was passed on from it, or while it is there.
+fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
+    if state.chains.is_empty() || !dir_missing(dir) {
+        return None;
+    }
+    std::thread::sleep(RECHECK_AFTER);
+    dir_missing(dir).then(|| Stop::Tampered {
+        chain: None,
+        reason: format!(
+            "the log directory {} is gone, with the {} chain(s) passed on from it",
+            dir.display(),
+            state.chains.len()
+        ),
+    })
 }
 
 /// Whether `dir` does not exist (other failures to look at it are `check_log_dir`'s to report).
@@ -323,6 +347,9 @@ struct Pass<'a> {
 /// One pass: verifies the directory, checks it against `state`, writes the new records of
 /// each chain to stdout and moves `state` past them. Returns whether `state` changed.
 fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError> {
+    if let Some(stop) = directory_gone(dir, state) {
+        return Err(PassError::Stop(stop));
+    }
     let opts = how.opts;
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     if !report.ok() {
