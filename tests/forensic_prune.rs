@@ -1210,3 +1210,78 @@ fn an_audit_period_after_moved_records_does_not_count_what_the_run_did_before_it
         "{report}"
     );
 }
+
+/// `n` ended chains of one file each in `dir` (a `start` and a `stop` record a minute old,
+/// sealed with the test secret): what short runs of a server (restarts, jobs) leave in a log
+/// directory over a retention period. Written as the writer writes them (0700 directory,
+/// 0600 files), without starting a writer for each.
+fn ended_chains(dir: &Path, n: usize) {
+    use kvhygiene::forensic::keys::EpochKey;
+    use kvhygiene::forensic::record::{self, Header, GENESIS_PREV};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::create_dir_all(dir).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let key = EpochKey::from_secret(secret()).unwrap();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        - 60_000_000_000;
+    for i in 0..n as u64 {
+        let chain = format!("p{}-t{}", 4_000_000 + i, ts + i);
+        let mut prev = GENESIS_PREV;
+        let mut bytes = Vec::new();
+        for (seq, kind) in [(0, "start"), (1, "stop")] {
+            let h = Header {
+                seq,
+                ts: ts + i + seq,
+                kind,
+                chain: &chain,
+                epoch: 0,
+                prev: &prev,
+            };
+            let sealed = record::seal(&h, serde_json::Map::new(), Some(&key));
+            bytes.extend_from_slice(&sealed.line);
+            prev = sealed.hash;
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(kvhygiene::forensic::files::file_name(&chain, 0)))
+            .and_then(|mut f| f.write_all(&bytes))
+            .unwrap();
+    }
+}
+
+/// `prune-log` moves every ended chain whole, one chain after the other, while a server
+/// starts beside it (a pod restarted during the retention job). A chain file that the move
+/// removed between the start-up's listing of the directory and its look at that file is gone,
+/// not a refused file: every start-up opens its log.
+#[test]
+fn a_writer_starting_while_prune_log_moves_ended_chains_opens_its_log() {
+    let s = setup();
+    ended_chains(&s.log, 300);
+    let mut run = prune_command(&s, s.archive.to_str().unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut starts = 0;
+    let mut refused = Vec::new();
+    while run.try_wait().unwrap().is_none() {
+        match ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret())) {
+            Ok(log) => log.stop(),
+            Err(e) => refused.push(e.to_string()),
+        }
+        starts += 1;
+    }
+    assert_eq!(run.wait().unwrap().code(), Some(0));
+    assert!(
+        refused.is_empty(),
+        "{} of {starts} start-ups during the prune were refused, e.g. {}",
+        refused.len(),
+        refused[0]
+    );
+}

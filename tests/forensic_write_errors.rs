@@ -131,3 +131,67 @@ fn a_failed_fsync_is_a_write_error_and_no_checkpoint_covers_it() {
     );
     assert!(verify(&dir, &keyed_opts()).ok());
 }
+
+/// A server that cannot write its first record (the disk is full when it starts: here, a
+/// file size limit of 0 makes every write fail once its chain file exists) fails its start-up
+/// and leaves nothing that later reads as tampering: once the disk has room again and a
+/// server ran, the log verifies with the pinned checkpoint key (the nightly verification,
+/// `prune-log` and the log shipper all verify it so).
+#[test]
+fn a_start_up_that_cannot_write_its_first_record_leaves_a_log_that_verifies() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let hmac = tmp.path().join("hmac.key");
+    std::fs::write(&hmac, SECRET).unwrap();
+    std::fs::set_permissions(&hmac, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (signing, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+
+    let mut full_disk = std::process::Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        full_disk.env_remove(k);
+    }
+    full_disk
+        .args(["demo", "--requests", "1", "--tenants", "1", "--log-dir"])
+        .arg(&dir)
+        .env("KVH_HMAC_KEY_FILE", &hmac)
+        .env("KVH_SIGNING_KEY_FILE", &signing);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        full_disk.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &none) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = full_disk.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot write the start record"), "{err}");
+
+    // The disk has room again; a server starts, runs and stops.
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(signing);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.stop();
+
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![dir.clone()],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(
+        r.ok(),
+        "a start-up that failed for a full disk makes the log fail verification: {:?}",
+        r.first_problem()
+    );
+}

@@ -93,10 +93,20 @@ pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     for (_, list) in &chains {
         if let Some((_, path)) = list.last() {
-            files::open_existing(path)?;
+            match files::open_existing(path) {
+                Ok(_) => {}
+                Err(_) if gone(path) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(chains.len())
+}
+
+/// Whether a file taken from a listing is no longer there: `prune-log` moved its chain
+/// meanwhile. Gone is not refused: only a file that is there and wrong stops the start-up.
+fn gone(path: &Path) -> bool {
+    matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
@@ -120,7 +130,11 @@ pub fn adopt(
         let Some((index, path)) = list.last() else {
             continue;
         };
-        let mut file = files::open_existing(path)?;
+        let mut file = match files::open_existing(path) {
+            Ok(f) => f,
+            Err(_) if gone(path) => continue,
+            Err(e) => return Err(e),
+        };
         if !files::try_lock(&file) {
             continue; // a live writer
         }

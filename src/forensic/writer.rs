@@ -180,8 +180,19 @@ impl ChainWriter {
             None => "start",
         };
         w.append(kind, record::fields_from_map(fields), unix_nanos(now));
-        w.write_buffer()
-            .map_err(|e| ForensicError::Io(format!("cannot write the {kind} record: {e}")))?;
+        if let Err(e) = w.write_buffer() {
+            if kind == "start" {
+                // The new chain's file holds no record (or part of one): removed, so that a
+                // start that failed (a full disk) does not leave a chain that no process
+                // continues and no verification accepts, which would also keep prune-log from
+                // freeing the disk.
+                let _ = std::fs::remove_file(w.dir.join(files::file_name(&w.chain, 0)));
+                let _ = files::sync_dir(&w.dir);
+            }
+            return Err(ForensicError::Io(format!(
+                "cannot write the {kind} record: {e}"
+            )));
+        }
         w.sync();
         // A chain is covered by a signed checkpoint from its first record on: a process that
         // dies before the first periodic one must not leave a chain whose end cannot be
