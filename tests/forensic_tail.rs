@@ -62,6 +62,18 @@ fn stdout_lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
+/// A `--once` run passes on every record of the log: the chains appeared after the state
+/// was saved, so they are passed on whole.
+fn assert_passes_on_the_whole_log(k: &Keyed) {
+    let out = tail_once(&k.dir, &k.args(&[]));
+    assert_ok(&out);
+    assert_eq!(
+        stdout_lines(&out),
+        log_lines(&k.dir),
+        "the chain that appeared after the first run, whole"
+    );
+}
+
 /// Every line of the chain files, in order.
 fn log_lines(dir: &Path) -> Vec<String> {
     chain_files(dir)
@@ -275,41 +287,18 @@ fn the_tail_passes_on_records_as_they_are_written() {
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.flush();
-    let mut child = kvh()
-        .arg("tail-log")
-        .arg(&k.dir)
-        .args(["--key-file", k.key.to_str().unwrap(), "--interval", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let key = k.key.to_str().unwrap();
+    let mut tail = spawn_tail(&k.dir, &["--key-file", key, "--interval", "1"]);
     // The first pass says it started at the end; records after it are passed on.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut said = String::new();
-    err.read_line(&mut said).unwrap();
+    let said = tail.said();
     assert!(said.contains("1 chains verified"), "{said}");
     for i in 1..4 {
         log.emit(event(i));
     }
     log.flush();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = Vec::new();
-    while got.len() < 3 && Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            got.push(line);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    let got = tail.lines_within(3, Duration::from_secs(30));
+    let _ = tail.child.kill();
+    let _ = tail.child.wait();
     assert_eq!(got.len(), 3, "{got:?}");
     let written = log_lines(&k.dir);
     assert_eq!(
@@ -448,13 +437,7 @@ fn a_chain_appearing_after_a_first_run_on_an_empty_log_is_passed_on_whole() {
     let out = tail_once(&k.dir, &k.args(&[]));
     assert_ok(&out);
     write_log(&cfg(&k.dir, 1 << 20), 3, true);
-    let out = tail_once(&k.dir, &k.args(&[]));
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        stdout_lines(&out),
-        log_lines(&k.dir),
-        "the chain that appeared after the first run, whole"
-    );
+    assert_passes_on_the_whole_log(&k);
 }
 
 /// The first pass without a state file puts each chain at its verified head, in the file the
@@ -877,6 +860,18 @@ impl Running {
         panic!("the tail did not exit within 30 s");
     }
 
+    /// The next `n` stdout lines, or those that came within `limit`.
+    fn lines_within(&self, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while got.len() < n && Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                got.push(line);
+            }
+        }
+        got
+    }
+
     /// Every stdout line written, once stdout is closed.
     fn output(self) -> Vec<String> {
         self.lines.iter().collect()
@@ -933,13 +928,7 @@ fn a_tail_started_before_its_log_directory_passes_its_chains_on_whole() {
     log.flush();
     // Every record from the chain's first, though the first pass found them already written.
     let written = log_lines(&k.dir);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = Vec::new();
-    while got.len() < written.len() && Instant::now() < deadline {
-        if let Ok(line) = tail.lines.recv_timeout(Duration::from_millis(200)) {
-            got.push(line);
-        }
-    }
+    let got = tail.lines_within(written.len(), Duration::from_secs(30));
     assert_eq!(got, written, "the chain whole, from its start record");
     tail.signal(libc::SIGINT);
     assert_eq!(tail.exit_code(), Some(0));
@@ -961,9 +950,7 @@ fn a_tail_stopped_while_waiting_for_its_directory_exits_0_and_remembers_it_start
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.stop();
-    let out = tail_once(&k.dir, &k.args(&[]));
-    assert_ok(&out);
-    assert_eq!(stdout_lines(&out), log_lines(&k.dir));
+    assert_passes_on_the_whole_log(&k);
 }
 
 #[test]
@@ -1004,13 +991,7 @@ fn a_once_job_run_before_its_log_directory_exists_passes_its_chains_on_whole() {
         log.emit(event(i));
     }
     log.stop();
-    let out = tail_once(&k.dir, &k.args(&[]));
-    assert_ok(&out);
-    assert_eq!(
-        stdout_lines(&out),
-        log_lines(&k.dir),
-        "the chain that appeared after the first run, whole"
-    );
+    assert_passes_on_the_whole_log(&k);
 }
 
 /// Arguments no pass could use (here a key file that does not exist) are a usage error when

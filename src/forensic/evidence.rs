@@ -768,29 +768,10 @@ fn head_in_files(chain: &super::verify::ChainReport, list: &[(u64, std::path::Pa
     else {
         return false;
     };
-    let Some((_, path)) = list.iter().find(|(i, _)| *i == file) else {
-        return false;
-    };
-    let Ok((f, _)) = files::open_regular(path, files::MAX_READ_BYTES) else {
-        return false;
-    };
-    let mut reader = std::io::BufReader::new(std::io::Read::take(f, files::MAX_READ_BYTES));
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {}
-        }
-        if line.pop() != Some(b'\n') {
-            return false;
-        }
-        if let Ok(r) = scan(&line) {
-            if r.seq == Some(seq) {
-                return r.hash == hash;
-            }
-        }
-    }
+    list.iter()
+        .find(|(i, _)| *i == file)
+        .and_then(|(_, path)| super::recovery::hash_at(path, seq))
+        .is_some_and(|h| hex(&h) == hash)
 }
 
 /// What [`read_file`] calls with each line: its number, its bytes and its record.

@@ -125,6 +125,12 @@ pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
     }
 }
 
+/// Whether nothing is at `path` (not even a dangling symlink). Other failures to look at it
+/// are not "missing": the caller's next step reports them.
+pub fn is_missing(path: &Path) -> bool {
+    matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
 /// Whether this process (its effective ids) may create entries in the directory `dir`.
 pub(crate) fn may_write(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {

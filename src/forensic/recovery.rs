@@ -95,18 +95,13 @@ pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
         if let Some((_, path)) = list.last() {
             match files::open_existing(path) {
                 Ok(_) => {}
-                Err(_) if gone(path) => {}
+                // Gone since the listing (`prune-log` moved its chain): not refused.
+                Err(_) if files::is_missing(path) => {}
                 Err(e) => return Err(e),
             }
         }
     }
     Ok(chains.len())
-}
-
-/// Whether a file taken from a listing is no longer there: `prune-log` moved its chain
-/// meanwhile. Gone is not refused: only a file that is there and wrong stops the start-up.
-fn gone(path: &Path) -> bool {
-    matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
@@ -132,7 +127,7 @@ pub fn adopt(
         };
         let mut file = match files::open_existing(path) {
             Ok(f) => f,
-            Err(_) if gone(path) => continue,
+            Err(_) if files::is_missing(path) => continue,
             Err(e) => return Err(e),
         };
         if !files::try_lock(&file) {
@@ -229,7 +224,7 @@ fn checkpoint_agrees(dir: &Path, ckpt_dir: &Path, chain: &str, tail: &Tail) -> b
 }
 
 /// The hash of record `seq` in a chain file, if it holds it.
-fn hash_at(path: &Path, seq: u64) -> Option<[u8; 32]> {
+pub(crate) fn hash_at(path: &Path, seq: u64) -> Option<[u8; 32]> {
     let bytes = files::read_capped(path).ok()?;
     bytes
         .split(|&b| b == b'\n')

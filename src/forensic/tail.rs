@@ -152,7 +152,10 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     // passed on from it: a directory that held them and is gone is not "not yet".
     let mut appeared_later = false;
     let nothing_passed_on = saved.as_ref().is_none_or(|s| s.chains.is_empty());
-    if nothing_passed_on && dir_missing(&args.log.dir) && (stop.is_some() || args.state.is_some()) {
+    if nothing_passed_on
+        && files::is_missing(&args.log.dir)
+        && (stop.is_some() || args.state.is_some())
+    {
         // Saved first: every chain of the directory will be new, and a restarted tail (or
         // the next scheduled run) must know it too. The file's presence also says the tail
         // has started (a start-up probe can wait for it before the writers start).
@@ -170,7 +173,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             return Ok(());
         };
         wait_for_dir(&args.log.dir, args.interval, stop);
-        if dir_missing(&args.log.dir) {
+        if files::is_missing(&args.log.dir) {
             // Stopped before it appeared: nothing was written, nothing to pass on.
             return Ok(());
         }
@@ -283,11 +286,11 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
 /// passed on from it, as when their files are gone; looked at again after a moment first.
 /// `None` while nothing was passed on from it, or while it is there.
 fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
-    if state.chains.is_empty() || !dir_missing(dir) {
+    if state.chains.is_empty() || !files::is_missing(dir) {
         return None;
     }
     std::thread::sleep(RECHECK_AFTER);
-    dir_missing(dir).then(|| Stop::Tampered {
+    files::is_missing(dir).then(|| Stop::Tampered {
         chain: None,
         reason: format!(
             "the log directory {} is gone, with the {} chain(s) passed on from it",
@@ -295,11 +298,6 @@ fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
             state.chains.len()
         ),
     })
-}
-
-/// Whether `dir` does not exist (other failures to look at it are `check_log_dir`'s to report).
-fn dir_missing(dir: &Path) -> bool {
-    matches!(std::fs::symlink_metadata(dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Waits for the missing `dir` to exist, looking every `interval` seconds, or until `stop` is
@@ -311,7 +309,7 @@ fn wait_for_dir(dir: &Path, interval: u64, stop: &AtomicBool) {
          its chains will be passed on from their first record",
         dir.display()
     );
-    while dir_missing(dir) && !stop.load(Ordering::SeqCst) {
+    while files::is_missing(dir) && !stop.load(Ordering::SeqCst) {
         sleep_unless_stopped(Duration::from_secs(interval), stop);
     }
 }
