@@ -207,7 +207,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     let (mut ckpts, ckpt_files_read) = load_checkpoints(opts, &mut report)?;
     let chains = list_all(dir, opts)?;
     // Prune manifests matter only to a pruned reading: read once, checked once.
-    let mut manifests = if opts.allow_pruned || !opts.archive_dirs.is_empty() {
+    let mut manifests = if pruned_reading(opts) {
         load_manifests(dir, opts)?
     } else {
         BTreeMap::new()
@@ -221,9 +221,14 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             .remove(chain)
             .or_else(|| late_checkpoint(chain, opts, &ckpt_files_read, &mut report));
         let manifest = manifests.remove(chain);
-        report
-            .chains
-            .push(verify_chain(chain, list, opts, ckpt.as_ref(), manifest)?);
+        report.chains.push(verify_listed(
+            dir,
+            chain,
+            list,
+            opts,
+            ckpt.as_ref(),
+            manifest,
+        )?);
     }
     // Manifests of chains with no file left.
     for (chain, manifest) in manifests {
@@ -246,6 +251,55 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             c.file,
             dir.display()
         ));
+    }
+    Ok(report)
+}
+
+/// How many times a chain is verified again from a new listing (see [`verify_listed`]).
+/// One is enough for a `prune-log` run, which moves a chain's files once: more covers a
+/// chain whose files it moves while the second reading runs.
+const MAX_RELISTS: usize = 3;
+
+/// Verifies one chain from the files listed for it and its manifest as loaded; when that
+/// finds a problem and a listed file is gone now, from a new listing, up to
+/// [`MAX_RELISTS`] times.
+///
+/// A `prune-log` run that moves the chain meanwhile writes its manifest and then removes
+/// the files it moved, oldest first: a verification that listed them finds one gone when it
+/// reads it. Listed again (the files, then the manifest, as `verify_all` reads them), the
+/// chain is judged by what is there: what the prune moved is accounted for by the manifest,
+/// a file deleted otherwise is still missing. The checkpoint, read before the first
+/// listing, covers only records on disk before it, as for the first reading.
+fn verify_listed(
+    dir: &Path,
+    chain: &str,
+    list: &[(u64, PathBuf)],
+    opts: &VerifyOptions,
+    ckpt: Option<&Checkpoint>,
+    manifest: Option<LoadedManifest>,
+) -> Result<ChainReport, VerifyError> {
+    let mut report = verify_chain(chain, list, opts, ckpt, manifest)?;
+    let mut list = list.to_vec();
+    for _ in 0..MAX_RELISTS {
+        if report.ok() || !list.iter().any(|(_, path)| files::is_missing(path)) {
+            break;
+        }
+        list = list_all(dir, opts)?
+            .into_iter()
+            .find(|(id, _)| id == chain)
+            .map(|(_, l)| l)
+            .unwrap_or_default();
+        let manifest = if pruned_reading(opts) {
+            load_manifest(dir, chain, &manifest_keys(opts).map_err(VerifyError)?)
+        } else {
+            None
+        };
+        report = match (list.is_empty(), manifest) {
+            (false, manifest) => verify_chain(chain, &list, opts, ckpt, manifest)?,
+            (true, Some(manifest)) => archived_chain(chain, manifest, opts, ckpt),
+            // Every file gone and no manifest: the first reading's report names one of them.
+            (true, None) => break,
+        };
     }
     Ok(report)
 }
@@ -280,12 +334,26 @@ fn load_manifests(
     let keys = manifest_keys(opts).map_err(VerifyError)?;
     let mut out = BTreeMap::new();
     for chain in listed {
-        let loaded = prune::read_manifest(dir, &chain)
-            .and_then(|m| m.ok_or_else(|| "disappeared while verifying".to_string()))
-            .and_then(|m| manifest_sealer(&m, &keys).map(|_| m));
+        let loaded = load_manifest(dir, &chain, &keys)
+            .unwrap_or_else(|| Err("disappeared while verifying".to_string()));
         out.insert(chain, loaded);
     }
     Ok(out)
+}
+
+/// Whether the reading takes prune manifests into account: it accepts pruned chains, or
+/// reads the archives too.
+fn pruned_reading(opts: &VerifyOptions) -> bool {
+    opts.allow_pruned || !opts.archive_dirs.is_empty()
+}
+
+/// The prune manifest of `chain` in `dir`, checked; `None` when there is none.
+fn load_manifest(dir: &Path, chain: &str, keys: &[EpochKey]) -> Option<LoadedManifest> {
+    match prune::read_manifest(dir, chain) {
+        Ok(None) => None,
+        Ok(Some(m)) => Some(manifest_sealer(&m, keys).map(|_| m)),
+        Err(e) => Some(Err(e)),
+    }
 }
 
 /// The epoch-0 key of each HMAC secret, in order, for manifest MACs.
@@ -1338,5 +1406,161 @@ mod tests {
             rfc3339(951_782_400_000_000_000),
             "2000-02-29T00:00:00.000000000Z"
         );
+    }
+}
+
+#[cfg(test)]
+mod relist_tests {
+    //! A `kvh prune-log` that runs while the log is verified removes files the verification
+    //! listed: such a chain is verified again from a new listing, not reported as tampered.
+    use super::*;
+    use crate::config::{Config, LogConfig};
+    use crate::forensic::prune::{prune_all, PruneRequest};
+    use crate::forensic::{ForensicLog, StartInfo};
+    use std::os::unix::fs::PermissionsExt;
+
+    const SECRET: &[u8] = b"relist-secret-0123456789abcdef";
+
+    fn opts() -> VerifyOptions {
+        VerifyOptions {
+            hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(SECRET.to_vec()))],
+            allow_pruned: true,
+            ..VerifyOptions::default()
+        }
+    }
+
+    /// A chain of about `files` files of 4 KiB in `dir`, stopped when `stop`; the log is
+    /// returned when it is left open.
+    fn chain(dir: &Path, files: usize, stop: bool) -> Option<std::sync::Arc<ForensicLog>> {
+        let cfg = LogConfig {
+            max_bytes: 4096,
+            ..crate::forensic::quiet_test_config(dir)
+        };
+        let log = ForensicLog::open_with_secret(
+            &cfg,
+            StartInfo::current(Config::default().canonical_json()),
+            Some(Zeroizing::new(SECRET.to_vec())),
+        )
+        .unwrap();
+        for i in 0..files * 16 {
+            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
+        }
+        log.flush();
+        if stop {
+            log.stop();
+            return None;
+        }
+        Some(log)
+    }
+
+    fn archive(root: &Path) -> PathBuf {
+        let archive = root.join("archive");
+        std::fs::create_dir(&archive).unwrap();
+        std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
+        archive
+    }
+
+    fn prune(dir: &Path, archive: &Path, opts: &VerifyOptions) {
+        let run = prune_all(
+            &PruneRequest {
+                dir,
+                archive,
+                older_than_days: 0,
+                dry_run: false,
+                opts,
+                checkpoint_place: None,
+            },
+            |_| {},
+        )
+        .unwrap();
+        assert!(run.refused.is_empty(), "{:?}", run.refused);
+        assert!(!run.moved.is_empty(), "prune-log moved nothing");
+    }
+
+    /// The listing and the manifests as `verify_all` reads them, before the prune.
+    fn listed(dir: &Path, opts: &VerifyOptions) -> (String, Vec<(u64, PathBuf)>) {
+        let mut chains = list_all(dir, opts).unwrap();
+        assert_eq!(chains.len(), 1);
+        assert!(load_manifests(dir, opts).unwrap().is_empty());
+        chains.remove(0)
+    }
+
+    #[test]
+    fn files_moved_by_a_prune_after_the_listing_are_not_tampering() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let opts = opts();
+        let log = chain(&dir, 6, false);
+        let (id, list) = listed(&dir, &opts);
+        assert!(list.len() > 3, "{list:?}");
+        prune(&dir, &archive(tmp.path()), &opts);
+        let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+        assert!(rep.ok(), "{:?}", rep.problem);
+        assert!(rep.pruned.is_some(), "{rep:?}");
+        std::mem::forget(log);
+    }
+
+    #[test]
+    fn a_chain_moved_whole_after_the_listing_is_not_tampering() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let opts = opts();
+        chain(&dir, 4, true);
+        let (id, list) = listed(&dir, &opts);
+        prune(&dir, &archive(tmp.path()), &opts);
+        assert!(list_all(&dir, &opts).unwrap().is_empty());
+        let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+        assert!(rep.ok(), "{:?}", rep.problem);
+        assert!(rep.closed && rep.pruned.is_some(), "{rep:?}");
+    }
+
+    /// Listing again does not excuse a file deleted outside `prune-log`: no manifest
+    /// accounts for it.
+    #[test]
+    fn a_file_deleted_after_the_listing_is_still_reported() {
+        for victim in [0, 2] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("log");
+            let opts = opts();
+            chain(&dir, 5, true);
+            let (id, list) = listed(&dir, &opts);
+            std::fs::remove_file(&list[victim].1).unwrap();
+            let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+            assert!(!rep.ok(), "file {victim} deleted, yet the chain verifies");
+        }
+    }
+
+    /// `verify_all` in a loop while `prune-log` moves many chains: every reading verifies.
+    #[test]
+    fn verifications_overlapping_a_prune_all_verify() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let opts = opts();
+        for _ in 0..16 {
+            chain(&dir, 5, true);
+        }
+        let archive = archive(tmp.path());
+        assert!(verify_all(&dir, &opts).unwrap().ok());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let readings = std::thread::scope(|s| {
+            s.spawn(|| {
+                prune(&dir, &archive, &opts);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let mut readings = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let report = verify_all(&dir, &opts).unwrap();
+                assert!(
+                    report.ok(),
+                    "a verification overlapping prune-log fails: {:?}",
+                    report.first_problem()
+                );
+                readings += 1;
+            }
+            readings
+        });
+        assert!(readings > 0);
+        let after = verify_all(&dir, &opts).unwrap();
+        assert!(after.ok() && after.chains.len() == 16, "{after:?}");
     }
 }
