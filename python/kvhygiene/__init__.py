@@ -19,6 +19,9 @@ are handed to a request (inside its ``context``)::
 
     kvhygiene.claim_blocks(layout, newly_allocated_block_ids)          # per block allocation
 
+``kvhygiene.vllm`` does the claims from a vLLM v1 worker's ``SchedulerOutput``;
+``kvhygiene.sglang`` puts the scrub on an SGLang token allocator's ``free``.
+
 ``install`` makes ``libkvhygiene.so`` PyTorch's CUDA allocator through
 ``torch.cuda.memory.CUDAPluggableAllocator``: every tensor's memory then comes from the
 kvhygiene pool, and memory freed by one request is zeroed and verified before any other

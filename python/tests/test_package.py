@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import kvhygiene
+from fakes import FakeTensor
 
 LIB = os.environ.get("KVH_LIBRARY")
 needs_lib = pytest.mark.skipif(
@@ -246,40 +247,15 @@ def test_a_result_that_keeps_outgrowing_the_buffer_is_an_error():
 # ---- paged KV caches: KvLayout and scrub_blocks ----
 
 
-class _FakeTensor:
-    """The parts of a torch tensor KvLayout.from_tensors reads, over caller-chosen memory."""
-
-    def __init__(self, ptr, shape, stride=None, element_size=2, device_index=None):
-        self.shape = tuple(shape)
-        if stride is None:
-            stride, acc = [], 1
-            for size in reversed(shape):
-                stride.insert(0, acc)
-                acc *= size
-        self._stride = tuple(stride)
-        self._ptr = ptr
-        self._esize = element_size
-        self.device = type("Device", (), {"index": device_index})()
-
-    def stride(self):
-        return self._stride
-
-    def element_size(self):
-        return self._esize
-
-    def data_ptr(self):
-        return self._ptr
-
-
 def test_layout_of_a_vllm_layer_cache():
     # [2, num_blocks, block_size, heads, head_size] in fp16: K and V are two regions.
-    t = _FakeTensor(0x10000, (2, 32, 16, 4, 8))
+    t = FakeTensor(0x10000, (2, 32, 16, 4, 8))
     layout = kvhygiene.KvLayout.from_tensors([t], block_dim=1)
     block = 16 * 4 * 8 * 2
     assert layout.regions == (0x10000, 0x10000 + 32 * block)
     assert (layout.block_bytes, layout.block_stride, layout.blocks_per_region) == (block, block, 32)
     # [num_blocks, 2, ...]: one region, K and V of a block together.
-    t2 = _FakeTensor(0x20000, (32, 2, 16, 4, 8))
+    t2 = FakeTensor(0x20000, (32, 2, 16, 4, 8))
     l2 = kvhygiene.KvLayout.from_tensors([t2], block_dim=0)
     assert l2.regions == (0x20000,) and l2.block_bytes == l2.block_stride == 2 * block
 
@@ -287,28 +263,28 @@ def test_layout_of_a_vllm_layer_cache():
 def test_permuted_dense_blocks_and_single_blocks_are_accepted():
     # vLLM's HND layout: [2, blocks, block_size, heads, head_size] viewed with heads before
     # block_size in memory. Each block is still one dense run of 16 x 8 x 128 elements.
-    hnd = _FakeTensor(0x40000, (2, 4, 16, 8, 128), stride=(65536, 16384, 128, 2048, 1))
+    hnd = FakeTensor(0x40000, (2, 4, 16, 8, 128), stride=(65536, 16384, 128, 2048, 1))
     layout = kvhygiene.KvLayout.from_tensors([hnd], block_dim=1)
     assert (layout.block_bytes, layout.block_stride) == (16384 * 2, 16384 * 2)
     # One block: its dimension's stride is arbitrary and ignored.
-    one = _FakeTensor(0x50000, (2, 1, 4), stride=(4, 1, 1))
+    one = FakeTensor(0x50000, (2, 1, 4), stride=(4, 1, 1))
     l1 = kvhygiene.KvLayout.from_tensors([one], block_dim=1)
     assert l1.block_stride == l1.block_bytes == 8 and l1.regions == (0x50000, 0x50008)
 
 
 def test_layout_errors_name_the_tensor_and_the_problem():
-    a = _FakeTensor(0x10000, (2, 8, 16))
+    a = FakeTensor(0x10000, (2, 8, 16))
     with pytest.raises(ValueError, match="block_dim 3"):
         kvhygiene.KvLayout.from_tensors([a], block_dim=3)
-    gappy = _FakeTensor(0x10000, (2, 8, 16, 4), stride=(1024, 128, 2, 32))
+    gappy = FakeTensor(0x10000, (2, 8, 16, 4), stride=(1024, 128, 2, 32))
     with pytest.raises(ValueError, match="tensor 0: the dimensions after block_dim 1 do not cover one dense run"):
         kvhygiene.KvLayout.from_tensors([gappy], block_dim=1)
     with pytest.raises(ValueError, match="block_bytes -1"):
         kvhygiene.KvLayout([0x1000], -1, 4)
-    other = _FakeTensor(0x90000, (2, 9, 16))
+    other = FakeTensor(0x90000, (2, 9, 16))
     with pytest.raises(ValueError, match="tensor 1 has block geometry"):
         kvhygiene.KvLayout.from_tensors([a, other], block_dim=1)
-    elsewhere = _FakeTensor(0x90000, (2, 8, 16), device_index=1)
+    elsewhere = FakeTensor(0x90000, (2, 8, 16), device_index=1)
     with pytest.raises(ValueError, match="tensor 1 is on device 1"):
         kvhygiene.KvLayout.from_tensors([a, elsewhere], block_dim=1)
     with pytest.raises(ValueError, match="at least one tensor"):
@@ -323,7 +299,7 @@ def test_scrub_blocks_zeroes_named_blocks_of_two_layers():
     layers = [lib.kvh_malloc(size, 0, None) for _ in range(2)]
     for p in layers:
         ctypes.memset(p, 0x7E, size)
-    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, shape) for p in layers], block_dim=1)
+    layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, shape) for p in layers], block_dim=1)
     assert len(layout.regions) == 4
     kvhygiene.scrub_blocks(layout, [6, 2])
     for p in layers:
@@ -360,7 +336,7 @@ def test_claim_blocks_scrubs_blocks_that_change_request():
     size = 2 * 8 * 128
     p = lib.kvh_malloc(size, 0, None)
     ctypes.memset(p, 0x7E, size)  # what earlier requests left in the cache
-    layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, shape)], block_dim=1)
+    layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, shape)], block_dim=1)
 
     def block(i):
         return ctypes.string_at(p + i * 128, 128) + ctypes.string_at(p + (8 + i) * 128, 128)
@@ -444,7 +420,7 @@ def test_block_ids_that_are_not_integers_are_refused():
     # A float (2.9 is not block 2), a string or a bool (a mask passed by mistake would name
     # blocks 1 and 0) is refused before anything is scrubbed or claimed.
     with _cache() as p:
-        layout = kvhygiene.KvLayout.from_tensors([_FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
         for bad in ([2.9], ["4"], [True]):
             with pytest.raises((TypeError, ValueError)):
                 kvhygiene.scrub_blocks(layout, bad)
@@ -459,7 +435,7 @@ def test_layers_sharing_one_cache_tensor_give_a_usable_layout():
     # kv_caches list holds the same tensor twice). Its regions count once, or the library
     # would refuse every call (regions overlap).
     with _cache() as p:
-        t = _FakeTensor(p, (2, 8, 16, 4))
+        t = FakeTensor(p, (2, 8, 16, 4))
         layout = kvhygiene.KvLayout.from_tensors([t, t], block_dim=1)
         kvhygiene.scrub_blocks(layout, [3])
         assert ctypes.string_at(p + 3 * 128, 128) == bytes(128)

@@ -1,0 +1,191 @@
+"""Scrub on free for SGLang's token KV pools: every KV slot the engine frees is zeroed and
+verified before its allocator can hand it to another request.
+
+SGLang keeps one KV row per token slot (``MHATokenToKVPool.k_buffer`` and ``v_buffer``, one
+``[size + page_size, heads, head_dim]`` tensor per layer; ``MLATokenToKVPool.kv_buffer``) and
+hands slots out through a token allocator (``TokenToKVPoolAllocator``, or
+``PagedTokenToKVPoolAllocator`` with pages of ``page_size`` slots). Every path that gives slots
+back (a request that finishes or is aborted or retracted, a prefix-cache eviction) ends in the
+allocator's ``free(free_index)``, with the token indices freed: wrapping that one method puts
+the scrub on every path::
+
+    import kvhygiene
+    from kvhygiene.sglang import layouts_of, scrub_on_free
+
+    kvhygiene.install()  # before the KV pool is allocated
+    ...
+    layouts = layouts_of(token_to_kv_pool)            # in the process that owns the pool
+    scrub_on_free(token_to_kv_pool_allocator, layouts)
+
+A freed page (the slot itself when ``page_size`` is 1) is scrubbed whole, in every layer, K
+and V, before the allocator's own ``free`` runs: a paged allocator frees whole pages, so a page
+is reused only after it was scrubbed. Pages whose scrub fails verification are withheld (never
+given back to the allocator, listed in :attr:`ScrubOnFree.withheld`, and recorded in the
+forensic log by the library); the others are freed. A call the library refuses (a pool not
+allocated through kvhygiene, say) raises and frees nothing.
+
+Only attribute names are used (no SGLang import): the module is tested against stand-ins with
+those names, not against SGLang itself. The scrub runs on ``stream`` (default: PyTorch's
+current stream), after the work queued there: an engine that runs the forward pass on another
+stream must pass that one, so that the scrub does not overtake a kernel still reading the
+slots. Pools that are not per-token rows (a hybrid or sliding-window pool's extra buffers, a
+host-side cache) are not covered.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from . import KvLayout, ScrubVerificationError, _tensor_blocks, scrub_blocks
+
+__all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree"]
+
+_log = logging.getLogger(__name__)
+
+
+def _buffers(kv_pool) -> list:
+    """The pool's per-layer KV tensors: ``k_buffer`` + ``v_buffer`` (MHA) or ``kv_buffer``
+    (MLA)."""
+    k, v = getattr(kv_pool, "k_buffer", None), getattr(kv_pool, "v_buffer", None)
+    if k is not None and v is not None:
+        return list(k) + list(v)
+    kv = getattr(kv_pool, "kv_buffer", None)
+    if kv is not None:
+        return list(kv)
+    raise AttributeError(
+        f"{type(kv_pool).__name__} has neither k_buffer and v_buffer nor kv_buffer: not an "
+        "SGLang token KV pool kvhygiene.sglang can read"
+    )
+
+
+def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
+    """The layouts of an SGLang token KV pool whose blocks are its pages: block ``p`` of each
+    region is token slots ``p * page_size .. (p + 1) * page_size - 1`` of one layer's K, V or
+    KV tensor. ``page_size`` defaults to the pool's. Tensors of one geometry share a layout (K
+    and V of different head sizes make two)."""
+    page = _page_size(kv_pool if page_size is None else page_size)
+    groups: Dict[Tuple[int, int, int, int], List[int]] = {}
+    for n, t in enumerate(_buffers(kv_pool)):
+        name = f"KV tensor {n}"
+        if len(t.shape) != 3:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, heads, head_dim]")
+        (row_bytes, row_stride, rows), bases = _tensor_blocks(t, 0, name)
+        if page > 1 and row_stride != row_bytes:
+            raise ValueError(
+                f"{name}: token rows are {row_stride} bytes apart but {row_bytes} long: a page of "
+                f"{page} slots is not one dense run of memory"
+            )
+        if rows < page:
+            raise ValueError(f"{name}: {rows} token slots, fewer than one page of {page}")
+        index = getattr(getattr(t, "device", None), "index", None) or 0
+        geometry = (row_bytes * page, row_stride * page, rows // page, index)
+        regions = groups.setdefault(geometry, [])
+        regions.extend(b for b in bases if b not in regions)
+    return [
+        KvLayout(regions, block_bytes, blocks, block_stride=stride, device=device)
+        for (block_bytes, stride, blocks, device), regions in groups.items()
+    ]
+
+
+def _page_size(source) -> int:
+    """A page size given, or the ``page_size`` of the object given (1 without one)."""
+    try:
+        page = operator.index(source)
+    except TypeError:
+        page = operator.index(getattr(source, "page_size", 1))
+    if page < 1:
+        raise ValueError(f"page_size {page} is not a positive number of token slots")
+    return page
+
+
+def _indices(free_index) -> List[int]:
+    """Token indices as ints: a tensor or array in one transfer, else a sequence."""
+    if hasattr(free_index, "tolist"):
+        free_index = free_index.tolist()
+        if isinstance(free_index, int):
+            free_index = [free_index]
+    out = []
+    for i in free_index:
+        if isinstance(i, bool):
+            raise TypeError(f"token index {i!r} is a bool")
+        i = operator.index(i)
+        if i < 0:
+            raise ValueError(f"token index {i} is negative")
+        out.append(i)
+    return out
+
+
+def pages_of(free_index, page_size: int) -> List[int]:
+    """The distinct pages (``index // page_size``) of the token indices ``free_index``, in
+    order."""
+    page = _page_size(page_size)
+    return sorted({i // page for i in _indices(free_index)})
+
+
+class ScrubOnFree:
+    """The ``free`` that :func:`scrub_on_free` puts on an allocator: scrubs the pages of the
+    indices freed, then calls the allocator's own ``free`` with the indices of the pages that
+    verified."""
+
+    def __init__(self, allocator, layouts: Sequence[KvLayout], page_size: int, stream):
+        self.allocator = allocator
+        self.layouts = list(layouts)
+        self.page_size = page_size
+        self.stream = stream
+        self.original = allocator.free
+        #: Pages whose scrub failed verification: never given back to the allocator.
+        self.withheld: Set[int] = set()
+        #: Pages scrubbed and verified, in all.
+        self.scrubbed_pages = 0
+
+    def __call__(self, free_index, *args, **kwargs):
+        pages = pages_of(free_index, self.page_size)
+        failed: Set[int] = set()
+        for layout in self.layouts:
+            if not pages:
+                break
+            try:
+                scrub_blocks(layout, pages, stream=self.stream)
+            except ScrubVerificationError as e:
+                failed.update(e.failed_blocks)
+        self.scrubbed_pages += len(pages) - len(failed)
+        if failed:
+            self.withheld |= failed
+            _log.error(
+                "kvhygiene: %d KV pages failed verification after their scrub and are withheld "
+                "from the allocator: %s",
+                len(failed),
+                sorted(failed),
+            )
+            free_index = self._without(free_index, failed)
+        return self.original(free_index, *args, **kwargs)
+
+    def _without(self, free_index, failed: Set[int]):
+        """``free_index`` less the indices of the pages in ``failed``, of the same kind."""
+        keep = [i for i in _indices(free_index) if i // self.page_size not in failed]
+        if hasattr(free_index, "new_tensor"):
+            return free_index.new_tensor(keep)
+        return type(free_index)(keep) if isinstance(free_index, (list, tuple)) else keep
+
+    def uninstall(self) -> None:
+        """Puts the allocator's own ``free`` back."""
+        self.allocator.free = self.original
+
+
+def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
+    """Wraps ``allocator.free`` (an SGLang token allocator, or anything with
+    ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it. ``layouts`` are the KV
+    pool's (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the
+    allocator's. Refused on an allocator already wrapped."""
+    if isinstance(getattr(allocator, "free", None), ScrubOnFree):
+        raise ValueError("this allocator's free already scrubs (scrub_on_free was called on it before)")
+    if not callable(getattr(allocator, "free", None)):
+        raise AttributeError(f"{type(allocator).__name__} has no free method")
+    layouts = list(layouts)
+    if not layouts:
+        raise ValueError("scrub_on_free needs the KV pool's layouts (layouts_of(pool))")
+    wrapper = ScrubOnFree(allocator, layouts, _page_size(allocator if page_size is None else page_size), stream)
+    allocator.free = wrapper
+    return wrapper

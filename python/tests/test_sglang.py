@@ -1,0 +1,181 @@
+"""kvhygiene.sglang against stand-ins of SGLang's token KV pool and token allocator (the
+attribute names it reads), over KV tensors in kvhygiene memory on the host backend: freed slots
+are zero before the allocator hands them out again, live slots keep their contents, a page
+that fails verification is never handed out again."""
+
+import ctypes
+from types import SimpleNamespace as NS
+
+import pytest
+
+import kvhygiene
+from fakes import FakeTensor
+from kvhygiene.sglang import ScrubOnFree, layouts_of, pages_of, scrub_on_free
+
+HEADS = 2
+SLOTS = 16  # the pool's size; SGLang adds one page of padding slots
+
+
+class TokenAllocator:
+    """SGLang's token allocator as the module sees it: ``page_size``, and ``free`` of token
+    indices giving their pages back. Page 0 holds the padding slots and is never handed out."""
+
+    def __init__(self, page_size):
+        self.page_size = page_size
+        self.free_pages = list(range(1, SLOTS // page_size + 1))
+        self.freed = []
+
+    def alloc(self, tokens):
+        pages = self.free_pages[: -(-tokens // self.page_size)]
+        self.free_pages = self.free_pages[len(pages) :]
+        return [p * self.page_size + k for p in pages for k in range(self.page_size)][:tokens]
+
+    def free(self, free_index):
+        self.freed.append(list(free_index))
+        self.free_pages.extend(sorted({i // self.page_size for i in free_index}))
+
+
+class Pool:
+    """An MHA token KV pool of ``layers`` layers in kvhygiene memory: ``k_buffer`` and
+    ``v_buffer``, one ``[SLOTS + page_size, HEADS, dim]`` fp16 tensor per layer."""
+
+    def __init__(self, lib, page_size, layers=2, k_dim=8, v_dim=8):
+        self.page_size = page_size
+        self.rows = SLOTS + page_size
+        self.row_bytes = {"k": HEADS * k_dim * 2, "v": HEADS * v_dim * 2}
+        self.size = layers * self.rows * (self.row_bytes["k"] + self.row_bytes["v"])
+        self.lib = lib
+        self.base = lib.kvh_malloc(self.size, 0, None)
+        at = self.base
+        self.k_buffer, self.v_buffer = [], []
+        for _ in range(layers):
+            for name, dim, out in (("k", k_dim, self.k_buffer), ("v", v_dim, self.v_buffer)):
+                out.append(FakeTensor(at, (self.rows, HEADS, dim)))
+                at += self.rows * self.row_bytes[name]
+
+    def rows_of(self):
+        for t in self.k_buffer + self.v_buffer:
+            yield t, t.shape[1] * t.shape[2] * 2
+
+    def fill(self, slots, byte):
+        for t, row in self.rows_of():
+            for s in slots:
+                ctypes.memset(t.data_ptr() + s * row, byte, row)
+
+    def holds(self, slot, byte):
+        """Whether every layer's K and V row of ``slot`` is all ``byte``."""
+        return all(
+            ctypes.string_at(t.data_ptr() + slot * row, row) == bytes([byte]) * row for t, row in self.rows_of()
+        )
+
+    def release(self):
+        self.lib.kvh_free(self.base, self.size, 0, None)
+        kvhygiene.synchronize()
+
+
+def test_freed_slots_are_zero_when_handed_out_again_and_live_ones_keep_their_bytes():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = TokenAllocator(page_size=1)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    a, b = alloc.alloc(4), alloc.alloc(3)
+    pool.fill(a, 0xA1)
+    pool.fill(b, 0xB2)
+    alloc.free(a)  # request a finishes: its slots go back through the scrub
+    assert alloc.freed == [a], "the allocator's own free ran with the indices freed"
+    assert all(pool.holds(s, 0) for s in a), "a freed slot kept request a's bytes"
+    assert all(pool.holds(s, 0xB2) for s in b), "a live request's slots were written"
+    c = alloc.alloc(SLOTS - 3)
+    assert set(a) <= set(c) and all(pool.holds(s, 0) for s in a)
+    assert wrapper.scrubbed_pages == 4 and not wrapper.withheld
+    alloc.free([])  # nothing to scrub: the allocator's free still runs
+    assert alloc.freed[-1] == []
+    pool.release()
+
+
+def test_a_paged_pool_is_scrubbed_page_by_page_in_every_layer():
+    lib = kvhygiene.load()
+    # V rows of another head size than K: two layouts.
+    pool = Pool(lib, page_size=4, k_dim=8, v_dim=16)
+    layouts = layouts_of(pool)
+    assert len(layouts) == 2
+    assert [(lay.block_bytes, lay.blocks_per_region, len(lay.regions)) for lay in layouts] == [
+        (4 * HEADS * 8 * 2, 5, 2),
+        (4 * HEADS * 16 * 2, 5, 2),
+    ]
+    alloc = TokenAllocator(page_size=4)
+    scrub_on_free(alloc, layouts)
+    tokens = alloc.alloc(6)  # pages 1 and 2: slots 4-9, 10 and 11 not used
+    assert tokens == [4, 5, 6, 7, 8, 9]
+    pool.fill(range(4, 12), 0xC3)
+    pool.fill(range(12, 16), 0xD4)
+    alloc.free(tokens)
+    assert all(pool.holds(s, 0) for s in range(4, 12)), "a freed page kept bytes"
+    assert all(pool.holds(s, 0xD4) for s in range(12, 16)), "another page was written"
+    assert pool.holds(0, 0), "the padding page was written"
+    pool.release()
+
+
+def test_a_page_that_fails_verification_is_withheld_and_the_others_are_freed():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = TokenAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(6)  # pages 1, 2, 3
+    pool.fill(tokens, 0xE5)
+    lib.kvh_inject_fault(1)
+    alloc.free(tokens)
+    assert wrapper.withheld == {1}
+    assert alloc.freed == [[4, 5, 6, 7]], "the failed page's slots were given back"
+    assert 1 not in alloc.free_pages and {2, 3} <= set(alloc.free_pages)
+    assert all(pool.holds(s, 0) for s in range(4, 8))
+    pool.release()
+
+
+def test_a_refused_scrub_raises_and_frees_nothing():
+    stray = NS(page_size=1, k_buffer=[FakeTensor(0x1000, (SLOTS + 1, HEADS, 8))], v_buffer=[])
+    alloc = TokenAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(stray))
+    with pytest.raises(kvhygiene.KvhError, match="not inside"):
+        alloc.free(alloc.alloc(2))
+    assert alloc.freed == []
+
+
+def test_pages_and_layouts_refuse_what_they_cannot_read():
+    assert pages_of([9, 8, 3, 0], 4) == [0, 2]
+    assert pages_of(NS(tolist=lambda: 5), 1) == [5]
+    four = type("Int", (), {"__index__": lambda self: 4})()  # numpy's integers, say
+    assert pages_of([9], four) == [2]
+    with pytest.raises(ValueError, match="negative"):
+        pages_of([-1], 1)
+    with pytest.raises(TypeError, match="bool"):
+        pages_of([True], 1)
+    with pytest.raises(ValueError, match="page_size 0"):
+        pages_of([1], 0)
+    with pytest.raises(AttributeError, match="neither k_buffer"):
+        layouts_of(NS(page_size=1))
+    with pytest.raises(ValueError, match="not \\[token slots, heads, head_dim\\]"):
+        layouts_of(NS(page_size=4, kv_buffer=[FakeTensor(0x1000, (5, 4, 1, 8))]))
+    gappy = FakeTensor(0x1000, (20, 2, 8), stride=(32, 8, 1))
+    with pytest.raises(ValueError, match="not one dense run"):
+        layouts_of(NS(page_size=4, kv_buffer=[gappy]))
+    with pytest.raises(ValueError, match="fewer than one page"):
+        layouts_of(NS(page_size=4, kv_buffer=[FakeTensor(0x1000, (3, 2, 8))]))
+    # MLA: one kv_buffer per layer; the page size given wins over the pool's.
+    mla = NS(page_size=1, kv_buffer=[FakeTensor(0x1000, (17, 1, 64)), FakeTensor(0x9000, (17, 1, 64))])
+    (only,) = layouts_of(mla, page_size=2)
+    assert (only.block_bytes, only.blocks_per_region, only.regions) == (256, 8, (0x1000, 0x9000))
+
+
+def test_an_allocator_is_wrapped_once_and_can_be_unwrapped():
+    alloc = TokenAllocator(page_size=1)
+    own = alloc.free
+    layout = kvhygiene.KvLayout([0x1000], 64, 4)
+    wrapper = scrub_on_free(alloc, [layout])
+    assert isinstance(alloc.free, ScrubOnFree)
+    with pytest.raises(ValueError, match="already scrubs"):
+        scrub_on_free(alloc, [layout])
+    with pytest.raises(ValueError, match="needs the KV pool's layouts"):
+        scrub_on_free(TokenAllocator(page_size=1), [])
+    wrapper.uninstall()
+    assert alloc.free == own
