@@ -109,8 +109,9 @@ extern "C" {
 // default stream). PyTorch's `CUDAPluggableAllocator` allocation signature.
 //
 // Every byte of the returned memory reads zero. `size == 0` returns NULL without error.
-// On failure: with `KVH_OOM=throw` (the default) throws `std::bad_alloc`; with
-// `KVH_OOM=null` returns NULL and sets the last error.
+// On failure (also when the runtime could not start): with the policy's `oom = "throw"`
+// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`; with
+// `oom = "null"` returns NULL and sets the last error.
 //
 // Ownership: the caller owns the block until it passes it to `kvh_free`.
 void *kvh_malloc(ssize_t size, int device, void *stream);
@@ -127,6 +128,9 @@ void kvh_free(void *ptr, ssize_t size, int device, void *stream);
 
 // As `kvh_free`, then waits for the block's scrub and returns `KVH_OK` when it verified, or
 // `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead (or an invalid-free code).
+// When the backend refused the scrub for now it does not wait: `KVH_ERR_CAPTURE_ACTIVE` (the
+// stream is capturing a CUDA graph) or `KVH_ERR_OUT_OF_MEMORY` (no memory for the batch); the
+// block stays out of use and is scrubbed at a later flush.
 int kvh_free_checked(void *ptr, ssize_t size, int device, void *stream);
 
 // Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
@@ -214,7 +218,11 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
 void kvh_empty_cache(void);
 
 // Submits every pending scrub and waits until each has been verified and applied. Returns
-// `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky).
+// `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky) or
+// when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
+// memory for a batch; the message says which and how many blocks): those blocks stay out of
+// use and are scrubbed at a later flush, so call again once the capture ended or memory was
+// freed.
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the

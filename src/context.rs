@@ -99,14 +99,21 @@ impl Context {
         self.tenant_key
     }
 
-    /// Sets this thread's context; returns the previous one.
+    /// Sets this thread's context; returns the previous one. At thread exit, once the
+    /// thread's context is destroyed (a call from another thread-local's destructor), sets
+    /// nothing and returns none.
     pub fn set_current(ctx: Context) -> Context {
-        CURRENT.with(|c| c.replace(ctx))
+        CURRENT
+            .try_with(|c| c.replace(ctx))
+            .unwrap_or_else(|_| Context::none())
     }
 
-    /// This thread's context.
+    /// This thread's context; none at thread exit once it is destroyed (see
+    /// [`Context::set_current`]).
     pub fn current() -> Context {
-        CURRENT.with(|c| c.borrow().clone())
+        CURRENT
+            .try_with(|c| c.borrow().clone())
+            .unwrap_or_else(|_| Context::none())
     }
 }
 

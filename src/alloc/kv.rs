@@ -647,7 +647,10 @@ impl Allocator {
 }
 
 /// Waits for every submitted batch (with no lock held) and gathers results in segment order:
-/// `None` for segments never submitted or whose batch failed.
+/// `None` for segments never submitted or whose batch failed. A batch answered with another
+/// number of results than it had segments failed: which result belongs to which segment is
+/// unknown, so none of them is taken (a block one of whose segments has no result is never
+/// reported clean).
 fn wait_all(
     tickets: Vec<Submitted>,
     segments: usize,
@@ -657,11 +660,16 @@ fn wait_all(
     let mut error = submit_error;
     for (start, len, mut ticket) in tickets {
         match ticket.wait() {
-            // One result per segment of the batch, never more.
-            Ok(r) => {
+            Ok(r) if r.len() == len => {
                 for (slot, v) in results[start..start + len].iter_mut().zip(r) {
                     *slot = Some(v);
                 }
+            }
+            Ok(r) => {
+                error.get_or_insert(BackendError::Other(format!(
+                    "scrub returned {} results for {len} segments",
+                    r.len()
+                )));
             }
             Err(e) => {
                 error.get_or_insert(e);

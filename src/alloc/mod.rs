@@ -340,16 +340,15 @@ impl Allocator {
             }
             let (batches, deferred) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_block(ptr, backend, config, after);
-                (pool.take_in_flight(Some(seq)), pool.is_open(ptr))
+                let deferred = pool.deferral_of(ptr, "a checked free's scrub");
+                (pool.take_in_flight(Some(seq)), deferred)
             });
-            if deferred {
-                // A CUDA graph capture refused the launch. Waiting here could deadlock the
-                // capturing thread; the scrub runs once the capture ends.
+            if let Some(why) = deferred {
+                // The backend refused the launch for now (a CUDA graph capture, where waiting
+                // could deadlock the capturing thread, or no memory for the batch): the block
+                // stays PENDING and its scrub runs at a later flush.
                 self.pool(dev).unwatch(seq);
-                return Err(FreeError::Backend(BackendError::StreamCapturing {
-                    stream: stream.0,
-                    what: "a checked free's scrub",
-                }));
+                return Err(FreeError::Backend(why));
             }
             if batches.is_empty() {
                 // Another thread is waiting on this batch with the lock dropped; it records
@@ -480,8 +479,18 @@ impl Allocator {
     /// Submits every open batch and waits for every scrub (including quarantine re-scrubs) to
     /// complete and be applied. Returns the sticky asynchronous error, if any.
     pub fn synchronize(&self) -> Result<(), String> {
+        let mut waiting = None;
         for dev in 0..self.inner.pools.len() as u32 {
             self.drain_pool(dev);
+            if waiting.is_none() {
+                waiting = self.pool(dev).deferred("the scrub").map(|w| (dev, w));
+            }
+        }
+        if let Some((dev, (blocks, why))) = waiting {
+            // Their scrubs were refused for now and run at a later flush: not waited for.
+            return Err(format!(
+                "{blocks} freed blocks of device {dev} are not scrubbed yet: {why}"
+            ));
         }
         match self
             .inner

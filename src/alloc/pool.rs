@@ -48,6 +48,30 @@ struct OpenBatch {
     opened_at: Instant,
     blocks: Vec<u64>,
     waits: Vec<StreamHandle>,
+    /// Why its last submission was refused; `None` for a batch never submitted.
+    deferred: Option<Deferral>,
+}
+
+/// Why the backend refused to queue a batch for now (the batch waits, open, for a later
+/// flush): what a caller waiting for one of its blocks is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deferral {
+    /// Its stream is capturing a CUDA graph.
+    Capture,
+    /// No memory for the batch's own buffers.
+    OutOfMemory { requested: u64 },
+}
+
+impl Deferral {
+    fn error(self, device: u32, stream: StreamHandle, what: &'static str) -> BackendError {
+        match self {
+            Deferral::Capture => BackendError::StreamCapturing {
+                stream: stream.0,
+                what,
+            },
+            Deferral::OutOfMemory { requested } => BackendError::OutOfMemory { device, requested },
+        }
+    }
 }
 
 /// A submitted batch.
@@ -331,6 +355,7 @@ impl DevicePool {
                     opened_at: Instant::now(),
                     blocks: Vec::with_capacity(config.batch_size),
                     waits: Vec::new(),
+                    deferred: None,
                 });
                 self.open.len() - 1
             }
@@ -498,16 +523,17 @@ impl DevicePool {
                 });
             }
             Err(BackendError::StreamCapturing { .. }) => {
-                self.defer(stream, waits, &blocks, rescrub)
+                self.defer(stream, waits, &blocks, rescrub, Deferral::Capture)
             }
             // No memory for the batch's own buffers (its slot): nothing was queued, so the
             // blocks were not scrubbed and not read back either. They stay PENDING, out of every
             // free list, and are submitted again later, as under a graph capture; a failed
             // verification would quarantine them, and their re-scrub would meet the same
             // shortage and condemn them for good.
-            Err(BackendError::OutOfMemory { .. }) => {
+            Err(BackendError::OutOfMemory { requested, .. }) => {
                 self.stats.counters.backend_errors += 1;
-                self.defer(stream, waits, &blocks, rescrub)
+                let why = Deferral::OutOfMemory { requested };
+                self.defer(stream, waits, &blocks, rescrub, why)
             }
             // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
             // releases or reuses them); no event, no failure.
@@ -527,6 +553,7 @@ impl DevicePool {
         waits: Vec<StreamHandle>,
         blocks: &[(u64, u64)],
         rescrub: bool,
+        why: Deferral,
     ) {
         self.stats.counters.scrubs_deferred += blocks.len() as u64;
         for (addr, _) in blocks {
@@ -545,6 +572,7 @@ impl DevicePool {
             opened_at: Instant::now(),
             blocks: blocks.iter().map(|&(addr, _)| addr).collect(),
             waits,
+            deferred: Some(why),
         });
     }
 
@@ -631,8 +659,23 @@ impl DevicePool {
 
     /// Whether `addr`'s scrub is still in an open (unsubmitted) batch, e.g. deferred by a
     /// CUDA graph capture.
-    pub(crate) fn is_open(&self, addr: u64) -> bool {
-        self.open.iter().any(|o| o.blocks.contains(&addr))
+    /// Why the scrub of the block at `addr` was refused for now, as the error a caller waiting
+    /// for it is given: `None` unless the block is in an open batch the backend refused.
+    pub(crate) fn deferral_of(&self, addr: u64, what: &'static str) -> Option<BackendError> {
+        self.open
+            .iter()
+            .find(|o| o.blocks.contains(&addr))
+            .and_then(|o| Some(o.deferred?.error(self.device, o.stream, what)))
+    }
+
+    /// The freed blocks whose scrub the backend refused for now, and why the first of them
+    /// waits: what `synchronize` could not wait for.
+    pub(crate) fn deferred(&self, what: &'static str) -> Option<(usize, BackendError)> {
+        let mut refused = self.open.iter().filter(|o| o.deferred.is_some());
+        let first = refused.next()?;
+        let blocks = first.blocks.len() + refused.map(|o| o.blocks.len()).sum::<usize>();
+        let why = first.deferred?.error(self.device, first.stream, what);
+        Some((blocks, why))
     }
 
     /// Asks for the outcome of scrub `seq` to be kept for [`DevicePool::take_outcome`].

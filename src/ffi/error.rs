@@ -171,6 +171,7 @@ impl From<&crate::alloc::FreeError> for kvh_result {
             E::Backend(crate::backend::BackendError::StreamCapturing { .. }) => {
                 KVH_ERR_CAPTURE_ACTIVE
             }
+            E::Backend(crate::backend::BackendError::OutOfMemory { .. }) => KVH_ERR_OUT_OF_MEMORY,
             E::Backend(crate::backend::BackendError::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(_) => KVH_ERR_BACKEND,
         }

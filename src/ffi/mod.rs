@@ -37,14 +37,29 @@ thread_local! {
     static LAST_MESSAGE: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+// The last error is reached through `try_with` only: an export called from a destructor that
+// runs at thread exit (a C++ `thread_local` freeing device memory), after the message's
+// thread-local was destroyed, keeps no message instead of panicking, and the panic boundary's
+// own handler cannot panic again.
+
 fn set_last_error(code: kvh_result, message: impl Into<String>) {
-    LAST_ERROR.with(|c| c.set(code as u32));
-    LAST_MESSAGE.with(|m| *m.borrow_mut() = message.into());
+    let _ = LAST_ERROR.try_with(|c| c.set(code as u32));
+    let _ = LAST_MESSAGE.try_with(|m| *m.borrow_mut() = message.into());
 }
 
 fn clear_last_error() {
-    LAST_ERROR.with(|c| c.set(KVH_OK as u32));
-    LAST_MESSAGE.with(|m| m.borrow_mut().clear());
+    let _ = LAST_ERROR.try_with(|c| c.set(KVH_OK as u32));
+    let _ = LAST_MESSAGE.try_with(|m| m.borrow_mut().clear());
+}
+
+fn last_error_code() -> u32 {
+    LAST_ERROR.try_with(Cell::get).unwrap_or(KVH_OK as u32)
+}
+
+fn last_error_message() -> String {
+    LAST_MESSAGE
+        .try_with(|m| m.borrow().clone())
+        .unwrap_or_default()
 }
 
 /// Runs `f` as one panic boundary; on panic records `KVH_ERR_PANIC` and returns `on_panic`.
@@ -78,8 +93,9 @@ extern "C-unwind" {
 /// default stream). PyTorch's `CUDAPluggableAllocator` allocation signature.
 ///
 /// Every byte of the returned memory reads zero. `size == 0` returns NULL without error.
-/// On failure: with `KVH_OOM=throw` (the default) throws `std::bad_alloc`; with
-/// `KVH_OOM=null` returns NULL and sets the last error.
+/// On failure (also when the runtime could not start): with the policy's `oom = "throw"`
+/// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`; with
+/// `oom = "null"` returns NULL and sets the last error.
 ///
 /// Ownership: the caller owns the block until it passes it to `kvh_free`.
 #[no_mangle]
@@ -113,7 +129,9 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
         Ok(rt) => rt,
         Err(e) => {
             set_last_error(e.code(), e.to_string());
-            return (std::ptr::null_mut(), oom_throws_by_env());
+            let throw =
+                runtime::configured_oom().map_or_else(oom_throws_by_env, |m| m == OomMode::Throw);
+            return (std::ptr::null_mut(), throw);
         }
     };
     let throw = rt.allocator.config().oom == OomMode::Throw;
@@ -132,8 +150,8 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
     }
 }
 
-/// Whether a failed `kvh_malloc` throws when the runtime did not start (so no configured
-/// `oom` mode exists): the raw `KVH_OOM` variable, throwing unless it says `null`, since
+/// Whether a failed `kvh_malloc` throws when no configuration was read (it was invalid, or a
+/// panic left no answer): the raw `KVH_OOM` variable, throwing unless it says `null`, since
 /// PyTorch would otherwise use a NULL pointer.
 fn oom_throws_by_env() -> bool {
     std::env::var("KVH_OOM").map_or(true, |v| v.trim() != "null")
@@ -161,6 +179,9 @@ pub extern "C" fn kvh_free(
 
 /// As `kvh_free`, then waits for the block's scrub and returns `KVH_OK` when it verified, or
 /// `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead (or an invalid-free code).
+/// When the backend refused the scrub for now it does not wait: `KVH_ERR_CAPTURE_ACTIVE` (the
+/// stream is capturing a CUDA graph) or `KVH_ERR_OUT_OF_MEMORY` (no memory for the batch); the
+/// block stays out of use and is scrubbed at a later flush.
 #[no_mangle]
 pub extern "C" fn kvh_free_checked(
     ptr: *mut c_void,
@@ -526,7 +547,11 @@ pub extern "C" fn kvh_empty_cache() {
 }
 
 /// Submits every pending scrub and waits until each has been verified and applied. Returns
-/// `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky).
+/// `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky) or
+/// when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
+/// memory for a batch; the message says which and how many blocks): those blocks stay out of
+/// use and are scrubbed at a later flush, so call again once the capture ended or memory was
+/// freed.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
@@ -634,7 +659,7 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
 /// The calling thread's last result code (`KVH_OK` after a successful call).
 #[no_mangle]
 pub extern "C" fn kvh_last_error() -> u32 {
-    boundary(KVH_ERR_PANIC as u32, || LAST_ERROR.with(Cell::get))
+    boundary(KVH_ERR_PANIC as u32, last_error_code)
 }
 
 /// Writes the calling thread's last error message (NUL-terminated) into `buf`, with the same
@@ -646,7 +671,7 @@ pub extern "C" fn kvh_last_error_message(
     out_len: *mut usize,
 ) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
-        let message = LAST_MESSAGE.with(|m| m.borrow().clone());
+        let message = last_error_message();
         // SAFETY: as for `kvh_stats_json`.
         preserving_last_error(|| unsafe { write_c_string(&message, buf, len, out_len) })
     })
@@ -711,11 +736,10 @@ pub fn started_process_allocator() -> Option<&'static Allocator> {
 /// Runs a query export without touching the thread's last error, so that
 /// `kvh_strerror(kvh_last_error(), ...)` and size queries never clobber what they describe.
 fn preserving_last_error(f: impl FnOnce() -> c_int) -> c_int {
-    let code = LAST_ERROR.with(Cell::get);
-    let message = LAST_MESSAGE.with(|m| m.borrow().clone());
+    let (code, message) = (last_error_code(), last_error_message());
     let rc = f();
-    LAST_ERROR.with(|c| c.set(code));
-    LAST_MESSAGE.with(|m| *m.borrow_mut() = message);
+    let _ = LAST_ERROR.try_with(|c| c.set(code));
+    let _ = LAST_MESSAGE.try_with(|m| *m.borrow_mut() = message);
     rc
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use crate::alloc::Allocator;
 use crate::anomaly::{self, AnomalySink, AnomalyStats};
 use crate::backend;
-use crate::config::Config;
+use crate::config::{Config, OomMode};
 use crate::events::EventSink;
 use crate::forensic::{ForensicLog, LogStats, StartInfo};
 use crate::metrics::{Exporter, FINAL_WRITE_LIMIT};
@@ -118,6 +118,18 @@ static STARTING: AtomicBool = AtomicBool::new(false);
 
 static FORKED_CHILD_ERROR: StartError = StartError::ForkedChild;
 
+/// The `oom` mode of the configuration start-up read, kept also when a later step of the
+/// start-up failed: a `kvh_malloc` that fails because the runtime did not start still does
+/// what the configuration asked (throw, or return NULL to a caller that cannot take C++
+/// exceptions).
+static CONFIGURED_OOM: OnceLock<OomMode> = OnceLock::new();
+
+/// The `oom` mode of the configuration start-up read; `None` when none was read (start-up
+/// not begun, or the configuration invalid).
+pub(crate) fn configured_oom() -> Option<OomMode> {
+    CONFIGURED_OOM.get().copied()
+}
+
 /// The runtime, started on first call. In a child forked after start-up began, the
 /// [`StartError::ForkedChild`] error, without touching the inherited runtime (whose start-up
 /// may even have been under way in a thread the child does not have).
@@ -203,6 +215,7 @@ fn start() -> Result<Runtime, StartError> {
 
 fn try_start() -> Result<Runtime, StartError> {
     let config = Config::from_env().map_err(|e| StartError::Config(e.to_string()))?;
+    let _ = CONFIGURED_OOM.set(config.oom);
     // The log opens first: a process configured to keep evidence must not serve memory
     // without it.
     let start = StartInfo::current(config.canonical_json());
