@@ -20,11 +20,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::backend::{self, BackendKind};
-use crate::config::{BackendChoice, Config};
+use crate::config::{BackendChoice, Config, PreloadSwitch, PRELOAD_ENV};
 use crate::forensic::files::{self, DirState};
 use crate::forensic::keys;
 use crate::forensic::recovery;
 use crate::forensic::StartInfo;
+use crate::metrics::textfile::NAME_MAX;
 use crate::printable;
 use crate::report_out::ReportOut;
 
@@ -113,6 +114,7 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
         status: Status::Ok,
         detail: "valid (KVH_CONFIG and KVH_* variables)".into(),
     }];
+    checks.extend(preload_check(std::env::var_os(PRELOAD_ENV).as_deref()));
     log_checks(config, &mut checks);
     checks.push(if start_backend {
         backend_check(config.backend)
@@ -129,6 +131,26 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
         config_digest: StartInfo::current(config.canonical_json()).config_digest(),
         checks,
     }
+}
+
+/// `KVH_PRELOAD`, when set: the LD_PRELOAD interposers read it at their first call, before
+/// the policy, and fail every CUDA allocation on a value other than `on` or `off` (as
+/// `kvh config` refuses it).
+fn preload_check(value: Option<&std::ffi::OsStr>) -> Option<Check> {
+    let shown = printable(&value?.to_string_lossy());
+    Some(match PreloadSwitch::parse(value) {
+        PreloadSwitch::Serve => check(PRELOAD_ENV, Status::Ok, format!("{shown}: the interposers serve CUDA allocations")),
+        PreloadSwitch::Forward => check(
+            PRELOAD_ENV,
+            Status::Off,
+            format!("{shown}: the interposers forward every CUDA allocation unchanged (nothing is scrubbed through LD_PRELOAD)"),
+        ),
+        PreloadSwitch::Refuse => check(
+            PRELOAD_ENV,
+            Status::Fail,
+            format!("{shown}: expected on or off; the LD_PRELOAD interposers would fail every CUDA allocation"),
+        ),
+    })
 }
 
 fn check(check: &'static str, status: Status, detail: String) -> Check {
@@ -264,7 +286,14 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => ".".into(),
             };
-            if std::fs::symlink_metadata(&file).is_ok_and(|md| md.is_dir()) {
+            let name_len = file.file_name().map_or(0, |n| n.len());
+            if name_len > NAME_MAX {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!("{shown}: its name is {name_len} bytes, longer than a file name may be ({NAME_MAX})"),
+                )
+            } else if std::fs::symlink_metadata(&file).is_ok_and(|md| md.is_dir()) {
                 check(
                     "metrics file",
                     Status::Fail,

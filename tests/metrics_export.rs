@@ -412,3 +412,21 @@ fn nothing_starts_when_both_exports_are_off() {
     let source = counting_source(Arc::new(AtomicU64::new(0)));
     assert!(Exporter::start(&MetricsConfig::default(), source).is_none());
 }
+
+/// A bare LF ends a line (the server already reads `GET ... HTTP/1.1\n\n`); a request line
+/// ended by LF and followed by an empty CRLF line is a complete request too, answered at once
+/// rather than held to the request deadline and refused with 408.
+#[test]
+fn a_request_line_ended_by_lf_then_an_empty_crlf_line_is_served() {
+    let limits = Limits {
+        request_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let start = Instant::now();
+    let r = get(addr, "GET /healthz HTTP/1.1\n\r\n");
+    assert_eq!(r.status, 200, "after {:?}: {}", start.elapsed(), r.head);
+    // An empty line before the request line is ignored (RFC 9112, 2.2).
+    let r = get(addr, "\r\nGET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.head);
+}

@@ -467,3 +467,55 @@ fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_wr
         "preflight exit {code} ({report}), start-up exit {started}: {err}"
     );
 }
+
+/// A metrics file named with a NUL character (possible in a TOML string) can never be
+/// written: the process would run without its metrics file, so the preflight is not ready
+/// (exit 1), or refuses the policy outright (exit 2).
+#[test]
+fn a_metrics_file_that_cannot_be_named_is_not_ready() {
+    let mut env = Env::new();
+    let policy = env.root().join("policy.toml");
+    let file = env.root().join("metrics").display().to_string() + "/kvh\\u0000.prom";
+    fs::write(&policy, format!("metrics_file = \"{file}\"\n")).unwrap();
+    env.vars.retain(|(k, _)| k != "KVH_METRICS_FILE");
+    env.set("KVH_CONFIG", policy.display().to_string());
+    let (code, out, err) = run(&mut env.command(&["preflight", "--skip-backend"]));
+    assert_ne!(
+        code, 0,
+        "preflight passed a metrics file no write can create:\n{out}{err}"
+    );
+}
+
+/// `KVH_PRELOAD` with a value the LD_PRELOAD interposers refuse makes them fail every CUDA
+/// allocation, so a process started here would not start: `kvh config` refuses it (exit 2),
+/// and the preflight does not report the environment ready.
+#[test]
+fn a_preload_switch_the_interposers_refuse_is_not_ready() {
+    let mut env = Env::new();
+    env.set("KVH_PRELOAD", "yes");
+    let (code, _, err) = run(&mut env.command(&["config"]));
+    assert_eq!(code, 2, "{err}");
+    let (code, out, err) = run(&mut env.command(&["preflight", "--skip-backend"]));
+    assert_ne!(
+        code, 0,
+        "preflight reported ready with KVH_PRELOAD=yes:\n{out}{err}"
+    );
+}
+
+/// A metrics file whose name is longer than a file name may be (255 bytes) can never be
+/// created: the process would run without its metrics file, so the preflight is not ready.
+#[test]
+fn a_metrics_file_name_too_long_to_create_is_not_ready() {
+    let mut env = Env::new();
+    let file = env
+        .root()
+        .join("metrics")
+        .join(format!("{}.prom", "k".repeat(300)));
+    assert!(fs::write(&file, "").is_err(), "the name is creatable here");
+    env.set("KVH_METRICS_FILE", file.display().to_string());
+    let (code, out, err) = run(&mut env.command(&["preflight", "--skip-backend"]));
+    assert_ne!(
+        code, 0,
+        "preflight passed a metrics file no write can create:\n{out}{err}"
+    );
+}

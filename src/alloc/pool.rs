@@ -797,7 +797,7 @@ impl DevicePool {
             }
             if !rescrub {
                 let latency = now.duration_since(block.state_since).as_micros() as u64;
-                let _ = self.stats.scrub_latency_us.record(latency.max(1));
+                self.stats.record_scrub_latency(latency);
             }
             // A sample that read non-zero means something wrote to the block after it was
             // freed. Even when coverage passes the threshold, such a block is never handed out

@@ -242,10 +242,10 @@ fn log_weakened(
             "log_fsync_interval_ms",
             log.fsync_interval_ms.to_string(),
             format!(
-                "records reach the disk only every {} s (more than {} s): a machine crash \
-                 can lose that much of the log",
-                log.fsync_interval_ms / 1000,
-                MAX_FSYNC_INTERVAL_MS / 1000
+                "records reach the disk only every {} (more than {}): a machine crash can \
+                 lose that much of the log",
+                duration_ms(log.fsync_interval_ms),
+                duration_ms(MAX_FSYNC_INTERVAL_MS)
             ),
         ),
         _ => {}
@@ -255,11 +255,24 @@ fn log_weakened(
             "checkpoint_interval_ms",
             log.checkpoint_interval_ms.to_string(),
             format!(
-                "checkpoints may be {} h apart (more than 1 h, unless checkpoint_every records \
+                "checkpoints may be {} apart (more than {}, unless checkpoint_every records \
                  come first): a truncated tail younger than the last checkpoint goes unnoticed",
-                log.checkpoint_interval_ms / 3_600_000
+                duration_ms(log.checkpoint_interval_ms),
+                duration_ms(MAX_CHECKPOINT_INTERVAL_MS)
             ),
         );
+    }
+}
+
+/// `ms` milliseconds in the largest unit that states it exactly (`90 min`, `119 s`,
+/// `60001 ms`): a risk quotes the setting, never a figure rounded down to its limit.
+fn duration_ms(ms: u64) -> String {
+    match ms {
+        0 => "0 ms".into(),
+        _ if ms.is_multiple_of(3_600_000) => format!("{} h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{} min", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{} s", ms / 1000),
+        _ => format!("{ms} ms"),
     }
 }
 
@@ -610,6 +623,38 @@ mod tests {
             .map(|w| w.key)
             .collect();
         assert_eq!(keys, ["log_dir"]);
+    }
+
+    /// A risk quotes the interval as it is: 90 minutes between checkpoints is not "1 h apart
+    /// (more than 1 h)", and 119 s between fsyncs is not "every 60 s (more than 60 s)".
+    #[test]
+    fn interval_risks_do_not_round_the_interval_down_to_the_limit() {
+        let risk = |extra: &[(&str, &str)], key: &str| {
+            let mut v = hardened();
+            v.extend(vars(extra));
+            let config = Config::from_vars(&v).unwrap();
+            weakened(&config, HmacSecret::NotInEnvironment)
+                .into_iter()
+                .find(|w| w.key == key)
+                .unwrap_or_else(|| panic!("{key} not weakened"))
+                .risk
+        };
+        let ckpt = risk(
+            &[("KVH_CHECKPOINT_INTERVAL_MS", "5400000")],
+            "checkpoint_interval_ms",
+        );
+        assert!(!ckpt.contains("may be 1 h apart"), "{ckpt}");
+        let fsync = risk(
+            &[("KVH_LOG_FSYNC_INTERVAL_MS", "119000")],
+            "log_fsync_interval_ms",
+        );
+        assert!(!fsync.contains("only every 60 s"), "{fsync}");
+        assert!(
+            ckpt.contains("may be 90 min apart (more than 1 h"),
+            "{ckpt}"
+        );
+        assert!(fsync.contains("every 119 s (more than 1 min)"), "{fsync}");
+        assert_eq!(duration_ms(60_001), "60001 ms");
     }
 
     #[test]

@@ -754,9 +754,12 @@ impl Config {
         Ok(())
     }
 
-    /// Reads a TOML file of `key = value` pairs (file key names, e.g. `batch_size = 32`).
+    /// Reads a TOML file of `key = value` pairs (file key names, e.g. `batch_size = 32`), and
+    /// refuses it as [`Config::from_vars`] would ([`Config::check_combination`]).
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        Ok(Config::read_file(path)?.0)
+        let config = Config::read_file(path)?.0;
+        config.check_combination()?;
+        Ok(config)
     }
 
     /// As [`Config::from_file`], with the names of the keys the file set.
@@ -788,7 +791,9 @@ impl Config {
 
     /// Parses TOML text (see [`Config::from_file`]).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        Ok(Config::parse_toml(text)?.0)
+        let config = Config::parse_toml(text)?.0;
+        config.check_combination()?;
+        Ok(config)
     }
 
     /// As [`Config::from_toml_str`], with the names of the keys the text set.
@@ -927,17 +932,20 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
+/// A path: non-empty and without a NUL character, which no file name can hold (a TOML
+/// string can: `\u0000`), so that such a value fails here, naming its key, and not when the
+/// file is first opened.
 fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
-    (!v.is_empty()).then(|| Some(PathBuf::from(v)))
+    (!v.is_empty() && !v.contains('\0')).then(|| Some(PathBuf::from(v)))
 }
 
-/// A path naming a file, not a directory: non-empty, with a last component that is not empty,
-/// `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the exporter writes a
-/// temporary file beside it and renames it there.
+/// A path naming a file, not a directory: a path ([`non_empty_path`]) with a last component
+/// that is not empty, `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the
+/// exporter writes a temporary file beside it and renames it there.
 fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
     let last = v.rsplit('/').next().unwrap_or(v);
     let named = !matches!(last, "" | "." | "..");
-    named.then(|| Some(PathBuf::from(v)))
+    non_empty_path(v).filter(|_| named)
 }
 
 #[cfg(test)]
@@ -1406,6 +1414,46 @@ mod tests {
         // A string is still a path.
         let c = Config::from_toml_str("log_dir = \"false\"\n").unwrap();
         assert_eq!(c.log.dir.as_deref(), Some(Path::new("false")));
+    }
+
+    /// A TOML string may hold a NUL character (`\u0000`); no file or directory can be named
+    /// with one, so a path key holding one is refused at load, naming the key, rather than
+    /// accepted and failing later (the log at start-up, the metrics file at every write).
+    #[test]
+    fn path_keys_with_a_nul_character_are_refused_naming_the_key() {
+        for key in [
+            "log_dir",
+            "hmac_key_file",
+            "signing_key_file",
+            "checkpoint_dir",
+            "metrics_file",
+        ] {
+            let text = format!("{key} = \"/run/kvh/a\\u0000b\"\n");
+            match Config::from_toml_str(&text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reading a policy file directly refuses what the library refuses when `KVH_CONFIG`
+    /// names the same file: a checkpoint directory without a signing key.
+    #[test]
+    fn a_file_read_directly_is_refused_for_a_conflict_as_through_kvh_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.toml");
+        let text = "log_dir = \"/log\"\ncheckpoint_dir = \"/ckpt\"\n";
+        std::fs::write(&path, text).unwrap();
+        let through_env = Config::from_vars(&vars(&[("KVH_CONFIG", path.to_str().unwrap())]));
+        assert!(matches!(through_env, Err(ConfigError::Conflict(_))));
+        assert!(
+            matches!(Config::from_file(&path), Err(ConfigError::Conflict(_))),
+            "from_file accepted a policy the library refuses"
+        );
+        assert!(
+            matches!(Config::from_toml_str(text), Err(ConfigError::Conflict(_))),
+            "from_toml_str accepted a policy the library refuses"
+        );
     }
 
     #[test]

@@ -323,8 +323,9 @@ impl Loop {
                     Ok(n) => {
                         let from = conn.buf.len().saturating_sub(3);
                         conn.buf.extend_from_slice(&chunk[..n]);
-                        // Where the head ends (blank line), counted from the start.
-                        let head_end = [&b"\r\n\r\n"[..], b"\n\n"]
+                        // Where the head ends (an empty line, its line ends CRLF or a bare
+                        // LF in any mix), counted from the start.
+                        let head_end = [&b"\r\n\r\n"[..], b"\n\r\n", b"\n\n"]
                             .iter()
                             .filter_map(|t| find(&conn.buf[from..], t).map(|i| from + i + t.len()))
                             .min();
@@ -403,6 +404,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// The response to a complete request head; `true` when it answers a HEAD (no body).
 fn answer(head: &[u8], routes: &dyn Routes) -> (Response, bool) {
+    // An empty line before the request line is ignored (RFC 9112, 2.2).
+    let head = match head.iter().position(|&b| b != b'\r' && b != b'\n') {
+        Some(start) if head[..start].ends_with(b"\n") => &head[start..],
+        _ => head,
+    };
     let line_end = find(head, b"\n").unwrap_or(head.len());
     let line = match std::str::from_utf8(&head[..line_end]) {
         Ok(l) => l.trim_end_matches('\r'),

@@ -189,6 +189,13 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
 /// Parses `name="value",...}`; returns the labels and the text after the `}`.
 type Labels<'a> = (Vec<(String, String)>, &'a str);
 
+/// Most labels one sample may carry. kvhygiene's own series have at most three; the bound
+/// keeps a planted line of a hundred thousand labels from costing minutes in the duplicate
+/// check below (quadratic in the labels of one sample), where every reader of the file
+/// (`kvh metrics`, `kvh gate`, each `serve-metrics` scrape) must answer within a probe's
+/// timeout.
+const MAX_LABELS: usize = 64;
+
 fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
     let mut labels: Vec<(String, String)> = Vec::new();
     loop {
@@ -200,6 +207,9 @@ fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
         let key = s[..eq].trim();
         if !valid_label_name(key) {
             return Err(format!("invalid label name {key:?}"));
+        }
+        if labels.len() == MAX_LABELS {
+            return Err(format!("more than {MAX_LABELS} labels"));
         }
         if labels.iter().any(|(k, _)| k == key) {
             return Err(format!("label {key} given twice"));
@@ -340,6 +350,24 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    /// A sample carrying a hundred thousand labels (a 1 MiB file, the largest `kvh metrics`,
+    /// `kvh gate` and each `serve-metrics` scrape accept) is refused at its 65th label, not
+    /// checked for duplicates label by label for minutes; 64 labels are read.
+    #[test]
+    fn a_sample_with_more_labels_than_any_series_needs_is_refused() {
+        let sample = |n: usize| {
+            let labels: Vec<String> = (0..n).map(|i| format!("l{i}=\"\"")).collect();
+            format!("a{{{}}} 0\n", labels.join(","))
+        };
+        let max = parse(&sample(MAX_LABELS)).unwrap();
+        assert_eq!(max.samples[0].labels.len(), MAX_LABELS);
+        let err = parse(&sample(MAX_LABELS + 1)).unwrap_err().to_string();
+        assert!(err.contains("more than 64 labels"), "{err}");
+        let wide = sample(100_000);
+        assert!(wide.len() < 1 << 20);
+        assert!(parse(&wide).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Longest file name the filesystems the file goes on take (`NAME_MAX` of Linux's).
-const NAME_MAX: usize = 255;
+pub const NAME_MAX: usize = 255;
 
 /// A fresh temporary file name beside `path` for [`write_atomic`]: `.NAME.tmp-RANDOM`, or
 /// `.kvh.tmp-RANDOM` when that would be longer than a file name may be (hidden and not ending
