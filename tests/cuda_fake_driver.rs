@@ -79,7 +79,8 @@ fn calls(lib: &libloading::Library) -> i32 {
 }
 
 fn start(path: &str) -> CudaBackend {
-    match probe_library(path) {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(path) } {
         Probe::Available(b) => b,
         other => panic!("the fake driver should start: {other:?}"),
     }
@@ -457,7 +458,8 @@ fn errors_keep_their_meaning() {
 fn a_driver_that_fails_is_broken_never_absent() {
     let (path, lib) = fake_or_skip!("noinit");
     switch(&lib, "set_init_result", 100);
-    match probe_library(&path) {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(&path) } {
         Probe::Broken(BackendError::Driver { call, code, name }) => {
             assert_eq!(
                 (call, code, name.as_str()),
@@ -468,7 +470,8 @@ fn a_driver_that_fails_is_broken_never_absent() {
     }
     let (path, lib) = fake_or_skip!("noimage");
     switch(&lib, "reject_images", 1);
-    match probe_library(&path) {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(&path) } {
         Probe::Broken(e) => {
             let msg = e.to_string();
             assert!(
@@ -679,4 +682,127 @@ fn safe_entry_points_refuse_addresses_the_backend_never_allocated() {
     b.release(0, p, 4096).expect("release");
     assert!(b.release(0, p, 4096).is_err(), "a second release");
     assert!(b.write(0, p, &[1u8; 1]).is_err(), "a write after release");
+}
+
+/// `zero_fresh` makes no driver call once `Backend::shutdown` has returned: a shutdown that
+/// begins during its capture query (an exit handler running while a pool miss zeroes fresh
+/// memory) stops it before the memset, as `submit_scrub` stops at its next step.
+#[test]
+fn zero_fresh_makes_no_driver_call_once_shutdown_has_returned() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_zero_fresh");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    // SAFETY: `void fake_cuda_on_capture_query(void (*)(void))`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_capture_query\0")
+            .expect("hook");
+        f(exit_begins);
+    }
+    let zeroed = b.zero_fresh(0, base, 4096, StreamHandle(0));
+    let at_shutdown = query(&lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    let after = calls(&lib) - at_shutdown;
+    assert_eq!(
+        after, 0,
+        "{after} driver calls after shutdown() returned; zero_fresh returned {zeroed:?}"
+    );
+}
+
+/// A submission whose shutdown begins while it asks whether a recorded (wait) stream is
+/// capturing makes no further driver call: no event is recorded on the wait streams and
+/// nothing is launched once `Backend::shutdown` has returned.
+#[test]
+fn no_driver_call_after_shutdown_begun_during_the_wait_stream_queries() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    static REARM: OnceLock<usize> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    // Runs at the batch stream's capture query and arms the hook for the next query, the
+    // first wait stream's.
+    extern "C" fn at_first_query() {
+        let arm = *REARM.get().expect("hook setter");
+        // SAFETY: the address of `void fake_cuda_on_capture_query(void (*)(void))`.
+        let arm: unsafe extern "C" fn(extern "C" fn()) = unsafe { std::mem::transmute(arm) };
+        // SAFETY: as above.
+        unsafe { arm(exit_begins) };
+    }
+    let (path, lib) = fake_or_skip!("shutdown_wait_streams");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 4096,
+            seed: 11,
+        }],
+        SAMPLED,
+    );
+    scrub.wait_streams = vec![StreamHandle(7), StreamHandle(9)];
+    // SAFETY: `void fake_cuda_on_capture_query(void (*)(void))`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_capture_query\0")
+            .expect("hook");
+        REARM.get_or_init(|| *f as usize);
+        f(at_first_query);
+    }
+    let submitted = submit(b, scrub);
+    let at_shutdown = query(&lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    let after = calls(&lib) - at_shutdown;
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        match &submitted {
+            Ok(_) => "Ok(ticket)".to_string(),
+            Err(e) => format!("Err({e})"),
+        }
+    );
+}
+
+/// `cudaStreamPerThread` (handle 2) names the calling thread's default stream. A block freed
+/// on it must be scrubbed in order after the work the freeing thread queued there, so the
+/// scrub (and the ordering event of a recorded stream) is never queued on handle 2 from
+/// another thread, such as the flusher's, where the handle names a different stream.
+#[test]
+fn a_free_on_the_per_thread_stream_is_never_scrubbed_on_another_threads_stream() {
+    use kvhygiene::alloc::Allocator;
+    let (path, lib) = fake_or_skip!("per_thread_stream");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    query(&lib, "own_per_thread_stream", 0);
+    let per_thread = StreamHandle(2);
+    let p = alloc.malloc(4096, 0, per_thread).expect("malloc");
+    let q = alloc.malloc(4096, 0, StreamHandle(0)).expect("malloc");
+    assert!(alloc.record_stream(q, per_thread));
+    alloc.free(p, 4096, 0, per_thread).expect("free");
+    alloc.free(q, 4096, 0, StreamHandle(0)).expect("free");
+    // The flusher submits the frees once their batch's delay (1 ms by default) has passed,
+    // and applies the results.
+    let pending = || {
+        [p, q].iter().any(|&a| {
+            alloc
+                .block_info(a)
+                .is_some_and(|b| b.state == kvhygiene::alloc::BlockState::Pending)
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pending() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(!pending(), "the frees were not scrubbed");
+    let foreign = query(&lib, "foreign_per_thread_uses", 0);
+    alloc.shutdown();
+    assert_eq!(
+        foreign, 0,
+        "{foreign} launches or event records on cudaStreamPerThread from a thread other than \
+         the one whose stream it named"
+    );
 }

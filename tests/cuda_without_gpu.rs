@@ -45,7 +45,11 @@ fn loader_error_is_clear_when_no_driver_is_installed() {
 fn a_present_but_unusable_driver_fails_closed() {
     // A library that opens but is not the driver stands for a broken installation: this must
     // never be reported as "no driver", which would let `auto` hand out host memory.
-    assert!(matches!(probe_library("libm.so.6"), Probe::Broken(_)));
+    // SAFETY: 1. libm lacks the driver's symbols: refused before any call.
+    assert!(matches!(
+        unsafe { probe_library("libm.so.6") },
+        Probe::Broken(_)
+    ));
 }
 
 /// A driver file that exists but cannot be loaded (truncated or corrupt, the wrong
@@ -58,7 +62,8 @@ fn a_driver_file_that_exists_but_cannot_be_loaded_is_broken_not_absent() {
     let path = dir.join("libcuda.so.1");
     // Not an ELF object: what a truncated or corrupted driver install leaves behind.
     std::fs::write(&path, b"this is not a shared object").unwrap();
-    let probed = probe_library(path.to_str().unwrap());
+    // SAFETY: 1. not a shared object: the loader refuses it.
+    let probed = unsafe { probe_library(path.to_str().unwrap()) };
     let _ = std::fs::remove_dir_all(&dir);
     match probed {
         Probe::Broken(_) => {}

@@ -343,6 +343,7 @@ impl Allocator {
         stream: StreamHandle,
         by: ScrubFor<'_>,
     ) -> Result<(KvScrubReport, Vec<u32>), KvScrubError> {
+        let stream = stream.shared();
         let dev = match self.kv_device(device) {
             Ok(dev) => dev,
             Err(e @ KvScrubError::InvalidDevice { .. }) if !self.inner.pools.is_empty() => {

@@ -379,6 +379,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<KvClaimReport, KvClaimError> {
+        let stream = stream.shared();
         let dev = match self.kv_device(device) {
             Ok(dev) => dev,
             Err(e @ KvScrubError::InvalidDevice { .. }) if !self.inner.pools.is_empty() => {

@@ -161,6 +161,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<Allocation, AllocError> {
+        let stream = stream.shared();
         let size = u64::try_from(size)
             .ok()
             .filter(|&s| s > 0)
@@ -369,6 +370,7 @@ impl Allocator {
         stream: StreamHandle,
         watch: bool,
     ) -> Result<(FreeReport, Option<(u32, u64)>), FreeError> {
+        let stream = stream.shared();
         if ptr == 0 {
             return Ok((FreeReport::default(), None));
         }
@@ -437,6 +439,7 @@ impl Allocator {
     /// Records that `ptr` is used on `stream` (PyTorch's record_stream): its scrub will wait
     /// for the work queued there. Returns whether `ptr` is a LIVE block of this allocator.
     pub fn record_stream(&self, ptr: u64, stream: StreamHandle) -> bool {
+        let stream = stream.shared();
         (0..self.inner.pools.len() as u32).any(|d| self.pool(d).record_stream(ptr, stream))
     }
 
@@ -445,6 +448,10 @@ impl Allocator {
     /// synchronise it and call [`Allocator::forget_stream`] only then. One pass over each
     /// device's block table, under its lock: for stream destruction, not a hot path.
     pub fn uses_stream(&self, stream: StreamHandle) -> bool {
+        // The per-thread default stream is kept as the legacy one (`StreamHandle::shared`).
+        if stream == StreamHandle::PER_THREAD {
+            return false;
+        }
         (0..self.inner.pools.len() as u32).any(|d| self.pool(d).uses_stream(stream))
     }
 
@@ -461,9 +468,10 @@ impl Allocator {
     /// LD_PRELOAD interposer of `cudaStreamDestroy` synchronises it): what is moved to the
     /// legacy stream is ordered after the work of blocking streams only. One pass over each
     /// device's block table, under its lock: meant for stream destruction, not a hot path.
-    /// The legacy stream itself is never forgotten (a no-op).
+    /// The legacy stream itself is never forgotten (a no-op), nor the per-thread default
+    /// stream, which the allocator keeps as the legacy one (`StreamHandle::shared`).
     pub fn forget_stream(&self, stream: StreamHandle) {
-        if stream == StreamHandle(0) {
+        if stream == StreamHandle::LEGACY || stream == StreamHandle::PER_THREAD {
             return;
         }
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);

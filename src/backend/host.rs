@@ -249,7 +249,11 @@ impl Backend for HostBackend {
             completion: completion.clone(),
         };
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let sender = queue.as_ref().ok_or(BackendError::ShuttingDown)?;
+        // Not `ShuttingDown`, which the pool reads as process exit and answers by leaving the
+        // blocks pending, silently: without a worker the batch fails, and its blocks with it.
+        let sender = queue.as_ref().ok_or_else(|| {
+            BackendError::Other("the host scrub worker could not be started".into())
+        })?;
         sender
             .send(job)
             .map_err(|_| BackendError::Other("host scrub worker has stopped".into()))?;
@@ -492,6 +496,29 @@ mod tests {
             "a refused release keeps the allocation"
         );
         assert!(b.release(0, a, 64).is_err(), "double release");
+    }
+
+    #[test]
+    fn without_a_scrub_worker_a_scrub_fails_and_is_not_taken_for_process_exit() {
+        let b = HostBackend::new();
+        *b.queue.lock().unwrap() = None;
+        let batch = ScrubBatch {
+            device: 0,
+            stream: StreamHandle(0),
+            wait_streams: Vec::new(),
+            segments: Vec::new(),
+            options: ScrubOptions {
+                samples: 8,
+                full_verify: false,
+                double_pass: false,
+            },
+        };
+        // SAFETY: 1-2. no segment: nothing is written.
+        let refused = unsafe { b.submit_scrub(batch) }.err();
+        assert!(
+            matches!(&refused, Some(BackendError::Other(m)) if m.contains("worker")),
+            "{refused:?}"
+        );
     }
 
     #[test]

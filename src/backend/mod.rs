@@ -25,6 +25,27 @@ pub type DevicePtr = u64;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamHandle(pub u64);
 
+impl StreamHandle {
+    /// The legacy default stream (`NULL` for the driver API's calls).
+    pub const LEGACY: StreamHandle = StreamHandle(0);
+    /// `cudaStreamPerThread` (`CU_STREAM_PER_THREAD`): the calling thread's default stream.
+    pub const PER_THREAD: StreamHandle = StreamHandle(2);
+
+    /// The handle to keep for work queued later, maybe from another thread (a batch the
+    /// flusher submits, a stream a scrub waits for). The per-thread default stream is another
+    /// stream on every thread, so it becomes the legacy default stream, which is one stream
+    /// on every thread and is ordered with it: the legacy stream synchronises with every
+    /// blocking stream of the context, the per-thread default streams included (CUDA's
+    /// "stream synchronization behavior"). Other handles are kept.
+    pub fn shared(self) -> StreamHandle {
+        if self == StreamHandle::PER_THREAD {
+            StreamHandle::LEGACY
+        } else {
+            self
+        }
+    }
+}
+
 /// One region to scrub and verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScrubSegment {

@@ -27,6 +27,10 @@
 // - fake_cuda_on_capture_query(cb) makes the next cuStreamIsCapturing call cb() before it
 //   returns (standing for another thread, e.g. an atexit handler, acting at that moment);
 //   fake_cuda_calls_at_hook(0) is the driver call count when cb returned (-1: not yet run).
+// - fake_cuda_own_per_thread_stream(0) marks the calling thread as the one whose per-thread
+//   default stream (handle 2, CU_STREAM_PER_THREAD) the test's work runs on;
+//   fake_cuda_foreign_per_thread_uses(0) counts launches and event records on handle 2 made
+//   from any other thread (which name that thread's own per-thread stream instead).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -199,8 +203,16 @@ extern "C" int fake_cuda_capture_mode(int set) {
 }
 extern "C" int fake_cuda_mode_at_alloc(int) { return g_mode_at_alloc.load(); }
 CUresult cuEventCreate(void** e, unsigned) { NEED_CTX(); *e = new Event(); return OK; }
-CUresult cuEventRecord(void* e, void*) {
+static thread_local bool t_owns_per_thread = false;
+static std::atomic<int> g_foreign_per_thread_uses{0};
+int fake_cuda_own_per_thread_stream(int) { t_owns_per_thread = true; return 0; }
+int fake_cuda_foreign_per_thread_uses(int) { return g_foreign_per_thread_uses.load(); }
+static void note_stream(void* s) {
+    if ((uintptr_t)s == 2 && !t_owns_per_thread) g_foreign_per_thread_uses++;
+}
+CUresult cuEventRecord(void* e, void* s) {
     NEED_CTX();
+    note_stream(s);
     static_cast<Event*>(e)->pending = g_pending.load();
     return OK;
 }
@@ -290,8 +302,9 @@ static void publish(const KvhBatch* b) {
 }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, unsigned,
-                        unsigned, unsigned, void*, void** params, void**) {
+                        unsigned, unsigned, void* stream, void** params, void**) {
     NEED_CTX();
+    note_stream(stream);
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;
     int failing = (int)(uintptr_t)f;
     if (g_fail_launch.compare_exchange_strong(failing, 0)) return INVALID_VALUE;

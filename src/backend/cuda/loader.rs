@@ -62,14 +62,21 @@ impl Driver {
 
 /// Loads [`LIBCUDA`] from the dynamic loader's search path.
 pub fn load() -> Result<Driver, LoadError> {
-    load_from(LIBCUDA)
+    // SAFETY: 1. `libcuda.so.1` is the CUDA driver.
+    unsafe { load_from(LIBCUDA) }
 }
 
 /// Loads the driver from `path` (a file name searched by the dynamic loader, or a path).
-pub fn load_from(path: &str) -> Result<Driver, LoadError> {
-    // SAFETY: 1. opening a shared library runs its initialisers; libcuda's are sound to run in
-    // any process (the CUDA runtime does the same); any other library named by `path` is the
-    // caller's choice (tests pass paths that do not exist).
+///
+/// # Safety
+/// 1. `path` must name the CUDA driver, a library whose exported `cu*` symbols have the
+///    driver API's types and behaviour (the test suite's stand-in), a library that lacks one
+///    of the symbols [`Driver`] needs (refused before any call), or no library at all: the
+///    symbols found are called as the driver's, and a library's initialisers run when it is
+///    opened.
+pub unsafe fn load_from(path: &str) -> Result<Driver, LoadError> {
+    // SAFETY: 1. contract 1: the library's initialisers are the driver's (sound to run in any
+    // process, as the CUDA runtime does), or those of a library the caller vouches for.
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
         // dlerror's message usually names the file already.
         let msg = e.to_string();
@@ -113,7 +120,8 @@ mod tests {
 
     #[test]
     fn missing_library_is_not_installed_with_the_name_in_the_message() {
-        let err = load_from("libkvh-no-such-driver.so.1").unwrap_err();
+        // SAFETY: 1. no such library.
+        let err = unsafe { load_from("libkvh-no-such-driver.so.1") }.unwrap_err();
         match &err {
             LoadError::NotInstalled(msg) => assert!(msg.contains("libkvh-no-such-driver.so.1")),
             other => panic!("expected NotInstalled, got {other:?}"),
@@ -142,7 +150,8 @@ mod tests {
     #[test]
     fn a_library_without_the_driver_symbols_is_reported_as_such() {
         // libc is always present and exports none of the cu* entry points.
-        let err = load_from("libc.so.6").unwrap_err();
+        // SAFETY: 1. libc lacks the driver's symbols: refused before any call.
+        let err = unsafe { load_from("libc.so.6") }.unwrap_err();
         match err {
             LoadError::MissingSymbol(msg) => assert!(msg.contains("libc.so.6"), "{msg}"),
             other => panic!("expected MissingSymbol, got {other:?}"),

@@ -37,12 +37,19 @@ pub enum Probe {
 
 /// Loads the driver and starts the backend. Never panics.
 pub fn probe() -> Probe {
-    probe_library(loader::LIBCUDA)
+    // SAFETY: 1. `libcuda.so.1` is the CUDA driver.
+    unsafe { probe_library(loader::LIBCUDA) }
 }
 
-/// [`probe`] with the driver library at `path` (tests use paths that do not exist).
-pub fn probe_library(path: &str) -> Probe {
-    match loader::load_from(path) {
+/// [`probe`] with the driver library at `path` (tests use a stand-in of the driver, and paths
+/// that do not exist).
+///
+/// # Safety
+/// 1. As for [`loader::load_from`]: `path` names the CUDA driver, a library whose `cu*`
+///    symbols behave as its, one lacking the driver's symbols, or nothing.
+pub unsafe fn probe_library(path: &str) -> Probe {
+    // SAFETY: 1. contract 1, passed on.
+    match unsafe { loader::load_from(path) } {
         Err(loader::LoadError::NotInstalled(why)) => Probe::NoDriver(why),
         Err(e @ (loader::LoadError::MissingSymbol(_) | loader::LoadError::Unloadable(_))) => {
             Probe::Broken(BackendError::Other(e.to_string()))
@@ -60,7 +67,8 @@ mod tests {
 
     #[test]
     fn missing_driver_probes_as_no_driver() {
-        match probe_library("libkvh-absent-driver.so.1") {
+        // SAFETY: 1. no such library.
+        match unsafe { probe_library("libkvh-absent-driver.so.1") } {
             Probe::NoDriver(why) => assert!(why.contains("libkvh-absent-driver.so.1"), "{why}"),
             other => panic!("expected NoDriver, got {other:?}"),
         }
@@ -68,7 +76,8 @@ mod tests {
 
     #[test]
     fn a_library_that_is_not_the_driver_probes_as_broken() {
-        match probe_library("libc.so.6") {
+        // SAFETY: 1. libc lacks the driver's symbols.
+        match unsafe { probe_library("libc.so.6") } {
             Probe::Broken(e) => assert!(e.to_string().contains("required entry point"), "{e}"),
             other => panic!("expected Broken, got {other:?}"),
         }

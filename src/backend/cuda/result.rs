@@ -127,10 +127,15 @@ pub fn ctx_synchronize(d: &Driver) -> Result<(), BackendError> {
 }
 
 /// Loads a cubin, fatbin or NUL-terminated PTX image into the current context.
-pub fn module_load_data(d: &Driver, image: &[u8]) -> Result<CUmodule, BackendError> {
+///
+/// # Safety
+/// 1. `image` must be a whole cubin or fatbin (the driver reads as many bytes as their
+///    headers say), or PTX text ending in a NUL byte (the driver reads up to it): the call
+///    takes no length.
+pub unsafe fn module_load_data(d: &Driver, image: &[u8]) -> Result<CUmodule, BackendError> {
     let mut module = std::ptr::null_mut();
-    // SAFETY: `image` is a complete image (the build embeds whole files; PTX is NUL-terminated)
-    // that outlives the call; the driver copies what it needs.
+    // SAFETY: contract 1: every byte the driver reads lies in `image`, which outlives the
+    // call; the driver copies what it needs.
     check(d, "cuModuleLoadData", unsafe {
         d.api().cuModuleLoadData(&mut module, image.as_ptr().cast())
     })?;

@@ -296,7 +296,7 @@ impl Inner {
         }
         // Waiting for another thread's open may have outlasted a shutdown.
         self.live()?;
-        let opened = open_device(&self.driver, device)?;
+        let opened = open_device(self, device)?;
         Ok(cell.get_or_init(|| opened))
     }
 }
@@ -379,17 +379,25 @@ fn not_allocated(device: u32, addr: DevicePtr, len: u64) -> BackendError {
     ))
 }
 
-/// Retains the primary context, loads the kernels and creates the ordering event.
+/// Retains the primary context, loads the kernels and creates the ordering event. Checks
+/// for a shutdown between its steps: loading a PTX image (JIT compilation) can outlast the
+/// wait of [`Backend::shutdown`]. A context retained before a shutdown stops it is left
+/// retained (exit releases it).
 #[cold]
-fn open_device(d: &Driver, ordinal: u32) -> Result<Device, BackendError> {
+fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
+    let d = &inner.driver;
     let cu_dev = r::device_get(d, ordinal)?;
+    inner.live()?;
     let ctx = r::primary_ctx_retain(d, cu_dev)?;
+    inner.live()?;
     // SAFETY: 1. just retained.
     unsafe { r::ctx_set_current(d, ctx) }?;
     let attr = |a| r::device_attribute(d, cu_dev, a);
     let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    inner.live()?;
     let (module, image) = load_kernels(d, major as u32, minor as u32)?;
+    inner.live()?;
     // SAFETY: 1. `module` was loaded into the current context just now.
     let scrub_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_KERNEL) }?;
     // SAFETY: as above.
@@ -453,7 +461,9 @@ fn load_kernels(d: &Driver, major: u32, minor: u32) -> Result<(r::CUmodule, Stri
             Image::Cubin { arch, bytes } => (bytes, format!("sm_{arch} cubin")),
             Image::Ptx(b) => (b, "compute_80 PTX (JIT)".to_string()),
         };
-        match r::module_load_data(d, bytes) {
+        // SAFETY: 1. the images build.rs embedded: whole files, and the PTX with the NUL
+        // kernel.rs appends to it.
+        match unsafe { r::module_load_data(d, bytes) } {
             Ok(m) => return Ok((m, format!("{name}, {}", kernel::KERNEL_ORIGIN))),
             Err(e) => last = e,
         }
@@ -515,6 +525,7 @@ impl Backend for CudaBackend {
                 what: "zeroing fresh memory",
             });
         }
+        self.inner.live()?;
         let bytes =
             usize::try_from(len).map_err(|_| BackendError::Other(format!("{len} bytes")))?;
         // Stream-ordered, like the allocation itself: every later use on `stream`, and every
@@ -576,9 +587,11 @@ impl Backend for CudaBackend {
         let d = &self.inner.driver;
         // Device work on non-blocking streams is not ordered with this copy: wait for it.
         r::ctx_synchronize(d)?;
+        self.inner.live()?;
         // SAFETY: 1. `[addr, addr + src.len())` lies in an allocation of this device (checked
         // above).
         unsafe { r::memcpy_htod(d, addr, src) }?;
+        self.inner.live()?;
         r::ctx_synchronize(d)
     }
 
@@ -587,6 +600,7 @@ impl Backend for CudaBackend {
         dev.check_live(device, addr, dst.len() as u64)?;
         let d = &self.inner.driver;
         r::ctx_synchronize(d)?;
+        self.inner.live()?;
         // SAFETY: 1. `[addr, addr + dst.len())` lies in an allocation of this device (checked
         // above).
         unsafe { r::memcpy_dtoh(d, dst, addr) }
@@ -728,7 +742,7 @@ fn enqueue(
     let d = &inner.driver;
     let s = stream_of(batch.stream);
     inner.live()?;
-    order_after_wait_streams(d, dev, s, &batch.wait_streams, batch.stream)?;
+    order_after_wait_streams(inner, dev, s, &batch.wait_streams, batch.stream)?;
     inner.live()?;
     let n = plan.params.count as usize;
     if slot.sums_dirty {
@@ -820,16 +834,19 @@ fn launch(
 
 /// Makes `s` wait for all work queued so far on every other stream in `waits`. A wait stream
 /// that is capturing a graph is refused like a capturing scrub stream: recording the event
-/// there would add it to the graph instead of marking the work queued now.
+/// there would add it to the graph instead of marking the work queued now. Checks for a
+/// shutdown before each driver call: there is one per wait stream, or three.
 fn order_after_wait_streams(
-    d: &Driver,
+    inner: &Inner,
     dev: &Device,
     s: CUstream,
     waits: &[StreamHandle],
     own: StreamHandle,
 ) -> Result<(), BackendError> {
+    let d = &inner.driver;
     let others = || waits.iter().filter(|w| **w != own);
     for w in others() {
+        inner.live()?;
         // SAFETY: 1. a stream recorded for the block through kvh_record_stream, of this device.
         if unsafe { r::stream_is_capturing(d, stream_of(*w)) }? {
             return Err(BackendError::StreamCapturing {
@@ -840,9 +857,11 @@ fn order_after_wait_streams(
     }
     let ev = lock(&dev.order_event);
     for w in others() {
+        inner.live()?;
         // SAFETY: 1. live event; `w` is a stream recorded for the block through
         // kvh_record_stream (PyTorch's), of this device.
         unsafe { r::event_record(d, ev.0, stream_of(*w)) }?;
+        inner.live()?;
         // SAFETY: 1. as above.
         unsafe { r::stream_wait_event(d, s, ev.0) }?;
     }
