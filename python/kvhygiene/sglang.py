@@ -4,10 +4,11 @@ verified before its allocator can hand it to another request.
 SGLang keeps one KV row per token slot (``MHATokenToKVPool.k_buffer`` and ``v_buffer``, one
 ``[size + page_size, heads, head_dim]`` tensor per layer; ``MLATokenToKVPool.kv_buffer``) and
 hands slots out through a token allocator (``TokenToKVPoolAllocator``, or
-``PagedTokenToKVPoolAllocator`` with pages of ``page_size`` slots). Every path that gives slots
-back (a request that finishes or is aborted or retracted, a prefix-cache eviction) ends in the
-allocator's ``free(free_index)``, with the token indices freed: wrapping that one method puts
-the scrub on every path::
+``PagedTokenToKVPoolAllocator`` with pages of ``page_size`` slots). The paths that give slots
+back (a request that finishes or is aborted or retracted, a prefix-cache eviction) end in the
+allocator's ``free(free_index)``, with the token indices freed, and ``flush_cache`` in its
+``clear()``, which makes every slot free again (the prefix cache's included) without
+``free``. :func:`scrub_on_free` wraps those methods::
 
     import kvhygiene
     from kvhygiene.sglang import layouts_of, scrub_on_free
@@ -15,21 +16,29 @@ the scrub on every path::
     kvhygiene.install()  # before the KV pool is allocated
     ...
     layouts = layouts_of(token_to_kv_pool)            # in the process that owns the pool
-    scrub_on_free(token_to_kv_pool_allocator, layouts)
+    scrub_on_free(token_to_kv_pool_allocator, layouts, stream=forward_stream)
 
-A freed page (the slot itself when ``page_size`` is 1) is scrubbed whole, in every layer, K
-and V, before the allocator's own ``free`` runs: a paged allocator frees whole pages, so a page
-is reused only after it was scrubbed. Pages whose scrub fails verification are withheld (never
-given back to the allocator, listed in :attr:`ScrubOnFree.withheld`, and recorded in the
-forensic log by the library); the others are freed. A call the library refuses (a pool not
-allocated through kvhygiene, say) raises and frees nothing.
+- ``free``: a freed page (the slot itself when ``page_size`` is 1) is scrubbed whole, in every
+  layer, K and V, before the allocator's own ``free`` runs: a paged allocator frees whole
+  pages, so a page is reused only after it was scrubbed. Inside a free group
+  (``free_group_begin`` .. ``free_group_end``) a page is scrubbed when it is freed, not again
+  when the group gives it back.
+- ``clear``: the whole pool is scrubbed first (SGLang clears only while no request runs).
+- A page whose scrub fails verification is withheld: never given back to the allocator,
+  listed in :attr:`ScrubOnFree.withheld`, and recorded in the forensic log by the library,
+  until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises and
+  clears nothing. A call the library refuses raises and frees nothing; the padding page is
+  scrubbed once when the allocator is wrapped, so a pool outside kvhygiene memory is refused
+  then.
 
 Only attribute names are used (no SGLang import): the module is tested against stand-ins with
 those names, not against SGLang itself. The scrub runs on ``stream`` (default: PyTorch's
-current stream), after the work queued there: an engine that runs the forward pass on another
-stream must pass that one, so that the scrub does not overtake a kernel still reading the
-slots. Pools that are not per-token rows (a hybrid or sliding-window pool's extra buffers, a
-host-side cache) are not covered.
+current stream), after the work queued there: with SGLang's overlap scheduler, which runs the
+forward pass on a stream of its own, pass that stream, so that the scrub does not overtake a
+kernel still reading the slots. Not covered: slots given back without ``free`` or ``clear``
+(speculative decoding's ``restore_state`` of a draft allocator: wrap the draft pool's
+allocator too, and know that a restore bypasses it), and buffers that are not per-token rows
+(FP4 scale buffers, sparse-attention index buffers, a host-side cache).
 """
 
 from __future__ import annotations
@@ -83,10 +92,13 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
         geometry = (row_bytes * page, row_stride * page, rows // page, index)
         regions = groups.setdefault(geometry, [])
         regions.extend(b for b in bases if b not in regions)
-    return [
+    layouts = [
         KvLayout(regions, block_bytes, blocks, block_stride=stride, device=device)
         for (block_bytes, stride, blocks, device), regions in groups.items()
     ]
+    for layout in layouts:
+        layout.page_size = page  # checked by scrub_on_free against the allocator's
+    return layouts
 
 
 def _page_size(source) -> int:
@@ -124,10 +136,15 @@ def pages_of(free_index, page_size: int) -> List[int]:
     return sorted({i // page for i in _indices(free_index)})
 
 
+#: Pages named in one scrub call when the whole pool is scrubbed (``clear``).
+_CLEAR_CHUNK = 4096
+
+
 class ScrubOnFree:
     """The ``free`` that :func:`scrub_on_free` puts on an allocator: scrubs the pages of the
     indices freed, then calls the allocator's own ``free`` with the indices of the pages that
-    verified."""
+    verified. It also stands in for the allocator's ``free_group_end`` and ``clear`` when it
+    has them (see :func:`scrub_on_free`)."""
 
     def __init__(self, allocator, layouts: Sequence[KvLayout], page_size: int, stream):
         self.allocator = allocator
@@ -135,22 +152,30 @@ class ScrubOnFree:
         self.page_size = page_size
         self.stream = stream
         self.original = allocator.free
-        #: Pages whose scrub failed verification: never given back to the allocator.
+        self.original_group_end = getattr(allocator, "free_group_end", None)
+        self.original_clear = getattr(allocator, "clear", None)
+        #: Pages whose scrub failed verification: never given back to the allocator (until a
+        #: ``clear`` verifies them clean).
         self.withheld: Set[int] = set()
         #: Pages scrubbed and verified, in all.
         self.scrubbed_pages = 0
+        # Pages scrubbed by frees inside the current free group (their indices wait in the
+        # allocator's group), and whether the group's end is giving them back now.
+        self._group_scrubbed: Set[int] = set()
+        self._group_ending = False
 
     def __call__(self, free_index, *args, **kwargs):
         pages = pages_of(free_index, self.page_size)
-        failed: Set[int] = set()
-        for layout in self.layouts:
-            if not pages:
-                break
-            try:
-                scrub_blocks(layout, pages, stream=self.stream)
-            except ScrubVerificationError as e:
-                failed.update(e.failed_blocks)
-        self.scrubbed_pages += len(pages) - len(failed)
+        # A withheld page freed again (a double free by the engine) stays withheld.
+        refused = self.withheld.intersection(pages)
+        # At a group's end, its pages come back in one call: those scrubbed when they were
+        # freed in the group were not handed out since (the group held them).
+        done = self._group_scrubbed if self._group_ending else set()
+        todo = [p for p in pages if p not in refused and p not in done]
+        failed = self._scrub(todo)
+        self.scrubbed_pages += len(todo) - len(failed)
+        if self._in_group():
+            self._group_scrubbed.update(p for p in todo if p not in failed)
         if failed:
             self.withheld |= failed
             _log.error(
@@ -159,26 +184,79 @@ class ScrubOnFree:
                 len(failed),
                 sorted(failed),
             )
-            free_index = self._without(free_index, failed)
+        if failed or refused:
+            free_index = self._without(free_index, failed | refused)
         return self.original(free_index, *args, **kwargs)
 
-    def _without(self, free_index, failed: Set[int]):
-        """``free_index`` less the indices of the pages in ``failed``, of the same kind."""
-        keep = [i for i in _indices(free_index) if i // self.page_size not in failed]
+    def _in_group(self) -> bool:
+        """Whether the allocator is collecting frees (SGLang's ``is_not_in_free_group``)."""
+        return getattr(self.allocator, "is_not_in_free_group", True) is False
+
+    def _scrub(self, pages: List[int]) -> Set[int]:
+        """Scrubs ``pages`` in every layout; returns those that failed verification."""
+        failed: Set[int] = set()
+        if pages:
+            for layout in self.layouts:
+                try:
+                    scrub_blocks(layout, pages, stream=self.stream)
+                except ScrubVerificationError as e:
+                    failed.update(e.failed_blocks)
+        return failed
+
+    def free_group_end(self, *args, **kwargs):
+        """The allocator's ``free_group_end``, which gives the group's indices back through
+        ``free``: pages scrubbed when they were freed in the group are not scrubbed again."""
+        self._group_ending = True
+        try:
+            return self.original_group_end(*args, **kwargs)
+        finally:
+            self._group_ending = False
+            self._group_scrubbed.clear()
+
+    def clear(self, *args, **kwargs):
+        """The allocator's ``clear`` (SGLang's ``flush_cache``, made while no request runs):
+        every slot becomes free without ``free``, the prefix cache's included, so the whole
+        pool is scrubbed first. When a page fails verification the allocator is not cleared
+        (its page would be handed out): :class:`ScrubVerificationError` names the pages."""
+        pages = list(range(min(layout.blocks_per_region for layout in self.layouts)))
+        failed: Set[int] = set()
+        for i in range(0, len(pages), _CLEAR_CHUNK):
+            failed |= self._scrub(pages[i : i + _CLEAR_CHUNK])
+        if failed:
+            self.withheld |= failed
+            raise ScrubVerificationError(sorted(failed), len(pages))
+        self.scrubbed_pages += len(pages)
+        self.withheld.clear()
+        self._group_scrubbed.clear()
+        return self.original_clear(*args, **kwargs)
+
+    def _without(self, free_index, dropped: Set[int]):
+        """``free_index`` less the indices of the pages in ``dropped``, of the same kind."""
+        keep = [i for i in _indices(free_index) if i // self.page_size not in dropped]
         if hasattr(free_index, "new_tensor"):
             return free_index.new_tensor(keep)
         return type(free_index)(keep) if isinstance(free_index, (list, tuple)) else keep
 
     def uninstall(self) -> None:
-        """Puts the allocator's own ``free`` back."""
+        """Puts the allocator's own methods back."""
         self.allocator.free = self.original
+        if self.original_group_end is not None:
+            self.allocator.free_group_end = self.original_group_end
+        if self.original_clear is not None:
+            self.allocator.clear = self.original_clear
 
 
 def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
     """Wraps ``allocator.free`` (an SGLang token allocator, or anything with
-    ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it. ``layouts`` are the KV
-    pool's (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the
-    allocator's. Refused on an allocator already wrapped."""
+    ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it; also its
+    ``free_group_end`` and ``clear`` when it has them (a page freed in a free group is
+    scrubbed once; ``clear`` scrubs the whole pool first). ``layouts`` are the KV pool's
+    (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the
+    allocator's. Refused on an allocator already wrapped.
+
+    The padding page (page 0, which SGLang never hands out) is scrubbed once here: a pool not
+    in kvhygiene memory (``install()`` not called first, a custom memory pool) is refused now
+    rather than at the first free."""
     if isinstance(getattr(allocator, "free", None), ScrubOnFree):
         raise ValueError("this allocator's free already scrubs (scrub_on_free was called on it before)")
     if not callable(getattr(allocator, "free", None)):
@@ -186,6 +264,19 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
     layouts = list(layouts)
     if not layouts:
         raise ValueError("scrub_on_free needs the KV pool's layouts (layouts_of(pool))")
-    wrapper = ScrubOnFree(allocator, layouts, _page_size(allocator if page_size is None else page_size), stream)
+    page = _page_size(allocator if page_size is None else page_size)
+    for layout in layouts:
+        made_for = getattr(layout, "page_size", page)
+        if made_for != page:
+            raise ValueError(
+                f"the layouts are of pages of {made_for} token slots, the allocator's of {page}: "
+                "pass the same page_size to layouts_of"
+            )
+        scrub_blocks(layout, [0], stream=stream)
+    wrapper = ScrubOnFree(allocator, layouts, page, stream)
     allocator.free = wrapper
+    if wrapper.original_group_end is not None:
+        allocator.free_group_end = wrapper.free_group_end
+    if wrapper.original_clear is not None:
+        allocator.clear = wrapper.clear
     return wrapper

@@ -132,12 +132,24 @@ def test_a_page_that_fails_verification_is_withheld_and_the_others_are_freed():
     pool.release()
 
 
-def test_a_refused_scrub_raises_and_frees_nothing():
+def test_a_pool_outside_kvhygiene_memory_is_refused_when_the_allocator_is_wrapped():
     stray = NS(page_size=1, k_buffer=[FakeTensor(0x1000, (SLOTS + 1, HEADS, 8))], v_buffer=[])
     alloc = TokenAllocator(page_size=1)
-    scrub_on_free(alloc, layouts_of(stray))
+    own = alloc.free
     with pytest.raises(kvhygiene.KvhError, match="not inside"):
-        alloc.free(alloc.alloc(2))
+        scrub_on_free(alloc, layouts_of(stray))
+    assert alloc.free == own, "the allocator was wrapped"
+
+
+def test_a_refused_scrub_at_a_free_raises_and_frees_nothing():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = TokenAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(2)
+    pool.release()  # the cache tensor freed under the engine: its regions are no longer live
+    with pytest.raises(kvhygiene.KvhError, match="not inside|not live"):
+        alloc.free(tokens)
     assert alloc.freed == []
 
 
@@ -168,14 +180,130 @@ def test_pages_and_layouts_refuse_what_they_cannot_read():
 
 
 def test_an_allocator_is_wrapped_once_and_can_be_unwrapped():
-    alloc = TokenAllocator(page_size=1)
-    own = alloc.free
-    layout = kvhygiene.KvLayout([0x1000], 64, 4)
-    wrapper = scrub_on_free(alloc, [layout])
+    pool = Pool(kvhygiene.load(), page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    own = (alloc.free, alloc.free_group_end, alloc.clear)
+    layouts = layouts_of(pool)
+    wrapper = scrub_on_free(alloc, layouts)
     assert isinstance(alloc.free, ScrubOnFree)
     with pytest.raises(ValueError, match="already scrubs"):
-        scrub_on_free(alloc, [layout])
+        scrub_on_free(alloc, layouts)
     with pytest.raises(ValueError, match="needs the KV pool's layouts"):
         scrub_on_free(TokenAllocator(page_size=1), [])
+    with pytest.raises(ValueError, match="pages of 2 token slots, the allocator's of 1"):
+        scrub_on_free(TokenAllocator(page_size=1), layouts)
     wrapper.uninstall()
-    assert alloc.free == own
+    assert (alloc.free, alloc.free_group_end, alloc.clear) == own
+    pool.release()
+
+
+class GroupingAllocator(TokenAllocator):
+    """The rest of SGLang's token allocator interface that gives slots back: ``free_group_begin``
+    and ``free_group_end`` (frees made in between are collected and given back at the end, by
+    one call of ``self.free``), and ``clear`` (the scheduler's ``flush_cache``: every page but
+    the padding page is free again, whatever the prefix cache held)."""
+
+    def __init__(self, page_size):
+        super().__init__(page_size)
+        self.is_not_in_free_group = True
+        self.free_group = []
+
+    def free(self, free_index):
+        if not self.is_not_in_free_group:
+            self.free_group.append(list(free_index))
+            return
+        super().free(free_index)
+
+    def free_group_begin(self):
+        self.is_not_in_free_group, self.free_group = False, []
+
+    def free_group_end(self):
+        self.is_not_in_free_group = True
+        if self.free_group:
+            self.free([i for g in self.free_group for i in g])
+
+    def clear(self):
+        self.free_pages = list(range(1, SLOTS // self.page_size + 1))
+        self.is_not_in_free_group, self.free_group = True, []
+
+
+def test_a_page_withheld_after_a_failed_scrub_is_not_handed_out_after_the_allocator_is_cleared():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(6)  # pages 1, 2, 3
+    pool.fill(tokens, 0xE5)
+    lib.kvh_inject_fault(1)
+    alloc.free(tokens)
+    assert wrapper.withheld == {1}
+    alloc.clear()  # SGLang's flush_cache, once the server is idle
+    handed = alloc.alloc(SLOTS)
+    assert not {s // 2 for s in handed} & wrapper.withheld, "a withheld page was handed out again"
+    pool.release()
+
+
+def test_slots_given_back_by_clearing_the_allocator_are_zero_when_handed_out_again():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = GroupingAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(pool))
+    cached = alloc.alloc(4)  # a finished request's prefix, kept by the prefix cache
+    pool.fill(cached, 0xA7)
+    alloc.clear()  # flush_cache: the prefix cache is reset, its slots are free again
+    handed = alloc.alloc(SLOTS)
+    assert set(cached) <= set(handed)
+    assert all(pool.holds(s, 0) for s in cached), "a slot was handed out with the bytes of the request before"
+    pool.release()
+
+
+def test_a_page_freed_inside_a_free_group_is_scrubbed_once():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    a, b = alloc.alloc(2), alloc.alloc(4)  # pages 1; 2 and 3
+    pool.fill(a + b, 0xC9)
+    alloc.free_group_begin()
+    alloc.free(a)
+    alloc.free(b)
+    alloc.free_group_end()
+    assert all(pool.holds(s, 0) for s in a + b)
+    assert {1, 2, 3} <= set(alloc.free_pages)
+    assert wrapper.scrubbed_pages == 3, f"3 pages freed, {wrapper.scrubbed_pages} page scrubs"
+    pool.release()
+
+
+def test_a_clear_whose_scrub_fails_is_refused_and_the_page_stays_withheld():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    held = alloc.alloc(4)  # pages 1 and 2, kept by the prefix cache
+    pool.fill(range(0, SLOTS + 2), 0x5A)
+    lib.kvh_inject_fault(1)
+    with pytest.raises(kvhygiene.ScrubVerificationError) as refused:
+        alloc.clear()
+    assert refused.value.failed_blocks == [0]
+    assert wrapper.withheld == {0}
+    assert not {1, 2} & set(alloc.free_pages), "the allocator was cleared"
+    # A later clear that verifies every page clears the allocator, and the page with it.
+    alloc.clear()
+    assert wrapper.withheld == set() and {1, 2} <= set(alloc.free_pages)
+    assert all(pool.holds(s, 0) for s in held)
+    pool.release()
+
+
+def test_a_withheld_page_freed_again_stays_withheld():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = TokenAllocator(page_size=1)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(2)
+    pool.fill(tokens, 0x3E)
+    lib.kvh_inject_fault(1)
+    alloc.free(tokens)
+    assert wrapper.withheld == {tokens[0]}
+    alloc.free([tokens[0]])  # the engine frees it again
+    assert tokens[0] not in alloc.free_pages
+    pool.release()

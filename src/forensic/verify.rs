@@ -280,10 +280,15 @@ fn verify_listed(
 ) -> Result<ChainReport, VerifyError> {
     let mut report = verify_chain(chain, list, opts, ckpt, manifest)?;
     let mut list = list.to_vec();
+    let mut ckpt = ckpt.cloned();
     for _ in 0..MAX_RELISTS {
         if report.ok() || !list.iter().any(|(_, path)| files::is_missing(path)) {
             break;
         }
+        // The checkpoint again, before the files, as for the first reading: the prune may
+        // have gone by a later checkpoint, which allowed it to move the file of this one.
+        ckpt = newer_checkpoint(chain, opts, ckpt);
+        let ckpt = ckpt.as_ref();
         list = list_all(dir, opts)?
             .into_iter()
             .find(|(id, _)| id == chain)
@@ -302,6 +307,36 @@ fn verify_listed(
         };
     }
     Ok(report)
+}
+
+/// The checkpoint of `chain` read again from the checkpoint locations, when one there
+/// verifies and covers more of the chain than `had`; else `had`. Never an older one: a
+/// checkpoint file swapped for an earlier signed one must not undo the check of the end.
+/// (The first reading reports a checkpoint that does not verify; this one keeps `had`.)
+fn newer_checkpoint(
+    chain: &str,
+    opts: &VerifyOptions,
+    had: Option<Checkpoint>,
+) -> Option<Checkpoint> {
+    if opts.public_keys.is_empty() {
+        return had;
+    }
+    // In a directory, only this chain's file; a file given by name, whichever chain it is.
+    let newest = opts
+        .checkpoints
+        .iter()
+        .map(|p| match p.is_dir() {
+            true => checkpoint::path_for(p, chain),
+            false => p.clone(),
+        })
+        .filter_map(|f| checkpoint::read(&f, &opts.public_keys).ok())
+        .filter(|c| c.chain == chain)
+        .max_by_key(|c| c.seq);
+    match (had, newest) {
+        (Some(h), Some(n)) if n.seq > h.seq => Some(n),
+        (None, n) => n,
+        (h, _) => h,
+    }
 }
 
 /// The chain files of `dir` and of the archive directories.
@@ -1528,6 +1563,62 @@ mod relist_tests {
             let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
             assert!(!rep.ok(), "file {victim} deleted, yet the chain verifies");
         }
+    }
+
+    /// The signed checkpoint of the last record of `file`, written in `dir`.
+    fn checkpoint_at(
+        dir: &Path,
+        chain: &str,
+        file: &Path,
+        signer: &ed25519_dalek::SigningKey,
+    ) -> Checkpoint {
+        let text = std::fs::read_to_string(file).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let c = Checkpoint {
+            chain: chain.to_string(),
+            seq: last["seq"].as_u64().unwrap(),
+            hash: parse_hash(last["hash"].as_str().unwrap()).unwrap(),
+            file: file.file_name().unwrap().to_str().unwrap().to_string(),
+            ts: 1,
+            key_id: None,
+            public_key: None,
+        };
+        checkpoint::write(dir, signer, &c).unwrap();
+        c
+    }
+
+    /// The checkpoint a verification read before listing may be older than the one a
+    /// `prune-log` that runs meanwhile goes by: the chain is judged from a new listing, and a
+    /// checkpoint that points into files moved since is not tampering.
+    #[test]
+    fn a_checkpoint_that_advanced_while_prune_log_ran_is_not_tampering() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (signer, public) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let signer = crate::forensic::keys::read_signing_key(&signer).unwrap();
+        let public = crate::forensic::keys::read_public_key(&public).unwrap();
+        let opts = VerifyOptions {
+            public_keys: vec![public],
+            checkpoints: vec![dir.clone()],
+            ..opts()
+        };
+        let log = chain(&dir, 8, false);
+        let (id, files) = list_all(&dir, &opts).unwrap().remove(0);
+        assert!(files.len() >= 7, "{files:?}");
+        checkpoint_at(&dir, &id, &files[1].1, &signer);
+        // The verification reads the checkpoint, then lists the files.
+        let read = checkpoint::read(&checkpoint::path_for(&dir, &id), &opts.public_keys).unwrap();
+        let (_, list) = listed(&dir, &opts);
+        // The writer signs a later checkpoint; prune-log moves the files before its file.
+        checkpoint_at(&dir, &id, &files[4].1, &signer);
+        prune(&dir, &archive(tmp.path()), &opts);
+        assert!(
+            verify_all(&dir, &opts).unwrap().ok(),
+            "the log verifies once the prune is done"
+        );
+        let rep = verify_listed(&dir, &id, &list, &opts, Some(&read), None).unwrap();
+        assert!(rep.ok(), "{:?}", rep.problem);
+        std::mem::forget(log);
     }
 
     /// `verify_all` in a loop while `prune-log` moves many chains: every reading verifies.
