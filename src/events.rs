@@ -56,7 +56,8 @@ pub enum InvalidFreeReason {
 /// Which time-to-live was exceeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TtlKind {
-    /// A block stayed LIVE longer than `live_ttl_ms` (reported at its free).
+    /// A block stayed LIVE longer than `live_ttl_ms` (reported once per hand-out: while it is
+    /// still LIVE, or at its free).
     Live,
 }
 

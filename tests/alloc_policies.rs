@@ -88,6 +88,32 @@ fn live_ttl_exceeded_is_an_event() {
     assert_eq!(f.alloc.stats().counters.ttl_exceeded, 1);
 }
 
+/// A tensor held for ever is never freed, so its free cannot report it: the flusher reports a
+/// block once it is LIVE past the live TTL, while it is still LIVE, and its free later does
+/// not report it a second time.
+#[test]
+fn a_block_live_past_the_ttl_is_reported_while_live_and_once() {
+    let f = Fixture::new(Config {
+        live_ttl_ms: 50,
+        ..manual_config()
+    });
+    let held = f.malloc_zeroed(64, 0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while f.sink.count("ttl_exceeded") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        f.sink.count("ttl_exceeded"),
+        1,
+        "a block LIVE past the TTL was not reported while LIVE"
+    );
+    assert_eq!(f.alloc.block_info(held).unwrap().state, BlockState::Live);
+    std::thread::sleep(Duration::from_millis(150));
+    f.alloc.free(held, 64, 0, S).unwrap();
+    assert_eq!(f.sink.count("ttl_exceeded"), 1, "reported twice");
+    assert_eq!(f.alloc.stats().counters.ttl_exceeded, 1);
+}
+
 #[test]
 fn max_reuse_retires_the_block() {
     let f = Fixture::new(Config {

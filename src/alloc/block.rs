@@ -63,6 +63,9 @@ pub struct Block {
     /// is being written by the device: it must not be released or submitted again, even
     /// while the batch is out of the pool being waited on with the lock dropped.
     pub scrub_in_flight: bool,
+    /// The block's LIVE time exceeded the live TTL and was reported (by the flusher, while it
+    /// was still LIVE): its free does not report it again. Cleared at every hand-out.
+    pub live_ttl_reported: bool,
 }
 
 impl Block {

@@ -293,6 +293,7 @@ impl Allocator {
             scrub_seq: 0,
             disposition: Disposition::Reuse,
             scrub_in_flight: false,
+            live_ttl_reported: false,
         };
         self.pool(dev).insert_fresh(block);
         Ok(addr)
@@ -581,17 +582,22 @@ impl Allocator {
     }
 
     /// One flusher tick: submit stale batches, harvest, re-scrub; with `trim`, also release
-    /// blocks idle past the idle TTL (a scan of the free lists, so done less often).
-    fn tick(&self, trim: bool) {
+    /// blocks idle past the idle TTL (a scan of the free lists, so done less often); with
+    /// `watch_live`, also report blocks LIVE past the live TTL (a scan of the block table).
+    fn tick(&self, trim: bool, watch_live: bool) {
         let idle_ttl = u64::try_from(self.inner.config.idle_ttl_ms)
             .ok()
             .filter(|_| trim)
             .map(Duration::from_millis);
+        let watch_live = watch_live && self.inner.config.live_ttl_ms > 0;
         for dev in 0..self.inner.pools.len() as u32 {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return;
             }
             self.with_pool(dev, |pool, backend, config, after| {
+                if watch_live {
+                    pool.report_live_ttl(config, after);
+                }
                 if !pool.has_pending_work() && idle_ttl.is_none() {
                     return;
                 }
@@ -788,25 +794,30 @@ impl Allocator {
 /// back to the backend at most half a TTL late, but no more often than the flusher wakes
 /// (`tick`) and no less often than once a second (the trim scans the free lists: a
 /// TTL in minutes does not need it more often).
-fn trim_period(idle_ttl_ms: i64, tick: Duration) -> Duration {
-    let half_ttl = Duration::from_millis(u64::try_from(idle_ttl_ms).unwrap_or(0) / 2);
+fn trim_period(ttl_ms: i64, tick: Duration) -> Duration {
+    let half_ttl = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0) / 2);
     half_ttl.clamp(tick, Duration::from_secs(1))
 }
 
 /// The flusher: bounds how long a free waits in an open batch and how long a completed
 /// scrub waits to be harvested. Holds only a weak reference, so dropping the allocator ends it.
 fn spawn_flusher(inner: Weak<Inner>) {
-    let (period, trim_every) = match inner.upgrade() {
+    let (period, trim_every, watch_every) = match inner.upgrade() {
         Some(i) => {
             let period = Duration::from_micros(i.config.batch_max_delay_us.clamp(100, 10_000));
-            (period, trim_period(i.config.idle_ttl_ms, period))
+            let live_ttl = i64::try_from(i.config.live_ttl_ms).unwrap_or(i64::MAX);
+            (
+                period,
+                trim_period(i.config.idle_ttl_ms, period),
+                trim_period(live_ttl, period),
+            )
         }
         None => return,
     };
     let spawned = std::thread::Builder::new()
         .name("kvh-flusher".into())
         .spawn(move || {
-            let mut last_trim = Instant::now();
+            let (mut last_trim, mut last_watch) = (Instant::now(), Instant::now());
             loop {
                 std::thread::sleep(period);
                 let Some(inner) = inner.upgrade() else { return };
@@ -817,7 +828,11 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 if trim {
                     last_trim = Instant::now();
                 }
-                Allocator { inner }.tick(trim);
+                let watch = last_watch.elapsed() >= watch_every;
+                if watch {
+                    last_watch = Instant::now();
+                }
+                Allocator { inner }.tick(trim, watch);
             }
         });
     if let Err(e) = spawned {

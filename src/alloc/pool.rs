@@ -195,6 +195,7 @@ impl DevicePool {
         block.alloc_stream = stream;
         block.recorded_streams.clear();
         block.reuse_count += 1;
+        block.live_ttl_reported = false;
         let now = Instant::now();
         block.allocated_at = now;
         block.state_since = now;
@@ -270,7 +271,7 @@ impl DevicePool {
             );
         }
         let age_ms = now.duration_since(block.allocated_at).as_millis() as u64;
-        if config.live_ttl_ms > 0 && age_ms > config.live_ttl_ms {
+        if config.live_ttl_ms > 0 && age_ms > config.live_ttl_ms && !block.live_ttl_reported {
             self.stats.counters.ttl_exceeded += 1;
             let kind = EventKind::TtlExceeded {
                 which: TtlKind::Live,
@@ -953,6 +954,29 @@ impl DevicePool {
                 .is_some_and(|b| b.state == BlockState::Clean)
             {
                 self.release(addr, ReleaseReason::EmptyCache, after);
+            }
+        }
+    }
+
+    /// Reports each LIVE block whose time since its hand-out exceeds the live TTL, once per
+    /// hand-out (the allocator cannot free a live tensor: a block that is never freed would
+    /// otherwise never be reported). Its free then does not report it again.
+    pub(crate) fn report_live_ttl(&mut self, config: &Config, after: &mut Aftermath) {
+        let now = Instant::now();
+        for block in self.blocks.values_mut() {
+            if block.state != BlockState::Live || block.live_ttl_reported {
+                continue;
+            }
+            let age_ms = now.duration_since(block.allocated_at).as_millis() as u64;
+            if age_ms > config.live_ttl_ms {
+                block.live_ttl_reported = true;
+                self.stats.counters.ttl_exceeded += 1;
+                let kind = EventKind::TtlExceeded {
+                    which: TtlKind::Live,
+                    age_ms,
+                    limit_ms: config.live_ttl_ms,
+                };
+                after.event(kind, block);
             }
         }
     }

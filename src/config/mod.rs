@@ -158,7 +158,8 @@ pub struct Config {
     pub batch_max_delay_us: u64,
     /// Idle pooled blocks older than this go back to the backend; `<= 0`: never reuse.
     pub idle_ttl_ms: i64,
-    /// A block live longer than this is reported at its free; 0 disables the check.
+    /// A block live longer than this is reported, once per hand-out: by the flusher while it
+    /// is still live, or at its free; 0 disables the check.
     pub live_ttl_ms: u64,
     /// After this many hand-outs a block is scrubbed and released; 0 = unlimited.
     pub max_reuse: u32,
