@@ -11,7 +11,8 @@
 //!
 //! `KVHYGIENE_KERNEL_EXPORT_DIR=dir` (used by scripts/gen-ptx.sh) writes the PTX with its provenance
 //! header and the ptxas resource report there; only the pinned toolchain may do that, so the
-//! committed PTX always comes from the same compiler.
+//! committed PTX always comes from the same compiler. `KVHYGIENE_KERNEL_TOOLCHAIN=pinned` (used
+//! by scripts/build-gpu-artifacts.sh) skips step 1 too.
 //!
 //! The generated `OUT_DIR/kernel_images.rs` is included by src/backend/cuda/kernel.rs.
 
@@ -39,11 +40,13 @@ pub fn build() {
         println!("cargo:rerun-if-changed={path}");
     }
     // Watch the pinned toolchain's stamp only when it exists: a watched path that does not
-    // exist makes cargo rerun this script on every build. The directory is watched instead,
-    // so that installing the toolchain triggers a rebuild.
-    if std::path::Path::new(".tools/cuda/.pins").exists() {
+    // exist makes cargo rerun this script on every build. Until then the (git-ignored) tools
+    // directory is watched, created empty if need be, so that installing the toolchain into
+    // it makes the next build compile the kernels with it. Where the source tree is read-only
+    // it cannot be created, and only that trigger is lost.
+    if Path::new(".tools/cuda/.pins").exists() {
         println!("cargo:rerun-if-changed=.tools/cuda/.pins");
-    } else if std::path::Path::new(".tools").exists() {
+    } else if Path::new(".tools").is_dir() || fs::create_dir(".tools").is_ok() {
         println!("cargo:rerun-if-changed=.tools");
     }
     for var in [
@@ -52,6 +55,7 @@ pub fn build() {
         "CUDA_PATH",
         "PATH",
         "KVHYGIENE_KERNEL_EXPORT_DIR",
+        "KVHYGIENE_KERNEL_TOOLCHAIN",
         "KVHYGIENE_REQUIRE_KERNEL_BUILD",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -82,6 +86,22 @@ enum Toolchain {
 }
 
 fn find_toolchain() -> Toolchain {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let tools = root.join(".tools/cuda");
+    let pinned = tools.join("bin/ptxas").exists() && tools.join("lib/libnvrtc.so.12").exists();
+    // The committed PTX (KVHYGIENE_KERNEL_EXPORT_DIR) and builds that ask for it
+    // (KVHYGIENE_KERNEL_TOOLCHAIN=pinned: the GPU artifacts, releases) come from the pinned
+    // toolchain only, whatever nvcc the environment offers (a CUDA 13 toolkit's output would
+    // need R580 drivers).
+    let only_pinned = env::var_os("KVHYGIENE_KERNEL_EXPORT_DIR").is_some_and(|v| !v.is_empty())
+        || env::var("KVHYGIENE_KERNEL_TOOLCHAIN").is_ok_and(|v| v == "pinned");
+    if only_pinned {
+        return if pinned {
+            Toolchain::Pinned(tools)
+        } else {
+            Toolchain::None
+        };
+    }
     if let Some(nvcc) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
         return Toolchain::Nvcc(PathBuf::from(nvcc));
     }
@@ -101,9 +121,7 @@ fn find_toolchain() -> Toolchain {
             return Toolchain::Nvcc(nvcc);
         }
     }
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let tools = root.join(".tools/cuda");
-    if tools.join("bin/ptxas").exists() && tools.join("lib/libnvrtc.so.12").exists() {
+    if pinned {
         return Toolchain::Pinned(tools);
     }
     Toolchain::None

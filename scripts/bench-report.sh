@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Prints the median of every criterion benchmark under target/criterion and the ratios the
-# issues set targets for. Run after `cargo bench --bench host` (and other benches).
+# Prints the median of every criterion benchmark under target/criterion (CARGO_TARGET_DIR's
+# criterion/ when it is set; CRITERION_DIR overrides both) and the ratios the issues set
+# targets for. Run after `cargo bench --bench host` (and other benches).
 set -euo pipefail
-dir=${CRITERION_DIR:-target/criterion}
+dir=${CRITERION_DIR:-${CARGO_TARGET_DIR:-target}/criterion}
+if [[ ! -d "$dir" ]]; then
+    echo "bench-report: $dir does not exist: run cargo bench first" >&2
+    exit 2
+fi
 python3 - "$dir" <<'PY'
 import json, pathlib, sys
 root = pathlib.Path(sys.argv[1])

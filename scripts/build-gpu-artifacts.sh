@@ -11,8 +11,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/install-nvcc.sh
 
-# The pinned toolchain, not whatever nvcc the environment names, and no silent PTX fallback.
-build_env=(env -u NVCC -u CUDA_HOME -u CUDA_PATH KVHYGIENE_REQUIRE_KERNEL_BUILD=1)
+# The pinned toolchain, not whatever nvcc the environment names (PATH included), and no
+# silent PTX fallback.
+build_env=(env -u NVCC -u CUDA_HOME -u CUDA_PATH KVHYGIENE_KERNEL_TOOLCHAIN=pinned
+    KVHYGIENE_REQUIRE_KERNEL_BUILD=1)
 
 # Path of the executable cargo built for a test or bench target (from its JSON messages).
 executable() {
@@ -39,14 +41,19 @@ bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
 dest="$root/gpu-artifacts"
 rm -rf "$dest"
 mkdir -p "$dest"
-cp target/release/libkvhygiene.so target/release/libkvhygiene_preload.so "$dest/"
+# Where cargo put them: CARGO_TARGET_DIR when it is set, never an older build in ./target.
+release="${CARGO_TARGET_DIR:-target}/release"
+cp "$release/libkvhygiene.so" "$release/libkvhygiene_preload.so" "$dest/"
 cp "$test_bin" "$dest/gpu_kernel"
 cp "$bench_bin" "$dest/gpu_scrub"
-cp target/release/kvh "$dest/kvh"
+cp "$release/kvh" "$dest/kvh"
 strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
     "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"
 
-origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' target/release/build/kvhygiene-*/out/kernel_images.rs | head -n1 | cut -d'"' -f2)"
+# The build script's output of this build: the newest of the package's build directories
+# (an earlier configuration leaves others beside it).
+images="$(ls -t "$release"/build/kvhygiene-*/out/kernel_images.rs | head -n1)"
+origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
 {
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"

@@ -16,4 +16,7 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
 fi
 cargo build --workspace
 cargo test --workspace --all-targets
-KVH_LIBRARY="$PWD/target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests
+# The library cargo just built: in CARGO_TARGET_DIR when it is set (relative to here, as for
+# cargo), never an older one left in ./target.
+target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+KVH_LIBRARY="$target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests

@@ -138,14 +138,25 @@ def main() -> int:
     else:
         measured, ok = f"{t['passed']} passed, {t['failed']} failed", t["complete"] and t["failed"] == 0
     row(rows, "kernel correctness (tests/gpu_kernel.rs)", measured, "all pass", ok)
+    # The bench's figures count only when it exited 0: a bench that failed after criterion
+    # wrote its estimates (a scrub that failed in a later step) is no pass, as a Python step
+    # that crashed after writing its JSON is not.
+    bench_failed = failed_step(out, "gpu_scrub", needs_json=False)
+
+    def bench(*parts):
+        return None if bench_failed else criterion_ns(out, *parts)
+
+    def bench_missing():
+        return bench_failed or f"missing ({bench_note(out)})"
+
     for label in ["256MiB", "1GiB"]:
-        scrub = criterion_ns(out, "scrub_vs_memset", "scrub_verify", label)
-        memset = criterion_ns(out, "scrub_vs_memset", "memset", label)
+        scrub = bench("scrub_vs_memset", "scrub_verify", label)
+        memset = bench("scrub_vs_memset", "memset", label)
         r = ratio(memset, scrub)
         row(
             rows,
             f"scrub+verify vs cuMemsetD8Async, {label}",
-            f"missing ({bench_note(out)})"
+            bench_missing()
             if r is None
             else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
             ">= 0.9",
@@ -153,7 +164,7 @@ def main() -> int:
         )
     # Both launch shapes of a batch with work items (ItemGrid in src/backend/cuda/safe.rs); the
     # target applies to the one the library uses by default, the other is a comparison.
-    memset = criterion_ns(out, "batched", "memset_256MiB")
+    memset = bench("batched", "memset_256MiB")
     default_shape = default_item_grid(out)
     shapes = [("per_chunk", "one block per chunk"), ("resident", "resident grid")]
     if default_shape not in dict(shapes):
@@ -161,13 +172,13 @@ def main() -> int:
         row(rows, f"batched 4096 x 64 KiB, default shape {default_shape!r}", "not measured", ">= 0.8", None)
     for shape, label in shapes:
         default = shape == default_shape
-        scrub = criterion_ns(out, "batched", f"scrub_4096x64KiB_{shape}")
+        scrub = bench("batched", f"scrub_4096x64KiB_{shape}")
         r = ratio(memset, scrub)
         row(
             rows,
             f"batched 4096 x 64 KiB vs one 256 MiB memset, {label}"
             + (" (the default)" if default else " (alternative, not the default)"),
-            f"missing ({bench_note(out)})"
+            bench_missing()
             if r is None
             else f"ratio {r:.3g} (scrub {scrub / 1e3:.4g} us, memset {memset / 1e3:.4g} us)",
             ">= 0.8" if default else "comparison",

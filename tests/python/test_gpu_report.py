@@ -66,6 +66,8 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
         estimate(out, "scrub_vs_memset", "scrub_verify", label, median_ns=1050)
     estimate(out, "batched", "memset_256MiB", median_ns=500_000)
     estimate(out, "batched", "scrub_4096x64KiB_per_chunk", median_ns=500_000 / batched_ratio)
+    (out / "gpu_scrub.log").write_text("gpu_scrub: default item grid: per_chunk\n")
+    status(out, "gpu_scrub", 0)
     for name in ["residue", "residue_threads"]:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
         py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
@@ -347,3 +349,20 @@ def test_a_failed_preflight_backend_check_fails_its_row(tmp_path, monkeypatch):
     (row,) = [r for c, r in rows.items() if c.startswith("kvh preflight")]
     assert row["verdict"] == "FAIL" and row["measured"].startswith("FAIL"), row
     assert code != 0
+
+
+def test_a_bench_that_crashed_after_its_measurements_fails_the_run(tmp_path, monkeypatch):
+    # gpu_scrub measured every group, then panicked in a later scrub (its iteration timeline)
+    # and exited 101: its figures come from a run that failed, which the run must not pass,
+    # as a Python step that crashed after writing its figures does not.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_scrub.log").write_text(
+        "gpu_scrub: kernel image sm_90 cubin\n"
+        "thread 'main' panicked at benches/gpu_scrub.rs:60:10:\n"
+        "scrub failed: CUDA_ERROR_ILLEGAL_ADDRESS\n"
+    )
+    status(tmp_path, "gpu_scrub", 101)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    bench_rows = {c: r["verdict"] for c, r in rows.items() if c.startswith(("scrub+verify", "batched"))}
+    assert bench_rows and not any(v == "PASS" for v in bench_rows.values()), bench_rows
+    assert code == 1

@@ -1,0 +1,243 @@
+"""Checks of the build and test scripts under scripts/ that run without a GPU.
+
+The scripts are run from a scratch copy of the checkout; where a check is about which files a
+script uses rather than about what cargo builds, cargo (and strip) are stand-ins on PATH that
+put their outputs where cargo puts them: under CARGO_TARGET_DIR when it is set.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def scratch_scripts(tmp: Path, *names: str) -> Path:
+    """A directory laid out as the checkout, holding copies of the named scripts."""
+    root = tmp / "checkout"
+    for name in names:
+        dest = root / "scripts" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "scripts" / name, dest)
+    return root
+
+
+# A stand-in for cargo: `build` writes the crate's outputs where cargo writes them (the target
+# directory is CARGO_TARGET_DIR, else ./target), marked "fresh"; `test`/`bench --no-run
+# --message-format=json` also print the compiler-artifact message naming the executable.
+FAKE_CARGO = r"""#!/bin/sh
+t="${CARGO_TARGET_DIR:-$PWD/target}"
+profile=debug
+for a in "$@"; do [ "$a" = "--release" ] && profile=release; done
+[ "$1" = "bench" ] && profile=release
+d="$t/$profile"
+mkdir -p "$d/deps" "$d/build/kvhygiene-0123456789abcdef/out"
+echo 'pub const KERNEL_ORIGIN: &str = "fresh build";' > "$d/build/kvhygiene-0123456789abcdef/out/kernel_images.rs"
+case "$1" in
+    build)
+        for f in libkvhygiene.so libkvhygiene_preload.so kvh; do echo fresh > "$d/$f"; done ;;
+    test|bench)
+        name=""; prev=""
+        for a in "$@"; do
+            if [ "$prev" = "--test" ] || [ "$prev" = "--bench" ]; then name="$a"; fi
+            prev="$a"
+        done
+        if [ -n "$name" ]; then
+            echo fresh > "$d/deps/$name-0123"
+            printf '{"reason":"compiler-artifact","target":{"name":"%s"},"executable":"%s"}\n' "$name" "$d/deps/$name-0123"
+        fi ;;
+esac
+exit 0
+"""
+
+
+def test_test_sh_runs_the_python_tests_on_the_library_it_just_built(tmp_path):
+    # scripts/test.sh builds with cargo, then runs pytest with KVH_LIBRARY naming the built
+    # library. With CARGO_TARGET_DIR set, cargo builds into that directory; the library the
+    # Python tests load must be that one, not ./target/debug's (missing, or left from an
+    # earlier build of other sources).
+    root = scratch_scripts(tmp_path, "test.sh")
+    stale = root / "target" / "debug" / "libkvhygiene.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale\n")
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "cargo", FAKE_CARGO)
+    record = tmp_path / "pytest-library.txt"
+    executable(
+        bin_dir / "python3",
+        "#!/bin/sh\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then\n'
+        f'    printf "%s" "$KVH_LIBRARY" > "{record}"; exit 0\n'
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n',
+    )
+    target = tmp_path / "cargo-target"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(target)}
+    env.pop("KVH_LIBRARY", None)
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/test.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    used = Path(record.read_text())
+    assert used.is_file() and used.read_text() == "fresh\n", (
+        f"the Python tests ran on {used} ({used.read_text().strip() if used.is_file() else 'missing'}), "
+        f"not on the library cargo built in CARGO_TARGET_DIR={target}"
+    )
+
+
+def test_gpu_artifacts_are_the_files_cargo_just_built(tmp_path):
+    # scripts/build-gpu-artifacts.sh: every artifact gpu-check.sh runs is the one this build
+    # produced, wherever cargo put it (CARGO_TARGET_DIR), never a file left in ./target.
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
+        stale = root / "target" / "release" / f
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("stale\n")
+    # An earlier build's, as a build without CARGO_TARGET_DIR leaves it.
+    images = root / "target" / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
+    images.parent.mkdir(parents=True)
+    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "cargo", FAKE_CARGO)
+    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
+    target = tmp_path / "cargo-target"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(target)}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    art = root / "gpu-artifacts"
+    contents = {f: (art / f).read_text().strip() for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]}
+    assert set(contents.values()) == {"fresh"}, contents
+    assert "kernels: fresh build" in (art / "MANIFEST.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel build through the scripts (a real cargo build of a scratch copy, in a target
+# directory of its own; needs the pinned toolchain that scripts/install-nvcc.sh installed).
+
+PINNED = ROOT / ".tools" / "cuda"
+
+
+def scratch_checkout(tmp: Path) -> Path:
+    """A copy of the tracked files of the working tree."""
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    root = tmp / "checkout"
+    for rel in filter(None, files):
+        src = ROOT / os.fsdecode(rel)
+        if not src.is_file():
+            continue
+        dest = root / os.fsdecode(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+    return root
+
+
+def kernel_origin(root: Path, env: dict) -> str:
+    proc = subprocess.run(
+        ["cargo", "build", "--quiet", "--lib", "--message-format=json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for line in proc.stdout.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if m.get("reason") == "build-script-executed":
+            images = Path(m["out_dir"]) / "kernel_images.rs"
+            if images.exists():
+                for l in images.read_text().splitlines():
+                    if l.startswith("pub const KERNEL_ORIGIN"):
+                        return l.split('"')[1]
+    pytest.fail("no kernel_images.rs in cargo's build messages")
+
+
+def build_env(tmp: Path, path_prefix: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("NVCC", "CUDA_HOME", "CUDA_PATH", "KVHYGIENE_REQUIRE_KERNEL_BUILD", "KVHYGIENE_KERNEL_EXPORT_DIR")}
+    env["CARGO_TARGET_DIR"] = str(tmp / "target")
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}:{env['PATH']}"
+    return env
+
+
+@pytest.mark.skipif(not (PINNED / ".pins").is_file(), reason="the pinned toolchain is not installed (scripts/install-nvcc.sh)")
+def test_a_build_after_install_nvcc_embeds_the_pinned_toolchains_kernels(tmp_path):
+    # The order the README and deploy/README.md lead to: a build first (`cargo run --release
+    # --bin kvh -- demo`), then scripts/install-nvcc.sh, then a build for release. Once the
+    # toolchain is installed, the next build compiles the kernels with it; build-release.sh
+    # otherwise warns that the kernels are the committed PTX and says to run install-nvcc.sh,
+    # which was run.
+    root = scratch_checkout(tmp_path)
+    env = build_env(tmp_path)
+    assert kernel_origin(root, env) == "committed kernels/scrub.ptx"
+    # What scripts/install-nvcc.sh leaves: .tools/cuda with its pins (.tools may exist).
+    (root / ".tools").mkdir(exist_ok=True)
+    (root / ".tools" / "cuda").symlink_to(PINNED)
+    origin = kernel_origin(root, env)
+    assert ".tools/cuda" in origin, f"after install-nvcc.sh the build still embeds: {origin}"
+
+
+@pytest.mark.skipif(not (PINNED / ".pins").is_file(), reason="the pinned toolchain is not installed (scripts/install-nvcc.sh)")
+def test_gen_ptx_never_reports_a_ptx_it_did_not_write(tmp_path):
+    # scripts/gen-ptx.sh regenerates kernels/scrub.ptx with the pinned toolchain ("make sure no
+    # system nvcc takes precedence"). On a machine whose PATH has a CUDA toolkit's nvcc (a
+    # stand-in here, which only writes its output files), it must still write the PTX of the
+    # current scrub.cu, or fail; never exit 0 with the committed PTX left stale, which
+    # scripts/check-ptx.sh then refuses, telling the user to run gen-ptx.sh.
+    root = scratch_checkout(tmp_path)
+    (root / ".tools").mkdir()
+    (root / ".tools" / "cuda").symlink_to(PINNED)
+    with open(root / "kernels" / "scrub.cu", "a") as f:
+        f.write("// a change to the kernel source\n")
+    calls = tmp_path / "nvcc-calls.log"
+    toolkit = tmp_path / "cuda" / "bin"
+    executable(
+        toolkit / "nvcc",
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{calls}"\n'
+        'out=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+        '[ -n "$out" ] && echo stand-in > "$out"\n'
+        "exit 0\n",
+    )
+    env = build_env(tmp_path, str(toolkit))
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gen-ptx.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=1200
+    )
+    want = hashlib.sha256((root / "kernels" / "scrub.cu").read_bytes()).hexdigest()
+    ptx_header = (root / "kernels" / "scrub.ptx").read_text()[:400]
+    if proc.returncode == 0:
+        assert f"kvhygiene-source-sha256: {want}" in ptx_header, (
+            f"gen-ptx.sh exited 0 ({[l for l in proc.stdout.splitlines() if l.startswith('gen-ptx:')]}) but kernels/scrub.ptx is not "
+            f"from the current scrub.cu; nvcc on PATH was called: {calls.exists()}"
+        )
+        check = subprocess.run(["bash", str(root / "scripts/check-ptx.sh")], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
