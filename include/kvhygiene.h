@@ -127,7 +127,9 @@ void *kvh_malloc(ssize_t size, int device, void *stream);
 void kvh_free(void *ptr, ssize_t size, int device, void *stream);
 
 // As `kvh_free`, then waits for the block's scrub and returns `KVH_OK` when it verified, or
-// `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead (or an invalid-free code).
+// `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead: coverage below the
+// threshold, or a sample read non-zero (residue) whatever the coverage (or an invalid-free
+// code).
 // When the backend refused the scrub for now it does not wait: `KVH_ERR_CAPTURE_ACTIVE` (the
 // stream is capturing a CUDA graph) or `KVH_ERR_OUT_OF_MEMORY` (no memory for the batch); the
 // block stays out of use and is scrubbed at a later flush.

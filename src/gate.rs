@@ -31,6 +31,7 @@ use serde::Serialize;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
+use crate::printable;
 
 /// Exit code: the process may keep serving.
 pub const EXIT_ADMIT: i32 = 0;
@@ -334,6 +335,34 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     }
 }
 
+/// Refuses a log this process may not read (a probe running under another uid than the
+/// writer, whose files are 0600): the gate cannot judge it, which is a usage error (exit 2),
+/// not a log that fails verification (an eviction that reads as tampering). `verify-log`
+/// itself reports an unreadable chain file as a problem of its chain.
+fn readable(dir: &std::path::Path, opts: &verify::VerifyOptions) -> Result<(), String> {
+    let denied = |p: &std::path::Path, e: std::io::Error| {
+        format!(
+            "{}: {e}: this process (uid {}) cannot read the forensic log; run the gate as the \
+             writer's user",
+            p.display(),
+            crate::forensic::files::euid()
+        )
+    };
+    let chains = verify::list_all(dir, opts).map_err(|e| e.to_string())?;
+    for (_, files) in &chains {
+        for (_, path) in files {
+            // Opened as the verifier opens them: a FIFO planted there is not waited for.
+            match crate::forensic::files::open_regular(path, u64::MAX) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(denied(path, e))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Verifies the log as `verify-log` does. A directory that holds no record is reported as
 /// a problem of the log (evidence that should exist and does not), not as a usage error; a
 /// directory that does not exist, or a key that cannot be read, is a usage error.
@@ -346,6 +375,7 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
         ..VerifyLogArgs::of(dir.to_path_buf())
     };
     let opts = log_cli::options(&verify_args)?;
+    readable(dir, &opts)?;
     let mut report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
     if report.chains.iter().all(|c| c.records == 0) && report.errors.is_empty() {
         report.errors.push(format!(
@@ -356,24 +386,28 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
     Ok(report)
 }
 
+/// The verdict for a terminal. Every text that comes from the inputs (label values of the
+/// snapshot, paths, the verifier's reasons) is shown with its control characters escaped: a
+/// snapshot must not be able to retitle the window or overwrite the EVICT line.
 fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
     if v.admitted() {
         writeln!(
             out,
             "ADMIT: {} ({:.1} s old) shows the hygiene control working",
-            v.metrics_file, v.snapshot_age_seconds
+            printable(&v.metrics_file),
+            v.snapshot_age_seconds
         )?;
     } else {
         writeln!(out, "EVICT: take this process out of rotation")?;
         for r in &v.reasons {
-            writeln!(out, "  - {r}")?;
+            writeln!(out, "  - {}", printable(r))?;
         }
     }
     if let Some(log) = &v.log {
         writeln!(
             out,
             "forensic log {}: {} chains, {} records, {}",
-            log.dir,
+            printable(&log.dir),
             log.chains,
             log.records,
             if log.verified {
@@ -384,7 +418,7 @@ fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
         )?;
     }
     for n in &v.notes {
-        writeln!(out, "note: {n}")?;
+        writeln!(out, "note: {}", printable(n))?;
     }
     Ok(())
 }

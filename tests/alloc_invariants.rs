@@ -361,9 +361,10 @@ fn residue_is_never_handed_out_even_when_coverage_passes() {
     let id = f.alloc.block_info(a).unwrap().id;
     f.write(0, a, &secret(4096, 0x11));
     f.backend.inject_fault_next(); // half the block stays dirty: coverage ~0.5 >= 0.4
-    assert!(
-        f.alloc.free_checked(a, 4096, 0, S).is_ok(),
-        "coverage passed"
+    assert_eq!(
+        f.alloc.free_checked(a, 4096, 0, S),
+        Err(FreeError::VerifyFailed { addr: a }),
+        "coverage passed, but the block was quarantined for residue"
     );
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Quarantined {
@@ -454,4 +455,37 @@ fn malloc_with_origin_counts_an_out_of_memory_recovery_as_a_pool_hit() {
     assert_eq!(again.addr, first.addr);
     assert!(!again.fresh);
     assert_eq!(f.alloc.stats().counters.oom_recoveries, 1);
+}
+
+/// `kvh_free_checked` returns `KVH_OK` when the block verified and `KVH_ERR_VERIFY_FAILED`
+/// when it was quarantined instead (include/kvhygiene.h). A scrub whose coverage meets a
+/// threshold below 1 but that read non-zero samples quarantines the block (reason residue,
+/// invariant 1): the checked free must say so, not report a block it will never hand out
+/// again as verified.
+#[test]
+fn free_checked_reports_a_block_quarantined_for_residue() {
+    let f = Fixture::new(Config {
+        coverage_threshold: 0.4,
+        ..manual_config()
+    });
+    let a = f.malloc_zeroed(8192, 0, 0);
+    f.write(0, a, &secret(8192, 0x33));
+    // Half the block is left unzeroed: coverage about 0.5, above the threshold.
+    f.backend.inject_fault_next();
+    let r = f.alloc.free_checked(a, 8192, 0, S);
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.residue_detected, 1);
+    assert_eq!(
+        st.counters.quarantined, 1,
+        "the block is quarantined for residue"
+    );
+    assert!(f.sink.snapshot().iter().any(|e| e.kind
+        == EventKind::Quarantined {
+            reason: QuarantineReason::Residue
+        }));
+    assert_eq!(
+        r,
+        Err(FreeError::VerifyFailed { addr: a }),
+        "a checked free of a block quarantined for residue reported success"
+    );
 }

@@ -78,3 +78,16 @@ fn prune_log_ends_with_a_status_of_its_table() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `--help` and `--version` print to stdout and exit 0; when the text cannot be written, a
+/// script that reads it must not take an empty answer for the text: 2, said on stderr.
+#[test]
+fn help_and_version_that_cannot_be_written_end_with_2() {
+    for args in [&["--help"][..], &["--version"], &["verify-log", "--help"]] {
+        let (code, err) = run_full(kvh().args(args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        let (code, out, _) = run(kvh().args(args));
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("kvh"), "{args:?}: {out}");
+    }
+}

@@ -120,6 +120,23 @@ fn keygen_never_overwrites() {
     assert!(err.contains("k.key: already exists"), "{err}");
 }
 
+/// A prefix naming a directory (`DIR/` or `DIR`) is refused: it would write `DIR/.key`, a
+/// hidden file, or `DIR.key` beside the directory, not the keys the user asked for in it.
+#[test]
+fn keygen_refuses_a_directory_for_a_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slash = format!("{}/", tmp.path().display());
+    for prefix in [std::path::PathBuf::from(slash), tmp.path().to_path_buf()] {
+        let err = kvhygiene::forensic::cli::keygen(&prefix).unwrap_err();
+        assert!(err.contains("a directory, not a file prefix"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "wrote something"
+    );
+}
+
 /// An existing PREFIX.pub stops keygen before it writes anything: no private key is left
 /// behind without its public half.
 #[test]

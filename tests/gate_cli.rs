@@ -414,3 +414,84 @@ fn strict_anomalies_evict_when_the_anomaly_series_are_missing() {
         "{out}"
     );
 }
+
+/// The snapshot is written by the inference process (or whoever can write its shared
+/// volume): label values it holds reach the verdict's reasons and notes. Control characters
+/// in them are shown escaped, as `kvh metrics` shows the same snapshot, never written raw to
+/// the operator's terminal (where they can retitle the window, rewrite earlier lines, or hide
+/// the reason behind a cursor move).
+#[test]
+fn control_characters_of_the_snapshot_never_reach_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |_| {},
+        &[
+            ("\u{1b}]0;admit\u{7}\u{1b}[2K\u{1b}[1A", 1),
+            ("invalid_free", 0),
+        ],
+    );
+    let (_, metrics_out, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert!(!metrics_out.contains('\u{1b}'), "{metrics_out:?}");
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 1, "an unknown anomaly signal evicts: {out}{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{7}'),
+        "raw control characters from the snapshot in the verdict: {out:?}"
+    );
+}
+
+/// `kvh gate --help` and the README: exit 2 when "the metrics file (or log) is missing,
+/// unreadable or not kvhygiene's"; 1 (evict) is a verdict on the process. A log the probe
+/// cannot read (it runs under another uid than the writer, whose files are 0600) is an
+/// input the gate could not judge, not a log that "does not verify": evicting every replica
+/// with a reason that reads as tampering sends the operator after the wrong problem.
+#[test]
+fn a_log_the_gate_cannot_read_is_a_usage_error_not_an_eviction() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(tmp.path(), 0o755);
+    let dir = tmp.path().join("log");
+    forensic_common::write_log(&forensic_common::cfg(&dir, 1 << 20), 3, false);
+    open(&dir, 0o755);
+    let chain = forensic_common::chain_files(&dir);
+    assert_eq!(chain.len(), 1);
+    // The writer's files: its own uid only (root reads anything: the probe runs as nobody).
+    open(&chain[0], 0o000);
+    let f = tmp.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[("residue", 0)]);
+    open(&f, 0o644);
+    let mut cmd = kvh();
+    cmd.args(["gate", "--metrics-file"])
+        .arg(&f)
+        .arg("--log-dir")
+        .arg(&dir);
+    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::geteuid() == 0
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, out, err) = run(&mut cmd);
+    assert!(
+        out.contains("Permission denied") || err.contains("Permission denied"),
+        "the chain file must be unreadable to the probe: {out}{err}"
+    );
+    assert_eq!(
+        code, 2,
+        "an unreadable log is judged as a log that does not verify: {out}{err}"
+    );
+}

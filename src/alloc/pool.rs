@@ -769,7 +769,9 @@ impl DevicePool {
             let passed = verify::passes(result, expected, config.coverage_threshold);
             if !rescrub {
                 if let Some(slot) = self.watched.get_mut(&seq) {
-                    *slot = Some(passed);
+                    // A checked free succeeds only for a scrub that verified with no residue:
+                    // a block quarantined for residue (below) did not come back clean.
+                    *slot = Some(passed && result.nonzero == 0);
                 }
             }
             let c = &mut self.stats.counters;

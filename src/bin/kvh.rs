@@ -351,7 +351,10 @@ enum BackendArg {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_outcome(&e),
+    };
     match cli.command {
         Command::Demo(args) => run_demo(args),
         Command::VerifyLog(args) => exit_code(forensic_cli::run_verify_log(&args)),
@@ -426,6 +429,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             log.record_summary(counters);
         }
         log.stop();
+        report.log_records_lost = log.stats().records_lost;
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
     if args.json {
@@ -436,8 +440,12 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     } else {
         out.text(&demo::render(&report));
         if let (Some(log), Some(dir)) = (&log, &config.log.dir) {
+            let lost = match report.log_records_lost {
+                0 => String::new(),
+                n => format!(" ({n} more could not be written)"),
+            };
             out.line(format_args!(
-                "forensic log: {} records in {dir}; check it with: kvh verify-log {dir}",
+                "forensic log: {} records in {dir}{lost}; check it with: kvh verify-log {dir}",
                 log.stats().records_written,
                 dir = dir.display()
             ));
@@ -454,6 +462,21 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             eprintln!("kvh demo: passed, but the report cannot be written: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// What clap's answer to the command line exits with: `--help` and `--version` 0 once printed
+/// (2 when they cannot be written: a script reading them must not take nothing for the
+/// text), a usage error 2.
+fn parse_outcome(e: &clap::Error) -> ExitCode {
+    let printed = e.print().is_ok() && std::io::Write::flush(&mut std::io::stdout()).is_ok();
+    match (e.use_stderr(), printed) {
+        (false, true) => ExitCode::SUCCESS,
+        (false, false) => {
+            eprintln!("kvh: cannot write the help text");
+            ExitCode::from(2)
+        }
+        (true, _) => ExitCode::from(2),
     }
 }
 

@@ -239,7 +239,7 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
 /// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of at least
 /// the length the writer accepts.
 fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut b = Zeroizing::new(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
+    let mut b = keys::read_given_file(p, super::files::MAX_CKPT_BYTES)?;
     if b.last() == Some(&b'\n') {
         b.pop();
     }
@@ -540,6 +540,15 @@ pub fn run_keygen(args: &KeygenArgs) -> i32 {
 /// Neither may exist; when the second cannot be written the first is removed, so a failure
 /// leaves no half pair behind.
 pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
+    // `DIR/` or `DIR` would give `DIR/.key` (hidden) or `DIR.key` beside it, not keys in it.
+    let names_dir = prefix.as_os_str().as_encoded_bytes().ends_with(b"/") || prefix.is_dir();
+    if names_dir || prefix.as_os_str().is_empty() {
+        return Err(format!(
+            "--out {}: a directory, not a file prefix; give one such as {}",
+            prefix.display(),
+            prefix.join("checkpoint").display()
+        ));
+    }
     let with_ext = |ext: &str| {
         let mut s = prefix.as_os_str().to_owned();
         s.push(ext);

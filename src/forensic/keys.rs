@@ -265,10 +265,52 @@ pub fn read_signing_key(p: &Path) -> Result<SigningKey, ForensicError> {
     Ok(key)
 }
 
+/// Reads a key file named on a verifier's command line (an HMAC secret, a public key). Unlike
+/// [`read_private`] it follows links and does not ask who owns the file (Kubernetes mounts a
+/// Secret's files as links, readable by a group), but it never waits for a writer (a FIFO
+/// given by mistake must not hang a probe or a nightly job) and reads only a regular file of
+/// at most `cap` bytes, into a buffer allocated once, so that a secret leaves no copy behind
+/// in freed memory.
+pub fn read_given_file(p: &Path, cap: u64) -> Result<Zeroizing<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+    // Checked before the open: opening a FIFO for reading, even non-blocking, is harmless,
+    // but a device such as a tape drive may act on the open itself.
+    if !fs::metadata(p).map_err(|e| err(&e))?.is_file() {
+        return Err(err(&"not a regular file"));
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| err(&e))?;
+    let m = f.metadata().map_err(|e| err(&e))?;
+    if !m.is_file() {
+        return Err(err(&"not a regular file"));
+    }
+    if m.len() > cap {
+        return Err(err(&format!("larger than {cap} bytes; not a key file")));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(usize::try_from(cap + 1).unwrap_or(0)));
+    f.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(&e))?;
+    if bytes.len() as u64 > cap {
+        return Err(err(&format!("larger than {cap} bytes; not a key file")));
+    }
+    Ok(bytes)
+}
+
 /// Reads an Ed25519 public key file: 64 hex digits, optional newline.
 pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
-    let text =
-        fs::read_to_string(p).map_err(|e| ForensicError::Key(format!("{}: {e}", p.display())))?;
+    let bytes = read_given_file(p, super::files::MAX_CKPT_BYTES).map_err(ForensicError::Key)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        ForensicError::Key(format!(
+            "{}: not UTF-8 text (an Ed25519 public key)",
+            p.display()
+        ))
+    })?;
     let bytes = super::record::parse_hash(text.trim_end()).ok_or_else(|| {
         ForensicError::Key(format!(
             "{}: expected 64 lower-case hex digits (an Ed25519 public key)",

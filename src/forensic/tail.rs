@@ -711,17 +711,23 @@ fn security_line(line: &[u8]) -> bool {
     serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|r| is_exception(&r))
 }
 
+/// Most bytes a state file may have: a position is about 200 bytes per chain.
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// The state file, if there is one. Read as a regular file of bounded size only: a FIFO or a
+/// device given by mistake is refused at once, never waited for.
 fn load_state(path: &Path) -> Result<Option<State>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            format!(
-                "--state {}: not a tail-log state file ({e}); remove it to start afresh",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("--state {}: {e}", path.display())),
+    if files::is_missing(path) {
+        return Ok(None);
     }
+    let bytes = crate::config::read_regular_file(path, MAX_STATE_BYTES, "a tail-log state file")
+        .map_err(|e| format!("--state {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        format!(
+            "--state {}: not a tail-log state file ({e}); remove it to start afresh",
+            path.display()
+        )
+    })
 }
 
 /// Replaces the state file atomically (temporary file, 0600, fsync, rename): a crash leaves
