@@ -178,10 +178,17 @@ impl Plan {
     ///
     /// Returns how many items it wrote, which is `item_count` exactly when `segments` are the
     /// plan's and `out` has room; the caller must not launch otherwise (the kernel would read
-    /// items left from an earlier batch).
+    /// items left from an earlier batch). Segments that are not the plan's (another count,
+    /// or another number of chunks) get nothing written: 0.
     #[must_use]
     pub fn write_items(&self, segments: &[ScrubSegment], out: &mut [DeviceChunk]) -> usize {
-        let chunk = 1u64 << self.params.chunk_shift;
+        let shift = self.params.chunk_shift;
+        let planned = segments.len() == self.params.count as usize
+            && chunks_at(segments, shift) == self.item_count as u64;
+        if !planned {
+            return 0;
+        }
+        let chunk = 1u64 << shift;
         let mut slots = out.iter_mut();
         let mut written = 0;
         for (i, s) in segments.iter().enumerate() {
@@ -546,8 +553,25 @@ mod tests {
         );
         assert_eq!(
             p.write_items(&segs[..199], &mut area),
-            199,
+            0,
             "not the plan's segments"
+        );
+    }
+
+    /// Segments with more chunks than the plan's fill the area exactly but are not the plan's
+    /// segments: the count returned must differ from `item_count`, so the caller does not
+    /// launch with work items that cover only part of the batch.
+    #[test]
+    fn write_items_reports_segments_with_more_chunks_than_the_plan() {
+        let segs = segments(&vec![65_536; 200], 0);
+        let p = plan(&segs, options(64, false, false)).unwrap();
+        assert_eq!(p.item_count, 200);
+        let longer = segments(&vec![2 * 65_536; 200], 0);
+        let mut area = vec![DeviceChunk::default(); p.item_count];
+        assert_ne!(
+            p.write_items(&longer, &mut area),
+            p.item_count,
+            "segments of 400 chunks written into a plan of 200"
         );
     }
 
