@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
 use forensic_common::*;
+use kvhygiene::events::EventSink;
 use kvhygiene::forensic::{files, ForensicError, ForensicLog};
 
 fn mode(p: &std::path::Path) -> u32 {
@@ -316,5 +317,87 @@ fn env_secret_is_wiped_from_proc_self_environ() {
         status.code(),
         Some(0),
         "the secret is still in /proc/self/environ"
+    );
+}
+
+/// The log directory is checked when the log opens (a real directory, ours, 0700). A writer
+/// that rotates later creates its next file in that same directory: when the directory's
+/// path has since been replaced by a symlink to a directory someone else owns and may
+/// write, the writer neither follows the link nor writes its chain there.
+#[test]
+fn rotation_never_follows_a_symlink_put_at_the_log_directory_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), None).unwrap();
+    log.emit(event(0));
+    log.flush();
+    // The directory is moved away and its path now names another user's open directory.
+    let moved = tmp.path().join("log.moved");
+    fs::rename(&dir, &moved).unwrap();
+    let other = tmp.path().join("someone-else");
+    fs::create_dir(&other).unwrap();
+    std::os::unix::fs::chown(&other, Some(4242), Some(4242)).unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o777)).unwrap();
+    symlink(&other, &dir).unwrap();
+    // Enough records for several rotations at 4 KiB a file.
+    for i in 1..100 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let planted: Vec<String> = fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        planted.is_empty(),
+        "the writer followed the symlink and wrote into a directory owned by uid 4242: {planted:?}"
+    );
+}
+
+const ENV_OFF_CHILD: &str = "KVH_FORENSIC_ENV_SECRET_LOG_OFF_CHILD";
+
+/// In the child (re-executed test binary): opens the log with no log directory (logging
+/// off), then exits 0 only if the secret inherited at exec is neither in the environment
+/// (inherited by every child process) nor in /proc/self/environ. In a normal test run it
+/// returns at once.
+#[test]
+fn env_secret_log_off_child_entry() {
+    if std::env::var_os(ENV_OFF_CHILD).is_none() {
+        return;
+    }
+    let c = kvhygiene::config::LogConfig {
+        dir: None,
+        ..kvhygiene::config::Config::default().log
+    };
+    assert!(ForensicLog::open(&c, start()).unwrap().is_none());
+    let environ = fs::read("/proc/self/environ").unwrap();
+    let needle = ENV_SECRET.as_bytes();
+    let shown = environ.windows(needle.len()).any(|w| w == needle);
+    let inherited = std::env::var_os(kvhygiene::forensic::keys::SECRET_ENV).is_some();
+    std::process::exit(if shown || inherited { 3 } else { 0 });
+}
+
+/// `FORENSIC_HMAC_SECRET` is taken out of the environment (and wiped from
+/// /proc/self/environ) when the library opens its log, also when logging is off
+/// (`KVH_LOG_DIR` unset): the secret of the deployment's chains is not left for every child
+/// process and every reader of /proc/<pid>/environ.
+#[test]
+fn env_secret_is_removed_even_when_logging_is_off() {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "env_secret_log_off_child_entry",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(ENV_OFF_CHILD, "1")
+        .env(kvhygiene::forensic::keys::SECRET_ENV, ENV_SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "with logging off the secret stays in the environment"
     );
 }

@@ -26,12 +26,15 @@ const KEY_ID: &[u8] = b"kvh-key-id";
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
-/// The HMAC key of one epoch. Zeroized on drop; the keyed HMAC state is cached so that a
-/// record's MAC costs two SHA-256 compressions.
+/// The HMAC key of one epoch, zeroized on drop. Only the key bytes are kept, on the heap
+/// (moving an `EpochKey` copies a pointer, not the key): the keyed HMAC state (SHA-256 of the
+/// key with ipad and opad) is as good as the key for computing this epoch's MACs and every
+/// later key, and the `hmac` crate does not zeroize it, so it is built for each MAC and lives
+/// only as long as the computation. That costs each MAC two more SHA-256 compressions (four
+/// instead of two); see docs/benchmarks.md.
 pub struct EpochKey {
     epoch: u64,
     key: Zeroizing<Vec<u8>>,
-    state: Hmac<Sha256>,
 }
 
 impl EpochKey {
@@ -47,19 +50,18 @@ impl EpochKey {
     }
 
     fn with(epoch: u64, key: Zeroizing<Vec<u8>>) -> Self {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let state = <Hmac<Sha256> as Mac>::new_from_slice(&key)
-            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
-        EpochKey { epoch, key, state }
+        EpochKey { epoch, key }
     }
 
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    /// A fresh keyed MAC.
+    /// A fresh keyed MAC, to be finalized at once (it holds the keyed state).
     pub fn mac(&self) -> Hmac<Sha256> {
-        self.state.clone()
+        // HMAC accepts keys of any length, so this cannot fail.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()))
     }
 
     /// Moves to the next epoch; the current key material is zeroized.
@@ -115,6 +117,16 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
             .map(Some)
             .map_err(|e| in_setting("KVH_HMAC_KEY_FILE", e)),
         None => Ok(None),
+    }
+}
+
+/// Removes `FORENSIC_HMAC_SECRET` from the environment, its value overwritten in place, when
+/// no log will use it (logging off): the secret that seals the deployment's other chains must
+/// not stay in `/proc/<pid>/environ` or pass to child processes.
+pub fn discard_env_secret() {
+    if std::env::var_os(SECRET_ENV).is_some() {
+        scrub_env_value(SECRET_ENV.as_bytes());
+        std::env::remove_var(SECRET_ENV);
     }
 }
 
@@ -212,9 +224,11 @@ fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
         })?;
     let m = f.metadata().map_err(err)?;
     check_private(p, m.is_file(), m.uid(), m.mode())?;
-    let mut bytes = Zeroizing::new(Vec::new());
-    // Capped: a real key is at most a few hundred bytes; a larger file is not a key.
+    // Capped: a real key is at most a few hundred bytes; a larger file is not a key. The
+    // buffer is allocated once, at its final size: a buffer grown step by step would free
+    // blocks still holding the secret's first bytes.
     let cap = super::files::MAX_CKPT_BYTES;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(usize::try_from(cap + 1).unwrap_or(0)));
     (&mut f)
         .take(cap + 1)
         .read_to_end(&mut bytes)

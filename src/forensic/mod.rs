@@ -155,13 +155,44 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What producers send to the writer thread.
 pub(crate) enum Msg {
-    Event(Event),
-    Anomaly(Value, crate::context::Context, u64),
+    Event(Queued<Event>),
+    Anomaly(Queued<(Value, crate::context::Context, u64)>),
     /// A summary is waiting in the slot.
     Wake,
     /// Write everything queued so far, then acknowledge.
     Flush(SyncSender<()>),
     Stop(SyncSender<()>),
+}
+
+/// A record on its way to the writer, counted in `records_lost` if it is dropped unwritten:
+/// refused by a stopped log or a forked child, or still in the queue when the writer ended
+/// (a producer that raced with `stop` queued it after the writer's last drain, and the queue
+/// dropped it). Invariant 5: no record vanishes without being counted.
+pub(crate) struct Queued<T> {
+    item: Option<T>,
+    shared: Arc<Shared>,
+}
+
+impl<T> Queued<T> {
+    fn new(item: T, shared: &Arc<Shared>) -> Self {
+        Queued {
+            item: Some(item),
+            shared: shared.clone(),
+        }
+    }
+
+    /// The record, to be written: it is no longer counted as lost.
+    pub(crate) fn take(mut self) -> Option<T> {
+        self.item.take()
+    }
+}
+
+impl<T> Drop for Queued<T> {
+    fn drop(&mut self) {
+        if self.item.is_some() {
+            self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The forensic log. One per process; cheap to share behind an `Arc`.
@@ -191,6 +222,7 @@ impl ForensicLog {
     /// comes from `FORENSIC_HMAC_SECRET` (removed from the environment) or `cfg.hmac_key_file`.
     pub fn open(cfg: &LogConfig, start: StartInfo) -> Result<Option<Arc<Self>>, ForensicError> {
         if cfg.dir.is_none() {
+            keys::discard_env_secret();
             return Ok(None);
         }
         let key = keys::load_secret(cfg.hmac_key_file.as_deref())?;
@@ -235,23 +267,19 @@ impl ForensicLog {
         std::process::id() != self.pid
     }
 
-    /// Queues a message; waits (counted) rather than drop it when the queue is full.
+    /// Queues a message; waits (counted) rather than drop it when the queue is full. A
+    /// record that cannot be queued is dropped here, and counted lost by its [`Queued`].
     fn send(&self, msg: Msg) {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
-            self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
                 self.shared.producer_waits.fetch_add(1, Ordering::Relaxed);
-                if self.tx.send(msg).is_err() {
-                    self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
-                }
+                let _ = self.tx.send(msg);
             }
-            Err(TrySendError::Disconnected(_)) => {
-                self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(TrySendError::Disconnected(_)) => {}
         }
     }
 
@@ -276,11 +304,9 @@ impl ForensicLog {
     /// Records an anomaly (kind `anomaly`) with the calling thread's context; `detail` is
     /// any JSON (non-integer numbers are stored as strings). Never dropped.
     pub fn record_anomaly(&self, detail: Value) {
-        self.send(Msg::Anomaly(
-            detail,
-            crate::context::Context::current(),
-            unix_nanos(SystemTime::now()),
-        ));
+        let at = unix_nanos(SystemTime::now());
+        let record = (detail, crate::context::Context::current(), at);
+        self.send(Msg::Anomaly(Queued::new(record, &self.shared)));
     }
 
     /// Waits until everything queued before the call is written (not necessarily fsynced).
@@ -370,7 +396,7 @@ impl ForensicLog {
 
 impl EventSink for ForensicLog {
     fn emit(&self, event: Event) {
-        self.send(Msg::Event(event));
+        self.send(Msg::Event(Queued::new(event, &self.shared)));
     }
 
     fn flush(&self) {

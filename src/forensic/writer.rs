@@ -253,11 +253,15 @@ impl ChainWriter {
         stop: &mut Option<Option<std::sync::mpsc::SyncSender<()>>>,
     ) {
         match m {
-            Msg::Event(e) => {
+            Msg::Event(queued) => {
+                let Some(e) = queued.take() else { return };
                 let (kind, fields) = super::event_fields(&e);
                 self.append(kind, fields, unix_nanos(e.at));
             }
-            Msg::Anomaly(detail, ctx, ts) => {
+            Msg::Anomaly(queued) => {
+                let Some((detail, ctx, ts)) = queued.take() else {
+                    return;
+                };
                 let mut f = Vec::with_capacity(4);
                 super::context_fields(&ctx, &mut f);
                 let detail = Field::from(record::sanitize(detail, 0));
@@ -864,6 +868,48 @@ mod tests {
             stop["records_lost"].as_u64(),
             Some(lost),
             "the stop record's total leaves out the records lost before it: {stop}"
+        );
+    }
+
+    /// A write that fails part-way (a disk filling up) can leave whole records of its batch
+    /// in the file, each linked to the one before and verifying: a verification (`kvh
+    /// verify-log`, the passes of `kvh tail-log`) that reads the file then accepts them as
+    /// the chain's records. A record that verified on disk stays the chain's record at its
+    /// seq: resuming writes never puts another record, with another hash, at a seq that
+    /// verified (which `kvh tail-log` reports as a chain rewritten, i.e. tampering).
+    #[test]
+    fn records_a_failed_write_left_whole_on_disk_are_never_replaced_by_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        small_written(&mut w, 1);
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        for n in 2..8 {
+            small(&mut w, n);
+        }
+        assert!(w.flush().is_err());
+        // What a verification sees now: the whole lines of the failed batch verify.
+        let r = verify_all(&dir, &VerifyOptions::default()).unwrap();
+        assert!(r.ok(), "{r:?}");
+        let seen_seq = r.chains[0].last_seq.unwrap();
+        let seen_hash = r.chains[0].last_hash.clone().unwrap();
+        assert!(
+            seen_seq >= 2,
+            "the half-written batch left whole records: {r:?}"
+        );
+        // The disk has room again.
+        small(&mut w, 8);
+        w.flush().unwrap();
+        w.finish();
+        assert_verifies(&dir);
+        let at_seen = records_of(&dir, &w)
+            .into_iter()
+            .find(|r| r["seq"].as_u64() == Some(seen_seq))
+            .unwrap();
+        assert_eq!(
+            at_seen["hash"].as_str(),
+            Some(seen_hash.as_str()),
+            "the record that verified at seq {seen_seq} was replaced by another: {at_seen}"
         );
     }
 
