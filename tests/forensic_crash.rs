@@ -272,3 +272,149 @@ fn a_chain_that_ends_before_any_periodic_checkpoint_still_verifies_with_a_pinned
     assert!(r.ok(), "{r:?}");
     assert_eq!(r.chains[0].checkpoint_seq, Some(0));
 }
+
+/// Producers that emit security events while another thread stops the log: every event
+/// whose `emit` returned is either in the chain or counted in `records_lost` (invariant 5:
+/// security events are never dropped silently). A small queue keeps producers waiting for
+/// room when the `stop` message is taken.
+#[test]
+fn events_racing_with_stop_are_written_or_counted_lost() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    for round in 0..30 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let mut c = cfg(&dir, 64 << 20);
+        c.queue_capacity = 1;
+        let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+        let emitted = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let producers: Vec<_> = (0..6)
+            .map(|t| {
+                let (log, emitted, done) = (log.clone(), emitted.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0u64;
+                    while !done.load(Ordering::Acquire) {
+                        log.emit(event(t * 1_000_000 + i));
+                        emitted.fetch_add(1, Ordering::AcqRel);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        log.stop();
+        done.store(true, Ordering::Release);
+        for p in producers {
+            p.join().unwrap();
+        }
+        let emitted = emitted.load(Ordering::Acquire);
+        let lost = log.stats().records_lost;
+        let written: u64 = chain_files(&dir)
+            .iter()
+            .flat_map(|f| read_lines(f))
+            .filter(|l| l.contains("\"kind\":\"quarantine\""))
+            .count() as u64;
+        assert_eq!(
+            written + lost,
+            emitted,
+            "round {round}: {emitted} events emitted, {written} written, {lost} counted lost"
+        );
+    }
+}
+
+/// A process killed after it created its chain's first file and before its `start` record
+/// reached the file (or in the middle of writing it) leaves file 0 of a chain with no
+/// complete record. The next process starts (it cannot continue such a chain), and the log
+/// still verifies against the pinned checkpoint key: a crash at start-up is not tampering.
+#[test]
+fn a_crash_before_the_start_record_is_complete_does_not_read_as_tampering() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp);
+    let dir = log_dir(&tmp);
+    // An earlier, cleanly stopped run: the directory exists with its modes.
+    write_log(&c, 3, true);
+    // What the killed process left: its file 0, created 0600, holding part of its first line.
+    let torn = dir.join("kvh-p4242-t1700000000000000000-000000.jsonl");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&torn)
+        .unwrap();
+    f.write_all(b"{\"chain\":\"p4242-t1700000000000000000\",\"config_dig")
+        .unwrap();
+    // Killed a minute ago (a file that recent may still be between its creation and its lock).
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.stop();
+    let public = tmp.path().join("signer.pub");
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![tmp.path().join("ckpt")],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(r.ok(), "{r:?}");
+}
+
+/// A chain's first file with no complete record that was modified just now may belong to a
+/// writer between creating it and locking it: it is left alone.
+#[test]
+fn a_first_file_just_created_is_not_removed() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 1, true);
+    let fresh = dir.join("kvh-p4243-t1700000000000000000-000000.jsonl");
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&fresh)
+        .unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    log.stop();
+    assert!(
+        fresh.exists(),
+        "a file its creator may not have locked yet was removed"
+    );
+}
+
+/// A live writer rotating creates its next file (`O_CREAT|O_EXCL`) and locks it a few
+/// system calls later, holding the lock of its current file all along. A process starting
+/// in between finds the new file empty and unlocked: it must not take the chain for a
+/// crashed one (its writer still holds the previous file), or two processes write one chain.
+#[test]
+fn a_live_writer_between_creating_and_locking_its_next_file_is_not_adopted() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let a = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    a.emit(event(0));
+    a.flush();
+    let chain = a.stats().chain.unwrap();
+    // A's next file as it is right after its creation, before A locks it.
+    let next = dir.join(kvhygiene::forensic::files::file_name(&chain, 1));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&next)
+        .unwrap();
+    let b = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    let b_chain = b.stats().chain;
+    b.stop();
+    a.stop();
+    assert_ne!(
+        b_chain.as_deref(),
+        Some(chain.as_str()),
+        "a second process continued the chain of a live writer"
+    );
+}

@@ -80,6 +80,33 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
     })
 }
 
+/// How long a chain's first file must have gone unmodified before it counts as left by a
+/// dead writer: a writer creates the file and locks it a few system calls later, so a file
+/// we could lock and this old is nobody's.
+const UNSTARTED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Removes the first file of `chain`, locked by us, which holds no complete record: its
+/// writer died before its `start` record was whole. Nothing of evidence is in it (no record,
+/// no checkpoint), and left there it would read as a chain whose records and checkpoint were
+/// deleted. A file modified within [`UNSTARTED_GRACE`] is left alone (its creator may not
+/// have locked it yet). Failures leave the file: `verify-log` reports it.
+fn remove_unstarted(dir: &Path, chain: &str, path: &Path, file: &File) {
+    let idle = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= UNSTARTED_GRACE);
+    if idle && std::fs::remove_file(path).is_ok() {
+        let _ = files::sync_dir(dir);
+        crate::say(format_args!(
+            "kvhygiene: removed {}: the first file of chain {chain}, left without a complete \
+             record by a writer that died as it started",
+            path.display()
+        ));
+    }
+}
+
 fn last_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().rposition(|&b| b == b'\n')
 }
@@ -144,9 +171,23 @@ pub fn adopt(
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| files::io_err(path, "cannot read", e))?;
+        if *index == 0 && last_newline(&bytes).is_none() {
+            remove_unstarted(dir, chain, path, &file);
+            continue;
+        }
         let Some(head) = chain_head(chain, *index, &bytes, path) else {
             continue;
         };
+        // The newest file holds no complete record: its writer created it at a rotation. It
+        // died then only if it no longer holds the previous file, whose lock a live writer
+        // keeps until it has locked the new one (a few system calls after creating it).
+        if let Some(prev) = &head.link_from {
+            let prev_path = path.with_file_name(prev);
+            let prev_free = files::open_existing(&prev_path).is_ok_and(|f| files::try_lock(&f));
+            if !prev_free {
+                continue; // a live writer between creating its next file and locking it
+            }
+        }
         if !continuable(&head.tail.record, head.tail_index, key.as_deref_mut()) {
             continue;
         }
