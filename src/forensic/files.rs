@@ -247,6 +247,93 @@ pub fn create_exclusive(path: &Path, mode: u32) -> Result<File, (CreateStep, io:
     Ok(f)
 }
 
+/// The log directory as the writer checked it, held open: the files it creates, reads back
+/// and removes are named relative to it (`openat`, `unlinkat`), so a directory renamed and
+/// replaced by a symlink after the check is never followed; the writer stays in the
+/// directory it checked.
+pub struct LogDir {
+    fd: File,
+    path: PathBuf,
+}
+
+impl LogDir {
+    /// Opens `path`, a directory [`prepare_dir`] checked, without following a symlink.
+    pub fn open(path: &Path) -> Result<LogDir, ForensicError> {
+        let fd = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| io_err(path, "cannot open log directory", e))?;
+        Ok(LogDir {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path the directory was opened at, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn name(name: &str) -> io::Result<std::ffi::CString> {
+        std::ffi::CString::new(name).map_err(|_| io::Error::other("a NUL in a file name"))
+    }
+
+    /// `openat` in this directory, never through a symlink.
+    fn open_at(&self, name: &str, flags: libc::c_int, mode: u32) -> io::Result<File> {
+        let c = Self::name(name)?;
+        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: the descriptor is open for the life of `self`; `c` is NUL-terminated and
+        // outlives the call; `mode` is passed as the variadic `mode_t` openat reads with
+        // O_CREAT (ignored otherwise).
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by openat and is owned by nothing else.
+        Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    /// Creates the chain file `name`, as [`create_file`] does, in this directory.
+    pub fn create_file(&self, name: &str) -> Result<File, ForensicError> {
+        let path = self.path.join(name);
+        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL;
+        let f = self
+            .open_at(name, flags, 0o600)
+            .map_err(|e| io_err(&path, "cannot create log file", e))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err(&path, "cannot set log file mode", e))?;
+        checked(&path, &f)?;
+        if !try_lock(&f) {
+            return Err(ForensicError::Permission(format!(
+                "{}: another process holds the lock of a file just created",
+                path.display()
+            )));
+        }
+        Ok(f)
+    }
+
+    /// Opens `name` in this directory for reading (no FIFO waited for).
+    pub fn open_read(&self, name: &str) -> io::Result<File> {
+        self.open_at(name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+    }
+
+    /// Removes `name` from this directory.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        let c = Self::name(name)?;
+        // SAFETY: the descriptor is open for the life of `self`; `c` is NUL-terminated.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Makes the directory's entries durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.fd.sync_all()
+    }
+}
+
 /// Creates a new chain file: 0600, exclusive, never through a symlink. The returned file
 /// is locked (see [`try_lock`]) for the life of the writer.
 pub fn create_file(path: &Path) -> Result<File, ForensicError> {

@@ -40,6 +40,8 @@ struct Lost {
 
 pub(crate) struct ChainWriter {
     dir: PathBuf,
+    /// The directory `dir` named when the writer opened, held open: files are made in it.
+    log_dir: files::LogDir,
     chain: String,
     index: u64,
     file: File,
@@ -93,6 +95,8 @@ impl ChainWriter {
             .clone()
             .ok_or_else(|| ForensicError::Io("KVH_LOG_DIR is not set".into()))?;
         files::prepare_dir(&dir)?;
+        // Held from here on: every file the writer makes is made in the directory checked now.
+        let log_dir = files::LogDir::open(&dir)?;
         let signing = cfg
             .signing_key_file
             .as_deref()
@@ -121,14 +125,16 @@ impl ChainWriter {
             ),
             None => {
                 let chain = format!("p{}-t{}", start.pid, unix_nanos(now));
-                let path = dir.join(files::file_name(&chain, 0));
-                let file = files::create_file(&path)?;
-                files::sync_dir(&dir).map_err(|e| files::io_err(&dir, "fsync", e))?;
+                let file = log_dir.create_file(&files::file_name(&chain, 0))?;
+                log_dir
+                    .sync()
+                    .map_err(|e| files::io_err(&dir, "fsync", e))?;
                 (chain, 0, file, 0, 0, GENESIS_PREV)
             }
         };
         let mut w = ChainWriter {
             dir,
+            log_dir,
             chain,
             index,
             file,
@@ -186,8 +192,8 @@ impl ChainWriter {
                 // start that failed (a full disk) does not leave a chain that no process
                 // continues and no verification accepts, which would also keep prune-log from
                 // freeing the disk.
-                let _ = std::fs::remove_file(w.dir.join(files::file_name(&w.chain, 0)));
-                let _ = files::sync_dir(&w.dir);
+                let _ = w.log_dir.remove(&files::file_name(&w.chain, 0));
+                let _ = w.log_dir.sync();
             }
             return Err(ForensicError::Io(format!(
                 "cannot write the {kind} record: {e}"
@@ -484,11 +490,12 @@ impl ChainWriter {
             return;
         };
         // The log file is open for appending only: read it back through its name.
-        let path = self.dir.join(files::file_name(&self.chain, self.index));
+        let name = files::file_name(&self.chain, self.index);
         let mut back = vec![0u8; end];
-        let read = files::open_regular(&path, u64::MAX).and_then(|(f, _)| {
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, self.file_len)
-        });
+        let read = self
+            .log_dir
+            .open_read(&name)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, self.file_len));
         if read.is_err() || back[..] != self.buf[..end] {
             return;
         }
@@ -559,8 +566,10 @@ impl ChainWriter {
         if self.fsync != FsyncPolicy::Never {
             self.sync();
         }
-        let path = self.dir.join(files::file_name(&self.chain, self.index + 1));
-        let file = match files::create_file(&path) {
+        let file = match self
+            .log_dir
+            .create_file(&files::file_name(&self.chain, self.index + 1))
+        {
             Ok(f) => f,
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -574,7 +583,7 @@ impl ChainWriter {
         if let Some(k) = self.key.as_mut() {
             k.ratchet();
         }
-        let _ = files::sync_dir(&self.dir);
+        let _ = self.log_dir.sync();
         *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
         self.append_rotate(ts);
         Ok(())
