@@ -583,7 +583,11 @@ impl ChainWriter {
         if let Some(k) = self.key.as_mut() {
             k.ratchet();
         }
-        let _ = self.log_dir.sync();
+        // The new file's entry must be durable as its records are: a failed directory fsync
+        // is an fsync failure (counted, and no checkpoint vouches for the chain after it).
+        if let Err(e) = self.log_dir.sync() {
+            self.on_fsync_error(&e);
+        }
         *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
         self.append_rotate(ts);
         Ok(())
