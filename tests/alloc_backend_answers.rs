@@ -27,6 +27,9 @@ struct Answers {
     drop_last: AtomicBool,
     /// Submissions still to refuse with `OutOfMemory`.
     refuse_oom: AtomicU64,
+    /// While set, every full-verify submission (a quarantine re-scrub) is refused with
+    /// `OutOfMemory`.
+    refuse_full_verify: AtomicBool,
 }
 
 impl Answers {
@@ -35,6 +38,7 @@ impl Answers {
             host: HostBackend::new(),
             drop_last: AtomicBool::new(false),
             refuse_oom: AtomicU64::new(0),
+            refuse_full_verify: AtomicBool::new(false),
         })
     }
 }
@@ -62,6 +66,12 @@ impl Backend for Answers {
         self.host.zero_fresh(d, a, len, s)
     }
     unsafe fn submit_scrub(&self, mut b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        if b.options.full_verify && self.refuse_full_verify.load(Ordering::SeqCst) {
+            return Err(BackendError::OutOfMemory {
+                device: b.device,
+                requested: 4096,
+            });
+        }
         if self
             .refuse_oom
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -237,5 +247,30 @@ fn synchronize_does_not_succeed_over_a_scrub_deferred_by_out_of_memory() {
     assert!(
         r.is_err() || state != BlockState::Pending,
         "synchronize returned {r:?} while the freed block is still {state:?} (never scrubbed)"
+    );
+}
+
+/// `synchronize` waits for every scrub, quarantine re-scrubs included, or says why it could
+/// not (include/kvhygiene.h: `KVH_ERR_BACKEND` "when the backend refused some scrubs for
+/// now"): a re-scrub refused for lack of memory does not leave it returning success over a
+/// quarantined block whose re-scrub never ran.
+#[test]
+fn synchronize_does_not_succeed_over_a_rescrub_deferred_by_out_of_memory() {
+    use kvhygiene::alloc::BlockState;
+    let backend = Answers::new();
+    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let a = alloc.malloc(4096, 0, StreamHandle(0)).unwrap();
+    backend.write(0, a, &secret(4096, 0x5d)).unwrap();
+    // The re-scrub of a quarantined block finds no memory for its batch.
+    backend.refuse_full_verify.store(true, Ordering::SeqCst);
+    // The scrub leaves half the block: verification fails and the block is quarantined.
+    backend.host.inject_skip_tail(1);
+    let checked = alloc.free_checked(a, 4096, 0, StreamHandle(0));
+    assert_eq!(checked, Err(FreeError::VerifyFailed { addr: a }));
+    let r = alloc.synchronize();
+    let state = alloc.block_info(a).map(|b| b.state);
+    assert!(
+        r.is_err() || state != Some(BlockState::Quarantined),
+        "synchronize returned {r:?} while the quarantined block's re-scrub never ran ({state:?})"
     );
 }

@@ -252,3 +252,31 @@ fn a_dropped_epoch_key_leaves_no_keyed_hmac_state_behind() {
         "the memory of a dropped epoch key still holds its keyed HMAC state"
     );
 }
+
+/// With logging off, `FORENSIC_HMAC_SECRET` is removed from the environment all the same
+/// (docs/forensic-log.md). Removing it frees no copy of the secret: the secret that seals the
+/// deployment's other chains leaves no bytes behind in freed memory on the way out.
+#[test]
+fn removing_the_environment_secret_with_logging_off_frees_no_copy_of_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let secret = "Wq4-unique-env-secret-for-the-logging-off-test-0123";
+    std::env::set_var("FORENSIC_HMAC_SECRET", secret);
+    let cfg = kvhygiene::config::LogConfig {
+        dir: None,
+        ..kvhygiene::config::Config::default().log
+    };
+    let start = kvhygiene::forensic::StartInfo::current(String::new());
+    let mut opened = None;
+    let copies = freed_copies(&secret.as_bytes()[..16], || {
+        opened = Some(kvhygiene::forensic::ForensicLog::open(&cfg, start));
+    });
+    assert!(matches!(opened, Some(Ok(None))), "logging is off");
+    assert!(
+        std::env::var_os("FORENSIC_HMAC_SECRET").is_none(),
+        "the secret is removed from the environment"
+    );
+    assert_eq!(
+        copies, 0,
+        "{copies} freed heap block(s) still held FORENSIC_HMAC_SECRET after it was removed"
+    );
+}

@@ -401,3 +401,48 @@ fn env_secret_is_removed_even_when_logging_is_off() {
         "with logging off the secret stays in the environment"
     );
 }
+
+/// With checkpoints in the log directory (`KVH_CHECKPOINT_DIR` unset), the writer's signed
+/// checkpoints are files of that directory as its chain files are: when the directory's path
+/// has been replaced by a symlink to a directory someone else owns and may write, the final
+/// checkpoint at `stop` is neither written through the link nor missing from the directory
+/// the writer checked.
+#[test]
+fn checkpoints_never_follow_a_symlink_put_at_the_log_directory_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let chain = log.stats().chain.unwrap();
+    let moved = tmp.path().join("log.moved");
+    fs::rename(&dir, &moved).unwrap();
+    let other = tmp.path().join("someone-else");
+    fs::create_dir(&other).unwrap();
+    std::os::unix::fs::chown(&other, Some(4242), Some(4242)).unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o777)).unwrap();
+    symlink(&other, &dir).unwrap();
+    for i in 1..10 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let planted: Vec<String> = fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        planted.is_empty(),
+        "the writer followed the symlink and wrote into a directory owned by uid 4242: {planted:?}"
+    );
+    use kvhygiene::forensic::checkpoint;
+    let ckpt = checkpoint::peek(&checkpoint::path_for(&moved, &chain))
+        .unwrap()
+        .expect("a checkpoint in the log directory");
+    assert!(
+        ckpt.seq >= 10,
+        "the checkpoint of the stop was not written there: {ckpt:?}"
+    );
+}

@@ -26,8 +26,9 @@ allocator's ``free(free_index)``, with the token indices freed, and ``flush_cach
 - ``clear``: the whole pool is scrubbed first (SGLang clears only while no request runs).
 - A page whose scrub fails verification is withheld: never given back to the allocator,
   listed in :attr:`ScrubOnFree.withheld`, and recorded in the forensic log by the library,
-  until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises and
-  clears nothing. A call the library refuses raises and frees nothing; the padding page is
+  until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises, clears
+  nothing, and takes the page out of the allocator's free lists (``free_pages``,
+  ``release_pages``) if it was free. A call the library refuses raises and frees nothing; the padding page is
   scrubbed once when the allocator is wrapped, so a pool outside kvhygiene memory is refused
   then.
 
@@ -224,11 +225,33 @@ class ScrubOnFree:
             failed |= self._scrub(pages[i : i + _CLEAR_CHUNK])
         if failed:
             self.withheld |= failed
+            self._take_out(failed)
             raise ScrubVerificationError(sorted(failed), len(pages))
         self.scrubbed_pages += len(pages)
         self.withheld.clear()
         self._group_scrubbed.clear()
         return self.original_clear(*args, **kwargs)
+
+    def _take_out(self, pages: Set[int]) -> None:
+        """Takes ``pages`` out of the allocator's free lists (SGLang's ``free_pages`` and
+        ``release_pages``, page ids in a tensor or a list): a page that failed verification
+        while it was free must not be handed out. An allocator with neither list is refused:
+        the page could not be kept out."""
+        found = False
+        for name in ("free_pages", "release_pages"):
+            held = getattr(self.allocator, name, None)
+            if held is None:
+                continue
+            found = True
+            if hasattr(held, "tolist") and hasattr(held, "new_tensor"):
+                setattr(self.allocator, name, held.new_tensor([p for p in held.tolist() if p not in pages]))
+            else:
+                setattr(self.allocator, name, type(held)(p for p in held if p not in pages))
+        if not found:
+            raise AttributeError(
+                f"{type(self.allocator).__name__} has no free_pages list: pages {sorted(pages)} failed "
+                "verification and cannot be kept out of it; stop serving from this pool"
+            )
 
     def _without(self, free_index, dropped: Set[int]):
         """``free_index`` less the indices of the pages in ``dropped``, of the same kind."""

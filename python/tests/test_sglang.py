@@ -307,3 +307,28 @@ def test_a_withheld_page_freed_again_stays_withheld():
     alloc.free([tokens[0]])  # the engine frees it again
     assert tokens[0] not in alloc.free_pages
     pool.release()
+
+
+def test_a_free_page_that_fails_verification_in_a_refused_clear_is_not_handed_out():
+    # A clear scrubs every page, the ones already free in the allocator included. A page that
+    # fails verification there is withheld (listed in ``withheld``): the allocator does not
+    # hand it out afterwards, whether the page was held or already free.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    assert set(alloc.free_pages) == set(range(1, SLOTS // 2 + 1))
+    # Bytes written into free pages after their scrub (a late write of a kernel, say): what
+    # the scrub of the clear must catch.
+    pool.fill(range(0, SLOTS + 2), 0x5A)
+    lib.kvh_inject_fault(8)
+    with pytest.raises(kvhygiene.ScrubVerificationError):
+        alloc.clear()
+    failed_free = wrapper.withheld - {0}
+    assert failed_free, "a page the allocator holds free failed its scrub"
+    handed = alloc.alloc(SLOTS)
+    assert not {s // 2 for s in handed} & wrapper.withheld, (
+        f"pages {sorted({s // 2 for s in handed} & wrapper.withheld)} failed verification and "
+        "were handed out"
+    )
+    pool.release()

@@ -146,6 +146,9 @@ pub(crate) struct DevicePool {
     /// Quarantined blocks waiting for their re-scrub (kept so that finding them never scans
     /// the whole block table).
     rescrub_waiting: Vec<u64>,
+    /// Why the last re-scrub submission was refused for now, with the stream it was for: what
+    /// `synchronize` says of the re-scrubs still waiting after it submitted them again.
+    rescrub_deferred: Option<(Deferral, StreamHandle)>,
     /// Batches taken out of `in_flight` and being waited on with the lock dropped. Work is
     /// finished only when this is zero too.
     out_of_pool: usize,
@@ -162,6 +165,7 @@ impl DevicePool {
             in_flight: VecDeque::new(),
             watched: HashMap::new(),
             rescrub_waiting: Vec::new(),
+            rescrub_deferred: None,
             out_of_pool: 0,
             stats: PoolCounters::default(),
         }
@@ -566,6 +570,7 @@ impl DevicePool {
             // `submit_rescrubs` picks them up again on the next tick.
             self.rescrub_waiting
                 .extend(blocks.iter().map(|&(addr, _)| addr));
+            self.rescrub_deferred = Some((why, stream));
             return;
         }
         self.open.push(OpenBatch {
@@ -669,13 +674,23 @@ impl DevicePool {
             .and_then(|o| Some(o.deferred?.error(self.device, o.stream, what)))
     }
 
-    /// The freed blocks whose scrub the backend refused for now, and why the first of them
-    /// waits: what `synchronize` could not wait for.
+    /// The freed blocks whose scrub, and the quarantined blocks whose re-scrub, the backend
+    /// refused for now, and why the first of them waits: what `synchronize` could not wait
+    /// for (it submits both again first, so what is left was refused again).
     pub(crate) fn deferred(&self, what: &'static str) -> Option<(usize, BackendError)> {
-        let mut refused = self.open.iter().filter(|o| o.deferred.is_some());
-        let first = refused.next()?;
-        let blocks = first.blocks.len() + refused.map(|o| o.blocks.len()).sum::<usize>();
-        let why = first.deferred?.error(self.device, first.stream, what);
+        let refused: Vec<&OpenBatch> = self.open.iter().filter(|o| o.deferred.is_some()).collect();
+        let rescrubs = match self.rescrub_deferred {
+            Some(_) => self.rescrub_waiting.len(),
+            None => 0,
+        };
+        let blocks = refused.iter().map(|o| o.blocks.len()).sum::<usize>() + rescrubs;
+        let why = match (refused.first(), self.rescrub_deferred) {
+            (Some(o), _) => o.deferred.map(|d| d.error(self.device, o.stream, what)),
+            (None, Some((d, stream))) if rescrubs > 0 => {
+                Some(d.error(self.device, stream, "a quarantined block's re-scrub"))
+            }
+            _ => None,
+        }?;
         Some((blocks, why))
     }
 
@@ -881,6 +896,8 @@ impl DevicePool {
         if self.rescrub_waiting.is_empty() {
             return;
         }
+        // Submitted again below: a refusal now says why again.
+        self.rescrub_deferred = None;
         let blocks = &self.blocks;
         let waiting: Vec<u64> = std::mem::take(&mut self.rescrub_waiting)
             .into_iter()

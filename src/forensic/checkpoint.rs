@@ -56,38 +56,63 @@ impl Checkpoint {
     }
 }
 
-/// The checkpoint file of `chain` in `dir`.
-pub fn path_for(dir: &Path, chain: &str) -> PathBuf {
-    dir.join(format!("kvh-{chain}.ckpt"))
+/// The name of `chain`'s checkpoint file.
+fn file_name_of(chain: &str) -> String {
+    format!("kvh-{chain}.ckpt")
 }
 
-/// Signs and atomically replaces the chain's checkpoint file.
+/// The checkpoint file of `chain` in `dir`.
+pub fn path_for(dir: &Path, chain: &str) -> PathBuf {
+    dir.join(file_name_of(chain))
+}
+
+/// Signs and atomically replaces the chain's checkpoint file in `dir`, a directory the
+/// caller chose (the writer uses [`write_in`] on the directory it checked and holds).
 pub fn write(dir: &Path, key: &SigningKey, c: &Checkpoint) -> Result<(), ForensicError> {
+    write_in(&files::LogDir::open_as_is(dir)?, key, c)
+}
+
+/// Signs and atomically replaces the chain's checkpoint file in the directory the writer
+/// holds open (temporary file, fsync, rename, directory fsync), every step relative to it: a
+/// directory renamed and replaced by a symlink is not followed.
+pub fn write_in(
+    dir: &files::LogDir,
+    key: &SigningKey,
+    c: &Checkpoint,
+) -> Result<(), ForensicError> {
     let mut line = c.body(&key.verifying_key());
     let sig = key.sign(&line);
     line.pop();
     line.extend_from_slice(b",\"sig\":\"");
     line.extend_from_slice(hex(&sig.to_bytes()).as_bytes());
     line.extend_from_slice(b"\"}\n");
-    let dest = path_for(dir, &c.chain);
-    refuse_going_back(&dest, c)?;
-    let tmp = dir.join(format!(".kvh-{}.ckpt.{}.tmp", c.chain, c.seq));
-    let _ = fs::remove_file(&tmp);
-    let mut f = files::create_file(&tmp)?;
+    let name = file_name_of(&c.chain);
+    let dest = dir.path().join(&name);
+    refuse_going_back(dir, &name, c)?;
+    let tmp_name = format!(".kvh-{}.ckpt.{}.tmp", c.chain, c.seq);
+    let tmp = dir.path().join(&tmp_name);
+    let _ = dir.remove(&tmp_name);
+    let mut f = dir.create_file(&tmp_name)?;
     f.write_all(&line)
         .and_then(|_| f.sync_all())
         .map_err(|e| files::io_err(&tmp, "cannot write checkpoint", e))?;
-    fs::rename(&tmp, &dest).map_err(|e| files::io_err(&dest, "cannot install checkpoint", e))?;
-    files::sync_dir(dir).map_err(|e| files::io_err(dir, "cannot fsync checkpoint directory", e))
+    dir.rename(&tmp_name, &name)
+        .map_err(|e| files::io_err(&dest, "cannot install checkpoint", e))?;
+    dir.sync()
+        .map_err(|e| files::io_err(dir.path(), "cannot fsync checkpoint directory", e))
 }
 
 /// A checkpoint only moves forward: replacing one with a lower seq would erase the proof
 /// that the records between them existed.
-fn refuse_going_back(dest: &Path, c: &Checkpoint) -> Result<(), ForensicError> {
-    match peek(dest) {
-        Ok(Some(old)) if old.seq > c.seq => Err(ForensicError::Io(format!(
+fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<(), ForensicError> {
+    let old = match dir.read_regular(name, files::MAX_CKPT_BYTES) {
+        Ok(text) => parse_fields(&text).ok(),
+        Err(_) => None,
+    };
+    match old {
+        Some(old) if old.seq > c.seq => Err(ForensicError::Io(format!(
             "{}: holds seq {}; refusing to replace it with seq {}",
-            dest.display(),
+            dir.path().join(name).display(),
             old.seq,
             c.seq
         ))),
@@ -112,10 +137,15 @@ pub fn peek(path: &Path) -> Result<Option<Checkpoint>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let line = text.strip_suffix(b"\n").unwrap_or(&text);
+    parse_fields(&text).map(Some)
+}
+
+/// The unverified fields of a checkpoint file's text.
+fn parse_fields(text: &[u8]) -> Result<Checkpoint, String> {
+    let line = text.strip_suffix(b"\n").unwrap_or(text);
     let v: Value =
         serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
-    fields(&v).map(Some)
+    fields(&v)
 }
 
 /// The checkpoint fields of a parsed checkpoint object.

@@ -257,13 +257,28 @@ pub struct LogDir {
 }
 
 impl LogDir {
-    /// Opens `path`, a directory [`prepare_dir`] checked, without following a symlink.
+    /// Opens `path`, a directory [`prepare_dir`] checked, without following a symlink; the
+    /// directory opened must still pass the check (ours, 0700): one swapped in between the
+    /// check and the open is refused.
     pub fn open(path: &Path) -> Result<LogDir, ForensicError> {
+        let dir = Self::open_as_is(path)?;
+        let m = dir
+            .fd
+            .metadata()
+            .map_err(|e| io_err(path, "cannot stat log directory", e))?;
+        check_owner_mode(path, m.uid(), m.mode(), 0o700, "directory")?;
+        Ok(dir)
+    }
+
+    /// Opens the directory `path` without following a symlink and without the owner and
+    /// mode check of [`LogDir::open`]: for a directory the caller chose (a tool signing a
+    /// checkpoint into a directory it names).
+    pub fn open_as_is(path: &Path) -> Result<LogDir, ForensicError> {
         let fd = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| io_err(path, "cannot open log directory", e))?;
+            .map_err(|e| io_err(path, "cannot open directory", e))?;
         Ok(LogDir {
             fd,
             path: path.to_path_buf(),
@@ -316,6 +331,43 @@ impl LogDir {
     /// Opens `name` in this directory for reading (no FIFO waited for).
     pub fn open_read(&self, name: &str) -> io::Result<File> {
         self.open_at(name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+    }
+
+    /// Reads `name` in this directory as [`read_regular`] reads a path: a regular file of at
+    /// most `cap` bytes, no symlink followed, no FIFO waited for.
+    pub fn read_regular(&self, name: &str, cap: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let f = self.open_read(name)?;
+        let m = f.metadata()?;
+        if !m.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if m.len() > cap {
+            return Err(io::Error::other(format!(
+                "{} bytes, larger than the {cap}-byte limit",
+                m.len()
+            )));
+        }
+        let mut out = Vec::new();
+        f.take(cap + 1).read_to_end(&mut out)?;
+        if out.len() as u64 > cap {
+            return Err(io::Error::other(format!(
+                "grew beyond the {cap}-byte limit while read"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Renames `from` to `to`, both in this directory (replacing `to`).
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let (a, b) = (Self::name(from)?, Self::name(to)?);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the descriptor is open for the life of `self`; both names are
+        // NUL-terminated and outlive the call.
+        if unsafe { libc::renameat(fd, a.as_ptr(), fd, b.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Removes `name` from this directory.
@@ -605,5 +657,34 @@ mod tests {
         assert_eq!(parse_file_name("kvh-p1-t2-7.jsonl"), None);
         assert_eq!(parse_file_name("kvh-x-000001.jsonl"), None);
         assert_eq!(parse_file_name("other.jsonl"), None);
+    }
+}
+
+#[cfg(test)]
+mod log_dir_tests {
+    use super::*;
+
+    /// The writer's handle is only ever a directory that passes the check it made first:
+    /// ours and 0700; never one reached through a symlink.
+    #[test]
+    fn a_log_dir_opens_only_a_private_directory_and_never_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(LogDir::open(&dir).is_err(), "0755 accepted");
+        assert!(LogDir::open_as_is(&dir).is_ok());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let d = LogDir::open(&dir).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(LogDir::open(&link).is_err(), "a symlink followed");
+        // Files made, read back, renamed and removed relative to the handle.
+        let mut f = d.create_file("a").unwrap();
+        std::io::Write::write_all(&mut f, b"x\n").unwrap();
+        assert_eq!(d.read_regular("a", 10).unwrap(), b"x\n");
+        d.rename("a", "b").unwrap();
+        d.remove("b").unwrap();
+        assert!(d.read_regular("b", 10).is_err());
     }
 }

@@ -124,8 +124,8 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
 /// no log will use it (logging off): the secret that seals the deployment's other chains must
 /// not stay in `/proc/<pid>/environ` or pass to child processes.
 pub fn discard_env_secret() {
-    if std::env::var_os(SECRET_ENV).is_some() {
-        scrub_env_value(SECRET_ENV.as_bytes());
+    // Not `var_os`, which would copy the secret into a buffer freed unzeroized.
+    if scrub_env_value(SECRET_ENV.as_bytes()) {
         std::env::remove_var(SECRET_ENV);
     }
 }
@@ -145,8 +145,9 @@ extern "C" {
 }
 
 /// Overwrites with zeros the value bytes of every `name=value` entry of the process
-/// environment, in place (the entry keeps its length: `name=` then NULs).
-fn scrub_env_value(name: &[u8]) {
+/// environment, in place (the entry keeps its length: `name=` then NULs). Returns whether
+/// there was one.
+fn scrub_env_value(name: &[u8]) -> bool {
     // SAFETY: `environ` is either null or a null-terminated array of pointers to
     // NUL-terminated strings (POSIX). It is read once here and walked in a single pass,
     // under the same precondition as `std::env::remove_var`, which is called right after:
@@ -156,21 +157,23 @@ fn scrub_env_value(name: &[u8]) {
     unsafe {
         let mut p = std::ptr::addr_of!(environ).read();
         if p.is_null() {
-            return;
+            return false;
         }
+        let mut found = false;
         while !(*p).is_null() {
-            scrub_entry(*p, name);
+            found |= scrub_entry(*p, name);
             p = p.add(1);
         }
+        found
     }
 }
 
-/// Zeroes the value of one environment entry if its name is `name`.
+/// Zeroes the value of one environment entry if its name is `name`; returns whether it was.
 ///
 /// # Safety
 /// `entry` points to a NUL-terminated, writable string that nothing else accesses during
 /// the call.
-unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) {
+unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) -> bool {
     // SAFETY: `entry` is NUL-terminated (caller).
     let len = unsafe { libc::strlen(entry) };
     let matches = {
@@ -180,7 +183,7 @@ unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) {
         bytes.starts_with(name) && bytes.get(name.len()) == Some(&b'=')
     };
     if !matches {
-        return;
+        return false;
     }
     let value = name.len() + 1;
     for i in value..len {
@@ -189,6 +192,7 @@ unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) {
         // further reads of.
         unsafe { std::ptr::write_volatile(entry.add(i), 0) };
     }
+    true
 }
 
 /// A key file holds the secret's bytes; one trailing newline is not part of it.

@@ -52,7 +52,9 @@ pub(crate) struct ChainWriter {
     /// The id of the chain's HMAC secret, written into every checkpoint.
     key_id: Option<String>,
     signing: Option<SigningKey>,
-    ckpt_dir: PathBuf,
+    /// The checkpoint directory held open from its check on, when checkpoints are signed:
+    /// they are written relative to it.
+    ckpt: Option<files::LogDir>,
     fsync: FsyncPolicy,
     fsync_every: Duration,
     summary_every: Duration,
@@ -104,9 +106,13 @@ impl ChainWriter {
             .transpose()
             .map_err(|e| keys::in_setting("KVH_SIGNING_KEY_FILE", e))?;
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
-        if signing.is_some() {
-            files::prepare_dir(&ckpt_dir)?;
-        }
+        let ckpt = match signing {
+            Some(_) => {
+                files::prepare_dir(&ckpt_dir)?;
+                Some(files::LogDir::open(&ckpt_dir)?)
+            }
+            None => None,
+        };
         // Taken at epoch 0, before recovery ratchets the key to a crashed chain's epoch.
         let key_id = key.as_ref().map(EpochKey::key_id);
         let signer = signing.as_ref().map(|k| hex(k.verifying_key().as_bytes()));
@@ -143,7 +149,7 @@ impl ChainWriter {
             key,
             key_id,
             signing,
-            ckpt_dir,
+            ckpt,
             fsync: cfg.fsync,
             fsync_every: Duration::from_millis(cfg.fsync_interval_ms),
             summary_every: Duration::from_millis(cfg.summary_interval_ms),
@@ -710,8 +716,8 @@ impl ChainWriter {
         };
         self.records_since_ckpt = 0;
         self.last_ckpt = Instant::now();
-        let key = self.signing.as_ref()?;
-        match checkpoint::write(&self.ckpt_dir, key, &c) {
+        let (key, dir) = (self.signing.as_ref()?, self.ckpt.as_ref()?);
+        match checkpoint::write_in(dir, key, &c) {
             Ok(()) => Some(c),
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
