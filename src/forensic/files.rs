@@ -336,26 +336,9 @@ impl LogDir {
     /// Reads `name` in this directory as [`read_regular`] reads a path: a regular file of at
     /// most `cap` bytes, no symlink followed, no FIFO waited for.
     pub fn read_regular(&self, name: &str, cap: u64) -> io::Result<Vec<u8>> {
-        use std::io::Read;
         let f = self.open_read(name)?;
-        let m = f.metadata()?;
-        if !m.is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
-        if m.len() > cap {
-            return Err(io::Error::other(format!(
-                "{} bytes, larger than the {cap}-byte limit",
-                m.len()
-            )));
-        }
-        let mut out = Vec::new();
-        f.take(cap + 1).read_to_end(&mut out)?;
-        if out.len() as u64 > cap {
-            return Err(io::Error::other(format!(
-                "grew beyond the {cap}-byte limit while read"
-            )));
-        }
-        Ok(out)
+        let len = regular_len(&f, cap)?;
+        read_opened(f, len, cap)
     }
 
     /// Renames `from` to `to`, both in this directory (replacing `to`).
@@ -460,8 +443,14 @@ pub fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
 /// must show a regular file of at most `cap` bytes; the read itself is also capped, in case
 /// the file grows meanwhile.
 pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
     let (f, len) = open_regular(path, cap)?;
+    read_opened(f, len, cap)
+}
+
+/// Reads a file [`regular_len`] found `len` bytes long, at most `cap` bytes: one that grew
+/// beyond the cap since is refused.
+fn read_opened(f: File, len: u64, cap: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
     let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     f.take(cap + 1).read_to_end(&mut out)?;
     if out.len() as u64 > cap {
@@ -470,6 +459,21 @@ pub fn read_regular(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
         )));
     }
     Ok(out)
+}
+
+/// The length of an opened file that must be a regular file of at most `cap` bytes.
+fn regular_len(f: &File, cap: u64) -> io::Result<u64> {
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if m.len() > cap {
+        return Err(io::Error::other(format!(
+            "{} bytes, larger than the {cap}-byte limit",
+            m.len()
+        )));
+    }
+    Ok(m.len())
 }
 
 /// Opens `path` as [`read_regular`] does (no symlink followed, no FIFO waited for, a regular
@@ -484,17 +488,8 @@ pub fn open_regular(path: &Path, cap: u64) -> io::Result<(File, u64)> {
             Some(libc::ELOOP) => io::Error::other("is a symlink; not followed"),
             _ => e,
         })?;
-    let m = f.metadata()?;
-    if !m.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    if m.len() > cap {
-        return Err(io::Error::other(format!(
-            "{} bytes, larger than the {cap}-byte limit",
-            m.len()
-        )));
-    }
-    Ok((f, m.len()))
+    let len = regular_len(&f, cap)?;
+    Ok((f, len))
 }
 
 /// Takes an exclusive, non-blocking `flock`. A live writer holds it on its active file; the
