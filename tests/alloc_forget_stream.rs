@@ -121,7 +121,12 @@ fn a_quarantine_rescrub_waiting_for_its_turn_runs_on_the_legacy_stream() {
     }
     f.backend.capturing.store(true, Ordering::SeqCst);
     f.backend.set_gate(true);
-    waiter.join().unwrap().unwrap();
+    // The capture refused the re-scrub: synchronize says so rather than succeed.
+    let waited = waiter.join().unwrap();
+    assert!(
+        waited.as_ref().is_err_and(|e| e.contains("capturing")),
+        "{waited:?}"
+    );
     assert_eq!(
         f.alloc.block_info(a).unwrap().state,
         BlockState::Quarantined

@@ -498,7 +498,7 @@ impl Allocator {
         if let Some((dev, (blocks, why))) = waiting {
             // Their scrubs were refused for now and run at a later flush: not waited for.
             return Err(format!(
-                "{blocks} freed blocks of device {dev} are not scrubbed yet: {why}"
+                "{blocks} blocks of device {dev} are not scrubbed yet: {why}"
             ));
         }
         match self
