@@ -98,6 +98,12 @@ fn wrong_device() {
         b.f.alloc.free(b.addr, 4096, 1, S),
         InvalidFreeReason::WrongDevice,
     );
+    // A pointer inside a block of device 0, freed for device 1: the wrong device too, not
+    // an unknown pointer.
+    b.expect_invalid(
+        b.f.alloc.free(b.addr + 8, 4096, 1, S),
+        InvalidFreeReason::WrongDevice,
+    );
     // The block is still live on device 0 and frees normally there.
     b.f.alloc.free(b.addr, 4096, 0, S).unwrap();
 }

@@ -412,7 +412,7 @@ impl Allocator {
             Some(dev) if reason == InvalidFreeReason::UnknownPointer => {
                 let elsewhere = (0..self.inner.pools.len() as u32)
                     .filter(|&d| d != dev)
-                    .any(|d| self.pool(d).owns(ptr));
+                    .any(|d| self.pool(d).holds(ptr));
                 if elsewhere {
                     reason = InvalidFreeReason::WrongDevice;
                 }

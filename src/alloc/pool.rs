@@ -333,9 +333,12 @@ impl DevicePool {
         }
     }
 
-    /// Whether this pool holds a block starting exactly at `addr` (any state).
-    pub(crate) fn owns(&self, addr: u64) -> bool {
-        self.blocks.contains_key(&addr)
+    /// Whether `addr` lies in a block of this pool (its start or inside it; any state).
+    pub(crate) fn holds(&self, addr: u64) -> bool {
+        self.blocks
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&base, b)| addr < base.saturating_add(b.capacity()))
     }
 
     /// Adds a PENDING block to its stream's open batch; submits the batch when full.
