@@ -15,6 +15,9 @@ pub const MAX_ID_LEN: usize = 128;
 pub enum ContextError {
     #[error("{field} is {len} bytes long; at most {MAX_ID_LEN} bytes are accepted")]
     TooLong { field: &'static str, len: usize },
+    /// An id read through a bounded C string: longer than the limit, its length not read.
+    #[error("{field} is over {MAX_ID_LEN} bytes long; at most {MAX_ID_LEN} bytes are accepted")]
+    Overlong { field: &'static str },
     #[error("{field} contains a control character at byte {at}; ids must be printable text")]
     ControlCharacter { field: &'static str, at: usize },
     #[error("{field} is not valid UTF-8")]
@@ -139,9 +142,16 @@ fn tenant_hash(tenant: &str) -> u64 {
         .max(1)
 }
 
+/// An id given as bytes (from C, read up to one byte past the limit): checked for length
+/// first, since the bounded read may have cut a multi-byte character of an over-long id.
 fn utf8_id<'a>(field: &'static str, b: Option<&'a [u8]>) -> Result<Option<&'a str>, ContextError> {
-    b.map(|b| std::str::from_utf8(b).map_err(|_| ContextError::NotUtf8 { field }))
-        .transpose()
+    b.map(|b| {
+        if b.len() > MAX_ID_LEN {
+            return Err(ContextError::Overlong { field });
+        }
+        std::str::from_utf8(b).map_err(|_| ContextError::NotUtf8 { field })
+    })
+    .transpose()
 }
 
 fn validate_id(field: &'static str, id: Option<&str>) -> Result<Option<String>, ContextError> {

@@ -380,4 +380,43 @@ impl EventSink for FanoutSink {
             last.emit(event);
         }
     }
+
+    fn flush(&self) {
+        for sink in &self.0 {
+            sink.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Counts the flushes it receives.
+    #[derive(Default)]
+    struct Flushes(AtomicU64);
+
+    impl EventSink for Flushes {
+        fn emit(&self, _: Event) {}
+        fn flush(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `flush` is what the allocator calls before a fail-closed abort: a fan-out must pass it
+    /// on to every sink it feeds, as the anomaly layer passes it to the sink behind it, or
+    /// the records queued in a forensic log behind it are lost at the abort.
+    #[test]
+    fn a_fanout_flushes_every_sink_it_feeds() {
+        let a = Arc::new(Flushes::default());
+        let b = Arc::new(Flushes::default());
+        let fanout = FanoutSink(vec![a.clone(), b.clone()]);
+        fanout.flush();
+        assert_eq!(
+            (a.0.load(Ordering::SeqCst), b.0.load(Ordering::SeqCst)),
+            (1, 1),
+            "flush reached (first, second) sink this many times"
+        );
+    }
 }

@@ -576,6 +576,10 @@ impl Allocator {
             error: error.map(ToString::to_string),
             trigger: call.trigger,
         };
+        // The caller's request, whose KV blocks these are, is the one the abort's record names.
+        let abort = (!report.failed.is_empty()
+            && config.failure_mode == crate::config::FailureMode::Abort)
+            .then(|| ctx.clone());
         events.push(Event {
             at: SystemTime::now(),
             kind: EventKind::KvScrubbed(Box::new(record)),
@@ -583,8 +587,6 @@ impl Allocator {
             block: None,
             addr: None,
         });
-        let abort =
-            !report.failed.is_empty() && config.failure_mode == crate::config::FailureMode::Abort;
         self.with_pool(call.dev, |pool, _, _, after| {
             let c = &mut pool.stats.counters;
             c.kv_scrub_calls += 1;

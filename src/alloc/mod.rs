@@ -731,7 +731,7 @@ impl Allocator {
         r
     }
 
-    fn settle(&self, dev: u32, after: Aftermath) {
+    fn settle(&self, dev: u32, mut after: Aftermath) {
         let mut error = after.backend_error;
         // Verified blocks go back to the backend with the lock dropped; once exit has begun
         // they are leaked instead (invariant 6).
@@ -752,23 +752,25 @@ impl Allocator {
                 .unwrap_or_else(|p| p.into_inner());
             sticky.get_or_insert_with(|| e.to_string());
         }
-        let abort = after.abort;
+        let abort = after.abort.take();
         self.emit(after.events);
-        if abort {
-            self.fail_closed();
+        if let Some(owner) = abort {
+            self.fail_closed(owner);
         }
     }
 
     /// `failure_mode = abort`: the verification failure is logged, then the process stops.
     #[cold]
-    fn fail_closed(&self) -> ! {
+    fn fail_closed(&self, owner: Context) -> ! {
         self.emit(vec![Event {
             at: SystemTime::now(),
             kind: EventKind::PolicyViolation {
                 policy: "failure_mode",
                 detail: "scrub verification failed under failure_mode=abort; aborting".into(),
             },
-            context: Context::current(),
+            // The ids of the request whose block failed, not of whichever call happened to
+            // collect the result.
+            context: owner,
             block: None,
             addr: None,
         }]);

@@ -111,8 +111,9 @@ pub(crate) struct Refused {
 #[derive(Default)]
 pub(crate) struct Aftermath {
     pub events: Vec<Event>,
-    /// A verification failed under `failure_mode = abort`.
-    pub abort: bool,
+    /// A verification failed under `failure_mode = abort`: the ids of the request whose
+    /// block failed (the first one), which the record of the abort carries.
+    pub abort: Option<Context>,
     /// An asynchronous backend error to make sticky.
     pub backend_error: Option<BackendError>,
     /// Verified blocks to return to the backend once the lock is dropped:
@@ -813,7 +814,7 @@ impl DevicePool {
                     block,
                 );
                 if config.failure_mode == crate::config::FailureMode::Abort {
-                    after.abort = true;
+                    after.abort.get_or_insert_with(|| block.owner.clone());
                 }
             }
             if !rescrub {

@@ -836,4 +836,36 @@ mod tests {
         assert_eq!((named, code), (vec![9, 1], KVH_ERR_VERIFY_FAILED));
         assert!(message.contains("(first: 9)"), "{message}");
     }
+
+    /// An id over the length limit is refused as too long, whatever characters it is made
+    /// of: cutting a long id of multi-byte characters where the reading stops must not turn
+    /// the refusal into "not valid UTF-8", which sends the caller looking for an encoding
+    /// problem that the id does not have.
+    #[test]
+    fn an_over_long_id_of_multibyte_characters_is_refused_as_too_long() {
+        // 100 two-byte characters: valid UTF-8, 200 bytes.
+        let id = std::ffi::CString::new("\u{e9}".repeat(100)).unwrap();
+        let rc = kvh_set_context(id.as_ptr(), std::ptr::null(), std::ptr::null());
+        assert_eq!(rc, KVH_ERR_INVALID_CONTEXT as c_int);
+        let message = last_error_message();
+        assert!(
+            message.contains("bytes long") && !message.contains("UTF-8"),
+            "a 200-byte UTF-8 tenant id was refused with: {message}"
+        );
+        assert_eq!(Context::current(), Context::none());
+    }
+
+    /// The refusal of an over-long id does not state a length the id does not have: a
+    /// 1000-byte id is not "129 bytes long".
+    #[test]
+    fn an_over_long_id_is_not_said_to_be_129_bytes_long() {
+        let id = std::ffi::CString::new("x".repeat(1000)).unwrap();
+        let rc = kvh_set_context(std::ptr::null(), id.as_ptr(), std::ptr::null());
+        assert_eq!(rc, KVH_ERR_INVALID_CONTEXT as c_int);
+        let message = last_error_message();
+        assert!(
+            message.contains("request_id") && !message.contains("is 129 bytes long"),
+            "a 1000-byte request id was refused with: {message}"
+        );
+    }
 }

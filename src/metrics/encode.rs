@@ -253,7 +253,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Blocks found live longer than KVH_LIVE_TTL_MS at their free."
+        "Blocks found live longer than KVH_LIVE_TTL_MS (while live, or at their free)."
     ),
     series!(
         "/counters/out_of_memory",
