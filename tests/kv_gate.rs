@@ -590,3 +590,144 @@ fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
     .unwrap();
     assert_eq!(z.gate_scrubbed, vec![5]);
 }
+
+#[test]
+fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() {
+    let (alloc, backend, layout) = held_cache();
+    // As many other caches as ledgers are kept, each a single-block layout of its own.
+    let others: Vec<KvLayout> = (0..64)
+        .map(|_| {
+            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+            KvLayout {
+                regions: vec![a],
+                block_bytes: BLOCK,
+                block_stride: BLOCK,
+                blocks_per_region: 1,
+            }
+        })
+        .collect();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let x = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        // While x's gate scrub runs, the engine scrubs the other caches: the least recently
+        // used ledger (the first cache's) is forgotten. No claim names block 5 meanwhile.
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+        backend.hold(3, false);
+        x.join().unwrap().unwrap()
+    });
+    // Nobody else claimed block 5: the claim must not say another claim took it
+    // (KVH_ERR_KV_TAKEN, "two requests were given the same blocks"). The block was verified
+    // by x's scrub and is handed to x.
+    assert_eq!(
+        (x.claimed, x.taken.clone(), x.refused.clone()),
+        (1, vec![], vec![]),
+        "{x:?}"
+    );
+    assert!(held_zero(&backend, &layout, 5));
+}
+
+#[test]
+fn a_verified_claim_losing_to_a_failed_one_is_not_reported_as_taken() {
+    let (alloc, backend, layout) = held_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    backend.hold(4, true);
+    let (x, y) = std::thread::scope(|s| {
+        // x's gate scrub leaves half of a segment unzeroed: it fails verification.
+        backend.host.inject_skip_tail(1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        let y = s.spawn(|| {
+            as_request("t", "y", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+            })
+        });
+        backend.wait_submitted(4, 1);
+        backend.hold(3, false);
+        let x = x.join().unwrap().unwrap();
+        backend.hold(4, false);
+        (x, y.join().unwrap().unwrap())
+    });
+    assert_eq!((x.claimed, x.refused.clone()), (0, vec![5]), "{x:?}");
+    // No claim took block 5: x's scrub failed and nobody holds it. y must not be told that
+    // another claim took it (KVH_ERR_KV_TAKEN); a block whose last applied verdict failed is
+    // reported as refused (KVH_ERR_VERIFY_FAILED).
+    assert!(y.taken.is_empty(), "{y:?}");
+    assert_eq!(y.claimed as usize + y.refused.len(), 1, "{y:?}");
+}
+
+#[test]
+fn a_claim_refused_because_its_cache_was_freed_meanwhile_is_logged_as_a_refused_claim() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (a, layout) = cache(&f);
+    let len = (2 * BLOCKS * BLOCK) as i64;
+    let done = AtomicBool::new(false);
+    // One thread claims block 0 anonymously (always a change of owner: the gate scrubs it);
+    // another frees the cache and allocates it again (the pool hands the same bytes back).
+    let (mut claims, mut refused) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                f.alloc.free(a, len, 0, StreamHandle(1)).unwrap();
+                f.alloc.synchronize().unwrap();
+                assert_eq!(f.alloc.malloc(len, 0, StreamHandle(1)).unwrap(), a);
+            }
+        });
+        for _ in 0..200_000 {
+            claims += 1;
+            if claim(&f, &layout, &[0]).is_err() {
+                refused += 1;
+            }
+            // A few refusals that raced the free are enough; a refused scrub is the defect.
+            if refused >= 3 || f.alloc.stats().counters.kv_scrubs_refused > 0 {
+                break;
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    // Only kvh_claim_blocks was called: every refusal is a refused claim (policy kv_gate,
+    // kv_claims_refused), none a refused kvh_scrub_blocks call (policy kv_scrub).
+    let scrub_refusals: Vec<String> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PolicyViolation {
+                policy: "kv_scrub",
+                detail,
+            } => Some(detail),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        scrub_refusals.is_empty(),
+        "{} claims: refused claims logged as refused kvh_scrub_blocks calls: {:?}",
+        claims,
+        scrub_refusals.first()
+    );
+    let c = f.alloc.stats().counters;
+    assert_eq!((c.kv_scrubs_refused, c.kv_claims_refused), (0, refused));
+}

@@ -36,7 +36,7 @@ use crate::backend::{
 use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger};
 
-use super::kv_gate::{Generations, LedgerKey, ScrubFor};
+use super::kv_gate::{Generations, LedgerKey, ScrubFor, Unapplied};
 use super::Allocator;
 
 /// Most regions a layout may have (e.g. layers × {K, V}).
@@ -342,7 +342,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
         by: ScrubFor<'_>,
-    ) -> Result<(KvScrubReport, Vec<u32>), KvScrubError> {
+    ) -> Result<(KvScrubReport, Unapplied), KvScrubError> {
         let stream = stream.shared();
         let dev = match self.kv_device(device) {
             Ok(dev) => dev,
@@ -357,7 +357,7 @@ impl Allocator {
             return Err(self.refuse_kv_scrub(dev, e));
         }
         if ids.is_empty() {
-            return Ok((KvScrubReport::default(), Vec::new()));
+            return Ok((KvScrubReport::default(), Unapplied::default()));
         }
         let (trigger, claimant, seen) = match by {
             ScrubFor::Engine => (KvScrubTrigger::Engine, None, None),
@@ -375,6 +375,9 @@ impl Allocator {
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
         let launched = match self.launch_kv(&call, call.batches(), seen) {
             Ok(l) => l,
+            // The gate's claim reports its own refusal (a `kv_gate` record), not one of a
+            // `kvh_scrub_blocks` call the engine never made.
+            Err(e) if trigger == KvScrubTrigger::Gate => return Err(e),
             Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
         };
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
@@ -384,7 +387,7 @@ impl Allocator {
                 let scrubbed = LedgerKey::new(dev, layout, &launched.owners);
                 self.settle_kv(seen, &scrubbed, &clean, &report.failed, claimant)
             }
-            None => Vec::new(),
+            None => Unapplied::default(),
         };
         match error {
             None => Ok((report, changed)),

@@ -269,21 +269,20 @@ impl Ledgers {
     /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. A verified block
     /// that changed but is CLEAN now (another scrub's verdict landed meanwhile, and nobody
     /// took it since) may still go to the gate's claimant. Returns the verified blocks whose
-    /// verdict could not be applied (they changed hands meanwhile, or the ledger was forgotten
-    /// or cleared): nobody may take them as verified by this scrub.
+    /// verdict could not be applied, by why: nobody may take them as verified by this scrub.
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
         verified: &[u32],
         failed: &[u32],
         claimant: Option<&Option<Arc<OwnerKey>>>,
-    ) -> Vec<u32> {
+    ) -> Unapplied {
         let Some(i) = self
             .books
             .iter()
             .position(|b| b.key == seen.key && b.epoch == seen.epoch)
         else {
-            return verified.to_vec();
+            return Unapplied::forgotten(verified);
         };
         let unchanged = |books: &[Book], id: u32| {
             let now = books[i].slots.get(&id).map_or(0, |e| e.generation);
@@ -297,18 +296,23 @@ impl Ledgers {
                 self.set(i, id, Slot::Failed);
             }
         }
-        let mut changed = Vec::new();
+        let mut unapplied = Unapplied::default();
         for &id in verified {
             // Changed, but CLEAN (another verdict landed, nobody took it since) or already the
             // claimant's own (the same request claimed it twice at once): still the claimant's.
-            let free_for_claimant = claimant.is_some_and(|c| match slot_of(&self.books, id) {
+            let now = slot_of(&self.books, id);
+            let free_for_claimant = claimant.is_some_and(|c| match &now {
                 Some(Slot::Clean) => true,
-                Some(Slot::Owned(Some(owner))) => c.as_ref() == Some(&owner),
+                Some(Slot::Owned(Some(owner))) => c.as_ref() == Some(owner),
                 _ => false,
             });
             let applies = unchanged(&self.books, id) || free_for_claimant;
             if !applies {
-                changed.push(id);
+                // Its last verdict is another scrub's failure, or another claim owns it.
+                match now {
+                    Some(Slot::Failed) => unapplied.failed.push(id),
+                    _ => unapplied.taken.push(id),
+                }
                 continue;
             }
             let slot = match claimant {
@@ -317,8 +321,57 @@ impl Ledgers {
             };
             self.set(i, id, slot);
         }
-        changed
+        unapplied
     }
+}
+
+/// The verified blocks of a scrub whose verdict the ledger could not apply, by why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Unapplied {
+    /// Another claim owns them now.
+    pub taken: Vec<u32>,
+    /// Another scrub's failed verdict landed on them meanwhile: their last verdict fails.
+    pub failed: Vec<u32>,
+    /// The ledger the verdicts were for was forgotten (evicted, cleared, replaced by another
+    /// description of the memory) or describes other allocations now: nothing is known of
+    /// them, which a claim settles by claiming them again.
+    pub forgotten: Vec<u32>,
+}
+
+impl Unapplied {
+    /// Every block whose verdict was not applied, whatever the reason.
+    #[cfg(test)]
+    fn all(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = [&self.taken, &self.failed, &self.forgotten]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    fn forgotten(verified: &[u32]) -> Self {
+        Unapplied {
+            forgotten: verified.to_vec(),
+            ..Unapplied::default()
+        }
+    }
+}
+
+/// What one pass of a claim did with its ids ([`Allocator::claim_round`]).
+#[derive(Default)]
+struct Round {
+    /// Not handed over: their last verdict failed.
+    refused: HashSet<u32>,
+    /// Not handed over: another claim took them.
+    taken: HashSet<u32>,
+    /// Scrubbed, verified and handed over by this pass.
+    gate_scrubbed: Vec<u32>,
+    /// Named while FAILED (a record says so).
+    failed_before: Vec<u32>,
+    /// Verified, but their ledger was forgotten: to claim again.
+    forgotten: Vec<u32>,
 }
 
 /// What a `kvh_claim_blocks` call did.
@@ -399,6 +452,93 @@ impl Allocator {
                 ..KvClaimReport::default()
             });
         }
+        let mut round = self.claim_round(dev, layout, ids, device, stream, mode)?;
+        if !round.forgotten.is_empty() {
+            // Verified, but the ledger that would have recorded it was forgotten meanwhile:
+            // claimed once more through the ledger there is now (a second loss is not
+            // chased: those blocks are not handed over).
+            let forgotten = std::mem::take(&mut round.forgotten);
+            let again = match self.claim_round(dev, layout, &forgotten, device, stream, mode) {
+                Ok(again) => again,
+                Err(e) => {
+                    self.report_failed_before(dev, &round.failed_before);
+                    return Err(e);
+                }
+            };
+            round.refused.extend(again.refused);
+            round.taken.extend(again.taken);
+            round.taken.extend(again.forgotten);
+            round.gate_scrubbed.extend(again.gate_scrubbed);
+            round.failed_before.extend(again.failed_before);
+        }
+        let Round {
+            refused,
+            taken,
+            gate_scrubbed,
+            failed_before,
+            ..
+        } = round;
+        let gate_scrubbed: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| gate_scrubbed.contains(id))
+            .collect();
+        if !taken.is_empty() {
+            self.report_gate_violation(
+                dev,
+                format!(
+                    "{} KV blocks changed hands while the gate scrubbed them for this claim \
+                     (ids {}): another claim took them, or the ledger recording them was \
+                     forgotten twice; they were not handed over",
+                    taken.len(),
+                    id_list(&in_order(ids, &taken))
+                ),
+            );
+        }
+        self.report_failed_before(dev, &failed_before);
+        let claimed = (ids.len() - refused.len() - taken.len()) as u64;
+        let scrubbed = gate_scrubbed.len() as u64;
+        self.with_pool(dev, |pool, _, _, _| {
+            let c = &mut pool.stats.counters;
+            c.kv_claim_calls += 1;
+            c.kv_blocks_claimed += claimed;
+            c.kv_gate_scrubbed_blocks += scrubbed;
+        });
+        Ok(KvClaimReport {
+            claimed,
+            gate_scrubbed,
+            refused: in_order(ids, &refused),
+            taken: in_order(ids, &taken),
+        })
+    }
+
+    /// Records that a claim named blocks whose last scrub failed: they are never handed over.
+    fn report_failed_before(&self, dev: u32, failed_before: &[u32]) {
+        if failed_before.is_empty() {
+            return;
+        }
+        self.report_gate_violation(
+            dev,
+            format!(
+                "kvh_claim_blocks named {} KV blocks whose last scrub failed verification \
+                 (ids {}); they were not handed over",
+                failed_before.len(),
+                id_list(failed_before)
+            ),
+        );
+    }
+
+    /// One pass of a claim over `ids`: sorts them against the ledger, refuses (enforce) or
+    /// scrubs (scrub) those that would change owner, and says what became of each.
+    fn claim_round(
+        &self,
+        dev: u32,
+        layout: &KvLayout,
+        ids: &[u32],
+        device: i32,
+        stream: StreamHandle,
+        mode: KvGateMode,
+    ) -> Result<Round, KvClaimError> {
         let owners = match self.kv_region_owners(dev, layout) {
             Ok(owners) => owners,
             Err(e) => return Err(self.refuse_claim(dev, e.to_string(), e.into())),
@@ -419,60 +559,43 @@ impl Allocator {
             );
             return Err(self.refuse_claim(dev, detail, KvClaimError::Unscrubbed { blocks }));
         }
-        let mut refused: HashSet<u32> = sorted.failed.iter().copied().collect();
-        let mut taken = HashSet::new();
-        let mut gate_scrubbed = Vec::new();
-        if !sorted.dirty.is_empty() {
-            let gate = ScrubFor::Gate {
-                claimant: &claimant,
-                seen: sorted.dirty_generations,
-            };
-            let (report, changed) = self.scrub_kv(layout, &sorted.dirty, device, stream, gate)?;
-            refused.extend(report.failed.iter().copied());
-            taken.extend(changed.iter().copied());
-            gate_scrubbed = sorted
-                .dirty
-                .iter()
-                .copied()
-                .filter(|id| !refused.contains(id) && !taken.contains(id))
-                .collect();
+        let mut round = Round {
+            refused: sorted.failed.iter().copied().collect(),
+            failed_before: sorted.failed.clone(),
+            ..Round::default()
+        };
+        if sorted.dirty.is_empty() {
+            return Ok(round);
         }
-        if !taken.is_empty() {
-            self.report_gate_violation(
-                dev,
-                format!(
-                    "{} KV blocks changed hands while the gate scrubbed them for this claim \
-                     (ids {}): another claim took them; they were not handed over",
-                    taken.len(),
-                    id_list(&in_order(ids, &taken))
-                ),
-            );
-        }
-        if !sorted.failed.is_empty() {
-            self.report_gate_violation(
-                dev,
-                format!(
-                    "kvh_claim_blocks named {} KV blocks whose last scrub failed verification \
-                     (ids {}); they were not handed over",
-                    sorted.failed.len(),
-                    id_list(&sorted.failed)
-                ),
-            );
-        }
-        let claimed = (ids.len() - refused.len() - taken.len()) as u64;
-        let scrubbed = gate_scrubbed.len() as u64;
-        self.with_pool(dev, |pool, _, _, _| {
-            let c = &mut pool.stats.counters;
-            c.kv_claim_calls += 1;
-            c.kv_blocks_claimed += claimed;
-            c.kv_gate_scrubbed_blocks += scrubbed;
-        });
-        Ok(KvClaimReport {
-            claimed,
-            gate_scrubbed,
-            refused: in_order(ids, &refused),
-            taken: in_order(ids, &taken),
-        })
+        let gate = ScrubFor::Gate {
+            claimant: &claimant,
+            seen: sorted.dirty_generations,
+        };
+        let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
+            Ok(done) => done,
+            // The cache was freed since its regions were checked: a refused claim (its record
+            // says so, with the blocks that failed before).
+            Err(e @ KvScrubError::NotLive { .. }) => {
+                self.report_failed_before(dev, &round.failed_before);
+                return Err(self.refuse_claim(dev, e.to_string(), e.into()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        round.refused.extend(report.failed.iter().copied());
+        round.refused.extend(unapplied.failed.iter().copied());
+        round.taken.extend(unapplied.taken.iter().copied());
+        round.forgotten = unapplied.forgotten;
+        round.gate_scrubbed = sorted
+            .dirty
+            .iter()
+            .copied()
+            .filter(|id| {
+                !round.refused.contains(id)
+                    && !round.taken.contains(id)
+                    && !round.forgotten.contains(id)
+            })
+            .collect();
+        Ok(round)
     }
 
     /// Before a KV scrub is submitted (under the pool lock, with its regions resolved): the
@@ -501,9 +624,9 @@ impl Allocator {
         verified: &[u32],
         failed: &[u32],
         claimant: Option<&Option<Arc<OwnerKey>>>,
-    ) -> Vec<u32> {
+    ) -> Unapplied {
         if seen.key != *scrubbed {
-            return verified.to_vec();
+            return Unapplied::forgotten(verified);
         }
         self.ledgers().settle(seen, verified, failed, claimant)
     }
@@ -609,7 +732,7 @@ mod tests {
     fn scrub(l: &mut Ledgers, k: &LedgerKey, clean: &[u32], failed: &[u32]) {
         let ids: Vec<u32> = clean.iter().chain(failed).copied().collect();
         let seen = l.generations(k, &ids);
-        assert!(l.settle(&seen, clean, failed, None).is_empty());
+        assert_eq!(l.settle(&seen, clean, failed, None), Unapplied::default());
     }
 
     /// (dirty, failed) of a claim.
@@ -702,9 +825,10 @@ mod tests {
         assert_eq!(sorted.dirty, vec![5]);
         assert!(l
             .settle(&sorted.dirty_generations, &[5], &[], Some(&x))
+            .all()
             .is_empty());
         // The engine's older verdict must not make x's block clean.
-        assert_eq!(l.settle(&engine, &[5], &[], None), vec![5]);
+        assert_eq!(l.settle(&engine, &[5], &[], None).taken, vec![5]);
         assert_eq!(sort(&mut l, &k, &[5], &y).0, vec![5]);
     }
 
@@ -717,10 +841,14 @@ mod tests {
         assert_eq!((&for_x.dirty, &for_y.dirty), (&vec![5], &vec![5]));
         assert!(l
             .settle(&for_y.dirty_generations, &[5], &[], Some(&y))
+            .all()
             .is_empty());
         assert_eq!(
             l.settle(&for_x.dirty_generations, &[5], &[], Some(&x)),
-            vec![5]
+            Unapplied {
+                taken: vec![5],
+                ..Unapplied::default()
+            }
         );
         // The block is y's.
         assert_eq!(sort(&mut l, &k, &[5], &y), NONE);
@@ -737,10 +865,11 @@ mod tests {
         // The engine scrubs a's block while c's claim scrubs it too.
         let engine = l.generations(&k, &[5]);
         let for_c = l.claim(&k, &[5], &c, false);
-        assert!(l.settle(&engine, &[5], &[], None).is_empty());
+        assert!(l.settle(&engine, &[5], &[], None).all().is_empty());
         // c's scrub read residue: the block must not stay CLEAN for d.
         assert!(l
             .settle(&for_c.dirty_generations, &[], &[5], Some(&c))
+            .all()
             .is_empty());
         assert_eq!(sort(&mut l, &k, &[5], &d), (vec![], vec![5]));
     }
@@ -753,9 +882,11 @@ mod tests {
         let second = l.claim(&k, &[2], &a, false);
         assert!(l
             .settle(&first.dirty_generations, &[2], &[], Some(&a))
+            .all()
             .is_empty());
         assert!(l
             .settle(&second.dirty_generations, &[2], &[], Some(&a))
+            .all()
             .is_empty());
         assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
     }
@@ -772,7 +903,7 @@ mod tests {
             epoch: 1,
             of: HashMap::from([(0, 0)]),
         };
-        assert_eq!(l.settle(&old, &[0], &[], None), vec![0]);
+        assert_eq!(l.settle(&old, &[0], &[], None).forgotten, vec![0]);
     }
 
     #[test]
@@ -993,6 +1124,7 @@ mod tests {
                         } else {
                             self.ledger
                                 .settle(&p.seen, &p.verified, &p.failed, claimant)
+                                .all()
                         };
                         if let Some((o, _)) = p.claimant {
                             for &id in p.verified.iter().filter(|id| !changed.contains(id)) {

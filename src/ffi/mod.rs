@@ -360,11 +360,13 @@ pub extern "C" fn kvh_scrub_blocks(
 /// Returns `KVH_OK` when every block was handed over. When some were not, the others were,
 /// `*refused_count` says how many were not, and the first `refused_capacity` of their ids are
 /// written to `refused_ids` in the order given; those blocks must not be used:
-/// `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now or before;
-/// the list also holds any taken ones), `KVH_ERR_KV_TAKEN` when another claim took them
-/// while the gate scrubbed them (two requests were given the same blocks). `KVH_ERR_KV_GATE` (enforce): blocks would change owner unscrubbed (or
-/// failed their last scrub); they are listed the same way and nothing was handed over. Any
-/// other code is one of `kvh_scrub_blocks`'s: nothing may be taken as handed over. Refusals
+/// `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now, before,
+/// or another scrub's while the gate scrubbed them; the list also holds any taken ones),
+/// `KVH_ERR_KV_TAKEN` when another claim took them while the gate scrubbed them (two
+/// requests were given the same blocks). `KVH_ERR_KV_GATE` (enforce): blocks would change
+/// owner unscrubbed (or failed their last scrub); they are listed the same way and nothing
+/// was handed over. Any other code is one of `kvh_scrub_blocks`'s (`KVH_ERR_NOT_LIVE` also
+/// when the cache was freed while the claim ran): nothing may be taken as handed over. Refusals
 /// and failed blocks leave a `policy_violation` record (policy `kv_gate`); the gate's scrubs
 /// leave `kv_scrub` records with `trigger` `claim_gate`.
 ///
