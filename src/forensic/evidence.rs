@@ -300,7 +300,7 @@ pub struct Exception {
 /// written, 1 the log failed verification (the report says where; its figures cover only the
 /// chains that verified), 2 usage or I/O error, or no records.
 pub fn run_evidence(args: &EvidenceArgs) -> i32 {
-    let evidence = match collect(args) {
+    let evidence = match collect_with(args, |why| eprintln!("kvh evidence: {why}")) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("kvh evidence: {e}");
@@ -326,26 +326,81 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
     }
 }
 
-/// Verifies the log and builds the report.
+/// Verifies the log and builds the report ([`collect_with`], saying nothing of its retries).
+pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
+    collect_with(args, |_| {})
+}
+
+/// How many times a report is made when `prune-log` moved files under each try.
+const MAX_TRIES: u32 = 5;
+
+/// Verifies the log and builds the report; `on_retry` hears why a try is made again.
 ///
 /// The chain files are listed after the verification (so a running writer's newest file, which
 /// may hold a verified head, is in the listing) and read, each chain only up to the last
 /// record verified and held to it by hash; the log is then verified again, and a chain that
 /// changed in between (an edit; not records appended after the head) makes the report
 /// unverified, so no figure comes from a record that was not checked.
-pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
-    let dir = &args.log.dir;
+///
+/// A `prune-log` run that moves files meanwhile changes chains too, legitimately: when the
+/// second verification finds a chain pruned further than the first did, or a listed file
+/// gone, the report is made again (the whole of it, from a new verification), up to
+/// [`MAX_TRIES`] times, waiting longer each time. A file deleted or edited otherwise is
+/// still found by that verification.
+pub fn collect_with(
+    args: &EvidenceArgs,
+    mut on_retry: impl FnMut(&str),
+) -> Result<Evidence, String> {
     let period = audit_period_of(args)?;
     let opts = options(&args.log)?;
-    let report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
-    let chains = verify::list_all(dir, &opts).map_err(|e| e.to_string())?;
+    let approved = approved_digests(&args.approved_config)?;
+    let mut pause = std::time::Duration::from_millis(100);
+    for tries in 1.. {
+        match collect_once(args, period, &opts, &approved) {
+            Ok(ev) => return Ok(ev),
+            Err(Try::Failed(e)) => return Err(e),
+            Err(Try::Pruned(why)) if tries >= MAX_TRIES => {
+                return Err(format!(
+                    "{why}, at each of {MAX_TRIES} tries: make the report once prune-log is done"
+                ))
+            }
+            Err(Try::Pruned(why)) => {
+                on_retry(&format!(
+                    "{why}; making the report again (try {} of {MAX_TRIES})",
+                    tries + 1
+                ));
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Why one try at the report did not make it.
+enum Try {
+    /// Nothing the log's state could change: the error to report.
+    Failed(String),
+    /// `prune-log` moved files while the try read them: worth another.
+    Pruned(String),
+}
+
+/// One try at the report ([`collect_with`]).
+fn collect_once(
+    args: &EvidenceArgs,
+    period: Period,
+    opts: &verify::VerifyOptions,
+    approved: &[String],
+) -> Result<Evidence, Try> {
+    let dir = &args.log.dir;
+    let report = verify_all(dir, opts).map_err(|e| Try::Failed(e.to_string()))?;
+    let chains = verify::list_all(dir, opts).map_err(|e| Try::Failed(e.to_string()))?;
     if report.ok() && report.chains.iter().all(|c| c.records == 0) {
-        return Err(format!(
+        return Err(Try::Failed(format!(
             "{}: no forensic log records to report on",
             dir.display()
-        ));
+        )));
     }
-    let approved = approved_digests(&args.approved_config)?;
     let mut ev = Evidence {
         log_dir: dir.display().to_string(),
         generated_at: rfc3339(unix_nanos(std::time::SystemTime::now())),
@@ -358,6 +413,61 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
         gap_ns: args.max_gap.saturating_mul(60_000_000_000),
         ..Tally::default()
     };
+    // A reading that fails is judged once the log was verified again: a prune explains it.
+    let read = tally_chains(&report, &chains, &mut ev, &mut tally, args.max_exceptions);
+    let again = verify_all(dir, opts).map_err(|e| Try::Failed(e.to_string()))?;
+    let pruned_meanwhile = pruned_between(&report, &again, &chains);
+    if let Err(e) = read {
+        return Err(match pruned_meanwhile {
+            Some(why) => Try::Pruned(why),
+            None => Try::Failed(e),
+        });
+    }
+    let head_still_there = |b: &super::verify::ChainReport| {
+        let list = chains.iter().find(|(id, _)| *id == b.chain).map(|(_, l)| l);
+        list.is_some_and(|l| head_in_files(b, l))
+    };
+    let changed = changed_chains(&report, &again, head_still_there);
+    if !changed.is_empty() {
+        if let Some(why) = pruned_meanwhile {
+            return Err(Try::Pruned(why));
+        }
+    }
+    for changed in changed {
+        ev.integrity.verified = false;
+        ev.integrity.problems.push(format!(
+            "chain {changed} changed while the report was being made (a writer still running, \
+             or an edit); make the report again from a stable copy"
+        ));
+    }
+    ev.tenants = tally.tenants.len() as u64;
+    ev.period = tally
+        .first_ts
+        .zip(tally.last_ts)
+        .map(|(a, b)| (rfc3339(a), rfc3339(b)));
+    if period.is_set() {
+        ev.audit_period = Some(coverage(
+            args,
+            tally,
+            &ev.integrity,
+            unix_nanos(std::time::SystemTime::now()),
+        ));
+    }
+    if !approved.is_empty() {
+        ev.policy = Some(check_policies(&ev.processes, approved.to_vec()));
+    }
+    Ok(ev)
+}
+
+/// Reads every chain that verified in `report` from its files in `chains`, up to its verified
+/// head, into the report and the tally.
+fn tally_chains(
+    report: &Report,
+    chains: &[(String, Vec<(u64, std::path::PathBuf)>)],
+    ev: &mut Evidence,
+    tally: &mut Tally,
+    max_exceptions: usize,
+) -> Result<(), String> {
     for chain in report.chains.iter().filter(|c| c.ok()) {
         let Some((_, list)) = chains.iter().find(|(id, _)| *id == chain.chain) else {
             continue;
@@ -374,44 +484,46 @@ pub fn collect(args: &EvidenceArgs) -> Result<Evidence, String> {
                     held.follow(bytes)
                         .map_err(|e| format!("{}:{line}: {e}", path.display()))?;
                     let at = (path.as_path(), line);
-                    tally.add(&mut ev, &mut state, at, record, args.max_exceptions);
+                    tally.add(ev, &mut state, at, record, max_exceptions);
                 }
                 Ok(())
             })?;
         }
         held.at(chain.last_hash.as_deref(), chain.records)
             .map_err(|e| format!("chain {}: {e}", chain.chain))?;
-        state.finish_run(&mut ev, &mut tally);
+        state.finish_run(ev, tally);
     }
-    ev.tenants = tally.tenants.len() as u64;
-    ev.period = tally
-        .first_ts
-        .zip(tally.last_ts)
-        .map(|(a, b)| (rfc3339(a), rfc3339(b)));
-    if period.is_set() {
-        ev.audit_period = Some(coverage(
-            args,
-            tally,
-            &ev.integrity,
-            unix_nanos(std::time::SystemTime::now()),
+    Ok(())
+}
+
+/// Whether `prune-log` moved files of the log between two verifications, `before` and
+/// `after`, with the files listed in between: a chain pruned further in `after` (a newer
+/// manifest, or a chain now wholly archived), or a listed file gone. Says which chain.
+fn pruned_between(
+    before: &Report,
+    after: &Report,
+    listed: &[(String, Vec<(u64, std::path::PathBuf)>)],
+) -> Option<String> {
+    let moved = |p: &Option<Pruned>| p.as_ref().map(|p| (p.files, p.last_seq, p.complete));
+    let pruned_further = after.chains.iter().find(|a| {
+        a.pruned.is_some()
+            && before
+                .chains
+                .iter()
+                .find(|b| b.chain == a.chain)
+                .is_none_or(|b| moved(&b.pruned) != moved(&a.pruned))
+    });
+    if let Some(a) = pruned_further {
+        return Some(format!(
+            "chain {} was pruned while the report was being made (prune-log ran)",
+            a.chain
         ));
     }
-    if !approved.is_empty() {
-        ev.policy = Some(check_policies(&ev.processes, approved));
-    }
-    let again = verify_all(dir, &opts).map_err(|e| e.to_string())?;
-    let head_still_there = |b: &super::verify::ChainReport| {
-        let list = chains.iter().find(|(id, _)| *id == b.chain).map(|(_, l)| l);
-        list.is_some_and(|l| head_in_files(b, l))
-    };
-    for changed in changed_chains(&report, &again, head_still_there) {
-        ev.integrity.verified = false;
-        ev.integrity.problems.push(format!(
-            "chain {changed} changed while the report was being made (a writer still running, \
-             or an edit); make the report again from a stable copy"
-        ));
-    }
-    Ok(ev)
+    listed.iter().find_map(|(chain, list)| {
+        list.iter()
+            .any(|(_, path)| files::is_missing(path))
+            .then(|| format!("a file of chain {chain} was moved while the report was being made"))
+    })
 }
 
 /// The period `--since` / `--until` name, refused when it is empty.
@@ -1524,6 +1636,49 @@ pub fn render(ev: &Evidence) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a prune excuses a change: a chain pruned further, or a listed file gone.
+    #[test]
+    fn only_a_prune_between_two_verifications_makes_the_report_again() {
+        use super::super::verify::ChainReport;
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a.jsonl");
+        std::fs::write(&file, b"").unwrap();
+        let chain = |pruned: Option<u64>| ChainReport {
+            chain: "a".into(),
+            records: 5,
+            pruned: pruned.map(|files| Pruned {
+                files,
+                last_seq: files * 10,
+                complete: false,
+                archive: "archive".into(),
+                first_ts: None,
+                last_ts: None,
+                last_hash: None,
+            }),
+            ..ChainReport::default()
+        };
+        let report = |pruned| Report {
+            chains: vec![chain(pruned)],
+            ..Report::default()
+        };
+        let listed = vec![("a".to_string(), vec![(0, file.clone())])];
+        // An edit: nothing pruned, every listed file there.
+        assert_eq!(pruned_between(&report(None), &report(None), &listed), None);
+        assert_eq!(
+            pruned_between(&report(Some(2)), &report(Some(2)), &listed),
+            None
+        );
+        // Pruned meanwhile, or further.
+        for (before, after) in [(None, Some(1)), (Some(1), Some(2))] {
+            let why = pruned_between(&report(before), &report(after), &listed);
+            assert!(why.is_some_and(|w| w.contains("chain a was pruned")));
+        }
+        // A listed file gone.
+        std::fs::remove_file(&file).unwrap();
+        let why = pruned_between(&report(None), &report(None), &listed);
+        assert!(why.is_some_and(|w| w.contains("a file of chain a was moved")));
+    }
 
     #[test]
     fn a_chain_that_changed_between_two_verifications_is_named() {

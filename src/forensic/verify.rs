@@ -1654,4 +1654,51 @@ mod relist_tests {
         let after = verify_all(&dir, &opts).unwrap();
         assert!(after.ok() && after.chains.len() == 16, "{after:?}");
     }
+
+    /// `kvh evidence` in a loop while `prune-log` moves many chains: every report is made,
+    /// and verified (what a prune moved is accounted for by its manifest, not tampering).
+    #[test]
+    fn evidence_overlapping_a_prune_is_made_and_verified() {
+        use crate::forensic::cli::VerifyLogArgs;
+        use crate::forensic::evidence::{collect, EvidenceArgs};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let opts = opts();
+        for _ in 0..15 {
+            chain(&dir, 5, true);
+        }
+        // A chain still open keeps records in the log once the others are moved whole.
+        let open = chain(&dir, 5, false);
+        let key = tmp.path().join("hmac.key");
+        std::fs::write(&key, SECRET).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let args = EvidenceArgs::of(VerifyLogArgs {
+            key_file: vec![key],
+            allow_pruned: true,
+            ..VerifyLogArgs::of(dir.clone())
+        });
+        let before = collect(&args).unwrap();
+        assert!(before.integrity.verified, "{:?}", before.integrity.problems);
+        let archive = archive(tmp.path());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let reports = std::thread::scope(|s| {
+            s.spawn(|| {
+                prune(&dir, &archive, &opts);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let mut reports = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let ev = collect(&args).expect("a report overlapping prune-log is made");
+                assert!(
+                    ev.integrity.verified,
+                    "a report overlapping prune-log is not verified: {:?}",
+                    ev.integrity.problems
+                );
+                reports += 1;
+            }
+            reports
+        });
+        assert!(reports > 0);
+        std::mem::forget(open);
+    }
 }
