@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     injected_faults: AtomicU32,
     /// Test hook: the next this-many fsyncs of the log file fail with `EIO`.
     injected_fsync_faults: AtomicU32,
+    /// Test hook: the next this-many fsyncs of the log directory fail with `EIO`.
+    injected_dir_fsync_faults: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -591,7 +591,7 @@ impl ChainWriter {
         }
         // The new file's entry must be durable as its records are: a failed directory fsync
         // is an fsync failure (counted, and no checkpoint vouches for the chain after it).
-        if let Err(e) = self.log_dir.sync() {
+        if let Err(e) = self.sync_dir_with_faults() {
             self.on_fsync_error(&e);
         }
         *lock(&self.shared.current_file) = Some(files::file_name(&self.chain, self.index));
@@ -641,6 +641,18 @@ impl ChainWriter {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.file.sync_data()
+    }
+
+    fn sync_dir_with_faults(&self) -> io::Result<()> {
+        let armed = self
+            .shared
+            .injected_dir_fsync_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if armed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.log_dir.sync()
     }
 
     #[cold]
@@ -902,6 +914,45 @@ mod tests {
         }
         let fsyncs = PLENTY - shared.injected_fsync_faults.load(Ordering::SeqCst);
         assert!(fsyncs <= 5, "{fsyncs} fsyncs for 200 records");
+    }
+
+    /// A failed fsync of the directory at a rotation (the new file's entry may not be
+    /// durable) is an fsync failure: counted, named, and no checkpoint is signed for the
+    /// chain after it; the records go on being written and the chain verifies.
+    #[test]
+    fn a_failed_directory_fsync_at_a_rotation_stops_the_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = LogConfig {
+            signing_key_file: Some(key),
+            ..test_cfg(&dir)
+        };
+        let shared = Arc::new(Shared::default());
+        let mut w = open_with(&cfg, shared.clone());
+        let len = small_written(&mut w, 1);
+        assert!(w.checkpoint().is_some(), "a checkpoint before the fault");
+        shared.injected_dir_fsync_faults.store(1, Ordering::SeqCst);
+        // The next record rotates the file.
+        w.max_bytes = w.file_len + len / 2;
+        let index = w.index;
+        small(&mut w, 2);
+        w.flush().unwrap();
+        assert_eq!(w.index, index + 1, "the record did not rotate the file");
+        assert_eq!(shared.injected_dir_fsync_faults.load(Ordering::SeqCst), 0);
+        assert!(w.fsync_failed);
+        assert_eq!(shared.write_errors.load(Ordering::Relaxed), 1);
+        let error = lock(&shared.last_error).clone().unwrap_or_default();
+        assert!(error.contains("fsync failed"), "{error}");
+        assert!(
+            w.checkpoint().is_none(),
+            "a checkpoint after the failed fsync"
+        );
+        w.max_bytes = 1 << 20;
+        small(&mut w, 3);
+        w.flush().unwrap();
+        w.finish();
+        assert_verifies(&dir);
     }
 
     /// The `stop` record carries the process's totals, `records_lost` among them, which
