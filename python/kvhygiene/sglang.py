@@ -24,6 +24,9 @@ allocator's ``free(free_index)``, with the token indices freed, and ``flush_cach
   (``free_group_begin`` .. ``free_group_end``) a page is scrubbed when it is freed, not again
   when the group gives it back.
 - ``clear``: the whole pool is scrubbed first (SGLang clears only while no request runs).
+- ``restore_state`` (speculative decoding gives back the pages a draft step took by putting
+  back the free lists ``backup_state`` saved, without ``free``): the pages it makes free are
+  scrubbed before it returns.
 - A page whose scrub fails verification is withheld: never given back to the allocator,
   listed in :attr:`ScrubOnFree.withheld`, and recorded in the forensic log by the library,
   until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises, clears
@@ -36,10 +39,10 @@ Only attribute names are used (no SGLang import): the module is tested against s
 those names, not against SGLang itself. The scrub runs on ``stream`` (default: PyTorch's
 current stream), after the work queued there: with SGLang's overlap scheduler, which runs the
 forward pass on a stream of its own, pass that stream, so that the scrub does not overtake a
-kernel still reading the slots. Not covered: slots given back without ``free`` or ``clear``
-(speculative decoding's ``restore_state`` of a draft allocator: wrap the draft pool's
-allocator too, and know that a restore bypasses it), and buffers that are not per-token rows
-(FP4 scale buffers, sparse-attention index buffers, a host-side cache).
+kernel still reading the slots. A draft model's own KV pool and allocator (speculative
+decoding) are wrapped the same way, with their own layouts. Not covered: slots given back by
+other means than ``free``, ``clear`` and ``restore_state``, and buffers that are not per-token
+rows (FP4 scale buffers, sparse-attention index buffers, a host-side cache).
 """
 
 from __future__ import annotations
@@ -140,6 +143,9 @@ def pages_of(free_index, page_size: int) -> List[int]:
 #: Pages named in one scrub call when the whole pool is scrubbed (``clear``).
 _CLEAR_CHUNK = 4096
 
+#: The allocator's lists of free page ids (a tensor or a list each).
+_FREE_LISTS = ("free_pages", "release_pages")
+
 
 class ScrubOnFree:
     """The ``free`` that :func:`scrub_on_free` puts on an allocator: scrubs the pages of the
@@ -155,6 +161,7 @@ class ScrubOnFree:
         self.original = allocator.free
         self.original_group_end = getattr(allocator, "free_group_end", None)
         self.original_clear = getattr(allocator, "clear", None)
+        self.original_restore = getattr(allocator, "restore_state", None)
         #: Pages whose scrub failed verification: never given back to the allocator (until a
         #: ``clear`` verifies them clean).
         self.withheld: Set[int] = set()
@@ -232,13 +239,53 @@ class ScrubOnFree:
         self._group_scrubbed.clear()
         return self.original_clear(*args, **kwargs)
 
+    def restore_state(self, *args, **kwargs):
+        """The allocator's ``restore_state`` (speculative decoding puts back the free lists
+        ``backup_state`` saved, freeing every page handed out since without ``free``): the
+        pages it makes free are scrubbed before the call returns. A page that fails
+        verification is withheld and taken out of the free lists, as is a withheld page the
+        saved lists hold. A scrub the library refuses raises and leaves the free lists as
+        they were before the call."""
+        before = {name: getattr(self.allocator, name) for name in _FREE_LISTS if hasattr(self.allocator, name)}
+        was_free = self._free_set()
+        result = self.original_restore(*args, **kwargs)
+        freed = sorted(self._free_set() - was_free - self.withheld)
+        try:
+            failed = self._scrub(freed)
+        except BaseException:
+            for name, held in before.items():
+                setattr(self.allocator, name, held)
+            raise
+        self.scrubbed_pages += len(freed) - len(failed)
+        if failed:
+            self.withheld |= failed
+            _log.error(
+                "kvhygiene: %d KV pages a restore_state freed failed verification after their "
+                "scrub and are withheld from the allocator: %s",
+                len(failed),
+                sorted(failed),
+            )
+        back = self.withheld & self._free_set()
+        if back:
+            self._take_out(back)
+        return result
+
+    def _free_set(self) -> Set[int]:
+        """The pages in the allocator's free lists (``free_pages``, ``release_pages``)."""
+        free: Set[int] = set()
+        for name in _FREE_LISTS:
+            held = getattr(self.allocator, name, None)
+            if held is not None:
+                free.update(int(p) for p in (held.tolist() if hasattr(held, "tolist") else held))
+        return free
+
     def _take_out(self, pages: Set[int]) -> None:
         """Takes ``pages`` out of the allocator's free lists (SGLang's ``free_pages`` and
         ``release_pages``, page ids in a tensor or a list): a page that failed verification
         while it was free must not be handed out. An allocator with neither list is refused:
         the page could not be kept out."""
         found = False
-        for name in ("free_pages", "release_pages"):
+        for name in _FREE_LISTS:
             held = getattr(self.allocator, name, None)
             if held is None:
                 continue
@@ -267,13 +314,16 @@ class ScrubOnFree:
             self.allocator.free_group_end = self.original_group_end
         if self.original_clear is not None:
             self.allocator.clear = self.original_clear
+        if self.original_restore is not None:
+            self.allocator.restore_state = self.original_restore
 
 
 def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
     """Wraps ``allocator.free`` (an SGLang token allocator, or anything with
     ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it; also its
-    ``free_group_end`` and ``clear`` when it has them (a page freed in a free group is
-    scrubbed once; ``clear`` scrubs the whole pool first). ``layouts`` are the KV pool's
+    ``free_group_end``, ``clear`` and ``restore_state`` when it has them (a page freed in a
+    free group is scrubbed once; ``clear`` scrubs the whole pool first; ``restore_state``
+    scrubs the pages it makes free). ``layouts`` are the KV pool's
     (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the
     allocator's. Refused on an allocator already wrapped.
 
@@ -287,6 +337,11 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
     layouts = list(layouts)
     if not layouts:
         raise ValueError("scrub_on_free needs the KV pool's layouts (layouts_of(pool))")
+    if callable(getattr(allocator, "restore_state", None)) and not any(hasattr(allocator, n) for n in _FREE_LISTS):
+        raise AttributeError(
+            f"{type(allocator).__name__} has restore_state but no free_pages list: the pages a restore "
+            "frees cannot be seen, so they could not be scrubbed"
+        )
     page = _page_size(allocator if page_size is None else page_size)
     for layout in layouts:
         made_for = getattr(layout, "page_size", page)
@@ -302,4 +357,6 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
         allocator.free_group_end = wrapper.free_group_end
     if wrapper.original_clear is not None:
         allocator.clear = wrapper.clear
+    if wrapper.original_restore is not None:
+        allocator.restore_state = wrapper.restore_state
     return wrapper

@@ -332,3 +332,99 @@ def test_a_free_page_that_fails_verification_in_a_refused_clear_is_not_handed_ou
         "were handed out"
     )
     pool.release()
+
+
+class SpeculativeAllocator(GroupingAllocator):
+    """SGLang's ``backup_state`` / ``restore_state``: speculative decoding saves the free lists
+    before a draft step and puts them back after it, which frees every page the step took
+    without ``free``."""
+
+    def __init__(self, page_size):
+        super().__init__(page_size)
+        self.release_pages = []
+
+    def backup_state(self):
+        return (list(self.free_pages), list(self.release_pages))
+
+    def restore_state(self, state):
+        self.free_pages, self.release_pages = state
+
+
+def test_pages_a_restore_state_frees_are_zero_when_handed_out_again():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    live = alloc.alloc(2)  # page 1: a request's, kept
+    pool.fill(live, 0x11)
+    saved = alloc.backup_state()
+    draft = alloc.alloc(4)  # pages 2 and 3: a draft step's
+    pool.fill(draft, 0xD7)
+    alloc.restore_state(saved)
+    assert {2, 3} <= set(alloc.free_pages)
+    assert all(pool.holds(s, 0) for s in draft), "a page a restore freed kept the draft's bytes"
+    assert all(pool.holds(s, 0x11) for s in live), "a live page was written"
+    assert wrapper.scrubbed_pages == 2
+    wrapper.uninstall()
+    assert alloc.restore_state == SpeculativeAllocator.restore_state.__get__(alloc)
+    pool.release()
+
+
+def test_a_page_a_restore_frees_that_fails_verification_is_not_handed_out():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    saved = alloc.backup_state()
+    draft = alloc.alloc(4)  # pages 1 and 2
+    pool.fill(draft, 0xD7)
+    lib.kvh_inject_fault(1)
+    alloc.restore_state(saved)
+    assert wrapper.withheld == {1}
+    assert 1 not in alloc.free_pages and 2 in alloc.free_pages
+    handed = alloc.alloc(SLOTS)
+    assert not {s // 2 for s in handed} & wrapper.withheld, "a withheld page was handed out"
+    pool.release()
+
+
+def test_a_withheld_page_in_the_saved_free_lists_stays_withheld_after_a_restore():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    saved = alloc.backup_state()  # every page free, page 1 among them
+    tokens = alloc.alloc(2)  # page 1
+    pool.fill(tokens, 0xD7)
+    lib.kvh_inject_fault(1)
+    alloc.free(tokens)
+    assert wrapper.withheld == {1}
+    alloc.restore_state(saved)
+    assert 1 not in alloc.free_pages, "the restore gave the withheld page back"
+    pool.release()
+
+
+def test_a_refused_scrub_at_a_restore_raises_and_leaves_the_free_lists_as_they_were():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    scrub_on_free(alloc, layouts_of(pool))
+    saved = alloc.backup_state()
+    alloc.alloc(4)  # pages 1 and 2
+    before = list(alloc.free_pages)
+    pool.release()  # the pool's memory is freed: the scrub is refused
+    with pytest.raises(kvhygiene.KvhError):
+        alloc.restore_state(saved)
+    assert alloc.free_pages == before, "pages that were not scrubbed were made free"
+
+
+def test_an_allocator_whose_restore_frees_cannot_be_seen_is_refused():
+    class Opaque(TokenAllocator):
+        def restore_state(self, state):
+            pass
+
+    alloc = Opaque(page_size=1)
+    del alloc.free_pages
+    pool = Pool(kvhygiene.load(), page_size=1)
+    with pytest.raises(AttributeError, match="has restore_state but no free_pages list"):
+        scrub_on_free(alloc, layouts_of(pool))
+    pool.release()
