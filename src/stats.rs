@@ -85,9 +85,12 @@ counters! {
     fresh_allocations,
     bytes_allocated_fresh,
     scrub_batches,
-    /// Scrubs postponed because a stream was capturing a CUDA graph (retried later).
+    /// Block scrubs postponed (a stream capturing a CUDA graph, no memory for the batch's
+    /// buffers), counted at each postponement: a batch postponed again counts again.
     scrubs_deferred,
+    /// Block scrubs queued on the device (one the backend refused to queue is not one).
     scrubs,
+    /// Bytes of the scrubs whose results came back.
     bytes_scrubbed,
     verifications_passed,
     verifications_failed,

@@ -592,7 +592,10 @@ impl Allocator {
         });
         self.with_pool(call.dev, |pool, _, _, after| {
             let c = &mut pool.stats.counters;
-            c.kv_scrub_calls += 1;
+            // The gate's scrubs are counted with its claims (`kv_gate_scrubbed_blocks`).
+            if call.trigger == KvScrubTrigger::Engine {
+                c.kv_scrub_calls += 1;
+            }
             c.kv_blocks_scrubbed += verified_blocks;
             c.kv_segments_scrubbed += verified_segments;
             c.kv_bytes_scrubbed += verified_segments.saturating_mul(layout.block_bytes);

@@ -248,9 +248,12 @@ impl Allocator {
             return Ok(Allocation { addr, fresh: false });
         }
         let result = self.allocate_fresh(size, dev, class, &ctx, stream);
+        // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
+        // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
             Ok(_) => pool.stats.counters.oom_recoveries += 1,
-            Err(_) => pool.stats.counters.out_of_memory += 1,
+            Err(AllocError::OutOfMemory { .. }) => pool.stats.counters.out_of_memory += 1,
+            Err(_) => {}
         });
         result.map(|addr| Allocation { addr, fresh: true })
     }
@@ -268,12 +271,12 @@ impl Allocator {
         let addr = backend.allocate(dev, class.capacity).map_err(|e| match e {
             BackendError::OutOfMemory { .. } => AllocError::OutOfMemory { size, device: dev },
             BackendError::ShuttingDown => AllocError::ShuttingDown,
-            other => AllocError::Backend(other),
+            other => self.backend_fault(dev, other),
         })?;
         if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
             // Never hand out memory that was not zeroed; give it back.
             let _ = backend.release(dev, addr, class.capacity);
-            return Err(AllocError::Backend(e));
+            return Err(self.backend_fault(dev, e));
         }
         let now = Instant::now();
         let block = Block {
@@ -729,6 +732,21 @@ impl Allocator {
         };
         self.settle(dev, after);
         r
+    }
+
+    /// A backend error returned to the caller of an allocation: counted in `backend_errors`
+    /// when it is a fault of the driver or device (not a graph capture or exit, which are
+    /// the caller's situation).
+    #[cold]
+    fn backend_fault(&self, dev: u32, e: BackendError) -> AllocError {
+        let fault = !matches!(
+            e,
+            BackendError::StreamCapturing { .. } | BackendError::ShuttingDown
+        );
+        if fault {
+            self.pool(dev).stats.counters.backend_errors += 1;
+        }
+        AllocError::Backend(e)
     }
 
     fn settle(&self, dev: u32, mut after: Aftermath) {

@@ -74,6 +74,17 @@ impl Deferral {
     }
 }
 
+/// What became of a batch whose results are applied: what the scrub counters may count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The device ran it and its results came back.
+    Ran,
+    /// It was queued, but its results were lost (the wait failed): not known to have run.
+    Unknown,
+    /// The backend refused to queue it: nothing ran.
+    NotQueued,
+}
+
 /// A submitted batch.
 pub(crate) struct InFlight {
     ticket: Box<dyn ScrubTicket>,
@@ -547,7 +558,7 @@ impl DevicePool {
             // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
             // releases or reuses them); no event, no failure.
             Err(BackendError::ShuttingDown) => {}
-            Err(e) => self.fail_batch(&blocks, rescrub, e, config, after),
+            Err(e) => self.fail_batch(&blocks, rescrub, Outcome::NotQueued, e, config, after),
         }
     }
 
@@ -587,12 +598,13 @@ impl DevicePool {
     }
 
     /// A batch that could not be submitted or completed fails closed: every block in it is
-    /// treated as unverified and quarantined.
+    /// treated as unverified (no sample read back) and quarantined.
     #[cold]
     fn fail_batch(
         &mut self,
         blocks: &[(u64, u64)],
         rescrub: bool,
+        outcome: Outcome,
         error: BackendError,
         config: &Config,
         after: &mut Aftermath,
@@ -604,7 +616,7 @@ impl DevicePool {
             full_verify: false,
             double_pass: false,
         };
-        self.apply_results(blocks, &results, options, rescrub, config, after);
+        self.apply_results(blocks, &results, options, rescrub, outcome, config, after);
         after.backend_error = Some(error);
     }
 
@@ -745,7 +757,16 @@ impl DevicePool {
             // nothing is reported as a verification failure.
             Err(BackendError::ShuttingDown) => return,
             Ok(r) if r.len() == done.blocks.len() => {
-                self.apply_results(&done.blocks, &r, done.options, done.rescrub, config, after)
+                let (blocks, options) = (&done.blocks, done.options);
+                self.apply_results(
+                    blocks,
+                    &r,
+                    options,
+                    done.rescrub,
+                    Outcome::Ran,
+                    config,
+                    after,
+                )
             }
             Ok(r) => {
                 let e = BackendError::Other(format!(
@@ -753,9 +774,13 @@ impl DevicePool {
                     r.len(),
                     done.blocks.len()
                 ));
-                self.fail_batch(&done.blocks, done.rescrub, e, config, after)
+                let lost = Outcome::Unknown;
+                self.fail_batch(&done.blocks, done.rescrub, lost, e, config, after)
             }
-            Err(e) => self.fail_batch(&done.blocks, done.rescrub, e, config, after),
+            Err(e) => {
+                let lost = Outcome::Unknown;
+                self.fail_batch(&done.blocks, done.rescrub, lost, e, config, after)
+            }
         }
         // Re-scrubs of blocks quarantined above go out at once: quarantine is rare and the
         // sooner a block is cleared, the sooner its memory returns.
@@ -764,12 +789,14 @@ impl DevicePool {
 
     /// Moves each block of a completed batch to its next state.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // one call site per outcome; a struct would only rename them
     fn apply_results(
         &mut self,
         blocks: &[(u64, u64)],
         results: &[SegmentResult],
         options: ScrubOptions,
         rescrub: bool,
+        outcome: Outcome,
         config: &Config,
         after: &mut Aftermath,
     ) {
@@ -794,8 +821,13 @@ impl DevicePool {
                 }
             }
             let c = &mut self.stats.counters;
-            c.scrubs += 1;
-            c.bytes_scrubbed += capacity;
+            // The scrub counters count work the device was given, and zeroed.
+            if outcome != Outcome::NotQueued {
+                c.scrubs += 1;
+            }
+            if outcome == Outcome::Ran {
+                c.bytes_scrubbed += capacity;
+            }
             if result.nonzero > 0 {
                 c.residue_detected += 1;
             }
@@ -817,7 +849,7 @@ impl DevicePool {
                     after.abort.get_or_insert_with(|| block.owner.clone());
                 }
             }
-            if !rescrub {
+            if !rescrub && outcome == Outcome::Ran {
                 let latency = now.duration_since(block.state_since).as_micros() as u64;
                 self.stats.record_scrub_latency(latency);
             }

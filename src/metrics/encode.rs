@@ -165,7 +165,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Scrubs postponed because a stream was capturing a CUDA graph (retried later)."
+        "Block scrubs postponed (a stream capturing a CUDA graph, or no memory for the batch's buffers), counted at each postponement; retried later."
     ),
     series!(
         "/counters/scrubs",
@@ -173,7 +173,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Block scrubs (zeroing and verification) submitted."
+        "Block scrubs (zeroing and verification) queued on the device."
     ),
     series!(
         "/counters/bytes_scrubbed",
@@ -181,7 +181,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Bytes zeroed by scrubs."
+        "Bytes zeroed by scrubs whose results came back."
     ),
     series!(
         "/counters/verifications_passed",
@@ -229,7 +229,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Blocks returned to the backend (idle, reuse limit, emptied cache, re-scrubbed quarantine)."
+        "Blocks given back to the backend (idle, reuse limit, emptied cache, re-scrubbed quarantine); one the driver failed to take is counted too, and in kvh_backend_errors_total."
     ),
     series!(
         "/counters/invalid_frees",
@@ -294,7 +294,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Paged KV cache blocks zeroed and verified by kvh_scrub_blocks."
+        "Paged KV cache blocks zeroed and read back, by kvh_scrub_blocks and by the eviction gate; those that failed are in kvh_kv_failed_blocks_total too."
     ),
     series!(
         "/counters/kv_segments_scrubbed",

@@ -423,14 +423,15 @@ fn answer(head: &[u8], routes: &dyn Routes) -> (Response, bool) {
     if !version.starts_with("HTTP/1.") || method.is_empty() {
         return (Response::text(400, "kvh: malformed request line\n"), false);
     }
-    // Origin form (`/metrics?x`) or absolute form (`http://host/metrics`).
+    // Origin form (`/metrics?x`) or absolute form (`http://host/metrics`). The query goes
+    // first: it may hold a URL of its own (`/metrics?target=http://host/v1`).
+    let target = target.split(['?', '#']).next().unwrap_or(target);
     let path = match target.find("://") {
-        Some(i) => target[i + 3..]
+        Some(i) if !target.starts_with('/') => target[i + 3..]
             .find('/')
             .map_or("/", |j| &target[i + 3 + j..]),
-        None => target,
+        _ => target,
     };
-    let path = path.split(['?', '#']).next().unwrap_or(path);
     let Some(&known) = routes.paths().iter().find(|p| **p == path) else {
         return (Response::text(404, "kvh: not found\n"), method == "HEAD");
     };

@@ -1,0 +1,183 @@
+//! The allocator's counters as the metrics describe them (`kvh_*_total`, src/metrics/encode.rs
+//! SERIES help texts): each counts exactly the events its help names.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::alloc::KvLayout;
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::config::{Config, KvGateMode, KvGateScope};
+use kvhygiene::context::Context;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// `kvh_scrubbed_bytes_total` counts "Bytes zeroed by scrubs whose results came back" and
+/// `kvh_scrubs_total` "Block scrubs (zeroing and verification) queued on the device". A scrub
+/// the backend refused to queue zeroed nothing and was not queued: the block is quarantined (fail closed), but
+/// neither counter may claim a scrub of it.
+#[test]
+fn a_scrub_the_backend_never_queued_zeroes_no_bytes() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    // Every submission from now on fails with a driver error.
+    f.backend.submit_budget.store(0, Ordering::SeqCst);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    let _ = f.alloc.synchronize();
+    let c = f.alloc.stats().counters;
+    assert_eq!(c.scrub_batches, 0, "no batch was queued");
+    assert!(c.backend_errors >= 1);
+    assert_eq!(
+        (c.scrubs, c.bytes_scrubbed),
+        (0, 0),
+        "scrubs and bytes zeroed counted for a scrub that never ran"
+    );
+}
+
+/// `kvh_kv_scrub_calls_total` counts "kvh_scrub_blocks calls that ran". A `kvh_claim_blocks`
+/// call whose eviction gate scrubbed blocks is a claim (`kvh_kv_claim_calls_total`, with the
+/// blocks in `kvh_kv_gate_scrubbed_blocks_total`), not a `kvh_scrub_blocks` call the engine
+/// made: an engine that never scrubs must not look as if it did.
+#[test]
+fn a_gate_scrub_is_not_counted_as_a_kvh_scrub_blocks_call() {
+    let f = Fixture::new(Config {
+        kv_gate: KvGateMode::Scrub,
+        kv_gate_scope: KvGateScope::Request,
+        ..manual_config()
+    });
+    let len = 2 * 8 * 256;
+    let a = f.malloc_zeroed(len as i64, 0, 1);
+    f.write(0, a, &secret(len as usize, 0x6b));
+    let layout = KvLayout {
+        regions: vec![a, a + 8 * 256],
+        block_bytes: 256,
+        block_stride: 256,
+        blocks_per_region: 8,
+    };
+    for request in ["a", "b"] {
+        let ctx = Context::new(Some("t1"), Some(request), None).unwrap();
+        let previous = Context::set_current(ctx);
+        let r = f
+            .alloc
+            .claim_kv_blocks(&layout, &[1, 2], 0, StreamHandle(2))
+            .unwrap();
+        Context::set_current(previous);
+        assert_eq!(r.gate_scrubbed.len(), 2, "request {request}");
+    }
+    let c = f.alloc.stats().counters;
+    assert_eq!((c.kv_claim_calls, c.kv_gate_scrubbed_blocks), (2, 4));
+    assert_eq!(
+        c.kv_scrub_calls, 0,
+        "the engine made no kvh_scrub_blocks call, yet {} are counted",
+        c.kv_scrub_calls
+    );
+}
+
+/// A host backend whose next allocations fail as scripted: first out of memory, then with a
+/// driver error (a fault that has nothing to do with memory running out).
+struct ScriptedBackend {
+    host: std::sync::Arc<kvhygiene::backend::host::HostBackend>,
+    failures: std::sync::Mutex<Vec<kvhygiene::backend::BackendError>>,
+}
+
+impl kvhygiene::backend::Backend for ScriptedBackend {
+    fn kind(&self) -> kvhygiene::backend::BackendKind {
+        kvhygiene::backend::BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
+        let next = {
+            let mut f = self.failures.lock().unwrap();
+            (!f.is_empty()).then(|| f.remove(0))
+        };
+        match next {
+            Some(e) => Err(e),
+            None => self.host.allocate(d, len),
+        }
+    }
+    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.release(d, a, l)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: u64,
+        l: u64,
+        s: StreamHandle,
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.zero_fresh(d, a, l, s)
+    }
+    unsafe fn submit_scrub(
+        &self,
+        b: kvhygiene::backend::ScrubBatch,
+    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
+        // SAFETY: this method's own contract, passed on unchanged.
+        unsafe { self.host.submit_scrub(b) }
+    }
+    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.read(d, a, dst)
+    }
+}
+
+/// `kvh_out_of_memory_total` counts "Allocations that failed for lack of memory after every
+/// recovery step" (the KvhOutOfMemory alert's runbook is about capacity). An allocation whose
+/// retry after an out-of-memory failed with a driver error failed because of the driver, and
+/// the caller is told so; counting it as out of memory sends the operator after capacity.
+#[test]
+fn a_driver_error_on_the_retry_is_not_counted_as_out_of_memory() {
+    use kvhygiene::alloc::{AllocError, Allocator};
+    use kvhygiene::backend::BackendError;
+    let backend = std::sync::Arc::new(ScriptedBackend {
+        host: kvhygiene::backend::host::HostBackend::new(),
+        failures: std::sync::Mutex::new(vec![
+            BackendError::OutOfMemory {
+                device: 0,
+                requested: 4096,
+            },
+            BackendError::Driver {
+                call: "cuMemAlloc_v2",
+                code: 999,
+                name: "CUDA_ERROR_UNKNOWN".into(),
+            },
+        ]),
+    });
+    let alloc = Allocator::new(backend, manual_config(), None);
+    let err = alloc.malloc(4096, 0, S).unwrap_err();
+    assert!(matches!(err, AllocError::Backend(_)), "{err:?}");
+    let c = alloc.stats().counters;
+    assert_eq!(
+        c.out_of_memory, 0,
+        "a driver error was counted in kvh_out_of_memory_total ({err})"
+    );
+}
+
+/// `kvh_backend_errors_total` counts "Errors reported by the memory backend (driver)". A
+/// driver error from the allocation call itself is one: the allocation fails with it, and
+/// the metric must show it.
+#[test]
+fn a_driver_error_from_an_allocation_is_counted_as_a_backend_error() {
+    use kvhygiene::alloc::{AllocError, Allocator};
+    use kvhygiene::backend::BackendError;
+    let backend = std::sync::Arc::new(ScriptedBackend {
+        host: kvhygiene::backend::host::HostBackend::new(),
+        failures: std::sync::Mutex::new(vec![BackendError::Driver {
+            call: "cuMemAlloc_v2",
+            code: 999,
+            name: "CUDA_ERROR_UNKNOWN".into(),
+        }]),
+    });
+    let alloc = Allocator::new(backend, manual_config(), None);
+    let err = alloc.malloc(4096, 0, S).unwrap_err();
+    assert!(matches!(err, AllocError::Backend(_)), "{err:?}");
+    let c = alloc.stats().counters;
+    assert_eq!(
+        c.backend_errors, 1,
+        "the driver's error ({err}) is missing from kvh_backend_errors_total"
+    );
+}
