@@ -2,8 +2,7 @@
 //! notice that says so on stderr.
 
 use std::ffi::OsStr;
-use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use kvhygiene::config::{PreloadSwitch, PRELOAD_ENV};
 
@@ -22,17 +21,39 @@ pub(crate) enum Mode {
 pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The mode, read from the environment on first use; the first use also prints the notice.
+///
+/// No lock is held while the notice is written: a process may fork while one thread writes
+/// it (to a slow or full stderr pipe), and a lock that thread held would stay held in the
+/// child, where no thread can release it. So the mode is an atomic that threads racing to
+/// read the environment all set to the same value, and the notice is one `write(2)` made
+/// after the mode is published, by the one thread that won the flag.
 pub(crate) fn mode() -> Mode {
-    static MODE: OnceLock<Mode> = OnceLock::new();
-    *MODE.get_or_init(|| {
-        let value = std::env::var_os(PRELOAD_ENV);
-        let mode = parse(value.as_deref());
+    static MODE: AtomicU8 = AtomicU8::new(UNREAD);
+    static NOTICED: AtomicBool = AtomicBool::new(false);
+    if let Some(mode) = Mode::from_u8(MODE.load(Ordering::Acquire)) {
+        return mode;
+    }
+    let value = std::env::var_os(PRELOAD_ENV);
+    let mode = parse(value.as_deref());
+    MODE.store(mode as u8, Ordering::Release);
+    if !NOTICED.swap(true, Ordering::AcqRel) {
         notice(
             mode,
             value.as_deref().map(|v| v.to_string_lossy().into_owned()),
         );
-        mode
-    })
+    }
+    mode
+}
+
+/// [`mode`]'s value before the environment was read.
+const UNREAD: u8 = u8::MAX;
+
+impl Mode {
+    fn from_u8(v: u8) -> Option<Mode> {
+        [Mode::Serve, Mode::Forward, Mode::Refuse]
+            .into_iter()
+            .find(|m| *m as u8 == v)
+    }
 }
 
 /// The core's rule ([`PreloadSwitch::parse`]), so that `kvh config` judges the variable as
@@ -62,8 +83,21 @@ fn notice(mode: Mode, raw: Option<String>) {
             raw.unwrap_or_default()
         ),
     };
-    // Not `eprintln!`: a closed stderr must not become a panic (as in the core's notice).
-    let _ = writeln!(std::io::stderr(), "{line}");
+    // Not `eprintln!` nor `std::io::stderr()`: a closed stderr must not become a panic (as in
+    // the core's notice), and the standard library's stderr lock would be held for as long
+    // as the write blocks (see `mode`).
+    let line = format!("{line}\n");
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a live byte slice, and `write` reads at most `rest.len()` bytes
+        // of it; fd 2 is only written to (a closed one fails with EBADF, ignored).
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        match n {
+            n if n > 0 => rest = &rest[n as usize..],
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -84,5 +118,13 @@ mod tests {
         assert_eq!(parse_str("0"), Mode::Refuse);
         // Set but not UTF-8.
         assert_eq!(parse(Some(OsStr::from_bytes(b"o\xffn"))), Mode::Refuse);
+    }
+
+    #[test]
+    fn a_mode_stored_as_a_byte_reads_back_and_the_unread_marker_is_none() {
+        for mode in [Mode::Serve, Mode::Forward, Mode::Refuse] {
+            assert_eq!(Mode::from_u8(mode as u8), Some(mode));
+        }
+        assert_eq!(Mode::from_u8(super::UNREAD), None);
     }
 }

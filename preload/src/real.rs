@@ -10,7 +10,8 @@
 //! order (`dl_iterate_phdr`) for the first, other than this library, through which
 //! `cudaMalloc` is found; that object is kept for every later look-up. A symbol found
 //! is cached for the life of the process (the runtime is kept loaded: the `RTLD_NOLOAD`
-//! handles are never closed); a symbol not found is looked up again at the next call, and the
+//! handles are never closed, and the object a `RTLD_NEXT` symbol was found in is opened so
+//! once too, since `RTLD_NEXT` takes no reference); a symbol not found is looked up again at the next call, and the
 //! call returns `cudaErrorSharedObjectSymbolNotFound`, with a line on stderr once per symbol.
 //!
 //! Several runtimes in one process: each symbol is taken from the first of these that
@@ -84,7 +85,7 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
     // SAFETY: `RTLD_NEXT` is a pseudo-handle valid in any shared object, and `name` is a
     // NUL-terminated string that outlives the call. dlsym has no other preconditions.
     let next = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
-    if !next.is_null() {
+    if !next.is_null() && keep_loaded(next) {
         return Some(next);
     }
     let by_soname = RUNTIME_SONAMES.iter().find_map(|soname| {
@@ -100,6 +101,28 @@ fn lookup(name: &CStr) -> Option<*mut c_void> {
         let addr = unsafe { libc::dlsym(handle, name.as_ptr()) };
         (!addr.is_null()).then_some(addr)
     })
+}
+
+/// Takes a reference, never dropped, on the loaded object that holds `addr` (found through
+/// `RTLD_NEXT`, which takes none), so that the address stays valid for the life of the
+/// process: a host that loaded the runtime with `dlopen(RTLD_GLOBAL)` may close it later,
+/// and the cached address must not then point into unmapped memory. `false` when the object
+/// cannot be named or is no longer loaded (it was closed meanwhile): the address is not used.
+fn keep_loaded(addr: *mut c_void) -> bool {
+    // SAFETY: `Dl_info` is plain data (pointers and integers): all zeroes is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is writable for the call; dladdr only reads the loader's tables.
+    if unsafe { libc::dladdr(addr, &mut info) } == 0 || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null `dli_fname` is a NUL-terminated string owned by the loader, valid
+    // while the object is loaded; it is copied at once.
+    let path = unsafe { CStr::from_ptr(info.dli_fname) }.to_owned();
+    if path.is_empty() {
+        // The main program: never unloaded.
+        return true;
+    }
+    loaded(&path).is_some()
 }
 
 /// A handle to the already-loaded object `name`, or `None` when it is not loaded.

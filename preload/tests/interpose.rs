@@ -709,3 +709,87 @@ fn a_runtime_under_a_vendored_name_is_found_among_the_loaded_objects() {
     ]);
     assert!(!r.stderr.contains("is not loaded"), "{}", r.stderr);
 }
+
+#[test]
+fn a_child_forked_while_the_first_allocation_prints_its_notice_can_still_allocate() {
+    // The first allocation call of a process prints the start-up notice; another thread forks
+    // meanwhile, before kvhygiene has started. Such a child is forked before start-up and must
+    // be able to allocate (served, or forwarded), not wait for the parent's notice, which is
+    // being written by a thread the child does not have.
+    let Some(b) = built() else { return };
+    let r = run(b, "fork-during-notice", true, &[]);
+    r.expect(&[
+        ("rc_first", 0),
+        ("starter_blocked_in_notice", 1),
+        ("child_hung", 0),
+        ("child_exited_cleanly", 1),
+    ]);
+}
+
+/// The unloadable runtime (`minimal_cudart.cpp`, soname `libcudart.so.12`) and
+/// `unload_host.cpp`; `None` without a C++ compiler.
+fn built_unload() -> Option<&'static (PathBuf, PathBuf)> {
+    static BUILT: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload-unload");
+            std::fs::create_dir_all(&dir).expect("create the build directory");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart");
+            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+            let os = |s: &str| std::ffi::OsString::from(s);
+            let runtime = dir.join("libcudart.so.12");
+            let args = vec![
+                os("-shared"),
+                os("-fPIC"),
+                os("-std=c++17"),
+                os("-O1"),
+                os("-Wall"),
+                os("-Wl,-soname,libcudart.so.12"),
+                os("-o"),
+                runtime.as_os_str().to_owned(),
+                src.join("minimal_cudart.cpp").into_os_string(),
+            ];
+            compile(&cxx, &args)?;
+            let host = dir.join("unload_host");
+            let args = vec![
+                os("-std=c++17"),
+                os("-O1"),
+                os("-Wall"),
+                os("-o"),
+                host.as_os_str().to_owned(),
+                src.join("unload_host.cpp").into_os_string(),
+                os("-ldl"),
+            ];
+            compile(&cxx, &args)?;
+            Some((runtime, host))
+        })
+        .as_ref()
+}
+
+#[test]
+fn a_runtime_found_in_the_global_scope_stays_usable_after_its_loader_closes_it() {
+    // A host dlopens the runtime with RTLD_GLOBAL, calls cudaFree(NULL), dlcloses it, and
+    // calls cudaFree(NULL) again. Without the interposer the loader keeps the runtime loaded
+    // (the host's look-up made it a dependency) and the second call succeeds. With it, the
+    // function the interposer found must stay usable too: the runtime is kept loaded for the
+    // life of the process, as real.rs says of every runtime it finds.
+    let Some((runtime, host)) = built_unload() else {
+        return;
+    };
+    let mut cmd = Command::new(host);
+    cmd.arg(runtime);
+    let without = run_command(cmd, false, &[]);
+    without.expect(&[
+        ("kvh_loaded", 0),
+        ("rc_free_null", 0),
+        ("rc_free_null_after_dlclose", 0),
+    ]);
+    let mut cmd = Command::new(host);
+    cmd.arg(runtime);
+    let r = run_command(cmd, true, &[]);
+    r.expect(&[
+        ("kvh_loaded", 1),
+        ("rc_free_null", 0),
+        ("rc_free_null_after_dlclose", 0),
+    ]);
+}

@@ -5,12 +5,16 @@
 // every step guards its own pointers, so one failure cannot hide the next.
 //
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
-//        fork-before-start
+//        fork-before-start | fork-during-notice
 
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -501,6 +505,98 @@ static int scenario_fork_before_start() {
     return 0;
 }
 
+// A process forks while another of its threads is making the first allocation call, before
+// kvhygiene has started: that thread is still writing the interposers' start-up notice
+// (stderr is a full pipe here, so the write takes as long as the test needs). The child is
+// forked before start-up and, like any such child, must be able to allocate: it is served or
+// forwarded, never left waiting for a thread that does not exist in it. A child that does
+// not finish within 5 s is killed and reported as hung.
+static int scenario_fork_during_notice() {
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) return 2;
+    int saved_stderr = dup(2);
+    dup2(pipe_fds[1], 2);
+    int flags = fcntl(2, F_GETFL);
+    fcntl(2, F_SETFL, flags | O_NONBLOCK);
+    char fill[4096];
+    std::memset(fill, '.', sizeof fill);
+    while (write(2, fill, sizeof fill) > 0) {}
+    while (write(2, fill, 1) > 0) {}
+    fcntl(2, F_SETFL, flags);
+
+    // The first allocation call of the process: its start-up notice blocks on the full pipe.
+    void* first = nullptr;
+    int rc_first = -1;
+    std::atomic<long> starter_tid{0};
+    std::thread starter([&] {
+        starter_tid = syscall(SYS_gettid);
+        rc_first = cudaMalloc(&first, 4096);
+    });
+    // Wait (up to 10 s) until the starter is blocked in write(2), i.e. inside the notice.
+    bool blocked = false;
+    for (int i = 0; i < 1000 && !blocked; i++) {
+        long tid = starter_tid.load();
+        if (tid != 0) {
+            char path[64];
+            std::snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
+            if (FILE* f = std::fopen(path, "r")) {
+                long nr = -1;
+                if (std::fscanf(f, "%ld", &nr) == 1 && nr == SYS_write) blocked = true;
+                std::fclose(f);
+            }
+        }
+        if (!blocked) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    out("starter_blocked_in_notice", blocked);
+
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        int null_fd = open("/dev/null", O_WRONLY);
+        dup2(null_fd, 2);
+        void* p = nullptr;
+        int rc = cudaMalloc(&p, 4096);
+        out("child_rc_malloc", rc);
+        if (rc == 0) cudaFree(p);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    bool hung = true;
+    for (int i = 0; i < 100; i++) {
+        if (waitpid(child, &status, WNOHANG) == child) {
+            hung = false;
+            break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (hung) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+    }
+    // Unblock the parent's notice: drain the pipe until the starter is done.
+    fcntl(pipe_fds[0], F_SETFL, O_NONBLOCK);
+    std::atomic<bool> started{false};
+    std::thread drain([&] {
+        char buf[4096];
+        while (!started.load()) {
+            while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
+    });
+    starter.join();
+    started = true;
+    drain.join();
+    dup2(saved_stderr, 2);
+    out("child_hung", hung);
+    out("child_exited_cleanly", !hung && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("rc_first", rc_first);
+    if (first) cudaFree(first);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -511,6 +607,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "streams") == 0) return scenario_streams();
     if (std::strcmp(which, "fork") == 0) return scenario_fork();
     if (std::strcmp(which, "fork-before-start") == 0) return scenario_fork_before_start();
+    if (std::strcmp(which, "fork-during-notice") == 0) return scenario_fork_during_notice();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
