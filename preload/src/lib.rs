@@ -135,7 +135,9 @@ pub extern "C" fn cudaMallocPitch(
             }
             let row = width.checked_next_multiple_of(PITCH_ALIGN);
             let Some((row, bytes)) = row.and_then(|r| Some((r, r.checked_mul(height)?))) else {
-                return MEMORY_ALLOCATION;
+                // As every other failed allocation: the output pointer is NULL.
+                // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+                return unsafe { store(dev_ptr, Err(MEMORY_ALLOCATION)) };
             };
             let result = allocate_ready(bytes);
             // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).

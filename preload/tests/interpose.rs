@@ -373,6 +373,8 @@ fn the_interposer_serves_allocations_scrubbed_and_forwards_the_rest() {
         ("pitch_zero", 1),
         ("rc_free_pitch", 0),
         ("pitch_block_scrubbed", 1),
+        ("rc_malloc_pitch_overflow", 2),
+        ("pitch_overflow_is_null", 1),
         // The per-thread variants: served; a foreign pointer needs the runtime's own
         // cudaFreeAsync_ptsz, which this runtime lacks: an error code, not a crash, and the
         // memory is still there to free.
@@ -444,7 +446,8 @@ fn kvh_preload_off_forwards_everything() {
         ("reuse_zero", 0),
         ("secret_seen", 1),
         ("real_cudaMallocAsync", 2),
-        ("real_cudaMallocPitch", 1),
+        // The pitched allocation and the overflowing one.
+        ("real_cudaMallocPitch", 2),
         ("real_cudaStreamSynchronize", 0),
     ]);
     assert!(r.get("real_cudaMalloc") > 1);

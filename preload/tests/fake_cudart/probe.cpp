@@ -183,6 +183,11 @@ static int scenario_main() {
     out("rc_free_pitch", cudaFree(pp));
     kvh_sync();
     out("pitch_block_scrubbed", all_zero(pp, pitch * 3));
+    // Rows whose total overflows: an error, and the output pointer NULL as for any failure.
+    void* po = reinterpret_cast<void*>(0x1);
+    size_t pitch_o = 0;
+    out("rc_malloc_pitch_overflow", cudaMallocPitch(&po, &pitch_o, SIZE_MAX / 2, 4));
+    out("pitch_overflow_is_null", po == nullptr);
 
     // The per-thread-default-stream variants (exported only by the interposer library).
     typedef int (*malloc_async_fn)(void**, size_t, cudaStream_t);
