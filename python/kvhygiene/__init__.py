@@ -82,6 +82,12 @@ class KvhError(RuntimeError):
         super().__init__(f"{call} failed: {message} (kvhygiene error {code})")
         self.call = call
         self.code = code
+        self.message = message
+
+    def __reduce__(self):
+        # Pickled with the constructor's arguments (an engine's worker processes send their
+        # exceptions to the driver pickled), not with the formatted text alone.
+        return (type(self), (self.call, self.code, self.message))
 
 
 class ScrubVerificationError(KvhError):
@@ -96,6 +102,10 @@ class ScrubVerificationError(KvhError):
             f"(first: {failed_blocks[0] if failed_blocks else None}); they must not be reused",
         )
         self.failed_blocks = failed_blocks
+        self.scrubbed = scrubbed
+
+    def __reduce__(self):
+        return (type(self), (self.failed_blocks, self.scrubbed))
 
 
 class ClaimRefusedError(KvhError):
@@ -109,6 +119,9 @@ class ClaimRefusedError(KvhError):
     def __init__(self, code: int, message: str, refused_blocks: list):
         super().__init__("kvh_claim_blocks", code, message)
         self.refused_blocks = refused_blocks
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.refused_blocks))
 
 
 class AllocatorAlreadyInUseError(RuntimeError):
@@ -341,6 +354,35 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     return raw
 
 
+class _ThreadContexts:
+    """One thread's entered contexts, innermost last, and whether the library's ids for the
+    thread are stale: a context the thread entered was left from another thread, which cannot
+    set this thread's ids (the library keeps them per thread)."""
+
+    __slots__ = ("entries", "stale")
+
+    def __init__(self):
+        self.entries: list = []
+        self.stale = False
+
+
+def _thread_contexts() -> _ThreadContexts:
+    state = getattr(_local, "contexts", None)
+    if state is None:
+        state = _local.contexts = _ThreadContexts()
+    return state
+
+
+def _resync_context() -> None:
+    """Gives the library the calling thread's innermost context again when a context it
+    entered was left from another thread meanwhile: before a call whose effect depends on
+    whose request the thread serves (a claim, a scrub)."""
+    state = getattr(_local, "contexts", None)
+    if state is not None and state.stale:
+        state.stale = False
+        _set(state.entries[-1][0] if state.entries else None)
+
+
 def _set(ids) -> None:
     lib = load()
     if ids is None:
@@ -360,24 +402,33 @@ def context(
 
     Contexts nest: leaving an inner block restores the outer ids. The library refuses ids over
     128 bytes or with control characters (:class:`KvhError`).
+
+    A context left from another thread than the one that entered it (a generator advanced
+    from a thread pool) leaves the leaving thread's ids alone; the entering thread's ids are
+    set back to its innermost context at its next :func:`context`, :func:`claim_blocks` or
+    :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
     """
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    own = _thread_contexts()
     ids = (tenant_id, request_id, model_id)
     _set(ids)
+    own.stale = False
     # Each entry is its own object: leaving a context removes its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).
     entry = [ids]
-    stack.append(entry)
+    own.entries.append(entry)
     try:
         yield
     finally:
+        stack = own.entries
         for i in range(len(stack) - 1, -1, -1):
             if stack[i] is entry:
                 del stack[i]
                 break
-        _set(stack[-1][0] if stack else None)
+        if _thread_contexts() is own:
+            _set(stack[-1][0] if stack else None)
+        else:
+            # Left from another thread: only the entering thread can set its own ids.
+            own.stale = True
 
 
 _U64 = (1 << 64) - 1
@@ -504,11 +555,15 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
     may be taken as clean). Ids must be distinct and below ``layout.blocks_per_region``.
     """
-    code, named, ids = _kv_call("kvh_scrub_blocks", layout, block_ids, stream)
-    if code == KVH_ERR_VERIFY_FAILED:
-        raise ScrubVerificationError(named, len(ids))
-    if code != KVH_OK:
-        raise KvhError("kvh_scrub_blocks", code, _last_message() or _message(code))
+    failed, scrubbed = [], 0
+    for code, named, ids, message in _kv_calls("kvh_scrub_blocks", layout, block_ids, stream):
+        scrubbed += len(ids)
+        if code == KVH_ERR_VERIFY_FAILED:
+            failed.extend(named)
+        elif code != KVH_OK:
+            raise KvhError("kvh_scrub_blocks", code, message)
+    if failed:
+        raise ScrubVerificationError(failed, scrubbed)
 
 
 def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
@@ -524,12 +579,24 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
 
     Raises :class:`ClaimRefusedError` naming the blocks not handed over (they must not be used),
     and :class:`KvhError` when the call was refused or did not finish.
+
+    More blocks than one library call takes (2**20 segments: blocks × regions) are claimed in
+    several calls, in order; under ``KVH_KV_GATE=enforce`` a refused one ends the claim, and
+    the blocks of the calls before it were handed over.
     """
-    code, named, _ = _kv_call("kvh_claim_blocks", layout, block_ids, stream)
-    if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE, KVH_ERR_KV_TAKEN):
-        raise ClaimRefusedError(code, _last_message() or _message(code), named)
-    if code != KVH_OK:
-        raise KvhError("kvh_claim_blocks", code, _last_message() or _message(code))
+    refused, refusal = [], None
+    for code, named, _, message in _kv_calls("kvh_claim_blocks", layout, block_ids, stream):
+        if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE, KVH_ERR_KV_TAKEN):
+            refused.extend(named)
+            # As one call reports it: a failed verification before blocks taken.
+            if refusal is None or code == KVH_ERR_VERIFY_FAILED:
+                refusal = (code, message)
+            if code == KVH_ERR_KV_GATE:
+                break
+        elif code != KVH_OK:
+            raise KvhError("kvh_claim_blocks", code, message)
+    if refusal is not None:
+        raise ClaimRefusedError(refusal[0], refusal[1], refused)
 
 
 def _block_id(value) -> int:
@@ -543,9 +610,17 @@ def _block_id(value) -> int:
         raise TypeError(f"block id {value!r} is not an integer") from None
 
 
-def _kv_call(name: str, layout: KvLayout, block_ids, stream):
-    """Calls kvh_scrub_blocks or kvh_claim_blocks; returns the code, the block ids the call
-    named back (failed or refused) and the ids passed."""
+#: Most segments (blocks × regions) one kvh_scrub_blocks or kvh_claim_blocks call takes
+#: (include/kvhygiene.h).
+_MAX_KV_SEGMENTS = 1 << 20
+
+
+def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
+    """Calls kvh_scrub_blocks or kvh_claim_blocks over ``block_ids``, in as many library calls
+    as the per-call segment limit needs, in order; yields, for each, the code, the block ids
+    it named back (failed or refused), the ids passed and the error message ("" on success).
+    Ids are checked (distinct, below ``blocks_per_region``) before any call when there are
+    several, since then no one call sees them all."""
     lib = load()
     if hasattr(block_ids, "tolist"):  # a tensor or array: one transfer, not one per element
         block_ids = block_ids.tolist()
@@ -554,6 +629,9 @@ def _kv_call(name: str, layout: KvLayout, block_ids, stream):
     ids = [_block_id(i) for i in block_ids]
     if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
         raise ValueError("block ids must be in 0..2**32-1")
+    per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
+    if len(ids) > per_call:
+        _check_ids_for_several_calls(ids, layout.blocks_per_region)
     if stream is None:
         stream = _current_stream(layout.device)
     stream_device = getattr(getattr(stream, "device", None), "index", None)
@@ -564,13 +642,36 @@ def _kv_call(name: str, layout: KvLayout, block_ids, stream):
     c_layout = _CLayout(
         bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region
     )
-    c_ids = (ctypes.c_uint32 * len(ids))(*ids)
-    named = (ctypes.c_uint32 * max(1, len(ids)))()
-    count = ctypes.c_size_t(0)
-    code = getattr(lib, name)(
-        ctypes.byref(c_layout), c_ids, len(ids), layout.device, stream or None, named, len(ids), ctypes.byref(count)
-    )
-    return code, list(named)[: count.value], ids
+    _resync_context()
+    # An empty list is still one call: the library checks the layout's geometry.
+    for start in range(0, max(1, len(ids)), per_call):
+        chunk = ids[start : start + per_call]
+        c_ids = (ctypes.c_uint32 * len(chunk))(*chunk)
+        named = (ctypes.c_uint32 * max(1, len(chunk)))()
+        count = ctypes.c_size_t(0)
+        code = getattr(lib, name)(
+            ctypes.byref(c_layout),
+            c_ids,
+            len(chunk),
+            layout.device,
+            stream or None,
+            named,
+            len(chunk),
+            ctypes.byref(count),
+        )
+        message = "" if code == KVH_OK else (_last_message() or _message(code))
+        yield code, list(named)[: count.value], chunk, message
+
+
+def _check_ids_for_several_calls(ids: list, blocks_per_region: int) -> None:
+    """The library's id checks, for ids split over several calls."""
+    seen = set()
+    for i in ids:
+        if i >= blocks_per_region:
+            raise ValueError(f"block id {i} is not below blocks_per_region ({blocks_per_region})")
+        if i in seen:
+            raise ValueError(f"block id {i} is named twice")
+        seen.add(i)
 
 
 def _last_message() -> str:
@@ -643,7 +744,8 @@ def _register_hooks(raw_allocator, lib: ctypes.CDLL, torch) -> None:
 def install(path: Optional[str] = None):
     """Makes kvhygiene PyTorch's CUDA allocator. Call before the first CUDA allocation.
 
-    Returns the ``CUDAPluggableAllocator``. Calling it again is a no-op. Raises
+    Returns the ``CUDAPluggableAllocator``. Calling it again is a no-op (a ``path`` given
+    again must name the library installed). Raises
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
     library cannot be found (``ValueError`` when ``path`` names another file than the one
@@ -656,6 +758,8 @@ def install(path: Optional[str] = None):
     # One lock for the whole installation: two threads must not both swap allocators.
     with _lock:
         if _allocator is not None:
+            if path is not None:
+                load(path)  # the same file, or the error load() gives
             return _allocator
         why = _cuda_state(torch)
         if why is not None:

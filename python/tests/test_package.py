@@ -460,7 +460,7 @@ def test_a_context_left_out_of_order_keeps_the_one_still_open():
             assert ctypes.string_at(p + 128, 128) == b"\x42" * 128, "the thread's ids became r-a's inside r-b"
             b.__exit__(None, None, None)
         finally:
-            kvhygiene._local.stack = []
+            kvhygiene._local.contexts = kvhygiene._ThreadContexts()
             kvhygiene.load().kvh_clear_context()
 
 
@@ -528,3 +528,137 @@ def test_a_worker_forked_after_install_starts_its_own_allocator(tmp_path):
         f"kvh_init in a worker forked after install() returned {after_install.stdout} "
         "(7023 is KVH_ERR_FORKED_CHILD)"
     )
+
+
+@needs_lib
+def test_a_context_left_from_another_thread_does_not_change_that_threads_ids():
+    # A context entered in one thread can be left in another (a sync generator that a server
+    # advances from a thread pool, one next() per worker thread). Leaving it there must not
+    # give the leaving thread the entering thread's outer ids: the leaving thread stays inside
+    # its own context, and a block the outer request owns is scrubbed before it claims it.
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        outer = kvhygiene.context(tenant_id="t", request_id="r-x")
+        inner = kvhygiene.context(tenant_id="t", request_id="r-a")
+        seen = {}
+
+        def enter_in_a():
+            outer.__enter__()
+            kvhygiene.claim_blocks(layout, [5])  # r-x's block
+            ctypes.memset(p + 5 * 128, 0x42, 128)  # r-x's keys
+            inner.__enter__()
+
+        def leave_in_b():
+            try:
+                with kvhygiene.context(tenant_id="t", request_id="r-b"):
+                    inner.__exit__(None, None, None)
+                    kvhygiene.claim_blocks(layout, [5])  # r-b takes r-x's block
+                    seen["block"] = ctypes.string_at(p + 5 * 128, 128)
+            except Exception as e:  # pragma: no cover - reported below
+                seen["error"] = e
+
+        for target in (enter_in_a, leave_in_b):
+            t = threading.Thread(target=target)
+            t.start()
+            t.join()
+        assert "error" not in seen, seen
+        assert seen["block"] == bytes(128), "r-b was handed r-x's bytes: its thread took r-x's ids"
+
+
+def test_errors_keep_their_type_and_fields_across_a_process_boundary():
+    # Engines run kvhygiene in worker processes (vLLM on Ray, multiprocessing pools) whose
+    # exceptions reach the driver pickled: a refused claim must arrive as a ClaimRefusedError
+    # naming its blocks, not fail to unpickle.
+    import pickle
+
+    errors = [
+        kvhygiene.KvhError("kvh_synchronize", 7012, "backend error"),
+        kvhygiene.ScrubVerificationError([4, 6], 8),
+        kvhygiene.ClaimRefusedError(7021, "would change owner", [1, 2]),
+    ]
+    for e in errors:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.code == e.code
+    assert pickle.loads(pickle.dumps(errors[1])).failed_blocks == [4, 6]
+    assert pickle.loads(pickle.dumps(errors[2])).refused_blocks == [1, 2]
+
+
+@needs_lib
+def test_install_again_with_a_path_that_names_no_library_is_refused(fresh, tmp_path):
+    # install()'s docstring and docs/cuda.md: a path that names another file than the library
+    # already loaded is an error (FileNotFoundError when it names none), also once installed.
+    torch, _ = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    with pytest.raises((FileNotFoundError, ValueError)):
+        kvhygiene.install(str(tmp_path / "absent" / "libkvhygiene.so"))
+
+
+@needs_lib
+def test_scrub_blocks_takes_a_long_requests_blocks_in_one_call():
+    # An 80-layer model with K and V regions (160 regions) finishing a request of 6,554 blocks
+    # (104,864 tokens of 16): scrub_blocks is called once for the freed set, as documented, and
+    # every block is zeroed, however many segments (blocks x regions) that makes.
+    lib = kvhygiene.load()
+    regions, blocks, block_bytes = 160, 6554, 16
+    size = regions * blocks * block_bytes
+    p = lib.kvh_malloc(size, 0, None)
+    ctypes.memset(p, 0x5A, size)
+    try:
+        layout = kvhygiene.KvLayout([p + r * blocks * block_bytes for r in range(regions)], block_bytes, blocks)
+        kvhygiene.scrub_blocks(layout, range(blocks))
+        assert ctypes.string_at(p, size) == bytes(size)
+    finally:
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()
+
+
+@needs_lib
+def test_a_thread_whose_context_was_left_elsewhere_claims_under_its_own_ids_again():
+    # Thread A enters r-x's context and takes a block; the context is left from thread B.
+    # A's next claim is made under A's own contexts (none now), not under the r-x ids the
+    # library still held for A: the block changes owner, so it is scrubbed first.
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        ctx = kvhygiene.context(tenant_id="t", request_id="r-x")
+        entered, left, seen = threading.Event(), threading.Event(), {}
+
+        def in_a():
+            ctx.__enter__()
+            kvhygiene.claim_blocks(layout, [5])
+            ctypes.memset(p + 5 * 128, 0x42, 128)
+            entered.set()
+            left.wait()
+            kvhygiene.claim_blocks(layout, [5])
+            seen["block"] = ctypes.string_at(p + 5 * 128, 128)
+
+        a = threading.Thread(target=in_a)
+        a.start()
+        entered.wait()
+        b = threading.Thread(target=lambda: ctx.__exit__(None, None, None))
+        b.start()
+        b.join()
+        left.set()
+        a.join()
+        assert seen["block"] == bytes(128), "the claim was made under the left context's ids"
+
+
+@needs_lib
+def test_a_claim_too_long_for_one_call_is_made_in_several_and_its_ids_are_checked_first():
+    lib = kvhygiene.load()
+    regions, blocks, block_bytes = 160, 6554, 16
+    size = regions * blocks * block_bytes
+    p = lib.kvh_malloc(size, 0, None)
+    ctypes.memset(p, 0x5A, size)
+    try:
+        layout = kvhygiene.KvLayout([p + r * blocks * block_bytes for r in range(regions)], block_bytes, blocks)
+        # A block named twice, in two different calls' share: refused before any call.
+        with pytest.raises(ValueError, match="block id 3 is named twice"):
+            kvhygiene.claim_blocks(layout, list(range(blocks)) + [3])
+        assert ctypes.string_at(p, block_bytes) == b"\x5a" * block_bytes, "a call was made"
+        with kvhygiene.context(tenant_id="t", request_id="long"):
+            kvhygiene.claim_blocks(layout, range(blocks))
+        assert ctypes.string_at(p, size) == bytes(size), "a block was handed over unscrubbed"
+    finally:
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()

@@ -279,7 +279,9 @@ pub struct kvh_kv_layout {
 /// `block_ids` may be NULL when `block_count` is 0 (a no-op once the layout's geometry is
 /// checked); `failed_ids` may be NULL when `failed_capacity` is 0; `layout` and
 /// `failed_count` are required. Waits for its scrub launches (one per 65,536 segments), not
-/// for the whole device: call it once per freed set of blocks, not per block.
+/// for the whole device: call it once per freed set of blocks, not per block. One call
+/// takes at most 1,048,576 segments (blocks × regions; more is `KVH_ERR_INVALID_LAYOUT`):
+/// split a larger set into several calls.
 ///
 /// Ownership: the arrays stay the caller's and are used only during the call.
 #[no_mangle]
