@@ -346,6 +346,12 @@ _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     if value is None:
         return None
+    if isinstance(value, (bytes, bytearray)):
+        # Their text, not their repr: b"acme" is the tenant "acme", not "b'acme'".
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name} {value!r} is not UTF-8") from None
     raw = str(value).encode("utf-8")
     # ctypes passes bytes as a C string, which ends at the first NUL: "acme\0evil" would reach
     # the library as "acme", and two tenants would share one identity.

@@ -82,6 +82,14 @@ def test_context_nests_and_rejects_bad_ids():
             pass
 
 
+def test_an_id_given_as_bytes_is_its_text_not_its_repr():
+    assert kvhygiene._encode(b"acme", "tenant_id") == b"acme"
+    assert kvhygiene._encode(bytearray(b"r-1"), "request_id") == b"r-1"
+    assert kvhygiene._encode(7, "request_id") == b"7"
+    with pytest.raises(ValueError, match="not UTF-8"):
+        kvhygiene._encode(b"\xff", "tenant_id")
+
+
 @needs_lib
 def test_pytorch_calling_convention_leaves_no_residue():
     """kvh_malloc / kvh_free exactly as PyTorch calls them (size, device, stream)."""
