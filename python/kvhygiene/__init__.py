@@ -86,8 +86,9 @@ class KvhError(RuntimeError):
 
     def __reduce__(self):
         # Pickled with the constructor's arguments (an engine's worker processes send their
-        # exceptions to the driver pickled), not with the formatted text alone.
-        return (type(self), (self.call, self.code, self.message))
+        # exceptions to the driver pickled), not with the formatted text alone, and with the
+        # attributes set since (``refused_requests`` of a scheduled claim).
+        return (type(self), (self.call, self.code, self.message), self.__dict__)
 
 
 class ScrubVerificationError(KvhError):
@@ -105,7 +106,7 @@ class ScrubVerificationError(KvhError):
         self.scrubbed = scrubbed
 
     def __reduce__(self):
-        return (type(self), (self.failed_blocks, self.scrubbed))
+        return (type(self), (self.failed_blocks, self.scrubbed), self.__dict__)
 
 
 class ClaimRefusedError(KvhError):
@@ -121,7 +122,7 @@ class ClaimRefusedError(KvhError):
         self.refused_blocks = refused_blocks
 
     def __reduce__(self):
-        return (type(self), (self.code, self.message, self.refused_blocks))
+        return (type(self), (self.code, self.message, self.refused_blocks), self.__dict__)
 
 
 class AllocatorAlreadyInUseError(RuntimeError):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from . import KvLayout, claim_blocks, context
+from . import ClaimRefusedError, KvLayout, claim_blocks, context
 
 __all__ = ["new_blocks", "claim_scheduled"]
 
@@ -101,14 +101,33 @@ def claim_scheduled(
     """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
     request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
     or for the records). ``layouts`` has one layout per KV cache group. Returns what was
-    claimed, ``{req_id: [ids per group]}``. Raises :class:`kvhygiene.ClaimRefusedError` when
-    blocks could not be handed over (the request must not run on them)."""
+    claimed, ``{req_id: [ids per group]}``.
+
+    Every request's blocks are claimed, also after one was refused: a caller that drops the
+    refused requests and runs the step must find the others' blocks claimed. Then
+    :class:`kvhygiene.ClaimRefusedError` is raised for the first refusal, with
+    ``refused_requests``, ``{req_id: [refused ids per group]}``, naming every request that
+    must not run on its blocks. Another error (:class:`kvhygiene.KvhError`: the claim did not
+    finish) is raised at once."""
     claimed = new_blocks(scheduler_output, block_sizes)
+    first: Optional[ClaimRefusedError] = None
+    refused_requests: dict = {}
     for req_id, groups in claimed.items():
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
+        refused = [[] for _ in groups]
         with context(tenant_id=tenant, request_id=req_id):
-            for layout, ids in zip(layouts_, groups):
-                if ids:
+            for g, (layout, ids) in enumerate(zip(layouts_, groups)):
+                if not ids:
+                    continue
+                try:
                     claim_blocks(layout, ids, stream=stream)
+                except ClaimRefusedError as e:
+                    refused[g] = list(e.refused_blocks)
+                    first = first or e
+        if any(refused):
+            refused_requests[req_id] = refused
+    if first is not None:
+        first.refused_requests = refused_requests
+        raise first
     return claimed

@@ -102,3 +102,25 @@ def test_resumed_requests_flagged_by_resumed_from_preemption_keep_their_prefix_h
     del s.scheduled_cached_reqs.resumed_from_preemption
     with pytest.raises(AttributeError, match="resumed_from_preemption"):
         new_blocks(s, BLOCK_TOKENS)
+
+
+def test_a_refused_request_does_not_leave_the_others_blocks_unclaimed():
+    # The first request's gate scrub fails verification: its claim is refused. The second
+    # request's blocks are still claimed (scrubbed before it runs), and the error names every
+    # refused request, so a caller that drops those and runs the step leaks nothing.
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    for base in layout.regions:
+        ctypes.memset(base, 0x5C, BLOCKS * BLOCK_BYTES)
+    lib.kvh_inject_fault(1)
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(step(new=[("a", [1], 0), ("b", [4], 0)]), [layout], BLOCK_TOKENS)
+    assert refused.value.refused_blocks == [1]
+    assert refused.value.refused_requests == {"a": [[1]]}
+    assert all(
+        ctypes.string_at(b + 4 * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for b in layout.regions
+    ), "b's block was not claimed after a's refusal"
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
