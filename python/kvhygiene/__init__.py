@@ -742,7 +742,10 @@ def _register_hooks(raw_allocator, lib: ctypes.CDLL, torch) -> None:
 
         def empty_cache_with_kvhygiene() -> None:
             original()
-            lib.kvh_empty_cache()
+            # Only once kvhygiene is the allocator: after a refused switch, the call would
+            # start a kvhygiene that serves nothing.
+            if _allocator is not None:
+                lib.kvh_empty_cache()
 
         torch.cuda.empty_cache = empty_cache_with_kvhygiene
     _reset_hook_installed = True

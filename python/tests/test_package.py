@@ -221,6 +221,24 @@ def test_without_a_reset_setter_empty_cache_is_wrapped(fresh):
     assert state.get("torch_empty_cache"), "the original empty_cache still runs"
 
 
+@needs_lib
+def test_after_a_refused_switch_the_wrapped_empty_cache_leaves_kvhygiene_alone(fresh):
+    torch, state = _fake_torch(with_reset=False)
+
+    def refuse(allocator):
+        raise RuntimeError("Can't swap an already initialized allocator")
+
+    torch.cuda.memory.change_current_allocator = refuse
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
+        kvhygiene.install(LIB)
+    calls = []
+    fresh.setattr(kvhygiene.load(), "kvh_empty_cache", lambda: calls.append(1))
+    torch.cuda.empty_cache()
+    assert state.get("torch_empty_cache"), "the original empty_cache still runs"
+    assert calls == [], "kvh_empty_cache ran (and would start kvhygiene) without kvhygiene installed"
+
+
 def _growing_fill(sizes):
     """A stand-in for a `(buf, len, out_len) -> code` export whose result grows between calls."""
     calls = []
