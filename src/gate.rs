@@ -12,7 +12,9 @@
 //!   process, when it shows a security failure (the checks of `kvh metrics
 //!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
 //!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
-//!   or when the log does not verify;
+//!   when a series it must judge is missing (a security counter; a signal of a detector the
+//!   snapshot says is on), or when the log does not verify (the snapshot judged is the one
+//!   read after the log, which may take a while to verify);
 //! - **admit** (exit 0) otherwise; what an operator should still look at (blocks the KV
 //!   eviction gate had to scrub, refused claims, invalid frees, anomalies of caller bugs such
 //!   as bursts of invalid frees, which the allocator refused without harm) is printed as
@@ -42,6 +44,9 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// The anomaly detector's counter (one series per signal).
 pub const ANOMALIES: &str = "kvh_anomalies_total";
+
+/// 1 when the anomaly detector is on (its every signal then has a series), 0 when off.
+pub const ANOMALY_ENABLED: &str = "kvh_anomaly_enabled";
 
 /// Anomaly signals that mean the control failed, not that a caller erred: they evict by
 /// default. (Each also shows in the security checks; the anomaly adds the tenant and rate.)
@@ -157,7 +162,15 @@ pub fn judge(
             ),
         });
     }
+    // The encoder writes `kvh_anomaly_enabled 1` with a series for every signal from the
+    // start: a snapshot that says the detector is on and lacks a signal's series is cut short
+    // or not the encoder's, and the signal cannot be checked.
+    let detector_on = snap.exposition.value(ANOMALY_ENABLED, &[]) == Some(1.0);
     match flagged(snap, ANOMALIES, "signal") {
+        Flagged::Missing if detector_on => reasons.push(format!(
+            "{ANOMALIES} is missing from the snapshot, which says the anomaly detector is on \
+             ({ANOMALY_ENABLED} 1): its anomalies cannot be checked"
+        )),
         // With --strict-anomalies the anomalies are a check: one that cannot be made fails.
         Flagged::Missing if args.strict_anomalies => reasons.push(format!(
             "{ANOMALIES} is missing from the snapshot: --strict-anomalies cannot be checked \
@@ -191,6 +204,14 @@ pub fn judge(
                     describe(&callers)
                 ));
             }
+        }
+    }
+    if detector_on || flagged(snap, ANOMALIES, "signal") != Flagged::Missing {
+        for signal in unchecked_signals(snap, args.strict_anomalies) {
+            reasons.push(format!(
+                "{ANOMALIES}{{signal=\"{signal}\"}} is missing from the snapshot: the anomaly \
+                 detector's {signal} signal cannot be checked"
+            ));
         }
     }
     note_if_positive(
@@ -277,6 +298,23 @@ fn flagged(snap: &Snapshot, metric: &str, label: &str) -> Flagged {
     }
 }
 
+/// The signals whose anomalies evict (the control's; every one with `strict`) that have no
+/// series in the snapshot.
+fn unchecked_signals(snap: &Snapshot, strict: bool) -> Vec<&'static str> {
+    let callers: &[&'static str] = if strict { CALLER_SIGNALS } else { &[] };
+    CONTROL_SIGNALS
+        .iter()
+        .chain(callers)
+        .copied()
+        .filter(|signal| {
+            snap.exposition
+                .values(ANOMALIES, &[("signal", signal)])
+                .next()
+                .is_none()
+        })
+        .collect()
+}
+
 fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what: &str) {
     if let Flagged::Series(series) = flagged(snap, metric, "") {
         notes.push(format!("{what}: {metric} = {}", describe(&series)));
@@ -308,6 +346,19 @@ pub fn run_gate(args: &GateArgs) -> i32 {
             }
         },
         None => None,
+    };
+    // Read again once the log is verified, which can take a while: the snapshot judged is
+    // the process's latest, not one that aged while the log was read. (Read first too, so
+    // that a missing or unreadable file is said before the log is.)
+    let snap = match &log {
+        Some(_) => match metrics_cli::load(&file) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("kvh gate: {e}");
+                return EXIT_USAGE;
+            }
+        },
+        None => snap,
     };
     let verdict = judge(
         &file.display().to_string(),

@@ -34,8 +34,25 @@ fn snapshot(
         .filter(|l| anomalies.is_empty() || !l.starts_with("kvh_anomalies_total"))
         .map(str::to_string)
         .collect();
-    for (signal, n) in anomalies {
-        lines.push(format!("kvh_anomalies_total{{signal=\"{signal}\"}} {n}"));
+    // As the encoder writes them with the detector on: a series for every signal.
+    if !anomalies.is_empty() {
+        for signal in kvhygiene::gate::CONTROL_SIGNALS
+            .iter()
+            .chain(kvhygiene::gate::CALLER_SIGNALS)
+        {
+            let n = anomalies
+                .iter()
+                .find(|(s, _)| s == signal)
+                .map_or(0, |(_, n)| *n);
+            lines.push(format!("kvh_anomalies_total{{signal=\"{signal}\"}} {n}"));
+        }
+        for (signal, n) in anomalies {
+            if !kvhygiene::gate::CONTROL_SIGNALS.contains(signal)
+                && !kvhygiene::gate::CALLER_SIGNALS.contains(signal)
+            {
+                lines.push(format!("kvh_anomalies_total{{signal=\"{signal}\"}} {n}"));
+            }
+        }
     }
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
@@ -494,4 +511,135 @@ fn a_log_the_gate_cannot_read_is_a_usage_error_not_an_eviction() {
         code, 2,
         "an unreadable log is judged as a log that does not verify: {out}{err}"
     );
+}
+
+/// A snapshot of a process whose anomaly detector is on (`kvh_anomaly_enabled 1`, which the
+/// encoder writes with a series for every signal from the start) that lacks the series of the
+/// signals that mean the control failed (`verify_failed`, `residue`, `quarantine`) cannot show
+/// those anomalies: the snapshot is cut short or not the encoder's. What was not checked is not
+/// a pass (the security checks beside it fail on a missing series), and the detector is not
+/// "off" when the snapshot says it is on.
+#[test]
+fn a_snapshot_with_the_detector_on_but_without_its_control_signals_is_not_admitted() {
+    use kvhygiene::anomaly;
+    use kvhygiene::config::AnomalyConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
+    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    assert!(full.contains("kvh_anomaly_enabled 1\n"), "{full}");
+    assert!(
+        full.contains("kvh_anomalies_total{signal=\"quarantine\"} 0\n"),
+        "{full}"
+    );
+    // The whole file, as the encoder writes it: admitted.
+    std::fs::write(&f, &full).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Cut after the caller signals' series: the control signals' series are gone, and the
+    // anomaly family reads as all zero.
+    let cut = full
+        .find("kvh_anomalies_total{signal=\"verify_failed\"}")
+        .expect("verify_failed series");
+    std::fs::write(&f, &full[..cut]).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(
+        code, 1,
+        "admitted without the verify_failed, residue and quarantine anomaly series: {out}{err}"
+    );
+
+    // Cut before every anomaly series, after `kvh_anomaly_enabled 1`: the detector is on,
+    // its counts are missing.
+    let cut = full
+        .find("# HELP kvh_anomalies_total")
+        .expect("the anomaly family");
+    std::fs::write(&f, &full[..cut]).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert!(
+        !out.contains("the anomaly detector is off"),
+        "the verdict says the detector is off of a snapshot that says it is on: {out}"
+    );
+    assert_eq!(
+        code, 1,
+        "admitted without any anomaly series from a detector that is on: {out}{err}"
+    );
+}
+
+/// A snapshot whose `kvh_snapshot_timestamp_seconds` is there but not a time (NaN, ±Inf) has
+/// no age and is refused (exit 2); the message says what is wrong with the series rather than
+/// that it is absent, which sends the operator looking for a missing line that is there.
+#[test]
+fn a_timestamp_that_is_not_a_number_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with("kvh_snapshot_timestamp_seconds "))
+        .expect("the timestamp sample");
+    for bad in ["NaN", "+Inf", "-Inf"] {
+        lines[i] = format!("kvh_snapshot_timestamp_seconds {bad}");
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        let (code, out, err) = gate(&f, &[]);
+        assert_eq!(code, 2, "{bad}: {out}{err}");
+        assert!(
+            !err.contains("(no kvh_snapshot_timestamp_seconds)"),
+            "a {bad} timestamp is reported as a missing series: {err}"
+        );
+        assert!(
+            err.contains(bad),
+            "the message does not name the value {bad}: {err}"
+        );
+    }
+}
+
+/// With `--log-dir` the gate reads the whole log, which takes a while on a large one; the
+/// staleness it judges is the snapshot's age when it was read, not that age plus the time the
+/// log took to verify. Here the process rewrites its snapshot every 100 ms throughout the run
+/// (never more than a fraction of a second old), so "stopped exporting" is not a true verdict.
+#[test]
+fn the_time_spent_verifying_the_log_does_not_age_the_snapshot() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let log = dir.path().join("log");
+    // About three seconds of verification in a debug build.
+    forensic_common::write_log(&forensic_common::cfg(&log, 64 << 20), 100_000, false);
+    // The exporter's atomic replacement, every 100 ms.
+    let write = {
+        let f = f.clone();
+        move || {
+            let tmp = f.with_extension("tmp");
+            snapshot(&tmp, Duration::ZERO, |_| {}, &[]);
+            std::fs::rename(&tmp, &f).unwrap();
+        }
+    };
+    write();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let write = write.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                write();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let (code, out, err) = gate(&f, &["--max-age", "1", "--log-dir", log.to_str().unwrap()]);
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(
+        !out.contains("stopped exporting"),
+        "judged stale after {took:?} of log verification while the snapshot was rewritten \
+         every 100 ms: {out}{err}"
+    );
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -443,3 +443,46 @@ fn a_largest_accepted_file_is_judged_within_a_probe_timeout() {
         text.len()
     );
 }
+
+/// `--json`'s `security_failures[].value` is documented as the non-zero value, `null` only when
+/// the series is missing. A checked series whose value is NaN fails the check (the text says
+/// `= NaN`); the JSON must carry that value too, not the `null` that means "missing" while
+/// `missing` says false.
+#[test]
+fn json_failure_values_agree_with_the_text_for_a_nan_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.contains("kvh_residue_detected_total 0\n"), "{text}");
+    std::fs::write(
+        &f,
+        text.replace(
+            "kvh_residue_detected_total 0\n",
+            "kvh_residue_detected_total NaN\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("kvh_residue_detected_total = NaN"), "{out}");
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--json", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let failure = j["security_failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["metric"] == "kvh_residue_detected_total")
+        .unwrap_or_else(|| panic!("no residue failure: {out}"))
+        .clone();
+    assert_eq!(failure["missing"], false, "{failure}");
+    assert!(
+        !failure["value"].is_null(),
+        "a NaN value is written as null, the value of a missing series: {failure}"
+    );
+}

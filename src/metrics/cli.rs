@@ -186,6 +186,13 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let times: Vec<f64> = exposition.values(SNAPSHOT_TIMESTAMP, &[]).take(2).collect();
     let timestamp = match times[..] {
         [t] if t.is_finite() => t,
+        [t] => {
+            return Err(format!(
+                "{shown}: not a kvhygiene metrics snapshot ({SNAPSHOT_TIMESTAMP} is {}, not a \
+                 time)",
+                prom_number(t)
+            ))
+        }
         [_, _] => {
             return Err(format!(
                 "{shown}: not a kvhygiene metrics snapshot (more than one {SNAPSHOT_TIMESTAMP})"
@@ -237,7 +244,10 @@ pub struct Report {
 #[derive(Debug, Serialize)]
 pub struct FailureJson {
     pub metric: String,
-    /// The non-zero value; `null` when the series is missing from the snapshot.
+    /// The non-zero value; `null` when the series is missing from the snapshot. A value
+    /// JSON has no number for is its text in the exposition format: `"NaN"`, `"+Inf"`,
+    /// `"-Inf"`.
+    #[serde(serialize_with = "optional_sample_value")]
     pub value: Option<f64>,
     /// The series is missing, so the control could not be checked.
     pub missing: bool,
@@ -248,7 +258,37 @@ pub struct FailureJson {
 pub struct SampleJson {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// A number, or `"NaN"`, `"+Inf"`, `"-Inf"` (JSON has no number for them).
+    #[serde(serialize_with = "sample_value")]
     pub value: f64,
+}
+
+/// A sample value as JSON: a number when it is finite, else its exposition-format text (not
+/// serde's `null`, which `FailureJson::value` uses for a missing series).
+fn sample_value<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_str(prom_number(*v))
+    }
+}
+
+fn optional_sample_value<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => sample_value(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// The exposition format's text of a value that is not a finite number.
+fn prom_number(v: f64) -> &'static str {
+    if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "+Inf"
+    } else {
+        "-Inf"
+    }
 }
 
 /// The report on `snap` (read from `file`) as of `now`.
