@@ -485,8 +485,13 @@ def version_tuple(v: str) -> tuple:
 
 def test_builder_rust_is_new_enough_for_every_locked_package():
     tag = re.match(r"rust:(\d+\.\d+\.\d+)", dockerfile_args()["RUST_IMAGE"]).group(1)
+    # The packages of a Linux build (the image's), which are the ones a build here fetched:
+    # without --filter-platform cargo would need every platform's (Windows-only crates
+    # included), which --offline cannot read from a cache that only builds filled.
+    host = re.search(r"^host: (\S+)$", subprocess.run(["rustc", "-vV"], capture_output=True, text=True).stdout, re.M)
+    assert host and "linux" in host.group(1), "the release image is built on Linux"
     proc = subprocess.run(
-        ["cargo", "metadata", "--format-version", "1", "--locked", "--offline"],
+        ["cargo", "metadata", "--format-version", "1", "--locked", "--offline", "--filter-platform", host.group(1)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -547,6 +552,18 @@ def test_server_requests_a_gpu_and_has_the_three_probes():
     for probe in ("startupProbe", "livenessProbe"):
         (argv,) = kvh_argvs(c[probe]["exec"]["command"])
         assert argv[0] == "metrics" and "--max-age" in argv and "--fail-on-security" not in argv, argv
+
+
+def test_a_restarted_server_container_does_not_pass_its_probes_on_the_last_runs_snapshot():
+    # The metrics emptyDir survives a container restart; the snapshot the probes read must
+    # be removed when the container starts, or a crashed server's last snapshot passes them.
+    c = server_container()
+    prom = the("ConfigMap", c["envFrom"][0]["configMapRef"]["name"])["data"]["KVH_METRICS_FILE"]
+    command = c["lifecycle"]["postStart"]["exec"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"] and command[2] == f"rm -f {prom}", command
+    read = {flag_value(kvh_argvs(c[p]["exec"]["command"])[0], "--metrics-file" if p == "readinessProbe" else "--file")
+            for p in ("readinessProbe", "startupProbe", "livenessProbe")}
+    assert read == {prom}, read
 
 
 def flag_value(argv: list, flag: str) -> str:
