@@ -30,6 +30,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::config::PID_PLACEHOLDER;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
@@ -64,8 +65,11 @@ pub const CALLER_SIGNALS: &[&str] = &[
 /// `kvh gate`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct GateArgs {
-    /// The process's metrics file (its KVH_METRICS_FILE, `{pid}` replaced); default: this
-    /// environment's KVH_METRICS_FILE (without `{pid}`).
+    /// The process's metrics file (its KVH_METRICS_FILE, `{pid}` replaced), or a pattern
+    /// with `{pid}` in the file name (one file per process of a multi-process engine): every
+    /// file of a live process of this pid namespace is judged, and one evicted process
+    /// evicts; files of processes that are gone are listed, not judged. Default: this
+    /// environment's KVH_METRICS_FILE.
     #[arg(long, value_name = "FILE")]
     pub metrics_file: Option<PathBuf>,
     /// Evict when the snapshot is older than SECS seconds (the process stopped exporting:
@@ -323,41 +327,74 @@ fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what
 
 /// Runs `gate`; returns the process exit code.
 pub fn run_gate(args: &GateArgs) -> i32 {
-    let file = match metrics_cli::resolve_file(args.metrics_file.as_deref(), "--metrics-file") {
-        Ok(f) => f,
+    let target = match target_of(args) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("kvh gate: {e}");
             return EXIT_USAGE;
         }
     };
-    let snap = match metrics_cli::load(&file) {
-        Ok(s) => s,
+    let outcome = match target {
+        Target::One(file) => gate_one(args, &file),
+        Target::PerProcess(pattern) => gate_per_process(args, &pattern),
+    };
+    match outcome {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("kvh gate: {e}");
-            return EXIT_USAGE;
+            EXIT_USAGE
         }
-    };
-    let log = match &args.log_dir {
-        Some(dir) => match verify_log(dir, args) {
-            Ok(report) => Some((dir.display().to_string(), report)),
-            Err(e) => {
-                eprintln!("kvh gate: {e}");
-                return EXIT_USAGE;
-            }
+    }
+}
+
+/// What the gate judges: one metrics file, or every live process's file of a per-process
+/// pattern (`{pid}` in the file name, as `KVH_METRICS_FILE` of a multi-process engine).
+enum Target {
+    One(PathBuf),
+    PerProcess(PathBuf),
+}
+
+fn target_of(args: &GateArgs) -> Result<Target, String> {
+    let given = match &args.metrics_file {
+        Some(f) => f.clone(),
+        None => match crate::config::Config::from_env() {
+            Ok(c) => c.metrics.file.ok_or_else(|| {
+                "no metrics file: pass --metrics-file FILE or set KVH_METRICS_FILE".to_string()
+            })?,
+            Err(e) => return Err(format!("configuration: {e}")),
         },
-        None => None,
     };
-    // Read again once the log is verified, which can take a while: the snapshot judged is
-    // the process's latest, not one that aged while the log was read. (Read first too, so
-    // that a missing or unreadable file is said before the log is.)
+    let has_pid = |p: &std::path::Path| p.to_string_lossy().contains(PID_PLACEHOLDER);
+    if !has_pid(&given) {
+        return Ok(Target::One(given));
+    }
+    let in_name = given.file_name().is_some_and(|n| has_pid(n.as_ref()));
+    let in_dir = given.parent().is_some_and(has_pid);
+    if in_dir || !in_name {
+        return Err(format!(
+            "{}: {PID_PLACEHOLDER} is taken in the file name only, not in a directory",
+            given.display()
+        ));
+    }
+    Ok(Target::PerProcess(given))
+}
+
+/// The forensic log's report when `--log-dir` was given.
+fn log_report(args: &GateArgs) -> Result<Option<(String, verify::Report)>, String> {
+    match &args.log_dir {
+        Some(dir) => Ok(Some((dir.display().to_string(), verify_log(dir, args)?))),
+        None => Ok(None),
+    }
+}
+
+fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
+    // Read first, so that a missing or unreadable file is said before the log is read; then
+    // again once the log is verified, which can take a while: the snapshot judged is the
+    // process's latest, not one that aged while the log was read.
+    let snap = metrics_cli::load(file)?;
+    let log = log_report(args)?;
     let snap = match &log {
-        Some(_) => match metrics_cli::load(&file) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("kvh gate: {e}");
-                return EXIT_USAGE;
-            }
-        },
+        Some(_) => metrics_cli::load(file)?,
         None => snap,
     };
     let verdict = judge(
@@ -369,21 +406,186 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     );
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        serde_json::to_writer_pretty(&mut out, &verdict)
-            .map_err(std::io::Error::from)
-            .and_then(|_| writeln!(out))
+        write_json(&mut out, &verdict)
     } else {
         write_text(&mut out, &verdict)
     };
-    if let Err(e) = written {
-        eprintln!("kvh gate: cannot write the verdict: {e}");
-        return EXIT_USAGE;
-    }
-    if verdict.admitted() {
+    written.map_err(|e| format!("cannot write the verdict: {e}"))?;
+    Ok(if verdict.admitted() {
         EXIT_ADMIT
     } else {
         EXIT_EVICT
+    })
+}
+
+/// The verdict on every live process of a per-process pattern (`--json`).
+#[derive(Debug, Serialize)]
+pub struct ProcessesVerdict {
+    /// `admit` when every live process is admitted, else `evict`.
+    pub verdict: &'static str,
+    pub pattern: String,
+    pub processes: Vec<ProcessVerdict>,
+    /// Files of processes that are gone (not judged).
+    pub gone: Vec<GoneProcess>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessVerdict {
+    pub pid: u32,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GoneProcess {
+    pub pid: u32,
+    pub file: String,
+}
+
+/// Judges the file of every live process that matches `pattern`; a file whose process is
+/// gone (a worker that ended leaves its file) is listed, not judged. No live process's file
+/// is a usage error: nothing was judged, which is not a pass.
+fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, String> {
+    let files = per_process_files(pattern)?;
+    let (live, gone): (Vec<_>, Vec<_>) = files.into_iter().partition(|(pid, _)| alive(*pid));
+    if live.is_empty() {
+        return Err(format!(
+            "no metrics file of a live process matches {} ({} of processes that are gone); \
+             the probe must run in the processes' pid namespace",
+            pattern.display(),
+            gone.len()
+        ));
     }
+    let log = log_report(args)?;
+    let mut processes = Vec::with_capacity(live.len());
+    for (pid, file) in &live {
+        let snap = metrics_cli::load(file)?;
+        let verdict = judge(
+            &file.display().to_string(),
+            &snap,
+            args,
+            log.as_ref().map(|(d, r)| (d.as_str(), r)),
+            SystemTime::now(),
+        );
+        processes.push(ProcessVerdict { pid: *pid, verdict });
+    }
+    let all = ProcessesVerdict {
+        verdict: if processes.iter().all(|p| p.verdict.admitted()) {
+            "admit"
+        } else {
+            "evict"
+        },
+        pattern: pattern.display().to_string(),
+        processes,
+        gone: gone
+            .into_iter()
+            .map(|(pid, f)| GoneProcess {
+                pid,
+                file: f.display().to_string(),
+            })
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        write_json(&mut out, &all)
+    } else {
+        write_processes_text(&mut out, &all)
+    };
+    written.map_err(|e| format!("cannot write the verdict: {e}"))?;
+    Ok(if all.verdict == "admit" {
+        EXIT_ADMIT
+    } else {
+        EXIT_EVICT
+    })
+}
+
+/// The files in the pattern's directory whose name is the pattern's with `{pid}` replaced by
+/// a process id, by pid.
+fn per_process_files(pattern: &std::path::Path) -> Result<Vec<(u32, PathBuf)>, String> {
+    let dir = match pattern.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = pattern
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let Some(candidate) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some(pid) = pid_of(&name, &candidate) {
+            found.push((pid, dir.join(&candidate)));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The process id `candidate` names, when it is `pattern` with each `{pid}` replaced by the
+/// same decimal id.
+fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
+    let prefix = pattern.split(PID_PLACEHOLDER).next()?;
+    let rest = candidate.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let pid: u32 = digits.parse().ok()?;
+    // The id as the writer prints it: no leading zero, and the whole name must match.
+    (pid.to_string() == digits && pattern.replace(PID_PLACEHOLDER, &digits) == candidate)
+        .then_some(pid)
+}
+
+/// Whether process `pid` exists in this pid namespace.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing: the call only checks that the process exists and may
+    // be signalled; it has no other effect.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    // EPERM: it exists, under another user.
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::from)?;
+    writeln!(out)
+}
+
+fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io::Result<()> {
+    let evicted = all
+        .processes
+        .iter()
+        .filter(|p| !p.verdict.admitted())
+        .count();
+    writeln!(
+        out,
+        "{}: {} of {} processes of {} evicted",
+        all.verdict.to_uppercase(),
+        evicted,
+        all.processes.len(),
+        printable(&all.pattern)
+    )?;
+    for p in &all.processes {
+        write!(out, "process {}: ", p.pid)?;
+        write_text(out, &p.verdict)?;
+    }
+    for g in &all.gone {
+        writeln!(
+            out,
+            "note: process {} is gone; its file {} is not judged (remove it)",
+            g.pid,
+            printable(&g.file)
+        )?;
+    }
+    Ok(())
 }
 
 /// Refuses a log this process may not read (a probe running under another uid than the
@@ -472,4 +674,27 @@ fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
         writeln!(out, "note: {}", printable(n))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pid_of;
+
+    #[test]
+    fn a_file_names_a_pid_when_it_is_the_pattern_with_an_id_in_each_placeholder() {
+        assert_eq!(pid_of("kvh-{pid}.prom", "kvh-42.prom"), Some(42));
+        assert_eq!(pid_of("{pid}", "7"), Some(7));
+        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b9.prom"), Some(9));
+        for other in [
+            "kvh-.prom",
+            "kvh-42.prom.tmp",
+            "kvh-042.prom",
+            "kvh-4x.prom",
+            "x-42.prom",
+            "kvh-99999999999.prom",
+        ] {
+            assert_eq!(pid_of("kvh-{pid}.prom", other), None, "{other}");
+        }
+        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b8.prom"), None);
+    }
 }

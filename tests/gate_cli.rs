@@ -643,3 +643,59 @@ fn the_time_spent_verifying_the_log_does_not_age_the_snapshot() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// A multi-process engine writes one file per process (`{pid}` in `KVH_METRICS_FILE`): the
+/// gate given the pattern judges every live process's file, evicts when one process fails,
+/// lists the files of processes that are gone without judging them, and judges nothing (exit
+/// 2) when no live process has a file.
+#[test]
+fn a_per_process_pattern_judges_every_live_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let live = std::process::id();
+    let gone = {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    };
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    snapshot(&file(live), Duration::ZERO, |_| {}, &[]);
+    // A worker that ended left a failed snapshot: not judged.
+    snapshot(
+        &file(gone),
+        Duration::ZERO,
+        |p| p.counters.verifications_failed = 1,
+        &[],
+    );
+    let (code, out, err) = gate(&pattern, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ADMIT: 0 of 1 processes"), "{out}");
+    assert!(
+        out.contains(&format!("note: process {gone} is gone")),
+        "{out}"
+    );
+    // The live process fails: evicted, and the JSON says which.
+    snapshot(
+        &file(live),
+        Duration::ZERO,
+        |p| p.counters.residue_detected = 1,
+        &[],
+    );
+    let (code, out, err) = gate(&pattern, &["--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "evict");
+    assert_eq!(v["processes"][0]["pid"], live);
+    assert_eq!(v["processes"][0]["verdict"], "evict");
+    assert_eq!(v["gone"][0]["pid"], gone);
+    // No live process's file: nothing judged.
+    std::fs::remove_file(file(live)).unwrap();
+    let (code, out, err) = gate(&pattern, &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("no metrics file of a live process"), "{err}");
+    // `{pid}` in a directory is refused.
+    let (code, _, err) = gate(&dir.path().join("{pid}/kvh.prom"), &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("in the file name only"), "{err}");
+}
