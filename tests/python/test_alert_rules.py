@@ -115,6 +115,21 @@ def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
             assert all(label in labels for labels in exported[metric]), f"{a['alert']}: no label {label}"
 
 
+def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold():
+    # increase() counts nothing from a series' first sample: a process whose first scrubs
+    # failed before its first scrape shows a counter already at 1, and only the
+    # `x > N unless x offset W` clause raises the alert for it.
+    counted = [a for a in alerts() if a["expr"].startswith("increase(")]
+    assert counted
+    for a in counted:
+        m = re.fullmatch(
+            r"increase\((kvh_[a-z0-9_]+(?:\{[^}]*\})?)\[(\w+)\]\) > (\d+) or \((.*)\)", a["expr"]
+        )
+        assert m, a["expr"]
+        metric, window, threshold, new_series = m.groups()
+        assert new_series == f"{metric} > {threshold} unless {metric} offset {window}", a["expr"]
+
+
 def test_each_runbook_link_has_a_section_and_each_section_an_alert():
     sections = anchors(RUNBOOK.read_text())
     linked = {a["annotations"]["runbook_url"].split("#", 1)[1] for a in alerts()}
