@@ -247,7 +247,8 @@ int kvh_init(void);
 // forensic log's stop record, then makes no further device calls. Later allocations are
 // served only from clean pooled blocks (already verified, no device call), so teardown code
 // that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
-// frees are accepted and leak their block (no scrub can run).
+// frees are accepted and leak their block (no scrub can run). The metrics file is written
+// once more and then no longer (it goes stale, which `kvh gate` evicts on).
 void kvh_shutdown(void);
 
 // Sets the calling thread's tenant, request and model ids, stamped on every block it

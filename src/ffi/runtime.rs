@@ -288,6 +288,11 @@ pub(crate) fn shutdown() {
     if let Some(rt) = own_runtime() {
         rt.allocator.shutdown();
         stop_log(rt);
+        // The last snapshot: from here on it ages, and `kvh gate` takes the process out of
+        // rotation once it is stale, since no free is scrubbed any more.
+        if let Some(m) = &rt.metrics {
+            m.stop_periodic();
+        }
         write_metrics(rt);
     }
 }

@@ -197,3 +197,22 @@ def test_build_info_carries_the_policy_digest_of_the_start_record_and_kvh_config
                          capture_output=True, text=True)
     assert cfg.returncode == 0, cfg.stderr
     assert json.loads(cfg.stdout)["config_digest"] == digest
+
+
+def test_after_kvh_shutdown_the_metrics_file_is_no_longer_rewritten(tmp_path):
+    # kvh_shutdown ends scrubbing: the file gets its last snapshot, then ages, so that
+    # `kvh gate` takes the process out of rotation instead of reading it as healthy.
+    prom = tmp_path / "kvh.prom"
+    out = run_child(
+        f"""
+        import os, time
+        assert lib.kvh_synchronize() == 0  # starts the runtime
+        lib.kvh_shutdown()
+        first = os.stat({str(prom)!r}).st_mtime_ns
+        time.sleep(0.5)  # five periodic intervals
+        out["rewritten"] = os.stat({str(prom)!r}).st_mtime_ns != first
+        """,
+        KVH_METRICS_FILE=str(prom),
+        KVH_METRICS_INTERVAL_MS="100",
+    )
+    assert out["rewritten"] is False, "the snapshot kept being refreshed after kvh_shutdown"
