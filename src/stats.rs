@@ -106,8 +106,8 @@ counters! {
     out_of_memory,
     oom_recoveries,
     backend_errors,
-    /// `kvh_scrub_blocks` calls that reached the device (also those that stopped part way),
-    /// and the blocks, segments and bytes they verified.
+    /// `kvh_scrub_blocks` calls that reached the device (also those that stopped part way);
+    /// then the blocks, segments and bytes they and the eviction gate's scrubs read back.
     kv_scrub_calls,
     kv_blocks_scrubbed,
     kv_segments_scrubbed,

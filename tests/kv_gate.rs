@@ -372,6 +372,14 @@ mod held {
     struct State {
         held: HashSet<u64>,
         submitted: HashMap<u64, usize>,
+        /// The first this-many scrubs of a stream complete even while it is held.
+        passed: HashMap<u64, usize>,
+    }
+
+    impl State {
+        fn waits(&self, stream: u64, index: usize) -> bool {
+            self.held.contains(&stream) && self.passed.get(&stream).copied().unwrap_or(0) < index
+        }
     }
 
     pub struct Held {
@@ -398,6 +406,12 @@ mod held {
             self.state.1.notify_all();
         }
 
+        /// Lets the first `n` scrubs submitted on `stream` complete, held or not.
+        pub fn let_through(&self, stream: u64, n: usize) {
+            self.state.0.lock().unwrap().passed.insert(stream, n);
+            self.state.1.notify_all();
+        }
+
         /// Waits until `n` scrubs were submitted on `stream`.
         pub fn wait_submitted(&self, stream: u64, n: usize) {
             let mut s = self.state.0.lock().unwrap();
@@ -410,12 +424,14 @@ mod held {
     struct Ticket {
         inner: Box<dyn ScrubTicket>,
         stream: u64,
+        /// This scrub's place among the stream's submissions, from 1.
+        index: usize,
         state: Arc<(Mutex<State>, Condvar)>,
     }
 
     impl Ticket {
         fn released(&self) -> bool {
-            !self.state.0.lock().unwrap().held.contains(&self.stream)
+            !self.state.0.lock().unwrap().waits(self.stream, self.index)
         }
     }
 
@@ -429,7 +445,7 @@ mod held {
 
         fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
             let mut s = self.state.0.lock().unwrap();
-            while s.held.contains(&self.stream) {
+            while s.waits(self.stream, self.index) {
                 s = self.state.1.wait(s).unwrap();
             }
             drop(s);
@@ -464,11 +480,16 @@ mod held {
             // SAFETY: 1-2. this method's own contract, passed on unchanged.
             let inner = unsafe { self.host.submit_scrub(b) }?;
             let mut s = self.state.0.lock().unwrap();
-            *s.submitted.entry(stream).or_default() += 1;
+            let index = {
+                let n = s.submitted.entry(stream).or_default();
+                *n += 1;
+                *n
+            };
             self.state.1.notify_all();
             Ok(Box::new(Ticket {
                 inner,
                 stream,
+                index,
                 state: self.state.clone(),
             }))
         }
@@ -730,4 +751,89 @@ fn a_claim_refused_because_its_cache_was_freed_meanwhile_is_logged_as_a_refused_
     );
     let c = f.alloc.stats().counters;
     assert_eq!((c.kv_scrubs_refused, c.kv_claims_refused), (0, refused));
+}
+
+/// A claim whose cache ledger is forgotten while the gate scrubs (as in the test above), and
+/// forgotten once more while the gate scrubs the blocks again: no other claim ever named the
+/// block. `KvClaimReport::taken` and `KVH_ERR_KV_TAKEN` say another claim took the blocks
+/// (two requests were given the same blocks); that must not be what this caller is told.
+#[test]
+fn a_claim_whose_ledger_is_forgotten_twice_is_not_reported_as_taken() {
+    let (alloc, backend, layout) = held_cache();
+    let others: Vec<KvLayout> = (0..64)
+        .map(|_| {
+            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+            KvLayout {
+                regions: vec![a],
+                block_bytes: BLOCK,
+                block_stride: BLOCK,
+                blocks_per_region: 1,
+            }
+        })
+        .collect();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let forget = || {
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+    };
+    let x = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        // The gate's first scrub, then its second (the claim made again): while each runs,
+        // the engine's scrubs of the other caches push the first cache's ledger out.
+        backend.wait_submitted(3, 1);
+        forget();
+        backend.let_through(3, 1);
+        backend.wait_submitted(3, 2);
+        forget();
+        backend.hold(3, false);
+        x.join().unwrap().unwrap()
+    });
+    assert!(
+        x.taken.is_empty(),
+        "no other claim named block 5, yet the claim reports it taken by another claim \
+         (KVH_ERR_KV_TAKEN): {x:?}"
+    );
+}
+
+/// A claim that names a block whose last scrub failed verification leaves a `kv_gate`
+/// record naming it (include/kvhygiene.h: "Refusals and failed blocks leave a
+/// `policy_violation` record"), as it does when the claim succeeds and when its cache was
+/// freed meanwhile, also when the gate's scrub of its other blocks fails on the device.
+#[test]
+fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
+    use std::sync::atomic::Ordering;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    f.backend.inject_fault_next();
+    let engine = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[6], 0, StreamHandle(2))
+        .unwrap();
+    assert_eq!(engine.failed, vec![6]);
+    // Block 2's owner is unknown: the gate scrubs it, and the submission fails.
+    f.backend.submit_budget.store(0, Ordering::SeqCst);
+    let r = as_request("t1", "a", || claim(&f, &layout, &[2, 6]));
+    assert!(
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        "{r:?}"
+    );
+    let v = gate_violations(&f);
+    assert!(
+        v.iter()
+            .any(|d| d.contains("last scrub failed verification") && d.contains("ids 6")),
+        "the claim named block 6, which failed its last scrub, and no kv_gate record says so: \
+         {v:?}"
+    );
 }

@@ -181,3 +181,76 @@ fn a_driver_error_from_an_allocation_is_counted_as_a_backend_error() {
         "the driver's error ({err}) is missing from kvh_backend_errors_total"
     );
 }
+
+/// A host backend whose graph-capture query (`cuStreamIsCapturing`) fails with a driver
+/// error.
+struct CaptureQueryFails {
+    host: std::sync::Arc<kvhygiene::backend::host::HostBackend>,
+}
+
+impl kvhygiene::backend::Backend for CaptureQueryFails {
+    fn kind(&self) -> kvhygiene::backend::BackendKind {
+        kvhygiene::backend::BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
+        self.host.allocate(d, len)
+    }
+    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.release(d, a, l)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: u64,
+        l: u64,
+        s: StreamHandle,
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.zero_fresh(d, a, l, s)
+    }
+    unsafe fn submit_scrub(
+        &self,
+        b: kvhygiene::backend::ScrubBatch,
+    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
+        // SAFETY: this method's own contract, passed on unchanged.
+        unsafe { self.host.submit_scrub(b) }
+    }
+    fn is_capturing(
+        &self,
+        _d: u32,
+        _s: StreamHandle,
+    ) -> Result<bool, kvhygiene::backend::BackendError> {
+        Err(kvhygiene::backend::BackendError::Driver {
+            call: "cuStreamIsCapturing",
+            code: 999,
+            name: "CUDA_ERROR_UNKNOWN".into(),
+        })
+    }
+    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.read(d, a, dst)
+    }
+}
+
+/// `kvh_backend_errors_total` counts "Errors reported by the memory backend (driver)". An
+/// allocation that fails because the driver's graph-capture query failed fails with that
+/// driver error, as one whose `cuMemAlloc` failed does: the metric must show it too.
+#[test]
+fn a_driver_error_from_the_capture_query_of_an_allocation_is_counted_as_a_backend_error() {
+    use kvhygiene::alloc::{AllocError, Allocator};
+    let backend = std::sync::Arc::new(CaptureQueryFails {
+        host: kvhygiene::backend::host::HostBackend::new(),
+    });
+    let alloc = Allocator::new(backend, manual_config(), None);
+    let err = alloc.malloc(4096, 0, S).unwrap_err();
+    assert!(matches!(err, AllocError::Backend(_)), "{err:?}");
+    let c = alloc.stats().counters;
+    assert_eq!(
+        c.backend_errors, 1,
+        "the driver's error ({err}) is missing from kvh_backend_errors_total"
+    );
+}

@@ -394,10 +394,11 @@ pub struct KvClaimReport {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvClaimError {
     /// Refused before any change (bad layout or ids, memory not live, device), or the gate's
-    /// scrub did not finish; see [`KvScrubError`]. In the second case the blocks that needed
-    /// no scrub (clean, or already the claimant's) may have been handed over already: the
-    /// call failed as a whole, but the ledger names the claimant as their owner, which is
-    /// safe (a later claim by another owner scrubs them again).
+    /// scrub did not finish; see [`KvScrubError`]. In the second case blocks may have been
+    /// handed over already (those that needed no scrub, and, when the claim was made again
+    /// after its ledger was forgotten, those its first scrub verified): the call failed as a
+    /// whole, but the ledger names the claimant as their owner, which is safe (a later claim
+    /// by another owner scrubs them again).
     #[error(transparent)]
     Scrub(#[from] KvScrubError),
     /// `kv_gate = enforce` and blocks would change owner without a verified scrub (or failed
@@ -455,8 +456,10 @@ impl Allocator {
         let mut round = self.claim_round(dev, layout, ids, device, stream, mode)?;
         if !round.forgotten.is_empty() {
             // Verified, but the ledger that would have recorded it was forgotten meanwhile:
-            // claimed once more through the ledger there is now (a second loss is not
-            // chased: those blocks are not handed over).
+            // claimed once more through the ledger there is now, so that it names the
+            // claimant. A second loss is not chased: those blocks were verified zero for
+            // this claim, so they are handed over unrecorded (a later claim by anyone finds
+            // them unknown and scrubs them again).
             let forgotten = std::mem::take(&mut round.forgotten);
             let again = match self.claim_round(dev, layout, &forgotten, device, stream, mode) {
                 Ok(again) => again,
@@ -465,10 +468,14 @@ impl Allocator {
                     return Err(e);
                 }
             };
+            // This claim's first scrub verified them all: each one the second pass handed
+            // over (scrubbed again, found clean or the claimant's, or lost again) counts once.
+            let handed = forgotten
+                .iter()
+                .filter(|id| !again.refused.contains(id) && !again.taken.contains(id));
+            round.gate_scrubbed.extend(handed);
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
-            round.taken.extend(again.forgotten);
-            round.gate_scrubbed.extend(again.gate_scrubbed);
             round.failed_before.extend(again.failed_before);
         }
         let Round {
@@ -488,8 +495,7 @@ impl Allocator {
                 dev,
                 format!(
                     "{} KV blocks changed hands while the gate scrubbed them for this claim \
-                     (ids {}): another claim took them, or the ledger recording them was \
-                     forgotten twice; they were not handed over",
+                     (ids {}): another claim took them; they were not handed over",
                     taken.len(),
                     id_list(&in_order(ids, &taken))
                 ),
@@ -579,7 +585,10 @@ impl Allocator {
                 self.report_failed_before(dev, &round.failed_before);
                 return Err(self.refuse_claim(dev, e.to_string(), e.into()));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.report_failed_before(dev, &round.failed_before);
+                return Err(e.into());
+            }
         };
         round.refused.extend(report.failed.iter().copied());
         round.refused.extend(unapplied.failed.iter().copied());

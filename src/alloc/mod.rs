@@ -208,7 +208,7 @@ impl Allocator {
             .inner
             .backend
             .is_capturing(dev, stream)
-            .map_err(AllocError::Backend)?
+            .map_err(|e| self.backend_fault(dev, e))?
         {
             return Err(AllocError::CaptureActive {
                 stream: stream.0,

@@ -342,11 +342,12 @@ const MAX_TRIES: u32 = 5;
 /// changed in between (an edit; not records appended after the head) makes the report
 /// unverified, so no figure comes from a record that was not checked.
 ///
-/// A `prune-log` run that moves files meanwhile changes chains too, legitimately: when the
-/// second verification finds a chain pruned further than the first did, or a listed file
-/// gone, the report is made again (the whole of it, from a new verification), up to
-/// [`MAX_TRIES`] times, waiting longer each time. A file deleted or edited otherwise is
-/// still found by that verification.
+/// A `prune-log` run that moves files meanwhile changes chains too, legitimately: when every
+/// chain that changed (or whose reading failed) is pruned further at the second
+/// verification than at the first (its manifest, written before the prune removes a file,
+/// accounts for the change), the report is made again (the whole of it, from a new
+/// verification), up to [`MAX_TRIES`] times, waiting longer each time. A file deleted or
+/// edited otherwise makes the report fail (exit 2) or unverified, as without a prune.
 pub fn collect_with(
     args: &EvidenceArgs,
     mut on_retry: impl FnMut(&str),
@@ -413,14 +414,14 @@ fn collect_once(
         gap_ns: args.max_gap.saturating_mul(60_000_000_000),
         ..Tally::default()
     };
-    // A reading that fails is judged once the log was verified again: a prune explains it.
+    // A reading that fails is judged once the log was verified again: a prune of its chain
+    // explains it.
     let read = tally_chains(&report, &chains, &mut ev, &mut tally, args.max_exceptions);
     let again = verify_all(dir, opts).map_err(|e| Try::Failed(e.to_string()))?;
-    let pruned_meanwhile = pruned_between(&report, &again, &chains);
-    if let Err(e) = read {
-        return Err(match pruned_meanwhile {
-            Some(why) => Try::Pruned(why),
-            None => Try::Failed(e),
+    if let Err((chain, e)) = read {
+        return Err(match pruned_further(&report, &again, &chain) {
+            true => Try::Pruned(pruned_message(&chain)),
+            false => Try::Failed(e),
         });
     }
     let head_still_there = |b: &super::verify::ChainReport| {
@@ -428,9 +429,9 @@ fn collect_once(
         list.is_some_and(|l| head_in_files(b, l))
     };
     let changed = changed_chains(&report, &again, head_still_there);
-    if !changed.is_empty() {
-        if let Some(why) = pruned_meanwhile {
-            return Err(Try::Pruned(why));
+    if let Some(first) = changed.first() {
+        if changed.iter().all(|c| pruned_further(&report, &again, c)) {
+            return Err(Try::Pruned(pruned_message(first)));
         }
     }
     for changed in changed {
@@ -460,70 +461,71 @@ fn collect_once(
 }
 
 /// Reads every chain that verified in `report` from its files in `chains`, up to its verified
-/// head, into the report and the tally.
+/// head, into the report and the tally; an error names the chain whose reading failed.
 fn tally_chains(
     report: &Report,
     chains: &[(String, Vec<(u64, std::path::PathBuf)>)],
     ev: &mut Evidence,
     tally: &mut Tally,
     max_exceptions: usize,
-) -> Result<(), String> {
+) -> Result<(), (String, String)> {
     for chain in report.chains.iter().filter(|c| c.ok()) {
-        let Some((_, list)) = chains.iter().find(|(id, _)| *id == chain.chain) else {
-            continue;
-        };
-        let Some(last_seq) = chain.last_seq else {
-            continue;
-        };
-        let mut state = ChainState::new(&chain.chain);
-        let mut held = HeldToHead::of(chain);
-        for (_, path) in list {
-            read_file(path, &mut |line, bytes, record| {
-                let seq = record.get("seq").and_then(Value::as_u64);
-                if seq.is_some_and(|s| s <= last_seq) {
-                    held.follow(bytes)
-                        .map_err(|e| format!("{}:{line}: {e}", path.display()))?;
-                    let at = (path.as_path(), line);
-                    tally.add(ev, &mut state, at, record, max_exceptions);
-                }
-                Ok(())
-            })?;
-        }
-        held.at(chain.last_hash.as_deref(), chain.records)
-            .map_err(|e| format!("chain {}: {e}", chain.chain))?;
-        state.finish_run(ev, tally);
+        tally_chain(chain, chains, ev, tally, max_exceptions)
+            .map_err(|e| (chain.chain.clone(), e))?;
     }
     Ok(())
 }
 
-/// Whether `prune-log` moved files of the log between two verifications, `before` and
-/// `after`, with the files listed in between: a chain pruned further in `after` (a newer
-/// manifest, or a chain now wholly archived), or a listed file gone. Says which chain.
-fn pruned_between(
-    before: &Report,
-    after: &Report,
-    listed: &[(String, Vec<(u64, std::path::PathBuf)>)],
-) -> Option<String> {
-    let moved = |p: &Option<Pruned>| p.as_ref().map(|p| (p.files, p.last_seq, p.complete));
-    let pruned_further = after.chains.iter().find(|a| {
-        a.pruned.is_some()
-            && before
-                .chains
-                .iter()
-                .find(|b| b.chain == a.chain)
-                .is_none_or(|b| moved(&b.pruned) != moved(&a.pruned))
-    });
-    if let Some(a) = pruned_further {
-        return Some(format!(
-            "chain {} was pruned while the report was being made (prune-log ran)",
-            a.chain
-        ));
+fn tally_chain(
+    chain: &super::verify::ChainReport,
+    chains: &[(String, Vec<(u64, std::path::PathBuf)>)],
+    ev: &mut Evidence,
+    tally: &mut Tally,
+    max_exceptions: usize,
+) -> Result<(), String> {
+    let Some((_, list)) = chains.iter().find(|(id, _)| *id == chain.chain) else {
+        return Ok(());
+    };
+    let Some(last_seq) = chain.last_seq else {
+        return Ok(());
+    };
+    let mut state = ChainState::new(&chain.chain);
+    let mut held = HeldToHead::of(chain);
+    for (_, path) in list {
+        read_file(path, &mut |line, bytes, record| {
+            let seq = record.get("seq").and_then(Value::as_u64);
+            if seq.is_some_and(|s| s <= last_seq) {
+                held.follow(bytes)
+                    .map_err(|e| format!("{}:{line}: {e}", path.display()))?;
+                let at = (path.as_path(), line);
+                tally.add(ev, &mut state, at, record, max_exceptions);
+            }
+            Ok(())
+        })?;
     }
-    listed.iter().find_map(|(chain, list)| {
-        list.iter()
-            .any(|(_, path)| files::is_missing(path))
-            .then(|| format!("a file of chain {chain} was moved while the report was being made"))
-    })
+    held.at(chain.last_hash.as_deref(), chain.records)
+        .map_err(|e| format!("chain {}: {e}", chain.chain))?;
+    state.finish_run(ev, tally);
+    Ok(())
+}
+
+/// Whether `prune-log` moved files of `chain` between two verifications, `before` and
+/// `after`: `after` finds it pruned further (a newer manifest, or the chain now wholly
+/// archived). A file gone without a manifest that accounts for it is not a prune.
+fn pruned_further(before: &Report, after: &Report, chain: &str) -> bool {
+    let moved = |r: &Report| {
+        r.chains
+            .iter()
+            .find(|c| c.chain == chain)
+            .and_then(|c| c.pruned.as_ref())
+            .map(|p| (p.files, p.last_seq, p.complete))
+    };
+    let (was, is) = (moved(before), moved(after));
+    is.is_some() && is != was
+}
+
+fn pruned_message(chain: &str) -> String {
+    format!("chain {chain} was pruned while the report was being made (prune-log ran)")
 }
 
 /// The period `--since` / `--until` name, refused when it is empty.
@@ -1637,13 +1639,10 @@ pub fn render(ev: &Evidence) -> String {
 mod tests {
     use super::*;
 
-    /// Only a prune excuses a change: a chain pruned further, or a listed file gone.
+    /// Only a prune excuses a change: the chain pruned further by the second verification.
     #[test]
     fn only_a_prune_between_two_verifications_makes_the_report_again() {
         use super::super::verify::ChainReport;
-        let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("a.jsonl");
-        std::fs::write(&file, b"").unwrap();
         let chain = |pruned: Option<u64>| ChainReport {
             chain: "a".into(),
             records: 5,
@@ -1662,22 +1661,14 @@ mod tests {
             chains: vec![chain(pruned)],
             ..Report::default()
         };
-        let listed = vec![("a".to_string(), vec![(0, file.clone())])];
-        // An edit: nothing pruned, every listed file there.
-        assert_eq!(pruned_between(&report(None), &report(None), &listed), None);
-        assert_eq!(
-            pruned_between(&report(Some(2)), &report(Some(2)), &listed),
-            None
-        );
-        // Pruned meanwhile, or further.
-        for (before, after) in [(None, Some(1)), (Some(1), Some(2))] {
-            let why = pruned_between(&report(before), &report(after), &listed);
-            assert!(why.is_some_and(|w| w.contains("chain a was pruned")));
-        }
-        // A listed file gone.
-        std::fs::remove_file(&file).unwrap();
-        let why = pruned_between(&report(None), &report(None), &listed);
-        assert!(why.is_some_and(|w| w.contains("a file of chain a was moved")));
+        // An edit, or a file deleted: nothing pruned further.
+        assert!(!pruned_further(&report(None), &report(None), "a"));
+        assert!(!pruned_further(&report(Some(2)), &report(Some(2)), "a"));
+        assert!(!pruned_further(&report(Some(2)), &report(None), "a"));
+        // Pruned meanwhile, or further; another chain's prune does not count.
+        assert!(pruned_further(&report(None), &report(Some(1)), "a"));
+        assert!(pruned_further(&report(Some(1)), &report(Some(2)), "a"));
+        assert!(!pruned_further(&report(None), &report(Some(1)), "b"));
     }
 
     #[test]

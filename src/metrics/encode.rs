@@ -279,7 +279,7 @@ pub const SERIES: &[Series] = &[
         NONE,
         "Errors reported by the memory backend (driver)."
     ),
-    // Paged KV cache scrubs (`kvh_scrub_blocks`).
+    // Paged KV cache scrubs (`kvh_scrub_blocks`, and the eviction gate's inside claims).
     series!(
         "/counters/kv_scrub_calls",
         "kvh_kv_scrub_calls_total",
@@ -302,7 +302,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Memory segments (one per block and layout region) scrubbed by kvh_scrub_blocks."
+        "Memory segments (one per block and layout region) scrubbed and read back, by kvh_scrub_blocks and by the eviction gate."
     ),
     series!(
         "/counters/kv_bytes_scrubbed",
@@ -310,7 +310,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Bytes zeroed by kvh_scrub_blocks."
+        "Bytes of the KV segments scrubbed and read back, by kvh_scrub_blocks and by the eviction gate."
     ),
     series!(
         "/counters/kv_blocks_failed",
