@@ -39,8 +39,10 @@ Only attribute names are used (no SGLang import): the module is tested against s
 those names, not against SGLang itself. The scrub runs on ``stream`` (default: PyTorch's
 current stream), after the work queued there: with SGLang's overlap scheduler, which runs the
 forward pass on a stream of its own, pass that stream, so that the scrub does not overtake a
-kernel still reading the slots. A draft model's own KV pool and allocator (speculative
-decoding) are wrapped the same way, with their own layouts. Not covered: slots given back by
+kernel still reading the slots. Speculative decoding (EAGLE) gives the draft model a KV
+pool of its own but the target's allocator: wrap that one allocator once, with the layouts of
+both pools (``layouts_of(target_pool) + layouts_of(draft_pool)``), so that every page it
+frees is scrubbed in both. Not covered: slots given back by
 other means than ``free``, ``clear`` and ``restore_state``, and buffers that are not per-token
 rows (FP4 scale buffers, sparse-attention index buffers, a host-side cache).
 """

@@ -428,3 +428,22 @@ def test_an_allocator_whose_restore_frees_cannot_be_seen_is_refused():
     with pytest.raises(AttributeError, match="has restore_state but no free_pages list"):
         scrub_on_free(alloc, layouts_of(pool))
     pool.release()
+
+
+def test_one_allocator_shared_by_a_target_and_a_draft_pool_is_scrubbed_in_both():
+    # EAGLE: the draft model has its own KV pool and uses the target's allocator. One
+    # scrub_on_free with both pools' layouts scrubs a page freed by either (here by a
+    # restore_state after a draft step) in both pools.
+    lib = kvhygiene.load()
+    target, draft = Pool(lib, page_size=2), Pool(lib, page_size=2, layers=1)
+    alloc = SpeculativeAllocator(page_size=2)
+    scrub_on_free(alloc, layouts_of(target) + layouts_of(draft))
+    saved = alloc.backup_state()
+    pages = alloc.alloc(4)  # pages 1 and 2
+    draft.fill(pages, 0xD1)
+    target.fill(pages, 0x7A)
+    alloc.restore_state(saved)
+    assert all(draft.holds(s, 0) for s in pages), "the draft pool kept the draft step's bytes"
+    assert all(target.holds(s, 0) for s in pages)
+    target.release()
+    draft.release()
