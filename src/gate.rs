@@ -510,7 +510,13 @@ fn per_process_files(pattern: &std::path::Path) -> Result<Vec<(u32, PathBuf)>, S
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        format!(
+            "{}: {e} (the directory of the per-process files {})",
+            dir.display(),
+            pattern.display()
+        )
+    })?;
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
