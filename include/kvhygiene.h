@@ -228,7 +228,8 @@ void kvh_empty_cache(void);
 // when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
 // memory for a batch; the message says which and how many blocks): those blocks stay out of
 // use and are scrubbed at a later flush, so call again once the capture ended or memory was
-// freed.
+// freed. After `kvh_shutdown`, `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left
+// pending then) were not scrubbed: none will be, and they are leaked, never handed out.
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the

@@ -96,7 +96,8 @@ struct Inner {
     next_seq: AtomicU64,
     /// First asynchronous backend error seen (sticky), for stats and `kvh_last_error`.
     async_error: Mutex<Option<String>>,
-    shutting_down: AtomicBool,
+    /// Exit (or `shutdown`) has begun; shared with each pool, which submits nothing after.
+    shutting_down: Arc<AtomicBool>,
     /// The eviction gate's ledgers of paged KV caches (`kv_gate.rs`).
     kv_ledgers: Mutex<kv_gate::Ledgers>,
 }
@@ -115,8 +116,9 @@ impl Allocator {
         config: Config,
         sink: Option<Arc<dyn EventSink>>,
     ) -> Self {
+        let shutting_down = Arc::new(AtomicBool::new(false));
         let pools = (0..backend.device_count())
-            .map(|d| Mutex::new(DevicePool::new(d)))
+            .map(|d| Mutex::new(DevicePool::new(d, shutting_down.clone())))
             .collect();
         let inner = Arc::new(Inner {
             backend,
@@ -126,7 +128,7 @@ impl Allocator {
             next_block_id: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
             async_error: Mutex::new(None),
-            shutting_down: AtomicBool::new(false),
+            shutting_down,
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
         });
         spawn_flusher(Arc::downgrade(&inner));
@@ -331,17 +333,18 @@ impl Allocator {
             return Ok(report);
         };
         loop {
-            if self.inner.shutting_down.load(Ordering::Acquire) {
-                // No backend calls once exit has begun: the block stays PENDING (leaked).
-                self.pool(dev).unwatch(seq);
-                return Err(FreeError::Backend(BackendError::ShuttingDown));
-            }
+            // A verdict applied is reported, also when exit began since.
             if let Some(passed) = self.pool(dev).take_outcome(seq) {
                 return if passed {
                     Ok(report)
                 } else {
                     Err(FreeError::VerifyFailed { addr: ptr })
                 };
+            }
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                // No backend calls once exit has begun: the block stays PENDING (leaked).
+                self.pool(dev).unwatch(seq);
+                return Err(FreeError::Backend(BackendError::ShuttingDown));
             }
             let (batches, deferred) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_block(ptr, backend, config, after);
@@ -491,6 +494,19 @@ impl Allocator {
     /// Submits every open batch and waits for every scrub (including quarantine re-scrubs) to
     /// complete and be applied. Returns the sticky asynchronous error, if any.
     pub fn synchronize(&self) -> Result<(), String> {
+        if self.is_shut_down() {
+            // Nothing is scrubbed any more: blocks freed since, or abandoned then, never are.
+            let left: usize = (0..self.inner.pools.len() as u32)
+                .map(|dev| self.pool(dev).pending_blocks())
+                .sum();
+            if left > 0 {
+                return Err(format!(
+                    "{left} freed blocks are not scrubbed and never will be: shutdown (or \
+                     process exit) began, and no scrub runs after it (the blocks are leaked, \
+                     never handed out)"
+                ));
+            }
+        }
         let mut waiting = None;
         for dev in 0..self.inner.pools.len() as u32 {
             self.drain_pool(dev);
@@ -537,6 +553,11 @@ impl Allocator {
             self.drain_pool(dev);
         }
         self.begin_exit();
+    }
+
+    /// Whether `shutdown` or process exit has begun: no scrub runs any more.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
     }
 
     /// Process exit has begun (an `atexit` handler): make no further backend calls at all

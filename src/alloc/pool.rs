@@ -6,6 +6,8 @@
 //! polling); waiting on a ticket happens with the lock released.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::backend::verify::{self, SegmentResult};
@@ -165,12 +167,16 @@ pub(crate) struct DevicePool {
     /// finished only when this is zero too.
     out_of_pool: usize,
     pub(crate) stats: PoolCounters,
+    /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
+    /// set (invariant 6), whichever path gets to a submission.
+    exiting: Arc<AtomicBool>,
 }
 
 impl DevicePool {
-    pub(crate) fn new(device: u32) -> Self {
+    pub(crate) fn new(device: u32, exiting: Arc<AtomicBool>) -> Self {
         DevicePool {
             device,
+            exiting,
             blocks: BTreeMap::new(),
             free_lists: HashMap::new(),
             open: Vec::new(),
@@ -181,6 +187,15 @@ impl DevicePool {
             out_of_pool: 0,
             stats: PoolCounters::default(),
         }
+    }
+
+    /// Blocks freed whose scrub has not been applied (PENDING): once exit has begun, none
+    /// will be, and they are leaked.
+    pub(crate) fn pending_blocks(&self) -> usize {
+        self.blocks
+            .values()
+            .filter(|b| b.state == BlockState::Pending)
+            .count()
     }
 
     // ----- malloc ---------------------------------------------------------------------------
@@ -503,6 +518,13 @@ impl DevicePool {
         config: &Config,
         after: &mut Aftermath,
     ) {
+        // Invariant 6. A thread that waited for a batch while exit began applies its results
+        // afterwards (no backend call), and a flush may race `begin_exit`: what they would
+        // submit (a re-scrub of a block quarantined there, an open batch) is abandoned, its
+        // blocks left PENDING or QUARANTINED, never handed out.
+        if self.exiting.load(Ordering::Acquire) {
+            return;
+        }
         let mut segments = Vec::with_capacity(addrs.len());
         let mut blocks = Vec::with_capacity(addrs.len());
         for addr in addrs {

@@ -557,7 +557,8 @@ pub extern "C" fn kvh_empty_cache() {
 /// when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
 /// memory for a batch; the message says which and how many blocks): those blocks stay out of
 /// use and are scrubbed at a later flush, so call again once the capture ended or memory was
-/// freed.
+/// freed. After `kvh_shutdown`, `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left
+/// pending then) were not scrubbed: none will be, and they are leaked, never handed out.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
@@ -567,6 +568,7 @@ pub extern "C" fn kvh_synchronize() -> c_int {
         };
         match rt.allocator.synchronize() {
             Ok(()) => ok(),
+            Err(e) if rt.allocator.is_shut_down() => fail(KVH_ERR_SHUTTING_DOWN, e),
             Err(e) => fail(KVH_ERR_BACKEND, e),
         }
     })

@@ -1,0 +1,112 @@
+//! Exit and synchronisation paths of the pool: what happens to work that is under way when
+//! process exit begins, and what `synchronize` says about blocks whose scrub never ran.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::alloc::BlockState;
+use kvhygiene::backend::StreamHandle;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// Invariant 6: once exit has begun no backend call is made. A thread that was waiting for a
+/// batch when exit began applies its results afterwards; a block that batch quarantines is
+/// abandoned there, and its re-scrub is not submitted to the backend.
+#[test]
+fn a_batch_applied_after_exit_began_submits_no_rescrub() {
+    let f = Arc::new(Fixture::new(manual_config()));
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 0x71));
+    f.backend.inject_fault_next(); // the free's scrub leaves half the block: quarantine
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.backend.set_gate(false);
+    let syncer = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            let _ = f.alloc.synchronize();
+        })
+    };
+    // The syncer submitted the batch and now waits for it with the pool lock dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.backend.batches.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch never submitted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    f.alloc.begin_exit();
+    f.backend.seal();
+    f.backend.set_gate(true);
+    syncer.join().unwrap();
+    std::thread::sleep(Duration::from_millis(30)); // a flusher tick would have run
+    assert_eq!(
+        f.backend.calls_after_seal.load(Ordering::SeqCst),
+        0,
+        "backend called after exit began ({} batches submitted in all)",
+        f.backend.batches.lock().unwrap().len()
+    );
+}
+
+/// `synchronize` returns success only when every freed block's scrub was verified and applied
+/// (include/kvhygiene.h, `kvh_synchronize`). A free accepted after shutdown leaves its block
+/// PENDING for good (no scrub can run): synchronize must not report success over it.
+#[test]
+fn synchronize_after_shutdown_does_not_succeed_over_an_unscrubbed_free() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 0x72));
+    f.alloc.shutdown();
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Pending);
+    let r = f.alloc.synchronize();
+    assert!(
+        r.is_err(),
+        "synchronize returned {r:?} while a freed block was never scrubbed (still PENDING)"
+    );
+}
+
+/// `free_checked` reports the outcome of its block's scrub once that outcome is known: a
+/// scrub that failed verification (the block is quarantined) is reported as such, also when
+/// process exit began while the caller was waiting for it.
+#[test]
+fn a_checked_free_whose_scrub_failed_reports_it_when_exit_began_meanwhile() {
+    use kvhygiene::alloc::FreeError;
+    let f = Arc::new(Fixture::new(manual_config()));
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 0x73));
+    f.backend.inject_fault_next(); // this block's scrub leaves half of it: verification fails
+    f.backend.set_gate(false);
+    let checker = {
+        let f = f.clone();
+        std::thread::spawn(move || f.alloc.free_checked(a, 4096, 0, S))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.backend.batches.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch never submitted"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // the checker waits for its batch
+    f.alloc.begin_exit();
+    f.backend.set_gate(true);
+    let r = checker.join().unwrap();
+    let state = f.alloc.block_info(a).map(|b| b.state);
+    assert_eq!(
+        state,
+        Some(BlockState::Quarantined),
+        "the scrub's verdict was applied"
+    );
+    assert_eq!(
+        r,
+        Err(FreeError::VerifyFailed { addr: a }),
+        "the checked free did not report its block's failed verification"
+    );
+}
