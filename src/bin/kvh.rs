@@ -252,14 +252,22 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with
-     --strict-anomalies); or the log does not verify
+     --strict-anomalies), or is on and lacks one of those series; or the log does not
+     verify
   2  usage error, or the metrics file (or log) is missing, unreadable or not kvhygiene's
 
 Counters only grow, so an evicted process stays evicted until it restarts.
 
+One file per process ({pid} in KVH_METRICS_FILE, as in a tensor-parallel engine): give the
+pattern, and the file of every live process of the probe's pid namespace is judged; one
+evicted process evicts, and files of processes that are gone are listed, not judged.
+
 Examples:
   # Kubernetes readinessProbe (exec) of the inference container
   kvh gate --metrics-file /run/kvh/kvh.prom --max-age 60
+
+  # The same, for an engine whose workers each write their own file
+  kvh gate --metrics-file '/run/kvh/kvh-{pid}.prom'
 
   # Before promoting a canary: the control held and the evidence verifies
   kvh gate --metrics-file /run/kvh/kvh.prom --log-dir /var/log/kvh --key-file /etc/kvh/hmac.key
