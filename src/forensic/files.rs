@@ -319,10 +319,17 @@ impl LogDir {
         f.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| io_err(&path, "cannot set log file mode", e))?;
         checked(&path, &f)?;
-        if !try_lock(&f) {
+        // Another process's start-up may hold the lock for a moment: its crash recovery locks
+        // the newest file of each chain to tell a live writer from a dead one. Waited for a
+        // while; if it is still held, the file (ours: O_EXCL) is removed, so that the next
+        // rotation can create it again rather than find it there for good.
+        if !lock_within(&f, CREATE_LOCK_WAIT) {
+            let _ = self.remove(name);
             return Err(ForensicError::Permission(format!(
-                "{}: another process holds the lock of a file just created",
-                path.display()
+                "{}: another process held the lock of a file just created for {} ms; the \
+                 file was removed",
+                path.display(),
+                CREATE_LOCK_WAIT.as_millis()
             )));
         }
         Ok(f)
@@ -490,6 +497,24 @@ pub fn open_regular(path: &Path, cap: u64) -> io::Result<(File, u64)> {
         })?;
     let len = regular_len(&f, cap)?;
     Ok((f, len))
+}
+
+/// How long [`LogDir::create_file`] waits for a lock another process holds on the file it
+/// just created.
+const CREATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// [`try_lock`], tried again every millisecond or so until `wait` has passed.
+fn lock_within(f: &File, wait: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        if try_lock(f) {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Takes an exclusive, non-blocking `flock`. A live writer holds it on its active file; the

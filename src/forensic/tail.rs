@@ -229,8 +229,10 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 // a run after the investigation does not pass it on twice. A first pass from
                 // the heads wrote nothing and placed nothing: saved, its empty state would
                 // read as "every chain is new" and the next run would pass the log on whole.
+                // So too for an output that failed (a full disk, a pipe closed): the records
+                // written before the failure are passed on.
                 let placed = !(first && skip_existing);
-                if let (Some(path), Stop::Tampered { .. }, true) = (&args.state, &stop, placed) {
+                if let (Some(path), true) = (&args.state, placed) {
                     let _ = save_state(path, &state);
                 }
                 return Err(stop);
@@ -286,11 +288,11 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
 /// passed on from it, as when their files are gone; looked at again after a moment first.
 /// `None` while nothing was passed on from it, or while it is there.
 fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
-    if state.chains.is_empty() || !files::is_missing(dir) {
+    if state.chains.is_empty() || !no_directory_at(dir) {
         return None;
     }
     std::thread::sleep(RECHECK_AFTER);
-    files::is_missing(dir).then(|| Stop::Tampered {
+    no_directory_at(dir).then(|| Stop::Tampered {
         chain: None,
         reason: format!(
             "the log directory {} is gone, with the {} chain(s) passed on from it",
@@ -298,6 +300,18 @@ fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
             state.chains.len()
         ),
     })
+}
+
+/// Whether no directory is at `dir` any more: nothing there, or something else in its place
+/// (a file, a link to nothing). Followed when it is a link, as the tail was given it. Other
+/// errors (a volume that does not answer) are not taken as gone: the pass says them.
+fn no_directory_at(dir: &Path) -> bool {
+    match std::fs::metadata(dir) {
+        Ok(m) => !m.is_dir(),
+        Err(e) => {
+            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+        }
+    }
 }
 
 /// Waits for the missing `dir` to exist, looking every `interval` seconds, or until `stop` is
@@ -432,13 +446,21 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
         if let Some((first, last)) = new.gap {
             say_gap(&mut out, &chain.chain, first, last)?;
         }
-        for line in &new.lines {
-            if how.security_only && !security_line(line) {
-                continue;
+        for (line, at) in &new.lines {
+            if !(how.security_only && !security_line(line)) {
+                // One write per line (the record and its newline), so that a line is either
+                // out or not when the output fails.
+                let mut whole = Vec::with_capacity(line.len() + 1);
+                whole.extend_from_slice(line);
+                whole.push(b'\n');
+                if let Err(e) = out.write_all(&whole).and_then(|()| out.flush()) {
+                    // The records written before stay passed on: the position moves past
+                    // them (and is saved), so that no run passes them on again.
+                    return Err(PassError::Stop(Stop::Error(format!("cannot write: {e}"))));
+                }
             }
-            out.write_all(line)
-                .and_then(|()| out.write_all(b"\n"))
-                .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+            state.chains.insert(chain.chain.clone(), at.clone());
+            moved = true;
         }
         state.chains.insert(chain.chain.clone(), new.to);
         moved = true;
@@ -526,7 +548,16 @@ fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
                 ),
             ));
         }
-        if head == Some(pos.seq) && chain.last_hash.as_deref().is_some_and(|h| h != pos.hash) {
+        // The head's hash: its record's, or, for a chain moved whole, the one its manifest
+        // recorded for the last record moved.
+        let head_hash = chain.last_hash.as_deref().or_else(|| {
+            chain
+                .pruned
+                .as_ref()
+                .filter(|_| chain.last_seq.is_none())
+                .and_then(|p| p.last_hash.as_deref())
+        });
+        if head == Some(pos.seq) && head_hash.is_some_and(|h| h != pos.hash) {
             return Err(tampered(
                 id,
                 format!("record seq {} is not the one passed on: rewritten", pos.seq),
@@ -538,7 +569,8 @@ fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
 
 /// The records of a chain after `from` up to its verified head.
 struct NewRecords {
-    lines: Vec<Vec<u8>>,
+    /// Each record line (without its newline) and the position just past it.
+    lines: Vec<(Vec<u8>, Position)>,
     to: Position,
     /// Seqs after `from` that `prune-log` moved away before they were passed on.
     gap: Option<(u64, u64)>,
@@ -687,7 +719,12 @@ fn read_from(
             }
             prev = Some(hash);
             last = Some((seq, *index));
-            lines.push(line);
+            let at = Position {
+                seq,
+                hash: hex(&hash),
+                file: *index,
+            };
+            lines.push((line, at));
         }
     }
     match (last, prev) {
@@ -799,7 +836,7 @@ mod tests {
             Read::New(n) => Some(
                 n.lines
                     .iter()
-                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .map(|(l, _)| String::from_utf8_lossy(l).into_owned())
                     .collect(),
             ),
             Read::Changed => None,

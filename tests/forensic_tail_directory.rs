@@ -1,0 +1,117 @@
+//! `kvh tail-log`: the log directory gone (removed or renamed) after chains were passed on
+//! from it is tampering, whatever is left at its path: nothing, a dangling symlink, or a
+//! file that is not a directory.
+
+mod forensic_common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use forensic_common::{cfg, write_log};
+use serde_json::Value;
+
+fn kvh() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
+fn tail_once(dir: &Path, state: &Path) -> Output {
+    kvh()
+        .arg("tail-log")
+        .arg(dir)
+        .args(["--once", "--state", state.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+/// The last stdout line, parsed.
+fn last_line(stdout: &[u8]) -> Option<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+}
+
+/// A scheduled `--once --state` run after the directory its chains were passed on from was
+/// renamed away and a file put at its name: the directory is gone (exit 1, the alert line),
+/// not an unreadable directory (exit 2) to try again at the next run.
+#[test]
+fn a_log_directory_renamed_and_replaced_by_a_file_is_tampering_for_a_once_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    assert_eq!(tail_once(&dir, &state).status.code(), Some(0));
+    std::fs::rename(&dir, tmp.path().join("elsewhere")).unwrap();
+    std::fs::write(&dir, b"").unwrap();
+    let out = tail_once(&dir, &state);
+    let alert = last_line(&out.stdout);
+    assert!(
+        out.status.code() == Some(1)
+            && alert
+                .as_ref()
+                .is_some_and(|v| v["kvh_tail_log"] == "tampering"),
+        "exit {:?}, stdout {:?}, stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running tail whose log directory is renamed away, a dangling symlink left at its name:
+/// it stops as tampering within a few passes (as when the directory is removed), rather
+/// than say once that it cannot list the directory and try again for ever.
+#[test]
+fn a_log_directory_renamed_under_a_running_tail_with_a_dangling_link_left_is_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    let mut child = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--interval", "1", "--state", state.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first pass placed the tail at the chain's head (the state file says so).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"seq\"")) {
+        assert!(
+            Instant::now() < deadline,
+            "the first pass never saved its state"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::rename(&dir, tmp.path().join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let alert = last_line(&out.stdout);
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1))
+            && alert
+                .as_ref()
+                .is_some_and(|v| v["kvh_tail_log"] == "tampering"),
+        "the tail did not stop as on tampering within 15 s (status {status:?}); stdout {:?}, \
+         stderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

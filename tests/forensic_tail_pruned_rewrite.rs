@@ -1,0 +1,101 @@
+//! `kvh tail-log`: a chain the tail passed on to its end, then rewritten and moved whole by
+//! `prune-log`: its manifest's last record (seq and hash) is the record the position names,
+//! and another hash there is a rewritten chain, as it is for a chain still in the directory.
+
+mod forensic_common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use forensic_common::{cfg, chain_files, reseal_all, secret, write_log, SECRET};
+use serde_json::Value;
+
+fn kvh() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
+fn run(dir: &Path, verb: &str, args: &[&str]) -> Output {
+    kvh().arg(verb).arg(dir).args(args).output().unwrap()
+}
+
+#[test]
+fn a_chain_rewritten_then_moved_whole_at_the_position_is_caught() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, &*secret()).unwrap();
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(
+        &archive,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let state = tmp.path().join("tail.json");
+    let args = [
+        "--key-file",
+        key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--allow-pruned",
+        "--once",
+    ];
+    // A process that ran and stopped; the tail passes its chain on to the `stop`.
+    write_log(&cfg(&dir, 1 << 20), 4, true);
+    let files = chain_files(&dir);
+    let mut from_start = args.to_vec();
+    from_start.push("--from-start");
+    let out = run(&dir, "tail-log", &from_start);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 6);
+    // Whoever holds the HMAC secret rewrites the chain (another tenant on one record) and
+    // seals it again; then the nightly prune moves the ended chain whole.
+    reseal_all(&files, SECRET, |m| {
+        if m["seq"] == 2 {
+            m.insert("tenant_id".into(), Value::from("someone-else"));
+        }
+    });
+    let pruned = run(
+        &dir,
+        "prune-log",
+        &[
+            "--archive-dir",
+            archive.to_str().unwrap(),
+            "--older-than",
+            "0",
+            "--key-file",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(chain_files(&dir).is_empty(), "the chain moved whole");
+    // Another process writes meanwhile, so the log directory still holds records.
+    write_log(&cfg(&dir, 1 << 20), 1, true);
+    let out = run(&dir, "tail-log", &args);
+    let last: Option<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    assert!(
+        out.status.code() == Some(1)
+            && last.as_ref().is_some_and(|v| {
+                v["kvh_tail_log"] == "tampering"
+                    && v["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("rewritten"))
+            }),
+        "the chain's last record, passed on, now has another hash (its manifest says so), and \
+         the tail says nothing: exit {:?}, stdout {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
