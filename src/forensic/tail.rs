@@ -447,7 +447,7 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
             say_gap(&mut out, &chain.chain, first, last)?;
         }
         for (line, at) in &new.lines {
-            if !(how.security_only && !security_line(line)) {
+            if !how.security_only || security_line(line) {
                 // One write per line (the record and its newline), so that a line is either
                 // out or not when the output fails.
                 let mut whole = Vec::with_capacity(line.len() + 1);
@@ -460,7 +460,6 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
                 }
             }
             state.chains.insert(chain.chain.clone(), at.clone());
-            moved = true;
         }
         state.chains.insert(chain.chain.clone(), new.to);
         moved = true;
