@@ -806,3 +806,134 @@ fn a_free_on_the_per_thread_stream_is_never_scrubbed_on_another_threads_stream()
          the one whose stream it named"
     );
 }
+
+/// Arms `fake_cuda_<hook>(cb)` (`void(void (*)(void))`) in an instance.
+fn arm(lib: &libloading::Library, hook: &str, cb: extern "C" fn()) {
+    let symbol = format!("fake_cuda_{hook}\0");
+    // SAFETY: every fake_cuda_on_* hook setter is `void(void (*)(void))`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(symbol.as_bytes())
+            .expect("hook");
+        f(cb);
+    }
+}
+
+/// A submission whose shutdown begins while its scrub kernel is being launched (a launch
+/// blocks while the stream's launch queue is full) makes no further driver call once
+/// `Backend::shutdown` has returned: neither the publish launch of a segment spanning chunks
+/// nor the completion event's record.
+#[test]
+fn no_driver_call_after_shutdown_begun_during_the_scrub_launch() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_launch");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let len = 100_000;
+    let base = b.allocate(0, len).expect("allocate");
+    // Warm a slot up first, so that the submission below goes straight to its launches.
+    let seg = ScrubSegment {
+        addr: base,
+        len,
+        seed: 21,
+    };
+    assert_eq!(run(b, batch(vec![seg], SAMPLED))[0].checked, 64);
+    arm(&lib, "on_launch", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let at_shutdown = query(&lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    let after = calls(&lib) - at_shutdown;
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        match &submitted {
+            Ok(_) => "Ok(ticket)".to_string(),
+            Err(e) => format!("Err({e})"),
+        }
+    );
+}
+
+/// The same while the batch's slot is being created (its device sums allocated, then its
+/// page-locked result area mapped and its completion event created): once `Backend::shutdown`
+/// has returned, the slot's remaining allocations are not made.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_a_batch_slot_is_created() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_new_slot");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 22,
+    };
+    // The first submission of the backend creates its first slot: cuMemAlloc of the sums.
+    arm(&lib, "on_mem_alloc", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let at_shutdown = query(&lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    let after = calls(&lib) - at_shutdown;
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        match &submitted {
+            Ok(_) => "Ok(ticket)".to_string(),
+            Err(e) => format!("Err({e})"),
+        }
+    );
+}
+
+/// A batch slot whose completion event cannot be created for lack of memory is a slot that
+/// cannot be allocated (docs/cuda.md, "Out of memory": `submit_scrub` returns `OutOfMemory`),
+/// like one whose buffers cannot be: the submission fails with `OutOfMemory`, and the next one
+/// succeeds.
+#[test]
+fn a_slot_event_that_cannot_be_created_for_lack_of_memory_is_out_of_memory() {
+    let (path, lib) = fake_or_skip!("slot_event_oom");
+    let b = start(&path);
+    let (segments, total) = random_layout(8, 5000, 4);
+    let base = b.allocate(0, total).expect("allocate");
+    switch(&lib, "fail_event_creates", 1);
+    match submit(&b, batch(place(base, &segments), SAMPLED)) {
+        Err(BackendError::OutOfMemory { device, .. }) => assert_eq!(device, 0),
+        Err(e) => panic!("expected OutOfMemory for the batch slot, got {e:?}"),
+        Ok(_) => panic!("a batch was submitted without its slot's event"),
+    }
+    b.release(0, base, total).expect("release");
+    scrub_and_check(&b, total, &segments, SAMPLED);
+}
+
+/// Through the allocator: blocks whose batch slot lacked memory for its completion event
+/// stay PENDING and are scrubbed later, never counted as failed verifications or condemned.
+#[test]
+fn a_slot_event_out_of_memory_does_not_condemn_the_blocks() {
+    use kvhygiene::alloc::Allocator;
+    let (path, lib) = fake_or_skip!("slot_event_oom_alloc");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let s = StreamHandle(0);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    alloc.free(p, 4096, 0, s).expect("free");
+    // The next two slot creations fail at their event (the batch's, then a re-scrub's).
+    switch(&lib, "fail_event_creates", 2);
+    let _ = alloc.synchronize();
+    let _ = alloc.synchronize();
+    let _ = alloc.synchronize();
+    let stats = alloc.stats();
+    assert_eq!(
+        stats.counters.verifications_failed, 0,
+        "a slot event allocation failure was logged as a failed verification"
+    );
+    assert_eq!(
+        stats.counters.rescrub_failed, 0,
+        "a block was condemned after a transient slot event allocation failure"
+    );
+    alloc.shutdown();
+}

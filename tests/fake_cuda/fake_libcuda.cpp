@@ -27,6 +27,10 @@
 // - fake_cuda_on_capture_query(cb) makes the next cuStreamIsCapturing call cb() before it
 //   returns (standing for another thread, e.g. an atexit handler, acting at that moment);
 //   fake_cuda_calls_at_hook(0) is the driver call count when cb returned (-1: not yet run).
+//   fake_cuda_on_launch(cb) and fake_cuda_on_mem_alloc(cb) do the same at the next
+//   cuLaunchKernel (after the kernel ran) and the next successful cuMemAlloc.
+// - fake_cuda_fail_event_creates(n) makes the next n cuEventCreate calls fail with
+//   CUDA_ERROR_OUT_OF_MEMORY (one of cuEventCreate's documented returns).
 // - fake_cuda_own_per_thread_stream(0) marks the calling thread as the one whose per-thread
 //   default stream (handle 2, CU_STREAM_PER_THREAD) the test's work runs on;
 //   fake_cuda_foreign_per_thread_uses(0) counts launches and event records on handle 2 made
@@ -143,6 +147,21 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block,
     return OK;
 }
 
+static void (*g_capture_hook)(void) = nullptr;
+static void (*g_launch_hook)(void) = nullptr;
+static void (*g_mem_alloc_hook)(void) = nullptr;
+static std::atomic<int> g_calls_at_hook{-1};
+void fake_cuda_on_launch(void (*cb)(void)) { g_launch_hook = cb; }
+void fake_cuda_on_mem_alloc(void (*cb)(void)) { g_mem_alloc_hook = cb; }
+// Runs the hook in `slot` once, if set, and notes the call count when it returned.
+static void run_hook(void (**slot)(void)) {
+    if (void (*hook)(void) = *slot) {
+        *slot = nullptr;
+        hook();
+        g_calls_at_hook = g_calls.load();
+    }
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     NEED_CTX();
     g_mode_at_alloc = (int)t_capture_mode;
@@ -150,6 +169,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     void* m = aligned_alloc(256, (n + 255) / 256 * 256);
     if (!m) return OUT_OF_MEMORY;
     *p = (CUdeviceptr)m;
+    run_hook(&g_mem_alloc_hook);
     return OK;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); free((void*)p); return OK; }
@@ -177,8 +197,6 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { retu
 
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { NEED_CTX(); return OK; }
 CUresult cuStreamSynchronize(void*) { NEED_CTX(); return OK; }
-static void (*g_capture_hook)(void) = nullptr;
-static std::atomic<int> g_calls_at_hook{-1};
 void fake_cuda_on_capture_query(void (*cb)(void)) { g_capture_hook = cb; }
 int fake_cuda_calls_at_hook(int) { return g_calls_at_hook.load(); }
 CUresult cuStreamIsCapturing(void* s, int* status) {
@@ -202,7 +220,17 @@ extern "C" int fake_cuda_capture_mode(int set) {
     return (int)t_capture_mode;
 }
 extern "C" int fake_cuda_mode_at_alloc(int) { return g_mode_at_alloc.load(); }
-CUresult cuEventCreate(void** e, unsigned) { NEED_CTX(); *e = new Event(); return OK; }
+static std::atomic<int> g_fail_event_creates{0};
+void fake_cuda_fail_event_creates(int n) { g_fail_event_creates = n; }
+CUresult cuEventCreate(void** e, unsigned) {
+    NEED_CTX();
+    if (g_fail_event_creates > 0) {
+        g_fail_event_creates--;
+        return OUT_OF_MEMORY;
+    }
+    *e = new Event();
+    return OK;
+}
 static thread_local bool t_owns_per_thread = false;
 static std::atomic<int> g_foreign_per_thread_uses{0};
 int fake_cuda_own_per_thread_stream(int) { t_owns_per_thread = true; return 0; }
@@ -323,6 +351,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
     } else {
         return INVALID_VALUE;
     }
+    run_hook(&g_launch_hook);
     return OK;
 }
 

@@ -296,16 +296,25 @@ pub unsafe fn memcpy_dtoh(
     })
 }
 
-/// An event without timing (cheaper to record and query).
-pub fn event_create(d: &Driver) -> Result<CUevent, BackendError> {
+/// An event without timing (cheaper to record and query). Out of memory maps to
+/// [`BackendError::OutOfMemory`] (of `device`, whose batches need it), as for the other
+/// buffers of a batch slot.
+pub fn event_create(d: &Driver, device: u32) -> Result<CUevent, BackendError> {
     let mut ev = std::ptr::null_mut();
     // SAFETY: `ev` is a valid out-pointer.
-    check(d, "cuEventCreate", unsafe {
+    let rc = unsafe {
         d.api().cuEventCreate(
             &mut ev,
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING.0 as c_uint,
         )
-    })?;
+    };
+    if rc == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Err(BackendError::OutOfMemory {
+            device,
+            requested: 0,
+        });
+    }
+    check(d, "cuEventCreate", rc)?;
     Ok(ev)
 }
 

@@ -8,8 +8,9 @@
 //!   chunks, and a completion event. Nothing is copied: a batch of up to
 //!   [`kernel::INLINE_SEGMENTS`] segments travels in the kernel parameter, a larger one as work
 //!   items in page-locked host memory the kernel reads directly, and the kernels write results
-//!   into page-locked host memory. Nothing on the host waits for the device except
-//!   [`Backend::zero_fresh`], `read` / `write` and [`ScrubTicket::wait`].
+//!   into page-locked host memory. Nothing on the host waits for the device except `read` /
+//!   `write` and [`ScrubTicket::wait`] ([`Backend::zero_fresh`] queues an asynchronous memset
+//!   on the caller's stream).
 //! - Graph capture: nothing is enqueued on a capturing stream (it would become part of the
 //!   graph, and the scrub would run at replay instead of now): such calls fail with
 //!   [`BackendError::StreamCapturing`] and the pool defers the work.
@@ -89,7 +90,9 @@ struct Slot {
     sums_dirty: bool,
     /// `segments` SegmentResults the kernels write and the ticket reads.
     results: Mapped,
-    /// Work items (`item_capacity` DeviceChunks), allocated for the first batch with items.
+    /// Work items (`item_capacity` DeviceChunks), allocated with the slot when the batch that
+    /// made it had items (a power of two at least its count), never grown: a slot without
+    /// room for a later batch's items is passed over for a new one.
     items: Option<Mapped>,
     item_capacity: usize,
     done: Handle<CUevent>,
@@ -404,7 +407,7 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     let strided_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_STRIDED_KERNEL) }?;
     // SAFETY: as above.
     let publish_fn = unsafe { r::module_get_function(d, module, kernel::PUBLISH_KERNEL) }?;
-    let order_event = r::event_create(d)?;
+    let order_event = r::event_create(d, ordinal)?;
     Ok(Device {
         ordinal,
         ctx: Handle(ctx),
@@ -556,7 +559,12 @@ impl Backend for CudaBackend {
         let mut plan = kernel::plan(&batch.segments, batch.options)
             .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
         plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
-        let mut slot = acquire_slot(d, dev, plan.params.count as usize, plan.item_count)?;
+        let mut slot = acquire_slot(
+            &self.inner,
+            dev,
+            plan.params.count as usize,
+            plan.item_count,
+        )?;
         let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
         match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape) {
             Ok(()) => Ok(Box::new(CudaTicket {
@@ -569,7 +577,7 @@ impl Backend for CudaBackend {
             // Shutdown began part way: no further driver call, the slot is leaked.
             Err(BackendError::ShuttingDown) => Err(BackendError::ShuttingDown),
             Err(e) => {
-                give_back_after_error(d, dev, slot, s);
+                give_back_after_error(&self.inner, dev, slot, s);
                 Err(e)
             }
         }
@@ -622,11 +630,12 @@ impl Backend for CudaBackend {
 /// An idle slot for `segments` segments and `items` work items whose last use has completed,
 /// or a new one.
 fn acquire_slot(
-    d: &Driver,
+    inner: &Inner,
     dev: &Device,
     segments: usize,
     items: usize,
 ) -> Result<Slot, BackendError> {
+    let d = &inner.driver;
     {
         let mut idle = lock(&dev.slots);
         let mut i = 0;
@@ -648,19 +657,29 @@ fn acquire_slot(
             i += 1;
         }
     }
+    inner.live()?;
     new_slot(
-        d,
+        inner,
         dev.ordinal,
         segments.max(MIN_SLOT_SEGMENTS).next_power_of_two(),
         items,
     )
 }
 
+/// A new batch slot. Every step frees what the steps before it allocated when it fails; once
+/// shutdown has begun (checked between the driver calls) nothing more is called, not even a
+/// free: what was allocated is leaked, as everything is at exit.
 #[cold]
-fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Slot, BackendError> {
+fn new_slot(
+    inner: &Inner,
+    device: u32,
+    segments: usize,
+    items: usize,
+) -> Result<Slot, BackendError> {
+    let d = &inner.driver;
     let bytes = segments * RESULT_BYTES;
     let sums = r::mem_alloc(d, device, bytes as u64)?;
-    // Every step below frees what the steps before it allocated when it fails.
+    inner.live()?;
     let results = match r::mem_host_alloc_mapped(d, device, bytes) {
         Ok((host, dev)) => Mapped {
             host: Handle(host),
@@ -678,6 +697,7 @@ fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Sl
         // SAFETY: 1. allocated above, unused.
         let _ = unsafe { r::mem_free_host(d, results.host.0) };
     };
+    inner.live()?;
     let (items, item_capacity) = if items == 0 {
         (None, 0)
     } else {
@@ -696,7 +716,8 @@ fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Sl
             }
         }
     };
-    let done = match r::event_create(d) {
+    inner.live()?;
+    let done = match r::event_create(d, device) {
         Ok(ev) => ev,
         Err(e) => {
             free_results();
@@ -722,8 +743,12 @@ fn new_slot(d: &Driver, device: u32, segments: usize, items: usize) -> Result<Sl
 /// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
 /// even that fails.
 #[cold]
-fn give_back_after_error(d: &Driver, dev: &Device, mut slot: Slot, s: CUstream) {
+fn give_back_after_error(inner: &Inner, dev: &Device, mut slot: Slot, s: CUstream) {
+    let d = &inner.driver;
     slot.sums_dirty = true;
+    if inner.live().is_err() {
+        return; // no driver call once shutdown has begun: the slot is leaked
+    }
     // SAFETY: 1. live event and the batch's stream, context current.
     if unsafe { r::event_record(d, slot.done.0, s) }.is_ok() {
         lock(&dev.slots).push(slot);
@@ -787,6 +812,8 @@ fn enqueue(
         let grid = u32::try_from(blocks)
             .map_err(|_| BackendError::Other(format!("{blocks} blocks in one launch")))?;
         launch(d, f, grid, s, &mut plan.params)?;
+        // A launch may block (a full launch queue) while shutdown begins.
+        inner.live()?;
     }
     if plan.needs_publish {
         // The scrub kernel has added to the sums; from here a failure leaves them dirty.
@@ -799,6 +826,7 @@ fn enqueue(
             &mut plan.params,
         )?;
         slot.sums_dirty = false;
+        inner.live()?;
     }
     // SAFETY: 1. live event, the batch's stream.
     unsafe { r::event_record(d, slot.done.0, s) }
