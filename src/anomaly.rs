@@ -90,7 +90,9 @@ pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
         } if *samples_nonzero > 0 => &[S::VerifyFailed, S::Residue],
         EventKind::VerifyFailed { .. } | EventKind::KvVerifyFailed { .. } => &[S::VerifyFailed],
         EventKind::Quarantined { reason } => match reason {
-            QuarantineReason::Residue => &[S::Residue, S::Quarantine],
+            QuarantineReason::Residue | QuarantineReason::RescrubResidue => {
+                &[S::Residue, S::Quarantine]
+            }
             QuarantineReason::NeverReusePolicy => &[],
             QuarantineReason::VerifyFailed | QuarantineReason::RescrubFailed => &[S::Quarantine],
         },
@@ -255,8 +257,10 @@ struct KeyState {
     baseline: Ewma,
     /// No burst before this time (ms): one burst record per window.
     burst_quiet_until: u64,
-    /// The window a surge fired in: one surge record per window.
+    /// The window a surge fired in, and no surge before this time (ms): one surge record per
+    /// window, also for a storm that crosses from one window into the next.
     surged_in: Option<u64>,
+    surge_quiet_until: u64,
     /// Time of the last event (ms), for forgetting idle tenants.
     last_ms: u64,
 }
@@ -271,6 +275,7 @@ impl KeyState {
             baseline: Ewma::default(),
             burst_quiet_until: 0,
             surged_in: None,
+            surge_quiet_until: 0,
             last_ms: t,
         }
     }
@@ -283,7 +288,7 @@ impl KeyState {
         *cell = cell.saturating_add(1);
         self.window_count = self.window_count.saturating_add(1);
         self.last_ms = t;
-        [self.burst(t, p, burst_threshold), self.surge(p)]
+        [self.burst(t, p, burst_threshold), self.surge(t, p)]
     }
 
     /// Moves both windows forward to `t`: slots that left the sliding window are cleared, and
@@ -323,8 +328,11 @@ impl KeyState {
     /// Checked at every event rather than when the window ends: the count only grows within
     /// a window, so the same windows are flagged, as soon as they cross, without waiting for
     /// a later event to notice that one ended.
-    fn surge(&mut self, p: &Params) -> Option<Firing> {
-        if self.baseline.windows < p.warmup_windows || self.surged_in == Some(self.window) {
+    fn surge(&mut self, t: u64, p: &Params) -> Option<Firing> {
+        if self.baseline.windows < p.warmup_windows
+            || self.surged_in == Some(self.window)
+            || t < self.surge_quiet_until
+        {
             return None;
         }
         let (mean, spread) = (self.baseline.mean, self.baseline.spread());
@@ -341,6 +349,7 @@ impl KeyState {
             return None;
         }
         self.surged_in = Some(self.window);
+        self.surge_quiet_until = t.saturating_add(p.window_ms);
         let baseline = AnomalyBaseline {
             mean,
             stddev: self.baseline.var.max(0.0).sqrt(),
@@ -1035,10 +1044,14 @@ mod tests {
         assert!(b.z_score > 4.0, "{b:?}");
         // Once per window, however far the count climbs.
         assert!(feed(&mut d, &at, s, &a, 8 * W + 500, 200).is_empty());
-        // The storm widened the baseline's spread: the next window needs far more.
-        assert!(feed(&mut d, &at, s, &a, 9 * W, 100).is_empty());
+        // Quiet for a window after it fired, even in the next window (a storm crossing the
+        // boundary is one record).
+        assert!(feed(&mut d, &at, s, &a, 9 * W, 50).is_empty());
+        // The storm widened the baseline's spread: the next window needs far more, once the
+        // quiet window is over (it fired at most 100 ms into window 8).
+        assert!(feed(&mut d, &at, s, &a, 9 * W + 100, 50).is_empty());
         assert_eq!(
-            rules(&feed(&mut d, &at, s, &a, 9 * W, 900)),
+            rules(&feed(&mut d, &at, s, &a, 9 * W + 100, 900)),
             [AnomalyRule::Surge]
         );
     }

@@ -23,6 +23,10 @@ pub enum QuarantineReason {
     /// Verification passed the coverage threshold but some samples read non-zero: something
     /// wrote to the block after it was freed. It is never handed out again as clean.
     Residue,
+    /// The re-scrub of an already quarantined block passed the coverage threshold but read
+    /// non-zero samples: something wrote to it while it was quarantined. Kept quarantined
+    /// for the life of the process, as [`QuarantineReason::RescrubFailed`].
+    RescrubResidue,
 }
 
 /// Why a block went back to the backend.

@@ -883,7 +883,9 @@ impl DevicePool {
                 (false, true, _) if residue => {
                     self.quarantine(addr, QuarantineReason::Residue, after)
                 }
-                (true, true, _) if residue => self.condemn(addr, after),
+                (true, true, _) if residue => {
+                    self.condemn(addr, QuarantineReason::RescrubResidue, after)
+                }
                 (false, true, Disposition::Reuse) => {
                     self.make_clean(addr, now, config.tenant_isolation)
                 }
@@ -893,7 +895,7 @@ impl DevicePool {
                 }
                 (false, false, _) => self.quarantine(addr, QuarantineReason::VerifyFailed, after),
                 (true, true, _) => self.release(addr, ReleaseReason::QuarantineCleared, after),
-                (true, false, _) => self.condemn(addr, after),
+                (true, false, _) => self.condemn(addr, QuarantineReason::RescrubFailed, after),
             }
         }
     }
@@ -927,24 +929,21 @@ impl DevicePool {
         after.event(EventKind::Quarantined { reason }, block);
     }
 
-    /// A quarantined block whose re-scrub failed stays quarantined for the life of the process.
+    /// A quarantined block whose re-scrub failed (`RescrubFailed`, or `RescrubResidue` when it
+    /// read residue) stays quarantined for the life of the process.
     #[cold]
-    fn condemn(&mut self, addr: u64, after: &mut Aftermath) {
+    fn condemn(&mut self, addr: u64, reason: QuarantineReason, after: &mut Aftermath) {
         let Some(block) = self.blocks.get_mut(&addr) else {
             return;
         };
-        block.disposition = Disposition::Quarantine(QuarantineReason::RescrubFailed);
+        block.disposition = Disposition::Quarantine(reason);
         self.stats.counters.rescrub_failed += 1;
         let block = &self.blocks[&addr];
-        after.event(
-            EventKind::Quarantined {
-                reason: QuarantineReason::RescrubFailed,
-            },
-            block,
-        );
+        after.event(EventKind::Quarantined { reason }, block);
     }
 
-    /// Queues a double-pass, fully verified re-scrub for every quarantined block awaiting one.
+    /// Queues a double-pass, fully verified re-scrub for every quarantined block awaiting one
+    /// (a condemned one never is).
     pub(crate) fn submit_rescrubs(
         &mut self,
         backend: &dyn Backend,
@@ -963,7 +962,7 @@ impl DevicePool {
                 blocks.get(a).is_some_and(|b| {
                     b.state == BlockState::Quarantined
                         && !b.scrub_in_flight
-                        && matches!(b.disposition, Disposition::Quarantine(r) if r != QuarantineReason::RescrubFailed)
+                        && matches!(b.disposition, Disposition::Quarantine(r) if !condemned(r))
                 })
             })
             .collect();
@@ -1163,4 +1162,13 @@ impl DevicePool {
                     .is_some_and(|b| b.state == BlockState::Clean)
             })
     }
+}
+
+/// Whether a quarantine reason condemns the block for the life of the process (its re-scrub
+/// failed): it is never re-scrubbed again.
+fn condemned(reason: QuarantineReason) -> bool {
+    matches!(
+        reason,
+        QuarantineReason::RescrubFailed | QuarantineReason::RescrubResidue
+    )
 }

@@ -181,7 +181,8 @@ pub struct AnomalyConfig {
     pub enabled: bool,
     /// Length of the sliding (burst) and baseline (surge) windows, milliseconds.
     pub window_ms: u64,
-    /// Standard deviations above the baseline that make a window's count a surge.
+    /// Spreads above the baseline that make a window's count a surge (the spread: the
+    /// baseline's standard deviation, at least the square root of its mean and at least 1).
     pub z: f64,
     /// Multiplier of every signal's default burst threshold (thresholds stay at least 1).
     pub burst_scale: f64,

@@ -1250,9 +1250,16 @@ fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
             .iter()
             .map(|(s, n)| format!("{} {n}", cell(s)))
             .collect();
+        let total: u64 = ev.anomalies_by_signal.values().sum();
+        let listed = ev.exceptions.iter().filter(|e| e.kind == "anomaly").count() as u64;
+        let where_listed = if listed >= total {
+            "each is listed under Exceptions".to_string()
+        } else {
+            format!("{listed} of them are listed under Exceptions, which stops at --max-exceptions")
+        };
         push(format!(
-            "Anomalies (`anomaly` records: a tenant's burst or surge of security events; each \
-             is listed under Exceptions): {}.",
+            "Anomalies (`anomaly` records: a tenant's burst or surge of security events; \
+             {where_listed}): {}.",
             by_signal.join(", ")
         ));
     }

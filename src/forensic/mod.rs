@@ -468,6 +468,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 QuarantineReason::NeverReusePolicy => "never_reuse_policy",
                 QuarantineReason::RescrubFailed => "rescrub_failed",
                 QuarantineReason::Residue => "residue",
+                QuarantineReason::RescrubResidue => "rescrub_residue",
             }),
         ),
         EventKind::Released { reason } => put(
