@@ -418,3 +418,84 @@ fn an_unknown_key_of_a_policy_file_reaches_the_terminal_without_its_control_char
         "a control character of the policy reached stderr: {err:?}"
     );
 }
+
+/// Whether `text` holds a control character other than a line break.
+fn has_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_control() && c != '\n')
+}
+
+#[test]
+fn a_syntax_error_of_a_policy_file_reaches_the_terminal_without_its_control_characters() {
+    // A TOML error message quotes the file's text (here a key given twice): that text was
+    // chosen by whoever can write the policy file, as its keys and values are, and an escape
+    // sequence in it (one that sets the terminal's title, then one that erases the line)
+    // must not reach the operator's terminal, whichever verb reads the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let key = "\"batch_size\\u001b]0;title\\u0007\\u001b[2K\"";
+    std::fs::write(&file, format!("{key} = 1\n{key} = 2\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let cases = [
+        ("config --file", run(&mut config(&["--file", path]))),
+        ("config", run(config(&[]).env("KVH_CONFIG", path))),
+        (
+            "preflight",
+            run(kvh()
+                .args(["preflight", "--skip-backend"])
+                .env("KVH_CONFIG", path)),
+        ),
+    ];
+    for (how, (code, out, err)) in cases {
+        assert_eq!(code, 2, "{how}: {out}{err}");
+        assert!(err.contains("policy.toml"), "{how}: {err}");
+        assert!(
+            !has_control(&err),
+            "{how}: a control character of the policy file reached stderr: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn a_kvh_config_path_in_an_error_reaches_the_terminal_without_its_control_characters() {
+    // The report prints KVH_CONFIG's path with its control characters escaped; the message
+    // saying that the file cannot be read must do the same (here a path holding a sequence
+    // that erases the line, then a line break that forges a second one).
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir
+        .path()
+        .join("policy\u{1b}[2K\nkvh config: weakened controls: none.toml");
+    for (how, mut cmd) in [
+        ("config", config(&[])),
+        ("preflight", {
+            let mut c = kvh();
+            c.args(["preflight", "--skip-backend"]);
+            c
+        }),
+    ] {
+        let (code, out, err) = run(cmd.env("KVH_CONFIG", &missing));
+        assert_eq!(code, 2, "{how}: {out}{err}");
+        assert!(
+            !has_control(&err),
+            "{how}: a control character of KVH_CONFIG reached stderr: {err:?}"
+        );
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{how}: the path forged a line of the message: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn a_variable_name_that_is_not_utf8_reaches_the_terminal_without_its_control_characters() {
+    // A variable's value is quoted with its control characters escaped; its name must be
+    // too, when it is the part that is not UTF-8 and is shown lossily.
+    let name = OsStr::from_bytes(b"KVH_X\x1b]0;title\x07\x1b[2K\xff");
+    let (code, out, err) = run(config(&[]).env(name, "1"));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("UTF-8"), "{err}");
+    assert!(
+        !has_control(&err),
+        "a control character of a variable's name reached stderr: {err:?}"
+    );
+}

@@ -215,7 +215,8 @@ init container, a shell with the pod's environment), and prints:
   - the configuration digest, which the forensic log's start records carry as config_digest \
 (kvh evidence lists it per process) and kvh_build_info as a label: it ties a reviewed policy \
 to the runs that used it (with --file, the digest of a process whose only setting is \
-KVH_CONFIG naming the file; digests differ between kvhygiene versions);
+KVH_CONFIG naming the file; it covers every key of this version with its value, so a \
+version that adds a key or changes a default digests the same settings differently);
   - KVH_PRELOAD, as the LD_PRELOAD interposers read it (a value they refuse is invalid, off \
 is weakened);
   - the controls the policy turns off or weakens, each with its risk: no forensic log, a log \

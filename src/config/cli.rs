@@ -370,7 +370,8 @@ pub fn report(args: &ConfigArgs) -> Result<Report, String> {
 /// Whether `FORENSIC_HMAC_SECRET` is present: the library reads it whenever it exists, even
 /// empty.
 fn hmac_secret_of_env() -> HmacSecret {
-    match std::env::var_os(HMAC_SECRET_ENV) {
+    // Its length only: the value is not copied (`environ`).
+    match super::environ::value_len(HMAC_SECRET_ENV) {
         Some(_) => HmacSecret::InEnvironment,
         None => HmacSecret::NotInEnvironment,
     }
@@ -379,7 +380,7 @@ fn hmac_secret_of_env() -> HmacSecret {
 /// The library refuses to start with a secret shorter than [`MIN_SECRET_LEN`]; so does this
 /// check (the length is said, never the value).
 fn check_secret_len() -> Result<(), String> {
-    let len = std::env::var_os(HMAC_SECRET_ENV).map_or(0, |v| v.len());
+    let len = super::environ::value_len(HMAC_SECRET_ENV).unwrap_or(0);
     if len < MIN_SECRET_LEN {
         return Err(format!(
             "{HMAC_SECRET_ENV} is {len} bytes; the library needs at least {MIN_SECRET_LEN} and \

@@ -53,6 +53,7 @@ pub(crate) fn read_regular_file(path: &Path, cap: u64, what: &str) -> Result<Vec
 }
 
 pub mod cli;
+pub(crate) mod environ;
 
 /// Which memory backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -296,20 +297,30 @@ impl Default for Config {
 }
 
 /// A configuration error; the message names the key, the value and what is accepted.
+///
+/// Shown with its control characters escaped ([`crate::printable`]): a key, a path or a
+/// file's text may hold any bytes whoever wrote the policy chose, and an error goes to a
+/// terminal (the library's start-up message, `kvh config`, `kvh preflight`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{key}: invalid value {value:?}; expected {expected}")]
+    #[error(
+        "{}: invalid value {value:?}; expected {expected}",
+        crate::printable(key)
+    )]
     Invalid {
         key: String,
         value: String,
         expected: &'static str,
     },
-    #[error("{key}: unknown configuration key (known keys: {known})")]
+    #[error(
+        "{}: unknown configuration key (known keys: {known})",
+        crate::printable(key)
+    )]
     Unknown { key: String, known: String },
-    #[error("{path}: {message}")]
+    #[error("{}: {}", crate::printable(path), crate::printable(message))]
     File { path: String, message: String },
     /// Keys valid one by one that together would silently lose a safeguard.
-    #[error("{0}")]
+    #[error("{}", crate::printable(.0))]
     Conflict(String),
 }
 
@@ -652,10 +663,8 @@ pub struct Setting {
 /// a log. The variables other readers own (`KVH_LIBRARY`, `KVH_PRELOAD`) are left to them.
 pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
     let mut vars = Vec::new();
-    for (name, value) in std::env::vars_os() {
-        if !name.as_bytes().starts_with(b"KVH_") {
-            continue;
-        }
+    // Only the `KVH_*` entries are copied: not the HMAC secret (`environ`).
+    for (name, value) in environ::vars_with_prefix(b"KVH_") {
         // Their readers judge these (`KVH_LIBRARY`: the Python package; `KVH_PRELOAD`: the
         // interposers), whatever their bytes.
         if name == "KVH_LIBRARY" || name == PRELOAD_ENV {

@@ -564,7 +564,12 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
         }
     }
     let key = keys::generate_signing_key().map_err(|e| e.to_string())?;
-    let secret = Zeroizing::new(format!("{}\n", hex(key.as_bytes())));
+    // Built in place, in zeroized memory: `format!` would grow (and free) its buffer, and the
+    // digits `hex` returns would be freed unzeroized.
+    let digits = Zeroizing::new(hex(key.as_bytes()));
+    let mut secret = Zeroizing::new(String::with_capacity(digits.len() + 1));
+    secret.push_str(&digits);
+    secret.push('\n');
     write_new_key(&private, secret.as_bytes(), 0o600)?;
     let verifying = format!("{}\n", hex(key.verifying_key().as_bytes()));
     if let Err(e) = write_new_key(&public, verifying.as_bytes(), 0o644) {

@@ -36,8 +36,8 @@ pub struct EvidenceArgs {
     /// A reviewed policy: its digest (64 hex digits, as `kvh config` prints it in the
     /// process's environment) or its TOML file (digested as `kvh config --file` does, so it
     /// matches only processes whose whole policy is that file). Repeatable. The report then
-    /// lists every process whose start record carries another digest. Digests differ between
-    /// kvhygiene versions.
+    /// lists every process whose start record carries another digest. A version that adds a
+    /// key or changes a default digests the same settings differently.
     #[arg(long, value_name = "DIGEST|FILE")]
     pub approved_config: Vec<String>,
     /// Report on an audit period only, from this instant on: a date (2026-01-01, meaning
