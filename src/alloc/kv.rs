@@ -442,6 +442,12 @@ impl Allocator {
                 seen,
             };
             for (n, segments) in batches.into_iter().enumerate() {
+                // Invariant 6, checked before each launch: a call larger than one launch may
+                // be under way when exit begins.
+                if self.inner.shutting_down.load(Ordering::Acquire) {
+                    launched.error = Some(BackendError::ShuttingDown);
+                    break;
+                }
                 let len = segments.len();
                 let batch = ScrubBatch {
                     device: call.dev,
@@ -545,7 +551,9 @@ impl Allocator {
                     addr: None,
                 });
             }
-            verified_blocks += u64::from(block_verified);
+            // Read back whole, or failed on a segment that was: a failed block is always
+            // one of the blocks read back (the counters and the record say so).
+            verified_blocks += u64::from(block_verified || block_failed);
             if block_failed {
                 failed.push(id);
             } else if block_verified {
