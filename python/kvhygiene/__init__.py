@@ -560,7 +560,8 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
 
     Raises :class:`ScrubVerificationError` listing the blocks that did not verify (they must not
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
-    may be taken as clean). Ids must be distinct and below ``layout.blocks_per_region``.
+    may be taken as clean; its ``failed_blocks`` lists those an earlier library call of a large
+    set found failed). Ids must be distinct and below ``layout.blocks_per_region``.
     """
     failed, scrubbed = [], 0
     for code, named, ids, message in _kv_calls("kvh_scrub_blocks", layout, block_ids, stream):
@@ -568,7 +569,11 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
         if code == KVH_ERR_VERIFY_FAILED:
             failed.extend(named)
         elif code != KVH_OK:
-            raise KvhError("kvh_scrub_blocks", code, message)
+            error = KvhError("kvh_scrub_blocks", code, message)
+            # Blocks an earlier library call of a set split in several already found failed:
+            # still to retire, whatever is done about the error.
+            error.failed_blocks = failed
+            raise error
     if failed:
         raise ScrubVerificationError(failed, scrubbed)
 

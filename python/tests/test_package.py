@@ -688,3 +688,17 @@ def test_a_claim_too_long_for_one_call_is_made_in_several_and_its_ids_are_checke
     finally:
         lib.kvh_free(p, size, 0, None)
         kvhygiene.synchronize()
+
+
+def test_a_large_scrub_that_stops_on_an_error_still_names_the_blocks_found_failed(monkeypatch):
+    # A set split over several library calls: the first finds block 3 failed, the second
+    # stops on a backend error. The error says so, and still names block 3 (to retire).
+    calls = [
+        (kvhygiene.KVH_ERR_VERIFY_FAILED, [3], [1, 2, 3], "1 block failed"),
+        (7012, [], [4, 5], "backend error"),
+    ]
+    monkeypatch.setattr(kvhygiene, "_kv_calls", lambda *a, **k: iter(calls))
+    with pytest.raises(kvhygiene.KvhError) as e:
+        kvhygiene.scrub_blocks(None, [1, 2, 3, 4, 5])
+    assert not isinstance(e.value, kvhygiene.ScrubVerificationError)
+    assert e.value.code == 7012 and e.value.failed_blocks == [3]
