@@ -184,7 +184,8 @@ Check that a process started in this environment would start, with what its poli
 The library starts at the server's first CUDA allocation, often minutes into a model load, \
 and stops there (fail closed) when its log directory or a key cannot be used. This makes the \
 same checks first, through the same code, without starting anything: the policy (as kvh \
-config), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
+config loads it; KVH_PRELOAD and the FORENSIC_HMAC_SECRET length, which kvh config also \
+judges, are checks of their own here), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
 log directory (usable as it is: ours, 0700, writable, each chain's newest file as crash \
 recovery opens it; or creatable in its parent), the signing key and \
 the checkpoint directory, the metrics file's directory (writable) and address (free), and the \

@@ -205,7 +205,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Verified scrubs that read non-zero samples: something wrote to a block after its free."
+        "Scrubs that read non-zero samples after zeroing, whether their verification passed or not: something wrote to a block after its free, or the zeroing did not reach it."
     ),
     series!(
         "/counters/quarantined",
