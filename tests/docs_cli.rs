@@ -49,7 +49,10 @@ fn every_scrub_counted_as_residue_has_a_record_that_says_so() {
         .find(|r| r["kind"] == "summary")
         .expect("a summary record");
     let counted = summary["counters"]["residue_detected"].as_u64().unwrap();
-    assert!(counted > 0, "the drill's scrub read non-zero samples: {summary}");
+    assert!(
+        counted > 0,
+        "the drill's scrub read non-zero samples: {summary}"
+    );
     let nonzero = |r: &Value| {
         r["samples_nonzero"]
             .as_str()
@@ -89,5 +92,9 @@ fn the_evidence_report_lists_exceptions_up_to_max_exceptions() {
             .count() as u64
     };
     assert_eq!(listed(&[]), 200, "the default list");
-    assert_eq!(listed(&["--max-exceptions", "100000"]), n, "every exception");
+    assert_eq!(
+        listed(&["--max-exceptions", "100000"]),
+        n,
+        "every exception"
+    );
 }

@@ -418,3 +418,45 @@ fn a_live_writer_between_creating_and_locking_its_next_file_is_not_adopted() {
         "a second process continued the chain of a live writer"
     );
 }
+
+/// A process killed while it wrote its `start` record leaves file 0 of a chain with no
+/// complete record and, having signed nothing yet, no checkpoint. When the next process
+/// starts at once (a supervisor restarting it), that file is too recent to be removed, and
+/// it stays. Nothing of evidence is in it (no record for a checkpoint to cover), so the log
+/// still verifies against the pinned checkpoint key: a crash at start-up is not tampering.
+#[test]
+fn a_crash_at_start_up_followed_by_an_immediate_restart_does_not_read_as_tampering() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp);
+    let dir = log_dir(&tmp);
+    // An earlier, cleanly stopped run: the directory exists with its modes.
+    write_log(&c, 3, true);
+    // What the killed process left: its file 0, holding part of its first line.
+    let torn = dir.join("kvh-p4244-t1700000000000000000-000000.jsonl");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&torn)
+        .unwrap();
+    f.write_all(b"{\"chain\":\"p4244-t1700000000000000000\",\"config_dig")
+        .unwrap();
+    drop(f);
+    // Restarted at once; it runs and stops cleanly.
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.stop();
+    let public = tmp.path().join("signer.pub");
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![tmp.path().join("ckpt")],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(
+        r.ok(),
+        "a chain left without a single record by a crash at start-up fails: {:?}",
+        r.first_problem()
+    );
+}

@@ -1285,3 +1285,27 @@ fn a_writer_starting_while_prune_log_moves_ended_chains_opens_its_log() {
         refused[0]
     );
 }
+
+/// The manifest of an open chain (`complete: false`) proves that files came after the ones it
+/// moved (`prune-log` never moves the two newest files of an open chain). Deleting every file
+/// left in DIR is caught by `--allow-pruned` ("files deleted"), and reading the chain whole
+/// with `--archive-dir`, which applies every rule to the chain whole, must catch it too.
+#[test]
+fn every_file_left_of_an_open_chain_deleted_is_caught_when_read_whole() {
+    let s = pruned_open_chain();
+    let (_, m) = manifest(&s);
+    assert!(!m.complete);
+    assert!(verify(&s.log, &with_archive(&s)).ok());
+    for f in chain_files(&s.log) {
+        fs::remove_file(f).unwrap();
+    }
+    let r = verify(&s.log, &pruned_opts());
+    assert!(first_reason(&r).contains("files deleted"), "{r:?}");
+    let r = verify(&s.log, &with_archive(&s));
+    assert!(
+        !r.ok(),
+        "the files left after the prune of an open chain were deleted, yet the chain read \
+         whole with --archive-dir verifies: {:?}",
+        r.chains
+    );
+}

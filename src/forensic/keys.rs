@@ -2,7 +2,9 @@
 //!
 //! Epoch 0's key is the configured secret itself; `K(e+1) = HMAC-SHA256(K(e), "kvh-ratchet")`.
 //! The writer holds only the current epoch's key and zeroizes the previous one when it
-//! ratchets, so a key stolen from a running process cannot forge files of earlier epochs.
+//! ratchets, so a key stolen from a running process cannot forge files of earlier epochs. The
+//! keys do not depend on the chain: a stolen `K(e)` seals epoch `e` and later of every chain of
+//! the secret, and epoch 0's is the secret (docs/forensic-log.md, "Key ratchet").
 
 use std::fs;
 use std::path::Path;

@@ -165,7 +165,8 @@ impl Manifest {
 }
 
 /// The manifest MAC: HMAC-SHA256(K0, domain || body), K0 the epoch-0 key of the chain's
-/// secret: verifiers hold it, writers past their first rotation do not.
+/// secret: verifiers hold it, writers past their first rotation do not (a writer still in its
+/// first file does).
 fn manifest_mac(key: &EpochKey, body: &[u8]) -> [u8; 32] {
     let mut m = key.mac();
     m.update(MANIFEST_MAC_DOMAIN);

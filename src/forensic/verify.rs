@@ -886,6 +886,20 @@ fn verify_chain(
             ));
             return Ok(w.report);
         }
+        // A manifest of an open chain (prune-log keeps its two newest files) proves a file
+        // after the ones it moved: read whole, the chain must have one, as read pruned.
+        let moved = m.files.len() as u64;
+        if !m.complete && last_read.is_none_or(|l| l < moved) {
+            let tail = m.files.last().map_or("", |f| f.name.as_str());
+            w.report.problem = Some(manifest_problem(
+                chain,
+                format!(
+                    "the manifest moved files up to {tail} of an open chain, but no later file \
+                     of chain {chain} exists: files deleted"
+                ),
+            ));
+            return Ok(w.report);
+        }
     }
     if let Some(p) = manifest
         .as_ref()
@@ -904,7 +918,14 @@ fn verify_chain(
             }
         }
     }
-    if ckpt.is_none() && !opts.public_keys.is_empty() {
+    // A chain whose writer died writing its `start` record: its first file alone, no complete
+    // record, only torn bytes. Nothing in it for a checkpoint to cover (the next start removes
+    // it once it is idle), and whoever can delete a checkpoint can delete such a chain whole.
+    let never_started = w.report.records == 0
+        && w.report.torn_bytes > 0
+        && w.report.pruned.is_none()
+        && matches!(list, [(0, _)]);
+    if ckpt.is_none() && !opts.public_keys.is_empty() && !never_started {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
         // would otherwise silently turn off the truncation and rewrite checks for it.
         w.report.problem = Some(Problem {
