@@ -7,80 +7,12 @@
 //! The test binary's global allocator looks, while a test arms it, at every block freed (and
 //! every block a `realloc` moves away from) for bytes of the secret.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Mutex;
+mod freed_needle;
 
-const MAX_NEEDLE: usize = 64;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static NEEDLE: [AtomicU8; MAX_NEEDLE] = [const { AtomicU8::new(0) }; MAX_NEEDLE];
-static NEEDLE_LEN: AtomicUsize = AtomicUsize::new(0);
-static HITS: AtomicUsize = AtomicUsize::new(0);
-/// One test at a time: the needle and the environment are global.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Whether `len` bytes at `p` contain the needle. Allocation-free.
-///
-/// # Safety
-/// `p` is valid for reads of `len` bytes.
-unsafe fn holds_needle(p: *const u8, len: usize) -> bool {
-    let n = NEEDLE_LEN.load(Ordering::Acquire);
-    if n == 0 || len < n {
-        return false;
-    }
-    // SAFETY: the caller guarantees `len` readable bytes at `p`.
-    let hay = unsafe { std::slice::from_raw_parts(p, len) };
-    (0..=len - n).any(|s| (0..n).all(|j| hay[s + j] == NEEDLE[j].load(Ordering::Relaxed)))
-}
-
-struct Watch;
-
-// SAFETY: every call is forwarded to `System`; the extra reads are of blocks still allocated.
-unsafe impl GlobalAlloc for Watch {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the block is still allocated and `layout.size()` bytes long.
-        if ARMED.load(Ordering::Acquire) && unsafe { holds_needle(ptr, layout.size()) } {
-            HITS.fetch_add(1, Ordering::AcqRel);
-        }
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the block is still allocated and `layout.size()` bytes long.
-        let held = ARMED.load(Ordering::Acquire) && unsafe { holds_needle(ptr, layout.size()) };
-        // SAFETY: forwarded with the caller's guarantees.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if held && !new.is_null() && new != ptr {
-            HITS.fetch_add(1, Ordering::AcqRel);
-        }
-        new
-    }
-}
+use freed_needle::{freed_copies, SERIAL};
 
 #[global_allocator]
-static GLOBAL: Watch = Watch;
-
-/// Runs `f` with the allocator watching for `needle`; how many freed blocks held it.
-fn freed_copies(needle: &[u8], f: impl FnOnce()) -> usize {
-    assert!(!needle.is_empty() && needle.len() <= MAX_NEEDLE);
-    for (i, b) in needle.iter().enumerate() {
-        NEEDLE[i].store(*b, Ordering::Relaxed);
-    }
-    NEEDLE_LEN.store(needle.len(), Ordering::Release);
-    HITS.store(0, Ordering::Release);
-    ARMED.store(true, Ordering::Release);
-    f();
-    ARMED.store(false, Ordering::Release);
-    NEEDLE_LEN.store(0, Ordering::Release);
-    HITS.load(Ordering::Acquire)
-}
+static GLOBAL: freed_needle::Watch = freed_needle::Watch;
 
 fn clear_kvh_vars() {
     for (k, _) in std::env::vars_os() {
