@@ -218,8 +218,9 @@ pub enum EventKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvScrubRecord {
     pub device: u32,
-    /// Block ids named; of them, those whose every segment was verified (all of them unless
-    /// the call stopped: `error`), and those that failed verification.
+    /// Block ids named; of them, those read back (every segment verified, or a segment that
+    /// failed: all of them unless the call stopped, `error`), and those that failed
+    /// verification (a part of the ones read back).
     pub blocks: u64,
     pub verified_blocks: u64,
     pub failed_blocks: u64,

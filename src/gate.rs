@@ -543,8 +543,25 @@ fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
         .then_some(pid)
 }
 
-/// Whether process `pid` exists in this pid namespace.
+/// Whether process `pid` exists in this pid namespace: a process, not a thread of another
+/// (`kill(pid, 0)` also answers for thread ids, which come from the same pool), when
+/// `/proc` says which.
 fn alive(pid: u32) -> bool {
+    if !signalable(pid) {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .is_some_and(|tgid| tgid.trim() == pid.to_string()),
+        // No /proc here: the signal's answer stands.
+        Err(_) => true,
+    }
+}
+
+/// Whether `kill(pid, 0)` finds `pid` (a process or a thread).
+fn signalable(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

@@ -937,3 +937,31 @@ fn a_slot_event_out_of_memory_does_not_condemn_the_blocks() {
     );
     alloc.shutdown();
 }
+
+/// The error a batch whose slot event could not be created is refused with names what was
+/// short: `BackendError::OutOfMemory` reads "out of memory: {requested} bytes requested on
+/// device {device}", which `kvh_synchronize` passes on ("... are not scrubbed yet: ..."). It
+/// must not say that zero bytes were requested.
+#[test]
+fn a_slot_event_out_of_memory_does_not_say_zero_bytes_were_requested() {
+    let (path, lib) = fake_or_skip!("slot_event_oom_message");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 23,
+    };
+    switch(&lib, "fail_event_creates", 1);
+    match submit(&b, batch(vec![seg], SAMPLED)) {
+        Err(e @ BackendError::OutOfMemory { .. }) => {
+            let text = e.to_string();
+            assert!(
+                !text.contains(" 0 bytes requested"),
+                "the refusal says no memory was requested: {text}"
+            );
+        }
+        Err(e) => panic!("expected OutOfMemory for the batch slot, got {e:?}"),
+        Ok(_) => panic!("a batch was submitted without its slot's event"),
+    }
+}

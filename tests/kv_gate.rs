@@ -837,3 +837,62 @@ fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
          {v:?}"
     );
 }
+
+/// As above, but another request does claim the block while the first claim's second scrub
+/// runs, through the ledger kept for the cache after the second loss: the gate hands it to
+/// that request. `KvClaimReport::taken` names "blocks not handed over because another claim
+/// took them while the gate scrubbed them for this one (two requests were given the same
+/// blocks)": the first claim must not also be handed the block, or two requests use it.
+#[test]
+fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_took_meanwhile() {
+    let (alloc, backend, layout) = held_cache();
+    let others: Vec<KvLayout> = (0..64)
+        .map(|_| {
+            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+            KvLayout {
+                regions: vec![a],
+                block_bytes: BLOCK,
+                block_stride: BLOCK,
+                blocks_per_region: 1,
+            }
+        })
+        .collect();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let forget = || {
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+    };
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        forget();
+        backend.let_through(3, 1);
+        backend.wait_submitted(3, 2);
+        forget();
+        // While x's second scrub runs: request y claims block 5 through the cache's ledger
+        // now (its gate scrub on stream 4 is not held), and is handed it.
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        backend.hold(3, false);
+        (x.join().unwrap().unwrap(), y)
+    });
+    assert_eq!(y.claimed, 1, "{y:?}");
+    assert!(
+        x.claimed == 0 && x.taken == vec![5],
+        "block 5 was handed to request y and to request x, both as claimed: x {x:?}, y {y:?}"
+    );
+}

@@ -597,14 +597,20 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     the blocks of the calls before it were handed over.
     """
     refused, refusal = [], None
-    for code, named, _, message in _kv_calls("kvh_claim_blocks", layout, block_ids, stream):
-        if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_GATE, KVH_ERR_KV_TAKEN):
+    for code, named, ids, message in _kv_calls("kvh_claim_blocks", layout, block_ids, stream):
+        if code == KVH_ERR_KV_GATE:
+            # Enforce refused this call whole and ends the claim: its code says nothing of it
+            # (nor of the calls it stops) was handed over; the blocks of the calls before
+            # were, but for those already named.
+            refused.extend(i for i in ids if i not in named)
+            refused.extend(named)
+            refusal = (code, message)
+            break
+        if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_TAKEN):
             refused.extend(named)
             # As one call reports it: a failed verification before blocks taken.
             if refusal is None or code == KVH_ERR_VERIFY_FAILED:
                 refusal = (code, message)
-            if code == KVH_ERR_KV_GATE:
-                break
         elif code != KVH_OK:
             raise KvhError("kvh_claim_blocks", code, message)
     if refusal is not None:

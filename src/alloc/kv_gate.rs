@@ -161,6 +161,8 @@ pub(crate) struct Sorted {
     pub dirty: Vec<u32>,
     /// Blocks whose last scrub failed.
     pub failed: Vec<u32>,
+    /// In a pass after the first: blocks another owner claimed during the claim.
+    pub taken: Vec<u32>,
     /// The generations of the dirty blocks when they were sorted.
     pub dirty_generations: Generations,
 }
@@ -228,6 +230,7 @@ impl Ledgers {
     /// Sorts a claim's blocks and, unless `all_or_nothing` and some block is dirty or failed,
     /// hands the others (clean, or already the claimant's) to `claimant` at once, under the
     /// same lock that read them.
+    #[cfg(test)]
     pub(crate) fn claim(
         &mut self,
         key: &LedgerKey,
@@ -235,13 +238,29 @@ impl Ledgers {
         claimant: &Option<Arc<OwnerKey>>,
         all_or_nothing: bool,
     ) -> Sorted {
+        self.claim_pass(key, ids, claimant, all_or_nothing, false)
+    }
+
+    /// [`Ledgers::claim`], for a claim's pass after the first (its ledger was forgotten while
+    /// it scrubbed, when `again`): a block another owner holds now was claimed during this
+    /// claim, so it is `taken`, not scrubbed away from that owner.
+    pub(crate) fn claim_pass(
+        &mut self,
+        key: &LedgerKey,
+        ids: &[u32],
+        claimant: &Option<Arc<OwnerKey>>,
+        all_or_nothing: bool,
+        again: bool,
+    ) -> Sorted {
         let i = self.book(key);
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
+        let mut taken = Vec::new();
         for &id in ids {
             match self.books[i].slots.get(&id).map(|e| &e.slot) {
                 Some(Slot::Clean) => free.push(id),
                 Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => free.push(id),
                 Some(Slot::Failed) => failed.push(id),
+                Some(Slot::Owned(Some(_))) if again => taken.push(id),
                 Some(Slot::Owned(_)) | None => dirty.push(id),
             }
         }
@@ -255,6 +274,7 @@ impl Ledgers {
         Sorted {
             dirty,
             failed,
+            taken,
             dirty_generations,
         }
     }
@@ -359,6 +379,9 @@ impl Unapplied {
     }
 }
 
+/// Passes a claim makes over blocks whose ledger was forgotten while it scrubbed them.
+const MAX_CLAIM_PASSES: usize = 4;
+
 /// What one pass of a claim did with its ids ([`Allocator::claim_round`]).
 #[derive(Default)]
 struct Round {
@@ -453,30 +476,50 @@ impl Allocator {
                 ..KvClaimReport::default()
             });
         }
-        let mut round = self.claim_round(dev, layout, ids, device, stream, mode)?;
-        if !round.forgotten.is_empty() {
+        let mut round = self.claim_round(dev, layout, ids, device, stream, mode, false)?;
+        let mut passes = 1;
+        while !round.forgotten.is_empty() {
             // Verified, but the ledger that would have recorded it was forgotten meanwhile:
             // claimed once more through the ledger there is now, so that it names the
-            // claimant. A second loss is not chased: those blocks were verified zero for
-            // this claim, so they are handed over unrecorded (a later claim by anyone finds
-            // them unknown and scrubs them again).
+            // claimant, or says that another claim took them since. Lost every time (ledgers
+            // thrashing: more caches claim than the gate keeps ledgers for), they are not
+            // handed over: reported with the taken ones, which the record says.
+            if passes == MAX_CLAIM_PASSES {
+                let lost = std::mem::take(&mut round.forgotten);
+                self.report_gate_violation(
+                    dev,
+                    format!(
+                        "the ledger of this KV cache was forgotten {MAX_CLAIM_PASSES} times while \
+                         kvh_claim_blocks scrubbed {} blocks (ids {}): they were not handed over \
+                         (reported as taken); more KV caches claim than the gate keeps ledgers for",
+                        lost.len(),
+                        id_list(&in_order(ids, &lost.iter().copied().collect()))
+                    ),
+                );
+                round.taken.extend(lost);
+                break;
+            }
+            passes += 1;
             let forgotten = std::mem::take(&mut round.forgotten);
-            let again = match self.claim_round(dev, layout, &forgotten, device, stream, mode) {
+            let pass = self.claim_round(dev, layout, &forgotten, device, stream, mode, true);
+            let again = match pass {
                 Ok(again) => again,
                 Err(e) => {
                     self.report_failed_before(dev, &round.failed_before);
                     return Err(e);
                 }
             };
-            // This claim's first scrub verified them all: each one the second pass handed
-            // over (scrubbed again, found clean or the claimant's, or lost again) counts once.
-            let handed = forgotten
-                .iter()
-                .filter(|id| !again.refused.contains(id) && !again.taken.contains(id));
+            // This claim's first scrub verified them all: each one this pass handed over
+            // (scrubbed again, or found clean or the claimant's) counts once.
+            let lost_again: HashSet<u32> = again.forgotten.iter().copied().collect();
+            let handed = forgotten.iter().filter(|id| {
+                !again.refused.contains(id) && !again.taken.contains(id) && !lost_again.contains(id)
+            });
             round.gate_scrubbed.extend(handed);
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
             round.failed_before.extend(again.failed_before);
+            round.forgotten = again.forgotten;
         }
         let Round {
             refused,
@@ -485,11 +528,7 @@ impl Allocator {
             failed_before,
             ..
         } = round;
-        let gate_scrubbed: Vec<u32> = ids
-            .iter()
-            .copied()
-            .filter(|id| gate_scrubbed.contains(id))
-            .collect();
+        let gate_scrubbed = in_order(ids, &gate_scrubbed.into_iter().collect());
         if !taken.is_empty() {
             self.report_gate_violation(
                 dev,
@@ -535,7 +574,10 @@ impl Allocator {
     }
 
     /// One pass of a claim over `ids`: sorts them against the ledger, refuses (enforce) or
-    /// scrubs (scrub) those that would change owner, and says what became of each.
+    /// scrubs (scrub) those that would change owner, and says what became of each. `again`:
+    /// a pass after the first, over blocks whose ledger was forgotten meanwhile
+    /// ([`Ledgers::claim_pass`]).
+    #[allow(clippy::too_many_arguments)] // the claim's own arguments, and which pass
     fn claim_round(
         &self,
         dev: u32,
@@ -544,6 +586,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
         mode: KvGateMode,
+        again: bool,
     ) -> Result<Round, KvClaimError> {
         let owners = match self.kv_region_owners(dev, layout) {
             Ok(owners) => owners,
@@ -552,7 +595,9 @@ impl Allocator {
         let key = LedgerKey::new(dev, layout, &owners);
         let claimant = owner_of(&Context::current(), self.inner.config.kv_gate_scope);
         let enforce = mode == KvGateMode::Enforce;
-        let sorted = self.ledgers().claim(&key, ids, &claimant, enforce);
+        let sorted = self
+            .ledgers()
+            .claim_pass(&key, ids, &claimant, enforce, again);
         if enforce && (!sorted.dirty.is_empty() || !sorted.failed.is_empty()) {
             let named: HashSet<u32> = sorted.dirty.iter().chain(&sorted.failed).copied().collect();
             let blocks = in_order(ids, &named);
@@ -567,6 +612,7 @@ impl Allocator {
         }
         let mut round = Round {
             refused: sorted.failed.iter().copied().collect(),
+            taken: sorted.taken.iter().copied().collect(),
             failed_before: sorted.failed.clone(),
             ..Round::default()
         };

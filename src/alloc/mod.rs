@@ -205,6 +205,10 @@ impl Allocator {
         if let Some(addr) = hit {
             return Ok(Allocation { addr, fresh: false });
         }
+        // Exit may have begun during the flush above: no backend call after it (invariant 6).
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AllocError::ShuttingDown);
+        }
         // A stream capturing a CUDA graph must not see driver allocations.
         if self
             .inner
@@ -248,6 +252,10 @@ impl Allocator {
         if let Some(addr) = hit {
             self.with_pool(dev, |pool, _, _, _| pool.stats.counters.oom_recoveries += 1);
             return Ok(Allocation { addr, fresh: false });
+        }
+        // Exit may have begun while the pool drained: no backend call after it.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AllocError::ShuttingDown);
         }
         let result = self.allocate_fresh(size, dev, class, &ctx, stream);
         // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
@@ -494,11 +502,9 @@ impl Allocator {
     /// Submits every open batch and waits for every scrub (including quarantine re-scrubs) to
     /// complete and be applied. Returns the sticky asynchronous error, if any.
     pub fn synchronize(&self) -> Result<(), String> {
-        if self.is_shut_down() {
-            // Nothing is scrubbed any more: blocks freed since, or abandoned then, never are.
-            let left: usize = (0..self.inner.pools.len() as u32)
-                .map(|dev| self.pool(dev).pending_blocks())
-                .sum();
+        // Nothing is scrubbed after shutdown: blocks freed since, or abandoned then, never are.
+        {
+            let left = self.unscrubbed_after_shutdown();
             if left > 0 {
                 return Err(format!(
                     "{left} freed blocks are not scrubbed and never will be: shutdown (or \
@@ -558,6 +564,17 @@ impl Allocator {
     /// Whether `shutdown` or process exit has begun: no scrub runs any more.
     pub fn is_shut_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Freed blocks left unscrubbed since shutdown began (none will be): what makes
+    /// `synchronize` fail after a shutdown.
+    pub fn unscrubbed_after_shutdown(&self) -> usize {
+        if !self.is_shut_down() {
+            return 0;
+        }
+        (0..self.inner.pools.len() as u32)
+            .map(|dev| self.pool(dev).pending_blocks())
+            .sum()
     }
 
     /// Process exit has begun (an `atexit` handler): make no further backend calls at all

@@ -86,10 +86,19 @@ pub trait ScrubTicket: Send {
     fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError>;
 }
 
+/// The text of [`BackendError::OutOfMemory`].
+fn out_of_memory_text(device: u32, requested: u64) -> String {
+    match requested {
+        0 => format!("out of memory on device {device} (for a driver object)"),
+        n => format!("out of memory: {n} bytes requested on device {device}"),
+    }
+}
+
 /// Errors a backend reports. Driver errors keep the failing call's name and code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
-    #[error("out of memory: {requested} bytes requested on device {device}")]
+    /// `requested` is 0 when the memory was for a driver object of no stated size (an event).
+    #[error("{}", out_of_memory_text(*device, *requested))]
     OutOfMemory { device: u32, requested: u64 },
     #[error("device {device} does not exist (the backend has {count} devices)")]
     InvalidDevice { device: u32, count: u32 },

@@ -13,8 +13,8 @@ use std::ffi::{CStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 
 extern "C" {
-    /// The C library's environment array (POSIX).
-    static environ: *const *const libc::c_char;
+    /// The C library's environment array (POSIX). `mut`: `setenv` may replace it.
+    static mut environ: *const *const libc::c_char;
 }
 
 /// Calls `f` with each `name=value` entry of the environment, as bytes, until it returns
@@ -37,12 +37,11 @@ fn each_entry(mut f: impl FnMut(&[u8]) -> bool) {
     }
 }
 
-/// Splits an entry at its first `=`; an entry without one has an empty value.
-fn split(entry: &[u8]) -> (&[u8], &[u8]) {
-    match entry.iter().position(|&b| b == b'=') {
-        Some(i) => (&entry[..i], &entry[i + 1..]),
-        None => (entry, &[]),
-    }
+/// Splits an entry at its first `=`. An entry without one is no variable: `getenv` (and so
+/// the library's readers) never finds it.
+fn split(entry: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = entry.iter().position(|&b| b == b'=')?;
+    Some((&entry[..i], &entry[i + 1..]))
 }
 
 /// The variables whose name starts with `prefix`, names and values copied; no other entry is
@@ -50,7 +49,9 @@ fn split(entry: &[u8]) -> (&[u8], &[u8]) {
 pub fn vars_with_prefix(prefix: &[u8]) -> Vec<(OsString, OsString)> {
     let mut out = Vec::new();
     each_entry(|entry| {
-        let (name, value) = split(entry);
+        let Some((name, value)) = split(entry) else {
+            return true;
+        };
         if name.starts_with(prefix) {
             out.push((
                 std::ffi::OsStr::from_bytes(name).to_os_string(),
@@ -66,7 +67,9 @@ pub fn vars_with_prefix(prefix: &[u8]) -> Vec<(OsString, OsString)> {
 pub fn value_len(name: &str) -> Option<usize> {
     let mut len = None;
     each_entry(|entry| {
-        let (n, value) = split(entry);
+        let Some((n, value)) = split(entry) else {
+            return true;
+        };
         if n == name.as_bytes() {
             len = Some(value.len());
             return false;
@@ -82,9 +85,9 @@ mod tests {
 
     #[test]
     fn entries_are_split_at_the_first_equals_sign() {
-        assert_eq!(split(b"A=b=c"), (&b"A"[..], &b"b=c"[..]));
-        assert_eq!(split(b"A="), (&b"A"[..], &b""[..]));
-        assert_eq!(split(b"A"), (&b"A"[..], &b""[..]));
+        assert_eq!(split(b"A=b=c"), Some((&b"A"[..], &b"b=c"[..])));
+        assert_eq!(split(b"A="), Some((&b"A"[..], &b""[..])));
+        assert_eq!(split(b"A"), None);
     }
 
     #[test]

@@ -568,7 +568,9 @@ pub extern "C" fn kvh_synchronize() -> c_int {
         };
         match rt.allocator.synchronize() {
             Ok(()) => ok(),
-            Err(e) if rt.allocator.is_shut_down() => fail(KVH_ERR_SHUTTING_DOWN, e),
+            Err(e) if rt.allocator.unscrubbed_after_shutdown() > 0 => {
+                fail(KVH_ERR_SHUTTING_DOWN, e)
+            }
             Err(e) => fail(KVH_ERR_BACKEND, e),
         }
     })

@@ -332,6 +332,9 @@ fn register_exit_handler() {
         // Invariant 6: once exit begins, no driver calls. Nothing here may unwind.
         let _ = std::panic::catch_unwind(|| {
             if let Some(rt) = own_runtime() {
+                // After `kvh_shutdown`, whose last snapshot must go stale (`kvh gate` evicts a
+                // process that no longer scrubs), the metrics file is not written again.
+                let shut_down_before = rt.allocator.is_shut_down();
                 rt.allocator.begin_exit();
                 // File I/O only: the log's stop record is written, no driver call is made.
                 stop_log(rt);
@@ -339,7 +342,9 @@ fn register_exit_handler() {
                 if let Some(m) = &rt.metrics {
                     m.stop_periodic();
                 }
-                write_metrics(rt);
+                if !shut_down_before {
+                    write_metrics(rt);
+                }
             }
         });
     }

@@ -270,7 +270,8 @@ pub struct KvScrubs {
     pub calls: u64,
     /// Calls that stopped before every segment was verified (their records carry `error`).
     pub unfinished_calls: u64,
-    /// Blocks named, blocks whose every segment was verified, blocks that failed.
+    /// Blocks named, blocks read back (every segment verified, or one failed), blocks that
+    /// failed.
     pub blocks: u64,
     pub verified_blocks: u64,
     pub failed_blocks: u64,

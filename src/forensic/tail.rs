@@ -448,8 +448,9 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
         }
         for (line, at) in &new.lines {
             if !how.security_only || security_line(line) {
-                // One write per line (the record and its newline), so that a line is either
-                // out or not when the output fails.
+                // One write per line (the record and its newline), so that a failure is at
+                // a line's boundary unless the write itself is cut short (a full disk): the
+                // line is then passed on again, whole, by the next run.
                 let mut whole = Vec::with_capacity(line.len() + 1);
                 whole.extend_from_slice(line);
                 whole.push(b'\n');

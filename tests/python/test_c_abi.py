@@ -836,3 +836,45 @@ def test_install_reports_a_bad_configuration_before_pytorch_allocates():
     )
     assert out["installed"] is False, out
     assert out["code"] == 7011 and "KVH_BATCH_SIZE" in out["error"], out
+
+
+def fake_driver_dir(tmp_path) -> str:
+    """tests/fake_cuda/fake_libcuda.cpp built as libcuda.so.1 in a directory of its own, for
+    LD_LIBRARY_PATH (KVH_BACKEND=cuda without a GPU)."""
+    import shutil
+
+    cxx = os.environ.get("CXX", "c++")
+    if not shutil.which(cxx):
+        pytest.skip(f"no C++ compiler ({cxx}) for the fake CUDA driver")
+    d = tmp_path / "driver"
+    d.mkdir()
+    subprocess.run(
+        [cxx, "-shared", "-fPIC", "-std=c++17", "-O1", "-o", str(d / "libcuda.so.1"),
+         str(ROOT / "tests/fake_cuda/fake_libcuda.cpp")],
+        check=True,
+    )
+    return str(d)
+
+
+def test_synchronize_after_kvh_shutdown_reports_a_sticky_backend_error_as_a_backend_error(tmp_path):
+    # include/kvhygiene.h, kvh_synchronize: KVH_ERR_BACKEND "when an asynchronous backend
+    # error has occurred (sticky)"; after kvh_shutdown, KVH_ERR_SHUTTING_DOWN "when blocks
+    # freed since (or left pending then) were not scrubbed". Here no block is left unscrubbed
+    # (the failed batch's block was re-scrubbed and released before the shutdown): the only
+    # error is the driver's, and it stays KVH_ERR_BACKEND.
+    out = run_child(
+        """
+        drv = ctypes.CDLL("libcuda.so.1")  # the driver instance the library loaded
+        p = lib.kvh_malloc(4096, 0, STREAM)
+        lib.kvh_free(p, 4096, 0, STREAM)
+        drv.fake_cuda_fail_launch(1)  # the free's scrub launch fails (a driver error)
+        out["before"] = lib.kvh_synchronize()
+        out["pending"] = stats()["accounting"]["pending"]["blocks"]
+        lib.kvh_shutdown()
+        out["after"] = lib.kvh_synchronize()
+        """,
+        KVH_BACKEND="cuda",
+        LD_LIBRARY_PATH=fake_driver_dir(tmp_path),
+    )
+    assert out["before"] == 7012 and out["pending"] == 0, out
+    assert out["after"] == 7012, f"a sticky driver error after kvh_shutdown is not reported as KVH_ERR_BACKEND: {out}"

@@ -216,3 +216,25 @@ def test_after_kvh_shutdown_the_metrics_file_is_no_longer_rewritten(tmp_path):
         KVH_METRICS_INTERVAL_MS="100",
     )
     assert out["rewritten"] is False, "the snapshot kept being refreshed after kvh_shutdown"
+
+
+def test_after_kvh_shutdown_the_metrics_file_is_not_rewritten_at_exit(tmp_path):
+    # include/kvhygiene.h, kvh_shutdown: "The metrics file is written once more and then no
+    # longer (it goes stale, which `kvh gate` evicts on)". The process exiting later, after
+    # kvh_shutdown, must leave that last snapshot as it was: a fresh one written at exit
+    # would read as a healthy, current process to `kvh gate` for another staleness window.
+    prom = tmp_path / "kvh.prom"
+    out = run_child(
+        f"""
+        import os, time
+        assert lib.kvh_synchronize() == 0  # starts the runtime
+        lib.kvh_shutdown()
+        out["mtime"] = os.stat({str(prom)!r}).st_mtime_ns
+        out["text"] = open({str(prom)!r}).read()
+        time.sleep(1.1)  # the snapshot's timestamp (seconds) would differ if written again
+        """,
+        KVH_METRICS_FILE=str(prom),
+        KVH_METRICS_INTERVAL_MS="3600000",
+    )
+    assert prom.stat().st_mtime_ns == out["mtime"], "the metrics file was written again at exit, after kvh_shutdown"
+    assert prom.read_text() == out["text"], "the snapshot changed at exit, after kvh_shutdown"
