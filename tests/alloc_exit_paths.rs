@@ -111,69 +111,6 @@ fn a_checked_free_whose_scrub_failed_reports_it_when_exit_began_meanwhile() {
     );
 }
 
-/// A backend that begins process exit (as an `atexit` handler on another thread does) right
-/// after the first scrub batch it is given, then counts every call it receives afterwards.
-struct ExitAtFirstScrub {
-    inner: Arc<common::TestBackend>,
-    alloc: std::sync::OnceLock<kvhygiene::alloc::Allocator>,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl kvhygiene::backend::Backend for ExitAtFirstScrub {
-    fn kind(&self) -> kvhygiene::backend::BackendKind {
-        self.inner.kind()
-    }
-    fn device_count(&self) -> u32 {
-        self.inner.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
-        self.inner.allocate(d, len)
-    }
-    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.release(d, a, l)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: u64,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(
-        &self,
-        batch: kvhygiene::backend::ScrubBatch,
-    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        let ticket = unsafe { self.inner.submit_scrub(batch) };
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.alloc.get().unwrap().begin_exit();
-            self.inner.seal();
-        }
-        ticket
-    }
-    fn is_capturing(
-        &self,
-        d: u32,
-        s: StreamHandle,
-    ) -> Result<bool, kvhygiene::backend::BackendError> {
-        if self.inner.sealed.load(Ordering::SeqCst) {
-            self.inner.calls_after_seal.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.is_capturing(d, s)
-    }
-    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-}
-
 /// Invariant 6 (ARCHITECTURE.md): no backend call is made once process exit has begun. An
 /// allocation that misses the pool first submits the open batches (malloc needs memory); when
 /// exit begins during that submission, the allocation must not go on to ask the backend for
@@ -181,16 +118,10 @@ impl kvhygiene::backend::Backend for ExitAtFirstScrub {
 #[test]
 fn an_allocation_makes_no_backend_call_once_exit_began_during_its_flush() {
     let test_backend = common::TestBackend::new(kvhygiene::backend::host::HostBackend::new());
-    let backend = Arc::new(ExitAtFirstScrub {
-        inner: test_backend.clone(),
-        alloc: std::sync::OnceLock::new(),
-        armed: std::sync::atomic::AtomicBool::new(false),
-    });
-    let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
-    assert!(backend.alloc.set(alloc.clone()).is_ok());
+    let alloc = kvhygiene::alloc::Allocator::new(test_backend.clone(), manual_config(), None);
     let a = alloc.malloc(4096, 0, S).unwrap();
     alloc.free(a, 4096, 0, S).unwrap(); // left in its open batch (long batch delay)
-    backend.armed.store(true, Ordering::SeqCst);
+    common::begin_exit_after_next_submit(&test_backend, &alloc);
     // Another size class: a pool miss, so the open batch is submitted, and exit begins there.
     let r = alloc.malloc(1 << 20, 0, S);
     assert_eq!(

@@ -63,72 +63,13 @@ fn failed_blocks_are_a_subset_of_scrubbed_blocks_when_a_call_stops() {
     );
 }
 
-/// A backend that begins process exit (as `atexit` does from another thread) right after the
-/// first scrub batch it is given, then counts what it is asked afterwards.
-struct ExitAfterFirstBatch {
-    inner: std::sync::Arc<common::TestBackend>,
-    alloc: std::sync::OnceLock<kvhygiene::alloc::Allocator>,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl kvhygiene::backend::Backend for ExitAfterFirstBatch {
-    fn kind(&self) -> kvhygiene::backend::BackendKind {
-        self.inner.kind()
-    }
-    fn device_count(&self) -> u32 {
-        self.inner.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
-        self.inner.allocate(d, len)
-    }
-    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.release(d, a, l)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: u64,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(
-        &self,
-        batch: kvhygiene::backend::ScrubBatch,
-    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        let ticket = unsafe { self.inner.submit_scrub(batch) };
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.alloc.get().unwrap().begin_exit();
-            self.inner.seal();
-        }
-        ticket
-    }
-    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.inner.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.inner.shutdown()
-    }
-}
-
 /// Invariant 6 (ARCHITECTURE.md): no backend call is made once process exit has begun; every
 /// pool checks the exit flag before each submission. A `kvh_scrub_blocks` call larger than
 /// one backend batch that is under way when exit begins must not submit its later batches.
 #[test]
 fn a_kv_scrub_submits_no_batch_after_exit_began() {
     let test_backend = common::TestBackend::new(kvhygiene::backend::host::HostBackend::new());
-    let backend = std::sync::Arc::new(ExitAfterFirstBatch {
-        inner: test_backend.clone(),
-        alloc: std::sync::OnceLock::new(),
-        armed: std::sync::atomic::AtomicBool::new(false),
-    });
-    let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
-    assert!(backend.alloc.set(alloc.clone()).is_ok());
+    let alloc = kvhygiene::alloc::Allocator::new(test_backend.clone(), manual_config(), None);
     // Two regions of 40,000 blocks: 80,000 segments, two backend batches.
     let blocks: u64 = 40_000;
     let len = 2 * blocks * 8;
@@ -140,7 +81,7 @@ fn a_kv_scrub_submits_no_batch_after_exit_began() {
         blocks_per_region: blocks,
     };
     let ids: Vec<u32> = (0..blocks as u32).collect();
-    backend.armed.store(true, Ordering::SeqCst);
+    common::begin_exit_after_next_submit(&test_backend, &alloc);
     let got = alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
     assert_eq!(
         test_backend.calls_after_seal.load(Ordering::SeqCst),

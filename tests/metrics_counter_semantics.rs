@@ -74,57 +74,6 @@ fn a_gate_scrub_is_not_counted_as_a_kvh_scrub_blocks_call() {
     );
 }
 
-/// A host backend whose next allocations fail as scripted: first out of memory, then with a
-/// driver error (a fault that has nothing to do with memory running out).
-struct ScriptedBackend {
-    host: std::sync::Arc<kvhygiene::backend::host::HostBackend>,
-    failures: std::sync::Mutex<Vec<kvhygiene::backend::BackendError>>,
-}
-
-impl kvhygiene::backend::Backend for ScriptedBackend {
-    fn kind(&self) -> kvhygiene::backend::BackendKind {
-        kvhygiene::backend::BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
-        let next = {
-            let mut f = self.failures.lock().unwrap();
-            (!f.is_empty()).then(|| f.remove(0))
-        };
-        match next {
-            Some(e) => Err(e),
-            None => self.host.allocate(d, len),
-        }
-    }
-    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.release(d, a, l)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: u64,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(
-        &self,
-        b: kvhygiene::backend::ScrubBatch,
-    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(b) }
-    }
-    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.read(d, a, dst)
-    }
-}
-
 /// `kvh_out_of_memory_total` counts "Allocations that failed for lack of memory after every
 /// recovery step" (the KvhOutOfMemory alert's runbook is about capacity). An allocation whose
 /// retry after an out-of-memory failed with a driver error failed because of the driver, and
@@ -133,20 +82,20 @@ impl kvhygiene::backend::Backend for ScriptedBackend {
 fn a_driver_error_on_the_retry_is_not_counted_as_out_of_memory() {
     use kvhygiene::alloc::{AllocError, Allocator};
     use kvhygiene::backend::BackendError;
-    let backend = std::sync::Arc::new(ScriptedBackend {
-        host: kvhygiene::backend::host::HostBackend::new(),
-        failures: std::sync::Mutex::new(vec![
-            BackendError::OutOfMemory {
-                device: 0,
-                requested: 4096,
-            },
-            BackendError::Driver {
-                call: "cuMemAlloc_v2",
-                code: 999,
-                name: "CUDA_ERROR_UNKNOWN".into(),
-            },
-        ]),
-    });
+    // The next allocations fail as scripted: first out of memory, then with a driver error
+    // (a fault that has nothing to do with memory running out).
+    let backend = common::TestBackend::new(kvhygiene::backend::host::HostBackend::new());
+    backend.allocate_errors.lock().unwrap().extend([
+        BackendError::OutOfMemory {
+            device: 0,
+            requested: 4096,
+        },
+        BackendError::Driver {
+            call: "cuMemAlloc_v2",
+            code: 999,
+            name: "CUDA_ERROR_UNKNOWN".into(),
+        },
+    ]);
     let alloc = Allocator::new(backend, manual_config(), None);
     let err = alloc.malloc(4096, 0, S).unwrap_err();
     assert!(matches!(err, AllocError::Backend(_)), "{err:?}");
@@ -164,14 +113,16 @@ fn a_driver_error_on_the_retry_is_not_counted_as_out_of_memory() {
 fn a_driver_error_from_an_allocation_is_counted_as_a_backend_error() {
     use kvhygiene::alloc::{AllocError, Allocator};
     use kvhygiene::backend::BackendError;
-    let backend = std::sync::Arc::new(ScriptedBackend {
-        host: kvhygiene::backend::host::HostBackend::new(),
-        failures: std::sync::Mutex::new(vec![BackendError::Driver {
+    let backend = common::TestBackend::new(kvhygiene::backend::host::HostBackend::new());
+    backend
+        .allocate_errors
+        .lock()
+        .unwrap()
+        .push_back(BackendError::Driver {
             call: "cuMemAlloc_v2",
             code: 999,
             name: "CUDA_ERROR_UNKNOWN".into(),
-        }]),
-    });
+        });
     let alloc = Allocator::new(backend, manual_config(), None);
     let err = alloc.malloc(4096, 0, S).unwrap_err();
     assert!(matches!(err, AllocError::Backend(_)), "{err:?}");
@@ -182,68 +133,18 @@ fn a_driver_error_from_an_allocation_is_counted_as_a_backend_error() {
     );
 }
 
-/// A host backend whose graph-capture query (`cuStreamIsCapturing`) fails with a driver
-/// error.
-struct CaptureQueryFails {
-    host: std::sync::Arc<kvhygiene::backend::host::HostBackend>,
-}
-
-impl kvhygiene::backend::Backend for CaptureQueryFails {
-    fn kind(&self) -> kvhygiene::backend::BackendKind {
-        kvhygiene::backend::BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<u64, kvhygiene::backend::BackendError> {
-        self.host.allocate(d, len)
-    }
-    fn release(&self, d: u32, a: u64, l: u64) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.release(d, a, l)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: u64,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(
-        &self,
-        b: kvhygiene::backend::ScrubBatch,
-    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(b) }
-    }
-    fn is_capturing(
-        &self,
-        _d: u32,
-        _s: StreamHandle,
-    ) -> Result<bool, kvhygiene::backend::BackendError> {
-        Err(kvhygiene::backend::BackendError::Driver {
-            call: "cuStreamIsCapturing",
-            code: 999,
-            name: "CUDA_ERROR_UNKNOWN".into(),
-        })
-    }
-    fn write(&self, d: u32, a: u64, src: &[u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: u64, dst: &mut [u8]) -> Result<(), kvhygiene::backend::BackendError> {
-        self.host.read(d, a, dst)
-    }
-}
-
 /// `kvh_backend_errors_total` counts "Errors reported by the memory backend (driver)". An
 /// allocation that fails because the driver's graph-capture query failed fails with that
 /// driver error, as one whose `cuMemAlloc` failed does: the metric must show it too.
 #[test]
 fn a_driver_error_from_the_capture_query_of_an_allocation_is_counted_as_a_backend_error() {
     use kvhygiene::alloc::{AllocError, Allocator};
-    let backend = std::sync::Arc::new(CaptureQueryFails {
-        host: kvhygiene::backend::host::HostBackend::new(),
+    // The driver's graph-capture query (`cuStreamIsCapturing`) fails.
+    let backend = common::TestBackend::new(kvhygiene::backend::host::HostBackend::new());
+    *backend.capture_query_error.lock().unwrap() = Some(kvhygiene::backend::BackendError::Driver {
+        call: "cuStreamIsCapturing",
+        code: 999,
+        name: "CUDA_ERROR_UNKNOWN".into(),
     });
     let alloc = Allocator::new(backend, manual_config(), None);
     let err = alloc.malloc(4096, 0, S).unwrap_err();

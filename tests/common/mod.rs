@@ -30,6 +30,14 @@ pub struct TestBackend {
     /// Submissions left before `submit_scrub` fails with a driver error; negative: no limit.
     pub submit_budget: AtomicI64,
     pub calls_after_seal: AtomicU64,
+    /// Errors the next `allocate` calls return, one each, before the host allocates again.
+    pub allocate_errors: Mutex<std::collections::VecDeque<BackendError>>,
+    /// What `is_capturing` returns instead of `capturing`'s answer (a failed driver query).
+    pub capture_query_error: Mutex<Option<BackendError>>,
+    /// Run once, right after the next submission (what another thread does meanwhile, e.g.
+    /// an `atexit` handler beginning exit).
+    #[allow(clippy::type_complexity)]
+    pub after_next_submit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl TestBackend {
@@ -45,6 +53,9 @@ impl TestBackend {
             fail_release: AtomicBool::new(false),
             submit_budget: AtomicI64::new(-1),
             calls_after_seal: AtomicU64::new(0),
+            allocate_errors: Mutex::new(std::collections::VecDeque::new()),
+            capture_query_error: Mutex::new(None),
+            after_next_submit: Mutex::new(None),
         })
     }
 
@@ -72,6 +83,38 @@ impl TestBackend {
         if self.sealed.load(Ordering::SeqCst) {
             self.calls_after_seal.fetch_add(1, Ordering::SeqCst);
         }
+    }
+}
+
+impl TestBackend {
+    /// `submit_scrub` without the hook: refusals as set, then the host's scrub, held back
+    /// by the gates.
+    ///
+    /// # Safety
+    /// As `Backend::submit_scrub`.
+    unsafe fn submit(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        self.note();
+        if self.capturing.load(Ordering::SeqCst) {
+            return Err(BackendError::StreamCapturing {
+                stream: batch.stream.0,
+                what: "scrub launch",
+            });
+        }
+        if self.submit_budget.fetch_sub(1, Ordering::SeqCst) == 0 {
+            self.submit_budget.store(0, Ordering::SeqCst);
+            return Err(BackendError::Other("injected submission failure".into()));
+        }
+        self.batches.lock().unwrap().push(batch.clone());
+        let rescrub = batch.options.double_pass && batch.options.full_verify;
+        let gate = if rescrub {
+            &self.rescrub_gate
+        } else {
+            &self.gate
+        };
+        let gate = gate.clone();
+        // SAFETY: 1-2. this method's own contract, passed on unchanged.
+        let inner = unsafe { self.host.submit_scrub(batch) }?;
+        Ok(Box::new(GatedTicket { inner, gate }))
     }
 }
 
@@ -108,6 +151,9 @@ impl Backend for TestBackend {
     }
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         self.note();
+        if let Some(e) = self.allocate_errors.lock().unwrap().pop_front() {
+            return Err(e);
+        }
         self.host.allocate(device, len)
     }
     fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
@@ -128,30 +174,20 @@ impl Backend for TestBackend {
         self.host.zero_fresh(d, a, l, s)
     }
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        self.note();
-        if self.capturing.load(Ordering::SeqCst) {
-            return Err(BackendError::StreamCapturing {
-                stream: batch.stream.0,
-                what: "scrub launch",
-            });
+        // SAFETY: this method's own contract, passed on unchanged.
+        let submitted = unsafe { self.submit(batch) };
+        if let Some(then) = self.after_next_submit.lock().unwrap().take() {
+            then();
         }
-        if self.submit_budget.fetch_sub(1, Ordering::SeqCst) == 0 {
-            self.submit_budget.store(0, Ordering::SeqCst);
-            return Err(BackendError::Other("injected submission failure".into()));
-        }
-        self.batches.lock().unwrap().push(batch.clone());
-        let rescrub = batch.options.double_pass && batch.options.full_verify;
-        let gate = if rescrub {
-            &self.rescrub_gate
-        } else {
-            &self.gate
-        };
-        let gate = gate.clone();
-        // SAFETY: 1-2. this method's own contract, passed on unchanged.
-        let inner = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(Box::new(GatedTicket { inner, gate }))
+        submitted
     }
     fn is_capturing(&self, _d: u32, _s: StreamHandle) -> Result<bool, BackendError> {
+        if self.sealed.load(Ordering::SeqCst) {
+            self.calls_after_seal.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(e) = self.capture_query_error.lock().unwrap().clone() {
+            return Err(e);
+        }
         Ok(self.capturing.load(Ordering::SeqCst))
     }
     fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
@@ -258,4 +294,16 @@ impl TestBackend {
     pub fn inject_fault_next(&self) {
         self.host.inject_skip_tail(1);
     }
+}
+
+/// Begins process exit (as an `atexit` handler on another thread does) right after the next
+/// scrub batch `backend` is given, and seals it: every backend call after that is counted in
+/// `calls_after_seal`.
+#[allow(dead_code)] // not every test binary uses it
+pub fn begin_exit_after_next_submit(backend: &Arc<TestBackend>, alloc: &Allocator) {
+    let (backend_then, alloc) = (backend.clone(), alloc.clone());
+    *backend.after_next_submit.lock().unwrap() = Some(Box::new(move || {
+        alloc.begin_exit();
+        backend_then.seal();
+    }));
 }
