@@ -30,10 +30,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::config::PID_PLACEHOLDER;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
+use crate::metrics::per_process::{self, ProcessFiles, Target};
 use crate::printable;
 
 /// Exit code: the process may keep serving.
@@ -347,13 +347,6 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     }
 }
 
-/// What the gate judges: one metrics file, or every live process's file of a per-process
-/// pattern (`{pid}` in the file name, as `KVH_METRICS_FILE` of a multi-process engine).
-enum Target {
-    One(PathBuf),
-    PerProcess(PathBuf),
-}
-
 fn target_of(args: &GateArgs) -> Result<Target, String> {
     let given = match &args.metrics_file {
         Some(f) => f.clone(),
@@ -364,19 +357,7 @@ fn target_of(args: &GateArgs) -> Result<Target, String> {
             Err(e) => return Err(format!("configuration: {e}")),
         },
     };
-    let has_pid = |p: &std::path::Path| p.to_string_lossy().contains(PID_PLACEHOLDER);
-    if !has_pid(&given) {
-        return Ok(Target::One(given));
-    }
-    let in_name = given.file_name().is_some_and(|n| has_pid(n.as_ref()));
-    let in_dir = given.parent().is_some_and(has_pid);
-    if in_dir || !in_name {
-        return Err(format!(
-            "{}: {PID_PLACEHOLDER} is taken in the file name only, not in a directory",
-            given.display()
-        ));
-    }
-    Ok(Target::PerProcess(given))
+    Target::of(given)
 }
 
 /// The forensic log's report when `--log-dir` was given.
@@ -446,20 +427,18 @@ pub struct GoneProcess {
 /// gone (a worker that ended leaves its file) is listed, not judged. No live process's file
 /// is a usage error: nothing was judged, which is not a pass.
 fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, String> {
-    let files = per_process_files(pattern)?;
-    let (live, gone): (Vec<_>, Vec<_>) = files.into_iter().partition(|(pid, _)| alive(*pid));
-    if live.is_empty() {
-        return Err(format!(
-            "no metrics file of a live process matches {} ({} of processes that are gone); \
-             the probe must run in the processes' pid namespace",
-            pattern.display(),
-            gone.len()
-        ));
+    let files = per_process::find(pattern)?;
+    if files.live.is_empty() {
+        return Err(files.none_live(pattern));
     }
+    let ProcessFiles { live, mut gone } = files;
     let log = log_report(args)?;
     let mut processes = Vec::with_capacity(live.len());
-    for (pid, file) in &live {
-        let snap = metrics_cli::load(file)?;
+    for (pid, file) in live {
+        let Some(snap) = metrics_cli::load_of_process(pid, &file)? else {
+            gone.push((pid, file));
+            continue;
+        };
         let verdict = judge(
             &file.display().to_string(),
             &snap,
@@ -467,7 +446,16 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
             log.as_ref().map(|(d, r)| (d.as_str(), r)),
             SystemTime::now(),
         );
-        processes.push(ProcessVerdict { pid: *pid, verdict });
+        processes.push(ProcessVerdict { pid, verdict });
+    }
+    gone.sort();
+    if processes.is_empty() {
+        // Every listed process ended while its file was read.
+        let ended = ProcessFiles {
+            live: Vec::new(),
+            gone,
+        };
+        return Err(ended.none_live(pattern));
     }
     let all = ProcessesVerdict {
         verdict: if processes.iter().all(|p| p.verdict.admitted()) {
@@ -497,84 +485,6 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
     } else {
         EXIT_EVICT
     })
-}
-
-/// The files in the pattern's directory whose name is the pattern's with `{pid}` replaced by
-/// a process id, by pid.
-fn per_process_files(pattern: &std::path::Path) -> Result<Vec<(u32, PathBuf)>, String> {
-    let dir = match pattern.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = pattern
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let entries = std::fs::read_dir(&dir).map_err(|e| {
-        format!(
-            "{}: {e} (the directory of the per-process files {})",
-            dir.display(),
-            pattern.display()
-        )
-    })?;
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-        let Some(candidate) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if let Some(pid) = pid_of(&name, &candidate) {
-            found.push((pid, dir.join(&candidate)));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// The process id `candidate` names, when it is `pattern` with each `{pid}` replaced by the
-/// same decimal id.
-fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
-    let prefix = pattern.split(PID_PLACEHOLDER).next()?;
-    let rest = candidate.strip_prefix(prefix)?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let pid: u32 = digits.parse().ok()?;
-    // The id as the writer prints it: no leading zero, and the whole name must match.
-    (pid.to_string() == digits && pattern.replace(PID_PLACEHOLDER, &digits) == candidate)
-        .then_some(pid)
-}
-
-/// Whether process `pid` exists in this pid namespace: a process, not a thread of another
-/// (`kill(pid, 0)` also answers for thread ids, which come from the same pool), when
-/// `/proc` says which.
-fn alive(pid: u32) -> bool {
-    if !signalable(pid) {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .is_some_and(|tgid| tgid.trim() == pid.to_string()),
-        // No /proc here: the signal's answer stands.
-        Err(_) => true,
-    }
-}
-
-/// Whether `kill(pid, 0)` finds `pid` (a process or a thread).
-fn signalable(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 sends nothing: the call only checks that the process exists and may
-    // be signalled; it has no other effect.
-    if unsafe { libc::kill(pid, 0) } == 0 {
-        return true;
-    }
-    // EPERM: it exists, under another user.
-    std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
@@ -697,27 +607,4 @@ fn write_text(out: &mut impl Write, v: &Verdict) -> std::io::Result<()> {
         writeln!(out, "note: {}", printable(n))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pid_of;
-
-    #[test]
-    fn a_file_names_a_pid_when_it_is_the_pattern_with_an_id_in_each_placeholder() {
-        assert_eq!(pid_of("kvh-{pid}.prom", "kvh-42.prom"), Some(42));
-        assert_eq!(pid_of("{pid}", "7"), Some(7));
-        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b9.prom"), Some(9));
-        for other in [
-            "kvh-.prom",
-            "kvh-42.prom.tmp",
-            "kvh-042.prom",
-            "kvh-4x.prom",
-            "x-42.prom",
-            "kvh-99999999999.prom",
-        ] {
-            assert_eq!(pid_of("kvh-{pid}.prom", other), None, "{other}");
-        }
-        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b8.prom"), None);
-    }
 }

@@ -171,15 +171,6 @@ fn a_snapshot_from_the_future_is_refused() {
 }
 
 #[test]
-fn a_per_process_file_name_in_the_environment_needs_file() {
-    let (code, _, err) = run(kvh()
-        .arg("metrics")
-        .env("KVH_METRICS_FILE", "/run/kvh/kvh-{pid}.prom"));
-    assert_eq!(code, 2);
-    assert!(err.contains("{pid}") && err.contains("--file"), "{err}");
-}
-
-#[test]
 fn json_summary() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
@@ -484,5 +475,213 @@ fn json_failure_values_agree_with_the_text_for_a_nan_sample() {
     assert!(
         !failure["value"].is_null(),
         "a NaN value is written as null, the value of a missing series: {failure}"
+    );
+}
+
+/// Writes a snapshot of process `pid` as a per-process file carries it: a `pid` label on
+/// every sample.
+fn write_process_snapshot(path: &Path, pid: u32, age: Duration, failed: u64) {
+    let mut pool = PoolCounters::default();
+    pool.counters.allocations = u64::from(pid % 1000) + 1;
+    pool.counters.verifications_failed = failed;
+    let pid = pid.to_string();
+    let text = kvhygiene::metrics::encode_labelled(
+        &runtime_stats(pool),
+        &ExporterStats::default(),
+        SystemTime::now() - age,
+        &[("pid", &pid)],
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+/// The id of a process that has ended.
+fn ended_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+/// A process that lives until dropped.
+struct LiveChild(Child);
+
+impl LiveChild {
+    fn start() -> Self {
+        LiveChild(
+            std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for LiveChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A multi-process engine writes one file per process (`{pid}` in `KVH_METRICS_FILE`):
+/// `kvh metrics` given the pattern (or finding it in the environment) checks every live
+/// process's file, fails when one fails, lists the files of processes that are gone without
+/// checking them (their last snapshot only ages), and checks nothing (exit 2) when no live
+/// process has a file.
+#[test]
+fn metrics_with_a_per_process_pattern_checks_every_live_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let me = std::process::id();
+    let worker = LiveChild::start();
+    let gone = ended_pid();
+    write_process_snapshot(&file(me), me, Duration::ZERO, 0);
+    write_process_snapshot(&file(worker.pid()), worker.pid(), Duration::ZERO, 0);
+    // The ended worker's file is an hour old: not judged stale.
+    write_process_snapshot(&file(gone), gone, Duration::from_secs(3600), 0);
+    let metrics =
+        |extra: &[&str]| run(kvh().arg("metrics").arg("--file").arg(&pattern).args(extra));
+    let (code, out, err) = metrics(&["--max-age", "60"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("process {me}:")), "{out}");
+    assert!(out.contains(&format!("process {}:", worker.pid())), "{out}");
+    assert!(
+        out.contains(&format!("note: process {gone} is gone")),
+        "{out}"
+    );
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("OK: 2 processes of {}", pattern.display())),
+        "{out}"
+    );
+    // The pattern may come from the environment, as the engine was configured.
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--max-age", "60"])
+        .env("KVH_METRICS_FILE", &pattern));
+    assert_eq!(code, 0, "{out}{err}");
+    // One live process stopped exporting: the check fails and the JSON says which.
+    write_process_snapshot(
+        &file(worker.pid()),
+        worker.pid(),
+        Duration::from_secs(600),
+        0,
+    );
+    let (code, out, err) = metrics(&["--max-age", "60", "--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    let by_pid = |pid: u32| {
+        v["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(by_pid(worker.pid())["stale"], true, "{out}");
+    assert_eq!(by_pid(me)["stale"], false, "{out}");
+    assert_eq!(v["gone"][0]["pid"], gone, "{out}");
+    // A security failure of one process, with --fail-on-security.
+    write_process_snapshot(&file(worker.pid()), worker.pid(), Duration::ZERO, 0);
+    write_process_snapshot(&file(me), me, Duration::ZERO, 2);
+    let (code, out, _) = metrics(&["--fail-on-security"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED: 1 of 2 processes"), "{out}");
+    // A live process's file that is not a snapshot: exit 2, naming it.
+    std::fs::write(file(me), "garbage\n").unwrap();
+    let (code, _, err) = metrics(&[]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("kvh-{me}.prom")), "{err}");
+    // No live process's file: nothing checked.
+    std::fs::remove_file(file(me)).unwrap();
+    std::fs::remove_file(file(worker.pid())).unwrap();
+    let (code, out, err) = metrics(&[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("no metrics file of a live process"), "{err}");
+    assert!(err.contains("1 of processes that are gone"), "{err}");
+    // `{pid}` in a directory is refused.
+    let (code, _, err) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(dir.path().join("{pid}/kvh.prom")));
+    assert_eq!(code, 2);
+    assert!(err.contains("in the file name only"), "{err}");
+}
+
+/// `serve-metrics` given a per-process pattern serves the live processes' files as one
+/// exposition (each family declared once, every process's samples under it, told apart by
+/// their `pid` label), leaves out the files of processes that are gone, and answers 503 when
+/// one live process's file cannot be served, as for one file.
+#[test]
+fn serve_metrics_with_a_per_process_pattern_serves_every_live_process_as_one_exposition() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let me = std::process::id();
+    let worker = LiveChild::start();
+    let gone = ended_pid();
+    let side = sidecar(&pattern, &["--max-age", "60"]);
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    // No file yet: 503.
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    write_process_snapshot(&file(me), me, Duration::ZERO, 0);
+    write_process_snapshot(&file(worker.pid()), worker.pid(), Duration::ZERO, 0);
+    write_process_snapshot(&file(gone), gone, Duration::from_secs(3600), 0);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    let parsed = kvhygiene::metrics::parse::parse(&body).expect("one valid exposition");
+    let me_s = me.to_string();
+    let worker_s = worker.pid().to_string();
+    let gone_s = gone.to_string();
+    for (pid, want) in [(&me_s, me % 1000 + 1), (&worker_s, worker.pid() % 1000 + 1)] {
+        assert_eq!(
+            parsed.value("kvh_allocations_total", &[("pid", pid.as_str())]),
+            Some(f64::from(want)),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        parsed
+            .values("kvh_allocations_total", &[("pid", gone_s.as_str())])
+            .count(),
+        0,
+        "the file of a process that is gone is served: {body}"
+    );
+    assert_eq!(
+        body.matches("# TYPE kvh_allocations_total ").count(),
+        1,
+        "{body}"
+    );
+    // One live process stopped exporting: 503, its file named on stderr.
+    write_process_snapshot(
+        &file(worker.pid()),
+        worker.pid(),
+        Duration::from_secs(600),
+        0,
+    );
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    let err = side.stderr();
+    assert!(
+        err.contains(&format!("kvh-{}.prom", worker.pid())) && err.contains("--max-age 60"),
+        "{err}"
+    );
+    // The worker ends: its stale file is no longer a reason to refuse.
+    drop(worker);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    let parsed = kvhygiene::metrics::parse::parse(&body).unwrap();
+    assert_eq!(
+        parsed
+            .values("kvh_allocations_total", &[("pid", worker_s.as_str())])
+            .count(),
+        0,
+        "{body}"
     );
 }

@@ -292,12 +292,17 @@ samples, when it was taken and whether it shows a security failure, and exits:
   2  usage error, or the file is missing, unreadable, not a kvhygiene metrics snapshot,
      or dated more than 5 s in the future (its age cannot be judged)
 
-Without --file the file is this environment's KVH_METRICS_FILE; when that holds {pid} (one \
-file per process), --file must name the process's file.
+Without --file the file is this environment's KVH_METRICS_FILE. A file name holding {pid} \
+(one file per process of a multi-process engine, as KVH_METRICS_FILE names them) checks the \
+file of every live process of this pid namespace: the exit status is 1 when one of them \
+fails, 2 when none has a file. Files of processes that are gone are listed, not checked.
 
 Examples:
   # Liveness check (cron, Kubernetes exec probe): fail when the last snapshot is > 60 s old
   kvh metrics --file /var/lib/node_exporter/textfile/kvh.prom --max-age 60
+
+  # The same for every process of a tensor-parallel engine
+  kvh metrics --file '/run/kvh/kvh-{pid}.prom' --max-age 60
 
   # Alert when the control failed or evidence was lost
   kvh metrics --file /run/kvh/kvh.prom --fail-on-security || page-oncall
@@ -317,6 +322,12 @@ without blocking and must be a regular file of at most 1 MiB. GET /healthz answe
 while the sidecar runs. Other paths get 404, other methods 405. Requests are limited in size \
 (8 KiB) and time (5 s), and at most 32 connections are served at once.
 
+A file name holding {pid} (one file per process of a multi-process engine) serves the files \
+of every live process of this pid namespace as one exposition: each family declared once, \
+every process's samples under it (each carries its pid label). A process that is gone is \
+left out; one live process's file that cannot be served makes the answer 503, as one file \
+does. In a pod, the sidecar must share the engine's processes (shareProcessNamespace: true).
+
 Runs until killed; exits 2 at once when the address cannot be bound.
 
 Examples:
@@ -324,7 +335,10 @@ Examples:
   kvh serve-metrics --file /run/kvh/kvh.prom --listen 127.0.0.1:9464
 
   # In a pod (reachable by Prometheus), 503 when the writer has been silent for a minute
-  kvh serve-metrics --file /shared/kvh.prom --listen 0.0.0.0:9464 --max-age 60";
+  kvh serve-metrics --file /shared/kvh.prom --listen 0.0.0.0:9464 --max-age 60
+
+  # Every process of a tensor-parallel engine
+  kvh serve-metrics --file '/shared/kvh-{pid}.prom' --listen 0.0.0.0:9464 --max-age 60";
 
 #[derive(Args)]
 struct DemoArgs {

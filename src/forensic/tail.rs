@@ -767,8 +767,8 @@ fn load_state(path: &Path) -> Result<Option<State>, String> {
     })
 }
 
-/// Replaces the state file atomically (temporary file, 0600, fsync, rename): a crash leaves
-/// the old position or the new one, never a torn file.
+/// Replaces the state file atomically and durably (temporary file, 0600, fsync, rename, fsync
+/// of the directory): a crash leaves the old position or the new one, never a torn file.
 fn save_state(path: &Path, state: &State) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| format!("--state {}: {e}", path.display());
@@ -794,7 +794,21 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e));
     }
-    Ok(())
+    sync_parent(path).map_err(err)
+}
+
+/// Makes a rename in `path`'s directory durable: without it a crash of the machine can bring
+/// back the previous state file, and the tail would pass on again what it had passed on. A
+/// file system that cannot sync a directory (EINVAL) has nothing more to make durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@ use serde::Serialize;
 use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
-use crate::config::{read_regular_file, Config, PID_PLACEHOLDER};
+use super::per_process::{self, ProcessFiles, Target};
+use crate::config::{read_regular_file, Config};
 use crate::forensic::verify::rfc3339;
 
 /// Exit code: the snapshot is fresh (and, when asked, shows no security failure).
@@ -85,8 +86,10 @@ pub const SECURITY_CHECKS: &[SecurityCheck] = &[
 /// `kvh metrics`: check a metrics file the library wrote.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MetricsArgs {
-    /// The metrics file (KVH_METRICS_FILE of the process that writes it, `{pid}` replaced);
-    /// default: this environment's KVH_METRICS_FILE (without `{pid}`).
+    /// The metrics file (KVH_METRICS_FILE of the process that writes it, `{pid}` replaced),
+    /// or a pattern with `{pid}` in the file name (one file per process of a multi-process
+    /// engine): every live process's file of this pid namespace is checked, and one that
+    /// fails fails the check. Default: this environment's KVH_METRICS_FILE.
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// Exit 1 when the snapshot was taken more than SECS seconds ago (the writer stopped).
@@ -107,7 +110,9 @@ pub struct MetricsArgs {
 /// `kvh serve-metrics`: serve a metrics file over HTTP.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeMetricsArgs {
-    /// The metrics file to serve (the inference process's KVH_METRICS_FILE).
+    /// The metrics file to serve (the inference process's KVH_METRICS_FILE), or a pattern with
+    /// `{pid}` in the file name: the files of every live process of this pid namespace are
+    /// served as one exposition (each sample carries its `pid` label).
     #[arg(long, value_name = "FILE")]
     pub file: PathBuf,
     /// Address to listen on (an IP and port). Use 0.0.0.0:9464 in a pod so that Prometheus
@@ -167,6 +172,17 @@ impl Snapshot {
 /// Reads and parses `path` as of now; see [`load_at`].
 pub fn load(path: &Path) -> Result<Snapshot, String> {
     load_at(path, SystemTime::now())
+}
+
+/// [`load`] for the file of process `pid` of a per-process pattern: `None` when the file
+/// cannot be loaded because the process ended meanwhile (a worker that exits may remove its
+/// file, or be caught half-way).
+pub fn load_of_process(pid: u32, path: &Path) -> Result<Option<Snapshot>, String> {
+    match load(path) {
+        Ok(snap) => Ok(Some(snap)),
+        Err(_) if !per_process::alive(pid) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads and parses `path`, a snapshot read at `now`; the error names the file and says what
@@ -340,59 +356,162 @@ fn series_name(metric: &str, labels: &[(&str, &str)]) -> String {
     format!("{metric}{{{}}}", inner.join(","))
 }
 
-/// The metrics file a verb reads: `arg` (given with `flag`), else this environment's
-/// `KVH_METRICS_FILE`, which must not be a per-process `{pid}` pattern: the process's own file
-/// must be named.
-pub fn resolve_file(arg: Option<&Path>, flag: &str) -> Result<PathBuf, String> {
-    if let Some(f) = arg {
-        return Ok(f.to_path_buf());
-    }
-    match Config::from_env() {
-        Ok(c) if c.metrics.per_process() => Err(format!(
-            "KVH_METRICS_FILE holds {PID_PLACEHOLDER} (one file per process): pass {flag} \
-             with the file of the process to check"
-        )),
-        Ok(c) => c
-            .metrics
-            .file
-            .ok_or_else(|| format!("no metrics file: pass {flag} FILE or set KVH_METRICS_FILE")),
-        Err(e) => Err(format!("configuration: {e}")),
-    }
+/// What a verb reads: `arg` (given with `flag`), else this environment's `KVH_METRICS_FILE`;
+/// a per-process pattern when it holds `{pid}`.
+pub fn resolve_target(arg: Option<&Path>, flag: &str) -> Result<Target, String> {
+    let file = match arg {
+        Some(f) => f.to_path_buf(),
+        None => match Config::from_env() {
+            Ok(c) => c.metrics.file.ok_or_else(|| {
+                format!("no metrics file: pass {flag} FILE or set KVH_METRICS_FILE")
+            })?,
+            Err(e) => return Err(format!("configuration: {e}")),
+        },
+    };
+    Target::of(file)
 }
 
 /// Runs `metrics`; returns the process exit code.
 pub fn run_metrics(args: &MetricsArgs) -> i32 {
-    let file = match resolve_file(args.file.as_deref(), "--file") {
-        Ok(f) => f,
+    let outcome = resolve_target(args.file.as_deref(), "--file").and_then(|t| match t {
+        Target::One(file) => metrics_one(args, &file),
+        Target::PerProcess(pattern) => metrics_per_process(args, &pattern),
+    });
+    match outcome {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("kvh metrics: {e}");
-            return EXIT_USAGE;
+            EXIT_USAGE
         }
-    };
-    let snap = match load(&file) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("kvh metrics: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let r = report(&file, &snap, args, SystemTime::now());
+    }
+}
+
+fn metrics_one(args: &MetricsArgs, file: &Path) -> Result<i32, String> {
+    let snap = load(file)?;
+    let r = report(file, &snap, args, SystemTime::now());
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        serde_json::to_writer_pretty(&mut out, &r)
-            .map_err(std::io::Error::from)
-            .and_then(|_| writeln!(out))
+        write_json(&mut out, &r)
     } else {
         write_text(&mut out, &snap, &r)
     };
-    if let Err(e) = written {
-        eprintln!("kvh metrics: cannot write the report: {e}");
-        return EXIT_USAGE;
+    written.map_err(|e| format!("cannot write the report: {e}"))?;
+    Ok(if r.ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// The report on every live process of a per-process pattern (`--json`).
+#[derive(Debug, Serialize)]
+pub struct ProcessesReport {
+    pub pattern: String,
+    /// Every live process's report is ok.
+    pub ok: bool,
+    pub processes: Vec<ProcessReport>,
+    /// Files of processes that are gone (not checked).
+    pub gone: Vec<GoneFile>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GoneFile {
+    pub pid: u32,
+    pub file: String,
+}
+
+/// Checks the file of every live process of `pattern`; a file whose process is gone is
+/// listed, not checked (its last snapshot only ages). No live process's file is an error:
+/// nothing was checked, which is not a pass.
+fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String> {
+    let files = per_process::find(pattern)?;
+    if files.live.is_empty() {
+        return Err(files.none_live(pattern));
     }
-    if r.ok {
-        EXIT_OK
+    let ProcessFiles { live, mut gone } = files;
+    let now = SystemTime::now();
+    let mut processes = Vec::with_capacity(live.len());
+    let mut snaps = Vec::with_capacity(live.len());
+    for (pid, file) in live {
+        let Some(snap) = load_of_process(pid, &file)? else {
+            gone.push((pid, file));
+            continue;
+        };
+        let report = report(&file, &snap, args, now);
+        processes.push(ProcessReport { pid, report });
+        snaps.push(snap);
+    }
+    gone.sort();
+    if processes.is_empty() {
+        // Every listed process ended while its file was read.
+        let ended = ProcessFiles {
+            live: Vec::new(),
+            gone,
+        };
+        return Err(ended.none_live(pattern));
+    }
+    let all = ProcessesReport {
+        pattern: pattern.display().to_string(),
+        ok: processes.iter().all(|p| p.report.ok),
+        processes,
+        gone: gone
+            .into_iter()
+            .map(|(pid, f)| GoneFile {
+                pid,
+                file: f.display().to_string(),
+            })
+            .collect(),
+    };
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        write_json(&mut out, &all)
     } else {
-        EXIT_FAILED
+        write_processes_text(&mut out, &snaps, &all)
+    };
+    written.map_err(|e| format!("cannot write the report: {e}"))?;
+    Ok(if all.ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::from)?;
+    writeln!(out)
+}
+
+fn write_processes_text(
+    out: &mut impl Write,
+    snaps: &[Snapshot],
+    all: &ProcessesReport,
+) -> std::io::Result<()> {
+    for (snap, p) in snaps.iter().zip(&all.processes) {
+        writeln!(out, "process {}:", p.pid)?;
+        write_text(out, snap, &p.report)?;
+    }
+    for g in &all.gone {
+        writeln!(
+            out,
+            "note: process {} is gone; its file {} is not checked (remove it)",
+            g.pid,
+            printable(&g.file)
+        )?;
+    }
+    let failed = all.processes.iter().filter(|p| !p.report.ok).count();
+    if failed == 0 {
+        writeln!(
+            out,
+            "OK: {} processes of {}",
+            all.processes.len(),
+            printable(&all.pattern)
+        )
+    } else {
+        writeln!(
+            out,
+            "FAILED: {failed} of {} processes of {}",
+            all.processes.len(),
+            printable(&all.pattern)
+        )
     }
 }
 
@@ -440,59 +559,97 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
 
 /// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
 pub struct FileRoutes {
-    pub file: PathBuf,
+    pub target: Target,
     pub max_age: Option<u64>,
     /// The kind of the last problem said on stderr (`None`: serving), so that each change
     /// is said once rather than at every scrape.
     said: Mutex<Option<String>>,
 }
 
+/// Why nothing can be served: the kind of problem (said once while it lasts: a snapshot that
+/// keeps aging is one kind) and the message, which may quote the file.
+type Unservable = (String, String);
+
 impl FileRoutes {
-    pub fn new(file: PathBuf, max_age: Option<u64>) -> Self {
+    pub fn new(target: Target, max_age: Option<u64>) -> Self {
         FileRoutes {
-            file,
+            target,
             max_age,
             said: Mutex::new(None),
         }
     }
 
-    /// The snapshot to serve now, or why there is none (which may quote the file).
-    pub fn check(&self, now: SystemTime) -> Result<Snapshot, String> {
+    /// The exposition to serve now, or why there is none (which may quote the file).
+    pub fn check(&self, now: SystemTime) -> Result<String, String> {
         self.checked(now).map_err(|(_, why)| why)
     }
 
-    /// [`FileRoutes::check`] with the kind of problem: `true` when the snapshot is stale.
-    fn checked(&self, now: SystemTime) -> Result<Snapshot, (bool, String)> {
-        let snap = load_at(&self.file, now).map_err(|e| (false, e))?;
+    fn checked(&self, now: SystemTime) -> Result<String, Unservable> {
+        match &self.target {
+            Target::One(file) => self.fresh(file, now).map(|snap| snap.text),
+            Target::PerProcess(pattern) => self.merged(pattern, now),
+        }
+    }
+
+    /// The snapshot in `file`, loaded and judged fresh enough.
+    fn fresh(&self, file: &Path, now: SystemTime) -> Result<Snapshot, Unservable> {
+        let snap = load_at(file, now).map_err(|e| (e.clone(), e))?;
         let age = snap.age_seconds(now);
         if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
             return Err((
-                true,
+                format!("stale {}", file.display()),
                 format!(
                     "{}: the snapshot is {age:.1} s old (--max-age {max}): its writer has \
                      stopped exporting",
-                    self.file.display()
+                    file.display()
                 ),
             ));
         }
         Ok(snap)
     }
 
+    /// Every live process's snapshot as one exposition; nothing when one of them cannot be
+    /// served (as for one file: a scrape that fails is what the KvhMetricsDown alert sees),
+    /// or when no live process has a file.
+    fn merged(&self, pattern: &Path, now: SystemTime) -> Result<String, Unservable> {
+        let same = |e: String| (e.clone(), e);
+        let files = per_process::find(pattern).map_err(same)?;
+        let mut gone = files.gone.len();
+        let mut snaps = Vec::with_capacity(files.live.len());
+        for (pid, file) in &files.live {
+            match self.fresh(file, now) {
+                Ok(snap) => snaps.push(snap),
+                // Ended since the directory was listed: its last snapshot is not served.
+                Err(_) if !per_process::alive(*pid) => gone += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        if snaps.is_empty() {
+            return Err(same(format!(
+                "no metrics file of a live process matches {} ({gone} of processes that are \
+                 gone); serve-metrics must run in the processes' pid namespace (in a pod: \
+                 shareProcessNamespace: true)",
+                pattern.display()
+            )));
+        }
+        super::merge::merge(&snaps.iter().collect::<Vec<_>>())
+            .map_err(|e| same(format!("{}: {e}", pattern.display())))
+    }
+
     /// [`FileRoutes::check`], saying on stderr when the problem changes or goes away.
-    fn check_and_say(&self) -> Option<Snapshot> {
+    fn check_and_say(&self) -> Option<String> {
         let checked = self.checked(SystemTime::now());
-        // Staleness is one kind whatever the age, so it is said once per outage.
-        let kind = match &checked {
-            Ok(_) => None,
-            Err((true, _)) => Some("stale".to_string()),
-            Err((false, e)) => Some(e.clone()),
-        };
+        let kind = checked.as_ref().err().map(|(kind, _)| kind.clone());
         let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
         if *said != kind {
             let mut err = std::io::stderr();
             let _ = match &checked {
                 Err((_, e)) => writeln!(err, "kvh serve-metrics: {e}; /metrics answers 503"),
-                Ok(_) => writeln!(err, "kvh serve-metrics: serving {}", self.file.display()),
+                Ok(_) => writeln!(
+                    err,
+                    "kvh serve-metrics: serving {}",
+                    self.target.path().display()
+                ),
             };
             *said = kind;
         }
@@ -510,7 +667,7 @@ impl http::Routes for FileRoutes {
             return Response::text(200, "ok\n");
         }
         match self.check_and_say() {
-            Some(snap) => Response::new(200, CONTENT_TYPE, snap.text),
+            Some(text) => Response::new(200, CONTENT_TYPE, text),
             None => Response::text(503, UNAVAILABLE_BODY),
         }
     }
@@ -518,7 +675,14 @@ impl http::Routes for FileRoutes {
 
 /// Runs `serve-metrics` until the process is killed; returns only on a start-up error.
 pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
-    let routes = Arc::new(FileRoutes::new(args.file.clone(), args.max_age));
+    let target = match Target::of(args.file.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("kvh serve-metrics: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let routes = Arc::new(FileRoutes::new(target, args.max_age));
     let server = match http::Server::start(
         args.listen,
         routes.clone(),

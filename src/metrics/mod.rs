@@ -8,6 +8,8 @@
 //! - [`Exporter`]: what the process-wide runtime starts from `KVH_METRICS_FILE` and
 //!   `KVH_METRICS_ADDR`: a thread rewriting the file every `KVH_METRICS_INTERVAL_MS`, and the
 //!   HTTP exporter (`/metrics`, `/stats`, `/healthz`);
+//! - [`per_process`]: the files of a `{pid}` pattern that belong to live processes;
+//! - [`merge`]: several processes' snapshots as one exposition (`serve-metrics`);
 //! - [`cli`]: the `metrics` and `serve-metrics` verbs.
 //!
 //! Metrics are read from [`Stats`] snapshots (`Allocator::stats`, the same as
@@ -25,7 +27,9 @@
 pub mod cli;
 pub mod encode;
 pub mod http;
+pub mod merge;
 pub mod parse;
+pub mod per_process;
 pub mod textfile;
 
 use std::net::SocketAddr;

@@ -71,7 +71,7 @@ pub struct ParseError {
 }
 
 /// The family a sample belongs to: summaries and histograms own `_sum`, `_count`, `_bucket`.
-fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+pub fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
     for suffix in ["_sum", "_count", "_bucket"] {
         if let Some(base) = name.strip_suffix(suffix) {
             if matches!(
@@ -156,9 +156,14 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
     Ok(out)
 }
 
+/// The metric name of a sample line (up to its labels or value).
+pub fn sample_name(line: &str) -> &str {
+    &line[..line.find(['{', ' ', '\t']).unwrap_or(line.len())]
+}
+
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-    let name = &line[..name_end];
+    let name = sample_name(line);
+    let name_end = name.len();
     if !valid_metric_name(name) {
         return Err(format!("invalid metric name {name:?}"));
     }

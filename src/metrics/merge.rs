@@ -1,0 +1,165 @@
+//! One exposition from the snapshots of several processes, for `kvh serve-metrics` with a
+//! per-process pattern. Concatenating the files is not a valid exposition: each declares its
+//! families (`# HELP`, `# TYPE`), and a family may be declared once and its samples may not be
+//! split by another family's. So the merge regroups: each family once, in the order families
+//! first appear, declared by the first snapshot that declares it, followed by every
+//! snapshot's samples of it in the order the snapshots are given. The samples stay byte for
+//! byte as written: per-process files carry a `pid` label, so no series repeats; the result is
+//! parsed again before it is served, which refuses one that does.
+
+use std::collections::HashMap;
+
+use super::cli::Snapshot;
+use super::parse::{self, family_of, sample_name};
+
+#[derive(Default)]
+struct Family {
+    help: Option<String>,
+    kind: Option<(String, String)>,
+    samples: Vec<String>,
+}
+
+/// The snapshots as one exposition, or why they cannot be one (two processes that declare a
+/// family with different types, a series that repeats).
+pub fn merge(snapshots: &[&Snapshot]) -> Result<String, String> {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: HashMap<String, Family> = HashMap::new();
+    for snap in snapshots {
+        for line in snap.text.lines() {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            let Some((name, entry)) = entry_of(line, snap) else {
+                continue;
+            };
+            let family = families.entry(name.to_string()).or_insert_with(|| {
+                order.push(name.to_string());
+                Family::default()
+            });
+            match entry {
+                Entry::Help => {
+                    family.help.get_or_insert_with(|| line.to_string());
+                }
+                Entry::Type(kind) => match &family.kind {
+                    None => family.kind = Some((kind.to_string(), line.to_string())),
+                    Some((k, _)) if k == kind => {}
+                    Some((k, _)) => {
+                        return Err(format!(
+                            "the processes declare {name} with different types ({k} and {kind})"
+                        ))
+                    }
+                },
+                Entry::Sample => family.samples.push(line.to_string()),
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in &order {
+        let f = &families[name];
+        for line in f.help.iter().chain(f.kind.as_ref().map(|(_, l)| l)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        for line in &f.samples {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    parse::parse(&out).map_err(|e| format!("the merged snapshots are not one exposition: {e}"))?;
+    Ok(out)
+}
+
+enum Entry<'a> {
+    Help,
+    Type(&'a str),
+    Sample,
+}
+
+/// The family a line belongs to and what it is; `None` for blank lines and plain comments.
+/// The snapshot parsed already, so every line is well formed.
+fn entry_of<'a>(line: &'a str, snap: &'a Snapshot) -> Option<(&'a str, Entry<'a>)> {
+    if line.trim().is_empty() {
+        return None;
+    }
+    if let Some(comment) = line.strip_prefix('#') {
+        let mut words = comment.trim_start().splitn(3, [' ', '\t']);
+        let keyword = words.next().unwrap_or("");
+        let name = words.next().unwrap_or("");
+        return match keyword {
+            "HELP" => Some((name, Entry::Help)),
+            "TYPE" => Some((name, Entry::Type(words.next().unwrap_or("").trim()))),
+            _ => None,
+        };
+    }
+    let name = sample_name(line);
+    Some((family_of(name, &snap.exposition.types), Entry::Sample))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(text: &str) -> Snapshot {
+        Snapshot {
+            text: text.to_string(),
+            exposition: parse::parse(text).expect("test snapshot parses"),
+            timestamp: 0.0,
+        }
+    }
+
+    const A: &str = "# HELP kvh_a_total A.\n# TYPE kvh_a_total counter\nkvh_a_total{pid=\"1\"} 3\n\
+                     # HELP kvh_lat_seconds L.\n# TYPE kvh_lat_seconds summary\n\
+                     kvh_lat_seconds{pid=\"1\",quantile=\"0.5\"} 0.1\n\
+                     kvh_lat_seconds_sum{pid=\"1\"} 1\nkvh_lat_seconds_count{pid=\"1\"} 10\n";
+    const B: &str = "# HELP kvh_a_total A.\n# TYPE kvh_a_total counter\nkvh_a_total{pid=\"2\"} 5\n\
+                     # HELP kvh_b Only here.\n# TYPE kvh_b gauge\nkvh_b{pid=\"2\"} 1\n\
+                     # HELP kvh_lat_seconds L.\n# TYPE kvh_lat_seconds summary\n\
+                     kvh_lat_seconds{pid=\"2\",quantile=\"0.5\"} 0.2\n\
+                     kvh_lat_seconds_sum{pid=\"2\"} 2\nkvh_lat_seconds_count{pid=\"2\"} 20\n";
+
+    #[test]
+    fn families_are_declared_once_with_every_process_s_samples_under_them() {
+        let (a, b) = (snap(A), snap(B));
+        let merged = merge(&[&a, &b]).unwrap();
+        let parsed = parse::parse(&merged).unwrap();
+        assert_eq!(merged.matches("# TYPE kvh_a_total counter").count(), 1);
+        assert_eq!(merged.matches("# HELP kvh_lat_seconds").count(), 1);
+        assert_eq!(parsed.value("kvh_a_total", &[("pid", "1")]), Some(3.0));
+        assert_eq!(parsed.value("kvh_a_total", &[("pid", "2")]), Some(5.0));
+        assert_eq!(parsed.value("kvh_b", &[("pid", "2")]), Some(1.0));
+        assert_eq!(
+            parsed.value("kvh_lat_seconds_count", &[("pid", "1")]),
+            Some(10.0)
+        );
+        assert_eq!(parsed.samples.len(), 9);
+        // Families in the order they first appear; a process's samples in the order given.
+        let a_at = merged.find("kvh_a_total{pid=\"1\"}").unwrap();
+        let a2_at = merged.find("kvh_a_total{pid=\"2\"}").unwrap();
+        let lat_at = merged.find("# HELP kvh_lat_seconds").unwrap();
+        let b_at = merged.find("# HELP kvh_b").unwrap();
+        assert!(a_at < a2_at && a2_at < lat_at && lat_at < b_at, "{merged}");
+    }
+
+    #[test]
+    fn one_snapshot_merges_to_its_own_samples() {
+        let a = snap(A);
+        let merged = merge(&[&a]).unwrap();
+        assert_eq!(parse::parse(&merged).unwrap().samples, a.exposition.samples);
+    }
+
+    #[test]
+    fn a_series_in_two_files_is_refused() {
+        let (a, again) = (snap(A), snap(A));
+        let err = merge(&[&a, &again]).unwrap_err();
+        assert!(err.contains("the same series twice"), "{err}");
+    }
+
+    #[test]
+    fn processes_that_disagree_on_a_family_s_type_are_refused() {
+        let a = snap(A);
+        let g = snap("# TYPE kvh_a_total gauge\nkvh_a_total{pid=\"9\"} 1\n");
+        let err = merge(&[&a, &g]).unwrap_err();
+        assert!(
+            err.contains("kvh_a_total") && err.contains("different types"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Per-process metrics files. A multi-process engine (tensor-parallel workers that inherit the
+//! environment) names its metrics file with `{pid}` in `KVH_METRICS_FILE`, and each process
+//! writes its own. The verbs that read metrics files (`kvh metrics`, `kvh serve-metrics`,
+//! `kvh gate`) take the same pattern and find here which files belong to live processes:
+//! a process's file outlives it, and the last snapshot of a process that ended must neither
+//! be judged stale forever nor be served as if the process were still running.
+//!
+//! Liveness is judged in the pid namespace of the reader: a probe or sidecar must share the
+//! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`).
+
+use std::path::{Path, PathBuf};
+
+use crate::config::PID_PLACEHOLDER;
+
+/// What a verb reads: one metrics file, or every live process's file of a pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    One(PathBuf),
+    /// A path whose file name holds `{pid}`.
+    PerProcess(PathBuf),
+}
+
+impl Target {
+    /// The target `given` names: a pattern when `{pid}` is in its file name. `{pid}` in a
+    /// directory is refused (the writer replaces it there too, but the readers look for files
+    /// in one directory).
+    pub fn of(given: PathBuf) -> Result<Target, String> {
+        let has_pid = |p: &Path| p.to_string_lossy().contains(PID_PLACEHOLDER);
+        if !has_pid(&given) {
+            return Ok(Target::One(given));
+        }
+        let in_name = given.file_name().is_some_and(|n| has_pid(n.as_ref()));
+        let in_dir = given.parent().is_some_and(has_pid);
+        if in_dir || !in_name {
+            return Err(format!(
+                "{}: {PID_PLACEHOLDER} is taken in the file name only, not in a directory",
+                given.display()
+            ));
+        }
+        Ok(Target::PerProcess(given))
+    }
+
+    /// The path as given (the pattern itself for [`Target::PerProcess`]).
+    pub fn path(&self) -> &Path {
+        match self {
+            Target::One(p) | Target::PerProcess(p) => p,
+        }
+    }
+}
+
+/// The files of a pattern, split by whether their process is alive; each list by pid.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessFiles {
+    pub live: Vec<(u32, PathBuf)>,
+    pub gone: Vec<(u32, PathBuf)>,
+}
+
+impl ProcessFiles {
+    /// The message for a pattern that no live process's file matches: nothing can be judged
+    /// or served, which is not a pass.
+    pub fn none_live(&self, pattern: &Path) -> String {
+        format!(
+            "no metrics file of a live process matches {} ({} of processes that are gone); \
+             the reader must run in the processes' pid namespace",
+            pattern.display(),
+            self.gone.len()
+        )
+    }
+}
+
+/// The files in the pattern's directory whose name is the pattern's with `{pid}` replaced by
+/// a process id, split into those of live processes and those of processes that are gone.
+pub fn find(pattern: &Path) -> Result<ProcessFiles, String> {
+    let (live, gone) = files_of(pattern)?
+        .into_iter()
+        .partition(|(pid, _)| alive(*pid));
+    Ok(ProcessFiles { live, gone })
+}
+
+/// Every file of the pattern, by pid.
+fn files_of(pattern: &Path) -> Result<Vec<(u32, PathBuf)>, String> {
+    let dir = match pattern.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = pattern
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        format!(
+            "{}: {e} (the directory of the per-process files {})",
+            dir.display(),
+            pattern.display()
+        )
+    })?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let Some(candidate) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some(pid) = pid_of(&name, &candidate) {
+            found.push((pid, dir.join(&candidate)));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The process id `candidate` names, when it is `pattern` with each `{pid}` replaced by the
+/// same decimal id.
+fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
+    let prefix = pattern.split(PID_PLACEHOLDER).next()?;
+    let rest = candidate.strip_prefix(prefix)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let pid: u32 = digits.parse().ok()?;
+    // The id as the writer prints it: no leading zero, and the whole name must match.
+    (pid.to_string() == digits && pattern.replace(PID_PLACEHOLDER, &digits) == candidate)
+        .then_some(pid)
+}
+
+/// Whether process `pid` exists in this pid namespace: a process, not a thread of another
+/// (`kill(pid, 0)` also answers for thread ids, which come from the same pool), when
+/// `/proc` says which.
+pub fn alive(pid: u32) -> bool {
+    if !signalable(pid) {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .is_some_and(|tgid| tgid.trim() == pid.to_string()),
+        // No /proc here: the signal's answer stands.
+        Err(_) => true,
+    }
+}
+
+/// Whether `kill(pid, 0)` finds `pid` (a process or a thread).
+fn signalable(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing: the call only checks that the process exists and may
+    // be signalled; it has no other effect.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    // EPERM: it exists, under another user.
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_names_a_pid_when_it_is_the_pattern_with_an_id_in_each_placeholder() {
+        assert_eq!(pid_of("kvh-{pid}.prom", "kvh-42.prom"), Some(42));
+        assert_eq!(pid_of("{pid}", "7"), Some(7));
+        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b9.prom"), Some(9));
+        for other in [
+            "kvh-.prom",
+            "kvh-42.prom.tmp",
+            "kvh-042.prom",
+            "kvh-4x.prom",
+            "x-42.prom",
+            "kvh-99999999999.prom",
+        ] {
+            assert_eq!(pid_of("kvh-{pid}.prom", other), None, "{other}");
+        }
+        assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b8.prom"), None);
+    }
+
+    #[test]
+    fn a_pattern_takes_pid_in_the_file_name_only() {
+        assert_eq!(
+            Target::of("/run/kvh/kvh.prom".into()),
+            Ok(Target::One("/run/kvh/kvh.prom".into()))
+        );
+        assert_eq!(
+            Target::of("/run/kvh/kvh-{pid}.prom".into()),
+            Ok(Target::PerProcess("/run/kvh/kvh-{pid}.prom".into()))
+        );
+        let err = Target::of("/run/{pid}/kvh-{pid}.prom".into()).unwrap_err();
+        assert!(err.contains("file name only"), "{err}");
+        assert!(Target::of("/run/{pid}/kvh.prom".into()).is_err());
+    }
+
+    #[test]
+    fn this_process_is_alive_and_an_unused_pid_is_not() {
+        assert!(alive(std::process::id()));
+        // Above the kernel's pid_max (at most 2^22).
+        assert!(!alive(1 << 23));
+        assert!(!alive(0));
+        assert!(!alive(u32::MAX));
+    }
+}
