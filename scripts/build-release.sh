@@ -6,7 +6,9 @@
 #   lib/libkvhygiene_preload.so              the LD_PRELOAD interposers for C++ engines
 #   include/kvhygiene.h                      the C header
 #   python/                                  the Python helper package (PYTHONPATH=OUTDIR/python)
-#   share/doc/kvhygiene/                     README, ARCHITECTURE, docs/, the PyTorch example
+#   share/doc/kvhygiene/                     README, ARCHITECTURE, docs/, the PyTorch example,
+#                                            deploy/ (Dockerfile, Kubernetes manifests, alert
+#                                            rules, dashboard), where the docs link to them
 #   BUILD-INFO                               version, commit, toolchain, kernel origin, glibc needed
 #   MANIFEST                                 sha256 of every other file (sha256sum -c MANIFEST)
 #
@@ -69,6 +71,9 @@ layout() {
     while IFS= read -r f; do
         echo "$f share/doc/kvhygiene/$f"
     done < <(cd "$root" && find docs examples -maxdepth 1 -type f \( -name '*.md' -o -name '*.py' \) | LC_ALL=C sort)
+    while IFS= read -r f; do
+        echo "$f share/doc/kvhygiene/$f"
+    done < <(cd "$root" && find deploy -type f | LC_ALL=C sort)
 }
 
 force=0

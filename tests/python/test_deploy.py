@@ -453,6 +453,27 @@ def test_every_opt_kvhygiene_path_is_in_the_distribution():
             )
 
 
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+def test_every_relative_link_of_the_shipped_docs_resolves_in_the_distribution():
+    """A document copied into share/doc/kvhygiene links to files beside it, as in the repository:
+    each such target must be shipped at the same place, or the reader of a distribution follows
+    a dead link."""
+    docs = [f for f in release_layout() if f.startswith("share/doc/kvhygiene/") and f.endswith(".md")]
+    assert "share/doc/kvhygiene/README.md" in docs, docs
+    dead = []
+    for doc in docs:
+        source = ROOT / doc.removeprefix("share/doc/kvhygiene/")
+        for target in MARKDOWN_LINK.findall(source.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # an absolute URL
+            rel = os.path.normpath(os.path.join(os.path.dirname(doc), target))
+            if not in_layout(rel):
+                dead.append(f"{doc}: {target}")
+    assert not dead, "links to files the distribution does not hold at that place:\n" + "\n".join(dead)
+
+
 def test_dockerfile_runtime_stage():
     stages = dockerfile_stages()
     runtime = stages[-1][1]
