@@ -114,8 +114,9 @@ class ClaimRefusedError(KvhError):
     verification (``code`` 7009; the other blocks were handed over), another claim took them
     while the gate scrubbed them (``code`` 7022: two requests were given the same blocks; the
     other blocks were handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
-    without a verified scrub (``code`` 7021; nothing was handed over). Refused blocks must not
-    be used."""
+    without a verified scrub (``code`` 7021; nothing of the refusing library call was handed
+    over, but a claim split over several calls hands over the calls before it: see
+    :func:`claim_blocks`). Refused blocks must not be used."""
 
     def __init__(self, code: int, message: str, refused_blocks: list):
         super().__init__("kvh_claim_blocks", code, message)

@@ -50,6 +50,7 @@ rows (FP4 scale buffers, sparse-attention index buffers, a host-side cache).
 from __future__ import annotations
 
 import logging
+import numbers
 import operator
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -108,10 +109,16 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
 
 
 def _page_size(source) -> int:
-    """A page size given, or the ``page_size`` of the object given (1 without one)."""
+    """A page size given, or the ``page_size`` of the object given (1 without one). A number
+    that is not an integer (``4.0``) or a string is refused, never read as an object without
+    a ``page_size``: a page of one slot would name token indices as pages."""
+    if isinstance(source, bool):
+        raise TypeError("page_size is a bool, not a number of token slots")
     try:
         page = operator.index(source)
     except TypeError:
+        if isinstance(source, (numbers.Number, str, bytes)):
+            raise TypeError(f"page_size {source!r} is not an integer number of token slots") from None
         page = operator.index(getattr(source, "page_size", 1))
     if page < 1:
         raise ValueError(f"page_size {page} is not a positive number of token slots")
@@ -203,15 +210,41 @@ class ScrubOnFree:
         return getattr(self.allocator, "is_not_in_free_group", True) is False
 
     def _scrub(self, pages: List[int]) -> Set[int]:
-        """Scrubs ``pages`` in every layout; returns those that failed verification."""
+        """Scrubs ``pages`` in every layout; returns those that failed verification. When a
+        later scrub raises (refused, or stopped by a backend error), the pages found failed
+        before it, and those the error names, are withheld first: the error must not let a
+        failed page be handed out."""
         failed: Set[int] = set()
-        if pages:
+        if not pages:
+            return failed
+        try:
             for layout in self.layouts:
                 try:
                     scrub_blocks(layout, pages, stream=self.stream)
                 except ScrubVerificationError as e:
                     failed.update(e.failed_blocks)
+        except BaseException as e:
+            failed.update(getattr(e, "failed_blocks", None) or ())
+            self._withhold(failed)
+            raise
         return failed
+
+    def _withhold(self, failed: Set[int]) -> None:
+        """Withholds ``failed`` (pages found failed before an error ended their scrub) and takes
+        those the allocator holds free out of its free lists."""
+        if not failed:
+            return
+        self.withheld |= failed
+        _log.error(
+            "kvhygiene: %d KV pages failed verification before a scrub error and are withheld "
+            "from the allocator: %s",
+            len(failed),
+            sorted(failed),
+        )
+        if any(hasattr(self.allocator, name) for name in _FREE_LISTS):
+            back = failed & self._free_set()
+            if back:
+                self._take_out(back)
 
     def free_group_end(self, *args, **kwargs):
         """The allocator's ``free_group_end``, which gives the group's indices back through
@@ -230,8 +263,14 @@ class ScrubOnFree:
         (its page would be handed out): :class:`ScrubVerificationError` names the pages."""
         pages = list(range(min(layout.blocks_per_region for layout in self.layouts)))
         failed: Set[int] = set()
-        for i in range(0, len(pages), _CLEAR_CHUNK):
-            failed |= self._scrub(pages[i : i + _CLEAR_CHUNK])
+        try:
+            for i in range(0, len(pages), _CLEAR_CHUNK):
+                failed |= self._scrub(pages[i : i + _CLEAR_CHUNK])
+        except BaseException:
+            # Pages of earlier chunks that failed stay out of the allocator, which keeps its
+            # free lists: the clear is not made.
+            self._withhold(failed)
+            raise
         if failed:
             self.withheld |= failed
             self._take_out(failed)

@@ -34,11 +34,34 @@ verified clean must not run: the claim's error propagates.
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from typing import Callable, Optional, Sequence
 
 from . import ClaimRefusedError, KvLayout, claim_blocks, context
 
-__all__ = ["new_blocks", "claim_scheduled"]
+__all__ = ["new_blocks", "claim_scheduled", "context_id"]
+
+#: Longest id, in bytes of UTF-8, the library accepts in a context.
+_MAX_ID_BYTES = 128
+
+
+def context_id(req_id) -> str:
+    """The request id under which :func:`claim_scheduled` claims a request's blocks: vLLM's
+    own, or, for one the library would refuse (over 128 bytes of UTF-8, or holding a control
+    character: clients choose request ids), ``sha256:`` and the hex SHA-256 of its UTF-8.
+    The same request gets the same id at every step, and two requests never share one, so
+    the gate tells them apart as it does other ids; the forensic records then carry the
+    digest, which an auditor recomputes from the engine's own request log."""
+    text = str(req_id)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 of its own
+        raw = text.encode("utf-8", "surrogatepass")
+    else:
+        if len(raw) <= _MAX_ID_BYTES and not any(unicodedata.category(c) == "Cc" for c in text):
+            return text
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _per_group(values, groups: int, name: str) -> list:
@@ -100,7 +123,8 @@ def claim_scheduled(
 ) -> dict:
     """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
     request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
-    or for the records). ``layouts`` has one layout per KV cache group. Returns what was
+    or for the records; the request id is :func:`context_id`'s, so a client's id the library
+    would refuse does not stop the step). ``layouts`` has one layout per KV cache group. Returns what was
     claimed, ``{req_id: [ids per group]}``.
 
     Every request's blocks are claimed, also after one was refused: a caller that drops the
@@ -116,7 +140,7 @@ def claim_scheduled(
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
         refused = [[] for _ in groups]
-        with context(tenant_id=tenant, request_id=req_id):
+        with context(tenant_id=tenant, request_id=context_id(req_id)):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
                 if not ids:
                     continue

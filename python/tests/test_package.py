@@ -1,6 +1,7 @@
 """The kvhygiene package against the host backend (no GPU, no torch needed).
 
-Tests that need the built library skip unless KVH_LIBRARY names it, e.g.
+The tests of this directory need the built library and skip unless KVH_LIBRARY names it
+(conftest.py), e.g.
 
     cargo build --release
     KVH_LIBRARY=$PWD/target/release/libkvhygiene.so python3 -m pytest python/tests

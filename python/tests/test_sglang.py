@@ -447,3 +447,38 @@ def test_one_allocator_shared_by_a_target_and_a_draft_pool_is_scrubbed_in_both()
     assert all(target.holds(s, 0) for s in pages)
     target.release()
     draft.release()
+
+
+def test_a_free_page_that_failed_verification_stays_out_of_the_allocator_when_a_later_scrub_of_the_clear_is_refused():
+    # A clear scrubs every page in every layout. When a page the allocator holds free fails
+    # verification and a later scrub of the same clear is refused or does not finish (another
+    # pool's memory, a backend error, a graph capture), the clear raises: the failed page is
+    # still withheld and taken out of the free lists, as for a clear that only found failures.
+    lib = kvhygiene.load()
+    target, draft = Pool(lib, page_size=2), Pool(lib, page_size=2, layers=1)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(target) + layouts_of(draft))
+    target.fill(range(0, SLOTS + 2), 0x5A)
+    draft.release()  # the draft pool's scrub is now refused (its memory is not live)
+    lib.kvh_inject_fault(8)  # the target's pages 0 and 1 (4 regions each) fail verification
+    with pytest.raises(kvhygiene.KvhError):
+        alloc.clear()
+    assert not target.holds(2, 0) or not target.holds(3, 0), "page 1 verified clean"
+    handed = {s // 2 for s in alloc.alloc(SLOTS)}
+    assert 1 not in handed, (
+        f"page 1 failed verification in the clear and was handed out (withheld: {sorted(wrapper.withheld)})"
+    )
+    target.release()
+
+
+def test_a_page_size_that_is_not_an_integer_is_refused_not_taken_for_one_slot():
+    # pages_of's page_size is a number of token slots. A value that is not an integer (4.0
+    # read from a JSON config, "4" from an environment variable) is refused, or read as the
+    # 4 it says; it is never taken for a page of one slot, which would name token indices as
+    # pages (here page 9, another request's, instead of page 2).
+    for page_size in (4.0, "4"):
+        try:
+            pages = pages_of([8, 9, 10, 11], page_size)
+        except (TypeError, ValueError):
+            continue
+        assert pages == [2], f"page_size {page_size!r}: pages {pages}"

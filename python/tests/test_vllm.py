@@ -124,3 +124,46 @@ def test_a_refused_request_does_not_leave_the_others_blocks_unclaimed():
     ), "b's block was not claimed after a's refusal"
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
+
+
+def test_a_request_id_the_library_refuses_does_not_leave_the_other_requests_blocks_unclaimed():
+    # vLLM request ids come from the client (the request body's request_id, the X-Request-Id
+    # header) and may be longer than the 128 bytes a kvhygiene context accepts. Such a request
+    # must not stop the claims of the others scheduled in the same step: their blocks are
+    # claimed (scrubbed before they run), and the error raised names the request that could
+    # not be claimed, so that the caller can drop it and run the rest.
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    for base in layout.regions:
+        ctypes.memset(base, 0x5C, BLOCKS * BLOCK_BYTES)
+    long_id = "chatcmpl-" + "x" * 200
+    error = None
+    try:
+        claim_scheduled(step(new=[("a", [1], 0), (long_id, [2], 0), ("b", [4], 0)]), [layout], BLOCK_TOKENS)
+    except Exception as e:  # noqa: BLE001 - inspected below
+        error = e
+    b_claimed = all(
+        ctypes.string_at(base + 4 * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for base in layout.regions
+    )
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert b_claimed, f"b's block was not claimed after {error!r}"
+    if error is not None:
+        assert isinstance(error, kvhygiene.ClaimRefusedError), f"{error!r} does not name the request"
+        assert set(error.refused_requests) == {long_id}
+
+
+def test_context_ids_are_vllms_unless_the_library_would_refuse_them():
+    from kvhygiene.vllm import context_id
+
+    assert context_id("chatcmpl-1") == "chatcmpl-1"
+    assert context_id("é" * 64) == "é" * 64  # 128 bytes: accepted as it is
+    for refused in ("é" * 65, "x" * 129, "a\nb", "a\x7fb", "a\x85b"):
+        digest = context_id(refused)
+        assert digest.startswith("sha256:") and len(digest) == 71, digest
+        assert digest == context_id(refused), "not the same id at every step"
+        with kvhygiene.context(request_id=digest):  # accepted by the library
+            pass
+    assert context_id("a\nb") != context_id("a\rb")
