@@ -8,8 +8,8 @@
 //! that decision, from the metrics snapshot the process exports (`KVH_METRICS_FILE`) and,
 //! optionally, its forensic log:
 //!
-//! - **evict** (exit 1) when the snapshot is stale or unreadable as a snapshot of a live
-//!   process, when it shows a security failure (the checks of `kvh metrics
+//! - **evict** (exit 1) when the snapshot is stale (the process stopped exporting), when it
+//!   shows a security failure (the checks of `kvh metrics
 //!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
 //!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
 //!   when a series it must judge is missing (a security counter; a signal of a detector the
@@ -19,7 +19,8 @@
 //!   eviction gate had to scrub, refused claims, invalid frees, anomalies of caller bugs such
 //!   as bursts of invalid frees, which the allocator refused without harm) is printed as
 //!   notes: one tenant's requests hitting an engine bug must not take every replica out;
-//! - exit 2 for usage errors and unreadable inputs, as every verb.
+//! - exit 2 for usage errors and unreadable inputs (a missing or malformed snapshot among
+//!   them: nothing was judged, which a readiness probe also takes as not ready), as every verb.
 //!
 //! Counters are per process and only grow, so an evicted process stays evicted until it is
 //! restarted: a control that failed once is not trusted again by itself.

@@ -603,7 +603,8 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             # Enforce refused this call whole and ends the claim: its code says nothing of it
             # (nor of the calls it stops) was handed over; the blocks of the calls before
             # were, but for those already named.
-            refused.extend(i for i in ids if i not in named)
+            named_set = set(named)
+            refused.extend(i for i in ids if i not in named_set)
             refused.extend(named)
             refusal = (code, message)
             break

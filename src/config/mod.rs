@@ -542,7 +542,7 @@ const KEYS: &[Key] = &[
     ),
     key!(
         "metrics_file",
-        "a file path (e.g. /var/lib/node_exporter/textfile/kvh.prom; {pid} in it is replaced by the process id)",
+        "a file path (e.g. /var/lib/node_exporter/textfile/kvh.prom; {pid} in the file name, not in a directory, is replaced by the process id)",
         |c, v| {
             c.metrics.file = metrics_file_path(v)?;
             Some(())
@@ -952,10 +952,12 @@ fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
 
 /// A path naming a file, not a directory: a path ([`non_empty_path`]) with a last component
 /// that is not empty, `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the
-/// exporter writes a temporary file beside it and renames it there.
+/// exporter writes a temporary file beside it and renames it there. [`PID_PLACEHOLDER`] is
+/// taken in that last component only: the exporter creates files, not directories, and the
+/// verbs that read per-process files look for them in one directory.
 fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
-    let last = v.rsplit('/').next().unwrap_or(v);
-    let named = !matches!(last, "" | "." | "..");
+    let (dir, last) = v.rsplit_once('/').unwrap_or(("", v));
+    let named = !matches!(last, "" | "." | "..") && !dir.contains(PID_PLACEHOLDER);
     non_empty_path(v).filter(|_| named)
 }
 
@@ -1243,14 +1245,23 @@ mod tests {
         assert_eq!(c.metrics.file.as_deref(), Some(Path::new("m.prom")));
         assert!(!c.metrics.per_process());
         assert_eq!(c.metrics.file_for(7).as_deref(), Some(Path::new("m.prom")));
-        // One file per process: `{pid}` is replaced wherever it appears.
+        // One file per process: `{pid}` is replaced wherever it appears in the file name.
         let c =
-            Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/{pid}/kvh-{pid}.prom")])).unwrap();
+            Config::from_vars(&vars(&[("KVH_METRICS_FILE", "/m/kvh-{pid}.{pid}.prom")])).unwrap();
         assert!(c.metrics.per_process());
         assert_eq!(
             c.metrics.file_for(4242).as_deref(),
-            Some(Path::new("/m/4242/kvh-4242.prom"))
+            Some(Path::new("/m/kvh-4242.4242.prom"))
         );
+        // Not in a directory: no process could create it, and no reader would look there.
+        for v in [
+            "/m/{pid}/kvh.prom",
+            "{pid}/kvh-{pid}.prom",
+            "/a{pid}b/c/kvh.prom",
+        ] {
+            let err = invalid_key(&[("KVH_METRICS_FILE", v)]);
+            assert!(err.contains("KVH_METRICS_FILE"), "{v}: {err}");
+        }
         assert_eq!(MetricsConfig::default().file_for(1), None);
     }
 

@@ -120,21 +120,33 @@ fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
         .then_some(pid)
 }
 
-/// Whether process `pid` exists in this pid namespace: a process, not a thread of another
-/// (`kill(pid, 0)` also answers for thread ids, which come from the same pool), when
-/// `/proc` says which.
+/// Whether process `pid` runs in this pid namespace: a process, not a thread of another
+/// (`kill(pid, 0)` also answers for thread ids, which come from the same pool), and not one
+/// that exited and waits to be reaped (a zombie also answers the signal; an engine that is
+/// its container's pid 1 may never reap a worker), when `/proc` says which.
 pub fn alive(pid: u32) -> bool {
     if !signalable(pid) {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .is_some_and(|tgid| tgid.trim() == pid.to_string()),
+        Ok(status) => running_process(&status, pid),
         // No /proc here: the signal's answer stands.
         Err(_) => true,
     }
+}
+
+/// Whether `/proc/PID/status` text describes process `pid` (its thread group leader) that has
+/// not exited: its state is neither zombie (`Z`) nor dead (`X`).
+fn running_process(status: &str, pid: u32) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let leader = field("Tgid:").is_some_and(|tgid| tgid == pid.to_string());
+    let exited = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
+    leader && !exited
 }
 
 /// Whether `kill(pid, 0)` finds `pid` (a process or a thread).
@@ -189,6 +201,18 @@ mod tests {
         let err = Target::of("/run/{pid}/kvh-{pid}.prom".into()).unwrap_err();
         assert!(err.contains("file name only"), "{err}");
         assert!(Target::of("/run/{pid}/kvh.prom".into()).is_err());
+    }
+
+    #[test]
+    fn a_zombie_or_a_thread_is_not_a_running_process() {
+        let status =
+            |state: &str, tgid: u32| format!("Name:\tpython\nState:\t{state}\nTgid:\t{tgid}\n");
+        assert!(running_process(&status("S (sleeping)", 7), 7));
+        assert!(running_process(&status("R (running)", 7), 7));
+        assert!(!running_process(&status("Z (zombie)", 7), 7));
+        assert!(!running_process(&status("X (dead)", 7), 7));
+        assert!(!running_process(&status("S (sleeping)", 6), 7));
+        assert!(!running_process("Name:\tx\n", 7));
     }
 
     #[test]
