@@ -447,6 +447,12 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
             log.as_ref().map(|(d, r)| (d.as_str(), r)),
             SystemTime::now(),
         );
+        // A process that exited since the listing leaves a last snapshot that only ages: gone,
+        // not evicted.
+        if !verdict.admitted() && !per_process::alive(pid) {
+            gone.push((pid, file));
+            continue;
+        }
         processes.push(ProcessVerdict { pid, verdict });
     }
     gone.sort();

@@ -69,3 +69,57 @@ fn the_file_of_a_worker_that_exited_but_was_not_reaped_is_not_judged() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(v["gone"][0]["pid"], gone, "{out}");
 }
+
+/// A process whose first thread has returned (`pthread_exit` in `main`) while its other
+/// threads keep running shows `State: Z` in `/proc/PID/status` for its thread group leader,
+/// yet it is a running process: its threads still allocate and export. Its file is judged
+/// like that of any other live process.
+#[test]
+fn a_running_process_whose_main_thread_exited_is_judged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let me = std::process::id();
+    // The main thread ends; a second thread runs on for a minute.
+    let mut worker = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ctypes, threading, time\n\
+             threading.Thread(target=lambda: time.sleep(60)).start()\n\
+             ctypes.CDLL(None).pthread_exit(None)\n",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = worker.id();
+    let threads =
+        |pid: u32| std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(state(pid) == Some('Z') && threads(pid) >= 2) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker's main thread did not exit while another ran"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    snapshot(&file(me), Duration::ZERO, |_| {});
+    // The running worker's current snapshot shows a failed verification.
+    snapshot(&file(pid), Duration::ZERO, |p| {
+        p.counters.verifications_failed = 1
+    });
+    let (code, out, err) = run(kvh()
+        .args(["gate", "--json", "--metrics-file"])
+        .arg(&pattern));
+    let (mcode, mout, merr) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&pattern));
+    let still_running = threads(pid) >= 2;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(still_running, "the worker ended before the checks ran");
+    assert_eq!(
+        code, 1,
+        "process {pid} runs (its main thread exited, another runs) and its snapshot shows a \
+         failed verification, yet the gate did not evict: {out}{err}"
+    );
+    assert_eq!(mcode, 1, "kvh metrics --fail-on-security: {mout}{merr}");
+}

@@ -594,18 +594,23 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     and :class:`KvhError` when the call was refused or did not finish.
 
     More blocks than one library call takes (2**20 segments: blocks × regions) are claimed in
-    several calls, in order; under ``KVH_KV_GATE=enforce`` a refused one ends the claim, and
-    the blocks of the calls before it were handed over.
+    several calls, in order; under ``KVH_KV_GATE=enforce`` a refused one ends the claim: the
+    blocks of the calls before it were handed over, and ``refused_blocks`` holds every other
+    block (the refused call's and those of the calls it stopped).
     """
     refused, refusal = [], None
+    block_ids = _id_list(block_ids)
+    made = 0  # ids passed to the calls made so far
     for code, named, ids, message in _kv_calls("kvh_claim_blocks", layout, block_ids, stream):
+        made += len(ids)
         if code == KVH_ERR_KV_GATE:
-            # Enforce refused this call whole and ends the claim: its code says nothing of it
-            # (nor of the calls it stops) was handed over; the blocks of the calls before
-            # were, but for those already named.
+            # Enforce refused this call whole and ends the claim: nothing of it was handed
+            # over, nor of the calls it stops (never made: their blocks were neither claimed
+            # nor scrubbed); the blocks of the calls before were, but for those already named.
             named_set = set(named)
             refused.extend(i for i in ids if i not in named_set)
             refused.extend(named)
+            refused.extend(_block_id(i) for i in block_ids[made:])
             refusal = (code, message)
             break
         if code in (KVH_ERR_VERIFY_FAILED, KVH_ERR_KV_TAKEN):
@@ -617,6 +622,15 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             raise KvhError("kvh_claim_blocks", code, message)
     if refusal is not None:
         raise ClaimRefusedError(refusal[0], refusal[1], refused)
+
+
+def _id_list(block_ids) -> list:
+    """Block ids as a list: a tensor or array in one transfer, not one per element."""
+    if hasattr(block_ids, "tolist"):
+        block_ids = block_ids.tolist()
+        if isinstance(block_ids, int):  # a 0-d tensor: one id
+            return [block_ids]
+    return block_ids if isinstance(block_ids, list) else list(block_ids)
 
 
 def _block_id(value) -> int:
@@ -642,11 +656,7 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
     Ids are checked (distinct, below ``blocks_per_region``) before any call when there are
     several, since then no one call sees them all."""
     lib = load()
-    if hasattr(block_ids, "tolist"):  # a tensor or array: one transfer, not one per element
-        block_ids = block_ids.tolist()
-        if isinstance(block_ids, int):  # a 0-d tensor: one id
-            block_ids = [block_ids]
-    ids = [_block_id(i) for i in block_ids]
+    ids = [_block_id(i) for i in _id_list(block_ids)]
     if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
         raise ValueError("block ids must be in 0..2**32-1")
     per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))

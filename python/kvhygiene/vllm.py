@@ -45,11 +45,15 @@ __all__ = ["new_blocks", "claim_scheduled", "context_id"]
 #: Longest id, in bytes of UTF-8, the library accepts in a context.
 _MAX_ID_BYTES = 128
 
+#: What :func:`context_id` puts before a digest; no id it keeps starts with it.
+_DIGEST_PREFIX = "sha256:"
+
 
 def context_id(req_id) -> str:
     """The request id under which :func:`claim_scheduled` claims a request's blocks: vLLM's
     own, or, for one the library would refuse (over 128 bytes of UTF-8, or holding a control
-    character: clients choose request ids), ``sha256:`` and the hex SHA-256 of its UTF-8.
+    character: clients choose request ids) or one that starts with ``sha256:``, that prefix and
+    the hex SHA-256 of its UTF-8.
     The same request gets the same id at every step, and two requests never share one, so
     the gate tells them apart as it does other ids; the forensic records then carry the
     digest, which an auditor recomputes from the engine's own request log."""
@@ -59,9 +63,16 @@ def context_id(req_id) -> str:
     except UnicodeEncodeError:  # a lone surrogate: no UTF-8 of its own
         raw = text.encode("utf-8", "surrogatepass")
     else:
-        if len(raw) <= _MAX_ID_BYTES and not any(unicodedata.category(c) == "Cc" for c in text):
+        kept = (
+            len(raw) <= _MAX_ID_BYTES
+            # An id that reads like a digest is hashed too: kept, it could be another
+            # request's digest, and the two requests would be one owner to the gate.
+            and not text.startswith(_DIGEST_PREFIX)
+            and not any(unicodedata.category(c) == "Cc" for c in text)
+        )
+        if kept:
             return text
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return _DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
 def _per_group(values, groups: int, name: str) -> list:

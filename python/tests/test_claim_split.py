@@ -40,3 +40,28 @@ def test_a_split_claim_whose_later_call_is_refused_by_the_gate_does_not_say_the_
         f"were handed over, but blocks {sorted(not_handed_over - set(e.value.refused_blocks))} "
         "were not"
     )
+
+
+def test_a_split_claim_refused_by_the_gate_names_the_blocks_of_the_calls_it_stops(monkeypatch):
+    # A claim split over three library calls: the first hands over blocks 0 and 1, the second
+    # is refused whole under KVH_KV_GATE=enforce (code 7021), the third (blocks 4 and 5) is
+    # never made. ClaimRefusedError documents that the calls before the refusing one were
+    # handed over and that refused blocks must not be used: every block not handed over
+    # (2, 3, 4, 5) is in refused_blocks.
+    calls = [
+        (kvhygiene.KVH_OK, [], [0, 1], ""),
+        (kvhygiene.KVH_ERR_KV_GATE, [3], [2, 3], "would change owner unscrubbed"),
+        (kvhygiene.KVH_OK, [], [4, 5], ""),
+    ]
+
+    def kv_calls(*_a, **_k):
+        yield from calls
+
+    monkeypatch.setattr(kvhygiene, "_kv_calls", kv_calls)
+    with pytest.raises(kvhygiene.ClaimRefusedError) as e:
+        kvhygiene.claim_blocks(None, list(range(6)))
+    missing = {2, 3, 4, 5} - set(e.value.refused_blocks)
+    assert not missing, (
+        f"blocks {sorted(missing)} were not handed over and are not in refused_blocks "
+        f"{e.value.refused_blocks}"
+    )

@@ -167,3 +167,42 @@ def test_context_ids_are_vllms_unless_the_library_would_refuse_them():
         with kvhygiene.context(request_id=digest):  # accepted by the library
             pass
     assert context_id("a\nb") != context_id("a\rb")
+
+
+def test_context_ids_of_two_different_request_ids_differ():
+    # context_id gives two requests two ids: a client's id that already reads "sha256:<hex>"
+    # must not become the id another request's long id is mapped to.
+    import hashlib
+
+    from kvhygiene.vllm import context_id
+
+    long_id = "chatcmpl-" + "y" * 200
+    lookalike = "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()
+    assert lookalike != long_id
+    assert context_id(lookalike) != context_id(long_id), (
+        f"requests {long_id!r} and {lookalike!r} share the context id {context_id(long_id)!r}"
+    )
+
+
+def test_a_block_of_a_request_with_a_long_id_is_scrubbed_before_another_request_gets_it():
+    # Request a (id over 128 bytes) writes its block 3 and finishes; the scheduler hands block 3
+    # to request b, whose client-chosen id reads "sha256:" and a's digest. The eviction gate
+    # must see a change of owner and scrub the block before b runs.
+    import hashlib
+
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    a = "chatcmpl-" + "z" * 200
+    b = "sha256:" + hashlib.sha256(a.encode()).hexdigest()
+    claim_scheduled(step(new=[(a, [3], 0)]), [layout], BLOCK_TOKENS)
+    for base in layout.regions:
+        ctypes.memset(base + 3 * BLOCK_BYTES, 0xA7, BLOCK_BYTES)
+    claim_scheduled(step(new=[(b, [3], 0)]), [layout], BLOCK_TOKENS)
+    scrubbed = all(
+        ctypes.string_at(base + 3 * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for base in layout.regions
+    )
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert scrubbed, "request b was given request a's KV bytes: the gate took them for one request"

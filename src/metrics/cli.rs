@@ -441,6 +441,11 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
             continue;
         };
         let report = report(&file, &snap, args, now);
+        // A process that exited since the listing leaves a last snapshot that only ages.
+        if !report.ok && !per_process::alive(pid) {
+            gone.push((pid, file));
+            continue;
+        }
         processes.push(ProcessReport { pid, report });
         snaps.push(snap);
     }

@@ -136,7 +136,9 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Whether `/proc/PID/status` text describes process `pid` (its thread group leader) that has
-/// not exited: its state is neither zombie (`Z`) nor dead (`X`).
+/// not exited. `State:` is the leader thread's: a zombie (`Z`) or dead (`X`) leader is an
+/// exited process only when it is the process's last thread, since a main thread that ended
+/// (`pthread_exit`) shows as a zombie while the process's other threads run on.
 fn running_process(status: &str, pid: u32) -> bool {
     let field = |name: &str| {
         status
@@ -145,8 +147,11 @@ fn running_process(status: &str, pid: u32) -> bool {
             .map(str::trim)
     };
     let leader = field("Tgid:").is_some_and(|tgid| tgid == pid.to_string());
-    let exited = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
-    leader && !exited
+    let leader_ended = field("State:").is_some_and(|s| s.starts_with('Z') || s.starts_with('X'));
+    let other_threads = field("Threads:")
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n > 1);
+    leader && (!leader_ended || other_threads)
 }
 
 /// Whether `kill(pid, 0)` finds `pid` (a process or a thread).
@@ -204,15 +209,19 @@ mod tests {
     }
 
     #[test]
-    fn a_zombie_or_a_thread_is_not_a_running_process() {
-        let status =
-            |state: &str, tgid: u32| format!("Name:\tpython\nState:\t{state}\nTgid:\t{tgid}\n");
+    fn a_zombie_or_a_thread_is_not_a_running_process_but_one_whose_main_thread_ended_is() {
+        let status = |state: &str, tgid: u32| {
+            format!("Name:\tpython\nState:\t{state}\nTgid:\t{tgid}\nThreads:\t1\n")
+        };
         assert!(running_process(&status("S (sleeping)", 7), 7));
         assert!(running_process(&status("R (running)", 7), 7));
         assert!(!running_process(&status("Z (zombie)", 7), 7));
         assert!(!running_process(&status("X (dead)", 7), 7));
         assert!(!running_process(&status("S (sleeping)", 6), 7));
         assert!(!running_process("Name:\tx\n", 7));
+        // The main thread ended, another thread runs on: the process runs.
+        let threads = status("Z (zombie)", 7).replace("Threads:\t1", "Threads:\t2");
+        assert!(running_process(&threads, 7));
     }
 
     #[test]
