@@ -125,7 +125,10 @@ fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
 /// that exited and waits to be reaped (a zombie also answers the signal; an engine that is
 /// its container's pid 1 may never reap a worker), when `/proc` says which.
 pub fn alive(pid: u32) -> bool {
-    if !signalable(pid) {
+    // The reader writes no metrics file: a file named with its id is a writer's of another pid
+    // namespace (a sidecar that does not share the engine's, both pid 1) or of a process that
+    // ended, whose id the reader now holds.
+    if pid == std::process::id() || !signalable(pid) {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
@@ -225,8 +228,16 @@ mod tests {
     }
 
     #[test]
-    fn this_process_is_alive_and_an_unused_pid_is_not() {
-        assert!(alive(std::process::id()));
+    fn a_running_process_is_alive_and_an_unused_pid_or_the_reader_itself_is_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep runs");
+        let running = alive(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(running);
+        assert!(!alive(std::process::id()));
         // Above the kernel's pid_max (at most 2^22).
         assert!(!alive(1 << 23));
         assert!(!alive(0));
