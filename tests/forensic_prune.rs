@@ -377,7 +377,7 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
 
     for (archive, needle) in [
         (log.as_str(), "or inside it"),
-        ("/nonexistent/archive", "No such file"),
+        ("/nonexistent/archive", "no such directory; create it first"),
     ] {
         let out = prune_into(&s, archive);
         assert_eq!(out.status.code(), Some(2), "{archive}");

@@ -3,6 +3,7 @@
 
 use kvhygiene::preflight::{self, PreflightArgs};
 use kvhygiene::report_out::ReportOut;
+use std::path::Path;
 use std::process::ExitCode;
 
 use std::sync::Arc;
@@ -109,6 +110,47 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// The `kvh verify-log` command that checks what the demo's log was given: its MACs with the
+/// HMAC key file, its checkpoints with the public key beside the signing key (`PREFIX.pub` of
+/// `kvh keygen`) and in their directory.
+fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bool) -> String {
+    let mut hint = format!("kvh verify-log {}", shell_word(dir));
+    match &log.hmac_key_file {
+        Some(key) => hint.push_str(&format!(" --key-file {}", shell_word(key))),
+        None if secret_in_env => {
+            hint.push_str(" --key-file FILE (a 0600 file holding FORENSIC_HMAC_SECRET's value)")
+        }
+        None => {}
+    }
+    let public = log
+        .signing_key_file
+        .as_deref()
+        .filter(|k| k.extension().is_some_and(|e| e == "key"))
+        .map(|k| k.with_extension("pub"))
+        .filter(|p| p.is_file());
+    if let Some(public) = public {
+        hint.push_str(&format!(" --public-key {}", shell_word(&public)));
+        if let Some(ckpt) = &log.checkpoint_dir {
+            hint.push_str(&format!(" --checkpoint {}", shell_word(ckpt)));
+        }
+    }
+    hint
+}
+
+/// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
+/// shell treats specially, else in single quotes.
+fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./-+,:@%=".contains(c));
+    if plain {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 const PRUNE_LOG_HELP: &str = "\
@@ -359,8 +401,9 @@ struct DemoArgs {
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
-    /// Write the forensic log of the run into this directory (overrides KVH_LOG_DIR); check
-    /// it afterwards with `kvh verify-log DIR`.
+    /// Write the forensic log of the run into this directory (overrides KVH_LOG_DIR); the run
+    /// ends with the `kvh verify-log` command that checks it (with the key files it was
+    /// sealed and signed with).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<std::path::PathBuf>,
     /// Print the full report as JSON on stdout instead of the summary.
@@ -438,6 +481,8 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             return usage_error(&format!("configuration: {e}"));
         }
     }
+    // Before the log opens: it takes the secret out of the environment.
+    let secret_in_env = std::env::var_os("FORENSIC_HMAC_SECRET").is_some();
     let log = match open_log(&config) {
         Ok(log) => log,
         Err(code) => return code,
@@ -470,9 +515,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 n => format!(" ({n} more could not be written)"),
             };
             out.line(format_args!(
-                "forensic log: {} records in {dir}{lost}; check it with: kvh verify-log {dir}",
+                "forensic log: {} records in {}{lost}; check it with: {}",
                 log.stats().records_written,
-                dir = dir.display()
+                dir.display(),
+                verify_hint(dir, &config.log, secret_in_env)
             ));
         }
     }

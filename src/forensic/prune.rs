@@ -263,10 +263,17 @@ fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
 /// group or others, and be neither the log directory nor inside it (nor reach it through a
 /// bind mount: compared by device and inode).
 fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
-    let m = fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let m = fs::symlink_metadata(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "--archive-dir {}: no such directory; create it first, private to this user \
+             (mkdir -m 0700)",
+            dir.display()
+        ),
+        _ => format!("--archive-dir {}: {e}", dir.display()),
+    })?;
     if !m.is_dir() {
         return Err(format!(
-            "{}: not a directory (a symlink is not followed)",
+            "--archive-dir {}: not a directory (a symlink is not followed)",
             dir.display()
         ));
     }

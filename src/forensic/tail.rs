@@ -203,7 +203,15 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         };
         match pass(&args.log.dir, &how, &mut state) {
             Ok(moved) => {
-                if skip_existing {
+                if skip_existing && args.once {
+                    eprintln!(
+                        "kvh tail-log: {}: {} chains verified; --once from their ends: nothing \
+                         written before this pass is passed on (--from-start passes it on, \
+                         --state remembers where this pass stopped)",
+                        args.log.dir.display(),
+                        state.chains.len(),
+                    );
+                } else if skip_existing {
                     eprintln!(
                         "kvh tail-log: {}: {} chains verified; passing on the records written \
                          from now on, every {} s",

@@ -1,0 +1,124 @@
+//! The forensic-log walkthrough a newcomer follows from README.md and docs/forensic-log.md
+//! (`kvh keygen`, `kvh demo --log-dir`, then the verbs that read the log), checked against the
+//! built `kvh`: what the verbs print must be the right next step.
+
+#[path = "cli_common/mod.rs"]
+mod cli_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use cli_common::{kvh, run};
+
+/// An HMAC key file as deploy/README.md makes one (`openssl rand -hex 32 > hmac.key`), 0600.
+fn hmac_key(dir: &Path) -> PathBuf {
+    let path = dir.join("hmac.key");
+    std::fs::write(
+        &path,
+        "6b76682d646f63732d77616c6b7468726f7567682d686d61632d6b65792d3031\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// A short `kvh demo --log-dir DIR` whose log is sealed with `key` (KVH_HMAC_KEY_FILE).
+fn sealed_demo(log: &Path, key: &Path) -> String {
+    let (code, out, err) = run(kvh()
+        .env("KVH_HMAC_KEY_FILE", key)
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+        ])
+        .arg("--log-dir")
+        .arg(log));
+    assert_eq!(code, 0, "{out}{err}");
+    out
+}
+
+/// `kvh demo --log-dir DIR` ends with the command that checks the log it wrote. For a log
+/// sealed with an HMAC key, that command must check the seal: followed as printed, it has to
+/// report the MACs verified, not "MACs not checked (no --key-file)".
+#[test]
+fn the_demo_names_a_check_of_its_sealed_log_that_verifies_the_macs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let log = tmp.path().join("log");
+    let out = sealed_demo(&log, &key);
+    let hint = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("check it with: ")
+                .map(|(_, cmd)| cmd.to_string())
+        })
+        .unwrap_or_else(|| panic!("no 'check it with:' line in the demo's output:\n{out}"));
+    let argv: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(argv.first(), Some(&"kvh"), "{hint}");
+    let (code, vout, verr) = run(kvh().current_dir(tmp.path()).args(&argv[1..]));
+    assert_eq!(code, 0, "`{hint}`: {vout}{verr}");
+    assert!(
+        vout.contains("MACs verified"),
+        "the demo sealed its log with KVH_HMAC_KEY_FILE, but the check it prints (`{hint}`) \
+         does not verify the MACs:\n{vout}"
+    );
+}
+
+/// `kvh tail-log DIR --once` makes one pass and exits (README.md's table: "0 after --once");
+/// what it says on stderr must not promise passes every `--interval` seconds that will never
+/// come.
+#[test]
+fn tail_log_once_does_not_announce_periodic_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let log = tmp.path().join("log");
+    sealed_demo(&log, &key);
+    let (code, out, err) = run(kvh()
+        .arg("tail-log")
+        .arg(&log)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--once"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !err.contains("every 10 s"),
+        "a --once run makes a single pass, but says it passes records on periodically:\n{err}"
+    );
+}
+
+/// docs/forensic-log.md: "`ARCHIVE` must exist". A `prune-log` whose `--archive-dir` does
+/// not exist must say that it is the archive directory that is missing, as `verify-log
+/// --archive-dir` does, not only the bare OS error on a path.
+#[test]
+fn prune_log_names_the_missing_archive_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let log = tmp.path().join("log");
+    sealed_demo(&log, &key);
+    let archive = tmp.path().join("archive");
+    let (code, out, err) = run(kvh()
+        .arg("prune-log")
+        .arg(&log)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "30", "--dry-run"])
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(code, 2, "{out}{err}");
+    // verify-log says which argument the missing path came from.
+    let (vcode, _, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--archive-dir")
+        .arg(&archive));
+    assert_eq!(vcode, 2, "{verr}");
+    assert!(verr.contains("--archive-dir"), "{verr}");
+    assert!(
+        err.contains("--archive-dir"),
+        "prune-log's error does not say the archive directory is what is missing:\n{err}"
+    );
+}
