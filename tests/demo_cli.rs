@@ -79,3 +79,63 @@ fn the_fault_drill_is_caught_under_a_lower_coverage_threshold() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// With KVH_METRICS_FILE set, the demo leaves the run's last metrics snapshot there, as a
+/// process would: what `kvh metrics` and `kvh gate` read, without a GPU. A clean run is
+/// admitted; the fault drill's failures evict. `{pid}` names the demo's own file, with a `pid`
+/// label on every sample.
+#[test]
+fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("kvh.prom");
+    let demo = |extra: &[&str]| {
+        run(kvh()
+            .env("KVH_METRICS_FILE", &file)
+            .args(["demo", "--tenants", "1", "--requests", "2"])
+            .args(extra))
+    };
+    let (code, out, err) = demo(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("kvh gate --metrics-file {}", file.display())),
+        "{out}"
+    );
+    let gate = || run(kvh().arg("gate").arg("--metrics-file").arg(&file));
+    let (code, out, err) = gate();
+    assert_eq!(code, 0, "a clean run is admitted: {out}{err}");
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&file));
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, err) = demo(&["--inject-fault"]);
+    assert_eq!(code, 0, "the drill is caught: {out}{err}");
+    let (code, out, err) = gate();
+    assert_eq!(code, 1, "the drill's failures evict: {out}{err}");
+    assert!(out.contains("kvh_verifications_total"), "{out}");
+
+    let pattern = tmp.path().join("kvh-{pid}.prom");
+    let (code, out, err) = run(kvh().env("KVH_METRICS_FILE", &pattern).args([
+        "demo",
+        "--tenants",
+        "1",
+        "--requests",
+        "2",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let written: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("kvh-"))
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let pid = written[0]
+        .trim_start_matches("kvh-")
+        .trim_end_matches(".prom")
+        .to_string();
+    let text = std::fs::read_to_string(tmp.path().join(&written[0])).unwrap();
+    assert!(
+        text.contains(&format!("kvh_allocations_total{{pid=\"{pid}\"}}")),
+        "{text}"
+    );
+}

@@ -112,6 +112,39 @@ enum Command {
     },
 }
 
+/// Writes the run's statistics, as a process's last metrics snapshot, to KVH_METRICS_FILE
+/// (`{pid}` replaced) when it is set: what `kvh metrics`, `kvh gate` and `kvh serve-metrics`
+/// read, without a GPU. Returns the file written.
+fn write_demo_metrics(
+    config: &Config,
+    stats: &kvhygiene::stats::Stats,
+) -> Result<Option<std::path::PathBuf>, String> {
+    let pid = std::process::id();
+    let Some(file) = config.metrics.file_for(pid) else {
+        return Ok(None);
+    };
+    let mut stats = stats.clone();
+    if stats.log.is_none() {
+        // As the runtime exports a process without a log: its log series say so.
+        stats.log = serde_json::to_value(kvhygiene::forensic::LogStats::disabled()).ok();
+    }
+    let pid = pid.to_string();
+    let labels: &[(&str, &str)] = if config.metrics.per_process() {
+        &[("pid", pid.as_str())]
+    } else {
+        &[]
+    };
+    let text = kvhygiene::metrics::encode_labelled(
+        &stats,
+        &kvhygiene::metrics::ExporterStats::default(),
+        std::time::SystemTime::now(),
+        labels,
+    );
+    kvhygiene::metrics::textfile::write_atomic(&file, text.as_bytes())
+        .map_err(|e| format!("KVH_METRICS_FILE {}: {e}", file.display()))?;
+    Ok(Some(file))
+}
+
 /// The `kvh verify-log` command that checks what the demo's log was given: its MACs with the
 /// HMAC key file, its checkpoints with the public key beside the signing key (`PREFIX.pub` of
 /// `kvh keygen`) and in their directory.
@@ -502,6 +535,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         report.log_records_lost = log.stats().records_lost;
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
+    let metrics_file = match write_demo_metrics(&config, &report.stats) {
+        Ok(f) => f,
+        Err(e) => return usage_error(&e),
+    };
     if args.json {
         out.line(format_args!(
             "{}",
@@ -519,6 +556,13 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 log.stats().records_written,
                 dir.display(),
                 verify_hint(dir, &config.log, secret_in_env)
+            ));
+        }
+        if let Some(file) = &metrics_file {
+            out.line(format_args!(
+                "metrics: the run's last snapshot is in {f}; check it with: kvh metrics --file \
+                 {f}, or kvh gate --metrics-file {f}",
+                f = shell_word(file)
             ));
         }
     }

@@ -325,7 +325,10 @@ pub fn report(file: &Path, snap: &Snapshot, args: &MetricsArgs, now: SystemTime)
     let ok = !stale && !failed_security;
     Report {
         file: file.display().to_string(),
-        taken_at: rfc3339((snap.timestamp.max(0.0) * 1e9) as u64),
+        // Milliseconds, as the snapshot gives them: nanoseconds of the float would show noise.
+        taken_at: rfc3339(
+            ((snap.timestamp.max(0.0) * 1e3).round() as u64).saturating_mul(1_000_000),
+        ),
         timestamp: snap.timestamp,
         age_seconds: (age * 1000.0).round() / 1000.0,
         version: snap.build_label("version"),
