@@ -5,8 +5,8 @@
 #      MANIFEST, and MANIFEST's sha256 sums match every other file;
 #   2. no binary carries an RPATH/RUNPATH (nothing points back into the build tree);
 #   3. bin/kvh runs the demo on the host backend;
-#   4. python/ imports, finds lib/libkvhygiene.so through KVH_LIBRARY, and a malloc/free
-#      through that library is scrubbed and verified;
+#   4. python/ imports, finds lib/libkvhygiene.so through KVH_LIBRARY and without it, and a
+#      malloc/free through that library is scrubbed and verified;
 #   5. lib/libkvhygiene_preload.so loads with every symbol bound (LD_BIND_NOW) as an
 #      LD_PRELOAD, and answers the C API.
 # Each step runs with a clean environment (no inherited KVH_* or LD_* variables) in an empty
@@ -86,6 +86,12 @@ assert c["verifications_passed"] == 1 and c["verifications_failed"] == 0, c
 print("  kvhygiene", kvhygiene.version(), "from", kvhygiene.find_library())
 ') >"$work/python.out" 2>&1 || { cat "$work/python.out" >&2; die "the Python package could not use lib/libkvhygiene.so"; }
 grep '^  ' "$work/python.out"
+
+echo "check-release: python/ finds lib/libkvhygiene.so without KVH_LIBRARY"
+(cd "$work" && "${clean[@]}" PYTHONPATH="$dist/python" DIST="$dist" python3 -c '
+import os, kvhygiene
+assert kvhygiene.find_library() == os.environ["DIST"] + "/lib/libkvhygiene.so", kvhygiene.find_library()
+') || die "the Python package does not find the library of its own distribution"
 
 echo "check-release: lib/libkvhygiene_preload.so as LD_PRELOAD"
 (cd "$work" && "${clean[@]}" LD_BIND_NOW=1 LD_PRELOAD="$dist/lib/libkvhygiene_preload.so" /bin/true) ||

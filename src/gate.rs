@@ -571,10 +571,13 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
     readable(dir, &opts)?;
     let mut report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
     if report.chains.iter().all(|c| c.records == 0) && report.errors.is_empty() {
-        report.errors.push(format!(
-            "{}: no forensic log records (the log is empty or was removed)",
-            dir.display()
-        ));
+        let archived = |c: &verify::ChainReport| c.pruned.as_ref().is_some_and(|p| p.complete);
+        let why = if !report.chains.is_empty() && report.chains.iter().all(archived) {
+            "every chain was moved whole by prune-log: no chain of a running process is here"
+        } else {
+            "no forensic log records (the log is empty or was removed)"
+        };
+        report.errors.push(format!("{}: {why}", dir.display()));
     }
     Ok(report)
 }

@@ -1040,6 +1040,38 @@ fn a_directory_whose_every_chain_moved_has_nothing_to_verify() {
     let k = s.key.to_str().unwrap();
     let out = kvh(&["verify-log", d, "--key-file", k, "--allow-pruned"]);
     expect_failure(&out, 2, "every chain was moved whole by prune-log");
+    // The readiness gate over that directory evicts (no running process's chain is there),
+    // and says why rather than "empty or removed".
+    let snap = s.archive.with_extension("prom");
+    let mut stats = kvhygiene::stats::Stats::merge(
+        "host".into(),
+        &[kvhygiene::stats::PoolCounters::default()],
+        None,
+    );
+    stats.log = serde_json::to_value(kvhygiene::forensic::LogStats::disabled()).ok();
+    let text_of = kvhygiene::metrics::encode(
+        &stats,
+        &kvhygiene::metrics::ExporterStats::default(),
+        std::time::SystemTime::now(),
+    );
+    fs::write(&snap, text_of).unwrap();
+    let m = snap.to_str().unwrap();
+    let out = kvh(&[
+        "gate",
+        "--metrics-file",
+        m,
+        "--log-dir",
+        d,
+        "--key-file",
+        k,
+        "--allow-pruned",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("every chain was moved whole by prune-log"),
+        "{}",
+        text(&out.stdout)
+    );
     let a = s.archive.to_str().unwrap();
     let out = kvh(&["verify-log", d, "--key-file", k, "--archive-dir", a]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));

@@ -149,6 +149,7 @@ def _candidates(path: Optional[str]) -> list:
     out = []
     here = Path(__file__).resolve().parent
     out.append(here / LIBRARY_NAME)  # a wheel that carries the library
+    out.append(here.parent.parent / "lib" / LIBRARY_NAME)  # a release distribution's python/
     out.append(here.parent.parent / "target" / "release" / LIBRARY_NAME)  # repo checkout
     out.append(Path.cwd() / "target" / "release" / LIBRARY_NAME)
     return out
@@ -156,8 +157,9 @@ def _candidates(path: Optional[str]) -> list:
 
 def find_library(path: Optional[str] = None) -> str:
     """The absolute path of ``libkvhygiene.so``: ``path`` if given, else ``$KVH_LIBRARY`` (each
-    alone), else the package directory, then ``target/release`` of the source checkout and of
-    the current directory. Absolute, since PyTorch loads it again later, maybe from another
+    alone), else the package directory, then ``lib/`` of the release distribution the package
+    came in (``OUTDIR/python`` beside ``OUTDIR/lib``), then ``target/release`` of the source
+    checkout and of the current directory. Absolute, since PyTorch loads it again later, maybe from another
     working directory.
 
     Raises ``FileNotFoundError`` naming every place searched.
