@@ -685,3 +685,18 @@ fn serve_metrics_with_a_per_process_pattern_serves_every_live_process_as_one_exp
         "{body}"
     );
 }
+
+/// `--listen` takes an IP address and a port; what a user is likely to try instead (a host
+/// name, a port alone) is refused with an example of what it takes.
+#[test]
+fn serve_metrics_listen_address_errors_give_an_example() {
+    for bad in ["localhost:9464", ":9464", "9464"] {
+        let (code, _, err) =
+            run(kvh().args(["serve-metrics", "--file", "x.prom", "--listen", bad]));
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(
+            err.contains("127.0.0.1:9464") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}

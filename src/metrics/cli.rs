@@ -117,11 +117,23 @@ pub struct ServeMetricsArgs {
     pub file: PathBuf,
     /// Address to listen on (an IP and port). Use 0.0.0.0:9464 in a pod so that Prometheus
     /// can reach it.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464", value_parser = listen_addr)]
     pub listen: SocketAddr,
     /// Answer /metrics with 503 when the snapshot is older than SECS seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_age: Option<u64>,
+}
+
+/// `--listen`: an IP address and a port, with an example when it is not one (a host name, or
+/// a port alone, is what a user is likely to try).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "{s:?} is not an IP address and port: give both, e.g. 127.0.0.1:9464 (this machine \
+             only), 0.0.0.0:9464 (every interface, in a pod) or [::1]:9464; host names are not \
+             resolved"
+        )
+    })
 }
 
 /// A metrics file, read and parsed.
