@@ -493,6 +493,16 @@ fn approved_configs_split_the_processes_by_the_policy_they_ran() {
     let (reviewed, other) = (digest_of(&reviewed), digest_of(&other));
     assert_ne!(reviewed, other);
 
+    // The Markdown report lists each digest in full, as --approved-config takes it.
+    let out = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let md = String::from_utf8_lossy(&out.stdout);
+    for d in [&reviewed, &other] {
+        assert!(
+            md.contains(&format!("- `{d}`: 1 process")),
+            "{d} not in full:\n{md}"
+        );
+    }
+
     let (code, v) = evidence_json(&dir, &["--approved-config", &reviewed.to_uppercase()]);
     assert_eq!(code, Some(0), "{v}");
     let policy = &v["policy"];

@@ -1514,6 +1514,28 @@ pub fn render(ev: &Evidence) -> String {
             }
         ));
     }
+    // The table shows 16 hex digits; `--approved-config` takes all 64.
+    let mut digests: Vec<&str> = ev
+        .processes
+        .iter()
+        .filter_map(|p| p.config_digest.as_deref())
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    if !digests.is_empty() {
+        push(String::new());
+        push("Configuration digests in full (what `--approved-config` takes):".into());
+        push(String::new());
+        for d in digests {
+            let n = ev
+                .processes
+                .iter()
+                .filter(|p| p.config_digest.as_deref() == Some(d))
+                .count();
+            let what = if n == 1 { "process" } else { "processes" };
+            push(format!("- `{}`: {n} {what}", cell(d)));
+        }
+    }
     if let Some(policy) = &ev.policy {
         render_policy(policy, &mut push);
     }
