@@ -46,7 +46,8 @@ enum kvh_result
   KVH_ERR_CONFIG = 7011,
   // The memory backend (CUDA driver) reported an error.
   KVH_ERR_BACKEND = 7012,
-  // The output buffer is too small; `*out_len` holds the size needed.
+  // The output buffer is too small; `*out_len` holds the text's length, and the buffer
+  // needs one byte more (the NUL).
   KVH_ERR_BUFFER_TOO_SMALL = 7013,
   // The device index is outside the backend's range.
   KVH_ERR_INVALID_DEVICE = 7014,
@@ -240,8 +241,10 @@ int kvh_synchronize(void);
 int kvh_check_config(void);
 
 // Starts the allocator now (reading the configuration) instead of at the first call, so a
-// bad configuration is reported where it can be handled. Returns `KVH_OK` or
-// `KVH_ERR_CONFIG` / `KVH_ERR_BACKEND` with the reason in `kvh_last_error_message`.
+// bad configuration is reported where it can be handled. Returns `KVH_OK`, or with the
+// reason in `kvh_last_error_message`: `KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG` (the
+// forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
+// parent) or `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`).
 int kvh_init(void);
 
 // Orderly shutdown before process exit: scrubs and verifies everything freed, writes the
@@ -249,7 +252,9 @@ int kvh_init(void);
 // served only from clean pooled blocks (already verified, no device call), so teardown code
 // that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
 // frees are accepted and leak their block (no scrub can run). The metrics file is written
-// once more and then no longer (it goes stale, which `kvh gate` evicts on).
+// once more and then no longer (it goes stale, which `kvh gate` evicts on); a second call
+// changes nothing. Called before the allocator started, it keeps it from starting: every
+// allocation then fails with `KVH_ERR_SHUTTING_DOWN`.
 void kvh_shutdown(void);
 
 // Sets the calling thread's tenant, request and model ids, stamped on every block it
@@ -276,7 +281,8 @@ uint32_t kvh_last_error(void);
 int kvh_last_error_message(char *buf, size_t len, size_t *out_len);
 
 // Writes the description of `code` (NUL-terminated) into `buf`, with the same length
-// protocol as `kvh_stats_json`. Unknown codes return `KVH_ERR_UNKNOWN_CODE`.
+// protocol as `kvh_stats_json`. Unknown codes return `KVH_ERR_UNKNOWN_CODE` and write
+// nothing (neither `buf` nor `*out_len`).
 int kvh_strerror(uint32_t code, char *buf, size_t len, size_t *out_len);
 
 // The library version, as a static NUL-terminated string. Ownership: static; never free it.

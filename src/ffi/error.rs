@@ -36,7 +36,8 @@ pub enum kvh_result {
     KVH_ERR_CONFIG = 7011,
     /// The memory backend (CUDA driver) reported an error.
     KVH_ERR_BACKEND = 7012,
-    /// The output buffer is too small; `*out_len` holds the size needed.
+    /// The output buffer is too small; `*out_len` holds the text's length, and the buffer
+    /// needs one byte more (the NUL).
     KVH_ERR_BUFFER_TOO_SMALL = 7013,
     /// The device index is outside the backend's range.
     KVH_ERR_INVALID_DEVICE = 7014,

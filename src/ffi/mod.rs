@@ -154,7 +154,14 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
 /// panic left no answer): the raw `KVH_OOM` variable, throwing unless it says `null`, since
 /// PyTorch would otherwise use a NULL pointer.
 fn oom_throws_by_env() -> bool {
-    std::env::var("KVH_OOM").map_or(true, |v| v.trim() != "null")
+    match std::env::var("KVH_OOM") {
+        Ok(v) => v.trim() != "null",
+        // Not in the environment: the `KVH_CONFIG` file's `oom`, when that file reads (the
+        // environment failed on another key), else throw.
+        Err(_) => std::env::var_os("KVH_CONFIG")
+            .and_then(|f| crate::config::Config::from_file(std::path::Path::new(&f)).ok())
+            .is_none_or(|c| c.oom != crate::config::OomMode::Null),
+    }
 }
 
 /// Frees `ptr` (allocated by `kvh_malloc` on `device`). PyTorch's `CUDAPluggableAllocator`
@@ -203,6 +210,10 @@ fn free_common(
     stream: *mut c_void,
     checked: bool,
 ) -> c_int {
+    // Before the runtime: a NULL free neither starts the allocator nor reports its errors.
+    if ptr.is_null() {
+        return ok();
+    }
     let rt = match runtime::get() {
         Ok(rt) => rt,
         Err(e) => return fail(e.code(), e.to_string()),
@@ -593,8 +604,10 @@ pub extern "C" fn kvh_check_config() -> c_int {
 }
 
 /// Starts the allocator now (reading the configuration) instead of at the first call, so a
-/// bad configuration is reported where it can be handled. Returns `KVH_OK` or
-/// `KVH_ERR_CONFIG` / `KVH_ERR_BACKEND` with the reason in `kvh_last_error_message`.
+/// bad configuration is reported where it can be handled. Returns `KVH_OK`, or with the
+/// reason in `kvh_last_error_message`: `KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG` (the
+/// forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
+/// parent) or `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`).
 #[no_mangle]
 pub extern "C" fn kvh_init() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || match runtime::get() {
@@ -608,10 +621,15 @@ pub extern "C" fn kvh_init() -> c_int {
 /// served only from clean pooled blocks (already verified, no device call), so teardown code
 /// that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
 /// frees are accepted and leak their block (no scrub can run). The metrics file is written
-/// once more and then no longer (it goes stale, which `kvh gate` evicts on).
+/// once more and then no longer (it goes stale, which `kvh gate` evicts on); a second call
+/// changes nothing. Called before the allocator started, it keeps it from starting: every
+/// allocation then fails with `KVH_ERR_SHUTTING_DOWN`.
 #[no_mangle]
 pub extern "C" fn kvh_shutdown() {
-    boundary((), runtime::shutdown)
+    boundary((), || {
+        runtime::shutdown();
+        clear_last_error();
+    })
 }
 
 /// Sets the calling thread's tenant, request and model ids, stamped on every block it
@@ -646,6 +664,7 @@ pub extern "C" fn kvh_set_context(
 pub extern "C" fn kvh_clear_context() {
     boundary((), || {
         Context::set_current(Context::none());
+        clear_last_error();
     })
 }
 
@@ -659,7 +678,8 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
     boundary(KVH_ERR_PANIC as c_int, || {
         let rt = match runtime::get() {
             Ok(rt) => rt,
-            Err(e) => return fail(e.code(), e.to_string()),
+            // The reason was said on stderr at start-up; the caller's last error stays.
+            Err(e) => return e.code() as c_int,
         };
         // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
         // write of one `usize` (the caller's contract above).
@@ -689,7 +709,8 @@ pub extern "C" fn kvh_last_error_message(
 }
 
 /// Writes the description of `code` (NUL-terminated) into `buf`, with the same length
-/// protocol as `kvh_stats_json`. Unknown codes return `KVH_ERR_UNKNOWN_CODE`.
+/// protocol as `kvh_stats_json`. Unknown codes return `KVH_ERR_UNKNOWN_CODE` and write
+/// nothing (neither `buf` nor `*out_len`).
 #[no_mangle]
 pub extern "C" fn kvh_strerror(
     code: u32,

@@ -95,6 +95,11 @@ pub(crate) enum StartError {
          allocator it inherited is the parent's and is not used here"
     )]
     ForkedChild,
+    #[error(
+        "kvhygiene: kvh_shutdown was called before the allocator started; it serves no memory \
+         in this process"
+    )]
+    ShutDown,
 }
 
 impl StartError {
@@ -104,6 +109,7 @@ impl StartError {
             StartError::Backend(_) => kvh_result::KVH_ERR_BACKEND,
             StartError::Log(_) => kvh_result::KVH_ERR_LOG,
             StartError::ForkedChild => kvh_result::KVH_ERR_FORKED_CHILD,
+            StartError::ShutDown => kvh_result::KVH_ERR_SHUTTING_DOWN,
         }
     }
 }
@@ -283,9 +289,19 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
     }
 }
 
-/// Orderly shutdown (`kvh_shutdown`).
+/// Orderly shutdown (`kvh_shutdown`). Once only: a second call (two teardown paths) changes
+/// nothing, and above all does not write a fresh metrics snapshot, which would keep a process
+/// that no longer scrubs looking alive. Before start-up, it keeps the allocator from ever
+/// starting: a later allocation fails as any after shutdown does.
 pub(crate) fn shutdown() {
+    if RUNTIME.get().is_none() && !is_forked_child() {
+        // Loses only to a start-up racing it, whose runtime is then shut down below.
+        let _ = RUNTIME.set(Err(StartError::ShutDown));
+    }
     if let Some(rt) = own_runtime() {
+        if rt.allocator.is_shut_down() {
+            return;
+        }
         rt.allocator.shutdown();
         stop_log(rt);
         // The last snapshot: from here on it ages, and `kvh gate` takes the process out of

@@ -1,0 +1,257 @@
+//! Promises of include/kvhygiene.h about the exports' last error, their behaviour before the
+//! process-wide allocator started and after `kvh_shutdown`, and the `oom` mode a failed
+//! start-up keeps. Each case that needs the runtime runs in a child process of this test
+//! binary, since the runtime is started once per process from its environment.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use kvhygiene::ffi;
+
+/// Marker telling a child which case to run (not a `KVH_` variable: the configuration refuses
+/// unknown ones).
+const CASE: &str = "FFI_EXPORT_CONTRACT_CASE";
+
+fn in_child() -> bool {
+    std::env::var_os(CASE).is_some()
+}
+
+/// Runs `test` of this binary in a child with the host backend and `env`.
+fn child(test: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CASE, "1")
+        .env("KVH_BACKEND", "host");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvh-ffi-contract-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `kvh_last_error`: "The calling thread's last result code (`KVH_OK` after a successful
+/// call)". `kvh_clear_context` cannot fail, so after it the last error is `KVH_OK`, not the
+/// code of whatever failed before it on the thread.
+#[test]
+fn kvh_clear_context_leaves_kvh_ok_as_the_last_error() {
+    let long = std::ffi::CString::new("x".repeat(200)).unwrap();
+    let rc = ffi::kvh_set_context(long.as_ptr(), std::ptr::null(), std::ptr::null());
+    assert_eq!(rc, ffi::kvh_result::KVH_ERR_INVALID_CONTEXT as i32);
+    ffi::kvh_clear_context();
+    assert_eq!(
+        ffi::kvh_last_error(),
+        ffi::kvh_result::KVH_OK as u32,
+        "after a successful kvh_clear_context, kvh_last_error still reports the earlier failure"
+    );
+}
+
+/// `kvh_shutdown` succeeds (it has no failure to report), so the thread's last error is
+/// `KVH_OK` afterwards, as after every successful call.
+#[test]
+fn kvh_shutdown_leaves_kvh_ok_as_the_last_error() {
+    let name = "kvh_shutdown_leaves_kvh_ok_as_the_last_error";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        ffi::kvh_free(0xdead_0000 as *mut _, 8, 0, std::ptr::null_mut());
+        println!("BEFORE {}", ffi::kvh_last_error());
+        ffi::kvh_shutdown();
+        println!("AFTER {}", ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("BEFORE 7004"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("AFTER 0"),
+        "kvh_shutdown left the earlier free's error as the last error:\n{stdout}"
+    );
+}
+
+/// `kvh_free`: "`ptr == NULL` is a no-op". A no-op does not start the allocator (backend,
+/// forensic log `start` record, threads, metrics export) in a process that never allocated.
+#[test]
+fn kvh_free_of_null_does_not_start_the_allocator() {
+    let name = "kvh_free_of_null_does_not_start_the_allocator";
+    if in_child() {
+        ffi::kvh_free(std::ptr::null_mut(), 0, 0, std::ptr::null_mut());
+        let rc = ffi::kvh_free_checked(std::ptr::null_mut(), 0, 0, std::ptr::null_mut());
+        println!(
+            "RC {rc} STARTED {}",
+            ffi::started_process_allocator().is_some()
+        );
+        return;
+    }
+    let dir = scratch("free-null");
+    let logs = dir.join("logs");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[("KVH_OOM", "null"), ("KVH_LOG_DIR", logs.to_str().unwrap())],
+    );
+    let log_files = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok && stdout.contains("RC 0"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("STARTED false") && log_files == 0,
+        "a free of NULL started the allocator ({log_files} files in the log directory):\n{stdout}"
+    );
+}
+
+/// The same no-op when the configuration is invalid: a free of NULL has nothing to refuse, so
+/// it succeeds rather than report the start-up error of an allocator it does not need.
+#[test]
+fn kvh_free_of_null_succeeds_when_the_configuration_is_invalid() {
+    let name = "kvh_free_of_null_succeeds_when_the_configuration_is_invalid";
+    if in_child() {
+        let rc = ffi::kvh_free_checked(std::ptr::null_mut(), 0, 0, std::ptr::null_mut());
+        ffi::kvh_free(std::ptr::null_mut(), 0, 0, std::ptr::null_mut());
+        println!("CHECKED {rc} FREE {}", ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null"), ("KVH_BATCH_SIZE", "0")]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("CHECKED 0 FREE 0"),
+        "a free of NULL reported an error:\n{stdout}"
+    );
+}
+
+/// `kvh_shutdown`: "Later allocations are served only from clean pooled blocks (already
+/// verified, no device call) ...; any other fails with `KVH_ERR_SHUTTING_DOWN`." Also when
+/// the allocator had not started yet at the shutdown: a later allocation must not start it
+/// and take fresh device memory that no scrub will ever verify after its free.
+#[test]
+fn an_allocation_after_kvh_shutdown_before_start_up_is_refused() {
+    let name = "an_allocation_after_kvh_shutdown_before_start_up_is_refused";
+    if in_child() {
+        ffi::kvh_shutdown();
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!("NULL {} CODE {}", p.is_null(), ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("NULL true CODE 7016"),
+        "kvh_malloc after kvh_shutdown served fresh memory:\n{stdout}"
+    );
+}
+
+/// `kvh_shutdown`: "The metrics file is written once more and then no longer (it goes stale,
+/// which `kvh gate` evicts on)." A second `kvh_shutdown` (a language binding's exit hook and
+/// an engine's destructor both calling it) must not write a fresh snapshot, which would keep
+/// a process that no longer scrubs in rotation for another `--max-age`.
+#[test]
+fn a_second_kvh_shutdown_does_not_refresh_the_metrics_file() {
+    let name = "a_second_kvh_shutdown_does_not_refresh_the_metrics_file";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        ffi::kvh_shutdown();
+        let path = std::env::var("KVH_METRICS_FILE").unwrap();
+        let stamp = || {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with("kvh_snapshot_timestamp_seconds"))
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        let first = stamp();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        ffi::kvh_shutdown();
+        let second = stamp();
+        println!("FIRST [{first}]");
+        println!("SECOND [{second}]");
+        println!("SAME {}", first == second);
+        return;
+    }
+    let dir = scratch("metrics");
+    let file = dir.join("kvh.prom");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_OOM", "null"),
+            ("KVH_METRICS_FILE", file.to_str().unwrap()),
+            ("KVH_METRICS_INTERVAL_MS", "3600000"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        ok && stdout.contains("FIRST [kvh_snapshot"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("SAME true"),
+        "the second kvh_shutdown wrote a fresh metrics snapshot:\n{stdout}"
+    );
+}
+
+/// `kvh_malloc`: "On failure (also when the runtime could not start): with the policy's
+/// `oom = "throw"` (`KVH_OOM` or the `KVH_CONFIG` file ...) throws `std::bad_alloc`; with
+/// `oom = "null"` returns NULL and sets the last error." A file that asks for `null` (a
+/// caller that cannot take a C++ exception) is obeyed also when start-up fails because a
+/// `KVH_*` variable is invalid: the child must get NULL and `KVH_ERR_CONFIG`, not an
+/// exception unwinding through its C frames.
+#[test]
+fn null_mode_from_the_config_file_holds_when_an_environment_variable_is_invalid() {
+    let name = "null_mode_from_the_config_file_holds_when_an_environment_variable_is_invalid";
+    if in_child() {
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!(
+            "RETURNED null={} code={}",
+            p.is_null(),
+            ffi::kvh_last_error()
+        );
+        return;
+    }
+    let dir = scratch("oom-file");
+    let config = dir.join("kvh.toml");
+    std::fs::write(&config, "oom = \"null\"\nbackend = \"host\"\n").unwrap();
+    let (ok, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_CONFIG", config.to_str().unwrap()),
+            ("KVH_BATCH_SIZE", "0"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        ok && stdout.contains("RETURNED null=true code=7011"),
+        "kvh_malloc did not return NULL with KVH_ERR_CONFIG under the file's oom = \"null\":\n\
+         {stdout}\n{stderr}"
+    );
+}
+
+/// `kvh_stats_json`: "Like the other query exports, it leaves the thread's last error
+/// unchanged." Also when it fails because the allocator could not start: the error the caller
+/// is about to describe stays the thread's last error.
+#[test]
+fn kvh_stats_json_leaves_the_last_error_when_start_up_failed() {
+    let name = "kvh_stats_json_leaves_the_last_error_when_start_up_failed";
+    if in_child() {
+        let long = std::ffi::CString::new("x".repeat(200)).unwrap();
+        let rc = ffi::kvh_set_context(long.as_ptr(), std::ptr::null(), std::ptr::null());
+        let mut n = 0usize;
+        let stats = ffi::kvh_stats_json(std::ptr::null_mut(), 0, &mut n);
+        println!("SET {rc} STATS {stats} LAST {}", ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null"), ("KVH_BATCH_SIZE", "0")]);
+    assert!(
+        ok && stdout.contains("SET 7010 STATS 7011"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("LAST 7010"),
+        "kvh_stats_json replaced the thread's last error:\n{stdout}"
+    );
+}
