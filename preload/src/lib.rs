@@ -95,7 +95,7 @@ fn boundary(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
 #[no_mangle]
 pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaError_t {
     boundary(|| match route() {
-        Mode::Refuse => INITIALIZATION_ERROR,
+        Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMalloc(dev_ptr, size) },
         // SAFETY: as above. Zero bytes need no scrubbing: the real runtime answers exactly.
@@ -122,7 +122,7 @@ pub extern "C" fn cudaMallocPitch(
     height: usize,
 ) -> cudaError_t {
     boundary(|| match route() {
-        Mode::Refuse => INITIALIZATION_ERROR,
+        Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => unsafe { real::cudaMallocPitch(dev_ptr, pitch, width, height) },
         // SAFETY: as above.
@@ -197,7 +197,7 @@ fn malloc_async(
     // signature, under the runtime's contract.
     let forward = || unsafe { real(dev_ptr, size, stream) };
     match route() {
-        Mode::Refuse => INITIALIZATION_ERROR,
+        Mode::Refuse => refused(dev_ptr),
         Mode::Forward => forward(),
         Mode::Serve if size == 0 => forward(),
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
@@ -428,6 +428,18 @@ fn allocate_ready(size: usize) -> Result<u64, cudaError_t> {
         let _ = alloc.free(addr, requested(&span), span.device as i32, LEGACY_STREAM);
     }
     Err(rc)
+}
+
+/// An allocation under an invalid `KVH_PRELOAD`: refused, with the output pointer NULL as for
+/// every failed allocation (an engine that checks the pointer rather than the code must not
+/// use what it held before).
+fn refused(dev_ptr: *mut *mut c_void) -> cudaError_t {
+    if dev_ptr.is_null() {
+        return INITIALIZATION_ERROR;
+    }
+    // SAFETY: `dev_ptr` is non-null and, by the runtime's contract every allocation export
+    // states, valid for one pointer write.
+    unsafe { store(dev_ptr, Err(INITIALIZATION_ERROR)) }
 }
 
 /// Writes an allocation's result to the caller's pointer (NULL on failure).

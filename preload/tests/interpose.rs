@@ -467,6 +467,7 @@ fn an_invalid_switch_fails_allocations_and_still_forwards_frees() {
         ("rc_malloc", 3),
         ("rc_malloc_async", 3),
         ("rc_malloc_pitch", 3),
+        ("huge_is_null", 1),
         ("rc_foreign_free", 0),
         ("real_frees_for_foreign", 1),
         ("real_cudaMalloc", 0),

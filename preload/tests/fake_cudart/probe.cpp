@@ -153,8 +153,8 @@ static int scenario_main() {
     out("real_mallocs_for_zero", fake_cudart_calls("cudaMalloc") - mallocs);
     out("rc_malloc_null_out", cudaMalloc(nullptr, 16));
 
-    // No device has these.
-    void* h = nullptr;
+    // No device has these. The output starts non-NULL: a failure must clear it.
+    void* h = reinterpret_cast<void*>(0x1);
     out("rc_malloc_huge", cudaMalloc(&h, size_t(1) << 50));
     out("huge_is_null", h == nullptr);
     out("rc_malloc_max", cudaMalloc(&h, SIZE_MAX));
