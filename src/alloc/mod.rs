@@ -420,15 +420,21 @@ impl Allocator {
     /// it), or `None` when the call named no valid device.
     #[cold]
     fn refused_free(&self, refused: Refused, ptr: u64, device: i32, dev: Option<u32>) -> FreeError {
-        let mut reason = refused.reason;
+        let mut refused = refused;
         match dev {
             // Lock order: the refusing pool's lock was dropped before others are taken.
-            Some(dev) if reason == InvalidFreeReason::UnknownPointer => {
+            Some(dev) if refused.reason == InvalidFreeReason::UnknownPointer => {
                 let elsewhere = (0..self.inner.pools.len() as u32)
                     .filter(|&d| d != dev)
-                    .any(|d| self.pool(d).holds(ptr));
-                if elsewhere {
-                    reason = InvalidFreeReason::WrongDevice;
+                    .find_map(|d| self.pool(d).holding(ptr));
+                // The block of the other device, and its owner's ids, as a double or interior
+                // free names its block: the record says whose memory the call aimed at.
+                if let Some((block, owner)) = elsewhere {
+                    refused = Refused {
+                        reason: InvalidFreeReason::WrongDevice,
+                        block: Some(block),
+                        owner: Some(owner),
+                    };
                 }
             }
             Some(_) => {}
@@ -436,6 +442,7 @@ impl Allocator {
             None if !self.inner.pools.is_empty() => self.pool(0).stats.counters.invalid_frees += 1,
             None => {}
         }
+        let reason = refused.reason;
         let ctx = refused.owner.unwrap_or_else(Context::current);
         self.emit(vec![Event {
             at: SystemTime::now(),

@@ -360,12 +360,14 @@ impl DevicePool {
         }
     }
 
-    /// Whether `addr` lies in a block of this pool (its start or inside it; any state).
-    pub(crate) fn holds(&self, addr: u64) -> bool {
+    /// The block of this pool `addr` lies in (its start or inside it; any state), with its
+    /// owner's ids.
+    pub(crate) fn holding(&self, addr: u64) -> Option<(crate::events::BlockRef, Context)> {
         self.blocks
             .range(..=addr)
             .next_back()
-            .is_some_and(|(&base, b)| addr < base.saturating_add(b.capacity()))
+            .filter(|(&base, b)| addr < base.saturating_add(b.capacity()))
+            .map(|(_, b)| (b.to_ref(), b.owner.clone()))
     }
 
     /// Adds a PENDING block to its stream's open batch; submits the batch when full.

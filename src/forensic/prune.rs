@@ -66,8 +66,11 @@ fn parse_manifest_name(name: &str) -> Option<&str> {
     files::valid_chain_id(chain).then_some(chain)
 }
 
-/// One file moved out of the log directory.
+/// One file moved out of the log directory. Unknown members are refused, here and in
+/// [`Manifest`]: the MAC covers the members the struct holds, and a member it would drop on
+/// reading would be unsealed content in a sealed file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrunedFile {
     pub name: String,
     /// SHA-256 of the file's bytes, hex.
@@ -84,6 +87,7 @@ pub struct PrunedFile {
 
 /// What `prune-log` moved of one chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub v: u64,
     pub chain: String,

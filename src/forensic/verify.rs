@@ -918,13 +918,13 @@ fn verify_chain(
             }
         }
     }
-    // A chain whose writer died writing its `start` record: its first file alone, no complete
-    // record, only torn bytes. Nothing in it for a checkpoint to cover (the next start removes
-    // it once it is idle), and whoever can delete a checkpoint can delete such a chain whole.
-    let never_started = w.report.records == 0
-        && w.report.torn_bytes > 0
-        && w.report.pruned.is_none()
-        && matches!(list, [(0, _)]);
+    // A chain whose writer died before its `start` record was whole: its first file alone, no
+    // complete record, only torn bytes or none (the file is created and its directory synced
+    // before `start` is written). Nothing in it for a checkpoint to cover (the next start
+    // removes it once it is idle), and whoever can delete a checkpoint can delete such a chain
+    // whole.
+    let never_started =
+        w.report.records == 0 && w.report.pruned.is_none() && matches!(list, [(0, _)]);
     if ckpt.is_none() && !opts.public_keys.is_empty() && !never_started {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
         // would otherwise silently turn off the truncation and rewrite checks for it.
@@ -1311,7 +1311,14 @@ impl<'a> Walk<'a> {
     }
 
     /// Checks the record's MAC; returns the index of the chain's key (`None`: unchecked).
+    /// A `mac` that is not 64 lower-case hex digits is refused also without a key: the line
+    /// is then not in canonical form.
     fn mac(&mut self, hash: &[u8; 32], mac_hex: Option<&str>) -> Result<Option<usize>, String> {
+        if let Some(m) = mac_hex {
+            if parse_hash(m).is_none() {
+                return Err("mac is not 64 lower-case hex digits".into());
+            }
+        }
         if let ChainKey::Unchecked = self.key {
             return Ok(None);
         }
