@@ -194,6 +194,16 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
         .ok_or("checkpoint was signed by another key than the pinned public key")?;
     key.verify(&body, &Signature::from_bytes(&sig_bytes))
         .map_err(|_| "bad checkpoint signature".to_string())?;
+    // Signed, so written by the key's holder; a version this verifier does not know may mean
+    // other fields than it reads.
+    match m.get("v").and_then(Value::as_u64) {
+        Some(1) => {}
+        other => {
+            return Err(format!(
+                "unsupported checkpoint version {other:?} (1 expected)"
+            ))
+        }
+    }
     fields(&Value::Object(m))
 }
 
@@ -260,6 +270,24 @@ mod tests {
         fs::write(&path, text.replace("00112233", "00112234")).unwrap();
         let err = read(&path, &[key.verifying_key()]).unwrap_err();
         assert!(err.contains("bad checkpoint signature"), "{err}");
+    }
+
+    #[test]
+    fn a_signed_checkpoint_of_another_version_is_refused() {
+        use ed25519_dalek::Signer;
+        let key = super::super::keys::generate_signing_key().unwrap();
+        let body = at(5).body(&key.verifying_key());
+        let body = String::from_utf8(body)
+            .unwrap()
+            .replace("\"v\":1", "\"v\":2");
+        let sig = key.sign(body.as_bytes());
+        let line = format!(
+            "{},\"sig\":\"{}\"}}\n",
+            body.strip_suffix('}').unwrap(),
+            hex(&sig.to_bytes())
+        );
+        let err = parse(line.as_bytes(), &[key.verifying_key()]).unwrap_err();
+        assert!(err.contains("unsupported checkpoint version"), "{err}");
     }
 
     #[test]
