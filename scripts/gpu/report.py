@@ -5,6 +5,7 @@ Usage: python3 scripts/gpu/report.py OUT   (writes OUT/results.md and OUT/result
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,19 +62,37 @@ def tests(out: Path) -> dict:
         "passed": sum(v == "ok" for v in cases.values()),
         "failed": sum(v == "FAILED" for v in cases.values()),
         # The harness's summary line and a clean exit: a run killed part way (timeout) has
-        # neither, whatever the tests before the kill said.
-        "complete": rc == 0 and re.search(r"^test result: ok\.", log, re.M) is not None,
+        # neither, whatever the tests before the kill said. And a test that ran: a binary run
+        # without --ignored (every GPU test ignored), or one without GPU tests, passes nothing.
+        "complete": rc == 0
+        and re.search(r"^test result: ok\.", log, re.M) is not None
+        and any(v == "ok" for v in cases.values()),
         "rc": rc,
         "cases": cases,
     }
 
 
+#: The figures each Python step's JSON must hold: one without them (a step that exited 0
+#: after a thread failed, say) is missing, not a crash of the report.
+FIGURES = {
+    "residue": ("secret_seen", "nonzero"),
+    "residue_threads": ("secret_seen", "nonzero"),
+}
+
+
 def py(out: Path, name: str):
-    """A Python step's result, only if the step exited 0: a crash after the measurement (at
-    interpreter exit, say) is a failure to look at, not a figure to report."""
+    """A Python step's result, only if the step exited 0 and its JSON holds the step's
+    figures: a crash after the measurement (at interpreter exit, say) is a failure to look
+    at, not a figure to report."""
     if step_rc(out, name) != 0:
         return None
-    return load_json(out / "py" / f"{name}.json")
+    data = load_json(out / "py" / f"{name}.json")
+    if not isinstance(data, dict):
+        return None
+    step = name.rsplit("_", 1)[0]
+    if any(k not in data for k in FIGURES.get(step, ())):
+        return None
+    return data
 
 
 def failed_step(out: Path, step: str, needs_json: bool = True):
@@ -87,6 +106,8 @@ def failed_step(out: Path, step: str, needs_json: bool = True):
     if rc != 0 or (needs_json and not (out / "py" / f"{step}.json").exists()):
         last = lines[-1].strip()[:120] if lines else "no output"
         return f"missing ({step} exited {rc}: {last})"
+    if needs_json and py(out, step) is None:
+        return f"missing ({step} exited 0 without its figures)"
     return None
 
 
@@ -297,7 +318,7 @@ def main() -> int:
         if d and k:
             rounds.append((d["tokens_per_s"], k["tokens_per_s"]))
     ratios = sorted(kv / dv for dv, kv in rounds if dv)
-    median = ratios[len(ratios) // 2] if ratios else None
+    median = statistics.median(ratios) if ratios else None
     try:
         planned = int((out / "status" / "llama_rounds").read_text().strip())
     except (OSError, ValueError):

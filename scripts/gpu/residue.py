@@ -4,6 +4,7 @@ With PyTorch's default caching allocator it does (the threat); under kvhygiene i
 zeros. --threads runs the writer and the reader on two threads under two tenant contexts.
 """
 
+import sys
 import threading
 
 from common import parse, setup, write
@@ -42,22 +43,39 @@ def main():
     result = {}
     if args.threads:
         written = threading.Event()
+        errors = []
 
         def writer():
-            with tenant(args.mode, "tenant-a", "req-a"):
-                write_secret(torch)
-            written.set()
+            try:
+                with tenant(args.mode, "tenant-a", "req-a"):
+                    write_secret(torch)
+            except BaseException as e:  # noqa: BLE001 - reported below, the step fails
+                errors.append(("writer", e))
+            finally:
+                # Also after a failure: the reader must not wait for a secret never written.
+                written.set()
 
         def reader():
             written.wait()
-            with tenant(args.mode, "tenant-b", "req-b"):
-                result.update(read_back(torch))
+            if errors:
+                return
+            try:
+                with tenant(args.mode, "tenant-b", "req-b"):
+                    result.update(read_back(torch))
+            except BaseException as e:  # noqa: BLE001 - reported below, the step fails
+                errors.append(("reader", e))
 
         threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors:
+            # A thread's exception does not end the process with an error by itself: the step
+            # must fail, not write a result without its figures.
+            for who, e in errors:
+                print(f"residue: the {who} thread failed: {e!r}", file=sys.stderr)
+            sys.exit(1)
     else:
         with tenant(args.mode, "tenant-a", "req-a"):
             write_secret(torch)

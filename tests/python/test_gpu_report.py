@@ -366,3 +366,57 @@ def test_a_bench_that_crashed_after_its_measurements_fails_the_run(tmp_path, mon
     bench_rows = {c: r["verdict"] for c, r in rows.items() if c.startswith(("scrub+verify", "batched"))}
     assert bench_rows and not any(v == "PASS" for v in bench_rows.values()), bench_rows
     assert code == 1
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        # The binary ran without --ignored: every GPU test was listed as ignored, none ran.
+        "running 2 tests\ntest a ... ignored, needs a CUDA GPU\ntest b ... ignored, needs a CUDA GPU\n\n"
+        "test result: ok. 0 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out\n",
+        # A binary holding none of the GPU tests (or all filtered out).
+        "running 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 10 filtered out\n",
+    ],
+    ids=["all-ignored", "none-run"],
+)
+def test_kernel_tests_that_did_not_run_do_not_pass(tmp_path, monkeypatch, log):
+    # "kernel correctness: all pass" needs kernel tests that ran; a harness that ran none of
+    # them exits 0 with a clean summary line, which is not a check that ran to the end.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(log)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert row["verdict"] != "PASS", row
+    assert code == 1
+
+
+def test_the_llama_median_of_an_even_number_of_rounds_is_the_middle_of_the_two(tmp_path, monkeypatch):
+    # GPU_CHECK_LLAMA_ROUNDS=2: per-round ratios 0.5 and 0.95. Their median is 0.725, under the
+    # 0.9 target; the row must not pass on the better round alone.
+    complete_run(tmp_path)
+    (tmp_path / "status" / "llama_rounds").write_text("2\n")
+    py_result(tmp_path, "llama_default_1", tokens_per_s=1000.0)
+    py_result(tmp_path, "llama_kvh_1", tokens_per_s=500.0)
+    py_result(tmp_path, "llama_default_2", tokens_per_s=1000.0)
+    py_result(tmp_path, "llama_kvh_2", tokens_per_s=950.0)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("Llama")]
+    assert row["verdict"] == "FAIL", row
+    assert code == 1
+
+
+def test_a_step_that_exited_0_without_its_figures_still_gets_a_report(tmp_path, monkeypatch):
+    # residue.py --threads writes its JSON and exits 0 even when the reader thread raised (an
+    # exception in a thread does not change the exit status), so the JSON has no secret_seen.
+    # The report must still be written, that check MISSING or FAIL, and the run fail: every
+    # other row's figures are kept.
+    complete_run(tmp_path)
+    py_result(tmp_path, "residue_threads_kvh", step="residue_threads", mode="kvh", elements=8 << 20)
+    monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPORT), run_name="__main__")
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.json").is_file()
+    rows = {r["check"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    row = rows["residue, kvhygiene (two threads, two tenants)"]
+    assert row["verdict"] in ("MISSING", "FAIL"), row
+    assert done.value.code == 1

@@ -1,0 +1,178 @@
+"""scripts/gpu-check.sh and its Python steps under scripts/gpu/, run here with stand-ins for
+what only the GPU machine has (nvidia-smi, torch, the prebuilt artifacts): the run there is
+one time-limited call, so how the script behaves when a step or a tool misbehaves is checked
+on this machine."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+# A stand-in torch whose CUDA tensors are plain objects and whose torch.empty fails as a CUDA
+# error does (an exception raised by the call).
+FAKE_TORCH = '''
+class _Cuda:
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def synchronize():
+        pass
+
+
+cuda = _Cuda()
+
+
+def full(shape, value, device=None, dtype=None):
+    return object()
+
+
+def empty(shape, device=None, dtype=None):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+'''
+
+
+def test_residue_with_threads_fails_when_a_thread_raised(tmp_path):
+    # The reader thread's torch.empty raises: nothing was measured, so the step must not exit
+    # 0 (gpu-check.sh and report.py take exit 0 as "the measurement is in the JSON").
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    out = tmp_path / "residue_threads_default.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gpu/residue.py"), "--mode", "default", "--threads", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "illegal memory access" in proc.stderr, proc.stderr
+    written = json.loads(out.read_text()) if out.exists() else None
+    assert proc.returncode != 0, f"exit 0 with {written}"
+
+
+def test_residue_with_threads_ends_promptly_when_the_writer_raised(tmp_path):
+    # The writer thread's torch.full raises: the reader must not wait for a secret that will
+    # never be written until gpu-check.sh's time limit kills the step (60 s of the device
+    # session, per mode).
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        FAKE_TORCH + '\n\ndef full(shape, value, device=None, dtype=None):\n'
+        '    raise RuntimeError("CUDA error: out of memory")\n'
+    )
+    out = tmp_path / "residue_threads_default.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/gpu/residue.py"), "--mode", "default", "--threads", "--out", str(out)],
+            env={**os.environ, "PYTHONPATH": str(fake)},
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"still waiting after 15 s: {e.stderr!r}") from None
+    assert proc.returncode != 0
+
+
+def scratch_gpu_checkout(tmp: Path) -> Path:
+    """A copy of what gpu-check.sh needs, with stand-in artifacts that finish at once."""
+    root = tmp / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu-check.sh", root / "scripts" / "gpu-check.sh")
+    shutil.copytree(ROOT / "scripts" / "gpu", root / "scripts" / "gpu")
+    art = root / "gpu-artifacts"
+    art.mkdir()
+    for f in ["libkvhygiene.so", "libkvhygiene_preload.so"]:
+        (art / f).write_text("stand-in\n")
+    (art / "MANIFEST.txt").write_text("commit: stand-in\n")
+    executable(
+        art / "gpu_kernel",
+        "#!/bin/sh\necho 'running 1 tests'\necho 'test a ... ok'\necho\n"
+        "echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out'\n",
+    )
+    executable(art / "gpu_scrub", "#!/bin/sh\necho 'gpu_scrub: skipped: stand-in'\n")
+    executable(art / "kvh", "#!/bin/sh\necho \"stand-in kvh $*\"\nexit 1\n")
+    return root
+
+
+def stand_in_path(tmp: Path, nvidia_smi: str) -> str:
+    """PATH with nvidia-smi as given, no nvcc, and a python3 that runs only report.py (the
+    Python steps, which need torch, fail at once as they would without it)."""
+    bin_dir = tmp / "bin"
+    executable(bin_dir / "nvidia-smi", nvidia_smi)
+    executable(bin_dir / "nvcc", "#!/bin/sh\nexit 1\n")
+    executable(
+        bin_dir / "python3",
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'    scripts/gpu/report.py) exec "{sys.executable}" "$@" ;;\n'
+        "esac\n"
+        "echo 'stand-in python3: no torch here' >&2\nexit 1\n",
+    )
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_gpu_check_keeps_its_budget_when_nvidia_smi_hangs(tmp_path):
+    # nvidia-smi hangs on a GPU in a bad state (a wedged driver, a fallen-off-the-bus card):
+    # gpu-check.sh must still end inside GPU_CHECK_BUDGET_S and write results.md and
+    # results.json, not be killed by the device call's own limit with nothing written.
+    root = scratch_gpu_checkout(tmp_path)
+    out = tmp_path / "out"
+    budget = 30
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\nexec sleep 600\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": str(budget),
+    }
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        ["bash", str(root / "scripts/gpu-check.sh")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=budget + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+    elapsed = time.monotonic() - start
+    assert elapsed <= budget + 15, f"ran {elapsed:.0f} s with GPU_CHECK_BUDGET_S={budget}: {output[-800:]}"
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    assert proc.returncode == 1
+
+
+def test_gpu_check_with_a_quick_nvidia_smi_writes_its_report(tmp_path):
+    # The same stand-ins with an nvidia-smi that answers: the run ends well inside its budget,
+    # with a report and a failing status (the Python checks did not run).
+    root = scratch_gpu_checkout(tmp_path)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    proc = subprocess.run(["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert (out / "results.md").is_file(), proc.stdout[-800:] + proc.stderr[-800:]
+    assert proc.returncode == 1
