@@ -31,24 +31,35 @@ for line in sys.stdin:
 ' "$1"
 }
 
-"${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh
-"${build_env[@]}" cargo build --release -p kvhygiene-preload --lib
-test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
-    --message-format=json | executable gpu_kernel)"
-bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
-    --message-format=json | executable gpu_scrub)"
-
 dest="$root/gpu-artifacts"
 rm -rf "$dest"
 mkdir -p "$dest"
 # Where cargo put them: CARGO_TARGET_DIR when it is set, never an older build in ./target.
 release="${CARGO_TARGET_DIR:-target}/release"
-cp "$release/libkvhygiene.so" "$release/libkvhygiene_preload.so" "$dest/"
+# The shipped library, preload library and CLI are copied as soon as they are built: the test
+# and bench builds below may build the library again (with the features of the
+# dev-dependencies) over the same paths.
+"${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh
+cp "$release/libkvhygiene.so" "$release/kvh" "$dest/"
+"${build_env[@]}" cargo build --release -p kvhygiene-preload --lib
+cp "$release/libkvhygiene_preload.so" "$dest/"
+test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
+    --message-format=json | executable gpu_kernel)"
+bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
+    --message-format=json | executable gpu_scrub)"
 cp "$test_bin" "$dest/gpu_kernel"
 cp "$bench_bin" "$dest/gpu_scrub"
-cp "$release/kvh" "$dest/kvh"
 strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
     "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"
+
+# The newest glibc symbol version any artifact needs: the GPU machine's image (Ubuntu 22.04:
+# glibc 2.35) must provide it, which is said here rather than found out on the device.
+glibc="$(cd "$dest" && objdump -T libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh \
+    2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1 || true)"
+if [[ -n "$glibc" && "$(printf '%s\nGLIBC_2.35\n' "$glibc" | sort -V | tail -n1)" != GLIBC_2.35 ]]; then
+    echo "build-gpu-artifacts: the artifacts need $glibc, newer than Ubuntu 22.04's 2.35" >&2
+    exit 1
+fi
 
 # The build script's output of this build: the newest of the package's build directories
 # (an earlier configuration leaves others beside it).
@@ -58,7 +69,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
     echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
     echo "kernels: ${origin:-unknown}"
-    echo "glibc needed: $(objdump -T "$dest/gpu_kernel" "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)"
+    echo "glibc needed: $glibc"
     (cd "$dest" && ls -l libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh | awk '{print "size: " $9 " " $5 " bytes"}')
 } >"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
