@@ -267,7 +267,9 @@ int kvh_set_context(const char *tenant_id, const char *request_id, const char *m
 void kvh_clear_context(void);
 
 // Writes the allocator's statistics as JSON (NUL-terminated) into `buf` of `len` bytes.
-// Like the other query exports, it leaves the thread's last error unchanged.
+// Like the other query exports, it leaves the thread's last error unchanged when it answers
+// (a buffer too small included); when the allocator could not start, that start-up error,
+// with its reason, is the last error.
 // `*out_len` receives the JSON's length without the NUL; `buf` must hold `*out_len + 1`
 // bytes, else `KVH_ERR_BUFFER_TOO_SMALL` is returned and nothing is written (call with
 // `buf = NULL, len = 0` to ask for the size). Ownership: `buf` stays the caller's.

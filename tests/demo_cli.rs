@@ -139,3 +139,46 @@ fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
         "{text}"
     );
 }
+
+/// A run that fails (here its forensic log lost records, as in
+/// `a_demo_whose_forensic_log_lost_records_does_not_pass`) exits 1 and says FAIL also when
+/// KVH_METRICS_FILE cannot be written: what the run found outranks an output that could not
+/// be written (README: 1 for a failed run, 2 only for a passing run whose report is lost).
+#[test]
+fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let metrics = tmp.path().join("missing-dir").join("kvh.prom");
+    let mut cmd = kvh();
+    cmd.env("KVH_METRICS_FILE", &metrics)
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+        ])
+        .arg(&dir);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 3000,
+                rlim_max: 3000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, out, err) = run(&mut cmd);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        code, 1,
+        "a failed run whose metrics file could not be written must still exit 1:\n{out}{err}"
+    );
+}

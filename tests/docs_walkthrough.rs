@@ -122,3 +122,47 @@ fn prune_log_names_the_missing_archive_directory() {
         "prune-log's error does not say the archive directory is what is missing:\n{err}"
     );
 }
+
+/// With both HMAC sources set (`FORENSIC_HMAC_SECRET` and `KVH_HMAC_KEY_FILE`), the writer
+/// seals with the environment's secret (keys::load_secret reads it first). The check the demo
+/// prints must then not name the key file, whose key did not seal the log: followed as
+/// printed, such a command reports every MAC as a mismatch, i.e. a tampered log.
+#[test]
+fn the_demo_does_not_name_a_key_file_its_log_was_not_sealed_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let log = tmp.path().join("log");
+    let (code, out, err) = run(kvh()
+        .env("KVH_HMAC_KEY_FILE", &key)
+        .env(
+            "FORENSIC_HMAC_SECRET",
+            "an-environment-secret-other-than-the-key-file-0123456789",
+        )
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+        ])
+        .arg("--log-dir")
+        .arg(&log));
+    assert_eq!(code, 0, "{out}{err}");
+    let hint = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("check it with: ")
+                .map(|(_, cmd)| cmd.to_string())
+        })
+        .unwrap_or_else(|| panic!("no 'check it with:' line in the demo's output:\n{out}"));
+    if hint.contains(key.to_str().unwrap()) {
+        let argv: Vec<&str> = hint.split_whitespace().collect();
+        let (vcode, vout, verr) = run(kvh().current_dir(tmp.path()).args(&argv[1..]));
+        panic!(
+            "the demo's log was sealed with FORENSIC_HMAC_SECRET, but the check it prints \
+             names KVH_HMAC_KEY_FILE's key (`{hint}`), which exits {vcode}:\n{vout}{verr}"
+        );
+    }
+}

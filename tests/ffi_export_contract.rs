@@ -231,12 +231,12 @@ fn null_mode_from_the_config_file_holds_when_an_environment_variable_is_invalid(
     );
 }
 
-/// `kvh_stats_json`: "Like the other query exports, it leaves the thread's last error
-/// unchanged." Also when it fails because the allocator could not start: the error the caller
-/// is about to describe stays the thread's last error.
+/// `kvh_stats_json` leaves the thread's last error unchanged when it answers; when it fails
+/// because the allocator could not start, that failure is its result, and the start-up error,
+/// with its reason, becomes the last error (language bindings build their exception from it).
 #[test]
-fn kvh_stats_json_leaves_the_last_error_when_start_up_failed() {
-    let name = "kvh_stats_json_leaves_the_last_error_when_start_up_failed";
+fn kvh_stats_json_reports_a_start_up_failure_as_its_last_error() {
+    let name = "kvh_stats_json_reports_a_start_up_failure_as_its_last_error";
     if in_child() {
         let long = std::ffi::CString::new("x".repeat(200)).unwrap();
         let rc = ffi::kvh_set_context(long.as_ptr(), std::ptr::null(), std::ptr::null());
@@ -251,7 +251,105 @@ fn kvh_stats_json_leaves_the_last_error_when_start_up_failed() {
         "{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("LAST 7010"),
-        "kvh_stats_json replaced the thread's last error:\n{stdout}"
+        stdout.contains("LAST 7011"),
+        "kvh_stats_json failed without its start-up error as the last error:\n{stdout}"
+    );
+}
+
+/// The same promise when the file alone is not a complete policy: it names the log and its
+/// checkpoint directory, and the environment adds the signing key (a mounted Secret's path),
+/// which together the library accepts. When another `KVH_*` variable is invalid, the file's
+/// `oom = "null"` still holds: the caller gets NULL and `KVH_ERR_CONFIG`, not a C++ exception.
+#[test]
+fn null_mode_from_a_config_file_completed_by_the_environment_holds_when_a_variable_is_invalid() {
+    let name = "null_mode_from_a_config_file_completed_by_the_environment_holds_when_a_variable_is_invalid";
+    if in_child() {
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!(
+            "RETURNED null={} code={}",
+            p.is_null(),
+            ffi::kvh_last_error()
+        );
+        return;
+    }
+    let dir = scratch("oom-file-split");
+    let config = dir.join("kvh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "oom = \"null\"\nbackend = \"host\"\nlog_dir = \"{}\"\ncheckpoint_dir = \"{}\"\n",
+            dir.join("log").display(),
+            dir.join("ckpt").display()
+        ),
+    )
+    .unwrap();
+    // The policy without the invalid variable is accepted: the file and the environment
+    // together are complete.
+    let complete = kvhygiene::config::Config::from_vars(&[
+        (
+            "KVH_CONFIG".to_string(),
+            config.to_str().unwrap().to_string(),
+        ),
+        (
+            "KVH_SIGNING_KEY_FILE".to_string(),
+            dir.join("signing.key").to_str().unwrap().to_string(),
+        ),
+    ]);
+    assert!(complete.is_ok(), "{complete:?}");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_CONFIG", config.to_str().unwrap()),
+            (
+                "KVH_SIGNING_KEY_FILE",
+                dir.join("signing.key").to_str().unwrap(),
+            ),
+            ("KVH_BATCH_SIZE", "0"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        ok && stdout.contains("RETURNED null=true code=7011"),
+        "kvh_malloc did not return NULL with KVH_ERR_CONFIG under the file's oom = \"null\":\n\
+         {stdout}\n{stderr}"
+    );
+}
+
+/// `kvh_shutdown`: "Orderly shutdown before process exit: scrubs and verifies everything
+/// freed, writes the forensic log's stop record, ...". Two teardown paths on two threads
+/// (an engine's destructor and a language binding's exit hook) may both call it; the one that
+/// returns second must also find the stop record written, or a process that exits right
+/// after its own call can end without it.
+#[test]
+fn a_concurrent_second_kvh_shutdown_returns_after_the_stop_record_is_written() {
+    let name = "a_concurrent_second_kvh_shutdown_returns_after_the_stop_record_is_written";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        let logs = PathBuf::from(std::env::var("KVH_LOG_DIR").unwrap());
+        let alloc = ffi::started_process_allocator().unwrap();
+        let first = std::thread::spawn(|| ffi::kvh_shutdown());
+        while !alloc.is_shut_down() {
+            std::hint::spin_loop();
+        }
+        ffi::kvh_shutdown();
+        let stopped = std::fs::read_dir(&logs)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .any(|t| t.contains("\"kind\":\"stop\""));
+        println!("STOPPED {stopped}");
+        first.join().unwrap();
+        return;
+    }
+    let dir = scratch("concurrent-shutdown");
+    let logs = dir.join("logs");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[("KVH_OOM", "null"), ("KVH_LOG_DIR", logs.to_str().unwrap())],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok && stdout.contains("STOPPED"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("STOPPED true"),
+        "kvh_shutdown returned before the forensic log's stop record was written:\n{stdout}"
     );
 }

@@ -1051,3 +1051,33 @@ fn a_report_on_a_log_still_being_written_is_made() {
         );
     }
 }
+
+/// The list of configuration digests in full puts a value in a code span only when it is a
+/// digest (64 lower-case hex digits), as the coverage table and the policy section do
+/// (backslash escapes do not work inside a code span): a `config_digest` rewritten in a log
+/// without a MAC key must neither end its code span early nor read as a digest to copy.
+#[test]
+fn the_full_digest_list_puts_only_real_digests_in_code_spans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 1, None, |m| {
+        set(m, serde_json::json!({"config_digest": "`x` | y"}))
+    });
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    assert_eq!(
+        md.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&md.stderr)
+    );
+    let text = String::from_utf8_lossy(&md.stdout);
+    for line in text
+        .lines()
+        .filter(|l| l.contains("1 process") && l.contains('x'))
+    {
+        assert!(
+            !line.starts_with("- `"),
+            "a config_digest that is not a digest is listed in a code span: {line}\n{text}"
+        );
+    }
+}

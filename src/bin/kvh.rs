@@ -150,11 +150,12 @@ fn write_demo_metrics(
 /// `kvh keygen`) and in their directory.
 fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bool) -> String {
     let mut hint = format!("kvh verify-log {}", shell_word(dir));
+    // FORENSIC_HMAC_SECRET, when set, is the secret that seals (read before the key file).
     match &log.hmac_key_file {
-        Some(key) => hint.push_str(&format!(" --key-file {}", shell_word(key))),
-        None if secret_in_env => {
+        _ if secret_in_env => {
             hint.push_str(" --key-file FILE (a 0600 file holding FORENSIC_HMAC_SECRET's value)")
         }
+        Some(key) => hint.push_str(&format!(" --key-file {}", shell_word(key))),
         None => {}
     }
     let public = log
@@ -535,9 +536,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         report.log_records_lost = log.stats().records_lost;
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
-    let metrics_file = match write_demo_metrics(&config, &report.stats) {
-        Ok(f) => f,
-        Err(e) => return usage_error(&e),
+    // Said after the report: what the run found outranks a snapshot that cannot be written.
+    let (metrics_file, metrics_error) = match write_demo_metrics(&config, &report.stats) {
+        Ok(f) => (f, None),
+        Err(e) => (None, Some(e)),
     };
     if args.json {
         out.line(format_args!(
@@ -567,12 +569,16 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         }
     }
     let written = out.finish();
+    if let Some(e) = &metrics_error {
+        eprintln!("kvh demo: the metrics snapshot cannot be written: {e}");
+    }
     if !report.passed() {
         // What the run found outranks a report that could not be written.
         return ExitCode::from(1);
     }
     match written {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) if metrics_error.is_none() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(2),
         Err(e) => {
             eprintln!("kvh demo: passed, but the report cannot be written: {e}");
             ExitCode::from(2)

@@ -773,6 +773,14 @@ impl Config {
         Ok(config)
     }
 
+    /// The `oom` mode a policy file sets, read key by key without judging the file as a whole
+    /// policy (the environment may complete it): what a failed allocation does when the
+    /// environment's policy is invalid. `None` when the file does not read or sets no `oom`.
+    pub fn oom_of_file(path: &Path) -> Option<OomMode> {
+        let (config, keys) = Config::read_file(path).ok()?;
+        keys.contains(&"oom").then_some(config.oom)
+    }
+
     /// As [`Config::from_file`], with the names of the keys the file set.
     fn read_file(path: &Path) -> Result<(Config, Vec<&'static str>), ConfigError> {
         let file_err = |message: String| ConfigError::File {

@@ -159,8 +159,8 @@ fn oom_throws_by_env() -> bool {
         // Not in the environment: the `KVH_CONFIG` file's `oom`, when that file reads (the
         // environment failed on another key), else throw.
         Err(_) => std::env::var_os("KVH_CONFIG")
-            .and_then(|f| crate::config::Config::from_file(std::path::Path::new(&f)).ok())
-            .is_none_or(|c| c.oom != crate::config::OomMode::Null),
+            .and_then(|f| crate::config::Config::oom_of_file(std::path::Path::new(&f)))
+            .is_none_or(|oom| oom != crate::config::OomMode::Null),
     }
 }
 
@@ -669,7 +669,9 @@ pub extern "C" fn kvh_clear_context() {
 }
 
 /// Writes the allocator's statistics as JSON (NUL-terminated) into `buf` of `len` bytes.
-/// Like the other query exports, it leaves the thread's last error unchanged.
+/// Like the other query exports, it leaves the thread's last error unchanged when it answers
+/// (a buffer too small included); when the allocator could not start, that start-up error,
+/// with its reason, is the last error.
 /// `*out_len` receives the JSON's length without the NUL; `buf` must hold `*out_len + 1`
 /// bytes, else `KVH_ERR_BUFFER_TOO_SMALL` is returned and nothing is written (call with
 /// `buf = NULL, len = 0` to ask for the size). Ownership: `buf` stays the caller's.
@@ -678,8 +680,8 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
     boundary(KVH_ERR_PANIC as c_int, || {
         let rt = match runtime::get() {
             Ok(rt) => rt,
-            // The reason was said on stderr at start-up; the caller's last error stays.
-            Err(e) => return e.code() as c_int,
+            // This call's failure: its reason is the last error, as for every other export.
+            Err(e) => return fail(e.code(), e.to_string()),
         };
         // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
         // write of one `usize` (the caller's contract above).

@@ -12,7 +12,9 @@
 //! no window: a fork racing a start-up either copied `STARTING` set (the child is marked) or
 //! not (the child's runtime is untouched and it starts its own). A child forked before
 //! start-up (a launcher or pre-fork server that loaded the library but never allocated) is
-//! not marked and starts its own runtime; its own children are marked once it has.
+//! not marked and starts its own runtime; its own children are marked once it has. A
+//! `kvh_shutdown` before start-up counts as a start-up here: children forked after it are
+//! marked.
 //!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
@@ -292,9 +294,18 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
 /// Orderly shutdown (`kvh_shutdown`). Once only: a second call (two teardown paths) changes
 /// nothing, and above all does not write a fresh metrics snapshot, which would keep a process
 /// that no longer scrubs looking alive. Before start-up, it keeps the allocator from ever
-/// starting: a later allocation fails as any after shutdown does.
+/// starting: a later allocation fails as any after shutdown does (and in a child forked
+/// afterwards, as in the child of a started runtime).
 pub(crate) fn shutdown() {
+    // One shutdown at a time: a second call, from another thread, returns only once the first
+    // has written the log's stop record and the last snapshot (its caller may exit then).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if RUNTIME.get().is_none() && !is_forked_child() {
+        // As a start-up: a child forked from here on is marked, never left with the runtime
+        // cell half set; it refuses allocations as the children of a started runtime do.
+        watch_forks();
+        STARTING.store(true, Ordering::SeqCst);
         // Loses only to a start-up racing it, whose runtime is then shut down below.
         let _ = RUNTIME.set(Err(StartError::ShutDown));
     }

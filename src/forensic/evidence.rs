@@ -1533,7 +1533,7 @@ pub fn render(ev: &Evidence) -> String {
                 .filter(|p| p.config_digest.as_deref() == Some(d))
                 .count();
             let what = if n == 1 { "process" } else { "processes" };
-            push(format!("- `{}`: {n} {what}", cell(d)));
+            push(format!("- {}: {n} {what}", digest_cell(d)));
         }
     }
     if let Some(policy) = &ev.policy {

@@ -878,3 +878,53 @@ def test_synchronize_after_kvh_shutdown_reports_a_sticky_backend_error_as_a_back
     )
     assert out["before"] == 7012 and out["pending"] == 0, out
     assert out["after"] == 7012, f"a sticky driver error after kvh_shutdown is not reported as KVH_ERR_BACKEND: {out}"
+
+
+def test_package_stats_as_the_first_call_names_the_bad_configuration_key():
+    # kvhygiene.stats() may be a program's first call into the library (a health endpoint,
+    # a dashboard). When the allocator cannot start, the KvhError it raises says why: the
+    # configuration error names the invalid key, as kvh_init's and kvh_malloc's do.
+    out = run_child(
+        f"""
+        import sys
+        sys.path.insert(0, {PACKAGE!r})
+        import kvhygiene
+        try:
+            kvhygiene.stats()
+            out["raised"] = False
+        except kvhygiene.KvhError as e:
+            out["raised"] = True
+            out["code"] = e.code
+            out["error"] = str(e)
+        """,
+        KVH_LIBRARY=library(),
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["raised"] and out["code"] == 7011, out
+    assert "KVH_BATCH_SIZE" in out["error"], out
+
+
+def test_package_stats_does_not_blame_an_earlier_unrelated_error():
+    # An earlier failed call on the thread (an over-long tenant id) must not become the
+    # reason given for a later start-up failure: the KvhError of stats() carries the
+    # configuration error's code and says the configuration's problem, not the tenant id's.
+    out = run_child(
+        f"""
+        import sys
+        sys.path.insert(0, {PACKAGE!r})
+        import kvhygiene
+        lib = kvhygiene.load()
+        out["set"] = lib.kvh_set_context(b"x" * 200, None, None)
+        try:
+            kvhygiene.stats()
+            out["raised"] = False
+        except kvhygiene.KvhError as e:
+            out["raised"] = True
+            out["code"] = e.code
+            out["error"] = str(e)
+        """,
+        KVH_LIBRARY=library(),
+        KVH_BATCH_SIZE="0",
+    )
+    assert out["set"] == 7010 and out["raised"] and out["code"] == 7011, out
+    assert "KVH_BATCH_SIZE" in out["error"], out
