@@ -80,18 +80,25 @@ fn the_fault_drill_is_caught_under_a_lower_coverage_threshold() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-/// With KVH_METRICS_FILE set, the demo leaves the run's last metrics snapshot there, as a
-/// process would: what `kvh metrics` and `kvh gate` read, without a GPU. A clean run is
-/// admitted; the fault drill's failures evict. `{pid}` names the demo's own file, with a `pid`
-/// label on every sample.
+/// With `--metrics-file`, the demo leaves the run's last metrics snapshot there, as a process
+/// would: what `kvh metrics` and `kvh gate` read, without a GPU. A clean run is admitted; the
+/// fault drill's failures evict. `{pid}` names the demo's own file, with a `pid` label on
+/// every sample. KVH_METRICS_FILE (a running server's file, maybe) is left alone.
 #[test]
 fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("kvh.prom");
     let demo = |extra: &[&str]| {
         run(kvh()
-            .env("KVH_METRICS_FILE", &file)
-            .args(["demo", "--tenants", "1", "--requests", "2"])
+            .args([
+                "demo",
+                "--tenants",
+                "1",
+                "--requests",
+                "2",
+                "--metrics-file",
+            ])
+            .arg(&file)
             .args(extra))
     };
     let (code, out, err) = demo(&[]);
@@ -114,15 +121,27 @@ fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
     assert_eq!(code, 1, "the drill's failures evict: {out}{err}");
     assert!(out.contains("kvh_verifications_total"), "{out}");
 
+    let server = tmp.path().join("server.prom");
     let pattern = tmp.path().join("kvh-{pid}.prom");
-    let (code, out, err) = run(kvh().env("KVH_METRICS_FILE", &pattern).args([
-        "demo",
-        "--tenants",
-        "1",
-        "--requests",
-        "2",
-    ]));
+    let (code, out, err) = run(kvh()
+        .env("KVH_METRICS_FILE", &server)
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--metrics-file",
+        ])
+        .arg(&pattern));
     assert_eq!(code, 0, "{out}{err}");
+    assert!(!server.exists(), "the demo wrote KVH_METRICS_FILE");
+    // `{pid}` in a directory is refused before the run, as the readers refuse it.
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--requests", "1", "--metrics-file"])
+        .arg(tmp.path().join("{pid}").join("kvh.prom")));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("in the file name only"), "{err}");
     let written: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -142,7 +161,7 @@ fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
 
 /// A run that fails (here its forensic log lost records, as in
 /// `a_demo_whose_forensic_log_lost_records_does_not_pass`) exits 1 and says FAIL also when
-/// KVH_METRICS_FILE cannot be written: what the run found outranks an output that could not
+/// --metrics-file cannot be written: what the run found outranks an output that could not
 /// be written (README: 1 for a failed run, 2 only for a passing run whose report is lost).
 #[test]
 fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
@@ -150,17 +169,18 @@ fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
     let dir = tmp.path().join("log");
     let metrics = tmp.path().join("missing-dir").join("kvh.prom");
     let mut cmd = kvh();
-    cmd.env("KVH_METRICS_FILE", &metrics)
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "2",
-            "--inject-fault",
-            "--log-dir",
-        ])
-        .arg(&dir);
+    cmd.args([
+        "demo",
+        "--tenants",
+        "1",
+        "--requests",
+        "2",
+        "--inject-fault",
+        "--metrics-file",
+    ])
+    .arg(&metrics)
+    .arg("--log-dir")
+    .arg(&dir);
     // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

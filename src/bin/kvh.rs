@@ -112,15 +112,15 @@ enum Command {
     },
 }
 
-/// Writes the run's statistics, as a process's last metrics snapshot, to KVH_METRICS_FILE
-/// (`{pid}` replaced) when it is set: what `kvh metrics`, `kvh gate` and `kvh serve-metrics`
+/// Writes the run's statistics, as a process's last metrics snapshot, to `--metrics-file`
+/// (`{pid}` replaced) when it is given: what `kvh metrics`, `kvh gate` and `kvh serve-metrics`
 /// read, without a GPU. Returns the file written.
 fn write_demo_metrics(
-    config: &Config,
+    metrics: &kvhygiene::config::MetricsConfig,
     stats: &kvhygiene::stats::Stats,
 ) -> Result<Option<std::path::PathBuf>, String> {
     let pid = std::process::id();
-    let Some(file) = config.metrics.file_for(pid) else {
+    let Some(file) = metrics.file_for(pid) else {
         return Ok(None);
     };
     let mut stats = stats.clone();
@@ -129,7 +129,7 @@ fn write_demo_metrics(
         stats.log = serde_json::to_value(kvhygiene::forensic::LogStats::disabled()).ok();
     }
     let pid = pid.to_string();
-    let labels: &[(&str, &str)] = if config.metrics.per_process() {
+    let labels: &[(&str, &str)] = if metrics.per_process() {
         &[("pid", pid.as_str())]
     } else {
         &[]
@@ -440,6 +440,11 @@ struct DemoArgs {
     /// sealed and signed with).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<std::path::PathBuf>,
+    /// Leave the run's last metrics snapshot in FILE (`{pid}` in its name is replaced by the
+    /// demo's process id), for trying `kvh metrics`, `kvh gate` and `kvh serve-metrics`
+    /// without a GPU. KVH_METRICS_FILE is not used: it may be a running server's file.
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<std::path::PathBuf>,
     /// Print the full report as JSON on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -515,6 +520,16 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             return usage_error(&format!("configuration: {e}"));
         }
     }
+    // Checked before the run: a pattern the readers would refuse is refused here too.
+    if let Some(f) = &args.metrics_file {
+        if let Err(e) = kvhygiene::metrics::per_process::Target::of(f.clone()) {
+            return usage_error(&format!("--metrics-file {e}"));
+        }
+    }
+    let demo_metrics = kvhygiene::config::MetricsConfig {
+        file: args.metrics_file.clone(),
+        ..Default::default()
+    };
     // Before the log opens: it takes the secret out of the environment.
     let secret_in_env = std::env::var_os("FORENSIC_HMAC_SECRET").is_some();
     let log = match open_log(&config) {
@@ -537,7 +552,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
     // Said after the report: what the run found outranks a snapshot that cannot be written.
-    let (metrics_file, metrics_error) = match write_demo_metrics(&config, &report.stats) {
+    let (metrics_file, metrics_error) = match write_demo_metrics(&demo_metrics, &report.stats) {
         Ok(f) => (f, None),
         Err(e) => (None, Some(e)),
     };
