@@ -25,7 +25,8 @@ die() {
 
 (($# == 1)) || { echo "usage: $prog OUTDIR" >&2; exit 2; }
 [[ -d "$1" ]] || { echo "$prog: OUTDIR '$1' is not a directory" >&2; exit 2; }
-dist="$(cd -- "$1" && pwd)"
+# Physical: the Python package reports the resolved path of the library it finds.
+dist="$(cd -- "$1" && pwd -P)"
 [[ -f "$dist/MANIFEST" ]] || { echo "$prog: '$dist' has no MANIFEST: not a distribution from build-release.sh" >&2; exit 2; }
 
 work="$(mktemp -d)"
