@@ -829,7 +829,9 @@ impl Allocator {
             at: SystemTime::now(),
             kind: EventKind::PolicyViolation {
                 policy: "failure_mode",
-                detail: "scrub verification failed under failure_mode=abort; aborting".into(),
+                detail: "a freed block's scrub failed verification or read residue under \
+                         failure_mode=abort; aborting"
+                    .into(),
             },
             // The ids of the request whose block failed, not of whichever call happened to
             // collect the result.

@@ -812,7 +812,6 @@ impl DevicePool {
     }
 
     /// Moves each block of a completed batch to its next state.
-    #[allow(clippy::too_many_arguments)]
     #[allow(clippy::too_many_arguments)] // one call site per outcome; a struct would only rename them
     fn apply_results(
         &mut self,
@@ -881,6 +880,11 @@ impl DevicePool {
             // freed. Even when coverage passes the threshold, such a block is never handed out
             // again or released as clean (invariant 1): it goes to quarantine.
             let residue = result.nonzero > 0;
+            if residue && passed && config.failure_mode == crate::config::FailureMode::Abort {
+                // Residue fails the control as a failed verification does (a checked free
+                // reports it as one, and a KV scrub aborts on it): fail closed here too.
+                after.abort.get_or_insert_with(|| block.owner.clone());
+            }
             match (rescrub, passed, block.disposition) {
                 (false, true, _) if residue => {
                     self.quarantine(addr, QuarantineReason::Residue, after)

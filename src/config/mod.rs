@@ -498,9 +498,9 @@ const KEYS: &[Key] = &[
     ),
     key!(
         "log_queue",
-        "an integer in [16, 16777216] (records)",
+        "an integer in [16, 4194304] (records)",
         |c, v| {
-            c.log.queue_capacity = parse_in(v, 16, 1 << 24)? as usize;
+            c.log.queue_capacity = parse_in(v, 16, 1 << 22)? as usize;
             Some(())
         }
     ),

@@ -199,7 +199,7 @@ impl<T> Drop for Queued<T> {
 
 /// The forensic log. One per process; cheap to share behind an `Arc`.
 pub struct ForensicLog {
-    tx: SyncSender<Msg>,
+    tx: SyncSender<Box<Msg>>,
     shared: Arc<Shared>,
     stopped: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -249,6 +249,8 @@ impl ForensicLog {
     ) -> Result<Arc<Self>, ForensicError> {
         let shared = Arc::new(Shared::default());
         let chain = writer::ChainWriter::open(cfg, &start, key, shared.clone())?;
+        // Boxed: a bounded channel allocates and touches all its slots when it is made, so a
+        // slot is a pointer, not a whole message (a queue of 2^22 takes 64 MiB, not 800).
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
         let thread = std::thread::Builder::new()
             .name("kvh-forensic".into())
@@ -275,7 +277,7 @@ impl ForensicLog {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
-        match self.tx.try_send(msg) {
+        match self.tx.try_send(Box::new(msg)) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
                 self.shared.producer_waits.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +301,7 @@ impl ForensicLog {
                 .fetch_add(1, Ordering::Relaxed);
         } else if !self.stopped.load(Ordering::Acquire) {
             // A full queue will be drained soon anyway: the writer checks the slot each round.
-            let _ = self.tx.try_send(Msg::Wake);
+            let _ = self.tx.try_send(Box::new(Msg::Wake));
         }
     }
 
@@ -349,7 +351,7 @@ impl ForensicLog {
     /// Queues `msg` if there is room before `deadline`; a queue that stays full means the
     /// writer is stuck, and waiting on it with a blocking send could last forever.
     fn send_before(&self, msg: Msg, deadline: Instant) -> bool {
-        let mut msg = msg;
+        let mut msg = Box::new(msg);
         loop {
             match self.tx.try_send(msg) {
                 Ok(()) => return true,
@@ -644,7 +646,7 @@ mod stop_tests {
     #[test]
     fn stop_returns_when_the_queue_stays_full() {
         let (tx, rx) = mpsc::sync_channel(1);
-        tx.send(Msg::Wake).ok();
+        tx.send(Box::new(Msg::Wake)).ok();
         let log = ForensicLog {
             tx,
             shared: Arc::new(Shared::default()),
