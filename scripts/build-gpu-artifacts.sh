@@ -57,8 +57,13 @@ strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
 glibc="$(cd "$dest" && objdump -T libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh \
     2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1 || true)"
 if [[ -n "$glibc" && "$(printf '%s\nGLIBC_2.35\n' "$glibc" | sort -V | tail -n1)" != GLIBC_2.35 ]]; then
-    echo "build-gpu-artifacts: the artifacts need $glibc, newer than Ubuntu 22.04's 2.35" >&2
+    # Removed: gpu-check.sh runs whatever artifacts it finds.
+    rm -rf "$dest"
+    echo "build-gpu-artifacts: the artifacts need $glibc, newer than Ubuntu 22.04's 2.35; removed" >&2
     exit 1
+fi
+if [[ -z "$glibc" ]]; then
+    echo "build-gpu-artifacts: warning: the glibc the artifacts need is unknown (objdump missing?)" >&2
 fi
 
 # The build script's output of this build: the newest of the package's build directories

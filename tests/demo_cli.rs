@@ -202,3 +202,33 @@ fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
         "a failed run whose metrics file could not be written must still exit 1:\n{out}{err}"
     );
 }
+
+/// A `--metrics-file` the demo cannot write is named in the error as the user gave it: the
+/// snapshot's file comes from `--metrics-file` alone (KVH_METRICS_FILE is not used by the
+/// demo), so the message must not send the user to the environment variable.
+#[test]
+fn an_unwritable_metrics_file_is_reported_as_the_metrics_file_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics = tmp.path().join("missing-dir").join("kvh.prom");
+    let mut cmd = kvh();
+    cmd.env_remove("KVH_METRICS_FILE")
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--metrics-file",
+        ])
+        .arg(&metrics);
+    let (code, out, err) = run(&mut cmd);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("cannot be written") && err.contains("--metrics-file"),
+        "the error does not name --metrics-file:\n{err}"
+    );
+    assert!(
+        !err.contains("KVH_METRICS_FILE"),
+        "the error names KVH_METRICS_FILE, which the demo does not read:\n{err}"
+    );
+}

@@ -353,3 +353,110 @@ fn a_concurrent_second_kvh_shutdown_returns_after_the_stop_record_is_written() {
         "kvh_shutdown returned before the forensic log's stop record was written:\n{stdout}"
     );
 }
+
+/// A child forked while a `kvh_shutdown` is under way on another thread of its parent (an
+/// engine's destructor in one thread, a worker forked from another) inherits nothing it may
+/// wait on: the thread doing the shutdown does not exist in the child, so any lock it held at
+/// the fork stays held there for ever. The child's own `kvh_shutdown` (a language binding's
+/// exit hook, inherited with the process image) returns at once, as it does in any child
+/// forked after start-up.
+#[test]
+fn kvh_shutdown_returns_in_a_child_forked_while_the_parent_shuts_down() {
+    let name = "kvh_shutdown_returns_in_a_child_forked_while_the_parent_shuts_down";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        let alloc = ffi::started_process_allocator().unwrap();
+        let first = std::thread::spawn(|| ffi::kvh_shutdown());
+        while !alloc.is_shut_down() {
+            std::hint::spin_loop();
+        }
+        // Forks while the first call goes on (its stop record, its last metrics snapshot).
+        let mut pids = Vec::new();
+        loop {
+            // SAFETY: the child calls one export and `_exit`s; it returns to no Rust frame.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                ffi::kvh_shutdown();
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "fork failed");
+            pids.push(pid);
+            if first.is_finished() || pids.len() >= 20 {
+                break;
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut hung = 0;
+        for pid in &pids {
+            let mut status = 0;
+            loop {
+                // SAFETY: waits for a child of this process.
+                let r = unsafe { libc::waitpid(*pid, &mut status, libc::WNOHANG) };
+                if r == *pid {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    hung += 1;
+                    // SAFETY: ends a child of this process that is still running.
+                    unsafe {
+                        libc::kill(*pid, libc::SIGKILL);
+                        libc::waitpid(*pid, &mut status, 0);
+                    }
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        first.join().unwrap();
+        println!("FORKED {} HUNG {hung}", pids.len());
+        return;
+    }
+    let dir = scratch("fork-during-shutdown");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_OOM", "null"),
+            ("KVH_LOG_DIR", dir.join("logs").to_str().unwrap()),
+            ("KVH_METRICS_FILE", dir.join("kvh.prom").to_str().unwrap()),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok && stdout.contains("FORKED"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("HUNG 0"),
+        "kvh_shutdown never returned in a child forked during the parent's kvh_shutdown:\n{stdout}"
+    );
+}
+
+/// `oom = "null"` in the `KVH_CONFIG` file holds also when another key of that same file is
+/// invalid (the policy as a whole is refused, and the allocator does not start): the file's
+/// `oom` key is read on its own, so the caller, which asked for NULL because it cannot take a
+/// C++ exception, gets NULL and `KVH_ERR_CONFIG`, not `std::bad_alloc`.
+#[test]
+fn null_mode_from_a_config_file_holds_when_another_key_of_the_file_is_invalid() {
+    let name = "null_mode_from_a_config_file_holds_when_another_key_of_the_file_is_invalid";
+    if in_child() {
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!(
+            "RETURNED null={} code={}",
+            p.is_null(),
+            ffi::kvh_last_error()
+        );
+        return;
+    }
+    let dir = scratch("oom-file-invalid-key");
+    let config = dir.join("kvh.toml");
+    std::fs::write(
+        &config,
+        "oom = \"null\"\nbackend = \"host\"\nbatch_size = 0\n",
+    )
+    .unwrap();
+    assert!(kvhygiene::config::Config::from_file(&config).is_err());
+    let (ok, stdout, stderr) = child(name, &[("KVH_CONFIG", config.to_str().unwrap())]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        ok && stdout.contains("RETURNED null=true code=7011"),
+        "kvh_malloc did not return NULL with KVH_ERR_CONFIG under the file's oom = \"null\" \
+         (exit ok: {ok}):\n{stdout}\n{stderr}"
+    );
+}

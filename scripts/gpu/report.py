@@ -77,6 +77,10 @@ def tests(out: Path) -> dict:
 FIGURES = {
     "residue": ("secret_seen", "nonzero"),
     "residue_threads": ("secret_seen", "nonzero"),
+    "alloc": ("us_per_op",),
+    "llama_default": ("tokens_per_s",),
+    "llama_kvh": ("tokens_per_s",),
+    "kv_blocks": ("named_nonzero", "others_changed", "request_blocks", "regions", "call_us_median"),
 }
 
 
@@ -154,6 +158,9 @@ def main() -> int:
     t = tests(out)
     if not t["ran"]:
         measured, ok = "not run", None
+    elif not t["complete"] and t["failed"] == 0 and t["rc"] == 0 and t["passed"] == 0:
+        ignored = sum(v == "ignored" for v in t["cases"].values())
+        measured, ok = f"no test ran ({ignored} ignored: the binary was run without --ignored?)", None
     elif not t["complete"] and t["failed"] == 0:
         measured, ok = f"{t['passed']} passed, then the run ended without a result (exit {t['rc']})", None
     else:

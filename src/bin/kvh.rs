@@ -49,7 +49,8 @@ enum Command {
     /// allocation and every borrowed block is read back: any non-zero byte would be a leak.
     /// Exit status 0 when nothing had residue and the gate caught every unscrubbed block
     /// (and, with --inject-fault, both sabotaged scrubs were caught); 1 when not; 2 for a
-    /// usage, configuration or start-up error, or a report that could not be written.
+    /// usage, configuration or start-up error, or a report or --metrics-file snapshot that
+    /// could not be written.
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -141,7 +142,7 @@ fn write_demo_metrics(
         labels,
     );
     kvhygiene::metrics::textfile::write_atomic(&file, text.as_bytes())
-        .map_err(|e| format!("KVH_METRICS_FILE {}: {e}", file.display()))?;
+        .map_err(|e| format!("--metrics-file {}: {e}", file.display()))?;
     Ok(Some(file))
 }
 

@@ -777,8 +777,13 @@ impl Config {
     /// policy (the environment may complete it): what a failed allocation does when the
     /// environment's policy is invalid. `None` when the file does not read or sets no `oom`.
     pub fn oom_of_file(path: &Path) -> Option<OomMode> {
-        let (config, keys) = Config::read_file(path).ok()?;
-        keys.contains(&"oom").then_some(config.oom)
+        let bytes = read_regular_file(path, MAX_POLICY_BYTES, "a policy file").ok()?;
+        let table: toml::Table = std::str::from_utf8(&bytes).ok()?.parse().ok()?;
+        let text = table.get("oom")?.as_str()?;
+        let key = KEYS.iter().find(|k| k.name == "oom")?;
+        let mut config = Config::default();
+        config.set(key, "oom", text).ok()?;
+        Some(config.oom)
     }
 
     /// As [`Config::from_file`], with the names of the keys the file set.

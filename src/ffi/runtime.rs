@@ -93,8 +93,8 @@ pub(crate) enum StartError {
     #[error("kvhygiene: {0}")]
     Log(String),
     #[error(
-        "kvhygiene: this process is a child forked after kvhygiene started in its parent; the \
-         allocator it inherited is the parent's and is not used here"
+        "kvhygiene: this process is a child forked after kvhygiene started (or was shut down) in \
+         its parent; the allocator it inherited is the parent's and is not used here"
     )]
     ForkedChild,
     #[error(
@@ -297,15 +297,20 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
 /// starting: a later allocation fails as any after shutdown does (and in a child forked
 /// afterwards, as in the child of a started runtime).
 pub(crate) fn shutdown() {
+    // A child forked after start-up or shutdown began in its parent shuts nothing down: the
+    // runtime and the lock below are the parent's copies, maybe held by a thread it lacks.
+    if is_forked_child() {
+        return;
+    }
+    // As a start-up: a child forked from here on is marked (and returns above), never left
+    // with the lock below held or the runtime cell half set.
+    watch_forks();
+    STARTING.store(true, Ordering::SeqCst);
     // One shutdown at a time: a second call, from another thread, returns only once the first
     // has written the log's stop record and the last snapshot (its caller may exit then).
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    if RUNTIME.get().is_none() && !is_forked_child() {
-        // As a start-up: a child forked from here on is marked, never left with the runtime
-        // cell half set; it refuses allocations as the children of a started runtime do.
-        watch_forks();
-        STARTING.store(true, Ordering::SeqCst);
+    if RUNTIME.get().is_none() {
         // Loses only to a start-up racing it, whose runtime is then shut down below.
         let _ = RUNTIME.set(Err(StartError::ShutDown));
     }

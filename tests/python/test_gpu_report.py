@@ -420,3 +420,19 @@ def test_a_step_that_exited_0_without_its_figures_still_gets_a_report(tmp_path, 
     row = rows["residue, kvhygiene (two threads, two tenants)"]
     assert row["verdict"] in ("MISSING", "FAIL"), row
     assert done.value.code == 1
+
+
+def test_kernel_tests_that_were_all_ignored_are_not_reported_as_a_run_cut_short(tmp_path, monkeypatch):
+    # A gpu_kernel binary run without --ignored exits 0 with its summary line: it was not cut
+    # short (no timeout, no crash), it ran none of the GPU tests. The row says so, rather than
+    # that the run "ended without a result", which sends the reader after a timeout or a crash.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(
+        "running 2 tests\ntest a ... ignored, needs a CUDA GPU\ntest b ... ignored, needs a CUDA GPU\n\n"
+        "test result: ok. 0 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out\n"
+    )
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert row["verdict"] != "PASS" and code == 1, row
+    assert "without a result" not in row["measured"], row
+    assert "ignored" in row["measured"] or "no test ran" in row["measured"] or "none ran" in row["measured"], row

@@ -241,3 +241,37 @@ def test_gen_ptx_never_reports_a_ptx_it_did_not_write(tmp_path):
         )
         check = subprocess.run(["bash", str(root / "scripts/check-ptx.sh")], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+
+
+def test_gpu_artifacts_refused_for_their_glibc_are_not_left_for_gpu_check(tmp_path):
+    # scripts/build-gpu-artifacts.sh refuses artifacts that need a glibc newer than the GPU
+    # machine's (Ubuntu 22.04: 2.35), so that this is found out here rather than on the
+    # device. The refused build must not leave behind a gpu-artifacts/ that gpu-check.sh
+    # accepts (it checks that its five files are there) and would run on the device anyway.
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "cargo", FAKE_CARGO)
+    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
+    # What objdump -T shows for a binary linked against a newer glibc.
+    executable(
+        bin_dir / "objdump",
+        "#!/bin/sh\n"
+        "echo '0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.34) __libc_start_main'\n"
+        "echo '0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.38) __isoc23_strtol'\n",
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(tmp_path / "cargo-target")}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "GLIBC_2.38" in proc.stderr, proc.stderr
+    art = root / "gpu-artifacts"
+    needed = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
+    left = [f for f in needed if (art / f).exists()]
+    assert left != needed, f"the refused artifacts are all still in {art}, where gpu-check.sh runs them: {left}"
