@@ -822,15 +822,17 @@ impl Allocator {
         }
     }
 
-    /// `failure_mode = abort`: the verification failure is logged, then the process stops.
+    /// `failure_mode = abort`: the failure (verification or residue, of a freed block or of
+    /// KV blocks) is logged, then the process stops.
     #[cold]
     fn fail_closed(&self, owner: Context) -> ! {
         self.emit(vec![Event {
             at: SystemTime::now(),
             kind: EventKind::PolicyViolation {
                 policy: "failure_mode",
-                detail: "a freed block's scrub failed verification or read residue under \
-                         failure_mode=abort; aborting"
+                detail: "a scrub failed verification or read residue under \
+                         failure_mode=abort (the records before this one name the blocks); \
+                         aborting"
                     .into(),
             },
             // The ids of the request whose block failed, not of whichever call happened to
@@ -843,7 +845,8 @@ impl Allocator {
             sink.flush();
         }
         crate::say(format_args!(
-            "kvhygiene: scrub verification failed and failure_mode=abort: aborting the process"
+            "kvhygiene: a scrub failed verification or read residue and failure_mode=abort: \
+             aborting the process"
         ));
         std::process::abort()
     }

@@ -406,7 +406,7 @@ impl ChainWriter {
         self.file_len += self.buf.len() as u64;
         let n = self.buf_kinds.len() as u64;
         self.shared.records_written.fetch_add(n, Ordering::Relaxed);
-        self.records_since_ckpt += n;
+        self.records_since_ckpt += new_records(&self.buf_kinds);
         self.committed_seq = self.seq;
         self.committed_prev = self.prev;
         self.buf.clear();
@@ -675,7 +675,11 @@ impl ChainWriter {
     }
 
     fn maybe_checkpoint(&mut self) {
-        let pending = self.records_since_ckpt + self.buf_kinds.len() as u64;
+        // A loss not yet recorded counts: its `lost` record is new content a checkpoint must
+        // cover, and signing one is what writes it while the log is otherwise idle.
+        let pending = self.records_since_ckpt
+            + new_records(&self.buf_kinds)
+            + u64::from(self.lost.is_some() && !self.lost_in_buf);
         // After a failed fsync no checkpoint is signed (see `checkpoint`): one due then would
         // stay due, and every record would be written and fsynced on its own.
         if self.signing.is_none() || self.fsync_failed || pending == 0 {
@@ -701,13 +705,7 @@ impl ChainWriter {
             f.insert("ckpt_file".into(), c.file.into());
             self.name_signer(&mut f);
             self.append("checkpoint", record::fields_from_map(f), c.ts);
-            if self.flush().is_ok() {
-                // The buffer held only this record (flushed above): it is not a new record
-                // for the next checkpoint to wait for, or an idle log would sign one at every
-                // interval (at every tick with checkpoint_every = 1). The next checkpoint,
-                // after new records, covers it.
-                self.records_since_ckpt = 0;
-            }
+            let _ = self.flush();
         }
     }
 
@@ -796,6 +794,14 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
     f.insert("pid".into(), s.pid.into());
     f.insert("host".into(), s.host.clone().into());
     f
+}
+
+/// Records that make a checkpoint due: every kind but `checkpoint`, whose record notes the
+/// checkpoint just signed. Counted, it would make an idle log sign one at every interval (at
+/// every record with `checkpoint_every = 1`); the next checkpoint, after new records, covers
+/// it, and a `rotate` or `lost` record written with it counts as any other.
+fn new_records(kinds: &[&'static str]) -> u64 {
+    kinds.iter().filter(|k| **k != "checkpoint").count() as u64
 }
 
 #[cfg(test)]

@@ -1,0 +1,82 @@
+//! What the `failure_mode` policy violation, the last record of a process that fails closed,
+//! says about the failure that made it abort.
+
+use std::sync::Arc;
+
+use kvhygiene::alloc::{Allocator, KvLayout};
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::{Backend, StreamHandle};
+use kvhygiene::config::{Config, FailureMode};
+use kvhygiene::events::{Event, EventKind, EventSink};
+
+const S: StreamHandle = StreamHandle(0);
+
+/// Prints each event (the process aborts right after the last one).
+struct Print;
+
+impl EventSink for Print {
+    fn emit(&self, e: Event) {
+        if let EventKind::PolicyViolation { policy, detail } = &e.kind {
+            println!("KVH-VIOLATION {policy}: {detail}");
+        } else {
+            println!("KVH-EVENT {}", e.kind.name());
+        }
+    }
+}
+
+/// Under `failure_mode = abort`, a `kvh_scrub_blocks` call whose KV block fails verification
+/// aborts the process (README: "of a freed block or a KV block"). The `policy_violation`
+/// record written before the abort describes that failure: a KV block of a live allocation,
+/// not a freed block (no block was freed, and the records of the pool say none failed). An
+/// auditor reading the record must not be sent to look for a freed block.
+#[test]
+fn the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block() {
+    if std::env::var_os("KVH_TEST_KV_ABORT_CHILD").is_some() {
+        let backend = HostBackend::new();
+        let config = Config {
+            failure_mode: FailureMode::Abort,
+            ..Config::default()
+        };
+        let alloc = Allocator::new(backend.clone(), config, Some(Arc::new(Print)));
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        backend.write(0, a, &[0x5a; 4096]).unwrap();
+        let layout = KvLayout {
+            regions: vec![a],
+            block_bytes: 256,
+            block_stride: 256,
+            blocks_per_region: 16,
+        };
+        backend.inject_fault(1).unwrap();
+        let r = alloc.scrub_kv_blocks(&layout, &[3], 0, S);
+        println!("KVH-CHILD-SURVIVED {r:?}");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_KV_ABORT_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the child must abort: {stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("KVH-EVENT kv_verify_failed"),
+        "the KV block did not fail: {stdout}"
+    );
+    let violation = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("KVH-VIOLATION failure_mode: "))
+        .unwrap_or_else(|| panic!("no failure_mode policy_violation before the abort: {stdout}"));
+    assert!(
+        !violation.contains("freed block"),
+        "the record of a KV block's failed verification says a freed block failed: \
+         {violation:?}"
+    );
+}
