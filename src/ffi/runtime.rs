@@ -291,6 +291,10 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
     }
 }
 
+/// Held by `kvh_shutdown` while it runs, and taken by the exit handler: an exit on another
+/// thread waits for the stop record a shutdown under way is writing.
+static SHUTTING_DOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Orderly shutdown (`kvh_shutdown`). Once only: a second call (two teardown paths) changes
 /// nothing, and above all does not write a fresh metrics snapshot, which would keep a process
 /// that no longer scrubs looking alive. Before start-up, it keeps the allocator from ever
@@ -308,8 +312,7 @@ pub(crate) fn shutdown() {
     STARTING.store(true, Ordering::SeqCst);
     // One shutdown at a time: a second call, from another thread, returns only once the first
     // has written the log's stop record and the last snapshot (its caller may exit then).
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = SHUTTING_DOWN.lock().unwrap_or_else(|p| p.into_inner());
     if RUNTIME.get().is_none() {
         // Loses only to a start-up racing it, whose runtime is then shut down below.
         let _ = RUNTIME.set(Err(StartError::ShutDown));
@@ -364,6 +367,9 @@ fn register_exit_handler() {
         // Invariant 6: once exit begins, no driver calls. Nothing here may unwind.
         let _ = std::panic::catch_unwind(|| {
             if let Some(rt) = own_runtime() {
+                // A shutdown under way on another thread finishes first (its stop record and
+                // snapshot); only this process's lock, never a forked child's copy.
+                let _one = SHUTTING_DOWN.lock().unwrap_or_else(|p| p.into_inner());
                 // After `kvh_shutdown`, whose last snapshot must go stale (`kvh gate` evicts a
                 // process that no longer scrubs), the metrics file is not written again.
                 let shut_down_before = rt.allocator.is_shut_down();
