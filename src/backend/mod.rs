@@ -97,7 +97,8 @@ fn out_of_memory_text(device: u32, requested: u64) -> String {
 /// Errors a backend reports. Driver errors keep the failing call's name and code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
-    /// `requested` is 0 when the memory was for a driver object of no stated size (an event).
+    /// `requested` is 0 when the memory was for a driver object of no stated size (an event, a
+    /// device's context or its kernels' module).
     #[error("{}", out_of_memory_text(*device, *requested))]
     OutOfMemory { device: u32, requested: u64 },
     #[error("device {device} does not exist (the backend has {count} devices)")]

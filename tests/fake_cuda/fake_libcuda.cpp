@@ -35,6 +35,11 @@
 //   default stream (handle 2, CU_STREAM_PER_THREAD) the test's work runs on;
 //   fake_cuda_foreign_per_thread_uses(0) counts launches and event records on handle 2 made
 //   from any other thread (which name that thread's own per-thread stream instead).
+// - fake_cuda_on_host_alloc(cb), fake_cuda_on_event_query(cb) and fake_cuda_on_event_create(cb)
+//   run cb() once inside the next cuMemHostAlloc (before it succeeds or fails), cuEventQuery
+//   or cuEventCreate, as fake_cuda_on_launch does; fake_cuda_calls_at_hook(0) as above.
+// - fake_cuda_set_module_load_result(code) makes every cuModuleLoadData fail with `code`
+//   (0: normal), e.g. CUDA_ERROR_OUT_OF_MEMORY (2) for a device another library has filled.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -50,6 +55,7 @@ static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONT
                       INVALID_IMAGE = 200, NOT_FOUND = 500, NOT_READY = 600;
 static int g_ctx_token;  // the primary context's address is its identity
 static thread_local void* t_current = nullptr;
+static std::atomic<int> g_module_load_result{0};  // fake_cuda_set_module_load_result
 static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
     g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0}, g_last_scrub_grid{0},
     g_fail_occupancy{0};
@@ -125,6 +131,7 @@ CUresult cuCtxSynchronize(void) { NEED_CTX(); return OK; }
 CUresult cuModuleLoadData(void** m, const void* image) {
     NEED_CTX();
     if (g_reject_images) return INVALID_IMAGE;
+    if (int code = g_module_load_result.load()) return code;
     *m = (void*)image;
     return OK;
 }
@@ -150,9 +157,16 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block,
 static void (*g_capture_hook)(void) = nullptr;
 static void (*g_launch_hook)(void) = nullptr;
 static void (*g_mem_alloc_hook)(void) = nullptr;
+static void (*g_host_alloc_hook)(void) = nullptr;
+static void (*g_event_query_hook)(void) = nullptr;
+static void (*g_event_create_hook)(void) = nullptr;
 static std::atomic<int> g_calls_at_hook{-1};
 void fake_cuda_on_launch(void (*cb)(void)) { g_launch_hook = cb; }
 void fake_cuda_on_mem_alloc(void (*cb)(void)) { g_mem_alloc_hook = cb; }
+void fake_cuda_on_host_alloc(void (*cb)(void)) { g_host_alloc_hook = cb; }
+void fake_cuda_on_event_query(void (*cb)(void)) { g_event_query_hook = cb; }
+void fake_cuda_on_event_create(void (*cb)(void)) { g_event_create_hook = cb; }
+void fake_cuda_set_module_load_result(int code) { g_module_load_result = code; }
 // Runs the hook in `slot` once, if set, and notes the call count when it returned.
 static void run_hook(void (**slot)(void)) {
     if (void (*hook)(void) = *slot) {
@@ -175,6 +189,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
 CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); free((void*)p); return OK; }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     g_host_allocs++;
+    run_hook(&g_host_alloc_hook);
     if (g_fail_host_allocs > 0) {
         g_fail_host_allocs--;
         return OUT_OF_MEMORY;
@@ -229,6 +244,7 @@ CUresult cuEventCreate(void** e, unsigned) {
         return OUT_OF_MEMORY;
     }
     *e = new Event();
+    run_hook(&g_event_create_hook);
     return OK;
 }
 static thread_local bool t_owns_per_thread = false;
@@ -247,6 +263,7 @@ CUresult cuEventRecord(void* e, void* s) {
 CUresult cuEventQuery(void* e) {
     NEED_CTX();
     Event* ev = static_cast<Event*>(e);
+    run_hook(&g_event_query_hook);
     if (ev->pending > 0) { ev->pending--; return NOT_READY; }
     return OK;
 }

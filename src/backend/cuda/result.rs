@@ -210,10 +210,14 @@ pub unsafe fn mem_free(d: &Driver, ptr: CUdeviceptr) -> Result<(), BackendError>
 /// writes a batch's work items and reads its results there, and the kernels access it directly
 /// (no copy is queued). Returns the host pointer and the device address of the same bytes.
 /// Out of memory maps to [`BackendError::OutOfMemory`] (of `device`, whose batches need it).
+/// `between` is asked between the allocation and its mapping: when it refuses (the backend
+/// is shutting down), its error is returned and nothing more is called, not even a free (the
+/// pages are left to the process's exit).
 pub fn mem_host_alloc_mapped(
     d: &Driver,
     device: u32,
     len: usize,
+    between: impl Fn() -> Result<(), BackendError>,
 ) -> Result<(*mut u8, CUdeviceptr), BackendError> {
     let mut p: *mut c_void = std::ptr::null_mut();
     let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
@@ -227,6 +231,7 @@ pub fn mem_host_alloc_mapped(
         });
     }
     check(d, "cuMemHostAlloc", rc)?;
+    between()?;
     let mut dev: CUdeviceptr = 0;
     // SAFETY: `dev` is a valid out-pointer and `p` was allocated with DEVICEMAP just above.
     let mapped = check(d, "cuMemHostGetDevicePointer", unsafe {

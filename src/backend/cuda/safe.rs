@@ -282,6 +282,8 @@ impl Inner {
             Some(dev) => dev,
             None => self.open(cell, device)?,
         };
+        // Opening may have outlasted the start of a shutdown.
+        self.live()?;
         // SAFETY: 1. `dev.ctx` was retained by `open_device` and is never released.
         unsafe { r::ctx_set_current(&self.driver, dev.ctx.0) }?;
         Ok((dev, guard))
@@ -391,7 +393,7 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     let d = &inner.driver;
     let cu_dev = r::device_get(d, ordinal)?;
     inner.live()?;
-    let ctx = r::primary_ctx_retain(d, cu_dev)?;
+    let ctx = r::primary_ctx_retain(d, cu_dev).map_err(out_of_memory_on(ordinal))?;
     inner.live()?;
     // SAFETY: 1. just retained.
     unsafe { r::ctx_set_current(d, ctx) }?;
@@ -399,7 +401,8 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     inner.live()?;
-    let (module, image) = load_kernels(d, major as u32, minor as u32)?;
+    let (module, image) =
+        load_kernels(inner, major as u32, minor as u32).map_err(out_of_memory_on(ordinal))?;
     inner.live()?;
     // SAFETY: 1. `module` was loaded into the current context just now.
     let scrub_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_KERNEL) }?;
@@ -407,7 +410,9 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     let strided_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_STRIDED_KERNEL) }?;
     // SAFETY: as above.
     let publish_fn = unsafe { r::module_get_function(d, module, kernel::PUBLISH_KERNEL) }?;
+    inner.live()?;
     let order_event = r::event_create(d, ordinal)?;
+    inner.live()?;
     Ok(Device {
         ordinal,
         ctx: Handle(ctx),
@@ -455,10 +460,34 @@ fn scrub_launch(dev: &Device, plan: &kernel::Plan, shape: ItemGrid) -> (CUfuncti
     }
 }
 
-/// Tries the embedded images in order of preference; the last error wins if none loads.
-fn load_kernels(d: &Driver, major: u32, minor: u32) -> Result<(r::CUmodule, String), BackendError> {
+/// A driver's out-of-memory answer while device `ordinal` opens (retaining its context,
+/// loading its kernels) is [`BackendError::OutOfMemory`], as for an allocation: the
+/// allocator's recovery (flush, release cached blocks, retry) applies to it too.
+fn out_of_memory_on(ordinal: u32) -> impl Fn(BackendError) -> BackendError {
+    move |e| match e {
+        BackendError::Driver { code, .. }
+            if code == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY.0 as i32 =>
+        {
+            BackendError::OutOfMemory {
+                device: ordinal,
+                requested: 0,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Tries the embedded images in order of preference; the last error wins if none loads. A
+/// shutdown that begins meanwhile stops the search (a PTX image is JIT-compiled).
+fn load_kernels(
+    inner: &Inner,
+    major: u32,
+    minor: u32,
+) -> Result<(r::CUmodule, String), BackendError> {
+    let d = &inner.driver;
     let mut last = BackendError::Other("no kernel image embedded".to_string());
     for image in kernel::images_for(major, minor) {
+        inner.live()?;
         let (bytes, name) = match image {
             Image::Fatbin(b) => (b, "fatbin".to_string()),
             Image::Cubin { arch, bytes } => (bytes, format!("sm_{arch} cubin")),
@@ -494,6 +523,7 @@ impl Backend for CudaBackend {
 
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         let (dev, _ctx) = self.inner.device(device)?;
+        self.inner.live()?;
         let ptr = r::mem_alloc(&self.inner.driver, device, len)?;
         lock(&dev.live).insert(ptr, len);
         Ok(ptr)
@@ -641,6 +671,7 @@ fn acquire_slot(
         let mut i = 0;
         while i < idle.len() {
             if idle[i].segments >= segments && idle[i].item_capacity >= items {
+                inner.live()?;
                 // SAFETY: 1. the slot's event is live (never destroyed).
                 match unsafe { r::event_query(d, idle[i].done.0) } {
                     Ok(true) => return Ok(idle.swap_remove(i)),
@@ -680,18 +711,23 @@ fn new_slot(
     let bytes = segments * RESULT_BYTES;
     let sums = r::mem_alloc(d, device, bytes as u64)?;
     inner.live()?;
-    let results = match r::mem_host_alloc_mapped(d, device, bytes) {
+    let results = match r::mem_host_alloc_mapped(d, device, bytes, || inner.live()) {
         Ok((host, dev)) => Mapped {
             host: Handle(host),
             dev,
         },
         Err(e) => {
-            // SAFETY: 1-2. allocated just above, unused.
-            let _ = unsafe { r::mem_free(d, sums) };
+            if inner.live().is_ok() {
+                // SAFETY: 1-2. allocated just above, unused.
+                let _ = unsafe { r::mem_free(d, sums) };
+            }
             return Err(e);
         }
     };
     let free_results = || {
+        if inner.live().is_err() {
+            return;
+        }
         // SAFETY: 1-2. allocated above, unused.
         let _ = unsafe { r::mem_free(d, sums) };
         // SAFETY: 1. allocated above, unused.
@@ -702,7 +738,7 @@ fn new_slot(
         (None, 0)
     } else {
         let capacity = items.next_power_of_two();
-        match r::mem_host_alloc_mapped(d, device, capacity * ITEM_BYTES) {
+        match r::mem_host_alloc_mapped(d, device, capacity * ITEM_BYTES, || inner.live()) {
             Ok((host, dev)) => (
                 Some(Mapped {
                     host: Handle(host),
@@ -721,7 +757,7 @@ fn new_slot(
         Ok(ev) => ev,
         Err(e) => {
             free_results();
-            if let Some(m) = &items {
+            if let Some(m) = items.as_ref().filter(|_| inner.live().is_ok()) {
                 // SAFETY: 1. allocated above, unused.
                 let _ = unsafe { r::mem_free_host(d, m.host.0) };
             }

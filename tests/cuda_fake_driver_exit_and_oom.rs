@@ -1,0 +1,276 @@
+//! The CUDA backend on the fake driver (tests/fake_cuda/fake_libcuda.cpp): out of memory while a
+//! device opens, and no driver call once `Backend::shutdown` has returned, at the steps of a
+//! submission and of a device's opening between which the backend checks for a shutdown.
+//! Skips with a message when there is no C++ compiler, as tests/cuda_fake_driver.rs does.
+
+#[path = "backend_common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{batch, submit, SAMPLED};
+use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use kvhygiene::backend::{Backend, BackendError, ScrubSegment, StreamHandle};
+
+/// The compiled stand-in, built once per test process; `None` without a C++ compiler.
+fn fake_driver() -> Option<&'static Path> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let out = dir.join("libkvh-fake-cuda-exit-oom.so");
+            let src =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
+            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+            let status = Command::new(&cxx)
+                .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status();
+            match status {
+                Ok(s) if s.success() => Some(out),
+                other => {
+                    eprintln!("no fake driver ({cxx}: {other:?}); skipping");
+                    None
+                }
+            }
+        })
+        .as_deref()
+}
+
+/// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
+fn instance(name: &str) -> Option<(String, libloading::Library)> {
+    let built = fake_driver()?;
+    let path = built.with_file_name(format!("libkvh-fake-cuda-exit-oom-{name}.so"));
+    std::fs::copy(built, &path).expect("copy fake driver");
+    let path = path.to_string_lossy().into_owned();
+    // SAFETY: our own stand-in library; its initialisers only set up C++ statics.
+    let lib = unsafe { libloading::Library::new(&path) }.expect("open fake driver");
+    Some((path, lib))
+}
+
+macro_rules! fake_or_skip {
+    ($name:expr) => {
+        match instance($name) {
+            Some(x) => x,
+            None => return,
+        }
+    };
+}
+
+/// Calls `void fake_cuda_<name>(int)` in an instance.
+fn switch(lib: &libloading::Library, name: &str, arg: i32) {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* switch is `void(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32)>(symbol.as_bytes())
+            .expect("switch");
+        f(arg);
+    }
+}
+
+/// Calls `int fake_cuda_<name>(int)` in an instance.
+fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* query is `int(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
+            .expect("query");
+        f(arg)
+    }
+}
+
+fn calls(lib: &libloading::Library) -> i32 {
+    // SAFETY: `int fake_cuda_calls(void)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn() -> i32>(b"fake_cuda_calls\0")
+            .expect("calls");
+        f()
+    }
+}
+
+/// Arms `fake_cuda_<hook>(cb)` (`void(void (*)(void))`) in an instance.
+fn arm(lib: &libloading::Library, hook: &str, cb: extern "C" fn()) {
+    let symbol = format!("fake_cuda_{hook}\0");
+    // SAFETY: every fake_cuda_on_* hook setter is `void(void (*)(void))`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(symbol.as_bytes())
+            .expect("hook");
+        f(cb);
+    }
+}
+
+fn start(path: &str) -> CudaBackend {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(path) } {
+        Probe::Available(b) => b,
+        other => panic!("the fake driver should start: {other:?}"),
+    }
+}
+
+/// Driver calls counted after the armed hook (which began the shutdown) returned.
+fn calls_after_hook(lib: &libloading::Library) -> i32 {
+    let at_shutdown = query(lib, "calls_at_hook", 0);
+    assert!(at_shutdown >= 0, "the hook did not run");
+    calls(lib) - at_shutdown
+}
+
+fn outcome<T>(r: &Result<T, BackendError>) -> String {
+    match r {
+        Ok(_) => "Ok".to_string(),
+        Err(e) => format!("Err({e})"),
+    }
+}
+
+/// A device that cannot be opened for lack of device memory (its kernel module does not
+/// load: `CUDA_ERROR_OUT_OF_MEMORY`, a GPU another library has filled) is out of memory, as
+/// `cuMemAlloc`'s and a batch slot's shortage are (docs/cuda.md, the result layer: "out of
+/// memory maps to `BackendError::OutOfMemory`"): the allocator answers it as out of memory
+/// (`KVH_ERR_OUT_OF_MEMORY`, `cudaErrorMemoryAllocation` under the interposers), not as a
+/// driver fault.
+#[test]
+fn out_of_memory_while_a_device_opens_is_out_of_memory() {
+    let (path, lib) = fake_or_skip!("open_oom");
+    let b = start(&path);
+    switch(&lib, "set_module_load_result", 2);
+    match b.allocate(1, 4096) {
+        Err(BackendError::OutOfMemory { device, .. }) => assert_eq!(device, 1),
+        Err(e) => panic!("expected OutOfMemory on device 1, got {e:?}"),
+        Ok(_) => panic!("device 1 opened without its module"),
+    }
+    // Through the allocator, whose first call for a device it has not used yet opens it.
+    use kvhygiene::alloc::{AllocError, Allocator};
+    let alloc = Allocator::new(
+        std::sync::Arc::new(b.clone()),
+        kvhygiene::config::Config::default(),
+        None,
+    );
+    match alloc.malloc(4096, 1, StreamHandle(0)) {
+        Err(AllocError::OutOfMemory { .. })
+        | Err(AllocError::Backend(BackendError::OutOfMemory { .. })) => {}
+        other => panic!("expected out of memory on device 1, got {other:?}"),
+    }
+    alloc.shutdown();
+    switch(&lib, "set_module_load_result", 0);
+}
+
+/// Once `Backend::shutdown` has returned no driver call is made (invariant 6), also by a
+/// submission that is creating a batch slot: a shutdown that begins while the slot's
+/// page-locked result area is allocated stops the submission before the area is mapped
+/// (`cuMemHostGetDevicePointer`) or anything else is called.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_a_slot_area_is_pinned() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_host_alloc");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 31,
+    };
+    // The backend's first submission creates its first slot: device sums, then the
+    // page-locked results.
+    arm(&lib, "on_host_alloc", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// The same when the page-locked allocation fails for lack of memory: new_slot documents that
+/// once shutdown has begun nothing more is called, "not even a free" of the device sums
+/// allocated just before.
+#[test]
+fn no_free_after_shutdown_begun_while_a_slot_area_fails_to_pin() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_host_alloc_oom");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 32,
+    };
+    switch(&lib, "fail_host_allocs", 1);
+    arm(&lib, "on_host_alloc", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls (cuMemFree of the slot's sums) after shutdown() returned; \
+         submission returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// A submission looking for an idle batch slot queries each candidate's completion event; a
+/// shutdown that begins during one query stops it there: no further event is queried.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_idle_slots_are_queried() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_slot_queries");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 33,
+    };
+    // Two abandoned batches whose events stay pending: two idle slots, neither reusable yet.
+    switch(&lib, "set_pending_queries", 1000);
+    drop(submit(b, batch(vec![seg], SAMPLED)).expect("submit"));
+    drop(submit(b, batch(vec![seg], SAMPLED)).expect("submit"));
+    arm(&lib, "on_event_query", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// A device opened on first use (here device 1, by an allocation) while the shutdown begins
+/// (during the creation of its ordering event, the last object the opening creates) makes no
+/// further driver call: neither the rest of the opening nor the allocation that asked for it.
+#[test]
+fn no_allocation_after_shutdown_begun_while_a_device_opens() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_device_open");
+    let b = BACKEND.get_or_init(|| start(&path));
+    arm(&lib, "on_event_create", exit_begins);
+    let allocated = b.allocate(1, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; allocate(1) returned {}",
+        outcome(&allocated)
+    );
+    assert_eq!(allocated, Err(BackendError::ShuttingDown));
+}
