@@ -291,8 +291,10 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
     }
 }
 
-/// Held by `kvh_shutdown` while it runs, and taken by the exit handler: an exit on another
-/// thread waits for the stop record a shutdown under way is writing.
+/// Held by `kvh_shutdown` while it runs. Not by the exit handler, which must never wait for
+/// a shutdown blocked on the device (it raises the flag that stops that wait) nor deadlock on
+/// a shutdown of its own thread (`exit` from a signal handler): it waits for the log's stop
+/// record instead (`ForensicLog::stop` waits, bounded, for a stop under way).
 static SHUTTING_DOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Orderly shutdown (`kvh_shutdown`). Once only: a second call (two teardown paths) changes
@@ -367,9 +369,6 @@ fn register_exit_handler() {
         // Invariant 6: once exit begins, no driver calls. Nothing here may unwind.
         let _ = std::panic::catch_unwind(|| {
             if let Some(rt) = own_runtime() {
-                // A shutdown under way on another thread finishes first (its stop record and
-                // snapshot); only this process's lock, never a forked child's copy.
-                let _one = SHUTTING_DOWN.lock().unwrap_or_else(|p| p.into_inner());
                 // After `kvh_shutdown`, whose last snapshot must go stale (`kvh gate` evicts a
                 // process that no longer scrubs), the metrics file is not written again.
                 let shut_down_before = rt.allocator.is_shut_down();

@@ -149,6 +149,41 @@ pub(crate) struct Shared {
     injected_fsync_faults: AtomicU32,
     /// Test hook: the next this-many fsyncs of the log directory fail with `EIO`.
     injected_dir_fsync_faults: AtomicU32,
+    /// How the log's stop stands, for a second `stop` to wait on.
+    stopping: Mutex<Stopping>,
+    stopping_cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Stopping {
+    /// The writer thread has ended (after its `stop` record, or a panic).
+    writer_ended: bool,
+    /// The first `stop` has returned (the writer ended, or its wait ran out).
+    first_returned: bool,
+}
+
+impl Shared {
+    fn update_stopping(&self, f: impl FnOnce(&mut Stopping)) {
+        f(&mut lock(&self.stopping));
+        self.stopping_cv.notify_all();
+    }
+
+    /// Waits up to `limit` until the writer thread has ended or the first `stop` gave up.
+    fn wait_for_first_stop(&self, limit: Duration) {
+        let state = lock(&self.stopping);
+        let _ = self
+            .stopping_cv
+            .wait_timeout_while(state, limit, |s| !s.writer_ended && !s.first_returned);
+    }
+}
+
+/// Marks the writer thread ended when dropped: at the end of its run, or when it unwinds.
+struct WriterDone(Arc<Shared>);
+
+impl Drop for WriterDone {
+    fn drop(&mut self) {
+        self.0.update_stopping(|s| s.writer_ended = true);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -252,9 +287,13 @@ impl ForensicLog {
         // Boxed: a bounded channel allocates and touches all its slots when it is made, so a
         // slot is a pointer, not a whole message (a queue of 2^22 takes 64 MiB, not 800).
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let done = WriterDone(shared.clone());
         let thread = std::thread::Builder::new()
             .name("kvh-forensic".into())
-            .spawn(move || chain.run(rx))
+            .spawn(move || {
+                let _done = done;
+                chain.run(rx)
+            })
             .map_err(|e| ForensicError::Io(format!("cannot start the writer thread: {e}")))?;
         Ok(Arc::new(ForensicLog {
             tx,
@@ -331,9 +370,24 @@ impl ForensicLog {
     }
 
     fn stop_within(&self, limit: Duration) {
-        if self.forked() || self.stopped.swap(true, Ordering::AcqRel) {
+        if self.forked() {
             return;
         }
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            // Another thread is stopping the log (`kvh_shutdown` while `exit` runs): wait,
+            // bounded as that stop is, for its writer to write the `stop` record and end, so
+            // that this caller, about to end the process, does not end it first. A stop that
+            // already returned (or gave up on a stuck writer) is not waited for again.
+            self.shared.wait_for_first_stop(limit);
+            return;
+        }
+        self.stop_first(limit);
+        self.shared.update_stopping(|s| s.first_returned = true);
+    }
+
+    /// The first `stop`: queues the stop message and waits, bounded, for the writer's last
+    /// write.
+    fn stop_first(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         if !self.send_before(Msg::Stop(ack_tx), deadline) {

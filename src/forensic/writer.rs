@@ -675,14 +675,21 @@ impl ChainWriter {
     }
 
     fn maybe_checkpoint(&mut self) {
-        // A loss not yet recorded counts: its `lost` record is new content a checkpoint must
-        // cover, and signing one is what writes it while the log is otherwise idle.
-        let pending = self.records_since_ckpt
-            + new_records(&self.buf_kinds)
-            + u64::from(self.lost.is_some() && !self.lost_in_buf);
         // After a failed fsync no checkpoint is signed (see `checkpoint`): one due then would
         // stay due, and every record would be written and fsynced on its own.
-        if self.signing.is_none() || self.fsync_failed || pending == 0 {
+        if self.signing.is_none() || self.fsync_failed {
+            return;
+        }
+        if self.lost.is_some() && !self.lost_in_buf && self.buf.is_empty() {
+            // A loss not yet recorded, on an otherwise idle log: its `lost` record is written
+            // alone (a failed write loses nothing more: it is rebuilt), and, once written, it
+            // is a new record the next checkpoint covers. A checkpoint appended with it now
+            // would only be lost too while writes fail.
+            self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
+            let _ = self.flush();
+        }
+        let pending = self.records_since_ckpt + new_records(&self.buf_kinds);
+        if pending == 0 {
             return;
         }
         let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;

@@ -40,6 +40,8 @@
 //   or cuEventCreate, as fake_cuda_on_launch does; fake_cuda_calls_at_hook(0) as above.
 // - fake_cuda_set_module_load_result(code) makes every cuModuleLoadData fail with `code`
 //   (0: normal), e.g. CUDA_ERROR_OUT_OF_MEMORY (2) for a device another library has filled.
+// - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
+//   before it returns (a cb that never returns stands for a hung device).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -267,7 +269,14 @@ CUresult cuEventQuery(void* e) {
     if (ev->pending > 0) { ev->pending--; return NOT_READY; }
     return OK;
 }
-CUresult cuEventSynchronize(void* e) { NEED_CTX(); static_cast<Event*>(e)->pending = 0; return OK; }
+static void (*g_event_sync_hook)(void) = nullptr;
+void fake_cuda_on_event_synchronize(void (*cb)(void)) { g_event_sync_hook = cb; }
+CUresult cuEventSynchronize(void* e) {
+    NEED_CTX();
+    run_hook(&g_event_sync_hook);
+    static_cast<Event*>(e)->pending = 0;
+    return OK;
+}
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
 
 // Host ports of kvh_scrub / kvh_scrub_strided / kvh_scrub_publish: the kernels' own work

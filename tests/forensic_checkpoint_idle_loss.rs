@@ -1,0 +1,86 @@
+//! A signed log whose writes fail (a full disk) while nothing is emitted: the records the
+//! process lost are counted once. The writer does not keep producing records of its own
+//! (`checkpoint` records, each lost in turn) while the disk stays full, which would make
+//! `records_lost` (and the `lost` record written when space returns) grow with the time the
+//! disk was full instead of with the events that were lost (docs/forensic-log.md, "Write
+//! errors": records "that a failed write lost").
+
+#[path = "forensic_common/mod.rs"]
+mod forensic_common;
+
+use std::time::Duration;
+
+use forensic_common::{cfg, chain_files, event, log_dir, read_lines, secret, start};
+use kvhygiene::config::LogConfig;
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+
+fn signed_cfg(tmp: &tempfile::TempDir, each: impl FnOnce(&mut LogConfig)) -> LogConfig {
+    let (key, _public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let dir = log_dir(tmp);
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(tmp.path().join("ckpt"));
+    each(&mut c);
+    c
+}
+
+/// The `lost` records of the chain, as JSON.
+fn lost_records(tmp: &tempfile::TempDir) -> Vec<serde_json::Value> {
+    chain_files(&log_dir(tmp))
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .filter(|v| v["kind"] == "lost")
+        .collect()
+}
+
+/// Loses one event to a disk that stays full for `full`, then frees the disk and returns the
+/// loss counts seen shortly after the failure and at the end of the full period.
+fn lose_one_event_then_idle(c: &LogConfig, full: Duration) -> (u64, u64) {
+    let log = ForensicLog::open_with_secret(c, start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.flush();
+    std::thread::sleep(Duration::from_millis(300));
+    log.inject_write_faults(1_000_000);
+    log.emit(event(2));
+    log.flush();
+    std::thread::sleep(Duration::from_millis(120));
+    let soon = log.stats().records_lost;
+    std::thread::sleep(full);
+    let later = log.stats().records_lost;
+    log.inject_write_faults(0);
+    log.emit(event(3));
+    log.flush();
+    log.stop();
+    (soon, later)
+}
+
+/// `KVH_CHECKPOINT_EVERY=1`: one event lost, then one second with the disk full and no
+/// event emitted.
+#[test]
+fn a_full_disk_with_checkpoint_every_record_counts_only_the_lost_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp, |c| c.checkpoint_every_records = 1);
+    let (soon, later) = lose_one_event_then_idle(&c, Duration::from_millis(1000));
+    let lost = lost_records(&tmp);
+    assert!(
+        soon <= 2 && later == soon,
+        "one event was lost, then the log stayed idle with its disk full: records_lost was \
+         {soon} 120 ms after the failure and {later} one second later; `lost` records: {lost:?}"
+    );
+}
+
+/// `KVH_CHECKPOINT_INTERVAL_MS=100`: as above, with periodic checkpoints.
+#[test]
+fn a_full_disk_with_a_checkpoint_interval_counts_only_the_lost_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp, |c| c.checkpoint_interval_ms = 100);
+    let (soon, later) = lose_one_event_then_idle(&c, Duration::from_millis(1000));
+    let lost = lost_records(&tmp);
+    assert!(
+        soon <= 2 && later == soon,
+        "one event was lost, then the log stayed idle with its disk full: records_lost was \
+         {soon} 120 ms after the failure and {later} one second later; `lost` records: {lost:?}"
+    );
+}
