@@ -280,15 +280,28 @@ impl KeyState {
         }
     }
 
-    /// Counts one event at `t` (ms) and returns the rules it makes fire.
+    /// Counts one event at `t` (ms) and returns the rules it makes fire. An event older than
+    /// this key's newest (held up on its way, or timed on another thread) counts where it
+    /// happened: in the sliding window while its slot is still in it, in the surge window if
+    /// that window is the current one; older, in neither. The rules are judged as of now.
     fn record(&mut self, t: u64, p: &Params, burst_threshold: u64) -> [Option<Firing>; 2] {
-        self.roll(t, p.window_ms);
+        let now = t.max(self.last_ms);
+        self.roll(now, p.window_ms);
         let s = slot_of(t, p.window_ms);
-        let cell = &mut self.slots[(s % SLOTS) as usize];
-        *cell = cell.saturating_add(1);
-        self.window_count = self.window_count.saturating_add(1);
-        self.last_ms = t;
-        [self.burst(t, p, burst_threshold), self.surge(t, p)]
+        let in_sliding = self.slot.saturating_sub(s) < SLOTS;
+        if in_sliding {
+            let cell = &mut self.slots[(s % SLOTS) as usize];
+            *cell = cell.saturating_add(1);
+        }
+        let in_window = t / p.window_ms == self.window;
+        if in_window {
+            self.window_count = self.window_count.saturating_add(1);
+        }
+        self.last_ms = now;
+        [
+            in_sliding.then(|| self.burst(now, p, burst_threshold)).flatten(),
+            in_window.then(|| self.surge(now, p)).flatten(),
+        ]
     }
 
     /// Moves both windows forward to `t`: slots that left the sliding window are cleared, and
@@ -485,12 +498,13 @@ impl Detector {
         }
     }
 
-    /// Milliseconds after `origin`, never less than the latest seen.
+    /// Milliseconds after `origin` (an event's own time: it may be older than the latest
+    /// seen, and is counted where it happened).
     fn millis(&mut self, now: Instant) -> u64 {
         let ms = now.saturating_duration_since(self.origin).as_millis();
         let ms = u64::try_from(ms).unwrap_or(u64::MAX);
         self.latest_ms = self.latest_ms.max(ms);
-        self.latest_ms
+        ms
     }
 
     /// Tenants tracked for `signal` (the `*other*` key not included).
@@ -647,11 +661,13 @@ impl EventSink for AnomalySink {
             return self.forward(event);
         }
         let (context, at) = (event.context.clone(), event.at);
+        // Timed before it is passed on: a sink that holds it (a full log queue waits) must not
+        // move it in time, next to events that happened later.
+        let now = self.clock.now();
         // The event first, before the detector looks at it: whatever happens in the detector,
         // the security event itself has reached the log (invariant 5), and the anomaly record
         // follows it in this thread's order.
         self.forward(event);
-        let now = self.clock.now();
         let mut fired = Vec::new();
         let window_ms = {
             let mut d = self.detector();
@@ -1169,16 +1185,21 @@ mod tests {
     }
 
     #[test]
-    fn time_never_runs_backwards() {
+    fn an_older_event_counts_where_it_happened() {
         let (mut d, at) = detector(params());
         let a = tenant("a");
         assert!(feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 5 * W, 15).is_empty());
-        // An older instant (a thread that read the clock before another took the lock)
-        // counts as the latest, so it lands in the same window.
+        // A little older (a thread that read the clock before another took the lock): in
+        // the same window, so it counts, and the burst fires as of now.
         assert_eq!(
-            feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 0, 1).len(),
+            feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 5 * W - 1, 1).len(),
             1
         );
+        // Windows older (an event held up on its way): outside the sliding window, so it
+        // makes no burst with the events of now.
+        let (mut d, at) = detector(params());
+        assert!(feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 5 * W, 15).is_empty());
+        assert!(feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 0, 1).is_empty());
     }
 
     #[test]
