@@ -299,7 +299,9 @@ impl KeyState {
         }
         self.last_ms = now;
         [
-            in_sliding.then(|| self.burst(now, p, burst_threshold)).flatten(),
+            in_sliding
+                .then(|| self.burst(now, p, burst_threshold))
+                .flatten(),
             in_window.then(|| self.surge(now, p)).flatten(),
         ]
     }
@@ -660,7 +662,15 @@ impl EventSink for AnomalySink {
         if signals.is_empty() {
             return self.forward(event);
         }
-        let (context, at) = (event.context.clone(), event.at);
+        // A caller bug (a refused or mismatched free) counts for the caller's tenant, whoever
+        // owned the block it aimed at; every other signal for the event's own ids.
+        let context = match &event.kind {
+            EventKind::InvalidFree { caller, .. } | EventKind::SizeMismatch { caller, .. } => {
+                caller.clone()
+            }
+            _ => event.context.clone(),
+        };
+        let at = event.at;
         // Timed before it is passed on: a sink that holds it (a full log queue waits) must not
         // move it in time, next to events that happened later.
         let now = self.clock.now();
@@ -803,13 +813,17 @@ mod tests {
         let kind = EventKind::InvalidFree {
             reason: InvalidFreeReason::DoubleFree,
             device: 0,
+            caller: Context::none(),
         };
         assert_eq!(signals(kind), [AnomalySignal::InvalidFree]);
     }
 
     #[test]
     fn size_mismatch_is_its_own_signal() {
-        let kind = EventKind::SizeMismatch { claimed: 3 };
+        let kind = EventKind::SizeMismatch {
+            claimed: 3,
+            caller: Context::none(),
+        };
         assert_eq!(signals(kind), [AnomalySignal::SizeMismatch]);
     }
 

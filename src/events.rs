@@ -158,14 +158,18 @@ pub enum EventKind {
     Quarantined { reason: QuarantineReason },
     /// A block was returned to the backend.
     Released { reason: ReleaseReason },
-    /// A free was refused.
+    /// A free was refused. The event's ids are the block owner's when the pointer belongs to
+    /// a block, and `caller` is the context of the thread that made the call: a caller bug is
+    /// the caller's, whoever's block it aimed at.
     InvalidFree {
         reason: InvalidFreeReason,
         device: i32,
+        caller: Context,
     },
     /// The size given to free differs from the size the block was allocated with. The free
-    /// proceeds with the block table's size (the caller's size is never trusted).
-    SizeMismatch { claimed: i64 },
+    /// proceeds with the block table's size (the caller's size is never trusted). `caller` as
+    /// for [`EventKind::InvalidFree`].
+    SizeMismatch { claimed: i64, caller: Context },
     /// A time-to-live was exceeded.
     TtlExceeded {
         which: TtlKind,

@@ -152,7 +152,7 @@ fn negative_size_on_free_is_a_mismatch_and_frees_by_the_table() {
     let r = b.f.alloc.free(a, -100, 0, S).unwrap();
     assert!(r.size_mismatch);
     match b.f.sink.snapshot().pop().unwrap().kind {
-        EventKind::SizeMismatch { claimed } => assert_eq!(claimed, -100),
+        EventKind::SizeMismatch { claimed, .. } => assert_eq!(claimed, -100),
         k => panic!("{k:?}"),
     }
     b.assert_intact();

@@ -446,7 +446,11 @@ impl Allocator {
         let ctx = refused.owner.unwrap_or_else(Context::current);
         self.emit(vec![Event {
             at: SystemTime::now(),
-            kind: EventKind::InvalidFree { reason, device },
+            kind: EventKind::InvalidFree {
+                reason,
+                device,
+                caller: Context::current(),
+            },
             context: ctx,
             block: refused.block,
             addr: Some(ptr),

@@ -297,6 +297,7 @@ impl DevicePool {
             after.event(
                 EventKind::SizeMismatch {
                     claimed: claimed_size,
+                    caller: Context::current(),
                 },
                 block,
             );

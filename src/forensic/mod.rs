@@ -502,6 +502,18 @@ pub(crate) fn context_fields<'a>(c: &'a crate::context::Context, m: &mut Fields<
     m.push((b("model_id"), opt(c.model_id())));
 }
 
+/// The ids of the thread that made a refused or mismatched free (`caller_tenant_id`,
+/// `caller_request_id`, `caller_model_id`): the record's own ids are the block owner's.
+fn put_caller<'a>(
+    put: &mut impl FnMut(&'static str, Field<'a>),
+    caller: &'a crate::context::Context,
+) {
+    let opt = |s: Option<&'a str>| s.map_or(Field::Null, |s| Field::S(Cow::Borrowed(s)));
+    put("caller_tenant_id", opt(caller.tenant_id()));
+    put("caller_request_id", opt(caller.request_id()));
+    put("caller_model_id", opt(caller.model_id()));
+}
+
 fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
     let mut put = |k: &'static str, v: Field<'a>| m.push((b(k), v));
     match k {
@@ -536,7 +548,12 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 ReleaseReason::EmptyCache => "empty_cache",
             }),
         ),
-        EventKind::InvalidFree { reason, device } => {
+        EventKind::InvalidFree {
+            reason,
+            device,
+            caller,
+        } => {
+            put_caller(&mut put, caller);
             put(
                 "reason",
                 st(match reason {
@@ -549,7 +566,10 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             );
             put("call_device", Field::I(i64::from(*device)));
         }
-        EventKind::SizeMismatch { claimed } => put("claimed", Field::I(*claimed)),
+        EventKind::SizeMismatch { claimed, caller } => {
+            put_caller(&mut put, caller);
+            put("claimed", Field::I(*claimed));
+        }
         EventKind::TtlExceeded {
             which,
             age_ms,

@@ -296,8 +296,8 @@ KINDS = {
     "verify_failed": BLOCK | {"samples_expected", "samples_checked", "samples_nonzero", "coverage", "threshold"},
     "quarantine": BLOCK | {"reason"},
     "release": BLOCK | {"reason"},
-    "invalid_free": {"ptr", "call_device", "reason"},  # + block fields when the pointer belongs to a block
-    "size_mismatch": BLOCK | {"claimed"},
+    "invalid_free": {"ptr", "call_device", "reason", "caller_tenant_id", "caller_request_id", "caller_model_id"},  # + block fields when the pointer belongs to a block
+    "size_mismatch": BLOCK | {"claimed", "caller_tenant_id", "caller_request_id", "caller_model_id"},
     "ttl_exceeded": BLOCK | {"which", "age_ms", "limit_ms"},
     "policy_violation": {"policy", "detail"},
     "kv_scrub": {
@@ -339,7 +339,8 @@ STRINGS = {"kind", "chain", "prev", "hash", "mac", "config_digest", "version", "
            "prev_file", "reason", "ptr", "addr", "which", "policy", "detail", "stream", "layout_sha256",
            "block_ids_sha256", "trigger", "segment_addr", "coverage", "threshold", "signal", "rule", "key",
            "ckpt_file", "error", "baseline_mean", "baseline_stddev", "z_score", "z_threshold"}
-FREE = {"counters", "lost_kinds", "block_ids", "detail", "tenant_id", "request_id", "model_id"}
+FREE = {"counters", "lost_kinds", "block_ids", "detail", "tenant_id", "request_id", "model_id",
+        "caller_tenant_id", "caller_request_id", "caller_model_id"}
 
 
 def schema_problems(r: dict) -> list:
@@ -385,7 +386,7 @@ def schema_problems(r: dict) -> list:
             out.append(f"{kind}: field {f!r} has value {v!r}, not of the documented type")
         if (kind, f) in ENUMS and v not in ENUMS[(kind, f)]:
             out.append(f"{kind}: {f} = {v!r} is not one of the documented values {sorted(ENUMS[(kind, f)])}")
-    for f in ("tenant_id", "request_id", "model_id"):
+    for f in ("tenant_id", "request_id", "model_id", "caller_tenant_id", "caller_request_id", "caller_model_id"):
         if f in r and r[f] is not None and not isinstance(r[f], str):
             out.append(f"{kind}: {f} is not a string or null")
     if kind == "kv_scrub" and not out:
