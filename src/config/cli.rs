@@ -80,6 +80,8 @@ pub enum HmacSecret {
 const MAX_FSYNC_INTERVAL_MS: u64 = 60_000;
 const MAX_ANOMALY_Z: f64 = 10.0;
 const MAX_ANOMALY_BURST_SCALE: f64 = 10.0;
+/// A burst must reach its threshold within the window: a window this short sees only storms.
+const MIN_ANOMALY_WINDOW_MS: u64 = 1_000;
 const MAX_CHECKPOINT_INTERVAL_MS: u64 = 3_600_000;
 
 /// The controls `config` turns off or weakens (`KVH_PRELOAD`, added by [`report`], first;
@@ -180,6 +182,16 @@ fn anomaly_weakened(config: &Config, add: &mut impl FnMut(&'static str, String, 
             format!(
                 "above {MAX_ANOMALY_Z}: a surge must stand so far above a tenant's baseline \
                  that the rule practically never fires"
+            ),
+        );
+    }
+    if a.window_ms < MIN_ANOMALY_WINDOW_MS {
+        add(
+            "anomaly_window_ms",
+            a.window_ms.to_string(),
+            format!(
+                "below {MIN_ANOMALY_WINDOW_MS} ms: a burst must reach its threshold within so \
+                 short a window that only a storm is flagged"
             ),
         );
     }
@@ -565,6 +577,11 @@ mod tests {
                 &["anomaly"],
             ),
             (&[("KVH_ANOMALY_Z", "10")], &[]),
+            (&[("KVH_ANOMALY_WINDOW_MS", "1000")], &[]),
+            (
+                &[("KVH_ANOMALY_WINDOW_MS", "999")],
+                &["anomaly_window_ms"],
+            ),
             (&[("KVH_ANOMALY_Z", "10.5")], &["anomaly_z"]),
             (
                 &[("KVH_ANOMALY_BURST_SCALE", "11")],
