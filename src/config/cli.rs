@@ -578,10 +578,7 @@ mod tests {
             ),
             (&[("KVH_ANOMALY_Z", "10")], &[]),
             (&[("KVH_ANOMALY_WINDOW_MS", "1000")], &[]),
-            (
-                &[("KVH_ANOMALY_WINDOW_MS", "999")],
-                &["anomaly_window_ms"],
-            ),
+            (&[("KVH_ANOMALY_WINDOW_MS", "999")], &["anomaly_window_ms"]),
             (&[("KVH_ANOMALY_Z", "10.5")], &["anomaly_z"]),
             (
                 &[("KVH_ANOMALY_BURST_SCALE", "11")],

@@ -491,18 +491,44 @@ fn tally_chain(
         return Ok(());
     };
     let mut state = ChainState::new(&chain.chain);
+    state.moved_from = chain.pruned.as_ref().and_then(|p| p.first_ts);
     let mut held = HeldToHead::of(chain);
+    // A `rotate` record is tallied with the record after it: when that is a `recovery`, the
+    // recovering process wrote both (its predecessor died between creating the file and
+    // writing its first line), and the `rotate` belongs to the new run, not the crashed one.
+    let mut rotate: Option<(std::path::PathBuf, u64, Map<String, Value>)> = None;
     for (_, path) in list {
         read_file(path, &mut |line, bytes, record| {
             let seq = record.get("seq").and_then(Value::as_u64);
             if seq.is_some_and(|s| s <= last_seq) {
                 held.follow(bytes)
                     .map_err(|e| format!("{}:{line}: {e}", path.display()))?;
+                let kind = record.get("kind").and_then(Value::as_str);
                 let at = (path.as_path(), line);
-                tally.add(ev, &mut state, at, record, max_exceptions);
+                match (kind, rotate.take()) {
+                    (Some("rotate"), before) => {
+                        if let Some((p, l, r)) = before {
+                            tally.add(ev, &mut state, (&p, l), &r, max_exceptions);
+                        }
+                        rotate = Some((path.clone(), line, record.clone()));
+                    }
+                    (Some("recovery"), Some((p, l, r))) => {
+                        tally.add(ev, &mut state, at, record, max_exceptions);
+                        tally.add(ev, &mut state, (&p, l), &r, max_exceptions);
+                    }
+                    (_, before) => {
+                        if let Some((p, l, r)) = before {
+                            tally.add(ev, &mut state, (&p, l), &r, max_exceptions);
+                        }
+                        tally.add(ev, &mut state, at, record, max_exceptions);
+                    }
+                }
             }
             Ok(())
         })?;
+    }
+    if let Some((p, l, r)) = rotate.take() {
+        tally.add(ev, &mut state, (&p, l), &r, max_exceptions);
     }
     held.at(chain.last_hash.as_deref(), chain.records)
         .map_err(|e| format!("chain {}: {e}", chain.chain))?;
@@ -959,6 +985,8 @@ struct ChainState {
     lost_before: u64,
     /// The run being read began with a `start` or `recovery` record that was read.
     run_started: bool,
+    /// Time of the oldest record `prune-log` moved from this chain (its manifest's word).
+    moved_from: Option<u64>,
     /// Times of the run's first and last records, in or out of the period.
     span: Option<(u64, u64)>,
     /// The span of record times being extended (see [`Tally::seen`]).
@@ -976,6 +1004,7 @@ impl ChainState {
             lost_sum: 0,
             lost_before: 0,
             run_started: false,
+            moved_from: None,
             span: None,
             piece: None,
         }
@@ -1010,9 +1039,16 @@ impl ChainState {
             return;
         }
         process.start_archived = !run_started;
+        // Records of this run were moved away (its start was not read), some from before the
+        // period: what they told (a summary, a `lost` record) is not here to be taken off.
+        let moved_before = !run_started
+            && tally
+                .period
+                .since
+                .is_some_and(|since| self.moved_from.is_none_or(|f| f < since));
         // A run that began before the period, whose records before it were all moved away:
         // its counters and its stop total include what it did before, which nothing read says.
-        let unattributed = tally.period.since.is_some() && !run_started && baseline.is_none();
+        let unattributed = moved_before && baseline.is_none();
         if unattributed {
             if !tally.counters_unattributed.contains(&self.chain) {
                 tally.counters_unattributed.push(self.chain.clone());
@@ -1026,8 +1062,12 @@ impl ChainState {
             None => ev.processes_without_summary += 1,
         }
         // A `stop` record's total already counts every loss its `lost` records describe,
-        // those before the period too.
-        let lost = stop_lost.map_or(lost_sum, |total| total.saturating_sub(lost_before));
+        // those before the period too. When some of those were moved away, the total cannot
+        // be split: the period's own `lost` records are what it lost.
+        let lost = match stop_lost {
+            Some(total) if !moved_before => total.saturating_sub(lost_before),
+            _ => lost_sum,
+        };
         ev.records_lost = ev.records_lost.saturating_add(lost);
         ev.processes.push(process);
     }
@@ -1600,7 +1640,9 @@ pub fn render(ev: &Evidence) -> String {
         .exceptions_by_kind
         .values()
         .fold(0u64, |a, n| a.saturating_add(*n));
-    if total == 0 {
+    if total == 0 && ev.audit_period.is_some() {
+        push("None: no security record of the verified chains falls in the audit period.".into());
+    } else if total == 0 {
         push("None: no security record in the verified chains.".into());
     } else {
         let kinds: Vec<String> = ev
