@@ -443,9 +443,6 @@ impl SignalState {
 pub struct Detector {
     params: Params,
     origin: Instant,
-    /// The latest time seen (ms after `origin`). Threads read the clock before taking the
-    /// lock, so a slightly older time can arrive after a newer one; it counts as the newer.
-    latest_ms: u64,
     signals: [SignalState; 7],
 }
 
@@ -462,7 +459,6 @@ impl Detector {
         Detector {
             params,
             origin,
-            latest_ms: 0,
             signals: Default::default(),
         }
     }
@@ -502,11 +498,9 @@ impl Detector {
 
     /// Milliseconds after `origin` (an event's own time: it may be older than the latest
     /// seen, and is counted where it happened).
-    fn millis(&mut self, now: Instant) -> u64 {
+    fn millis(&self, now: Instant) -> u64 {
         let ms = now.saturating_duration_since(self.origin).as_millis();
-        let ms = u64::try_from(ms).unwrap_or(u64::MAX);
-        self.latest_ms = self.latest_ms.max(ms);
-        ms
+        u64::try_from(ms).unwrap_or(u64::MAX)
     }
 
     /// Tenants tracked for `signal` (the `*other*` key not included).

@@ -291,6 +291,11 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
     }
 }
 
+/// Set once `kvh_shutdown` has written its last metrics snapshot: from then on the file is left
+/// to go stale. An exit while a shutdown is still under way writes that snapshot itself (the
+/// process may end before the shutdown's thread gets to it).
+static FINAL_SNAPSHOT_WRITTEN: AtomicBool = AtomicBool::new(false);
+
 /// Held by `kvh_shutdown` while it runs. Not by the exit handler, which must never wait for
 /// a shutdown blocked on the device (it raises the flag that stops that wait) nor deadlock on
 /// a shutdown of its own thread (`exit` from a signal handler): it waits for the log's stop
@@ -331,6 +336,7 @@ pub(crate) fn shutdown() {
             m.stop_periodic();
         }
         write_metrics(rt);
+        FINAL_SNAPSHOT_WRITTEN.store(true, Ordering::SeqCst);
     }
 }
 
@@ -379,7 +385,10 @@ fn register_exit_handler() {
                 if let Some(m) = &rt.metrics {
                     m.stop_periodic();
                 }
-                if !shut_down_before {
+                // After a shutdown that wrote its last snapshot, the file is left to go stale;
+                // one still under way on another thread may not get to it before the process
+                // ends, so its snapshot is written here.
+                if !shut_down_before || !FINAL_SNAPSHOT_WRITTEN.load(Ordering::SeqCst) {
                     write_metrics(rt);
                 }
             }

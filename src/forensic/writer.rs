@@ -686,7 +686,10 @@ impl ChainWriter {
             // is a new record the next checkpoint covers. A checkpoint appended with it now
             // would only be lost too while writes fail.
             self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
-            let _ = self.flush();
+            if self.flush().is_err() {
+                // Writes still fail: no checkpoint now, whose record would be lost as well.
+                return;
+            }
         }
         let pending = self.records_since_ckpt + new_records(&self.buf_kinds);
         if pending == 0 {
