@@ -1176,8 +1176,11 @@ impl Tally {
             self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
             self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));
         }
-        if let Some(t) = record.get("tenant_id").and_then(Value::as_str) {
-            self.tenants.insert(t.to_string());
+        // The caller of a refused or mismatched free is a tenant of the period too.
+        for field in ["tenant_id", "caller_tenant_id"] {
+            if let Some(t) = record.get(field).and_then(Value::as_str) {
+                self.tenants.insert(t.to_string());
+            }
         }
         let count = ev.records_by_kind.entry(kind.to_string()).or_default();
         *count = count.saturating_add(1);
