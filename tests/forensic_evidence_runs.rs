@@ -343,3 +343,28 @@ fn a_period_without_exceptions_does_not_say_the_log_has_none() {
         "the verified chain holds 3 security records (outside the period):\n{exceptions}"
     );
 }
+
+/// The caller of a refused free is a tenant of the report: the record's own ids are the
+/// owner's of the block it aimed at, its `caller_*` ids the caller's, and both tenants count.
+#[test]
+fn the_caller_of_a_refused_free_is_counted_among_the_tenants() {
+    use kvhygiene::context::Context;
+    use kvhygiene::events::{Event, EventKind, InvalidFreeReason};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    log.emit(Event {
+        at: std::time::SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller: Context::new(Some("caller"), Some("req-c"), None).unwrap(),
+        },
+        context: Context::new(Some("owner"), Some("req-o"), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+    log.stop();
+    let v = evidence_json(&dir, &[]);
+    assert_eq!(v["tenants"], 2, "{}", v["tenants"]);
+}
