@@ -493,9 +493,10 @@ fn tally_chain(
     let mut state = ChainState::new(&chain.chain);
     state.moved_from = chain.pruned.as_ref().and_then(|p| p.first_ts);
     let mut held = HeldToHead::of(chain);
-    // A `rotate` record is tallied with the record after it: when that is a `recovery`, the
-    // recovering process wrote both (its predecessor died between creating the file and
-    // writing its first line), and the `rotate` belongs to the new run, not the crashed one.
+    // A `rotate` record is tallied with the record after it: when that is a `recovery` of the
+    // same time, the recovering process wrote both (its predecessor died between creating the
+    // file and writing its first line; the two records carry the recovery's time), and the
+    // `rotate` belongs to the new run. A `rotate` of its own time is the crashed run's.
     let mut rotate: Option<(std::path::PathBuf, u64, Map<String, Value>)> = None;
     for (_, path) in list {
         read_file(path, &mut |line, bytes, record| {
@@ -512,7 +513,7 @@ fn tally_chain(
                         }
                         rotate = Some((path.clone(), line, record.clone()));
                     }
-                    (Some("recovery"), Some((p, l, r))) => {
+                    (Some("recovery"), Some((p, l, r))) if r.get("ts") == record.get("ts") => {
                         tally.add(ev, &mut state, at, record, max_exceptions);
                         tally.add(ev, &mut state, (&p, l), &r, max_exceptions);
                     }

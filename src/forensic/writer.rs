@@ -687,20 +687,30 @@ impl ChainWriter {
             // would only be lost too while writes fail.
             self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
             if self.flush().is_err() {
-                // Writes still fail: no checkpoint now, whose record would be lost as well.
+                // Writes still fail. The records already written are signed when a checkpoint
+                // is due (the checkpoint directory may be on another disk), but no
+                // `checkpoint` record is appended: it would be lost as well.
+                if self.checkpoint_due(self.records_since_ckpt) {
+                    let _ = self.checkpoint();
+                }
                 return;
             }
         }
         let pending = self.records_since_ckpt + new_records(&self.buf_kinds);
+        if self.checkpoint_due(pending) {
+            self.checkpoint_now();
+        }
+    }
+
+    /// Whether `pending` new records make a checkpoint due, by count or by time.
+    fn checkpoint_due(&self, pending: u64) -> bool {
         if pending == 0 {
-            return;
+            return false;
         }
         let by_count = self.ckpt_every_records > 0 && pending >= self.ckpt_every_records;
         let by_time =
             self.ckpt_every > Duration::ZERO && self.last_ckpt.elapsed() >= self.ckpt_every;
-        if by_count || by_time {
-            self.checkpoint_now();
-        }
+        by_count || by_time
     }
 
     /// Signs a checkpoint of what is written so far and records it in the chain (when
