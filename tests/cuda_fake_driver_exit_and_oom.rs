@@ -5,50 +5,19 @@
 
 #[path = "backend_common/mod.rs"]
 mod common;
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use common::{batch, submit, SAMPLED};
+use fake_cuda::switch;
 use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
 use kvhygiene::backend::{Backend, BackendError, ScrubSegment, StreamHandle};
 
-/// The compiled stand-in, built once per test process; `None` without a C++ compiler.
-fn fake_driver() -> Option<&'static Path> {
-    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-            let out = dir.join("libkvh-fake-cuda-exit-oom.so");
-            let src =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
-            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-            let status = Command::new(&cxx)
-                .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
-                .arg(&out)
-                .arg(&src)
-                .status();
-            match status {
-                Ok(s) if s.success() => Some(out),
-                other => {
-                    eprintln!("no fake driver ({cxx}: {other:?}); skipping");
-                    None
-                }
-            }
-        })
-        .as_deref()
-}
-
 /// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
 fn instance(name: &str) -> Option<(String, libloading::Library)> {
-    let built = fake_driver()?;
-    let path = built.with_file_name(format!("libkvh-fake-cuda-exit-oom-{name}.so"));
-    std::fs::copy(built, &path).expect("copy fake driver");
-    let path = path.to_string_lossy().into_owned();
-    // SAFETY: our own stand-in library; its initialisers only set up C++ statics.
-    let lib = unsafe { libloading::Library::new(&path) }.expect("open fake driver");
-    Some((path, lib))
+    fake_cuda::instance("kvh-fake-cuda-exit-oom", name)
 }
 
 macro_rules! fake_or_skip {
@@ -58,18 +27,6 @@ macro_rules! fake_or_skip {
             None => return,
         }
     };
-}
-
-/// Calls `void fake_cuda_<name>(int)` in an instance.
-fn switch(lib: &libloading::Library, name: &str, arg: i32) {
-    let symbol = format!("fake_cuda_{name}\0");
-    // SAFETY: every fake_cuda_* switch is `void(int)`.
-    unsafe {
-        let f = lib
-            .get::<unsafe extern "C" fn(i32)>(symbol.as_bytes())
-            .expect("switch");
-        f(arg);
-    }
 }
 
 /// Calls `int fake_cuda_<name>(int)` in an instance.

@@ -9,6 +9,9 @@
 //! Runs in child processes of this test binary, on tests/fake_cuda/fake_libcuda.cpp loaded as
 //! `libcuda.so.1`, whose `cuEventSynchronize` runs the case's hook.
 
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,21 +24,7 @@ const CASE: &str = "FFI_EXIT_DURING_SHUTDOWN_CASE";
 /// tests/fake_cuda/fake_libcuda.cpp compiled as `libcuda.so.1` into a directory of its own,
 /// for `LD_LIBRARY_PATH`; `None` without a C++ compiler.
 fn fake_driver_dir() -> Option<tempfile::TempDir> {
-    let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let built = Command::new(&cxx)
-        .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
-        .arg(dir.path().join("libcuda.so.1"))
-        .arg(&src)
-        .status();
-    match built {
-        Ok(s) if s.success() => Some(dir),
-        other => {
-            eprintln!("no fake driver ({cxx}: {other:?}); skipping");
-            None
-        }
-    }
+    fake_cuda::as_libcuda_dir()
 }
 
 static IN_SYNCHRONIZE: AtomicBool = AtomicBool::new(false);

@@ -3,6 +3,8 @@
 //! log and backend the same way): a check passes exactly when the start-up gets past it.
 
 mod cli_common;
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -227,21 +229,7 @@ fn an_invalid_policy_exits_2_naming_the_key() {
 /// tests/fake_cuda/fake_libcuda.cpp compiled as `libcuda.so.1` into a directory of its own,
 /// for `LD_LIBRARY_PATH`; `None` without a C++ compiler.
 fn fake_driver_dir() -> Option<tempfile::TempDir> {
-    let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let built = Command::new(&cxx)
-        .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
-        .arg(dir.path().join("libcuda.so.1"))
-        .arg(&src)
-        .status();
-    match built {
-        Ok(s) if s.success() => Some(dir),
-        other => {
-            eprintln!("no fake driver ({cxx}: {other:?}); skipping");
-            None
-        }
-    }
+    fake_cuda::as_libcuda_dir()
 }
 
 /// With a driver (the host stand-in) the backend starts: preflight's check passes, and so

@@ -1,0 +1,69 @@
+//! The tests' stand-in for libcuda.so.1 (fake_libcuda.cpp beside this file), compiled here with
+//! the system C++ compiler (`CXX`, else `c++`). Tests that need it skip, saying so, when there
+//! is none. Included by the test binaries that use it (`#[path = "fake_cuda/mod.rs"]`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Compiles the stand-in to `out`; `false` (said on stderr) without a working compiler.
+pub fn compile(out: &Path) -> bool {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let status = Command::new(&cxx)
+        .args(["-shared", "-fPIC", "-std=c++17", "-O1", "-o"])
+        .arg(out)
+        .arg(&src)
+        .status();
+    match status {
+        Ok(s) if s.success() => true,
+        other => {
+            eprintln!("no fake driver ({cxx}: {other:?}); skipping");
+            false
+        }
+    }
+}
+
+/// The stand-in compiled as `libcuda.so.1` into a directory of its own, for `LD_LIBRARY_PATH`
+/// of a child process; `None` without a compiler.
+pub fn as_libcuda_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    compile(&dir.path().join("libcuda.so.1")).then_some(dir)
+}
+
+/// The stand-in built once per test binary, as `lib<stem>.so` in the target's temporary
+/// directory (`stem` differs between binaries, which build at the same time).
+pub fn built(stem: &str) -> Option<&'static Path> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lib{stem}.so"));
+            compile(&out).then_some(out)
+        })
+        .as_deref()
+}
+
+/// A private copy of the stand-in (its own dlopen instance, so its switches are its own),
+/// opened: its path and the library.
+pub fn instance(stem: &str, name: &str) -> Option<(String, libloading::Library)> {
+    let built = built(stem)?;
+    let path = built.with_file_name(format!("lib{stem}-{name}.so"));
+    std::fs::copy(built, &path).expect("copy fake driver");
+    let path = path.to_string_lossy().into_owned();
+    // SAFETY: our own stand-in library; its initialisers only set up C++ statics.
+    let lib = unsafe { libloading::Library::new(&path) }.expect("open fake driver");
+    Some((path, lib))
+}
+
+/// Calls `fake_cuda_<name>(arg)` in an instance.
+pub fn switch(lib: &libloading::Library, name: &str, arg: i32) {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* switch is `void(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32)>(symbol.as_bytes())
+            .expect("switch");
+        f(arg);
+    }
+}
