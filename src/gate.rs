@@ -34,7 +34,7 @@ use serde::Serialize;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
-use crate::metrics::per_process::{self, ProcessFiles, Target};
+use crate::metrics::per_process::{self, Target};
 use crate::printable;
 
 /// Exit code: the process may keep serving.
@@ -388,7 +388,7 @@ fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
     );
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        write_json(&mut out, &verdict)
+        metrics_cli::write_json(&mut out, &verdict)
     } else {
         write_text(&mut out, &verdict)
     };
@@ -408,7 +408,7 @@ pub struct ProcessesVerdict {
     pub pattern: String,
     pub processes: Vec<ProcessVerdict>,
     /// Files of processes that are gone (not judged).
-    pub gone: Vec<GoneProcess>,
+    pub gone: Vec<per_process::GoneFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -416,12 +416,6 @@ pub struct ProcessVerdict {
     pub pid: u32,
     #[serde(flatten)]
     pub verdict: Verdict,
-}
-
-#[derive(Debug, Serialize)]
-pub struct GoneProcess {
-    pub pid: u32,
-    pub file: String,
 }
 
 /// Judges the file of every live process that matches `pattern`; a file whose process is
@@ -432,38 +426,27 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
     if files.live.is_empty() {
         return Err(files.none_live(pattern));
     }
-    let ProcessFiles { live, mut gone } = files;
     let log = log_report(args)?;
-    let mut processes = Vec::with_capacity(live.len());
-    for (pid, file) in live {
-        let Some(snap) = metrics_cli::load_of_process(pid, &file)? else {
-            gone.push((pid, file));
-            continue;
-        };
-        let verdict = judge(
-            &file.display().to_string(),
-            &snap,
-            args,
-            log.as_ref().map(|(d, r)| (d.as_str(), r)),
-            SystemTime::now(),
-        );
-        // A process that exited since the listing leaves a last snapshot that only ages: gone,
-        // not evicted.
-        if !verdict.admitted() && !per_process::alive(pid) {
-            gone.push((pid, file));
-            continue;
-        }
-        processes.push(ProcessVerdict { pid, verdict });
-    }
-    gone.sort();
-    if processes.is_empty() {
-        // Every listed process ended while its file was read.
-        let ended = ProcessFiles {
-            live: Vec::new(),
-            gone,
-        };
-        return Err(ended.none_live(pattern));
-    }
+    let judged = per_process::judge_live(
+        pattern,
+        files,
+        metrics_cli::load_of_process,
+        |file, snap| {
+            judge(
+                &file.display().to_string(),
+                snap,
+                args,
+                log.as_ref().map(|(d, r)| (d.as_str(), r)),
+                SystemTime::now(),
+            )
+        },
+        Verdict::admitted,
+    )?;
+    let processes: Vec<ProcessVerdict> = judged
+        .processes
+        .into_iter()
+        .map(|(pid, _, verdict)| ProcessVerdict { pid, verdict })
+        .collect();
     let all = ProcessesVerdict {
         verdict: if processes.iter().all(|p| p.verdict.admitted()) {
             "admit"
@@ -472,17 +455,11 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
         },
         pattern: pattern.display().to_string(),
         processes,
-        gone: gone
-            .into_iter()
-            .map(|(pid, f)| GoneProcess {
-                pid,
-                file: f.display().to_string(),
-            })
-            .collect(),
+        gone: judged.gone,
     };
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        write_json(&mut out, &all)
+        metrics_cli::write_json(&mut out, &all)
     } else {
         write_processes_text(&mut out, &all)
     };
@@ -492,11 +469,6 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
     } else {
         EXIT_EVICT
     })
-}
-
-fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
-    serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::from)?;
-    writeln!(out)
 }
 
 fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io::Result<()> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
-use super::per_process::{self, ProcessFiles, Target};
+use super::per_process::{self, Target};
 use crate::config::{read_regular_file, Config};
 use crate::forensic::verify::rfc3339;
 
@@ -422,7 +422,7 @@ pub struct ProcessesReport {
     pub ok: bool,
     pub processes: Vec<ProcessReport>,
     /// Files of processes that are gone (not checked).
-    pub gone: Vec<GoneFile>,
+    pub gone: Vec<per_process::GoneFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -430,12 +430,6 @@ pub struct ProcessReport {
     pub pid: u32,
     #[serde(flatten)]
     pub report: Report,
-}
-
-#[derive(Debug, Serialize)]
-pub struct GoneFile {
-    pub pid: u32,
-    pub file: String,
 }
 
 /// Checks the file of every live process of `pattern`; a file whose process is gone is
@@ -446,44 +440,24 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
     if files.live.is_empty() {
         return Err(files.none_live(pattern));
     }
-    let ProcessFiles { live, mut gone } = files;
     let now = SystemTime::now();
-    let mut processes = Vec::with_capacity(live.len());
-    let mut snaps = Vec::with_capacity(live.len());
-    for (pid, file) in live {
-        let Some(snap) = load_of_process(pid, &file)? else {
-            gone.push((pid, file));
-            continue;
-        };
-        let report = report(&file, &snap, args, now);
-        // A process that exited since the listing leaves a last snapshot that only ages.
-        if !report.ok && !per_process::alive(pid) {
-            gone.push((pid, file));
-            continue;
-        }
-        processes.push(ProcessReport { pid, report });
-        snaps.push(snap);
-    }
-    gone.sort();
-    if processes.is_empty() {
-        // Every listed process ended while its file was read.
-        let ended = ProcessFiles {
-            live: Vec::new(),
-            gone,
-        };
-        return Err(ended.none_live(pattern));
-    }
+    let judged = per_process::judge_live(
+        pattern,
+        files,
+        load_of_process,
+        |file, snap| report(file, snap, args, now),
+        |r| r.ok,
+    )?;
+    let (snaps, processes): (Vec<Snapshot>, Vec<ProcessReport>) = judged
+        .processes
+        .into_iter()
+        .map(|(pid, snap, report)| (snap, ProcessReport { pid, report }))
+        .unzip();
     let all = ProcessesReport {
         pattern: pattern.display().to_string(),
         ok: processes.iter().all(|p| p.report.ok),
         processes,
-        gone: gone
-            .into_iter()
-            .map(|(pid, f)| GoneFile {
-                pid,
-                file: f.display().to_string(),
-            })
-            .collect(),
+        gone: judged.gone,
     };
     let mut out = std::io::stdout().lock();
     let written = if args.json {
@@ -495,7 +469,8 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
     Ok(if all.ok { EXIT_OK } else { EXIT_FAILED })
 }
 
-fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
+/// `v` as pretty JSON and a newline (the `--json` output of the verbs).
+pub fn write_json(out: &mut impl Write, v: &impl Serialize) -> std::io::Result<()> {
     serde_json::to_writer_pretty(&mut *out, v).map_err(std::io::Error::from)?;
     writeln!(out)
 }
@@ -645,12 +620,7 @@ impl FileRoutes {
             }
         }
         if snaps.is_empty() {
-            return Err(same(format!(
-                "no metrics file of a live process matches {} ({gone} of processes that are \
-                 gone); serve-metrics must run in the processes' pid namespace (in a pod: \
-                 shareProcessNamespace: true)",
-                pattern.display()
-            )));
+            return Err(same(per_process::none_live(pattern, gone)));
         }
         super::merge::merge(&snaps.iter().collect::<Vec<_>>())
             .map_err(|e| same(format!("{}: {e}", pattern.display())))

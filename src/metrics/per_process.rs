@@ -59,13 +59,76 @@ impl ProcessFiles {
     /// The message for a pattern that no live process's file matches: nothing can be judged
     /// or served, which is not a pass.
     pub fn none_live(&self, pattern: &Path) -> String {
-        format!(
-            "no metrics file of a live process matches {} ({} of processes that are gone); \
-             the reader must run in the processes' pid namespace",
-            pattern.display(),
-            self.gone.len()
-        )
+        none_live(pattern, self.gone.len())
     }
+}
+
+/// [`ProcessFiles::none_live`] with `gone` files of processes that are gone.
+pub fn none_live(pattern: &Path, gone: usize) -> String {
+    format!(
+        "no metrics file of a live process matches {} ({gone} of processes that are gone); \
+         the reader must run in the processes' pid namespace (in a pod: the same container, \
+         or shareProcessNamespace: true)",
+        pattern.display()
+    )
+}
+
+/// The file of a process that is gone, listed, not judged (`--json`'s `gone`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GoneFile {
+    pub pid: u32,
+    pub file: String,
+}
+
+impl GoneFile {
+    fn of((pid, file): (u32, PathBuf)) -> Self {
+        GoneFile {
+            pid,
+            file: file.display().to_string(),
+        }
+    }
+}
+
+/// What a per-process reader judged: each live process with its snapshot and judgement (by
+/// pid), and the files of processes that are gone.
+pub struct Judged<S, T> {
+    pub processes: Vec<(u32, S, T)>,
+    pub gone: Vec<GoneFile>,
+}
+
+/// Loads (`load`) and judges (`judge`) the file of every live process in `files`. A process
+/// found to have ended meanwhile is gone, not judged: its file could not be loaded, or its
+/// judgement fails (`passed` false) while it is no longer alive (its last snapshot only ages).
+/// An error when every listed process ended meanwhile: nothing was judged.
+pub fn judge_live<S, T>(
+    pattern: &Path,
+    files: ProcessFiles,
+    load: impl Fn(u32, &Path) -> Result<Option<S>, String>,
+    mut judge: impl FnMut(&Path, &S) -> T,
+    passed: impl Fn(&T) -> bool,
+) -> Result<Judged<S, T>, String> {
+    let ProcessFiles { live, mut gone } = files;
+    let mut processes = Vec::with_capacity(live.len());
+    for (pid, file) in live {
+        let Some(snap) = load(pid, &file)? else {
+            gone.push((pid, file));
+            continue;
+        };
+        let verdict = judge(&file, &snap);
+        if !passed(&verdict) && !alive(pid) {
+            gone.push((pid, file));
+            continue;
+        }
+        processes.push((pid, snap, verdict));
+    }
+    gone.sort();
+    if processes.is_empty() {
+        return Err(none_live(pattern, gone.len()));
+    }
+    Ok(Judged {
+        processes,
+        gone: gone.into_iter().map(GoneFile::of).collect(),
+    })
 }
 
 /// The files in the pattern's directory whose name is the pattern's with `{pid}` replaced by
@@ -225,6 +288,56 @@ mod tests {
         // The main thread ended, another thread runs on: the process runs.
         let threads = status("Z (zombie)", 7).replace("Threads:\t1", "Threads:\t2");
         assert!(running_process(&threads, 7));
+    }
+
+    /// Above the kernel's pid_max (at most 2^22): no process has it.
+    const ENDED: u32 = 1 << 23;
+
+    fn listed(live: &[u32]) -> ProcessFiles {
+        ProcessFiles {
+            live: live
+                .iter()
+                .map(|&p| (p, PathBuf::from(format!("kvh-{p}.prom"))))
+                .collect(),
+            gone: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_process_that_ended_while_its_file_was_read_is_gone_not_judged() {
+        let pattern = Path::new("kvh-{pid}.prom");
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep runs");
+        let running = child.id();
+        // Loaded and failed, but ended: gone. Loaded and failed while running: judged.
+        let judged = judge_live(
+            pattern,
+            listed(&[running, ENDED]),
+            |_, _| Ok(Some(())),
+            |_, _| false,
+            |passed| *passed,
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let judged = judged.expect("one process judged");
+        assert_eq!(judged.processes, vec![(running, (), false)]);
+        assert_eq!(
+            judged.gone,
+            vec![GoneFile::of((ENDED, "kvh-8388608.prom".into()))]
+        );
+        // Its file unreadable because it ended: gone; nothing judged is an error.
+        let err = judge_live(
+            pattern,
+            listed(&[ENDED]),
+            |_, _| Ok(None::<()>),
+            |_, _| true,
+            |passed| *passed,
+        )
+        .err()
+        .expect("nothing judged");
+        assert!(err.contains("(1 of processes that are gone)"), "{err}");
     }
 
     #[test]
