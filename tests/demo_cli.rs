@@ -29,21 +29,7 @@ fn a_demo_whose_forensic_log_lost_records_does_not_pass() {
         "--log-dir",
     ])
     .arg(&dir);
-    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            // Room for the start record and a few more, not for the whole run.
-            let limit = libc::rlimit {
-                rlim_cur: 3000,
-                rlim_max: 3000,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd);
     let (code, out, err) = run(&mut cmd);
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(
@@ -181,20 +167,7 @@ fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
     .arg(&metrics)
     .arg("--log-dir")
     .arg(&dir);
-    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let limit = libc::rlimit {
-                rlim_cur: 3000,
-                rlim_max: 3000,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd);
     let (code, out, err) = run(&mut cmd);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(
@@ -231,4 +204,23 @@ fn an_unwritable_metrics_file_is_reported_as_the_metrics_file_option() {
         !err.contains("KVH_METRICS_FILE"),
         "the error names KVH_METRICS_FILE, which the demo does not read:\n{err}"
     );
+}
+
+/// Lets the demo's files hold the start record and a few more, not the whole run (the disk
+/// fills up): a write beyond 3000 bytes fails with EFBIG instead of killing the process.
+fn limit_file_size(cmd: &mut std::process::Command) {
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 3000,
+                rlim_max: 3000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
