@@ -22,7 +22,7 @@ functions=(
     cuInit cuDriverGetVersion cuGetErrorName
     cuDeviceGetCount cuDeviceGet cuDeviceGetAttribute
     cuDevicePrimaryCtxRetain cuCtxGetCurrent cuCtxSetCurrent
-    cuModuleLoadData cuModuleGetFunction cuLaunchKernel cuOccupancyMaxActiveBlocksPerMultiprocessor
+    cuModuleLoadData cuModuleUnload cuModuleGetFunction cuLaunchKernel cuOccupancyMaxActiveBlocksPerMultiprocessor
     cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost cuMemHostGetDevicePointer_v2
     cuMemcpyHtoD_v2 cuMemcpyDtoH_v2
     cuMemsetD8_v2 cuMemsetD8Async

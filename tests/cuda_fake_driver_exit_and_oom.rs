@@ -117,6 +117,35 @@ fn out_of_memory_while_a_device_opens_is_out_of_memory() {
     switch(&lib, "set_module_load_result", 0);
 }
 
+/// A device whose opening fails after its kernel module loaded (here: no memory for its
+/// ordering event) unloads the module again; the next call for the device opens it afresh,
+/// and only the module of the opened device stays loaded (each failed try would otherwise
+/// leave one module on the device for the life of the process).
+#[test]
+fn a_failed_device_open_unloads_its_module() {
+    let (path, lib) = fake_or_skip!("open_unload");
+    let b = start(&path);
+    // Starting opens device 0 (its kernel image must load).
+    let opened = query(&lib, "live_modules", 0);
+    for attempt in 1..=3 {
+        switch(&lib, "fail_event_creates", 1);
+        match b.allocate(1, 4096) {
+            Err(_) => {}
+            Ok(_) => panic!("try {attempt}: device 1 opened without its ordering event"),
+        }
+        assert_eq!(
+            query(&lib, "live_modules", 0),
+            opened,
+            "try {attempt}: a failed open left its module loaded"
+        );
+    }
+    let p = b
+        .allocate(1, 4096)
+        .expect("device 1 opens once the event can be created");
+    assert_eq!(query(&lib, "live_modules", 0), opened + 1);
+    b.release(1, p, 4096).expect("release");
+}
+
 /// Once `Backend::shutdown` has returned no driver call is made (invariant 6), also by a
 /// submission that is creating a batch slot: a shutdown that begins while the slot's
 /// page-locked result area is allocated stops the submission before the area is mapped

@@ -40,6 +40,7 @@
 //   or cuEventCreate, as fake_cuda_on_launch does; fake_cuda_calls_at_hook(0) as above.
 // - fake_cuda_set_module_load_result(code) makes every cuModuleLoadData fail with `code`
 //   (0: normal), e.g. CUDA_ERROR_OUT_OF_MEMORY (2) for a device another library has filled.
+// - fake_cuda_live_modules(0) is the number of modules loaded and not unloaded.
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
 //   before it returns (a cb that never returns stands for a hung device).
 #define KVH_HOST_RULE 1
@@ -130,11 +131,20 @@ int fake_cuda_use_foreign_context(int on) {
 }
 CUresult cuCtxSynchronize(void) { NEED_CTX(); return OK; }
 
+static std::atomic<int> g_live_modules{0};
+int fake_cuda_live_modules(int) { return g_live_modules.load(); }
 CUresult cuModuleLoadData(void** m, const void* image) {
     NEED_CTX();
     if (g_reject_images) return INVALID_IMAGE;
     if (int code = g_module_load_result.load()) return code;
     *m = (void*)image;
+    g_live_modules++;
+    return OK;
+}
+CUresult cuModuleUnload(void*) {
+    NEED_CTX();
+    if (g_live_modules.load() <= 0) return INVALID_VALUE;
+    g_live_modules--;
     return OK;
 }
 CUresult cuModuleGetFunction(void** f, void*, const char* name) {

@@ -142,6 +142,18 @@ pub unsafe fn module_load_data(d: &Driver, image: &[u8]) -> Result<CUmodule, Bac
     Ok(module)
 }
 
+/// Unloads a module, and with it its functions.
+///
+/// # Safety
+/// 1. `module` must be a live module of the current context, not unloaded before;
+/// 2. none of its functions may be used afterwards (no launch of them queued or to come).
+pub unsafe fn module_unload(d: &Driver, module: CUmodule) -> Result<(), BackendError> {
+    // SAFETY: contracts 1 and 2.
+    check(d, "cuModuleUnload", unsafe {
+        d.api().cuModuleUnload(module)
+    })
+}
+
 /// # Safety
 /// 1. `module` must be a live module of the current context.
 pub unsafe fn module_get_function(

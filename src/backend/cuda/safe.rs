@@ -403,16 +403,22 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     inner.live()?;
     let (module, image) =
         load_kernels(inner, major as u32, minor as u32).map_err(out_of_memory_on(ordinal))?;
+    let module = LoadedModule {
+        inner,
+        module: Some(module),
+    };
     inner.live()?;
     // SAFETY: 1. `module` was loaded into the current context just now.
-    let scrub_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_KERNEL) }?;
+    let scrub_fn = unsafe { r::module_get_function(d, module.get(), kernel::SCRUB_KERNEL) }?;
     // SAFETY: as above.
-    let strided_fn = unsafe { r::module_get_function(d, module, kernel::SCRUB_STRIDED_KERNEL) }?;
+    let strided_fn =
+        unsafe { r::module_get_function(d, module.get(), kernel::SCRUB_STRIDED_KERNEL) }?;
     // SAFETY: as above.
-    let publish_fn = unsafe { r::module_get_function(d, module, kernel::PUBLISH_KERNEL) }?;
+    let publish_fn = unsafe { r::module_get_function(d, module.get(), kernel::PUBLISH_KERNEL) }?;
     inner.live()?;
     let order_event = r::event_create(d, ordinal)?;
     inner.live()?;
+    module.keep();
     Ok(Device {
         ordinal,
         ctx: Handle(ctx),
@@ -474,6 +480,46 @@ fn out_of_memory_on(ordinal: u32) -> impl Fn(BackendError) -> BackendError {
             }
         }
         other => other,
+    }
+}
+
+/// The kernel module of a device being opened. Unless the open succeeds ([`Self::keep`]) it is
+/// unloaded when dropped: a failed open (a kernel missing from the image, no memory for the
+/// ordering event) is retried by the next call for the device, which loads the module again,
+/// and each try would otherwise leave a module's code and constants on the device.
+struct LoadedModule<'a> {
+    inner: &'a Inner,
+    /// `None` once kept.
+    module: Option<r::CUmodule>,
+}
+
+impl LoadedModule<'_> {
+    fn get(&self) -> r::CUmodule {
+        self.module.unwrap_or(std::ptr::null_mut())
+    }
+
+    /// The device opened: its functions are used for the rest of the process, whose exit
+    /// unloads the module with the context.
+    fn keep(mut self) {
+        self.module = None;
+    }
+}
+
+impl Drop for LoadedModule<'_> {
+    fn drop(&mut self) {
+        let Some(module) = self.module.take() else {
+            return;
+        };
+        // No driver call once a shutdown has begun: the module is left loaded, as the
+        // retained context is.
+        if self.inner.live().is_err() {
+            return;
+        }
+        // SAFETY: 1. `open_device` loaded `module` into the context it made current on this
+        // thread, which nothing in between changed, and unloads it only here, once (`take`);
+        // 2. the open failed, so no `Device` holds the module's functions and none was
+        // launched.
+        let _ = unsafe { r::module_unload(&self.inner.driver, module) };
     }
 }
 

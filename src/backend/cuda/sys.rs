@@ -487,6 +487,7 @@ pub struct CudaDriver {
         module: *mut CUmodule,
         image: *const ::std::os::raw::c_void,
     ) -> CUresult,
+    pub cuModuleUnload: unsafe extern "C" fn(hmod: CUmodule) -> CUresult,
     pub cuModuleGetFunction: unsafe extern "C" fn(
         hfunc: *mut CUfunction,
         hmod: CUmodule,
@@ -591,6 +592,7 @@ impl CudaDriver {
         let cuCtxGetCurrent = __library.get(b"cuCtxGetCurrent\0").map(|sym| *sym)?;
         let cuCtxSynchronize = __library.get(b"cuCtxSynchronize\0").map(|sym| *sym)?;
         let cuModuleLoadData = __library.get(b"cuModuleLoadData\0").map(|sym| *sym)?;
+        let cuModuleUnload = __library.get(b"cuModuleUnload\0").map(|sym| *sym)?;
         let cuModuleGetFunction = __library.get(b"cuModuleGetFunction\0").map(|sym| *sym)?;
         let cuMemAlloc_v2 = __library.get(b"cuMemAlloc_v2\0").map(|sym| *sym)?;
         let cuMemFree_v2 = __library.get(b"cuMemFree_v2\0").map(|sym| *sym)?;
@@ -631,6 +633,7 @@ impl CudaDriver {
             cuCtxGetCurrent,
             cuCtxSynchronize,
             cuModuleLoadData,
+            cuModuleUnload,
             cuModuleGetFunction,
             cuMemAlloc_v2,
             cuMemFree_v2,
@@ -703,6 +706,9 @@ impl CudaDriver {
         image: *const ::std::os::raw::c_void,
     ) -> CUresult {
         (self.cuModuleLoadData)(module, image)
+    }
+    pub unsafe fn cuModuleUnload(&self, hmod: CUmodule) -> CUresult {
+        (self.cuModuleUnload)(hmod)
     }
     pub unsafe fn cuModuleGetFunction(
         &self,
