@@ -84,3 +84,43 @@ fn a_full_disk_with_a_checkpoint_interval_counts_only_the_lost_event() {
          {soon} 120 ms after the failure and {later} one second later; `lost` records: {lost:?}"
     );
 }
+
+/// While the disk stays full, an idle signed log tries to write its `lost` record less and
+/// less often (waits doubling up to 2 s), so `write_errors` grows with the time the disk is
+/// full only logarithmically at first and by at most one every 2 s after: not once per
+/// writer tick. Once the disk has room again, the `lost` record reaches the file without any
+/// new event, within the longest wait.
+#[test]
+fn an_idle_log_on_a_full_disk_backs_off_its_retries_and_recovers_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp, |c| c.checkpoint_interval_ms = 100);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.flush();
+    log.inject_write_faults(1_000_000);
+    log.emit(event(2));
+    log.flush();
+    let first = log.stats().write_errors;
+    assert!(first >= 1, "the injected fault was not hit");
+    std::thread::sleep(Duration::from_millis(1600));
+    let retries = log.stats().write_errors - first;
+    // Tries at about 0, 100, 300, 700 and 1500 ms after the first failure (plus a tick each).
+    assert!(
+        retries <= 6,
+        "{retries} failed writes in 1.6 s of an idle log on a full disk"
+    );
+    assert!(
+        retries >= 2,
+        "the idle log stopped trying to record its loss ({retries} tries in 1.6 s)"
+    );
+    log.inject_write_faults(0);
+    std::thread::sleep(Duration::from_millis(2600));
+    let lost = lost_records(&tmp);
+    assert_eq!(
+        lost.len(),
+        1,
+        "the `lost` record was not written once the disk had room: {lost:?}"
+    );
+    assert_eq!(lost[0]["records_lost"], 1, "{lost:?}");
+    log.stop();
+}

@@ -80,7 +80,42 @@ pub(crate) struct ChainWriter {
     last_summary: Option<Instant>,
     records_since_ckpt: u64,
     last_ckpt: Instant,
+    /// When an idle log's unrecorded loss is next written alone, and the wait after that
+    /// try fails (see [`IdleLossRetry`]).
+    idle_loss_retry: IdleLossRetry,
     shared: Arc<Shared>,
+}
+
+/// Backs off the writes of an idle log's `lost` record while they keep failing (a full
+/// disk): each failed try doubles the wait before the next, from [`IdleLossRetry::FIRST`] up
+/// to [`IdleLossRetry::MAX`], so that `write_errors` grows with the events a full disk costs
+/// rather than with the writer's ticks. A record emitted meanwhile is written at once, the
+/// `lost` record before it; a successful write starts the waits again from the first.
+#[derive(Debug, Clone, Copy)]
+struct IdleLossRetry {
+    not_before: Option<Instant>,
+    wait: Duration,
+}
+
+impl IdleLossRetry {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        IdleLossRetry {
+            not_before: None,
+            wait: Self::FIRST,
+        }
+    }
+
+    fn may_try(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|t| now >= t)
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.not_before = Some(now + self.wait);
+        self.wait = (self.wait * 2).min(Self::MAX);
+    }
 }
 
 impl ChainWriter {
@@ -169,6 +204,7 @@ impl ChainWriter {
             last_summary: None,
             records_since_ckpt: 0,
             last_ckpt: Instant::now(),
+            idle_loss_retry: IdleLossRetry::new(),
             shared,
         };
         *lock(&w.shared.chain) = Some(w.chain.clone());
@@ -415,6 +451,7 @@ impl ChainWriter {
             self.lost = None;
             self.lost_in_buf = false;
         }
+        self.idle_loss_retry = IdleLossRetry::new();
         self.dirty_since_sync = true;
         if self.fsync == FsyncPolicy::Always {
             self.sync();
@@ -685,11 +722,20 @@ impl ChainWriter {
             // alone (a failed write loses nothing more: it is rebuilt), and, once written, it
             // is a new record the next checkpoint covers. A checkpoint appended with it now
             // would only be lost too while writes fail.
-            self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
-            if self.flush().is_err() {
-                // Writes still fail. The records already written are signed when a checkpoint
-                // is due (the checkpoint directory may be on another disk), but no
-                // `checkpoint` record is appended: it would be lost as well.
+            let now = Instant::now();
+            let written = self.idle_loss_retry.may_try(now) && {
+                self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
+                let ok = self.flush().is_ok();
+                if !ok {
+                    self.idle_loss_retry.failed(now);
+                }
+                ok
+            };
+            if !written {
+                // Writes still fail (or failed too recently to try again). The records
+                // already written are signed when a checkpoint is due (the checkpoint
+                // directory may be on another disk), but no `checkpoint` record is appended:
+                // it would be lost as well.
                 if self.checkpoint_due(self.records_since_ckpt) {
                     let _ = self.checkpoint();
                 }
