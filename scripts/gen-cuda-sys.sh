@@ -26,7 +26,7 @@ functions=(
     cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost cuMemHostGetDevicePointer_v2
     cuMemcpyHtoD_v2 cuMemcpyDtoH_v2
     cuMemsetD8_v2 cuMemsetD8Async
-    cuStreamSynchronize cuStreamWaitEvent cuStreamIsCapturing cuCtxSynchronize
+    cuStreamSynchronize cuStreamWaitEvent cuStreamIsCapturing cuStreamGetCtx cuCtxSynchronize
     cuEventCreate cuEventRecord cuEventQuery cuEventSynchronize cuEventDestroy_v2
     cuThreadExchangeStreamCaptureMode
 )

@@ -764,6 +764,64 @@ fn a_free_on_the_per_thread_stream_is_never_scrubbed_on_another_threads_stream()
     );
 }
 
+/// A stream of another device than the batch's (here device 1's, handle 0xD1001) among the
+/// wait streams: an event can be recorded only on a stream of its own context, so the scrub
+/// is ordered after it through an event of that stream's context, which the batch's stream
+/// waits for and which is destroyed afterwards. The batch runs and verifies; no event is left
+/// behind.
+#[test]
+fn a_wait_stream_of_another_device_orders_the_scrub_through_its_own_context() {
+    let (path, lib) = fake_or_skip!("foreign_wait_stream");
+    let b = start(&path);
+    let (segments, total) = random_layout(6, 3000, 11);
+    let base = b.allocate(0, total).expect("allocate");
+    // A first batch makes the batch slot (and its completion event) the second one reuses.
+    run(&b, batch(place(base, &segments), SAMPLED));
+    let events_before = query(&lib, "live_events", 0);
+    let mut scrub = batch(place(base, &segments), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(0xD1001), StreamHandle(9)];
+    let results = run(&b, scrub);
+    assert!(
+        results.iter().all(|r| r.nonzero == 0 && r.checked > 0),
+        "{results:?}"
+    );
+    assert_eq!(
+        query(&lib, "cross_device_waits", 0),
+        1,
+        "the batch's stream did not wait for the other device's stream through an event of \
+         that stream's context"
+    );
+    assert_eq!(
+        query(&lib, "live_events", 0),
+        events_before,
+        "the event made for the other device's stream was not destroyed"
+    );
+    b.release(0, base, total).expect("release");
+}
+
+/// Through the allocator, as PyTorch's record-stream hook would after a peer copy: a block
+/// of device 0 recorded with a stream of device 1 is scrubbed, verified and reusable, with
+/// no backend error.
+#[test]
+fn a_block_recorded_with_a_stream_of_another_device_is_scrubbed() {
+    use kvhygiene::alloc::{Allocator, BlockState};
+    let (path, _lib) = fake_or_skip!("foreign_record_stream");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let s = StreamHandle(7);
+    let p = alloc.malloc(1 << 16, 0, s).expect("malloc");
+    assert!(alloc.record_stream(p, StreamHandle(0xD1001)));
+    alloc.free(p, 1 << 16, 0, s).expect("free");
+    alloc.synchronize().expect("synchronize");
+    let state = alloc.block_info(p).map(|b| b.state);
+    let stats = alloc.stats();
+    alloc.shutdown();
+    assert_eq!(state, Some(BlockState::Clean), "{stats:?}");
+    assert_eq!(stats.counters.backend_errors, 0, "{stats:?}");
+    assert_eq!(stats.counters.verifications_failed, 0, "{stats:?}");
+}
+
 /// Arms `fake_cuda_<hook>(cb)` (`void(void (*)(void))`) in an instance.
 fn arm(lib: &libloading::Library, hook: &str, cb: extern "C" fn()) {
     let symbol = format!("fake_cuda_{hook}\0");

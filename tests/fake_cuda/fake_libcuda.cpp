@@ -41,6 +41,13 @@
 // - fake_cuda_set_module_load_result(code) makes every cuModuleLoadData fail with `code`
 //   (0: normal), e.g. CUDA_ERROR_OUT_OF_MEMORY (2) for a device another library has filled.
 // - fake_cuda_live_modules(0) is the number of modules loaded and not unloaded.
+// - devices 0 and 1 have primary contexts of their own; stream handles 0xD1000..0xD1FFF are
+//   streams of device 1's context, every other handle one of the calling thread's current
+//   context (cuStreamGetCtx). An event is recorded only on streams of the context it was
+//   created in (else CUDA_ERROR_INVALID_HANDLE, 400), and cuStreamIsCapturing needs the
+//   stream's context current; fake_cuda_live_events(0) counts events created and not
+//   destroyed, fake_cuda_cross_device_waits(0) the waits of a stream for an event of
+//   another context.
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
 //   before it returns (a cb that never returns stands for a hung device).
 #define KVH_HOST_RULE 1
@@ -56,8 +63,17 @@ typedef unsigned long long CUdeviceptr;
 
 static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONTEXT = 201,
                       INVALID_IMAGE = 200, NOT_FOUND = 500, NOT_READY = 600;
-static int g_ctx_token;  // the primary context's address is its identity
+// The primary contexts of devices 0 and 1: a context's address is its identity.
+static int g_ctx_tokens[2];
+static bool is_primary(void* ctx) { return ctx == &g_ctx_tokens[0] || ctx == &g_ctx_tokens[1]; }
 static thread_local void* t_current = nullptr;
+// Stream handles 0xD1000..0xD1FFF are streams of device 1's context (streams of another
+// device than the one a test works on); every other handle, the special ones (0, 1, 2)
+// included, is a stream of the calling thread's current context.
+static void* ctx_of(void* s) {
+    if (((uintptr_t)s & ~(uintptr_t)0xFFF) == 0xD1000) return &g_ctx_tokens[1];
+    return t_current;
+}
 static std::atomic<int> g_module_load_result{0};  // fake_cuda_set_module_load_result
 static std::atomic<int> g_init_result{0}, g_reject_images{0}, g_pending{0}, g_calls{0},
     g_host_allocs{0}, g_fail_host_allocs{0}, g_fail_launch{0}, g_last_scrub_grid{0},
@@ -66,12 +82,17 @@ static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 
 struct Event {
     std::atomic<int> pending{0};
+    void* ctx = nullptr;  // the context current at its creation, whose streams may record it
 };
+static const CUresult INVALID_HANDLE = 400;
+static std::atomic<int> g_live_events{0}, g_cross_device_waits{0};
+extern "C" int fake_cuda_live_events(int) { return g_live_events.load(); }
+extern "C" int fake_cuda_cross_device_waits(int) { return g_cross_device_waits.load(); }
 
 #define NEED_CTX()                                   \
     do {                                             \
         g_calls++;                                   \
-        if (t_current != &g_ctx_token) return INVALID_CONTEXT; \
+        if (!is_primary(t_current)) return INVALID_CONTEXT; \
     } while (0)
 
 // The calling thread's stream-capture interaction mode (0 global, 1 thread-local, 2 relaxed),
@@ -100,6 +121,7 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; return OK;
         case NOT_READY: *s = "CUDA_ERROR_NOT_READY"; return OK;
         case 100: *s = "CUDA_ERROR_NO_DEVICE"; return OK;
+        case 400: *s = "CUDA_ERROR_INVALID_HANDLE"; return OK;
         default: *s = nullptr; return INVALID_VALUE;
     }
 }
@@ -119,7 +141,11 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         default: *v = 0; return OK;
     }
 }
-CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &g_ctx_token; return OK; }
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int ordinal) {
+    if (ordinal < 0 || ordinal >= 2) return 101;
+    *ctx = &g_ctx_tokens[ordinal];
+    return OK;
+}
 CUresult cuCtxSetCurrent(void* ctx) { t_current = ctx; return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_current; return OK; }
 // Makes a context that is not kvhygiene's current on the calling thread (1), or reports
@@ -222,12 +248,23 @@ CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
 
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { NEED_CTX(); return OK; }
+// A stream may wait for an event of another context (the driver API allows it).
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+    NEED_CTX();
+    if (static_cast<Event*>(e)->ctx != ctx_of(s)) g_cross_device_waits++;
+    return OK;
+}
+CUresult cuStreamGetCtx(void* s, void** ctx) {
+    g_calls++;
+    *ctx = ctx_of(s);
+    return *ctx ? OK : INVALID_CONTEXT;
+}
 CUresult cuStreamSynchronize(void*) { NEED_CTX(); return OK; }
 void fake_cuda_on_capture_query(void (*cb)(void)) { g_capture_hook = cb; }
 int fake_cuda_calls_at_hook(int) { return g_calls_at_hook.load(); }
 CUresult cuStreamIsCapturing(void* s, int* status) {
     NEED_CTX();
+    if (ctx_of(s) != t_current) return INVALID_CONTEXT;
     if (void (*hook)(void) = g_capture_hook) {
         g_capture_hook = nullptr;
         hook();
@@ -255,7 +292,10 @@ CUresult cuEventCreate(void** e, unsigned) {
         g_fail_event_creates--;
         return OUT_OF_MEMORY;
     }
-    *e = new Event();
+    Event* ev = new Event();
+    ev->ctx = t_current;
+    g_live_events++;
+    *e = ev;
     run_hook(&g_event_create_hook);
     return OK;
 }
@@ -266,8 +306,11 @@ int fake_cuda_foreign_per_thread_uses(int) { return g_foreign_per_thread_uses.lo
 static void note_stream(void* s) {
     if ((uintptr_t)s == 2 && !t_owns_per_thread) g_foreign_per_thread_uses++;
 }
+// An event is recorded on streams of its own context only (cuda.h: "hEvent and hStream must
+// be from the same context").
 CUresult cuEventRecord(void* e, void* s) {
     NEED_CTX();
+    if (static_cast<Event*>(e)->ctx != ctx_of(s)) return INVALID_HANDLE;
     note_stream(s);
     static_cast<Event*>(e)->pending = g_pending.load();
     return OK;
@@ -287,7 +330,11 @@ CUresult cuEventSynchronize(void* e) {
     static_cast<Event*>(e)->pending = 0;
     return OK;
 }
-CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
+CUresult cuEventDestroy_v2(void* e) {
+    g_live_events--;
+    delete static_cast<Event*>(e);
+    return OK;
+}
 
 // Host ports of kvh_scrub / kvh_scrub_strided / kvh_scrub_publish: the kernels' own work
 // decomposition (one chunk per block, or block b of a grid of G taking chunks b, b + G, ...;

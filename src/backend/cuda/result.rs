@@ -368,8 +368,12 @@ pub unsafe fn event_synchronize(d: &Driver, ev: CUevent) -> Result<(), BackendEr
     })
 }
 
+/// Destroys an event; one whose recorded work has not completed yet is released by the
+/// driver once it has (cuda.h).
+///
 /// # Safety
-/// 1. `ev` must be a live event that no queued work or later call uses.
+/// 1. `ev` must be a live event that no later call uses (a wait queued on it before, with
+///    `cuStreamWaitEvent`, took its state when queued).
 pub unsafe fn event_destroy(d: &Driver, ev: CUevent) -> Result<(), BackendError> {
     // SAFETY: contract 1.
     check(d, "cuEventDestroy", unsafe {
@@ -377,19 +381,37 @@ pub unsafe fn event_destroy(d: &Driver, ev: CUevent) -> Result<(), BackendError>
     })
 }
 
-/// Makes `stream` wait for the work captured by the last record of `ev`.
+/// Makes `stream` wait for the work captured by the last record of `ev`. The event may be of
+/// another context or device than the stream (cuda.h: "hEvent may be from a different
+/// context or device than hStream").
 ///
 /// # Safety
-/// 1. `stream` and `ev` must be live and of the current context.
+/// 1. `stream` must be live and of the current context;
+/// 2. `ev` must be live (of any context).
 pub unsafe fn stream_wait_event(
     d: &Driver,
     stream: CUstream,
     ev: CUevent,
 ) -> Result<(), BackendError> {
-    // SAFETY: contract 1.
+    // SAFETY: contracts 1 and 2.
     check(d, "cuStreamWaitEvent", unsafe {
         d.api().cuStreamWaitEvent(stream, ev, 0)
     })
+}
+
+/// The context `stream` belongs to: the one current when it was created, or for a special
+/// handle (NULL, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`) the calling thread's current one.
+///
+/// # Safety
+/// 1. `stream` must be a live stream or a special handle (the driver's behaviour for any
+///    other handle is undefined).
+pub unsafe fn stream_get_ctx(d: &Driver, stream: CUstream) -> Result<CUcontext, BackendError> {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: contract 1; `ctx` is a valid out-pointer.
+    check(d, "cuStreamGetCtx", unsafe {
+        d.api().cuStreamGetCtx(stream, &mut ctx)
+    })?;
+    Ok(ctx)
 }
 
 /// # Safety

@@ -944,8 +944,11 @@ fn launch(
 
 /// Makes `s` wait for all work queued so far on every other stream in `waits`. A wait stream
 /// that is capturing a graph is refused like a capturing scrub stream: recording the event
-/// there would add it to the graph instead of marking the work queued now. Checks for a
-/// shutdown before each driver call: there is one per wait stream, or three.
+/// there would add it to the graph instead of marking the work queued now. An event can be
+/// recorded only on a stream of its own context, so a wait stream of another device (a
+/// block recorded with a stream of another GPU, as around a peer copy) is ordered through
+/// an event of that stream's context ([`order_after_foreign_stream`]). Checks for a shutdown
+/// before each driver call.
 fn order_after_wait_streams(
     inner: &Inner,
     dev: &Device,
@@ -954,28 +957,127 @@ fn order_after_wait_streams(
     own: StreamHandle,
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
-    let others = || waits.iter().filter(|w| **w != own);
-    for w in others() {
+    let mut others = Vec::new();
+    for &w in waits.iter().filter(|w| **w != own) {
         inner.live()?;
-        // SAFETY: 1. a stream recorded for the block through kvh_record_stream, of this device.
-        if unsafe { r::stream_is_capturing(d, stream_of(*w)) }? {
+        let foreign = foreign_context(d, dev, w)?;
+        // SAFETY: 1. a stream recorded for the block through kvh_record_stream (live until
+        // the block is freed: its contract), whose context is current when this runs.
+        let query = || unsafe { r::stream_is_capturing(d, stream_of(w)) };
+        let capturing = match foreign {
+            None => query()?,
+            // SAFETY: 1. `ctx` is the context of `w`, a live stream; `dev.ctx` was retained by
+            // `open_device` and is never released.
+            Some(ctx) => unsafe { in_context(inner, ctx, dev.ctx.0, query) }?,
+        };
+        if capturing {
             return Err(BackendError::StreamCapturing {
                 stream: w.0,
                 what: "scrub ordering after a recorded stream",
             });
         }
+        others.push((w, foreign));
     }
     let ev = lock(&dev.order_event);
-    for w in others() {
+    for (w, foreign) in others {
         inner.live()?;
-        // SAFETY: 1. live event; `w` is a stream recorded for the block through
-        // kvh_record_stream (PyTorch's), of this device.
-        unsafe { r::event_record(d, ev.0, stream_of(*w)) }?;
+        if let Some(ctx) = foreign {
+            order_after_foreign_stream(inner, dev, s, w, ctx)?;
+            continue;
+        }
+        // SAFETY: 1. live event of this device's context; `w` is a stream recorded for the
+        // block through kvh_record_stream (PyTorch's), of this device.
+        unsafe { r::event_record(d, ev.0, stream_of(w)) }?;
         inner.live()?;
-        // SAFETY: 1. as above.
+        // SAFETY: 1. `s` is the batch's stream, of this device, whose context is current;
+        // 2. live event.
         unsafe { r::stream_wait_event(d, s, ev.0) }?;
     }
     Ok(())
+}
+
+/// The context of wait stream `w` when it is not `dev`'s own, else `None`. The special
+/// handles (NULL, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`) name a stream of the current
+/// context, which is `dev`'s here.
+fn foreign_context(
+    d: &Driver,
+    dev: &Device,
+    w: StreamHandle,
+) -> Result<Option<CUcontext>, BackendError> {
+    if w.0 <= 2 {
+        return Ok(None);
+    }
+    // SAFETY: 1. a stream recorded for the block through kvh_record_stream, live until the
+    // block is freed (its contract).
+    let ctx = unsafe { r::stream_get_ctx(d, stream_of(w)) }?;
+    Ok((ctx != dev.ctx.0).then_some(ctx))
+}
+
+/// Makes `s`, a stream of `dev`, wait for the work queued so far on `w`, a stream of another
+/// context `ctx`: through an event created in `ctx` for this wait, recorded on `w`, waited
+/// for by `s` (a stream may wait for an event of another device) and destroyed (the driver
+/// releases it once its work completed). One event per such wait, not one kept per pair of
+/// devices, because the case is rare: PyTorch records a block with streams of its own device
+/// except around peer copies.
+fn order_after_foreign_stream(
+    inner: &Inner,
+    dev: &Device,
+    s: CUstream,
+    w: StreamHandle,
+    ctx: CUcontext,
+) -> Result<(), BackendError> {
+    let d = &inner.driver;
+    let home = dev.ctx.0;
+    // Runs with `ctx` current.
+    let create_and_record = || {
+        let ev = r::event_create(d, dev.ordinal)?;
+        // SAFETY: 1. `ev` was created in `ctx` just now and `w` is a stream of `ctx`.
+        match unsafe { r::event_record(d, ev, stream_of(w)) } {
+            Ok(()) => Ok(ev),
+            Err(e) => {
+                // SAFETY: 1. created above, not recorded, used by nothing.
+                let _ = unsafe { r::event_destroy(d, ev) };
+                Err(e)
+            }
+        }
+    };
+    // SAFETY (both `in_context` calls): 1. `ctx` is the context of `w`, a live stream; `home`
+    // was retained by `open_device` and is never released.
+    let ev = unsafe { in_context(inner, ctx, home, create_and_record) }?;
+    inner.live()?;
+    // SAFETY: 1. `s` is the batch's stream, of `dev`, whose context is current; 2. `ev` is
+    // live (destroyed below).
+    let waited = unsafe { r::stream_wait_event(d, s, ev) };
+    inner.live()?;
+    // SAFETY: 1. `ev` is live, and nothing but the wait queued above (which took its state
+    // when queued) uses it.
+    let destroy = || unsafe { r::event_destroy(d, ev) };
+    // SAFETY: as above.
+    unsafe { in_context(inner, ctx, home, destroy) }?;
+    waited
+}
+
+/// Runs `f` with `ctx` current on this thread, then makes `home` current again. Checks for a
+/// shutdown before each of its driver calls: after one began, `home` is not restored (no
+/// driver call then), and the entry point returns `ShuttingDown`.
+///
+/// # Safety
+/// 1. `ctx` and `home` must be live contexts.
+unsafe fn in_context<T>(
+    inner: &Inner,
+    ctx: CUcontext,
+    home: CUcontext,
+    f: impl FnOnce() -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
+    let d = &inner.driver;
+    inner.live()?;
+    // SAFETY: contract 1.
+    unsafe { r::ctx_set_current(d, ctx) }?;
+    let out = f();
+    inner.live()?;
+    // SAFETY: contract 1.
+    unsafe { r::ctx_set_current(d, home) }?;
+    out
 }
 
 /// An in-flight batch: completion is its slot's event; results are in the slot's page-locked

@@ -527,6 +527,7 @@ pub struct CudaDriver {
         N: usize,
         hStream: CUstream,
     ) -> CUresult,
+    pub cuStreamGetCtx: unsafe extern "C" fn(hStream: CUstream, pctx: *mut CUcontext) -> CUresult,
     pub cuStreamWaitEvent: unsafe extern "C" fn(
         hStream: CUstream,
         hEvent: CUevent,
@@ -605,6 +606,7 @@ impl CudaDriver {
         let cuMemcpyDtoH_v2 = __library.get(b"cuMemcpyDtoH_v2\0").map(|sym| *sym)?;
         let cuMemsetD8_v2 = __library.get(b"cuMemsetD8_v2\0").map(|sym| *sym)?;
         let cuMemsetD8Async = __library.get(b"cuMemsetD8Async\0").map(|sym| *sym)?;
+        let cuStreamGetCtx = __library.get(b"cuStreamGetCtx\0").map(|sym| *sym)?;
         let cuStreamWaitEvent = __library.get(b"cuStreamWaitEvent\0").map(|sym| *sym)?;
         let cuThreadExchangeStreamCaptureMode = __library
             .get(b"cuThreadExchangeStreamCaptureMode\0")
@@ -644,6 +646,7 @@ impl CudaDriver {
             cuMemcpyDtoH_v2,
             cuMemsetD8_v2,
             cuMemsetD8Async,
+            cuStreamGetCtx,
             cuStreamWaitEvent,
             cuThreadExchangeStreamCaptureMode,
             cuStreamIsCapturing,
@@ -775,6 +778,9 @@ impl CudaDriver {
         hStream: CUstream,
     ) -> CUresult {
         (self.cuMemsetD8Async)(dstDevice, uc, N, hStream)
+    }
+    pub unsafe fn cuStreamGetCtx(&self, hStream: CUstream, pctx: *mut CUcontext) -> CUresult {
+        (self.cuStreamGetCtx)(hStream, pctx)
     }
     pub unsafe fn cuStreamWaitEvent(
         &self,
