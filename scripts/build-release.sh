@@ -70,7 +70,10 @@ layout() {
     done
     while IFS= read -r f; do
         echo "$f share/doc/kvhygiene/$f"
-    done < <(cd "$root" && find docs examples -maxdepth 1 -type f \( -name '*.md' -o -name '*.py' \) | LC_ALL=C sort)
+    done < <(cd "$root" && {
+        find docs -maxdepth 1 -type f -name '*.md'
+        find examples -type f \( -name '*.md' -o -name '*.py' -o -name '*.c' \)
+    } | LC_ALL=C sort)
     while IFS= read -r f; do
         echo "$f share/doc/kvhygiene/$f"
     done < <(cd "$root" && find deploy -type f \( -name '*.md' -o -name '*.yaml' -o -name '*.json' -o -name Dockerfile \) | LC_ALL=C sort)
