@@ -8,7 +8,9 @@
 #   4. python/ imports, finds lib/libkvhygiene.so through KVH_LIBRARY and without it, and a
 #      malloc/free through that library is scrubbed and verified;
 #   5. lib/libkvhygiene_preload.so loads with every symbol bound (LD_BIND_NOW) as an
-#      LD_PRELOAD, and answers the C API.
+#      LD_PRELOAD, and answers the C API;
+#   6. the shipped C example (share/doc/kvhygiene/examples/c) builds against include/ and
+#      lib/ alone and passes on the host backend (skipped, said, without a C compiler).
 # Each step runs with a clean environment (no inherited KVH_* or LD_* variables) in an empty
 # working directory, so nothing is found through the checkout.
 #
@@ -103,5 +105,19 @@ lib = ctypes.CDLL(os.environ["PRELOAD"])  # RTLD_NOW: every symbol bound at load
 lib.kvh_version.restype = ctypes.c_char_p
 print("  preload library answers kvh_version:", lib.kvh_version().decode())
 ') || die "lib/libkvhygiene_preload.so does not answer the C API"
+
+cc_bin="${CC:-cc}"
+if command -v "$cc_bin" >/dev/null; then
+    echo "check-release: a C engine built against include/ and lib/"
+    "$cc_bin" -std=c11 -Wall -Wextra -Werror -I"$dist/include" \
+        "$dist/share/doc/kvhygiene/examples/c/paged_kv_engine.c" \
+        -L"$dist/lib" -lkvhygiene -o "$work/paged_kv_engine" ||
+        die "share/doc/kvhygiene/examples/c/paged_kv_engine.c does not build against include/ and lib/"
+    (cd "$work" && "${clean[@]}" KVH_BACKEND=host LD_LIBRARY_PATH="$dist/lib" "$work/paged_kv_engine") \
+        >"$work/c.out" 2>&1 || { cat "$work/c.out" >&2; die "the C example failed against lib/libkvhygiene.so"; }
+    grep -q '^PASS' "$work/c.out" || { cat "$work/c.out" >&2; die "the C example did not say PASS"; }
+else
+    echo "check-release: no C compiler ($cc_bin); C example skipped"
+fi
 
 echo "check-release: $dist OK"
