@@ -134,14 +134,41 @@ pub struct PoolCounters {
     pub accounting: Accounting,
     /// Free → CLEAN latency, microseconds (scrub queueing + batching + scrub + harvest).
     pub scrub_latency_us: Histogram<u64>,
+    /// The same latencies in the exported histogram's buckets: how many fell in each
+    /// (`(previous bound, bound]`; beyond the last bound, in none), and their sum.
+    pub scrub_latency_buckets: [u64; LATENCY_BUCKETS_US.len()],
+    pub scrub_latency_sum_us: u64,
 }
+
+/// Upper bounds of the free → CLEAN latency histogram's buckets, in microseconds: from half a
+/// millisecond (a batch flushed at once) to 30 s (scrubs held back by a graph capture or an
+/// out-of-memory retry). Exported as `kvh_free_to_clean_seconds` with these `le` labels
+/// ([`LATENCY_BUCKET_LABELS`]), plus `+Inf`. Counted exactly here rather than read from
+/// the HDR histogram, whose bucket edges are only exact to its resolution: a Prometheus
+/// bucket must count exactly the values at or below its bound.
+pub const LATENCY_BUCKETS_US: [u64; 15] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000,
+];
+
+/// [`LATENCY_BUCKETS_US`] in seconds, as the `le` labels spell them.
+pub const LATENCY_BUCKET_LABELS: [&str; 15] = [
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+    "2.5", "5", "10", "30",
+];
 
 impl PoolCounters {
     /// Records one free → CLEAN latency. One beyond the histogram's bound (an hour: a scrub
     /// held back by a long graph capture, say) counts at the bound rather than not at all,
     /// so the count stays the number of scrubs and the maximum shows the worst.
     pub fn record_scrub_latency(&mut self, us: u64) {
-        self.scrub_latency_us.saturating_record(us.max(1));
+        let us = us.max(1);
+        self.scrub_latency_us.saturating_record(us);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        if let Some(n) = self.scrub_latency_buckets.get_mut(bucket) {
+            *n += 1;
+        }
+        self.scrub_latency_sum_us = self.scrub_latency_sum_us.saturating_add(us);
     }
 }
 
@@ -151,6 +178,8 @@ impl Default for PoolCounters {
             counters: Counters::default(),
             accounting: Accounting::default(),
             scrub_latency_us: new_histogram(),
+            scrub_latency_buckets: [0; LATENCY_BUCKETS_US.len()],
+            scrub_latency_sum_us: 0,
         }
     }
 }
@@ -160,7 +189,7 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
-/// Latency percentiles in microseconds.
+/// Latency percentiles in microseconds, and the exported histogram.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct LatencySummary {
     pub count: u64,
@@ -168,6 +197,39 @@ pub struct LatencySummary {
     pub p95_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// Sum of the latencies counted.
+    pub sum_us: u64,
+    /// Cumulative counts at each bound of [`LATENCY_BUCKETS_US`]: the latencies at or below
+    /// it. In the JSON, an object keyed by the bound in seconds (`"0.0005"` .. `"30"`).
+    pub buckets: LatencyBuckets,
+}
+
+/// Cumulative bucket counts of a [`LatencySummary`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencyBuckets(pub [u64; LATENCY_BUCKETS_US.len()]);
+
+impl LatencyBuckets {
+    /// Cumulative counts from per-bucket ones.
+    fn cumulative(per_bucket: &[u64; LATENCY_BUCKETS_US.len()]) -> Self {
+        let mut out = [0; LATENCY_BUCKETS_US.len()];
+        let mut total = 0u64;
+        for (o, n) in out.iter_mut().zip(per_bucket) {
+            total = total.saturating_add(*n);
+            *o = total;
+        }
+        LatencyBuckets(out)
+    }
+}
+
+impl Serialize for LatencyBuckets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (label, n) in LATENCY_BUCKET_LABELS.iter().zip(&self.0) {
+            map.serialize_entry(label, n)?;
+        }
+        map.end()
+    }
 }
 
 /// A merged snapshot of every pool.
@@ -204,11 +266,17 @@ impl Stats {
         let mut counters = Counters::default();
         let mut accounting = Accounting::default();
         let mut latency = new_histogram();
+        let mut per_bucket = [0u64; LATENCY_BUCKETS_US.len()];
+        let mut sum_us = 0u64;
         for p in pools {
             counters.merge(&p.counters);
             accounting.merge(&p.accounting);
             // Same bounds on both sides, so adding cannot fail.
             let _ = latency.add(&p.scrub_latency_us);
+            for (total, n) in per_bucket.iter_mut().zip(&p.scrub_latency_buckets) {
+                *total = total.saturating_add(*n);
+            }
+            sum_us = sum_us.saturating_add(p.scrub_latency_sum_us);
         }
         let pool_hit_rate = if counters.allocations == 0 {
             0.0
@@ -226,6 +294,8 @@ impl Stats {
                 p95_us: latency.value_at_quantile(0.95),
                 p99_us: latency.value_at_quantile(0.99),
                 max_us: latency.max(),
+                sum_us,
+                buckets: LatencyBuckets::cumulative(&per_bucket),
             },
             pool_hit_rate,
             last_async_error,
@@ -257,5 +327,36 @@ mod latency_tests {
             p.scrub_latency_us.max()
         );
         assert_eq!(p.scrub_latency_us.min(), 1);
+    }
+
+    /// A bucket counts the latencies at or below its bound (`le`), cumulatively; a latency
+    /// beyond the last bound is only in the total (`+Inf`); the sum is exact.
+    #[test]
+    fn buckets_count_at_or_below_their_bound_cumulatively() {
+        use super::{Stats, LATENCY_BUCKETS_US};
+        let mut p = PoolCounters::default();
+        for us in [500, 501, 1_000, 30_000_000, 30_000_001] {
+            p.record_scrub_latency(us);
+        }
+        let mut q = PoolCounters::default();
+        q.record_scrub_latency(0); // counted as 1 µs
+        let s = Stats::merge("host".into(), &[p, q], None);
+        let b = s.scrub_latency.buckets.0;
+        assert_eq!(b[0], 2, "0.0005 s: the 1 µs and the 500 µs latencies");
+        assert_eq!(b[1], 4, "0.001 s: also 501 and 1000 µs");
+        assert_eq!(b[LATENCY_BUCKETS_US.len() - 2], 4, "10 s");
+        assert_eq!(
+            b[LATENCY_BUCKETS_US.len() - 1],
+            5,
+            "30 s: not the one beyond"
+        );
+        assert_eq!(s.scrub_latency.count, 6);
+        assert_eq!(
+            s.scrub_latency.sum_us,
+            1 + 500 + 501 + 1_000 + 30_000_000 + 30_000_001
+        );
+        let json: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(json["scrub_latency"]["buckets"]["0.0005"], 2, "{json}");
+        assert_eq!(json["scrub_latency"]["buckets"]["30"], 5, "{json}");
     }
 }

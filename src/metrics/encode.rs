@@ -46,6 +46,8 @@ pub const BUILD_INFO: &str = "kvh_build_info";
 pub enum Kind {
     Counter,
     Gauge,
+    /// The samples `<family>_bucket{le=...}`, `<family>_sum` and `<family>_count`.
+    Histogram,
     Untyped,
 }
 
@@ -54,8 +56,20 @@ impl Kind {
         match self {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
             Kind::Untyped => "untyped",
         }
+    }
+
+    /// The family a sample of this kind named `sample` belongs to.
+    fn family_of(self, sample: &str) -> &str {
+        if self != Kind::Histogram {
+            return sample;
+        }
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| sample.strip_suffix(suffix))
+            .unwrap_or(sample)
     }
 }
 
@@ -85,7 +99,7 @@ pub struct Series {
 }
 
 macro_rules! series {
-    ($pointer:literal, $name:literal, $kind:ident, $read:ident, $labels:expr, $help:literal) => {
+    ($pointer:expr, $name:literal, $kind:ident, $read:ident, $labels:expr, $help:expr) => {
         Series {
             pointer: $pointer,
             name: $name,
@@ -98,6 +112,24 @@ macro_rules! series {
 }
 
 const NONE: &[(&str, &str)] = &[];
+
+const FREE_TO_CLEAN_HELP: &str = "Free-to-clean latency of blocks (batching, scrub, \
+     verification, harvest), as a histogram: rate() over a window gives recent latencies.";
+
+/// One bucket of the free → clean latency histogram; `$le` is one of
+/// `stats::LATENCY_BUCKET_LABELS` (a test checks the table holds each once, in order).
+macro_rules! latency_bucket {
+    ($le:literal) => {
+        series!(
+            concat!("/scrub_latency/buckets/", $le),
+            "kvh_free_to_clean_seconds_bucket",
+            Histogram,
+            Number,
+            &[("le", $le)],
+            FREE_TO_CLEAN_HELP
+        )
+    };
+}
 
 /// Every field of the stats JSON that becomes a metric, in exposition order. Samples of one
 /// family share its name, kind and help.
@@ -467,6 +499,48 @@ pub const SERIES: &[Series] = &[
         NONE,
         "Longest free-to-clean latency since start."
     ),
+    // The same latencies as a histogram (`stats::LATENCY_BUCKETS_US`): rates over a window
+    // (`histogram_quantile` of `rate(..._bucket[10m])`) and sums across processes, which the
+    // quantiles since start above cannot give.
+    latency_bucket!("0.0005"),
+    latency_bucket!("0.001"),
+    latency_bucket!("0.0025"),
+    latency_bucket!("0.005"),
+    latency_bucket!("0.01"),
+    latency_bucket!("0.025"),
+    latency_bucket!("0.05"),
+    latency_bucket!("0.1"),
+    latency_bucket!("0.25"),
+    latency_bucket!("0.5"),
+    latency_bucket!("1"),
+    latency_bucket!("2.5"),
+    latency_bucket!("5"),
+    latency_bucket!("10"),
+    latency_bucket!("30"),
+    series!(
+        "/scrub_latency/count",
+        "kvh_free_to_clean_seconds_bucket",
+        Histogram,
+        Number,
+        &[("le", "+Inf")],
+        FREE_TO_CLEAN_HELP
+    ),
+    series!(
+        "/scrub_latency/sum_us",
+        "kvh_free_to_clean_seconds_sum",
+        Histogram,
+        MicrosToSeconds,
+        NONE,
+        FREE_TO_CLEAN_HELP
+    ),
+    series!(
+        "/scrub_latency/count",
+        "kvh_free_to_clean_seconds_count",
+        Histogram,
+        Number,
+        NONE,
+        FREE_TO_CLEAN_HELP
+    ),
     series!(
         "/pool_hit_rate",
         "kvh_pool_hit_ratio",
@@ -651,7 +725,8 @@ struct Families {
 }
 
 impl Families {
-    fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Family {
+    fn family(&mut self, sample: &str, kind: Kind, help: &str) -> &mut Family {
+        let name = kind.family_of(sample);
         let i = match self.list.iter().position(|f| f.name == name) {
             Some(i) => i,
             None => {
@@ -992,6 +1067,59 @@ mod tests {
         assert_eq!(info.label("backend"), Some("host"));
     }
 
+    /// The free → clean latency histogram: one bucket per bound of the table in
+    /// `stats::LATENCY_BUCKETS_US`, in order, cumulative, `+Inf` equal to `_count`, `_sum`
+    /// in seconds; a family a scraper accepts as a histogram.
+    #[test]
+    fn the_free_to_clean_histogram_is_a_valid_cumulative_histogram() {
+        use crate::stats::{LATENCY_BUCKETS_US, LATENCY_BUCKET_LABELS};
+        for (label, us) in LATENCY_BUCKET_LABELS.iter().zip(LATENCY_BUCKETS_US) {
+            assert_eq!(label.parse::<f64>().unwrap(), us as f64 / 1e6, "{label}");
+        }
+        let mut p = PoolCounters::default();
+        for us in [300, 700, 700, 40_000, 2_000_000, 60_000_000] {
+            p.record_scrub_latency(us);
+        }
+        let text = encode(
+            &Stats::merge("host".into(), &[p], None),
+            &ExporterStats::default(),
+            at(),
+        );
+        let e = parse(&text).unwrap();
+        assert_eq!(
+            e.types.get("kvh_free_to_clean_seconds").map(String::as_str),
+            Some("histogram")
+        );
+        let les: Vec<&str> = e
+            .samples
+            .iter()
+            .filter(|s| s.name == "kvh_free_to_clean_seconds_bucket")
+            .map(|s| s.label("le").unwrap())
+            .collect();
+        let mut expected: Vec<&str> = LATENCY_BUCKET_LABELS.to_vec();
+        expected.push("+Inf");
+        assert_eq!(les, expected, "buckets out of order or missing");
+        let bucket = |le| {
+            e.value("kvh_free_to_clean_seconds_bucket", &[("le", le)])
+                .unwrap()
+        };
+        assert_eq!(bucket("0.0005"), 1.0);
+        assert_eq!(bucket("0.001"), 3.0);
+        assert_eq!(bucket("0.05"), 4.0);
+        assert_eq!(bucket("2.5"), 5.0);
+        assert_eq!(bucket("30"), 5.0);
+        assert_eq!(bucket("+Inf"), 6.0);
+        assert_eq!(e.value("kvh_free_to_clean_seconds_count", &[]), Some(6.0));
+        let sum = e.value("kvh_free_to_clean_seconds_sum", &[]).unwrap();
+        assert!((sum - 62.0417).abs() < 1e-9, "{sum}");
+        let text_at = |needle: &str| text.find(needle).unwrap_or(usize::MAX);
+        assert!(
+            text_at("# TYPE kvh_free_to_clean_seconds histogram\n")
+                < text_at("kvh_free_to_clean_seconds_bucket{le=\"0.0005\"}"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn names_types_and_help_follow_the_conventions() {
         let text = encode(
@@ -1005,12 +1133,17 @@ mod tests {
         assert!(families.len() > 30, "{families:?}");
         for name in &families {
             assert!(name.starts_with("kvh_"), "{name}");
-            let kind = e.types.get(*name).map(String::as_str);
-            let help = e.help.get(*name).map(String::as_str).unwrap_or("");
+            let family = crate::metrics::parse::family_of(name, &e.types);
+            let kind = e.types.get(family).map(String::as_str);
+            let help = e.help.get(family).map(String::as_str).unwrap_or("");
             assert!(!help.is_empty(), "{name} has no help");
             match kind {
                 Some("counter") => assert!(name.ends_with("_total"), "counter {name}"),
                 Some("gauge") => assert!(!name.ends_with("_total"), "gauge {name}"),
+                Some("histogram") => assert!(
+                    family.ends_with("_seconds") && *name != family,
+                    "histogram sample {name} of {family}"
+                ),
                 other => panic!("{name}: type {other:?}"),
             }
         }

@@ -115,7 +115,12 @@ class Exported:
         for text in texts:
             for name, labels in series(text).items():
                 self.series.setdefault(name, []).extend(labels)
-            self.types.update(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+            for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+                self.types[family] = kind
+                if kind == "histogram":
+                    # Its samples only grow: read through rate(), as counters are.
+                    for suffix in ("_bucket", "_sum", "_count"):
+                        self.types[family + suffix] = "counter"
 
     def labels(self, name: str) -> set:
         return {k for labels in self.series[name] for k in labels}
@@ -551,7 +556,7 @@ FAULTS = {
     "label value never exported": (edit_exprs('result="failed"', 'result="failure"'), label_problems),
     "label never exported": (edit_exprs('result="failed"', 'outcome="failed"'), label_problems),
     "regex matching no value": (
-        edit_exprs("kvh_scrub_latency_seconds{", 'kvh_scrub_latency_seconds{quantile=~"0.9",'),
+        edit_exprs("kvh_pool_blocks{job", 'kvh_pool_blocks{state=~"cached",job'),
         label_problems,
     ),
     "target label fixed": (edit_exprs('job=~"$job"', 'job="kvhygiene"'), label_problems),
@@ -559,6 +564,10 @@ FAULTS = {
     "rate of a gauge": (
         edit_exprs('sum by (state) (kvh_pool_blocks{job=~"$job",instance=~"$instance"})',
                    'sum by (state) (rate(kvh_pool_blocks{job=~"$job",instance=~"$instance"}[$__rate_interval]))'),
+        counter_problems,
+    ),
+    "a histogram bucket plotted raw": (
+        edit_exprs("(rate(kvh_free_to_clean_seconds_bucket{", "((kvh_free_to_clean_seconds_bucket{", count=2),
         counter_problems,
     ),
     "a counter plotted raw": (
