@@ -138,6 +138,45 @@ mod tests {
         assert!(a_at < a2_at && a2_at < lat_at && lat_at < b_at, "{merged}");
     }
 
+    /// Two processes' real expositions (`pid` labels, as per-process files carry them),
+    /// the free → clean latency histogram among their families, merge into one that parses,
+    /// each process's buckets under the one family.
+    #[test]
+    fn real_expositions_with_their_histogram_merge() {
+        use crate::metrics::encode::{encode_labelled, ExporterStats};
+        use crate::stats::{PoolCounters, Stats};
+        let expo = |pid: &str, latency_us: u64| {
+            let mut p = PoolCounters::default();
+            p.record_scrub_latency(latency_us);
+            let stats = Stats::merge("host".into(), &[p], None);
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+            snap(&encode_labelled(
+                &stats,
+                &ExporterStats::default(),
+                at,
+                &[("pid", pid)],
+            ))
+        };
+        let (a, b) = (expo("1", 700), expo("2", 70_000));
+        let merged = merge(&[&a, &b]).unwrap();
+        let parsed = parse::parse(&merged).unwrap();
+        assert_eq!(
+            merged
+                .matches("# TYPE kvh_free_to_clean_seconds histogram")
+                .count(),
+            1
+        );
+        let bucket = |pid, le| {
+            parsed.value(
+                "kvh_free_to_clean_seconds_bucket",
+                &[("pid", pid), ("le", le)],
+            )
+        };
+        assert_eq!(bucket("1", "0.001"), Some(1.0));
+        assert_eq!(bucket("2", "0.001"), Some(0.0));
+        assert_eq!(bucket("2", "0.1"), Some(1.0));
+    }
+
     #[test]
     fn one_snapshot_merges_to_its_own_samples() {
         let a = snap(A);
