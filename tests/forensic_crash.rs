@@ -460,3 +460,140 @@ fn a_crash_at_start_up_followed_by_an_immediate_restart_does_not_read_as_tamperi
         r.first_problem()
     );
 }
+
+/// A stopped log of one file whose `stop` record is then removed: a chain whose writer
+/// died, ready to be continued. Returns the chain file.
+fn crashed_chain(c: &kvhygiene::config::LogConfig, keyed: bool) -> std::path::PathBuf {
+    write_log(c, 20, keyed);
+    let files = chain_files(c.dir.as_ref().unwrap());
+    assert_eq!(files.len(), 1);
+    let file = files[0].clone();
+    let mut lines = read_lines(&file);
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(&file, &lines);
+    file
+}
+
+/// A process with another HMAC secret does not continue a chain sealed with the first: it
+/// starts its own, and each chain verifies with its secret.
+#[test]
+fn a_crashed_chain_is_not_continued_under_another_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let before = std::fs::read(&file).unwrap();
+    let other = zeroize::Zeroizing::new(b"another-secret-0123456789abcdef".to_vec());
+    let log = ForensicLog::open_with_secret(&c, start(), Some(other.clone())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the chain was continued"
+    );
+    let opts = kvhygiene::forensic::VerifyOptions {
+        hmac_keys: vec![
+            kvhygiene::forensic::SealKey::new("first", secret()),
+            kvhygiene::forensic::SealKey::new("other", other),
+        ],
+        ..Default::default()
+    };
+    let r = verify(&dir, &opts);
+    assert_eq!(r.chains.len(), 2, "{r:?}");
+    assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A last record whose body no longer hashes to its `hash` (its MAC still matches that
+/// hash) is not continued: the chain is left as evidence and a new one started.
+#[test]
+fn a_crashed_chain_whose_last_record_does_not_hash_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut lines = read_lines(&file);
+    let last = lines.pop().unwrap();
+    let changed = last.replacen("\"capacity\":4096", "\"capacity\":4097", 1);
+    assert_ne!(changed, last);
+    lines.push(changed);
+    write_lines(&file, &lines);
+    let before = std::fs::read(&file).unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the chain was continued"
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert_eq!(r.first_problem().map(|p| p.file.clone()), Some(name(&file)));
+}
+
+/// A crashed chain whose checkpoint names its last record with another hash (the record was
+/// rewritten after it was signed) is not continued, and its checkpoint is kept.
+#[test]
+fn a_crashed_chain_whose_last_record_differs_from_its_checkpoint_is_not_adopted() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp);
+    let mut c = c;
+    c.max_bytes = 1 << 20;
+    let file = crashed_chain(&c, true);
+    let ck_dir = tmp.path().join("ckpt");
+    let ck = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let old = checkpoint::peek(&ck).unwrap().unwrap();
+    let last: serde_json::Value = serde_json::from_str(read_lines(&file).last().unwrap()).unwrap();
+    std::fs::remove_file(&ck).unwrap();
+    let signer =
+        kvhygiene::forensic::keys::read_signing_key(c.signing_key_file.as_ref().unwrap()).unwrap();
+    let forged = Checkpoint {
+        seq: last["seq"].as_u64().unwrap(),
+        hash: [7u8; 32],
+        ..old
+    };
+    checkpoint::write(&ck_dir, &signer, &forged).unwrap();
+    let ck_before = std::fs::read(&ck).unwrap();
+    let before = std::fs::read(&file).unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "the chain was continued"
+    );
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        ck_before,
+        "its checkpoint was replaced"
+    );
+}
+
+/// A checkpoint that covers a record left without its newline (the crash cut only the end
+/// of the line) makes recovery leave the chain alone: cutting the torn bytes would delete a
+/// record the checkpoint signed.
+#[test]
+fn a_checkpointed_record_without_its_newline_is_never_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = signed_cfg(&tmp);
+    c.max_bytes = 1 << 20;
+    write_log(&c, 20, true);
+    let file = chain_files(&log_dir(&tmp)).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    // The checkpoint written at stop covers the stop record; only its newline is lost.
+    assert_eq!(bytes.pop(), Some(b'\n'));
+    std::fs::write(&file, &bytes).unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        bytes,
+        "a checkpointed record was cut"
+    );
+    assert_eq!(chain_files(&log_dir(&tmp)).len(), 2, "a new chain started");
+}

@@ -692,3 +692,48 @@ fn a_chain_crashed_between_files_is_continued_only_by_its_signer() {
         }
     }
 }
+
+/// A chain whose first writer did not sign, continued after a crash by a signing process:
+/// its records name the signer from the `recovery` record on. Cut back to before that
+/// record and re-signed there with the retired key (the key id copied from the genuine
+/// checkpoint), it is caught: no record up to the checkpoint names its signer.
+#[test]
+fn a_retired_signing_key_cannot_cut_a_chain_back_to_before_it_named_a_signer() {
+    let e = Env::new();
+    let unsigned = cfg(&e.log, 1 << 20);
+    let w = ForensicLog::open_with_secret(&unsigned, start(), Some(secret(NEW))).unwrap();
+    for i in 0..10 {
+        w.emit(event(i));
+    }
+    w.stop();
+    let file = chain_files(&e.log).remove(0);
+    let mut lines = read_lines(&file);
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(&file, &lines);
+    let mut signed = cfg(&e.log, 1 << 20);
+    signed.signing_key_file = Some(e.new_sk.clone());
+    let w = ForensicLog::open_with_secret(&signed, start(), Some(secret(NEW))).unwrap();
+    for i in 0..10 {
+        w.emit(event(i));
+    }
+    w.stop();
+    assert_eq!(chain_files(&e.log), vec![file.clone()], "not continued");
+    let chain = chain_of(&file);
+    let r = verify(&e.log, &e.opts(Mode::Plain));
+    assert!(r.ok(), "{:?} {:?}", r.first_problem(), r.errors);
+    let lines = read_lines(&file);
+    let named = lines
+        .iter()
+        .position(|l| l.contains("\"signer\":"))
+        .unwrap();
+    assert!(
+        lines[named].contains("\"kind\":\"recovery\""),
+        "{}",
+        lines[named]
+    );
+    let key_id = ckpt_of(&e.log, &chain).key_id;
+    assert!(key_id.is_some());
+    cut_and_resign(&e, &chain, &file, named, &[], key_id);
+    let r = verify(&e.log, &e.opts(Mode::Plain));
+    assert!(caught(&r, &chain), "truncated chain accepted: {r:?}");
+}

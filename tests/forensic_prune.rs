@@ -1341,3 +1341,114 @@ fn every_file_left_of_an_open_chain_deleted_is_caught_when_read_whole() {
         r.chains
     );
 }
+
+/// A manifest (MACed with the key) whose entries skip a record between two moved files
+/// accounts for nothing: each entry must start at the seq after the previous one's last.
+#[test]
+fn a_manifest_whose_entries_skip_a_record_is_refused() {
+    let s = pruned_open_chain();
+    let (path, mut m) = manifest(&s);
+    assert!(m.files.len() >= 2, "{m:?}");
+    assert!(verify(&s.log, &pruned_opts()).ok());
+    m.files[1].first_seq += 1;
+    assert!(m.files[1].last_seq >= m.files[1].first_seq);
+    m.seal(&key0());
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&s.log, &pruned_opts());
+    assert!(
+        first_reason(&r).contains("does not continue the one before it"),
+        "{r:?}"
+    );
+}
+
+/// A signed checkpoint at the very last record moved (the file it names is in the archive)
+/// cannot be held to a record left in the log: it is reported as pointing into the moved
+/// files.
+#[test]
+fn a_checkpoint_at_the_last_moved_record_points_into_the_moved_files() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    use kvhygiene::forensic::keys::read_signing_key;
+    let s = setup();
+    open_chain(&s.log, 80);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 6);
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let signer = read_signing_key(&signer).unwrap();
+    let last_of = |f: &Path| -> Value {
+        serde_json::from_str(fs::read_to_string(f).unwrap().lines().last().unwrap()).unwrap()
+    };
+    let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
+    let at = |f: &Path| {
+        let last = last_of(f);
+        Checkpoint {
+            chain: chain.clone(),
+            seq: last["seq"].as_u64().unwrap(),
+            hash: kvhygiene::forensic::record::parse_hash(last["hash"].as_str().unwrap()).unwrap(),
+            file: f.file_name().unwrap().to_str().unwrap().to_string(),
+            ts: 1,
+            key_id: None,
+            public_key: None,
+        }
+    };
+    // The checkpoint at file 2's end keeps files 2 and later in the log.
+    checkpoint::write(&s.log, &signer, &at(&files[2])).unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(chain_files(&s.log), files[2..]);
+    let opts = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    assert!(verify(&s.log, &opts).ok());
+    // One signed at the last record of file 1, the last file moved.
+    let _ = fs::remove_file(checkpoint::path_for(&s.log, &chain));
+    let moved_last = at(&s.archive.join(files[1].file_name().unwrap()));
+    checkpoint::write(&s.log, &signer, &moved_last).unwrap();
+    let r = verify(&s.log, &opts);
+    assert_eq!(
+        r.chains[0].pruned.as_ref().map(|p| p.last_seq),
+        Some(moved_last.seq)
+    );
+    assert!(
+        first_reason(&r).contains("points into the moved files"),
+        "{r:?}"
+    );
+}
+
+/// A chain moved whole is held to its signed checkpoint's hash, not only its seq: a manifest
+/// sealed with the key whose last record has another hash (a rewritten chain) is refused.
+#[test]
+fn a_chain_moved_whole_must_end_at_its_checkpoints_hash() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 40, true);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(chain_files(&s.log).is_empty());
+    let signed = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    assert!(verify(&s.log, &signed).ok());
+    let (path, mut m) = manifest(&s);
+    let last = m.files.last_mut().unwrap();
+    let digit = if last.last_hash.starts_with('0') {
+        "1"
+    } else {
+        "0"
+    };
+    last.last_hash.replace_range(0..1, digit);
+    m.seal(&key0());
+    fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r = verify(&s.log, &signed);
+    assert!(
+        first_reason(&r).contains("is not the last record the manifest moved"),
+        "{r:?}"
+    );
+}

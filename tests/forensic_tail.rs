@@ -1070,3 +1070,60 @@ fn a_first_run_stopped_by_tampering_leaves_the_next_run_starting_at_the_heads() 
         "the records already in the log at the first run are passed on"
     );
 }
+
+/// A chain that lost exactly the last record passed on (its `stop`) went back: without a key
+/// or checkpoints it verifies on its own, and the tail's position catches it.
+#[test]
+fn a_chain_cut_by_its_last_passed_on_record_is_caught() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    write_log(&cfg(&dir, 1 << 20), 6, false);
+    let out = tail_once(&dir, &["--state", st, "--from-start"]);
+    assert_eq!(stdout_lines(&out).len(), 8);
+    let file = chain_files(&dir).remove(0);
+    let lines = forensic_common::read_lines(&file);
+    forensic_common::write_lines(&file, &lines[..7]);
+    assert_eq!(verify_log(&dir, &[]), Some(0));
+    let v = alert(&tail_once(&dir, &["--state", st]));
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("went back from seq 7 to seq 6"),
+        "{v}"
+    );
+}
+
+/// Evidence of tampering that names no chain of the directory (the checkpoint of a chain
+/// whose files were all deleted) stops a first run before anything is passed on, as
+/// `verify-log` exits 1 on it.
+#[test]
+fn a_checkpoint_of_a_deleted_chain_stops_a_first_run() {
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let mut c = cfg(&k.dir, 1 << 20);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 4, true);
+    let first = chain_files(&k.dir);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    write_log(&c, 4, true);
+    let second: Vec<PathBuf> = chain_files(&k.dir)
+        .into_iter()
+        .filter(|f| !first.contains(f))
+        .collect();
+    assert!(!second.is_empty());
+    for f in second {
+        std::fs::remove_file(f).unwrap();
+    }
+    let public = public.to_str().unwrap().to_string();
+    let out = tail_once(&k.dir, &k.args(&["--from-start", "--public-key", &public]));
+    let v = alert(&out);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    assert_eq!(stdout_lines(&out).len(), 1, "only the alert");
+}

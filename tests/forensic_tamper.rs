@@ -293,3 +293,194 @@ fn two_checkpoints_for_one_chain_are_an_error() {
     opts.checkpoints.push(ck.clone());
     assert!(verify(&dir, &opts).ok());
 }
+
+/// An unkeyed log of several files (anyone can recompute its hashes); returns its directory
+/// and files.
+fn unkeyed_log(tmp: &tempfile::TempDir) -> (PathBuf, Vec<PathBuf>) {
+    let dir = log_dir(tmp);
+    write_log(&cfg(&dir, 16 * 1024), 300, false);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 3);
+    (dir, files)
+}
+
+/// A record whose `epoch` is not its file's index is refused, even when every hash after
+/// it was recomputed: the epoch names the key a record is sealed with.
+#[test]
+fn a_record_whose_epoch_is_not_its_files_index_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    forge_from(&files, 1, 3, None, |m| {
+        m.insert("epoch".into(), Value::from(0u64));
+    });
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[1]),
+        3,
+        "epoch is not the file's index",
+    );
+}
+
+/// A file's `rotate` record must name the previous file, even when every hash after it was
+/// recomputed.
+#[test]
+fn a_rotate_record_naming_another_previous_file_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    let other = name(&files[0]).replace("000000", "000007");
+    forge_from(&files, 1, 1, None, move |m| {
+        assert_eq!(m["kind"], "rotate");
+        m.insert("prev_file".into(), Value::String(other.clone()));
+    });
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[1]),
+        1,
+        "rotate record links to",
+    );
+}
+
+/// A file's `rotate` record must carry the previous file's last seq, even when every hash
+/// after it was recomputed.
+#[test]
+fn a_rotate_record_with_another_prev_seq_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    forge_from(&files, 2, 1, None, |m| {
+        assert_eq!(m["kind"], "rotate");
+        let prev_seq = m["prev_seq"].as_u64().unwrap();
+        m.insert("prev_seq".into(), Value::from(prev_seq - 1));
+    });
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[2]),
+        1,
+        "prev_seq is not the previous file's last seq",
+    );
+}
+
+/// A chain of one file holding records is not a chain whose writer died before its start
+/// record: with a pinned public key, deleting its checkpoint fails it.
+#[test]
+fn deleted_checkpoint_of_a_single_file_chain_fails_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    write_log(&c, 10, true);
+    assert_eq!(chain_files(&dir).len(), 1);
+    assert!(verify(&dir, &with_checkpoint(&ck, &public)).ok());
+    for f in fs::read_dir(&ck).unwrap() {
+        fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    let p = r.first_problem().expect("a problem");
+    assert!(p.reason.contains("no checkpoint for chain"), "{p}");
+}
+
+/// A rotated file whose last line lost its end (cut mid-line) is reported in that file, at
+/// that line: only the newest file of a chain may end in a torn line.
+#[test]
+fn a_rotated_file_cut_mid_line_is_reported_at_that_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let bytes = fs::read(&files[1]).unwrap();
+    let lines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
+    fs::write(&files[1], &bytes[..bytes.len() - 10]).unwrap();
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[1]),
+        lines,
+        "unterminated line in a rotated file",
+    );
+}
+
+/// A checkpoint file rewritten out of canonical form (whitespace added) is not accepted,
+/// though the signature covers the same fields.
+#[test]
+fn a_checkpoint_out_of_canonical_form_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    assert!(verify(&dir, &with_checkpoint(&ck, &public)).ok());
+    let f = fs::read_dir(&ck).unwrap().next().unwrap().unwrap().path();
+    let text = fs::read_to_string(&f).unwrap().replacen("\":", "\": ", 1);
+    fs::write(&f, text).unwrap();
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("canonical")),
+        "{:?}",
+        r.errors
+    );
+}
+
+/// A `mac` that is not 64 lower-case hex digits is refused also without the key: the line
+/// is not in canonical form.
+#[test]
+fn a_mac_in_upper_case_is_reported_without_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[1]);
+    let at = lines[2].find("\"mac\":\"").unwrap() + 7;
+    let upper = lines[2][at..at + 64].to_ascii_uppercase();
+    assert_ne!(upper, lines[2][at..at + 64]);
+    lines[2].replace_range(at..at + 64, &upper);
+    write_lines(&files[1], &lines);
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[1]),
+        3,
+        "mac is not 64 lower-case hex digits",
+    );
+}
+
+/// `start` and `rotate` records only open files: one in the middle of a file is refused,
+/// even when every hash after it was recomputed.
+#[test]
+fn a_rotate_record_in_the_middle_of_a_file_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    forge_from(&files, 1, 4, None, |m| {
+        m.insert("kind".into(), Value::String("rotate".into()));
+    });
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[1]),
+        4,
+        "rotate record in the middle of a file",
+    );
+}
+
+/// A record of another schema version is refused, though its hash was recomputed.
+#[test]
+fn a_record_of_another_schema_version_is_reported() {
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    let last_file = files.last().unwrap();
+    let mut lines = read_lines(last_file);
+    let n = lines.len();
+    let line = lines.pop().unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let prev = kvhygiene::forensic::record::parse_hash(v["prev"].as_str().unwrap()).unwrap();
+    let body_open = line[..line.find(",\"hash\":").unwrap()].to_string();
+    assert!(body_open.ends_with(",\"v\":1"), "{body_open}");
+    let body_open = format!("{}2", &body_open[..body_open.len() - 1]);
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(body_open.as_bytes());
+    h.update(b"}");
+    let hash = kvhygiene::forensic::record::hex(&h.finalize());
+    lines.push(format!("{body_open},\"hash\":\"{hash}\"}}"));
+    write_lines(last_file, &lines);
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(last_file),
+        n as u64,
+        "unsupported or missing schema version",
+    );
+}

@@ -921,6 +921,29 @@ mod tests {
         assert!(read_all(chain, &files, &opts).is_none());
     }
 
+    #[test]
+    fn a_hash_field_changed_after_the_verification_is_not_passed_on() {
+        // Without a key, a record's `hash` field is not covered by anything read later: the
+        // chain's head is computed from the bodies, so each field is compared again.
+        let tmp = tempfile::tempdir().unwrap();
+        let (opts, report, files) = log(&tmp.path().join("log"), None);
+        let chain = &report.chains[0];
+        assert!(read_all(chain, &files, &opts).is_some());
+        let path = &files[0].1;
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        assert!(lines.len() >= 2);
+        let at = lines[0].find("\"hash\":\"").unwrap() + 8;
+        let digit = if lines[0].as_bytes()[at] == b'a' {
+            "b"
+        } else {
+            "a"
+        };
+        lines[0].replace_range(at..at + 1, digit);
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+        assert!(read_all(chain, &files, &opts).is_none());
+    }
+
     /// A FIFO (or a symlink to one, or to `/dev/zero`) planted at a chain file name after the
     /// pass's verification and before its reading, here at the index after the newest file
     /// the verification read: the reading opens files as the verifier does, so it neither
