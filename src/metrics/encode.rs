@@ -48,6 +48,8 @@ pub enum Kind {
     Gauge,
     /// The samples `<family>_bucket{le=...}`, `<family>_sum` and `<family>_count`.
     Histogram,
+    /// The samples `<family>{quantile=...}`, `<family>_sum` and `<family>_count`.
+    Summary,
     Untyped,
 }
 
@@ -57,16 +59,19 @@ impl Kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
             Kind::Histogram => "histogram",
+            Kind::Summary => "summary",
             Kind::Untyped => "untyped",
         }
     }
 
     /// The family a sample of this kind named `sample` belongs to.
     fn family_of(self, sample: &str) -> &str {
-        if self != Kind::Histogram {
-            return sample;
-        }
-        ["_bucket", "_sum", "_count"]
+        let suffixes: &[&str] = match self {
+            Kind::Histogram => &["_bucket", "_sum", "_count"],
+            Kind::Summary => &["_sum", "_count"],
+            _ => return sample,
+        };
+        suffixes
             .iter()
             .find_map(|suffix| sample.strip_suffix(suffix))
             .unwrap_or(sample)
@@ -112,6 +117,10 @@ macro_rules! series {
 }
 
 const NONE: &[(&str, &str)] = &[];
+
+const SCRUB_LATENCY_HELP: &str = "Free-to-clean latency quantiles since start (batching, \
+     scrub, verification, harvest); kvh_free_to_clean_seconds holds the same latencies as a \
+     histogram, for recent quantiles.";
 
 const FREE_TO_CLEAN_HELP: &str = "Free-to-clean latency of blocks (batching, scrub, \
      verification, harvest), as a histogram: rate() over a window gives recent latencies.";
@@ -470,26 +479,42 @@ pub const SERIES: &[Series] = &[
     series!(
         "/scrub_latency/p50_us",
         "kvh_scrub_latency_seconds",
-        Gauge,
+        Summary,
         MicrosToSeconds,
         &[("quantile", "0.5")],
-        "Free-to-clean latency quantiles since start (batching, scrub, verification, harvest)."
+        SCRUB_LATENCY_HELP
     ),
     series!(
         "/scrub_latency/p95_us",
         "kvh_scrub_latency_seconds",
-        Gauge,
+        Summary,
         MicrosToSeconds,
         &[("quantile", "0.95")],
-        "Free-to-clean latency quantiles since start (batching, scrub, verification, harvest)."
+        SCRUB_LATENCY_HELP
     ),
     series!(
         "/scrub_latency/p99_us",
         "kvh_scrub_latency_seconds",
-        Gauge,
+        Summary,
         MicrosToSeconds,
         &[("quantile", "0.99")],
-        "Free-to-clean latency quantiles since start (batching, scrub, verification, harvest)."
+        SCRUB_LATENCY_HELP
+    ),
+    series!(
+        "/scrub_latency/sum_us",
+        "kvh_scrub_latency_seconds_sum",
+        Summary,
+        MicrosToSeconds,
+        NONE,
+        SCRUB_LATENCY_HELP
+    ),
+    series!(
+        "/scrub_latency/count",
+        "kvh_scrub_latency_seconds_count",
+        Summary,
+        Number,
+        NONE,
+        SCRUB_LATENCY_HELP
     ),
     series!(
         "/scrub_latency/max_us",
@@ -1144,6 +1169,7 @@ mod tests {
                     family.ends_with("_seconds") && *name != family,
                     "histogram sample {name} of {family}"
                 ),
+                Some("summary") => assert!(family.ends_with("_seconds"), "summary {name}"),
                 other => panic!("{name}: type {other:?}"),
             }
         }

@@ -117,9 +117,9 @@ class Exported:
                 self.series.setdefault(name, []).extend(labels)
             for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
                 self.types[family] = kind
-                if kind == "histogram":
-                    # Its samples only grow: read through rate(), as counters are.
-                    for suffix in ("_bucket", "_sum", "_count"):
+                if kind in ("histogram", "summary"):
+                    # Buckets, sums and counts only grow: read through rate(), as counters.
+                    for suffix in ("_bucket", "_sum", "_count") if kind == "histogram" else ("_sum", "_count"):
                         self.types[family + suffix] = "counter"
 
     def labels(self, name: str) -> set:
