@@ -2,8 +2,8 @@
 says: every metric and label an alert's expression uses is in a snapshot the library writes
 (with the forensic log and the anomaly detector on, and off), every alert has a severity, a
 summary and a runbook section of docs/operations.md that exists, and every runbook section is
-some alert's. No Prometheus is needed (and none is available here): the expressions are read,
-not evaluated.
+some alert's. No Prometheus is needed: the expressions are read, not evaluated here
+(tests/python/test_promtool.py evaluates them with promtool).
 """
 
 import re
