@@ -91,6 +91,27 @@ fn interior_pointer() {
     );
 }
 
+/// The address just past a block's last byte is not inside it: with no block starting there,
+/// its free is an unknown pointer (on the block's device) and not a wrong-device free (on
+/// another), and the record names no block and no owner.
+#[test]
+fn one_past_the_end_is_an_unknown_pointer() {
+    let b = Bystander::new();
+    let capacity = b.f.alloc.block_info(b.addr).unwrap().capacity;
+    let end = b.addr + capacity;
+    assert!(b.f.alloc.block_info(end).is_none());
+    b.expect_invalid(
+        b.f.alloc.free(end, 64, 0, S),
+        InvalidFreeReason::UnknownPointer,
+    );
+    let last = b.f.sink.snapshot().pop().unwrap();
+    assert!(last.block.is_none(), "{last:?}");
+    b.expect_invalid(
+        b.f.alloc.free(end, 64, 1, S),
+        InvalidFreeReason::UnknownPointer,
+    );
+}
+
 #[test]
 fn wrong_device() {
     let b = Bystander::new();

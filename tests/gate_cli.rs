@@ -177,6 +177,33 @@ fn anomalies_of_a_failed_control_evict_and_caller_errors_are_notes() {
     }
 }
 
+/// A caller signal's series holding a value no counter can have (NaN, negative) is judged as
+/// a failed control even when every control signal's series is present and zero: the value
+/// alone evicts, not the missing series around it.
+#[test]
+fn an_impossible_caller_signal_value_evicts_with_every_control_series_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    for (signal, bad) in [("invalid_free", f64::NAN), ("policy_violation", -5.0)] {
+        let mut values: Vec<(&str, f64)> = kvhygiene::gate::CONTROL_SIGNALS
+            .iter()
+            .chain(kvhygiene::gate::CALLER_SIGNALS)
+            .map(|s| (*s, 0.0))
+            .collect();
+        // The same snapshot with a zero there is admitted: only the value differs.
+        write_raw_anomalies(&f, &values);
+        let (code, out, _) = gate(&f, &[]);
+        assert_eq!(code, 0, "{signal}: {out}");
+        for v in values.iter_mut().filter(|(s, _)| *s == signal) {
+            v.1 = bad;
+        }
+        write_raw_anomalies(&f, &values);
+        let (code, out, _) = gate(&f, &[]);
+        assert_eq!(code, 1, "{signal}={bad}: {out}");
+        assert!(out.contains("anomaly detector flagged anomalies"), "{out}");
+    }
+}
+
 /// Like [`snapshot`], with raw anomaly values (which may be ones a counter cannot have).
 fn write_raw_anomalies(path: &Path, values: &[(&str, f64)]) {
     snapshot(path, Duration::ZERO, |_| {}, &[]);

@@ -91,3 +91,60 @@ fn a_kv_scrub_submits_no_batch_after_exit_began() {
         got.map(|r| r.segments)
     );
 }
+
+/// Invariant 6 for the first launch of a call: exit may begin after the call passed its
+/// start-up check but before its first batch is submitted (the layout and ids of a large call
+/// take a while to check and cut into batches). Then nothing is submitted at all, and the call
+/// ends with its `kv_scrub` record saying why. The exit is begun from another thread after a
+/// delay, adjusted until it lands in that interval.
+#[test]
+fn exit_begun_before_the_first_launch_of_a_call_submits_nothing() {
+    const BLOCKS: u64 = 1 << 19; // two regions: 2^20 segments, sixteen backend batches
+    let mut delay = std::time::Duration::from_millis(5);
+    for attempt in 0..30 {
+        let f = std::sync::Arc::new(Fixture::new(manual_config()));
+        let len = 2 * BLOCKS * 8;
+        let a = f.alloc.malloc(len as i64, 0, StreamHandle(0)).unwrap();
+        let layout = KvLayout {
+            regions: vec![a, a + BLOCKS * 8],
+            block_bytes: 8,
+            block_stride: 8,
+            blocks_per_region: BLOCKS,
+        };
+        let ids: Vec<u32> = (0..BLOCKS as u32).rev().collect();
+        let before = f.backend.batches.lock().unwrap().len();
+        let exiter = {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                f.alloc.begin_exit();
+                f.backend.seal();
+            })
+        };
+        let got = f.alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
+        exiter.join().unwrap();
+        let submitted = f.backend.batches.lock().unwrap().len() - before;
+        let after_seal = f.backend.calls_after_seal.load(Ordering::SeqCst);
+        assert_eq!(
+            after_seal, 0,
+            "attempt {attempt}: a batch was submitted after exit began ({submitted} submitted; {got:?})"
+        );
+        let reached_launch = f
+            .sink
+            .snapshot()
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::KvScrubbed(_)));
+        match (reached_launch, submitted) {
+            // Exit began between the start-up check and the first launch: nothing submitted.
+            (true, 0) => {
+                assert!(got.is_err(), "{got:?}");
+                return;
+            }
+            // Refused at the start: exit began too early.
+            (false, _) => delay *= 2,
+            // Exit began after the first launch: too late.
+            (true, _) => delay /= 2,
+        }
+    }
+    panic!("exit never began between a call's start-up check and its first launch");
+}

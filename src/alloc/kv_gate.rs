@@ -868,6 +868,18 @@ mod tests {
     }
 
     #[test]
+    fn all_or_nothing_changes_nothing_when_a_block_failed() {
+        let mut l = Ledgers::default();
+        let (k, a, b) = (key(vec![1]), who("t", "a"), who("t", "b"));
+        scrub(&mut l, &k, &[1], &[2]);
+        let s = l.claim(&k, &[1, 2], &a, true);
+        assert_eq!((s.dirty, s.failed), (vec![], vec![2]));
+        // Block 1 was not handed to `a`: `b` may still take it without a scrub.
+        let s = l.claim(&k, &[1], &b, true);
+        assert!(s.dirty.is_empty() && s.failed.is_empty(), "{s:?}");
+    }
+
+    #[test]
     fn a_verdict_is_not_applied_to_a_block_that_changed_hands_meanwhile() {
         let mut l = Ledgers::default();
         let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));

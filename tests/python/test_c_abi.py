@@ -568,6 +568,48 @@ lib.kvh_shutdown()
 
 
 
+def test_a_claim_whose_block_another_claim_took_meanwhile_returns_kv_taken():
+    # Two requests claim the same unknown block at about the same time: both sort it as dirty
+    # and the gate scrubs it for each; the first verdict hands it over, and the second claim
+    # must say the block was taken (KVH_ERR_KV_TAKEN, the id named back), never KVH_OK. A
+    # large block, fully verified, keeps the first scrub running while the second claim sorts.
+    out = run_child(
+        KV_PRELUDE
+        + """
+import threading, time
+B = 64 << 20
+cache = lib.kvh_malloc(B, 0, STREAM)
+kv = layout([cache], B, B, 1)
+attempts = []
+# The second claim starts after a delay; varied, so that one of them lands inside the first
+# claim's scrub on a slow machine and on a fast one.
+for k, delay in enumerate([0.02, 0.005, 0.04, 0.01, 0.08, 0.002, 0.03, 0.015]):
+    results = {}
+    def claimer(req, delay):
+        lib.kvh_set_context(b"tenant-a", req.encode(), None)
+        time.sleep(delay)
+        results[req] = claim(kv, [0])
+    first = threading.Thread(target=claimer, args=(f"a{k}", 0.0))
+    second = threading.Thread(target=claimer, args=(f"b{k}", delay))
+    first.start(); second.start(); first.join(); second.join()
+    attempts.append(sorted(results.values()))
+    if any(r[0] != 0 for r in results.values()):
+        break
+out["attempts"] = attempts
+out["counters"] = stats()["counters"]
+lib.kvh_free(cache, B, 0, STREAM)
+lib.kvh_shutdown()
+""",
+        KVH_FULL_VERIFY="yes",
+    )
+    attempts = out["attempts"]
+    # Each attempt hands the block to both (the claims ran one after the other) or to one,
+    # the other told it was taken, with the id.
+    for a in attempts:
+        assert a in ([[0, [], 0], [0, [], 0]], [[0, [], 0], [7022, [0], 1]]), attempts
+    assert attempts[-1] == [[0, [], 0], [7022, [0], 1]], f"no claim was ever told its block was taken: {attempts}"
+
+
 def test_kvh_malloc_start_up_failure_with_a_broken_stderr_does_not_unwind_into_c():
     # Start-up runs inside kvh_malloc's panic boundary, and says why it failed on stderr
     # without panicking when stderr is a pipe nobody reads (EPIPE: Python ignores SIGPIPE, as
