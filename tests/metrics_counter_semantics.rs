@@ -35,6 +35,23 @@ fn a_scrub_the_backend_never_queued_zeroes_no_bytes() {
     );
 }
 
+/// The same refused scrub through the block's state: it fails closed. The block was not
+/// zeroed, so it is QUARANTINED (never handed out again) rather than left PENDING or made
+/// CLEAN, and counted as a failed verification.
+#[test]
+fn a_block_whose_scrub_the_backend_refused_is_quarantined() {
+    use kvhygiene::alloc::BlockState;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.backend.submit_budget.store(0, Ordering::SeqCst);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    let _ = f.alloc.synchronize();
+    let state = f.alloc.block_info(a).map(|b| b.state);
+    let c = f.alloc.stats().counters;
+    assert_eq!(state, Some(BlockState::Quarantined), "{c:?}");
+    assert!(c.verifications_failed >= 1, "{c:?}");
+}
+
 /// `kvh_kv_scrub_calls_total` counts "kvh_scrub_blocks calls that ran". A `kvh_claim_blocks`
 /// call whose eviction gate scrubbed blocks is a claim (`kvh_kv_claim_calls_total`, with the
 /// blocks in `kvh_kv_gate_scrubbed_blocks_total`), not a `kvh_scrub_blocks` call the engine

@@ -202,6 +202,22 @@ pub unsafe fn verify_raw(
 mod tests {
     use super::*;
 
+    /// A sampled word is dirty when any of its bytes is, whichever: every byte position of a
+    /// word (and of a short last word) read back alone as non-zero.
+    #[test]
+    fn any_single_non_zero_byte_of_a_sampled_word_is_seen() {
+        for len in [8usize, 13, 64] {
+            for k in 0..len {
+                let mut buf = vec![0u8; len];
+                buf[k] = 0x80;
+                // SAFETY: 1. `buf` is `len` readable bytes for the call.
+                let r = unsafe { verify_raw(buf.as_ptr(), len, 5, 0, true) };
+                assert_eq!(r.checked, word_count(len as u64));
+                assert_eq!(r.nonzero, 1, "byte {k} of {len}");
+            }
+        }
+    }
+
     #[test]
     fn first_and_last_word_always_sampled() {
         for words in 2..200u64 {
