@@ -260,3 +260,41 @@ fn no_allocation_after_shutdown_begun_while_a_device_opens() {
     );
     assert_eq!(allocated, Err(BackendError::ShuttingDown));
 }
+
+/// A submission whose wait streams include a stream of another device (handle 0xD1001, of
+/// device 1's context) creates an event in that context for the wait. A shutdown that begins
+/// while that event is created stops the submission there: no driver call follows, not even
+/// the record of the new event on the other device's stream (docs/cuda.md, "Exit"; the
+/// ordering "checks for a shutdown before each driver call").
+#[test]
+fn no_driver_call_after_shutdown_begun_while_a_foreign_wait_event_is_created() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_foreign_wait_event");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 34,
+    };
+    // A first batch makes the slot the second one reuses: the next event the backend creates
+    // is then the one for the other device's stream.
+    let mut first = submit(b, batch(vec![seg], SAMPLED)).expect("submit");
+    first.wait().expect("wait");
+    drop(first);
+    let mut scrub = batch(vec![seg], SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(0xD1001)];
+    arm(&lib, "on_event_create", exit_begins);
+    let submitted = submit(b, scrub);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}

@@ -124,3 +124,52 @@ fn an_idle_log_on_a_full_disk_backs_off_its_retries_and_recovers_alone() {
     assert_eq!(lost[0]["records_lost"], 1, "{lost:?}");
     log.stop();
 }
+
+/// The same backoff when the failed write was the first of a new file: the file's `rotate`
+/// record is kept for the next write (so that the file still starts with it), and the log is
+/// otherwise idle. While the disk stays full, `write_errors` still grows by at most one every
+/// 2 s after the first waits (docs/forensic-log.md, "Write errors"), not once per writer tick.
+#[test]
+fn an_idle_log_whose_failed_write_opened_a_new_file_backs_off_its_retries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let max_bytes = 4096u64;
+    let c = signed_cfg(&tmp, |c| c.max_bytes = max_bytes);
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let newest_len = || {
+        let files = chain_files(&dir);
+        std::fs::metadata(files.last().unwrap()).unwrap().len()
+    };
+    log.emit(event(1));
+    log.flush();
+    let files = chain_files(&dir);
+    let event_len = read_lines(files.last().unwrap()).last().unwrap().len() as u64 + 1;
+    // Fill the current file until the next event surely does not fit in it.
+    let mut i = 2;
+    while newest_len() + event_len - 32 <= max_bytes {
+        log.emit(event(i));
+        log.flush();
+        i += 1;
+    }
+    let files_before = chain_files(&dir).len();
+    log.inject_write_faults(1_000_000);
+    log.emit(event(i));
+    log.flush();
+    assert_eq!(
+        chain_files(&dir).len(),
+        files_before + 1,
+        "the event did not open a new file"
+    );
+    let first = log.stats().write_errors;
+    assert!(first >= 1, "the injected fault was not hit");
+    std::thread::sleep(Duration::from_millis(1600));
+    let retries = log.stats().write_errors - first;
+    log.inject_write_faults(0);
+    log.stop();
+    // Tries at about 0, 100, 300, 700 and 1500 ms after the first failure (plus a tick each).
+    assert!(
+        retries <= 6,
+        "{retries} failed writes in 1.6 s of an idle log on a full disk whose failed write \
+         opened a new file"
+    );
+}

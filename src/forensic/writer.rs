@@ -80,29 +80,31 @@ pub(crate) struct ChainWriter {
     last_summary: Option<Instant>,
     records_since_ckpt: u64,
     last_ckpt: Instant,
-    /// When an idle log's unrecorded loss is next written alone, and the wait after that
-    /// try fails (see [`IdleLossRetry`]).
-    idle_loss_retry: IdleLossRetry,
+    /// While writes fail: when a buffer holding nothing new is next tried, and the wait
+    /// after that try fails (see [`WriteRetry`]).
+    write_retry: WriteRetry,
     shared: Arc<Shared>,
 }
 
-/// Backs off the writes of an idle log's `lost` record while they keep failing (a full
-/// disk): each failed try doubles the wait before the next, from [`IdleLossRetry::FIRST`] up
-/// to [`IdleLossRetry::MAX`], so that `write_errors` grows with the events a full disk costs
-/// rather than with the writer's ticks. A record emitted meanwhile is written at once, the
-/// `lost` record before it; a successful write starts the waits again from the first.
+/// Backs off the writes that hold nothing new while writes keep failing (a full disk): the
+/// records a failed write leaves to be rebuilt, an idle log's `lost` record and a new file's
+/// `rotate` link. Each failed try doubles the wait before the next, from
+/// [`WriteRetry::FIRST`] up to [`WriteRetry::MAX`], so that `write_errors` grows with the
+/// events a full disk costs rather than with the writer's ticks. A record emitted meanwhile
+/// is written at once, the rebuilt ones before it; a successful write starts the waits again
+/// from the first.
 #[derive(Debug, Clone, Copy)]
-struct IdleLossRetry {
+struct WriteRetry {
     not_before: Option<Instant>,
     wait: Duration,
 }
 
-impl IdleLossRetry {
+impl WriteRetry {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(2);
 
     fn new() -> Self {
-        IdleLossRetry {
+        WriteRetry {
             not_before: None,
             wait: Self::FIRST,
         }
@@ -204,7 +206,7 @@ impl ChainWriter {
             last_summary: None,
             records_since_ckpt: 0,
             last_ckpt: Instant::now(),
-            idle_loss_retry: IdleLossRetry::new(),
+            write_retry: WriteRetry::new(),
             shared,
         };
         *lock(&w.shared.chain) = Some(w.chain.clone());
@@ -424,12 +426,46 @@ impl ChainWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let now = Instant::now();
+        if self.lost.is_some() && !self.holds_new_records() && !self.write_retry.may_try(now) {
+            self.drop_rebuilt_records();
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "writes fail: the next try waits",
+            ));
+        }
         match self.write_buffer() {
             Ok(()) => Ok(()),
             Err(e) => {
+                self.write_retry.failed(now);
                 self.on_write_error(&e);
                 Err(e)
             }
+        }
+    }
+
+    /// Whether the buffer holds a record that is not rebuilt after a failed write (anything
+    /// but the `lost` record and a new file's `rotate` link).
+    fn holds_new_records(&self) -> bool {
+        let relink = self.file_len == 0 && self.index > 0;
+        self.buf_kinds
+            .iter()
+            .any(|&k| !(k == "lost" || (relink && k == "rotate")))
+    }
+
+    /// Backing off ([`WriteRetry`]): the buffer, holding only records that are rebuilt, is
+    /// dropped without a write, as a failed write would leave it (the chain back at the last
+    /// written record, a new file's `rotate` link queued again).
+    #[cold]
+    fn drop_rebuilt_records(&mut self) {
+        let relink = self.file_len == 0 && self.index > 0;
+        self.buf.clear();
+        self.buf_kinds.clear();
+        self.lost_in_buf = false;
+        self.seq = self.committed_seq;
+        self.prev = self.committed_prev;
+        if relink {
+            self.append_rotate(unix_nanos(SystemTime::now()));
         }
     }
 
@@ -451,7 +487,7 @@ impl ChainWriter {
             self.lost = None;
             self.lost_in_buf = false;
         }
-        self.idle_loss_retry = IdleLossRetry::new();
+        self.write_retry = WriteRetry::new();
         self.dirty_since_sync = true;
         if self.fsync == FsyncPolicy::Always {
             self.sync();
@@ -722,14 +758,11 @@ impl ChainWriter {
             // alone (a failed write loses nothing more: it is rebuilt), and, once written, it
             // is a new record the next checkpoint covers. A checkpoint appended with it now
             // would only be lost too while writes fail.
-            let now = Instant::now();
-            let written = self.idle_loss_retry.may_try(now) && {
+            // (`flush` backs off such a write too; asking first spares sealing the record
+            // only to drop it.)
+            let written = self.write_retry.may_try(Instant::now()) && {
                 self.append_lost_record(unix_nanos(SystemTime::now()), Rotation::Allowed);
-                let ok = self.flush().is_ok();
-                if !ok {
-                    self.idle_loss_retry.failed(now);
-                }
-                ok
+                self.flush().is_ok()
             };
             if !written {
                 // Writes still fail (or failed too recently to try again). The records

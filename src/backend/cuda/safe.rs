@@ -101,8 +101,9 @@ struct Slot {
 pub(crate) struct Inner {
     driver: Driver,
     /// Each device's state once it opened. A failed open is not kept: the next call tries
-    /// again (a module load can fail for lack of memory on a full device), leaking what the
-    /// failed attempt retained (a primary context reference, a module), which is small.
+    /// again (a module load can fail for lack of memory on a full device). The failed attempt
+    /// unloads the module it loaded ([`LoadedModule`]) and keeps its reference to the device's
+    /// primary context (one context per device, whatever the count of references).
     devices: Vec<OnceLock<Device>>,
     /// Held while a device opens, so that two threads do not open the same one twice.
     opening: Mutex<()>,
@@ -961,6 +962,7 @@ fn order_after_wait_streams(
     for &w in waits.iter().filter(|w| **w != own) {
         inner.live()?;
         let foreign = foreign_context(d, dev, w)?;
+        inner.live()?;
         // SAFETY: 1. a stream recorded for the block through kvh_record_stream (live until
         // the block is freed: its contract), whose context is current when this runs.
         let query = || unsafe { r::stream_is_capturing(d, stream_of(w)) };
@@ -1028,13 +1030,23 @@ fn order_after_foreign_stream(
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
     let home = dev.ctx.0;
-    // Runs with `ctx` current.
+    // Runs with `ctx` current. A shutdown that begins meanwhile leaks the event: no driver
+    // call after it.
+    // The device `ctx` is the primary context of, when it is one of ours, names the device
+    // out of memory in an `OutOfMemory` error.
+    let ordinal = inner
+        .devices
+        .iter()
+        .position(|cell| cell.get().is_some_and(|other| other.ctx.0 == ctx))
+        .map_or(dev.ordinal, |i| i as u32);
     let create_and_record = || {
-        let ev = r::event_create(d, dev.ordinal)?;
+        let ev = r::event_create(d, ordinal)?;
+        inner.live()?;
         // SAFETY: 1. `ev` was created in `ctx` just now and `w` is a stream of `ctx`.
         match unsafe { r::event_record(d, ev, stream_of(w)) } {
             Ok(()) => Ok(ev),
             Err(e) => {
+                inner.live()?;
                 // SAFETY: 1. created above, not recorded, used by nothing.
                 let _ = unsafe { r::event_destroy(d, ev) };
                 Err(e)
@@ -1058,8 +1070,8 @@ fn order_after_foreign_stream(
 }
 
 /// Runs `f` with `ctx` current on this thread, then makes `home` current again. Checks for a
-/// shutdown before each of its driver calls: after one began, `home` is not restored (no
-/// driver call then), and the entry point returns `ShuttingDown`.
+/// shutdown before each of its driver calls and before `f`: after one began, `home` is not
+/// restored (no driver call then), and the entry point returns `ShuttingDown`.
 ///
 /// # Safety
 /// 1. `ctx` and `home` must be live contexts.
@@ -1073,6 +1085,8 @@ unsafe fn in_context<T>(
     inner.live()?;
     // SAFETY: contract 1.
     unsafe { r::ctx_set_current(d, ctx) }?;
+    // No driver call after a shutdown began: `home` is left unrestored then.
+    inner.live()?;
     let out = f();
     inner.live()?;
     // SAFETY: contract 1.
