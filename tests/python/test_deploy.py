@@ -1126,3 +1126,63 @@ def test_cronjob_verifies_the_log_and_fails_on_tampering(pod):
     shutil.rmtree(Path(pod["env"]["KVH_LOG_DIR"]))
     r = run_in(cmd, env)
     assert r.returncode == 2, f"a missing log gave exit {r.returncode}: {r.stdout}{r.stderr}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Prometheus Operator's objects (deploy/prometheus-operator)
+
+OPERATOR = DEPLOY / "prometheus-operator"
+RULES_FILE = DEPLOY / "prometheus" / "kvhygiene-rules.yaml"
+
+
+def prometheusrule_text() -> str:
+    """deploy/prometheus-operator/prometheusrule.yaml as it must be: the rules file's groups,
+    unchanged, under a PrometheusRule's spec."""
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "kvhygiene",
+            "labels": {"app.kubernetes.io/name": "inference-server", "app.kubernetes.io/component": "kvh-metrics"},
+        },
+        "spec": {"groups": yaml.safe_load(RULES_FILE.read_text())["groups"]},
+    }
+    header = (
+        "# The alerting rules of deploy/prometheus/kvhygiene-rules.yaml (read its comments there) as a\n"
+        "# PrometheusRule for the Prometheus Operator. Generated; do not edit: change the rules file,\n"
+        "# then `KVH_BLESS=1 python3 -m pytest tests/python/test_deploy.py -k prometheusrule`.\n"
+        "# A Prometheus whose ruleSelector asks for a label (kube-prometheus-stack's\n"
+        "# `release: NAME`) needs it added under metadata.labels.\n"
+    )
+    return header + yaml.safe_dump(rule, sort_keys=False, width=4096, allow_unicode=True)
+
+
+def test_the_prometheusrule_holds_the_rules_files_groups():
+    path = OPERATOR / "prometheusrule.yaml"
+    want = prometheusrule_text()
+    if os.environ.get("KVH_BLESS"):
+        path.write_text(want)
+    got = path.read_text()
+    assert got == want, (
+        f"{path.relative_to(ROOT)} is not deploy/prometheus/kvhygiene-rules.yaml's groups: "
+        "regenerate it with `KVH_BLESS=1 python3 -m pytest tests/python/test_deploy.py -k prometheusrule`"
+    )
+    (rule,) = load_yaml(path)
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
+
+
+def test_the_servicemonitor_scrapes_the_metrics_service():
+    kustomization = load_yaml(OPERATOR / "kustomization.yaml")[0]
+    files = sorted(p.name for p in OPERATOR.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == files
+    (monitor,) = load_yaml(OPERATOR / "servicemonitor.yaml")
+    assert monitor["kind"] == "ServiceMonitor"
+    svc = the("Service", "inference-server-kvh-metrics")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    assert wanted.items() <= svc["metadata"]["labels"].items(), f"{wanted} selects no label set of the Service"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    annotations = the("Deployment", "inference-server")["spec"]["template"]["metadata"]["annotations"]
+    assert endpoint["path"] == annotations["prometheus.io/path"]
+    # KvhMetricsStale fires at 120 s: several scrapes must fit in it.
+    assert int(endpoint["interval"].rstrip("s")) <= 60
