@@ -83,6 +83,9 @@ const MAX_ANOMALY_BURST_SCALE: f64 = 10.0;
 /// A burst must reach its threshold within the window: a window this short sees only storms.
 const MIN_ANOMALY_WINDOW_MS: u64 = 1_000;
 const MAX_CHECKPOINT_INTERVAL_MS: u64 = 3_600_000;
+/// The shipped probes read the metrics file with `--max-age 60` and KvhMetricsStale fires at
+/// 120 s: a file rewritten less often reads as stale between writes.
+const MAX_METRICS_INTERVAL_MS: u64 = 60_000;
 
 /// The controls `config` turns off or weakens (`KVH_PRELOAD`, added by [`report`], first;
 /// then by subject: verification, isolation, the gate, the log, metrics, anomalies).
@@ -156,6 +159,19 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
             "the process exports no metrics (neither metrics_file nor metrics_addr): kvh \
              gate, readiness probes and alert rules cannot see a failed control"
                 .into(),
+        );
+    }
+    if config.metrics.file.is_some() && config.metrics.interval_ms > MAX_METRICS_INTERVAL_MS {
+        add(
+            "metrics_interval_ms",
+            config.metrics.interval_ms.to_string(),
+            format!(
+                "the metrics file is rewritten only every {} (more than {}): the shipped \
+                 probes (`kvh metrics --max-age 60`) and KvhMetricsStale take a healthy \
+                 process for a hung one between writes, and a failed control shows that late",
+                duration_ms(config.metrics.interval_ms),
+                duration_ms(MAX_METRICS_INTERVAL_MS)
+            ),
         );
     }
     anomaly_weakened(config, &mut add);
@@ -638,6 +654,26 @@ mod tests {
             .map(|w| w.key)
             .collect();
         assert_eq!(keys, ["log_dir"]);
+    }
+
+    /// A metrics file rewritten less often than the probes' `--max-age 60` is a weakened
+    /// control; at the limit it is not, nor without a file (the HTTP exporter's snapshots
+    /// are at most about a second old whatever the interval).
+    #[test]
+    fn a_metrics_file_rewritten_less_often_than_a_minute_is_flagged() {
+        let flagged = |env: &[(&str, &str)]| {
+            let c = Config::from_vars(&vars(env)).unwrap();
+            weakened(&c, HmacSecret::NotInEnvironment)
+                .iter()
+                .any(|w| w.key == "metrics_interval_ms")
+        };
+        let file = ("KVH_METRICS_FILE", "/tmp/kvh.prom");
+        assert!(flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "60001")]));
+        assert!(!flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "60000")]));
+        assert!(!flagged(&[
+            ("KVH_METRICS_ADDR", "127.0.0.1:0"),
+            ("KVH_METRICS_INTERVAL_MS", "600000")
+        ]));
     }
 
     /// A risk quotes the interval as it is: 90 minutes between checkpoints is not "1 h apart
