@@ -1,5 +1,5 @@
 """The exposition and the alerting rules checked by Prometheus's own tool, promtool (Debian's
-`prometheus` package; .ci/run installs it and sets KVH_REQUIRE_PROMTOOL, so there a missing
+`prometheus` package; .ci/run installs it and sets KVHYGIENE_REQUIRE_PROMTOOL, so there a missing
 promtool fails instead of skipping):
 
 - `promtool check metrics` lints snapshots the library writes (types, names, the histogram
@@ -29,7 +29,7 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         why = "promtool not installed (apt-get install prometheus)"
-        if os.environ.get("KVH_REQUIRE_PROMTOOL"):
+        if os.environ.get("KVHYGIENE_REQUIRE_PROMTOOL"):
             pytest.fail(why)
         pytest.skip(why)
     return path
