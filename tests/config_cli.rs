@@ -302,6 +302,26 @@ fn an_hmac_secret_the_library_would_refuse_is_an_invalid_policy() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// The shortest secret the library accepts (16 bytes) is valid, one byte less is not; the
+/// library draws the same line.
+#[test]
+fn the_hmac_secret_length_is_judged_at_the_librarys_limit() {
+    for (len, want) in [(15, 2), (16, 0)] {
+        let secret = "k".repeat(len);
+        let (code, out, err) = run(config(&[])
+            .envs(HARDENED.iter().copied())
+            .env("FORENSIC_HMAC_SECRET", &secret));
+        assert_eq!(code, want, "{len} bytes: {out}{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let (code, _, err) = run(kvh()
+            .args(["demo", "--tenants", "1", "--requests", "1"])
+            .env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", dir.path().join("log"))
+            .env("FORENSIC_HMAC_SECRET", &secret));
+        assert_eq!(code, want, "{len} bytes, the library: {err}");
+    }
+}
+
 #[test]
 fn variables_of_other_readers_need_not_be_utf8() {
     let (code, out, err) =

@@ -1081,3 +1081,96 @@ fn the_full_digest_list_puts_only_real_digests_in_code_spans() {
         );
     }
 }
+
+/// `--since` equal to `--until` names an empty period: a usage error, not a report that
+/// finds nothing in it.
+#[test]
+fn an_audit_period_that_begins_where_it_ends_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let instant = rfc(60);
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--since",
+            &instant,
+            "--until",
+            &instant,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the audit period is empty"), "{err}");
+}
+
+/// A period that ends after the report's time is searched for gaps up to that time only:
+/// what has not happened yet is neither a gap nor covered.
+#[test]
+fn a_period_still_running_is_searched_up_to_the_reports_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let (code, v) = evidence_json(
+        &dir,
+        &[
+            "--since",
+            &rfc(0),
+            "--until",
+            "2200-01-01",
+            "--max-gap",
+            "61",
+        ],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    // The report's time lies between the start of its making and this instant.
+    let after = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let generated = kvhygiene::forensic::verify::rfc3339(after);
+    let period = &v["audit_period"];
+    assert_eq!(period["still_running"], true, "{v}");
+    let searched_to = period["searched"][1].as_str().unwrap();
+    assert!(
+        searched_to <= generated.as_str(),
+        "{searched_to} > {generated}"
+    );
+    let gaps = period["gaps"].as_array().unwrap();
+    // After the stop at 420 minutes, nothing: one gap, from the stop to the report's time.
+    let last = gaps
+        .last()
+        .unwrap_or_else(|| panic!("no gap after the stop: {v}"));
+    assert_eq!(last["from"], rfc(420), "{v}");
+    let to = last["to"].as_str().unwrap();
+    assert!(
+        to <= generated.as_str(),
+        "a gap reaching past the report's time: {v}"
+    );
+}
+
+/// Records exactly --max-gap apart leave stretches of --max-gap minutes without a record,
+/// listed as the stretch of that length at the period's end is.
+#[test]
+fn a_stretch_of_exactly_max_gap_between_records_is_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = timed_log(
+        &tmp,
+        &[
+            (0, serde_json::json!({})),
+            (10, serde_json::json!({})),
+            (20, summary(1, 0)),
+        ],
+    );
+    let (code, v) = evidence_json(
+        &dir,
+        &["--since", &rfc(0), "--until", &rfc(30), "--max-gap", "10"],
+    );
+    assert_eq!(code, Some(0), "{v}");
+    let gap = |from: u64, to: u64| serde_json::json!({"from": rfc(from), "to": rfc(to), "minutes": to - from});
+    assert_eq!(
+        v["audit_period"]["gaps"],
+        serde_json::json!([gap(0, 10), gap(10, 20), gap(20, 30)]),
+        "{v}"
+    );
+}

@@ -700,3 +700,56 @@ fn serve_metrics_listen_address_errors_give_an_example() {
         );
     }
 }
+
+/// A file with two snapshot times (a merged exposition, whose samples each carry a `pid`
+/// label) has no one age: it is refused, not judged by its first time.
+#[test]
+fn a_file_with_two_snapshot_times_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let text = std::fs::read_to_string(&f).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("kvh_snapshot_timestamp_seconds "))
+        .expect("the snapshot's time")
+        .to_string();
+    let fresh: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let two = format!(
+        "kvh_snapshot_timestamp_seconds{{pid=\"1\"}} {fresh}\n\
+         kvh_snapshot_timestamp_seconds{{pid=\"2\"}} {}",
+        fresh - 3600.0
+    );
+    std::fs::write(&f, text.replace(&line, &two)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .args(["--max-age", "60"]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("more than one kvh_snapshot_timestamp_seconds"),
+        "{err}"
+    );
+}
+
+/// Staleness is judged against --max-age itself: a snapshot half as old again as the limit
+/// fails `kvh metrics` and is not served by `serve-metrics`.
+#[test]
+fn a_snapshot_just_past_max_age_is_stale_for_both_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::from_secs(90), 0);
+    let (code, out, _) = run(kvh()
+        .args(["metrics", "--file"])
+        .arg(&f)
+        .args(["--max-age", "60"]));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("STALE"), "{out}");
+    let side = sidecar(&f, &["--max-age", "60"]);
+    let (status, _, body) = http(side.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    // Well within the limit: served.
+    write_snapshot(&f, Duration::from_secs(30), 0);
+    let (status, _, _) = http(side.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200);
+}

@@ -172,6 +172,42 @@ fn what_the_start_up_refuses_fails_its_check() {
     }
 }
 
+/// Any group or other permission bit fails: a log directory its group may list or enter, a
+/// key file its group or others may write (and so replace), a key file only its group may
+/// read. The start-up refuses each of them too.
+#[test]
+fn any_group_or_other_permission_on_the_log_directory_or_a_key_fails() {
+    let cases: [(&str, &str, u32); 6] = [
+        ("log directory", "log/chains", 0o750),
+        ("log directory", "log/chains", 0o710),
+        ("hmac key", "hmac.key", 0o620),
+        ("hmac key", "hmac.key", 0o602),
+        ("signing key", "ckpt.key", 0o640),
+        ("signing key", "ckpt.key", 0o610),
+    ];
+    for (check, path, mode) in cases {
+        let env = Env::new();
+        let p = env.root().join(path);
+        if check == "log directory" {
+            fs::create_dir_all(&p).unwrap();
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        let (code, report) = env.preflight(&[]);
+        assert_eq!(code, 1, "{check} {mode:04o}: {report}");
+        let (st, detail) = status(&report, check);
+        assert_eq!(st, "fail", "{check} {mode:04o}: {report}");
+        assert!(
+            detail.contains(&format!("mode {mode:04o}")),
+            "{check}: {detail}"
+        );
+        assert_eq!(
+            env.start(),
+            2,
+            "{check} {mode:04o}: the start-up got past what preflight failed"
+        );
+    }
+}
+
 #[test]
 fn metrics_exports_that_cannot_work_fail() {
     let mut env = Env::new();

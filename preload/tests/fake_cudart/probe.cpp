@@ -451,6 +451,21 @@ static int scenario_streams() {
     out("syncs_for_special_destroy", fake_cudart_calls("cudaStreamSynchronize") - syncs);
     out("dead_stream_uses", fake_cudart_dead_stream_uses());
     out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    // A destroy whose synchronisation fails with another error than a capture's: kvhygiene
+    // forgets nothing (its open batch on the stream is not submitted there), and the
+    // runtime's destroy is made and answers.
+    cudaStream_t f = nullptr;
+    cudaStreamCreate(&f);
+    void* y = nullptr;
+    out("rc_malloc_y", cudaMallocAsync(&y, N, f));
+    out("rc_free_y", cudaFreeAsync(y, f));
+    long long open_batches = kvh_counter("scrub_batches");
+    int destroys_before = fake_cudart_calls("cudaStreamDestroy");
+    fake_cudart_fail_syncs(719);  // cudaErrorLaunchFailure
+    out("rc_destroy_failed_sync", cudaStreamDestroy(f));
+    fake_cudart_fail_syncs(0);
+    out("batches_submitted_at_failed_destroy", kvh_counter("scrub_batches") - open_batches);
+    out("real_destroys_failed_sync", fake_cudart_calls("cudaStreamDestroy") - destroys_before);
     out("done", 1);
     return 0;
 }
@@ -469,6 +484,10 @@ static int scenario_fork() {
         out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
         out("child_rc_free", cudaFree(c));
         out("child_free_forwarded", fake_cudart_calls("cudaFree") - frees);
+        // The parent's block, inherited: not the child's kvhygiene's to free.
+        int before_parent = fake_cudart_calls("cudaFree");
+        cudaFree(p);
+        out("child_parent_free_forwarded", fake_cudart_calls("cudaFree") - before_parent);
         std::fflush(stdout);
         _exit(0);
     }
