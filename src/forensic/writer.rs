@@ -447,10 +447,16 @@ impl ChainWriter {
     /// Whether the buffer holds a record that is not rebuilt after a failed write (anything
     /// but the `lost` record and a new file's `rotate` link).
     fn holds_new_records(&self) -> bool {
-        let relink = self.file_len == 0 && self.index > 0;
+        let relink = self.at_fresh_file();
         self.buf_kinds
             .iter()
             .any(|&k| !(k == "lost" || (relink && k == "rotate")))
+    }
+
+    /// Whether the active file is a rotated one still empty: the next batch written to it
+    /// starts with its `rotate` link, which a failed write does not lose but queues again.
+    fn at_fresh_file(&self) -> bool {
+        self.file_len == 0 && self.index > 0
     }
 
     /// Backing off ([`WriteRetry`]): the buffer, holding only records that are rebuilt, is
@@ -458,7 +464,7 @@ impl ChainWriter {
     /// written record, a new file's `rotate` link queued again).
     #[cold]
     fn drop_rebuilt_records(&mut self) {
-        let relink = self.file_len == 0 && self.index > 0;
+        let relink = self.at_fresh_file();
         self.buf.clear();
         self.buf_kinds.clear();
         self.lost_in_buf = false;
@@ -512,6 +518,9 @@ impl ChainWriter {
     #[cold]
     fn on_write_error(&mut self, e: &io::Error) {
         self.keep_landed_records();
+        // A batch written to a fresh file starts with its `rotate` record; it is re-queued
+        // below rather than lost, so the file still starts with the link to its predecessor.
+        let relink = self.at_fresh_file();
         let s = &self.shared;
         s.write_errors.fetch_add(1, Ordering::Relaxed);
         let msg = format!(
@@ -524,9 +533,6 @@ impl ChainWriter {
             ..Default::default()
         });
         lost.error = msg;
-        // A batch written to a fresh file starts with its `rotate` record; it is re-queued
-        // below rather than lost, so the file still starts with the link to its predecessor.
-        let relink = self.file_len == 0 && self.index > 0;
         let mut lines = self.buf.split(|&b| b == b'\n');
         for kind in self.buf_kinds.drain(..) {
             let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
