@@ -1030,8 +1030,6 @@ fn order_after_foreign_stream(
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
     let home = dev.ctx.0;
-    // Runs with `ctx` current. A shutdown that begins meanwhile leaks the event: no driver
-    // call after it.
     // The device `ctx` is the primary context of, when it is one of ours, names the device
     // out of memory in an `OutOfMemory` error.
     let ordinal = inner
@@ -1039,6 +1037,8 @@ fn order_after_foreign_stream(
         .iter()
         .position(|cell| cell.get().is_some_and(|other| other.ctx.0 == ctx))
         .map_or(dev.ordinal, |i| i as u32);
+    // Runs with `ctx` current. A shutdown that begins meanwhile leaks the event: no driver
+    // call after it.
     let create_and_record = || {
         let ev = r::event_create(d, ordinal)?;
         inner.live()?;
