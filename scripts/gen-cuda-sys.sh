@@ -21,7 +21,7 @@ command -v bindgen >/dev/null || { echo "gen-cuda-sys: bindgen not found (cargo 
 functions=(
     cuInit cuDriverGetVersion cuGetErrorName
     cuDeviceGetCount cuDeviceGet cuDeviceGetAttribute
-    cuDevicePrimaryCtxRetain cuCtxGetCurrent cuCtxSetCurrent
+    cuDevicePrimaryCtxRetain cuCtxGetCurrent cuCtxSetCurrent cuCtxGetDevice
     cuModuleLoadData cuModuleUnload cuModuleGetFunction cuLaunchKernel cuOccupancyMaxActiveBlocksPerMultiprocessor
     cuMemAlloc_v2 cuMemFree_v2 cuMemHostAlloc cuMemFreeHost cuMemHostGetDevicePointer_v2
     cuMemcpyHtoD_v2 cuMemcpyDtoH_v2

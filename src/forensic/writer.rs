@@ -759,11 +759,12 @@ impl ChainWriter {
         if self.signing.is_none() || self.fsync_failed {
             return;
         }
-        if self.lost.is_some() && !self.lost_in_buf && self.buf.is_empty() {
-            // A loss not yet recorded, on an otherwise idle log: its `lost` record is written
-            // alone (a failed write loses nothing more: it is rebuilt), and, once written, it
-            // is a new record the next checkpoint covers. A checkpoint appended with it now
-            // would only be lost too while writes fail.
+        if self.lost.is_some() && !self.lost_in_buf && !self.holds_new_records() {
+            // A loss not yet recorded, on an otherwise idle log (nothing buffered but, after a
+            // rotation, the new file's `rotate` link): its `lost` record is written alone (a
+            // failed write loses nothing more: it is rebuilt), and, once written, it is a new
+            // record the next checkpoint covers. A checkpoint appended with it now would only
+            // be lost too while writes fail.
             // (`flush` backs off such a write too; asking first spares sealing the record
             // only to drop it.)
             let written = self.write_retry.may_try(Instant::now()) && {
@@ -830,7 +831,9 @@ impl ChainWriter {
             chain: self.chain.clone(),
             seq: self.committed_seq - 1,
             hash: self.committed_prev,
-            file: files::file_name(&self.chain, self.index),
+            // The file holding record `seq`: the previous one while the active file, just
+            // rotated, holds nothing yet (its first write failed).
+            file: files::file_name(&self.chain, self.index - u64::from(self.at_fresh_file())),
             ts: unix_nanos(SystemTime::now()),
             key_id: self.key_id.clone(),
             public_key: None,

@@ -148,6 +148,12 @@ CUresult cuDevicePrimaryCtxRetain(void** ctx, int ordinal) {
 }
 CUresult cuCtxSetCurrent(void* ctx) { t_current = ctx; return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_current; return OK; }
+CUresult cuCtxGetDevice(int* dev) {
+    g_calls++;
+    if (t_current == &g_ctx_tokens[0]) { *dev = 0; return OK; }
+    if (t_current == &g_ctx_tokens[1]) { *dev = 1; return OK; }
+    return INVALID_CONTEXT;
+}
 // Makes a context that is not kvhygiene's current on the calling thread (1), or reports
 // whether the calling thread's current context is that foreign one (returns 1), or none (0).
 static int g_foreign_token;

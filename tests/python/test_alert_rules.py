@@ -118,18 +118,19 @@ def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
 def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold():
     # increase() counts nothing from a series' first sample: a process whose first scrubs
     # failed before its first scrape shows a counter already at 1, and only the
-    # `x > N unless last_over_time(x[1h] offset W)` clause raises the alert for it (the hour:
-    # not again after a gap in the scrapes; tests/python/test_promtool.py evaluates both).
-    counted = [a for a in alerts() if a["expr"].startswith("increase(")]
+    # `x > N unless last_over_time(x[1d] offset W)` clause raises the alert for it
+    # (tests/python/test_promtool.py evaluates the whole expression).
+    counted = [a for a in alerts() if "increase(" in a["expr"]]
     assert counted
     for a in counted:
         m = re.fullmatch(
-            r"increase\((kvh_[a-z0-9_]+(?:\{[^}]*\})?)\[(\w+)\]\) > (\d+) or \((.*)\)", a["expr"]
+            r"\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) - last_over_time\(\1\[1d\] offset (\w+)\)\) > (\d+)"
+            r" or increase\(\1\[\2\]\) > \3 or \((.*)\)",
+            a["expr"],
         )
         assert m, a["expr"]
         metric, window, threshold, new_series = m.groups()
-        assert new_series == f"{metric} > {threshold} unless last_over_time({metric}[1h] offset {window})", a["expr"]
-
+        assert new_series == f"{metric} > {threshold} unless last_over_time({metric}[1d] offset {window})", a["expr"]
 
 def test_each_runbook_link_has_a_section_and_each_section_an_alert():
     sections = anchors(RUNBOOK.read_text())

@@ -110,6 +110,16 @@ pub fn ctx_get_current(d: &Driver) -> Result<CUcontext, BackendError> {
     Ok(ctx)
 }
 
+/// The device of the calling thread's current context.
+pub fn ctx_get_device(d: &Driver) -> Result<CUdevice, BackendError> {
+    let mut dev = 0;
+    // SAFETY: `dev` is a valid out-pointer; fails cleanly without a current context.
+    check(d, "cuCtxGetDevice", unsafe {
+        d.api().cuCtxGetDevice(&mut dev)
+    })?;
+    Ok(dev)
+}
+
 /// # Safety
 /// 1. `ctx` must be null, or a live context (for kvhygiene's own calls: one retained with
 ///    [`primary_ctx_retain`] and never released).

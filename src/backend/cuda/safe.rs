@@ -1030,17 +1030,22 @@ fn order_after_foreign_stream(
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
     let home = dev.ctx.0;
-    // The device `ctx` is the primary context of, when it is one of ours, names the device
-    // out of memory in an `OutOfMemory` error.
-    let ordinal = inner
-        .devices
-        .iter()
-        .position(|cell| cell.get().is_some_and(|other| other.ctx.0 == ctx))
-        .map_or(dev.ordinal, |i| i as u32);
     // Runs with `ctx` current. A shutdown that begins meanwhile leaks the event: no driver
     // call after it.
     let create_and_record = || {
-        let ev = r::event_create(d, ordinal)?;
+        let ev = r::event_create(d, dev.ordinal).map_err(|e| match e {
+            // Out of memory on the wait stream's device, not the block's: named so.
+            BackendError::OutOfMemory { requested, .. } if inner.live().is_ok() => {
+                match r::ctx_get_device(d) {
+                    Ok(other) => BackendError::OutOfMemory {
+                        device: u32::try_from(other).unwrap_or(dev.ordinal),
+                        requested,
+                    },
+                    Err(_) => e,
+                }
+            }
+            other => other,
+        })?;
         inner.live()?;
         // SAFETY: 1. `ev` was created in `ctx` just now and `w` is a stream of `ctx`.
         match unsafe { r::event_record(d, ev, stream_of(w)) } {

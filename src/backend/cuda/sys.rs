@@ -482,6 +482,7 @@ pub struct CudaDriver {
         unsafe extern "C" fn(pctx: *mut CUcontext, dev: CUdevice) -> CUresult,
     pub cuCtxSetCurrent: unsafe extern "C" fn(ctx: CUcontext) -> CUresult,
     pub cuCtxGetCurrent: unsafe extern "C" fn(pctx: *mut CUcontext) -> CUresult,
+    pub cuCtxGetDevice: unsafe extern "C" fn(device: *mut CUdevice) -> CUresult,
     pub cuCtxSynchronize: unsafe extern "C" fn() -> CUresult,
     pub cuModuleLoadData: unsafe extern "C" fn(
         module: *mut CUmodule,
@@ -591,6 +592,7 @@ impl CudaDriver {
             .map(|sym| *sym)?;
         let cuCtxSetCurrent = __library.get(b"cuCtxSetCurrent\0").map(|sym| *sym)?;
         let cuCtxGetCurrent = __library.get(b"cuCtxGetCurrent\0").map(|sym| *sym)?;
+        let cuCtxGetDevice = __library.get(b"cuCtxGetDevice\0").map(|sym| *sym)?;
         let cuCtxSynchronize = __library.get(b"cuCtxSynchronize\0").map(|sym| *sym)?;
         let cuModuleLoadData = __library.get(b"cuModuleLoadData\0").map(|sym| *sym)?;
         let cuModuleUnload = __library.get(b"cuModuleUnload\0").map(|sym| *sym)?;
@@ -633,6 +635,7 @@ impl CudaDriver {
             cuDevicePrimaryCtxRetain,
             cuCtxSetCurrent,
             cuCtxGetCurrent,
+            cuCtxGetDevice,
             cuCtxSynchronize,
             cuModuleLoadData,
             cuModuleUnload,
@@ -699,6 +702,9 @@ impl CudaDriver {
     }
     pub unsafe fn cuCtxGetCurrent(&self, pctx: *mut CUcontext) -> CUresult {
         (self.cuCtxGetCurrent)(pctx)
+    }
+    pub unsafe fn cuCtxGetDevice(&self, device: *mut CUdevice) -> CUresult {
+        (self.cuCtxGetDevice)(device)
     }
     pub unsafe fn cuCtxSynchronize(&self) -> CUresult {
         (self.cuCtxSynchronize)()
