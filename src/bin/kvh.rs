@@ -300,7 +300,7 @@ is weakened);
   - the controls the policy turns off or weakens, each with its risk: no forensic log, a log \
 without HMAC seal (no hmac_key_file or FORENSIC_HMAC_SECRET) or without signed checkpoints, \
 log_fsync=never or an fsync interval over 60 s, checkpoints over an hour apart, no metrics \
-export or a metrics file rewritten less often than every 60 s, tenant_isolation=off, \
+export or a metrics file rewritten less often than every 30 s, tenant_isolation=off, \
 kv_gate=off, kv_gate_scope=tenant, coverage_threshold or verify_samples below the defaults, \
 anomaly=off, an anomaly_z or anomaly_burst_scale over 10 or an anomaly_window_ms under 1 s.
 

@@ -84,8 +84,9 @@ const MAX_ANOMALY_BURST_SCALE: f64 = 10.0;
 const MIN_ANOMALY_WINDOW_MS: u64 = 1_000;
 const MAX_CHECKPOINT_INTERVAL_MS: u64 = 3_600_000;
 /// The shipped probes read the metrics file with `--max-age 60` and KvhMetricsStale fires at
-/// 120 s: a file rewritten less often reads as stale between writes.
-const MAX_METRICS_INTERVAL_MS: u64 = 60_000;
+/// 120 s: a file rewritten less often than every 30 s leaves the probes less than half their
+/// margin (a write takes time, and a probe may run just before the next one).
+const MAX_METRICS_INTERVAL_MS: u64 = 30_000;
 
 /// The controls `config` turns off or weakens (`KVH_PRELOAD`, added by [`report`], first;
 /// then by subject: verification, isolation, the gate, the log, metrics, anomalies).
@@ -166,9 +167,10 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
             "metrics_interval_ms",
             config.metrics.interval_ms.to_string(),
             format!(
-                "the metrics file is rewritten only every {} (more than {}): the shipped \
-                 probes (`kvh metrics --max-age 60`) and KvhMetricsStale take a healthy \
-                 process for a hung one between writes, and a failed control shows that late",
+                "the metrics file is rewritten only every {} (more than {}, half the shipped \
+                 probes' `kvh metrics --max-age 60`): the probes and KvhMetricsStale may take \
+                 a healthy process for a hung one between writes, and a failed control shows \
+                 that late",
                 duration_ms(config.metrics.interval_ms),
                 duration_ms(MAX_METRICS_INTERVAL_MS)
             ),
@@ -656,11 +658,11 @@ mod tests {
         assert_eq!(keys, ["log_dir"]);
     }
 
-    /// A metrics file rewritten less often than the probes' `--max-age 60` is a weakened
-    /// control; at the limit it is not, nor without a file (the HTTP exporter's snapshots
+    /// A metrics file rewritten less often than every 30 s (half the probes' `--max-age 60`)
+    /// is a weakened control; at the limit it is not, nor without a file (the HTTP exporter's snapshots
     /// are at most about a second old whatever the interval).
     #[test]
-    fn a_metrics_file_rewritten_less_often_than_a_minute_is_flagged() {
+    fn a_metrics_file_rewritten_less_often_than_every_30_s_is_flagged() {
         let flagged = |env: &[(&str, &str)]| {
             let c = Config::from_vars(&vars(env)).unwrap();
             weakened(&c, HmacSecret::NotInEnvironment)
@@ -668,8 +670,9 @@ mod tests {
                 .any(|w| w.key == "metrics_interval_ms")
         };
         let file = ("KVH_METRICS_FILE", "/tmp/kvh.prom");
-        assert!(flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "60001")]));
-        assert!(!flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "60000")]));
+        assert!(flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "30001")]));
+        assert!(flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "60000")]));
+        assert!(!flagged(&[file, ("KVH_METRICS_INTERVAL_MS", "30000")]));
         assert!(!flagged(&[
             ("KVH_METRICS_ADDR", "127.0.0.1:0"),
             ("KVH_METRICS_INTERVAL_MS", "600000")
