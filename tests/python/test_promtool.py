@@ -489,7 +489,7 @@ def test_every_alert_is_evaluated_firing_and_silent():
             (fires if t["exp_alerts"] else silent).add(t["alertname"])
     assert names - fires == set(), "alerts never expected to fire"
     assert names - silent == set(), "alerts never expected to stay silent"
-    assert set(COUNTERS) == {n for n in names if "increase(" in next(
+    assert set(COUNTERS) == {n for n in names if "last_over_time(" in next(
         r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == n)}
 
 

@@ -1,0 +1,112 @@
+"""The counter alerts evaluated by promtool around a counter reset that falls within a gap in
+the scrapes, and around a threshold above 0 (tests/python/test_promtool.py holds the helpers).
+
+- One metrics file without `{pid}` (ONE_FILE): a restarted process writes the same series, its
+  counter back at 0. When the restart happens while the scrapes fail (a container restart that
+  loads its model for longer than the window), the new process's events are events: they fire
+  once the scrapes resume, whatever the old process's total was, and the description counts
+  the new process's events.
+- KvhInvalidFrees fires above 10 frees in its window: exactly 10 does not fire.
+"""
+
+import re
+
+import pytest
+import yaml
+
+from test_alert_rules import RULES
+from test_promtool import (  # noqa: F401  (promtool is a fixture)
+    A11,
+    COUNTERS,
+    ONE_FILE,
+    alert,
+    counters,
+    promtool,
+    promtool_test,
+    run,
+    series,
+)
+
+
+def rules() -> dict:
+    return yaml.safe_load(RULES.read_text())
+
+
+def test_a_restart_within_a_scrape_gap_fires_for_the_new_process_s_events(promtool, tmp_path):
+    """The old process counts n + 3 events (at 6m); the scrapes fail from 17m to 36m, and the
+    process restarts meanwhile; the new process's first scrape, at 37m, shows n + 1 events of
+    its own (its counter restarted at 0). Those events are above the threshold: the alert
+    fires, though the new total is below the old one."""
+    test = counters(
+        lambda name, counter, w, n, expected: (
+            [counter(f"0x5 {n + 3}x10 stale _x19 {n + 1}x20", ONE_FILE)],
+            [
+                alert(name, "6m", expected(ONE_FILE)),
+                alert(name, "37m", expected(ONE_FILE)),
+                alert(name, "39m", expected(ONE_FILE)),
+            ],
+        )
+    )
+    r = promtool_test(promtool, tmp_path, rules(), [test])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a restart hidden in a scrape gap, whose new total passes the old one, reads as the "
+    "difference of the two totals: the series shows no reset to tell (deploy/prometheus/"
+    "kvhygiene-rules.yaml's header says so)",
+)
+def test_a_restart_within_a_scrape_gap_counts_the_new_process_s_events(promtool, tmp_path):
+    """The old process counts 1 event (at 6m); the scrapes fail from 17m to 36m and the process restarts meanwhile; the new process's first
+    scrape shows threshold + 7 events of its own. The description gives those events, not their
+    difference with the old process's total."""
+    by_name = {r["alert"]: r for g in rules()["groups"] for r in g["rules"] if "alert" in r}
+    tests = []
+    for name, (metric, own, window, threshold, severity) in COUNTERS.items():
+        labels = {**own, **ONE_FILE}
+        count = threshold + 7
+        old = 1
+
+        def render(text: str, count=count, labels=labels) -> str:
+            text = re.sub(r"\{\{[^}]*\$value[^}]*\}\}", str(count), text)
+            return re.sub(r"\{\{[^}]*\$labels\.(\w+)[^}]*\}\}", lambda m: labels[m.group(1)], text)
+
+        tests.append({
+            "interval": "1m",
+            "input_series": [series(metric, f"0x5 {old}x10 stale _x19 {count}x20", **labels)],
+            "alert_rule_test": [{
+                "eval_time": "38m30s",
+                "alertname": name,
+                "exp_alerts": [{
+                    "exp_labels": {"severity": severity, **labels},
+                    "exp_annotations": {k: render(v) for k, v in by_name[name]["annotations"].items()},
+                }],
+            }],
+        })
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "30s", "tests": tests})
+    )
+    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_invalid_frees_at_exactly_the_threshold_do_not_fire(promtool, tmp_path):
+    """A long-running process (5 refused frees from before) refuses exactly 10 more frees, one
+    a minute from 20m30s to 29m30s, within the 15-minute window: the count is 10, not above 10.
+    Samples every 30 s, rules evaluated at quarter minutes (not aligned with the scrapes)."""
+    values = "5x40 " + " ".join(f"{5 + i}x1" for i in range(1, 11)) + " 15x40"
+    test = {
+        "interval": "30s",
+        "input_series": [series("kvh_invalid_frees_total", values, **A11)],
+        "alert_rule_test": [
+            alert("KvhInvalidFrees", at) for at in ("30m15s", "31m15s", "32m15s", "33m15s", "34m15s")
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "15s", "tests": [test]})
+    )
+    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
+    assert r.returncode == 0, r.stdout + r.stderr
