@@ -1003,6 +1003,20 @@ mod tests {
         }
     }
 
+    /// An event that arrives late, a whole window (ten slots) older than the key's newest,
+    /// is outside the sliding window: it does not count towards a burst of the newer events.
+    #[test]
+    fn a_late_event_a_whole_window_old_is_outside_the_sliding_window() {
+        let (mut d, at) = detector(params());
+        let a = tenant("a");
+        assert!(feed(&mut d, &at, AnomalySignal::InvalidFree, &a, W, 15).is_empty());
+        let out = feed(&mut d, &at, AnomalySignal::InvalidFree, &a, 0, 1);
+        assert!(out.is_empty(), "{out:?}");
+        // One slot later it would still be in the window.
+        let out = feed(&mut d, &at, AnomalySignal::InvalidFree, &a, W / SLOTS, 1);
+        assert_eq!(rules(&out), [AnomalyRule::Burst]);
+    }
+
     // ----- rate limit -------------------------------------------------------------------
 
     #[test]

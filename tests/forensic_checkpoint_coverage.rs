@@ -197,3 +197,35 @@ fn a_write_failure_after_a_checkpoint_is_recorded_in_the_chain_while_the_log_is_
         lines.join("\n")
     );
 }
+
+/// A `checkpoint` record is not itself a new record to checkpoint: a log left idle after its
+/// records are checkpointed signs no further checkpoint at each interval.
+#[test]
+fn an_idle_log_signs_no_further_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(tmp.path().join("ckpt"));
+    c.checkpoint_interval_ms = 100;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // Ten intervals and more of an idle log.
+    std::thread::sleep(Duration::from_millis(1500));
+    log.stop();
+    let lines = read_lines(&chain_files(&dir)[0]);
+    let checkpoints = lines
+        .iter()
+        .filter(|l| l.contains("\"kind\":\"checkpoint\""))
+        .count();
+    // The one signed at open and the one over the three events.
+    assert!(
+        checkpoints <= 2,
+        "{checkpoints} checkpoint records:\n{}",
+        lines.join("\n")
+    );
+}

@@ -383,3 +383,54 @@ fn a_writer_rotating_and_checkpointing_during_a_verification_is_not_truncation()
     log.stop();
     assert_eq!(failed, None, "a growing log reported as tampered");
 }
+
+/// With a signing key, every file after the first opens with a `rotate` record that names
+/// the signer (the public key the chain's checkpoints are signed with), as `start` does for
+/// the first file.
+#[test]
+fn every_rotate_record_names_the_signer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let public = kvhygiene::forensic::keys::read_public_key(&public).unwrap();
+    let public_hex = kvhygiene::forensic::record::hex(public.as_bytes());
+    let mut c = cfg(&dir, 4096);
+    c.signing_key_file = Some(key);
+    write_log(&c, 60, true);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 3, "{files:?}");
+    for (i, f) in files.iter().enumerate() {
+        let first: serde_json::Value = serde_json::from_str(&read_lines(f)[0]).unwrap();
+        let kind = if i == 0 { "start" } else { "rotate" };
+        assert_eq!(first["kind"], kind, "{first}");
+        assert_eq!(
+            first["signer"].as_str(),
+            Some(public_hex.as_str()),
+            "{first}"
+        );
+    }
+}
+
+/// Summaries waiting to be written are replaced by newer ones: the summary written holds the
+/// newest counters, not the first of those it replaced.
+#[test]
+fn a_coalesced_summary_holds_the_newest_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 1 << 20);
+    c.summary_interval_ms = 60_000;
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    log.record_summary(json!({"allocs": 1}));
+    log.flush();
+    for i in 10..20 {
+        log.record_summary(json!({ "allocs": i }));
+    }
+    log.stop();
+    let summaries: Vec<serde_json::Value> = read_lines(&chain_files(&dir)[0])
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "summary")
+        .collect();
+    assert_eq!(summaries.len(), 2, "{summaries:?}");
+    assert_eq!(summaries[1]["counters"]["allocs"], 19, "{summaries:?}");
+}

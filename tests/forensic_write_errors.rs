@@ -223,3 +223,122 @@ fn a_start_up_that_cannot_write_its_first_record_leaves_a_log_that_verifies() {
         r.first_problem()
     );
 }
+
+/// The checkpoint directory with the one checkpoint file of the log's chain, parsed.
+fn only_checkpoint(ck: &std::path::Path) -> serde_json::Value {
+    let files: Vec<_> = std::fs::read_dir(ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    serde_json::from_str(std::fs::read_to_string(&files[0]).unwrap().trim()).unwrap()
+}
+
+/// Under the `interval` policy a checkpoint is still signed only over records fsynced first:
+/// a failed fsync at a due checkpoint is a write error, and that checkpoint is not signed.
+#[test]
+fn under_the_interval_policy_a_checkpoint_is_signed_only_after_an_fsync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ck = tmp.path().join("ckpt");
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.fsync = kvhygiene::config::FsyncPolicy::Interval;
+    c.fsync_interval_ms = 600_000;
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    c.checkpoint_every_records = 5;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.inject_fsync_faults(1);
+    for i in 0..10 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    assert!(s.last_error.as_deref().unwrap().contains("fsync"), "{s:?}");
+    log.stop();
+    let ckpt = only_checkpoint(&ck);
+    assert_eq!(
+        ckpt["seq"], 0,
+        "a checkpoint was signed over records whose fsync failed: {ckpt}"
+    );
+}
+
+/// Under the `interval` policy written records are fsynced within the interval while the
+/// process runs, not only at stop: a failed fsync shows in the stats soon after the write.
+#[test]
+fn the_interval_policy_fsyncs_written_records_while_the_log_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 1 << 20);
+    c.fsync = kvhygiene::config::FsyncPolicy::Interval;
+    c.fsync_interval_ms = 50;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.inject_fsync_faults(1);
+    log.emit(event(1));
+    log.flush();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().write_errors == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "no fsync within the interval: {s:?}");
+    assert!(
+        s.last_error.as_deref().unwrap().contains("fsync failed"),
+        "{s:?}"
+    );
+    log.stop();
+}
+
+/// A rotation fsyncs the file it leaves (unless the policy is `never`) before the next file
+/// is started: a failed fsync there is a write error that names the file left.
+#[test]
+fn a_rotation_fsyncs_the_file_it_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 4096);
+    c.fsync = kvhygiene::config::FsyncPolicy::Interval;
+    c.fsync_interval_ms = 600_000;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let first = log.stats().current_file.unwrap();
+    log.inject_fsync_faults(1);
+    let mut i = 0;
+    while chain_files(&dir).len() < 2 {
+        assert!(i < 1000, "the log never rotated");
+        log.emit(event(i));
+        log.flush();
+        i += 1;
+    }
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    let error = s.last_error.unwrap_or_default();
+    assert!(
+        error.contains("fsync failed") && error.contains(&first),
+        "{error}"
+    );
+    log.stop();
+}
+
+/// A rotation whose next file cannot be created (here a file of that name is already there)
+/// is a write error: counted, and named as the last error.
+#[test]
+fn a_next_file_that_cannot_be_created_at_a_rotation_is_a_counted_write_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), Some(secret())).unwrap();
+    let chain = log.stats().chain.unwrap();
+    let next = kvhygiene::forensic::files::file_name(&chain, 1);
+    std::fs::write(dir.join(&next), b"").unwrap();
+    for i in 0..40 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert!(s.write_errors >= 1, "{s:?}");
+    assert!(
+        s.last_error.as_deref().unwrap_or("").contains(&next),
+        "{s:?}"
+    );
+    log.stop();
+}

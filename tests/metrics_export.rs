@@ -430,3 +430,43 @@ fn a_request_line_ended_by_lf_then_an_empty_crlf_line_is_served() {
     let r = get(addr, "\r\nGET /healthz HTTP/1.1\r\n\r\n");
     assert_eq!(r.status, 200, "{}", r.head);
 }
+
+/// A request head that grows past the size limit without ending is refused (431) as soon as
+/// it passes the limit, not read on until its deadline.
+#[test]
+fn a_request_head_that_never_ends_is_refused_once_past_the_size_limit() {
+    let limits = Limits {
+        max_request_bytes: 1024,
+        request_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let mut raw = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    while raw.len() < 4096 {
+        raw.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaa\r\n");
+    }
+    let start = Instant::now();
+    let r = request(addr, &raw);
+    assert_eq!(r.status, 431, "{}", r.head);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// Refusals take at most as many slots again as the limit: beyond twice the limit a
+/// connection is closed at once, unanswered.
+#[test]
+fn connections_beyond_twice_the_limit_are_closed_unanswered() {
+    let limits = Limits {
+        max_connections: 1,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    // Served (holds the one slot); refused with 503 (drained for a while, holding a slot).
+    let _held = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let _refused = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let r = get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 0, "answered: {}", r.head);
+    assert!(r.head.is_empty(), "{}", r.head);
+}

@@ -1162,6 +1162,35 @@ mod tests {
         );
     }
 
+    /// A checkpoint signs the last record in the file, never one only buffered: here the
+    /// first write to a new file failed, and its `rotate` link waits in the buffer to be
+    /// written again; the checkpoint signed meanwhile covers the previous file's last record.
+    #[test]
+    fn a_checkpoint_signed_with_records_buffered_covers_only_the_records_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = LogConfig {
+            signing_key_file: Some(key),
+            ..test_cfg(&dir)
+        };
+        let mut w = open_with(&cfg, Arc::new(Shared::default()));
+        let len = small_written(&mut w, 1);
+        // The next record rotates the file; the write of the new file's first batch fails.
+        w.max_bytes = w.file_len + len / 2;
+        small(&mut w, 2);
+        assert_eq!(w.index, 1, "the record did not rotate the file");
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        assert!(w.flush().is_err());
+        assert!(!w.buf.is_empty(), "the `rotate` link is queued again");
+        // The new file holds at most part of a line; the previous file ends with the head.
+        let text = std::fs::read_to_string(dir.join(files::file_name(&w.chain, 0))).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let c = w.checkpoint().unwrap();
+        assert_eq!(Some(c.seq), last["seq"].as_u64(), "{last}");
+        assert_eq!(Some(hex(&c.hash).as_str()), last["hash"].as_str(), "{last}");
+    }
+
     /// What a test does to a writer, one step at a time.
     #[derive(Clone, Debug)]
     enum Step {
