@@ -124,7 +124,8 @@ def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold(
     assert len(counted) >= 10
     for a in counted:
         m = re.fullmatch(
-            r"\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) - last_over_time\(\1\[1d\] offset (\w+)\)\) > (\d+)"
+            r"\(\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) - last_over_time\(\1\[1d\] offset (\w+)\)\) > (\d+)"
+            r" unless resets\(\1\[\2\]\) > 0\) or \(floor\(increase\(\1\[\2\]\)\) > \3 and resets\(\1\[\2\]\) > 0\)"
             r" or \(\1 < last_over_time\(\1\[1d\] offset \2\)\) > \3 or \((.*)\)",
             a["expr"],
         )
