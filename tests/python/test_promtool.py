@@ -504,30 +504,30 @@ def test_the_alert_tests_catch_a_wrong_threshold(promtool, tmp_path):
     assert r.returncode != 0 and "KvhScrubLatencyHigh" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-def test_a_counter_alert_s_description_counts_the_events(promtool, tmp_path):
-    """An alert's description says "{{ $value }} ... in N minutes": one event in the window must
-    read as one (eleven invalid frees as eleven), not as increase()'s extrapolation. Prometheus
-    does not align scrapes with rule evaluations (each target has its own offset): here the
-    samples are at whole minutes and the rules are evaluated at half minutes."""
+def descriptions_count(promtool: str, tmp_path, labels: dict, values, count, at: str):
+    """Runs, for every counter alert, `promtool test rules` on one series (`values(threshold)`,
+    with the alert's own labels and `labels`) evaluated at `at` every 30 s, expecting the alert
+    to fire with its annotations rendered for `count(threshold)` events: the returned process
+    failed when some description says another count."""
     rules = yaml.safe_load(RULES.read_text())
     by_name = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
     tests = []
     for name, (metric, own, window, threshold, severity) in COUNTERS.items():
-        labels = {**own, **A11}
-        count = threshold + 1
+        every = {**own, **labels}
+        n = count(threshold)
 
-        def render(text: str) -> str:
-            text = re.sub(r"\{\{[^}]*\$value[^}]*\}\}", str(count), text)
-            return re.sub(r"\{\{[^}]*\$labels\.(\w+)[^}]*\}\}", lambda m: labels[m.group(1)], text)
+        def render(text: str, n=n, every=every) -> str:
+            text = re.sub(r"\{\{[^}]*\$value[^}]*\}\}", str(n), text)
+            return re.sub(r"\{\{[^}]*\$labels\.(\w+)[^}]*\}\}", lambda m: every[m.group(1)], text)
 
         tests.append({
             "interval": "1m",
-            "input_series": [series(metric, f"0x10 {count}x20", **labels)],  # the events at 11m
+            "input_series": [series(metric, values(threshold), **every)],
             "alert_rule_test": [{
-                "eval_time": "12m30s",
+                "eval_time": at,
                 "alertname": name,
                 "exp_alerts": [{
-                    "exp_labels": {"severity": severity, **labels},
+                    "exp_labels": {"severity": severity, **every},
                     "exp_annotations": {k: render(v) for k, v in by_name[name]["annotations"].items()},
                 }],
             }],
@@ -536,5 +536,15 @@ def test_a_counter_alert_s_description_counts_the_events(promtool, tmp_path):
     (tmp_path / "tests.yaml").write_text(
         yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "30s", "tests": tests})
     )
-    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
+    return run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
+
+
+def test_a_counter_alert_s_description_counts_the_events(promtool, tmp_path):
+    """An alert's description says "{{ $value }} ... in N minutes": one event in the window must
+    read as one (eleven invalid frees as eleven), not as increase()'s extrapolation. Prometheus
+    does not align scrapes with rule evaluations (each target has its own offset): here the
+    samples are at whole minutes and the rules are evaluated at half minutes."""
+    r = descriptions_count(
+        promtool, tmp_path, A11, lambda n: f"0x10 {n + 1}x20", lambda n: n + 1, "12m30s"  # events at 11m
+    )
     assert r.returncode == 0, r.stdout + r.stderr

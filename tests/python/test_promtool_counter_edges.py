@@ -13,20 +13,18 @@ total was:
   failing device), keeps its alert firing while events lie within the window.
 """
 
-import re
 
 import pytest
 import yaml
 
 from test_alert_rules import RULES
 from test_promtool import (  # noqa: F401  (promtool is a fixture)
-    COUNTERS,
+    descriptions_count,
     ONE_FILE,
     alert,
     counters,
     promtool,
     promtool_test,
-    run,
     series,
 )
 
@@ -82,37 +80,11 @@ def test_a_restart_s_events_above_the_old_total_are_counted_whole(promtool, tmp_
     """The old process counts 1 event (at 6m); it restarts at 21m, the scrapes show 0 (21m to
     23m), and the new process has threshold + 7 events at 24m. No scrape gap hides the reset:
     the description gives the new process's threshold + 7 events, not their difference with
-    the old total. (The rules file's header names only a restart within a scrape gap as a
-    case that reads short.)"""
-    by_name = {r["alert"]: r for g in rules()["groups"] for r in g["rules"] if "alert" in r}
-    tests = []
-    for name, (metric, own, window, threshold, severity) in COUNTERS.items():
-        labels = {**own, **ONE_FILE}
-        count = threshold + 7
-
-        def render(text: str, count=count, labels=labels) -> str:
-            text = re.sub(r"\{\{[^}]*\$value[^}]*\}\}", str(count), text)
-            return re.sub(r"\{\{[^}]*\$labels\.(\w+)[^}]*\}\}", lambda m: labels[m.group(1)], text)
-
-        tests.append({
-            "interval": "1m",
-            "input_series": [series(metric, f"0x5 1x14 0x2 {count}x30", **labels)],
-            "alert_rule_test": [{
-                "eval_time": "24m30s",
-                "alertname": name,
-                "exp_alerts": [{
-                    "exp_labels": {"severity": severity, **labels},
-                    "exp_annotations": {k: render(v) for k, v in by_name[name]["annotations"].items()},
-                }],
-            }],
-        })
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
-    (tmp_path / "tests.yaml").write_text(
-        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "30s", "tests": tests})
+    the old total."""
+    r = descriptions_count(
+        promtool, tmp_path, ONE_FILE, lambda n: f"0x5 1x14 0x2 {n + 7}x30", lambda n: n + 7, "24m30s"
     )
-    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
-
 
 def test_a_crash_loop_with_an_event_in_each_life_keeps_firing(promtool, tmp_path):
     """A process that fails at once after each start and is restarted (a crash loop): from 6m

@@ -16,8 +16,8 @@ import yaml
 
 from test_alert_rules import RULES
 from test_promtool import (  # noqa: F401  (promtool is a fixture)
+    descriptions_count,
     A11,
-    COUNTERS,
     ONE_FILE,
     alert,
     counters,
@@ -61,36 +61,10 @@ def test_a_restart_within_a_scrape_gap_counts_the_new_process_s_events(promtool,
     """The old process counts 1 event (at 6m); the scrapes fail from 17m to 36m and the process restarts meanwhile; the new process's first
     scrape shows threshold + 7 events of its own. The description gives those events, not their
     difference with the old process's total."""
-    by_name = {r["alert"]: r for g in rules()["groups"] for r in g["rules"] if "alert" in r}
-    tests = []
-    for name, (metric, own, window, threshold, severity) in COUNTERS.items():
-        labels = {**own, **ONE_FILE}
-        count = threshold + 7
-        old = 1
-
-        def render(text: str, count=count, labels=labels) -> str:
-            text = re.sub(r"\{\{[^}]*\$value[^}]*\}\}", str(count), text)
-            return re.sub(r"\{\{[^}]*\$labels\.(\w+)[^}]*\}\}", lambda m: labels[m.group(1)], text)
-
-        tests.append({
-            "interval": "1m",
-            "input_series": [series(metric, f"0x5 {old}x10 stale _x19 {count}x20", **labels)],
-            "alert_rule_test": [{
-                "eval_time": "38m30s",
-                "alertname": name,
-                "exp_alerts": [{
-                    "exp_labels": {"severity": severity, **labels},
-                    "exp_annotations": {k: render(v) for k, v in by_name[name]["annotations"].items()},
-                }],
-            }],
-        })
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules()))
-    (tmp_path / "tests.yaml").write_text(
-        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "30s", "tests": tests})
+    r = descriptions_count(
+        promtool, tmp_path, ONE_FILE, lambda n: f"0x5 1x10 stale _x19 {n + 7}x20", lambda n: n + 7, "38m30s"
     )
-    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
-
 
 def test_invalid_frees_at_exactly_the_threshold_do_not_fire(promtool, tmp_path):
     """A long-running process (5 refused frees from before) refuses exactly 10 more frees, one
