@@ -901,6 +901,7 @@ mod tests {
             block_ids_sha256: [0; 32],
             error: None,
             trigger: crate::events::KvScrubTrigger::Gate,
+            unknown_owner_blocks: 0,
         }));
         assert!(
             signals(kv).is_empty(),

@@ -876,6 +876,10 @@ mod tests {
             );
             assert!(r.kv_blocks_released_unscrubbed > 0);
             assert_eq!(r.kv_blocks_caught_by_gate, r.kv_blocks_reclaimed_unscrubbed);
+            // The cache was scrubbed whole at start: every block the gate scrubbed had an
+            // owner, and changed it.
+            assert_eq!(c.kv_gate_owner_changed_blocks, c.kv_gate_scrubbed_blocks);
+            assert!(c.kv_gate_owner_changed_blocks >= r.kv_blocks_caught_by_gate);
             assert_eq!(r.kv_blocks_retired, u64::from(inject_fault));
             if let Some(d) = &r.fault_drill {
                 assert!(d.caught && d.quarantined && d.kv_caught, "{d:?}");

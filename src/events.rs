@@ -252,6 +252,10 @@ pub struct KvScrubRecord {
     pub error: Option<String>,
     /// Who asked for the scrub.
     pub trigger: KvScrubTrigger,
+    /// For the gate's scrub: of the blocks named, those whose owner the gate did not know
+    /// yet (a new cache's first claims, or a forgotten ledger's); the others changed owner
+    /// without a verified scrub. Zero for the engine's.
+    pub unknown_owner_blocks: u64,
 }
 
 /// Who asked for a KV block scrub.

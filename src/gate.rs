@@ -222,7 +222,7 @@ pub fn judge(
     note_if_positive(
         snap,
         &mut notes,
-        "kvh_kv_gate_scrubbed_blocks_total",
+        "kvh_kv_gate_owner_changed_blocks_total",
         "KV blocks changed owner without the engine's scrub; the eviction gate scrubbed them",
     );
     note_if_positive(

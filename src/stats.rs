@@ -122,6 +122,10 @@ counters! {
     /// KV blocks the eviction gate scrubbed (and verified) inside a claim because they were
     /// changing owner, or their owner was unknown, without a verified scrub since.
     kv_gate_scrubbed_blocks,
+    /// Of those, blocks that changed owner without a verified scrub since their last owner
+    /// (the rest had an owner the gate did not know yet: a new cache's first claims, or a
+    /// forgotten ledger's). An engine that scrubs on every free path keeps this at zero.
+    kv_gate_owner_changed_blocks,
     /// `kvh_claim_blocks` calls refused: bad input, memory not live, or blocks that would
     /// change owner unscrubbed under `kv_gate = enforce`.
     kv_claims_refused,

@@ -200,6 +200,8 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
         } else {
             KvScrubTrigger::Gate
         },
+        // Of the gate's two blocks, one was a new cache's first claim.
+        unknown_owner_blocks: u64::from(error.is_none()),
     };
     for error in [None, Some("stream 0x4 is capturing a CUDA graph")] {
         log.emit(Event {
@@ -218,9 +220,10 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     assert_eq!(
         (
             v["kv_scrubs"]["gate_calls"].as_u64(),
-            v["kv_scrubs"]["gate_blocks"].as_u64()
+            v["kv_scrubs"]["gate_blocks"].as_u64(),
+            v["kv_scrubs"]["gate_unknown_owner_blocks"].as_u64()
         ),
-        (Some(1), Some(2))
+        (Some(1), Some(2), Some(1))
     );
     assert_eq!(
         (
@@ -242,6 +245,12 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     assert!(
         e["detail"].as_str().unwrap().contains("block_ids=[1,2]"),
         "{e}"
+    );
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let md = String::from_utf8_lossy(&md.stdout);
+    assert!(
+        md.contains("the eviction gate made 1 calls for 2 blocks: 1 changed owner without the engine's scrub, 1 had an owner the gate did not know yet"),
+        "{md}"
     );
 }
 
@@ -381,6 +390,30 @@ fn huge_figures_saturate_instead_of_overflowing() {
     assert_eq!(v["kv_scrubs"]["blocks"].as_u64(), Some(u64::MAX));
 }
 
+#[test]
+fn a_gate_record_claiming_more_unknown_blocks_than_it_names_counts_only_those_it_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 2);
+    forge_from(&files, 0, 2, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "kv_scrub", "trigger": "claim_gate", "blocks": 3,
+                               "unknown_owner_blocks": 1000}),
+        )
+    });
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    let kv = &v["kv_scrubs"];
+    assert_eq!(
+        (
+            kv["gate_blocks"].as_u64(),
+            kv["gate_unknown_owner_blocks"].as_u64()
+        ),
+        (Some(3), Some(3)),
+        "{kv}"
+    );
+}
+
 mod crafted_values {
     use super::*;
     use kvhygiene::forensic::cli::VerifyLogArgs;
@@ -410,6 +443,8 @@ mod crafted_values {
         ("kv_scrub", "verified_blocks"),
         ("kv_scrub", "bytes"),
         ("kv_scrub", "error"),
+        ("kv_scrub", "trigger"),
+        ("kv_scrub", "unknown_owner_blocks"),
         ("summary", "counters"),
         ("stop", "records_lost"),
         ("lost", "records_lost"),

@@ -69,7 +69,9 @@ fn a_healthy_process_is_admitted_with_notes() {
         &f,
         Duration::ZERO,
         |p| {
-            p.counters.kv_gate_scrubbed_blocks = 3;
+            // Of the gate's five scrubbed blocks, two were a new cache's first claims.
+            p.counters.kv_gate_scrubbed_blocks = 5;
+            p.counters.kv_gate_owner_changed_blocks = 3;
             p.counters.invalid_frees = 1;
         },
         &[("residue", 0)],
@@ -79,7 +81,7 @@ fn a_healthy_process_is_admitted_with_notes() {
     assert!(out.starts_with("ADMIT"), "{out}");
     assert!(
         out.contains("note: KV blocks changed owner without the engine's scrub")
-            && out.contains("kvh_kv_gate_scrubbed_blocks_total = 3"),
+            && out.contains("kvh_kv_gate_owner_changed_blocks_total = 3"),
         "{out}"
     );
     assert!(out.contains("kvh_invalid_frees_total = 1"), "{out}");
@@ -90,6 +92,21 @@ fn a_healthy_process_is_admitted_with_notes() {
     assert_eq!(v["verdict"], "admit");
     assert_eq!(v["reasons"].as_array().unwrap().len(), 0);
     assert_eq!(v["max_age_seconds"], 60);
+}
+
+#[test]
+fn a_new_caches_first_claims_scrubbed_by_the_gate_are_no_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |p| p.counters.kv_gate_scrubbed_blocks = 64,
+        &[("residue", 0)],
+    );
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("changed owner"), "{out}");
 }
 
 #[test]

@@ -88,10 +88,16 @@ fn a_block_moving_to_another_request_is_scrubbed_by_the_gate() {
     // Unknown owner: the first claim scrubs.
     let r = as_request("t1", "a", || claim(&f, &layout, &[1, 2])).unwrap();
     assert_eq!(
-        (r.claimed, r.gate_scrubbed, r.refused),
-        (2, vec![1, 2], vec![])
+        (r.claimed, r.gate_scrubbed, r.refused, r.unknown_owner),
+        (2, vec![1, 2], vec![], vec![1, 2])
     );
     assert!(block_is_zero(&f, &layout, 1) && block_is_zero(&f, &layout, 2));
+    let c = f.alloc.stats().counters;
+    assert_eq!(
+        (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
+        (2, 0),
+        "a new cache's first claims are not blocks the engine failed to scrub"
+    );
     // Request a writes its keys and values; claiming its own blocks again costs no scrub.
     fill_block(&f, &layout, 1, 0xa1);
     fill_block(&f, &layout, 2, 0xa2);
@@ -107,6 +113,7 @@ fn a_block_moving_to_another_request_is_scrubbed_by_the_gate() {
     // The engine forgot to scrub them: request b of the same tenant gets them zeroed.
     let r = as_request("t1", "b", || claim(&f, &layout, &[2, 1])).unwrap();
     assert_eq!((r.claimed, r.gate_scrubbed), (2, vec![2, 1]));
+    assert!(r.unknown_owner.is_empty(), "{:?}", r.unknown_owner);
     assert!(block_is_zero(&f, &layout, 1) && block_is_zero(&f, &layout, 2));
     // The gate's scrub is evidence, for the new owner, marked as the gate's.
     let records: Vec<_> = f
@@ -122,12 +129,18 @@ fn a_block_moving_to_another_request_is_scrubbed_by_the_gate() {
             assert_eq!(r.trigger, KvScrubTrigger::Gate);
             assert_eq!(r.block_ids.as_deref(), Some(&[2, 1][..]));
             assert_eq!(r.verified_blocks, 2);
+            assert_eq!(r.unknown_owner_blocks, 0);
         }
+        other => panic!("{other:?}"),
+    }
+    match &records[0].kind {
+        EventKind::KvScrubbed(r) => assert_eq!(r.unknown_owner_blocks, 2),
         other => panic!("{other:?}"),
     }
     let c = f.alloc.stats().counters;
     assert_eq!((c.kv_claim_calls, c.kv_blocks_claimed), (3, 5));
     assert_eq!((c.kv_gate_scrubbed_blocks, c.kv_claims_refused), (4, 0));
+    assert_eq!(c.kv_gate_owner_changed_blocks, 2);
     assert!(gate_violations(&f).is_empty());
     f.assert_balanced();
 }
@@ -255,13 +268,17 @@ fn a_thread_without_ids_never_matches_an_owner() {
     let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
     let (_, layout) = cache(&f);
     let r = claim(&f, &layout, &[7]).unwrap();
-    assert_eq!(r.gate_scrubbed, vec![7]);
+    assert_eq!((r.gate_scrubbed, r.unknown_owner), (vec![7], vec![7]));
     let r = claim(&f, &layout, &[7]).unwrap();
     assert_eq!(
         r.gate_scrubbed,
         vec![7],
         "anonymous claims must not share blocks"
     );
+    // The block had an owner (an anonymous one): it changed owner without a scrub, which is
+    // what the engine must hear of (it claims outside a request's context).
+    assert!(r.unknown_owner.is_empty(), "{:?}", r.unknown_owner);
+    assert_eq!(f.alloc.stats().counters.kv_gate_owner_changed_blocks, 1);
 }
 
 #[test]
@@ -659,6 +676,19 @@ fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() 
         "{x:?}"
     );
     assert!(held_zero(&backend, &layout, 5));
+    // Block 5 was w's when x claimed it: it changed owner unscrubbed, though the pass after
+    // the forgotten ledger found it unknown.
+    assert_eq!(
+        (&x.gate_scrubbed, &x.unknown_owner),
+        (&vec![5], &vec![]),
+        "{x:?}"
+    );
+    let c = alloc.stats().counters;
+    assert_eq!(
+        (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
+        (2, 1),
+        "w's first claim of the new cache, then x's"
+    );
 }
 
 #[test]

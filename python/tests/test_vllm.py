@@ -78,6 +78,7 @@ def test_claiming_scheduled_blocks_clears_another_requests_bytes_and_keeps_share
     assert not zero(1), "c's own block was scrubbed"
     counters = kvhygiene.stats()["counters"]
     assert counters["kv_gate_scrubbed_blocks"] >= 5  # 0-2 (unknown), 5 (unknown), 1-2 (a's)
+    assert counters["kv_gate_owner_changed_blocks"] >= 2  # 1-2 (a's)
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
 

@@ -268,6 +268,8 @@ struct KvCall<'a> {
     stream: StreamHandle,
     first_seed: u64,
     trigger: KvScrubTrigger,
+    /// For the gate's scrub: of `ids`, those whose owner its ledger does not know.
+    unknown_owner: u64,
 }
 
 impl KvCall<'_> {
@@ -359,9 +361,18 @@ impl Allocator {
         if ids.is_empty() {
             return Ok((KvScrubReport::default(), Unapplied::default()));
         }
-        let (trigger, claimant, seen) = match by {
-            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None),
-            ScrubFor::Gate { claimant, seen } => (KvScrubTrigger::Gate, Some(claimant), Some(seen)),
+        let (trigger, claimant, seen, unknown_owner) = match by {
+            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, 0),
+            ScrubFor::Gate {
+                claimant,
+                seen,
+                unknown_owner,
+            } => (
+                KvScrubTrigger::Gate,
+                Some(claimant),
+                Some(seen),
+                unknown_owner,
+            ),
         };
         let count = ids.len() as u64 * layout.regions.len() as u64; // bounded by check_ids
         let call = KvCall {
@@ -371,6 +382,7 @@ impl Allocator {
             stream,
             first_seed: self.inner.next_seq.fetch_add(count, Ordering::Relaxed),
             trigger,
+            unknown_owner,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
         let launched = match self.launch_kv(&call, call.batches(), seen) {
@@ -586,6 +598,7 @@ impl Allocator {
             block_ids_sha256: ids_digest(call.ids),
             error: error.map(ToString::to_string),
             trigger: call.trigger,
+            unknown_owner_blocks: call.unknown_owner,
         };
         // The caller's request, whose KV blocks these are, is the one the abort's record names.
         let abort = (!report.failed.is_empty()
@@ -818,6 +831,7 @@ mod tests {
             stream: StreamHandle(0),
             first_seed: 77,
             trigger: KvScrubTrigger::Engine,
+            unknown_owner: 0,
         };
         let s: Vec<ScrubSegment> = call.batches().concat();
         let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();

@@ -159,6 +159,9 @@ pub(crate) struct Generations {
 pub(crate) struct Sorted {
     /// Blocks that would change owner without a verified scrub (or whose owner is unknown).
     pub dirty: Vec<u32>,
+    /// Of the dirty blocks, those whose owner the ledger does not know (no entry: a new
+    /// cache's blocks, or a forgotten ledger's), in the order given.
+    pub unknown: Vec<u32>,
     /// Blocks whose last scrub failed.
     pub failed: Vec<u32>,
     /// In a pass after the first: blocks another owner claimed during the claim.
@@ -254,14 +257,18 @@ impl Ledgers {
     ) -> Sorted {
         let i = self.book(key);
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
-        let mut taken = Vec::new();
+        let (mut taken, mut unknown) = (Vec::new(), Vec::new());
         for &id in ids {
             match self.books[i].slots.get(&id).map(|e| &e.slot) {
                 Some(Slot::Clean) => free.push(id),
                 Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => free.push(id),
                 Some(Slot::Failed) => failed.push(id),
                 Some(Slot::Owned(Some(_))) if again => taken.push(id),
-                Some(Slot::Owned(_)) | None => dirty.push(id),
+                Some(Slot::Owned(_)) => dirty.push(id),
+                None => {
+                    dirty.push(id);
+                    unknown.push(id);
+                }
             }
         }
         let dirty_generations = self.generations_in(i, &dirty);
@@ -273,6 +280,7 @@ impl Ledgers {
         }
         Sorted {
             dirty,
+            unknown,
             failed,
             taken,
             dirty_generations,
@@ -391,6 +399,8 @@ struct Round {
     taken: HashSet<u32>,
     /// Scrubbed, verified and handed over by this pass.
     gate_scrubbed: Vec<u32>,
+    /// Of the blocks this pass scrubbed, those whose owner the ledger did not know.
+    unknown: HashSet<u32>,
     /// Named while FAILED (a record says so).
     failed_before: Vec<u32>,
     /// Verified, but their ledger was forgotten: to claim again.
@@ -404,6 +414,11 @@ pub struct KvClaimReport {
     pub claimed: u64,
     /// Blocks the gate scrubbed, verified and handed over, in the order given.
     pub gate_scrubbed: Vec<u32>,
+    /// Of `gate_scrubbed`, those whose owner the gate did not know yet (a new cache's first
+    /// claims, or a forgotten ledger's), in the order given. The others changed owner
+    /// without a verified scrub: a free path of the engine that skips `kvh_scrub_blocks`, or
+    /// a claim outside a request's context.
+    pub unknown_owner: Vec<u32>,
     /// Blocks not handed over because their scrub failed verification (now or earlier), in
     /// the order given. They must not be used, by anyone, until a scrub verifies them.
     pub refused: Vec<u32>,
@@ -439,6 +454,9 @@ pub(super) enum ScrubFor<'a> {
     Gate {
         claimant: &'a Option<Arc<OwnerKey>>,
         seen: Generations,
+        /// Of the blocks to scrub, those whose owner the ledger does not know (the record
+        /// says how many).
+        unknown_owner: u64,
     },
 }
 
@@ -525,10 +543,14 @@ impl Allocator {
             refused,
             taken,
             gate_scrubbed,
+            unknown,
             failed_before,
             ..
         } = round;
-        let gate_scrubbed = in_order(ids, &gate_scrubbed.into_iter().collect());
+        let gate_scrubbed: HashSet<u32> = gate_scrubbed.into_iter().collect();
+        // The first pass says whose blocks they were; a later pass only re-files them.
+        let unknown_owner: HashSet<u32> = unknown.intersection(&gate_scrubbed).copied().collect();
+        let gate_scrubbed = in_order(ids, &gate_scrubbed);
         if !taken.is_empty() {
             self.report_gate_violation(
                 dev,
@@ -543,15 +565,18 @@ impl Allocator {
         self.report_failed_before(dev, &failed_before);
         let claimed = (ids.len() - refused.len() - taken.len()) as u64;
         let scrubbed = gate_scrubbed.len() as u64;
+        let owner_changed = scrubbed - unknown_owner.len() as u64;
         self.with_pool(dev, |pool, _, _, _| {
             let c = &mut pool.stats.counters;
             c.kv_claim_calls += 1;
             c.kv_blocks_claimed += claimed;
             c.kv_gate_scrubbed_blocks += scrubbed;
+            c.kv_gate_owner_changed_blocks += owner_changed;
         });
         Ok(KvClaimReport {
             claimed,
             gate_scrubbed,
+            unknown_owner: in_order(ids, &unknown_owner),
             refused: in_order(ids, &refused),
             taken: in_order(ids, &taken),
         })
@@ -619,9 +644,11 @@ impl Allocator {
         if sorted.dirty.is_empty() {
             return Ok(round);
         }
+        round.unknown = sorted.unknown.iter().copied().collect();
         let gate = ScrubFor::Gate {
             claimant: &claimant,
             seen: sorted.dirty_generations,
+            unknown_owner: sorted.unknown.len() as u64,
         };
         let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
             Ok(done) => done,

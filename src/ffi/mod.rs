@@ -856,6 +856,7 @@ mod tests {
         let report = |refused: Vec<u32>, taken: Vec<u32>| KvClaimReport {
             claimed: 0,
             gate_scrubbed: Vec::new(),
+            unknown_owner: Vec::new(),
             refused,
             taken,
         };

@@ -278,10 +278,13 @@ pub struct KvScrubs {
     /// Bytes of the segments named.
     pub bytes: u64,
     /// Of the calls, those the eviction gate made inside `kvh_claim_blocks` (`trigger`
-    /// `claim_gate`), and the blocks they named: blocks the engine handed to another owner
-    /// without scrubbing them first.
+    /// `claim_gate`), and the blocks they named; of those, the blocks whose owner the gate
+    /// did not know yet (`unknown_owner_blocks`: a new cache's first claims). The others the
+    /// engine handed to another owner without scrubbing them first (all of them in records
+    /// written before the field existed).
     pub gate_calls: u64,
     pub gate_blocks: u64,
+    pub gate_unknown_owner_blocks: u64,
 }
 
 /// One security record.
@@ -1202,6 +1205,10 @@ impl Tally {
                 if text("trigger").as_deref() == Some("claim_gate") {
                     kv.gate_calls = kv.gate_calls.saturating_add(1);
                     kv.gate_blocks = kv.gate_blocks.saturating_add(num("blocks"));
+                    // Never more than the blocks the record names, whatever it says.
+                    let unknown = num("unknown_owner_blocks").min(num("blocks"));
+                    kv.gate_unknown_owner_blocks =
+                        kv.gate_unknown_owner_blocks.saturating_add(unknown);
                 }
             }
             "stop" => chain.stop_lost = Some(num("records_lost")),
@@ -1616,7 +1623,8 @@ pub fn render(ev: &Evidence) -> String {
     push(format!(
         "Paged KV cache scrubs (`kv_scrub` records): {} calls ({} did not finish); {} blocks \
          named ({} bytes), {} verified, {} failed. Of them, the eviction gate made {} calls \
-         for {} blocks that changed owner without the engine's scrub.",
+         for {} blocks: {} changed owner without the engine's scrub, {} had an owner the gate \
+         did not know yet (a new cache's first claims).",
         kv.calls,
         kv.unfinished_calls,
         kv.blocks,
@@ -1624,7 +1632,9 @@ pub fn render(ev: &Evidence) -> String {
         kv.verified_blocks,
         kv.failed_blocks,
         kv.gate_calls,
-        kv.gate_blocks
+        kv.gate_blocks,
+        kv.gate_blocks.saturating_sub(kv.gate_unknown_owner_blocks),
+        kv.gate_unknown_owner_blocks
     ));
     push(format!(
         "Records lost by failed writes: {}.",

@@ -36,8 +36,8 @@ use zeroize::Zeroizing;
 
 use crate::config::LogConfig;
 use crate::events::{
-    AnomalyBaseline, Event, EventKind, EventSink, InvalidFreeReason, QuarantineReason,
-    ReleaseReason, TtlKind,
+    AnomalyBaseline, Event, EventKind, EventSink, InvalidFreeReason, KvScrubTrigger,
+    QuarantineReason, ReleaseReason, TtlKind,
 };
 
 use record::{Field, Fields};
@@ -620,6 +620,9 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                     .map_or(Field::Null, |e| Field::S(Cow::Borrowed(e))),
             );
             put("trigger", st(r.trigger.name()));
+            if r.trigger == KvScrubTrigger::Gate {
+                put("unknown_owner_blocks", Field::U(r.unknown_owner_blocks));
+            }
         }
         EventKind::KvVerifyFailed {
             kv_block,

@@ -392,7 +392,15 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "KV blocks the eviction gate scrubbed because they changed owner unscrubbed."
+        "KV blocks the eviction gate scrubbed because they changed owner unscrubbed or their owner was unknown to it."
+    ),
+    series!(
+        "/counters/kv_gate_owner_changed_blocks",
+        "kvh_kv_gate_owner_changed_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "Of the gate's scrubbed KV blocks, those that changed owner without a verified scrub (not a new cache's first claims): the engine skipped kvh_scrub_blocks."
     ),
     series!(
         "/counters/kv_claims_refused",

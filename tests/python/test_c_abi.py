@@ -543,9 +543,13 @@ lib.kvh_shutdown()
     assert scrubbed["block1_zero"], "request 2 got request 1's block unscrubbed"
     c = scrubbed["counters"]
     assert (c["kv_claim_calls"], c["kv_blocks_claimed"], c["kv_gate_scrubbed_blocks"]) == (3, 6, 4)
+    assert c["kv_gate_owner_changed_blocks"] == 2, "only request 2's claim took blocks from another owner"
     records = [json.loads(l) for f in sorted(scrub_dir.glob("*.jsonl")) for l in f.read_text().splitlines()]
     gate = [r for r in records if r["kind"] == "kv_scrub" and r["trigger"] == "claim_gate"]
-    assert [(r["block_ids"], r["request_id"]) for r in gate] == [([1, 2], "req-1"), ([2, 1], "req-2")]
+    assert [(r["block_ids"], r["request_id"], r["unknown_owner_blocks"]) for r in gate] == [
+        ([1, 2], "req-1", 2),
+        ([2, 1], "req-2", 0),
+    ]
     assert [r["trigger"] for r in records if r["kind"] == "kv_scrub"].count("scrub_blocks") == 1
 
     enforced = run_child(body, KVH_LOG_DIR=str(enforce_dir), KVH_KV_GATE="enforce")

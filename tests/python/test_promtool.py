@@ -133,7 +133,7 @@ COUNTERS = {
     "KvhForensicRecordsLost": ("kvh_log_records_lost_total", {}, 5, 0, "critical"),
     "KvhForensicWriteErrors": ("kvh_log_write_errors_total", {}, 5, 0, "warning"),
     "KvhAnomaly": ("kvh_anomalies_total", {"signal": "verify_failed"}, 10, 0, "warning"),
-    "KvhEvictionGateScrubbing": ("kvh_kv_gate_scrubbed_blocks_total", {}, 15, 0, "warning"),
+    "KvhEvictionGateScrubbing": ("kvh_kv_gate_owner_changed_blocks_total", {}, 15, 0, "warning"),
     "KvhKvClaimsRefused": ("kvh_kv_claims_refused_total", {}, 15, 0, "warning"),
     "KvhInvalidFrees": ("kvh_invalid_frees_total", {}, 15, 10, "warning"),
     "KvhOutOfMemory": ("kvh_out_of_memory_total", {}, 5, 0, "warning"),
@@ -301,6 +301,20 @@ TESTS = {
         [
             alert("KvhAnomalyDetectorOff", "9m"),
             alert("KvhAnomalyDetectorOff", "11m", warning(**A11)),
+        ],
+    )),
+    # The gate scrubbing a new cache's blocks at start (their owner unknown) is not the engine's
+    # skipped scrub: only blocks that changed owner fire, with the pid of their process.
+    "eviction gate: a new cache's first claims do not fire": case((
+        [
+            series("kvh_kv_gate_scrubbed_blocks_total", "0 64x30", **A11),
+            series("kvh_kv_gate_owner_changed_blocks_total", "0x30", **A11),
+            series("kvh_kv_gate_scrubbed_blocks_total", "0 64x10 65x20", **A12),
+            series("kvh_kv_gate_owner_changed_blocks_total", "0x10 1x20", **A12),
+        ],
+        [
+            alert("KvhEvictionGateScrubbing", "5m"),
+            alert("KvhEvictionGateScrubbing", "12m", warning(**A12)),
         ],
     )),
     # --- The exports --------------------------------------------------------------------------
