@@ -9,7 +9,9 @@ use std::time::SystemTime;
 
 use forensic_common::{cfg, chain_files, forge_from, start, write_log};
 use kvhygiene::context::Context;
-use kvhygiene::events::{Event, EventKind, EventSink, KvScrubRecord, KvScrubTrigger};
+use kvhygiene::events::{
+    Event, EventKind, EventSink, InvalidFreeReason, KvScrubRecord, KvScrubTrigger,
+};
 use kvhygiene::forensic::ForensicLog;
 use serde_json::Value;
 
@@ -251,6 +253,141 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     assert!(
         md.contains("the eviction gate made 1 calls for 2 blocks: 1 changed owner without the engine's scrub, 1 had an owner the gate did not know yet"),
         "{md}"
+    );
+}
+
+#[test]
+fn a_tenant_report_counts_that_tenants_records_and_the_shared_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let (code, whole) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{whole}");
+    let tenants = ["tenant-0", "tenant-1", "tenant-victim"];
+    let reports: Vec<Value> = tenants
+        .iter()
+        .map(|t| {
+            let (code, v) = evidence_json(&dir, &["--tenant", t]);
+            assert_eq!(code, Some(0), "{v}");
+            v
+        })
+        .collect();
+    // The kv_scrub records without a tenant: the scrub of the whole cache at start.
+    let records: Vec<Value> = chain_files(&dir)
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let unnamed: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "kv_scrub" && r["tenant_id"].is_null())
+        .collect();
+    // Every other kv_scrub, and every exception, names one of the demo's tenants: the tenant
+    // reports split them without overlap.
+    let sum = |f: &dyn Fn(&Value) -> u64| reports.iter().map(f).sum::<u64>();
+    for field in [
+        "calls",
+        "blocks",
+        "verified_blocks",
+        "failed_blocks",
+        "gate_blocks",
+    ] {
+        let unnamed_part: u64 = unnamed
+            .iter()
+            .map(|r| match field {
+                "calls" => 1,
+                "gate_blocks" if r["trigger"] == "claim_gate" => r["blocks"].as_u64().unwrap(),
+                "gate_blocks" => 0,
+                f => r[f].as_u64().unwrap(),
+            })
+            .sum();
+        assert_eq!(
+            sum(&|v| v["kv_scrubs"][field].as_u64().unwrap()) + unnamed_part,
+            whole["kv_scrubs"][field].as_u64().unwrap(),
+            "{field}"
+        );
+    }
+    assert!(reports[0]["kv_scrubs"]["calls"].as_u64().unwrap() > 0);
+    let exceptions = |v: &Value| v["exceptions"].as_array().unwrap().len() as u64;
+    assert_eq!(sum(&exceptions), exceptions(&whole));
+    for (t, v) in tenants.iter().zip(&reports) {
+        assert_eq!(v["tenant"]["tenant_id"], *t, "{v}");
+        assert_eq!(v["tenants"], 1, "{v}");
+        for e in v["exceptions"].as_array().unwrap() {
+            assert_eq!(e["tenant_id"], *t, "{e}");
+        }
+        // Starts, summaries and stops concern every tenant; the counters stay the process's.
+        assert_eq!(v["records_by_kind"]["start"], 1, "{v}");
+        assert_eq!(v["records_by_kind"]["stop"], 1, "{v}");
+        assert_eq!(v["counters"], whole["counters"]);
+        // What is counted and what is left out make up the log.
+        let counted: u64 = v["records_by_kind"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            counted + v["tenant"]["records_left_out"].as_u64().unwrap(),
+            whole["integrity"]["records"].as_u64().unwrap(),
+            "{v}"
+        );
+    }
+    // The drill's failures are the victim's.
+    assert_eq!(reports[2]["exceptions_by_kind"]["verify_failed"], 1);
+    assert!(reports[0]["exceptions_by_kind"]
+        .get("verify_failed")
+        .is_none());
+    // A report without --tenant says nothing of one.
+    assert!(whole.get("tenant").is_none(), "{whole}");
+}
+
+#[test]
+fn a_refused_free_is_in_the_report_of_the_caller_and_of_the_blocks_tenant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    log.emit(Event {
+        at: SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller: Context::new(Some("tenant-a"), Some("req-a"), None).unwrap(),
+        },
+        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+    log.stop();
+    let invalid = |tenant: &str| {
+        let (code, v) = evidence_json(&dir, &["--tenant", tenant]);
+        assert_eq!(code, Some(0), "{v}");
+        v["exceptions_by_kind"]["invalid_free"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!((invalid("tenant-a"), invalid("tenant-b")), (1, 1));
+    assert_eq!(invalid("tenant-c"), 0);
+    // A tenant no record names is said, in case the id was mistyped.
+    let md = kvh(
+        &["evidence", dir.to_str().unwrap(), "--tenant", "Tenant-A"],
+        &[],
+    );
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    assert!(text.contains("## Tenant Tenant-A"), "{text}");
+    assert!(text.contains("No record names this tenant"), "{text}");
+    // An empty id is a usage error.
+    let empty = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", ""], &[]);
+    assert_eq!(empty.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("a tenant id cannot be empty"),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
     );
 }
 

@@ -59,6 +59,21 @@ pub struct EvidenceArgs {
         value_parser = clap::value_parser!(u64).range(1..=5_256_000)
     )]
     pub max_gap: u64,
+    /// Report on one tenant: the KV scrubs, exceptions and anomalies whose records name it
+    /// (as the tenant of the request, or as the caller of a refused free), for a customer's
+    /// audit or an incident. The whole log is still verified; starts, recoveries, summaries
+    /// and lost records concern every tenant and stay in, and the counters stay each
+    /// process's own (they are not kept per tenant).
+    #[arg(long, value_name = "ID", value_parser = tenant_id)]
+    pub tenant: Option<String>,
+}
+
+/// `--tenant`: a tenant id as `kvh_set_context` takes it (non-empty).
+fn tenant_id(value: &str) -> Result<String, String> {
+    match value.is_empty() {
+        true => Err("a tenant id cannot be empty".into()),
+        false => Ok(value.to_string()),
+    }
 }
 
 impl EvidenceArgs {
@@ -72,6 +87,7 @@ impl EvidenceArgs {
             since: None,
             until: None,
             max_gap: 10,
+            tenant: None,
         }
     }
 }
@@ -90,6 +106,17 @@ const ENVELOPE: &[&str] = &[
     "tenant_id",
     "request_id",
     "model_id",
+];
+
+/// Record kinds that concern every tenant of their process: a `--tenant` report keeps them.
+const SHARED_KINDS: &[&str] = &[
+    "start",
+    "recovery",
+    "rotate",
+    "summary",
+    "checkpoint",
+    "lost",
+    "stop",
 ];
 
 /// Record kinds that are exceptions an auditor must see.
@@ -140,6 +167,19 @@ pub struct Evidence {
     /// first and last record inside it, and every other figure counts its records only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_period: Option<AuditPeriod>,
+    /// With `--tenant`: whose report it is (every figure from records but the counters and
+    /// lost records is that tenant's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantScope>,
+}
+
+/// The tenant of a `--tenant` report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TenantScope {
+    pub tenant_id: String,
+    /// Records of the report's time that name neither this tenant nor every tenant (another
+    /// tenant's, or a thread's without a context): verified, not counted.
+    pub records_left_out: u64,
 }
 
 /// The audit period of `--since` / `--until`, and how fully the log covers it.
@@ -416,6 +456,7 @@ fn collect_once(
     let mut tally = Tally {
         period,
         gap_ns: args.max_gap.saturating_mul(60_000_000_000),
+        tenant: args.tenant.clone(),
         ..Tally::default()
     };
     // A reading that fails is judged once the log was verified again: a prune of its chain
@@ -446,6 +487,10 @@ fn collect_once(
         ));
     }
     ev.tenants = tally.tenants.len() as u64;
+    ev.tenant = tally.tenant.as_ref().map(|t| TenantScope {
+        tenant_id: t.clone(),
+        records_left_out: tally.records_of_others,
+    });
     ev.period = tally
         .first_ts
         .zip(tally.last_ts)
@@ -971,6 +1016,9 @@ struct Tally {
     gap_ns: u64,
     /// See [`AuditPeriod::counters_unattributed`].
     counters_unattributed: Vec<String>,
+    /// With `--tenant`: whose records are counted, and how many others were not.
+    tenant: Option<String>,
+    records_of_others: u64,
 }
 
 /// Running state of one chain: the run (process) being read.
@@ -1180,6 +1228,10 @@ impl Tally {
             self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
             self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));
         }
+        if !self.concerns_tenant(kind, record) {
+            self.records_of_others = self.records_of_others.saturating_add(1);
+            return;
+        }
         // The caller of a refused or mismatched free is a tenant of the period too.
         for field in ["tenant_id", "caller_tenant_id"] {
             if let Some(t) = record.get(field).and_then(Value::as_str) {
@@ -1238,6 +1290,19 @@ impl Tally {
                 });
             }
         }
+    }
+}
+
+impl Tally {
+    /// Whether the report counts `record`: always, but in a `--tenant` report, where only
+    /// records naming the tenant (as the request's, or as the caller's) and those that
+    /// concern every tenant count.
+    fn concerns_tenant(&self, kind: &str, record: &Map<String, Value>) -> bool {
+        let Some(tenant) = &self.tenant else {
+            return true;
+        };
+        let names = |field: &str| record.get(field).and_then(Value::as_str) == Some(tenant);
+        SHARED_KINDS.contains(&kind) || names("tenant_id") || names("caller_tenant_id")
     }
 }
 
@@ -1366,6 +1431,36 @@ fn render_policy(policy: &PolicyCheck, push: &mut impl FnMut(String)) {
                 .as_deref()
                 .map_or_else(|| "none recorded".into(), digest_cell)
         ));
+    }
+}
+
+/// Where an audit period's counters come from.
+const PERIOD_COUNTERS: &str = "Over the audit period, from each process's periodic counters \
+     (its last summary in the period less its last one before; summaries come every \
+     summary_interval_ms, so activity within one interval of either end may be counted on the \
+     other side)";
+
+fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
+    push(String::new());
+    push(format!("## Tenant {}", cell(&t.tenant_id)));
+    push(String::new());
+    push(format!(
+        "A report on one tenant (`--tenant`). The KV scrubs, exceptions, anomalies and record \
+         counts below are those of the records naming it, as the tenant of the request or as \
+         the caller of a refused free, and of the records that concern every tenant (starts, \
+         recoveries, rotations, summaries, checkpoints, lost records, stops). The other {} \
+         records were verified and not counted. The periodic counters (Activity) and the \
+         records lost are each process's own, for all its tenants: they are not kept per \
+         tenant.",
+        t.records_left_out
+    ));
+    if !named {
+        push(String::new());
+        push(
+            "No record names this tenant. Tenant ids are compared exactly, as the engine \
+             passed them to `kvh_set_context`."
+                .into(),
+        );
     }
 }
 
@@ -1523,6 +1618,9 @@ pub fn render(ev: &Evidence) -> String {
     if let Some(period) = &ev.audit_period {
         render_audit_period(period, &mut push);
     }
+    if let Some(tenant) = &ev.tenant {
+        render_tenant(tenant, ev.tenants > 0, &mut push);
+    }
     push(String::new());
     push("## Coverage".into());
     push(String::new());
@@ -1597,12 +1695,13 @@ pub fn render(ev: &Evidence) -> String {
     push(format!(
         "{}: {} frees; {} scrubs ({} bytes), \
          verifications passed {}, failed {}; residue detected {}; quarantined {}; invalid frees {}.",
-        if ev.audit_period.is_some() {
-            "Over the audit period, from each process's periodic counters (its last summary in \
-             the period less its last one before; summaries come every summary_interval_ms, so \
-             activity within one interval of either end may be counted on the other side)"
-        } else {
-            "From each process's last periodic counters"
+        match (ev.audit_period.is_some(), ev.tenant.is_some()) {
+            (true, false) => PERIOD_COUNTERS.to_string(),
+            (true, true) => format!("{PERIOD_COUNTERS}, for all its tenants"),
+            (false, false) => "From each process's last periodic counters".to_string(),
+            (false, true) => {
+                "From each process's last periodic counters, for all its tenants".to_string()
+            }
         },
         c("frees"),
         c("scrubs"),
