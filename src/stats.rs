@@ -119,11 +119,14 @@ counters! {
     /// `kvh_claim_blocks` calls that were judged, and the KV blocks they handed over.
     kv_claim_calls,
     kv_blocks_claimed,
-    /// KV blocks the eviction gate scrubbed (and verified) inside a claim because they were
-    /// changing owner, or their owner was unknown, without a verified scrub since.
+    /// KV blocks the eviction gate's scrubs verified clean inside claims, because they were
+    /// changing owner, or their owner was unknown, without a verified scrub since. Counted
+    /// per scrub, as it verifies: a block scrubbed again after its ledger was forgotten counts
+    /// again, and a claim whose scrub stopped part way counts what verified (it handed that
+    /// over), as its `kv_scrub` record does.
     kv_gate_scrubbed_blocks,
     /// Of those, blocks that changed owner without a verified scrub since their last owner
-    /// (the rest had an owner the gate did not know yet: a new cache's first claims, or a
+    /// (the rest had an owner the gate did not know: a new cache's first claims, or a
     /// forgotten ledger's). An engine that scrubs on every free path keeps this at zero.
     kv_gate_owner_changed_blocks,
     /// `kvh_claim_blocks` calls refused: bad input, memory not live, or blocks that would

@@ -684,10 +684,12 @@ fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() 
         "{x:?}"
     );
     let c = alloc.stats().counters;
+    // Each gate scrub counts as it verifies: w's first claim of the new cache, x's, and x's
+    // again through the ledger that replaced the forgotten one (which knew nobody's).
     assert_eq!(
         (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
-        (2, 1),
-        "w's first claim of the new cache, then x's"
+        (3, 1),
+        "{c:?}"
     );
 }
 
@@ -924,5 +926,59 @@ fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_to
     assert!(
         x.claimed == 0 && x.taken == vec![5],
         "block 5 was handed to request y and to request x, both as claimed: x {x:?}, y {y:?}"
+    );
+}
+
+/// A claim whose gate scrub stops part way (the driver refuses its second batch) still hands
+/// the blocks its first batch verified to the claimant: the ledger names it their owner, and
+/// its next claim takes them without a scrub. Each of those blocks changed owner (request w's
+/// to request x's) through the gate's scrub, and its `kv_scrub` record says so
+/// (`unknown_owner_blocks` 0): `kv_gate_scrubbed_blocks` and `kv_gate_owner_changed_blocks`
+/// count every one of them once, so that the owner changes are not lost to the alert.
+#[test]
+fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
+    use std::sync::atomic::Ordering;
+    const N: u64 = 70_000; // more segments than one backend batch takes (65,536)
+    const B: u64 = 64;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let a = f.malloc_zeroed((N * B) as i64, 0, 1);
+    let layout = KvLayout {
+        regions: vec![a],
+        block_bytes: B,
+        block_stride: B,
+        blocks_per_region: N,
+    };
+    let ids: Vec<u32> = (0..N as u32).collect();
+    // A new cache: request w's first claim scrubs blocks whose owner was unknown.
+    let r = as_request("t", "w", || claim(&f, &layout, &ids)).unwrap();
+    assert_eq!((r.claimed, r.unknown_owner.len() as u64), (N, N));
+    // Request x is given w's blocks unscrubbed; the gate's scrub stops after its first batch.
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let r = as_request("t", "x", || claim(&f, &layout, &ids));
+    assert!(
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        "{r:?}"
+    );
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    let gate: Vec<(u64, u64, u64)> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => {
+                Some((r.blocks, r.verified_blocks, r.unknown_owner_blocks))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gate.last(), Some(&(N, 65_536, 0)), "{gate:?}");
+    // x claims again: the blocks the stopped scrub verified are x's already.
+    let r = as_request("t", "x", || claim(&f, &layout, &ids)).unwrap();
+    assert_eq!(r.claimed, N);
+    let c = f.alloc.stats().counters;
+    assert_eq!(
+        (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
+        (2 * N, N),
+        "every block went from w to x through one gate scrub of a block that changed owner"
     );
 }

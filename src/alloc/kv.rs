@@ -24,6 +24,7 @@
 //!   that failed, also when a later batch failed; a refused call leaves a `policy_violation`
 //!   record (policy `kv_scrub`).
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -268,8 +269,9 @@ struct KvCall<'a> {
     stream: StreamHandle,
     first_seed: u64,
     trigger: KvScrubTrigger,
-    /// For the gate's scrub: of `ids`, those whose owner its ledger does not know.
-    unknown_owner: u64,
+    /// For the gate's scrub: of `ids`, those whose owner its ledger does not know. `None`
+    /// exactly for the engine's.
+    unknown: Option<&'a HashSet<u32>>,
 }
 
 impl KvCall<'_> {
@@ -361,17 +363,17 @@ impl Allocator {
         if ids.is_empty() {
             return Ok((KvScrubReport::default(), Unapplied::default()));
         }
-        let (trigger, claimant, seen, unknown_owner) = match by {
-            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, 0),
+        let (trigger, claimant, seen, unknown) = match by {
+            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None),
             ScrubFor::Gate {
                 claimant,
                 seen,
-                unknown_owner,
+                unknown,
             } => (
                 KvScrubTrigger::Gate,
                 Some(claimant),
                 Some(seen),
-                unknown_owner,
+                Some(unknown),
             ),
         };
         let count = ids.len() as u64 * layout.regions.len() as u64; // bounded by check_ids
@@ -382,7 +384,7 @@ impl Allocator {
             stream,
             first_seed: self.inner.next_seq.fetch_add(count, Ordering::Relaxed),
             trigger,
-            unknown_owner,
+            unknown,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
         let launched = match self.launch_kv(&call, call.batches(), seen) {
@@ -598,7 +600,9 @@ impl Allocator {
             block_ids_sha256: ids_digest(call.ids),
             error: error.map(ToString::to_string),
             trigger: call.trigger,
-            unknown_owner_blocks: call.unknown_owner,
+            unknown_owner_blocks: call.unknown.map_or(0, |u| {
+                call.ids.iter().filter(|id| u.contains(id)).count() as u64
+            }),
         };
         // The caller's request, whose KV blocks these are, is the one the abort's record names.
         let abort = (!report.failed.is_empty()
@@ -613,9 +617,16 @@ impl Allocator {
         });
         self.with_pool(call.dev, |pool, _, _, after| {
             let c = &mut pool.stats.counters;
-            // The gate's scrubs are counted with its claims (`kv_gate_scrubbed_blocks`).
-            if call.trigger == KvScrubTrigger::Engine {
-                c.kv_scrub_calls += 1;
+            // The gate's scrubs are counted here, as they verify, whatever becomes of the claim
+            // (one whose scrub stops part way has handed over what verified); its calls are
+            // counted as claims.
+            match call.unknown {
+                None => c.kv_scrub_calls += 1,
+                Some(unknown) => {
+                    let had_owner = clean.iter().filter(|id| !unknown.contains(id)).count();
+                    c.kv_gate_scrubbed_blocks += clean.len() as u64;
+                    c.kv_gate_owner_changed_blocks += had_owner as u64;
+                }
             }
             c.kv_blocks_scrubbed += verified_blocks;
             c.kv_segments_scrubbed += verified_segments;
@@ -831,7 +842,7 @@ mod tests {
             stream: StreamHandle(0),
             first_seed: 77,
             trigger: KvScrubTrigger::Engine,
-            unknown_owner: 0,
+            unknown: None,
         };
         let s: Vec<ScrubSegment> = call.batches().concat();
         let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();

@@ -433,8 +433,9 @@ pub struct KvClaimReport {
 pub enum KvClaimError {
     /// Refused before any change (bad layout or ids, memory not live, device), or the gate's
     /// scrub did not finish; see [`KvScrubError`]. In the second case blocks may have been
-    /// handed over already (those that needed no scrub, and, when the claim was made again
-    /// after its ledger was forgotten, those its first scrub verified): the call failed as a
+    /// handed over already (those that needed no scrub, those the stopped scrub verified
+    /// before it stopped, and, when the claim was made again after its ledger was forgotten,
+    /// those its first scrub verified): the call failed as a
     /// whole, but the ledger names the claimant as their owner, which is safe (a later claim
     /// by another owner scrubs them again).
     #[error(transparent)]
@@ -455,8 +456,8 @@ pub(super) enum ScrubFor<'a> {
         claimant: &'a Option<Arc<OwnerKey>>,
         seen: Generations,
         /// Of the blocks to scrub, those whose owner the ledger does not know (the record
-        /// says how many).
-        unknown_owner: u64,
+        /// says how many; the counters split the verified ones by it).
+        unknown: &'a HashSet<u32>,
     },
 }
 
@@ -564,14 +565,10 @@ impl Allocator {
         }
         self.report_failed_before(dev, &failed_before);
         let claimed = (ids.len() - refused.len() - taken.len()) as u64;
-        let scrubbed = gate_scrubbed.len() as u64;
-        let owner_changed = scrubbed - unknown_owner.len() as u64;
         self.with_pool(dev, |pool, _, _, _| {
             let c = &mut pool.stats.counters;
             c.kv_claim_calls += 1;
             c.kv_blocks_claimed += claimed;
-            c.kv_gate_scrubbed_blocks += scrubbed;
-            c.kv_gate_owner_changed_blocks += owner_changed;
         });
         Ok(KvClaimReport {
             claimed,
@@ -648,7 +645,7 @@ impl Allocator {
         let gate = ScrubFor::Gate {
             claimant: &claimant,
             seen: sorted.dirty_generations,
-            unknown_owner: sorted.unknown.len() as u64,
+            unknown: &round.unknown,
         };
         let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
             Ok(done) => done,

@@ -326,7 +326,7 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
 
   0  admit: the snapshot is fresh, shows no security failure and no anomaly of a failed
      control (and the log verifies); what still deserves a look is printed as notes (KV
-     blocks the eviction gate had to scrub, refused claims, invalid frees, anomalies of
+     blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims, invalid frees, anomalies of
      caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log

@@ -319,7 +319,8 @@ pub struct KvScrubs {
     pub bytes: u64,
     /// Of the calls, those the eviction gate made inside `kvh_claim_blocks` (`trigger`
     /// `claim_gate`), and the blocks they named; of those, the blocks whose owner the gate
-    /// did not know yet (`unknown_owner_blocks`: a new cache's first claims). The others the
+    /// did not know (`unknown_owner_blocks`: a new cache's first claims, or a forgotten
+    /// ledger's, which a claim scrubs again). The others the
     /// engine handed to another owner without scrubbing them first (all of them in records
     /// written before the field existed).
     pub gate_calls: u64,
@@ -1723,7 +1724,7 @@ pub fn render(ev: &Evidence) -> String {
         "Paged KV cache scrubs (`kv_scrub` records): {} calls ({} did not finish); {} blocks \
          named ({} bytes), {} verified, {} failed. Of them, the eviction gate made {} calls \
          for {} blocks: {} changed owner without the engine's scrub, {} had an owner the gate \
-         did not know yet (a new cache's first claims).",
+         did not know (a new cache's first claims, or a forgotten ledger's).",
         kv.calls,
         kv.unfinished_calls,
         kv.blocks,

@@ -392,7 +392,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "KV blocks the eviction gate scrubbed because they changed owner unscrubbed or their owner was unknown to it."
+        "KV blocks the eviction gate's scrubs verified clean inside claims, because they changed owner unscrubbed or their owner was unknown to it."
     ),
     series!(
         "/counters/kv_gate_owner_changed_blocks",
