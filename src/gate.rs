@@ -219,10 +219,21 @@ pub fn judge(
             ));
         }
     }
+    const OWNER_CHANGED: &str = "kvh_kv_gate_owner_changed_blocks_total";
+    if flagged(snap, OWNER_CHANGED, "") == Flagged::Missing {
+        // A library older than the split (a rolling upgrade): every gate scrub, as it says.
+        note_if_positive(
+            snap,
+            &mut notes,
+            "kvh_kv_gate_scrubbed_blocks_total",
+            "the eviction gate scrubbed KV blocks that changed owner without the engine's \
+             scrub or whose owner it did not know (this library does not tell them apart)",
+        );
+    }
     note_if_positive(
         snap,
         &mut notes,
-        "kvh_kv_gate_owner_changed_blocks_total",
+        OWNER_CHANGED,
         "KV blocks changed owner without the engine's scrub; the eviction gate scrubbed them",
     );
     note_if_positive(

@@ -110,6 +110,33 @@ fn a_new_caches_first_claims_scrubbed_by_the_gate_are_no_note() {
 }
 
 #[test]
+fn a_snapshot_without_the_owner_changed_series_notes_every_gate_scrub() {
+    // A library older than kvh_kv_gate_owner_changed_blocks_total (a rolling upgrade): its
+    // gate scrubs cannot be told apart, so all of them are noted, as such.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |p| p.counters.kv_gate_scrubbed_blocks = 7,
+        &[("residue", 0)],
+    );
+    let text = std::fs::read_to_string(&f).unwrap();
+    let older: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("kvh_kv_gate_owner_changed_blocks_total"))
+        .collect();
+    std::fs::write(&f, older.join("\n") + "\n").unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("does not tell them apart")
+            && out.contains("kvh_kv_gate_scrubbed_blocks_total = 7"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_failed_control_evicts_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
