@@ -1346,3 +1346,128 @@ fn a_stretch_of_exactly_max_gap_between_records_is_listed() {
         "{v}"
     );
 }
+
+/// A log whose one event is a refused free: `caller` made it, aimed at a block of `owner`.
+fn refused_free_log(dir: &Path, owner: (&str, &str), caller: (&str, &str)) {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 20), start(), None).unwrap();
+    log.emit(Event {
+        at: SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller: Context::new(Some(caller.0), Some(caller.1), None).unwrap(),
+        },
+        context: Context::new(Some(owner.0), Some(owner.1), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+    log.stop();
+}
+
+/// The `## Tenant` heading's text as a CommonMark renderer shows it: an ATX heading's closing
+/// sequence (a run of `#` preceded by a space or tab, or the whole content) is not part of it
+/// (CommonMark 0.31, 4.2).
+fn heading_text(line: &str) -> String {
+    let content = line.trim_start_matches('#').trim().to_string();
+    let body = content.trim_end_matches('#');
+    if body.len() < content.len() && (body.is_empty() || body.ends_with([' ', '\t'])) {
+        body.trim_end().to_string()
+    } else {
+        content
+    }
+}
+
+/// Tenant ids are any printable text (`kvh_set_context` refuses only control characters and
+/// overlong ids): one ending in `#` is still shown whole in the report's heading, not taken
+/// for the heading's closing sequence (which would show tenant "acme #" as tenant "acme").
+#[test]
+fn a_tenant_heading_shows_an_id_that_ends_in_hashes_whole() {
+    for id in ["acme #", "acme ##", "#"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        refused_free_log(&dir, (id, "req-1"), (id, "req-1"));
+        let md = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", id], &[]);
+        assert_eq!(md.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&md.stdout);
+        let heading = text
+            .lines()
+            .find(|l| l.starts_with("## Tenant"))
+            .unwrap_or_else(|| panic!("no tenant heading: {text}"));
+        let shown = heading_text(heading);
+        assert!(
+            shown.ends_with('#'),
+            "tenant {id:?}: the heading {heading:?} renders as {shown:?}, without the id's \
+             trailing `#`"
+        );
+    }
+}
+
+/// An id with underscores at its ends (`_acme_`) is not rendered as emphasis in the heading:
+/// the report shows the id as it is.
+#[test]
+fn a_tenant_heading_does_not_turn_underscores_of_the_id_into_emphasis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    refused_free_log(&dir, ("_acme_", "req-1"), ("_acme_", "req-1"));
+    let md = kvh(
+        &["evidence", dir.to_str().unwrap(), "--tenant", "_acme_"],
+        &[],
+    );
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    let heading = text
+        .lines()
+        .find(|l| l.starts_with("## Tenant"))
+        .unwrap_or_else(|| panic!("no tenant heading: {text}"));
+    // `_acme_` after a space opens and closes emphasis (CommonMark 0.31, 6.2).
+    assert!(
+        !heading.contains(" _acme_"),
+        "the heading {heading:?} renders the id as emphasised `acme`"
+    );
+}
+
+/// A one-tenant report counts one tenant: a refused free names two (the block's owner and the
+/// caller), and is in both tenants' reports, each of which still counts only its own tenant.
+#[test]
+fn a_tenant_report_counts_only_its_tenant_when_a_record_names_two() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    refused_free_log(&dir, ("tenant-b", "req-b"), ("tenant-a", "req-a"));
+    for t in ["tenant-a", "tenant-b"] {
+        let (code, v) = evidence_json(&dir, &["--tenant", t]);
+        assert_eq!(code, Some(0), "{v}");
+        assert_eq!(v["exceptions_by_kind"]["invalid_free"], 1, "{v}");
+        assert_eq!(
+            v["tenants"], 1,
+            "the report of {t} counts the other tenant of the refused free: {v}"
+        );
+    }
+}
+
+/// A one-tenant report is given to that tenant (its own audit): the refused free of tenant-a
+/// aimed at a block of tenant-b is in both reports, but neither shows the other tenant's ids
+/// (tenant and request), and each listed exception is shown under the report's tenant.
+#[test]
+fn a_tenant_report_does_not_show_another_tenants_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    refused_free_log(&dir, ("tenant-b", "req-b"), ("tenant-a", "req-a"));
+    for (t, other) in [
+        ("tenant-a", ["tenant-b", "req-b"]),
+        ("tenant-b", ["tenant-a", "req-a"]),
+    ] {
+        let (code, v) = evidence_json(&dir, &["--tenant", t]);
+        assert_eq!(code, Some(0), "{v}");
+        let exceptions = v["exceptions"].as_array().unwrap();
+        assert_eq!(exceptions.len(), 1, "{v}");
+        assert_eq!(exceptions[0]["tenant_id"], t, "{v}");
+        let md = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", t], &[]);
+        let text = String::from_utf8_lossy(&md.stdout).into_owned();
+        for id in other {
+            assert!(
+                !v.to_string().contains(id) && !text.contains(id),
+                "the report of {t} shows {id}: {v}\n{text}"
+            );
+        }
+    }
+}

@@ -167,8 +167,9 @@ pub struct Evidence {
     /// first and last record inside it, and every other figure counts its records only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_period: Option<AuditPeriod>,
-    /// With `--tenant`: whose report it is (every figure from records but the counters and
-    /// lost records is that tenant's).
+    /// With `--tenant`: whose report it is. The record counts, KV scrubs, exceptions, anomalies
+    /// and `tenants` are that tenant's (with the records every tenant shares); the integrity,
+    /// period, processes, gaps, counters and lost records stay the log's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<TenantScope>,
 }
@@ -1233,10 +1234,13 @@ impl Tally {
             self.records_of_others = self.records_of_others.saturating_add(1);
             return;
         }
-        // The caller of a refused or mismatched free is a tenant of the period too.
+        // The caller of a refused or mismatched free is a tenant of the period too; a
+        // `--tenant` report counts its own tenant only.
         for field in ["tenant_id", "caller_tenant_id"] {
             if let Some(t) = record.get(field).and_then(Value::as_str) {
-                self.tenants.insert(t.to_string());
+                if self.tenant.as_deref().is_none_or(|own| own == t) {
+                    self.tenants.insert(t.to_string());
+                }
             }
         }
         let count = ev.records_by_kind.entry(kind.to_string()).or_default();
@@ -1274,6 +1278,7 @@ impl Tally {
             _ => {}
         }
         if is_exception(record) {
+            let (tenant_id, request_id) = self.shown_ids(record);
             let count = ev.exceptions_by_kind.entry(kind.to_string()).or_default();
             *count = count.saturating_add(1);
             if ev.exceptions.len() < max_exceptions {
@@ -1285,9 +1290,9 @@ impl Tally {
                     line,
                     time: ts.map(rfc3339).unwrap_or_default(),
                     kind: kind.to_string(),
-                    tenant_id: text("tenant_id"),
-                    request_id: text("request_id"),
-                    detail: detail(record),
+                    tenant_id,
+                    request_id,
+                    detail: detail(record, self.tenant.as_deref()),
                 });
             }
         }
@@ -1305,7 +1310,33 @@ impl Tally {
         let names = |field: &str| record.get(field).and_then(Value::as_str) == Some(tenant);
         SHARED_KINDS.contains(&kind) || names("tenant_id") || names("caller_tenant_id")
     }
+
+    /// The tenant and request an exception is listed under. A `--tenant` report goes to that
+    /// tenant, so it never shows another tenant's ids: a refused free it made of another
+    /// tenant's block is listed under its own request (the caller's), and the ids of any other
+    /// tenant become [`ANOTHER_TENANT`].
+    fn shown_ids(&self, record: &Map<String, Value>) -> (Option<String>, Option<String>) {
+        let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
+        let Some(own) = self.tenant.as_deref() else {
+            return (text("tenant_id"), text("request_id"));
+        };
+        if text("tenant_id").as_deref() == Some(own) {
+            (text("tenant_id"), text("request_id"))
+        } else if text("caller_tenant_id").as_deref() == Some(own) {
+            (text("caller_tenant_id"), text("caller_request_id"))
+        } else {
+            // A record every tenant shares (a lost or recovery record) names none, as a rule.
+            (text("tenant_id").map(|_| ANOTHER_TENANT.to_string()), None)
+        }
+    }
 }
+
+/// What a `--tenant` report shows in place of another tenant's ids.
+const ANOTHER_TENANT: &str = "(another tenant)";
+
+/// The ids of the thread that made a refused or mismatched free, which a record carries
+/// besides its own.
+const CALLER_IDS: &[&str] = &["caller_tenant_id", "caller_request_id", "caller_model_id"];
 
 /// Whether a record is an exception an auditor must see (a security record). Blocks retired
 /// by the never-reuse policy are the control working, not an exception; a KV scrub that
@@ -1319,12 +1350,18 @@ pub(crate) fn is_exception(record: &Map<String, Value>) -> bool {
     (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub
 }
 
-/// The kind's own fields as `key=value`, in the record's (sorted) order.
-fn detail(record: &Map<String, Value>) -> String {
+/// The kind's own fields as `key=value`, in the record's (sorted) order. In a report for
+/// tenant `own`, the caller's ids are shown only when they are that tenant's.
+fn detail(record: &Map<String, Value>, own: Option<&str>) -> String {
+    let caller = record.get("caller_tenant_id").and_then(Value::as_str);
+    let hide_caller = own.is_some_and(|own| caller.is_some_and(|c| c != own));
     record
         .iter()
         .filter(|(k, _)| !ENVELOPE.contains(&k.as_str()))
         .map(|(k, v)| match v {
+            _ if hide_caller && CALLER_IDS.contains(&k.as_str()) && !v.is_null() => {
+                format!("{k}={ANOTHER_TENANT}")
+            }
             Value::String(s) => format!("{k}={s}"),
             other => format!("{k}={other}"),
         })
@@ -1334,16 +1371,22 @@ fn detail(record: &Map<String, Value>) -> String {
 
 /// Text from the log made safe for one Markdown table cell or list line: control characters
 /// (a newline would end the row and could forge lines after it) become spaces, and `\`, `|`,
-/// `` ` ``, `<`, `[` and `*` are escaped, so a tenant id or a detail can neither shift the
-/// columns nor format anything.
+/// `` ` ``, `<`, `[`, `*`, `~`, `&` and `_` at a word's edge are escaped, so a tenant id or a
+/// detail can neither shift the columns nor format anything.
 fn cell(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+    for (i, &c) in chars.iter().enumerate() {
+        // An underscore inside a word makes no emphasis (ids and kinds are snake_case, left
+        // as they are); one at a word's edge can.
+        let inside_word = |j: Option<usize>| {
+            j.and_then(|j| chars.get(j))
+                .is_some_and(|c| c.is_alphanumeric())
+        };
         match c {
             c if c.is_control() => out.push(' '),
-            // Not `_`: ids and kinds are snake_case, and an underscore inside a word makes
-            // no emphasis.
-            '\\' | '|' | '`' | '<' | '[' | '*' | '~' | '&' => {
+            '_' if inside_word(i.checked_sub(1)) && inside_word(Some(i + 1)) => out.push('_'),
+            '\\' | '|' | '`' | '<' | '[' | '*' | '~' | '&' | '_' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -1351,6 +1394,34 @@ fn cell(text: &str) -> String {
         }
     }
     out
+}
+
+/// Text from the log as Markdown inline text that shows as itself after the start of a line
+/// (a heading's text included): every character that can open emphasis, a link, a code span,
+/// an entity or HTML, or close a heading is escaped, wherever it stands, and control characters
+/// become spaces.
+fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_control() => out.push(' '),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '&' | '#' | '~' | '|' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `text` as a JSON string in a code span, so that its every character shows, spaces at its
+/// ends included: the fence is one backtick longer than the longest run of them in it.
+fn json_code(text: &str) -> String {
+    let quoted = serde_json::Value::from(text).to_string();
+    let longest = quoted.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    format!("{fence} {quoted} {fence}")
 }
 
 /// [`cell`] of an optional value, `-` when absent.
@@ -1443,16 +1514,18 @@ const PERIOD_COUNTERS: &str = "Over the audit period, from each process's period
 
 fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
     push(String::new());
-    push(format!("## Tenant {}", cell(&t.tenant_id)));
+    push(format!("## Tenant {}", literal(&t.tenant_id)));
     push(String::new());
     push(format!(
-        "A report on one tenant (`--tenant`). The KV scrubs, exceptions, anomalies and record \
+        "A report on one tenant, {} (`--tenant`). The KV scrubs, exceptions, anomalies and record \
          counts below are those of the records naming it, as the tenant of the request or as \
          the caller of a refused free, and of the records that concern every tenant (starts, \
          recoveries, rotations, summaries, checkpoints, lost records, stops). The other {} \
          records were verified and not counted. The periodic counters (Activity) and the \
          records lost are each process's own, for all its tenants: they are not kept per \
-         tenant.",
+         tenant. Where a record also names another tenant (a refused free of another \
+         tenant's block), that tenant's ids are shown as \"{ANOTHER_TENANT}\".",
+        json_code(&t.tenant_id),
         t.records_left_out
     ));
     if !named {
@@ -2070,6 +2143,24 @@ mod tests {
         assert_eq!(cell("kv_verify_failed"), "kv_verify_failed");
         // Strike-through and character references.
         assert_eq!(cell("~~t~~ &lt;"), "\\~\\~t\\~\\~ \\&lt;");
+        // An underscore at a word's edge can open or close emphasis; inside one it cannot.
+        assert_eq!(cell("_acme_ a_b __x"), "\\_acme\\_ a_b \\_\\_x");
+    }
+
+    #[test]
+    fn literal_text_cannot_format_or_close_a_heading() {
+        assert_eq!(literal("acme #"), "acme \\#");
+        assert_eq!(
+            literal("_a_ *b* [c](d) `e` <f> &g;"),
+            "\\_a\\_ \\*b\\* \\[c\\](d) \\`e\\` \\<f> \\&g;"
+        );
+        assert_eq!(literal("t-1.2\nx"), "t-1.2 x");
+    }
+
+    #[test]
+    fn a_json_code_span_is_fenced_longer_than_any_backtick_run_in_it() {
+        assert_eq!(json_code("acme "), "` \"acme \" `");
+        assert_eq!(json_code("a``b"), "``` \"a``b\" ```");
     }
 
     #[test]
@@ -2092,7 +2183,7 @@ mod tests {
         )
         .expect("json");
         assert_eq!(
-            detail(&record),
+            detail(&record, None),
             "call_device=0, ptr=0xdead, reason=double_free"
         );
     }
