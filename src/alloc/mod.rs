@@ -7,7 +7,7 @@
 //!                                  QUARANTINED ──re-scrub (double pass, full) verified──▶ RELEASED
 //! ```
 //!
-//! Layout: [`Allocator`] owns one [`pool::DevicePool`] per device behind its own mutex. The
+//! Layout: [`Allocator`] owns one `pool::DevicePool` per device behind its own mutex. The
 //! pool-hit path of [`Allocator::malloc`] takes that mutex once and pops a free list; all rare
 //! work (fresh memory, out-of-memory recovery, harvesting scrubs) lives in `#[cold]`
 //! functions. Frees never wait: they move the block to PENDING and append it to its stream's

@@ -298,7 +298,7 @@ impl Default for Config {
 
 /// A configuration error; the message names the key, the value and what is accepted.
 ///
-/// Shown with its control characters escaped ([`crate::printable`]): a key, a path or a
+/// Shown with its control characters escaped (`printable`): a key, a path or a
 /// file's text may hold any bytes whoever wrote the policy chose, and an error goes to a
 /// terminal (the library's start-up message, `kvh config`, `kvh preflight`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

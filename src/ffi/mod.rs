@@ -1,7 +1,7 @@
 //! The C ABI: every `extern "C"` export of kvhygiene, and nothing else.
 //!
 //! Conventions (after rustls-ffi):
-//! - Each export is one panic boundary ([`boundary`]): a Rust panic never unwinds into C; the
+//! - Each export is one panic boundary (`boundary`): a Rust panic never unwinds into C; the
 //!   call returns its documented failure value and the thread's last error is
 //!   `KVH_ERR_PANIC`.
 //! - Pointer arguments are checked for NULL before use.

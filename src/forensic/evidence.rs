@@ -392,7 +392,7 @@ const MAX_TRIES: u32 = 5;
 /// chain that changed (or whose reading failed) is pruned further at the second
 /// verification than at the first (its manifest, written before the prune removes a file,
 /// accounts for the change), the report is made again (the whole of it, from a new
-/// verification), up to [`MAX_TRIES`] times, waiting longer each time. A file deleted or
+/// verification), up to `MAX_TRIES` times, waiting longer each time. A file deleted or
 /// edited otherwise makes the report fail (exit 2) or unverified, as without a prune.
 pub fn collect_with(
     args: &EvidenceArgs,
@@ -1596,7 +1596,7 @@ fn render_audit_period(p: &AuditPeriod, push: &mut impl FnMut(String)) {
     }
 }
 
-/// The report as Markdown. Everything taken from the log goes through [`cell`].
+/// The report as Markdown. Everything taken from the log goes through `cell`.
 pub fn render(ev: &Evidence) -> String {
     let mut s = String::new();
     let mut push = |line: String| {

@@ -286,7 +286,7 @@ pub fn read_signing_key(p: &Path) -> Result<SigningKey, ForensicError> {
 }
 
 /// Reads a key file named on a verifier's command line (an HMAC secret, a public key). Unlike
-/// [`read_private`] it follows links and does not ask who owns the file (Kubernetes mounts a
+/// `read_private` it follows links and does not ask who owns the file (Kubernetes mounts a
 /// Secret's files as links, readable by a group), but it never waits for a writer (a FIFO
 /// given by mistake must not hang a probe or a nightly job) and reads only a regular file of
 /// at most `cap` bytes, into a buffer allocated once, so that a secret leaves no copy behind

@@ -3,7 +3,7 @@
 //!
 //! - [`record`]: schema and canonical form; [`keys`]: HMAC key ratchet and Ed25519 keys;
 //! - [`files`]: naming, modes, ownership, locks; [`recovery`]: torn tails and crashed chains;
-//! - [`writer`]: the writer thread behind a bounded queue; [`checkpoint`]: signed heads;
+//! - `writer`: the writer thread behind a bounded queue; [`checkpoint`]: signed heads;
 //! - [`verify`]: `verify_all`, the code behind `kvh verify-log`; [`cli`]: the CLI verbs.
 //!
 //! `docs/forensic-log.md` describes the format precisely enough to verify it independently.

@@ -100,7 +100,7 @@ pub struct Manifest {
     /// Unix nanoseconds of the last change.
     pub updated_at: u64,
     /// `HMAC-SHA256(K0, "kvh-prune-manifest\n" || body)` in hex, where K0 is the configured
-    /// HMAC secret and body the canonical manifest without `mac` ([`manifest_mac`]); `None`
+    /// HMAC secret and body the canonical manifest without `mac` (`manifest_mac`); `None`
     /// when no key was given.
     pub mac: Option<String>,
 }

@@ -7,7 +7,7 @@
 //! - [`result`]: one thin wrapper per call, `Result<_, BackendError>` carrying the call name, the
 //!   CUDA error code and the driver's name for it;
 //! - [`kernel`]: the embedded device images and the batch layout the kernels read;
-//! - [`safe`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation.
+//! - `safe`: [`CudaBackend`], the [`crate::backend::Backend`] implementation.
 //!
 //! [`probe`] is what `KVH_BACKEND=auto` uses: only the absence of a driver allows falling back
 //! to host memory; a driver that is present but fails is an error (fail closed).

@@ -1,6 +1,6 @@
 //! Thin wrappers over the driver entry points: each returns `Result<_, BackendError>` whose
 //! error keeps the call's name, the CUDA error code and the driver's name for it
-//! (`cuGetErrorName`). No policy lives here; [`super::safe`] decides what to call when.
+//! (`cuGetErrorName`). No policy lives here; `safe` decides what to call when.
 //!
 //! Functions taking raw handles or addresses are `unsafe`: the driver cannot check that a
 //! device address belongs to the caller, and a stale handle is undefined behaviour in the

@@ -692,7 +692,7 @@ impl Backend for CudaBackend {
     }
 
     /// No driver call is made once this returns (invariant 6): entry points begun before it
-    /// stop at their next step, and it waits for them, up to [`SHUTDOWN_WAIT`] (one blocked
+    /// stop at their next step, and it waits for them, up to `SHUTDOWN_WAIT` (one blocked
     /// in the driver on a hung device is left there).
     fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
