@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use common::{manual_config, secret, Fixture};
 use kvhygiene::alloc::{BlockState, KvLayout, KvScrubError, KvScrubReport};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::config::Config;
+use kvhygiene::config::{Config, KvGateMode, KvGateScope};
+use kvhygiene::context::Context;
 use kvhygiene::events::{Event, EventKind, KvScrubRecord};
 
 const BLOCK: u64 = 256;
@@ -544,4 +545,169 @@ fn residue_fails_a_block_even_above_the_coverage_threshold() {
         .scrub_kv_blocks(&layout, &[3], 0, StreamHandle(0))
         .unwrap();
     assert_eq!(r.failed, vec![3]);
+}
+
+/// A first submission that failed with a driver error (not a capture or exit) may have
+/// launched part of its work: the cache's later free still waits for the call's stream.
+#[test]
+fn a_failed_first_submission_still_orders_the_cache_free_after_its_stream() {
+    let f = Fixture::new(manual_config());
+    let (a, layout) = layer(&f, 0x23);
+    f.backend.submit_budget.store(0, Ordering::SeqCst);
+    let got = f.alloc.scrub_kv_blocks(&layout, &[2], 0, StreamHandle(6));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    assert!(
+        matches!(&got, Err(KvScrubError::Backend(BackendError::Other(m))) if m.contains("injected")),
+        "{got:?}"
+    );
+    assert!(
+        free_waits(&f, a).contains(&StreamHandle(6)),
+        "the free's scrub must wait for the stream of the failed KV submission"
+    );
+}
+
+/// With the eviction gate on, a block of an engine scrub that did not finish (its segments
+/// were in a batch that was never submitted) is not taken as verified clean: another
+/// request's claim of it is still scrubbed by the gate; a block the call did verify is not.
+#[test]
+fn a_block_an_unfinished_scrub_never_verified_is_scrubbed_at_its_next_claim() {
+    let f = Fixture::new(Config {
+        kv_gate: KvGateMode::Scrub,
+        kv_gate_scope: KvGateScope::Request,
+        ..manual_config()
+    });
+    let (a, _, layout) = big_cache(&f, 0x55);
+    let last = BIG_BLOCKS as u32 - 1;
+    let claim = |request: &str| {
+        let ctx = Context::new(Some("t1"), Some(request), None).unwrap();
+        let previous = Context::set_current(ctx);
+        let r = f
+            .alloc
+            .claim_kv_blocks(&layout, &[0, last], 0, StreamHandle(2))
+            .unwrap();
+        Context::set_current(previous);
+        r
+    };
+    claim("a");
+    // Request a fills the K segment of its last block.
+    let k_last = a + u64::from(last) * 8;
+    f.write(0, k_last, &secret(8, 0x66));
+    // The engine frees every block; the second batch (the last blocks) is never submitted.
+    let ids: Vec<u32> = (0..BIG_BLOCKS as u32).collect();
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let got = f.alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    assert!(got.is_err(), "{got:?}");
+    let r = claim("b");
+    assert_eq!(r.gate_scrubbed, vec![last], "{r:?}");
+    assert!(
+        f.read(0, k_last, 8).iter().all(|&b| b == 0),
+        "request b was handed request a's bytes"
+    );
+}
+
+/// A call naming no blocks still has its geometry checked: a layout whose blocks overlap is
+/// refused and counted even then.
+#[test]
+fn a_bad_layout_is_refused_even_without_block_ids() {
+    let f = Fixture::new(manual_config());
+    let (a, layout) = layer(&f, 0x29);
+    let overlapping = KvLayout {
+        regions: vec![a, a + BLOCK / 2],
+        ..layout
+    };
+    let got = f
+        .alloc
+        .scrub_kv_blocks(&overlapping, &[], 0, StreamHandle(0));
+    assert!(
+        matches!(&got, Err(KvScrubError::InvalidLayout(m)) if m.contains("overlap")),
+        "{got:?}"
+    );
+    assert_eq!(f.alloc.stats().counters.kv_scrubs_refused, 1);
+}
+
+/// A call that stopped part way counts as scrubbed only the segments and bytes that were read
+/// back, not those of the batch that never ran.
+#[test]
+fn an_unfinished_call_counts_only_the_segments_read_back() {
+    let f = Fixture::new(manual_config());
+    let (_, _, layout) = big_cache(&f, 0x13);
+    let ids: Vec<u32> = (0..BIG_BLOCKS as u32).collect();
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let got = f.alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    assert!(got.is_err(), "{got:?}");
+    let c = f.alloc.stats().counters;
+    assert_eq!(
+        (c.kv_segments_scrubbed, c.kv_bytes_scrubbed),
+        (65_536, 65_536 * 8)
+    );
+    assert_eq!(c.kv_blocks_scrubbed, 32_768);
+}
+
+/// A cache whose layers are separate allocations, each used on its own streams: the scrub
+/// waits for the streams of every layer's allocation, and each layer's later free waits for
+/// the scrub's stream.
+#[test]
+fn a_scrub_across_allocations_is_ordered_with_every_one_of_them() {
+    let f = Fixture::new(manual_config());
+    let (l0, _, k0) = kv_cache(&f, 0x61, BLOCK, BLOCKS, 1);
+    let (l1, _, k1) = kv_cache(&f, 0x62, BLOCK, BLOCKS, 3);
+    assert!(f.alloc.record_stream(l0, StreamHandle(7)));
+    assert!(f.alloc.record_stream(l1, StreamHandle(8)));
+    let layout = KvLayout {
+        regions: [k0.regions, k1.regions].concat(),
+        ..k0
+    };
+    f.alloc
+        .scrub_kv_blocks(&layout, &[4], 0, StreamHandle(5))
+        .unwrap();
+    let kv = f.backend.batches.lock().unwrap().last().unwrap().clone();
+    assert_eq!(kv.segments.len(), 4);
+    for w in [1, 7, 3, 8] {
+        assert!(
+            kv.wait_streams.contains(&StreamHandle(w)),
+            "missing wait on {w}: {:?}",
+            kv.wait_streams
+        );
+    }
+    for base in [l0, l1] {
+        assert!(
+            free_waits(&f, base).contains(&StreamHandle(5)),
+            "the free of {base:#x} must wait for the KV scrub's stream"
+        );
+    }
+}
+
+/// The requested bytes bound a KV region to the byte: a last block that ends exactly at the
+/// allocation's end is scrubbed, one that ends a byte past it is refused (a smaller stride
+/// moves it by a byte; the block's capacity beyond the request does not count).
+#[test]
+fn a_region_may_end_exactly_at_the_requested_bytes_and_not_a_byte_past() {
+    let f = Fixture::new(manual_config());
+    let len = 3001u64;
+    let a = f.malloc_zeroed(len as i64, 0, 1);
+    assert!(f.alloc.block_info(a).unwrap().capacity > len);
+    // 3 blocks of 1000 bytes at a stride of 1000, from byte 1: the last ends at 3001.
+    let exact = KvLayout {
+        regions: vec![a + 1],
+        block_bytes: 1000,
+        block_stride: 1000,
+        blocks_per_region: 3,
+    };
+    let r = f
+        .alloc
+        .scrub_kv_blocks(&exact, &[2], 0, StreamHandle(0))
+        .unwrap();
+    assert!(r.failed.is_empty(), "{r:?}");
+    // The same from byte 2: the last block ends at 3002, one byte past the request.
+    let past = KvLayout {
+        regions: vec![a + 2],
+        ..exact.clone()
+    };
+    let e = f
+        .alloc
+        .scrub_kv_blocks(&past, &[0], 0, StreamHandle(0))
+        .unwrap_err();
+    assert!(matches!(e, KvScrubError::NotLive { .. }), "{e:?}");
 }

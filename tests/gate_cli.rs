@@ -769,3 +769,110 @@ fn a_per_process_pattern_judges_every_live_process() {
     assert_eq!(code, 2);
     assert!(err.contains("in the file name only"), "{err}");
 }
+
+/// A snapshot only a little older than --max-age evicts; the same one within it is admitted.
+#[test]
+fn a_snapshot_just_past_max_age_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::from_secs(65), |_| {}, &[]);
+    let (code, out, _) = gate(&f, &["--max-age", "60"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("stopped exporting"), "{out}");
+    let (code, out, _) = gate(&f, &["--max-age", "70"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// An anomaly series without a `signal` label cannot be told to be a caller's error: a count
+/// on it evicts, even with every known signal's series present and zero.
+#[test]
+fn an_anomaly_count_without_a_signal_label_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let values: Vec<(&str, f64)> = kvhygiene::gate::CONTROL_SIGNALS
+        .iter()
+        .chain(kvhygiene::gate::CALLER_SIGNALS)
+        .map(|s| (*s, 0.0))
+        .collect();
+    write_raw_anomalies(&f, &values);
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}");
+    let text = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(&f, text + "kvh_anomalies_total 3\n").unwrap();
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("anomaly detector flagged anomalies (3)"),
+        "{out}"
+    );
+}
+
+/// A snapshot with anomaly series but no `kvh_anomaly_enabled` line (an older or hand-made
+/// file) still has its control signals checked: without their series it is not admitted.
+#[test]
+fn anomaly_series_without_the_control_signals_evict_even_without_the_enabled_gauge() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let callers: Vec<(&str, f64)> = kvhygiene::gate::CALLER_SIGNALS
+        .iter()
+        .map(|s| (*s, 0.0))
+        .collect();
+    write_raw_anomalies(&f, &callers);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(!text.contains("kvh_anomaly_enabled"), "{text}");
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kvh_anomalies_total{signal=\"verify_failed\"} is missing"),
+        "{out}"
+    );
+}
+
+/// With --strict-anomalies every caller signal is a check too: a snapshot missing one of
+/// their series is not admitted, though without the flag it is.
+#[test]
+fn strict_anomalies_evict_when_one_caller_signal_series_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let values: Vec<(&str, f64)> = kvhygiene::gate::CONTROL_SIGNALS
+        .iter()
+        .chain(kvhygiene::gate::CALLER_SIGNALS)
+        .filter(|s| **s != "size_mismatch")
+        .map(|s| (*s, 0.0))
+        .collect();
+    write_raw_anomalies(&f, &values);
+    let (code, out, _) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = gate(&f, &["--strict-anomalies"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kvh_anomalies_total{signal=\"size_mismatch\"} is missing"),
+        "{out}"
+    );
+}
+
+/// --checkpoint reaches the log verification: a log whose signed checkpoints are kept outside
+/// its directory is admitted when they are named, and evicted when they are not.
+#[test]
+fn checkpoints_kept_outside_the_log_are_read_from_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let log = dir.path().join("log");
+    let ck = dir.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&dir.path().join("signer")).unwrap();
+    let mut c = forensic_common::cfg(&log, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    forensic_common::write_log(&c, 20, false);
+    let (log, ck, public) = (
+        log.to_str().unwrap(),
+        ck.to_str().unwrap(),
+        public.to_str().unwrap(),
+    );
+    let named = ["--log-dir", log, "--public-key", public, "--checkpoint", ck];
+    let (code, out, err) = gate(&f, &named);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = gate(&f, &named[..4]);
+    assert_eq!(code, 1, "{out}{err}");
+}
