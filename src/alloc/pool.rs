@@ -55,23 +55,24 @@ struct OpenBatch {
 }
 
 /// Why the backend refused to queue a batch for now (the batch waits, open, for a later
-/// flush): what a caller waiting for one of its blocks is told.
+/// flush): what a caller waiting for one of its blocks is told. It names what the backend
+/// named: the stream that is capturing (the batch's own, or a stream recorded on one of its
+/// blocks) and the device whose memory ran out (the block's, or a recorded stream's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Deferral {
-    /// Its stream is capturing a CUDA graph.
-    Capture,
-    /// No memory for the batch's own buffers.
-    OutOfMemory { requested: u64 },
+    /// A stream it must run on or after is capturing a CUDA graph.
+    Capture { stream: u64 },
+    /// No memory for the batch's own buffers, or for ordering it after a recorded stream.
+    OutOfMemory { device: u32, requested: u64 },
 }
 
 impl Deferral {
-    fn error(self, device: u32, stream: StreamHandle, what: &'static str) -> BackendError {
+    fn error(self, what: &'static str) -> BackendError {
         match self {
-            Deferral::Capture => BackendError::StreamCapturing {
-                stream: stream.0,
-                what,
-            },
-            Deferral::OutOfMemory { requested } => BackendError::OutOfMemory { device, requested },
+            Deferral::Capture { stream } => BackendError::StreamCapturing { stream, what },
+            Deferral::OutOfMemory { device, requested } => {
+                BackendError::OutOfMemory { device, requested }
+            }
         }
     }
 }
@@ -160,9 +161,9 @@ pub(crate) struct DevicePool {
     /// Quarantined blocks waiting for their re-scrub (kept so that finding them never scans
     /// the whole block table).
     rescrub_waiting: Vec<u64>,
-    /// Why the last re-scrub submission was refused for now, with the stream it was for: what
-    /// `synchronize` says of the re-scrubs still waiting after it submitted them again.
-    rescrub_deferred: Option<(Deferral, StreamHandle)>,
+    /// Why the last re-scrub submission was refused for now: what `synchronize` says of the
+    /// re-scrubs still waiting after it submitted them again.
+    rescrub_deferred: Option<Deferral>,
     /// Batches taken out of `in_flight` and being waited on with the lock dropped. Work is
     /// finished only when this is zero too.
     out_of_pool: usize,
@@ -567,17 +568,20 @@ impl DevicePool {
                     stream,
                 });
             }
-            Err(BackendError::StreamCapturing { .. }) => {
-                self.defer(stream, waits, &blocks, rescrub, Deferral::Capture)
+            Err(BackendError::StreamCapturing {
+                stream: capturing, ..
+            }) => {
+                let why = Deferral::Capture { stream: capturing };
+                self.defer(stream, waits, &blocks, rescrub, why)
             }
             // No memory for the batch's own buffers (its slot): nothing was queued, so the
             // blocks were not scrubbed and not read back either. They stay PENDING, out of every
             // free list, and are submitted again later, as under a graph capture; a failed
             // verification would quarantine them, and their re-scrub would meet the same
             // shortage and condemn them for good.
-            Err(BackendError::OutOfMemory { requested, .. }) => {
+            Err(BackendError::OutOfMemory { device, requested }) => {
                 self.stats.counters.backend_errors += 1;
-                let why = Deferral::OutOfMemory { requested };
+                let why = Deferral::OutOfMemory { device, requested };
                 self.defer(stream, waits, &blocks, rescrub, why)
             }
             // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
@@ -610,7 +614,7 @@ impl DevicePool {
             // `submit_rescrubs` picks them up again on the next tick.
             self.rescrub_waiting
                 .extend(blocks.iter().map(|&(addr, _)| addr));
-            self.rescrub_deferred = Some((why, stream));
+            self.rescrub_deferred = Some(why);
             return;
         }
         self.open.push(OpenBatch {
@@ -712,7 +716,7 @@ impl DevicePool {
         self.open
             .iter()
             .find(|o| o.blocks.contains(&addr))
-            .and_then(|o| Some(o.deferred?.error(self.device, o.stream, what)))
+            .and_then(|o| Some(o.deferred?.error(what)))
     }
 
     /// The freed blocks whose scrub, and the quarantined blocks whose re-scrub, the backend
@@ -726,10 +730,8 @@ impl DevicePool {
         };
         let blocks = refused.iter().map(|o| o.blocks.len()).sum::<usize>() + rescrubs;
         let why = match (refused.first(), self.rescrub_deferred) {
-            (Some(o), _) => o.deferred.map(|d| d.error(self.device, o.stream, what)),
-            (None, Some((d, stream))) if rescrubs > 0 => {
-                Some(d.error(self.device, stream, "a quarantined block's re-scrub"))
-            }
+            (Some(o), _) => o.deferred.map(|d| d.error(what)),
+            (None, Some(d)) if rescrubs > 0 => Some(d.error("a quarantined block's re-scrub")),
             _ => None,
         }?;
         Some((blocks, why))

@@ -50,6 +50,8 @@
 //   another context.
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
 //   before it returns (a cb that never returns stands for a hung device).
+// - fake_cuda_mem_frees(0) counts cuMemFree calls (each one synchronises the device on a GPU).
+// - fake_cuda_mem_allocs(0) counts cuMemAlloc calls.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -220,8 +222,11 @@ static void run_hook(void (**slot)(void)) {
     }
 }
 
+static std::atomic<int> g_mem_allocs{0};
+int fake_cuda_mem_allocs(int) { return g_mem_allocs.load(); }
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     NEED_CTX();
+    g_mem_allocs++;
     g_mode_at_alloc = (int)t_capture_mode;
     if (n > (1ull << 40)) return OUT_OF_MEMORY;
     void* m = aligned_alloc(256, (n + 255) / 256 * 256);
@@ -230,7 +235,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     run_hook(&g_mem_alloc_hook);
     return OK;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); free((void*)p); return OK; }
+static std::atomic<int> g_mem_frees{0};
+int fake_cuda_mem_frees(int) { return g_mem_frees.load(); }
+CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); g_mem_frees++; free((void*)p); return OK; }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     g_host_allocs++;
     run_hook(&g_host_alloc_hook);

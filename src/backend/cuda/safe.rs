@@ -9,8 +9,11 @@
 //!   [`kernel::INLINE_SEGMENTS`] segments travels in the kernel parameter, a larger one as work
 //!   items in page-locked host memory the kernel reads directly, and the kernels write results
 //!   into page-locked host memory. Nothing on the host waits for the device except `read` /
-//!   `write` and [`ScrubTicket::wait`] ([`Backend::zero_fresh`] queues an asynchronous memset
-//!   on the caller's stream).
+//!   `write`, [`ScrubTicket::wait`] and `release` (`cuMemFree` synchronises the device; the
+//!   pool calls it with its lock dropped). [`Backend::zero_fresh`] queues an asynchronous
+//!   memset on the caller's stream, and a batch slot that cannot be completed (out of memory
+//!   part way) keeps what it allocated for the next one rather than free it inside
+//!   `submit_scrub`, which the free path calls (`Spare`).
 //! - Graph capture: nothing is enqueued on a capturing stream (it would become part of the
 //!   graph, and the scrub would run at replay instead of now): such calls fail with
 //!   [`BackendError::StreamCapturing`] and the pool defers the work.
@@ -69,6 +72,64 @@ struct Device {
     order_event: Mutex<Handle<CUevent>>,
     /// Idle batch slots (sums, result and work item buffers, and a completion event).
     slots: Mutex<Vec<Slot>>,
+    /// Buffers of slots that could not be completed, for the next one.
+    spare: Mutex<Spare>,
+}
+
+/// What slots that could not be completed (a later step ran out of memory) had allocated:
+/// kept for the next slot of the device, not freed, because freeing synchronises the device
+/// (`cuMemFree`, `cuMemFreeHost`) and a slot is made inside `submit_scrub`, which the pool
+/// calls under its lock on the free path (invariant 3: the free path never waits on the
+/// device). One buffer of each kind is kept, the larger; one it displaces is parked and freed
+/// by the device's next `release`, which the pool calls with its lock dropped. Sizes are
+/// powers of two up to the largest batch, so few are ever parked.
+#[derive(Default)]
+struct Spare {
+    sums: Option<(CUdeviceptr, usize)>,
+    results: Option<(Mapped, usize)>,
+    items: Option<(Mapped, usize)>,
+    parked: Vec<Parked>,
+}
+
+/// A displaced spare buffer, to free outside the free path.
+enum Parked {
+    Device(CUdeviceptr),
+    Host(Handle<*mut u8>),
+}
+
+impl Spare {
+    /// The kept buffer of a kind, when it holds at least `bytes`.
+    fn take<T>(kept: &mut Option<(T, usize)>, bytes: usize) -> Option<(T, usize)> {
+        match kept {
+            Some((_, size)) if *size >= bytes => kept.take(),
+            _ => None,
+        }
+    }
+
+    /// Keeps `offered` unless a larger buffer of its kind is kept already; the smaller of the
+    /// two is parked.
+    fn keep<T>(
+        kept: &mut Option<(T, usize)>,
+        offered: (T, usize),
+        parked: &mut Vec<Parked>,
+        park: fn(T) -> Parked,
+    ) {
+        let smaller = match kept.take() {
+            Some(old) if old.1 >= offered.1 => {
+                *kept = Some(old);
+                offered
+            }
+            Some(old) => {
+                *kept = Some(offered);
+                old
+            }
+            None => {
+                *kept = Some(offered);
+                return;
+            }
+        };
+        parked.push(park(smaller.0));
+    }
 }
 
 /// Page-locked host memory mapped into the device: `host` and `dev` address the same bytes.
@@ -431,6 +492,7 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
         image,
         order_event: Mutex::new(Handle(order_event)),
         slots: Mutex::new(Vec::new()),
+        spare: Mutex::new(Spare::default()),
         live: Mutex::new(BTreeMap::new()),
     })
 }
@@ -581,6 +643,7 @@ impl Backend for CudaBackend {
         if lock(&dev.live).remove(&addr).is_none() {
             return Err(not_allocated(device, addr, 0));
         }
+        free_parked(&self.inner, dev);
         // SAFETY: 1. an address `allocate` returned, removed from the live table just now, so
         // freed once; 2. the pool releases a block only after its last scrub was observed
         // complete.
@@ -738,88 +801,134 @@ fn acquire_slot(
     inner.live()?;
     new_slot(
         inner,
-        dev.ordinal,
+        dev,
         segments.max(MIN_SLOT_SEGMENTS).next_power_of_two(),
         items,
     )
 }
 
-/// A new batch slot. Every step frees what the steps before it allocated when it fails; once
-/// shutdown has begun (checked between the driver calls) nothing more is called, not even a
-/// free: what was allocated is leaked, as everything is at exit.
+/// A new batch slot, built from the device's spare buffers where they are large enough. When a
+/// step fails, what the steps before it allocated goes to the spare buffers ([`Spare`]), not
+/// back to the driver; once shutdown has begun (checked between the driver calls) nothing
+/// more is called: what was allocated is leaked, as everything is at exit.
 #[cold]
 fn new_slot(
+    inner: &Inner,
+    dev: &Device,
+    segments: usize,
+    items: usize,
+) -> Result<Slot, BackendError> {
+    let mut spare = lock(&dev.spare);
+    let mut parts = SlotParts::default();
+    match build_slot(inner, dev.ordinal, segments, items, &mut spare, &mut parts) {
+        Ok(done) => parts.into_slot(segments, done),
+        Err(e) => {
+            parts.give_to(&mut spare);
+            Err(e)
+        }
+    }
+}
+
+/// The buffers a slot being built has so far, each with its size in bytes.
+#[derive(Default)]
+struct SlotParts {
+    sums: Option<(CUdeviceptr, usize)>,
+    results: Option<(Mapped, usize)>,
+    /// With its capacity in work items.
+    items: Option<(Mapped, usize)>,
+    item_capacity: usize,
+}
+
+impl SlotParts {
+    fn into_slot(self, segments: usize, done: CUevent) -> Result<Slot, BackendError> {
+        let (Some((sums, _)), Some((results, _))) = (self.sums, self.results) else {
+            // build_slot sets both before it returns Ok.
+            return Err(BackendError::Other(
+                "a batch slot without its buffers".into(),
+            ));
+        };
+        Ok(Slot {
+            segments,
+            sums,
+            sums_dirty: true,
+            results,
+            items: self.items.map(|(m, _)| m),
+            item_capacity: self.item_capacity,
+            done: Handle(done),
+        })
+    }
+
+    fn give_to(self, spare: &mut Spare) {
+        if let Some(sums) = self.sums {
+            Spare::keep(&mut spare.sums, sums, &mut spare.parked, Parked::Device);
+        }
+        let host = |m: Mapped| Parked::Host(m.host);
+        if let Some(results) = self.results {
+            Spare::keep(&mut spare.results, results, &mut spare.parked, host);
+        }
+        if let Some(items) = self.items {
+            Spare::keep(&mut spare.items, items, &mut spare.parked, host);
+        }
+    }
+}
+
+/// Gets a slot's buffers into `parts` (from `spare` where one is large enough) and creates its
+/// completion event.
+fn build_slot(
     inner: &Inner,
     device: u32,
     segments: usize,
     items: usize,
-) -> Result<Slot, BackendError> {
+    spare: &mut Spare,
+    parts: &mut SlotParts,
+) -> Result<CUevent, BackendError> {
     let d = &inner.driver;
     let bytes = segments * RESULT_BYTES;
-    let sums = r::mem_alloc(d, device, bytes as u64)?;
+    parts.sums = Some(match Spare::take(&mut spare.sums, bytes) {
+        Some(kept) => kept,
+        None => (r::mem_alloc(d, device, bytes as u64)?, bytes),
+    });
     inner.live()?;
-    let results = match r::mem_host_alloc_mapped(d, device, bytes, || inner.live()) {
-        Ok((host, dev)) => Mapped {
-            host: Handle(host),
-            dev,
-        },
-        Err(e) => {
-            if inner.live().is_ok() {
-                // SAFETY: 1-2. allocated just above, unused.
-                let _ = unsafe { r::mem_free(d, sums) };
-            }
-            return Err(e);
-        }
+    let mapped = |len: usize| -> Result<(Mapped, usize), BackendError> {
+        let (host, dev) = r::mem_host_alloc_mapped(d, device, len, || inner.live())?;
+        let host = Handle(host);
+        Ok((Mapped { host, dev }, len))
     };
-    let free_results = || {
-        if inner.live().is_err() {
-            return;
-        }
-        // SAFETY: 1-2. allocated above, unused.
-        let _ = unsafe { r::mem_free(d, sums) };
-        // SAFETY: 1. allocated above, unused.
-        let _ = unsafe { r::mem_free_host(d, results.host.0) };
-    };
-    inner.live()?;
-    let (items, item_capacity) = if items == 0 {
-        (None, 0)
-    } else {
+    parts.results = Some(match Spare::take(&mut spare.results, bytes) {
+        Some(kept) => kept,
+        None => mapped(bytes)?,
+    });
+    if items > 0 {
+        inner.live()?;
         let capacity = items.next_power_of_two();
-        match r::mem_host_alloc_mapped(d, device, capacity * ITEM_BYTES, || inner.live()) {
-            Ok((host, dev)) => (
-                Some(Mapped {
-                    host: Handle(host),
-                    dev,
-                }),
-                capacity,
-            ),
-            Err(e) => {
-                free_results();
-                return Err(e);
-            }
-        }
-    };
+        let len = capacity * ITEM_BYTES;
+        parts.items = Some(match Spare::take(&mut spare.items, len) {
+            Some(kept) => kept,
+            None => mapped(len)?,
+        });
+        parts.item_capacity = capacity;
+    }
     inner.live()?;
-    let done = match r::event_create(d, device) {
-        Ok(ev) => ev,
-        Err(e) => {
-            free_results();
-            if let Some(m) = items.as_ref().filter(|_| inner.live().is_ok()) {
-                // SAFETY: 1. allocated above, unused.
-                let _ = unsafe { r::mem_free_host(d, m.host.0) };
-            }
-            return Err(e);
+    r::event_create(d, device)
+}
+
+/// Frees the spare buffers that were displaced (`Spare::parked`), with `dev`'s context current
+/// and outside the free path.
+fn free_parked(inner: &Inner, dev: &Device) {
+    let parked = std::mem::take(&mut lock(&dev.spare).parked);
+    let d = &inner.driver;
+    for p in parked {
+        if inner.live().is_err() {
+            return; // exit has begun: leaked, as everything is
         }
-    };
-    Ok(Slot {
-        segments,
-        sums,
-        sums_dirty: true,
-        results,
-        items,
-        item_capacity,
-        done: Handle(done),
-    })
+        match p {
+            // SAFETY: 1-2. a slot's sums that no slot holds (a slot's build failed before any
+            // work used it), parked once.
+            Parked::Device(ptr) => drop(unsafe { r::mem_free(d, ptr) }),
+            // SAFETY: 1. a slot's page-locked buffer that no slot holds, parked once.
+            Parked::Host(host) => drop(unsafe { r::mem_free_host(d, host.0) }),
+        }
+    }
 }
 
 /// After a failed enqueue, some work may be queued: mark the slot's completion point so that
@@ -1189,5 +1298,37 @@ impl Drop for CudaTicket {
                 lock(&dev.slots).push(slot);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parked_sizes(parked: &[Parked]) -> Vec<CUdeviceptr> {
+        parked
+            .iter()
+            .map(|p| match p {
+                Parked::Device(ptr) => *ptr,
+                Parked::Host(_) => panic!("a device buffer parked as a host one"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_larger_spare_is_kept_and_the_smaller_parked() {
+        // Buffers named by their size, to tell them apart.
+        let (mut kept, mut parked) = (None, Vec::new());
+        Spare::keep(&mut kept, (512, 512), &mut parked, Parked::Device);
+        assert_eq!((kept, parked.len()), (Some((512, 512)), 0));
+        Spare::keep(&mut kept, (256, 256), &mut parked, Parked::Device);
+        assert_eq!(kept, Some((512, 512)));
+        Spare::keep(&mut kept, (1024, 1024), &mut parked, Parked::Device);
+        assert_eq!(kept, Some((1024, 1024)));
+        assert_eq!(parked_sizes(&parked), vec![256, 512]);
+        // Taken only when large enough, and then gone.
+        assert_eq!(Spare::take(&mut kept, 2048), None);
+        assert_eq!(Spare::take(&mut kept, 1000), Some((1024, 1024)));
+        assert_eq!(Spare::take(&mut kept, 1), None);
     }
 }

@@ -1,0 +1,193 @@
+//! The CUDA backend on the fake driver (tests/fake_cuda/fake_libcuda.cpp): what a submission
+//! may call while the allocator's free path waits for it. Skips with a message when there is
+//! no C++ compiler, as tests/cuda_fake_driver.rs does.
+
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
+
+use fake_cuda::switch;
+use kvhygiene::alloc::Allocator;
+use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use kvhygiene::backend::StreamHandle;
+
+/// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
+fn instance(name: &str) -> Option<(String, libloading::Library)> {
+    fake_cuda::instance("kvh-fake-cuda-submit", name)
+}
+
+macro_rules! fake_or_skip {
+    ($name:expr) => {
+        match instance($name) {
+            Some(x) => x,
+            None => return,
+        }
+    };
+}
+
+/// Calls `int fake_cuda_<name>(int)` in an instance.
+fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* query is `int(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
+            .expect("query");
+        f(arg)
+    }
+}
+
+fn start(path: &str) -> CudaBackend {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(path) } {
+        Probe::Available(b) => b,
+        other => panic!("the fake driver should start: {other:?}"),
+    }
+}
+
+/// The free path never waits on the device (ARCHITECTURE.md, invariant 3: "Returning memory to
+/// the backend (`cuMemFree` synchronises the device) happens after the pool lock is dropped"),
+/// and `Backend::submit_scrub` "never blocks on the device". A free whose batch is submitted
+/// at once (no batching delay) and whose new batch slot cannot get its page-locked result
+/// area must not call `cuMemFree` (here: on the slot's device sums) inside `free`, under the
+/// pool lock: the batch is refused for lack of memory and submitted again later either way.
+#[test]
+fn a_free_whose_batch_slot_cannot_be_pinned_calls_no_cu_mem_free() {
+    let (path, lib) = fake_or_skip!("free_no_mem_free");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_max_delay_us: 0,
+        ..Default::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(0);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    // The free submits its batch, which makes the backend's first batch slot: device sums
+    // (cuMemAlloc), then page-locked results, which fail.
+    switch(&lib, "fail_host_allocs", 1);
+    let before = query(&lib, "mem_frees", 0);
+    alloc.free(p, 4096, 0, s).expect("free");
+    let during = query(&lib, "mem_frees", 0) - before;
+    alloc.shutdown();
+    assert_eq!(
+        during, 0,
+        "free() called cuMemFree {during} time(s) (a device synchronisation) inside the free \
+         path, with the pool lock held"
+    );
+}
+
+/// Device 0's block, recorded with a stream of device 1 (handle 0xD1001, of device 1's
+/// context), is freed with `kvh_free_checked`. The event the backend creates in device 1's
+/// context for that wait cannot be created for lack of memory: the backend refuses the batch
+/// with out of memory on device 1 (tests/cuda_fake_driver_foreign_oom.rs), and the caller,
+/// told that its scrub waits for memory, is told which device ran out: device 1, not the
+/// block's device 0, whose memory is not what is short.
+#[test]
+fn a_checked_free_refused_for_another_device_s_memory_names_that_device() {
+    use kvhygiene::alloc::FreeError;
+    use kvhygiene::backend::BackendError;
+    let (path, lib) = fake_or_skip!("foreign_oom_checked_free");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        // Only the calls below submit batches.
+        batch_max_delay_us: 10_000_000,
+        ..Default::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(7);
+    // A first checked free makes the batch slot (and its event) the second one reuses: the
+    // next event the backend creates is then the one for device 1's stream.
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    alloc.free_checked(p, 4096, 0, s).expect("first free");
+    let q = alloc.malloc(4096, 0, s).expect("malloc");
+    assert!(alloc.record_stream(q, StreamHandle(0xD1001)));
+    switch(&lib, "fail_event_creates", 1);
+    let freed = alloc.free_checked(q, 4096, 0, s);
+    alloc.shutdown();
+    match freed {
+        Err(FreeError::Backend(BackendError::OutOfMemory { device, .. })) => assert_eq!(
+            device, 1,
+            "the event for device 1's stream could not be created, but the caller is told \
+             device {device} is out of memory"
+        ),
+        other => panic!("expected out of memory on device 1, got {other:?}"),
+    }
+}
+
+/// A block recorded with a stream that is capturing a CUDA graph (the stand-in's handle
+/// 0xC0DE) is freed with `kvh_free_checked` on a stream that is not: the backend refuses the
+/// scrub's ordering after the recorded stream (`StreamCapturing` naming 0xC0DE), and the
+/// caller is told which stream is capturing: 0xC0DE, not the freeing stream, which is not.
+#[test]
+fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
+    use kvhygiene::alloc::FreeError;
+    use kvhygiene::backend::BackendError;
+    let (path, _lib) = fake_or_skip!("capturing_recorded_stream");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_max_delay_us: 10_000_000,
+        ..Default::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(7);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    assert!(alloc.record_stream(p, StreamHandle(0xC0DE)));
+    let freed = alloc.free_checked(p, 4096, 0, s);
+    alloc.shutdown();
+    match freed {
+        Err(FreeError::Backend(BackendError::StreamCapturing { stream, what })) => assert_eq!(
+            stream, 0xC0DE,
+            "the recorded stream 0xc0de is capturing, but the caller is told stream {stream:#x} \
+             is ({what})"
+        ),
+        other => panic!("expected the capture of stream 0xc0de, got {other:?}"),
+    }
+}
+
+/// While page-locked memory runs out, every try to build a batch slot fails after its device
+/// sums were allocated: the sums are kept for the next try, not freed (a device
+/// synchronisation on the free path) and not allocated again (memory growing with each try).
+/// Once memory is back, the slot is built around them, and the blocks are scrubbed.
+#[test]
+fn slots_that_cannot_be_pinned_keep_their_device_sums_for_the_next_try() {
+    let (path, lib) = fake_or_skip!("spare_sums");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_max_delay_us: 0,
+        ..Default::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(0);
+    let blocks: Vec<u64> = (0..3)
+        .map(|_| alloc.malloc(4096, 0, s).expect("malloc"))
+        .collect();
+    switch(&lib, "fail_host_allocs", 1000);
+    let (allocs, frees) = (query(&lib, "mem_allocs", 0), query(&lib, "mem_frees", 0));
+    for &p in &blocks {
+        alloc.free(p, 4096, 0, s).expect("free");
+    }
+    assert!(
+        alloc.synchronize().is_err(),
+        "the batch cannot be queued yet"
+    );
+    let tries = query(&lib, "host_allocs", 0);
+    assert_eq!(
+        (
+            query(&lib, "mem_allocs", 0) - allocs,
+            query(&lib, "mem_frees", 0) - frees
+        ),
+        (1, 0),
+        "device sums allocated and freed over {tries} tries to build a slot"
+    );
+    switch(&lib, "fail_host_allocs", 0);
+    alloc
+        .synchronize()
+        .expect("synchronize once memory is back");
+    let c = alloc.stats().counters;
+    alloc.shutdown();
+    assert_eq!(c.verifications_passed, 3, "{c:?}");
+    assert_eq!(
+        query(&lib, "mem_allocs", 0) - allocs,
+        1,
+        "the slot built once memory was back took the kept sums"
+    );
+}
