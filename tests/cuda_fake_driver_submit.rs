@@ -191,3 +191,122 @@ fn slots_that_cannot_be_pinned_keep_their_device_sums_for_the_next_try() {
         "the slot built once memory was back took the kept sums"
     );
 }
+
+/// `count` segments of 64 bytes in a new allocation of device 0, each in a chunk of its own.
+fn small_segments(
+    b: &CudaBackend,
+    count: usize,
+    seed: u64,
+) -> (u64, Vec<kvhygiene::backend::ScrubSegment>) {
+    use kvhygiene::backend::Backend;
+    let base = b.allocate(0, count as u64 * 64).expect("allocate");
+    let segments = (0..count as u64)
+        .map(|i| kvhygiene::backend::ScrubSegment {
+            addr: base + i * 64,
+            len: 64,
+            seed: seed + i,
+        })
+        .collect();
+    (base, segments)
+}
+
+fn scrub_batch(segments: Vec<kvhygiene::backend::ScrubSegment>) -> kvhygiene::backend::ScrubBatch {
+    kvhygiene::backend::ScrubBatch {
+        device: 0,
+        stream: StreamHandle(0),
+        wait_streams: Vec::new(),
+        segments,
+        options: kvhygiene::backend::ScrubOptions {
+            samples: 8,
+            full_verify: false,
+            double_pass: false,
+        },
+    }
+}
+
+/// A slot built around spare buffers larger than its own batch needs holds what those buffers
+/// hold (`Slot::segments`: "Segments the sums and results hold"; `item_capacity`: the work
+/// items its area holds). A batch of 300 segments (a slot of 512 segments and 512 work items)
+/// fails at its completion event and leaves its sums, results and work item area as spare
+/// buffers; a batch of 121 segments then builds its slot from all three. Once that slot is
+/// idle, the 300-segment batch fits its buffers and is submitted again on it: no new device
+/// sums, no new page-locked memory, while memory is short.
+#[test]
+fn a_slot_built_from_larger_spare_buffers_serves_the_batch_they_were_made_for() {
+    use kvhygiene::backend::Backend;
+    let (path, lib) = fake_or_skip!("spare_capacity");
+    let b = start(&path);
+    let (big_base, big) = small_segments(&b, 300, 1000);
+    let (mid_base, mid) = small_segments(&b, 121, 5000);
+    switch(&lib, "fail_event_creates", 1);
+    // SAFETY: the segments lie in allocations made above, released only at the end.
+    let refused = unsafe { b.submit_scrub(scrub_batch(big.clone())) };
+    assert!(
+        matches!(
+            refused,
+            Err(kvhygiene::backend::BackendError::OutOfMemory { .. })
+        ),
+        "the first try fails at its event: {:?}",
+        refused.err()
+    );
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(mid)) }.expect("121 segments");
+    assert_eq!(ticket.wait().expect("wait").len(), 121);
+    drop(ticket);
+    let (allocs, pinned) = (query(&lib, "mem_allocs", 0), query(&lib, "host_allocs", 0));
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(big)) }.expect("300 segments");
+    assert_eq!(ticket.wait().expect("wait").len(), 300);
+    drop(ticket);
+    let grown = (
+        query(&lib, "mem_allocs", 0) - allocs,
+        query(&lib, "host_allocs", 0) - pinned,
+    );
+    b.release(0, big_base, 300 * 64).expect("release");
+    b.release(0, mid_base, 121 * 64).expect("release");
+    b.shutdown();
+    assert_eq!(
+        grown,
+        (0, 0),
+        "the 300-segment batch made a new slot ({} cuMemAlloc, {} cuMemHostAlloc) though the \
+         idle slot's buffers, made for it, hold 512 segments and 512 work items",
+        grown.0,
+        grown.1
+    );
+}
+
+/// Page-locked memory whose mapping into the device fails is not freed inside the free path
+/// (`cuMemFreeHost` synchronises the device too): it is freed at the device's next release,
+/// which the pool makes with its lock dropped.
+#[test]
+fn pages_whose_mapping_fails_are_freed_at_the_next_release_not_in_the_free_path() {
+    let (path, lib) = fake_or_skip!("host_map_fails");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_max_delay_us: 0,
+        ..Default::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(0);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    switch(&lib, "fail_host_maps", 1);
+    let before = query(&lib, "mem_free_hosts", 0);
+    alloc.free(p, 4096, 0, s).expect("free");
+    assert_eq!(
+        query(&lib, "mem_free_hosts", 0) - before,
+        0,
+        "cuMemFreeHost called inside free()"
+    );
+    // That batch failed (a driver error: its block is kept out of use); another block is
+    // freed, and empty_cache scrubs it and releases it.
+    let q = alloc.malloc(4096, 0, s).expect("malloc");
+    alloc.free(q, 4096, 0, s).expect("free");
+    alloc.empty_cache();
+    assert!(alloc.stats().counters.released >= 1);
+    let freed = query(&lib, "mem_free_hosts", 0) - before;
+    alloc.shutdown();
+    assert_eq!(
+        freed, 1,
+        "the unmapped pages were freed once, at the release"
+    );
+}

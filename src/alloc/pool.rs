@@ -161,8 +161,8 @@ pub(crate) struct DevicePool {
     /// Quarantined blocks waiting for their re-scrub (kept so that finding them never scans
     /// the whole block table).
     rescrub_waiting: Vec<u64>,
-    /// Why the last re-scrub submission was refused for now: what `synchronize` says of the
-    /// re-scrubs still waiting after it submitted them again.
+    /// Why the first re-scrub submission refused since they were last submitted was refused:
+    /// what `synchronize` says of the re-scrubs still waiting after it submitted them again.
     rescrub_deferred: Option<Deferral>,
     /// Batches taken out of `in_flight` and being waited on with the lock dropped. Work is
     /// finished only when this is zero too.
@@ -614,7 +614,9 @@ impl DevicePool {
             // `submit_rescrubs` picks them up again on the next tick.
             self.rescrub_waiting
                 .extend(blocks.iter().map(|&(addr, _)| addr));
-            self.rescrub_deferred = Some(why);
+            // The first refusal since the re-scrubs were last submitted is the one a waiting
+            // caller is told of (as for open batches, the first one's).
+            self.rescrub_deferred.get_or_insert(why);
             return;
         }
         self.open.push(OpenBatch {

@@ -51,7 +51,8 @@
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
 //   before it returns (a cb that never returns stands for a hung device).
 // - fake_cuda_mem_frees(0) counts cuMemFree calls (each one synchronises the device on a GPU).
-// - fake_cuda_mem_allocs(0) counts cuMemAlloc calls.
+// - fake_cuda_mem_allocs(0) counts cuMemAlloc calls, fake_cuda_mem_free_hosts(0) cuMemFreeHost
+//   calls; fake_cuda_fail_host_maps(n) makes the next n cuMemHostGetDevicePointer calls fail.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -249,13 +250,21 @@ CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     return *p ? OK : OUT_OF_MEMORY;
 }
 // Host memory is "device" memory here: the mapping is the identity.
+static std::atomic<int> g_fail_host_maps{0};
+void fake_cuda_fail_host_maps(int n) { g_fail_host_maps = n; }
 CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned flags) {
     NEED_CTX();
     if (flags != 0) return INVALID_VALUE;
+    if (g_fail_host_maps > 0) {
+        g_fail_host_maps--;
+        return INVALID_VALUE;
+    }
     *d = (CUdeviceptr)p;
     return OK;
 }
-CUresult cuMemFreeHost(void* p) { free(p); return OK; }
+static std::atomic<int> g_mem_free_hosts{0};
+int fake_cuda_mem_free_hosts(int) { return g_mem_free_hosts.load(); }
+CUresult cuMemFreeHost(void* p) { g_mem_free_hosts++; free(p); return OK; }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { NEED_CTX(); memcpy((void*)d, s, n); return OK; }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(d, (void*)s, n); return OK; }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }

@@ -228,19 +228,11 @@ pub unsafe fn mem_free(d: &Driver, ptr: CUdeviceptr) -> Result<(), BackendError>
     check(d, "cuMemFree", unsafe { d.api().cuMemFree_v2(ptr) })
 }
 
-/// Page-locked host memory mapped into the device address space of every context: the host
-/// writes a batch's work items and reads its results there, and the kernels access it directly
-/// (no copy is queued). Returns the host pointer and the device address of the same bytes.
-/// Out of memory maps to [`BackendError::OutOfMemory`] (of `device`, whose batches need it).
-/// `between` is asked between the allocation and its mapping: when it refuses (the backend
-/// is shutting down), its error is returned and nothing more is called, not even a free (the
-/// pages are left to the process's exit).
-pub fn mem_host_alloc_mapped(
-    d: &Driver,
-    device: u32,
-    len: usize,
-    between: impl Fn() -> Result<(), BackendError>,
-) -> Result<(*mut u8, CUdeviceptr), BackendError> {
+/// Page-locked host memory that can be mapped into the device address space of every context
+/// ([`host_device_pointer`]): the host writes a batch's work items and reads its results
+/// there, and the kernels access it directly (no copy is queued). Out of memory maps to
+/// [`BackendError::OutOfMemory`] (of `device`, whose batches need it).
+pub fn mem_host_alloc(d: &Driver, device: u32, len: usize) -> Result<*mut u8, BackendError> {
     let mut p: *mut c_void = std::ptr::null_mut();
     let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
     // SAFETY: `p` is a valid out-pointer. PORTABLE: usable from every context; DEVICEMAP:
@@ -253,22 +245,24 @@ pub fn mem_host_alloc_mapped(
         });
     }
     check(d, "cuMemHostAlloc", rc)?;
-    between()?;
+    Ok(p.cast())
+}
+
+/// The device address of page-locked host memory.
+///
+/// # Safety
+/// 1. `p` must come from [`mem_host_alloc`] and not be freed.
+pub unsafe fn host_device_pointer(d: &Driver, p: *mut u8) -> Result<CUdeviceptr, BackendError> {
     let mut dev: CUdeviceptr = 0;
-    // SAFETY: `dev` is a valid out-pointer and `p` was allocated with DEVICEMAP just above.
-    let mapped = check(d, "cuMemHostGetDevicePointer", unsafe {
-        d.api().cuMemHostGetDevicePointer_v2(&mut dev, p, 0)
-    });
-    if let Err(e) = mapped {
-        // SAFETY: allocated just above and not shared with anything.
-        let _ = unsafe { mem_free_host(d, p.cast()) };
-        return Err(e);
-    }
-    Ok((p.cast(), dev))
+    // SAFETY: `dev` is a valid out-pointer; contract 1 (allocated with DEVICEMAP).
+    check(d, "cuMemHostGetDevicePointer", unsafe {
+        d.api().cuMemHostGetDevicePointer_v2(&mut dev, p.cast(), 0)
+    })?;
+    Ok(dev)
 }
 
 /// # Safety
-/// 1. `p` must come from [`mem_host_alloc_mapped`], not be freed, and not be used by queued work.
+/// 1. `p` must come from [`mem_host_alloc`], not be freed, and not be used by queued work.
 pub unsafe fn mem_free_host(d: &Driver, p: *mut u8) -> Result<(), BackendError> {
     // SAFETY: contract 1.
     check(d, "cuMemFreeHost", unsafe {

@@ -821,7 +821,7 @@ fn new_slot(
     let mut spare = lock(&dev.spare);
     let mut parts = SlotParts::default();
     match build_slot(inner, dev.ordinal, segments, items, &mut spare, &mut parts) {
-        Ok(done) => parts.into_slot(segments, done),
+        Ok(done) => parts.into_slot(done),
         Err(e) => {
             parts.give_to(&mut spare);
             Err(e)
@@ -834,26 +834,28 @@ fn new_slot(
 struct SlotParts {
     sums: Option<(CUdeviceptr, usize)>,
     results: Option<(Mapped, usize)>,
-    /// With its capacity in work items.
     items: Option<(Mapped, usize)>,
-    item_capacity: usize,
 }
 
 impl SlotParts {
-    fn into_slot(self, segments: usize, done: CUevent) -> Result<Slot, BackendError> {
-        let (Some((sums, _)), Some((results, _))) = (self.sums, self.results) else {
+    /// The slot, sized by what its buffers hold: spare ones may be larger than its batch
+    /// asked for, and a later, larger batch can then use the slot.
+    fn into_slot(self, done: CUevent) -> Result<Slot, BackendError> {
+        let (Some((sums, sums_bytes)), Some((results, results_bytes))) = (self.sums, self.results)
+        else {
             // build_slot sets both before it returns Ok.
             return Err(BackendError::Other(
                 "a batch slot without its buffers".into(),
             ));
         };
+        let (items, item_bytes) = self.items.map_or((None, 0), |(m, len)| (Some(m), len));
         Ok(Slot {
-            segments,
+            segments: sums_bytes.min(results_bytes) / RESULT_BYTES,
             sums,
             sums_dirty: true,
             results,
-            items: self.items.map(|(m, _)| m),
-            item_capacity: self.item_capacity,
+            items,
+            item_capacity: item_bytes / ITEM_BYTES,
             done: Handle(done),
         })
     }
@@ -889,14 +891,9 @@ fn build_slot(
         None => (r::mem_alloc(d, device, bytes as u64)?, bytes),
     });
     inner.live()?;
-    let mapped = |len: usize| -> Result<(Mapped, usize), BackendError> {
-        let (host, dev) = r::mem_host_alloc_mapped(d, device, len, || inner.live())?;
-        let host = Handle(host);
-        Ok((Mapped { host, dev }, len))
-    };
     parts.results = Some(match Spare::take(&mut spare.results, bytes) {
         Some(kept) => kept,
-        None => mapped(bytes)?,
+        None => mapped(inner, device, bytes, &mut spare.parked)?,
     });
     if items > 0 {
         inner.live()?;
@@ -904,12 +901,34 @@ fn build_slot(
         let len = capacity * ITEM_BYTES;
         parts.items = Some(match Spare::take(&mut spare.items, len) {
             Some(kept) => kept,
-            None => mapped(len)?,
+            None => mapped(inner, device, len, &mut spare.parked)?,
         });
-        parts.item_capacity = capacity;
     }
     inner.live()?;
     r::event_create(d, device)
+}
+
+/// `len` bytes of page-locked host memory mapped into the device. Pages whose mapping fails are
+/// parked, not freed here (`cuMemFreeHost` synchronises the device too).
+fn mapped(
+    inner: &Inner,
+    device: u32,
+    len: usize,
+    parked: &mut Vec<Parked>,
+) -> Result<(Mapped, usize), BackendError> {
+    let d = &inner.driver;
+    let host = Handle(r::mem_host_alloc(d, device, len)?);
+    // SAFETY: 1. allocated just above with DEVICEMAP.
+    let dev = inner
+        .live()
+        .and_then(|()| unsafe { r::host_device_pointer(d, host.0) });
+    match dev {
+        Ok(dev) => Ok((Mapped { host, dev }, len)),
+        Err(e) => {
+            parked.push(Parked::Host(host));
+            Err(e)
+        }
+    }
 }
 
 /// Frees the spare buffers that were displaced (`Spare::parked`), with `dev`'s context current

@@ -1,0 +1,116 @@
+//! Why `synchronize` leaves quarantined blocks unscrubbed when their re-scrubs are refused for
+//! now, for re-scrubs on two freeing streams refused for two different reasons.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{manual_config, secret};
+use kvhygiene::alloc::{Allocator, FreeError};
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::verify::SegmentResult;
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+
+const CAPTURING: StreamHandle = StreamHandle(5);
+const SHORT: StreamHandle = StreamHandle(6);
+
+/// A host backend that refuses every re-scrub (a fully verified submission): on stream 5 as a
+/// CUDA graph capture of that stream, on any other stream for lack of memory.
+struct Refusing {
+    host: Arc<HostBackend>,
+}
+
+impl Backend for Refusing {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.host.allocate(d, len)
+    }
+    fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
+        self.host.release(d, a, len)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: DevicePtr,
+        len: u64,
+        s: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.host.zero_fresh(d, a, len, s)
+    }
+    unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        if b.options.full_verify {
+            return Err(if b.stream == CAPTURING {
+                BackendError::StreamCapturing {
+                    stream: b.stream.0,
+                    what: "scrub launch",
+                }
+            } else {
+                BackendError::OutOfMemory {
+                    device: b.device,
+                    requested: 4096,
+                }
+            });
+        }
+        // SAFETY: 1-2. this method's own contract, passed on unchanged.
+        let inner = unsafe { self.host.submit_scrub(b) }?;
+        Ok(Box::new(Passthrough(inner)))
+    }
+    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(d, a, dst)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+struct Passthrough(Box<dyn ScrubTicket>);
+
+impl ScrubTicket for Passthrough {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        self.0.poll()
+    }
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        self.0.wait()
+    }
+}
+
+/// `DevicePool::deferred` gives "why the first of them waits". Block a (freed on stream 5) is
+/// quarantined first, then block b (freed on stream 6); a's re-scrub is refused because stream
+/// 5 is capturing, b's for lack of memory. `synchronize` names the reason of a, the first
+/// block waiting, as it names the first refused open batch's: the capture of stream 5, not
+/// the memory shortage of b's batch (which a does not wait for).
+#[test]
+fn synchronize_names_why_the_first_waiting_rescrub_was_refused() {
+    let host = HostBackend::new();
+    let backend = Arc::new(Refusing { host: host.clone() });
+    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let a = alloc.malloc(4096, 0, CAPTURING).unwrap();
+    let b = alloc.malloc(4096, 0, SHORT).unwrap();
+    backend.write(0, a, &secret(4096, 0x21)).unwrap();
+    backend.write(0, b, &secret(4096, 0x22)).unwrap();
+    // Each first scrub leaves half its block: both blocks are quarantined, a first.
+    host.inject_skip_tail(1);
+    let first = alloc.free_checked(a, 4096, 0, CAPTURING);
+    assert_eq!(first, Err(FreeError::VerifyFailed { addr: a }));
+    host.inject_skip_tail(1);
+    let second = alloc.free_checked(b, 4096, 0, SHORT);
+    assert_eq!(second, Err(FreeError::VerifyFailed { addr: b }));
+    let r = alloc.synchronize();
+    alloc.shutdown();
+    let message = r.expect_err("two re-scrubs were refused");
+    assert!(
+        message.contains("stream 0x5 is capturing"),
+        "the first quarantined block (freed on stream 5, capturing) waits for the capture, \
+         but synchronize says: {message}"
+    );
+}
