@@ -1471,3 +1471,61 @@ fn a_tenant_report_does_not_show_another_tenants_ids() {
         }
     }
 }
+
+/// A record every tenant shares (here a `lost` record) that names a tenant anyway: a report
+/// for another tenant lists it, without that tenant's id.
+#[test]
+fn a_shared_record_naming_another_tenant_is_listed_without_its_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 2, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "lost", "records_lost": 1, "tenant_id": "tenant-b",
+                               "request_id": "req-b"}),
+        )
+    });
+    let (code, v) = evidence_json(&dir, &["--tenant", "tenant-a"]);
+    assert_eq!(code, Some(0), "{v}");
+    let lost: Vec<&Value> = v["exceptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "lost")
+        .collect();
+    assert_eq!(lost.len(), 1, "the shared record is in the report: {v}");
+    assert_eq!(lost[0]["tenant_id"], "(another tenant)", "{v}");
+    let md = kvh(
+        &["evidence", dir.to_str().unwrap(), "--tenant", "tenant-a"],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&md.stdout).into_owned();
+    for id in ["tenant-b", "req-b"] {
+        assert!(
+            !v.to_string().contains(id) && !text.contains(id),
+            "the report of tenant-a shows {id}: {v}\n{text}"
+        );
+    }
+}
+
+/// A run whose `start` record names no policy digest has no approved policy to show: it is
+/// listed as unapproved, never counted as approved.
+#[test]
+fn a_run_whose_start_names_no_policy_digest_is_not_approved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 1, None, |m| {
+        assert_eq!(m["kind"], "start");
+        m.remove("config_digest");
+    });
+    let approved = "ab".repeat(32);
+    let (code, v) = evidence_json(&dir, &["--approved-config", &approved]);
+    assert_eq!(code, Some(0), "{v}");
+    let policy = &v["policy"];
+    assert_eq!(policy["processes_approved"], 0, "{policy}");
+    assert_eq!(
+        policy["unapproved"].as_array().unwrap().len(),
+        1,
+        "{policy}"
+    );
+}

@@ -1452,3 +1452,203 @@ fn a_chain_moved_whole_must_end_at_its_checkpoints_hash() {
         "{r:?}"
     );
 }
+
+/// The signed checkpoint of `chain` at the last record of `file` (or at its record `seq`),
+/// as a writer that checkpointed then would have left it.
+fn checkpoint_at(
+    chain: &str,
+    file: &Path,
+    seq: Option<u64>,
+) -> kvhygiene::forensic::checkpoint::Checkpoint {
+    let lines: Vec<Value> = fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let record = match seq {
+        Some(s) => lines.iter().find(|r| r["seq"] == s).unwrap(),
+        None => lines.last().unwrap(),
+    };
+    kvhygiene::forensic::checkpoint::Checkpoint {
+        chain: chain.to_string(),
+        seq: record["seq"].as_u64().unwrap(),
+        hash: kvhygiene::forensic::record::parse_hash(record["hash"].as_str().unwrap()).unwrap(),
+        file: file.file_name().unwrap().to_str().unwrap().to_string(),
+        ts: 1,
+        key_id: None,
+        public_key: None,
+    }
+}
+
+/// An ended chain whose signed checkpoint is in its last file but before its last record
+/// (the final checkpoint, at the `stop`, was never written): the file holding the checkpoint
+/// stays, so the checkpoint is still held to a record; only the files before it move.
+#[test]
+fn an_ended_chain_whose_checkpoint_precedes_its_last_record_keeps_that_file() {
+    use kvhygiene::forensic::checkpoint;
+    use kvhygiene::forensic::keys::read_signing_key;
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let signer = read_signing_key(&signer).unwrap();
+    let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
+    let last_file = files.last().unwrap();
+    let last_lines = fs::read_to_string(last_file).unwrap();
+    assert!(last_lines.lines().count() >= 2, "{last_lines}");
+    let stop: Value = serde_json::from_str(last_lines.lines().last().unwrap()).unwrap();
+    assert_eq!(stop["kind"], "stop");
+    let before_stop = stop["seq"].as_u64().unwrap() - 1;
+    let c = checkpoint_at(&chain, last_file, Some(before_stop));
+    checkpoint::write(&s.log, &signer, &c).unwrap();
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        chain_files(&s.log),
+        files[files.len() - 1..],
+        "the checkpoint's file stays: {}",
+        text(&out.stdout)
+    );
+    let opts = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    let r = verify(&s.log, &opts);
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains[0].checkpoint_seq, Some(before_stop));
+}
+
+/// Two checkpoints of one chain, an earlier one in the log directory and a later one in the
+/// `--checkpoint` directory (with the chain's own `checkpoint` records naming the later
+/// one): the earliest bounds what moves, so neither can point into the moved files.
+#[test]
+fn the_earliest_of_a_chains_checkpoints_bounds_what_moves() {
+    use kvhygiene::forensic::checkpoint;
+    use kvhygiene::forensic::keys::read_signing_key;
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer_file, public) =
+        kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let ck = tmp.path().join("ckpt");
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer_file.clone());
+    c.checkpoint_dir = Some(ck.clone());
+    c.checkpoint_every_records = 25;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..100 {
+        log.emit(event(i));
+    }
+    log.flush();
+    std::mem::forget(log); // a writer still running: an open chain
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 6, "{files:?}");
+    let r = verify(&s.log, &keyed_opts());
+    let chain = r.chains[0].chain.clone();
+    let recorded = r.chains[0].checkpoint_recorded.expect("checkpoint records");
+    let elsewhere = checkpoint::peek(&checkpoint::path_for(&ck, &chain))
+        .unwrap()
+        .expect("the writer's checkpoint");
+    // An earlier checkpoint (an auditor's copy, say), at the end of file 1.
+    let signer = read_signing_key(&signer_file).unwrap();
+    let early = checkpoint_at(&chain, &files[1], None);
+    assert!(early.seq < recorded && early.seq < elsewhere.seq);
+    checkpoint::write(&s.log, &signer, &early).unwrap();
+
+    let out = prune(
+        &s,
+        &[
+            "--older-than",
+            "0",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--public-key",
+            public.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        chain_files(&s.log),
+        files[1..],
+        "the earliest checkpoint's file stays: {}",
+        text(&out.stdout)
+    );
+    let opts = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    let r = verify(&s.log, &opts);
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.chains[0].checkpoint_seq, Some(early.seq));
+}
+
+#[test]
+fn a_group_writable_archive_is_refused() {
+    let s = setup();
+    open_chain(&s.log, 20);
+    let before = chain_files(&s.log);
+    fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o770)).unwrap();
+    let out = prune(&s, &["--older-than", "0"]);
+    expect_failure(&out, 2, "writable by group or others");
+    assert_eq!(chain_files(&s.log), before);
+}
+
+/// A run interrupted after it wrote the manifest and before it removed the originals: the
+/// files are in both places and the manifest lists them. Run again, the originals go and
+/// the manifest lists each file once.
+#[test]
+fn a_move_interrupted_after_its_manifest_is_finished_by_running_again() {
+    let s = setup();
+    open_chain(&s.log, 80);
+    let before = chain_files(&s.log);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let moved = before.len() - 2;
+    assert_eq!(chain_files(&s.log), before[moved..]);
+    // The originals back in place, as the interrupted run left them.
+    for f in &before[..moved] {
+        fs::copy(s.archive.join(f.file_name().unwrap()), f).unwrap();
+    }
+    let (_, m) = manifest(&s);
+    assert_eq!(m.files.len(), moved);
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(chain_files(&s.log), before[moved..]);
+    let (_, m) = manifest(&s);
+    let listed: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+    let expected: Vec<String> = before[..moved]
+        .iter()
+        .map(|f| f.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, expected, "each moved file listed once");
+    let r = verify(&s.log, &pruned_opts());
+    assert!(r.ok(), "{r:?}");
+    assert!(verify(&s.log, &with_archive(&s)).ok());
+}
+
+/// Records carry their event's time: a file whose events are all older than the cut-off
+/// but which also holds a newer record (its `start` or `rotate`) is not old, and stays.
+#[test]
+fn a_file_with_any_record_newer_than_the_cut_off_stays() {
+    let s = setup();
+    let log = ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret())).unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 86_400);
+    for i in 0..80 {
+        let mut e = event(i);
+        e.at = old;
+        log.emit(e);
+    }
+    log.flush();
+    std::mem::forget(log);
+    let before = chain_files(&s.log);
+    assert!(before.len() >= 4, "{before:?}");
+    let out = prune(&s, &["--older-than", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(chain_files(&s.log), before, "{}", text(&out.stdout));
+    assert!(names(&s.archive, ".jsonl").is_empty());
+}
