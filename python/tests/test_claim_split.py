@@ -65,3 +65,18 @@ def test_a_split_claim_refused_by_the_gate_names_the_blocks_of_the_calls_it_stop
         f"blocks {sorted(missing)} were not handed over and are not in refused_blocks "
         f"{e.value.refused_blocks}"
     )
+
+
+def test_a_split_claim_with_a_failed_verification_after_a_taken_block_reports_the_failed_verification(monkeypatch):
+    # One library call reports a failed verification (7009) before blocks another claim took
+    # (7022); a claim split over several calls does too, whichever call found which: the
+    # error's code says a block failed verification (to retire), and both blocks are named.
+    calls = [
+        (kvhygiene.KVH_ERR_KV_TAKEN, [1], [0, 1], "taken by another claim"),
+        (kvhygiene.KVH_ERR_VERIFY_FAILED, [3], [2, 3], "failed verification"),
+    ]
+    monkeypatch.setattr(kvhygiene, "_kv_calls", lambda *a, **k: iter(calls))
+    with pytest.raises(kvhygiene.ClaimRefusedError) as e:
+        kvhygiene.claim_blocks(None, [0, 1, 2, 3])
+    assert e.value.code == kvhygiene.KVH_ERR_VERIFY_FAILED, e.value
+    assert sorted(e.value.refused_blocks) == [1, 3]

@@ -703,3 +703,121 @@ def test_a_large_scrub_that_stops_on_an_error_still_names_the_blocks_found_faile
         kvhygiene.scrub_blocks(None, [1, 2, 3, 4, 5])
     assert not isinstance(e.value, kvhygiene.ScrubVerificationError)
     assert e.value.code == 7012 and e.value.failed_blocks == [3]
+
+
+@needs_lib
+def test_a_block_id_past_32_bits_is_refused_not_taken_for_another_block():
+    # The library takes 32-bit ids; 2**32 + 3 stored into one would be block 3. It is refused
+    # before any call, and no block is scrubbed or claimed for it.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        for call in (kvhygiene.scrub_blocks, kvhygiene.claim_blocks):
+            with pytest.raises(ValueError, match="0..2\\*\\*32-1"):
+                call(layout, [2**32 + 3])
+        assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "block 3 was scrubbed for id 2**32 + 3"
+
+
+@needs_lib
+def test_a_set_split_over_several_calls_with_an_id_at_blocks_per_region_is_refused_before_any_call(monkeypatch):
+    # Two regions and at most 4 segments a call: 2 blocks per call. Id 8 is past the last
+    # block (0..7); the whole set is refused before the first call, so no block of it is
+    # scrubbed or claimed.
+    monkeypatch.setattr(kvhygiene, "_MAX_KV_SEGMENTS", 4)
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        for call in (kvhygiene.scrub_blocks, kvhygiene.claim_blocks):
+            with pytest.raises(ValueError, match="block id 8 is not below blocks_per_region"):
+                call(layout, [0, 1, 2, 8])
+        assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "part of a refused set was scrubbed"
+
+
+@needs_lib
+def test_block_ids_of_a_zero_dimensional_tensor_name_one_block():
+    # A 0-d tensor (``ids[i]`` of a tensor of ids) is one id: its tolist() is an int.
+    one = type("Scalar", (), {"tolist": lambda self: 3})()
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        kvhygiene.scrub_blocks(layout, one)
+        assert ctypes.string_at(p + 3 * 128, 128) == bytes(128)
+        assert ctypes.string_at(p + 11 * 128, 128) == bytes(128)
+        assert ctypes.string_at(p + 2 * 128, 128) == b"\x7e" * 128
+
+
+def test_attributes_set_on_errors_survive_a_process_boundary():
+    # claim_scheduled sets refused_requests on the ClaimRefusedError it raises, and a split
+    # scrub sets failed_blocks on its KvhError: both name blocks that must not be used, so
+    # both reach the driver when a worker's exception is pickled.
+    import pickle
+
+    refused = kvhygiene.ClaimRefusedError(7009, "failed verification", [1])
+    refused.refused_requests = {"a": [[1]], "b": [[4, 5]]}
+    back = pickle.loads(pickle.dumps(refused))
+    assert back.refused_requests == {"a": [[1]], "b": [[4, 5]]}
+    stopped = kvhygiene.KvhError("kvh_scrub_blocks", 7012, "backend error")
+    stopped.failed_blocks = [3]
+    assert pickle.loads(pickle.dumps(stopped)).failed_blocks == [3]
+
+
+@needs_lib
+def test_install_refuses_once_cuda_is_initialised_even_with_no_memory_held(fresh):
+    # PyTorch initialises its allocator with CUDA, whether or not it allocated: the switch is
+    # refused by install() itself, before PyTorch is asked.
+    torch, state = _fake_torch(initialized=True, reserved=0)
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError, match="already initialised"):
+        kvhygiene.install(LIB)
+    assert state["changed"] is None and not kvhygiene.installed()
+
+
+@needs_lib
+def test_install_is_refused_by_a_pytorch_without_a_record_stream_hook(fresh):
+    # Without set_record_stream_fn, memory used on a second stream could be scrubbed while
+    # that stream still uses it: install() refuses rather than switch allocators.
+    import types
+
+    torch, state = _fake_torch()
+    state["raw"] = types.SimpleNamespace(set_reset_fn=lambda addr: None)
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(RuntimeError, match="set_record_stream_fn"):
+        kvhygiene.install(LIB)
+    assert state["changed"] is None and not kvhygiene.installed()
+
+
+@needs_lib
+def test_loading_another_library_file_than_the_loaded_one_is_refused(tmp_path):
+    # One process runs one kvhygiene: a path naming another file (here an existing one) is a
+    # ValueError, not the loaded library returned in its place.
+    kvhygiene.load()
+    other = tmp_path / "libkvhygiene.so"
+    other.write_bytes(b"")
+    with pytest.raises(ValueError, match="already loaded"):
+        kvhygiene.load(str(other))
+    assert kvhygiene.load(LIB) is kvhygiene.load()
+
+
+def test_a_dimension_of_size_one_after_the_block_dimension_may_have_any_stride():
+    # unsqueeze() and permute() give a size-1 dimension an arbitrary stride; it steps over
+    # nothing, so the blocks are still dense.
+    t = FakeTensor(0x10000, (2, 8, 1, 16), stride=(128, 16, 999, 1))
+    layout = kvhygiene.KvLayout.from_tensors([t], block_dim=1)
+    assert (layout.block_bytes, layout.block_stride, layout.regions) == (32, 32, (0x10000, 0x10100))
+
+
+@needs_lib
+def test_a_layout_with_a_block_stride_larger_than_its_blocks_scrubs_each_block_where_it_is():
+    # Blocks of 128 bytes every 256 bytes (padded rows): block 3 is bytes 768..895; the
+    # padding and the other blocks keep their bytes.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout([p], 128, 8, block_stride=256)
+        assert layout.block_stride == 256
+        kvhygiene.scrub_blocks(layout, [3])
+        mem = ctypes.string_at(p, _CACHE_BYTES)
+        assert mem[768:896] == bytes(128), "block 3 was not scrubbed"
+        assert mem[:768] + mem[896:] == b"\x7e" * (_CACHE_BYTES - 128), "bytes outside block 3 were scrubbed"
+
+
+def test_a_layout_device_that_a_c_int_cannot_hold_is_refused():
+    # 2**31 stored into a C int is a negative device.
+    with pytest.raises(ValueError, match="not a device index"):
+        kvhygiene.KvLayout([0x1000], 128, 8, device=2**31)
+    assert kvhygiene.KvLayout([0x1000], 128, 8, device=2**31 - 1).device == 2**31 - 1

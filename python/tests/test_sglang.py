@@ -482,3 +482,164 @@ def test_a_page_size_that_is_not_an_integer_is_refused_not_taken_for_one_slot():
         except (TypeError, ValueError):
             continue
         assert pages == [2], f"page_size {page_size!r}: pages {pages}"
+
+
+def test_pages_a_scrub_error_names_failed_are_withheld(monkeypatch):
+    # A scrub of many pages is split over several library calls; when a later call stops on
+    # an error, the KvhError names in failed_blocks the pages an earlier call found failed.
+    # The free raises, and those pages are withheld: freed again, they are not given back.
+    import kvhygiene.sglang as kv_sglang
+
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = TokenAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(4)  # pages 1 and 2
+
+    def stopped(layout, pages, stream=None):
+        error = kvhygiene.KvhError("kvh_scrub_blocks", 7012, "backend error")
+        error.failed_blocks = [2]
+        raise error
+
+    monkeypatch.setattr(kv_sglang, "scrub_blocks", stopped)
+    with pytest.raises(kvhygiene.KvhError):
+        alloc.free(tokens)
+    monkeypatch.undo()
+    assert alloc.freed == [] and 2 in wrapper.withheld
+    alloc.free(tokens)  # the engine frees them again
+    assert 2 not in alloc.free_pages, "a page named failed was given back to the allocator"
+    assert 1 in alloc.free_pages
+    pool.release()
+
+
+def test_layouts_are_on_the_device_of_the_pool_tensors():
+    # A pool on device 1 is scrubbed on device 1; tensors on two devices make two layouts.
+    one = NS(page_size=1, k_buffer=[FakeTensor(0x1000, (17, 2, 8), device_index=1)],
+             v_buffer=[FakeTensor(0x9000, (17, 2, 8), device_index=1)])
+    (layout,) = layouts_of(one)
+    assert layout.device == 1 and layout.regions == (0x1000, 0x9000)
+    split = NS(page_size=1, k_buffer=[FakeTensor(0x1000, (17, 2, 8), device_index=1)],
+               v_buffer=[FakeTensor(0x9000, (17, 2, 8), device_index=0)])
+    assert sorted((lay.device, lay.regions) for lay in layouts_of(split)) == [(0, (0x9000,)), (1, (0x1000,))]
+
+
+class IdTensor:
+    """The parts of a torch tensor of page ids the module uses (SGLang's free lists are
+    tensors): ``tolist``, ``new_tensor``, iteration, slicing."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def tolist(self):
+        return list(self.ids)
+
+    def new_tensor(self, ids):
+        return IdTensor(ids)
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        return IdTensor(self.ids[key])
+
+
+def test_a_page_that_fails_verification_is_taken_out_of_free_lists_held_as_tensors():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    alloc.free_pages = IdTensor(alloc.free_pages)
+    pool.fill(range(0, SLOTS + 2), 0x5A)
+    lib.kvh_inject_fault(8)
+    with pytest.raises(kvhygiene.ScrubVerificationError):
+        alloc.clear()
+    failed_free = wrapper.withheld - {0}
+    assert failed_free, "a page the allocator holds free failed its scrub"
+    assert isinstance(alloc.free_pages, IdTensor)
+    assert not failed_free & set(alloc.free_pages.tolist()), (
+        f"pages {sorted(failed_free & set(alloc.free_pages.tolist()))} failed verification and are still free"
+    )
+    pool.release()
+
+
+def test_pages_a_restore_state_puts_back_in_release_pages_are_zero():
+    # SGLang's paged allocator keeps pages freed lately in release_pages until it merges them
+    # into free_pages. A draft step that took such pages gives them back there by a restore.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    alloc.free_pages = [p for p in alloc.free_pages if p not in (5, 6)]
+    alloc.release_pages = [5, 6]
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    saved = alloc.backup_state()
+    alloc.release_pages = []  # the draft step merges them and takes pages 5 and 6
+    pool.fill(range(10, 14), 0xD9)
+    alloc.restore_state(saved)
+    assert alloc.release_pages == [5, 6]
+    assert all(pool.holds(s, 0) for s in range(10, 14)), "a page the restore made free kept the draft step's bytes"
+    assert wrapper.scrubbed_pages == 2
+    pool.release()
+
+
+def test_a_page_found_failed_in_an_earlier_part_of_a_clear_stays_out_when_a_later_part_is_refused(monkeypatch):
+    # A clear scrubs the pool in parts (_CLEAR_CHUNK pages each). A free page that fails
+    # verification in one part is withheld and taken out of the free lists when a later
+    # part raises.
+    import kvhygiene.sglang as kv_sglang
+
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    monkeypatch.setattr(kv_sglang, "_CLEAR_CHUNK", 4)
+    real = kv_sglang.scrub_blocks
+
+    def refuse_from_page_4(layout, pages, stream=None):
+        if 4 in pages:
+            raise kvhygiene.KvhError("kvh_scrub_blocks", 7020, "not inside a live allocation")
+        return real(layout, pages, stream=stream)
+
+    monkeypatch.setattr(kv_sglang, "scrub_blocks", refuse_from_page_4)
+    pool.fill(range(0, SLOTS + 2), 0x5A)
+    lib.kvh_inject_fault(8)  # pages 0 and 1 of the first part fail
+    with pytest.raises(kvhygiene.KvhError):
+        alloc.clear()
+    assert not pool.holds(2, 0) or not pool.holds(3, 0), "page 1 verified clean"
+    assert 1 in wrapper.withheld
+    handed = {s // 2 for s in alloc.alloc(SLOTS)}
+    assert 1 not in handed, "page 1 failed verification in the clear and was handed out"
+    pool.release()
+
+
+def test_pages_a_free_group_collected_before_the_allocator_was_wrapped_are_scrubbed_at_its_end():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = GroupingAllocator(page_size=2)
+    tokens = alloc.alloc(4)  # pages 1 and 2
+    pool.fill(tokens, 0xC4)
+    alloc.free_group_begin()
+    alloc.free(tokens)  # collected by the group, not scrubbed: the allocator is not wrapped yet
+    scrub_on_free(alloc, layouts_of(pool))
+    alloc.free_group_end()
+    assert {1, 2} <= set(alloc.free_pages)
+    assert all(pool.holds(s, 0) for s in tokens), "a page came back through the wrapped free unscrubbed"
+    pool.release()
+
+
+def test_a_page_size_given_as_a_bool_is_refused():
+    # True is 1 to operator.index: a page of one slot would name token indices as pages.
+    with pytest.raises(TypeError, match="bool"):
+        pages_of([8, 9], True)
+    with pytest.raises(TypeError, match="bool"):
+        layouts_of(NS(page_size=1, kv_buffer=[FakeTensor(0x1000, (18, 2, 8))]), page_size=True)
+
+
+def test_pages_of_two_slots_over_rows_that_are_not_dense_are_refused():
+    # Rows of 32 bytes every 64: a page of two slots is not one run of memory, and a scrub of
+    # 64 bytes from its first row would miss the second row.
+    gappy = FakeTensor(0x1000, (18, 2, 8), stride=(32, 8, 1))
+    with pytest.raises(ValueError, match="not one dense run"):
+        layouts_of(NS(page_size=2, kv_buffer=[gappy]))

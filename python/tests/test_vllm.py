@@ -207,3 +207,70 @@ def test_a_block_of_a_request_with_a_long_id_is_scrubbed_before_another_request_
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
     assert scrubbed, "request b was given request a's KV bytes: the gate took them for one request"
+
+
+def test_a_block_only_partly_computed_is_new_to_the_request():
+    # 20 computed tokens of blocks of 16 (a KV connector's load, say): the first block is a
+    # prefix hit, the second holds 4 computed tokens and 12 the request has yet to write, so
+    # it is new and claimed (num_computed_tokens // block_size blocks are skipped).
+    s = step(new=[("a", [0, 1, 2], 20)], cached=[("r", [0, 4], 20)], resumed=["r"])
+    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[1, 2]], "r": [[4]]}
+
+
+def test_a_request_with_new_blocks_in_one_kv_cache_group_only_is_claimed():
+    # Hybrid models (full and sliding-window attention) have several KV cache groups; a step
+    # may give a running request a block in one group and none in the other.
+    s = NS(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(
+            req_ids=["x", "y"],
+            resumed_req_ids=set(),
+            new_block_ids=[([], [9]), ([3], [])],
+            num_computed_tokens=[64, 64],
+        ),
+    )
+    assert new_blocks(s, [16, 8]) == {"x": [[], [9]], "y": [[3], []]}
+
+
+def test_the_error_for_several_refused_requests_is_the_first_refusal(monkeypatch):
+    # claim_scheduled raises the first refusal, with refused_requests naming every request
+    # refused.
+    import kvhygiene.vllm as kv_vllm
+
+    def refuse(layout, ids, stream=None):
+        raise kvhygiene.ClaimRefusedError(kvhygiene.KVH_ERR_VERIFY_FAILED, f"ids {ids}", list(ids))
+
+    monkeypatch.setattr(kv_vllm, "claim_blocks", refuse)
+    layout = kvhygiene.KvLayout([0x10000, 0x20000], BLOCK_BYTES, BLOCKS)
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(step(new=[("a", [1], 0), ("b", [4], 0)]), [layout], BLOCK_TOKENS)
+    assert refused.value.refused_blocks == [1] and refused.value.message == "ids [1]"
+    assert refused.value.refused_requests == {"a": [[1]], "b": [[4]]}
+
+
+def test_scheduled_blocks_are_claimed_under_the_tenant_tenant_of_gives():
+    # The gate's owner is the request's tenant and id: a block claim_scheduled claimed for
+    # request "a" of tenant "acme" is that request's own when "a" claims it again inside its
+    # context (tenant "acme", request "a"): kept, not scrubbed.
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    claim_scheduled(step(new=[("a", [6], 0)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: "acme")
+    for base in layout.regions:
+        ctypes.memset(base + 6 * BLOCK_BYTES, 0xA3, BLOCK_BYTES)
+    with kvhygiene.context(tenant_id="acme", request_id="a"):
+        kvhygiene.claim_blocks(layout, [6])
+    kept = all(ctypes.string_at(b + 6 * BLOCK_BYTES, BLOCK_BYTES) == b"\xa3" * BLOCK_BYTES for b in layout.regions)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert kept, "the block was scrubbed: claim_scheduled claimed it under another owner than tenant acme's request a"
+
+
+def test_more_block_sizes_or_layouts_than_kv_cache_groups_are_refused():
+    s = step(new=[("a", [0, 1], 0)])
+    with pytest.raises(ValueError, match="2 values for 1 KV cache groups"):
+        new_blocks(s, [16, 8])
+    layout = kvhygiene.KvLayout([0x10000], BLOCK_BYTES, BLOCKS)
+    with pytest.raises(ValueError, match="layouts: 2 values for 1 KV cache groups"):
+        claim_scheduled(s, [layout, layout], BLOCK_TOKENS)
