@@ -134,9 +134,10 @@ def claim_scheduled(
 ) -> dict:
     """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
     request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
-    or for the records; the request id is :func:`context_id`'s, so a client's id the library
-    would refuse does not stop the step). ``layouts`` has one layout per KV cache group. Returns what was
-    claimed, ``{req_id: [ids per group]}``.
+    or for the records). Request and tenant ids both go through :func:`context_id`, so an id
+    the library would refuse (a client's, or a tenant name taken from a request header) does
+    not stop the step. ``layouts`` has one layout per KV cache group. Returns what was claimed,
+    ``{req_id: [ids per group]}``.
 
     Every request's blocks are claimed, also after one was refused: a caller that drops the
     refused requests and runs the step must find the others' blocks claimed. Then
@@ -150,6 +151,8 @@ def claim_scheduled(
     for req_id, groups in claimed.items():
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
+        if tenant is not None:
+            tenant = context_id(tenant)
         refused = [[] for _ in groups]
         with context(tenant_id=tenant, request_id=context_id(req_id)):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):

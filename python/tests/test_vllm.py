@@ -9,7 +9,7 @@ from types import SimpleNamespace as NS
 import pytest
 
 import kvhygiene
-from kvhygiene.vllm import claim_scheduled, new_blocks
+from kvhygiene.vllm import claim_scheduled, context_id, new_blocks
 
 BLOCK_TOKENS = 16
 BLOCKS = 8
@@ -274,3 +274,27 @@ def test_more_block_sizes_or_layouts_than_kv_cache_groups_are_refused():
     layout = kvhygiene.KvLayout([0x10000], BLOCK_BYTES, BLOCKS)
     with pytest.raises(ValueError, match="layouts: 2 values for 1 KV cache groups"):
         claim_scheduled(s, [layout, layout], BLOCK_TOKENS)
+
+
+def test_a_tenant_id_the_library_would_refuse_does_not_stop_the_step():
+    # tenant_of may read a header a client sets: an id with a control character is claimed
+    # under its digest, as a client's request id is, and the other requests' claims go on.
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    tenants = {"a": "evil\ntenant", "b": "acme"}
+    claimed = claim_scheduled(
+        step(new=[("a", [2], 0), ("b", [3], 0)]), [layout], BLOCK_TOKENS, tenant_of=tenants.get
+    )
+    assert claimed == {"a": [[2]], "b": [[3]]}
+    # Block 2 is the digest tenant's request "a": its own claim keeps what it wrote.
+    for base in layout.regions:
+        ctypes.memset(base + 2 * BLOCK_BYTES, 0xA7, BLOCK_BYTES)
+    with kvhygiene.context(tenant_id=context_id("evil\ntenant"), request_id="a"):
+        kvhygiene.claim_blocks(layout, [2])
+    kept = all(ctypes.string_at(b + 2 * BLOCK_BYTES, BLOCK_BYTES) == b"\xa7" * BLOCK_BYTES for b in layout.regions)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert context_id("evil\ntenant").startswith("sha256:")
+    assert kept, "the block was claimed under another owner than the tenant's digest"
