@@ -80,9 +80,10 @@ struct Device {
 /// kept for the next slot of the device, not freed, because freeing synchronises the device
 /// (`cuMemFree`, `cuMemFreeHost`) and a slot is made inside `submit_scrub`, which the pool
 /// calls under its lock on the free path (invariant 3: the free path never waits on the
-/// device). One buffer of each kind is kept, the larger; one it displaces is parked and freed
-/// by the device's next `release`, which the pool calls with its lock dropped. Sizes are
-/// powers of two up to the largest batch, so few are ever parked.
+/// device). One buffer of each kind is kept, the larger; one it displaces, and page-locked
+/// memory whose mapping failed, are parked and freed by the device's next `release`, which the
+/// pool calls with its lock dropped. Sizes are powers of two up to the largest batch, so few
+/// are ever parked.
 #[derive(Default)]
 struct Spare {
     sums: Option<(CUdeviceptr, usize)>,
