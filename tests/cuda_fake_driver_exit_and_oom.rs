@@ -298,3 +298,37 @@ fn no_driver_call_after_shutdown_begun_while_a_foreign_wait_event_is_created() {
         outcome(&submitted)
     );
 }
+
+/// A shutdown that begins while a submission makes the context of a recorded stream of
+/// another device current (to ask whether that stream is capturing) stops the submission
+/// there: the capture query is not made, nor any call after it.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_another_device_s_context_is_made_current() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_foreign_context");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 36,
+    };
+    let mut first = submit(b, batch(vec![seg], SAMPLED)).expect("submit");
+    first.wait().expect("wait");
+    drop(first);
+    let mut scrub = batch(vec![seg], SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(0xD1001)];
+    arm(&lib, "on_device1_current", exit_begins);
+    let submitted = submit(b, scrub);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}

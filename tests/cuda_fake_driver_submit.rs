@@ -310,3 +310,163 @@ fn pages_whose_mapping_fails_are_freed_at_the_next_release_not_in_the_free_path(
         "the unmapped pages were freed once, at the release"
     );
 }
+
+/// One segment of `len` bytes spanning chunks (its batch needs the publish launch).
+fn spanning_segment(
+    b: &CudaBackend,
+    len: u64,
+    seed: u64,
+) -> (u64, Vec<kvhygiene::backend::ScrubSegment>) {
+    use kvhygiene::backend::Backend;
+    let base = b.allocate(0, len).expect("allocate");
+    (
+        base,
+        vec![kvhygiene::backend::ScrubSegment {
+            addr: base,
+            len,
+            seed,
+        }],
+    )
+}
+
+/// A submission that fails after it queued work (its publish launch fails after the scrub
+/// launch) gives its slot back marked busy until that work completes: while the work is not
+/// complete, the next batch gets a slot of its own rather than the one whose kernels may still
+/// write its results.
+#[test]
+fn a_failed_submission_s_slot_is_reused_only_after_its_queued_work_completes() {
+    use kvhygiene::backend::Backend;
+    let (path, lib) = fake_or_skip!("failed_slot_busy");
+    let b = start(&path);
+    let (base, seg) = spanning_segment(&b, 100_000, 40);
+    switch(&lib, "set_pending_queries", 1000);
+    switch(&lib, "fail_launch", 2);
+    // SAFETY: the segment lies in an allocation made above, released only at the end.
+    let refused = unsafe { b.submit_scrub(scrub_batch(seg.clone())) };
+    assert!(refused.is_err(), "the publish launch failed");
+    let slots = query(&lib, "host_allocs", 0);
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(seg.clone())) }.expect("submit");
+    assert!(
+        query(&lib, "host_allocs", 0) > slots,
+        "the slot of the failed submission was reused before its queued work completed"
+    );
+    switch(&lib, "set_pending_queries", 0);
+    let results = ticket.wait().expect("wait");
+    assert!(
+        results[0].checked > 0 && results[0].nonzero == 0,
+        "{results:?}"
+    );
+    drop(ticket);
+    b.release(0, base, 100_000).expect("release");
+}
+
+/// A submission that fails part way gives its slot back: once its queued work completed, the
+/// next batch runs on it, with no new device sums or page-locked memory.
+#[test]
+fn a_failed_submission_s_slot_serves_the_next_batch() {
+    use kvhygiene::backend::Backend;
+    let (path, lib) = fake_or_skip!("failed_slot_reused");
+    let b = start(&path);
+    let (base, seg) = spanning_segment(&b, 100_000, 41);
+    switch(&lib, "fail_launch", 2);
+    // SAFETY: the segment lies in an allocation made above, released only at the end.
+    let refused = unsafe { b.submit_scrub(scrub_batch(seg.clone())) };
+    assert!(refused.is_err(), "the publish launch failed");
+    let (allocs, pinned) = (query(&lib, "mem_allocs", 0), query(&lib, "host_allocs", 0));
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(seg)) }.expect("submit");
+    let results = ticket.wait().expect("wait");
+    drop(ticket);
+    assert!(
+        results[0].checked > 0 && results[0].nonzero == 0,
+        "{results:?}"
+    );
+    assert_eq!(
+        (
+            query(&lib, "mem_allocs", 0) - allocs,
+            query(&lib, "host_allocs", 0) - pinned
+        ),
+        (0, 0),
+        "the failed submission's slot was not given back: the next batch made a new one"
+    );
+    b.release(0, base, 100_000).expect("release");
+}
+
+/// An idle slot whose completion event cannot be queried (the driver reports an error) may
+/// still be in use: it is never reused; the next batch gets a new slot and runs.
+#[test]
+fn a_slot_whose_completion_event_errs_is_not_reused() {
+    use kvhygiene::backend::Backend;
+    let (path, lib) = fake_or_skip!("event_query_fails");
+    let b = start(&path);
+    let (base, segs) = small_segments(&b, 4, 50);
+    // SAFETY: the segments lie in an allocation made above, released only at the end.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(segs.clone())) }.expect("submit");
+    ticket.wait().expect("wait");
+    drop(ticket);
+    let slots = query(&lib, "host_allocs", 0);
+    switch(&lib, "fail_event_queries", 1);
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(segs)) }.expect("submit");
+    let results = ticket.wait().expect("wait");
+    drop(ticket);
+    assert!(
+        results.iter().all(|r| r.checked > 0 && r.nonzero == 0),
+        "{results:?}"
+    );
+    assert!(
+        query(&lib, "host_allocs", 0) > slots,
+        "a slot whose completion event reported an error was reused"
+    );
+    b.release(0, base, 4 * 64).expect("release");
+}
+
+/// A slot holds as many segments as the smaller of its device sums and its result area. Here
+/// a slot is built around spare device sums of 1024 segments (left by a slot whose result area
+/// could not be pinned) with a new result area of 256 segments and spare work items for 1024
+/// chunks; a later batch of 257 segments does not fit its result area and gets a slot of its
+/// own (new page-locked memory), and verifies.
+#[test]
+fn a_slot_holds_no_more_segments_than_its_result_area() {
+    use kvhygiene::backend::Backend;
+    let (path, lib) = fake_or_skip!("slot_capacity");
+    let b = start(&path);
+    let (big_base, big) = small_segments(&b, 600, 100);
+    let (small_base, small) = small_segments(&b, 10, 2000);
+    let (mid_base, mid) = small_segments(&b, 130, 3000);
+    let (c_base, c) = small_segments(&b, 257, 4000);
+    let submit = |segs: &[kvhygiene::backend::ScrubSegment]| {
+        // SAFETY: the segments lie in allocations made above, released only at the end.
+        unsafe { b.submit_scrub(scrub_batch(segs.to_vec())) }
+    };
+    // Spare sums, results and work items of 1024 (a slot's event could not be created).
+    switch(&lib, "fail_event_creates", 1);
+    assert!(submit(&big).is_err());
+    // An inline batch takes the spare sums and results (not the work items).
+    submit(&small).expect("10 segments").wait().expect("wait");
+    // Spare sums of 1024 again: the result area could not be pinned.
+    switch(&lib, "fail_host_allocs", 1);
+    assert!(submit(&big).is_err());
+    // 130 segments: the spare sums (1024) and work items (1024), a new result area of 256.
+    submit(&mid).expect("130 segments").wait().expect("wait");
+    let pinned = query(&lib, "host_allocs", 0);
+    let results = submit(&c).expect("257 segments").wait().expect("wait");
+    assert!(
+        query(&lib, "host_allocs", 0) > pinned,
+        "257 segments were submitted on a slot whose result area holds 256"
+    );
+    assert_eq!(results.len(), 257);
+    assert!(
+        results.iter().all(|r| r.checked > 0 && r.nonzero == 0),
+        "{results:?}"
+    );
+    for (base, n) in [
+        (big_base, 600),
+        (small_base, 10),
+        (mid_base, 130),
+        (c_base, 257),
+    ] {
+        b.release(0, base, n * 64).expect("release");
+    }
+}

@@ -53,6 +53,29 @@
 // - fake_cuda_mem_frees(0) counts cuMemFree calls (each one synchronises the device on a GPU).
 // - fake_cuda_mem_allocs(0) counts cuMemAlloc calls, fake_cuda_mem_free_hosts(0) cuMemFreeHost
 //   calls; fake_cuda_fail_host_maps(n) makes the next n cuMemHostGetDevicePointer calls fail.
+// - every entry point counts in fake_cuda_calls(), cuCtxSetCurrent, cuCtxGetCurrent,
+//   cuThreadExchangeStreamCaptureMode, cuGetErrorName and cuEventDestroy included.
+// - fake_cuda_scrub_waited_for(w) is how many times the stream of the last scrub launch
+//   (kvh_scrub or kvh_scrub_strided) waited, between its previous scrub launch and that one,
+//   for an event last recorded on stream w (cuEventRecord then cuStreamWaitEvent).
+// - fake_cuda_idle_launches(n): the next n cuLaunchKernel calls succeed without running the
+//   kernel (a kernel that reaches no segment).
+// - fake_cuda_defer_launches(1): later launches are queued, not run, and run when an event's
+//   completion is observed (cuEventQuery returning success, cuEventSynchronize) or at
+//   cuCtxSynchronize, as a GPU runs them after the launch call returned; 0 runs them at once
+//   again.
+// - fake_cuda_fail_event_queries(n) makes the next n cuEventQuery calls fail with
+//   CUDA_ERROR_LAUNCH_FAILED (719).
+// - stream handle 0xD1C0D (a stream of device 1) is capturing too, and 0xC0DF is a stream whose
+//   capture was invalidated (CU_STREAM_CAPTURE_STATUS_INVALIDATED, 2: still capturing);
+//   fake_cuda_implicit_capture(1) makes cuStreamIsCapturing on the legacy default stream
+//   (handles 0 and 1) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (906), as while another
+//   stream captures in global mode; fake_cuda_capturing_stream_uses(0) counts event records,
+//   waits, memsets and launches on a stream that is capturing.
+// - fake_cuda_fail_capture_queries(n) makes the next n cuStreamIsCapturing calls fail with
+//   CUDA_ERROR_INVALID_HANDLE (400), without saying whether the stream captures.
+// - fake_cuda_on_device1_current(cb) runs cb() once inside the next cuCtxSetCurrent that makes
+//   device 1's primary context current, after it did (as fake_cuda_on_launch does).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -60,6 +83,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -86,7 +112,42 @@ static const uintptr_t CAPTURING_STREAM = 0xC0DE;
 struct Event {
     std::atomic<int> pending{0};
     void* ctx = nullptr;  // the context current at its creation, whose streams may record it
+    void* recorded_on = nullptr;  // the stream of its last record
 };
+// Capture status of a stream: 1 capturing, 2 capture invalidated (still in capture mode).
+static const uintptr_t FOREIGN_CAPTURING_STREAM = 0xD1C0D, INVALIDATED_STREAM = 0xC0DF;
+static int capture_status(void* s) {
+    uintptr_t h = (uintptr_t)s;
+    if (h == CAPTURING_STREAM || h == FOREIGN_CAPTURING_STREAM) return 1;
+    if (h == INVALIDATED_STREAM) return 2;
+    return 0;
+}
+static std::atomic<int> g_capturing_uses{0};
+extern "C" int fake_cuda_capturing_stream_uses(int) { return g_capturing_uses.load(); }
+static void note_capturing_use(void* s) {
+    if (capture_status(s)) g_capturing_uses++;
+}
+// Waits of a stream for an event, as (waiting stream, stream the event was recorded on), since
+// that stream's last scrub launch; and those that preceded the last scrub launch.
+static std::mutex g_waits_lock;
+static std::vector<std::pair<void*, void*>> g_waits;
+static std::vector<void*> g_last_scrub_waits;
+extern "C" int fake_cuda_scrub_waited_for(int w) {
+    std::lock_guard<std::mutex> g(g_waits_lock);
+    int n = 0;
+    for (void* r : g_last_scrub_waits) n += r == (void*)(uintptr_t)w;
+    return n;
+}
+static void note_scrub_launch(void* s) {
+    std::lock_guard<std::mutex> g(g_waits_lock);
+    g_last_scrub_waits.clear();
+    std::vector<std::pair<void*, void*>> rest;
+    for (auto& w : g_waits) {
+        if (w.first == s) g_last_scrub_waits.push_back(w.second);
+        else rest.push_back(w);
+    }
+    g_waits.swap(rest);
+}
 static const CUresult INVALID_HANDLE = 400;
 static std::atomic<int> g_live_events{0}, g_cross_device_waits{0};
 extern "C" int fake_cuda_live_events(int) { return g_live_events.load(); }
@@ -117,6 +178,7 @@ int fake_cuda_host_allocs(int) { return g_host_allocs.load(); }
 int fake_cuda_last_scrub_grid(int) { return g_last_scrub_grid.load(); }
 
 CUresult cuGetErrorName(CUresult e, const char** s) {
+    g_calls++;
     switch (e) {
         case OK: *s = "CUDA_SUCCESS"; return OK;
         case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; return OK;
@@ -129,14 +191,16 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
     }
 }
 CUresult cuInit(unsigned) { g_calls++; return g_init_result.load(); }
-CUresult cuDriverGetVersion(int* v) { *v = 12040; return OK; }
+CUresult cuDriverGetVersion(int* v) { g_calls++; *v = 12040; return OK; }
 CUresult cuDeviceGetCount(int* n) { g_calls++; *n = 2; return OK; }
 CUresult cuDeviceGet(int* d, int ordinal) {
+    g_calls++;
     if (ordinal < 0 || ordinal >= 2) return 101;
     *d = ordinal;
     return OK;
 }
 CUresult cuDeviceGetAttribute(int* v, int attr, int) {
+    g_calls++;
     switch (attr) {
         case 75: *v = 9; return OK;   // COMPUTE_CAPABILITY_MAJOR
         case 76: *v = 0; return OK;   // COMPUTE_CAPABILITY_MINOR
@@ -145,12 +209,21 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     }
 }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int ordinal) {
+    g_calls++;
     if (ordinal < 0 || ordinal >= 2) return 101;
     *ctx = &g_ctx_tokens[ordinal];
     return OK;
 }
-CUresult cuCtxSetCurrent(void* ctx) { t_current = ctx; return OK; }
-CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_current; return OK; }
+static void run_hook(void (**slot)(void));
+static void (*g_device1_current_hook)(void) = nullptr;
+void fake_cuda_on_device1_current(void (*cb)(void)) { g_device1_current_hook = cb; }
+CUresult cuCtxSetCurrent(void* ctx) {
+    g_calls++;
+    t_current = ctx;
+    if (ctx == &g_ctx_tokens[1]) run_hook(&g_device1_current_hook);
+    return OK;
+}
+CUresult cuCtxGetCurrent(void** ctx) { g_calls++; *ctx = t_current; return OK; }
 CUresult cuCtxGetDevice(int* dev) {
     g_calls++;
     if (t_current == &g_ctx_tokens[0]) { *dev = 0; return OK; }
@@ -164,7 +237,8 @@ int fake_cuda_use_foreign_context(int on) {
     if (on) t_current = &g_foreign_token;
     return t_current == &g_foreign_token ? 1 : (t_current == nullptr ? 0 : 2);
 }
-CUresult cuCtxSynchronize(void) { NEED_CTX(); return OK; }
+static void run_deferred();
+CUresult cuCtxSynchronize(void) { NEED_CTX(); run_deferred(); return OK; }
 
 static std::atomic<int> g_live_modules{0};
 int fake_cuda_live_modules(int) { return g_live_modules.load(); }
@@ -240,6 +314,7 @@ static std::atomic<int> g_mem_frees{0};
 int fake_cuda_mem_frees(int) { return g_mem_frees.load(); }
 CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); g_mem_frees++; free((void*)p); return OK; }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
+    g_calls++;
     g_host_allocs++;
     run_hook(&g_host_alloc_hook);
     if (g_fail_host_allocs > 0) {
@@ -264,16 +339,22 @@ CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned flags) {
 }
 static std::atomic<int> g_mem_free_hosts{0};
 int fake_cuda_mem_free_hosts(int) { return g_mem_free_hosts.load(); }
-CUresult cuMemFreeHost(void* p) { g_mem_free_hosts++; free(p); return OK; }
+CUresult cuMemFreeHost(void* p) { g_calls++; g_mem_free_hosts++; free(p); return OK; }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { NEED_CTX(); memcpy((void*)d, s, n); return OK; }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(d, (void*)s, n); return OK; }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* s) {
+    note_capturing_use(s);
+    return cuMemsetD8_v2(d, v, n);
+}
 
 // A stream may wait for an event of another context (the driver API allows it).
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     NEED_CTX();
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) g_cross_device_waits++;
+    note_capturing_use(s);
+    std::lock_guard<std::mutex> g(g_waits_lock);
+    g_waits.emplace_back(s, static_cast<Event*>(e)->recorded_on);
     return OK;
 }
 CUresult cuStreamGetCtx(void* s, void** ctx) {
@@ -283,19 +364,32 @@ CUresult cuStreamGetCtx(void* s, void** ctx) {
 }
 CUresult cuStreamSynchronize(void*) { NEED_CTX(); return OK; }
 void fake_cuda_on_capture_query(void (*cb)(void)) { g_capture_hook = cb; }
+static const CUresult STREAM_CAPTURE_IMPLICIT = 906;
+static std::atomic<int> g_implicit_capture{0};
+void fake_cuda_implicit_capture(int on) { g_implicit_capture = on; }
+static std::atomic<int> g_fail_capture_queries{0};
+void fake_cuda_fail_capture_queries(int n) { g_fail_capture_queries = n; }
 int fake_cuda_calls_at_hook(int) { return g_calls_at_hook.load(); }
 CUresult cuStreamIsCapturing(void* s, int* status) {
     NEED_CTX();
     if (ctx_of(s) != t_current) return INVALID_CONTEXT;
+    if (g_fail_capture_queries > 0) {
+        g_fail_capture_queries--;
+        return INVALID_HANDLE;
+    }
     if (void (*hook)(void) = g_capture_hook) {
         g_capture_hook = nullptr;
         hook();
         g_calls_at_hook = g_calls.load();
     }
-    *status = ((uintptr_t)s == CAPTURING_STREAM) ? 1 : 0;
+    if (g_implicit_capture.load() && ((uintptr_t)s == 0 || (uintptr_t)s == 1)) {
+        return STREAM_CAPTURE_IMPLICIT;
+    }
+    *status = capture_status(s);
     return OK;
 }
 CUresult cuThreadExchangeStreamCaptureMode(unsigned* mode) {
+    g_calls++;
     unsigned previous = t_capture_mode;
     t_capture_mode = *mode;
     *mode = previous;
@@ -334,14 +428,23 @@ CUresult cuEventRecord(void* e, void* s) {
     NEED_CTX();
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) return INVALID_HANDLE;
     note_stream(s);
+    note_capturing_use(s);
+    static_cast<Event*>(e)->recorded_on = s;
     static_cast<Event*>(e)->pending = g_pending.load();
     return OK;
 }
+static std::atomic<int> g_fail_event_queries{0};
+void fake_cuda_fail_event_queries(int n) { g_fail_event_queries = n; }
 CUresult cuEventQuery(void* e) {
     NEED_CTX();
     Event* ev = static_cast<Event*>(e);
     run_hook(&g_event_query_hook);
+    if (g_fail_event_queries > 0) {
+        g_fail_event_queries--;
+        return 719;  // CUDA_ERROR_LAUNCH_FAILED
+    }
     if (ev->pending > 0) { ev->pending--; return NOT_READY; }
+    run_deferred();
     return OK;
 }
 static void (*g_event_sync_hook)(void) = nullptr;
@@ -350,9 +453,11 @@ CUresult cuEventSynchronize(void* e) {
     NEED_CTX();
     run_hook(&g_event_sync_hook);
     static_cast<Event*>(e)->pending = 0;
+    run_deferred();
     return OK;
 }
 CUresult cuEventDestroy_v2(void* e) {
+    g_calls++;
     g_live_events--;
     delete static_cast<Event*>(e);
     return OK;
@@ -434,10 +539,41 @@ static void publish(const KvhBatch* b) {
     }
 }
 
+// Runs a kernel's blocks (the launch was checked).
+static void run_kernel(void* f, unsigned gx, const KvhBatch* b) {
+    if (f == (void*)1) {
+        for (kvh_u64 c = 0; c < gx; ++c) scrub_block(b, c);
+    } else if (f == (void*)3) {
+        for (kvh_u32 block = 0; block < gx; ++block) scrub_strided_block(b, block, gx);
+    } else {
+        publish(b);
+    }
+}
+
+static std::atomic<int> g_idle_launches{0}, g_defer_launches{0};
+void fake_cuda_idle_launches(int n) { g_idle_launches = n; }
+void fake_cuda_defer_launches(int on) { g_defer_launches = on; }
+struct Deferred {
+    void* f;
+    unsigned gx;
+    KvhBatch params;  // the driver copies the parameters at the launch
+};
+static std::mutex g_deferred_lock;
+static std::vector<Deferred> g_deferred;
+static void run_deferred() {
+    std::vector<Deferred> queued;
+    {
+        std::lock_guard<std::mutex> g(g_deferred_lock);
+        queued.swap(g_deferred);
+    }
+    for (auto& d : queued) run_kernel(d.f, d.gx, &d.params);
+}
+
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, unsigned,
                         unsigned, unsigned, void* stream, void** params, void**) {
     NEED_CTX();
     note_stream(stream);
+    note_capturing_use(stream);
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;
     int failing = (int)(uintptr_t)f;
     if (g_fail_launch.compare_exchange_strong(failing, 0)) return INVALID_VALUE;
@@ -446,15 +582,20 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
         // One block per chunk: a larger grid would read past the work items on a GPU.
         if (gx > b->chunk_count) return INVALID_VALUE;
         g_last_scrub_grid = (int)gx;
-        for (kvh_u64 c = 0; c < gx; ++c) scrub_block(b, c);
     } else if (f == (void*)3) {
         if (!b->chunks) return INVALID_VALUE;  // strided batches always have work items
         g_last_scrub_grid = -(int)gx;
-        for (kvh_u32 block = 0; block < gx; ++block) scrub_strided_block(b, block, gx);
-    } else if (f == (void*)2) {
-        publish(b);
-    } else {
+    } else if (f != (void*)2) {
         return INVALID_VALUE;
+    }
+    if (f != (void*)2) note_scrub_launch(stream);
+    if (g_idle_launches.load() > 0) {
+        g_idle_launches--;
+    } else if (g_defer_launches.load()) {
+        std::lock_guard<std::mutex> g(g_deferred_lock);
+        g_deferred.push_back(Deferred{f, gx, *b});
+    } else {
+        run_kernel(f, gx, b);
     }
     run_hook(&g_launch_hook);
     return OK;

@@ -1,0 +1,321 @@
+//! The CUDA backend on the fake driver (tests/fake_cuda/fake_libcuda.cpp): what a batch is
+//! ordered after (the streams recorded for its blocks), when its results are read (only once
+//! its completion event is observed, with the result slots cleared before its launch), and
+//! which streams count as capturing. Skips with a message when there is no C++ compiler, as
+//! tests/cuda_fake_driver.rs does.
+
+#[path = "backend_common/mod.rs"]
+mod common;
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
+
+use common::{batch, run, submit, SAMPLED};
+use fake_cuda::switch;
+use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use kvhygiene::backend::{Backend, BackendError, ScrubSegment, StreamHandle};
+
+/// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
+fn instance(name: &str) -> Option<(String, libloading::Library)> {
+    fake_cuda::instance("kvh-fake-cuda-order", name)
+}
+
+macro_rules! fake_or_skip {
+    ($name:expr) => {
+        match instance($name) {
+            Some(x) => x,
+            None => return,
+        }
+    };
+}
+
+/// Calls `int fake_cuda_<name>(int)` in an instance.
+fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* query is `int(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
+            .expect("query");
+        f(arg)
+    }
+}
+
+fn start(path: &str) -> CudaBackend {
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(path) } {
+        Probe::Available(b) => b,
+        other => panic!("the fake driver should start: {other:?}"),
+    }
+}
+
+fn one_segment(addr: u64, seed: u64) -> Vec<ScrubSegment> {
+    vec![ScrubSegment {
+        addr,
+        len: 4096,
+        seed,
+    }]
+}
+
+/// A block recorded with other streams is scrubbed after the work queued on each of them:
+/// the scrub's stream waits, before the scrub launch, for an event recorded on every recorded
+/// stream (of its own device, and through that stream's own context for another device's),
+/// not on the scrub's own stream instead.
+#[test]
+fn the_scrub_waits_for_an_event_recorded_on_every_recorded_stream() {
+    let (path, lib) = fake_or_skip!("wait_streams");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut scrub = batch(one_segment(base, 1), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![
+        StreamHandle(9),
+        StreamHandle(7),
+        StreamHandle(11),
+        StreamHandle(0xD1001),
+    ];
+    let results = run(&b, scrub);
+    assert_eq!(results[0].checked, 64);
+    let waited: Vec<i32> = [9, 11, 0xD1001, 7]
+        .iter()
+        .map(|&w| query(&lib, "scrub_waited_for", w))
+        .collect();
+    assert_eq!(
+        waited,
+        vec![1, 1, 1, 0],
+        "times the scrub's stream 7 waited for the work of streams 9, 11, 0xd1001 and its own \
+         before the scrub launch"
+    );
+    b.release(0, base, 4096).expect("release");
+}
+
+/// The result slots a batch is read from are cleared before its launch: a segment the kernel
+/// does not reach reads "0 checked" (a failed verification), never the result the slot held
+/// from its previous batch.
+#[test]
+fn result_slots_are_cleared_before_each_launch() {
+    let (path, lib) = fake_or_skip!("results_cleared");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    assert_eq!(run(&b, batch(one_segment(base, 2), SAMPLED))[0].checked, 64);
+    let slots = query(&lib, "host_allocs", 0);
+    switch(&lib, "idle_launches", 1);
+    let results = run(&b, batch(one_segment(base, 2), SAMPLED));
+    assert_eq!(
+        query(&lib, "host_allocs", 0),
+        slots,
+        "the second batch reuses the first one's slot"
+    );
+    assert_eq!(
+        (results[0].checked, results[0].nonzero),
+        (0, 0),
+        "a batch whose kernel reached nothing read back the previous batch's result"
+    );
+    b.release(0, base, 4096).expect("release");
+}
+
+/// Results are read only once the batch's completion event has been observed: the kernels
+/// run after their launch returns (here: when the completion is observed), and `wait` and
+/// `poll` read the results they wrote, not the cleared slots.
+#[test]
+fn results_are_read_only_after_the_completion_event_is_observed() {
+    let (path, lib) = fake_or_skip!("deferred");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    b.write(0, base, &[0xA5; 4096]).expect("write");
+    switch(&lib, "defer_launches", 1);
+    let waited = run(&b, batch(one_segment(base, 3), SAMPLED));
+    assert_eq!(
+        (waited[0].checked, waited[0].nonzero),
+        (64, 0),
+        "wait returned before the scrub ran"
+    );
+    b.write(0, base, &[0xA5; 4096]).expect("write");
+    switch(&lib, "set_pending_queries", 2);
+    let mut ticket = submit(&b, batch(one_segment(base, 4), SAMPLED)).expect("submit");
+    assert_eq!(ticket.poll().expect("poll"), None);
+    assert_eq!(ticket.poll().expect("poll"), None);
+    let polled = ticket.poll().expect("poll").expect("complete");
+    assert_eq!((polled[0].checked, polled[0].nonzero), (64, 0));
+    drop(ticket);
+    switch(&lib, "defer_launches", 0);
+    let mut back = [1u8; 4096];
+    b.read(0, base, &mut back).expect("read");
+    assert!(back.iter().all(|&x| x == 0), "the block was not zeroed");
+    b.release(0, base, 4096).expect("release");
+}
+
+/// A recorded stream of another device that is capturing a graph (the stand-in's 0xD1C0D, a
+/// stream of device 1) is refused like one of the batch's device: nothing is recorded on it
+/// or launched, and the refusal names it.
+#[test]
+fn a_capturing_recorded_stream_of_another_device_is_refused() {
+    let (path, lib) = fake_or_skip!("foreign_capturing");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut scrub = batch(one_segment(base, 5), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(0xD1C0D)];
+    match submit(&b, scrub) {
+        Err(BackendError::StreamCapturing { stream, .. }) => assert_eq!(stream, 0xD1C0D),
+        Err(e) => panic!("expected StreamCapturing for 0xd1c0d, got {e}"),
+        Ok(_) => panic!("a scrub was ordered after a capturing stream of another device"),
+    }
+    assert_eq!(
+        query(&lib, "capturing_stream_uses", 0),
+        0,
+        "work was enqueued on a capturing stream"
+    );
+    b.release(0, base, 4096).expect("release");
+}
+
+/// A stream whose capture was invalidated is still in capture mode until the capture ends
+/// (CU_STREAM_CAPTURE_STATUS_INVALIDATED): nothing is enqueued on it either.
+#[test]
+fn a_stream_whose_capture_was_invalidated_still_counts_as_capturing() {
+    let (path, lib) = fake_or_skip!("invalidated_capture");
+    let b = start(&path);
+    let invalidated = StreamHandle(0xC0DF);
+    assert!(b.is_capturing(0, invalidated).expect("status"));
+    let base = b.allocate(0, 4096).expect("allocate");
+    assert!(matches!(
+        b.zero_fresh(0, base, 4096, invalidated),
+        Err(BackendError::StreamCapturing { .. })
+    ));
+    let mut scrub = batch(one_segment(base, 6), SAMPLED);
+    scrub.stream = invalidated;
+    assert!(matches!(
+        submit(&b, scrub),
+        Err(BackendError::StreamCapturing { stream: 0xC0DF, .. })
+    ));
+    let mut scrub = batch(one_segment(base, 6), SAMPLED);
+    scrub.wait_streams = vec![invalidated];
+    assert!(matches!(
+        submit(&b, scrub),
+        Err(BackendError::StreamCapturing { stream: 0xC0DF, .. })
+    ));
+    assert_eq!(
+        query(&lib, "capturing_stream_uses", 0),
+        0,
+        "work was enqueued on a stream in capture mode"
+    );
+    b.release(0, base, 4096).expect("release");
+}
+
+/// While another stream captures in global mode, the legacy default stream cannot be used
+/// (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): it reads as capturing, so fresh memory is not zeroed
+/// and no scrub is queued or ordered on it, and the work is deferred; once the capture ends
+/// the same batch runs.
+#[test]
+fn the_legacy_stream_during_a_global_capture_elsewhere_reads_as_capturing() {
+    let (path, lib) = fake_or_skip!("implicit_capture");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    switch(&lib, "implicit_capture", 1);
+    assert!(b.is_capturing(0, StreamHandle(0)).expect("status"));
+    assert!(matches!(
+        b.zero_fresh(0, base, 4096, StreamHandle(0)),
+        Err(BackendError::StreamCapturing { .. })
+    ));
+    assert!(matches!(
+        submit(&b, batch(one_segment(base, 7), SAMPLED)),
+        Err(BackendError::StreamCapturing { stream: 0, .. })
+    ));
+    let mut scrub = batch(one_segment(base, 7), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(1)];
+    assert!(matches!(
+        submit(&b, scrub.clone()),
+        Err(BackendError::StreamCapturing { stream: 1, .. })
+    ));
+    switch(&lib, "implicit_capture", 0);
+    assert_eq!(run(&b, scrub)[0].checked, 64);
+    b.release(0, base, 4096).expect("release");
+}
+
+/// `read` and `write` are ordered after the work already queued on the device: a read made
+/// while a scrub is queued sees the zeros, and bytes written while one is queued are not
+/// zeroed by it afterwards.
+#[test]
+fn host_copies_are_ordered_after_queued_scrubs() {
+    let (path, lib) = fake_or_skip!("copies_ordered");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    switch(&lib, "defer_launches", 1);
+    b.write(0, base, &[0xA5; 4096]).expect("write");
+    let mut ticket = submit(&b, batch(one_segment(base, 8), SAMPLED)).expect("submit");
+    let mut back = [1u8; 4096];
+    b.read(0, base, &mut back).expect("read");
+    assert!(
+        back.iter().all(|&x| x == 0),
+        "read before the queued scrub ran"
+    );
+    ticket.wait().expect("wait");
+    drop(ticket);
+    let mut ticket = submit(&b, batch(one_segment(base, 9), SAMPLED)).expect("submit");
+    b.write(0, base, &[0x5A; 4096]).expect("write");
+    b.read(0, base, &mut back).expect("read");
+    assert!(
+        back.iter().all(|&x| x == 0x5A),
+        "a scrub queued before the write zeroed what was written"
+    );
+    ticket.wait().expect("wait");
+    drop(ticket);
+    switch(&lib, "defer_launches", 0);
+    b.release(0, base, 4096).expect("release");
+}
+
+/// A stream whose capture status the driver cannot report (the query fails) is not taken for
+/// one that is not capturing: the work that would be enqueued on it is refused with the
+/// driver's error, whether it is the batch's stream, a recorded stream or the stream fresh
+/// memory is zeroed on.
+#[test]
+fn a_failed_capture_query_refuses_the_work() {
+    let (path, lib) = fake_or_skip!("capture_query_fails");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let driver_error = |r: Result<(), BackendError>| match r {
+        Err(BackendError::Driver { call, .. }) => call == "cuStreamIsCapturing",
+        _ => false,
+    };
+    switch(&lib, "fail_capture_queries", 1);
+    assert!(driver_error(b.is_capturing(0, StreamHandle(7)).map(|_| ())));
+    switch(&lib, "fail_capture_queries", 1);
+    assert!(
+        driver_error(b.zero_fresh(0, base, 4096, StreamHandle(7))),
+        "fresh memory was zeroed on a stream of unknown capture status"
+    );
+    switch(&lib, "fail_capture_queries", 1);
+    assert!(
+        driver_error(submit(&b, batch(one_segment(base, 10), SAMPLED)).map(|_| ())),
+        "a scrub was queued on a stream of unknown capture status"
+    );
+    // The batch stream's query succeeds and fails the next one, the recorded stream's.
+    static FAIL_NEXT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    extern "C" fn fail_the_next_query() {
+        let set = *FAIL_NEXT.get().expect("switch");
+        // SAFETY: the address of `void fake_cuda_fail_capture_queries(int)`.
+        let set: unsafe extern "C" fn(i32) = unsafe { std::mem::transmute(set) };
+        // SAFETY: as above.
+        unsafe { set(1) };
+    }
+    // SAFETY: the switch and the hook setter have these signatures.
+    unsafe {
+        let set = lib
+            .get::<unsafe extern "C" fn(i32)>(b"fake_cuda_fail_capture_queries\0")
+            .expect("switch");
+        FAIL_NEXT.get_or_init(|| *set as usize);
+        let arm = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_capture_query\0")
+            .expect("hook");
+        arm(fail_the_next_query);
+    }
+    let mut scrub = batch(one_segment(base, 10), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(9)];
+    assert!(
+        driver_error(submit(&b, scrub.clone()).map(|_| ())),
+        "a scrub was ordered after a recorded stream of unknown capture status"
+    );
+    assert_eq!(run(&b, scrub)[0].checked, 64);
+    b.release(0, base, 4096).expect("release");
+}
