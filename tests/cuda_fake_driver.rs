@@ -14,7 +14,7 @@ mod fake_cuda;
 use std::sync::OnceLock;
 
 use common::{batch, place, random_layout, run, scrub_and_check, submit, MIB, SAMPLED};
-use fake_cuda::switch;
+use fake_cuda::{query, start, switch};
 use kvhygiene::backend::cuda::{kernel, probe_library, CudaBackend, ItemGrid, Probe};
 use kvhygiene::backend::{
     Backend, BackendError, BackendKind, ScrubOptions, ScrubSegment, StreamHandle,
@@ -32,14 +32,6 @@ fn calls(lib: &libloading::Library) -> i32 {
             .get::<unsafe extern "C" fn() -> i32>(b"fake_cuda_calls\0")
             .expect("calls");
         f()
-    }
-}
-
-fn start(path: &str) -> CudaBackend {
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    match unsafe { probe_library(path) } {
-        Probe::Available(b) => b,
-        other => panic!("the fake driver should start: {other:?}"),
     }
 }
 
@@ -213,18 +205,6 @@ fn every_entry_point_makes_the_context_current_on_its_thread() {
         .collect();
     for h in handles {
         h.join().expect("thread");
-    }
-}
-
-/// Calls `int fake_cuda_<name>(int)` in an instance.
-fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
-    let symbol = format!("fake_cuda_{name}\0");
-    // SAFETY: every fake_cuda_* query is `int(int)`.
-    unsafe {
-        let f = lib
-            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
-            .expect("query");
-        f(arg)
     }
 }
 

@@ -10,17 +10,8 @@ mod common;
 mod fake_cuda;
 
 use common::{batch, submit, SAMPLED};
-use fake_cuda::switch;
-use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use fake_cuda::{start, switch};
 use kvhygiene::backend::{Backend, BackendError, ScrubSegment, StreamHandle};
-
-fn start(path: &str) -> CudaBackend {
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    match unsafe { probe_library(path) } {
-        Probe::Available(b) => b,
-        other => panic!("the fake driver should start: {other:?}"),
-    }
-}
 
 /// Device 0's block, recorded with a stream of device 1 (handle 0xD1001, of device 1's
 /// primary context), while the backend has used device 0 only. The event for that stream is

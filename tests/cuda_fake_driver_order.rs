@@ -10,8 +10,7 @@ mod common;
 mod fake_cuda;
 
 use common::{batch, run, submit, SAMPLED};
-use fake_cuda::switch;
-use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use fake_cuda::{query, start, switch};
 use kvhygiene::backend::{Backend, BackendError, ScrubSegment, StreamHandle};
 
 /// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
@@ -26,26 +25,6 @@ macro_rules! fake_or_skip {
             None => return,
         }
     };
-}
-
-/// Calls `int fake_cuda_<name>(int)` in an instance.
-fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
-    let symbol = format!("fake_cuda_{name}\0");
-    // SAFETY: every fake_cuda_* query is `int(int)`.
-    unsafe {
-        let f = lib
-            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
-            .expect("query");
-        f(arg)
-    }
-}
-
-fn start(path: &str) -> CudaBackend {
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    match unsafe { probe_library(path) } {
-        Probe::Available(b) => b,
-        other => panic!("the fake driver should start: {other:?}"),
-    }
 }
 
 fn one_segment(addr: u64, seed: u64) -> Vec<ScrubSegment> {

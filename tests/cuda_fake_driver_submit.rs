@@ -5,9 +5,9 @@
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
 
-use fake_cuda::switch;
+use fake_cuda::{query, start, switch};
 use kvhygiene::alloc::Allocator;
-use kvhygiene::backend::cuda::{probe_library, CudaBackend, Probe};
+use kvhygiene::backend::cuda::CudaBackend;
 use kvhygiene::backend::StreamHandle;
 
 /// A private copy of the stand-in (its own dlopen instance, so its switches are its own).
@@ -22,26 +22,6 @@ macro_rules! fake_or_skip {
             None => return,
         }
     };
-}
-
-/// Calls `int fake_cuda_<name>(int)` in an instance.
-fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
-    let symbol = format!("fake_cuda_{name}\0");
-    // SAFETY: every fake_cuda_* query is `int(int)`.
-    unsafe {
-        let f = lib
-            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
-            .expect("query");
-        f(arg)
-    }
-}
-
-fn start(path: &str) -> CudaBackend {
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    match unsafe { probe_library(path) } {
-        Probe::Available(b) => b,
-        other => panic!("the fake driver should start: {other:?}"),
-    }
 }
 
 /// The free path never waits on the device (ARCHITECTURE.md, invariant 3: "Returning memory to

@@ -67,3 +67,25 @@ pub fn switch(lib: &libloading::Library, name: &str, arg: i32) {
         f(arg);
     }
 }
+
+/// Calls `int fake_cuda_<name>(arg)` in an instance: one of its counters or queries.
+pub fn query(lib: &libloading::Library, name: &str, arg: i32) -> i32 {
+    let symbol = format!("fake_cuda_{name}\0");
+    // SAFETY: every fake_cuda_* query is `int(int)`.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn(i32) -> i32>(symbol.as_bytes())
+            .expect("query");
+        f(arg)
+    }
+}
+
+/// The CUDA backend on the stand-in at `path`.
+pub fn start(path: &str) -> kvhygiene::backend::cuda::CudaBackend {
+    use kvhygiene::backend::cuda::{probe_library, Probe};
+    // SAFETY: 1. the test suite's stand-in of the driver (this module's library).
+    match unsafe { probe_library(path) } {
+        Probe::Available(b) => b,
+        other => panic!("the fake driver should start: {other:?}"),
+    }
+}
