@@ -435,9 +435,9 @@ pub enum KvClaimError {
     /// scrub did not finish; see [`KvScrubError`]. In the second case blocks may have been
     /// handed over already (those that needed no scrub, those the stopped scrub verified
     /// before it stopped, and, when the claim was made again after its ledger was forgotten,
-    /// those its first scrub verified): the call failed as a
-    /// whole, but the ledger names the claimant as their owner, which is safe (a later claim
-    /// by another owner scrubs them again).
+    /// those its first scrub verified): the call failed as a whole, but the ledger names the
+    /// claimant as their owner, which is safe (a later claim by another owner scrubs them
+    /// again).
     #[error(transparent)]
     Scrub(#[from] KvScrubError),
     /// `kv_gate = enforce` and blocks would change owner without a verified scrub (or failed
