@@ -3,85 +3,31 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{manual_config, secret};
+use common::{manual_config, secret, TestBackend};
 use kvhygiene::alloc::{Allocator, FreeError};
 use kvhygiene::backend::host::HostBackend;
-use kvhygiene::backend::verify::SegmentResult;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
+use kvhygiene::backend::{Backend, BackendError, ScrubBatch, StreamHandle};
 
 const CAPTURING: StreamHandle = StreamHandle(5);
 const SHORT: StreamHandle = StreamHandle(6);
 
-/// A host backend that refuses every re-scrub (a fully verified submission): on stream 5 as a
-/// CUDA graph capture of that stream, on any other stream for lack of memory.
-struct Refusing {
-    host: Arc<HostBackend>,
-}
-
-impl Backend for Refusing {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+/// Refuses every re-scrub (a fully verified submission): on stream 5 as a CUDA graph capture
+/// of that stream, on any other stream for lack of memory.
+fn refuse_rescrubs(b: &ScrubBatch) -> Option<BackendError> {
+    if !b.options.full_verify {
+        return None;
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(d, len)
-    }
-    fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(d, a, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        len: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, len, s)
-    }
-    unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        if b.options.full_verify {
-            return Err(if b.stream == CAPTURING {
-                BackendError::StreamCapturing {
-                    stream: b.stream.0,
-                    what: "scrub launch",
-                }
-            } else {
-                BackendError::OutOfMemory {
-                    device: b.device,
-                    requested: 4096,
-                }
-            });
+    Some(if b.stream == CAPTURING {
+        BackendError::StreamCapturing {
+            stream: b.stream.0,
+            what: "scrub launch",
         }
-        // SAFETY: 1-2. this method's own contract, passed on unchanged.
-        let inner = unsafe { self.host.submit_scrub(b) }?;
-        Ok(Box::new(Passthrough(inner)))
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
-    }
-}
-
-struct Passthrough(Box<dyn ScrubTicket>);
-
-impl ScrubTicket for Passthrough {
-    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
-        self.0.poll()
-    }
-    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
-        self.0.wait()
-    }
+    } else {
+        BackendError::OutOfMemory {
+            device: b.device,
+            requested: 4096,
+        }
+    })
 }
 
 /// `DevicePool::deferred` gives "why the first of them waits". Block a (freed on stream 5) is
@@ -92,7 +38,8 @@ impl ScrubTicket for Passthrough {
 #[test]
 fn synchronize_names_why_the_first_waiting_rescrub_was_refused() {
     let host = HostBackend::new();
-    let backend = Arc::new(Refusing { host: host.clone() });
+    let backend = TestBackend::new(host.clone());
+    *backend.refuse.lock().unwrap() = Some(Box::new(refuse_rescrubs));
     let alloc = Allocator::new(backend.clone(), manual_config(), None);
     let a = alloc.malloc(4096, 0, CAPTURING).unwrap();
     let b = alloc.malloc(4096, 0, SHORT).unwrap();

@@ -15,6 +15,16 @@ fn instance(name: &str) -> Option<(String, libloading::Library)> {
     fake_cuda::instance("kvh-fake-cuda-submit", name)
 }
 
+/// An allocator on the stand-in at `path` whose open batches are submitted after
+/// `batch_max_delay_us` (0: at once, from the free itself).
+fn allocator(path: &str, batch_max_delay_us: u64) -> Allocator {
+    let config = kvhygiene::config::Config {
+        batch_max_delay_us,
+        ..Default::default()
+    };
+    Allocator::new(std::sync::Arc::new(start(path)), config, None)
+}
+
 macro_rules! fake_or_skip {
     ($name:expr) => {
         match instance($name) {
@@ -33,12 +43,7 @@ macro_rules! fake_or_skip {
 #[test]
 fn a_free_whose_batch_slot_cannot_be_pinned_calls_no_cu_mem_free() {
     let (path, lib) = fake_or_skip!("free_no_mem_free");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_max_delay_us: 0,
-        ..Default::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
+    let alloc = allocator(&path, 0);
     let s = StreamHandle(0);
     let p = alloc.malloc(4096, 0, s).expect("malloc");
     // The free submits its batch, which makes the backend's first batch slot: device sums
@@ -66,13 +71,8 @@ fn a_checked_free_refused_for_another_device_s_memory_names_that_device() {
     use kvhygiene::alloc::FreeError;
     use kvhygiene::backend::BackendError;
     let (path, lib) = fake_or_skip!("foreign_oom_checked_free");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        // Only the calls below submit batches.
-        batch_max_delay_us: 10_000_000,
-        ..Default::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
+    // Only the calls below submit batches.
+    let alloc = allocator(&path, 10_000_000);
     let s = StreamHandle(7);
     // A first checked free makes the batch slot (and its event) the second one reuses: the
     // next event the backend creates is then the one for device 1's stream.
@@ -102,12 +102,7 @@ fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
     use kvhygiene::alloc::FreeError;
     use kvhygiene::backend::BackendError;
     let (path, _lib) = fake_or_skip!("capturing_recorded_stream");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_max_delay_us: 10_000_000,
-        ..Default::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
+    let alloc = allocator(&path, 10_000_000);
     let s = StreamHandle(7);
     let p = alloc.malloc(4096, 0, s).expect("malloc");
     assert!(alloc.record_stream(p, StreamHandle(0xC0DE)));
@@ -130,12 +125,7 @@ fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
 #[test]
 fn slots_that_cannot_be_pinned_keep_their_device_sums_for_the_next_try() {
     let (path, lib) = fake_or_skip!("spare_sums");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_max_delay_us: 0,
-        ..Default::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
+    let alloc = allocator(&path, 0);
     let s = StreamHandle(0);
     let blocks: Vec<u64> = (0..3)
         .map(|_| alloc.malloc(4096, 0, s).expect("malloc"))
@@ -261,12 +251,7 @@ fn a_slot_built_from_larger_spare_buffers_serves_the_batch_they_were_made_for() 
 #[test]
 fn pages_whose_mapping_fails_are_freed_at_the_next_release_not_in_the_free_path() {
     let (path, lib) = fake_or_skip!("host_map_fails");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_max_delay_us: 0,
-        ..Default::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
+    let alloc = allocator(&path, 0);
     let s = StreamHandle(0);
     let p = alloc.malloc(4096, 0, s).expect("malloc");
     switch(&lib, "fail_host_maps", 1);

@@ -1456,20 +1456,30 @@ fn a_tenant_report_does_not_show_another_tenants_ids() {
         ("tenant-a", ["tenant-b", "req-b"]),
         ("tenant-b", ["tenant-a", "req-a"]),
     ] {
-        let (code, v) = evidence_json(&dir, &["--tenant", t]);
-        assert_eq!(code, Some(0), "{v}");
+        let v = tenant_report_without(&dir, t, &other);
         let exceptions = v["exceptions"].as_array().unwrap();
         assert_eq!(exceptions.len(), 1, "{v}");
         assert_eq!(exceptions[0]["tenant_id"], t, "{v}");
-        let md = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", t], &[]);
-        let text = String::from_utf8_lossy(&md.stdout).into_owned();
-        for id in other {
-            assert!(
-                !v.to_string().contains(id) && !text.contains(id),
-                "the report of {t} shows {id}: {v}\n{text}"
-            );
-        }
     }
+}
+
+/// The `--tenant` report of `tenant` on `dir`, whose JSON and Markdown both leave out every
+/// one of `ids`; returns the JSON.
+fn tenant_report_without(dir: &Path, tenant: &str, ids: &[&str]) -> Value {
+    let (code, v) = evidence_json(dir, &["--tenant", tenant]);
+    assert_eq!(code, Some(0), "{v}");
+    let md = kvh(
+        &["evidence", dir.to_str().unwrap(), "--tenant", tenant],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&md.stdout).into_owned();
+    for id in ids {
+        assert!(
+            !v.to_string().contains(id) && !text.contains(id),
+            "the report of {tenant} shows {id}: {v}\n{text}"
+        );
+    }
+    v
 }
 
 /// A record every tenant shares (here a `lost` record) that names a tenant anyway: a report
@@ -1485,8 +1495,7 @@ fn a_shared_record_naming_another_tenant_is_listed_without_its_id() {
                                "request_id": "req-b"}),
         )
     });
-    let (code, v) = evidence_json(&dir, &["--tenant", "tenant-a"]);
-    assert_eq!(code, Some(0), "{v}");
+    let v = tenant_report_without(&dir, "tenant-a", &["tenant-b", "req-b"]);
     let lost: Vec<&Value> = v["exceptions"]
         .as_array()
         .unwrap()
@@ -1495,17 +1504,6 @@ fn a_shared_record_naming_another_tenant_is_listed_without_its_id() {
         .collect();
     assert_eq!(lost.len(), 1, "the shared record is in the report: {v}");
     assert_eq!(lost[0]["tenant_id"], "(another tenant)", "{v}");
-    let md = kvh(
-        &["evidence", dir.to_str().unwrap(), "--tenant", "tenant-a"],
-        &[],
-    );
-    let text = String::from_utf8_lossy(&md.stdout).into_owned();
-    for id in ["tenant-b", "req-b"] {
-        assert!(
-            !v.to_string().contains(id) && !text.contains(id),
-            "the report of tenant-a shows {id}: {v}\n{text}"
-        );
-    }
 }
 
 /// A run whose `start` record names no policy digest has no approved policy to show: it is

@@ -1053,14 +1053,15 @@ mod tests {
         assert_eq!(read, Some(expected));
     }
 
-    /// `prune-log` (a nightly job) runs while a pass is under way, after its verification and
-    /// before its listing, and moves files the tail has not read yet (it lags two files or
-    /// more: a `--once` job, a busy writer with small files). The verification saw no
-    /// manifest, the reading no longer finds the records after the position: a race with
-    /// normal operation, read again at the next pass, not tampering.
-    #[test]
-    fn a_prune_between_the_verification_and_the_reading_is_not_tampering() {
-        use crate::forensic::prune::{prune_all, PruneRequest};
+    /// A signed log in `TMP/log` with small files: the tail's position after its first record,
+    /// then 79 more records over many files (an archive directory `TMP/archive` is ready for
+    /// [`prune_now`]). The log is returned so that it stays open.
+    fn position_before_many_files() -> (
+        tempfile::TempDir,
+        std::sync::Arc<ForensicLog>,
+        VerifyOptions,
+        Position,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("log");
         let archive = tmp.path().join("archive");
@@ -1088,7 +1089,6 @@ mod tests {
             allow_pruned: true,
             ..VerifyOptions::default()
         };
-        // The position: the tail passed on the first records, in file 0.
         let report = verify_all(&dir, &opts).unwrap();
         let c = &report.chains[0];
         let pos = Position {
@@ -1100,22 +1100,40 @@ mod tests {
             log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
         }
         log.flush();
-        // The pass: its verification...
-        let report = verify_all(&dir, &opts).unwrap();
-        assert!(report.ok(), "{report:?}");
-        // ... then prune-log runs ...
+        (tmp, log, opts, pos)
+    }
+
+    /// `kvh prune-log --older-than 0` over `TMP/log` into `TMP/archive`.
+    fn prune_now(tmp: &std::path::Path, opts: &VerifyOptions) {
+        use crate::forensic::prune::{prune_all, PruneRequest};
         prune_all(
             &PruneRequest {
-                dir: &dir,
-                archive: &archive,
+                dir: &tmp.join("log"),
+                archive: &tmp.join("archive"),
                 older_than_days: 0,
                 dry_run: false,
-                opts: &opts,
+                opts,
                 checkpoint_place: None,
             },
             |_| {},
         )
         .unwrap();
+    }
+
+    /// `prune-log` (a nightly job) runs while a pass is under way, after its verification and
+    /// before its listing, and moves files the tail has not read yet (it lags two files or
+    /// more: a `--once` job, a busy writer with small files). The verification saw no
+    /// manifest, the reading no longer finds the records after the position: a race with
+    /// normal operation, read again at the next pass, not tampering.
+    #[test]
+    fn a_prune_between_the_verification_and_the_reading_is_not_tampering() {
+        let (tmp, log, opts, pos) = position_before_many_files();
+        let dir = tmp.path().join("log");
+        // The pass: its verification...
+        let report = verify_all(&dir, &opts).unwrap();
+        assert!(report.ok(), "{report:?}");
+        // ... then prune-log runs ...
+        prune_now(tmp.path(), &opts);
         assert!(
             verify::list_all(&dir, &opts).unwrap()[0].1[0].0 > 0,
             "prune-log moved the chain's first files"
@@ -1140,57 +1158,9 @@ mod tests {
     /// the next pass, whose verification judges the files.
     #[test]
     fn records_gone_beyond_what_the_manifest_moved_are_not_named_a_prune_gap() {
-        use crate::forensic::prune::{prune_all, PruneRequest};
-        let tmp = tempfile::tempdir().unwrap();
+        let (tmp, log, opts, pos) = position_before_many_files();
         let dir = tmp.path().join("log");
-        let archive = tmp.path().join("archive");
-        std::fs::create_dir(&archive).unwrap();
-        std::fs::set_permissions(
-            &archive,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        let cfg = LogConfig {
-            max_bytes: 4096,
-            ..crate::forensic::quiet_test_config(&dir)
-        };
-        let secret = b"tail-secret-0123456789abcdef";
-        let log = ForensicLog::open_with_secret(
-            &cfg,
-            StartInfo::current(Config::default().canonical_json()),
-            Some(Zeroizing::new(secret.to_vec())),
-        )
-        .unwrap();
-        log.record_anomaly(serde_json::json!({"n": 0}));
-        log.flush();
-        let opts = VerifyOptions {
-            hmac_keys: vec![SealKey::new("hmac.key", Zeroizing::new(secret.to_vec()))],
-            allow_pruned: true,
-            ..VerifyOptions::default()
-        };
-        let report = verify_all(&dir, &opts).unwrap();
-        let c = &report.chains[0];
-        let pos = Position {
-            seq: c.last_seq.unwrap(),
-            hash: c.last_hash.clone().unwrap(),
-            file: c.last_file.unwrap(),
-        };
-        for i in 1..80 {
-            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
-        }
-        log.flush();
-        prune_all(
-            &PruneRequest {
-                dir: &dir,
-                archive: &archive,
-                older_than_days: 0,
-                dry_run: false,
-                opts: &opts,
-                checkpoint_place: None,
-            },
-            |_| {},
-        )
-        .unwrap();
+        prune_now(tmp.path(), &opts);
         // The pass's verification: the manifest accounts for the files moved.
         let report = verify_all(&dir, &opts).unwrap();
         assert!(report.ok(), "{report:?}");

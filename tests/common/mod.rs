@@ -38,6 +38,10 @@ pub struct TestBackend {
     /// an `atexit` handler beginning exit).
     #[allow(clippy::type_complexity)]
     pub after_next_submit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Asked before each submission: an error refuses it (a capture or a shortage that only
+    /// some batches meet, by stream or options).
+    #[allow(clippy::type_complexity)]
+    pub refuse: Mutex<Option<Box<dyn Fn(&ScrubBatch) -> Option<BackendError> + Send>>>,
 }
 
 impl TestBackend {
@@ -56,6 +60,7 @@ impl TestBackend {
             allocate_errors: Mutex::new(std::collections::VecDeque::new()),
             capture_query_error: Mutex::new(None),
             after_next_submit: Mutex::new(None),
+            refuse: Mutex::new(None),
         })
     }
 
@@ -99,6 +104,9 @@ impl TestBackend {
                 stream: batch.stream.0,
                 what: "scrub launch",
             });
+        }
+        if let Some(e) = self.refuse.lock().unwrap().as_ref().and_then(|f| f(&batch)) {
+            return Err(e);
         }
         if self.submit_budget.fetch_sub(1, Ordering::SeqCst) == 0 {
             self.submit_budget.store(0, Ordering::SeqCst);
