@@ -710,8 +710,6 @@ impl DevicePool {
         self.out_of_pool
     }
 
-    /// Whether `addr`'s scrub is still in an open (unsubmitted) batch, e.g. deferred by a
-    /// CUDA graph capture.
     /// Why the scrub of the block at `addr` was refused for now, as the error a caller waiting
     /// for it is given: `None` unless the block is in an open batch the backend refused.
     pub(crate) fn deferral_of(&self, addr: u64, what: &'static str) -> Option<BackendError> {

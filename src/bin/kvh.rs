@@ -115,9 +115,11 @@ enum Command {
 
 /// Writes the run's statistics, as a process's last metrics snapshot, to `--metrics-file`
 /// (`{pid}` replaced) when it is given: what `kvh metrics`, `kvh gate` and `kvh serve-metrics`
-/// read, without a GPU. Returns the file written.
+/// read, without a GPU. Its `kvh_build_info` carries the digest of `config`, the policy the
+/// run's `start` record names, as a process's does. Returns the file written.
 fn write_demo_metrics(
     metrics: &kvhygiene::config::MetricsConfig,
+    config: &Config,
     stats: &kvhygiene::stats::Stats,
 ) -> Result<Option<std::path::PathBuf>, String> {
     let pid = std::process::id();
@@ -125,6 +127,7 @@ fn write_demo_metrics(
         return Ok(None);
     };
     let mut stats = stats.clone();
+    stats.config_digest = Some(kvhygiene::forensic::config_digest(&config.canonical_json()));
     if stats.log.is_none() {
         // As the runtime exports a process without a log: its log series say so.
         stats.log = serde_json::to_value(kvhygiene::forensic::LogStats::disabled()).ok();
@@ -554,10 +557,11 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
     // Said after the report: what the run found outranks a snapshot that cannot be written.
-    let (metrics_file, metrics_error) = match write_demo_metrics(&demo_metrics, &report.stats) {
-        Ok(f) => (f, None),
-        Err(e) => (None, Some(e)),
-    };
+    let (metrics_file, metrics_error) =
+        match write_demo_metrics(&demo_metrics, &config, &report.stats) {
+            Ok(f) => (f, None),
+            Err(e) => (None, Some(e)),
+        };
     if args.json {
         out.line(format_args!(
             "{}",
