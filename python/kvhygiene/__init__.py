@@ -335,7 +335,8 @@ def stats() -> dict:
 
 
 def synchronize() -> None:
-    """Waits until every pending scrub has completed and been verified."""
+    """Waits until the scrub of every block freed before the call has completed and been
+    verified (frees other threads make meanwhile are not waited for)."""
     _check("kvh_synchronize", load().kvh_synchronize())
 
 

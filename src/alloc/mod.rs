@@ -240,7 +240,7 @@ impl Allocator {
         ctx: Context,
         stream: StreamHandle,
     ) -> Result<Allocation, AllocError> {
-        self.drain_pool(dev);
+        self.drain_pool(dev, self.scrub_horizon());
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, _, _, after| {
             pool.pop_clean(key, size, &ctx, stream, isolation)
@@ -354,10 +354,10 @@ impl Allocator {
                 self.pool(dev).unwatch(seq);
                 return Err(FreeError::Backend(BackendError::ShuttingDown));
             }
-            let (batches, deferred) = self.with_pool(dev, |pool, backend, config, after| {
+            let (batch, deferred) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_block(ptr, backend, config, after);
                 let deferred = pool.deferral_of(ptr, "a checked free's scrub");
-                (pool.take_in_flight(Some(seq)), deferred)
+                (pool.take_batch_holding(seq), deferred)
             });
             if let Some(why) = deferred {
                 // The backend refused the launch for now (a CUDA graph capture, where waiting
@@ -366,12 +366,12 @@ impl Allocator {
                 self.pool(dev).unwatch(seq);
                 return Err(FreeError::Backend(why));
             }
-            if batches.is_empty() {
+            match batch {
+                Some(batch) => self.wait_and_apply(dev, vec![batch]),
                 // Another thread is waiting on this batch with the lock dropped; it records
                 // the outcome when it applies the results.
-                std::thread::sleep(Duration::from_micros(50));
+                None => std::thread::sleep(Duration::from_micros(50)),
             }
-            self.wait_and_apply(dev, batches);
         }
     }
 
@@ -510,23 +510,26 @@ impl Allocator {
 
     // ----- whole-pool operations ------------------------------------------------------------
 
-    /// Submits every open batch and waits for every scrub (including quarantine re-scrubs) to
-    /// complete and be applied. Returns the sticky asynchronous error, if any.
+    /// Submits every open batch and waits for the scrub of every block freed before the call
+    /// (including the re-scrubs of those quarantined) to complete and be applied; frees other
+    /// threads make meanwhile are submitted, not waited for. Returns the sticky asynchronous
+    /// error, if any, or why the backend refused some scrubs for now.
     pub fn synchronize(&self) -> Result<(), String> {
         // Nothing is scrubbed after shutdown: blocks freed since, or abandoned then, never are.
         {
             let left = self.unscrubbed_after_shutdown();
             if left > 0 {
                 return Err(format!(
-                    "{left} freed blocks are not scrubbed and never will be: shutdown (or \
-                     process exit) began, and no scrub runs after it (the blocks are leaked, \
-                     never handed out)"
+                    "{left} freed blocks are neither verified for reuse nor returned to the \
+                     device, and never will be: shutdown (or process exit) began, and no scrub \
+                     or release runs after it (the blocks are leaked, never handed out)"
                 ));
             }
         }
+        let horizon = self.scrub_horizon();
         let mut waiting = None;
         for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev);
+            self.drain_pool(dev, horizon);
             if waiting.is_none() {
                 waiting = self.pool(dev).deferred("the scrub").map(|w| (dev, w));
             }
@@ -549,13 +552,15 @@ impl Allocator {
         }
     }
 
-    /// Flushes and waits for every scrub, then returns every CLEAN block to the backend.
+    /// Flushes and waits for every scrub of a block freed before the call, then returns every
+    /// CLEAN block to the backend.
     pub fn empty_cache(&self) {
+        let horizon = self.scrub_horizon();
         for dev in 0..self.inner.pools.len() as u32 {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return;
             }
-            self.drain_pool(dev);
+            self.drain_pool(dev, horizon);
             self.with_pool(dev, |pool, _, _, after| pool.release_clean(after));
         }
     }
@@ -566,8 +571,9 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return;
         }
+        let horizon = self.scrub_horizon();
         for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev);
+            self.drain_pool(dev, horizon);
         }
         self.begin_exit();
     }
@@ -596,28 +602,35 @@ impl Allocator {
         }
     }
 
-    /// Submits open batches of `dev` and waits for every in-flight scrub with the lock
-    /// released, applying results as they complete.
-    fn drain_pool(&self, dev: u32) {
-        // Waiting rounds are bounded so that a stream of new frees from other threads cannot
-        // keep a synchronize going forever; a round that only waits for batches other threads
-        // hold (with the lock dropped) does not count.
-        const ROUNDS: usize = 64;
-        let mut rounds = 0;
-        while rounds < ROUNDS && !self.inner.shutting_down.load(Ordering::Acquire) {
-            let (batches, others) = self.with_pool(dev, |pool, backend, config, after| {
+    /// The scrub sequence the next free gets: every free that returned before this is read
+    /// has a smaller one (one atomic, so its order is the order of the frees' increments).
+    fn scrub_horizon(&self) -> u64 {
+        self.inner.next_seq.load(Ordering::Acquire)
+    }
+
+    /// Submits open batches of `dev` and waits, with the lock released, for the scrub of
+    /// every block freed before scrub sequence `horizon` (its re-scrub too, if it is
+    /// quarantined), applying results as they complete. A batch another thread waits on is
+    /// waited for (that thread applies it) when it holds such a block. Frees made after
+    /// `horizon` are submitted but not waited for: other threads that keep freeing cannot
+    /// keep the caller waiting, and cannot make it stop before the work it waits for is
+    /// done. Blocks whose scrub the backend refused for now stay in open batches (the caller
+    /// asks `DevicePool::deferred`). Returns early once exit has begun.
+    fn drain_pool(&self, dev: u32, horizon: u64) {
+        while !self.inner.shutting_down.load(Ordering::Acquire) {
+            let (batches, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_open(false, backend, config, after);
                 pool.submit_rescrubs(backend, config, after);
-                (pool.take_in_flight(None), pool.out_of_pool())
+                let batches = pool.take_batches_before(horizon);
+                (batches, pool.held_elsewhere_before(horizon))
             });
             if batches.is_empty() {
-                if others == 0 {
+                if !elsewhere {
                     break;
                 }
                 std::thread::sleep(Duration::from_micros(50));
                 continue;
             }
-            rounds += 1;
             self.wait_and_apply(dev, batches);
         }
     }
@@ -627,7 +640,7 @@ impl Allocator {
         for mut batch in batches {
             let results = batch.wait();
             self.with_pool(dev, |pool, backend, config, after| {
-                pool.returned();
+                pool.returned(&batch);
                 pool.complete(batch, results, backend, config, after)
             });
         }

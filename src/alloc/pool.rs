@@ -109,6 +109,16 @@ impl InFlight {
     pub(crate) fn contains_seq(&self, seq: u64) -> bool {
         self.blocks.iter().any(|&(_, s)| s == seq)
     }
+
+    /// The scrub sequence of the batch's oldest block (the smallest): the batch holds a free
+    /// made before sequence `h` exactly when this is below `h`.
+    fn oldest_seq(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|&(_, s)| s)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
 }
 
 /// A refused free, with the block table untouched. The allocator turns it into an event
@@ -164,9 +174,11 @@ pub(crate) struct DevicePool {
     /// Why the first re-scrub submission refused since they were last submitted was refused:
     /// what `synchronize` says of the re-scrubs still waiting after it submitted them again.
     rescrub_deferred: Option<Deferral>,
-    /// Batches taken out of `in_flight` and being waited on with the lock dropped. Work is
-    /// finished only when this is zero too.
-    out_of_pool: usize,
+    /// Batches taken out of `in_flight` and being waited on with the lock dropped, each as its
+    /// oldest scrub sequence ([`InFlight::oldest_seq`]): a caller that waits for the frees
+    /// made before some point knows whether another thread holds one of them. Work is
+    /// finished only when this is empty too.
+    out_of_pool: Vec<u64>,
     pub(crate) stats: PoolCounters,
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
     /// set (invariant 6), whichever path gets to a submission.
@@ -185,13 +197,14 @@ impl DevicePool {
             watched: HashMap::new(),
             rescrub_waiting: Vec::new(),
             rescrub_deferred: None,
-            out_of_pool: 0,
+            out_of_pool: Vec::new(),
             stats: PoolCounters::default(),
         }
     }
 
-    /// Blocks freed whose scrub has not been applied (PENDING): once exit has begun, none
-    /// will be, and they are leaked.
+    /// Blocks freed whose scrub has not been applied, or whose memory exit kept from going
+    /// back to the backend after it verified (PENDING): once exit has begun, none will be
+    /// handed out or returned, and they are leaked.
     pub(crate) fn pending_blocks(&self) -> usize {
         self.blocks
             .values()
@@ -686,28 +699,41 @@ impl DevicePool {
         }
     }
 
-    /// Takes in-flight batches out, to be waited on with the lock released: all of them, or
-    /// only the one holding scrub `seq`.
-    pub(crate) fn take_in_flight(&mut self, seq: Option<u64>) -> Vec<InFlight> {
-        let taken: Vec<InFlight> = match seq {
-            None => self.in_flight.drain(..).collect(),
-            Some(seq) => match self.in_flight.iter().position(|f| f.contains_seq(seq)) {
-                Some(i) => self.in_flight.remove(i).into_iter().collect(),
-                None => Vec::new(),
-            },
-        };
-        self.out_of_pool += taken.len();
-        taken
+    /// Takes the in-flight batch holding scrub `seq` out (if it is still here), to be waited
+    /// on with the lock released.
+    pub(crate) fn take_batch_holding(&mut self, seq: u64) -> Option<InFlight> {
+        let i = self.in_flight.iter().position(|f| f.contains_seq(seq))?;
+        let batch = self.in_flight.remove(i)?;
+        self.out_of_pool.push(batch.oldest_seq());
+        Some(batch)
     }
 
-    /// A batch taken by [`DevicePool::take_in_flight`] comes back to be applied.
-    pub(crate) fn returned(&mut self) {
-        self.out_of_pool = self.out_of_pool.saturating_sub(1);
-    }
-
-    /// Batches other threads are waiting on with the lock dropped.
-    pub(crate) fn out_of_pool(&self) -> usize {
+    /// Takes out every in-flight batch that holds a block freed before scrub sequence
+    /// `horizon`, to be waited on with the lock released. Batches of later frees stay for
+    /// the flusher.
+    pub(crate) fn take_batches_before(&mut self, horizon: u64) -> Vec<InFlight> {
+        let (taken, kept): (VecDeque<InFlight>, VecDeque<InFlight>) =
+            std::mem::take(&mut self.in_flight)
+                .into_iter()
+                .partition(|f| f.oldest_seq() < horizon);
+        self.in_flight = kept;
         self.out_of_pool
+            .extend(taken.iter().map(InFlight::oldest_seq));
+        taken.into()
+    }
+
+    /// `batch`, taken by one of the `take_*` calls above, comes back to be applied.
+    pub(crate) fn returned(&mut self, batch: &InFlight) {
+        let oldest = batch.oldest_seq();
+        if let Some(i) = self.out_of_pool.iter().position(|&s| s == oldest) {
+            self.out_of_pool.swap_remove(i);
+        }
+    }
+
+    /// Whether another thread is waiting, with the lock dropped, on a batch that holds a
+    /// block freed before scrub sequence `horizon`.
+    pub(crate) fn held_elsewhere_before(&self, horizon: u64) -> bool {
+        self.out_of_pool.iter().any(|&s| s < horizon)
     }
 
     /// Why the scrub of the block at `addr` was refused for now, as the error a caller waiting
@@ -1009,9 +1035,17 @@ impl DevicePool {
 
     /// Removes a verified block from the pool; the allocator hands its memory back to the
     /// backend after dropping the lock.
+    ///
+    /// Once exit has begun nothing goes back to the backend (invariant 6): the block stays
+    /// in the table, in its state, so that the pool still accounts for the bytes the backend
+    /// holds, and nothing counts or records it as released. A block verified for retirement
+    /// stays PENDING, out of every free list: leaked with the blocks whose scrub never ran.
     fn release(&mut self, addr: u64, reason: ReleaseReason, after: &mut Aftermath) {
         // Never release memory a scrub may still be writing.
         if self.blocks.get(&addr).is_none_or(|b| b.scrub_in_flight) {
+            return;
+        }
+        if self.exiting.load(Ordering::Acquire) {
             return;
         }
         let Some(block) = self.blocks.remove(&addr) else {

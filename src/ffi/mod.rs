@@ -563,7 +563,9 @@ pub extern "C" fn kvh_empty_cache() {
     })
 }
 
-/// Submits every pending scrub and waits until each has been verified and applied. Returns
+/// Submits every pending scrub and waits until the scrub of each block freed before the call
+/// (and the re-scrub of one quarantined meanwhile) has been verified and applied; frees other
+/// threads make during the call are submitted but not waited for. Returns
 /// `KVH_OK`, or `KVH_ERR_BACKEND` when an asynchronous backend error has occurred (sticky) or
 /// when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
 /// memory for a batch; the message says which and how many blocks): those blocks stay out of

@@ -1,0 +1,257 @@
+//! Whole-pool operations (`synchronize`, `shutdown`) racing frees, mallocs and checked frees of
+//! other threads. The races are made deterministic with a backend that holds the scrub of one
+//! chosen block in flight until the test releases it, while every other scrub completes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvhygiene::alloc::{Allocator, BlockState};
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::verify::SegmentResult;
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+use kvhygiene::config::Config;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// A host backend whose scrub of one chosen address stays in flight until released.
+struct HoldOne {
+    host: Arc<HostBackend>,
+    /// The address whose batch is held (0: none).
+    held_addr: AtomicU64,
+    /// Whether the held batch has been submitted.
+    held_submitted: AtomicBool,
+    release: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl HoldOne {
+    fn new() -> Arc<Self> {
+        Arc::new(HoldOne {
+            host: HostBackend::new(),
+            held_addr: AtomicU64::new(0),
+            held_submitted: AtomicBool::new(false),
+            release: Arc::new((Mutex::new(false), Condvar::new())),
+        })
+    }
+
+    fn hold(&self, addr: u64) {
+        self.held_addr.store(addr, Ordering::SeqCst);
+    }
+
+    fn let_go(&self) {
+        let (lock, cv) = &*self.release;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    fn wait_until_held_submitted(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.held_submitted.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the held batch was never submitted"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+struct Held {
+    inner: Box<dyn ScrubTicket>,
+    release: Option<Arc<(Mutex<bool>, Condvar)>>,
+}
+
+impl ScrubTicket for Held {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        if let Some(r) = &self.release {
+            if !*r.0.lock().unwrap() {
+                return Ok(None);
+            }
+        }
+        self.inner.poll()
+    }
+
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        if let Some(r) = &self.release {
+            let (lock, cv) = &**r;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+        }
+        self.inner.wait()
+    }
+}
+
+impl Backend for HoldOne {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.host.allocate(device, len)
+    }
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        self.host.release(device, addr, len)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: DevicePtr,
+        l: u64,
+        s: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.host.zero_fresh(d, a, l, s)
+    }
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        let held = self.held_addr.load(Ordering::SeqCst);
+        let holds = held != 0 && batch.segments.iter().any(|s| s.addr == held);
+        // SAFETY: this method's own contract, passed on unchanged.
+        let inner = unsafe { self.host.submit_scrub(batch) }?;
+        if holds {
+            self.held_submitted.store(true, Ordering::SeqCst);
+        }
+        Ok(Box::new(Held {
+            inner,
+            release: holds.then(|| self.release.clone()),
+        }))
+    }
+    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(d, a, dst)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// Every free is submitted at once; the flusher stays out of the way.
+fn config() -> Config {
+    Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        ..Config::default()
+    }
+}
+
+/// Blocks to free on another thread while a whole-pool operation runs.
+fn blocks(alloc: &Allocator, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|_| alloc.malloc(512, 0, StreamHandle(7)).unwrap())
+        .collect()
+}
+
+/// Frees `ptrs` on another thread, one at a time, each once the previous one's scrub was
+/// applied (by whichever thread applies it), until `done` is set: a steady stream of new
+/// scrub batches, as a serving process produces while another thread synchronises.
+fn churn(alloc: Allocator, ptrs: Vec<u64>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut frees = 0;
+        for p in ptrs {
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            if alloc.free(p, 512, 0, StreamHandle(7)).is_err() {
+                break;
+            }
+            frees += 1;
+            let deadline = Instant::now() + Duration::from_millis(50);
+            while alloc.block_info(p).map(|b| b.state) == Some(BlockState::Pending)
+                && !done.load(Ordering::SeqCst)
+                && Instant::now() < deadline
+            {
+                std::thread::yield_now();
+            }
+        }
+        frees
+    })
+}
+
+/// `synchronize` returns success only once every block freed before the call was scrubbed,
+/// verified and applied (include/kvhygiene.h, `kvh_synchronize`), also a block whose batch
+/// another thread (here a checked free) is waiting on with the pool lock dropped, and also
+/// while other threads keep freeing. New frees made during the call may be left for later;
+/// a free made before it may not.
+#[test]
+fn synchronize_does_not_return_over_a_held_batch_while_other_threads_keep_freeing() {
+    let backend = HoldOne::new();
+    let alloc = Allocator::new(backend.clone(), config(), None);
+    let x = alloc.malloc(4096, 0, S).unwrap();
+    let others = blocks(&alloc, 100);
+    backend.hold(x);
+    // The checked free submits x's batch and waits for it with the lock dropped.
+    let checker = {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || alloc.free_checked(x, 4096, 0, S))
+    };
+    backend.wait_until_held_submitted();
+    // x was freed before synchronize is called.
+    let done = Arc::new(AtomicBool::new(false));
+    let syncer = {
+        let (alloc, done) = (alloc.clone(), done.clone());
+        std::thread::spawn(move || {
+            let r = alloc.synchronize();
+            let state = alloc.block_info(x).map(|b| b.state);
+            done.store(true, Ordering::SeqCst);
+            (r, state)
+        })
+    };
+    let frees = churn(alloc.clone(), others, done.clone()).join().unwrap();
+    let returned_early = done.load(Ordering::SeqCst);
+    backend.let_go();
+    let (r, state) = syncer.join().unwrap();
+    checker.join().unwrap().unwrap();
+    assert!(
+        !returned_early || state != Some(BlockState::Pending),
+        "synchronize returned {r:?} while the block freed before it was still {state:?} (its \
+         batch held by another thread); {frees} frees ran on a third thread meanwhile"
+    );
+    assert_eq!(
+        alloc.block_info(x).map(|b| b.state),
+        Some(BlockState::Clean)
+    );
+}
+
+/// `shutdown` scrubs and verifies everything freed before it, then stops all backend calls
+/// (`Allocator::shutdown`, `kvh_shutdown`): a block freed before the call must not be left
+/// PENDING (abandoned, leaked) because other threads kept freeing while it waited.
+#[test]
+fn shutdown_does_not_abandon_a_held_batch_while_other_threads_keep_freeing() {
+    let backend = HoldOne::new();
+    let alloc = Allocator::new(backend.clone(), config(), None);
+    let x = alloc.malloc(4096, 0, S).unwrap();
+    let others = blocks(&alloc, 100);
+    backend.hold(x);
+    let checker = {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || alloc.free_checked(x, 4096, 0, S))
+    };
+    backend.wait_until_held_submitted();
+    let done = Arc::new(AtomicBool::new(false));
+    let stopper = {
+        let (alloc, done) = (alloc.clone(), done.clone());
+        std::thread::spawn(move || {
+            alloc.shutdown();
+            let state = alloc.block_info(x).map(|b| b.state);
+            done.store(true, Ordering::SeqCst);
+            state
+        })
+    };
+    let churner = churn(alloc.clone(), others, done.clone());
+    churner.join().unwrap();
+    let shut_down_early = done.load(Ordering::SeqCst);
+    backend.let_go();
+    let state = stopper.join().unwrap();
+    checker.join().unwrap().unwrap();
+    assert!(
+        !shut_down_early || state != Some(BlockState::Pending),
+        "shutdown returned (exit begun: no more scrubs) while the block freed before it was \
+         still {state:?}, its scrub not yet verified"
+    );
+}

@@ -1,0 +1,54 @@
+//! What the pool's counters and records say about memory once process exit has begun: no
+//! backend call is made then (invariant 6), so memory the pool would have returned to the
+//! backend is leaked, and the counters and records must not say it was returned.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::config::Config;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// A checked free waits for its block's scrub; exit begins meanwhile; the scrub's verdict is
+/// then applied with no backend call. The block was due to be retired (`max_reuse`), which
+/// after exit leaks it: the pool must still account for the bytes the backend still holds,
+/// and neither count the block as released nor record a `release` event for it.
+#[test]
+fn a_block_retired_after_exit_began_is_not_counted_or_recorded_as_released() {
+    let f = Arc::new(Fixture::new(Config {
+        max_reuse: 1,
+        ..manual_config()
+    }));
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 0x5e));
+    f.backend.set_gate(false);
+    let checker = {
+        let f = f.clone();
+        std::thread::spawn(move || f.alloc.free_checked(a, 4096, 0, S))
+    };
+    // The checked free submits its batch and takes it out of the pool under one lock.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.backend.batches.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "batch never submitted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.alloc.begin_exit();
+    f.backend.set_gate(true);
+    checker.join().unwrap().unwrap();
+    let pool_bytes = f.alloc.check_consistency().unwrap().total().bytes;
+    let backend_bytes = f.backend.host.bytes_in_use();
+    let st = f.alloc.stats();
+    assert_eq!(
+        (pool_bytes, st.counters.released, f.sink.count("release")),
+        (backend_bytes, 0, 0),
+        "after exit began the backend still holds {backend_bytes} bytes (nothing may be \
+         returned), but the pool accounts for {pool_bytes}, counts {} released blocks and \
+         recorded {} `release` events",
+        st.counters.released,
+        f.sink.count("release")
+    );
+}
