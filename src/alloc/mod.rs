@@ -102,6 +102,10 @@ struct Inner {
     kv_ledgers: Mutex<kv_gate::Ledgers>,
 }
 
+/// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
+/// after it began, before it waits for the older work only.
+const NEWER_ROUNDS: usize = 64;
+
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
 #[derive(Clone)]
 pub struct Allocator {
@@ -515,17 +519,7 @@ impl Allocator {
     /// threads make meanwhile are submitted, not waited for. Returns the sticky asynchronous
     /// error, if any, or why the backend refused some scrubs for now.
     pub fn synchronize(&self) -> Result<(), String> {
-        // Nothing is scrubbed after shutdown: blocks freed since, or abandoned then, never are.
-        {
-            let left = self.unscrubbed_after_shutdown();
-            if left > 0 {
-                return Err(format!(
-                    "{left} freed blocks are neither verified for reuse nor returned to the \
-                     device, and never will be: shutdown (or process exit) began, and no scrub \
-                     or release runs after it (the blocks are leaked, never handed out)"
-                ));
-            }
-        }
+        self.left_by_shutdown()?;
         let horizon = self.scrub_horizon();
         let mut waiting = None;
         for dev in 0..self.inner.pools.len() as u32 {
@@ -534,6 +528,8 @@ impl Allocator {
                 waiting = self.pool(dev).deferred("the scrub").map(|w| (dev, w));
             }
         }
+        // Exit may have begun while this waited: what it left is never scrubbed.
+        self.left_by_shutdown()?;
         if let Some((dev, (blocks, why))) = waiting {
             // Their scrubs were refused for now and run at a later flush: not waited for.
             return Err(format!(
@@ -549,6 +545,19 @@ impl Allocator {
         {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Nothing is scrubbed or released after shutdown: the blocks freed since, or left pending
+    /// then, never are. An error saying how many, once exit has begun.
+    fn left_by_shutdown(&self) -> Result<(), String> {
+        match self.unscrubbed_after_shutdown() {
+            0 => Ok(()),
+            left => Err(format!(
+                "{left} freed blocks are neither verified for reuse nor returned to the \
+                 device, and never will be: shutdown (or process exit) began, and no scrub \
+                 or release runs after it (the blocks are leaked, never handed out)"
+            )),
         }
     }
 
@@ -583,8 +592,9 @@ impl Allocator {
         self.inner.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Freed blocks left unscrubbed since shutdown began (none will be): what makes
-    /// `synchronize` fail after a shutdown.
+    /// Freed blocks left PENDING once shutdown began: unscrubbed, or verified for retirement
+    /// but not returned (none will be either). What makes `synchronize` fail after a
+    /// shutdown.
     pub fn unscrubbed_after_shutdown(&self) -> usize {
         if !self.is_shut_down() {
             return 0;
@@ -611,17 +621,25 @@ impl Allocator {
     /// Submits open batches of `dev` and waits, with the lock released, for the scrub of
     /// every block freed before scrub sequence `horizon` (its re-scrub too, if it is
     /// quarantined), applying results as they complete. A batch another thread waits on is
-    /// waited for (that thread applies it) when it holds such a block. Frees made after
-    /// `horizon` are submitted but not waited for: other threads that keep freeing cannot
-    /// keep the caller waiting, and cannot make it stop before the work it waits for is
-    /// done. Blocks whose scrub the backend refused for now stay in open batches (the caller
-    /// asks `DevicePool::deferred`). Returns early once exit has begun.
+    /// waited for (that thread applies it) when it holds such a block. Blocks whose scrub
+    /// the backend refused for now stay in open batches (the caller asks
+    /// `DevicePool::deferred`). Returns early once exit has begun.
+    ///
+    /// For up to `NEWER_ROUNDS` rounds it also waits for the batches in the pool of frees
+    /// made after `horizon`: the memory they free is what out-of-memory recovery and
+    /// `empty_cache` are after, and what `shutdown` would otherwise abandon. Then only the
+    /// older work is waited for, so other threads that keep freeing can neither keep the
+    /// caller waiting nor make it stop before that work is done.
     fn drain_pool(&self, dev: u32, horizon: u64) {
+        let mut newer_rounds = NEWER_ROUNDS;
         while !self.inner.shutting_down.load(Ordering::Acquire) {
+            let upto = if newer_rounds > 0 { u64::MAX } else { horizon };
             let (batches, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_open(false, backend, config, after);
                 pool.submit_rescrubs(backend, config, after);
-                let batches = pool.take_batches_before(horizon);
+                let batches = pool.take_batches_before(upto);
+                // Only the older work is waited for in other threads' hands: a stream of
+                // checked frees could keep a newer batch out at every moment.
                 (batches, pool.held_elsewhere_before(horizon))
             });
             if batches.is_empty() {
@@ -631,6 +649,7 @@ impl Allocator {
                 std::thread::sleep(Duration::from_micros(50));
                 continue;
             }
+            newer_rounds = newer_rounds.saturating_sub(1);
             self.wait_and_apply(dev, batches);
         }
     }

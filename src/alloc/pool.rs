@@ -924,12 +924,16 @@ impl DevicePool {
                 (false, true, Disposition::Reuse) => {
                     self.make_clean(addr, now, config.tenant_isolation)
                 }
-                (false, true, Disposition::Retire(reason)) => self.release(addr, reason, after),
+                (false, true, Disposition::Retire(reason)) => {
+                    self.release(addr, reason, after);
+                }
                 (false, true, Disposition::Quarantine(reason)) => {
                     self.quarantine(addr, reason, after)
                 }
                 (false, false, _) => self.quarantine(addr, QuarantineReason::VerifyFailed, after),
-                (true, true, _) => self.release(addr, ReleaseReason::QuarantineCleared, after),
+                (true, true, _) => {
+                    self.release(addr, ReleaseReason::QuarantineCleared, after);
+                }
                 (true, false, _) => self.condemn(addr, QuarantineReason::RescrubFailed, after),
             }
         }
@@ -1040,16 +1044,17 @@ impl DevicePool {
     /// in the table, in its state, so that the pool still accounts for the bytes the backend
     /// holds, and nothing counts or records it as released. A block verified for retirement
     /// stays PENDING, out of every free list: leaked with the blocks whose scrub never ran.
-    fn release(&mut self, addr: u64, reason: ReleaseReason, after: &mut Aftermath) {
+    /// Returns whether the block left the pool.
+    fn release(&mut self, addr: u64, reason: ReleaseReason, after: &mut Aftermath) -> bool {
         // Never release memory a scrub may still be writing.
         if self.blocks.get(&addr).is_none_or(|b| b.scrub_in_flight) {
-            return;
+            return false;
         }
         if self.exiting.load(Ordering::Acquire) {
-            return;
+            return false;
         }
         let Some(block) = self.blocks.remove(&addr) else {
-            return;
+            return false;
         };
         let capacity = block.capacity();
         match block.state {
@@ -1061,18 +1066,33 @@ impl DevicePool {
         self.stats.counters.released += 1;
         after.releases.push((addr, capacity));
         after.event(EventKind::Released { reason }, &block);
+        true
+    }
+
+    /// Releases `addr`, taken off `key`'s free list, if it is CLEAN; one that stays (exit
+    /// began: `release`) goes back on the list, where every CLEAN block must be.
+    fn release_listed(
+        &mut self,
+        key: FreeKey,
+        addr: u64,
+        reason: ReleaseReason,
+        after: &mut Aftermath,
+    ) {
+        let clean = self
+            .blocks
+            .get(&addr)
+            .is_some_and(|b| b.state == BlockState::Clean);
+        if clean && !self.release(addr, reason, after) {
+            self.free_lists.entry(key).or_default().push(addr);
+        }
     }
 
     /// Returns every CLEAN block to the backend (`kvh_empty_cache`, out-of-memory recovery).
     pub(crate) fn release_clean(&mut self, after: &mut Aftermath) {
-        let addrs: Vec<u64> = self.free_lists.drain().flat_map(|(_, v)| v).collect();
-        for addr in addrs {
-            if self
-                .blocks
-                .get(&addr)
-                .is_some_and(|b| b.state == BlockState::Clean)
-            {
-                self.release(addr, ReleaseReason::EmptyCache, after);
+        let lists: Vec<(FreeKey, Vec<u64>)> = self.free_lists.drain().collect();
+        for (key, addrs) in lists {
+            for addr in addrs {
+                self.release_listed(key, addr, ReleaseReason::EmptyCache, after);
             }
         }
     }
@@ -1105,19 +1125,19 @@ impl DevicePool {
         let now = Instant::now();
         let blocks = &self.blocks;
         let mut stale = Vec::new();
-        for list in self.free_lists.values_mut() {
+        for (&key, list) in self.free_lists.iter_mut() {
             list.retain(|a| {
                 let old = blocks
                     .get(a)
                     .is_some_and(|b| now.duration_since(b.state_since) > ttl);
                 if old {
-                    stale.push(*a);
+                    stale.push((key, *a));
                 }
                 !old
             });
         }
-        for addr in stale {
-            self.release(addr, ReleaseReason::IdleTtl, after);
+        for (key, addr) in stale {
+            self.release_listed(key, addr, ReleaseReason::IdleTtl, after);
         }
     }
 

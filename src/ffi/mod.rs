@@ -570,8 +570,10 @@ pub extern "C" fn kvh_empty_cache() {
 /// when the backend refused some scrubs for now (a CUDA graph capture on their stream, no
 /// memory for a batch; the message says which and how many blocks): those blocks stay out of
 /// use and are scrubbed at a later flush, so call again once the capture ended or memory was
-/// freed. After `kvh_shutdown`, `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left
-/// pending then) were not scrubbed: none will be, and they are leaked, never handed out.
+/// freed. After `kvh_shutdown` (also one that began during the call),
+/// `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left pending then) were not scrubbed,
+/// or were verified but could not be returned to the device: none will be, and they are
+/// leaked, never handed out.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
@@ -618,7 +620,8 @@ pub extern "C" fn kvh_init() -> c_int {
     })
 }
 
-/// Orderly shutdown before process exit: scrubs and verifies everything freed, writes the
+/// Orderly shutdown before process exit: scrubs and verifies everything freed before the call
+/// (frees other threads make meanwhile are scrubbed if they can be, else leaked), writes the
 /// forensic log's stop record, then makes no further device calls. Later allocations are
 /// served only from clean pooled blocks (already verified, no device call), so teardown code
 /// that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
