@@ -23,6 +23,8 @@ struct HoldOne {
     held_addr: AtomicU64,
     /// Whether the held batch has been submitted.
     held_submitted: AtomicBool,
+    /// Whether waiting on the held batch panics (a faulty backend) instead of blocking.
+    panic_on_wait: AtomicBool,
     release: Arc<(Mutex<bool>, Condvar)>,
 }
 
@@ -32,6 +34,7 @@ impl HoldOne {
             host: HostBackend::new(),
             held_addr: AtomicU64::new(0),
             held_submitted: AtomicBool::new(false),
+            panic_on_wait: AtomicBool::new(false),
             release: Arc::new((Mutex::new(false), Condvar::new())),
         })
     }
@@ -61,6 +64,7 @@ impl HoldOne {
 struct Held {
     inner: Box<dyn ScrubTicket>,
     release: Option<Arc<(Mutex<bool>, Condvar)>>,
+    panics: bool,
 }
 
 impl ScrubTicket for Held {
@@ -74,6 +78,7 @@ impl ScrubTicket for Held {
     }
 
     fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        assert!(!self.panics, "the backend's wait panicked");
         if let Some(r) = &self.release {
             let (lock, cv) = &**r;
             let mut open = lock.lock().unwrap();
@@ -118,6 +123,7 @@ impl Backend for HoldOne {
         Ok(Box::new(Held {
             inner,
             release: holds.then(|| self.release.clone()),
+            panics: holds && self.panic_on_wait.load(Ordering::SeqCst),
         }))
     }
     fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
@@ -253,5 +259,39 @@ fn shutdown_does_not_abandon_a_held_batch_while_other_threads_keep_freeing() {
         !shut_down_early || state != Some(BlockState::Pending),
         "shutdown returned (exit begun: no more scrubs) while the block freed before it was \
          still {state:?}, its scrub not yet verified"
+    );
+}
+
+/// A panic while a whole-pool wait waits on a batch (a faulty backend's wait; the C boundary
+/// catches it) leaves that batch's blocks leaked, but must not leave the batch counted as
+/// held by a thread: every later whole-pool wait, the exit's own included, would wait for it
+/// forever.
+#[test]
+fn a_panic_while_waiting_on_a_batch_does_not_hang_later_whole_pool_waits() {
+    let backend = HoldOne::new();
+    let alloc = Allocator::new(backend.clone(), config(), None);
+    let x = alloc.malloc(4096, 0, S).unwrap();
+    backend.hold(x);
+    backend.panic_on_wait.store(true, Ordering::SeqCst);
+    alloc.free(x, 4096, 0, S).unwrap();
+    backend.wait_until_held_submitted();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
+    assert!(caught.is_err(), "the backend's wait did not panic");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || {
+            alloc.shutdown();
+            let _ = tx.send(());
+        });
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "shutdown still waits, 5 s on, for the batch whose wait panicked"
+    );
+    assert_eq!(
+        alloc.block_info(x).map(|b| b.state),
+        Some(BlockState::Pending),
+        "the block whose scrub was never applied is leaked, never handed out"
     );
 }

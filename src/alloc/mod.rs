@@ -106,6 +106,26 @@ struct Inner {
 /// after it began, before it waits for the older work only.
 const NEWER_ROUNDS: usize = 64;
 
+/// The batches a `wait_and_apply` has not applied yet, by oldest scrub sequence: forgotten by
+/// the pool if the thread unwinds before it applies them.
+struct Unapplied<'a> {
+    alloc: &'a Allocator,
+    dev: u32,
+    oldest: std::collections::VecDeque<u64>,
+}
+
+impl Drop for Unapplied<'_> {
+    fn drop(&mut self) {
+        if self.oldest.is_empty() {
+            return;
+        }
+        let mut pool = self.alloc.pool(self.dev);
+        for &seq in &self.oldest {
+            pool.abandoned(seq);
+        }
+    }
+}
+
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
 #[derive(Clone)]
 pub struct Allocator {
@@ -655,9 +675,20 @@ impl Allocator {
     }
 
     /// Waits for batches taken out of the pool (lock released), then applies each.
+    ///
+    /// A panic on the way (a backend's wait, an event sink; the C boundary catches it) must
+    /// not leave the batches not yet applied counted as held by this thread: every later
+    /// whole-pool wait would wait for them forever, an exit included. They are forgotten
+    /// instead (`DevicePool::abandoned`), their blocks leaked.
     fn wait_and_apply(&self, dev: u32, batches: Vec<InFlight>) {
+        let mut unapplied = Unapplied {
+            alloc: self,
+            dev,
+            oldest: batches.iter().map(InFlight::oldest_seq).collect(),
+        };
         for mut batch in batches {
             let results = batch.wait();
+            unapplied.oldest.pop_front();
             self.with_pool(dev, |pool, backend, config, after| {
                 pool.returned(&batch);
                 pool.complete(batch, results, backend, config, after)

@@ -112,7 +112,7 @@ impl InFlight {
 
     /// The scrub sequence of the batch's oldest block (the smallest): the batch holds a free
     /// made before sequence `h` exactly when this is below `h`.
-    fn oldest_seq(&self) -> u64 {
+    pub(crate) fn oldest_seq(&self) -> u64 {
         self.blocks
             .iter()
             .map(|&(_, s)| s)
@@ -724,7 +724,13 @@ impl DevicePool {
 
     /// `batch`, taken by one of the `take_*` calls above, comes back to be applied.
     pub(crate) fn returned(&mut self, batch: &InFlight) {
-        let oldest = batch.oldest_seq();
+        self.abandoned(batch.oldest_seq());
+    }
+
+    /// A batch taken out with this oldest scrub sequence will not come back (the thread that
+    /// waited on it unwound): nothing waits for it any more. Its blocks stay marked in
+    /// flight, so none is handed out or released: they are leaked.
+    pub(crate) fn abandoned(&mut self, oldest: u64) {
         if let Some(i) = self.out_of_pool.iter().position(|&s| s == oldest) {
             self.out_of_pool.swap_remove(i);
         }
