@@ -305,6 +305,9 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                     Status::Fail,
                     format!("{shown}: its directory does not exist"),
                 )
+            } else if let Err(e) = crate::metrics::textfile::check_replaceable(&file) {
+                // The exporter would refuse to replace it: no metrics file for the probes.
+                check("metrics file", Status::Fail, format!("{shown}: {e}"))
             } else if !files::may_write(&parent) {
                 check(
                     "metrics file",

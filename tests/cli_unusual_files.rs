@@ -137,3 +137,66 @@ fn tail_log_once_refuses_a_fifo_as_state_file() {
     );
     assert_refused("tail-log --state", r, &f);
 }
+
+/// A chain file the verifying user cannot read (a copy of the log made by another user, an
+/// auditor's account that is not the writer's) is an I/O error, exit 2, as `verify-log`,
+/// `evidence` and `tail-log` document it ("2 usage or I/O error"), and as `kvh gate` already
+/// answers it. It is not tampering (exit 1): operations.md has exit 1 of verify-log escalated
+/// as a security incident, and tail-log would hand a `"tampering"` line to the SIEM.
+#[test]
+fn an_unreadable_chain_file_is_an_io_error_not_tampering() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(tmp.path(), 0o755);
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    open(&dir, 0o755);
+    let chain = forensic_common::chain_files(&dir);
+    assert_eq!(chain.len(), 1);
+    open(&chain[0], 0o000);
+    for args in [
+        &["verify-log"][..],
+        &["evidence"][..],
+        &["tail-log", "--once", "--from-start"][..],
+    ] {
+        let mut cmd = kvh();
+        cmd.args(args).arg(&dir);
+        // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and
+        // exec. Root reads any file: the verifier runs as nobody.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::geteuid() == 0
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(65534) != 0
+                        || libc::setuid(65534) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            format!("{stdout}{stderr}").contains("Permission denied"),
+            "{args:?}: the chain file must be unreadable to the verifier: {stdout}{stderr}"
+        );
+        assert!(
+            !stdout.contains("tampering"),
+            "{args:?}: an unreadable file is reported as tampering: {stdout}{stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: a log this user cannot read is an I/O error, not a log that failed \
+             verification: {stdout}{stderr}"
+        );
+    }
+}

@@ -224,3 +224,38 @@ fn limit_file_size(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// `--metrics-file` names where the run's snapshot goes; a file already there that is not a
+/// kvhygiene metrics snapshot (here an HMAC key file, as a mistyped or tab-completed name
+/// gives) is not the demo's to replace. keygen never overwrites a key and tail-log refuses
+/// a --state file that is not its own; the demo must likewise leave such a file as it was
+/// and exit 2 (its snapshot could not be written), not replace it with a world-readable
+/// snapshot.
+#[test]
+fn a_metrics_file_that_is_not_a_snapshot_is_not_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("hmac.key");
+    let secret = b"0123456789abcdef0123456789abcdef\n";
+    std::fs::write(&key, secret).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--metrics-file",
+        ])
+        .arg(&key));
+    assert!(!err.contains("panicked"), "{err}");
+    let now = std::fs::read(&key).unwrap();
+    assert_eq!(
+        now,
+        secret,
+        "the demo replaced {} (not a metrics snapshot) with its snapshot:\n{out}{err}",
+        key.display()
+    );
+    assert_eq!(code, 2, "{out}{err}");
+}

@@ -1527,3 +1527,57 @@ fn a_run_whose_start_names_no_policy_digest_is_not_approved() {
         "{policy}"
     );
 }
+
+/// `--max-gap` lists the stretches without any record "with --since or --until". Given
+/// without either, it must not be accepted and then do nothing: an auditor who asks for the
+/// gaps of the whole log and gets a report without any would read it as a log without gaps.
+/// The other options that only work beside another one (`--checkpoint` without
+/// `--public-key`, `--allow-pruned` without `--key-file`) are usage errors; so is this one,
+/// or the report lists the gaps of the whole log.
+#[test]
+fn max_gap_without_an_audit_period_is_refused_or_lists_the_gaps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp); // records 60 to 120 minutes apart
+    let d = dir.to_str().expect("utf-8 path");
+    let out = kvh(&["evidence", d, "--json", "--max-gap", "30"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let refused = out.status.code() == Some(2) && err.contains("--max-gap");
+    let listed = v["audit_period"]["gaps"]
+        .as_array()
+        .is_some_and(|g| !g.is_empty());
+    assert!(
+        refused || listed,
+        "--max-gap 30 over a log whose records are up to 120 minutes apart was accepted \
+         (exit {:?}) and no gap was listed: {err}{v}",
+        out.status.code()
+    );
+}
+
+/// A chain whose last line was cut short (a writer that died mid-write, or a file cut by
+/// hand) verifies, and `verify-log` says so: "torn tail of N bytes (writer crashed)". Those
+/// bytes were (part of) a record that is not in the log. The auditor's report, made from the
+/// same verification, must not drop that: a report that reads "VERIFIED" with no word of the
+/// cut record hides what the verifier found.
+#[test]
+fn the_report_names_a_torn_tail_that_verify_log_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let files = chain_files(&dir);
+    let last = files.last().unwrap();
+    let bytes = std::fs::read(last).unwrap();
+    std::fs::write(last, &bytes[..bytes.len() - 20]).unwrap();
+    let d = dir.to_str().expect("utf-8 path");
+    let verify = kvh(&["verify-log", d], &[]);
+    let verify_out = String::from_utf8_lossy(&verify.stdout);
+    assert_eq!(verify.status.code(), Some(0), "{verify_out}");
+    assert!(verify_out.contains("torn tail"), "{verify_out}");
+    let out = kvh(&["evidence", d], &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        report.to_lowercase().contains("torn"),
+        "verify-log reports a torn tail ({verify_out}), the evidence report does not:\n{report}"
+    );
+}

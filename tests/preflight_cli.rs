@@ -217,6 +217,22 @@ fn metrics_exports_that_cannot_work_fail() {
     assert_eq!(code, 1);
     assert_eq!(status(&report, "metrics file").0, "fail", "{report}");
 
+    // A file there that is not a snapshot (a key, by a mistyped name): the exporter would
+    // not replace it, so the probes would have no metrics file.
+    let mut env = Env::new();
+    let key = env.root().join("other.key");
+    fs::write(&key, "0011223344556677\n").unwrap();
+    env.set("KVH_METRICS_FILE", key.display().to_string());
+    let (code, report) = env.preflight(&[]);
+    assert_eq!(code, 1);
+    let (st, detail) = status(&report, "metrics file");
+    assert_eq!(st, "fail", "{report}");
+    assert!(
+        detail.contains("not a kvhygiene metrics snapshot"),
+        "{detail}"
+    );
+    assert_eq!(fs::read_to_string(&key).unwrap(), "0011223344556677\n");
+
     let mut env = Env::new();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     env.set("KVH_METRICS_ADDR", taken.local_addr().unwrap().to_string());

@@ -48,7 +48,8 @@ enum Command {
     /// is preempted down a path that skips the scrub, which the gate must catch. Every new
     /// allocation and every borrowed block is read back: any non-zero byte would be a leak.
     /// Exit status 0 when nothing had residue and the gate caught every unscrubbed block
-    /// (and, with --inject-fault, both sabotaged scrubs were caught); 1 when not; 2 for a
+    /// (and, with --inject-fault, both sabotaged scrubs were caught) and, with a forensic
+    /// log, no record was lost; 1 when not; 2 for a
     /// usage, configuration or start-up error, or a report or --metrics-file snapshot that
     /// could not be written.
     Demo(DemoArgs),
@@ -144,7 +145,7 @@ fn write_demo_metrics(
         std::time::SystemTime::now(),
         labels,
     );
-    kvhygiene::metrics::textfile::write_atomic(&file, text.as_bytes())
+    kvhygiene::metrics::textfile::replace_snapshot(&file, text.as_bytes())
         .map_err(|e| format!("--metrics-file {}: {e}", file.display()))?;
     Ok(Some(file))
 }
@@ -535,6 +536,12 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         file: args.metrics_file.clone(),
         ..Default::default()
     };
+    // Before the run, as at the write: a file there that is not a snapshot is not replaced.
+    if let Some(file) = demo_metrics.file_for(std::process::id()) {
+        if let Err(e) = kvhygiene::metrics::textfile::check_replaceable(&file) {
+            return usage_error(&format!("--metrics-file {}: {e}", file.display()));
+        }
+    }
     // Before the log opens: it takes the secret out of the environment.
     let secret_in_env = std::env::var_os("FORENSIC_HMAC_SECRET").is_some();
     let log = match open_log(&config) {

@@ -49,16 +49,16 @@ pub struct EvidenceArgs {
     /// first half of 2026.
     #[arg(long, value_name = "TIME", value_parser = period::parse_instant)]
     pub until: Option<u64>,
-    /// With --since or --until: list the stretches of the period of at least this many minutes
-    /// in which no process wrote a record (a running writer records a summary every
-    /// summary_interval_ms, a minute by default, even when idle).
+    /// With --since or --until (it needs one of them): list the stretches of the period of at
+    /// least this many minutes (10 when not given) in which no process wrote a record (a
+    /// running writer records a summary every summary_interval_ms, a minute by default, even
+    /// when idle).
     #[arg(
         long,
         value_name = "MINUTES",
-        default_value_t = 10,
         value_parser = clap::value_parser!(u64).range(1..=5_256_000)
     )]
-    pub max_gap: u64,
+    pub max_gap: Option<u64>,
     /// Report on one tenant: the KV scrubs, exceptions and anomalies whose records name it
     /// (as the tenant of the request, or as the caller of a refused free), for a customer's
     /// audit or an incident. The whole log is still verified; starts, recoveries, summaries
@@ -86,7 +86,7 @@ impl EvidenceArgs {
             approved_config: Vec::new(),
             since: None,
             until: None,
-            max_gap: 10,
+            max_gap: None,
             tenant: None,
         }
     }
@@ -263,7 +263,18 @@ pub struct Integrity {
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
     /// the moved range's end are not in this report.
     pub pruned: Vec<PrunedChain>,
+    /// Chains whose newest file ends in an incomplete line, with its length in bytes: part
+    /// of a record that is not in the log (a writer that died mid-write, or a file cut
+    /// short). Listed, not failed, as `verify-log` lists them.
+    pub torn_tails: Vec<TornTail>,
     pub problems: Vec<String>,
+}
+
+/// A chain's incomplete last line ([`Integrity::torn_tails`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TornTail {
+    pub chain: String,
+    pub bytes: u64,
 }
 
 /// The chains one HMAC secret sealed (after a key rotation, several secrets are given).
@@ -457,7 +468,7 @@ fn collect_once(
     };
     let mut tally = Tally {
         period,
-        gap_ns: args.max_gap.saturating_mul(60_000_000_000),
+        gap_ns: max_gap_minutes(args).saturating_mul(60_000_000_000),
         tenant: args.tenant.clone(),
         ..Tally::default()
     };
@@ -606,8 +617,25 @@ fn pruned_message(chain: &str) -> String {
     format!("chain {chain} was pruned while the report was being made (prune-log ran)")
 }
 
-/// The period `--since` / `--until` name, refused when it is empty.
+/// `--max-gap`'s minutes, or the default.
+fn max_gap_minutes(args: &EvidenceArgs) -> u64 {
+    args.max_gap.unwrap_or(DEFAULT_MAX_GAP_MINUTES)
+}
+
+/// Gaps listed when `--max-gap` is not given: ten summaries missed at the default interval.
+const DEFAULT_MAX_GAP_MINUTES: u64 = 10;
+
+/// The period `--since` / `--until` name, refused when it is empty; `--max-gap` without
+/// either is refused too (gaps are listed for an audit period only, and an auditor asking
+/// for them must not get a report without them).
 fn audit_period_of(args: &EvidenceArgs) -> Result<Period, String> {
+    if args.max_gap.is_some() && args.since.is_none() && args.until.is_none() {
+        return Err(
+            "--max-gap needs --since or --until: gaps are listed for an audit period \
+                    (--since with the day of the log's first record covers the whole log)"
+                .into(),
+        );
+    }
     if let (Some(since), Some(until)) = (args.since, args.until) {
         if since >= until {
             return Err(format!(
@@ -642,7 +670,7 @@ fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) 
         searched: searched.map(|(a, b)| (rfc3339(a), rfc3339(b))),
         records_outside: tally.records_outside,
         counters_from_summaries: true,
-        max_gap_minutes: args.max_gap,
+        max_gap_minutes: max_gap_minutes(args),
         counters_unattributed: tally.counters_unattributed,
         gaps: gaps
             .into_iter()
@@ -791,6 +819,15 @@ fn integrity(r: &Report) -> Integrity {
                     chain: c.chain.clone(),
                     pruned: c.pruned.clone()?,
                 })
+            })
+            .collect(),
+        torn_tails: r
+            .chains
+            .iter()
+            .filter(|c| c.ok() && c.torn_bytes > 0)
+            .map(|c| TornTail {
+                chain: c.chain.clone(),
+                bytes: c.torn_bytes,
             })
             .collect(),
         problems,
@@ -1677,6 +1714,15 @@ pub fn render(ev: &Evidence) -> String {
             },
             cell(&p.archive),
             p.last_seq
+        ));
+    }
+    for t in &i.torn_tails {
+        push(format!(
+            "- Attention: chain {}: its newest file ends in {} bytes of an incomplete record \
+             (torn tail: its writer died while writing it, or the file was cut short); that \
+             record is not in this report.",
+            cell(&t.chain),
+            t.bytes
         ));
     }
     for p in &i.problems {

@@ -838,6 +838,11 @@ fn verify_chain(
         }
         let bytes = match files::read_capped(path) {
             Ok(b) => b,
+            // The reader may not read the file (a log copied under another account): nothing
+            // is known of its bytes, so the run fails as an I/O error, not as tampering.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(VerifyError(format!("{}: {e}", path.display())));
+            }
             Err(e) => {
                 // A planted or broken file is a problem of this chain, not of the whole run.
                 w.report.problem = Some(unreadable(&name, &e));

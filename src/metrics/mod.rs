@@ -221,7 +221,7 @@ impl Inner {
         if periodic && self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let result = textfile::write_atomic(path, self.render().as_bytes());
+        let result = textfile::replace_snapshot(path, self.render().as_bytes());
         match &result {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
@@ -581,6 +581,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("kvh.prom")]);
+    }
+
+    /// A file there that is not a snapshot (a key file named by mistake) is never replaced:
+    /// every write is refused and counted, and the file stays as it was.
+    #[test]
+    fn a_file_that_is_not_a_snapshot_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hmac.key");
+        std::fs::write(&path, "00112233\n").unwrap();
+        let cfg = MetricsConfig {
+            file: Some(path.clone()),
+            interval_ms: 3_600_000,
+            addr: None,
+        };
+        let exporter = Exporter::start(&cfg, counting(Arc::new(AtomicU64::new(1)))).unwrap();
+        let err = exporter.write_file_now().unwrap_err();
+        assert!(
+            err.to_string().contains("not a kvhygiene metrics snapshot"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "00112233\n");
+        assert!(exporter.inner.textfile_errors.load(Ordering::Relaxed) >= 1);
     }
 
     #[test]

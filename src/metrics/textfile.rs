@@ -40,6 +40,74 @@ pub fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
     })
 }
 
+/// Bytes of an existing file read to tell whether it is a snapshot: its first line.
+const SNIFF_BYTES: usize = 4096;
+
+/// Replaces the snapshot at `path` with `contents` ([`write_atomic`]) after
+/// [`check_replaceable`]: what the exporter and `kvh demo` write through.
+pub fn replace_snapshot(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    check_replaceable(path)?;
+    write_atomic(path, contents)
+}
+
+/// Whether a snapshot may replace what is at `path`: nothing, an empty regular file, or a
+/// regular file whose first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
+/// a `kvh_` sample). Anything else there (a key file, a log, another program's metrics, a
+/// link, a directory), named by a mistyped or tab-completed path, is not the exporter's to
+/// replace: an error that says so without quoting the file (nor naming the path, which the
+/// caller's message does). Guards against mistakes, not
+/// against a user who can write the directory (who could replace the file anyway).
+pub fn check_replaceable(path: &Path) -> std::io::Result<()> {
+    let refused = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!(
+                "{what} is there, not a kvhygiene metrics snapshot; it is not replaced \
+                 (remove it or choose another name)"
+            ),
+        )
+    };
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if md.is_symlink() {
+        return Err(refused("a symbolic link"));
+    }
+    if md.is_dir() {
+        return Err(refused("a directory"));
+    }
+    if !md.is_file() {
+        return Err(refused("a special file"));
+    }
+    // Opened as the log's readers open files: no link followed, a FIFO cannot hang it.
+    let head = crate::forensic::files::open_regular(path, u64::MAX).and_then(|(f, _)| {
+        use std::io::Read;
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        f.take(SNIFF_BYTES as u64).read_to_end(&mut head)?;
+        Ok(head)
+    });
+    let head = match head {
+        Ok(h) => h,
+        // Replaced by another writer between the two looks: nothing left to protect.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if head.is_empty() || is_snapshot_start(&head) {
+        Ok(())
+    } else {
+        Err(refused("a file"))
+    }
+}
+
+/// Whether `head`, a file's first bytes, starts as a kvhygiene snapshot does.
+fn is_snapshot_start(head: &[u8]) -> bool {
+    [b"# HELP kvh_".as_slice(), b"# TYPE kvh_", b"kvh_"]
+        .iter()
+        .any(|p| head.starts_with(p))
+}
+
 /// Replaces `path` with `contents` atomically (temporary file + rename). On failure the
 /// temporary file is removed and `path` is left as it was. No fsync: a snapshot lost to a
 /// power cut is replaced by the next one.
@@ -93,6 +161,36 @@ mod tests {
         );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & !0o644, 0, "at most 0644: {mode:o}");
+    }
+
+    #[test]
+    fn only_a_snapshot_or_an_empty_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvh.prom");
+        replace_snapshot(&path, b"kvh_up 1\n").unwrap();
+        replace_snapshot(&path, b"# HELP kvh_up Up.\nkvh_up 1\n").unwrap();
+        std::fs::write(&path, b"").unwrap();
+        replace_snapshot(&path, b"kvh_up 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "kvh_up 2\n");
+        let key = dir.path().join("hmac.key");
+        std::fs::write(&key, b"00112233\n").unwrap();
+        let e = replace_snapshot(&key, b"kvh_up 1\n").unwrap_err();
+        assert!(
+            e.to_string().contains("not a kvhygiene metrics snapshot"),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains("00112233"),
+            "the file is not quoted: {e}"
+        );
+        assert_eq!(std::fs::read(&key).unwrap(), b"00112233\n");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(replace_snapshot(&sub, b"kvh_up 1\n").is_err());
+        let link = dir.path().join("link.prom");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(replace_snapshot(&link, b"kvh_up 1\n").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "kvh_up 2\n");
     }
 
     #[test]
