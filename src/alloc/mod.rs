@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::backend::verify::SegmentResult;
 use crate::backend::{Backend, BackendError, StreamHandle};
 use crate::config::Config;
 use crate::context::Context;
@@ -34,7 +35,7 @@ use block::{Block, Disposition};
 pub use block::{BlockInfo, BlockSpan, BlockState};
 pub use kv::{KvLayout, KvScrubError, KvScrubReport};
 pub use kv_gate::{KvClaimError, KvClaimReport};
-use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused};
+use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused, Release};
 use size_class::SizeClass;
 
 /// Why an allocation failed.
@@ -106,24 +107,36 @@ struct Inner {
 /// after it began, before it waits for the older work only.
 const NEWER_ROUNDS: usize = 64;
 
-/// The batches a `wait_and_apply` has not applied yet, by oldest scrub sequence: forgotten by
-/// the pool if the thread unwinds before it applies them.
-struct Unapplied<'a> {
+/// The batches a `wait_and_apply` has taken and not yet waited on: put back in the pool
+/// (`DevicePool::put_back`) if the thread unwinds first, for another thread or the flusher to
+/// apply. Only pool state is touched here: no backend call, no event.
+struct NotWaited<'a> {
     alloc: &'a Allocator,
     dev: u32,
-    oldest: std::collections::VecDeque<u64>,
+    batches: std::collections::VecDeque<InFlight>,
 }
 
-impl Drop for Unapplied<'_> {
+impl Drop for NotWaited<'_> {
     fn drop(&mut self) {
-        if self.oldest.is_empty() {
+        if self.batches.is_empty() {
             return;
         }
         let mut pool = self.alloc.pool(self.dev);
-        for &seq in &self.oldest {
-            pool.abandoned(seq);
+        for batch in self.batches.drain(..).rev() {
+            pool.put_back(batch);
         }
     }
+}
+
+/// Waits for `batch`; a backend whose wait panics gives it an error instead (results lost, as
+/// for a wait that failed), so that the batch is applied and its blocks are not left in
+/// flight for ever.
+fn wait_catching_panics(batch: &mut InFlight) -> Result<Vec<SegmentResult>, BackendError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.wait())).unwrap_or_else(|_| {
+        Err(BackendError::Other(
+            "the backend panicked while waiting for a scrub batch".into(),
+        ))
+    })
 }
 
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
@@ -612,15 +625,15 @@ impl Allocator {
         self.inner.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Freed blocks left PENDING once shutdown began: unscrubbed, or verified for retirement
-    /// but not returned (none will be either). What makes `synchronize` fail after a
-    /// shutdown.
+    /// Freed blocks shutdown left neither reusable nor returned (none will be either): PENDING
+    /// ones (unscrubbed, or verified for retirement) and QUARANTINED ones not condemned (their
+    /// re-scrub not run, or verified). What makes `synchronize` fail after a shutdown.
     pub fn unscrubbed_after_shutdown(&self) -> usize {
         if !self.is_shut_down() {
             return 0;
         }
         (0..self.inner.pools.len() as u32)
-            .map(|dev| self.pool(dev).pending_blocks())
+            .map(|dev| self.pool(dev).unsettled_blocks())
             .sum()
     }
 
@@ -676,19 +689,19 @@ impl Allocator {
 
     /// Waits for batches taken out of the pool (lock released), then applies each.
     ///
-    /// A panic on the way (a backend's wait, an event sink; the C boundary catches it) must
-    /// not leave the batches not yet applied counted as held by this thread: every later
-    /// whole-pool wait would wait for them forever, an exit included. They are forgotten
-    /// instead (`DevicePool::abandoned`), their blocks leaked.
+    /// A taken batch must come back to the pool whatever happens, or every later whole-pool
+    /// wait (an exit's included) and every checked free of its blocks would wait for it
+    /// forever. A backend whose wait panics gives the batch an error, as a failed wait does
+    /// (its blocks go to quarantine and a re-scrub); a panic after that (an event sink; the C
+    /// boundary catches it) puts the batches not yet waited on back in the pool (`NotWaited`).
     fn wait_and_apply(&self, dev: u32, batches: Vec<InFlight>) {
-        let mut unapplied = Unapplied {
+        let mut not_waited = NotWaited {
             alloc: self,
             dev,
-            oldest: batches.iter().map(InFlight::oldest_seq).collect(),
+            batches: batches.into(),
         };
-        for mut batch in batches {
-            let results = batch.wait();
-            unapplied.oldest.pop_front();
+        while let Some(mut batch) = not_waited.batches.pop_front() {
+            let results = wait_catching_panics(&mut batch);
             self.with_pool(dev, |pool, backend, config, after| {
                 pool.returned(&batch);
                 pool.complete(batch, results, backend, config, after)
@@ -862,17 +875,10 @@ impl Allocator {
     }
 
     fn settle(&self, dev: u32, mut after: Aftermath) {
-        let mut error = after.backend_error;
-        // Verified blocks go back to the backend with the lock dropped; once exit has begun
-        // they are leaked instead (invariant 6).
-        if !self.inner.shutting_down.load(Ordering::Acquire) {
-            for (addr, capacity) in after.releases {
-                if let Err(e) = self.inner.backend.release(dev, addr, capacity) {
-                    // The memory is verified clean; failing to return it only leaks it.
-                    self.pool(dev).stats.counters.backend_errors += 1;
-                    error.get_or_insert(e);
-                }
-            }
+        let mut error = after.backend_error.take();
+        let releases = std::mem::take(&mut after.releases);
+        if !releases.is_empty() {
+            self.return_to_backend(dev, releases, &mut after, &mut error);
         }
         if let Some(e) = error {
             let mut sticky = self
@@ -886,6 +892,52 @@ impl Allocator {
         self.emit(after.events);
         if let Some(owner) = abort {
             self.fail_closed(owner);
+        }
+    }
+
+    /// Returns verified blocks to the backend, with the pool lock dropped, then counts and
+    /// records each one the backend took. Once exit has begun nothing goes back (invariant
+    /// 6): the flag is checked before each call (each `cuMemFree` synchronises the device, so
+    /// exit may begin during the loop), and a block the backend refuses for exit is put back
+    /// into the pool as it was, so the figures match what the backend still holds.
+    fn return_to_backend(
+        &self,
+        dev: u32,
+        releases: Vec<Release>,
+        after: &mut Aftermath,
+        error: &mut Option<BackendError>,
+    ) {
+        let mut returned = Vec::with_capacity(releases.len());
+        let mut kept = Vec::new();
+        let mut failed = 0;
+        for r in releases {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                kept.push(r);
+                continue;
+            }
+            match self
+                .inner
+                .backend
+                .release(dev, r.block.addr, r.block.capacity())
+            {
+                Ok(()) => returned.push(r),
+                Err(BackendError::ShuttingDown) => kept.push(r),
+                Err(e) => {
+                    // The memory is verified clean; failing to return it only leaks it.
+                    failed += 1;
+                    error.get_or_insert(e);
+                    returned.push(r);
+                }
+            }
+        }
+        let isolation = self.inner.config.tenant_isolation;
+        let mut pool = self.pool(dev);
+        pool.stats.counters.backend_errors += failed;
+        for r in &returned {
+            pool.released(r, after);
+        }
+        for r in kept {
+            pool.keep_unreleased(r, isolation);
         }
     }
 

@@ -140,10 +140,19 @@ pub(crate) struct Aftermath {
     pub abort: Option<Context>,
     /// An asynchronous backend error to make sticky.
     pub backend_error: Option<BackendError>,
-    /// Verified blocks to return to the backend once the lock is dropped:
-    /// `(address, capacity)`. `cuMemFree` synchronises the device, so it never runs under the
-    /// pool lock (invariant 3).
-    pub releases: Vec<(u64, u64)>,
+    /// Verified blocks taken out of the pool, to return to the backend once the lock is
+    /// dropped: `cuMemFree` synchronises the device, so it never runs under the pool lock
+    /// (invariant 3).
+    pub releases: Vec<Release>,
+}
+
+/// A verified block taken out of the pool for the backend ([`Aftermath::releases`]). It is
+/// counted and recorded as released only once the backend took it back
+/// ([`DevicePool::released`]); when exit began first it goes back into the pool as it was
+/// ([`DevicePool::keep_unreleased`]), so the pool still accounts for what the backend holds.
+pub(crate) struct Release {
+    pub block: Block,
+    pub reason: ReleaseReason,
 }
 
 impl Aftermath {
@@ -202,13 +211,20 @@ impl DevicePool {
         }
     }
 
-    /// Blocks freed whose scrub has not been applied, or whose memory exit kept from going
-    /// back to the backend after it verified (PENDING): once exit has begun, none will be
-    /// handed out or returned, and they are leaked.
-    pub(crate) fn pending_blocks(&self) -> usize {
+    /// Blocks freed that are neither reusable nor returned and could still become one or the
+    /// other: PENDING (scrub not applied, or verified for retirement), or QUARANTINED and not
+    /// condemned (re-scrub to come, or verified). Once exit has begun, none will be handed
+    /// out or returned, and they are leaked.
+    pub(crate) fn unsettled_blocks(&self) -> usize {
         self.blocks
             .values()
-            .filter(|b| b.state == BlockState::Pending)
+            .filter(|b| match b.state {
+                BlockState::Pending => true,
+                BlockState::Quarantined => {
+                    !matches!(b.disposition, Disposition::Quarantine(r) if condemned(r))
+                }
+                BlockState::Live | BlockState::Clean => false,
+            })
             .count()
     }
 
@@ -724,16 +740,17 @@ impl DevicePool {
 
     /// `batch`, taken by one of the `take_*` calls above, comes back to be applied.
     pub(crate) fn returned(&mut self, batch: &InFlight) {
-        self.abandoned(batch.oldest_seq());
-    }
-
-    /// A batch taken out with this oldest scrub sequence will not come back (the thread that
-    /// waited on it unwound): nothing waits for it any more. Its blocks stay marked in
-    /// flight, so none is handed out or released: they are leaked.
-    pub(crate) fn abandoned(&mut self, oldest: u64) {
+        let oldest = batch.oldest_seq();
         if let Some(i) = self.out_of_pool.iter().position(|&s| s == oldest) {
             self.out_of_pool.swap_remove(i);
         }
+    }
+
+    /// `batch`, taken out but not waited on (the thread that took it unwound first), goes
+    /// back to the in-flight queue, where another thread or the flusher applies it.
+    pub(crate) fn put_back(&mut self, batch: InFlight) {
+        self.returned(&batch);
+        self.in_flight.push_front(batch);
     }
 
     /// Whether another thread is waiting, with the lock dropped, on a batch that holds a
@@ -1050,7 +1067,8 @@ impl DevicePool {
     /// in the table, in its state, so that the pool still accounts for the bytes the backend
     /// holds, and nothing counts or records it as released. A block verified for retirement
     /// stays PENDING, out of every free list: leaked with the blocks whose scrub never ran.
-    /// Returns whether the block left the pool.
+    /// Exit may also begin after this and before the backend call: the allocator then puts
+    /// the block back. Returns whether the block left the pool.
     fn release(&mut self, addr: u64, reason: ReleaseReason, after: &mut Aftermath) -> bool {
         // Never release memory a scrub may still be writing.
         if self.blocks.get(&addr).is_none_or(|b| b.scrub_in_flight) {
@@ -1069,10 +1087,37 @@ impl DevicePool {
             BlockState::Quarantined => self.stats.accounting.quarantined.sub(capacity),
             BlockState::Live => self.stats.accounting.live.sub(capacity),
         }
-        self.stats.counters.released += 1;
-        after.releases.push((addr, capacity));
-        after.event(EventKind::Released { reason }, &block);
+        after.releases.push(Release { block, reason });
         true
+    }
+
+    /// `release`, taken out by [`DevicePool::release`], went back to the backend: counted and
+    /// recorded.
+    pub(crate) fn released(&mut self, release: &Release, after: &mut Aftermath) {
+        self.stats.counters.released += 1;
+        let kind = EventKind::Released {
+            reason: release.reason,
+        };
+        after.event(kind, &release.block);
+    }
+
+    /// `release` could not go back to the backend (exit began after it was taken out): the
+    /// block returns to the pool in the state it left it, a CLEAN one to its free list (it
+    /// is leaked with the rest at exit, never released).
+    pub(crate) fn keep_unreleased(&mut self, release: Release, isolation: TenantIsolation) {
+        let block = release.block;
+        let capacity = block.capacity();
+        match block.state {
+            BlockState::Pending => self.stats.accounting.pending.add(capacity),
+            BlockState::Clean => {
+                self.stats.accounting.clean.add(capacity);
+                let key = FreeKey::new(block.class, &block.owner, isolation);
+                self.free_lists.entry(key).or_default().push(block.addr);
+            }
+            BlockState::Quarantined => self.stats.accounting.quarantined.add(capacity),
+            BlockState::Live => self.stats.accounting.live.add(capacity),
+        }
+        self.blocks.insert(block.addr, block);
     }
 
     /// Releases `addr`, taken off `key`'s free list, if it is CLEAN; one that stays (exit
