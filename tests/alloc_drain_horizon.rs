@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::{manual_config, Fixture};
 use kvhygiene::alloc::{AllocError, BlockState};
 use kvhygiene::backend::{BackendError, StreamHandle};
+use kvhygiene::config::Config;
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -176,5 +177,53 @@ fn oom_recovery_waits_for_the_scrubs_it_submits_before_reporting_out_of_memory()
          its scrub submitted by the recovery's own flush) is {y_state:?}, and the backend holds \
          {} of its 8192 bytes",
         f.backend.host.bytes_in_use()
+    );
+}
+
+/// A whole-pool wait that waits for a batch another thread holds (a checked free's) does not
+/// submit again, every few microseconds, a batch the backend refused for now (a stream that
+/// is capturing a graph): each refusal counts in `scrubs_deferred`, which would then grow by
+/// thousands a second for as long as the wait lasts.
+#[test]
+fn waiting_for_another_threads_batch_does_not_resubmit_a_refused_one_in_a_loop() {
+    const CAPTURING: StreamHandle = StreamHandle(9);
+    let f = Arc::new(Fixture::new(Config {
+        batch_size: 1,
+        ..manual_config()
+    }));
+    let a = f.malloc_zeroed(4096, 0, 0);
+    let b = f.malloc_zeroed(4096, 0, CAPTURING.0);
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|batch| {
+        (batch.stream == CAPTURING).then_some(BackendError::StreamCapturing {
+            stream: CAPTURING.0,
+            what: "the scrub",
+        })
+    }));
+    f.backend.set_gate(false);
+    let checker = {
+        let f = f.clone();
+        std::thread::spawn(move || f.alloc.free_checked(a, 4096, 0, S))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.backend.batches.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "batch never submitted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.alloc.free(b, 4096, 0, CAPTURING).unwrap();
+    let before = f.alloc.stats().counters.scrubs_deferred;
+    let syncer = {
+        let f = f.clone();
+        std::thread::spawn(move || f.alloc.synchronize())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let during = f.alloc.stats().counters.scrubs_deferred - before;
+    f.backend.set_gate(true);
+    checker.join().unwrap().unwrap();
+    let r = syncer.join().unwrap();
+    assert!(r.is_err(), "b's scrub is refused for now: {r:?}");
+    assert!(
+        during <= 2,
+        "while synchronize waited 100 ms for another thread's batch, the refused batch was \
+         submitted (and refused) {during} more times"
     );
 }

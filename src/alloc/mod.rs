@@ -665,11 +665,17 @@ impl Allocator {
     /// caller waiting nor make it stop before that work is done.
     fn drain_pool(&self, dev: u32, horizon: u64) {
         let mut newer_rounds = NEWER_ROUNDS;
+        // Submitting is done again only after a round that applied something: a batch the
+        // backend refused for now is not submitted every 50 µs while this waits for another
+        // thread (each refusal is counted).
+        let mut submit = true;
         while !self.inner.shutting_down.load(Ordering::Acquire) {
             let upto = if newer_rounds > 0 { u64::MAX } else { horizon };
             let (batches, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
-                pool.flush_open(false, backend, config, after);
-                pool.submit_rescrubs(backend, config, after);
+                if submit {
+                    pool.flush_open(false, backend, config, after);
+                    pool.submit_rescrubs(backend, config, after);
+                }
                 let batches = pool.take_batches_before(upto);
                 // Only the older work is waited for in other threads' hands: a stream of
                 // checked frees could keep a newer batch out at every moment.
@@ -679,9 +685,11 @@ impl Allocator {
                 if !elsewhere {
                     break;
                 }
+                submit = false;
                 std::thread::sleep(Duration::from_micros(50));
                 continue;
             }
+            submit = true;
             newer_rounds = newer_rounds.saturating_sub(1);
             self.wait_and_apply(dev, batches);
         }
