@@ -1652,3 +1652,62 @@ fn a_file_with_any_record_newer_than_the_cut_off_stays() {
     assert_eq!(chain_files(&s.log), before, "{}", text(&out.stdout));
     assert!(names(&s.archive, ".jsonl").is_empty());
 }
+
+/// The commands prune-log suggests for verifying afterwards (its last line) name the key
+/// files it was given and run as printed: "what is left" with `--allow-pruned` while records
+/// are left, only the whole chains with `--archive-dir` once every chain moved whole.
+#[test]
+fn the_suggested_verify_commands_run_as_printed() {
+    let run_suggested = |line: &str| -> Vec<Output> {
+        line.split("kvh verify-log ")
+            .skip(1)
+            .map(|cmd| {
+                let cmd = cmd.split(';').next().unwrap().trim();
+                let args: Vec<&str> = std::iter::once("verify-log")
+                    .chain(cmd.split_whitespace())
+                    .collect();
+                kvh(&args)
+            })
+            .collect()
+    };
+    // An open chain: its two newest files stay.
+    let s = setup();
+    open_chain(&s.log, 80);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().last().unwrap();
+    assert!(
+        line.contains(&format!("--key-file {}", s.key.display()))
+            && line.contains("--allow-pruned"),
+        "{line}"
+    );
+    let runs = run_suggested(line);
+    assert_eq!(runs.len(), 2, "{line}");
+    for r in runs {
+        assert_eq!(r.status.code(), Some(0), "{line}\n{}", text(&r.stdout));
+    }
+    // A chain that ended with a stop record moves whole.
+    let s = setup();
+    let log = ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret())).unwrap();
+    for i in 0..80 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().last().unwrap();
+    assert!(
+        line.starts_with("every chain moved whole") && !line.contains("--allow-pruned"),
+        "{line}"
+    );
+    let runs = run_suggested(line);
+    assert_eq!(runs.len(), 1, "{line}");
+    assert_eq!(
+        runs[0].status.code(),
+        Some(0),
+        "{line}\n{}",
+        text(&runs[0].stdout)
+    );
+}

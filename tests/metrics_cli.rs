@@ -65,9 +65,14 @@ fn a_stale_snapshot_fails_the_liveness_check() {
         "{out}"
     );
     assert_eq!(out.lines().last(), Some("FAILED"));
-    // Without --max-age, age alone is not a failure.
-    let (code, _, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
+    assert!(!out.contains("age not checked"), "{out}");
+    // Without --max-age, age alone is not a failure, and the summary says it was not checked.
+    let (code, out, _) = run(kvh().args(["metrics", "--file"]).arg(&f));
     assert_eq!(code, 0);
+    assert!(
+        out.contains(" s ago; age not checked without --max-age"),
+        "{out}"
+    );
     // --max-age 0 is a usage error (clap), not "always stale".
     let (code, _, _) = run(kvh()
         .args(["metrics", "--file"])
@@ -219,6 +224,16 @@ fn unusable_input_exits_2_naming_the_file() {
     let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&bad));
     assert_eq!(code, 2);
     assert!(err.contains("bad.prom") && err.contains("line 2"), "{err}");
+
+    // A time before 1970 is no snapshot's: a usage error, not a very stale snapshot.
+    let early = dir.path().join("early.prom");
+    std::fs::write(&early, "kvh_snapshot_timestamp_seconds -5\n").unwrap();
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&early));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("early.prom") && err.contains("not a time"),
+        "{err}"
+    );
 
     let foreign = dir.path().join("node.prom");
     std::fs::write(&foreign, "# TYPE up gauge\nup 1\n").unwrap();

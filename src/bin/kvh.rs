@@ -15,6 +15,7 @@ use kvhygiene::config::cli::{self as config_cli, ConfigArgs};
 use kvhygiene::config::{BackendChoice, Config};
 use kvhygiene::demo::{self, DemoOptions};
 use kvhygiene::events::EventSink;
+use kvhygiene::forensic::cli::shell_word;
 use kvhygiene::forensic::cli::{self as forensic_cli, KeygenArgs, PruneLogArgs, VerifyLogArgs};
 use kvhygiene::forensic::evidence::{self, EvidenceArgs};
 use kvhygiene::forensic::tail::{self, TailLogArgs};
@@ -176,20 +177,6 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
         }
     }
     hint
-}
-
-/// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
-/// shell treats specially, else in single quotes.
-fn shell_word(p: &Path) -> String {
-    let s = p.display().to_string();
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_./-+,:@%=".contains(c));
-    if plain {
-        s
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }
 
 const PRUNE_LOG_HELP: &str = "\

@@ -188,10 +188,17 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     }
     // The file names its signer; only a pinned key is trusted to be it.
     let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
-    let key = keys
-        .iter()
-        .find(|k| embedded == hex(k.as_bytes()))
-        .ok_or("checkpoint was signed by another key than the pinned public key")?;
+    let Some(key) = keys.iter().find(|k| embedded == hex(k.as_bytes())) else {
+        if keys.iter().any(|k| is_private_key_of(k, embedded)) {
+            return Err(
+                "the public key given is this checkpoint's signer's PRIVATE key \
+                        (PREFIX.key of kvh keygen; both are 64 hex digits): give PREFIX.pub, \
+                        and keep the private key readable by the writer only"
+                    .into(),
+            );
+        }
+        return Err("checkpoint was signed by another key than the pinned public key".into());
+    };
     key.verify(&body, &Signature::from_bytes(&sig_bytes))
         .map_err(|_| "bad checkpoint signature".to_string())?;
     // Signed, so written by the key's holder; a version this verifier does not know may mean
@@ -205,6 +212,14 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
         }
     }
     fields(&Value::Object(m))
+}
+
+/// Whether `given`, taken for a public key, is in fact the private seed whose public key is
+/// `signer` (hex): the two files of `kvh keygen` have the same format, so the mistake reads
+/// as a foreign signer unless it is told apart.
+fn is_private_key_of(given: &VerifyingKey, signer: &str) -> bool {
+    let seed = zeroize::Zeroizing::new(*given.as_bytes());
+    hex(SigningKey::from_bytes(&seed).verifying_key().as_bytes()) == signer
 }
 
 fn parse_sig(s: &str) -> Option<[u8; 64]> {
@@ -288,6 +303,29 @@ mod tests {
         );
         let err = parse(line.as_bytes(), &[key.verifying_key()]).unwrap_err();
         assert!(err.contains("unsupported checkpoint version"), "{err}");
+    }
+
+    /// The private key given where the public one belongs (the two files of `kvh keygen`
+    /// have one format) is named as such, not taken for another signer's key.
+    #[test]
+    fn the_signers_private_key_given_as_the_public_key_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A seed that also reads as a curve point, as half of them do: the verifier then
+        // accepts the file as a public key and only the checkpoint can tell.
+        let (key, misread) = (0u8..=255)
+            .find_map(|i| {
+                let seed = [i; 32];
+                let misread = VerifyingKey::from_bytes(&seed).ok()?;
+                Some((SigningKey::from_bytes(&seed), misread))
+            })
+            .expect("a seed that is a point");
+        write(tmp.path(), &key, &at(5)).unwrap();
+        let path = path_for(tmp.path(), "p1-t2");
+        let e = read(&path, &[misread]).unwrap_err();
+        assert!(e.contains("PRIVATE key") && e.contains("PREFIX.pub"), "{e}");
+        let other = super::super::keys::generate_signing_key().unwrap();
+        let e = read(&path, &[other.verifying_key()]).unwrap_err();
+        assert!(e.contains("another key"), "{e}");
     }
 
     #[test]

@@ -118,6 +118,20 @@ pub struct KeygenArgs {
     pub out: PathBuf,
 }
 
+/// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
+/// shell treats specially, else in single quotes. For the commands the verbs suggest.
+pub fn shell_word(p: &Path) -> String {
+    let s = p.display().to_string();
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./-+,:@%=".contains(c));
+    if plain {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Runs `verify-log`; returns the process exit code.
 pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     let opts = match options(args) {
@@ -453,13 +467,27 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             return Ok(EXIT_TAMPERED);
         }
         if !args.json {
-            out.line(format_args!(
-                "verify what is left with: kvh verify-log {} --key-file KEY --allow-pruned; the \
-                 whole chains with: kvh verify-log {} --key-file KEY --archive-dir {}",
-                args.dir.display(),
-                args.dir.display(),
-                args.archive_dir.display()
-            ));
+            let dir = shell_word(&args.dir);
+            let keys: String = args
+                .key_file
+                .iter()
+                .map(|k| format!(" --key-file {}", shell_word(k)))
+                .collect();
+            let whole = format!(
+                "kvh verify-log {dir}{keys} --archive-dir {}",
+                shell_word(&args.archive_dir)
+            );
+            // A log whose chains all moved whole has nothing left for --allow-pruned to read.
+            if after.chains.iter().any(|c| c.records > 0) {
+                out.line(format_args!(
+                    "verify what is left with: kvh verify-log {dir}{keys} --allow-pruned; the \
+                     whole chains with: {whole}"
+                ));
+            } else {
+                out.line(format_args!(
+                    "every chain moved whole; verify them with: {whole}"
+                ));
+            }
         }
     }
     if let Err(e) = out.finish() {

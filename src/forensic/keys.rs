@@ -271,6 +271,14 @@ fn check_private(p: &Path, regular: bool, uid: u32, mode: u32) -> Result<(), For
 
 /// Reads an Ed25519 private key file: 64 hex digits (the 32-byte seed), optional newline.
 pub fn read_signing_key(p: &Path) -> Result<SigningKey, ForensicError> {
+    // Both files of `kvh keygen` are 64 hex digits: the public one given here would sign as
+    // another key than the one verifiers pin, which they would only find out later.
+    if p.extension().is_some_and(|e| e == "pub") {
+        return Err(ForensicError::Key(format!(
+            "{}: a .pub file is kvh keygen's public key; the signing key is PREFIX.key",
+            p.display()
+        )));
+    }
     let bytes = read_private(p)?;
     let text = std::str::from_utf8(&bytes).unwrap_or("");
     let seed = super::record::parse_hash(text.trim_end()).ok_or_else(|| {
@@ -337,8 +345,13 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             p.display()
         ))
     })?;
-    VerifyingKey::from_bytes(&bytes)
-        .map_err(|e| ForensicError::Key(format!("{}: not an Ed25519 public key: {e}", p.display())))
+    VerifyingKey::from_bytes(&bytes).map_err(|e| {
+        ForensicError::Key(format!(
+            "{}: not an Ed25519 public key: {e} (kvh keygen's private key, PREFIX.key, given \
+             for PREFIX.pub?)",
+            p.display()
+        ))
+    })
 }
 
 /// A fresh signing key from the operating system's CSPRNG.
@@ -352,6 +365,15 @@ pub fn generate_signing_key() -> Result<SigningKey, ForensicError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_key_file_is_refused_as_the_signing_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("ckpt.pub");
+        fs::write(&p, format!("{}\n", "ab".repeat(32))).unwrap();
+        let e = read_signing_key(&p).unwrap_err().to_string();
+        assert!(e.contains("public key") && e.contains("PREFIX.key"), "{e}");
+    }
 
     #[test]
     fn ratchet_is_deterministic_and_moves_forward() {

@@ -44,7 +44,10 @@ impl Period {
 /// nanoseconds. Instants before 1970 are refused: no record can carry one.
 pub fn parse_instant(text: &str) -> Result<u64, String> {
     let at = match parse_date(text) {
-        Some(date) => date.midnight().assume_utc(),
+        Some(date) => date
+            .map_err(|why| format!("not a date (2026-01-01): {why}"))?
+            .midnight()
+            .assume_utc(),
         None => OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
             format!("not a date (2026-01-01) or an RFC 3339 time (2026-01-01T08:00:00Z): {e}")
         })?,
@@ -56,17 +59,28 @@ pub fn parse_instant(text: &str) -> Result<u64, String> {
     })
 }
 
-/// `YYYY-MM-DD`, or `None` when `text` has another shape; an impossible date (`2026-02-30`)
-/// has this shape and is refused by the RFC 3339 parse that follows, which names the field.
-fn parse_date(text: &str) -> Option<Date> {
+/// `YYYY-MM-DD`: `None` when `text` has another shape, an error naming the field when it has
+/// this shape but is no calendar date (`2026-13-01`, `2026-02-30`).
+fn parse_date(text: &str) -> Option<Result<Date, String>> {
     let mut parts = text.split('-');
     let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
     let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     if parts.next().is_some() || !digits(y, 4) || !digits(m, 2) || !digits(d, 2) {
         return None;
     }
-    let month = Month::try_from(m.parse::<u8>().ok()?).ok()?;
-    Date::from_calendar_date(y.parse().ok()?, month, d.parse().ok()?).ok()
+    // Four and two ASCII digits: the parses cannot fail.
+    let (year, month, day) = (
+        y.parse::<i32>().ok()?,
+        m.parse::<u8>().ok()?,
+        d.parse::<u8>().ok()?,
+    );
+    let Ok(month) = Month::try_from(month) else {
+        return Some(Err(format!("there is no month {m}")));
+    };
+    Some(
+        Date::from_calendar_date(year, month, day)
+            .map_err(|_| format!("{month} {year} has no day {d}")),
+    )
 }
 
 /// The stretches of `from .. to` that no span of `seen` (each `first ..= last`, in any order)
@@ -124,11 +138,12 @@ mod tests {
             "2026-01-01T25:00:00Z",
         ] {
             let e = parse_instant(bad).expect_err(bad);
-            assert!(
-                e.starts_with("not a date (2026-01-01) or an RFC 3339 time"),
-                "{bad}: {e}"
-            );
+            assert!(e.starts_with("not a date (2026-01-01)"), "{bad}: {e}");
         }
+        let e = parse_instant("2026-13-01").unwrap_err();
+        assert!(e.ends_with("there is no month 13"), "{e}");
+        let e = parse_instant("2026-02-30").unwrap_err();
+        assert!(e.ends_with("February 2026 has no day 30"), "{e}");
         let e = parse_instant("1969-12-31").expect_err("before 1970");
         assert!(e.contains("before 1970"), "{e}");
     }

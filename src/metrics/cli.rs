@@ -213,7 +213,8 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     // Exactly one time: a file holding two snapshots (concatenated, say) has no one age.
     let times: Vec<f64> = exposition.values(SNAPSHOT_TIMESTAMP, &[]).take(2).collect();
     let timestamp = match times[..] {
-        [t] if t.is_finite() => t,
+        // Before 1970 is no time a writer takes (a negative value would read as decades old).
+        [t] if t.is_finite() && t >= 0.0 => t,
         [t] => {
             return Err(format!(
                 "{shown}: not a kvhygiene metrics snapshot ({SNAPSHOT_TIMESTAMP} is {}, not a \
@@ -518,10 +519,16 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
     }
     writeln!(
         out,
-        "snapshot {}: taken {} ({:.1} s ago), kvhygiene {}, backend {}",
+        "snapshot {}: taken {} ({:.1} s ago{}), kvhygiene {}, backend {}",
         printable(&r.file),
         r.taken_at,
         r.age_seconds,
+        // Without a limit an old snapshot passes: say so, or OK reads as "fresh".
+        if r.max_age_seconds.is_none() {
+            "; age not checked without --max-age"
+        } else {
+            ""
+        },
         printable(r.version.as_deref().unwrap_or("?")),
         printable(r.backend.as_deref().unwrap_or("?")),
     )?;
