@@ -1190,3 +1190,40 @@ fn a_pass_that_reads_a_chain_as_verified_clears_its_count_of_mismatched_reads() 
     );
     log.stop();
 }
+
+/// A state file remembers which log directory its positions are in. Given with another log
+/// directory (a scheduled job's arguments mixed up), it is a usage error (exit 2) that names
+/// both directories, not tampering (exit 1, an alert line for the SIEM) over chains that
+/// were never in that directory; the state file is left as it was.
+#[test]
+fn a_state_file_of_another_log_directory_is_a_usage_error_not_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_log(&cfg(&a, 1 << 20), 2, false);
+    write_log(&cfg(&b, 1 << 20), 2, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&a, &["--state", st, "--from-start"]));
+    let saved = std::fs::read(&state).unwrap();
+    let out = tail_once(&b, &["--state", st]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty(), "no alert line");
+    assert!(
+        err.contains(&std::fs::canonicalize(&a).unwrap().display().to_string())
+            && err.contains(b.to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        saved,
+        "the state file is untouched"
+    );
+    // Its own directory still goes on from the state.
+    assert_ok(&tail_once(&a, &["--state", st]));
+    // A state file of an earlier version (no directory in it) is taken as it is.
+    let mut old: Value = serde_json::from_slice(&saved).unwrap();
+    old.as_object_mut().unwrap().remove("log_dir");
+    std::fs::write(&state, serde_json::to_vec(&old).unwrap()).unwrap();
+    assert_ok(&tail_once(&a, &["--state", st]));
+}

@@ -56,7 +56,8 @@ pub struct TailLogArgs {
     pub from_start: bool,
     /// File keeping where each chain was, so that a restarted tail goes on where it stopped
     /// (no record twice, none missed) and still detects a chain that went back or vanished
-    /// meanwhile. Written atomically (0600) after each pass that moved.
+    /// meanwhile. Written atomically (0600) after each pass that moved. It names its log
+    /// directory: given with another one, it is refused (exit 2).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
@@ -81,6 +82,11 @@ struct Position {
 /// What the tail remembers between passes (the `--state` file).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct State {
+    /// The log directory the positions are in (its canonical path when it exists): a state
+    /// file given with another directory is refused, rather than every chain it remembers
+    /// being reported as deleted. Absent in state files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_dir: Option<String>,
     chains: BTreeMap<String, Position>,
     /// Passes in a row whose bytes did not hash to the chain's verified head, per chain: kept
     /// across runs, so that scheduled `--once` runs count them too.
@@ -142,6 +148,22 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         Some(path) => load_state(path).map_err(Stop::Error)?,
         None => None,
     };
+    let here = dir_identity(&args.log.dir);
+    if let (Some(path), Some(theirs)) =
+        (&args.state, saved.as_ref().and_then(|s| s.log_dir.as_ref()))
+    {
+        // Only when both directories are there: a log directory that is gone, or whose
+        // chains are, is judged as tampering below, whatever name the state gives it.
+        let elsewhere = Path::new(theirs).is_dir() && args.log.dir.is_dir();
+        if elsewhere && !here.contains(theirs) {
+            return Err(Stop::Error(format!(
+                "--state {} holds the positions of log directory {theirs}, not of {}: give \
+                 that directory, or another --state file for this one",
+                path.display(),
+                args.log.dir.display()
+            )));
+        }
+    }
     let stop = if args.once {
         // A scheduled pass keeps the signals' default action: killed is killed.
         None
@@ -160,7 +182,11 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         // the next scheduled run) must know it too. The file's presence also says the tail
         // has started (a start-up probe can wait for it before the writers start).
         if let Some(path) = &args.state {
-            save_state(path, &State::default()).map_err(Stop::Error)?;
+            let fresh = State {
+                log_dir: here.first().cloned(),
+                ..State::default()
+            };
+            save_state(path, &fresh).map_err(Stop::Error)?;
         }
         let Some(stop) = &stop else {
             // A scheduled run before the writers created the directory: a log with no chain
@@ -183,6 +209,8 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     }
     let resumed = saved.is_some();
     let mut state = saved.unwrap_or_default();
+    // Named now (the directory exists by here): canonical from this run on.
+    state.log_dir = dir_identity(&args.log.dir).first().cloned();
     if let Some(gone) = directory_gone(&args.log.dir, &state) {
         return Err(gone);
     }
@@ -754,6 +782,20 @@ fn read_from(
 /// Whether a record line is a security record (`--security-only`).
 fn security_line(line: &[u8]) -> bool {
     serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|r| is_exception(&r))
+}
+
+/// The names `dir` goes by for a state file: its canonical path when it exists, and its
+/// absolute path (what a state saved before the directory existed holds). The first is the
+/// one saved.
+fn dir_identity(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(p) = std::fs::canonicalize(dir) {
+        names.push(p.display().to_string());
+    }
+    if let Ok(p) = std::path::absolute(dir) {
+        names.push(p.display().to_string());
+    }
+    names
 }
 
 /// Most bytes a state file may have: a position is about 200 bytes per chain.
