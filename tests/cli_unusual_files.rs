@@ -200,3 +200,24 @@ fn an_unreadable_chain_file_is_an_io_error_not_tampering() {
         );
     }
 }
+
+/// A directory holding only files named like log files but not chain files (a copy renamed
+/// by hand, another tool's output) has nothing to verify (exit 2), and the message names
+/// them and the name a chain file has, rather than saying there are no kvh-*.jsonl files.
+#[test]
+fn files_named_like_log_files_but_not_chain_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("kvh-foreign.jsonl"), "{}\n").unwrap();
+    let out = kvh()
+        .arg("verify-log")
+        .arg(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("kvh-foreign.jsonl") && err.contains("not chain files"),
+        "{err}"
+    );
+}

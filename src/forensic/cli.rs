@@ -132,6 +132,33 @@ pub fn shell_word(p: &Path) -> String {
     }
 }
 
+/// What to say of a directory with no chain file when it holds files named `kvh-*.jsonl`
+/// that are not chain files (`kvh-CHAIN-NNNNNN.jsonl`, CHAIN as `p<pid>-t<time>`): that they
+/// were not read, and why. Empty when there are none, or the directory cannot be listed.
+fn lookalike_names(dir: &Path) -> String {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return String::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("kvh-") && n.ends_with(".jsonl"))
+        .filter(|n| files::parse_file_name(n).is_none())
+        .collect();
+    if names.is_empty() {
+        return String::new();
+    }
+    names.sort();
+    let count = names.len();
+    names.truncate(3);
+    let shown: Vec<String> = names.iter().map(|n| crate::printable(n)).collect();
+    format!(
+        "no forensic log files to verify: {count} file(s) named kvh-*.jsonl are not chain \
+         files (kvh-p<pid>-t<time>-NNNNNN.jsonl) and were not read: {}",
+        shown.join(", ")
+    )
+}
+
 /// Runs `verify-log`; returns the process exit code.
 pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     let opts = match options(args) {
@@ -152,8 +179,14 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         // Nothing verified is not "verified": a mistyped directory, or chain files without a
         // single record, must not read as OK.
         let archived = |c: &ChainReport| c.pruned.as_ref().is_some_and(|p| p.complete);
+        let lookalikes;
         let what = if report.chains.is_empty() {
-            "no forensic log files (kvh-*.jsonl) to verify"
+            lookalikes = lookalike_names(&args.dir);
+            if lookalikes.is_empty() {
+                "no forensic log files (kvh-*.jsonl) to verify"
+            } else {
+                lookalikes.as_str()
+            }
         } else if report.chains.iter().all(archived) {
             "every chain was moved whole by prune-log: nothing left to verify here (verify \
              them with --archive-dir)"
