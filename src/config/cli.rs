@@ -104,7 +104,8 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
     if config.coverage_threshold < defaults.coverage_threshold {
         add(
             "coverage_threshold",
-            config.coverage_threshold.to_string(),
+            // Debug, not Display: 1e-300 stays short instead of 300 digits.
+            format!("{:?}", config.coverage_threshold),
             format!(
                 "below the default {}: a scrub passes verification with up to {:.1}% of its \
                  samples non-zero",
@@ -534,6 +535,14 @@ mod tests {
         v.extend(vars(extra));
         let config = Config::from_vars(&v).unwrap();
         weakened(&config, hmac).into_iter().map(|w| w.key).collect()
+    }
+
+    #[test]
+    fn a_tiny_threshold_is_shown_short() {
+        let config = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHOLD", "1e-300")])).unwrap();
+        let w = weakened(&config, HmacSecret::NotInEnvironment);
+        let w = w.iter().find(|w| w.key == "coverage_threshold").unwrap();
+        assert_eq!(w.value, "1e-300");
     }
 
     #[test]
