@@ -683,6 +683,12 @@ impl Allocator {
             });
             if batches.is_empty() {
                 if !elsewhere {
+                    if !submit {
+                        // The wait is over: one more submitting round, for a batch refused
+                        // while it lasted whose refusal may have ended (a capture).
+                        submit = true;
+                        continue;
+                    }
                     break;
                 }
                 submit = false;
@@ -854,17 +860,22 @@ impl Allocator {
         f: impl FnOnce(&mut DevicePool, &dyn Backend, &Config, &mut Aftermath) -> R,
     ) -> R {
         let mut after = Aftermath::default();
+        // A panic under the lock (the C boundary catches it) must not drop the aftermath:
+        // blocks taken out for release would leave the pool's figures without going back to
+        // the backend or into the pool. It is settled, then the panic goes on.
         let r = {
             let mut pool = self.pool(dev);
-            f(
-                &mut pool,
-                self.inner.backend.as_ref(),
-                &self.inner.config,
-                &mut after,
-            )
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f(
+                    &mut pool,
+                    self.inner.backend.as_ref(),
+                    &self.inner.config,
+                    &mut after,
+                )
+            }))
         };
         self.settle(dev, after);
-        r
+        r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// A backend error returned to the caller of an allocation: counted in `backend_errors`
@@ -940,6 +951,7 @@ impl Allocator {
         }
         let isolation = self.inner.config.tenant_isolation;
         let mut pool = self.pool(dev);
+        pool.release_ended(returned.len() + kept.len());
         pool.stats.counters.backend_errors += failed;
         for r in &returned {
             pool.released(r, after);
@@ -1015,6 +1027,7 @@ fn spawn_flusher(inner: Weak<Inner>) {
         .name("kvh-flusher".into())
         .spawn(move || {
             let (mut last_trim, mut last_watch) = (Instant::now(), Instant::now());
+            let mut said_panic = false;
             loop {
                 std::thread::sleep(period);
                 let Some(inner) = inner.upgrade() else { return };
@@ -1029,7 +1042,18 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 if watch {
                     last_watch = Instant::now();
                 }
-                Allocator { inner }.tick(trim, watch);
+                // A panic in a tick (an event sink's; nothing of the pool's) must not end
+                // the flusher: batches would lose their time bound for good. Said once.
+                let alloc = Allocator { inner };
+                let ticked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    alloc.tick(trim, watch)
+                }));
+                if ticked.is_err() && !said_panic {
+                    said_panic = true;
+                    crate::say(format_args!(
+                        "kvhygiene: a flusher pass panicked; the flusher goes on (said once)"
+                    ));
+                }
             }
         });
     if let Err(e) = spawned {

@@ -147,8 +147,9 @@ pub(crate) struct Aftermath {
 }
 
 /// A verified block taken out of the pool for the backend ([`Aftermath::releases`]). It is
-/// counted and recorded as released only once the backend took it back
-/// ([`DevicePool::released`]); when exit began first it goes back into the pool as it was
+/// counted and recorded as released only once it was handed to the backend
+/// ([`DevicePool::released`]; a release the backend failed leaks the memory and counts a
+/// backend error too); when exit began first it goes back into the pool as it was
 /// ([`DevicePool::keep_unreleased`]), so the pool still accounts for what the backend holds.
 pub(crate) struct Release {
     pub block: Block,
@@ -188,6 +189,9 @@ pub(crate) struct DevicePool {
     /// made before some point knows whether another thread holds one of them. Work is
     /// finished only when this is empty too.
     out_of_pool: Vec<u64>,
+    /// Blocks taken out for release whose backend call has not ended: in no state meanwhile,
+    /// but not settled either (`unsettled_blocks` counts them).
+    releasing: usize,
     pub(crate) stats: PoolCounters,
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
     /// set (invariant 6), whichever path gets to a submission.
@@ -207,6 +211,7 @@ impl DevicePool {
             rescrub_waiting: Vec::new(),
             rescrub_deferred: None,
             out_of_pool: Vec::new(),
+            releasing: 0,
             stats: PoolCounters::default(),
         }
     }
@@ -226,6 +231,8 @@ impl DevicePool {
                 BlockState::Live | BlockState::Clean => false,
             })
             .count()
+            // Not known to be returned until the backend answered.
+            + self.releasing
     }
 
     // ----- malloc ---------------------------------------------------------------------------
@@ -582,11 +589,22 @@ impl DevicePool {
             options,
         };
         let waits = batch.wait_streams.clone();
-        // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
-        // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released only
-        // after their ticket completed; 2. a freed block is written by nothing until it is
-        // handed out again, which needs this scrub verified first.
-        match unsafe { backend.submit_scrub(batch) } {
+        // A backend that panics (a bug; the C boundary would catch it) must not unwind through
+        // here with the blocks marked in flight and in no batch: nothing would ever apply
+        // them. The panic is a submission error (the blocks go to quarantine).
+        let submitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
+            // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released
+            // only after their ticket completed; 2. a freed block is written by nothing until
+            // it is handed out again, which needs this scrub verified first.
+            unsafe { backend.submit_scrub(batch) }
+        }))
+        .unwrap_or_else(|_| {
+            Err(BackendError::Other(
+                "the backend panicked while submitting a scrub batch".into(),
+            ))
+        });
+        match submitted {
             Ok(ticket) => {
                 self.stats.counters.scrub_batches += 1;
                 self.in_flight.push_back(InFlight {
@@ -1088,7 +1106,13 @@ impl DevicePool {
             BlockState::Live => self.stats.accounting.live.sub(capacity),
         }
         after.releases.push(Release { block, reason });
+        self.releasing += 1;
         true
+    }
+
+    /// `n` releases taken out by [`DevicePool::release`] ended: returned, or kept.
+    pub(crate) fn release_ended(&mut self, n: usize) {
+        self.releasing = self.releasing.saturating_sub(n);
     }
 
     /// `release`, taken out by [`DevicePool::release`], went back to the backend: counted and
