@@ -80,3 +80,54 @@ fn the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block(
          {violation:?}"
     );
 }
+
+/// Panics at every event (a faulty sink).
+struct Panicking;
+
+impl EventSink for Panicking {
+    fn emit(&self, _: Event) {
+        panic!("the sink panicked");
+    }
+}
+
+/// Under `failure_mode = abort`, a freed block that fails verification stops the process even
+/// when the event sink panics on the failure's record (a faulty sink; the C boundary would
+/// catch the panic and the process would go on serving).
+#[test]
+fn a_panicking_sink_does_not_keep_a_failure_from_aborting_the_process() {
+    if std::env::var_os("KVH_TEST_SINK_PANIC_CHILD").is_some() {
+        let backend = HostBackend::new();
+        let config = Config {
+            failure_mode: FailureMode::Abort,
+            batch_size: 1,
+            ..Config::default()
+        };
+        let alloc = Allocator::new(backend.clone(), config, Some(Arc::new(Panicking)));
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        backend.write(0, a, &[0x5a; 4096]).unwrap();
+        backend.inject_fault(1).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = alloc.free(a, 4096, 0, S);
+            alloc.synchronize()
+        }));
+        println!("KVH-CHILD-SURVIVED {:?}", r.is_ok());
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panicking_sink_does_not_keep_a_failure_from_aborting_the_process",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_SINK_PANIC_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("KVH-CHILD-SURVIVED"),
+        "the process went on after a failed verification under failure_mode=abort: \
+         {stdout}{stderr}"
+    );
+    assert!(stderr.contains("aborting the process"), "{stderr}");
+}

@@ -908,9 +908,15 @@ impl Allocator {
             sticky.get_or_insert_with(|| e.to_string());
         }
         let abort = after.abort.take();
-        self.emit(after.events);
+        // A sink that panics (the C boundary catches it) must not keep a failure under
+        // failure_mode = abort from stopping the process.
+        let emitted =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.emit(after.events)));
         if let Some(owner) = abort {
             self.fail_closed(owner);
+        }
+        if let Err(panic) = emitted {
+            std::panic::resume_unwind(panic);
         }
     }
 
@@ -965,6 +971,19 @@ impl Allocator {
     /// KV blocks) is logged, then the process stops.
     #[cold]
     fn fail_closed(&self, owner: Context) -> ! {
+        // Whatever the sink does (a panic included), the process stops below.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.fail_closed_record(owner)
+        }));
+        crate::say(format_args!(
+            "kvhygiene: a scrub failed verification or read residue and failure_mode=abort: \
+             aborting the process"
+        ));
+        std::process::abort()
+    }
+
+    /// The record of a fail-closed stop, flushed to the sink.
+    fn fail_closed_record(&self, owner: Context) {
         self.emit(vec![Event {
             at: SystemTime::now(),
             kind: EventKind::PolicyViolation {
@@ -983,11 +1002,6 @@ impl Allocator {
         if let Some(sink) = &self.inner.sink {
             sink.flush();
         }
-        crate::say(format_args!(
-            "kvhygiene: a scrub failed verification or read residue and failure_mode=abort: \
-             aborting the process"
-        ));
-        std::process::abort()
     }
 
     fn emit(&self, events: Vec<Event>) {
