@@ -515,7 +515,8 @@ fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io
 /// Refuses a log this process may not read (a probe running under another uid than the
 /// writer, whose files are 0600): the gate cannot judge it, which is a usage error (exit 2),
 /// not a log that fails verification (an eviction that reads as tampering). `verify-log`
-/// itself reports an unreadable chain file as a problem of its chain.
+/// answers another user's unreadable files the same way (exit 2), and the verifying user's
+/// own unreadable file as a problem of its chain.
 fn readable(dir: &std::path::Path, opts: &verify::VerifyOptions) -> Result<(), String> {
     let denied = |p: &std::path::Path, e: std::io::Error| {
         format!(

@@ -1719,8 +1719,9 @@ pub fn render(ev: &Evidence) -> String {
     for t in &i.torn_tails {
         push(format!(
             "- Attention: chain {}: its newest file ends in {} bytes of an incomplete record \
-             (torn tail: its writer died while writing it, or the file was cut short); that \
-             record is not in this report.",
+             (torn tail: a record being written as the log was read, or one its writer never \
+             finished, having died, or whose file was cut short); that record is not in this \
+             report.",
             cell(&t.chain),
             t.bytes
         ));

@@ -63,6 +63,27 @@ pub(crate) fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Whether `path` is a file of another user than this process's effective one that this
+/// process may not read: a log copied or mounted under another account, whose read errors
+/// say nothing of the log's integrity (an I/O error for the verbs, exit 2). A file of this
+/// process's own user that it may not read had its permissions taken away (the writer
+/// creates them 0600): that stays a problem of the log, as does a link or a missing file.
+pub fn unreadable_foreign(path: &Path) -> bool {
+    let Ok(md) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if md.file_type().is_symlink() || md.uid() == euid() {
+        return false;
+    }
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is NUL-terminated and outlives the call; faccessat only reads it.
+    let denied =
+        unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::R_OK, libc::AT_EACCESS) } != 0;
+    denied && io::Error::last_os_error().kind() == io::ErrorKind::PermissionDenied
+}
+
 /// What [`inspect_dir`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DirState {

@@ -369,6 +369,15 @@ fn load_manifests(
     let keys = manifest_keys(opts).map_err(VerifyError)?;
     let mut out = BTreeMap::new();
     for chain in listed {
+        let path = prune::manifest_path(dir, &chain);
+        if files::unreadable_foreign(&path) {
+            return Err(VerifyError(format!(
+                "{}: {} (this process runs as uid {})",
+                path.display(),
+                std::io::Error::from_raw_os_error(libc::EACCES),
+                files::euid()
+            )));
+        }
         let loaded = load_manifest(dir, &chain, &keys)
             .unwrap_or_else(|| Err("disappeared while verifying".to_string()));
         out.insert(chain, loaded);
@@ -602,6 +611,16 @@ fn load_checkpoints(
             }
             if std::fs::symlink_metadata(&f).is_err() {
                 return Err(VerifyError(format!("{}: no such checkpoint", f.display())));
+            }
+            // As for a chain file: another user's checkpoint this reader may not read says
+            // nothing of the log.
+            if files::unreadable_foreign(&f) {
+                return Err(VerifyError(format!(
+                    "{}: {} (this process runs as uid {})",
+                    f.display(),
+                    std::io::Error::from_raw_os_error(libc::EACCES),
+                    files::euid()
+                )));
             }
             match checkpoint::read(&f, &opts.public_keys) {
                 Ok(c) => {
@@ -838,9 +857,13 @@ fn verify_chain(
         }
         let bytes = match files::read_capped(path) {
             Ok(b) => b,
-            // The reader may not read the file (a log copied under another account): nothing
-            // is known of its bytes, so the run fails as an I/O error, not as tampering.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // Another user's file the reader may not read (a log copied or mounted under
+            // another account): nothing is known of its bytes, so the run fails as an I/O
+            // error, not as tampering. The reader's own file made unreadable is a problem.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && files::unreadable_foreign(path) =>
+            {
                 return Err(VerifyError(format!("{}: {e}", path.display())));
             }
             Err(e) => {

@@ -50,8 +50,9 @@ pub fn replace_snapshot(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_atomic(path, contents)
 }
 
-/// Whether a snapshot may replace what is at `path`: nothing, an empty regular file, or a
-/// regular file whose first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
+/// Whether a snapshot may replace what is at `path`: nothing, an empty regular file or one
+/// that starts with zero bytes only (a snapshot a power cut emptied), or a regular file whose
+/// first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
 /// a `kvh_` sample). Anything else there (a key file, a log, another program's metrics, a
 /// link, a directory), named by a mistyped or tab-completed path, is not the exporter's to
 /// replace: an error that says so without quoting the file (nor naming the path, which the
@@ -94,7 +95,9 @@ pub fn check_replaceable(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    if head.is_empty() || is_snapshot_start(&head) {
+    // All zero bytes: a snapshot a power cut left at its length but without its data (the
+    // write is not synced), which the next snapshot must replace.
+    if head.iter().all(|&b| b == 0) || is_snapshot_start(&head) {
         Ok(())
     } else {
         Err(refused("a file"))
