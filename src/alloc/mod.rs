@@ -128,6 +128,25 @@ impl Drop for NotWaited<'_> {
     }
 }
 
+/// The aftermath of a pass under the pool lock, settled if the pass unwinds: blocks taken out
+/// for release would otherwise leave the pool's figures without going back to the backend or
+/// into the pool. No cost on the normal path, where `with_pool` takes the aftermath out and
+/// settles it itself.
+struct SettleOnUnwind<'a> {
+    alloc: &'a Allocator,
+    dev: u32,
+    after: Aftermath,
+}
+
+impl Drop for SettleOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let after = std::mem::take(&mut self.after);
+            self.alloc.settle(self.dev, after);
+        }
+    }
+}
+
 /// Waits for `batch`; a backend whose wait panics gives it an error instead (results lost, as
 /// for a wait that failed), so that the batch is applied and its blocks are not left in
 /// flight for ever.
@@ -859,23 +878,25 @@ impl Allocator {
         dev: u32,
         f: impl FnOnce(&mut DevicePool, &dyn Backend, &Config, &mut Aftermath) -> R,
     ) -> R {
-        let mut after = Aftermath::default();
-        // A panic under the lock (the C boundary catches it) must not drop the aftermath:
-        // blocks taken out for release would leave the pool's figures without going back to
-        // the backend or into the pool. It is settled, then the panic goes on.
+        // Declared before the lock, so dropped after it: a panic under the lock (the C
+        // boundary catches it) settles the aftermath with the lock released.
+        let mut settling = SettleOnUnwind {
+            alloc: self,
+            dev,
+            after: Aftermath::default(),
+        };
         let r = {
             let mut pool = self.pool(dev);
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                f(
-                    &mut pool,
-                    self.inner.backend.as_ref(),
-                    &self.inner.config,
-                    &mut after,
-                )
-            }))
+            f(
+                &mut pool,
+                self.inner.backend.as_ref(),
+                &self.inner.config,
+                &mut settling.after,
+            )
         };
+        let after = std::mem::take(&mut settling.after);
         self.settle(dev, after);
-        r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        r
     }
 
     /// A backend error returned to the caller of an allocation: counted in `backend_errors`
@@ -907,16 +928,16 @@ impl Allocator {
                 .unwrap_or_else(|p| p.into_inner());
             sticky.get_or_insert_with(|| e.to_string());
         }
-        let abort = after.abort.take();
-        // A sink that panics (the C boundary catches it) must not keep a failure under
-        // failure_mode = abort from stopping the process.
-        let emitted =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.emit(after.events)));
-        if let Some(owner) = abort {
-            self.fail_closed(owner);
-        }
-        if let Err(panic) = emitted {
-            std::panic::resume_unwind(panic);
+        match after.abort.take() {
+            None => self.emit(after.events),
+            Some(owner) => {
+                // A sink that panics (the C boundary catches it) must not keep a failure
+                // under failure_mode = abort from stopping the process.
+                let events = after.events;
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.emit(events)));
+                self.fail_closed(owner);
+            }
         }
     }
 
