@@ -1711,3 +1711,113 @@ fn the_suggested_verify_commands_run_as_printed() {
         text(&runs[0].stdout)
     );
 }
+
+/// prune-log checked the log against its signed checkpoints (`--public-key`, `--checkpoint`)
+/// before moving anything; the verify commands it suggests afterwards check them too, as the
+/// key files: without them the suggested verification no longer detects a chain cut short
+/// behind its checkpoint, and prints "no checkpoint checked" where prune-log checked one.
+#[test]
+fn the_suggested_verify_commands_carry_the_checkpoint_keys_given() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer_file, public) =
+        kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let ck = tmp.path().join("ckpt");
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer_file);
+    c.checkpoint_dir = Some(ck.clone());
+    c.checkpoint_every_records = 25;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..100 {
+        log.emit(event(i));
+    }
+    log.flush();
+    std::mem::forget(log); // a writer still running: an open chain
+    let out = prune(
+        &s,
+        &[
+            "--older-than",
+            "0",
+            "--public-key",
+            public.to_str().unwrap(),
+            "--checkpoint",
+            ck.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().last().unwrap();
+    for cmd in line.split("kvh verify-log ").skip(1) {
+        assert!(
+            cmd.contains(&format!("--public-key {}", public.display()))
+                && cmd.contains(&format!("--checkpoint {}", ck.display())),
+            "a suggested verify command without the checkpoint keys prune-log was given: {line}"
+        );
+    }
+}
+
+/// The verify commands prune-log suggests run as printed in a POSIX shell whatever the bytes
+/// of the log directory's name: a name that is not UTF-8 is quoted as it is, not replaced by
+/// another name (U+FFFD) that no directory has.
+#[test]
+fn the_suggested_verify_commands_name_a_non_utf8_log_directory_as_it_is() {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let base = setup();
+    let log = base
+        ._tmp
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"log \xff"));
+    let s = Setup {
+        log,
+        archive: base.archive.clone(),
+        key: base.key.clone(),
+        _tmp: base._tmp,
+    };
+    open_chain(&s.log, 80);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .arg("prune-log")
+        .arg(&s.log)
+        .arg("--archive-dir")
+        .arg(&s.archive)
+        .arg("--key-file")
+        .arg(&s.key)
+        .args(["--older-than", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let last = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap()
+        .to_vec();
+    let line = std::ffi::OsString::from_vec(last);
+    let line = line.as_bytes();
+    let at = line
+        .windows(b"kvh verify-log ".len())
+        .position(|w| w == b"kvh verify-log ")
+        .unwrap();
+    let rest = &line[at + b"kvh ".len()..];
+    let end = rest.iter().position(|&b| b == b';').unwrap_or(rest.len());
+    let suggested = std::ffi::OsStr::from_bytes(&rest[..end]);
+    let mut script = std::ffi::OsString::from("exec \"$0\" ");
+    script.push(suggested);
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_kvh"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}: {}{}",
+        String::from_utf8_lossy(suggested.as_bytes()),
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+}

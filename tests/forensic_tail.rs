@@ -1227,3 +1227,83 @@ fn a_state_file_of_another_log_directory_is_a_usage_error_not_tampering() {
     std::fs::write(&state, serde_json::to_vec(&old).unwrap()).unwrap();
     assert_ok(&tail_once(&a, &["--state", st]));
 }
+
+/// A state file saved before its log directory existed names the directory as it was given.
+/// The same directory given later in another spelling (without the trailing slash) is its
+/// own directory, not another one: the run goes on from the state (exit 0), it is not
+/// refused as "the positions of another log directory".
+#[test]
+fn a_state_saved_before_the_directory_existed_accepts_the_same_directory_spelled_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    let with_slash = PathBuf::from(format!("{}/", dir.display()));
+    // A scheduled run before the writers created the directory.
+    assert_ok(&tail_once(&with_slash, &["--state", st]));
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    let out = tail_once(&dir, &["--state", st]);
+    assert_ok(&out);
+    assert_eq!(stdout_lines(&out), log_lines(&dir), "passed on whole");
+}
+
+/// A state file given with another existing log directory is refused (exit 2) whatever the
+/// bytes of its directory's name: a name that is not UTF-8 is still the name of a directory
+/// that exists, and the chains of the state are not reported gone (exit 1) from a directory
+/// they were never in.
+#[test]
+fn a_state_file_of_a_directory_with_a_non_utf8_name_is_refused_for_another_directory() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join(std::ffi::OsStr::from_bytes(b"log-\xff"));
+    let b = tmp.path().join("b");
+    write_log(&cfg(&a, 1 << 20), 2, false);
+    write_log(&cfg(&b, 1 << 20), 2, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&a, &["--state", st, "--from-start"]));
+    let out = tail_once(&b, &["--state", st]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout: {} stderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The state file's log directory reached at another path that is the same directory (a
+/// bind mount, as a volume mounted at another path in another container) is its own
+/// directory: the run goes on from the state (exit 0), it is not refused as "another log
+/// directory". Skipped where bind mounts cannot be made.
+#[test]
+fn a_state_file_accepts_its_log_directory_reached_through_a_bind_mount() {
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let other = tmp.path().join("mnt");
+    std::fs::create_dir(&other).unwrap();
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    let mounted = Command::new("mount")
+        .arg("--bind")
+        .arg(&dir)
+        .arg(&other)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        return;
+    }
+    let _guard = Unmount(other.clone());
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&dir, &["--state", st, "--from-start"]));
+    let out = tail_once(&other, &["--state", st]);
+    assert_ok(&out);
+    assert!(out.stdout.is_empty(), "nothing new to pass on");
+}

@@ -24,3 +24,25 @@ fn a_snapshot_a_power_cut_left_as_zero_bytes_is_replaced_by_the_next_one() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), next);
 }
+
+/// Only a file that is zero bytes throughout is what a power cut left of a snapshot. A file
+/// whose first block is zero and whose data follows (a disk or ISO image, a sparse file, a
+/// database), named by a mistyped path, is not the exporter's: it is not replaced.
+#[test]
+fn a_file_that_only_starts_with_zero_bytes_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let mut data = vec![0u8; 64 << 10];
+    data.extend_from_slice(b"CD001 volume descriptor and the data after it\n");
+    std::fs::write(&path, &data).unwrap();
+    let r = replace_snapshot(&path, b"# HELP kvh_up Up.\nkvh_up 1\n");
+    assert!(
+        r.is_err(),
+        "a file with data after its zero first block was replaced"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        data,
+        "the file is left as it was"
+    );
+}

@@ -17,6 +17,7 @@
 pub mod block;
 pub mod kv;
 pub mod kv_gate;
+mod panic_safe;
 mod pool;
 pub mod size_class;
 
@@ -24,7 +25,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::verify::SegmentResult;
 use crate::backend::{Backend, BackendError, StreamHandle};
 use crate::config::Config;
 use crate::context::Context;
@@ -142,20 +142,13 @@ impl Drop for SettleOnUnwind<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let after = std::mem::take(&mut self.after);
-            self.alloc.settle(self.dev, after);
+            // A second panic out of a destructor while unwinding would abort the process (an
+            // event sink's: the backend's calls do not panic): caught, the first goes on.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.alloc.settle(self.dev, after)
+            }));
         }
     }
-}
-
-/// Waits for `batch`; a backend whose wait panics gives it an error instead (results lost, as
-/// for a wait that failed), so that the batch is applied and its blocks are not left in
-/// flight for ever.
-fn wait_catching_panics(batch: &mut InFlight) -> Result<Vec<SegmentResult>, BackendError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.wait())).unwrap_or_else(|_| {
-        Err(BackendError::Other(
-            "the backend panicked while waiting for a scrub batch".into(),
-        ))
-    })
 }
 
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
@@ -172,6 +165,8 @@ impl Allocator {
         config: Config,
         sink: Option<Arc<dyn EventSink>>,
     ) -> Self {
+        // Every call the pool makes to the backend returns, a panic included (`panic_safe`).
+        let backend: Arc<dyn Backend> = Arc::new(panic_safe::PanicSafe(backend));
         let shutting_down = Arc::new(AtomicBool::new(false));
         let pools = (0..backend.device_count())
             .map(|d| Mutex::new(DevicePool::new(d, shutting_down.clone())))
@@ -734,7 +729,8 @@ impl Allocator {
             batches: batches.into(),
         };
         while let Some(mut batch) = not_waited.batches.pop_front() {
-            let results = wait_catching_panics(&mut batch);
+            // A backend whose wait panics answers an error (`PanicSafe`): a failed wait.
+            let results = batch.wait();
             self.with_pool(dev, |pool, backend, config, after| {
                 pool.returned(&batch);
                 pool.complete(batch, results, backend, config, after)
@@ -745,31 +741,39 @@ impl Allocator {
     /// One flusher tick: submit stale batches, harvest, re-scrub; with `trim`, also release
     /// blocks idle past the idle TTL (a scan of the free lists, so done less often); with
     /// `watch_live`, also report blocks LIVE past the live TTL (a scan of the block table).
-    fn tick(&self, trim: bool, watch_live: bool) {
+    ///
+    /// Returns whether a device's pass panicked (a pool or sink bug: the backend's calls do
+    /// not panic); the other devices' passes run all the same.
+    fn tick(&self, trim: bool, watch_live: bool) -> bool {
         let idle_ttl = u64::try_from(self.inner.config.idle_ttl_ms)
             .ok()
             .filter(|_| trim)
             .map(Duration::from_millis);
         let watch_live = watch_live && self.inner.config.live_ttl_ms > 0;
+        let mut panicked = false;
         for dev in 0..self.inner.pools.len() as u32 {
             if self.inner.shutting_down.load(Ordering::Acquire) {
-                return;
+                break;
             }
-            self.with_pool(dev, |pool, backend, config, after| {
-                if watch_live {
-                    pool.report_live_ttl(config, after);
-                }
-                if !pool.has_pending_work() && idle_ttl.is_none() {
-                    return;
-                }
-                pool.flush_open(true, backend, config, after);
-                pool.harvest(backend, config, after);
-                pool.submit_rescrubs(backend, config, after);
-                if let Some(ttl) = idle_ttl {
-                    pool.trim_idle(ttl, after);
-                }
-            });
+            let pass = || {
+                self.with_pool(dev, |pool, backend, config, after| {
+                    if watch_live {
+                        pool.report_live_ttl(config, after);
+                    }
+                    if !pool.has_pending_work() && idle_ttl.is_none() {
+                        return;
+                    }
+                    pool.flush_open(true, backend, config, after);
+                    pool.harvest(backend, config, after);
+                    pool.submit_rescrubs(backend, config, after);
+                    if let Some(ttl) = idle_ttl {
+                        pool.trim_idle(ttl, after);
+                    }
+                })
+            };
+            panicked |= std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)).is_err();
         }
+        panicked
     }
 
     // ----- inspection -----------------------------------------------------------------------
@@ -1077,13 +1081,11 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 if watch {
                     last_watch = Instant::now();
                 }
-                // A panic in a tick (an event sink's; nothing of the pool's) must not end
-                // the flusher: batches would lose their time bound for good. Said once.
-                let alloc = Allocator { inner };
-                let ticked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    alloc.tick(trim, watch)
-                }));
-                if ticked.is_err() && !said_panic {
+                // A pass that panics (an event sink's, or a bug of the pool's) must not end
+                // the flusher, nor keep the other devices from their passes: batches would
+                // lose their time bound. Said once.
+                let panicked = Allocator { inner }.tick(trim, watch);
+                if panicked && !said_panic {
                     said_panic = true;
                     crate::say(format_args!(
                         "kvhygiene: a flusher pass panicked; the flusher goes on (said once)"

@@ -589,22 +589,13 @@ impl DevicePool {
             options,
         };
         let waits = batch.wait_streams.clone();
-        // A backend that panics (a bug; the C boundary would catch it) must not unwind through
-        // here with the blocks marked in flight and in no batch: nothing would ever apply
-        // them. The panic is a submission error (the blocks go to quarantine).
-        let submitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
-            // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released
-            // only after their ticket completed; 2. a freed block is written by nothing until
-            // it is handed out again, which needs this scrub verified first.
-            unsafe { backend.submit_scrub(batch) }
-        }))
-        .unwrap_or_else(|_| {
-            Err(BackendError::Other(
-                "the backend panicked while submitting a scrub batch".into(),
-            ))
-        });
-        match submitted {
+        // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
+        // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released only
+        // after their ticket completed; 2. a freed block is written by nothing until it is
+        // handed out again, which needs this scrub verified first. A backend that panics
+        // answers an error here (`PanicSafe`): the blocks are never left marked in flight
+        // in no batch.
+        match unsafe { backend.submit_scrub(batch) } {
             Ok(ticket) => {
                 self.stats.counters.scrub_batches += 1;
                 self.in_flight.push_back(InFlight {

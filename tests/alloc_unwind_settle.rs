@@ -1,0 +1,349 @@
+//! A backend that panics (a faulty backend; the C boundary would catch the panic and the
+//! process go on): in a poll, a release, on one device of several. Each panic is a failed
+//! call to the pool, never an unwind through it: no block is stranded, no device starved, no
+//! failure under `failure_mode = abort` let through.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{manual_config, secret};
+use kvhygiene::alloc::{Allocator, BlockState};
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::verify::SegmentResult;
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+use kvhygiene::config::Config;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// A host backend whose `release` panics while `release_panics` is set (once when
+/// `release_panics_once`), and whose tickets of batches holding `poll_panics_for` panic when
+/// polled (waiting works).
+struct Faulty {
+    host: Arc<HostBackend>,
+    release_panics: AtomicBool,
+    release_panics_once: AtomicBool,
+    poll_panics_for: AtomicU64,
+}
+
+impl Faulty {
+    fn new() -> Arc<Self> {
+        Arc::new(Faulty {
+            host: HostBackend::new(),
+            release_panics: AtomicBool::new(false),
+            release_panics_once: AtomicBool::new(false),
+            poll_panics_for: AtomicU64::new(0),
+        })
+    }
+}
+
+struct PanicPoll(Box<dyn ScrubTicket>);
+
+impl ScrubTicket for PanicPoll {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        panic!("the backend panicked while polling a scrub batch");
+    }
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        self.0.wait()
+    }
+}
+
+impl Backend for Faulty {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.host.allocate(device, len)
+    }
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        if self.release_panics.load(Ordering::SeqCst)
+            || self.release_panics_once.swap(false, Ordering::SeqCst)
+        {
+            panic!("the backend panicked while releasing a block");
+        }
+        self.host.release(device, addr, len)
+    }
+    fn zero_fresh(
+        &self,
+        d: u32,
+        a: DevicePtr,
+        l: u64,
+        s: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.host.zero_fresh(d, a, l, s)
+    }
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        let poll_panics = {
+            let p = self.poll_panics_for.load(Ordering::SeqCst);
+            p != 0 && batch.segments.iter().any(|s| s.addr == p)
+        };
+        // SAFETY: this method's own contract, passed on unchanged.
+        let ticket = unsafe { self.host.submit_scrub(batch) }?;
+        Ok(if poll_panics {
+            Box::new(PanicPoll(ticket))
+        } else {
+            ticket
+        })
+    }
+    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(d, a, dst)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// A backend that panics (the C boundary would catch the panic and the process would go on
+/// serving; ARCHITECTURE.md) must not turn into a process abort, nor unwind through the pool:
+/// here `harvest` applies one batch, which retires its block (`max_reuse = 1`), then the
+/// backend panics polling the next one, and the release of the retired block panics as
+/// well. Both are failed calls to the pool: the caller gets its memory, the process goes on.
+#[test]
+fn a_backend_that_panics_polling_and_releasing_does_not_abort_the_process() {
+    if std::env::var_os("KVH_TEST_UNWIND_RELEASE_CHILD").is_some() {
+        let backend = Faulty::new();
+        let alloc = Allocator::new(
+            backend.clone(),
+            Config {
+                max_reuse: 1,
+                batch_size: 1,
+                ..manual_config()
+            },
+            None,
+        );
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        let x = alloc.malloc(4096, 0, S).unwrap();
+        backend.poll_panics_for.store(x, Ordering::SeqCst);
+        backend.release_panics.store(true, Ordering::SeqCst);
+        alloc.free(a, 4096, 0, S).unwrap();
+        alloc.free(x, 4096, 0, S).unwrap();
+        // A pool miss (or the flusher) harvests: once a's batch (first on the stream) has
+        // completed, it is applied (a retires, its release panics) and then x's poll panics.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alloc.stats().counters.released == 0 {
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.malloc(8192, 0, S)));
+            assert!(
+                matches!(r, Ok(Ok(_))),
+                "a pool miss while the backend panics"
+            );
+            assert!(Instant::now() < deadline, "a was never released");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        println!("KVH-CHILD-SURVIVED");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_backend_that_panics_polling_and_releasing_does_not_abort_the_process",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_UNWIND_RELEASE_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("KVH-CHILD-SURVIVED"),
+        "the process did not survive a backend panic the caller catches (status {:?}):\n\
+         {stdout}\n{stderr}",
+        out.status
+    );
+}
+
+/// The pool's figures match what the backend holds (ARCHITECTURE.md): a verified block
+/// taken out of the table for release is either handed to the backend or put back. When the
+/// backend panics releasing the first of two CLEAN blocks (`empty_cache`), the second one,
+/// never handed to the backend, must not vanish: a later `empty_cache` returns it (or it is
+/// still in the pool).
+#[test]
+fn a_panicking_release_does_not_lose_the_other_blocks_of_the_same_pass() {
+    let backend = Faulty::new();
+    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let a = alloc.malloc(4096, 0, S).unwrap();
+    let b = alloc.malloc(4096, 0, S).unwrap();
+    backend.host.write(0, a, &secret(4096, 1)).unwrap();
+    alloc.free(a, 4096, 0, S).unwrap();
+    alloc.free(b, 4096, 0, S).unwrap();
+    alloc.synchronize().unwrap();
+    let capacity = alloc.block_info(a).unwrap().capacity;
+    assert_eq!(
+        alloc.block_info(b).map(|i| i.state),
+        Some(BlockState::Clean)
+    );
+    backend.release_panics_once.store(true, Ordering::SeqCst);
+    // The panic is a failed release (the block's memory is leaked, a backend error counted).
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.empty_cache()));
+    assert!(r.is_ok(), "the release's panic unwound through the pool");
+    assert!(alloc.stats().counters.backend_errors >= 1);
+    // The backend behaves again: whatever the pool still holds goes back.
+    alloc.empty_cache();
+    let pool_bytes = alloc.check_consistency().unwrap().total().bytes;
+    let backend_bytes = backend.host.bytes_in_use();
+    assert!(
+        backend_bytes <= pool_bytes + capacity,
+        "the backend holds {backend_bytes} bytes, the pool accounts for {pool_bytes}: more than \
+         the one block ({capacity} bytes) whose release panicked went missing; blocks \
+         {a:#x}: {:?}, {b:#x}: {:?}; released {}",
+        alloc.block_info(a).map(|i| i.state),
+        alloc.block_info(b).map(|i| i.state),
+        alloc.stats().counters.released
+    );
+}
+
+/// Panics of the flusher thread are not printed (the flusher catches them; they would
+/// repeat at each pass).
+fn quiet_flusher_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some("kvh-flusher") {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// The flusher bounds how long a free waits in an open batch (`batch_max_delay_us`), on
+/// every device, and goes on after a pass that panicked. A backend that panics polling one
+/// device's batch (every time it is polled) must not stop the flusher from flushing and
+/// harvesting another device's frees: a block freed on device 1 becomes CLEAN within the
+/// bound without any other call.
+#[test]
+fn a_flusher_pass_that_panics_on_one_device_does_not_starve_the_others() {
+    quiet_flusher_panics();
+    let backend = Faulty::new();
+    let alloc = Allocator::new(
+        backend.clone(),
+        Config {
+            batch_max_delay_us: 1_000,
+            ..Config::default()
+        },
+        None,
+    );
+    let x = alloc.malloc(4096, 0, S).unwrap();
+    backend.poll_panics_for.store(x, Ordering::SeqCst);
+    alloc.free(x, 4096, 0, S).unwrap();
+    // The flusher submits x's batch, then panics polling it at each pass.
+    std::thread::sleep(Duration::from_millis(100));
+    let y = alloc.malloc(4096, 1, S).unwrap();
+    alloc.free(y, 4096, 1, S).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut state = alloc.block_info(y).map(|i| i.state);
+    while state != Some(BlockState::Clean) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        state = alloc.block_info(y).map(|i| i.state);
+    }
+    assert_eq!(
+        state,
+        Some(BlockState::Clean),
+        "block {y:#x}, freed on device 1, is still {state:?} 2 s on (batch_max_delay_us = \
+         1000): the flusher's passes panic on device 0 first ({:?} scrub batches submitted)",
+        alloc.stats().counters.scrub_batches
+    );
+}
+
+/// A backend that panics submitting or waiting for a scrub batch gives a failed submission or
+/// wait (ARCHITECTURE.md): the blocks go to quarantine and the error is counted. One that
+/// panics polling a batch (each time) must not leave the batch's blocks PENDING for good
+/// behind a flusher that catches the panic at every pass with nothing to show for it: within
+/// the flusher's bound the block leaves PENDING, or the failure is counted as a backend error.
+#[test]
+fn a_batch_whose_poll_panics_is_not_left_pending_for_good_without_an_error() {
+    quiet_flusher_panics();
+    let backend = Faulty::new();
+    let alloc = Allocator::new(
+        backend.clone(),
+        Config {
+            batch_max_delay_us: 1_000,
+            ..Config::default()
+        },
+        None,
+    );
+    let x = alloc.malloc(4096, 2, S).unwrap();
+    backend.poll_panics_for.store(x, Ordering::SeqCst);
+    alloc.free(x, 4096, 2, S).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut state = alloc.block_info(x).map(|i| i.state);
+    while state == Some(BlockState::Pending) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        state = alloc.block_info(x).map(|i| i.state);
+    }
+    let stats = alloc.stats();
+    assert!(
+        state != Some(BlockState::Pending) || stats.counters.backend_errors > 0,
+        "block {x:#x} is still PENDING 2 s after its free (batch_max_delay_us = 1000), its \
+         batch's poll panicking at every flusher pass, and nothing counts it: backend_errors \
+         {}, scrub_batches {}",
+        stats.counters.backend_errors,
+        stats.counters.scrub_batches
+    );
+}
+
+/// Under `failure_mode = abort`, a freed block that fails verification stops the process
+/// (README; even when the event sink panics on the failure's record). A backend that panics
+/// returning another block of the same batch to the device (verified, retired with
+/// `max_reuse = 1`) must not keep the failure from stopping the process: the caller catches
+/// the panic (as the C boundary does) and the process would go on serving.
+#[test]
+fn a_panicking_release_does_not_keep_a_failure_from_aborting_the_process() {
+    if std::env::var_os("KVH_TEST_RELEASE_PANIC_ABORT_CHILD").is_some() {
+        let backend = Faulty::new();
+        let alloc = Allocator::new(
+            backend.clone(),
+            Config {
+                failure_mode: kvhygiene::config::FailureMode::Abort,
+                max_reuse: 1,
+                batch_size: 2,
+                ..manual_config()
+            },
+            None,
+        );
+        let b = alloc.malloc(4096, 0, S).unwrap();
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        backend.host.write(0, b, &secret(4096, 0x6b)).unwrap();
+        // b's scrub leaves half of it unzeroed: it fails verification.
+        backend.host.inject_skip_tail(1);
+        backend.release_panics.store(true, Ordering::SeqCst);
+        alloc.free(b, 4096, 0, S).unwrap();
+        alloc.free(a, 4096, 0, S).unwrap();
+        for _ in 0..2 {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        println!(
+            "KVH-CHILD-SURVIVED verifications_failed={} b={:?}",
+            alloc.stats().counters.verifications_failed,
+            alloc.block_info(b).map(|i| i.state)
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panicking_release_does_not_keep_a_failure_from_aborting_the_process",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_RELEASE_PANIC_ABORT_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("KVH-CHILD-SURVIVED"),
+        "the process went on after a failed verification under failure_mode=abort: \
+         {stdout}{stderr}"
+    );
+}
