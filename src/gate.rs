@@ -514,9 +514,9 @@ fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io
 
 /// Refuses a log this process may not read (a probe running under another uid than the
 /// writer, whose files are 0600): the gate cannot judge it, which is a usage error (exit 2),
-/// not a log that fails verification (an eviction that reads as tampering). `verify-log`
-/// answers another user's unreadable files the same way (exit 2), and the verifying user's
-/// own unreadable file as a problem of its chain.
+/// not a log that fails verification (an eviction that reads as tampering). As in
+/// `verify-log`, the gate's own user's unreadable file is left to the verification, which
+/// fails its chain.
 fn readable(dir: &std::path::Path, opts: &verify::VerifyOptions) -> Result<(), String> {
     let denied = |p: &std::path::Path, e: std::io::Error| {
         format!(
@@ -530,8 +530,13 @@ fn readable(dir: &std::path::Path, opts: &verify::VerifyOptions) -> Result<(), S
     for (_, files) in &chains {
         for (_, path) in files {
             // Opened as the verifier opens them: a FIFO planted there is not waited for.
+            // Only another user's file: this user's own file made unreadable is a problem
+            // of the log, which the verification reports (an eviction), as verify-log does.
             match crate::forensic::files::open_regular(path, u64::MAX) {
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::PermissionDenied
+                        && crate::forensic::files::unreadable_foreign(path) =>
+                {
                     return Err(denied(path, e))
                 }
                 _ => {}

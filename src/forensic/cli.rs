@@ -119,9 +119,25 @@ pub struct KeygenArgs {
 }
 
 /// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
-/// shell treats specially, else in single quotes. For the commands the verbs suggest.
+/// shell treats specially, else in single quotes; a path that is not UTF-8 as a `printf` of
+/// its bytes (octal escapes), so the word names that path and no other. For the commands the
+/// verbs suggest.
 pub fn shell_word(p: &Path) -> String {
-    let s = p.display().to_string();
+    use std::os::unix::ffi::OsStrExt;
+    let Some(s) = p.to_str().map(str::to_string) else {
+        let format: String = p
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .map(|&b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("\\{b:03o}"),
+            })
+            .collect();
+        return format!("\"$(printf '{format}')\"");
+    };
     let plain = !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_./-+,:@%=".contains(c));
@@ -501,11 +517,19 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         }
         if !args.json {
             let dir = shell_word(&args.dir);
-            let keys: String = args
+            // The keys and checkpoints this run checked the log with, so that the commands
+            // check as much.
+            let mut keys: String = args
                 .key_file
                 .iter()
                 .map(|k| format!(" --key-file {}", shell_word(k)))
                 .collect();
+            for k in &args.public_key {
+                keys.push_str(&format!(" --public-key {}", shell_word(k)));
+            }
+            if let Some(c) = &args.checkpoint {
+                keys.push_str(&format!(" --checkpoint {}", shell_word(c)));
+            }
             let whole = format!(
                 "kvh verify-log {dir}{keys} --archive-dir {}",
                 shell_word(&args.archive_dir)

@@ -82,16 +82,43 @@ struct Position {
 /// What the tail remembers between passes (the `--state` file).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct State {
-    /// The log directory the positions are in (its canonical path when it exists): a state
-    /// file given with another directory is refused, rather than every chain it remembers
-    /// being reported as deleted. Absent in state files of earlier versions.
+    /// The log directory the positions are in, once it existed: a state file given with
+    /// another directory is refused, rather than every chain it remembers being reported as
+    /// deleted. Absent in state files of earlier versions and before the directory existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    log_dir: Option<String>,
+    log_dir: Option<DirId>,
     chains: BTreeMap<String, Position>,
     /// Passes in a row whose bytes did not hash to the chain's verified head, per chain: kept
     /// across runs, so that scheduled `--once` runs count them too.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     stalls: BTreeMap<String, u32>,
+}
+
+/// A directory as the state file names it: by device and inode (the same directory through a
+/// symlink, a bind mount or another spelling of its path is the same), with the path it was
+/// given as, byte for byte, to look for it again and to name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DirId {
+    dev: u64,
+    ino: u64,
+    path: std::ffi::OsString,
+}
+
+impl DirId {
+    /// `dir`'s identity, `None` when it is not a directory that can be looked at now.
+    fn of(dir: &Path) -> Option<DirId> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+        Some(DirId {
+            dev: md.dev(),
+            ino: md.ino(),
+            path: dir.as_os_str().to_owned(),
+        })
+    }
+
+    fn same(&self, other: &DirId) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
 }
 
 /// Why the tail stops.
@@ -148,18 +175,19 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         Some(path) => load_state(path).map_err(Stop::Error)?,
         None => None,
     };
-    let here = dir_identity(&args.log.dir);
     if let (Some(path), Some(theirs)) =
         (&args.state, saved.as_ref().and_then(|s| s.log_dir.as_ref()))
     {
-        // Only when both directories are there: a log directory that is gone, or whose
-        // chains are, is judged as tampering below, whatever name the state gives it.
-        let elsewhere = Path::new(theirs).is_dir() && args.log.dir.is_dir();
-        if elsewhere && !here.contains(theirs) {
+        // Only when both directories are there and are not one: a log directory that is
+        // gone, or whose chains are, is judged as tampering below.
+        let here = DirId::of(&args.log.dir);
+        let theirs_still = DirId::of(Path::new(&theirs.path)).is_some_and(|t| t.same(theirs));
+        if theirs_still && here.is_some_and(|h| !h.same(theirs)) {
             return Err(Stop::Error(format!(
-                "--state {} holds the positions of log directory {theirs}, not of {}: give \
-                 that directory, or another --state file for this one",
+                "--state {} holds the positions of log directory {}, not of {}: give that \
+                 directory, or another --state file for this one",
                 path.display(),
+                Path::new(&theirs.path).display(),
                 args.log.dir.display()
             )));
         }
@@ -182,11 +210,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         // the next scheduled run) must know it too. The file's presence also says the tail
         // has started (a start-up probe can wait for it before the writers start).
         if let Some(path) = &args.state {
-            let fresh = State {
-                log_dir: here.first().cloned(),
-                ..State::default()
-            };
-            save_state(path, &fresh).map_err(Stop::Error)?;
+            save_state(path, &State::default()).map_err(Stop::Error)?;
         }
         let Some(stop) = &stop else {
             // A scheduled run before the writers created the directory: a log with no chain
@@ -209,8 +233,8 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     }
     let resumed = saved.is_some();
     let mut state = saved.unwrap_or_default();
-    // Named now (the directory exists by here): canonical from this run on.
-    state.log_dir = dir_identity(&args.log.dir).first().cloned();
+    // Named now that the directory exists (a state saved before it did names none).
+    state.log_dir = DirId::of(&args.log.dir).or(state.log_dir);
     if let Some(gone) = directory_gone(&args.log.dir, &state) {
         return Err(gone);
     }
@@ -220,6 +244,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     let mut skip_existing = !resumed && !args.from_start && !appeared_later;
     let mut first = true;
     let mut said_error: Option<String> = None;
+    let mut failed_passes: u32 = 0;
     loop {
         // Asked to stop before this pass began: it is the last one, and it passes on every
         // record written up to the signal.
@@ -250,6 +275,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 }
                 skip_existing = false;
                 said_error = None;
+                failed_passes = 0;
                 // Saved after the first pass even when nothing moved: the next run then goes
                 // on from here (a chain that appears meanwhile is passed on whole), instead of
                 // starting at the heads again.
@@ -275,12 +301,22 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             }
             // The directory could not be read this time (a volume remounting, say): said
             // once, tried again at the next pass; with --once, or in the last pass, it is
-            // the run's result.
-            Err(PassError::Io(e)) if !args.once && !last => {
+            // the run's result. An error that lasts MAX_FAILED_PASSES passes in a row (a
+            // file or directory whose permissions were taken away) ends the tail: it must
+            // not run on for ever passing nothing on, silent on stdout.
+            Err(PassError::Io(e))
+                if !args.once && !last && failed_passes + 1 < MAX_FAILED_PASSES =>
+            {
+                failed_passes += 1;
                 if said_error.as_deref() != Some(e.as_str()) {
                     eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
                     said_error = Some(e);
                 }
+            }
+            Err(PassError::Io(e)) if failed_passes + 1 >= MAX_FAILED_PASSES => {
+                return Err(Stop::Error(format!(
+                    "{e} ({MAX_FAILED_PASSES} passes in a row: giving up)"
+                )))
             }
             Err(PassError::Io(e)) => return Err(Stop::Error(e)),
         }
@@ -784,19 +820,9 @@ fn security_line(line: &[u8]) -> bool {
     serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|r| is_exception(&r))
 }
 
-/// The names `dir` goes by for a state file: its canonical path when it exists, and its
-/// absolute path (what a state saved before the directory existed holds). The first is the
-/// one saved.
-fn dir_identity(dir: &Path) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Ok(p) = std::fs::canonicalize(dir) {
-        names.push(p.display().to_string());
-    }
-    if let Ok(p) = std::path::absolute(dir) {
-        names.push(p.display().to_string());
-    }
-    names
-}
+/// Passes in a row that fail to read the log (an I/O error, not tampering) after which a
+/// following tail gives up (exit 2) instead of retrying silently for ever.
+const MAX_FAILED_PASSES: u32 = 10;
 
 /// Most bytes a state file may have: a position is about 200 bytes per chain.
 const MAX_STATE_BYTES: u64 = 64 << 20;

@@ -603,8 +603,23 @@ fn load_checkpoints(
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut files_seen = BTreeSet::new();
     for p in &opts.checkpoints {
-        let found =
-            checkpoint::find(p).map_err(|e| VerifyError(format!("{}: {e}", p.display())))?;
+        let found = match checkpoint::find(p) {
+            Ok(found) => found,
+            // This user's own checkpoint location made unreadable: evidence kept from the
+            // verifier, a problem of the log (as its own chain file), not an I/O error.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && !files::unreadable_foreign(p) =>
+            {
+                report.errors.push(format!(
+                    "{}: {e}: this user's own checkpoints cannot be read (their permissions \
+                     were taken away)",
+                    p.display()
+                ));
+                continue;
+            }
+            Err(e) => return Err(VerifyError(format!("{}: {e}", p.display()))),
+        };
         for f in found {
             if !files_seen.insert(f.clone()) {
                 continue; // the same file named twice (`--checkpoint DIR` and DIR's file)

@@ -82,27 +82,41 @@ pub fn check_replaceable(path: &Path) -> std::io::Result<()> {
     if !md.is_file() {
         return Err(refused("a special file"));
     }
-    // Opened as the log's readers open files: no link followed, a FIFO cannot hang it.
-    let head = crate::forensic::files::open_regular(path, u64::MAX).and_then(|(f, _)| {
-        use std::io::Read;
-        let mut head = Vec::with_capacity(SNIFF_BYTES);
-        f.take(SNIFF_BYTES as u64).read_to_end(&mut head)?;
-        Ok(head)
-    });
-    let head = match head {
-        Ok(h) => h,
-        // Replaced by another writer between the two looks: nothing left to protect.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+    // Opened as the log's readers open files: no link followed, a FIFO cannot hang it. The
+    // first bytes tell a snapshot; a file of zero bytes only is read whole (up to a
+    // snapshot's largest size) to tell it from one that merely starts with zeros.
+    let read = |cap: u64| {
+        crate::forensic::files::open_regular(path, u64::MAX).and_then(|(f, _)| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            f.take(cap).read_to_end(&mut bytes)?;
+            Ok(bytes)
+        })
     };
-    // All zero bytes: a snapshot a power cut left at its length but without its data (the
-    // write is not synced), which the next snapshot must replace.
-    if head.iter().all(|&b| b == 0) || is_snapshot_start(&head) {
-        Ok(())
-    } else {
-        Err(refused("a file"))
+    let looked = read(SNIFF_BYTES as u64).and_then(|head| {
+        if is_snapshot_start(&head) {
+            return Ok(true);
+        }
+        if !head.iter().all(|&b| b == 0) {
+            return Ok(false);
+        }
+        // All zero bytes, throughout: a snapshot a power cut left at its length but without
+        // its data (the write is not synced), which the next snapshot must replace.
+        let whole = read(MAX_ZEROED_BYTES + 1)?;
+        Ok(whole.len() as u64 <= MAX_ZEROED_BYTES && whole.iter().all(|&b| b == 0))
+    });
+    match looked {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(refused("a file")),
+        // Replaced by another writer between the two looks: nothing left to protect.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
+
+/// Largest file of zero bytes taken for a snapshot a power cut emptied: the largest snapshot
+/// `kvh metrics` reads.
+const MAX_ZEROED_BYTES: u64 = super::cli::MAX_FILE_BYTES;
 
 /// Whether `head`, a file's first bytes, starts as a kvhygiene snapshot does.
 fn is_snapshot_start(head: &[u8]) -> bool {
