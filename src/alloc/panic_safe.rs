@@ -7,7 +7,8 @@
 //! to its backend, and to the tickets the backend returns, goes through this wrapper, and a
 //! panic becomes `BackendError::Other`: the pool then treats it as it treats any failed call
 //! (a failed submission or wait quarantines the batch's blocks, a failed release leaks the
-//! memory and counts a backend error). `catch_unwind` costs nothing when nothing panics.
+//! memory and counts a backend error); a ticket's destructor that panics is ignored (the
+//! batch's results were applied already). `catch_unwind` costs nothing when nothing panics.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -66,7 +67,7 @@ impl Backend for PanicSafe {
             // SAFETY: this method's own contract, passed on unchanged.
             unsafe { self.0.submit_scrub(batch) }
         })?;
-        Ok(Box::new(SafeTicket(ticket)))
+        Ok(Box::new(SafeTicket(Some(ticket))))
     }
 
     fn is_capturing(&self, device: u32, stream: StreamHandle) -> Result<bool, BackendError> {
@@ -91,15 +92,35 @@ impl Backend for PanicSafe {
     }
 }
 
-/// A ticket whose poll and wait never unwind: a panic is a failed wait (results lost).
-struct SafeTicket(Box<dyn ScrubTicket>);
+/// A ticket whose poll, wait and drop never unwind: a panic in poll or wait is a failed wait
+/// (results lost); one in the backend's destructor (which returns the batch's slot) is
+/// dropped with it. Always `Some` until dropped.
+struct SafeTicket(Option<Box<dyn ScrubTicket>>);
+
+impl SafeTicket {
+    fn inner(&mut self) -> Result<&mut Box<dyn ScrubTicket>, BackendError> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| BackendError::Other("a scrub ticket used after it was dropped".into()))
+    }
+}
 
 impl ScrubTicket for SafeTicket {
     fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
-        guarded("a scrub batch's poll", || self.0.poll())
+        let ticket = self.inner()?;
+        guarded("a scrub batch's poll", || ticket.poll())
     }
 
     fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
-        guarded("a scrub batch's wait", || self.0.wait())
+        let ticket = self.inner()?;
+        guarded("a scrub batch's wait", || ticket.wait())
+    }
+}
+
+impl Drop for SafeTicket {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.0.take() {
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(ticket)));
+        }
     }
 }
