@@ -221,3 +221,39 @@ fn files_named_like_log_files_but_not_chain_files_are_named() {
         "{err}"
     );
 }
+
+/// The commands the verbs suggest name a path that is not UTF-8 as a word that expands, in a
+/// POSIX shell, to that path and no other: byte for byte, a trailing newline and a leading
+/// `-` included.
+#[test]
+fn a_suggested_shell_word_for_a_path_that_is_not_utf8_expands_to_that_path() {
+    use std::os::unix::ffi::OsStrExt;
+    let paths: [&[u8]; 4] = [
+        b"log-\xff/kvh\n",
+        b"-log-\xff",
+        b"/var/log/kvh-\xff%d\\n",
+        b"/var/log/kvh-\xff\n\n",
+    ];
+    for shell in ["dash", "bash", "sh"] {
+        if Command::new(shell).arg("-c").arg("true").status().is_err() {
+            continue;
+        }
+        for bytes in paths {
+            let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
+            let word = kvhygiene::forensic::cli::shell_word(path);
+            let out = Command::new(shell)
+                .arg("-c")
+                .arg(format!("printf '%s' {word}"))
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.stdout,
+                bytes,
+                "{shell}: {word} expands to {:?}, not to {:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(bytes),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

@@ -1307,3 +1307,48 @@ fn a_state_file_accepts_its_log_directory_reached_through_a_bind_mount() {
     assert_ok(&out);
     assert!(out.stdout.is_empty(), "nothing new to pass on");
 }
+
+/// A state file saved by a run given its log directory as a relative path still names that
+/// directory when the next run starts in another working directory: given there with
+/// another existing log directory, while its own still exists, it is refused (exit 2, no
+/// alert line), not read as every chain of its own directory deleted (exit 1, tampering).
+#[test]
+fn a_state_file_saved_with_a_relative_log_directory_is_refused_from_another_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_log(&cfg(&a, 1 << 20), 2, false);
+    write_log(&cfg(&b, 1 << 20), 2, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    // The scheduled job: `cd <tmp> && kvh tail-log a --once --state <abs>`.
+    let first = kvh()
+        .current_dir(tmp.path())
+        .args(["tail-log", "a", "--once", "--from-start", "--state", st])
+        .output()
+        .unwrap();
+    assert_ok(&first);
+    let saved = std::fs::read(&state).unwrap();
+    // The same state file given with the other log directory, from another directory.
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let out = kvh()
+        .current_dir(&elsewhere)
+        .arg("tail-log")
+        .arg(&b)
+        .args(["--once", "--state", st])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a state file of log directory a given with b: stdout {:?}, stderr: {err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty(), "no alert line");
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        saved,
+        "the state file is untouched"
+    );
+}

@@ -115,3 +115,50 @@ fn a_log_directory_renamed_under_a_running_tail_with_a_dangling_link_left_is_tam
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A log directory from which nothing was passed on yet, missing for a while under a
+/// following tail (a volume remounting, the directory recreated before the writers start):
+/// as when it is missing at the start, the tail waits for it instead of giving up, and
+/// passes on the chains written in it once it is back.
+#[test]
+fn a_log_directory_missing_for_a_while_before_any_chain_is_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut child = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--interval", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let away = tmp.path().join("away");
+    std::fs::rename(&dir, &away).unwrap();
+    // Longer than 10 intervals.
+    std::thread::sleep(Duration::from_secs(13));
+    std::fs::rename(&away, &dir).unwrap();
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.is_none() && stdout.lines().count() >= 2,
+        "the tail ended ({status:?}) while its log directory was missing, before any chain \
+         was passed on; stdout {stdout:?}, stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

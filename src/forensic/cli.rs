@@ -120,23 +120,31 @@ pub struct KeygenArgs {
 
 /// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
 /// shell treats specially, else in single quotes; a path that is not UTF-8 as a `printf` of
-/// its bytes (octal escapes), so the word names that path and no other. For the commands the
-/// verbs suggest.
+/// its bytes (octal escapes, a `-` too, so the format is never taken for an option), with
+/// its trailing newlines, which command substitution would drop, quoted after it. For the
+/// commands the verbs suggest.
 pub fn shell_word(p: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let Some(s) = p.to_str().map(str::to_string) else {
-        let format: String = p
-            .as_os_str()
-            .as_bytes()
+        let bytes = p.as_os_str().as_bytes();
+        let end = bytes.iter().rposition(|&b| b != b'\n').map_or(0, |i| i + 1);
+        let body = &bytes[..end];
+        let newlines = "\n".repeat(bytes.len() - body.len());
+        let format: String = body
             .iter()
             .map(|&b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' => {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'.' | b'_' => {
                     char::from(b).to_string()
                 }
                 _ => format!("\\{b:03o}"),
             })
             .collect();
-        return format!("\"$(printf '{format}')\"");
+        let tail = if newlines.is_empty() {
+            String::new()
+        } else {
+            format!("'{newlines}'")
+        };
+        return format!("\"$(printf '{format}')\"{tail}");
     };
     let plain = !s.is_empty()
         && s.chars()

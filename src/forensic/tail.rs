@@ -105,14 +105,17 @@ struct DirId {
 }
 
 impl DirId {
-    /// `dir`'s identity, `None` when it is not a directory that can be looked at now.
+    /// `dir`'s identity, `None` when it is not a directory that can be looked at now. The
+    /// path kept is the canonical one: a relative path would name another directory from
+    /// another working directory.
     fn of(dir: &Path) -> Option<DirId> {
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+        let path = std::fs::canonicalize(dir).ok()?;
         Some(DirId {
             dev: md.dev(),
             ino: md.ino(),
-            path: dir.as_os_str().to_owned(),
+            path: path.into_os_string(),
         })
     }
 
@@ -301,22 +304,32 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             }
             // The directory could not be read this time (a volume remounting, say): said
             // once, tried again at the next pass; with --once, or in the last pass, it is
-            // the run's result. An error that lasts MAX_FAILED_PASSES passes in a row (a
-            // file or directory whose permissions were taken away) ends the tail: it must
-            // not run on for ever passing nothing on, silent on stdout.
+            // the run's result. An error that lasts MAX_FAILED_PASSES passes in a row while
+            // the directory is there (a file or directory whose permissions were taken away,
+            // a failing device) ends the tail: it must not run on for ever passing nothing
+            // on, silent on stdout. A directory that is not there is waited for, as at the
+            // start (one that held chains passed on is tampering, judged by the pass).
             Err(PassError::Io(e))
                 if !args.once && !last && failed_passes + 1 < MAX_FAILED_PASSES =>
             {
-                failed_passes += 1;
+                if !files::is_missing(&args.log.dir) {
+                    failed_passes += 1;
+                }
                 if said_error.as_deref() != Some(e.as_str()) {
                     eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
                     said_error = Some(e);
                 }
             }
             Err(PassError::Io(e)) if failed_passes + 1 >= MAX_FAILED_PASSES => {
+                // As for a stop: what the passes wrote stays written and is not passed on
+                // again by the next run.
+                let placed = !(first && skip_existing);
+                if let (Some(path), true) = (&args.state, placed) {
+                    let _ = save_state(path, &state);
+                }
                 return Err(Stop::Error(format!(
                     "{e} ({MAX_FAILED_PASSES} passes in a row: giving up)"
-                )))
+                )));
             }
             Err(PassError::Io(e)) => return Err(Stop::Error(e)),
         }
