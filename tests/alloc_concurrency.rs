@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::hooked::{hooked, Hooks};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::verify::SegmentResult;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
+use kvhygiene::backend::{BackendError, DevicePtr, ScrubTicket, StreamHandle};
 use kvhygiene::config::Config;
 
 const S: StreamHandle = StreamHandle(0);
@@ -90,50 +91,21 @@ impl ScrubTicket for Held {
     }
 }
 
-impl Backend for HoldOne {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+impl Hooks for HoldOne {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    fn ticket(&self, segments: &[DevicePtr], inner: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
         let held = self.held_addr.load(Ordering::SeqCst);
-        let holds = held != 0 && batch.segments.iter().any(|s| s.addr == held);
-        // SAFETY: this method's own contract, passed on unchanged.
-        let inner = unsafe { self.host.submit_scrub(batch) }?;
+        let holds = held != 0 && segments.contains(&held);
         if holds {
             self.held_submitted.store(true, Ordering::SeqCst);
         }
-        Ok(Box::new(Held {
+        Box::new(Held {
             inner,
             release: holds.then(|| self.release.clone()),
             panics: holds && self.panic_on_wait.load(Ordering::SeqCst),
-        }))
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
+        })
     }
 }
 
@@ -187,7 +159,7 @@ fn churn(alloc: Allocator, ptrs: Vec<u64>, done: Arc<AtomicBool>) -> std::thread
 #[test]
 fn synchronize_does_not_return_over_a_held_batch_while_other_threads_keep_freeing() {
     let backend = HoldOne::new();
-    let alloc = Allocator::new(backend.clone(), config(), None);
+    let alloc = Allocator::new(hooked(&backend), config(), None);
     let x = alloc.malloc(4096, 0, S).unwrap();
     let others = blocks(&alloc, 100);
     backend.hold(x);
@@ -230,7 +202,7 @@ fn synchronize_does_not_return_over_a_held_batch_while_other_threads_keep_freein
 #[test]
 fn shutdown_does_not_abandon_a_held_batch_while_other_threads_keep_freeing() {
     let backend = HoldOne::new();
-    let alloc = Allocator::new(backend.clone(), config(), None);
+    let alloc = Allocator::new(hooked(&backend), config(), None);
     let x = alloc.malloc(4096, 0, S).unwrap();
     let others = blocks(&alloc, 100);
     backend.hold(x);
@@ -270,7 +242,7 @@ fn shutdown_does_not_abandon_a_held_batch_while_other_threads_keep_freeing() {
 #[test]
 fn a_panic_while_waiting_on_a_batch_does_not_hang_later_whole_pool_waits() {
     let backend = HoldOne::new();
-    let alloc = Allocator::new(backend.clone(), config(), None);
+    let alloc = Allocator::new(hooked(&backend), config(), None);
     let x = alloc.malloc(4096, 0, S).unwrap();
     backend.hold(x);
     backend.panic_on_wait.store(true, Ordering::SeqCst);

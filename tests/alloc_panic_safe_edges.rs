@@ -9,13 +9,12 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use common::hooked::{hooked, Hooks};
 use common::manual_config;
 use kvhygiene::alloc::Allocator;
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::verify::SegmentResult;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
+use kvhygiene::backend::{BackendError, DevicePtr, ScrubTicket, StreamHandle};
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -47,44 +46,19 @@ impl Drop for PanicOnDrop {
     }
 }
 
-impl Backend for DropPanics {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+impl Hooks for DropPanics {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
+    fn ticket(
         &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        let ticket = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(Box::new(PanicOnDrop {
+        _segments: &[DevicePtr],
+        ticket: Box<dyn ScrubTicket>,
+    ) -> Box<dyn ScrubTicket> {
+        Box::new(PanicOnDrop {
             ticket,
             drop_panics: self.drop_panics.clone(),
-        }))
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
+        })
     }
 }
 
@@ -101,7 +75,7 @@ fn backend() -> Arc<DropPanics> {
 #[test]
 fn synchronize_does_not_unwind_when_a_ticket_panics_as_it_is_dropped() {
     let backend = backend();
-    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let alloc = Allocator::new(hooked(&backend), manual_config(), None);
     let a = alloc.malloc(4096, 0, S).unwrap();
     alloc.free(a, 4096, 0, S).unwrap();
     backend.drop_panics.store(true, Ordering::SeqCst);
@@ -120,7 +94,7 @@ fn synchronize_does_not_unwind_when_a_ticket_panics_as_it_is_dropped() {
 #[test]
 fn a_checked_free_does_not_unwind_when_its_ticket_panics_as_it_is_dropped() {
     let backend = backend();
-    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let alloc = Allocator::new(hooked(&backend), manual_config(), None);
     let a = alloc.malloc(4096, 0, S).unwrap();
     backend.drop_panics.store(true, Ordering::SeqCst);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -142,7 +116,7 @@ fn a_checked_free_does_not_unwind_when_its_ticket_panics_as_it_is_dropped() {
 #[test]
 fn a_kv_scrub_does_not_unwind_when_its_ticket_panics_as_it_is_dropped() {
     let backend = backend();
-    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let alloc = Allocator::new(hooked(&backend), manual_config(), None);
     let base = alloc.malloc(4 * 4096, 0, S).unwrap();
     let layout = kvhygiene::alloc::KvLayout {
         regions: vec![base],

@@ -11,14 +11,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::hooked::{hooked, HookSink, Hooks, PanicsOnPoll};
 use common::{manual_config, secret, Fixture};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
+use kvhygiene::backend::{Backend, BackendError, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle};
 use kvhygiene::config::Config;
-use kvhygiene::events::{Event, EventKind, EventSink};
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -32,20 +30,6 @@ struct PanicSubmit {
     poll_panics_for: AtomicU64,
 }
 
-/// A ticket whose poll panics ([`PanicSubmit::poll_panics_for`]).
-struct PanicPoll(Box<dyn ScrubTicket>);
-
-impl ScrubTicket for PanicPoll {
-    fn poll(
-        &mut self,
-    ) -> Result<Option<Vec<kvhygiene::backend::verify::SegmentResult>>, BackendError> {
-        panic!("the backend panicked while polling a scrub batch");
-    }
-    fn wait(&mut self) -> Result<Vec<kvhygiene::backend::verify::SegmentResult>, BackendError> {
-        self.0.wait()
-    }
-}
-
 impl PanicSubmit {
     fn new() -> Arc<Self> {
         Arc::new(PanicSubmit {
@@ -57,29 +41,11 @@ impl PanicSubmit {
     }
 }
 
-impl Backend for PanicSubmit {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+impl Hooks for PanicSubmit {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    fn before_submit(&self, batch: &ScrubBatch) {
         let rescrub = batch.options.double_pass && batch.options.full_verify;
         if rescrub && self.on_rescrub.swap(false, Ordering::SeqCst) {
             panic!("the backend panicked while submitting a re-scrub");
@@ -89,26 +55,14 @@ impl Backend for PanicSubmit {
             self.addr.store(0, Ordering::SeqCst);
             panic!("the backend panicked while submitting a scrub");
         }
-        let poll_panics = {
-            let p = self.poll_panics_for.load(Ordering::SeqCst);
-            p != 0 && batch.segments.iter().any(|s| s.addr == p)
-        };
-        // SAFETY: this method's own contract, passed on unchanged.
-        let ticket = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(if poll_panics {
-            Box::new(PanicPoll(ticket))
+    }
+    fn ticket(&self, segments: &[DevicePtr], ticket: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
+        let p = self.poll_panics_for.load(Ordering::SeqCst);
+        if p != 0 && segments.contains(&p) {
+            Box::new(PanicsOnPoll(ticket))
         } else {
             ticket
-        })
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
+        }
     }
 }
 
@@ -141,7 +95,7 @@ fn retire_config() -> Config {
 #[test]
 fn a_block_taken_out_for_release_is_not_lost_when_the_backend_panics_in_the_same_batch() {
     let backend = PanicSubmit::new();
-    let alloc = Allocator::new(backend.clone(), retire_config(), None);
+    let alloc = Allocator::new(hooked(&backend), retire_config(), None);
     let (_b, a) = retire_two_one_quarantined(&alloc, &backend);
     backend.on_rescrub.store(true, Ordering::SeqCst);
     let first = alloc.synchronize();
@@ -169,7 +123,7 @@ fn a_block_taken_out_for_release_is_not_lost_when_the_backend_panics_in_the_same
 #[test]
 fn a_rescrub_whose_submission_panicked_is_submitted_again_or_reported() {
     let backend = PanicSubmit::new();
-    let alloc = Allocator::new(backend.clone(), retire_config(), None);
+    let alloc = Allocator::new(hooked(&backend), retire_config(), None);
     let (b, _a) = retire_two_one_quarantined(&alloc, &backend);
     backend.on_rescrub.store(true, Ordering::SeqCst);
     let first = alloc.synchronize();
@@ -187,25 +141,6 @@ fn a_rescrub_whose_submission_panicked_is_submitted_again_or_reported() {
     );
 }
 
-/// A sink that runs a hook once, on the first size-mismatch event (emitted by a free after
-/// the pool lock is dropped, before a checked free starts waiting).
-#[derive(Default)]
-struct HookSink {
-    #[allow(clippy::type_complexity)]
-    on_mismatch: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl EventSink for HookSink {
-    fn emit(&self, event: Event) {
-        if matches!(event.kind, EventKind::SizeMismatch { .. }) {
-            let hook = self.on_mismatch.lock().unwrap().take();
-            if let Some(hook) = hook {
-                hook();
-            }
-        }
-    }
-}
-
 /// A checked free waits for its block's scrub (`kvh_free_checked`). When another thread's
 /// whole-pool wait submitted the block's open batch and the backend panicked in that
 /// submission, nothing was queued: the checked free must get its block submitted again or a
@@ -214,7 +149,7 @@ impl EventSink for HookSink {
 fn a_checked_free_returns_when_another_threads_submission_of_its_batch_panicked() {
     let backend = PanicSubmit::new();
     let sink = Arc::new(HookSink::default());
-    let alloc = Allocator::new(backend.clone(), manual_config(), Some(sink.clone()));
+    let alloc = Allocator::new(hooked(&backend), manual_config(), Some(sink.clone()));
     let x = alloc.malloc(4096, 0, S).unwrap();
     backend.addr.store(x, Ordering::SeqCst);
     let other_panicked = Arc::new(Mutex::new(None));
@@ -313,51 +248,19 @@ struct HookRelease {
     host: Arc<HostBackend>,
     #[allow(clippy::type_complexity)]
     on_first_release: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    exited: AtomicBool,
 }
 
-impl Backend for HookRelease {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+impl Hooks for HookRelease {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+    /// The hook, then the host's release (which refuses once the host was shut down).
+    fn release(&self, _addr: DevicePtr) -> Option<Result<(), BackendError>> {
         let hook = self.on_first_release.lock().unwrap().take();
         if let Some(hook) = hook {
             hook();
         }
-        if self.exited.load(Ordering::SeqCst) {
-            return Err(BackendError::ShuttingDown);
-        }
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(batch) }
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.exited.store(true, Ordering::SeqCst);
-        self.host.shutdown()
+        None
     }
 }
 
@@ -371,10 +274,9 @@ fn synchronize_after_exit_does_not_succeed_over_a_release_exit_overtakes() {
     let backend = Arc::new(HookRelease {
         host: HostBackend::new(),
         on_first_release: Mutex::new(None),
-        exited: AtomicBool::new(false),
     });
     let alloc = Allocator::new(
-        backend.clone(),
+        hooked(&backend),
         Config {
             max_reuse: 1,
             ..manual_config()
@@ -416,7 +318,7 @@ fn synchronize_after_exit_does_not_succeed_over_a_release_exit_overtakes() {
 fn a_panicking_poll_later_in_the_same_pass_does_not_lose_a_block_taken_out_for_release() {
     let backend = PanicSubmit::new();
     let alloc = Allocator::new(
-        backend.clone(),
+        hooked(&backend),
         Config {
             batch_size: 1,
             ..retire_config()

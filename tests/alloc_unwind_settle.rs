@@ -9,13 +9,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::hooked::{hooked, Hooks, PanicsOnPoll};
 use common::{manual_config, secret};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
-use kvhygiene::backend::verify::SegmentResult;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
+use kvhygiene::backend::{Backend, BackendError, DevicePtr, ScrubTicket, StreamHandle};
 use kvhygiene::config::Config;
 
 const S: StreamHandle = StreamHandle(0);
@@ -41,65 +39,25 @@ impl Faulty {
     }
 }
 
-struct PanicPoll(Box<dyn ScrubTicket>);
-
-impl ScrubTicket for PanicPoll {
-    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
-        panic!("the backend panicked while polling a scrub batch");
+impl Hooks for Faulty {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
-        self.0.wait()
-    }
-}
-
-impl Backend for Faulty {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+    fn release(&self, _addr: DevicePtr) -> Option<Result<(), BackendError>> {
         if self.release_panics.load(Ordering::SeqCst)
             || self.release_panics_once.swap(false, Ordering::SeqCst)
         {
             panic!("the backend panicked while releasing a block");
         }
-        self.host.release(device, addr, len)
+        None
     }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        let poll_panics = {
-            let p = self.poll_panics_for.load(Ordering::SeqCst);
-            p != 0 && batch.segments.iter().any(|s| s.addr == p)
-        };
-        // SAFETY: this method's own contract, passed on unchanged.
-        let ticket = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(if poll_panics {
-            Box::new(PanicPoll(ticket))
+    fn ticket(&self, segments: &[DevicePtr], ticket: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
+        let p = self.poll_panics_for.load(Ordering::SeqCst);
+        if p != 0 && segments.contains(&p) {
+            Box::new(PanicsOnPoll(ticket))
         } else {
             ticket
-        })
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
+        }
     }
 }
 
@@ -113,7 +71,7 @@ fn a_backend_that_panics_polling_and_releasing_does_not_abort_the_process() {
     if std::env::var_os("KVH_TEST_UNWIND_RELEASE_CHILD").is_some() {
         let backend = Faulty::new();
         let alloc = Allocator::new(
-            backend.clone(),
+            hooked(&backend),
             Config {
                 max_reuse: 1,
                 batch_size: 1,
@@ -170,7 +128,7 @@ fn a_backend_that_panics_polling_and_releasing_does_not_abort_the_process() {
 #[test]
 fn a_panicking_release_does_not_lose_the_other_blocks_of_the_same_pass() {
     let backend = Faulty::new();
-    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let alloc = Allocator::new(hooked(&backend), manual_config(), None);
     let a = alloc.malloc(4096, 0, S).unwrap();
     let b = alloc.malloc(4096, 0, S).unwrap();
     backend.host.write(0, a, &secret(4096, 1)).unwrap();
@@ -226,7 +184,7 @@ fn a_flusher_pass_that_panics_on_one_device_does_not_starve_the_others() {
     quiet_flusher_panics();
     let backend = Faulty::new();
     let alloc = Allocator::new(
-        backend.clone(),
+        hooked(&backend),
         Config {
             batch_max_delay_us: 1_000,
             ..Config::default()
@@ -265,7 +223,7 @@ fn a_batch_whose_poll_panics_is_not_left_pending_for_good_without_an_error() {
     quiet_flusher_panics();
     let backend = Faulty::new();
     let alloc = Allocator::new(
-        backend.clone(),
+        hooked(&backend),
         Config {
             batch_max_delay_us: 1_000,
             ..Config::default()
@@ -302,7 +260,7 @@ fn a_panicking_release_does_not_keep_a_failure_from_aborting_the_process() {
     if std::env::var_os("KVH_TEST_RELEASE_PANIC_ABORT_CHILD").is_some() {
         let backend = Faulty::new();
         let alloc = Allocator::new(
-            backend.clone(),
+            hooked(&backend),
             Config {
                 failure_mode: kvhygiene::config::FailureMode::Abort,
                 max_reuse: 1,

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::hooked::{hooked, HookSink, Hooks};
 use common::{begin_exit_after_next_submit, manual_config, secret, Fixture};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
@@ -18,7 +19,6 @@ use kvhygiene::backend::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
 };
 use kvhygiene::config::Config;
-use kvhygiene::events::{Event, EventKind, EventSink};
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -48,62 +48,14 @@ impl ScrubTicket for PanicTicket {
     }
 }
 
-impl Backend for PanicOne {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
+impl Hooks for PanicOne {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    fn ticket(&self, segments: &[DevicePtr], inner: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
         let chosen = self.addr.load(Ordering::SeqCst);
-        let panics = chosen != 0 && batch.segments.iter().any(|s| s.addr == chosen);
-        // SAFETY: this method's own contract, passed on unchanged.
-        let inner = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(Box::new(PanicTicket { inner, panics }))
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
-    }
-}
-
-/// A sink that runs a hook once, on the first size-mismatch event (emitted by a free after
-/// the pool lock is dropped, before the free returns or a checked free starts waiting).
-#[derive(Default)]
-struct HookSink {
-    #[allow(clippy::type_complexity)]
-    on_mismatch: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl EventSink for HookSink {
-    fn emit(&self, event: Event) {
-        if matches!(event.kind, EventKind::SizeMismatch { .. }) {
-            let hook = self.on_mismatch.lock().unwrap().take();
-            if let Some(hook) = hook {
-                hook();
-            }
-        }
+        let panics = chosen != 0 && segments.contains(&chosen);
+        Box::new(PanicTicket { inner, panics })
     }
 }
 
@@ -127,7 +79,7 @@ fn a_checked_free_returns_when_the_thread_holding_its_batch_unwound() {
         addr: AtomicU64::new(0),
     });
     let sink = Arc::new(HookSink::default());
-    let alloc = Allocator::new(backend.clone(), one_per_batch(), Some(sink.clone()));
+    let alloc = Allocator::new(hooked(&backend), one_per_batch(), Some(sink.clone()));
     let x = alloc.malloc(4096, 0, S).unwrap();
     backend.addr.store(x, Ordering::SeqCst);
     // Between the checked free's submission and its own take of the batch, another thread
@@ -179,7 +131,7 @@ fn synchronize_does_not_report_success_over_a_block_whose_batch_was_abandoned() 
         host: HostBackend::new(),
         addr: AtomicU64::new(0),
     });
-    let alloc = Allocator::new(backend.clone(), one_per_batch(), None);
+    let alloc = Allocator::new(hooked(&backend), one_per_batch(), None);
     let x = alloc.malloc(4096, 0, S).unwrap();
     backend.addr.store(x, Ordering::SeqCst);
     alloc.free(x, 4096, 0, S).unwrap();

@@ -14,6 +14,8 @@ use kvhygiene::backend::{
 use kvhygiene::config::Config;
 use kvhygiene::events::MemorySink;
 
+pub mod hooked;
+
 /// A host backend whose scrubs can be held back, and which records what it was asked.
 pub struct TestBackend {
     pub host: Arc<HostBackend>,

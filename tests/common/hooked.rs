@@ -1,0 +1,122 @@
+//! A host backend a test intercepts: `Hooked<H>` implements `Backend` with the host backend
+//! `H::host()` gives, and lets `H` act before a submission, replace a release and wrap the
+//! tickets (hold a batch, make a call panic), so that each test writes only what it changes.
+
+use std::sync::{Arc, Mutex};
+
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::verify::SegmentResult;
+use kvhygiene::backend::{
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+};
+use kvhygiene::events::{Event, EventKind, EventSink};
+
+/// What a test changes of the host backend; every method but `host` defaults to the host's
+/// behaviour.
+pub trait Hooks: Send + Sync + 'static {
+    fn host(&self) -> &HostBackend;
+
+    /// Runs before each submission (it may panic, as a faulty backend would).
+    fn before_submit(&self, _batch: &ScrubBatch) {}
+
+    /// The ticket the pool gets for a batch of `segments` (their addresses), given the
+    /// host's.
+    fn ticket(
+        &self,
+        _segments: &[DevicePtr],
+        ticket: Box<dyn ScrubTicket>,
+    ) -> Box<dyn ScrubTicket> {
+        ticket
+    }
+
+    /// Answers the release of `addr` instead of the host when it returns `Some` (it may
+    /// panic).
+    fn release(&self, _addr: DevicePtr) -> Option<Result<(), BackendError>> {
+        None
+    }
+}
+
+/// The backend of `H` ([`Hooks`]).
+pub struct Hooked<H>(pub Arc<H>);
+
+/// `hooks` as an allocator's backend.
+pub fn hooked<H: Hooks>(hooks: &Arc<H>) -> Arc<dyn Backend> {
+    Arc::new(Hooked(hooks.clone()))
+}
+
+impl<H: Hooks> Backend for Hooked<H> {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.0.host().device_count()
+    }
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.0.host().allocate(device, len)
+    }
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        match self.0.release(addr) {
+            Some(answer) => answer,
+            None => self.0.host().release(device, addr, len),
+        }
+    }
+    fn zero_fresh(
+        &self,
+        device: u32,
+        addr: DevicePtr,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.0.host().zero_fresh(device, addr, len, stream)
+    }
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        self.0.before_submit(&batch);
+        let addrs: Vec<DevicePtr> = batch.segments.iter().map(|s| s.addr).collect();
+        // SAFETY: this method's own contract, passed on unchanged.
+        let ticket = unsafe { self.0.host().submit_scrub(batch) }?;
+        Ok(self.0.ticket(&addrs, ticket))
+    }
+    fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.0.host().write(device, addr, src)
+    }
+    fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.0.host().read(device, addr, dst)
+    }
+    fn inject_fault(&self, segments: u64) -> Result<(), BackendError> {
+        self.0.host().inject_fault(segments)
+    }
+    fn shutdown(&self) {
+        self.0.host().shutdown()
+    }
+}
+
+/// A ticket whose poll panics (a faulty backend); waiting works.
+pub struct PanicsOnPoll(pub Box<dyn ScrubTicket>);
+
+impl ScrubTicket for PanicsOnPoll {
+    fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        panic!("the backend panicked while polling a scrub batch");
+    }
+    fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        self.0.wait()
+    }
+}
+
+/// A sink that runs a hook once, on the first size-mismatch event (emitted by a free after
+/// the pool lock is dropped, before the free returns or a checked free starts waiting).
+#[derive(Default)]
+pub struct HookSink {
+    #[allow(clippy::type_complexity)]
+    pub on_mismatch: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl EventSink for HookSink {
+    fn emit(&self, event: Event) {
+        if matches!(event.kind, EventKind::SizeMismatch { .. }) {
+            let hook = self.on_mismatch.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+}
