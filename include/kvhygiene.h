@@ -19,7 +19,8 @@ enum kvh_result
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
   KVH_OK = 0,
-  // A Rust panic was caught at the C boundary; the call had no effect.
+  // A Rust panic was caught at the C boundary: the call did not finish (the allocator's
+  // state stays consistent; a backend that panics answers `KVH_ERR_BACKEND` instead).
   KVH_ERR_PANIC = 7000,
   // A required pointer argument was NULL.
   KVH_ERR_NULL_PARAMETER = 7001,

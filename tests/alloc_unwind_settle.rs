@@ -305,3 +305,63 @@ fn a_panicking_release_does_not_keep_a_failure_from_aborting_the_process() {
          {stdout}{stderr}"
     );
 }
+
+/// Panics once, on the first verification failure it is given (a faulty sink; not under
+/// `failure_mode = abort`, so the panic unwinds to the caller, which the C boundary catches).
+#[derive(Default)]
+struct PanicsOnceOnFailure(AtomicBool);
+
+impl kvhygiene::events::EventSink for PanicsOnceOnFailure {
+    fn emit(&self, event: kvhygiene::events::Event) {
+        let failure = matches!(
+            event.kind,
+            kvhygiene::events::EventKind::VerifyFailed { .. }
+        );
+        if failure && !self.0.swap(true, Ordering::SeqCst) {
+            panic!("the sink panicked on a verification failure");
+        }
+    }
+}
+
+/// A whole-pool wait that takes two batches and unwinds after applying the first (the sink
+/// panics on its record) puts the second back in the pool: a later `synchronize` waits for it
+/// and returns, instead of waiting for ever for a batch counted as held by a thread that is
+/// gone, and the pool's figures still add up.
+#[test]
+fn batches_not_yet_waited_on_when_a_wait_unwinds_go_back_to_the_pool() {
+    let host = HostBackend::new();
+    let alloc = Allocator::new(
+        host.clone(),
+        Config {
+            batch_size: 1,
+            ..manual_config()
+        },
+        Some(Arc::new(PanicsOnceOnFailure::default())),
+    );
+    let a = alloc.malloc(4096, 0, S).unwrap();
+    let b = alloc.malloc(4096, 0, S).unwrap();
+    host.write(0, a, &secret(4096, 0x5a)).unwrap();
+    host.inject_skip_tail(1);
+    alloc.free(a, 4096, 0, S).unwrap();
+    alloc.free(b, 4096, 0, S).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
+    assert!(r.is_err(), "the sink did not panic");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(alloc.synchronize());
+        });
+    }
+    let again = rx.recv_timeout(Duration::from_secs(5));
+    assert!(
+        again.is_ok(),
+        "synchronize still waits, 5 s on, for a batch the unwound wait had taken"
+    );
+    alloc.check_consistency().unwrap();
+    assert_ne!(
+        alloc.block_info(b).map(|i| i.state),
+        Some(BlockState::Pending),
+        "the second batch was applied"
+    );
+}

@@ -946,7 +946,8 @@ impl Allocator {
     }
 
     /// Returns verified blocks to the backend, with the pool lock dropped, then counts and
-    /// records each one the backend took. Once exit has begun nothing goes back (invariant
+    /// records each one handed to it (a release the backend failed leaks the memory and
+    /// counts a backend error too). Once exit has begun nothing goes back (invariant
     /// 6): the flag is checked before each call (each `cuMemFree` synchronises the device, so
     /// exit may begin during the loop), and a block the backend refuses for exit is put back
     /// into the pool as it was, so the figures match what the backend still holds.
@@ -982,7 +983,9 @@ impl Allocator {
         }
         let isolation = self.inner.config.tenant_isolation;
         let mut pool = self.pool(dev);
-        pool.release_ended(returned.len() + kept.len());
+        for r in returned.iter().chain(&kept) {
+            pool.release_ended(r);
+        }
         pool.stats.counters.backend_errors += failed;
         for r in &returned {
             pool.released(r, after);

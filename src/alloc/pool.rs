@@ -189,8 +189,9 @@ pub(crate) struct DevicePool {
     /// made before some point knows whether another thread holds one of them. Work is
     /// finished only when this is empty too.
     out_of_pool: Vec<u64>,
-    /// Blocks taken out for release whose backend call has not ended: in no state meanwhile,
-    /// but not settled either (`unsettled_blocks` counts them).
+    /// Blocks other than CLEAN ones taken out for release whose backend call has not ended:
+    /// in no state meanwhile, but not settled either (`unsettled_blocks` counts them). A
+    /// CLEAN one is reusable whatever becomes of its release, so it is not counted.
     releasing: usize,
     pub(crate) stats: PoolCounters,
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
@@ -1096,14 +1097,18 @@ impl DevicePool {
             BlockState::Quarantined => self.stats.accounting.quarantined.sub(capacity),
             BlockState::Live => self.stats.accounting.live.sub(capacity),
         }
+        if block.state != BlockState::Clean {
+            self.releasing += 1;
+        }
         after.releases.push(Release { block, reason });
-        self.releasing += 1;
         true
     }
 
-    /// `n` releases taken out by [`DevicePool::release`] ended: returned, or kept.
-    pub(crate) fn release_ended(&mut self, n: usize) {
-        self.releasing = self.releasing.saturating_sub(n);
+    /// `release`, taken out by [`DevicePool::release`], ended: returned, or about to be kept.
+    pub(crate) fn release_ended(&mut self, release: &Release) {
+        if release.block.state != BlockState::Clean {
+            self.releasing = self.releasing.saturating_sub(1);
+        }
     }
 
     /// `release`, taken out by [`DevicePool::release`], went back to the backend: counted and

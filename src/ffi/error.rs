@@ -9,7 +9,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum kvh_result {
     KVH_OK = 0,
-    /// A Rust panic was caught at the C boundary; the call had no effect.
+    /// A Rust panic was caught at the C boundary: the call did not finish (the allocator's
+    /// state stays consistent; a backend that panics answers `KVH_ERR_BACKEND` instead).
     KVH_ERR_PANIC = 7000,
     /// A required pointer argument was NULL.
     KVH_ERR_NULL_PARAMETER = 7001,

@@ -289,19 +289,6 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                 }
                 first = false;
             }
-            Err(PassError::Stop(stop)) => {
-                // What this pass already wrote stays written: the position moves past it, so
-                // a run after the investigation does not pass it on twice. A first pass from
-                // the heads wrote nothing and placed nothing: saved, its empty state would
-                // read as "every chain is new" and the next run would pass the log on whole.
-                // So too for an output that failed (a full disk, a pipe closed): the records
-                // written before the failure are passed on.
-                let placed = !(first && skip_existing);
-                if let (Some(path), true) = (&args.state, placed) {
-                    let _ = save_state(path, &state);
-                }
-                return Err(stop);
-            }
             // The directory could not be read this time (a volume remounting, say): said
             // once, tried again at the next pass; with --once, or in the last pass, it is
             // the run's result. An error that lasts MAX_FAILED_PASSES passes in a row while
@@ -309,35 +296,44 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             // a failing device) ends the tail: it must not run on for ever passing nothing
             // on, silent on stdout. A directory that is not there is waited for, as at the
             // start (one that held chains passed on is tampering, judged by the pass).
-            Err(PassError::Io(e))
-                if !args.once && !last && failed_passes + 1 < MAX_FAILED_PASSES =>
-            {
+            Err(PassError::Io(e)) if !args.once && !last => {
                 if !files::is_missing(&args.log.dir) {
                     failed_passes += 1;
+                }
+                if failed_passes >= MAX_FAILED_PASSES {
+                    let e = format!("{e} ({MAX_FAILED_PASSES} passes in a row: giving up)");
+                    return Err(ending(args, first && skip_existing, &state, Stop::Error(e)));
                 }
                 if said_error.as_deref() != Some(e.as_str()) {
                     eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
                     said_error = Some(e);
                 }
             }
-            Err(PassError::Io(e)) if failed_passes + 1 >= MAX_FAILED_PASSES => {
-                // As for a stop: what the passes wrote stays written and is not passed on
-                // again by the next run.
-                let placed = !(first && skip_existing);
-                if let (Some(path), true) = (&args.state, placed) {
-                    let _ = save_state(path, &state);
-                }
-                return Err(Stop::Error(format!(
-                    "{e} ({MAX_FAILED_PASSES} passes in a row: giving up)"
-                )));
+            Err(PassError::Io(e)) => {
+                return Err(ending(args, first && skip_existing, &state, Stop::Error(e)))
             }
-            Err(PassError::Io(e)) => return Err(Stop::Error(e)),
+            Err(PassError::Stop(stop)) => {
+                return Err(ending(args, first && skip_existing, &state, stop))
+            }
         }
         match &stop {
             Some(stop) if !last => sleep_unless_stopped(Duration::from_secs(args.interval), stop),
             _ => return Ok(()),
         }
     }
+}
+
+/// Ends the tail with `why`, saving the state first. What the passes already wrote stays
+/// written: the positions move past it, so a run after the investigation (or a restart) does
+/// not pass it on twice; so too for an output that failed (a full disk, a pipe closed): the
+/// records written before the failure were passed on. Only a first pass from the heads
+/// (`unplaced`) is not saved: it wrote nothing and placed nothing, and saved, its empty
+/// state would read as "every chain is new" and the next run would pass the log on whole.
+fn ending(args: &TailLogArgs, unplaced: bool, state: &State, why: Stop) -> Stop {
+    if let (Some(path), false) = (&args.state, unplaced) {
+        let _ = save_state(path, state);
+    }
+    why
 }
 
 /// Makes SIGTERM and SIGINT set the returned flag, which ends the tail after one more pass; a

@@ -40,7 +40,8 @@ pub fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
     })
 }
 
-/// Bytes of an existing file read to tell whether it is a snapshot: its first line.
+/// Bytes of an existing file read first to tell whether it is a snapshot (its first line is
+/// well within them).
 const SNIFF_BYTES: usize = 4096;
 
 /// Replaces the snapshot at `path` with `contents` ([`write_atomic`]) after
@@ -50,9 +51,9 @@ pub fn replace_snapshot(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_atomic(path, contents)
 }
 
-/// Whether a snapshot may replace what is at `path`: nothing, an empty regular file or one
-/// that starts with zero bytes only (a snapshot a power cut emptied), or a regular file whose
-/// first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
+/// Whether a snapshot may replace what is at `path`: nothing, an empty regular file or one of
+/// zero bytes throughout (a snapshot a power cut emptied, up to a snapshot's largest size),
+/// or a regular file whose first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
 /// a `kvh_` sample). Anything else there (a key file, a log, another program's metrics, a
 /// link, a directory), named by a mistyped or tab-completed path, is not the exporter's to
 /// replace: an error that says so without quoting the file (nor naming the path, which the
