@@ -7,11 +7,10 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::hooked::{hooked, HookSink, Hooks, PanicsOnPoll};
+use common::hooked::{checked_free_racing_synchronize, hooked, HookSink, Hooks, PanicsOnPoll};
 use common::{manual_config, secret, Fixture};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
@@ -152,32 +151,16 @@ fn a_checked_free_returns_when_another_threads_submission_of_its_batch_panicked(
     let alloc = Allocator::new(hooked(&backend), manual_config(), Some(sink.clone()));
     let x = alloc.malloc(4096, 0, S).unwrap();
     backend.addr.store(x, Ordering::SeqCst);
-    let other_panicked = Arc::new(Mutex::new(None));
-    {
-        let (alloc, out) = (alloc.clone(), other_panicked.clone());
-        *sink.on_mismatch.lock().unwrap() = Some(Box::new(move || {
-            let r = std::thread::spawn(move || alloc.synchronize())
-                .join()
-                .unwrap();
-            *out.lock().unwrap() = Some(r.is_err_and(|e| e.contains("panicked")));
-        }));
-    }
-    let (tx, rx) = mpsc::channel();
-    {
-        let alloc = alloc.clone();
-        std::thread::spawn(move || {
-            // A size that differs from the block table's: the free reports it (an event).
-            let _ = tx.send(alloc.free_checked(x, 4000, 0, S));
-        });
-    }
-    let r = rx.recv_timeout(Duration::from_secs(5));
-    assert_eq!(
-        *other_panicked.lock().unwrap(),
-        Some(true),
-        "the other thread's synchronize did not report the panicked submission"
+    let race = checked_free_racing_synchronize(&alloc, &sink, x);
+    assert!(
+        race.synchronize
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("panicked"))),
+        "the other thread's synchronize did not report the panicked submission: {:?}",
+        race.synchronize
     );
     assert!(
-        r.is_ok(),
+        race.checked_free.is_some(),
         "kvh_free_checked still waits, 5 s on, for block {x:#x} ({:?}), whose batch's \
          submission panicked in another thread",
         alloc.block_info(x).map(|b| b.state)

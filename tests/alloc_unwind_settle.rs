@@ -101,22 +101,15 @@ fn a_backend_that_panics_polling_and_releasing_does_not_abort_the_process() {
         println!("KVH-CHILD-SURVIVED");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_backend_that_panics_polling_and_releasing_does_not_abort_the_process",
-            "--nocapture",
-        ])
-        .env("KVH_TEST_UNWIND_RELEASE_CHILD", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr) = common::rerun_as_child(
+        "a_backend_that_panics_polling_and_releasing_does_not_abort_the_process",
+        "KVH_TEST_UNWIND_RELEASE_CHILD",
+    );
     assert!(
-        out.status.success() && stdout.contains("KVH-CHILD-SURVIVED"),
+        status.success() && stdout.contains("KVH-CHILD-SURVIVED"),
         "the process did not survive a backend panic the caller catches (status {:?}):\n\
          {stdout}\n{stderr}",
-        out.status
+        status
     );
 }
 
@@ -288,17 +281,10 @@ fn a_panicking_release_does_not_keep_a_failure_from_aborting_the_process() {
         );
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_panicking_release_does_not_keep_a_failure_from_aborting_the_process",
-            "--nocapture",
-        ])
-        .env("KVH_TEST_RELEASE_PANIC_ABORT_CHILD", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, stdout, stderr) = common::rerun_as_child(
+        "a_panicking_release_does_not_keep_a_failure_from_aborting_the_process",
+        "KVH_TEST_RELEASE_PANIC_ABORT_CHILD",
+    );
     assert!(
         !stdout.contains("KVH-CHILD-SURVIVED"),
         "the process went on after a failed verification under failure_mode=abort: \

@@ -6,11 +6,10 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::hooked::{hooked, HookSink, Hooks};
+use common::hooked::{checked_free_racing_synchronize, hooked, HookSink, Hooks};
 use common::{begin_exit_after_next_submit, manual_config, secret, Fixture};
 use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
@@ -84,40 +83,27 @@ fn a_checked_free_returns_when_the_thread_holding_its_batch_unwound() {
     backend.addr.store(x, Ordering::SeqCst);
     // Between the checked free's submission and its own take of the batch, another thread
     // synchronises: it takes x's batch, and its wait panics.
-    let syncer_failed = Arc::new(Mutex::new(None));
-    {
-        let (alloc, out) = (alloc.clone(), syncer_failed.clone());
-        *sink.on_mismatch.lock().unwrap() = Some(Box::new(move || {
-            let r = std::thread::spawn(move || alloc.synchronize())
-                .join()
-                .unwrap();
-            *out.lock().unwrap() = Some(r.is_err_and(|e| e.contains("panicked")));
-        }));
-    }
-    let (tx, rx) = mpsc::channel();
-    {
-        let alloc = alloc.clone();
-        std::thread::spawn(move || {
-            // A size that differs from the block table's: the free reports it (an event).
-            let _ = tx.send(alloc.free_checked(x, 4000, 0, S));
-        });
-    }
-    let r = rx.recv_timeout(Duration::from_secs(5));
-    let failed = *syncer_failed.lock().unwrap();
-    assert_eq!(
-        failed,
-        Some(true),
-        "the other thread's synchronize did not report the panicked wait"
+    let race = checked_free_racing_synchronize(&alloc, &sink, x);
+    assert!(
+        race.synchronize
+            .as_ref()
+            .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("panicked"))),
+        "the other thread's synchronize did not report the panicked wait: {:?}",
+        race.synchronize
     );
     assert!(
-        r.is_ok(),
+        race.checked_free.is_some(),
         "kvh_free_checked still waits, 5 s on, for the verdict of a batch whose wait panicked \
          in another thread (block {x:#x} is {:?})",
         alloc.block_info(x).map(|b| b.state)
     );
     assert!(
-        matches!(r, Ok(Err(kvhygiene::alloc::FreeError::VerifyFailed { .. }))),
-        "a checked free whose scrub's results were lost: {r:?}"
+        matches!(
+            race.checked_free,
+            Some(Err(kvhygiene::alloc::FreeError::VerifyFailed { .. }))
+        ),
+        "a checked free whose scrub's results were lost: {:?}",
+        race.checked_free
     );
 }
 

@@ -1,6 +1,8 @@
 //! What the `failure_mode` policy violation, the last record of a process that fails closed,
 //! says about the failure that made it abort.
 
+mod common;
+
 use std::sync::Arc;
 
 use kvhygiene::alloc::{Allocator, KvLayout};
@@ -51,21 +53,11 @@ fn the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block(
         println!("KVH-CHILD-SURVIVED {r:?}");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block",
-            "--nocapture",
-        ])
-        .env("KVH_TEST_KV_ABORT_CHILD", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "the child must abort: {stdout}{stderr}"
+    let (status, stdout, stderr) = common::rerun_as_child(
+        "the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block",
+        "KVH_TEST_KV_ABORT_CHILD",
     );
+    assert!(!status.success(), "the child must abort: {stdout}{stderr}");
     assert!(
         stdout.contains("KVH-EVENT kv_verify_failed"),
         "the KV block did not fail: {stdout}"
@@ -113,17 +105,10 @@ fn a_panicking_sink_does_not_keep_a_failure_from_aborting_the_process() {
         println!("KVH-CHILD-SURVIVED {:?}", r.is_ok());
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_panicking_sink_does_not_keep_a_failure_from_aborting_the_process",
-            "--nocapture",
-        ])
-        .env("KVH_TEST_SINK_PANIC_CHILD", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, stdout, stderr) = common::rerun_as_child(
+        "a_panicking_sink_does_not_keep_a_failure_from_aborting_the_process",
+        "KVH_TEST_SINK_PANIC_CHILD",
+    );
     assert!(
         !stdout.contains("KVH-CHILD-SURVIVED"),
         "the process went on after a failed verification under failure_mode=abort: \

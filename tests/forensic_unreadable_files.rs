@@ -79,65 +79,16 @@ fn readable_log() -> (tempfile::TempDir, std::path::PathBuf) {
 #[test]
 fn a_chain_file_made_unreadable_under_a_following_tail_stops_it() {
     let (_tmp, dir) = readable_log();
-    let written: usize = chain_files(&dir)
-        .iter()
-        .map(|f| forensic_common::read_lines(f).len())
-        .sum();
-    let mut child = as_runner(
-        kvh()
-            .arg("tail-log")
-            .arg(&dir)
-            .args(["--from-start", "--interval", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .spawn()
-    .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = 0;
-    while got < written && Instant::now() < deadline {
-        if lines.recv_timeout(Duration::from_millis(200)).is_ok() {
-            got += 1;
-        }
-    }
-    assert_eq!(
-        got, written,
-        "the chain was passed on before it was made unreadable"
-    );
+    let child = follow_whole_log(&dir);
     chmod(&chain_files(&dir)[0], 0o000);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    if status.is_none() {
-        // SAFETY: kill(2) with the pid of a child this test spawned and has not waited for.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let status = status.unwrap_or_else(|| {
+    let (code, stderr) = exit_within(child, Duration::from_secs(20));
+    let code = code.unwrap_or_else(|| {
         panic!(
             "a following tail whose passed-on chain file became unreadable was still running \
              20 s later, passing nothing on; stderr: {stderr}"
         )
     });
-    assert!(!status.success(), "{status:?}: {stderr}");
+    assert_ne!(code, 0, "{stderr}");
 }
 
 /// A checkpoint file the verifying user may not read says nothing of the log, as a chain
@@ -242,6 +193,44 @@ fn a_tampered_chain_file_its_owner_made_unreadable_fails_verification() {
     );
 }
 
+/// `kvh tail-log DIR --from-start --interval 1`, as the runner, once it has passed on every
+/// record now in `dir`: a following tail whose log is then changed under it.
+fn follow_whole_log(dir: &Path) -> std::process::Child {
+    let written: usize = chain_files(dir)
+        .iter()
+        .map(|f| forensic_common::read_lines(f).len())
+        .sum();
+    let mut child = as_runner(
+        kvh()
+            .arg("tail-log")
+            .arg(dir)
+            .args(["--from-start", "--interval", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .spawn()
+    .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = 0;
+    while got < written && Instant::now() < deadline {
+        if lines.recv_timeout(Duration::from_millis(200)).is_ok() {
+            got += 1;
+        }
+    }
+    assert_eq!(got, written, "the log was passed on before it was changed");
+    child
+}
+
 /// Runs `cmd` and returns its exit status, killing it when it is still running after
 /// `limit` (then `None`); with its stderr.
 fn exit_within(child: std::process::Child, limit: Duration) -> (Option<i32>, String) {
@@ -285,41 +274,7 @@ fn another_users_chain_file_made_unreadable_under_a_following_tail_stops_it() {
     for f in chain_files(&dir) {
         chmod(&f, 0o644);
     }
-    let written: usize = chain_files(&dir)
-        .iter()
-        .map(|f| forensic_common::read_lines(f).len())
-        .sum();
-    let mut child = as_runner(
-        kvh()
-            .arg("tail-log")
-            .arg(&dir)
-            .args(["--from-start", "--interval", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .spawn()
-    .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = 0;
-    while got < written && Instant::now() < deadline {
-        if lines.recv_timeout(Duration::from_millis(200)).is_ok() {
-            got += 1;
-        }
-    }
-    assert_eq!(
-        got, written,
-        "the chain was passed on before it was made unreadable"
-    );
+    let child = follow_whole_log(&dir);
     chmod(&chain_files(&dir)[0], 0o600);
     let (code, stderr) = exit_within(child, Duration::from_secs(20));
     let code = code.unwrap_or_else(|| {
@@ -461,41 +416,7 @@ fn a_tampered_log_whose_own_checkpoint_directory_was_made_unreadable_fails_verif
 fn its_own_log_directory_made_unreadable_under_a_following_tail_stops_it() {
     let (_tmp, dir) = readable_log();
     chmod(&dir, 0o700);
-    let written: usize = chain_files(&dir)
-        .iter()
-        .map(|f| forensic_common::read_lines(f).len())
-        .sum();
-    let mut child = as_runner(
-        kvh()
-            .arg("tail-log")
-            .arg(&dir)
-            .args(["--from-start", "--interval", "1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .spawn()
-    .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                return;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut got = 0;
-    while got < written && Instant::now() < deadline {
-        if lines.recv_timeout(Duration::from_millis(200)).is_ok() {
-            got += 1;
-        }
-    }
-    assert_eq!(
-        got, written,
-        "the chain was passed on before the directory was closed"
-    );
+    let child = follow_whole_log(&dir);
     chmod(&dir, 0o000);
     let (code, stderr) = exit_within(child, Duration::from_secs(20));
     chmod(&dir, 0o700);

@@ -2,8 +2,10 @@
 //! `H::host()` gives, and lets `H` act before a submission, replace a release and wrap the
 //! tickets (hold a batch, make a call panic), so that each test writes only what it changes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
+use kvhygiene::alloc::{Allocator, FreeError, FreeReport};
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::verify::SegmentResult;
 use kvhygiene::backend::{
@@ -118,5 +120,41 @@ impl EventSink for HookSink {
                 hook();
             }
         }
+    }
+}
+
+/// What [`checked_free_racing_synchronize`] saw: the checked free's answer (`None`: none
+/// within 5 s) and the other thread's `synchronize` result.
+pub struct Race {
+    pub checked_free: Option<Result<FreeReport, FreeError>>,
+    pub synchronize: Option<Result<(), String>>,
+}
+
+/// A checked free of `x` (a 4096-byte block of device 0, freed with a size that differs from
+/// the table's so that the free emits an event) during which another thread synchronises:
+/// `sink`'s hook runs it between the checked free's submission and its own wait.
+pub fn checked_free_racing_synchronize(alloc: &Allocator, sink: &HookSink, x: u64) -> Race {
+    let other = Arc::new(Mutex::new(None));
+    {
+        let (alloc, out) = (alloc.clone(), other.clone());
+        *sink.on_mismatch.lock().unwrap() = Some(Box::new(move || {
+            let r = std::thread::spawn(move || alloc.synchronize())
+                .join()
+                .unwrap();
+            *out.lock().unwrap() = Some(r);
+        }));
+    }
+    let (tx, rx) = mpsc::channel();
+    {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(alloc.free_checked(x, 4000, 0, StreamHandle(0)));
+        });
+    }
+    let checked_free = rx.recv_timeout(Duration::from_secs(5)).ok();
+    let synchronize = other.lock().unwrap().take();
+    Race {
+        checked_free,
+        synchronize,
     }
 }

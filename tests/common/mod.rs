@@ -317,3 +317,19 @@ pub fn begin_exit_after_next_submit(backend: &Arc<TestBackend>, alloc: &Allocato
         backend_then.seal();
     }));
 }
+
+/// Runs the test `name` of this test binary again in a child process with `flag` set in its
+/// environment (the test then plays the child: a process that may abort) and returns its
+/// stdout and stderr; the child's exit status is in `.0`.
+pub fn rerun_as_child(name: &str, flag: &str) -> (std::process::ExitStatus, String, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env(flag, "1")
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
