@@ -428,3 +428,91 @@ fn its_own_log_directory_made_unreadable_under_a_following_tail_stops_it() {
     });
     assert_ne!(code, 0, "{stderr}");
 }
+
+/// A following tail with `--state` that gives up on a log it can no longer read (another
+/// user's chain file made unreadable to it) leaves positions a restarted tail goes on from:
+/// once the file is readable again and the log has grown, the restarted tail passes on the
+/// new records, and none that the first run passed on.
+#[test]
+fn a_tail_that_gave_up_goes_on_from_its_state_when_restarted() {
+    if !is_root() {
+        return; // needs a file of another user than the one the tail runs as
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    chmod(&dir, 0o755);
+    let readable_to_runner = |dir: &Path| {
+        for f in chain_files(dir) {
+            chmod(&f, 0o644);
+        }
+    };
+    readable_to_runner(&dir);
+    let state_dir = tmp.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    give_to_runner(&state_dir);
+    let state = state_dir.join("tail.json");
+    let passed_before: usize = chain_files(&dir)
+        .iter()
+        .map(|f| forensic_common::read_lines(f).len())
+        .sum();
+
+    let mut first = as_runner(
+        kvh()
+            .arg("tail-log")
+            .arg(&dir)
+            .args(["--from-start", "--interval", "1", "--state"])
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .spawn()
+    .unwrap();
+    // The state exists once the first pass passed the log on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !state.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(state.exists(), "the first pass saved no state");
+    let stdout = first.stdout.take().unwrap();
+    chmod(&chain_files(&dir)[0], 0o600);
+    let (code, stderr) = exit_within(first, Duration::from_secs(30));
+    assert_eq!(code, Some(2), "the tail did not give up: {stderr}");
+    assert!(stderr.contains("giving up"), "{stderr}");
+    let first_lines = BufReader::new(stdout).lines().count();
+    assert_eq!(
+        first_lines, passed_before,
+        "the first run passed the log on whole"
+    );
+
+    // Readable again, and a second chain written meanwhile (the writer wants its directory
+    // private).
+    chmod(&dir, 0o700);
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    chmod(&dir, 0o755);
+    readable_to_runner(&dir);
+    let out = as_runner(
+        kvh()
+            .arg("tail-log")
+            .arg(&dir)
+            .args(["--once", "--state"])
+            .arg(&state)
+            .stdin(Stdio::null()),
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let total: usize = chain_files(&dir)
+        .iter()
+        .map(|f| forensic_common::read_lines(f).len())
+        .sum();
+    let again = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(
+        again,
+        total - passed_before,
+        "the restarted tail passed on the records written since, and nothing twice: {stderr}"
+    );
+}
