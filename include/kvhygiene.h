@@ -54,7 +54,7 @@ enum kvh_result
   KVH_ERR_INVALID_DEVICE = 7014,
   // The stream is capturing a CUDA graph and the pool cannot serve the request.
   KVH_ERR_CAPTURE_ACTIVE = 7015,
-  // The allocator is shutting down (process exit has begun).
+  // The allocator was shut down (`kvh_shutdown`, or process exit has begun).
   KVH_ERR_SHUTTING_DOWN = 7016,
   // `kvh_strerror` was given a code that is not a kvhygiene result.
   KVH_ERR_UNKNOWN_CODE = 7017,
@@ -249,7 +249,8 @@ int kvh_check_config(void);
 // bad configuration is reported where it can be handled. Returns `KVH_OK`, or with the
 // reason in `kvh_last_error_message`: `KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG` (the
 // forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
-// parent) or `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`).
+// parent) or `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
+// before it or not: no fresh memory is served and no free is scrubbed any more).
 int kvh_init(void);
 
 // Orderly shutdown before process exit: scrubs and verifies everything freed before the call

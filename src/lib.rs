@@ -49,8 +49,31 @@ pub mod stats;
 /// servers whose stderr may be closed (EPIPE): `eprintln!` would turn that into a panic in the
 /// middle of an allocation, a free or an abort for a failed verification.
 pub(crate) fn say(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
+    stderr_line(&line.to_string());
+}
+
+/// Writes `line` and a line break to file descriptor 2 with `write(2)` alone, ignoring a
+/// failure. Not through `std::io::stderr()`: its lock is held for as long as a write blocks
+/// (a full pipe), and a child forked meanwhile by another thread inherits the lock held by a
+/// thread it does not have, so the child's first message would wait for ever. The line is
+/// built first and written in one call, so that lines of several threads do not interleave
+/// (a pipe writes up to `PIPE_BUF` bytes whole). Shared with the interposer library.
+#[doc(hidden)]
+pub fn stderr_line(line: &str) {
+    let mut text = Vec::with_capacity(line.len() + 1);
+    text.extend_from_slice(line.as_bytes());
+    text.push(b'\n');
+    let mut rest = text.as_slice();
+    while !rest.is_empty() {
+        // SAFETY: `rest` is a live byte slice and `write` reads at most `rest.len()` bytes of
+        // it; fd 2 is only written to (a closed one fails with EBADF, which is ignored).
+        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => rest = &rest[n.min(rest.len())..],
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
 }
 
 /// `text` with its control characters (line breaks included) written as `\u{..}` escapes, for

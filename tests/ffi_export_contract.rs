@@ -460,3 +460,60 @@ fn null_mode_from_a_config_file_holds_when_another_key_of_the_file_is_invalid() 
          (exit ok: {ok}):\n{stdout}\n{stderr}"
     );
 }
+
+/// `kvh_init`: "Returns `KVH_OK`, or ...: `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`)". A
+/// caller that checks `kvh_init` before serving (a worker restarted in-process, a binding's
+/// lazy start) must not be told the allocator is ready once it has been shut down, also when
+/// it had started before the shutdown: from then on no fresh memory is served and no free is
+/// scrubbed.
+#[test]
+fn kvh_init_after_kvh_shutdown_of_a_started_allocator_reports_shutting_down() {
+    let name = "kvh_init_after_kvh_shutdown_of_a_started_allocator_reports_shutting_down";
+    if in_child() {
+        println!("FIRST {}", ffi::kvh_init());
+        ffi::kvh_shutdown();
+        println!("AFTER {} LAST {}", ffi::kvh_init(), ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("FIRST 0"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("AFTER 7016 LAST 7016"),
+        "kvh_init after kvh_shutdown did not report KVH_ERR_SHUTTING_DOWN:\n{stdout}"
+    );
+}
+
+/// After `kvh_shutdown`, a checked free cannot wait for a scrub (none runs any more) and fails
+/// with `KVH_ERR_SHUTTING_DOWN`. Its message says why: the allocator was shut down. The
+/// process is not exiting (it called `kvh_shutdown` and goes on running), and the backend
+/// reported no error, so a message blaming either sends the operator the wrong way.
+#[test]
+fn a_checked_free_after_kvh_shutdown_names_the_shutdown_in_its_message() {
+    let name = "a_checked_free_after_kvh_shutdown_names_the_shutdown_in_its_message";
+    if in_child() {
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        ffi::kvh_shutdown();
+        let rc = ffi::kvh_free_checked(p, 4096, 0, std::ptr::null_mut());
+        let mut buf = vec![0u8; 1024];
+        let mut len = 0usize;
+        ffi::kvh_last_error_message(buf.as_mut_ptr().cast(), buf.len(), &mut len);
+        println!(
+            "RC {rc} MESSAGE {}",
+            String::from_utf8_lossy(&buf[..len.min(buf.len())])
+        );
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("RC 7016"), "{stdout}\n{stderr}");
+    let message = stdout
+        .lines()
+        .find_map(|l| l.split_once("MESSAGE "))
+        .map(|(_, m)| m.to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("shut")
+            && !message.contains("exiting")
+            && !message.contains("backend error"),
+        "the message of a checked free after kvh_shutdown: {message}"
+    );
+}

@@ -27,7 +27,12 @@
 //! - A pointer kvhygiene does not hold is never handed to it, and one it holds is never
 //!   handed to the real runtime: the block table decides
 //!   ([`kvhygiene::alloc::Allocator::block_containing`]), so double and interior frees of
-//!   kvhygiene memory are reported by the core (and logged) and not forwarded.
+//!   kvhygiene memory are reported by the core (and logged) and not forwarded. A block
+//!   kvhygiene returned to the device (an empty-cache, the idle TTL, the reuse limit) is no
+//!   longer held: a free of its address goes to the runtime, which answers for it (an error
+//!   when nothing is allocated there), and is not in kvhygiene's log. kvhygiene cannot tell
+//!   such a double free from the free of an allocation made since at the same address
+//!   outside it (through the driver API, say), which must reach the runtime.
 //! - The synchronous entry points keep their synchronous contract, which engines rely on when
 //!   they use a buffer on several streams: `cudaFree` synchronises the block's device before
 //!   the block is freed (the real `cudaFree` does too), and `cudaMalloc` /

@@ -86,18 +86,7 @@ fn notice(mode: Mode, raw: Option<String>) {
     // Not `eprintln!` nor `std::io::stderr()`: a closed stderr must not become a panic (as in
     // the core's notice), and the standard library's stderr lock would be held for as long
     // as the write blocks (see `mode`).
-    let line = format!("{line}\n");
-    let mut rest = line.as_bytes();
-    while !rest.is_empty() {
-        // SAFETY: `rest` is a live byte slice, and `write` reads at most `rest.len()` bytes
-        // of it; fd 2 is only written to (a closed one fails with EBADF, ignored).
-        let n = unsafe { libc::write(libc::STDERR_FILENO, rest.as_ptr().cast(), rest.len()) };
-        match n {
-            n if n > 0 => rest = &rest[n as usize..],
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            _ => return,
-        }
-    }
+    kvhygiene::stderr_line(&line);
 }
 
 #[cfg(test)]

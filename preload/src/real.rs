@@ -26,7 +26,6 @@
 #![allow(non_snake_case)] // the functions carry the CUDA runtime's names
 
 use std::ffi::{c_int, c_void, CStr, CString};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use crate::cuda::{cudaError_t, cudaStream_t, SHARED_OBJECT_SYMBOL_NOT_FOUND};
@@ -68,12 +67,11 @@ impl Symbol {
             }
             None => {
                 if !self.warned.swap(true, Ordering::Relaxed) {
-                    let _ = writeln!(
-                        std::io::stderr(),
+                    kvhygiene::stderr_line(&format!(
                         "kvhygiene-preload: the CUDA runtime's {} is not loaded in this process; \
                          calls that need it return cudaErrorSharedObjectSymbolNotFound",
                         self.name.to_string_lossy()
-                    );
+                    ));
                 }
                 None
             }

@@ -805,3 +805,41 @@ fn a_runtime_found_in_the_global_scope_stays_usable_after_its_loader_closes_it()
         ("rc_free_null_after_dlclose", 0),
     ]);
 }
+
+#[test]
+fn a_free_of_a_block_returned_to_the_device_is_the_runtimes_to_answer() {
+    // The engine frees a kvhygiene block, an empty-cache returns it to the device, and the
+    // engine frees it again (synchronously, then the same in stream order). kvhygiene no
+    // longer holds the address, which may hold an allocation made since outside it: the free
+    // goes to the runtime, whose answer (here: nothing allocated there) the caller gets, and
+    // kvhygiene records no invalid free of memory it does not hold.
+    let Some(b) = built() else { return };
+    let r = run(b, "released-double-free", true, &[]);
+    r.expect(&[
+        ("rc_malloc", 0),
+        ("rc_free", 0),
+        ("rc_double_free", 1),
+        ("real_frees_for_double", 1),
+        ("rc_malloc_async", 0),
+        ("rc_free_async", 0),
+        ("rc_double_free_async", 1),
+        ("real_async_frees_for_double", 1),
+        ("kvh_invalid_frees", 0),
+    ]);
+}
+
+#[test]
+fn a_child_forked_while_a_missing_runtime_function_is_reported_can_still_allocate() {
+    // Before kvhygiene starts, one thread's call reaches a runtime function that is not
+    // loaded, and the interposer's report of it is being written to stderr (a full pipe) when
+    // another thread forks. The child is forked before start-up: it must be served as any
+    // process is, not wait for a lock held by the reporting thread, which it does not have.
+    let Some(b) = built() else { return };
+    let r = run(b, "fork-during-symbol-report", true, &[]);
+    r.expect(&[
+        ("reporter_blocked_in_write", 1),
+        ("child_hung", 0),
+        ("child_exited_cleanly", 1),
+        ("rc_reporter", 302),
+    ]);
+}

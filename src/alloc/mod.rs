@@ -77,6 +77,14 @@ pub enum FreeError {
     /// The block's scrub did not verify; it is quarantined (kvh_free_checked only).
     #[error("scrub verification failed for block at {addr:#x}: the block is quarantined")]
     VerifyFailed { addr: u64 },
+    /// Shutdown (`kvh_shutdown`, or process exit) began before the block's scrub verified:
+    /// no scrub runs any more, so the block is left unscrubbed and never reused (leaked).
+    #[error(
+        "block at {addr:#x} freed, but its scrub cannot be waited for: the allocator was shut \
+         down (kvh_shutdown, or process exit began), so no scrub runs any more; the block is \
+         never reused"
+    )]
+    ShutDown { addr: u64 },
     #[error("backend error while waiting for the scrub: {0}")]
     Backend(BackendError),
 }
@@ -403,7 +411,7 @@ impl Allocator {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 // No backend calls once exit has begun: the block stays PENDING (leaked).
                 self.pool(dev).unwatch(seq);
-                return Err(FreeError::Backend(BackendError::ShuttingDown));
+                return Err(FreeError::ShutDown { addr: ptr });
             }
             let (batch, deferred) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_block(ptr, backend, config, after);

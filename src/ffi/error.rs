@@ -44,7 +44,7 @@ pub enum kvh_result {
     KVH_ERR_INVALID_DEVICE = 7014,
     /// The stream is capturing a CUDA graph and the pool cannot serve the request.
     KVH_ERR_CAPTURE_ACTIVE = 7015,
-    /// The allocator is shutting down (process exit has begun).
+    /// The allocator was shut down (`kvh_shutdown`, or process exit has begun).
     KVH_ERR_SHUTTING_DOWN = 7016,
     /// `kvh_strerror` was given a code that is not a kvhygiene result.
     KVH_ERR_UNKNOWN_CODE = 7017,
@@ -127,7 +127,7 @@ impl kvh_result {
             KVH_ERR_BUFFER_TOO_SMALL => "output buffer too small",
             KVH_ERR_INVALID_DEVICE => "invalid device index",
             KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph and the pool has no clean block",
-            KVH_ERR_SHUTTING_DOWN => "allocator is shutting down",
+            KVH_ERR_SHUTTING_DOWN => "allocator was shut down (kvh_shutdown, or process exit began)",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
             KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
@@ -170,6 +170,7 @@ impl From<&crate::alloc::FreeError> for kvh_result {
                 R::InvalidDevice => KVH_ERR_INVALID_DEVICE,
             },
             E::VerifyFailed { .. } => KVH_ERR_VERIFY_FAILED,
+            E::ShutDown { .. } => KVH_ERR_SHUTTING_DOWN,
             E::Backend(crate::backend::BackendError::StreamCapturing { .. }) => {
                 KVH_ERR_CAPTURE_ACTIVE
             }

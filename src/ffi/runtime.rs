@@ -20,7 +20,6 @@
 //! metrics file that cannot be written or an address in use is said on stderr, and the
 //! allocator runs without that export.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -231,13 +230,11 @@ fn try_start() -> Result<Runtime, StartError> {
     let log = ForensicLog::open(&config.log, start).map_err(|e| StartError::Log(e.to_string()))?;
     if log.is_none() {
         // Once per process: an operator who meant to keep evidence learns at start that none
-        // is being kept (the stats say so too: `log.enabled` is false). Not `eprintln!`: a
-        // closed stderr (EPIPE) must not turn into a panic that stops the allocator starting.
-        let _ = writeln!(
-            std::io::stderr(),
+        // is being kept (the stats say so too: `log.enabled` is false).
+        say(format_args!(
             "kvhygiene: forensic log off (KVH_LOG_DIR is not set): security events are counted \
              but not recorded"
-        );
+        ));
     }
     let backend =
         backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;

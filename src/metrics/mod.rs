@@ -264,8 +264,7 @@ impl Inner {
 
 /// One line on stderr; a closed stderr is ignored (it must not panic the caller).
 fn note(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "kvhygiene: {msg}");
+    crate::say(format_args!("kvhygiene: {msg}"));
 }
 
 impl Exporter {

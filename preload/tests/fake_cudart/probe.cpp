@@ -5,7 +5,8 @@
 // every step guards its own pointers, so one failure cannot hide the next.
 //
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
-//        fork-before-start | fork-during-notice
+//        fork-before-start | fork-during-notice | released-double-free |
+//        fork-during-symbol-report
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -621,6 +622,127 @@ static int scenario_fork_during_notice() {
     return 0;
 }
 
+// A block kvhygiene handed out, freed, then returned to the device by an empty-cache, is
+// freed a second time (a double free in the engine). kvhygiene no longer holds the address,
+// which could hold an allocation made since outside it: the free goes to the runtime, which
+// answers for it, and kvhygiene records no invalid free.
+static int scenario_released_double_free() {
+    typedef void (*empty_fn)(void);
+    empty_fn empty = reinterpret_cast<empty_fn>(dlsym(RTLD_DEFAULT, "kvh_empty_cache"));
+    const size_t N = 4096;
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, N));
+    out("rc_free", cudaFree(p));
+    if (empty) empty();
+    int frees = fake_cudart_calls("cudaFree");
+    out("rc_double_free", cudaFree(p));
+    out("real_frees_for_double", fake_cudart_calls("cudaFree") - frees);
+    void* a = nullptr;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(uintptr_t(0x5000));
+    out("rc_malloc_async", cudaMallocAsync(&a, N, s));
+    out("rc_free_async", cudaFreeAsync(a, s));
+    kvh_sync();
+    if (empty) empty();
+    int async_frees = fake_cudart_calls("cudaFreeAsync");
+    out("rc_double_free_async", cudaFreeAsync(a, s));
+    out("real_async_frees_for_double", fake_cudart_calls("cudaFreeAsync") - async_frees);
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
+// A process that loaded the interposer but has not started kvhygiene forks while another of
+// its threads is reporting, on stderr, a runtime function that is not loaded (here the
+// runtime's cudaFreeAsync_ptsz, for a pointer kvhygiene does not hold; stderr is a full pipe,
+// so the report takes as long as the test needs). The child is forked before start-up and
+// must be able to allocate, as any such child: not wait for a lock held by a thread that
+// does not exist in it. A child that does not finish within 5 s is killed and reported hung.
+static int scenario_fork_during_symbol_report() {
+    void* m = nullptr;
+    cudaMallocManaged(&m, 64, 1);
+    free_async_fn free_ptsz = reinterpret_cast<free_async_fn>(dlsym(RTLD_DEFAULT, "cudaFreeAsync_ptsz"));
+    if (free_ptsz == nullptr) return 3;
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) return 2;
+    int saved_stderr = dup(2);
+    dup2(pipe_fds[1], 2);
+    int flags = fcntl(2, F_GETFL);
+    fcntl(2, F_SETFL, flags | O_NONBLOCK);
+    char fill[4096];
+    std::memset(fill, '.', sizeof fill);
+    while (write(2, fill, sizeof fill) > 0) {}
+    while (write(2, fill, 1) > 0) {}
+    fcntl(2, F_SETFL, flags);
+
+    int rc_reporter = -1;
+    std::atomic<long> reporter_tid{0};
+    std::thread reporter([&] {
+        reporter_tid = syscall(SYS_gettid);
+        rc_reporter = free_ptsz(m, nullptr);
+    });
+    bool blocked = false;
+    for (int i = 0; i < 1000 && !blocked; i++) {
+        long tid = reporter_tid.load();
+        if (tid != 0) {
+            char path[64];
+            std::snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
+            if (FILE* f = std::fopen(path, "r")) {
+                long nr = -1;
+                if (std::fscanf(f, "%ld", &nr) == 1 && nr == SYS_write) blocked = true;
+                std::fclose(f);
+            }
+        }
+        if (!blocked) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    out("reporter_blocked_in_write", blocked);
+
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        int null_fd = open("/dev/null", O_WRONLY);
+        dup2(null_fd, 2);
+        void* p = nullptr;
+        int rc = cudaMalloc(&p, 4096);
+        out("child_rc_malloc", rc);
+        if (rc == 0) cudaFree(p);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    bool hung = true;
+    for (int i = 0; i < 100; i++) {
+        if (waitpid(child, &status, WNOHANG) == child) {
+            hung = false;
+            break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (hung) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+    }
+    fcntl(pipe_fds[0], F_SETFL, O_NONBLOCK);
+    std::atomic<bool> finished{false};
+    std::thread drain([&] {
+        char buf[4096];
+        while (!finished.load()) {
+            while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
+    });
+    reporter.join();
+    finished = true;
+    drain.join();
+    dup2(saved_stderr, 2);
+    out("child_hung", hung);
+    out("child_exited_cleanly", !hung && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("rc_reporter", rc_reporter);
+    cudaFree(m);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -632,6 +754,8 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "fork") == 0) return scenario_fork();
     if (std::strcmp(which, "fork-before-start") == 0) return scenario_fork_before_start();
     if (std::strcmp(which, "fork-during-notice") == 0) return scenario_fork_during_notice();
+    if (std::strcmp(which, "released-double-free") == 0) return scenario_released_double_free();
+    if (std::strcmp(which, "fork-during-symbol-report") == 0) return scenario_fork_during_symbol_report();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
