@@ -41,7 +41,8 @@ enum kvh_result
   // A scrub did not verify (coverage below threshold, or residue): a freed block is
   // quarantined; `kvh_scrub_blocks` lists the KV blocks that failed.
   KVH_ERR_VERIFY_FAILED = 7009,
-  // A tenant / request / model id is too long, has control characters or is not UTF-8.
+  // A tenant / request / model id is too long, has control or invisible formatting
+  // characters, or is not UTF-8.
   KVH_ERR_INVALID_CONTEXT = 7010,
   // The configuration is invalid; the allocator did not start.
   KVH_ERR_CONFIG = 7011,
@@ -266,7 +267,9 @@ void kvh_shutdown(void);
 
 // Sets the calling thread's tenant, request and model ids, stamped on every block it
 // allocates and on their events. Each may be NULL (absent). Ids longer than 128 bytes, with
-// control characters, or not UTF-8 are refused with `KVH_ERR_INVALID_CONTEXT`, and the
+// control characters or invisible formatting characters (bidirectional overrides,
+// zero-width characters, line separators: an id that displays as another), or not UTF-8 are
+// refused with `KVH_ERR_INVALID_CONTEXT`, and the
 // previous context stays. Ownership: the strings are copied; the caller keeps them.
 int kvh_set_context(const char *tenant_id, const char *request_id, const char *model_id);
 

@@ -18,8 +18,15 @@ pub enum ContextError {
     /// An id read through a bounded C string: longer than the limit, its length not read.
     #[error("{field} is over {MAX_ID_LEN} bytes long; at most {MAX_ID_LEN} bytes are accepted")]
     Overlong { field: &'static str },
-    #[error("{field} contains a control character at byte {at}; ids must be printable text")]
-    ControlCharacter { field: &'static str, at: usize },
+    #[error(
+        "{field} contains {} at byte {at}; ids must be printable text",
+        unprintable_name(*found)
+    )]
+    ControlCharacter {
+        field: &'static str,
+        at: usize,
+        found: char,
+    },
     #[error("{field} is not valid UTF-8")]
     NotUtf8 { field: &'static str },
 }
@@ -162,13 +169,38 @@ fn validate_id(field: &'static str, id: Option<&str>) -> Result<Option<String>, 
             len: id.len(),
         });
     }
-    if let Some((at, _)) = id.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(ContextError::ControlCharacter { field, at });
+    if let Some((at, found)) = id.char_indices().find(|&(_, c)| unprintable(c)) {
+        return Err(ContextError::ControlCharacter { field, at, found });
     }
     if id.is_empty() {
         return Ok(None);
     }
     Ok(Some(id.to_owned()))
+}
+
+/// Characters an id may not hold: control characters (a line break would forge a line of a
+/// report), and the invisible ones that change how text around them is shown (bidirectional
+/// overrides and isolates, zero-width characters, line and paragraph separators): an id that
+/// holds one can display as another tenant's in a report or a terminal.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
+fn unprintable_name(c: char) -> String {
+    let kind = if c.is_control() {
+        "a control character"
+    } else {
+        "an invisible formatting character"
+    };
+    format!("{kind} (U+{:04X})", u32::from(c))
 }
 
 #[cfg(test)]
@@ -204,10 +236,44 @@ mod tests {
             err,
             ContextError::ControlCharacter {
                 field: "request_id",
-                at: 3
+                at: 3,
+                found: '\n',
             }
         );
         assert!(Context::new(None, None, Some("m\u{7f}")).is_err());
+    }
+
+    #[test]
+    fn refuses_invisible_formatting_characters() {
+        // A right-to-left override makes "tenant-\u{202E}b-tnaga" display as "tenant-agant-b".
+        for id in [
+            "tenant-\u{202E}b-tnaga",
+            "tenant\u{2028}b",
+            "tenant\u{2029}b",
+            "ten\u{200B}ant",
+            "\u{2066}tenant\u{2069}",
+            "\u{FEFF}tenant",
+        ] {
+            let err = Context::new(Some(id), None, None).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ContextError::ControlCharacter {
+                        field: "tenant_id",
+                        ..
+                    }
+                ),
+                "{id:?}: {err:?}"
+            );
+        }
+        let err = Context::new(None, Some("a\u{202E}b"), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "request_id contains an invisible formatting character (U+202E) at byte 1; ids \
+             must be printable text"
+        );
+        // Printable text beyond ASCII stays accepted.
+        assert!(Context::new(Some("mandant-münchen-東京"), Some("r-ü"), Some("ℓ-7b")).is_ok());
     }
 
     #[test]

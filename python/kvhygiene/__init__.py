@@ -412,7 +412,7 @@ def context(
     """Stamps allocations and frees made by this thread inside the block with these ids.
 
     Contexts nest: leaving an inner block restores the outer ids. The library refuses ids over
-    128 bytes or with control characters (:class:`KvhError`).
+    128 bytes or with control or invisible formatting characters (:class:`KvhError`).
 
     A context left from another thread than the one that entered it (a generator advanced
     from a thread pool) leaves the leaving thread's ids alone; the entering thread's ids are

@@ -31,7 +31,8 @@ pub enum kvh_result {
     /// A scrub did not verify (coverage below threshold, or residue): a freed block is
     /// quarantined; `kvh_scrub_blocks` lists the KV blocks that failed.
     KVH_ERR_VERIFY_FAILED = 7009,
-    /// A tenant / request / model id is too long, has control characters or is not UTF-8.
+    /// A tenant / request / model id is too long, has control or invisible formatting
+    /// characters, or is not UTF-8.
     KVH_ERR_INVALID_CONTEXT = 7010,
     /// The configuration is invalid; the allocator did not start.
     KVH_ERR_CONFIG = 7011,

@@ -645,7 +645,9 @@ pub extern "C" fn kvh_shutdown() {
 
 /// Sets the calling thread's tenant, request and model ids, stamped on every block it
 /// allocates and on their events. Each may be NULL (absent). Ids longer than 128 bytes, with
-/// control characters, or not UTF-8 are refused with `KVH_ERR_INVALID_CONTEXT`, and the
+/// control characters or invisible formatting characters (bidirectional overrides,
+/// zero-width characters, line separators: an id that displays as another), or not UTF-8 are
+/// refused with `KVH_ERR_INVALID_CONTEXT`, and the
 /// previous context stays. Ownership: the strings are copied; the caller keeps them.
 #[no_mangle]
 pub extern "C" fn kvh_set_context(
