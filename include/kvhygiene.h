@@ -53,7 +53,8 @@ enum kvh_result
   KVH_ERR_BUFFER_TOO_SMALL = 7013,
   // The device index is outside the backend's range.
   KVH_ERR_INVALID_DEVICE = 7014,
-  // The stream is capturing a CUDA graph and the pool cannot serve the request.
+  // The stream is capturing a CUDA graph: an allocation the pool cannot serve from a clean
+  // block, or a scrub (a checked free's, a KV scrub) that cannot be launched into the graph.
   KVH_ERR_CAPTURE_ACTIVE = 7015,
   // The allocator was shut down (`kvh_shutdown`, or process exit has begun).
   KVH_ERR_SHUTTING_DOWN = 7016,

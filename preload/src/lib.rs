@@ -135,8 +135,13 @@ pub extern "C" fn cudaMallocPitch(
             real::cudaMallocPitch(dev_ptr, pitch, width, height)
         },
         Mode::Serve => {
-            if dev_ptr.is_null() || pitch.is_null() {
+            if dev_ptr.is_null() {
                 return INVALID_VALUE;
+            }
+            if pitch.is_null() {
+                // As every other failed allocation: the output pointer is NULL.
+                // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+                return unsafe { store(dev_ptr, Err(INVALID_VALUE)) };
             }
             let row = width.checked_next_multiple_of(PITCH_ALIGN);
             let Some((row, bytes)) = row.and_then(|r| Some((r, r.checked_mul(height)?))) else {

@@ -375,6 +375,8 @@ fn the_interposer_serves_allocations_scrubbed_and_forwards_the_rest() {
         ("pitch_block_scrubbed", 1),
         ("rc_malloc_pitch_overflow", 2),
         ("pitch_overflow_is_null", 1),
+        ("rc_malloc_pitch_no_pitch", 1),
+        ("pitch_no_pitch_is_null", 1),
         // The per-thread variants: served; a foreign pointer needs the runtime's own
         // cudaFreeAsync_ptsz, which this runtime lacks: an error code, not a crash, and the
         // memory is still there to free.
@@ -446,8 +448,8 @@ fn kvh_preload_off_forwards_everything() {
         ("reuse_zero", 0),
         ("secret_seen", 1),
         ("real_cudaMallocAsync", 2),
-        // The pitched allocation and the overflowing one.
-        ("real_cudaMallocPitch", 2),
+        // The pitched allocation, the overflowing one and the one without a pitch.
+        ("real_cudaMallocPitch", 3),
         ("real_cudaStreamSynchronize", 0),
     ]);
     assert!(r.get("real_cudaMalloc") > 1);

@@ -43,7 +43,8 @@ pub enum kvh_result {
     KVH_ERR_BUFFER_TOO_SMALL = 7013,
     /// The device index is outside the backend's range.
     KVH_ERR_INVALID_DEVICE = 7014,
-    /// The stream is capturing a CUDA graph and the pool cannot serve the request.
+    /// The stream is capturing a CUDA graph: an allocation the pool cannot serve from a clean
+    /// block, or a scrub (a checked free's, a KV scrub) that cannot be launched into the graph.
     KVH_ERR_CAPTURE_ACTIVE = 7015,
     /// The allocator was shut down (`kvh_shutdown`, or process exit has begun).
     KVH_ERR_SHUTTING_DOWN = 7016,
@@ -127,7 +128,7 @@ impl kvh_result {
             KVH_ERR_BACKEND => "memory backend (CUDA driver) error",
             KVH_ERR_BUFFER_TOO_SMALL => "output buffer too small",
             KVH_ERR_INVALID_DEVICE => "invalid device index",
-            KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph and the pool has no clean block",
+            KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph: no fresh memory is allocated and no scrub is launched into the graph (allocate before capture)",
             KVH_ERR_SHUTTING_DOWN => "allocator was shut down (kvh_shutdown, or process exit began)",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",

@@ -189,6 +189,10 @@ static int scenario_main() {
     size_t pitch_o = 0;
     out("rc_malloc_pitch_overflow", cudaMallocPitch(&po, &pitch_o, SIZE_MAX / 2, 4));
     out("pitch_overflow_is_null", po == nullptr);
+    // No place for the pitch: invalid, and the output pointer NULL all the same.
+    void* pn = reinterpret_cast<void*>(0x1);
+    out("rc_malloc_pitch_no_pitch", cudaMallocPitch(&pn, nullptr, 100, 3));
+    out("pitch_no_pitch_is_null", pn == nullptr);
 
     // The per-thread-default-stream variants (exported only by the interposer library).
     typedef int (*malloc_async_fn)(void**, size_t, cudaStream_t);
