@@ -519,3 +519,74 @@ fn a_variable_name_that_is_not_utf8_reaches_the_terminal_without_its_control_cha
         "a control character of a variable's name reached stderr: {err:?}"
     );
 }
+
+/// A variable named twice in the environment (an `execve` whose environment repeats a name)
+/// is read as C's `getenv` and Rust's `std::env::var` read it, by its first entry (as the
+/// policy loader itself reads `KVH_CONFIG`, and the library reads `KVH_OOM` and
+/// `KVH_PRELOAD`), or refused naming it, as a key given twice in a policy file is: the
+/// policy never runs with another value than the one other readers of the environment see.
+#[test]
+fn a_variable_named_twice_in_the_environment_is_not_read_by_its_last_entry() {
+    use std::ffi::CString;
+    use std::os::unix::process::CommandExt;
+
+    /// The `execve` arguments, made before the fork (nothing is allocated after it).
+    struct Exec {
+        _strings: Vec<CString>,
+        path: *const libc::c_char,
+        argv: Vec<*const libc::c_char>,
+        envp: Vec<*const libc::c_char>,
+    }
+    // SAFETY: the pointers point into `_strings`, owned by the struct and never changed.
+    unsafe impl Send for Exec {}
+    unsafe impl Sync for Exec {}
+
+    let cs = |s: &str| CString::new(s).unwrap();
+    let path = cs(env!("CARGO_BIN_EXE_kvh"));
+    let args = ["kvh", "config", "--json"].map(cs);
+    let env = [
+        "KVH_TENANT_ISOLATION=strict",
+        "KVH_TENANT_ISOLATION=off",
+        "PATH=/usr/bin:/bin",
+    ]
+    .map(cs);
+    let nul = std::iter::once(std::ptr::null());
+    let exec = Exec {
+        path: path.as_ptr(),
+        argv: args.iter().map(|a| a.as_ptr()).chain(nul.clone()).collect(),
+        envp: env.iter().map(|e| e.as_ptr()).chain(nul).collect(),
+        _strings: std::iter::once(path.clone())
+            .chain(args.iter().cloned())
+            .chain(env.iter().cloned())
+            .collect(),
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    // SAFETY: the closure only calls execve (async-signal-safe) on memory made before the
+    // fork, and reads errno when it returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let e = &exec;
+            libc::execve(e.path, e.argv.as_ptr(), e.envp.as_ptr());
+            Err(std::io::Error::last_os_error())
+        });
+    }
+    let (code, out, err) = run(&mut cmd);
+    if code == 2 {
+        assert!(err.contains("KVH_TENANT_ISOLATION"), "{err}");
+        return;
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let setting = report["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "tenant_isolation")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        setting["value"], "strict",
+        "getenv(\"KVH_TENANT_ISOLATION\") is \"strict\" in this environment; the policy read \
+         {setting}"
+    );
+}

@@ -60,7 +60,7 @@ fn symlinked_directory_is_refused() {
 fn symlink_planted_at_a_log_path_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    files::prepare_dir(&dir).unwrap();
+    files::prepare_dir(&dir, "log directory").unwrap();
     let victim = tmp.path().join("victim");
     fs::write(&victim, "precious\n").unwrap();
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
@@ -80,7 +80,7 @@ fn symlink_planted_at_a_log_path_is_refused() {
 fn existing_file_with_wrong_mode_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    files::prepare_dir(&dir).unwrap();
+    files::prepare_dir(&dir, "log directory").unwrap();
     let f = dir.join(files::file_name("p1-t1", 0));
     fs::write(&f, "").unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
@@ -99,7 +99,7 @@ fn existing_file_with_wrong_owner_is_refused() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    files::prepare_dir(&dir).unwrap();
+    files::prepare_dir(&dir, "log directory").unwrap();
     let f = dir.join(files::file_name("p1-t1", 0));
     fs::write(&f, "").unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
@@ -444,5 +444,30 @@ fn checkpoints_never_follow_a_symlink_put_at_the_log_directory_path() {
     assert!(
         ckpt.seq >= 10,
         "the checkpoint of the stop was not written there: {ckpt:?}"
+    );
+}
+
+/// A checkpoint directory (`KVH_CHECKPOINT_DIR`) that fails the directory checks is refused
+/// with a message that calls it the checkpoint directory: the log directory is fine, and an
+/// operator sent to it finds nothing wrong there.
+#[test]
+fn a_refused_checkpoint_directory_is_named_as_the_checkpoint_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let ckpt = tmp.path().join("checkpoints");
+    fs::create_dir(&ckpt).unwrap();
+    fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt.clone());
+    let err = ForensicLog::open_with_secret(&c, start(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("mode 0755"), "{err}");
+    assert!(
+        !err.contains("log directory") && err.contains("checkpoint"),
+        "the message does not name the checkpoint directory: {err}"
     );
 }

@@ -324,6 +324,29 @@ pub enum ConfigError {
     Conflict(String),
 }
 
+/// Refuses a `KVH_*` variable the environment holds twice (an `execve` may pass any list):
+/// `getenv` reads its first entry, a loop over the whole environment its last, so the policy
+/// and the other readers of the variable (the interposer's `KVH_PRELOAD`, a launcher's shell)
+/// could disagree. Refused, as a key given twice in a policy file is.
+fn refuse_repeated_variables(vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, _) in vars.iter().filter(|(n, _)| n.starts_with("KVH_")) {
+        if !seen.insert(name.as_str()) {
+            let values: Vec<&str> = vars
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            return Err(ConfigError::Conflict(format!(
+                "{name} is set {} times in the environment ({values:?}); programs reading it \
+                 disagree on which applies: set it once",
+                values.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One configuration key: its file name, its environment name, what it accepts, its setter.
 struct Key {
     name: &'static str,
@@ -728,6 +751,7 @@ impl Config {
 
     /// The policy and the names of the keys its file set.
     fn load(vars: &[(String, String)]) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        refuse_repeated_variables(vars)?;
         let (mut config, file_keys) = match vars.iter().find(|(k, _)| k == "KVH_CONFIG") {
             Some((_, path)) if !path.is_empty() => Config::read_file(Path::new(path))?,
             _ => (Config::default(), Vec::new()),

@@ -115,14 +115,14 @@ pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
                 .to_path_buf();
             if !fs::metadata(&parent).is_ok_and(|m| m.is_dir()) {
                 return Err(ForensicError::Permission(format!(
-                    "{}: cannot create log directory: {} is not a directory",
+                    "{}: cannot create {what}: {} is not a directory",
                     dir.display(),
                     parent.display()
                 )));
             }
             if !may_write(&parent) {
                 return Err(ForensicError::Permission(format!(
-                    "{}: cannot create log directory: {} is not writable by this process's uid {}",
+                    "{}: cannot create {what}: {} is not writable by this process's uid {}",
                     dir.display(),
                     parent.display(),
                     euid()
@@ -130,9 +130,9 @@ pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
             }
             Ok(DirState::WouldCreate { parent })
         }
-        Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
+        Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
         Ok(m) => {
-            check_existing_dir(dir, &m)?;
+            check_existing_dir(dir, &m, what)?;
             // The writer creates its files in it (a read-only volume refuses even root).
             if !may_write(dir) {
                 return Err(ForensicError::Permission(format!(
@@ -169,32 +169,34 @@ pub(crate) fn may_write(dir: &Path) -> bool {
     }
 }
 
-/// Creates the log directory 0700 (with parents), or checks an existing one: it must be a
-/// real directory (not a symlink), owned by us, with no group or other permissions.
-pub fn prepare_dir(dir: &Path) -> Result<(), ForensicError> {
+/// Creates the log directory (or the checkpoint directory: `what` names it in errors) 0700
+/// (with parents), or checks an existing one: it must be a real directory (not a symlink),
+/// owned by us, with no group or other permissions.
+pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| io_err(dir, "cannot create log directory", e))?;
+                .map_err(|e| io_err(dir, &format!("cannot create {what}"), e))?;
             // The umask may have narrowed the mode further, never widened it; set it exactly.
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| io_err(dir, "cannot set log directory mode", e))?;
+                .map_err(|e| io_err(dir, &format!("cannot set the mode of the {what}"), e))?;
             Ok(())
         }
-        Err(e) => Err(io_err(dir, "cannot stat log directory", e)),
-        Ok(m) => check_existing_dir(dir, &m),
+        Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
+        Ok(m) => check_existing_dir(dir, &m, what),
     }
 }
 
-/// The checks of an existing log directory: a real directory (not a symlink), owned by us,
-/// with no group or other permissions, and not an archive of `prune-log`.
-fn check_existing_dir(dir: &Path, m: &fs::Metadata) -> Result<(), ForensicError> {
+/// The checks of an existing log (or checkpoint: `what`) directory: a real directory (not a
+/// symlink), owned by us, with no group or other permissions, and not an archive of
+/// `prune-log`.
+fn check_existing_dir(dir: &Path, m: &fs::Metadata, what: &str) -> Result<(), ForensicError> {
     if m.file_type().is_symlink() {
         return Err(ForensicError::Permission(format!(
-            "{}: log directory is a symlink; refusing to follow it",
+            "{}: {what} is a symlink; refusing to follow it",
             dir.display()
         )));
     }
@@ -204,7 +206,7 @@ fn check_existing_dir(dir: &Path, m: &fs::Metadata) -> Result<(), ForensicError>
             dir.display()
         )));
     }
-    check_owner_mode(dir, m.uid(), m.mode(), 0o700, "log directory")?;
+    check_owner_mode(dir, m.uid(), m.mode(), 0o700, what)?;
     // A writer in an archive would continue the chains `prune-log` moved there.
     if dir
         .join(super::prune::ARCHIVE_MARKER)
@@ -212,7 +214,7 @@ fn check_existing_dir(dir: &Path, m: &fs::Metadata) -> Result<(), ForensicError>
         .is_ok()
     {
         return Err(ForensicError::Permission(format!(
-            "{}: an archive of kvh prune-log ({} is there), not a log directory",
+            "{}: an archive of kvh prune-log ({} is there), not a {what}",
             dir.display(),
             super::prune::ARCHIVE_MARKER
         )));

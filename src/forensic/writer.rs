@@ -133,7 +133,7 @@ impl ChainWriter {
             .dir
             .clone()
             .ok_or_else(|| ForensicError::Io("KVH_LOG_DIR is not set".into()))?;
-        files::prepare_dir(&dir)?;
+        files::prepare_dir(&dir, "log directory")?;
         // Held from here on: every file the writer makes is made in the directory checked now.
         let log_dir = files::LogDir::open(&dir)?;
         let signing = cfg
@@ -145,7 +145,9 @@ impl ChainWriter {
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         let ckpt = match signing {
             Some(_) => {
-                files::prepare_dir(&ckpt_dir)?;
+                if cfg.checkpoint_dir.is_some() {
+                    files::prepare_dir(&ckpt_dir, "checkpoint directory (KVH_CHECKPOINT_DIR)")?;
+                }
                 Some(files::LogDir::open(&ckpt_dir)?)
             }
             None => None,
@@ -232,18 +234,27 @@ impl ChainWriter {
         w.append(kind, record::fields_from_map(fields), unix_nanos(now));
         if let Err(e) = w.write_buffer() {
             if kind == "start" {
-                // The new chain's file holds no record (or part of one): removed, so that a
-                // start that failed (a full disk) does not leave a chain that no process
-                // continues and no verification accepts, which would also keep prune-log from
-                // freeing the disk.
-                let _ = w.log_dir.remove(&files::file_name(&w.chain, 0));
-                let _ = w.log_dir.sync();
+                w.remove_new_chain();
             }
             return Err(ForensicError::Io(format!(
                 "cannot write the {kind} record: {e}"
             )));
         }
-        w.sync();
+        if kind == "start" {
+            // A failed fsync stops checkpoints for good (`on_fsync_error`): a new chain would
+            // then never get its first one, and with a pinned key it could never verify.
+            // Start-up fails instead, as when the record cannot be written.
+            if let Err(e) = w.sync_with_faults() {
+                w.remove_new_chain();
+                return Err(ForensicError::Io(format!(
+                    "cannot sync the start record: {e}"
+                )));
+            }
+            w.dirty_since_sync = false;
+            w.last_sync = Instant::now();
+        } else {
+            w.sync();
+        }
         // A chain is covered by a signed checkpoint from its first record on: a process that
         // dies before the first periodic one must not leave a chain whose end cannot be
         // checked (which verification, with a pinned key, rightly reports as a failure).
@@ -710,6 +721,15 @@ impl ChainWriter {
         }
     }
 
+    /// Removes file 0 of a chain whose start failed: it holds no record that counts (none, part
+    /// of one, or one that is not durable), and left behind it would be a chain that no process
+    /// continues and no verification accepts, which would also keep prune-log from freeing
+    /// the disk.
+    fn remove_new_chain(&self) {
+        let _ = self.log_dir.remove(&files::file_name(&self.chain, 0));
+        let _ = self.log_dir.sync();
+    }
+
     fn sync_with_faults(&mut self) -> io::Result<()> {
         let armed = self
             .shared
@@ -851,12 +871,15 @@ impl ChainWriter {
         }
     }
 
-    /// The fields of the `stop` record: the chain's totals as they are now.
+    /// The fields of the `stop` record: the chain's totals as they are now. The records sealed
+    /// into the buffer are counted as written: they go to the file in the write that carries
+    /// the `stop` record, before it, or are lost with it.
     fn stop_fields(&self) -> Map<String, Value> {
+        let buffered = self.buf_kinds.len() as u64;
         let mut f = Map::new();
         f.insert(
             "records_written".into(),
-            self.shared.records_written.load(Ordering::Relaxed).into(),
+            (self.shared.records_written.load(Ordering::Relaxed) + buffered).into(),
         );
         f.insert(
             "records_lost".into(),
@@ -867,12 +890,14 @@ impl ChainWriter {
 
     /// `stop` record, flush, fsync, final checkpoint.
     fn finish(&mut self) {
+        let ts = unix_nanos(SystemTime::now());
+        // The `lost` record of earlier failed writes goes before the `stop` record and is
+        // one of the records it counts.
+        if self.lost.is_some() && !self.lost_in_buf {
+            self.append_lost_record(ts, Rotation::Allowed);
+        }
         let f = self.stop_fields();
-        self.append(
-            "stop",
-            record::fields_from_map(f),
-            unix_nanos(SystemTime::now()),
-        );
+        self.append("stop", record::fields_from_map(f), ts);
         let _ = self.flush();
         self.sync();
         let _ = self.checkpoint();
@@ -1020,9 +1045,11 @@ mod tests {
             ..test_cfg(&dir)
         };
         let shared = Arc::new(Shared::default());
-        // The fsync of the start record fails.
-        shared.injected_fsync_faults.store(1, Ordering::SeqCst);
         let mut w = open_with(&cfg, shared.clone());
+        // The fsync of the first record after the start fails.
+        shared.injected_fsync_faults.store(1, Ordering::SeqCst);
+        small(&mut w, 0);
+        w.sync();
         assert!(w.fsync_failed);
         // From here on, each fsync of the log file takes one of these: a count of fsyncs.
         const PLENTY: u32 = 1_000_000;
@@ -1034,6 +1061,56 @@ mod tests {
         }
         let fsyncs = PLENTY - shared.injected_fsync_faults.load(Ordering::SeqCst);
         assert!(fsyncs <= 5, "{fsyncs} fsyncs for 200 records");
+    }
+
+    /// A chain is covered by a signed checkpoint from its first record on, so that a
+    /// verification with the pinned public key can check its end. When the fsync of the
+    /// `start` record fails (after which no checkpoint is signed), the start-up fails, as it
+    /// does when the record cannot be written, and removes the file: a passing I/O error at
+    /// start-up does not leave a chain that reads as one whose checkpoint was deleted.
+    #[test]
+    fn a_failed_fsync_of_the_start_record_leaves_no_chain_that_fails_verification() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, public) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = LogConfig {
+            fsync: FsyncPolicy::Interval,
+            signing_key_file: Some(key),
+            ..test_cfg(&dir)
+        };
+        let shared = Arc::new(Shared::default());
+        shared.injected_fsync_faults.store(1, Ordering::SeqCst);
+        let start = StartInfo::current(Config::default().canonical_json());
+        let Err(e) = ChainWriter::open(&cfg, &start, None, shared.clone()) else {
+            panic!("a chain whose start record was not synced was opened");
+        };
+        assert!(
+            e.to_string().contains("cannot sync the start record"),
+            "{e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".jsonl"))
+            .collect();
+        assert!(left.is_empty(), "the failed start left {left:?}");
+        // The next start, whose fsync succeeds, gives a chain that verifies with the key.
+        let mut w = ChainWriter::open(&cfg, &start, None, shared).unwrap();
+        for n in 0..3 {
+            small(&mut w, n);
+        }
+        w.finish();
+        let opts = VerifyOptions {
+            public_keys: vec![crate::forensic::keys::read_public_key(&public).unwrap()],
+            checkpoints: vec![dir.clone()],
+            ..Default::default()
+        };
+        let r = verify_all(&dir, &opts).unwrap();
+        assert!(
+            r.ok(),
+            "the chain of a process whose first fsync failed: {:?}",
+            r.first_problem()
+        );
     }
 
     /// A failed fsync of the directory at a rotation (the new file's entry may not be
@@ -1117,6 +1194,37 @@ mod tests {
             stop["records_lost"].as_u64(),
             Some(lost),
             "the stop record's total leaves out the records lost before it: {stop}"
+        );
+    }
+
+    /// The `stop` record's `records_written` is the number of records the process wrote
+    /// before it. When writes failed before the stop and resume with it, the `lost` record
+    /// written just before the `stop` record is one of them, as every earlier record is.
+    #[test]
+    fn the_stop_records_total_counts_the_lost_record_written_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        small_written(&mut w, 1);
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        for n in 2..8 {
+            small(&mut w, n);
+        }
+        assert!(w.flush().is_err());
+        w.finish();
+        assert_verifies(&dir);
+        let records = records_of(&dir, &w);
+        let kinds: Vec<&str> = records
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        let stop = records.last().unwrap();
+        assert_eq!(stop["kind"], "stop", "{kinds:?}");
+        assert_eq!(kinds[kinds.len() - 2], "lost", "{kinds:?}");
+        assert_eq!(
+            stop["records_written"].as_u64(),
+            Some(records.len() as u64 - 1),
+            "records before the stop record: {kinds:?}; the stop record says {stop}"
         );
     }
 
