@@ -93,11 +93,20 @@ pub fn write_in(
     let tmp = dir.path().join(&tmp_name);
     let _ = dir.remove(&tmp_name);
     let mut f = dir.create_file(&tmp_name)?;
-    f.write_all(&line)
+    let installed = f
+        .write_all(&line)
         .and_then(|_| f.sync_all())
-        .map_err(|e| files::io_err(&tmp, "cannot write checkpoint", e))?;
-    dir.rename(&tmp_name, &name)
-        .map_err(|e| files::io_err(&dest, "cannot install checkpoint", e))?;
+        .map_err(|e| files::io_err(&tmp, "cannot write checkpoint", e))
+        .and_then(|()| {
+            dir.rename(&tmp_name, &name)
+                .map_err(|e| files::io_err(&dest, "cannot install checkpoint", e))
+        });
+    if installed.is_err() {
+        // A temporary file per failed checkpoint (each has its own seq) would pile up on a
+        // disk that is full already.
+        let _ = dir.remove(&tmp_name);
+    }
+    installed?;
     dir.sync()
         .map_err(|e| files::io_err(dir.path(), "cannot fsync checkpoint directory", e))
 }
@@ -285,6 +294,25 @@ mod tests {
         fs::write(&path, text.replace("00112233", "00112234")).unwrap();
         let err = read(&path, &[key.verifying_key()]).unwrap_err();
         assert!(err.contains("bad checkpoint signature"), "{err}");
+    }
+
+    /// A checkpoint that cannot be installed leaves no temporary file behind: each failed
+    /// one has its own seq, so they would pile up on a disk that is full already.
+    #[test]
+    fn a_checkpoint_that_cannot_be_installed_leaves_no_temporary_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        // A directory where the checkpoint file belongs: the rename onto it fails.
+        let blocker = path_for(tmp.path(), "p1-t2");
+        fs::create_dir(&blocker).unwrap();
+        fs::write(blocker.join("x"), b"x").unwrap();
+        let err = write(tmp.path(), &key, &at(5)).unwrap_err();
+        assert!(err.to_string().contains("cannot install checkpoint"), "{err}");
+        let left: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec![blocker.file_name().unwrap().to_string_lossy()]);
     }
 
     #[test]
