@@ -408,6 +408,20 @@ fn a_policy_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer() {
 }
 
 #[test]
+fn a_policy_file_that_cannot_be_read_is_named_as_the_policy_file() {
+    // A KVH_CONFIG naming a file that is not there: the message says which file it is, not
+    // only the system's "No such file or directory" after a path.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("policy.toml");
+    let (code, _, err) = run(config(&[]).env("KVH_CONFIG", &missing));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("policy.toml: cannot read the policy file"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_report_that_cannot_be_written_exits_2() {
     // As the other reporting verbs: a policy report lost to a full disk is not a success.
     let full = std::fs::OpenOptions::new()

@@ -816,7 +816,8 @@ impl Config {
             path: path.display().to_string(),
             message,
         };
-        let bytes = read_regular_file(path, MAX_POLICY_BYTES, "a policy file").map_err(file_err)?;
+        let bytes = read_regular_file(path, MAX_POLICY_BYTES, "a policy file")
+            .map_err(|e| file_err(format!("cannot read the policy file: {e}")))?;
         let text = String::from_utf8(bytes).map_err(|_| file_err("not UTF-8 text".into()))?;
         Config::parse_toml(&text).map_err(|e| match e {
             ConfigError::File { message, .. } => file_err(message),

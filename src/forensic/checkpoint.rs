@@ -307,7 +307,10 @@ mod tests {
         fs::create_dir(&blocker).unwrap();
         fs::write(blocker.join("x"), b"x").unwrap();
         let err = write(tmp.path(), &key, &at(5)).unwrap_err();
-        assert!(err.to_string().contains("cannot install checkpoint"), "{err}");
+        assert!(
+            err.to_string().contains("cannot install checkpoint"),
+            "{err}"
+        );
         let left: Vec<_> = fs::read_dir(tmp.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
