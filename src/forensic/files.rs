@@ -339,13 +339,19 @@ impl LogDir {
         let f = self
             .open_at(name, flags, 0o600)
             .map_err(|e| io_err(&path, "cannot create log file", e))?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| io_err(&path, "cannot set log file mode", e))?;
-        checked(&path, &f)?;
+        // From here the file is ours (O_EXCL): one refused below is removed, so that the next
+        // rotation can create it again rather than find it there for good.
+        let usable = f
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err(&path, "cannot set log file mode", e))
+            .and_then(|()| checked(&path, &f));
+        if let Err(e) = usable {
+            let _ = self.remove(name);
+            return Err(e);
+        }
         // Another process's start-up may hold the lock for a moment: its crash recovery locks
         // the newest file of each chain to tell a live writer from a dead one. Waited for a
-        // while; if it is still held, the file (ours: O_EXCL) is removed, so that the next
-        // rotation can create it again rather than find it there for good.
+        // while; if it is still held, the file is removed, as above.
         if !lock_within(&f, CREATE_LOCK_WAIT) {
             let _ = self.remove(name);
             return Err(ForensicError::Permission(format!(
