@@ -2,7 +2,7 @@
 //! text goes to a temporary file in the same directory, which is then renamed over the target,
 //! so a reader sees the old snapshot or the new one, never a torn one.
 //!
-//! The file is created with mode 0644 (less whatever the umask removes): metrics hold counts,
+//! The file is created with mode 0644, whatever the umask: metrics hold counts,
 //! sizes and the version, never payload bytes, keys or tenant ids, so other local users (the
 //! node exporter among them) may read them. The temporary file's name starts with a dot, does
 //! not end in `.prom` (so the collector never reads a half-written one) and ends in 64 random
@@ -13,7 +13,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Longest file name the filesystems the file goes on take (`NAME_MAX` of Linux's).
@@ -141,8 +141,11 @@ fn write_via(path: &Path, tmp: &Path, contents: &[u8]) -> std::io::Result<()> {
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(tmp)?;
+    // 0644 whatever the umask: the file is for a collector running as another user
+    // (node-exporter's textfile collector), and holds no payload, key or tenant id.
     let written = file
-        .write_all(contents)
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| file.write_all(contents))
         .and_then(|_| file.flush())
         .and_then(|_| {
             drop(file);
