@@ -540,7 +540,8 @@ pub struct AnomalyStats {
     /// Anomaly records emitted, by signal (every signal present).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by_signal: Option<BTreeMap<&'static str, u64>>,
-    /// Events counted under `*other*` because their signal already tracked the most tenants.
+    /// Counts made under `*other*` because the signal already tracked the most tenants: one
+    /// per signal an event counts for (a failed verification that read residue counts twice).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub folded_events: Option<u64>,
 }

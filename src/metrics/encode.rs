@@ -728,7 +728,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Events counted under the detector's shared *other* key: their signal already tracked its most tenants."
+        "Counts made under the detector's shared *other* key, one per signal an event counts for (a failed verification that read residue counts for two): the signal already tracked its most tenants."
     ),
 ];
 
