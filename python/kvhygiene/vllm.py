@@ -49,10 +49,48 @@ _MAX_ID_BYTES = 128
 _DIGEST_PREFIX = "sha256:"
 
 
+#: Unicode 15.1's format characters (Cf) and line and paragraph separators (Zl, Zp), as
+#: inclusive ranges: with the control characters (Cc), what the library refuses in an id
+#: (src/context.rs holds the same table). Written out, not read from :mod:`unicodedata`,
+#: whose Unicode version follows the interpreter's and may lack some of them.
+_INVISIBLE = (
+    (0x00AD, 0x00AD),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+)
+
+
+def _unprintable(c: str) -> bool:
+    """Whether the library refuses ``c`` in an id: a control or invisible format character."""
+    if unicodedata.category(c) == "Cc":
+        return True
+    cp = ord(c)
+    return any(lo <= cp <= hi for lo, hi in _INVISIBLE)
+
+
 def context_id(req_id) -> str:
     """The request id under which :func:`claim_scheduled` claims a request's blocks: vLLM's
     own, or, for one the library would refuse (over 128 bytes of UTF-8, or holding a control
-    character: clients choose request ids) or one that starts with ``sha256:``, that prefix and
+    or invisible format character: clients choose request ids) or one that starts with
+    ``sha256:``, that prefix and
     the hex SHA-256 of its UTF-8.
     The same request gets the same id at every step, and two requests never share one, so
     the gate tells them apart as it does other ids; the forensic records then carry the
@@ -68,7 +106,7 @@ def context_id(req_id) -> str:
             # An id that reads like a digest is hashed too: kept, it could be another
             # request's digest, and the two requests would be one owner to the gate.
             and not text.startswith(_DIGEST_PREFIX)
-            and not any(unicodedata.category(c) == "Cc" for c in text)
+            and not any(_unprintable(c) for c in text)
         )
         if kept:
             return text

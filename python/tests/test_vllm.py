@@ -170,6 +170,44 @@ def test_context_ids_are_vllms_unless_the_library_would_refuse_them():
     assert context_id("a\nb") != context_id("a\rb")
 
 
+def test_a_request_id_with_an_invisible_formatting_character_gets_an_id_the_library_accepts():
+    # The library refuses ids holding invisible formatting characters (a right-to-left
+    # override, a zero-width space, a line separator) as it refuses control characters:
+    # context_id maps a client's request id holding one to an id the library accepts, so that
+    # claiming the request's blocks does not fail the step.
+    for client_id in ("chatcmpl-\u202eevil", "chat\u200bcmpl-1", "a\u2028b", "\ufeffchatcmpl-2"):
+        cid = context_id(client_id)
+        try:
+            with kvhygiene.context(request_id=cid):
+                pass
+        except kvhygiene.KvhError as e:
+            pytest.fail(f"context_id({client_id!r}) = {cid!r}, which the library refuses: {e}")
+
+
+def test_the_characters_context_id_hashes_are_those_the_library_refuses():
+    # vllm.py keeps its own table of the characters the library refuses (src/context.rs):
+    # the two agree at every edge of the table, on every control character and on a spread
+    # of other code points, so that an id context_id keeps is one the library accepts.
+    from kvhygiene.vllm import _INVISIBLE, _unprintable
+
+    points = set(range(0, 0x100)) | set(range(0, 0x110000, 251))
+    for lo, hi in _INVISIBLE:
+        points |= {lo - 1, lo, hi, hi + 1}
+    disagree = []
+    for cp in sorted(points):
+        if 0xD800 <= cp <= 0xDFFF or cp in (0, 0x110000):
+            continue  # no UTF-8 of their own; NUL ends a C string
+        try:
+            with kvhygiene.context(tenant_id="t" + chr(cp)):
+                pass
+            accepted = True
+        except kvhygiene.KvhError:
+            accepted = False
+        if accepted == _unprintable(chr(cp)):
+            disagree.append(f"U+{cp:04X} (library accepts: {accepted})")
+    assert not disagree, disagree
+
+
 def test_context_ids_of_two_different_request_ids_differ():
     # context_id gives two requests two ids: a client's id that already reads "sha256:<hex>"
     # must not become the id another request's long id is mapped to.

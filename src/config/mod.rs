@@ -324,24 +324,31 @@ pub enum ConfigError {
     Conflict(String),
 }
 
-/// Refuses a `KVH_*` variable the environment holds twice (an `execve` may pass any list):
-/// `getenv` reads its first entry, a loop over the whole environment its last, so the policy
-/// and the other readers of the variable (the interposer's `KVH_PRELOAD`, a launcher's shell)
-/// could disagree. Refused, as a key given twice in a policy file is.
+/// Refuses a policy variable (a key's `KVH_*` name, or `KVH_CONFIG`) the environment holds
+/// twice with different values (an `execve` may pass any list): `getenv` reads the first
+/// entry, a loop over the whole environment the last, and Python's `os.environ` the last too,
+/// so the policy and other readers of the variable (a launcher, a wrapper script) could
+/// disagree. Refused, as a key given twice in a policy file is.
 fn refuse_repeated_variables(vars: &[(String, String)]) -> Result<(), ConfigError> {
-    let mut seen = std::collections::HashSet::new();
-    for (name, _) in vars.iter().filter(|(n, _)| n.starts_with("KVH_")) {
-        if !seen.insert(name.as_str()) {
-            let values: Vec<&str> = vars
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-                .collect();
-            return Err(ConfigError::Conflict(format!(
-                "{name} is set {} times in the environment ({values:?}); programs reading it \
-                 disagree on which applies: set it once",
-                values.len()
-            )));
+    let policy = |name: &str| {
+        name == "KVH_CONFIG" || (name.starts_with("KVH_") && !OTHER_ENV.contains(&name))
+    };
+    let mut seen: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for (name, value) in vars.iter().filter(|(n, _)| policy(n)) {
+        match seen.insert(name.as_str(), value.as_str()) {
+            Some(earlier) if earlier != value => {
+                let values: Vec<&str> = vars
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+                    .collect();
+                return Err(ConfigError::Conflict(format!(
+                    "{name} is set {} times in the environment, to different values \
+                     ({values:?}): programs reading it may take different ones; set it once",
+                    values.len()
+                )));
+            }
+            _ => {}
         }
     }
     Ok(())
@@ -1009,6 +1016,28 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_policy_variable_held_twice_with_different_values_is_refused() {
+        let refused = |pairs: &[(&str, &str)]| match Config::from_vars(&vars(pairs)) {
+            Err(ConfigError::Conflict(m)) => Some(m),
+            _ => None,
+        };
+        let m = refused(&[("KVH_BATCH_SIZE", "8"), ("KVH_BATCH_SIZE", "16")]).unwrap();
+        assert!(m.starts_with("KVH_BATCH_SIZE is set 2 times"), "{m}");
+        assert!(refused(&[("KVH_CONFIG", "/a.toml"), ("KVH_CONFIG", "")]).is_some());
+        // The same value twice: every reader reads it.
+        assert!(
+            Config::from_vars(&vars(&[("KVH_BATCH_SIZE", "8"), ("KVH_BATCH_SIZE", "8")])).is_ok()
+        );
+        // Not policy variables: the interposer's switch and the Python package's library path.
+        for name in ["KVH_PRELOAD", "KVH_LIBRARY"] {
+            assert!(
+                Config::from_vars(&vars(&[(name, "a"), (name, "b")])).is_ok(),
+                "{name}"
+            );
+        }
     }
 
     fn invalid_key(pairs: &[(&str, &str)]) -> String {

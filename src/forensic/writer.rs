@@ -376,9 +376,19 @@ impl ChainWriter {
                 return self.reseal_after_write_error(kind, &sealed.line, ts);
             }
             if self.rotate(ts).is_ok() {
-                // Re-sealed after rotating: the record then belongs to the next epoch.
-                let fields = record::fields_from_map(rebuild_fields(&sealed.line));
-                return self.seal_into_buffer(kind, fields, ts, Rotation::Done);
+                // Re-sealed after rotating: the record then belongs to the next epoch. A
+                // `stop` record's totals are taken again: they count the new file's `rotate`.
+                let fields = if kind == "stop" {
+                    self.stop_fields()
+                } else {
+                    rebuild_fields(&sealed.line)
+                };
+                return self.seal_into_buffer(
+                    kind,
+                    record::fields_from_map(fields),
+                    ts,
+                    Rotation::Done,
+                );
             }
             // Not rotated: the head has not moved, so the record stays sealed as it is, in
             // this file.
@@ -1221,6 +1231,35 @@ mod tests {
         let stop = records.last().unwrap();
         assert_eq!(stop["kind"], "stop", "{kinds:?}");
         assert_eq!(kinds[kinds.len() - 2], "lost", "{kinds:?}");
+        assert_eq!(
+            stop["records_written"].as_u64(),
+            Some(records.len() as u64 - 1),
+            "records before the stop record: {kinds:?}; the stop record says {stop}"
+        );
+    }
+
+    /// The `stop` record's `records_written` is the number of records the process wrote
+    /// before it, also when the `stop` record does not fit in the active file: the new
+    /// file's `rotate` record, written just before the `stop` record, is one of them.
+    #[test]
+    fn the_stop_records_total_counts_the_rotate_record_written_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        let len = small_written(&mut w, 1);
+        // No room left for the `stop` record in this file: it opens the next one.
+        w.max_bytes = w.file_len + len / 2;
+        w.finish();
+        assert_verifies(&dir);
+        assert_eq!(w.index, 1, "the stop record did not rotate the file");
+        let records = records_of(&dir, &w);
+        let kinds: Vec<&str> = records
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        let stop = records.last().unwrap();
+        assert_eq!(stop["kind"], "stop", "{kinds:?}");
+        assert_eq!(kinds[kinds.len() - 2], "rotate", "{kinds:?}");
         assert_eq!(
             stop["records_written"].as_u64(),
             Some(records.len() as u64 - 1),
