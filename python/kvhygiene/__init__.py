@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import ctypes
 import json
 import operator
@@ -357,7 +358,10 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{name} {value!r} is not UTF-8") from None
-    raw = str(value).encode("utf-8")
+    try:
+        raw = str(value).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        raise ValueError(f"{name} {value!r} has no UTF-8 (a lone surrogate)") from None
     # ctypes passes bytes as a C string, which ends at the first NUL: "acme\0evil" would reach
     # the library as "acme", and two tenants would share one identity.
     if b"\0" in raw:
@@ -365,42 +369,52 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     return raw
 
 
-class _ThreadContexts:
-    """One thread's entered contexts, innermost last, and whether the library's ids for the
-    thread are stale: a context the thread entered was left from another thread, which cannot
-    set this thread's ids (the library keeps them per thread)."""
+class _Entry:
+    """One entered :func:`context`: its ids, and whether it is still entered."""
 
-    __slots__ = ("entries", "stale")
+    __slots__ = ("ids", "entered")
 
-    def __init__(self):
-        self.entries: list = []
-        self.stale = False
+    def __init__(self, ids):
+        self.ids = ids
+        self.entered = True
 
 
-def _thread_contexts() -> _ThreadContexts:
-    state = getattr(_local, "contexts", None)
-    if state is None:
-        state = _local.contexts = _ThreadContexts()
-    return state
+#: The contexts entered in the running code's own execution context (a thread, or an asyncio
+#: task, which runs in a copy of its creator's), outermost first. A :class:`contextvars.ContextVar`
+#: rather than a thread-local: tasks that take turns on one thread each keep their own.
+_entered: contextvars.ContextVar = contextvars.ContextVar("kvhygiene_contexts", default=())
+
+#: Not given to the library yet on this thread (a thread's ids start cleared there).
+_UNSET = object()
+
+
+def _innermost():
+    """The ids of the innermost context still entered here, or ``None``: entries left out of
+    order, or left from another thread or task, are skipped."""
+    for entry in reversed(_entered.get()):
+        if entry.entered:
+            return entry.ids
+    return None
 
 
 def _resync_context() -> None:
-    """Gives the library the calling thread's innermost context again when a context it
-    entered was left from another thread meanwhile: before a call whose effect depends on
-    whose request the thread serves (a claim, a scrub)."""
-    state = getattr(_local, "contexts", None)
-    if state is not None and state.stale:
-        state.stale = False
-        _set(state.entries[-1][0] if state.entries else None)
+    """Gives the library this execution context's ids for the calling thread when they are not
+    the ones it holds: the library keeps ids per thread, and another task on this thread, or a
+    context left from another thread, may have set others meanwhile. Before a call whose
+    effect depends on whose request is served (a claim, a scrub)."""
+    ids = _innermost()
+    if getattr(_local, "applied", _UNSET) != ids:
+        _set(ids)
 
 
 def _set(ids) -> None:
     lib = load()
     if ids is None:
         lib.kvh_clear_context()
-        return
-    encoded = [_encode(v, name) for v, name in zip(ids, _CONTEXT_FIELDS)]
-    _check("kvh_set_context", lib.kvh_set_context(*encoded))
+    else:
+        encoded = [_encode(v, name) for v, name in zip(ids, _CONTEXT_FIELDS)]
+        _check("kvh_set_context", lib.kvh_set_context(*encoded))
+    _local.applied = ids
 
 
 @contextlib.contextmanager
@@ -414,32 +428,32 @@ def context(
     Contexts nest: leaving an inner block restores the outer ids. The library refuses ids over
     128 bytes or with control or invisible formatting characters (:class:`KvhError`).
 
+    Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
+    a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
+    when another task on the same thread entered a context while it waited. The library keeps
+    one set of ids per thread, so an allocation a task makes after an ``await`` carries the
+    ids last set on the thread until the task's next :func:`context`, :func:`claim_blocks` or
+    :func:`scrub_blocks`.
+
     A context left from another thread than the one that entered it (a generator advanced
     from a thread pool) leaves the leaving thread's ids alone; the entering thread's ids are
     set back to its innermost context at its next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
     """
-    own = _thread_contexts()
     ids = (tenant_id, request_id, model_id)
     _set(ids)
-    own.stale = False
-    # Each entry is its own object: leaving a context removes its entry, wherever it is (one
+    # Each entry is its own object: leaving a context marks its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).
-    entry = [ids]
-    own.entries.append(entry)
+    entry = _Entry(ids)
+    _entered.set(_entered.get() + (entry,))
     try:
         yield
     finally:
-        stack = own.entries
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i] is entry:
-                del stack[i]
-                break
-        if _thread_contexts() is own:
-            _set(stack[-1][0] if stack else None)
-        else:
-            # Left from another thread: only the entering thread can set its own ids.
-            own.stale = True
+        entry.entered = False
+        # Here: drop the entries no longer entered. Elsewhere (left from another thread or
+        # task), the entering side skips the entry and drops it at its next context.
+        _entered.set(tuple(e for e in _entered.get() if e.entered))
+        _resync_context()
 
 
 _U64 = (1 << 64) - 1
@@ -461,7 +475,7 @@ class KvLayout:
         self.block_bytes = _u64(block_bytes, "block_bytes")
         self.block_stride = _u64(block_bytes if block_stride is None else block_stride, "block_stride")
         self.blocks_per_region = _u64(blocks_per_region, "blocks_per_region")
-        self.device = int(device)
+        self.device = _integer(device, "device")
         # The C argument is an int: ctypes would wrap a larger value silently (2**32 is 0).
         if not 0 <= self.device < 2**31:
             raise ValueError(f"device {self.device} is not a device index (0 .. 2**31 - 1)")
@@ -483,6 +497,10 @@ class KvLayout:
         ``block_dim=1`` (K and V are two regions); a ``[num_blocks, 2, ...]`` cache uses
         ``block_dim=0``. All tensors must share one block geometry and one device.
         """
+        if hasattr(tensors, "data_ptr"):
+            # One tensor, not a list: iterated, it would be read as the list of its halves
+            # along dimension 0, and block_dim would index something else in each.
+            raise TypeError("from_tensors takes a list of tensors: pass [tensor] for one")
         tensors = list(tensors)
         if not tensors:
             raise ValueError("from_tensors needs at least one tensor")
@@ -508,8 +526,19 @@ class KvLayout:
         return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
 
 
+def _integer(value, name: str) -> int:
+    """``value`` as an int: an integer (Python's, numpy's), never a float (127.9 would be
+    127, leaving a byte of every block unscrubbed), a string or a bool."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} {value!r} is a bool, not an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} {value!r} is not an integer") from None
+
+
 def _u64(value, name: str) -> int:
-    v = int(value)
+    v = _integer(value, name)
     if not 0 <= v <= _U64:
         raise ValueError(f"{name} {v} is not a 64-bit unsigned value")
     return v
@@ -660,8 +689,9 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
     several, since then no one call sees them all."""
     lib = load()
     ids = [_block_id(i) for i in _id_list(block_ids)]
-    if any(i < 0 or i > 0xFFFF_FFFF for i in ids):
-        raise ValueError("block ids must be in 0..2**32-1")
+    bad = next((i for i in ids if not 0 <= i <= 0xFFFF_FFFF), None)
+    if bad is not None:
+        raise ValueError(f"block id {bad} is not in 0..2**32-1")
     per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
     if len(ids) > per_call:
         _check_ids_for_several_calls(ids, layout.blocks_per_region)

@@ -487,8 +487,8 @@ def test_a_context_left_out_of_order_keeps_the_one_still_open():
             assert ctypes.string_at(p + 128, 128) == b"\x42" * 128, "the thread's ids became r-a's inside r-b"
             b.__exit__(None, None, None)
         finally:
-            kvhygiene._local.contexts = kvhygiene._ThreadContexts()
-            kvhygiene.load().kvh_clear_context()
+            kvhygiene._entered.set(())
+            kvhygiene._set(None)
 
 
 
@@ -821,3 +821,96 @@ def test_a_layout_device_that_a_c_int_cannot_hold_is_refused():
     with pytest.raises(ValueError, match="not a device index"):
         kvhygiene.KvLayout([0x1000], 128, 8, device=2**31)
     assert kvhygiene.KvLayout([0x1000], 128, 8, device=2**31 - 1).device == 2**31 - 1
+
+
+@needs_lib
+def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
+    # Two requests served by asyncio tasks on one thread, each inside its own context. A claim
+    # is made under the ids of the context of the task that makes it, not under those of the
+    # context another task entered last: request r-b is given block 5 after request r-a wrote
+    # its keys there, so the block changes owner and r-b's claim scrubs it first.
+    import asyncio
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        seen = {}
+
+        async def serve():
+            a_in, b_in, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+            async def request_a():
+                with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+                    a_in.set()
+                    await b_in.wait()
+                    kvhygiene.claim_blocks(layout, [5])
+                    ctypes.memset(p + 5 * 128, 0x42, 128)  # r-a's keys
+                    a_done.set()
+
+            async def request_b():
+                await a_in.wait()
+                with kvhygiene.context(tenant_id="t-b", request_id="r-b"):
+                    b_in.set()
+                    await a_done.wait()
+                    kvhygiene.claim_blocks(layout, [5])
+                    seen["block"] = ctypes.string_at(p + 5 * 128, 128)
+
+            await asyncio.gather(request_a(), request_b())
+
+        asyncio.run(serve())
+        assert seen["block"] == bytes(128), "r-b was handed r-a's bytes: r-a's claim was made under r-b's ids"
+
+
+class _IterableTensor(FakeTensor):
+    """A FakeTensor that iterates like a torch tensor: over its first dimension, as views."""
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __iter__(self):
+        step = self._stride[0] * self._esize
+        for i in range(self.shape[0]):
+            yield _IterableTensor(self._ptr + i * step, self.shape[1:], self._stride[1:], self._esize)
+
+
+def test_from_tensors_given_one_tensor_takes_it_whole_or_refuses_it():
+    # A single [2, num_blocks, block_size, heads, head_size] cache tensor passed where the list
+    # of tensors goes: block_dim still means the cache's block dimension (a layout of K and V,
+    # 8 blocks of 128 bytes each), or the call is refused; it is never read as the list of
+    # its K and V halves, whose dimension 1 indexes token rows.
+    t = _IterableTensor(0x10000, (2, 8, 16, 4))
+    try:
+        layout = kvhygiene.KvLayout.from_tensors(t, block_dim=1)
+    except (TypeError, ValueError):
+        return
+    assert (len(layout.regions), layout.blocks_per_region, layout.block_bytes) == (2, 8, 128), layout
+
+
+def test_a_layout_geometry_that_is_not_an_integer_is_refused():
+    # As block ids are: a non-integral block_bytes (127.9) is not truncated to 127, which would
+    # leave the last byte of every block unscrubbed; nor is a string read as a number.
+    for kwargs in (
+        dict(block_bytes=127.9, blocks_per_region=8),
+        dict(block_bytes=128, blocks_per_region=8.5),
+        dict(block_bytes=128, blocks_per_region=8, block_stride=255.5),
+        dict(block_bytes="128", blocks_per_region=8),
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            kvhygiene.KvLayout([0x10000], **kwargs)
+
+
+def test_a_context_id_that_is_not_encodable_names_the_field():
+    # A str with a lone surrogate has no UTF-8: the error says which id is at fault, as it
+    # does for bytes that are not UTF-8.
+    with pytest.raises(ValueError, match="request_id"):
+        kvhygiene._encode("r-\ud800", "request_id")
+
+
+@needs_lib
+def test_a_negative_block_id_is_named_in_the_error():
+    # Like the other id checks ("block id 8 is out of range", "block id 3 is named twice"),
+    # the error for an id outside 0..2**32-1 names the id, so that it can be found in a long
+    # list.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        with pytest.raises(ValueError, match="-7"):
+            kvhygiene.scrub_blocks(layout, [0, 1, -7, 3])
