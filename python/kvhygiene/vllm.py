@@ -35,6 +35,7 @@ verified clean must not run: the claim's error propagates.
 from __future__ import annotations
 
 import hashlib
+import operator
 import unicodedata
 from typing import Callable, Optional, Sequence
 
@@ -113,6 +114,18 @@ def context_id(req_id) -> str:
     return _DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
+def _block_size(value) -> int:
+    """A block size in tokens: an integer of at least 1 (0 would divide by zero, a float
+    would skip a wrong number of prefix blocks)."""
+    try:
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError(f"block_sizes: {value!r} is not a block size in tokens (an integer >= 1)")
+    return size
+
+
 def _per_group(values, groups: int, name: str) -> list:
     if isinstance(values, int):
         return [values] * groups
@@ -147,7 +160,10 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
     def add(req_id, groups, skip_tokens):
         if groups is None:
             return
-        sizes = _per_group(block_sizes, len(groups), "block_sizes")
+        # One size for every group: also a value that is not one (refused by name below).
+        one = isinstance(block_sizes, (str, bytes)) or not hasattr(block_sizes, "__iter__")
+        per_group = [block_sizes] * len(groups) if one else _per_group(block_sizes, len(groups), "block_sizes")
+        sizes = [_block_size(b) for b in per_group]
         fresh = [list(ids)[skip_tokens // size :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
         if any(fresh):
             out[req_id] = fresh

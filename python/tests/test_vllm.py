@@ -314,6 +314,16 @@ def test_more_block_sizes_or_layouts_than_kv_cache_groups_are_refused():
         claim_scheduled(s, [layout, layout], BLOCK_TOKENS)
 
 
+def test_a_block_size_that_is_not_a_positive_integer_is_refused_by_name():
+    # A block size of 0 would divide by zero, and 16.5 would skip a wrong number of a resumed
+    # request's prefix blocks: both are refused with a message naming block_sizes.
+    s = step(new=[("a", [0, 1, 2], 16)])
+    for bad in (0, -16, 16.5, True, "16"):
+        with pytest.raises(ValueError, match="block_sizes"):
+            new_blocks(s, bad)
+    assert new_blocks(s, 16) == {"a": [[1, 2]]}
+
+
 def test_a_tenant_id_the_library_would_refuse_does_not_stop_the_step():
     # tenant_of may read a header a client sets: an id with a control character is claimed
     # under its digest, as a client's request id is, and the other requests' claims go on.
