@@ -106,6 +106,13 @@ pub struct DemoReport {
     /// counted them once stopped; set by whoever stopped the log. Must be 0: the security
     /// records of the run are its evidence.
     pub log_records_lost: u64,
+    /// Writes of the run's forensic log that failed (a record, an fsync, a checkpoint), as
+    /// its writer counted them once stopped; must be 0 too: a checkpoint that could not be
+    /// written leaves a log that does not verify with the signer's public key.
+    pub log_write_errors: u64,
+    /// The last of those errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_last_error: Option<String>,
 }
 
 impl DemoReport {
@@ -121,6 +128,7 @@ impl DemoReport {
         self.allocations_with_residue == 0
             && self.kv_blocks_with_residue == 0
             && self.log_records_lost == 0
+            && self.log_write_errors == 0
             && c.verifications_failed <= drilled
             && c.residue_detected <= drilled
             && c.verifications_failed.max(c.residue_detected) == drilled
@@ -149,6 +157,10 @@ pub enum DemoError {
     Free(#[from] FreeError),
     #[error("KV block scrub failed: {0}")]
     KvScrub(#[from] KvScrubError),
+    #[error(
+        "out of host memory for a {0}-byte buffer (fewer --tenants or --decode-tokens need less)"
+    )]
+    HostMemory(u64),
 }
 
 /// Runs the simulation on `backend` with `config`. `progress` is called after each request.
@@ -239,6 +251,8 @@ pub fn run(
         fault_drill,
         stats,
         log_records_lost: 0,
+        log_write_errors: 0,
+        log_last_error: None,
     })
 }
 
@@ -262,9 +276,7 @@ fn run_request(
         checked += 1;
         dirty += u64::from(!reads_zero(alloc.backend().as_ref(), addr, size)?);
         // The request's own data: this is what must never reach another request.
-        alloc
-            .backend()
-            .write(0, addr, &vec![secret; size as usize])?;
+        fill(alloc.backend().as_ref(), addr, size, secret)?;
         kv.push((addr, size));
         Ok(())
     };
@@ -371,7 +383,7 @@ impl PagedCache {
             let mut dirty = false;
             for (addr, len) in self.block(id) {
                 dirty |= !reads_zero(backend, addr, len)?;
-                backend.write(0, addr, &vec![secret; len as usize])?;
+                fill(backend, addr, len, secret)?;
             }
             if dirty {
                 self.with_residue.fetch_add(1, Ordering::Relaxed);
@@ -490,11 +502,48 @@ impl PagedCache {
     }
 }
 
-/// Reads a whole allocation back and checks it is zero.
+/// Bytes the demo moves between host and device in one call: its buffers stay this small
+/// whatever the size of an allocation, and are reserved fallibly, so that a large run that
+/// exhausts host memory ends with an error instead of an abort (Rust aborts the process when
+/// an allocation fails).
+const IO_CHUNK: u64 = 1 << 20;
+
+/// A buffer of `len` (at most [`IO_CHUNK`]) bytes of `byte`, or an error when host memory
+/// has run out.
+fn buffer(len: u64, byte: u8) -> Result<Vec<u8>, DemoError> {
+    let n = len.min(IO_CHUNK) as usize;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n)
+        .map_err(|_| DemoError::HostMemory(n as u64))?;
+    buf.resize(n, byte);
+    Ok(buf)
+}
+
+/// Writes `len` bytes of `byte` at `addr`, a chunk at a time.
+fn fill(backend: &dyn Backend, addr: u64, len: u64, byte: u8) -> Result<(), DemoError> {
+    let buf = buffer(len, byte)?;
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(IO_CHUNK);
+        backend.write(0, addr + done, &buf[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads a whole allocation back, a chunk at a time, and checks it is zero.
 fn reads_zero(backend: &dyn Backend, addr: u64, size: u64) -> Result<bool, DemoError> {
-    let mut buf = vec![0xFFu8; size as usize];
-    backend.read(0, addr, &mut buf)?;
-    Ok(buf.iter().all(|&b| b == 0))
+    let mut buf = buffer(size, 0xFF)?;
+    let mut done = 0;
+    while done < size {
+        let n = (size - done).min(IO_CHUNK) as usize;
+        backend.read(0, addr + done, &mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        done += n as u64;
+    }
+    Ok(true)
 }
 
 /// Sabotages one scrub and shows verification catching it, then one paged-cache block scrub.
@@ -519,7 +568,7 @@ fn fault_drill(
     };
     let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
     read_back(addr)?;
-    alloc.backend().write(0, addr, &vec![0x5E; size as usize])?;
+    fill(alloc.backend().as_ref(), addr, size, 0x5E)?;
     let id = alloc.block_info(addr).map(|b| b.id);
     // Frees still batched from the workload must not take the sabotage meant for this one.
     let _ = alloc.synchronize();
@@ -561,7 +610,7 @@ fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoErr
     let backend = alloc.backend().as_ref();
     for &id in &ids {
         for (addr, len) in paged.block(id) {
-            backend.write(0, addr, &vec![0x5E; len as usize])?;
+            fill(backend, addr, len, 0x5E)?;
         }
     }
     let _ = alloc.synchronize();
@@ -708,6 +757,16 @@ pub fn render(report: &DemoReport) -> String {
             ),
         );
         line("", d.detail.clone());
+    }
+    if report.log_write_errors > 0 {
+        line(
+            "forensic log",
+            format!(
+                "{} write errors (last: {}): the log may not verify",
+                report.log_write_errors,
+                report.log_last_error.as_deref().unwrap_or("not kept")
+            ),
+        );
     }
     if report.log_records_lost > 0 {
         line(

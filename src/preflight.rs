@@ -314,6 +314,15 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                     Status::Fail,
                     format!("{shown}: its directory is not writable by this process's uid"),
                 )
+            } else if sticky_refuses_replace(&file, &parent) {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!(
+                        "{shown}: another user's file in a sticky directory (as /tmp): only \
+                         its owner may replace it"
+                    ),
+                )
             } else {
                 check(
                     "metrics file",
@@ -334,6 +343,19 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
             ),
         });
     }
+}
+
+/// Whether the sticky bit of `parent` keeps this uid from renaming a new snapshot over
+/// `file`: the file exists, and neither it nor the directory is this uid's (root, which may,
+/// is not refused).
+fn sticky_refuses_replace(file: &Path, parent: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let (Ok(f), Ok(d)) = (std::fs::symlink_metadata(file), std::fs::metadata(parent)) else {
+        return false;
+    };
+    euid != 0 && d.mode() & 0o1000 != 0 && f.uid() != euid && d.uid() != euid
 }
 
 /// Starts the backend `KVH_BACKEND` names, as the start-up does, and shuts it down.

@@ -259,3 +259,108 @@ fn a_metrics_file_that_is_not_a_snapshot_is_not_replaced() {
     );
     assert_eq!(code, 2, "{out}{err}");
 }
+
+/// A demo that signs checkpoints (KVH_SIGNING_KEY_FILE, KVH_CHECKPOINT_DIR) into a directory
+/// in which no checkpoint can be written (a read-only volume; mode 0500 for an unprivileged
+/// user): the log's end is then covered by no checkpoint, and the `kvh verify-log` command the
+/// demo prints (with `--public-key` and `--checkpoint`) fails. A run whose forensic log
+/// cannot be verified as written must not say PASS and exit 0.
+#[test]
+fn a_demo_whose_checkpoints_cannot_be_written_does_not_pass() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hmac = root.join("hmac.key");
+    std::fs::write(&hmac, "ab".repeat(32) + "\n").unwrap();
+    std::fs::set_permissions(&hmac, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("ckpt")));
+    assert_eq!(code, 0, "{err}");
+    let ckpt = root.join("checkpoints");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = root.join("log");
+    let demo: [&str; 5] = ["demo", "--tenants", "1", "--requests", "2"];
+    // SAFETY: geteuid has no preconditions.
+    let mut cmd = if unsafe { libc::geteuid() } != 0 {
+        std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let mut c = kvh();
+        c.args(demo);
+        c
+    } else {
+        // Root: a read-only bind mount in a mount namespace of its own.
+        let works = std::process::Command::new("unshare")
+            .args(["--mount", "sh", "-c"])
+            .arg(r#"mount --bind -o ro "$1" "$1" 2>/dev/null && ! touch "$1/.probe" 2>/dev/null"#)
+            .arg("sh")
+            .arg(&ckpt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !works {
+            eprintln!("skipped: no way to make the checkpoint directory unwritable here");
+            return;
+        }
+        let mut c = std::process::Command::new("unshare");
+        c.args(["--mount", "sh", "-c"])
+            .arg(r#"d="$1"; shift; mount --bind -o ro "$d" "$d" && exec "$@""#)
+            .arg("sh")
+            .arg(&ckpt)
+            .arg(env!("CARGO_BIN_EXE_kvh"))
+            .args(demo);
+        c
+    };
+    cmd.arg("--log-dir")
+        .arg(&log)
+        .env("KVH_BACKEND", "host")
+        .env("KVH_HMAC_KEY_FILE", &hmac)
+        .env("KVH_SIGNING_KEY_FILE", root.join("ckpt.key"))
+        .env("KVH_CHECKPOINT_DIR", &ckpt);
+    let (code, out, err) = run(&mut cmd);
+    let _ = std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o700));
+    assert!(!err.contains("panicked"), "{err}");
+    let (vcode, vout, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--public-key")
+        .arg(root.join("ckpt.pub"))
+        .arg("--checkpoint")
+        .arg(&ckpt));
+    assert!(
+        vcode == 0 || (code != 0 && !out.contains("PASS")),
+        "the demo exited {code} saying PASS, but the log it wrote does not verify \
+         (verify-log exit {vcode}):\n{out}{err}\n{vout}{verr}"
+    );
+}
+
+/// The demo's options at values its `--help` accepts (`--decode-tokens 65536`: 4096 KV blocks
+/// of 256 KiB per request, 1 GiB per tenant) can ask for more host memory than the machine
+/// has (here, an address-space limit of 2 GiB). Running out must end the run with an error
+/// and exit 2, as the backend's own out-of-memory does, not abort the process (SIGABRT,
+/// shell status 134, which the README reserves for `KVH_FAILURE_MODE=abort`).
+#[test]
+fn a_demo_that_runs_out_of_host_memory_exits_with_an_error_not_an_abort() {
+    let mut cmd = kvh();
+    cmd.env("KVH_BACKEND", "host")
+        .args(["demo", "--requests", "1", "--decode-tokens", "65536"]);
+    // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (code, out, err) = run(&mut cmd);
+    let tail: String = err.lines().take(3).collect::<Vec<_>>().join("\n");
+    assert_ne!(
+        code, -1,
+        "the demo was killed by a signal when host memory ran out:\n{out}{tail}"
+    );
+    assert_eq!(code, 2, "{out}{tail}");
+}

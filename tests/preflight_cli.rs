@@ -559,3 +559,157 @@ fn a_metrics_file_name_too_long_to_create_is_not_ready() {
         "preflight passed a metrics file no write can create:\n{out}{err}"
     );
 }
+
+/// A chain whose writer died in the middle of a record (a torn last line), its file marked
+/// append-only (`chattr +a`): crash recovery would have to cut the torn bytes to continue the
+/// chain, which an append-only file refuses. Preflight and the start-up agree on it: the
+/// start-up leaves that chain as it ended and starts another, and the log verifies.
+#[test]
+fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_with_a_torn_tail() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    assert_eq!(env.start(), 0, "the first process");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    cut_stop_record(&files[0]);
+    // The writer died half-way through its next record.
+    let mut f = fs::OpenOptions::new().append(true).open(&files[0]).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"v\":1,\"seq\":9").unwrap();
+    drop(f);
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&files[0])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(files[0].clone());
+    let (code, report) = env.preflight(&[]);
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(
+        code == 0,
+        started == 0,
+        "preflight exit {code} ({report}), start-up exit {started}: {err}"
+    );
+    // The start-up leaves the chain it cannot cut as it ended and starts another; the log
+    // verifies (a torn end of a chain no process continued is a crash, not tampering).
+    assert_eq!(started, 0, "{err}");
+    assert!(err.contains("cannot be cut"), "{err}");
+    let key = env.root().join("hmac.key");
+    let (verified, out, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(verified, 0, "{out}{verr}");
+    // The start-up leaves the chain it cannot cut as it ended and starts another; the log
+    // verifies (a torn end of a chain no process continued is a crash, not tampering).
+    assert_eq!(started, 0, "{err}");
+    assert!(err.contains("cannot be cut"), "{err}");
+    let key = env.root().join("hmac.key");
+    let (verified, out, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(verified, 0, "{out}{verr}");
+}
+
+/// KVH_LOG_DIR naming a symlink to a directory, written with a trailing slash (`link/`): the
+/// log directory "must be a real directory (not a symlink)" (docs/forensic-log.md), and
+/// without the slash both preflight and the start-up refuse it. The slash must not change
+/// that.
+#[test]
+fn a_log_directory_named_through_a_symlink_with_a_trailing_slash_is_refused() {
+    let mut env = Env::new();
+    let real = env.root().join("real-log");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    let link = env.root().join("log-link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    env.set("KVH_LOG_DIR", link.display().to_string());
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        status(&report, "log directory").1.contains("symlink"),
+        "{report}"
+    );
+    env.set("KVH_LOG_DIR", format!("{}/", link.display()));
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(
+        status(&report, "log directory").0,
+        "fail",
+        "a symlinked log directory passed with a trailing slash: {report}"
+    );
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(
+        env.start(),
+        2,
+        "the start-up wrote its log through a symlink: {:?}",
+        chain_files_in(&real)
+    );
+}
+
+/// A metrics file left by another user (a snapshot, uid 1234) in a sticky directory (mode
+/// 1777, as /tmp): the exporter replaces the file by renaming a temporary file over it, which
+/// the sticky bit refuses to anyone but the file's owner, so a process started here would run
+/// without its metrics file. Preflight must not call that file ready. Shown for an
+/// unprivileged uid (65534) through `setpriv`, from root; `kvh demo --metrics-file` writes
+/// through the exporter's own replacement (`textfile::replace_snapshot`).
+#[test]
+fn a_metrics_snapshot_of_another_user_in_a_sticky_directory_is_not_ready() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to give the file to another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let file = shared.join("kvh.prom");
+    fs::write(&file, "kvh_up 1\n").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&file, Some(1234), None).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_kvh"))
+            .args(args)
+            .env_clear()
+            .env("KVH_BACKEND", "host")
+            .env("KVH_METRICS_FILE", &file);
+        c
+    };
+    let (code, out, err) = run(&mut as_nobody(&["preflight", "--skip-backend"]));
+    if err.contains("Permission denied") && out.is_empty() {
+        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {err}");
+        return;
+    }
+    let f = file.display().to_string();
+    let (written, wout, werr) = run(&mut as_nobody(&[
+        "demo",
+        "--tenants",
+        "1",
+        "--requests",
+        "1",
+        "--decode-tokens",
+        "16",
+        "--metrics-file",
+        &f,
+    ]));
+    assert_eq!(
+        written, 2,
+        "the snapshot could be replaced after all:\n{wout}{werr}"
+    );
+    assert_eq!(
+        code, 1,
+        "preflight called a metrics file ready that this uid cannot replace:\n{out}{err}\n\
+         the write: {werr}"
+    );
+}

@@ -50,9 +50,9 @@ enum Command {
     /// allocation and every borrowed block is read back: any non-zero byte would be a leak.
     /// Exit status 0 when nothing had residue and the gate caught every unscrubbed block
     /// (and, with --inject-fault, both sabotaged scrubs were caught) and, with a forensic
-    /// log, no record was lost; 1 when not; 2 for a
-    /// usage, configuration or start-up error, or a report or --metrics-file snapshot that
-    /// could not be written.
+    /// log, no record was lost and no write failed (a record, an fsync, a checkpoint); 1 when
+    /// not; 2 for a usage, configuration or start-up error, host memory exhausted, or a
+    /// report or --metrics-file snapshot that could not be written.
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -547,7 +547,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             log.record_summary(counters);
         }
         log.stop();
-        report.log_records_lost = log.stats().records_lost;
+        let stats = log.stats();
+        report.log_records_lost = stats.records_lost;
+        report.log_write_errors = stats.write_errors;
+        report.log_last_error = stats.last_error;
         report.stats.log = serde_json::to_value(log.stats()).ok();
     }
     // Said after the report: what the run found outranks a snapshot that cannot be written.

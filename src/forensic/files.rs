@@ -98,6 +98,7 @@ pub enum DirState {
 /// (`kvh preflight`). The same refusals, plus a missing directory whose nearest existing
 /// parent is not a directory this process may write (and so could not create it).
 pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
+    let dir = &as_named(dir);
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = dir
@@ -169,10 +170,18 @@ pub(crate) fn may_write(dir: &Path) -> bool {
     }
 }
 
+/// `dir` without a trailing `/` or `/.`: the system resolves a symlink named with one
+/// (`link/`) even for `lstat` and `O_NOFOLLOW`, so the checks that refuse a symlinked
+/// directory look at the name itself.
+fn as_named(dir: &Path) -> PathBuf {
+    dir.components().collect()
+}
+
 /// Creates the log directory (or the checkpoint directory: `what` names it in errors) 0700
 /// (with parents), or checks an existing one: it must be a real directory (not a symlink),
 /// owned by us, with no group or other permissions.
 pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
+    let dir = &as_named(dir);
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             DirBuilder::new()
@@ -297,6 +306,7 @@ impl LogDir {
     /// mode check of [`LogDir::open`]: for a directory the caller chose (a tool signing a
     /// checkpoint into a directory it names).
     pub fn open_as_is(path: &Path) -> Result<LogDir, ForensicError> {
+        let path = &as_named(path);
         let fd = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)

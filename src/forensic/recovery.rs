@@ -202,15 +202,29 @@ pub fn adopt(
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
             continue;
         }
-        if let Some(k) = key.as_deref_mut() {
-            k.advance_to(*index);
-        }
         let len = (bytes.len() - head.torn) as u64;
         // Cut only what is torn: a file with nothing to cut may refuse a truncation it does
-        // not need (an append-only file, `chattr +a`) and still be continued.
+        // not need (an append-only file, `chattr +a`) and still be continued. One that
+        // refuses the cut it needs (append-only or immutable: EPERM) is left as it ended,
+        // torn tail and all, which verification accepts of a chain no process continued;
+        // the start-up goes on with another chain or a new one.
         if head.torn > 0 {
-            file.set_len(len)
-                .map_err(|e| files::io_err(path, "cannot cut the torn tail", e))?;
+            match file.set_len(len) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    crate::say(format_args!(
+                        "kvhygiene: {}: chain {chain} ended with a torn record that cannot be \
+                         cut ({e}: an append-only or immutable file); it is left as it ended \
+                         and not continued",
+                        path.display()
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(files::io_err(path, "cannot cut the torn tail", e)),
+            }
+        }
+        if let Some(k) = key.as_deref_mut() {
+            k.advance_to(*index);
         }
         return Ok(Some(Adopted {
             chain: chain.clone(),
