@@ -471,3 +471,55 @@ fn a_refused_checkpoint_directory_is_named_as_the_checkpoint_directory() {
         "the message does not name the checkpoint directory: {err}"
     );
 }
+
+/// Set in the child process of the test below.
+const UMASK_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_UMASK_CHILD";
+
+/// Under a umask that takes away the owner's write permission (0277), a log directory whose
+/// parents are missing too is still created: each level 0700, its mode set exactly (a parent
+/// left 0500 would refuse the next level to anyone but root, so the child runs as nobody).
+#[test]
+fn a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_write() {
+    if let Some(dir) = std::env::var_os(UMASK_CHILD) {
+        let dir = std::path::PathBuf::from(dir);
+        files::prepare_dir(&dir, "log directory").unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(dir.parent().unwrap()), 0o700);
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the owner's missing write permission stops only an unprivileged uid
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = tmp.path().join("a/b/log");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_write",
+            "--nocapture",
+        ])
+        .env(UMASK_CHILD, &dir);
+    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
+    // exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::umask(0o277);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+    assert_eq!(mode(&dir), 0o700);
+}

@@ -184,15 +184,28 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     let dir = &as_named(dir);
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| io_err(dir, &format!("cannot create {what}"), e))?;
-            // The umask may have narrowed the mode further, never widened it; set it exactly.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| io_err(dir, &format!("cannot set the mode of the {what}"), e))?;
-            Ok(())
+            // Outermost missing level first, each created 0700 and its mode then set exactly:
+            // the umask may narrow a mode, and a parent it left without owner write (umask
+            // 0277) would refuse the next level. A level another process creates meanwhile
+            // is taken as it is (the log directory itself is checked below).
+            let missing: Vec<&Path> = dir
+                .ancestors()
+                .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
+                .collect();
+            for level in missing.into_iter().rev() {
+                match DirBuilder::new().mode(0o700).create(level) {
+                    Ok(()) => fs::set_permissions(level, fs::Permissions::from_mode(0o700))
+                        .map_err(|e| {
+                            io_err(level, &format!("cannot set the mode of the {what}"), e)
+                        })?,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io_err(dir, &format!("cannot create {what}"), e)),
+                }
+            }
+            match fs::symlink_metadata(dir) {
+                Ok(m) => check_existing_dir(dir, &m, what),
+                Err(e) => Err(io_err(dir, &format!("cannot create {what}"), e)),
+            }
         }
         Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
         Ok(m) => check_existing_dir(dir, &m, what),
