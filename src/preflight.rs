@@ -286,12 +286,18 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => ".".into(),
             };
-            let name_len = file.file_name().map_or(0, |n| n.len());
+            // The server's pid may have more digits than this process's: the name's length
+            // is checked with the widest pid the system hands out.
+            let name_len = m
+                .file_for(widest_pid())
+                .unwrap_or_else(|| file.clone())
+                .file_name()
+                .map_or(0, |n| n.len());
             if name_len > NAME_MAX {
                 check(
                     "metrics file",
                     Status::Fail,
-                    format!("{shown}: its name is {name_len} bytes, longer than a file name may be ({NAME_MAX})"),
+                    format!("{shown}: its name is up to {name_len} bytes (with the widest pid), longer than a file name may be ({NAME_MAX})"),
                 )
             } else if std::fs::symlink_metadata(&file).is_ok_and(|md| md.is_dir()) {
                 check(
@@ -343,6 +349,17 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
             ),
         });
     }
+}
+
+/// The largest pid this system hands out (`/proc/sys/kernel/pid_max` less one; Linux's
+/// ceiling, 2^22 - 1, when it cannot be read).
+fn widest_pid() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .and_then(|max| max.checked_sub(1))
+        .filter(|&p| p > 0)
+        .unwrap_or((1 << 22) - 1)
 }
 
 /// Whether the sticky bit of `parent` keeps this uid from renaming a new snapshot over
