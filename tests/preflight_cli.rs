@@ -477,11 +477,11 @@ impl Drop for AppendOnly {
     }
 }
 
-/// A chain whose writer died after a whole record (no torn tail to cut), its file marked
-/// append-only (`chattr +a`, which still lets a writer append): crash recovery continues it by
-/// appending. Preflight passes such a directory only if the start-up does get past it.
-#[test]
-fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_writer() {
+/// The log of a process that died without its `stop` record, `torn` (part of a record, or
+/// nothing) left after its last line, the chain file then marked append-only: the
+/// environment, the log directory and the guard that takes the mark off again. `None` (and
+/// the test skipped) where `chattr +a` is not available.
+fn append_only_crashed_chain(torn: &[u8]) -> Option<(Env, std::path::PathBuf, AppendOnly)> {
     let mut env = Env::new();
     env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
     assert_eq!(env.start(), 0, "the first process");
@@ -489,6 +489,9 @@ fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_wr
     let files = chain_files_in(&dir);
     assert_eq!(files.len(), 1, "{files:?}");
     cut_stop_record(&files[0]);
+    let mut f = fs::OpenOptions::new().append(true).open(&files[0]).unwrap();
+    std::io::Write::write_all(&mut f, torn).unwrap();
+    drop(f);
     let marked = Command::new("chattr")
         .arg("+a")
         .arg(&files[0])
@@ -496,9 +499,19 @@ fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_wr
         .is_ok_and(|s| s.success());
     if !marked {
         eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
-        return;
+        return None;
     }
-    let _unmark = AppendOnly(files[0].clone());
+    Some((env, dir, AppendOnly(files[0].clone())))
+}
+
+/// A chain whose writer died after a whole record (no torn tail to cut), its file marked
+/// append-only (`chattr +a`, which still lets a writer append): crash recovery continues it by
+/// appending. Preflight passes such a directory only if the start-up does get past it.
+#[test]
+fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_of_a_crashed_writer() {
+    let Some((env, _dir, _unmark)) = append_only_crashed_chain(b"") else {
+        return;
+    };
     let (code, report) = env.preflight(&[]);
     let (started, _, err) = run(&mut env.command(&START));
     assert_eq!(
@@ -566,27 +579,10 @@ fn a_metrics_file_name_too_long_to_create_is_not_ready() {
 /// start-up leaves that chain as it ended and starts another, and the log verifies.
 #[test]
 fn preflight_and_the_start_up_agree_on_an_append_only_chain_file_with_a_torn_tail() {
-    let mut env = Env::new();
-    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
-    assert_eq!(env.start(), 0, "the first process");
-    let dir = env.root().join("log/chains");
-    let files = chain_files_in(&dir);
-    assert_eq!(files.len(), 1, "{files:?}");
-    cut_stop_record(&files[0]);
     // The writer died half-way through its next record.
-    let mut f = fs::OpenOptions::new().append(true).open(&files[0]).unwrap();
-    std::io::Write::write_all(&mut f, b"{\"v\":1,\"seq\":9").unwrap();
-    drop(f);
-    let marked = Command::new("chattr")
-        .arg("+a")
-        .arg(&files[0])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+    let Some((env, dir, _unmark)) = append_only_crashed_chain(b"{\"v\":1,\"seq\":9") else {
         return;
-    }
-    let _unmark = AppendOnly(files[0].clone());
+    };
     let (code, report) = env.preflight(&[]);
     let (started, _, err) = run(&mut env.command(&START));
     assert_eq!(

@@ -670,10 +670,7 @@ def _block_id(value) -> int:
     (2.9 would be block 2), a string or a bool (a mask would name blocks 1 and 0)."""
     if isinstance(value, bool):
         raise TypeError(f"block id {value!r} is a bool: pass the ids a mask selects, not the mask")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"block id {value!r} is not an integer") from None
+    return _integer(value, "block id")
 
 
 #: Most segments (blocks × regions) one kvh_scrub_blocks or kvh_claim_blocks call takes
