@@ -74,6 +74,18 @@ rm -f "$out"/*.log "$out/results.md" "$out/results.json" "$out/manifest.txt" "$o
 mkdir -p "$out/py" "$out/status"
 echo "${GPU_CHECK_LLAMA_ROUNDS:-3}" >"$out/status/llama_rounds"
 cat "$art/MANIFEST.txt" 2>/dev/null | tee "$out/manifest.txt"
+# Built from this tree's sources? The report fails the run when not: the figures would
+# describe other code. Checked in the repository root, where SOURCES.txt's paths start.
+if [[ ! -f "$art/SOURCES.txt" ]]; then
+    echo "no SOURCES.txt (artifacts from an older build script)" >"$out/status/sources"
+elif differ="$(sha256sum --quiet -c "$art/SOURCES.txt" 2>&1)"; then
+    echo "same" >"$out/status/sources"
+else
+    printf '%s\n' "$differ" | head -n 20 >"$out/status/sources"
+    echo "gpu-check: warning: the artifacts were built from other sources than this tree's" \
+        "(rebuild with scripts/build-gpu-artifacts.sh):" >&2
+    head -n 5 "$out/status/sources" >&2
+fi
 
 log "GPU"
 command -v nvidia-smi >/dev/null ||

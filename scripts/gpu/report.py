@@ -42,6 +42,10 @@ def criterion_ns(out: Path, *parts: str):
     return est["median"]["point_estimate"]
 
 
+#: The exit status gpu-check.sh records for a step that timed out or was skipped for time.
+TIMED_OUT = 124
+
+
 def step_rc(out: Path, name: str):
     """The exit status gpu-check.sh recorded for a step (124: timed out), or None."""
     try:
@@ -55,18 +59,26 @@ def tests(out: Path) -> dict:
         log = (out / "gpu_kernel.log").read_text(errors="replace")
     except OSError:
         return {"ran": False, "passed": 0, "failed": 0, "complete": False, "rc": None, "cases": {}}
-    cases = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", log, re.M))
+    # A result word may come lines after its "test NAME ... ": the library writes its own
+    # lines to stderr (into the same log) while a test runs, unseen by the harness's capture.
+    cases = dict(re.findall(r"^test (\S+) \.\.\. (?:.*\n)*?.*?\b(ok|FAILED|ignored)$", log, re.M))
     rc = step_rc(out, "gpu_kernel")
+    passed = sum(v == "ok" for v in cases.values())
+    failed = sum(v == "FAILED" for v in cases.values())
+    # The harness's own counts, when its summary line is there, outrank the parsed lines.
+    summary = re.search(r"^test result: (?:ok|FAILED)\. (\d+) passed; (\d+) failed", log, re.M)
+    if summary:
+        passed, failed = int(summary.group(1)), int(summary.group(2))
     return {
         "ran": True,
-        "passed": sum(v == "ok" for v in cases.values()),
-        "failed": sum(v == "FAILED" for v in cases.values()),
+        "passed": passed,
+        "failed": failed,
         # The harness's summary line and a clean exit: a run killed part way (timeout) has
         # neither, whatever the tests before the kill said. And a test that ran: a binary run
         # without --ignored (every GPU test ignored), or one without GPU tests, passes nothing.
         "complete": rc == 0
         and re.search(r"^test result: ok\.", log, re.M) is not None
-        and any(v == "ok" for v in cases.values()),
+        and passed > 0,
         "rc": rc,
         "cases": cases,
     }
@@ -155,6 +167,17 @@ def ratio(a, b):
 def main() -> int:
     out = Path(sys.argv[1])
     rows = []
+    try:
+        sources = (out / "status" / "sources").read_text().strip()
+    except OSError:
+        sources = ""
+    row(
+        rows,
+        "artifacts built from this tree's sources (gpu-artifacts/SOURCES.txt)",
+        "same" if sources == "same" else (sources.splitlines()[0][:120] if sources else "not checked"),
+        "same",
+        None if not sources or sources.startswith("no SOURCES.txt") else sources == "same",
+    )
     t = tests(out)
     if not t["ran"]:
         measured, ok = "not run", None
@@ -299,12 +322,18 @@ def main() -> int:
         ),
     )
     example_rc = step_rc(out, "example_torch")
+    # Its exit status is its figure, but for 124: timed out, or skipped when the budget ran
+    # out, so it never finished.
     row(
         rows,
         "examples/torch_pluggable.py runs as documented",
-        "not run" if example_rc is None else f"exit {example_rc}",
+        "not run"
+        if example_rc is None
+        else failed_step(out, "example_torch", needs_json=False)
+        if example_rc == TIMED_OUT
+        else f"exit {example_rc}",
         "exit 0",
-        None if example_rc is None else example_rc == 0,
+        None if example_rc in (None, TIMED_OUT) else example_rc == 0,
     )
     d, k = py(out, "alloc_default"), py(out, "alloc_kvh")
     r = ratio(k and k["us_per_op"], d and d["us_per_op"])
@@ -352,16 +381,21 @@ def main() -> int:
     kinds = {what for what, _ in residue}
     both = {"new allocations read back", "paged KV blocks read back"} <= kinds
     demo_rc = step_rc(out, "kvh_demo")
+    # A demo that exited non-zero before reading anything back (it crashed, timed out or was
+    # skipped for time) has no figure: missing, not failed.
+    demo_missing = demo is not None and not residue and demo_rc != 0
     row(
         rows,
         "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",
         "not run"
         if demo is None
+        else failed_step(out, "kvh_demo", needs_json=False)
+        if demo_missing
         else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output")
-        + ("" if demo is None or demo_rc == 0 else f" (exit {demo_rc})"),
+        + ("" if demo_rc == 0 else f" (exit {demo_rc})"),
         "0, PASS",
         None
-        if demo is None
+        if demo is None or demo_missing
         else bool(both and all(n == "0" for _, n in residue) and "PASS" in demo and demo_rc == 0),
     )
     try:
@@ -369,12 +403,19 @@ def main() -> int:
     except OSError:
         preflight = None
     backend = re.search(r"^\s*(\S+)\s+backend\s+(.*)$", preflight or "", re.M)
+    preflight_rc = step_rc(out, "kvh_preflight")
+    # No backend line from a preflight that exited non-zero: it never got to the check.
+    preflight_missing = preflight is not None and backend is None and preflight_rc != 0
     row(
         rows,
         "kvh preflight with KVH_BACKEND=cuda (the backend started, kernels loaded)",
-        "not run" if preflight is None else (f"{backend.group(1)}: {backend.group(2)[:100]}" if backend else "no backend line"),
+        "not run"
+        if preflight is None
+        else failed_step(out, "kvh_preflight", needs_json=False)
+        if preflight_missing
+        else (f"{backend.group(1)}: {backend.group(2)[:100]}" if backend else "no backend line"),
         "ok, exit 0",
-        None if preflight is None else bool(backend and backend.group(1) == "ok" and step_rc(out, "kvh_preflight") == 0),
+        None if preflight is None or preflight_missing else bool(backend and backend.group(1) == "ok" and preflight_rc == 0),
     )
     gpu = ""
     try:

@@ -4,6 +4,7 @@ one time-limited call, so how the script behaves when a step or a tool misbehave
 on this machine."""
 
 import json
+import hashlib
 import os
 import shutil
 import stat
@@ -101,6 +102,8 @@ def scratch_gpu_checkout(tmp: Path) -> Path:
     for f in ["libkvhygiene.so", "libkvhygiene_preload.so"]:
         (art / f).write_text("stand-in\n")
     (art / "MANIFEST.txt").write_text("commit: stand-in\n")
+    digest = hashlib.sha256((root / "scripts" / "gpu-check.sh").read_bytes()).hexdigest()
+    (art / "SOURCES.txt").write_text(f"{digest}  scripts/gpu-check.sh\n")
     executable(
         art / "gpu_kernel",
         "#!/bin/sh\necho 'running 1 tests'\necho 'test a ... ok'\necho\n"
@@ -176,3 +179,31 @@ def test_gpu_check_with_a_quick_nvidia_smi_writes_its_report(tmp_path):
     proc = subprocess.run(["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert (out / "results.md").is_file(), proc.stdout[-800:] + proc.stderr[-800:]
     assert proc.returncode == 1
+
+
+def test_gpu_check_compares_the_tree_with_the_sources_of_its_artifacts(tmp_path):
+    # The artifacts carry the digests of the sources they were built from: the run says so
+    # when the tree it runs in has others (artifacts left from an older build), and the
+    # report's row then fails the run.
+    root = scratch_gpu_checkout(tmp_path)
+    env_for = lambda out: {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    run = lambda out: subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env_for(out), capture_output=True, text=True, timeout=60
+    )
+    same = tmp_path / "same"
+    run(same)
+    assert (same / "status" / "sources").read_text().strip() == "same"
+    with open(root / "scripts" / "gpu-check.sh", "a") as f:
+        f.write("\n# changed since the artifacts were built\n")
+    other = tmp_path / "other"
+    proc = run(other)
+    assert "FAILED" in (other / "status" / "sources").read_text()
+    assert "other sources than this tree's" in proc.stderr
+    report = json.loads((other / "results.json").read_text())
+    rows = {r["check"]: r for r in report["rows"]} if "rows" in report else {}
+    assert any(c.startswith("artifacts built from") and r["verdict"] == "FAIL" for c, r in rows.items()), report

@@ -43,6 +43,8 @@ def preload_kvh(**round_changes) -> dict:
 
 def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     """Every output a passing gpu-check run leaves behind."""
+    (out / "status").mkdir(exist_ok=True)
+    (out / "status" / "sources").write_text("same\n")
     (out / "gpu_kernel.log").write_text(
         "test a ... ok\ntest b ... ok\n\ntest result: ok. 2 passed; 0 failed\n"
     )
@@ -436,3 +438,74 @@ def test_kernel_tests_that_were_all_ignored_are_not_reported_as_a_run_cut_short(
     assert row["verdict"] != "PASS" and code == 1, row
     assert "without a result" not in row["measured"], row
     assert "ignored" in row["measured"] or "no test ran" in row["measured"] or "none ran" in row["measured"], row
+
+
+@pytest.mark.parametrize(
+    "step, check",
+    [
+        ("example_torch", "examples/torch_pluggable.py"),
+        ("kvh_demo", "kvh demo"),
+        ("kvh_preflight", "kvh preflight"),
+    ],
+)
+def test_a_step_skipped_for_time_is_missing_not_failed(tmp_path, monkeypatch, step, check):
+    # docs/gpu-results.md: a check with no figure (a step that crashed, exited non-zero or
+    # timed out) is MISSING; FAIL is for a check that ran and missed its target. A step
+    # gpu-check.sh skipped when the budget ran out (its log says so, exit 124) never ran.
+    complete_run(tmp_path)
+    (tmp_path / f"{step}.log").write_text("skipped: out of time\n")
+    status(tmp_path, step, 124)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith(check)]
+    assert row["verdict"] == "MISSING", row
+    assert code == 1
+
+
+def test_a_failed_kernel_test_is_counted_when_a_library_line_splits_its_result(tmp_path, monkeypatch):
+    # The library writes its own lines straight to file descriptor 2 (kvhygiene::stderr_line),
+    # which the test harness does not capture: in the step's log (stdout and stderr together)
+    # such a line lands between "test NAME ... " and the test's result. The harness's summary
+    # line still says how many failed; the row must say that tests failed, not that the run
+    # was cut short.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(
+        "running 2 tests\n"
+        "test a ... ok\n"
+        "test b ... kvhygiene: a flusher pass panicked; the flusher goes on (said once)\n"
+        "FAILED\n\nfailures:\n\n---- b stdout ----\nassertion failed\n\nfailures:\n    b\n\n"
+        "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n"
+    )
+    status(tmp_path, "gpu_kernel", 101)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert row["verdict"] == "FAIL" and "1 failed" in row["measured"], row
+    assert code == 1
+
+
+@pytest.mark.parametrize(
+    "sources, verdict",
+    [
+        ("src/alloc/mod.rs: FAILED\nsha256sum: WARNING: 1 computed checksum did NOT match\n", "FAIL"),
+        ("no SOURCES.txt (artifacts from an older build script)\n", "MISSING"),
+        (None, "MISSING"),
+    ],
+)
+def test_artifacts_built_from_other_sources_fail_the_run(tmp_path, monkeypatch, sources, verdict):
+    # Figures from artifacts of an older build describe other code than the tree's: the run
+    # fails whatever the other rows say.
+    complete_run(tmp_path)
+    if sources is None:
+        (tmp_path / "status" / "sources").unlink()
+    else:
+        (tmp_path / "status" / "sources").write_text(sources)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("artifacts built from")]
+    assert row["verdict"] == verdict, row
+    assert code == 1
+
+
+def test_artifacts_built_from_the_trees_sources_pass_that_row(tmp_path, monkeypatch):
+    complete_run(tmp_path)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("artifacts built from")]
+    assert row["verdict"] == "PASS", row
