@@ -56,16 +56,15 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
 /// Not through `std::io::stderr()`: its lock is held for as long as a write blocks (a full
 /// pipe), and a child forked meanwhile by another thread inherits the lock held by a thread
 /// it does not have, so the child's first message would wait for ever. The line is built
-/// first and written in one call: a pipe takes up to `PIPE_BUF` bytes whole, so shorter lines
-/// of several threads never interleave. A longer line is written under [`LONG_LINES`], waited
-/// for at most [`LONG_LINE_WAIT`] (then written all the same: the lock may be one a forked
-/// child inherited held). Shared with the interposer library.
+/// first and written in one call, in this process's turn ([`LineTurn`]): a line a pipe takes
+/// in several writes (over `PIPE_BUF` bytes, or into a full pipe) is not cut by another
+/// thread's. Shared with the interposer library.
 #[doc(hidden)]
 pub fn stderr_line(line: &str) {
     let mut text = Vec::with_capacity(line.len() + 1);
     text.extend_from_slice(line.as_bytes());
     text.push(b'\n');
-    let _turn = (text.len() > libc::PIPE_BUF).then(long_line_turn).flatten();
+    let _turn = LineTurn::take();
     let mut rest = text.as_slice();
     while !rest.is_empty() {
         // SAFETY: `rest` is a live byte slice and `write` reads at most `rest.len()` bytes of
@@ -81,25 +80,51 @@ pub fn stderr_line(line: &str) {
     }
 }
 
-/// Taken while a line longer than `PIPE_BUF` is written, which the pipe may split.
-static LONG_LINES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The pid of the process whose thread is writing a line, or 0. A pid, not a mutex: a child
+/// forked while a thread of its parent was writing inherits the mark of a thread it does not
+/// have, and takes the turn over at once (its pid differs) instead of waiting on it.
+static LINE_WRITER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// How long a long line waits for another one to be written.
-const LONG_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a line waits for another thread's (blocked on a full pipe, say) before it is
+/// written all the same.
+const LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// [`LONG_LINES`], or `None` once [`LONG_LINE_WAIT`] has passed without it.
-fn long_line_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
-    let deadline = std::time::Instant::now() + LONG_LINE_WAIT;
-    loop {
-        match LONG_LINES.try_lock() {
-            Ok(turn) => return Some(turn),
-            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {}
+/// This process's turn to write a line on stderr, given back when dropped; none (the line is
+/// written regardless) after [`LINE_WAIT`].
+struct LineTurn(bool);
+
+impl LineTurn {
+    fn take() -> LineTurn {
+        use std::sync::atomic::Ordering;
+        let me = std::process::id();
+        let deadline = std::time::Instant::now() + LINE_WAIT;
+        loop {
+            match LINE_WRITER.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return LineTurn(true),
+                // Marked by another process: the parent this child was forked from.
+                Err(other) if other != me => {
+                    if LINE_WRITER
+                        .compare_exchange(other, me, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        return LineTurn(true);
+                    }
+                }
+                Err(_) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return LineTurn(false);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
         }
-        if std::time::Instant::now() >= deadline {
-            return None;
+    }
+}
+
+impl Drop for LineTurn {
+    fn drop(&mut self) {
+        if self.0 {
+            LINE_WRITER.store(0, std::sync::atomic::Ordering::Release);
         }
-        std::thread::sleep(std::time::Duration::from_micros(200));
     }
 }
 
@@ -169,6 +194,57 @@ mod tests {
             "stderr holds {} lines of lengths {:?}, not two whole lines of {LINE} bytes",
             lines.len(),
             lines.iter().map(|l| l.len()).collect::<Vec<_>>()
+        );
+    }
+
+    /// Set in the child process of the test below.
+    const MIXED_CHILD: &str = "KVHYGIENE_TEST_STDERR_MIXED_CHILD";
+
+    /// A long line (over `PIPE_BUF`) said while another thread says a short one, on a pipe
+    /// that fills up: each reaches stderr whole, one after the other; the short line is not
+    /// written into the middle of the long one.
+    #[test]
+    fn a_short_line_said_while_a_long_one_is_written_does_not_cut_it() {
+        if std::env::var_os(MIXED_CHILD).is_some() {
+            let long = "a".repeat(LINE);
+            std::thread::scope(|s| {
+                s.spawn(|| super::say(format_args!("{long}")));
+                s.spawn(|| {
+                    // The long line is blocked on the full pipe by now.
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    super::say(format_args!("{}", "b".repeat(100)));
+                });
+            });
+            return;
+        }
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::a_short_line_said_while_a_long_one_is_written_does_not_cut_it",
+                "--test-threads=1",
+                "--nocapture",
+                "--quiet",
+            ])
+            .env(MIXED_CHILD, "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut err = Vec::new();
+        child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+        assert!(child.wait().unwrap().success());
+        let lines: Vec<&[u8]> = err
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let lengths: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+        let whole = |l: &[u8]| l.iter().all(|&c| c == l[0]);
+        assert!(
+            lines.len() == 2 && lines.iter().all(|l| whole(l)) && lengths.contains(&LINE),
+            "stderr holds {} lines of lengths {lengths:?}, not a whole line of {LINE} bytes \
+             and one of 100",
+            lines.len()
         );
     }
 }

@@ -603,3 +603,143 @@ fn a_checkpointed_record_without_its_newline_is_never_cut() {
     );
     assert_eq!(chain_files(&log_dir(&tmp)).len(), 2, "a new chain started");
 }
+
+/// Removes the append-only attribute again, so that the temporary directory can be removed.
+struct AppendOnly(std::path::PathBuf);
+
+impl Drop for AppendOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+    }
+}
+
+/// A signed, keyed chain whose writer died in the middle of a record, its checkpoint at the
+/// last whole record, its file append-only (`chattr +a`): the next process cannot cut the
+/// torn bytes, leaves the chain as it ended and starts its own. Both chains verify with the
+/// pinned public key, and `kvh evidence` and `kvh tail-log` read the log.
+#[test]
+fn an_append_only_chain_with_a_torn_tail_left_by_recovery_verifies_signed() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = signed_cfg(&tmp);
+    c.max_bytes = 1 << 20;
+    let dir = log_dir(&tmp);
+    let file = crashed_chain(&c, true);
+    let ck_dir = tmp.path().join("ckpt");
+    let ck = std::fs::read_dir(&ck_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let old = checkpoint::peek(&ck).unwrap().unwrap();
+    let last: serde_json::Value = serde_json::from_str(read_lines(&file).last().unwrap()).unwrap();
+    let h = last["hash"].as_str().unwrap();
+    let hash: Vec<u8> = (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect();
+    let signer =
+        kvhygiene::forensic::keys::read_signing_key(c.signing_key_file.as_ref().unwrap()).unwrap();
+    std::fs::remove_file(&ck).unwrap();
+    let at_last = Checkpoint {
+        seq: last["seq"].as_u64().unwrap(),
+        hash: hash.try_into().unwrap(),
+        ..old
+    };
+    checkpoint::write(&ck_dir, &signer, &at_last).unwrap();
+    let mut f = OpenOptions::new().append(true).open(&file).unwrap();
+    f.write_all(b"{\"v\":1,\"seq\":19").unwrap();
+    drop(f);
+    if !Command::new("chattr")
+        .arg("+a")
+        .arg(&file)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = AppendOnly(file.clone());
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(99));
+    log.stop();
+    assert_eq!(chain_files(&dir).len(), 2, "a new chain started");
+    let public = tmp.path().join("signer.pub");
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ck_dir.clone()],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(r.ok(), "{:?}", r.first_problem());
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, SECRET).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    for verb in [
+        &["verify-log"][..],
+        &["evidence"][..],
+        &["tail-log", "--once", "--from-start"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvh"))
+            .args(verb)
+            .arg(&dir)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--public-key")
+            .arg(&public)
+            .arg("--checkpoint")
+            .arg(&ck_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{verb:?} exited {:?}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Removes the immutable attribute again, so that the temporary directory can be removed.
+struct Immutable(std::path::PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A crashed chain whose newest file ends with torn bytes and is immutable (`chattr +i`):
+/// the torn bytes cannot be cut, so, as docs/forensic-log.md says of an append-only or
+/// immutable file, the chain is left as it ended and the next process starts a chain of its
+/// own (its start-up does not fail).
+#[test]
+fn an_immutable_chain_file_with_a_torn_tail_is_left_and_a_new_chain_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut f = OpenOptions::new().append(true).open(&file).unwrap();
+    f.write_all(b"{\"v\":1,\"seq\":19").unwrap();
+    drop(f);
+    if !Command::new("chattr")
+        .arg("+i")
+        .arg(&file)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let _unmark = Immutable(file.clone());
+    let before = std::fs::read(&file).unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret()))
+        .expect("the start-up failed on an immutable crashed chain file");
+    log.stop();
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    assert_eq!(chain_files(&dir).len(), 2, "a new chain started");
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+}

@@ -523,3 +523,71 @@ fn a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_w
     assert!(text.contains("1 passed"), "the child ran no test: {text}");
     assert_eq!(mode(&dir), 0o700);
 }
+
+/// Set in the child process of the test below.
+const RACE_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_RACE_CHILD";
+
+/// Two processes starting at once under a umask without owner write (0277), both creating
+/// the same log directory whose parents are missing: each start-up succeeds, whichever
+/// creates a level first (a level another creates meanwhile is taken as it is). Shown with
+/// two threads of an unprivileged child, over many fresh directories.
+#[test]
+fn two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_succeed() {
+    if let Some(root) = std::env::var_os(RACE_CHILD) {
+        let root = std::path::PathBuf::from(root);
+        for i in 0..300 {
+            let dir = root.join(format!("r{i}/a/b/log"));
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..2)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            files::prepare_dir(&dir, "log directory").map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in results {
+                if let Err(e) = r {
+                    panic!("round {i}: a start-up failed: {e}");
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the owner's missing write permission stops only an unprivileged uid
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_succeed",
+            "--nocapture",
+        ])
+        .env(RACE_CHILD, tmp.path());
+    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
+    // exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::umask(0o277);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+}

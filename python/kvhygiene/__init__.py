@@ -436,9 +436,10 @@ def context(
     :func:`scrub_blocks`.
 
     A context left from another thread than the one that entered it (a generator advanced
-    from a thread pool) leaves the leaving thread's ids alone; the entering thread's ids are
-    set back to its innermost context at its next :func:`context`, :func:`claim_blocks` or
-    :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
+    from a thread pool) gives the leaving thread the ids of its own innermost context (none,
+    outside any); the entering thread's ids are set back to its innermost context at its
+    next :func:`context`, :func:`claim_blocks` or :func:`scrub_blocks` (allocations it makes
+    before that still carry the left ids).
     """
     ids = (tenant_id, request_id, model_id)
     _set(ids)

@@ -192,14 +192,47 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
                 .ancestors()
                 .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
                 .collect();
+            let set_mode = |level: &Path| {
+                fs::set_permissions(level, fs::Permissions::from_mode(0o700))
+                    .map_err(|e| io_err(level, &format!("cannot set the mode of the {what}"), e))
+            };
+            // A level another process starting too (a worker per GPU) created meanwhile may
+            // not have its mode set yet: ours and private but missing owner permissions, it is
+            // set here as well, or the next level could not be created in it.
+            let unfinished = |level: &Path| {
+                fs::symlink_metadata(level).is_ok_and(|m| {
+                    m.is_dir()
+                        && m.uid() == euid()
+                        && m.mode() & 0o077 == 0
+                        && m.mode() & 0o700 != 0o700
+                })
+            };
             for level in missing.into_iter().rev() {
-                match DirBuilder::new().mode(0o700).create(level) {
-                    Ok(()) => fs::set_permissions(level, fs::Permissions::from_mode(0o700))
-                        .map_err(|e| {
-                            io_err(level, &format!("cannot set the mode of the {what}"), e)
-                        })?,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(io_err(dir, &format!("cannot create {what}"), e)),
+                let mut created = DirBuilder::new().mode(0o700).create(level);
+                if created
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+                {
+                    if let Some(parent) = level.parent().filter(|p| unfinished(p)) {
+                        set_mode(parent)?;
+                        created = DirBuilder::new().mode(0o700).create(level);
+                    }
+                }
+                match created {
+                    Ok(()) => set_mode(level)?,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if unfinished(level) {
+                            set_mode(level)?;
+                        }
+                    }
+                    Err(e) => {
+                        let step = if level == dir {
+                            format!("cannot create {what}")
+                        } else {
+                            format!("cannot create {what}: a missing parent")
+                        };
+                        return Err(io_err(level, &step, e));
+                    }
                 }
             }
             match fs::symlink_metadata(dir) {
