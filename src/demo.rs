@@ -537,6 +537,8 @@ fn reads_zero(backend: &dyn Backend, addr: u64, size: u64) -> Result<bool, DemoE
     let mut done = 0;
     while done < size {
         let n = (size - done).min(IO_CHUNK) as usize;
+        // Not zero before the read: a read that left the buffer as it was must not pass.
+        buf[..n].fill(0xFF);
         backend.read(0, addr + done, &mut buf[..n])?;
         if buf[..n].iter().any(|&b| b != 0) {
             return Ok(false);
