@@ -80,9 +80,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
 # The digests of the sources the artifacts were built from, as the tree has them now (with
 # any uncommitted change): gpu-check.sh checks the tree it runs in against them, so that
 # artifacts left from an older build are not taken for this tree's.
-git ls-files -z -- src preload kernels build build.rs Cargo.toml Cargo.lock csrc include \
-    tests/gpu_kernel.rs benches/gpu_scrub.rs |
-    sort -z | xargs -0 sha256sum >"$dest/SOURCES.txt"
+scripts/gpu/digest-sources.sh >"$dest/SOURCES.txt"
 echo "sources: $(wc -l <"$dest/SOURCES.txt") files digested in SOURCES.txt" >>"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
 du -sh "$dest"

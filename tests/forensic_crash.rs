@@ -743,3 +743,36 @@ fn an_immutable_chain_file_with_a_torn_tail_is_left_and_a_new_chain_started() {
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok(), "{:?}", r.first_problem());
 }
+
+/// A crashed chain whose newest file has a wrong mode (0644, readable by others) and is
+/// immutable: as docs/forensic-log.md says, a file with a wrong owner or mode makes `open`
+/// fail; being immutable as well does not make it acceptable, and `kvh preflight` fails the
+/// log directory the same way.
+#[test]
+fn an_immutable_chain_file_with_a_wrong_mode_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    if !Command::new("chattr")
+        .arg("+i")
+        .arg(&file)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let _unmark = Immutable(file.clone());
+    let found = kvhygiene::forensic::recovery::check_chain_files(&dir);
+    let started = ForensicLog::open_with_secret(&c, start(), Some(secret()));
+    let started = started.map(|log| log.stop());
+    assert!(
+        found.is_err(),
+        "the preflight check accepted a chain file of mode 0644: {found:?}"
+    );
+    let err = started.expect_err("the start-up accepted a chain file of mode 0644");
+    assert!(err.to_string().contains("mode"), "{err}");
+}

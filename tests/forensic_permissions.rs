@@ -591,3 +591,91 @@ fn two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_suc
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "the child ran no test: {text}");
 }
+
+/// A chain file name at which a FIFO was planted as the newest file of its chain: the
+/// start-up refuses it (not a regular file) at once, as it refuses any other file that is
+/// not a regular file; it does not wait for a reader to open the FIFO.
+#[test]
+fn a_fifo_planted_as_the_newest_chain_file_is_refused_without_waiting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, true);
+    let fifo = dir.join("kvh-p7-t7-000000.jsonl");
+    mkfifo(&fifo);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = cfg(&dir, 1 << 20);
+    std::thread::spawn(move || {
+        let r = ForensicLog::open_with_secret(&c, start(), Some(secret())).map(|log| log.stop());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(10));
+    if outcome.is_err() {
+        // Let the start-up go: a reader of the FIFO ends its wait.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _reader = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let result = outcome.expect("the start-up waited on a FIFO planted at a chain file name");
+    let err = result.expect_err("a FIFO at a chain file name was accepted");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+/// Set in the child process of the test below.
+const OWN_PARENT_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_OWN_PARENT_CHILD";
+
+/// A log directory to be created in a directory of the user's that the user made read-only
+/// (0500, existing before the start-up): the creation fails, naming the level, and the
+/// user's directory keeps its mode. Only the levels the start-up creates itself are given
+/// mode 0700.
+#[test]
+fn an_existing_read_only_directory_of_the_user_keeps_its_mode() {
+    if let Some(home) = std::env::var_os(OWN_PARENT_CHILD) {
+        let home = std::path::PathBuf::from(home);
+        let result = files::prepare_dir(&home.join("logs/log"), "log directory");
+        assert_eq!(
+            mode(&home),
+            0o500,
+            "the mode of an existing directory was changed (prepare_dir gave {result:?})"
+        );
+        assert!(result.is_err(), "created in a read-only directory");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the read-only directory stops only an unprivileged uid
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o500)).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "an_existing_read_only_directory_of_the_user_keeps_its_mode",
+            "--nocapture",
+        ])
+        .env(OWN_PARENT_CHILD, &home);
+    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+}

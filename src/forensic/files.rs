@@ -207,13 +207,18 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
                         && m.mode() & 0o700 != 0o700
                 })
             };
-            for level in missing.into_iter().rev() {
+            // Only levels missing when this began: a directory that was there already (a
+            // user's own, read-only on purpose) keeps its mode.
+            for level in missing.iter().rev().copied() {
                 let mut created = DirBuilder::new().mode(0o700).create(level);
                 if created
                     .as_ref()
                     .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
                 {
-                    if let Some(parent) = level.parent().filter(|p| unfinished(p)) {
+                    let parent = level
+                        .parent()
+                        .filter(|p| missing.contains(p) && unfinished(p));
+                    if let Some(parent) = parent {
                         set_mode(parent)?;
                         created = DirBuilder::new().mode(0o700).create(level);
                     }
@@ -488,16 +493,39 @@ pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
         .open(path)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
-                ForensicError::Permission(format!(
+                return ForensicError::Permission(format!(
                     "{}: is a symlink; refusing to open a log file through a link",
                     path.display()
-                ))
-            } else {
-                io_err(path, "cannot open log file", e)
+                ));
             }
+            // Refused by the file's attributes (immutable): a wrong owner or mode, which the
+            // open never got to check, is named first.
+            let unfit = fs::symlink_metadata(path)
+                .ok()
+                .and_then(|m| check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").err());
+            unfit.unwrap_or_else(|| io_err(path, "cannot open log file", e))
         })?;
     checked(path, &f)?;
     Ok(f)
+}
+
+/// Whether `path` is a chain file that passes every check [`open_existing`] makes (a regular
+/// file, not a link, ours, 0600) but is immutable (`chattr +i`): it cannot be opened to
+/// append (EPERM). Crash recovery leaves such a chain as it ended instead of refusing the
+/// start-up; any other refusal stays one.
+pub fn is_immutable_chain_file(path: &Path) -> bool {
+    let Ok(m) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !m.is_file() || check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").is_err() {
+        return false;
+    }
+    // Non-blocking: a FIFO swapped in since the lstat must not hold the start-up.
+    OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
 }
 
 /// fstat checks on an open file: regular, ours, 0600.

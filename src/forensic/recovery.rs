@@ -125,23 +125,12 @@ pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
                 // Gone since the listing (`prune-log` moved its chain): not refused.
                 Err(_) if files::is_missing(path) => {}
                 // Immutable (`chattr +i`): never continued, left as it ended (`adopt`).
-                Err(_) if is_immutable(path) => {}
+                Err(_) if files::is_immutable_chain_file(path) => {}
                 Err(e) => return Err(e),
             }
         }
     }
     Ok(chains.len())
-}
-
-/// Whether `path` cannot be opened for appending because it is immutable (EPERM): a file the
-/// operator froze is left as it is, not a reason to refuse the start-up.
-fn is_immutable(path: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
 }
 
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
@@ -168,7 +157,7 @@ pub fn adopt(
         let mut file = match files::open_existing(path) {
             Ok(f) => f,
             Err(_) if files::is_missing(path) => continue,
-            Err(_) if is_immutable(path) => {
+            Err(_) if files::is_immutable_chain_file(path) => {
                 crate::say(format_args!(
                     "kvhygiene: {}: chain {chain} is immutable (chattr +i); it is left as it \
                      ended and not continued",

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -207,3 +209,94 @@ def test_gpu_check_compares_the_tree_with_the_sources_of_its_artifacts(tmp_path)
     report = json.loads((other / "results.json").read_text())
     rows = {r["check"]: r for r in report["rows"]} if "rows" in report else {}
     assert any(c.startswith("artifacts built from") and r["verdict"] == "FAIL" for c, r in rows.items()), report
+
+
+def test_the_digested_sources_include_every_file_the_kernel_test_binary_is_built_from():
+    # docs/gpu-results.md: SOURCES.txt holds "the SHA-256 of every source file the build
+    # read". The gpu_kernel binary (and the gpu_scrub bench) compile modules named with
+    # #[path = "..."]: a change to one of them must not leave the artifacts passing as this
+    # tree's.
+    import re
+
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    listed = {line.split("  ", 1)[1] for line in proc.stdout.splitlines()}
+    read = []
+    for target in ["tests/gpu_kernel.rs", "benches/gpu_scrub.rs"]:
+        text = (ROOT / target).read_text()
+        read.append(target)
+        for module in re.findall(r'#\[path = "([^"]+)"\]', text):
+            read.append((Path(target).parent / module).as_posix())
+    assert len(read) > 2, "the kernel test names no #[path] module"
+    missing = [f for f in read if f not in listed]
+    assert not missing, f"built into the GPU artifacts but not digested in SOURCES.txt: {missing}"
+    assert "src/lib.rs" in listed and "kernels/scrub.cu" in listed
+
+
+def test_gpu_check_without_sha256sum_does_not_report_other_sources(tmp_path):
+    # A machine without sha256sum cannot compare the tree with SOURCES.txt: the row has no
+    # figure (MISSING), and the script does not warn that the artifacts were built from
+    # other sources, which it never found out.
+    root = scratch_gpu_checkout(tmp_path)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for d in os.environ["PATH"].split(":"):
+        if not d or not Path(d).is_dir():
+            continue
+        for entry in Path(d).iterdir():
+            if entry.name == "sha256sum" or (tools / entry.name).exists():
+                continue
+            if entry.is_file() and os.access(entry, os.X_OK):
+                (tools / entry.name).symlink_to(entry.resolve())
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n")
+    path = stand_in.split(":", 1)[0] + ":" + str(tools)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": path, "OUT": str(out), "GPU_CHECK_BUDGET_S": "30"}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (out / "results.json").is_file(), proc.stdout[-800:] + proc.stderr[-800:]
+    rows = {r["check"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    (row,) = [r for c, r in rows.items() if c.startswith("artifacts built from")]
+    assert "other sources than this tree's" not in proc.stderr, proc.stderr[-800:]
+    assert row["verdict"] == "MISSING", row
+
+
+@pytest.mark.parametrize("change", ["untracked", "deleted"])
+def test_the_source_digests_describe_the_working_tree_with_its_uncommitted_changes(tmp_path, change):
+    # build-gpu-artifacts.sh digests the sources "as the tree has them now (with any
+    # uncommitted change)": a new source file not yet added to git is built (and carried to
+    # the GPU machine) and so is digested; a source file deleted from the working tree is not
+    # built and does not stop the digest (the build script runs with set -euo pipefail).
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "lib.rs").write_text("mod extra;\n")
+    (tree / "src" / "old.rs").write_text("// committed\n")
+    (tree / ".gitignore").write_text("src/generated.rs\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tree, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "t")
+    (tree / "src" / "extra.rs").write_text("pub fn f() {}\n")
+    (tree / "src" / "generated.rs").write_text("// ignored\n")
+    if change == "deleted":
+        (tree / "src" / "old.rs").unlink()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with open(dest / "SOURCES.txt", "w") as sources:
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")],
+            cwd=tree,
+            stdout=sources,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert proc.returncode == 0, proc.stderr
+    digested = (dest / "SOURCES.txt").read_text()
+    if change == "untracked":
+        assert "src/extra.rs" in digested, digested
+    else:
+        assert "src/old.rs" not in digested, digested
+    assert "src/lib.rs" in digested, digested
+    assert "src/generated.rs" not in digested, digested

@@ -509,3 +509,21 @@ def test_artifacts_built_from_the_trees_sources_pass_that_row(tmp_path, monkeypa
     code, rows, _ = run_report(tmp_path, monkeypatch)
     (row,) = [r for c, r in rows.items() if c.startswith("artifacts built from")]
     assert row["verdict"] == "PASS", row
+
+
+def test_kernel_tests_listed_as_ignored_with_their_reason_are_counted(tmp_path, monkeypatch):
+    # libtest writes an ignored test with its #[ignore = "..."] reason ("test a ... ignored,
+    # needs a CUDA GPU"), as every test in tests/gpu_kernel.rs is: a binary run without
+    # --ignored lists each of them so, and the row counts them.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(
+        "\nrunning 3 tests\n"
+        "test a ... ignored, needs a CUDA GPU\n"
+        "test b ... ignored, needs a CUDA GPU\n"
+        "test c ... ignored, needs a CUDA GPU\n\n"
+        "test result: ok. 0 passed; 0 failed; 3 ignored; 0 measured; 0 filtered out; finished in 0.00s\n\n"
+    )
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert "3 ignored" in row["measured"], row
+    assert code == 1
