@@ -395,7 +395,7 @@ def main() -> int:
         else failed_step(out, "kvh_demo", needs_json=False)
         if demo_missing
         else ("; ".join(f"{what}: residue in {n}" for what, n in residue) if residue else demo.strip().splitlines()[-1][:120] if demo.strip() else "no output")
-        + ("" if demo_rc == 0 else f" (exit {demo_rc})"),
+        + ("" if demo_rc in (0, None) else f" (exit {demo_rc})"),
         "0, PASS",
         None
         if demo is None or demo_missing
