@@ -170,6 +170,10 @@ pub(crate) fn may_write(dir: &Path) -> bool {
     }
 }
 
+/// How long [`prepare_dir`] waits for another start-up to finish the mode of a parent it
+/// created just before.
+const PARENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `dir` without a trailing `/` or `/.`: the system resolves a symlink named with one
 /// (`link/`) even for `lstat` and `O_NOFOLLOW`, so the checks that refuse a symlinked
 /// directory look at the name itself.
@@ -207,21 +211,29 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
                         && m.mode() & 0o700 != 0o700
                 })
             };
-            // Only levels missing when this began: a directory that was there already (a
-            // user's own, read-only on purpose) keeps its mode.
+            // Only levels missing when this began are finished here: a directory that was
+            // there already keeps its mode. One that was there unfinished (another start-up
+            // created it just before) is waited for a moment, until its creator finishes it; a
+            // user's own directory, read-only on purpose, then still refuses.
             for level in missing.iter().rev().copied() {
                 let mut created = DirBuilder::new().mode(0o700).create(level);
-                if created
-                    .as_ref()
-                    .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+                let refused = |c: &io::Result<()>| {
+                    c.as_ref()
+                        .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+                };
+                if let Some(parent) = level
+                    .parent()
+                    .filter(|p| refused(&created) && unfinished(p))
                 {
-                    let parent = level
-                        .parent()
-                        .filter(|p| missing.contains(p) && unfinished(p));
-                    if let Some(parent) = parent {
+                    if missing.contains(&parent) {
                         set_mode(parent)?;
-                        created = DirBuilder::new().mode(0o700).create(level);
+                    } else {
+                        let until = std::time::Instant::now() + PARENT_WAIT;
+                        while unfinished(parent) && std::time::Instant::now() < until {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
                     }
+                    created = DirBuilder::new().mode(0o700).create(level);
                 }
                 match created {
                     Ok(()) => set_mode(level)?,
