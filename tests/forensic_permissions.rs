@@ -679,3 +679,116 @@ fn an_existing_read_only_directory_of_the_user_keeps_its_mode() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "the child ran no test: {text}");
 }
+
+/// A directory at the name of a chain's newest file (mode 0755, as `mkdir` leaves it): the
+/// start-up and `kvh preflight`'s check refuse it as what it is, not a regular file, rather
+/// than naming a mode that no change would make acceptable (a directory made 0600 is still
+/// refused).
+#[test]
+fn a_directory_at_the_newest_chain_file_name_is_refused_as_not_a_regular_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, true);
+    let planted = dir.join("kvh-p7-t7-000000.jsonl");
+    fs::create_dir(&planted).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o755)).unwrap();
+    let found = kvhygiene::forensic::recovery::check_chain_files(&dir)
+        .expect_err("a directory at a chain file name was accepted")
+        .to_string();
+    let started = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret()))
+        .map(|log| log.stop());
+    let err = started
+        .expect_err("a directory at a chain file name was accepted")
+        .to_string();
+    for msg in [&found, &err] {
+        assert!(
+            msg.contains("not a regular file") || msg.contains("directory"),
+            "{msg}"
+        );
+        assert!(!msg.contains("mode 0755"), "{msg}");
+    }
+}
+
+/// A log directory named through `..` (`home/x/../log`, `x` not there yet): the directory the
+/// name passes through that existed before the start-up (`home`, the user's own, 0300 on
+/// purpose: no listing) keeps its mode; only the levels the start-up creates are given 0700.
+#[test]
+fn an_existing_directory_named_through_dot_dot_keeps_its_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir(&home).unwrap();
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o300)).unwrap();
+    let result = files::prepare_dir(&home.join("x/../log"), "log directory");
+    let after = mode(&home);
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        after, 0o300,
+        "the mode of an existing directory was changed (prepare_dir gave {result:?})"
+    );
+}
+
+/// Set in the child process of the test below.
+const FINISHING_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_FINISHING_CHILD";
+
+/// A start-up that begins just after another one (a worker per GPU, umask 0277) created a
+/// parent level and before that one set its mode (0500 for a moment, 0700 a few system calls
+/// later): the log directory is still created, as the doc comment of `prepare_dir` says of a
+/// level another process starting too created meanwhile. The level's creator sets its mode
+/// here 100 ms later.
+#[test]
+fn a_start_up_beginning_while_another_finishes_a_parent_level_succeeds() {
+    if let Some(root) = std::env::var_os(FINISHING_CHILD) {
+        let level = std::path::PathBuf::from(root).join("a/b");
+        let other = {
+            let level = level.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                fs::set_permissions(&level, fs::Permissions::from_mode(0o700)).unwrap();
+            })
+        };
+        let result = files::prepare_dir(&level.join("log"), "log directory");
+        other.join().unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the mode of the level stops only an unprivileged uid
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let a = tmp.path().join("a");
+    let b = a.join("b");
+    fs::create_dir_all(&b).unwrap();
+    for (level, m) in [(&a, 0o700), (&b, 0o500)] {
+        std::os::unix::fs::chown(level, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(level, fs::Permissions::from_mode(m)).unwrap();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "a_start_up_beginning_while_another_finishes_a_parent_level_succeeds",
+            "--nocapture",
+        ])
+        .env(FINISHING_CHILD, tmp.path());
+    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
+    // exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::umask(0o277);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+}

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Writes to stdout the SHA-256 of every source file a build of the GPU artifacts reads, as
 # the working tree has them now: committed, changed, or new and not yet added to git (but not
-# git-ignored), one `sha256sum` line each, sorted by path. A file deleted from the tree is not
-# built and is left out. Run from the repository root (build-gpu-artifacts.sh writes it to
-# gpu-artifacts/SOURCES.txt; gpu-check.sh checks the tree it runs in against that file).
+# git-ignored), one `sha256sum` line each, sorted by path, relative to the repository root
+# (wherever it is run from). A file deleted from the tree is not built and is left out. In a
+# tree without git metadata (a tarball, a container build context), every file under the
+# same paths but build outputs (`target/`). build-gpu-artifacts.sh writes it to
+# gpu-artifacts/SOURCES.txt; gpu-check.sh checks the tree it runs in against that file.
 set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 # Everything the library, the interposer, the kvh CLI, the gpu_kernel test binary and the
 # gpu_scrub bench compile: the crates' sources and build scripts, the kernels, the C++ shim,
@@ -13,7 +16,22 @@ paths=(
     src preload kernels build build.rs Cargo.toml Cargo.lock csrc include
     tests/gpu_kernel.rs tests/backend_common benches/gpu_scrub.rs
 )
-git ls-files -z --cached --others --exclude-standard -- "${paths[@]}" |
+
+list() {
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git ls-files -z --cached --others --exclude-standard -- "${paths[@]}"
+    else
+        local present=()
+        for p in "${paths[@]}"; do
+            if [[ -e "$p" ]]; then present+=("$p"); fi
+        done
+        if ((${#present[@]})); then
+            find "${present[@]}" -path '*/target' -prune -o -type f -print0
+        fi
+    fi
+}
+
+list |
     sort -zu |
     while IFS= read -r -d '' f; do
         if [[ -f "$f" ]]; then printf '%s\0' "$f"; fi

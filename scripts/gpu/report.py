@@ -54,23 +54,45 @@ def step_rc(out: Path, name: str):
         return None
 
 
+def test_results(log: str) -> dict:
+    """``{name: "ok" | "FAILED" | "ignored"}`` from libtest's lines: "test NAME ... RESULT",
+    RESULT possibly followed by ", REASON" for an ignored test. The library writes its own
+    lines to stderr (into the same log) while a test runs, unseen by the harness's capture,
+    so a result may come on a later line than its test's name, before the next test's."""
+    results, pending = {}, None
+    for line in log.splitlines():
+        named = re.match(r"^test (\S+) \.\.\. ?(.*)$", line)
+        if named:
+            pending = named.group(1)
+            line = named.group(2)
+        if pending is None:
+            continue
+        word = re.match(r"^(ok|FAILED|ignored)\b", line.strip()) or re.search(r"\b(ok|FAILED|ignored)$", line.strip())
+        if word:
+            results[pending] = word.group(1)
+            pending = None
+    return results
+
+
 def tests(out: Path) -> dict:
     try:
         log = (out / "gpu_kernel.log").read_text(errors="replace")
     except OSError:
         return {"ran": False, "passed": 0, "failed": 0, "ignored": 0, "complete": False, "rc": None, "cases": {}}
-    # "test NAME ... ok", "... FAILED", "... ignored" or "... ignored, REASON". The library
-    # writes its own lines to stderr (into the same log) while a test runs, unseen by the
-    # harness's capture, so a result may be on a later line than its test: the harness's
-    # summary line, when there, gives the counts.
-    cases = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)\b", log, re.M))
+    cases = test_results(log)
     rc = step_rc(out, "gpu_kernel")
     passed = sum(v == "ok" for v in cases.values())
     failed = sum(v == "FAILED" for v in cases.values())
     ignored = sum(v == "ignored" for v in cases.values())
-    summary = re.search(r"^test result: (?:ok|FAILED)\. (\d+) passed; (\d+) failed; (\d+) ignored", log, re.M)
+    # The harness's own counts, when its summary line is there; a FAILED summary is a failure
+    # even when it counts none (the harness itself panicked).
+    summary = re.search(r"^test result: (ok|FAILED)\. (\d+) passed; (\d+) failed; (\d+) ignored", log, re.M)
+    harness_failed = False
     if summary:
-        passed, failed, ignored = (int(g) for g in summary.groups())
+        harness_failed = summary.group(1) == "FAILED"
+        passed = int(summary.group(2))
+        failed = max(failed, int(summary.group(3)), int(harness_failed))
+        ignored = int(summary.group(4))
     return {
         "ran": True,
         "passed": passed,
@@ -386,7 +408,7 @@ def main() -> int:
     demo_rc = step_rc(out, "kvh_demo")
     # A demo that exited non-zero before reading anything back (it crashed, timed out or was
     # skipped for time) has no figure: missing, not failed.
-    demo_missing = demo is not None and not residue and demo_rc != 0
+    demo_missing = demo is not None and (demo_rc is None or (not residue and demo_rc != 0))
     row(
         rows,
         "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",

@@ -99,6 +99,7 @@ pub enum DirState {
 /// parent is not a directory this process may write (and so could not create it).
 pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
     let dir = &as_named(dir);
+    refuse_inner_parent(dir, what)?;
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = dir
@@ -170,6 +171,29 @@ pub(crate) fn may_write(dir: &Path) -> bool {
     }
 }
 
+/// Refuses a `..` after a directory name (`logs/x/../kvh`): creating the missing levels
+/// would create `x`, and `x/..` would then name a directory that already existed, whose
+/// mode the creation would set. A leading `..` (`../kvh`) names an existing directory and is
+/// accepted.
+fn refuse_inner_parent(dir: &Path, what: &str) -> Result<(), ForensicError> {
+    use std::path::Component;
+    let mut named = false;
+    for c in dir.components() {
+        match c {
+            Component::Normal(_) => named = true,
+            Component::ParentDir if named => {
+                return Err(ForensicError::Io(format!(
+                    "{}: the {what} is named with '..' after a directory name; name it \
+                     without (its real path)",
+                    dir.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// How long [`prepare_dir`] waits for another start-up to finish the mode of a parent it
 /// created just before.
 const PARENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -186,6 +210,7 @@ fn as_named(dir: &Path) -> PathBuf {
 /// owned by us, with no group or other permissions.
 pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     let dir = &as_named(dir);
+    refuse_inner_parent(dir, what)?;
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // Outermost missing level first, each created 0700 and its mode then set exactly:
@@ -512,9 +537,16 @@ pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
             }
             // Refused by the file's attributes (immutable): a wrong owner or mode, which the
             // open never got to check, is named first.
-            let unfit = fs::symlink_metadata(path)
-                .ok()
-                .and_then(|m| check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").err());
+            let unfit = fs::symlink_metadata(path).ok().and_then(|m| {
+                if m.is_file() {
+                    check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").err()
+                } else {
+                    Some(ForensicError::Permission(format!(
+                        "{}: not a regular file",
+                        path.display()
+                    )))
+                }
+            });
             unfit.unwrap_or_else(|| io_err(path, "cannot open log file", e))
         })?;
     checked(path, &f)?;

@@ -274,6 +274,8 @@ def test_the_source_digests_describe_the_working_tree_with_its_uncommitted_chang
     (tree / "src" / "lib.rs").write_text("mod extra;\n")
     (tree / "src" / "old.rs").write_text("// committed\n")
     (tree / ".gitignore").write_text("src/generated.rs\n")
+    (tree / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
     git = lambda *a: subprocess.run(["git", *a], cwd=tree, check=True, capture_output=True)
     git("init", "-q")
     git("add", "-A")
@@ -286,8 +288,8 @@ def test_the_source_digests_describe_the_working_tree_with_its_uncommitted_chang
     dest.mkdir()
     with open(dest / "SOURCES.txt", "w") as sources:
         proc = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")],
-            cwd=tree,
+            ["bash", str(tree / "scripts" / "gpu" / "digest-sources.sh")],
+            cwd=tree / "src",
             stdout=sources,
             stderr=subprocess.PIPE,
             text=True,
@@ -300,3 +302,32 @@ def test_the_source_digests_describe_the_working_tree_with_its_uncommitted_chang
         assert "src/old.rs" not in digested, digested
     assert "src/lib.rs" in digested, digested
     assert "src/generated.rs" not in digested, digested
+
+
+def test_the_source_digests_are_the_same_whatever_directory_the_script_is_run_from():
+    # scripts/gpu/digest-sources.sh lists the sources by their paths from the repository
+    # root. Run from a subdirectory it either writes the same lines or fails; it never exits
+    # 0 with no digest at all (an empty SOURCES.txt, which gpu-check.sh reports as artifacts
+    # built from other sources).
+    script = str(ROOT / "scripts" / "gpu" / "digest-sources.sh")
+    from_root = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    from_sub = subprocess.run(["bash", script], cwd=ROOT / "src", capture_output=True, text=True)
+    assert from_root.stdout.strip(), "nothing digested from the repository root"
+    assert from_sub.returncode != 0 or from_sub.stdout == from_root.stdout, from_sub.stdout[:400]
+
+
+def test_the_source_digests_of_a_checkout_without_git_metadata(tmp_path):
+    # A tree unpacked from an archive, or deploy/Dockerfile's build context (.dockerignore
+    # leaves .git out: "the image builds from the sources alone"), has the sources without
+    # git's metadata. The digests of the sources it builds from are still written, so that
+    # build-gpu-artifacts.sh, which runs with set -e, does not fail after its whole build.
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    (tree / "Cargo.toml").write_text("[package]\nname = \"x\"\n")
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "src/lib.rs" in proc.stdout and "Cargo.toml" in proc.stdout, proc.stdout

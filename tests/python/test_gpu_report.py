@@ -527,3 +527,52 @@ def test_kernel_tests_listed_as_ignored_with_their_reason_are_counted(tmp_path, 
     (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
     assert "3 ignored" in row["measured"], row
     assert code == 1
+
+
+def test_a_failed_kernel_test_is_counted_when_a_split_result_is_followed_by_a_timeout(tmp_path, monkeypatch):
+    # A library line between "test NAME ... " and its result, then a later test that hung and
+    # was killed by the step's time limit (exit 124, no summary line). The failure written
+    # before the kill is a result: the row says that a test failed and fails, rather than
+    # reporting only the tests that passed and a run cut short.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(
+        "running 3 tests\n"
+        "test a ... ok\n"
+        "test b ... kvhygiene: a flusher pass panicked; the flusher goes on (said once)\n"
+        "FAILED\n"
+        "test c ... "
+    )
+    status(tmp_path, "gpu_kernel", 124)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert "1 failed" in row["measured"] and row["verdict"] == "FAIL", row
+    assert code == 1
+
+
+def test_a_harness_that_reported_failed_is_not_described_as_ending_without_a_result(tmp_path, monkeypatch):
+    # The harness printed its summary line with "FAILED" (exit 101) though it counted no
+    # test as failed (a panic in the harness itself). That is a result, a failed one: the row
+    # fails and does not say that the run ended without a result.
+    complete_run(tmp_path)
+    (tmp_path / "gpu_kernel.log").write_text(
+        "running 2 tests\n"
+        "thread 'main' panicked at library/test/src/lib.rs:1:1:\nharness error\n\n"
+        "test result: FAILED. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s\n"
+    )
+    status(tmp_path, "gpu_kernel", 101)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    (row,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert "without a result" not in row["measured"], row
+    assert row["verdict"] == "FAIL", row
+    assert code == 1
+
+
+def test_a_demo_without_a_recorded_exit_status_is_missing(tmp_path, monkeypatch):
+    # gpu-check.sh records every step's exit status as it ends; a demo log without one is from
+    # a step that never finished. As the example row does for a step with no exit status, the
+    # demo row has no figure (MISSING), rather than a FAIL whose measured text names no reason.
+    complete_run(tmp_path)
+    (tmp_path / "status" / "kvh_demo.rc").unlink()
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[DEMO]["verdict"] == "MISSING", rows[DEMO]
+    assert code == 1

@@ -102,7 +102,7 @@ def test_test_sh_runs_the_python_tests_on_the_library_it_just_built(tmp_path):
 def test_gpu_artifacts_are_the_files_cargo_just_built(tmp_path):
     # scripts/build-gpu-artifacts.sh: every artifact gpu-check.sh runs is the one this build
     # produced, wherever cargo put it (CARGO_TARGET_DIR), never a file left in ./target.
-    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh")
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
     executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
     for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
         stale = root / "target" / "release" / f
@@ -248,7 +248,7 @@ def test_gpu_artifacts_refused_for_their_glibc_are_not_left_for_gpu_check(tmp_pa
     # machine's (Ubuntu 22.04: 2.35), so that this is found out here rather than on the
     # device. The refused build must not leave behind a gpu-artifacts/ that gpu-check.sh
     # accepts (it checks that its five files are there) and would run on the device anyway.
-    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh")
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
     executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
     bin_dir = tmp_path / "bin"
     executable(bin_dir / "cargo", FAKE_CARGO)
