@@ -11,10 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 # Everything the library, the interposer, the kvh CLI, the gpu_kernel test binary and the
 # gpu_scrub bench compile: the crates' sources and build scripts, the kernels, the C++ shim,
-# the header, and the two targets with the modules they name by #[path].
+# the header, the two targets with the modules they name by #[path]; and the scripts that
+# pin the kernel toolchain and drive the build.
 paths=(
     src preload kernels build build.rs Cargo.toml Cargo.lock csrc include
     tests/gpu_kernel.rs tests/backend_common benches/gpu_scrub.rs
+    scripts/install-nvcc.sh scripts/build-gpu-artifacts.sh
 )
 
 list() {
