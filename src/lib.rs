@@ -148,6 +148,36 @@ mod tests {
     use std::io::Read;
     use std::process::{Command, Stdio};
 
+    /// Runs the test `name` of this module again in a child process with `flag` set (the test
+    /// then plays the child) and returns its stderr, a pipe read only after 500 ms: writes of
+    /// more than the pipe holds block until then.
+    fn stderr_read_late(name: &str, flag: &str) -> Vec<u8> {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &format!("tests::{name}"),
+                "--test-threads=1",
+                "--nocapture",
+                "--quiet",
+            ])
+            .env(flag, "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut err = Vec::new();
+        child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+        assert!(child.wait().unwrap().success());
+        err
+    }
+
+    fn lines_of(text: &[u8]) -> Vec<&[u8]> {
+        text.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
     /// Set in the child process the test below starts.
     const CHILD: &str = "KVHYGIENE_TEST_STDERR_LINES_CHILD";
     const LINE: usize = 1 << 20;
@@ -166,28 +196,11 @@ mod tests {
             });
             return;
         }
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::long_lines_said_by_two_threads_at_once_do_not_interleave",
-                "--test-threads=1",
-                "--nocapture",
-                "--quiet",
-            ])
-            .env(CHILD, "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Both threads block on the full pipe before anything is read.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let mut err = Vec::new();
-        child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
-        assert!(child.wait().unwrap().success());
-        let lines: Vec<&[u8]> = err
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
+        let err = stderr_read_late(
+            "long_lines_said_by_two_threads_at_once_do_not_interleave",
+            CHILD,
+        );
+        let lines = lines_of(&err);
         let whole = |l: &[u8]| l.len() == LINE && l.iter().all(|&c| c == l[0]);
         assert!(
             lines.len() == 2 && lines.iter().all(|l| whole(l)),
@@ -217,27 +230,11 @@ mod tests {
             });
             return;
         }
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "tests::a_short_line_said_while_a_long_one_is_written_does_not_cut_it",
-                "--test-threads=1",
-                "--nocapture",
-                "--quiet",
-            ])
-            .env(MIXED_CHILD, "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let mut err = Vec::new();
-        child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
-        assert!(child.wait().unwrap().success());
-        let lines: Vec<&[u8]> = err
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .collect();
+        let err = stderr_read_late(
+            "a_short_line_said_while_a_long_one_is_written_does_not_cut_it",
+            MIXED_CHILD,
+        );
+        let lines = lines_of(&err);
         let lengths: Vec<usize> = lines.iter().map(|l| l.len()).collect();
         let whole = |l: &[u8]| l.iter().all(|&c| c == l[0]);
         assert!(

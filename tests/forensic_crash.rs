@@ -604,12 +604,39 @@ fn a_checkpointed_record_without_its_newline_is_never_cut() {
     assert_eq!(chain_files(&log_dir(&tmp)).len(), 2, "a new chain started");
 }
 
-/// Removes the append-only attribute again, so that the temporary directory can be removed.
-struct AppendOnly(std::path::PathBuf);
+/// A file attribute (`chattr +FLAG`) set on a file for a test, taken off again when dropped,
+/// so that the temporary directory can be removed.
+struct Attribute {
+    path: std::path::PathBuf,
+    flag: &'static str,
+}
 
-impl Drop for AppendOnly {
+impl Attribute {
+    /// Sets attribute `flag` (`a`: append-only, `i`: immutable) on `path`; `None`, the test
+    /// then skipped, where `chattr` cannot (not root, or a file system without attributes).
+    fn set(path: &std::path::Path, flag: &'static str) -> Option<Attribute> {
+        let set = Command::new("chattr")
+            .arg(format!("+{flag}"))
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !set {
+            eprintln!("skipped: chattr +{flag} is not available here");
+            return None;
+        }
+        Some(Attribute {
+            path: path.to_path_buf(),
+            flag,
+        })
+    }
+}
+
+impl Drop for Attribute {
     fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+        let _ = Command::new("chattr")
+            .arg(format!("-{}", self.flag))
+            .arg(&self.path)
+            .status();
     }
 }
 
@@ -651,16 +678,9 @@ fn an_append_only_chain_with_a_torn_tail_left_by_recovery_verifies_signed() {
     let mut f = OpenOptions::new().append(true).open(&file).unwrap();
     f.write_all(b"{\"v\":1,\"seq\":19").unwrap();
     drop(f);
-    if !Command::new("chattr")
-        .arg("+a")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("skipped: chattr +a is not available here");
+    let Some(_unmark) = Attribute::set(&file, "a") else {
         return;
-    }
-    let _unmark = AppendOnly(file.clone());
+    };
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.emit(event(99));
     log.stop();
@@ -702,15 +722,6 @@ fn an_append_only_chain_with_a_torn_tail_left_by_recovery_verifies_signed() {
     }
 }
 
-/// Removes the immutable attribute again, so that the temporary directory can be removed.
-struct Immutable(std::path::PathBuf);
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
-
 /// A crashed chain whose newest file ends with torn bytes and is immutable (`chattr +i`):
 /// the torn bytes cannot be cut, so, as docs/forensic-log.md says of an append-only or
 /// immutable file, the chain is left as it ended and the next process starts a chain of its
@@ -724,16 +735,9 @@ fn an_immutable_chain_file_with_a_torn_tail_is_left_and_a_new_chain_started() {
     let mut f = OpenOptions::new().append(true).open(&file).unwrap();
     f.write_all(b"{\"v\":1,\"seq\":19").unwrap();
     drop(f);
-    if !Command::new("chattr")
-        .arg("+i")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("skipped: chattr +i is not available here");
+    let Some(_unmark) = Attribute::set(&file, "i") else {
         return;
-    }
-    let _unmark = Immutable(file.clone());
+    };
     let before = std::fs::read(&file).unwrap();
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret()))
         .expect("the start-up failed on an immutable crashed chain file");
@@ -756,16 +760,9 @@ fn an_immutable_chain_file_with_a_wrong_mode_is_refused() {
     let c = cfg(&dir, 1 << 20);
     let file = crashed_chain(&c, true);
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    if !Command::new("chattr")
-        .arg("+i")
-        .arg(&file)
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("skipped: chattr +i is not available here");
+    let Some(_unmark) = Attribute::set(&file, "i") else {
         return;
-    }
-    let _unmark = Immutable(file.clone());
+    };
     let found = kvhygiene::forensic::recovery::check_chain_files(&dir);
     let started = ForensicLog::open_with_secret(&c, start(), Some(secret()));
     let started = started.map(|log| log.stop());

@@ -472,6 +472,36 @@ fn a_refused_checkpoint_directory_is_named_as_the_checkpoint_directory() {
     );
 }
 
+/// Runs the test `name` of this binary again in a child process as nobody (uid 65534) under
+/// umask 0277, with `flag` set to `value` (the test then plays the child), and checks that it
+/// ran and passed. For the directory-creation tests: root would not be stopped by a parent
+/// without owner write.
+fn rerun_as_nobody_under_umask_0277(name: &str, flag: &str, value: &std::path::Path) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--nocapture"])
+        .env(flag, value);
+    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
+    // exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::umask(0o277);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = child.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+}
+
 /// Set in the child process of the test below.
 const UMASK_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_UMASK_CHILD";
 
@@ -494,33 +524,11 @@ fn a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_w
     let tmp = tempfile::tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
     let dir = tmp.path().join("a/b/log");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child
-        .args([
-            "--exact",
-            "a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_write",
-            "--nocapture",
-        ])
-        .env(UMASK_CHILD, &dir);
-    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
-    // exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
-            libc::umask(0o277);
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = child.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+    rerun_as_nobody_under_umask_0277(
+        "a_log_directory_with_missing_parents_is_created_under_a_umask_without_owner_write",
+        UMASK_CHILD,
+        &dir,
+    );
     assert_eq!(mode(&dir), 0o700);
 }
 
@@ -563,33 +571,11 @@ fn two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_suc
     }
     let tmp = tempfile::tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child
-        .args([
-            "--exact",
-            "two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_succeed",
-            "--nocapture",
-        ])
-        .env(RACE_CHILD, tmp.path());
-    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
-    // exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
-            libc::umask(0o277);
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = child.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+    rerun_as_nobody_under_umask_0277(
+        "two_start_ups_creating_the_same_missing_parents_under_a_narrow_umask_both_succeed",
+        RACE_CHILD,
+        tmp.path(),
+    );
 }
 
 /// A chain file name at which a FIFO was planted as the newest file of its chain: the
@@ -653,31 +639,11 @@ fn an_existing_read_only_directory_of_the_user_keeps_its_mode() {
     fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&home, fs::Permissions::from_mode(0o500)).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child
-        .args([
-            "--exact",
-            "an_existing_read_only_directory_of_the_user_keeps_its_mode",
-            "--nocapture",
-        ])
-        .env(OWN_PARENT_CHILD, &home);
-    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = child.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+    rerun_as_nobody_under_umask_0277(
+        "an_existing_read_only_directory_of_the_user_keeps_its_mode",
+        OWN_PARENT_CHILD,
+        &home,
+    );
 }
 
 /// A directory at the name of a chain's newest file (mode 0755, as `mkdir` leaves it): the
@@ -764,31 +730,9 @@ fn a_start_up_beginning_while_another_finishes_a_parent_level_succeeds() {
         std::os::unix::fs::chown(level, Some(65534), Some(65534)).unwrap();
         fs::set_permissions(level, fs::Permissions::from_mode(m)).unwrap();
     }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child
-        .args([
-            "--exact",
-            "a_start_up_beginning_while_another_finishes_a_parent_level_succeeds",
-            "--nocapture",
-        ])
-        .env(FINISHING_CHILD, tmp.path());
-    // SAFETY: only async-signal-safe calls (umask, setgroups, setgid, setuid) between fork and
-    // exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
-            libc::umask(0o277);
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = child.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 passed"), "the child ran no test: {text}");
+    rerun_as_nobody_under_umask_0277(
+        "a_start_up_beginning_while_another_finishes_a_parent_level_succeeds",
+        FINISHING_CHILD,
+        tmp.path(),
+    );
 }
