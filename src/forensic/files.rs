@@ -213,78 +213,77 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     refuse_inner_parent(dir, what)?;
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // Outermost missing level first, each created 0700 and its mode then set exactly:
-            // the umask may narrow a mode, and a parent it left without owner write (umask
-            // 0277) would refuse the next level. A level another process creates meanwhile
-            // is taken as it is (the log directory itself is checked below).
-            let missing: Vec<&Path> = dir
-                .ancestors()
-                .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
-                .collect();
-            let set_mode = |level: &Path| {
-                fs::set_permissions(level, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| io_err(level, &format!("cannot set the mode of the {what}"), e))
-            };
-            // A level another process starting too (a worker per GPU) created meanwhile may
-            // not have its mode set yet: ours and private but missing owner permissions, it is
-            // set here as well, or the next level could not be created in it.
-            let unfinished = |level: &Path| {
-                fs::symlink_metadata(level).is_ok_and(|m| {
-                    m.is_dir()
-                        && m.uid() == euid()
-                        && m.mode() & 0o077 == 0
-                        && m.mode() & 0o700 != 0o700
-                })
-            };
-            // Only levels missing when this began are finished here: a directory that was
-            // there already keeps its mode. One that was there unfinished (another start-up
-            // created it just before) is waited for a moment, until its creator finishes it; a
-            // user's own directory, read-only on purpose, then still refuses.
-            for level in missing.iter().rev().copied() {
-                let mut created = DirBuilder::new().mode(0o700).create(level);
-                let refused = |c: &io::Result<()>| {
-                    c.as_ref()
-                        .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
-                };
-                if let Some(parent) = level
-                    .parent()
-                    .filter(|p| refused(&created) && unfinished(p))
-                {
-                    if missing.contains(&parent) {
-                        set_mode(parent)?;
-                    } else {
-                        let until = std::time::Instant::now() + PARENT_WAIT;
-                        while unfinished(parent) && std::time::Instant::now() < until {
-                            std::thread::sleep(std::time::Duration::from_millis(5));
-                        }
-                    }
-                    created = DirBuilder::new().mode(0o700).create(level);
-                }
-                match created {
-                    Ok(()) => set_mode(level)?,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        if unfinished(level) {
-                            set_mode(level)?;
-                        }
-                    }
-                    Err(e) => {
-                        let step = if level == dir {
-                            format!("cannot create {what}")
-                        } else {
-                            format!("cannot create {what}: a missing parent")
-                        };
-                        return Err(io_err(level, &step, e));
-                    }
-                }
-            }
-            match fs::symlink_metadata(dir) {
-                Ok(m) => check_existing_dir(dir, &m, what),
-                Err(e) => Err(io_err(dir, &format!("cannot create {what}"), e)),
-            }
+            create_missing_levels(dir, what)?;
+            let m = fs::symlink_metadata(dir)
+                .map_err(|e| io_err(dir, &format!("cannot create {what}"), e))?;
+            check_existing_dir(dir, &m, what)
         }
         Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
         Ok(m) => check_existing_dir(dir, &m, what),
     }
+}
+
+/// Creates the levels of `dir` missing now, outermost first, each 0700 with its mode then set
+/// exactly: the umask may narrow a mode, and a parent it left without owner write (umask
+/// 0277) would refuse the next level. Only these levels are ever given a mode: a directory
+/// that was there already keeps its own.
+fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && fs::symlink_metadata(a).is_err())
+        .collect();
+    for level in missing.iter().rev().copied() {
+        let mut created = DirBuilder::new().mode(0o700).create(level);
+        let refused = created
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied);
+        // Refused by a parent another start-up (a worker per GPU) created and has not given
+        // its mode yet: finished here when this call found it missing too, else waited for a
+        // moment (a user's own directory, read-only on purpose, then still refuses).
+        if let Some(parent) = level.parent().filter(|p| refused && unfinished(p)) {
+            if missing.contains(&parent) {
+                set_private(parent, what)?;
+            } else {
+                let until = std::time::Instant::now() + PARENT_WAIT;
+                while unfinished(parent) && std::time::Instant::now() < until {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+            created = DirBuilder::new().mode(0o700).create(level);
+        }
+        match created {
+            Ok(()) => set_private(level, what)?,
+            // Created meanwhile by another start-up: finished here if it has not been yet.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if unfinished(level) {
+                    set_private(level, what)?;
+                }
+            }
+            Err(e) => {
+                let step = if level == dir {
+                    format!("cannot create {what}")
+                } else {
+                    format!("cannot create {what}: a missing parent")
+                };
+                return Err(io_err(level, &step, e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets a directory this call (or another start-up) created to 0700.
+fn set_private(level: &Path, what: &str) -> Result<(), ForensicError> {
+    fs::set_permissions(level, fs::Permissions::from_mode(0o700))
+        .map_err(|e| io_err(level, &format!("cannot set the mode of the {what}"), e))
+}
+
+/// Whether `level` is a directory of ours, private, but without all of the owner's
+/// permissions: one a start-up created and has not given its mode yet.
+fn unfinished(level: &Path) -> bool {
+    fs::symlink_metadata(level).is_ok_and(|m| {
+        m.is_dir() && m.uid() == euid() && m.mode() & 0o077 == 0 && m.mode() & 0o700 != 0o700
+    })
 }
 
 /// The checks of an existing log (or checkpoint: `what`) directory: a real directory (not a
