@@ -178,6 +178,37 @@ mod tests {
             .collect()
     }
 
+    /// Set in the child process of the test below.
+    const STUCK_CHILD: &str = "KVHYGIENE_TEST_STDERR_STUCK_CHILD";
+
+    /// A line whose turn another thread of this process holds for longer than the wait (a
+    /// writer stuck on a full pipe) is written all the same after it, and leaves that
+    /// thread's turn alone: it does not release what it never took.
+    #[test]
+    fn a_line_waits_for_a_stuck_writer_at_most_the_wait_and_leaves_its_turn() {
+        use std::sync::atomic::Ordering;
+        if std::env::var_os(STUCK_CHILD).is_some() {
+            let me = std::process::id();
+            super::LINE_WRITER.store(me, Ordering::SeqCst);
+            let began = std::time::Instant::now();
+            super::say(format_args!("a line written after the wait"));
+            let waited = began.elapsed();
+            assert!(waited >= super::LINE_WAIT, "waited only {waited:?}");
+            assert!(waited < super::LINE_WAIT * 3, "waited {waited:?}");
+            assert_eq!(super::LINE_WRITER.load(Ordering::SeqCst), me);
+            return;
+        }
+        let err = stderr_read_late(
+            "a_line_waits_for_a_stuck_writer_at_most_the_wait_and_leaves_its_turn",
+            STUCK_CHILD,
+        );
+        assert!(
+            String::from_utf8_lossy(&err).contains("a line written after the wait"),
+            "{}",
+            String::from_utf8_lossy(&err)
+        );
+    }
+
     /// Set in the child process the test below starts.
     const CHILD: &str = "KVHYGIENE_TEST_STDERR_LINES_CHILD";
     const LINE: usize = 1 << 20;
