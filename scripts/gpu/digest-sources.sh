@@ -20,7 +20,9 @@ paths=(
 )
 
 list() {
-    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Git's list only when this tree is a repository of its own: inside another one (a
+    # tarball unpacked in a home directory kept in git), git would list nothing of it.
+    if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$(pwd -P)" ]]; then
         git ls-files -z --cached --others --exclude-standard -- "${paths[@]}"
     else
         local present=()
@@ -33,9 +35,16 @@ list() {
     fi
 }
 
-list |
-    sort -zu |
-    while IFS= read -r -d '' f; do
-        if [[ -f "$f" ]]; then printf '%s\0' "$f"; fi
-    done |
-    xargs -0 --no-run-if-empty sha256sum
+digests="$(
+    list |
+        sort -zu |
+        while IFS= read -r -d '' f; do
+            if [[ -f "$f" ]]; then printf '%s\0' "$f"; fi
+        done |
+        xargs -0 --no-run-if-empty sha256sum
+)"
+if [[ -z "$digests" ]]; then
+    echo "digest-sources: no source file found under $(pwd -P)" >&2
+    exit 1
+fi
+printf '%s\n' "$digests"

@@ -67,9 +67,12 @@ def test_results(log: str) -> dict:
             line = named.group(2)
         if pending is None:
             continue
-        word = re.match(r"^(ok|FAILED|ignored)\b", line.strip()) or re.search(r"\b(ok|FAILED|ignored)$", line.strip())
+        # The result alone ("ok", "FAILED", "ignored" or "ignored, REASON"), on the test's
+        # line or after a library line that ends with a line break; a library line that
+        # merely ends in one of those words is not a result.
+        word = re.match(r"^(ok|FAILED)$|^(ignored)(?:, .*)?$", line.strip())
         if word:
-            results[pending] = word.group(1)
+            results[pending] = word.group(1) or word.group(2)
             pending = None
     return results
 
@@ -146,7 +149,8 @@ def failed_step(out: Path, step: str, needs_json: bool = True):
     rc = step_rc(out, step)
     if rc != 0 or (needs_json and not (out / "py" / f"{step}.json").exists()):
         last = lines[-1].strip()[:120] if lines else "no output"
-        return f"missing ({step} exited {rc}: {last})"
+        how = "did not finish (no exit status recorded)" if rc is None else f"exited {rc}"
+        return f"missing ({step} {how}: {last})"
     if needs_json and py(out, step) is None:
         return f"missing ({step} exited 0 without its figures)"
     return None
@@ -408,7 +412,11 @@ def main() -> int:
     demo_rc = step_rc(out, "kvh_demo")
     # A demo that exited non-zero before reading anything back (it crashed, timed out or was
     # skipped for time) has no figure: missing, not failed.
-    demo_missing = demo is not None and (demo_rc is None or (not residue and demo_rc != 0))
+    # A demo whose exit status was not recorded is missing too, unless what it read back
+    # already missed the target (residue: a figure, and a failure).
+    demo_missing = demo is not None and (
+        (not residue and demo_rc != 0) or (demo_rc is None and all(n == "0" for _, n in residue))
+    )
     row(
         rows,
         "kvh demo on the CUDA backend (every new allocation and paged KV block read back)",

@@ -325,9 +325,44 @@ def test_the_source_digests_of_a_checkout_without_git_metadata(tmp_path):
     (tree / "src").mkdir(parents=True)
     (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
     (tree / "Cargo.toml").write_text("[package]\nname = \"x\"\n")
+    (tree / "target" / "release").mkdir(parents=True)
+    (tree / "target" / "release" / "libx.so").write_text("built\n")
+    (tree / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
     proc = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")], cwd=tree, env=env, capture_output=True, text=True
+        ["bash", str(tree / "scripts" / "gpu" / "digest-sources.sh")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "src/lib.rs" in proc.stdout and "Cargo.toml" in proc.stdout, proc.stdout
+    assert "target/" not in proc.stdout, proc.stdout
+    # Nothing to digest is an error, not an empty list every GPU run would then fail on.
+    empty = tmp_path / "empty"
+    (empty / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", empty / "scripts" / "gpu" / "digest-sources.sh")
+    proc = subprocess.run(
+        ["bash", str(empty / "scripts" / "gpu" / "digest-sources.sh")], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "no source file" in proc.stderr, proc.stderr
+
+
+def test_the_source_digests_of_a_tree_without_git_metadata_inside_another_repository(tmp_path):
+    # A tree without its own git metadata (unpacked from an archive) that lies inside another
+    # git repository, one that ignores it (a home directory kept in git with "*" ignored, say):
+    # its sources are still digested, as for any tree without git metadata, and
+    # build-gpu-artifacts.sh does not write an empty SOURCES.txt that every GPU run then fails.
+    outer = tmp_path / "outer"
+    tree = outer / "unpacked"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    (tree / "Cargo.toml").write_text("[package]\nname = \"x\"\n")
+    (tree / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
+    (outer / ".gitignore").write_text("unpacked/\n")
+    subprocess.run(["git", "init", "-q"], cwd=outer, check=True, capture_output=True)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "gpu" / "digest-sources.sh")], cwd=tree, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     assert "src/lib.rs" in proc.stdout and "Cargo.toml" in proc.stdout, proc.stdout

@@ -576,3 +576,29 @@ def test_a_demo_without_a_recorded_exit_status_is_missing(tmp_path, monkeypatch)
     code, rows, _ = run_report(tmp_path, monkeypatch)
     assert rows[DEMO]["verdict"] == "MISSING", rows[DEMO]
     assert code == 1
+
+
+def test_a_demo_that_read_back_residue_fails_even_without_a_recorded_exit_status(tmp_path, monkeypatch):
+    # docs/gpu-results.md: FAIL is for a check that ran and missed its target; MISSING is for
+    # one with no figure. A demo whose log already says it read back memory with residue has a
+    # figure, a failing one, whether or not its exit status was recorded (as with exit 124).
+    complete_run(tmp_path)
+    (tmp_path / "kvh_demo.log").write_text(
+        "  new allocations read back   10, with residue: 4\n"
+        "  paged KV blocks read back   7, with residue: 0 (3 scrub_blocks calls; blocks retired: 0)\n"
+    )
+    (tmp_path / "status" / "kvh_demo.rc").unlink()
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[DEMO]["verdict"] == "FAIL", rows[DEMO]
+    assert code == 1
+
+
+def test_a_demo_row_without_a_recorded_exit_status_does_not_say_exited_none(tmp_path, monkeypatch):
+    # A demo step with no recorded exit status (it never finished) is MISSING; the row's
+    # measured text says so in words, never "exited None".
+    complete_run(tmp_path)
+    (tmp_path / "status" / "kvh_demo.rc").unlink()
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[DEMO]["verdict"] == "MISSING", rows[DEMO]
+    assert "None" not in rows[DEMO]["measured"], rows[DEMO]
+    assert code == 1
