@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -534,13 +535,14 @@ static int scenario_fork_before_start() {
     return 0;
 }
 
-// A process forks while another of its threads is making the first allocation call, before
-// kvhygiene has started: that thread is still writing the interposers' start-up notice
-// (stderr is a full pipe here, so the write takes as long as the test needs). The child is
-// forked before start-up and, like any such child, must be able to allocate: it is served or
-// forwarded, never left waiting for a thread that does not exist in it. A child that does
-// not finish within 5 s is killed and reported as hung.
-static int scenario_fork_during_notice() {
+// Runs `call` on a thread of its own while stderr is a full pipe, waits (up to 10 s) until
+// that thread is blocked writing to stderr, and forks then: the child, which has none of the
+// parent's threads, makes one allocation and must finish within 5 s (it is killed and
+// reported hung otherwise). Then drains the pipe so that `call` can end, and restores stderr.
+// Prints `blocked_key` (whether the thread was seen blocked in write(2)), child_hung,
+// child_exited_cleanly and `rc_key` (what `call` returned).
+static int fork_while_stderr_blocks(const std::function<int()>& call, const char* blocked_key,
+                                    const char* rc_key) {
     int pipe_fds[2];
     if (pipe(pipe_fds) != 0) return 2;
     int saved_stderr = dup(2);
@@ -553,21 +555,18 @@ static int scenario_fork_during_notice() {
     while (write(2, fill, 1) > 0) {}
     fcntl(2, F_SETFL, flags);
 
-    // The first allocation call of the process: its start-up notice blocks on the full pipe.
-    void* first = nullptr;
-    int rc_first = -1;
-    std::atomic<long> starter_tid{0};
-    std::thread starter([&] {
-        starter_tid = syscall(SYS_gettid);
-        rc_first = cudaMalloc(&first, 4096);
+    int rc = -1;
+    std::atomic<long> tid{0};
+    std::thread caller([&] {
+        tid = syscall(SYS_gettid);
+        rc = call();
     });
-    // Wait (up to 10 s) until the starter is blocked in write(2), i.e. inside the notice.
     bool blocked = false;
     for (int i = 0; i < 1000 && !blocked; i++) {
-        long tid = starter_tid.load();
-        if (tid != 0) {
+        long t = tid.load();
+        if (t != 0) {
             char path[64];
-            std::snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
+            std::snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", t);
             if (FILE* f = std::fopen(path, "r")) {
                 long nr = -1;
                 if (std::fscanf(f, "%ld", &nr) == 1 && nr == SYS_write) blocked = true;
@@ -576,7 +575,7 @@ static int scenario_fork_during_notice() {
         }
         if (!blocked) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    out("starter_blocked_in_notice", blocked);
+    out(blocked_key, blocked);
 
     std::fflush(stdout);
     pid_t child = fork();
@@ -584,9 +583,9 @@ static int scenario_fork_during_notice() {
         int null_fd = open("/dev/null", O_WRONLY);
         dup2(null_fd, 2);
         void* p = nullptr;
-        int rc = cudaMalloc(&p, 4096);
-        out("child_rc_malloc", rc);
-        if (rc == 0) cudaFree(p);
+        int rc_child = cudaMalloc(&p, 4096);
+        out("child_rc_malloc", rc_child);
+        if (rc_child == 0) cudaFree(p);
         std::fflush(stdout);
         _exit(0);
     }
@@ -603,27 +602,39 @@ static int scenario_fork_during_notice() {
         kill(child, SIGKILL);
         waitpid(child, &status, 0);
     }
-    // Unblock the parent's notice: drain the pipe until the starter is done.
+    // Unblock the parent's write: drain the pipe until the call is done.
     fcntl(pipe_fds[0], F_SETFL, O_NONBLOCK);
-    std::atomic<bool> started{false};
+    std::atomic<bool> finished{false};
     std::thread drain([&] {
         char buf[4096];
-        while (!started.load()) {
+        while (!finished.load()) {
             while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
             std::this_thread::sleep_for(std::chrono::milliseconds(5));
         }
         while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
     });
-    starter.join();
-    started = true;
+    caller.join();
+    finished = true;
     drain.join();
     dup2(saved_stderr, 2);
     out("child_hung", hung);
     out("child_exited_cleanly", !hung && WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    out("rc_first", rc_first);
+    out(rc_key, rc);
+    return 0;
+}
+
+// A process forks while another of its threads is making the first allocation call, before
+// kvhygiene has started: that thread is still writing the interposers' start-up notice
+// (stderr is a full pipe here, so the write takes as long as the test needs). The child is
+// forked before start-up and, like any such child, must be able to allocate: it is served or
+// forwarded, never left waiting for a thread that does not exist in it.
+static int scenario_fork_during_notice() {
+    void* first = nullptr;
+    int rc = fork_while_stderr_blocks([&] { return cudaMalloc(&first, 4096); },
+                                      "starter_blocked_in_notice", "rc_first");
     if (first) cudaFree(first);
     out("done", 1);
-    return 0;
+    return rc;
 }
 
 // A block kvhygiene handed out, freed, then returned to the device by an empty-cache, is
@@ -657,94 +668,19 @@ static int scenario_released_double_free() {
 
 // A process that loaded the interposer but has not started kvhygiene forks while another of
 // its threads is reporting, on stderr, a runtime function that is not loaded (here the
-// runtime's cudaFreeAsync_ptsz, for a pointer kvhygiene does not hold; stderr is a full pipe,
-// so the report takes as long as the test needs). The child is forked before start-up and
-// must be able to allocate, as any such child: not wait for a lock held by a thread that
-// does not exist in it. A child that does not finish within 5 s is killed and reported hung.
+// runtime's cudaFreeAsync_ptsz, for a pointer kvhygiene does not hold). The child is forked
+// before start-up and must be able to allocate, as any such child: not wait for a lock held
+// by a thread that does not exist in it.
 static int scenario_fork_during_symbol_report() {
     void* m = nullptr;
     cudaMallocManaged(&m, 64, 1);
     free_async_fn free_ptsz = reinterpret_cast<free_async_fn>(dlsym(RTLD_DEFAULT, "cudaFreeAsync_ptsz"));
     if (free_ptsz == nullptr) return 3;
-    int pipe_fds[2];
-    if (pipe(pipe_fds) != 0) return 2;
-    int saved_stderr = dup(2);
-    dup2(pipe_fds[1], 2);
-    int flags = fcntl(2, F_GETFL);
-    fcntl(2, F_SETFL, flags | O_NONBLOCK);
-    char fill[4096];
-    std::memset(fill, '.', sizeof fill);
-    while (write(2, fill, sizeof fill) > 0) {}
-    while (write(2, fill, 1) > 0) {}
-    fcntl(2, F_SETFL, flags);
-
-    int rc_reporter = -1;
-    std::atomic<long> reporter_tid{0};
-    std::thread reporter([&] {
-        reporter_tid = syscall(SYS_gettid);
-        rc_reporter = free_ptsz(m, nullptr);
-    });
-    bool blocked = false;
-    for (int i = 0; i < 1000 && !blocked; i++) {
-        long tid = reporter_tid.load();
-        if (tid != 0) {
-            char path[64];
-            std::snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
-            if (FILE* f = std::fopen(path, "r")) {
-                long nr = -1;
-                if (std::fscanf(f, "%ld", &nr) == 1 && nr == SYS_write) blocked = true;
-                std::fclose(f);
-            }
-        }
-        if (!blocked) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    out("reporter_blocked_in_write", blocked);
-
-    std::fflush(stdout);
-    pid_t child = fork();
-    if (child == 0) {
-        int null_fd = open("/dev/null", O_WRONLY);
-        dup2(null_fd, 2);
-        void* p = nullptr;
-        int rc = cudaMalloc(&p, 4096);
-        out("child_rc_malloc", rc);
-        if (rc == 0) cudaFree(p);
-        std::fflush(stdout);
-        _exit(0);
-    }
-    int status = -1;
-    bool hung = true;
-    for (int i = 0; i < 100; i++) {
-        if (waitpid(child, &status, WNOHANG) == child) {
-            hung = false;
-            break;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    if (hung) {
-        kill(child, SIGKILL);
-        waitpid(child, &status, 0);
-    }
-    fcntl(pipe_fds[0], F_SETFL, O_NONBLOCK);
-    std::atomic<bool> finished{false};
-    std::thread drain([&] {
-        char buf[4096];
-        while (!finished.load()) {
-            while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
-            std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
-        while (read(pipe_fds[0], buf, sizeof buf) > 0) {}
-    });
-    reporter.join();
-    finished = true;
-    drain.join();
-    dup2(saved_stderr, 2);
-    out("child_hung", hung);
-    out("child_exited_cleanly", !hung && WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    out("rc_reporter", rc_reporter);
+    int rc = fork_while_stderr_blocks([&] { return free_ptsz(m, nullptr); },
+                                      "reporter_blocked_in_write", "rc_reporter");
     cudaFree(m);
     out("done", 1);
-    return 0;
+    return rc;
 }
 
 int main(int argc, char** argv) {
