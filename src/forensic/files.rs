@@ -536,16 +536,9 @@ pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
             }
             // Refused by the file's attributes (immutable): a wrong owner or mode, which the
             // open never got to check, is named first.
-            let unfit = fs::symlink_metadata(path).ok().and_then(|m| {
-                if m.is_file() {
-                    check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").err()
-                } else {
-                    Some(ForensicError::Permission(format!(
-                        "{}: not a regular file",
-                        path.display()
-                    )))
-                }
-            });
+            let unfit = fs::symlink_metadata(path)
+                .ok()
+                .and_then(|m| fit_chain_file(path, &m).err());
             unfit.unwrap_or_else(|| io_err(path, "cannot open log file", e))
         })?;
     checked(path, &f)?;
@@ -557,10 +550,7 @@ pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
 /// append (EPERM). Crash recovery leaves such a chain as it ended instead of refusing the
 /// start-up; any other refusal stays one.
 pub fn is_immutable_chain_file(path: &Path) -> bool {
-    let Ok(m) = fs::symlink_metadata(path) else {
-        return false;
-    };
-    if !m.is_file() || check_owner_mode(path, m.uid(), m.mode(), 0o600, "log file").is_err() {
+    if !fs::symlink_metadata(path).is_ok_and(|m| fit_chain_file(path, &m).is_ok()) {
         return false;
     }
     // Non-blocking: a FIFO swapped in since the lstat must not hold the start-up.
@@ -576,6 +566,11 @@ fn checked(path: &Path, f: &File) -> Result<(), ForensicError> {
     let m = f
         .metadata()
         .map_err(|e| io_err(path, "cannot stat log file", e))?;
+    fit_chain_file(path, &m)
+}
+
+/// What a chain file must be: a regular file, ours, 0600.
+fn fit_chain_file(path: &Path, m: &fs::Metadata) -> Result<(), ForensicError> {
     if !m.is_file() {
         return Err(ForensicError::Permission(format!(
             "{}: not a regular file",

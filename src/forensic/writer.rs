@@ -1207,6 +1207,24 @@ mod tests {
         );
     }
 
+    /// Asserts that the chain ends with a `stop` record just after a `before` record, and that
+    /// the stop record's `records_written` is the number of records before it.
+    fn assert_stop_counts_the_records_before_it(dir: &Path, w: &ChainWriter, before: &str) {
+        let records = records_of(dir, w);
+        let kinds: Vec<&str> = records
+            .iter()
+            .map(|r| r["kind"].as_str().unwrap())
+            .collect();
+        let stop = records.last().unwrap();
+        assert_eq!(stop["kind"], "stop", "{kinds:?}");
+        assert_eq!(kinds[kinds.len() - 2], before, "{kinds:?}");
+        assert_eq!(
+            stop["records_written"].as_u64(),
+            Some(records.len() as u64 - 1),
+            "records before the stop record: {kinds:?}; the stop record says {stop}"
+        );
+    }
+
     /// The `stop` record's `records_written` is the number of records the process wrote
     /// before it. When writes failed before the stop and resume with it, the `lost` record
     /// written just before the `stop` record is one of them, as every earlier record is.
@@ -1223,19 +1241,7 @@ mod tests {
         assert!(w.flush().is_err());
         w.finish();
         assert_verifies(&dir);
-        let records = records_of(&dir, &w);
-        let kinds: Vec<&str> = records
-            .iter()
-            .map(|r| r["kind"].as_str().unwrap())
-            .collect();
-        let stop = records.last().unwrap();
-        assert_eq!(stop["kind"], "stop", "{kinds:?}");
-        assert_eq!(kinds[kinds.len() - 2], "lost", "{kinds:?}");
-        assert_eq!(
-            stop["records_written"].as_u64(),
-            Some(records.len() as u64 - 1),
-            "records before the stop record: {kinds:?}; the stop record says {stop}"
-        );
+        assert_stop_counts_the_records_before_it(&dir, &w, "lost");
     }
 
     /// The `stop` record's `records_written` is the number of records the process wrote
@@ -1252,19 +1258,7 @@ mod tests {
         w.finish();
         assert_verifies(&dir);
         assert_eq!(w.index, 1, "the stop record did not rotate the file");
-        let records = records_of(&dir, &w);
-        let kinds: Vec<&str> = records
-            .iter()
-            .map(|r| r["kind"].as_str().unwrap())
-            .collect();
-        let stop = records.last().unwrap();
-        assert_eq!(stop["kind"], "stop", "{kinds:?}");
-        assert_eq!(kinds[kinds.len() - 2], "rotate", "{kinds:?}");
-        assert_eq!(
-            stop["records_written"].as_u64(),
-            Some(records.len() as u64 - 1),
-            "records before the stop record: {kinds:?}; the stop record says {stop}"
-        );
+        assert_stop_counts_the_records_before_it(&dir, &w, "rotate");
     }
 
     /// A write that fails part-way (a disk filling up) can leave whole records of its batch
