@@ -41,7 +41,8 @@ use serde::Serialize;
 use crate::config::AnomalyConfig;
 use crate::context::Context;
 use crate::events::{
-    AnomalyBaseline, AnomalyRule, AnomalySignal, Event, EventKind, EventSink, QuarantineReason,
+    AnomalyBaseline, AnomalyRule, AnomalySignal, Event, EventKind, EventSink, KvTally,
+    QuarantineReason,
 };
 
 /// The sliding window is counted in this many slots of `window_ms / SLOTS`: its span is
@@ -74,7 +75,8 @@ const MAX_CATCH_UP: u64 = 64;
 
 /// The signals an event counts toward. A scrub that failed and read a non-zero sample is both
 /// `verify_failed` and `residue`; a block quarantined for residue is both `residue` and
-/// `quarantine`. The never-reuse policy's retirements are the control working, not a signal
+/// `quarantine`. A KV block that failed counts once per call, through its first failed
+/// segment (`KvTally`), however many of its regions failed. The never-reuse policy's retirements are the control working, not a signal
 /// (as in `kvh evidence`), and the detector's own records never count, so it cannot feed
 /// itself.
 pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
@@ -84,11 +86,13 @@ pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
         EventKind::SizeMismatch { .. } => &[S::SizeMismatch],
         EventKind::VerifyFailed {
             samples_nonzero, ..
-        }
-        | EventKind::KvVerifyFailed {
-            samples_nonzero, ..
         } if *samples_nonzero > 0 => &[S::VerifyFailed, S::Residue],
-        EventKind::VerifyFailed { .. } | EventKind::KvVerifyFailed { .. } => &[S::VerifyFailed],
+        EventKind::VerifyFailed { .. } => &[S::VerifyFailed],
+        EventKind::KvVerifyFailed { tally, .. } => match tally {
+            KvTally::Block { residue: true } => &[S::VerifyFailed, S::Residue],
+            KvTally::Block { residue: false } => &[S::VerifyFailed],
+            KvTally::Segment => &[],
+        },
         EventKind::Quarantined { reason } => match reason {
             QuarantineReason::Residue | QuarantineReason::RescrubResidue => {
                 &[S::Residue, S::Quarantine]
@@ -788,7 +792,7 @@ mod tests {
         }
     }
 
-    fn kv_verify_failed(nonzero: u64) -> EventKind {
+    fn kv_verify_failed(tally: KvTally) -> EventKind {
         EventKind::KvVerifyFailed {
             kv_block: 1,
             region: 0,
@@ -797,9 +801,10 @@ mod tests {
             seed: 7,
             samples_expected: 64,
             samples_checked: 64,
-            samples_nonzero: nonzero,
+            samples_nonzero: 0,
             coverage: 1.0,
             threshold: 0.999,
+            tally,
         }
     }
 
@@ -832,12 +837,14 @@ mod tests {
     }
 
     #[test]
-    fn kv_verify_failed_counts_as_verify_failed_and_residue_when_seen() {
-        assert_eq!(signals(kv_verify_failed(0)), [AnomalySignal::VerifyFailed]);
+    fn a_failed_kv_block_counts_once_as_verify_failed_and_residue_when_any_segment_saw_it() {
+        let block = |residue| kv_verify_failed(KvTally::Block { residue });
+        assert_eq!(signals(block(false)), [AnomalySignal::VerifyFailed]);
         assert_eq!(
-            signals(kv_verify_failed(1)),
+            signals(block(true)),
             [AnomalySignal::VerifyFailed, AnomalySignal::Residue]
         );
+        assert!(signals(kv_verify_failed(KvTally::Segment)).is_empty());
     }
 
     #[test]

@@ -198,6 +198,8 @@ pub enum EventKind {
         samples_nonzero: u64,
         coverage: f64,
         threshold: f64,
+        /// What the record adds to the anomaly detector's counts (not written to the log).
+        tally: KvTally,
     },
     /// The anomaly detector saw a burst or surge of a signal for one tenant (the event's
     /// context is that of the event that tripped the rule; none when `folded`). Counts only,
@@ -216,6 +218,19 @@ pub enum EventKind {
         /// Present for `surge`.
         baseline: Option<AnomalyBaseline>,
     },
+}
+
+/// How one failed segment of a `kvh_scrub_blocks` call counts toward the anomaly detector.
+/// A block is one failure however many of its regions failed, as a freed block is: counted
+/// per segment, one block of a 32-layer model failing in every layer would be 64 failures,
+/// a burst, and would inflate the tenant's baseline sixty-fourfold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvTally {
+    /// The block's first failed segment in the call, which stands for the whole block:
+    /// one verification failure, and residue when any of its segments read some.
+    Block { residue: bool },
+    /// Another failed segment of a block already counted.
+    Segment,
 }
 
 /// The fields of a `kv_scrub` record.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{manual_config, secret, TestBackend};
-use kvhygiene::alloc::Allocator;
+use kvhygiene::alloc::{Allocator, KvLayout};
 use kvhygiene::anomaly::{signals_of, AnomalySink, ManualClock, Params};
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::{Backend, StreamHandle};
@@ -88,4 +88,80 @@ fn residue_read_by_a_rescrub_counts_toward_the_residue_signal() {
         residue_anomalies, 2,
         "one residue anomaly per window with residue: {kinds:#?}"
     );
+}
+
+/// A KV block that fails in every region (every layer's K and V) is one failed block to the
+/// detector, as a freed block that fails is: one `verify_failed` and one `residue` count,
+/// whatever the layer count, so a single bad block is no burst. A second failed block is.
+#[test]
+fn a_kv_block_failing_in_every_region_counts_once() {
+    const REGIONS: u64 = 8;
+    const BLOCK: u64 = 4096;
+    const BLOCKS: u64 = 4;
+    let backend = TestBackend::new(HostBackend::new());
+    let mem = MemorySink::new();
+    let detector = AnomalySink::new(
+        Params::from_config(&AnomalyConfig::default()),
+        Some(mem.clone() as Arc<dyn EventSink>),
+        ManualClock::new(),
+    );
+    let alloc = Allocator::new(
+        backend.clone(),
+        manual_config(),
+        Some(detector.clone() as Arc<dyn EventSink>),
+    );
+    let previous =
+        Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
+    let len = (REGIONS * BLOCKS * BLOCK) as i64;
+    let a = alloc.malloc(len, 0, S).unwrap();
+    backend.write(0, a, &secret(len as usize, 9)).unwrap();
+    let layout = KvLayout {
+        regions: (0..REGIONS).map(|r| a + r * BLOCKS * BLOCK).collect(),
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    let verify_failed_anomalies = || {
+        mem.snapshot()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::Anomaly {
+                        signal: AnomalySignal::VerifyFailed,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let counted = |signal| {
+        mem.snapshot()
+            .iter()
+            .filter(|e| signals_of(&e.kind).contains(&signal))
+            .count()
+    };
+
+    // Every segment of block 2 is left half dirty.
+    backend.host.inject_skip_tail(REGIONS);
+    let report = alloc.scrub_kv_blocks(&layout, &[2], 0, S).unwrap();
+    assert_eq!(report.failed, vec![2]);
+    let records = mem
+        .snapshot()
+        .iter()
+        .filter(|e| e.kind.name() == "kv_verify_failed")
+        .count();
+    assert_eq!(records, REGIONS as usize, "one record per failed segment");
+    assert_eq!(counted(AnomalySignal::VerifyFailed), 1);
+    assert_eq!(counted(AnomalySignal::Residue), 1);
+    assert_eq!(verify_failed_anomalies(), 0, "one bad block is not a burst");
+
+    // A second block failing in the same window is.
+    backend.host.inject_skip_tail(REGIONS);
+    let report = alloc.scrub_kv_blocks(&layout, &[3], 0, S).unwrap();
+    assert_eq!(report.failed, vec![3]);
+    assert_eq!(counted(AnomalySignal::VerifyFailed), 2);
+    assert_eq!(verify_failed_anomalies(), 1);
+    Context::set_current(previous);
+    alloc.free(a, len, 0, S).unwrap();
 }

@@ -22,7 +22,8 @@
 //! - **Every call that reaches the device is evidence**: one `kv_scrub` record (with the
 //!   error, when the call did not finish), a `kv_verify_failed` record per verified segment
 //!   that failed, also when a later batch failed; a refused call leaves a `policy_violation`
-//!   record (policy `kv_scrub`).
+//!   record (policy `kv_scrub`). The anomaly detector counts a failed block once, through
+//!   its first failed segment's record (`KvTally`).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -35,7 +36,7 @@ use crate::backend::{
     BackendError, ScrubBatch, ScrubOptions, ScrubSegment, ScrubTicket, StreamHandle,
 };
 use crate::context::Context;
-use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger};
+use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger, KvTally};
 
 use super::kv_gate::{Generations, LedgerKey, ScrubFor, Unapplied};
 use super::Allocator;
@@ -530,6 +531,7 @@ impl Allocator {
         let (mut verified_blocks, mut verified_segments) = (0u64, 0u64);
         for (i, &id) in call.ids.iter().enumerate() {
             let (mut block_failed, mut block_verified) = (false, true);
+            let (first_failure, mut block_residue) = (events.len(), false);
             for (r, owner) in owners.iter().enumerate() {
                 let n = i * regions + r;
                 let Some(result) = results[n] else {
@@ -545,6 +547,7 @@ impl Allocator {
                     continue;
                 }
                 block_failed = true;
+                block_residue |= result.nonzero > 0;
                 let segment = call.segment(n);
                 events.push(Event {
                     at: SystemTime::now(),
@@ -559,11 +562,19 @@ impl Allocator {
                         samples_nonzero: result.nonzero,
                         coverage: verify::coverage(result),
                         threshold: config.coverage_threshold,
+                        tally: KvTally::Segment,
                     },
                     context: ctx.clone(),
                     block: Some(*owner),
                     addr: None,
                 });
+            }
+            if let Some(EventKind::KvVerifyFailed { tally, .. }) =
+                events.get_mut(first_failure).map(|e| &mut e.kind)
+            {
+                *tally = KvTally::Block {
+                    residue: block_residue,
+                };
             }
             // Read back whole, or failed on a segment that was: a failed block is always
             // one of the blocks read back (the counters and the record say so).

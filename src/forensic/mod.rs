@@ -635,6 +635,8 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             samples_nonzero,
             coverage,
             threshold,
+            // How the detector counts the record, not evidence: the log keeps every segment.
+            tally: _,
         } => {
             put("kv_block", Field::U(u64::from(*kv_block)));
             put("region", Field::U(u64::from(*region)));
