@@ -896,6 +896,82 @@ def test_configmap_policy_weakens_no_control(pod):
     assert "weakened controls: none" in r.stdout, r.stdout
 
 
+RUNBOOK = ROOT / "docs" / "operations.md"
+
+
+def runbook_text() -> str:
+    """The runbook with its lines joined, so that a command wrapped over lines reads whole."""
+    return " ".join(RUNBOOK.read_text().split())
+
+
+def container_kvh_env(c: dict) -> dict:
+    """The KVH_* (and FORENSIC_*) variables a container of the example is given."""
+    declared = {}
+    for ef in c.get("envFrom", []):
+        declared.update(the("ConfigMap", ef["configMapRef"]["name"])["data"])
+    declared.update({e["name"]: e["value"] for e in c.get("env", [])})
+    return {k: v for k, v in declared.items() if k.startswith(("KVH_", "FORENSIC_"))}
+
+
+def kvh_config(env: dict, *flags: str) -> subprocess.CompletedProcess:
+    return run_in([kvh_binary(), "config", *flags], {"PATH": os.environ["PATH"], **env})
+
+
+def digest_in(env: dict) -> str:
+    r = kvh_config(env, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["config_digest"]
+
+
+# The runbook's command for a pod that does not start: the ConfigMap's variables, as kubectl's
+# go-template prints them, and the key paths the pod sets, in the environment of `kvh config`.
+CONFIGMAP_TEMPLATE = "{{range $k, $v := .data}}{{$k}}={{$v}} {{end}}"
+CONFIGMAP_COMMAND = re.compile(
+    r"`env \$\(kubectl get configmap (\S+) -o go-template='([^']*)'\) ((?:KVH_\w+=\S+ )*)kvh config (--strict)`"
+)
+
+
+def test_the_runbooks_policy_command_sees_what_the_server_gets():
+    # "A pod that does not start": the command shows the policy the server would run with,
+    # and --strict passes on the example's policy, as the init container's own check does.
+    m = CONFIGMAP_COMMAND.search(runbook_text())
+    assert m, "the runbook's kvh config command for the ConfigMap was not found"
+    name, template, assignments, strict = m.groups()
+    assert template == CONFIGMAP_TEMPLATE, template
+    # kubectl's go-template ranges over a map in key order.
+    data = the("ConfigMap", name)["data"]
+    env = dict(sorted(data.items()))
+    env.update(a.split("=", 1) for a in assignments.split())
+    server = container_kvh_env(server_container())
+    assert digest_in(env) == digest_in(server), f"the runbook's environment {env} vs the server's {server}"
+    r = kvh_config(env, strict)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for k, v in data.items():
+        assert f"{v}" in r.stdout, f"{k}={v} not shown: {r.stdout}"
+
+
+def test_the_runbooks_drift_command_runs_in_the_container_that_has_the_policy():
+    # "Policy drift", step 2: `kubectl exec POD -c NAME -- PATH config` must name the container
+    # whose environment the library starts with, and a path where the pod puts the image's kvh.
+    m = re.search(r"`kubectl exec POD -c (\S+) -- (\S+) config`", runbook_text())
+    assert m, "the runbook's kubectl exec command for kvh config was not found"
+    name, path = m.groups()
+    server = server_container()
+    assert name == server["name"], f"the runbook runs kvh config in {name}, the library runs in {server['name']}"
+    env = {e["name"]: e.get("value") for e in server.get("env", [])}
+    assert "KVH_LIBRARY" in env or "LD_PRELOAD" in env, "the server container does not load the library"
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    (mount,) = [mp for mp in mounts if path.startswith(mp.rstrip("/") + "/")]
+    assert mounts[mount] == "kvh-dist", f"{path} is on volume {mounts[mount]}, not the distribution"
+    assert in_layout(path[len(mount) :].lstrip("/")), f"{path} is not in the distribution"
+    # Elsewhere in the pod (the sidecars of the kvhygiene image) kvh config sees another policy,
+    # which is why the runbook names the container.
+    spec = dict(pod_specs())["deployment/inference-server"]
+    sidecars = [c for _, c in containers(spec) if is_kvh_image(c["image"]) and c is not install_container(spec)]
+    assert sidecars
+    assert all(digest_in(container_kvh_env(c)) != digest_in(container_kvh_env(server)) for c in sidecars)
+
+
 def tail_sidecar(spec: dict) -> dict:
     (c,) = [c for c in spec["initContainers"] if c["name"] == "kvh-tail"]
     return c
