@@ -12,6 +12,9 @@ watch, so that the dashboard cannot drift from either:
   instance), and every fixed label value is one the library writes;
 - counters are read only through rate() and increase(), and only counters are: totals over
   the dashboard range (`$__range`) in stat panels, rates over `$__rate_interval` in graphs;
+  a stat's total also reads, through min_over_time() over its range and `unless ... offset`
+  its range, the first value of a series new in the range (tests/python/
+  test_promtool_dashboard.py evaluates those expressions);
 - the Security row's stat panels turn red at the first event;
 - every alert of deploy/prometheus/kvhygiene-rules.yaml fires on a series some panel shows
   (with the alert's label values), and the alerts and runbook sections panel descriptions name
@@ -43,6 +46,12 @@ SELECTOR = re.compile(r"(kvh_[a-zA-Z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 COUNTER_FUNCTIONS = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
+# A stat panel's total also counts the first value of each series new in its range (a process
+# first scraped with events already counted, which increase() starts from): its minimum over
+# the range, unless the series was there at the range's start.
+FIRST_VALUE_BEFORE = re.compile(r"\b(?:min_over_time\(|unless)\s*$")
+FIRST_VALUE_AFTER = {"min_over_time(": re.compile(r"\{[^}]*\}\[\$__range\]\)"),
+                     "unless": re.compile(r"\{[^}]*\} offset \$__range\)")}
 RANGE = re.compile(r"\[([^\]]+)\]")
 
 
@@ -320,6 +329,7 @@ def grouping_problems(dash: dict, exported: Exported) -> list:
 def counter_problems(dash: dict, exported: Exported) -> list:
     """Counters are read through rate()/increase() only, and those functions read counters only."""
     out = []
+    stats = {f"panel {p['title']!r}" for p in panels(dash) if p["type"] == "stat"}
     for where, expr in expressions(dash):
         if where.startswith("variable"):
             continue  # label_values reads labels, not values
@@ -328,6 +338,10 @@ def counter_problems(dash: dict, exported: Exported) -> list:
             if kind is None:
                 continue  # metric_problems says so
             through_rate = bool(COUNTER_FUNCTIONS.search(expr[:start]))
+            if where in stats and not through_rate:
+                before = FIRST_VALUE_BEFORE.search(expr[:start])
+                key = before and ("unless" if before.group(0).startswith("unless") else "min_over_time(")
+                through_rate = bool(key and FIRST_VALUE_AFTER[key].match(expr, start + len(name)))
             if kind == "counter" and not through_rate:
                 out.append(f"{where}: counter {name} read without rate() or increase()")
             if kind != "counter" and through_rate:
@@ -568,6 +582,15 @@ FAULTS = {
     ),
     "a histogram bucket plotted raw": (
         edit_exprs("(rate(kvh_free_to_clean_seconds_bucket{", "((kvh_free_to_clean_seconds_bucket{", count=2),
+        counter_problems,
+    ),
+    "a stat's new-series value read without its offset": (
+        edit_exprs(" offset $__range)", ")"),
+        counter_problems,
+    ),
+    "a stat's new-series value read raw": (
+        edit_exprs("min_over_time(kvh_residue_detected_total{job=~\"$job\",instance=~\"$instance\"}[$__range])",
+                   "kvh_residue_detected_total{job=~\"$job\",instance=~\"$instance\"}"),
         counter_problems,
     ),
     "a counter plotted raw": (
