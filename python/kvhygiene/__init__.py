@@ -342,8 +342,14 @@ def synchronize() -> None:
 
 
 def empty_cache() -> None:
-    """Flushes pending scrubs and returns clean cached blocks to the driver."""
-    load().kvh_empty_cache()
+    """Flushes pending scrubs and returns clean cached blocks to the driver. Raises
+    :class:`KvhError` when the allocator could not start (an invalid policy, a log directory
+    it refused, a forked child): nothing was flushed or returned."""
+    lib = load()
+    lib.kvh_empty_cache()
+    # kvh_empty_cache returns nothing: it leaves a failed start-up in kvh_last_error and
+    # clears it when it ran.
+    _check("kvh_empty_cache", lib.kvh_last_error())
 
 
 _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
@@ -538,6 +544,13 @@ def _integer(value, name: str) -> int:
         raise TypeError(f"{name} {value!r} is not an integer") from None
 
 
+def _stream_handle(stream) -> int:
+    """The raw handle of a ``torch.cuda.Stream`` (its ``cuda_stream``) or of an integer one:
+    ctypes would keep only the low 64 bits of a larger or negative value, and the call would
+    run on another stream than the one named, unordered with its work."""
+    return _u64(getattr(stream, "cuda_stream", stream), "stream")
+
+
 def _u64(value, name: str) -> int:
     v = _integer(value, name)
     if not 0 <= v <= _U64:
@@ -698,7 +711,7 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
     stream_device = getattr(getattr(stream, "device", None), "index", None)
     if stream_device is not None and stream_device != layout.device:
         raise ValueError(f"the stream is on device {stream_device}, the layout on device {layout.device}")
-    stream = int(getattr(stream, "cuda_stream", stream))
+    stream = _stream_handle(stream)
     bases = (ctypes.c_uint64 * len(layout.regions))(*layout.regions)
     c_layout = _CLayout(
         bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region

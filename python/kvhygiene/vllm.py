@@ -95,7 +95,14 @@ def context_id(req_id) -> str:
     the hex SHA-256 of its UTF-8.
     The same request gets the same id at every step, and two requests never share one, so
     the gate tells them apart as it does other ids; the forensic records then carry the
-    digest, which an auditor recomputes from the engine's own request log."""
+    digest, which an auditor recomputes from the engine's own request log. Bytes (a raw
+    header) are their UTF-8 text, as in :func:`kvhygiene.context`; bytes that are not UTF-8
+    are hashed."""
+    if isinstance(req_id, (bytes, bytearray)):
+        try:
+            req_id = bytes(req_id).decode("utf-8")
+        except UnicodeDecodeError:
+            return _DIGEST_PREFIX + hashlib.sha256(bytes(req_id)).hexdigest()
     text = str(req_id)
     try:
         raw = text.encode("utf-8")

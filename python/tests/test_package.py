@@ -914,3 +914,59 @@ def test_a_negative_block_id_is_named_in_the_error():
         layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
         with pytest.raises(ValueError, match="-7"):
             kvhygiene.scrub_blocks(layout, [0, 1, -7, 3])
+
+
+_EMPTY_CACHE_WITHOUT_A_RUNTIME = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+kvhygiene.load(sys.argv[2])
+for name in ("synchronize", "empty_cache"):
+    try:
+        getattr(kvhygiene, name)()
+        print(name, "returned")
+    except kvhygiene.KvhError as e:
+        print(name, "raised", e.code)
+"""
+
+
+@needs_lib
+def test_empty_cache_raises_when_the_allocator_could_not_start(tmp_path):
+    # kvh_empty_cache returns nothing and leaves its error in kvh_last_error. When the
+    # allocator cannot start (here an invalid KVH_OOM: KVH_ERR_CONFIG), empty_cache() raises
+    # KvhError with that code, as synchronize() and stats() do, instead of returning as if
+    # the cache had been flushed and returned to the driver.
+    import subprocess
+    import sys
+
+    script = tmp_path / "empty_cache_without_a_runtime.py"
+    script.write_text(_EMPTY_CACHE_WITHOUT_A_RUNTIME)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host", KVH_OOM="bogus")
+    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "synchronize raised 7011", run.stdout
+    assert lines[1] == "empty_cache raised 7011", (
+        f"empty_cache() with an allocator that could not start: {lines[1]!r} "
+        "(kvh_last_error holds KVH_ERR_CONFIG, 7011)"
+    )
+
+
+@needs_lib
+def test_a_stream_that_is_no_cuda_stream_handle_is_refused_not_wrapped():
+    # A raw stream is a cudaStream_t, a pointer. ctypes keeps only the low 64 bits of an int
+    # passed as one (2**64 becomes NULL, the legacy default stream; -1 a handle no stream has)
+    # and int() truncates a float: the scrub would be ordered on another stream than the one
+    # named, after none of the work queued there. Such values are refused before any call, as
+    # a device index a C int cannot hold is, and nothing is scrubbed or claimed.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        for call in (kvhygiene.scrub_blocks, kvhygiene.claim_blocks):
+            for bad in (2**64, 2**64 + 7, -1, 7.5):
+                try:
+                    call(layout, [3], stream=bad)
+                except (TypeError, ValueError):
+                    continue
+                pytest.fail(f"{call.__name__}(stream={bad!r}) was accepted")
+        assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "a block was scrubbed for a bad stream"

@@ -4,6 +4,7 @@ and that claiming them zeroes blocks another request wrote while prefix-cache hi
 contents."""
 
 import ctypes
+import hashlib
 from types import SimpleNamespace as NS
 
 import pytest
@@ -346,3 +347,31 @@ def test_a_tenant_id_the_library_would_refuse_does_not_stop_the_step():
     kvhygiene.synchronize()
     assert context_id("evil\ntenant").startswith("sha256:")
     assert kept, "the block was claimed under another owner than the tenant's digest"
+
+
+def test_a_tenant_id_given_as_bytes_is_its_text_as_in_a_context():
+    # tenant_of may read a raw header (ASGI headers are bytes). kvhygiene.context takes
+    # b"acme" for the tenant "acme", not "b'acme'"; the claims claim_scheduled makes for the
+    # tenant are under the same id, so the request's own claim inside
+    # context(tenant_id=b"acme", request_id="a") keeps its block, and the records name "acme".
+    assert context_id(b"acme") == "acme"
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    claim_scheduled(step(new=[("a", [5], 0)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: b"acme")
+    for base in layout.regions:
+        ctypes.memset(base + 5 * BLOCK_BYTES, 0xB4, BLOCK_BYTES)
+    with kvhygiene.context(tenant_id=b"acme", request_id="a"):
+        kvhygiene.claim_blocks(layout, [5])
+    kept = all(ctypes.string_at(b + 5 * BLOCK_BYTES, BLOCK_BYTES) == b"\xb4" * BLOCK_BYTES for b in layout.regions)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert kept, "the block was scrubbed: claim_scheduled claimed it under another tenant than b'acme' names"
+
+
+def test_a_tenant_id_given_as_bytes_that_are_not_utf8_is_their_digest():
+    # context() refuses such bytes; the claims of a step are not stopped by a client's id.
+    raw = b"acme\xff"
+    assert context_id(raw) == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert context_id(bytearray(b"acme")) == "acme"
