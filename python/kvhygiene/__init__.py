@@ -511,6 +511,8 @@ class KvLayout:
         tensors = list(tensors)
         if not tensors:
             raise ValueError("from_tensors needs at least one tensor")
+        # True would index dimension 1, and 1.0 fail deep in the slicing.
+        block_dim = _integer(block_dim, "block_dim")
         regions, geometry, device = [], None, None
         for n, t in enumerate(tensors):
             g, bases = _tensor_blocks(t, block_dim, f"tensor {n}")

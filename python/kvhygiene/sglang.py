@@ -306,7 +306,9 @@ class ScrubOnFree:
                 len(failed),
                 sorted(failed),
             )
-        back = self.withheld & self._free_set()
+        # Each reading of the free lists copies them (a speculative step's cost): skipped
+        # when nothing is withheld.
+        back = self.withheld & self._free_set() if self.withheld else set()
         if back:
             self._take_out(back)
         return result

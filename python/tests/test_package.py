@@ -970,3 +970,11 @@ def test_a_stream_that_is_no_cuda_stream_handle_is_refused_not_wrapped():
                     continue
                 pytest.fail(f"{call.__name__}(stream={bad!r}) was accepted")
         assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "a block was scrubbed for a bad stream"
+
+
+def test_block_dim_must_be_an_integer():
+    t = FakeTensor(0x10000, (2, 8, 16, 4))
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(TypeError, match="block_dim"):
+            kvhygiene.KvLayout.from_tensors([t], block_dim=bad)
+    assert kvhygiene.KvLayout.from_tensors([t], block_dim=1).blocks_per_region == 8
