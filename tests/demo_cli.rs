@@ -364,3 +364,56 @@ fn a_demo_that_runs_out_of_host_memory_exits_with_an_error_not_an_abort() {
     );
     assert_eq!(code, 2, "{out}{tail}");
 }
+
+/// The fault drill's sabotaged scrubs are verification failures and quarantines in the
+/// forensic log. Under a policy that names a log directory (a server's environment, where
+/// KVH_LOG_DIR is its audit log, watched by a SIEM), the drill runs only with a --log-dir of
+/// its own: without one it is refused, and nothing is written into the policy's directory.
+#[test]
+fn the_fault_drill_is_not_logged_into_the_policys_log_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy_log = tmp.path().join("server-log");
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+        ])
+        .env("KVH_LOG_DIR", &policy_log));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("--log-dir") && err.contains(&*policy_log.to_string_lossy()),
+        "{err}"
+    );
+    assert!(
+        !policy_log.exists(),
+        "the drill wrote into the policy's log directory"
+    );
+
+    // With a directory of its own, the drill runs and logs there only.
+    let drill_log = tmp.path().join("drill-log");
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+        ])
+        .arg(&drill_log)
+        .env("KVH_LOG_DIR", &policy_log));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(drill_log.is_dir() && !policy_log.exists());
+
+    // A run without the drill logs where the policy says, as the process it stands for would.
+    let (code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "2"])
+        .env("KVH_LOG_DIR", &policy_log));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(policy_log.is_dir());
+}

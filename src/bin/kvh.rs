@@ -422,7 +422,9 @@ struct DemoArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=65_536))]
     decode_tokens: u32,
     /// Sabotage one scrub of a freed block and one of a paged KV block on purpose and show
-    /// verification catch both (host backend only).
+    /// verification catch both (host backend only). Its failures are logged only into a
+    /// directory given with --log-dir: with a log directory from the policy (KVH_LOG_DIR,
+    /// which may be a running server's audit log) and no --log-dir, the drill is refused.
     #[arg(long)]
     inject_fault: bool,
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.
@@ -482,6 +484,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             BackendArg::Host => BackendChoice::Host,
             BackendArg::Cuda => BackendChoice::Cuda,
         };
+    }
+    if let Some(e) = drill_into_policy_log(&args, &config) {
+        return usage_error(&e);
     }
     if args.inject_fault && config.backend == BackendChoice::Auto {
         // The drill sabotages a scrub: only ever on host memory.
@@ -630,6 +635,22 @@ fn open_log(config: &Config) -> Result<Option<Arc<ForensicLog>>, ExitCode> {
 
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(2))
+}
+
+/// Why the fault drill may not run: its sabotaged scrubs are verification failures and
+/// quarantines in the forensic log, and a log directory the policy names (rather than
+/// `--log-dir`) may be a running server's, watched by its auditors and its SIEM.
+fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
+    let dir = config.log.dir.as_ref()?;
+    (args.inject_fault && args.log_dir.is_none()).then(|| {
+        format!(
+            "--inject-fault: the policy logs into {} (KVH_LOG_DIR, or log_dir in KVH_CONFIG's \
+             file), which may be a running server's forensic log: the drill's deliberate \
+             failures would be security records there. Pass --log-dir DIR to log the drill \
+             elsewhere, or unset KVH_LOG_DIR",
+            dir.display()
+        )
+    })
 }
 
 fn usage_error(msg: &str) -> ExitCode {
