@@ -12,9 +12,9 @@ watch, so that the dashboard cannot drift from either:
   instance), and every fixed label value is one the library writes;
 - counters are read only through rate() and increase(), and only counters are: totals over
   the dashboard range (`$__range`) in stat panels, rates over `$__rate_interval` in graphs;
-  a stat's total also reads, through min_over_time() over its range and `unless ... offset`
-  its range, the first value of a series new in the range (tests/python/
-  test_promtool_dashboard.py evaluates those expressions);
+  a stat's total also reads, through min_over_time() and max_over_time() over its range and
+  last_over_time() over the day before it, the first value of a series new in the range
+  (tests/python/test_promtool_dashboard.py evaluates those expressions);
 - the Security row's stat panels turn red at the first event;
 - every alert of deploy/prometheus/kvhygiene-rules.yaml fires on a series some panel shows
   (with the alert's label values), and the alerts and runbook sections panel descriptions name
@@ -47,11 +47,13 @@ MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 COUNTER_FUNCTIONS = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
 # A stat panel's total also counts the first value of each series new in its range (a process
-# first scraped with events already counted, which increase() starts from): its minimum over
-# the range, unless the series was there at the range's start.
-FIRST_VALUE_BEFORE = re.compile(r"\b(?:min_over_time\(|unless)\s*$")
-FIRST_VALUE_AFTER = {"min_over_time(": re.compile(r"\{[^}]*\}\[\$__range\]\)"),
-                     "unless": re.compile(r"\{[^}]*\} offset \$__range\)")}
+# first scraped with events already counted, which increase() starts from): the larger of its
+# maximum and its minimum plus its increase over the range, for a series not seen in the day
+# before the range (last_over_time over [1d] offset by the range).
+STAT_FIRST_VALUE = re.compile(r"\b(?:min_over_time|max_over_time)\(\s*$")
+STAT_SEEN_BEFORE = re.compile(r"\blast_over_time\(\s*$")
+STAT_RANGE_AFTER = re.compile(r"\{[^}]*\}\[\$__range\]\)")
+STAT_BEFORE_AFTER = re.compile(r"\{[^}]*\}\[1d\] offset \$__range\)")
 RANGE = re.compile(r"\[([^\]]+)\]")
 
 
@@ -338,11 +340,12 @@ def counter_problems(dash: dict, exported: Exported) -> list:
             if kind is None:
                 continue  # metric_problems says so
             through_rate = bool(COUNTER_FUNCTIONS.search(expr[:start]))
-            if where in stats and not through_rate:
-                before = FIRST_VALUE_BEFORE.search(expr[:start])
-                key = before and ("unless" if before.group(0).startswith("unless") else "min_over_time(")
-                through_rate = bool(key and FIRST_VALUE_AFTER[key].match(expr, start + len(name)))
-            if kind == "counter" and not through_rate:
+            end = start + len(name)
+            first_value = where in stats and bool(
+                (STAT_FIRST_VALUE.search(expr[:start]) and STAT_RANGE_AFTER.match(expr, end))
+                or (STAT_SEEN_BEFORE.search(expr[:start]) and STAT_BEFORE_AFTER.match(expr, end))
+            )
+            if kind == "counter" and not (through_rate or first_value):
                 out.append(f"{where}: counter {name} read without rate() or increase()")
             if kind != "counter" and through_rate:
                 out.append(f"{where}: rate()/increase() of {name}, a {kind}")
@@ -354,6 +357,9 @@ def range_problems(dash: dict, exported: Exported) -> list:
     want = {"stat": "$__range", "timeseries": "$__rate_interval"}
     out = []
     for p, expr in targets(dash):
+        if p["type"] == "stat":
+            # The day before the range, where a stat looks whether a series is new.
+            expr = expr.replace("[1d] offset $__range", "[$__range] offset $__range")
         for r in RANGE.findall(expr):
             if r != want.get(p["type"]):
                 out.append(f"panel {p['title']!r} ({p['type']}): range [{r}], not [{want.get(p['type'])}]")
@@ -584,8 +590,8 @@ FAULTS = {
         edit_exprs("(rate(kvh_free_to_clean_seconds_bucket{", "((kvh_free_to_clean_seconds_bucket{", count=2),
         counter_problems,
     ),
-    "a stat's new-series value read without its offset": (
-        edit_exprs(" offset $__range)", ")"),
+    "a stat's look before the range read without its offset": (
+        edit_exprs("[1d] offset $__range)", "[1d])"),
         counter_problems,
     ),
     "a stat's new-series value read raw": (

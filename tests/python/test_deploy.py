@@ -923,31 +923,63 @@ def digest_in(env: dict) -> str:
     return json.loads(r.stdout)["config_digest"]
 
 
-# The runbook's command for a pod that does not start: the ConfigMap's variables, as kubectl's
-# go-template prints them, and the key paths the pod sets, in the environment of `kvh config`.
-CONFIGMAP_TEMPLATE = "{{range $k, $v := .data}}{{$k}}={{$v}} {{end}}"
-CONFIGMAP_COMMAND = re.compile(
-    r"`env \$\(kubectl get configmap (\S+) -o go-template='([^']*)'\) ((?:KVH_\w+=\S+ )*)kvh config (--strict)`"
-)
+# The runbook's commands for a pod that does not start: the ConfigMap's variables, one per line
+# as kubectl's go-template prints them, and the key paths the pod sets, in the environment of
+# `kvh config`.
+CONFIGMAP_TEMPLATE = '{{range $k, $v := .data}}{{$k}}={{$v}}{{"\\n"}}{{end}}'
 
 
-def test_the_runbooks_policy_command_sees_what_the_server_gets():
-    # "A pod that does not start": the command shows the policy the server would run with,
-    # and --strict passes on the example's policy, as the init container's own check does.
-    m = CONFIGMAP_COMMAND.search(runbook_text())
-    assert m, "the runbook's kvh config command for the ConfigMap was not found"
-    name, template, assignments, strict = m.groups()
-    assert template == CONFIGMAP_TEMPLATE, template
-    # kubectl's go-template ranges over a map in key order.
-    data = the("ConfigMap", name)["data"]
-    env = dict(sorted(data.items()))
-    env.update(a.split("=", 1) for a in assignments.split())
-    server = container_kvh_env(server_container())
-    assert digest_in(env) == digest_in(server), f"the runbook's environment {env} vs the server's {server}"
-    r = kvh_config(env, strict)
+def runbook_policy_script() -> str:
+    """The runbook's bash lines (a fenced block) that run `kvh config` on the ConfigMap."""
+    blocks = re.findall(r"```sh\n(.*?)```", RUNBOOK.read_text(), re.S)
+    (block,) = [b for b in blocks if "kubectl get configmap" in b and "kvh config" in b]
+    return "\n".join(line.strip() for line in block.splitlines())
+
+
+def run_policy_script(tmp_path, data: dict, kvh: str) -> subprocess.CompletedProcess:
+    """The runbook's lines run by bash, with a kubectl that prints what the go-template makes
+    of a ConfigMap holding `data` (kubectl ranges over a map in key order)."""
+    script = runbook_policy_script()
+    m = re.search(r"kubectl get configmap (\S+) -o go-template='([^']*)'", script)
+    assert m, script
+    name, template = m.groups()
+    assert name == "kvhygiene-policy" and template == CONFIGMAP_TEMPLATE, m.group(0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    rendered = "".join(f"{k}={v}\n" for k, v in sorted(data.items()))
+    (bin_dir / "kubectl").write_text(f"#!/bin/sh\nprintf '%s' {shlex.quote(rendered)}\n")
+    (bin_dir / "kubectl").chmod(0o755)
+    (bin_dir / "kvh").symlink_to(kvh)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return run_in(["bash", "-c", script], env, cwd=tmp_path)
+
+
+def test_the_runbooks_policy_command_sees_what_the_server_gets(tmp_path):
+    # "A pod that does not start": the commands show the policy the server would run with, and
+    # --strict passes on the example's policy, as the init container's own check does.
+    data = the("ConfigMap", "kvhygiene-policy")["data"]
+    r = run_policy_script(tmp_path, data, kvh_binary())
     assert r.returncode == 0, r.stdout + r.stderr
     for k, v in data.items():
-        assert f"{v}" in r.stdout, f"{k}={v} not shown: {r.stdout}"
+        assert v in r.stdout, f"{k}={v} not shown: {r.stdout}"
+    digest = re.search(r"config digest: ([0-9a-f]{64})", r.stdout)
+    assert digest, r.stdout
+    server = container_kvh_env(server_container())
+    assert digest.group(1) == digest_in(server), f"the runbook's policy vs the server's {server}"
+
+
+def test_the_runbooks_policy_command_passes_a_value_with_a_space_whole(tmp_path):
+    # A value holding a space (or a glob character) reaches `kvh config` whole, as the pod's
+    # envFrom gives it.
+    data = {"KVH_BACKEND": "host", "KVH_LOG_DIR": "/var/log/kvh/audit chains*"}
+    printer = tmp_path / "print-env"
+    printer.write_text("#!/bin/sh\nenv | grep '^KVH_'\n")
+    printer.chmod(0o755)
+    r = run_policy_script(tmp_path, data, str(printer))
+    assert r.returncode == 0, r.stderr
+    seen = dict(line.split("=", 1) for line in r.stdout.splitlines())
+    for k, v in data.items():
+        assert seen.get(k) == v, f"{k}: kvh config sees {seen.get(k)!r}, the pod {v!r}"
 
 
 def test_the_runbooks_drift_command_runs_in_the_container_that_has_the_policy():
