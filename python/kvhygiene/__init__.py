@@ -547,10 +547,23 @@ def _integer(value, name: str) -> int:
 
 
 def _stream_handle(stream) -> int:
-    """The raw handle of a ``torch.cuda.Stream`` (its ``cuda_stream``) or of an integer one:
-    ctypes would keep only the low 64 bits of a larger or negative value, and the call would
-    run on another stream than the one named, unordered with its work."""
-    return _u64(getattr(stream, "cuda_stream", stream), "stream")
+    """The raw handle of a stream: a ``torch.cuda.Stream`` (its ``cuda_stream``), an integer,
+    a ``ctypes.c_void_p``, or a handle object that converts with ``int()`` (cuda-python's
+    ``CUstream``, numba's streams). Checked to be a 64-bit value: ctypes would keep only the
+    low 64 bits of a larger or negative one, and the call would run on another stream than
+    the one named, unordered with its work; a float or a string is no handle."""
+    raw = getattr(stream, "cuda_stream", stream)
+    if isinstance(raw, ctypes.c_void_p):
+        raw = raw.value or 0
+    if isinstance(raw, (bool, float, str, bytes, bytearray)):
+        raise TypeError(f"stream {raw!r} is not a stream handle")
+    try:
+        value = operator.index(raw)
+    except TypeError:
+        if not hasattr(type(raw), "__int__"):
+            raise TypeError(f"stream {raw!r} is not a stream handle") from None
+        value = int(raw)
+    return _u64(value, "stream")
 
 
 def _u64(value, name: str) -> int:

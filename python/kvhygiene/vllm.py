@@ -97,12 +97,13 @@ def context_id(req_id) -> str:
     the gate tells them apart as it does other ids; the forensic records then carry the
     digest, which an auditor recomputes from the engine's own request log. Bytes (a raw
     header) are their UTF-8 text, as in :func:`kvhygiene.context`; bytes that are not UTF-8
-    are hashed."""
+    are the digest of a 0xFF byte followed by them (no text's encoding holds 0xFF, so they
+    never share a digest with a text, one with a lone surrogate included)."""
     if isinstance(req_id, (bytes, bytearray)):
         try:
             req_id = bytes(req_id).decode("utf-8")
         except UnicodeDecodeError:
-            return _DIGEST_PREFIX + hashlib.sha256(bytes(req_id)).hexdigest()
+            return _DIGEST_PREFIX + hashlib.sha256(b"\xff" + bytes(req_id)).hexdigest()
     text = str(req_id)
     try:
         raw = text.encode("utf-8")

@@ -978,3 +978,24 @@ def test_block_dim_must_be_an_integer():
         with pytest.raises(TypeError, match="block_dim"):
             kvhygiene.KvLayout.from_tensors([t], block_dim=bad)
     assert kvhygiene.KvLayout.from_tensors([t], block_dim=1).blocks_per_region == 8
+
+
+def test_stream_handles_in_the_forms_cuda_libraries_give_them():
+    # torch.cuda.Stream (cuda_stream), an int, ctypes.c_void_p, and handle objects that
+    # convert with int() (cuda-python's CUstream, numba's streams) name the same stream.
+    class IntLike:
+        def __init__(self, v):
+            self.v = v
+
+        def __int__(self):
+            return self.v
+
+    class TorchLike:
+        cuda_stream = 0
+
+    forms = [0, ctypes.c_void_p(None), ctypes.c_void_p(0), IntLike(0), TorchLike()]
+    assert {kvhygiene._stream_handle(f) for f in forms} == {0}
+    assert kvhygiene._stream_handle(ctypes.c_void_p(0x1234)) == 0x1234
+    for bad in (IntLike(-1), IntLike(2**64), "0", 0.0, True, object()):
+        with pytest.raises((TypeError, ValueError)):
+            kvhygiene._stream_handle(bad)
