@@ -221,9 +221,10 @@ pub enum EventKind {
 }
 
 /// How one failed segment of a `kvh_scrub_blocks` call counts toward the anomaly detector.
-/// A block is one failure however many of its regions failed, as a freed block is: counted
-/// per segment, one block of a 32-layer model failing in every layer would be 64 failures,
-/// a burst, and would inflate the tenant's baseline sixty-fourfold.
+/// A block is one failure per call however many of its regions failed, as one failed scrub of
+/// a freed block is: counted per segment, one block of a 32-layer model failing in every
+/// layer would be 64 failures, a burst, and would inflate the tenant's baseline
+/// sixty-fourfold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvTally {
     /// The block's first failed segment in the call, which stands for the whole block:

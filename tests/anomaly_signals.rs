@@ -91,8 +91,9 @@ fn residue_read_by_a_rescrub_counts_toward_the_residue_signal() {
 }
 
 /// A KV block that fails in every region (every layer's K and V) is one failed block to the
-/// detector, as a freed block that fails is: one `verify_failed` and one `residue` count,
-/// whatever the layer count, so a single bad block is no burst. A second failed block is.
+/// detector, as one failed scrub of a freed block is: one `verify_failed` and one `residue`
+/// count, whatever the layer count, so a single bad block is no burst. A second failed block
+/// is.
 #[test]
 fn a_kv_block_failing_in_every_region_counts_once() {
     const REGIONS: u64 = 8;
@@ -164,4 +165,55 @@ fn a_kv_block_failing_in_every_region_counts_once() {
     assert_eq!(verify_failed_anomalies(), 1);
     Context::set_current(previous);
     alloc.free(a, len, 0, S).unwrap();
+}
+
+/// A freed block whose scrub fails counts once toward `verify_failed`; its re-scrub (double
+/// pass, full verification) counts again only when it fails too. A block that clears at its
+/// re-scrub (a transient fault) is no burst; memory that twice does not clear is one.
+#[test]
+fn a_freed_block_is_a_verify_failed_burst_only_when_its_rescrub_fails_too() {
+    for (faults, bursts) in [(1, 0), (2, 1)] {
+        let backend = TestBackend::new(HostBackend::new());
+        let mem = MemorySink::new();
+        let detector = AnomalySink::new(
+            Params::from_config(&AnomalyConfig::default()),
+            Some(mem.clone() as Arc<dyn EventSink>),
+            ManualClock::new(),
+        );
+        let alloc = Allocator::new(
+            backend.clone(),
+            manual_config(),
+            Some(detector.clone() as Arc<dyn EventSink>),
+        );
+        let previous =
+            Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        backend.write(0, a, &secret(4096, 3)).unwrap();
+        // The first scrub, and with two faults the re-scrub, leave half of the block unzeroed.
+        backend.host.inject_skip_tail(faults);
+        assert!(alloc.free_checked(a, 4096, 0, S).is_err(), "quarantined");
+        alloc.synchronize().unwrap();
+        Context::set_current(previous);
+
+        let events = mem.snapshot();
+        let kinds: Vec<String> = events.iter().map(|e| format!("{:?}", e.kind)).collect();
+        let c = alloc.stats().counters;
+        assert_eq!(c.rescrub_failed, faults - 1, "{kinds:#?}");
+        let verify_failed_anomalies = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::Anomaly {
+                        signal: AnomalySignal::VerifyFailed,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(
+            verify_failed_anomalies, bursts,
+            "{faults} faults: {kinds:#?}"
+        );
+    }
 }

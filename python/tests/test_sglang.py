@@ -643,3 +643,44 @@ def test_pages_of_two_slots_over_rows_that_are_not_dense_are_refused():
     gappy = FakeTensor(0x1000, (18, 2, 8), stride=(32, 8, 1))
     with pytest.raises(ValueError, match="not one dense run"):
         layouts_of(NS(page_size=2, kv_buffer=[gappy]))
+
+
+def _one_bad_page(pool, layouts, tenant):
+    """Frees page 1 through scrub_on_free with every one of its segments sabotaged; returns the
+    verify_failed anomalies it added."""
+    lib = kvhygiene.load()
+    alloc = TokenAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts)
+
+    def verify_failed_anomalies():
+        return kvhygiene.stats()["anomaly"]["by_signal"]["verify_failed"]
+
+    before = verify_failed_anomalies()
+    with kvhygiene.context(tenant_id=tenant, request_id="req-1"):
+        tokens = alloc.alloc(2)  # page 1
+        pool.fill(tokens, 0xA7)
+        # Every segment of page 1: its K and V rows in both layers, in every layout.
+        lib.kvh_inject_fault(sum(len(layout.regions) for layout in layouts))
+        alloc.free(tokens)
+    assert wrapper.withheld == {1}
+    return verify_failed_anomalies() - before
+
+
+def test_a_page_that_fails_in_every_layer_of_a_layout_is_one_failed_verification():
+    # README ("Anomalies"): a KV block that fails a call counts once toward the detector,
+    # however many of its regions (layers' K and V) failed: a single bad page of a pool of one
+    # geometry (one layout, one call) is no `verify_failed` burst (threshold 2).
+    pool = Pool(kvhygiene.load(), page_size=2)
+    assert _one_bad_page(pool, layouts_of(pool), "tenant-one-bad-page") == 0
+    pool.release()
+
+
+def test_a_page_that_fails_in_two_layouts_counts_once_in_each():
+    # K and V rows of different head sizes are two layouts, scrubbed in two calls (a pool's
+    # scrub must not depend on another's): the page counts once per call, and its two failed
+    # verifications are a burst, as the README says.
+    pool = Pool(kvhygiene.load(), page_size=2, k_dim=8, v_dim=16)
+    layouts = layouts_of(pool)
+    assert len(layouts) == 2
+    assert _one_bad_page(pool, layouts, "tenant-two-geometries") == 1
+    pool.release()
