@@ -221,8 +221,9 @@ fn malloc_async(
 /// runtime's `cudaFree` contract), then scrubbed and verified before any reuse; NULL (which
 /// engines call to create the CUDA context) and every other pointer go to the real
 /// `cudaFree`. An invalid free of kvhygiene memory (double, interior) returns
-/// `cudaErrorInvalidValue` and is logged by the core. When a graph capture refuses the
-/// synchronisation, its error is returned and the block stays live.
+/// `cudaErrorInvalidValue` and is logged by the core, also during a graph capture. When a
+/// graph capture refuses the synchronisation of a valid free, its error is returned and the
+/// block stays live.
 #[no_mangle]
 pub extern "C" fn cudaFree(dev_ptr: *mut c_void) -> cudaError_t {
     boundary(|| match held(dev_ptr) {
@@ -489,6 +490,9 @@ fn free_held(
     span: BlockSpan,
     order: Option<StreamOrder>,
 ) -> cudaError_t {
+    if !span.live || span.addr != ptr as u64 {
+        return refuse_invalid_free(alloc, ptr, span, order);
+    }
     let (synced, stream) = match order {
         None => (synchronize_device(span.device as c_int), LEGACY_STREAM),
         Some(order) => {
@@ -517,6 +521,29 @@ fn free_held(
     // (the runtime's free takes no size). An interior pointer is refused whatever the size.
     match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
         Ok(_) => synced,
+        Err(FreeError::Invalid { .. }) => INVALID_VALUE,
+        Err(_) => UNKNOWN,
+    }
+}
+
+/// A free that frees nothing (a second free of a freed block, an interior pointer) is handed
+/// to the core at once, which refuses and logs it: neither the device's synchronisation nor a
+/// graph capture on its stream (which would refuse a valid free, leaving the block live) may
+/// keep it from the forensic log. Should the block have been handed out again meanwhile, the
+/// core frees it as any free, its scrub ordered after the block's streams.
+#[cold]
+fn refuse_invalid_free(
+    alloc: &Allocator,
+    ptr: *mut c_void,
+    span: BlockSpan,
+    order: Option<StreamOrder>,
+) -> cudaError_t {
+    let stream = match order {
+        Some(StreamOrder::Stream(s)) => s,
+        _ => LEGACY_STREAM,
+    };
+    match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
+        Ok(_) => SUCCESS,
         Err(FreeError::Invalid { .. }) => INVALID_VALUE,
         Err(_) => UNKNOWN,
     }

@@ -588,6 +588,11 @@ fn a_capturing_stream_gets_the_runtimes_allocator_and_keeps_kvhygiene_blocks_liv
         // (the capture refuses cudaFree's device synchronisation): both stay live.
         ("rc_free_kvh_in_capture", 900),
         ("rc_cudafree_in_capture", 900),
+        // Frees that would free nothing (a second free, interior pointers) are refused and
+        // reach the core's log and counters during the capture too.
+        ("rc_double_free_in_capture", 1),
+        ("rc_interior_free_in_capture", 1),
+        ("rc_interior_cudafree_in_capture", 1),
         // Another stream is still served by kvhygiene.
         ("rc_malloc_other_stream", 0),
         ("other_stream_forwarded", 0),
@@ -598,7 +603,7 @@ fn a_capturing_stream_gets_the_runtimes_allocator_and_keeps_kvhygiene_blocks_liv
         // The per-thread stream capturing, asked about on the calling thread: forwarded to
         // the runtime's cudaMallocAsync_ptsz, which this runtime lacks.
         ("rc_malloc_ptsz_captured", 302),
-        ("kvh_invalid_frees", 0),
+        ("kvh_invalid_frees", 3),
     ]);
 }
 

@@ -125,4 +125,6 @@ pub struct BlockSpan {
     /// Size of the current (or last) allocation, as the caller asked for it.
     pub requested: u64,
     pub capacity: u64,
+    /// Whether the block is LIVE: a free of it at `addr` would be valid when asked.
+    pub live: bool,
 }

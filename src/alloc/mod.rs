@@ -818,6 +818,7 @@ impl Allocator {
                 addr: b.addr,
                 requested: b.requested,
                 capacity: b.capacity(),
+                live: b.state == BlockState::Live,
             })
         })
     }

@@ -325,6 +325,10 @@ static int scenario_capture() {
     out("rc_malloc_before", cudaMallocAsync(&before, N, s));
     void* sync_block = nullptr;
     out("rc_malloc_sync_before", cudaMalloc(&sync_block, N));
+    // A block freed before the capture (another size class: not handed out again).
+    void* gone = nullptr;
+    cudaMallocAsync(&gone, 4 * N, s);
+    cudaFreeAsync(gone, s);
 
     fake_cudart_set_capturing(s, 1);
     int real_mallocs = fake_cudart_calls("cudaMallocAsync");
@@ -336,6 +340,10 @@ static int scenario_capture() {
     out("captured_free_forwarded", fake_cudart_calls("cudaFreeAsync") - real_frees);
     out("rc_free_kvh_in_capture", cudaFreeAsync(before, s));
     out("rc_cudafree_in_capture", cudaFree(sync_block));
+    // Frees that would free nothing are refused and logged, capture or not.
+    out("rc_double_free_in_capture", cudaFreeAsync(gone, s));
+    out("rc_interior_free_in_capture", cudaFreeAsync(static_cast<char*>(before) + 16, s));
+    out("rc_interior_cudafree_in_capture", cudaFree(static_cast<char*>(sync_block) + 16));
     // A stream not capturing is still served by kvhygiene.
     real_mallocs = fake_cudart_calls("cudaMallocAsync");
     void* other = nullptr;
