@@ -22,6 +22,7 @@ fn finds_starts_and_interior_addresses_in_every_state_until_release() {
             addr: a,
             requested: 1000,
             capacity: span.capacity,
+            live: true,
         }
     );
     assert!(span.capacity >= 1000);
@@ -35,9 +36,11 @@ fn finds_starts_and_interior_addresses_in_every_state_until_release() {
 
     // Pending, then clean: still held (a second free of it is a double free, not foreign).
     f.alloc.free(a, 1000, 0, S).unwrap();
-    assert_eq!(f.alloc.block_containing(a).map(|s| s.addr), Some(a));
+    let freed = f.alloc.block_containing(a).expect("pending block");
+    assert_eq!((freed.addr, freed.live), (a, false));
     f.alloc.synchronize().unwrap();
-    assert_eq!(f.alloc.block_containing(a).map(|s| s.addr), Some(a));
+    let clean = f.alloc.block_containing(a).expect("clean block");
+    assert_eq!((clean.addr, clean.live), (a, false));
 
     // Released to the backend: no longer held.
     f.alloc.empty_cache();
