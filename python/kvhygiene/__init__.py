@@ -712,7 +712,9 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
     as the per-call segment limit needs, in order; yields, for each, the code, the block ids
     it named back (failed or refused), the ids passed and the error message ("" on success).
     Ids are checked (distinct, below ``blocks_per_region``) before any call when there are
-    several, since then no one call sees them all."""
+    several, since then no one call sees them all: a set that fails the check makes one call,
+    of the ids at fault alone, which the library refuses, counts and logs as it does a single
+    call's."""
     lib = load()
     ids = [_block_id(i) for i in _id_list(block_ids)]
     bad = next((i for i in ids if not 0 <= i <= 0xFFFF_FFFF), None)
@@ -720,7 +722,7 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
         raise ValueError(f"block id {bad} is not in 0..2**32-1")
     per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
     if len(ids) > per_call:
-        _check_ids_for_several_calls(ids, layout.blocks_per_region)
+        ids = _ids_at_fault(ids, layout.blocks_per_region) or ids
     if stream is None:
         stream = _current_stream(layout.device)
     stream_device = getattr(getattr(stream, "device", None), "index", None)
@@ -752,15 +754,18 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
         yield code, list(named)[: count.value], chunk, message
 
 
-def _check_ids_for_several_calls(ids: list, blocks_per_region: int) -> None:
-    """The library's id checks, for ids split over several calls."""
+def _ids_at_fault(ids: list, blocks_per_region: int) -> Optional[list]:
+    """The library's id checks, for ids split over several calls: the first id past the last
+    block, or the first named twice (the KV cache's double free) twice; ``None`` when the ids
+    pass. Given to the library alone, they are refused whatever the layout."""
     seen = set()
     for i in ids:
         if i >= blocks_per_region:
-            raise ValueError(f"block id {i} is not below blocks_per_region ({blocks_per_region})")
+            return [i]
         if i in seen:
-            raise ValueError(f"block id {i} is named twice")
+            return [i, i]
         seen.add(i)
+    return None
 
 
 def _last_message() -> str:

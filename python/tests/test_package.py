@@ -679,10 +679,13 @@ def test_a_claim_too_long_for_one_call_is_made_in_several_and_its_ids_are_checke
     ctypes.memset(p, 0x5A, size)
     try:
         layout = kvhygiene.KvLayout([p + r * blocks * block_bytes for r in range(regions)], block_bytes, blocks)
-        # A block named twice, in two different calls' share: refused before any call.
-        with pytest.raises(ValueError, match="block id 3 is named twice"):
+        # A block named twice, in two different calls' share: refused before any block is
+        # scrubbed, and counted and logged by the library as a single call's would be.
+        refused = kvhygiene.stats()["counters"]["kv_claims_refused"]
+        with pytest.raises(kvhygiene.KvhError, match="block id 3 is named more than once"):
             kvhygiene.claim_blocks(layout, list(range(blocks)) + [3])
-        assert ctypes.string_at(p, block_bytes) == b"\x5a" * block_bytes, "a call was made"
+        assert ctypes.string_at(p, block_bytes) == b"\x5a" * block_bytes, "a block was scrubbed"
+        assert kvhygiene.stats()["counters"]["kv_claims_refused"] == refused + 1
         with kvhygiene.context(tenant_id="t", request_id="long"):
             kvhygiene.claim_blocks(layout, range(blocks))
         assert ctypes.string_at(p, size) == bytes(size), "a block was handed over unscrubbed"
@@ -726,7 +729,7 @@ def test_a_set_split_over_several_calls_with_an_id_at_blocks_per_region_is_refus
     with _cache() as p:
         layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
         for call in (kvhygiene.scrub_blocks, kvhygiene.claim_blocks):
-            with pytest.raises(ValueError, match="block id 8 is not below blocks_per_region"):
+            with pytest.raises(kvhygiene.KvhError, match="block id 8 is out of range"):
                 call(layout, [0, 1, 2, 8])
         assert ctypes.string_at(p, _CACHE_BYTES) == b"\x7e" * _CACHE_BYTES, "part of a refused set was scrubbed"
 
@@ -907,7 +910,7 @@ def test_a_context_id_that_is_not_encodable_names_the_field():
 
 @needs_lib
 def test_a_negative_block_id_is_named_in_the_error():
-    # Like the other id checks ("block id 8 is out of range", "block id 3 is named twice"),
+    # Like the other id checks ("block id 8 is out of range", "block id 3 is named more than once"),
     # the error for an id outside 0..2**32-1 names the id, so that it can be found in a long
     # list.
     with _cache() as p:
