@@ -310,10 +310,11 @@ fn a_demo_whose_checkpoints_cannot_be_written_does_not_pass() {
     };
     cmd.arg("--log-dir")
         .arg(&log)
+        .arg("--checkpoint-dir")
+        .arg(&ckpt)
         .env("KVH_BACKEND", "host")
         .env("KVH_HMAC_KEY_FILE", &hmac)
-        .env("KVH_SIGNING_KEY_FILE", root.join("ckpt.key"))
-        .env("KVH_CHECKPOINT_DIR", &ckpt);
+        .env("KVH_SIGNING_KEY_FILE", root.join("ckpt.key"));
     let (code, out, err) = run(&mut cmd);
     let _ = std::fs::set_permissions(&ckpt, std::fs::Permissions::from_mode(0o700));
     assert!(!err.contains("panicked"), "{err}");
@@ -416,4 +417,108 @@ fn the_fault_drill_is_not_logged_into_the_policys_log_directory() {
         .env("KVH_LOG_DIR", &policy_log));
     assert_eq!(code, 0, "{out}{err}");
     assert!(policy_log.is_dir());
+}
+
+/// A server's policy that signs checkpoints keeps them in a directory of their own
+/// (KVH_CHECKPOINT_DIR), next to its log (KVH_LOG_DIR). The fault drill, run in that
+/// environment with a --log-dir of its own, logs into that directory only: nothing of it is
+/// written where the server's auditors verify the server's log, and the server's log still
+/// verifies with its checkpoints afterwards.
+#[test]
+fn the_fault_drill_leaves_nothing_in_the_policys_checkpoint_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hmac = root.join("hmac.key");
+    std::fs::write(&hmac, "ab".repeat(32) + "\n").unwrap();
+    std::fs::set_permissions(&hmac, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("sign")));
+    assert_eq!(code, 0, "{err}");
+    let server_log = root.join("server-log");
+    let server_ckpt = root.join("server-ckpt");
+    let policy = |cmd: &mut std::process::Command| {
+        cmd.env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", &server_log)
+            .env("KVH_CHECKPOINT_DIR", &server_ckpt)
+            .env("KVH_HMAC_KEY_FILE", &hmac)
+            .env("KVH_SIGNING_KEY_FILE", root.join("sign.key"));
+    };
+    // The server's own log, with its checkpoint.
+    let mut server = kvh();
+    server.args(["demo", "--tenants", "1", "--requests", "2"]);
+    policy(&mut server);
+    let (code, out, err) = run(&mut server);
+    assert_eq!(code, 0, "{out}{err}");
+    let before: Vec<_> = std::fs::read_dir(&server_ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    // The drill, with a log directory of its own.
+    let drill_log = root.join("drill-log");
+    let mut drill = kvh();
+    drill
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+        ])
+        .arg(&drill_log);
+    policy(&mut drill);
+    let (code, out, err) = run(&mut drill);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let after: Vec<_> = std::fs::read_dir(&server_ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let (vcode, vout, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&server_log)
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--public-key")
+        .arg(root.join("sign.pub"))
+        .arg("--checkpoint")
+        .arg(&server_ckpt));
+    assert_eq!(
+        (vcode, &after),
+        (0, &before),
+        "the drill wrote into the policy's checkpoint directory, and the server's log no \
+         longer verifies:\n{vout}{verr}"
+    );
+}
+
+/// The README: the drill is "logged only into a `--log-dir` of its own, never into the
+/// policy's `KVH_LOG_DIR`". A --log-dir naming the policy's own log directory is not a
+/// directory of the drill's own: the drill is refused and writes nothing there.
+#[test]
+fn the_fault_drill_is_refused_when_its_log_dir_is_the_policys() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let policy_log = tmp.path().join("server-log");
+    std::fs::create_dir(&policy_log).unwrap();
+    std::fs::set_permissions(&policy_log, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+        ])
+        .arg(&policy_log)
+        .env("KVH_LOG_DIR", &policy_log));
+    let written = std::fs::read_dir(&policy_log).unwrap().count();
+    assert_eq!(
+        (code, written),
+        (2, 0),
+        "the drill logged into the policy's log directory:\n{out}{err}"
+    );
 }

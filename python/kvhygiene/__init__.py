@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import ctypes
 import json
+import numbers
 import operator
 import os
 import threading
@@ -555,7 +556,10 @@ def _stream_handle(stream) -> int:
     raw = getattr(stream, "cuda_stream", stream)
     if isinstance(raw, ctypes.c_void_p):
         raw = raw.value or 0
-    if isinstance(raw, (bool, float, str, bytes, bytearray)):
+    # A number with a fraction (numpy's floats, Fraction, Decimal) would be truncated onto
+    # another stream by int().
+    fractional = isinstance(raw, numbers.Number) and not isinstance(raw, numbers.Integral)
+    if fractional or isinstance(raw, (bool, str, bytes, bytearray)):
         raise TypeError(f"stream {raw!r} is not a stream handle")
     try:
         value = operator.index(raw)
@@ -755,13 +759,15 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
 
 
 def _ids_at_fault(ids: list, blocks_per_region: int) -> Optional[list]:
-    """The library's id checks, for ids split over several calls: the first id past the last
-    block, or the first named twice (the KV cache's double free) twice; ``None`` when the ids
-    pass. Given to the library alone, they are refused whatever the layout."""
+    """The library's id checks, in its order, for ids split over several calls: the first id
+    past the last block, else the first named twice (the KV cache's double free) twice;
+    ``None`` when the ids pass. Given to the library alone, they are refused whatever the
+    layout, with the error one call of all the ids would get."""
+    past = next((i for i in ids if i >= blocks_per_region), None)
+    if past is not None:
+        return [past]
     seen = set()
-    for i in ids:
-        if i >= blocks_per_region:
-            return [i]
+    for i in sorted(ids):
         if i in seen:
             return [i, i]
         seen.add(i)

@@ -1002,3 +1002,32 @@ def test_stream_handles_in_the_forms_cuda_libraries_give_them():
     for bad in (IntLike(-1), IntLike(2**64), "0", 0.0, True, object()):
         with pytest.raises((TypeError, ValueError)):
             kvhygiene._stream_handle(bad)
+
+
+@needs_lib
+def test_a_split_set_failing_both_id_checks_is_refused_with_the_error_one_call_gives(monkeypatch):
+    # The ids [0, 1, 1, 9] of a layout of 8 blocks per region fail both id checks: 9 is past
+    # the last block and 1 is named twice. Made in one library call, the library names the
+    # id out of range; split over several calls (at most 2 blocks a call here), the set is
+    # refused with that same error.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        with pytest.raises(kvhygiene.KvhError) as one:
+            kvhygiene.scrub_blocks(layout, [0, 1, 1, 9])
+        assert "block id 9 is out of range" in one.value.message
+        monkeypatch.setattr(kvhygiene, "_MAX_KV_SEGMENTS", 4)
+        with pytest.raises(kvhygiene.KvhError) as split:
+            kvhygiene.scrub_blocks(layout, [0, 1, 1, 9])
+        assert split.value.message == one.value.message
+
+
+def test_a_stream_that_is_a_number_with_a_fraction_is_not_truncated_onto_another_stream():
+    # A float is no stream handle; neither is another non-integral number that converts
+    # with int() (numpy's float32, a Fraction, a Decimal): int() would truncate 2.5 to 2,
+    # cudaStreamPerThread, and the call would run on a stream the caller never named.
+    import decimal
+    import fractions
+
+    for bad in (fractions.Fraction(5, 2), decimal.Decimal("1.5")):
+        with pytest.raises((TypeError, ValueError)):
+            kvhygiene._stream_handle(bad)

@@ -435,6 +435,12 @@ struct DemoArgs {
     /// sealed and signed with).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<std::path::PathBuf>,
+    /// With --log-dir: keep the run's signed checkpoints in this directory (overrides
+    /// KVH_CHECKPOINT_DIR). Without it they are written next to the run's log: the policy's
+    /// checkpoint directory may be a running server's, whose auditors would find a checkpoint
+    /// there of a chain that is not in the server's log.
+    #[arg(long, value_name = "DIR", requires = "log_dir")]
+    checkpoint_dir: Option<std::path::PathBuf>,
     /// Leave the run's last metrics snapshot in FILE (`{pid}` in its name is replaced by the
     /// demo's process id), for trying `kvh metrics`, `kvh gate` and `kvh serve-metrics`
     /// without a GPU. KVH_METRICS_FILE is not used: it may be a running server's file.
@@ -514,6 +520,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     if let Some(dir) = args.log_dir {
         config.log.dir = Some(dir);
+        // Checkpoints where --checkpoint-dir says, else next to the run's own log (the
+        // writer's default): a checkpoint directory of the policy's is a server's, and its
+        // auditors would find a checkpoint there of a chain that is not in the server's log.
+        config.log.checkpoint_dir = args.checkpoint_dir;
         if let Err(e) = config.check_combination() {
             return usage_error(&format!("configuration: {e}"));
         }
@@ -642,15 +652,29 @@ fn exit_code(code: i32) -> ExitCode {
 /// `--log-dir`) may be a running server's, watched by its auditors and its SIEM.
 fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
     let dir = config.log.dir.as_ref()?;
-    (args.inject_fault && args.log_dir.is_none()).then(|| {
+    let into_policy_dir = match &args.log_dir {
+        None => true,
+        Some(given) => same_directory(given, dir),
+    };
+    (args.inject_fault && into_policy_dir).then(|| {
         format!(
             "--inject-fault: the policy logs into {} (KVH_LOG_DIR, or log_dir in KVH_CONFIG's \
              file), which may be a running server's forensic log: the drill's deliberate \
-             failures would be security records there. Pass --log-dir DIR to log the drill \
-             elsewhere, or unset KVH_LOG_DIR",
+             failures would be security records there. Pass --log-dir with another directory \
+             to log the drill there",
             dir.display()
         )
     })
+}
+
+/// Whether `a` and `b` name one directory: the same file once both exist (a trailing slash, a
+/// symlink or another spelling of the path is the same directory), else the same path.
+fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => a.components().eq(b.components()),
+    }
 }
 
 fn usage_error(msg: &str) -> ExitCode {
