@@ -195,3 +195,41 @@ fn huge_allocation_is_out_of_memory_not_a_crash() {
     assert_eq!(b.f.alloc.stats().counters.out_of_memory, 1);
     b.assert_intact();
 }
+
+/// `refuse_invalid_free`, for front ends that check a free before its side effects: a free
+/// the pool would refuse is refused, counted and logged as `free` does it; a valid one is left
+/// alone (no event, the block still LIVE and freed normally after).
+#[test]
+fn refuse_invalid_free_refuses_what_free_would_and_leaves_valid_frees_alone() {
+    let b = Bystander::new();
+    let f = &b.f;
+    let events = || f.sink.snapshot().len();
+    let (before, invalid) = (events(), f.alloc.stats().counters.invalid_frees);
+    assert!(f.alloc.refuse_invalid_free(b.addr, 0).is_none());
+    assert_eq!(events(), before, "a valid free is not logged");
+    assert_eq!(f.alloc.stats().counters.invalid_frees, invalid);
+    b.assert_intact();
+
+    let as_result = |e: Option<FreeError>| Err(e.expect("refused"));
+    b.expect_invalid(
+        as_result(f.alloc.refuse_invalid_free(b.addr + 8, 0)),
+        InvalidFreeReason::InteriorPointer,
+    );
+    b.expect_invalid(
+        as_result(f.alloc.refuse_invalid_free(b.addr, 1)),
+        InvalidFreeReason::WrongDevice,
+    );
+    b.expect_invalid(
+        as_result(f.alloc.refuse_invalid_free(b.addr, 99)),
+        InvalidFreeReason::InvalidDevice,
+    );
+    let a = f.malloc_zeroed(256, 0, 0);
+    f.alloc.free(a, 256, 0, S).unwrap();
+    b.expect_invalid(
+        as_result(f.alloc.refuse_invalid_free(a, 0)),
+        InvalidFreeReason::DoubleFree,
+    );
+    assert_eq!(f.alloc.stats().counters.invalid_frees, invalid + 4);
+    // The block checked first is still LIVE: its free is accepted.
+    f.alloc.free(b.addr, 4096, 0, S).unwrap();
+}

@@ -490,8 +490,17 @@ fn free_held(
     span: BlockSpan,
     order: Option<StreamOrder>,
 ) -> cudaError_t {
+    // A free that would free nothing (a second free, an interior pointer) is refused and
+    // logged at once: neither the device's synchronisation nor a graph capture on its stream
+    // (which refuses a valid free, leaving the block live) may keep it from the forensic log.
+    // The core checks again under its lock: a block handed out again meanwhile is freed
+    // below as any valid free.
     if !span.live || span.addr != ptr as u64 {
-        return refuse_invalid_free(alloc, ptr, span, order);
+        match alloc.refuse_invalid_free(ptr as u64, span.device as i32) {
+            Some(FreeError::Invalid { .. }) => return INVALID_VALUE,
+            Some(_) => return UNKNOWN,
+            None => {}
+        }
     }
     let (synced, stream) = match order {
         None => (synchronize_device(span.device as c_int), LEGACY_STREAM),
@@ -521,29 +530,6 @@ fn free_held(
     // (the runtime's free takes no size). An interior pointer is refused whatever the size.
     match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
         Ok(_) => synced,
-        Err(FreeError::Invalid { .. }) => INVALID_VALUE,
-        Err(_) => UNKNOWN,
-    }
-}
-
-/// A free that frees nothing (a second free of a freed block, an interior pointer) is handed
-/// to the core at once, which refuses and logs it: neither the device's synchronisation nor a
-/// graph capture on its stream (which would refuse a valid free, leaving the block live) may
-/// keep it from the forensic log. Should the block have been handed out again meanwhile, the
-/// core frees it as any free, its scrub ordered after the block's streams.
-#[cold]
-fn refuse_invalid_free(
-    alloc: &Allocator,
-    ptr: *mut c_void,
-    span: BlockSpan,
-    order: Option<StreamOrder>,
-) -> cudaError_t {
-    let stream = match order {
-        Some(StreamOrder::Stream(s)) => s,
-        _ => LEGACY_STREAM,
-    };
-    match alloc.free(ptr as u64, requested(&span), span.device as i32, stream) {
-        Ok(_) => SUCCESS,
         Err(FreeError::Invalid { .. }) => INVALID_VALUE,
         Err(_) => UNKNOWN,
     }

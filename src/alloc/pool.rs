@@ -375,6 +375,15 @@ impl DevicePool {
     }
 
     #[cold]
+    /// Refuses (counts, and names why) a free of `addr` unless it is the start of a LIVE
+    /// block, which a free would accept.
+    pub(crate) fn refuse_unless_live(&mut self, addr: u64) -> Result<(), Refused> {
+        match self.blocks.get(&addr) {
+            Some(b) if b.state == BlockState::Live => Ok(()),
+            _ => Err(self.refuse(addr)),
+        }
+    }
+
     fn refuse(&mut self, addr: u64) -> Refused {
         self.stats.counters.invalid_frees += 1;
         if let Some(b) = self.blocks.get(&addr) {
