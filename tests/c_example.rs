@@ -70,12 +70,18 @@ fn build_example(dir: &Path) -> Option<PathBuf> {
 /// Runs the example on the host backend with no other policy than its own: every `KVH_*`
 /// variable of this environment is left out (an unknown one would stop the library).
 fn run(exe: &Path, args: &[&str]) -> Output {
+    run_with(exe, args, &[])
+}
+
+/// As `run`, with the policy variables `policy` added.
+fn run_with(exe: &Path, args: &[&str], policy: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(exe);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("KVH_") || name == "FORENSIC_HMAC_SECRET" {
             cmd.env_remove(name);
         }
     }
+    cmd.envs(policy.iter().copied());
     cmd.args(args)
         .env("KVH_BACKEND", "host")
         .output()
@@ -125,6 +131,22 @@ fn the_c_example_refuses_unknown_arguments() {
     let out = run(&exe, &["--bogus"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage:"));
+}
+
+/// The README's eviction gate under `KVH_KV_GATE=enforce`: "the engine scrubs, then claims
+/// again; scrub the whole cache once at start, since unknown blocks are refused too". The
+/// example, "a complete, commented C engine of a paged KV cache", runs as well under that
+/// documented policy: its blocks are handed to requests and every scrub verifies.
+#[test]
+fn the_c_example_runs_under_the_enforcing_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = build_example(dir.path()) else {
+        return;
+    };
+    let out = run_with(&exe, &[], &[("KVH_KV_GATE", "enforce")]);
+    assert_success("paged_kv_engine under KVH_KV_GATE=enforce", &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PASS: blocks retired: 0"), "{stdout}");
 }
 
 /// The header is valid C++ as well (engines in C++ include it directly), with its exports

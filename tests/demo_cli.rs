@@ -522,3 +522,67 @@ fn the_fault_drill_is_refused_when_its_log_dir_is_the_policys() {
         "the drill logged into the policy's log directory:\n{out}{err}"
     );
 }
+
+/// The policy's log directory may not exist yet (a server about to start creates it at its
+/// first record). A --log-dir naming that same directory in another spelling (relative to
+/// the working directory, where KVH_LOG_DIR is absolute) is still the policy's directory:
+/// the drill is refused and creates nothing there.
+#[test]
+fn the_fault_drill_is_refused_when_its_log_dir_is_the_policys_not_yet_created_spelt_relative() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy_log = tmp.path().join("server-log");
+    let (code, out, err) = run(kvh()
+        .current_dir(tmp.path())
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+            "server-log",
+        ])
+        .env("KVH_LOG_DIR", &policy_log));
+    assert_eq!(
+        (code, policy_log.exists()),
+        (2, false),
+        "the drill logged into the policy's log directory ({}):\n{out}{err}",
+        policy_log.display()
+    );
+}
+
+/// The README: with --log-dir, the demo's signed checkpoints go "next to it, or in
+/// `--checkpoint-dir`, never in the policy's `KVH_CHECKPOINT_DIR`". A --checkpoint-dir that
+/// names the policy's checkpoint directory, while the log goes elsewhere, would leave there a
+/// checkpoint of a chain that is not in the policy's log, and the server's log would then
+/// fail verification ("files deleted"). Such a run is refused and writes nothing there.
+#[test]
+fn the_demo_does_not_write_a_checkpoint_into_the_policys_checkpoint_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("sign")));
+    assert_eq!(code, 0, "{err}");
+    let server_log = root.join("server-log");
+    let server_ckpt = root.join("server-ckpt");
+    std::fs::create_dir(&server_ckpt).unwrap();
+    std::fs::set_permissions(&server_ckpt, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(root.join("demo-log"))
+        .arg("--checkpoint-dir")
+        .arg(&server_ckpt)
+        .env("KVH_BACKEND", "host")
+        .env("KVH_LOG_DIR", &server_log)
+        .env("KVH_CHECKPOINT_DIR", &server_ckpt)
+        .env("KVH_SIGNING_KEY_FILE", root.join("sign.key")));
+    let written: Vec<_> = std::fs::read_dir(&server_ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        written.is_empty(),
+        "exit {code}: the demo wrote {written:?} into the policy's checkpoint directory:\n{out}{err}"
+    );
+}

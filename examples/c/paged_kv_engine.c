@@ -1,7 +1,8 @@
 /*
  * A C inference engine's use of kvhygiene's C API (include/kvhygiene.h) for a paged KV cache:
  * the cache is one allocation from kvh_malloc holding a K and a V region of fixed-size
- * blocks; each request is given blocks through the eviction gate (kvh_claim_blocks) and
+ * blocks, scrubbed once whole at start (the gate knows nothing of a new cache); each request
+ * is given blocks through the eviction gate (kvh_claim_blocks) and
  * hands them back through kvh_scrub_blocks when it ends, and a block whose scrub did not
  * verify is retired, never given to another request.
  *
@@ -148,6 +149,18 @@ int main(int argc, char **argv) {
 
     struct free_list free_blocks = {.count = 0};
     for (uint32_t i = 0; i < BLOCKS; ++i) free_blocks.ids[free_blocks.count++] = BLOCKS - 1 - i;
+
+    /* The gate knows nothing of a new cache: one scrub of every block makes them all CLEAN,
+     * so that first claims hand them over at once (under KVH_KV_GATE=enforce, blocks of no
+     * known owner would be refused). */
+    uint32_t failed_at_start[BLOCKS];
+    size_t failed_at_start_count = 0;
+    rc = kvh_scrub_blocks(&kv, free_blocks.ids, BLOCKS, 0, NULL, failed_at_start, BLOCKS,
+                          &failed_at_start_count);
+    if (rc != KVH_OK) {
+        print_error("kvh_scrub_blocks (the whole cache)", rc);
+        return 1;
+    }
 
     static const char *const tenants[] = {"acme", "globex"};
     bool ok = true;

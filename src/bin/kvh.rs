@@ -494,6 +494,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if let Some(e) = drill_into_policy_log(&args, &config) {
         return usage_error(&e);
     }
+    if let Some(e) = checkpoints_into_policy_dir(&args, &config) {
+        return usage_error(&e);
+    }
     if args.inject_fault && config.backend == BackendChoice::Auto {
         // The drill sabotages a scrub: only ever on host memory.
         config.backend = BackendChoice::Host;
@@ -667,14 +670,51 @@ fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
     })
 }
 
-/// Whether `a` and `b` name one directory: the same file once both exist (a trailing slash, a
-/// symlink or another spelling of the path is the same directory), else the same path.
+/// Whether `a` and `b` name one directory, existing or not: the same file once both exist (a
+/// trailing slash, a symlink or another spelling of the path is the same directory), else
+/// the same path once each is resolved as far as it exists ([`resolved`]).
 fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
-        _ => a.components().eq(b.components()),
+        _ => resolved(a) == resolved(b),
     }
+}
+
+/// `path` made absolute, with its deepest existing ancestor canonicalised and the rest (the
+/// levels not created yet) appended as written: `logs` from /srv and `/srv/logs/` are one
+/// path. `None` when it cannot be made absolute.
+fn resolved(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut missing = Vec::new();
+    let mut at = absolute.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return Some(missing.iter().rev().fold(real, |p, name| p.join(name)));
+        }
+        missing.push(at.file_name()?.to_owned());
+        at = at.parent()?;
+    }
+}
+
+/// Why `--checkpoint-dir` may not be used: it names the policy's checkpoint directory, a
+/// server's, while the run logs elsewhere, and its auditors would find there a checkpoint of
+/// a chain that is not in the server's log.
+fn checkpoints_into_policy_dir(args: &DemoArgs, config: &Config) -> Option<String> {
+    let given = args.checkpoint_dir.as_ref()?;
+    let policy = config.log.checkpoint_dir.as_ref()?;
+    let same_log = match (&args.log_dir, &config.log.dir) {
+        (Some(a), Some(b)) => same_directory(a, b),
+        _ => false,
+    };
+    (same_directory(given, policy) && !same_log).then(|| {
+        format!(
+            "--checkpoint-dir {} is the policy's checkpoint directory (KVH_CHECKPOINT_DIR), \
+             which may be a running server's: a checkpoint there of a chain that is not in its \
+             log makes its log fail verification. Give another directory",
+            given.display()
+        )
+    })
 }
 
 fn usage_error(msg: &str) -> ExitCode {
