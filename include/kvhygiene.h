@@ -79,7 +79,8 @@ enum kvh_result
   KVH_ERR_KV_TAKEN = 7022,
   // This process is a child forked after kvhygiene started in its parent: the allocator
   // it inherited is the parent's (its pool locks may have been held at the fork, its
-  // threads do not exist here), so the call was refused without touching it.
+  // threads do not exist here), so the call was refused without touching it. (A child
+  // forked after a start-up that failed gets that start-up's error instead.)
   KVH_ERR_FORKED_CHILD = 7023,
 };
 #ifndef __cplusplus
@@ -224,7 +225,9 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
                      size_t *refused_count);
 
 // Submits every pending scrub, waits for them, and returns every clean cached block to the
-// backend (PyTorch's empty-cache hook).
+// backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
+// ran, the start-up's error when the allocator could not start, and
+// `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is returned to the device then).
 void kvh_empty_cache(void);
 
 // Submits every pending scrub and waits until the scrub of each block freed before the call

@@ -517,3 +517,61 @@ fn a_checked_free_after_kvh_shutdown_names_the_shutdown_in_its_message() {
         "the message of a checked free after kvh_shutdown: {message}"
     );
 }
+
+/// `KVH_ERR_FORKED_CHILD` is "a child forked after kvhygiene started in its parent: the
+/// allocator it inherited is the parent's". When the parent's start-up failed (an invalid
+/// policy), there is no allocator to inherit: a worker forked afterwards reports the start-up
+/// error it inherited, with its reason (the key to fix), not a forked-child refusal that
+/// blames an allocator that never existed.
+#[test]
+fn a_child_forked_after_a_failed_start_up_reports_the_start_up_error() {
+    let name = "a_child_forked_after_a_failed_start_up_reports_the_start_up_error";
+    if in_child() {
+        println!("PARENT {}", ffi::kvh_init());
+        // SAFETY: the child calls two exports, prints and `_exit`s; it returns to no Rust frame.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let rc = ffi::kvh_init();
+            let mut buf = vec![0u8; 1024];
+            let mut len = 0usize;
+            ffi::kvh_last_error_message(buf.as_mut_ptr().cast(), buf.len(), &mut len);
+            println!(
+                "CHILD {rc} MESSAGE {}",
+                String::from_utf8_lossy(&buf[..len.min(buf.len())])
+            );
+            // SAFETY: ends the forked child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null"), ("KVH_BATCH_SIZE", "0")]);
+    assert!(ok && stdout.contains("PARENT 7011"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("CHILD 7011") && stdout.contains("KVH_BATCH_SIZE"),
+        "a child forked after a failed start-up did not report the start-up error:\n{stdout}"
+    );
+}
+
+/// `kvh_empty_cache` returns nothing; its `kvh_last_error` says whether it ran: `KVH_OK`
+/// before `kvh_shutdown`, `KVH_ERR_SHUTTING_DOWN` after it (no block is returned to the
+/// device any more), so that a caller that reads it is not told the cache was emptied.
+#[test]
+fn kvh_empty_cache_after_kvh_shutdown_says_so() {
+    let name = "kvh_empty_cache_after_kvh_shutdown_says_so";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        ffi::kvh_empty_cache();
+        println!("BEFORE {}", ffi::kvh_last_error());
+        ffi::kvh_shutdown();
+        ffi::kvh_empty_cache();
+        println!("AFTER {}", ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("BEFORE 0"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("AFTER 7016"), "{stdout}\n{stderr}");
+}

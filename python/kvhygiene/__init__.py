@@ -345,7 +345,8 @@ def synchronize() -> None:
 def empty_cache() -> None:
     """Flushes pending scrubs and returns clean cached blocks to the driver. Raises
     :class:`KvhError` when the allocator could not start (an invalid policy, a log directory
-    it refused, a forked child): nothing was flushed or returned."""
+    it refused, a forked child) or was shut down (``KVH_ERR_SHUTTING_DOWN``): nothing was
+    flushed or returned."""
     lib = load()
     lib.kvh_empty_cache()
     # kvh_empty_cache returns nothing: it leaves a failed start-up in kvh_last_error and

@@ -22,7 +22,7 @@ mod pool;
 pub mod size_class;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{Backend, BackendError, StreamHandle};
@@ -819,6 +819,32 @@ impl Allocator {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         Stats::merge(self.inner.backend.kind().to_string(), &pools, err)
+    }
+
+    /// As [`Allocator::stats`], without waiting for a lock: `None` while one is held (a
+    /// thread in a driver call under a pool lock, or this very thread interrupted by a signal
+    /// handler while it held one). For the exit path, which must never wait on a lock.
+    pub fn try_stats(&self) -> Option<Stats> {
+        fn taken<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+            match m.try_lock() {
+                Ok(guard) => Some(guard),
+                // As `pool` does: a poisoned lock is still consistent enough to read.
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        }
+        let pools = self
+            .inner
+            .pools
+            .iter()
+            .map(|p| taken(p).map(|pool| pool.stats.clone()))
+            .collect::<Option<Vec<_>>>()?;
+        let err = taken(&self.inner.async_error)?.clone();
+        Some(Stats::merge(
+            self.inner.backend.kind().to_string(),
+            &pools,
+            err,
+        ))
     }
 
     /// The block at `ptr` (exact start), on any device.

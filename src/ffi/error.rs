@@ -69,7 +69,8 @@ pub enum kvh_result {
     KVH_ERR_KV_TAKEN = 7022,
     /// This process is a child forked after kvhygiene started in its parent: the allocator
     /// it inherited is the parent's (its pool locks may have been held at the fork, its
-    /// threads do not exist here), so the call was refused without touching it.
+    /// threads do not exist here), so the call was refused without touching it. (A child
+    /// forked after a start-up that failed gets that start-up's error instead.)
     KVH_ERR_FORKED_CHILD = 7023,
 }
 

@@ -551,10 +551,16 @@ unsafe fn read_kv_call(
 }
 
 /// Submits every pending scrub, waits for them, and returns every clean cached block to the
-/// backend (PyTorch's empty-cache hook).
+/// backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
+/// ran, the start-up's error when the allocator could not start, and
+/// `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is returned to the device then).
 #[no_mangle]
 pub extern "C" fn kvh_empty_cache() {
     boundary((), || match runtime::get() {
+        Ok(rt) if rt.allocator.is_shut_down() => set_last_error(
+            KVH_ERR_SHUTTING_DOWN,
+            "kvhygiene was shut down: no cached block is returned to the device any more",
+        ),
         Ok(rt) => {
             rt.allocator.empty_cache();
             clear_last_error();

@@ -14,7 +14,9 @@
 //! start-up (a launcher or pre-fork server that loaded the library but never allocated) is
 //! not marked and starts its own runtime; its own children are marked once it has. A
 //! `kvh_shutdown` before start-up counts as a start-up here: children forked after it are
-//! marked.
+//! marked. A marked child whose parent's start-up had ended in an error (or in that early
+//! shutdown) gets that error, which says what to fix; one whose parent had started, or was
+//! still starting, gets `KVH_ERR_FORKED_CHILD`.
 //!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
@@ -142,7 +144,13 @@ pub(crate) fn configured_oom() -> Option<OomMode> {
 /// may even have been under way in a thread the child does not have).
 pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
     if is_forked_child() {
-        return Err(&FORKED_CHILD_ERROR);
+        // A start-up that had failed in the parent (or a shutdown before any start) left
+        // nothing to inherit: its own error says what to fix. `get` reads a finished value
+        // only, never one still being written in the parent.
+        return match RUNTIME.get() {
+            Some(Err(e)) => Err(e),
+            _ => Err(&FORKED_CHILD_ERROR),
+        };
     }
     match RUNTIME.get() {
         Some(started) => started.as_ref(),
@@ -326,7 +334,7 @@ pub(crate) fn shutdown() {
             return;
         }
         rt.allocator.shutdown();
-        stop_log(rt);
+        stop_log(rt, false);
         // The last snapshot: from here on it ages, and `kvh gate` takes the process out of
         // rotation once it is stale, since no free is scrubbed any more.
         if let Some(m) = &rt.metrics {
@@ -347,10 +355,18 @@ fn write_metrics(rt: &Runtime) {
     }
 }
 
-/// A final summary, then the log's `stop` record and last checkpoint.
-fn stop_log(rt: &Runtime) {
+/// A final summary, then the log's `stop` record and last checkpoint. At exit the summary is
+/// left out when a pool's lock is held (a thread stuck in a driver call under it, or an
+/// `exit()` from a signal handler that interrupted its holder): waiting for it would hang the
+/// process for ever, and the `stop` record still carries the log's own totals.
+fn stop_log(rt: &Runtime, at_exit: bool) {
     if let Some(log) = &rt.log {
-        if let Ok(counters) = serde_json::to_value(rt.allocator.stats().counters) {
+        let stats = if at_exit {
+            rt.allocator.try_stats()
+        } else {
+            Some(rt.allocator.stats())
+        };
+        if let Some(counters) = stats.and_then(|s| serde_json::to_value(s.counters).ok()) {
             log.record_summary(counters);
         }
         log.stop();
@@ -377,7 +393,7 @@ fn register_exit_handler() {
                 let shut_down_before = rt.allocator.is_shut_down();
                 rt.allocator.begin_exit();
                 // File I/O only: the log's stop record is written, no driver call is made.
-                stop_log(rt);
+                stop_log(rt, true);
                 // No periodic write starts after this one (none is left half-done at exit).
                 if let Some(m) = &rt.metrics {
                     m.stop_periodic();

@@ -1,0 +1,173 @@
+//! Process exit while a thread is inside a driver call that the pool makes under its lock (a
+//! scrub launch). The exit handler makes no driver call and must not wait on the device
+//! (invariant 6), and with a forensic log configured it still writes the log's `stop` record
+//! and lets `exit()` end the process:
+//! - when `exit()` is called on another thread while the launch hangs (a hung device);
+//! - when a signal handler on the launching thread calls `exit()` (a common SIGTERM handler).
+//!
+//! Runs in child processes of this test binary, on tests/fake_cuda/fake_libcuda.cpp loaded as
+//! `libcuda.so.1`, whose `cuLaunchKernel` runs the case's hook.
+
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Marker telling the child which case to run (not a `KVH_` variable: the configuration
+/// refuses unknown ones).
+const CASE: &str = "FFI_EXIT_HOLDING_POOL_LOCK_CASE";
+
+static IN_LAUNCH: AtomicBool = AtomicBool::new(false);
+
+/// The device hangs: the launch never returns.
+extern "C" fn hung_launch() {
+    IN_LAUNCH.store(true, Ordering::SeqCst);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A SIGTERM arrives while the thread is inside the launch.
+extern "C" fn sigterm_arrives() {
+    println!("EXITING");
+    // SAFETY: raises a signal on this thread; its handler is installed below.
+    unsafe { libc::raise(libc::SIGTERM) };
+}
+
+extern "C" fn exit_on_sigterm(_: libc::c_int) {
+    // SAFETY: what such handlers do (not async-signal-safe, but common practice).
+    unsafe { libc::exit(0) };
+}
+
+/// Allocates one block on the fake driver, then frees it with `hook` armed on the next
+/// `cuLaunchKernel`: with `KVH_BATCH_SIZE=1` the free submits its scrub at once, from the
+/// freeing thread, under the pool lock.
+fn free_one_block_with_launch_hook(hook: extern "C" fn()) {
+    use kvhygiene::ffi::{kvh_free, kvh_malloc};
+    let p = kvh_malloc(4096, 0, std::ptr::null_mut());
+    assert!(!p.is_null(), "kvh_malloc on the fake driver failed");
+    // SAFETY: the stand-in driver the runtime already loaded (same soname, same instance).
+    let lib = unsafe { libloading::Library::new("libcuda.so.1") }.expect("fake driver");
+    // SAFETY: the stand-in's switch: `void(void (*)(void))`.
+    unsafe {
+        lib.get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_launch\0")
+            .expect("hook")(hook);
+    }
+    kvh_free(p, 4096, 0, std::ptr::null_mut());
+}
+
+fn child_exit_while_another_thread_hangs_in_a_launch() {
+    std::thread::spawn(|| free_one_block_with_launch_hook(hung_launch));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !IN_LAUNCH.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            println!("SETUP-FAILED: the free never launched its scrub");
+            std::process::exit(3);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("EXITING");
+    std::process::exit(0);
+}
+
+fn child_exit_from_a_signal_handler_inside_a_launch() {
+    // SAFETY: installs a plain C handler for SIGTERM.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            exit_on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+    free_one_block_with_launch_hook(sigterm_arrives);
+    println!("SETUP-FAILED: kvh_free returned; the SIGTERM handler did not end the process");
+    std::process::exit(3);
+}
+
+/// Runs `name` in a child on the fake driver with a forensic log in `log_dir`; returns its
+/// status (`None`: still running after `limit`, then killed), stdout and stderr.
+fn run_child(
+    name: &str,
+    driver: &Path,
+    log_dir: &Path,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut proc = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CASE, name)
+        .env("KVH_BACKEND", "cuda")
+        .env("KVH_OOM", "null")
+        .env("KVH_BATCH_SIZE", "1")
+        .env("KVH_LOG_DIR", log_dir)
+        .env("LD_LIBRARY_PATH", driver)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = proc.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = proc.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = proc.wait_with_output().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn check_exited(name: &str, what: &str) {
+    let Some(driver) = fake_cuda::as_libcuda_dir() else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let limit = Duration::from_secs(15);
+    let log_dir = logs.path().join("log");
+    let (status, stdout, stderr) = run_child(name, driver.path(), &log_dir, limit);
+    assert!(
+        !stdout.contains("SETUP-FAILED") && stdout.contains("EXITING"),
+        "the case did not set up (status {status:?}):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        status.is_some(),
+        "exit() had not ended the process {limit:?} after it was called {what}:\n{stdout}\n\
+         {stderr}"
+    );
+    assert!(
+        status.unwrap().success(),
+        "status {status:?}:\n{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn exit_ends_the_process_while_another_thread_hangs_in_a_scrub_launch() {
+    let name = "exit_ends_the_process_while_another_thread_hangs_in_a_scrub_launch";
+    if std::env::var(CASE).as_deref() == Ok(name) {
+        return child_exit_while_another_thread_hangs_in_a_launch();
+    }
+    check_exited(
+        name,
+        "on the main thread, with a forensic log, while another thread's scrub launch hung",
+    );
+}
+
+#[test]
+fn exit_from_a_signal_handler_interrupting_a_scrub_launch_ends_the_process() {
+    let name = "exit_from_a_signal_handler_interrupting_a_scrub_launch_ends_the_process";
+    if std::env::var(CASE).as_deref() == Ok(name) {
+        return child_exit_from_a_signal_handler_inside_a_launch();
+    }
+    check_exited(
+        name,
+        "by a SIGTERM handler on the thread launching a scrub, with a forensic log",
+    );
+}
