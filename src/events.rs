@@ -57,6 +57,23 @@ pub enum InvalidFreeReason {
     InvalidDevice,
 }
 
+impl std::fmt::Display for InvalidFreeReason {
+    /// What an error message says of the refused free.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InvalidFreeReason::UnknownPointer => {
+                "unknown pointer (not allocated by kvhygiene, or already returned to the device)"
+            }
+            InvalidFreeReason::DoubleFree => "double free (the block was already freed)",
+            InvalidFreeReason::InteriorPointer => {
+                "interior pointer (inside a block, not its start)"
+            }
+            InvalidFreeReason::WrongDevice => "wrong device (the block is on another device)",
+            InvalidFreeReason::InvalidDevice => "invalid device index",
+        })
+    }
+}
+
 /// Which time-to-live was exceeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TtlKind {

@@ -233,3 +233,20 @@ fn refuse_invalid_free_refuses_what_free_would_and_leaves_valid_frees_alone() {
     // The block checked first is still LIVE: its free is accepted.
     f.alloc.free(b.addr, 4096, 0, S).unwrap();
 }
+
+/// A refused free's message says in words why (the forensic record carries the reason's
+/// name): what `kvh_last_error_message` gives a C caller.
+#[test]
+fn a_refused_free_says_why_in_words() {
+    let b = Bystander::new();
+    let a = b.f.malloc_zeroed(256, 0, 0);
+    b.f.alloc.free(a, 256, 0, S).unwrap();
+    let double = b.f.alloc.free(a, 256, 0, S).unwrap_err().to_string();
+    assert!(
+        double.contains("double free (the block was already freed)"),
+        "{double}"
+    );
+    let interior = b.f.alloc.free(b.addr + 8, 1, 0, S).unwrap_err().to_string();
+    assert!(interior.contains("interior pointer"), "{interior}");
+    assert!(!double.contains("DoubleFree") && !interior.contains("InteriorPointer"));
+}

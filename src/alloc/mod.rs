@@ -68,7 +68,7 @@ pub struct Allocation {
 /// Why a free was refused or did not verify.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FreeError {
-    #[error("invalid free of {addr:#x} on device {device}: {reason:?}")]
+    #[error("invalid free of {addr:#x} on device {device}: {reason}")]
     Invalid {
         reason: InvalidFreeReason,
         addr: u64,
