@@ -187,10 +187,13 @@ pub extern "C" fn kvh_free(
 /// As `kvh_free`, then waits for the block's scrub and returns `KVH_OK` when it verified, or
 /// `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead: coverage below the
 /// threshold, or a sample read non-zero (residue) whatever the coverage (or an invalid-free
-/// code).
+/// code). `KVH_ERR_SIZE_MISMATCH` means the scrub verified but `size` differed from the
+/// allocation's (the block was freed by its recorded size).
 /// When the backend refused the scrub for now it does not wait: `KVH_ERR_CAPTURE_ACTIVE` (the
 /// stream is capturing a CUDA graph) or `KVH_ERR_OUT_OF_MEMORY` (no memory for the batch); the
-/// block stays out of use and is scrubbed at a later flush.
+/// block stays out of use and is scrubbed at a later flush. After `kvh_shutdown` (also one
+/// that began during the wait), `KVH_ERR_SHUTTING_DOWN`: the block is not scrubbed, and is
+/// leaked, never handed out.
 #[no_mangle]
 pub extern "C" fn kvh_free_checked(
     ptr: *mut c_void,
