@@ -196,37 +196,37 @@ fn huge_allocation_is_out_of_memory_not_a_crash() {
     b.assert_intact();
 }
 
-/// `refuse_invalid_free`, for front ends that check a free before its side effects: a free
+/// `check_free`, for front ends that check a free before its side effects: a free
 /// the pool would refuse is refused, counted and logged as `free` does it; a valid one is left
 /// alone (no event, the block still LIVE and freed normally after).
 #[test]
-fn refuse_invalid_free_refuses_what_free_would_and_leaves_valid_frees_alone() {
+fn check_free_refuses_what_free_would_and_leaves_valid_frees_alone() {
     let b = Bystander::new();
     let f = &b.f;
     let events = || f.sink.snapshot().len();
     let (before, invalid) = (events(), f.alloc.stats().counters.invalid_frees);
-    assert!(f.alloc.refuse_invalid_free(b.addr, 0).is_none());
+    assert_eq!(f.alloc.check_free(b.addr, 0).ok(), Some(4096));
     assert_eq!(events(), before, "a valid free is not logged");
     assert_eq!(f.alloc.stats().counters.invalid_frees, invalid);
     b.assert_intact();
 
-    let as_result = |e: Option<FreeError>| Err(e.expect("refused"));
+    let as_result = |r: Result<u64, FreeError>| Err(r.expect_err("refused"));
     b.expect_invalid(
-        as_result(f.alloc.refuse_invalid_free(b.addr + 8, 0)),
+        as_result(f.alloc.check_free(b.addr + 8, 0)),
         InvalidFreeReason::InteriorPointer,
     );
     b.expect_invalid(
-        as_result(f.alloc.refuse_invalid_free(b.addr, 1)),
+        as_result(f.alloc.check_free(b.addr, 1)),
         InvalidFreeReason::WrongDevice,
     );
     b.expect_invalid(
-        as_result(f.alloc.refuse_invalid_free(b.addr, 99)),
+        as_result(f.alloc.check_free(b.addr, 99)),
         InvalidFreeReason::InvalidDevice,
     );
     let a = f.malloc_zeroed(256, 0, 0);
     f.alloc.free(a, 256, 0, S).unwrap();
     b.expect_invalid(
-        as_result(f.alloc.refuse_invalid_free(a, 0)),
+        as_result(f.alloc.check_free(a, 0)),
         InvalidFreeReason::DoubleFree,
     );
     assert_eq!(f.alloc.stats().counters.invalid_frees, invalid + 4);

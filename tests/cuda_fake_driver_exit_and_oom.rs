@@ -312,3 +312,64 @@ fn no_driver_call_after_shutdown_begun_while_another_device_s_context_is_made_cu
         outcome(&submitted)
     );
 }
+
+/// Every entry point makes its device's context current before its first driver call of its
+/// own. A shutdown that begins while that context is made current (here device 1's, already
+/// open) stops the entry point there: a ticket poll queries no event (docs/cuda.md, "Exit":
+/// "every entry point, including polls of tickets not yet seen complete, returns
+/// `ShuttingDown` without calling the driver").
+#[test]
+fn no_event_query_after_shutdown_begun_while_a_poll_makes_its_context_current() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_poll_context");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(1, 4096).expect("allocate on device 1");
+    let mut scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 4096,
+            seed: 37,
+        }],
+        SAMPLED,
+    );
+    scrub.device = 1;
+    switch(&lib, "set_pending_queries", 1000);
+    let mut ticket = submit(b, scrub).expect("submit");
+    arm(&lib, "on_device1_current", exit_begins);
+    let polled = ticket.poll();
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls (cuEventQuery) after shutdown() returned; poll returned {}",
+        outcome(&polled)
+    );
+    assert_eq!(polled, Err(BackendError::ShuttingDown));
+}
+
+/// The same for `release`: a shutdown that begins while it makes device 1's context current
+/// frees nothing (`cuMemFree`, which waits for the device on a GPU) once `shutdown()` has
+/// returned; the memory is left to the process's exit, as all of it is.
+#[test]
+fn no_free_after_shutdown_begun_while_a_release_makes_its_context_current() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_release_context");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(1, 4096).expect("allocate on device 1");
+    let frees = query(&lib, "mem_frees", 0);
+    arm(&lib, "on_device1_current", exit_begins);
+    let released = b.release(1, base, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        (after, query(&lib, "mem_frees", 0) - frees),
+        (0, 0),
+        "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
+        outcome(&released)
+    );
+}

@@ -74,3 +74,67 @@ fn a_driver_file_that_exists_but_cannot_be_loaded_is_broken_not_absent() {
         Probe::Available(_) => panic!("a corrupt file cannot be a working driver"),
     }
 }
+
+/// Run in a child process by the test below, with `LD_LIBRARY_PATH` set: prints what `probe()`
+/// finds for the driver's bare name, as the library looks it up.
+#[test]
+#[ignore = "run by a_driver_built_for_another_architecture_is_broken_not_absent"]
+fn probe_child_report() {
+    if std::env::var_os("CUDA_PROBE_CHILD").is_none() {
+        return;
+    }
+    let seen = match probe() {
+        Probe::NoDriver(why) => format!("NoDriver: {why}"),
+        Probe::Available(_) => "Available".to_string(),
+        Probe::Broken(e) => format!("Broken: {e}"),
+    };
+    println!("probe-result<{seen}>");
+}
+
+/// The C library this process runs on (always mapped).
+fn mapped_libc() -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(std::path::PathBuf::from)
+        .expect("libc is mapped")
+}
+
+/// A `libcuda.so.1` on the loader's search path built for another machine architecture (an
+/// image of another platform, a driver install for the wrong architecture) is a driver file
+/// that exists but cannot be loaded: docs/cuda.md counts "wrong architecture" among the files
+/// that are a broken driver, so `auto` must fail closed. The dynamic loader skips such a file
+/// on its search path and reports the name as not found, which must not read as "no driver
+/// installed".
+#[test]
+fn a_driver_built_for_another_architecture_is_broken_not_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = dir.path().join("libcuda.so.1");
+    let mut image = std::fs::read(mapped_libc()).unwrap();
+    // e_machine (offset 18): another architecture than this one.
+    let other: u16 = if cfg!(target_arch = "x86_64") {
+        0xB7
+    } else {
+        0x3E
+    };
+    image[18..20].copy_from_slice(&other.to_le_bytes());
+    std::fs::write(&driver, &image).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "probe_child_report", "--ignored", "--nocapture"])
+        .env("CUDA_PROBE_CHILD", "1")
+        .env("LD_LIBRARY_PATH", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen = stdout
+        .split("probe-result<")
+        .nth(1)
+        .and_then(|s| s.split('>').next())
+        .unwrap_or_else(|| panic!("no report from the child: {stdout}"));
+    assert!(
+        seen.starts_with("Broken"),
+        "a libcuda.so.1 of another architecture probed as {seen}, so `auto` would fall \
+         back to host memory"
+    );
+}

@@ -586,3 +586,85 @@ fn the_demo_does_not_write_a_checkpoint_into_the_policys_checkpoint_directory() 
         "exit {code}: the demo wrote {written:?} into the policy's checkpoint directory:\n{out}{err}"
     );
 }
+
+/// A --log-dir that names the policy's own log directory (not the drill's: a plain run,
+/// which may log there) writes its chain into the server's log. Its signed checkpoint must
+/// then be where the policy keeps that log's checkpoints (KVH_CHECKPOINT_DIR), or the run be
+/// refused: a chain in the server's log without a checkpoint in the server's checkpoint
+/// directory makes the server's log fail `kvh verify-log --checkpoint`.
+#[test]
+fn a_demo_logging_into_the_policys_log_directory_leaves_it_verifiable() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("sign")));
+    assert_eq!(code, 0, "{err}");
+    let server_log = root.join("server-log");
+    let server_ckpt = root.join("server-ckpt");
+    std::fs::create_dir(&server_ckpt).unwrap();
+    std::fs::set_permissions(&server_ckpt, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let policy = |cmd: &mut std::process::Command| {
+        cmd.env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", &server_log)
+            .env("KVH_CHECKPOINT_DIR", &server_ckpt)
+            .env("KVH_SIGNING_KEY_FILE", root.join("sign.key"));
+    };
+    // The server's own log, with its checkpoint.
+    let mut server = kvh();
+    server.args(["demo", "--tenants", "1", "--requests", "1"]);
+    policy(&mut server);
+    let (code, out, err) = run(&mut server);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A plain run naming the policy's log directory.
+    let mut demo = kvh();
+    demo.args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&server_log);
+    policy(&mut demo);
+    let (dcode, dout, derr) = run(&mut demo);
+
+    let (vcode, vout, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&server_log)
+        .arg("--public-key")
+        .arg(root.join("sign.pub"))
+        .arg("--checkpoint")
+        .arg(&server_ckpt));
+    assert_eq!(
+        vcode, 0,
+        "after `kvh demo --log-dir <the policy's log directory>` (exit {dcode}), the policy's \
+         log no longer verifies with its checkpoints:\n{vout}{verr}\n--- demo:\n{dout}{derr}"
+    );
+}
+
+/// The policy's log directory may be named through a symbolic link to a volume directory not
+/// created yet (`/var/log/kvh -> /data/kvh`); the server creates it, or finds it, once the
+/// target exists. A --log-dir naming the link's target is that same directory: the drill is
+/// refused and creates nothing there, so the server never finds the drill's deliberate
+/// failures in its log.
+#[test]
+fn the_fault_drill_is_refused_when_its_log_dir_is_the_policys_behind_a_link_not_resolved_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("data");
+    let link = tmp.path().join("var-log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+            "--inject-fault",
+            "--log-dir",
+        ])
+        .arg(target.join("kvh"))
+        .env("KVH_LOG_DIR", link.join("kvh")));
+    assert_eq!(
+        (code, link.join("kvh").exists()),
+        (2, false),
+        "the drill logged into the policy's log directory ({}, through {}):\n{out}{err}",
+        target.join("kvh").display(),
+        link.join("kvh").display()
+    );
+}

@@ -171,3 +171,100 @@ fn exit_from_a_signal_handler_interrupting_a_scrub_launch_ends_the_process() {
         "by a SIGTERM handler on the thread launching a scrub, with a forensic log",
     );
 }
+
+/// Another thread of the process keeps allocating and freeing (a server's workers still
+/// serving as `main` returns): each call holds a pool lock for a moment only (the scrub of
+/// a freed block is submitted under it, at once with `KVH_BATCH_SIZE=1`).
+fn child_exit_while_another_thread_allocates() {
+    use kvhygiene::ffi::{kvh_free, kvh_init, kvh_malloc};
+    const BLOCK: isize = 4096;
+    assert_eq!(kvh_init(), 0, "kvh_init on the host backend failed");
+    let busy = std::sync::Arc::new(AtomicBool::new(false));
+    for _ in 0..4 {
+        let running = busy.clone();
+        std::thread::spawn(move || loop {
+            let p = kvh_malloc(BLOCK, 0, std::ptr::null_mut());
+            if !p.is_null() {
+                kvh_free(p, BLOCK, 0, std::ptr::null_mut());
+            }
+            running.store(true, Ordering::SeqCst);
+        });
+    }
+    while !busy.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    println!("EXITING");
+    std::process::exit(0);
+}
+
+/// The kinds of the records in the log directory `dir`, in file and line order.
+fn record_kinds(dir: &Path) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["kind"].as_str().unwrap_or("").to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A lock held for a moment by a thread that is still running (not one stuck in a driver
+/// call) is released at once: the exit handler still writes the process's final `summary`
+/// before the `stop` record, as a process that exits with its allocator in use always did.
+/// The evidence report's activity figures are each process's last summary, and a process
+/// that ran for less than one summary interval has no other.
+#[test]
+fn exit_while_another_thread_allocates_still_writes_the_final_summary() {
+    let name = "exit_while_another_thread_allocates_still_writes_the_final_summary";
+    if std::env::var(CASE).as_deref() == Ok(name) {
+        return child_exit_while_another_thread_allocates();
+    }
+    let mut without_summary = 0;
+    let runs = 20;
+    let mut last = Vec::new();
+    for _ in 0..runs {
+        let logs = tempfile::tempdir().unwrap();
+        let log_dir = logs.path().join("log");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CASE, name)
+            .env("KVH_BACKEND", "host")
+            .env("KVH_OOM", "null")
+            .env("KVH_BATCH_SIZE", "1")
+            .env("KVH_LOG_DIR", &log_dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("EXITING"),
+            "the case did not run ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kinds = record_kinds(&log_dir);
+        let stop = kinds.iter().position(|k| k == "stop");
+        assert!(stop.is_some(), "no stop record: {kinds:?}");
+        if !kinds[..stop.unwrap()].iter().any(|k| k == "summary") {
+            without_summary += 1;
+        }
+        last = kinds;
+    }
+    assert_eq!(
+        without_summary, 0,
+        "{without_summary} of {runs} processes that exited while another thread allocated \
+         closed their log without a summary (last: {last:?})"
+    );
+}

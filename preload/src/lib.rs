@@ -494,12 +494,13 @@ fn free_held(
     // logged at once: neither the device's synchronisation nor a graph capture on its stream
     // (which refuses a valid free, leaving the block live) may keep it from the forensic log.
     // The core checks again under its lock: a block handed out again meanwhile is freed
-    // below as any valid free.
+    // below as any valid free, with its new size.
+    let mut span = span;
     if !span.live || span.addr != ptr as u64 {
-        match alloc.refuse_invalid_free(ptr as u64, span.device as i32) {
-            Some(FreeError::Invalid { .. }) => return INVALID_VALUE,
-            Some(_) => return UNKNOWN,
-            None => {}
+        match alloc.check_free(ptr as u64, span.device as i32) {
+            Ok(requested) => span.requested = requested,
+            Err(FreeError::Invalid { .. }) => return INVALID_VALUE,
+            Err(_) => return UNKNOWN,
         }
     }
     let (synced, stream) = match order {

@@ -476,24 +476,22 @@ impl Allocator {
     }
 
     /// For front ends that must not begin a free's side effects (a device synchronisation, a
-    /// graph capture's refusal) before they know the free is valid: `None` when `ptr` is now
-    /// the start of a LIVE block of `device`, which a free would accept; otherwise the free is
-    /// refused and logged as [`Allocator::free`] refuses it, and its error returned. Checked
-    /// under the pool lock: a block handed out again meanwhile is left alone, to be freed
-    /// as any other.
-    pub fn refuse_invalid_free(&self, ptr: u64, device: i32) -> Option<FreeError> {
+    /// graph capture's refusal) before they know the free is valid: the size the block's
+    /// caller asked for when `ptr` is now the start of a LIVE block of `device`, which a free
+    /// would accept; otherwise the free is refused and logged as [`Allocator::free`] refuses
+    /// it, and its error returned. Checked under the pool lock: a block handed out again
+    /// meanwhile is left alone, to be freed as any other (with the size returned).
+    pub fn check_free(&self, ptr: u64, device: i32) -> Result<u64, FreeError> {
         let Ok(dev) = self.device_index(device) else {
             let refused = Refused {
                 reason: InvalidFreeReason::InvalidDevice,
                 block: None,
                 owner: None,
             };
-            return Some(self.refused_free(refused, ptr, device, None));
+            return Err(self.refused_free(refused, ptr, device, None));
         };
         let checked = self.with_pool(dev, |pool, _, _, _| pool.refuse_unless_live(ptr));
-        checked
-            .err()
-            .map(|refused| self.refused_free(refused, ptr, device, Some(dev)))
+        checked.map_err(|refused| self.refused_free(refused, ptr, device, Some(dev)))
     }
 
     /// Turns a refused free into its event. `dev` is the pool that refused it (and counted

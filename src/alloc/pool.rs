@@ -374,16 +374,16 @@ impl DevicePool {
         Ok(size_mismatch)
     }
 
-    #[cold]
     /// Refuses (counts, and names why) a free of `addr` unless it is the start of a LIVE
-    /// block, which a free would accept.
-    pub(crate) fn refuse_unless_live(&mut self, addr: u64) -> Result<(), Refused> {
+    /// block, which a free would accept: then the size its caller asked for.
+    pub(crate) fn refuse_unless_live(&mut self, addr: u64) -> Result<u64, Refused> {
         match self.blocks.get(&addr) {
-            Some(b) if b.state == BlockState::Live => Ok(()),
+            Some(b) if b.state == BlockState::Live => Ok(b.requested),
             _ => Err(self.refuse(addr)),
         }
     }
 
+    #[cold]
     fn refuse(&mut self, addr: u64) -> Refused {
         self.stats.counters.invalid_frees += 1;
         if let Some(b) = self.blocks.get(&addr) {

@@ -522,11 +522,16 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         ));
     }
     if let Some(dir) = args.log_dir {
+        // Checkpoints where --checkpoint-dir says, else, for a log of the run's own, next to
+        // it (the writer's default): a checkpoint directory of the policy's is a server's,
+        // and its auditors would find a checkpoint there of a chain that is not in the
+        // server's log. A run into the policy's own log directory keeps the policy's, where
+        // that log's verification looks for its checkpoints.
+        let policy_log = config.log.dir.as_ref();
+        if args.checkpoint_dir.is_some() || !policy_log.is_some_and(|p| same_directory(&dir, p)) {
+            config.log.checkpoint_dir = args.checkpoint_dir;
+        }
         config.log.dir = Some(dir);
-        // Checkpoints where --checkpoint-dir says, else next to the run's own log (the
-        // writer's default): a checkpoint directory of the policy's is a server's, and its
-        // auditors would find a checkpoint there of a chain that is not in the server's log.
-        config.log.checkpoint_dir = args.checkpoint_dir;
         if let Err(e) = config.check_combination() {
             return usage_error(&format!("configuration: {e}"));
         }
@@ -681,16 +686,31 @@ fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
     }
 }
 
+/// Symbolic links [`resolved`] follows at most, as the kernel's own limit on a path's links.
+const MAX_LINK_HOPS: u32 = 40;
+
 /// `path` made absolute, with its deepest existing ancestor canonicalised and the rest (the
 /// levels not created yet) appended as written: `logs` from /srv and `/srv/logs/` are one
-/// path. `None` when it cannot be made absolute.
+/// path. A symbolic link whose target does not exist yet is followed to it. `None` when the
+/// path cannot be made absolute or has more links than [`MAX_LINK_HOPS`].
 fn resolved(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    resolved_within(path, MAX_LINK_HOPS)
+}
+
+fn resolved_within(path: &std::path::Path, hops: u32) -> Option<std::path::PathBuf> {
     let absolute = std::path::absolute(path).ok()?;
     let mut missing = Vec::new();
     let mut at = absolute.as_path();
     loop {
         if let Ok(real) = std::fs::canonicalize(at) {
             return Some(missing.iter().rev().fold(real, |p, name| p.join(name)));
+        }
+        let dangling = std::fs::symlink_metadata(at).is_ok_and(|m| m.file_type().is_symlink());
+        if dangling {
+            // Its target, relative to the link's directory, and the missing rest after it.
+            let target = at.parent()?.join(std::fs::read_link(at).ok()?);
+            let whole = missing.iter().rev().fold(target, |p, name| p.join(name));
+            return resolved_within(&whole, hops.checked_sub(1)?);
         }
         missing.push(at.file_name()?.to_owned());
         at = at.parent()?;

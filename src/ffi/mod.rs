@@ -620,7 +620,8 @@ pub extern "C" fn kvh_check_config() -> c_int {
 /// bad configuration is reported where it can be handled. Returns `KVH_OK`, or with the
 /// reason in `kvh_last_error_message`: `KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG` (the
 /// forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
-/// parent) or `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
+/// parent; after a start-up of the parent's that failed, that start-up's error) or
+/// `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
 /// before it or not: no fresh memory is served and no free is scrubbed any more).
 #[no_mangle]
 pub extern "C" fn kvh_init() -> c_int {

@@ -25,7 +25,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::alloc::Allocator;
 use crate::anomaly::{self, AnomalySink, AnomalyStats};
@@ -310,8 +310,8 @@ static SHUTTING_DOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Orderly shutdown (`kvh_shutdown`). Once only: a second call (two teardown paths) changes
 /// nothing, and above all does not write a fresh metrics snapshot, which would keep a process
 /// that no longer scrubs looking alive. Before start-up, it keeps the allocator from ever
-/// starting: a later allocation fails as any after shutdown does (and in a child forked
-/// afterwards, as in the child of a started runtime).
+/// starting: a later allocation fails as any after shutdown does (also in a child forked
+/// afterwards, with `KVH_ERR_SHUTTING_DOWN`).
 pub(crate) fn shutdown() {
     // A child forked after start-up or shutdown began in its parent shuts nothing down: the
     // runtime and the lock below are the parent's copies, maybe held by a thread it lacks.
@@ -355,14 +355,20 @@ fn write_metrics(rt: &Runtime) {
     }
 }
 
+/// How long the exit handler waits for the pool locks to read the final summary: far longer
+/// than any pool operation holds one (a free, a flush, a scrub submission), far shorter than
+/// a hang.
+const EXIT_SUMMARY_WAIT: Duration = Duration::from_millis(250);
+
 /// A final summary, then the log's `stop` record and last checkpoint. At exit the summary is
-/// left out when a pool's lock is held (a thread stuck in a driver call under it, or an
-/// `exit()` from a signal handler that interrupted its holder): waiting for it would hang the
-/// process for ever, and the `stop` record still carries the log's own totals.
+/// left out when a pool's lock stays held for [`EXIT_SUMMARY_WAIT`] (a thread stuck in a
+/// driver call under it, or an `exit()` from a signal handler that interrupted its holder):
+/// waiting on would hang the process for ever, and the `stop` record still carries the log's
+/// own totals.
 fn stop_log(rt: &Runtime, at_exit: bool) {
     if let Some(log) = &rt.log {
         let stats = if at_exit {
-            rt.allocator.try_stats()
+            stats_within(rt, EXIT_SUMMARY_WAIT)
         } else {
             Some(rt.allocator.stats())
         };
@@ -370,6 +376,20 @@ fn stop_log(rt: &Runtime, at_exit: bool) {
             log.record_summary(counters);
         }
         log.stop();
+    }
+}
+
+/// The allocator's counters, read without waiting on a lock for more than `limit` in all.
+fn stats_within(rt: &Runtime, limit: Duration) -> Option<crate::stats::Stats> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(stats) = rt.allocator.try_stats() {
+            return Some(stats);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

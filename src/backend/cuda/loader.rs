@@ -6,6 +6,7 @@
 //! fails here with the symbol's name instead of at first use.
 
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::sys;
@@ -109,9 +110,46 @@ fn is_absent(path: &str, dlerror: &str) -> bool {
     if path.contains('/') {
         return !std::path::Path::new(path).exists();
     }
-    dlerror.starts_with(&format!(
+    let not_found = dlerror.starts_with(&format!(
         "{path}: cannot open shared object file: No such file or directory"
-    ))
+    ));
+    // The loader skips, without a word, a file of the name built for another machine
+    // architecture, and then says the name was not found: a driver file that is there is a
+    // broken driver, whatever the loader's message.
+    not_found && !on_search_path(path)
+}
+
+/// Whether a file named `name` is in a directory the dynamic loader searches for it:
+/// `LD_LIBRARY_PATH`'s, the paths `/etc/ld.so.cache` lists under that name, and the default
+/// directories. Written by hand: no crate reads the loader's cache, and only the paths it
+/// holds are needed (each a NUL-terminated string in the cache's string table).
+fn on_search_path(name: &str) -> bool {
+    let suffix = format!("/{name}");
+    let from_env = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| {
+            std::env::split_paths(&v)
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let from_cache = std::fs::read("/etc/ld.so.cache")
+        .map(|cache| {
+            cache
+                .split(|&b| b == 0)
+                .filter(|s| s.ends_with(suffix.as_bytes()) && s.starts_with(b"/"))
+                .map(|s| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(s)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let defaults = ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(name));
+    from_env
+        .into_iter()
+        .chain(from_cache)
+        .chain(defaults)
+        .any(|p| p.exists())
 }
 
 #[cfg(test)]
@@ -131,8 +169,14 @@ mod tests {
 
     #[test]
     fn only_the_library_itself_missing_counts_as_absent() {
-        let missing = "libcuda.so.1: cannot open shared object file: No such file or directory";
-        assert!(is_absent("libcuda.so.1", missing));
+        // A name no directory holds (libcuda.so.1 itself may be installed where this runs).
+        let missing =
+            "libkvh-no-such.so.1: cannot open shared object file: No such file or directory";
+        assert!(is_absent("libkvh-no-such.so.1", missing));
+        // The loader's "not found" for a name a searched directory holds (a file it skipped):
+        // there, not absent.
+        let skipped = "libc.so.6: cannot open shared object file: No such file or directory";
+        assert!(!is_absent("libc.so.6", skipped));
         // A dependency of the driver missing: the driver is there.
         let dependency =
             "libnvidia-ptxjitcompiler.so.1: cannot open shared object file: No such file or \

@@ -349,6 +349,9 @@ impl Inner {
         self.live()?;
         // SAFETY: 1. `dev.ctx` was retained by `open_device` and is never released.
         unsafe { r::ctx_set_current(&self.driver, dev.ctx.0) }?;
+        // A shutdown that began during that call: the entry point's own driver call, next,
+        // must not be made.
+        self.live()?;
         Ok((dev, guard))
     }
 
