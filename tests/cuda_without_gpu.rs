@@ -138,3 +138,138 @@ fn a_driver_built_for_another_architecture_is_broken_not_absent() {
          back to host memory"
     );
 }
+
+/// A `libcuda.so.1` built for another machine architecture, written into `dir`.
+fn write_driver_of_another_architecture(dir: &std::path::Path) {
+    let mut image = std::fs::read(mapped_libc()).unwrap();
+    // e_machine (offset 18): another architecture than this one.
+    let other: u16 = if cfg!(target_arch = "x86_64") {
+        0xB7
+    } else {
+        0x3E
+    };
+    image[18..20].copy_from_slice(&other.to_le_bytes());
+    std::fs::write(dir.join("libcuda.so.1"), &image).unwrap();
+}
+
+/// Runs `probe_child_report` through `cmd` (this test binary, or a wrapper that runs it) and
+/// returns what it printed.
+fn probe_reported_by(mut cmd: std::process::Command) -> String {
+    let out = cmd.env("CUDA_PROBE_CHILD", "1").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .split("probe-result<")
+        .nth(1)
+        .and_then(|s| s.split('>').next())
+        .unwrap_or_else(|| {
+            panic!(
+                "no report from the child: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string()
+}
+
+fn probe_child() -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "probe_child_report", "--ignored", "--nocapture"]);
+    cmd
+}
+
+/// The dynamic loader reads an empty entry of `LD_LIBRARY_PATH` (`/opt/x:`, a leading or
+/// doubled colon, as shell scripts that append to an unset variable leave) as the current
+/// directory, and searches it for `libcuda.so.1`. A driver file there built for another
+/// architecture is skipped by the loader: it exists, so the probe must say Broken.
+#[test]
+fn a_driver_of_another_architecture_in_the_directory_of_an_empty_ld_library_path_entry_is_broken() {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_driver_of_another_architecture(dir.path());
+    let mut cmd = probe_child();
+    cmd.current_dir(dir.path())
+        .env("LD_LIBRARY_PATH", "/nonexistent-kvh-dir:");
+    let seen = probe_reported_by(cmd);
+    assert!(
+        seen.starts_with("Broken"),
+        "a libcuda.so.1 of another architecture in the current directory, which \
+         LD_LIBRARY_PATH=/nonexistent-kvh-dir: makes the loader search, probed as {seen}, so \
+         `auto` would fall back to host memory"
+    );
+}
+
+/// The dynamic loader splits `LD_LIBRARY_PATH` at `;` as well as at `:` (ld.so(8)). A driver
+/// file built for another architecture in the directory after a `;` is one it searched and
+/// skipped: the probe must say Broken.
+#[test]
+fn a_driver_of_another_architecture_after_a_semicolon_in_ld_library_path_is_broken() {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_driver_of_another_architecture(dir.path());
+    let mut search = std::ffi::OsString::from("/nonexistent-kvh-dir;");
+    search.push(dir.path());
+    let mut cmd = probe_child();
+    cmd.env("LD_LIBRARY_PATH", search);
+    let seen = probe_reported_by(cmd);
+    assert!(
+        seen.starts_with("Broken"),
+        "a libcuda.so.1 of another architecture in a directory of \
+         LD_LIBRARY_PATH=/nonexistent-kvh-dir;DIR probed as {seen}, so `auto` would fall back \
+         to host memory"
+    );
+}
+
+/// The system library directory the C library itself was loaded from (on Debian and Ubuntu
+/// `/usr/lib/x86_64-linux-gnu` or `/lib/x86_64-linux-gnu`, a default directory of their
+/// dynamic loader, where a driver package installs `libcuda.so.1`). A driver file there built
+/// for another architecture is skipped by the loader, and `ldconfig` leaves it out of
+/// `/etc/ld.so.cache`: it exists, so the probe must say Broken. Run in a private mount
+/// namespace (`unshare`) where the file is laid over that directory; skipped where one
+/// cannot be made.
+#[test]
+fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return;
+    }
+    let system = mapped_libc()
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let extra = tempfile::tempdir().unwrap();
+    write_driver_of_another_architecture(extra.path());
+    let mount = format!(
+        "mount -t overlay overlay -o lowerdir={}:{} {}",
+        extra.path().display(),
+        system.display(),
+        system.display()
+    );
+    let usable = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &mount])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        eprintln!("no overlay mount in a private namespace (unshare -rm) here; nothing to check");
+        return;
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-rm", "sh", "-c", &format!("{mount} && exec \"$0\" \"$@\"")])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "probe_child_report", "--ignored", "--nocapture"])
+        .env_remove("LD_LIBRARY_PATH");
+    let seen = probe_reported_by(cmd);
+    assert!(
+        seen.starts_with("Broken"),
+        "a libcuda.so.1 of another architecture in {}, a directory the dynamic loader searches \
+         by default, probed as {seen}, so `auto` would fall back to host memory",
+        system.display()
+    );
+}

@@ -668,3 +668,101 @@ fn the_fault_drill_is_refused_when_its_log_dir_is_the_policys_behind_a_link_not_
         link.join("kvh").display()
     );
 }
+
+/// A --log-dir that names the policy's own log directory, with a --checkpoint-dir of another
+/// directory: the run's chain goes into the server's log, so its signed checkpoint must be
+/// where the policy keeps that log's checkpoints (KVH_CHECKPOINT_DIR), or the run be refused
+/// (exit 2). Either way the server's log must still verify with its checkpoint directory.
+#[test]
+fn a_demo_into_the_policys_log_directory_with_another_checkpoint_dir_leaves_it_verifiable() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("sign")));
+    assert_eq!(code, 0, "{err}");
+    let server_log = root.join("server-log");
+    let server_ckpt = root.join("server-ckpt");
+    std::fs::create_dir(&server_ckpt).unwrap();
+    std::fs::set_permissions(&server_ckpt, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let policy = |cmd: &mut std::process::Command| {
+        cmd.env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", &server_log)
+            .env("KVH_CHECKPOINT_DIR", &server_ckpt)
+            .env("KVH_SIGNING_KEY_FILE", root.join("sign.key"));
+    };
+    // The server's own log, with its checkpoint.
+    let mut server = kvh();
+    server.args(["demo", "--tenants", "1", "--requests", "1"]);
+    policy(&mut server);
+    let (code, out, err) = run(&mut server);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A plain run naming the policy's log directory and a checkpoint directory of its own.
+    let mut demo = kvh();
+    demo.args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&server_log)
+        .arg("--checkpoint-dir")
+        .arg(root.join("my-ckpt"));
+    policy(&mut demo);
+    let (dcode, dout, derr) = run(&mut demo);
+
+    let (vcode, vout, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&server_log)
+        .arg("--public-key")
+        .arg(root.join("sign.pub"))
+        .arg("--checkpoint")
+        .arg(&server_ckpt));
+    assert_eq!(
+        vcode, 0,
+        "after `kvh demo --log-dir <the policy's log directory> --checkpoint-dir <another>` \
+         (exit {dcode}), the policy's log no longer verifies with its checkpoints:\n\
+         {vout}{verr}\n--- demo:\n{dout}{derr}"
+    );
+}
+
+/// Without KVH_CHECKPOINT_DIR the policy's signed checkpoints are kept next to its log, in
+/// KVH_LOG_DIR. A --checkpoint-dir naming that directory, while the run logs elsewhere,
+/// would leave there a checkpoint of a chain that is not in the server's log, and the
+/// server's log would then fail verification ("files deleted"). Such a run is refused (exit
+/// 2), as one naming KVH_CHECKPOINT_DIR is, and the server's log still verifies.
+#[test]
+fn the_demo_does_not_write_a_checkpoint_next_to_the_policys_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("sign")));
+    assert_eq!(code, 0, "{err}");
+    let server_log = root.join("server-log");
+    let policy = |cmd: &mut std::process::Command| {
+        cmd.env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", &server_log)
+            .env("KVH_SIGNING_KEY_FILE", root.join("sign.key"));
+    };
+    // The server's own log, its checkpoint next to it.
+    let mut server = kvh();
+    server.args(["demo", "--tenants", "1", "--requests", "1"]);
+    policy(&mut server);
+    let (code, out, err) = run(&mut server);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut demo = kvh();
+    demo.args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(root.join("demo-log"))
+        .arg("--checkpoint-dir")
+        .arg(&server_log);
+    policy(&mut demo);
+    let (dcode, dout, derr) = run(&mut demo);
+
+    let (vcode, vout, verr) = run(kvh()
+        .arg("verify-log")
+        .arg(&server_log)
+        .arg("--public-key")
+        .arg(root.join("sign.pub")));
+    assert_eq!(
+        (dcode, vcode),
+        (2, 0),
+        "`kvh demo --log-dir <its own> --checkpoint-dir <the policy's log directory>` \
+         (exit {dcode}); the policy's log then verifies with exit {vcode}:\n{vout}{verr}\n\
+         --- demo:\n{dout}{derr}"
+    );
+}

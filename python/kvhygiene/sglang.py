@@ -6,9 +6,10 @@ SGLang keeps one KV row per token slot (``MHATokenToKVPool.k_buffer`` and ``v_bu
 hands slots out through a token allocator (``TokenToKVPoolAllocator``, or
 ``PagedTokenToKVPoolAllocator`` with pages of ``page_size`` slots). The paths that give slots
 back (a request that finishes or is aborted or retracted, a prefix-cache eviction) end in the
-allocator's ``free(free_index)``, with the token indices freed, and ``flush_cache`` in its
-``clear()``, which makes every slot free again (the prefix cache's included) without
-``free``. :func:`scrub_on_free` wraps those methods::
+allocator's ``free(free_index)``, with the token indices freed, or, in recent releases, its
+``free_segment(free_index, start_pos=...)``, which gives pages back by their first slot
+without ``free``; and ``flush_cache`` in its ``clear()``, which makes every slot free again
+(the prefix cache's included) without ``free``. :func:`scrub_on_free` wraps those methods::
 
     import kvhygiene
     from kvhygiene.sglang import layouts_of, scrub_on_free
@@ -18,8 +19,8 @@ allocator's ``free(free_index)``, with the token indices freed, and ``flush_cach
     layouts = layouts_of(token_to_kv_pool)            # in the process that owns the pool
     scrub_on_free(token_to_kv_pool_allocator, layouts, stream=forward_stream)
 
-- ``free``: a freed page (the slot itself when ``page_size`` is 1) is scrubbed whole, in every
-  layer, K and V, before the allocator's own ``free`` runs: a paged allocator frees whole
+- ``free`` and ``free_segment``: a freed page (the slot itself when ``page_size`` is 1) is
+  scrubbed whole, in every layer, K and V, before the allocator's own method runs: a paged allocator frees whole
   pages, so a page is reused only after it was scrubbed. Inside a free group
   (``free_group_begin`` .. ``free_group_end``) a page is scrubbed when it is freed, not again
   when the group gives it back.
@@ -31,7 +32,7 @@ allocator's ``free(free_index)``, with the token indices freed, and ``flush_cach
   listed in :attr:`ScrubOnFree.withheld`, and recorded in the forensic log by the library,
   until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises, clears
   nothing, and takes the page out of the allocator's free lists (``free_pages``,
-  ``release_pages``) if it was free. A call the library refuses raises and frees nothing; the padding page is
+  ``release_pages``, or recent releases' ``staged_pages``) if it was free. A call the library refuses raises and frees nothing; the padding page is
   scrubbed once when the allocator is wrapped, so a pool outside kvhygiene memory is refused
   then.
 
@@ -43,7 +44,8 @@ kernel still reading the slots. Speculative decoding (EAGLE) gives the draft mod
 pool of its own but the target's allocator: wrap that one allocator once, with the layouts of
 both pools (``layouts_of(target_pool) + layouts_of(draft_pool)``), so that every page it
 frees is scrubbed in both. Not covered: slots given back by
-other means than ``free``, ``clear`` and ``restore_state``, and buffers that are not per-token
+other means than ``free``, ``free_segment``, ``clear`` and ``restore_state`` (the hybrid
+sliding-window allocators' ``free_swa``, for one), and buffers that are not per-token
 rows (FP4 scale buffers, sparse-attention index buffers, a host-side cache).
 """
 
@@ -155,6 +157,22 @@ _CLEAR_CHUNK = 4096
 #: The allocator's lists of free page ids (a tensor or a list each).
 _FREE_LISTS = ("free_pages", "release_pages")
 
+#: Recent SGLang's freed pages not yet merged into ``free_pages`` (``need_sort``): a list of
+#: page-id batches, counted in ``num_staged_pages``.
+_STAGED = "staged_pages"
+
+
+def _page_ids(held) -> List[int]:
+    """Page ids of a free list or batch (a tensor or a sequence)."""
+    return [int(p) for p in (held.tolist() if hasattr(held, "tolist") else held)]
+
+
+def _without_pages(held, pages: Set[int]):
+    """A free list or batch less ``pages``, of the same kind."""
+    if hasattr(held, "tolist") and hasattr(held, "new_tensor"):
+        return held.new_tensor([p for p in held.tolist() if p not in pages])
+    return type(held)(p for p in held if p not in pages)
+
 
 class ScrubOnFree:
     """The ``free`` that :func:`scrub_on_free` puts on an allocator: scrubs the pages of the
@@ -171,6 +189,7 @@ class ScrubOnFree:
         self.original_group_end = getattr(allocator, "free_group_end", None)
         self.original_clear = getattr(allocator, "clear", None)
         self.original_restore = getattr(allocator, "restore_state", None)
+        self.original_segment = getattr(allocator, "free_segment", None)
         #: Pages whose scrub failed verification: never given back to the allocator (until a
         #: ``clear`` verifies them clean).
         self.withheld: Set[int] = set()
@@ -182,6 +201,22 @@ class ScrubOnFree:
         self._group_ending = False
 
     def __call__(self, free_index, *args, **kwargs):
+        kept, changed = self._scrub_freed(free_index)
+        return self.original(kept if changed else free_index, *args, **kwargs)
+
+    def free_segment(self, free_index, *args, **kwargs):
+        """The allocator's ``free_segment`` (recent SGLang's prefix-cache eviction and finished
+        requests: it gives the pages back by their first slot, without ``free``): the pages are
+        scrubbed as for ``free``. When one is withheld, the rest goes back through the
+        allocator's own ``free``, which takes any set of slots."""
+        kept, changed = self._scrub_freed(free_index)
+        if changed:
+            return self.original(kept)
+        return self.original_segment(free_index, *args, **kwargs)
+
+    def _scrub_freed(self, free_index):
+        """Scrubs the pages of ``free_index`` being freed; returns the indices to give back
+        (without the pages withheld) and whether any were left out."""
         pages = pages_of(free_index, self.page_size)
         # A withheld page freed again (a double free by the engine) stays withheld.
         refused = self.withheld.intersection(pages)
@@ -202,12 +237,17 @@ class ScrubOnFree:
                 sorted(failed),
             )
         if failed or refused:
-            free_index = self._without(free_index, failed | refused)
-        return self.original(free_index, *args, **kwargs)
+            return self._without(free_index, failed | refused), True
+        return free_index, False
 
     def _in_group(self) -> bool:
-        """Whether the allocator is collecting frees (SGLang's ``is_not_in_free_group``)."""
-        return getattr(self.allocator, "is_not_in_free_group", True) is False
+        """Whether the allocator is collecting frees: SGLang's ``is_not_in_free_group`` flag,
+        or, in recent releases that lack it, ``free_group`` being a list (``None`` outside a
+        group)."""
+        flag = getattr(self.allocator, "is_not_in_free_group", None)
+        if flag is not None:
+            return flag is False
+        return getattr(self.allocator, "free_group", None) is not None
 
     def _scrub(self, pages: List[int]) -> Set[int]:
         """Scrubs ``pages`` in every layout; returns those that failed verification. When a
@@ -314,12 +354,15 @@ class ScrubOnFree:
         return result
 
     def _free_set(self) -> Set[int]:
-        """The pages in the allocator's free lists (``free_pages``, ``release_pages``)."""
+        """The pages in the allocator's free lists (``free_pages``, ``release_pages``, and the
+        batches of ``staged_pages``)."""
         free: Set[int] = set()
         for name in _FREE_LISTS:
             held = getattr(self.allocator, name, None)
             if held is not None:
-                free.update(int(p) for p in (held.tolist() if hasattr(held, "tolist") else held))
+                free.update(_page_ids(held))
+        for batch in getattr(self.allocator, _STAGED, None) or ():
+            free.update(_page_ids(batch))
         return free
 
     def _take_out(self, pages: Set[int]) -> None:
@@ -333,10 +376,14 @@ class ScrubOnFree:
             if held is None:
                 continue
             found = True
-            if hasattr(held, "tolist") and hasattr(held, "new_tensor"):
-                setattr(self.allocator, name, held.new_tensor([p for p in held.tolist() if p not in pages]))
-            else:
-                setattr(self.allocator, name, type(held)(p for p in held if p not in pages))
+            setattr(self.allocator, name, _without_pages(held, pages))
+        staged = getattr(self.allocator, _STAGED, None)
+        if staged is not None:
+            found = True
+            kept = [_without_pages(batch, pages) for batch in staged]
+            setattr(self.allocator, _STAGED, kept)
+            if hasattr(self.allocator, "num_staged_pages"):
+                self.allocator.num_staged_pages = sum(len(_page_ids(batch)) for batch in kept)
         if not found:
             raise AttributeError(
                 f"{type(self.allocator).__name__} has no free_pages list: pages {sorted(pages)} failed "
@@ -359,12 +406,14 @@ class ScrubOnFree:
             self.allocator.clear = self.original_clear
         if self.original_restore is not None:
             self.allocator.restore_state = self.original_restore
+        if self.original_segment is not None:
+            self.allocator.free_segment = self.original_segment
 
 
 def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
     """Wraps ``allocator.free`` (an SGLang token allocator, or anything with
     ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it; also its
-    ``free_group_end``, ``clear`` and ``restore_state`` when it has them (a page freed in a
+    ``free_segment``, ``free_group_end``, ``clear`` and ``restore_state`` when it has them (a page freed in a
     free group is scrubbed once; ``clear`` scrubs the whole pool first; ``restore_state``
     scrubs the pages it makes free). ``layouts`` are the KV pool's
     (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the
@@ -402,4 +451,6 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
         allocator.clear = wrapper.clear
     if wrapper.original_restore is not None:
         allocator.restore_state = wrapper.restore_state
+    if wrapper.original_segment is not None:
+        allocator.free_segment = wrapper.free_segment
     return wrapper

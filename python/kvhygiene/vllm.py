@@ -20,15 +20,17 @@ of ``NewRequestData`` with ``req_id``, ``block_ids`` (one list per KV cache grou
 ``resumed_req_ids`` (or, in earlier v1 releases, one ``resumed_from_preemption`` flag per
 request), ``new_block_ids`` and ``num_computed_tokens``):
 
-- a new (or resumed) request's blocks after its prefix-cache hits: the first
-  ``num_computed_tokens // block_size`` blocks hold a cached prefix the request shares on
-  purpose (prefix caching only caches full blocks) and must not be scrubbed;
+- a new (or resumed) request's blocks after its computed tokens: the first
+  ``ceil(num_computed_tokens / block_size)`` blocks hold a cached prefix the request shares
+  on purpose (prefix caching only caches full blocks) or tokens a KV connector loaded (whose
+  count need not fill the last block: an asynchronous connector's load of a 20-token prompt
+  in blocks of 16 leaves 19 computed), and must not be scrubbed;
 - a running request's ``new_block_ids``, appended blocks, all new.
 
 Only attribute names are used (no vLLM import): the module is tested against stand-ins with
 those names, not against vLLM itself. With a KV connector, ``num_computed_tokens`` also counts
-the tokens loaded from outside, so the blocks the connector fills are taken for prefix hits
-and not claimed: the gate does not cover them. A request that is given blocks that cannot be
+the tokens loaded from outside, so the blocks the connector fills, its last one included, are
+taken for prefix hits and not claimed: the gate does not cover them. A request that is given blocks that cannot be
 verified clean must not run: the claim's error propagates.
 """
 
@@ -172,7 +174,8 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
         one = isinstance(block_sizes, (str, bytes)) or not hasattr(block_sizes, "__iter__")
         per_group = [block_sizes] * len(groups) if one else _per_group(block_sizes, len(groups), "block_sizes")
         sizes = [_block_size(b) for b in per_group]
-        fresh = [list(ids)[skip_tokens // size :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
+        # Blocks holding computed tokens, the last one even when they do not fill it.
+        fresh = [list(ids)[-(-skip_tokens // size) :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
         if any(fresh):
             out[req_id] = fresh
 

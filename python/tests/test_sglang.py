@@ -684,3 +684,145 @@ def test_a_page_that_fails_in_two_layouts_counts_once_in_each():
     assert len(layouts) == 2
     assert _one_bad_page(pool, layouts, "tenant-two-geometries") == 1
     pool.release()
+
+
+class RecentPagedAllocator:
+    """SGLang's paged token allocator as python/sglang/srt/mem_cache/allocator/base.py and
+    allocator/paged.py have it at commit 0122d6f6317ad9dad94da758354db698d65b9b84 (the
+    allocator package that replaced mem_cache/allocator.py), with lists for tensors:
+
+    - a free group is ``free_group`` being a list (``None`` outside one); there is no
+      ``is_not_in_free_group``;
+    - ``free(free_index)`` gives back the pages of the indices (to ``staged_pages``, a list of
+      page-id batches, when ``need_sort``; there is no ``release_pages`` list);
+    - ``free_segment(free_index, start_pos=...)`` (what the radix cache's eviction and
+      ``cache_finished_req`` call) takes every ``page_size``-th index as its page's
+      representative and gives those pages back itself, without calling ``free``; inside a
+      free group they wait in ``free_page_reps_group`` and ``free_group_end`` gives them back
+      the same way;
+    - ``backup_state`` / ``restore_state`` are gone from the allocator."""
+
+    def __init__(self, page_size, need_sort=False):
+        self.page_size = page_size
+        self.need_sort = need_sort
+        self.release_pages = None
+        self.clear()
+
+    def clear(self):
+        self.free_pages = list(range(1, SLOTS // self.page_size + 1))
+        self.free_group = None
+        self.free_page_reps_group = []
+        self.staged_pages = []
+        self.num_staged_pages = 0
+
+    def merge_and_sort_free(self):
+        if self.staged_pages:
+            self.free_pages = sorted(self.free_pages + [p for batch in self.staged_pages for p in batch])
+            self.staged_pages, self.num_staged_pages = [], 0
+
+    def alloc(self, tokens):
+        need = -(-tokens // self.page_size)
+        if need > len(self.free_pages):
+            self.merge_and_sort_free()
+        pages, self.free_pages = self.free_pages[:need], self.free_pages[need:]
+        return [p * self.page_size + k for p in pages for k in range(self.page_size)][:tokens]
+
+    def _release_page_ids(self, pages):
+        if self.need_sort:
+            self.staged_pages.append(list(pages))
+            self.num_staged_pages += len(pages)
+        else:
+            self.free_pages = list(pages) + self.free_pages
+
+    def free(self, free_index):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        if self.free_group is None:
+            self._release_page_ids(sorted({i // self.page_size for i in free_index}))
+        else:
+            self.free_group.append(free_index)
+
+    def free_segment(self, free_index, *, start_pos):
+        assert start_pos % self.page_size == 0
+        reps = list(free_index)[:: self.page_size]
+        if not reps:
+            return
+        if self.free_group is None:
+            self._release_page_ids([i // self.page_size for i in reps])
+        else:
+            self.free_page_reps_group.append(reps)
+
+    def free_group_begin(self):
+        assert self.free_group is None
+        self.free_group = []
+        self.free_page_reps_group = []
+
+    def free_group_end(self):
+        pending, self.free_group = self.free_group, None
+        if pending:
+            self.free([i for batch in pending for i in batch])
+        if self.free_page_reps_group:
+            self._release_page_ids([i // self.page_size for batch in self.free_page_reps_group for i in batch])
+            self.free_page_reps_group = []
+
+
+def test_pages_a_prefix_cache_eviction_gives_back_by_free_segment_are_zero():
+    # Recent SGLang's radix cache evicts a node with
+    # token_to_kv_pool_allocator.free_segment(node.value, start_pos=0), and a finished
+    # request's pages go back the same way; the paged allocator's free_segment gives the
+    # pages back without going through free. Those pages must be scrubbed before they are
+    # handed out again, as pages given back by free are.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = RecentPagedAllocator(page_size=2)
+    scrub_on_free(alloc, layouts_of(pool))
+    cached = alloc.alloc(4)  # pages 1 and 2: a prefix-cache node's
+    pool.fill(cached, 0xE1)
+    alloc.free_segment(cached, start_pos=0)  # the node is evicted
+    handed = alloc.alloc(4)
+    assert set(handed) == set(cached)
+    stale = [s for s in handed if not pool.holds(s, 0)]
+    pool.release()
+    assert not stale, f"slots {stale} were handed out with the evicted prefix's bytes"
+
+
+def test_a_page_freed_inside_a_free_group_of_a_recent_allocator_is_scrubbed_once():
+    # Recent SGLang marks a free group by free_group being a list (None outside one), with no
+    # is_not_in_free_group attribute. The module's documentation: inside a free group a page is
+    # scrubbed when it is freed, not again when the group gives it back.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = RecentPagedAllocator(page_size=2)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    a, b = alloc.alloc(2), alloc.alloc(4)  # pages 1; 2 and 3
+    pool.fill(a + b, 0xC9)
+    alloc.free_group_begin()
+    alloc.free(a)
+    alloc.free(b)
+    alloc.free_group_end()
+    scrubbed = wrapper.scrubbed_pages
+    pool.release()
+    assert scrubbed == 3, f"3 pages freed in a group, {scrubbed} page scrubs"
+
+
+def test_a_staged_free_page_that_fails_verification_in_a_refused_clear_is_not_handed_out():
+    # Recent SGLang's paged allocator with need_sort (P/D disaggregation) keeps freed pages in
+    # staged_pages, a list of page-id batches, until an allocation runs short and merges them
+    # into free_pages; it has no release_pages list. A page in staged_pages that fails
+    # verification in a clear is withheld and must not be handed out afterwards.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = RecentPagedAllocator(page_size=2, need_sort=True)
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    tokens = alloc.alloc(4)  # pages 1 and 2
+    alloc.free(tokens)  # scrubbed, then staged
+    assert alloc.num_staged_pages == 2
+    pool.fill(range(0, SLOTS + 2), 0x5A)  # written after their scrub (a late kernel write)
+    lib.kvh_inject_fault(8)  # pages 0 and 1 (4 regions each) fail verification
+    with pytest.raises(kvhygiene.ScrubVerificationError):
+        alloc.clear()
+    assert 1 in wrapper.withheld
+    handed = {s // 2 for s in alloc.alloc(SLOTS)}
+    pool.release()
+    assert 1 not in handed, "page 1 failed verification in the clear and was handed out from staged_pages"

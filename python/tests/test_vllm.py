@@ -248,12 +248,12 @@ def test_a_block_of_a_request_with_a_long_id_is_scrubbed_before_another_request_
     assert scrubbed, "request b was given request a's KV bytes: the gate took them for one request"
 
 
-def test_a_block_only_partly_computed_is_new_to_the_request():
-    # 20 computed tokens of blocks of 16 (a KV connector's load, say): the first block is a
-    # prefix hit, the second holds 4 computed tokens and 12 the request has yet to write, so
-    # it is new and claimed (num_computed_tokens // block_size blocks are skipped).
-    s = step(new=[("a", [0, 1, 2], 20)], cached=[("r", [0, 4], 20)], resumed=["r"])
-    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[1, 2]], "r": [[4]]}
+def test_a_block_only_partly_computed_is_not_new_to_the_request():
+    # 20 computed tokens of blocks of 16 (a KV connector's load: local prefix hits are whole
+    # blocks): the second block holds 4 loaded tokens, which a scrub would wipe, so it is
+    # skipped with the first (ceil(num_computed_tokens / block_size) blocks are).
+    s = step(new=[("a", [0, 1, 2], 20)], cached=[("r", [0, 4, 5], 20)], resumed=["r"])
+    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[2]], "r": [[5]]}
 
 
 def test_a_request_with_new_blocks_in_one_kv_cache_group_only_is_claimed():
@@ -377,3 +377,33 @@ def test_a_tenant_id_given_as_bytes_that_are_not_utf8_is_their_digest():
     assert context_id(bytearray(b"acme")) == "acme"
     # Never the digest of a text: here one whose lone surrogate encodes to the same bytes.
     assert context_id(b"acme\xed\xb3\xbf") != context_id("acme\udcff")
+
+
+def test_a_block_an_asynchronous_kv_connector_filled_keeps_the_tokens_it_loaded():
+    # vLLM v1 (vllm/v1/core/sched/scheduler.py, _update_waiting_for_remote_kv, main branch
+    # at commit 00024d314514900f361ad072af6931e403b7f589): once an asynchronous KV connector
+    # (NIXL, P/D disaggregation) has received a request's prompt into the blocks allocated
+    # for it, the scheduler sets num_computed_tokens to the block count times block_size,
+    # capped at the prompt length, less one when that cap is the whole prompt. A 20-token
+    # prompt in blocks of 16 thus comes back as a new request with block_ids ([0, 1],) and
+    # num_computed_tokens 19: block 1 already holds the 3 loaded tokens 16-18. The module's
+    # documentation says the blocks a connector fills are not claimed; claiming block 1
+    # must not wipe the 3 tokens the connector wrote there.
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    row = BLOCK_BYTES // BLOCK_TOKENS
+    # Block 1 was request "old"'s.
+    claim_scheduled(step(new=[("old", [1], 0)]), [layout], BLOCK_TOKENS)
+    for base in layout.regions:
+        ctypes.memset(base + 1 * BLOCK_BYTES, 0x0D, BLOCK_BYTES)
+    # The connector loads tokens 0-18 of request "pd": block 0 whole, rows 0-2 of block 1.
+    for base in layout.regions:
+        ctypes.memset(base, 0xD0, BLOCK_BYTES)
+        ctypes.memset(base + 1 * BLOCK_BYTES, 0xD0, 3 * row)
+    claim_scheduled(step(new=[("pd", [0, 1], 19)]), [layout], BLOCK_TOKENS)
+    loaded = all(ctypes.string_at(base + 1 * BLOCK_BYTES, 3 * row) == b"\xd0" * (3 * row) for base in layout.regions)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+    assert loaded, "the tokens the KV connector loaded into the request's last block were scrubbed"
