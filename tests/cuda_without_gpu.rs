@@ -109,6 +109,10 @@ fn mapped_libc() -> std::path::PathBuf {
 /// installed".
 #[test]
 fn a_driver_built_for_another_architecture_is_broken_not_absent() {
+    if driver_installed() {
+        // The loader would skip the file and load the installed driver.
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let driver = dir.path().join("libcuda.so.1");
     let mut image = std::fs::read(mapped_libc()).unwrap();

@@ -436,9 +436,10 @@ struct DemoArgs {
     #[arg(long, value_name = "DIR")]
     log_dir: Option<std::path::PathBuf>,
     /// With --log-dir: keep the run's signed checkpoints in this directory (overrides
-    /// KVH_CHECKPOINT_DIR). Without it they are written next to the run's log: the policy's
-    /// checkpoint directory may be a running server's, whose auditors would find a checkpoint
-    /// there of a chain that is not in the server's log.
+    /// KVH_CHECKPOINT_DIR). Without it they are written next to the run's log (or, for a
+    /// --log-dir that is the policy's, where the policy keeps them). The policy's checkpoint
+    /// directory may be a running server's, whose auditors would find a checkpoint there of
+    /// a chain that is not in the server's log: it is refused for a log of the run's own.
     #[arg(long, value_name = "DIR", requires = "log_dir")]
     checkpoint_dir: Option<std::path::PathBuf>,
     /// Leave the run's last metrics snapshot in FILE (`{pid}` in its name is replaced by the
@@ -494,9 +495,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if let Some(e) = drill_into_policy_log(&args, &config) {
         return usage_error(&e);
     }
-    if let Some(e) = checkpoints_into_policy_dir(&args, &config) {
-        return usage_error(&e);
-    }
+    let run_checkpoint_dir = match demo_checkpoint_dir(&args, &config) {
+        Ok(dir) => dir,
+        Err(e) => return usage_error(&e),
+    };
     if args.inject_fault && config.backend == BackendChoice::Auto {
         // The drill sabotages a scrub: only ever on host memory.
         config.backend = BackendChoice::Host;
@@ -522,15 +524,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         ));
     }
     if let Some(dir) = args.log_dir {
-        // Checkpoints where --checkpoint-dir says, else, for a log of the run's own, next to
-        // it (the writer's default): a checkpoint directory of the policy's is a server's,
-        // and its auditors would find a checkpoint there of a chain that is not in the
-        // server's log. A run into the policy's own log directory keeps the policy's, where
-        // that log's verification looks for its checkpoints.
-        let policy_log = config.log.dir.as_ref();
-        if args.checkpoint_dir.is_some() || !policy_log.is_some_and(|p| same_directory(&dir, p)) {
-            config.log.checkpoint_dir = args.checkpoint_dir;
-        }
+        config.log.checkpoint_dir = run_checkpoint_dir;
         config.log.dir = Some(dir);
         if let Err(e) = config.check_combination() {
             return usage_error(&format!("configuration: {e}"));
@@ -717,24 +711,49 @@ fn resolved_within(path: &std::path::Path, hops: u32) -> Option<std::path::PathB
     }
 }
 
-/// Why `--checkpoint-dir` may not be used: it names the policy's checkpoint directory, a
-/// server's, while the run logs elsewhere, and its auditors would find there a checkpoint of
-/// a chain that is not in the server's log.
-fn checkpoints_into_policy_dir(args: &DemoArgs, config: &Config) -> Option<String> {
-    let given = args.checkpoint_dir.as_ref()?;
-    let policy = config.log.checkpoint_dir.as_ref()?;
-    let same_log = match (&args.log_dir, &config.log.dir) {
-        (Some(a), Some(b)) => same_directory(a, b),
-        _ => false,
+/// With `--log-dir`, where the run's signed checkpoints go, or why its flags are refused. A
+/// log of the run's own keeps them next to it (the writer's default) or in `--checkpoint-dir`,
+/// never where the policy's go (its checkpoint directory, or its log directory without one):
+/// that is a server's, and its auditors would find a checkpoint there of a chain that is not
+/// in the server's log. A run into the policy's own log directory keeps the policy's
+/// checkpoint directory, where that log's verification looks for them.
+fn demo_checkpoint_dir(
+    args: &DemoArgs,
+    config: &Config,
+) -> Result<Option<std::path::PathBuf>, String> {
+    let Some(run_log) = &args.log_dir else {
+        return Ok(config.log.checkpoint_dir.clone());
     };
-    (same_directory(given, policy) && !same_log).then(|| {
-        format!(
-            "--checkpoint-dir {} is the policy's checkpoint directory (KVH_CHECKPOINT_DIR), \
-             which may be a running server's: a checkpoint there of a chain that is not in its \
-             log makes its log fail verification. Give another directory",
+    let policy_log = config.log.dir.as_ref();
+    let policy_checkpoints = config.log.checkpoint_dir.as_ref().or(policy_log);
+    let is = |a: &std::path::Path, b: Option<&std::path::PathBuf>| {
+        b.is_some_and(|b| same_directory(a, b))
+    };
+    let into_policy_log = is(run_log, policy_log);
+    let Some(given) = &args.checkpoint_dir else {
+        return Ok(into_policy_log
+            .then(|| config.log.checkpoint_dir.clone())
+            .flatten());
+    };
+    let policy_place = is(given, policy_checkpoints) || is(given, policy_log);
+    if into_policy_log && !is(given, policy_checkpoints) {
+        return Err(format!(
+            "--checkpoint-dir {}: the run logs into the policy's log directory, whose \
+             checkpoints are in {}; give that directory, or leave --checkpoint-dir out",
+            given.display(),
+            policy_checkpoints.map_or_else(Default::default, |d| d.display().to_string())
+        ));
+    }
+    if !into_policy_log && policy_place {
+        return Err(format!(
+            "--checkpoint-dir {} is where the policy's checkpoints or log go \
+             (KVH_CHECKPOINT_DIR or KVH_LOG_DIR), which may be a running server's: a \
+             checkpoint there of a chain that is not in its log makes its log fail \
+             verification. Give another directory",
             given.display()
-        )
-    })
+        ));
+    }
+    Ok(Some(given.clone()))
 }
 
 fn usage_error(msg: &str) -> ExitCode {

@@ -120,15 +120,22 @@ fn is_absent(path: &str, dlerror: &str) -> bool {
 }
 
 /// Whether a file named `name` is in a directory the dynamic loader searches for it:
-/// `LD_LIBRARY_PATH`'s, the paths `/etc/ld.so.cache` lists under that name, and the default
-/// directories. Written by hand: no crate reads the loader's cache, and only the paths it
-/// holds are needed (each a NUL-terminated string in the cache's string table).
+/// `LD_LIBRARY_PATH`'s, the paths `/etc/ld.so.cache` lists under that name (a file the cache
+/// builder skipped is not there), and the default directories, the multiarch ones of Debian
+/// and Ubuntu included. Written by hand: no crate reads the loader's cache, and only the
+/// paths it holds are needed (each a NUL-terminated string in the cache's string table).
 fn on_search_path(name: &str) -> bool {
     let suffix = format!("/{name}");
+    // glibc splits the variable on ':' and ';', and reads an empty entry as the working
+    // directory.
     let from_env = std::env::var_os("LD_LIBRARY_PATH")
         .map(|v| {
-            std::env::split_paths(&v)
-                .filter(|d| !d.as_os_str().is_empty())
+            v.as_bytes()
+                .split(|&b| b == b':' || b == b';')
+                .map(|d| match d {
+                    b"" => std::path::PathBuf::from("."),
+                    d => std::path::PathBuf::from(std::ffi::OsStr::from_bytes(d)),
+                })
                 .map(|d| d.join(name))
                 .collect::<Vec<_>>()
         })
@@ -142,14 +149,35 @@ fn on_search_path(name: &str) -> bool {
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    let defaults = ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
-        .iter()
-        .map(|d| std::path::Path::new(d).join(name));
+    let defaults = default_dirs().into_iter().map(|d| d.join(name));
     from_env
         .into_iter()
         .chain(from_cache)
         .chain(defaults)
         .any(|p| p.exists())
+}
+
+/// The directories the loader searches after the cache: the system's (`/lib64`, `/usr/lib64`,
+/// `/lib`, `/usr/lib`), this architecture's multiarch ones (`/usr/lib/x86_64-linux-gnu`), and
+/// the one this process's C library came from, wherever the distribution keeps it.
+fn default_dirs() -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .collect();
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    dirs.push(std::path::Path::new("/lib").join(&triplet));
+    dirs.push(std::path::Path::new("/usr/lib").join(&triplet));
+    let libc_dir = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| {
+            maps.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+                .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+        });
+    dirs.extend(libc_dir);
+    dirs
 }
 
 #[cfg(test)]
