@@ -19,6 +19,32 @@ use kvhygiene::events::{AnomalySignal, EventKind, EventSink, MemorySink};
 const S: StreamHandle = StreamHandle(0);
 const WINDOW: Duration = Duration::from_millis(10_000);
 
+/// An allocator on a test backend whose events pass through the detector (default
+/// parameters, a manual clock) into a memory sink.
+fn detected() -> (Arc<TestBackend>, Arc<MemorySink>, Allocator) {
+    let backend = TestBackend::new(HostBackend::new());
+    let mem = MemorySink::new();
+    let detector = AnomalySink::new(
+        Params::from_config(&AnomalyConfig::default()),
+        Some(mem.clone() as Arc<dyn EventSink>),
+        ManualClock::new(),
+    );
+    let alloc = Allocator::new(
+        backend.clone(),
+        manual_config(),
+        Some(detector as Arc<dyn EventSink>),
+    );
+    (backend, mem, alloc)
+}
+
+/// The `anomaly` events of `signal` among `events`.
+fn anomalies_of(events: &[kvhygiene::events::Event], signal: AnomalySignal) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Anomaly { signal: s, .. } if s == signal))
+        .count()
+}
+
 /// A re-scrub of a quarantined block that reads non-zero samples (something wrote to it while
 /// it sat in quarantine) is residue: the allocator counts it in `residue_detected`, and the
 /// events it emits count toward the detector's `residue` signal as often, so the tenant gets
@@ -99,18 +125,7 @@ fn a_kv_block_failing_in_every_region_counts_once() {
     const REGIONS: u64 = 8;
     const BLOCK: u64 = 4096;
     const BLOCKS: u64 = 4;
-    let backend = TestBackend::new(HostBackend::new());
-    let mem = MemorySink::new();
-    let detector = AnomalySink::new(
-        Params::from_config(&AnomalyConfig::default()),
-        Some(mem.clone() as Arc<dyn EventSink>),
-        ManualClock::new(),
-    );
-    let alloc = Allocator::new(
-        backend.clone(),
-        manual_config(),
-        Some(detector.clone() as Arc<dyn EventSink>),
-    );
+    let (backend, mem, alloc) = detected();
     let previous =
         Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
     let len = (REGIONS * BLOCKS * BLOCK) as i64;
@@ -122,20 +137,7 @@ fn a_kv_block_failing_in_every_region_counts_once() {
         block_stride: BLOCK,
         blocks_per_region: BLOCKS,
     };
-    let verify_failed_anomalies = || {
-        mem.snapshot()
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.kind,
-                    EventKind::Anomaly {
-                        signal: AnomalySignal::VerifyFailed,
-                        ..
-                    }
-                )
-            })
-            .count()
-    };
+    let verify_failed_anomalies = || anomalies_of(&mem.snapshot(), AnomalySignal::VerifyFailed);
     let counted = |signal| {
         mem.snapshot()
             .iter()
@@ -173,18 +175,7 @@ fn a_kv_block_failing_in_every_region_counts_once() {
 #[test]
 fn a_freed_block_is_a_verify_failed_burst_only_when_its_rescrub_fails_too() {
     for (faults, bursts) in [(1, 0), (2, 1)] {
-        let backend = TestBackend::new(HostBackend::new());
-        let mem = MemorySink::new();
-        let detector = AnomalySink::new(
-            Params::from_config(&AnomalyConfig::default()),
-            Some(mem.clone() as Arc<dyn EventSink>),
-            ManualClock::new(),
-        );
-        let alloc = Allocator::new(
-            backend.clone(),
-            manual_config(),
-            Some(detector.clone() as Arc<dyn EventSink>),
-        );
+        let (backend, mem, alloc) = detected();
         let previous =
             Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
         let a = alloc.malloc(4096, 0, S).unwrap();
@@ -199,18 +190,7 @@ fn a_freed_block_is_a_verify_failed_burst_only_when_its_rescrub_fails_too() {
         let kinds: Vec<String> = events.iter().map(|e| format!("{:?}", e.kind)).collect();
         let c = alloc.stats().counters;
         assert_eq!(c.rescrub_failed, faults - 1, "{kinds:#?}");
-        let verify_failed_anomalies = events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.kind,
-                    EventKind::Anomaly {
-                        signal: AnomalySignal::VerifyFailed,
-                        ..
-                    }
-                )
-            })
-            .count();
+        let verify_failed_anomalies = anomalies_of(&events, AnomalySignal::VerifyFailed);
         assert_eq!(
             verify_failed_anomalies, bursts,
             "{faults} faults: {kinds:#?}"

@@ -37,18 +37,6 @@ extern "C" fn hung_device() {
     }
 }
 
-/// A SIGTERM arrives while the thread waits for the device.
-extern "C" fn sigterm_arrives() {
-    println!("EXITING");
-    // SAFETY: raises a signal on this thread; its handler is installed below.
-    unsafe { libc::raise(libc::SIGTERM) };
-}
-
-extern "C" fn exit_on_sigterm(_: libc::c_int) {
-    // SAFETY: what such handlers do (not async-signal-safe, but common practice).
-    unsafe { libc::exit(0) };
-}
-
 /// Allocates and frees one block on the fake driver (its scrub stays pending, so a shutdown
 /// waits for it), with `hook` armed on the next `cuEventSynchronize`.
 fn free_one_block_with_hook(hook: extern "C" fn()) {
@@ -88,10 +76,10 @@ fn child_exit_from_a_signal_handler() {
     unsafe {
         libc::signal(
             libc::SIGTERM,
-            exit_on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            fake_cuda::exit_on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
         )
     };
-    free_one_block_with_hook(sigterm_arrives);
+    free_one_block_with_hook(fake_cuda::sigterm_arrives);
     kvhygiene::ffi::kvh_shutdown();
     println!("SETUP-FAILED: kvh_shutdown returned without waiting for the scrub");
     std::process::exit(3);

@@ -30,18 +30,6 @@ extern "C" fn hung_launch() {
     }
 }
 
-/// A SIGTERM arrives while the thread is inside the launch.
-extern "C" fn sigterm_arrives() {
-    println!("EXITING");
-    // SAFETY: raises a signal on this thread; its handler is installed below.
-    unsafe { libc::raise(libc::SIGTERM) };
-}
-
-extern "C" fn exit_on_sigterm(_: libc::c_int) {
-    // SAFETY: what such handlers do (not async-signal-safe, but common practice).
-    unsafe { libc::exit(0) };
-}
-
 /// Allocates one block on the fake driver, then frees it with `hook` armed on the next
 /// `cuLaunchKernel`: with `KVH_BATCH_SIZE=1` the free submits its scrub at once, from the
 /// freeing thread, under the pool lock.
@@ -78,10 +66,10 @@ fn child_exit_from_a_signal_handler_inside_a_launch() {
     unsafe {
         libc::signal(
             libc::SIGTERM,
-            exit_on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            fake_cuda::exit_on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
         )
     };
-    free_one_block_with_launch_hook(sigterm_arrives);
+    free_one_block_with_launch_hook(fake_cuda::sigterm_arrives);
     println!("SETUP-FAILED: kvh_free returned; the SIGTERM handler did not end the process");
     std::process::exit(3);
 }

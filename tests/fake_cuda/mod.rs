@@ -89,3 +89,17 @@ pub fn start(path: &str) -> kvhygiene::backend::cuda::CudaBackend {
         other => panic!("the fake driver should start: {other:?}"),
     }
 }
+
+/// A hook for the stand-in's switches: a SIGTERM arrives on the calling thread (inside the
+/// driver call the hook runs in), after "EXITING" on stdout.
+pub extern "C" fn sigterm_arrives() {
+    println!("EXITING");
+    // SAFETY: raises a signal on this thread; the case installed `exit_on_sigterm` for it.
+    unsafe { libc::raise(libc::SIGTERM) };
+}
+
+/// A SIGTERM handler that ends the process with `exit(0)`, as servers' handlers commonly do.
+pub extern "C" fn exit_on_sigterm(_: libc::c_int) {
+    // SAFETY: what such handlers do (not async-signal-safe, but common practice).
+    unsafe { libc::exit(0) };
+}
