@@ -12,20 +12,12 @@
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Marker telling the child which case to run (not a `KVH_` variable: the configuration
 /// refuses unknown ones).
 const CASE: &str = "FFI_EXIT_DURING_SHUTDOWN_CASE";
-
-/// tests/fake_cuda/fake_libcuda.cpp compiled as `libcuda.so.1` into a directory of its own,
-/// for `LD_LIBRARY_PATH`; `None` without a C++ compiler.
-fn fake_driver_dir() -> Option<tempfile::TempDir> {
-    fake_cuda::as_libcuda_dir()
-}
 
 static IN_SYNCHRONIZE: AtomicBool = AtomicBool::new(false);
 
@@ -85,61 +77,8 @@ fn child_exit_from_a_signal_handler() {
     std::process::exit(3);
 }
 
-/// Runs `name` in a child and returns its status (`None`: still running after `limit`, then
-/// killed), stdout and stderr.
-fn run_child(
-    name: &str,
-    driver: &Path,
-    limit: Duration,
-) -> (Option<std::process::ExitStatus>, String, String) {
-    let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CASE, name)
-        .env("KVH_BACKEND", "cuda")
-        .env("KVH_OOM", "null")
-        .env("LD_LIBRARY_PATH", driver)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = proc.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > limit {
-            let _ = proc.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = proc.wait_with_output().unwrap();
-    (
-        status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn check_exited(name: &str, what: &str) {
-    let Some(driver) = fake_driver_dir() else {
-        return;
-    };
-    let limit = Duration::from_secs(15);
-    let (status, stdout, stderr) = run_child(name, driver.path(), limit);
-    assert!(
-        !stdout.contains("SETUP-FAILED") && stdout.contains("EXITING"),
-        "the case did not set up (status {status:?}):\n{stdout}\n{stderr}"
-    );
-    assert!(
-        status.is_some(),
-        "exit() had not ended the process {limit:?} after it was called {what}:\n{stdout}\n\
-         {stderr}"
-    );
-    assert!(
-        status.unwrap().success(),
-        "status {status:?}:\n{stdout}\n{stderr}"
-    );
+    fake_cuda::check_case_exited(CASE, name, what, &[]);
 }
 
 #[test]

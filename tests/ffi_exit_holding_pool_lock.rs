@@ -12,7 +12,7 @@
 mod fake_cuda;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -74,66 +74,16 @@ fn child_exit_from_a_signal_handler_inside_a_launch() {
     std::process::exit(3);
 }
 
-/// Runs `name` in a child on the fake driver with a forensic log in `log_dir`; returns its
-/// status (`None`: still running after `limit`, then killed), stdout and stderr.
-fn run_child(
-    name: &str,
-    driver: &Path,
-    log_dir: &Path,
-    limit: Duration,
-) -> (Option<std::process::ExitStatus>, String, String) {
-    let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CASE, name)
-        .env("KVH_BACKEND", "cuda")
-        .env("KVH_OOM", "null")
-        .env("KVH_BATCH_SIZE", "1")
-        .env("KVH_LOG_DIR", log_dir)
-        .env("LD_LIBRARY_PATH", driver)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = proc.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > limit {
-            let _ = proc.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = proc.wait_with_output().unwrap();
-    (
-        status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
+/// The case `name` on the stand-in, scrubbing each free at once (`KVH_BATCH_SIZE=1`), with a
+/// forensic log.
 fn check_exited(name: &str, what: &str) {
-    let Some(driver) = fake_cuda::as_libcuda_dir() else {
-        return;
-    };
     let logs = tempfile::tempdir().unwrap();
-    let limit = Duration::from_secs(15);
     let log_dir = logs.path().join("log");
-    let (status, stdout, stderr) = run_child(name, driver.path(), &log_dir, limit);
-    assert!(
-        !stdout.contains("SETUP-FAILED") && stdout.contains("EXITING"),
-        "the case did not set up (status {status:?}):\n{stdout}\n{stderr}"
-    );
-    assert!(
-        status.is_some(),
-        "exit() had not ended the process {limit:?} after it was called {what}:\n{stdout}\n\
-         {stderr}"
-    );
-    assert!(
-        status.unwrap().success(),
-        "status {status:?}:\n{stdout}\n{stderr}"
-    );
+    let env = [
+        ("KVH_BATCH_SIZE", std::ffi::OsStr::new("1")),
+        ("KVH_LOG_DIR", log_dir.as_os_str()),
+    ];
+    fake_cuda::check_case_exited(CASE, name, what, &env);
 }
 
 #[test]

@@ -103,3 +103,69 @@ pub extern "C" fn exit_on_sigterm(_: libc::c_int) {
     // SAFETY: what such handlers do (not async-signal-safe, but common practice).
     unsafe { libc::exit(0) };
 }
+
+/// Runs the test `name` of the calling test binary in a child on the stand-in (`driver`, its
+/// `LD_LIBRARY_PATH`), with `case` set to the name (the child runs the case) and the CUDA
+/// backend, `KVH_OOM=null` and `env`; returns its status (`None`: still running after
+/// `limit`, then killed), stdout and stderr.
+pub fn run_case(
+    case: &str,
+    name: &str,
+    driver: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+    limit: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    use std::time::{Duration, Instant};
+    let mut proc = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(case, name)
+        .env("KVH_BACKEND", "cuda")
+        .env("KVH_OOM", "null")
+        .envs(env.iter().copied())
+        .env("LD_LIBRARY_PATH", driver)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = proc.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            let _ = proc.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = proc.wait_with_output().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the case `name` (as [`run_case`]) and checks that it set up (printed "EXITING") and
+/// that its `exit()`, called `what`, ended the process with status 0 within 15 s. Nothing is
+/// checked without a C++ compiler for the stand-in.
+pub fn check_case_exited(case: &str, name: &str, what: &str, env: &[(&str, &std::ffi::OsStr)]) {
+    let Some(driver) = as_libcuda_dir() else {
+        return;
+    };
+    let limit = std::time::Duration::from_secs(15);
+    let (status, stdout, stderr) = run_case(case, name, driver.path(), env, limit);
+    assert!(
+        !stdout.contains("SETUP-FAILED") && stdout.contains("EXITING"),
+        "the case did not set up (status {status:?}):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        status.is_some(),
+        "exit() had not ended the process {limit:?} after it was called {what}:\n{stdout}\n\
+         {stderr}"
+    );
+    assert!(
+        status.unwrap().success(),
+        "status {status:?}:\n{stdout}\n{stderr}"
+    );
+}
