@@ -448,14 +448,7 @@ impl Allocator {
         if ptr == 0 {
             return Ok((FreeReport::default(), None));
         }
-        let Ok(dev) = self.device_index(device) else {
-            let refused = Refused {
-                reason: InvalidFreeReason::InvalidDevice,
-                block: None,
-                owner: None,
-            };
-            return Err(self.refused_free(refused, ptr, device, None));
-        };
+        let dev = self.free_device(ptr, device)?;
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
         let result = self.with_pool(dev, |pool, backend, config, after| {
@@ -482,16 +475,22 @@ impl Allocator {
     /// it, and its error returned. Checked under the pool lock: a block handed out again
     /// meanwhile is left alone, to be freed as any other (with the size returned).
     pub fn check_free(&self, ptr: u64, device: i32) -> Result<u64, FreeError> {
-        let Ok(dev) = self.device_index(device) else {
+        let dev = self.free_device(ptr, device)?;
+        let checked = self.with_pool(dev, |pool, _, _, _| pool.refuse_unless_live(ptr));
+        checked.map_err(|refused| self.refused_free(refused, ptr, device, Some(dev)))
+    }
+
+    /// The pool index of a free's `device`, or the free refused (and logged) for naming no
+    /// device of the backend.
+    fn free_device(&self, ptr: u64, device: i32) -> Result<u32, FreeError> {
+        self.device_index(device).map_err(|_| {
             let refused = Refused {
                 reason: InvalidFreeReason::InvalidDevice,
                 block: None,
                 owner: None,
             };
-            return Err(self.refused_free(refused, ptr, device, None));
-        };
-        let checked = self.with_pool(dev, |pool, _, _, _| pool.refuse_unless_live(ptr));
-        checked.map_err(|refused| self.refused_free(refused, ptr, device, Some(dev)))
+            self.refused_free(refused, ptr, device, None)
+        })
     }
 
     /// Turns a refused free into its event. `dev` is the pool that refused it (and counted
