@@ -277,3 +277,26 @@ fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() 
         system.display()
     );
 }
+
+/// The dynamic loader ignores an `LD_LIBRARY_PATH` that is set but empty (`LD_LIBRARY_PATH=`,
+/// as `env LD_LIBRARY_PATH= cmd` leaves to clear it): it searches no directory for it, the
+/// current one included (only an empty entry of a non-empty value, `/opt/x:`, is the current
+/// directory). A `libcuda.so.1` in the current directory is then not on the search path: the
+/// loader never looked at it, so no driver is installed and the probe must say NoDriver.
+#[test]
+fn a_driver_file_in_the_current_directory_under_an_empty_ld_library_path_is_not_searched() {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_driver_of_another_architecture(dir.path());
+    let mut cmd = probe_child();
+    cmd.current_dir(dir.path()).env("LD_LIBRARY_PATH", "");
+    let seen = probe_reported_by(cmd);
+    assert!(
+        seen.starts_with("NoDriver"),
+        "with LD_LIBRARY_PATH set to the empty string the loader does not search the current \
+         directory, yet a libcuda.so.1 there made the probe say {seen}"
+    );
+}

@@ -243,6 +243,19 @@ fn a_checkpoint_dir_where_the_policys_checkpoints_go_is_refused_for_a_log_of_the
     }
 }
 
+/// A --log-dir that names the policy's checkpoint directory (not its log directory) is a
+/// log of the run's own whose checkpoints would go next to it, where the policy's are: the
+/// run is refused (exit 2), and the server's log still verifies.
+#[test]
+fn a_log_dir_that_is_the_policys_checkpoint_directory_is_refused() {
+    let server = Server::started(true);
+    let before = entries(&server.checkpoints());
+    let (code, out, err) = server.demo(&["--log-dir".as_ref(), server.checkpoints().as_os_str()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(entries(&server.checkpoints()), before);
+    server.assert_verifies("`kvh demo --log-dir <the policy's checkpoint directory>`");
+}
+
 /// A --log-dir that names the policy's own log directory (a plain run, which may log there)
 /// writes its chain into the server's log: its checkpoint goes where the policy keeps that
 /// log's checkpoints, and a --checkpoint-dir of another directory is refused. Either way the

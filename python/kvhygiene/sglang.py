@@ -199,6 +199,9 @@ class ScrubOnFree:
         # allocator's group), and whether the group's end is giving them back now.
         self._group_scrubbed: Set[int] = set()
         self._group_ending = False
+        # Pages the running free_segment scrubbed: an allocator's free_segment that gives them
+        # back through free (SGLang's base class does) is not made to scrub them again.
+        self._segment_scrubbed: Set[int] = set()
 
     def __call__(self, free_index, *args, **kwargs):
         kept, changed = self._scrub_freed(free_index)
@@ -212,7 +215,11 @@ class ScrubOnFree:
         kept, changed = self._scrub_freed(free_index)
         if changed:
             return self.original(kept)
-        return self.original_segment(free_index, *args, **kwargs)
+        self._segment_scrubbed = set(pages_of(free_index, self.page_size)) - self.withheld
+        try:
+            return self.original_segment(free_index, *args, **kwargs)
+        finally:
+            self._segment_scrubbed = set()
 
     def _scrub_freed(self, free_index):
         """Scrubs the pages of ``free_index`` being freed; returns the indices to give back
@@ -222,7 +229,7 @@ class ScrubOnFree:
         refused = self.withheld.intersection(pages)
         # At a group's end, its pages come back in one call: those scrubbed when they were
         # freed in the group were not handed out since (the group held them).
-        done = self._group_scrubbed if self._group_ending else set()
+        done = (self._group_scrubbed if self._group_ending else set()) | self._segment_scrubbed
         todo = [p for p in pages if p not in refused and p not in done]
         failed = self._scrub(todo)
         self.scrubbed_pages += len(todo) - len(failed)
@@ -288,13 +295,42 @@ class ScrubOnFree:
 
     def free_group_end(self, *args, **kwargs):
         """The allocator's ``free_group_end``, which gives the group's indices back through
-        ``free``: pages scrubbed when they were freed in the group are not scrubbed again."""
+        ``free``: pages scrubbed when they were freed in the group are not scrubbed again.
+        Pages a ``free_segment`` left in the group (recent SGLang's ``free_page_reps_group``,
+        given back without ``free``) are scrubbed here when they were not yet: those of a
+        group opened before the allocator was wrapped."""
+        self._scrub_group_segments()
         self._group_ending = True
         try:
             return self.original_group_end(*args, **kwargs)
         finally:
             self._group_ending = False
             self._group_scrubbed.clear()
+
+    def _scrub_group_segments(self) -> None:
+        """Scrubs the pages of the group's ``free_page_reps_group`` (their first slots, a
+        tensor or a list each) not scrubbed yet, and takes those that fail out of it."""
+        reps = getattr(self.allocator, "free_page_reps_group", None)
+        if not reps:
+            return
+        pages = {i // self.page_size for batch in reps for i in _indices(batch)}
+        todo = sorted(pages - self._group_scrubbed - self.withheld)
+        failed = self._scrub(todo)
+        self.scrubbed_pages += len(todo) - len(failed)
+        self._group_scrubbed.update(p for p in todo if p not in failed)
+        dropped = failed | (pages & self.withheld)
+        if failed:
+            self.withheld |= failed
+            _log.error(
+                "kvhygiene: %d KV pages a free group held failed verification after their scrub "
+                "and are withheld from the allocator: %s",
+                len(failed),
+                sorted(failed),
+            )
+        if dropped:
+            self.allocator.free_page_reps_group = [
+                self._without(batch, dropped) for batch in reps
+            ]
 
     def clear(self, *args, **kwargs):
         """The allocator's ``clear`` (SGLang's ``flush_cache``, made while no request runs):

@@ -826,3 +826,99 @@ def test_a_staged_free_page_that_fails_verification_in_a_refused_clear_is_not_ha
     handed = {s // 2 for s in alloc.alloc(SLOTS)}
     pool.release()
     assert 1 not in handed, "page 1 failed verification in the clear and was handed out from staged_pages"
+
+
+class RecentTokenAllocator:
+    """SGLang's non-paged token allocator (``TokenToKVPoolAllocator``, ``page_size`` 1, the
+    default) of the allocator package, with lists for tensors: its ``free`` reads a free group
+    from ``free_group`` (``None`` outside one), and it has no ``free_segment`` of its own, so
+    the base class's runs (python/sglang/srt/mem_cache/allocator/base.py at commit
+    0122d6f6317ad9dad94da758354db698d65b9b84, ``BaseTokenToKVPoolAllocator.free_segment``):
+    it checks that ``start_pos`` is page-aligned and calls ``self.free(free_index)``."""
+
+    page_size = 1
+
+    def __init__(self):
+        self.release_pages = []
+        self.clear()
+
+    def clear(self):
+        self.free_pages = list(range(1, SLOTS + 1))
+        self.free_group = None
+
+    def alloc(self, tokens):
+        out, self.free_pages = self.free_pages[:tokens], self.free_pages[tokens:]
+        return out
+
+    def free(self, free_index):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        if self.free_group is None:
+            self.free_pages = self.free_pages + free_index
+        else:
+            self.free_group.append(free_index)
+
+    def free_segment(self, free_index, *, start_pos):
+        assert start_pos % self.page_size == 0
+        self.free(free_index)
+
+    def free_group_begin(self):
+        assert self.free_group is None
+        self.free_group = []
+
+    def free_group_end(self):
+        pending, self.free_group = self.free_group, None
+        if pending:
+            self.free([i for batch in pending for i in batch])
+
+
+def test_a_slot_a_prefix_cache_eviction_frees_by_free_segment_is_scrubbed_once_with_one_slot_pages(monkeypatch):
+    # SGLang's radix cache evicts with token_to_kv_pool_allocator.free_segment(node.value,
+    # start_pos=0) whatever the page size; with pages of one slot the allocator's free_segment
+    # is the base class's, which calls free. The module's documentation: a freed page is
+    # scrubbed (once) before the allocator's own method runs.
+    import kvhygiene.sglang as sg
+
+    scrubbed = []
+    real = sg.scrub_blocks
+
+    def counting(layout, pages, **kw):
+        scrubbed.extend(pages)
+        return real(layout, pages, **kw)
+
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = RecentTokenAllocator()
+    wrapper = scrub_on_free(alloc, layouts_of(pool))
+    monkeypatch.setattr(sg, "scrub_blocks", counting)
+    cached = alloc.alloc(3)
+    pool.fill(cached, 0xB2)
+    alloc.free_segment(cached, start_pos=0)  # the node is evicted
+    counted = wrapper.scrubbed_pages
+    pool.release()
+    assert all(scrubbed.count(s) == 1 for s in cached) and counted == 3, (
+        f"3 slots freed by free_segment: scrub calls named {sorted(scrubbed)}, scrubbed_pages "
+        f"counts {counted}"
+    )
+
+
+def test_pages_a_free_segment_left_in_a_free_group_before_the_allocator_was_wrapped_are_scrubbed_at_its_end():
+    # As for pages free collected in a group before the allocator was wrapped: the recent paged
+    # allocator's free_group_end gives back the pages free_segment collected in the group
+    # (free_page_reps_group) itself, without free; they must be zero before they are handed
+    # out again.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = RecentPagedAllocator(page_size=2)
+    tokens = alloc.alloc(4)  # pages 1 and 2
+    pool.fill(tokens, 0xC4)
+    alloc.free_group_begin()
+    alloc.free_segment(tokens, start_pos=0)  # collected by the group: not wrapped yet
+    scrub_on_free(alloc, layouts_of(pool))
+    alloc.free_group_end()
+    handed = alloc.alloc(4)
+    stale = [s for s in handed if not pool.holds(s, 0)]
+    pool.release()
+    assert set(handed) == set(tokens)
+    assert not stale, f"slots {stale} came back from the free group's end with their bytes"

@@ -730,6 +730,15 @@ fn demo_checkpoint_dir(
         b.is_some_and(|b| same_directory(a, b))
     };
     let into_policy_log = is(run_log, policy_log);
+    if !into_policy_log && is(run_log, policy_checkpoints) {
+        // Its checkpoints would go next to it: where the policy's are.
+        return Err(format!(
+            "--log-dir {} is the policy's checkpoint directory (KVH_CHECKPOINT_DIR), which may \
+             be a running server's: a checkpoint there of a chain that is not in its log makes \
+             its log fail verification. Give another directory",
+            run_log.display()
+        ));
+    }
     let Some(given) = &args.checkpoint_dir else {
         return Ok(into_policy_log
             .then(|| config.log.checkpoint_dir.clone())

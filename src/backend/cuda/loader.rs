@@ -127,8 +127,9 @@ fn is_absent(path: &str, dlerror: &str) -> bool {
 fn on_search_path(name: &str) -> bool {
     let suffix = format!("/{name}");
     // glibc splits the variable on ':' and ';', and reads an empty entry as the working
-    // directory.
+    // directory; an empty variable it ignores.
     let from_env = std::env::var_os("LD_LIBRARY_PATH")
+        .filter(|v| !v.is_empty())
         .map(|v| {
             v.as_bytes()
                 .split(|&b| b == b':' || b == b';')
