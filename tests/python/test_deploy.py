@@ -296,6 +296,23 @@ def test_every_kvh_env_name_is_a_key_the_library_accepts():
                 assert not name.startswith("KVH") or name in accepted, f"ConfigMap {o['metadata']['name']}: {name}"
 
 
+def test_every_kvh_name_in_any_deploy_file_is_a_key_the_library_accepts():
+    """Every KVH_* name in any file under deploy/ (the Prometheus rules, the operator's
+    manifests and the dashboard included, not only the pod manifests) is a variable the
+    library accepts, as ARCHITECTURE.md states for deploy/ as a whole; the one other is the
+    tests' KVH_BLESS switch, in the comment that says how the generated PrometheusRule is
+    regenerated."""
+    accepted = accepted_env_names() | {"KVH_BLESS"}
+    unknown = {}
+    for path in sorted(DEPLOY.rglob("*")):
+        if not path.is_file():
+            continue
+        for name in re.findall(r"\bKVH_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="replace")):
+            if name not in accepted:
+                unknown.setdefault(name, str(path.relative_to(ROOT)))
+    assert not unknown, f"KVH_* names in deploy/ that the library does not accept: {unknown}"
+
+
 def test_kvh_preload_is_a_switch_and_library_paths_are_in_the_distribution():
     # KVH_PRELOAD is on/off, not a path: anything else makes the interposers fail allocations.
     values = {}
