@@ -98,3 +98,30 @@ fn the_evidence_report_lists_exceptions_up_to_max_exceptions() {
         "every exception"
     );
 }
+
+/// README.md's table of verbs renders as one table with one row per verb: a Markdown table
+/// row is one line, so every line from the header to the blank line after the table starts
+/// and ends with a pipe (a row broken over two lines ends the cell mid-sentence and makes its
+/// continuation a row of its own).
+#[test]
+fn every_line_of_the_readme_verb_table_is_a_whole_row() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme
+        .lines()
+        .position(|l| l.starts_with("| Verb |"))
+        .expect("README.md's table of verbs");
+    let broken: Vec<_> = readme
+        .lines()
+        .enumerate()
+        .skip(start)
+        .take_while(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| !(l.starts_with('|') && l.trim_end().ends_with('|')))
+        .map(|(n, l)| format!("README.md:{}: {}", n + 1, &l[..l.len().min(80)]))
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "lines of the verb table that are not whole rows:\n{}",
+        broken.join("\n")
+    );
+}

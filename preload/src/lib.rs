@@ -69,7 +69,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
-use kvhygiene::ffi::{is_forked_child, process_allocator, started_process_allocator, watch_forks};
+use kvhygiene::ffi::{
+    is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_forks,
+};
 
 use cuda::*;
 use mode::{mode, Mode};
@@ -343,13 +345,22 @@ fn ordering(stream: cudaStream_t, ptsz: bool) -> StreamOrder {
 /// What the interposers do now: `KVH_PRELOAD`'s mode, except in a forked child of the
 /// process that started kvhygiene, which forwards everything: the pools it inherited may
 /// have been locked at the fork, their threads do not exist there, and the parent's CUDA
-/// context cannot be used in a child anyway.
+/// context cannot be used in a child anyway. A child of a parent whose start-up failed
+/// inherited no allocator, and is served as its parent is: its allocations refused with the
+/// start-up's error (forwarded, they would take unscrubbed memory the parent was refused).
 fn route() -> Mode {
-    if forked() {
+    if forked() && !parent_start_failed() {
         Mode::Forward
     } else {
         mode()
     }
+}
+
+/// Whether this forked child's parent had a start-up that failed (the core gives the child
+/// that start-up's error, and `KVH_ERR_FORKED_CHILD` only after one that succeeded or was
+/// under way). Reads the finished start-up's outcome; never starts anything.
+fn parent_start_failed() -> bool {
+    matches!(process_allocator(), Err(code) if code != kvh_result::KVH_ERR_FORKED_CHILD)
 }
 
 /// Whether this process is a child forked after kvhygiene's start-up began in its parent

@@ -495,6 +495,21 @@ fn a_core_configuration_error_fails_allocations_and_still_forwards_frees() {
     assert!(r.stderr.contains("KVH_BATCH_SIZE"), "{}", r.stderr);
 }
 
+/// A child forked after the parent's start-up failed (here an invalid policy) inherited no
+/// allocator, and the parent refuses every allocation: the child must refuse them too, with
+/// the same error, rather than take unscrubbed memory from the runtime.
+#[test]
+fn a_child_forked_after_a_failed_start_up_refuses_allocations_as_its_parent() {
+    let Some(b) = built() else { return };
+    let r = run(b, "fork", true, &[("KVH_BATCH_SIZE", "0")]);
+    r.expect(&[
+        ("rc_malloc", 3),
+        ("child_rc_malloc", 3),
+        ("child_malloc_forwarded", 0),
+        ("child_exited_cleanly", 1),
+    ]);
+}
+
 #[test]
 fn a_runtime_loaded_with_rtld_local_is_found_by_its_soname() {
     // The engine's library and its CUDA runtime are outside the global scope, so

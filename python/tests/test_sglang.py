@@ -922,3 +922,24 @@ def test_pages_a_free_segment_left_in_a_free_group_before_the_allocator_was_wrap
     pool.release()
     assert set(handed) == set(tokens)
     assert not stale, f"slots {stale} came back from the free group's end with their bytes"
+
+
+def test_readme_lists_every_attribute_name_the_module_reads():
+    # README ("SGLang"): "It reads attribute names only (...)" and is tested against stand-ins
+    # of them: the list is what an operator checks a new SGLang release against, so every
+    # name the module reads of the pool or the allocator is in it.
+    import re
+    from pathlib import Path
+
+    import kvhygiene.sglang as module
+
+    root = Path(__file__).resolve().parents[2]
+    readme = " ".join((root / "README.md").read_text().split())
+    listed = re.search(r"It reads attribute names only \((.*?)\) and is tested", readme)
+    assert listed, "README.md's SGLang paragraph lists the attribute names read"
+    names_listed = set(re.findall(r"`([a-z_]+)`", listed.group(1)))
+    source = Path(module.__file__).read_text()
+    read = set(re.findall(r'(?:getattr|hasattr)\((?:self\.)?(?:allocator|kv_pool|source), "([a-z_]+)"', source))
+    read |= set(re.findall(r"\ballocator\.([a-z_]+)\b", source))
+    read |= set(module._FREE_LISTS) | {module._STAGED}
+    assert read - names_listed == set(), f"read by kvhygiene/sglang.py, not in README's list: {sorted(read - names_listed)}"

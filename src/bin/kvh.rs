@@ -423,8 +423,9 @@ struct DemoArgs {
     decode_tokens: u32,
     /// Sabotage one scrub of a freed block and one of a paged KV block on purpose and show
     /// verification catch both (host backend only). Its failures are logged only into a
-    /// directory given with --log-dir: with a log directory from the policy (KVH_LOG_DIR,
-    /// which may be a running server's audit log) and no --log-dir, the drill is refused.
+    /// directory of its own given with --log-dir: with a log directory from the policy
+    /// (KVH_LOG_DIR, which may be a running server's audit log) and no --log-dir, or a
+    /// --log-dir that is that directory, the drill is refused.
     #[arg(long)]
     inject_fault: bool,
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.

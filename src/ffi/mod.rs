@@ -555,8 +555,9 @@ unsafe fn read_kv_call(
 
 /// Submits every pending scrub, waits for them, and returns every clean cached block to the
 /// backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
-/// ran, the start-up's error when the allocator could not start, and
-/// `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is returned to the device then).
+/// ran, the start-up's error when the allocator could not start, `KVH_ERR_FORKED_CHILD` in a
+/// child forked after start-up, and `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is
+/// returned to the device then).
 #[no_mangle]
 pub extern "C" fn kvh_empty_cache() {
     boundary((), || match runtime::get() {
