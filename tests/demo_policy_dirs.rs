@@ -14,7 +14,7 @@ use std::process::Command;
 
 use cli_common::{kvh, run};
 
-/// A server's signed log: its policy, and its log written by a first run under it.
+/// A server's sealed and signed log: its policy, and its log written by a first run under it.
 struct Server {
     tmp: tempfile::TempDir,
     /// `KVH_CHECKPOINT_DIR`; without one, checkpoints are kept next to the log.
@@ -28,6 +28,9 @@ impl Server {
         let tmp = tempfile::tempdir().unwrap();
         let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(tmp.path().join("sign")));
         assert_eq!(code, 0, "{err}");
+        let hmac = tmp.path().join("hmac.key");
+        std::fs::write(&hmac, "ab".repeat(32) + "\n").unwrap();
+        std::fs::set_permissions(&hmac, std::fs::Permissions::from_mode(0o600)).unwrap();
         let checkpoint_dir = own_checkpoint_dir.then(|| private_dir(&tmp.path().join("ckpt")));
         let server = Server {
             tmp,
@@ -54,7 +57,8 @@ impl Server {
     fn policy<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env("KVH_BACKEND", "host")
             .env("KVH_LOG_DIR", self.log())
-            .env("KVH_SIGNING_KEY_FILE", self.path("sign.key"));
+            .env("KVH_SIGNING_KEY_FILE", self.path("sign.key"))
+            .env("KVH_HMAC_KEY_FILE", self.path("hmac.key"));
         if let Some(dir) = &self.checkpoint_dir {
             cmd.env("KVH_CHECKPOINT_DIR", dir);
         }
@@ -74,6 +78,8 @@ impl Server {
         run(kvh()
             .arg("verify-log")
             .arg(self.log())
+            .arg("--key-file")
+            .arg(self.path("hmac.key"))
             .arg("--public-key")
             .arg(self.path("sign.pub"))
             .arg("--checkpoint")
@@ -254,6 +260,40 @@ fn a_log_dir_that_is_the_policys_checkpoint_directory_is_refused() {
     assert_eq!(code, 2, "{out}{err}");
     assert_eq!(entries(&server.checkpoints()), before);
     server.assert_verifies("`kvh demo --log-dir <the policy's checkpoint directory>`");
+}
+
+/// The README: a run's `--log-dir` keeps its signed checkpoints "next to it, or in
+/// `--checkpoint-dir`, never in the policy's `KVH_CHECKPOINT_DIR`". A --log-dir naming the
+/// policy's checkpoint directory together with a --checkpoint-dir of the run's own puts no
+/// checkpoint there (they go to that --checkpoint-dir), so the run is not refused on that
+/// ground: it runs (exit 0), the policy's checkpoint directory gains no checkpoint, and the
+/// server's log still verifies.
+#[test]
+fn a_log_dir_that_is_the_policys_checkpoint_directory_with_a_checkpoint_dir_of_its_own_runs() {
+    let server = Server::started(true);
+    let ckpt_files = |dir: &Path| {
+        entries(dir)
+            .into_iter()
+            .filter(|n| n.to_string_lossy().ends_with(".ckpt"))
+            .collect::<Vec<_>>()
+    };
+    let before = ckpt_files(&server.checkpoints());
+    let mine = server.path("my-ckpt");
+    let (code, out, err) = server.demo(&[
+        "--log-dir".as_ref(),
+        server.checkpoints().as_os_str(),
+        "--checkpoint-dir".as_ref(),
+        mine.as_os_str(),
+    ]);
+    assert_eq!(
+        code, 0,
+        "refused although its checkpoints go to its own --checkpoint-dir:\n{out}{err}"
+    );
+    assert_eq!(ckpt_files(&server.checkpoints()), before);
+    assert_eq!(ckpt_files(&mine).len(), 1, "{:?}", entries(&mine));
+    server.assert_verifies(
+        "`kvh demo --log-dir <the policy's checkpoint directory> --checkpoint-dir <its own>`",
+    );
 }
 
 /// A --log-dir that names the policy's own log directory (a plain run, which may log there)

@@ -731,12 +731,13 @@ fn demo_checkpoint_dir(
         b.is_some_and(|b| same_directory(a, b))
     };
     let into_policy_log = is(run_log, policy_log);
-    if !into_policy_log && is(run_log, policy_checkpoints) {
+    if !into_policy_log && args.checkpoint_dir.is_none() && is(run_log, policy_checkpoints) {
         // Its checkpoints would go next to it: where the policy's are.
         return Err(format!(
-            "--log-dir {} is the policy's checkpoint directory (KVH_CHECKPOINT_DIR), which may \
-             be a running server's: a checkpoint there of a chain that is not in its log makes \
-             its log fail verification. Give another directory",
+            "--log-dir {} is the policy's checkpoint directory (KVH_CHECKPOINT_DIR, or \
+             checkpoint_dir in KVH_CONFIG's file), which may be a running server's: a \
+             checkpoint there of a chain that is not in its log makes its log fail \
+             verification. Give another directory, or --checkpoint-dir",
             run_log.display()
         ));
     }
