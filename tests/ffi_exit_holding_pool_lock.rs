@@ -83,7 +83,13 @@ fn check_exited(name: &str, what: &str) {
         ("KVH_BATCH_SIZE", std::ffi::OsStr::new("1")),
         ("KVH_LOG_DIR", log_dir.as_os_str()),
     ];
-    fake_cuda::check_case_exited(CASE, name, what, &env);
+    if fake_cuda::check_case_exited(CASE, name, what, &env) {
+        let kinds = record_kinds(&log_dir);
+        assert!(
+            kinds.iter().any(|k| k == "stop"),
+            "the exit wrote no stop record: {kinds:?}"
+        );
+    }
 }
 
 #[test]

@@ -148,10 +148,15 @@ pub fn run_case(
 
 /// Runs the case `name` (as [`run_case`]) and checks that it set up (printed "EXITING") and
 /// that its `exit()`, called `what`, ended the process with status 0 within 15 s. Nothing is
-/// checked without a C++ compiler for the stand-in.
-pub fn check_case_exited(case: &str, name: &str, what: &str, env: &[(&str, &std::ffi::OsStr)]) {
+/// checked without a C++ compiler for the stand-in: then `false`.
+pub fn check_case_exited(
+    case: &str,
+    name: &str,
+    what: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> bool {
     let Some(driver) = as_libcuda_dir() else {
-        return;
+        return false;
     };
     let limit = std::time::Duration::from_secs(15);
     let (status, stdout, stderr) = run_case(case, name, driver.path(), env, limit);
@@ -168,4 +173,5 @@ pub fn check_case_exited(case: &str, name: &str, what: &str, env: &[(&str, &std:
         status.unwrap().success(),
         "status {status:?}:\n{stdout}\n{stderr}"
     );
+    true
 }
