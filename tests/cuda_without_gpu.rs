@@ -114,28 +114,10 @@ fn a_driver_built_for_another_architecture_is_broken_not_absent() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let driver = dir.path().join("libcuda.so.1");
-    let mut image = std::fs::read(mapped_libc()).unwrap();
-    // e_machine (offset 18): another architecture than this one.
-    let other: u16 = if cfg!(target_arch = "x86_64") {
-        0xB7
-    } else {
-        0x3E
-    };
-    image[18..20].copy_from_slice(&other.to_le_bytes());
-    std::fs::write(&driver, &image).unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "probe_child_report", "--ignored", "--nocapture"])
-        .env("CUDA_PROBE_CHILD", "1")
-        .env("LD_LIBRARY_PATH", dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let seen = stdout
-        .split("probe-result<")
-        .nth(1)
-        .and_then(|s| s.split('>').next())
-        .unwrap_or_else(|| panic!("no report from the child: {stdout}"));
+    write_driver_of_another_architecture(dir.path());
+    let mut cmd = probe_child();
+    cmd.env("LD_LIBRARY_PATH", dir.path());
+    let seen = probe_reported_by(cmd);
     assert!(
         seen.starts_with("Broken"),
         "a libcuda.so.1 of another architecture probed as {seen}, so `auto` would fall \
@@ -266,8 +248,8 @@ fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() 
     }
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["-rm", "sh", "-c", &format!("{mount} && exec \"$0\" \"$@\"")])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "probe_child_report", "--ignored", "--nocapture"])
+        .arg(probe_child().get_program())
+        .args(probe_child().get_args())
         .env_remove("LD_LIBRARY_PATH");
     let seen = probe_reported_by(cmd);
     assert!(
