@@ -820,7 +820,8 @@ impl Allocator {
 
     /// As [`Allocator::stats`], without waiting for a lock: `None` while one is held (a
     /// thread in a driver call under a pool lock, or this very thread interrupted by a signal
-    /// handler while it held one). For the exit path, which must never wait on a lock.
+    /// handler while it held one). For the exit path, which may wait on a lock only for a
+    /// bounded time (it retries).
     pub fn try_stats(&self) -> Option<Stats> {
         fn taken<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
             match m.try_lock() {
