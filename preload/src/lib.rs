@@ -405,7 +405,10 @@ fn serve_async(
     forward: impl FnOnce() -> cudaError_t,
 ) -> cudaError_t {
     match capturing(order.handle()) {
-        Err(rc) => return rc,
+        // A failed allocation leaves NULL, never the caller's old value. SAFETY: the callers
+        // checked `dev_ptr` is non-null; it is valid for one pointer write by the runtime's
+        // contract.
+        Err(rc) => return unsafe { store(dev_ptr, Err(rc)) },
         Ok(true) => return forward(),
         Ok(false) => {}
     }

@@ -661,6 +661,9 @@ fn a_destroyed_stream_is_synchronised_first_and_never_used_after() {
         // Synchronised before the real destroy, which is called once.
         ("syncs_at_destroy", 1),
         ("real_destroys", 1),
+        // The capture query refuses the destroyed stream: its error, and a NULL pointer.
+        ("rc_malloc_on_destroyed", 400),
+        ("malloc_on_destroyed_null", 1),
         // A block allocated on the destroyed stream is freed normally, and the block freed
         // just before the destroy is scrubbed.
         ("rc_free_b", 0),

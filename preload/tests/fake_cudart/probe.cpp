@@ -464,6 +464,11 @@ static int scenario_streams() {
     out("rc_destroy_per_thread", cudaStreamDestroy(PER_THREAD));
     out("syncs_for_special_destroy", fake_cudart_calls("cudaStreamSynchronize") - syncs);
     out("dead_stream_uses", fake_cudart_dead_stream_uses());
+    // After the count above (it uses the destroyed stream itself): an allocation on it
+    // fails, and leaves no stale pointer behind.
+    void* stale = &stale;
+    out("rc_malloc_on_destroyed", cudaMallocAsync(&stale, N, s));
+    out("malloc_on_destroyed_null", stale == nullptr);
     out("kvh_invalid_frees", kvh_counter("invalid_frees"));
     // A destroy whose synchronisation fails with another error than a capture's: kvhygiene
     // forgets nothing (its open batch on the stream is not submitted there), and the
