@@ -109,12 +109,9 @@ fn mapped_libc() -> std::path::PathBuf {
 /// installed".
 #[test]
 fn a_driver_built_for_another_architecture_is_broken_not_absent() {
-    if driver_installed() {
-        // The loader would skip the file and load the installed driver.
+    let Some(dir) = driver_of_another_architecture() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_driver_of_another_architecture(dir.path());
+    };
     let mut cmd = probe_child();
     cmd.env("LD_LIBRARY_PATH", dir.path());
     let seen = probe_reported_by(cmd);
@@ -123,6 +120,18 @@ fn a_driver_built_for_another_architecture_is_broken_not_absent() {
         "a libcuda.so.1 of another architecture probed as {seen}, so `auto` would fall \
          back to host memory"
     );
+}
+
+/// A directory holding a `libcuda.so.1` built for another machine architecture; `None` (said
+/// on stderr) where a driver is installed, which the loader would load instead.
+fn driver_of_another_architecture() -> Option<tempfile::TempDir> {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_driver_of_another_architecture(dir.path());
+    Some(dir)
 }
 
 /// A `libcuda.so.1` built for another machine architecture, written into `dir`.
@@ -168,12 +177,9 @@ fn probe_child() -> std::process::Command {
 /// architecture is skipped by the loader: it exists, so the probe must say Broken.
 #[test]
 fn a_driver_of_another_architecture_in_the_directory_of_an_empty_ld_library_path_entry_is_broken() {
-    if driver_installed() {
-        eprintln!("a CUDA driver is installed here; nothing to check");
+    let Some(dir) = driver_of_another_architecture() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_driver_of_another_architecture(dir.path());
+    };
     let mut cmd = probe_child();
     cmd.current_dir(dir.path())
         .env("LD_LIBRARY_PATH", "/nonexistent-kvh-dir:");
@@ -191,12 +197,9 @@ fn a_driver_of_another_architecture_in_the_directory_of_an_empty_ld_library_path
 /// skipped: the probe must say Broken.
 #[test]
 fn a_driver_of_another_architecture_after_a_semicolon_in_ld_library_path_is_broken() {
-    if driver_installed() {
-        eprintln!("a CUDA driver is installed here; nothing to check");
+    let Some(dir) = driver_of_another_architecture() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_driver_of_another_architecture(dir.path());
+    };
     let mut search = std::ffi::OsString::from("/nonexistent-kvh-dir;");
     search.push(dir.path());
     let mut cmd = probe_child();
@@ -219,18 +222,15 @@ fn a_driver_of_another_architecture_after_a_semicolon_in_ld_library_path_is_brok
 /// cannot be made.
 #[test]
 fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() {
-    if driver_installed() {
-        eprintln!("a CUDA driver is installed here; nothing to check");
+    let Some(extra) = driver_of_another_architecture() else {
         return;
-    }
+    };
     let system = mapped_libc()
         .canonicalize()
         .unwrap()
         .parent()
         .unwrap()
         .to_path_buf();
-    let extra = tempfile::tempdir().unwrap();
-    write_driver_of_another_architecture(extra.path());
     let mount = format!(
         "mount -t overlay overlay -o lowerdir={}:{} {}",
         extra.path().display(),
@@ -267,12 +267,9 @@ fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() 
 /// loader never looked at it, so no driver is installed and the probe must say NoDriver.
 #[test]
 fn a_driver_file_in_the_current_directory_under_an_empty_ld_library_path_is_not_searched() {
-    if driver_installed() {
-        eprintln!("a CUDA driver is installed here; nothing to check");
+    let Some(dir) = driver_of_another_architecture() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    write_driver_of_another_architecture(dir.path());
+    };
     let mut cmd = probe_child();
     cmd.current_dir(dir.path()).env("LD_LIBRARY_PATH", "");
     let seen = probe_reported_by(cmd);

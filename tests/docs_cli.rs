@@ -5,30 +5,8 @@
 mod cli_common;
 mod forensic_common;
 
-use std::path::Path;
-
-use cli_common::{kvh, run};
+use cli_common::{kvh, log_records as records, run};
 use serde_json::Value;
-
-/// Every record of every chain file in `dir`, in file order.
-fn records(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
 
 /// docs/operations.md, "Residue detected": every scrub `kvh_residue_detected_total` counts
 /// left a record that names it: a `verify_failed` record with `samples_nonzero` above 0 (the

@@ -8,6 +8,8 @@
 //! Runs in child processes of this test binary, on tests/fake_cuda/fake_libcuda.cpp loaded as
 //! `libcuda.so.1`, whose `cuLaunchKernel` runs the case's hook.
 
+#[path = "cli_common/mod.rs"]
+mod cli_common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
 
@@ -144,24 +146,9 @@ fn child_exit_while_another_thread_allocates() {
 
 /// The kinds of the records in the log directory `dir`, in file and line order.
 fn record_kinds(dir: &Path) -> Vec<String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    files
+    cli_common::log_records(dir)
         .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v["kind"].as_str().unwrap_or("").to_string()
-                })
-                .collect::<Vec<_>>()
-        })
+        .map(|v| v["kind"].as_str().unwrap_or("").to_string())
         .collect()
 }
 

@@ -257,10 +257,14 @@ def test_slots_given_back_by_clearing_the_allocator_are_zero_when_handed_out_aga
     pool.release()
 
 
-def test_a_page_freed_inside_a_free_group_is_scrubbed_once():
+# Recent SGLang (RecentPagedAllocator, below) marks a free group by free_group being a list
+# (None outside one), with no is_not_in_free_group attribute; a page freed in a group is
+# scrubbed once with either.
+@pytest.mark.parametrize("allocator", ["GroupingAllocator", "RecentPagedAllocator"])
+def test_a_page_freed_inside_a_free_group_is_scrubbed_once(allocator):
     lib = kvhygiene.load()
     pool = Pool(lib, page_size=2)
-    alloc = GroupingAllocator(page_size=2)
+    alloc = globals()[allocator](page_size=2)
     wrapper = scrub_on_free(alloc, layouts_of(pool))
     a, b = alloc.alloc(2), alloc.alloc(4)  # pages 1; 2 and 3
     pool.fill(a + b, 0xC9)
@@ -785,25 +789,6 @@ def test_pages_a_prefix_cache_eviction_gives_back_by_free_segment_are_zero():
     stale = [s for s in handed if not pool.holds(s, 0)]
     pool.release()
     assert not stale, f"slots {stale} were handed out with the evicted prefix's bytes"
-
-
-def test_a_page_freed_inside_a_free_group_of_a_recent_allocator_is_scrubbed_once():
-    # Recent SGLang marks a free group by free_group being a list (None outside one), with no
-    # is_not_in_free_group attribute. The module's documentation: inside a free group a page is
-    # scrubbed when it is freed, not again when the group gives it back.
-    lib = kvhygiene.load()
-    pool = Pool(lib, page_size=2)
-    alloc = RecentPagedAllocator(page_size=2)
-    wrapper = scrub_on_free(alloc, layouts_of(pool))
-    a, b = alloc.alloc(2), alloc.alloc(4)  # pages 1; 2 and 3
-    pool.fill(a + b, 0xC9)
-    alloc.free_group_begin()
-    alloc.free(a)
-    alloc.free(b)
-    alloc.free_group_end()
-    scrubbed = wrapper.scrubbed_pages
-    pool.release()
-    assert scrubbed == 3, f"3 pages freed in a group, {scrubbed} page scrubs"
 
 
 def test_a_staged_free_page_that_fails_verification_in_a_refused_clear_is_not_handed_out():

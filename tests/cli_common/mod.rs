@@ -2,6 +2,7 @@
 //! statistics a process's metrics snapshot is encoded from.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use kvhygiene::forensic::LogStats;
@@ -38,4 +39,25 @@ pub fn runtime_stats(pool: PoolCounters) -> Stats {
     let mut stats = Stats::merge("host".into(), &[pool], None);
     stats.log = serde_json::to_value(LogStats::disabled()).ok();
     stats
+}
+
+/// Every record of every chain file (`*.jsonl`) in the log directory `dir`, in file and line
+/// order.
+pub fn log_records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
