@@ -484,3 +484,57 @@ fn a_record_of_another_schema_version_is_reported() {
         "unsupported or missing schema version",
     );
 }
+
+/// `n` arrays nested in one another: `[[...]]`, `n` levels deep.
+fn nested_arrays(n: usize) -> Value {
+    (1..n).fold(Value::Array(Vec::new()), |inner, _| {
+        Value::Array(vec![inner])
+    })
+}
+
+/// Wraps the `nested` field of line `line` (1-based) of `files[file]` in one more array, as
+/// a forger writing lines by hand would (the writer refuses to), then seals that line and
+/// every one after it again.
+fn nest_once_more(files: &[PathBuf], file: usize, line: usize) {
+    let mut lines = read_lines(&files[file]);
+    let text = &lines[line - 1];
+    let Value::Object(m) = serde_json::from_str::<Value>(text).unwrap() else {
+        panic!("not an object: {text}")
+    };
+    let prev = kvhygiene::forensic::record::parse_hash(m["prev"].as_str().unwrap()).unwrap();
+    let old_hash = m["hash"].as_str().unwrap().to_string();
+    let body_end = text.find(",\"hash\":").unwrap();
+    let body = format!("{}}}", &text[..body_end])
+        .replacen("\"nested\":[", "\"nested\":[[", 1)
+        .replacen("]]]", "]]]]", 1);
+    let hash = kvhygiene::forensic::record::chain_hash(&prev, body.as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    lines[line - 1] = format!("{},\"hash\":\"{hex}\"}}", &body[..body.len() - 1]);
+    lines[line] = lines[line].replace(&old_hash, &hex);
+    write_lines(&files[file], &lines);
+    forge_from(files, file, line + 1, None, |_| {});
+}
+
+/// The canonical form allows at most 32 levels of nesting (docs/forensic-log.md, "Canonical
+/// form"); a record counts as one level. A record nesting 32 levels verifies, one nesting 33
+/// is out of canonical form and is reported, though its hash was recomputed: a verifier
+/// written from the specification refuses it too.
+#[test]
+fn a_record_nested_deeper_than_32_levels_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    // The record is level 1; its field's arrays are levels 2 to 32.
+    forge_from(&files, 1, 3, None, |m| {
+        m.insert("nested".into(), nested_arrays(31));
+    });
+    let r = verify(&dir, &VerifyOptions::default());
+    assert_eq!(r.exit_code(), 0, "32 levels: {:?}", r.first_problem());
+    // Levels 2 to 33.
+    nest_once_more(&files, 1, 3);
+    assert_problem(
+        &verify(&dir, &VerifyOptions::default()),
+        &name(&files[1]),
+        3,
+        "32 levels",
+    );
+}

@@ -48,10 +48,17 @@ pub fn write_canonical_map(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<
     write_object(m.iter(), out, 0)
 }
 
-fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCanonical> {
-    if depth > 32 {
+/// Objects and arrays are the levels of nesting: the outermost one (at `depth` 0) is level 1.
+const MAX_LEVELS: usize = 32;
+
+fn enter_level(depth: usize) -> Result<(), NonCanonical> {
+    if depth >= MAX_LEVELS {
         return Err(NonCanonical("nesting deeper than 32 levels"));
     }
+    Ok(())
+}
+
+fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCanonical> {
     match v {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -67,6 +74,7 @@ fn write_value(v: &Value, out: &mut Vec<u8>, depth: usize) -> Result<(), NonCano
         }
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
+            enter_level(depth)?;
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
@@ -87,6 +95,7 @@ fn write_object<'a>(
     out: &mut Vec<u8>,
     depth: usize,
 ) -> Result<(), NonCanonical> {
+    enter_level(depth)?;
     let mut sorted: Vec<(&String, &Value)> = entries.collect();
     sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     out.push(b'{');

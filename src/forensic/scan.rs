@@ -29,8 +29,9 @@ pub struct Scanned<'a> {
     pub signer: Option<&'a str>,
 }
 
-/// Deepest nesting accepted (the writer's `write_canonical` limit).
-const MAX_DEPTH: usize = 32;
+/// Levels of nesting accepted (the writer's `write_canonical` limit): objects and arrays,
+/// the record itself (at depth 0) being level 1.
+const MAX_LEVELS: usize = 32;
 
 /// Why a line is not a canonical record.
 pub type ScanError = &'static str;
@@ -172,9 +173,6 @@ impl<'a> P<'a> {
     }
 
     fn value(&mut self, depth: usize) -> Result<(), ScanError> {
-        if depth > MAX_DEPTH {
-            return Err("record is not canonical: nesting deeper than 32 levels");
-        }
         match self.peek() {
             Some(b'"') => self.string().map(|_| ()),
             Some(b'{') => self.object(depth),
@@ -227,7 +225,15 @@ impl<'a> P<'a> {
         }
     }
 
+    fn enter_level(depth: usize) -> Result<(), ScanError> {
+        if depth >= MAX_LEVELS {
+            return Err("record is not canonical: nesting deeper than 32 levels");
+        }
+        Ok(())
+    }
+
     fn array(&mut self, depth: usize) -> Result<(), ScanError> {
+        Self::enter_level(depth)?;
         self.expect(b'[')?;
         if self.peek() == Some(b']') {
             self.i += 1;
@@ -244,6 +250,7 @@ impl<'a> P<'a> {
     }
 
     fn object(&mut self, depth: usize) -> Result<(), ScanError> {
+        Self::enter_level(depth)?;
         self.expect(b'{')?;
         if self.peek() == Some(b'}') {
             self.i += 1;
