@@ -96,7 +96,8 @@ typedef uint32_t kvh_result;
 // `blocks_per_region` blocks; block `i` of a region starts `i * block_stride` bytes after
 // the region's base and is `block_bytes` long. vLLM's `[2, num_blocks, ...]` layer tensor is
 // two regions (K, V) with `block_stride == block_bytes`; a `[num_blocks, 2, ...]` tensor is
-// two regions `block_bytes` apart with `block_stride == 2 * block_bytes`.
+// two regions `block_bytes` apart with `block_stride == 2 * block_bytes`. With one block
+// per region the stride places nothing and is not checked.
 typedef struct {
   // `region_count` device addresses (aligned `uint64_t`s).
   const uint64_t *region_bases;

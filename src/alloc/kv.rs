@@ -12,9 +12,9 @@
 //! Invariants:
 //! - **Only memory kvhygiene handed out is written.** Every region of the layout, all of its
 //!   blocks, must lie inside the requested bytes of one LIVE block of the named device.
-//! - **Blocks of a layout never overlap**, within a region (`block_stride >= block_bytes`) or
-//!   across regions, so scrubbing one block can never zero part of another block that another
-//!   request still uses.
+//! - **Blocks of a layout never overlap**, within a region (`block_stride >= block_bytes`
+//!   when it holds more than one) or across regions, so scrubbing one block can never zero
+//!   part of another block that another request still uses.
 //! - **A scrub is ordered after the work on its memory, and before a later free's scrub.** It
 //!   waits for the allocation's streams, and once its first batch is submitted its stream is
 //!   recorded on the allocation, so the allocation cannot be freed, scrubbed, and handed to
@@ -140,7 +140,9 @@ impl KvLayout {
                 self.block_bytes, self.blocks_per_region
             ));
         }
-        if self.block_stride < self.block_bytes {
+        // One block per region: the stride places nothing (a one-block tensor's stride may be
+        // anything), so it cannot make blocks overlap.
+        if self.blocks_per_region > 1 && self.block_stride < self.block_bytes {
             return bad(format!(
                 "block_stride ({}) is smaller than block_bytes ({}): blocks would overlap",
                 self.block_stride, self.block_bytes
@@ -202,6 +204,9 @@ impl KvLayout {
     /// some `m >= 0` iff `q < n`, respectively `q + 1 < n`.
     fn grids_collide(&self, d: u64) -> bool {
         let (stride, bytes, n) = (self.block_stride, self.block_bytes, self.blocks_per_region);
+        if n == 1 {
+            return d < bytes; // One block each: the stride (maybe 0) places nothing.
+        }
         let (q, off) = (d / stride, d % stride);
         (off < bytes && q < n) || (off > stride - bytes && q.saturating_add(1) < n)
     }
@@ -763,7 +768,16 @@ mod tests {
     #[test]
     fn the_overlap_check_agrees_with_brute_force() {
         // Every placement of a second and third region near the first, for small geometries.
-        for (bytes, stride, n) in [(4, 4, 3), (3, 8, 4), (5, 8, 2), (8, 8, 1), (2, 7, 5)] {
+        for (bytes, stride, n) in [
+            (4, 4, 3),
+            (3, 8, 4),
+            (5, 8, 2),
+            (8, 8, 1),
+            (2, 7, 5),
+            (8, 0, 1),
+            (8, 3, 1),
+            (3, 8, 1),
+        ] {
             for d1 in 0..40 {
                 for d2 in 0..40 {
                     let l = layout(vec![1000, 1000 + d1, 1000 + d2], bytes, stride, n);
@@ -788,6 +802,19 @@ mod tests {
         assert!(layout(vec![0x1000, 0x1000], 0x100, 0x100, 1)
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn a_single_block_region_takes_any_stride() {
+        for stride in [0, 1, 0x100, u64::MAX] {
+            assert!(layout(vec![0x1000, 0x1100], 0x100, stride, 1)
+                .validate()
+                .is_ok());
+            let e = layout(vec![0x1000, 0x10ff], 0x100, stride, 1).validate();
+            assert!(
+                matches!(e, Err(KvScrubError::InvalidLayout(m)) if m.contains("regions 0 and 1"))
+            );
+        }
     }
 
     #[test]
