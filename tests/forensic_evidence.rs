@@ -389,6 +389,19 @@ fn a_refused_free_is_in_the_report_of_the_caller_and_of_the_blocks_tenant() {
         "{}",
         String::from_utf8_lossy(&empty.stderr)
     );
+    // So is an id `kvh_set_context` refuses, which no record can hold: too long, or with a
+    // control character (which would also reach the report's heading as it is).
+    let long = "t".repeat(129);
+    for (id, says) in [
+        (long.as_str(), "129 bytes long"),
+        ("acme\u{1}", "ids must be printable text"),
+        ("acme\u{202e}", "ids must be printable text"),
+    ] {
+        let out = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", id], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{id:?}: {err}");
+        assert!(err.contains(says) && out.stdout.is_empty(), "{id:?}: {err}");
+    }
 }
 
 /// A log of `n` quarantine events and a stop record, written by the real writer, whose lines

@@ -68,12 +68,15 @@ pub struct EvidenceArgs {
     pub tenant: Option<String>,
 }
 
-/// `--tenant`: a tenant id as `kvh_set_context` takes it (non-empty).
+/// `--tenant`: a tenant id as `kvh_set_context` takes it (non-empty): one it refuses is in
+/// no record, so asking for it is a mistake to name, not a report of nothing.
 fn tenant_id(value: &str) -> Result<String, String> {
-    match value.is_empty() {
-        true => Err("a tenant id cannot be empty".into()),
-        false => Ok(value.to_string()),
+    if value.is_empty() {
+        return Err("a tenant id cannot be empty".into());
     }
+    crate::context::Context::new(Some(value), None, None)
+        .map(|_| value.to_string())
+        .map_err(|e| format!("{e} (no record can name such a tenant)"))
 }
 
 impl EvidenceArgs {
