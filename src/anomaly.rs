@@ -141,8 +141,13 @@ pub struct Params {
 impl Params {
     pub fn from_config(c: &AnomalyConfig) -> Params {
         // A scale far outside the configured range still yields a threshold of at least 1;
-        // `as` saturates a huge product at u64::MAX.
-        let scaled = |s| ((default_burst_threshold(s) as f64 * c.burst_scale).ceil() as u64).max(1);
+        // `as` saturates a huge product at u64::MAX. Residue is not scaled: one reading is
+        // memory written after its free, never noise, and rounding any scale above 1 up
+        // would make a single one go unflagged.
+        let scaled = |s| match s {
+            AnomalySignal::Residue => 1,
+            s => ((default_burst_threshold(s) as f64 * c.burst_scale).ceil() as u64).max(1),
+        };
         Params {
             window_ms: c.window_ms.max(1),
             z: c.z,
@@ -949,6 +954,23 @@ mod tests {
             ..AnomalyConfig::default()
         });
         assert_eq!(scaled.burst[index(AnomalySignal::InvalidFree)], 40);
+        // Residue stays at one reading, whatever the scale.
+        for burst_scale in [1.0001, 2.5, 1000.0] {
+            let scaled = Params::from_config(&AnomalyConfig {
+                burst_scale,
+                ..AnomalyConfig::default()
+            });
+            assert_eq!(
+                scaled.burst[index(AnomalySignal::Residue)],
+                1,
+                "{burst_scale}"
+            );
+            let verify_failed = (2.0 * burst_scale).ceil() as u64;
+            assert_eq!(
+                scaled.burst[index(AnomalySignal::VerifyFailed)],
+                verify_failed
+            );
+        }
     }
 
     // ----- burst ----------------------------------------------------------------------

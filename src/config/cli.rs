@@ -219,8 +219,8 @@ fn anomaly_weakened(config: &Config, add: &mut impl FnMut(&'static str, String, 
             "anomaly_burst_scale",
             a.burst_scale.to_string(),
             format!(
-                "above {MAX_ANOMALY_BURST_SCALE}: every burst threshold is that many times \
-                 the default, so bursts of security events go unflagged"
+                "above {MAX_ANOMALY_BURST_SCALE}: every burst threshold but residue's is that \
+                 many times the default, so bursts of security events go unflagged"
             ),
         );
     }
