@@ -325,12 +325,23 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     assert!(!verify(&s.log, &with_archive(&s)).ok());
 }
 
+/// The mark a first run leaves in its archive, before it copies anything there.
+fn mark_as_archive(archive: &Path) {
+    fs::write(
+        archive.join(".kvh-archive"),
+        "an archive of kvh prune-log\n",
+    )
+    .unwrap();
+}
+
 #[test]
 fn an_interrupted_move_is_finished_by_running_again() {
     let s = setup();
     open_chain(&s.log, 80);
     let before = chain_files(&s.log);
-    // The copies were made but the originals not removed (an interruption).
+    // The copies were made but the originals not removed (an interruption); the run had
+    // marked the archive before it copied anything.
+    mark_as_archive(&s.archive);
     for f in &before[..2] {
         fs::copy(f, s.archive.join(f.file_name().unwrap())).unwrap();
     }
@@ -351,6 +362,7 @@ fn an_archive_file_with_other_bytes_stops_the_move() {
     let s = setup();
     open_chain(&s.log, 60);
     let before = chain_files(&s.log);
+    mark_as_archive(&s.archive);
     fs::write(
         s.archive.join(before[0].file_name().unwrap()),
         b"something else\n",
@@ -1820,4 +1832,64 @@ fn the_suggested_verify_commands_name_a_non_utf8_log_directory_as_it_is() {
         text(&run.stdout),
         text(&run.stderr)
     );
+}
+
+/// The two directories given the wrong way round (a plausible slip in a cron job): the
+/// archive, marked `.kvh-archive`, as the log directory and the live log directory as the
+/// archive. The run is refused as a usage error, and the log directory is not marked as an
+/// archive (the writer refuses a marked directory, so the next process start would fail).
+#[test]
+fn an_archive_given_as_the_log_directory_and_the_log_as_the_archive_is_refused() {
+    let s = setup();
+    // An ended chain, moved whole by a first, correct run.
+    write_log(&cfg(&s.log, 4096), 40, true);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    assert!(s.archive.join(".kvh-archive").exists());
+    // A process writes a new chain in the log directory.
+    write_log(&cfg(&s.log, 4096), 5, true);
+    let out = kvh(&[
+        "prune-log",
+        s.archive.to_str().unwrap(),
+        "--archive-dir",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--older-than",
+        "0",
+    ]);
+    assert!(
+        !s.log.join(".kvh-archive").exists(),
+        "the live log directory was marked as an archive: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("wrong way round"),
+        "{}",
+        text(&out.stderr)
+    );
+    ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret()))
+        .expect("a writer still opens the log directory")
+        .stop();
+    // Another log directory (not marked) given as the archive is refused too, and stays a
+    // log directory.
+    let other = s._tmp.path().join("other-log");
+    write_log(&cfg(&other, 4096), 5, true);
+    let out = kvh(&[
+        "prune-log",
+        s.log.to_str().unwrap(),
+        "--archive-dir",
+        other.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--older-than",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("not an archive"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!other.join(".kvh-archive").exists());
 }

@@ -84,6 +84,8 @@ pub struct PruneLogArgs {
     pub dir: PathBuf,
     /// Where the files go: an existing directory owned by this user, not writable by group or
     /// others (0700), on storage kept as long as the evidence must be; never the log directory.
+    /// The first run marks it (.kvh-archive); one holding a log's files without the mark is
+    /// refused, as is a marked one given as the log directory.
     #[arg(long, value_name = "ARCHIVE")]
     pub archive_dir: PathBuf,
     /// Move files whose newest record is older than DAYS days (0: every file that may move).

@@ -305,7 +305,42 @@ fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
             log_dir.display()
         ));
     }
+    // Marking a log directory as an archive would stop every writer starting there.
+    if !is_marked_archive(dir) && holds_log_files(dir)? {
+        return Err(format!(
+            "--archive-dir {}: holds a forensic log's files but not {ARCHIVE_MARKER}: a log \
+             directory, not an archive of kvh prune-log (were the log directory and \
+             --archive-dir given the wrong way round?)",
+            dir.display()
+        ));
+    }
     Ok(())
+}
+
+/// The log directory must not be an archive: pruning one would move the archived chains into
+/// the directory given as the archive (the log directory, when the two are swapped) and mark
+/// it as an archive, which every writer starting there then refuses.
+fn check_log_dir(dir: &Path) -> Result<(), String> {
+    if is_marked_archive(dir) {
+        return Err(format!(
+            "{}: an archive of kvh prune-log ({ARCHIVE_MARKER} is there), not a log directory \
+             (were the log directory and --archive-dir given the wrong way round?)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds the marker a first run leaves in its archive.
+fn is_marked_archive(dir: &Path) -> bool {
+    dir.join(ARCHIVE_MARKER).symlink_metadata().is_ok()
+}
+
+/// Whether `dir` holds chain files or prune manifests.
+fn holds_log_files(dir: &Path) -> Result<bool, String> {
+    let chains = files::list_chains(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let manifests = list_manifests(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(!chains.is_empty() || !manifests.is_empty())
 }
 
 /// Puts `bytes` in the archive as `name`: written to a temporary file (exclusive, 0600),
@@ -651,6 +686,7 @@ pub fn prune_all(
         .iter()
         .map(|k| manifest_key(&k.secret))
         .collect::<Result<Vec<_>, _>>()?;
+    check_log_dir(req.dir)?;
     check_archive_dir(req.archive, req.dir)?;
     // One run per log directory and per archive.
     let _log_lock = lock_dir(req.dir)?;
