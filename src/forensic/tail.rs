@@ -55,9 +55,10 @@ pub struct TailLogArgs {
     #[arg(long)]
     pub from_start: bool,
     /// File keeping where each chain was, so that a restarted tail goes on where it stopped
-    /// (no record twice, none missed) and still detects a chain that went back or vanished
-    /// meanwhile. Written atomically (0600) after each pass that moved. It names its log
-    /// directory: given with another one, it is refused (exit 2).
+    /// (none missed; a pass killed, or whose state could not be saved, after it wrote its
+    /// records is passed on again: deduplicate on `chain` and `seq`) and still detects a
+    /// chain that went back or vanished meanwhile. Written atomically (0600) after each pass
+    /// that moved. It names its log directory: given with another one, it is refused (exit 2).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
