@@ -135,6 +135,13 @@ fn a_run_that_crashed_before_the_period_is_not_listed_in_it() {
         v["processes_without_summary"], 1,
         "only the recovering process, which wrote no summary: {v}"
     );
+    // The report says it of the period.
+    let md = kvh(&["evidence", dir.to_str().unwrap(), "--since", &since]);
+    let text = String::from_utf8_lossy(&md.stdout);
+    assert!(
+        text.contains("1 process wrote no periodic counters in the audit period;"),
+        "{text}"
+    );
 }
 
 /// Records lost before an audit period, told by a `lost` record that `prune-log` moved away,

@@ -149,7 +149,8 @@ pub struct Evidence {
     pub records_by_kind: BTreeMap<String, u64>,
     /// The last `summary` counters of each process (run), summed.
     pub counters: BTreeMap<String, u64>,
-    /// Processes (runs) that wrote no `summary`: their counters are not in `counters`.
+    /// Processes (runs) that wrote no `summary` (in the audit period, when one is given):
+    /// their counters are not in `counters`.
     pub processes_without_summary: u64,
     pub kv_scrubs: KvScrubs,
     /// Distinct tenant ids in the records.
@@ -1837,9 +1838,16 @@ pub fn render(ev: &Evidence) -> String {
         c("invalid_frees")
     ));
     if ev.processes_without_summary > 0 {
+        let when = match ev.audit_period {
+            Some(_) => " in the audit period",
+            None => "",
+        };
+        let (n, what) = match ev.processes_without_summary {
+            1 => (1, "process"),
+            n => (n, "processes"),
+        };
         push(format!(
-            "{} processes wrote no periodic counters; theirs are not in these figures.",
-            ev.processes_without_summary
+            "{n} {what} wrote no periodic counters{when}; theirs are not in these figures."
         ));
     }
     let kv = &ev.kv_scrubs;
