@@ -165,9 +165,11 @@ pub const LATENCY_BUCKET_LABELS: [&str; 15] = [
 ];
 
 impl PoolCounters {
-    /// Records one free → CLEAN latency. One beyond the histogram's bound (an hour: a scrub
-    /// held back by a long graph capture, say) counts at the bound rather than not at all,
-    /// so the count stays the number of scrubs and the maximum shows the worst.
+    /// Records one free → CLEAN latency (of a block that became CLEAN: one quarantined or
+    /// released after its scrub never becomes reusable). One beyond the histogram's bound (an
+    /// hour: a scrub held back by a long graph capture, say) counts at the bound rather than
+    /// not at all, so the count stays the number of blocks made CLEAN and the maximum shows
+    /// the worst.
     pub fn record_scrub_latency(&mut self, us: u64) {
         let us = us.max(1);
         self.scrub_latency_us.saturating_record(us);

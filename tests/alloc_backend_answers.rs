@@ -274,3 +274,27 @@ fn synchronize_does_not_succeed_over_a_rescrub_deferred_by_out_of_memory() {
         "synchronize returned {r:?} while the quarantined block's re-scrub never ran ({state:?})"
     );
 }
+
+/// Opening a device (its context, its kernels' module) can run out of memory, and the backend
+/// answers `OutOfMemory` for it (docs/cuda.md, "Out of memory"). When an allocation meets it in
+/// the graph-capture query that opens the device, the allocation fails as out of memory
+/// (`KVH_ERR_OUT_OF_MEMORY`, counted in `out_of_memory`), as it does when `allocate` meets it,
+/// not as a driver fault (`KVH_ERR_BACKEND`, counted in `backend_errors`).
+#[test]
+fn out_of_memory_from_the_capture_query_of_an_allocation_is_out_of_memory() {
+    use kvhygiene::alloc::AllocError;
+    let backend = common::TestBackend::new(HostBackend::new());
+    *backend.capture_query_error.lock().unwrap() = Some(BackendError::OutOfMemory {
+        device: 0,
+        requested: 0,
+    });
+    let alloc = Allocator::new(backend, manual_config(), None);
+    let err = alloc.malloc(4096, 0, StreamHandle(0)).unwrap_err();
+    let c = alloc.stats().counters;
+    assert_eq!(
+        (kvh_result::from(&err), c.out_of_memory, c.backend_errors),
+        (kvh_result::KVH_ERR_OUT_OF_MEMORY, 1, 0),
+        "an allocation that ran out of memory opening the device failed with {err:?}"
+    );
+    assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err:?}");
+}

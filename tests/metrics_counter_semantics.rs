@@ -172,3 +172,27 @@ fn a_driver_error_from_the_capture_query_of_an_allocation_is_counted_as_a_backen
         "the driver's error ({err}) is missing from kvh_backend_errors_total"
     );
 }
+
+/// `kvh_free_to_clean_seconds` holds the "Free-to-clean latency of blocks" (the stats'
+/// `scrub_latency`: "Free → CLEAN latency"). A block whose scrub failed verification never
+/// became clean (it is quarantined, never handed out again): it has no free-to-clean latency,
+/// and the histogram, which the "scrub latency high" alert reads as how long freed memory
+/// takes to become reusable, does not count it.
+#[test]
+fn a_block_that_failed_verification_has_no_free_to_clean_latency() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, a, &secret(4096, 0x5a));
+    f.backend.inject_fault_next();
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.verifications_failed, 1, "the fault was caught");
+    assert_eq!(st.accounting.clean.blocks, 0, "no block became clean");
+    assert_eq!(
+        st.scrub_latency.count, 0,
+        "a free-to-clean latency was recorded for a block that failed verification and was \
+         quarantined: {:?}",
+        st.scrub_latency
+    );
+}

@@ -268,23 +268,28 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
-        // A stream capturing a CUDA graph must not see driver allocations.
-        if self
-            .inner
-            .backend
-            .is_capturing(dev, stream)
-            .map_err(|e| self.backend_fault(dev, e))?
-        {
-            return Err(AllocError::CaptureActive {
-                stream: stream.0,
-                size,
-            });
-        }
-        match self.allocate_fresh(size, dev, class, &ctx, stream) {
+        let fresh = self
+            .refuse_capture(size, dev, stream)
+            .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
+        match fresh {
             Err(AllocError::OutOfMemory { .. }) => {
                 self.malloc_after_oom(size, dev, class, key, ctx, stream)
             }
             other => other.map(|addr| Allocation { addr, fresh: true }),
+        }
+    }
+
+    /// A stream capturing a CUDA graph must not see driver allocations: refused. The query
+    /// is the first call that opens a device, which may run out of memory: that is an
+    /// allocation out of memory, which the caller recovers from.
+    fn refuse_capture(&self, size: u64, dev: u32, stream: StreamHandle) -> Result<(), AllocError> {
+        match self.inner.backend.is_capturing(dev, stream) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(AllocError::CaptureActive {
+                stream: stream.0,
+                size,
+            }),
+            Err(e) => Err(self.allocation_failed(size, dev, e)),
         }
     }
 
@@ -316,7 +321,10 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
-        let result = self.allocate_fresh(size, dev, class, &ctx, stream);
+        // The capture query again: the first may have failed before it could answer.
+        let result = self
+            .refuse_capture(size, dev, stream)
+            .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
         // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
         // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
@@ -337,15 +345,13 @@ impl Allocator {
         stream: StreamHandle,
     ) -> Result<u64, AllocError> {
         let backend = &self.inner.backend;
-        let addr = backend.allocate(dev, class.capacity).map_err(|e| match e {
-            BackendError::OutOfMemory { .. } => AllocError::OutOfMemory { size, device: dev },
-            BackendError::ShuttingDown => AllocError::ShuttingDown,
-            other => self.backend_fault(dev, other),
-        })?;
+        let addr = backend
+            .allocate(dev, class.capacity)
+            .map_err(|e| self.allocation_failed(size, dev, e))?;
         if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
             // Never hand out memory that was not zeroed; give it back.
             let _ = backend.release(dev, addr, class.capacity);
-            return Err(self.backend_fault(dev, e));
+            return Err(self.allocation_failed(size, dev, e));
         }
         let now = Instant::now();
         let block = Block {
@@ -961,6 +967,16 @@ impl Allocator {
     /// when it is a fault of the driver or device (not a graph capture or exit, which are
     /// the caller's situation).
     #[cold]
+    /// What an allocation of `size` that met backend error `e` fails with: out of memory
+    /// (recovered from by the caller, counted as such), exit begun, or a driver fault.
+    fn allocation_failed(&self, size: u64, dev: u32, e: BackendError) -> AllocError {
+        match e {
+            BackendError::OutOfMemory { .. } => AllocError::OutOfMemory { size, device: dev },
+            BackendError::ShuttingDown => AllocError::ShuttingDown,
+            other => self.backend_fault(dev, other),
+        }
+    }
+
     fn backend_fault(&self, dev: u32, e: BackendError) -> AllocError {
         let fault = !matches!(
             e,

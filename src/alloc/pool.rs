@@ -943,10 +943,9 @@ impl DevicePool {
                     after.abort.get_or_insert_with(|| block.owner.clone());
                 }
             }
-            if !rescrub && outcome == Outcome::Ran {
-                let latency = now.duration_since(block.state_since).as_micros() as u64;
-                self.stats.record_scrub_latency(latency);
-            }
+            // Free → CLEAN: recorded below for the blocks that become CLEAN only.
+            let latency = (!rescrub && outcome == Outcome::Ran)
+                .then(|| now.duration_since(block.state_since).as_micros() as u64);
             // A sample that read non-zero means something wrote to the block after it was
             // freed. Even when coverage passes the threshold, such a block is never handed out
             // again or released as clean (invariant 1): it goes to quarantine.
@@ -964,7 +963,10 @@ impl DevicePool {
                     self.condemn(addr, QuarantineReason::RescrubResidue, after)
                 }
                 (false, true, Disposition::Reuse) => {
-                    self.make_clean(addr, now, config.tenant_isolation)
+                    self.make_clean(addr, now, config.tenant_isolation);
+                    if let Some(latency) = latency {
+                        self.stats.record_scrub_latency(latency);
+                    }
                 }
                 (false, true, Disposition::Retire(reason)) => {
                     self.release(addr, reason, after);

@@ -122,8 +122,9 @@ const SCRUB_LATENCY_HELP: &str = "Free-to-clean latency quantiles since start (b
      scrub, verification, harvest); kvh_free_to_clean_seconds holds the same latencies as a \
      histogram, for recent quantiles.";
 
-const FREE_TO_CLEAN_HELP: &str = "Free-to-clean latency of blocks (batching, scrub, \
-     verification, harvest), as a histogram: rate() over a window gives recent latencies.";
+const FREE_TO_CLEAN_HELP: &str = "Free-to-clean latency of the freed blocks that became \
+     reusable (batching, scrub, verification, harvest), as a histogram: rate() over a window \
+     gives recent latencies.";
 
 /// One bucket of the free → clean latency histogram; `$le` is one of
 /// `stats::LATENCY_BUCKET_LABELS` (a test checks the table holds each once, in order).
