@@ -309,3 +309,25 @@ fn a_block_idle_well_past_its_ttl_is_not_handed_out_again() {
     );
     assert!(f.alloc.stats().counters.released >= 1);
 }
+
+/// `kvh_synchronize` that leaves scrubs refused for now says "which and how many blocks"
+/// (include/kvhygiene.h): with blocks waiting on two devices, the count is all of them, not
+/// only the first device's.
+#[test]
+fn synchronize_counts_the_blocks_left_unscrubbed_on_every_device() {
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    let b = f.malloc_zeroed(4096, 1, 0);
+    f.backend
+        .capturing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.alloc.free(b, 4096, 1, S).unwrap();
+    let err = f.alloc.synchronize().unwrap_err();
+    assert_eq!(f.alloc.block_info(a).unwrap().state, BlockState::Pending);
+    assert_eq!(f.alloc.block_info(b).unwrap().state, BlockState::Pending);
+    assert!(
+        err.contains("2 blocks") || err.contains("device 1"),
+        "two blocks (devices 0 and 1) wait for their scrub, but synchronize said: {err}"
+    );
+}

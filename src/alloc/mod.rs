@@ -600,19 +600,22 @@ impl Allocator {
     pub fn synchronize(&self) -> Result<(), String> {
         self.left_by_shutdown()?;
         let horizon = self.scrub_horizon();
-        let mut waiting = None;
+        let mut waiting: Vec<(u32, usize)> = Vec::new();
+        let mut first_why = None;
         for dev in 0..self.inner.pools.len() as u32 {
             self.drain_pool(dev, horizon);
-            if waiting.is_none() {
-                waiting = self.pool(dev).deferred("the scrub").map(|w| (dev, w));
+            if let Some((blocks, why)) = self.pool(dev).deferred("the scrub") {
+                waiting.push((dev, blocks));
+                first_why.get_or_insert(why);
             }
         }
         // Exit may have begun while this waited: what it left is never scrubbed.
         self.left_by_shutdown()?;
-        if let Some((dev, (blocks, why))) = waiting {
+        if let Some(why) = first_why {
             // Their scrubs were refused for now and run at a later flush: not waited for.
             return Err(format!(
-                "{blocks} blocks of device {dev} are not scrubbed yet: {why}"
+                "{} not scrubbed yet: {why}",
+                blocks_waiting(&waiting)
             ));
         }
         match self
@@ -1172,6 +1175,24 @@ fn spawn_flusher(inner: Weak<Inner>) {
         crate::say(format_args!(
             "kvhygiene: cannot start the flusher thread ({e}); batches flush by count only"
         ));
+    }
+}
+
+/// "1 block of device 0 is", "3 blocks of device 1 are", "5 blocks (device 0: 2, device 1: 3)
+/// are": the blocks of each device whose scrub `synchronize` left waiting.
+fn blocks_waiting(per_device: &[(u32, usize)]) -> String {
+    let total: usize = per_device.iter().map(|&(_, n)| n).sum();
+    let noun = |n: usize| if n == 1 { "block" } else { "blocks" };
+    let verb = if total == 1 { "is" } else { "are" };
+    match per_device {
+        [(dev, n)] => format!("{n} {} of device {dev} {verb}", noun(*n)),
+        _ => {
+            let each: Vec<String> = per_device
+                .iter()
+                .map(|(dev, n)| format!("device {dev}: {n}"))
+                .collect();
+            format!("{total} {} ({}) {verb}", noun(total), each.join(", "))
+        }
     }
 }
 
