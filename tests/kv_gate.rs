@@ -982,3 +982,165 @@ fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
         "every block went from w to x through one gate scrub of a block that changed owner"
     );
 }
+
+/// A claim whose cache ledger is forgotten while the gate scrubs, and whose block an
+/// anonymous claim (a thread without ids) takes meanwhile through the ledger kept for the cache
+/// after the loss: the block is that claim's, and the first claim must report it taken, as it
+/// does when a named request took it, rather than scrub it again under the other claim and be
+/// handed it too.
+#[test]
+fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_took_meanwhile() {
+    let (alloc, backend, layout) = held_cache();
+    let others: Vec<KvLayout> = (0..64)
+        .map(|_| {
+            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+            KvLayout {
+                regions: vec![a],
+                block_bytes: BLOCK,
+                block_stride: BLOCK,
+                blocks_per_region: 1,
+            }
+        })
+        .collect();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let (x, z) = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+        // While x's scrub runs, a thread without ids is given block 5 (its gate scrub on
+        // stream 4 is not held) and writes its keys and values.
+        let z = alloc
+            .claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+            .unwrap();
+        held_fill(&backend, &layout, 5, 0xcd);
+        backend.hold(3, false);
+        (x.join().unwrap().unwrap(), z)
+    });
+    assert_eq!(z.claimed, 1, "{z:?}");
+    assert!(
+        x.claimed == 0 && x.taken == vec![5],
+        "block 5 was handed to the anonymous claim and to request x, both as claimed: \
+         x {x:?}, z {z:?}"
+    );
+}
+
+/// Under `enforce` a refused claim changes nothing: a claim refused through another
+/// description of the cache's memory leaves the blocks the engine scrubbed claimable through
+/// the cache's own layout without another scrub.
+#[test]
+fn a_claim_refused_under_enforce_leaves_the_ledger_as_it_was() {
+    let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
+    let (_, fine) = cache(&f);
+    let coarse = KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    };
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
+        .unwrap();
+    let e = as_request("t1", "x", || claim(&f, &coarse, &[0])).unwrap_err();
+    assert!(matches!(e, KvClaimError::Unscrubbed { .. }), "{e:?}");
+    // The refused claim handed nothing over and wrote nothing: block 3, verified by the
+    // engine's scrub, is still clean for the next request.
+    let r = as_request("t1", "y", || claim(&f, &fine, &[3]));
+    assert!(
+        matches!(&r, Ok(r) if r.claimed == 1),
+        "a refused claim changed what the gate knows of the cache: {r:?}"
+    );
+}
+
+/// Two claims whose calls overlap name the same block, here a block the engine scrubbed,
+/// which the first claim is handed at once while its call waits for another block's scrub.
+/// The second claim takes it from the first only through a scrub of its own, counted as a
+/// change of owner (two requests were given one block): never with the first's bytes.
+#[test]
+fn a_clean_block_an_overlapping_claim_was_handed_goes_to_another_only_through_a_scrub() {
+    let (alloc, backend, layout) = held_cache();
+    // Block 6 is request w's; block 5 the engine scrubbed.
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[6], 0, StreamHandle(2))
+    })
+    .unwrap();
+    alloc
+        .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+        .unwrap();
+    let changed_before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    backend.hold(3, true);
+    let (x, y) = std::thread::scope(|s| {
+        // x is given blocks 5 and 6; its call waits for the gate's scrub of w's block 6.
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5, 6], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        // Before x's call returns, y is given block 5 too.
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        backend.hold(3, false);
+        (x.join().unwrap().unwrap(), y)
+    });
+    assert_eq!((x.claimed, x.gate_scrubbed.clone()), (2, vec![6]), "{x:?}");
+    assert_eq!((y.claimed, y.gate_scrubbed.clone()), (1, vec![5]), "{y:?}");
+    assert!(y.unknown_owner.is_empty(), "{y:?}");
+    assert_eq!(
+        alloc.stats().counters.kv_gate_owner_changed_blocks - changed_before,
+        2,
+        "w's block 6 went to x, x's block 5 to y: two changes of owner"
+    );
+}
+
+/// Two caches carved from one allocation (a target model's and a draft model's, say) describe
+/// disjoint bytes. A block of the first that changes request without the engine's scrub is an
+/// owner change (`kv_gate_owner_changed_blocks`, the counter the alert watches), also when
+/// the engine claimed blocks of the second cache in between.
+#[test]
+fn an_owner_change_is_counted_when_another_cache_in_the_same_allocation_is_claimed_between() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let half = 2 * BLOCKS * BLOCK;
+    let a = f.malloc_zeroed((2 * half) as i64, 0, 1);
+    let target = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    let draft = KvLayout {
+        regions: vec![a + half, a + half + BLOCKS * BLOCK],
+        ..target.clone()
+    };
+    as_request("t1", "a", || claim(&f, &target, &[1])).unwrap();
+    fill_block(&f, &target, 1, 0xa1);
+    as_request("t1", "a", || claim(&f, &draft, &[1])).unwrap();
+    // The engine gives target block 1 to request b without scrubbing it.
+    let r = as_request("t1", "b", || claim(&f, &target, &[1])).unwrap();
+    assert_eq!(r.gate_scrubbed, vec![1]);
+    assert!(block_is_zero(&f, &target, 1));
+    assert_eq!(
+        (
+            r.unknown_owner.clone(),
+            f.alloc.stats().counters.kv_gate_owner_changed_blocks
+        ),
+        (vec![], 1),
+        "block 1 went from request a to request b unscrubbed, yet it is not counted as an \
+         owner change: {r:?}"
+    );
+}

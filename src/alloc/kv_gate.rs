@@ -108,6 +108,9 @@ pub(crate) struct LedgerKey {
     /// number of the block's last scrub, which changes with every free, so that the same
     /// memory handed out again is another allocation.
     pub allocations: Vec<(u64, u64)>,
+    /// The bytes the regions span, `[start, end)` from each base to the end of its last
+    /// block, sorted and merged.
+    pub spans: Vec<(u64, u64)>,
 }
 
 impl LedgerKey {
@@ -116,24 +119,59 @@ impl LedgerKey {
             device,
             layout: layout.digest(),
             allocations: owners.iter().map(|o| (o.id, o.scrub_seq)).collect(),
+            spans: spans_of(layout),
         }
     }
 
     /// Whether `other` may describe some of the same bytes: the same device, and the same
-    /// layout (this cache before its memory was handed out again) or an allocation in common
-    /// (another view of the same memory).
+    /// layout (this cache before its memory was handed out again) or spans that meet
+    /// (another view of the same memory, or memory handed out again under another layout).
+    /// Two caches carved from one allocation's disjoint parts do not overlap.
     /// Linear in the regions of both (a layout may have 65,536 of them, and this runs under
     /// the ledger lock, itself taken inside a pool lock).
     fn overlaps(&self, other: &LedgerKey) -> bool {
         if self.device != other.device {
             return false;
         }
-        if self.layout == other.layout {
+        self.layout == other.layout || spans_meet(&self.spans, &other.spans)
+    }
+}
+
+/// The bytes a (validated) layout's regions span, sorted and merged.
+fn spans_of(layout: &KvLayout) -> Vec<(u64, u64)> {
+    // `validate` checked that no region's end overflows; saturating keeps this total.
+    let extent = layout.extent().unwrap_or(u64::MAX);
+    let mut spans: Vec<(u64, u64)> = layout
+        .regions
+        .iter()
+        .map(|&base| (base, base.saturating_add(extent)))
+        .collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+/// Whether two sorted, merged lists of `[start, end)` spans share a byte: one sweep.
+fn spans_meet(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&(a0, a1)), Some(&(b0, b1))) = (a.get(i), b.get(j)) {
+        if a0 < b1 && b0 < a1 {
             return true;
         }
-        let mine: HashSet<u64> = self.allocations.iter().map(|&(id, _)| id).collect();
-        other.allocations.iter().any(|(id, _)| mine.contains(id))
+        // The span that ends first meets nothing further on the other side.
+        if a1 <= b1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
     }
+    false
 }
 
 struct Book {
@@ -255,6 +293,21 @@ impl Ledgers {
         all_or_nothing: bool,
         again: bool,
     ) -> Sorted {
+        if all_or_nothing && !ids.is_empty() && !self.books.iter().any(|b| b.key == *key) {
+            // No ledger: every block is unknown, so the claim is refused, and it must change
+            // nothing, not even the ledgers of other views of the memory a new one replaces.
+            return Sorted {
+                dirty: ids.to_vec(),
+                unknown: ids.to_vec(),
+                failed: Vec::new(),
+                taken: Vec::new(),
+                dirty_generations: Generations {
+                    key: key.clone(),
+                    epoch: 0,
+                    of: ids.iter().map(|&id| (id, 0)).collect(),
+                },
+            };
+        }
         let i = self.book(key);
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
         let (mut taken, mut unknown) = (Vec::new(), Vec::new());
@@ -263,7 +316,8 @@ impl Ledgers {
                 Some(Slot::Clean) => free.push(id),
                 Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => free.push(id),
                 Some(Slot::Failed) => failed.push(id),
-                Some(Slot::Owned(Some(_))) if again => taken.push(id),
+                // Anyone else's now, an anonymous claimant's too: claimed during this claim.
+                Some(Slot::Owned(_)) if again => taken.push(id),
                 Some(Slot::Owned(_)) => dirty.push(id),
                 None => {
                     dirty.push(id);
@@ -794,12 +848,18 @@ fn id_list(ids: &[u32]) -> String {
 mod tests {
     use super::*;
 
+    /// A key whose regions lie in `allocations`, each spanning its own 64 KiB.
     fn key(allocations: Vec<u64>) -> LedgerKey {
         LedgerKey {
             device: 0,
             layout: [7; 32],
+            spans: allocations.iter().map(|&a| span_of_allocation(a)).collect(),
             allocations: allocations.into_iter().map(|a| (a, 1)).collect(),
         }
+    }
+
+    fn span_of_allocation(a: u64) -> (u64, u64) {
+        (a << 16, (a + 1) << 16)
     }
 
     fn who(tenant: &str, request: &str) -> Option<Arc<OwnerKey>> {
@@ -1010,6 +1070,74 @@ mod tests {
     }
 
     #[test]
+    fn another_cache_in_other_bytes_of_the_same_allocation_keeps_the_ledger() {
+        let mut l = Ledgers::default();
+        let a = who("t", "a");
+        let (mut first, mut second) = (key(vec![1]), key(vec![1]));
+        first.spans = vec![(0x1_0000, 0x1_8000)];
+        second.spans = vec![(0x1_8000, 0x2_0000)];
+        second.layout = [8; 32];
+        scrub(&mut l, &first, &[0], &[]);
+        sort(&mut l, &second, &[0], &a);
+        assert_eq!(sort(&mut l, &first, &[0], &a), NONE);
+        // A third view meeting the first's last byte replaces it.
+        let mut third = second.clone();
+        third.spans = vec![(0x1_7fff, 0x1_8001)];
+        third.layout = [9; 32];
+        sort(&mut l, &third, &[0], &a);
+        assert_eq!(sort(&mut l, &first, &[1], &a).0, vec![1]);
+    }
+
+    #[test]
+    fn spans_are_merged_and_compared_in_one_sweep() {
+        let layout = KvLayout {
+            regions: vec![0x300, 0x100, 0x140, 0x1000],
+            block_bytes: 0x10,
+            block_stride: 0x20,
+            blocks_per_region: 4,
+        };
+        // Each region spans 3 strides and a block: 0x70 bytes.
+        assert_eq!(
+            spans_of(&layout),
+            vec![(0x100, 0x1b0), (0x300, 0x370), (0x1000, 0x1070)]
+        );
+        let a = [(0x100, 0x1b0), (0x300, 0x370)];
+        assert!(!spans_meet(&a, &[(0x1b0, 0x300), (0x370, 0x400)]));
+        assert!(spans_meet(&a, &[(0x0, 0x10), (0x36f, 0x371)]));
+        assert!(spans_meet(&[(0, u64::MAX)], &a));
+        assert!(!spans_meet(&[], &a));
+    }
+
+    #[test]
+    fn a_later_pass_finds_a_block_an_anonymous_claim_took_meanwhile_taken() {
+        let mut l = Ledgers::default();
+        let (k, x) = (key(vec![1]), who("t", "x"));
+        scrub(&mut l, &k, &[3], &[]);
+        assert!(l.claim(&k, &[3], &None, false).dirty.is_empty());
+        let s = l.claim(&k, &[3], &None, false);
+        assert_eq!(
+            s.dirty,
+            vec![3],
+            "an anonymous holder matches nobody, itself included"
+        );
+        let again = l.claim_pass(&k, &[3], &x, false, true);
+        assert_eq!((again.dirty, again.taken), (vec![], vec![3]));
+    }
+
+    #[test]
+    fn a_refused_claim_without_a_ledger_creates_none_and_drops_none() {
+        let mut l = Ledgers::default();
+        let a = who("t", "a");
+        let (first, mut second) = (key(vec![1]), key(vec![1]));
+        second.layout = [8; 32];
+        scrub(&mut l, &first, &[0], &[]);
+        let s = l.claim(&second, &[0], &a, true);
+        assert_eq!((s.dirty, s.unknown), (vec![0], vec![0]));
+        assert_eq!(l.books.len(), 1);
+        assert_eq!(sort(&mut l, &first, &[0], &a), NONE);
+    }
+
+    #[test]
     fn the_least_recently_used_ledger_is_forgotten() {
         let mut l = Ledgers::default();
         let a = who("t", "a");
@@ -1017,6 +1145,7 @@ mod tests {
             device: 0,
             layout: [n; 32],
             allocations: vec![(u64::from(n) + 100, 1)],
+            spans: vec![span_of_allocation(u64::from(n) + 100)],
         };
         for n in 0..=MAX_LEDGERS as u8 {
             scrub(&mut l, &k(n), &[0], &[]);
@@ -1118,6 +1247,7 @@ mod tests {
                     device: 0,
                     layout: [layout as u8; 32],
                     allocations: vec![(1, self.seq)],
+                    spans: vec![(0x1000, 0x1000 + u64::from(N))],
                 }
             }
             fn hand_over(&mut self, layout: usize, id: u32, o: usize) -> Result<(), TestCaseError> {
