@@ -263,7 +263,7 @@ impl DevicePool {
         block.owner = ctx.clone();
         block.alloc_stream = stream;
         block.recorded_streams.clear();
-        block.reuse_count += 1;
+        block.reuse_count = block.reuse_count.saturating_add(1);
         block.live_ttl_reported = false;
         let now = Instant::now();
         block.allocated_at = now;
