@@ -223,7 +223,13 @@ fn start() -> Result<Runtime, StartError> {
     let result = try_start();
     match &result {
         Ok(_) => register_exit_handler(),
-        Err(e) => say(format_args!("{e}")),
+        Err(e) => {
+            // A failed start is final, and its log never reads the secret (a configuration
+            // error comes first) or has read and removed it already: it must not stay in
+            // `/proc/<pid>/environ` or pass to child processes.
+            crate::forensic::keys::discard_env_secret();
+            say(format_args!("{e}"))
+        }
     }
     result
 }

@@ -92,7 +92,7 @@ pub fn write_in(
     let tmp_name = format!(".kvh-{}.ckpt.{}.tmp", c.chain, c.seq);
     let tmp = dir.path().join(&tmp_name);
     let _ = dir.remove(&tmp_name);
-    let mut f = dir.create_file(&tmp_name)?;
+    let mut f = dir.create_named(&tmp_name, "checkpoint file")?;
     let installed = f
         .write_all(&line)
         .and_then(|_| f.sync_all())

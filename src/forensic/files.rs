@@ -298,7 +298,7 @@ fn check_existing_dir(dir: &Path, m: &fs::Metadata, what: &str) -> Result<(), Fo
     }
     if !m.is_dir() {
         return Err(ForensicError::Permission(format!(
-            "{}: not a directory",
+            "{}: the {what} is not a directory",
             dir.display()
         )));
     }
@@ -431,16 +431,21 @@ impl LogDir {
 
     /// Creates the chain file `name`, as [`create_file`] does, in this directory.
     pub fn create_file(&self, name: &str) -> Result<File, ForensicError> {
+        self.create_named(name, "log file")
+    }
+
+    /// [`LogDir::create_file`] for a file of another kind (`what`, as errors name it).
+    pub fn create_named(&self, name: &str, what: &str) -> Result<File, ForensicError> {
         let path = self.path.join(name);
         let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_EXCL;
         let f = self
             .open_at(name, flags, 0o600)
-            .map_err(|e| io_err(&path, "cannot create log file", e))?;
+            .map_err(|e| io_err(&path, &format!("cannot create {what}"), e))?;
         // From here the file is ours (O_EXCL): one refused below is removed, so that the next
         // rotation can create it again rather than find it there for good.
         let usable = f
             .set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| io_err(&path, "cannot set log file mode", e))
+            .map_err(|e| io_err(&path, &format!("cannot set {what} mode"), e))
             .and_then(|()| checked(&path, &f));
         if let Err(e) = usable {
             let _ = self.remove(name);

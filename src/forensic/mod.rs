@@ -329,7 +329,9 @@ impl ForensicLog {
     /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
     /// (counted as coalesced); at most one is written per `summary_interval_ms`.
     pub fn record_summary(&self, counters: Value) {
-        if self.forked() {
+        // After `stop` began, as any record then, it is lost and counted: the writer may
+        // already have written its last summary and ended.
+        if self.forked() || self.stopped.load(Ordering::Acquire) {
             self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -338,7 +340,7 @@ impl ForensicLog {
             self.shared
                 .summaries_coalesced
                 .fetch_add(1, Ordering::Relaxed);
-        } else if !self.stopped.load(Ordering::Acquire) {
+        } else {
             // A full queue will be drained soon anyway: the writer checks the slot each round.
             let _ = self.tx.try_send(Box::new(Msg::Wake));
         }

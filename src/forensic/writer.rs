@@ -257,8 +257,17 @@ impl ChainWriter {
         }
         // A chain is covered by a signed checkpoint from its first record on: a process that
         // dies before the first periodic one must not leave a chain whose end cannot be
-        // checked (which verification, with a pinned key, rightly reports as a failure).
-        w.checkpoint_now();
+        // checked (which verification, with a pinned key, rightly reports as a failure). A
+        // checkpoint directory that takes none fails start-up, as a start record that cannot
+        // be synced does: the chain could never verify against the pinned key.
+        if let Err(e) = w.checkpoint_now() {
+            if kind == "start" {
+                w.remove_new_chain();
+            }
+            return Err(ForensicError::Io(format!(
+                "cannot write the first signed checkpoint: {e}"
+            )));
+        }
         Ok(w)
     }
 
@@ -814,7 +823,8 @@ impl ChainWriter {
         }
         let pending = self.records_since_ckpt + new_records(&self.buf_kinds);
         if self.checkpoint_due(pending) {
-            self.checkpoint_now();
+            // A failure is counted and kept in `last_error` by `checkpoint`.
+            let _ = self.checkpoint_now();
         }
     }
 
@@ -830,19 +840,26 @@ impl ChainWriter {
     }
 
     /// Signs a checkpoint of what is written so far and records it in the chain (when
-    /// checkpoints are configured and the buffer can be written first).
-    fn checkpoint_now(&mut self) {
-        if self.signing.is_none() || self.flush().is_err() {
-            return;
+    /// checkpoints are configured); `Err` says why none could be written.
+    fn checkpoint_now(&mut self) -> Result<(), String> {
+        if self.signing.is_none() {
+            return Ok(());
         }
-        if let Some(c) = self.checkpoint() {
-            let mut f = Map::new();
-            f.insert("ckpt_seq".into(), c.seq.into());
-            f.insert("ckpt_file".into(), c.file.into());
-            self.name_signer(&mut f);
-            self.append("checkpoint", record::fields_from_map(f), c.ts);
-            let _ = self.flush();
-        }
+        self.flush()
+            .map_err(|e| format!("the records it would cover could not be written: {e}"))?;
+        let Some(c) = self.checkpoint() else {
+            // `checkpoint` says why in `last_error`: the checkpoint file, or a failed fsync.
+            return Err(lock(&self.shared.last_error)
+                .clone()
+                .unwrap_or_else(|| "the log could not be synced".into()));
+        };
+        let mut f = Map::new();
+        f.insert("ckpt_seq".into(), c.seq.into());
+        f.insert("ckpt_file".into(), c.file.into());
+        self.name_signer(&mut f);
+        self.append("checkpoint", record::fields_from_map(f), c.ts);
+        let _ = self.flush();
+        Ok(())
     }
 
     /// Signs the committed head. The file is fsynced first (unless the policy is `never`) so

@@ -1,0 +1,136 @@
+//! Edge cases of the forensic log's writing side.
+
+mod forensic_common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use forensic_common::*;
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+
+/// A summary recorded after the log stopped is never written: like any other record that
+/// arrives after `stop`, it is counted in `records_lost`.
+#[test]
+fn a_summary_recorded_after_stop_is_counted_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    log.stop();
+    let before = log.stats().records_lost;
+    log.record_summary(serde_json::json!({"frees": 1}));
+    assert_eq!(
+        log.stats().records_lost,
+        before + 1,
+        "a summary after stop vanished uncounted: {:?}",
+        log.stats()
+    );
+}
+
+/// A checkpoint directory given as a regular file is refused with a message that calls it the
+/// checkpoint directory.
+#[test]
+fn a_checkpoint_directory_that_is_a_file_is_named_as_the_checkpoint_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let ckpt = tmp.path().join("ck");
+    fs::write(&ckpt, b"").unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt);
+    let err = ForensicLog::open_with_secret(&c, start(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("checkpoint directory"),
+        "the message does not name the checkpoint directory: {err}"
+    );
+}
+
+/// A checkpoint directory where no checkpoint can be written (immutable here) fails the
+/// start-up, as a `start` record that cannot be synced does: the chain would never get its
+/// first checkpoint, and with the pinned public key it could never verify.
+#[test]
+fn a_checkpoint_directory_that_refuses_the_first_checkpoint_fails_the_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("k")).unwrap();
+    let ckpt = tmp.path().join("ck");
+    fs::create_dir(&ckpt).unwrap();
+    fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o700)).unwrap();
+    let set = Command::new("chattr").arg("+i").arg(&ckpt).output();
+    if !set.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt.clone());
+    let opened = ForensicLog::open_with_secret(&c, start(), None);
+    let stats = opened.as_ref().ok().map(|l| l.stats());
+    if let Ok(l) = &opened {
+        l.stop();
+    }
+    let _ = Command::new("chattr").arg("-i").arg(&ckpt).status();
+    assert!(
+        opened.is_err(),
+        "the log opened with no checkpoint written: {stats:?}"
+    );
+}
+
+/// Marker telling a child which case to run (not a `KVH_` variable: the configuration refuses
+/// unknown ones).
+const SECRET_CHILD: &str = "FORENSIC_WRITER_EDGES_SECRET_CHILD";
+const CHILD_SECRET: &str = "child-secret-that-must-not-linger-0123456789";
+
+/// In the child: starts the process-wide allocator through the C ABI (the start-up fails on
+/// the configuration), then exits 0 only if the secret inherited at exec is neither in the
+/// environment nor in /proc/self/environ. In a normal test run it returns at once.
+#[test]
+fn env_secret_config_error_child_entry() {
+    if std::env::var_os(SECRET_CHILD).is_none() {
+        return;
+    }
+    let rc = kvhygiene::ffi::kvh_init();
+    assert_ne!(
+        rc, 0,
+        "the allocator started despite the configuration error"
+    );
+    let environ = fs::read("/proc/self/environ").unwrap();
+    let needle = CHILD_SECRET.as_bytes();
+    let shown = environ.windows(needle.len()).any(|w| w == needle);
+    let inherited = std::env::var_os(kvhygiene::forensic::keys::SECRET_ENV).is_some();
+    std::process::exit(if shown || inherited { 3 } else { 0 });
+}
+
+/// `FORENSIC_HMAC_SECRET` is taken out of the environment (and wiped from
+/// /proc/self/environ) once the library has started, whether or not the start-up succeeds:
+/// a start-up refused for a mistyped `KVH_*` value leaves a process running (its allocations
+/// fail) that must not keep the deployment's secret for its children and every reader of
+/// /proc/<pid>/environ.
+#[test]
+fn env_secret_is_removed_when_the_configuration_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "env_secret_config_error_child_entry",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(SECRET_CHILD, "1")
+        .env(kvhygiene::forensic::keys::SECRET_ENV, CHILD_SECRET)
+        .env("KVH_BACKEND", "host")
+        .env("KVH_LOG_DIR", log_dir(&tmp))
+        .env("KVH_LOG_FSYNC", "sometimes")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "after a refused configuration the secret stays in the environment: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
