@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use forensic_common::*;
-use kvhygiene::events::EventSink;
 use kvhygiene::forensic::ForensicLog;
 
 /// A summary recorded after the log stopped is never written: like any other record that
