@@ -65,3 +65,79 @@ fn a_file_named_with_the_id_of_a_thread_is_not_judged_as_a_live_process() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Process ids are reused: a worker that ended long ago left its file, and its number now
+/// names another process, started after that file was last written. The file cannot be that
+/// process's snapshot (its writer ended before the process began): it belongs to a process
+/// that is gone, and is listed, not judged, as the file of any other ended process is.
+#[test]
+fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let live = std::process::id();
+    snapshot(&file(live), |_| {});
+    // The ended worker's last snapshot, an hour old, showed a failure; its pid is now held
+    // by a process started just now.
+    let mut reuser = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let reused = reuser.id();
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let text = encode(
+        &runtime_stats({
+            let mut pool = PoolCounters::default();
+            pool.counters.verifications_failed = 1;
+            pool
+        }),
+        &ExporterStats::default(),
+        hour_ago,
+    );
+    std::fs::write(file(reused), text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(file(reused))
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["gate", "--json", "--metrics-file"])
+        .arg(&pattern));
+    let _ = reuser.kill();
+    let _ = reuser.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let judged: Vec<u64> = v["processes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["pid"].as_u64()).collect())
+        .unwrap_or_default();
+    assert!(
+        !judged.contains(&u64::from(reused)),
+        "process {reused}, started after kvh-{reused}.prom was last written, was judged by \
+         that file: {out}{err}"
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// `KVH_METRICS_FILE` takes `{pid}` anywhere in the file name, also before a digit
+/// (`kvh-{pid}0.prom`): the writer names its file with its id followed by that digit, and the
+/// readers find the file of each live process of that pattern too.
+#[test]
+fn a_pattern_whose_pid_is_followed_by_a_digit_finds_the_live_process_s_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}0.prom");
+    let live = std::process::id();
+    let config = kvhygiene::config::MetricsConfig {
+        file: Some(pattern.clone()),
+        ..Default::default()
+    };
+    let written = config.file_for(live).unwrap();
+    assert_eq!(written, dir.path().join(format!("kvh-{live}0.prom")));
+    snapshot(&written, |_| {});
+    let (code, out, err) = run(kvh()
+        .args(["gate", "--json", "--metrics-file"])
+        .arg(&pattern));
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!(v["processes"][0]["pid"], live, "{out}");
+}

@@ -768,3 +768,63 @@ fn a_snapshot_just_past_max_age_is_stale_for_both_verbs() {
     let (status, _, _) = http(side.addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 200);
 }
+
+/// The sidecar is its container's entrypoint, so it runs as PID 1 of the container's pid
+/// namespace, where the kernel delivers a signal from outside only when the process has a
+/// handler for it. A pod's deletion sends SIGTERM: the sidecar must end on it (exit 0), not
+/// wait for the SIGKILL after the termination grace period. Run here as PID 1 of a new pid
+/// namespace (`unshare`; skipped where user namespaces are not available).
+#[test]
+fn serve_metrics_as_pid_1_of_its_namespace_ends_on_sigterm() {
+    let probe = std::process::Command::new("unshare")
+        .args(["-Urpf", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: unshare -Urpf is not available here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let mut outer = std::process::Command::new("unshare")
+        .args(["-Urpf", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_kvh"))
+        .args(["serve-metrics", "--listen", "127.0.0.1:0", "--file"])
+        .arg(&f)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(outer.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line:?}");
+    // The sidecar: the only child of `unshare`, PID 1 inside the new namespace.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", outer.id())).unwrap();
+    let inner: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: sends a signal to the test's own grandchild.
+    unsafe { libc::kill(inner, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = outer.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.is_none() {
+        // SAFETY: as above.
+        unsafe { libc::kill(inner, libc::SIGKILL) };
+        let _ = outer.wait();
+    }
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "serve-metrics as PID 1 did not end within 5 s of SIGTERM ({status:?})"
+    );
+}

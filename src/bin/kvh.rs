@@ -397,8 +397,9 @@ every process's samples under it (each carries its pid label). A process that is
 left out; one live process's file that cannot be served makes the answer 503, as one file \
 does. In a pod, the sidecar must share the engine's processes (shareProcessNamespace: true).
 
-Runs until killed; exits 2 at once when the address cannot be bound or {pid} stands in a \
-directory of --file.
+Runs until SIGTERM or SIGINT, then exits 0 (also as PID 1 of a container, where the kernel \
+drops signals a process does not handle); exits 2 at once when the address cannot be bound or \
+{pid} stands in a directory of --file.
 
 Examples:
   # On this machine only

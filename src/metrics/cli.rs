@@ -679,6 +679,14 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    // Handled from before the start is said, so that no stop sent after it is missed.
+    let stop = match StopSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kvh serve-metrics: cannot handle SIGTERM and SIGINT: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let routes = Arc::new(FileRoutes::new(target, args.max_age));
     let server = match http::Server::start(
         args.listen,
@@ -703,8 +711,25 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     drop(out);
     // Said at start when the file is not servable yet, and again at each change.
     let _ = routes.check_and_say();
-    loop {
-        std::thread::park();
+    stop.wait();
+    drop(server);
+    0
+}
+
+/// SIGTERM and SIGINT, handled: a sidecar is often PID 1 of its container, whose signals the
+/// kernel drops unless a handler is installed, so that without one a pod's stop would wait for
+/// the SIGKILL at the end of its grace period.
+struct StopSignals(signal_hook::iterator::Signals);
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map(StopSignals)
+    }
+
+    /// Returns once either signal has arrived (since `install`).
+    fn wait(mut self) {
+        let _ = self.0.forever().next();
     }
 }
 
