@@ -331,7 +331,8 @@ Counters only grow, so an evicted process stays evicted until it restarts.
 
 One file per process ({pid} in KVH_METRICS_FILE, as in a tensor-parallel engine): give the
 pattern, and the file of every live process of the probe's pid namespace is judged; one
-evicted process evicts, and files of processes that are gone are listed, not judged.
+evicted process evicts, and files of processes that are gone (or last written before the
+process now holding their id started) are listed, not judged.
 
 Examples:
   # Kubernetes readinessProbe (exec) of the inference container
@@ -364,7 +365,8 @@ samples, when it was taken and whether it shows a security failure, and exits:
 Without --file the file is this environment's KVH_METRICS_FILE. A file name holding {pid} \
 (one file per process of a multi-process engine, as KVH_METRICS_FILE names them) checks the \
 file of every live process of this pid namespace: the exit status is 1 when one of them \
-fails, 2 when none has a file. Files of processes that are gone are listed, not checked.
+fails, 2 when none has a file. Files of processes that are gone (or last written before the \
+process now holding their id started) are listed, not checked.
 
 Examples:
   # Liveness check (cron, Kubernetes exec probe): fail when the last snapshot is > 60 s old
@@ -393,8 +395,8 @@ while the sidecar runs. Other paths get 404, other methods 405. Requests are lim
 
 A file name holding {pid} (one file per process of a multi-process engine) serves the files \
 of every live process of this pid namespace as one exposition: each family declared once, \
-every process's samples under it (each carries its pid label). A process that is gone is \
-left out; one live process's file that cannot be served makes the answer 503, as one file \
+every process's samples under it (each carries its pid label). A process that is gone (or \
+whose id a later process holds) is left out; one live process's file that cannot be served makes the answer 503, as one file \
 does. In a pod, the sidecar must share the engine's processes (shareProcessNamespace: true).
 
 Runs until SIGTERM or SIGINT, then exits 0 (also as PID 1 of a container, where the kernel \

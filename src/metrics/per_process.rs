@@ -3,12 +3,15 @@
 //! writes its own. The verbs that read metrics files (`kvh metrics`, `kvh serve-metrics`,
 //! `kvh gate`) take the same pattern and find here which files belong to live processes:
 //! a process's file outlives it, and the last snapshot of a process that ended must neither
-//! be judged stale forever nor be served as if the process were still running.
+//! be judged stale forever nor be served as if the process were still running. A file last
+//! written before the process now holding its id started is that of one that ended (the id
+//! was reused).
 //!
 //! Liveness is judged in the pid namespace of the reader: a probe or sidecar must share the
 //! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::PID_PLACEHOLDER;
 
@@ -136,8 +139,48 @@ pub fn judge_live<S, T>(
 pub fn find(pattern: &Path) -> Result<ProcessFiles, String> {
     let (live, gone) = files_of(pattern)?
         .into_iter()
-        .partition(|(pid, _)| alive(*pid));
+        .partition(|(pid, file)| alive(*pid) && !written_before_start(*pid, file));
     Ok(ProcessFiles { live, gone })
+}
+
+/// Whether `file` was last written before process `pid` started: the file of a process that
+/// ended, whose id a later process holds now. Unknown (no `/proc`, no time) is `false`.
+fn written_before_start(pid: u32, file: &Path) -> bool {
+    let written = std::fs::metadata(file).and_then(|m| m.modified());
+    match (written, process_start(pid)) {
+        // The start is known to the second of the boot time: a margin keeps a file its process
+        // wrote in its first moments its own.
+        (Ok(written), Some(start)) => written + START_MARGIN < start,
+        _ => false,
+    }
+}
+
+/// How much earlier than its process's start a file may seem to be written and still be its.
+const START_MARGIN: Duration = Duration::from_secs(2);
+
+/// When process `pid` started, as wall-clock time: the boot time (`btime` in `/proc/stat`)
+/// plus the process's start in clock ticks since boot (field 22 of `/proc/PID/stat`).
+fn process_start(pid: u32) -> Option<SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, is in parentheses and may hold spaces and parentheses:
+    // the fields after the last ')' are fields 3, 4, ...
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after_name.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    if per_second == 0 {
+        return None;
+    }
+    let since_boot = Duration::from_secs(ticks / per_second)
+        + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second);
+    UNIX_EPOCH.checked_add(Duration::from_secs(boot) + since_boot)
 }
 
 /// Every file of the pattern, by pid.
@@ -176,11 +219,16 @@ fn files_of(pattern: &Path) -> Result<Vec<(u32, PathBuf)>, String> {
 fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
     let prefix = pattern.split(PID_PLACEHOLDER).next()?;
     let rest = candidate.strip_prefix(prefix)?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    let pid: u32 = digits.parse().ok()?;
-    // The id as the writer prints it: no leading zero, and the whole name must match.
-    (pid.to_string() == digits && pattern.replace(PID_PLACEHOLDER, &digits) == candidate)
-        .then_some(pid)
+    let run = rest.bytes().take_while(u8::is_ascii_digit).count();
+    // A digit may follow `{pid}` in the pattern (`kvh-{pid}0.prom`): each length of the run
+    // of digits is tried. The id as the writer prints it (no leading zero), and the whole
+    // name must match.
+    (1..=run).find_map(|len| {
+        let digits = &rest[..len];
+        let pid: u32 = digits.parse().ok()?;
+        (pid.to_string() == digits && pattern.replace(PID_PLACEHOLDER, digits) == candidate)
+            .then_some(pid)
+    })
 }
 
 /// Whether process `pid` runs in this pid namespace: a process, not a thread of another
@@ -242,6 +290,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_written_before_its_pid_s_process_started_is_told_apart() {
+        let me = std::process::id();
+        let start = process_start(me).expect("this process's start, from /proc");
+        let now = SystemTime::now();
+        assert!(start <= now, "{start:?} is after {now:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvh.prom");
+        let f = std::fs::File::create(&file).unwrap();
+        assert!(!written_before_start(me, &file), "written now");
+        f.set_modified(start - Duration::from_secs(3600)).unwrap();
+        assert!(
+            written_before_start(me, &file),
+            "written an hour before this process"
+        );
+        f.set_modified(start - Duration::from_secs(1)).unwrap();
+        assert!(!written_before_start(me, &file), "within the margin");
+        assert!(!written_before_start(me, &dir.path().join("none")));
+    }
+
+    #[test]
     fn a_file_names_a_pid_when_it_is_the_pattern_with_an_id_in_each_placeholder() {
         assert_eq!(pid_of("kvh-{pid}.prom", "kvh-42.prom"), Some(42));
         assert_eq!(pid_of("{pid}", "7"), Some(7));
@@ -257,6 +325,10 @@ mod tests {
             assert_eq!(pid_of("kvh-{pid}.prom", other), None, "{other}");
         }
         assert_eq!(pid_of("a{pid}b{pid}.prom", "a9b8.prom"), None);
+        // A digit after the placeholder.
+        assert_eq!(pid_of("kvh-{pid}0.prom", "kvh-1200.prom"), Some(120));
+        assert_eq!(pid_of("kvh-{pid}0.prom", "kvh-0.prom"), None);
+        assert_eq!(pid_of("kvh-{pid}07.prom", "kvh-5007.prom"), Some(50));
     }
 
     #[test]
