@@ -168,12 +168,15 @@ impl Inner {
     }
 
     /// The HTTP exporter's `/metrics` text or `/stats` JSON, from a snapshot at most
-    /// `snapshot_every` old.
+    /// `snapshot_every` old; once the periodic writes stopped (shutdown, exit), the first
+    /// snapshot taken since, for good: like the file's last one, it then ages, so that a
+    /// process that scrubs no more goes stale rather than look alive.
     fn served(&self, json: bool) -> String {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let frozen = self.stopping.load(Ordering::SeqCst);
         let fresh = cache
             .as_ref()
-            .is_some_and(|c| c.taken.elapsed() < self.snapshot_every);
+            .is_some_and(|c| frozen || c.taken.elapsed() < self.snapshot_every);
         if !fresh {
             let stats = (self.source)();
             *cache = Some(Cached {
@@ -192,6 +195,8 @@ impl Inner {
     /// Stops the periodic writes: no new one starts, and the thread wakes from its wait.
     fn stop_file_thread(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        // The HTTP exporter's next snapshot, taken after this, is its last.
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let sender = match self.wake_file_thread.try_lock() {
             Ok(mut s) => s.take(),
             Err(TryLockError::Poisoned(p)) => p.into_inner().take(),
@@ -364,7 +369,7 @@ impl Exporter {
     }
 
     /// Stops the periodic writes for good (at exit): the write in progress, if any, finishes;
-    /// no other starts. The HTTP exporter keeps serving.
+    /// no other starts. The HTTP exporter keeps serving its next snapshot, for good.
     pub fn stop_periodic(&self) {
         if !self.inner.forked() {
             self.inner.stop_file_thread();
@@ -671,12 +676,13 @@ mod tests {
                 ..Options::default()
             };
             let exporter = Exporter::start_opts(&cfg, source.clone(), opts).unwrap();
-            InProcessRoutes {
+            let routes = InProcessRoutes {
                 inner: exporter.inner.clone(),
-            }
+            };
+            (exporter, routes)
         };
         use http::Routes as _;
-        let cached = routes(Duration::from_secs(3600));
+        let (_running, cached) = routes(Duration::from_secs(3600));
         calls.store(0, Ordering::SeqCst);
         let m = cached.get("/metrics");
         let j = cached.get("/stats");
@@ -691,11 +697,18 @@ mod tests {
             .contains("kvh_allocations_total 0"));
         let j: serde_json::Value = serde_json::from_slice(&j.body).unwrap();
         assert_eq!(j["counters"]["allocations"], 0);
-        let uncached = routes(Duration::ZERO);
+        let (_running, uncached) = routes(Duration::ZERO);
         calls.store(0, Ordering::SeqCst);
         uncached.get("/metrics");
         uncached.get("/stats");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Once the periodic writes stopped, one more snapshot, served for good.
+        uncached.inner.stop_file_thread();
+        calls.store(0, Ordering::SeqCst);
+        let last = uncached.get("/metrics");
+        uncached.get("/stats");
+        assert_eq!(uncached.get("/metrics"), last);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]
