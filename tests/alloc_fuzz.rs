@@ -160,10 +160,24 @@ fn run(config: Config, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let st = f.alloc.stats();
     prop_assert_eq!(st.accounting.pending.blocks, 0);
     prop_assert_eq!(st.accounting.live.blocks, 0);
-    prop_assert_eq!(
-        (st.counters.quarantined + st.counters.rescrub_failed) as usize,
-        f.sink.count("quarantine")
-    );
+    // A quarantine the flusher applied is counted under the pool lock and its event emitted
+    // just after, on the flusher's thread: waited for, bounded.
+    let quarantines = || {
+        let c = f.alloc.stats().counters;
+        (
+            (c.quarantined + c.rescrub_failed) as usize,
+            f.sink.count("quarantine"),
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (counted, emitted) = loop {
+        let (counted, emitted) = quarantines();
+        if counted == emitted || std::time::Instant::now() > deadline {
+            break (counted, emitted);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    prop_assert_eq!(counted, emitted);
     prop_assert!(
         st.counters.verifications_failed <= st.counters.quarantined + st.counters.rescrub_failed
     );
