@@ -7,7 +7,8 @@
 //! ([`signals_of`]). Per (signal, tenant) two rules run:
 //!
 //! - **burst**: the count within a sliding window of `window_ms` reaches the signal's
-//!   threshold ([`default_burst_threshold`] × `KVH_ANOMALY_BURST_SCALE`);
+//!   threshold ([`default_burst_threshold`] × `KVH_ANOMALY_BURST_SCALE`, rounded up; residue's
+//!   stays 1);
 //! - **surge**: the count of the current window exceeds the baseline of earlier windows (their
 //!   exponentially weighted mean and standard deviation) by `z` standard deviations, once the
 //!   baseline has seen [`WARMUP_WINDOWS`] windows and the count is at least

@@ -133,3 +133,56 @@ fn env_secret_is_removed_when_the_configuration_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+const SHUTDOWN_CHILD: &str = "FORENSIC_WRITER_EDGES_SHUTDOWN_CHILD";
+
+/// In the child: starts the process-wide allocator through the C ABI with a forensic log and
+/// summaries every 100 ms, shuts it down, lets a few summary intervals pass, and prints the
+/// log's `records_lost` from `kvh_stats_json`. In a normal test run it returns at once.
+#[test]
+fn summaries_after_shutdown_child_entry() {
+    if std::env::var_os(SHUTDOWN_CHILD).is_none() {
+        return;
+    }
+    assert_eq!(kvhygiene::ffi::kvh_init(), 0, "the allocator did not start");
+    kvhygiene::ffi::kvh_shutdown();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0usize;
+    let rc = kvhygiene::ffi::kvh_stats_json(buf.as_mut_ptr().cast(), buf.len(), &mut len);
+    assert_eq!(rc, 0);
+    let text = std::str::from_utf8(&buf[..len])
+        .unwrap()
+        .trim_end_matches('\0');
+    let stats: serde_json::Value = serde_json::from_str(text).unwrap();
+    println!("records_lost={}", stats["log"]["records_lost"]);
+    std::process::exit(0);
+}
+
+/// `kvh_shutdown` writes the log's last summary and its `stop` record: no record is lost. The
+/// library's own periodic summaries that fall due afterwards are not records a caller tried to
+/// log; `records_lost` (a security failure for `kvh metrics --fail-on-security` and
+/// `kvh gate`) stays 0 however long the process runs on.
+#[test]
+fn periodic_summaries_after_shutdown_are_not_counted_as_lost_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "summaries_after_shutdown_child_entry",
+            "--exact",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(SHUTDOWN_CHILD, "1")
+        .env("KVH_BACKEND", "host")
+        .env("KVH_LOG_DIR", log_dir(&tmp))
+        .env("KVH_SUMMARY_INTERVAL_MS", "100")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("records_lost=0"),
+        "after kvh_shutdown the log's records_lost grew with every summary interval: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -470,3 +470,39 @@ fn connections_beyond_twice_the_limit_are_closed_unanswered() {
     assert_eq!(r.status, 0, "answered: {}", r.head);
     assert!(r.head.is_empty(), "{}", r.head);
 }
+
+/// After the periodic writes stop (`kvh_shutdown`), the HTTP exporter serves one last snapshot
+/// for good, which "ages as the file's last one does" (README): its
+/// `kvh_snapshot_timestamp_seconds` is the moment the process stopped scrubbing, as the
+/// file's, not the moment a scraper first asked after it.
+#[test]
+fn the_http_exporter_s_last_snapshot_is_dated_when_the_periodic_writes_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvh.prom");
+    let cfg = MetricsConfig {
+        file: Some(path.clone()),
+        interval_ms: 10_000,
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let exporter = Exporter::start(&cfg, counting_source(Arc::new(AtomicU64::new(1)))).unwrap();
+    let addr = exporter.http_addr().unwrap();
+    // As kvh_shutdown does: the periodic writes stop, then the file's last snapshot.
+    exporter.stop_periodic();
+    exporter.write_file_bounded(Duration::from_secs(5)).unwrap();
+    let file_ts = read_metrics(&path)
+        .unwrap()
+        .value("kvh_snapshot_timestamp_seconds", &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let http_ts = parse(&r.body)
+        .unwrap()
+        .value("kvh_snapshot_timestamp_seconds", &[])
+        .unwrap();
+    assert!(
+        http_ts - file_ts < 1.0,
+        "the HTTP exporter's last snapshot is dated {http_ts}, {:.1} s after the file's last \
+         one ({file_ts}): it looks fresh to a scraper although the process stopped scrubbing",
+        http_ts - file_ts
+    );
+}

@@ -291,8 +291,14 @@ fn spawn_summaries(allocator: Allocator, log: Arc<ForensicLog>, every: Duration)
         .name("kvh-summary".into())
         .spawn(move || loop {
             std::thread::sleep(every);
+            // Ends with the log (`kvh_shutdown`): a process may run on without it.
+            if log.is_stopped() {
+                return;
+            }
             if let Ok(counters) = serde_json::to_value(allocator.stats().counters) {
-                log.record_summary(counters);
+                if !log.record_own_summary(counters) {
+                    return;
+                }
             }
         });
     if let Err(e) = spawned {
@@ -373,13 +379,16 @@ const EXIT_SUMMARY_WAIT: Duration = Duration::from_millis(250);
 /// own totals.
 fn stop_log(rt: &Runtime, at_exit: bool) {
     if let Some(log) = &rt.log {
-        let stats = if at_exit {
+        // After a shutdown's stop (the exit that follows it), no summary is due.
+        let stats = if log.is_stopped() {
+            None
+        } else if at_exit {
             stats_within(rt, EXIT_SUMMARY_WAIT)
         } else {
             Some(rt.allocator.stats())
         };
         if let Some(counters) = stats.and_then(|s| serde_json::to_value(s.counters).ok()) {
-            log.record_summary(counters);
+            log.record_own_summary(counters);
         }
         log.stop();
     }

@@ -346,6 +346,22 @@ impl ForensicLog {
         }
     }
 
+    /// [`ForensicLog::record_summary`] for the library's own summaries (its periodic thread,
+    /// the last one before `stop`): once the log stopped none is due, so none is lost.
+    /// Returns whether the log still takes summaries.
+    pub fn record_own_summary(&self, counters: Value) -> bool {
+        if self.is_stopped() {
+            return false;
+        }
+        self.record_summary(counters);
+        true
+    }
+
+    /// Whether `stop` has begun.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
     /// Records an anomaly (kind `anomaly`) with the calling thread's context; `detail` is
     /// any JSON (non-integer numbers are stored as strings). Never dropped.
     pub fn record_anomaly(&self, detail: Value) {

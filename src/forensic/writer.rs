@@ -257,13 +257,14 @@ impl ChainWriter {
         }
         // A chain is covered by a signed checkpoint from its first record on: a process that
         // dies before the first periodic one must not leave a chain whose end cannot be
-        // checked (which verification, with a pinned key, rightly reports as a failure). A
-        // checkpoint directory that takes none fails start-up, as a start record that cannot
-        // be synced does: the chain could never verify against the pinned key.
-        if let Err(e) = w.checkpoint_now() {
-            if kind == "start" {
-                w.remove_new_chain();
-            }
+        // checked (which verification, with a pinned key, rightly reports as a failure). For
+        // a new chain, a checkpoint directory that takes none fails start-up, as a start
+        // record that cannot be synced does: the chain could never verify against the pinned
+        // key. A recovered chain has its earlier checkpoints, and goes on without new ones,
+        // as after any failed fsync (the failure is counted and kept in `last_error`).
+        let checkpointed = w.checkpoint_now();
+        if let (Err(e), "start") = (checkpointed, kind) {
+            w.remove_new_chain();
             return Err(ForensicError::Io(format!(
                 "cannot write the first signed checkpoint: {e}"
             )));

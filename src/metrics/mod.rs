@@ -37,7 +37,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -127,6 +127,8 @@ struct Inner {
     write_lock: Mutex<()>,
     /// Set when the periodic writes must stop (drop, exit); read under `write_lock`.
     stopping: AtomicBool,
+    /// When they were first told to stop: the date of the HTTP exporter's last snapshot.
+    stopped_at: OnceLock<SystemTime>,
     /// Dropping the sender wakes the file thread from its wait.
     wake_file_thread: Mutex<Option<Sender<()>>>,
     http_rejected: Mutex<Option<Arc<AtomicU64>>>,
@@ -154,13 +156,17 @@ impl Inner {
     }
 
     fn encode(&self, stats: &Stats) -> String {
+        self.encode_at(stats, SystemTime::now())
+    }
+
+    fn encode_at(&self, stats: &Stats, at: SystemTime) -> String {
         let labels: Vec<(&str, &str)> = self
             .pid_label
             .as_deref()
             .map(|p| ("pid", p))
             .into_iter()
             .collect();
-        encode_labelled(stats, &self.exporter_stats(), SystemTime::now(), &labels)
+        encode_labelled(stats, &self.exporter_stats(), at, &labels)
     }
 
     fn render(&self) -> String {
@@ -168,20 +174,22 @@ impl Inner {
     }
 
     /// The HTTP exporter's `/metrics` text or `/stats` JSON, from a snapshot at most
-    /// `snapshot_every` old; once the periodic writes stopped (shutdown, exit), the first
-    /// snapshot taken since, for good: like the file's last one, it then ages, so that a
-    /// process that scrubs no more goes stale rather than look alive.
+    /// `snapshot_every` old. Once the periodic writes stopped (shutdown, exit), the first
+    /// snapshot taken since is served for good, dated when they stopped: like the file's last
+    /// one, it then ages, so that a process that scrubs no more goes stale rather than look
+    /// alive. (Taken at the first request rather than at the stop, which may run at exit,
+    /// where a snapshot could wait on a pool lock a stuck thread holds.)
     fn served(&self, json: bool) -> String {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let frozen = self.stopping.load(Ordering::SeqCst);
+        let stopped_at = self.stopped_at.get().copied();
         let fresh = cache
             .as_ref()
-            .is_some_and(|c| frozen || c.taken.elapsed() < self.snapshot_every);
+            .is_some_and(|c| stopped_at.is_some() || c.taken.elapsed() < self.snapshot_every);
         if !fresh {
             let stats = (self.source)();
             *cache = Some(Cached {
                 taken: Instant::now(),
-                metrics: self.encode(&stats),
+                metrics: self.encode_at(&stats, stopped_at.unwrap_or_else(SystemTime::now)),
                 json: stats.to_json(),
             });
         }
@@ -195,8 +203,11 @@ impl Inner {
     /// Stops the periodic writes: no new one starts, and the thread wakes from its wait.
     fn stop_file_thread(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // The HTTP exporter's next snapshot, taken after this, is its last.
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // The first stop: the HTTP exporter's next snapshot, taken after this, is its last. A
+        // later stop (exit after a shutdown) leaves that one be.
+        if self.stopped_at.set(SystemTime::now()).is_ok() {
+            *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let sender = match self.wake_file_thread.try_lock() {
             Ok(mut s) => s.take(),
             Err(TryLockError::Poisoned(p)) => p.into_inner().take(),
@@ -306,6 +317,7 @@ impl Exporter {
             panicked: AtomicBool::new(false),
             write_lock: Mutex::new(()),
             stopping: AtomicBool::new(false),
+            stopped_at: OnceLock::new(),
             wake_file_thread: Mutex::new(None),
             http_rejected: Mutex::new(None),
             cache: Mutex::new(None),
