@@ -230,8 +230,9 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
 
 // Submits every pending scrub, waits for them, and returns every clean cached block to the
 // backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
-// ran, the start-up's error when the allocator could not start, `KVH_ERR_FORKED_CHILD` in a
-// child forked after start-up, and `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is
+// ran (or had nothing to do: before the allocator started, which it does not start), the
+// start-up's error when the allocator could not start, `KVH_ERR_FORKED_CHILD` in a child
+// forked after start-up, and `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is
 // returned to the device then).
 void kvh_empty_cache(void);
 
@@ -245,7 +246,8 @@ void kvh_empty_cache(void);
 // freed. After `kvh_shutdown` (also one that began during the call),
 // `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left pending then) were not scrubbed,
 // or were verified but could not be returned to the device: none will be, and they are
-// leaked, never handed out.
+// leaked, never handed out. Before the allocator started, `KVH_OK`: nothing was freed, and
+// it is not started.
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
@@ -287,6 +289,10 @@ int kvh_set_context(const char *tenant_id, const char *request_id, const char *m
 void kvh_clear_context(void);
 
 // Writes the allocator's statistics as JSON (NUL-terminated) into `buf` of `len` bytes.
+// Before the allocator started in this process (no allocation or other call that starts it
+// yet) it does not start it, and writes `{"started":false,"version":"..."}` (or returns
+// `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
+// in a launcher must not leave the workers it forks without an allocator.
 // Like the other query exports, it leaves the thread's last error unchanged when it answers
 // (a buffer too small included); when the allocator could not start, that start-up error,
 // with its reason, is the last error.

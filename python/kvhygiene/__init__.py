@@ -35,6 +35,7 @@ the tests run in CI.
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import contextlib
 import contextvars
 import ctypes
@@ -42,6 +43,7 @@ import json
 import numbers
 import operator
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator, Optional
@@ -330,7 +332,10 @@ def version() -> str:
 
 
 def stats() -> dict:
-    """The allocator's counters (``kvh_stats_json``) as a dict."""
+    """The allocator's counters (``kvh_stats_json``) as a dict. Before the allocator started
+    in this process (its first allocation), ``{"started": False, "version": ...}``: reading
+    them does not start it, so a launcher may call it before forking its workers (an invalid
+    policy is still refused, :class:`KvhError` naming the key)."""
     lib = load()
     text = _read_string(lib.kvh_stats_json, "kvh_stats_json")
     return json.loads(text)
@@ -338,15 +343,16 @@ def stats() -> dict:
 
 def synchronize() -> None:
     """Waits until the scrub of every block freed before the call has completed and been
-    verified (frees other threads make meanwhile are not waited for)."""
+    verified (frees other threads make meanwhile are not waited for). Before the allocator
+    started, returns at once (nothing was freed) without starting it."""
     _check("kvh_synchronize", load().kvh_synchronize())
 
 
 def empty_cache() -> None:
-    """Flushes pending scrubs and returns clean cached blocks to the driver. Raises
-    :class:`KvhError` when the allocator could not start (an invalid policy, a log directory
-    it refused, a forked child) or was shut down (``KVH_ERR_SHUTTING_DOWN``): nothing was
-    flushed or returned."""
+    """Flushes pending scrubs and returns clean cached blocks to the driver (before the
+    allocator started, nothing: it is not started). Raises :class:`KvhError` when the
+    allocator could not start (an invalid policy, a log directory it refused, a forked child)
+    or was shut down (``KVH_ERR_SHUTTING_DOWN``): nothing was flushed or returned."""
     lib = load()
     lib.kvh_empty_cache()
     # kvh_empty_cache returns nothing: it leaves a failed start-up in kvh_last_error and
@@ -378,13 +384,33 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
 
 
 class _Entry:
-    """One entered :func:`context`: its ids, and whether it is still entered."""
+    """One entered :func:`context`: its ids, whether it is still entered, and where it was
+    entered (:func:`_here`)."""
 
-    __slots__ = ("ids", "entered")
+    __slots__ = ("ids", "entered", "where")
 
     def __init__(self, ids):
         self.ids = ids
         self.entered = True
+        self.where = _here()
+
+    def holds_here(self, here) -> bool:
+        """Whether its ids still apply to the execution ``here``: until it is left, for the
+        execution that entered it; for good, for one that inherited it (a task created inside
+        it, a thread given a copy of its context), as a context variable's value is."""
+        return self.entered or self.where != here
+
+
+def _here():
+    """The execution running this code: its thread, and its asyncio task if any."""
+    task = None
+    aio = sys.modules.get("asyncio")  # no task can run before asyncio is imported
+    if aio is not None:
+        try:
+            task = aio.current_task()
+        except RuntimeError:  # no running event loop on this thread
+            task = None
+    return (threading.get_ident(), task)
 
 
 #: The contexts entered in the running code's own execution context (a thread, or an asyncio
@@ -397,10 +423,11 @@ _UNSET = object()
 
 
 def _innermost():
-    """The ids of the innermost context still entered here, or ``None``: entries left out of
-    order, or left from another thread or task, are skipped."""
+    """The ids of the innermost context that holds here, or ``None``: entries this execution
+    entered and that were left out of order, or from another thread or task, are skipped."""
+    here = _here()
     for entry in reversed(_entered.get()):
-        if entry.entered:
+        if entry.holds_here(here):
             return entry.ids
     return None
 
@@ -438,7 +465,9 @@ def context(
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
-    when another task on the same thread entered a context while it waited. The library keeps
+    when another task on the same thread entered a context while it waited. A task created
+    inside a context (or a thread given a copy of it, as ``asyncio.to_thread`` does) keeps its
+    ids after its creator leaves the block. The library keeps
     one set of ids per thread, so an allocation a task makes after an ``await`` carries the
     ids last set on the thread until the task's next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks`.
@@ -459,9 +488,11 @@ def context(
         yield
     finally:
         entry.entered = False
-        # Here: drop the entries no longer entered. Elsewhere (left from another thread or
-        # task), the entering side skips the entry and drops it at its next context.
-        _entered.set(tuple(e for e in _entered.get() if e.entered))
+        # Here: drop the entries that no longer hold (this one, and those left out of order).
+        # Elsewhere (left from another thread or task), the entering side skips the entry and
+        # drops it at its next context; a task created inside keeps it.
+        here = _here()
+        _entered.set(tuple(e for e in _entered.get() if e is not entry and e.holds_here(here)))
         _resync_context()
 
 
@@ -504,12 +535,15 @@ class KvLayout:
         must cover one dense run of memory per block, in any order (vLLM's HND and NHD layouts
         both do). vLLM's per-layer ``[2, num_blocks, block_size, heads, head_size]`` caches use
         ``block_dim=1`` (K and V are two regions); a ``[num_blocks, 2, ...]`` cache uses
-        ``block_dim=0``. All tensors must share one block geometry and one device.
+        ``block_dim=0``. All tensors must share one block geometry and one device. A mapping
+        (vLLM's layer name -> cache tensor) gives its tensors, in its order.
         """
         if hasattr(tensors, "data_ptr"):
             # One tensor, not a list: iterated, it would be read as the list of its halves
             # along dimension 0, and block_dim would index something else in each.
             raise TypeError("from_tensors takes a list of tensors: pass [tensor] for one")
+        if isinstance(tensors, collections.abc.Mapping):
+            tensors = tensors.values()  # iterated, a mapping gives its keys (layer names)
         tensors = list(tensors)
         if not tensors:
             raise ValueError("from_tensors needs at least one tensor")

@@ -516,6 +516,9 @@ torch.cuda = types.SimpleNamespace(
 sys.modules["torch"] = torch
 if sys.argv[3] == "install":
     kvhygiene.install(sys.argv[2])
+elif sys.argv[3] == "install-then-stats":
+    kvhygiene.install(sys.argv[2])
+    kvhygiene.stats()
 else:
     kvhygiene.load(sys.argv[2])
 pid = os.fork()
@@ -554,6 +557,31 @@ def test_a_worker_forked_after_install_starts_its_own_allocator(tmp_path):
     assert after_install.stdout == str(kvhygiene.KVH_OK), (
         f"kvh_init in a worker forked after install() returned {after_install.stdout} "
         "(7023 is KVH_ERR_FORKED_CHILD)"
+    )
+
+
+@needs_lib
+def test_a_launcher_that_reads_stats_after_install_leaves_its_forked_workers_their_own_allocator(tmp_path):
+    # install(): "The allocator itself starts at the first allocation, in the process that
+    # makes it", and a launcher that installs, then forks its workers, leaves each to start its
+    # own. Reading the counters is no allocation: a launcher that logs kvhygiene.stats() after
+    # install() (to show the allocator is in place) must not start kvhygiene there, or every
+    # worker it forks is refused its first allocation (KVH_ERR_FORKED_CHILD, std::bad_alloc
+    # through PyTorch).
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_after_stats.py"
+    script.write_text(_FORK_AFTER_INSTALL)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host")
+    run = subprocess.run(
+        [sys.executable, str(script), pkg, LIB, "install-then-stats"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == str(kvhygiene.KVH_OK), (
+        f"kvh_init in a worker forked after install() and stats() returned {run.stdout} "
+        "(7023 is KVH_ERR_FORKED_CHILD): reading the counters started kvhygiene in the launcher"
     )
 
 
@@ -863,6 +891,41 @@ def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
         assert seen["block"] == bytes(128), "r-b was handed r-a's bytes: r-a's claim was made under r-b's ids"
 
 
+@needs_lib
+def test_a_task_created_inside_a_context_claims_under_its_ids_after_its_creator_left_it():
+    # context(): "Each asyncio task keeps its own contexts (they are held in a contextvars
+    # variable)". A task created inside a context runs in a copy of its creator's context
+    # variables, so the ids are its own: a request handler that starts the request's
+    # generation as a task and leaves its `with` block must not make the task's later claims
+    # anonymous. Here request r-a holds block 3 with its keys; the task serving r-a claims
+    # it again, which hands a block the claimant owns over as it is.
+    import asyncio
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        seen = {}
+
+        async def generate(go):
+            await go.wait()
+            kvhygiene.claim_blocks(layout, [3])
+            seen["block"] = ctypes.string_at(p + 3 * 128, 128)
+
+        async def handle():
+            go = asyncio.Event()
+            with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+                kvhygiene.claim_blocks(layout, [3])
+                ctypes.memset(p + 3 * 128, 0x42, 128)  # r-a's keys
+                task = asyncio.create_task(generate(go))
+            go.set()
+            await task
+
+        asyncio.run(handle())
+        assert seen["block"] == bytes([0x42]) * 128, (
+            "the task's claim was not made under the ids of the context it was created in: "
+            "r-a's own block was scrubbed as if another owner claimed it"
+        )
+
+
 class _IterableTensor(FakeTensor):
     """A FakeTensor that iterates like a torch tensor: over its first dimension, as views."""
 
@@ -886,6 +949,22 @@ def test_from_tensors_given_one_tensor_takes_it_whole_or_refuses_it():
     except (TypeError, ValueError):
         return
     assert (len(layout.regions), layout.blocks_per_region, layout.block_bytes) == (2, 8, 128), layout
+
+
+def test_from_tensors_given_a_mapping_of_layer_names_to_tensors_does_not_read_its_keys_as_tensors():
+    # vLLM's model runner builds its KV caches as a dict of layer name -> tensor
+    # (initialize_kv_cache_tensors). Passed to from_tensors, it must either be read as its
+    # tensors or be refused by name (TypeError), as a single tensor is; iterating it gives the
+    # layer names, and a name is no tensor.
+    t = FakeTensor(0x10000, (2, 8, 16, 2, 8))
+    try:
+        layout = kvhygiene.KvLayout.from_tensors({"model.layers.0.self_attn.attn": t}, block_dim=1)
+    except TypeError as e:
+        assert "dict" in str(e) or "mapping" in str(e) or "values" in str(e), str(e)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"from_tensors(dict) failed with {type(e).__name__}: {e}")
+    else:
+        assert layout.regions == kvhygiene.KvLayout.from_tensors([t], block_dim=1).regions
 
 
 def test_a_layout_geometry_that_is_not_an_integer_is_refused():
@@ -923,7 +1002,11 @@ _EMPTY_CACHE_WITHOUT_A_RUNTIME = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import kvhygiene
-kvhygiene.load(sys.argv[2])
+lib = kvhygiene.load(sys.argv[2])
+# Before a start-up, neither has anything to do, nor starts the allocator.
+for name in ("synchronize", "empty_cache"):
+    getattr(kvhygiene, name)()
+lib.kvh_init()  # the start-up, which fails
 for name in ("synchronize", "empty_cache"):
     try:
         getattr(kvhygiene, name)()
@@ -936,7 +1019,7 @@ for name in ("synchronize", "empty_cache"):
 @needs_lib
 def test_empty_cache_raises_when_the_allocator_could_not_start(tmp_path):
     # kvh_empty_cache returns nothing and leaves its error in kvh_last_error. When the
-    # allocator cannot start (here an invalid KVH_OOM: KVH_ERR_CONFIG), empty_cache() raises
+    # allocator could not start (here an invalid KVH_OOM: KVH_ERR_CONFIG), empty_cache() raises
     # KvhError with that code, as synchronize() and stats() do, instead of returning as if
     # the cache had been flushed and returned to the driver.
     import subprocess

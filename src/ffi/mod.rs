@@ -556,21 +556,23 @@ unsafe fn read_kv_call(
 
 /// Submits every pending scrub, waits for them, and returns every clean cached block to the
 /// backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
-/// ran, the start-up's error when the allocator could not start, `KVH_ERR_FORKED_CHILD` in a
-/// child forked after start-up, and `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is
+/// ran (or had nothing to do: before the allocator started, which it does not start), the
+/// start-up's error when the allocator could not start, `KVH_ERR_FORKED_CHILD` in a child
+/// forked after start-up, and `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown` (nothing is
 /// returned to the device then).
 #[no_mangle]
 pub extern "C" fn kvh_empty_cache() {
-    boundary((), || match runtime::get() {
-        Ok(rt) if rt.allocator.is_shut_down() => set_last_error(
+    boundary((), || match runtime::get_if_begun() {
+        None => clear_last_error(),
+        Some(Ok(rt)) if rt.allocator.is_shut_down() => set_last_error(
             KVH_ERR_SHUTTING_DOWN,
             "kvhygiene was shut down: no cached block is returned to the device any more",
         ),
-        Ok(rt) => {
+        Some(Ok(rt)) => {
             rt.allocator.empty_cache();
             clear_last_error();
         }
-        Err(e) => set_last_error(e.code(), e.to_string()),
+        Some(Err(e)) => set_last_error(e.code(), e.to_string()),
     })
 }
 
@@ -584,13 +586,15 @@ pub extern "C" fn kvh_empty_cache() {
 /// freed. After `kvh_shutdown` (also one that began during the call),
 /// `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left pending then) were not scrubbed,
 /// or were verified but could not be returned to the device: none will be, and they are
-/// leaked, never handed out.
+/// leaked, never handed out. Before the allocator started, `KVH_OK`: nothing was freed, and
+/// it is not started.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
-        let rt = match runtime::get() {
-            Ok(rt) => rt,
-            Err(e) => return fail(e.code(), e.to_string()),
+        let rt = match runtime::get_if_begun() {
+            None => return ok(),
+            Some(Ok(rt)) => rt,
+            Some(Err(e)) => return fail(e.code(), e.to_string()),
         };
         match rt.allocator.synchronize() {
             Ok(()) => ok(),
@@ -694,6 +698,10 @@ pub extern "C" fn kvh_clear_context() {
 }
 
 /// Writes the allocator's statistics as JSON (NUL-terminated) into `buf` of `len` bytes.
+/// Before the allocator started in this process (no allocation or other call that starts it
+/// yet) it does not start it, and writes `{"started":false,"version":"..."}` (or returns
+/// `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
+/// in a launcher must not leave the workers it forks without an allocator.
 /// Like the other query exports, it leaves the thread's last error unchanged when it answers
 /// (a buffer too small included); when the allocator could not start, that start-up error,
 /// with its reason, is the last error.
@@ -703,14 +711,23 @@ pub extern "C" fn kvh_clear_context() {
 #[no_mangle]
 pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usize) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
-        let rt = match runtime::get() {
-            Ok(rt) => rt,
+        let json = match runtime::get_if_begun() {
+            // The policy is still checked, as `kvh_check_config` does: a health endpoint that
+            // reads the counters first learns of a bad configuration at once.
+            None => match crate::config::Config::from_env() {
+                Ok(_) => {
+                    serde_json::json!({"started": false, "version": env!("CARGO_PKG_VERSION")})
+                        .to_string()
+                }
+                Err(e) => return fail(KVH_ERR_CONFIG, format!("kvhygiene configuration: {e}")),
+            },
+            Some(Ok(rt)) => rt.stats_json(),
             // This call's failure: its reason is the last error, as for every other export.
-            Err(e) => return fail(e.code(), e.to_string()),
+            Some(Err(e)) => return fail(e.code(), e.to_string()),
         };
         // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
         // write of one `usize` (the caller's contract above).
-        preserving_last_error(|| unsafe { write_c_string(&rt.stats_json(), buf, len, out_len) })
+        preserving_last_error(|| unsafe { write_c_string(&json, buf, len, out_len) })
     })
 }
 

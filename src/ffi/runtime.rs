@@ -167,6 +167,15 @@ fn start_once() -> Result<&'static Runtime, &'static StartError> {
     RUNTIME.get_or_init(start).as_ref()
 }
 
+/// The runtime, or its start-up's error, once a start-up began in this process (or this is
+/// a child forked after one began); `None` before, without starting it: for the calls that
+/// have nothing to do before the first allocation, and must not start the allocator (in a
+/// launcher, that would leave every worker it forks without one).
+pub(crate) fn get_if_begun() -> Option<Result<&'static Runtime, &'static StartError>> {
+    let begun = RUNTIME.get().is_some() || STARTING.load(Ordering::SeqCst) || is_forked_child();
+    begun.then(get)
+}
+
 /// The runtime if it has already started successfully in this process; never starts it.
 pub(crate) fn started() -> Option<&'static Runtime> {
     match RUNTIME.get() {

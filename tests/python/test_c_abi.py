@@ -195,6 +195,13 @@ def test_context_ids_are_validated():
 def test_buffer_protocol_strerror_and_version():
     out = run_child(
         """
+        # Before anything started the allocator, the counters are not read, nor is it started.
+        out["unstarted"] = stats()
+        out["unstarted_sync"] = lib.kvh_synchronize()
+        lib.kvh_empty_cache()
+        out["unstarted_empty"] = lib.kvh_last_error()
+        out["still_unstarted"] = stats()
+        out["init"] = lib.kvh_init()
         n = ctypes.c_size_t(0)
         out["null_buf"] = lib.kvh_stats_json(None, 0, ctypes.byref(n))
         out["needed"] = n.value
@@ -206,6 +213,9 @@ def test_buffer_protocol_strerror_and_version():
         out["stats_backend"] = stats()["backend"]
         """
     )
+    assert out["unstarted"] == {"started": False, "version": out["version"]}, out
+    assert (out["unstarted_sync"], out["unstarted_empty"]) == (0, 0)
+    assert out["still_unstarted"] == out["unstarted"] and out["init"] == 0
     assert out["null_buf"] == 7013 and out["needed"] > 10
     assert out["small"] == 7013
     assert out["null_out_len"] == 7001
@@ -951,8 +961,8 @@ def test_package_stats_as_the_first_call_names_the_bad_configuration_key():
 
 
 def test_package_stats_does_not_blame_an_earlier_unrelated_error():
-    # An earlier failed call on the thread (an over-long tenant id) must not become the
-    # reason given for a later start-up failure: the KvhError of stats() carries the
+    # A later failed call on the thread (an over-long tenant id) must not become the
+    # reason given for the start-up failure: the KvhError of stats() carries the
     # configuration error's code and says the configuration's problem, not the tenant id's.
     out = run_child(
         f"""
@@ -960,6 +970,7 @@ def test_package_stats_does_not_blame_an_earlier_unrelated_error():
         sys.path.insert(0, {PACKAGE!r})
         import kvhygiene
         lib = kvhygiene.load()
+        out["init"] = lib.kvh_init()  # the start-up, which fails
         out["set"] = lib.kvh_set_context(b"x" * 200, None, None)
         try:
             kvhygiene.stats()
@@ -972,5 +983,5 @@ def test_package_stats_does_not_blame_an_earlier_unrelated_error():
         KVH_LIBRARY=library(),
         KVH_BATCH_SIZE="0",
     )
-    assert out["set"] == 7010 and out["raised"] and out["code"] == 7011, out
+    assert out["init"] == 7011 and out["set"] == 7010 and out["raised"] and out["code"] == 7011, out
     assert "KVH_BATCH_SIZE" in out["error"], out

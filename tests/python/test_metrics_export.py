@@ -26,7 +26,7 @@ def test_metrics_file_is_written_at_exit_with_the_final_counters(tmp_path):
     out = run_child(
         f"""
         import os, time
-        assert lib.kvh_synchronize() == 0  # starts the runtime
+        assert lib.kvh_init() == 0  # starts the runtime
         deadline = time.time() + 10
         while not os.path.exists({str(prom)!r}):
             assert time.time() < deadline, "no metrics file written at start"
@@ -116,7 +116,7 @@ def test_a_forked_child_does_not_overwrite_the_parent_s_file(tmp_path):
     out = run_child(
         f"""
         import os, time
-        assert lib.kvh_synchronize() == 0  # starts the runtime, which writes the file
+        assert lib.kvh_init() == 0  # starts the runtime, which writes the file
         deadline = time.time() + 60
         while not os.path.exists({str(prom)!r}):
             assert time.time() < deadline, "no metrics file written at start"
@@ -178,7 +178,7 @@ def test_build_info_carries_the_policy_digest_of_the_start_record_and_kvh_config
     env = {"KVH_METRICS_FILE": str(prom), "KVH_LOG_DIR": str(log), "KVH_BATCH_SIZE": "16"}
     out = run_child(
         """
-        assert lib.kvh_synchronize() == 0  # starts the runtime
+        assert lib.kvh_init() == 0  # starts the runtime
         out["stats"] = stats()
         lib.kvh_shutdown()
         """,
@@ -206,7 +206,7 @@ def test_after_kvh_shutdown_the_metrics_file_is_no_longer_rewritten(tmp_path):
     out = run_child(
         f"""
         import os, time
-        assert lib.kvh_synchronize() == 0  # starts the runtime
+        assert lib.kvh_init() == 0  # starts the runtime
         lib.kvh_shutdown()
         first = os.stat({str(prom)!r}).st_mtime_ns
         time.sleep(0.5)  # five periodic intervals
@@ -227,7 +227,7 @@ def test_after_kvh_shutdown_the_metrics_file_is_not_rewritten_at_exit(tmp_path):
     out = run_child(
         f"""
         import os, time
-        assert lib.kvh_synchronize() == 0  # starts the runtime
+        assert lib.kvh_init() == 0  # starts the runtime
         lib.kvh_shutdown()
         out["mtime"] = os.stat({str(prom)!r}).st_mtime_ns
         out["text"] = open({str(prom)!r}).read()
