@@ -139,6 +139,8 @@ def _block_size(value) -> int:
 def _per_group(values, groups: int, name: str) -> list:
     if isinstance(values, int):
         return [values] * groups
+    if isinstance(values, KvLayout):
+        raise TypeError(f"{name}: one KvLayout; pass a list, one per KV cache group ([layout] for one)")
     values = list(values)
     if len(values) != groups:
         raise ValueError(f"{name}: {len(values)} values for {groups} KV cache groups")

@@ -313,6 +313,9 @@ def test_more_block_sizes_or_layouts_than_kv_cache_groups_are_refused():
     layout = kvhygiene.KvLayout([0x10000], BLOCK_BYTES, BLOCKS)
     with pytest.raises(ValueError, match="layouts: 2 values for 1 KV cache groups"):
         claim_scheduled(s, [layout, layout], BLOCK_TOKENS)
+    # One layout, not a list of them: named, not "not iterable".
+    with pytest.raises(TypeError, match=r"layouts: one KvLayout; pass a list"):
+        claim_scheduled(s, layout, BLOCK_TOKENS)
 
 
 def test_a_block_size_that_is_not_a_positive_integer_is_refused_by_name():
