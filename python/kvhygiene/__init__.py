@@ -887,8 +887,10 @@ def install(path: Optional[str] = None):
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
     library cannot be found (``ValueError`` when ``path`` names another file than the one
-    already loaded), and :class:`KvhError` for an invalid configuration (the message names the
-    key). The allocator itself starts at the first allocation, in the process that makes it.
+    already loaded, ``OSError`` when the file is not a library this process can load),
+    ``RuntimeError`` when this PyTorch build lacks the record-stream hook, and
+    :class:`KvhError` for an invalid configuration (the message names the key). The allocator
+    itself starts at the first allocation, in the process that makes it.
     """
     global _allocator
     import torch  # only install() needs torch
