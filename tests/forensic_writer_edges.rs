@@ -80,6 +80,24 @@ fn a_checkpoint_directory_that_refuses_the_first_checkpoint_fails_the_open() {
     );
 }
 
+/// Runs test `entry` of this binary alone in a child process, with `marker` set (the child
+/// part runs only then), the host backend, a log directory in `tmp` and `env`.
+fn child(
+    entry: &str,
+    marker: &str,
+    tmp: &tempfile::TempDir,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args([entry, "--exact", "--test-threads=1", "--nocapture"])
+        .env(marker, "1")
+        .env("KVH_BACKEND", "host")
+        .env("KVH_LOG_DIR", log_dir(tmp))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 /// Marker telling a child which case to run (not a `KVH_` variable: the configuration refuses
 /// unknown ones).
 const SECRET_CHILD: &str = "FORENSIC_WRITER_EDGES_SECRET_CHILD";
@@ -113,19 +131,15 @@ fn env_secret_config_error_child_entry() {
 #[test]
 fn env_secret_is_removed_when_the_configuration_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "env_secret_config_error_child_entry",
-            "--exact",
-            "--test-threads=1",
-        ])
-        .env(SECRET_CHILD, "1")
-        .env(kvhygiene::forensic::keys::SECRET_ENV, CHILD_SECRET)
-        .env("KVH_BACKEND", "host")
-        .env("KVH_LOG_DIR", log_dir(&tmp))
-        .env("KVH_LOG_FSYNC", "sometimes")
-        .output()
-        .unwrap();
+    let out = child(
+        "env_secret_config_error_child_entry",
+        SECRET_CHILD,
+        &tmp,
+        &[
+            (kvhygiene::forensic::keys::SECRET_ENV, CHILD_SECRET),
+            ("KVH_LOG_FSYNC", "sometimes"),
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -166,19 +180,12 @@ fn summaries_after_shutdown_child_entry() {
 #[test]
 fn periodic_summaries_after_shutdown_are_not_counted_as_lost_records() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "summaries_after_shutdown_child_entry",
-            "--exact",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(SHUTDOWN_CHILD, "1")
-        .env("KVH_BACKEND", "host")
-        .env("KVH_LOG_DIR", log_dir(&tmp))
-        .env("KVH_SUMMARY_INTERVAL_MS", "100")
-        .output()
-        .unwrap();
+    let out = child(
+        "summaries_after_shutdown_child_entry",
+        SHUTDOWN_CHILD,
+        &tmp,
+        &[("KVH_SUMMARY_INTERVAL_MS", "100")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("records_lost=0"),

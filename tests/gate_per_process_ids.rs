@@ -54,11 +54,7 @@ fn a_file_named_with_the_id_of_a_thread_is_not_judged_as_a_live_process() {
         .arg(&pattern));
     stop_tx.send(()).unwrap();
     thread.join().unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    let judged: Vec<u64> = v["processes"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p["pid"].as_u64()).collect())
-        .unwrap_or_default();
+    let judged = judged_pids(&out);
     assert!(
         !judged.contains(&u64::from(tid)),
         "{tid}, the id of a thread of process {live}, was judged as a live process: {out}{err}"
@@ -106,11 +102,7 @@ fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
         .arg(&pattern));
     let _ = reuser.kill();
     let _ = reuser.wait();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    let judged: Vec<u64> = v["processes"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p["pid"].as_u64()).collect())
-        .unwrap_or_default();
+    let judged = judged_pids(&out);
     assert!(
         !judged.contains(&u64::from(reused)),
         "process {reused}, started after kvh-{reused}.prom was last written, was judged by \
@@ -140,4 +132,13 @@ fn a_pattern_whose_pid_is_followed_by_a_digit_finds_the_live_process_s_file() {
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!(v["processes"][0]["pid"], live, "{out}");
+}
+
+/// The pids `kvh gate --json` judged.
+fn judged_pids(out: &str) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
+    v["processes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["pid"].as_u64()).collect())
+        .unwrap_or_default()
 }

@@ -522,6 +522,22 @@ mod held {
     }
 }
 
+/// `n` caches of one block each, in allocations of their own (as many as the gate keeps
+/// ledgers for, to make it forget another's).
+fn single_block_caches(alloc: &kvhygiene::alloc::Allocator, n: usize) -> Vec<KvLayout> {
+    (0..n)
+        .map(|_| {
+            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+            KvLayout {
+                regions: vec![a],
+                block_bytes: BLOCK,
+                block_stride: BLOCK,
+                blocks_per_region: 1,
+            }
+        })
+        .collect()
+}
+
 /// An allocator over a [`held::Held`] backend, with a cache of `BLOCKS` blocks.
 fn held_cache() -> (
     kvhygiene::alloc::Allocator,
@@ -633,17 +649,7 @@ fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
 fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() {
     let (alloc, backend, layout) = held_cache();
     // As many other caches as ledgers are kept, each a single-block layout of its own.
-    let others: Vec<KvLayout> = (0..64)
-        .map(|_| {
-            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
-            KvLayout {
-                regions: vec![a],
-                block_bytes: BLOCK,
-                block_stride: BLOCK,
-                blocks_per_region: 1,
-            }
-        })
-        .collect();
+    let others = single_block_caches(&alloc, 64);
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
@@ -792,17 +798,7 @@ fn a_claim_refused_because_its_cache_was_freed_meanwhile_is_logged_as_a_refused_
 #[test]
 fn a_claim_whose_ledger_is_forgotten_twice_is_not_reported_as_taken() {
     let (alloc, backend, layout) = held_cache();
-    let others: Vec<KvLayout> = (0..64)
-        .map(|_| {
-            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
-            KvLayout {
-                regions: vec![a],
-                block_bytes: BLOCK,
-                block_stride: BLOCK,
-                blocks_per_region: 1,
-            }
-        })
-        .collect();
+    let others = single_block_caches(&alloc, 64);
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
@@ -878,17 +874,7 @@ fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
 #[test]
 fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_took_meanwhile() {
     let (alloc, backend, layout) = held_cache();
-    let others: Vec<KvLayout> = (0..64)
-        .map(|_| {
-            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
-            KvLayout {
-                regions: vec![a],
-                block_bytes: BLOCK,
-                block_stride: BLOCK,
-                blocks_per_region: 1,
-            }
-        })
-        .collect();
+    let others = single_block_caches(&alloc, 64);
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
@@ -991,17 +977,7 @@ fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
 #[test]
 fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_took_meanwhile() {
     let (alloc, backend, layout) = held_cache();
-    let others: Vec<KvLayout> = (0..64)
-        .map(|_| {
-            let a = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
-            KvLayout {
-                regions: vec![a],
-                block_bytes: BLOCK,
-                block_stride: BLOCK,
-                blocks_per_region: 1,
-            }
-        })
-        .collect();
+    let others = single_block_caches(&alloc, 64);
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })

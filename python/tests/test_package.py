@@ -558,30 +558,14 @@ def test_a_worker_forked_after_install_starts_its_own_allocator(tmp_path):
         f"kvh_init in a worker forked after install() returned {after_install.stdout} "
         "(7023 is KVH_ERR_FORKED_CHILD)"
     )
-
-
-@needs_lib
-def test_a_launcher_that_reads_stats_after_install_leaves_its_forked_workers_their_own_allocator(tmp_path):
-    # install(): "The allocator itself starts at the first allocation, in the process that
-    # makes it", and a launcher that installs, then forks its workers, leaves each to start its
-    # own. Reading the counters is no allocation: a launcher that logs kvhygiene.stats() after
-    # install() (to show the allocator is in place) must not start kvhygiene there, or every
-    # worker it forks is refused its first allocation (KVH_ERR_FORKED_CHILD, std::bad_alloc
-    # through PyTorch).
-    import subprocess
-    import sys
-
-    script = tmp_path / "fork_after_stats.py"
-    script.write_text(_FORK_AFTER_INSTALL)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host")
-    run = subprocess.run(
-        [sys.executable, str(script), pkg, LIB, "install-then-stats"], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout == str(kvhygiene.KVH_OK), (
-        f"kvh_init in a worker forked after install() and stats() returned {run.stdout} "
-        "(7023 is KVH_ERR_FORKED_CHILD): reading the counters started kvhygiene in the launcher"
+    # Reading the counters is no allocation: a launcher that logs kvhygiene.stats() after
+    # install() must not start kvhygiene there, or every worker it forks is refused its first
+    # allocation (KVH_ERR_FORKED_CHILD, std::bad_alloc through PyTorch).
+    after_stats = run("install-then-stats")
+    assert after_stats.returncode == 0, after_stats.stderr
+    assert after_stats.stdout == str(kvhygiene.KVH_OK), (
+        f"kvh_init in a worker forked after install() and stats() returned {after_stats.stdout}: "
+        "reading the counters started kvhygiene in the launcher"
     )
 
 
