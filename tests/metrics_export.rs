@@ -506,3 +506,65 @@ fn the_http_exporter_s_last_snapshot_is_dated_when_the_periodic_writes_stopped()
         http_ts - file_ts
     );
 }
+
+/// The exit handler stops the periodic writes (`Exporter::stop_periodic`) and must never wait
+/// on a pool lock for long (ARCHITECTURE.md, invariant 6). A scrape that arrived just before
+/// exit may be taking a snapshot that waits on a pool lock a stuck thread holds; stopping the
+/// periodic writes must still return promptly rather than wait for that snapshot.
+#[test]
+fn stopping_the_periodic_writes_does_not_wait_for_a_snapshot_stuck_on_a_lock() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    let pool_lock = Arc::new(Mutex::new(()));
+    let entered = Arc::new(AtomicBool::new(false));
+    let block = Arc::new(AtomicBool::new(false));
+    let inner = counting_source(Arc::new(AtomicU64::new(1)));
+    let source: Source = {
+        let (pool_lock, entered, block) = (pool_lock.clone(), entered.clone(), block.clone());
+        Arc::new(move || {
+            if block.load(Ordering::SeqCst) {
+                entered.store(true, Ordering::SeqCst);
+                // As `Allocator::stats` does: each pool's lock, briefly.
+                drop(pool_lock.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+            inner()
+        })
+    };
+    let cfg = MetricsConfig {
+        file: None,
+        interval_ms: 10_000,
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let exporter = Exporter::start(&cfg, source).unwrap();
+    let addr = exporter.http_addr().unwrap();
+    // A thread stuck under a pool lock.
+    let held = pool_lock.lock().unwrap();
+    block.store(true, Ordering::SeqCst);
+    let scrape = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        read_reply(&mut s)
+    });
+    wait_for("the scrape's snapshot", Duration::from_secs(10), || {
+        entered.load(Ordering::SeqCst)
+    });
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            exporter.stop_periodic();
+            let _ = done_tx.send(());
+        });
+        let returned = done_rx.recv_timeout(Duration::from_secs(3)).is_ok();
+        // Let the stuck thread go, so that everything ends either way.
+        drop(held);
+        assert!(
+            returned,
+            "stop_periodic (the exit handler's) was still waiting 3 s later for a scrape's \
+             snapshot blocked on a pool lock: the process's exit would hang with it"
+        );
+    });
+    let _ = scrape.join();
+}

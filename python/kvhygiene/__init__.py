@@ -262,7 +262,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 def load(path: Optional[str] = None) -> ctypes.CDLL:
     """Loads the library once per process (later calls return the same handle). A ``path``
     given once it is loaded must name the same file: ``FileNotFoundError`` when it names
-    none, ``ValueError`` when it names another."""
+    none, ``ValueError`` when it names another. ``OSError`` when the file is not a library
+    this process can load, or not kvhygiene's."""
     global _lib, _lib_path
     with _lock:
         if _lib is not None and path is not None:
@@ -275,7 +276,10 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
         if _lib is None:
             resolved = find_library(path)
             lib = ctypes.CDLL(resolved)
-            _declare(lib)
+            try:
+                _declare(lib)
+            except AttributeError as e:  # a library, but not kvhygiene's
+                raise OSError(f"{resolved} is not {LIBRARY_NAME}: {e}") from e
             _lib, _lib_path = lib, resolved
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
             # reverse order): after handlers registered later that may still free or allocate
@@ -385,20 +389,30 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
 
 class _Entry:
     """One entered :func:`context`: its ids, whether it is still entered, and where it was
-    entered (:func:`_here`)."""
+    entered and left (:func:`_here`)."""
 
-    __slots__ = ("ids", "entered", "where")
+    __slots__ = ("ids", "entered", "where", "left_where")
 
     def __init__(self, ids):
         self.ids = ids
         self.entered = True
         self.where = _here()
+        self.left_where = None
+
+    def leave(self) -> None:
+        self.entered = False
+        self.left_where = _here()
 
     def holds_here(self, here) -> bool:
-        """Whether its ids still apply to the execution ``here``: until it is left, for the
-        execution that entered it; for good, for one that inherited it (a task created inside
-        it, a thread given a copy of its context), as a context variable's value is."""
-        return self.entered or self.where != here
+        """Whether its ids still apply to the execution ``here``. A context variable's value
+        holds in every copy of the context it was set in (a task created inside the block, a
+        job given ``contextvars.copy_context()``), wherever that copy runs: the execution that
+        left the block dropped it from its own context. Only a block left elsewhere (a
+        generator finished on another thread) leaves it in the entering execution's context,
+        which skips it from then on; a copy of that context run by the same execution then
+        skips it too (it cannot be told apart, and losing the ids only costs a scrub)."""
+        left_elsewhere = not self.entered and self.left_where != self.where
+        return not (left_elsewhere and here == self.where)
 
 
 def _here():
@@ -466,8 +480,9 @@ def context(
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
     when another task on the same thread entered a context while it waited. A task created
-    inside a context (or a thread given a copy of it, as ``asyncio.to_thread`` does) keeps its
-    ids after its creator leaves the block. The library keeps
+    inside a context, or a job given a copy of it (``asyncio.to_thread``,
+    ``contextvars.copy_context().run``), keeps its ids after its creator leaves the block,
+    on whichever thread it runs. The library keeps
     one set of ids per thread, so an allocation a task makes after an ``await`` carries the
     ids last set on the thread until the task's next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks`.
@@ -487,7 +502,7 @@ def context(
     try:
         yield
     finally:
-        entry.entered = False
+        entry.leave()
         # Here: drop the entries that no longer hold (this one, and those left out of order).
         # Elsewhere (left from another thread or task), the entering side skips the entry and
         # drops it at its next context; a task created inside keeps it.
@@ -887,7 +902,8 @@ def install(path: Optional[str] = None):
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
     library cannot be found (``ValueError`` when ``path`` names another file than the one
-    already loaded, ``OSError`` when the file is not a library this process can load),
+    already loaded, ``OSError`` when the file is not a library this process can load, or
+    not kvhygiene's),
     ``RuntimeError`` when this PyTorch build lacks the record-stream hook, and
     :class:`KvhError` for an invalid configuration (the message names the key). The allocator
     itself starts at the first allocation, in the process that makes it.

@@ -53,6 +53,26 @@ def test_missing_library_names_every_place_searched(tmp_path, monkeypatch):
     assert "KVH_LIBRARY" in str(e.value)
 
 
+def test_a_library_that_is_not_kvhygiene_is_refused_by_name(tmp_path):
+    # A loadable library without kvhygiene's exports (KVH_LIBRARY pointing at another .so):
+    # an OSError naming the file, not an AttributeError from deep in the declarations.
+    import _ctypes
+    import subprocess
+    import sys
+
+    other = getattr(_ctypes, "__file__", None)  # an extension module: a loadable library
+    if other is None:
+        pytest.skip("this Python has _ctypes built in: no other shared library file to load")
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    code = (
+        f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
+        f"try:\n    kvhygiene.load({other!r})\nexcept OSError as e:\n    print('OSError', e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("OSError") and "is not libkvhygiene.so" in run.stdout, run.stdout
+
+
 @pytest.mark.skipif(HAVE_TORCH, reason="checks the error without torch")
 def test_install_without_torch_is_an_import_error():
     with pytest.raises(ImportError):
@@ -907,6 +927,41 @@ def test_a_task_created_inside_a_context_claims_under_its_ids_after_its_creator_
         assert seen["block"] == bytes([0x42]) * 128, (
             "the task's claim was not made under the ids of the context it was created in: "
             "r-a's own block was scrubbed as if another owner claimed it"
+        )
+
+
+@needs_lib
+def test_a_pool_job_given_a_copy_of_a_context_claims_under_its_ids_on_whichever_worker_runs_it():
+    # context(): "A task created inside a context (or a thread given a copy of it, as
+    # asyncio.to_thread does) keeps its ids after its creator leaves the block." A request
+    # handled on a thread-pool worker hands follow-up work to the same pool with a copy of its
+    # context (contextvars.copy_context().run); which worker runs it is the pool's choice, and
+    # the copy's ids must not depend on it. With one worker, the job runs on the thread that
+    # entered the context, after it left the block. Request r-a holds block 3 with its keys;
+    # the job serving r-a claims it again, which hands a block the claimant owns over as it is.
+    import concurrent.futures
+    import contextvars
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+
+        def follow_up():
+            kvhygiene.claim_blocks(layout, [3])
+            return ctypes.string_at(p + 3 * 128, 128)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+
+            def handle():
+                with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+                    kvhygiene.claim_blocks(layout, [3])
+                    ctypes.memset(p + 3 * 128, 0x42, 128)  # r-a's keys
+                    return pool.submit(contextvars.copy_context().run, follow_up)
+
+            block = pool.submit(handle).result().result()
+        assert block == bytes([0x42]) * 128, (
+            "the job given a copy of r-a's context claimed without its ids because it ran on "
+            "the worker that entered the context: r-a's own block was scrubbed as if another "
+            "owner claimed it"
         )
 
 

@@ -329,11 +329,31 @@ impl ForensicLog {
     /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
     /// (counted as coalesced); at most one is written per `summary_interval_ms`.
     pub fn record_summary(&self, counters: Value) {
-        // After `stop` began, as any record then, it is lost and counted: the writer may
-        // already have written its last summary and ended.
-        if self.forked() || self.stopped.load(Ordering::Acquire) {
+        self.summary(counters, true);
+    }
+
+    /// [`ForensicLog::record_summary`] for the library's own summaries (its periodic thread,
+    /// the last one before `stop`): once the log stopped none is due, so none is lost.
+    /// Returns whether the log still takes summaries.
+    pub fn record_own_summary(&self, counters: Value) -> bool {
+        self.summary(counters, false)
+    }
+
+    /// Puts `counters` in the summary slot; after `stop` began (one check, so that a stop
+    /// racing the call is judged once), counts it lost when `owed`. Returns whether the log
+    /// took it.
+    fn summary(&self, counters: Value, owed: bool) -> bool {
+        if self.forked() {
             self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
+        }
+        // After `stop` began, as any record then, an owed summary is lost and counted: the
+        // writer may already have written its last summary and ended.
+        if self.stopped.load(Ordering::Acquire) {
+            if owed {
+                self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            return false;
         }
         let replaced = lock(&self.shared.summary).replace(counters).is_some();
         if replaced {
@@ -344,16 +364,6 @@ impl ForensicLog {
             // A full queue will be drained soon anyway: the writer checks the slot each round.
             let _ = self.tx.try_send(Box::new(Msg::Wake));
         }
-    }
-
-    /// [`ForensicLog::record_summary`] for the library's own summaries (its periodic thread,
-    /// the last one before `stop`): once the log stopped none is due, so none is lost.
-    /// Returns whether the log still takes summaries.
-    pub fn record_own_summary(&self, counters: Value) -> bool {
-        if self.is_stopped() {
-            return false;
-        }
-        self.record_summary(counters);
         true
     }
 

@@ -670,7 +670,7 @@ impl http::Routes for FileRoutes {
     }
 }
 
-/// Runs `serve-metrics` until the process is killed; returns only on a start-up error.
+/// Runs `serve-metrics` until SIGTERM or SIGINT (then 0), or returns a start-up error's status.
 pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     let target = match Target::of(args.file.clone()) {
         Ok(t) => t,

@@ -97,6 +97,8 @@ impl Drop for Exporter {
 /// The HTTP exporter's snapshot, served until it is `snapshot_every` old.
 struct Cached {
     taken: Instant,
+    /// Taken after the periodic writes stopped: the last one, served for good.
+    last: bool,
     metrics: String,
     json: String,
 }
@@ -179,35 +181,52 @@ impl Inner {
     /// one, it then ages, so that a process that scrubs no more goes stale rather than look
     /// alive. (Taken at the first request rather than at the stop, which may run at exit,
     /// where a snapshot could wait on a pool lock a stuck thread holds.)
+    ///
+    /// The cache's lock is never held while a snapshot is taken (which takes the pool locks):
+    /// the stop, which may run at exit, takes it, and must not wait behind a pool lock.
     fn served(&self, json: bool) -> String {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let pick = |c: &Cached| {
+            if json {
+                c.json.clone()
+            } else {
+                c.metrics.clone()
+            }
+        };
         let stopped_at = self.stopped_at.get().copied();
-        let fresh = cache
-            .as_ref()
-            .is_some_and(|c| stopped_at.is_some() || c.taken.elapsed() < self.snapshot_every);
-        if !fresh {
-            let stats = (self.source)();
-            *cache = Some(Cached {
-                taken: Instant::now(),
-                metrics: self.encode_at(&stats, stopped_at.unwrap_or_else(SystemTime::now)),
-                json: stats.to_json(),
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = cache.as_ref().filter(|c| match stopped_at {
+                Some(_) => c.last,
+                None => c.taken.elapsed() < self.snapshot_every,
             });
+            if let Some(c) = fresh {
+                return pick(c);
+            }
         }
-        match cache.as_ref() {
-            Some(c) if json => c.json.clone(),
-            Some(c) => c.metrics.clone(),
-            None => String::new(),
+        let stats = (self.source)();
+        let taken = Cached {
+            taken: Instant::now(),
+            last: stopped_at.is_some(),
+            metrics: self.encode_at(&stats, stopped_at.unwrap_or_else(SystemTime::now)),
+            json: stats.to_json(),
+        };
+        let served = pick(&taken);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        // A last snapshot already stored stays (requests are served by one thread, but the
+        // stop may come between the check above and here).
+        if !cache.as_ref().is_some_and(|c| c.last) {
+            *cache = Some(taken);
         }
+        served
     }
 
     /// Stops the periodic writes: no new one starts, and the thread wakes from its wait.
     fn stop_file_thread(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // The first stop: the HTTP exporter's next snapshot, taken after this, is its last. A
-        // later stop (exit after a shutdown) leaves that one be.
-        if self.stopped_at.set(SystemTime::now()).is_ok() {
-            *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
+        // The first stop: the HTTP exporter's next snapshot, taken after this, is its last
+        // (`served` no longer serves one taken before). A later stop (exit after a shutdown)
+        // leaves that one be.
+        let _ = self.stopped_at.set(SystemTime::now());
         let sender = match self.wake_file_thread.try_lock() {
             Ok(mut s) => s.take(),
             Err(TryLockError::Poisoned(p)) => p.into_inner().take(),
