@@ -575,3 +575,29 @@ fn kvh_empty_cache_after_kvh_shutdown_says_so() {
     assert!(ok && stdout.contains("BEFORE 0"), "{stdout}\n{stderr}");
     assert!(stdout.contains("AFTER 7016"), "{stdout}\n{stderr}");
 }
+
+/// `kvh_synchronize`: "Before the allocator started, `KVH_OK`: nothing was freed", and after
+/// `kvh_shutdown` `KVH_ERR_SHUTTING_DOWN` only "when blocks freed since (or left pending then)
+/// were not scrubbed". A process that called `kvh_shutdown` before its allocator ever started
+/// (a launcher's exit hook) freed nothing: it gets `KVH_OK`, as a process whose started
+/// allocator was shut down with nothing pending does.
+#[test]
+fn kvh_synchronize_after_kvh_shutdown_before_start_up_has_nothing_left_unscrubbed() {
+    let name = "kvh_synchronize_after_kvh_shutdown_before_start_up_has_nothing_left_unscrubbed";
+    if in_child() {
+        ffi::kvh_shutdown();
+        println!(
+            "SYNC {} LAST {}",
+            ffi::kvh_synchronize(),
+            ffi::kvh_last_error()
+        );
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("SYNC "), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("SYNC 0 LAST 0"),
+        "kvh_synchronize after a kvh_shutdown that came before start-up (nothing freed) \
+         failed:\n{stdout}"
+    );
+}

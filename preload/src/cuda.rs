@@ -19,7 +19,8 @@ pub const MEMORY_ALLOCATION: cudaError_t = 2;
 /// `cudaErrorInitializationError`: kvhygiene did not start (invalid configuration, no
 /// backend, a log that does not open) or `KVH_PRELOAD` is invalid; the reason is on stderr.
 pub const INITIALIZATION_ERROR: cudaError_t = 3;
-/// `cudaErrorCudartUnloading`: called after process exit began.
+/// `cudaErrorCudartUnloading`: called after process exit or `kvh_shutdown` began (also one
+/// that came before kvhygiene started).
 pub const CUDART_UNLOADING: cudaError_t = 4;
 /// `cudaErrorInvalidDevice`: the current device is not one kvhygiene's backend has.
 pub const INVALID_DEVICE: cudaError_t = 101;

@@ -426,10 +426,19 @@ fn allocate(size: usize, stream: StreamHandle) -> Result<Allocation, cudaError_t
     // More than i64::MAX bytes: no device has them (the runtime says the same).
     let size = i64::try_from(size).map_err(|_| MEMORY_ALLOCATION)?;
     let device = current_device()?;
-    let alloc = process_allocator().map_err(|_| INITIALIZATION_ERROR)?;
+    let alloc = process_allocator().map_err(start_error)?;
     alloc
         .malloc_with_origin(size, device, stream)
         .map_err(|e| alloc_error(&e))
+}
+
+/// What an allocation gets when kvhygiene did not start (code `kvh_init` returns): after a
+/// `kvh_shutdown` that came first, what it gets after the shutdown of a started kvhygiene.
+fn start_error(code: kvh_result) -> cudaError_t {
+    match code {
+        kvh_result::KVH_ERR_SHUTTING_DOWN => CUDART_UNLOADING,
+        _ => INITIALIZATION_ERROR,
+    }
 }
 
 /// As [`allocate`] on the legacy default stream; fresh memory (whose zeroing is queued

@@ -868,3 +868,22 @@ fn a_child_forked_while_a_missing_runtime_function_is_reported_can_still_allocat
         ("rc_reporter", 302),
     ]);
 }
+
+#[test]
+fn an_allocation_after_kvh_shutdown_before_start_up_says_why_it_is_refused() {
+    // The engine calls kvh_shutdown (exported by the interposer library) before its first
+    // allocation; kvhygiene never starts and the allocation is refused with a NULL pointer.
+    // The engine learns why: either the code an allocation gets after a shutdown of a started
+    // kvhygiene (cudaErrorCudartUnloading, 4), or, with cudaErrorInitializationError (3),
+    // the reason on stderr, as that code promises ("the reason is on stderr").
+    let Some(b) = built() else { return };
+    let r = run(b, "shutdown-before-start", true, &[]);
+    r.expect(&[("early_shutdown_is_null", 1), ("real_cudaMalloc", 0)]);
+    let rc = r.get("rc_malloc_after_early_shutdown");
+    assert!(
+        rc == 4 || (rc == 3 && r.stderr.contains("kvh_shutdown")),
+        "the allocation after an early kvh_shutdown returned {rc} and stderr does not say \
+         why:\n{}",
+        r.stderr
+    );
+}

@@ -339,7 +339,8 @@ def stats() -> dict:
     """The allocator's counters (``kvh_stats_json``) as a dict. Before the allocator started
     in this process (its first allocation), ``{"started": False, "version": ...}``: reading
     them does not start it, so a launcher may call it before forking its workers (an invalid
-    policy is still refused, :class:`KvhError` naming the key)."""
+    policy is still refused, :class:`KvhError` naming the key). After a ``kvh_shutdown`` that
+    came first (the exit hook :func:`load` registers), also ``"shut_down": True``."""
     lib = load()
     text = _read_string(lib.kvh_stats_json, "kvh_stats_json")
     return json.loads(text)

@@ -6,7 +6,7 @@
 //
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
 //        fork-before-start | fork-during-notice | released-double-free |
-//        fork-during-symbol-report
+//        fork-during-symbol-report | shutdown-before-start
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -696,6 +696,24 @@ static int scenario_fork_during_symbol_report() {
     return rc;
 }
 
+// kvh_shutdown (exported by the interposer library) before the first allocation keeps
+// kvhygiene from starting; the allocations that follow are refused, and the engine is told
+// why: the same code as an allocation after a shutdown of a started kvhygiene, or the
+// reason on stderr.
+static int scenario_shutdown_before_start() {
+    typedef void (*shutdown_fn)(void);
+    shutdown_fn shutdown = reinterpret_cast<shutdown_fn>(dlsym(RTLD_DEFAULT, "kvh_shutdown"));
+    if (shutdown == nullptr) return 3;
+    shutdown();
+    void* p = reinterpret_cast<void*>(uintptr_t(0x1234));
+    int rc = cudaMalloc(&p, 4096);
+    out("rc_malloc_after_early_shutdown", rc);
+    out("early_shutdown_is_null", p == nullptr);
+    out("real_cudaMalloc", fake_cudart_calls("cudaMalloc"));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -709,6 +727,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "fork-during-notice") == 0) return scenario_fork_during_notice();
     if (std::strcmp(which, "released-double-free") == 0) return scenario_released_double_free();
     if (std::strcmp(which, "fork-during-symbol-report") == 0) return scenario_fork_during_symbol_report();
+    if (std::strcmp(which, "shutdown-before-start") == 0) return scenario_shutdown_before_start();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
