@@ -389,43 +389,27 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
 
 
 class _Entry:
-    """One entered :func:`context`: its ids, whether it is still entered, and where it was
-    entered and left (:func:`_here`)."""
+    """One entered :func:`context`: its ids, and its state.
 
-    __slots__ = ("ids", "entered", "where", "left_where")
+    A context variable's value holds in every copy of the context it was set in (a task
+    created inside the block, a job given ``contextvars.copy_context()``), wherever the copy
+    runs, and a block left in the context that entered it drops the entry from that context
+    alone: such copies keep the ids, as they keep any context variable. A block left in any
+    other context (a generator finished on another thread, or in a copy) cannot drop the
+    entry from the context that entered it, nor tell that context from copies made since: its
+    entry is *abandoned* and holds nowhere, so that no later work claims as that request
+    (copies made inside the block lose the ids too, which only costs a scrub)."""
+
+    __slots__ = ("ids", "state")
+
+    ENTERED, LEFT, ABANDONED = range(3)
 
     def __init__(self, ids):
         self.ids = ids
-        self.entered = True
-        self.where = _here()
-        self.left_where = None
+        self.state = _Entry.ENTERED
 
-    def leave(self) -> None:
-        self.entered = False
-        self.left_where = _here()
-
-    def holds_here(self, here) -> bool:
-        """Whether its ids still apply to the execution ``here``. A context variable's value
-        holds in every copy of the context it was set in (a task created inside the block, a
-        job given ``contextvars.copy_context()``), wherever that copy runs: the execution that
-        left the block dropped it from its own context. Only a block left elsewhere (a
-        generator finished on another thread) leaves it in the entering execution's context,
-        which skips it from then on; a copy of that context run by the same execution then
-        skips it too (it cannot be told apart, and losing the ids only costs a scrub)."""
-        left_elsewhere = not self.entered and self.left_where != self.where
-        return not (left_elsewhere and here == self.where)
-
-
-def _here():
-    """The execution running this code: its thread, and its asyncio task if any."""
-    task = None
-    aio = sys.modules.get("asyncio")  # no task can run before asyncio is imported
-    if aio is not None:
-        try:
-            task = aio.current_task()
-        except RuntimeError:  # no running event loop on this thread
-            task = None
-    return (threading.get_ident(), task)
+    def holds(self) -> bool:
+        return self.state != _Entry.ABANDONED
 
 
 #: The contexts entered in the running code's own execution context (a thread, or an asyncio
@@ -438,11 +422,10 @@ _UNSET = object()
 
 
 def _innermost():
-    """The ids of the innermost context that holds here, or ``None``: entries this execution
-    entered and that were left out of order, or from another thread or task, are skipped."""
-    here = _here()
+    """The ids of the innermost context that holds here, or ``None``: entries abandoned (left
+    in another context than the one that entered them) are skipped."""
     for entry in reversed(_entered.get()):
-        if entry.holds_here(here):
+        if entry.holds():
             return entry.ids
     return None
 
@@ -488,27 +471,33 @@ def context(
     ids last set on the thread until the task's next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks`.
 
-    A context left from another thread than the one that entered it (a generator advanced
-    from a thread pool) gives the leaving thread the ids of its own innermost context (none,
-    outside any); the entering thread's ids are set back to its innermost context at its
-    next :func:`context`, :func:`claim_blocks` or :func:`scrub_blocks` (allocations it makes
-    before that still carry the left ids).
+    A context left in another execution context than the one that entered it (a generator
+    advanced from a thread pool, finished on another thread or in a copy) holds nowhere from
+    then on, in copies made inside the block too (they lose its ids, which only costs a
+    scrub), so that no later work claims as that request. The leaving thread gets the ids of
+    its own innermost context (none, outside any); the entering thread's ids are set back to
+    its innermost context at its next :func:`context`, :func:`claim_blocks` or
+    :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
     """
     ids = (tenant_id, request_id, model_id)
     _set(ids)
     # Each entry is its own object: leaving a context marks its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).
     entry = _Entry(ids)
-    _entered.set(_entered.get() + (entry,))
+    token = _entered.set(_entered.get() + (entry,))
     try:
         yield
     finally:
-        entry.leave()
-        # Here: drop the entries that no longer hold (this one, and those left out of order).
-        # Elsewhere (left from another thread or task), the entering side skips the entry and
-        # drops it at its next context; a task created inside keeps it.
-        here = _here()
-        _entered.set(tuple(e for e in _entered.get() if e is not entry and e.holds_here(here)))
+        entered = _entered.get()
+        try:
+            # Succeeds only in the context that entered the block: the test of where it is left.
+            _entered.reset(token)
+            entry.state = _Entry.LEFT
+        except ValueError:
+            entry.state = _Entry.ABANDONED
+        # The entries that still hold here, without this one (reset took out the later ones
+        # too, which may still be entered: out of order).
+        _entered.set(tuple(e for e in entered if e is not entry and e.holds()))
         _resync_context()
 
 
@@ -658,8 +647,6 @@ def _tensor_blocks(t, block_dim: int, name: str):
 
 def _current_stream(device: int) -> int:
     """PyTorch's current stream on ``device`` when torch has CUDA up, else the default stream."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return int(torch.cuda.current_stream(device).cuda_stream)

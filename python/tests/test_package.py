@@ -702,6 +702,103 @@ def test_a_thread_whose_context_was_left_elsewhere_claims_under_its_own_ids_agai
         assert seen["block"] == bytes(128), "the claim was made under the left context's ids"
 
 
+
+def _streaming_request(layout, p):
+    """A generator that serves request r-a inside its context: it takes block 3 and writes
+    r-a's keys there, then yields (a streamed response)."""
+    with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+        kvhygiene.claim_blocks(layout, [3])
+        ctypes.memset(p + 3 * 128, 0x42, 128)  # r-a's keys
+        yield
+
+
+@needs_lib
+def test_a_copy_of_a_context_made_after_a_block_was_left_on_another_thread_has_none_of_its_ids():
+    # A streamed response: the generator enters r-a's context on worker A and is finished on
+    # worker B, so r-a's block is left. A later request served on worker A, outside any
+    # context, hands a job to worker B with a copy of its context. That copy was made after
+    # r-a was left: its claims must not be made as r-a, which would hand r-a's block over as
+    # it is; a claim by another owner scrubs the block first.
+    import concurrent.futures
+    import contextvars
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+
+        def claim():
+            kvhygiene.claim_blocks(layout, [3])
+            return ctypes.string_at(p + 3 * 128, 128)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as a, concurrent.futures.ThreadPoolExecutor(1) as b:
+
+            def start_r_a():
+                g = _streaming_request(layout, p)
+                next(g)
+                return g
+
+            g = a.submit(start_r_a).result()
+            b.submit(next, g, None).result()  # r-a's block is left on worker B
+
+            def serve_r_b():
+                return b.submit(contextvars.copy_context().run, claim).result()
+
+            block = a.submit(serve_r_b).result()
+        assert block == bytes(128), "a claim made after r-a's context was left was made as r-a: r-a's keys were handed over"
+
+
+
+@needs_lib
+def test_a_block_left_in_a_copy_of_a_context_on_the_thread_that_entered_it_does_not_hold_there_afterwards():
+    # A streamed response on an executor's one worker: its first chunk is run plainly
+    # (loop.run_in_executor), so r-a's context is entered in the worker's own context; its
+    # last chunk is run in a copy of the submitter's context (asyncio.to_thread), on the same
+    # worker, so the block is left there. r-a's block is left: the next job the worker runs
+    # plainly (another request's, outside any context) must not claim as r-a, which would hand
+    # r-a's block over as it is; a claim by another owner scrubs the block first.
+    import concurrent.futures
+    import contextvars
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+
+        def claim():
+            kvhygiene.claim_blocks(layout, [3])
+            return ctypes.string_at(p + 3 * 128, 128)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:
+            g = _streaming_request(layout, p)
+            worker.submit(next, g).result()  # entered in the worker's own context
+            worker.submit(contextvars.copy_context().run, next, g, None).result()  # left in a copy
+            block = worker.submit(claim).result()
+        assert block == bytes(128), "a claim made after r-a's context was left was made as r-a: r-a's keys were handed over"
+
+
+@needs_lib
+def test_a_task_created_after_its_creator_left_a_block_on_another_thread_has_none_of_its_ids():
+    # As above within asyncio: a task advances a generator that enters r-a's context, and
+    # finishes it on a worker thread (asyncio.to_thread), leaving the block. A task the
+    # handler creates afterwards (the next request's) is created outside r-a's context: its
+    # claim must not be made as r-a.
+    import asyncio
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        seen = {}
+
+        async def next_request():
+            kvhygiene.claim_blocks(layout, [3])
+            seen["block"] = ctypes.string_at(p + 3 * 128, 128)
+
+        async def serve():
+            g = _streaming_request(layout, p)
+            next(g)
+            await asyncio.to_thread(next, g, None)  # r-a's block is left on a worker thread
+            await asyncio.create_task(next_request())
+
+        asyncio.run(serve())
+        assert seen["block"] == bytes(128), "a task created after r-a's context was left claimed as r-a: r-a's keys were handed over"
+
+
 @needs_lib
 def test_a_claim_too_long_for_one_call_is_made_in_several_and_its_ids_are_checked_first():
     lib = kvhygiene.load()
@@ -1076,6 +1173,56 @@ def test_empty_cache_raises_when_the_allocator_could_not_start(tmp_path):
         f"empty_cache() with an allocator that could not start: {lines[1]!r} "
         "(kvh_last_error holds KVH_ERR_CONFIG, 7011)"
     )
+
+
+
+_READ_RACING_AN_EARLY_SHUTDOWN = """
+import ctypes, json, sys, threading
+lib = ctypes.CDLL(sys.argv[1])
+lib.kvh_stats_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+go = threading.Event()
+answers = []
+
+
+def read():
+    buf, n = ctypes.create_string_buffer(1 << 16), ctypes.c_size_t()
+    go.wait()
+    for _ in range(2000):
+        if lib.kvh_stats_json(buf, len(buf), ctypes.byref(n)) == 0:
+            answers.append(json.loads(buf.value))
+        lib.kvh_synchronize()
+
+
+t = threading.Thread(target=read)
+t.start()
+go.set()
+lib.kvh_shutdown()  # before any allocation: the allocator must never start
+t.join()
+print("STARTED" if any("counters" in a for a in answers) else "NOT STARTED")
+"""
+
+
+@needs_lib
+def test_reads_racing_a_kvh_shutdown_that_comes_before_start_up_never_start_the_allocator(tmp_path):
+    # kvh_stats_json and kvh_synchronize do not start the allocator, and a kvh_shutdown before
+    # start-up keeps it from ever starting. A launcher whose health thread reads the counters
+    # while the main thread shuts down (its exit hook) must not get an allocator started (a
+    # forensic chain opened, a backend taken) by the read. The race is run several times.
+    import subprocess
+    import sys
+
+    script = tmp_path / "read_racing_an_early_shutdown.py"
+    script.write_text(_READ_RACING_AN_EARLY_SHUTDOWN)
+    for attempt in range(60):
+        log = tmp_path / f"log{attempt}"
+        env = dict(os.environ, KVH_BACKEND="host", KVH_LOG_DIR=str(log))
+        run = subprocess.run([sys.executable, str(script), LIB], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        chains = sorted(p.name for p in log.glob("*.jsonl")) if log.is_dir() else []
+        assert run.stdout.strip() == "NOT STARTED" and not chains, (
+            f"attempt {attempt}: a read racing kvh_shutdown started the allocator "
+            f"({run.stdout.strip()}; chains {chains})"
+        )
 
 
 @needs_lib

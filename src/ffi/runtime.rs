@@ -172,8 +172,16 @@ fn start_once() -> Result<&'static Runtime, &'static StartError> {
 /// have nothing to do before the first allocation, and must not start the allocator (in a
 /// launcher, that would leave every worker it forks without one).
 pub(crate) fn get_if_begun() -> Option<Result<&'static Runtime, &'static StartError>> {
-    let begun = RUNTIME.get().is_some() || STARTING.load(Ordering::SeqCst) || is_forked_child();
-    begun.then(get)
+    if is_forked_child() {
+        return Some(get());
+    }
+    match RUNTIME.get() {
+        Some(outcome) => Some(outcome.as_ref()),
+        // A start-up, or a `kvh_shutdown` that came first, is under way on another thread:
+        // its outcome, waited for, never a start-up of this call's own.
+        None if STARTING.load(Ordering::SeqCst) => Some(RUNTIME.wait().as_ref()),
+        None => None,
+    }
 }
 
 /// The runtime if it has already started successfully in this process; never starts it.
