@@ -130,6 +130,16 @@ impl LogStats {
     }
 }
 
+/// The summary waiting to be written: the latest counters (a newer one replaces them), and
+/// whether the writer has taken its last one (`closed`: a summary put after that would never
+/// be written). One lock, so that a summary is either taken by the writer's last drain or
+/// seen to be too late, never lost between the two.
+#[derive(Default)]
+pub(crate) struct SummarySlot {
+    pub(crate) counters: Option<Value>,
+    pub(crate) closed: bool,
+}
+
 /// State shared by producers and the writer thread.
 #[derive(Default)]
 pub(crate) struct Shared {
@@ -142,7 +152,7 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<String>>,
     current_file: Mutex<Option<String>>,
     chain: Mutex<Option<String>>,
-    summary: Mutex<Option<Value>>,
+    summary: Mutex<SummarySlot>,
     /// Test hook: the next this-many writes fail after writing half their bytes.
     injected_faults: AtomicU32,
     /// Test hook: the next this-many fsyncs of the log file fail with `EIO`.
@@ -347,15 +357,19 @@ impl ForensicLog {
             self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        // After `stop` began, as any record then, an owed summary is lost and counted: the
-        // writer may already have written its last summary and ended.
-        if self.stopped.load(Ordering::Acquire) {
-            if owed {
-                self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+        // After `stop` began (or the writer took its last summary), as any record then, an
+        // owed summary is lost and counted.
+        let replaced = {
+            let mut slot = lock(&self.shared.summary);
+            if slot.closed || self.stopped.load(Ordering::Acquire) {
+                drop(slot);
+                if owed {
+                    self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+                }
+                return false;
             }
-            return false;
-        }
-        let replaced = lock(&self.shared.summary).replace(counters).is_some();
+            slot.counters.replace(counters).is_some()
+        };
         if replaced {
             self.shared
                 .summaries_coalesced

@@ -717,7 +717,12 @@ impl ChainWriter {
         if !due {
             return;
         }
-        let Some(counters) = lock(&self.shared.summary).take() else {
+        let Some(counters) = ({
+            let mut slot = lock(&self.shared.summary);
+            // The last drain, at stop: a summary put after it could never be written.
+            slot.closed |= force;
+            slot.counters.take()
+        }) else {
             return;
         };
         let mut f = Map::new();
