@@ -365,3 +365,25 @@ fn a_demo_that_runs_out_of_host_memory_exits_with_an_error_not_an_abort() {
     );
     assert_eq!(code, 2, "{out}{tail}");
 }
+
+/// `--checkpoint-dir` without a signing key (none in the policy either) cannot keep any
+/// checkpoint, and the run is refused: the message must name the option the user gave, not
+/// `KVH_CHECKPOINT_DIR`, which is not set, so that the user knows what to drop or complete.
+#[test]
+fn a_checkpoint_dir_without_a_signing_key_is_refused_naming_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(tmp.path().join("log"))
+        .arg("--checkpoint-dir")
+        .arg(tmp.path().join("ckpt")));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--checkpoint-dir"),
+        "the refusal does not name --checkpoint-dir, the option given:\n{err}"
+    );
+    assert!(
+        !err.contains("KVH_CHECKPOINT_DIR"),
+        "the refusal blames KVH_CHECKPOINT_DIR, which is not set:\n{err}"
+    );
+}

@@ -439,8 +439,8 @@ struct DemoArgs {
     /// sealed and signed with).
     #[arg(long, value_name = "DIR")]
     log_dir: Option<std::path::PathBuf>,
-    /// With --log-dir: keep the run's signed checkpoints in this directory (overrides
-    /// KVH_CHECKPOINT_DIR). Without it they are written next to the run's log (or, for a
+    /// With --log-dir and KVH_SIGNING_KEY_FILE: keep the run's signed checkpoints in this
+    /// directory (overrides KVH_CHECKPOINT_DIR). Without it they are written next to the run's log (or, for a
     /// --log-dir that is the policy's, where the policy keeps them). The policy's checkpoint
     /// directory may be a running server's, whose auditors would find a checkpoint there of
     /// a chain that is not in the server's log: it is refused for a log of the run's own.
@@ -518,6 +518,13 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         inject_fault: args.inject_fault,
         ..DemoOptions::default()
     };
+    if let Some(dir) = args.log_dir {
+        config.log.checkpoint_dir = run_checkpoint_dir;
+        config.log.dir = Some(dir);
+        if let Err(e) = config.check_combination() {
+            return usage_error(&format!("configuration: {e}"));
+        }
+    }
     let mut out = ReportOut::new();
     if !args.json {
         out.line(format_args!(
@@ -526,13 +533,6 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             opts.requests_per_tenant,
             backend.kind()
         ));
-    }
-    if let Some(dir) = args.log_dir {
-        config.log.checkpoint_dir = run_checkpoint_dir;
-        config.log.dir = Some(dir);
-        if let Err(e) = config.check_combination() {
-            return usage_error(&format!("configuration: {e}"));
-        }
     }
     // Checked before the run: a pattern the readers would refuse is refused here too.
     if let Some(f) = &args.metrics_file {
@@ -749,6 +749,12 @@ fn demo_checkpoint_dir(
             .then(|| config.log.checkpoint_dir.clone())
             .flatten());
     };
+    if config.log.signing_key_file.is_none() {
+        return Err(format!(
+            "--checkpoint-dir {}: checkpoints are signed with KVH_SIGNING_KEY_FILE, which is              not set, so none would be written; set it (kvh keygen --out PREFIX makes a key)              or leave --checkpoint-dir out",
+            given.display()
+        ));
+    }
     let policy_place = is(given, policy_checkpoints) || is(given, policy_log);
     if into_policy_log && !is(given, policy_checkpoints) {
         return Err(format!(
