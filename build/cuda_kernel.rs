@@ -221,9 +221,13 @@ fn build_with_nvrtc(tools: &Path, out: &Path) -> Images {
 }
 
 fn fallback(out: &Path) -> Images {
-    let msg = "no CUDA compiler found (NVCC, CUDA_HOME, CUDA_PATH, PATH, .tools/cuda); \
-               embedding the committed kernels/scrub.ptx (run scripts/install-nvcc.sh to build \
-               SASS)";
+    let msg = if env::var("KVHYGIENE_KERNEL_TOOLCHAIN").is_ok_and(|v| v == "pinned") {
+        "KVHYGIENE_KERNEL_TOOLCHAIN=pinned, and the pinned toolchain is not in .tools/cuda \
+         (run scripts/install-nvcc.sh); embedding the committed kernels/scrub.ptx"
+    } else {
+        "no CUDA compiler found (NVCC, CUDA_HOME, CUDA_PATH, PATH, .tools/cuda); \
+         embedding the committed kernels/scrub.ptx (run scripts/install-nvcc.sh to build SASS)"
+    };
     if env::var("KVHYGIENE_REQUIRE_KERNEL_BUILD").is_ok_and(|v| v == "1") {
         panic!("KVHYGIENE_REQUIRE_KERNEL_BUILD=1 but {msg}");
     }

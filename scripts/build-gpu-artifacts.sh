@@ -34,6 +34,9 @@ for line in sys.stdin:
 dest="$root/gpu-artifacts"
 rm -rf "$dest"
 mkdir -p "$dest"
+# The digests of the sources, taken before the build and compared after it: a tree edited
+# while it built would leave binaries of one tree recorded as another's.
+before="$(scripts/gpu/digest-sources.sh)"
 # Where cargo put them: CARGO_TARGET_DIR when it is set, never an older build in ./target.
 release="${CARGO_TARGET_DIR:-target}/release"
 # The shipped library, preload library and CLI are copied as soon as they are built: the test
@@ -81,6 +84,11 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
 # any uncommitted change): gpu-check.sh checks the tree it runs in against them, so that
 # artifacts left from an older build are not taken for this tree's.
 scripts/gpu/digest-sources.sh >"$dest/SOURCES.txt"
+if [[ "$(cat "$dest/SOURCES.txt")" != "$before" ]]; then
+    rm -rf "$dest"
+    echo "build-gpu-artifacts: the sources changed while they were built; removed (build again)" >&2
+    exit 1
+fi
 echo "sources: $(wc -l <"$dest/SOURCES.txt") files digested in SOURCES.txt" >>"$dest/MANIFEST.txt"
 cat "$dest/MANIFEST.txt"
 du -sh "$dest"

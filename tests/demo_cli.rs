@@ -387,3 +387,46 @@ fn a_checkpoint_dir_without_a_signing_key_is_refused_naming_the_option() {
         "the refusal blames KVH_CHECKPOINT_DIR, which is not set:\n{err}"
     );
 }
+
+/// The refusal of `--checkpoint-dir` without a signing key is one readable sentence: its
+/// words are separated by single spaces, as in every other message of the CLI.
+#[test]
+fn the_checkpoint_dir_refusal_has_no_runs_of_blanks_inside_its_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(tmp.path().join("log"))
+        .arg("--checkpoint-dir")
+        .arg(tmp.path().join("ckpt")));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        !err.contains("  "),
+        "the refusal holds runs of blanks in the middle of its sentence:\n{err}"
+    );
+}
+
+/// A `--metrics-file` that names a file that is not a metrics snapshot is refused before the
+/// run, as the other argument checks are: nothing is printed on stdout then (not even the
+/// run's header), so that a script reading the report does not take a header for the start
+/// of one.
+#[test]
+fn a_refused_metrics_file_prints_no_header_on_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "not a snapshot\n").unwrap();
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--metrics-file",
+        ])
+        .arg(&file));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.is_empty(),
+        "the demo printed its header before refusing --metrics-file:\n{out}\n{err}"
+    );
+}

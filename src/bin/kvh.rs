@@ -525,15 +525,6 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             return usage_error(&format!("configuration: {e}"));
         }
     }
-    let mut out = ReportOut::new();
-    if !args.json {
-        out.line(format_args!(
-            "kvhygiene demo: {} tenants x {} requests on the {} backend",
-            opts.tenants,
-            opts.requests_per_tenant,
-            backend.kind()
-        ));
-    }
     // Checked before the run: a pattern the readers would refuse is refused here too.
     if let Some(f) = &args.metrics_file {
         if let Err(e) = kvhygiene::metrics::per_process::Target::of(f.clone()) {
@@ -556,6 +547,16 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         Ok(log) => log,
         Err(code) => return code,
     };
+    // The header once every argument passed and the log opened: a refusal prints nothing.
+    let mut out = ReportOut::new();
+    if !args.json {
+        out.line(format_args!(
+            "kvhygiene demo: {} tenants x {} requests on the {} backend",
+            opts.tenants,
+            opts.requests_per_tenant,
+            backend.kind()
+        ));
+    }
     let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
     let progress = demo::stderr_progress();
     let result = demo::run(backend, config.clone(), sink, &opts, &progress);
@@ -751,7 +752,9 @@ fn demo_checkpoint_dir(
     };
     if config.log.signing_key_file.is_none() {
         return Err(format!(
-            "--checkpoint-dir {}: checkpoints are signed with KVH_SIGNING_KEY_FILE, which is              not set, so none would be written; set it (kvh keygen --out PREFIX makes a key)              or leave --checkpoint-dir out",
+            "--checkpoint-dir {}: checkpoints are signed with KVH_SIGNING_KEY_FILE, which is \
+             not set, so none would be written; set it (kvh keygen --out PREFIX makes a key) \
+             or leave --checkpoint-dir out",
             given.display()
         ));
     }

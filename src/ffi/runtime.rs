@@ -103,6 +103,8 @@ pub(crate) enum StartError {
          in this process"
     )]
     ShutDown,
+    #[error("kvhygiene: the start-up panicked (an internal error); the allocator did not start")]
+    Panicked,
 }
 
 impl StartError {
@@ -113,6 +115,7 @@ impl StartError {
             StartError::Log(_) => kvh_result::KVH_ERR_LOG,
             StartError::ForkedChild => kvh_result::KVH_ERR_FORKED_CHILD,
             StartError::ShutDown => kvh_result::KVH_ERR_SHUTTING_DOWN,
+            StartError::Panicked => kvh_result::KVH_ERR_PANIC,
         }
     }
 }
@@ -237,7 +240,9 @@ pub(crate) fn watch_forks() {
 }
 
 fn start() -> Result<Runtime, StartError> {
-    let result = try_start();
+    // A start-up that panicked fails as any other: the runtime cell is always set, so that
+    // a call waiting for its outcome (`get_if_begun`) never waits for ever.
+    let result = std::panic::catch_unwind(try_start).unwrap_or_else(|_| Err(StartError::Panicked));
     match &result {
         Ok(_) => register_exit_handler(),
         Err(e) => {
