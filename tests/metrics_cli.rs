@@ -619,7 +619,7 @@ fn metrics_with_a_per_process_pattern_checks_every_live_process() {
     let (code, out, err) = metrics(&[]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("no metrics file of a live process"), "{err}");
-    assert!(err.contains("1 of processes that are gone"), "{err}");
+    assert!(err.contains("1 file of a process that is gone"), "{err}");
     // `{pid}` in a directory is refused.
     let (code, _, err) = run(kvh()
         .args(["metrics", "--file"])

@@ -68,10 +68,15 @@ impl ProcessFiles {
 
 /// [`ProcessFiles::none_live`] with `gone` files of processes that are gone.
 pub fn none_live(pattern: &Path, gone: usize) -> String {
+    let found = match gone {
+        0 => "no file of any process".to_string(),
+        1 => "1 file of a process that is gone".to_string(),
+        n => format!("{n} files of processes that are gone"),
+    };
     format!(
-        "no metrics file of a live process matches {} ({gone} of processes that are gone); \
-         the reader must run in the processes' pid namespace (in a pod: the same container, \
-         or shareProcessNamespace: true)",
+        "no metrics file of a live process matches {} ({found}); the reader must run in the \
+         processes' pid namespace (in a pod: the same container, or shareProcessNamespace: \
+         true)",
         pattern.display()
     )
 }
@@ -409,7 +414,7 @@ mod tests {
         )
         .err()
         .expect("nothing judged");
-        assert!(err.contains("(1 of processes that are gone)"), "{err}");
+        assert!(err.contains("(1 file of a process that is gone)"), "{err}");
     }
 
     #[test]
