@@ -31,11 +31,27 @@ for line in sys.stdin:
 ' "$1"
 }
 
+# cargo's output must not count as sources: a target directory inside the tree that git
+# does not ignore would be digested (and carried to the GPU machine with the tree).
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+target_abs="$(cd "$target_dir" && pwd)"
+if [[ "$target_abs" == "$root"/* && "$target_abs" != "$root/target" ]]; then
+    if ! git -C "$root" check-ignore -q "$target_abs" 2>/dev/null; then
+        echo "build-gpu-artifacts: CARGO_TARGET_DIR=$target_dir is inside the source tree and" \
+            "not ignored by git: the build's output would count as sources; use target/ or a" \
+            "directory outside the tree" >&2
+        exit 1
+    fi
+fi
+
 dest="$root/gpu-artifacts"
 rm -rf "$dest"
 mkdir -p "$dest"
 # The digests of the sources, taken before the build and compared after it: a tree edited
-# while it built would leave binaries of one tree recorded as another's.
+# while it built would leave binaries of one tree recorded as another's. Cargo.lock is
+# brought up to date first (cargo would rewrite a stale one during the build).
+"${build_env[@]}" cargo metadata --format-version 1 >/dev/null
 before="$(scripts/gpu/digest-sources.sh)"
 # Where cargo put them: CARGO_TARGET_DIR when it is set, never an older build in ./target.
 release="${CARGO_TARGET_DIR:-target}/release"

@@ -3,6 +3,8 @@
 
 #[path = "cli_common/mod.rs"]
 mod cli_common;
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
 
 use std::os::unix::process::CommandExt;
 
@@ -428,5 +430,77 @@ fn a_refused_metrics_file_prints_no_header_on_stdout() {
     assert!(
         out.is_empty(),
         "the demo printed its header before refusing --metrics-file:\n{out}\n{err}"
+    );
+}
+
+/// `--inject-fault` on the CUDA backend (chosen by `--backend cuda`, or `KVH_BACKEND=cuda`,
+/// where a driver is installed: here the host stand-in of libcuda.so.1) is an argument
+/// combination the demo refuses with status 2. As for every other refusal, nothing is printed
+/// on stdout first (not even the run's header).
+#[test]
+fn inject_fault_on_the_cuda_backend_is_refused_before_the_header() {
+    let Some(driver) = fake_cuda::as_libcuda_dir() else {
+        return;
+    };
+    for how in [&["--backend", "cuda"][..], &[][..]] {
+        let mut cmd = kvh();
+        cmd.args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--inject-fault",
+        ])
+        .args(how)
+        .env("LD_LIBRARY_PATH", driver.path());
+        if how.is_empty() {
+            cmd.env("KVH_BACKEND", "cuda");
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 2, "{how:?}: {out}{err}");
+        assert!(
+            err.contains("--inject-fault"),
+            "{how:?}: the refusal does not name --inject-fault:\n{err}"
+        );
+        assert!(
+            out.is_empty(),
+            "{how:?}: the demo printed its header before refusing --inject-fault on the CUDA \
+             backend:\n{out}"
+        );
+    }
+}
+
+/// A refused `--inject-fault` on the CUDA backend writes nothing into the run's `--log-dir`:
+/// a refusal happens before the forensic log opens, so no chain with a `start` record and no
+/// `stop` record is left behind for an auditor to find.
+#[test]
+fn inject_fault_on_the_cuda_backend_is_refused_before_the_log_opens() {
+    let Some(driver) = fake_cuda::as_libcuda_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--inject-fault",
+            "--backend",
+            "cuda",
+            "--log-dir",
+        ])
+        .arg(&log)
+        .env("LD_LIBRARY_PATH", driver.path()));
+    assert_eq!(code, 2, "{out}{err}");
+    let written: Vec<_> = std::fs::read_dir(&log)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        written.is_empty(),
+        "the refused run left a forensic log in --log-dir: {written:?}\n{err}"
     );
 }

@@ -511,6 +511,12 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return usage_error(&format!("backend: {e}")),
     };
+    // Refused here, before the log opens (a refused run leaves no chain behind) and anything
+    // is printed, as `demo::run` would refuse it.
+    if args.inject_fault && backend.kind() != kvhygiene::backend::BackendKind::Host {
+        let e = kvhygiene::demo::DemoError::FaultNeedsHost(backend.kind());
+        return usage_error(&e.to_string());
+    }
     let opts = DemoOptions {
         tenants: args.tenants,
         requests_per_tenant: args.requests,
@@ -562,7 +568,14 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     let result = demo::run(backend, config.clone(), sink, &opts, &progress);
     let mut report = match result {
         Ok(r) => r,
-        Err(e) => return usage_error(&e.to_string()),
+        Err(e) => {
+            // The chain ends with its `stop` record, as a run that finished: not left looking
+            // like a crashed process's.
+            if let Some(log) = &log {
+                log.stop();
+            }
+            return usage_error(&e.to_string());
+        }
     };
     if let Some(log) = &log {
         if let Ok(counters) = serde_json::to_value(report.stats.counters) {

@@ -629,7 +629,9 @@ pub extern "C" fn kvh_check_config() -> c_int {
 /// forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
 /// parent; after a start-up of the parent's that failed, that start-up's error) or
 /// `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
-/// before it or not: no fresh memory is served and no free is scrubbed any more).
+/// before it or not: no fresh memory is served and no free is scrubbed any more), or
+/// `KVH_ERR_PANIC` (the start-up panicked: an internal error). A failed start-up is final:
+/// every later call gets its code.
 #[no_mangle]
 pub extern "C" fn kvh_init() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || match runtime::get() {
