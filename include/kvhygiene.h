@@ -265,7 +265,7 @@ int kvh_check_config(void);
 // `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
 // before it or not: no fresh memory is served and no free is scrubbed any more), or
 // `KVH_ERR_PANIC` (the start-up panicked: an internal error). A failed start-up is final:
-// every later call gets its code.
+// every later `kvh_init`, allocation and call that needs the allocator gets its code.
 int kvh_init(void);
 
 // Orderly shutdown before process exit: scrubs and verifies everything freed before the call

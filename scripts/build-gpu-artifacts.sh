@@ -9,6 +9,29 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+
+# Checked first, before the toolchain's install: cargo's output must not count as sources
+# (the digest below would take it in), nor land in the artifact directory carried to the
+# GPU machine. Paths are compared as the directories they lead to (symlinks resolved).
+root_real="$(pwd -P)"
+target_real="$(realpath -m -- "${CARGO_TARGET_DIR:-target}")"
+refuse_target() {
+    echo "build-gpu-artifacts: CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target} ($target_real)" \
+        "$1; use target/ or a directory outside the tree" >&2
+    exit 1
+}
+case "$target_real" in
+"$root_real") refuse_target "is the source tree itself" ;;
+"$root_real/gpu-artifacts" | "$root_real/gpu-artifacts/"*)
+    refuse_target "is the artifact directory carried to the GPU machine" ;;
+esac
+while IFS= read -r source_path; do
+    case "$target_real" in
+    "$root_real/$source_path" | "$root_real/$source_path/"*)
+        refuse_target "is among the sources ($source_path), whose digest would take in its output" ;;
+    esac
+done < <(scripts/gpu/digest-sources.sh --paths)
+
 scripts/install-nvcc.sh
 
 # The pinned toolchain, not whatever nvcc the environment names (PATH included), and no
@@ -30,20 +53,6 @@ for line in sys.stdin:
         print(m["executable"])
 ' "$1"
 }
-
-# cargo's output must not count as sources: a target directory inside the tree that git
-# does not ignore would be digested (and carried to the GPU machine with the tree).
-target_dir="${CARGO_TARGET_DIR:-target}"
-mkdir -p "$target_dir"
-target_abs="$(cd "$target_dir" && pwd)"
-if [[ "$target_abs" == "$root"/* && "$target_abs" != "$root/target" ]]; then
-    if ! git -C "$root" check-ignore -q "$target_abs" 2>/dev/null; then
-        echo "build-gpu-artifacts: CARGO_TARGET_DIR=$target_dir is inside the source tree and" \
-            "not ignored by git: the build's output would count as sources; use target/ or a" \
-            "directory outside the tree" >&2
-        exit 1
-    fi
-fi
 
 dest="$root/gpu-artifacts"
 rm -rf "$dest"

@@ -507,16 +507,17 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         // The drill sabotages a scrub: only ever on host memory.
         config.backend = BackendChoice::Host;
     }
+    if args.inject_fault && config.backend == BackendChoice::Cuda {
+        // Refused before a CUDA backend is started only to be refused (or fails for want of
+        // a driver, with a message that would not name --inject-fault), before the log opens
+        // (a refused run leaves no chain behind) and before anything is printed.
+        let e = kvhygiene::demo::DemoError::FaultNeedsHost(kvhygiene::backend::BackendKind::Cuda);
+        return usage_error(&e.to_string());
+    }
     let backend = match backend::select(config.backend) {
         Ok(b) => b,
         Err(e) => return usage_error(&format!("backend: {e}")),
     };
-    // Refused here, before the log opens (a refused run leaves no chain behind) and anything
-    // is printed, as `demo::run` would refuse it.
-    if args.inject_fault && backend.kind() != kvhygiene::backend::BackendKind::Host {
-        let e = kvhygiene::demo::DemoError::FaultNeedsHost(backend.kind());
-        return usage_error(&e.to_string());
-    }
     let opts = DemoOptions {
         tenants: args.tenants,
         requests_per_tenant: args.requests,

@@ -631,7 +631,7 @@ pub extern "C" fn kvh_check_config() -> c_int {
 /// `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
 /// before it or not: no fresh memory is served and no free is scrubbed any more), or
 /// `KVH_ERR_PANIC` (the start-up panicked: an internal error). A failed start-up is final:
-/// every later call gets its code.
+/// every later `kvh_init`, allocation and call that needs the allocator gets its code.
 #[no_mangle]
 pub extern "C" fn kvh_init() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || match runtime::get() {

@@ -435,3 +435,111 @@ def test_build_gpu_artifacts_keeps_a_build_whose_sources_nobody_edited(tmp_path,
         return
     assert proc.returncode == 0, f"{case}: exit {proc.returncode}\n{proc.stderr[-800:]}"
     assert (tree / "gpu-artifacts" / "SOURCES.txt").is_file(), proc.stderr[-800:]
+
+
+def artifact_tree(tmp_path: Path, with_git: bool = True, tree: Path = None):
+    """A scratch tree holding build-gpu-artifacts.sh with its sources, and the environment
+    that runs it with the stand-in cargo (and stand-ins for the other tools it calls)."""
+    tree = tree or tmp_path / "tree"
+    (tree / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "build-gpu-artifacts.sh", tree / "scripts" / "build-gpu-artifacts.sh")
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
+    executable(tree / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    (tree / "src").mkdir()
+    (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    (tree / "build").mkdir()
+    (tree / "build" / "cuda_kernel.rs").write_text("pub fn build() {}\n")
+    (tree / "Cargo.toml").write_text('[package]\nname = "kvhygiene"\nversion = "0.1.0"\n')
+    (tree / "Cargo.lock").write_text('version = 4\n\n[[package]]\nname = "kvhygiene"\nversion = "0.1.0"\n')
+    (tree / ".gitignore").write_text("/target\n/gpu-artifacts/\n")
+    if with_git:
+        git = lambda *a: subprocess.run(["git", *a], cwd=tree, check=True, capture_output=True)
+        git("init", "-q")
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "t")
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "cargo", STAND_IN_CARGO)
+    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
+    executable(bin_dir / "objdump", "#!/bin/sh\necho 'GLIBC_2.17'\n")
+    executable(bin_dir / "rustc", "#!/bin/sh\necho 'rustc stand-in'\n")
+    env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
+    return tree, env
+
+
+def refused_naming_the_target_dir(proc, outputs: Path):
+    assert proc.returncode == 1 and "CARGO_TARGET_DIR" in proc.stderr, (
+        f"exit {proc.returncode}\n{proc.stderr[-800:]}"
+    )
+    assert not (outputs / "release").exists(), f"built into {outputs} before refusing"
+
+
+@pytest.mark.parametrize("how", ["symlink_outside_the_tree", "tree_reached_through_a_symlink"])
+def test_build_gpu_artifacts_refuses_a_target_dir_in_the_sources_whatever_path_names_it(tmp_path, how):
+    # Where cargo writes is the directory the path leads to: a CARGO_TARGET_DIR outside the
+    # tree that is a symbolic link to a directory among the sources (here build/out), or the
+    # sources' own directory named by its real path while the script runs through a link to
+    # the tree, puts the build's output among the sources. It is refused before anything is
+    # built, as the same directory named inside the tree is.
+    tree, env = artifact_tree(tmp_path)
+    outputs = tree / "build" / "out"
+    outputs.mkdir()
+    cwd = tree
+    script = tree / "scripts" / "build-gpu-artifacts.sh"
+    if how == "symlink_outside_the_tree":
+        link = tmp_path / "target-link"
+        link.symlink_to(outputs, target_is_directory=True)
+        env["CARGO_TARGET_DIR"] = str(link)
+    else:
+        link = tmp_path / "tree-link"
+        link.symlink_to(tree, target_is_directory=True)
+        env["CARGO_TARGET_DIR"] = str(outputs)
+        cwd = link
+        script = link / "scripts" / "build-gpu-artifacts.sh"
+    proc = subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True)
+    refused_naming_the_target_dir(proc, outputs)
+
+
+def test_build_gpu_artifacts_in_a_tree_without_git_metadata_takes_a_directory_under_target(tmp_path):
+    # A tree without git metadata (unpacked from an archive) digests its sources without git,
+    # leaving build outputs (target/) out. A CARGO_TARGET_DIR under target/ is a build output
+    # there as in a git checkout: the artifacts are built, not refused for want of a git
+    # repository to ask.
+    tree, env = artifact_tree(tmp_path, with_git=False)
+    env["CARGO_TARGET_DIR"] = "target/gpu"
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-800:]}"
+    assert (tree / "gpu-artifacts" / "SOURCES.txt").is_file()
+
+
+def test_build_gpu_artifacts_in_a_tree_without_git_metadata_inside_an_ignoring_repository(tmp_path):
+    # A tree without git metadata inside another repository that ignores it: its sources are
+    # digested without git (every file under the source paths), so a CARGO_TARGET_DIR among
+    # them (build/) would count as sources whatever the other repository ignores. It is
+    # refused before anything is built.
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / ".gitignore").write_text("unpacked/\n")
+    subprocess.run(["git", "init", "-q"], cwd=outer, check=True, capture_output=True)
+    tree, env = artifact_tree(tmp_path, with_git=False, tree=outer / "unpacked")
+    env["CARGO_TARGET_DIR"] = "build"
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    refused_naming_the_target_dir(proc, tree / "build")
+
+
+def test_build_gpu_artifacts_does_not_build_into_its_own_artifact_directory(tmp_path):
+    # gpu-artifacts/ holds what is carried to the GPU machine, and the script empties it
+    # before each build. A CARGO_TARGET_DIR there (git-ignored like target/) would fill it
+    # with the whole build and lose the build cache at every run: it is refused before
+    # anything is built.
+    tree, env = artifact_tree(tmp_path)
+    env["CARGO_TARGET_DIR"] = "gpu-artifacts"
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
