@@ -397,31 +397,7 @@ def test_build_gpu_artifacts_keeps_a_build_whose_sources_nobody_edited(tmp_path,
     # is kept, with the artifacts and their SOURCES.txt. cargo's output in a CARGO_TARGET_DIR
     # inside the sources (here build/, beside build/cuda_kernel.rs) would count as sources:
     # refused before anything is built, naming the setting.
-    tree = tmp_path / "tree"
-    (tree / "scripts" / "gpu").mkdir(parents=True)
-    shutil.copy2(ROOT / "scripts" / "build-gpu-artifacts.sh", tree / "scripts" / "build-gpu-artifacts.sh")
-    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
-    executable(tree / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
-    (tree / "src").mkdir()
-    (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
-    (tree / "build").mkdir()
-    (tree / "build" / "cuda_kernel.rs").write_text("pub fn build() {}\n")
-    (tree / "kernels").mkdir()
-    (tree / "kernels" / "scrub.cu").write_text("// kernel\n")
-    (tree / "Cargo.toml").write_text('[package]\nname = "kvhygiene"\nversion = "0.1.0"\n')
-    (tree / "Cargo.lock").write_text('version = 4\n\n[[package]]\nname = "kvhygiene"\nversion = "0.1.0"\n')
-    (tree / ".gitignore").write_text("/target\n/gpu-artifacts/\n")
-    git = lambda *a: subprocess.run(["git", *a], cwd=tree, check=True, capture_output=True)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "t")
-    bin_dir = tmp_path / "bin"
-    executable(bin_dir / "cargo", STAND_IN_CARGO)
-    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
-    executable(bin_dir / "objdump", "#!/bin/sh\necho 'GLIBC_2.17'\n")
-    executable(bin_dir / "rustc", "#!/bin/sh\necho 'rustc stand-in'\n")
-    env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
-    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    tree, env = artifact_tree(tmp_path)
     if case == "target_dir_under_build":
         env["CARGO_TARGET_DIR"] = "build"
     elif case == "stale_lock_file":
@@ -430,8 +406,8 @@ def test_build_gpu_artifacts_keeps_a_build_whose_sources_nobody_edited(tmp_path,
         ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
     )
     if case == "target_dir_under_build":
-        assert proc.returncode == 1 and "CARGO_TARGET_DIR=build" in proc.stderr, proc.stderr[-800:]
-        assert not (tree / "gpu-artifacts").exists() and not (tree / "build" / "release").exists()
+        refused_naming_the_target_dir(proc, tree / "build")
+        assert not (tree / "gpu-artifacts").exists()
         return
     assert proc.returncode == 0, f"{case}: exit {proc.returncode}\n{proc.stderr[-800:]}"
     assert (tree / "gpu-artifacts" / "SOURCES.txt").is_file(), proc.stderr[-800:]
