@@ -421,13 +421,16 @@ fn a_refused_metrics_file_prints_no_header_on_stdout() {
 /// `--inject-fault` on the CUDA backend (chosen by `--backend cuda`, or `KVH_BACKEND=cuda`,
 /// where a driver is installed: here the host stand-in of libcuda.so.1) is an argument
 /// combination the demo refuses with status 2. As for every other refusal, nothing is printed
-/// on stdout first (not even the run's header).
+/// on stdout first (not even the run's header), and nothing is written into the run's
+/// `--log-dir` (no chain with a `start` record and no `stop` record left for an auditor).
 #[test]
-fn inject_fault_on_the_cuda_backend_is_refused_before_the_header() {
+fn inject_fault_on_the_cuda_backend_is_refused_before_the_header_and_the_log() {
     let Some(driver) = fake_cuda::as_libcuda_dir() else {
         return;
     };
     for how in [&["--backend", "cuda"][..], &[][..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("log");
         let mut cmd = kvh();
         cmd.args([
             "demo",
@@ -438,6 +441,8 @@ fn inject_fault_on_the_cuda_backend_is_refused_before_the_header() {
             "--inject-fault",
         ])
         .args(how)
+        .arg("--log-dir")
+        .arg(&log)
         .env("LD_LIBRARY_PATH", driver.path());
         if how.is_empty() {
             cmd.env("KVH_BACKEND", "cuda");
@@ -453,39 +458,12 @@ fn inject_fault_on_the_cuda_backend_is_refused_before_the_header() {
             "{how:?}: the demo printed its header before refusing --inject-fault on the CUDA \
              backend:\n{out}"
         );
+        let written: Vec<_> = std::fs::read_dir(&log)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            written.is_empty(),
+            "{how:?}: the refused run left a forensic log in --log-dir: {written:?}\n{err}"
+        );
     }
-}
-
-/// A refused `--inject-fault` on the CUDA backend writes nothing into the run's `--log-dir`:
-/// a refusal happens before the forensic log opens, so no chain with a `start` record and no
-/// `stop` record is left behind for an auditor to find.
-#[test]
-fn inject_fault_on_the_cuda_backend_is_refused_before_the_log_opens() {
-    let Some(driver) = fake_cuda::as_libcuda_dir() else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("log");
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--inject-fault",
-            "--backend",
-            "cuda",
-            "--log-dir",
-        ])
-        .arg(&log)
-        .env("LD_LIBRARY_PATH", driver.path()));
-    assert_eq!(code, 2, "{out}{err}");
-    let written: Vec<_> = std::fs::read_dir(&log)
-        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
-        .unwrap_or_default();
-    assert!(
-        written.is_empty(),
-        "the refused run left a forensic log in --log-dir: {written:?}\n{err}"
-    );
 }
