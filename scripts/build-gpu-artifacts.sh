@@ -10,27 +10,33 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-# Checked first, before the toolchain's install: cargo's output must not count as sources
-# (the digest below would take it in), nor land in the artifact directory carried to the
-# GPU machine. Paths are compared as the directories they lead to (symlinks resolved).
-root_real="$(pwd -P)"
-target_real="$(realpath -m -- "${CARGO_TARGET_DIR:-target}")"
-refuse_target() {
-    echo "build-gpu-artifacts: CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target} ($target_real)" \
-        "$1; use target/ or a directory outside the tree" >&2
+# Checked first, before the toolchain's install: cargo's output goes outside the tree, or
+# under its target/ (git-ignored): anywhere else in it, the digest below would take it in as
+# sources, or it would travel to the GPU machine with the tree (gpu-artifacts/ above all).
+# The path is judged both as written and as the directory it leads to (symlinks resolved).
+if [[ -n "${CARGO_TARGET_DIR+set}" ]]; then
+    target_dir="$CARGO_TARGET_DIR" target_name="CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+else
+    target_dir=target target_name="the default target/"
+fi
+if [[ -z "$target_dir" ]]; then
+    echo "build-gpu-artifacts: CARGO_TARGET_DIR is set but empty (cargo refuses it)" >&2
     exit 1
-}
-case "$target_real" in
-"$root_real") refuse_target "is the source tree itself" ;;
-"$root_real/gpu-artifacts" | "$root_real/gpu-artifacts/"*)
-    refuse_target "is the artifact directory carried to the GPU machine" ;;
-esac
-while IFS= read -r source_path; do
-    case "$target_real" in
-    "$root_real/$source_path" | "$root_real/$source_path/"*)
-        refuse_target "is among the sources ($source_path), whose digest would take in its output" ;;
-    esac
-done < <(scripts/gpu/digest-sources.sh --paths)
+fi
+root_real="$(pwd -P)"
+for target_path in "$(realpath -m -s -- "$target_dir")" "$(realpath -m -- "$target_dir")"; do
+    for tree in "$root" "$root_real"; do
+        case "$target_path" in
+        "$tree/target" | "$tree/target/"*) ;;
+        "$tree" | "$tree/"*)
+            echo "build-gpu-artifacts: $target_name ($target_path) is inside the source tree" \
+                "but not under target/: its output would count as sources or travel with the" \
+                "tree; use target/ or a directory outside the tree" >&2
+            exit 1
+            ;;
+        esac
+    done
+done
 
 scripts/install-nvcc.sh
 

@@ -19,12 +19,6 @@ paths=(
     scripts/install-nvcc.sh scripts/build-gpu-artifacts.sh
 )
 
-# `--paths`: the paths digested (files, or directories taken whole), one per line.
-if [[ "${1:-}" == --paths ]]; then
-    printf '%s\n' "${paths[@]}"
-    exit 0
-fi
-
 list() {
     # Git's list only when this tree is a repository of its own: inside another one (a
     # tarball unpacked in a home directory kept in git), git would list nothing of it.

@@ -519,3 +519,70 @@ def test_build_gpu_artifacts_does_not_build_into_its_own_artifact_directory(tmp_
         ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
     )
     refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
+
+
+def test_build_gpu_artifacts_refuses_an_empty_target_dir_before_installing_the_toolchain(tmp_path):
+    # cargo refuses a CARGO_TARGET_DIR set to the empty string (it does not read it as
+    # unset). The check made first names the setting and stops before the toolchain's
+    # install and before the artifacts of an earlier build are removed.
+    tree, env = artifact_tree(tmp_path)
+    marker = tmp_path / "install-nvcc-ran"
+    executable(tree / "scripts" / "install-nvcc.sh", f"#!/bin/sh\ntouch '{marker}'\n")
+    executable(
+        tmp_path / "bin" / "cargo",
+        STAND_IN_CARGO.replace(
+            "#!/bin/sh\n",
+            "#!/bin/sh\n"
+            'if [ "${CARGO_TARGET_DIR+set}" = set ] && [ -z "$CARGO_TARGET_DIR" ]; then\n'
+            "    echo 'error: the target directory is set to an empty string in the"
+            " `CARGO_TARGET_DIR` environment variable' >&2\n"
+            "    exit 101\n"
+            "fi\n",
+            1,
+        ),
+    )
+    earlier = tree / "gpu-artifacts"
+    earlier.mkdir()
+    (earlier / "SOURCES.txt").write_text("earlier build\n")
+    env["CARGO_TARGET_DIR"] = ""
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "build-gpu-artifacts: CARGO_TARGET_DIR" in proc.stderr, (
+        f"exit {proc.returncode}\n{proc.stderr[-800:]}"
+    )
+    assert not marker.exists(), "the toolchain was installed before CARGO_TARGET_DIR was refused"
+    assert (earlier / "SOURCES.txt").is_file(), "the earlier build's artifacts were removed"
+
+
+def test_build_gpu_artifacts_refuses_a_target_dir_inside_the_tree_that_git_does_not_ignore(tmp_path):
+    # A CARGO_TARGET_DIR inside the tree other than target/ (here out/, which git does not
+    # ignore) puts the whole build among the working tree's files carried to the GPU machine
+    # with it; the refusal says to use target/ or a directory outside the tree.
+    tree, env = artifact_tree(tmp_path)
+    env["CARGO_TARGET_DIR"] = "out"
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    untracked = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=normal"], cwd=tree, capture_output=True, text=True
+    ).stdout
+    assert proc.returncode == 1 and "CARGO_TARGET_DIR" in proc.stderr, (
+        f"exit {proc.returncode}; untracked after the build:\n{untracked}\n{proc.stderr[-800:]}"
+    )
+    assert not (tree / "out" / "release").exists(), "built into out/ before refusing"
+
+
+def test_build_gpu_artifacts_refuses_the_artifact_directory_when_it_is_a_symlink(tmp_path):
+    # gpu-artifacts/ here is a symbolic link to a directory elsewhere. The script removes
+    # that path and makes a directory there before the build, so a CARGO_TARGET_DIR naming
+    # gpu-artifacts is the artifact directory by the time cargo writes into it.
+    tree, env = artifact_tree(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    (tree / "gpu-artifacts").symlink_to(store, target_is_directory=True)
+    env["CARGO_TARGET_DIR"] = "gpu-artifacts"
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
+    refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
