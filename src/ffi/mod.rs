@@ -614,13 +614,28 @@ pub extern "C" fn kvh_synchronize() -> c_int {
 /// own allocator; a child forked after `kvh_init` could not): it checks the policy first.
 #[no_mangle]
 pub extern "C" fn kvh_check_config() -> c_int {
-    boundary(
-        KVH_ERR_PANIC as c_int,
-        || match crate::config::Config::from_env() {
-            Ok(_) => ok(),
-            Err(e) => fail(KVH_ERR_CONFIG, format!("kvhygiene configuration: {e}")),
-        },
-    )
+    boundary(KVH_ERR_PANIC as c_int, || match policy_error() {
+        None => ok(),
+        Some(message) => fail(KVH_ERR_CONFIG, message),
+    })
+}
+
+/// Why the policy this process would start with is invalid (the message naming the key), if
+/// it is; nothing is started.
+fn policy_error() -> Option<String> {
+    crate::config::Config::from_env()
+        .err()
+        .map(|e| format!("kvhygiene configuration: {e}"))
+}
+
+/// `kvh_stats_json`'s answer when the allocator has not started in this process (and, with
+/// `shut_down`, never will: a `kvh_shutdown` came first).
+fn unstarted_json(shut_down: bool) -> String {
+    let mut doc = serde_json::json!({"started": false, "version": env!("CARGO_PKG_VERSION")});
+    if shut_down {
+        doc["shut_down"] = true.into();
+    }
+    doc.to_string()
 }
 
 /// Starts the allocator now (reading the configuration) instead of at the first call, so a
@@ -718,20 +733,12 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
         let json = match runtime::get_if_begun() {
             // The policy is still checked, as `kvh_check_config` does: a health endpoint that
             // reads the counters first learns of a bad configuration at once.
-            None => match crate::config::Config::from_env() {
-                Ok(_) => {
-                    serde_json::json!({"started": false, "version": env!("CARGO_PKG_VERSION")})
-                        .to_string()
-                }
-                Err(e) => return fail(KVH_ERR_CONFIG, format!("kvhygiene configuration: {e}")),
+            None => match policy_error() {
+                None => unstarted_json(false),
+                Some(message) => return fail(KVH_ERR_CONFIG, message),
             },
             Some(Ok(rt)) => rt.stats_json(),
-            Some(Err(runtime::StartError::ShutDown)) => serde_json::json!({
-                "started": false,
-                "shut_down": true,
-                "version": env!("CARGO_PKG_VERSION")
-            })
-            .to_string(),
+            Some(Err(runtime::StartError::ShutDown)) => unstarted_json(true),
             // This call's failure: its reason is the last error, as for every other export.
             Some(Err(e)) => return fail(e.code(), e.to_string()),
         };

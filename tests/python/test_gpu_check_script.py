@@ -402,9 +402,7 @@ def test_build_gpu_artifacts_keeps_a_build_whose_sources_nobody_edited(tmp_path,
         env["CARGO_TARGET_DIR"] = "build"
     elif case == "stale_lock_file":
         env["STAND_IN_STALE_LOCK"] = "1"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     if case == "target_dir_under_build":
         refused_naming_the_target_dir(proc, tree / "build")
         assert not (tree / "gpu-artifacts").exists()
@@ -442,6 +440,13 @@ def artifact_tree(tmp_path: Path, with_git: bool = True, tree: Path = None):
     env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
     return tree, env
+
+
+def run_build(tree: Path, env: dict):
+    """build-gpu-artifacts.sh of `tree`, run there with `env`."""
+    return subprocess.run(
+        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
+    )
 
 
 def refused_naming_the_target_dir(proc, outputs: Path):
@@ -484,9 +489,7 @@ def test_build_gpu_artifacts_in_a_tree_without_git_metadata_takes_a_directory_un
     # repository to ask.
     tree, env = artifact_tree(tmp_path, with_git=False)
     env["CARGO_TARGET_DIR"] = "target/gpu"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-800:]}"
     assert (tree / "gpu-artifacts" / "SOURCES.txt").is_file()
 
@@ -502,9 +505,7 @@ def test_build_gpu_artifacts_in_a_tree_without_git_metadata_inside_an_ignoring_r
     subprocess.run(["git", "init", "-q"], cwd=outer, check=True, capture_output=True)
     tree, env = artifact_tree(tmp_path, with_git=False, tree=outer / "unpacked")
     env["CARGO_TARGET_DIR"] = "build"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     refused_naming_the_target_dir(proc, tree / "build")
 
 
@@ -515,9 +516,7 @@ def test_build_gpu_artifacts_does_not_build_into_its_own_artifact_directory(tmp_
     # anything is built.
     tree, env = artifact_tree(tmp_path)
     env["CARGO_TARGET_DIR"] = "gpu-artifacts"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
 
 
@@ -545,9 +544,7 @@ def test_build_gpu_artifacts_refuses_an_empty_target_dir_before_installing_the_t
     earlier.mkdir()
     (earlier / "SOURCES.txt").write_text("earlier build\n")
     env["CARGO_TARGET_DIR"] = ""
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     assert proc.returncode == 1 and "build-gpu-artifacts: CARGO_TARGET_DIR" in proc.stderr, (
         f"exit {proc.returncode}\n{proc.stderr[-800:]}"
     )
@@ -561,9 +558,7 @@ def test_build_gpu_artifacts_refuses_a_target_dir_inside_the_tree_that_git_does_
     # with it; the refusal says to use target/ or a directory outside the tree.
     tree, env = artifact_tree(tmp_path)
     env["CARGO_TARGET_DIR"] = "out"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     untracked = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=normal"], cwd=tree, capture_output=True, text=True
     ).stdout
@@ -582,7 +577,5 @@ def test_build_gpu_artifacts_refuses_the_artifact_directory_when_it_is_a_symlink
     store.mkdir()
     (tree / "gpu-artifacts").symlink_to(store, target_is_directory=True)
     env["CARGO_TARGET_DIR"] = "gpu-artifacts"
-    proc = subprocess.run(
-        ["bash", str(tree / "scripts" / "build-gpu-artifacts.sh")], cwd=tree, env=env, capture_output=True, text=True
-    )
+    proc = run_build(tree, env)
     refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
