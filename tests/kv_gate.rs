@@ -1120,3 +1120,75 @@ fn an_owner_change_is_counted_when_another_cache_in_the_same_allocation_is_claim
          owner change: {r:?}"
     );
 }
+
+/// Under `enforce` a refused claim changes nothing, the ledgers' order of use included: the
+/// ledger the gate forgets next (the least recently used) is the one it would have forgotten
+/// had the refused claim not been made, so a cache the engine scrubbed since keeps its
+/// verified blocks claimable.
+#[test]
+fn a_claim_refused_under_enforce_does_not_change_which_ledger_is_forgotten_next() {
+    let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
+    let (_, first) = cache(&f);
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&first, &all, 0, StreamHandle(2))
+        .unwrap();
+    as_request("t", "x", || claim(&f, &first, &[0])).unwrap();
+    // 63 more caches, each scrubbed by the engine: 64 ledgers, the first cache's the least
+    // recently used.
+    let others = single_block_caches(&f.alloc, 64);
+    for other in &others[..63] {
+        f.alloc
+            .scrub_kv_blocks(other, &[0], 0, StreamHandle(2))
+            .unwrap();
+    }
+    // Refused: block 0 is x's.
+    let e = as_request("t", "y", || claim(&f, &first, &[0])).unwrap_err();
+    assert!(matches!(e, KvClaimError::Unscrubbed { .. }), "{e:?}");
+    // A 65th cache: the least recently used ledger is forgotten, which is the first cache's
+    // unless the refused claim counted as a use of it.
+    f.alloc
+        .scrub_kv_blocks(&others[63], &[0], 0, StreamHandle(2))
+        .unwrap();
+    let r = as_request("t", "z", || claim(&f, &others[0], &[0]));
+    assert!(
+        matches!(&r, Ok(r) if r.claimed == 1),
+        "the refused claim kept its cache's ledger and the gate forgot the next one instead: {r:?}"
+    );
+}
+
+/// A `kvh_scrub_blocks` call refused by the backend before it launched anything (a CUDA graph
+/// capture on its stream) scrubbed nothing and verified nothing: what the gate knows of the
+/// cache stays as it was, so under `enforce` the blocks the engine verified before remain
+/// claimable through the cache's own layout.
+#[test]
+fn a_scrub_that_launched_nothing_leaves_the_gate_ledger_as_it_was() {
+    let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
+    let (_, fine) = cache(&f);
+    let coarse = KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    };
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
+        .unwrap();
+    f.backend
+        .capturing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = f
+        .alloc
+        .scrub_kv_blocks(&coarse, &[0], 0, StreamHandle(4))
+        .unwrap_err();
+    f.backend
+        .capturing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(e, KvScrubError::Backend(_)), "{e:?}");
+    let r = as_request("t1", "y", || claim(&f, &fine, &[3]));
+    assert!(
+        matches!(&r, Ok(r) if r.claimed == 1),
+        "a scrub that launched nothing changed what the gate knows of the cache: {r:?}"
+    );
+}

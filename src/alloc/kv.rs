@@ -454,18 +454,23 @@ impl Allocator {
             }
             // Before anything is submitted: a claim after this point shows in the generations.
             // (The ledger lock is taken inside the pool lock here and never the other way.)
-            let seen = seen.or_else(|| self.kv_generations(call.dev, layout, &owners, call.ids));
+            let (seen, mut opened) = match seen {
+                Some(seen) => (Some(seen), None),
+                None => self.kv_generations(call.dev, layout, &owners, call.ids),
+            };
             let mut launched = Launched {
                 owners,
                 tickets: Vec::new(),
                 error: None,
                 seen,
             };
+            let mut launched_nothing = false;
             for (n, segments) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
                 // be under way when exit begins.
                 if self.inner.shutting_down.load(Ordering::Acquire) {
                     launched.error = Some(BackendError::ShuttingDown);
+                    launched_nothing = n == 0;
                     break;
                 }
                 let len = segments.len();
@@ -495,6 +500,7 @@ impl Allocator {
                         pool.record_stream(owner.addr, call.stream);
                     }
                 }
+                launched_nothing = n == 0 && nothing_launched;
                 match submitted {
                     Ok(ticket) => {
                         pool.stats.counters.scrub_batches += 1;
@@ -505,6 +511,14 @@ impl Allocator {
                         break;
                     }
                 }
+            }
+            if launched_nothing {
+                // Refused before anything launched: the call records nothing, in the gate's
+                // ledgers either (it has no verdict to apply).
+                if let Some(opened) = opened.take() {
+                    self.ledgers().undo(opened);
+                }
+                launched.seen = None;
             }
             Ok(launched)
         })

@@ -192,6 +192,21 @@ pub(crate) struct Generations {
     of: HashMap<u32, u64>,
 }
 
+/// The epoch of a refused claim's [`Generations`], read where no ledger was kept. Never a
+/// ledger's: the clock that gives epochs starts at 1.
+const NO_LEDGER: u64 = 0;
+
+impl Generations {
+    /// `ids` as a cache without a ledger has them: generation 0 of [`NO_LEDGER`].
+    fn unknown(key: &LedgerKey, ids: &[u32]) -> Self {
+        Generations {
+            key: key.clone(),
+            epoch: NO_LEDGER,
+            of: ids.iter().map(|&id| (id, 0)).collect(),
+        }
+    }
+}
+
 /// What a claim found, before any scrub.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Sorted {
@@ -208,11 +223,36 @@ pub(crate) struct Sorted {
     pub dirty_generations: Generations,
 }
 
+impl Sorted {
+    /// A claim of `ids` where no ledger is kept: every block dirty and unknown.
+    fn all_unknown(key: &LedgerKey, ids: &[u32]) -> Self {
+        Sorted {
+            dirty: ids.to_vec(),
+            unknown: ids.to_vec(),
+            failed: Vec::new(),
+            taken: Vec::new(),
+            dirty_generations: Generations::unknown(key, ids),
+        }
+    }
+}
+
 /// Every cache's ledger. One clock gives recency, epochs and generations: all only grow.
 #[derive(Default)]
 pub(crate) struct Ledgers {
     books: Vec<Book>,
     clock: u64,
+    /// When a ledger was last created, dropped or forgotten: an [`Opened`] ledger can be
+    /// taken back only while nothing of the kind happened since.
+    reshaped: u64,
+}
+
+/// A ledger a scrub's submission created, and the ledgers its creation dropped (other views
+/// of its memory) or forgot (the least recently used), kept until the submission's outcome:
+/// a scrub refused before anything launched takes the creation back ([`Ledgers::undo`]).
+pub(crate) struct Opened {
+    key: LedgerKey,
+    at: u64,
+    displaced: Vec<Book>,
 }
 
 impl Ledgers {
@@ -221,26 +261,50 @@ impl Ledgers {
         self.clock
     }
 
-    /// The index of `key`'s ledger, created (empty) when none is kept. Ledgers of other views
-    /// of the same memory are dropped first: what they say was written through another
-    /// layout, or into memory since handed out again, and says nothing about this one.
-    fn book(&mut self, key: &LedgerKey) -> usize {
+    /// The index of `key`'s ledger, if one is kept. Reads only: recency is a use's
+    /// ([`Ledgers::touch`]), and a call refused before it used the ledger changes nothing.
+    fn find(&self, key: &LedgerKey) -> Option<usize> {
+        self.books.iter().position(|b| b.key == *key)
+    }
+
+    /// Marks ledger `i` as used now (the least recently used one is forgotten first), and
+    /// clears it when it outgrew [`MAX_LEDGER_SLOTS`].
+    fn touch(&mut self, i: usize) {
         let now = self.tick();
-        if let Some(i) = self.books.iter().position(|b| b.key == *key) {
-            let book = &mut self.books[i];
-            if book.slots.len() > MAX_LEDGER_SLOTS {
-                book.slots.clear();
-                book.epoch = now;
-            }
-            book.last_used = now;
+        let book = &mut self.books[i];
+        if book.slots.len() > MAX_LEDGER_SLOTS {
+            book.slots.clear();
+            book.epoch = now;
+        }
+        book.last_used = now;
+    }
+
+    /// The index of `key`'s ledger, used now, and created (empty) when none is kept. Ledgers
+    /// of other views of the same memory are dropped first: what they say was written through
+    /// another layout, or into memory since handed out again, and says nothing about this one.
+    fn book(&mut self, key: &LedgerKey) -> usize {
+        if let Some(i) = self.find(key) {
+            self.touch(i);
             return i;
         }
-        self.books.retain(|b| !b.key.overlaps(key));
+        self.create(key).0
+    }
+
+    /// Creates `key`'s (empty) ledger, which has none: drops the ledgers of other views of its
+    /// memory and, at [`MAX_LEDGERS`], forgets the least recently used one. Returns its index
+    /// and the ledgers it displaced.
+    fn create(&mut self, key: &LedgerKey) -> (usize, Vec<Book>) {
+        let now = self.tick();
+        self.reshaped = now;
+        let (mut displaced, kept): (Vec<Book>, Vec<Book>) = std::mem::take(&mut self.books)
+            .into_iter()
+            .partition(|b| b.key.overlaps(key));
+        self.books = kept;
         if self.books.len() >= MAX_LEDGERS {
             let oldest = (0..self.books.len())
                 .min_by_key(|&i| self.books[i].last_used)
                 .unwrap_or(0);
-            self.books.swap_remove(oldest);
+            displaced.push(self.books.swap_remove(oldest));
         }
         self.books.push(Book {
             key: key.clone(),
@@ -248,7 +312,7 @@ impl Ledgers {
             epoch: now,
             last_used: now,
         });
-        self.books.len() - 1
+        (self.books.len() - 1, displaced)
     }
 
     fn generations_in(&self, i: usize, ids: &[u32]) -> Generations {
@@ -293,22 +357,20 @@ impl Ledgers {
         all_or_nothing: bool,
         again: bool,
     ) -> Sorted {
-        if all_or_nothing && !ids.is_empty() && !self.books.iter().any(|b| b.key == *key) {
-            // No ledger: every block is unknown, so the claim is refused, and it must change
-            // nothing, not even the ledgers of other views of the memory a new one replaces.
-            return Sorted {
-                dirty: ids.to_vec(),
-                unknown: ids.to_vec(),
-                failed: Vec::new(),
-                taken: Vec::new(),
-                dirty_generations: Generations {
-                    key: key.clone(),
-                    epoch: 0,
-                    of: ids.iter().map(|&id| (id, 0)).collect(),
-                },
-            };
-        }
-        let i = self.book(key);
+        // A claim that may be refused reads the ledger first and uses it (recency, creation,
+        // the size cap) only once it is not refused: a refused claim changes nothing.
+        let i = if all_or_nothing {
+            match self.find(key) {
+                Some(i) if self.books[i].slots.len() <= MAX_LEDGER_SLOTS => i,
+                // No ledger (or one the cap is to clear): every block is unknown, so the
+                // claim is refused, and it must change nothing, not even the ledgers of other
+                // views of the memory a new one would replace.
+                _ if !ids.is_empty() => return Sorted::all_unknown(key, ids),
+                _ => self.book(key),
+            }
+        } else {
+            self.book(key)
+        };
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
         let (mut taken, mut unknown) = (Vec::new(), Vec::new());
         for &id in ids {
@@ -328,6 +390,9 @@ impl Ledgers {
         let dirty_generations = self.generations_in(i, &dirty);
         let refuse = all_or_nothing && (!dirty.is_empty() || !failed.is_empty());
         if !refuse {
+            if all_or_nothing {
+                self.touch(i);
+            }
             for id in free {
                 self.set(i, id, Slot::Owned(claimant.clone()));
             }
@@ -341,10 +406,46 @@ impl Ledgers {
         }
     }
 
-    /// The generations of `ids` in `key`'s ledger now (before a scrub of them is submitted).
-    pub(crate) fn generations(&mut self, key: &LedgerKey, ids: &[u32]) -> Generations {
-        let i = self.book(key);
-        self.generations_in(i, ids)
+    /// The generations of `ids` in `key`'s ledger now, before a scrub of them is submitted;
+    /// the ledger is created when none is kept, since from now on a claim through another
+    /// view of the memory must not hand out what this scrub is zeroing (creating it drops
+    /// theirs). The ledger's recency is the verdict's to set ([`Ledgers::settle`]). Also
+    /// returns the creation, for [`Ledgers::undo`] when the scrub launched nothing.
+    pub(crate) fn generations(
+        &mut self,
+        key: &LedgerKey,
+        ids: &[u32],
+    ) -> (Generations, Option<Opened>) {
+        if let Some(i) = self.find(key) {
+            return (self.generations_in(i, ids), None);
+        }
+        let (i, displaced) = self.create(key);
+        let opened = Opened {
+            key: key.clone(),
+            at: self.books[i].epoch,
+            displaced,
+        };
+        (self.generations_in(i, ids), Some(opened))
+    }
+
+    /// Takes back the creation of a ledger whose scrub launched nothing, so that the refused
+    /// call changes no ledger: the ledgers it displaced come back. Only while the created
+    /// ledger is untouched and no ledger was created, dropped or forgotten since; otherwise
+    /// the creation stands (what it dropped is then unknown, which is safe: unknown blocks are
+    /// scrubbed, or refused under `enforce`, at their next claim).
+    pub(crate) fn undo(&mut self, opened: Opened) {
+        if self.reshaped != opened.at {
+            return;
+        }
+        let Some(i) = self.find(&opened.key) else {
+            return;
+        };
+        let book = &self.books[i];
+        if book.epoch != opened.at || book.last_used != opened.at || !book.slots.is_empty() {
+            return;
+        }
+        self.books.swap_remove(i);
+        self.books.extend(opened.displaced);
     }
 
     /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
@@ -360,12 +461,16 @@ impl Ledgers {
         claimant: Option<&Option<Arc<OwnerKey>>>,
     ) -> Unapplied {
         let Some(i) = self
-            .books
-            .iter()
-            .position(|b| b.key == seen.key && b.epoch == seen.epoch)
+            .find(&seen.key)
+            .filter(|&i| self.books[i].epoch == seen.epoch)
         else {
             return Unapplied::forgotten(verified);
         };
+        self.touch(i);
+        // The size cap may have cleared it just now: nothing in it is what the scrub saw.
+        if self.books[i].epoch != seen.epoch {
+            return Unapplied::forgotten(verified);
+        }
         let unchanged = |books: &[Book], id: u32| {
             let now = books[i].slots.get(&id).map_or(0, |e| e.generation);
             seen.of.get(&id) == Some(&now)
@@ -732,19 +837,21 @@ impl Allocator {
     }
 
     /// Before a KV scrub is submitted (under the pool lock, with its regions resolved): the
-    /// generations its verdict will be checked against, when the gate keeps ledgers.
+    /// generations its verdict will be checked against, when the gate keeps ledgers, and the
+    /// ledger created for it, if any (see [`Ledgers::generations`]).
     pub(super) fn kv_generations(
         &self,
         dev: u32,
         layout: &KvLayout,
         owners: &[BlockRef],
         ids: &[u32],
-    ) -> Option<Generations> {
+    ) -> (Option<Generations>, Option<Opened>) {
         if self.inner.config.kv_gate == KvGateMode::Off {
-            return None;
+            return (None, None);
         }
         let key = LedgerKey::new(dev, layout, owners);
-        Some(self.ledgers().generations(&key, ids))
+        let (seen, opened) = self.ledgers().generations(&key, ids);
+        (Some(seen), opened)
     }
 
     /// After a KV scrub: applies its verdicts to the blocks unchanged since `seen` and returns
@@ -764,7 +871,7 @@ impl Allocator {
         self.ledgers().settle(seen, verified, failed, claimant)
     }
 
-    fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
+    pub(super) fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
         // The ledger holds no invariant a panicking holder could break half way that matters
         // more than availability: every entry is a complete value.
         self.inner
@@ -870,7 +977,7 @@ mod tests {
     /// An engine scrub of `clean` and `failed` that nothing overlapped.
     fn scrub(l: &mut Ledgers, k: &LedgerKey, clean: &[u32], failed: &[u32]) {
         let ids: Vec<u32> = clean.iter().chain(failed).copied().collect();
-        let seen = l.generations(k, &ids);
+        let seen = l.generations(k, &ids).0;
         assert_eq!(l.settle(&seen, clean, failed, None), Unapplied::default());
     }
 
@@ -971,7 +1078,7 @@ mod tests {
         scrub(&mut l, &k, &[5], &[]);
         sort(&mut l, &k, &[5], &w);
         // The engine starts scrubbing w's block; meanwhile x's claim scrubs and takes it.
-        let engine = l.generations(&k, &[5]);
+        let engine = l.generations(&k, &[5]).0;
         let sorted = l.claim(&k, &[5], &x, false);
         assert_eq!(sorted.dirty, vec![5]);
         assert!(l
@@ -1014,7 +1121,7 @@ mod tests {
         scrub(&mut l, &k, &[5], &[]);
         sort(&mut l, &k, &[5], &a);
         // The engine scrubs a's block while c's claim scrubs it too.
-        let engine = l.generations(&k, &[5]);
+        let engine = l.generations(&k, &[5]).0;
         let for_c = l.claim(&k, &[5], &c, false);
         assert!(l.settle(&engine, &[5], &[], None).all().is_empty());
         // c's scrub read residue: the block must not stay CLEAN for d.
@@ -1193,6 +1300,12 @@ mod tests {
             Finish(usize),
             Write,
             Realloc,
+            /// An engine scrub refused before anything launched: its ledger's creation is
+            /// taken back.
+            Refused {
+                layout: usize,
+                ids: Vec<u32>,
+            },
         }
 
         fn ids() -> impl Strategy<Value = Vec<u32>> {
@@ -1207,6 +1320,7 @@ mod tests {
                 3 => (0..4usize).prop_map(Op::Finish),
                 2 => Just(Op::Write),
                 1 => Just(Op::Realloc),
+                1 => (0..2usize, ids()).prop_map(|(layout, ids)| Op::Refused { layout, ids }),
             ]
         }
 
@@ -1320,7 +1434,7 @@ mod tests {
                     }
                     Op::Engine { layout, ids, fail } => {
                         let key = self.key(layout);
-                        let seen = self.ledger.generations(&key, &ids);
+                        let seen = self.ledger.generations(&key, &ids).0;
                         for &id in &ids {
                             self.held[cell(layout, id)] = None;
                         }
@@ -1362,6 +1476,12 @@ mod tests {
                                     Writer::Anonymous
                                 };
                             }
+                        }
+                    }
+                    Op::Refused { layout, ids } => {
+                        let key = self.key(layout);
+                        if let (_, Some(opened)) = self.ledger.generations(&key, &ids) {
+                            self.ledger.undo(opened);
                         }
                     }
                     Op::Realloc => {
