@@ -601,3 +601,148 @@ fn kvh_synchronize_after_kvh_shutdown_before_start_up_has_nothing_left_unscrubbe
          failed:\n{stdout}"
     );
 }
+
+/// `kvh_record_stream`: "Unknown pointers are ignored." Before the allocator started every
+/// pointer is unknown, so the call has nothing to do: it does not start the allocator
+/// (backend, forensic log `start` record, threads) in a process that never allocated, as
+/// `kvh_free` of NULL and the query exports do not (a launcher that forks its workers
+/// afterwards would leave each of them without an allocator).
+#[test]
+fn kvh_record_stream_of_an_unknown_pointer_does_not_start_the_allocator() {
+    let name = "kvh_record_stream_of_an_unknown_pointer_does_not_start_the_allocator";
+    if in_child() {
+        ffi::kvh_record_stream(0xdead_0000 as *mut _, 0x5 as *mut _);
+        println!(
+            "LAST {} STARTED {}",
+            ffi::kvh_last_error(),
+            ffi::started_process_allocator().is_some()
+        );
+        return;
+    }
+    let dir = scratch("record-stream-unknown");
+    let logs = dir.join("logs");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[("KVH_OOM", "null"), ("KVH_LOG_DIR", logs.to_str().unwrap())],
+    );
+    let log_files = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok && stdout.contains("LAST 0"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("STARTED false") && log_files == 0,
+        "kvh_record_stream of a pointer kvhygiene never handed out started the allocator \
+         ({log_files} files in the log directory):\n{stdout}\n{stderr}"
+    );
+}
+
+/// `kvh_shutdown` before start-up keeps the allocator from ever starting, so no forensic log
+/// will ever read `FORENSIC_HMAC_SECRET`. As after a start-up that failed (and as when the log
+/// is off), the secret is then removed from the environment: it must not stay in
+/// `/proc/<pid>/environ` or pass to the processes this one starts.
+#[test]
+fn kvh_shutdown_before_start_up_removes_the_hmac_secret_from_the_environment() {
+    let name = "kvh_shutdown_before_start_up_removes_the_hmac_secret_from_the_environment";
+    if in_child() {
+        println!(
+            "BEFORE {}",
+            std::env::var_os("FORENSIC_HMAC_SECRET").is_some()
+        );
+        ffi::kvh_shutdown();
+        println!(
+            "AFTER {} INIT {}",
+            std::env::var_os("FORENSIC_HMAC_SECRET").is_some(),
+            ffi::kvh_init()
+        );
+        return;
+    }
+    let dir = scratch("shutdown-secret");
+    let logs = dir.join("logs");
+    let (ok, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_OOM", "null"),
+            ("KVH_LOG_DIR", logs.to_str().unwrap()),
+            ("FORENSIC_HMAC_SECRET", "0123456789abcdef0123456789abcdef"),
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        ok && stdout.contains("BEFORE true") && stdout.contains("INIT 7016"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("AFTER false"),
+        "FORENSIC_HMAC_SECRET stayed in the environment of a process whose allocator can no \
+         longer start:\n{stdout}"
+    );
+}
+
+/// Invariant 6 (ARCHITECTURE.md): no backend call once process exit has begun; docs/cuda.md:
+/// an allocation "after exit or `kvh_shutdown` began (also one that came before kvhygiene
+/// started) that needs fresh memory" is refused (`KVH_ERR_SHUTTING_DOWN`). A first allocation
+/// made by an exit handler that runs after the library's own exit watch (one registered
+/// before the library was loaded, as a static destructor of a library loaded earlier is)
+/// therefore does not start the allocator. The library is loaded with `dlopen` after the
+/// handler is registered, as PyTorch loads a pluggable allocator.
+#[test]
+fn a_first_allocation_during_process_exit_does_not_start_the_allocator() {
+    type Malloc = extern "C" fn(libc::ssize_t, libc::c_int, *mut libc::c_void) -> *mut libc::c_void;
+    type LastError = extern "C" fn() -> u32;
+    static EXPORTS: std::sync::OnceLock<(Malloc, LastError)> = std::sync::OnceLock::new();
+    let name = "a_first_allocation_during_process_exit_does_not_start_the_allocator";
+    if in_child() {
+        extern "C" fn during_exit() {
+            let Some((malloc, last_error)) = EXPORTS.get() else {
+                return;
+            };
+            let p = malloc(4096, 0, std::ptr::null_mut());
+            let line = format!("EXIT-MALLOC null={} code={}\n", p.is_null(), last_error());
+            // SAFETY: writes a local buffer to stdout; no Rust stdout state is used this late.
+            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        }
+        // SAFETY: registers an `extern "C"` function that does not unwind.
+        assert_eq!(unsafe { libc::atexit(during_exit) }, 0);
+        let path = library_dir().join("libkvhygiene.so");
+        // SAFETY: this build's libkvhygiene.so, whose constructor only registers handlers.
+        let lib = unsafe { libloading::Library::new(&path) }.unwrap();
+        // SAFETY: the exports' signatures, as include/kvhygiene.h declares them.
+        let exports = unsafe {
+            (
+                *lib.get::<Malloc>(b"kvh_malloc").unwrap(),
+                *lib.get::<LastError>(b"kvh_last_error").unwrap(),
+            )
+        };
+        EXPORTS.set(exports).unwrap();
+        // Loaded for the life of the process, as a pluggable allocator is.
+        std::mem::forget(lib);
+        return;
+    }
+    let dir = scratch("first-alloc-at-exit");
+    let logs = dir.join("logs");
+    let (_, stdout, stderr) = child(
+        name,
+        &[("KVH_OOM", "null"), ("KVH_LOG_DIR", logs.to_str().unwrap())],
+    );
+    let log_files = std::fs::read_dir(&logs).map(|d| d.count()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(stdout.contains("EXIT-MALLOC"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("EXIT-MALLOC null=true code=7016") && log_files == 0,
+        "an allocation made after process exit began started the allocator and was served \
+         fresh memory ({log_files} files in the log directory):\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("process exit had begun before the allocator started"),
+        "{stderr}"
+    );
+}
+
+/// The directory holding this build's libkvhygiene.so (next to the test binary, or above).
+fn library_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("test executable directory");
+    [deps.to_path_buf(), deps.join("..")]
+        .into_iter()
+        .find(|d| d.join("libkvhygiene.so").is_file())
+        .unwrap_or_else(|| panic!("libkvhygiene.so not found beside {}", deps.display()))
+}

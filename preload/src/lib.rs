@@ -70,7 +70,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
 use kvhygiene::ffi::{
-    is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_forks,
+    is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_process,
 };
 
 use cuda::*;
@@ -372,14 +372,15 @@ fn forked() -> bool {
     is_forked_child()
 }
 
-/// Registers the core's fork handler when this library is loaded, before the process can fork
-/// with kvhygiene started. One `.init_array` entry, which is all a constructor crate would add.
+/// Registers the core's fork and exit handlers when this library is loaded, before the
+/// process can fork with kvhygiene started or begin its exit. One `.init_array` entry, which
+/// is all a constructor crate would add.
 #[used]
 #[link_section = ".init_array"]
-static WATCH_FORKS: extern "C" fn() = watch_forks_at_load;
+static WATCH_PROCESS: extern "C" fn() = watch_process_at_load;
 
-extern "C" fn watch_forks_at_load() {
-    watch_forks();
+extern "C" fn watch_process_at_load() {
+    watch_process();
 }
 
 /// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling

@@ -241,13 +241,15 @@ fn free_common(
 /// scrub will be ordered after the work queued there. Unknown pointers are ignored.
 #[no_mangle]
 pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
-    boundary((), || match runtime::get() {
-        Ok(rt) => {
+    boundary((), || match runtime::get_if_begun() {
+        // Before start-up every pointer is unknown: nothing to do, and nothing is started.
+        None => clear_last_error(),
+        Some(Ok(rt)) => {
             rt.allocator
                 .record_stream(ptr as u64, stream_handle(stream));
             clear_last_error();
         }
-        Err(e) => set_last_error(e.code(), e.to_string()),
+        Some(Err(e)) => set_last_error(e.code(), e.to_string()),
     })
 }
 
@@ -811,12 +813,13 @@ pub fn is_forked_child() -> bool {
     runtime::is_forked_child()
 }
 
-/// Registers the fork handler behind [`is_forked_child`] (once; later calls do nothing). The
-/// library registers it when it is loaded; a front end that links this crate into its own
-/// shared library (the preload library) calls this from its constructor too, since a linker
-/// may leave the library's own constructor out.
-pub fn watch_forks() {
-    runtime::watch_forks()
+/// Registers the fork handler behind [`is_forked_child`], and the exit handler that keeps a
+/// first allocation during process exit from starting the allocator (once; later calls do
+/// nothing). The library registers them when it is loaded; a front end that links this crate
+/// into its own shared library (the preload library) calls this from its constructor too,
+/// since a linker may leave the library's own constructor out.
+pub fn watch_process() {
+    runtime::watch_process()
 }
 
 /// The process-wide allocator if it has already started; never starts it. An allocator

@@ -18,6 +18,14 @@
 //! shutdown) gets that error, which says what to fix; one whose parent had started, or was
 //! still starting, gets `KVH_ERR_FORKED_CHILD`.
 //!
+//! Process exit before start-up is watched too: an `atexit` handler registered when the
+//! library is loaded marks it, and a first allocation after that (a static destructor of a
+//! library loaded earlier, an exit handler registered before this library was loaded) gets
+//! `KVH_ERR_SHUTTING_DOWN` rather than a start-up, whose driver calls invariant 6 forbids
+//! once exit has begun. Exit handlers run in the reverse order of their registration, so one
+//! registered after the library was loaded runs before the mark, and its first allocation
+//! still starts the allocator (and its own exit handler then runs next).
+//!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
 //! allocator runs without that export.
@@ -105,6 +113,11 @@ pub(crate) enum StartError {
     ShutDown,
     #[error("kvhygiene: the start-up panicked (an internal error); the allocator did not start")]
     Panicked,
+    #[error(
+        "kvhygiene: process exit had begun before the allocator started; it serves no memory \
+         from then on"
+    )]
+    Exiting,
 }
 
 impl StartError {
@@ -114,7 +127,7 @@ impl StartError {
             StartError::Backend(_) => kvh_result::KVH_ERR_BACKEND,
             StartError::Log(_) => kvh_result::KVH_ERR_LOG,
             StartError::ForkedChild => kvh_result::KVH_ERR_FORKED_CHILD,
-            StartError::ShutDown => kvh_result::KVH_ERR_SHUTTING_DOWN,
+            StartError::ShutDown | StartError::Exiting => kvh_result::KVH_ERR_SHUTTING_DOWN,
             StartError::Panicked => kvh_result::KVH_ERR_PANIC,
         }
     }
@@ -127,6 +140,9 @@ static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
 
 /// Set when this process begins starting the runtime, before anything of it exists.
 static STARTING: AtomicBool = AtomicBool::new(false);
+
+/// Set by the `atexit` handler registered at load (see the module documentation).
+static EXITING: AtomicBool = AtomicBool::new(false);
 
 static FORKED_CHILD_ERROR: StartError = StartError::ForkedChild;
 
@@ -165,7 +181,7 @@ pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
 fn start_once() -> Result<&'static Runtime, &'static StartError> {
     // Before the start-up begins, so that a child forked during it is marked. Registering
     // again is a no-op (when the loader ran no constructor, as in a static link).
-    watch_forks();
+    watch_process();
     STARTING.store(true, Ordering::SeqCst);
     RUNTIME.get_or_init(start).as_ref()
 }
@@ -200,21 +216,22 @@ pub(crate) fn is_forked_child() -> bool {
     FORKED_CHILD.load(Ordering::Relaxed)
 }
 
-/// The fork handler, registered when the library is loaded: one `.init_array` entry (all a
-/// constructor crate would add), which the loader runs before any code of the process can
-/// call into the library, so before any start-up.
+/// The fork and exit handlers, registered when the library is loaded: one `.init_array`
+/// entry (all a constructor crate would add), which the loader runs before any code of the
+/// process can call into the library, so before any start-up.
 #[used]
 #[link_section = ".init_array"]
-static WATCH_FORKS_AT_LOAD: extern "C" fn() = watch_forks_at_load;
+static WATCH_PROCESS_AT_LOAD: extern "C" fn() = watch_process_at_load;
 
-extern "C" fn watch_forks_at_load() {
-    watch_forks();
+extern "C" fn watch_process_at_load() {
+    watch_process();
 }
 
-/// Registers the child handler that marks a child forked after start-up began, once per
-/// process. Front ends linking this crate (the preload library) call it from their own
-/// constructor, since a linker may leave out an unreferenced constructor of a library.
-pub(crate) fn watch_forks() {
+/// Registers, once per process, the child handler that marks a child forked after start-up
+/// began and the exit handler that marks exit begun. Front ends linking this crate (the
+/// preload library) call it from their own constructor, since a linker may leave out an
+/// unreferenced constructor of a library.
+pub(crate) fn watch_process() {
     extern "C" fn mark_child() {
         // Runs in the child, on the copy of the parent's memory: async-signal-safe loads and
         // stores only.
@@ -237,6 +254,18 @@ pub(crate) fn watch_forks() {
              use the allocator it inherited"
         ));
     }
+    extern "C" fn mark_exit() {
+        EXITING.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: `mark_exit` is an `extern "C" fn()` that stores an atomic and cannot unwind.
+    // In a shared library glibc registers it for this library's DSO, so a `dlclose` runs it
+    // (marking a library about to be unmapped) and it never outlives its code.
+    if unsafe { libc::atexit(mark_exit) } != 0 {
+        say(format_args!(
+            "kvhygiene: cannot register the exit watch; a first allocation during exit would \
+             start the allocator"
+        ));
+    }
 }
 
 fn start() -> Result<Runtime, StartError> {
@@ -257,6 +286,9 @@ fn start() -> Result<Runtime, StartError> {
 }
 
 fn try_start() -> Result<Runtime, StartError> {
+    if EXITING.load(Ordering::SeqCst) {
+        return Err(StartError::Exiting);
+    }
     let config = Config::from_env().map_err(|e| StartError::Config(e.to_string()))?;
     let _ = CONFIGURED_OOM.set(config.oom);
     // The log opens first: a process configured to keep evidence must not serve memory
@@ -354,14 +386,16 @@ pub(crate) fn shutdown() {
     }
     // As a start-up: a child forked from here on is marked (and returns above), never left
     // with the lock below held or the runtime cell half set.
-    watch_forks();
+    watch_process();
     STARTING.store(true, Ordering::SeqCst);
     // One shutdown at a time: a second call, from another thread, returns only once the first
     // has written the log's stop record and the last snapshot (its caller may exit then).
     let _one = SHUTTING_DOWN.lock().unwrap_or_else(|p| p.into_inner());
-    if RUNTIME.get().is_none() {
-        // Loses only to a start-up racing it, whose runtime is then shut down below.
-        let _ = RUNTIME.set(Err(StartError::ShutDown));
+    if RUNTIME.get().is_none() && RUNTIME.set(Err(StartError::ShutDown)).is_ok() {
+        // (Loses only to a start-up racing it, whose runtime is then shut down below.) The
+        // allocator will never start, so no log will read the HMAC secret: as after a failed
+        // start-up, it must not stay in `/proc/<pid>/environ` or pass to child processes.
+        crate::forensic::keys::discard_env_secret();
     }
     if let Some(rt) = own_runtime() {
         if rt.allocator.is_shut_down() {
