@@ -63,3 +63,98 @@ fn null_mode_from_the_config_file_never_throws_when_start_up_fails() {
         out.status
     );
 }
+
+/// A start-up that fails after the forensic log opened (here: `backend = "cuda"` and a
+/// `libcuda.so.1` that opens but is not a driver) ends the chain with a `stop` record that
+/// carries the error as `start_failed`: the chain says why the process served no memory
+/// rather than reading as a clean run of a process that had nothing to do.
+#[test]
+fn a_start_up_that_fails_after_the_log_opened_says_why_in_the_stop_record() {
+    let name = "a_start_up_that_fails_after_the_log_opened_says_why_in_the_stop_record";
+    if std::env::var_os(CASE).is_some() {
+        let p = kvhygiene::ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!(
+            "RETURNED null={} code={}",
+            p.is_null(),
+            kvhygiene::ffi::kvh_last_error()
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvh-ffi-start-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (driver, logs) = (dir.join("driver"), dir.join("logs"));
+    std::fs::create_dir_all(&driver).unwrap();
+    // Opens, but lacks the driver's symbols: a broken driver, refused on every machine (the
+    // loader searches LD_LIBRARY_PATH before any installed driver).
+    std::fs::copy(mapped_libc(), driver.join("libcuda.so.1")).unwrap();
+    let config = dir.join("kvh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "oom = \"null\"\nbackend = \"cuda\"\nlog_dir = \"{}\"\n",
+            logs.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CASE, "1")
+        .env("KVH_CONFIG", &config)
+        .env("LD_LIBRARY_PATH", &driver)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let records: Vec<serde_json::Value> = std::fs::read_dir(&logs)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+                .flat_map(|e| {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str(l).ok())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let report = kvhygiene::forensic::verify::verify_all(&logs, &Default::default());
+    let evidence = Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("evidence")
+        .arg(&logs)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        stdout.contains("RETURNED null=true code=7012"),
+        "{stdout}\n{stderr}"
+    );
+    let kinds: Vec<&str> = records.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(kinds, ["start", "stop"], "{records:?}\n{stderr}");
+    let why = records[1]["start_failed"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("kvhygiene backend") && why.contains("libcuda.so.1"),
+        "the stop record does not say why start-up failed: {:?}",
+        records[1]
+    );
+    assert!(report.is_ok_and(|r| r.ok()), "the chain does not verify");
+    let evidence: serde_json::Value = serde_json::from_slice(&evidence.stdout).unwrap();
+    let process = &evidence["processes"][0];
+    assert!(
+        process["start_failed"]
+            .as_str()
+            .is_some_and(|e| e.contains("kvhygiene backend")),
+        "kvh evidence does not say the process's start-up failed: {process}"
+    );
+}
+
+/// The C library this process runs on (always mapped).
+fn mapped_libc() -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(std::path::PathBuf::from)
+        .expect("libc is mapped")
+}

@@ -107,8 +107,8 @@ pub(crate) enum StartError {
     )]
     ForkedChild,
     #[error(
-        "kvhygiene: kvh_shutdown was called before the allocator started; it serves no memory \
-         in this process"
+        "kvhygiene: kvh_shutdown was called before the allocator started (in this process, or \
+         in the parent it was forked from afterwards); it serves no memory here"
     )]
     ShutDown,
     #[error("kvhygiene: the start-up panicked (an internal error); the allocator did not start")]
@@ -304,8 +304,18 @@ fn try_start() -> Result<Runtime, StartError> {
              but not recorded"
         ));
     }
-    let backend =
-        backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
+    let backend = match backend::select(config.backend) {
+        Ok(backend) => backend,
+        Err(e) => {
+            let error = StartError::Backend(e.to_string());
+            // The log's chain says why this process served no memory: its `stop` record
+            // carries the error (it would otherwise read as a clean run).
+            if let Some(log) = &log {
+                log.stop_after_failed_start(&error.to_string());
+            }
+            return Err(error);
+        }
+    };
     // The detector sits between the allocator and the log: it sees every event, forwards it
     // unchanged and adds `anomaly` records after the events that trip its rules.
     let layered = anomaly::layer(

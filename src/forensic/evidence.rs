@@ -313,6 +313,10 @@ pub struct Process {
     pub last_record: Option<String>,
     /// The run ends with a `stop` record.
     pub clean_stop: bool,
+    /// The start-up error its `stop` record carries: the start-up failed after the log
+    /// opened, and the process served no memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_failed: Option<String>,
     /// The run began with a `recovery` record: it continued a chain whose writer crashed.
     pub recovered: bool,
     /// No `start` or `recovery` record of the run is in the records read (`prune-log` moved
@@ -1247,7 +1251,10 @@ impl Tally {
                 process.config_digest = text("config_digest");
                 process.recovered = kind == "recovery";
             }
-            "stop" => process.clean_stop = true,
+            "stop" => {
+                process.clean_stop = true;
+                process.start_failed = text("start_failed");
+            }
             _ => {}
         }
         // A record without a time cannot be placed in a period; every writer gives one.
@@ -1764,10 +1771,10 @@ pub fn render(ev: &Evidence) -> String {
             .config_digest
             .as_deref()
             .map(|d| d.chars().take(16).collect::<String>());
-        let end = if p.clean_stop {
-            "clean stop"
-        } else {
-            "no stop record (running or crashed)"
+        let end = match (&p.start_failed, p.clean_stop) {
+            (Some(e), _) => format!("start-up failed, served no memory: {}", cell(e)),
+            (None, true) => "clean stop".into(),
+            (None, false) => "no stop record (running or crashed)".into(),
         };
         push(format!(
             "| {} | {} | {} | {} | {} | {} | {} | {}{} |",

@@ -153,8 +153,10 @@ fn scrub_env_value(name: &[u8]) -> bool {
     // SAFETY: `environ` is either null or a null-terminated array of pointers to
     // NUL-terminated strings (POSIX). It is read once here and walked in a single pass,
     // under the same precondition as `std::env::remove_var`, which is called right after:
-    // no other thread reads or changes the environment meanwhile (the log is opened at
-    // start-up). The entries are writable memory: the exec-time environment is on the
+    // no other thread changes the environment meanwhile. kvhygiene cannot enforce that (this
+    // runs at start-up, the process's first allocation, or when a start-up ends): a process
+    // that calls `setenv` from another thread then breaks it, as it breaks every `getenv` of
+    // the C library. The entries are writable memory: the exec-time environment is on the
     // initial stack, and `setenv` (which std uses) copies into the heap.
     unsafe {
         let mut p = std::ptr::addr_of!(environ).read();

@@ -208,7 +208,8 @@ pub(crate) enum Msg {
     Wake,
     /// Write everything queued so far, then acknowledge.
     Flush(SyncSender<()>),
-    Stop(SyncSender<()>),
+    /// Write the `stop` record (with the start-up's error when it failed), then acknowledge.
+    Stop(SyncSender<()>, Option<String>),
 }
 
 /// A record on its way to the writer, counted in `records_lost` if it is dropped unwritten:
@@ -408,10 +409,17 @@ impl ForensicLog {
     /// Idempotent; never panics; safe from an exit handler; returns within about 10 s even
     /// when the disk hangs. A no-op in a forked child: the chain belongs to the parent.
     pub fn stop(&self) {
-        self.stop_within(STOP_TIMEOUT);
+        self.stop_within(STOP_TIMEOUT, None);
     }
 
-    fn stop_within(&self, limit: Duration) {
+    /// [`ForensicLog::stop`] for a process whose start-up failed after the log opened (no
+    /// usable backend): its `stop` record carries the error as `start_failed`, so that the
+    /// chain says why a process that served no memory ended, and is not read as a clean run.
+    pub fn stop_after_failed_start(&self, error: &str) {
+        self.stop_within(STOP_TIMEOUT, Some(error.to_owned()));
+    }
+
+    fn stop_within(&self, limit: Duration, start_failed: Option<String>) {
         if self.forked() {
             return;
         }
@@ -423,16 +431,16 @@ impl ForensicLog {
             self.shared.wait_for_first_stop(limit);
             return;
         }
-        self.stop_first(limit);
+        self.stop_first(limit, start_failed);
         self.shared.update_stopping(|s| s.first_returned = true);
     }
 
     /// The first `stop`: queues the stop message and waits, bounded, for the writer's last
     /// write.
-    fn stop_first(&self, limit: Duration) {
+    fn stop_first(&self, limit: Duration, start_failed: Option<String>) {
         let deadline = Instant::now() + limit;
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        if !self.send_before(Msg::Stop(ack_tx), deadline) {
+        if !self.send_before(Msg::Stop(ack_tx, start_failed), deadline) {
             return;
         }
         // A writer stuck in the kernel (hung NFS) must not hang process exit forever.
@@ -776,7 +784,7 @@ mod stop_tests {
             pid: std::process::id(),
         };
         let t = Instant::now();
-        log.stop_within(Duration::from_millis(200));
+        log.stop_within(Duration::from_millis(200), None);
         assert!(t.elapsed() < Duration::from_secs(5));
         drop(rx);
     }

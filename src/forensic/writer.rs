@@ -71,6 +71,9 @@ pub(crate) struct ChainWriter {
     lost: Option<Lost>,
     /// Whether `lost` is already described by a record in `buf`.
     lost_in_buf: bool,
+    /// The start-up error the `stop` record carries, when the process's start-up failed
+    /// after the log opened.
+    start_failed: Option<String>,
     dirty_since_sync: bool,
     /// An fsync of this chain failed. After a failed fsync the kernel may have dropped the
     /// dirty pages and a later fsync can succeed without them, so no record written before
@@ -202,6 +205,7 @@ impl ChainWriter {
             buf_kinds: Vec::new(),
             lost: None,
             lost_in_buf: false,
+            start_failed: None,
             dirty_since_sync: false,
             fsync_failed: false,
             last_sync: Instant::now(),
@@ -341,7 +345,10 @@ impl ChainWriter {
             }
             Msg::Wake => {}
             Msg::Flush(a) => acks.push(a),
-            Msg::Stop(a) => *stop = Some(Some(a)),
+            Msg::Stop(a, start_failed) => {
+                self.start_failed = start_failed.map(|e| bounded_text(&e));
+                *stop = Some(Some(a));
+            }
         }
     }
 
@@ -918,6 +925,9 @@ impl ChainWriter {
             "records_lost".into(),
             self.shared.records_lost.load(Ordering::Relaxed).into(),
         );
+        if let Some(e) = &self.start_failed {
+            f.insert("start_failed".into(), e.as_str().into());
+        }
         f
     }
 
@@ -935,6 +945,15 @@ impl ChainWriter {
         self.sync();
         let _ = self.checkpoint();
     }
+}
+
+/// Characters of a start-up error kept in a `stop` record: far more than any error message,
+/// few enough that a record stays small.
+const START_FAILED_CHARS: usize = 1024;
+
+/// `text` cut to [`START_FAILED_CHARS`] characters.
+fn bounded_text(text: &str) -> String {
+    text.chars().take(START_FAILED_CHARS).collect()
 }
 
 /// Whether sealing a record may rotate the file first.
