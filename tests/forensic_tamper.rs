@@ -538,3 +538,49 @@ fn a_record_nested_deeper_than_32_levels_is_reported() {
         "32 levels",
     );
 }
+
+/// With `--allow-pruned`, a chain whose oldest files are gone and for which no prune manifest
+/// exists is reported at the first file left, line 1, as it is without `--allow-pruned`:
+/// the report names a file that holds the chain, not the name of a manifest that does not
+/// exist.
+#[test]
+fn missing_oldest_files_without_a_manifest_are_reported_at_an_existing_file_with_allow_pruned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    fs::remove_file(&files[0]).unwrap();
+    fs::remove_file(&files[1]).unwrap();
+    let plain = verify(&dir, &keyed_opts());
+    assert_problem(&plain, &name(&files[2]), 1, "missing");
+    let pruned = verify(
+        &dir,
+        &VerifyOptions {
+            allow_pruned: true,
+            ..keyed_opts()
+        },
+    );
+    let p = pruned
+        .first_problem()
+        .expect("the missing files are a problem");
+    assert!(
+        dir.join(&p.file).exists(),
+        "the problem names {}, which is not a file in the log directory: {p}",
+        p.file
+    );
+    assert_problem(&pruned, &name(&files[2]), 1, "missing");
+}
+
+/// A chain file has one name (docs/forensic-log.md, "Files and chains": the index
+/// zero-padded to six digits). A file renamed to another spelling of its index
+/// (`kvh-CHAIN-0000001.jsonl`) is not the chain's file: the chain misses file 1, reported at
+/// the next file that exists, and no report names a file that is not on disk.
+#[test]
+fn a_chain_file_renamed_to_another_spelling_of_its_index_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let seven = files[1].with_file_name(name(&files[1]).replace("-000001.jsonl", "-0000001.jsonl"));
+    fs::rename(&files[1], &seven).unwrap();
+    let r = verify(&dir, &keyed_opts());
+    let p = r.first_problem().expect("file 1 is missing");
+    assert!(dir.join(&p.file).exists(), "{p}");
+    assert_problem(&r, &name(&files[2]), 1, "missing");
+}

@@ -32,16 +32,22 @@ pub fn file_name(chain: &str, index: u64) -> String {
     format!("kvh-{chain}-{index:06}.jsonl")
 }
 
-/// Parses a chain file name; `None` for any other file.
+/// Parses a chain file name, as [`file_name`] spells it; `None` for any other file. One
+/// spelling per file: another (`-0000001` for file 1) is not the chain's file, so every
+/// report that names a file names the one on disk.
 pub fn parse_file_name(name: &str) -> Option<ChainFile> {
     let rest = name.strip_prefix("kvh-")?.strip_suffix(".jsonl")?;
     let (chain, idx) = rest.rsplit_once('-')?;
     if idx.len() < 6 || !idx.bytes().all(|b| b.is_ascii_digit()) || !valid_chain_id(chain) {
         return None;
     }
+    let index: u64 = idx.parse().ok()?;
+    if file_name(chain, index) != name {
+        return None;
+    }
     Some(ChainFile {
         chain: chain.to_string(),
-        index: idx.parse().ok()?,
+        index,
     })
 }
 
@@ -831,6 +837,12 @@ mod tests {
             })
         );
         assert_eq!(parse_file_name("kvh-p1-t2-7.jsonl"), None);
+        // One spelling per file: extra leading zeros are another file's name.
+        assert_eq!(parse_file_name("kvh-p1-t2-0000001.jsonl"), None);
+        assert_eq!(
+            parse_file_name("kvh-p1-t2-1000000.jsonl").map(|f| f.index),
+            Some(1_000_000)
+        );
         assert_eq!(parse_file_name("kvh-x-000001.jsonl"), None);
         assert_eq!(parse_file_name("other.jsonl"), None);
     }

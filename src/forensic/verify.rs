@@ -1179,6 +1179,16 @@ impl<'a> Walk<'a> {
         first: u64,
         opts: &VerifyOptions,
     ) -> Result<(), Problem> {
+        // Without a manifest the problem is the first file left's, as without
+        // `--allow-pruned`: the report names a file on disk.
+        let m = manifest.ok_or_else(|| Problem {
+            file: files::file_name(self.chain, first),
+            line: 1,
+            reason: format!(
+                "chain starts at file index {first}: files 0..{first} are missing, and no \
+                 prune manifest accounts for them"
+            ),
+        })?;
         let name = prune::manifest_path(Path::new(""), self.chain)
             .display()
             .to_string();
@@ -1187,12 +1197,6 @@ impl<'a> Walk<'a> {
             line: 1,
             reason,
         };
-        let m = manifest.ok_or_else(|| {
-            bad(format!(
-                "chain starts at file index {first}: files 0..{first} are missing, and no \
-                 prune manifest accounts for them"
-            ))
-        })?;
         let keys = manifest_keys(opts).map_err(&bad)?;
         let sealer = manifest_sealer(m, &keys)
             .map_err(&bad)?
