@@ -584,3 +584,28 @@ fn a_chain_file_renamed_to_another_spelling_of_its_index_is_missing() {
     assert!(dir.join(&p.file).exists(), "{p}");
     assert_problem(&r, &name(&files[2]), 1, "missing");
 }
+
+/// A checkpoint moved onto another chain's checkpoint name (which would leave that chain
+/// without its checkpoint, unseen) is an error, as it is when found late; a copy given by a
+/// name of its own is read as the chain it names.
+#[test]
+fn a_checkpoint_under_another_chains_name_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let own = fs::read_dir(&ck).unwrap().next().unwrap().unwrap().path();
+    let copy = tmp.path().join("latest.ckpt");
+    fs::copy(&own, &copy).unwrap();
+    let mut opts = with_checkpoint(&copy, &public);
+    assert!(verify(&dir, &opts).ok(), "a copy given by its own name");
+    let moved = ck.join("kvh-p1-t2.ckpt");
+    fs::rename(&own, &moved).unwrap();
+    opts.checkpoints = vec![ck.clone()];
+    let r = verify(&dir, &opts);
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.contains("under the name of chain p1-t2")),
+        "{r:?}"
+    );
+}

@@ -639,6 +639,16 @@ fn load_checkpoints(
             }
             match checkpoint::read(&f, &opts.public_keys) {
                 Ok(c) => {
+                    if let Some(named) = named_chain(&f).filter(|n| *n != c.chain) {
+                        // As `late_checkpoint` says: moved onto another chain's name, it
+                        // would leave that chain without its checkpoint, unseen.
+                        report.errors.push(format!(
+                            "{}: a checkpoint of chain {} under the name of chain {named}",
+                            f.display(),
+                            c.chain
+                        ));
+                        continue;
+                    }
                     if let Some(first) = seen.get(&c.chain) {
                         // Which one is genuine cannot be decided: both are tampering evidence.
                         report.errors.push(format!(
@@ -657,6 +667,14 @@ fn load_checkpoints(
         }
     }
     Ok((out, files_seen))
+}
+
+/// The chain a checkpoint file's name names (`kvh-<chain>.ckpt`, as the writer names it);
+/// `None` for a file named otherwise (a copy given by its own name).
+fn named_chain(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let chain = name.strip_prefix("kvh-")?.strip_suffix(".ckpt")?;
+    files::valid_chain_id(chain).then(|| chain.to_owned())
 }
 
 /// One HMAC secret given to the verifier, as a chain walk holds it.
