@@ -1594,3 +1594,42 @@ fn the_report_names_a_torn_tail_that_verify_log_reports() {
         "verify-log reports a torn tail ({verify_out}), the evidence report does not:\n{report}"
     );
 }
+
+/// "Signed checkpoints: matched for N of M chains" counts the chains that verified and whose
+/// checkpoint matched: a chain whose checkpoint's head was found, but which failed further
+/// on (a line after its `stop` record), is not among them.
+#[test]
+fn a_chain_that_failed_after_its_checkpoint_matched_is_not_counted_as_matched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("logs");
+    let ck = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ck.clone());
+    write_log(&c, 20, false);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    write_log(&c, 20, false);
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let last = files.last().unwrap();
+    let text = std::fs::read_to_string(last).unwrap();
+    let first_line = text.lines().next().unwrap().to_owned();
+    std::fs::write(last, format!("{text}{first_line}\n")).unwrap();
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--public-key",
+            public.to_str().unwrap(),
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ev["integrity"]["chains"], 2, "{ev}");
+    assert_eq!(ev["integrity"]["checkpoints_matched"], 1, "{ev}");
+}

@@ -262,7 +262,7 @@ pub struct Integrity {
     /// signed checkpoint names their HMAC secret and signer), which whoever holds another
     /// key given could have rewritten.
     pub unbound: Vec<String>,
-    /// Chains whose signed checkpoint matched, when a public key was given.
+    /// Chains that verified and whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
     /// the moved range's end are not in this report.
@@ -816,7 +816,9 @@ fn integrity(r: &Report) -> Integrity {
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()
-                .filter(|c| c.checkpoint_seq.is_some())
+                // A chain that failed later in its walk did not match, whatever its
+                // checkpoint's head was found to be.
+                .filter(|c| c.ok() && c.checkpoint_seq.is_some())
                 .count()
         }),
         pruned: r
