@@ -246,8 +246,9 @@ void kvh_empty_cache(void);
 // freed. After `kvh_shutdown` (also one that began during the call),
 // `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left pending then) were not scrubbed,
 // or were verified but could not be returned to the device: none will be, and they are
-// leaked, never handed out. Before the allocator started (also after a `kvh_shutdown` that
-// came first), `KVH_OK`: nothing was freed, and it is not started.
+// leaked, never handed out. Before the allocator started (also after a `kvh_shutdown`, or
+// the start of process exit, that came first), `KVH_OK`: nothing was freed, and it is not
+// started.
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
@@ -295,7 +296,8 @@ void kvh_clear_context(void);
 // yet) it does not start it, and writes `{"started":false,"version":"..."}` (or returns
 // `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
 // in a launcher must not leave the workers it forks without an allocator. After a
-// `kvh_shutdown` that came before start-up, `{"started":false,"shut_down":true,...}`.
+// `kvh_shutdown` (or the start of process exit) that came before start-up,
+// `{"started":false,"shut_down":true,...}`.
 // Like the other query exports, it leaves the thread's last error unchanged when it answers
 // (a buffer too small included); when the allocator could not start, that start-up error,
 // with its reason, is the last error.

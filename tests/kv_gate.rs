@@ -5,6 +5,7 @@ mod common;
 
 use common::{manual_config, secret, Fixture};
 use kvhygiene::alloc::{KvClaimError, KvClaimReport, KvLayout, KvScrubError};
+use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::StreamHandle;
 use kvhygiene::config::{Config, KvGateMode, KvGateScope};
 use kvhygiene::context::Context;
@@ -1190,5 +1191,210 @@ fn a_scrub_that_launched_nothing_leaves_the_gate_ledger_as_it_was() {
     assert!(
         matches!(&r, Ok(r) if r.claimed == 1),
         "a scrub that launched nothing changed what the gate knows of the cache: {r:?}"
+    );
+}
+
+/// A backend that answers submissions on one stream as a CUDA graph capture does (refused
+/// before anything launched), after a test let them through, and a sink that holds a thread
+/// that emits an engine scrub's failed `kv_scrub` record (after the pool lock is dropped,
+/// before the verdict reaches the gate's ledger) until the test lets it go.
+mod capture_race {
+    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::{Arc, Mutex};
+
+    use kvhygiene::backend::host::HostBackend;
+    use kvhygiene::backend::{
+        Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+    };
+    use kvhygiene::events::{Event, EventKind, EventSink};
+
+    /// Submissions on this stream are refused as a capture refuses them.
+    pub const CAPTURING: u64 = 9;
+
+    pub struct Capture {
+        pub host: Arc<HostBackend>,
+        /// Told when a submission on [`CAPTURING`] has begun (under the pool lock).
+        pub entered: Mutex<Option<Sender<()>>>,
+        /// Waited on before that submission is refused.
+        pub proceed: Mutex<Option<Receiver<()>>>,
+    }
+
+    impl Backend for Capture {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Host
+        }
+        fn device_count(&self) -> u32 {
+            self.host.device_count()
+        }
+        fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
+            self.host.allocate(d, len)
+        }
+        fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
+            self.host.release(d, a, len)
+        }
+        fn zero_fresh(
+            &self,
+            d: u32,
+            a: DevicePtr,
+            len: u64,
+            s: StreamHandle,
+        ) -> Result<(), BackendError> {
+            self.host.zero_fresh(d, a, len, s)
+        }
+        unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+            if b.stream.0 == CAPTURING {
+                if let Some(tx) = self.entered.lock().unwrap().take() {
+                    tx.send(()).unwrap();
+                }
+                if let Some(rx) = self.proceed.lock().unwrap().take() {
+                    rx.recv().unwrap();
+                }
+                return Err(BackendError::StreamCapturing {
+                    stream: CAPTURING,
+                    what: "a KV scrub",
+                });
+            }
+            // SAFETY: 1-2. this method's own contract, passed on unchanged.
+            unsafe { self.host.submit_scrub(b) }
+        }
+        fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+            self.host.write(d, a, src)
+        }
+        fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+            self.host.read(d, a, dst)
+        }
+        fn inject_fault(&self, segments: u64) -> Result<(), BackendError> {
+            self.host.inject_fault(segments)
+        }
+        fn shutdown(&self) {
+            self.host.shutdown()
+        }
+    }
+
+    /// Holds the thread that emits the first failed engine `kv_scrub` record.
+    #[derive(Default)]
+    pub struct HoldFailedScrub {
+        pub judged: Mutex<Option<Sender<()>>>,
+        pub release: Mutex<Option<Receiver<()>>>,
+    }
+
+    impl EventSink for HoldFailedScrub {
+        fn emit(&self, event: Event) {
+            let EventKind::KvScrubbed(record) = &event.kind else {
+                return;
+            };
+            if record.failed_blocks == 0 {
+                return;
+            }
+            if let Some(tx) = self.judged.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                if let Some(rx) = self.release.lock().unwrap().take() {
+                    rx.recv().unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// "A block whose last scrub failed is never handed over until a scrub verifies it." An
+/// engine scrub that fails verification (residue: the block was written after an earlier
+/// scrub verified it) makes the block FAILED, also when the block was CLEAN. When that verdict
+/// reaches the gate while a `kvh_scrub_blocks` through another view of the memory holds the
+/// cache's ledger displaced (its ledger created, its submission not yet refused by a graph
+/// capture), taking the refused scrub's ledger back must not bring back the cache's ledger as
+/// it was before the failed verdict: the block must still be refused to the next claimant.
+#[test]
+fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_refuses_the_block() {
+    use kvhygiene::backend::Backend;
+    use std::sync::mpsc::channel;
+    use std::sync::Arc;
+
+    let host = HostBackend::new();
+    let (entered_tx, entered_rx) = channel();
+    let (proceed_tx, proceed_rx) = channel();
+    let backend = Arc::new(capture_race::Capture {
+        host: host.clone(),
+        entered: std::sync::Mutex::new(Some(entered_tx)),
+        proceed: std::sync::Mutex::new(Some(proceed_rx)),
+    });
+    let (judged_tx, judged_rx) = channel();
+    let (release_tx, release_rx) = channel();
+    let sink = Arc::new(capture_race::HoldFailedScrub {
+        judged: std::sync::Mutex::new(Some(judged_tx)),
+        release: std::sync::Mutex::new(Some(release_rx)),
+    });
+    let alloc = kvhygiene::alloc::Allocator::new(
+        backend.clone(),
+        config(KvGateMode::Scrub, KvGateScope::Request),
+        Some(sink.clone()),
+    );
+    let len = 2 * BLOCKS * BLOCK;
+    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let fine = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    let coarse = KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    };
+    // Block 5 is request a's, then handed in and verified by the engine: CLEAN.
+    as_request("t", "a", || {
+        alloc.claim_kv_blocks(&fine, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    alloc
+        .scrub_kv_blocks(&fine, &[5], 0, StreamHandle(2))
+        .unwrap();
+    // Something writes a's keys into it afterwards; the engine's next scrub of it fails.
+    for &base in &fine.regions {
+        host.write(0, base + 5 * BLOCK, &secret(BLOCK as usize, 0x5a))
+            .unwrap();
+    }
+    host.inject_fault(2).unwrap();
+    let engine = std::thread::scope(|s| {
+        let failing = s.spawn(|| alloc.scrub_kv_blocks(&fine, &[5], 0, StreamHandle(2)));
+        // The failed scrub is judged (pool lock dropped); its verdict is not applied yet.
+        judged_rx.recv().unwrap();
+        // Another view's scrub creates its ledger (displacing the cache's) and is being
+        // submitted on a capturing stream.
+        let refused = s.spawn(|| {
+            alloc.scrub_kv_blocks(&coarse, &[0], 0, StreamHandle(capture_race::CAPTURING))
+        });
+        entered_rx.recv().unwrap();
+        release_tx.send(()).unwrap();
+        let engine = failing.join().unwrap();
+        proceed_tx.send(()).unwrap();
+        let refused = refused.join().unwrap();
+        assert!(
+            matches!(refused, Err(KvScrubError::Backend(_))),
+            "{refused:?}"
+        );
+        engine
+    });
+    let engine = engine.unwrap();
+    assert_eq!(
+        engine.failed,
+        vec![5],
+        "the engine's scrub of block 5 failed"
+    );
+    let r = as_request("t", "b", || {
+        alloc.claim_kv_blocks(&fine, &[5], 0, StreamHandle(2))
+    });
+    let r = r.unwrap();
+    let zero = fine.regions.iter().all(|&base| {
+        let mut v = vec![1u8; BLOCK as usize];
+        host.read(0, base + 5 * BLOCK, &mut v).unwrap();
+        v.iter().all(|&x| x == 0)
+    });
+    // Refused, or handed over only once a gate scrub verified it.
+    assert!(
+        r.refused == vec![5] || (r.gate_scrubbed == vec![5] && zero),
+        "block 5, whose last scrub failed verification, was handed to request b without a \
+         scrub (zero: {zero}, still holding a's bytes): {r:?}"
     );
 }

@@ -452,25 +452,33 @@ impl Allocator {
                     }
                 }
             }
+            // An engine scrub the backend would refuse before launching anything is refused
+            // here, before it uses (or creates, dropping the other views') its cache's ledger:
+            // a refused call records nothing. (A gate scrub's claim used its ledger already.)
+            if seen.is_none() {
+                if let Some(e) = self.refused_before_launch(call.dev, call.stream) {
+                    return Ok(Launched {
+                        owners,
+                        tickets: Vec::new(),
+                        error: Some(e),
+                        seen: None,
+                    });
+                }
+            }
             // Before anything is submitted: a claim after this point shows in the generations.
             // (The ledger lock is taken inside the pool lock here and never the other way.)
-            let (seen, mut opened) = match seen {
-                Some(seen) => (Some(seen), None),
-                None => self.kv_generations(call.dev, layout, &owners, call.ids),
-            };
+            let seen = seen.or_else(|| self.kv_generations(call.dev, layout, &owners, call.ids));
             let mut launched = Launched {
                 owners,
                 tickets: Vec::new(),
                 error: None,
                 seen,
             };
-            let mut launched_nothing = false;
             for (n, segments) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
                 // be under way when exit begins.
                 if self.inner.shutting_down.load(Ordering::Acquire) {
                     launched.error = Some(BackendError::ShuttingDown);
-                    launched_nothing = n == 0;
                     break;
                 }
                 let len = segments.len();
@@ -500,7 +508,6 @@ impl Allocator {
                         pool.record_stream(owner.addr, call.stream);
                     }
                 }
-                launched_nothing = n == 0 && nothing_launched;
                 match submitted {
                     Ok(ticket) => {
                         pool.stats.counters.scrub_batches += 1;
@@ -512,16 +519,25 @@ impl Allocator {
                     }
                 }
             }
-            if launched_nothing {
-                // Refused before anything launched: the call records nothing, in the gate's
-                // ledgers either (it has no verdict to apply).
-                if let Some(opened) = opened.take() {
-                    self.ledgers().undo(opened);
-                }
-                launched.seen = None;
-            }
             Ok(launched)
         })
+    }
+
+    /// Why the backend would refuse a scrub on `stream` before launching anything, asked
+    /// before the call changes anything: exit has begun, or the stream is capturing a CUDA
+    /// graph. A capture that begins after the question is refused at submission, as before
+    /// (its cache's ledger was used by then). A failed query is left to the submission.
+    fn refused_before_launch(&self, dev: u32, stream: StreamHandle) -> Option<BackendError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Some(BackendError::ShuttingDown);
+        }
+        match self.inner.backend.is_capturing(dev, stream) {
+            Ok(true) => Some(BackendError::StreamCapturing {
+                stream: stream.0,
+                what: "scrub launch",
+            }),
+            Ok(false) | Err(_) => None,
+        }
     }
 
     /// Turns verification results into the report, counters and events: every verified

@@ -241,18 +241,6 @@ impl Sorted {
 pub(crate) struct Ledgers {
     books: Vec<Book>,
     clock: u64,
-    /// When a ledger was last created, dropped or forgotten: an [`Opened`] ledger can be
-    /// taken back only while nothing of the kind happened since.
-    reshaped: u64,
-}
-
-/// A ledger a scrub's submission created, and the ledgers its creation dropped (other views
-/// of its memory) or forgot (the least recently used), kept until the submission's outcome:
-/// a scrub refused before anything launched takes the creation back ([`Ledgers::undo`]).
-pub(crate) struct Opened {
-    key: LedgerKey,
-    at: u64,
-    displaced: Vec<Book>,
 }
 
 impl Ledgers {
@@ -287,24 +275,19 @@ impl Ledgers {
             self.touch(i);
             return i;
         }
-        self.create(key).0
+        self.create(key)
     }
 
     /// Creates `key`'s (empty) ledger, which has none: drops the ledgers of other views of its
-    /// memory and, at [`MAX_LEDGERS`], forgets the least recently used one. Returns its index
-    /// and the ledgers it displaced.
-    fn create(&mut self, key: &LedgerKey) -> (usize, Vec<Book>) {
+    /// memory and, at [`MAX_LEDGERS`], forgets the least recently used one.
+    fn create(&mut self, key: &LedgerKey) -> usize {
         let now = self.tick();
-        self.reshaped = now;
-        let (mut displaced, kept): (Vec<Book>, Vec<Book>) = std::mem::take(&mut self.books)
-            .into_iter()
-            .partition(|b| b.key.overlaps(key));
-        self.books = kept;
+        self.books.retain(|b| !b.key.overlaps(key));
         if self.books.len() >= MAX_LEDGERS {
             let oldest = (0..self.books.len())
                 .min_by_key(|&i| self.books[i].last_used)
                 .unwrap_or(0);
-            displaced.push(self.books.swap_remove(oldest));
+            self.books.swap_remove(oldest);
         }
         self.books.push(Book {
             key: key.clone(),
@@ -312,7 +295,7 @@ impl Ledgers {
             epoch: now,
             last_used: now,
         });
-        (self.books.len() - 1, displaced)
+        self.books.len() - 1
     }
 
     fn generations_in(&self, i: usize, ids: &[u32]) -> Generations {
@@ -406,46 +389,15 @@ impl Ledgers {
         }
     }
 
-    /// The generations of `ids` in `key`'s ledger now, before a scrub of them is submitted;
-    /// the ledger is created when none is kept, since from now on a claim through another
-    /// view of the memory must not hand out what this scrub is zeroing (creating it drops
-    /// theirs). The ledger's recency is the verdict's to set ([`Ledgers::settle`]). Also
-    /// returns the creation, for [`Ledgers::undo`] when the scrub launched nothing.
-    pub(crate) fn generations(
-        &mut self,
-        key: &LedgerKey,
-        ids: &[u32],
-    ) -> (Generations, Option<Opened>) {
-        if let Some(i) = self.find(key) {
-            return (self.generations_in(i, ids), None);
-        }
-        let (i, displaced) = self.create(key);
-        let opened = Opened {
-            key: key.clone(),
-            at: self.books[i].epoch,
-            displaced,
-        };
-        (self.generations_in(i, ids), Some(opened))
-    }
-
-    /// Takes back the creation of a ledger whose scrub launched nothing, so that the refused
-    /// call changes no ledger: the ledgers it displaced come back. Only while the created
-    /// ledger is untouched and no ledger was created, dropped or forgotten since; otherwise
-    /// the creation stands (what it dropped is then unknown, which is safe: unknown blocks are
-    /// scrubbed, or refused under `enforce`, at their next claim).
-    pub(crate) fn undo(&mut self, opened: Opened) {
-        if self.reshaped != opened.at {
-            return;
-        }
-        let Some(i) = self.find(&opened.key) else {
-            return;
-        };
-        let book = &self.books[i];
-        if book.epoch != opened.at || book.last_used != opened.at || !book.slots.is_empty() {
-            return;
-        }
-        self.books.swap_remove(i);
-        self.books.extend(opened.displaced);
+    /// The generations of `ids` in `key`'s ledger now, before a scrub of them is submitted.
+    /// The ledger is used (and created when none is kept) now, not when the verdict lands:
+    /// from here on a claim through another view of the memory must not hand out what this
+    /// scrub is zeroing (creating the ledger drops theirs), and the verdict must land in the
+    /// ledger read here. A scrub the backend would refuse before launching anything (a graph
+    /// capture, exit) is refused before this is read (`launch_kv`), so that it changes none.
+    pub(crate) fn generations(&mut self, key: &LedgerKey, ids: &[u32]) -> Generations {
+        let i = self.book(key);
+        self.generations_in(i, ids)
     }
 
     /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
@@ -466,11 +418,6 @@ impl Ledgers {
         else {
             return Unapplied::forgotten(verified);
         };
-        self.touch(i);
-        // The size cap may have cleared it just now: nothing in it is what the scrub saw.
-        if self.books[i].epoch != seen.epoch {
-            return Unapplied::forgotten(verified);
-        }
         let unchanged = |books: &[Book], id: u32| {
             let now = books[i].slots.get(&id).map_or(0, |e| e.generation);
             seen.of.get(&id) == Some(&now)
@@ -837,21 +784,19 @@ impl Allocator {
     }
 
     /// Before a KV scrub is submitted (under the pool lock, with its regions resolved): the
-    /// generations its verdict will be checked against, when the gate keeps ledgers, and the
-    /// ledger created for it, if any (see [`Ledgers::generations`]).
+    /// generations its verdict will be checked against, when the gate keeps ledgers.
     pub(super) fn kv_generations(
         &self,
         dev: u32,
         layout: &KvLayout,
         owners: &[BlockRef],
         ids: &[u32],
-    ) -> (Option<Generations>, Option<Opened>) {
+    ) -> Option<Generations> {
         if self.inner.config.kv_gate == KvGateMode::Off {
-            return (None, None);
+            return None;
         }
         let key = LedgerKey::new(dev, layout, owners);
-        let (seen, opened) = self.ledgers().generations(&key, ids);
-        (Some(seen), opened)
+        Some(self.ledgers().generations(&key, ids))
     }
 
     /// After a KV scrub: applies its verdicts to the blocks unchanged since `seen` and returns
@@ -871,7 +816,7 @@ impl Allocator {
         self.ledgers().settle(seen, verified, failed, claimant)
     }
 
-    pub(super) fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
+    fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
         // The ledger holds no invariant a panicking holder could break half way that matters
         // more than availability: every entry is a complete value.
         self.inner
@@ -977,7 +922,7 @@ mod tests {
     /// An engine scrub of `clean` and `failed` that nothing overlapped.
     fn scrub(l: &mut Ledgers, k: &LedgerKey, clean: &[u32], failed: &[u32]) {
         let ids: Vec<u32> = clean.iter().chain(failed).copied().collect();
-        let seen = l.generations(k, &ids).0;
+        let seen = l.generations(k, &ids);
         assert_eq!(l.settle(&seen, clean, failed, None), Unapplied::default());
     }
 
@@ -1078,7 +1023,7 @@ mod tests {
         scrub(&mut l, &k, &[5], &[]);
         sort(&mut l, &k, &[5], &w);
         // The engine starts scrubbing w's block; meanwhile x's claim scrubs and takes it.
-        let engine = l.generations(&k, &[5]).0;
+        let engine = l.generations(&k, &[5]);
         let sorted = l.claim(&k, &[5], &x, false);
         assert_eq!(sorted.dirty, vec![5]);
         assert!(l
@@ -1121,7 +1066,7 @@ mod tests {
         scrub(&mut l, &k, &[5], &[]);
         sort(&mut l, &k, &[5], &a);
         // The engine scrubs a's block while c's claim scrubs it too.
-        let engine = l.generations(&k, &[5]).0;
+        let engine = l.generations(&k, &[5]);
         let for_c = l.claim(&k, &[5], &c, false);
         assert!(l.settle(&engine, &[5], &[], None).all().is_empty());
         // c's scrub read residue: the block must not stay CLEAN for d.
@@ -1300,8 +1245,8 @@ mod tests {
             Finish(usize),
             Write,
             Realloc,
-            /// An engine scrub refused before anything launched: its ledger's creation is
-            /// taken back.
+            /// An engine scrub whose generations were read (its ledger used or created) and
+            /// that then launched nothing: no verdict follows.
             Refused {
                 layout: usize,
                 ids: Vec<u32>,
@@ -1434,7 +1379,7 @@ mod tests {
                     }
                     Op::Engine { layout, ids, fail } => {
                         let key = self.key(layout);
-                        let seen = self.ledger.generations(&key, &ids).0;
+                        let seen = self.ledger.generations(&key, &ids);
                         for &id in &ids {
                             self.held[cell(layout, id)] = None;
                         }
@@ -1480,9 +1425,7 @@ mod tests {
                     }
                     Op::Refused { layout, ids } => {
                         let key = self.key(layout);
-                        if let (_, Some(opened)) = self.ledger.generations(&key, &ids) {
-                            self.ledger.undo(opened);
-                        }
+                        let _ = self.ledger.generations(&key, &ids);
                     }
                     Op::Realloc => {
                         // Freed (its scrub zeroes it, ordered after every scrub of it) and allocated again.

@@ -588,14 +588,17 @@ pub extern "C" fn kvh_empty_cache() {
 /// freed. After `kvh_shutdown` (also one that began during the call),
 /// `KVH_ERR_SHUTTING_DOWN` when blocks freed since (or left pending then) were not scrubbed,
 /// or were verified but could not be returned to the device: none will be, and they are
-/// leaked, never handed out. Before the allocator started (also after a `kvh_shutdown` that
-/// came first), `KVH_OK`: nothing was freed, and it is not started.
+/// leaked, never handed out. Before the allocator started (also after a `kvh_shutdown`, or
+/// the start of process exit, that came first), `KVH_OK`: nothing was freed, and it is not
+/// started.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
         let rt = match runtime::get_if_begun() {
-            // Nothing was ever freed: before start-up, or after a shutdown that preceded it.
-            None | Some(Err(runtime::StartError::ShutDown)) => return ok(),
+            // Nothing was ever freed: before start-up, or after a shutdown (or the start of
+            // process exit) that preceded it.
+            None => return ok(),
+            Some(Err(e)) if e.stopped_before_start() => return ok(),
             Some(Ok(rt)) => rt,
             Some(Err(e)) => return fail(e.code(), e.to_string()),
         };
@@ -722,7 +725,8 @@ pub extern "C" fn kvh_clear_context() {
 /// yet) it does not start it, and writes `{"started":false,"version":"..."}` (or returns
 /// `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
 /// in a launcher must not leave the workers it forks without an allocator. After a
-/// `kvh_shutdown` that came before start-up, `{"started":false,"shut_down":true,...}`.
+/// `kvh_shutdown` (or the start of process exit) that came before start-up,
+/// `{"started":false,"shut_down":true,...}`.
 /// Like the other query exports, it leaves the thread's last error unchanged when it answers
 /// (a buffer too small included); when the allocator could not start, that start-up error,
 /// with its reason, is the last error.
@@ -740,7 +744,7 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
                 Some(message) => return fail(KVH_ERR_CONFIG, message),
             },
             Some(Ok(rt)) => rt.stats_json(),
-            Some(Err(runtime::StartError::ShutDown)) => unstarted_json(true),
+            Some(Err(e)) if e.stopped_before_start() => unstarted_json(true),
             // This call's failure: its reason is the last error, as for every other export.
             Some(Err(e)) => return fail(e.code(), e.to_string()),
         };

@@ -131,6 +131,12 @@ impl StartError {
             StartError::Panicked => kvh_result::KVH_ERR_PANIC,
         }
     }
+
+    /// Whether the allocator was kept from starting rather than failing to: a `kvh_shutdown`
+    /// or process exit came first. It served nothing, so nothing is left to scrub.
+    pub(crate) fn stopped_before_start(&self) -> bool {
+        matches!(self, StartError::ShutDown | StartError::Exiting)
+    }
 }
 
 static RUNTIME: OnceLock<Result<Runtime, StartError>> = OnceLock::new();
