@@ -68,6 +68,8 @@ __all__ = [
 ]
 
 LIBRARY_NAME = "libkvhygiene.so"
+#: The LD_PRELOAD library, which exports the same C API as ``LIBRARY_NAME``.
+PRELOAD_LIBRARY_NAME = "libkvhygiene_preload.so"
 #: Error code the C ABI returns when a caller's buffer is too small (out_len says how much).
 KVH_ERR_BUFFER_TOO_SMALL = 7013
 #: Error code of a scrub that did not verify.
@@ -259,22 +261,61 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = argtypes
 
 
+def _preloaded() -> Optional[str]:
+    """The LD_PRELOAD library's path when this process has it loaded; ``None`` otherwise (or
+    where ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                mapped = fields[5].rstrip("\n") if len(fields) == 6 else ""
+                if os.path.basename(mapped) == PRELOAD_LIBRARY_NAME and os.path.isfile(mapped):
+                    return mapped
+    except OSError:
+        return None
+    return None
+
+
+def _library_to_load(path: Optional[str]) -> str:
+    """The file :func:`load` loads: the LD_PRELOAD library when the process has it, since it
+    already holds the process's allocator (a second library would run a second one, with its
+    own pools and log chain, and the first to start takes the HMAC secret from the
+    environment); else :func:`find_library`'s. A ``path`` or ``$KVH_LIBRARY`` naming another
+    file than the preloaded one is a ``ValueError``: the two routes are not combined."""
+    preloaded = _preloaded()
+    if preloaded is None:
+        return find_library(path)
+    if path is not None or os.environ.get("KVH_LIBRARY"):
+        wanted = find_library(path)
+        if not os.path.samefile(wanted, preloaded):
+            named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
+            raise ValueError(
+                f"{PRELOAD_LIBRARY_NAME} is loaded in this process ({preloaded}, by "
+                f"LD_PRELOAD) and runs its allocator; loading {named} would start a second "
+                "one. Use one route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY "
+                "and the path unset (or name the preloaded file) to use the preloaded one"
+            )
+    return str(Path(preloaded).resolve())
+
+
 def load(path: Optional[str] = None) -> ctypes.CDLL:
     """Loads the library once per process (later calls return the same handle). A ``path``
     given once it is loaded must name the same file: ``FileNotFoundError`` when it names
     none, ``ValueError`` when it names another. ``OSError`` when the file is not a library
-    this process can load, or not kvhygiene's."""
+    this process can load, or not kvhygiene's. In a process started with the LD_PRELOAD
+    library it is that library (one process runs one kvhygiene): a ``path`` or
+    ``$KVH_LIBRARY`` naming another file is then a ``ValueError``."""
     global _lib, _lib_path
     with _lock:
         if _lib is not None and path is not None:
             wanted = find_library(path)
             if not os.path.samefile(wanted, _lib_path):
                 raise ValueError(
-                    f"{LIBRARY_NAME} is already loaded from {_lib_path}; {path} is another "
+                    f"kvhygiene is already loaded from {_lib_path}; {path} is another "
                     "file, and one process runs one kvhygiene"
                 )
         if _lib is None:
-            resolved = find_library(path)
+            resolved = _library_to_load(path)
             lib = ctypes.CDLL(resolved)
             try:
                 _declare(lib)

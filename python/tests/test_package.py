@@ -1300,3 +1300,46 @@ def test_a_stream_that_is_a_number_with_a_fraction_is_not_truncated_onto_another
     for bad in (fractions.Fraction(5, 2), decimal.Decimal("1.5")):
         with pytest.raises((TypeError, ValueError)):
             kvhygiene._stream_handle(bad)
+
+
+def _run_with_preload(preload, env_library, code):
+    """Runs ``code`` in a Python started with ``preload`` as LD_PRELOAD and KVH_LIBRARY set to
+    ``env_library`` (unset when None)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KVH_LIBRARY", "LD_PRELOAD")}
+    env["LD_PRELOAD"] = str(preload)
+    env["KVH_BACKEND"] = "host"
+    if env_library is not None:
+        env["KVH_LIBRARY"] = str(env_library)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    prelude = f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, env=env
+    )
+
+
+def test_a_process_started_with_the_preload_library_loads_it_and_no_second_kvhygiene():
+    # The LD_PRELOAD library exports the same C API and holds the process's allocator: load()
+    # uses it, and refuses to start a second kvhygiene from another file.
+    library = Path(kvhygiene.find_library())
+    preload = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not preload.is_file():
+        pytest.skip(f"no {preload} beside the library (cargo build --workspace builds it)")
+    code = (
+        "try:\n"
+        "    kvhygiene.load()\n"
+        "    print('LOADED', kvhygiene._lib_path, kvhygiene.stats().get('started'))\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    alone = _run_with_preload(preload, None, code)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.split() == ["LOADED", str(preload.resolve()), "False"], alone.stdout
+    named = _run_with_preload(preload, preload, code)
+    assert named.stdout.startswith("LOADED"), named.stdout + named.stderr
+    other = _run_with_preload(preload, library, code)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.startswith("VALUE-ERROR"), other.stdout
+    assert "LD_PRELOAD" in other.stdout and "(from KVH_LIBRARY)" in other.stdout, other.stdout
