@@ -38,8 +38,11 @@ pub enum ReleaseReason {
     MaxReuse,
     /// The block sat idle in the pool longer than the idle TTL.
     IdleTtl,
-    /// `kvh_empty_cache` or out-of-memory recovery returned cached clean blocks.
+    /// `kvh_empty_cache` returned cached clean blocks.
     EmptyCache,
+    /// Out-of-memory recovery returned cached clean blocks, to retry an allocation the
+    /// backend refused.
+    OutOfMemory,
 }
 
 /// Why a free was refused. The pool is unchanged by every refused free.

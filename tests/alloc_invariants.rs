@@ -489,3 +489,73 @@ fn free_checked_reports_a_block_quarantined_for_residue() {
         "a checked free of a block quarantined for residue reported success"
     );
 }
+
+/// A `verify_failed` record states how many samples the failed scrub had to check
+/// (docs/forensic-log.md). A quarantined block's re-scrub reads every word (full
+/// verification), so when that re-scrub cannot be submitted (a driver error) and the block
+/// fails closed, its record expects one sample per word of the block, as a re-scrub that ran
+/// and failed would.
+#[test]
+fn a_rescrub_that_could_not_be_submitted_records_the_samples_it_expected() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(8192, 0, 0);
+    f.write(0, a, &secret(8192, 0x44));
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        (b.options.full_verify && b.options.double_pass)
+            .then(|| BackendError::Other("injected re-scrub submission failure".into()))
+    }));
+    f.backend.inject_fault_next();
+    assert!(f.alloc.free_checked(a, 8192, 0, S).is_err());
+    let _ = f.alloc.synchronize();
+    let expected: Vec<u64> = f
+        .sink
+        .snapshot()
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::VerifyFailed {
+                samples_expected, ..
+            } => Some(samples_expected),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expected.len(),
+        2,
+        "the first scrub and the re-scrub both failed: {expected:?}"
+    );
+    assert_eq!(
+        expected[1],
+        8192 / 8,
+        "the re-scrub's verify_failed record: a full verification of 8192 bytes expects 1024 samples"
+    );
+}
+
+/// The same for a first scrub under `full_verify`: when its batch cannot be submitted, the
+/// record expects one sample per word, not `verify_samples`.
+#[test]
+fn a_full_verify_scrub_that_could_not_be_submitted_records_the_samples_it_expected() {
+    let f = Fixture::new(Config {
+        full_verify: true,
+        ..manual_config()
+    });
+    let a = f.malloc_zeroed(4096, 0, 0);
+    f.backend.submit_budget.store(0, Ordering::SeqCst);
+    assert!(f.alloc.free_checked(a, 4096, 0, S).is_err());
+    let first = f
+        .sink
+        .snapshot()
+        .iter()
+        .find_map(|e| match e.kind {
+            EventKind::VerifyFailed {
+                samples_expected, ..
+            } => Some(samples_expected),
+            _ => None,
+        })
+        .expect("a verify_failed record");
+    assert_eq!(
+        first,
+        4096 / 8,
+        "full_verify = true: a 4096-byte block's scrub expects 512 samples"
+    );
+}

@@ -184,6 +184,22 @@ fn out_of_memory_flushes_scrubs_and_releases_cache_then_retries() {
     let st = f.alloc.stats();
     assert_eq!(st.counters.oom_recoveries, 1);
     assert!(st.counters.released >= 3);
+    // The release records say why: the recovery, not a kvh_empty_cache call.
+    let reasons: Vec<EventKind> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| matches!(k, EventKind::Released { .. }))
+        .collect();
+    assert!(reasons.len() >= 3, "{reasons:?}");
+    assert!(
+        reasons.iter().all(|k| *k
+            == EventKind::Released {
+                reason: ReleaseReason::OutOfMemory
+            }),
+        "{reasons:?}"
+    );
     // Truly out of memory: an error, counted, not a crash.
     assert!(f.alloc.malloc(2 << 20, 0, S).is_err());
     assert_eq!(f.alloc.stats().counters.out_of_memory, 1);
@@ -198,6 +214,10 @@ fn empty_cache_returns_clean_blocks() {
     f.alloc.free(a, 8192, 0, S).unwrap();
     f.alloc.empty_cache();
     assert!(f.alloc.block_info(a).is_none());
+    assert!(f.sink.snapshot().iter().any(|e| e.kind
+        == EventKind::Released {
+            reason: ReleaseReason::EmptyCache
+        }));
     assert_eq!(f.alloc.block_info(b).unwrap().state, BlockState::Live);
     f.assert_balanced();
 }

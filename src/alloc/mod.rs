@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::backend::{Backend, BackendError, StreamHandle};
 use crate::config::Config;
 use crate::context::Context;
-use crate::events::{Event, EventKind, EventSink, InvalidFreeReason};
+use crate::events::{Event, EventKind, EventSink, InvalidFreeReason, ReleaseReason};
 use crate::stats::{Accounting, Stats};
 
 use block::{Block, Disposition};
@@ -309,7 +309,7 @@ impl Allocator {
         let hit = self.with_pool(dev, |pool, _, _, after| {
             pool.pop_clean(key, size, &ctx, stream, isolation)
                 .or_else(|| {
-                    pool.release_clean(after);
+                    pool.release_clean(ReleaseReason::OutOfMemory, after);
                     None
                 })
         });
@@ -652,7 +652,9 @@ impl Allocator {
                 return;
             }
             self.drain_pool(dev, horizon);
-            self.with_pool(dev, |pool, _, _, after| pool.release_clean(after));
+            self.with_pool(dev, |pool, _, _, after| {
+                pool.release_clean(ReleaseReason::EmptyCache, after)
+            });
         }
     }
 
@@ -1228,7 +1230,7 @@ mod tests {
         clean_block(&alloc, 0);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             alloc.with_pool(0, |pool, _, _, after| {
-                pool.release_clean(after);
+                pool.release_clean(ReleaseReason::EmptyCache, after);
                 panic!("a bug of the pool's, after the release was decided");
             })
         }));

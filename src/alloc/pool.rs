@@ -100,7 +100,23 @@ pub(crate) struct InFlight {
     stream: StreamHandle,
 }
 
+/// A batch whose results are missing (its submission failed, or its wait), to be applied as
+/// unverified: its blocks and the options it was submitted with.
+struct Unverified<'a> {
+    blocks: &'a [(u64, u64)],
+    options: ScrubOptions,
+    rescrub: bool,
+}
+
 impl InFlight {
+    fn unverified(&self) -> Unverified<'_> {
+        Unverified {
+            blocks: &self.blocks,
+            options: self.options,
+            rescrub: self.rescrub,
+        }
+    }
+
     /// Blocks until the batch completes (called with the pool lock released).
     pub(crate) fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
         self.ticket.wait()
@@ -635,7 +651,14 @@ impl DevicePool {
             // Exit has begun: leave the blocks PENDING (still marked in flight, so nothing
             // releases or reuses them); no event, no failure.
             Err(BackendError::ShuttingDown) => {}
-            Err(e) => self.fail_batch(&blocks, rescrub, Outcome::NotQueued, e, config, after),
+            Err(e) => {
+                let batch = Unverified {
+                    blocks: &blocks,
+                    options,
+                    rescrub,
+                };
+                self.fail_batch(batch, Outcome::NotQueued, e, config, after)
+            }
         }
     }
 
@@ -681,20 +704,20 @@ impl DevicePool {
     #[cold]
     fn fail_batch(
         &mut self,
-        blocks: &[(u64, u64)],
-        rescrub: bool,
+        batch: Unverified<'_>,
         outcome: Outcome,
         error: BackendError,
         config: &Config,
         after: &mut Aftermath,
     ) {
         self.stats.counters.backend_errors += 1;
+        let Unverified {
+            blocks,
+            options,
+            rescrub,
+        } = batch;
         let results = vec![SegmentResult::default(); blocks.len()];
-        let options = ScrubOptions {
-            samples: config.verify_samples,
-            full_verify: false,
-            double_pass: false,
-        };
+        // The batch's own options: its `verify_failed` records say what it had to check.
         self.apply_results(blocks, &results, options, rescrub, outcome, config, after);
         after.backend_error = Some(error);
     }
@@ -870,11 +893,11 @@ impl DevicePool {
                     done.blocks.len()
                 ));
                 let lost = Outcome::Unknown;
-                self.fail_batch(&done.blocks, done.rescrub, lost, e, config, after)
+                self.fail_batch(done.unverified(), lost, e, config, after)
             }
             Err(e) => {
                 let lost = Outcome::Unknown;
-                self.fail_batch(&done.blocks, done.rescrub, lost, e, config, after)
+                self.fail_batch(done.unverified(), lost, e, config, after)
             }
         }
         // Re-scrubs of blocks quarantined above go out at once: quarantine is rare and the
@@ -1170,11 +1193,11 @@ impl DevicePool {
     }
 
     /// Returns every CLEAN block to the backend (`kvh_empty_cache`, out-of-memory recovery).
-    pub(crate) fn release_clean(&mut self, after: &mut Aftermath) {
+    pub(crate) fn release_clean(&mut self, why: ReleaseReason, after: &mut Aftermath) {
         let lists: Vec<(FreeKey, Vec<u64>)> = self.free_lists.drain().collect();
         for (key, addrs) in lists {
             for addr in addrs {
-                self.release_listed(key, addr, ReleaseReason::EmptyCache, after);
+                self.release_listed(key, addr, why, after);
             }
         }
     }

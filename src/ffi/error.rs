@@ -28,8 +28,9 @@ pub enum kvh_result {
     KVH_ERR_SIZE_MISMATCH = 7007,
     /// Free of a block on another device than the one named.
     KVH_ERR_WRONG_DEVICE = 7008,
-    /// A scrub did not verify (coverage below threshold, or residue): a freed block is
-    /// quarantined; `kvh_scrub_blocks` lists the KV blocks that failed.
+    /// A scrub did not verify (coverage below threshold, or residue, or the driver failed the
+    /// scrub or its read-back, which leaves it unverified): a freed block is quarantined;
+    /// `kvh_scrub_blocks` lists the KV blocks that failed.
     KVH_ERR_VERIFY_FAILED = 7009,
     /// A tenant / request / model id is too long, has control or invisible formatting
     /// characters, or is not UTF-8.

@@ -596,6 +596,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 ReleaseReason::MaxReuse => "max_reuse",
                 ReleaseReason::IdleTtl => "idle_ttl",
                 ReleaseReason::EmptyCache => "empty_cache",
+                ReleaseReason::OutOfMemory => "out_of_memory",
             }),
         ),
         EventKind::InvalidFree {

@@ -321,7 +321,7 @@ KINDS = {
 
 ENUMS = {
     ("quarantine", "reason"): {"verify_failed", "never_reuse_policy", "rescrub_failed", "residue", "rescrub_residue"},
-    ("release", "reason"): {"quarantine_cleared", "max_reuse", "idle_ttl", "empty_cache"},
+    ("release", "reason"): {"quarantine_cleared", "max_reuse", "idle_ttl", "empty_cache", "out_of_memory"},
     ("invalid_free", "reason"): {"unknown_pointer", "double_free", "interior_pointer", "wrong_device", "invalid_device"},
     ("ttl_exceeded", "which"): {"live"},
     ("policy_violation", "policy"): {"kv_scrub", "kv_gate", "failure_mode"},
