@@ -124,7 +124,7 @@ impl kvh_result {
             KVH_ERR_INTERIOR_POINTER => "invalid free: pointer is inside a block, not at its start",
             KVH_ERR_SIZE_MISMATCH => "size given to free differs from the allocation (block freed with the recorded size)",
             KVH_ERR_WRONG_DEVICE => "invalid free: block belongs to another device",
-            KVH_ERR_VERIFY_FAILED => "scrub verification failed (coverage below threshold or residue); the memory is not reused",
+            KVH_ERR_VERIFY_FAILED => "scrub verification failed (coverage below threshold, residue, or a driver failure); the memory is not reused",
             KVH_ERR_INVALID_CONTEXT => "invalid context id: at most 128 bytes of printable UTF-8",
             KVH_ERR_CONFIG => "invalid configuration; the allocator did not start",
             KVH_ERR_BACKEND => "memory backend (CUDA driver) error",
