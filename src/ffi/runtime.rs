@@ -24,7 +24,9 @@
 //! `KVH_ERR_SHUTTING_DOWN` rather than a start-up, whose driver calls invariant 6 forbids
 //! once exit has begun. Exit handlers run in the reverse order of their registration, so one
 //! registered after the library was loaded runs before the mark, and its first allocation
-//! still starts the allocator (and its own exit handler then runs next).
+//! still starts the allocator (and its own exit handler then runs next). The LD_PRELOAD
+//! library is loaded before the program and its libraries, so there the mark runs after
+//! nearly every other exit handler and static destructor: it covers little.
 //!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
