@@ -1398,3 +1398,47 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
          scrub (zero: {zero}, still holding a's bytes): {r:?}"
     );
 }
+
+/// ARCHITECTURE.md: an engine scrub "the backend would refuse before launching anything (exit
+/// has begun, its stream is capturing a graph) is refused before that, so that it changes no
+/// ledger"; only "a capture that begins between that question and the submission still costs
+/// the ledger". When the capture query itself fails (a driver error) and the submission is then
+/// refused for the capture before anything launched, the call launched nothing and has no
+/// verdict: the cache's ledger (another view of the same memory) is kept as it was, and a
+/// claim of a block verified through it is still handed over under `enforce`.
+#[test]
+fn a_scrub_refused_after_a_failed_capture_query_leaves_the_gate_ledger_as_it_was() {
+    let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
+    let (_, fine) = cache(&f);
+    let coarse = KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    };
+    let all: Vec<u32> = (0..BLOCKS as u32).collect();
+    f.alloc
+        .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
+        .unwrap();
+    *f.backend.capture_query_error.lock().unwrap() = Some(kvhygiene::backend::BackendError::Other(
+        "cuStreamIsCapturing failed".into(),
+    ));
+    f.backend
+        .capturing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = f
+        .alloc
+        .scrub_kv_blocks(&coarse, &[0], 0, StreamHandle(4))
+        .unwrap_err();
+    f.backend
+        .capturing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    *f.backend.capture_query_error.lock().unwrap() = None;
+    assert!(matches!(e, KvScrubError::Backend(_)), "{e:?}");
+    let r = as_request("t1", "y", || claim(&f, &fine, &[3]));
+    assert!(
+        matches!(&r, Ok(r) if r.claimed == 1),
+        "a scrub refused before anything launched (after a failed capture query) changed \
+         what the gate knows of the cache: {r:?}"
+    );
+}

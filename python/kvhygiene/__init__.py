@@ -261,23 +261,50 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = argtypes
 
 
+class _DlInfo(ctypes.Structure):
+    """``Dl_info`` of ``<dlfcn.h>``."""
+
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
 def _preloaded() -> Optional[str]:
-    """The LD_PRELOAD library's path when this process has it loaded; ``None`` otherwise (or
-    where ``/proc/self/maps`` cannot be read)."""
+    """The file name of a kvhygiene library this process already has in its global symbol
+    scope (the LD_PRELOAD library, which exports the same C API), as the dynamic loader knows
+    it; ``None`` when it has none.
+
+    Found by what it exports, not by a file name on disk: the loader's name is the one
+    ``LD_PRELOAD`` gave (a symlink to a versioned file included), and it still names the
+    loaded library when its file was deleted or replaced since (``dlopen`` of that name
+    returns the loaded library without reading the file)."""
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                mapped = fields[5].rstrip("\n") if len(fields) == 6 else ""
-                if os.path.basename(mapped) == PRELOAD_LIBRARY_NAME and os.path.isfile(mapped):
-                    return mapped
-    except OSError:
+        process = ctypes.CDLL(None)
+        symbol = process.kvh_malloc
+        dladdr = process.dladdr
+    except AttributeError:  # no kvhygiene in the global scope, or no dladdr (not glibc/musl)
         return None
-    return None
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    dladdr.restype = ctypes.c_int
+    info = _DlInfo()
+    if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def _same_library(a: str, b: str) -> bool:
+    """Whether two paths name one library file (the same path when either file is gone)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _library_to_load(path: Optional[str]) -> str:
-    """The file :func:`load` loads: the LD_PRELOAD library when the process has it, since it
+    """The file :func:`load` loads: the preloaded library when the process has one, since it
     already holds the process's allocator (a second library would run a second one, with its
     own pools and log chain, and the first to start takes the HMAC secret from the
     environment); else :func:`find_library`'s. A ``path`` or ``$KVH_LIBRARY`` naming another
@@ -287,15 +314,16 @@ def _library_to_load(path: Optional[str]) -> str:
         return find_library(path)
     if path is not None or os.environ.get("KVH_LIBRARY"):
         wanted = find_library(path)
-        if not os.path.samefile(wanted, preloaded):
+        if not _same_library(wanted, preloaded):
             named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
             raise ValueError(
-                f"{PRELOAD_LIBRARY_NAME} is loaded in this process ({preloaded}, by "
-                f"LD_PRELOAD) and runs its allocator; loading {named} would start a second "
-                "one. Use one route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY "
-                "and the path unset (or name the preloaded file) to use the preloaded one"
+                f"kvhygiene is loaded in this process already ({preloaded}, by LD_PRELOAD) "
+                f"and runs its allocator; loading {named} would start a second one. Use one "
+                "route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY and the "
+                "path unset (or name the preloaded file) to use the preloaded one"
             )
-    return str(Path(preloaded).resolve())
+    # The loader's own name: loading it again returns the library already loaded.
+    return preloaded
 
 
 def load(path: Optional[str] = None) -> ctypes.CDLL:
@@ -309,7 +337,7 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     with _lock:
         if _lib is not None and path is not None:
             wanted = find_library(path)
-            if not os.path.samefile(wanted, _lib_path):
+            if not _same_library(wanted, _lib_path):
                 raise ValueError(
                     f"kvhygiene is already loaded from {_lib_path}; {path} is another "
                     "file, and one process runs one kvhygiene"

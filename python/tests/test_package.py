@@ -1343,3 +1343,54 @@ def test_a_process_started_with_the_preload_library_loads_it_and_no_second_kvhyg
     assert other.returncode == 0, other.stderr
     assert other.stdout.startswith("VALUE-ERROR"), other.stdout
     assert "LD_PRELOAD" in other.stdout and "(from KVH_LIBRARY)" in other.stdout, other.stdout
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "versioned_symlink"])
+def test_a_preloaded_library_is_recognised_however_its_file_is_named_or_kept(tmp_path, how):
+    # README: "in a process started with it, the Python package's load() and install() use
+    # the preloaded library, and refuse (ValueError) a path or KVH_LIBRARY naming another
+    # file". The preloaded library holds the process's allocator also when its file was
+    # deleted or replaced since the process started (an upgrade of the image or package), or
+    # when LD_PRELOAD names it through a symlink to a versioned file name: load() must not
+    # start a second kvhygiene from KVH_LIBRARY's file.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
+    if how == "versioned_symlink":
+        versioned = lib_dir / (kvhygiene.PRELOAD_LIBRARY_NAME + ".0.1.0")
+        shutil.copyfile(built, versioned)
+        preload.symlink_to(versioned.name)
+        change = ""
+    else:
+        shutil.copyfile(built, preload)
+        change = {
+            "deleted": f"os.unlink({str(preload)!r})\n",
+            "replaced": (
+                f"shutil.copyfile({str(built)!r}, {str(preload) + '.new'!r})\n"
+                f"os.replace({str(preload) + '.new'!r}, {str(preload)!r})\n"
+            ),
+        }[how]
+    code = (
+        "import os, shutil\n"
+        + change
+        + "try:\n"
+        "    kvhygiene.load()\n"
+        "    print('LOADED', kvhygiene._lib_path)\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+        f"second = any(line.rstrip().endswith('/' + {kvhygiene.LIBRARY_NAME!r})\n"
+        "             for line in open('/proc/self/maps'))\n"
+        "print('SECOND-KVHYGIENE', second)\n"
+    )
+    run = _run_with_preload(preload, library, code)
+    assert run.returncode == 0, run.stderr
+    assert "SECOND-KVHYGIENE False" in run.stdout, (
+        f"with the LD_PRELOAD library's file {how}, load() loaded {library} as a second "
+        f"kvhygiene beside the preloaded one:\n{run.stdout}{run.stderr}"
+    )

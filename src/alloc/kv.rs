@@ -524,19 +524,21 @@ impl Allocator {
     }
 
     /// Why the backend would refuse a scrub on `stream` before launching anything, asked
-    /// before the call changes anything: exit has begun, or the stream is capturing a CUDA
-    /// graph. A capture that begins after the question is refused at submission, as before
-    /// (its cache's ledger was used by then). A failed query is left to the submission.
+    /// before the call changes anything: exit has begun, the stream is capturing a CUDA graph,
+    /// or the capture query itself failed (a submission asks it first, and would fail the
+    /// same way). A capture that begins after the question is refused at submission, as
+    /// before (its cache's ledger was used by then).
     fn refused_before_launch(&self, dev: u32, stream: StreamHandle) -> Option<BackendError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Some(BackendError::ShuttingDown);
         }
         match self.inner.backend.is_capturing(dev, stream) {
+            Ok(false) => None,
             Ok(true) => Some(BackendError::StreamCapturing {
                 stream: stream.0,
                 what: "scrub launch",
             }),
-            Ok(false) | Err(_) => None,
+            Err(e) => Some(e),
         }
     }
 

@@ -312,18 +312,30 @@ fn try_start() -> Result<Runtime, StartError> {
              but not recorded"
         ));
     }
-    let backend = match backend::select(config.backend) {
-        Ok(backend) => backend,
-        Err(e) => {
-            let error = StartError::Backend(e.to_string());
-            // The log's chain says why this process served no memory: its `stop` record
-            // carries the error (it would otherwise read as a clean run).
-            if let Some(log) = &log {
-                log.stop_after_failed_start(&error.to_string());
-            }
-            return Err(error);
-        }
-    };
+    // From here on a failure (or a panic) ends the log's chain with a `stop` record that
+    // carries the error: the chain says why this process served no memory, rather than read
+    // as a clean run.
+    let digest = config_digest.clone();
+    let log_kept = log.clone();
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        start_on_log(config, log_kept, digest)
+    }))
+    .unwrap_or(Err(StartError::Panicked));
+    if let (Err(e), Some(log)) = (&started, &log) {
+        log.stop_after_failed_start(&e.to_string());
+    }
+    started
+}
+
+/// The start-up after the forensic log opened: the backend, the anomaly detector, the
+/// allocator, the summaries and the metrics exports.
+fn start_on_log(
+    config: Config,
+    log: Option<Arc<ForensicLog>>,
+    config_digest: Arc<str>,
+) -> Result<Runtime, StartError> {
+    let backend =
+        backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
     // The detector sits between the allocator and the log: it sees every event, forwards it
     // unchanged and adds `anomaly` records after the events that trip its rules.
     let layered = anomaly::layer(
