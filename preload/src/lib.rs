@@ -18,7 +18,8 @@
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
 //!
-//! In a forked child of the process that started kvhygiene, every call is forwarded.
+//! In a forked child of the process that started kvhygiene, every call is forwarded, but
+//! under an invalid `KVH_PRELOAD`, whose allocations are refused there as in the parent.
 //! Everything else (`cudaMallocManaged`, `cudaMallocHost`, `cudaMalloc3D`, memory pools, …)
 //! is not interposed and reaches the runtime directly; ARCHITECTURE.md says why.
 //!
@@ -348,11 +349,15 @@ fn ordering(stream: cudaStream_t, ptsz: bool) -> StreamOrder {
 /// context cannot be used in a child anyway. A child of a parent whose start-up failed
 /// inherited no allocator, and is served as its parent is: its allocations refused with the
 /// start-up's error (forwarded, they would take unscrubbed memory the parent was refused).
+/// Likewise under an invalid `KVH_PRELOAD`, which refuses allocations in the child as in
+/// its parent (fail closed), whatever started kvhygiene there (the C API the library also
+/// exports).
 fn route() -> Mode {
-    if forked() && !parent_start_failed() {
+    let mode = mode();
+    if mode != Mode::Refuse && forked() && !parent_start_failed() {
         Mode::Forward
     } else {
-        mode()
+        mode
     }
 }
 

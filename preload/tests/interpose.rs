@@ -887,3 +887,21 @@ fn an_allocation_after_kvh_shutdown_before_start_up_says_why_it_is_refused() {
         r.stderr
     );
 }
+
+#[test]
+fn a_child_forked_after_a_c_api_start_up_refuses_allocations_under_an_invalid_switch() {
+    // An invalid KVH_PRELOAD fails allocations closed. The process started kvhygiene through
+    // the C API the library also exports (kvh_init), then forks: the child must refuse its
+    // allocations as the parent does (NULL pointer, cudaErrorInitializationError), not
+    // forward them to the runtime, whose memory is not scrubbed.
+    let Some(b) = built() else { return };
+    let r = run(b, "fork-after-c-api-start", true, &[("KVH_PRELOAD", "of")]);
+    r.expect(&[
+        ("rc_kvh_init", 0),
+        ("rc_malloc", 3),
+        ("child_exited_cleanly", 1),
+        ("child_rc_malloc", 3),
+        ("child_malloc_forwarded", 0),
+        ("child_malloc_is_null", 1),
+    ]);
+}

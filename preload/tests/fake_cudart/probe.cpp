@@ -6,7 +6,7 @@
 //
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
 //        fork-before-start | fork-during-notice | released-double-free |
-//        fork-during-symbol-report | shutdown-before-start
+//        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -714,6 +714,35 @@ static int scenario_shutdown_before_start() {
     return 0;
 }
 
+// A process whose interposers refuse allocations (an invalid KVH_PRELOAD: fail closed) but
+// that started kvhygiene through the C API it also exports (kvh_init) forks a child. The
+// child's allocations are refused as its parent's are: forwarded, they would hand out the
+// runtime's unscrubbed memory the parent was refused.
+static int scenario_fork_after_c_api_start() {
+    typedef int (*init_fn)(void);
+    init_fn init = reinterpret_cast<init_fn>(dlsym(RTLD_DEFAULT, "kvh_init"));
+    if (init == nullptr) return 3;
+    out("rc_kvh_init", init());
+    void* p = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc", cudaMalloc(&p, 4096));
+    std::fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        int mallocs = fake_cudart_calls("cudaMalloc");
+        void* c = reinterpret_cast<void*>(uintptr_t(0x1234));
+        out("child_rc_malloc", cudaMalloc(&c, 4096));
+        out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
+        out("child_malloc_is_null", c == nullptr);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    out("child_exited_cleanly", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -728,6 +757,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "released-double-free") == 0) return scenario_released_double_free();
     if (std::strcmp(which, "fork-during-symbol-report") == 0) return scenario_fork_during_symbol_report();
     if (std::strcmp(which, "shutdown-before-start") == 0) return scenario_shutdown_before_start();
+    if (std::strcmp(which, "fork-after-c-api-start") == 0) return scenario_fork_after_c_api_start();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
