@@ -75,7 +75,7 @@ use kvhygiene::ffi::{
 };
 
 use cuda::*;
-use mode::{mode, Mode};
+use mode::{mode, mode_read, Mode};
 
 /// The legacy default stream (stream 0 of the synchronous entry points).
 const LEGACY_STREAM: StreamHandle = StreamHandle(0);
@@ -349,16 +349,19 @@ fn ordering(stream: cudaStream_t, ptsz: bool) -> StreamOrder {
 /// context cannot be used in a child anyway. A child of a parent whose start-up failed
 /// inherited no allocator, and is served as its parent is: its allocations refused with the
 /// start-up's error (forwarded, they would take unscrubbed memory the parent was refused).
-/// Likewise under an invalid `KVH_PRELOAD`, which refuses allocations in the child as in
-/// its parent (fail closed), whatever started kvhygiene there (the C API the library also
-/// exports).
+/// Likewise under an invalid `KVH_PRELOAD` the parent had read, which refuses allocations
+/// in the child as in its parent (fail closed), whatever started kvhygiene there (the C API
+/// the library also exports). A child that forwards never reads the environment (a lock a
+/// parent thread held at the fork stays held) nor prints the notice, which would say that
+/// kvhygiene serves what it forwards.
 fn route() -> Mode {
-    let mode = mode();
-    if mode != Mode::Refuse && forked() && !parent_start_failed() {
-        Mode::Forward
-    } else {
-        mode
+    if forked() && !parent_start_failed() {
+        return match mode_read() {
+            Some(Mode::Refuse) => Mode::Refuse,
+            _ => Mode::Forward,
+        };
     }
+    mode()
 }
 
 /// Whether this forked child's parent had a start-up that failed (the core gives the child

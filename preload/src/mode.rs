@@ -28,7 +28,6 @@ pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// read the environment all set to the same value, and the notice is one `write(2)` made
 /// after the mode is published, by the one thread that won the flag.
 pub(crate) fn mode() -> Mode {
-    static MODE: AtomicU8 = AtomicU8::new(UNREAD);
     static NOTICED: AtomicBool = AtomicBool::new(false);
     if let Some(mode) = Mode::from_u8(MODE.load(Ordering::Acquire)) {
         return mode;
@@ -44,6 +43,15 @@ pub(crate) fn mode() -> Mode {
     }
     mode
 }
+
+/// The mode if [`mode`] has read it already (in this process, or in the parent before the
+/// fork); never reads the environment or prints the notice.
+pub(crate) fn mode_read() -> Option<Mode> {
+    Mode::from_u8(MODE.load(Ordering::Acquire))
+}
+
+/// [`mode`]'s value, [`UNREAD`] before the environment was read.
+static MODE: AtomicU8 = AtomicU8::new(UNREAD);
 
 /// [`mode`]'s value before the environment was read.
 const UNREAD: u8 = u8::MAX;

@@ -905,3 +905,26 @@ fn a_child_forked_after_a_c_api_start_up_refuses_allocations_under_an_invalid_sw
         ("child_malloc_is_null", 1),
     ]);
 }
+
+#[test]
+fn a_child_forked_after_a_c_api_start_up_does_not_announce_that_kvhygiene_serves_it() {
+    // README: "a notice on stderr names the library and what it does". In a child forked
+    // after kvhygiene started in its parent, every call is forwarded (module docs): its
+    // allocations are the runtime's, not scrubbed. Here the parent started kvhygiene through
+    // the C API (kvh_init) and made no interposed call; the child's cudaMalloc is forwarded,
+    // and nothing on stderr may say that its allocations are served by kvhygiene and
+    // scrubbed.
+    let Some(b) = built() else { return };
+    let r = run(b, "fork-after-c-api-start-only", true, &[]);
+    r.expect(&[
+        ("rc_kvh_init", 0),
+        ("child_exited_cleanly", 1),
+        ("child_rc_malloc", 0),
+        ("child_malloc_forwarded", 1),
+    ]);
+    assert!(
+        !r.stderr.contains("served by kvhygiene"),
+        "a child that forwards its allocations announced that kvhygiene serves them:\n{}",
+        r.stderr
+    );
+}

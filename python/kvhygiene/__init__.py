@@ -46,7 +46,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 __all__ = [
     "KvhError",
@@ -139,6 +139,8 @@ class AllocatorAlreadyInUseError(RuntimeError):
 _lock = threading.RLock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[str] = None
+#: The file of the library loaded (``_lib_path`` is the name it was loaded by).
+_lib_file: Optional[str] = None
 _allocator = None
 _reset_hook_installed = False
 _local = threading.local()
@@ -272,27 +274,59 @@ class _DlInfo(ctypes.Structure):
     ]
 
 
-def _preloaded() -> Optional[str]:
-    """The file name of a kvhygiene library this process already has in its global symbol
-    scope (the LD_PRELOAD library, which exports the same C API), as the dynamic loader knows
-    it; ``None`` when it has none.
+#: Exports a library must have, all from one object, to be taken for a kvhygiene already
+#: loaded: one exported name alone could be another library's.
+_KVHYGIENE_EXPORTS = ("kvh_malloc", "kvh_free", "kvh_version", "kvh_init", "kvh_stats_json")
 
-    Found by what it exports, not by a file name on disk: the loader's name is the one
-    ``LD_PRELOAD`` gave (a symlink to a versioned file included), and it still names the
-    loaded library when its file was deleted or replaced since (``dlopen`` of that name
-    returns the loaded library without reading the file)."""
+
+def _preloaded() -> Optional[Tuple[str, str]]:
+    """A kvhygiene library this process already has in its global symbol scope (the
+    LD_PRELOAD library, which exports the same C API, or one loaded with ``RTLD_GLOBAL``):
+    the name to load it by and the absolute path of its file; ``None`` when it has none.
+
+    Found by what it exports, not by a file name on disk. The name is the loader's own when
+    absolute (``LD_PRELOAD``'s, a symlink to a versioned file included): loading that name
+    returns the loaded library, also when its file was deleted or replaced since. The file
+    is the one mapped (``/proc/self/maps``), which a relative name no longer finds after a
+    ``chdir``."""
     try:
         process = ctypes.CDLL(None)
-        symbol = process.kvh_malloc
         dladdr = process.dladdr
-    except AttributeError:  # no kvhygiene in the global scope, or no dladdr (not glibc/musl)
+    except (AttributeError, OSError):  # no dladdr (neither glibc nor musl)
         return None
     dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
     dladdr.restype = ctypes.c_int
-    info = _DlInfo()
-    if not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+    objects = set()
+    for export in _KVHYGIENE_EXPORTS:
+        symbol = getattr(process, export, None)
+        info = _DlInfo()
+        if symbol is None or not dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)):
+            return None
+        if not info.dli_fname:
+            return None
+        objects.add((info.dli_fbase, os.fsdecode(info.dli_fname)))
+    if len(objects) != 1:
         return None
-    return os.fsdecode(info.dli_fname)
+    ((base, name),) = objects
+    mapped = _mapped_file(base)
+    file = mapped if mapped is not None else os.path.abspath(name)
+    return (name if os.path.isabs(name) else file), file
+
+
+def _mapped_file(base: Optional[int]) -> Optional[str]:
+    """The path of the file mapped at ``base`` (a loaded object's first mapping), as the
+    kernel names it in ``/proc/self/maps``; ``None`` when none is found."""
+    if not base:
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and int(fields[0].split("-")[0], 16) == base:
+                    return fields[5].rstrip("\n").removesuffix(" (deleted)")
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _same_library(a: str, b: str) -> bool:
@@ -303,27 +337,43 @@ def _same_library(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _library_to_load(path: Optional[str]) -> str:
-    """The file :func:`load` loads: the preloaded library when the process has one, since it
-    already holds the process's allocator (a second library would run a second one, with its
-    own pools and log chain, and the first to start takes the HMAC secret from the
-    environment); else :func:`find_library`'s. A ``path`` or ``$KVH_LIBRARY`` naming another
-    file than the preloaded one is a ``ValueError``: the two routes are not combined."""
+def _preloaded_by_ld_preload(name: str, file: str) -> bool:
+    """Whether ``LD_PRELOAD`` names the library loaded as ``name`` (its file ``file``)."""
+    entries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return any(e == name or _same_library(e, file) for e in entries)
+
+
+def _library_to_load(path: Optional[str]) -> Tuple[str, str]:
+    """The library :func:`load` loads, as the name to load it by and its file: a kvhygiene
+    the process already has in its global scope, since it already holds the process's
+    allocator (a second library would run a second one, with its own pools and log chain,
+    and the first to start takes the HMAC secret from the environment); else
+    :func:`find_library`'s. A ``path`` or ``$KVH_LIBRARY`` naming another file than the
+    loaded one is a ``ValueError``: the two are not combined."""
     preloaded = _preloaded()
     if preloaded is None:
-        return find_library(path)
+        found = find_library(path)
+        return found, found
+    name, file = preloaded
     if path is not None or os.environ.get("KVH_LIBRARY"):
         wanted = find_library(path)
-        if not _same_library(wanted, preloaded):
+        if not _same_library(wanted, file):
             named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
+            if _preloaded_by_ld_preload(name, file):
+                how = "by LD_PRELOAD"
+                fix = (
+                    "Use one route: remove LD_PRELOAD (the PyTorch route), or leave "
+                    "KVH_LIBRARY and the path unset (or name the preloaded file) to use the "
+                    "preloaded one"
+                )
+            else:
+                how = "in its global symbol scope (loaded with RTLD_GLOBAL)"
+                fix = "Leave KVH_LIBRARY and the path unset (or name that file) to use it"
             raise ValueError(
-                f"kvhygiene is loaded in this process already ({preloaded}, by LD_PRELOAD) "
-                f"and runs its allocator; loading {named} would start a second one. Use one "
-                "route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY and the "
-                "path unset (or name the preloaded file) to use the preloaded one"
+                f"kvhygiene is loaded in this process already ({file}, {how}) and runs its "
+                f"allocator; loading {named} would start a second one. {fix}"
             )
-    # The loader's own name: loading it again returns the library already loaded.
-    return preloaded
+    return name, file
 
 
 def load(path: Optional[str] = None) -> ctypes.CDLL:
@@ -333,23 +383,23 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     this process can load, or not kvhygiene's. In a process started with the LD_PRELOAD
     library it is that library (one process runs one kvhygiene): a ``path`` or
     ``$KVH_LIBRARY`` naming another file is then a ``ValueError``."""
-    global _lib, _lib_path
+    global _lib, _lib_path, _lib_file
     with _lock:
         if _lib is not None and path is not None:
             wanted = find_library(path)
-            if not _same_library(wanted, _lib_path):
+            if not _same_library(wanted, _lib_file):
                 raise ValueError(
                     f"kvhygiene is already loaded from {_lib_path}; {path} is another "
                     "file, and one process runs one kvhygiene"
                 )
         if _lib is None:
-            resolved = _library_to_load(path)
+            resolved, file = _library_to_load(path)
             lib = ctypes.CDLL(resolved)
             try:
                 _declare(lib)
             except AttributeError as e:  # a library, but not kvhygiene's
                 raise OSError(f"{resolved} is not {LIBRARY_NAME}: {e}") from e
-            _lib, _lib_path = lib, resolved
+            _lib, _lib_path, _lib_file = lib, resolved, file
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
             # reverse order): after handlers registered later that may still free or allocate
             # CUDA memory. It scrubs and verifies everything freed and writes the log's stop

@@ -1394,3 +1394,137 @@ def test_a_preloaded_library_is_recognised_however_its_file_is_named_or_kept(tmp
         f"with the LD_PRELOAD library's file {how}, load() loaded {library} as a second "
         f"kvhygiene beside the preloaded one:\n{run.stdout}{run.stderr}"
     )
+
+
+def _run_in(cwd, env_changes, code):
+    """Runs ``code`` in a Python started in ``cwd`` with ``env_changes`` applied (a value of
+    None removes the variable) and the host backend."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KVH_LIBRARY", "LD_PRELOAD")}
+    env["KVH_BACKEND"] = "host"
+    for k, v in env_changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    prelude = f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(cwd),
+    )
+
+
+@pytest.mark.parametrize("named_by", ["path", "KVH_LIBRARY"])
+def test_a_preloaded_library_named_relatively_is_still_the_same_file_after_a_chdir(
+    tmp_path, named_by
+):
+    # README and load(): in a process started with the LD_PRELOAD library, a path or
+    # KVH_LIBRARY that names the preloaded file uses it. LD_PRELOAD may name the library
+    # relative to the directory the process started in (LD_PRELOAD=./libkvhygiene_preload.so);
+    # an engine that changes its working directory afterwards and names the same file by its
+    # absolute path must get the preloaded library, not a ValueError saying it is another file.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
+    shutil.copyfile(built, preload)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    if named_by == "path":
+        env = {"LD_PRELOAD": "./" + kvhygiene.PRELOAD_LIBRARY_NAME}
+        call = (
+            "kvhygiene.load()\n"
+            f"os.chdir({str(elsewhere)!r})\n"
+            f"kvhygiene.load({str(preload)!r})\n"
+        )
+    else:
+        env = {"LD_PRELOAD": "./" + kvhygiene.PRELOAD_LIBRARY_NAME, "KVH_LIBRARY": preload}
+        call = f"os.chdir({str(elsewhere)!r})\nkvhygiene.load()\n"
+    code = (
+        "import os\n"
+        "try:\n"
+        + "".join("    " + line + "\n" for line in call.splitlines())
+        + "    print('LOADED', kvhygiene.stats().get('started'))\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(lib_dir, env, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("LOADED"), (
+        f"the preloaded {preload}, named by its absolute path ({named_by}) after a chdir, was "
+        f"taken for another file:\n{run.stdout}"
+    )
+
+
+def test_a_library_that_is_not_kvhygiene_exporting_kvh_malloc_is_not_taken_for_a_preloaded_one(
+    tmp_path,
+):
+    # load(): "In a process started with the LD_PRELOAD library it is that library"; otherwise
+    # the library is find_library's. A process whose global scope holds some other library
+    # that happens to export a function named kvh_malloc (and nothing else of kvhygiene's C
+    # API) has no kvhygiene loaded: load() of KVH_LIBRARY must load kvhygiene's library, not
+    # refuse it as "a second kvhygiene".
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "other.c"
+    source.write_text("void *kvh_malloc(long n, int d, void *s) { return 0; }\n")
+    other = tmp_path / "libother.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(other), str(source)], check=True)
+    library = kvhygiene.find_library()
+    code = (
+        "try:\n"
+        "    kvhygiene.load()\n"
+        "    print('LOADED', kvhygiene._lib_path)\n"
+        "except (ValueError, OSError) as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": other, "KVH_LIBRARY": library}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[:2] == ["LOADED", library], (
+        f"with {other} (not kvhygiene, exports kvh_malloc) preloaded, load() of KVH_LIBRARY "
+        f"did not load kvhygiene's library:\n{run.stdout}"
+    )
+
+
+def test_the_refusal_of_a_second_kvhygiene_does_not_blame_ld_preload_when_none_is_set(tmp_path):
+    # load() finds a kvhygiene already in the process's global symbol scope, whoever loaded it
+    # there (here: a component that loaded libkvhygiene.so with RTLD_GLOBAL; LD_PRELOAD is
+    # not set). Its ValueError for another file must tell the user what holds the allocator,
+    # not send them to "remove LD_PRELOAD", which they do not use.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    first = tmp_path / "first" / kvhygiene.LIBRARY_NAME
+    first.parent.mkdir()
+    shutil.copyfile(library, first)
+    code = (
+        "import ctypes\n"
+        f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        "try:\n"
+        f"    kvhygiene.load({str(library)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), run.stdout
+    assert "LD_PRELOAD" not in run.stdout, (
+        f"with LD_PRELOAD unset, the refusal names LD_PRELOAD as what loaded {first}:\n"
+        f"{run.stdout}"
+    )

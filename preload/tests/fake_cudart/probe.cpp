@@ -6,7 +6,8 @@
 //
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
 //        fork-before-start | fork-during-notice | released-double-free |
-//        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start
+//        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
+//        fork-after-c-api-start-only
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -743,6 +744,31 @@ static int scenario_fork_after_c_api_start() {
     return 0;
 }
 
+// kvhygiene started through the C API only (no interposed call in the parent), then a fork:
+// the child's allocations are forwarded, and nothing on stderr may say they are served.
+static int scenario_fork_after_c_api_start_only() {
+    typedef int (*init_fn)(void);
+    init_fn init = reinterpret_cast<init_fn>(dlsym(RTLD_DEFAULT, "kvh_init"));
+    if (init == nullptr) return 3;
+    out("rc_kvh_init", init());
+    std::fflush(stdout);
+    std::fflush(stderr);
+    pid_t child = fork();
+    if (child == 0) {
+        int mallocs = fake_cudart_calls("cudaMalloc");
+        void* c = nullptr;
+        out("child_rc_malloc", cudaMalloc(&c, 4096));
+        out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = -1;
+    waitpid(child, &status, 0);
+    out("child_exited_cleanly", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -758,6 +784,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "fork-during-symbol-report") == 0) return scenario_fork_during_symbol_report();
     if (std::strcmp(which, "shutdown-before-start") == 0) return scenario_shutdown_before_start();
     if (std::strcmp(which, "fork-after-c-api-start") == 0) return scenario_fork_after_c_api_start();
+    if (std::strcmp(which, "fork-after-c-api-start-only") == 0) return scenario_fork_after_c_api_start_only();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
