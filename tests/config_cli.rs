@@ -604,3 +604,67 @@ fn a_variable_named_twice_in_the_environment_is_not_read_by_its_last_entry() {
          {setting}"
     );
 }
+
+/// A log or checkpoint directory named with `..` after a directory name (`a/../chains`) is
+/// refused by the start-up whatever the file system holds (the name alone decides it), so
+/// `kvh config` must refuse it too (exit 2, naming the key), as deploy/README.md promises of
+/// `kvh config --strict`: "exits 2 on a value the library would refuse at start, naming the
+/// key". It must not call the policy valid.
+#[test]
+fn a_directory_named_with_dot_dot_after_a_name_is_refused_as_the_start_up_refuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = format!("{}/a/../chains", tmp.path().display());
+    // The start-up (kvh demo opens the log as the library does) refuses the name.
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1"])
+        .env("KVH_LOG_DIR", &log));
+    assert_eq!(code, 2, "the start-up accepted KVH_LOG_DIR={log}: {err}");
+    let (code, out, err) = run(config(&[]).env("KVH_LOG_DIR", &log));
+    assert_eq!(
+        code, 2,
+        "kvh config calls KVH_LOG_DIR={log} valid, which the start-up refuses ({err}):\n{out}"
+    );
+    assert!(err.contains("KVH_LOG_DIR"), "{err}");
+
+    let ckpt = format!("{}/x/../checkpoints", tmp.path().display());
+    let (code, out, err) = run(config(&[])
+        .env("KVH_LOG_DIR", tmp.path().join("log"))
+        .env("KVH_SIGNING_KEY_FILE", tmp.path().join("ckpt.key"))
+        .env("KVH_CHECKPOINT_DIR", &ckpt));
+    assert_eq!(
+        code, 2,
+        "kvh config calls KVH_CHECKPOINT_DIR={ckpt} valid, which the start-up refuses:\n{out}{err}"
+    );
+    assert!(err.contains("KVH_CHECKPOINT_DIR"), "{err}");
+}
+
+/// `KVH_SIGNING_KEY_FILE` naming `kvh keygen`'s public key (`PREFIX.pub`, which sits next to
+/// `PREFIX.key` in the Secret) is refused by the start-up from its name alone, whatever the
+/// file holds. `kvh config` must refuse it too (exit 2, naming the key) rather than call the
+/// policy valid and leave the refusal to the server's first CUDA allocation.
+#[test]
+fn a_signing_key_file_named_pub_is_refused_as_the_start_up_refuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(tmp.path().join("ckpt")));
+    assert_eq!(code, 0, "{err}");
+    let public = tmp.path().join("ckpt.pub");
+    let log = tmp.path().join("log");
+    // The start-up (kvh demo opens the log as the library does) refuses it.
+    let (code, _, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1"])
+        .env("KVH_LOG_DIR", &log)
+        .env("KVH_SIGNING_KEY_FILE", &public));
+    assert_eq!(
+        code, 2,
+        "the start-up accepted the .pub file as signing key: {err}"
+    );
+    let (code, out, err) = run(config(&[])
+        .env("KVH_LOG_DIR", &log)
+        .env("KVH_SIGNING_KEY_FILE", &public));
+    assert_eq!(
+        code, 2,
+        "kvh config calls KVH_SIGNING_KEY_FILE={} valid, which the start-up refuses ({err}):\n{out}",
+        public.display()
+    );
+    assert!(err.contains("KVH_SIGNING_KEY_FILE"), "{err}");
+}

@@ -467,3 +467,49 @@ fn inject_fault_on_the_cuda_backend_is_refused_before_the_header_and_the_log() {
         );
     }
 }
+
+/// In a server's environment (KVH_METRICS_FILE names the snapshot its probes and its
+/// `kvh gate` readiness check read), `kvh demo --inject-fault --metrics-file` naming that same
+/// file must leave the server's snapshot alone: the drill's deliberate failures would
+/// otherwise stand in the server's file until its next write, and its readiness probe would
+/// evict a healthy server. As with a `--log-dir` or `--checkpoint-dir` that is the policy's
+/// own, such a run is refused (exit 2) and the file is left as it was.
+#[test]
+fn the_fault_drill_does_not_replace_the_policys_metrics_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = tmp.path().join("server.prom");
+    // The server's snapshot: a clean run's, which the gate admits.
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--metrics-file",
+        ])
+        .arg(&server));
+    assert_eq!(code, 0, "{out}{err}");
+    let before = std::fs::read(&server).unwrap();
+    let (code, out, err) = run(kvh()
+        .env("KVH_METRICS_FILE", &server)
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--inject-fault",
+            "--metrics-file",
+        ])
+        .arg(&server));
+    let after = std::fs::read(&server).unwrap();
+    let (gate, gate_out, _) = run(kvh().arg("gate").arg("--metrics-file").arg(&server));
+    assert!(
+        after == before,
+        "the drill replaced the policy's KVH_METRICS_FILE {} (the server's gate now exits \
+         {gate}: {gate_out}); demo exit {code}:\n{out}{err}",
+        server.display()
+    );
+    assert_eq!(code, 2, "{out}{err}");
+}

@@ -448,7 +448,8 @@ struct DemoArgs {
     checkpoint_dir: Option<std::path::PathBuf>,
     /// Leave the run's last metrics snapshot in FILE (`{pid}` in its name is replaced by the
     /// demo's process id), for trying `kvh metrics`, `kvh gate` and `kvh serve-metrics`
-    /// without a GPU. KVH_METRICS_FILE is not used: it may be a running server's file.
+    /// without a GPU. KVH_METRICS_FILE is not used, and FILE may not be it: it may be a running
+    /// server's file.
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<std::path::PathBuf>,
     /// Print the full report as JSON on stdout instead of the summary.
@@ -546,6 +547,17 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     if let Some(file) = demo_metrics.file_for(std::process::id()) {
         if let Err(e) = kvhygiene::metrics::textfile::check_replaceable(&file) {
             return usage_error(&format!("--metrics-file {}: {e}", file.display()));
+        }
+        // The policy's KVH_METRICS_FILE may be a running server's snapshot, which its
+        // probes and `kvh gate` read: the demo's counters (a drill's failures) must not
+        // stand in for the server's, as its log and checkpoints must not mix with the run's.
+        let policy = config.metrics.file_for(std::process::id());
+        if policy.is_some_and(|p| same_path(&p, &file)) {
+            return usage_error(&format!(
+                "--metrics-file {} is the policy's KVH_METRICS_FILE, which may be a running \
+                 server's snapshot (its probes and `kvh gate` read it): name another file",
+                file.display()
+            ));
         }
     }
     // Before the log opens: it takes the secret out of the environment.
@@ -675,7 +687,7 @@ fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
     let dir = config.log.dir.as_ref()?;
     let into_policy_dir = match &args.log_dir {
         None => true,
-        Some(given) => same_directory(given, dir),
+        Some(given) => same_path(given, dir),
     };
     (args.inject_fault && into_policy_dir).then(|| {
         format!(
@@ -688,10 +700,10 @@ fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
     })
 }
 
-/// Whether `a` and `b` name one directory, existing or not: the same file once both exist (a
-/// trailing slash, a symlink or another spelling of the path is the same directory), else
+/// Whether `a` and `b` name one file or directory, existing or not: the same file once both
+/// exist (a trailing slash, a symlink or another spelling of the path is the same one), else
 /// the same path once each is resolved as far as it exists ([`resolved`]).
-fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
@@ -745,9 +757,8 @@ fn demo_checkpoint_dir(
     };
     let policy_log = config.log.dir.as_ref();
     let policy_checkpoints = config.log.checkpoint_dir.as_ref().or(policy_log);
-    let is = |a: &std::path::Path, b: Option<&std::path::PathBuf>| {
-        b.is_some_and(|b| same_directory(a, b))
-    };
+    let is =
+        |a: &std::path::Path, b: Option<&std::path::PathBuf>| b.is_some_and(|b| same_path(a, b));
     let into_policy_log = is(run_log, policy_log);
     if !into_policy_log && args.checkpoint_dir.is_none() && is(run_log, policy_checkpoints) {
         // Its checkpoints would go next to it: where the policy's are.

@@ -497,10 +497,14 @@ const KEYS: &[Key] = &[
         };
         Some(())
     }),
-    key!("log_dir", "a directory path", |c, v| {
-        c.log.dir = non_empty_path(v)?;
-        Some(())
-    }),
+    key!(
+        "log_dir",
+        "a directory path, without '..' after a directory name (its real path)",
+        |c, v| {
+            c.log.dir = dir_path(v)?;
+            Some(())
+        }
+    ),
     key!(
         "log_max_bytes",
         "an integer in [4096, 2^30] (bytes)",
@@ -546,14 +550,22 @@ const KEYS: &[Key] = &[
         c.log.hmac_key_file = non_empty_path(v)?;
         Some(())
     }),
-    key!("signing_key_file", "a file path", |c, v| {
-        c.log.signing_key_file = non_empty_path(v)?;
-        Some(())
-    }),
-    key!("checkpoint_dir", "a directory path", |c, v| {
-        c.log.checkpoint_dir = non_empty_path(v)?;
-        Some(())
-    }),
+    key!(
+        "signing_key_file",
+        "a file path, the private key (kvh keygen's PREFIX.key, not PREFIX.pub)",
+        |c, v| {
+            c.log.signing_key_file = private_key_path(v)?;
+            Some(())
+        }
+    ),
+    key!(
+        "checkpoint_dir",
+        "a directory path, without '..' after a directory name (its real path)",
+        |c, v| {
+            c.log.checkpoint_dir = dir_path(v)?;
+            Some(())
+        }
+    ),
     key!(
         "checkpoint_every",
         "an integer in [1, 2^32] (records)",
@@ -993,6 +1005,32 @@ fn parse_bool(v: &str) -> Option<bool> {
 /// file is first opened.
 fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
     (!v.is_empty() && !v.contains('\0')).then(|| Some(PathBuf::from(v)))
+}
+
+/// A directory the log creates ([`non_empty_path`]) named without `..` after a directory
+/// name (`logs/x/../kvh`), which the log refuses when it opens (creating `x` would make
+/// `x/..` name a directory that already existed): refused here too, naming the key.
+fn dir_path(v: &str) -> Option<Option<PathBuf>> {
+    use std::path::Component;
+    let path = non_empty_path(v)??;
+    let mut named = false;
+    for c in path.components() {
+        match c {
+            Component::Normal(_) => named = true,
+            Component::ParentDir if named => return None,
+            _ => {}
+        }
+    }
+    Some(Some(path))
+}
+
+/// The signing key's file: a path ([`non_empty_path`]) that is not a `.pub` file, which is
+/// `kvh keygen`'s public key (the log refuses it when it opens: refused here too, naming the
+/// key).
+fn private_key_path(v: &str) -> Option<Option<PathBuf>> {
+    let path = non_empty_path(v)??;
+    let public = path.extension().is_some_and(|e| e == "pub");
+    (!public).then_some(Some(path))
 }
 
 /// A path naming a file, not a directory: a path ([`non_empty_path`]) with a last component
