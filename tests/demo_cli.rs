@@ -513,3 +513,32 @@ fn the_fault_drill_does_not_replace_the_policys_metrics_file() {
     );
     assert_eq!(code, 2, "{out}{err}");
 }
+
+/// A demo that cannot start its backend (here a `libcuda.so.1` that opens but is not a
+/// driver, on the loader's path before any installed one) says so, exit 2, and names the
+/// demo's own way out: `--backend host`.
+#[test]
+fn a_demo_without_a_usable_gpu_points_to_the_host_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let libc = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .expect("libc is mapped");
+    std::fs::copy(libc, tmp.path().join("libcuda.so.1")).unwrap();
+    let (code, out, err) = run(kvh().env("LD_LIBRARY_PATH", tmp.path()).args([
+        "demo",
+        "--backend",
+        "cuda",
+        "--tenants",
+        "1",
+        "--requests",
+        "1",
+    ]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("backend: ") && err.contains("kvh demo --backend host"),
+        "{err}"
+    );
+}

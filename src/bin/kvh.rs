@@ -517,7 +517,12 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     let backend = match backend::select(config.backend) {
         Ok(b) => b,
-        Err(e) => return usage_error(&format!("backend: {e}")),
+        // The demo's own way out, which a server has not: host memory.
+        Err(e) => {
+            return usage_error(&format!(
+                "backend: {e} (to run the demo without a usable GPU: kvh demo --backend host)"
+            ))
+        }
     };
     let opts = DemoOptions {
         tenants: args.tenants,
