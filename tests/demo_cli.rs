@@ -155,7 +155,8 @@ fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
 fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
-    let metrics = tmp.path().join("missing-dir").join("kvh.prom");
+    // Larger than the file size limit below allows: its write fails.
+    let metrics = tmp.path().join("kvh.prom");
     let mut cmd = kvh();
     cmd.args([
         "demo",
@@ -184,7 +185,8 @@ fn a_failed_demo_exits_1_even_when_its_metrics_file_cannot_be_written() {
 #[test]
 fn an_unwritable_metrics_file_is_reported_as_the_metrics_file_option() {
     let tmp = tempfile::tempdir().unwrap();
-    let metrics = tmp.path().join("missing-dir").join("kvh.prom");
+    // Larger than the file size limit allows: its write fails after the run.
+    let metrics = tmp.path().join("kvh.prom");
     let mut cmd = kvh();
     cmd.env_remove("KVH_METRICS_FILE")
         .args([
@@ -196,6 +198,7 @@ fn an_unwritable_metrics_file_is_reported_as_the_metrics_file_option() {
             "--metrics-file",
         ])
         .arg(&metrics);
+    limit_file_size(&mut cmd);
     let (code, out, err) = run(&mut cmd);
     assert_ne!(code, 0, "{out}{err}");
     assert!(
@@ -539,6 +542,30 @@ fn a_demo_without_a_usable_gpu_points_to_the_host_backend() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(
         err.contains("backend: ") && err.contains("kvh demo --backend host"),
+        "{err}"
+    );
+}
+
+/// A `--metrics-file` in a directory that does not exist would fail the run at its end
+/// (exit 2, the snapshot not written): it is refused before the run, naming the file.
+#[test]
+fn a_metrics_file_in_a_missing_directory_is_refused_before_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("missing").join("kvh.prom");
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--metrics-file",
+        ])
+        .arg(&file));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.is_empty(), "the run started: {out}");
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("directory does not exist"),
         "{err}"
     );
 }

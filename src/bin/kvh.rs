@@ -553,6 +553,14 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         if let Err(e) = kvhygiene::metrics::textfile::check_replaceable(&file) {
             return usage_error(&format!("--metrics-file {}: {e}", file.display()));
         }
+        // A run whose snapshot could not be written fails (exit 2): learnt before the run.
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            return usage_error(&format!(
+                "--metrics-file {}: its directory does not exist",
+                file.display()
+            ));
+        }
         // The policy's KVH_METRICS_FILE may be a running server's snapshot, which its
         // probes and `kvh gate` read: the demo's counters (a drill's failures) must not
         // stand in for the server's, as its log and checkpoints must not mix with the run's.
