@@ -569,3 +569,52 @@ fn a_metrics_file_in_a_missing_directory_is_refused_before_the_run() {
         "{err}"
     );
 }
+
+/// With a per-process policy file (KVH_METRICS_FILE=DIR/kvh-{pid}.prom, a tensor-parallel
+/// server whose workers each write their own snapshot, read by `kvh gate --metrics-file
+/// 'DIR/kvh-{pid}.prom'` and `kvh serve-metrics`), a live worker's file DIR/kvh-<pid>.prom
+/// is the policy's KVH_METRICS_FILE for that worker. `kvh demo --inject-fault
+/// --metrics-file` naming it must be refused (exit 2) and leave the worker's snapshot as it
+/// was, as it is for a policy file without `{pid}`.
+#[test]
+fn the_fault_drill_does_not_replace_a_live_process_file_of_the_policys_metrics_pattern() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pattern = tmp.path().join("kvh-{pid}.prom");
+    // A live process's snapshot under the pattern (this test's process stands for the worker).
+    let worker = tmp.path().join(format!("kvh-{}.prom", std::process::id()));
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--metrics-file",
+        ])
+        .arg(&worker));
+    assert_eq!(code, 0, "{out}{err}");
+    let before = std::fs::read(&worker).unwrap();
+    let (code, out, err) = run(kvh()
+        .env("KVH_METRICS_FILE", &pattern)
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--inject-fault",
+            "--metrics-file",
+        ])
+        .arg(&worker));
+    let after = std::fs::read(&worker).unwrap();
+    let (gate, gate_out, gate_err) = run(kvh().arg("gate").arg("--metrics-file").arg(&pattern));
+    assert!(
+        after == before,
+        "the drill replaced {}, a live process's file of the policy's KVH_METRICS_FILE {} \
+         (the gate on the pattern now exits {gate}: {gate_out}{gate_err}); demo exit \
+         {code}:\n{out}{err}",
+        worker.display(),
+        pattern.display()
+    );
+    assert_eq!(code, 2, "{out}{err}");
+}

@@ -389,6 +389,7 @@ static WATCH_PROCESS: extern "C" fn() = watch_process_at_load;
 
 extern "C" fn watch_process_at_load() {
     watch_process();
+    mode::read_at_load();
 }
 
 /// Whether `stream` is capturing a CUDA graph, asked of the real runtime on the calling

@@ -20,7 +20,8 @@ pub(crate) enum Mode {
 
 pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The mode, read from the environment on first use; the first use also prints the notice.
+/// The mode, read from the environment when the library is loaded ([`read_at_load`]) or at
+/// first use; the first use prints the notice.
 ///
 /// No lock is held while the notice is written: a process may fork while one thread writes
 /// it (to a slow or full stderr pipe), and a lock that thread held would stay held in the
@@ -29,18 +30,29 @@ pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// after the mode is published, by the one thread that won the flag.
 pub(crate) fn mode() -> Mode {
     static NOTICED: AtomicBool = AtomicBool::new(false);
-    if let Some(mode) = Mode::from_u8(MODE.load(Ordering::Acquire)) {
-        return mode;
-    }
-    let value = std::env::var_os(PRELOAD_ENV);
-    let mode = parse(value.as_deref());
-    MODE.store(mode as u8, Ordering::Release);
-    if !NOTICED.swap(true, Ordering::AcqRel) {
+    let mode = mode_read().unwrap_or_else(read_mode);
+    if !NOTICED.load(Ordering::Acquire) && !NOTICED.swap(true, Ordering::AcqRel) {
+        let value = std::env::var_os(PRELOAD_ENV);
         notice(
             mode,
             value.as_deref().map(|v| v.to_string_lossy().into_owned()),
         );
     }
+    mode
+}
+
+/// Reads `KVH_PRELOAD` into the mode, without the notice: at load, so that a child forked
+/// before the first interposed call (kvhygiene started through the C API) knows its
+/// parent's mode without reading the environment after the fork.
+pub(crate) fn read_at_load() {
+    if mode_read().is_none() {
+        read_mode();
+    }
+}
+
+fn read_mode() -> Mode {
+    let mode = parse(std::env::var_os(PRELOAD_ENV).as_deref());
+    MODE.store(mode as u8, Ordering::Release);
     mode
 }
 

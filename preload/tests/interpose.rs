@@ -928,3 +928,26 @@ fn a_child_forked_after_a_c_api_start_up_does_not_announce_that_kvhygiene_serves
         r.stderr
     );
 }
+
+#[test]
+fn a_child_forked_after_a_c_api_start_up_only_refuses_allocations_under_an_invalid_switch() {
+    // Module docs: "In a forked child of the process that started kvhygiene, every call is
+    // forwarded, but under an invalid `KVH_PRELOAD`, whose allocations are refused there as
+    // in the parent." Here the parent started kvhygiene through the C API (kvh_init) and
+    // made no interposed call before forking, under KVH_PRELOAD=of. The child's cudaMalloc
+    // must be refused (cudaErrorInitializationError, nothing forwarded), as the parent's
+    // would be, not handed the runtime's unscrubbed memory.
+    let Some(b) = built() else { return };
+    let r = run(
+        b,
+        "fork-after-c-api-start-only",
+        true,
+        &[("KVH_PRELOAD", "of")],
+    );
+    r.expect(&[
+        ("rc_kvh_init", 0),
+        ("child_exited_cleanly", 1),
+        ("child_rc_malloc", 3),
+        ("child_malloc_forwarded", 0),
+    ]);
+}

@@ -46,7 +46,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 __all__ = [
     "KvhError",
@@ -139,8 +139,8 @@ class AllocatorAlreadyInUseError(RuntimeError):
 _lock = threading.RLock()
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[str] = None
-#: The file of the library loaded (``_lib_path`` is the name it was loaded by).
-_lib_file: Optional[str] = None
+#: The library loaded (``_lib_path`` is the name it was loaded by).
+_lib_loaded: Optional[_Loaded] = None
 _allocator = None
 _reset_hook_installed = False
 _local = threading.local()
@@ -279,16 +279,34 @@ class _DlInfo(ctypes.Structure):
 _KVHYGIENE_EXPORTS = ("kvh_malloc", "kvh_free", "kvh_version", "kvh_init", "kvh_stats_json")
 
 
-def _preloaded() -> Optional[Tuple[str, str]]:
-    """A kvhygiene library this process already has in its global symbol scope (the
-    LD_PRELOAD library, which exports the same C API, or one loaded with ``RTLD_GLOBAL``):
-    the name to load it by and the absolute path of its file; ``None`` when it has none.
+class _Loaded(NamedTuple):
+    """A kvhygiene library the process has: the name to load it by, its file's path (for
+    messages) and its file's identity, ``(st_dev, st_ino)`` (``None`` when unknown)."""
 
-    Found by what it exports, not by a file name on disk. The name is the loader's own when
-    absolute (``LD_PRELOAD``'s, a symlink to a versioned file included): loading that name
-    returns the loaded library, also when its file was deleted or replaced since. The file
-    is the one mapped (``/proc/self/maps``), which a relative name no longer finds after a
-    ``chdir``."""
+    name: str
+    file: str
+    identity: Optional[Tuple[int, int]]
+
+
+def _identity(path: str) -> Optional[Tuple[int, int]]:
+    """``(st_dev, st_ino)`` of the file at ``path``; ``None`` when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _preloaded() -> Optional[_Loaded]:
+    """A kvhygiene library this process already has in its global symbol scope (the
+    LD_PRELOAD library, which exports the same C API, or one loaded with ``RTLD_GLOBAL``);
+    ``None`` when it has none.
+
+    Found by what it exports, not by a file name on disk. Its name is the loader's own
+    (``LD_PRELOAD``'s as written, a relative or symlinked one included): loading that name
+    returns the loaded library, also after a ``chdir`` or when its file was deleted or
+    replaced since. Its identity is the device and inode of the file mapped
+    (``/proc/self/maps``), which no path spelling changes."""
     try:
         process = ctypes.CDLL(None)
         dladdr = process.dladdr
@@ -308,58 +326,70 @@ def _preloaded() -> Optional[Tuple[str, str]]:
     if len(objects) != 1:
         return None
     ((base, name),) = objects
-    mapped = _mapped_file(base)
-    file = mapped if mapped is not None else os.path.abspath(name)
-    return (name if os.path.isabs(name) else file), file
+    mapped = _mapped(base)
+    if mapped is not None:
+        return _Loaded(name, *mapped)
+    return _Loaded(name, os.path.abspath(name), _identity(name))
 
 
-def _mapped_file(base: Optional[int]) -> Optional[str]:
-    """The path of the file mapped at ``base`` (a loaded object's first mapping), as the
-    kernel names it in ``/proc/self/maps``; ``None`` when none is found."""
+def _mapped(base: Optional[int]) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """The file mapped at ``base`` (a loaded object's first mapping) in
+    ``/proc/self/maps``: its path as the kernel writes it, and its identity from the line's
+    device and inode fields; ``None`` when none is found."""
     if not base:
         return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and int(fields[0].split("-")[0], 16) == base:
-                    return fields[5].rstrip("\n").removesuffix(" (deleted)")
+                if len(fields) < 6 or int(fields[0].split("-")[0], 16) != base:
+                    continue
+                major, minor = (int(n, 16) for n in fields[3].split(":"))
+                path = fields[5].rstrip("\n")
+                if path.endswith(" (deleted)"):
+                    path = path[: -len(" (deleted)")]
+                return path, (os.makedev(major, minor), int(fields[4]))
     except (OSError, ValueError):
         return None
     return None
 
 
-def _same_library(a: str, b: str) -> bool:
-    """Whether two paths name one library file (the same path when either file is gone)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+def _is_loaded_file(path: str, loaded: _Loaded) -> bool:
+    """Whether ``path`` names the file of the library ``loaded`` (by identity when known; by
+    resolved path when either file is gone)."""
+    wanted = _identity(path)
+    if wanted is not None and loaded.identity is not None:
+        return wanted == loaded.identity
+    return os.path.realpath(path) == os.path.realpath(loaded.file)
 
 
-def _preloaded_by_ld_preload(name: str, file: str) -> bool:
-    """Whether ``LD_PRELOAD`` names the library loaded as ``name`` (its file ``file``)."""
+def _preloaded_by_ld_preload(loaded: _Loaded) -> bool:
+    """Whether ``LD_PRELOAD`` names the library ``loaded``: as the loader's name, as its
+    file, or by a bare file name the loader searched for."""
     entries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
-    return any(e == name or _same_library(e, file) for e in entries)
+    base = {os.path.basename(loaded.name), os.path.basename(loaded.file)}
+    return any(
+        e == loaded.name or ("/" not in e and e in base) or _is_loaded_file(e, loaded)
+        for e in entries
+    )
 
 
-def _library_to_load(path: Optional[str]) -> Tuple[str, str]:
-    """The library :func:`load` loads, as the name to load it by and its file: a kvhygiene
-    the process already has in its global scope, since it already holds the process's
-    allocator (a second library would run a second one, with its own pools and log chain,
-    and the first to start takes the HMAC secret from the environment); else
-    :func:`find_library`'s. A ``path`` or ``$KVH_LIBRARY`` naming another file than the
-    loaded one is a ``ValueError``: the two are not combined."""
-    preloaded = _preloaded()
-    if preloaded is None:
+def _library_to_load(path: Optional[str]) -> Tuple[_Loaded, bool]:
+    """The library :func:`load` loads, and whether the process has it already: a kvhygiene
+    the process has in its global scope, since it already holds the process's allocator (a
+    second library would run a second one, with its own pools and log chain, and the first
+    to start takes the HMAC secret from the environment); else :func:`find_library`'s. A
+    ``path`` or ``$KVH_LIBRARY`` naming another file than the loaded one is a
+    ``ValueError``: the two are not combined."""
+    loaded = _preloaded()
+    if loaded is None:
         found = find_library(path)
-        return found, found
-    name, file = preloaded
+        return _Loaded(found, found, _identity(found)), False
     if path is not None or os.environ.get("KVH_LIBRARY"):
         wanted = find_library(path)
-        if not _same_library(wanted, file):
+        if not _is_loaded_file(wanted, loaded):
             named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
-            if _preloaded_by_ld_preload(name, file):
+            if _preloaded_by_ld_preload(loaded):
                 how = "by LD_PRELOAD"
                 fix = (
                     "Use one route: remove LD_PRELOAD (the PyTorch route), or leave "
@@ -370,10 +400,10 @@ def _library_to_load(path: Optional[str]) -> Tuple[str, str]:
                 how = "in its global symbol scope (loaded with RTLD_GLOBAL)"
                 fix = "Leave KVH_LIBRARY and the path unset (or name that file) to use it"
             raise ValueError(
-                f"kvhygiene is loaded in this process already ({file}, {how}) and runs its "
-                f"allocator; loading {named} would start a second one. {fix}"
+                f"kvhygiene is loaded in this process already ({loaded.file}, {how}) and "
+                f"runs its allocator; loading {named} would start a second one. {fix}"
             )
-    return name, file
+    return loaded, True
 
 
 def load(path: Optional[str] = None) -> ctypes.CDLL:
@@ -383,23 +413,26 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     this process can load, or not kvhygiene's. In a process started with the LD_PRELOAD
     library it is that library (one process runs one kvhygiene): a ``path`` or
     ``$KVH_LIBRARY`` naming another file is then a ``ValueError``."""
-    global _lib, _lib_path, _lib_file
+    global _lib, _lib_path, _lib_loaded
     with _lock:
         if _lib is not None and path is not None:
             wanted = find_library(path)
-            if not _same_library(wanted, _lib_file):
+            if not _is_loaded_file(wanted, _lib_loaded):
                 raise ValueError(
                     f"kvhygiene is already loaded from {_lib_path}; {path} is another "
                     "file, and one process runs one kvhygiene"
                 )
         if _lib is None:
-            resolved, file = _library_to_load(path)
-            lib = ctypes.CDLL(resolved)
+            loaded, already = _library_to_load(path)
+            # A library the process has is loaded by the loader's own name, and only if it is
+            # still that one (RTLD_NOLOAD): never a second copy from the file now there.
+            mode = os.RTLD_NOLOAD | ctypes.DEFAULT_MODE if already else ctypes.DEFAULT_MODE
+            lib = ctypes.CDLL(loaded.name, mode=mode)
             try:
                 _declare(lib)
             except AttributeError as e:  # a library, but not kvhygiene's
-                raise OSError(f"{resolved} is not {LIBRARY_NAME}: {e}") from e
-            _lib, _lib_path, _lib_file = lib, resolved, file
+                raise OSError(f"{loaded.name} is not {LIBRARY_NAME}: {e}") from e
+            _lib, _lib_path, _lib_loaded = lib, loaded.name, loaded
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
             # reverse order): after handlers registered later that may still free or allocate
             # CUDA memory. It scrubs and verifies everything freed and writes the log's stop

@@ -1528,3 +1528,116 @@ def test_the_refusal_of_a_second_kvhygiene_does_not_blame_ld_preload_when_none_i
         f"with LD_PRELOAD unset, the refusal names LD_PRELOAD as what loaded {first}:\n"
         f"{run.stdout}"
     )
+
+
+def test_the_refusal_of_a_second_kvhygiene_names_ld_preload_when_it_names_the_library_bare(
+    tmp_path,
+):
+    # load(): "In a process started with the LD_PRELOAD library it is that library ... a path
+    # or $KVH_LIBRARY naming another file is then a ValueError", whose message tells the user
+    # to "remove LD_PRELOAD (the PyTorch route)". LD_PRELOAD may name the library by its bare
+    # file name, found by the loader in LD_LIBRARY_PATH (LD_PRELOAD=libkvhygiene_preload.so).
+    # The library was then loaded by LD_PRELOAD: the refusal must say so, not that a
+    # component loaded it with RTLD_GLOBAL.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    shutil.copyfile(built, lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = (
+        "try:\n"
+        f"    kvhygiene.load({str(library)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    env = {"LD_PRELOAD": kvhygiene.PRELOAD_LIBRARY_NAME, "LD_LIBRARY_PATH": lib_dir}
+    run = _run_in(work, env, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), run.stdout
+    assert "by LD_PRELOAD" in run.stdout and "RTLD_GLOBAL" not in run.stdout, (
+        f"LD_PRELOAD={kvhygiene.PRELOAD_LIBRARY_NAME} loaded the library, but the refusal "
+        f"does not say so:\n{run.stdout}"
+    )
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_preloaded_library_named_relatively_is_used_when_its_file_was_deleted_or_replaced(
+    tmp_path, how
+):
+    # README and load(): in a process started with the LD_PRELOAD library, load() uses the
+    # preloaded library (one process runs one kvhygiene), also when its file was deleted or
+    # replaced since the process started (an upgrade of the image or package). LD_PRELOAD may
+    # name it relative to the directory the process started in
+    # (LD_PRELOAD=./libkvhygiene_preload.so); with the working directory unchanged, load()
+    # must return the library already loaded: not fail to open the deleted file (OSError),
+    # nor load the replacing file as a second kvhygiene.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
+    shutil.copyfile(built, preload)
+    change = {
+        "deleted": f"os.unlink({str(preload)!r})\n",
+        "replaced": (
+            f"shutil.copyfile({str(built)!r}, {str(preload) + '.new'!r})\n"
+            f"os.replace({str(preload) + '.new'!r}, {str(preload)!r})\n"
+        ),
+    }[how]
+    code = (
+        "import ctypes, os, shutil\n"
+        + change
+        + "try:\n"
+        "    lib = kvhygiene.load()\n"
+        "    ours = ctypes.cast(lib.kvh_version, ctypes.c_void_p).value\n"
+        "    preloaded = ctypes.cast(ctypes.CDLL(None).kvh_version, ctypes.c_void_p).value\n"
+        "    print('LOADED', 'the-preloaded-one' if ours == preloaded else 'a-second-one')\n"
+        "except (OSError, ValueError) as e:\n"
+        "    print('REFUSED', type(e).__name__, e)\n"
+    )
+    run = _run_in(lib_dir, {"LD_PRELOAD": "./" + kvhygiene.PRELOAD_LIBRARY_NAME}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "LOADED the-preloaded-one", (
+        f"with LD_PRELOAD=./{kvhygiene.PRELOAD_LIBRARY_NAME} and its file {how}, load() did "
+        f"not use the preloaded library:\n{run.stdout}"
+    )
+
+
+def test_a_loaded_kvhygiene_in_a_directory_with_a_newline_is_taken_for_its_own_file(tmp_path):
+    # load(): a kvhygiene already in the process's global symbol scope is used, and a path
+    # naming its file is that library, not "another file". The kernel writes a newline in a
+    # path of /proc/self/maps as the four characters "\012"; a library whose directory name
+    # holds one (any byte but '/' and NUL is allowed) is still the file its path names, and
+    # load() of that very path must load it, not refuse it as a second kvhygiene.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    first = tmp_path / "a\nb" / kvhygiene.LIBRARY_NAME
+    first.parent.mkdir()
+    shutil.copyfile(library, first)
+    code = (
+        "import ctypes\n"
+        f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        "try:\n"
+        f"    kvhygiene.load({str(first)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("LOADED"), (
+        f"load({str(first)!r}) of the library already loaded from that file was refused:\n"
+        f"{run.stdout}"
+    )

@@ -564,8 +564,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         // The policy's KVH_METRICS_FILE may be a running server's snapshot, which its
         // probes and `kvh gate` read: the demo's counters (a drill's failures) must not
         // stand in for the server's, as its log and checkpoints must not mix with the run's.
-        let policy = config.metrics.file_for(std::process::id());
-        if policy.is_some_and(|p| same_path(&p, &file)) {
+        if policy_metrics_file(&config.metrics, &file) {
             return usage_error(&format!(
                 "--metrics-file {} is the policy's KVH_METRICS_FILE, which may be a running \
                  server's snapshot (its probes and `kvh gate` read it): name another file",
@@ -711,6 +710,29 @@ fn drill_into_policy_log(args: &DemoArgs, config: &Config) -> Option<String> {
             dir.display()
         )
     })
+}
+
+/// Whether `file` is one the policy's metrics exporter may write: its KVH_METRICS_FILE, or
+/// with `{pid}` in it, any process's file of that pattern (another process's may be live).
+fn policy_metrics_file(policy: &kvhygiene::config::MetricsConfig, file: &std::path::Path) -> bool {
+    let Some(pattern) = policy.file.as_deref() else {
+        return false;
+    };
+    match kvhygiene::metrics::per_process::Target::of(pattern.to_path_buf()) {
+        Ok(kvhygiene::metrics::per_process::Target::PerProcess(pattern)) => {
+            let dir = |p: &std::path::Path| {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."))
+                    .to_path_buf()
+            };
+            same_path(&dir(&pattern), &dir(file))
+                && kvhygiene::metrics::per_process::is_process_file_name(&pattern, file)
+        }
+        _ => policy
+            .file_for(std::process::id())
+            .is_some_and(|p| same_path(&p, file)),
+    }
 }
 
 /// Whether `a` and `b` name one file or directory, existing or not: the same file once both

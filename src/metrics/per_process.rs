@@ -219,6 +219,16 @@ fn files_of(pattern: &Path) -> Result<Vec<(u32, PathBuf)>, String> {
     Ok(found)
 }
 
+/// Whether the file name `candidate` is one of `pattern`'s (its file name with each `{pid}`
+/// replaced by one process id), whatever the directories.
+pub fn is_process_file_name(pattern: &Path, candidate: &Path) -> bool {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    match (name(pattern), name(candidate)) {
+        (Some(pattern), Some(candidate)) => pid_of(&pattern, &candidate).is_some(),
+        _ => false,
+    }
+}
+
 /// The process id `candidate` names, when it is `pattern` with each `{pid}` replaced by the
 /// same decimal id.
 fn pid_of(pattern: &str, candidate: &str) -> Option<u32> {
