@@ -16,8 +16,8 @@
 //!   snapshot says is on), or when the log does not verify (the snapshot judged is the one
 //!   read after the log, which may take a while to verify);
 //! - **admit** (exit 0) otherwise; what an operator should still look at (KV blocks that
-//!   changed owner unscrubbed, which the eviction gate scrubbed, refused claims, invalid
-//!   frees, anomalies of caller bugs such as bursts of invalid frees, which the allocator
+//!   changed owner unscrubbed, which the eviction gate scrubbed, refused claims and KV
+//!   scrubs, invalid frees, anomalies of caller bugs such as bursts of invalid frees, which the allocator
 //!   refused without harm) is printed as notes: one tenant's requests hitting an engine bug
 //!   must not take every replica out;
 //! - exit 2 for usage errors and unreadable inputs (a missing or malformed snapshot among
@@ -242,6 +242,13 @@ pub fn judge(
         &mut notes,
         "kvh_kv_claims_refused_total",
         "kvh_claim_blocks calls were refused (see the kv_gate policy_violation records)",
+    );
+    note_if_positive(
+        snap,
+        &mut notes,
+        "kvh_kv_scrubs_refused_total",
+        "kvh_scrub_blocks calls were refused: the KV blocks they named were not zeroed by them \
+         (see the kv_scrub policy_violation records)",
     );
     note_if_positive(
         snap,

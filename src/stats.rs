@@ -145,6 +145,9 @@ pub struct PoolCounters {
     /// (`(previous bound, bound]`; beyond the last bound, in none), and their sum.
     pub scrub_latency_buckets: [u64; LATENCY_BUCKETS_US.len()],
     pub scrub_latency_sum_us: u64,
+    /// The longest latency recorded, exactly (the HDR histogram's maximum is the top of its
+    /// bucket, up to 0.1% above it, which the exported sum and buckets would contradict).
+    pub scrub_latency_max_us: u64,
 }
 
 /// Upper bounds of the free → CLEAN latency histogram's buckets, in microseconds: from half a
@@ -178,8 +181,12 @@ impl PoolCounters {
             *n += 1;
         }
         self.scrub_latency_sum_us = self.scrub_latency_sum_us.saturating_add(us);
+        self.scrub_latency_max_us = self.scrub_latency_max_us.max(us.min(LATENCY_BOUND_US));
     }
 }
+
+/// The latency histogram's upper bound, 1 h: a longer latency counts as this.
+const LATENCY_BOUND_US: u64 = 3_600_000_000;
 
 impl Default for PoolCounters {
     fn default() -> Self {
@@ -189,13 +196,14 @@ impl Default for PoolCounters {
             scrub_latency_us: new_histogram(),
             scrub_latency_buckets: [0; LATENCY_BUCKETS_US.len()],
             scrub_latency_sum_us: 0,
+            scrub_latency_max_us: 0,
         }
     }
 }
 
 fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 1 h at 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+    Histogram::new_with_bounds(1, LATENCY_BOUND_US, 3).expect("constant histogram bounds are valid")
 }
 
 /// Latency percentiles in microseconds, and the exported histogram.
@@ -277,6 +285,7 @@ impl Stats {
         let mut latency = new_histogram();
         let mut per_bucket = [0u64; LATENCY_BUCKETS_US.len()];
         let mut sum_us = 0u64;
+        let mut max_us = 0u64;
         for p in pools {
             counters.merge(&p.counters);
             accounting.merge(&p.accounting);
@@ -286,6 +295,7 @@ impl Stats {
                 *total = total.saturating_add(*n);
             }
             sum_us = sum_us.saturating_add(p.scrub_latency_sum_us);
+            max_us = max_us.max(p.scrub_latency_max_us);
         }
         let pool_hit_rate = if counters.allocations == 0 {
             0.0
@@ -302,7 +312,7 @@ impl Stats {
                 p50_us: latency.value_at_quantile(0.50),
                 p95_us: latency.value_at_quantile(0.95),
                 p99_us: latency.value_at_quantile(0.99),
-                max_us: latency.max(),
+                max_us,
                 sum_us,
                 buckets: LatencyBuckets::cumulative(&per_bucket),
             },
@@ -336,6 +346,10 @@ mod latency_tests {
             p.scrub_latency_us.max()
         );
         assert_eq!(p.scrub_latency_us.min(), 1);
+        assert_eq!(
+            p.scrub_latency_max_us, 3_600_000_000,
+            "the maximum, at the bound"
+        );
     }
 
     /// A bucket counts the latencies at or below its bound (`le`), cumulatively; a latency

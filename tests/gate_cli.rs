@@ -156,6 +156,32 @@ fn a_failed_control_evicts_and_says_why() {
     assert!(out.contains("kvh_residue_detected_total = 1"), "{out}");
 }
 
+/// A refused `kvh_scrub_blocks` call (bad layout or ids, memory not live) leaves the KV
+/// blocks the engine freed unzeroed: like a refused claim, it deserves a look, so the gate
+/// names `kvh_kv_scrubs_refused_total` in a note while it admits the process.
+#[test]
+fn refused_kv_scrubs_are_noted_as_refused_claims_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(
+        &f,
+        Duration::ZERO,
+        |p| {
+            p.counters.kv_scrubs_refused = 3;
+            p.counters.kv_claims_refused = 2;
+        },
+        &[("residue", 0)],
+    );
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("kvh_kv_claims_refused_total = 2"), "{out}");
+    assert!(
+        out.contains("kvh_kv_scrubs_refused_total = 3"),
+        "3 kvh_scrub_blocks calls were refused (their blocks left unzeroed), yet no note \
+         names them:\n{out}"
+    );
+}
+
 #[test]
 fn a_stale_snapshot_evicts() {
     let dir = tempfile::tempdir().unwrap();

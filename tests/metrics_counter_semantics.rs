@@ -196,3 +196,33 @@ fn a_block_that_failed_verification_has_no_free_to_clean_latency() {
         st.scrub_latency
     );
 }
+
+/// `kvh_scrub_latency_max_seconds` is "Longest free-to-clean latency since start". With one
+/// block made clean after exactly 30 s, the longest latency is 30 s: the exported maximum is
+/// that latency, no more than the sum of all latencies (here the same one), and the
+/// histogram's `le="30"` bucket, which counts it, agrees that it was at most 30 s.
+#[test]
+fn the_exported_maximum_latency_is_the_longest_one_observed() {
+    use kvhygiene::metrics::{encode, parse::parse, ExporterStats};
+    use kvhygiene::stats::{PoolCounters, Stats};
+    let mut pool = PoolCounters::default();
+    pool.record_scrub_latency(30_000_000);
+    let stats = Stats::merge("host".into(), &[pool], None);
+    let text = encode(
+        &stats,
+        &ExporterStats::default(),
+        std::time::SystemTime::now(),
+    );
+    let e = parse(&text).unwrap();
+    let max = e.value("kvh_scrub_latency_max_seconds", &[]).unwrap();
+    let sum = e.value("kvh_free_to_clean_seconds_sum", &[]).unwrap();
+    let le_30 = e
+        .value("kvh_free_to_clean_seconds_bucket", &[("le", "30")])
+        .unwrap();
+    assert_eq!((sum, le_30), (30.0, 1.0));
+    assert_eq!(
+        max, 30.0,
+        "the one latency observed was 30 s (sum {sum}, le=\"30\" bucket {le_30}), yet the \
+         longest is exported as {max} s"
+    );
+}

@@ -135,6 +135,7 @@ COUNTERS = {
     "KvhAnomaly": ("kvh_anomalies_total", {"signal": "verify_failed"}, 10, 0, "warning"),
     "KvhEvictionGateScrubbing": ("kvh_kv_gate_owner_changed_blocks_total", {}, 15, 0, "warning"),
     "KvhKvClaimsRefused": ("kvh_kv_claims_refused_total", {}, 15, 0, "warning"),
+    "KvhKvScrubsRefused": ("kvh_kv_scrubs_refused_total", {}, 15, 0, "warning"),
     "KvhInvalidFrees": ("kvh_invalid_frees_total", {}, 15, 10, "warning"),
     "KvhOutOfMemory": ("kvh_out_of_memory_total", {}, 5, 0, "warning"),
 }
