@@ -75,7 +75,7 @@ use kvhygiene::ffi::{
 };
 
 use cuda::*;
-use mode::{mode, mode_read, Mode};
+use mode::{mode, mode_read, notice_once, Mode};
 
 /// The legacy default stream (stream 0 of the synchronous entry points).
 const LEGACY_STREAM: StreamHandle = StreamHandle(0);
@@ -353,11 +353,15 @@ fn ordering(stream: cudaStream_t, ptsz: bool) -> StreamOrder {
 /// in the child as in its parent (fail closed), whatever started kvhygiene there (the C API
 /// the library also exports). A child that forwards never reads the environment (a lock a
 /// parent thread held at the fork stays held) nor prints the notice, which would say that
-/// kvhygiene serves what it forwards.
+/// kvhygiene serves what it forwards; one that refuses prints the notice (unless its parent
+/// did), quoting the value its parent read.
 fn route() -> Mode {
     if forked() && !parent_start_failed() {
         return match mode_read() {
-            Some(Mode::Refuse) => Mode::Refuse,
+            Some(Mode::Refuse) => {
+                notice_once(Mode::Refuse);
+                Mode::Refuse
+            }
             _ => Mode::Forward,
         };
     }

@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use kvhygiene::config::{PreloadSwitch, PRELOAD_ENV};
 
@@ -29,17 +30,23 @@ pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// read the environment all set to the same value, and the notice is one `write(2)` made
 /// after the mode is published, by the one thread that won the flag.
 pub(crate) fn mode() -> Mode {
-    static NOTICED: AtomicBool = AtomicBool::new(false);
     let mode = mode_read().unwrap_or_else(read_mode);
-    if !NOTICED.load(Ordering::Acquire) && !NOTICED.swap(true, Ordering::AcqRel) {
-        let value = std::env::var_os(PRELOAD_ENV);
-        notice(
-            mode,
-            value.as_deref().map(|v| v.to_string_lossy().into_owned()),
-        );
-    }
+    notice_once(mode);
     mode
 }
+
+/// Prints the notice of `mode` unless this process (or its parent, before a fork) printed
+/// it: one `write(2)`, quoting the value read with the mode, never the environment now.
+pub(crate) fn notice_once(mode: Mode) {
+    static NOTICED: AtomicBool = AtomicBool::new(false);
+    if !NOTICED.load(Ordering::Acquire) && !NOTICED.swap(true, Ordering::AcqRel) {
+        notice(mode, RAW.get().cloned().flatten());
+    }
+}
+
+/// `KVH_PRELOAD` as it was read with the mode (for the notice of an invalid value): set once,
+/// at load, before the process can fork.
+static RAW: OnceLock<Option<String>> = OnceLock::new();
 
 /// Reads `KVH_PRELOAD` into the mode, without the notice: at load, so that a child forked
 /// before the first interposed call (kvhygiene started through the C API) knows its
@@ -51,7 +58,9 @@ pub(crate) fn read_at_load() {
 }
 
 fn read_mode() -> Mode {
-    let mode = parse(std::env::var_os(PRELOAD_ENV).as_deref());
+    let value = std::env::var_os(PRELOAD_ENV);
+    let mode = parse(value.as_deref());
+    let _ = RAW.set(value.map(|v| v.to_string_lossy().into_owned()));
     MODE.store(mode as u8, Ordering::Release);
     mode
 }

@@ -951,3 +951,61 @@ fn a_child_forked_after_a_c_api_start_up_only_refuses_allocations_under_an_inval
         ("child_malloc_forwarded", 0),
     ]);
 }
+
+#[test]
+fn the_notice_of_an_invalid_switch_quotes_the_value_that_decided_the_mode() {
+    // The notice says what the interposers do and why: under an invalid KVH_PRELOAD it
+    // quotes the value it judged invalid. The mode is read when the library is loaded; a
+    // program that then sets KVH_PRELOAD=off before its first cudaMalloc still has its
+    // allocations refused (the value read at load, "of"), so the notice must quote "of", and
+    // never call "off" (an accepted value) invalid.
+    let Some(b) = built() else { return };
+    let r = run(
+        b,
+        "setenv-before-first-malloc",
+        true,
+        &[("KVH_PRELOAD", "of"), ("PROBE_NEW_PRELOAD", "off")],
+    );
+    let notices: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("kvhygiene-preload "))
+        .collect();
+    assert_eq!(notices.len(), 1, "one notice: {}", r.stderr);
+    if r.get("rc_malloc") == 3 {
+        assert!(
+            notices[0].contains("KVH_PRELOAD=\"of\" is invalid"),
+            "the allocation was refused for KVH_PRELOAD=\"of\", but the notice says: {}",
+            notices[0]
+        );
+    } else {
+        assert!(
+            notices[0].contains("KVH_PRELOAD=off"),
+            "the allocation was not refused, but the notice says: {}",
+            notices[0]
+        );
+    }
+}
+
+#[test]
+fn allocations_refused_for_an_invalid_switch_in_a_forked_child_are_explained_by_the_notice() {
+    // README: "a notice on stderr names the library and what it does"; under an invalid
+    // KVH_PRELOAD it says the value is invalid and that CUDA allocations fail. Here the parent
+    // started kvhygiene through the C API (kvh_init) and made no interposed call, so it printed
+    // no notice; its forked child's cudaMalloc is refused (cudaErrorInitializationError). That
+    // refusal is the first interposed call of the process tree: the notice naming the invalid
+    // value must appear on stderr, or nothing says why the allocation failed.
+    let Some(b) = built() else { return };
+    let r = run(
+        b,
+        "fork-after-c-api-start-only",
+        true,
+        &[("KVH_PRELOAD", "of")],
+    );
+    r.expect(&[("child_exited_cleanly", 1), ("child_rc_malloc", 3)]);
+    assert!(
+        r.stderr.contains("KVH_PRELOAD=\"of\" is invalid"),
+        "the child's allocation was refused for KVH_PRELOAD=\"of\", and no notice says so:\n{}",
+        r.stderr
+    );
+}

@@ -280,21 +280,19 @@ _KVHYGIENE_EXPORTS = ("kvh_malloc", "kvh_free", "kvh_version", "kvh_init", "kvh_
 
 
 class _Loaded(NamedTuple):
-    """A kvhygiene library the process has: the name to load it by, its file's path (for
-    messages) and its file's identity, ``(st_dev, st_ino)`` (``None`` when unknown)."""
+    """A kvhygiene library: the name to load it by, its file's path (for messages), and,
+    once it is in the process, the address of its ``kvh_malloc``, which tells it from any
+    other library (``None`` before it is loaded)."""
 
     name: str
     file: str
-    identity: Optional[Tuple[int, int]]
+    entry: Optional[int]
 
 
-def _identity(path: str) -> Optional[Tuple[int, int]]:
-    """``(st_dev, st_ino)`` of the file at ``path``; ``None`` when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+def _entry(lib: ctypes.CDLL) -> Optional[int]:
+    """The address of ``lib``'s ``kvh_malloc``; ``None`` when it has none."""
+    symbol = getattr(lib, "kvh_malloc", None)
+    return None if symbol is None else ctypes.cast(symbol, ctypes.c_void_p).value
 
 
 def _preloaded() -> Optional[_Loaded]:
@@ -305,8 +303,7 @@ def _preloaded() -> Optional[_Loaded]:
     Found by what it exports, not by a file name on disk. Its name is the loader's own
     (``LD_PRELOAD``'s as written, a relative or symlinked one included): loading that name
     returns the loaded library, also after a ``chdir`` or when its file was deleted or
-    replaced since. Its identity is the device and inode of the file mapped
-    (``/proc/self/maps``), which no path spelling changes."""
+    replaced since."""
     try:
         process = ctypes.CDLL(None)
         dladdr = process.dladdr
@@ -326,51 +323,76 @@ def _preloaded() -> Optional[_Loaded]:
     if len(objects) != 1:
         return None
     ((base, name),) = objects
-    mapped = _mapped(base)
-    if mapped is not None:
-        return _Loaded(name, *mapped)
-    return _Loaded(name, os.path.abspath(name), _identity(name))
+    file = _mapped_path(base) or os.path.abspath(name)
+    return _Loaded(name, file, _entry(process))
 
 
-def _mapped(base: Optional[int]) -> Optional[Tuple[str, Tuple[int, int]]]:
-    """The file mapped at ``base`` (a loaded object's first mapping) in
-    ``/proc/self/maps``: its path as the kernel writes it, and its identity from the line's
-    device and inode fields; ``None`` when none is found."""
+def _mapped_path(base: Optional[int]) -> Optional[str]:
+    """The path of the file mapped at ``base`` (a loaded object's first mapping), as
+    ``/proc/self/maps`` writes it, for messages; ``None`` when none is found."""
     if not base:
         return None
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) < 6 or int(fields[0].split("-")[0], 16) != base:
-                    continue
-                major, minor = (int(n, 16) for n in fields[3].split(":"))
-                path = fields[5].rstrip("\n")
-                if path.endswith(" (deleted)"):
-                    path = path[: -len(" (deleted)")]
-                return path, (os.makedev(major, minor), int(fields[4]))
+                if len(fields) == 6 and int(fields[0].split("-")[0], 16) == base:
+                    path = fields[5].rstrip("\n")
+                    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path
     except (OSError, ValueError):
         return None
     return None
 
 
 def _is_loaded_file(path: str, loaded: _Loaded) -> bool:
-    """Whether ``path`` names the file of the library ``loaded`` (by identity when known; by
-    resolved path when either file is gone)."""
-    wanted = _identity(path)
-    if wanted is not None and loaded.identity is not None:
-        return wanted == loaded.identity
-    return os.path.realpath(path) == os.path.realpath(loaded.file)
+    """Whether ``path`` names the library ``loaded``, as the dynamic loader judges it (the
+    name it was loaded by, or its file by device and inode as the loader recorded them):
+    ``path`` loaded without loading anything new (``RTLD_NOLOAD``) is that library."""
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | ctypes.DEFAULT_MODE)
+    except OSError:  # not loaded in this process
+        return False
+    return loaded.entry is not None and _entry(lib) == loaded.entry
+
+
+def _exec_ld_preload() -> str:
+    """``LD_PRELOAD`` as the loader saw it (the environment at exec, which the program may
+    have changed since), else as it is now."""
+    try:
+        with open("/proc/self/environ", "rb") as env:
+            for entry in env.read().split(b"\0"):
+                if entry.startswith(b"LD_PRELOAD="):
+                    return os.fsdecode(entry[len(b"LD_PRELOAD=") :])
+    except OSError:
+        pass
+    return os.environ.get("LD_PRELOAD", "")
 
 
 def _preloaded_by_ld_preload(loaded: _Loaded) -> bool:
-    """Whether ``LD_PRELOAD`` names the library ``loaded``: as the loader's name, as its
-    file, or by a bare file name the loader searched for."""
-    entries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    """Whether ``LD_PRELOAD`` named the library ``loaded``: as the loader's name, by a bare
+    file name the loader searched for, or as a path to its file."""
+    entries = _exec_ld_preload().replace(":", " ").split()
     base = {os.path.basename(loaded.name), os.path.basename(loaded.file)}
     return any(
         e == loaded.name or ("/" not in e and e in base) or _is_loaded_file(e, loaded)
         for e in entries
+    )
+
+
+def _second_kvhygiene(loaded: _Loaded, named: str) -> ValueError:
+    """The refusal to load ``named`` beside the kvhygiene ``loaded``."""
+    if _preloaded_by_ld_preload(loaded):
+        how = "by LD_PRELOAD"
+        fix = (
+            "Use one route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY and "
+            "the path unset (or name the preloaded file) to use the preloaded one"
+        )
+    else:
+        how = "by this process"
+        fix = "Leave KVH_LIBRARY and the path unset (or name that file) to use it"
+    return ValueError(
+        f"kvhygiene is already loaded in this process ({loaded.file}, {how}) and runs its "
+        f"allocator; loading {named} would start a second one. {fix}"
     )
 
 
@@ -384,25 +406,12 @@ def _library_to_load(path: Optional[str]) -> Tuple[_Loaded, bool]:
     loaded = _preloaded()
     if loaded is None:
         found = find_library(path)
-        return _Loaded(found, found, _identity(found)), False
+        return _Loaded(found, found, None), False
     if path is not None or os.environ.get("KVH_LIBRARY"):
         wanted = find_library(path)
         if not _is_loaded_file(wanted, loaded):
             named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
-            if _preloaded_by_ld_preload(loaded):
-                how = "by LD_PRELOAD"
-                fix = (
-                    "Use one route: remove LD_PRELOAD (the PyTorch route), or leave "
-                    "KVH_LIBRARY and the path unset (or name the preloaded file) to use the "
-                    "preloaded one"
-                )
-            else:
-                how = "in its global symbol scope (loaded with RTLD_GLOBAL)"
-                fix = "Leave KVH_LIBRARY and the path unset (or name that file) to use it"
-            raise ValueError(
-                f"kvhygiene is loaded in this process already ({loaded.file}, {how}) and "
-                f"runs its allocator; loading {named} would start a second one. {fix}"
-            )
+            raise _second_kvhygiene(loaded, named)
     return loaded, True
 
 
@@ -418,10 +427,7 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
         if _lib is not None and path is not None:
             wanted = find_library(path)
             if not _is_loaded_file(wanted, _lib_loaded):
-                raise ValueError(
-                    f"kvhygiene is already loaded from {_lib_path}; {path} is another "
-                    "file, and one process runs one kvhygiene"
-                )
+                raise _second_kvhygiene(_lib_loaded, path)
         if _lib is None:
             loaded, already = _library_to_load(path)
             # A library the process has is loaded by the loader's own name, and only if it is
@@ -432,7 +438,8 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
                 _declare(lib)
             except AttributeError as e:  # a library, but not kvhygiene's
                 raise OSError(f"{loaded.name} is not {LIBRARY_NAME}: {e}") from e
-            _lib, _lib_path, _lib_loaded = lib, loaded.name, loaded
+            _lib, _lib_path = lib, loaded.name
+            _lib_loaded = loaded._replace(entry=_entry(lib))
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
             # reverse order): after handlers registered later that may still free or allocate
             # CUDA memory. It scrubs and verifies everything freed and writes the log's stop

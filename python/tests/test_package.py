@@ -1641,3 +1641,134 @@ def test_a_loaded_kvhygiene_in_a_directory_with_a_newline_is_taken_for_its_own_f
         f"load({str(first)!r}) of the library already loaded from that file was refused:\n"
         f"{run.stdout}"
     )
+
+
+@pytest.mark.parametrize("named_by", ["path", "KVH_LIBRARY"])
+def test_a_preloaded_library_on_an_overlay_filesystem_is_the_file_its_path_names(
+    tmp_path, named_by
+):
+    # README: "in a process started with it, the Python package's load() and install() use
+    # the preloaded library, and refuse (ValueError) a path or KVH_LIBRARY naming another
+    # file". A container's root filesystem is usually an overlay; there the LD_PRELOAD
+    # library and a path (or KVH_LIBRARY) naming that very file are one file, and load() must
+    # use the preloaded library, not refuse it as a second kvhygiene. The overlay here has
+    # its lower layer on the test's filesystem and its upper layer on a tmpfs, mounted in a
+    # private mount namespace (skipped where one cannot be made).
+    import shutil
+    import subprocess
+    import sys
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    lower, upper, merged = (tmp_path / d for d in ("lower", "upper", "merged"))
+    for d in (lower, upper, merged):
+        d.mkdir()
+    shutil.copyfile(built, lower / kvhygiene.PRELOAD_LIBRARY_NAME)
+    preload = merged / kvhygiene.PRELOAD_LIBRARY_NAME
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    call = f"kvhygiene.load({str(preload)!r})" if named_by == "path" else "kvhygiene.load()"
+    code = (
+        f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
+        "try:\n"
+        f"    {call}\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    script = (
+        f"mount -t tmpfs tmpfs {upper} && mkdir {upper}/u {upper}/w && "
+        f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper}/u,workdir={upper}/w "
+        f"{merged} || exit 77\n"
+        f'exec env LD_PRELOAD={preload} "$0" -c "$1"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("KVH_LIBRARY", "LD_PRELOAD")}
+    env["KVH_BACKEND"] = "host"
+    if named_by == "KVH_LIBRARY":
+        env["KVH_LIBRARY"] = str(preload)
+    namespace = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+    run = subprocess.run(
+        namespace + ["sh", "-c", script, sys.executable, code],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if run.returncode in (1, 77) and not run.stdout:
+        pytest.skip(f"no overlay mount in a private mount namespace here: {run.stderr}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("LOADED"), (
+        f"the LD_PRELOAD library {preload}, named by {named_by}, was refused as another "
+        f"file:\n{run.stdout}"
+    )
+
+
+def test_the_refusal_of_another_file_after_a_load_names_the_loaded_file_after_a_chdir(tmp_path):
+    # load(): "A path given once it is loaded must name the same file: ... ValueError when it
+    # names another", and the message says where kvhygiene is already loaded from. With
+    # LD_PRELOAD naming the library relative to the starting directory
+    # (LD_PRELOAD=./libkvhygiene_preload.so) and the working directory changed since, the
+    # message must name the loaded file itself (its absolute path, as the refusal before any
+    # load does), not "./libkvhygiene_preload.so", which from the current directory names
+    # no file or another one.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
+    shutil.copyfile(built, preload)
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    code = (
+        "import os\n"
+        f"os.chdir({str(elsewhere)!r})\n"
+        "kvhygiene.load()\n"
+        "try:\n"
+        f"    kvhygiene.load({str(library)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(lib_dir, {"LD_PRELOAD": "./" + kvhygiene.PRELOAD_LIBRARY_NAME}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), run.stdout
+    assert str(preload) in run.stdout, (
+        f"the refusal does not name the loaded file {preload}:\n{run.stdout}"
+    )
+
+
+def test_the_refusal_of_a_second_kvhygiene_names_ld_preload_after_the_program_removed_it(
+    tmp_path,
+):
+    # load(): "In a process started with the LD_PRELOAD library it is that library ... a path
+    # or $KVH_LIBRARY naming another file is then a ValueError", whose message tells the user
+    # to "remove LD_PRELOAD (the PyTorch route)". docs/cuda.md: LD_PRELOAD is inherited by
+    # child processes "unless the variable is removed from their environment", which a
+    # program does by removing it from its own environment once started. The library was
+    # still loaded by LD_PRELOAD: the refusal must say so, not that a component loaded it
+    # with RTLD_GLOBAL.
+    library = Path(kvhygiene.find_library())
+    preload = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not preload.is_file():
+        pytest.skip(f"no {preload} beside the library (cargo build --workspace builds it)")
+    code = (
+        "import os\n"
+        "del os.environ['LD_PRELOAD']\n"
+        "try:\n"
+        f"    kvhygiene.load({str(library)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": preload}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), run.stdout
+    assert "by LD_PRELOAD" in run.stdout and "RTLD_GLOBAL" not in run.stdout, (
+        f"LD_PRELOAD loaded {preload}, but the refusal does not say so:\n{run.stdout}"
+    )

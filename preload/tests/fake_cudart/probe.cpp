@@ -7,7 +7,7 @@
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
 //        fork-before-start | fork-during-notice | released-double-free |
 //        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
-//        fork-after-c-api-start-only
+//        fork-after-c-api-start-only | setenv-before-first-malloc
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -769,6 +769,23 @@ static int scenario_fork_after_c_api_start_only() {
     return 0;
 }
 
+// The program changes KVH_PRELOAD (setenv, or unsetenv when PROBE_NEW_PRELOAD is "-") to
+// PROBE_NEW_PRELOAD before its first interposed call, then allocates once.
+static int scenario_setenv_before_first_malloc() {
+    const char* value = std::getenv("PROBE_NEW_PRELOAD");
+    if (value == nullptr) return 3;
+    if (std::strcmp(value, "-") == 0) {
+        unsetenv("KVH_PRELOAD");
+    } else {
+        setenv("KVH_PRELOAD", value, 1);
+    }
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, 4096));
+    out("real_cudaMalloc", fake_cudart_calls("cudaMalloc"));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -785,6 +802,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "shutdown-before-start") == 0) return scenario_shutdown_before_start();
     if (std::strcmp(which, "fork-after-c-api-start") == 0) return scenario_fork_after_c_api_start();
     if (std::strcmp(which, "fork-after-c-api-start-only") == 0) return scenario_fork_after_c_api_start_only();
+    if (std::strcmp(which, "setenv-before-first-malloc") == 0) return scenario_setenv_before_first_malloc();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
