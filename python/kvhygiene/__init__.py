@@ -281,18 +281,22 @@ _KVHYGIENE_EXPORTS = ("kvh_malloc", "kvh_free", "kvh_version", "kvh_init", "kvh_
 
 class _Loaded(NamedTuple):
     """A kvhygiene library: the name to load it by, its file's path (for messages), and,
-    once it is in the process, the address of its ``kvh_malloc``, which tells it from any
-    other library (``None`` before it is loaded)."""
+    once it is in the process, its loader handle, which is the same for every name of one
+    loaded object and differs for any other object (``None`` before it is loaded)."""
 
     name: str
     file: str
-    entry: Optional[int]
+    handle: Optional[int]
 
 
-def _entry(lib: ctypes.CDLL) -> Optional[int]:
-    """The address of ``lib``'s ``kvh_malloc``; ``None`` when it has none."""
-    symbol = getattr(lib, "kvh_malloc", None)
-    return None if symbol is None else ctypes.cast(symbol, ctypes.c_void_p).value
+def _handle_if_loaded(name: str) -> Optional[int]:
+    """The loader's handle of the object ``name`` loads, when it is loaded already (by that
+    name, or its file by device and inode as the loader recorded them); ``None`` when it is
+    not, without loading anything (``RTLD_NOLOAD``)."""
+    try:
+        return ctypes.CDLL(name, mode=os.RTLD_NOLOAD | ctypes.DEFAULT_MODE)._handle
+    except OSError:
+        return None
 
 
 def _preloaded() -> Optional[_Loaded]:
@@ -324,7 +328,7 @@ def _preloaded() -> Optional[_Loaded]:
         return None
     ((base, name),) = objects
     file = _mapped_path(base) or os.path.abspath(name)
-    return _Loaded(name, file, _entry(process))
+    return _Loaded(name, file, _handle_if_loaded(name))
 
 
 def _mapped_path(base: Optional[int]) -> Optional[str]:
@@ -346,13 +350,11 @@ def _mapped_path(base: Optional[int]) -> Optional[str]:
 
 def _is_loaded_file(path: str, loaded: _Loaded) -> bool:
     """Whether ``path`` names the library ``loaded``, as the dynamic loader judges it (the
-    name it was loaded by, or its file by device and inode as the loader recorded them):
-    ``path`` loaded without loading anything new (``RTLD_NOLOAD``) is that library."""
-    try:
-        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | ctypes.DEFAULT_MODE)
-    except OSError:  # not loaded in this process
-        return False
-    return loaded.entry is not None and _entry(lib) == loaded.entry
+    name it was loaded by, or its file by device and inode as the loader recorded them): the
+    object ``path`` loads is loaded already, and is that one (not another object, such as a
+    library that links it)."""
+    handle = _handle_if_loaded(path)
+    return handle is not None and handle == loaded.handle
 
 
 def _exec_ld_preload() -> str:
@@ -360,12 +362,12 @@ def _exec_ld_preload() -> str:
     have changed since), else as it is now."""
     try:
         with open("/proc/self/environ", "rb") as env:
-            for entry in env.read().split(b"\0"):
-                if entry.startswith(b"LD_PRELOAD="):
-                    return os.fsdecode(entry[len(b"LD_PRELOAD=") :])
+            entries = env.read().split(b"\0")
     except OSError:
-        pass
-    return os.environ.get("LD_PRELOAD", "")
+        return os.environ.get("LD_PRELOAD", "")
+    # The loader takes the last assignment; none means the process started without it.
+    found = [e[len(b"LD_PRELOAD=") :] for e in entries if e.startswith(b"LD_PRELOAD=")]
+    return os.fsdecode(found[-1]) if found else ""
 
 
 def _preloaded_by_ld_preload(loaded: _Loaded) -> bool:
@@ -439,7 +441,7 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             except AttributeError as e:  # a library, but not kvhygiene's
                 raise OSError(f"{loaded.name} is not {LIBRARY_NAME}: {e}") from e
             _lib, _lib_path = lib, loaded.name
-            _lib_loaded = loaded._replace(entry=_entry(lib))
+            _lib_loaded = loaded._replace(handle=lib._handle)
             # Registered at first load, so that it runs late at exit (atexit runs handlers in
             # reverse order): after handlers registered later that may still free or allocate
             # CUDA memory. It scrubs and verifies everything freed and writes the log's stop

@@ -1772,3 +1772,85 @@ def test_the_refusal_of_a_second_kvhygiene_names_ld_preload_after_the_program_re
     assert "by LD_PRELOAD" in run.stdout and "RTLD_GLOBAL" not in run.stdout, (
         f"LD_PRELOAD loaded {preload}, but the refusal does not say so:\n{run.stdout}"
     )
+
+
+def test_the_refusal_of_a_second_kvhygiene_does_not_blame_an_ld_preload_set_after_the_start(
+    tmp_path,
+):
+    # The refusal judges LD_PRELOAD "as the process was started with it" (the loader reads it
+    # at exec; a program that sets it later only passes it to its children). Here the process
+    # started without LD_PRELOAD, a component loaded libkvhygiene.so with RTLD_GLOBAL, and the
+    # program then set LD_PRELOAD to that file for the workers it will start. The library was
+    # not loaded by LD_PRELOAD: the refusal of another file must not say "by LD_PRELOAD" nor
+    # tell the user to remove it.
+    import shutil
+
+    library = Path(kvhygiene.find_library())
+    first = tmp_path / "first" / kvhygiene.LIBRARY_NAME
+    first.parent.mkdir()
+    shutil.copyfile(library, first)
+    code = (
+        "import ctypes, os\n"
+        f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
+        f"os.environ['LD_PRELOAD'] = {str(first)!r}\n"
+        "try:\n"
+        f"    kvhygiene.load({str(library)!r})\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), run.stdout
+    assert "LD_PRELOAD" not in run.stdout, (
+        f"the process was started without LD_PRELOAD, yet the refusal names LD_PRELOAD as what "
+        f"loaded {first}:\n{run.stdout}"
+    )
+
+
+def test_load_of_a_library_that_links_kvhygiene_is_not_taken_for_the_loaded_file(tmp_path):
+    # load(): "A path given once it is loaded must name the same file: ... ValueError when it
+    # names another". A library that merely links libkvhygiene.so (an engine's extension
+    # calling the C API), loaded in the process too, is another file: load() of its path must
+    # be refused, not answered with the kvhygiene handle as if it named the loaded library.
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    library = Path(kvhygiene.find_library())
+    source = tmp_path / "ext.c"
+    source.write_text("int ext_marker(void) { return 1; }\n")
+    ext = tmp_path / "libext.so"
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(ext),
+            str(source),
+            f"-L{library.parent}",
+            "-Wl,--no-as-needed",
+            "-lkvhygiene",
+            f"-Wl,-rpath,{library.parent}",
+        ],
+        check=True,
+    )
+    code = (
+        "import ctypes\n"
+        "lib = kvhygiene.load()\n"
+        f"ctypes.CDLL({str(ext)!r})\n"
+        "try:\n"
+        f"    other = kvhygiene.load({str(ext)!r})\n"
+        "    print('LOADED', other is lib)\n"
+        "except ValueError as e:\n"
+        "    print('VALUE-ERROR', e)\n"
+    )
+    run = _run_in(tmp_path, {"LD_PRELOAD": None, "KVH_LIBRARY": library}, code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("VALUE-ERROR"), (
+        f"load({str(ext)!r}), a library that links {library} but is another file, was "
+        f"accepted as the loaded kvhygiene:\n{run.stdout}"
+    )
