@@ -173,3 +173,41 @@ fn an_idle_log_whose_failed_write_opened_a_new_file_backs_off_its_retries() {
          opened a new file"
     );
 }
+
+/// A failing disk often fails an fsync before it fails writes (EIO). After a failed fsync the
+/// writer signs no further checkpoint, but the log is still one with signed checkpoints
+/// configured, and docs/forensic-log.md ("Write errors") says such a log writes its `lost`
+/// record on its own while no other record comes, trying again for as long as writes fail:
+/// once the disk takes writes again, the loss is in the file without waiting for an event.
+#[test]
+fn an_idle_signed_log_records_its_loss_alone_also_after_a_failed_fsync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = signed_cfg(&tmp, |c| {
+        c.checkpoint_interval_ms = 100;
+        c.fsync = kvhygiene::config::FsyncPolicy::Always;
+    });
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.inject_fsync_faults(1);
+    log.emit(event(1));
+    log.flush();
+    assert!(
+        log.stats().last_error.unwrap_or_default().contains("fsync"),
+        "the fsync fault was not hit"
+    );
+    log.inject_write_faults(1_000_000);
+    log.emit(event(2));
+    log.flush();
+    assert_eq!(log.stats().records_lost, 1, "{:?}", log.stats());
+    std::thread::sleep(Duration::from_millis(300));
+    log.inject_write_faults(0);
+    // Longer than the longest wait between tries (2 s).
+    std::thread::sleep(Duration::from_millis(2600));
+    let lost = lost_records(&tmp);
+    log.stop();
+    assert_eq!(
+        lost.len(),
+        1,
+        "an idle signed log whose fsync had failed did not write its `lost` record once the \
+         disk had room: {lost:?}"
+    );
+}

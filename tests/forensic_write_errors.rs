@@ -342,3 +342,50 @@ fn a_next_file_that_cannot_be_created_at_a_rotation_is_a_counted_write_error() {
     );
     log.stop();
 }
+
+/// A write error at `stop` (one failed write: the next would succeed) does not leave the
+/// chain without its `stop` record. As after any failed write, the writer keeps trying (here
+/// well within the 10 s that `stop` may take): the chain then ends with a `lost` record for
+/// what the failed write lost, and the `stop` record, whose `records_lost` is the process's
+/// total. Otherwise the run reads as a crash and its losses are in no record of the log.
+#[test]
+fn a_write_error_at_stop_still_closes_the_chain_with_its_loss_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // The write of the `stop` record fails once.
+    log.inject_write_faults(1);
+    log.stop();
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{r:?}");
+    // The complete lines (a torn tail is not a record).
+    let text = std::fs::read_to_string(&chain_files(&dir)[0]).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        r.chains[0].closed,
+        "the chain was left without a stop record after one failed write (torn tail {} \
+         bytes, records_lost {}): {kinds:?}",
+        r.chains[0].torn_bytes, s.records_lost
+    );
+    let stop = records.last().unwrap();
+    assert_eq!(
+        stop["records_lost"].as_u64(),
+        Some(s.records_lost),
+        "{stop}"
+    );
+    assert_eq!(kinds[kinds.len() - 2], "lost", "{kinds:?}");
+}

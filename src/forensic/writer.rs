@@ -74,6 +74,9 @@ pub(crate) struct ChainWriter {
     /// The start-up error the `stop` record carries, when the process's start-up failed
     /// after the log opened.
     start_failed: Option<String>,
+    /// Set while [`ChainWriter::finish`] writes the last records: a failed write then does
+    /// not count the `stop` record as lost, since it is sealed again for the next try.
+    finishing: bool,
     dirty_since_sync: bool,
     /// An fsync of this chain failed. After a failed fsync the kernel may have dropped the
     /// dirty pages and a later fsync can succeed without them, so no record written before
@@ -206,6 +209,7 @@ impl ChainWriter {
             lost: None,
             lost_in_buf: false,
             start_failed: None,
+            finishing: false,
             dirty_since_sync: false,
             fsync_failed: false,
             last_sync: Instant::now(),
@@ -516,7 +520,7 @@ impl ChainWriter {
     fn write_buffer(&mut self) -> io::Result<()> {
         if self.lost.is_some() {
             // A failed write may have left part of a line: cut back to the last good byte.
-            self.file.set_len(self.file_len)?;
+            self.cut_torn_tail()?;
         }
         self.write_with_faults()?;
         self.file_len += self.buf.len() as u64;
@@ -535,6 +539,17 @@ impl ChainWriter {
         self.dirty_since_sync = true;
         if self.fsync == FsyncPolicy::Always {
             self.sync();
+        }
+        Ok(())
+    }
+
+    /// Cuts the bytes a failed write left after the last whole record, when it left any. A
+    /// file without such bytes is not touched: an append-only file (`chattr +a`) refuses
+    /// any truncation, even to its own length, and must still take the next write.
+    fn cut_torn_tail(&self) -> io::Result<()> {
+        let on_disk = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        if on_disk > self.file_len {
+            self.file.set_len(self.file_len)?;
         }
         Ok(())
     }
@@ -571,11 +586,14 @@ impl ChainWriter {
             ..Default::default()
         });
         lost.error = msg;
+        let finishing = self.finishing;
         let mut lines = self.buf.split(|&b| b == b'\n');
         for kind in self.buf_kinds.drain(..) {
             let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
-            if kind == "lost" || (relink && kind == "rotate") {
-                continue; // rebuilt next time: the description of earlier losses, the link
+            if kind == "lost" || (relink && kind == "rotate") || (finishing && kind == "stop") {
+                // Rebuilt next time: the description of earlier losses, the link, and, while
+                // the writer finishes, the `stop` record (from the totals then).
+                continue;
             }
             lost.records += 1;
             lost.bytes += len;
@@ -679,7 +697,7 @@ impl ChainWriter {
             // appends; a file rotated with nothing buffered is never written again, so it is
             // cut here, or not rotated (a rotated file must end with its last record).
             let path = self.dir.join(files::file_name(&self.chain, self.index));
-            if let Err(e) = self.file.set_len(self.file_len) {
+            if let Err(e) = self.cut_torn_tail() {
                 let e = files::io_err(&path, "cannot cut a failed write", e);
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.shared.last_error) = Some(e.to_string());
@@ -806,9 +824,7 @@ impl ChainWriter {
     }
 
     fn maybe_checkpoint(&mut self) {
-        // After a failed fsync no checkpoint is signed (see `checkpoint`): one due then would
-        // stay due, and every record would be written and fsynced on its own.
-        if self.signing.is_none() || self.fsync_failed {
+        if self.signing.is_none() {
             return;
         }
         if self.lost.is_some() && !self.lost_in_buf && !self.holds_new_records() {
@@ -828,11 +844,17 @@ impl ChainWriter {
                 // already written are signed when a checkpoint is due (the checkpoint
                 // directory may be on another disk), but no `checkpoint` record is appended:
                 // it would be lost as well.
-                if self.checkpoint_due(self.records_since_ckpt) {
+                if !self.fsync_failed && self.checkpoint_due(self.records_since_ckpt) {
                     let _ = self.checkpoint();
                 }
                 return;
             }
+        }
+        // After a failed fsync no checkpoint is signed (see `checkpoint`): one due then would
+        // stay due, and every record would be written and fsynced on its own. (The idle
+        // `lost` record above is written all the same: it is the loss's only record.)
+        if self.fsync_failed {
+            return;
         }
         let pending = self.records_since_ckpt + new_records(&self.buf_kinds);
         if self.checkpoint_due(pending) {
@@ -931,21 +953,45 @@ impl ChainWriter {
         f
     }
 
-    /// `stop` record, flush, fsync, final checkpoint.
+    /// `stop` record, flush, fsync, final checkpoint. A write that fails is tried again, with
+    /// the usual backoff, for [`FINISH_RETRY`]: a chain left without its `stop` record reads
+    /// as a crash, and the losses only the `lost` and `stop` records carry would be recorded
+    /// nowhere.
     fn finish(&mut self) {
-        let ts = unix_nanos(SystemTime::now());
-        // The `lost` record of earlier failed writes goes before the `stop` record and is
-        // one of the records it counts.
-        if self.lost.is_some() && !self.lost_in_buf {
-            self.append_lost_record(ts, Rotation::Allowed);
+        self.finishing = true;
+        let deadline = Instant::now() + FINISH_RETRY;
+        loop {
+            let ts = unix_nanos(SystemTime::now());
+            // The `lost` record of earlier failed writes goes before the `stop` record and
+            // is one of the records it counts.
+            if self.lost.is_some() && !self.lost_in_buf {
+                self.append_lost_record(ts, Rotation::Allowed);
+            }
+            let f = self.stop_fields();
+            self.append("stop", record::fields_from_map(f), ts);
+            if self.flush().is_ok() {
+                break;
+            }
+            let now = Instant::now();
+            let next = self.write_retry.not_before.unwrap_or(now).max(now);
+            if next >= deadline {
+                // The `stop` record is lost after all (the failed writes did not count it),
+                // and what the last write left after the last whole record is cut.
+                self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+                let _ = self.cut_torn_tail();
+                break;
+            }
+            std::thread::sleep(next - now);
         }
-        let f = self.stop_fields();
-        self.append("stop", record::fields_from_map(f), ts);
-        let _ = self.flush();
+        self.finishing = false;
         self.sync();
         let _ = self.checkpoint();
     }
 }
+
+/// How long the writer's last writes (`lost` and `stop` records) are tried again at `stop`
+/// when they fail: a few backoff rounds, well inside the time `stop` waits for the writer.
+const FINISH_RETRY: Duration = Duration::from_secs(2);
 
 /// Characters of a start-up error kept in a `stop` record: far more than any error message,
 /// few enough that a record stays small.
@@ -1372,6 +1418,68 @@ mod tests {
         let c = w.checkpoint().unwrap();
         assert_eq!(Some(c.seq), last["seq"].as_u64(), "{last}");
         assert_eq!(Some(hex(&c.hash).as_str()), last["hash"].as_str(), "{last}");
+    }
+
+    /// Sets a file attribute (`chattr +FLAG`) for a test and takes it off when dropped;
+    /// `None` where `chattr` cannot set it (not root, or a file system without attributes).
+    struct Attr(std::path::PathBuf, &'static str);
+
+    impl Attr {
+        fn set(path: &Path, flag: &'static str) -> Option<Attr> {
+            let ok = std::process::Command::new("chattr")
+                .arg(format!("+{flag}"))
+                .arg(path)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!("skipped: chattr +{flag} is not available here");
+                return None;
+            }
+            Some(Attr(path.to_path_buf(), flag))
+        }
+    }
+
+    impl Drop for Attr {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .arg(format!("-{}", self.1))
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// An append-only chain file (`chattr +a`, which crash recovery continues by appending
+    /// when nothing is torn) accepts appends but refuses every truncation. A failed write that
+    /// left nothing torn (here half a batch of two records of one length: exactly the first
+    /// record reached the file, and it is kept) needs no cut: once the disk has room again,
+    /// the next batch is written, starting with the `lost` record.
+    #[test]
+    fn an_append_only_file_is_written_again_after_a_failed_write_that_left_nothing_torn() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let mut w = open(&dir);
+        small_written(&mut w, 1);
+        let path = dir.join(files::file_name(&w.chain, w.index));
+        let Some(_attr) = Attr::set(&path, "a") else {
+            return;
+        };
+        w.shared.injected_faults.store(1, Ordering::SeqCst);
+        small(&mut w, 2);
+        small(&mut w, 3);
+        assert!(w.flush().is_err());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            w.file_len,
+            "the failed write left whole records only"
+        );
+        // The disk has room again.
+        small(&mut w, 4);
+        let resumed = w.flush();
+        assert!(
+            resumed.is_ok(),
+            "writes never resume on an append-only file: {resumed:?}; last_error {:?}",
+            lock(&w.shared.last_error)
+        );
     }
 
     /// What a test does to a writer, one step at a time.
