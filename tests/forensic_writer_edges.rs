@@ -193,3 +193,28 @@ fn periodic_summaries_after_shutdown_are_not_counted_as_lost_records() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The last summary before `stop` is not replaced by a periodic one put after it (whose
+/// counters a thread read before, racing the stop): the chain's last summary holds the final
+/// counters, which `kvh evidence` takes as the process's.
+#[test]
+fn a_periodic_summary_put_after_the_final_one_does_not_replace_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    assert!(log.record_final_summary(serde_json::json!({"frees": 2})));
+    assert!(!log.record_own_summary(serde_json::json!({"frees": 1})));
+    log.stop();
+    assert_eq!(log.stats().records_lost, 0, "{:?}", log.stats());
+    let summaries: Vec<serde_json::Value> = chain_files(&dir)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .filter(|r| r["kind"] == "summary")
+        .collect();
+    assert_eq!(
+        summaries.last().map(|r| r["counters"]["frees"].clone()),
+        Some(serde_json::json!(2)),
+        "{summaries:?}"
+    );
+}

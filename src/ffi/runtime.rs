@@ -474,7 +474,7 @@ fn stop_log(rt: &Runtime, at_exit: bool) {
             Some(rt.allocator.stats())
         };
         if let Some(counters) = stats.and_then(|s| serde_json::to_value(s.counters).ok()) {
-            log.record_own_summary(counters);
+            log.record_final_summary(counters);
         }
         log.stop();
     }

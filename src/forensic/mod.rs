@@ -138,6 +138,20 @@ impl LogStats {
 pub(crate) struct SummarySlot {
     pub(crate) counters: Option<Value>,
     pub(crate) closed: bool,
+    /// The last summary before `stop` was put ([`ForensicLog::record_final_summary`]): a
+    /// periodic one put after it holds counters read before it, and does not replace it.
+    pub(crate) final_put: bool,
+}
+
+/// Who puts a summary, which decides what happens to it late or beside another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Summary {
+    /// A caller's: counted lost when the log no longer takes it.
+    Owed,
+    /// The library's periodic one: none is due once the log stops.
+    Periodic,
+    /// The library's last one before `stop`.
+    Final,
 }
 
 /// State shared by producers and the writer thread.
@@ -340,20 +354,28 @@ impl ForensicLog {
     /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
     /// (counted as coalesced); at most one is written per `summary_interval_ms`.
     pub fn record_summary(&self, counters: Value) {
-        self.summary(counters, true);
+        self.summary(counters, Summary::Owed);
     }
 
     /// [`ForensicLog::record_summary`] for the library's own summaries (its periodic thread,
     /// the last one before `stop`): once the log stopped none is due, so none is lost.
     /// Returns whether the log still takes summaries.
     pub fn record_own_summary(&self, counters: Value) -> bool {
-        self.summary(counters, false)
+        self.summary(counters, Summary::Periodic)
+    }
+
+    /// The library's last summary before `stop`, of counters read after every periodic one
+    /// it replaces: a periodic summary put after it (its counters read before, on a thread
+    /// that raced the stop) is dropped rather than replace it.
+    pub fn record_final_summary(&self, counters: Value) -> bool {
+        self.summary(counters, Summary::Final)
     }
 
     /// Puts `counters` in the summary slot; after `stop` began (one check, so that a stop
     /// racing the call is judged once), counts it lost when `owed`. Returns whether the log
     /// took it.
-    fn summary(&self, counters: Value, owed: bool) -> bool {
+    fn summary(&self, counters: Value, kind: Summary) -> bool {
+        let owed = kind == Summary::Owed;
         if self.forked() {
             self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -368,6 +390,11 @@ impl ForensicLog {
                     self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
                 }
                 return false;
+            }
+            match kind {
+                Summary::Periodic if slot.final_put => return false,
+                Summary::Final => slot.final_put = true,
+                _ => {}
             }
             slot.counters.replace(counters).is_some()
         };
