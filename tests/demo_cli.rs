@@ -481,38 +481,33 @@ fn inject_fault_on_the_cuda_backend_is_refused_before_the_header_and_the_log() {
 fn the_fault_drill_does_not_replace_the_policys_metrics_file() {
     let tmp = tempfile::tempdir().unwrap();
     let server = tmp.path().join("server.prom");
-    // The server's snapshot: a clean run's, which the gate admits.
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--metrics-file",
-        ])
-        .arg(&server));
+    drill_into_a_served_snapshot(&server, &server);
+}
+
+/// Writes a clean run's snapshot to `served` (a server's, which the gate admits), then runs
+/// the fault drill with KVH_METRICS_FILE=`policy` and `--metrics-file served`: the drill is
+/// refused (exit 2) and the snapshot left as it was.
+fn drill_into_a_served_snapshot(policy: &std::path::Path, served: &std::path::Path) {
+    let demo = |extra: &[&str]| {
+        let mut cmd = kvh();
+        cmd.args(["demo", "--tenants", "1", "--requests", "1"])
+            .args(extra)
+            .arg("--metrics-file")
+            .arg(served);
+        cmd
+    };
+    let (code, out, err) = run(&mut demo(&[]));
     assert_eq!(code, 0, "{out}{err}");
-    let before = std::fs::read(&server).unwrap();
-    let (code, out, err) = run(kvh()
-        .env("KVH_METRICS_FILE", &server)
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--inject-fault",
-            "--metrics-file",
-        ])
-        .arg(&server));
-    let after = std::fs::read(&server).unwrap();
-    let (gate, gate_out, _) = run(kvh().arg("gate").arg("--metrics-file").arg(&server));
+    let before = std::fs::read(served).unwrap();
+    let (code, out, err) = run(demo(&["--inject-fault"]).env("KVH_METRICS_FILE", policy));
+    let after = std::fs::read(served).unwrap();
+    let (gate, gate_out, gate_err) = run(kvh().arg("gate").arg("--metrics-file").arg(policy));
     assert!(
         after == before,
-        "the drill replaced the policy's KVH_METRICS_FILE {} (the server's gate now exits \
-         {gate}: {gate_out}); demo exit {code}:\n{out}{err}",
-        server.display()
+        "the drill replaced {}, the policy's KVH_METRICS_FILE {} or a process's file of it \
+         (the gate on it now exits {gate}: {gate_out}{gate_err}); demo exit {code}:\n{out}{err}",
+        served.display(),
+        policy.display()
     );
     assert_eq!(code, 2, "{out}{err}");
 }
@@ -582,39 +577,5 @@ fn the_fault_drill_does_not_replace_a_live_process_file_of_the_policys_metrics_p
     let pattern = tmp.path().join("kvh-{pid}.prom");
     // A live process's snapshot under the pattern (this test's process stands for the worker).
     let worker = tmp.path().join(format!("kvh-{}.prom", std::process::id()));
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--metrics-file",
-        ])
-        .arg(&worker));
-    assert_eq!(code, 0, "{out}{err}");
-    let before = std::fs::read(&worker).unwrap();
-    let (code, out, err) = run(kvh()
-        .env("KVH_METRICS_FILE", &pattern)
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--inject-fault",
-            "--metrics-file",
-        ])
-        .arg(&worker));
-    let after = std::fs::read(&worker).unwrap();
-    let (gate, gate_out, gate_err) = run(kvh().arg("gate").arg("--metrics-file").arg(&pattern));
-    assert!(
-        after == before,
-        "the drill replaced {}, a live process's file of the policy's KVH_METRICS_FILE {} \
-         (the gate on the pattern now exits {gate}: {gate_out}{gate_err}); demo exit \
-         {code}:\n{out}{err}",
-        worker.display(),
-        pattern.display()
-    );
-    assert_eq!(code, 2, "{out}{err}");
+    drill_into_a_served_snapshot(&pattern, &worker);
 }

@@ -684,19 +684,29 @@ fn kvh_shutdown_before_start_up_removes_the_hmac_secret_from_the_environment() {
 /// before the library was loaded, as a static destructor of a library loaded earlier is)
 /// therefore does not start the allocator. The library is loaded with `dlopen` after the
 /// handler is registered, as PyTorch loads a pluggable allocator.
+///
+/// `kvh_synchronize` after it: "Before the allocator started (also after a `kvh_shutdown`
+/// that came first), `KVH_OK`: nothing was freed"; its `KVH_ERR_SHUTTING_DOWN` would mean
+/// blocks were left unscrubbed, and none were.
 #[test]
 fn a_first_allocation_during_process_exit_does_not_start_the_allocator() {
     type Malloc = extern "C" fn(libc::ssize_t, libc::c_int, *mut libc::c_void) -> *mut libc::c_void;
     type LastError = extern "C" fn() -> u32;
-    static EXPORTS: std::sync::OnceLock<(Malloc, LastError)> = std::sync::OnceLock::new();
+    type Sync = extern "C" fn() -> libc::c_int;
+    static EXPORTS: std::sync::OnceLock<(Malloc, LastError, Sync)> = std::sync::OnceLock::new();
     let name = "a_first_allocation_during_process_exit_does_not_start_the_allocator";
     if in_child() {
         extern "C" fn during_exit() {
-            let Some((malloc, last_error)) = EXPORTS.get() else {
+            let Some((malloc, last_error, synchronize)) = EXPORTS.get() else {
                 return;
             };
             let p = malloc(4096, 0, std::ptr::null_mut());
-            let line = format!("EXIT-MALLOC null={} code={}\n", p.is_null(), last_error());
+            let code = last_error();
+            let line = format!(
+                "EXIT-MALLOC null={} code={code} SYNC {}\n",
+                p.is_null(),
+                synchronize()
+            );
             // SAFETY: writes a local buffer to stdout; no Rust stdout state is used this late.
             unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
         }
@@ -710,6 +720,7 @@ fn a_first_allocation_during_process_exit_does_not_start_the_allocator() {
             (
                 *lib.get::<Malloc>(b"kvh_malloc").unwrap(),
                 *lib.get::<LastError>(b"kvh_last_error").unwrap(),
+                *lib.get::<Sync>(b"kvh_synchronize").unwrap(),
             )
         };
         EXPORTS.set(exports).unwrap();
@@ -735,6 +746,11 @@ fn a_first_allocation_during_process_exit_does_not_start_the_allocator() {
         stderr.contains("process exit had begun before the allocator started"),
         "{stderr}"
     );
+    assert!(
+        stdout.contains("SYNC 0"),
+        "kvh_synchronize in a process whose allocator never started (its first allocation was \
+         refused during exit, nothing was freed) reported blocks left unscrubbed:\n{stdout}"
+    );
 }
 
 /// The directory holding this build's libkvhygiene.so (next to the test binary, or above).
@@ -745,55 +761,4 @@ fn library_dir() -> PathBuf {
         .into_iter()
         .find(|d| d.join("libkvhygiene.so").is_file())
         .unwrap_or_else(|| panic!("libkvhygiene.so not found beside {}", deps.display()))
-}
-
-/// `kvh_synchronize`: "Before the allocator started (also after a `kvh_shutdown` that came
-/// first), `KVH_OK`: nothing was freed, and it is not started"; its `KVH_ERR_SHUTTING_DOWN`
-/// means blocks were left unscrubbed and leaked. An exit handler whose first allocation was
-/// refused because process exit had begun (the allocator never started, nothing was freed)
-/// has nothing left unscrubbed either: it gets `KVH_OK`, as after a `kvh_shutdown` that came
-/// before start-up.
-#[test]
-fn kvh_synchronize_after_an_allocation_refused_during_exit_has_nothing_left_unscrubbed() {
-    type Malloc = extern "C" fn(libc::ssize_t, libc::c_int, *mut libc::c_void) -> *mut libc::c_void;
-    type Sync = extern "C" fn() -> libc::c_int;
-    static EXPORTS: std::sync::OnceLock<(Malloc, Sync)> = std::sync::OnceLock::new();
-    let name =
-        "kvh_synchronize_after_an_allocation_refused_during_exit_has_nothing_left_unscrubbed";
-    if in_child() {
-        extern "C" fn during_exit() {
-            let Some((malloc, synchronize)) = EXPORTS.get() else {
-                return;
-            };
-            let p = malloc(4096, 0, std::ptr::null_mut());
-            let line = format!("EXIT-MALLOC null={} SYNC {}\n", p.is_null(), synchronize());
-            // SAFETY: writes a local buffer to stdout; no Rust stdout state is used this late.
-            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
-        }
-        // SAFETY: registers an `extern "C"` function that does not unwind.
-        assert_eq!(unsafe { libc::atexit(during_exit) }, 0);
-        let path = library_dir().join("libkvhygiene.so");
-        // SAFETY: this build's libkvhygiene.so, whose constructor only registers handlers.
-        let lib = unsafe { libloading::Library::new(&path) }.unwrap();
-        // SAFETY: the exports' signatures, as include/kvhygiene.h declares them.
-        let exports = unsafe {
-            (
-                *lib.get::<Malloc>(b"kvh_malloc").unwrap(),
-                *lib.get::<Sync>(b"kvh_synchronize").unwrap(),
-            )
-        };
-        EXPORTS.set(exports).unwrap();
-        std::mem::forget(lib);
-        return;
-    }
-    let (_, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
-    assert!(
-        stdout.contains("EXIT-MALLOC null=true"),
-        "{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("SYNC 0"),
-        "kvh_synchronize in a process whose allocator never started (its first allocation was \
-         refused during exit, nothing was freed) reported blocks left unscrubbed:\n{stdout}"
-    );
 }

@@ -1501,28 +1501,39 @@ def test_a_library_that_is_not_kvhygiene_exporting_kvh_malloc_is_not_taken_for_a
     )
 
 
-def test_the_refusal_of_a_second_kvhygiene_does_not_blame_ld_preload_when_none_is_set(tmp_path):
-    # load() finds a kvhygiene already in the process's global symbol scope, whoever loaded it
-    # there (here: a component that loaded libkvhygiene.so with RTLD_GLOBAL; LD_PRELOAD is
-    # not set). Its ValueError for another file must tell the user what holds the allocator,
-    # not send them to "remove LD_PRELOAD", which they do not use.
+def _load_beside_a_global_copy(tmp_path, directory, load_first, setup=""):
+    """In a fresh Python started without LD_PRELOAD: copies the library into
+    ``tmp_path/directory``, loads the copy with ``RTLD_GLOBAL`` (a component that did so),
+    runs ``setup`` (``{first}`` in it is the copy's path, quoted), then ``kvhygiene.load()`` of the copy (``load_first``) or of the
+    library itself; prints ``LOADED`` or ``VALUE-ERROR <message>``. Returns (copy, run)."""
     import shutil
 
     library = Path(kvhygiene.find_library())
-    first = tmp_path / "first" / kvhygiene.LIBRARY_NAME
+    first = tmp_path / directory / kvhygiene.LIBRARY_NAME
     first.parent.mkdir()
     shutil.copyfile(library, first)
+    target = first if load_first else library
     code = (
-        "import ctypes\n"
+        "import ctypes, os\n"
         f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
-        "try:\n"
-        f"    kvhygiene.load({str(library)!r})\n"
+        + setup.format(first=repr(str(first)))
+        + "try:\n"
+        f"    kvhygiene.load({str(target)!r})\n"
         "    print('LOADED')\n"
         "except ValueError as e:\n"
         "    print('VALUE-ERROR', e)\n"
     )
     run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
     assert run.returncode == 0, run.stderr
+    return first, run
+
+
+def test_the_refusal_of_a_second_kvhygiene_does_not_blame_ld_preload_when_none_is_set(tmp_path):
+    # load() finds a kvhygiene already in the process's global symbol scope, whoever loaded it
+    # there (here: a component that loaded libkvhygiene.so with RTLD_GLOBAL; LD_PRELOAD is
+    # not set). Its ValueError for another file must tell the user what holds the allocator,
+    # not send them to "remove LD_PRELOAD", which they do not use.
+    first, run = _load_beside_a_global_copy(tmp_path, "first", load_first=False)
     assert run.stdout.startswith("VALUE-ERROR"), run.stdout
     assert "LD_PRELOAD" not in run.stdout, (
         f"with LD_PRELOAD unset, the refusal names LD_PRELOAD as what loaded {first}:\n"
@@ -1620,88 +1631,10 @@ def test_a_loaded_kvhygiene_in_a_directory_with_a_newline_is_taken_for_its_own_f
     # path of /proc/self/maps as the four characters "\012"; a library whose directory name
     # holds one (any byte but '/' and NUL is allowed) is still the file its path names, and
     # load() of that very path must load it, not refuse it as a second kvhygiene.
-    import shutil
-
-    library = Path(kvhygiene.find_library())
-    first = tmp_path / "a\nb" / kvhygiene.LIBRARY_NAME
-    first.parent.mkdir()
-    shutil.copyfile(library, first)
-    code = (
-        "import ctypes\n"
-        f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
-        "try:\n"
-        f"    kvhygiene.load({str(first)!r})\n"
-        "    print('LOADED')\n"
-        "except ValueError as e:\n"
-        "    print('VALUE-ERROR', e)\n"
-    )
-    run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
-    assert run.returncode == 0, run.stderr
+    first, run = _load_beside_a_global_copy(tmp_path, "a\nb", load_first=True)
     assert run.stdout.startswith("LOADED"), (
         f"load({str(first)!r}) of the library already loaded from that file was refused:\n"
         f"{run.stdout}"
-    )
-
-
-@pytest.mark.parametrize("named_by", ["path", "KVH_LIBRARY"])
-def test_a_preloaded_library_on_an_overlay_filesystem_is_the_file_its_path_names(
-    tmp_path, named_by
-):
-    # README: "in a process started with it, the Python package's load() and install() use
-    # the preloaded library, and refuse (ValueError) a path or KVH_LIBRARY naming another
-    # file". A container's root filesystem is usually an overlay; there the LD_PRELOAD
-    # library and a path (or KVH_LIBRARY) naming that very file are one file, and load() must
-    # use the preloaded library, not refuse it as a second kvhygiene. The overlay here has
-    # its lower layer on the test's filesystem and its upper layer on a tmpfs, mounted in a
-    # private mount namespace (skipped where one cannot be made).
-    import shutil
-    import subprocess
-    import sys
-
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
-    if shutil.which("unshare") is None:
-        pytest.skip("no unshare(1)")
-    lower, upper, merged = (tmp_path / d for d in ("lower", "upper", "merged"))
-    for d in (lower, upper, merged):
-        d.mkdir()
-    shutil.copyfile(built, lower / kvhygiene.PRELOAD_LIBRARY_NAME)
-    preload = merged / kvhygiene.PRELOAD_LIBRARY_NAME
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    call = f"kvhygiene.load({str(preload)!r})" if named_by == "path" else "kvhygiene.load()"
-    code = (
-        f"import sys; sys.path.insert(0, {pkg!r}); import kvhygiene\n"
-        "try:\n"
-        f"    {call}\n"
-        "    print('LOADED')\n"
-        "except ValueError as e:\n"
-        "    print('VALUE-ERROR', e)\n"
-    )
-    script = (
-        f"mount -t tmpfs tmpfs {upper} && mkdir {upper}/u {upper}/w && "
-        f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper}/u,workdir={upper}/w "
-        f"{merged} || exit 77\n"
-        f'exec env LD_PRELOAD={preload} "$0" -c "$1"\n'
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("KVH_LIBRARY", "LD_PRELOAD")}
-    env["KVH_BACKEND"] = "host"
-    if named_by == "KVH_LIBRARY":
-        env["KVH_LIBRARY"] = str(preload)
-    namespace = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
-    run = subprocess.run(
-        namespace + ["sh", "-c", script, sys.executable, code],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if run.returncode in (1, 77) and not run.stdout:
-        pytest.skip(f"no overlay mount in a private mount namespace here: {run.stderr}")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("LOADED"), (
-        f"the LD_PRELOAD library {preload}, named by {named_by}, was refused as another "
-        f"file:\n{run.stdout}"
     )
 
 
@@ -1783,24 +1716,12 @@ def test_the_refusal_of_a_second_kvhygiene_does_not_blame_an_ld_preload_set_afte
     # program then set LD_PRELOAD to that file for the workers it will start. The library was
     # not loaded by LD_PRELOAD: the refusal of another file must not say "by LD_PRELOAD" nor
     # tell the user to remove it.
-    import shutil
-
-    library = Path(kvhygiene.find_library())
-    first = tmp_path / "first" / kvhygiene.LIBRARY_NAME
-    first.parent.mkdir()
-    shutil.copyfile(library, first)
-    code = (
-        "import ctypes, os\n"
-        f"ctypes.CDLL({str(first)!r}, mode=ctypes.RTLD_GLOBAL)\n"
-        f"os.environ['LD_PRELOAD'] = {str(first)!r}\n"
-        "try:\n"
-        f"    kvhygiene.load({str(library)!r})\n"
-        "    print('LOADED')\n"
-        "except ValueError as e:\n"
-        "    print('VALUE-ERROR', e)\n"
+    first, run = _load_beside_a_global_copy(
+        tmp_path,
+        "first",
+        load_first=False,
+        setup="os.environ['LD_PRELOAD'] = {first}\n",
     )
-    run = _run_in(tmp_path, {"LD_PRELOAD": None}, code)
-    assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("VALUE-ERROR"), run.stdout
     assert "LD_PRELOAD" not in run.stdout, (
         f"the process was started without LD_PRELOAD, yet the refusal names LD_PRELOAD as what "
