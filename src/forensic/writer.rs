@@ -77,6 +77,9 @@ pub(crate) struct ChainWriter {
     /// Set while [`ChainWriter::finish`] writes the last records: a failed write then does
     /// not count the `stop` record as lost, since it is sealed again for the next try.
     finishing: bool,
+    /// The length of the `stop` record the last failed write missed (counted in `bytes_lost`
+    /// when no try writes it).
+    unwritten_stop_bytes: u64,
     dirty_since_sync: bool,
     /// An fsync of this chain failed. After a failed fsync the kernel may have dropped the
     /// dirty pages and a later fsync can succeed without them, so no record written before
@@ -210,6 +213,7 @@ impl ChainWriter {
             lost_in_buf: false,
             start_failed: None,
             finishing: false,
+            unwritten_stop_bytes: 0,
             dirty_since_sync: false,
             fsync_failed: false,
             last_sync: Instant::now(),
@@ -518,10 +522,8 @@ impl ChainWriter {
     }
 
     fn write_buffer(&mut self) -> io::Result<()> {
-        if self.lost.is_some() {
-            // A failed write may have left part of a line: cut back to the last good byte.
-            self.cut_torn_tail()?;
-        }
+        // A failed write may have left part of a line: cut back to the last good byte.
+        self.cut_torn_tail()?;
         self.write_with_faults()?;
         self.file_len += self.buf.len() as u64;
         let n = self.buf_kinds.len() as u64;
@@ -547,7 +549,7 @@ impl ChainWriter {
     /// file without such bytes is not touched: an append-only file (`chattr +a`) refuses
     /// any truncation, even to its own length, and must still take the next write.
     fn cut_torn_tail(&self) -> io::Result<()> {
-        let on_disk = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        let on_disk = self.file.metadata()?.len();
         if on_disk > self.file_len {
             self.file.set_len(self.file_len)?;
         }
@@ -581,25 +583,35 @@ impl ChainWriter {
             files::file_name(&self.chain, self.index)
         );
         *lock(&s.last_error) = Some(msg.clone());
-        let lost = self.lost.get_or_insert_with(|| Lost {
-            since_ts: unix_nanos(SystemTime::now()),
-            ..Default::default()
-        });
-        lost.error = msg;
-        let finishing = self.finishing;
+        // The records the write lost: not those rebuilt next time (the description of earlier
+        // losses, the link, and, while the writer finishes, the `stop` record, sealed again
+        // from the totals then).
+        let mut missed: Vec<(&'static str, u64)> = Vec::new();
         let mut lines = self.buf.split(|&b| b == b'\n');
         for kind in self.buf_kinds.drain(..) {
             let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
-            if kind == "lost" || (relink && kind == "rotate") || (finishing && kind == "stop") {
-                // Rebuilt next time: the description of earlier losses, the link, and, while
-                // the writer finishes, the `stop` record (from the totals then).
-                continue;
+            if self.finishing && kind == "stop" {
+                self.unwritten_stop_bytes = len;
+            } else if !(kind == "lost" || (relink && kind == "rotate")) {
+                missed.push((kind, len));
             }
-            lost.records += 1;
-            lost.bytes += len;
-            *lost.kinds.entry(kind.to_string()).or_default() += 1;
-            s.records_lost.fetch_add(1, Ordering::Relaxed);
-            s.bytes_lost.fetch_add(len, Ordering::Relaxed);
+        }
+        // A loss to describe: this write's, or one not yet recorded. A failed write that
+        // missed only rebuilt records starts none (each try at stop would add a `lost`
+        // record that says nothing was lost).
+        if !missed.is_empty() || self.lost.is_some() {
+            let lost = self.lost.get_or_insert_with(|| Lost {
+                since_ts: unix_nanos(SystemTime::now()),
+                ..Default::default()
+            });
+            lost.error = msg;
+            for (kind, len) in missed {
+                lost.records += 1;
+                lost.bytes += len;
+                *lost.kinds.entry(kind.to_string()).or_default() += 1;
+                s.records_lost.fetch_add(1, Ordering::Relaxed);
+                s.bytes_lost.fetch_add(len, Ordering::Relaxed);
+            }
         }
         self.buf.clear();
         self.lost_in_buf = false;
@@ -692,17 +704,15 @@ impl ChainWriter {
     /// Starts the next file: create (locked) before the old one is released, ratchet the
     /// key, fsync the directory, then link the new file to the old one.
     fn rotate(&mut self, ts: u64) -> Result<(), ForensicError> {
-        if self.lost.is_some() {
-            // A failed write may have left part of a line, which a write cuts before it
-            // appends; a file rotated with nothing buffered is never written again, so it is
-            // cut here, or not rotated (a rotated file must end with its last record).
+        // A failed write may have left part of a line, which a write cuts before it appends;
+        // a file rotated with nothing buffered is never written again, so it is cut here, or
+        // not rotated (a rotated file must end with its last record).
+        if let Err(e) = self.cut_torn_tail() {
             let path = self.dir.join(files::file_name(&self.chain, self.index));
-            if let Err(e) = self.cut_torn_tail() {
-                let e = files::io_err(&path, "cannot cut a failed write", e);
-                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                *lock(&self.shared.last_error) = Some(e.to_string());
-                return Err(e);
-            }
+            let e = files::io_err(&path, "cannot cut a failed write", e);
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            *lock(&self.shared.last_error) = Some(e.to_string());
+            return Err(e);
         }
         if self.fsync != FsyncPolicy::Never {
             self.sync();
@@ -959,6 +969,9 @@ impl ChainWriter {
     /// nowhere.
     fn finish(&mut self) {
         self.finishing = true;
+        // Its own backoff, from the first step: earlier failures may have taken the shared
+        // one to its longest wait, which would leave no second try before the deadline.
+        self.write_retry = WriteRetry::new();
         let deadline = Instant::now() + FINISH_RETRY;
         loop {
             let ts = unix_nanos(SystemTime::now());
@@ -978,6 +991,8 @@ impl ChainWriter {
                 // The `stop` record is lost after all (the failed writes did not count it),
                 // and what the last write left after the last whole record is cut.
                 self.shared.records_lost.fetch_add(1, Ordering::Relaxed);
+                let bytes = self.unwritten_stop_bytes;
+                self.shared.bytes_lost.fetch_add(bytes, Ordering::Relaxed);
                 let _ = self.cut_torn_tail();
                 break;
             }
