@@ -11,11 +11,7 @@ use kvhygiene::forensic::ForensicLog;
 fn write_errors_are_sticky_counted_and_recorded_when_writing_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
-    for i in 0..10 {
-        log.emit(event(i));
-    }
-    log.flush();
+    let log = keyed_log_with_events(&dir, 10);
     // The disk is full until further notice: every write fails after writing half its bytes.
     log.inject_write_faults(u32::MAX);
     for i in 0..5 {
@@ -353,11 +349,7 @@ fn a_next_file_that_cannot_be_created_at_a_rotation_is_a_counted_write_error() {
 fn a_write_error_at_stop_still_closes_the_chain_with_its_loss_recorded() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
-    for i in 0..3 {
-        log.emit(event(i));
-    }
-    log.flush();
+    let log = keyed_log_with_events(&dir, 3);
     // The write of the `stop` record fails once.
     log.inject_write_faults(1);
     log.stop();
@@ -416,11 +408,7 @@ fn whole_records(dir: &std::path::Path) -> Vec<serde_json::Value> {
 fn a_write_error_at_stop_after_earlier_failed_writes_is_still_tried_again() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
-    for i in 0..3 {
-        log.emit(event(i));
-    }
-    log.flush();
+    let log = keyed_log_with_events(&dir, 3);
     // Five writes fail while the disk is full, then the write at `stop` fails once; the
     // write after it would succeed.
     log.inject_write_faults(6);
@@ -465,11 +453,7 @@ fn a_write_error_at_stop_after_earlier_failed_writes_is_still_tried_again() {
 fn a_stop_record_that_cannot_be_written_counts_its_bytes_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
-    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), Some(secret())).unwrap();
-    for i in 0..3 {
-        log.emit(event(i));
-    }
-    log.flush();
+    let log = keyed_log_with_events(&dir, 3);
     assert_eq!(log.stats().records_lost, 0);
     // The disk is full from here on.
     log.inject_write_faults(u32::MAX);
@@ -522,4 +506,14 @@ fn failed_tries_at_stop_add_no_lost_record_per_try() {
         after_last_event <= 1,
         "each failed try at stop left a `lost` record of its own in the chain: {kinds:?}"
     );
+}
+
+/// A keyed log in `dir` with `n` events written (flushed).
+fn keyed_log_with_events(dir: &std::path::Path, n: u64) -> std::sync::Arc<ForensicLog> {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 20), start(), Some(secret())).unwrap();
+    for i in 0..n {
+        log.emit(event(i));
+    }
+    log.flush();
+    log
 }

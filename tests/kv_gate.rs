@@ -374,6 +374,43 @@ fn another_layout_over_the_same_memory_forgets_what_the_first_one_said() {
     assert!(block_is_zero(&f, &fine, 0));
 }
 
+/// The `Backend` methods a test backend with a `host: HostBackend` field takes from it as
+/// they are; it writes `submit_scrub` (and anything else it changes) itself.
+macro_rules! host_methods {
+    () => {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Host
+        }
+        fn device_count(&self) -> u32 {
+            self.host.device_count()
+        }
+        fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
+            self.host.allocate(d, len)
+        }
+        fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
+            self.host.release(d, a, len)
+        }
+        fn zero_fresh(
+            &self,
+            d: u32,
+            a: DevicePtr,
+            len: u64,
+            s: StreamHandle,
+        ) -> Result<(), BackendError> {
+            self.host.zero_fresh(d, a, len, s)
+        }
+        fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+            self.host.write(d, a, src)
+        }
+        fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+            self.host.read(d, a, dst)
+        }
+        fn shutdown(&self) {
+            self.host.shutdown()
+        }
+    };
+}
+
 /// A host backend whose scrubs on chosen streams complete only when released, and which says
 /// when a scrub was submitted: for interleavings of claims and scrubs, without sleeping.
 mod held {
@@ -472,27 +509,7 @@ mod held {
     }
 
     impl Backend for Held {
-        fn kind(&self) -> BackendKind {
-            BackendKind::Host
-        }
-        fn device_count(&self) -> u32 {
-            self.host.device_count()
-        }
-        fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
-            self.host.allocate(d, len)
-        }
-        fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
-            self.host.release(d, a, len)
-        }
-        fn zero_fresh(
-            &self,
-            d: u32,
-            a: DevicePtr,
-            len: u64,
-            s: StreamHandle,
-        ) -> Result<(), BackendError> {
-            self.host.zero_fresh(d, a, len, s)
-        }
+        host_methods!();
         unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
             let stream = b.stream.0;
             // SAFETY: 1-2. this method's own contract, passed on unchanged.
@@ -510,15 +527,6 @@ mod held {
                 index,
                 state: self.state.clone(),
             }))
-        }
-        fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-            self.host.write(d, a, src)
-        }
-        fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-            self.host.read(d, a, dst)
-        }
-        fn shutdown(&self) {
-            self.host.shutdown()
         }
     }
 }
@@ -1220,27 +1228,7 @@ mod capture_race {
     }
 
     impl Backend for Capture {
-        fn kind(&self) -> BackendKind {
-            BackendKind::Host
-        }
-        fn device_count(&self) -> u32 {
-            self.host.device_count()
-        }
-        fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
-            self.host.allocate(d, len)
-        }
-        fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
-            self.host.release(d, a, len)
-        }
-        fn zero_fresh(
-            &self,
-            d: u32,
-            a: DevicePtr,
-            len: u64,
-            s: StreamHandle,
-        ) -> Result<(), BackendError> {
-            self.host.zero_fresh(d, a, len, s)
-        }
+        host_methods!();
         unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
             if b.stream.0 == CAPTURING {
                 if let Some(tx) = self.entered.lock().unwrap().take() {
@@ -1257,17 +1245,8 @@ mod capture_race {
             // SAFETY: 1-2. this method's own contract, passed on unchanged.
             unsafe { self.host.submit_scrub(b) }
         }
-        fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-            self.host.write(d, a, src)
-        }
-        fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-            self.host.read(d, a, dst)
-        }
         fn inject_fault(&self, segments: u64) -> Result<(), BackendError> {
             self.host.inject_fault(segments)
-        }
-        fn shutdown(&self) {
-            self.host.shutdown()
         }
     }
 
