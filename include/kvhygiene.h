@@ -136,17 +136,15 @@ void kvh_free(void *ptr, ssize_t size, int device, void *stream);
 // As `kvh_free`, then waits for the block's scrub and returns `KVH_OK` when it verified, or
 // `KVH_ERR_VERIFY_FAILED` when the block was quarantined instead: coverage below the
 // threshold, a sample read non-zero (residue) whatever the coverage, or a scrub the driver
-// failed (its launch or its wait: nothing verified) (or an invalid-free code). `KVH_ERR_SIZE_MISMATCH` means the scrub verified but `size` differed from the
-// allocation's (the block was freed by its recorded size).
+// failed (its launch or its wait: nothing verified) (or an invalid-free code).
+// `KVH_ERR_SIZE_MISMATCH` means the scrub verified but `size` differed from the allocation's
+// (the block was freed by its recorded size).
 // When the backend refused the scrub for now it does not wait: `KVH_ERR_CAPTURE_ACTIVE` (the
 // stream is capturing a CUDA graph) or `KVH_ERR_OUT_OF_MEMORY` (no memory for the batch); the
 // block stays out of use and is scrubbed at a later flush. After `kvh_shutdown` (also one
 // that began during the wait), `KVH_ERR_SHUTTING_DOWN`: the block is not scrubbed, and is
 // leaked, never handed out.
-int kvh_free_checked(void *ptr,
-                     ssize_t size,
-                     int device,
-                     void *stream);
+int kvh_free_checked(void *ptr, ssize_t size, int device, void *stream);
 
 // Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
 // scrub will be ordered after the work queued there. Unknown pointers are ignored.
