@@ -309,9 +309,11 @@ impl Stats {
             accounting,
             scrub_latency: LatencySummary {
                 count: latency.len(),
-                p50_us: latency.value_at_quantile(0.50),
-                p95_us: latency.value_at_quantile(0.95),
-                p99_us: latency.value_at_quantile(0.99),
+                // The HDR quantiles are the tops of their buckets, up to 0.1% above any
+                // latency recorded: none is reported above the longest one.
+                p50_us: latency.value_at_quantile(0.50).min(max_us),
+                p95_us: latency.value_at_quantile(0.95).min(max_us),
+                p99_us: latency.value_at_quantile(0.99).min(max_us),
                 max_us,
                 sum_us,
                 buckets: LatencyBuckets::cumulative(&per_bucket),

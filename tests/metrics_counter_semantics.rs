@@ -226,3 +226,39 @@ fn the_exported_maximum_latency_is_the_longest_one_observed() {
          longest is exported as {max} s"
     );
 }
+
+/// The quantiles of `kvh_scrub_latency_seconds` and `kvh_scrub_latency_max_seconds` describe
+/// the same latencies: no quantile is above the longest latency observed. With one block made
+/// clean after 30.000001 s, every quantile is at most that maximum (in the JSON statistics
+/// and in the exported snapshot).
+#[test]
+fn no_latency_quantile_exceeds_the_exported_maximum() {
+    use kvhygiene::metrics::{encode, parse::parse, ExporterStats};
+    use kvhygiene::stats::{PoolCounters, Stats};
+    let mut pool = PoolCounters::default();
+    pool.record_scrub_latency(30_000_001);
+    let stats = Stats::merge("host".into(), &[pool], None);
+    let l = &stats.scrub_latency;
+    assert!(
+        l.p50_us <= l.max_us && l.p95_us <= l.max_us && l.p99_us <= l.max_us,
+        "one latency of 30000001 us: p50 {} / p95 {} / p99 {} us, yet max {} us",
+        l.p50_us,
+        l.p95_us,
+        l.p99_us,
+        l.max_us
+    );
+    let text = encode(
+        &stats,
+        &ExporterStats::default(),
+        std::time::SystemTime::now(),
+    );
+    let e = parse(&text).unwrap();
+    let max = e.value("kvh_scrub_latency_max_seconds", &[]).unwrap();
+    let p99 = e
+        .value("kvh_scrub_latency_seconds", &[("quantile", "0.99")])
+        .unwrap();
+    assert!(
+        p99 <= max,
+        "quantile 0.99 is {p99} s, above the maximum {max} s"
+    );
+}

@@ -386,12 +386,12 @@ def _second_kvhygiene(loaded: _Loaded, named: str) -> ValueError:
     if _preloaded_by_ld_preload(loaded):
         how = "by LD_PRELOAD"
         fix = (
-            "Use one route: remove LD_PRELOAD (the PyTorch route), or leave KVH_LIBRARY and "
-            "the path unset (or name the preloaded file) to use the preloaded one"
+            "Use one route: remove LD_PRELOAD (the PyTorch route), or leave the path unset "
+            "(or name the preloaded file) to use the preloaded one"
         )
     else:
         how = "by this process"
-        fix = "Leave KVH_LIBRARY and the path unset (or name that file) to use it"
+        fix = "Leave the path unset (or name that file) to use it"
     return ValueError(
         f"kvhygiene is already loaded in this process ({loaded.file}, {how}) and runs its "
         f"allocator; loading {named} would start a second one. {fix}"
@@ -403,17 +403,17 @@ def _library_to_load(path: Optional[str]) -> Tuple[_Loaded, bool]:
     the process has in its global scope, since it already holds the process's allocator (a
     second library would run a second one, with its own pools and log chain, and the first
     to start takes the HMAC secret from the environment); else :func:`find_library`'s. A
-    ``path`` or ``$KVH_LIBRARY`` naming another file than the loaded one is a
-    ``ValueError``: the two are not combined."""
+    ``path`` naming another file than the loaded one is a ``ValueError``: the two are not
+    combined. ``$KVH_LIBRARY`` is not used then: it says where the library is for processes
+    that have none (an image sets it for every process, those started with LD_PRELOAD too)."""
     loaded = _preloaded()
     if loaded is None:
         found = find_library(path)
         return _Loaded(found, found, None), False
-    if path is not None or os.environ.get("KVH_LIBRARY"):
+    if path is not None:
         wanted = find_library(path)
         if not _is_loaded_file(wanted, loaded):
-            named = path if path is not None else f"{wanted} (from KVH_LIBRARY)"
-            raise _second_kvhygiene(loaded, named)
+            raise _second_kvhygiene(loaded, path)
     return loaded, True
 
 
@@ -422,8 +422,8 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     given once it is loaded must name the same file: ``FileNotFoundError`` when it names
     none, ``ValueError`` when it names another. ``OSError`` when the file is not a library
     this process can load, or not kvhygiene's. In a process started with the LD_PRELOAD
-    library it is that library (one process runs one kvhygiene): a ``path`` or
-    ``$KVH_LIBRARY`` naming another file is then a ``ValueError``."""
+    library it is that library (one process runs one kvhygiene): a ``path`` naming another
+    file is then a ``ValueError``, and ``$KVH_LIBRARY`` is not used."""
     global _lib, _lib_path, _lib_loaded
     with _lock:
         if _lib is not None and path is not None:

@@ -503,6 +503,25 @@ def test_every_alert_fires_on_a_series_a_panel_shows(exported):
     assert alert_problems(load(), exported) == []
 
 
+def test_every_counter_alert_is_named_by_a_panel_showing_its_counter(exported):
+    # On-call reaches a counter's alert from the panels that plot the counter: each alert on
+    # a kvh_*_total counter is named in the description of a panel that queries it.
+    dash = load()
+    missing = []
+    for a in alerts():
+        counters = {n for n, _, _ in selectors(a["expr"]) if n.endswith("_total")}
+        if not counters:
+            continue
+        naming = [
+            p["title"]
+            for p, expr in targets(dash)
+            if counters & {n for n, _, _ in selectors(expr)} and a["alert"] in p.get("description", "")
+        ]
+        if not naming:
+            missing.append(f"{a['alert']} ({sorted(counters)})")
+    assert missing == [], f"alerts no panel showing their counter names: {missing}"
+
+
 def test_descriptions_name_existing_alerts_and_runbook_sections(exported):
     assert description_problems(load(), exported) == []
 

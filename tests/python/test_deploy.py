@@ -864,6 +864,24 @@ print("engine ok")
 """
 
 
+def test_the_python_package_in_the_server_environment_uses_the_preloaded_library(pod):
+    # The server container's environment (LD_PRELOAD and KVH_LIBRARY as the Deployment sets
+    # them, the image's KVH_LIBRARY too): an engine's Python code that tags its requests with
+    # kvhygiene.context() and reads kvhygiene.stats() uses the preloaded library, as the
+    # README says load() does in a process started with it.
+    python = pod["remap"]("/opt/kvhygiene/python")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import kvhygiene\n"
+        "with kvhygiene.context(tenant_id='tenant-a', request_id='req-1', model_id='m'):\n"
+        "    pass\n"
+        "print('stats', 'counters' in kvhygiene.stats() or 'started' in kvhygiene.stats())\n"
+    )
+    r = run_in(["python3", "-c", code, python], {**pod["env"], "KVH_BACKEND": "host"})
+    assert r.returncode == 0 and "stats True" in r.stdout, (
+        f"the Python package under the server's environment: {r.stdout}{r.stderr}"
+    )
+
+
 def test_server_environment_starts_the_library_with_the_policy_and_keys(pod):
     assert "engine ok" in pod["engine"].stdout
     log_dir = Path(pod["env"]["KVH_LOG_DIR"])

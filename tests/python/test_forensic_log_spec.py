@@ -338,7 +338,7 @@ ENUMS = {
 STRINGS = {"kind", "chain", "prev", "hash", "mac", "config_digest", "version", "host", "signer", "last_good_hash",
            "prev_file", "reason", "ptr", "addr", "which", "policy", "detail", "stream", "layout_sha256",
            "block_ids_sha256", "trigger", "segment_addr", "coverage", "threshold", "signal", "rule", "key",
-           "ckpt_file", "error", "baseline_mean", "baseline_stddev", "z_score", "z_threshold"}
+           "ckpt_file", "error", "baseline_mean", "baseline_stddev", "z_score", "z_threshold", "start_failed"}
 FREE = {"counters", "lost_kinds", "block_ids", "detail", "tenant_id", "request_id", "model_id",
         "caller_tenant_id", "caller_request_id", "caller_model_id"}
 
@@ -356,6 +356,9 @@ def schema_problems(r: dict) -> list:
         own = {"detail"}
     allowed = HEADER | own
     required = allowed - OPTIONAL
+    if kind == "stop":
+        # "`start_failed` ... only when the process's start-up failed after the log opened"
+        allowed |= {"start_failed"}
     if kind == "kv_scrub":
         required -= {"block_ids"}  # "present when there are at most 1024"
         if r.get("trigger") != "claim_gate":  # "only when `trigger` is `claim_gate`"
@@ -1090,6 +1093,27 @@ def test_invalid_free_and_anomaly_records_have_the_documented_fields(tmp_path):
         if r["kind"] == "anomaly" and r["key"] == "*other*":
             if (r["tenant_id"], r["request_id"], r["model_id"]) != (None, None, None):
                 problems.append("anomaly for *other*: ids are not null")
+    assert problems == []
+
+
+def test_a_stop_record_after_a_failed_start_up_has_the_documented_fields(tmp_path):
+    """stop: "`start_failed` (the error, at most 1024 characters) only when the process's
+    start-up failed after the log opened (no usable backend)"."""
+    log = tmp_path / "log"
+    p = run_child(
+        """
+        p = lib.kvh_malloc(4096, 0, None)
+        assert not p, "the allocation was to be refused: no usable backend"
+        """,
+        KVH_LOG_DIR=str(log), KVH_BACKEND="cuda", CUDA_VISIBLE_DEVICES="",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    ours = verify_dir(log)
+    records = [r for res in ours.values() for _, _, r in res["records"]]
+    stops = [r for r in records if r["kind"] == "stop"]
+    assert stops and isinstance(stops[-1].get("start_failed"), str), records
+    assert len(stops[-1]["start_failed"]) <= 1024
+    problems = [p for r in records for p in schema_problems(r)]
     assert problems == []
 
 
