@@ -73,12 +73,22 @@ fn a_healthy_process_is_admitted_with_notes() {
             p.counters.kv_gate_scrubbed_blocks = 5;
             p.counters.kv_gate_owner_changed_blocks = 3;
             p.counters.invalid_frees = 1;
+            p.counters.kv_scrubs_refused = 3;
+            p.counters.kv_claims_refused = 2;
         },
         &[("residue", 0)],
     );
     let (code, out, err) = gate(&f, &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ADMIT"), "{out}");
+    // A refused `kvh_scrub_blocks` call (bad layout or ids, memory not live) leaves the KV
+    // blocks the engine freed unzeroed: like a refused claim, it deserves a look.
+    assert!(out.contains("kvh_kv_claims_refused_total = 2"), "{out}");
+    assert!(
+        out.contains("kvh_kv_scrubs_refused_total = 3"),
+        "3 kvh_scrub_blocks calls were refused (their blocks left unzeroed), yet no note \
+         names them:\n{out}"
+    );
     assert!(
         out.contains("note: KV blocks changed owner without the engine's scrub")
             && out.contains("kvh_kv_gate_owner_changed_blocks_total = 3"),
@@ -154,32 +164,6 @@ fn a_failed_control_evicts_and_says_why() {
     assert!(out.starts_with("EVICT"), "{out}");
     assert!(out.contains("scrub verifications failed"), "{out}");
     assert!(out.contains("kvh_residue_detected_total = 1"), "{out}");
-}
-
-/// A refused `kvh_scrub_blocks` call (bad layout or ids, memory not live) leaves the KV
-/// blocks the engine freed unzeroed: like a refused claim, it deserves a look, so the gate
-/// names `kvh_kv_scrubs_refused_total` in a note while it admits the process.
-#[test]
-fn refused_kv_scrubs_are_noted_as_refused_claims_are() {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("kvh.prom");
-    snapshot(
-        &f,
-        Duration::ZERO,
-        |p| {
-            p.counters.kv_scrubs_refused = 3;
-            p.counters.kv_claims_refused = 2;
-        },
-        &[("residue", 0)],
-    );
-    let (code, out, err) = gate(&f, &[]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("kvh_kv_claims_refused_total = 2"), "{out}");
-    assert!(
-        out.contains("kvh_kv_scrubs_refused_total = 3"),
-        "3 kvh_scrub_blocks calls were refused (their blocks left unzeroed), yet no note \
-         names them:\n{out}"
-    );
 }
 
 #[test]

@@ -357,12 +357,7 @@ fn another_layout_over_the_same_memory_forgets_what_the_first_one_said() {
     let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
     let (a, fine) = cache(&f);
     // The same regions seen with blocks twice as large.
-    let coarse = KvLayout {
-        block_bytes: 2 * BLOCK,
-        block_stride: 2 * BLOCK,
-        blocks_per_region: BLOCKS / 2,
-        ..fine.clone()
-    };
+    let coarse = coarse_view(&fine);
     let all: Vec<u32> = (0..BLOCKS as u32).collect();
     f.alloc
         .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
@@ -1029,12 +1024,7 @@ fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_too
 fn a_claim_refused_under_enforce_leaves_the_ledger_as_it_was() {
     let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
     let (_, fine) = cache(&f);
-    let coarse = KvLayout {
-        block_bytes: 2 * BLOCK,
-        block_stride: 2 * BLOCK,
-        blocks_per_region: BLOCKS / 2,
-        ..fine.clone()
-    };
+    let coarse = coarse_view(&fine);
     let all: Vec<u32> = (0..BLOCKS as u32).collect();
     f.alloc
         .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
@@ -1174,12 +1164,7 @@ fn a_claim_refused_under_enforce_does_not_change_which_ledger_is_forgotten_next(
 fn a_scrub_that_launched_nothing_leaves_the_gate_ledger_as_it_was() {
     let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
     let (_, fine) = cache(&f);
-    let coarse = KvLayout {
-        block_bytes: 2 * BLOCK,
-        block_stride: 2 * BLOCK,
-        blocks_per_region: BLOCKS / 2,
-        ..fine.clone()
-    };
+    let coarse = coarse_view(&fine);
     let all: Vec<u32> = (0..BLOCKS as u32).collect();
     f.alloc
         .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
@@ -1315,12 +1300,7 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
         block_stride: BLOCK,
         blocks_per_region: BLOCKS,
     };
-    let coarse = KvLayout {
-        block_bytes: 2 * BLOCK,
-        block_stride: 2 * BLOCK,
-        blocks_per_region: BLOCKS / 2,
-        ..fine.clone()
-    };
+    let coarse = coarse_view(&fine);
     // Block 5 is request a's, then handed in and verified by the engine: CLEAN.
     as_request("t", "a", || {
         alloc.claim_kv_blocks(&fine, &[5], 0, StreamHandle(2))
@@ -1389,12 +1369,7 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
 fn a_scrub_refused_after_a_failed_capture_query_leaves_the_gate_ledger_as_it_was() {
     let f = Fixture::new(config(KvGateMode::Enforce, KvGateScope::Request));
     let (_, fine) = cache(&f);
-    let coarse = KvLayout {
-        block_bytes: 2 * BLOCK,
-        block_stride: 2 * BLOCK,
-        blocks_per_region: BLOCKS / 2,
-        ..fine.clone()
-    };
+    let coarse = coarse_view(&fine);
     let all: Vec<u32> = (0..BLOCKS as u32).collect();
     f.alloc
         .scrub_kv_blocks(&fine, &all, 0, StreamHandle(2))
@@ -1420,4 +1395,14 @@ fn a_scrub_refused_after_a_failed_capture_query_leaves_the_gate_ledger_as_it_was
         "a scrub refused before anything launched (after a failed capture query) changed \
          what the gate knows of the cache: {r:?}"
     );
+}
+
+/// The regions of `fine` seen with blocks twice as large: another view of the same memory.
+fn coarse_view(fine: &KvLayout) -> KvLayout {
+    KvLayout {
+        block_bytes: 2 * BLOCK,
+        block_stride: 2 * BLOCK,
+        blocks_per_region: BLOCKS / 2,
+        ..fine.clone()
+    }
 }

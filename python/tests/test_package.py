@@ -1323,10 +1323,7 @@ def _run_with_preload(preload, env_library, code):
 def test_a_process_started_with_the_preload_library_loads_it_and_no_second_kvhygiene():
     # The LD_PRELOAD library exports the same C API and holds the process's allocator: load()
     # uses it, and refuses to start a second kvhygiene from another file.
-    library = Path(kvhygiene.find_library())
-    preload = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not preload.is_file():
-        pytest.skip(f"no {preload} beside the library (cargo build --workspace builds it)")
+    library, preload = _built_preload()
     code = (
         "try:\n"
         "    kvhygiene.load()\n"
@@ -1359,10 +1356,7 @@ def test_a_preloaded_library_is_recognised_however_its_file_is_named_or_kept(tmp
     # start a second kvhygiene from KVH_LIBRARY's file.
     import shutil
 
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    library, built = _built_preload()
     lib_dir = tmp_path / "lib"
     lib_dir.mkdir()
     preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
@@ -1400,6 +1394,28 @@ def test_a_preloaded_library_is_recognised_however_its_file_is_named_or_kept(tmp
     )
 
 
+def _built_preload():
+    """The library and the LD_PRELOAD library built beside it (skips where the workspace
+    did not build it)."""
+    library = Path(kvhygiene.find_library())
+    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
+    if not built.is_file():
+        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    return library, built
+
+
+def _preload_copy(tmp_path):
+    """The library, the built LD_PRELOAD library beside it, and a copy of that in
+    ``tmp_path/lib`` (skips where the workspace did not build it)."""
+    import shutil
+
+    library, built = _built_preload()
+    preload = tmp_path / "lib" / kvhygiene.PRELOAD_LIBRARY_NAME
+    preload.parent.mkdir()
+    shutil.copyfile(built, preload)
+    return library, built, preload
+
+
 def _run_in(cwd, env_changes, code):
     """Runs ``code`` in a Python started in ``cwd`` with ``env_changes`` applied (a value of
     None removes the variable) and the host backend."""
@@ -1433,16 +1449,8 @@ def test_a_preloaded_library_named_relatively_is_still_the_same_file_after_a_chd
     # relative to the directory the process started in (LD_PRELOAD=./libkvhygiene_preload.so);
     # an engine that changes its working directory afterwards and names the same file by its
     # absolute path must get the preloaded library, not a ValueError saying it is another file.
-    import shutil
-
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
-    lib_dir = tmp_path / "lib"
-    lib_dir.mkdir()
-    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
-    shutil.copyfile(built, preload)
+    library, built, preload = _preload_copy(tmp_path)
+    lib_dir = preload.parent
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
     if named_by == "path":
@@ -1556,10 +1564,7 @@ def test_the_refusal_of_a_second_kvhygiene_names_ld_preload_when_it_names_the_li
     # component loaded it with RTLD_GLOBAL.
     import shutil
 
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
+    library, built = _built_preload()
     lib_dir = tmp_path / "lib"
     lib_dir.mkdir()
     shutil.copyfile(built, lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME)
@@ -1593,16 +1598,8 @@ def test_a_preloaded_library_named_relatively_is_used_when_its_file_was_deleted_
     # (LD_PRELOAD=./libkvhygiene_preload.so); with the working directory unchanged, load()
     # must return the library already loaded: not fail to open the deleted file (OSError),
     # nor load the replacing file as a second kvhygiene.
-    import shutil
-
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
-    lib_dir = tmp_path / "lib"
-    lib_dir.mkdir()
-    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
-    shutil.copyfile(built, preload)
+    library, built, preload = _preload_copy(tmp_path)
+    lib_dir = preload.parent
     change = {
         "deleted": f"os.unlink({str(preload)!r})\n",
         "replaced": (
@@ -1650,16 +1647,8 @@ def test_the_refusal_of_another_file_after_a_load_names_the_loaded_file_after_a_
     # message must name the loaded file itself (its absolute path, as the refusal before any
     # load does), not "./libkvhygiene_preload.so", which from the current directory names
     # no file or another one.
-    import shutil
-
-    library = Path(kvhygiene.find_library())
-    built = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not built.is_file():
-        pytest.skip(f"no {built} beside the library (cargo build --workspace builds it)")
-    lib_dir = tmp_path / "lib"
-    lib_dir.mkdir()
-    preload = lib_dir / kvhygiene.PRELOAD_LIBRARY_NAME
-    shutil.copyfile(built, preload)
+    library, built, preload = _preload_copy(tmp_path)
+    lib_dir = preload.parent
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
     code = (
@@ -1690,10 +1679,7 @@ def test_the_refusal_of_a_second_kvhygiene_names_ld_preload_after_the_program_re
     # program does by removing it from its own environment once started. The library was
     # still loaded by LD_PRELOAD: the refusal must say so, not that a component loaded it
     # with RTLD_GLOBAL.
-    library = Path(kvhygiene.find_library())
-    preload = library.with_name(kvhygiene.PRELOAD_LIBRARY_NAME)
-    if not preload.is_file():
-        pytest.skip(f"no {preload} beside the library (cargo build --workspace builds it)")
+    library, preload = _built_preload()
     code = (
         "import os\n"
         "del os.environ['LD_PRELOAD']\n"

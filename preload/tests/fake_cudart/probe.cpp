@@ -715,18 +715,22 @@ static int scenario_shutdown_before_start() {
     return 0;
 }
 
-// A process whose interposers refuse allocations (an invalid KVH_PRELOAD: fail closed) but
-// that started kvhygiene through the C API it also exports (kvh_init) forks a child. The
-// child's allocations are refused as its parent's are: forwarded, they would hand out the
-// runtime's unscrubbed memory the parent was refused.
-static int scenario_fork_after_c_api_start() {
+// kvhygiene started through the C API the library also exports (kvh_init), then, when
+// `malloc_in_parent`, one interposed allocation in the parent, then a fork: the child
+// allocates once. Under an invalid KVH_PRELOAD (fail closed) the child's allocations are
+// refused as its parent's are (forwarded, they would hand out the runtime's unscrubbed
+// memory); otherwise they are forwarded, and nothing on stderr may say they are served.
+static int fork_after_c_api_start(bool malloc_in_parent) {
     typedef int (*init_fn)(void);
     init_fn init = reinterpret_cast<init_fn>(dlsym(RTLD_DEFAULT, "kvh_init"));
     if (init == nullptr) return 3;
     out("rc_kvh_init", init());
-    void* p = reinterpret_cast<void*>(uintptr_t(0x1234));
-    out("rc_malloc", cudaMalloc(&p, 4096));
+    if (malloc_in_parent) {
+        void* p = reinterpret_cast<void*>(uintptr_t(0x1234));
+        out("rc_malloc", cudaMalloc(&p, 4096));
+    }
     std::fflush(stdout);
+    std::fflush(stderr);
     pid_t child = fork();
     if (child == 0) {
         int mallocs = fake_cudart_calls("cudaMalloc");
@@ -744,30 +748,9 @@ static int scenario_fork_after_c_api_start() {
     return 0;
 }
 
-// kvhygiene started through the C API only (no interposed call in the parent), then a fork:
-// the child's allocations are forwarded, and nothing on stderr may say they are served.
-static int scenario_fork_after_c_api_start_only() {
-    typedef int (*init_fn)(void);
-    init_fn init = reinterpret_cast<init_fn>(dlsym(RTLD_DEFAULT, "kvh_init"));
-    if (init == nullptr) return 3;
-    out("rc_kvh_init", init());
-    std::fflush(stdout);
-    std::fflush(stderr);
-    pid_t child = fork();
-    if (child == 0) {
-        int mallocs = fake_cudart_calls("cudaMalloc");
-        void* c = nullptr;
-        out("child_rc_malloc", cudaMalloc(&c, 4096));
-        out("child_malloc_forwarded", fake_cudart_calls("cudaMalloc") - mallocs);
-        std::fflush(stdout);
-        _exit(0);
-    }
-    int status = -1;
-    waitpid(child, &status, 0);
-    out("child_exited_cleanly", WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    out("done", 1);
-    return 0;
-}
+static int scenario_fork_after_c_api_start() { return fork_after_c_api_start(true); }
+
+static int scenario_fork_after_c_api_start_only() { return fork_after_c_api_start(false); }
 
 // The program changes KVH_PRELOAD (setenv, or unsetenv when PROBE_NEW_PRELOAD is "-") to
 // PROBE_NEW_PRELOAD before its first interposed call, then allocates once.
