@@ -468,6 +468,36 @@ fn preflight_and_the_start_up_agree_on_a_directory_with_a_crashed_chain_and_a_re
     );
 }
 
+/// A log directory holding the chain of a writer that died (no `stop` record), on a volume
+/// that has since become read-only: crash recovery could append to that chain's newest file,
+/// but its rotation, its checkpoints and any later start-up could not be written. The
+/// start-up refuses the directory at once, and preflight fails it as the start-up does.
+#[test]
+fn a_crashed_chain_in_a_log_directory_that_cannot_be_written_is_refused_by_both() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    assert_eq!(env.start(), 0, "the first process");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    cut_stop_record(&files[0]);
+    let Some(mut start) = with_dir_unwritable(&env, &dir, &START) else {
+        eprintln!("skipped: no way to make the directory unwritable here");
+        return;
+    };
+    let (started, _, err) = run(&mut start);
+    assert_eq!(
+        started, 2,
+        "the start-up ran in a read-only log directory: {err}"
+    );
+    assert!(err.contains("no file can be created"), "{err}");
+    let mut preflight = with_dir_unwritable(&env, &dir, &["preflight", "--json"]).unwrap();
+    let (code, out, err) = run(&mut preflight);
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(status(&report, "log directory").0, "fail", "{report}");
+}
+
 /// Removes the append-only attribute again, so that the temporary directory can be removed.
 struct AppendOnly(std::path::PathBuf);
 
@@ -707,5 +737,63 @@ fn a_metrics_snapshot_of_another_user_in_a_sticky_directory_is_not_ready() {
         code, 1,
         "preflight called a metrics file ready that this uid cannot replace:\n{out}{err}\n\
          the write: {werr}"
+    );
+}
+
+/// A checkpoint directory (`KVH_CHECKPOINT_DIR`) of this uid, without group or other
+/// access, that the owner may write and enter but not read (mode 0300): the start-up opens
+/// it as a directory (`LogDir::open`, a read-only open) and stops there. Preflight's
+/// checkpoint directory check must fail as the start-up does. Shown for an unprivileged uid
+/// (65534) through `setpriv`, from root (root may open any directory).
+#[test]
+fn a_checkpoint_directory_the_start_up_cannot_open_fails_the_preflight() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run kvh as another uid");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(root, Some(65534), Some(65534)).unwrap();
+    let ckpt = root.join("ckpt");
+    fs::create_dir(&ckpt).unwrap();
+    std::os::unix::fs::chown(&ckpt, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o300)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_kvh"))
+            .args(args)
+            .env_clear()
+            .env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", root.join("log"))
+            .env("KVH_SIGNING_KEY_FILE", root.join("signing.key"))
+            .env("KVH_CHECKPOINT_DIR", &ckpt);
+        c
+    };
+    let signing = root.join("signing").display().to_string();
+    let (made, _, err) = run(&mut as_nobody(&["keygen", "--out", &signing]));
+    if made != 0 && err.contains("Permission denied") {
+        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {err}");
+        return;
+    }
+    assert_eq!(made, 0, "{err}");
+    let (started, _, start_err) = run(&mut as_nobody(&START));
+    assert_eq!(
+        started, 2,
+        "the start-up opened the checkpoint directory after all: {start_err}"
+    );
+    let (code, out, err) = run(&mut as_nobody(&["preflight", "--skip-backend", "--json"]));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(
+        code, 1,
+        "preflight called ready an environment whose start-up fails ({start_err}): {report}"
+    );
+    assert_eq!(
+        status(&report, "checkpoint directory").0,
+        "fail",
+        "{report}"
     );
 }

@@ -140,15 +140,7 @@ pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
         }
         Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
         Ok(m) => {
-            check_existing_dir(dir, &m, what)?;
-            // The writer creates its files in it (a read-only volume refuses even root).
-            if !may_write(dir) {
-                return Err(ForensicError::Permission(format!(
-                    "{}: no file can be created in the {what} (a read-only volume, or a mode \
-                     without write access)",
-                    dir.display()
-                )));
-            }
+            check_usable(dir, &m, what)?;
             Ok(DirState::Ready)
         }
     }
@@ -213,7 +205,7 @@ fn as_named(dir: &Path) -> PathBuf {
 
 /// Creates the log directory (or the checkpoint directory: `what` names it in errors) 0700
 /// (with parents), or checks an existing one: it must be a real directory (not a symlink),
-/// owned by us, with no group or other permissions.
+/// owned by us, with no group or other permissions, that we may write and open.
 pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     let dir = &as_named(dir);
     refuse_inner_parent(dir, what)?;
@@ -222,11 +214,32 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
             create_missing_levels(dir, what)?;
             let m = fs::symlink_metadata(dir)
                 .map_err(|e| io_err(dir, &format!("cannot create {what}"), e))?;
-            check_existing_dir(dir, &m, what)
+            check_usable(dir, &m, what)
         }
         Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
-        Ok(m) => check_existing_dir(dir, &m, what),
+        Ok(m) => check_usable(dir, &m, what),
     }
+}
+
+/// Whether the existing directory `dir` (`m` its metadata) is one the writer can use as it
+/// is: [`check_existing_dir`]'s refusals, plus a directory in which no file can be created
+/// (a read-only volume refuses even root) or that cannot be opened (a mode without read
+/// access: the writer creates its files through an open descriptor). One function for the
+/// start-up and for [`inspect_dir`], so that a check before start-up passes exactly when the
+/// start-up would. A crashed chain's newest file could still be appended to in a read-only
+/// directory, but its next rotation, its checkpoints and the next start-up could not be
+/// written: refused at once.
+fn check_usable(dir: &Path, m: &fs::Metadata, what: &str) -> Result<(), ForensicError> {
+    check_existing_dir(dir, m, what)?;
+    if !may_write(dir) {
+        return Err(ForensicError::Permission(format!(
+            "{}: no file can be created in the {what} (a read-only volume, or a mode \
+             without write access)",
+            dir.display()
+        )));
+    }
+    LogDir::open_as_is(dir)?;
+    Ok(())
 }
 
 /// Creates the levels of `dir` missing now, outermost first, each 0700 with its mode then set
