@@ -35,6 +35,7 @@ use serde::Serialize;
 use crate::forensic::cli::{self as log_cli, VerifyLogArgs};
 use crate::forensic::verify::{self, verify_all};
 use crate::metrics::cli::{self as metrics_cli, Snapshot};
+use crate::metrics::encode::format_f64;
 use crate::metrics::per_process::{self, Target};
 use crate::printable;
 
@@ -293,13 +294,14 @@ enum Flagged {
     Series(Vec<(Option<String>, f64)>),
 }
 
-/// `a=1, b=2`, or `1` for a series without the label.
+/// `a=1, b=2`, or `1` for a series without the label; values spelled as in the exposition
+/// (`+Inf`, not Rust's `inf`).
 fn describe(series: &[(Option<String>, f64)]) -> String {
     let parts: Vec<String> = series
         .iter()
         .map(|(label, v)| match label {
-            Some(l) => format!("{l}={v}"),
-            None => v.to_string(),
+            Some(l) => format!("{l}={}", format_f64(*v)),
+            None => format_f64(*v),
         })
         .collect();
     parts.join(", ")

@@ -171,8 +171,8 @@ impl PoolCounters {
     /// Records one free → CLEAN latency (of a block that became CLEAN: one quarantined or
     /// released after its scrub never becomes reusable). One beyond the histogram's bound (an
     /// hour: a scrub held back by a long graph capture, say) counts at the bound rather than
-    /// not at all, so the count stays the number of blocks made CLEAN and the maximum shows
-    /// the worst.
+    /// not at all, so the count stays the number of blocks made CLEAN; the sum and the
+    /// maximum stay exact, so the maximum shows the worst.
     pub fn record_scrub_latency(&mut self, us: u64) {
         let us = us.max(1);
         self.scrub_latency_us.saturating_record(us);
@@ -181,7 +181,7 @@ impl PoolCounters {
             *n += 1;
         }
         self.scrub_latency_sum_us = self.scrub_latency_sum_us.saturating_add(us);
-        self.scrub_latency_max_us = self.scrub_latency_max_us.max(us.min(LATENCY_BOUND_US));
+        self.scrub_latency_max_us = self.scrub_latency_max_us.max(us);
     }
 }
 

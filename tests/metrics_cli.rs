@@ -828,3 +828,36 @@ fn serve_metrics_as_pid_1_of_its_namespace_ends_on_sigterm() {
         "serve-metrics as PID 1 did not end within 5 s of SIGTERM ({status:?})"
     );
 }
+
+/// A checked series whose value is `+Inf` fails `--fail-on-security`; the text names the
+/// value as the exposition format and `--json` spell it (`+Inf`), so that the two reports
+/// and the file agree.
+#[test]
+fn text_failure_values_spell_an_infinity_as_the_exposition_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.contains("kvh_residue_detected_total 0\n"), "{text}");
+    std::fs::write(
+        &f,
+        text.replace(
+            "kvh_residue_detected_total 0\n",
+            "kvh_residue_detected_total +Inf\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--json", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("\"+Inf\""), "{out}");
+    let (code, out, err) = run(kvh()
+        .args(["metrics", "--fail-on-security", "--file"])
+        .arg(&f));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("kvh_residue_detected_total = +Inf"),
+        "the text report spells the value otherwise than the file and --json (+Inf): {out}"
+    );
+}

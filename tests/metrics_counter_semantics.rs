@@ -262,3 +262,32 @@ fn no_latency_quantile_exceeds_the_exported_maximum() {
         "quantile 0.99 is {p99} s, above the maximum {max} s"
     );
 }
+
+/// `kvh_scrub_latency_max_seconds` is "Longest free-to-clean latency since start". A block
+/// made clean two hours after its free (a scrub held back by a long graph capture) is the
+/// longest latency observed: with it the only one, the exported maximum is that latency, the
+/// same as the histogram's `_sum` of all latencies, never less than it.
+#[test]
+fn a_latency_beyond_an_hour_is_exported_as_the_longest_one() {
+    use kvhygiene::metrics::{encode, parse::parse, ExporterStats};
+    use kvhygiene::stats::{PoolCounters, Stats};
+    let mut pool = PoolCounters::default();
+    pool.record_scrub_latency(7_200_000_000);
+    let stats = Stats::merge("host".into(), &[pool], None);
+    let text = encode(
+        &stats,
+        &ExporterStats::default(),
+        std::time::SystemTime::now(),
+    );
+    let e = parse(&text).unwrap();
+    let max = e.value("kvh_scrub_latency_max_seconds", &[]).unwrap();
+    let sum = e.value("kvh_free_to_clean_seconds_sum", &[]).unwrap();
+    let count = e.value("kvh_free_to_clean_seconds_count", &[]).unwrap();
+    assert_eq!(count, 1.0);
+    assert_eq!(
+        max, sum,
+        "one latency was observed (sum {sum} s, count {count}), yet the longest is exported \
+         as {max} s (JSON max_us {}, sum_us {})",
+        stats.scrub_latency.max_us, stats.scrub_latency.sum_us
+    );
+}

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::encode::{BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
+use super::encode::{format_f64, BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
 use super::per_process::{self, Target};
@@ -539,7 +539,7 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
             .security_failures
             .iter()
             .map(|f| match f.value {
-                Some(v) => format!("{} = {v} ({})", f.metric, f.what),
+                Some(v) => format!("{} = {} ({})", f.metric, format_f64(v), f.what),
                 None => format!(
                     "{} missing from the snapshot: not checked ({})",
                     f.metric, f.what
