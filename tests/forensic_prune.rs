@@ -1089,6 +1089,34 @@ fn a_directory_whose_every_chain_moved_has_nothing_to_verify() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 }
 
+/// A chain moved whole leaves its manifest and no file. A reading that does not take
+/// manifests into account (no `--allow-pruned`, no `--archive-dir`) fails it as it fails any
+/// chain with missing files, naming the manifest and the options that account for it: the
+/// chain and its exceptions do not vanish from a report unseen.
+#[test]
+fn without_allow_pruned_a_chain_moved_whole_fails_the_reading() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    let (_, m) = manifest(&s);
+    let shown = manifest_path(Path::new(""), &m.chain).display().to_string();
+    write_log(&cfg(&s.log, 4096), 10, true);
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    for verb in ["verify-log", "evidence"] {
+        let out = kvh(&[verb, d, "--key-file", k]);
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{verb}: {said}");
+        assert!(
+            said.contains(&shown) && said.contains(&m.chain),
+            "{verb}: {said}"
+        );
+        assert!(said.contains("--allow-pruned"), "{verb}: {said}");
+        let out = kvh(&[verb, d, "--key-file", k, "--allow-pruned"]);
+        assert_eq!(out.status.code(), Some(0), "{verb}: {}", text(&out.stdout));
+    }
+}
+
 #[test]
 fn files_a_manifest_lists_may_not_vanish_from_the_end() {
     let s = pruned_open_chain();

@@ -391,6 +391,9 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
     notes.push(
         if c.closed {
             "closed"
+        } else if c.files == 0 {
+            // Only a manifest was left to read: whether the chain ended is not known.
+            "end not known (no file read)"
         } else {
             "open (no stop record)"
         }

@@ -237,6 +237,14 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             .chains
             .push(archived_chain(&chain, manifest, opts, ckpt.as_ref()));
     }
+    if !pruned_reading(opts) {
+        for chain in moved_whole(dir, &chains)? {
+            // The chain's report says where its files went: its checkpoint is not reported
+            // again as one of a chain whose files were deleted.
+            ckpts.remove(&chain);
+            report.chains.push(moved_chain(chain, opts));
+        }
+    }
     for c in &mut report.chains {
         c.key = c
             .key_index
@@ -431,6 +439,39 @@ fn manifest_sealer(m: &Manifest, keys: &[EpochKey]) -> Result<Option<usize>, Str
                 keys.len()
             )
         })
+}
+
+/// The chains of which `dir` holds a prune manifest and no file (`listed` are those with
+/// files): moved whole by `prune-log`.
+fn moved_whole(dir: &Path, listed: &files::ChainList) -> Result<Vec<String>, VerifyError> {
+    let manifests = prune::list_manifests(dir)
+        .map_err(|e| VerifyError(format!("{}: cannot list: {e}", dir.display())))?;
+    Ok(manifests
+        .into_iter()
+        .filter(|chain| !listed.iter().any(|(c, _)| c == chain))
+        .collect())
+}
+
+/// The report of a chain `prune-log` moved whole, in a reading that does not take manifests
+/// into account: its files are missing, which fails it as a missing file fails any chain
+/// (the manifest is not even read: without `--allow-pruned` no key is required to check it).
+/// Passed over, the chain and every exception in it would vanish from the report unseen.
+fn moved_chain(chain: String, opts: &VerifyOptions) -> ChainReport {
+    let problem = manifest_problem(
+        &chain,
+        format!(
+            "every file of chain {chain} is missing; its prune manifest says kvh prune-log \
+             moved them: give --allow-pruned to account for them by the manifest, or \
+             --archive-dir to read them back"
+        ),
+    );
+    ChainReport {
+        chain,
+        macs_checked: !opts.hmac_keys.is_empty(),
+        checkpoints_checked: !opts.public_keys.is_empty(),
+        problem: Some(problem),
+        ..Default::default()
+    }
 }
 
 /// The problem of a manifest that cannot be used, at the manifest's name.

@@ -1242,6 +1242,153 @@ def test_retention_job_moves_old_files_and_the_verification_still_passes(tmp_pat
     assert "files deleted" in r.stdout, r.stdout
 
 
+def pruned_log(tmp_path: Path) -> tuple:
+    """A log volume as the example leaves it once the retention job has run: one chain moved
+    whole to the archive by the prune CronJob (its manifest and checkpoint stay), then a later
+    process's chain. Returns (log directory, keys directory)."""
+    keys = tmp_path / "made-by-hand"
+    keys.mkdir(mode=0o700)
+    (keys / "hmac.key").write_text(secrets.token_hex(32) + "\n")
+    (keys / "hmac.key").chmod(0o600)
+    r = subprocess.run([kvh_binary(), "keygen", "--out", str(keys / "checkpoint")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = {"kvhygiene-forensic-keys": {k: (keys / k).read_bytes() for k in ("hmac.key", "checkpoint.key", "checkpoint.pub")}}
+    files = PodFiles(tmp_path / "pod", data)
+    label = "cronjob/kvhygiene-prune-log"
+    spec = dict(pod_specs())[label]
+    (c,) = spec["containers"]
+    remap = files.mapper(label, spec, c)
+    log = Path(remap("/var/log/kvh/chains"))
+    log.mkdir(parents=True, mode=0o700)
+    keyed_demo_log(log, keys / "hmac.key", keys / "checkpoint.key")
+    r = run_in([remap(a) for a in container_argv(c)], {**files.env(c, remap), "RETENTION_DAYS": "0"})
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+    assert list(log.glob("kvh-*.pruned.json")), r.stdout
+    keyed_demo_log(log, keys / "hmac.key", keys / "checkpoint.key")
+    return log, keys
+
+
+def runbook_incident_command(verb: str) -> list:
+    """The `kvh VERB ...` command of the runbook's "During an incident" steps, as argv."""
+    section = runbook_text().split("## During an incident", 1)[1].split("## ", 1)[0]
+    m = re.search(rf"`(kvh {verb} [^`]*)`", section)
+    assert m, f"no `kvh {verb}` command in the runbook's incident steps"
+    return shlex.split(m.group(1).split(">", 1)[0])
+
+
+def test_the_runbooks_incident_verification_passes_on_a_log_the_retention_job_pruned(tmp_path):
+    # "During an incident", step 2: the runbook's verify-log command reads exit 1 as tampering
+    # ("escalate as a security incident"). On an intact log whose old chains the shipped
+    # retention job moved to the archive, the command is expected to exit 0.
+    log, keys = pruned_log(tmp_path)
+    subst = {"DIR": str(log), "KEY": str(keys / "hmac.key"), "PUB": str(keys / "checkpoint.pub"), "CKPT": str(log)}
+    argv = [subst.get(a, a) for a in runbook_incident_command("verify-log")]
+    r = run_in([kvh_binary(), *argv[1:]], {"PATH": os.environ["PATH"]})
+    assert r.returncode == 0, (
+        f"the runbook's `{' '.join(runbook_incident_command('verify-log'))}` exited {r.returncode} "
+        f"on an intact log pruned by the retention job: {r.stdout}{r.stderr}"
+    )
+
+
+def test_the_runbooks_incident_report_accounts_for_chains_the_retention_job_moved(tmp_path):
+    # "During an incident", step 3: the runbook's evidence command "lists every exception". On
+    # a log whose old chains the retention job moved, the report is expected to say that those
+    # chains' records are elsewhere (in the archive), rather than present the chains left as
+    # the whole log.
+    log, keys = pruned_log(tmp_path)
+    subst = {"DIR": str(log), "KEY": str(keys / "hmac.key"), "PUB": str(keys / "checkpoint.pub")}
+    argv = [subst.get(a, a) for a in runbook_incident_command("evidence")]
+    r = run_in([kvh_binary(), *argv[1:]], {"PATH": os.environ["PATH"]})
+    (moved,) = [m.name.split(".")[0][len("kvh-"):] for m in log.glob("kvh-*.pruned.json")]
+    assert r.returncode == 0 and moved in r.stdout, (
+        f"`{' '.join(argv)}` exited {r.returncode} with a report that never names chain {moved}, "
+        f"whose records the retention job moved to the archive:\n{r.stdout[:1500]}"
+    )
+
+
+def test_verify_log_without_allow_pruned_does_not_pass_a_log_whose_chains_were_moved(tmp_path):
+    # verify-log --help: "Without [--allow-pruned], missing files fail the chain". A log whose
+    # manifests say a chain's files were all moved away is expected to fail without
+    # --allow-pruned (exit 1), naming that chain and the options that account for it.
+    log, keys = pruned_log(tmp_path)
+    (moved,) = [m.name.split(".")[0][len("kvh-"):] for m in log.glob("kvh-*.pruned.json")]
+    r = run_in([kvh_binary(), "verify-log", str(log), "--key-file", str(keys / "hmac.key")], {"PATH": os.environ["PATH"]})
+    assert r.returncode == 1 and moved in r.stdout + r.stderr and "--allow-pruned" in r.stdout + r.stderr, (
+        f"verify-log without --allow-pruned exited {r.returncode} and never named chain {moved}, "
+        f"whose files are missing: {r.stdout}{r.stderr}"
+    )
+
+
+# A kubectl standing in for the cluster's Secrets: `create secret generic` (from files, or
+# printed with --dry-run=client -o yaml), `replace -f -`, `get secret -o jsonpath`, `patch
+# --type=merge --patch-file`; anything else succeeds doing nothing. Secrets live in $SECRETS.
+KUBECTL_STUB = r"""#!/usr/bin/env python3
+import base64, json, os, re, sys
+store_path = os.environ["SECRETS"]
+store = json.load(open(store_path)) if os.path.exists(store_path) else {}
+args = sys.argv[1:]
+def save():
+    json.dump(store, open(store_path, "w"))
+if args[:3] == ["create", "secret", "generic"]:
+    name, data = args[3], {}
+    for a in args[4:]:
+        if a.startswith("--from-file="):
+            f = a.split("=", 1)[1]
+            key, path = f.split("=", 1) if "=" in f else (os.path.basename(f), f)
+            if not os.path.isfile(path):
+                sys.exit(f"error: error reading {path}: no such file or directory")
+            data[key] = base64.b64encode(open(path, "rb").read()).decode()
+    if "--dry-run=client" in args:
+        print(json.dumps({"kind": "Secret", "metadata": {"name": name}, "data": data}))
+    else:
+        store[name] = data
+        save()
+elif args[:2] == ["replace", "-f"]:
+    text = sys.stdin.read()
+    if not text.strip():
+        sys.exit("error: no objects passed to replace")
+    obj = json.loads(text)
+    store[obj["metadata"]["name"]] = obj["data"]
+    save()
+elif args[:2] == ["get", "secret"]:
+    path = re.match(r"jsonpath=\{\.data\.(.*)\}", args[args.index("-o") + 1]).group(1).replace("\\.", ".")
+    sys.stdout.write(store[args[2]][path])
+elif args[:2] == ["patch", "secret"]:
+    patch = [a for a in args if a.startswith("--patch-file=")][0].split("=", 1)[1]
+    store[args[2]].update(json.load(open(patch))["data"])
+    save()
+"""
+
+
+def test_the_readmes_key_rotation_replaces_the_signing_key(tmp_path):
+    # deploy/README.md: the keys are created (keeping checkpoint.pub, "verifiers need it"),
+    # then rotated with the "Rotating the keys" commands, typed in the same shell and
+    # directory. After the rotation the current Secret is expected to hold a new signing key,
+    # and the old private key to be in no Secret (as the README says it then is).
+    text = DEPLOY_README.read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    (create,) = [b for b in blocks if "kvh keygen --out checkpoint" in b and "kvhygiene-forensic-keys-retired" not in b]
+    (rotate,) = [b for b in blocks if "kvhygiene-forensic-keys-retired" in b]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(KUBECTL_STUB)
+    (bin_dir / "kubectl").chmod(0o755)
+    (bin_dir / "kvh").symlink_to(kvh_binary())
+    work = tmp_path / "work"
+    work.mkdir()
+    store = tmp_path / "secrets.json"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SECRETS": str(store), "HOME": str(tmp_path)}
+    r = run_in(["bash", "-c", create], env, cwd=work)
+    assert r.returncode == 0, f"the key creation commands failed: {r.stdout}{r.stderr}"
+    before = json.loads(store.read_text())["kvhygiene-forensic-keys"]
+    r = run_in(["bash", "-c", rotate], env, cwd=work)
+    after = json.loads(store.read_text())
+    assert after["kvhygiene-forensic-keys"]["checkpoint.key"] != before["checkpoint.key"], (
+        "after the README's rotation the Secret still holds the old private signing key "
+        f"(the one now listed as retired):\n{r.stderr}"
+    )
+
+
 def test_cronjob_verifies_the_log_and_fails_on_tampering(pod):
     label = "cronjob/kvhygiene-verify-log"
     spec = dict(pod_specs())[label]
