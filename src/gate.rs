@@ -162,7 +162,7 @@ pub fn judge(
     }
     for (check, value) in snap.security_failures() {
         reasons.push(match value {
-            Some(v) => format!("{}: {} = {v}", check.what, check.metric),
+            Some(v) => format!("{}: {} = {}", check.what, check.metric, format_f64(v)),
             None => format!(
                 "{} is missing from the snapshot: {} cannot be checked",
                 check.metric, check.what

@@ -185,8 +185,23 @@ impl PoolCounters {
     }
 }
 
-/// The latency histogram's upper bound, 1 h: a longer latency counts as this.
+/// The latency histogram's upper bound, 1 h: a longer latency is recorded in the histogram
+/// as this (the sum and the maximum stay exact).
 const LATENCY_BOUND_US: u64 = 3_600_000_000;
+
+/// The quantile `q` of `latency`, no longer than `max_us`, the longest latency recorded. The
+/// HDR quantiles are the tops of their buckets, up to 0.1% above any latency recorded: none
+/// is reported above the longest one. A quantile that reaches the histogram's bound is one of
+/// the latencies recorded at the bound, which were that long or longer: the longest stands
+/// for them (one hour would understate every one of them).
+fn quantile_us(latency: &Histogram<u64>, q: f64, max_us: u64) -> u64 {
+    let v = latency.value_at_quantile(q);
+    if v >= LATENCY_BOUND_US {
+        max_us
+    } else {
+        v.min(max_us)
+    }
+}
 
 impl Default for PoolCounters {
     fn default() -> Self {
@@ -309,11 +324,9 @@ impl Stats {
             accounting,
             scrub_latency: LatencySummary {
                 count: latency.len(),
-                // The HDR quantiles are the tops of their buckets, up to 0.1% above any
-                // latency recorded: none is reported above the longest one.
-                p50_us: latency.value_at_quantile(0.50).min(max_us),
-                p95_us: latency.value_at_quantile(0.95).min(max_us),
-                p99_us: latency.value_at_quantile(0.99).min(max_us),
+                p50_us: quantile_us(&latency, 0.50, max_us),
+                p95_us: quantile_us(&latency, 0.95, max_us),
+                p99_us: quantile_us(&latency, 0.99, max_us),
                 max_us,
                 sum_us,
                 buckets: LatencyBuckets::cumulative(&per_bucket),
@@ -349,8 +362,29 @@ mod latency_tests {
         );
         assert_eq!(p.scrub_latency_us.min(), 1);
         assert_eq!(
-            p.scrub_latency_max_us, 3_600_000_000,
-            "the maximum, at the bound"
+            p.scrub_latency_max_us, 7_200_000_000,
+            "the maximum, exact beyond the histogram's bound"
+        );
+    }
+
+    /// With every latency beyond the histogram's one-hour bound (two hours each), each
+    /// quantile of them is that latency: the exported quantiles must not report one hour
+    /// while the exported maximum (exact) reports two.
+    #[test]
+    fn quantiles_of_latencies_beyond_the_bound_are_not_below_them() {
+        use super::Stats;
+        let mut p = PoolCounters::default();
+        for _ in 0..3 {
+            p.record_scrub_latency(7_200_000_000);
+        }
+        let s = Stats::merge("host".into(), &[p], None);
+        let l = s.scrub_latency;
+        assert_eq!(l.max_us, 7_200_000_000);
+        assert_eq!(
+            (l.p50_us, l.p95_us, l.p99_us),
+            (l.max_us, l.max_us, l.max_us),
+            "every latency is {} us, yet the quantiles say otherwise",
+            l.max_us
         );
     }
 

@@ -579,3 +579,36 @@ fn the_fault_drill_does_not_replace_a_live_process_file_of_the_policys_metrics_p
     let worker = tmp.path().join(format!("kvh-{}.prom", std::process::id()));
     drill_into_a_served_snapshot(&pattern, &worker);
 }
+
+/// The same secret seals and verifies, whichever way it reaches each side. A secret kept in
+/// a file that ends with a newline (`openssl rand -hex 32 > hmac.key`, as deploy/README.md
+/// makes it) and handed to the writer through `FORENSIC_HMAC_SECRET` (a Kubernetes
+/// `secretKeyRef` of a Secret made `--from-file`, which keeps the newline) must verify with
+/// that same file as `--key-file`, as the demo's hint says ("a 0600 file holding
+/// FORENSIC_HMAC_SECRET's value"): the writer and the verifier read one secret.
+#[test]
+fn a_secret_from_the_environment_verifies_with_the_file_holding_its_value() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let value = format!("{}\n", "5a".repeat(32));
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, &value).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&dir)
+        .env("KVH_BACKEND", "host")
+        .env("FORENSIC_HMAC_SECRET", &value));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(
+        code, 0,
+        "the log sealed with FORENSIC_HMAC_SECRET does not verify with the file holding \
+         its value:\n{out}{err}"
+    );
+}

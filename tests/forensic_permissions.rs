@@ -736,3 +736,50 @@ fn a_start_up_beginning_while_another_finishes_a_parent_level_succeeds() {
         tmp.path(),
     );
 }
+
+/// Set in the child process of the test below.
+const FINISHING_LAST_CHILD: &str = "KVHYGIENE_TEST_PREPARE_DIR_FINISHING_LAST_CHILD";
+
+/// As above, for the log directory itself: a start-up that begins just after another one
+/// (a worker per GPU, umask 0277) created the log directory and before that one set its mode
+/// (0500 for a moment, 0700 a few system calls later) succeeds, as it does when the level
+/// created meanwhile is a parent, and as it did before the start-up checked writability. The
+/// directory's creator sets its mode here 100 ms later.
+#[test]
+fn a_start_up_beginning_while_another_finishes_the_log_directory_succeeds() {
+    if let Some(root) = std::env::var_os(FINISHING_LAST_CHILD) {
+        let dir = std::path::PathBuf::from(root).join("a/log");
+        let other = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            })
+        };
+        let result = files::prepare_dir(&dir, "log directory");
+        other.join().unwrap();
+        assert!(
+            result.is_ok(),
+            "a log directory another start-up was finishing was refused: {result:?}"
+        );
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the mode of the level stops only an unprivileged uid
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let a = tmp.path().join("a");
+    let log = a.join("log");
+    fs::create_dir_all(&log).unwrap();
+    for (level, m) in [(&a, 0o700), (&log, 0o500)] {
+        std::os::unix::fs::chown(level, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(level, fs::Permissions::from_mode(m)).unwrap();
+    }
+    rerun_as_nobody_under_umask_0277(
+        "a_start_up_beginning_while_another_finishes_the_log_directory_succeeds",
+        FINISHING_LAST_CHILD,
+        tmp.path(),
+    );
+}

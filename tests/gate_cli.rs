@@ -886,3 +886,28 @@ fn checkpoints_kept_outside_the_log_are_read_from_checkpoint() {
     let (code, out, err) = gate(&f, &named[..4]);
     assert_eq!(code, 1, "{out}{err}");
 }
+
+/// A checked series whose value is `+Inf` evicts, and the reason spells the value as the
+/// exposition and `kvh metrics` do (`+Inf`), not as Rust prints an f64 (`inf`).
+#[test]
+fn a_failed_control_of_infinite_value_is_spelled_as_in_the_exposition() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.contains("kvh_residue_detected_total 0\n"), "{text}");
+    std::fs::write(
+        &f,
+        text.replace(
+            "kvh_residue_detected_total 0\n",
+            "kvh_residue_detected_total +Inf\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("kvh_residue_detected_total = +Inf"),
+        "the eviction reason spells the value otherwise than the snapshot (+Inf): {out}"
+    );
+}

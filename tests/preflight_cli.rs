@@ -797,3 +797,48 @@ fn a_checkpoint_directory_the_start_up_cannot_open_fails_the_preflight() {
         "{report}"
     );
 }
+
+/// A runtime whose `faccessat` answers EPERM to every `AT_EACCESS` question (as a container
+/// seccomp profile that refuses the faccessat2 system call makes glibc answer), built as an
+/// LD_PRELOAD shim; `None` without a C compiler.
+fn faccessat_refusing_shim(dir: &Path) -> Option<std::path::PathBuf> {
+    let src = dir.join("shim.c");
+    fs::write(
+        &src,
+        "#include <errno.h>\n\
+         int faccessat(int fd, const char *path, int mode, int flags) {\n\
+         (void)fd; (void)path; (void)mode; (void)flags;\n\
+         errno = EPERM; return -1; }\n",
+    )
+    .unwrap();
+    let so = dir.join("shim.so");
+    let built = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .ok()?;
+    built.success().then_some(so)
+}
+
+/// The start-up judges a log directory by what it can do in it, not by `faccessat` alone: a
+/// directory it has just created itself (0700, ours), in which files can be created, is
+/// usable even where `faccessat` answers wrongly (a seccomp profile that refuses faccessat2
+/// with EPERM, under which glibc's `faccessat` fails every `AT_EACCESS` question). The
+/// start-up worked there before the access check was added to it, and must still work.
+#[test]
+fn the_start_up_does_not_refuse_a_usable_log_directory_on_faccessat_alone() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    let Some(shim) = faccessat_refusing_shim(env.root()) else {
+        eprintln!("skipped: no C compiler to build the faccessat shim");
+        return;
+    };
+    let (code, _, err) = run(env.command(&START).env("LD_PRELOAD", &shim));
+    assert_eq!(
+        code, 0,
+        "the start-up refused a log directory it created itself and can write: {err}"
+    );
+    let chains = env.root().join("log/chains");
+    assert!(chains.is_dir(), "no log directory was created");
+}

@@ -232,7 +232,8 @@ fn is_private_key_of(given: &VerifyingKey, signer: &str) -> bool {
 }
 
 fn parse_sig(s: &str) -> Option<[u8; 64]> {
-    if s.len() != 128 {
+    // ASCII first: the halves are sliced by byte index, which must fall between characters.
+    if !s.is_ascii() || s.len() != 128 {
         return None;
     }
     let a = parse_hash(&s[..64])?;
@@ -357,6 +358,26 @@ mod tests {
         let other = super::super::keys::generate_signing_key().unwrap();
         let e = read(&path, &[other.verifying_key()]).unwrap_err();
         assert!(e.contains("another key"), "{e}");
+    }
+
+    /// A checkpoint file whose `sig` is 128 bytes of text that are not hex digits (here
+    /// multi-byte characters, as a garbled or planted file may hold) is refused as a bad
+    /// signature, the file named: never a panic of the verifier that reads it.
+    #[test]
+    fn a_signature_of_non_ascii_text_is_refused_not_a_panic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = super::super::keys::generate_signing_key().unwrap();
+        write(tmp.path(), &key, &at(5)).unwrap();
+        let path = path_for(tmp.path(), "p1-t2");
+        let text = fs::read_to_string(&path).unwrap();
+        let start = text.find("\"sig\":\"").unwrap() + 7;
+        let garbled = format!("{}{}ab\"}}\n", &text[..start], "\u{20ac}".repeat(42));
+        assert_eq!(garbled.len() - start - 3, 128, "a 128-byte signature text");
+        fs::write(&path, garbled).unwrap();
+        let outcome = std::panic::catch_unwind(|| read(&path, &[key.verifying_key()]));
+        let result = outcome.expect("reading a garbled checkpoint panicked");
+        let err = result.expect_err("a garbled signature was accepted");
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
     #[test]

@@ -152,21 +152,29 @@ pub fn is_missing(path: &Path) -> bool {
     matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
-/// Whether this process (its effective ids) may create entries in the directory `dir`.
+/// Whether this process (its effective ids) may create entries in the directory `dir`: false
+/// only when the system says it may not (EACCES, EROFS). Another failure of the question
+/// (EPERM or ENOSYS from a container's seccomp filter that refuses `faccessat2`, which glibc
+/// uses) answers nothing, and is not taken for a refusal: the creation itself tells.
 pub(crate) fn may_write(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call; faccessat only reads
     // it. AT_EACCESS checks with the effective ids, as the creation would.
-    unsafe {
+    let refused = unsafe {
         libc::faccessat(
             libc::AT_FDCWD,
             c.as_ptr(),
             libc::W_OK | libc::X_OK,
             libc::AT_EACCESS,
-        ) == 0
-    }
+        ) != 0
+    };
+    !refused
+        || !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EACCES | libc::EROFS)
+        )
 }
 
 /// Refuses a `..` after a directory name (`logs/x/../kvh`): creating the missing levels
@@ -217,7 +225,23 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
             check_usable(dir, &m, what)
         }
         Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
-        Ok(m) => check_usable(dir, &m, what),
+        Ok(_) => {
+            // Another start-up (a worker per GPU) may have created it and not yet given its
+            // mode: waited for a moment, as for a parent level.
+            wait_until_finished(dir);
+            let m = fs::symlink_metadata(dir)
+                .map_err(|e| io_err(dir, &format!("cannot stat {what}"), e))?;
+            check_usable(dir, &m, what)
+        }
+    }
+}
+
+/// Waits up to [`PARENT_WAIT`] while `level` is [`unfinished`] (a user's own directory,
+/// narrowed on purpose, is then refused by the checks that follow).
+fn wait_until_finished(level: &Path) {
+    let until = std::time::Instant::now() + PARENT_WAIT;
+    while unfinished(level) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -263,10 +287,7 @@ fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
             if missing.contains(&parent) {
                 set_private(parent, what)?;
             } else {
-                let until = std::time::Instant::now() + PARENT_WAIT;
-                while unfinished(parent) && std::time::Instant::now() < until {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+                wait_until_finished(parent);
             }
             created = DirBuilder::new().mode(0o700).create(level);
         }

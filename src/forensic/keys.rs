@@ -109,7 +109,13 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
         // then keeps the (now zeroed) entry out of child processes.
         scrub_env_value(SECRET_ENV.as_bytes());
         std::env::remove_var(SECRET_ENV);
-        let bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
+        let mut bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
+        // As in a key file, one trailing newline is not part of the secret: a Secret made
+        // from a file (`openssl rand -hex 32 > hmac.key`) keeps it, and the verifiers, given
+        // that file, drop it.
+        if bytes.last() == Some(&b'\n') {
+            bytes.pop();
+        }
         return EpochKey::from_secret(bytes)
             .map(Some)
             .map_err(|e| in_setting(SECRET_ENV, e));
