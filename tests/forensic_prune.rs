@@ -1921,3 +1921,37 @@ fn an_archive_given_as_the_log_directory_and_the_log_as_the_archive_is_refused()
     );
     assert!(!other.join(".kvh-archive").exists());
 }
+
+/// Every file of a chain with a signed checkpoint deleted by hand, and an empty file planted
+/// under the name of its prune manifest. A reading without `--allow-pruned` does not read the
+/// manifest, so it cannot say what the manifest says: the chain's files are reported deleted
+/// (as the checkpoint proves), not "moved by kvh prune-log" on the word of a file nobody
+/// read, which is not even a manifest.
+#[test]
+fn an_empty_file_named_as_a_manifest_does_not_turn_deleted_files_into_a_prune() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 40, true);
+    let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let p = public.to_str().unwrap();
+    for f in chain_files(&s.log) {
+        fs::remove_file(f).unwrap();
+    }
+    let out = kvh(&["verify-log", d, "--key-file", k, "--public-key", p]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("files deleted"), "{said}");
+    fs::write(manifest_path(&s.log, &chain), b"").unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--public-key", p]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("files deleted") && !said.contains("says kvh prune-log moved them"),
+        "{said}"
+    );
+}

@@ -1352,3 +1352,29 @@ fn a_state_file_saved_with_a_relative_log_directory_is_refused_from_another_work
         "the state file is untouched"
     );
 }
+
+/// A state file given with a log directory that does not exist (a mistyped path), while the
+/// directory the state names still exists with its chains: that is the state of another
+/// directory, refused as a usage error (exit 2) naming both, as for another existing
+/// directory. No chain was ever passed on from the mistyped path, so it is not tampering
+/// (exit 1 and an alert line for the SIEM saying the directory "is gone").
+#[test]
+fn a_state_file_given_with_a_mistyped_missing_log_directory_is_a_usage_error_not_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    write_log(&cfg(&a, 1 << 20), 2, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&a, &["--state", st, "--from-start"]));
+    let typo = tmp.path().join("a-typo");
+    let out = tail_once(&typo, &["--state", st]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no alert line: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Its own directory still goes on from the state.
+    assert_ok(&tail_once(&a, &["--state", st]));
+}

@@ -99,3 +99,100 @@ fn a_chain_rewritten_then_moved_whole_at_the_position_is_caught() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// As above, with the position at the last record of the chain's first file (a tail that
+/// ran while the writer was still in its first file) rather than at the chain's end. The
+/// manifest of the chain moved whole records that record's hash too (`last_hash` of the
+/// file's entry): another hash there is a rewritten chain, and the tail says so (exit 1, a
+/// tampering line) instead of naming the rest as a gap and going on.
+#[test]
+fn a_chain_rewritten_then_moved_whole_past_the_position_is_caught_at_a_recorded_file_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, &*secret()).unwrap();
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(
+        &archive,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let state = tmp.path().join("tail.json");
+    let args = [
+        "--key-file",
+        key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--allow-pruned",
+        "--once",
+    ];
+    // A process that ran and stopped, in several files.
+    write_log(&cfg(&dir, 4096), 30, true);
+    let files = chain_files(&dir);
+    assert!(files.len() >= 3, "{files:?}");
+    // The tail ran while only the first file was written: its position is that file's last
+    // record.
+    let aside = tmp.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for f in &files[1..] {
+        std::fs::rename(f, aside.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut from_start = args.to_vec();
+    from_start.push("--from-start");
+    let out = run(&dir, "tail-log", &from_start);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in &files[1..] {
+        std::fs::rename(aside.join(f.file_name().unwrap()), f).unwrap();
+    }
+    // Whoever holds the HMAC secret rewrites the chain (another tenant on a record the tail
+    // passed on) and seals it again; then the nightly prune moves the ended chain whole.
+    reseal_all(&files, SECRET, |m| {
+        if m["seq"] == 2 {
+            m.insert("tenant_id".into(), Value::from("someone-else"));
+        }
+    });
+    let pruned = run(
+        &dir,
+        "prune-log",
+        &[
+            "--archive-dir",
+            archive.to_str().unwrap(),
+            "--older-than",
+            "0",
+            "--key-file",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        pruned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&pruned.stderr)
+    );
+    assert!(chain_files(&dir).is_empty(), "the chain moved whole");
+    write_log(&cfg(&dir, 1 << 20), 1, true);
+    let out = run(&dir, "tail-log", &args);
+    let last: Option<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok());
+    assert!(
+        out.status.code() == Some(1)
+            && last.as_ref().is_some_and(|v| {
+                v["kvh_tail_log"] == "tampering"
+                    && v["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("rewritten"))
+            }),
+        "the record at the position, passed on, has another hash in the manifest: exit {:?}, \
+         stdout {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

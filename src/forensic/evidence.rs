@@ -1980,6 +1980,7 @@ mod tests {
                 first_ts: None,
                 last_ts: None,
                 last_hash: None,
+                file_ends: Vec::new(),
             }),
             ..ChainReport::default()
         };

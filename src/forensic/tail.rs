@@ -182,17 +182,23 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     if let (Some(path), Some(theirs)) =
         (&args.state, saved.as_ref().and_then(|s| s.log_dir.as_ref()))
     {
-        // Only when both directories are there and are not one: a log directory that is
-        // gone, or whose chains are, is judged as tampering below.
+        // Only when the state's directory is still there, and the one given is not it (or
+        // does not exist: a mistyped name): a log directory that is gone, or whose chains
+        // are, is judged as tampering below.
         let here = DirId::of(&args.log.dir);
         let theirs_still = DirId::of(Path::new(&theirs.path)).is_some_and(|t| t.same(theirs));
-        if theirs_still && here.is_some_and(|h| !h.same(theirs)) {
+        if theirs_still && !here.as_ref().is_some_and(|h| h.same(theirs)) {
             return Err(Stop::Error(format!(
-                "--state {} holds the positions of log directory {}, not of {}: give that \
+                "--state {} holds the positions of log directory {}, not of {}{}: give that \
                  directory, or another --state file for this one",
                 path.display(),
                 Path::new(&theirs.path).display(),
-                args.log.dir.display()
+                args.log.dir.display(),
+                if here.is_none() {
+                    " (which does not exist)"
+                } else {
+                    ""
+                }
             )));
         }
     }
@@ -639,7 +645,19 @@ fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
                 .filter(|_| chain.last_seq.is_none())
                 .and_then(|p| p.last_hash.as_deref())
         });
-        if head == Some(pos.seq) && head_hash.is_some_and(|h| h != pos.hash) {
+        // A record passed on that ended a file prune-log moved since: its manifest recorded
+        // that record's hash. (One inside a moved file cannot be checked here: the archive
+        // has it, and `verify-log --archive-dir` checks the chain whole.)
+        let moved_hash = chain
+            .pruned
+            .as_ref()
+            .and_then(|p| p.hash_at_file_end(pos.seq));
+        let known = if head == Some(pos.seq) {
+            head_hash
+        } else {
+            moved_hash
+        };
+        if known.is_some_and(|h| h != pos.hash) || moved_hash.is_some_and(|h| h != pos.hash) {
             return Err(tampered(
                 id,
                 format!("record seq {} is not the one passed on: rewritten", pos.seq),

@@ -147,6 +147,20 @@ pub struct Pruned {
     /// Hash of the last record moved (hex), as the manifest recorded it.
     #[serde(skip)]
     pub last_hash: Option<String>,
+    /// The seq and hash (hex) of each moved file's last record, as the manifest recorded
+    /// them: what a reader that passed records on can still hold its positions to.
+    #[serde(skip)]
+    pub file_ends: Vec<(u64, String)>,
+}
+
+impl Pruned {
+    /// The hash the manifest recorded for record `seq`, when it ended a moved file.
+    pub fn hash_at_file_end(&self, seq: u64) -> Option<&str> {
+        self.file_ends
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, h)| h.as_str())
+    }
 }
 
 impl ChainReport {
@@ -239,10 +253,9 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     }
     if !pruned_reading(opts) {
         for chain in moved_whole(dir, &chains)? {
-            // The chain's report says where its files went: its checkpoint is not reported
-            // again as one of a chain whose files were deleted.
-            ckpts.remove(&chain);
-            report.chains.push(moved_chain(chain, opts));
+            report
+                .chains
+                .push(moved_chain(dir, chain, opts, &mut ckpts));
         }
     }
     for c in &mut report.chains {
@@ -452,25 +465,73 @@ fn moved_whole(dir: &Path, listed: &files::ChainList) -> Result<Vec<String>, Ver
         .collect())
 }
 
-/// The report of a chain `prune-log` moved whole, in a reading that does not take manifests
-/// into account: its files are missing, which fails it as a missing file fails any chain
-/// (the manifest is not even read: without `--allow-pruned` no key is required to check it).
-/// Passed over, the chain and every exception in it would vanish from the report unseen.
-fn moved_chain(chain: String, opts: &VerifyOptions) -> ChainReport {
-    let problem = manifest_problem(
-        &chain,
-        format!(
-            "every file of chain {chain} is missing; its prune manifest says kvh prune-log \
-             moved them: give --allow-pruned to account for them by the manifest, or \
-             --archive-dir to read them back"
-        ),
-    );
-    ChainReport {
-        chain,
+/// The report of a chain of which only a prune manifest is left, in a reading that does not
+/// take manifests into account: its files are missing, which fails it as a missing file fails
+/// any chain. Passed over, the chain and every exception in it would vanish from the report
+/// unseen. The manifest is read without a key (none is required without `--allow-pruned`),
+/// only to word the failure: a manifest that says the chain was moved whole, consistent with
+/// the chain's signed checkpoint if there is one, points to the options that account for it
+/// (and the checkpoint, held to it, is not reported again as one of deleted files); anything
+/// else named as a manifest (empty, garbled, of an open chain, or at odds with the
+/// checkpoint) accounts for nothing: the files were deleted.
+fn moved_chain(
+    dir: &Path,
+    chain: String,
+    opts: &VerifyOptions,
+    ckpts: &mut BTreeMap<String, Checkpoint>,
+) -> ChainReport {
+    let mut rep = ChainReport {
+        chain: chain.clone(),
         macs_checked: !opts.hmac_keys.is_empty(),
         checkpoints_checked: !opts.public_keys.is_empty(),
-        problem: Some(problem),
         ..Default::default()
+    };
+    let said = prune::read_manifest(dir, &chain)
+        .and_then(|m| m.ok_or_else(|| "it disappeared while verifying".to_string()))
+        .and_then(|m| {
+            m.check(None)?;
+            moved_whole_to(&m, ckpts.get(&chain))
+        });
+    let reason = match said {
+        Ok(checkpoint_seq) => {
+            if checkpoint_seq.is_some() {
+                ckpts.remove(&chain);
+            }
+            rep.checkpoint_seq = checkpoint_seq;
+            format!(
+                "every file of chain {chain} is missing; its prune manifest (its MAC not \
+                 checked) says kvh prune-log moved them: give --allow-pruned to account for \
+                 them by the manifest, or --archive-dir to read them back"
+            )
+        }
+        Err(why) => format!(
+            "every file of chain {chain} is missing, and the file named as its prune \
+             manifest does not account for them ({why}): files deleted"
+        ),
+    };
+    rep.problem = Some(manifest_problem(&chain, reason));
+    rep
+}
+
+/// Whether the manifest `m` says its chain was moved whole, up to its checkpoint `ckpt` (if
+/// any, whose seq is returned): the reason it does not otherwise.
+fn moved_whole_to(m: &Manifest, ckpt: Option<&Checkpoint>) -> Result<Option<u64>, String> {
+    let tail = m.tail().ok_or("it lists no file")?;
+    if !m.complete {
+        return Err(format!(
+            "it moved files up to {} of an open chain",
+            tail.name
+        ));
+    }
+    match ckpt {
+        None => Ok(None),
+        Some(c) if c.seq == tail.last_seq && parse_hash(&tail.last_hash) == Some(c.hash) => {
+            Ok(Some(c.seq))
+        }
+        Some(c) => Err(format!(
+            "the signed checkpoint (seq {}) is not the last record it moved (seq {})",
+            c.seq, tail.last_seq
+        )),
     }
 }
 
@@ -586,6 +647,10 @@ fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
         first_ts: moved.first().map(|f| f.oldest_ts),
         last_ts: moved.iter().map(|f| f.newest_ts).max(),
         last_hash: moved.last().map(|f| f.last_hash.clone()),
+        file_ends: moved
+            .iter()
+            .map(|f| (f.last_seq, f.last_hash.clone()))
+            .collect(),
     }
 }
 
