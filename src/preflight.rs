@@ -173,7 +173,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         ));
         return;
     };
-    let from_env = crate::config::environ::value_len(keys::SECRET_ENV).is_some();
+    let from_env = keys::secret_in_env();
     out.push(match keys::load_secret(log.hmac_key_file.as_deref()) {
         Ok(Some(key)) => {
             let source = if from_env {

@@ -148,6 +148,9 @@ pub struct PoolCounters {
     /// The longest latency recorded, exactly (the HDR histogram's maximum is the top of its
     /// bucket, up to 0.1% above it, which the exported sum and buckets would contradict).
     pub scrub_latency_max_us: u64,
+    /// How many latencies were at or beyond the HDR histogram's bound (recorded there as the
+    /// bound): the quantiles that fall among them are reported as the maximum.
+    pub scrub_latency_at_bound: u64,
 }
 
 /// Upper bounds of the free → CLEAN latency histogram's buckets, in microseconds: from half a
@@ -182,6 +185,9 @@ impl PoolCounters {
         }
         self.scrub_latency_sum_us = self.scrub_latency_sum_us.saturating_add(us);
         self.scrub_latency_max_us = self.scrub_latency_max_us.max(us);
+        if us >= LATENCY_BOUND_US {
+            self.scrub_latency_at_bound += 1;
+        }
     }
 }
 
@@ -189,18 +195,23 @@ impl PoolCounters {
 /// as this (the sum and the maximum stay exact).
 const LATENCY_BOUND_US: u64 = 3_600_000_000;
 
-/// The quantile `q` of `latency`, no longer than `max_us`, the longest latency recorded. The
-/// HDR quantiles are the tops of their buckets, up to 0.1% above any latency recorded: none
-/// is reported above the longest one. A quantile that reaches the histogram's bound is one of
-/// the latencies recorded at the bound, which were that long or longer: the longest stands
-/// for them (one hour would understate every one of them).
-fn quantile_us(latency: &Histogram<u64>, q: f64, max_us: u64) -> u64 {
-    let v = latency.value_at_quantile(q);
-    if v >= LATENCY_BOUND_US {
-        max_us
-    } else {
-        v.min(max_us)
+/// The quantile `q` of `latency`, no longer than `max_us`, the longest latency recorded, of
+/// which `at_bound` were recorded at the histogram's bound (that long or longer). The HDR
+/// quantiles are the tops of their buckets, up to 0.1% above any latency recorded: none is
+/// reported above the longest one, nor above the bound when the quantile's rank is among
+/// the latencies below it. A rank among those at the bound is reported as the longest
+/// latency, which stands for them (the bound would understate every one of them).
+fn quantile_us(latency: &Histogram<u64>, q: f64, max_us: u64, at_bound: u64) -> u64 {
+    let total = latency.len();
+    // The rank (1-based) of the quantile, as the histogram counts it.
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    if at_bound > 0 && rank > total.saturating_sub(at_bound) {
+        return max_us;
     }
+    latency
+        .value_at_quantile(q)
+        .min(LATENCY_BOUND_US)
+        .min(max_us)
 }
 
 impl Default for PoolCounters {
@@ -212,6 +223,7 @@ impl Default for PoolCounters {
             scrub_latency_buckets: [0; LATENCY_BUCKETS_US.len()],
             scrub_latency_sum_us: 0,
             scrub_latency_max_us: 0,
+            scrub_latency_at_bound: 0,
         }
     }
 }
@@ -301,6 +313,7 @@ impl Stats {
         let mut per_bucket = [0u64; LATENCY_BUCKETS_US.len()];
         let mut sum_us = 0u64;
         let mut max_us = 0u64;
+        let mut at_bound = 0u64;
         for p in pools {
             counters.merge(&p.counters);
             accounting.merge(&p.accounting);
@@ -311,7 +324,9 @@ impl Stats {
             }
             sum_us = sum_us.saturating_add(p.scrub_latency_sum_us);
             max_us = max_us.max(p.scrub_latency_max_us);
+            at_bound = at_bound.saturating_add(p.scrub_latency_at_bound);
         }
+        let quantile = |q| quantile_us(&latency, q, max_us, at_bound);
         let pool_hit_rate = if counters.allocations == 0 {
             0.0
         } else {
@@ -324,9 +339,9 @@ impl Stats {
             accounting,
             scrub_latency: LatencySummary {
                 count: latency.len(),
-                p50_us: quantile_us(&latency, 0.50, max_us),
-                p95_us: quantile_us(&latency, 0.95, max_us),
-                p99_us: quantile_us(&latency, 0.99, max_us),
+                p50_us: quantile(0.50),
+                p95_us: quantile(0.95),
+                p99_us: quantile(0.99),
                 max_us,
                 sum_us,
                 buckets: LatencyBuckets::cumulative(&per_bucket),
@@ -385,6 +400,29 @@ mod latency_tests {
             (l.max_us, l.max_us, l.max_us),
             "every latency is {} us, yet the quantiles say otherwise",
             l.max_us
+        );
+    }
+
+    /// Latencies just under the histogram's one-hour bound (3,599,000,000 us, a second
+    /// short of it) are not latencies at the bound: their quantiles stay about one hour (within
+    /// the histogram's 0.1% precision) when a single longer latency (two hours) sets the
+    /// maximum. The median of nine latencies of 3,599 s and one of 7,200 s is 3,599 s, not
+    /// 7,200 s.
+    #[test]
+    fn quantiles_of_latencies_under_the_bound_are_not_the_maximum_beyond_it() {
+        use super::Stats;
+        let mut p = PoolCounters::default();
+        for _ in 0..9 {
+            p.record_scrub_latency(3_599_000_000);
+        }
+        p.record_scrub_latency(7_200_000_000);
+        let s = Stats::merge("host".into(), &[p], None);
+        let l = s.scrub_latency;
+        assert_eq!(l.max_us, 7_200_000_000);
+        assert!(
+            l.p50_us < 3_700_000_000,
+            "nine of ten latencies are 3599000000 us, yet p50 = {} us",
+            l.p50_us
         );
     }
 

@@ -668,3 +668,27 @@ fn a_signing_key_file_named_pub_is_refused_as_the_start_up_refuses_it() {
     );
     assert!(err.contains("KVH_SIGNING_KEY_FILE"), "{err}");
 }
+
+/// The library drops one trailing newline from `FORENSIC_HMAC_SECRET` before it judges the
+/// secret's length (as it does for a key file). A value of 15 bytes and a newline is therefore
+/// a 15-byte secret, which the library refuses: `kvh config` judges the same secret, so it
+/// refuses the policy too (exit 2) and says the length the library sees.
+#[test]
+fn the_hmac_secret_length_is_judged_without_the_trailing_newline_the_library_drops() {
+    let secret = format!("{}\n", "k".repeat(15));
+    let dir = tempfile::tempdir().unwrap();
+    let (started, _, start_err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1"])
+        .env("KVH_BACKEND", "host")
+        .env("KVH_LOG_DIR", dir.path().join("log"))
+        .env("FORENSIC_HMAC_SECRET", &secret));
+    assert_eq!(started, 2, "the library refuses the secret: {start_err}");
+    let (code, out, err) = run(config(&[])
+        .envs(HARDENED.iter().copied())
+        .env("FORENSIC_HMAC_SECRET", &secret));
+    assert_eq!(
+        code, 2,
+        "kvh config accepted a secret the library refuses ({start_err:?}): {out}{err}"
+    );
+    assert!(err.contains("is 15 bytes"), "{err}");
+}

@@ -842,3 +842,83 @@ fn the_start_up_does_not_refuse_a_usable_log_directory_on_faccessat_alone() {
     let chains = env.root().join("log/chains");
     assert!(chains.is_dir(), "no log directory was created");
 }
+
+/// Removes the immutable attribute again, so that the temporary directory can be removed.
+struct Immutable(std::path::PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A log directory marked immutable (`chattr +i`) holding the chain of a writer that died: no
+/// file can be created in it (the system answers EPERM, to root too), so its rotation, its
+/// checkpoints and the next start-up could not be written, as in a read-only directory. The
+/// start-up refuses it at once ("no file can be created"), and preflight fails it as the
+/// start-up does; EPERM from the access check is the system's refusal here, not a question
+/// left unanswered.
+#[test]
+fn a_crashed_chain_in_an_immutable_log_directory_is_refused_by_both() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    assert_eq!(env.start(), 0, "the first process");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    cut_stop_record(&files[0]);
+    let marked = Command::new("chattr")
+        .arg("+i")
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +i is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = Immutable(dir.clone());
+    assert!(
+        fs::File::create(dir.join("probe")).is_err(),
+        "a file was created in the immutable directory"
+    );
+    let (code, report) = env.preflight(&[]);
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(
+        started, 2,
+        "the start-up ran in a log directory where no file can be created: {err}"
+    );
+    assert!(err.contains("no file can be created"), "{err}");
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(status(&report, "log directory").0, "fail", "{report}");
+}
+
+/// A metrics file whose directory is marked immutable (`chattr +i`): the exporter cannot
+/// create its temporary file there (EPERM, to root too), so the process would run without a
+/// metrics file for its probes. Preflight says so (not ready), as it does for a directory
+/// this process may not write.
+#[test]
+fn a_metrics_file_in_an_immutable_directory_is_not_ready() {
+    let env = Env::new();
+    let dir = env.root().join("metrics");
+    let marked = Command::new("chattr")
+        .arg("+i")
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +i is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = Immutable(dir.clone());
+    assert!(
+        fs::File::create(dir.join("probe")).is_err(),
+        "a file was created in the immutable directory"
+    );
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "metrics file");
+    assert_eq!(
+        st, "fail",
+        "preflight passed a metrics directory in which no file can be created: {detail}"
+    );
+    assert_eq!(code, 1, "{report}");
+}

@@ -573,7 +573,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         }
     }
     // Before the log opens: it takes the secret out of the environment.
-    let secret_in_env = std::env::var_os("FORENSIC_HMAC_SECRET").is_some();
+    let secret_in_env = kvhygiene::forensic::keys::secret_in_env();
     let log = match open_log(&config) {
         Ok(log) => log,
         Err(code) => return code,

@@ -65,18 +65,24 @@ pub fn vars_with_prefix(prefix: &[u8]) -> Vec<(OsString, OsString)> {
 
 /// The length in bytes of the value of `name`, when it is set; the value is not copied.
 pub fn value_len(name: &str) -> Option<usize> {
-    let mut len = None;
+    measure_value(name, <[u8]>::len)
+}
+
+/// `measure` of the value of `name`, when it is set, given the value in place: not copied.
+pub fn measure_value<T>(name: &str, measure: impl FnOnce(&[u8]) -> T) -> Option<T> {
+    let mut measure = Some(measure);
+    let mut out = None;
     each_entry(|entry| {
         let Some((n, value)) = split(entry) else {
             return true;
         };
         if n == name.as_bytes() {
-            len = Some(value.len());
+            out = measure.take().map(|m| m(value));
             return false;
         }
         true
     });
-    len
+    out
 }
 
 #[cfg(test)]

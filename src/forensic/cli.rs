@@ -313,9 +313,8 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
 /// the length the writer accepts.
 fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     let mut b = keys::read_given_file(p, super::files::MAX_CKPT_BYTES)?;
-    if b.last() == Some(&b'\n') {
-        b.pop();
-    }
+    let len = keys::secret_len(&b);
+    b.truncate(len);
     if b.len() < keys::MIN_SECRET_LEN {
         return Err(format!(
             "{}: key is {} bytes; at least {} are required",

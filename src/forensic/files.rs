@@ -152,29 +152,58 @@ pub fn is_missing(path: &Path) -> bool {
     matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
-/// Whether this process (its effective ids) may create entries in the directory `dir`: false
-/// only when the system says it may not (EACCES, EROFS). Another failure of the question
-/// (EPERM or ENOSYS from a container's seccomp filter that refuses `faccessat2`, which glibc
-/// uses) answers nothing, and is not taken for a refusal: the creation itself tells.
+/// Whether this process (its effective ids) may create entries in the directory `dir`. Asked
+/// with `faccessat`; an answer that is neither yes nor EACCES or EROFS is not taken as one:
+/// EPERM comes from an immutable directory (`chattr +i`), but also from a container's
+/// seccomp filter that refuses `faccessat2` (which glibc uses), and ENOSYS from an old
+/// kernel. Those are settled by creating an unnamed file in `dir` ([`may_create_unnamed`]),
+/// which leaves nothing behind; where the file system cannot make one, the creation the
+/// caller makes tells.
 pub(crate) fn may_write(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call; faccessat only reads
     // it. AT_EACCESS checks with the effective ids, as the creation would.
-    let refused = unsafe {
+    let answered = unsafe {
         libc::faccessat(
             libc::AT_FDCWD,
             c.as_ptr(),
             libc::W_OK | libc::X_OK,
             libc::AT_EACCESS,
-        ) != 0
+        ) == 0
     };
-    !refused
-        || !matches!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::EACCES | libc::EROFS)
+    if answered {
+        return true;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EACCES | libc::EROFS) => false,
+        _ => may_create_unnamed(&c).unwrap_or(true),
+    }
+}
+
+/// Whether an unnamed file (`O_TMPFILE`: never linked, gone at its close) can be created in
+/// the directory `dir`; `None` when the file system cannot make one, or for another failure
+/// that says nothing of the permission.
+fn may_create_unnamed(dir: &std::ffi::CStr) -> Option<bool> {
+    // SAFETY: `dir` is NUL-terminated and outlives the call; the mode is passed as the
+    // variadic `mode_t` open reads with O_TMPFILE.
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
         )
+    };
+    if fd >= 0 {
+        // SAFETY: `fd` was just returned by open and is owned by nothing else.
+        unsafe { libc::close(fd) };
+        return Some(true);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EACCES | libc::EROFS | libc::EPERM) => Some(false),
+        _ => None,
+    }
 }
 
 /// Refuses a `..` after a directory name (`logs/x/../kvh`): creating the missing levels

@@ -99,6 +99,12 @@ impl EpochKey {
     }
 }
 
+/// Whether `FORENSIC_HMAC_SECRET` is set, asked without copying its value (a copy would be
+/// freed unzeroized).
+pub fn secret_in_env() -> bool {
+    crate::config::environ::value_len(SECRET_ENV).is_some()
+}
+
 /// Reads the secret: the environment variable first (then removed from the environment),
 /// else the key file. `None` when neither is configured.
 pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, ForensicError> {
@@ -110,12 +116,10 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
         scrub_env_value(SECRET_ENV.as_bytes());
         std::env::remove_var(SECRET_ENV);
         let mut bytes = Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v));
-        // As in a key file, one trailing newline is not part of the secret: a Secret made
-        // from a file (`openssl rand -hex 32 > hmac.key`) keeps it, and the verifiers, given
-        // that file, drop it.
-        if bytes.last() == Some(&b'\n') {
-            bytes.pop();
-        }
+        // As in a key file: a Secret made from a file (`openssl rand -hex 32 > hmac.key`)
+        // keeps its newline, and the verifiers, given that file, drop it.
+        let len = secret_len(&bytes);
+        bytes.truncate(len);
         return EpochKey::from_secret(bytes)
             .map(Some)
             .map_err(|e| in_setting(SECRET_ENV, e));
@@ -205,12 +209,18 @@ unsafe fn scrub_entry(entry: *mut libc::c_char, name: &[u8]) -> bool {
     true
 }
 
+/// The length of the secret held in `value` (a key file's bytes, or the environment
+/// variable's): one trailing newline is not part of it. One rule for the library, the
+/// verifiers and `kvh config`'s check of the length.
+pub fn secret_len(value: &[u8]) -> usize {
+    value.len() - usize::from(value.last() == Some(&b'\n'))
+}
+
 /// A key file holds the secret's bytes; one trailing newline is not part of it.
 pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     let mut bytes = read_private(p)?;
-    if bytes.last() == Some(&b'\n') {
-        bytes.pop();
-    }
+    let len = secret_len(&bytes);
+    bytes.truncate(len);
     EpochKey::from_secret(bytes).map_err(|e| match e {
         ForensicError::Key(m) => ForensicError::Key(format!("{}: {m}", p.display())),
         other => other,
