@@ -725,14 +725,18 @@ pub fn prune_all(
     let mut moved = Vec::new();
     let mut refused = Vec::new();
     for (chain, list) in list_all(req.dir, req.opts).map_err(|e| e.to_string())? {
-        let report = verified.get(chain.as_str()).copied();
+        // A chain the verification did not see (a writer started since) was not verified:
+        // nothing of it moves, and it is no failure; the next run takes it.
+        let Some(report) = verified.get(chain.as_str()).copied() else {
+            continue;
+        };
         let state = ChainToPrune {
             chain: &chain,
             list: &list,
-            closed: report.is_some_and(|c| c.closed),
-            last_seq: report.and_then(|c| c.last_seq),
-            checkpoint_seq: checkpoint_bound(report, checkpoints.get(&chain).copied()),
-            key_index: report.and_then(|c| c.key_index),
+            closed: report.closed,
+            last_seq: report.last_seq,
+            checkpoint_seq: checkpoint_bound(Some(report), checkpoints.get(&chain).copied()),
+            key_index: report.key_index,
         };
         match prune_chain(&plan, &state) {
             Ok(done) if done.files.is_empty() => {}
