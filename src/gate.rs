@@ -569,7 +569,9 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
     let opts = log_cli::options(&verify_args)?;
     readable(dir, &opts)?;
     let mut report = verify_all(dir, &opts).map_err(|e| e.to_string())?;
-    if report.chains.iter().all(|c| c.records == 0) && report.errors.is_empty() {
+    // Said only of a log that verified: a chain that failed (one whose files prune-log
+    // moved, read without --allow-pruned, say) is the reason already, and not an empty log.
+    if report.chains.iter().all(|c| c.records == 0 && c.ok()) && report.errors.is_empty() {
         let archived = |c: &verify::ChainReport| c.pruned.as_ref().is_some_and(|p| p.complete);
         let why = if !report.chains.is_empty() && report.chains.iter().all(archived) {
             "every chain was moved whole by prune-log: no chain of a running process is here"

@@ -1084,6 +1084,15 @@ fn a_directory_whose_every_chain_moved_has_nothing_to_verify() {
         "{}",
         text(&out.stdout)
     );
+    // Without --allow-pruned the gate evicts for the moved chain, said as such: the log was
+    // not emptied or removed.
+    let out = kvh(&["gate", "--metrics-file", m, "--log-dir", d, "--key-file", k]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("--allow-pruned") && !said.contains("empty or was removed"),
+        "{said}"
+    );
     let a = s.archive.to_str().unwrap();
     let out = kvh(&["verify-log", d, "--key-file", k, "--archive-dir", a]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
