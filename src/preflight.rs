@@ -232,14 +232,33 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
             printable(&keys::in_setting("KVH_SIGNING_KEY_FILE", e).to_string()),
         )),
     }
-    out.push(match &log.checkpoint_dir {
-        None => check(
-            "checkpoint directory",
-            Status::Ok,
-            "the log directory".into(),
+    // Where the checkpoints go, as the start-up checks it.
+    let (ckpt, place, what) = match &log.checkpoint_dir {
+        None => (
+            check(
+                "checkpoint directory",
+                Status::Ok,
+                "the log directory".into(),
+            ),
+            dir,
+            "log directory (where the signed checkpoints go)",
         ),
-        Some(ckpt) => dir_check("checkpoint directory", ckpt),
-    });
+        Some(ckpt) => (
+            dir_check("checkpoint directory", ckpt),
+            ckpt,
+            "checkpoint directory (KVH_CHECKPOINT_DIR)",
+        ),
+    };
+    out.push(
+        match files::check_renames(place, what, "each signed checkpoint") {
+            Err(e) if ckpt.status == Status::Ok => check(
+                "checkpoint directory",
+                Status::Fail,
+                printable(&e.to_string()),
+            ),
+            _ => ckpt,
+        },
+    );
 }
 
 /// `NAME PATH` for a report line.
@@ -320,6 +339,10 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                     Status::Fail,
                     format!("{shown}: its directory is not writable by this process's uid"),
                 )
+            } else if let Err(e) =
+                files::check_renames(&parent, "metrics file's directory", "each snapshot")
+            {
+                check("metrics file", Status::Fail, printable(&e.to_string()))
             } else if sticky_refuses_replace(&file, &parent) {
                 check(
                     "metrics file",

@@ -612,3 +612,46 @@ fn a_secret_from_the_environment_verifies_with_the_file_holding_its_value() {
          its value:\n{out}{err}"
     );
 }
+
+/// A secret longer than any `--key-file` a verifier reads (64 KiB): the writer refuses
+/// `FORENSIC_HMAC_SECRET` of that length at start-up, and `kvh config` refuses the policy,
+/// rather than seal a log nobody can verify. The longest accepted seals a log that verifies
+/// with the file holding it (and its newline).
+#[test]
+fn a_secret_too_long_for_a_key_file_is_refused_and_the_longest_accepted_verifies() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let too_long = "5a".repeat(35_000);
+    let (code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&dir)
+        .env("KVH_BACKEND", "host")
+        .env("FORENSIC_HMAC_SECRET", &too_long));
+    assert_eq!(code, 2, "the writer took a 70000-byte secret: {out}{err}");
+    assert!(
+        err.contains("FORENSIC_HMAC_SECRET") && err.contains("at most 65535"),
+        "{err}"
+    );
+    let (code, out, err) = run(kvh()
+        .args(["config"])
+        .env("KVH_LOG_DIR", &dir)
+        .env("FORENSIC_HMAC_SECRET", &too_long));
+    assert_eq!(code, 2, "kvh config accepted it: {out}{err}");
+    let longest = "a".repeat(65_535);
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, format!("{longest}\n")).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&dir)
+        .env("KVH_BACKEND", "host")
+        .env("FORENSIC_HMAC_SECRET", &longest));
+    assert_eq!(code, 0, "the writer refused the longest secret: {out}{err}");
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -11,7 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use forensic_common::{cfg, chain_files, event, keyed_opts, secret, start, verify, write_log};
+use forensic_common::{
+    cfg, chain_files, event, keyed_opts, manifest_of_whole_chain, secret, start, verify, write_log,
+};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::keys::read_public_key;
 use kvhygiene::forensic::prune::{manifest_path, Manifest};
@@ -1962,5 +1964,60 @@ fn an_empty_file_named_as_a_manifest_does_not_turn_deleted_files_into_a_prune() 
     assert!(
         said.contains("files deleted") && !said.contains("says kvh prune-log moved them"),
         "{said}"
+    );
+}
+
+/// Every file of an ended chain with a signed checkpoint deleted by hand, and an unsealed
+/// manifest planted in its place that copies the checkpoint's seq and hash (both readable in
+/// the checkpoint file): what someone who can write the log directory, without the HMAC key,
+/// can forge. The reading is given the HMAC key (`--key-file`), with which the manifest's MAC
+/// could be checked; a manifest whose MAC does not verify with it accounts for nothing. So the
+/// chain's files are reported deleted, as without the planted file, and the report does not
+/// say the checkpoint was verified at a record nobody could read.
+#[test]
+fn an_unsealed_manifest_copying_the_checkpoint_does_not_turn_deleted_files_into_a_prune() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 40, true);
+    let signed = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..keyed_opts()
+    };
+    let r = verify(&s.log, &signed);
+    assert!(r.ok(), "{r:?}");
+    let chain = r.chains[0].chain.clone();
+    let seq = r.chains[0].checkpoint_seq.unwrap();
+    assert_eq!(
+        Some(seq),
+        r.chains[0].last_seq,
+        "the final checkpoint is at the stop"
+    );
+    let hash = r.chains[0].last_hash.clone().unwrap();
+    for f in chain_files(&s.log) {
+        fs::remove_file(f).unwrap();
+    }
+    let forged = manifest_of_whole_chain(&chain, seq, &hash);
+    fs::write(
+        manifest_path(&s.log, &chain),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    let d = s.log.to_str().unwrap();
+    let k = s.key.to_str().unwrap();
+    let p = public.to_str().unwrap();
+    let out = kvh(&["verify-log", d, "--key-file", k, "--public-key", p]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("files deleted") && !said.contains("says kvh prune-log moved them"),
+        "a manifest without a MAC, read with the key at hand, is taken as a prune: {said}"
+    );
+    assert!(
+        !said.contains(&format!("checkpoint at seq {seq} verified")),
+        "the checkpoint is said verified against an unsealed manifest: {said}"
     );
 }

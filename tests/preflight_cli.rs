@@ -922,3 +922,64 @@ fn a_metrics_file_in_an_immutable_directory_is_not_ready() {
     );
     assert_eq!(code, 1, "{report}");
 }
+
+/// A log directory marked append-only (`chattr +a`) with a signing key configured: files can
+/// be created and appended to there, but no entry can be renamed or removed (EPERM, to root
+/// too), and a signed checkpoint is installed by renaming its temporary file. The start-up
+/// writes its first checkpoint at once and fails (exit 2, "cannot install checkpoint"),
+/// leaving a chain without a checkpoint behind. Preflight, whose checks pass exactly when the
+/// start-up gets past them, must not report such a directory ready.
+#[test]
+fn preflight_and_the_start_up_agree_on_an_append_only_log_directory_with_a_signing_key() {
+    let env = Env::new();
+    assert_eq!(env.start(), 0, "the first process");
+    let dir = env.root().join("log/chains");
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(dir.clone());
+    let (code, report) = env.preflight(&[]);
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(
+        code == 0,
+        started == 0,
+        "preflight exit {code} ({report}), start-up exit {started}: {err}"
+    );
+}
+
+/// A metrics file whose directory is marked append-only (`chattr +a`): the exporter writes
+/// each snapshot to a temporary file and renames it over the metrics file, and no entry can
+/// be renamed there (EPERM, to root too), so the process would run without a metrics file for
+/// its probes. Preflight says so (not ready), as for an immutable directory.
+#[test]
+fn a_metrics_file_in_an_append_only_directory_is_not_ready() {
+    let env = Env::new();
+    let dir = env.root().join("metrics");
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(dir.clone());
+    assert!(
+        kvhygiene::metrics::textfile::write_atomic(&dir.join("kvh.prom"), b"kvh_up 1\n").is_err(),
+        "the exporter replaced a snapshot in the append-only directory"
+    );
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "metrics file");
+    assert_eq!(
+        st, "fail",
+        "preflight passed a metrics directory in which no snapshot can be installed: {detail}"
+    );
+    assert_eq!(code, 1, "{report}");
+}

@@ -27,7 +27,7 @@ use super::{
     TenantIsolation, PRELOAD_ENV,
 };
 use crate::forensic::config_digest;
-use crate::forensic::keys::{secret_len, MIN_SECRET_LEN};
+use crate::forensic::keys::{secret_len, MAX_SECRET_LEN, MIN_SECRET_LEN};
 
 /// Exit code: the policy is valid (and, with `--strict`, weakens nothing).
 pub const EXIT_OK: i32 = 0;
@@ -408,14 +408,20 @@ fn hmac_secret_of_env() -> HmacSecret {
     }
 }
 
-/// The library refuses to start with a secret shorter than [`MIN_SECRET_LEN`]; so does this
-/// check (the length is said, never the value).
+/// The library refuses to start with a secret shorter than [`MIN_SECRET_LEN`] or longer than
+/// [`MAX_SECRET_LEN`]; so does this check (the length is said, never the value).
 fn check_secret_len() -> Result<(), String> {
     let len = super::environ::measure_value(HMAC_SECRET_ENV, secret_len).unwrap_or(0);
     if len < MIN_SECRET_LEN {
         return Err(format!(
             "{HMAC_SECRET_ENV} is {len} bytes; the library needs at least {MIN_SECRET_LEN} and \
              would not start (it uses this variable, when present, instead of hmac_key_file)"
+        ));
+    }
+    if len > MAX_SECRET_LEN {
+        return Err(format!(
+            "{HMAC_SECRET_ENV} is {len} bytes; the library accepts at most {MAX_SECRET_LEN} \
+             (a key file holding it must be readable by every verifier) and would not start"
         ));
     }
     Ok(())

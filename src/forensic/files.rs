@@ -206,6 +206,45 @@ fn may_create_unnamed(dir: &std::ffi::CStr) -> Option<bool> {
     }
 }
 
+/// The inode flags that make a directory refuse renames and removals in it, even by root:
+/// immutable (`chattr +i`) and append-only (`chattr +a`), from `<linux/fs.h>` (the libc crate
+/// has the request, not the flags).
+const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+const FS_APPEND_FL: libc::c_int = 0x20;
+
+/// Refuses a directory that is marked append-only or immutable, in which a file installed by
+/// a rename never is (`what` names it, and `why` the file): files can be created in an
+/// append-only directory, so the other checks pass it. Flags that cannot be read (a file
+/// system without them) refuse nothing.
+pub fn check_renames(dir: &Path, what: &str, why: &str) -> Result<(), ForensicError> {
+    if renames_refused(dir) {
+        return Err(ForensicError::Permission(format!(
+            "{}: the {what} is marked append-only or immutable (chattr +a or +i), which \
+             refuses every rename in it, and {why} is installed by a rename",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the directory `dir` carries the append-only or the immutable flag.
+fn renames_refused(dir: &Path) -> bool {
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(dir)
+    else {
+        return false;
+    };
+    // The request is encoded with a `long`, but the kernel writes an `int`: two of them,
+    // zeroed, hold either, and the first is the flags on either byte order for an `int`.
+    let mut flags: [libc::c_int; 2] = [0; 2];
+    // SAFETY: the descriptor is open for the call; FS_IOC_GETFLAGS writes at most a `long`
+    // (8 bytes) through the pointer, which points at 8 writable bytes that outlive the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, flags.as_mut_ptr()) };
+    r == 0 && flags[0] & (FS_APPEND_FL | FS_IMMUTABLE_FL) != 0
+}
+
 /// Refuses a `..` after a directory name (`logs/x/../kvh`): creating the missing levels
 /// would create `x`, and `x/..` would then name a directory that already existed, whose
 /// mode the creation would set. A leading `..` (`../kvh`) names an existing directory and is

@@ -28,6 +28,11 @@ const KEY_ID: &[u8] = b"kvh-key-id";
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
+/// Longest secret accepted, in bytes: a key file holding it and a newline is within what
+/// every verifier reads (`files::MAX_CKPT_BYTES`), so a log sealed with a secret from the
+/// environment can always be verified with a file holding it.
+pub const MAX_SECRET_LEN: usize = super::files::MAX_CKPT_BYTES as usize - 1;
+
 /// The HMAC key of one epoch, zeroized on drop. Only the key bytes are kept, on the heap
 /// (moving an `EpochKey` copies a pointer, not the key): the keyed HMAC state (SHA-256 of the
 /// key with ipad and opad) is as good as the key for computing this epoch's MACs and every
@@ -48,6 +53,7 @@ impl EpochKey {
                 secret.len()
             )));
         }
+
         Ok(Self::with(0, secret))
     }
 
@@ -120,6 +126,16 @@ pub fn load_secret(key_file: Option<&Path>) -> Result<Option<EpochKey>, Forensic
         // keeps its newline, and the verifiers, given that file, drop it.
         let len = secret_len(&bytes);
         bytes.truncate(len);
+        // A key file is read up to that size already (`read_private`).
+        if len > MAX_SECRET_LEN {
+            return Err(in_setting(
+                SECRET_ENV,
+                ForensicError::Key(format!(
+                    "HMAC secret is {len} bytes; at most {MAX_SECRET_LEN} are accepted (a key \
+                     file holding it must be readable by every verifier)"
+                )),
+            ));
+        }
         return EpochKey::from_secret(bytes)
             .map(Some)
             .map_err(|e| in_setting(SECRET_ENV, e));

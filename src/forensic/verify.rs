@@ -468,12 +468,14 @@ fn moved_whole(dir: &Path, listed: &files::ChainList) -> Result<Vec<String>, Ver
 /// The report of a chain of which only a prune manifest is left, in a reading that does not
 /// take manifests into account: its files are missing, which fails it as a missing file fails
 /// any chain. Passed over, the chain and every exception in it would vanish from the report
-/// unseen. The manifest is read without a key (none is required without `--allow-pruned`),
-/// only to word the failure: a manifest that says the chain was moved whole, consistent with
-/// the chain's signed checkpoint if there is one, points to the options that account for it
-/// (and the checkpoint, held to it, is not reported again as one of deleted files); anything
-/// else named as a manifest (empty, garbled, of an open chain, or at odds with the
-/// checkpoint) accounts for nothing: the files were deleted.
+/// unseen. The manifest only words the failure: one MAC-verified with a key given, that says
+/// the chain was moved whole up to its signed checkpoint (if any), points to the options that
+/// account for it, and the checkpoint, held to it, is not reported again as one of deleted
+/// files. Without a key, anyone who can write the directory could have written the manifest
+/// (the checkpoint it would copy is readable): its claim is said as unverified, and the
+/// checkpoint's finding stands. Anything else named as a manifest (empty, garbled, unsealed
+/// or sealed with another key, of an open chain, at odds with the checkpoint) accounts for
+/// nothing: the files were deleted.
 fn moved_chain(
     dir: &Path,
     chain: String,
@@ -489,21 +491,26 @@ fn moved_chain(
     let said = prune::read_manifest(dir, &chain)
         .and_then(|m| m.ok_or_else(|| "it disappeared while verifying".to_string()))
         .and_then(|m| {
-            m.check(None)?;
-            moved_whole_to(&m, ckpts.get(&chain))
+            let sealer = manifest_sealer(&m, &manifest_keys(opts)?)?;
+            moved_whole_to(&m, ckpts.get(&chain)).map(|seq| (sealer, seq))
         });
+    let options = "give --allow-pruned to account for them by the manifest, or --archive-dir \
+                   to read them back";
     let reason = match said {
-        Ok(checkpoint_seq) => {
+        Ok((Some(_), checkpoint_seq)) => {
             if checkpoint_seq.is_some() {
                 ckpts.remove(&chain);
             }
             rep.checkpoint_seq = checkpoint_seq;
             format!(
-                "every file of chain {chain} is missing; its prune manifest (its MAC not \
-                 checked) says kvh prune-log moved them: give --allow-pruned to account for \
-                 them by the manifest, or --archive-dir to read them back"
+                "every file of chain {chain} is missing; its prune manifest says kvh \
+                 prune-log moved them: {options}"
             )
         }
+        Ok((None, _)) => format!(
+            "every file of chain {chain} is missing; a prune manifest, not verified (no \
+             --key-file), says kvh prune-log moved them: {options}"
+        ),
         Err(why) => format!(
             "every file of chain {chain} is missing, and the file named as its prune \
              manifest does not account for them ({why}): files deleted"

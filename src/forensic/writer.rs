@@ -154,9 +154,16 @@ impl ChainWriter {
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         let ckpt = match signing {
             Some(_) => {
-                if cfg.checkpoint_dir.is_some() {
-                    files::prepare_dir(&ckpt_dir, "checkpoint directory (KVH_CHECKPOINT_DIR)")?;
-                }
+                let what = if cfg.checkpoint_dir.is_some() {
+                    let what = "checkpoint directory (KVH_CHECKPOINT_DIR)";
+                    files::prepare_dir(&ckpt_dir, what)?;
+                    what
+                } else {
+                    "log directory (where the signed checkpoints go)"
+                };
+                // Before any chain file is made: a start-up that failed at its first
+                // checkpoint would leave a chain without one.
+                files::check_renames(&ckpt_dir, what, "each signed checkpoint")?;
                 Some(files::LogDir::open(&ckpt_dir)?)
             }
             None => None,
