@@ -324,7 +324,8 @@ int kvh_strerror(uint32_t code, char *buf, size_t len, size_t *out_len);
 const char *kvh_version(void);
 
 // Fire drill for the detection path (host backend only): the next `segments` scrubs leave
-// half of their block unzeroed, so verification must fail and quarantine them. Returns
+// half of their block unzeroed, written with a non-zero pattern whatever it held, so
+// verification must fail and quarantine them. Returns
 // `KVH_OK`, or `KVH_ERR_BACKEND` on backends that refuse (CUDA).
 int kvh_inject_fault(uint32_t segments);
 

@@ -762,3 +762,36 @@ fn library_dir() -> PathBuf {
         .find(|d| d.join("libkvhygiene.so").is_file())
         .unwrap_or_else(|| panic!("libkvhygiene.so not found beside {}", deps.display()))
 }
+
+/// `kvh_inject_fault`: "the next `segments` scrubs leave half of their block unzeroed, so
+/// verification must fail and quarantine them." The drill is for the detection path: it
+/// fails whatever the block held, also a block whose caller never wrote to it (its bytes
+/// read zero before the scrub), so a checked free of it reports `KVH_ERR_VERIFY_FAILED` and
+/// the block is quarantined.
+#[test]
+fn kvh_inject_fault_fails_the_next_scrub_even_of_a_block_that_reads_zero() {
+    let name = "kvh_inject_fault_fails_the_next_scrub_even_of_a_block_that_reads_zero";
+    if in_child() {
+        assert_eq!(ffi::kvh_init(), 0);
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        assert!(!p.is_null());
+        assert_eq!(ffi::kvh_inject_fault(1), 0);
+        let rc = ffi::kvh_free_checked(p, 4096, 0, std::ptr::null_mut());
+        let mut len = 0usize;
+        ffi::kvh_stats_json(std::ptr::null_mut(), 0, &mut len);
+        let mut buf = vec![0u8; len + 1];
+        ffi::kvh_stats_json(buf.as_mut_ptr().cast(), buf.len(), &mut len);
+        let stats: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
+        println!(
+            "RC {rc} FAILED {} QUARANTINED {}",
+            stats["counters"]["verifications_failed"], stats["counters"]["quarantined"]
+        );
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    assert!(ok && stdout.contains("RC "), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("RC 7009 FAILED 1 QUARANTINED 1"),
+        "the scrub kvh_inject_fault(1) sabotaged verified (a block that read zero):\n{stdout}"
+    );
+}

@@ -352,12 +352,18 @@ fn scrub_worker(rx: Receiver<Job>, allocations: Allocations) {
     }
 }
 
+/// The byte a sabotaged scrub leaves where it did not zero: residue the verification must
+/// find.
+const RESIDUE: u8 = 0xA5;
+
 fn scrub_segment(addr: DevicePtr, len: u64, seed: u64, options: &ScrubOptions) -> SegmentResult {
     let sabotaged = seed & FAULT_FLAG != 0;
     let seed = seed & !FAULT_FLAG;
     let len = len as usize;
-    // The fault injector leaves the second half untouched: the last word is always sampled,
-    // so the verification below must see whatever the block held there.
+    // The fault injector leaves the second half unzeroed, as residue: written with a non-zero
+    // pattern, so that the drill fails whatever the block held (a block that read zero there
+    // would otherwise verify). The last word is always sampled, so the verification below
+    // must see it.
     let zero_len = if sabotaged { len / 2 } else { len };
     let passes = if options.double_pass { 2 } else { 1 };
     for _ in 0..passes {
@@ -365,6 +371,10 @@ fn scrub_segment(addr: DevicePtr, len: u64, seed: u64, options: &ScrubOptions) -
         // allocation; the pool guarantees nobody but this scrub accesses it: a PENDING block,
         // or KV-cache blocks inside a LIVE one whose caller handed them in (`kvh_scrub_blocks`).
         unsafe { zero_volatile(addr as *mut u8, zero_len) };
+    }
+    if sabotaged {
+        // SAFETY: as above; the bytes written are those of the segment past `zero_len`.
+        unsafe { std::ptr::write_bytes((addr as *mut u8).add(zero_len), RESIDUE, len - zero_len) };
     }
     // SAFETY: as above; raw volatile reads, no reference to memory a misbehaving caller may
     // still be writing.

@@ -896,7 +896,8 @@ unsafe fn bounded_c_str(p: *const c_char) -> Option<Vec<u8>> {
 }
 
 /// Fire drill for the detection path (host backend only): the next `segments` scrubs leave
-/// half of their block unzeroed, so verification must fail and quarantine them. Returns
+/// half of their block unzeroed, written with a non-zero pattern whatever it held, so
+/// verification must fail and quarantine them. Returns
 /// `KVH_OK`, or `KVH_ERR_BACKEND` on backends that refuse (CUDA).
 #[no_mangle]
 pub extern "C" fn kvh_inject_fault(segments: u32) -> c_int {
