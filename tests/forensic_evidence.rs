@@ -1633,3 +1633,140 @@ fn a_chain_that_failed_after_its_checkpoint_matched_is_not_counted_as_matched() 
     assert_eq!(ev["integrity"]["chains"], 2, "{ev}");
     assert_eq!(ev["integrity"]["checkpoints_matched"], 1, "{ev}");
 }
+
+/// The Exceptions section of the Markdown report of `dir` with `extra` arguments.
+fn exceptions_section(dir: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["evidence", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = kvh(&args, &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let md = String::from_utf8_lossy(&out.stdout).into_owned();
+    md.split("## Exceptions")
+        .nth(1)
+        .and_then(|s| s.split("## ").next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A one-tenant report of a tenant with no security record: the verified chain holds other
+/// tenants' security records, so the report says the tenant has none, not that the verified
+/// chains (or the period's records) have none.
+#[test]
+fn a_tenant_report_without_exceptions_does_not_say_the_log_has_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let (_, whole) = evidence_json(&dir, &[]);
+    assert_eq!(whole["exceptions_by_kind"]["verify_failed"], 1, "{whole}");
+    let (_, own) = evidence_json(&dir, &["--tenant", "tenant-0"]);
+    assert_eq!(own["exceptions_by_kind"], serde_json::json!({}), "{own}");
+
+    let section = exceptions_section(&dir, &["--tenant", "tenant-0"]);
+    assert!(
+        !section.contains("no security record in the verified chains"),
+        "the verified chain holds 5 security records (of another tenant):\n{section}"
+    );
+    // The same within an audit period that holds every record of the log.
+    let section = exceptions_section(&dir, &["--tenant", "tenant-0", "--since", "2020-01-01"]);
+    assert!(
+        !section.contains("no security record of the verified chains falls in the audit period"),
+        "the period holds 5 security records (of another tenant):\n{section}"
+    );
+}
+
+/// A one-tenant report over an audit period in which no record names the tenant, whose
+/// records lie outside it: the report says no record of the period names the tenant, not
+/// that no record names it (which tells the auditor the id is wrong).
+#[test]
+fn a_tenant_named_only_outside_the_period_is_not_said_to_be_named_by_no_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let (_, whole) = evidence_json(&dir, &["--tenant", "tenant-victim"]);
+    assert_eq!(whole["tenants"], 1, "records name the tenant: {whole}");
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--tenant",
+            "tenant-victim",
+            "--until",
+            "2020-01-01",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !md.contains("No record names this tenant."),
+        "the log's records name tenant-victim (none of them in the period):\n{md}"
+    );
+}
+
+/// `--approved-config ""` (an unset shell variable) names no reviewed policy: it is a usage
+/// error, not the approval of the built-in default policy.
+#[test]
+fn an_empty_approved_config_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--approved-config",
+            "",
+            "--json",
+        ],
+        &[],
+    );
+    let approved = serde_json::from_slice::<Value>(&out.stdout)
+        .map(|v| v["policy"]["approved"].clone())
+        .unwrap_or(Value::Null);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an empty --approved-config was taken as a reviewed policy, approving {approved}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--approved-config"), "{err}");
+}
+
+/// The KV scrub line of the Markdown report: a block that failed verification is not counted
+/// among the blocks it calls verified (`N blocks named, R read back: V verified clean, F failed`
+/// with V + F <= N).
+#[test]
+fn kv_blocks_that_failed_are_not_reported_as_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    demo_log(&dir, &[]);
+    let out = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let md = String::from_utf8_lossy(&out.stdout);
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("Paged KV cache scrubs"))
+        .expect("the KV scrub line");
+    // The number just before `word` in the line.
+    let before = |word: &str| -> u64 {
+        let at = line
+            .find(word)
+            .unwrap_or_else(|| panic!("{word:?} in {line}"));
+        line[..at]
+            .trim_end()
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a number before {word:?} in {line}"))
+    };
+    let (named, verified, failed) = (
+        before(" blocks named"),
+        before(" verified clean,"),
+        before(" failed."),
+    );
+    assert!(failed >= 1, "the drill fails a KV block: {line}");
+    assert!(
+        verified + failed <= named,
+        "{named} blocks named, of which {failed} failed verification, yet {verified} are \
+         reported verified: {line}"
+    );
+}

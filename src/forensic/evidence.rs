@@ -185,6 +185,9 @@ pub struct TenantScope {
     /// Records of the report's time that name neither this tenant nor every tenant (another
     /// tenant's, or a thread's without a context): verified, not counted.
     pub records_left_out: u64,
+    /// Whether any verified record names the tenant, in the audit period or out of it: a
+    /// period without its records is not a mistyped id.
+    pub named_in_log: bool,
 }
 
 /// The audit period of `--since` / `--until`, and how fully the log covers it.
@@ -511,6 +514,7 @@ fn collect_once(
     ev.tenant = tally.tenant.as_ref().map(|t| TenantScope {
         tenant_id: t.clone(),
         records_left_out: tally.records_of_others,
+        named_in_log: tally.tenant_named,
     });
     ev.period = tally
         .first_ts
@@ -707,6 +711,13 @@ fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) 
 fn approved_digests(values: &[String]) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = Vec::with_capacity(values.len());
     for v in values {
+        if v.trim().is_empty() {
+            return Err(
+                "--approved-config: an empty value; give a digest (64 hex digits) or a policy \
+                 file"
+                    .into(),
+            );
+        }
         let looks_like_digest = v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
         if looks_like_digest && Path::new(v).exists() {
             return Err(format!(
@@ -1068,6 +1079,8 @@ struct Tally {
     /// With `--tenant`: whose records are counted, and how many others were not.
     tenant: Option<String>,
     records_of_others: u64,
+    /// With `--tenant`: a verified record names it, in the period or out of it.
+    tenant_named: bool,
 }
 
 /// Running state of one chain: the run (process) being read.
@@ -1258,6 +1271,10 @@ impl Tally {
                 process.start_failed = text("start_failed");
             }
             _ => {}
+        }
+        if let Some(own) = &self.tenant {
+            let names = |field: &str| record.get(field).and_then(Value::as_str) == Some(own);
+            self.tenant_named |= names("tenant_id") || names("caller_tenant_id");
         }
         // A record without a time cannot be placed in a period; every writer gives one.
         let in_period = ts.map_or(!self.period.is_set(), |t| self.period.contains(t));
@@ -1578,7 +1595,13 @@ fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
         json_code(&t.tenant_id),
         t.records_left_out
     ));
-    if !named {
+    if !named && t.named_in_log {
+        push(String::new());
+        push(
+            "No record of the audit period names this tenant; records outside the period do."
+                .into(),
+        );
+    } else if !named {
         push(String::new());
         push(
             "No record names this tenant. Tenant ids are compared exactly, as the engine \
@@ -1862,14 +1885,15 @@ pub fn render(ev: &Evidence) -> String {
     let kv = &ev.kv_scrubs;
     push(format!(
         "Paged KV cache scrubs (`kv_scrub` records): {} calls ({} did not finish); {} blocks \
-         named ({} bytes), {} verified, {} failed. Of them, the eviction gate made {} calls \
-         for {} blocks: {} changed owner without the engine's scrub, {} had an owner the gate \
-         did not know (a new cache's first claims, or a forgotten ledger's).",
+         named ({} bytes), {} read back: {} verified clean, {} failed. Of them, the eviction \
+         gate made {} calls for {} blocks: {} changed owner without the engine's scrub, {} had \
+         an owner the gate did not know (a new cache's first claims, or a forgotten ledger's).",
         kv.calls,
         kv.unfinished_calls,
         kv.blocks,
         kv.bytes,
         kv.verified_blocks,
+        kv.verified_blocks.saturating_sub(kv.failed_blocks),
         kv.failed_blocks,
         kv.gate_calls,
         kv.gate_blocks,
@@ -1894,7 +1918,17 @@ pub fn render(ev: &Evidence) -> String {
         .exceptions_by_kind
         .values()
         .fold(0u64, |a, n| a.saturating_add(*n));
-    if total == 0 && ev.audit_period.is_some() {
+    let in_period = if ev.audit_period.is_some() {
+        " in the audit period"
+    } else {
+        ""
+    };
+    if let (0, Some(t)) = (total, &ev.tenant) {
+        push(format!(
+            "None: no security record of the verified chains names tenant {}{in_period}.",
+            literal(&t.tenant_id)
+        ));
+    } else if total == 0 && ev.audit_period.is_some() {
         push("None: no security record of the verified chains falls in the audit period.".into());
     } else if total == 0 {
         push("None: no security record in the verified chains.".into());
