@@ -631,8 +631,8 @@ fn kv_fault_drill(alloc: &Allocator, paged: &PagedCache) -> Result<bool, DemoErr
             clean &= reads_zero(backend, addr, len)?;
         }
     }
-    // The block named is the one sabotaged: it still holds the secret (it is retired, so
-    // nobody reads it again).
+    // The block named is the one sabotaged: it still holds residue (half of it left unzeroed;
+    // it is retired, so nobody reads it again).
     let (k_addr, k_len) = paged.block(ids[0]).next().unwrap_or((0, 0));
     let named_dirty = k_len > 0 && !reads_zero(backend, k_addr, k_len)?;
     Ok(ids.len() == 2 && failed == ids[..1] && named_dirty && clean)

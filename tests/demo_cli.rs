@@ -655,3 +655,42 @@ fn a_secret_too_long_for_a_key_file_is_refused_and_the_longest_accepted_verifies
         .arg(&key));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// One bound for the HMAC secret whichever way it is given: a secret of 65536 bytes (no
+/// newline) in `KVH_HMAC_KEY_FILE` is accepted by the writer, and its log verifies with that
+/// file; the same bytes in `FORENSIC_HMAC_SECRET` are the same secret, which every verifier
+/// can read from that same file, and are accepted alike (or both are refused).
+#[test]
+fn the_longest_secret_is_the_same_from_the_key_file_and_from_the_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "b".repeat(65_536);
+    let key = tmp.path().join("hmac.key");
+    std::fs::write(&key, &secret).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let from_file = tmp.path().join("file-log");
+    let (file_code, out, err) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&from_file)
+        .env("KVH_BACKEND", "host")
+        .env("KVH_HMAC_KEY_FILE", &key));
+    if file_code == 0 {
+        let (code, vout, verr) = run(kvh()
+            .arg("verify-log")
+            .arg(&from_file)
+            .arg("--key-file")
+            .arg(&key));
+        assert_eq!(code, 0, "{vout}{verr}");
+    }
+    let from_env = tmp.path().join("env-log");
+    let (env_code, eout, eerr) = run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(&from_env)
+        .env("KVH_BACKEND", "host")
+        .env("FORENSIC_HMAC_SECRET", &secret));
+    assert_eq!(
+        file_code, env_code,
+        "a 65536-byte secret: KVH_HMAC_KEY_FILE exit {file_code} ({out}{err}), \
+         FORENSIC_HMAC_SECRET exit {env_code} ({eout}{eerr})"
+    );
+}

@@ -721,3 +721,51 @@ fn a_chain_whose_checkpoint_names_a_secret_not_given_fails_naming_both_ids() {
     // The old chain, whose checkpoint names the old secret, verifies.
     assert_eq!(r.chains.iter().filter(|c| c.ok()).count(), 1);
 }
+
+/// The same forgery read strictly (no `--allow-pruned`, no `--archive-dir`), with both
+/// secrets given: the victim chain's files deleted, and a manifest MACed with the retired
+/// secret (which whoever kept it can still compute) saying they moved, ending at the
+/// checkpoint's public seq and hash. The chain's signed checkpoint names the current secret,
+/// so the manifest accounts for nothing, as in the reading that takes manifests into account:
+/// the files are reported deleted, and the checkpoint is not taken as matched by the manifest.
+#[test]
+fn a_strict_reading_does_not_take_a_manifest_of_a_retired_secret_for_a_prune() {
+    use kvhygiene::forensic::prune::manifest_path;
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
+    let chain = chain_of(&victim[0]);
+    let ckpt = verify(&log, &opts);
+    let seq = report_of(&ckpt, &victim).checkpoint_seq.unwrap();
+    let last: Value = serde_json::from_str(
+        fs::read_to_string(victim.last().unwrap())
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["seq"].as_u64(), Some(seq));
+    for f in &victim {
+        fs::remove_file(f).unwrap();
+    }
+    let mut m = manifest_of_whole_chain(&chain, seq, last["hash"].as_str().unwrap());
+    m.seal(&manifest_key(&secret(OLD)).unwrap());
+    fs::write(manifest_path(&log, &chain), serde_json::to_vec(&m).unwrap()).unwrap();
+    let strict = VerifyOptions {
+        allow_pruned: false,
+        ..opts
+    };
+    let r = verify(&log, &strict);
+    assert!(!r.ok());
+    let c = r.chains.iter().find(|c| c.chain == chain).unwrap();
+    let p = c.problem.as_ref().expect("caught");
+    assert!(
+        p.reason.contains("files deleted") && !p.reason.contains("says kvh prune-log moved them"),
+        "a manifest MACed with a retired secret, not the one the checkpoint names, is taken \
+         for a prune: {p}"
+    );
+    assert_eq!(
+        c.checkpoint_seq, None,
+        "the checkpoint is said matched by a manifest of another secret: {p}"
+    );
+}

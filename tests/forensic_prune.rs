@@ -2021,3 +2021,52 @@ fn an_unsealed_manifest_copying_the_checkpoint_does_not_turn_deleted_files_into_
         "the checkpoint is said verified against an unsealed manifest: {said}"
     );
 }
+
+/// Takes the append-only mark (`chattr -a`) off a directory when dropped.
+struct AppendOnly(PathBuf);
+
+impl Drop for AppendOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+    }
+}
+
+/// A log directory marked append-only (`chattr +a`), as a writer without a signing key
+/// accepts it: prune-log installs each manifest there by a rename and removes the moved files,
+/// neither of which such a directory allows. It refuses the directory saying why (as the
+/// writer does for a checkpoint directory), and leaves no temporary manifest behind: none
+/// can be removed from that directory afterwards, so each run would add one.
+#[test]
+fn prune_log_in_an_append_only_log_directory_says_so_and_leaves_no_temporary_files() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&s.log)
+        .status()
+        .is_ok_and(|st| st.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(s.log.clone());
+    let mut said = String::new();
+    for _ in 0..2 {
+        let out = prune(&s, &["--older-than", "0"]);
+        assert_ne!(out.status.code(), Some(0));
+        said = text(&out.stderr);
+    }
+    let left: Vec<String> = fs::read_dir(&s.log)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "two runs left temporary manifests in the append-only log directory: {left:?}\n{said}"
+    );
+    assert!(
+        said.contains("append-only"),
+        "the refusal does not name the cause: {said}"
+    );
+}

@@ -568,3 +568,61 @@ fn stopping_the_periodic_writes_does_not_wait_for_a_snapshot_stuck_on_a_lock() {
     });
     let _ = scrape.join();
 }
+
+/// Takes the append-only mark (`chattr -a`) off a directory when dropped.
+struct AppendOnlyMark(std::path::PathBuf);
+
+impl Drop for AppendOnlyMark {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-a")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A metrics file whose directory is marked append-only (`chattr +a`): each snapshot's
+/// temporary file can be created there but neither renamed over the metrics file nor removed.
+/// `write_atomic` says that on failure its temporary file is removed and the directory left as
+/// it was: a running exporter that fails every interval must not leave one more temporary
+/// file (a whole snapshot) behind each time.
+#[test]
+fn failed_snapshots_in_an_append_only_directory_leave_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let marked = std::process::Command::new("chattr")
+        .arg("+a")
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnlyMark(dir.path().to_path_buf());
+    let path = dir.path().join("kvh.prom");
+    let cfg = MetricsConfig {
+        file: Some(path.clone()),
+        interval_ms: 50,
+        addr: None,
+    };
+    let exporter = Exporter::start(&cfg, counting_source(Arc::new(AtomicU64::new(1)))).unwrap();
+    let errors = |text: &str| {
+        parse(text)
+            .unwrap()
+            .value("kvh_metrics_textfile_errors_total", &[])
+            .unwrap()
+    };
+    wait_for("three failed snapshots", Duration::from_secs(30), || {
+        errors(&exporter.render()) >= 3.0
+    });
+    drop(exporter);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "failed snapshots left {} temporary file(s) in the append-only directory: {left:?}",
+        left.len()
+    );
+}

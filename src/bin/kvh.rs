@@ -297,7 +297,8 @@ anomaly=off, an anomaly_z or anomaly_burst_scale over 10 or an anomaly_window_ms
 
 Nothing is opened but the KVH_CONFIG file: key files and directories are checked by the \
 library when it starts. Of FORENSIC_HMAC_SECRET only the presence and the length are checked \
-(the library refuses one under 16 bytes); no value is printed.
+(the library refuses one under 16 bytes or over 65535, without one trailing newline); no \
+value is printed.
 
 Exit status: 0 the policy is valid (with --strict: and weakens nothing); 1 with --strict, a \
 control is off or weakened; 2 the policy is invalid (the message names the key), a usage \

@@ -228,7 +228,7 @@ pub fn check_renames(dir: &Path, what: &str, why: &str) -> Result<(), ForensicEr
 }
 
 /// Whether the directory `dir` carries the append-only or the immutable flag.
-fn renames_refused(dir: &Path) -> bool {
+pub(crate) fn renames_refused(dir: &Path) -> bool {
     let Ok(f) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)

@@ -28,8 +28,8 @@ const KEY_ID: &[u8] = b"kvh-key-id";
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 16;
 
-/// Longest secret accepted, in bytes: a key file holding it and a newline is within what
-/// every verifier reads (`files::MAX_CKPT_BYTES`), so a log sealed with a secret from the
+/// Longest secret accepted, in bytes, from the environment or a key file: a key file holding
+/// it and a newline is within what every verifier reads (`files::MAX_CKPT_BYTES`), so a log sealed with a secret from the
 /// environment can always be verified with a file holding it.
 pub const MAX_SECRET_LEN: usize = super::files::MAX_CKPT_BYTES as usize - 1;
 
@@ -237,6 +237,12 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     let mut bytes = read_private(p)?;
     let len = secret_len(&bytes);
     bytes.truncate(len);
+    if len > MAX_SECRET_LEN {
+        return Err(ForensicError::Key(format!(
+            "{}: HMAC secret is {len} bytes; at most {MAX_SECRET_LEN} are accepted",
+            p.display()
+        )));
+    }
     EpochKey::from_secret(bytes).map_err(|e| match e {
         ForensicError::Key(m) => ForensicError::Key(format!("{}: {m}", p.display())),
         other => other,

@@ -688,6 +688,12 @@ pub fn prune_all(
         .collect::<Result<Vec<_>, _>>()?;
     check_log_dir(req.dir)?;
     check_archive_dir(req.archive, req.dir)?;
+    // Before anything is copied: each manifest is installed in the log directory by a
+    // rename, each moved original removed from it, and each archive copy linked in under its
+    // name and its temporary name removed.
+    files::check_renames(req.dir, "log directory", "each prune manifest")
+        .and_then(|()| files::check_renames(req.archive, "archive directory", "each moved file"))
+        .map_err(|e| e.to_string())?;
     // One run per log directory and per archive.
     let _log_lock = lock_dir(req.dir)?;
     let _archive_lock = lock_dir(req.archive)?;

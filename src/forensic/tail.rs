@@ -878,6 +878,19 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
     let err = |e: std::io::Error| format!("--state {}: {e}", path.display());
     let mut text = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
     text.push(b'\n');
+    // An append-only directory would take the temporary file and refuse its rename and its
+    // removal.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if files::renames_refused(dir) {
+        return Err(format!(
+            "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
+             which refuses the rename that installs the state file",
+            path.display()
+        ));
+    }
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());

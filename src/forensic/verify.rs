@@ -491,8 +491,20 @@ fn moved_chain(
     let said = prune::read_manifest(dir, &chain)
         .and_then(|m| m.ok_or_else(|| "it disappeared while verifying".to_string()))
         .and_then(|m| {
-            let sealer = manifest_sealer(&m, &manifest_keys(opts)?)?;
-            moved_whole_to(&m, ckpts.get(&chain)).map(|seq| (sealer, seq))
+            let keys = manifest_keys(opts)?;
+            let sealer = manifest_sealer(&m, &keys)?;
+            let ckpt = ckpts.get(&chain);
+            // As for a chain read with --allow-pruned: the manifest is MACed with the secret
+            // the chain's signed checkpoint names, not any secret given (a retired one).
+            if let (Some(i), Some(id)) = (sealer, ckpt.and_then(|c| c.key_id.as_deref())) {
+                if keys.get(i).map(EpochKey::key_id).as_deref() != Some(id) {
+                    return Err(format!(
+                        "it is MACed with another HMAC key than the one the chain's signed \
+                         checkpoint names ({id})"
+                    ));
+                }
+            }
+            moved_whole_to(&m, ckpt).map(|seq| (sealer, seq))
         });
     let options = "give --allow-pruned to account for them by the manifest, or --archive-dir \
                    to read them back";

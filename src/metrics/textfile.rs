@@ -130,6 +130,22 @@ fn is_snapshot_start(head: &[u8]) -> bool {
 /// temporary file is removed and `path` is left as it was. No fsync: a snapshot lost to a
 /// power cut is replaced by the next one.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    // An append-only directory takes the temporary file but refuses the rename and the
+    // removal: each try would leave one behind.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if crate::forensic::files::renames_refused(dir) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: marked append-only or immutable (chattr +a or +i), which refuses the \
+                 rename that installs each snapshot",
+                dir.display()
+            ),
+        ));
+    }
     write_via(path, &temp_path(path)?, contents)
 }
 
