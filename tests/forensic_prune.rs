@@ -2070,3 +2070,72 @@ fn prune_log_in_an_append_only_log_directory_says_so_and_leaves_no_temporary_fil
         "the refusal does not name the cause: {said}"
     );
 }
+
+/// A chain file marked append-only (`chattr +a`, as an operator may mark the log's files)
+/// cannot be removed from the log directory, even by root. prune-log finds that out before
+/// it copies anything, as it does for an append-only directory: no copy goes to the archive
+/// and no manifest records the file as moved while it stays in the log. Otherwise its report
+/// says it moved nothing while its manifest records the chain as moved (skipped where
+/// `chattr` is missing).
+#[test]
+fn prune_log_refuses_an_append_only_chain_file_before_copying_or_recording_it() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let first = chain_files(&s.log).remove(0);
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&first)
+        .status()
+        .is_ok_and(|st| st.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        return;
+    }
+    let _unmark = AppendOnly(first.clone());
+    let out = prune(&s, &["--older-than", "0"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    let manifests = names(&s.log, ".pruned.json");
+    let copies = names(&s.archive, ".jsonl");
+    assert!(
+        manifests.is_empty() && copies.is_empty(),
+        "{} still in the log directory, yet recorded as moved in {manifests:?} and copied to the \
+         archive ({copies:?}):\n{said}",
+        first.file_name().unwrap().to_string_lossy()
+    );
+}
+
+/// An archive directory marked append-only (`chattr +a`), which keeps evidence from being
+/// removed: prune-log moves into it, the chains read back whole from it, and nothing is left
+/// in it under a temporary name (its copies are made unnamed and linked in). Skipped where
+/// `chattr` is not available.
+#[test]
+fn an_append_only_archive_takes_the_moved_files_and_nothing_else() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    let marked = std::process::Command::new("chattr")
+        .arg("+a")
+        .arg(&s.archive)
+        .status()
+        .is_ok_and(|st| st.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let out = prune(&s, &["--older-than", "0"]);
+    let archived = names(&s.archive, "");
+    let _ = std::process::Command::new("chattr")
+        .arg("-a")
+        .arg(&s.archive)
+        .status();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(chain_files(&s.log).is_empty(), "{archived:?}");
+    assert!(
+        archived
+            .iter()
+            .all(|n| n.ends_with(".jsonl") || n == ".kvh-archive"),
+        "{archived:?}"
+    );
+    let whole = verify(&s.log, &with_archive(&s));
+    assert!(whole.ok(), "{whole:?}");
+}

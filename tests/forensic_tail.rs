@@ -1414,3 +1414,68 @@ fn a_state_file_in_an_append_only_directory_is_refused_and_nothing_is_left_there
     assert!(err.contains("append-only"), "{err}");
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A `--state` file in an append-only directory (`chattr +a`), with records to pass on
+/// (`--from-start`): the state can never be saved there, so the tail refuses the directory
+/// before it passes any record on. Records written to stdout whose positions were not saved
+/// are passed on again by the next run (skipped where `chattr` is missing).
+#[test]
+fn a_state_file_in_an_append_only_directory_is_refused_before_any_record_is_passed_on() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 4096), 5, true);
+    let states = k.state.with_file_name("states");
+    std::fs::create_dir(&states).unwrap();
+    let marked = Command::new("chattr")
+        .arg("+a")
+        .arg(&states)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let state = states.join("tail.json");
+    let args = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--from-start",
+    ];
+    let first = tail_once(&k.dir, &args);
+    let second = tail_once(&k.dir, &args);
+    let _ = Command::new("chattr").arg("-a").arg(&states).status();
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(2), "{err}");
+    assert!(
+        first.stdout.is_empty(),
+        "{} records passed on by a tail that then could not save its state; the next run \
+         passed on {} again:\n{err}",
+        stdout_lines(&first).len(),
+        stdout_lines(&second).len()
+    );
+}
+
+/// A `--state` file whose directory does not exist: the state cannot be saved, so the tail
+/// refuses it before it passes any record on (else the next run passes them on again).
+#[test]
+fn a_state_file_in_a_missing_directory_is_refused_before_any_record_is_passed_on() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 4096), 5, true);
+    let state = k.state.with_file_name("missing").join("tail.json");
+    let args = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--from-start",
+    ];
+    let first = tail_once(&k.dir, &args);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(2), "{err}");
+    assert!(
+        first.stdout.is_empty(),
+        "{} records passed on by a tail that then could not save its state:\n{err}",
+        stdout_lines(&first).len()
+    );
+}

@@ -229,13 +229,85 @@ pub fn check_renames(dir: &Path, what: &str, why: &str) -> Result<(), ForensicEr
 
 /// Whether the directory `dir` carries the append-only or the immutable flag.
 pub(crate) fn renames_refused(dir: &Path) -> bool {
-    let Ok(f) = OpenOptions::new()
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(dir)
-    else {
-        return false;
+        .is_ok_and(|f| marked_append_only_or_immutable(&f))
+}
+
+/// Whether the file `path` carries the append-only or the immutable flag: it cannot be
+/// removed (nor, immutable, written), even by root. Not followed through a symlink.
+pub fn removal_refused(path: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .is_ok_and(|f| marked_append_only_or_immutable(&f))
+}
+
+/// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and
+/// links it in as `dest`: nothing is left under another name, in a directory that refuses
+/// removals (`chattr +a`) too. `None` where the file system or the system cannot make an
+/// unnamed file or link one (no `O_TMPFILE`, no `/proc`): the caller writes it under a
+/// temporary name instead. The link fails with `AlreadyExists` when `dest` exists.
+pub fn link_new_file(dir: &Path, dest: &Path, bytes: &[u8]) -> Option<io::Result<()>> {
+    use std::io::Write;
+    let mut f = match OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error().is_some_and(unnamed_unsupported) => return None,
+        Err(e) => return Some(Err(e)),
     };
+    let written = f
+        .set_permissions(fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        return Some(Err(e));
+    }
+    // `linkat` of the descriptor's `/proc` name: AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH.
+    let from = format!("/proc/self/fd/{}", f.as_raw_fd());
+    let (Ok(from), Ok(to)) = (
+        std::ffi::CString::new(from),
+        std::ffi::CString::new(dest.as_os_str().as_bytes()),
+    ) else {
+        return Some(Err(io::Error::other("a NUL in a file name")));
+    };
+    // SAFETY: both paths are NUL-terminated and outlive the call; the descriptor `from`
+    // names stays open until `f` drops, after it.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        return Some(Ok(()));
+    }
+    let e = io::Error::last_os_error();
+    // No /proc to name the descriptor by: the caller's way.
+    if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata("/proc/self/fd").is_err() {
+        return None;
+    }
+    Some(Err(e))
+}
+
+/// Errors of `open(O_TMPFILE)` that say the file system (or kernel) cannot make an unnamed
+/// file, not that this one may not.
+fn unnamed_unsupported(errno: i32) -> bool {
+    matches!(errno, libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+}
+
+/// Whether the open file `f` carries the append-only or the immutable inode flag.
+fn marked_append_only_or_immutable(f: &File) -> bool {
     // The request is encoded with a `long`, but the kernel writes an `int`: two of them,
     // zeroed, hold either, and the first is the flags on either byte order for an `int`.
     let mut flags: [libc::c_int; 2] = [0; 2];

@@ -349,13 +349,20 @@ fn holds_log_files(dir: &Path) -> Result<bool, String> {
 /// failed write leaves no partial file under `name`.
 fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
     let dest = archive.join(name);
-    let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let written = files::create_exclusive(&tmp, 0o600)
-        .map_err(|(_, e)| e)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
-    let linked = written.and_then(|_| fs::hard_link(&tmp, &dest));
-    let _ = fs::remove_file(&tmp);
+    let linked = match files::link_new_file(archive, &dest, bytes) {
+        Some(linked) => linked,
+        // No unnamed file here: written under a temporary name, then linked.
+        None => {
+            let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            let written = files::create_exclusive(&tmp, 0o600)
+                .map_err(|(_, e)| e)
+                .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
+            let linked = written.and_then(|_| fs::hard_link(&tmp, &dest));
+            let _ = fs::remove_file(&tmp);
+            linked
+        }
+    };
     match linked {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -601,6 +608,21 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         if holds_checkpoint && !(last_of_ended && whole_allowed) {
             break;
         }
+        // A file marked append-only or immutable could not be removed once copied and
+        // recorded: it stays, and the files after it (a chain moves oldest first).
+        if files::removal_refused(path) {
+            let why = format!(
+                "chain {}: {} is marked append-only or immutable (chattr +a or +i), which \
+                 refuses its removal: it and the files after it stay",
+                c.chain,
+                path.display()
+            );
+            if moved_paths.is_empty() {
+                return Err(PruneError::Io(why));
+            }
+            eprintln!("prune-log: {why}");
+            break;
+        }
         check
             .file(*index, &bytes)
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
@@ -689,10 +711,9 @@ pub fn prune_all(
     check_log_dir(req.dir)?;
     check_archive_dir(req.archive, req.dir)?;
     // Before anything is copied: each manifest is installed in the log directory by a
-    // rename, each moved original removed from it, and each archive copy linked in under its
-    // name and its temporary name removed.
+    // rename, and each moved original removed from it. (An append-only archive is fine: its
+    // copies are created unnamed and linked in, `files::link_new_file`.)
     files::check_renames(req.dir, "log directory", "each prune manifest")
-        .and_then(|()| files::check_renames(req.archive, "archive directory", "each moved file"))
         .map_err(|e| e.to_string())?;
     // One run per log directory and per archive.
     let _log_lock = lock_dir(req.dir)?;

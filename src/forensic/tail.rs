@@ -176,7 +176,10 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     // One line per pass is said below; the verifier's own progress would repeat every pass.
     opts.progress = false;
     let saved = match &args.state {
-        Some(path) => load_state(path).map_err(Stop::Error)?,
+        Some(path) => {
+            check_state_dir(path).map_err(Stop::Error)?;
+            load_state(path).map_err(Stop::Error)?
+        }
         None => None,
     };
     if let (Some(path), Some(theirs)) =
@@ -873,18 +876,43 @@ fn load_state(path: &Path) -> Result<Option<State>, String> {
 
 /// Replaces the state file atomically and durably (temporary file, 0600, fsync, rename, fsync
 /// of the directory): a crash leaves the old position or the new one, never a torn file.
+/// The directory of the `--state` file, named `path`, checked before any record is passed on:
+/// a state that cannot be saved there would have each run pass its records on again.
+fn check_state_dir(path: &Path) -> Result<(), String> {
+    let dir = state_dir(path);
+    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Err(format!(
+            "--state {}: its directory {} does not exist (or is not a directory)",
+            path.display(),
+            dir.display()
+        ));
+    }
+    if files::renames_refused(dir) {
+        return Err(format!(
+            "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
+             which refuses the rename that installs the state file",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The directory the `--state` file `path` is in.
+fn state_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 fn save_state(path: &Path, state: &State) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| format!("--state {}: {e}", path.display());
     let mut text = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
     text.push(b'\n');
-    // An append-only directory would take the temporary file and refuse its rename and its
-    // removal.
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if files::renames_refused(dir) {
+    // Checked at the start too (`check_state_dir`); again here, as the mark may have been set
+    // since: an append-only directory would take the temporary file and refuse its rename and
+    // its removal.
+    if files::renames_refused(state_dir(path)) {
         return Err(format!(
             "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
              which refuses the rename that installs the state file",
