@@ -298,3 +298,52 @@ fn a_failed_capture_query_refuses_the_work() {
     assert_eq!(run(&b, scrub)[0].checked, 64);
     b.release(0, base, 4096).expect("release");
 }
+
+/// A graph capture that another thread begins in global mode while a submission makes its
+/// batch slot (page-locking the result area is the slow step of a submission) makes the
+/// legacy default stream unusable from then on. The submission must see it before it queues
+/// anything on that stream: the batch is refused with `StreamCapturing` (the pool defers it)
+/// and no scrub is launched, as when the capture was already running at the submission's
+/// start.
+#[test]
+fn a_capture_that_begins_while_the_batch_slot_is_made_refuses_the_launch() {
+    static IMPLICIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    extern "C" fn capture_begins() {
+        let set = *IMPLICIT.get().expect("switch");
+        // SAFETY: the address of `void fake_cuda_implicit_capture(int)`.
+        let set: unsafe extern "C" fn(i32) = unsafe { std::mem::transmute(set) };
+        // SAFETY: as above.
+        unsafe { set(1) };
+    }
+    let (path, lib) = fake_or_skip!("capture_during_slot");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    // SAFETY: the switch and the hook setter have these signatures.
+    unsafe {
+        let set = lib
+            .get::<unsafe extern "C" fn(i32)>(b"fake_cuda_implicit_capture\0")
+            .expect("switch");
+        IMPLICIT.get_or_init(|| *set as usize);
+        let arm = lib
+            .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_host_alloc\0")
+            .expect("hook");
+        arm(capture_begins);
+    }
+    // The backend's first batch makes its first slot (cuMemHostAlloc of its result area).
+    let submitted = submit(&b, batch(one_segment(base, 11), SAMPLED)).map(|_| ());
+    assert!(query(&lib, "calls_at_hook", 0) >= 0, "the hook did not run");
+    let grid = query(&lib, "last_scrub_grid", 0);
+    switch(&lib, "implicit_capture", 0);
+    assert!(
+        matches!(
+            submitted,
+            Err(BackendError::StreamCapturing { stream: 0, .. })
+        ),
+        "submission during a capture that began while its slot was made: {submitted:?}"
+    );
+    assert_eq!(
+        grid, 0,
+        "a scrub was launched on the legacy stream while another stream captured"
+    );
+    b.release(0, base, 4096).expect("release");
+}

@@ -709,8 +709,28 @@ impl Backend for CudaBackend {
             plan.params.count as usize,
             plan.item_count,
         )?;
+        // Asked again: making a slot (page-locked host memory, device memory, an event) may
+        // take milliseconds, in which a capture may begin. Nothing is enqueued yet: the idle
+        // slot goes back as it is.
+        // SAFETY: 1. as above.
+        match unsafe { r::stream_is_capturing(d, s) } {
+            Ok(false) => {}
+            Ok(true) => {
+                lock(&dev.slots).push(slot);
+                return Err(BackendError::StreamCapturing {
+                    stream: batch.stream.0,
+                    what: "scrub launch",
+                });
+            }
+            Err(e) => {
+                lock(&dev.slots).push(slot);
+                return Err(e);
+            }
+        }
         let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
-        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape) {
+        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape)
+            .map_err(|e| capture_refusal(e, batch.stream.0))
+        {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
@@ -720,6 +740,10 @@ impl Backend for CudaBackend {
             })),
             // Shutdown began part way: no further driver call, the slot is leaked.
             Err(BackendError::ShuttingDown) => Err(BackendError::ShuttingDown),
+            // A capture refused part of the batch: an event recorded on the stream now could
+            // be captured too, and the slot never read as idle again. Leaked (a rare race),
+            // the batch deferred as any capture's.
+            Err(e @ BackendError::StreamCapturing { .. }) => Err(e),
             Err(e) => {
                 give_back_after_error(&self.inner, dev, slot, s);
                 Err(e)
@@ -957,6 +981,23 @@ fn free_parked(inner: &Inner, dev: &Device) {
 /// After a failed enqueue, some work may be queued: mark the slot's completion point so that
 /// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
 /// even that fails.
+/// A driver error that says a capture refused the call (`CUDA_ERROR_STREAM_CAPTURE_*` and
+/// `CUDA_ERROR_CAPTURED_EVENT`, codes 900 to 908: the legacy stream used while another
+/// stream captures in global mode, say) is the capture found after the check: the work is
+/// deferred as for a capture found before it, not failed (a failed scrub quarantines blocks
+/// that were never read back, and logs a verification failure that did not happen).
+fn capture_refusal(e: BackendError, stream: u64) -> BackendError {
+    match e {
+        BackendError::Driver {
+            code: 900..=908, ..
+        } => BackendError::StreamCapturing {
+            stream,
+            what: "scrub launch",
+        },
+        other => other,
+    }
+}
+
 #[cold]
 fn give_back_after_error(inner: &Inner, dev: &Device, mut slot: Slot, s: CUstream) {
     let d = &inner.driver;
@@ -1353,5 +1394,28 @@ mod tests {
         assert_eq!(Spare::take(&mut kept, 2048), None);
         assert_eq!(Spare::take(&mut kept, 1000), Some((1024, 1024)));
         assert_eq!(Spare::take(&mut kept, 1), None);
+    }
+
+    /// A capture's refusal of a launch, a memset or an event record (codes 900 to 908) is a
+    /// capture found late, deferred; any other driver error stays one.
+    #[test]
+    fn a_capture_error_from_the_enqueue_defers_and_others_fail() {
+        let driver = |code| BackendError::Driver {
+            call: "cuLaunchKernel",
+            code,
+            name: "x".into(),
+        };
+        for code in [900, 906, 908] {
+            assert_eq!(
+                capture_refusal(driver(code), 7),
+                BackendError::StreamCapturing {
+                    stream: 7,
+                    what: "scrub launch"
+                }
+            );
+        }
+        for code in [2, 700, 899, 909] {
+            assert_eq!(capture_refusal(driver(code), 7), driver(code));
+        }
     }
 }
