@@ -62,6 +62,28 @@ fn starts_and_picks_the_sass_for_the_device() {
     }
 }
 
+/// At start-up the backend opens one device, to report a kernel image that does not load
+/// before the first allocation: the device of the calling thread's current context (a worker
+/// of a multi-GPU job has made its own current), and device 0 only without one. A worker of
+/// device 1 creates no context on device 0.
+#[test]
+fn the_start_up_opens_the_device_the_thread_works_on() {
+    let (path, lib) = fake_or_skip!("start-device");
+    switch(&lib, "make_current", 1);
+    let _b = start(&path);
+    assert_eq!(
+        (query(&lib, "retains", 0), query(&lib, "retains", 1)),
+        (0, 1),
+        "retains of device 0's and device 1's primary contexts"
+    );
+    let (path, lib) = fake_or_skip!("start-no-device");
+    let _b = start(&path);
+    assert_eq!(
+        (query(&lib, "retains", 0), query(&lib, "retains", 1)),
+        (1, 0)
+    );
+}
+
 #[test]
 fn scrubs_through_the_trait_at_every_size_and_offset() {
     let (path, _lib) = fake_or_skip!("sizes");

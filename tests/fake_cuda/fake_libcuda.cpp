@@ -76,6 +76,9 @@
 //   CUDA_ERROR_INVALID_HANDLE (400), without saying whether the stream captures.
 // - fake_cuda_on_device1_current(cb) runs cb() once inside the next cuCtxSetCurrent that makes
 //   device 1's primary context current, after it did (as fake_cuda_on_launch does).
+// - fake_cuda_retains(d) counts cuDevicePrimaryCtxRetain calls for device d;
+//   fake_cuda_make_current(d) makes device d's primary context current on the calling thread
+//   (as a process that chose its device has it), without a retain.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -208,11 +211,19 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         default: *v = 0; return OK;
     }
 }
+static std::atomic<int> g_retains[2];
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int ordinal) {
     g_calls++;
     if (ordinal < 0 || ordinal >= 2) return 101;
+    g_retains[ordinal]++;
     *ctx = &g_ctx_tokens[ordinal];
     return OK;
+}
+int fake_cuda_retains(int ordinal) { return ordinal == 0 || ordinal == 1 ? g_retains[ordinal].load() : -1; }
+// Makes device `ordinal`'s primary context current on the calling thread, as the runtime
+// does for a process that chose its device (cudaSetDevice), without counting a retain.
+void fake_cuda_make_current(int ordinal) {
+    if (ordinal == 0 || ordinal == 1) t_current = &g_ctx_tokens[ordinal];
 }
 static void run_hook(void (**slot)(void));
 static void (*g_device1_current_hook)(void) = nullptr;

@@ -238,10 +238,11 @@ impl CudaBackend {
             skip_segment: AtomicU32::new(kernel::NO_SKIP),
             item_grid: AtomicU8::new(ItemGrid::default() as u8),
         };
+        let first = first_device(&inner.driver, count);
         let backend = CudaBackend {
             inner: Arc::new(inner),
         };
-        backend.inner.device(0)?;
+        backend.inner.device(first)?;
         Ok(backend)
     }
 
@@ -981,6 +982,23 @@ fn free_parked(inner: &Inner, dev: &Device) {
 /// After a failed enqueue, some work may be queued: mark the slot's completion point so that
 /// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
 /// even that fails.
+/// The device `probe()` opens, so that a kernel image that does not load is reported before
+/// the first allocation: that of the calling thread's current context when there is one (the
+/// device the process works on: each worker of a multi-GPU job has made its own current
+/// before allocating), else device 0. Device 0 in every worker would create a context there
+/// in each (hundreds of MiB of its memory), and fail the workers of the other devices where
+/// device 0 is in exclusive-process or prohibited compute mode.
+fn first_device(d: &Driver, count: u32) -> u32 {
+    match r::ctx_get_current(d) {
+        Ok(ctx) if !ctx.is_null() => r::ctx_get_device(d)
+            .ok()
+            .and_then(|dev| u32::try_from(dev).ok())
+            .filter(|&dev| dev < count)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// A driver error that says a capture refused the call (`CUDA_ERROR_STREAM_CAPTURE_*` and
 /// `CUDA_ERROR_CAPTURED_EVENT`, codes 900 to 908: the legacy stream used while another
 /// stream captures in global mode, say) is the capture found after the check: the work is
