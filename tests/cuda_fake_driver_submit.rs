@@ -435,3 +435,57 @@ fn a_slot_holds_no_more_segments_than_its_result_area() {
         b.release(0, base, n * 64).expect("release");
     }
 }
+
+/// `kvh_scrub_blocks` on a stream other than the cache's (stream 7; the cache was allocated on
+/// stream 5), whose batch the driver refuses part way with a capture error (the completion
+/// event's record fails with 906, CUDA_ERROR_STREAM_CAPTURE_IMPLICIT, after the scrub kernel
+/// was launched): the kernel was queued on stream 7 and writes the cache, so the call fails
+/// as a failed scrub (the driver's error), not as a capture refused before any launch
+/// (`StreamCapturing`). As after any other failure that may have launched work, stream 7 is
+/// recorded on the cache's allocation, so the scrub of its later free waits for stream 7's
+/// work (invariant 2) and cannot be verified, and the memory handed to another tenant, before
+/// the kernel queued there has run.
+#[test]
+fn a_kv_scrub_refused_by_a_capture_after_its_launch_orders_the_later_free_after_it() {
+    use kvhygiene::alloc::{KvLayout, KvScrubError};
+    use kvhygiene::backend::BackendError;
+    let (path, lib) = fake_or_skip!("kv_capture_after_launch");
+    let alloc = allocator(&path, 0);
+    let cache_stream = StreamHandle(5);
+    let kv_stream = StreamHandle(7);
+    let block = 256u64;
+    let blocks = 8u64;
+    let len = 2 * blocks * block;
+    let a = alloc.malloc(len as i64, 0, cache_stream).expect("malloc");
+    // SAFETY: the stand-in's device memory is host memory; `a` holds `len` bytes.
+    unsafe { std::ptr::write_bytes(a as *mut u8, 0x5A, len as usize) };
+    let layout = KvLayout {
+        regions: vec![a, a + blocks * block],
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    switch(&lib, "fail_record_after_scrub", 906);
+    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0, 1], 0, kv_stream);
+    assert!(
+        matches!(
+            scrubbed,
+            Err(KvScrubError::Backend(BackendError::Driver { code: 906, .. }))
+        ),
+        "{scrubbed:?}"
+    );
+    assert_ne!(
+        query(&lib, "last_scrub_grid", 0),
+        0,
+        "the scrub kernel of the refused batch was launched on stream 7"
+    );
+    alloc.free(a, len as i64, 0, cache_stream).expect("free");
+    let _ = alloc.synchronize();
+    let waited = query(&lib, "scrub_waited_for", 7);
+    alloc.shutdown();
+    assert!(
+        waited >= 1,
+        "the free's scrub on stream 5 did not wait for stream 7, where the refused KV scrub's \
+         kernel was queued (waits for it: {waited})"
+    );
+}

@@ -79,6 +79,9 @@
 // - fake_cuda_retains(d) counts cuDevicePrimaryCtxRetain calls for device d;
 //   fake_cuda_make_current(d) makes device d's primary context current on the calling thread
 //   (as a process that chose its device has it), without a retain.
+// - fake_cuda_fail_record_after_scrub(code): the first cuEventRecord after the next scrub
+//   launch (kvh_scrub or kvh_scrub_strided, which runs) fails with `code`, e.g. 906
+//   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): a capture's refusal of a later call of a batch.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -435,8 +438,11 @@ static void note_stream(void* s) {
 }
 // An event is recorded on streams of its own context only (cuda.h: "hEvent and hStream must
 // be from the same context").
+static std::atomic<int> g_fail_record_after_scrub{0}, g_failing_record{0};
+void fake_cuda_fail_record_after_scrub(int code) { g_fail_record_after_scrub = code; }
 CUresult cuEventRecord(void* e, void* s) {
     NEED_CTX();
+    if (int code = g_failing_record.exchange(0)) return code;
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) return INVALID_HANDLE;
     note_stream(s);
     note_capturing_use(s);
@@ -600,6 +606,9 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
         return INVALID_VALUE;
     }
     if (f != (void*)2) note_scrub_launch(stream);
+    if (f != (void*)2) {
+        if (int code = g_fail_record_after_scrub.exchange(0)) g_failing_record = code;
+    }
     if (g_idle_launches.load() > 0) {
         g_idle_launches--;
     } else if (g_defer_launches.load()) {

@@ -219,7 +219,8 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Initialises the driver and device 0 (its context and kernel image), so that a driver
+    /// Initialises the driver and one device (its context and kernel image: the device of the
+    /// calling thread's current context, else device 0, [`first_device`]), so that a driver
     /// that is present but unusable is reported here rather than at the first allocation.
     pub fn new(driver: Driver) -> Result<Self, BackendError> {
         r::init(&driver)?;
@@ -729,9 +730,7 @@ impl Backend for CudaBackend {
             }
         }
         let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
-        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape)
-            .map_err(|e| capture_refusal(e, batch.stream.0))
-        {
+        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
@@ -741,9 +740,9 @@ impl Backend for CudaBackend {
             })),
             // Shutdown began part way: no further driver call, the slot is leaked.
             Err(BackendError::ShuttingDown) => Err(BackendError::ShuttingDown),
-            // A capture refused part of the batch: an event recorded on the stream now could
-            // be captured too, and the slot never read as idle again. Leaked (a rare race),
-            // the batch deferred as any capture's.
+            // A capture refused the batch before its scrub kernel was launched (`enqueue`): an
+            // event recorded on the stream now could be captured too, and the slot never read
+            // as idle again. Leaked (a rare race), the batch deferred as any capture's.
             Err(e @ BackendError::StreamCapturing { .. }) => Err(e),
             Err(e) => {
                 give_back_after_error(&self.inner, dev, slot, s);
@@ -979,9 +978,6 @@ fn free_parked(inner: &Inner, dev: &Device) {
     }
 }
 
-/// After a failed enqueue, some work may be queued: mark the slot's completion point so that
-/// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
-/// even that fails.
 /// The device `probe()` opens, so that a kernel image that does not load is reported before
 /// the first allocation: that of the calling thread's current context when there is one (the
 /// device the process works on: each worker of a multi-GPU job has made its own current
@@ -1001,9 +997,10 @@ fn first_device(d: &Driver, count: u32) -> u32 {
 
 /// A driver error that says a capture refused the call (`CUDA_ERROR_STREAM_CAPTURE_*` and
 /// `CUDA_ERROR_CAPTURED_EVENT`, codes 900 to 908: the legacy stream used while another
-/// stream captures in global mode, say) is the capture found after the check: the work is
-/// deferred as for a capture found before it, not failed (a failed scrub quarantines blocks
-/// that were never read back, and logs a verification failure that did not happen).
+/// stream captures in global mode, say) before the scrub kernel was launched is the capture
+/// found after the check: the work is deferred as for a capture found before it, not failed
+/// (a failed scrub quarantines blocks that were never read back, and logs a verification
+/// failure that did not happen). `enqueue` maps only the calls before the launch.
 fn capture_refusal(e: BackendError, stream: u64) -> BackendError {
     match e {
         BackendError::Driver {
@@ -1016,6 +1013,9 @@ fn capture_refusal(e: BackendError, stream: u64) -> BackendError {
     }
 }
 
+/// After a failed enqueue, some work may be queued: mark the slot's completion point so that
+/// `acquire_slot` reuses it only after that work (with its sums cleared first), or leak it when
+/// even that fails.
 #[cold]
 fn give_back_after_error(inner: &Inner, dev: &Device, mut slot: Slot, s: CUstream) {
     let d = &inner.driver;
@@ -1044,10 +1044,16 @@ fn enqueue(
     order_after_wait_streams(inner, dev, s, &batch.wait_streams, batch.stream)?;
     inner.live()?;
     let n = plan.params.count as usize;
+    // Until the scrub kernel is launched, a capture's refusal of a call is a capture found
+    // late: nothing was launched on the caller's memory, and the batch is deferred. Once it
+    // is launched, a refusal is a failure: the kernel may run, and its blocks must be handled
+    // as a failed scrub's (the KV path orders later frees after it), never as untouched.
+    let refused = |e| capture_refusal(e, batch.stream.0);
     if slot.sums_dirty {
         // SAFETY: 1. the slot's sums hold `segments >= n` results, device memory of this
         // context that only this slot's batches use; 2. the batch's stream.
-        unsafe { r::memset_d8_async(d, slot.sums, slot.segments * RESULT_BYTES, s) }?;
+        unsafe { r::memset_d8_async(d, slot.sums, slot.segments * RESULT_BYTES, s) }
+            .map_err(refused)?;
         slot.sums_dirty = false;
     }
     // Clear the host's result slots: a segment the kernel never reaches reads "0 checked",
@@ -1085,7 +1091,7 @@ fn enqueue(
         let (f, blocks) = scrub_launch(dev, plan, shape);
         let grid = u32::try_from(blocks)
             .map_err(|_| BackendError::Other(format!("{blocks} blocks in one launch")))?;
-        launch(d, f, grid, s, &mut plan.params)?;
+        launch(d, f, grid, s, &mut plan.params).map_err(refused)?;
         // A launch may block (a full launch queue) while shutdown begins.
         inner.live()?;
     }
