@@ -2139,3 +2139,184 @@ fn an_append_only_archive_takes_the_moved_files_and_nothing_else() {
     let whole = verify(&s.log, &with_archive(&s));
     assert!(whole.ok(), "{whole:?}");
 }
+
+/// Takes the append-only and immutable marks (`chattr -a -i`) off a file when dropped.
+struct Marked(PathBuf);
+
+impl Drop for Marked {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .arg("-a")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn chattr(flag: &str, path: &Path) -> bool {
+    Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .is_ok_and(|st| st.success())
+}
+
+/// A chain file marked append-only (`chattr +a`) stays in the log directory, and so do the
+/// files after it, whether the mark is on the chain's oldest file or on a later one. The
+/// run's outcome says so the same way in both cases: a file that could not be moved is an
+/// error in the exit status (as it is when the marked file is the oldest: exit 2), not a
+/// successful run whose only trace is a line on stderr (skipped where `chattr` is missing).
+#[test]
+fn a_marked_chain_file_after_moved_ones_fails_the_run_as_a_marked_oldest_file_does() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    if !chattr("+a", &files[1]) {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = Marked(files[1].clone());
+    let later = prune(&s, &["--older-than", "0", "--json"]);
+    let said_later = format!("{}{}", text(&later.stdout), text(&later.stderr));
+    assert!(files[1].exists(), "{said_later}");
+    // The marked file is now the chain's oldest one.
+    let oldest = prune(&s, &["--older-than", "0", "--json"]);
+    let said_oldest = format!("{}{}", text(&oldest.stdout), text(&oldest.stderr));
+    assert_eq!(
+        later.status.code(),
+        oldest.status.code(),
+        "a marked file left behind after moved ones:\n{said_later}\nthe same file as the \
+         chain's oldest:\n{said_oldest}"
+    );
+}
+
+/// The prune manifest of a chain marked append-only (`chattr +a`, as an operator may mark
+/// the log directory's files): the next run installs the chain's new manifest by a rename over
+/// it, which the mark refuses. As for a marked chain file, prune-log finds that out before it
+/// copies anything: no copy goes to the archive that no manifest records (skipped where
+/// `chattr` is missing).
+#[test]
+fn a_marked_prune_manifest_is_found_before_anything_is_copied() {
+    let s = setup();
+    // An open chain, pruned once (its manifest written), whose writer then goes on and
+    // rotates into more files that may move.
+    let log = ForensicLog::open_with_secret(&cfg(&s.log, 4096), start(), Some(secret())).unwrap();
+    for i in 0..80 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let first = prune(&s, &["--older-than", "0"]);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    for i in 80..160 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let manifests = names(&s.log, ".pruned.json");
+    assert_eq!(manifests.len(), 1, "{}", text(&first.stderr));
+    let manifest = s.log.join(&manifests[0]);
+    if !chattr("+a", &manifest) {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = Marked(manifest.clone());
+    let copies_before = names(&s.archive, ".jsonl");
+    let second = prune(&s, &["--older-than", "0"]);
+    let said = format!("{}{}", text(&second.stdout), text(&second.stderr));
+    let copies_after = names(&s.archive, ".jsonl");
+    assert_ne!(second.status.code(), Some(0), "{said}");
+    assert_eq!(
+        copies_after, copies_before,
+        "copied to the archive, yet not recorded as moved (the manifest could not be \
+         replaced):\n{said}"
+    );
+}
+
+/// An archive directory marked append-only (`chattr +a`) on a file system that cannot make
+/// unnamed files (`open(O_TMPFILE)` answers EOPNOTSUPP, as overlayfs did before Linux 6.6;
+/// here an `LD_PRELOAD` shim stands for it): prune-log's copies then go through a temporary
+/// name, which that directory never lets it remove. Either the archive is refused (as an
+/// append-only archive was before copies were made unnamed) or nothing is left in it under a
+/// temporary name: each run would add a full copy of every moved file under a name no
+/// verifier reads (skipped where `chattr` or a C compiler is missing).
+#[test]
+fn an_append_only_archive_without_unnamed_files_is_left_no_temporary_copies() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    let shim_dir = tempfile::tempdir().unwrap();
+    let src = shim_dir.path().join("no_tmpfile.c");
+    let shim = shim_dir.path().join("no_tmpfile.so");
+    fs::write(
+        &src,
+        r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#define TMPFILE_BIT 020000000
+typedef int (*open_fn)(const char*, int, ...);
+static int opened(const char* name, const char* p, int flags, int mode) {
+    if ((flags & TMPFILE_BIT) == TMPFILE_BIT) { errno = EOPNOTSUPP; return -1; }
+    return ((open_fn)dlsym(RTLD_NEXT, name))(p, flags, mode);
+}
+int open64(const char* p, int flags, ...) {
+    va_list a; va_start(a, flags); int m = va_arg(a, int); va_end(a);
+    return opened("open64", p, flags, m);
+}
+int open(const char* p, int flags, ...) {
+    va_list a; va_start(a, flags); int m = va_arg(a, int); va_end(a);
+    return opened("open", p, flags, m);
+}
+"#,
+    )
+    .unwrap();
+    let built = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .is_ok_and(|st| st.success());
+    if !built {
+        eprintln!("skipped: no C compiler for the shim");
+        return;
+    }
+    if !chattr("+a", &s.archive) {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = AppendOnly(s.archive.clone());
+    let out = prune_command(&s, s.archive.to_str().unwrap())
+        .env("LD_PRELOAD", &shim)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let archived = names(&s.archive, "");
+    let left: Vec<&String> = archived
+        .iter()
+        .filter(|n| n.starts_with(".kvh-tmp-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left in the append-only archive under temporary names (exit {:?}): {left:?}\n{said}",
+        out.status.code()
+    );
+}
+
+/// An archive directory marked immutable (`chattr +i`): nothing can be created in it. The
+/// refusal names the cause, as it does for a log directory marked so, rather than only the
+/// system's "Operation not permitted" for a file in it (skipped where `chattr` is missing).
+#[test]
+fn an_immutable_archive_is_refused_naming_the_mark() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    if !chattr("+i", &s.archive) {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let _unmark = Marked(s.archive.clone());
+    let out = prune(&s, &["--older-than", "0"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("immutable"), "{err}");
+}

@@ -1479,3 +1479,104 @@ fn a_state_file_in_a_missing_directory_is_refused_before_any_record_is_passed_on
         stdout_lines(&first).len()
     );
 }
+
+/// Takes the immutable mark (`chattr -i`) off a file when dropped.
+struct Immutable(PathBuf);
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A `--state` file of an earlier run marked immutable (`chattr +i`), in a directory that is
+/// not marked: the state is installed by a rename over that file, which the mark refuses, so
+/// the state can never be saved. As for an append-only directory, the tail refuses it before
+/// it passes any record on; otherwise the records written since the earlier run are passed on
+/// by every run again (skipped where `chattr` is missing).
+#[test]
+fn an_immutable_state_file_is_refused_before_any_record_is_passed_on() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 4096), 5, true);
+    assert_ok(&tail_once(&k.dir, &k.args(&["--from-start"])));
+    let marked = Command::new("chattr")
+        .arg("+i")
+        .arg(&k.state)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +i is not available here");
+        return;
+    }
+    let _unmark = Immutable(k.state.clone());
+    // Records written since the first run: a new chain.
+    write_log(&cfg(&k.dir, 4096), 5, true);
+    let second = tail_once(&k.dir, &k.args(&[]));
+    let third = tail_once(&k.dir, &k.args(&[]));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        second.stdout.is_empty(),
+        "{} records passed on by a tail that then could not save its state; the next run \
+         passed on {} again:\n{err}",
+        stdout_lines(&second).len(),
+        stdout_lines(&third).len()
+    );
+}
+
+/// A `--state` file in a directory the tail's user cannot write (root's 0755 directory, the
+/// tail running as nobody): the state cannot be saved there, so the tail refuses it before it
+/// passes any record on, as it does for a missing or append-only directory (skipped unless
+/// run as root, which is needed to run the tail as another user).
+#[test]
+fn a_state_file_in_a_directory_the_user_cannot_write_is_refused_before_any_record_is_passed_on() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run the tail as nobody");
+        return;
+    }
+    let k = keyed();
+    write_log(&cfg(&k.dir, 4096), 5, true);
+    let top = k.dir.parent().unwrap().to_path_buf();
+    let chowned = Command::new("chown")
+        .arg("-R")
+        .arg("65534:65534")
+        .arg(&top)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(chowned, "chown of the test's directory");
+    let states = top.join("states");
+    std::fs::create_dir(&states).unwrap();
+    std::fs::set_permissions(&states, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = states.join("tail.json");
+    let mut cmd = kvh();
+    cmd.arg("tail-log").arg(&k.dir).arg("--once").args([
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--from-start",
+    ]);
+    // SAFETY: only async-signal-safe calls (setgroups, setgid, setuid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{} records passed on by a tail that then could not save its state:\n{err}",
+        stdout_lines(&out).len()
+    );
+}

@@ -229,21 +229,52 @@ pub fn check_renames(dir: &Path, what: &str, why: &str) -> Result<(), ForensicEr
 
 /// Whether the directory `dir` carries the append-only or the immutable flag.
 pub(crate) fn renames_refused(dir: &Path) -> bool {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(dir)
-        .is_ok_and(|f| marked_append_only_or_immutable(&f))
+    marks(dir) != Marks::default()
 }
 
 /// Whether the file `path` carries the append-only or the immutable flag: it cannot be
-/// removed (nor, immutable, written), even by root. Not followed through a symlink.
+/// removed or renamed over (nor, immutable, written), even by root. Not followed through a
+/// symlink; a file that is not there carries none.
 pub fn removal_refused(path: &Path) -> bool {
-    OpenOptions::new()
+    marks(path) != Marks::default()
+}
+
+/// The append-only and immutable inode flags (`chattr +a`, `+i`) of a file or directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    pub append_only: bool,
+    pub immutable: bool,
+}
+
+/// The marks of `path` (not followed through a symlink); none when it cannot be opened or
+/// its flags read (a file system without them).
+pub fn marks(path: &Path) -> Marks {
+    let Ok(f) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .is_ok_and(|f| marked_append_only_or_immutable(&f))
+    else {
+        return Marks::default();
+    };
+    let flags = inode_flags(&f);
+    Marks {
+        append_only: flags & FS_APPEND_FL != 0,
+        immutable: flags & FS_IMMUTABLE_FL != 0,
+    }
+}
+
+/// Whether an unnamed file (`O_TMPFILE`) can be made in the directory `dir`, as
+/// [`link_new_file`] makes them: false where the file system cannot.
+pub fn unnamed_files_supported(dir: &Path) -> bool {
+    match OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+    {
+        Ok(_) => true,
+        Err(e) => !e.raw_os_error().is_some_and(unnamed_unsupported),
+    }
 }
 
 /// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and
@@ -306,15 +337,19 @@ fn unnamed_unsupported(errno: i32) -> bool {
     matches!(errno, libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
 }
 
-/// Whether the open file `f` carries the append-only or the immutable inode flag.
-fn marked_append_only_or_immutable(f: &File) -> bool {
+/// The inode flags of the open file `f` (`FS_IOC_GETFLAGS`); 0 when they cannot be read.
+fn inode_flags(f: &File) -> libc::c_int {
     // The request is encoded with a `long`, but the kernel writes an `int`: two of them,
     // zeroed, hold either, and the first is the flags on either byte order for an `int`.
     let mut flags: [libc::c_int; 2] = [0; 2];
     // SAFETY: the descriptor is open for the call; FS_IOC_GETFLAGS writes at most a `long`
     // (8 bytes) through the pointer, which points at 8 writable bytes that outlive the call.
     let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, flags.as_mut_ptr()) };
-    r == 0 && flags[0] & (FS_APPEND_FL | FS_IMMUTABLE_FL) != 0
+    if r == 0 {
+        flags[0]
+    } else {
+        0
+    }
 }
 
 /// Refuses a `..` after a directory name (`logs/x/../kvh`): creating the missing levels

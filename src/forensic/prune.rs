@@ -378,6 +378,30 @@ fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> 
     Ok(())
 }
 
+/// Refuses an archive directory that cannot take a copy and keep nothing else: immutable
+/// (`chattr +i`: nothing can be created in it), or append-only (`chattr +a`, which keeps
+/// evidence from being removed, and is fine) on a file system that cannot make an unnamed
+/// file, where each copy would be written under a temporary name that could not be removed.
+fn check_archive_marks(archive: &Path) -> Result<(), String> {
+    let marks = files::marks(archive);
+    if marks.immutable {
+        return Err(format!(
+            "{}: the archive directory is marked immutable (chattr +i): nothing can be moved \
+             into it",
+            archive.display()
+        ));
+    }
+    if marks.append_only && !files::unnamed_files_supported(archive) {
+        return Err(format!(
+            "{}: the archive directory is marked append-only (chattr +a) on a file system \
+             that cannot make unnamed files (O_TMPFILE): each copy would leave its temporary \
+             name behind",
+            archive.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Whether two paths name the same existing directory (device and inode).
 fn same_place(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
@@ -594,6 +618,21 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         .map_err(PruneError::NotVerified)?;
     let keep = if c.closed { 0 } else { 2 };
     let movable = c.list.len().saturating_sub(keep);
+    // A chain file marked append-only or immutable could not be removed once copied and
+    // recorded, nor a marked manifest replaced: refused before anything of the chain moves.
+    let marked = c.list[..movable]
+        .iter()
+        .map(|(_, p)| p.clone())
+        .chain((movable > 0).then(|| manifest_path(plan.req.dir, c.chain)))
+        .find(|p| files::removal_refused(p));
+    if let Some(path) = marked {
+        return Err(PruneError::Io(format!(
+            "chain {}: {} is marked append-only or immutable (chattr +a or +i), which refuses \
+             its removal or replacement: nothing of the chain moved",
+            c.chain,
+            path.display()
+        )));
+    }
     let whole_allowed = c.checkpoint_seq.is_none() || c.checkpoint_seq == c.last_seq;
     let mut moved_paths = Vec::new();
     for (index, path) in &c.list[..movable] {
@@ -606,21 +645,6 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         let holds_checkpoint = c.checkpoint_seq.is_some_and(|s| s <= facts.last_seq);
         let last_of_ended = c.closed && moved_paths.len() + 1 == c.list.len();
         if holds_checkpoint && !(last_of_ended && whole_allowed) {
-            break;
-        }
-        // A file marked append-only or immutable could not be removed once copied and
-        // recorded: it stays, and the files after it (a chain moves oldest first).
-        if files::removal_refused(path) {
-            let why = format!(
-                "chain {}: {} is marked append-only or immutable (chattr +a or +i), which \
-                 refuses its removal: it and the files after it stay",
-                c.chain,
-                path.display()
-            );
-            if moved_paths.is_empty() {
-                return Err(PruneError::Io(why));
-            }
-            eprintln!("prune-log: {why}");
             break;
         }
         check
@@ -715,6 +739,7 @@ pub fn prune_all(
     // copies are created unnamed and linked in, `files::link_new_file`.)
     files::check_renames(req.dir, "log directory", "each prune manifest")
         .map_err(|e| e.to_string())?;
+    check_archive_marks(req.archive)?;
     // One run per log directory and per archive.
     let _log_lock = lock_dir(req.dir)?;
     let _archive_lock = lock_dir(req.archive)?;

@@ -887,10 +887,24 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
             dir.display()
         ));
     }
+    if !files::may_write(dir) {
+        return Err(format!(
+            "--state {}: its directory is not writable by this process's uid {}",
+            path.display(),
+            files::euid()
+        ));
+    }
     if files::renames_refused(dir) {
         return Err(format!(
             "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
              which refuses the rename that installs the state file",
+            path.display()
+        ));
+    }
+    if files::removal_refused(path) {
+        return Err(format!(
+            "--state {}: the file is marked append-only or immutable (chattr +a or +i), which \
+             refuses its replacement",
             path.display()
         ));
     }
