@@ -14,13 +14,22 @@ cd "$root"
 # under its target/ (git-ignored): anywhere else in it, the digest below would take it in as
 # sources, or it would travel to the GPU machine with the tree (gpu-artifacts/ above all).
 # The path is judged both as written and as the directory it leads to (symlinks resolved).
-if [[ -n "${CARGO_TARGET_DIR+set}" ]]; then
-    target_dir="$CARGO_TARGET_DIR" target_name="CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
+if [[ -n "${CARGO_TARGET_DIR+set}" && -z "$CARGO_TARGET_DIR" ]]; then
+    echo "build-gpu-artifacts: CARGO_TARGET_DIR is set but empty (cargo refuses it)" >&2
+    exit 1
+fi
+# Where cargo builds, as cargo decides it (CARGO_TARGET_DIR, CARGO_BUILD_TARGET_DIR,
+# build.target-dir in a .cargo/config.toml, else target/): the artifacts are copied from
+# there, never from an older build in another directory.
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
+    target_name="CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 else
-    target_dir=target target_name="the default target/"
+    target_name="cargo's target directory"
 fi
 if [[ -z "$target_dir" ]]; then
-    echo "build-gpu-artifacts: CARGO_TARGET_DIR is set but empty (cargo refuses it)" >&2
+    echo "build-gpu-artifacts: cargo did not say where it builds" >&2
     exit 1
 fi
 root_real="$(pwd -P)"
@@ -60,16 +69,19 @@ for line in sys.stdin:
 ' "$1"
 }
 
-dest="$root/gpu-artifacts"
-rm -rf "$dest"
+# Built in a directory of cargo's (never read by gpu-check.sh), renamed into place only once
+# complete and checked: a build that fails or is stopped part way leaves no artifacts for
+# gpu-check.sh to run. An older build's go at once, for the same reason.
+final="$root/gpu-artifacts"
+dest="$target_dir/gpu-artifacts.partial"
+rm -rf "$final" "$dest"
 mkdir -p "$dest"
 # The digests of the sources, taken before the build and compared after it: a tree edited
 # while it built would leave binaries of one tree recorded as another's. Cargo.lock is
 # brought up to date first (cargo would rewrite a stale one during the build).
 "${build_env[@]}" cargo metadata --format-version 1 >/dev/null
 before="$(scripts/gpu/digest-sources.sh)"
-# Where cargo put them: CARGO_TARGET_DIR when it is set, never an older build in ./target.
-release="${CARGO_TARGET_DIR:-target}/release"
+release="$target_dir/release"
 # The shipped library, preload library and CLI are copied as soon as they are built: the test
 # and bench builds below may build the library again (with the features of the
 # dev-dependencies) over the same paths.
@@ -105,7 +117,15 @@ fi
 images="$(ls -t "$release"/build/kvhygiene-*/out/kernel_images.rs | head -n1)"
 origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
 {
-    echo "commit: $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+    # Changed or new (untracked) source files: the commit alone does not hold what was built.
+    # Only for a tree that is a repository of its own (as digest-sources.sh decides).
+    if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$root_real" ]]; then
+        mapfile -t digested < <(scripts/gpu/digest-sources.sh --paths)
+        changed="$(git status --porcelain --untracked-files=all -- "${digested[@]}")"
+        echo "commit: $(git rev-parse HEAD)${changed:+ (with uncommitted changes)}"
+    else
+        echo "commit: none (a tree without git metadata; SOURCES.txt names what was built)"
+    fi
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
     echo "kernels: ${origin:-unknown}"
     echo "glibc needed: $glibc"
@@ -121,5 +141,6 @@ if [[ "$(cat "$dest/SOURCES.txt")" != "$before" ]]; then
     exit 1
 fi
 echo "sources: $(wc -l <"$dest/SOURCES.txt") files digested in SOURCES.txt" >>"$dest/MANIFEST.txt"
-cat "$dest/MANIFEST.txt"
-du -sh "$dest"
+mv "$dest" "$final"
+cat "$final/MANIFEST.txt"
+du -sh "$final"

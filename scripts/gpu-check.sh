@@ -12,7 +12,8 @@
 #   scripts/gpu/*.py                the Python steps (tracked in git)
 #
 # Usage, from the repository root:   bash scripts/gpu-check.sh
-# Output: $OUT (or ./gpu-check-out): results.md (table), results.json (summary), raw logs,
+# Output: $OUT (or ./gpu-check-out): results.md (table) and results.json (summary), written
+# again after every step (and on SIGTERM) and copied to $GPU_CHECK_COPY_TO when set; raw logs,
 # criterion/ estimates, py/*.json. Exit status 0 when every check ran to the end and passed
 # (scripts/gpu/report.py); an earlier run's outputs in $OUT are removed first, so nothing stale
 # can pass for this run's, and a directory this script did not write is refused.
@@ -37,6 +38,19 @@ deadline=$(( $(date +%s) + budget ))
 
 log() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
+# The report of what has run so far: written after every step, and when the run is stopped
+# (the device call's own limit sends SIGTERM), so that a run cut short still leaves the
+# results of the steps that finished. With GPU_CHECK_COPY_TO, results.md and results.json are
+# copied there too each time (a directory the caller gets back whatever happens later).
+report() {
+    python3 scripts/gpu/report.py "$out" >/dev/null 2>&1
+    local rc=$?
+    if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
+        cp "$out/results.md" "$out/results.json" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
+    fi
+    return $rc
+}
+
 # step NAME SECONDS CMD...: runs a step with a time limit, output to $out/NAME.log, status kept.
 step() {
     local name="$1" limit="$2"
@@ -54,6 +68,7 @@ step() {
     echo "$rc" >"$out/status/$name.rc"
     tail -n 25 "$out/$name.log"
     echo "--- $name: exit $rc"
+    report
 }
 
 for f in libkvhygiene.so libkvhygiene_preload.so gpu_kernel gpu_scrub kvh; do
@@ -84,10 +99,23 @@ elif differ="$(sha256sum --quiet -c "$art/SOURCES.txt" 2>&1)"; then
     echo "same" >"$out/status/sources"
 else
     printf '%s\n' "$differ" | head -n 20 >"$out/status/sources"
-    echo "gpu-check: warning: the artifacts were built from other sources than this tree's" \
-        "(rebuild with scripts/build-gpu-artifacts.sh):" >&2
-    head -n 5 "$out/status/sources" >&2
 fi
+# Artifacts of other sources (or of an older build script) fail the run whatever the steps
+# measure: it ends here, with the report naming why, rather than spend the device's time.
+case "$(cat "$out/status/sources")" in
+same | "not checked"*) ;;
+*)
+    echo "gpu-check: the artifacts were built from other sources than this tree's, or do not" \
+        "say which (rebuild with scripts/build-gpu-artifacts.sh); no GPU step runs:" >&2
+    head -n 5 "$out/status/sources" >&2
+    report
+    echo "gpu-check: results in $out/results.md and $out/results.json"
+    exit 1
+    ;;
+esac
+# Stopped from outside (the device call's limit): the report of the steps that finished.
+trap 'report; exit 143' TERM
+trap 'report; exit 130' INT
 
 log "GPU"
 command -v nvidia-smi >/dev/null ||
@@ -146,7 +174,11 @@ for round in $(seq 1 "${GPU_CHECK_LLAMA_ROUNDS:-3}"); do
 done
 
 log "report"
+trap - TERM INT
 python3 scripts/gpu/report.py "$out"
 rc=$?
+if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
+    cp "$out/results.md" "$out/results.json" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
+fi
 echo "gpu-check: results in $out/results.md and $out/results.json"
 exit $rc

@@ -6,6 +6,7 @@
 # tree without git metadata (a tarball, a container build context), every file under the
 # same paths but build outputs (`target/`). build-gpu-artifacts.sh writes it to
 # gpu-artifacts/SOURCES.txt; gpu-check.sh checks the tree it runs in against that file.
+# With --paths, prints the paths digested instead, one per line.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -13,11 +14,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # gpu_scrub bench compile: the crates' sources and build scripts, the kernels, the C++ shim,
 # the header, the two targets with the modules they name by #[path]; and the scripts that
 # pin the kernel toolchain and drive the build.
+# (The interposer's own tests, under preload/tests, are built only by its `cargo test`.)
 paths=(
-    src preload kernels build build.rs Cargo.toml Cargo.lock csrc include
+    src preload/Cargo.toml preload/src kernels build build.rs Cargo.toml Cargo.lock csrc include
     tests/gpu_kernel.rs tests/backend_common benches/gpu_scrub.rs
     scripts/install-nvcc.sh scripts/build-gpu-artifacts.sh
 )
+if [[ "${1:-}" == --paths ]]; then
+    printf '%s\n' "${paths[@]}"
+    exit 0
+fi
 
 list() {
     # Git's list only when this tree is a repository of its own: inside another one (a

@@ -211,6 +211,37 @@ def test_gpu_check_compares_the_tree_with_the_sources_of_its_artifacts(tmp_path)
     assert any(c.startswith("artifacts built from") and r["verdict"] == "FAIL" for c, r in rows.items()), report
 
 
+@pytest.mark.parametrize("sources", ["other", "absent"])
+def test_gpu_check_spends_no_device_time_on_artifacts_built_from_other_sources(tmp_path, sources):
+    # Artifacts whose SOURCES.txt does not match the tree, or that have none (built by an
+    # older build script), fail the run whatever the steps measure: the sources row is FAIL
+    # or MISSING. The run ends before the GPU steps, with results.md and results.json naming
+    # why, instead of spending its budget on figures the report then refuses.
+    root = scratch_gpu_checkout(tmp_path)
+    ran = tmp_path / "gpu_kernel-ran"
+    executable(root / "gpu-artifacts" / "gpu_kernel", f"#!/bin/sh\ntouch '{ran}'\nsleep 5\n")
+    if sources == "other":
+        with open(root / "scripts" / "gpu-check.sh", "a") as f:
+            f.write("\n# changed since the artifacts were built\n")
+    else:
+        (root / "gpu-artifacts" / "SOURCES.txt").unlink()
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "60",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert (out / "results.json").is_file(), proc.stderr[-800:]
+    rows = {r["check"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert any(c.startswith("artifacts built from") and r["verdict"] in ("FAIL", "MISSING") for c, r in rows.items()), rows
+    assert not ran.exists(), f"the GPU steps ran on artifacts whose sources are {sources}"
+
+
 def test_the_digested_sources_include_every_file_the_kernel_test_binary_is_built_from():
     # docs/gpu-results.md: SOURCES.txt holds "the SHA-256 of every source file the build
     # read". The gpu_kernel binary (and the gpu_scrub bench) compile modules named with
@@ -370,20 +401,22 @@ def test_the_source_digests_of_a_tree_without_git_metadata_inside_another_reposi
 
 # A stand-in cargo for build-gpu-artifacts.sh: it writes the artifacts where cargo would
 # (CARGO_TARGET_DIR, else target/), the build script's kernel_images.rs, and for the test and
-# bench builds the JSON message naming the executable. With STAND_IN_STALE_LOCK set it brings
-# Cargo.lock up to date, as cargo does with a lock file older than Cargo.toml.
+# bench builds the JSON message naming the executable; `metadata` names the target directory.
+# With STAND_IN_STALE_LOCK set it brings Cargo.lock up to date, as cargo does with a lock file
+# older than Cargo.toml.
 STAND_IN_CARGO = r'''#!/bin/sh
 t="${CARGO_TARGET_DIR:-target}"
 case "$t" in /*) ;; *) t="$PWD/$t" ;; esac
 r="$t/release"
+if [ -n "$STAND_IN_STALE_LOCK" ] && ! grep -q kvhygiene-preload Cargo.lock; then
+    printf '\n[[package]]\nname = "kvhygiene-preload"\nversion = "0.1.0"\n' >>Cargo.lock
+fi
+if [ "$1" = metadata ]; then printf '{"target_directory":"%s"}\n' "$t"; exit 0; fi
 mkdir -p "$r/build/kvhygiene-0/out" "$r/deps"
 echo 'pub const KERNEL_ORIGIN: &str = "stand-in";' >"$r/build/kvhygiene-0/out/kernel_images.rs"
 for f in libkvhygiene.so kvh libkvhygiene_preload.so deps/gpu_kernel deps/gpu_scrub; do
     echo built >"$r/$f"
 done
-if [ -n "$STAND_IN_STALE_LOCK" ] && ! grep -q kvhygiene-preload Cargo.lock; then
-    printf '\n[[package]]\nname = "kvhygiene-preload"\nversion = "0.1.0"\n' >>Cargo.lock
-fi
 for name in gpu_kernel gpu_scrub; do
     echo "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"$name\"},\"executable\":\"$r/deps/$name\"}"
 done
@@ -579,3 +612,77 @@ def test_build_gpu_artifacts_refuses_the_artifact_directory_when_it_is_a_symlink
     env["CARGO_TARGET_DIR"] = "gpu-artifacts"
     proc = run_build(tree, env)
     refused_naming_the_target_dir(proc, tree / "gpu-artifacts")
+
+
+def test_the_manifest_says_when_the_artifacts_include_sources_git_has_not_committed(tmp_path):
+    # MANIFEST.txt names the commit the artifacts were built at, and says "(with uncommitted
+    # changes)" when the tree differed from it. A new source file not yet added to git is
+    # built and digested (SOURCES.txt lists it), so it is such a change too: the commit alone
+    # does not hold the code the GPU figures describe.
+    tree, env = artifact_tree(tmp_path)
+    (tree / "src" / "extra.rs").write_text("pub fn g() {}\n")
+    proc = run_build(tree, env)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert "src/extra.rs" in (tree / "gpu-artifacts" / "SOURCES.txt").read_text()
+    commit = [l for l in (tree / "gpu-artifacts" / "MANIFEST.txt").read_text().splitlines() if l.startswith("commit:")]
+    assert commit and "uncommitted" in commit[0], commit
+
+
+def test_gpu_check_stopped_part_way_leaves_the_results_of_the_steps_that_finished(tmp_path):
+    # The device call that runs gpu-check.sh has a limit of its own; when it is reached, the
+    # command is stopped (SIGTERM to its processes) wherever it is. The steps that finished
+    # by then measured something: results.md and results.json describe them, rather than
+    # nothing being written because the report is assembled only after the last step.
+    import signal
+
+    root = scratch_gpu_checkout(tmp_path)
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n")
+    # Python steps that take a while each (as torch's start-up does) and then fail.
+    executable(
+        tmp_path / "bin" / "python3",
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'    scripts/gpu/report.py) exec "{sys.executable}" "$@" ;;\n'
+        "esac\n"
+        "sleep 2\nexit 1\n",
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": stand_in, "OUT": str(out), "GPU_CHECK_BUDGET_S": "300"}
+    proc = subprocess.Popen(
+        ["bash", str(root / "scripts/gpu-check.sh")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (out / "status" / "residue_default.rc").exists():
+        time.sleep(0.2)
+    assert (out / "status" / "gpu_kernel.rc").is_file(), "the first steps did not finish"
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(1)
+    assert (out / "results.md").is_file() and (out / "results.json").is_file(), (
+        f"stopped after {sorted(f.stem for f in (out / 'status').glob('*.rc'))}: no results written"
+    )
+    rows = {r["check"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    (kernel,) = [r for c, r in rows.items() if c.startswith("kernel correctness")]
+    assert kernel["verdict"] == "PASS", kernel
+
+
+def test_the_digested_sources_leave_out_files_no_artifact_is_built_from():
+    # SOURCES.txt decides whether the artifacts are this tree's: a file in it that no
+    # artifact is built from (the interposer's own integration tests and their C++ stand-ins,
+    # which cargo builds only for `cargo test -p kvhygiene-preload`) makes a change to it
+    # refuse artifacts a rebuild would reproduce byte for byte.
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu" / "digest-sources.sh")], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    listed = [line.split("  ", 1)[1] for line in proc.stdout.splitlines()]
+    not_built = [f for f in listed if f.startswith("preload/tests/")]
+    assert not not_built, f"digested, though no GPU artifact is built from them: {not_built}"

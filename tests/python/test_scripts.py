@@ -38,9 +38,11 @@ def scratch_scripts(tmp: Path, *names: str) -> Path:
 
 # A stand-in for cargo: `build` writes the crate's outputs where cargo writes them (the target
 # directory is CARGO_TARGET_DIR, else ./target), marked "fresh"; `test`/`bench --no-run
-# --message-format=json` also print the compiler-artifact message naming the executable.
+# --message-format=json` also print the compiler-artifact message naming the executable;
+# `metadata` names the target directory.
 FAKE_CARGO = r"""#!/bin/sh
 t="${CARGO_TARGET_DIR:-$PWD/target}"
+if [ "$1" = metadata ]; then printf '{"target_directory":"%s"}\n' "$t"; exit 0; fi
 profile=debug
 for a in "$@"; do [ "$a" = "--release" ] && profile=release; done
 [ "$1" = "bench" ] && profile=release
@@ -129,6 +131,44 @@ def test_gpu_artifacts_are_the_files_cargo_just_built(tmp_path):
     contents = {f: (art / f).read_text().strip() for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]}
     assert set(contents.values()) == {"fresh"}, contents
     assert "kernels: fresh build" in (art / "MANIFEST.txt").read_text()
+
+
+def test_gpu_artifacts_are_the_files_cargo_just_built_with_the_target_dir_from_cargo_settings(tmp_path):
+    # cargo also takes its target directory from CARGO_BUILD_TARGET_DIR (or build.target-dir
+    # in a .cargo/config.toml), with CARGO_TARGET_DIR unset. The artifacts are still the
+    # files this build produced, never the ones an earlier build left in ./target, which
+    # SOURCES.txt (digested from the tree as it is now) would then describe as this tree's.
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    (root / "src").mkdir()
+    (root / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
+        stale = root / "target" / "release" / f
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("stale\n")
+    images = root / "target" / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
+    images.parent.mkdir(parents=True)
+    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+    bin_dir = tmp_path / "bin"
+    # As cargo: CARGO_TARGET_DIR, else CARGO_BUILD_TARGET_DIR, else ./target.
+    executable(
+        bin_dir / "cargo",
+        FAKE_CARGO.replace('t="${CARGO_TARGET_DIR:-$PWD/target}"', 't="${CARGO_TARGET_DIR:-${CARGO_BUILD_TARGET_DIR:-$PWD/target}}"', 1),
+    )
+    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
+    env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    env["CARGO_BUILD_TARGET_DIR"] = str(tmp_path / "cargo-target")
+    env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    art = root / "gpu-artifacts"
+    names = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
+    contents = {f: (art / f).read_text().strip() for f in names if (art / f).is_file()}
+    assert "stale" not in contents.values(), f"exit {proc.returncode}: {contents}"
+    manifest = (art / "MANIFEST.txt").read_text() if (art / "MANIFEST.txt").is_file() else ""
+    assert "earlier build" not in manifest, manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,3 +315,29 @@ def test_gpu_artifacts_refused_for_their_glibc_are_not_left_for_gpu_check(tmp_pa
     needed = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
     left = [f for f in needed if (art / f).exists()]
     assert left != needed, f"the refused artifacts are all still in {art}, where gpu-check.sh runs them: {left}"
+
+
+def test_gpu_artifacts_of_a_build_that_failed_after_copying_them_are_not_left_for_gpu_check(tmp_path):
+    # A step of scripts/build-gpu-artifacts.sh that fails after the five files were copied
+    # (here strip) ends the script (set -e) with a non-zero status. The failed build must not
+    # leave a gpu-artifacts/ that gpu-check.sh accepts (it checks that its five files are
+    # there) and would run on the device, unstripped and without MANIFEST.txt or SOURCES.txt.
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "cargo", FAKE_CARGO)
+    executable(bin_dir / "strip", "#!/bin/sh\necho 'strip: gpu_kernel: file format not recognized' >&2\nexit 1\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(tmp_path / "cargo-target")}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    art = root / "gpu-artifacts"
+    needed = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
+    left = [f for f in needed if (art / f).exists()]
+    assert left != needed, f"the failed build's artifacts are all still in {art}, where gpu-check.sh runs them: {left}"
