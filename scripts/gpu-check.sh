@@ -23,6 +23,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 art="$root/gpu-artifacts"
 out="${OUT:-$root/gpu-check-out}"
+# An earlier run's copies go first, before anything can end this run: a run that cannot
+# start must not leave them to be read as its results.
+if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
+    rm -f "$GPU_CHECK_COPY_TO/results.md" "$GPU_CHECK_COPY_TO/results.json"
+fi
 # This script's outputs carry a marker file; only a directory with it (or an empty or new
 # one) is written to, so a mistaken OUT never loses anyone else's files.
 marker="$out/.gpu-check-out"
@@ -45,10 +50,35 @@ log() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 report() {
     python3 scripts/gpu/report.py "$out" >/dev/null 2>&1
     local rc=$?
-    if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
-        cp "$out/results.md" "$out/results.json" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
-    fi
+    copy_results
     return $rc
+}
+
+# Copies results.md and results.json to GPU_CHECK_COPY_TO, when set; a copy the report did not
+# write this time is removed rather than left from before.
+copy_results() {
+    [[ -n "${GPU_CHECK_COPY_TO:-}" ]] || return 0
+    local f
+    for f in results.md results.json; do
+        if [[ -f "$out/$f" ]]; then
+            cp "$out/$f" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
+        else
+            rm -f "$GPU_CHECK_COPY_TO/$f"
+        fi
+    done
+}
+
+# Stopped from outside (the device call's limit sends SIGTERM): the running step is stopped,
+# and the report of the steps that finished written. Steps run in the background and are
+# waited for, because bash runs a trap only once the foreground command returns.
+step_pid=""
+on_stop() {
+    if [[ -n "$step_pid" ]]; then
+        kill -TERM "$step_pid" 2>/dev/null
+        wait "$step_pid" 2>/dev/null
+    fi
+    report
+    exit "$1"
 }
 
 # step NAME SECONDS CMD...: runs a step with a time limit, output to $out/NAME.log, status kept.
@@ -63,8 +93,11 @@ step() {
         return
     fi
     (( limit > left )) && limit=$left
-    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 &
+    step_pid=$!
+    wait "$step_pid"
     local rc=$?
+    step_pid=""
     echo "$rc" >"$out/status/$name.rc"
     tail -n 25 "$out/$name.log"
     echo "--- $name: exit $rc"
@@ -113,9 +146,8 @@ same | "not checked"*) ;;
     exit 1
     ;;
 esac
-# Stopped from outside (the device call's limit): the report of the steps that finished.
-trap 'report; exit 143' TERM
-trap 'report; exit 130' INT
+trap 'on_stop 143' TERM
+trap 'on_stop 130' INT
 
 log "GPU"
 command -v nvidia-smi >/dev/null ||
@@ -177,8 +209,6 @@ log "report"
 trap - TERM INT
 python3 scripts/gpu/report.py "$out"
 rc=$?
-if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
-    cp "$out/results.md" "$out/results.json" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
-fi
+copy_results
 echo "gpu-check: results in $out/results.md and $out/results.json"
 exit $rc

@@ -2320,3 +2320,34 @@ fn an_immutable_archive_is_refused_naming_the_mark() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("immutable"), "{err}");
 }
+
+/// A chain file marked append-only (`chattr +a`) that would not move anyway (its records are
+/// newer than --older-than allows) is never removed nor replaced: the run is expected to go
+/// as it does without the mark (nothing moves, exit 0, "moved 0 files"), the dry run saying
+/// the same, rather than the chain being refused for a file it would leave in place
+/// (skipped where `chattr` is missing).
+#[test]
+fn a_marked_file_too_recent_to_move_does_not_refuse_the_chain() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    if !chattr("+a", &files[0]) {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = Marked(files[0].clone());
+    for extra in [
+        &["--older-than", "1"][..],
+        &["--older-than", "1", "--dry-run"][..],
+    ] {
+        let out = prune(&s, extra);
+        let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {said}");
+        assert!(
+            text(&out.stdout).contains("moved 0 files") || extra.len() == 3,
+            "{extra:?}: {said}"
+        );
+    }
+    assert_eq!(chain_files(&s.log), files);
+}

@@ -571,8 +571,17 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     for e in &run.refused {
         eprintln!("kvh prune-log: {e}");
     }
+    // A chain moved up to a marked file is a chain not (wholly) moved for an I/O error.
+    let marked: Vec<&String> = run
+        .moved
+        .iter()
+        .filter_map(|c| c.left_marked.as_ref())
+        .collect();
+    for why in &marked {
+        eprintln!("kvh prune-log: {why}");
+    }
     let io = |e: &&prune::PruneError| matches!(e, prune::PruneError::Io(_));
-    let failed = run.refused.iter().filter(io).count();
+    let failed = run.refused.iter().filter(io).count() + marked.len();
     if failed > 0 {
         eprintln!("kvh prune-log: {failed} chain(s) not moved for an I/O error (see above)");
         return Ok(EXIT_USAGE);

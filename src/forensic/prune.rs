@@ -539,6 +539,11 @@ pub struct ChainPruned {
     pub complete: bool,
     /// Bytes moved.
     pub bytes: u64,
+    /// A file that would have moved next, left in place with the files after it because it is
+    /// marked append-only or immutable (its removal refused); the files before it moved. A run
+    /// with one fails (exit 2), as one whose first file is marked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_marked: Option<String>,
 }
 
 /// Why a chain was not (wholly) moved.
@@ -618,21 +623,6 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         .map_err(PruneError::NotVerified)?;
     let keep = if c.closed { 0 } else { 2 };
     let movable = c.list.len().saturating_sub(keep);
-    // A chain file marked append-only or immutable could not be removed once copied and
-    // recorded, nor a marked manifest replaced: refused before anything of the chain moves.
-    let marked = c.list[..movable]
-        .iter()
-        .map(|(_, p)| p.clone())
-        .chain((movable > 0).then(|| manifest_path(plan.req.dir, c.chain)))
-        .find(|p| files::removal_refused(p));
-    if let Some(path) = marked {
-        return Err(PruneError::Io(format!(
-            "chain {}: {} is marked append-only or immutable (chattr +a or +i), which refuses \
-             its removal or replacement: nothing of the chain moved",
-            c.chain,
-            path.display()
-        )));
-    }
     let whole_allowed = c.checkpoint_seq.is_none() || c.checkpoint_seq == c.last_seq;
     let mut moved_paths = Vec::new();
     for (index, path) in &c.list[..movable] {
@@ -645,6 +635,29 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         let holds_checkpoint = c.checkpoint_seq.is_some_and(|s| s <= facts.last_seq);
         let last_of_ended = c.closed && moved_paths.len() + 1 == c.list.len();
         if holds_checkpoint && !(last_of_ended && whole_allowed) {
+            break;
+        }
+        // A file that would move, or the manifest that would record the first, marked
+        // append-only or immutable: its removal (or replacement) would be refused once copied
+        // and recorded. Before anything moved, the chain is refused; after, what moved stays
+        // moved and this file and the later ones stay.
+        let manifest = manifest_path(plan.req.dir, c.chain);
+        let marked = if moved_paths.is_empty() && files::removal_refused(&manifest) {
+            Some(manifest)
+        } else {
+            files::removal_refused(path).then(|| path.clone())
+        };
+        if let Some(marked) = marked {
+            let why = format!(
+                "chain {}: {} is marked append-only or immutable (chattr +a or +i), which \
+                 refuses its removal or replacement",
+                c.chain,
+                marked.display()
+            );
+            if moved_paths.is_empty() {
+                return Err(PruneError::Io(format!("{why}: nothing of the chain moved")));
+            }
+            done.left_marked = Some(format!("{why}: it and the files after it stay"));
             break;
         }
         check

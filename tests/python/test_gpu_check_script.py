@@ -686,3 +686,67 @@ def test_the_digested_sources_leave_out_files_no_artifact_is_built_from():
     listed = [line.split("  ", 1)[1] for line in proc.stdout.splitlines()]
     not_built = [f for f in listed if f.startswith("preload/tests/")]
     assert not not_built, f"digested, though no GPU artifact is built from them: {not_built}"
+
+
+def test_gpu_check_stopped_during_a_long_step_ends_promptly_with_143(tmp_path):
+    # The device call's limit sends SIGTERM to the command's processes and kills them a short
+    # while later. gpu-check.sh traps TERM to write the report and exit 143: it is expected to
+    # do so promptly, not only once the step under way (run under `timeout`, in a process
+    # group of its own) has reached its own limit, by when the caller has killed everything.
+    import signal
+
+    root = scratch_gpu_checkout(tmp_path)
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n")
+    # A first step that takes long (a kernel test run near its limit).
+    executable(root / "gpu-artifacts" / "gpu_kernel", "#!/bin/sh\nexec sleep 60\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": stand_in, "OUT": str(out), "GPU_CHECK_BUDGET_S": "300"}
+    proc = subprocess.Popen(
+        ["bash", str(root / "scripts/gpu-check.sh")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (out / "manifest.txt").exists():
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    start = time.monotonic()
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    elapsed = time.monotonic() - start
+    assert elapsed < 10 and rc == 143, f"exit {rc} {elapsed:.0f} s after SIGTERM"
+    assert (out / "results.json").is_file(), "no report written when stopped"
+
+
+def test_gpu_check_that_cannot_start_leaves_no_earlier_results_in_its_copy_directory(tmp_path):
+    # An earlier run's outputs in $OUT are removed so that nothing stale can pass for this
+    # run's. The same holds for GPU_CHECK_COPY_TO, the directory the caller reads back
+    # (docs/gpu-results.md: `cat "$R/results.md"`): a run that ends before any report
+    # (here: an artifact missing) is expected not to leave an earlier run's results there.
+    root = scratch_gpu_checkout(tmp_path)
+    (root / "gpu-artifacts" / "kvh").unlink()
+    copy_to = tmp_path / "copy"
+    copy_to.mkdir()
+    (copy_to / "results.md").write_text("| kernel correctness | PASS | (an earlier run) |\n")
+    (copy_to / "results.json").write_text('{"ok": true}\n')
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_COPY_TO": str(copy_to),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0, proc.stderr[-800:]
+    left = (copy_to / "results.md").read_text() if (copy_to / "results.md").exists() else ""
+    assert "an earlier run" not in left, f"exit {proc.returncode}; {copy_to}/results.md is an earlier run's: {left}"
