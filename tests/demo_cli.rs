@@ -694,3 +694,68 @@ fn the_longest_secret_is_the_same_from_the_key_file_and_from_the_environment() {
          FORENSIC_HMAC_SECRET exit {env_code} ({eout}{eerr})"
     );
 }
+
+/// `--json` prints "the full report as JSON on stdout instead of the summary". The summary's
+/// last line is the run's verdict (PASS or FAIL), which is what the run is for; the JSON report
+/// carries it too, as a field that agrees with the exit status, so that a script reading the
+/// report does not have to re-derive the pass rule (residue, drill, gate, lost records) from
+/// the counters.
+#[test]
+fn the_json_report_carries_the_verdict_of_the_run() {
+    let (code, out, err) = run(kvh().args([
+        "demo",
+        "--backend",
+        "host",
+        "--tenants",
+        "1",
+        "--requests",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let passed = report.get("passed").and_then(serde_json::Value::as_bool);
+    let verdict = report.get("verdict").and_then(serde_json::Value::as_str);
+    assert!(
+        passed == Some(true) || verdict.is_some_and(|v| v.eq_ignore_ascii_case("pass")),
+        "the run passed (exit 0, the summary says PASS), but its JSON report has no verdict \
+         (no \"passed\" or \"verdict\" field); top-level keys: {:?}",
+        report.as_object().map(|o| o.keys().collect::<Vec<_>>())
+    );
+}
+
+/// `--log-dir DIR`'s help: "the run ends with the `kvh verify-log` command that checks it
+/// (with the key files it was sealed and signed with)". With `--json` too, the run still says
+/// where its log is and how to check it: in the JSON report, or on stderr.
+#[test]
+fn a_json_run_with_a_log_dir_still_names_the_verify_log_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--json",
+            "--log-dir",
+        ])
+        .arg(&log));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(log.is_dir(), "no log written: {out}{err}");
+    assert!(
+        out.contains("kvh verify-log") || err.contains("kvh verify-log"),
+        "with --json, the run does not end with the `kvh verify-log` command that checks its \
+         log (--log-dir's help promises it); stderr: {err:?}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        out.contains(&log.display().to_string()),
+        "the JSON report does not name the log directory {}: stats.log = {}",
+        log.display(),
+        report["stats"]["log"]
+    );
+}

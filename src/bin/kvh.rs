@@ -453,7 +453,9 @@ struct DemoArgs {
     /// server's file.
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<std::path::PathBuf>,
-    /// Print the full report as JSON on stdout instead of the summary.
+    /// Print the full report as JSON on stdout instead of the summary: with the verdict
+    /// (`passed`), and the run's log (`forensic_log`: its directory and the `kvh verify-log`
+    /// command that checks it) and metrics snapshot (`metrics_file`) when written.
     #[arg(long)]
     json: bool,
 }
@@ -621,9 +623,28 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             Err(e) => (None, Some(e)),
         };
     if args.json {
+        // The report, with what the summary says after it: the verdict, and where the run's
+        // log and metrics snapshot are and how to check them.
+        let mut doc = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(fields) = doc.as_object_mut() {
+            fields.insert("passed".into(), report.passed().into());
+            if let (Some(log), Some(dir)) = (&log, &config.log.dir) {
+                fields.insert(
+                    "forensic_log".into(),
+                    serde_json::json!({
+                        "dir": dir.display().to_string(),
+                        "records_written": log.stats().records_written,
+                        "verify_command": verify_hint(dir, &config.log, secret_in_env),
+                    }),
+                );
+            }
+            if let Some(file) = &metrics_file {
+                fields.insert("metrics_file".into(), file.display().to_string().into());
+            }
+        }
         out.line(format_args!(
             "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
         ));
     } else {
         out.text(&demo::render(&report));
