@@ -498,20 +498,39 @@ fn a_crashed_chain_in_a_log_directory_that_cannot_be_written_is_refused_by_both(
     assert_eq!(status(&report, "log directory").0, "fail", "{report}");
 }
 
-/// Removes the append-only attribute again, so that the temporary directory can be removed.
-struct AppendOnly(std::path::PathBuf);
+/// A `chattr` mark (`a` append-only, `i` immutable) set on a path, taken off again when
+/// dropped, so that the temporary directory can be removed.
+struct Marked(std::path::PathBuf, char);
 
-impl Drop for AppendOnly {
+impl Drop for Marked {
     fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+        let _ = Command::new("chattr")
+            .arg(format!("-{}", self.1))
+            .arg(&self.0)
+            .status();
     }
+}
+
+/// Marks `path` with `chattr +FLAG`; `None` (the caller's test skipped, said on stderr) where
+/// that is not available.
+fn mark(flag: char, path: &Path) -> Option<Marked> {
+    let marked = Command::new("chattr")
+        .arg(format!("+{flag}"))
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !marked {
+        eprintln!("skipped: chattr +{flag} is not available here (needs root and ext4 or alike)");
+        return None;
+    }
+    Some(Marked(path.to_path_buf(), flag))
 }
 
 /// The log of a process that died without its `stop` record, `torn` (part of a record, or
 /// nothing) left after its last line, the chain file then marked append-only: the
 /// environment, the log directory and the guard that takes the mark off again. `None` (and
 /// the test skipped) where `chattr +a` is not available.
-fn append_only_crashed_chain(torn: &[u8]) -> Option<(Env, std::path::PathBuf, AppendOnly)> {
+fn append_only_crashed_chain(torn: &[u8]) -> Option<(Env, std::path::PathBuf, Marked)> {
     let mut env = Env::new();
     env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
     assert_eq!(env.start(), 0, "the first process");
@@ -522,16 +541,8 @@ fn append_only_crashed_chain(torn: &[u8]) -> Option<(Env, std::path::PathBuf, Ap
     let mut f = fs::OpenOptions::new().append(true).open(&files[0]).unwrap();
     std::io::Write::write_all(&mut f, torn).unwrap();
     drop(f);
-    let marked = Command::new("chattr")
-        .arg("+a")
-        .arg(&files[0])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
-        return None;
-    }
-    Some((env, dir, AppendOnly(files[0].clone())))
+    let unmark = mark('a', &files[0])?;
+    Some((env, dir, unmark))
 }
 
 /// A chain whose writer died after a whole record (no torn tail to cut), its file marked
@@ -843,15 +854,6 @@ fn the_start_up_does_not_refuse_a_usable_log_directory_on_faccessat_alone() {
     assert!(chains.is_dir(), "no log directory was created");
 }
 
-/// Removes the immutable attribute again, so that the temporary directory can be removed.
-struct Immutable(std::path::PathBuf);
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
-    }
-}
-
 /// A log directory marked immutable (`chattr +i`) holding the chain of a writer that died: no
 /// file can be created in it (the system answers EPERM, to root too), so its rotation, its
 /// checkpoints and the next start-up could not be written, as in a read-only directory. The
@@ -867,16 +869,9 @@ fn a_crashed_chain_in_an_immutable_log_directory_is_refused_by_both() {
     let files = chain_files_in(&dir);
     assert_eq!(files.len(), 1, "{files:?}");
     cut_stop_record(&files[0]);
-    let marked = Command::new("chattr")
-        .arg("+i")
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +i is not available here (needs root and ext4 or alike)");
+    let Some(_unmark) = mark('i', &dir) else {
         return;
-    }
-    let _unmark = Immutable(dir.clone());
+    };
     assert!(
         fs::File::create(dir.join("probe")).is_err(),
         "a file was created in the immutable directory"
@@ -900,16 +895,9 @@ fn a_crashed_chain_in_an_immutable_log_directory_is_refused_by_both() {
 fn a_metrics_file_in_an_immutable_directory_is_not_ready() {
     let env = Env::new();
     let dir = env.root().join("metrics");
-    let marked = Command::new("chattr")
-        .arg("+i")
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +i is not available here (needs root and ext4 or alike)");
+    let Some(_unmark) = mark('i', &dir) else {
         return;
-    }
-    let _unmark = Immutable(dir.clone());
+    };
     assert!(
         fs::File::create(dir.join("probe")).is_err(),
         "a file was created in the immutable directory"
@@ -934,16 +922,9 @@ fn preflight_and_the_start_up_agree_on_an_append_only_log_directory_with_a_signi
     let env = Env::new();
     assert_eq!(env.start(), 0, "the first process");
     let dir = env.root().join("log/chains");
-    let marked = Command::new("chattr")
-        .arg("+a")
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+    let Some(_unmark) = mark('a', &dir) else {
         return;
-    }
-    let _unmark = AppendOnly(dir.clone());
+    };
     let (code, report) = env.preflight(&[]);
     let (started, _, err) = run(&mut env.command(&START));
     assert_eq!(
@@ -961,16 +942,9 @@ fn preflight_and_the_start_up_agree_on_an_append_only_log_directory_with_a_signi
 fn a_metrics_file_in_an_append_only_directory_is_not_ready() {
     let env = Env::new();
     let dir = env.root().join("metrics");
-    let marked = Command::new("chattr")
-        .arg("+a")
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+    let Some(_unmark) = mark('a', &dir) else {
         return;
-    }
-    let _unmark = AppendOnly(dir.clone());
+    };
     assert!(
         kvhygiene::metrics::textfile::write_atomic(&dir.join("kvh.prom"), b"kvh_up 1\n").is_err(),
         "the exporter replaced a snapshot in the append-only directory"
