@@ -159,6 +159,17 @@ fn pruned_open_chain() -> Setup {
     s
 }
 
+/// An ended chain of `events` events in 4 KiB files, its checkpoints signed: the directory
+/// holding the signing key (kept while the test runs) and the public key's file.
+fn signed_log(s: &Setup, events: u64) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, events, true);
+    (tmp, public)
+}
+
 fn manifest(s: &Setup) -> (PathBuf, Manifest) {
     let chain = &verify(&s.log, &pruned_opts()).chains[0].chain;
     let path = manifest_path(&s.log, chain);
@@ -421,11 +432,7 @@ fn recent_files_stay() {
 #[test]
 fn an_ended_chain_moves_whole_and_its_checkpoint_is_held_to_the_manifest() {
     let s = setup();
-    let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    write_log(&c, 40, true);
+    let (_keys, public) = signed_log(&s, 40);
     let files = chain_files(&s.log);
     let out = prune(&s, &["--older-than", "0"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -1473,11 +1480,7 @@ fn a_checkpoint_at_the_last_moved_record_points_into_the_moved_files() {
 #[test]
 fn a_chain_moved_whole_must_end_at_its_checkpoints_hash() {
     let s = setup();
-    let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    write_log(&c, 40, true);
+    let (_keys, public) = signed_log(&s, 40);
     let out = prune(&s, &["--older-than", "0"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(chain_files(&s.log).is_empty());
@@ -1941,11 +1944,7 @@ fn an_archive_given_as_the_log_directory_and_the_log_as_the_archive_is_refused()
 #[test]
 fn an_empty_file_named_as_a_manifest_does_not_turn_deleted_files_into_a_prune() {
     let s = setup();
-    let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    write_log(&c, 40, true);
+    let (_keys, public) = signed_log(&s, 40);
     let chain = verify(&s.log, &keyed_opts()).chains[0].chain.clone();
     let d = s.log.to_str().unwrap();
     let k = s.key.to_str().unwrap();
@@ -1977,11 +1976,7 @@ fn an_empty_file_named_as_a_manifest_does_not_turn_deleted_files_into_a_prune() 
 #[test]
 fn an_unsealed_manifest_copying_the_checkpoint_does_not_turn_deleted_files_into_a_prune() {
     let s = setup();
-    let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    write_log(&c, 40, true);
+    let (_keys, public) = signed_log(&s, 40);
     let signed = VerifyOptions {
         public_keys: vec![read_public_key(&public).unwrap()],
         checkpoints: vec![s.log.clone()],
