@@ -154,9 +154,14 @@ command -v nvidia-smi >/dev/null ||
     echo "gpu-check: nvidia-smi not found; is this a GPU machine? The steps below will say." >&2
 # Time-boxed as every step: nvidia-smi hangs on a GPU or driver in a bad state, and a hang here
 # would end the device call before any result is written.
+# In the background and waited for, as the steps are, so that a SIGTERM is acted on at once.
 timeout --kill-after=5 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap \
-    --format=csv | tee "$out/nvidia-smi.csv" ||
+    --format=csv >"$out/nvidia-smi.csv" &
+step_pid=$!
+wait "$step_pid" ||
     echo "gpu-check: nvidia-smi failed or did not answer in 20 s; the steps below will say more" >&2
+step_pid=""
+cat "$out/nvidia-smi.csv"
 date -u +"run at %Y-%m-%dT%H:%M:%SZ" | tee -a "$out/manifest.txt"
 
 # 1. Kernel correctness through the Backend trait (sizes 1 B .. 1 GiB, batches up to 10,000).

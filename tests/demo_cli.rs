@@ -759,3 +759,47 @@ fn a_json_run_with_a_log_dir_still_names_the_verify_log_command() {
         report["stats"]["log"]
     );
 }
+
+/// `--json` names the run's log directory (`forensic_log.dir`) and metrics snapshot
+/// (`metrics_file`), as the summary does (its `shell_word` form names any path). With a log
+/// directory and a metrics file whose names are not UTF-8, the JSON strings are expected to
+/// name those paths, so that a script reading the report finds them.
+#[test]
+fn the_json_report_names_non_utf8_log_and_metrics_paths() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join(std::ffi::OsStr::from_bytes(b"log\xff"));
+    let metrics = tmp.path().join(std::ffi::OsStr::from_bytes(b"m\xff.prom"));
+    let (code, out, err) = run(kvh()
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--json",
+            "--log-dir",
+        ])
+        .arg(&log)
+        .arg("--metrics-file")
+        .arg(&metrics));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(log.is_dir() && metrics.is_file(), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // No lossy spelling that looks like a path: null where the path is not UTF-8, and the
+    // shell word (as the text summary gives it) beside it.
+    assert!(!out.contains('\u{fffd}'), "{out}");
+    assert!(report["forensic_log"]["dir"].is_null(), "{report}");
+    assert!(report["metrics_file"].is_null(), "{report}");
+    for shell in [
+        &report["forensic_log"]["dir_shell"],
+        &report["metrics_file_shell"],
+    ] {
+        assert!(
+            shell.as_str().is_some_and(|s| s.contains("printf")),
+            "{report}"
+        );
+    }
+}

@@ -2346,3 +2346,35 @@ fn a_marked_file_too_recent_to_move_does_not_refuse_the_chain() {
     }
     assert_eq!(chain_files(&s.log), files);
 }
+
+/// A chain file marked append-only (`chattr +a`) after files that move, with stdout that
+/// cannot be written (`/dev/full`): the moves are made and only the report is lost. As for a
+/// chain refused outright (its oldest file marked), stderr is expected to still name the
+/// marked file that stays, since stdout carried nothing (skipped where `chattr` is missing).
+#[test]
+fn a_marked_file_left_after_moved_ones_is_named_on_stderr_when_stdout_fails() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    if !chattr("+a", &files[1]) {
+        eprintln!("skipped: chattr +a is not available here");
+        return;
+    }
+    let _unmark = Marked(files[1].clone());
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = prune_command(&s, s.archive.to_str().unwrap())
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!files[0].exists(), "the oldest file did not move: {err}");
+    assert!(
+        err.contains("append-only") && err.contains(&files[1].display().to_string()),
+        "stdout lost, and stderr does not name the marked file that stayed: {err}"
+    );
+}

@@ -455,7 +455,8 @@ struct DemoArgs {
     metrics_file: Option<std::path::PathBuf>,
     /// Print the full report as JSON on stdout instead of the summary: with the verdict
     /// (`passed`), and the run's log (`forensic_log`: its directory and the `kvh verify-log`
-    /// command that checks it) and metrics snapshot (`metrics_file`) when written.
+    /// command that checks it) and metrics snapshot (`metrics_file`) when written; a path
+    /// that is not UTF-8 is null there, and given as a shell word in `*_shell`.
     #[arg(long)]
     json: bool,
 }
@@ -632,14 +633,16 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 fields.insert(
                     "forensic_log".into(),
                     serde_json::json!({
-                        "dir": dir.display().to_string(),
+                        "dir": dir.to_str(),
+                        "dir_shell": shell_word(dir),
                         "records_written": log.stats().records_written,
                         "verify_command": verify_hint(dir, &config.log, secret_in_env),
                     }),
                 );
             }
             if let Some(file) = &metrics_file {
-                fields.insert("metrics_file".into(), file.display().to_string().into());
+                fields.insert("metrics_file".into(), file.to_str().into());
+                fields.insert("metrics_file_shell".into(), shell_word(file).into());
             }
         }
         out.line(format_args!(

@@ -562,7 +562,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     if let Err(e) = out.finish() {
         // The moves were made (and are in the manifests); only their report is lost.
         eprintln!("kvh prune-log: cannot write the report: {e}");
-        if run.refused.is_empty() {
+        if run.refused.is_empty() && run.moved.iter().all(|c| c.left_marked.is_none()) {
             return Ok(EXIT_USAGE);
         }
     }
@@ -571,7 +571,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     for e in &run.refused {
         eprintln!("kvh prune-log: {e}");
     }
-    // A chain moved up to a marked file is a chain not (wholly) moved for an I/O error.
+    // A chain moved up to a marked file is a chain not wholly moved, for its mark.
     let marked: Vec<&String> = run
         .moved
         .iter()
@@ -583,7 +583,10 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     let io = |e: &&prune::PruneError| matches!(e, prune::PruneError::Io(_));
     let failed = run.refused.iter().filter(io).count() + marked.len();
     if failed > 0 {
-        eprintln!("kvh prune-log: {failed} chain(s) not moved for an I/O error (see above)");
+        eprintln!(
+            "kvh prune-log: {failed} chain(s) not moved, or not wholly, for an I/O error or a \
+             marked file (see above)"
+        );
         return Ok(EXIT_USAGE);
     }
     if !run.refused.is_empty() {

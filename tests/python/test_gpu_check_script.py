@@ -750,3 +750,38 @@ def test_gpu_check_that_cannot_start_leaves_no_earlier_results_in_its_copy_direc
     assert proc.returncode != 0, proc.stderr[-800:]
     left = (copy_to / "results.md").read_text() if (copy_to / "results.md").exists() else ""
     assert "an earlier run" not in left, f"exit {proc.returncode}; {copy_to}/results.md is an earlier run's: {left}"
+
+
+def test_gpu_check_stopped_while_nvidia_smi_hangs_ends_promptly_with_143(tmp_path):
+    # The nvidia-smi query runs before the first step, under its own 20 s `timeout` (+5 s
+    # kill-after), in a process group of its own. A SIGTERM from the device call's limit while
+    # it hangs (a wedged driver) is expected to end the run as promptly as one during a step:
+    # report written, exit 143, not only once nvidia-smi's own limit has passed.
+    import signal
+
+    root = scratch_gpu_checkout(tmp_path)
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\nexec sleep 600\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": stand_in, "OUT": str(out), "GPU_CHECK_BUDGET_S": "300"}
+    proc = subprocess.Popen(
+        ["bash", str(root / "scripts/gpu-check.sh")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (out / "nvidia-smi.csv").exists():
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    start = time.monotonic()
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    elapsed = time.monotonic() - start
+    assert elapsed < 10 and rc == 143, f"exit {rc} {elapsed:.0f} s after SIGTERM"
+    assert (out / "results.json").is_file(), "no report written when stopped"
