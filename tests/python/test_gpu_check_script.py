@@ -688,17 +688,13 @@ def test_the_digested_sources_leave_out_files_no_artifact_is_built_from():
     assert not not_built, f"digested, though no GPU artifact is built from them: {not_built}"
 
 
-def test_gpu_check_stopped_during_a_long_step_ends_promptly_with_143(tmp_path):
-    # The device call's limit sends SIGTERM to the command's processes and kills them a short
-    # while later. gpu-check.sh traps TERM to write the report and exit 143: it is expected to
-    # do so promptly, not only once the step under way (run under `timeout`, in a process
-    # group of its own) has reached its own limit, by when the caller has killed everything.
+def stop_gpu_check_once(tmp_path, root, stand_in, started):
+    """Runs gpu-check.sh, sends its process group SIGTERM (as the device call's limit does) 2 s
+    after `started` exists, and asserts it then ends promptly with 143 and its report written:
+    not only once the command under way (under `timeout`, in a process group of its own) has
+    reached its own limit, by when the caller has killed everything."""
     import signal
 
-    root = scratch_gpu_checkout(tmp_path)
-    stand_in = stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n")
-    # A first step that takes long (a kernel test run near its limit).
-    executable(root / "gpu-artifacts" / "gpu_kernel", "#!/bin/sh\nexec sleep 60\n")
     out = tmp_path / "out"
     env = {**os.environ, "PATH": stand_in, "OUT": str(out), "GPU_CHECK_BUDGET_S": "300"}
     proc = subprocess.Popen(
@@ -710,7 +706,7 @@ def test_gpu_check_stopped_during_a_long_step_ends_promptly_with_143(tmp_path):
         start_new_session=True,
     )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (out / "manifest.txt").exists():
+    while time.monotonic() < deadline and not (out / started).exists():
         time.sleep(0.2)
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -723,6 +719,22 @@ def test_gpu_check_stopped_during_a_long_step_ends_promptly_with_143(tmp_path):
     elapsed = time.monotonic() - start
     assert elapsed < 10 and rc == 143, f"exit {rc} {elapsed:.0f} s after SIGTERM"
     assert (out / "results.json").is_file(), "no report written when stopped"
+
+
+def test_gpu_check_stopped_during_a_long_step_ends_promptly_with_143(tmp_path):
+    # A first step that takes long (a kernel test run near its limit).
+    root = scratch_gpu_checkout(tmp_path)
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n")
+    executable(root / "gpu-artifacts" / "gpu_kernel", "#!/bin/sh\nexec sleep 60\n")
+    stop_gpu_check_once(tmp_path, root, stand_in, "manifest.txt")
+
+
+def test_gpu_check_stopped_while_nvidia_smi_hangs_ends_promptly_with_143(tmp_path):
+    # The nvidia-smi query runs before the first step, under its own 20 s `timeout`: a
+    # wedged driver that makes it hang is stopped as promptly as a step.
+    root = scratch_gpu_checkout(tmp_path)
+    stand_in = stand_in_path(tmp_path, "#!/bin/sh\nexec sleep 600\n")
+    stop_gpu_check_once(tmp_path, root, stand_in, "nvidia-smi.csv")
 
 
 def test_gpu_check_that_cannot_start_leaves_no_earlier_results_in_its_copy_directory(tmp_path):
@@ -752,36 +764,3 @@ def test_gpu_check_that_cannot_start_leaves_no_earlier_results_in_its_copy_direc
     assert "an earlier run" not in left, f"exit {proc.returncode}; {copy_to}/results.md is an earlier run's: {left}"
 
 
-def test_gpu_check_stopped_while_nvidia_smi_hangs_ends_promptly_with_143(tmp_path):
-    # The nvidia-smi query runs before the first step, under its own 20 s `timeout` (+5 s
-    # kill-after), in a process group of its own. A SIGTERM from the device call's limit while
-    # it hangs (a wedged driver) is expected to end the run as promptly as one during a step:
-    # report written, exit 143, not only once nvidia-smi's own limit has passed.
-    import signal
-
-    root = scratch_gpu_checkout(tmp_path)
-    stand_in = stand_in_path(tmp_path, "#!/bin/sh\nexec sleep 600\n")
-    out = tmp_path / "out"
-    env = {**os.environ, "PATH": stand_in, "OUT": str(out), "GPU_CHECK_BUDGET_S": "300"}
-    proc = subprocess.Popen(
-        ["bash", str(root / "scripts/gpu-check.sh")],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (out / "nvidia-smi.csv").exists():
-        time.sleep(0.2)
-    time.sleep(2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    start = time.monotonic()
-    try:
-        rc = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
-    elapsed = time.monotonic() - start
-    assert elapsed < 10 and rc == 143, f"exit {rc} {elapsed:.0f} s after SIGTERM"
-    assert (out / "results.json").is_file(), "no report written when stopped"
