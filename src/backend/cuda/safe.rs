@@ -220,7 +220,7 @@ impl std::fmt::Debug for CudaBackend {
 
 impl CudaBackend {
     /// Initialises the driver and one device (its context and kernel image: the device of the
-    /// calling thread's current context, else device 0, [`first_device`]), so that a driver
+    /// calling thread's current context, else device 0), so that a driver
     /// that is present but unusable is reported here rather than at the first allocation.
     pub fn new(driver: Driver) -> Result<Self, BackendError> {
         r::init(&driver)?;
