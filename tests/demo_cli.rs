@@ -586,26 +586,42 @@ fn the_fault_drill_does_not_replace_a_live_process_file_of_the_policys_metrics_p
 /// `secretKeyRef` of a Secret made `--from-file`, which keeps the newline) must verify with
 /// that same file as `--key-file`, as the demo's hint says ("a 0600 file holding
 /// FORENSIC_HMAC_SECRET's value"): the writer and the verifier read one secret.
+/// A one-request demo logging into `dir` on the host backend, with `var=value` set (the HMAC
+/// secret or its key file): (exit status, stdout, stderr).
+fn sealed_demo(
+    dir: &std::path::Path,
+    var: &str,
+    value: impl AsRef<std::ffi::OsStr>,
+) -> (i32, String, String) {
+    run(kvh()
+        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+        .arg(dir)
+        .env("KVH_BACKEND", "host")
+        .env(var, value))
+}
+
+/// `kvh verify-log dir --key-file key`: (exit status, stdout, stderr).
+fn verify_with_key(dir: &std::path::Path, key: &std::path::Path) -> (i32, String, String) {
+    run(kvh().arg("verify-log").arg(dir).arg("--key-file").arg(key))
+}
+
+/// Writes `bytes` to `path`, 0600 (a key file the verifiers accept).
+fn key_file(path: &std::path::Path, bytes: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn a_secret_from_the_environment_verifies_with_the_file_holding_its_value() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let value = format!("{}\n", "5a".repeat(32));
     let key = tmp.path().join("hmac.key");
-    std::fs::write(&key, &value).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, out, err) = run(kvh()
-        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
-        .arg(&dir)
-        .env("KVH_BACKEND", "host")
-        .env("FORENSIC_HMAC_SECRET", &value));
+    key_file(&key, &value);
+    let (code, out, err) = sealed_demo(&dir, "FORENSIC_HMAC_SECRET", &value);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&dir)
-        .arg("--key-file")
-        .arg(&key));
+    let (code, out, err) = verify_with_key(&dir, &key);
     assert_eq!(
         code, 0,
         "the log sealed with FORENSIC_HMAC_SECRET does not verify with the file holding \
@@ -619,15 +635,10 @@ fn a_secret_from_the_environment_verifies_with_the_file_holding_its_value() {
 /// with the file holding it (and its newline).
 #[test]
 fn a_secret_too_long_for_a_key_file_is_refused_and_the_longest_accepted_verifies() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let too_long = "5a".repeat(35_000);
-    let (code, out, err) = run(kvh()
-        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
-        .arg(&dir)
-        .env("KVH_BACKEND", "host")
-        .env("FORENSIC_HMAC_SECRET", &too_long));
+    let (code, out, err) = sealed_demo(&dir, "FORENSIC_HMAC_SECRET", &too_long);
     assert_eq!(code, 2, "the writer took a 70000-byte secret: {out}{err}");
     assert!(
         err.contains("FORENSIC_HMAC_SECRET") && err.contains("at most 65535"),
@@ -640,19 +651,10 @@ fn a_secret_too_long_for_a_key_file_is_refused_and_the_longest_accepted_verifies
     assert_eq!(code, 2, "kvh config accepted it: {out}{err}");
     let longest = "a".repeat(65_535);
     let key = tmp.path().join("hmac.key");
-    std::fs::write(&key, format!("{longest}\n")).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, out, err) = run(kvh()
-        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
-        .arg(&dir)
-        .env("KVH_BACKEND", "host")
-        .env("FORENSIC_HMAC_SECRET", &longest));
+    key_file(&key, &format!("{longest}\n"));
+    let (code, out, err) = sealed_demo(&dir, "FORENSIC_HMAC_SECRET", &longest);
     assert_eq!(code, 0, "the writer refused the longest secret: {out}{err}");
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&dir)
-        .arg("--key-file")
-        .arg(&key));
+    let (code, out, err) = verify_with_key(&dir, &key);
     assert_eq!(code, 0, "{out}{err}");
 }
 
@@ -662,18 +664,12 @@ fn a_secret_too_long_for_a_key_file_is_refused_and_the_longest_accepted_verifies
 /// can read from that same file, and are accepted alike (or both are refused).
 #[test]
 fn the_longest_secret_is_the_same_from_the_key_file_and_from_the_environment() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let secret = "b".repeat(65_536);
     let key = tmp.path().join("hmac.key");
-    std::fs::write(&key, &secret).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    key_file(&key, &secret);
     let from_file = tmp.path().join("file-log");
-    let (file_code, out, err) = run(kvh()
-        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
-        .arg(&from_file)
-        .env("KVH_BACKEND", "host")
-        .env("KVH_HMAC_KEY_FILE", &key));
+    let (file_code, out, err) = sealed_demo(&from_file, "KVH_HMAC_KEY_FILE", &key);
     if file_code == 0 {
         let (code, vout, verr) = run(kvh()
             .arg("verify-log")
@@ -683,11 +679,7 @@ fn the_longest_secret_is_the_same_from_the_key_file_and_from_the_environment() {
         assert_eq!(code, 0, "{vout}{verr}");
     }
     let from_env = tmp.path().join("env-log");
-    let (env_code, eout, eerr) = run(kvh()
-        .args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
-        .arg(&from_env)
-        .env("KVH_BACKEND", "host")
-        .env("FORENSIC_HMAC_SECRET", &secret));
+    let (env_code, eout, eerr) = sealed_demo(&from_env, "FORENSIC_HMAC_SECRET", &secret);
     assert_eq!(
         file_code, env_code,
         "a 65536-byte secret: KVH_HMAC_KEY_FILE exit {file_code} ({out}{err}), \
