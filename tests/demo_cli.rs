@@ -580,12 +580,6 @@ fn the_fault_drill_does_not_replace_a_live_process_file_of_the_policys_metrics_p
     drill_into_a_served_snapshot(&pattern, &worker);
 }
 
-/// The same secret seals and verifies, whichever way it reaches each side. A secret kept in
-/// a file that ends with a newline (`openssl rand -hex 32 > hmac.key`, as deploy/README.md
-/// makes it) and handed to the writer through `FORENSIC_HMAC_SECRET` (a Kubernetes
-/// `secretKeyRef` of a Secret made `--from-file`, which keeps the newline) must verify with
-/// that same file as `--key-file`, as the demo's hint says ("a 0600 file holding
-/// FORENSIC_HMAC_SECRET's value"): the writer and the verifier read one secret.
 /// A one-request demo logging into `dir` on the host backend, with `var=value` set (the HMAC
 /// secret or its key file): (exit status, stdout, stderr).
 fn sealed_demo(
@@ -612,6 +606,12 @@ fn key_file(path: &std::path::Path, bytes: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// The same secret seals and verifies, whichever way it reaches each side. A secret kept in
+/// a file that ends with a newline (`openssl rand -hex 32 > hmac.key`, as deploy/README.md
+/// makes it) and handed to the writer through `FORENSIC_HMAC_SECRET` (a Kubernetes
+/// `secretKeyRef` of a Secret made `--from-file`, which keeps the newline) must verify with
+/// that same file as `--key-file`, as the demo's hint says ("a 0600 file holding
+/// FORENSIC_HMAC_SECRET's value"): the writer and the verifier read one secret.
 #[test]
 fn a_secret_from_the_environment_verifies_with_the_file_holding_its_value() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2378,3 +2378,22 @@ fn a_marked_file_left_after_moved_ones_is_named_on_stderr_when_stdout_fails() {
         "stdout lost, and stderr does not name the marked file that stayed: {err}"
     );
 }
+
+/// docs/forensic-log.md, "Reading a pruned log": without `--allow-pruned` (or
+/// `--archive-dir`) a chain moved whole is reported at its manifest's name. A reading with no
+/// `--key-file` cannot verify the manifest's MAC: it fails the chain and repeats the
+/// manifest's claim only marked as not verified, never as a fact.
+#[test]
+fn without_a_key_file_a_chain_moved_whole_is_not_said_moved_by_prune_log() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 30, true);
+    assert_eq!(prune(&s, &["--older-than", "0"]).status.code(), Some(0));
+    write_log(&cfg(&s.log, 4096), 10, true);
+    let out = kvh(&["verify-log", s.log.to_str().unwrap()]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("not verified (no --key-file)") && said.contains("--allow-pruned"),
+        "the manifest's claim, unverified, is said as such: {said}"
+    );
+}
