@@ -2148,6 +2148,21 @@ impl Drop for Marked {
     }
 }
 
+/// An ended chain of 40 events in three or more files, its file `index` marked append-only
+/// (`chattr +a`): the chain's files and the guard that takes the mark off. `None` (the test
+/// skipped, said on stderr) where `chattr` is missing.
+fn ended_chain_with_marked_file(s: &Setup, index: usize) -> Option<(Vec<PathBuf>, Marked)> {
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    if !chattr("+a", &files[index]) {
+        eprintln!("skipped: chattr +a is not available here");
+        return None;
+    }
+    let unmark = Marked(files[index].clone());
+    Some((files, unmark))
+}
+
 fn chattr(flag: &str, path: &Path) -> bool {
     Command::new("chattr")
         .arg(flag)
@@ -2164,14 +2179,9 @@ fn chattr(flag: &str, path: &Path) -> bool {
 #[test]
 fn a_marked_chain_file_after_moved_ones_fails_the_run_as_a_marked_oldest_file_does() {
     let s = setup();
-    write_log(&cfg(&s.log, 4096), 40, true);
-    let files = chain_files(&s.log);
-    assert!(files.len() >= 3, "{files:?}");
-    if !chattr("+a", &files[1]) {
-        eprintln!("skipped: chattr +a is not available here");
+    let Some((files, _unmark)) = ended_chain_with_marked_file(&s, 1) else {
         return;
-    }
-    let _unmark = Marked(files[1].clone());
+    };
     let later = prune(&s, &["--older-than", "0", "--json"]);
     let said_later = format!("{}{}", text(&later.stdout), text(&later.stderr));
     assert!(files[1].exists(), "{said_later}");
@@ -2354,14 +2364,9 @@ fn a_marked_file_too_recent_to_move_does_not_refuse_the_chain() {
 #[test]
 fn a_marked_file_left_after_moved_ones_is_named_on_stderr_when_stdout_fails() {
     let s = setup();
-    write_log(&cfg(&s.log, 4096), 40, true);
-    let files = chain_files(&s.log);
-    assert!(files.len() >= 3, "{files:?}");
-    if !chattr("+a", &files[1]) {
-        eprintln!("skipped: chattr +a is not available here");
+    let Some((files, _unmark)) = ended_chain_with_marked_file(&s, 1) else {
         return;
-    }
-    let _unmark = Marked(files[1].clone());
+    };
     let full = fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")

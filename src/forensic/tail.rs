@@ -894,17 +894,24 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
             files::euid()
         ));
     }
-    if files::renames_refused(dir) {
-        return Err(format!(
-            "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
-             which refuses the rename that installs the state file",
-            path.display()
-        ));
-    }
+    refuse_marked_state_dir(path)?;
     if files::removal_refused(path) {
         return Err(format!(
             "--state {}: the file is marked append-only or immutable (chattr +a or +i), which \
              refuses its replacement",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a `--state` directory marked append-only or immutable: the state file is
+/// installed by a rename, which it refuses (and its temporary file could not be removed).
+fn refuse_marked_state_dir(path: &Path) -> Result<(), String> {
+    if files::renames_refused(state_dir(path)) {
+        return Err(format!(
+            "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
+             which refuses the rename that installs the state file",
             path.display()
         ));
     }
@@ -926,13 +933,7 @@ fn save_state(path: &Path, state: &State) -> Result<(), String> {
     // Checked at the start too (`check_state_dir`); again here, as the mark may have been set
     // since: an append-only directory would take the temporary file and refuse its rename and
     // its removal.
-    if files::renames_refused(state_dir(path)) {
-        return Err(format!(
-            "--state {}: its directory is marked append-only or immutable (chattr +a or +i), \
-             which refuses the rename that installs the state file",
-            path.display()
-        ));
-    }
+    refuse_marked_state_dir(path)?;
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
