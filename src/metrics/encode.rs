@@ -119,8 +119,8 @@ macro_rules! series {
 const NONE: &[(&str, &str)] = &[];
 
 const SCRUB_LATENCY_HELP: &str = "Free-to-clean latency quantiles since start (batching, \
-     scrub, verification, harvest); kvh_free_to_clean_seconds holds the same latencies as a \
-     histogram, for recent quantiles.";
+     scrub, verification, harvest), NaN before the first; kvh_free_to_clean_seconds holds the \
+     same latencies as a histogram, for recent quantiles.";
 
 const FREE_TO_CLEAN_HELP: &str = "Free-to-clean latency of the freed blocks that became \
      reusable (batching, scrub, verification, harvest), as a histogram: rate() over a window \
@@ -879,6 +879,9 @@ fn encode_document_labelled(
                 Some(n) => n,
                 None => continue,
             },
+            (Read::MicrosToSeconds, Some(_)) if quantile_without_observations(s, doc) => {
+                format_f64(f64::NAN)
+            }
             (Read::MicrosToSeconds, Some(v)) => match v.as_f64() {
                 Some(us) => format_f64(us / 1e6),
                 None => continue,
@@ -919,6 +922,21 @@ fn encode_document_labelled(
         exporter.http_rejected.to_string(),
     );
     (fams.render(), unmapped)
+}
+
+/// Whether `s` is a summary's quantile whose summary has observed nothing yet (its sibling
+/// `count` is 0). Such a quantile is exported as NaN, as Prometheus clients write it: the 0 the
+/// JSON holds would read as a measured latency of zero on a dashboard.
+fn quantile_without_observations(s: &Series, doc: &Value) -> bool {
+    if s.kind != Kind::Summary || !s.labels.iter().any(|(k, _)| *k == "quantile") {
+        return false;
+    }
+    let Some((parent, _)) = s.pointer.rsplit_once('/') else {
+        return false;
+    };
+    doc.pointer(&format!("{parent}/count"))
+        .and_then(Value::as_u64)
+        == Some(0)
 }
 
 /// Every numeric or boolean leaf of `doc`, as (JSON pointer, value).
@@ -1202,6 +1220,32 @@ mod tests {
         }
         // Without a forensic log in the snapshot, its metrics are simply absent.
         assert!(e.value("kvh_log_records_written_total", &[]).is_none());
+    }
+
+    /// Before any latency is observed the quantiles are NaN (no value), not 0 s; from the
+    /// first observation on they are numbers again.
+    #[test]
+    fn latency_quantiles_are_nan_until_the_first_observation() {
+        let quantiles = |doc: &Value| {
+            let (text, _) = encode_document(doc, &ExporterStats::default(), at());
+            let e = parse(&text).unwrap();
+            ["0.5", "0.95", "0.99"].map(|q| {
+                e.value("kvh_scrub_latency_seconds", &[("quantile", q)])
+                    .unwrap()
+            })
+        };
+        let doc = stats_document();
+        assert_eq!(doc["scrub_latency"]["count"], 0);
+        assert!(
+            quantiles(&doc).iter().all(|v| v.is_nan()),
+            "{:?}",
+            quantiles(&doc)
+        );
+
+        let mut pool = PoolCounters::default();
+        pool.record_scrub_latency(2_000);
+        let observed = serde_json::to_value(Stats::merge("host".into(), &[pool], None)).unwrap();
+        assert_eq!(quantiles(&observed).map(|v| (v * 1e3).round()), [2.0; 3]);
     }
 
     #[test]
