@@ -773,3 +773,72 @@ fn an_immutable_chain_file_with_a_wrong_mode_is_refused() {
     let err = started.expect_err("the start-up accepted a chain file of mode 0644");
     assert!(err.to_string().contains("mode"), "{err}");
 }
+
+/// A crashed chain whose last line is a whole, sealed record of another chain (appended to
+/// the file: its `chain` is not the file's, and its `prev` is not the hash of the line
+/// before it) is not continued: like a junk line, it is evidence for `verify-log`. The new
+/// process starts a chain of its own, so that its records verify; continuing the spliced
+/// chain would put every record of the new run after a line that fails verification.
+#[test]
+fn a_crashed_chain_ending_with_a_record_of_another_chain_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Another chain sealed with the same secret, in another directory.
+    let other_dir = tmp.path().join("other");
+    write_log(&cfg(&other_dir, 1 << 20), 5, true);
+    let other_lines = read_lines(&chain_files(&other_dir)[0]);
+    let foreign = other_lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"kind\":\"quarantine\""))
+        .unwrap()
+        .clone();
+
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut lines = read_lines(&file);
+    lines.push(foreign);
+    write_lines(&file, &lines);
+    let before = std::fs::read(&file).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let after = std::fs::read(&file).unwrap();
+    assert!(
+        after == before,
+        "the chain ending with a spliced record was continued: {} bytes appended after it",
+        after.len() - before.len()
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+}
+
+/// A crashed chain whose last line repeats one of its earlier records (sealed, of this
+/// chain and epoch, but its `seq` and `prev` do not follow the line before it) is not
+/// continued either: the last record does not link to the chain, and the new process's
+/// records, continued from it, would reuse seqs already in the file.
+#[test]
+fn a_crashed_chain_ending_with_a_repeated_record_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut lines = read_lines(&file);
+    let repeated = lines[3].clone();
+    lines.push(repeated);
+    write_lines(&file, &lines);
+    let before = std::fs::read(&file).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let after = std::fs::read(&file).unwrap();
+    assert!(
+        after == before,
+        "the chain ending with a repeated record was continued: {} bytes appended after it",
+        after.len() - before.len()
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+}

@@ -14,7 +14,7 @@ use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
 use super::record::{chain_hash_open, mac_of, parse_hash};
-use super::scan::scan;
+use super::scan::{scan, Scanned};
 use super::ForensicError;
 
 /// A crashed chain, locked by us, ready to continue.
@@ -54,7 +54,7 @@ struct Head {
 /// `verify-log`, not something recovery may repair by cutting whole records.
 fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head> {
     if let Some(end) = last_newline(bytes) {
-        let tail = last_record(&bytes[..=end])?;
+        let tail = last_record(&bytes[..=end], chain, index)?;
         return Some(Head {
             tail,
             tail_index: index,
@@ -70,7 +70,7 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
     if prev_bytes.last() != Some(&b'\n') {
         return None; // a rotated file always ends with a newline
     }
-    let tail = last_record(&prev_bytes)?;
+    let tail = last_record(&prev_bytes, chain, prev_index)?;
     Some(Head {
         tail,
         tail_index: prev_index,
@@ -304,14 +304,12 @@ struct Tail {
     hash: [u8; 32],
 }
 
-/// The last line of `bytes` (which ends with a newline), if it is a canonical record whose
-/// hash recomputes from its `prev` and body.
-fn last_record(bytes: &[u8]) -> Option<Tail> {
+/// The last line of `bytes` (the file of `chain` numbered `index`, ending with a newline), if
+/// it is a canonical record whose hash recomputes from its `prev` and body and that belongs
+/// where it stands ([`links_in_place`]).
+fn last_record(bytes: &[u8], chain: &str, index: u64) -> Option<Tail> {
     let end = bytes.len().checked_sub(1)?;
-    let start = bytes[..end]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
+    let start = line_start(bytes, end);
     let line = &bytes[start..end];
     let scanned = scan(line).ok()?;
     let prev = parse_hash(scanned.prev?)?;
@@ -320,8 +318,46 @@ fn last_record(bytes: &[u8]) -> Option<Tail> {
         return None;
     }
     let seq = scanned.seq?;
+    let before = start
+        .checked_sub(1)
+        .map(|nl| &bytes[line_start(bytes, nl)..nl]);
+    if !links_in_place(&scanned, before, chain, index) {
+        return None;
+    }
     let record: Value = serde_json::from_slice(line).ok()?;
     Some(Tail { record, seq, hash })
+}
+
+/// Where the line that ends at `end` (a newline's position, or the length) starts.
+fn line_start(bytes: &[u8], end: usize) -> usize {
+    bytes[..end]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1)
+}
+
+/// Whether a chain's last record `last` belongs where it stands: it names the chain and the
+/// file's epoch, and it follows `before`, the line before it in the file (`seq` one more,
+/// `prev` its hash), or, as a file's first line, is the `start` (file 0) or `rotate` record
+/// a file begins with. A whole sealed record appended after the chain's end (another chain's,
+/// or one of its own repeated) passes its own hash and MAC checks but none of these; a chain
+/// continued after it would put every new record after a line that fails verification.
+fn links_in_place(last: &Scanned<'_>, before: Option<&[u8]>, chain: &str, index: u64) -> bool {
+    if last.chain != Some(chain) || last.epoch != Some(index) {
+        return false;
+    }
+    let Some(before) = before else {
+        let first_kind = if index == 0 { "start" } else { "rotate" };
+        return last.kind == Some(first_kind);
+    };
+    let Ok(before) = scan(before) else {
+        return false;
+    };
+    let follows_seq = before
+        .seq
+        .and_then(|s| s.checked_add(1))
+        .is_some_and(|next| last.seq == Some(next));
+    follows_seq && last.prev == Some(before.hash)
 }
 
 /// The furthest a writer ratchets its key to continue a chain: 2^20 epochs, one HMAC each
