@@ -20,7 +20,8 @@
 //!
 //! One exporter belongs to one process: a forked child inherits the parent's exporter
 //! without its threads, and neither writes the file nor waits on its locks (the parent's
-//! file stays the parent's). A multi-process engine whose workers inherit the environment
+//! file stays the parent's); its copy of the HTTP exporter's listening socket is closed at
+//! the fork, so the address never outlives the parent's exporter. A multi-process engine whose workers inherit the environment
 //! names one file per process with `{pid}` in `KVH_METRICS_FILE`; every sample then carries
 //! a `pid` label, so a collector reading all the files sees each series once.
 
