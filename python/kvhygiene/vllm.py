@@ -36,12 +36,14 @@ verified clean must not run: the claim's error propagates.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import operator
+import threading
 import unicodedata
 from typing import Callable, Optional, Sequence
 
-from . import ClaimRefusedError, KvLayout, claim_blocks, context
+from . import KVH_ERR_KV_TAKEN, ClaimRefusedError, KvLayout, ScrubVerificationError, claim_blocks, context, scrub_blocks
 
 __all__ = ["new_blocks", "claim_scheduled", "context_id"]
 
@@ -192,6 +194,68 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
     return out
 
 
+#: Caches whose last claimant of each block :func:`claim_scheduled` remembers; the least
+#: recently used one is forgotten beyond this (its blocks are then scrubbed as usual only when
+#: the ledger sees another owner).
+_MAX_REMEMBERED_CACHES = 64
+
+_claimants_lock = threading.Lock()
+#: ``{cache: {block id: (tenant, request)}}``: who :func:`claim_scheduled` last claimed each
+#: block for. The library's ledger compares ids, and clients choose request ids: a request
+#: that takes the id of one that finished is the same owner to it, and would be handed the
+#: finished request's bytes unscrubbed. No block a step gives a request as new holds anything
+#: that request wrote and needs (its cached prefix is not claimed), so a block last claimed
+#: under the same ids is scrubbed before it is claimed again. Bounded by the caches' blocks.
+_claimants: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+
+
+def _cache_key(layout: KvLayout) -> tuple:
+    return (layout.device, layout.regions, layout.block_bytes, layout.block_stride, layout.blocks_per_region)
+
+
+def _claimants_of(layout: KvLayout) -> dict:
+    """The remembered claimants of ``layout``'s cache (created empty)."""
+    key = _cache_key(layout)
+    with _claimants_lock:
+        blocks = _claimants.get(key)
+        if blocks is None:
+            blocks = _claimants[key] = {}
+            if len(_claimants) > _MAX_REMEMBERED_CACHES:
+                _claimants.popitem(last=False)
+        else:
+            _claimants.move_to_end(key)
+        return blocks
+
+
+def _claimed_before(blocks: dict, ids: list, owner: tuple) -> list:
+    """The ``ids`` last claimed for ``owner`` (in ``blocks``, a cache's claimants); all of
+    ``ids`` are then remembered as claimed for it (before the claim, so that a claim cut short
+    by an error still counts: a needless scrub later, never a missed one)."""
+    with _claimants_lock:
+        again = [i for i in ids if blocks.get(i) == owner]
+        for i in ids:
+            blocks[i] = owner
+    return again
+
+
+def _shared_in_step(claimed: dict) -> dict:
+    """``{req_id: [ids per group]}`` of the blocks the step gives, as new, to more than one
+    request: requests that would run in the same forward pass on one block, each writing its
+    keys and values into it and reading the other's. No scrub can separate them."""
+    holders: dict = {}
+    for req_id, groups in claimed.items():
+        for g, ids in enumerate(groups):
+            for i in ids:
+                holders.setdefault((g, i), []).append(req_id)
+    shared: dict = {}
+    for (g, i), reqs in holders.items():
+        if len(reqs) > 1:
+            for req_id in reqs:
+                per_group = shared.setdefault(req_id, [[] for _ in claimed[req_id]])
+                per_group[g].append(i)
+    return shared
+
+
 def claim_scheduled(
     scheduler_output,
     layouts: Sequence[KvLayout],
@@ -211,24 +275,50 @@ def claim_scheduled(
     :class:`kvhygiene.ClaimRefusedError` is raised for the first refusal, with
     ``refused_requests``, ``{req_id: [refused ids per group]}``, naming every request that
     must not run on its blocks. Another error (:class:`kvhygiene.KvhError`: the claim did not
-    finish) is raised at once."""
+    finish) is raised at once.
+
+    A block the step gives as new to two requests is claimed for neither: both are refused
+    (code 7022, ``KVH_ERR_KV_TAKEN``), since in one forward pass each would read what the
+    other writes. A block last claimed here under the same ids (a request that took the id of
+    one that finished: clients choose request ids) is scrubbed before it is claimed."""
     claimed = new_blocks(scheduler_output, block_sizes)
+    shared = _shared_in_step(claimed)
     first: Optional[ClaimRefusedError] = None
+    if shared:
+        named = ", ".join(f"{r!r}: {ids}" for r, ids in shared.items())
+        first = ClaimRefusedError(
+            KVH_ERR_KV_TAKEN,
+            f"the step gives the same new KV blocks to {len(shared)} requests ({named}); "
+            "they were claimed for none of them",
+            sorted({i for groups in shared.values() for ids in groups for i in ids}),
+        )
     refused_requests: dict = {}
+    claimants: dict = {}  # id(layout) -> its cache's claimants, looked up once per call
     for req_id, groups in claimed.items():
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
         if tenant is not None:
             tenant = context_id(tenant)
-        refused = [[] for _ in groups]
-        with context(tenant_id=tenant, request_id=context_id(req_id)):
+        request = context_id(req_id)
+        refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]
+        with context(tenant_id=tenant, request_id=request):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
+                not_shared = set(refused[g])
+                ids = [i for i in ids if i not in not_shared]
                 if not ids:
                     continue
+                if id(layout) not in claimants:
+                    claimants[id(layout)] = _claimants_of(layout)
+                again = _claimed_before(claimants[id(layout)], ids, (tenant, request))
+                if again:
+                    try:
+                        scrub_blocks(layout, again, stream=stream)
+                    except ScrubVerificationError:
+                        pass  # the ledger keeps them failed: the claim below refuses them
                 try:
                     claim_blocks(layout, ids, stream=stream)
                 except ClaimRefusedError as e:
-                    refused[g] = list(e.refused_blocks)
+                    refused[g].extend(e.refused_blocks)
                     first = first or e
         if any(refused):
             refused_requests[req_id] = refused
