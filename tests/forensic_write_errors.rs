@@ -517,3 +517,77 @@ fn keyed_log_with_events(dir: &std::path::Path, n: u64) -> std::sync::Arc<Forens
     log.flush();
     log
 }
+
+/// The active chain file removed from the directory while the log runs (a mistaken cleanup,
+/// or someone erasing evidence): the records written to it are gone with it, and so would
+/// every later one be, into a file no reader can open. Within a few seconds the writer sees
+/// it, counts a write error naming the file, and goes on in the chain's next file, which
+/// links to the missing one: the later records are in the directory, and verification
+/// reports the removed file.
+#[test]
+fn an_active_file_removed_from_the_directory_is_seen_and_the_chain_goes_on_in_a_new_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = keyed_log_with_events(&dir, 3);
+    let first = chain_files(&dir)[0].clone();
+    std::fs::remove_file(&first).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().write_errors == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let s = log.stats();
+    assert_eq!(s.write_errors, 1, "{s:?}");
+    let error = s.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&name(&first)) && error.contains("removed"),
+        "{error}"
+    );
+    for i in 0..2 {
+        log.emit(event(100 + i));
+    }
+    log.stop();
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let lines = read_lines(&files[0]);
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["kind"], "rotate");
+    assert_eq!(records[0]["prev_file"], name(&first));
+    assert!(
+        records.iter().any(|r| r["request_id"] == "req-101"),
+        "the records after the removal are not in the directory: {lines:?}"
+    );
+    assert_eq!(records.last().unwrap()["kind"], "stop");
+    let r = verify(&dir, &keyed_opts());
+    assert!(!r.ok(), "a removed chain file must not verify: {r:?}");
+}
+
+/// A file another process renames over the active one (same name, another file) is seen
+/// the same way: the chain's records do not go on into a file the directory no longer names.
+#[test]
+fn an_active_file_replaced_by_another_is_seen_and_the_chain_goes_on_in_a_new_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = keyed_log_with_events(&dir, 3);
+    let first = chain_files(&dir)[0].clone();
+    let copy = dir.join("copy.tmp");
+    std::fs::copy(&first, &copy).unwrap();
+    std::fs::rename(&copy, &first).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().write_errors == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(log.stats().write_errors, 1, "{:?}", log.stats());
+    log.emit(event(100));
+    log.stop();
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let copied = read_lines(&files[0]);
+    assert!(
+        !copied.iter().any(|l| l.contains("req-100")),
+        "a record was written into the replaced file's orphan and is in neither file"
+    );
+    assert!(read_lines(&files[1]).iter().any(|l| l.contains("req-100")));
+}

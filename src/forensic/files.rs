@@ -716,6 +716,30 @@ impl LogDir {
         Ok(())
     }
 
+    /// The device and inode number of `name` in this directory (a symlink's own, not its
+    /// target's).
+    pub fn identity(&self, name: &str) -> io::Result<(u64, u64)> {
+        let c = Self::name(name)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: the descriptor is open for the life of `self`; `c` is NUL-terminated and
+        // outlives the call; `st` is writable memory of a `stat`, which fstatat fills on
+        // success.
+        let rc = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatat returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Ok((st.st_dev, st.st_ino))
+    }
+
     /// Makes the directory's entries durable.
     pub fn sync(&self) -> io::Result<()> {
         self.fd.sync_all()

@@ -28,6 +28,9 @@ use crate::config::{FsyncPolicy, LogConfig};
 /// Largest number of queued messages handled before the buffer is written.
 const BATCH: usize = 4096;
 
+/// How often the writer checks that the log directory still holds its active file.
+const FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// What was lost since the last successful write.
 #[derive(Default)]
 struct Lost {
@@ -92,6 +95,10 @@ pub(crate) struct ChainWriter {
     /// While writes fail: when a buffer holding nothing new is next tried, and the wait
     /// after that try fails (see [`WriteRetry`]).
     write_retry: WriteRetry,
+    /// When [`ChainWriter::check_file_in_place`] last looked.
+    last_file_check: Instant,
+    /// The index of the last file found gone from the directory (said once).
+    gone_reported: Option<u64>,
     shared: Arc<Shared>,
 }
 
@@ -228,6 +235,8 @@ impl ChainWriter {
             records_since_ckpt: 0,
             last_ckpt: Instant::now(),
             write_retry: WriteRetry::new(),
+            last_file_check: Instant::now(),
+            gone_reported: None,
             shared,
         };
         *lock(&w.shared.chain) = Some(w.chain.clone());
@@ -332,7 +341,57 @@ impl ChainWriter {
                 return;
             }
             self.maybe_sync();
+            self.check_file_in_place();
             self.maybe_checkpoint();
+        }
+    }
+
+    /// Every [`FILE_CHECK_EVERY`], with nothing buffered: when the directory no longer holds
+    /// the active file (removed, or another file renamed over it), the records written to it
+    /// are in a file no reader can open, and every later one would be. The chain goes on in
+    /// its next file, whose `rotate` record names the missing one: verification reports the
+    /// gap, as it does any deleted file. Counted as a write error, said once per file.
+    fn check_file_in_place(&mut self) {
+        if !self.buf.is_empty() || self.last_file_check.elapsed() < FILE_CHECK_EVERY {
+            return;
+        }
+        self.last_file_check = Instant::now();
+        let name = files::file_name(&self.chain, self.index);
+        if !self.file_gone(&name) {
+            return;
+        }
+        if self.gone_reported != Some(self.index) {
+            self.gone_reported = Some(self.index);
+            let msg = format!(
+                "{name}: removed from the log directory or replaced while in use (its records \
+                 are no longer there); the chain goes on in {}",
+                files::file_name(&self.chain, self.index + 1)
+            );
+            self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+            *lock(&self.shared.last_error) = Some(msg.clone());
+            crate::say(format_args!(
+                "kvhygiene: forensic log {}: {msg}",
+                self.dir.display()
+            ));
+        }
+        // A failure is counted by `rotate`, and tried again at the next check.
+        let _ = self.rotate(unix_nanos(SystemTime::now()));
+    }
+
+    /// Whether the directory no longer names the active file: it has no link left, or its
+    /// name is missing or names another file. An error other than a missing name (the
+    /// directory unreadable for a moment) is not taken for one.
+    fn file_gone(&self, name: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(own) = self.file.metadata() else {
+            return false;
+        };
+        if own.nlink() == 0 {
+            return true;
+        }
+        match self.log_dir.identity(name) {
+            Ok(id) => id != (own.dev(), own.ino()),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
         }
     }
 
