@@ -99,6 +99,10 @@ pub(crate) struct ChainWriter {
     last_file_check: Instant,
     /// The index of the last file found gone from the directory (said once).
     gone_reported: Option<u64>,
+    /// Whether the directory's names can be checked against the active file: not where the
+    /// file just opened already looks gone (a file system whose inode numbers do not stay
+    /// put), which would otherwise rotate the file at every check.
+    check_files: bool,
     shared: Arc<Shared>,
 }
 
@@ -237,8 +241,10 @@ impl ChainWriter {
             write_retry: WriteRetry::new(),
             last_file_check: Instant::now(),
             gone_reported: None,
+            check_files: true,
             shared,
         };
+        w.check_files = !w.file_gone(&files::file_name(&w.chain, w.index));
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
@@ -352,7 +358,10 @@ impl ChainWriter {
     /// its next file, whose `rotate` record names the missing one: verification reports the
     /// gap, as it does any deleted file. Counted as a write error, said once per file.
     fn check_file_in_place(&mut self) {
-        if !self.buf.is_empty() || self.last_file_check.elapsed() < FILE_CHECK_EVERY {
+        if !self.check_files
+            || !self.buf.is_empty()
+            || self.last_file_check.elapsed() < FILE_CHECK_EVERY
+        {
             return;
         }
         self.last_file_check = Instant::now();
