@@ -842,3 +842,32 @@ fn a_crashed_chain_ending_with_a_repeated_record_is_left_alone() {
     let r = verify(&dir, &keyed_opts());
     assert_eq!(r.chains.len(), 2, "a new chain must have been started");
 }
+
+/// A crashed chain whose last two lines repeat two consecutive records of its own (sealed,
+/// of this chain and epoch, the last one following the line before it) is not continued:
+/// the repeated pair does not follow the chain (its seqs are already in the file), and a run
+/// continued after it would put every new record after a line that fails verification.
+#[test]
+fn a_crashed_chain_ending_with_two_repeated_records_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut lines = read_lines(&file);
+    let pair = lines[3..5].to_vec();
+    lines.extend(pair);
+    write_lines(&file, &lines);
+    let before = std::fs::read(&file).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let after = std::fs::read(&file).unwrap();
+    assert!(
+        after == before,
+        "the chain ending with two repeated records was continued: {} bytes appended after it",
+        after.len() - before.len()
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+}

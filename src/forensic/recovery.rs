@@ -14,7 +14,7 @@ use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
 use super::record::{chain_hash_open, mac_of, parse_hash};
-use super::scan::{scan, Scanned};
+use super::scan::scan;
 use super::ForensicError;
 
 /// A crashed chain, locked by us, ready to continue.
@@ -305,25 +305,11 @@ struct Tail {
 }
 
 /// The last line of `bytes` (the file of `chain` numbered `index`, ending with a newline), if
-/// it is a canonical record whose hash recomputes from its `prev` and body and that belongs
-/// where it stands ([`links_in_place`]).
+/// the whole file reads as one piece of the chain ([`file_links`]).
 fn last_record(bytes: &[u8], chain: &str, index: u64) -> Option<Tail> {
     let end = bytes.len().checked_sub(1)?;
-    let start = line_start(bytes, end);
-    let line = &bytes[start..end];
-    let scanned = scan(line).ok()?;
-    let prev = parse_hash(scanned.prev?)?;
-    let hash = parse_hash(scanned.hash)?;
-    if chain_hash_open(&prev, scanned.body_open) != hash {
-        return None;
-    }
-    let seq = scanned.seq?;
-    let before = start
-        .checked_sub(1)
-        .map(|nl| &bytes[line_start(bytes, nl)..nl]);
-    if !links_in_place(&scanned, before, chain, index) {
-        return None;
-    }
+    let (seq, hash) = file_links(&bytes[..end], chain, index)?;
+    let line = &bytes[line_start(bytes, end)..end];
     let record: Value = serde_json::from_slice(line).ok()?;
     Some(Tail { record, seq, hash })
 }
@@ -336,28 +322,40 @@ fn line_start(bytes: &[u8], end: usize) -> usize {
         .map_or(0, |i| i + 1)
 }
 
-/// Whether a chain's last record `last` belongs where it stands: it names the chain and the
-/// file's epoch, and it follows `before`, the line before it in the file (`seq` one more,
-/// `prev` its hash), or, as a file's first line, is the `start` (file 0) or `rotate` record
-/// a file begins with. A whole sealed record appended after the chain's end (another chain's,
-/// or one of its own repeated) passes its own hash and MAC checks but none of these; a chain
-/// continued after it would put every new record after a line that fails verification.
-fn links_in_place(last: &Scanned<'_>, before: Option<&[u8]>, chain: &str, index: u64) -> bool {
-    if last.chain != Some(chain) || last.epoch != Some(index) {
-        return false;
+/// The seq and hash of the last of `lines` (a chain file's complete lines, without the last
+/// newline) when every line is a canonical record of the chain's file `index` (its `chain`,
+/// its `epoch`) whose hash recomputes from its `prev` and body, the first is the `start`
+/// (file 0) or `rotate` record a file begins with, and each one after follows the one
+/// before it (`seq` one more, `prev` its hash). Whole sealed records appended after the
+/// chain's end (another chain's, or the chain's own repeated, one or several) pass their own
+/// hash and MAC checks but not these; a chain continued after them would put every new
+/// record after lines that fail verification. The MAC is checked of the last line only
+/// ([`continuable`]): forging a line before it would need one whose MAC verifies after it.
+fn file_links(lines: &[u8], chain: &str, index: u64) -> Option<(u64, [u8; 32])> {
+    let mut head: Option<(u64, [u8; 32])> = None;
+    for line in lines.split(|&b| b == b'\n') {
+        let r = scan(line).ok()?;
+        let prev = parse_hash(r.prev?)?;
+        let hash = parse_hash(r.hash)?;
+        let seq = r.seq?;
+        if r.chain != Some(chain)
+            || r.epoch != Some(index)
+            || chain_hash_open(&prev, r.body_open) != hash
+        {
+            return None;
+        }
+        let follows = match head {
+            None => r.kind == Some(if index == 0 { "start" } else { "rotate" }),
+            Some((last_seq, last_hash)) => {
+                last_seq.checked_add(1) == Some(seq) && last_hash == prev
+            }
+        };
+        if !follows {
+            return None;
+        }
+        head = Some((seq, hash));
     }
-    let Some(before) = before else {
-        let first_kind = if index == 0 { "start" } else { "rotate" };
-        return last.kind == Some(first_kind);
-    };
-    let Ok(before) = scan(before) else {
-        return false;
-    };
-    let follows_seq = before
-        .seq
-        .and_then(|s| s.checked_add(1))
-        .is_some_and(|next| last.seq == Some(next));
-    follows_seq && last.prev == Some(before.hash)
+    head
 }
 
 /// The furthest a writer ratchets its key to continue a chain: 2^20 epochs, one HMAC each
