@@ -795,3 +795,52 @@ fn kvh_inject_fault_fails_the_next_scrub_even_of_a_block_that_reads_zero() {
         "the scrub kvh_inject_fault(1) sabotaged verified (a block that read zero):\n{stdout}"
     );
 }
+
+/// `kvh_stats_json`: "After a `kvh_shutdown` (or the start of process exit) that came before
+/// start-up, `{"started":false,"shut_down":true,...}`." A health check or exit hook that reads
+/// the counters once process exit has begun, in a process whose allocator never started, is
+/// told that it will not start: it is shut down, as a first allocation then finds (it is
+/// refused with `KVH_ERR_SHUTTING_DOWN`). The reading comes before any allocation. The
+/// library is loaded with `dlopen` after the exit handler is registered, so that the handler
+/// runs after the library's exit watch.
+#[test]
+fn kvh_stats_json_during_process_exit_before_start_up_says_shut_down() {
+    type Stats = extern "C" fn(*mut libc::c_char, usize, *mut usize) -> libc::c_int;
+    static STATS: std::sync::OnceLock<Stats> = std::sync::OnceLock::new();
+    let name = "kvh_stats_json_during_process_exit_before_start_up_says_shut_down";
+    if in_child() {
+        extern "C" fn during_exit() {
+            let Some(stats) = STATS.get() else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let mut len = 0usize;
+            let rc = stats(buf.as_mut_ptr().cast(), buf.len(), &mut len);
+            let json = String::from_utf8_lossy(&buf[..len.min(buf.len())]).into_owned();
+            let line = format!("EXIT-STATS rc={rc} {json}\n");
+            // SAFETY: writes a local buffer to stdout; no Rust stdout state is used this late.
+            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        }
+        // SAFETY: registers an `extern "C"` function that does not unwind.
+        assert_eq!(unsafe { libc::atexit(during_exit) }, 0);
+        let path = library_dir().join("libkvhygiene.so");
+        // SAFETY: this build's libkvhygiene.so, whose constructor only registers handlers.
+        let lib = unsafe { libloading::Library::new(&path) }.unwrap();
+        // SAFETY: the export's signature, as include/kvhygiene.h declares it.
+        let stats = unsafe { *lib.get::<Stats>(b"kvh_stats_json").unwrap() };
+        STATS.set(stats).unwrap();
+        std::mem::forget(lib);
+        return;
+    }
+    let (_, stdout, stderr) = child(name, &[("KVH_OOM", "null")]);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("EXIT-STATS"))
+        .unwrap_or_else(|| panic!("no reading at exit:\n{stdout}\n{stderr}"));
+    assert!(line.contains("rc=0"), "{line}");
+    assert!(
+        line.contains("\"started\":false") && line.contains("\"shut_down\":true"),
+        "kvh_stats_json once process exit had begun, before start-up, did not say the \
+         allocator is shut down: {line}"
+    );
+}

@@ -738,6 +738,8 @@ pub extern "C" fn kvh_clear_context() {
 pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usize) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
         let json = match runtime::get_if_begun() {
+            // Exit began before any start-up: none will be made (an allocation is refused).
+            None if runtime::exit_begun() => unstarted_json(true),
             // The policy is still checked, as `kvh_check_config` does: a health endpoint that
             // reads the counters first learns of a bad configuration at once.
             None => match policy_error() {

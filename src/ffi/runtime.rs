@@ -219,6 +219,11 @@ pub(crate) fn started() -> Option<&'static Runtime> {
     }
 }
 
+/// Whether process exit has begun (the exit watch ran): no start-up is made from then on.
+pub(crate) fn exit_begun() -> bool {
+    EXITING.load(Ordering::SeqCst)
+}
+
 /// Whether this process is a child forked after kvhygiene's start-up began in its parent.
 pub(crate) fn is_forked_child() -> bool {
     FORKED_CHILD.load(Ordering::Relaxed)
