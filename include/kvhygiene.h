@@ -147,7 +147,8 @@ void kvh_free(void *ptr, ssize_t size, int device, void *stream);
 int kvh_free_checked(void *ptr, ssize_t size, int device, void *stream);
 
 // Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
-// scrub will be ordered after the work queued there. Unknown pointers are ignored.
+// scrub will be ordered after the work queued there. `ptr` may point anywhere into a live
+// allocation (the data pointer of a view of it). Other pointers are ignored.
 void kvh_record_stream(void *ptr, void *stream);
 
 // Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on

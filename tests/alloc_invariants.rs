@@ -89,6 +89,37 @@ fn inv2_scrub_ordered_after_allocation_and_recorded_streams() {
     assert!(!batch.wait_streams.contains(&StreamHandle(5)));
 }
 
+/// Invariant 2 with a view's pointer: a stream recorded through a pointer into the block
+/// (a layer's slice of one allocation) orders the block's scrub too; a pointer past the
+/// block's bytes, or into a block no longer live, records nothing.
+#[test]
+fn inv2_a_stream_recorded_through_an_interior_pointer_orders_the_scrub() {
+    let f = Fixture::new(manual_config());
+    let a = f.alloc.malloc(4096, 0, StreamHandle(1)).unwrap();
+    assert!(f.alloc.record_stream(a + 1000, StreamHandle(7)));
+    assert!(f.alloc.record_stream(a + 4095, StreamHandle(8)));
+    let cap = f.alloc.block_info(a).unwrap().capacity;
+    assert!(!f.alloc.record_stream(a + cap + (1 << 20), StreamHandle(9)));
+    f.alloc.free(a, 4096, 0, StreamHandle(5)).unwrap();
+    assert!(
+        !f.alloc.record_stream(a + 1000, StreamHandle(9)),
+        "a freed block took a record"
+    );
+    f.alloc.synchronize().unwrap();
+    let batches = f.backend.batches.lock().unwrap().clone();
+    let batch = batches
+        .iter()
+        .find(|b| b.segments.iter().any(|s| s.addr == a))
+        .unwrap();
+    for w in [1, 7, 8] {
+        assert!(
+            batch.wait_streams.contains(&StreamHandle(w)),
+            "missing wait on stream {w}"
+        );
+    }
+    assert!(!batch.wait_streams.contains(&StreamHandle(9)));
+}
+
 /// Invariant 3: frees never wait for the device, and coalesce into batches bounded by count.
 #[test]
 fn inv3_free_never_waits_and_batches_by_count() {

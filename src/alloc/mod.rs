@@ -546,7 +546,8 @@ impl Allocator {
     }
 
     /// Records that `ptr` is used on `stream` (PyTorch's record_stream): its scrub will wait
-    /// for the work queued there. Returns whether `ptr` is a LIVE block of this allocator.
+    /// for the work queued there. `ptr` may point anywhere into the block (a view's data
+    /// pointer). Returns whether `ptr` is in a LIVE block of this allocator.
     pub fn record_stream(&self, ptr: u64, stream: StreamHandle) -> bool {
         let stream = stream.shared();
         (0..self.inner.pools.len() as u32).any(|d| self.pool(d).record_stream(ptr, stream))

@@ -1249,7 +1249,16 @@ impl DevicePool {
     /// Records a stream on a LIVE block. Unknown or non-LIVE pointers are ignored (PyTorch
     /// calls this for blocks of other allocators too); returns whether it was recorded.
     pub(crate) fn record_stream(&mut self, addr: u64, stream: StreamHandle) -> bool {
-        match self.blocks.get_mut(&addr) {
+        // The block containing `addr`, not only one starting there: an engine records the
+        // data pointer of a view (a layer's slice of one allocation), and a record that
+        // missed would let the block's scrub run while that stream still uses it.
+        let block = self
+            .blocks
+            .range_mut(..=addr)
+            .next_back()
+            .map(|(_, b)| b)
+            .filter(|b| addr < b.addr + b.capacity());
+        match block {
             Some(b) if b.state == BlockState::Live => {
                 if b.alloc_stream != stream && !b.recorded_streams.contains(&stream) {
                     b.recorded_streams.push(stream);

@@ -239,7 +239,8 @@ fn free_common(
 }
 
 /// Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
-/// scrub will be ordered after the work queued there. Unknown pointers are ignored.
+/// scrub will be ordered after the work queued there. `ptr` may point anywhere into a live
+/// allocation (the data pointer of a view of it). Other pointers are ignored.
 #[no_mangle]
 pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
     boundary((), || match runtime::get_if_begun() {
