@@ -43,7 +43,17 @@ import threading
 import unicodedata
 from typing import Callable, Optional, Sequence
 
-from . import KVH_ERR_KV_TAKEN, ClaimRefusedError, KvLayout, ScrubVerificationError, claim_blocks, context, scrub_blocks
+from . import (
+    KVH_ERR_KV_TAKEN,
+    KVH_ERR_VERIFY_FAILED,
+    ClaimRefusedError,
+    KvhError,
+    KvLayout,
+    ScrubVerificationError,
+    claim_blocks,
+    context,
+    scrub_blocks,
+)
 
 __all__ = ["new_blocks", "claim_scheduled", "context_id"]
 
@@ -200,12 +210,14 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
 _MAX_REMEMBERED_CACHES = 64
 
 _claimants_lock = threading.Lock()
-#: ``{cache: {block id: (tenant, request)}}``: who :func:`claim_scheduled` last claimed each
-#: block for. The library's ledger compares ids, and clients choose request ids: a request
-#: that takes the id of one that finished is the same owner to it, and would be handed the
-#: finished request's bytes unscrubbed. No block a step gives a request as new holds anything
-#: that request wrote and needs (its cached prefix is not claimed), so a block last claimed
-#: under the same ids is scrubbed before it is claimed again. Bounded by the caches' blocks.
+#: ``{cache: {block id: {(tenant, request), ...}}}``: whom :func:`claim_scheduled` may last
+#: have handed each block to (one owner, or several after a claim that ended in an error
+#: part way, when which of them the library's ledger holds is not known). The ledger compares
+#: ids, and clients choose request ids: a request that takes the id of one that finished is
+#: the same owner to it, and would be handed the finished request's bytes unscrubbed. No
+#: block a step gives a request as new holds anything that request wrote and needs (its cached
+#: prefix is not claimed), so a block that may have gone to the same ids is scrubbed before
+#: it is claimed again. Bounded by the caches' blocks.
 _claimants: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
 
 
@@ -228,29 +240,44 @@ def _claimants_of(layout: KvLayout) -> dict:
 
 
 def _claimed_before(blocks: dict, ids: list, owner: tuple) -> list:
-    """The ``ids`` last claimed for ``owner`` (in ``blocks``, a cache's claimants); all of
-    ``ids`` are then remembered as claimed for it (before the claim, so that a claim cut short
-    by an error still counts: a needless scrub later, never a missed one)."""
+    """The ``ids`` that may last have been handed to ``owner`` (``blocks``: a cache's
+    claimants)."""
     with _claimants_lock:
-        again = [i for i in ids if blocks.get(i) == owner]
+        return [i for i in ids if owner in blocks.get(i, ())]
+
+
+def _handed_over(blocks: dict, ids, owner: tuple) -> None:
+    """``ids`` were handed to ``owner``: the ledger names it alone."""
+    one = frozenset((owner,))
+    with _claimants_lock:
         for i in ids:
-            blocks[i] = owner
-    return again
+            blocks[i] = one
 
 
-def _shared_in_step(claimed: dict) -> dict:
+def _maybe_handed_over(blocks: dict, ids, owner: tuple) -> None:
+    """A claim of ``ids`` for ``owner`` ended in an error: each may or may not have been
+    handed over, so ``owner`` is added to whom it may belong."""
+    with _claimants_lock:
+        for i in ids:
+            blocks[i] = blocks.get(i, frozenset()) | {owner}
+
+
+def _shared_in_step(claimed: dict, layouts) -> dict:
     """``{req_id: [ids per group]}`` of the blocks the step gives, as new, to more than one
     request: requests that would run in the same forward pass on one block, each writing its
-    keys and values into it and reading the other's. No scrub can separate them."""
+    keys and values into it and reading the other's. No scrub can separate them. A block is
+    its cache and id: groups that share one cache (one layout) share its blocks."""
     holders: dict = {}
     for req_id, groups in claimed.items():
-        for g, ids in enumerate(groups):
+        layouts_ = _per_group(layouts, len(groups), "layouts")
+        for g, (layout, ids) in enumerate(zip(layouts_, groups)):
+            key = _cache_key(layout)
             for i in ids:
-                holders.setdefault((g, i), []).append(req_id)
+                holders.setdefault((key, i), set()).add((req_id, g))
     shared: dict = {}
-    for (g, i), reqs in holders.items():
-        if len(reqs) > 1:
-            for req_id in reqs:
+    for (_, i), holding in holders.items():
+        if len({req_id for req_id, _ in holding}) > 1:
+            for req_id, g in holding:
                 per_group = shared.setdefault(req_id, [[] for _ in claimed[req_id]])
                 per_group[g].append(i)
     return shared
@@ -277,12 +304,14 @@ def claim_scheduled(
     must not run on its blocks. Another error (:class:`kvhygiene.KvhError`: the claim did not
     finish) is raised at once.
 
-    A block the step gives as new to two requests is claimed for neither: both are refused
-    (code 7022, ``KVH_ERR_KV_TAKEN``), since in one forward pass each would read what the
-    other writes. A block last claimed here under the same ids (a request that took the id of
-    one that finished: clients choose request ids) is scrubbed before it is claimed."""
+    A block the step gives as new to two requests (in one KV cache group, or in two groups of
+    one cache) is claimed for neither: both are refused (code 7022, ``KVH_ERR_KV_TAKEN``),
+    since in one forward pass each would read what the other writes. A block that may last
+    have been handed over here under the same ids (a request that took the id of one that
+    finished: clients choose request ids) is scrubbed before it is claimed; one whose scrub
+    fails verification is refused (code 7009)."""
     claimed = new_blocks(scheduler_output, block_sizes)
-    shared = _shared_in_step(claimed)
+    shared = _shared_in_step(claimed, layouts)
     first: Optional[ClaimRefusedError] = None
     if shared:
         named = ", ".join(f"{r!r}: {ids}" for r, ids in shared.items())
@@ -300,6 +329,7 @@ def claim_scheduled(
         if tenant is not None:
             tenant = context_id(tenant)
         request = context_id(req_id)
+        owner = (tenant, request)
         refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]
         with context(tenant_id=tenant, request_id=request):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
@@ -309,17 +339,32 @@ def claim_scheduled(
                     continue
                 if id(layout) not in claimants:
                     claimants[id(layout)] = _claimants_of(layout)
-                again = _claimed_before(claimants[id(layout)], ids, (tenant, request))
+                blocks = claimants[id(layout)]
+                again = _claimed_before(blocks, ids, owner)
                 if again:
                     try:
                         scrub_blocks(layout, again, stream=stream)
-                    except ScrubVerificationError:
-                        pass  # the ledger keeps them failed: the claim below refuses them
+                    except ScrubVerificationError as e:
+                        # Still the finished request's bytes: never claimed (with the gate
+                        # off the library would hand them over).
+                        failed = set(e.failed_blocks)
+                        refused[g].extend(i for i in ids if i in failed)
+                        ids = [i for i in ids if i not in failed]
+                        first = first or ClaimRefusedError(KVH_ERR_VERIFY_FAILED, e.message, sorted(failed))
+                        if not ids:
+                            continue
                 try:
                     claim_blocks(layout, ids, stream=stream)
                 except ClaimRefusedError as e:
+                    not_handed = set(e.refused_blocks)
+                    _handed_over(blocks, (i for i in ids if i not in not_handed), owner)
                     refused[g].extend(e.refused_blocks)
                     first = first or e
+                except KvhError:
+                    _maybe_handed_over(blocks, ids, owner)
+                    raise
+                else:
+                    _handed_over(blocks, ids, owner)
         if any(refused):
             refused_requests[req_id] = refused
     if first is not None:
