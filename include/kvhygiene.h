@@ -231,6 +231,30 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
                      size_t refused_capacity,
                      size_t *refused_count);
 
+// Records that the engine refused to give blocks `block_ids[0..block_count]` of the paged KV
+// cache `layout` on `device` to the calling thread's request, for `reason` (NUL-terminated
+// text, NULL for none; cut at 512 bytes, bytes that are not UTF-8 replaced): a refusal the
+// engine decides itself, such as one block given to two requests in the same step (each
+// would read what the other writes, which no scrub can separate). It is logged and counted
+// as a refused claim (`policy_violation` record, policy `kv_gate`; `kv_claims_refused`).
+// Nothing is scrubbed or handed over, and the gate's ledger is unchanged. The blocks must not
+// be used by the request.
+//
+// The layout and ids are checked as `kvh_claim_blocks` checks them (the cache need not be a
+// live allocation). Returns `KVH_OK` when the refusal was recorded, else nothing was
+// recorded: `KVH_ERR_NULL_PARAMETER` or `KVH_ERR_INVALID_LAYOUT` from that check,
+// `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown`, or the start-up's
+// error.
+//
+// `block_ids` may be NULL when `block_count` is 0; `layout` is required.
+//
+// Ownership: the arrays and `reason` stay the caller's and are used only during the call.
+int kvh_refuse_blocks(const kvh_kv_layout *layout,
+                      const uint32_t *block_ids,
+                      size_t block_count,
+                      int device,
+                      const char *reason);
+
 // Submits every pending scrub, waits for them, and returns every clean cached block to the
 // backend (PyTorch's empty-cache hook). Returns nothing: `kvh_last_error` is `KVH_OK` when it
 // ran (or had nothing to do: before the allocator started, which it does not start), the

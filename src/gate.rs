@@ -242,7 +242,7 @@ pub fn judge(
         snap,
         &mut notes,
         "kvh_kv_claims_refused_total",
-        "kvh_claim_blocks calls were refused (see the kv_gate policy_violation records)",
+        "kvh_claim_blocks calls were refused, or the engine recorded refusals (see the kv_gate policy_violation records)",
     );
     note_if_positive(
         snap,

@@ -1406,3 +1406,47 @@ fn coarse_view(fine: &KvLayout) -> KvLayout {
         ..fine.clone()
     }
 }
+
+/// `kvh_refuse_blocks`: a refusal the engine decides itself (one block given to two requests
+/// in one step) is a `kv_gate` policy violation under the refused request's context, counted
+/// with the refused claims; nothing is scrubbed and the ledger is unchanged (the block's owner
+/// still reclaims it without a scrub). Bad ids or a bad device record nothing.
+#[test]
+fn a_refusal_the_engine_makes_is_logged_and_counted_and_changes_nothing() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    as_request("t1", "a", || claim(&f, &layout, &[3])).unwrap();
+    fill_block(&f, &layout, 3, 0x3a);
+    let before = batches(&f);
+    as_request("t2", "b", || {
+        f.alloc
+            .refuse_kv_blocks(&layout, &[3], 0, "given to two requests in one step")
+    })
+    .unwrap();
+    assert_eq!(batches(&f), before, "a refusal scrubbed");
+    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 1);
+    let violations = gate_violations(&f);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(
+        violations[0].contains("refused 1 KV blocks") && violations[0].contains("(ids 3)"),
+        "{violations:?}"
+    );
+    assert!(violations[0].ends_with("given to two requests in one step"));
+    let event = f.sink.snapshot().pop().unwrap();
+    assert_eq!(event.context.request_id(), Some("b"));
+    // The ledger still names a: its claim hands the block back without a scrub.
+    let r = as_request("t1", "a", || claim(&f, &layout, &[3])).unwrap();
+    assert!(r.gate_scrubbed.is_empty(), "{r:?}");
+    assert!(!block_is_zero(&f, &layout, 3));
+
+    assert!(matches!(
+        f.alloc.refuse_kv_blocks(&layout, &[3, 3], 0, "x"),
+        Err(KvScrubError::InvalidBlocks(_))
+    ));
+    assert!(matches!(
+        f.alloc.refuse_kv_blocks(&layout, &[3], 99, "x"),
+        Err(KvScrubError::InvalidDevice { device: 99, .. })
+    ));
+    assert_eq!(f.alloc.stats().counters.kv_claims_refused, 1);
+    assert_eq!(gate_violations(&f).len(), 1);
+}

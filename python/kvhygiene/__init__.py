@@ -56,6 +56,7 @@ __all__ = [
     "KvLayout",
     "scrub_blocks",
     "claim_blocks",
+    "refuse_blocks",
     "find_library",
     "load",
     "install",
@@ -253,6 +254,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvh_version": (ctypes.c_char_p, []),
         "kvh_scrub_blocks": (ctypes.c_int, _KV_CALL_ARGS),
         "kvh_claim_blocks": (ctypes.c_int, _KV_CALL_ARGS),
+        "kvh_refuse_blocks": (
+            ctypes.c_int,
+            [
+                ctypes.POINTER(_CLayout),
+                ctypes.POINTER(ctypes.c_uint32),
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_char_p,
+            ],
+        ),
         "kvh_shutdown": (None, []),
         "kvh_init": (ctypes.c_int, []),
         "kvh_check_config": (ctypes.c_int, []),
@@ -886,6 +897,37 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             raise KvhError("kvh_claim_blocks", code, message)
     if refusal is not None:
         raise ClaimRefusedError(refusal[0], refusal[1], refused)
+
+
+def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
+    """Records that the calling thread's request (its :func:`context`) is refused KV-cache
+    blocks ``block_ids`` of ``layout`` for ``reason``, a refusal the engine decides itself
+    (one block given to two requests in the same step, which no scrub can separate): a
+    ``policy_violation`` record (policy ``kv_gate``), counted with the refused claims. Nothing
+    is scrubbed or handed over; the blocks must not be used by the request.
+
+    Raises :class:`KvhError` when the refusal could not be recorded (a bad layout or ids, as
+    :func:`claim_blocks` checks them). Ids must be distinct and below
+    ``layout.blocks_per_region``; a set larger than one library call takes is recorded in
+    several records."""
+    lib = load()
+    ids = [_block_id(i) for i in _id_list(block_ids)]
+    bad = next((i for i in ids if not 0 <= i <= 0xFFFF_FFFF), None)
+    if bad is not None:
+        raise ValueError(f"block id {bad} is not in 0..2**32-1")
+    bases = (ctypes.c_uint64 * len(layout.regions))(*layout.regions)
+    c_layout = _CLayout(
+        bases, len(layout.regions), layout.block_bytes, layout.block_stride, layout.blocks_per_region
+    )
+    text = _encode(reason, "reason")
+    _resync_context()
+    per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
+    for start in range(0, max(1, len(ids)), per_call):
+        chunk = ids[start : start + per_call]
+        c_ids = (ctypes.c_uint32 * len(chunk))(*chunk)
+        code = lib.kvh_refuse_blocks(ctypes.byref(c_layout), c_ids, len(chunk), layout.device, text)
+        if code != KVH_OK:
+            raise KvhError("kvh_refuse_blocks", code, _last_message() or _message(code))
 
 
 def _id_list(block_ids) -> list:

@@ -52,6 +52,7 @@ from . import (
     ScrubVerificationError,
     claim_blocks,
     context,
+    refuse_blocks,
     scrub_blocks,
 )
 
@@ -283,6 +284,10 @@ def _shared_in_step(claimed: dict, layouts) -> dict:
     return shared
 
 
+#: The reason :func:`claim_scheduled` gives the library for a block shared in one step.
+_SHARED_REASON = "the step gives these blocks as new to more than one request (kvhygiene.vllm)"
+
+
 def claim_scheduled(
     scheduler_output,
     layouts: Sequence[KvLayout],
@@ -306,7 +311,8 @@ def claim_scheduled(
 
     A block the step gives as new to two requests (in one KV cache group, or in two groups of
     one cache) is claimed for neither: both are refused (code 7022, ``KVH_ERR_KV_TAKEN``),
-    since in one forward pass each would read what the other writes. A block that may last
+    since in one forward pass each would read what the other writes (recorded through
+    :func:`kvhygiene.refuse_blocks`, a ``policy_violation`` record). A block that may last
     have been handed over here under the same ids (a request that took the id of one that
     finished: clients choose request ids) is scrubbed before it is claimed; one whose scrub
     fails verification is refused (code 7009)."""
@@ -333,6 +339,9 @@ def claim_scheduled(
         refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]
         with context(tenant_id=tenant, request_id=request):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
+                if refused[g]:
+                    # In the forensic log, as the gate's own refusals are.
+                    refuse_blocks(layout, refused[g], _SHARED_REASON)
                 not_shared = set(refused[g])
                 ids = [i for i in ids if i not in not_shared]
                 if not ids:

@@ -685,6 +685,35 @@ impl Allocator {
         })
     }
 
+    /// Records a refusal the engine made itself (`kvh_refuse_blocks`): blocks `ids` of the
+    /// paged KV cache `layout` on `device` are not given to the calling thread's request, for
+    /// `reason` (one block given to two requests in one step, which no scrub can separate).
+    /// Counted as a refused claim and logged as one (`policy_violation`, policy `kv_gate`);
+    /// nothing is scrubbed, handed over or changed in the ledger. The layout and ids are
+    /// checked as a claim's are (geometry and distinct ids; the cache need not be live).
+    pub fn refuse_kv_blocks(
+        &self,
+        layout: &KvLayout,
+        ids: &[u32],
+        device: i32,
+        reason: &str,
+    ) -> Result<(), KvScrubError> {
+        let dev = self.kv_device(device)?;
+        layout.validate().and_then(|()| check_ids(layout, ids))?;
+        self.with_pool(dev, |pool, _, _, _| {
+            pool.stats.counters.kv_claims_refused += 1
+        });
+        self.report_gate_violation(
+            dev,
+            format!(
+                "the engine refused {} KV blocks to this request (ids {}): {reason}",
+                ids.len(),
+                id_list(ids)
+            ),
+        );
+        Ok(())
+    }
+
     /// Records that a claim named blocks whose last scrub failed: they are never handed over.
     fn report_failed_before(&self, dev: u32, failed_before: &[u32]) {
         if failed_before.is_empty() {

@@ -451,6 +451,74 @@ pub extern "C" fn kvh_claim_blocks(
     })
 }
 
+/// Longest `reason` of `kvh_refuse_blocks` kept, in bytes; a longer one is cut.
+const MAX_REFUSAL_REASON: usize = 512;
+
+/// Records that the engine refused to give blocks `block_ids[0..block_count]` of the paged KV
+/// cache `layout` on `device` to the calling thread's request, for `reason` (NUL-terminated
+/// text, NULL for none; cut at 512 bytes, bytes that are not UTF-8 replaced): a refusal the
+/// engine decides itself, such as one block given to two requests in the same step (each
+/// would read what the other writes, which no scrub can separate). It is logged and counted
+/// as a refused claim (`policy_violation` record, policy `kv_gate`; `kv_claims_refused`).
+/// Nothing is scrubbed or handed over, and the gate's ledger is unchanged. The blocks must not
+/// be used by the request.
+///
+/// The layout and ids are checked as `kvh_claim_blocks` checks them (the cache need not be a
+/// live allocation). Returns `KVH_OK` when the refusal was recorded, else nothing was
+/// recorded: `KVH_ERR_NULL_PARAMETER` or `KVH_ERR_INVALID_LAYOUT` from that check,
+/// `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown`, or the start-up's
+/// error.
+///
+/// `block_ids` may be NULL when `block_count` is 0; `layout` is required.
+///
+/// Ownership: the arrays and `reason` stay the caller's and are used only during the call.
+#[no_mangle]
+pub extern "C" fn kvh_refuse_blocks(
+    layout: *const kvh_kv_layout,
+    block_ids: *const u32,
+    block_count: usize,
+    device: c_int,
+    reason: *const c_char,
+) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        // SAFETY: `layout`, `block_ids` and their lengths are the caller's contract above;
+        // `read_kv_call` checks NULLs and bounds the lengths before reading.
+        let (layout, ids) = match unsafe { read_kv_call(layout, block_ids, block_count) } {
+            Ok(call) => call,
+            Err(rc) => return rc,
+        };
+        // SAFETY: the caller passes NULL or a NUL-terminated string; at most
+        // MAX_REFUSAL_REASON + 1 bytes are read, stopping at the first NUL.
+        let reason = unsafe { bounded_c_bytes(reason, MAX_REFUSAL_REASON) };
+        let reason = refusal_reason(reason.as_deref());
+        let rt = match runtime::get() {
+            Ok(rt) => rt,
+            Err(e) => return fail(e.code(), e.to_string()),
+        };
+        match rt
+            .allocator
+            .refuse_kv_blocks(&layout, &ids, device, &reason)
+        {
+            Ok(()) => ok(),
+            Err(e) => fail(kvh_result::from(&e), e.to_string()),
+        }
+    })
+}
+
+/// The text of a `kvh_refuse_blocks` reason: lossy UTF-8, marked when cut.
+fn refusal_reason(bytes: Option<&[u8]>) -> String {
+    let Some(bytes) = bytes else {
+        return "no reason given".into();
+    };
+    let cut = bytes.len() > MAX_REFUSAL_REASON;
+    let mut text =
+        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_REFUSAL_REASON)]).into_owned();
+    if cut {
+        text.push_str(" [cut]");
+    }
+    text
+}
+
 /// The list, code and message of a claim that did not hand every block over.
 fn not_handed_over(
     ids: &[u32],
@@ -883,11 +951,23 @@ unsafe fn write_c_string(text: &str, buf: *mut c_char, len: usize, out_len: *mut
 /// # Safety
 /// 1. `p` is NULL, or points to readable bytes up to its NUL or at least `MAX_ID_LEN + 1`.
 unsafe fn bounded_c_str(p: *const c_char) -> Option<Vec<u8>> {
+    // SAFETY: the caller's contract, with the bound MAX_ID_LEN.
+    unsafe { bounded_c_bytes(p, MAX_ID_LEN) }
+}
+
+/// Reads a NUL-terminated string of at most `max + 1` bytes (one more than kept, so that a
+/// longer string is seen to be longer), `None` for NULL.
+///
+/// # Safety
+///
+/// 1. `p` is NULL, or every byte from `p` up to its first NUL or `max + 1` bytes, whichever
+///    comes first, is readable.
+unsafe fn bounded_c_bytes(p: *const c_char, max: usize) -> Option<Vec<u8>> {
     if p.is_null() {
         return None;
     }
     let mut bytes = Vec::new();
-    for i in 0..=MAX_ID_LEN {
+    for i in 0..=max {
         // SAFETY: by (1), every byte up to the NUL or the bound is readable.
         let b = unsafe { *p.add(i) } as u8;
         if b == 0 {
@@ -918,6 +998,23 @@ pub extern "C" fn kvh_inject_fault(segments: u32) -> c_int {
 
 #[cfg(test)]
 mod tests {
+
+    /// A refusal's reason: none given is said, a long one is cut and marked, bytes that are
+    /// not UTF-8 are replaced rather than refused (the refusal is recorded either way).
+    #[test]
+    fn a_refusal_reason_is_bounded_and_always_text() {
+        assert_eq!(refusal_reason(None), "no reason given");
+        assert_eq!(refusal_reason(Some(b"shared")), "shared");
+        assert_eq!(refusal_reason(Some(b"a\xffb")), "a\u{fffd}b");
+        let long = vec![b'x'; MAX_REFUSAL_REASON + 1];
+        let text = refusal_reason(Some(&long));
+        assert!(text.ends_with(" [cut]"));
+        assert_eq!(text.len(), MAX_REFUSAL_REASON + " [cut]".len());
+        // SAFETY: a NUL-terminated string longer than the bound: only bound + 1 bytes are read.
+        let read = unsafe { bounded_c_bytes(c"abcdef".as_ptr(), 3) }.unwrap();
+        assert_eq!(read, b"abcd");
+    }
+
     use super::*;
     use crate::alloc::KvClaimReport;
 

@@ -409,7 +409,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "kvh_claim_blocks calls refused (bad input, memory not live, or enforce)."
+        "kvh_claim_blocks calls refused (bad input, memory not live, or enforce), and refusals the engine recorded (kvh_refuse_blocks)."
     ),
     // Accounting (`Stats::accounting`): what the pool holds now.
     series!(
