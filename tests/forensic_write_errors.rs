@@ -591,3 +591,78 @@ fn an_active_file_replaced_by_another_is_seen_and_the_chain_goes_on_in_a_new_fil
     );
     assert!(read_lines(&files[1]).iter().any(|l| l.contains("req-100")));
 }
+
+/// The whole log directory removed while the log runs (a mistaken cleanup of the node): the
+/// writer finds its active file gone and there is no directory left to go on in, so every
+/// record it writes from then on goes into a file no reader can open. Those records are lost,
+/// and counted as lost (`records_lost`, and the `stop` record's total), not as written.
+#[test]
+fn records_written_after_the_active_file_is_gone_and_no_next_file_can_be_made_are_counted_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = keyed_log_with_events(&dir, 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().write_errors == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(log.stats().write_errors >= 1, "{:?}", log.stats());
+    let lost_before = log.stats().records_lost;
+    for i in 0..3 {
+        log.emit(event(100 + i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert!(
+        s.records_lost >= lost_before + 3,
+        "three records went into a file the writer had found removed (no next file could be \
+         made) and were counted as written, not lost: {s:?}"
+    );
+    log.stop();
+}
+
+/// The active file removed and the chain's next name already taken (planted): the writer
+/// cannot go on in a new file, so the records of that time are counted lost, not written into
+/// the removed file; once the name is free the chain goes on there, starting with its link and
+/// a `lost` record that counts them.
+#[test]
+fn records_are_counted_lost_until_the_chain_can_go_on_after_its_active_file_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = keyed_log_with_events(&dir, 3);
+    let first = chain_files(&dir)[0].clone();
+    let planted = dir.join(name(&first).replace("-000000.", "-000001."));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::remove_file(&first).unwrap();
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !what() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for(&|| log.stats().write_errors > 0);
+    let written = log.stats().records_written;
+    for i in 0..2 {
+        log.emit(event(100 + i));
+    }
+    log.flush();
+    let s = log.stats();
+    assert_eq!(s.records_written, written, "{s:?}");
+    assert!(s.records_lost >= 2, "{s:?}");
+    std::fs::remove_file(&planted).unwrap();
+    wait_for(&|| planted.exists());
+    log.emit(event(200));
+    log.stop();
+    let records: Vec<serde_json::Value> = read_lines(&planted)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["kind"], "rotate", "{records:?}");
+    let lost = records
+        .iter()
+        .find(|r| r["kind"] == "lost")
+        .expect("no lost record");
+    assert!(lost["records_lost"].as_u64().unwrap() >= 2, "{lost}");
+    assert!(records.iter().any(|r| r["request_id"] == "req-200"));
+    assert!(!records.iter().any(|r| r["request_id"] == "req-100"));
+}

@@ -44,6 +44,27 @@ struct Head {
     /// The signing key (hex) the chain's current writer named ([`named_signer`] of the file
     /// holding `tail`); `None` when its records name none.
     signer: Option<String>,
+    /// The previous file's bytes, when `tail` is there (`link_from`).
+    prev_bytes: Option<Vec<u8>>,
+}
+
+impl Head {
+    /// Whether the file holding `tail` reads as one piece of the chain ending with it
+    /// ([`file_links`]); `newest` is the newest file's bytes. Checked after the cheaper
+    /// checks, since it hashes every line of the file.
+    fn links(&self, chain: &str, newest: &[u8]) -> bool {
+        let bytes = self.prev_bytes.as_deref().unwrap_or(newest);
+        let complete = bytes.len()
+            - if self.prev_bytes.is_some() {
+                0
+            } else {
+                self.torn
+            };
+        let Some(end) = complete.checked_sub(1) else {
+            return false;
+        };
+        file_links(&bytes[..end], chain, self.tail_index) == Some((self.tail.seq, self.tail.hash))
+    }
 }
 
 /// The last complete record of the chain: in the newest file, or, when that file holds no
@@ -61,6 +82,7 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
             torn: bytes.len() - end - 1,
             link_from: None,
             signer: named_signer(&bytes[..=end]),
+            prev_bytes: None,
         });
     }
     // No newline at all: every byte of the newest file is the torn fragment of its first line.
@@ -77,6 +99,7 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
         torn: bytes.len(),
         link_from: Some(prev_name),
         signer: named_signer(&prev_bytes),
+        prev_bytes: Some(prev_bytes),
     })
 }
 
@@ -212,6 +235,9 @@ pub fn adopt(
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
             continue;
         }
+        if !head.links(chain, &bytes) {
+            continue;
+        }
         let len = (bytes.len() - head.torn) as u64;
         // Cut only what is torn: a file with nothing to cut may refuse a truncation it does
         // not need (an append-only file, `chattr +a`) and still be continued. One that
@@ -305,11 +331,21 @@ struct Tail {
 }
 
 /// The last line of `bytes` (the file of `chain` numbered `index`, ending with a newline), if
-/// the whole file reads as one piece of the chain ([`file_links`]).
+/// it is a canonical record of that file whose hash recomputes from its `prev` and body.
+/// Whether the whole file leads to it is [`Head::links`].
 fn last_record(bytes: &[u8], chain: &str, index: u64) -> Option<Tail> {
     let end = bytes.len().checked_sub(1)?;
-    let (seq, hash) = file_links(&bytes[..end], chain, index)?;
     let line = &bytes[line_start(bytes, end)..end];
+    let r = scan(line).ok()?;
+    let prev = parse_hash(r.prev?)?;
+    let hash = parse_hash(r.hash)?;
+    if r.chain != Some(chain)
+        || r.epoch != Some(index)
+        || chain_hash_open(&prev, r.body_open) != hash
+    {
+        return None;
+    }
+    let seq = r.seq?;
     let record: Value = serde_json::from_slice(line).ok()?;
     Some(Tail { record, seq, hash })
 }

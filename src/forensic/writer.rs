@@ -97,8 +97,9 @@ pub(crate) struct ChainWriter {
     write_retry: WriteRetry,
     /// When [`ChainWriter::check_file_in_place`] last looked.
     last_file_check: Instant,
-    /// The index of the last file found gone from the directory (said once).
-    gone_reported: Option<u64>,
+    /// The directory no longer names the active file, and no rotation away from it has
+    /// succeeded yet: writes to it fail, and their records are counted lost.
+    file_gone: bool,
     /// Whether the directory's names can be checked against the active file: not where the
     /// file just opened already looks gone (a file system whose inode numbers do not stay
     /// put), which would otherwise rotate the file at every check.
@@ -240,11 +241,11 @@ impl ChainWriter {
             last_ckpt: Instant::now(),
             write_retry: WriteRetry::new(),
             last_file_check: Instant::now(),
-            gone_reported: None,
+            file_gone: false,
             check_files: true,
             shared,
         };
-        w.check_files = !w.file_gone(&files::file_name(&w.chain, w.index));
+        w.check_files = !w.file_missing(&files::file_name(&w.chain, w.index));
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
@@ -352,29 +353,26 @@ impl ChainWriter {
         }
     }
 
-    /// Every [`FILE_CHECK_EVERY`], with nothing buffered: when the directory no longer holds
-    /// the active file (removed, or another file renamed over it), the records written to it
-    /// are in a file no reader can open, and every later one would be. The chain goes on in
-    /// its next file, whose `rotate` record names the missing one: verification reports the
-    /// gap, as it does any deleted file. Counted as a write error, said once per file.
+    /// Every [`FILE_CHECK_EVERY`]: when the directory no longer holds the active file
+    /// (removed, or another file renamed over it), the records written to it are in a file no
+    /// reader can open, and every later one would be. From then on writes to it fail (the
+    /// records are counted lost, and a `lost` record describes them) until the chain goes on
+    /// in its next file, whose `rotate` record names the missing one: verification reports the
+    /// gap, as it does any deleted file. Counted as a write error and said once per file.
     fn check_file_in_place(&mut self) {
-        if !self.check_files
-            || !self.buf.is_empty()
-            || self.last_file_check.elapsed() < FILE_CHECK_EVERY
-        {
+        if !self.check_files || self.last_file_check.elapsed() < FILE_CHECK_EVERY {
             return;
         }
         self.last_file_check = Instant::now();
-        let name = files::file_name(&self.chain, self.index);
-        if !self.file_gone(&name) {
-            return;
-        }
-        if self.gone_reported != Some(self.index) {
-            self.gone_reported = Some(self.index);
+        if !self.file_gone {
+            let name = files::file_name(&self.chain, self.index);
+            if !self.file_missing(&name) {
+                return;
+            }
+            self.file_gone = true;
             let msg = format!(
-                "{name}: removed from the log directory or replaced while in use (its records \
-                 are no longer there); the chain goes on in {}",
-                files::file_name(&self.chain, self.index + 1)
+                "{name}: removed from the log directory or replaced while in use; its records \
+                 are no longer there, and records are lost until the chain goes on in a new file"
             );
             self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
             *lock(&self.shared.last_error) = Some(msg.clone());
@@ -383,14 +381,37 @@ impl ChainWriter {
                 self.dir.display()
             ));
         }
-        // A failure is counted by `rotate`, and tried again at the next check.
-        let _ = self.rotate(unix_nanos(SystemTime::now()));
+        self.leave_gone_file();
+    }
+
+    /// Rotates away from the active file found gone ([`ChainWriter::file_gone`]), once no
+    /// record but rebuilt ones (a `lost` record, a fresh file's link) waits in the buffer:
+    /// those were sealed for the gone file, and are dropped to be rebuilt after the rotation.
+    /// A failed rotation (no directory left, the next name taken) is counted by `rotate`, and
+    /// tried again at the next check; meanwhile writes keep failing.
+    fn leave_gone_file(&mut self) {
+        if !self.file_gone || self.holds_new_records() {
+            return;
+        }
+        self.buf.clear();
+        self.buf_kinds.clear();
+        self.lost_in_buf = false;
+        self.seq = self.committed_seq;
+        self.prev = self.committed_prev;
+        if self.rotate(unix_nanos(SystemTime::now())).is_ok() {
+            self.file_gone = false;
+            crate::say(format_args!(
+                "kvhygiene: forensic log {}: the chain goes on in {}",
+                self.dir.display(),
+                files::file_name(&self.chain, self.index)
+            ));
+        }
     }
 
     /// Whether the directory no longer names the active file: it has no link left, or its
     /// name is missing or names another file. An error other than a missing name (the
     /// directory unreadable for a moment) is not taken for one.
-    fn file_gone(&self, name: &str) -> bool {
+    fn file_missing(&self, name: &str) -> bool {
         use std::os::unix::fs::MetadataExt;
         let Ok(own) = self.file.metadata() else {
             return false;
@@ -632,6 +653,13 @@ impl ChainWriter {
     }
 
     fn write_with_faults(&mut self) -> io::Result<()> {
+        if self.file_gone {
+            // Written, the records would be in a file no reader can open.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the file was removed from the log directory or replaced while in use",
+            ));
+        }
         let armed = self
             .shared
             .injected_faults
@@ -1060,6 +1088,7 @@ impl ChainWriter {
             if self.flush().is_ok() {
                 break;
             }
+            self.leave_gone_file();
             let now = Instant::now();
             let next = self.write_retry.not_before.unwrap_or(now).max(now);
             if next >= deadline {
