@@ -769,3 +769,42 @@ fn a_strict_reading_does_not_take_a_manifest_of_a_retired_secret_for_a_prune() {
         "the checkpoint is said matched by a manifest of another secret: {p}"
     );
 }
+
+/// The period of the records each secret sealed is the same whether the moved records are
+/// read from the archive (`--archive-dir`) or accounted for by their MAC-verified manifests
+/// (`--allow-pruned`): a manifest dates the moved records from the oldest to the newest.
+#[test]
+fn the_period_each_secret_sealed_is_kept_once_its_chains_are_pruned() {
+    let r = rotated();
+    // A process of the new secret still running: its newest files stay in the directory.
+    open_chain_sealed_with(&r.log, NEW, 120);
+    let archive = archive_in(r.tmp.path());
+    let (code, _, err) = prune_everything(&r.log, &archive, &[&r.new_key, &r.old_key]);
+    assert_eq!(code, 0, "{err}");
+    let ev = |archived: bool| {
+        let mut a = VerifyLogArgs::of(r.log.clone());
+        a.key_file = vec![r.new_key.clone(), r.old_key.clone()];
+        if archived {
+            a.archive_dir = vec![archive.clone()];
+        } else {
+            a.allow_pruned = true;
+        }
+        evidence::collect(&EvidenceArgs {
+            max_exceptions: 10,
+            ..EvidenceArgs::of(a)
+        })
+        .unwrap()
+    };
+    let periods = |ev: &evidence::Evidence| -> Vec<(String, Option<String>, Option<String>)> {
+        ev.integrity
+            .keys
+            .iter()
+            .map(|k| (k.key.clone(), k.first_record.clone(), k.last_record.clone()))
+            .collect()
+    };
+    let whole = ev(true);
+    assert!(whole.integrity.verified, "{:?}", whole.integrity.problems);
+    let pruned = ev(false);
+    assert!(pruned.integrity.verified, "{:?}", pruned.integrity.problems);
+    assert_eq!(periods(&pruned), periods(&whole));
+}

@@ -384,6 +384,114 @@ fn a_writer_rotating_and_checkpointing_during_a_verification_is_not_truncation()
     assert_eq!(failed, None, "a growing log reported as tampered");
 }
 
+/// A process that starts while a verification runs (a restarted pod, another rank) creates
+/// its chain, checkpoints it, rotates and checkpoints again while the verifier still works
+/// through the chains listed before it. Its files and checkpoint, as the verifier finds them,
+/// only ever grow: with the signer pinned and checkpoints kept apart, that is not records
+/// cut off or newest files deleted.
+#[test]
+fn a_writer_started_during_a_verification_is_not_truncation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 4096);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    c.checkpoint_every_records = 3;
+    // Earlier processes' closed chains, which the verifier reads before a new one.
+    for _ in 0..20 {
+        write_log(&c, 1, true);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (c, stop) = (c.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+                for i in 0..60 {
+                    log.emit(event(i));
+                    if i % 4 == 0 {
+                        log.flush();
+                    }
+                }
+                log.stop();
+            }
+        })
+    };
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ckpt_dir.clone()],
+        ..keyed_opts()
+    };
+    let began = Instant::now();
+    let mut failed = None;
+    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
+        let r = verify(&dir, &opts);
+        if !r.ok() {
+            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(failed, None, "a log with a new writer reported as tampered");
+}
+
+/// A process starting while the log is verified writes its `start` record, syncs it, and then
+/// signs its first checkpoint: a verification that lists the new chain in between finds a
+/// chain of one `start` record whose checkpoint is not written yet. That is a writer starting,
+/// not a checkpoint deleted: with the signer pinned and checkpoints kept apart, the log still
+/// verifies.
+#[test]
+fn a_chain_listed_before_its_first_checkpoint_is_written_is_not_tampering() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    c.fsync = kvhygiene::config::FsyncPolicy::Always;
+    write_log(&c, 1, true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let starter = {
+        let (c, stop) = (c.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+                log.stop();
+            }
+        })
+    };
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ckpt_dir.clone()],
+        ..keyed_opts()
+    };
+    let began = Instant::now();
+    let mut failed = None;
+    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
+        let r = verify(&dir, &opts);
+        if !r.ok() {
+            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    starter.join().unwrap();
+    assert_eq!(
+        failed, None,
+        "a log with a process starting reported as tampered"
+    );
+}
+
 /// With a signing key, every file after the first opens with a `rotate` record that names
 /// the signer (the public key the chain's checkpoints are signed with), as `start` does for
 /// the first file.

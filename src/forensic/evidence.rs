@@ -882,7 +882,7 @@ fn key_uses(r: &Report) -> Vec<KeyUse> {
                 key: name.clone(),
                 chains: sealed.len(),
                 first_record: sealed.iter().filter_map(|c| started(c)).min().map(rfc3339),
-                last_record: sealed.iter().filter_map(|c| c.last_ts).max().map(rfc3339),
+                last_record: sealed.iter().filter_map(|c| ended(c)).max().map(rfc3339),
             }
         })
         .collect()
@@ -895,6 +895,14 @@ fn started(c: &verify::ChainReport) -> Option<u64> {
         Some(p) => p.first_ts,
         None => c.first_ts,
     }
+}
+
+/// When a chain's last record was written: the newest of the records read and, for a
+/// pruned chain, of those moved, as its MAC-verified manifest recorded them (a chain moved
+/// whole has no record read).
+fn ended(c: &verify::ChainReport) -> Option<u64> {
+    let moved = c.pruned.as_ref().and_then(|p| p.last_ts);
+    c.last_ts.max(moved)
 }
 
 /// Chains begun with a secret after a newer secret was in use. Which secret is newer comes

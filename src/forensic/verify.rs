@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
@@ -227,23 +228,36 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         BTreeMap::new()
     };
     let total = chains.len();
+    // Chains that had no checkpoint yet, by their index in `report.chains`.
+    let mut uncovered = Vec::new();
     for (i, (chain, list)) in chains.iter().enumerate() {
         if opts.progress {
             eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
         }
-        let ckpt = ckpts
-            .remove(chain)
-            .or_else(|| late_checkpoint(chain, opts, &ckpt_files_read, &mut report));
+        let (ckpt, list) = match ckpts.remove(chain) {
+            Some(c) => (Some(c), list.clone()),
+            None => match late_checkpoint(chain, opts, &ckpt_files_read, &mut report) {
+                // Read after the listing: the chain's writer may have rotated and signed
+                // since, so its files are listed again, after the checkpoint, as the first
+                // reading lists them after the checkpoints.
+                Some(c) => (Some(c), relisted(dir, chain, opts)?.unwrap_or(list.clone())),
+                None => (None, list.clone()),
+            },
+        };
+        if ckpt.is_none() && !opts.public_keys.is_empty() {
+            uncovered.push(report.chains.len());
+        }
         let manifest = manifests.remove(chain);
         report.chains.push(verify_listed(
             dir,
             chain,
-            list,
+            &list,
             opts,
             ckpt.as_ref(),
             manifest,
         )?);
     }
+    await_first_checkpoints(dir, opts, &mut report, &uncovered)?;
     // Manifests of chains with no file left.
     for (chain, manifest) in manifests {
         let ckpt = ckpts.remove(&chain);
@@ -274,6 +288,83 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         ));
     }
     Ok(report)
+}
+
+/// The files of `chain` as listed now (`None`: none are left).
+fn relisted(
+    dir: &Path,
+    chain: &str,
+    opts: &VerifyOptions,
+) -> Result<Option<Vec<(u64, PathBuf)>>, VerifyError> {
+    Ok(list_all(dir, opts)?
+        .into_iter()
+        .find(|(id, _)| id == chain)
+        .map(|(_, l)| l)
+        .filter(|l| !l.is_empty()))
+}
+
+/// How long a chain whose newest file changed this recently may still be waiting for its
+/// first checkpoint: a writer signs one right after its `start` record is on disk.
+const FIRST_CHECKPOINT_FRESH: Duration = Duration::from_secs(5);
+
+/// How long a verification waits, in all, for the first checkpoints of such chains.
+const FIRST_CHECKPOINT_WAIT: Duration = Duration::from_secs(2);
+
+/// Chains `uncovered` (indexes into `report.chains`) that failed without a checkpoint under a
+/// pinned signer, and whose newest file changed within [`FIRST_CHECKPOINT_FRESH`], may have
+/// been listed between their writer's `start` record and its first checkpoint: their
+/// checkpoints are looked for again, for up to [`FIRST_CHECKPOINT_WAIT`], and a chain whose
+/// checkpoint appears is verified again with it (its files listed after it). A chain whose
+/// checkpoint does not appear keeps its finding: one its writer died before signing cannot be
+/// told from one whose checkpoint was deleted.
+fn await_first_checkpoints(
+    dir: &Path,
+    opts: &VerifyOptions,
+    report: &mut Report,
+    uncovered: &[usize],
+) -> Result<(), VerifyError> {
+    let fresh = |c: &ChainReport| {
+        let newest = c
+            .last_file
+            .unwrap_or(0)
+            .max(c.files.saturating_sub(1) as u64);
+        std::fs::metadata(dir.join(files::file_name(&c.chain, newest)))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < FIRST_CHECKPOINT_FRESH)
+    };
+    let mut waiting: Vec<usize> = uncovered
+        .iter()
+        .copied()
+        .filter(|&i| report.chains.get(i).is_some_and(|c| !c.ok() && fresh(c)))
+        .collect();
+    let deadline = Instant::now() + FIRST_CHECKPOINT_WAIT;
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for i in waiting {
+            let chain = report.chains[i].chain.clone();
+            let Some(ckpt) = late_checkpoint(&chain, opts, &BTreeSet::new(), report) else {
+                still.push(i);
+                continue;
+            };
+            let Some(list) = relisted(dir, &chain, opts)? else {
+                continue;
+            };
+            let manifest = if pruned_reading(opts) {
+                load_manifest(dir, &chain, &manifest_keys(opts).map_err(VerifyError)?)
+            } else {
+                None
+            };
+            report.chains[i] = verify_listed(dir, &chain, &list, opts, Some(&ckpt), manifest)?;
+        }
+        waiting = still;
+        if waiting.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// How many times a chain is verified again from a new listing (see [`verify_listed`]).
