@@ -774,6 +774,35 @@ fn an_immutable_chain_file_with_a_wrong_mode_is_refused() {
     assert!(err.to_string().contains("mode"), "{err}");
 }
 
+/// Makes a crashed chain in `dir`, appends `extra` lines to its file, starts a process in
+/// `dir` and checks that it left the chain as it was and started a chain of its own (`what`
+/// names the appended lines in the failure message).
+fn assert_crashed_chain_left_alone(
+    dir: &std::path::Path,
+    extra: impl FnOnce(&[String]) -> Vec<String>,
+    what: &str,
+) {
+    let c = cfg(dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let mut lines = read_lines(&file);
+    let appended = extra(&lines);
+    lines.extend(appended);
+    write_lines(&file, &lines);
+    let before = std::fs::read(&file).unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let after = std::fs::read(&file).unwrap();
+    assert!(
+        after == before,
+        "the chain ending with {what} was continued: {} bytes appended after it",
+        after.len() - before.len()
+    );
+    let r = verify(dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+}
+
 /// A crashed chain whose last line is a whole, sealed record of another chain (appended to
 /// the file: its `chain` is not the file's, and its `prev` is not the hash of the line
 /// before it) is not continued: like a junk line, it is evidence for `verify-log`. The new
@@ -792,26 +821,7 @@ fn a_crashed_chain_ending_with_a_record_of_another_chain_is_left_alone() {
         .find(|l| l.contains("\"kind\":\"quarantine\""))
         .unwrap()
         .clone();
-
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let mut lines = read_lines(&file);
-    lines.push(foreign);
-    write_lines(&file, &lines);
-    let before = std::fs::read(&file).unwrap();
-
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(100));
-    log.stop();
-    let after = std::fs::read(&file).unwrap();
-    assert!(
-        after == before,
-        "the chain ending with a spliced record was continued: {} bytes appended after it",
-        after.len() - before.len()
-    );
-    let r = verify(&dir, &keyed_opts());
-    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert_crashed_chain_left_alone(&log_dir(&tmp), |_| vec![foreign], "a spliced record");
 }
 
 /// A crashed chain whose last line repeats one of its earlier records (sealed, of this
@@ -821,26 +831,7 @@ fn a_crashed_chain_ending_with_a_record_of_another_chain_is_left_alone() {
 #[test]
 fn a_crashed_chain_ending_with_a_repeated_record_is_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let mut lines = read_lines(&file);
-    let repeated = lines[3].clone();
-    lines.push(repeated);
-    write_lines(&file, &lines);
-    let before = std::fs::read(&file).unwrap();
-
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(100));
-    log.stop();
-    let after = std::fs::read(&file).unwrap();
-    assert!(
-        after == before,
-        "the chain ending with a repeated record was continued: {} bytes appended after it",
-        after.len() - before.len()
-    );
-    let r = verify(&dir, &keyed_opts());
-    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert_crashed_chain_left_alone(&log_dir(&tmp), |l| vec![l[3].clone()], "a repeated record");
 }
 
 /// A crashed chain whose last two lines repeat two consecutive records of its own (sealed,
@@ -850,24 +841,5 @@ fn a_crashed_chain_ending_with_a_repeated_record_is_left_alone() {
 #[test]
 fn a_crashed_chain_ending_with_two_repeated_records_is_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let mut lines = read_lines(&file);
-    let pair = lines[3..5].to_vec();
-    lines.extend(pair);
-    write_lines(&file, &lines);
-    let before = std::fs::read(&file).unwrap();
-
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(100));
-    log.stop();
-    let after = std::fs::read(&file).unwrap();
-    assert!(
-        after == before,
-        "the chain ending with two repeated records was continued: {} bytes appended after it",
-        after.len() - before.len()
-    );
-    let r = verify(&dir, &keyed_opts());
-    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert_crashed_chain_left_alone(&log_dir(&tmp), |l| l[3..5].to_vec(), "two repeated records");
 }

@@ -384,6 +384,39 @@ fn a_writer_rotating_and_checkpointing_during_a_verification_is_not_truncation()
     assert_eq!(failed, None, "a growing log reported as tampered");
 }
 
+/// Verifies `dir` with `opts` again and again for 5 s while another thread runs `work` in a
+/// loop; returns the first failed verification's problem and errors, if any.
+fn verify_while(
+    dir: &std::path::Path,
+    opts: &kvhygiene::forensic::VerifyOptions,
+    work: impl Fn() + Send + 'static,
+) -> Option<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                work();
+            }
+        })
+    };
+    let began = Instant::now();
+    let mut failed = None;
+    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
+        let r = verify(dir, opts);
+        if !r.ok() {
+            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    failed
+}
+
 /// A process that starts while a verification runs (a restarted pod, another rank) creates
 /// its chain, checkpoints it, rotates and checkpoints again while the verifier still works
 /// through the chains listed before it. Its files and checkpoint, as the verifier finds them,
@@ -391,10 +424,6 @@ fn a_writer_rotating_and_checkpointing_during_a_verification_is_not_truncation()
 /// cut off or newest files deleted.
 #[test]
 fn a_writer_started_during_a_verification_is_not_truncation() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let ckpt_dir = tmp.path().join("ckpt");
@@ -407,37 +436,21 @@ fn a_writer_started_during_a_verification_is_not_truncation() {
     for _ in 0..20 {
         write_log(&c, 1, true);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (c, stop) = (c.clone(), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-                for i in 0..60 {
-                    log.emit(event(i));
-                    if i % 4 == 0 {
-                        log.flush();
-                    }
-                }
-                log.stop();
-            }
-        })
-    };
     let opts = kvhygiene::forensic::VerifyOptions {
         public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
         checkpoints: vec![ckpt_dir.clone()],
         ..keyed_opts()
     };
-    let began = Instant::now();
-    let mut failed = None;
-    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
-        let r = verify(&dir, &opts);
-        if !r.ok() {
-            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
+    let failed = verify_while(&dir, &opts, move || {
+        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+        for i in 0..60 {
+            log.emit(event(i));
+            if i % 4 == 0 {
+                log.flush();
+            }
         }
-    }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+        log.stop();
+    });
     assert_eq!(failed, None, "a log with a new writer reported as tampered");
 }
 
@@ -448,10 +461,6 @@ fn a_writer_started_during_a_verification_is_not_truncation() {
 /// verifies.
 #[test]
 fn a_chain_listed_before_its_first_checkpoint_is_written_is_not_tampering() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let ckpt_dir = tmp.path().join("ckpt");
@@ -461,31 +470,16 @@ fn a_chain_listed_before_its_first_checkpoint_is_written_is_not_tampering() {
     c.checkpoint_dir = Some(ckpt_dir.clone());
     c.fsync = kvhygiene::config::FsyncPolicy::Always;
     write_log(&c, 1, true);
-    let stop = Arc::new(AtomicBool::new(false));
-    let starter = {
-        let (c, stop) = (c.clone(), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-                log.stop();
-            }
-        })
-    };
     let opts = kvhygiene::forensic::VerifyOptions {
         public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
         checkpoints: vec![ckpt_dir.clone()],
         ..keyed_opts()
     };
-    let began = Instant::now();
-    let mut failed = None;
-    while failed.is_none() && began.elapsed() < Duration::from_secs(5) {
-        let r = verify(&dir, &opts);
-        if !r.ok() {
-            failed = Some(format!("{:?} {:?}", r.first_problem(), r.errors));
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    starter.join().unwrap();
+    let failed = verify_while(&dir, &opts, move || {
+        ForensicLog::open_with_secret(&c, start(), Some(secret()))
+            .unwrap()
+            .stop();
+    });
     assert_eq!(
         failed, None,
         "a log with a process starting reported as tampered"

@@ -541,7 +541,9 @@ def test_a_block_given_to_two_requests_in_two_kv_cache_groups_of_one_cache_is_re
         kvhygiene.synchronize()
 
 
-_REUSED_ID_AFTER_AN_ENFORCE_REFUSAL = r"""
+#: What the scripts below run first, in a process of their own (the policy is read from the
+#: environment when the library starts): a two-region cache of 8 blocks and a step builder.
+_SCRIPT_PRELUDE = r"""
 import ctypes, sys
 from types import SimpleNamespace as NS
 sys.path.insert(0, sys.argv[1])
@@ -557,6 +559,37 @@ def step(req_id, ids):
 lib = kvhygiene.load()
 p = lib.kvh_malloc(2 * BLOCKS * BLOCK_BYTES, 0, None)
 layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+def old_bytes(i):
+    return any(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) != bytes(BLOCK_BYTES) for b in layout.regions)
+"""
+
+
+def _run_script(tmp_path, body: str, **env_vars):
+    """Runs :data:`_SCRIPT_PRELUDE` then ``body`` in a new interpreter on the host backend,
+    with ``env_vars`` set (and ``KVH_LOG_DIR`` unset unless given); returns the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT_PRELUDE + body)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host")
+    env.pop("KVH_LOG_DIR", None)
+    env.update(env_vars)
+    run = subprocess.run([sys.executable, str(script), pkg], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_a_reused_id_gets_its_blocks_scrubbed_after_another_requests_claim_of_them_was_refused(tmp_path):
+    # Under KVH_KV_GATE=enforce, request x given req-1's unscrubbed block 2 is refused (nothing
+    # changes hands: the block stays req-1's in the library's ledger) and does not run. A new
+    # request that reuses the id req-1 is then given block 2: it must not read the finished
+    # req-1's bytes. Either claim_scheduled scrubs the block first (it was last claimed under
+    # the same ids) or the claim is refused.
+    body = """
 kvhygiene.scrub_blocks(layout, list(range(BLOCKS)))  # enforce: the whole cache once at start
 claim_scheduled(step("req-1", [2]), [layout], 16)
 for base in layout.regions:
@@ -573,47 +606,22 @@ try:
 except kvhygiene.ClaimRefusedError as e:
     print("REUSED REFUSED", e.code)
     sys.exit(0)
-old = any(ctypes.string_at(b + 2 * BLOCK_BYTES, BLOCK_BYTES) != bytes(BLOCK_BYTES) for b in layout.regions)
-print("OLD BYTES" if old else "SCRUBBED")
+print("OLD BYTES" if old_bytes(2) else "SCRUBBED")
 """
-
-
-def test_a_reused_id_gets_its_blocks_scrubbed_after_another_requests_claim_of_them_was_refused(tmp_path):
-    # Under KVH_KV_GATE=enforce, request x given req-1's unscrubbed block 2 is refused (nothing
-    # changes hands: the block stays req-1's in the library's ledger) and does not run. A new
-    # request that reuses the id req-1 is then given block 2: it must not read the finished
-    # req-1's bytes. Either claim_scheduled scrubs the block first (it was last claimed under
-    # the same ids) or the claim is refused.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "reused_id_after_refusal.py"
-    script.write_text(_REUSED_ID_AFTER_AN_ENFORCE_REFUSAL)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE="enforce")
-    env.pop("KVH_LOG_DIR", None)
-    run = subprocess.run([sys.executable, str(script), pkg], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.split("\n")
-    assert lines[0].startswith("x REFUSED"), run.stdout
+    run = _run_script(tmp_path, body, KVH_KV_GATE="enforce")
+    assert run.stdout.startswith("x REFUSED"), run.stdout
     assert "OLD BYTES" not in run.stdout, (
         f"the new request reusing req-1's id was given the finished req-1's bytes unscrubbed: {run.stdout!r}"
     )
 
 
-_SHARED_IN_STEP_WITH_A_LOG = r"""
-import sys
-from types import SimpleNamespace as NS
-sys.path.insert(0, sys.argv[1])
-import kvhygiene
-from kvhygiene.vllm import claim_scheduled
+def test_a_block_refused_for_two_requests_of_one_step_is_a_policy_violation_record(tmp_path):
+    # The gate's refusals are policy_violation records (policy kv_gate) in the forensic log,
+    # the evidence that a request was kept from memory it must not have. The refusal of a
+    # block given as new to two requests in one step is such a refusal: it is in the log.
+    import json
 
-BLOCKS, BLOCK_BYTES = 8, 256
-lib = kvhygiene.load()
-p = lib.kvh_malloc(2 * BLOCKS * BLOCK_BYTES, 0, None)
-layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    body = """
 s = NS(
     scheduled_new_reqs=[NS(req_id=r, block_ids=([3],), num_computed_tokens=0) for r in ("a", "b")],
     scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
@@ -624,25 +632,8 @@ try:
 except kvhygiene.ClaimRefusedError as e:
     print("REFUSED", e.code)
 """
-
-
-def test_a_block_refused_for_two_requests_of_one_step_is_a_policy_violation_record(tmp_path):
-    # The gate's refusals are policy_violation records (policy kv_gate) in the forensic log,
-    # the evidence that a request was kept from memory it must not have. The refusal of a
-    # block given as new to two requests in one step is such a refusal: it is in the log.
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "shared_in_step_with_a_log.py"
-    script.write_text(_SHARED_IN_STEP_WITH_A_LOG)
     log = tmp_path / "log"
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_LOG_DIR=str(log))
-    run = subprocess.run([sys.executable, str(script), pkg], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = _run_script(tmp_path, body, KVH_LOG_DIR=str(log))
     assert run.stdout.startswith("REFUSED"), run.stdout
     records = [json.loads(line) for f in sorted(log.glob("*.jsonl")) for line in f.read_text().splitlines()]
     assert records, "no forensic record was written"
@@ -651,22 +642,13 @@ def test_a_block_refused_for_two_requests_of_one_step_is_a_policy_violation_reco
     assert violations, f"the refusal left no policy_violation record (kv_gate); kinds written: {kinds}"
 
 
-_REUSED_ID_SCRUB_FAILS_WITH_THE_GATE_OFF = r"""
-import ctypes, sys
-from types import SimpleNamespace as NS
-sys.path.insert(0, sys.argv[1])
-import kvhygiene
-from kvhygiene.vllm import claim_scheduled
-
-BLOCKS, BLOCK_BYTES = 8, 256
-def step(req_id, ids):
-    return NS(
-        scheduled_new_reqs=[NS(req_id=req_id, block_ids=(ids,), num_computed_tokens=0)],
-        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
-    )
-lib = kvhygiene.load()
-p = lib.kvh_malloc(2 * BLOCKS * BLOCK_BYTES, 0, None)
-layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+def test_a_reused_ids_block_whose_scrub_fails_is_not_reported_claimed_with_the_gate_off(tmp_path):
+    # claim_scheduled scrubs a block last claimed under the same ids before claiming it. When
+    # that scrub fails verification the block must not be used (ScrubVerificationError: "they
+    # must not be handed to another request"): with KVH_KV_GATE=off the library accepts every
+    # claim, so claim_scheduled itself must report the failure rather than return the block as
+    # claimed.
+    body = """
 claim_scheduled(step("req-1", [2]), [layout], 16)
 for base in layout.regions:
     ctypes.memset(base + 2 * BLOCK_BYTES, 0xA1, BLOCK_BYTES)
@@ -676,29 +658,9 @@ try:
 except kvhygiene.KvhError as e:
     print("RAISED", type(e).__name__, e.code)
     sys.exit(0)
-old = any(ctypes.string_at(b + 2 * BLOCK_BYTES, BLOCK_BYTES) != bytes(BLOCK_BYTES) for b in layout.regions)
-print("CLAIMED", "OLD BYTES" if old else "ZERO")
+print("CLAIMED", "OLD BYTES" if old_bytes(2) else "ZERO")
 """
-
-
-def test_a_reused_ids_block_whose_scrub_fails_is_not_reported_claimed_with_the_gate_off(tmp_path):
-    # claim_scheduled scrubs a block last claimed under the same ids before claiming it. When
-    # that scrub fails verification the block must not be used (ScrubVerificationError: "they
-    # must not be handed to another request"): with KVH_KV_GATE=off the library accepts every
-    # claim, so claim_scheduled itself must report the failure rather than return the block as
-    # claimed.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = tmp_path / "reused_id_scrub_fails_gate_off.py"
-    script.write_text(_REUSED_ID_SCRUB_FAILS_WITH_THE_GATE_OFF)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE="off")
-    env.pop("KVH_LOG_DIR", None)
-    run = subprocess.run([sys.executable, str(script), pkg], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = _run_script(tmp_path, body, KVH_KV_GATE="off")
     assert run.stdout.startswith("RAISED"), (
         f"a block whose scrub failed verification was returned as claimed: {run.stdout!r}"
     )
