@@ -73,6 +73,19 @@ fn inv2_scrub_ordered_after_allocation_and_recorded_streams() {
         "unknown pointer"
     );
     f.alloc.free(a, 1024, 0, StreamHandle(5)).unwrap();
+    let waits = scrub_waits(&f, a);
+    for w in [1, 7, 9] {
+        assert!(
+            waits.contains(&StreamHandle(w)),
+            "missing wait on stream {w}"
+        );
+    }
+    assert!(!waits.contains(&StreamHandle(5)));
+}
+
+/// The streams the scrub of the block at `a` waited for, once every scrub ran; it ran on
+/// stream 5, the stream its free named.
+fn scrub_waits(f: &Fixture, a: u64) -> Vec<StreamHandle> {
     f.alloc.synchronize().unwrap();
     let batches = f.backend.batches.lock().unwrap().clone();
     let batch = batches
@@ -80,13 +93,7 @@ fn inv2_scrub_ordered_after_allocation_and_recorded_streams() {
         .find(|b| b.segments.iter().any(|s| s.addr == a))
         .unwrap();
     assert_eq!(batch.stream, StreamHandle(5));
-    for w in [1, 7, 9] {
-        assert!(
-            batch.wait_streams.contains(&StreamHandle(w)),
-            "missing wait on stream {w}"
-        );
-    }
-    assert!(!batch.wait_streams.contains(&StreamHandle(5)));
+    batch.wait_streams.clone()
 }
 
 /// Invariant 2 with a view's pointer: a stream recorded through a pointer into the block
@@ -105,19 +112,14 @@ fn inv2_a_stream_recorded_through_an_interior_pointer_orders_the_scrub() {
         !f.alloc.record_stream(a + 1000, StreamHandle(9)),
         "a freed block took a record"
     );
-    f.alloc.synchronize().unwrap();
-    let batches = f.backend.batches.lock().unwrap().clone();
-    let batch = batches
-        .iter()
-        .find(|b| b.segments.iter().any(|s| s.addr == a))
-        .unwrap();
+    let waits = scrub_waits(&f, a);
     for w in [1, 7, 8] {
         assert!(
-            batch.wait_streams.contains(&StreamHandle(w)),
+            waits.contains(&StreamHandle(w)),
             "missing wait on stream {w}"
         );
     }
-    assert!(!batch.wait_streams.contains(&StreamHandle(9)));
+    assert!(!waits.contains(&StreamHandle(9)));
 }
 
 /// Invariant 3: frees never wait for the device, and coalesce into batches bounded by count.

@@ -417,6 +417,30 @@ fn verify_while(
     failed
 }
 
+/// A log directory in `tmp` whose writers sign checkpoints into a directory of their own,
+/// files of `max_bytes`: its configuration, and verification options pinning the signer.
+fn signed_apart(
+    tmp: &tempfile::TempDir,
+    max_bytes: u64,
+) -> (
+    std::path::PathBuf,
+    kvhygiene::config::LogConfig,
+    kvhygiene::forensic::VerifyOptions,
+) {
+    let dir = log_dir(tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, max_bytes);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ckpt_dir],
+        ..keyed_opts()
+    };
+    (dir, c, opts)
+}
+
 /// A process that starts while a verification runs (a restarted pod, another rank) creates
 /// its chain, checkpoints it, rotates and checkpoints again while the verifier still works
 /// through the chains listed before it. Its files and checkpoint, as the verifier finds them,
@@ -425,22 +449,12 @@ fn verify_while(
 #[test]
 fn a_writer_started_during_a_verification_is_not_truncation() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 4096);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let (dir, mut c, opts) = signed_apart(&tmp, 4096);
     c.checkpoint_every_records = 3;
     // Earlier processes' closed chains, which the verifier reads before a new one.
     for _ in 0..20 {
         write_log(&c, 1, true);
     }
-    let opts = kvhygiene::forensic::VerifyOptions {
-        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
-        checkpoints: vec![ckpt_dir.clone()],
-        ..keyed_opts()
-    };
     let failed = verify_while(&dir, &opts, move || {
         let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
         for i in 0..60 {
@@ -462,19 +476,9 @@ fn a_writer_started_during_a_verification_is_not_truncation() {
 #[test]
 fn a_chain_listed_before_its_first_checkpoint_is_written_is_not_tampering() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let (dir, mut c, opts) = signed_apart(&tmp, 1 << 20);
     c.fsync = kvhygiene::config::FsyncPolicy::Always;
     write_log(&c, 1, true);
-    let opts = kvhygiene::forensic::VerifyOptions {
-        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
-        checkpoints: vec![ckpt_dir.clone()],
-        ..keyed_opts()
-    };
     let failed = verify_while(&dir, &opts, move || {
         ForensicLog::open_with_secret(&c, start(), Some(secret()))
             .unwrap()

@@ -412,115 +412,87 @@ def test_a_block_an_asynchronous_kv_connector_filled_keeps_the_tokens_it_loaded(
     assert loaded, "the tokens the KV connector loaded into the request's last block were scrubbed"
 
 
-def test_a_new_request_that_reuses_a_finished_requests_id_gets_its_blocks_scrubbed():
+@pytest.fixture
+def cache():
+    """A two-region KV cache of ``BLOCKS`` blocks in one kvhygiene allocation, freed after the
+    test."""
+    lib = kvhygiene.load()
+    size = 2 * BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    yield kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
+    lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+
+
+def _fill(layout, i, byte):
+    for base in layout.regions:
+        ctypes.memset(base + i * BLOCK_BYTES, byte, BLOCK_BYTES)
+
+
+def _holds(layout, i, byte):
+    """Whether block ``i`` holds ``byte`` throughout, in every region."""
+    want = bytes([byte]) * BLOCK_BYTES
+    return all(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) == want for b in layout.regions)
+
+
+def test_a_new_request_that_reuses_a_finished_requests_id_gets_its_blocks_scrubbed(cache):
     # Request ids come from the client (the request body's request_id, the X-Request-Id
     # header), so a later request may carry the id of one that finished. It is a new request
     # (in the step's scheduled_new_reqs again, with nothing computed), another owner than the
     # finished one: the blocks the finished request wrote are scrubbed before it gets them.
-    lib = kvhygiene.load()
-    size = 2 * BLOCKS * BLOCK_BYTES
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
-    claim_scheduled(step(new=[("req-1", [2], 0)]), [layout], BLOCK_TOKENS)
-    for base in layout.regions:
-        ctypes.memset(base + 2 * BLOCK_BYTES, 0xA1, BLOCK_BYTES)
+    claim_scheduled(step(new=[("req-1", [2], 0)]), [cache], BLOCK_TOKENS)
+    _fill(cache, 2, 0xA1)
     # req-1 finishes; the scheduler frees block 2 without a scrub. Another client's request,
     # also named req-1, is scheduled and given block 2.
-    claim_scheduled(step(new=[("req-1", [2], 0)]), [layout], BLOCK_TOKENS)
-    scrubbed = all(
-        ctypes.string_at(base + 2 * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for base in layout.regions
-    )
-    lib.kvh_free(p, size, 0, None)
-    kvhygiene.synchronize()
-    assert scrubbed, "the second request named req-1 was given the first one's KV bytes unscrubbed"
+    claim_scheduled(step(new=[("req-1", [2], 0)]), [cache], BLOCK_TOKENS)
+    assert _holds(cache, 2, 0), "the second request named req-1 was given the first one's KV bytes unscrubbed"
 
 
-def test_one_block_given_to_two_requests_in_one_step_is_refused():
+def test_one_block_given_to_two_requests_in_one_step_is_refused(cache):
     # Two requests scheduled in the same step, both given block 3 as a new block, run in the
     # same forward pass: each writes its keys and values into the block and reads the other's.
     # claim_scheduled sees both claims and must not report the step as claimed.
-    lib = kvhygiene.load()
-    size = 2 * BLOCKS * BLOCK_BYTES
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
-    try:
-        with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
-            claim_scheduled(step(new=[("a", [3], 0), ("b", [3], 0)]), [layout], BLOCK_TOKENS)
-        assert refused.value.refused_requests, refused.value
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(step(new=[("a", [3], 0), ("b", [3], 0)]), [cache], BLOCK_TOKENS)
+    assert refused.value.refused_requests, refused.value
 
 
-def test_a_block_shared_in_one_step_is_claimed_for_neither_request_and_the_rest_are_claimed():
+def test_a_block_shared_in_one_step_is_claimed_for_neither_request_and_the_rest_are_claimed(cache):
     # a and b are both given block 3 as new; a also gets 4 and c gets 5. Neither a nor b may
     # run on block 3, so it is claimed for neither (its bytes stay the earlier owner's, never
     # handed over); every other block of the step is claimed (scrubbed here: unknown owner).
-    lib = kvhygiene.load()
-    size = 2 * BLOCKS * BLOCK_BYTES
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
-
-    def filled(i):
-        return all(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) == b"\xb7" * BLOCK_BYTES for b in layout.regions)
-
-    try:
-        for i in (3, 4, 5):
-            for base in layout.regions:
-                ctypes.memset(base + i * BLOCK_BYTES, 0xB7, BLOCK_BYTES)
-        with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
-            claim_scheduled(step(new=[("a", [3, 4], 0), ("b", [3], 0), ("c", [5], 0)]), [layout], BLOCK_TOKENS)
-        assert refused.value.code == kvhygiene.KVH_ERR_KV_TAKEN
-        assert refused.value.refused_requests == {"a": [[3]], "b": [[3]]}
-        assert refused.value.refused_blocks == [3]
-        assert filled(3), "the block given to two requests was claimed (scrubbed) for one of them"
-        assert not filled(4) and not filled(5), "the step's other blocks were not claimed"
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+    for i in (3, 4, 5):
+        _fill(cache, i, 0xB7)
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(step(new=[("a", [3, 4], 0), ("b", [3], 0), ("c", [5], 0)]), [cache], BLOCK_TOKENS)
+    assert refused.value.code == kvhygiene.KVH_ERR_KV_TAKEN
+    assert refused.value.refused_requests == {"a": [[3]], "b": [[3]]}
+    assert refused.value.refused_blocks == [3]
+    assert _holds(cache, 3, 0xB7), "the block given to two requests was claimed (scrubbed) for one of them"
+    assert _holds(cache, 4, 0) and _holds(cache, 5, 0), "the step's other blocks were not claimed"
 
 
-def test_a_running_request_that_reused_a_finished_ones_id_gets_its_appended_blocks_scrubbed():
+def test_a_running_request_that_reused_a_finished_ones_id_gets_its_appended_blocks_scrubbed(cache):
     # The first req-2 wrote block 6 (an appended block) and finished. A new req-2 runs, and a
     # later step appends block 6 to it: the finished request's bytes are scrubbed first. The
     # new request's own blocks, claimed once, are not scrubbed again at later steps.
-    lib = kvhygiene.load()
-    size = 2 * BLOCKS * BLOCK_BYTES
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
-
-    def fill(i, byte):
-        for base in layout.regions:
-            ctypes.memset(base + i * BLOCK_BYTES, byte, BLOCK_BYTES)
-
-    def holds(i, byte):
-        return all(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) == bytes([byte]) * BLOCK_BYTES for b in layout.regions)
-
-    try:
-        claim_scheduled(step(new=[("req-2", [1], 0)]), [layout], BLOCK_TOKENS)
-        claim_scheduled(step(cached=[("req-2", [6], 16)]), [layout], BLOCK_TOKENS)
-        fill(6, 0xA6)
-        # The second req-2: block 7 is its own, written, then block 6 is appended.
-        claim_scheduled(step(new=[("req-2", [7], 0)]), [layout], BLOCK_TOKENS)
-        fill(7, 0xA7)
-        claim_scheduled(step(cached=[("req-2", [6], 16)]), [layout], BLOCK_TOKENS)
-        assert holds(6, 0), "the second req-2 was given the first one's block 6 unscrubbed"
-        assert holds(7, 0xA7), "the request's own block was scrubbed at a later step"
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+    claim_scheduled(step(new=[("req-2", [1], 0)]), [cache], BLOCK_TOKENS)
+    claim_scheduled(step(cached=[("req-2", [6], 16)]), [cache], BLOCK_TOKENS)
+    _fill(cache, 6, 0xA6)
+    # The second req-2: block 7 is its own, written, then block 6 is appended.
+    claim_scheduled(step(new=[("req-2", [7], 0)]), [cache], BLOCK_TOKENS)
+    _fill(cache, 7, 0xA7)
+    claim_scheduled(step(cached=[("req-2", [6], 16)]), [cache], BLOCK_TOKENS)
+    assert _holds(cache, 6, 0), "the second req-2 was given the first one's block 6 unscrubbed"
+    assert _holds(cache, 7, 0xA7), "the request's own block was scrubbed at a later step"
 
 
-def test_a_block_given_to_two_requests_in_two_kv_cache_groups_of_one_cache_is_refused():
+def test_a_block_given_to_two_requests_in_two_kv_cache_groups_of_one_cache_is_refused(cache):
     # Two KV cache groups whose layers share one set of cache tensors (vLLM's hybrid
     # allocator: one block pool, the groups' layers on the same tensors) have one layout: a
     # block id names the same memory in either group. Block 3 given as new to a (group 0) and
     # to b (group 1) in one step is one block given to two requests in one forward pass; like
     # the same block in one group, it is claimed for neither.
-    lib = kvhygiene.load()
-    size = 2 * BLOCKS * BLOCK_BYTES
-    p = lib.kvh_malloc(size, 0, None)
-    layout = kvhygiene.KvLayout([p, p + BLOCKS * BLOCK_BYTES], BLOCK_BYTES, BLOCKS)
     s = NS(
         scheduled_new_reqs=[
             NS(req_id="a", block_ids=([3], []), num_computed_tokens=0),
@@ -528,17 +500,13 @@ def test_a_block_given_to_two_requests_in_two_kv_cache_groups_of_one_cache_is_re
         ],
         scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
     )
+    error = None
     try:
-        error = None
-        try:
-            claim_scheduled(s, [layout, layout], BLOCK_TOKENS)
-        except kvhygiene.ClaimRefusedError as e:
-            error = e
-        assert error is not None, "block 3 of one cache was claimed for both a and b in one step"
-        assert error.refused_requests == {"a": [[3], []], "b": [[], [3]]}, error.refused_requests
-    finally:
-        lib.kvh_free(p, size, 0, None)
-        kvhygiene.synchronize()
+        claim_scheduled(s, [cache, cache], BLOCK_TOKENS)
+    except kvhygiene.ClaimRefusedError as e:
+        error = e
+    assert error is not None, "block 3 of one cache was claimed for both a and b in one step"
+    assert error.refused_requests == {"a": [[3], []], "b": [[], [3]]}, error.refused_requests
 
 
 #: What the scripts below run first, in a process of their own (the policy is read from the
