@@ -540,3 +540,48 @@ fn a_coalesced_summary_holds_the_newest_counters() {
     assert_eq!(summaries.len(), 2, "{summaries:?}");
     assert_eq!(summaries[1]["counters"]["allocs"], 19, "{summaries:?}");
 }
+
+/// A chain's checkpoint file forged (its signature does not verify) just after the chain was
+/// written: the report names the forged checkpoint once, as it names every problem once,
+/// however long the verification looks for the chain's checkpoint.
+#[test]
+fn a_forged_checkpoint_of_a_fresh_chain_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    write_log(&c, 3, true);
+    let ckpt = std::fs::read_dir(&ckpt_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let text = std::fs::read_to_string(&ckpt).unwrap();
+    let at = text.rfind("\"}").unwrap() - 1;
+    let flipped = if &text[at..=at] == "0" { "1" } else { "0" };
+    std::fs::write(
+        &ckpt,
+        format!("{}{flipped}{}", &text[..at], &text[at + 1..]),
+    )
+    .unwrap();
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ckpt_dir.clone()],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(!r.ok(), "{r:?}");
+    let mut distinct = r.errors.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        r.errors.len(),
+        distinct.len(),
+        "the same problem is reported {} times: {:?}",
+        r.errors.len(),
+        distinct
+    );
+}

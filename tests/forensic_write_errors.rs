@@ -666,3 +666,83 @@ fn records_are_counted_lost_until_the_chain_can_go_on_after_its_active_file_is_g
     assert!(records.iter().any(|r| r["request_id"] == "req-200"));
     assert!(!records.iter().any(|r| r["request_id"] == "req-100"));
 }
+
+/// The active file removed while nearly full and the chain's next name taken: the writer
+/// cannot go on in a new file yet. Once the name is free, the next record that does not fit
+/// in the removed file starts the chain's next file: the chain goes on there, and that record
+/// is written into it, not counted lost (the new file is in the directory, and every later
+/// record goes there).
+#[test]
+fn a_record_that_starts_the_next_file_after_the_active_file_is_gone_is_written_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), Some(secret())).unwrap();
+    log.flush();
+    let first = chain_files(&dir)[0].clone();
+    // Fill the first file until one more record of the same size would not fit.
+    let mut i = 0;
+    loop {
+        let size = std::fs::metadata(&first).unwrap().len();
+        let last = read_lines(&first).last().map_or(0, |l| l.len() as u64 + 1);
+        if size + last + 8 > 4096 {
+            break;
+        }
+        log.emit(event(i));
+        log.flush();
+        i += 1;
+    }
+    assert_eq!(
+        chain_files(&dir).len(),
+        1,
+        "the first file rotated while filling"
+    );
+    let planted = dir.join(name(&first).replace("-000000.", "-000001."));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::remove_file(&first).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // The removal is seen, and the next file cannot be made (both counted).
+    while log.stats().write_errors < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(log.stats().write_errors >= 2, "{:?}", log.stats());
+    let lost_before = log.stats().records_lost;
+    std::fs::remove_file(&planted).unwrap();
+    // Longer than any record written so far: it does not fit in the removed file.
+    log.emit(event(1_000_000_000_000));
+    log.flush();
+    let s = log.stats();
+    log.stop();
+    let files = chain_files(&dir);
+    let in_next = planted.exists()
+        && read_lines(&planted)
+            .iter()
+            .any(|l| l.contains("req-1000000000000"));
+    assert!(
+        s.records_lost == lost_before && in_next,
+        "the record that started the chain's next file was counted lost instead of written \
+         there: {s:?}, files {files:?}, next file {:?}",
+        planted.exists().then(|| read_lines(&planted))
+    );
+}
+
+/// A process that stops right after its active file was removed (well within the writer's
+/// once-a-second check) still sees it: its last records, `stop` included, go into the chain's
+/// next file rather than into the removed one, and the removal is counted.
+#[test]
+fn a_stop_right_after_the_active_file_is_removed_is_written_in_the_next_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = keyed_log_with_events(&dir, 3);
+    let first = chain_files(&dir)[0].clone();
+    std::fs::remove_file(&first).unwrap();
+    log.stop();
+    assert_eq!(log.stats().write_errors, 1, "{:?}", log.stats());
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let lines = read_lines(&files[0]);
+    assert!(lines[0].contains("\"kind\":\"rotate\""), "{lines:?}");
+    assert!(
+        lines.last().unwrap().contains("\"kind\":\"stop\""),
+        "{lines:?}"
+    );
+}

@@ -257,7 +257,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             manifest,
         )?);
     }
-    await_first_checkpoints(dir, opts, &mut report, &uncovered)?;
+    await_first_checkpoints(dir, opts, &mut report, &uncovered, &ckpt_files_read)?;
     // Manifests of chains with no file left.
     for (chain, manifest) in manifests {
         let ckpt = ckpts.remove(&chain);
@@ -316,13 +316,24 @@ const FIRST_CHECKPOINT_WAIT: Duration = Duration::from_secs(2);
 /// checkpoints are looked for again, for up to [`FIRST_CHECKPOINT_WAIT`], and a chain whose
 /// checkpoint appears is verified again with it (its files listed after it). A chain whose
 /// checkpoint does not appear keeps its finding: one its writer died before signing cannot be
-/// told from one whose checkpoint was deleted.
+/// told from one whose checkpoint was deleted. A checkpoint file is read once (`read`: those
+/// read before): one refused is reported once, and its chain is not waited for.
 fn await_first_checkpoints(
     dir: &Path,
     opts: &VerifyOptions,
     report: &mut Report,
     uncovered: &[usize],
+    read: &BTreeSet<PathBuf>,
 ) -> Result<(), VerifyError> {
+    let mut read = read.clone();
+    let candidates = |chain: &str| -> Vec<PathBuf> {
+        opts.checkpoints
+            .iter()
+            .filter(|p| p.is_dir())
+            .map(|d| checkpoint::path_for(d, chain))
+            .filter(|f| std::fs::symlink_metadata(f).is_ok())
+            .collect()
+    };
     let fresh = |c: &ChainReport| {
         let newest = c
             .last_file
@@ -338,14 +349,27 @@ fn await_first_checkpoints(
         .iter()
         .copied()
         .filter(|&i| report.chains.get(i).is_some_and(|c| !c.ok() && fresh(c)))
+        // A checkpoint file already read and refused: nothing to wait for.
+        .filter(|&i| {
+            !candidates(&report.chains[i].chain)
+                .iter()
+                .any(|f| read.contains(f))
+        })
         .collect();
     let deadline = Instant::now() + FIRST_CHECKPOINT_WAIT;
     while !waiting.is_empty() {
         let mut still = Vec::new();
         for i in waiting {
             let chain = report.chains[i].chain.clone();
-            let Some(ckpt) = late_checkpoint(&chain, opts, &BTreeSet::new(), report) else {
+            let present = candidates(&chain);
+            if present.is_empty() {
                 still.push(i);
+                continue;
+            }
+            let found = late_checkpoint(&chain, opts, &read, report);
+            read.extend(present);
+            // Refused (reported by `late_checkpoint`): the chain keeps its finding.
+            let Some(ckpt) = found else {
                 continue;
             };
             let Some(list) = relisted(dir, &chain, opts)? else {

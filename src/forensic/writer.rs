@@ -363,6 +363,16 @@ impl ChainWriter {
         if !self.check_files || self.last_file_check.elapsed() < FILE_CHECK_EVERY {
             return;
         }
+        self.check_file_now();
+    }
+
+    /// [`ChainWriter::check_file_in_place`] without waiting for its interval: also at `stop`,
+    /// so that a process stopping within a second of its file's removal does not write its
+    /// last records, `stop` included, into the removed file unseen.
+    fn check_file_now(&mut self) {
+        if !self.check_files {
+            return;
+        }
         self.last_file_check = Instant::now();
         if !self.file_gone {
             let name = files::file_name(&self.chain, self.index);
@@ -398,14 +408,8 @@ impl ChainWriter {
         self.lost_in_buf = false;
         self.seq = self.committed_seq;
         self.prev = self.committed_prev;
-        if self.rotate(unix_nanos(SystemTime::now())).is_ok() {
-            self.file_gone = false;
-            crate::say(format_args!(
-                "kvhygiene: forensic log {}: the chain goes on in {}",
-                self.dir.display(),
-                files::file_name(&self.chain, self.index)
-            ));
-        }
+        // `rotate` clears `file_gone` when it succeeds.
+        let _ = self.rotate(unix_nanos(SystemTime::now()));
     }
 
     /// Whether the directory no longer names the active file: it has no link left, or its
@@ -834,6 +838,15 @@ impl ChainWriter {
         self.file = file; // the old file (and its lock) is released here
         self.index += 1;
         self.file_len = 0;
+        // Whatever rotated (the check, or a record that did not fit), the chain has left a
+        // file found gone.
+        if std::mem::take(&mut self.file_gone) {
+            crate::say(format_args!(
+                "kvhygiene: forensic log {}: the chain goes on in {}",
+                self.dir.display(),
+                files::file_name(&self.chain, self.index)
+            ));
+        }
         if let Some(k) = self.key.as_mut() {
             k.ratchet();
         }
@@ -1071,6 +1084,7 @@ impl ChainWriter {
     /// as a crash, and the losses only the `lost` and `stop` records carry would be recorded
     /// nowhere.
     fn finish(&mut self) {
+        self.check_file_now();
         self.finishing = true;
         // Its own backoff, from the first step: earlier failures may have taken the shared
         // one to its longest wait, which would leave no second try before the deadline.
