@@ -166,3 +166,88 @@ fn the_demo_does_not_name_a_key_file_its_log_was_not_sealed_with() {
         );
     }
 }
+
+/// A signed demo log: a key pair as `kvh keygen --out DIR/checkpoint` writes it
+/// (`checkpoint.key`, 0600, and `checkpoint.pub`, 64 hex digits and a newline each), then
+/// `kvh demo --log-dir DIR/log` with `KVH_SIGNING_KEY_FILE=DIR/checkpoint.key`. Returns the
+/// log directory and the key prefix. The pair is fixed: its private seed, read as 32 bytes,
+/// also decodes as a point of the curve, as about half of the seeds keygen draws do.
+fn signed_demo(dir: &Path) -> (PathBuf, PathBuf) {
+    let prefix = dir.join("checkpoint");
+    let key = prefix.with_extension("key");
+    std::fs::write(
+        &key,
+        "aff50966ebb13d2087d8eb8936862febdcfa80a2cbb7aabb99ab8e5e100f498d\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        prefix.with_extension("pub"),
+        "778425af1d914b6332f9a8f92c79cde617e7d737c0a712b966cc283e5a132394\n",
+    )
+    .unwrap();
+    let log = dir.join("log");
+    let (code, out, err) = run(kvh()
+        .env("KVH_SIGNING_KEY_FILE", &key)
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "2",
+        ])
+        .arg("--log-dir")
+        .arg(&log));
+    assert_eq!(code, 0, "{out}{err}");
+    (log, prefix)
+}
+
+/// README.md's verb table: `verify-log` exits 1 for tampering or corruption and 2 for a usage
+/// error; docs/operations.md escalates exit 1 as a security incident. Giving `kvh keygen`'s
+/// private key (`PREFIX.key`) where `--public-key` wants `PREFIX.pub` is a usage error of the
+/// verifier, not tampering of an intact log: the exit status must be 2.
+#[test]
+fn verify_log_given_the_private_key_as_public_key_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, prefix) = signed_demo(tmp.path());
+    // The log itself is intact: with the public key it verifies.
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("pub")));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("key")));
+    assert_eq!(
+        code, 2,
+        "--public-key named the private key PREFIX.key of an intact log: a usage error (2), \
+         not tampering (1):\n{out}{err}"
+    );
+}
+
+/// docs/forensic-log.md, `kvh tail-log`: "the key files and the other arguments are checked
+/// first, so a bad one is status 2 at once"; a `{"kvh_tail_log": "tampering", ...}` line is
+/// for a log that no longer verifies. `kvh keygen`'s private key given as `--public-key` is a
+/// bad key file: status 2, and no tampering line for the SIEM.
+#[test]
+fn tail_log_given_the_private_key_as_public_key_reports_no_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, prefix) = signed_demo(tmp.path());
+    let (code, out, err) = run(kvh()
+        .arg("tail-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("key"))
+        .arg("--once"));
+    assert!(
+        code == 2 && !out.contains("\"tampering\""),
+        "--public-key named the private key PREFIX.key of an intact log; expected status 2 \
+         without a tampering line, got {code}:\n{out}{err}"
+    );
+}

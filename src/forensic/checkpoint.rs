@@ -129,6 +129,12 @@ fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<
     }
 }
 
+/// What [`read`]'s error starts with when a `--public-key` given is the checkpoint's
+/// signer's private key: an operator's mistake, which verifiers report as a usage error, not
+/// as a finding about the log.
+pub const PRIVATE_KEY_GIVEN: &str =
+    "the public key given is this checkpoint's signer's PRIVATE key";
+
 /// Reads and verifies a checkpoint file: it must be signed by one of the pinned public keys
 /// (several when the signing key was rotated).
 pub fn read(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
@@ -199,12 +205,10 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
     let Some(key) = keys.iter().find(|k| embedded == hex(k.as_bytes())) else {
         if keys.iter().any(|k| is_private_key_of(k, embedded)) {
-            return Err(
-                "the public key given is this checkpoint's signer's PRIVATE key \
-                        (PREFIX.key of kvh keygen; both are 64 hex digits): give PREFIX.pub, \
-                        and keep the private key readable by the writer only"
-                    .into(),
-            );
+            return Err(format!(
+                "{PRIVATE_KEY_GIVEN} (PREFIX.key of kvh keygen; both are 64 hex digits): give \
+                 PREFIX.pub, and keep the private key readable by the writer only"
+            ));
         }
         return Err("checkpoint was signed by another key than the pinned public key".into());
     };

@@ -236,7 +236,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         }
         let (ckpt, list) = match ckpts.remove(chain) {
             Some(c) => (Some(c), list.clone()),
-            None => match late_checkpoint(chain, opts, &ckpt_files_read, &mut report) {
+            None => match late_checkpoint(chain, opts, &ckpt_files_read, &mut report)? {
                 // Read after the listing: the chain's writer may have rotated and signed
                 // since, so its files are listed again, after the checkpoint, as the first
                 // reading lists them after the checkpoints.
@@ -366,7 +366,7 @@ fn await_first_checkpoints(
                 still.push(i);
                 continue;
             }
-            let found = late_checkpoint(&chain, opts, &read, report);
+            let found = late_checkpoint(&chain, opts, &read, report)?;
             read.extend(present);
             // Refused (reported by `late_checkpoint`): the chain keeps its finding.
             let Some(ckpt) = found else {
@@ -799,31 +799,44 @@ fn late_checkpoint(
     opts: &VerifyOptions,
     read: &BTreeSet<PathBuf>,
     report: &mut Report,
-) -> Option<Checkpoint> {
+) -> Result<Option<Checkpoint>, VerifyError> {
     if opts.public_keys.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let found = opts
+    let Some(found) = opts
         .checkpoints
         .iter()
         .filter(|p| p.is_dir())
         .map(|d| checkpoint::path_for(d, chain))
-        .find(|f| !read.contains(f) && std::fs::symlink_metadata(f).is_ok())?;
+        .find(|f| !read.contains(f) && std::fs::symlink_metadata(f).is_ok())
+    else {
+        return Ok(None);
+    };
     match checkpoint::read(&found, &opts.public_keys) {
-        Ok(c) if c.chain == chain => Some(c),
+        Ok(c) if c.chain == chain => Ok(Some(c)),
         Ok(c) => {
             report.errors.push(format!(
                 "{}: a checkpoint of chain {} under the name of chain {chain}",
                 found.display(),
                 c.chain
             ));
-            None
+            Ok(None)
         }
         Err(e) => {
-            report.errors.push(e);
-            None
+            report.errors.push(given_key_error(e)?);
+            Ok(None)
         }
     }
+}
+
+/// A checkpoint's read error `e` as a finding about the log, or, when a `--public-key` given
+/// is the signer's private key, as the usage error it is: the log may be intact, and a
+/// verifier must not report it as tampered.
+fn given_key_error(e: String) -> Result<String, VerifyError> {
+    if e.contains(checkpoint::PRIVATE_KEY_GIVEN) {
+        return Err(VerifyError(e));
+    }
+    Ok(e)
 }
 
 /// Every checkpoint in the checkpoint locations, by chain, and the files read.
@@ -902,7 +915,7 @@ fn load_checkpoints(
                     seen.insert(c.chain.clone(), f.clone());
                     out.insert(c.chain.clone(), c);
                 }
-                Err(e) => report.errors.push(e),
+                Err(e) => report.errors.push(given_key_error(e)?),
             }
         }
     }
@@ -1749,17 +1762,23 @@ mod tests {
         };
         let (chain, _) = list_all(&dir, &opts).unwrap().remove(0);
         let mut report = Report::default();
-        let found = late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report);
+        let found = late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report).unwrap();
         assert_eq!(found.map(|c| c.chain), Some(chain.clone()));
         let path = checkpoint::path_for(&dir, &chain);
         let read = BTreeSet::from([path.clone()]);
-        assert!(late_checkpoint(&chain, &opts, &read, &mut report).is_none());
+        assert!(late_checkpoint(&chain, &opts, &read, &mut report)
+            .unwrap()
+            .is_none());
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         let forged = std::fs::read_to_string(&path)
             .unwrap()
             .replace("\"seq\":", "\"seq\":1");
         std::fs::write(&path, forged).unwrap();
-        assert!(late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report).is_none());
+        assert!(
+            late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report)
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     }
 
