@@ -257,6 +257,16 @@ pub fn judge(
         "kvh_invalid_frees_total",
         "invalid frees were refused (caller bugs; see the invalid_free records)",
     );
+    // Lost records evict (a security check); a write error that lost none (a failed fsync,
+    // after which no checkpoint vouches for the chain; a chain file removed from the log
+    // directory, whose records went with it) still deserves a look.
+    note_if_positive(
+        snap,
+        &mut notes,
+        "kvh_log_write_errors_total",
+        "the forensic log's writes or fsyncs failed, or a chain file was removed from its \
+         directory while in use (see last_error in kvh_stats_json, and verify the log)",
+    );
     let log = log.map(|(dir, report)| {
         if let Some(p) = report.first_problem() {
             reasons.push(format!("the forensic log does not verify: {p}"));

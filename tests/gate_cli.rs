@@ -911,3 +911,28 @@ fn a_failed_control_of_infinite_value_is_spelled_as_in_the_exposition() {
         "the eviction reason spells the value otherwise than the snapshot (+Inf): {out}"
     );
 }
+
+/// A forensic log whose writes failed without losing records (a failed fsync; a chain file
+/// removed from the directory while in use, its records gone with it) is not a security
+/// failure of the snapshot, but it is named: the process is admitted with a note.
+#[test]
+fn forensic_write_errors_without_lost_records_are_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.log = serde_json::to_value(kvhygiene::forensic::LogStats {
+        enabled: true,
+        write_errors: 2,
+        ..Default::default()
+    })
+    .ok();
+    let text = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("note: the forensic log's writes or fsyncs failed")
+            && out.contains("kvh_log_write_errors_total = 2"),
+        "{out}"
+    );
+}
