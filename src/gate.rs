@@ -17,7 +17,8 @@
 //!   read after the log, which may take a while to verify);
 //! - **admit** (exit 0) otherwise; what an operator should still look at (KV blocks that
 //!   changed owner unscrubbed, which the eviction gate scrubbed, refused claims and KV
-//!   scrubs, invalid frees, anomalies of caller bugs such as bursts of invalid frees, which the allocator
+//!   scrubs, invalid frees, forensic log write errors that lost no record, anomalies of caller
+//!   bugs such as bursts of invalid frees, which the allocator
 //!   refused without harm) is printed as notes: one tenant's requests hitting an engine bug
 //!   must not take every replica out;
 //! - exit 2 for usage errors and unreadable inputs (a missing or malformed snapshot among

@@ -318,8 +318,8 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
 
   0  admit: the snapshot is fresh, shows no security failure and no anomaly of a failed
      control (and the log verifies); what still deserves a look is printed as notes (KV
-     blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims, invalid frees, anomalies of
-     caller errors such as a burst of invalid frees)
+     blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims, invalid frees, forensic
+     log write errors that lost no record, anomalies of caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
