@@ -274,6 +274,17 @@ fn nothing_moves_from_a_log_that_does_not_verify() {
     assert_eq!(chain_files(&s.log), files);
     assert!(fs::read_dir(&s.archive).unwrap().next().is_none());
     assert!(names(&s.log, ".pruned.json").is_empty());
+    // With --json, stdout says so too (a script reads the outcome there), with the
+    // verification's report.
+    let out = prune(&s, &["--older-than", "0", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["verified"], false, "{outcome}");
+    assert_eq!(outcome["files"], 0);
+    assert!(
+        outcome["verification"]["chains"][0]["problem"].is_object(),
+        "{outcome}"
+    );
 
     // A wrong key is caught the same way.
     let s = setup();

@@ -449,12 +449,17 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
 /// What `prune-log` did, for `--json`.
 #[derive(serde::Serialize)]
 struct PruneOutcome<'a> {
+    /// Whether the log verified before anything was moved (when not, nothing was).
+    verified: bool,
     dry_run: bool,
     archive: String,
     cutoff: String,
     chains: &'a [ChainPruned],
     files: usize,
     bytes: u64,
+    /// The verification that refused the move, as `verify-log --json` reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<&'a Report>,
 }
 
 /// Runs `prune-log`; returns the process exit code: 0 done (or nothing to move), 1 the log
@@ -497,18 +502,35 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         write_text(&mut std::io::stderr(), &args.dir, &[], &run.before)
             .map_err(|e| e.to_string())?;
         eprintln!("kvh prune-log: the log does not verify; nothing was moved");
+        if args.json {
+            // A script reading stdout learns the outcome there too, not from an empty output.
+            let outcome = PruneOutcome {
+                verified: false,
+                dry_run: args.dry_run,
+                archive: args.archive_dir.display().to_string(),
+                cutoff: rfc3339(run.cutoff_ns),
+                chains: &[],
+                files: 0,
+                bytes: 0,
+                verification: Some(&run.before),
+            };
+            let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
+            out.line(format_args!("{text}"));
+        }
         return Ok(EXIT_TAMPERED);
     }
     let files: usize = run.moved.iter().map(|c| c.files.len()).sum();
     let bytes: u64 = run.moved.iter().map(|c| c.bytes).sum();
     if args.json {
         let outcome = PruneOutcome {
+            verified: true,
             dry_run: args.dry_run,
             archive: args.archive_dir.display().to_string(),
             cutoff: rfc3339(run.cutoff_ns),
             chains: &run.moved,
             files,
             bytes,
+            verification: None,
         };
         let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
         out.line(format_args!("{text}"));
