@@ -298,3 +298,65 @@ fn out_of_memory_from_the_capture_query_of_an_allocation_is_out_of_memory() {
     );
     assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err:?}");
 }
+
+/// A host backend whose `zero_fresh` and `release` fail with a driver error.
+struct ZeroAndReleaseFail {
+    host: Arc<HostBackend>,
+}
+
+impl Backend for ZeroAndReleaseFail {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.host.allocate(d, len)
+    }
+    fn release(&self, _d: u32, _a: DevicePtr, _len: u64) -> Result<(), BackendError> {
+        Err(BackendError::Other("injected release failure".into()))
+    }
+    fn zero_fresh(
+        &self,
+        _d: u32,
+        _a: DevicePtr,
+        _len: u64,
+        _s: StreamHandle,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Other("injected zeroing failure".into()))
+    }
+    unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        // SAFETY: this method's own contract, passed on unchanged.
+        unsafe { self.host.submit_scrub(b) }
+    }
+    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(d, a, src)
+    }
+    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(d, a, dst)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// A release the backend fails leaks the memory and counts a backend error (panic_safe.rs,
+/// ARCHITECTURE.md). Fresh memory whose zeroing failed is given back; when that release fails
+/// too, both failures are counted: two backend errors, not one.
+#[test]
+fn a_failed_release_of_fresh_memory_that_could_not_be_zeroed_is_counted() {
+    let host = HostBackend::new();
+    let alloc = Allocator::new(
+        Arc::new(ZeroAndReleaseFail { host: host.clone() }),
+        manual_config(),
+        None,
+    );
+    assert!(alloc.malloc(4096, 0, StreamHandle(0)).is_err());
+    assert!(host.bytes_in_use() > 0, "the memory was leaked");
+    assert_eq!(
+        alloc.stats().counters.backend_errors,
+        2,
+        "the zeroing failure and the failed release of the leaked memory"
+    );
+}

@@ -130,3 +130,138 @@ fn an_allocation_makes_no_backend_call_once_exit_began_during_its_flush() {
         "the allocation called the backend after exit began (result: {r:?})"
     );
 }
+
+/// A host backend that begins process exit (as an `atexit` handler on another thread would)
+/// while its next `allocate` call is under way, then counts every backend call made after.
+struct ExitDuringAllocate {
+    host: Arc<kvhygiene::backend::host::HostBackend>,
+    alloc: std::sync::OnceLock<kvhygiene::alloc::Allocator>,
+    armed: std::sync::atomic::AtomicBool,
+    sealed: std::sync::atomic::AtomicBool,
+    calls_after_exit: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl ExitDuringAllocate {
+    fn note(&self, what: &'static str) {
+        if self.sealed.load(Ordering::SeqCst) {
+            self.calls_after_exit.lock().unwrap().push(what);
+        }
+    }
+}
+
+impl kvhygiene::backend::Backend for ExitDuringAllocate {
+    fn kind(&self) -> kvhygiene::backend::BackendKind {
+        kvhygiene::backend::BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(
+        &self,
+        device: u32,
+        len: u64,
+    ) -> Result<kvhygiene::backend::DevicePtr, kvhygiene::backend::BackendError> {
+        self.note("allocate");
+        let r = self.host.allocate(device, len);
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.alloc.get().unwrap().begin_exit();
+            self.sealed.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+    fn release(
+        &self,
+        device: u32,
+        addr: kvhygiene::backend::DevicePtr,
+        len: u64,
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.note("release");
+        self.host.release(device, addr, len)
+    }
+    fn zero_fresh(
+        &self,
+        device: u32,
+        addr: kvhygiene::backend::DevicePtr,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.note("zero_fresh");
+        self.host.zero_fresh(device, addr, len, stream)
+    }
+    unsafe fn submit_scrub(
+        &self,
+        batch: kvhygiene::backend::ScrubBatch,
+    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, kvhygiene::backend::BackendError> {
+        self.note("submit_scrub");
+        // SAFETY: this method's own contract, passed on unchanged.
+        unsafe { self.host.submit_scrub(batch) }
+    }
+    fn is_capturing(
+        &self,
+        device: u32,
+        stream: StreamHandle,
+    ) -> Result<bool, kvhygiene::backend::BackendError> {
+        self.note("is_capturing");
+        self.host.is_capturing(device, stream)
+    }
+    fn write(
+        &self,
+        device: u32,
+        addr: kvhygiene::backend::DevicePtr,
+        src: &[u8],
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.write(device, addr, src)
+    }
+    fn read(
+        &self,
+        device: u32,
+        addr: kvhygiene::backend::DevicePtr,
+        dst: &mut [u8],
+    ) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.read(device, addr, dst)
+    }
+    fn inject_fault(&self, segments: u64) -> Result<(), kvhygiene::backend::BackendError> {
+        self.host.inject_fault(segments)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// Invariant 6 (ARCHITECTURE.md): no backend call is made once process exit has begun. When
+/// exit begins while an allocation's fresh memory is being obtained from the backend, the
+/// allocation fails with `ShuttingDown` without a further backend call: the memory is neither
+/// zeroed nor given back once exit has begun.
+#[test]
+fn an_allocation_makes_no_backend_call_once_exit_began_during_its_fresh_allocation() {
+    let backend = Arc::new(ExitDuringAllocate {
+        host: kvhygiene::backend::host::HostBackend::new(),
+        alloc: std::sync::OnceLock::new(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+        sealed: std::sync::atomic::AtomicBool::new(false),
+        calls_after_exit: std::sync::Mutex::new(Vec::new()),
+    });
+    let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
+    let _ = backend.alloc.set(alloc.clone());
+    let r = alloc.malloc(4096, 0, S);
+    let calls = backend.calls_after_exit.lock().unwrap().clone();
+    assert!(
+        calls.is_empty(),
+        "backend calls made after exit began: {calls:?} (allocation result: {r:?})"
+    );
+    assert!(
+        matches!(r, Err(kvhygiene::alloc::AllocError::ShuttingDown)),
+        "{r:?}"
+    );
+    // The memory the backend gave is still accounted for (never handed out), and the
+    // allocation that failed is not counted as one.
+    let st = alloc.stats();
+    assert_eq!(
+        st.accounting.total().bytes,
+        backend.host.bytes_in_use(),
+        "{:?}",
+        st.accounting
+    );
+    assert_eq!(st.accounting.quarantined.blocks, 1);
+    assert_eq!(st.counters.allocations, 0);
+}

@@ -348,13 +348,8 @@ impl Allocator {
         let addr = backend
             .allocate(dev, class.capacity)
             .map_err(|e| self.allocation_failed(size, dev, e))?;
-        if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
-            // Never hand out memory that was not zeroed; give it back.
-            let _ = backend.release(dev, addr, class.capacity);
-            return Err(self.allocation_failed(size, dev, e));
-        }
         let now = Instant::now();
-        let block = Block {
+        let mut block = Block {
             id: self.inner.next_block_id.fetch_add(1, Ordering::Relaxed),
             device: dev,
             addr,
@@ -373,6 +368,27 @@ impl Allocator {
             scrub_in_flight: false,
             live_ttl_reported: false,
         };
+        // Exit may have begun while the backend allocated: no backend call after it
+        // (invariant 6), and the memory, never zeroed, is never handed out.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            block.state = BlockState::Quarantined;
+            self.pool(dev).keep_unzeroed(block);
+            return Err(AllocError::ShuttingDown);
+        }
+        if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
+            // Never hand out memory that was not zeroed: give it back, unless exit began (the
+            // zeroing said so, or the flag does), which leaves it as above.
+            let exiting = matches!(e, BackendError::ShuttingDown)
+                || self.inner.shutting_down.load(Ordering::Acquire);
+            if exiting {
+                block.state = BlockState::Quarantined;
+                self.pool(dev).keep_unzeroed(block);
+            } else if let Err(release) = backend.release(dev, addr, class.capacity) {
+                // A failed release leaks the memory and counts a backend error.
+                let _ = self.backend_fault(dev, release);
+            }
+            return Err(self.allocation_failed(size, dev, e));
+        }
         self.pool(dev).insert_fresh(block);
         Ok(addr)
     }
