@@ -251,3 +251,66 @@ fn tail_log_given_the_private_key_as_public_key_reports_no_tampering() {
          without a tampering line, got {code}:\n{out}{err}"
     );
 }
+
+/// docs/forensic-log.md, `kvh tail-log`: "the key files and the other arguments are checked
+/// first, so a bad one is status 2 at once". A tail that runs on (no `--once`) and is given
+/// `kvh keygen`'s private key as `--public-key` ends with status 2 at its first pass, as a
+/// `--once` run does: the key will not become a public key by trying again, so the tail
+/// does not retry it pass after pass, saying it is "trying again".
+#[test]
+fn a_running_tail_log_given_the_private_key_as_public_key_ends_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, prefix) = signed_demo(tmp.path());
+    let mut child = kvh()
+        .arg("tail-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("key"))
+        .args(["--interval", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some_and(|s| s.code() == Some(2)),
+        "--public-key named the private key PREFIX.key: expected status 2 within 5 s, got \
+         {status:?}; stderr:\n{err}"
+    );
+}
+
+/// docs/forensic-log.md, key files: "a verifier given `PREFIX.key` as `--public-key` says so
+/// and exits with the usage status (2) ... once it meets a checkpoint that key's public half
+/// signed". Given the private key beside the public one, the verifier still meets such a
+/// checkpoint: it says so, with status 2, rather than take the private key silently.
+#[test]
+fn verify_log_given_the_private_key_beside_the_public_key_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, prefix) = signed_demo(tmp.path());
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("pub"))
+        .arg("--public-key")
+        .arg(prefix.with_extension("key")));
+    assert_eq!(
+        code, 2,
+        "--public-key named the private key PREFIX.key (beside PREFIX.pub): a usage error \
+         (2):\n{out}{err}"
+    );
+}

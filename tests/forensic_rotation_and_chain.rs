@@ -585,3 +585,58 @@ fn a_forged_checkpoint_of_a_fresh_chain_is_reported_once() {
         distinct
     );
 }
+
+/// A forged checkpoint of a fresh chain that appears while the verification reads the other
+/// checkpoints (after their directory was listed, before the chain's turn): it is read once,
+/// found forged, and reported once; the verification does not read it again while it looks
+/// for the chain's first checkpoint.
+#[test]
+fn a_forged_checkpoint_that_appears_during_the_verification_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    write_log(&c, 3, true);
+    let ckpt = std::fs::read_dir(&ckpt_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let text = std::fs::read_to_string(&ckpt).unwrap();
+    let at = text.rfind("\"}").unwrap() - 1;
+    let flipped = if &text[at..=at] == "0" { "1" } else { "0" };
+    let forged = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
+    std::fs::remove_file(&ckpt).unwrap();
+    // Other checkpoint files the verification reads first (each one forged too).
+    for i in 0..60 {
+        std::fs::write(ckpt_dir.join(format!("kvh-other{i:05}.ckpt")), &forged).unwrap();
+    }
+    // The chain's newest file written just now: its first checkpoint may still come.
+    let file = chain_files(&dir).pop().unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, bytes).unwrap();
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![ckpt_dir.clone()],
+        ..keyed_opts()
+    };
+    let (place, tmp_name) = (ckpt.clone(), ckpt_dir.join("forged.tmp"));
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::write(&tmp_name, forged).unwrap();
+        std::fs::rename(&tmp_name, &place).unwrap();
+    });
+    let r = verify(&dir, &opts);
+    writer.join().unwrap();
+    assert!(!r.ok(), "{r:?}");
+    let named = ckpt.display().to_string();
+    let about_it: Vec<&String> = r.errors.iter().filter(|e| e.contains(&named)).collect();
+    assert!(
+        about_it.len() <= 1,
+        "the forged checkpoint is reported {} times: {about_it:?}",
+        about_it.len()
+    );
+}

@@ -746,3 +746,84 @@ fn a_stop_right_after_the_active_file_is_removed_is_written_in_the_next_file() {
         "{lines:?}"
     );
 }
+
+/// A process that stops right after its active file was removed writes its last summary (the
+/// final counters `kvh_shutdown` hands the log just before `stop`) where a reader finds it:
+/// in the chain's next file with the `stop` record, or, if it cannot be written, counted
+/// lost. It must not go into the removed file, uncounted.
+#[test]
+fn the_last_summary_at_a_stop_right_after_the_active_file_is_removed_is_not_lost_unseen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = kvhygiene::config::LogConfig {
+        // One summary an hour: the one put before `stop` is written by `stop`.
+        summary_interval_ms: 3_600_000,
+        ..cfg(&dir, 1 << 20)
+    };
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.record_summary(serde_json::json!({"allocs": 1}));
+    log.emit(event(1));
+    log.flush();
+    let first = chain_files(&dir)[0].clone();
+    assert!(
+        read_lines(&first).iter().any(|l| l.contains("\"summary\"")),
+        "the first summary was not written at once"
+    );
+    std::fs::remove_file(&first).unwrap();
+    assert!(log.record_final_summary(serde_json::json!({"allocs": 4242})));
+    log.stop();
+    let s = log.stats();
+    let files = chain_files(&dir);
+    let in_dir = files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .any(|l| l.contains("\"summary\"") && l.contains("4242"));
+    assert!(
+        in_dir || s.records_lost > 0,
+        "the last summary went into the removed file: in no file of the directory and not \
+         counted lost ({s:?}); files {:?}",
+        files.iter().map(|f| read_lines(f)).collect::<Vec<_>>()
+    );
+}
+
+/// A signed log whose active file was removed and whose chain cannot go on in a new file yet
+/// (the next name taken): its writes are known to fail, so, as while a disk is full, a
+/// checkpoint that falls due meanwhile is signed without a `checkpoint` record appended to
+/// the chain, which would only be lost. No record emitted after the removal was seen: none
+/// is counted lost.
+#[test]
+fn a_checkpoint_due_while_the_active_file_is_gone_loses_no_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, _public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(tmp.path().join("ckpt"));
+    c.checkpoint_interval_ms = 1500;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let first = chain_files(&dir)[0].clone();
+    let planted = dir.join(name(&first).replace("-000000.", "-000001."));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::remove_file(&first).unwrap();
+    // Written before the writer looks: it goes with the removed file.
+    log.emit(event(10));
+    log.flush();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.stats().write_errors < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(log.stats().write_errors >= 2, "{:?}", log.stats());
+    // A checkpoint falls due meanwhile.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let s = log.stats();
+    log.stop();
+    assert_eq!(
+        s.records_lost, 0,
+        "no record was emitted after the removal was seen, yet records were counted lost: \
+         {s:?}"
+    );
+}

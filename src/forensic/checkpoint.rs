@@ -203,13 +203,15 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     }
     // The file names its signer; only a pinned key is trusted to be it.
     let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
+    // Checked first: also beside the right public key, a private key given for one is a
+    // mistake to say, not to pass over (it is being handed around as if public).
+    if keys.iter().any(|k| is_private_key_of(k, embedded)) {
+        return Err(format!(
+            "{PRIVATE_KEY_GIVEN} (PREFIX.key of kvh keygen; both are 64 hex digits): give \
+             PREFIX.pub, and keep the private key readable by the writer only"
+        ));
+    }
     let Some(key) = keys.iter().find(|k| embedded == hex(k.as_bytes())) else {
-        if keys.iter().any(|k| is_private_key_of(k, embedded)) {
-            return Err(format!(
-                "{PRIVATE_KEY_GIVEN} (PREFIX.key of kvh keygen; both are 64 hex digits): give \
-                 PREFIX.pub, and keep the private key readable by the writer only"
-            ));
-        }
         return Err("checkpoint was signed by another key than the pinned public key".into());
     };
     key.verify(&body, &Signature::from_bytes(&sig_bytes))

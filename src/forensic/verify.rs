@@ -208,6 +208,14 @@ impl Report {
 #[error("{0}")]
 pub struct VerifyError(pub String);
 
+impl VerifyError {
+    /// Whether the error is a key given in the wrong place (`kvh keygen`'s private key as
+    /// `--public-key`): a usage error that no retry mends.
+    pub fn is_wrong_key(&self) -> bool {
+        self.0.contains(checkpoint::PRIVATE_KEY_GIVEN)
+    }
+}
+
 /// Verifies every chain found in `dir` (and in `opts.archive_dirs`).
 pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
     let mut report = Report {
@@ -219,7 +227,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     // already on disk, so every file it points into is in the listing that follows. Read
     // after it, a checkpoint a running writer signed just after rotating would point past
     // the files listed, and read as truncation.
-    let (mut ckpts, ckpt_files_read) = load_checkpoints(opts, &mut report)?;
+    let (mut ckpts, mut ckpt_files_read) = load_checkpoints(opts, &mut report)?;
     let chains = list_all(dir, opts)?;
     // Prune manifests matter only to a pruned reading: read once, checked once.
     let mut manifests = if pruned_reading(opts) {
@@ -236,7 +244,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
         }
         let (ckpt, list) = match ckpts.remove(chain) {
             Some(c) => (Some(c), list.clone()),
-            None => match late_checkpoint(chain, opts, &ckpt_files_read, &mut report)? {
+            None => match late_checkpoint(chain, opts, &mut ckpt_files_read, &mut report)? {
                 // Read after the listing: the chain's writer may have rotated and signed
                 // since, so its files are listed again, after the checkpoint, as the first
                 // reading lists them after the checkpoints.
@@ -257,7 +265,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             manifest,
         )?);
     }
-    await_first_checkpoints(dir, opts, &mut report, &uncovered, &ckpt_files_read)?;
+    await_first_checkpoints(dir, opts, &mut report, &uncovered, &mut ckpt_files_read)?;
     // Manifests of chains with no file left.
     for (chain, manifest) in manifests {
         let ckpt = ckpts.remove(&chain);
@@ -316,16 +324,16 @@ const FIRST_CHECKPOINT_WAIT: Duration = Duration::from_secs(2);
 /// checkpoints are looked for again, for up to [`FIRST_CHECKPOINT_WAIT`], and a chain whose
 /// checkpoint appears is verified again with it (its files listed after it). A chain whose
 /// checkpoint does not appear keeps its finding: one its writer died before signing cannot be
-/// told from one whose checkpoint was deleted. A checkpoint file is read once (`read`: those
-/// read before): one refused is reported once, and its chain is not waited for.
+/// told from one whose checkpoint was deleted. A checkpoint file is read once in a
+/// verification (`read`: those read so far): one refused is reported once, and its chain is
+/// not waited for.
 fn await_first_checkpoints(
     dir: &Path,
     opts: &VerifyOptions,
     report: &mut Report,
     uncovered: &[usize],
-    read: &BTreeSet<PathBuf>,
+    read: &mut BTreeSet<PathBuf>,
 ) -> Result<(), VerifyError> {
-    let mut read = read.clone();
     let candidates = |chain: &str| -> Vec<PathBuf> {
         opts.checkpoints
             .iter()
@@ -361,15 +369,13 @@ fn await_first_checkpoints(
         let mut still = Vec::new();
         for i in waiting {
             let chain = report.chains[i].chain.clone();
-            let present = candidates(&chain);
-            if present.is_empty() {
+            if candidates(&chain).is_empty() {
                 still.push(i);
                 continue;
             }
-            let found = late_checkpoint(&chain, opts, &read, report)?;
-            read.extend(present);
-            // Refused (reported by `late_checkpoint`): the chain keeps its finding.
-            let Some(ckpt) = found else {
+            // Refused when read (reported then, by `late_checkpoint`, now or before): the
+            // chain keeps its finding.
+            let Some(ckpt) = late_checkpoint(&chain, opts, read, report)? else {
                 continue;
             };
             let Some(list) = relisted(dir, &chain, opts)? else {
@@ -797,7 +803,7 @@ fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
 fn late_checkpoint(
     chain: &str,
     opts: &VerifyOptions,
-    read: &BTreeSet<PathBuf>,
+    read: &mut BTreeSet<PathBuf>,
     report: &mut Report,
 ) -> Result<Option<Checkpoint>, VerifyError> {
     if opts.public_keys.is_empty() {
@@ -812,6 +818,8 @@ fn late_checkpoint(
     else {
         return Ok(None);
     };
+    // Read once in a verification: a file refused now is not read (and reported) again.
+    read.insert(found.clone());
     match checkpoint::read(&found, &opts.public_keys) {
         Ok(c) if c.chain == chain => Ok(Some(c)),
         Ok(c) => {
@@ -1762,11 +1770,11 @@ mod tests {
         };
         let (chain, _) = list_all(&dir, &opts).unwrap().remove(0);
         let mut report = Report::default();
-        let found = late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report).unwrap();
+        let found = late_checkpoint(&chain, &opts, &mut BTreeSet::new(), &mut report).unwrap();
         assert_eq!(found.map(|c| c.chain), Some(chain.clone()));
         let path = checkpoint::path_for(&dir, &chain);
-        let read = BTreeSet::from([path.clone()]);
-        assert!(late_checkpoint(&chain, &opts, &read, &mut report)
+        let mut read = BTreeSet::from([path.clone()]);
+        assert!(late_checkpoint(&chain, &opts, &mut read, &mut report)
             .unwrap()
             .is_none());
         assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -1775,7 +1783,7 @@ mod tests {
             .replace("\"seq\":", "\"seq\":1");
         std::fs::write(&path, forged).unwrap();
         assert!(
-            late_checkpoint(&chain, &opts, &BTreeSet::new(), &mut report)
+            late_checkpoint(&chain, &opts, &mut BTreeSet::new(), &mut report)
                 .unwrap()
                 .is_none()
         );

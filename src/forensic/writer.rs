@@ -335,6 +335,12 @@ impl ChainWriter {
                     self.handle(*m, &mut acks, &mut None);
                 }
             }
+            if stop.is_some() {
+                // Before the last summary and records are written: not into a file removed
+                // within the last check's second (they are counted lost instead, or go into
+                // the next file).
+                self.check_file_now();
+            }
             self.maybe_summary(stop.is_some());
             let _ = self.flush();
             for a in acks {
@@ -951,6 +957,14 @@ impl ChainWriter {
 
     fn maybe_checkpoint(&mut self) {
         if self.signing.is_none() {
+            return;
+        }
+        if self.file_gone {
+            // Writes to the gone file fail, as on a full disk: what was written is signed when
+            // a checkpoint is due, but no `checkpoint` record is appended (it would be lost).
+            if !self.fsync_failed && self.checkpoint_due(self.records_since_ckpt) {
+                let _ = self.checkpoint();
+            }
             return;
         }
         if self.lost.is_some() && !self.lost_in_buf && !self.holds_new_records() {
