@@ -640,3 +640,43 @@ fn a_forged_checkpoint_that_appears_during_the_verification_is_reported_once() {
         about_it.len()
     );
 }
+
+/// docs/forensic-log.md, key files: a verifier given `PREFIX.key` as `--public-key` exits
+/// with the usage status "once it meets a checkpoint that key's public half signed". A
+/// checkpoint whose `public_key` field alone was changed (its signature is the original one,
+/// which no key named in it made) was signed by nobody it names: given the right public key,
+/// the verification reports the checkpoint as a problem of the log, not a usage error. Here
+/// the field is changed to the public key derived from the pinned public key's bytes taken as
+/// a seed, which anyone who holds the public key can compute.
+#[test]
+fn a_checkpoint_naming_the_key_derived_from_the_public_key_is_a_finding_not_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    write_log(&c, 3, true);
+    let ckpt = std::fs::read_dir(&ckpt_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let pinned = kvhygiene::forensic::keys::read_public_key(&public).unwrap();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let derived = ed25519_dalek::SigningKey::from_bytes(pinned.as_bytes()).verifying_key();
+    let text = std::fs::read_to_string(&ckpt).unwrap();
+    let real = hex(pinned.as_bytes());
+    assert!(text.contains(&real), "{text}");
+    std::fs::write(&ckpt, text.replace(&real, &hex(derived.as_bytes()))).unwrap();
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![pinned],
+        checkpoints: vec![ckpt_dir.clone()],
+        ..keyed_opts()
+    };
+    match kvhygiene::forensic::verify_all(&dir, &opts) {
+        Ok(r) => assert!(!r.ok(), "the altered checkpoint went unreported: {r:?}"),
+        Err(e) => panic!("an altered checkpoint is reported as a usage error: {e}"),
+    }
+}

@@ -349,7 +349,7 @@ impl Allocator {
             .allocate(dev, class.capacity)
             .map_err(|e| self.allocation_failed(size, dev, e))?;
         let now = Instant::now();
-        let mut block = Block {
+        let block = Block {
             id: self.inner.next_block_id.fetch_add(1, Ordering::Relaxed),
             device: dev,
             addr,
@@ -369,10 +369,10 @@ impl Allocator {
             live_ttl_reported: false,
         };
         // Exit may have begun while the backend allocated: no backend call after it
-        // (invariant 6), and the memory, never zeroed, is never handed out.
+        // (invariant 6). The memory, never zeroed and never handed out, is left to the
+        // process's end, outside the pool's table (it holds nobody's data, and nothing of it
+        // is left to scrub).
         if self.inner.shutting_down.load(Ordering::Acquire) {
-            block.state = BlockState::Quarantined;
-            self.pool(dev).keep_unzeroed(block);
             return Err(AllocError::ShuttingDown);
         }
         if let Err(e) = backend.zero_fresh(dev, addr, class.capacity, stream) {
@@ -381,9 +381,9 @@ impl Allocator {
             let exiting = matches!(e, BackendError::ShuttingDown)
                 || self.inner.shutting_down.load(Ordering::Acquire);
             if exiting {
-                block.state = BlockState::Quarantined;
-                self.pool(dev).keep_unzeroed(block);
-            } else if let Err(release) = backend.release(dev, addr, class.capacity) {
+                return Err(AllocError::ShuttingDown);
+            }
+            if let Err(release) = backend.release(dev, addr, class.capacity) {
                 // A failed release leaks the memory and counts a backend error.
                 let _ = self.backend_fault(dev, release);
             }

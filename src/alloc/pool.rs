@@ -317,15 +317,6 @@ impl DevicePool {
         self.blocks.insert(block.addr, block);
     }
 
-    /// Fresh memory the backend gave just as exit began, never zeroed: kept in the table as
-    /// QUARANTINED (never handed out, never released after exit began), so that the pool
-    /// still accounts for what the backend holds. Not an allocation, nor a quarantine.
-    pub(crate) fn keep_unzeroed(&mut self, block: Block) {
-        debug_assert_eq!(block.state, BlockState::Quarantined);
-        self.stats.accounting.quarantined.add(block.capacity());
-        self.blocks.insert(block.addr, block);
-    }
-
     /// Whether the pool has work that could produce CLEAN blocks (open or in-flight scrubs).
     pub(crate) fn has_pending_work(&self) -> bool {
         !self.open.is_empty() || !self.in_flight.is_empty() || !self.rescrub_waiting.is_empty()
