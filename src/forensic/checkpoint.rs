@@ -129,11 +129,11 @@ fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<
     }
 }
 
-/// What [`read`]'s error starts with when a `--public-key` given is the checkpoint's
-/// signer's private key: an operator's mistake, which verifiers report as a usage error, not
-/// as a finding about the log.
+/// What [`read`]'s error starts with when a `--public-key` given, taken as a seed, gives the
+/// key the checkpoint names: the signer's private key given for its public one (refused
+/// before, as a usage error, when its `.pub` lies beside it), or a checkpoint forged so.
 pub const PRIVATE_KEY_GIVEN: &str =
-    "the public key given is this checkpoint's signer's PRIVATE key";
+    "the public key given is the PRIVATE key of this checkpoint's signer";
 
 /// Reads and verifies a checkpoint file: it must be signed by one of the pinned public keys
 /// (several when the signing key was rotated).
@@ -203,15 +203,16 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     }
     // The file names its signer; only a pinned key is trusted to be it.
     let embedded = m.get("public_key").and_then(Value::as_str).unwrap_or("");
-    // Checked first: also beside the right public key, a private key given for one is a
-    // mistake to say, not to pass over (it is being handed around as if public).
-    if keys.iter().any(|k| is_private_key_of(k, embedded)) {
-        return Err(format!(
-            "{PRIVATE_KEY_GIVEN} (PREFIX.key of kvh keygen; both are 64 hex digits): give \
-             PREFIX.pub, and keep the private key readable by the writer only"
-        ));
-    }
     let Some(key) = keys.iter().find(|k| embedded == hex(k.as_bytes())) else {
+        // The field is not authenticated, and a key derived from a public key as a seed is
+        // anyone's to sign with: a finding either way, which names the likely mistake.
+        if keys.iter().any(|k| is_private_key_of(k, embedded)) {
+            return Err(format!(
+                "{PRIVATE_KEY_GIVEN}, or the checkpoint was forged to look so: give \
+                 PREFIX.pub of kvh keygen (PREFIX.key is the private key; both are 64 hex \
+                 digits), and keep the private key readable by the writer only"
+            ));
+        }
         return Err("checkpoint was signed by another key than the pinned public key".into());
     };
     key.verify(&body, &Signature::from_bytes(&sig_bytes))

@@ -385,6 +385,13 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             p.display()
         ))
     })?;
+    if let Some(public) = public_half_beside(p, &bytes) {
+        return Err(ForensicError::Key(format!(
+            "{}: kvh keygen's private key, whose public half is {}: give that file",
+            p.display(),
+            public.display()
+        )));
+    }
     VerifyingKey::from_bytes(&bytes).map_err(|e| {
         ForensicError::Key(format!(
             "{}: not an Ed25519 public key: {e} (kvh keygen's private key, PREFIX.key, given \
@@ -392,6 +399,22 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             p.display()
         ))
     })
+}
+
+/// The `PREFIX.pub` beside `p` when `p` is `PREFIX.key` and its 32 bytes are the seed of the
+/// key in that file: `kvh keygen`'s private key given where a public key is wanted (both files
+/// hold 64 hex digits). Told from the files alone, so a verifier refuses the mistake as a
+/// usage error before it reads the log, whatever the log holds.
+fn public_half_beside(p: &Path, seed: &[u8; 32]) -> Option<std::path::PathBuf> {
+    if p.extension().is_none_or(|e| e != "key") {
+        return None;
+    }
+    let public = p.with_extension("pub");
+    let text = std::fs::read_to_string(&public).ok()?;
+    let listed = super::record::parse_hash(text.trim_end())?;
+    let seed = Zeroizing::new(*seed);
+    let derived = SigningKey::from_bytes(&seed).verifying_key();
+    (derived.as_bytes() == &listed).then_some(public)
 }
 
 /// A fresh signing key from the operating system's CSPRNG.

@@ -39,7 +39,7 @@ use super::keys::EpochKey;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
-use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyError, VerifyOptions};
+use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
 /// `kvh tail-log`: arguments.
 #[derive(Clone, Debug, clap::Args)]
@@ -447,16 +447,6 @@ struct Pass<'a> {
     security_only: bool,
 }
 
-/// A verification's error as a pass's: a key given in the wrong place ends the tail at once
-/// (no later pass mends it); any other is the directory not read this time.
-fn pass_error(e: VerifyError) -> PassError {
-    if e.is_wrong_key() {
-        PassError::Stop(Stop::Error(e.to_string()))
-    } else {
-        PassError::Io(e.to_string())
-    }
-}
-
 /// One pass: verifies the directory, checks it against `state`, writes the new records of
 /// each chain to stdout and moves `state` past them. Returns whether `state` changed.
 fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError> {
@@ -464,13 +454,13 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
         return Err(PassError::Stop(stop));
     }
     let opts = how.opts;
-    let mut report = verify_all(dir, opts).map_err(pass_error)?;
+    let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     if !report.ok() {
         // A directory listed while a writer creates its next file may show the new file and
         // miss the one before it (readdir is not a snapshot): a problem is tampering only if a
         // second verification finds one too.
         std::thread::sleep(RECHECK_AFTER);
-        report = verify_all(dir, opts).map_err(pass_error)?;
+        report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     }
     if let Some(p) = report.first_problem() {
         let chain = report

@@ -208,14 +208,6 @@ impl Report {
 #[error("{0}")]
 pub struct VerifyError(pub String);
 
-impl VerifyError {
-    /// Whether the error is a key given in the wrong place (`kvh keygen`'s private key as
-    /// `--public-key`): a usage error that no retry mends.
-    pub fn is_wrong_key(&self) -> bool {
-        self.0.contains(checkpoint::PRIVATE_KEY_GIVEN)
-    }
-}
-
 /// Verifies every chain found in `dir` (and in `opts.archive_dirs`).
 pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyError> {
     let mut report = Report {
@@ -831,20 +823,10 @@ fn late_checkpoint(
             Ok(None)
         }
         Err(e) => {
-            report.errors.push(given_key_error(e)?);
+            report.errors.push(e);
             Ok(None)
         }
     }
-}
-
-/// A checkpoint's read error `e` as a finding about the log, or, when a `--public-key` given
-/// is the signer's private key, as the usage error it is: the log may be intact, and a
-/// verifier must not report it as tampered.
-fn given_key_error(e: String) -> Result<String, VerifyError> {
-    if e.contains(checkpoint::PRIVATE_KEY_GIVEN) {
-        return Err(VerifyError(e));
-    }
-    Ok(e)
 }
 
 /// Every checkpoint in the checkpoint locations, by chain, and the files read.
@@ -923,7 +905,7 @@ fn load_checkpoints(
                     seen.insert(c.chain.clone(), f.clone());
                     out.insert(c.chain.clone(), c);
                 }
-                Err(e) => report.errors.push(given_key_error(e)?),
+                Err(e) => report.errors.push(e),
             }
         }
     }
