@@ -550,7 +550,9 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
         except UnicodeDecodeError:
             raise ValueError(f"{name} {value!r} is not UTF-8") from None
     try:
-        raw = str(value).encode("utf-8")
+        # A str subclass (an Enum member of str) is its text, not its __str__ ("Tenant.ACME").
+        text = str.__str__(value) if isinstance(value, str) else str(value)
+        raw = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate
         raise ValueError(f"{name} {value!r} has no UTF-8 (a lone surrogate)") from None
     # ctypes passes bytes as a C string, which ends at the first NUL: "acme\0evil" would reach
@@ -613,13 +615,21 @@ def _resync_context() -> None:
 
 
 def _set(ids) -> None:
+    """Gives the library ``ids`` (encoded, as :func:`_encoded_ids` makes them; ``None``:
+    none) for the calling thread."""
     lib = load()
     if ids is None:
         lib.kvh_clear_context()
     else:
-        encoded = [_encode(v, name) for v, name in zip(ids, _CONTEXT_FIELDS)]
-        _check("kvh_set_context", lib.kvh_set_context(*encoded))
+        _check("kvh_set_context", lib.kvh_set_context(*ids))
     _local.applied = ids
+
+
+def _encoded_ids(tenant_id, request_id, model_id) -> tuple:
+    """The ids as the library gets them. Held and compared in this form: ids equal as Python
+    objects but not as text (``1`` and ``1.0``, ``1`` and ``True``) are other requests."""
+    values = (tenant_id, request_id, model_id)
+    return tuple(_encode(v, name) for v, name in zip(values, _CONTEXT_FIELDS))
 
 
 @contextlib.contextmanager
@@ -630,8 +640,10 @@ def context(
 ) -> Iterator[None]:
     """Stamps allocations and frees made by this thread inside the block with these ids.
 
-    Contexts nest: leaving an inner block restores the outer ids. The library refuses ids over
-    128 bytes or with control or invisible formatting characters (:class:`KvhError`).
+    Contexts nest: leaving an inner block restores the outer ids. Ids are their text (``str``
+    of a number; a ``str`` subclass's own text, not its ``__str__``; bytes as UTF-8): ``1`` and
+    ``1.0`` are two requests. The library refuses ids over 128 bytes or with control or
+    invisible formatting characters (:class:`KvhError`).
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
@@ -651,7 +663,7 @@ def context(
     its innermost context at its next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
     """
-    ids = (tenant_id, request_id, model_id)
+    ids = _encoded_ids(tenant_id, request_id, model_id)
     _set(ids)
     # Each entry is its own object: leaving a context marks its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).
@@ -866,7 +878,8 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     blocks. ``stream`` is as for :func:`scrub_blocks`.
 
     Raises :class:`ClaimRefusedError` naming the blocks not handed over (they must not be used),
-    and :class:`KvhError` when the call was refused or did not finish.
+    and :class:`KvhError` when the call was refused or did not finish (its ``refused_blocks``
+    lists the blocks an earlier library call of a split claim refused).
 
     More blocks than one library call takes (2**20 segments: blocks × regions) are claimed in
     several calls, in order; under ``KVH_KV_GATE=enforce`` a refused one ends the claim: the
@@ -894,7 +907,11 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             if refusal is None or code == KVH_ERR_VERIFY_FAILED:
                 refusal = (code, message)
         elif code != KVH_OK:
-            raise KvhError("kvh_claim_blocks", code, message)
+            error = KvhError("kvh_claim_blocks", code, message)
+            # Blocks an earlier library call of a set split in several refused (failed
+            # verification, or taken): still not to be used, whatever is done about the error.
+            error.refused_blocks = refused
+            raise error
     if refusal is not None:
         raise ClaimRefusedError(refusal[0], refusal[1], refused)
 
@@ -922,6 +939,9 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
     text = _encode(reason, "reason")
     _resync_context()
     per_call = max(1, _MAX_KV_SEGMENTS // max(1, len(layout.regions)))
+    if len(ids) > per_call:
+        # Checked whole first, as _kv_calls does: no record for part of a set that is refused.
+        ids = _ids_at_fault(ids, layout.blocks_per_region) or ids
     for start in range(0, max(1, len(ids)), per_call):
         chunk = ids[start : start + per_call]
         c_ids = (ctypes.c_uint32 * len(chunk))(*chunk)
@@ -1044,7 +1064,12 @@ def _cuda_state(torch) -> Optional[str]:
     """
     if not torch.cuda.is_initialized():
         return None
-    held = sum(torch.cuda.memory_reserved(d) for d in range(torch.cuda.device_count()))
+    try:
+        held = sum(torch.cuda.memory_reserved(d) for d in range(torch.cuda.device_count()))
+    except RuntimeError:
+        # Another pluggable allocator (RMM, or kvhygiene set up by hand) keeps no device
+        # statistics: CUDA is initialised under it all the same.
+        return "CUDA is already initialised in this process, under another pluggable allocator"
     if held:
         return f"PyTorch already holds {held} bytes of CUDA memory from its default allocator"
     return "CUDA is already initialised in this process"

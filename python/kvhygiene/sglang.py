@@ -471,6 +471,11 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
             "frees cannot be seen, so they could not be scrubbed"
         )
     page = _page_size(allocator if page_size is None else page_size)
+    own = getattr(allocator, "page_size", None)
+    if page_size is not None and own is not None and _page_size(own) != page:
+        # Its free lists hold pages of its own size: read with another, a restore's pages
+        # would be taken for other slots, and the ones freed handed out unscrubbed.
+        raise ValueError(f"page_size {page} contradicts the allocator's own page_size {_page_size(own)}")
     for layout in layouts:
         made_for = getattr(layout, "page_size", page)
         if made_for != page:

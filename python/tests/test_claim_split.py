@@ -80,3 +80,18 @@ def test_a_split_claim_with_a_failed_verification_after_a_taken_block_reports_th
         kvhygiene.claim_blocks(None, [0, 1, 2, 3])
     assert e.value.code == kvhygiene.KVH_ERR_VERIFY_FAILED, e.value
     assert sorted(e.value.refused_blocks) == [1, 3]
+
+
+def test_a_split_claim_that_stops_on_an_error_still_names_the_blocks_that_failed_verification(monkeypatch):
+    # A claim split over several library calls: the first hands over blocks 1 and 2 and names
+    # block 3, whose scrub failed verification (code 7009); the second stops on a backend
+    # error. As for scrub_blocks, the error says so and still names block 3, to retire.
+    calls = [
+        (kvhygiene.KVH_ERR_VERIFY_FAILED, [3], [1, 2, 3], "1 block failed verification"),
+        (7012, [], [4, 5], "backend error"),
+    ]
+    monkeypatch.setattr(kvhygiene, "_kv_calls", lambda *a, **k: iter(calls))
+    with pytest.raises(kvhygiene.KvhError) as e:
+        kvhygiene.claim_blocks(None, [1, 2, 3, 4, 5])
+    named = set(getattr(e.value, "refused_blocks", None) or ()) | set(getattr(e.value, "failed_blocks", None) or ())
+    assert 3 in named, f"block 3 failed verification and the error ({e.value!r}) does not name it"

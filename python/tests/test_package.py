@@ -1765,3 +1765,96 @@ def test_load_of_a_library_that_links_kvhygiene_is_not_taken_for_the_loaded_file
         f"load({str(ext)!r}), a library that links {library} but is another file, was "
         f"accepted as the loaded kvhygiene:\n{run.stdout}"
     )
+
+
+@needs_lib
+def test_a_task_whose_ids_equal_another_tasks_in_python_but_not_as_text_claims_under_its_own():
+    # Ids reach the library as their text (str()): request 1 and request 1.0 are two requests
+    # ("1" and "1.0"), though 1 == 1.0 in Python. Two asyncio tasks on one thread, one per
+    # request: each claim is made under the ids of the task that makes it. Request 1 claims
+    # block 5 and writes its keys; request 1.0 is then given block 5, which changes owner, so
+    # its claim scrubs it first.
+    import asyncio
+
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        seen = {}
+
+        async def serve():
+            a_in, b_in, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+            async def request_a():
+                with kvhygiene.context(tenant_id="t", request_id=1):
+                    a_in.set()
+                    await b_in.wait()
+                    kvhygiene.claim_blocks(layout, [5])
+                    ctypes.memset(p + 5 * 128, 0x42, 128)  # request 1's keys
+                    a_done.set()
+
+            async def request_b():
+                await a_in.wait()
+                with kvhygiene.context(tenant_id="t", request_id=1.0):
+                    b_in.set()
+                    await a_done.wait()
+                    kvhygiene.claim_blocks(layout, [5])
+                    seen["block"] = ctypes.string_at(p + 5 * 128, 128)
+
+            await asyncio.gather(request_a(), request_b())
+
+        asyncio.run(serve())
+        assert seen["block"] == bytes(128), (
+            "request '1.0' was handed request '1''s bytes: request 1's claim was made under "
+            "the ids the other task set on the thread"
+        )
+
+
+@needs_lib
+def test_refuse_blocks_over_several_calls_checks_every_id_before_recording_any(monkeypatch):
+    # refuse_blocks checks the layout and ids as claim_blocks checks them: a set split over
+    # several library calls (2 regions, at most 4 segments a call: 2 blocks a call) with an id
+    # past the last block (0..7), or an id named twice in two calls' shares, is refused whole,
+    # and no refusal of part of it is recorded.
+    monkeypatch.setattr(kvhygiene, "_MAX_KV_SEGMENTS", 4)
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        for ids in ([0, 1, 2, 8], [0, 1, 1, 2]):
+            refused = kvhygiene.stats()["counters"]["kv_claims_refused"]
+            with pytest.raises(kvhygiene.KvhError):
+                kvhygiene.refuse_blocks(layout, ids, "given to two requests")
+            recorded = kvhygiene.stats()["counters"]["kv_claims_refused"] - refused
+            assert recorded == 0, f"ids {ids}: {recorded} refusals recorded for a refused set"
+
+
+def test_an_id_given_as_a_str_subclass_is_its_text():
+    # An id is its text: a str subclass (a `class Tenant(str, Enum)` member, a type that
+    # overrides __str__) is the tenant its text names, as bytes are, not what its __str__
+    # prints ("Tenant.ACME"): the forensic log and the tenant-scoped gate see the id the
+    # engine uses everywhere else.
+    import enum
+
+    class Tenant(str, enum.Enum):
+        ACME = "acme"
+
+    assert kvhygiene._encode(Tenant.ACME, "tenant_id") == b"acme"
+
+
+@needs_lib
+def test_install_once_cuda_runs_under_another_pluggable_allocator_is_refused_as_already_in_use(fresh):
+    # PyTorch's CUDAPluggableAllocator keeps no device statistics: once one is PyTorch's
+    # allocator (the README's raw form, or another library's) and CUDA is initialised,
+    # torch.cuda.memory_reserved raises "CUDAPluggableAllocator does not yet support
+    # getDeviceStats". install() still reports what its documentation says for an initialised
+    # CUDA: AllocatorAlreadyInUseError, and switches nothing.
+    torch, state = _fake_torch(initialized=True)
+
+    def no_stats(device):
+        raise RuntimeError(
+            "CUDAPluggableAllocator does not yet support getDeviceStats. If you need it, please "
+            "file an issue describing your use case."
+        )
+
+    torch.cuda.memory_reserved = no_stats
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
+        kvhygiene.install(LIB)
+    assert state["changed"] is None and not kvhygiene.installed()

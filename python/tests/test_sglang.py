@@ -928,3 +928,25 @@ def test_readme_lists_every_attribute_name_the_module_reads():
     read |= set(re.findall(r"\ballocator\.([a-z_]+)\b", source))
     read |= set(module._FREE_LISTS) | {module._STAGED}
     assert read - names_listed == set(), f"read by kvhygiene/sglang.py, not in README's list: {sorted(read - names_listed)}"
+
+
+def test_a_page_size_that_contradicts_the_allocators_own_is_refused_or_still_scrubs_what_a_restore_frees():
+    # scrub_on_free's page_size defaults to the allocator's. One given that contradicts the
+    # allocator's own page_size (1 for an allocator of pages of 2, whose free lists hold page
+    # ids) would read its page ids as token slots. Either the wrap is refused, as layouts of
+    # another page size are, or the pages a restore_state frees are still zero when handed out.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = SpeculativeAllocator(page_size=2)
+    try:
+        scrub_on_free(alloc, layouts_of(pool, page_size=1), page_size=1)
+    except ValueError:
+        pool.release()
+        return
+    saved = alloc.backup_state()
+    draft = alloc.alloc(4)  # pages 1 and 2: slots 2..5
+    pool.fill(draft, 0xD7)
+    alloc.restore_state(saved)
+    stale = [s for s in draft if not pool.holds(s, 0)]
+    pool.release()
+    assert not stale, f"slots {stale} a restore freed were handed back with the draft step's bytes"
