@@ -314,3 +314,26 @@ fn verify_log_given_the_private_key_beside_the_public_key_is_a_usage_error() {
          (2):\n{out}{err}"
     );
 }
+
+/// The private key copied under another name (no `.pub` beside it) and given with its public
+/// key: the two keys given say it is the other's private key, whatever the log holds, so it
+/// is refused as a usage error before the log is read.
+#[test]
+fn verify_log_given_a_renamed_private_key_with_its_public_key_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, prefix) = signed_demo(tmp.path());
+    let renamed = tmp.path().join("verifier-copy.txt");
+    std::fs::copy(prefix.with_extension("key"), &renamed).unwrap();
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(prefix.with_extension("pub"))
+        .arg("--public-key")
+        .arg(&renamed));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("verifier-copy.txt") && err.contains("private key"),
+        "{err}"
+    );
+}

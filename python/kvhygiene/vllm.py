@@ -119,7 +119,8 @@ def context_id(req_id) -> str:
             req_id = bytes(req_id).decode("utf-8")
         except UnicodeDecodeError:
             return _DIGEST_PREFIX + hashlib.sha256(b"\xff" + bytes(req_id)).hexdigest()
-    text = str(req_id)
+    # A str subclass (a str Enum) is its text, as in kvhygiene.context.
+    text = str.__str__(req_id) if isinstance(req_id, str) else str(req_id)
     try:
         raw = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: no UTF-8 of its own

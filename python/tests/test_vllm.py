@@ -171,6 +171,19 @@ def test_context_ids_are_vllms_unless_the_library_would_refuse_them():
     assert context_id("a\nb") != context_id("a\rb")
 
 
+def test_a_tenant_given_as_a_str_subclass_is_its_text_as_in_context():
+    # kvhygiene.context takes a str subclass (a `class Tenant(str, Enum)` member) as its text:
+    # context_id, through which claim_scheduled passes tenant and request ids, gives the same
+    # id, so that one tenant is one identity to the tenant-scoped gate and the forensic log.
+    import enum
+
+    class Tenant(str, enum.Enum):
+        ACME = "acme"
+
+    assert context_id(Tenant.ACME) == "acme"
+    assert context_id(Tenant.ACME).encode() == kvhygiene._encode(Tenant.ACME, "tenant_id")
+
+
 def test_a_request_id_with_an_invisible_formatting_character_gets_an_id_the_library_accepts():
     # The library refuses ids holding invisible formatting characters (a right-to-left
     # override, a zero-width space, a line separator) as it refuses control characters:

@@ -273,6 +273,14 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
             public_keys.push(key);
         }
     }
+    if let Some((private, public)) = keys::private_of_another(&args.public_key, &public_keys) {
+        return Err(format!(
+            "--public-key {}: kvh keygen's private key of the key in {}: give only the public \
+             keys (PREFIX.pub), and keep the private key readable by the writer only",
+            private.display(),
+            public.display()
+        ));
+    }
     let mut checkpoints: Vec<PathBuf> = args.checkpoint.iter().cloned().collect();
     if checkpoints.is_empty() && !public_keys.is_empty() {
         // With a pinned key and no explicit location, the writer's default is the log dir.

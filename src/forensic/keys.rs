@@ -410,11 +410,37 @@ fn public_half_beside(p: &Path, seed: &[u8; 32]) -> Option<std::path::PathBuf> {
         return None;
     }
     let public = p.with_extension("pub");
-    let text = std::fs::read_to_string(&public).ok()?;
+    // As the file given is read: a regular file only, never waited on, of bounded size.
+    let bytes = read_given_file(&public, super::files::MAX_CKPT_BYTES).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
     let listed = super::record::parse_hash(text.trim_end())?;
     let seed = Zeroizing::new(*seed);
     let derived = SigningKey::from_bytes(&seed).verifying_key();
     (derived.as_bytes() == &listed).then_some(public)
+}
+
+/// Among public keys given (`paths`, read as `keys` in order, duplicates dropped), one that is
+/// the private key (the seed) of another given: `(its path, the other's path)`. Told from the
+/// keys given alone, so the mistake is refused before the log is read.
+pub fn private_of_another<'a>(
+    paths: &'a [std::path::PathBuf],
+    keys: &[VerifyingKey],
+) -> Option<(&'a Path, &'a Path)> {
+    let key_of = |p: &Path| read_public_key(p).ok();
+    for (i, k) in keys.iter().enumerate() {
+        let seed = Zeroizing::new(*k.as_bytes());
+        let derived = SigningKey::from_bytes(&seed).verifying_key();
+        let Some(j) = keys.iter().position(|o| *o == derived) else {
+            continue;
+        };
+        if i == j {
+            continue;
+        }
+        let private = paths.iter().find(|p| key_of(p) == Some(*k))?;
+        let public = paths.iter().find(|p| key_of(p) == Some(keys[j]))?;
+        return Some((private, public));
+    }
+    None
 }
 
 /// A fresh signing key from the operating system's CSPRNG.
@@ -436,6 +462,38 @@ mod tests {
         fs::write(&p, format!("{}\n", "ab".repeat(32))).unwrap();
         let e = read_signing_key(&p).unwrap_err().to_string();
         assert!(e.contains("public key") && e.contains("PREFIX.key"), "{e}");
+    }
+
+    /// A public key file named `PREFIX.key` is read whatever lies at `PREFIX.pub`: a FIFO
+    /// there is never opened for a blocking read, so reading the key returns at once.
+    #[test]
+    fn a_fifo_beside_a_public_key_file_does_not_hang_its_reading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let given = tmp.path().join("verifier.key");
+        let signer = SigningKey::from_bytes(&[7u8; 32]);
+        let public = signer.verifying_key();
+        fs::write(
+            &given,
+            format!("{}\n", super::super::record::hex(public.as_bytes())),
+        )
+        .unwrap();
+        let fifo = std::ffi::CString::new(
+            tmp.path()
+                .join("verifier.pub")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = given.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_public_key(&path).map_err(|e| e.to_string()));
+        });
+        let read = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading the public key still waits on the FIFO beside it after 5 s");
+        assert_eq!(read.unwrap(), public);
     }
 
     #[test]
