@@ -22,10 +22,13 @@ fn hmac_key(dir: &Path) -> PathBuf {
     path
 }
 
-/// A short `kvh demo --log-dir DIR` whose log is sealed with `key` (KVH_HMAC_KEY_FILE).
-fn sealed_demo(log: &Path, key: &Path) -> String {
-    let (code, out, err) = run(kvh()
-        .env("KVH_HMAC_KEY_FILE", key)
+/// A short `kvh demo --log-dir DIR` with the variables `envs` set; it must pass. Its stdout.
+fn short_demo(log: &Path, envs: &[(&str, &std::ffi::OsStr)]) -> String {
+    let mut cmd = kvh();
+    for (name, value) in envs {
+        cmd.env(name, value);
+    }
+    let (code, out, err) = run(cmd
         .args([
             "demo",
             "--backend",
@@ -39,6 +42,11 @@ fn sealed_demo(log: &Path, key: &Path) -> String {
         .arg(log));
     assert_eq!(code, 0, "{out}{err}");
     out
+}
+
+/// A short `kvh demo --log-dir DIR` whose log is sealed with `key` (KVH_HMAC_KEY_FILE).
+fn sealed_demo(log: &Path, key: &Path) -> String {
+    short_demo(log, &[("KVH_HMAC_KEY_FILE", key.as_os_str())])
 }
 
 /// `kvh demo --log-dir DIR` ends with the command that checks the log it wrote. For a log
@@ -132,24 +140,14 @@ fn the_demo_does_not_name_a_key_file_its_log_was_not_sealed_with() {
     let tmp = tempfile::tempdir().unwrap();
     let key = hmac_key(tmp.path());
     let log = tmp.path().join("log");
-    let (code, out, err) = run(kvh()
-        .env("KVH_HMAC_KEY_FILE", &key)
-        .env(
-            "FORENSIC_HMAC_SECRET",
-            "an-environment-secret-other-than-the-key-file-0123456789",
-        )
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "1",
-            "--requests",
-            "2",
-        ])
-        .arg("--log-dir")
-        .arg(&log));
-    assert_eq!(code, 0, "{out}{err}");
+    let secret = "an-environment-secret-other-than-the-key-file-0123456789";
+    let out = short_demo(
+        &log,
+        &[
+            ("KVH_HMAC_KEY_FILE", key.as_os_str()),
+            ("FORENSIC_HMAC_SECRET", std::ffi::OsStr::new(secret)),
+        ],
+    );
     let hint = out
         .lines()
         .find_map(|l| {
@@ -187,20 +185,7 @@ fn signed_demo(dir: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     let log = dir.join("log");
-    let (code, out, err) = run(kvh()
-        .env("KVH_SIGNING_KEY_FILE", &key)
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "1",
-            "--requests",
-            "2",
-        ])
-        .arg("--log-dir")
-        .arg(&log));
-    assert_eq!(code, 0, "{out}{err}");
+    short_demo(&log, &[("KVH_SIGNING_KEY_FILE", key.as_os_str())]);
     (log, prefix)
 }
 

@@ -541,37 +541,33 @@ fn a_coalesced_summary_holds_the_newest_counters() {
     assert_eq!(summaries[1]["counters"]["allocs"], 19, "{summaries:?}");
 }
 
+/// The one checkpoint file of a [`signed_apart`] log in `tmp`.
+fn the_checkpoint(tmp: &tempfile::TempDir) -> std::path::PathBuf {
+    std::fs::read_dir(tmp.path().join("ckpt"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap()
+}
+
+/// A checkpoint's text with the last hex digit of its signature changed.
+fn with_a_bad_signature(text: &str) -> String {
+    let at = text.rfind("\"}").unwrap() - 1;
+    let flipped = if &text[at..=at] == "0" { "1" } else { "0" };
+    format!("{}{flipped}{}", &text[..at], &text[at + 1..])
+}
+
 /// A chain's checkpoint file forged (its signature does not verify) just after the chain was
 /// written: the report names the forged checkpoint once, as it names every problem once,
 /// however long the verification looks for the chain's checkpoint.
 #[test]
 fn a_forged_checkpoint_of_a_fresh_chain_is_reported_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let (dir, c, opts) = signed_apart(&tmp, 1 << 20);
     write_log(&c, 3, true);
-    let ckpt = std::fs::read_dir(&ckpt_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .unwrap();
-    let text = std::fs::read_to_string(&ckpt).unwrap();
-    let at = text.rfind("\"}").unwrap() - 1;
-    let flipped = if &text[at..=at] == "0" { "1" } else { "0" };
-    std::fs::write(
-        &ckpt,
-        format!("{}{flipped}{}", &text[..at], &text[at + 1..]),
-    )
-    .unwrap();
-    let opts = kvhygiene::forensic::VerifyOptions {
-        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
-        checkpoints: vec![ckpt_dir.clone()],
-        ..keyed_opts()
-    };
+    let ckpt = the_checkpoint(&tmp);
+    let forged = with_a_bad_signature(&std::fs::read_to_string(&ckpt).unwrap());
+    std::fs::write(&ckpt, forged).unwrap();
     let r = verify(&dir, &opts);
     assert!(!r.ok(), "{r:?}");
     let mut distinct = r.errors.clone();
@@ -593,22 +589,11 @@ fn a_forged_checkpoint_of_a_fresh_chain_is_reported_once() {
 #[test]
 fn a_forged_checkpoint_that_appears_during_the_verification_is_reported_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
+    let (dir, c, opts) = signed_apart(&tmp, 1 << 20);
     let ckpt_dir = tmp.path().join("ckpt");
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
     write_log(&c, 3, true);
-    let ckpt = std::fs::read_dir(&ckpt_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .unwrap();
-    let text = std::fs::read_to_string(&ckpt).unwrap();
-    let at = text.rfind("\"}").unwrap() - 1;
-    let flipped = if &text[at..=at] == "0" { "1" } else { "0" };
-    let forged = format!("{}{flipped}{}", &text[..at], &text[at + 1..]);
+    let ckpt = the_checkpoint(&tmp);
+    let forged = with_a_bad_signature(&std::fs::read_to_string(&ckpt).unwrap());
     std::fs::remove_file(&ckpt).unwrap();
     // Other checkpoint files the verification reads first (each one forged too).
     for i in 0..60 {
@@ -618,11 +603,6 @@ fn a_forged_checkpoint_that_appears_during_the_verification_is_reported_once() {
     let file = chain_files(&dir).pop().unwrap();
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, bytes).unwrap();
-    let opts = kvhygiene::forensic::VerifyOptions {
-        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
-        checkpoints: vec![ckpt_dir.clone()],
-        ..keyed_opts()
-    };
     let (place, tmp_name) = (ckpt.clone(), ckpt_dir.join("forged.tmp"));
     let writer = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -651,30 +631,16 @@ fn a_forged_checkpoint_that_appears_during_the_verification_is_reported_once() {
 #[test]
 fn a_checkpoint_naming_the_key_derived_from_the_public_key_is_a_finding_not_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let (dir, c, opts) = signed_apart(&tmp, 1 << 20);
     write_log(&c, 3, true);
-    let ckpt = std::fs::read_dir(&ckpt_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .unwrap();
-    let pinned = kvhygiene::forensic::keys::read_public_key(&public).unwrap();
+    let ckpt = the_checkpoint(&tmp);
+    let pinned = opts.public_keys[0];
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let derived = ed25519_dalek::SigningKey::from_bytes(pinned.as_bytes()).verifying_key();
     let text = std::fs::read_to_string(&ckpt).unwrap();
     let real = hex(pinned.as_bytes());
     assert!(text.contains(&real), "{text}");
     std::fs::write(&ckpt, text.replace(&real, &hex(derived.as_bytes()))).unwrap();
-    let opts = kvhygiene::forensic::VerifyOptions {
-        public_keys: vec![pinned],
-        checkpoints: vec![ckpt_dir.clone()],
-        ..keyed_opts()
-    };
     match kvhygiene::forensic::verify_all(&dir, &opts) {
         Ok(r) => assert!(!r.ok(), "the altered checkpoint went unreported: {r:?}"),
         Err(e) => panic!("an altered checkpoint is reported as a usage error: {e}"),

@@ -955,12 +955,10 @@ def test_a_layout_device_that_a_c_int_cannot_hold_is_refused():
     assert kvhygiene.KvLayout([0x1000], 128, 8, device=2**31 - 1).device == 2**31 - 1
 
 
-@needs_lib
-def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
-    # Two requests served by asyncio tasks on one thread, each inside its own context. A claim
-    # is made under the ids of the context of the task that makes it, not under those of the
-    # context another task entered last: request r-b is given block 5 after request r-a wrote
-    # its keys there, so the block changes owner and r-b's claim scrubs it first.
+def _block_5_as_the_second_of_two_tasks_finds_it(ids_a: dict, ids_b: dict) -> bytes:
+    """Two requests served by asyncio tasks on one thread, each inside its own context (ids
+    ``ids_a``, ``ids_b``): the first claims block 5 and writes its keys there while the second
+    waits inside its context; then the second claims block 5. Returns what it finds there."""
     import asyncio
 
     with _cache(0) as p:
@@ -971,16 +969,16 @@ def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
             a_in, b_in, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
             async def request_a():
-                with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+                with kvhygiene.context(**ids_a):
                     a_in.set()
                     await b_in.wait()
                     kvhygiene.claim_blocks(layout, [5])
-                    ctypes.memset(p + 5 * 128, 0x42, 128)  # r-a's keys
+                    ctypes.memset(p + 5 * 128, 0x42, 128)  # the first request's keys
                     a_done.set()
 
             async def request_b():
                 await a_in.wait()
-                with kvhygiene.context(tenant_id="t-b", request_id="r-b"):
+                with kvhygiene.context(**ids_b):
                     b_in.set()
                     await a_done.wait()
                     kvhygiene.claim_blocks(layout, [5])
@@ -989,7 +987,18 @@ def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
             await asyncio.gather(request_a(), request_b())
 
         asyncio.run(serve())
-        assert seen["block"] == bytes(128), "r-b was handed r-a's bytes: r-a's claim was made under r-b's ids"
+        return seen["block"]
+
+
+@needs_lib
+def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
+    # A claim is made under the ids of the context of the task that makes it, not under those
+    # of the context another task entered last: request r-b is given block 5 after request r-a
+    # wrote its keys there, so the block changes owner and r-b's claim scrubs it first.
+    block = _block_5_as_the_second_of_two_tasks_finds_it(
+        {"tenant_id": "t-a", "request_id": "r-a"}, {"tenant_id": "t-b", "request_id": "r-b"}
+    )
+    assert block == bytes(128), "r-b was handed r-a's bytes: r-a's claim was made under r-b's ids"
 
 
 @needs_lib
@@ -1770,42 +1779,15 @@ def test_load_of_a_library_that_links_kvhygiene_is_not_taken_for_the_loaded_file
 @needs_lib
 def test_a_task_whose_ids_equal_another_tasks_in_python_but_not_as_text_claims_under_its_own():
     # Ids reach the library as their text (str()): request 1 and request 1.0 are two requests
-    # ("1" and "1.0"), though 1 == 1.0 in Python. Two asyncio tasks on one thread, one per
-    # request: each claim is made under the ids of the task that makes it. Request 1 claims
-    # block 5 and writes its keys; request 1.0 is then given block 5, which changes owner, so
-    # its claim scrubs it first.
-    import asyncio
-
-    with _cache(0) as p:
-        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
-        seen = {}
-
-        async def serve():
-            a_in, b_in, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-            async def request_a():
-                with kvhygiene.context(tenant_id="t", request_id=1):
-                    a_in.set()
-                    await b_in.wait()
-                    kvhygiene.claim_blocks(layout, [5])
-                    ctypes.memset(p + 5 * 128, 0x42, 128)  # request 1's keys
-                    a_done.set()
-
-            async def request_b():
-                await a_in.wait()
-                with kvhygiene.context(tenant_id="t", request_id=1.0):
-                    b_in.set()
-                    await a_done.wait()
-                    kvhygiene.claim_blocks(layout, [5])
-                    seen["block"] = ctypes.string_at(p + 5 * 128, 128)
-
-            await asyncio.gather(request_a(), request_b())
-
-        asyncio.run(serve())
-        assert seen["block"] == bytes(128), (
-            "request '1.0' was handed request '1''s bytes: request 1's claim was made under "
-            "the ids the other task set on the thread"
-        )
+    # ("1" and "1.0"), though 1 == 1.0 in Python. Request 1 claims block 5 and writes its keys;
+    # request 1.0 is then given block 5, which changes owner, so its claim scrubs it first.
+    block = _block_5_as_the_second_of_two_tasks_finds_it(
+        {"tenant_id": "t", "request_id": 1}, {"tenant_id": "t", "request_id": 1.0}
+    )
+    assert block == bytes(128), (
+        "request '1.0' was handed request '1''s bytes: request 1's claim was made under "
+        "the ids the other task set on the thread"
+    )
 
 
 @needs_lib
