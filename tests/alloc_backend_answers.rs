@@ -30,6 +30,8 @@ struct Answers {
     /// While set, every full-verify submission (a quarantine re-scrub) is refused with
     /// `OutOfMemory`.
     refuse_full_verify: AtomicBool,
+    /// While set, `zero_fresh` and `release` fail with a driver error.
+    fail_zero_and_release: AtomicBool,
 }
 
 impl Answers {
@@ -39,7 +41,16 @@ impl Answers {
             drop_last: AtomicBool::new(false),
             refuse_oom: AtomicU64::new(0),
             refuse_full_verify: AtomicBool::new(false),
+            fail_zero_and_release: AtomicBool::new(false),
         })
+    }
+
+    /// A driver error for `what` while `fail_zero_and_release` is set.
+    fn injected(&self, what: &str) -> Result<(), BackendError> {
+        if self.fail_zero_and_release.load(Ordering::SeqCst) {
+            return Err(BackendError::Other(format!("injected {what} failure")));
+        }
+        Ok(())
     }
 }
 
@@ -54,6 +65,7 @@ impl Backend for Answers {
         self.host.allocate(d, len)
     }
     fn release(&self, d: u32, a: DevicePtr, len: u64) -> Result<(), BackendError> {
+        self.injected("release")?;
         self.host.release(d, a, len)
     }
     fn zero_fresh(
@@ -63,6 +75,7 @@ impl Backend for Answers {
         len: u64,
         s: StreamHandle,
     ) -> Result<(), BackendError> {
+        self.injected("zeroing")?;
         self.host.zero_fresh(d, a, len, s)
     }
     unsafe fn submit_scrub(&self, mut b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
@@ -299,61 +312,16 @@ fn out_of_memory_from_the_capture_query_of_an_allocation_is_out_of_memory() {
     assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err:?}");
 }
 
-/// A host backend whose `zero_fresh` and `release` fail with a driver error.
-struct ZeroAndReleaseFail {
-    host: Arc<HostBackend>,
-}
-
-impl Backend for ZeroAndReleaseFail {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, d: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(d, len)
-    }
-    fn release(&self, _d: u32, _a: DevicePtr, _len: u64) -> Result<(), BackendError> {
-        Err(BackendError::Other("injected release failure".into()))
-    }
-    fn zero_fresh(
-        &self,
-        _d: u32,
-        _a: DevicePtr,
-        _len: u64,
-        _s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        Err(BackendError::Other("injected zeroing failure".into()))
-    }
-    unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(b) }
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
-    }
-}
-
 /// A release the backend fails leaks the memory and counts a backend error (panic_safe.rs,
 /// ARCHITECTURE.md). Fresh memory whose zeroing failed is given back; when that release fails
 /// too, both failures are counted: two backend errors, not one.
 #[test]
 fn a_failed_release_of_fresh_memory_that_could_not_be_zeroed_is_counted() {
-    let host = HostBackend::new();
-    let alloc = Allocator::new(
-        Arc::new(ZeroAndReleaseFail { host: host.clone() }),
-        manual_config(),
-        None,
-    );
+    let backend = Answers::new();
+    backend.fail_zero_and_release.store(true, Ordering::SeqCst);
+    let alloc = Allocator::new(backend.clone(), manual_config(), None);
     assert!(alloc.malloc(4096, 0, StreamHandle(0)).is_err());
-    assert!(host.bytes_in_use() > 0, "the memory was leaked");
+    assert!(backend.host.bytes_in_use() > 0, "the memory was leaked");
     assert_eq!(
         alloc.stats().counters.backend_errors,
         2,

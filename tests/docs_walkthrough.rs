@@ -189,6 +189,16 @@ fn signed_demo(dir: &Path) -> (PathBuf, PathBuf) {
     (log, prefix)
 }
 
+/// `kvh verify-log LOG` with a `--public-key` for each of `keys`.
+fn verify_log_with(log: &Path, keys: &[PathBuf]) -> (i32, String, String) {
+    let mut cmd = kvh();
+    cmd.arg("verify-log").arg(log);
+    for k in keys {
+        cmd.arg("--public-key").arg(k);
+    }
+    run(&mut cmd)
+}
+
 /// README.md's verb table: `verify-log` exits 1 for tampering or corruption and 2 for a usage
 /// error; docs/operations.md escalates exit 1 as a security incident. Giving `kvh keygen`'s
 /// private key (`PREFIX.key`) where `--public-key` wants `PREFIX.pub` is a usage error of the
@@ -198,17 +208,9 @@ fn verify_log_given_the_private_key_as_public_key_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
     let (log, prefix) = signed_demo(tmp.path());
     // The log itself is intact: with the public key it verifies.
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&log)
-        .arg("--public-key")
-        .arg(prefix.with_extension("pub")));
+    let (code, out, err) = verify_log_with(&log, &[prefix.with_extension("pub")]);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&log)
-        .arg("--public-key")
-        .arg(prefix.with_extension("key")));
+    let (code, out, err) = verify_log_with(&log, &[prefix.with_extension("key")]);
     assert_eq!(
         code, 2,
         "--public-key named the private key PREFIX.key of an intact log: a usage error (2), \
@@ -286,13 +288,10 @@ fn a_running_tail_log_given_the_private_key_as_public_key_ends_at_once() {
 fn verify_log_given_the_private_key_beside_the_public_key_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
     let (log, prefix) = signed_demo(tmp.path());
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&log)
-        .arg("--public-key")
-        .arg(prefix.with_extension("pub"))
-        .arg("--public-key")
-        .arg(prefix.with_extension("key")));
+    let (code, out, err) = verify_log_with(
+        &log,
+        &[prefix.with_extension("pub"), prefix.with_extension("key")],
+    );
     assert_eq!(
         code, 2,
         "--public-key named the private key PREFIX.key (beside PREFIX.pub): a usage error \
@@ -309,13 +308,7 @@ fn verify_log_given_a_renamed_private_key_with_its_public_key_is_a_usage_error()
     let (log, prefix) = signed_demo(tmp.path());
     let renamed = tmp.path().join("verifier-copy.txt");
     std::fs::copy(prefix.with_extension("key"), &renamed).unwrap();
-    let (code, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(&log)
-        .arg("--public-key")
-        .arg(prefix.with_extension("pub"))
-        .arg("--public-key")
-        .arg(&renamed));
+    let (code, out, err) = verify_log_with(&log, &[prefix.with_extension("pub"), renamed.clone()]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(
         err.contains("verifier-copy.txt") && err.contains("private key"),
