@@ -8,7 +8,7 @@ mod fake_cuda;
 
 use std::os::unix::process::CommandExt;
 
-use cli_common::{kvh, run};
+use cli_common::{host_demo, kvh, run};
 
 /// A demo whose forensic log could not be written in full (the disk filled up after the
 /// start record: here, a file size limit lets the first records through and refuses the
@@ -694,16 +694,7 @@ fn the_longest_secret_is_the_same_from_the_key_file_and_from_the_environment() {
 /// the counters.
 #[test]
 fn the_json_report_carries_the_verdict_of_the_run() {
-    let (code, out, err) = run(kvh().args([
-        "demo",
-        "--backend",
-        "host",
-        "--tenants",
-        "1",
-        "--requests",
-        "2",
-        "--json",
-    ]));
+    let (code, out, err) = run(host_demo(1, 2).args(["--json"]));
     assert_eq!(code, 0, "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let passed = report.get("passed").and_then(serde_json::Value::as_bool);
@@ -723,19 +714,7 @@ fn the_json_report_carries_the_verdict_of_the_run() {
 fn a_json_run_with_a_log_dir_still_names_the_verify_log_command() {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("log");
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--json",
-            "--log-dir",
-        ])
-        .arg(&log));
+    let (code, out, err) = run(host_demo(1, 1).args(["--json", "--log-dir"]).arg(&log));
     assert_eq!(code, 0, "{out}{err}");
     assert!(log.is_dir(), "no log written: {out}{err}");
     assert!(
@@ -762,18 +741,8 @@ fn the_json_report_names_non_utf8_log_and_metrics_paths() {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join(std::ffi::OsStr::from_bytes(b"log\xff"));
     let metrics = tmp.path().join(std::ffi::OsStr::from_bytes(b"m\xff.prom"));
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--json",
-            "--log-dir",
-        ])
+    let (code, out, err) = run(host_demo(1, 1)
+        .args(["--json", "--log-dir"])
         .arg(&log)
         .arg("--metrics-file")
         .arg(&metrics));

@@ -6,7 +6,7 @@
 #[path = "cli_common/mod.rs"]
 mod cli_common;
 
-use cli_common::{kvh, run};
+use cli_common::{host_demo, run};
 use serde_json::Value;
 
 #[test]
@@ -14,16 +14,7 @@ fn the_demo_snapshot_carries_the_policy_digest_of_its_start_record() {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("log");
     let file = tmp.path().join("kvh.prom");
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "2",
-            "--requests",
-            "4",
-        ])
+    let (code, out, err) = run(host_demo(2, 4)
         .arg("--log-dir")
         .arg(&log)
         .arg("--metrics-file")

@@ -12,7 +12,7 @@ mod cli_common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use cli_common::{kvh, run};
+use cli_common::{host_demo, kvh, run};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -86,16 +86,7 @@ fn words_of(paths: &[&str]) -> BTreeSet<String> {
 fn exported_names(dir: &Path) -> BTreeSet<String> {
     let log = dir.join("log");
     let file = dir.join("kvh.prom");
-    let (code, out, err) = run(kvh()
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "2",
-            "--requests",
-            "8",
-        ])
+    let (code, out, err) = run(host_demo(2, 8)
         .arg("--log-dir")
         .arg(&log)
         .arg("--metrics-file")

@@ -8,7 +8,7 @@ mod cli_common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use cli_common::{kvh, run};
+use cli_common::{host_demo, kvh, run};
 
 /// An HMAC key file as deploy/README.md makes one (`openssl rand -hex 32 > hmac.key`), 0600.
 fn hmac_key(dir: &Path) -> PathBuf {
@@ -24,22 +24,11 @@ fn hmac_key(dir: &Path) -> PathBuf {
 
 /// A short `kvh demo --log-dir DIR` with the variables `envs` set; it must pass. Its stdout.
 fn short_demo(log: &Path, envs: &[(&str, &std::ffi::OsStr)]) -> String {
-    let mut cmd = kvh();
+    let mut cmd = host_demo(1, 2);
     for (name, value) in envs {
         cmd.env(name, value);
     }
-    let (code, out, err) = run(cmd
-        .args([
-            "demo",
-            "--backend",
-            "host",
-            "--tenants",
-            "1",
-            "--requests",
-            "2",
-        ])
-        .arg("--log-dir")
-        .arg(log));
+    let (code, out, err) = run(cmd.arg("--log-dir").arg(log));
     assert_eq!(code, 0, "{out}{err}");
     out
 }

@@ -541,11 +541,14 @@ fn k_at(secret_bytes: &[u8], epoch: u64) -> EpochKey {
     k
 }
 
-#[test]
-fn a_chain_of_the_current_secret_cannot_be_replaced_by_a_manifest_of_a_retired_one() {
+/// A [`rotated_signed`] log whose victim chain (of the current secret, signed) was deleted
+/// whole, and a manifest saying it moved, MACed with the retired secret and ending at the
+/// (public) checkpoint's seq and hash: the log, the chain and the options.
+fn victim_moved_by_a_retired_manifest(
+    tmp: &tempfile::TempDir,
+) -> (std::path::PathBuf, String, VerifyOptions) {
     use kvhygiene::forensic::prune::manifest_path;
-    let tmp = tempfile::tempdir().unwrap();
-    let (log, victim, opts) = rotated_signed(&tmp);
+    let (log, victim, opts) = rotated_signed(tmp);
     let chain = chain_of(&victim[0]);
     let ckpt = verify(&log, &opts);
     let seq = report_of(&ckpt, &victim).checkpoint_seq.unwrap();
@@ -558,14 +561,19 @@ fn a_chain_of_the_current_secret_cannot_be_replaced_by_a_manifest_of_a_retired_o
     )
     .unwrap();
     assert_eq!(last["seq"].as_u64(), Some(seq));
-    // The whole chain deleted, and a manifest saying it moved, MACed with the retired secret
-    // and ending at the (public) checkpoint's seq and hash.
     for f in &victim {
         fs::remove_file(f).unwrap();
     }
     let mut m = manifest_of_whole_chain(&chain, seq, last["hash"].as_str().unwrap());
     m.seal(&manifest_key(&secret(OLD)).unwrap());
     fs::write(manifest_path(&log, &chain), serde_json::to_vec(&m).unwrap()).unwrap();
+    (log, chain, opts)
+}
+
+#[test]
+fn a_chain_of_the_current_secret_cannot_be_replaced_by_a_manifest_of_a_retired_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, chain, opts) = victim_moved_by_a_retired_manifest(&tmp);
     let r = verify(&log, &opts);
     let c = r.chains.iter().find(|c| c.chain == chain).unwrap();
     let p = c.problem.as_ref().expect("caught");
@@ -730,27 +738,8 @@ fn a_chain_whose_checkpoint_names_a_secret_not_given_fails_naming_both_ids() {
 /// the files are reported deleted, and the checkpoint is not taken as matched by the manifest.
 #[test]
 fn a_strict_reading_does_not_take_a_manifest_of_a_retired_secret_for_a_prune() {
-    use kvhygiene::forensic::prune::manifest_path;
     let tmp = tempfile::tempdir().unwrap();
-    let (log, victim, opts) = rotated_signed(&tmp);
-    let chain = chain_of(&victim[0]);
-    let ckpt = verify(&log, &opts);
-    let seq = report_of(&ckpt, &victim).checkpoint_seq.unwrap();
-    let last: Value = serde_json::from_str(
-        fs::read_to_string(victim.last().unwrap())
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(last["seq"].as_u64(), Some(seq));
-    for f in &victim {
-        fs::remove_file(f).unwrap();
-    }
-    let mut m = manifest_of_whole_chain(&chain, seq, last["hash"].as_str().unwrap());
-    m.seal(&manifest_key(&secret(OLD)).unwrap());
-    fs::write(manifest_path(&log, &chain), serde_json::to_vec(&m).unwrap()).unwrap();
+    let (log, chain, opts) = victim_moved_by_a_retired_manifest(&tmp);
     let strict = VerifyOptions {
         allow_pruned: false,
         ..opts

@@ -129,12 +129,6 @@ fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<
     }
 }
 
-/// What [`read`]'s error starts with when a `--public-key` given, taken as a seed, gives the
-/// key the checkpoint names: the signer's private key given for its public one (refused
-/// before, as a usage error, when its `.pub` lies beside it), or a checkpoint forged so.
-pub const PRIVATE_KEY_GIVEN: &str =
-    "the public key given is the PRIVATE key of this checkpoint's signer";
-
 /// Reads and verifies a checkpoint file: it must be signed by one of the pinned public keys
 /// (several when the signing key was rotated).
 pub fn read(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
@@ -207,11 +201,13 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
         // The field is not authenticated, and a key derived from a public key as a seed is
         // anyone's to sign with: a finding either way, which names the likely mistake.
         if keys.iter().any(|k| is_private_key_of(k, embedded)) {
-            return Err(format!(
-                "{PRIVATE_KEY_GIVEN}, or the checkpoint was forged to look so: give \
+            return Err(
+                "the public key given is the PRIVATE key of this checkpoint's signer, or the \
+                 checkpoint was forged to look so: give \
                  PREFIX.pub of kvh keygen (PREFIX.key is the private key; both are 64 hex \
                  digits), and keep the private key readable by the writer only"
-            ));
+                    .into(),
+            );
         }
         return Err("checkpoint was signed by another key than the pinned public key".into());
     };

@@ -326,14 +326,7 @@ fn await_first_checkpoints(
     uncovered: &[usize],
     read: &mut BTreeSet<PathBuf>,
 ) -> Result<(), VerifyError> {
-    let candidates = |chain: &str| -> Vec<PathBuf> {
-        opts.checkpoints
-            .iter()
-            .filter(|p| p.is_dir())
-            .map(|d| checkpoint::path_for(d, chain))
-            .filter(|f| std::fs::symlink_metadata(f).is_ok())
-            .collect()
-    };
+    let candidates = |chain: &str| -> Vec<PathBuf> { checkpoints_named(opts, chain).collect() };
     let fresh = |c: &ChainReport| {
         let newest = c
             .last_file
@@ -792,6 +785,18 @@ fn pruned_of(m: &Manifest, files: usize, last_seq: u64) -> Pruned {
 /// checkpoint is there now, under its chain's name. Looked up in each checkpoint directory,
 /// unless that file was read already (`read`: its verdict stands); `None` when there is none
 /// (the chain then has no checkpoint, which a pinned key refuses).
+/// The checkpoint files named after `chain` that exist in the checkpoint directories.
+fn checkpoints_named<'a>(
+    opts: &'a VerifyOptions,
+    chain: &'a str,
+) -> impl Iterator<Item = PathBuf> + 'a {
+    opts.checkpoints
+        .iter()
+        .filter(|p| p.is_dir())
+        .map(move |d| checkpoint::path_for(d, chain))
+        .filter(|f| std::fs::symlink_metadata(f).is_ok())
+}
+
 fn late_checkpoint(
     chain: &str,
     opts: &VerifyOptions,
@@ -801,13 +806,7 @@ fn late_checkpoint(
     if opts.public_keys.is_empty() {
         return Ok(None);
     }
-    let Some(found) = opts
-        .checkpoints
-        .iter()
-        .filter(|p| p.is_dir())
-        .map(|d| checkpoint::path_for(d, chain))
-        .find(|f| !read.contains(f) && std::fs::symlink_metadata(f).is_ok())
-    else {
+    let Some(found) = checkpoints_named(opts, chain).find(|f| !read.contains(f)) else {
         return Ok(None);
     };
     // Read once in a verification: a file refused now is not read (and reported) again.

@@ -8,6 +8,17 @@ use std::process::{Command, Output};
 use kvhygiene::forensic::LogStats;
 use kvhygiene::stats::{PoolCounters, Stats};
 
+/// `kvh demo` on the host backend with `tenants` tenants of `requests` requests each (more
+/// arguments may follow).
+pub fn host_demo(tenants: u32, requests: u32) -> Command {
+    let mut c = kvh();
+    c.args(["demo", "--backend", "host", "--tenants"])
+        .arg(tenants.to_string())
+        .arg("--requests")
+        .arg(requests.to_string());
+    c
+}
+
 /// The built `kvh`, with no `KVH_*` variable of the test's environment: the verbs read
 /// `KVH_METRICS_FILE` when no file is named, so each test starts from a clean slate.
 pub fn kvh() -> Command {
