@@ -13,7 +13,7 @@
 //!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
 //!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
 //!   when a series it must judge is missing (a security counter; a signal of a detector the
-//!   snapshot says is on), or when the log does not verify (the snapshot judged is the one
+//!   snapshot says is on; `kvh_anomaly_enabled`, or a value of it neither 0 nor 1), or when the log does not verify (the snapshot judged is the one
 //!   read after the log, which may take a while to verify);
 //! - **admit** (exit 0) otherwise; what an operator should still look at (KV blocks that
 //!   changed owner unscrubbed, which the eviction gate scrubbed, refused claims and KV
@@ -173,7 +173,14 @@ pub fn judge(
     // The encoder writes `kvh_anomaly_enabled 1` with a series for every signal from the
     // start: a snapshot that says the detector is on and lacks a signal's series is cut short
     // or not the encoder's, and the signal cannot be checked.
-    let detector_on = snap.exposition.value(ANOMALY_ENABLED, &[]) == Some(1.0);
+    let detector_on = match detector_state(snap) {
+        Ok(on) => on,
+        Err(reason) => {
+            reasons.push(reason);
+            // Judged as on: the signals' series are checked rather than noted as off.
+            true
+        }
+    };
     match flagged(snap, ANOMALIES, "signal") {
         Flagged::Missing if detector_on => reasons.push(format!(
             "{ANOMALIES} is missing from the snapshot, which says the anomaly detector is on \
@@ -185,7 +192,8 @@ pub fn judge(
              (the anomaly detector is off, KVH_ANOMALY=off, or predates it)"
         )),
         Flagged::Missing => notes.push(format!(
-            "{ANOMALIES} is not in the snapshot: the anomaly detector is off or predates it"
+            "{ANOMALIES} is not in the snapshot: the anomaly detector is off ({ANOMALY_ENABLED} \
+             0, KVH_ANOMALY=off)"
         )),
         Flagged::Clear => {}
         Flagged::Series(series) => {
@@ -289,6 +297,33 @@ pub fn judge(
         snapshot_age_seconds: (age * 1000.0).round() / 1000.0,
         max_age_seconds: args.max_age,
         log,
+    }
+}
+
+/// Whether the snapshot says its anomaly detector is on, from `kvh_anomaly_enabled`, which
+/// every snapshot the encoder writes carries (0 with `KVH_ANOMALY=off`). Without it, or with a
+/// value no gauge of the encoder has (not exactly one sample of 0 or 1), the snapshot is cut
+/// short or not the encoder's: the error is the reason to evict, since whether the detector
+/// flagged a failed control cannot be told.
+fn detector_state(snap: &Snapshot) -> Result<bool, String> {
+    let values: Vec<f64> = snap.exposition.values(ANOMALY_ENABLED, &[]).take(2).collect();
+    match values[..] {
+        [v] if v == 1.0 => Ok(true),
+        [v] if v == 0.0 => Ok(false),
+        [v] => Err(format!(
+            "{ANOMALY_ENABLED} is {}, neither 0 nor 1: whether the anomaly detector flagged a \
+             failed control cannot be checked",
+            format_f64(v)
+        )),
+        [] => Err(format!(
+            "{ANOMALY_ENABLED} is missing from the snapshot (every snapshot carries it, 0 when \
+             the detector is off; the file is cut short or not kvhygiene's): whether the \
+             anomaly detector flagged a failed control cannot be checked"
+        )),
+        _ => Err(format!(
+            "{ANOMALY_ENABLED} has more than one sample: whether the anomaly detector flagged a \
+             failed control cannot be checked"
+        )),
     }
 }
 

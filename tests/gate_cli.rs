@@ -36,6 +36,7 @@ fn snapshot(
         .collect();
     // As the encoder writes them with the detector on: a series for every signal.
     if !anomalies.is_empty() {
+        detector_on(&mut lines);
         for signal in kvhygiene::gate::CONTROL_SIGNALS
             .iter()
             .chain(kvhygiene::gate::CALLER_SIGNALS)
@@ -55,6 +56,16 @@ fn snapshot(
         }
     }
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// Turns the snapshot's `kvh_anomaly_enabled 0` (the detector off, as `runtime_stats` exports
+/// it) into the 1 of a process whose detector is on.
+fn detector_on(lines: &mut [String]) {
+    let gauge = lines
+        .iter_mut()
+        .find(|l| l.as_str() == "kvh_anomaly_enabled 0")
+        .expect("the detector's gauge");
+    *gauge = "kvh_anomaly_enabled 1".to_string();
 }
 
 fn gate(file: &Path, extra: &[&str]) -> (i32, String, String) {
@@ -267,6 +278,7 @@ fn write_raw_anomalies(path: &Path, values: &[(&str, f64)]) {
         .filter(|l| !l.starts_with("kvh_anomalies_total"))
         .map(str::to_string)
         .collect();
+    detector_on(&mut lines);
     for (signal, v) in values {
         let v = if v.is_nan() {
             "NaN".to_string()
@@ -828,8 +840,11 @@ fn anomaly_series_without_the_control_signals_evict_even_without_the_enabled_gau
         .map(|s| (*s, 0.0))
         .collect();
     write_raw_anomalies(&f, &callers);
-    let text = std::fs::read_to_string(&f).unwrap();
-    assert!(!text.contains("kvh_anomaly_enabled"), "{text}");
+    let text = std::fs::read_to_string(&f)
+        .unwrap()
+        .replace("kvh_anomaly_enabled 1\n", "");
+    assert!(!text.contains("\nkvh_anomaly_enabled "), "{text}");
+    std::fs::write(&f, &text).unwrap();
     let (code, out, _) = gate(&f, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -934,5 +949,85 @@ fn forensic_write_errors_without_lost_records_are_a_note() {
         out.contains("note: the forensic log's writes or fsyncs failed")
             && out.contains("kvh_log_write_errors_total = 2"),
         "{out}"
+    );
+}
+
+/// A snapshot cut short before the anomaly detector's family (the file ends after the
+/// forensic log's series, or inside the detector's `# HELP` line, both of which still parse)
+/// holds every security series but neither `kvh_anomaly_enabled` nor any anomaly count. The
+/// process that wrote it has the detector on, and nothing in the file shows whether an anomaly
+/// of a failed control was flagged: what was not checked is not a pass, as for a snapshot cut
+/// after `kvh_anomaly_enabled 1`.
+#[test]
+fn a_snapshot_cut_before_the_anomaly_family_is_not_admitted() {
+    use kvhygiene::anomaly;
+    use kvhygiene::config::AnomalyConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
+    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    assert!(full.contains("kvh_anomaly_enabled 1\n"), "{full}");
+    let help = full
+        .find("# HELP kvh_anomaly_enabled")
+        .expect("the detector's gauge");
+    // At a line boundary, and inside the gauge's help text.
+    for cut in [help, help + "# HELP kvh_anomaly_enabled 1 when".len()] {
+        std::fs::write(&f, &full[..cut]).unwrap();
+        let (code, out, err) = gate(&f, &[]);
+        assert_ne!(
+            code,
+            0,
+            "admitted a snapshot cut {} bytes short, before the anomaly detector's series: \
+             {out}{err}",
+            full.len() - cut
+        );
+    }
+}
+
+/// `kvh gate --help` lists, beside exit 0, what is printed as notes. A refused
+/// `kvh_scrub_blocks` call (its KV blocks were not zeroed) is one of them, as the module
+/// documentation, the README and docs/operations.md ("see `kvh gate`'s notes") say.
+#[test]
+fn the_help_names_every_note_the_gate_prints() {
+    let (code, out, err) = run(kvh().args(["gate", "--help"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let notes = out
+        .split("  0  admit")
+        .nth(1)
+        .and_then(|s| s.split("  1  evict").next())
+        .expect("the exit 0 paragraph");
+    let flat = notes.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains("refused claims") && flat.contains("KV scrubs"),
+        "the help's notes omit refused KV scrubs (kvh_kv_scrubs_refused_total), which the gate \
+         prints as a note:\n{notes}"
+    );
+}
+
+/// A snapshot whose `kvh_anomaly_enabled` gauge holds a value no gauge of the encoder can
+/// have (NaN: it writes 0 or 1) and that has no anomaly counts is corrupt: the gate cannot
+/// tell whether the detector was on, so its anomalies were not checked. Values that are not
+/// understood are not a pass, as for the anomaly counters themselves.
+#[test]
+fn an_impossible_detector_gauge_without_anomaly_counts_is_not_admitted() {
+    use kvhygiene::anomaly;
+    use kvhygiene::config::AnomalyConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
+    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    let cut = full
+        .find("# HELP kvh_anomalies_total")
+        .expect("the anomaly family");
+    let text = full[..cut].replace("kvh_anomaly_enabled 1\n", "kvh_anomaly_enabled NaN\n");
+    assert!(text.contains("kvh_anomaly_enabled NaN\n"), "{text}");
+    std::fs::write(&f, &text).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_ne!(
+        code, 0,
+        "admitted a snapshot whose kvh_anomaly_enabled is NaN and that has no anomaly counts: \
+         {out}{err}"
     );
 }

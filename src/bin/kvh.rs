@@ -318,14 +318,16 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
 
   0  admit: the snapshot is fresh, shows no security failure and no anomaly of a failed
      control (and the log verifies); what still deserves a look is printed as notes (KV
-     blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims, invalid frees, forensic
-     log write errors that lost no record, anomalies of caller errors such as a burst of invalid frees)
+     blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims
+     and KV scrubs, invalid frees, forensic log write errors that lost no record, anomalies
+     of caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with
-     --strict-anomalies), or is on and lacks one of those series; or the log does not
-     verify
+     --strict-anomalies), or is on and lacks one of those series; the snapshot does not
+     say whether the detector is on (kvh_anomaly_enabled missing, or neither 0 nor 1); or
+     the log does not verify
   2  usage error, or the metrics file (or log) is missing, unreadable or not kvhygiene's
 
 Counters only grow, so an evicted process stays evicted until it restarts.

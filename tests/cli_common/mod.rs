@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use kvhygiene::anomaly::AnomalyStats;
 use kvhygiene::forensic::LogStats;
 use kvhygiene::stats::{PoolCounters, Stats};
 
@@ -45,10 +46,12 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
-/// Stats as the runtime exports them: the forensic log's statistics included (disabled).
+/// Stats as the runtime exports them with `KVH_LOG_DIR` unset and `KVH_ANOMALY=off`: the
+/// forensic log's and the anomaly detector's statistics included (both disabled).
 pub fn runtime_stats(pool: PoolCounters) -> Stats {
     let mut stats = Stats::merge("host".into(), &[pool], None);
     stats.log = serde_json::to_value(LogStats::disabled()).ok();
+    stats.anomaly = serde_json::to_value(AnomalyStats::disabled()).ok();
     stats
 }
 
