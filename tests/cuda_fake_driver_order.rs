@@ -347,3 +347,58 @@ fn a_capture_that_begins_while_the_batch_slot_is_made_refuses_the_launch() {
     );
     b.release(0, base, 4096).expect("release");
 }
+
+/// A batch refused because one of its recorded streams is capturing a graph enqueues nothing
+/// on any stream, so the batch slot it took stays usable: submitting the same batch again
+/// while the capture lasts (the flusher retries deferred batches every pass) reuses that slot
+/// rather than pinning host memory and allocating device memory for a new one each time.
+#[test]
+fn a_batch_deferred_by_a_capturing_recorded_stream_does_not_use_up_a_new_slot_each_try() {
+    let (path, lib) = fake_or_skip!("capturing_wait_slot");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut scrub = batch(one_segment(base, 8), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(0xC0DE)];
+    let before = query(&lib, "host_allocs", 0);
+    for _ in 0..5 {
+        assert!(matches!(
+            submit(&b, scrub.clone()),
+            Err(BackendError::StreamCapturing { stream: 0xC0DE, .. })
+        ));
+    }
+    let pinned = query(&lib, "host_allocs", 0) - before;
+    assert!(
+        pinned <= 1,
+        "5 tries of a batch refused by a capturing recorded stream pinned {pinned} new batch \
+         slots' host memory (at most one slot is needed)"
+    );
+    b.release(0, base, 4096).expect("release");
+}
+
+/// A capture's refusal of a call that orders the batch after a recorded stream (the scrub
+/// stream's wait for the event recorded there, refused with CUDA_ERROR_CAPTURED_EVENT when
+/// a capture began on that stream after its capture query) comes before the scrub kernel is
+/// launched: the batch is deferred as for a capture found before it (docs/cuda.md, "CUDA
+/// graph capture"), not failed, which would quarantine blocks that were never read back.
+#[test]
+fn a_capture_refusing_the_wait_for_a_recorded_stream_defers_the_batch() {
+    let (path, lib) = fake_or_skip!("wait_refused_by_capture");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    let mut scrub = batch(one_segment(base, 9), SAMPLED);
+    scrub.stream = StreamHandle(7);
+    scrub.wait_streams = vec![StreamHandle(9)];
+    switch(&lib, "fail_next_wait", 907);
+    match submit(&b, scrub.clone()) {
+        Err(BackendError::StreamCapturing { .. }) => {}
+        Err(e) => panic!("expected the batch deferred as StreamCapturing, got {e}"),
+        Ok(_) => panic!("the batch was queued although its wait was refused"),
+    }
+    assert_eq!(
+        run(&b, scrub)[0].checked,
+        64,
+        "the deferred batch runs later"
+    );
+    b.release(0, base, 4096).expect("release");
+}

@@ -279,3 +279,29 @@ fn a_driver_file_in_the_current_directory_under_an_empty_ld_library_path_is_not_
          directory, yet a libcuda.so.1 there made the probe say {seen}"
     );
 }
+
+/// A `libcuda.so.1` on the loader's search path that is a link to a driver library no longer
+/// there (what a driver upgrade or a failed container mount of the versioned
+/// `libcuda.so.<version>` leaves behind) is a driver installation that is present but broken:
+/// `auto` must fail closed rather than take host memory, however the loader words its error.
+#[test]
+fn a_dangling_libcuda_link_on_the_search_path_is_broken_not_absent() {
+    if driver_installed() {
+        eprintln!("a CUDA driver is installed here; nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("libcuda.so.550.54.15"),
+        dir.path().join("libcuda.so.1"),
+    )
+    .unwrap();
+    let mut cmd = probe_child();
+    cmd.env("LD_LIBRARY_PATH", dir.path());
+    let seen = probe_reported_by(cmd);
+    assert!(
+        seen.starts_with("Broken"),
+        "a libcuda.so.1 link to a missing driver library probed as {seen}, so `auto` would \
+         fall back to host memory"
+    );
+}

@@ -82,6 +82,8 @@
 // - fake_cuda_fail_record_after_scrub(code): the first cuEventRecord after the next scrub
 //   launch (kvh_scrub or kvh_scrub_strided, which runs) fails with `code`, e.g. 906
 //   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): a capture's refusal of a later call of a batch.
+// - fake_cuda_fail_next_wait(code): the next cuStreamWaitEvent fails with `code`, e.g. 907
+//   (CUDA_ERROR_CAPTURED_EVENT): a capture's refusal of the wait that orders a batch.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -363,8 +365,14 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* s) {
 }
 
 // A stream may wait for an event of another context (the driver API allows it).
+static std::atomic<int> g_fail_next_wait{0};
+// fake_cuda_fail_next_wait(code): the next cuStreamWaitEvent fails with `code`, e.g. 907
+// (CUDA_ERROR_CAPTURED_EVENT: the event's record was captured by a capture begun on its
+// stream after the capture query).
+extern "C" void fake_cuda_fail_next_wait(int code) { g_fail_next_wait = code; }
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     NEED_CTX();
+    if (int code = g_fail_next_wait.exchange(0)) return code;
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) g_cross_device_waits++;
     note_capturing_use(s);
     std::lock_guard<std::mutex> g(g_waits_lock);

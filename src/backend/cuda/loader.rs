@@ -108,7 +108,7 @@ pub unsafe fn load_from(path: &str) -> Result<Driver, LoadError> {
 /// unloadable, which fails closed.
 fn is_absent(path: &str, dlerror: &str) -> bool {
     if path.contains('/') {
-        return !std::path::Path::new(path).exists();
+        return !anything_at(std::path::Path::new(path));
     }
     let not_found = dlerror.starts_with(&format!(
         "{path}: cannot open shared object file: No such file or directory"
@@ -155,7 +155,14 @@ fn on_search_path(name: &str) -> bool {
         .into_iter()
         .chain(from_cache)
         .chain(defaults)
-        .any(|p| p.exists())
+        .any(|p| anything_at(&p))
+}
+
+/// Whether a directory entry is at `p`, a link to nothing included: a `libcuda.so.1` left
+/// pointing at the versioned library a driver upgrade or a failed container mount removed is
+/// a driver that is there but broken, not an absent one (`Path::exists` follows the link).
+fn anything_at(p: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
 }
 
 /// The directories the loader searches after the cache: the system's (`/lib64`, `/usr/lib64`,

@@ -705,6 +705,14 @@ impl Backend for CudaBackend {
         let mut plan = kernel::plan(&batch.segments, batch.options)
             .map_err(|e| BackendError::Other(format!("cannot scrub the batch: {}", e.0)))?;
         plan.params.skip_segment = self.inner.skip_segment.load(Ordering::Relaxed);
+        // Ordered after the recorded streams before a slot is taken: a capture found or
+        // refusing a call there defers the batch with no slot to give back (the flusher
+        // retries a deferred batch every pass, and a slot is page-locked host memory, device
+        // memory and events). A refused call came before anything of the batch's own on `s`.
+        // The wait enqueued on `s` orders after work that was queued when it ran, which holds
+        // every use of the freed block.
+        order_after_wait_streams(&self.inner, dev, s, &batch.wait_streams, batch.stream)
+            .map_err(|e| capture_refusal(e, batch.stream.0))?;
         let mut slot = acquire_slot(
             &self.inner,
             dev,
@@ -1029,7 +1037,8 @@ fn give_back_after_error(inner: &Inner, dev: &Device, mut slot: Slot, s: CUstrea
     }
 }
 
-/// Enqueues one batch on its stream (see the module docs for the order).
+/// Enqueues one batch on its stream, which `submit_scrub` has ordered after the batch's wait
+/// streams (see the module docs for the order).
 fn enqueue(
     inner: &Inner,
     dev: &Device,
@@ -1040,8 +1049,6 @@ fn enqueue(
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
     let s = stream_of(batch.stream);
-    inner.live()?;
-    order_after_wait_streams(inner, dev, s, &batch.wait_streams, batch.stream)?;
     inner.live()?;
     let n = plan.params.count as usize;
     // Until the scrub kernel is launched, a capture's refusal of a call is a capture found
