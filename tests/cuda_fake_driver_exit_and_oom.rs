@@ -144,8 +144,9 @@ fn no_driver_call_after_shutdown_begun_while_a_slot_area_is_pinned() {
         len: 4096,
         seed: 31,
     };
-    // The backend's first submission creates its first slot: device sums, then the
-    // page-locked results.
+    // The slot the device made as it opened is held by a batch not yet waited for: the next
+    // submission creates a slot, device sums, then the page-locked results.
+    let _busy = submit(b, batch(vec![seg.clone()], SAMPLED)).expect("first batch");
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
     let after = calls_after_hook(&lib);
@@ -174,6 +175,8 @@ fn no_free_after_shutdown_begun_while_a_slot_area_fails_to_pin() {
         len: 4096,
         seed: 32,
     };
+    // As above: the next submission creates a slot.
+    let _busy = submit(b, batch(vec![seg.clone()], SAMPLED)).expect("first batch");
     switch(&lib, "fail_host_allocs", 1);
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
@@ -372,4 +375,42 @@ fn no_free_after_shutdown_begun_while_a_release_makes_its_context_current() {
         "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
         outcome(&released)
     );
+}
+
+/// A device filled to its last byte before the first free (a server that sizes its KV cache
+/// to the memory left after loading the model): the blocks freed then must still be scrubbed,
+/// so that an allocation out of memory can release them and succeed. A scrub needs a batch
+/// slot, whose device memory a full device cannot give; without one the freed blocks would
+/// stay pending for good, and the memory lost to the process.
+#[test]
+fn blocks_freed_while_the_device_is_full_are_scrubbed_and_their_memory_reused() {
+    use kvhygiene::alloc::Allocator;
+    let (path, lib) = fake_or_skip!("full_before_first_free");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let s = StreamHandle(0);
+    switch(&lib, "set_device_memory", 1024);
+    let size = 64 * 1024;
+    let mut blocks = Vec::new();
+    while let Ok(p) = alloc.malloc(size, 0, s) {
+        blocks.push(p);
+        assert!(blocks.len() <= 16, "the device holds 1 MiB");
+    }
+    assert!(blocks.len() >= 8, "{} blocks of 64 KiB", blocks.len());
+    for p in &blocks {
+        alloc.free(*p, size, 0, s).expect("free");
+    }
+    // Another size: only the memory of the freed blocks, given back, can serve it.
+    let bigger = alloc.malloc(2 * size, 0, s);
+    let stats = alloc.stats();
+    assert!(
+        bigger.is_ok(),
+        "{} blocks freed with the device full were never scrubbed ({} scrubs deferred, {} \
+         pending bytes), and a later allocation failed: {:?}",
+        blocks.len(),
+        stats.counters.scrubs_deferred,
+        stats.accounting.pending.bytes,
+        bigger.err()
+    );
+    alloc.shutdown();
 }

@@ -84,6 +84,9 @@
 //   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): a capture's refusal of a later call of a batch.
 // - fake_cuda_fail_next_wait(code): the next cuStreamWaitEvent fails with `code`, e.g. 907
 //   (CUDA_ERROR_CAPTURED_EVENT): a capture's refusal of the wait that orders a batch.
+// - fake_cuda_set_device_memory(kib): cuMemAlloc fails with CUDA_ERROR_OUT_OF_MEMORY once
+//   the bytes it handed out and cuMemFree did not take back would exceed `kib` KiB (0: no
+//   limit): a device full to its last byte.
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -91,6 +94,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -315,20 +319,47 @@ static void run_hook(void (**slot)(void)) {
 
 static std::atomic<int> g_mem_allocs{0};
 int fake_cuda_mem_allocs(int) { return g_mem_allocs.load(); }
+// Device memory handed out (pointer -> bytes) and the limit on its sum (0: none).
+static std::mutex g_device_lock;
+static std::map<CUdeviceptr, size_t> g_device_blocks;
+static size_t g_device_used = 0, g_device_limit = 0;
+extern "C" void fake_cuda_set_device_memory(int kib) {
+    std::lock_guard<std::mutex> g(g_device_lock);
+    g_device_limit = (size_t)kib * 1024;
+}
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     NEED_CTX();
     g_mem_allocs++;
     g_mode_at_alloc = (int)t_capture_mode;
     if (n > (1ull << 40)) return OUT_OF_MEMORY;
-    void* m = aligned_alloc(256, (n + 255) / 256 * 256);
-    if (!m) return OUT_OF_MEMORY;
-    *p = (CUdeviceptr)m;
+    {
+        std::lock_guard<std::mutex> g(g_device_lock);
+        if (g_device_limit != 0 && g_device_used + n > g_device_limit) return OUT_OF_MEMORY;
+        void* m = aligned_alloc(256, (n + 255) / 256 * 256);
+        if (!m) return OUT_OF_MEMORY;
+        *p = (CUdeviceptr)m;
+        g_device_blocks[*p] = n;
+        g_device_used += n;
+    }
     run_hook(&g_mem_alloc_hook);
     return OK;
 }
 static std::atomic<int> g_mem_frees{0};
 int fake_cuda_mem_frees(int) { return g_mem_frees.load(); }
-CUresult cuMemFree_v2(CUdeviceptr p) { NEED_CTX(); g_mem_frees++; free((void*)p); return OK; }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    NEED_CTX();
+    g_mem_frees++;
+    {
+        std::lock_guard<std::mutex> g(g_device_lock);
+        auto it = g_device_blocks.find(p);
+        if (it != g_device_blocks.end()) {
+            g_device_used -= it->second;
+            g_device_blocks.erase(it);
+        }
+    }
+    free((void*)p);
+    return OK;
+}
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) {
     g_calls++;
     g_host_allocs++;

@@ -370,7 +370,9 @@ impl Inner {
         // Waiting for another thread's open may have outlasted a shutdown.
         self.live()?;
         let opened = open_device(self, device)?;
-        Ok(cell.get_or_init(|| opened))
+        let dev = cell.get_or_init(|| opened);
+        reserve_slot(self, dev);
+        Ok(dev)
     }
 }
 
@@ -800,6 +802,19 @@ impl Backend for CudaBackend {
         while self.inner.calls.load(Ordering::SeqCst) > own && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(50));
         }
+    }
+}
+
+/// Makes the device's first batch slot as it opens, for a batch of the default size (inline,
+/// no work items). A slot's sums are device memory, and a server often fills its device (a KV
+/// cache sized to what the model left) before its first free: a slot made then could never
+/// be had, every freed block would stay pending, and an allocation out of memory could
+/// release nothing. Without memory for it now, slots are made as batches come, as before
+/// (what was allocated goes to the device's spare buffers).
+#[cold]
+fn reserve_slot(inner: &Inner, dev: &Device) {
+    if let Ok(slot) = new_slot(inner, dev, MIN_SLOT_SEGMENTS, 0) {
+        lock(&dev.slots).push(slot);
     }
 }
 
