@@ -306,7 +306,11 @@ pub fn judge(
 /// short or not the encoder's: the error is the reason to evict, since whether the detector
 /// flagged a failed control cannot be told.
 fn detector_state(snap: &Snapshot) -> Result<bool, String> {
-    let values: Vec<f64> = snap.exposition.values(ANOMALY_ENABLED, &[]).take(2).collect();
+    let values: Vec<f64> = snap
+        .exposition
+        .values(ANOMALY_ENABLED, &[])
+        .take(2)
+        .collect();
     match values[..] {
         [v] if v == 1.0 => Ok(true),
         [v] if v == 0.0 => Ok(false),

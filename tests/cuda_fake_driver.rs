@@ -44,18 +44,6 @@ macro_rules! fake_or_skip {
     };
 }
 
-/// Holds the batch slot a device makes as it opens (for a full device's first frees) with a
-/// batch not waited for, so that the next submission on device 0 makes a slot of its own.
-fn hold_the_first_slot(b: &dyn Backend) -> Box<dyn kvhygiene::backend::ScrubTicket> {
-    let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 1,
-    };
-    submit(b, batch(vec![seg], SAMPLED)).expect("the first batch")
-}
-
 #[test]
 fn starts_and_picks_the_sass_for_the_device() {
     let (path, _lib) = fake_or_skip!("start");
@@ -327,10 +315,9 @@ fn poll_reports_pending_until_the_event_completes() {
 #[test]
 fn a_failed_slot_allocation_is_reported_and_recovered() {
     let (path, lib) = fake_or_skip!("slot_oom");
-    let b = start(&path);
+    let b = fake_cuda::start_without_first_slot(&path, &lib);
     let (segments, total) = random_layout(8, 5000, 3);
     let base = b.allocate(0, total).expect("allocate");
-    let _first = hold_the_first_slot(&b);
     switch(&lib, "fail_host_allocs", 1);
     match submit(&b, batch(place(base, &segments), SAMPLED)) {
         // Out of memory: the pool keeps the blocks and submits them again later.
@@ -526,10 +513,7 @@ fn driver_calls_run_relaxed_and_restore_the_callers_capture_mode() {
 fn a_transient_slot_allocation_failure_does_not_condemn_the_blocks() {
     use kvhygiene::alloc::Allocator;
     let (path, lib) = fake_or_skip!("slot_oom_alloc");
-    // The slot device 0 makes as it opens (at start) cannot be made: the batch below needs a
-    // slot of its own.
-    switch(&lib, "fail_host_allocs", 1);
-    let backend = std::sync::Arc::new(start(&path));
+    let backend = std::sync::Arc::new(fake_cuda::start_without_first_slot(&path, &lib));
     let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
     let s = StreamHandle(0);
     // The next two slot allocations fail (the batch's, then the re-scrub's), then memory is
@@ -903,16 +887,14 @@ fn no_driver_call_after_shutdown_begun_while_a_batch_slot_is_created() {
         BACKEND.get().expect("backend").shutdown();
     }
     let (path, lib) = fake_or_skip!("shutdown_new_slot");
-    let b = BACKEND.get_or_init(|| start(&path));
+    let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
     let seg = ScrubSegment {
         addr: base,
         len: 4096,
         seed: 22,
     };
-    // With the slot the device made as it opened held, the next submission creates a slot:
-    // cuMemAlloc of the sums.
-    let _first = hold_the_first_slot(b);
+    // The first submission of the backend creates its first slot: cuMemAlloc of the sums.
     arm(&lib, "on_mem_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
     let at_shutdown = query(&lib, "calls_at_hook", 0);
@@ -936,10 +918,9 @@ fn no_driver_call_after_shutdown_begun_while_a_batch_slot_is_created() {
 #[test]
 fn a_slot_event_that_cannot_be_created_for_lack_of_memory_is_out_of_memory() {
     let (path, lib) = fake_or_skip!("slot_event_oom");
-    let b = start(&path);
+    let b = fake_cuda::start_without_first_slot(&path, &lib);
     let (segments, total) = random_layout(8, 5000, 4);
     let base = b.allocate(0, total).expect("allocate");
-    let _first = hold_the_first_slot(&b);
     switch(&lib, "fail_event_creates", 1);
     match submit(&b, batch(place(base, &segments), SAMPLED)) {
         Err(BackendError::OutOfMemory { device, .. }) => assert_eq!(device, 0),
@@ -956,10 +937,7 @@ fn a_slot_event_that_cannot_be_created_for_lack_of_memory_is_out_of_memory() {
 fn a_slot_event_out_of_memory_does_not_condemn_the_blocks() {
     use kvhygiene::alloc::Allocator;
     let (path, lib) = fake_or_skip!("slot_event_oom_alloc");
-    // The slot device 0 makes as it opens (at start) cannot be made: the batch below needs a
-    // slot of its own.
-    switch(&lib, "fail_host_allocs", 1);
-    let backend = std::sync::Arc::new(start(&path));
+    let backend = std::sync::Arc::new(fake_cuda::start_without_first_slot(&path, &lib));
     let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
     let s = StreamHandle(0);
     // The next two slot creations fail at their event (the batch's, then a re-scrub's).
@@ -992,14 +970,13 @@ fn a_slot_event_out_of_memory_does_not_condemn_the_blocks() {
 #[test]
 fn a_slot_event_out_of_memory_does_not_say_zero_bytes_were_requested() {
     let (path, lib) = fake_or_skip!("slot_event_oom_message");
-    let b = start(&path);
+    let b = fake_cuda::start_without_first_slot(&path, &lib);
     let base = b.allocate(0, 4096).expect("allocate");
     let seg = ScrubSegment {
         addr: base,
         len: 4096,
         seed: 23,
     };
-    let _first = hold_the_first_slot(&b);
     switch(&lib, "fail_event_creates", 1);
     match submit(&b, batch(vec![seg], SAMPLED)) {
         Err(e @ BackendError::OutOfMemory { .. }) => {

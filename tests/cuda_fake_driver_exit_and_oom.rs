@@ -137,16 +137,15 @@ fn no_driver_call_after_shutdown_begun_while_a_slot_area_is_pinned() {
         BACKEND.get().expect("backend").shutdown();
     }
     let (path, lib) = fake_or_skip!("shutdown_host_alloc");
-    let b = BACKEND.get_or_init(|| start(&path));
+    let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
     let seg = ScrubSegment {
         addr: base,
         len: 4096,
         seed: 31,
     };
-    // The slot the device made as it opened is held by a batch not yet waited for: the next
-    // submission creates a slot, device sums, then the page-locked results.
-    let _busy = submit(b, batch(vec![seg.clone()], SAMPLED)).expect("first batch");
+    // The backend's first submission creates its first slot: device sums, then the
+    // page-locked results.
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
     let after = calls_after_hook(&lib);
@@ -168,15 +167,13 @@ fn no_free_after_shutdown_begun_while_a_slot_area_fails_to_pin() {
         BACKEND.get().expect("backend").shutdown();
     }
     let (path, lib) = fake_or_skip!("shutdown_host_alloc_oom");
-    let b = BACKEND.get_or_init(|| start(&path));
+    let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
     let seg = ScrubSegment {
         addr: base,
         len: 4096,
         seed: 32,
     };
-    // As above: the next submission creates a slot.
-    let _busy = submit(b, batch(vec![seg.clone()], SAMPLED)).expect("first batch");
     switch(&lib, "fail_host_allocs", 1);
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));

@@ -316,7 +316,7 @@ fn a_capture_that_begins_while_the_batch_slot_is_made_refuses_the_launch() {
         unsafe { set(1) };
     }
     let (path, lib) = fake_or_skip!("capture_during_slot");
-    let b = start(&path);
+    let b = fake_cuda::start_without_first_slot(&path, &lib);
     let base = b.allocate(0, 4096).expect("allocate");
     // SAFETY: the switch and the hook setter have these signatures.
     unsafe {
@@ -330,9 +330,10 @@ fn a_capture_that_begins_while_the_batch_slot_is_made_refuses_the_launch() {
         arm(capture_begins);
     }
     // The backend's first batch makes its first slot (cuMemHostAlloc of its result area).
+    let launches = query(&lib, "scrub_launches", 0);
     let submitted = submit(&b, batch(one_segment(base, 11), SAMPLED)).map(|_| ());
     assert!(query(&lib, "calls_at_hook", 0) >= 0, "the hook did not run");
-    let grid = query(&lib, "last_scrub_grid", 0);
+    let launched = query(&lib, "scrub_launches", 0) - launches;
     switch(&lib, "implicit_capture", 0);
     assert!(
         matches!(
@@ -342,7 +343,7 @@ fn a_capture_that_begins_while_the_batch_slot_is_made_refuses_the_launch() {
         "submission during a capture that began while its slot was made: {submitted:?}"
     );
     assert_eq!(
-        grid, 0,
+        launched, 0,
         "a scrub was launched on the legacy stream while another stream captured"
     );
     b.release(0, base, 4096).expect("release");

@@ -18,11 +18,21 @@ fn instance(name: &str) -> Option<(String, libloading::Library)> {
 /// An allocator on the stand-in at `path` whose open batches are submitted after
 /// `batch_max_delay_us` (0: at once, from the free itself).
 fn allocator(path: &str, batch_max_delay_us: u64) -> Allocator {
+    allocator_over(start(path), batch_max_delay_us)
+}
+
+fn allocator_over(backend: CudaBackend, batch_max_delay_us: u64) -> Allocator {
     let config = kvhygiene::config::Config {
         batch_max_delay_us,
         ..Default::default()
     };
-    Allocator::new(std::sync::Arc::new(start(path)), config, None)
+    Allocator::new(std::sync::Arc::new(backend), config, None)
+}
+
+/// [`allocator`] (batches at once) over a backend whose device 0 made no batch slot as it
+/// opened: its first batch makes one.
+fn allocator_without_first_slot(path: &str, lib: &libloading::Library) -> Allocator {
+    allocator_over(fake_cuda::start_without_first_slot(path, lib), 0)
 }
 
 macro_rules! fake_or_skip {
@@ -125,7 +135,7 @@ fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
 #[test]
 fn slots_that_cannot_be_pinned_keep_their_device_sums_for_the_next_try() {
     let (path, lib) = fake_or_skip!("spare_sums");
-    let alloc = allocator(&path, 0);
+    let alloc = allocator_without_first_slot(&path, &lib);
     let s = StreamHandle(0);
     let blocks: Vec<u64> = (0..3)
         .map(|_| alloc.malloc(4096, 0, s).expect("malloc"))
@@ -251,7 +261,7 @@ fn a_slot_built_from_larger_spare_buffers_serves_the_batch_they_were_made_for() 
 #[test]
 fn pages_whose_mapping_fails_are_freed_at_the_next_release_not_in_the_free_path() {
     let (path, lib) = fake_or_skip!("host_map_fails");
-    let alloc = allocator(&path, 0);
+    let alloc = allocator_without_first_slot(&path, &lib);
     let s = StreamHandle(0);
     let p = alloc.malloc(4096, 0, s).expect("malloc");
     switch(&lib, "fail_host_maps", 1);
@@ -396,7 +406,7 @@ fn a_slot_whose_completion_event_errs_is_not_reused() {
 fn a_slot_holds_no_more_segments_than_its_result_area() {
     use kvhygiene::backend::Backend;
     let (path, lib) = fake_or_skip!("slot_capacity");
-    let b = start(&path);
+    let b = fake_cuda::start_without_first_slot(&path, &lib);
     let (big_base, big) = small_segments(&b, 600, 100);
     let (small_base, small) = small_segments(&b, 10, 2000);
     let (mid_base, mid) = small_segments(&b, 130, 3000);

@@ -84,6 +84,7 @@
 //   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): a capture's refusal of a later call of a batch.
 // - fake_cuda_fail_next_wait(code): the next cuStreamWaitEvent fails with `code`, e.g. 907
 //   (CUDA_ERROR_CAPTURED_EVENT): a capture's refusal of the wait that orders a batch.
+// - fake_cuda_scrub_launches(0) counts the scrub kernel launches (either scrub kernel).
 // - fake_cuda_set_device_memory(kib): cuMemAlloc fails with CUDA_ERROR_OUT_OF_MEMORY once
 //   the bytes it handed out and cuMemFree did not take back would exceed `kib` KiB (0: no
 //   limit): a device full to its last byte.
@@ -150,7 +151,11 @@ extern "C" int fake_cuda_scrub_waited_for(int w) {
     for (void* r : g_last_scrub_waits) n += r == (void*)(uintptr_t)w;
     return n;
 }
+// fake_cuda_scrub_launches(0): scrub kernel launches (kvh_scrub, kvh_scrub_strided) so far.
+static std::atomic<int> g_scrub_launches{0};
+extern "C" int fake_cuda_scrub_launches(int) { return g_scrub_launches.load(); }
 static void note_scrub_launch(void* s) {
+    g_scrub_launches++;
     std::lock_guard<std::mutex> g(g_waits_lock);
     g_last_scrub_waits.clear();
     std::vector<std::pair<void*, void*>> rest;

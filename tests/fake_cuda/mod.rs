@@ -90,6 +90,19 @@ pub fn start(path: &str) -> kvhygiene::backend::cuda::CudaBackend {
     }
 }
 
+/// [`start`] on a device whose memory is short as it opens, so that it makes no batch slot
+/// then (the one for a full device's first frees): the first batch submitted makes a slot of
+/// its own, as the tests of slot creation need. `lib` is the instance at `path`.
+pub fn start_without_first_slot(
+    path: &str,
+    lib: &libloading::Library,
+) -> kvhygiene::backend::cuda::CudaBackend {
+    switch(lib, "set_device_memory", 1);
+    let b = start(path);
+    switch(lib, "set_device_memory", 0);
+    b
+}
+
 /// A hook for the stand-in's switches: a SIGTERM arrives on the calling thread (inside the
 /// driver call the hook runs in), after "EXITING" on stdout.
 pub extern "C" fn sigterm_arrives() {
