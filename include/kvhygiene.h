@@ -330,7 +330,10 @@ void kvh_clear_context(void);
 // with its reason, is the last error.
 // `*out_len` receives the JSON's length without the NUL; `buf` must hold `*out_len + 1`
 // bytes, else `KVH_ERR_BUFFER_TOO_SMALL` is returned and nothing is written (call with
-// `buf = NULL, len = 0` to ask for the size). Ownership: `buf` stays the caller's.
+// `buf = NULL, len = 0` to ask for the size). The counters go on changing between that call
+// and the next, so the JSON may have grown by then: give room to spare (a few KiB), and on
+// `KVH_ERR_BUFFER_TOO_SMALL` ask again with the new `*out_len`. Ownership: `buf` stays the
+// caller's.
 int kvh_stats_json(char *buf, size_t len, size_t *out_len);
 
 // The calling thread's last result code (`KVH_OK` after a successful call).

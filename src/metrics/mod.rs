@@ -330,7 +330,11 @@ impl Exporter {
         let inner = Arc::new(Inner {
             source,
             pid,
-            file: cfg.file_for(pid),
+            // A relative name is the working directory's at start-up, where `kvh preflight`
+            // checked it: an engine that changes directory later still writes it there.
+            file: cfg
+                .file_for(pid)
+                .map(|f| std::path::absolute(&f).unwrap_or(f)),
             pid_label: cfg.per_process().then(|| pid.to_string()),
             textfile_errors: AtomicU64::new(0),
             failing: AtomicBool::new(false),
@@ -741,6 +745,18 @@ mod tests {
         uncached.get("/stats");
         assert_eq!(uncached.get("/metrics"), last);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_relative_file_name_is_the_working_directory_s_at_start() {
+        let cfg = MetricsConfig {
+            file: Some(PathBuf::from("no-such-directory/kvh.prom")),
+            interval_ms: 3_600_000,
+            addr: None,
+        };
+        let exporter = Exporter::start(&cfg, counting(Arc::new(AtomicU64::new(4)))).unwrap();
+        let want = std::env::current_dir().unwrap().join("no-such-directory/kvh.prom");
+        assert_eq!(exporter.file(), Some(want.as_path()));
     }
 
     #[test]
