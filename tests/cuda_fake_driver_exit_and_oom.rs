@@ -241,6 +241,32 @@ fn no_allocation_after_shutdown_begun_while_a_device_opens() {
     assert_eq!(allocated, Err(BackendError::ShuttingDown));
 }
 
+/// A device opened on first use (here device 1, by an allocation) while the shutdown begins
+/// late in the opening (during the occupancy query of its kernels, after its ordering event
+/// was created) makes no further driver call: not the rest of the opening (the batch slot it
+/// makes as it opens included), nor the allocation that asked for it.
+#[test]
+fn no_allocation_after_shutdown_begun_while_a_device_opens_its_kernels_occupancy() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_device_open_occupancy");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let allocs = query(&lib, "mem_allocs", 0);
+    arm(&lib, "on_occupancy", exit_begins);
+    let allocated = b.allocate(1, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls ({} cuMemAlloc) after shutdown() returned; allocate(1) \
+         returned {}",
+        query(&lib, "mem_allocs", 0) - allocs,
+        outcome(&allocated)
+    );
+}
+
 /// A submission whose wait streams include a stream of another device (handle 0xD1001, of
 /// device 1's context) creates an event in that context for the wait. A shutdown that begins
 /// while that event is created stops the submission there: no driver call follows, not even
@@ -407,6 +433,87 @@ fn blocks_freed_while_the_device_is_full_are_scrubbed_and_their_memory_reused() 
         blocks.len(),
         stats.counters.scrubs_deferred,
         stats.accounting.pending.bytes,
+        bigger.err()
+    );
+    alloc.shutdown();
+}
+
+/// A paged KV cache that fills the device (a server sizes it to what the model left), one
+/// region per layer and K/V: `kvh_scrub_blocks` of two blocks when a request ends is one
+/// batch of 2 x 64 segments. It must run on the slot the device made as it opened, as a
+/// freed block's scrub does, rather than fail for lack of device memory for a slot of its own.
+#[test]
+fn a_kv_scrub_of_a_cache_that_fills_the_device_runs_on_the_first_slot() {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let (path, lib) = fake_or_skip!("full_kv_scrub");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let cache_stream = StreamHandle(5);
+    let block = 256u64;
+    let blocks = 4u64;
+    let regions = 64u64;
+    let len = regions * blocks * block;
+    let a = alloc.malloc(len as i64, 0, cache_stream).expect("malloc");
+    // The device is full from here on.
+    switch(&lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| a + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    // One block (64 segments) fits the kernel parameter; two (128) do not.
+    let one = alloc.scrub_kv_blocks(&layout, &[0], 0, cache_stream);
+    assert!(one.is_ok(), "one block: {one:?}");
+    let two = alloc.scrub_kv_blocks(&layout, &[1, 2], 0, cache_stream);
+    assert!(
+        two.is_ok(),
+        "a KV scrub of two blocks (128 segments) on a full device failed although the \
+         device's first slot was idle: {two:?}"
+    );
+    switch(&lib, "set_device_memory", 0);
+    alloc.free(a, len as i64, 0, cache_stream).expect("free");
+    alloc.shutdown();
+}
+
+/// Many small blocks freed on one stream while the device is full: the first batch of the
+/// default size takes the slot the device made as it opened, and the blocks freed while that
+/// slot is held wait (out of memory for a slot of their own). They must all be scrubbed once
+/// it is idle again, so that a later allocation out of memory can release them: the batch that
+/// waits must not grow into one the device's first slot cannot take (more than 120 segments
+/// need work items, which that slot lacks).
+#[test]
+fn many_blocks_freed_while_the_device_is_full_are_all_scrubbed() {
+    use kvhygiene::alloc::Allocator;
+    let (path, lib) = fake_or_skip!("full_first_slot_busy");
+    let backend = std::sync::Arc::new(start(&path));
+    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
+    let s = StreamHandle(0);
+    switch(&lib, "set_device_memory", 1024);
+    let size = 4096;
+    let mut blocks = Vec::new();
+    while let Ok(p) = alloc.malloc(size, 0, s) {
+        blocks.push(p);
+        assert!(blocks.len() <= 256, "the device holds 1 MiB");
+    }
+    assert!(blocks.len() >= 200, "{} blocks of 4 KiB", blocks.len());
+    for p in &blocks {
+        alloc.free(*p, size, 0, s).expect("free");
+    }
+    for _ in 0..4 {
+        let _ = alloc.synchronize();
+    }
+    // 960 KiB (a size class of its own, not rounded up): with the 4 KiB of the first slot's
+    // sums, all but 60 KiB of the device, which only every freed block given back can give.
+    let bigger = alloc.malloc(960 * 1024, 0, s);
+    let stats = alloc.stats();
+    assert!(
+        bigger.is_ok(),
+        "of {} blocks freed with the device full, {} bytes stayed pending ({} scrubs \
+         deferred), and a later allocation failed: {:?}",
+        blocks.len(),
+        stats.accounting.pending.bytes,
+        stats.counters.scrubs_deferred,
         bigger.err()
     );
     alloc.shutdown();

@@ -420,8 +420,9 @@ fn a_slot_holds_no_more_segments_than_its_result_area() {
     assert!(submit(&big).is_err());
     // An inline batch takes the spare sums and results (not the work items).
     submit(&small).expect("10 segments").wait().expect("wait");
-    // Spare sums of 1024 again: the result area could not be pinned.
-    switch(&lib, "fail_host_allocs", 1);
+    // Spare sums of 1024 again: the result area could not be pinned (nor a larger work item
+    // area for the idle slot of the batch of 10, which holds 1024 results).
+    switch(&lib, "fail_host_allocs", 2);
     assert!(submit(&big).is_err());
     // 130 segments: the spare sums (1024) and work items (1024), a new result area of 256.
     submit(&mid).expect("130 segments").wait().expect("wait");

@@ -448,7 +448,11 @@ impl DevicePool {
             .get(&addr)
             .map(|b| b.recorded_streams.clone())
             .unwrap_or_default();
-        let i = match self.open.iter().position(|o| o.stream == stream) {
+        // A batch that was deferred (a graph capture, no memory for its slot) and reopened
+        // is joined only up to the batch size: one that grew past it while it waited might
+        // need a larger slot than the device can still make.
+        let has_room = |o: &OpenBatch| o.stream == stream && o.blocks.len() < config.batch_size;
+        let i = match self.open.iter().position(has_room) {
             Some(i) => i,
             None => {
                 self.open.push(OpenBatch {

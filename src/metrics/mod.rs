@@ -755,7 +755,9 @@ mod tests {
             addr: None,
         };
         let exporter = Exporter::start(&cfg, counting(Arc::new(AtomicU64::new(4)))).unwrap();
-        let want = std::env::current_dir().unwrap().join("no-such-directory/kvh.prom");
+        let want = std::env::current_dir()
+            .unwrap()
+            .join("no-such-directory/kvh.prom");
         assert_eq!(exporter.file(), Some(want.as_path()));
     }
 

@@ -288,6 +288,11 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
     if (!strcmp(name, "kvh_scrub_strided")) { *f = (void*)3; return OK; }
     return NOT_FOUND;
 }
+// fake_cuda_on_occupancy(cb) runs cb() once inside the next successful occupancy query
+// (after it answered), as fake_cuda_on_launch does.
+static void (*g_occupancy_hook)(void) = nullptr;
+static void run_hook(void (**slot)(void));
+extern "C" void fake_cuda_on_occupancy(void (*cb)(void)) { g_occupancy_hook = cb; }
 CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block, size_t smem) {
     NEED_CTX();
     if (f != (void*)1 && f != (void*)2 && f != (void*)3) return INVALID_VALUE;
@@ -297,6 +302,7 @@ CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void* f, int block,
         return INVALID_VALUE;
     }
     *n = f == (void*)3 ? 2 : 8;
+    run_hook(&g_occupancy_hook);
     return OK;
 }
 

@@ -153,8 +153,9 @@ struct Slot {
     /// `segments` SegmentResults the kernels write and the ticket reads.
     results: Mapped,
     /// Work items (`item_capacity` DeviceChunks), allocated with the slot when the batch that
-    /// made it had items (a power of two at least its count), never grown: a slot without
-    /// room for a later batch's items is passed over for a new one.
+    /// made it had items (a power of two at least its count). A slot without room for a later
+    /// batch's items is passed over for a new one, and given a larger area only when the
+    /// device has no memory for a new slot ([`with_more_items`]).
     items: Option<Mapped>,
     item_capacity: usize,
     done: Handle<CUevent>,
@@ -813,6 +814,10 @@ impl Backend for CudaBackend {
 /// (what was allocated goes to the device's spare buffers).
 #[cold]
 fn reserve_slot(inner: &Inner, dev: &Device) {
+    // The opening's last driver call may have outlasted the start of a shutdown.
+    if inner.live().is_err() {
+        return;
+    }
     if let Ok(slot) = new_slot(inner, dev, MIN_SLOT_SEGMENTS, 0) {
         lock(&dev.slots).push(slot);
     }
@@ -850,12 +855,56 @@ fn acquire_slot(
         }
     }
     inner.live()?;
-    new_slot(
+    match new_slot(
         inner,
         dev,
         segments.max(MIN_SLOT_SEGMENTS).next_power_of_two(),
         items,
-    )
+    ) {
+        Err(e @ BackendError::OutOfMemory { .. }) if items > 0 => {
+            with_more_items(inner, dev, segments, items).ok_or(e)
+        }
+        other => other,
+    }
+}
+
+/// An idle slot with room for `segments` results, whose last use has completed, given a new
+/// work item area for `items`: page-locked host memory only. A full device has no memory for
+/// a new slot's sums, and a batch too large for the inline parameter (a KV scrub, a batch that
+/// grew while it waited) would otherwise wait for good beside the slot the device made as it
+/// opened, which has no work item area. The area it had is parked, freed at the next release.
+#[cold]
+fn with_more_items(inner: &Inner, dev: &Device, segments: usize, items: usize) -> Option<Slot> {
+    let d = &inner.driver;
+    let mut slot = {
+        let mut idle = lock(&dev.slots);
+        let i = idle.iter().position(|slot| {
+            slot.segments >= segments
+                && inner.live().is_ok()
+                // SAFETY: 1. the slot's event is live (never destroyed).
+                && matches!(unsafe { r::event_query(d, slot.done.0) }, Ok(true))
+        })?;
+        idle.swap_remove(i)
+    };
+    let len = items.next_power_of_two() * ITEM_BYTES;
+    let mut spare = lock(&dev.spare);
+    let area = inner
+        .live()
+        .and_then(|()| mapped(inner, dev.ordinal, len, &mut spare.parked));
+    match area {
+        Ok((area, len)) => {
+            if let Some(old) = slot.items.replace(area) {
+                spare.parked.push(Parked::Host(old.host));
+            }
+            slot.item_capacity = len / ITEM_BYTES;
+            Some(slot)
+        }
+        Err(_) => {
+            drop(spare);
+            lock(&dev.slots).push(slot);
+            None
+        }
+    }
 }
 
 /// A new batch slot, built from the device's spare buffers where they are large enough. When a
