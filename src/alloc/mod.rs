@@ -260,6 +260,7 @@ impl Allocator {
             pool.harvest(backend, config, after);
             pool.flush_open(false, backend, config, after);
             pool.pop_clean(key, size, &ctx, stream, isolation)
+                .or_else(|| pop_exact(pool, key, size, class, &ctx, stream, isolation))
         });
         if let Some(addr) = hit {
             return Ok(Allocation { addr, fresh: false });
@@ -308,6 +309,7 @@ impl Allocator {
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, _, _, after| {
             pool.pop_clean(key, size, &ctx, stream, isolation)
+                .or_else(|| pop_exact(pool, key, size, class, &ctx, stream, isolation))
                 .or_else(|| {
                     pool.release_clean(ReleaseReason::OutOfMemory, after);
                     None
@@ -322,9 +324,16 @@ impl Allocator {
             return Err(AllocError::ShuttingDown);
         }
         // The capture query again: the first may have failed before it could answer.
-        let result = self
+        let mut result = self
             .refuse_capture(size, dev, stream)
             .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
+        // The device may hold the request, but not its class's capacity (up to 12.5% more):
+        // a block sized to the request, rounded to the driver's granule.
+        if let (Err(AllocError::OutOfMemory { .. }), Some(exact)) =
+            (&result, SizeClass::exact(size))
+        {
+            result = self.allocate_fresh(size, dev, exact, &ctx, stream);
+        }
         // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
         // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
@@ -1133,6 +1142,21 @@ impl Allocator {
     }
 }
 
+/// A CLEAN block sized to its request ([`SizeClass::exact`]) for a request of `class` that
+/// missed the class's free list: one no larger than the class's capacity.
+fn pop_exact(
+    pool: &mut DevicePool,
+    key: FreeKey,
+    size: u64,
+    class: SizeClass,
+    ctx: &Context,
+    stream: StreamHandle,
+    isolation: crate::config::TenantIsolation,
+) -> Option<u64> {
+    SizeClass::exact(size)?;
+    pool.pop_exact(key, size, class.capacity, ctx, stream, isolation)
+}
+
 /// How often the flusher trims blocks idle past `idle_ttl_ms`: every half TTL, so a block goes
 /// back to the backend at most half a TTL late, but no more often than the flusher wakes
 /// (`tick`) and no less often than once a second (the trim scans the free lists: a
@@ -1235,6 +1259,42 @@ mod tests {
             batch_max_delay_us: 10_000_000,
             ..Config::default()
         }
+    }
+
+    /// A device that holds a request but not its class's capacity (32 MiB + 1 byte, a class
+    /// of 36 MiB, on a device of 35 MiB) serves it with a block sized to it (34 MiB), which its
+    /// free makes reusable for the same request, and never for a larger one of that class.
+    #[test]
+    fn an_allocation_the_device_holds_only_at_its_own_size_is_served() {
+        use super::size_class::EXACT_GRANULE;
+        let size: u64 = (32 << 20) + 1;
+        let exact = (32 << 20) + EXACT_GRANULE;
+        let host = HostBackend::with_capacity(35 << 20);
+        let alloc = Allocator::new(host.clone(), manual(), None);
+        let p = alloc
+            .malloc(size as i64, 0, S)
+            .expect("the device holds the request");
+        assert_eq!(host.bytes_in_use(), exact);
+        alloc.free(p, size as i64, 0, S).unwrap();
+        alloc.synchronize().unwrap();
+        let q = alloc
+            .malloc(size as i64, 0, S)
+            .expect("the same request again");
+        assert_eq!(
+            (q, host.bytes_in_use()),
+            (p, exact),
+            "reused, not allocated again"
+        );
+        alloc.free(q, size as i64, 0, S).unwrap();
+        alloc.synchronize().unwrap();
+        // 35 MiB is in the class of 36 MiB and does not fit the 34 MiB block: the block is
+        // released for it, and the device cannot hold it either.
+        let larger = alloc.malloc(35 << 20, 0, S);
+        assert!(larger.is_err(), "{larger:?}");
+        assert_eq!(
+            alloc.check_consistency().unwrap().total().bytes,
+            host.bytes_in_use()
+        );
     }
 
     /// A pass that panics under the pool lock (a bug of the pool's own: the backend's calls

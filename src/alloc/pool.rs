@@ -22,7 +22,7 @@ use crate::events::{
 use crate::stats::PoolCounters;
 
 use super::block::{Block, BlockState, Disposition};
-use super::size_class::SizeClass;
+use super::size_class::{SizeClass, EXACT_INDEX};
 
 /// Free lists are keyed by size class and, under strict isolation, by tenant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -268,11 +268,57 @@ impl DevicePool {
         let block = self.blocks.get_mut(&addr)?;
         // Invariant 1 and 4: only CLEAN blocks are ever on a free list. Strict isolation also
         // compares the tenant ids themselves, so a tenant-hash collision is a miss, not a leak.
+        // A class's blocks all hold its capacity, which holds `size`; checked all the same,
+        // since a block too small would be written past its end.
         if block.state != BlockState::Clean
             || (isolation == TenantIsolation::Strict && block.owner.tenant_id() != ctx.tenant_id())
+            || block.capacity() < size
         {
             return self.pop_clean_mismatch(key, addr);
         }
+        self.hand_out(addr, size, ctx, stream)
+    }
+
+    /// A CLEAN block sized to its request ([`SizeClass::exact`]) of `key`'s tenant that holds
+    /// `size` bytes and at most `most` (the capacity of `size`'s class: no more is wasted than
+    /// the class would), taken off its free list and handed out as [`Self::pop_clean`] does.
+    /// Only the slow path looks: such blocks come from allocations the device could not hold
+    /// at their class's capacity.
+    pub(crate) fn pop_exact(
+        &mut self,
+        key: FreeKey,
+        size: u64,
+        most: u64,
+        ctx: &Context,
+        stream: StreamHandle,
+        isolation: TenantIsolation,
+    ) -> Option<u64> {
+        let key = FreeKey {
+            class: EXACT_INDEX,
+            ..key
+        };
+        let blocks = &self.blocks;
+        let list = self.free_lists.get_mut(&key)?;
+        let i = list.iter().position(|addr| {
+            blocks.get(addr).is_some_and(|b| {
+                b.state == BlockState::Clean
+                    && (size..=most).contains(&b.capacity())
+                    && (isolation == TenantIsolation::Off || b.owner.tenant_id() == ctx.tenant_id())
+            })
+        })?;
+        let addr = list.remove(i);
+        self.hand_out(addr, size, ctx, stream)
+    }
+
+    /// Makes CLEAN block `addr`, just taken off its free list, LIVE for `ctx`.
+    fn hand_out(
+        &mut self,
+        addr: u64,
+        size: u64,
+        ctx: &Context,
+        stream: StreamHandle,
+    ) -> Option<u64> {
+        let block = self.blocks.get_mut(&addr)?;
         let capacity = block.capacity();
         block.state = BlockState::Live;
         block.requested = size;

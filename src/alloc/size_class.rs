@@ -9,6 +9,14 @@
 /// Classes per power of two.
 pub const CLASSES_PER_OCTAVE: u32 = 8;
 
+/// Granule of a block sized to its request ([`SizeClass::exact`]): the driver's own page size
+/// for large allocations.
+pub const EXACT_GRANULE: u64 = 2 << 20;
+
+/// The index of every block sized to its request: no class has it (the largest class index
+/// is 63 × 8 + 8), so such blocks have free lists of their own.
+pub const EXACT_INDEX: u16 = u16::MAX;
+
 /// A size class: its index and the capacity of its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SizeClass {
@@ -40,6 +48,19 @@ impl SizeClass {
         })
     }
 
+    /// A block of `size` bytes rounded up to [`EXACT_GRANULE`] rather than to its class, when
+    /// that is smaller: what an allocation falls back to when the device cannot hold its
+    /// class's capacity (an engine that sizes one buffer to nearly all the free memory, where
+    /// the class's rounding of up to 12.5% would not fit). `None` when the class is no larger.
+    pub fn exact(size: u64) -> Option<SizeClass> {
+        let class = Self::of(size)?;
+        let capacity = size.checked_add(EXACT_GRANULE - 1)? & !(EXACT_GRANULE - 1);
+        (capacity < class.capacity).then_some(SizeClass {
+            index: EXACT_INDEX,
+            capacity,
+        })
+    }
+
     /// Internal fragmentation of serving `size` from this class, as a fraction of capacity.
     pub fn waste(&self, size: u64) -> f64 {
         (self.capacity - size) as f64 / self.capacity as f64
@@ -50,6 +71,21 @@ impl SizeClass {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_exact_block_is_granule_rounded_and_only_when_smaller_than_its_class() {
+        let size = (256 << 20) + 1;
+        let exact = SizeClass::exact(size).expect("smaller than the class");
+        assert_eq!(exact.capacity, (256 << 20) + EXACT_GRANULE);
+        assert_eq!(exact.index, EXACT_INDEX);
+        assert!(exact.capacity < SizeClass::of(size).unwrap().capacity);
+        // Small sizes and class boundaries: the class is no larger.
+        assert_eq!(SizeClass::exact(4096), None);
+        assert_eq!(SizeClass::exact(256 << 20), None);
+        assert_eq!(SizeClass::exact(u64::MAX), None);
+        // No class has the exact index.
+        assert!(SizeClass::of(u64::MAX >> 4).unwrap().index < EXACT_INDEX);
+    }
 
     #[test]
     fn small_and_boundary_sizes() {
