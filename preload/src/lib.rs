@@ -110,7 +110,7 @@ pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaErro
         Mode::Serve if size == 0 => unsafe { real::cudaMalloc(dev_ptr, size) },
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
         Mode::Serve => {
-            let result = allocate_ready(size);
+            let result = allocate_ready(size, Wait::AsTheRuntime);
             // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
             unsafe { store(dev_ptr, result) }
         }
@@ -152,7 +152,7 @@ pub extern "C" fn cudaMallocPitch(
                 // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
                 return unsafe { store(dev_ptr, Err(MEMORY_ALLOCATION)) };
             };
-            let result = allocate_ready(bytes);
+            let result = allocate_ready(bytes, Wait::AsTheRuntime);
             // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
             let rc = unsafe { store(dev_ptr, result) };
             if rc == SUCCESS {
@@ -427,7 +427,9 @@ fn serve_async(
         Ok(false) => {}
     }
     let result = match order {
-        StreamOrder::PerThread => allocate_ready(size),
+        // The runtime's stream-ordered allocation makes no synchronisation: kvhygiene's wait
+        // must not break another thread's capture either.
+        StreamOrder::PerThread => allocate_ready(size, Wait::Relaxed),
         StreamOrder::Stream(s) => allocate(size, s).map(|a| a.addr),
     };
     // SAFETY: the callers checked `dev_ptr` is non-null; it is valid for one pointer write
@@ -456,18 +458,22 @@ fn start_error(code: kvh_result) -> cudaError_t {
 }
 
 /// As [`allocate`] on the legacy default stream; fresh memory (whose zeroing is queued
-/// there) is then waited for, so the synchronous entry points return memory every stream
-/// can use at once. A pool hit has nothing of kvhygiene's queued and does not wait. If the
+/// there) is then waited for (in `wait`'s capture mode), so the synchronous entry points
+/// return memory every stream can use at once. A pool hit has nothing of kvhygiene's queued and does not wait. If the
 /// wait fails (an earlier asynchronous error, or a capture that refuses it), the block goes
 /// back to kvhygiene and the runtime's error is returned.
-fn allocate_ready(size: usize) -> Result<u64, cudaError_t> {
+fn allocate_ready(size: usize, wait: Wait) -> Result<u64, cudaError_t> {
     let allocation = allocate(size, LEGACY_STREAM)?;
     if !allocation.fresh {
         return Ok(allocation.addr);
     }
     let addr = allocation.addr;
     // SAFETY: a NULL stream (the legacy default stream) is valid for cudaStreamSynchronize.
-    let rc = unsafe { real::cudaStreamSynchronize(std::ptr::null_mut()) };
+    let sync = || unsafe { real::cudaStreamSynchronize(std::ptr::null_mut()) };
+    let rc = match wait {
+        Wait::AsTheRuntime => sync(),
+        Wait::Relaxed => relaxed_capture(sync),
+    };
     if rc == SUCCESS {
         return Ok(addr);
     }
@@ -476,6 +482,17 @@ fn allocate_ready(size: usize) -> Result<u64, cudaError_t> {
         let _ = alloc.free(addr, requested(&span), span.device as i32, LEGACY_STREAM);
     }
     Err(rc)
+}
+
+/// The capture mode [`allocate_ready`] waits for fresh memory in.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The thread's own: the synchronous entry points, whose runtime call is itself one a
+    /// global-mode capture on another thread refuses (`cudaMalloc`, `cudaMallocPitch`).
+    AsTheRuntime,
+    /// Relaxed ([`relaxed_capture`]): a stream-ordered allocation, which the runtime makes
+    /// without synchronising.
+    Relaxed,
 }
 
 /// An allocation under an invalid `KVH_PRELOAD`: refused, with the output pointer NULL as for

@@ -1009,3 +1009,50 @@ fn allocations_refused_for_an_invalid_switch_in_a_forked_child_are_explained_by_
         r.stderr
     );
 }
+
+#[test]
+fn a_per_thread_stream_ordered_allocation_leaves_another_threads_capture_alone() {
+    // lib.rs: a synchronisation the runtime's own call would not make runs in the relaxed
+    // capture mode, since under the global mode (the runtime's default) another thread's
+    // graph capture counts it as unsafe and is invalidated. The runtime's cudaMallocAsync on
+    // the per-thread default stream makes no synchronisation at all, so an engine thread that
+    // allocates that way while another thread captures a graph must not make one outside
+    // the relaxed mode (the real runtime would refuse it and invalidate the capture).
+    let Some(b) = built() else { return };
+    let without = run(b, "per-thread-alloc-during-capture", false, &[]);
+    without.expect(&[("rc_malloc_per_thread", 0), ("unsafe_syncs_per_thread", 0)]);
+    let r = run(b, "per-thread-alloc-during-capture", true, &[]);
+    r.expect(&[
+        ("rc_stream_create", 0),
+        ("rc_malloc_per_thread", 0),
+        ("unsafe_syncs_per_thread", 0),
+        ("rc_malloc_ptsz", 0),
+        ("unsafe_syncs_ptsz", 0),
+    ]);
+}
+
+#[test]
+fn a_large_allocation_the_device_has_room_for_is_served() {
+    // cudaMalloc returns cudaErrorMemoryAllocation when the device cannot hold the request.
+    // Engines size one large buffer (a KV cache pool) from the free memory, close to all of
+    // it; the interposed cudaMalloc must serve a request the runtime would serve. Here the
+    // "device" is the probe's address space, limited to the request plus 16 MiB.
+    // One malloc arena: a thread's own arena reserves 64 MiB of address space when it first
+    // allocates, which would count against the limit at a moment of its choosing.
+    let one_arena = [("MALLOC_ARENA_MAX", "1")];
+    let Some(b) = built() else { return };
+    let without = run(b, "large-allocation-that-fits", false, &one_arena);
+    without.expect(&[
+        ("rc_limit", 0),
+        ("rc_malloc_large", 0),
+        ("large_is_null", 0),
+    ]);
+    let r = run(b, "large-allocation-that-fits", true, &one_arena);
+    r.expect(&[
+        ("rc_warm", 0),
+        ("rc_limit", 0),
+        ("rc_malloc_large", 0),
+        ("large_is_null", 0),
+        ("rc_free_large", 0),
+    ]);
+}

@@ -153,12 +153,20 @@ int cudaDeviceSynchronize(void) {
     return sync_error;
 }
 
+// The calling thread's capture mode (0 global, 1 thread-local, 2 relaxed), swapped by
+// cudaThreadExchangeStreamCaptureMode.
+thread_local int capture_mode = 0;
+
 int cudaStreamSynchronize(cudaStream_t s) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaStreamSynchronize");
     if (dead(s)) return INVALID_RESOURCE_HANDLE;
     uintptr_t h = reinterpret_cast<uintptr_t>(s);
     if (capture_status[h] != 0) return CAPTURE_UNSUPPORTED;
+    // A synchronisation outside the relaxed mode while a stream captures (in the global mode,
+    // the runtime's default): the real runtime refuses it and invalidates that capture. Only
+    // counted here, so that the other scenarios keep their answers.
+    if (capture_mode != 2 && any_capturing()) count("unsafe sync during a capture");
     stream_syncs[h] += 1;
     if (h == 2) {
         per_thread_sync_thread = pthread_self();
@@ -166,9 +174,6 @@ int cudaStreamSynchronize(cudaStream_t s) {
     }
     return sync_error;
 }
-
-// The calling thread's capture mode (0 global, 1 thread-local, 2 relaxed), swapped.
-thread_local int capture_mode = 0;
 
 int cudaThreadExchangeStreamCaptureMode(int* mode) {
     std::lock_guard<std::mutex> g(mu);

@@ -7,11 +7,13 @@
 // Usage: probe main | sync-failure | threads | capture | per-thread | streams | fork |
 //        fork-before-start | fork-during-notice | released-double-free |
 //        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
-//        fork-after-c-api-start-only | setenv-before-first-malloc
+//        fork-after-c-api-start-only | setenv-before-first-malloc |
+//        per-thread-alloc-during-capture | large-allocation-that-fits
 
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -769,6 +771,77 @@ static int scenario_setenv_before_first_malloc() {
     return 0;
 }
 
+// While one engine thread captures a CUDA graph on its stream (in the global capture mode,
+// the runtime's default), another thread allocates fresh memory in stream order on its
+// per-thread default stream, through cudaMallocAsync(cudaStreamPerThread) and
+// cudaMallocAsync_ptsz(stream 0). The runtime's own stream-ordered allocation makes no
+// synchronisation, so it leaves the capture alone; the fake counts every synchronisation made
+// outside the relaxed mode during a capture (one the real runtime refuses, invalidating the
+// capture).
+static int scenario_per_thread_alloc_during_capture() {
+    malloc_async_fn malloc_ptsz =
+        reinterpret_cast<malloc_async_fn>(dlsym(RTLD_DEFAULT, "cudaMallocAsync_ptsz"));
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    fake_cudart_set_capturing(s, 1);
+    long long rc_plain = -1, rc_ptsz = -1, unsafe_plain = -1, unsafe_ptsz = -1;
+    std::thread th([&] {
+        int before = fake_cudart_calls("unsafe sync during a capture");
+        void* p = nullptr;
+        rc_plain = cudaMallocAsync(&p, 3 * 4096, PER_THREAD);
+        unsafe_plain = fake_cudart_calls("unsafe sync during a capture") - before;
+        if (malloc_ptsz) {
+            before = fake_cudart_calls("unsafe sync during a capture");
+            void* q = nullptr;
+            rc_ptsz = malloc_ptsz(&q, 5 * 4096, nullptr);
+            unsafe_ptsz = fake_cudart_calls("unsafe sync during a capture") - before;
+        }
+    });
+    th.join();
+    fake_cudart_set_capturing(s, 0);
+    out("rc_malloc_per_thread", rc_plain);
+    out("unsafe_syncs_per_thread", unsafe_plain);
+    out("rc_malloc_ptsz", rc_ptsz);
+    out("unsafe_syncs_ptsz", unsafe_ptsz);
+    out("done", 1);
+    return 0;
+}
+
+// The process's mapped address space, in bytes (/proc/self/statm's first field).
+static long long mapped_bytes() {
+    FILE* f = std::fopen("/proc/self/statm", "r");
+    if (f == nullptr) return -1;
+    long long pages = -1;
+    if (std::fscanf(f, "%lld", &pages) != 1) pages = -1;
+    std::fclose(f);
+    return pages < 0 ? -1 : pages * sysconf(_SC_PAGESIZE);
+}
+
+// A device with room for a large allocation but not much more, as when an engine sizes one
+// buffer (a KV cache pool) from the free memory: the address space is limited to what the
+// process maps now plus the request and 16 MiB, and one buffer of 256 MiB + 1 byte is
+// allocated. The runtime serves it.
+static int scenario_large_allocation_that_fits() {
+    void* w = nullptr;
+    out("rc_warm", cudaMalloc(&w, 4096));
+    cudaFree(w);
+    kvh_sync();
+    const size_t large = (size_t(1) << 28) + 1;
+    struct rlimit saved;
+    getrlimit(RLIMIT_AS, &saved);
+    long long now = mapped_bytes();
+    struct rlimit tight = saved;
+    tight.rlim_cur = static_cast<rlim_t>(now + large + (16 << 20));
+    out("rc_limit", now < 0 ? -1 : setrlimit(RLIMIT_AS, &tight));
+    void* p = nullptr;
+    out("rc_malloc_large", cudaMalloc(&p, large));
+    out("large_is_null", p == nullptr);
+    setrlimit(RLIMIT_AS, &saved);
+    if (p) out("rc_free_large", cudaFree(p));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -786,6 +859,10 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "fork-after-c-api-start") == 0) return scenario_fork_after_c_api_start();
     if (std::strcmp(which, "fork-after-c-api-start-only") == 0) return scenario_fork_after_c_api_start_only();
     if (std::strcmp(which, "setenv-before-first-malloc") == 0) return scenario_setenv_before_first_malloc();
+    if (std::strcmp(which, "large-allocation-that-fits") == 0)
+        return scenario_large_allocation_that_fits();
+    if (std::strcmp(which, "per-thread-alloc-during-capture") == 0)
+        return scenario_per_thread_alloc_during_capture();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
