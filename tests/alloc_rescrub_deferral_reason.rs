@@ -61,3 +61,58 @@ fn synchronize_names_why_the_first_waiting_rescrub_was_refused() {
          but synchronize says: {message}"
     );
 }
+
+/// Re-scrubs waiting on one freeing stream are submitted in batches no larger than the batch
+/// size, as freed blocks are (b4336e2: "the pool never lets a waiting batch grow past the
+/// batch size"). The CUDA backend on a full device has only the slot each device makes as it
+/// opens (256 segments, docs/cuda.md): a batch of more segments is refused for lack of memory
+/// at every try. Here 300 blocks are freed under the never-reuse policy (each is verified,
+/// quarantined, re-scrubbed and released) while re-scrubs are refused; once batches of up to
+/// 256 segments can be had again, every one of them must be re-scrubbed.
+#[test]
+fn rescrubs_waiting_on_one_stream_are_submitted_in_batches_of_at_most_the_batch_size() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let host = HostBackend::new();
+    let backend = TestBackend::new(host);
+    let refuse_rescrubs = Arc::new(AtomicBool::new(true));
+    let refusing = refuse_rescrubs.clone();
+    *backend.refuse.lock().unwrap() = Some(Box::new(move |b: &ScrubBatch| {
+        let rescrub = b.options.full_verify && refusing.load(Ordering::SeqCst);
+        (rescrub || b.segments.len() > 256).then_some(BackendError::OutOfMemory {
+            device: b.device,
+            requested: 4096,
+        })
+    }));
+    let config = kvhygiene::config::Config {
+        idle_ttl_ms: 0,
+        ..manual_config()
+    };
+    let batch_size = config.batch_size;
+    let alloc = Allocator::new(backend.clone(), config, None);
+    let s = StreamHandle(3);
+    let blocks: Vec<u64> = (0..300)
+        .map(|_| alloc.malloc(4096, 0, s).expect("malloc"))
+        .collect();
+    for &p in &blocks {
+        alloc.free(p, 4096, 0, s).expect("free");
+    }
+    assert!(alloc.synchronize().is_err(), "the re-scrubs were refused");
+    refuse_rescrubs.store(false, Ordering::SeqCst);
+    let r = alloc.synchronize();
+    let largest = backend
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b.segments.len())
+        .max();
+    let quarantined = alloc.stats().accounting.quarantined.blocks;
+    alloc.shutdown();
+    assert!(
+        r.is_ok(),
+        "synchronize returned {r:?}: {quarantined} quarantined blocks wait for a re-scrub \
+         submitted as one batch of all of them (batch size {batch_size}; largest batch run: \
+         {largest:?})"
+    );
+}

@@ -518,3 +518,124 @@ fn many_blocks_freed_while_the_device_is_full_are_all_scrubbed() {
     );
     alloc.shutdown();
 }
+
+/// A batch with work items (130 segments) on a full device takes the idle slot the device
+/// made as it opened and gives it a larger work item area. A shutdown that begins while that
+/// slot's completion event is queried stops the submission without a further driver call,
+/// and the submission answers `ShuttingDown`, as at every other step: not `OutOfMemory`,
+/// which the pool counts as a backend error and defers (and a KV scrub reports to its caller
+/// as a memory shortage).
+#[test]
+fn a_shutdown_begun_while_an_idle_slot_gets_more_work_items_is_a_shutdown() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_more_items");
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 130 * 4096).expect("allocate");
+    let segments = (0..130)
+        .map(|i| ScrubSegment {
+            addr: base + i * 4096,
+            len: 4096,
+            seed: i,
+        })
+        .collect();
+    // The device is full: no new slot can be made.
+    switch(&lib, "set_device_memory", 1);
+    arm(&lib, "on_event_query", exit_begins);
+    let submitted = submit(b, batch(segments, SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(after, 0, "{after} driver calls after shutdown() returned");
+    assert!(
+        matches!(submitted, Err(BackendError::ShuttingDown)),
+        "the submission during which shutdown began returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// On a full device a KV scrub (`kvh_scrub_blocks` when a request ends) must not fail for
+/// lack of memory merely because the device's only slot, the one it made as it opened, is
+/// held by a freed block's batch whose scrub has already completed on the device and is
+/// waiting to be harvested (the flusher does so every batch delay). Frees go on all the time
+/// in a server, so the slot is often held so; the KV scrub is expected to get it (by
+/// harvesting completed batches, or waiting for one) rather than return `OutOfMemory`.
+#[test]
+fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_first_slot() {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let (path, lib) = fake_or_skip!("full_kv_scrub_slot_held");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        ..kvhygiene::config::Config::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(5);
+    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let len = regions * blocks * block;
+    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
+    let other = alloc.malloc(4096, 0, s).expect("malloc");
+    // The device is full from here on.
+    switch(&lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    // A batch of one: submitted at once, on the first slot; it completes on the device at
+    // once (the stand-in runs kernels as they are launched).
+    alloc.free(other, 4096, 0, s).expect("free");
+    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
+    switch(&lib, "set_device_memory", 0);
+    alloc.free(cache, len as i64, 0, s).expect("free");
+    alloc.shutdown();
+    assert!(
+        scrubbed.is_ok(),
+        "a KV scrub of 8 segments on a full device failed while the first slot was held by \
+         a completed, unharvested batch: {scrubbed:?}"
+    );
+}
+
+/// On a full device an idle slot whose work item area already holds a batch's items is used
+/// as it is: a slot is given a new page-locked area only when its own is too small for the
+/// batch. Here the last batch on the device's first slot (abandoned, as a dropped ticket is)
+/// is seen complete by the second query of its event only: it completes between the look for
+/// an idle slot with room and the look for one to give a larger area. The batch must still
+/// run without allocating page-locked memory (and without parking the area the slot had).
+#[test]
+fn a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one() {
+    let (path, lib) = fake_or_skip!("full_more_items_race");
+    let b = start(&path);
+    let base = b.allocate(0, 130 * 4096).expect("allocate");
+    let segments = || {
+        (0..130)
+            .map(|i| ScrubSegment {
+                addr: base + i * 4096,
+                len: 4096,
+                seed: i,
+            })
+            .collect::<Vec<_>>()
+    };
+    // The device is full: no new slot can be made.
+    switch(&lib, "set_device_memory", 1);
+    // The first batch with work items gives the first slot an area for 256 items.
+    let mut first = submit(&b, batch(segments(), SAMPLED)).expect("first batch");
+    first.wait().expect("wait");
+    drop(first);
+    // An abandoned batch on that slot, whose event answers "not ready" to its next query.
+    switch(&lib, "set_pending_queries", 1);
+    drop(submit(&b, batch(segments(), SAMPLED)).expect("second batch"));
+    switch(&lib, "set_pending_queries", 0);
+    let host_allocs = query(&lib, "host_allocs", 0);
+    let third = submit(&b, batch(segments(), SAMPLED));
+    let new_areas = query(&lib, "host_allocs", 0) - host_allocs;
+    assert!(third.is_ok(), "third batch: {}", outcome(&third));
+    drop(third);
+    assert_eq!(
+        new_areas, 0,
+        "a batch of 130 segments allocated {new_areas} page-locked areas on a full device \
+         although the idle slot it got already had room for its 130 work items"
+    );
+}

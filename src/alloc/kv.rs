@@ -432,7 +432,10 @@ impl Allocator {
             full_verify: config.full_verify,
             double_pass: config.double_pass,
         };
-        self.with_pool(call.dev, |pool, backend, _, _| {
+        self.with_pool(call.dev, |pool, backend, config, after| {
+            // Completed batches give their slots back first: on a full device the one the
+            // device made as it opened may be all there is, held by a ticket until harvested.
+            pool.harvest(backend, config, after);
             let mut owners = Vec::with_capacity(layout.regions.len());
             let mut waits: Vec<StreamHandle> = Vec::new();
             for (region, &base) in layout.regions.iter().enumerate() {

@@ -1130,7 +1130,7 @@ impl DevicePool {
             full_verify: true,
             double_pass: true,
         };
-        // One batch per freeing stream, ordered after the same streams as the first scrub
+        // Batches per freeing stream, ordered after the same streams as the first scrub
         // (which may never have run, if its submission failed).
         let mut groups: Vec<(StreamHandle, Vec<StreamHandle>, Vec<u64>)> = Vec::new();
         for addr in waiting {
@@ -1149,8 +1149,13 @@ impl DevicePool {
             }
             groups[i].2.push(addr);
         }
+        // At most the batch size each, as open batches: a larger one might need a larger
+        // batch slot than a full device can still make.
         for (stream, waits, addrs) in groups {
-            self.submit(stream, waits, addrs, options, true, backend, config, after);
+            for chunk in addrs.chunks(config.batch_size.max(1)) {
+                let (waits, chunk) = (waits.clone(), chunk.to_vec());
+                self.submit(stream, waits, chunk, options, true, backend, config, after);
+            }
         }
     }
 

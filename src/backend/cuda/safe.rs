@@ -862,7 +862,7 @@ fn acquire_slot(
         items,
     ) {
         Err(e @ BackendError::OutOfMemory { .. }) if items > 0 => {
-            with_more_items(inner, dev, segments, items).ok_or(e)
+            with_more_items(inner, dev, segments, items)?.ok_or(e)
         }
         other => other,
     }
@@ -873,19 +873,39 @@ fn acquire_slot(
 /// a new slot's sums, and a batch too large for the inline parameter (a KV scrub, a batch that
 /// grew while it waited) would otherwise wait for good beside the slot the device made as it
 /// opened, which has no work item area. The area it had is parked, freed at the next release.
+/// `Ok(None)` when there is no such slot or no host memory for the area either; an error only
+/// when shutdown began meanwhile.
 #[cold]
-fn with_more_items(inner: &Inner, dev: &Device, segments: usize, items: usize) -> Option<Slot> {
+fn with_more_items(
+    inner: &Inner,
+    dev: &Device,
+    segments: usize,
+    items: usize,
+) -> Result<Option<Slot>, BackendError> {
     let d = &inner.driver;
     let mut slot = {
         let mut idle = lock(&dev.slots);
-        let i = idle.iter().position(|slot| {
-            slot.segments >= segments
-                && inner.live().is_ok()
-                // SAFETY: 1. the slot's event is live (never destroyed).
-                && matches!(unsafe { r::event_query(d, slot.done.0) }, Ok(true))
-        })?;
+        let mut found = None;
+        for (i, slot) in idle.iter().enumerate() {
+            if slot.segments < segments {
+                continue;
+            }
+            inner.live()?;
+            // SAFETY: 1. the slot's event is live (never destroyed).
+            if let Ok(true) = unsafe { r::event_query(d, slot.done.0) } {
+                found = Some(i);
+                break;
+            }
+        }
+        let Some(i) = found else {
+            return Ok(None);
+        };
         idle.swap_remove(i)
     };
+    // Its batch completed since `acquire_slot` looked: it may hold the items already.
+    if slot.item_capacity >= items {
+        return Ok(Some(slot));
+    }
     let len = items.next_power_of_two() * ITEM_BYTES;
     let mut spare = lock(&dev.spare);
     let area = inner
@@ -897,12 +917,15 @@ fn with_more_items(inner: &Inner, dev: &Device, segments: usize, items: usize) -
                 spare.parked.push(Parked::Host(old.host));
             }
             slot.item_capacity = len / ITEM_BYTES;
-            Some(slot)
+            Ok(Some(slot))
         }
-        Err(_) => {
+        Err(e) => {
             drop(spare);
             lock(&dev.slots).push(slot);
-            None
+            match e {
+                BackendError::ShuttingDown => Err(e),
+                _ => Ok(None),
+            }
         }
     }
 }
