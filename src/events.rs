@@ -349,7 +349,8 @@ pub struct BlockRef {
     pub addr: u64,
     /// Size the block was last allocated with (bytes the caller asked for).
     pub requested: u64,
-    /// Capacity of the block (its size class).
+    /// Capacity of the block: its size class's, or the request's rounded to 2 MiB for a block
+    /// sized to it (`SizeClass::exact`).
     pub capacity: u64,
     /// Scrub sequence number of the block's last scrub: the verification seed.
     pub scrub_seq: u64,

@@ -312,6 +312,37 @@ fn out_of_memory_from_the_capture_query_of_an_allocation_is_out_of_memory() {
     assert!(matches!(err, AllocError::OutOfMemory { .. }), "{err:?}");
 }
 
+/// A stream capturing a CUDA graph must not see a driver allocation, so an allocation asks
+/// whether its stream captures before it asks the backend for memory. When that query fails
+/// (here for lack of memory, as opening a device can), nothing is known about the capture:
+/// the allocation fails as out of memory without asking the backend for memory, whatever its
+/// size, including a size whose class is larger than the request rounded to 2 MiB.
+#[test]
+fn an_allocation_whose_capture_query_ran_out_of_memory_allocates_nothing_at_any_size() {
+    use kvhygiene::alloc::AllocError;
+    let backend = common::TestBackend::new(HostBackend::new());
+    backend.capturing.store(true, Ordering::SeqCst);
+    *backend.capture_query_error.lock().unwrap() = Some(BackendError::OutOfMemory {
+        device: 0,
+        requested: 0,
+    });
+    let alloc = Allocator::new(backend.clone(), manual_config(), None);
+    let size: i64 = (32 << 20) + 1;
+    let r = alloc.malloc(size, 0, StreamHandle(7));
+    assert!(
+        matches!(r, Err(AllocError::OutOfMemory { .. })),
+        "an allocation whose stream's capture was never answered returned {r:?}"
+    );
+    assert_eq!(
+        (
+            backend.calls.load(Ordering::SeqCst),
+            backend.host.bytes_in_use()
+        ),
+        (0, 0),
+        "the backend was asked for memory while the capture query had not answered"
+    );
+}
+
 /// A release the backend fails leaks the memory and counts a backend error (panic_safe.rs,
 /// ARCHITECTURE.md). Fresh memory whose zeroing failed is given back; when that release fails
 /// too, both failures are counted: two backend errors, not one.

@@ -137,6 +137,8 @@ struct ExitDuringAllocate {
     host: Arc<kvhygiene::backend::host::HostBackend>,
     alloc: std::sync::OnceLock<kvhygiene::alloc::Allocator>,
     armed: std::sync::atomic::AtomicBool,
+    /// `allocate` calls let through before the armed one.
+    pass_first: std::sync::atomic::AtomicU64,
     sealed: std::sync::atomic::AtomicBool,
     calls_after_exit: std::sync::Mutex<Vec<&'static str>>,
 }
@@ -163,7 +165,11 @@ impl kvhygiene::backend::Backend for ExitDuringAllocate {
     ) -> Result<kvhygiene::backend::DevicePtr, kvhygiene::backend::BackendError> {
         self.note("allocate");
         let r = self.host.allocate(device, len);
-        if self.armed.swap(false, Ordering::SeqCst) {
+        let passed = self
+            .pass_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !passed && self.armed.swap(false, Ordering::SeqCst) {
             self.alloc.get().unwrap().begin_exit();
             self.sealed.store(true, Ordering::SeqCst);
         }
@@ -240,6 +246,7 @@ fn an_allocation_makes_no_backend_call_once_exit_began_during_its_fresh_allocati
         host: kvhygiene::backend::host::HostBackend::new(),
         alloc: std::sync::OnceLock::new(),
         armed: std::sync::atomic::AtomicBool::new(true),
+        pass_first: std::sync::atomic::AtomicU64::new(0),
         sealed: std::sync::atomic::AtomicBool::new(false),
         calls_after_exit: std::sync::Mutex::new(Vec::new()),
     });
@@ -263,4 +270,39 @@ fn an_allocation_makes_no_backend_call_once_exit_began_during_its_fresh_allocati
         "no block was ever freed"
     );
     assert_eq!(alloc.synchronize(), Ok(()));
+}
+
+/// Invariant 6 (ARCHITECTURE.md): no backend call is made once process exit has begun. An
+/// allocation the device cannot hold at its class's capacity goes through out-of-memory
+/// recovery; when exit begins while its last attempt at the class's capacity is under way,
+/// the allocation fails with `ShuttingDown` and makes no further backend call (no attempt at
+/// the request's own size either).
+#[test]
+fn an_allocation_makes_no_backend_call_once_exit_began_during_its_last_attempt_at_its_class() {
+    let backend = Arc::new(ExitDuringAllocate {
+        // Holds 32 MiB + 1 byte rounded to 2 MiB (34 MiB), not its class (36 MiB).
+        host: kvhygiene::backend::host::HostBackend::with_capacity(35 << 20),
+        alloc: std::sync::OnceLock::new(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+        // The pool miss's attempt passes; exit begins during out-of-memory recovery's.
+        pass_first: std::sync::atomic::AtomicU64::new(1),
+        sealed: std::sync::atomic::AtomicBool::new(false),
+        calls_after_exit: std::sync::Mutex::new(Vec::new()),
+    });
+    let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
+    let _ = backend.alloc.set(alloc.clone());
+    let r = alloc.malloc((32 << 20) + 1, 0, S);
+    assert!(
+        backend.sealed.load(Ordering::SeqCst),
+        "exit began during the second attempt"
+    );
+    let calls = backend.calls_after_exit.lock().unwrap().clone();
+    assert!(
+        calls.is_empty(),
+        "backend calls made after exit began: {calls:?} (allocation result: {r:?})"
+    );
+    assert!(
+        matches!(r, Err(kvhygiene::alloc::AllocError::ShuttingDown)),
+        "{r:?}"
+    );
 }

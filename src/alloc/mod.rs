@@ -324,16 +324,9 @@ impl Allocator {
             return Err(AllocError::ShuttingDown);
         }
         // The capture query again: the first may have failed before it could answer.
-        let mut result = self
+        let result = self
             .refuse_capture(size, dev, stream)
-            .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
-        // The device may hold the request, but not its class's capacity (up to 12.5% more):
-        // a block sized to the request, rounded to the driver's granule.
-        if let (Err(AllocError::OutOfMemory { .. }), Some(exact)) =
-            (&result, SizeClass::exact(size))
-        {
-            result = self.allocate_fresh(size, dev, exact, &ctx, stream);
-        }
+            .and_then(|()| self.allocate_fresh_or_exact(size, dev, class, &ctx, stream));
         // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
         // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
@@ -342,6 +335,29 @@ impl Allocator {
             Err(_) => {}
         });
         result.map(|addr| Allocation { addr, fresh: true })
+    }
+
+    /// [`Self::allocate_fresh`] at `class`'s capacity, then, when the backend is out of memory
+    /// for it, at the request's own size rounded to the driver's granule
+    /// ([`SizeClass::exact`]): the device may hold the request but not its class's capacity,
+    /// up to 12.5% more. Only after the capture query answered, and never once exit began.
+    fn allocate_fresh_or_exact(
+        &self,
+        size: u64,
+        dev: u32,
+        class: SizeClass,
+        ctx: &Context,
+        stream: StreamHandle,
+    ) -> Result<u64, AllocError> {
+        let fresh = self.allocate_fresh(size, dev, class, ctx, stream);
+        let (Err(AllocError::OutOfMemory { .. }), Some(exact)) = (&fresh, SizeClass::exact(size))
+        else {
+            return fresh;
+        };
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AllocError::ShuttingDown);
+        }
+        self.allocate_fresh(size, dev, exact, ctx, stream)
     }
 
     /// Fresh memory from the backend, zeroed once before first hand-out (invariant 1).
