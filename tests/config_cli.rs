@@ -692,3 +692,56 @@ fn the_hmac_secret_length_is_judged_without_the_trailing_newline_the_library_dro
     );
     assert!(err.contains("is 15 bytes"), "{err}");
 }
+
+/// The digest covers the policy's values, not how a path was typed: `/var/log/kvh`,
+/// `/var/log/kvh/` and `/var/log/./kvh` name the same log directory (the library opens it
+/// by its components, and the loaded policies compare equal), so a process started with
+/// any of them must carry the digest a reviewer approved for the others.
+#[test]
+fn the_digest_does_not_depend_on_how_the_log_directory_is_spelled() {
+    let spellings = ["/var/log/kvh", "/var/log/kvh/", "/var/log/./kvh"];
+    let policies: Vec<_> = spellings
+        .iter()
+        .map(|s| {
+            kvhygiene::config::Config::from_vars(&[("KVH_LOG_DIR".to_string(), s.to_string())])
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        policies.iter().all(|p| *p == policies[0]),
+        "the spellings load as different policies"
+    );
+    let digests: Vec<String> = spellings
+        .iter()
+        .map(|s| {
+            json_of(config(&[]).env("KVH_LOG_DIR", s))["config_digest"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for (s, d) in spellings.iter().zip(&digests) {
+        assert_eq!(
+            d, &digests[0],
+            "KVH_LOG_DIR={s} gives another config_digest than KVH_LOG_DIR={}",
+            spellings[0]
+        );
+    }
+}
+
+/// `KVH_CONFIG` set to an empty value names no policy file: like any other policy
+/// variable set to nothing (`KVH_LOG_DIR=`), it is refused, naming the variable, rather
+/// than read as unset (a launcher's `KVH_CONFIG=$POLICY` with `POLICY` unset would
+/// otherwise start every process on the defaults: no forensic log, no metrics).
+#[test]
+fn an_empty_kvh_config_is_refused_naming_it() {
+    // Another policy variable set to nothing is refused.
+    let (code, _, err) = run(config(&[]).env("KVH_LOG_DIR", ""));
+    assert_eq!(code, 2, "{err}");
+    let (code, out, err) = run(config(&[]).env("KVH_CONFIG", ""));
+    assert_eq!(
+        code, 2,
+        "KVH_CONFIG= was accepted as no policy file (exit {code}):\n{out}{err}"
+    );
+    assert!(err.contains("KVH_CONFIG"), "{err}");
+}

@@ -772,8 +772,17 @@ impl Config {
     fn load(vars: &[(String, String)]) -> Result<(Config, Vec<&'static str>), ConfigError> {
         refuse_repeated_variables(vars)?;
         let (mut config, file_keys) = match vars.iter().find(|(k, _)| k == "KVH_CONFIG") {
-            Some((_, path)) if !path.is_empty() => Config::read_file(Path::new(path))?,
-            _ => (Config::default(), Vec::new()),
+            // Set but empty, as `KVH_CONFIG=$POLICY` leaves it when POLICY is unset: the
+            // policy that file holds must not give way to the defaults unseen.
+            Some((_, path)) if path.trim().is_empty() => {
+                return Err(ConfigError::Invalid {
+                    key: "KVH_CONFIG".into(),
+                    value: path.clone(),
+                    expected: "the path of a TOML policy file (unset the variable for none)",
+                })
+            }
+            Some((_, path)) => Config::read_file(Path::new(path))?,
+            None => (Config::default(), Vec::new()),
         };
         for (name, value) in vars {
             if !name.starts_with("KVH_") || OTHER_ENV.contains(&name.as_str()) {
@@ -1004,7 +1013,20 @@ fn parse_bool(v: &str) -> Option<bool> {
 /// string can: `\u0000`), so that such a value fails here, naming its key, and not when the
 /// file is first opened.
 fn non_empty_path(v: &str) -> Option<Option<PathBuf>> {
-    (!v.is_empty() && !v.contains('\0')).then(|| Some(PathBuf::from(v)))
+    (!v.is_empty() && !v.contains('\0')).then(|| Some(one_spelling(v)))
+}
+
+/// The path `v` names, spelled one way: without repeated or trailing separators and `.`
+/// components (a leading `./` included when more follows), as `Path::components` reads it
+/// and the files are opened. Spellings of one path are one policy, with one digest: a
+/// trailing slash in a deployment's value is no policy drift.
+fn one_spelling(v: &str) -> PathBuf {
+    use std::path::Component;
+    let mut parts: Vec<Component<'_>> = Path::new(v).components().collect();
+    if parts.len() > 1 && parts[0] == Component::CurDir {
+        parts.remove(0);
+    }
+    parts.iter().collect()
 }
 
 /// A directory the log creates ([`non_empty_path`]) named without `..` after a directory
