@@ -1476,3 +1476,23 @@ def test_the_servicemonitor_scrapes_the_metrics_service():
     assert endpoint["path"] == annotations["prometheus.io/path"]
     # KvhMetricsStale fires at 120 s: several scrapes must fit in it.
     assert int(endpoint["interval"].rstrip("s")) <= 60
+
+
+def test_the_pods_grace_period_covers_the_tails_last_pass_over_a_full_log_volume():
+    # deploy/README.md: at the pod's end the kvh-tail sidecar "gets SIGTERM after the server
+    # exited, makes a last pass over what the server wrote while it shut down, and exits 0".
+    # Kubernetes gives the server's shutdown and the sidecar's last pass together one
+    # terminationGracePeriodSeconds (default 30), then kills both. A pass verifies the whole
+    # log directory; the Deployment's own comment puts that at about 300 MB/s on one core
+    # ("a minute for 20 GiB"), and the log volume is sized to be filled (pvc.yaml). The grace
+    # period is expected to cover a last pass over a log as large as its volume.
+    spec = dict(pod_specs())["deployment/inference-server"]
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    size = the("PersistentVolumeClaim", "kvhygiene-forensic-log")["spec"]["resources"]["requests"]["storage"]
+    m = re.fullmatch(r"(\d+)Gi", size)
+    assert m, size
+    pass_seconds = int(m.group(1)) * 2**30 / 300e6
+    assert grace >= pass_seconds, (
+        f"terminationGracePeriodSeconds {grace} s (server shutdown and the tail's last pass "
+        f"together) < {pass_seconds:.0f} s for one pass over the {size} log volume"
+    )
