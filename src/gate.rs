@@ -312,8 +312,8 @@ fn detector_state(snap: &Snapshot) -> Result<bool, String> {
         .take(2)
         .collect();
     match values[..] {
-        [v] if v == 1.0 => Ok(true),
-        [v] if v == 0.0 => Ok(false),
+        [1.0] => Ok(true),
+        [0.0] => Ok(false),
         [v] => Err(format!(
             "{ANOMALY_ENABLED} is {}, neither 0 nor 1: whether the anomaly detector flagged a \
              failed control cannot be checked",
