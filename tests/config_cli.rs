@@ -745,3 +745,34 @@ fn an_empty_kvh_config_is_refused_naming_it() {
     );
     assert!(err.contains("KVH_CONFIG"), "{err}");
 }
+
+/// A path with a trailing slash names a directory: path resolution fails with ENOTDIR when
+/// `hmac.key/` names a regular file. A key file named so is not the regular file `hmac.key`:
+/// the policy refuses the value naming its key (as `metrics_file` refuses `kvh.prom/`), or
+/// keeps it so that the log refuses to read it, as the system does; it is not read as
+/// another path than the one configured.
+#[test]
+fn a_key_file_named_with_a_trailing_slash_is_not_read_as_the_regular_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("hmac.key");
+    std::fs::write(&key, "ab".repeat(32) + "\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let spelled = format!("{}/", key.display());
+    assert!(
+        std::fs::File::open(&spelled).is_err(),
+        "the system opens {spelled}"
+    );
+    let loaded =
+        kvhygiene::config::Config::from_vars(&[("KVH_HMAC_KEY_FILE".to_string(), spelled.clone())]);
+    if let Ok(config) = loaded {
+        let named = config.log.hmac_key_file.clone();
+        let read = kvhygiene::forensic::keys::load_secret(named.as_deref());
+        assert!(
+            read.is_err(),
+            "KVH_HMAC_KEY_FILE={spelled} was accepted and read as the regular file {} \
+             (the policy holds {named:?}), which the system refuses to open by that name",
+            key.display()
+        );
+    }
+}

@@ -639,3 +639,184 @@ fn a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one() {
          although the idle slot it got already had room for its 130 work items"
     );
 }
+
+/// On a full device a KV scrub (`kvh_scrub_blocks` when a request ends) must not fail for
+/// lack of memory merely because the device's only slot, the one it made as it opened, is
+/// held by a freed block's batch that was submitted and has not completed yet. That batch
+/// completes on its own and gives the slot back; the KV scrub, which waits for its own
+/// verdict anyway, is expected to get the slot then rather than return `OutOfMemory`. Here
+/// the batch's completion event answers "not ready" to its first queries (the device runs
+/// behind the host, as a busy server's does).
+#[test]
+fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_running_batch_holds_the_first_slot() {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let (path, lib) = fake_or_skip!("full_kv_scrub_slot_running");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        ..kvhygiene::config::Config::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(5);
+    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let len = regions * blocks * block;
+    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
+    let other = alloc.malloc(4096, 0, s).expect("malloc");
+    // The device is full from here on.
+    switch(&lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    // A batch of one: submitted at once, on the first slot; its event reads "not ready" to
+    // the next queries (its scrub is still running on the device).
+    switch(&lib, "set_pending_queries", 1000);
+    alloc.free(other, 4096, 0, s).expect("free");
+    switch(&lib, "set_pending_queries", 0);
+    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
+    switch(&lib, "set_device_memory", 0);
+    alloc.free(cache, len as i64, 0, s).expect("free");
+    alloc.shutdown();
+    assert!(
+        scrubbed.is_ok(),
+        "a KV scrub of 8 segments on a full device failed while the first slot was held by \
+         a submitted batch that had not completed yet: {scrubbed:?}"
+    );
+}
+
+/// On a full device an idle slot whose work item area already holds a batch's items is used
+/// as it is, also when another idle slot (the one the device made as it opened, which has no
+/// work item area) comes first in the idle list: no slot is given a new page-locked area
+/// while a completed slot with room for the batch is idle. Here the slot with room is seen
+/// complete only after the first look for an idle slot with room (its event answers "not
+/// ready" once), as in `a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one`.
+#[test]
+fn an_idle_slot_with_room_is_used_before_another_idle_slot_is_given_a_new_area() {
+    let (path, lib) = fake_or_skip!("full_more_items_two_slots");
+    let b = start(&path);
+    let base = b.allocate(0, 130 * 4096).expect("allocate");
+    let segments = || {
+        (0..130)
+            .map(|i| ScrubSegment {
+                addr: base + i * 4096,
+                len: 4096,
+                seed: i,
+            })
+            .collect::<Vec<_>>()
+    };
+    // With memory to spare, the first batch with work items gets a slot of its own (the
+    // device's first slot has no work item area); both are idle afterwards.
+    let mut first = submit(&b, batch(segments(), SAMPLED)).expect("first batch");
+    first.wait().expect("wait");
+    drop(first);
+    // An abandoned batch on the slot with room, whose event answers "not ready" to its next
+    // query.
+    switch(&lib, "set_pending_queries", 1);
+    drop(submit(&b, batch(segments(), SAMPLED)).expect("second batch"));
+    switch(&lib, "set_pending_queries", 0);
+    // The device is full: no new slot can be made.
+    switch(&lib, "set_device_memory", 1);
+    let host_allocs = query(&lib, "host_allocs", 0);
+    let third = submit(&b, batch(segments(), SAMPLED));
+    let new_areas = query(&lib, "host_allocs", 0) - host_allocs;
+    assert!(third.is_ok(), "third batch: {}", outcome(&third));
+    drop(third);
+    assert_eq!(
+        new_areas, 0,
+        "a batch of 130 segments allocated {new_areas} page-locked areas on a full device \
+         although an idle slot with room for its 130 work items had completed"
+    );
+}
+
+/// As above, with page-locked host memory short as well (the next `cuMemHostAlloc` fails):
+/// the batch needs no new memory, since a completed idle slot has room for its work items,
+/// so it must run rather than be refused for lack of memory.
+#[test]
+fn an_idle_slot_with_room_runs_a_batch_when_page_locked_memory_is_short_too() {
+    let (path, lib) = fake_or_skip!("full_more_items_two_slots_no_host");
+    let b = start(&path);
+    let base = b.allocate(0, 130 * 4096).expect("allocate");
+    let segments = || {
+        (0..130)
+            .map(|i| ScrubSegment {
+                addr: base + i * 4096,
+                len: 4096,
+                seed: i,
+            })
+            .collect::<Vec<_>>()
+    };
+    // With memory to spare, the first batch with work items gets a slot of its own (the
+    // device's first slot has no work item area); both are idle afterwards.
+    let mut first = submit(&b, batch(segments(), SAMPLED)).expect("first batch");
+    first.wait().expect("wait");
+    drop(first);
+    // An abandoned batch on the slot with room, whose event answers "not ready" to its next
+    // query.
+    switch(&lib, "set_pending_queries", 1);
+    drop(submit(&b, batch(segments(), SAMPLED)).expect("second batch"));
+    switch(&lib, "set_pending_queries", 0);
+    // The device is full: no new slot can be made.
+    switch(&lib, "set_device_memory", 1);
+    switch(&lib, "fail_host_allocs", 1);
+    let third = submit(&b, batch(segments(), SAMPLED));
+    switch(&lib, "fail_host_allocs", 0);
+    assert!(
+        third.is_ok(),
+        "a batch of 130 segments on a full device was refused although an idle slot with \
+         room for its 130 work items had completed: {}",
+        outcome(&third)
+    );
+}
+
+/// As `a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_first_slot`,
+/// under the never-reuse policy (`idle_ttl_ms = 0`: every freed block is verified,
+/// quarantined, re-scrubbed and released). The KV scrub must not fail for lack of memory
+/// because work the allocator starts on its own behalf inside the call (the re-scrub of the
+/// block whose completed batch it harvested) takes the slot that harvest gave back, before
+/// the engine's scrub is submitted.
+#[test]
+fn a_kv_scrub_on_a_full_device_is_not_refused_for_a_rescrub_its_own_harvest_submitted() {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let (path, lib) = fake_or_skip!("full_kv_scrub_rescrub_takes_slot");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        idle_ttl_ms: 0,
+        ..kvhygiene::config::Config::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(5);
+    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let len = regions * blocks * block;
+    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
+    let other = alloc.malloc(4096, 0, s).expect("malloc");
+    // The device is full from here on.
+    switch(&lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    // A batch of one: submitted at once, on the first slot; it completes on the device at
+    // once.
+    alloc.free(other, 4096, 0, s).expect("free");
+    // Work submitted from here on runs behind the host, as on a GPU: its event reads "not
+    // ready" to its first query.
+    switch(&lib, "set_pending_queries", 1);
+    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
+    switch(&lib, "set_pending_queries", 0);
+    switch(&lib, "set_device_memory", 0);
+    alloc.free(cache, len as i64, 0, s).expect("free");
+    alloc.shutdown();
+    assert!(
+        scrubbed.is_ok(),
+        "a KV scrub of 8 segments on a full device failed after its harvest of a completed \
+         batch (under never-reuse) submitted that block's re-scrub onto the freed slot: \
+         {scrubbed:?}"
+    );
+}

@@ -393,13 +393,29 @@ impl Allocator {
             unknown,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
-        let launched = match self.launch_kv(&call, call.batches(), seen) {
-            Ok(l) => l,
+        let launch = |seen| match self.launch_kv(&call, call.batches(), seen) {
+            Ok(l) => Ok(l),
             // The gate's claim reports its own refusal (a `kv_gate` record), not one of a
             // `kvh_scrub_blocks` call the engine never made.
-            Err(e) if trigger == KvScrubTrigger::Gate => return Err(e),
-            Err(e) => return Err(self.refuse_kv_scrub(dev, e)),
+            Err(e) if trigger == KvScrubTrigger::Gate => Err(e),
+            Err(e) => Err(self.refuse_kv_scrub(dev, e)),
         };
+        let mut launched = launch(seen)?;
+        // No memory for a batch slot before anything was submitted: a full device whose
+        // slots are all held by batches in flight (freed blocks' scrubs, re-scrubs). Those are
+        // waited for, the lock released, and the call is made once more. The gate's claim
+        // keeps the generations it read; an engine's call reads them again, since nothing of
+        // it ran.
+        if launched.tickets.is_empty()
+            && matches!(launched.error, Some(BackendError::OutOfMemory { .. }))
+        {
+            self.drain_pool(dev, self.scrub_horizon());
+            let seen = match trigger {
+                KvScrubTrigger::Gate => launched.seen.take(),
+                KvScrubTrigger::Engine => None,
+            };
+            launched = launch(seen)?;
+        }
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
         let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
         let changed = match &launched.seen {

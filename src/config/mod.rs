@@ -547,7 +547,7 @@ const KEYS: &[Key] = &[
         }
     ),
     key!("hmac_key_file", "a file path", |c, v| {
-        c.log.hmac_key_file = non_empty_path(v)?;
+        c.log.hmac_key_file = file_path(v)?;
         Some(())
     }),
     key!(
@@ -1050,20 +1050,27 @@ fn dir_path(v: &str) -> Option<Option<PathBuf>> {
 /// `kvh keygen`'s public key (the log refuses it when it opens: refused here too, naming the
 /// key).
 fn private_key_path(v: &str) -> Option<Option<PathBuf>> {
-    let path = non_empty_path(v)??;
+    let path = file_path(v)??;
     let public = path.extension().is_some_and(|e| e == "pub");
     (!public).then_some(Some(path))
 }
 
-/// A path naming a file, not a directory: a path ([`non_empty_path`]) with a last component
-/// that is not empty, `.` or `..` (`Path::file_name` would read `dir/.` as `dir`), since the
-/// exporter writes a temporary file beside it and renames it there. [`PID_PLACEHOLDER`] is
-/// taken in that last component only: the exporter creates files, not directories, and the
-/// verbs that read per-process files look for them in one directory.
-fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
-    let (dir, last) = v.rsplit_once('/').unwrap_or(("", v));
-    let named = !matches!(last, "" | "." | "..") && !dir.contains(PID_PLACEHOLDER);
+/// A path naming a file, not a directory: a path ([`non_empty_path`]) whose last component,
+/// as written, is not empty, `.` or `..` (`key/` names a directory, which no file is; the
+/// spelling [`one_spelling`] keeps would drop the slash and read the file).
+fn file_path(v: &str) -> Option<Option<PathBuf>> {
+    let last = v.rsplit_once('/').map_or(v, |(_, last)| last);
+    let named = !matches!(last, "" | "." | "..");
     non_empty_path(v).filter(|_| named)
+}
+
+/// The metrics file: a [`file_path`], since the exporter writes a temporary file beside it
+/// and renames it there. [`PID_PLACEHOLDER`] is taken in that last component only: the
+/// exporter creates files, not directories, and the verbs that read per-process files look
+/// for them in one directory.
+fn metrics_file_path(v: &str) -> Option<Option<PathBuf>> {
+    let dir = v.rsplit_once('/').map_or("", |(dir, _)| dir);
+    file_path(v).filter(|_| !dir.contains(PID_PLACEHOLDER))
 }
 
 #[cfg(test)]

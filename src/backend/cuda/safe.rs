@@ -885,6 +885,8 @@ fn with_more_items(
     let d = &inner.driver;
     let mut slot = {
         let mut idle = lock(&dev.slots);
+        // A completed slot with room for the items (its batch completed since `acquire_slot`
+        // looked) is taken as it is; else the first completed one with room for the results.
         let mut found = None;
         for (i, slot) in idle.iter().enumerate() {
             if slot.segments < segments {
@@ -893,8 +895,10 @@ fn with_more_items(
             inner.live()?;
             // SAFETY: 1. the slot's event is live (never destroyed).
             if let Ok(true) = unsafe { r::event_query(d, slot.done.0) } {
-                found = Some(i);
-                break;
+                if slot.item_capacity >= items {
+                    return Ok(Some(idle.swap_remove(i)));
+                }
+                found.get_or_insert(i);
             }
         }
         let Some(i) = found else {
@@ -902,10 +906,6 @@ fn with_more_items(
         };
         idle.swap_remove(i)
     };
-    // Its batch completed since `acquire_slot` looked: it may hold the items already.
-    if slot.item_capacity >= items {
-        return Ok(Some(slot));
-    }
     let len = items.next_power_of_two() * ITEM_BYTES;
     let mut spare = lock(&dev.spare);
     let area = inner
