@@ -711,3 +711,111 @@ fn a_region_may_end_exactly_at_the_requested_bytes_and_not_a_byte_past() {
         .unwrap_err();
     assert!(matches!(e, KvScrubError::NotLive { .. }), "{e:?}");
 }
+
+/// A KV scrub whose first submission finds no memory for a batch waits for the batches in
+/// flight and is tried once more. The first attempt pinned the call to the allocation holding
+/// the cache (its stream is recorded on it, so the cache's free is ordered after the call):
+/// while the call waits, that allocation may be freed and its memory handed to another
+/// caller. The call must then not scrub the new allocation, which it was never called for
+/// (a KV scrub writes only inside a live allocation the call named, and memory is not handed
+/// to another caller while the KV scrub may still write it): the new owner's bytes are kept
+/// (the call fails: the cache it named is gone).
+#[test]
+fn a_kv_scrub_tried_again_does_not_write_an_allocation_made_while_it_waited() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc::channel;
+    use std::sync::Mutex;
+    let f = Fixture::new(Config {
+        batch_size: 1,
+        ..manual_config()
+    });
+    let (a, len, layout) = kv_cache(&f, 0x31, BLOCK, BLOCKS, 1);
+    // A freed block whose scrub fails: quarantined, its re-scrub held in flight.
+    let victim = f.malloc_zeroed(4096, 0, 1);
+    f.backend.set_rescrub_gate(false);
+    f.backend.inject_fault_next();
+    let _ = f.alloc.free_checked(victim, 4096, 0, StreamHandle(1));
+    // The KV call's first submission finds no memory for its batch.
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let once = AtomicBool::new(false);
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(move |b| {
+        (b.stream == StreamHandle(6) && !once.swap(true, Ordering::SeqCst)).then(|| {
+            tx.lock().unwrap().send(()).unwrap();
+            BackendError::OutOfMemory {
+                device: 0,
+                requested: 0,
+            }
+        })
+    }));
+    let (got, new, kept) = std::thread::scope(|s| {
+        let call = s.spawn(|| f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6)));
+        rx.recv().unwrap();
+        // The call is waiting for the held re-scrub (lock released).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        f.alloc
+            .free_checked(a, len as i64, 0, StreamHandle(1))
+            .expect("the cache's free");
+        let new = f.alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+        let kept = secret(len as usize, 0x5c);
+        f.write(0, new, &kept);
+        f.backend.set_rescrub_gate(true);
+        (call.join().unwrap(), new, kept)
+    });
+    assert_eq!(
+        new, a,
+        "precondition: the cache's memory was handed out again"
+    );
+    let now = f.read(0, new, len as usize);
+    assert!(
+        now == kept && got.is_err(),
+        "a KV scrub called for a cache that was freed while it waited for a batch slot \
+         scrubbed the allocation made at its address since ({} of {} bytes of the new \
+         owner's changed); it returned {got:?}",
+        now.iter().zip(&kept).filter(|(x, y)| x != y).count(),
+        len
+    );
+}
+
+/// The retry of a KV scrub after a full device (no memory for a batch slot) is for a
+/// submission that ran out of memory. When it is the capture query that failed for lack of
+/// memory (nothing is known about a capture), the call is refused at once, as an
+/// allocation whose capture query ran out of memory is: it does not first wait for every
+/// batch in flight on the device.
+#[test]
+fn a_kv_scrub_whose_capture_query_ran_out_of_memory_does_not_wait_for_the_pool() {
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+    let f = Fixture::new(Config {
+        batch_size: 1,
+        ..manual_config()
+    });
+    let (_, layout) = layer(&f, 0x41);
+    // A freed block's batch in flight, held.
+    let other = f.malloc_zeroed(4096, 0, 1);
+    f.backend.set_gate(false);
+    f.alloc.free(other, 4096, 0, StreamHandle(1)).unwrap();
+    *f.backend.capture_query_error.lock().unwrap() = Some(BackendError::OutOfMemory {
+        device: 0,
+        requested: 0,
+    });
+    let (tx, rx) = channel();
+    let answered_at_once = std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6));
+            tx.send(r).unwrap();
+        });
+        let r = rx.recv_timeout(Duration::from_secs(3));
+        f.backend.set_gate(true);
+        r.ok().or_else(|| {
+            let _ = rx.recv().unwrap();
+            None
+        })
+    });
+    *f.backend.capture_query_error.lock().unwrap() = None;
+    assert!(
+        answered_at_once.is_some(),
+        "a KV scrub whose capture query ran out of memory waited for a batch in flight \
+         (more than 3 s) before answering"
+    );
+}

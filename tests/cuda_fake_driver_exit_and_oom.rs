@@ -820,3 +820,79 @@ fn a_kv_scrub_on_a_full_device_is_not_refused_for_a_rescrub_its_own_harvest_subm
          {scrubbed:?}"
     );
 }
+
+/// Held inside the fake driver's next `cuEventSynchronize` until released: a KV scrub's
+/// batch still running on the device while its caller waits for the verdict.
+static HELD_SYNC: (std::sync::Mutex<u8>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+extern "C" fn hold_event_synchronize() {
+    let (lock, cv) = &HELD_SYNC;
+    let mut state = lock.lock().unwrap();
+    *state = 1;
+    cv.notify_all();
+    while *state != 2 {
+        state = cv.wait(state).unwrap();
+    }
+}
+
+/// On a full device a KV scrub that finds no batch slot waits for the batches in flight and
+/// is tried once more. A batch in flight there may be another KV scrub's (two requests
+/// ending at once, or a claim through the eviction gate while the engine scrubs): it holds
+/// the device's only slot until it completes, as a freed block's batch does. The second KV
+/// scrub is expected to get the slot once that batch completes, rather than return
+/// `OutOfMemory` while it is still running.
+#[test]
+fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot() {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let (path, lib) = fake_or_skip!("full_kv_scrub_behind_kv_scrub");
+    let backend = std::sync::Arc::new(start(&path));
+    let config = kvhygiene::config::Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        ..kvhygiene::config::Config::default()
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let s = StreamHandle(5);
+    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let len = regions * blocks * block;
+    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
+    // The device is full from here on.
+    switch(&lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    arm(&lib, "on_event_synchronize", hold_event_synchronize);
+    let (first, second) = std::thread::scope(|sc| {
+        // Runs on the first slot; its wait for the verdict is held (its batch still runs).
+        let first = sc.spawn(|| alloc.scrub_kv_blocks(&layout, &[0], 0, s));
+        {
+            let (lock, cv) = &HELD_SYNC;
+            let mut state = lock.lock().unwrap();
+            while *state != 1 {
+                state = cv.wait(state).unwrap();
+            }
+        }
+        let second = sc.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(6)));
+        // The second call has had time to find no slot (and, fixed, to wait for the first).
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        {
+            let (lock, cv) = &HELD_SYNC;
+            *lock.lock().unwrap() = 2;
+            cv.notify_all();
+        }
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    switch(&lib, "set_device_memory", 0);
+    alloc.free(cache, len as i64, 0, s).expect("free");
+    alloc.shutdown();
+    assert!(first.is_ok(), "the first KV scrub: {first:?}");
+    assert!(
+        second.is_ok(),
+        "a KV scrub on a full device returned out of memory while the only slot was held by \
+         another KV scrub's batch still in flight, which completed 500 ms later: {second:?}"
+    );
+}

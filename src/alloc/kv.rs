@@ -27,7 +27,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -49,6 +49,13 @@ pub const MAX_KV_SEGMENTS: u64 = 1 << 20;
 
 /// Segments per backend batch: the pool's own batch bound, which every backend accepts.
 const KV_BATCH_SEGMENTS: usize = 65_536;
+
+/// How long a KV scrub that finds no batch slot (a full device, every slot in flight) tries
+/// again before it fails with the backend's out-of-memory error.
+const KV_SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// The pause between those tries, once the pool's own batches were waited for.
+const KV_SLOT_POLL: Duration = Duration::from_millis(5);
 
 /// A `kv_scrub` record lists the block ids inline up to this many (always their digest).
 pub const KV_LOGGED_IDS: usize = 1024;
@@ -321,6 +328,9 @@ struct Launched {
     tickets: Vec<Submitted>,
     /// The submission error that stopped the call, after `tickets` were submitted.
     error: Option<BackendError>,
+    /// `error` is the backend's answer to the question asked before anything was submitted
+    /// (`refused_before_launch`), not a submission's.
+    refused_early: bool,
     /// The gate ledger's generations of the call's blocks before anything was submitted,
     /// which its verdicts are checked against (none when the gate is off).
     seen: Option<Generations>,
@@ -393,28 +403,42 @@ impl Allocator {
             unknown,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
-        let launch = |seen| match self.launch_kv(&call, call.batches(), seen) {
+        let launch = |seen, owners| match self.launch_kv(&call, call.batches(), seen, owners) {
             Ok(l) => Ok(l),
             // The gate's claim reports its own refusal (a `kv_gate` record), not one of a
             // `kvh_scrub_blocks` call the engine never made.
             Err(e) if trigger == KvScrubTrigger::Gate => Err(e),
             Err(e) => Err(self.refuse_kv_scrub(dev, e)),
         };
-        let mut launched = launch(seen)?;
-        // No memory for a batch slot before anything was submitted: a full device whose
-        // slots are all held by batches in flight (freed blocks' scrubs, re-scrubs). Those are
-        // waited for, the lock released, and the call is made once more. The gate's claim
-        // keeps the generations it read; an engine's call reads them again, since nothing of
-        // it ran.
-        if launched.tickets.is_empty()
+        let mut launched = launch(seen, None)?;
+        let owners: Vec<(u64, u64)> = launched
+            .owners
+            .iter()
+            .map(|o| (o.id, o.scrub_seq))
+            .collect();
+        // No memory for a batch slot when the first batch was submitted: a full device whose
+        // slots are all held by batches in flight (freed blocks' scrubs, re-scrubs, other KV
+        // calls). The pool's are waited for, the lock released, and the call is tried again,
+        // for at most `KV_SLOT_WAIT`, on the same allocations only. The gate's claim keeps the
+        // generations it read; an engine's call reads them again, since nothing of it ran.
+        let deadline = Instant::now() + KV_SLOT_WAIT;
+        let mut drained = false;
+        while launched.tickets.is_empty()
+            && !launched.refused_early
             && matches!(launched.error, Some(BackendError::OutOfMemory { .. }))
+            && Instant::now() < deadline
         {
-            self.drain_pool(dev, self.scrub_horizon());
+            if drained {
+                std::thread::sleep(KV_SLOT_POLL);
+            } else {
+                self.drain_pool(dev, self.scrub_horizon());
+                drained = true;
+            }
             let seen = match trigger {
                 KvScrubTrigger::Gate => launched.seen.take(),
                 KvScrubTrigger::Engine => None,
             };
-            launched = launch(seen)?;
+            launched = launch(seen, Some(&owners))?;
         }
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
         let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
@@ -439,6 +463,7 @@ impl Allocator {
         call: &KvCall<'_>,
         batches: Vec<Vec<ScrubSegment>>,
         seen: Option<Generations>,
+        same_owners: Option<&[(u64, u64)]>,
     ) -> Result<Launched, KvScrubError> {
         let layout = call.layout;
         let extent = layout.extent().unwrap_or(u64::MAX); // validated
@@ -455,7 +480,16 @@ impl Allocator {
             let mut owners = Vec::with_capacity(layout.regions.len());
             let mut waits: Vec<StreamHandle> = Vec::new();
             for (region, &base) in layout.regions.iter().enumerate() {
-                let Some((owner, w)) = pool.live_range(base, extent, call.stream) else {
+                // A call tried again must find the allocations it was first made on: one
+                // freed meanwhile (a free gives its block a new scrub sequence) and handed out
+                // again at its address is another caller's.
+                let found = pool
+                    .live_range(base, extent, call.stream)
+                    .filter(|(owner, _)| {
+                        same_owners
+                            .is_none_or(|o| o.get(region) == Some(&(owner.id, owner.scrub_seq)))
+                    });
+                let Some((owner, w)) = found else {
                     return Err(KvScrubError::NotLive {
                         region,
                         base,
@@ -480,6 +514,7 @@ impl Allocator {
                         owners,
                         tickets: Vec::new(),
                         error: Some(e),
+                        refused_early: true,
                         seen: None,
                     });
                 }
@@ -491,6 +526,7 @@ impl Allocator {
                 owners,
                 tickets: Vec::new(),
                 error: None,
+                refused_early: false,
                 seen,
             };
             for (n, segments) in batches.into_iter().enumerate() {
@@ -520,7 +556,9 @@ impl Allocator {
                 // scrub must wait for it. Only a refusal before any launch records nothing.
                 let nothing_launched = matches!(
                     &submitted,
-                    Err(BackendError::StreamCapturing { .. } | BackendError::ShuttingDown)
+                    Err(BackendError::StreamCapturing { .. }
+                        | BackendError::ShuttingDown
+                        | BackendError::OutOfMemory { .. })
                 );
                 if n == 0 && !nothing_launched {
                     for owner in &launched.owners {
