@@ -10,7 +10,7 @@
 //! scrub: the gate must scrub those blocks before their next request gets them.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -161,15 +161,20 @@ pub enum DemoError {
         "out of host memory for a {0}-byte buffer (fewer --tenants or --decode-tokens need less)"
     )]
     HostMemory(u64),
+    /// `stop` was set (SIGINT or SIGTERM): the requests under way finished, no more began.
+    #[error("interrupted after {done} of {total} requests")]
+    Interrupted { done: u64, total: u64 },
 }
 
-/// Runs the simulation on `backend` with `config`. `progress` is called after each request.
+/// Runs the simulation on `backend` with `config`. `progress` is called after each request;
+/// once `stop` is set no request begins, and the run ends with [`DemoError::Interrupted`].
 pub fn run(
     backend: Arc<dyn Backend>,
     config: Config,
     sink: Option<Arc<dyn EventSink>>,
     opts: &DemoOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
+    stop: &AtomicBool,
 ) -> Result<DemoReport, DemoError> {
     if opts.inject_fault && backend.kind() != BackendKind::Host {
         return Err(DemoError::FaultNeedsHost(backend.kind()));
@@ -194,6 +199,10 @@ pub fn run(
                         opts.seed ^ (u64::from(tenant) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                     );
                     for request in 0..opts.requests_per_tenant {
+                        if stop.load(Ordering::Relaxed) {
+                            let done = done.load(Ordering::Relaxed);
+                            return Err(DemoError::Interrupted { done, total });
+                        }
                         let ctx = Context::new(
                             Some(&format!("tenant-{tenant}")),
                             Some(&format!("req-{tenant}-{request}")),
@@ -862,7 +871,15 @@ mod tests {
             ..DemoOptions::default()
         };
         let backend: Arc<dyn Backend> = HostBackend::new();
-        run(backend, config, None, &opts, &|_, _| {}).expect("demo runs")
+        run(
+            backend,
+            config,
+            None,
+            &opts,
+            &|_, _| {},
+            &AtomicBool::new(false),
+        )
+        .expect("demo runs")
     }
 
     /// Every gate setting passes: under `enforce` the engine scrubs what the gate refuses;
@@ -979,7 +996,15 @@ mod tests {
         };
         let mut config = Config::default();
         config.anomaly.enabled = false;
-        let r = run(HostBackend::new(), config, None, &opts, &|_, _| {}).expect("demo runs");
+        let r = run(
+            HostBackend::new(),
+            config,
+            None,
+            &opts,
+            &|_, _| {},
+            &AtomicBool::new(false),
+        )
+        .expect("demo runs");
         assert!(r.passed());
         assert!(render(&r).contains("detector off"), "{}", render(&r));
     }

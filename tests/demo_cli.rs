@@ -764,3 +764,53 @@ fn the_json_report_names_non_utf8_log_and_metrics_paths() {
         );
     }
 }
+
+/// A long demo (`--requests` up to 100000) is stopped the way a user stops any command:
+/// Ctrl-C (SIGINT). Its forensic log must then end as the log of a run that ended, with its
+/// `stop` record, as a demo that fails does: not as a crashed process's, which `kvh
+/// evidence` reports as "no stop record (running or crashed)".
+#[test]
+fn an_interrupted_demo_ends_its_forensic_log_with_a_stop_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let mut child = host_demo(2, 100000)
+        .arg("--log-dir")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Until the run is well under way: its log holds request records.
+    let started = std::time::Instant::now();
+    let lines = || -> usize {
+        std::fs::read_dir(&log)
+            .map(|d| {
+                d.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+                    .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    while lines() < 20 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the demo's log did not grow"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on the child's own pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    child.wait().unwrap();
+    let records = cli_common::log_records(&log);
+    let last = records.last().expect("records");
+    assert_eq!(
+        last["kind"],
+        "stop",
+        "the interrupted demo's chain ends without a stop record ({} records, the last a \
+         `{}`): it reads as a crashed process's",
+        records.len(),
+        last["kind"]
+    );
+}

@@ -6,6 +6,7 @@ use kvhygiene::report_out::ReportOut;
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -52,7 +53,8 @@ enum Command {
     /// (and, with --inject-fault, both sabotaged scrubs were caught) and, with a forensic
     /// log, no record was lost and no write failed (a record, an fsync, a checkpoint); 1 when
     /// not; 2 for a usage, configuration or start-up error, host memory exhausted, or a
-    /// report or --metrics-file snapshot that could not be written.
+    /// report or --metrics-file snapshot that could not be written; 130 or 143 when Ctrl-C
+    /// (SIGINT) or SIGTERM stopped the run between requests, its forensic log stopped.
     Demo(DemoArgs),
     /// Verify every forensic log chain in a directory (exit 0 ok, 1 tampered, 2 error).
     ///
@@ -596,7 +598,18 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     let sink = log.clone().map(|l| l as Arc<dyn EventSink>);
     let progress = demo::stderr_progress();
-    let result = demo::run(backend, config.clone(), sink, &opts, &progress);
+    let interrupt = match Interrupt::watch() {
+        Ok(i) => i,
+        Err(e) => return usage_error(&e),
+    };
+    let result = demo::run(
+        backend,
+        config.clone(),
+        sink,
+        &opts,
+        &progress,
+        &interrupt.stop,
+    );
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -604,6 +617,10 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             // like a crashed process's.
             if let Some(log) = &log {
                 log.stop();
+            }
+            if let demo::DemoError::Interrupted { .. } = e {
+                eprintln!("kvh: demo {e}; its forensic log, if any, was stopped");
+                return interrupt.exit_code();
             }
             return usage_error(&e.to_string());
         }
@@ -864,6 +881,39 @@ fn demo_checkpoint_dir(
         ));
     }
     Ok(Some(given.clone()))
+}
+
+/// SIGINT and SIGTERM during `kvh demo`: the first stops the run between requests, so that
+/// its forensic log ends with a `stop` record rather than reading as a crashed process's; a
+/// second ends the process at once (128 + the signal), should the stop hang.
+struct Interrupt {
+    stop: Arc<AtomicBool>,
+    signal: Arc<AtomicUsize>,
+}
+
+impl Interrupt {
+    fn watch() -> Result<Self, String> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let stop = Arc::new(AtomicBool::new(false));
+        let signal = Arc::new(AtomicUsize::new(0));
+        for sig in [SIGINT, SIGTERM] {
+            // Registered first, the shutdown sees the flag the first signal set only from the
+            // second signal on.
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&stop))
+                .and_then(|_| {
+                    signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+                })
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
+                .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+        }
+        Ok(Interrupt { stop, signal })
+    }
+
+    /// The shell's status for the signal that stopped the run (128 + its number).
+    fn exit_code(&self) -> ExitCode {
+        let sig = self.signal.load(Ordering::SeqCst);
+        ExitCode::from(u8::try_from(128 + sig).unwrap_or(130))
+    }
 }
 
 fn usage_error(msg: &str) -> ExitCode {
