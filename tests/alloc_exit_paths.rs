@@ -144,6 +144,18 @@ struct ExitDuringAllocate {
 }
 
 impl ExitDuringAllocate {
+    /// Over `host`, armed: exit begins during the `allocate` call after `pass_first` others.
+    fn new(host: Arc<kvhygiene::backend::host::HostBackend>, pass_first: u64) -> Arc<Self> {
+        Arc::new(ExitDuringAllocate {
+            host,
+            alloc: std::sync::OnceLock::new(),
+            armed: std::sync::atomic::AtomicBool::new(true),
+            pass_first: std::sync::atomic::AtomicU64::new(pass_first),
+            sealed: std::sync::atomic::AtomicBool::new(false),
+            calls_after_exit: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
     fn note(&self, what: &'static str) {
         if self.sealed.load(Ordering::SeqCst) {
             self.calls_after_exit.lock().unwrap().push(what);
@@ -242,14 +254,7 @@ impl kvhygiene::backend::Backend for ExitDuringAllocate {
 /// (`unscrubbed_after_shutdown`), finds none.
 #[test]
 fn an_allocation_makes_no_backend_call_once_exit_began_during_its_fresh_allocation() {
-    let backend = Arc::new(ExitDuringAllocate {
-        host: kvhygiene::backend::host::HostBackend::new(),
-        alloc: std::sync::OnceLock::new(),
-        armed: std::sync::atomic::AtomicBool::new(true),
-        pass_first: std::sync::atomic::AtomicU64::new(0),
-        sealed: std::sync::atomic::AtomicBool::new(false),
-        calls_after_exit: std::sync::Mutex::new(Vec::new()),
-    });
+    let backend = ExitDuringAllocate::new(kvhygiene::backend::host::HostBackend::new(), 0);
     let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
     let _ = backend.alloc.set(alloc.clone());
     let r = alloc.malloc(4096, 0, S);
@@ -279,16 +284,10 @@ fn an_allocation_makes_no_backend_call_once_exit_began_during_its_fresh_allocati
 /// the request's own size either).
 #[test]
 fn an_allocation_makes_no_backend_call_once_exit_began_during_its_last_attempt_at_its_class() {
-    let backend = Arc::new(ExitDuringAllocate {
-        // Holds 32 MiB + 1 byte rounded to 2 MiB (34 MiB), not its class (36 MiB).
-        host: kvhygiene::backend::host::HostBackend::with_capacity(35 << 20),
-        alloc: std::sync::OnceLock::new(),
-        armed: std::sync::atomic::AtomicBool::new(true),
-        // The pool miss's attempt passes; exit begins during out-of-memory recovery's.
-        pass_first: std::sync::atomic::AtomicU64::new(1),
-        sealed: std::sync::atomic::AtomicBool::new(false),
-        calls_after_exit: std::sync::Mutex::new(Vec::new()),
-    });
+    // Holds 32 MiB + 1 byte rounded to 2 MiB (34 MiB), not its class (36 MiB). The pool
+    // miss's attempt passes; exit begins during out-of-memory recovery's.
+    let host = kvhygiene::backend::host::HostBackend::with_capacity(35 << 20);
+    let backend = ExitDuringAllocate::new(host, 1);
     let alloc = kvhygiene::alloc::Allocator::new(backend.clone(), manual_config(), None);
     let _ = backend.alloc.set(alloc.clone());
     let r = alloc.malloc((32 << 20) + 1, 0, S);

@@ -554,6 +554,55 @@ fn a_shutdown_begun_while_an_idle_slot_gets_more_work_items_is_a_shutdown() {
     );
 }
 
+/// A paged KV cache of 8 regions of 4 blocks of 256 bytes on stream 5, and a 4 KiB block
+/// beside it, on the stand-in at `path` under the policy's defaults with batches of one
+/// (submitted at once), under the never-reuse policy (`idle_ttl_ms = 0`) when `never_reuse`;
+/// then the device is made full.
+struct FullDeviceKv {
+    alloc: kvhygiene::alloc::Allocator,
+    layout: kvhygiene::alloc::KvLayout,
+    cache: u64,
+    len: u64,
+    other: u64,
+}
+
+const KV_STREAM: StreamHandle = StreamHandle(5);
+
+fn kv_cache_on_a_full_device(
+    path: &str,
+    lib: &libloading::Library,
+    never_reuse: bool,
+) -> FullDeviceKv {
+    use kvhygiene::alloc::{Allocator, KvLayout};
+    let backend = std::sync::Arc::new(start(path));
+    let defaults = kvhygiene::config::Config::default();
+    let config = kvhygiene::config::Config {
+        batch_size: 1,
+        batch_max_delay_us: 10_000_000,
+        idle_ttl_ms: if never_reuse { 0 } else { defaults.idle_ttl_ms },
+        ..defaults
+    };
+    let alloc = Allocator::new(backend, config, None);
+    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let len = regions * blocks * block;
+    let cache = alloc.malloc(len as i64, 0, KV_STREAM).expect("malloc");
+    let other = alloc.malloc(4096, 0, KV_STREAM).expect("malloc");
+    switch(lib, "set_device_memory", 1);
+    let layout = KvLayout {
+        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    FullDeviceKv {
+        alloc,
+        layout,
+        cache,
+        len,
+        other,
+    }
+}
+
 /// On a full device a KV scrub (`kvh_scrub_blocks` when a request ends) must not fail for
 /// lack of memory merely because the device's only slot, the one it made as it opened, is
 /// held by a freed block's batch whose scrub has already completed on the device and is
@@ -562,28 +611,16 @@ fn a_shutdown_begun_while_an_idle_slot_gets_more_work_items_is_a_shutdown() {
 /// harvesting completed batches, or waiting for one) rather than return `OutOfMemory`.
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_first_slot() {
-    use kvhygiene::alloc::{Allocator, KvLayout};
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_held");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_size: 1,
-        batch_max_delay_us: 10_000_000,
-        ..kvhygiene::config::Config::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
-    let s = StreamHandle(5);
-    let (block, blocks, regions) = (256u64, 4u64, 8u64);
-    let len = regions * blocks * block;
-    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
-    let other = alloc.malloc(4096, 0, s).expect("malloc");
-    // The device is full from here on.
-    switch(&lib, "set_device_memory", 1);
-    let layout = KvLayout {
-        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
+    let FullDeviceKv {
+        alloc,
+        layout,
+        cache,
+        len,
+        other,
+        ..
+    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once (the stand-in runs kernels as they are launched).
     alloc.free(other, 4096, 0, s).expect("free");
@@ -649,28 +686,16 @@ fn a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one() {
 /// behind the host, as a busy server's does).
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_running_batch_holds_the_first_slot() {
-    use kvhygiene::alloc::{Allocator, KvLayout};
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_running");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_size: 1,
-        batch_max_delay_us: 10_000_000,
-        ..kvhygiene::config::Config::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
-    let s = StreamHandle(5);
-    let (block, blocks, regions) = (256u64, 4u64, 8u64);
-    let len = regions * blocks * block;
-    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
-    let other = alloc.malloc(4096, 0, s).expect("malloc");
-    // The device is full from here on.
-    switch(&lib, "set_device_memory", 1);
-    let layout = KvLayout {
-        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
+    let FullDeviceKv {
+        alloc,
+        layout,
+        cache,
+        len,
+        other,
+        ..
+    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; its event reads "not ready" to
     // the next queries (its scrub is still running on the device).
     switch(&lib, "set_pending_queries", 1000);
@@ -779,29 +804,16 @@ fn an_idle_slot_with_room_runs_a_batch_when_page_locked_memory_is_short_too() {
 /// the engine's scrub is submitted.
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_for_a_rescrub_its_own_harvest_submitted() {
-    use kvhygiene::alloc::{Allocator, KvLayout};
     let (path, lib) = fake_or_skip!("full_kv_scrub_rescrub_takes_slot");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_size: 1,
-        batch_max_delay_us: 10_000_000,
-        idle_ttl_ms: 0,
-        ..kvhygiene::config::Config::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
-    let s = StreamHandle(5);
-    let (block, blocks, regions) = (256u64, 4u64, 8u64);
-    let len = regions * blocks * block;
-    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
-    let other = alloc.malloc(4096, 0, s).expect("malloc");
-    // The device is full from here on.
-    switch(&lib, "set_device_memory", 1);
-    let layout = KvLayout {
-        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
+    let FullDeviceKv {
+        alloc,
+        layout,
+        cache,
+        len,
+        other,
+        ..
+    } = kv_cache_on_a_full_device(&path, &lib, true);
+    let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once.
     alloc.free(other, 4096, 0, s).expect("free");
@@ -844,27 +856,15 @@ extern "C" fn hold_event_synchronize() {
 /// `OutOfMemory` while it is still running.
 #[test]
 fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot() {
-    use kvhygiene::alloc::{Allocator, KvLayout};
     let (path, lib) = fake_or_skip!("full_kv_scrub_behind_kv_scrub");
-    let backend = std::sync::Arc::new(start(&path));
-    let config = kvhygiene::config::Config {
-        batch_size: 1,
-        batch_max_delay_us: 10_000_000,
-        ..kvhygiene::config::Config::default()
-    };
-    let alloc = Allocator::new(backend, config, None);
-    let s = StreamHandle(5);
-    let (block, blocks, regions) = (256u64, 4u64, 8u64);
-    let len = regions * blocks * block;
-    let cache = alloc.malloc(len as i64, 0, s).expect("malloc");
-    // The device is full from here on.
-    switch(&lib, "set_device_memory", 1);
-    let layout = KvLayout {
-        regions: (0..regions).map(|r| cache + r * blocks * block).collect(),
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
+    let FullDeviceKv {
+        alloc,
+        layout,
+        cache,
+        len,
+        ..
+    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let s = KV_STREAM;
     arm(&lib, "on_event_synchronize", hold_event_synchronize);
     let (first, second) = std::thread::scope(|sc| {
         // Runs on the first slot; its wait for the verdict is held (its batch still runs).

@@ -68,6 +68,16 @@ fn detector_on(lines: &mut [String]) {
     *gauge = "kvh_anomaly_enabled 1".to_string();
 }
 
+/// A whole snapshot, as the encoder writes it now, of a process whose anomaly detector is on
+/// with the default policy.
+fn with_the_detector_on() -> String {
+    use kvhygiene::anomaly;
+    use kvhygiene::config::AnomalyConfig;
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
+    encode(&stats, &ExporterStats::default(), SystemTime::now())
+}
+
 fn gate(file: &Path, extra: &[&str]) -> (i32, String, String) {
     run(kvh().args(["gate", "--metrics-file"]).arg(file).args(extra))
 }
@@ -613,13 +623,9 @@ fn a_log_the_gate_cannot_read_is_a_usage_error_not_an_eviction() {
 /// "off" when the snapshot says it is on.
 #[test]
 fn a_snapshot_with_the_detector_on_but_without_its_control_signals_is_not_admitted() {
-    use kvhygiene::anomaly;
-    use kvhygiene::config::AnomalyConfig;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
-    let mut stats = runtime_stats(PoolCounters::default());
-    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
-    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    let full = with_the_detector_on();
     assert!(full.contains("kvh_anomaly_enabled 1\n"), "{full}");
     assert!(
         full.contains("kvh_anomalies_total{signal=\"quarantine\"} 0\n"),
@@ -960,13 +966,9 @@ fn forensic_write_errors_without_lost_records_are_a_note() {
 /// after `kvh_anomaly_enabled 1`.
 #[test]
 fn a_snapshot_cut_before_the_anomaly_family_is_not_admitted() {
-    use kvhygiene::anomaly;
-    use kvhygiene::config::AnomalyConfig;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
-    let mut stats = runtime_stats(PoolCounters::default());
-    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
-    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    let full = with_the_detector_on();
     assert!(full.contains("kvh_anomaly_enabled 1\n"), "{full}");
     let help = full
         .find("# HELP kvh_anomaly_enabled")
@@ -1011,13 +1013,9 @@ fn the_help_names_every_note_the_gate_prints() {
 /// understood are not a pass, as for the anomaly counters themselves.
 #[test]
 fn an_impossible_detector_gauge_without_anomaly_counts_is_not_admitted() {
-    use kvhygiene::anomaly;
-    use kvhygiene::config::AnomalyConfig;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
-    let mut stats = runtime_stats(PoolCounters::default());
-    stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
-    let full = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    let full = with_the_detector_on();
     let cut = full
         .find("# HELP kvh_anomalies_total")
         .expect("the anomaly family");
