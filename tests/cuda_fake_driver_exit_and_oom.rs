@@ -635,6 +635,35 @@ fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_
     );
 }
 
+/// Two idle slots on device 0 of `b`, the stand-in `lib`: the one the device made as it
+/// opened (no work item area) and one with room for a batch of 130 segments, which holds an
+/// abandoned batch whose event answers "not ready" to its next query; then the device is made
+/// full. Returns the batch's segments (130 of 4 KiB).
+fn two_idle_slots_on_a_full_device(
+    b: &CudaBackend,
+    lib: &libloading::Library,
+) -> impl Fn() -> Vec<ScrubSegment> {
+    let base = b.allocate(0, 130 * 4096).expect("allocate");
+    let segments = move || {
+        (0..130)
+            .map(|i| ScrubSegment {
+                addr: base + i * 4096,
+                len: 4096,
+                seed: i,
+            })
+            .collect::<Vec<_>>()
+    };
+    // With memory to spare, the first batch with work items gets a slot of its own.
+    let mut first = submit(b, batch(segments(), SAMPLED)).expect("first batch");
+    first.wait().expect("wait");
+    drop(first);
+    switch(lib, "set_pending_queries", 1);
+    drop(submit(b, batch(segments(), SAMPLED)).expect("second batch"));
+    switch(lib, "set_pending_queries", 0);
+    switch(lib, "set_device_memory", 1);
+    segments
+}
+
 /// On a full device an idle slot whose work item area already holds a batch's items is used
 /// as it is: a slot is given a new page-locked area only when its own is too small for the
 /// batch. Here the last batch on the device's first slot (abandoned, as a dropped ticket is)
@@ -722,28 +751,7 @@ fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_running_batch_holds_the_fi
 fn an_idle_slot_with_room_is_used_before_another_idle_slot_is_given_a_new_area() {
     let (path, lib) = fake_or_skip!("full_more_items_two_slots");
     let b = start(&path);
-    let base = b.allocate(0, 130 * 4096).expect("allocate");
-    let segments = || {
-        (0..130)
-            .map(|i| ScrubSegment {
-                addr: base + i * 4096,
-                len: 4096,
-                seed: i,
-            })
-            .collect::<Vec<_>>()
-    };
-    // With memory to spare, the first batch with work items gets a slot of its own (the
-    // device's first slot has no work item area); both are idle afterwards.
-    let mut first = submit(&b, batch(segments(), SAMPLED)).expect("first batch");
-    first.wait().expect("wait");
-    drop(first);
-    // An abandoned batch on the slot with room, whose event answers "not ready" to its next
-    // query.
-    switch(&lib, "set_pending_queries", 1);
-    drop(submit(&b, batch(segments(), SAMPLED)).expect("second batch"));
-    switch(&lib, "set_pending_queries", 0);
-    // The device is full: no new slot can be made.
-    switch(&lib, "set_device_memory", 1);
+    let segments = two_idle_slots_on_a_full_device(&b, &lib);
     let host_allocs = query(&lib, "host_allocs", 0);
     let third = submit(&b, batch(segments(), SAMPLED));
     let new_areas = query(&lib, "host_allocs", 0) - host_allocs;
@@ -763,28 +771,7 @@ fn an_idle_slot_with_room_is_used_before_another_idle_slot_is_given_a_new_area()
 fn an_idle_slot_with_room_runs_a_batch_when_page_locked_memory_is_short_too() {
     let (path, lib) = fake_or_skip!("full_more_items_two_slots_no_host");
     let b = start(&path);
-    let base = b.allocate(0, 130 * 4096).expect("allocate");
-    let segments = || {
-        (0..130)
-            .map(|i| ScrubSegment {
-                addr: base + i * 4096,
-                len: 4096,
-                seed: i,
-            })
-            .collect::<Vec<_>>()
-    };
-    // With memory to spare, the first batch with work items gets a slot of its own (the
-    // device's first slot has no work item area); both are idle afterwards.
-    let mut first = submit(&b, batch(segments(), SAMPLED)).expect("first batch");
-    first.wait().expect("wait");
-    drop(first);
-    // An abandoned batch on the slot with room, whose event answers "not ready" to its next
-    // query.
-    switch(&lib, "set_pending_queries", 1);
-    drop(submit(&b, batch(segments(), SAMPLED)).expect("second batch"));
-    switch(&lib, "set_pending_queries", 0);
-    // The device is full: no new slot can be made.
-    switch(&lib, "set_device_memory", 1);
+    let segments = two_idle_slots_on_a_full_device(&b, &lib);
     switch(&lib, "fail_host_allocs", 1);
     let third = submit(&b, batch(segments(), SAMPLED));
     switch(&lib, "fail_host_allocs", 0);
