@@ -819,3 +819,37 @@ fn a_kv_scrub_whose_capture_query_ran_out_of_memory_does_not_wait_for_the_pool()
          (more than 3 s) before answering"
     );
 }
+
+/// A KV scrub whose batch finds no memory for a slot is tried again while batches in flight
+/// may give one back. On a device that is out of memory with no batch in flight anywhere
+/// (no freed block's scrub, no re-scrub, no other KV call), nothing can give a slot back:
+/// the call fails with the out-of-memory error at once, rather than holding its caller (an
+/// engine's scheduler thread, a claim in `kvh_claim_blocks`) for seconds.
+#[test]
+fn a_kv_scrub_on_a_device_out_of_memory_with_nothing_in_flight_fails_at_once() {
+    use std::time::{Duration, Instant};
+    let f = Fixture::new(manual_config());
+    let (_, layout) = layer(&f, 0x42);
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        (b.stream == StreamHandle(6)).then_some(BackendError::OutOfMemory {
+            device: 0,
+            requested: 0,
+        })
+    }));
+    let started = Instant::now();
+    let got = f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6));
+    let took = started.elapsed();
+    *f.backend.refuse.lock().unwrap() = None;
+    assert!(
+        matches!(
+            got,
+            Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+        ),
+        "precondition: {got:?}"
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "a KV scrub on a device out of memory, with no batch in flight that could give a \
+         slot back, took {took:?} to fail"
+    );
+}

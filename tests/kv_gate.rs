@@ -1450,3 +1450,66 @@ fn a_refusal_the_engine_makes_is_logged_and_counted_and_changes_nothing() {
     assert_eq!(f.alloc.stats().counters.kv_claims_refused, 1);
     assert_eq!(gate_violations(&f).len(), 1);
 }
+
+/// An engine scrub that found no memory for its batch slot is tried again while it waits for
+/// one. A claim made while it waits (the block handed to another request, which writes it)
+/// changes the block's owner after the engine's call began: the engine scrub's verdict is for
+/// the block as it was when the call was made, so, as for any verdict that lands after its
+/// block changed hands, it does not make the new owner's block CLEAN. A later claim by a
+/// third request then scrubs what the second one wrote before handing the block over.
+#[test]
+fn an_engine_scrub_tried_again_after_a_full_device_does_not_clean_a_block_claimed_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::channel;
+    use std::sync::{Arc, Mutex};
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    // Request a holds block 3 and writes it.
+    as_request("t", "a", || claim(&f, &layout, &[3])).unwrap();
+    fill_block(&f, &layout, 3, 0xa1);
+    // A batch of the pool holds the device's slot: a freed block's re-scrub, held in flight.
+    let victim = f.malloc_zeroed(4096, 0, 1);
+    f.backend.set_rescrub_gate(false);
+    f.backend.inject_fault_next();
+    let _ = f.alloc.free_checked(victim, 4096, 0, StreamHandle(1));
+    // The engine's scrub of block 3 (a finished) finds no memory for a batch slot at its
+    // first try, and waits for the pool's batches.
+    let once = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(move |b| {
+        (b.stream == StreamHandle(6) && !once.swap(true, Ordering::SeqCst)).then(|| {
+            let _ = tx.lock().unwrap().send(());
+            kvhygiene::backend::BackendError::OutOfMemory {
+                device: 0,
+                requested: 0,
+            }
+        })
+    }));
+    let engine = std::thread::scope(|s| {
+        let engine = s.spawn(|| f.alloc.scrub_kv_blocks(&layout, &[3], 0, StreamHandle(6)));
+        rx.recv().unwrap();
+        // Meanwhile block 3 goes to request b, whose claim scrubs it (a was its owner).
+        let r = as_request("t", "b", || claim(&f, &layout, &[3])).unwrap();
+        assert_eq!(r.gate_scrubbed, vec![3], "precondition: b's claim scrubbed");
+        f.backend.set_rescrub_gate(true);
+        engine.join().unwrap()
+    });
+    *f.backend.refuse.lock().unwrap() = None;
+    assert!(
+        engine.is_ok(),
+        "precondition: the engine scrub ran: {engine:?}"
+    );
+    // Request b writes its keys and values into block 3.
+    fill_block(&f, &layout, 3, 0xb2);
+    // Block 3 goes to request c.
+    let r = as_request("t", "c", || claim(&f, &layout, &[3])).unwrap();
+    assert!(
+        r.gate_scrubbed == vec![3] && block_is_zero(&f, &layout, 3),
+        "block 3, claimed by request b while the engine's scrub of it waited for a batch \
+         slot, was handed to request c without a scrub (gate_scrubbed {:?}, block reads \
+         zero: {}): the engine scrub's verdict, applied after b's claim, made b's block CLEAN",
+        r.gate_scrubbed,
+        block_is_zero(&f, &layout, 3)
+    );
+}

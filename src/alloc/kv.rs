@@ -428,19 +428,24 @@ impl Allocator {
             && matches!(launched.error, Some(BackendError::OutOfMemory { .. }))
             && Instant::now() < deadline
         {
-            if drained {
-                std::thread::sleep(KV_SLOT_POLL);
-            } else {
+            if !drained {
                 self.drain_pool(dev, self.scrub_horizon());
                 drained = true;
+            } else if self.batch_slots_held(dev) {
+                std::thread::sleep(KV_SLOT_POLL);
+            } else {
+                // Nothing on the device can give a slot back: out of memory for good.
+                break;
             }
-            let seen = match trigger {
-                KvScrubTrigger::Gate => launched.seen.take(),
-                KvScrubTrigger::Engine => None,
-            };
-            launched = launch(seen, Some(&owners))?;
+            // The generations read before the first attempt: nothing of the call ran since,
+            // and a claim made while it waited must not look older than its scrub.
+            launched = launch(launched.seen.take(), Some(&owners))?;
         }
+        let submitted = launched.tickets.len() as u64;
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
+        self.inner
+            .kv_batches_in_flight
+            .fetch_sub(submitted, Ordering::Relaxed);
         let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
         let changed = match &launched.seen {
             Some(seen) => {
@@ -568,6 +573,9 @@ impl Allocator {
                 match submitted {
                     Ok(ticket) => {
                         pool.stats.counters.scrub_batches += 1;
+                        self.inner
+                            .kv_batches_in_flight
+                            .fetch_add(1, Ordering::Relaxed);
                         launched.tickets.push((n * KV_BATCH_SEGMENTS, len, ticket));
                     }
                     Err(e) => {
@@ -578,6 +586,14 @@ impl Allocator {
             }
             Ok(launched)
         })
+    }
+
+    /// Whether batches on device `dev` hold batch slots that completing gives back: the pool's
+    /// own, or KV calls' (counted for every device: a KV call is rare enough that waiting on
+    /// another device's costs little).
+    fn batch_slots_held(&self, dev: u32) -> bool {
+        self.inner.kv_batches_in_flight.load(Ordering::Relaxed) > 0
+            || self.with_pool(dev, |pool, _, _, _| pool.holds_batch_slots())
     }
 
     /// Why the backend would refuse a scrub on `stream` before launching anything, asked

@@ -109,6 +109,9 @@ struct Inner {
     shutting_down: Arc<AtomicBool>,
     /// The eviction gate's ledgers of paged KV caches (`kv_gate.rs`).
     kv_ledgers: Mutex<kv_gate::Ledgers>,
+    /// KV scrub batches submitted and not yet waited for, on every device: each holds a batch
+    /// slot, which a KV call on a full device may wait for (`kv.rs`).
+    kv_batches_in_flight: AtomicU64,
 }
 
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
@@ -189,6 +192,7 @@ impl Allocator {
             async_error: Mutex::new(None),
             shutting_down,
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
+            kv_batches_in_flight: AtomicU64::new(0),
         });
         spawn_flusher(Arc::downgrade(&inner));
         Allocator { inner }

@@ -363,6 +363,12 @@ impl DevicePool {
         self.blocks.insert(block.addr, block);
     }
 
+    /// Whether batches of this pool are on the device (in flight here, or being waited on by
+    /// another thread): each holds a batch slot, given back when it completes.
+    pub(crate) fn holds_batch_slots(&self) -> bool {
+        !self.in_flight.is_empty() || !self.out_of_pool.is_empty()
+    }
+
     /// Whether the pool has work that could produce CLEAN blocks (open or in-flight scrubs).
     pub(crate) fn has_pending_work(&self) -> bool {
         !self.open.is_empty() || !self.in_flight.is_empty() || !self.rescrub_waiting.is_empty()
