@@ -281,7 +281,7 @@ fn run_request(
     let mut kv = Vec::new();
     let (mut checked, mut dirty) = (0, 0);
     let mut take = |size: u64, kv: &mut Vec<(u64, u64)>| -> Result<(), DemoError> {
-        let addr = alloc.malloc(size as i64, 0, stream)?;
+        let addr = malloc(alloc, size, stream)?;
         checked += 1;
         dirty += u64::from(!reads_zero(alloc.backend().as_ref(), addr, size)?);
         // The request's own data: this is what must never reach another request.
@@ -303,6 +303,20 @@ fn run_request(
         alloc.free(addr, size as i64, 0, stream)?;
     }
     Ok((checked, dirty))
+}
+
+/// `size` bytes from `alloc` on device 0. On the host backend, out of memory is the host's
+/// memory running out (its capacity is what the process may still commit): said as such, with
+/// the options that need less.
+fn malloc(alloc: &Allocator, size: u64, stream: StreamHandle) -> Result<u64, DemoError> {
+    match alloc.malloc(size as i64, 0, stream) {
+        Err(crate::alloc::AllocError::OutOfMemory { size, .. })
+            if alloc.backend().kind() == BackendKind::Host =>
+        {
+            Err(DemoError::HostMemory(size))
+        }
+        other => Ok(other?),
+    }
 }
 
 /// Whether the run preempts requests without a scrub: only when the gate keeps requests apart.
@@ -345,7 +359,7 @@ impl PagedCache {
         // One block of the cache is a KV block's K half, or its V half.
         let block_bytes = (opts.kv_block_bytes / 2).max(1);
         let size = 2 * blocks * block_bytes;
-        let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+        let addr = malloc(alloc, size, DEFAULT_STREAM)?;
         let cache = PagedCache {
             addr,
             size,
@@ -577,7 +591,7 @@ fn fault_drill(
         with_residue += u64::from(!reads_zero(alloc.backend().as_ref(), addr, size)?);
         Ok(())
     };
-    let addr = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+    let addr = malloc(alloc, size, DEFAULT_STREAM)?;
     read_back(addr)?;
     fill(alloc.backend().as_ref(), addr, size, 0x5E)?;
     let id = alloc.block_info(addr).map(|b| b.id);
@@ -589,7 +603,7 @@ fn fault_drill(
     // Try hard to get the block back: it must never come.
     let mut handed_out_again = false;
     for _ in 0..64 {
-        let again = alloc.malloc(size as i64, 0, DEFAULT_STREAM)?;
+        let again = malloc(alloc, size, DEFAULT_STREAM)?;
         read_back(again)?;
         handed_out_again |= alloc.block_info(again).map(|b| b.id) == id;
         alloc.free(again, size as i64, 0, DEFAULT_STREAM)?;

@@ -765,6 +765,93 @@ fn the_json_report_names_non_utf8_log_and_metrics_paths() {
     }
 }
 
+/// A memory cgroup of `limit` bytes for one test (cgroup v2, or v1's memory controller),
+/// removed on drop; `None`, said on stderr, where none can be made (not root, no controller).
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Option<MemoryCgroup> {
+        let name = format!("kvh-demo-test-{}", std::process::id());
+        let candidates = [
+            (
+                std::path::Path::new("/sys/fs/cgroup/memory").join(&name),
+                "memory.limit_in_bytes",
+            ),
+            (
+                std::path::Path::new("/sys/fs/cgroup").join(&name),
+                "memory.max",
+            ),
+        ];
+        for (dir, knob) in candidates {
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let group = MemoryCgroup(dir);
+            if std::fs::write(group.0.join(knob), limit.to_string()).is_ok() {
+                return Some(group);
+            }
+        }
+        eprintln!("no memory cgroup can be made here; skipping");
+        None
+    }
+
+    fn procs(&self) -> std::ffi::CString {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// README.md's table: `kvh demo` exits 2 when host memory is exhausted. The host backend's
+/// memory is committed as it is zeroed, so where memory is limited by a cgroup (a container
+/// run with `--memory`, a Kubernetes pod's limit) rather than by the address space, options
+/// its `--help` accepts (`--tenants 4 --decode-tokens 16384`: about 1 GiB of KV blocks, here
+/// with 512 MiB allowed) must still end in that error and exit 2, not in the kernel's
+/// out-of-memory kill (SIGKILL, shell status 137) with nothing said.
+#[test]
+fn a_demo_in_a_memory_limited_container_exits_with_an_error_not_a_kill() {
+    let Some(group) = MemoryCgroup::new(512 << 20) else {
+        return;
+    };
+    let procs = group.procs();
+    let mut cmd = host_demo(4, 1);
+    cmd.args(["--decode-tokens", "16384"]);
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" is the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = cmd.output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        output.status.signal(),
+        None,
+        "the demo was killed by a signal when the container's memory ran out:\n{out}{err}"
+    );
+    assert_eq!(output.status.code(), Some(2), "{out}{err}");
+    assert!(err.contains("out of host memory"), "{err}");
+}
+
 /// A long demo (`--requests` up to 100000) is stopped the way a user stops any command:
 /// Ctrl-C (SIGINT). Its forensic log must then end as the log of a run that ended, with its
 /// `stop` record, as a demo that fails does: not as a crashed process's, which `kvh

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::host_memory;
 use super::verify::{verify_raw, SegmentResult};
 use super::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubOptions, ScrubTicket,
@@ -62,6 +63,16 @@ impl HostBackend {
     /// A backend with no capacity limit.
     pub fn new() -> Arc<Self> {
         Self::with_capacity(u64::MAX)
+    }
+
+    /// A backend that reports out-of-memory once it would hold more than three quarters of
+    /// the memory this process may still commit ([`host_memory::available`]: the machine's,
+    /// and its memory cgroup's, as a container's limit): blocks are zeroed as they are handed
+    /// out, and committed memory past a cgroup's limit is met by the kernel's out-of-memory
+    /// kill, not by an error. The quarter left is for the rest of the process.
+    pub fn within_available_memory() -> Arc<Self> {
+        let capacity = host_memory::available().map_or(u64::MAX, |room| room / 4 * 3);
+        Self::with_capacity(capacity)
     }
 
     /// A backend that reports out-of-memory past `capacity` bytes in use (tests of the pool's

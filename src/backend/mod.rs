@@ -11,6 +11,7 @@
 
 pub mod cuda;
 pub mod host;
+pub mod host_memory;
 pub mod verify;
 
 use std::fmt;
@@ -209,7 +210,7 @@ pub fn select(
 ) -> Result<std::sync::Arc<dyn Backend>, BackendError> {
     use crate::config::BackendChoice;
     match choice {
-        BackendChoice::Host => Ok(host::HostBackend::new()),
+        BackendChoice::Host => Ok(host::HostBackend::within_available_memory()),
         BackendChoice::Cuda => match cuda::probe() {
             cuda::Probe::Available(b) => Ok(std::sync::Arc::new(b)),
             cuda::Probe::NoDriver(why) => Err(BackendError::NoDriver(why)),
@@ -218,7 +219,7 @@ pub fn select(
         BackendChoice::Auto => match cuda::probe() {
             cuda::Probe::Available(b) => Ok(std::sync::Arc::new(b)),
             // The only fallback: no driver installed at all.
-            cuda::Probe::NoDriver(_) => Ok(host::HostBackend::new()),
+            cuda::Probe::NoDriver(_) => Ok(host::HostBackend::within_available_memory()),
             // A driver that is present but fails must not turn into host memory.
             cuda::Probe::Broken(e) => Err(e),
         },
