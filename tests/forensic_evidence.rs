@@ -1770,3 +1770,56 @@ fn kv_blocks_that_failed_are_not_reported_as_verified() {
          reported verified: {line}"
     );
 }
+
+/// The cells of a Markdown table row as a GFM renderer shows them: split at the pipes that no
+/// backslash escapes, each cell's text trimmed of the spaces around it (GFM 0.29, 4.10).
+fn gfm_cells(row: &str) -> Vec<String> {
+    let inner = row.trim().trim_start_matches('|');
+    let mut cells = vec![String::new()];
+    let mut escaped = false;
+    for c in inner.chars() {
+        match c {
+            '|' if !escaped => cells.push(String::new()),
+            c => cells.last_mut().unwrap().push(c),
+        }
+        escaped = c == '\\' && !escaped;
+    }
+    if cells.last().is_some_and(|c| c.trim().is_empty()) {
+        cells.pop();
+    }
+    cells.iter().map(|c| c.trim().to_string()).collect()
+}
+
+/// Tenant ids are any printable text up to 128 bytes (`kvh_set_context` takes spaces at their
+/// ends), and two ids that differ are two tenants. The exceptions table shows each tenant as
+/// itself: an exception of tenant "acme " (or " acme") is not shown as one of tenant "acme",
+/// which a renderer would do with a cell whose spaces it trims.
+#[test]
+fn exceptions_of_tenants_whose_ids_differ_only_in_edge_spaces_are_told_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    for (line, tenant) in [(2, "acme"), (3, "acme "), (4, " acme")] {
+        forge_from(&files, 0, line, None, |m| {
+            set(
+                m,
+                serde_json::json!({"tenant_id": tenant, "request_id": "r1"}),
+            )
+        });
+    }
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["tenants"], 3, "three tenants: {v}");
+    let section = exceptions_section(&dir, &[]);
+    let shown: Vec<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| 20"))
+        .map(|l| gfm_cells(l)[3].clone())
+        .collect();
+    assert_eq!(shown.len(), 3, "{section}");
+    let distinct: std::collections::BTreeSet<&String> = shown.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "the exceptions of three tenants render under {shown:?}: {section}"
+    );
+}

@@ -198,9 +198,6 @@ pub struct AuditPeriod {
     pub until: Option<String>,
     /// The period had not ended when the report was made: it covers up to then.
     pub still_running: bool,
-    /// The stretch searched for gaps: the period from its start (without `--since`, the first
-    /// record) up to its end or the report's time, whichever is first. `None` when none of
-    /// the period lies there (it has not begun, or ends before the first record).
     /// Records of the verified chains outside the period: verified, not counted.
     pub records_outside: u64,
     /// Processes are counted by the differences of their periodic `summary` counters; a
@@ -209,6 +206,9 @@ pub struct AuditPeriod {
     pub counters_from_summaries: bool,
     /// The gap length listed, in minutes (`--max-gap`).
     pub max_gap_minutes: u64,
+    /// The stretch searched for gaps: the period from its start (without `--since`, the first
+    /// record) up to its end or the report's time, whichever is first. `None` when none of
+    /// the period lies there (it has not begun, or ends before the first record).
     pub searched: Option<(String, String)>,
     /// Stretches of `searched` of at least `max_gap_minutes` in which no process wrote a
     /// record to the verified chains: no process ran with kvhygiene, its writer stalled, or
@@ -1504,6 +1504,20 @@ fn cell_or_dash(v: Option<&str>) -> String {
     v.map_or_else(|| "-".into(), cell)
 }
 
+/// A tenant or request id in a table cell, `-` when absent. Renderers trim a cell's content,
+/// so an id with spaces at its ends (or none but spaces, or `-` itself) would read as another
+/// id, or as no id: such an id is shown as [`json_code`], whose quotes keep every character
+/// in sight (its pipes escaped, which tables need even inside a code span).
+fn id_cell(v: Option<&str>) -> String {
+    match v {
+        None => "-".into(),
+        Some(id) if id.trim() != id || id.is_empty() || id == "-" => {
+            json_code(id).replace('|', "\\|")
+        }
+        Some(id) => cell(id),
+    }
+}
+
 /// The anomaly detector's findings, by signal (each record is also an exception below).
 fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
     if ev.anomalies_by_signal.is_empty() {
@@ -1970,8 +1984,8 @@ pub fn render(ev: &Evidence) -> String {
                 cell(&e.file),
                 e.line,
                 cell(&e.kind),
-                cell_or_dash(e.tenant_id.as_deref()),
-                cell_or_dash(e.request_id.as_deref()),
+                id_cell(e.tenant_id.as_deref()),
+                id_cell(e.request_id.as_deref()),
                 cell(&e.detail)
             ));
         }
@@ -2255,6 +2269,17 @@ mod tests {
         assert_eq!(cell("~~t~~ &lt;"), "\\~\\~t\\~\\~ \\&lt;");
         // An underscore at a word's edge can open or close emphasis; inside one it cannot.
         assert_eq!(cell("_acme_ a_b __x"), "\\_acme\\_ a_b \\_\\_x");
+    }
+
+    #[test]
+    fn ids_a_renderer_would_trim_or_take_for_none_are_quoted() {
+        assert_eq!(id_cell(None), "-");
+        assert_eq!(id_cell(Some("acme")), "acme");
+        assert_eq!(id_cell(Some("acme ")), "` \"acme \" `");
+        assert_eq!(id_cell(Some("-")), "` \"-\" `");
+        assert_eq!(id_cell(Some("")), "` \"\" `");
+        // A pipe splits a table's cell even inside a code span: escaped.
+        assert_eq!(id_cell(Some(" a|b")), "` \" a\\|b\" `");
     }
 
     #[test]
