@@ -853,3 +853,63 @@ fn a_kv_scrub_on_a_device_out_of_memory_with_nothing_in_flight_fails_at_once() {
          slot back, took {took:?} to fail"
     );
 }
+
+/// A KV scrub that finds no batch slot is tried again while a batch in flight may give one
+/// back. When the batch that held the slot (here another KV call's) completes right after a
+/// try was refused, its slot is free again: the call is expected to take it on its next try,
+/// not to conclude that nothing can give a slot back and fail out of memory.
+#[test]
+fn a_kv_scrub_tried_again_takes_a_slot_given_back_just_after_a_refused_try() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc::channel;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    let f = Fixture::new(manual_config());
+    let (_, layout) = layer(&f, 0x43);
+    // Another KV call (stream 7) holds the device's only slot: its batch stays in flight.
+    f.backend.set_gate(false);
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let backend = f.backend.clone();
+    let tries = AtomicUsize::new(0);
+    let oom = || BackendError::OutOfMemory {
+        device: 0,
+        requested: 0,
+    };
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(move |b| {
+        if b.stream == StreamHandle(7) {
+            tx.lock().unwrap().send(()).unwrap();
+            return None;
+        }
+        if b.stream != StreamHandle(6) {
+            return None;
+        }
+        match tries.fetch_add(1, Ordering::SeqCst) {
+            // The first try finds no slot.
+            0 => Some(oom()),
+            // So does the second; as it is refused, the other call's batch completes and its
+            // slot is given back.
+            1 => {
+                backend.set_gate(true);
+                std::thread::sleep(Duration::from_millis(300));
+                Some(oom())
+            }
+            _ => None,
+        }
+    }));
+    let (other, got) = std::thread::scope(|s| {
+        let other = s.spawn(|| f.alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+        rx.recv().unwrap();
+        let got = f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6));
+        f.backend.set_gate(true);
+        (other.join().unwrap(), got)
+    });
+    *f.backend.refuse.lock().unwrap() = None;
+    assert!(other.is_ok(), "precondition: the other KV call: {other:?}");
+    assert!(
+        got.is_ok(),
+        "a KV scrub whose try was refused for want of a slot failed out of memory, although \
+         the batch holding the slot completed right after that try and a slot was free: \
+         {got:?}"
+    );
+}

@@ -1513,3 +1513,73 @@ fn an_engine_scrub_tried_again_after_a_full_device_does_not_clean_a_block_claime
         block_is_zero(&f, &layout, 3)
     );
 }
+
+/// An engine scrub whose first submission found no batch slot is tried again, each try asking
+/// first (as its first attempt did) whether the backend would refuse it before launching
+/// anything. When the capture query stops answering meanwhile (here for lack of memory; a
+/// CUDA submission asks it first and fails with its error), the call is refused at once, as
+/// it is with the gate off: it does not keep trying for seconds.
+#[test]
+fn an_engine_scrub_tried_again_is_refused_at_once_when_its_capture_query_stops_answering() {
+    use kvhygiene::backend::BackendError;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::channel;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    let oom = || BackendError::OutOfMemory {
+        device: 0,
+        requested: 0,
+    };
+    let mut took = Vec::new();
+    for mode in [KvGateMode::Off, KvGateMode::Scrub] {
+        let f = Fixture::new(config(mode, KvGateScope::Request));
+        let (_, layout) = cache(&f);
+        // Another KV call (stream 7) holds a slot: its batch stays in flight.
+        f.backend.set_gate(false);
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let backend = f.backend.clone();
+        let tries = AtomicUsize::new(0);
+        *f.backend.refuse.lock().unwrap() = Some(Box::new(move |b| {
+            if b.stream == StreamHandle(7) {
+                tx.lock().unwrap().send(()).unwrap();
+                return None;
+            }
+            if b.stream != StreamHandle(6) {
+                return None;
+            }
+            if tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                // No slot; from now on the capture query runs out of memory.
+                *backend.capture_query_error.lock().unwrap() = Some(oom());
+                return Some(oom());
+            }
+            // A submission asks the capture query first.
+            backend.capture_query_error.lock().unwrap().clone()
+        }));
+        let (got, elapsed) = std::thread::scope(|s| {
+            let other = s.spawn(|| f.alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+            rx.recv().unwrap();
+            let started = Instant::now();
+            let got = f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6));
+            let elapsed = started.elapsed();
+            f.backend.set_gate(true);
+            let _ = other.join().unwrap();
+            (got, elapsed)
+        });
+        *f.backend.refuse.lock().unwrap() = None;
+        *f.backend.capture_query_error.lock().unwrap() = None;
+        assert!(
+            matches!(
+                got,
+                Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+            ),
+            "precondition ({mode:?}): {got:?}"
+        );
+        took.push((mode, elapsed));
+    }
+    assert!(
+        took.iter().all(|(_, t)| *t < Duration::from_millis(1000)),
+        "an engine scrub tried again after its capture query stopped answering kept trying \
+         instead of being refused at once: {took:?}"
+    );
+}

@@ -418,11 +418,14 @@ impl Allocator {
             .collect();
         // No memory for a batch slot when the first batch was submitted: a full device whose
         // slots are all held by batches in flight (freed blocks' scrubs, re-scrubs, other KV
-        // calls). The pool's are waited for, the lock released, and the call is tried again,
-        // for at most `KV_SLOT_WAIT`, on the same allocations only. The gate's claim keeps the
-        // generations it read; an engine's call reads them again, since nothing of it ran.
+        // calls). The pool's are waited for, the lock released, and the call is tried again
+        // while batches held slots when its last try began, for at most `KV_SLOT_WAIT`, on
+        // the same allocations only. Every try keeps the gate generations read before the
+        // first: nothing of the call ran since, and a claim made while it waited must not look
+        // older than its scrub.
         let deadline = Instant::now() + KV_SLOT_WAIT;
         let mut drained = false;
+        let mut held = true;
         while launched.tickets.is_empty()
             && !launched.refused_early
             && matches!(launched.error, Some(BackendError::OutOfMemory { .. }))
@@ -431,14 +434,13 @@ impl Allocator {
             if !drained {
                 self.drain_pool(dev, self.scrub_horizon());
                 drained = true;
-            } else if self.batch_slots_held(dev) {
+            } else if held {
                 std::thread::sleep(KV_SLOT_POLL);
             } else {
-                // Nothing on the device can give a slot back: out of memory for good.
+                // Nothing on the device held a slot to give back: out of memory for good.
                 break;
             }
-            // The generations read before the first attempt: nothing of the call ran since,
-            // and a claim made while it waited must not look older than its scrub.
+            held = self.batch_slots_held(dev);
             launched = launch(launched.seen.take(), Some(&owners))?;
         }
         let submitted = launched.tickets.len() as u64;
@@ -513,7 +515,7 @@ impl Allocator {
             // An engine scrub the backend would refuse before launching anything is refused
             // here, before it uses (or creates, dropping the other views') its cache's ledger:
             // a refused call records nothing. (A gate scrub's claim used its ledger already.)
-            if seen.is_none() {
+            if call.trigger == KvScrubTrigger::Engine {
                 if let Some(e) = self.refused_before_launch(call.dev, call.stream) {
                     return Ok(Launched {
                         owners,
