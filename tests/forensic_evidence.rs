@@ -1823,3 +1823,28 @@ fn exceptions_of_tenants_whose_ids_differ_only_in_edge_spaces_are_told_apart() {
         "the exceptions of three tenants render under {shown:?}: {section}"
     );
 }
+
+/// A report on tenant "acme " is not titled as one on tenant "acme": a heading's text is
+/// trimmed by a renderer (CommonMark 0.31, 4.2), so the id's edge spaces must stay in sight.
+#[test]
+fn a_tenant_heading_tells_an_id_with_edge_spaces_from_one_without() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    refused_free_log(&dir, ("acme ", "req-1"), ("acme", "req-2"));
+    let heading = |id: &str| {
+        let md = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", id], &[]);
+        let text = String::from_utf8_lossy(&md.stdout).into_owned();
+        assert_eq!(md.status.code(), Some(0), "{id:?}: {text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("## Tenant"))
+            .unwrap_or_else(|| panic!("no tenant heading: {text}"))
+            .to_string();
+        heading_text(&line)
+    };
+    let (spaced, plain) = (heading("acme "), heading("acme"));
+    assert_ne!(
+        spaced, plain,
+        "the reports on tenants \"acme \" and \"acme\" are both titled {plain:?}"
+    );
+}

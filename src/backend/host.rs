@@ -55,7 +55,10 @@ pub struct HostBackend {
     faults_pending: AtomicU64,
     shut_down: AtomicBool,
     /// Bytes the backend may hand out in total (simulated device capacity); `u64::MAX` = none.
-    capacity: u64,
+    capacity: AtomicU64,
+    /// The capacity follows the memory the process may still commit: looked at again when
+    /// an allocation would pass it ([`HostBackend::within_available_memory`]).
+    follows_available: bool,
     in_use: AtomicU64,
 }
 
@@ -70,14 +73,19 @@ impl HostBackend {
     /// and its memory cgroup's, as a container's limit): blocks are zeroed as they are handed
     /// out, and committed memory past a cgroup's limit is met by the kernel's out-of-memory
     /// kill, not by an error. The quarter left is for the rest of the process.
+    /// The figure is looked at again whenever an allocation would pass it: memory short when
+    /// the backend was built may be given back later.
     pub fn within_available_memory() -> Arc<Self> {
-        let capacity = host_memory::available().map_or(u64::MAX, |room| room / 4 * 3);
-        Self::with_capacity(capacity)
+        Self::build(available_capacity(0), true)
     }
 
     /// A backend that reports out-of-memory past `capacity` bytes in use (tests of the pool's
     /// out-of-memory recovery).
     pub fn with_capacity(capacity: u64) -> Arc<Self> {
+        Self::build(capacity, false)
+    }
+
+    fn build(capacity: u64, follows_available: bool) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let allocations: Allocations = Arc::default();
         let worker_allocations = allocations.clone();
@@ -99,9 +107,34 @@ impl HostBackend {
             queue: Mutex::new(queue),
             faults_pending: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
-            capacity,
+            capacity: AtomicU64::new(capacity),
+            follows_available,
             in_use: AtomicU64::new(0),
         })
+    }
+
+    /// Counts `len` more bytes in use, when the capacity allows them; a capacity that follows
+    /// the memory available is looked at again before a refusal.
+    fn reserve(&self, len: u64) -> bool {
+        let mut looked_again = !self.follows_available;
+        loop {
+            let capacity = self.capacity.load(Ordering::SeqCst);
+            let reserved = self
+                .in_use
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                    used.checked_add(len).filter(|&u| u <= capacity)
+                });
+            if reserved.is_ok() {
+                return true;
+            }
+            if looked_again {
+                return false;
+            }
+            looked_again = true;
+            let in_use = self.in_use.load(Ordering::SeqCst);
+            self.capacity
+                .store(available_capacity(in_use), Ordering::SeqCst);
+        }
     }
 
     /// The next `segments` scrubbed segments skip zeroing their second half (the verification
@@ -153,6 +186,13 @@ impl HostBackend {
     }
 }
 
+/// The capacity of a backend holding `in_use` bytes that may still take three quarters of
+/// what the process may commit ([`host_memory::available`], which counts `in_use` as already
+/// committed); no limit when that cannot be read.
+fn available_capacity(in_use: u64) -> u64 {
+    host_memory::available().map_or(u64::MAX, |room| in_use.saturating_add(room / 4 * 3))
+}
+
 impl Backend for HostBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Host
@@ -170,12 +210,7 @@ impl Backend for HostBackend {
         };
         let size = usize::try_from(len).map_err(|_| oom.clone())?;
         let layout = Layout::from_size_align(size.max(1), HOST_ALIGN).map_err(|_| oom.clone())?;
-        let reserved = self
-            .in_use
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                used.checked_add(len).filter(|&u| u <= self.capacity)
-            });
-        if reserved.is_err() {
+        if !self.reserve(len) {
             return Err(oom);
         }
         // SAFETY: `layout` has a non-zero size (`size.max(1)`) and a power-of-two alignment.
@@ -547,5 +582,96 @@ mod tests {
         let b = HostBackend::new();
         b.shutdown();
         assert_eq!(b.allocate(0, 8), Err(BackendError::ShuttingDown));
+    }
+
+    /// Run by the test below, in a memory cgroup of 256 MiB: 160 MiB of the process's own
+    /// memory are in use when the backend is built, and given back before it allocates.
+    #[test]
+    #[ignore = "run by a_backend_built_while_memory_was_short_can_use_memory_given_back_later"]
+    fn backend_built_while_memory_was_short() {
+        if std::env::var_os("KVH_TEST_BUILT_WHILE_SHORT").is_none() {
+            return;
+        }
+        let hog = std::hint::black_box(vec![1u8; 160 << 20]);
+        let b = HostBackend::within_available_memory();
+        drop(hog);
+        let a = b.allocate(0, 96 << 20);
+        assert!(
+            a.is_ok(),
+            "96 MiB refused with about 240 MiB of the cgroup free: {a:?}"
+        );
+    }
+
+    /// The library's backend lives as long as its process (an engine, a Python test session
+    /// under KVH_BACKEND=host). Memory that was short when it was built and is given back
+    /// later can be used: what a process may commit is not fixed at its start.
+    #[test]
+    fn a_backend_built_while_memory_was_short_can_use_memory_given_back_later() {
+        use std::os::unix::process::CommandExt;
+        let name = format!("kvh-host-test-{}", std::process::id());
+        let mut group = None;
+        for (dir, knob) in [
+            (
+                std::path::Path::new("/sys/fs/cgroup/memory").join(&name),
+                "memory.limit_in_bytes",
+            ),
+            (
+                std::path::Path::new("/sys/fs/cgroup").join(&name),
+                "memory.max",
+            ),
+        ] {
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            if std::fs::write(dir.join(knob), (256u64 << 20).to_string()).is_ok() {
+                group = Some(dir);
+                break;
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let Some(group) = group else {
+            eprintln!("no memory cgroup can be made here; skipping");
+            return;
+        };
+        let procs = std::ffi::CString::new(
+            group
+                .join("cgroup.procs")
+                .to_str()
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "backend::host::tests::backend_built_while_memory_was_short",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("KVH_TEST_BUILT_WHILE_SHORT", "1");
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let _ = std::fs::remove_dir(&group);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

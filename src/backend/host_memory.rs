@@ -81,7 +81,10 @@ fn room_along(dir: &Path, top: &Path, limit: &str, usage: &str) -> Option<u64> {
     }
 }
 
-/// `limit` less `usage` in the cgroup directory `dir`, when it has a limit.
+/// `limit` less `usage` in the cgroup directory `dir`, when it has a limit. The usage counts
+/// the page cache, whose inactive part the kernel reclaims before it kills anything in the
+/// cgroup: that part is left out (`memory.stat`'s `inactive_file`, v1's hierarchical
+/// `total_inactive_file` first), as the kubelet's working set does.
 fn room_in(dir: &Path, limit: &str, usage: &str) -> Option<u64> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     let limit: u64 = read(limit)?.trim().parse().ok()?;
@@ -90,7 +93,17 @@ fn room_in(dir: &Path, limit: &str, usage: &str) -> Option<u64> {
         return None;
     }
     let usage: u64 = read(usage).and_then(|u| u.trim().parse().ok()).unwrap_or(0);
-    Some(limit.saturating_sub(usage))
+    let stat = read("memory.stat").unwrap_or_default();
+    let reclaimable = stat_value(&stat, "total_inactive_file")
+        .or_else(|| stat_value(&stat, "inactive_file"))
+        .unwrap_or(0);
+    Some(limit.saturating_sub(usage.saturating_sub(reclaimable)))
+}
+
+/// The value of `key` in a `memory.stat` text (`key value` lines).
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -132,5 +145,51 @@ mod tests {
         let both = "4:memory:/job\n0::/pods/pod1\n";
         assert_eq!(cgroup_room(both, root.path()), Some(50_000));
         assert_eq!(cgroup_room("4:cpu,cpuacct:/job\n", root.path()), None);
+    }
+
+    /// cgroup v2 counts the page cache in `memory.current`; the kernel reclaims its inactive
+    /// part before it kills anything in the cgroup, so that part is room the process may still
+    /// commit. A container that has read files (a build, a model's weights) has room even when
+    /// `memory.current` is close to `memory.max`.
+    #[test]
+    fn reclaimable_page_cache_of_a_v2_cgroup_counts_as_room() {
+        let root = tempfile::tempdir().unwrap();
+        let leaf = root.path().join("job");
+        std::fs::create_dir_all(&leaf).unwrap();
+        std::fs::write(leaf.join("memory.max"), "1000000\n").unwrap();
+        std::fs::write(leaf.join("memory.current"), "950000\n").unwrap();
+        std::fs::write(
+            leaf.join("memory.stat"),
+            "anon 100000\nfile 850000\nactive_file 50000\ninactive_file 800000\n",
+        )
+        .unwrap();
+        let room = cgroup_room("0::/job\n", root.path()).unwrap();
+        assert!(
+            room >= 1_000_000 - (950_000 - 800_000),
+            "800000 bytes of inactive page cache are reclaimable, yet the room is {room}"
+        );
+    }
+
+    /// cgroup v1's `memory.usage_in_bytes` includes the page cache, and sits at the limit once
+    /// the cache has filled it: the cgroup still has room (its inactive cache), not none.
+    #[test]
+    fn a_v1_cgroup_whose_usage_is_at_its_limit_by_page_cache_still_has_room() {
+        let root = tempfile::tempdir().unwrap();
+        let v1 = root.path().join("memory/job");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "300000\n").unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "300000\n").unwrap();
+        std::fs::write(
+            v1.join("memory.stat"),
+            "cache 280000\nrss 20000\ninactive_file 250000\nactive_file 30000\n\
+             total_cache 280000\ntotal_rss 20000\ntotal_inactive_file 250000\n\
+             total_active_file 30000\n",
+        )
+        .unwrap();
+        let room = cgroup_room("4:memory:/job\n", root.path()).unwrap_or(0);
+        assert!(
+            room >= 250_000,
+            "250000 bytes of inactive page cache are reclaimable, yet the room is {room}"
+        );
     }
 }

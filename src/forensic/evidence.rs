@@ -1504,18 +1504,39 @@ fn cell_or_dash(v: Option<&str>) -> String {
     v.map_or_else(|| "-".into(), cell)
 }
 
-/// A tenant or request id in a table cell, `-` when absent. Renderers trim a cell's content,
-/// so an id with spaces at its ends (or none but spaces, or `-` itself) would read as another
-/// id, or as no id: such an id is shown as [`json_code`], whose quotes keep every character
-/// in sight (its pipes escaped, which tables need even inside a code span).
+/// A tenant or request id in a table cell, `-` when absent; one that
+/// [`would_read_as_another`] is shown as [`json_code`], whose quotes and escapes keep every
+/// character in sight (its pipes escaped, which tables need even inside a code span).
 fn id_cell(v: Option<&str>) -> String {
     match v {
         None => "-".into(),
-        Some(id) if id.trim() != id || id.is_empty() || id == "-" => {
-            json_code(id).replace('|', "\\|")
-        }
+        Some(id) if would_read_as_another(id) => json_code(id).replace('|', "\\|"),
         Some(id) => cell(id),
     }
+}
+
+/// An id in running text or a heading ([`literal`]), quoted as [`id_cell`] quotes it.
+fn id_text(id: &str) -> String {
+    if would_read_as_another(id) {
+        json_code(id)
+    } else {
+        literal(id)
+    }
+}
+
+/// Whether an id, shown as plain text, could read as another id or as none: renderers trim
+/// a cell's or a heading's ends and show a run of spaces as one, a control character shows
+/// as a space (or nothing), and `-` is the table's "no id".
+fn would_read_as_another(id: &str) -> bool {
+    let spaces_together = id
+        .chars()
+        .zip(id.chars().skip(1))
+        .any(|(a, b)| a.is_whitespace() && b.is_whitespace());
+    id.trim() != id
+        || id.is_empty()
+        || id == "-"
+        || spaces_together
+        || id.chars().any(char::is_control)
 }
 
 /// The anomaly detector's findings, by signal (each record is also an exception below).
@@ -1603,7 +1624,7 @@ const PERIOD_COUNTERS: &str = "Over the audit period, from each process's period
 
 fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
     push(String::new());
-    push(format!("## Tenant {}", literal(&t.tenant_id)));
+    push(format!("## Tenant {}", id_text(&t.tenant_id)));
     push(String::new());
     push(format!(
         "A report on one tenant, {} (`--tenant`). The KV scrubs, exceptions, anomalies and record \
@@ -1948,7 +1969,7 @@ pub fn render(ev: &Evidence) -> String {
     if let (0, Some(t)) = (total, &ev.tenant) {
         push(format!(
             "None: no security record of the verified chains names tenant {}{in_period}.",
-            literal(&t.tenant_id)
+            id_text(&t.tenant_id)
         ));
     } else if total == 0 && ev.audit_period.is_some() {
         push("None: no security record of the verified chains falls in the audit period.".into());
@@ -2280,6 +2301,47 @@ mod tests {
         assert_eq!(id_cell(Some("")), "` \"\" `");
         // A pipe splits a table's cell even inside a code span: escaped.
         assert_eq!(id_cell(Some(" a|b")), "` \" a\\|b\" `");
+    }
+
+    /// A cell's text as a GFM table shows it: trimmed of the whitespace at its ends.
+    fn trimmed(cell: &str) -> &str {
+        cell.trim_matches([' ', '\t'])
+    }
+
+    /// An id with a control character at an end (a log rewritten without a MAC key can hold
+    /// one, as it can hold an empty id) is not shown as the id without it: the character
+    /// must not turn into a space that the table then trims away.
+    #[test]
+    fn an_id_with_a_control_character_at_an_end_is_not_shown_as_the_id_without_it() {
+        for id in ["acme\u{1}", "\u{7f}acme", "acme\u{9b}"] {
+            assert_ne!(
+                trimmed(&id_cell(Some(id))),
+                trimmed(&id_cell(Some("acme"))),
+                "tenant {id:?} shows as tenant \"acme\""
+            );
+        }
+        // Nor is one made of a control character alone shown as a blank cell.
+        assert_ne!(trimmed(&id_cell(Some("\u{1}"))), "");
+    }
+
+    /// Ids that differ in a run of spaces inside them are two tenants; a rendered table (HTML)
+    /// shows a run of spaces in text as one, so the report shows such an id so that its
+    /// spaces stay in sight (a code span keeps its spaces).
+    #[test]
+    fn ids_that_differ_in_a_run_of_inner_spaces_are_told_apart() {
+        let shown = |cell: String| -> String {
+            let cell = trimmed(&cell);
+            if cell.starts_with('`') {
+                cell.to_string()
+            } else {
+                cell.split_whitespace().collect::<Vec<_>>().join(" ")
+            }
+        };
+        assert_ne!(
+            shown(id_cell(Some("acme  corp"))),
+            shown(id_cell(Some("acme corp"))),
+            "tenants \"acme  corp\" and \"acme corp\" show as one"
+        );
     }
 
     #[test]
