@@ -186,11 +186,12 @@ impl HostBackend {
     }
 }
 
-/// The capacity of a backend holding `in_use` bytes that may still take three quarters of
-/// what the process may commit ([`host_memory::available`], which counts `in_use` as already
-/// committed); no limit when that cannot be read.
+/// The capacity of a backend holding `in_use` bytes: three quarters of what it holds and what
+/// the process may still commit ([`host_memory::available`], which counts `in_use` as
+/// committed already), so that a quarter stays for the rest of the process however often it
+/// is looked at again; no limit when that cannot be read.
 fn available_capacity(in_use: u64) -> u64 {
-    host_memory::available().map_or(u64::MAX, |room| in_use.saturating_add(room / 4 * 3))
+    host_memory::available().map_or(u64::MAX, |room| in_use.saturating_add(room) / 4 * 3)
 }
 
 impl Backend for HostBackend {
@@ -582,6 +583,25 @@ mod tests {
         let b = HostBackend::new();
         b.shutdown();
         assert_eq!(b.allocate(0, 8), Err(BackendError::ShuttingDown));
+    }
+
+    /// A backend that already holds three quarters of what it could once commit (the rest
+    /// being the quarter kept for the rest of the process) is given no more when its capacity
+    /// is looked at again.
+    #[test]
+    fn a_capacity_looked_at_again_keeps_the_quarter_for_the_rest_of_the_process() {
+        let Some(room) = host_memory::available() else {
+            eprintln!("no memory figure can be read here; skipping");
+            return;
+        };
+        let in_use = room.saturating_mul(3);
+        let capacity = available_capacity(in_use);
+        assert!(
+            capacity <= in_use + room / 4,
+            "holding {in_use} bytes with {room} bytes left, the capacity becomes {capacity}: \
+             the backend may take {} more bytes of the {room} left",
+            capacity - in_use
+        );
     }
 
     /// Run by the test below, in a memory cgroup of 256 MiB: 160 MiB of the process's own

@@ -1493,7 +1493,16 @@ fn literal(text: &str) -> String {
 /// `text` as a JSON string in a code span, so that its every character shows, spaces at its
 /// ends included: the fence is one backtick longer than the longest run of them in it.
 fn json_code(text: &str) -> String {
-    let quoted = serde_json::Value::from(text).to_string();
+    // JSON escapes C0 controls only: DEL, C1 controls and invisible format characters are
+    // written as escapes too, so that they show.
+    let quoted: String = serde_json::Value::from(text)
+        .to_string()
+        .chars()
+        .map(|c| match c {
+            c if c.is_control() || invisible(c) => format!("\\u{:04x}", u32::from(c)),
+            c => c.to_string(),
+        })
+        .collect();
     let longest = quoted.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat(longest + 1);
     format!("{fence} {quoted} {fence}")
@@ -1536,7 +1545,24 @@ fn would_read_as_another(id: &str) -> bool {
         || id.is_empty()
         || id == "-"
         || spaces_together
-        || id.chars().any(char::is_control)
+        || id.chars().any(|c| c.is_control() || invisible(c))
+}
+
+/// Format characters that show as nothing (Unicode category Cf: the soft hyphen, zero-width
+/// spaces and joiners, direction marks and isolates, word joiners, the byte order mark):
+/// written by hand, since `char` has no category query.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+    )
 }
 
 /// The anomaly detector's findings, by signal (each record is also an exception below).
@@ -2342,6 +2368,45 @@ mod tests {
             shown(id_cell(Some("acme corp"))),
             "tenants \"acme  corp\" and \"acme corp\" show as one"
         );
+    }
+
+    /// A cell as a reader sees it: characters that display as nothing are not seen.
+    fn seen(cell: &str) -> String {
+        cell.chars()
+            .filter(|&c| {
+                !c.is_control() && !matches!(c, '\u{200b}'..='\u{200d}' | '\u{2060}' | '\u{feff}')
+            })
+            .collect()
+    }
+
+    /// Two ids that differ in where a DEL (or C1 control) character sits are two tenants;
+    /// the quoted form must show that character, not pass it through unseen.
+    #[test]
+    fn ids_that_differ_in_a_del_character_are_told_apart() {
+        for (a, b) in [("\u{7f}acme", "acme\u{7f}"), ("\u{9b}acme", "acme\u{9b}")] {
+            assert_ne!(
+                seen(&id_cell(Some(a))),
+                seen(&id_cell(Some(b))),
+                "tenants {a:?} and {b:?} show as one"
+            );
+        }
+    }
+
+    /// An id holding a zero-width character is another tenant than the id without it.
+    #[test]
+    fn an_id_with_a_zero_width_character_is_not_shown_as_the_id_without_it() {
+        for id in ["acme\u{200b}", "\u{feff}acme", "ac\u{2060}me"] {
+            assert_ne!(
+                seen(&id_cell(Some(id))),
+                seen(&id_cell(Some("acme"))),
+                "tenant {id:?} shows as tenant \"acme\""
+            );
+            assert_ne!(
+                seen(&id_text(id)),
+                seen(&id_text("acme")),
+                "the heading of tenant {id:?} reads as that of tenant \"acme\""
+            );
+        }
     }
 
     #[test]
