@@ -771,7 +771,9 @@ struct MemoryCgroup(std::path::PathBuf);
 
 impl MemoryCgroup {
     fn new(limit: u64) -> Option<MemoryCgroup> {
-        let name = format!("kvh-demo-test-{}", std::process::id());
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("kvh-demo-test-{}-{n}", std::process::id());
         let candidates = [
             (
                 std::path::Path::new("/sys/fs/cgroup/memory").join(&name),
@@ -795,9 +797,27 @@ impl MemoryCgroup {
         None
     }
 
-    fn procs(&self) -> std::ffi::CString {
+    /// Makes `cmd`'s process join the cgroup between fork and exec.
+    fn enter_at_exec(&self, cmd: &mut std::process::Command) {
         use std::os::unix::ffi::OsStrExt;
-        std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap()
+        let procs =
+            std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" is the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
 }
 
@@ -818,25 +838,9 @@ fn a_demo_in_a_memory_limited_container_exits_with_an_error_not_a_kill() {
     let Some(group) = MemoryCgroup::new(512 << 20) else {
         return;
     };
-    let procs = group.procs();
     let mut cmd = host_demo(4, 1);
     cmd.args(["--decode-tokens", "16384"]);
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // "0" is the writing process itself.
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    group.enter_at_exec(&mut cmd);
     let output = cmd.output().unwrap();
     let (out, err) = (
         String::from_utf8_lossy(&output.stdout),
@@ -850,6 +854,52 @@ fn a_demo_in_a_memory_limited_container_exits_with_an_error_not_a_kill() {
     );
     assert_eq!(output.status.code(), Some(2), "{out}{err}");
     assert!(err.contains("out of host memory"), "{err}");
+}
+
+/// Run by the test below, in a memory cgroup of 256 MiB: 160 MiB of the process's own memory
+/// are in use when the host backend is built, and given back before it allocates.
+#[test]
+#[ignore = "run by a_host_backend_built_while_memory_was_short_can_use_memory_given_back_later"]
+fn host_backend_built_while_memory_was_short() {
+    use kvhygiene::backend::host::HostBackend;
+    use kvhygiene::backend::Backend;
+    if std::env::var_os("KVH_TEST_BUILT_WHILE_SHORT").is_none() {
+        return;
+    }
+    let hog = std::hint::black_box(vec![1u8; 160 << 20]);
+    let b = HostBackend::within_available_memory();
+    drop(hog);
+    let a = b.allocate(0, 96 << 20);
+    assert!(
+        a.is_ok(),
+        "96 MiB refused with about 240 MiB of the cgroup free: {a:?}"
+    );
+}
+
+/// The library's host backend lives as long as its process (a Python test session under
+/// KVH_BACKEND=host). Memory that was short when it was built and is given back later can
+/// be used: what a process may commit is not fixed at its start.
+#[test]
+fn a_host_backend_built_while_memory_was_short_can_use_memory_given_back_later() {
+    let Some(group) = MemoryCgroup::new(256 << 20) else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "host_backend_built_while_memory_was_short",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("KVH_TEST_BUILT_WHILE_SHORT", "1");
+    group.enter_at_exec(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A long demo (`--requests` up to 100000) is stopped the way a user stops any command:
