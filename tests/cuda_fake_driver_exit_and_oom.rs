@@ -566,6 +566,18 @@ struct FullDeviceKv {
     other: u64,
 }
 
+impl FullDeviceKv {
+    /// Makes room on the device again, frees the cache and shuts the allocator down.
+    fn give_back(self, lib: &libloading::Library) {
+        switch(lib, "set_device_memory", 0);
+        let len = self.len as i64;
+        self.alloc
+            .free(self.cache, len, 0, KV_STREAM)
+            .expect("free");
+        self.alloc.shutdown();
+    }
+}
+
 const KV_STREAM: StreamHandle = StreamHandle(5);
 
 fn kv_cache_on_a_full_device(
@@ -612,22 +624,13 @@ fn kv_cache_on_a_full_device(
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_first_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_held");
-    let FullDeviceKv {
-        alloc,
-        layout,
-        cache,
-        len,
-        other,
-        ..
-    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once (the stand-in runs kernels as they are launched).
-    alloc.free(other, 4096, 0, s).expect("free");
-    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
-    switch(&lib, "set_device_memory", 0);
-    alloc.free(cache, len as i64, 0, s).expect("free");
-    alloc.shutdown();
+    kv.alloc.free(kv.other, 4096, 0, s).expect("free");
+    let scrubbed = kv.alloc.scrub_kv_blocks(&kv.layout, &[0], 0, s);
+    kv.give_back(&lib);
     assert!(
         scrubbed.is_ok(),
         "a KV scrub of 8 segments on a full device failed while the first slot was held by \
@@ -716,24 +719,15 @@ fn a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one() {
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_running_batch_holds_the_first_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_running");
-    let FullDeviceKv {
-        alloc,
-        layout,
-        cache,
-        len,
-        other,
-        ..
-    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; its event reads "not ready" to
     // the next queries (its scrub is still running on the device).
     switch(&lib, "set_pending_queries", 1000);
-    alloc.free(other, 4096, 0, s).expect("free");
+    kv.alloc.free(kv.other, 4096, 0, s).expect("free");
     switch(&lib, "set_pending_queries", 0);
-    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
-    switch(&lib, "set_device_memory", 0);
-    alloc.free(cache, len as i64, 0, s).expect("free");
-    alloc.shutdown();
+    let scrubbed = kv.alloc.scrub_kv_blocks(&kv.layout, &[0], 0, s);
+    kv.give_back(&lib);
     assert!(
         scrubbed.is_ok(),
         "a KV scrub of 8 segments on a full device failed while the first slot was held by \
@@ -792,26 +786,17 @@ fn an_idle_slot_with_room_runs_a_batch_when_page_locked_memory_is_short_too() {
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_for_a_rescrub_its_own_harvest_submitted() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_rescrub_takes_slot");
-    let FullDeviceKv {
-        alloc,
-        layout,
-        cache,
-        len,
-        other,
-        ..
-    } = kv_cache_on_a_full_device(&path, &lib, true);
+    let kv = kv_cache_on_a_full_device(&path, &lib, true);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once.
-    alloc.free(other, 4096, 0, s).expect("free");
+    kv.alloc.free(kv.other, 4096, 0, s).expect("free");
     // Work submitted from here on runs behind the host, as on a GPU: its event reads "not
     // ready" to its first query.
     switch(&lib, "set_pending_queries", 1);
-    let scrubbed = alloc.scrub_kv_blocks(&layout, &[0], 0, s);
+    let scrubbed = kv.alloc.scrub_kv_blocks(&kv.layout, &[0], 0, s);
     switch(&lib, "set_pending_queries", 0);
-    switch(&lib, "set_device_memory", 0);
-    alloc.free(cache, len as i64, 0, s).expect("free");
-    alloc.shutdown();
+    kv.give_back(&lib);
     assert!(
         scrubbed.is_ok(),
         "a KV scrub of 8 segments on a full device failed after its harvest of a completed \
@@ -844,18 +829,12 @@ extern "C" fn hold_event_synchronize() {
 #[test]
 fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_behind_kv_scrub");
-    let FullDeviceKv {
-        alloc,
-        layout,
-        cache,
-        len,
-        ..
-    } = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false);
     let s = KV_STREAM;
     arm(&lib, "on_event_synchronize", hold_event_synchronize);
     let (first, second) = std::thread::scope(|sc| {
         // Runs on the first slot; its wait for the verdict is held (its batch still runs).
-        let first = sc.spawn(|| alloc.scrub_kv_blocks(&layout, &[0], 0, s));
+        let first = sc.spawn(|| kv.alloc.scrub_kv_blocks(&kv.layout, &[0], 0, s));
         {
             let (lock, cv) = &HELD_SYNC;
             let mut state = lock.lock().unwrap();
@@ -863,7 +842,10 @@ fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot(
                 state = cv.wait(state).unwrap();
             }
         }
-        let second = sc.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(6)));
+        let second = sc.spawn(|| {
+            kv.alloc
+                .scrub_kv_blocks(&kv.layout, &[1], 0, StreamHandle(6))
+        });
         // The second call has had time to find no slot (and, fixed, to wait for the first).
         std::thread::sleep(std::time::Duration::from_millis(500));
         {
@@ -873,9 +855,7 @@ fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot(
         }
         (first.join().unwrap(), second.join().unwrap())
     });
-    switch(&lib, "set_device_memory", 0);
-    alloc.free(cache, len as i64, 0, s).expect("free");
-    alloc.shutdown();
+    kv.give_back(&lib);
     assert!(first.is_ok(), "the first KV scrub: {first:?}");
     assert!(
         second.is_ok(),
