@@ -444,36 +444,18 @@ fn blocks_freed_while_the_device_is_full_are_scrubbed_and_their_memory_reused() 
 /// freed block's scrub does, rather than fail for lack of device memory for a slot of its own.
 #[test]
 fn a_kv_scrub_of_a_cache_that_fills_the_device_runs_on_the_first_slot() {
-    use kvhygiene::alloc::{Allocator, KvLayout};
     let (path, lib) = fake_or_skip!("full_kv_scrub");
-    let backend = std::sync::Arc::new(start(&path));
-    let alloc = Allocator::new(backend, kvhygiene::config::Config::default(), None);
-    let cache_stream = StreamHandle(5);
-    let block = 256u64;
-    let blocks = 4u64;
-    let regions = 64u64;
-    let len = regions * blocks * block;
-    let a = alloc.malloc(len as i64, 0, cache_stream).expect("malloc");
-    // The device is full from here on.
-    switch(&lib, "set_device_memory", 1);
-    let layout = KvLayout {
-        regions: (0..regions).map(|r| a + r * blocks * block).collect(),
-        block_bytes: block,
-        block_stride: block,
-        blocks_per_region: blocks,
-    };
+    let kv = kv_cache_on_a_full_device(&path, &lib, false, 64);
     // One block (64 segments) fits the kernel parameter; two (128) do not.
-    let one = alloc.scrub_kv_blocks(&layout, &[0], 0, cache_stream);
+    let one = kv.alloc.scrub_kv_blocks(&kv.layout, &[0], 0, KV_STREAM);
     assert!(one.is_ok(), "one block: {one:?}");
-    let two = alloc.scrub_kv_blocks(&layout, &[1, 2], 0, cache_stream);
+    let two = kv.alloc.scrub_kv_blocks(&kv.layout, &[1, 2], 0, KV_STREAM);
     assert!(
         two.is_ok(),
         "a KV scrub of two blocks (128 segments) on a full device failed although the \
          device's first slot was idle: {two:?}"
     );
-    switch(&lib, "set_device_memory", 0);
-    alloc.free(a, len as i64, 0, cache_stream).expect("free");
-    alloc.shutdown();
+    kv.give_back(&lib);
 }
 
 /// Many small blocks freed on one stream while the device is full: the first batch of the
@@ -554,10 +536,10 @@ fn a_shutdown_begun_while_an_idle_slot_gets_more_work_items_is_a_shutdown() {
     );
 }
 
-/// A paged KV cache of 8 regions of 4 blocks of 256 bytes on stream 5, and a 4 KiB block
-/// beside it, on the stand-in at `path` under the policy's defaults with batches of one
-/// (submitted at once), under the never-reuse policy (`idle_ttl_ms = 0`) when `never_reuse`;
-/// then the device is made full.
+/// A paged KV cache of `regions` regions of 4 blocks of 256 bytes on stream 5, and a 4 KiB
+/// block beside it, on the stand-in at `path` under the policy's defaults with batches of
+/// one (submitted at once), under the never-reuse policy (`idle_ttl_ms = 0`) when
+/// `never_reuse`; then the device is made full.
 struct FullDeviceKv {
     alloc: kvhygiene::alloc::Allocator,
     layout: kvhygiene::alloc::KvLayout,
@@ -584,6 +566,7 @@ fn kv_cache_on_a_full_device(
     path: &str,
     lib: &libloading::Library,
     never_reuse: bool,
+    regions: u64,
 ) -> FullDeviceKv {
     use kvhygiene::alloc::{Allocator, KvLayout};
     let backend = std::sync::Arc::new(start(path));
@@ -595,7 +578,7 @@ fn kv_cache_on_a_full_device(
         ..defaults
     };
     let alloc = Allocator::new(backend, config, None);
-    let (block, blocks, regions) = (256u64, 4u64, 8u64);
+    let (block, blocks) = (256u64, 4u64);
     let len = regions * blocks * block;
     let cache = alloc.malloc(len as i64, 0, KV_STREAM).expect("malloc");
     let other = alloc.malloc(4096, 0, KV_STREAM).expect("malloc");
@@ -624,7 +607,7 @@ fn kv_cache_on_a_full_device(
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_completed_batch_holds_the_first_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_held");
-    let kv = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false, 8);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once (the stand-in runs kernels as they are launched).
@@ -719,7 +702,7 @@ fn a_slot_whose_work_item_area_holds_the_batch_is_not_given_a_new_one() {
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_while_a_running_batch_holds_the_first_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_slot_running");
-    let kv = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false, 8);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; its event reads "not ready" to
     // the next queries (its scrub is still running on the device).
@@ -786,7 +769,7 @@ fn an_idle_slot_with_room_runs_a_batch_when_page_locked_memory_is_short_too() {
 #[test]
 fn a_kv_scrub_on_a_full_device_is_not_refused_for_a_rescrub_its_own_harvest_submitted() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_rescrub_takes_slot");
-    let kv = kv_cache_on_a_full_device(&path, &lib, true);
+    let kv = kv_cache_on_a_full_device(&path, &lib, true, 8);
     let s = KV_STREAM;
     // A batch of one: submitted at once, on the first slot; it completes on the device at
     // once.
@@ -829,7 +812,7 @@ extern "C" fn hold_event_synchronize() {
 #[test]
 fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot() {
     let (path, lib) = fake_or_skip!("full_kv_scrub_behind_kv_scrub");
-    let kv = kv_cache_on_a_full_device(&path, &lib, false);
+    let kv = kv_cache_on_a_full_device(&path, &lib, false, 8);
     let s = KV_STREAM;
     arm(&lib, "on_event_synchronize", hold_event_synchronize);
     let (first, second) = std::thread::scope(|sc| {
