@@ -861,3 +861,34 @@ fn text_failure_values_spell_an_infinity_as_the_exposition_does() {
         "the text report spells the value otherwise than the file and --json (+Inf): {out}"
     );
 }
+
+/// When the live processes' files cannot be merged into one exposition (here: files written
+/// without the `pid` label, so every series repeats), the reason `serve-metrics` gives names
+/// the files (or process ids) involved, not only a line number of a merged text the operator
+/// never sees.
+#[test]
+fn a_per_process_merge_conflict_names_the_files_involved() {
+    use kvhygiene::metrics::cli::FileRoutes;
+    use kvhygiene::metrics::per_process::Target;
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let (a, b) = (LiveChild::start(), LiveChild::start());
+    for pid in [a.pid(), b.pid()] {
+        write_snapshot(
+            &dir.path().join(format!("kvh-{pid}.prom")),
+            Duration::ZERO,
+            0,
+        );
+    }
+    let routes = FileRoutes::new(Target::PerProcess(pattern), None);
+    let err = routes
+        .check(SystemTime::now())
+        .expect_err("series repeat across the files");
+    assert!(
+        [a.pid(), b.pid()]
+            .iter()
+            .any(|pid| err.contains(&format!("kvh-{pid}.prom"))
+                || err.contains(&format!("process {pid}"))),
+        "the reason names neither file nor process: {err}"
+    );
+}

@@ -25,7 +25,11 @@ request), ``new_block_ids`` and ``num_computed_tokens``):
   on purpose (prefix caching only caches full blocks) or tokens a KV connector loaded (whose
   count need not fill the last block: an asynchronous connector's load of a 20-token prompt
   in blocks of 16 leaves 19 computed), and must not be scrubbed;
-- a running request's ``new_block_ids``, appended blocks, all new.
+- a running request's ``new_block_ids``, appended blocks, all new;
+- never vLLM's null block (block 0), a placeholder ``BlockPool`` keeps for itself, which
+  stands in a request's block ids for blocks it skips (a Mamba group in prefix caching's
+  "align" mode pads a request's new blocks with it): it counts for its place among the
+  computed tokens' blocks and is left out of the new ones.
 
 Only attribute names are used (no vLLM import): the module is tested against stand-ins with
 those names, not against vLLM itself. With a KV connector, ``num_computed_tokens`` also counts
@@ -56,7 +60,7 @@ from . import (
     scrub_blocks,
 )
 
-__all__ = ["new_blocks", "claim_scheduled", "context_id"]
+__all__ = ["new_blocks", "claim_scheduled", "context_id", "VLLM_NULL_BLOCK_ID"]
 
 #: Longest id, in bytes of UTF-8, the library accepts in a context.
 _MAX_ID_BYTES = 128
@@ -178,9 +182,17 @@ def _resumed(cached) -> set:
     )
 
 
-def new_blocks(scheduler_output, block_sizes) -> dict:
+#: The id of vLLM's null block: ``BlockPool`` takes block 0 off its free queue at start-up as a
+#: placeholder no request owns, which fills the places of skipped blocks in a request's block
+#: ids (a Mamba group in prefix caching's "align" mode pads a request's new blocks with it).
+VLLM_NULL_BLOCK_ID = 0
+
+
+def new_blocks(scheduler_output, block_sizes, null_block_id: Optional[int] = VLLM_NULL_BLOCK_ID) -> dict:
     """``{req_id: [ids per KV cache group]}`` of the blocks the step newly gives each request
-    (see the module's documentation for the rule). Requests with no new block are left out."""
+    (see the module's documentation for the rule). Requests with no new block are left out.
+    The placeholder ``null_block_id`` (vLLM's null block; ``None`` for an engine without one)
+    is no block handed to a request: it is left out wherever it stands."""
     out = {}
 
     def add(req_id, groups, skip_tokens):
@@ -192,6 +204,8 @@ def new_blocks(scheduler_output, block_sizes) -> dict:
         sizes = [_block_size(b) for b in per_group]
         # Blocks holding computed tokens, the last one even when they do not fill it.
         fresh = [list(ids)[-(-skip_tokens // size) :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
+        # Counted in place above (the placeholder holds a block's place), left out here.
+        fresh = [[i for i in ids if null_block_id is None or i != null_block_id] for ids in fresh]
         if any(fresh):
             out[req_id] = fresh
 
@@ -295,6 +309,7 @@ def claim_scheduled(
     block_sizes,
     tenant_of: Optional[Callable[[str], Optional[str]]] = None,
     stream=None,
+    null_block_id: Optional[int] = VLLM_NULL_BLOCK_ID,
 ) -> dict:
     """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
     request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
@@ -316,8 +331,9 @@ def claim_scheduled(
     :func:`kvhygiene.refuse_blocks`, a ``policy_violation`` record). A block that may last
     have been handed over here under the same ids (a request that took the id of one that
     finished: clients choose request ids) is scrubbed before it is claimed; one whose scrub
-    fails verification is refused (code 7009)."""
-    claimed = new_blocks(scheduler_output, block_sizes)
+    fails verification is refused (code 7009). vLLM's null block (``null_block_id``) is never
+    claimed: it is no request's."""
+    claimed = new_blocks(scheduler_output, block_sizes, null_block_id)
     shared = _shared_in_step(claimed, layouts)
     first: Optional[ClaimRefusedError] = None
     if shared:

@@ -33,11 +33,11 @@ def step(new=(), cached=(), resumed=()):
 
 def test_new_blocks_skip_prefix_hits_and_take_appended_blocks():
     s = step(
-        new=[("a", [0, 1, 2], 0), ("b", [0, 5], 16)],
-        cached=[("c", [7], 48), ("d", None, 32), ("e", [0, 6], 16)],
+        new=[("a", [1, 2, 3], 0), ("b", [1, 5], 16)],
+        cached=[("c", [7], 48), ("d", None, 32), ("e", [1, 6], 16)],
         resumed=["e"],
     )
-    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[0, 1, 2]], "b": [[5]], "c": [[7]], "e": [[6]]}
+    assert new_blocks(s, BLOCK_TOKENS) == {"a": [[1, 2, 3]], "b": [[5]], "c": [[7]], "e": [[6]]}
     # Two KV cache groups with their own block sizes.
     two = NS(
         scheduled_new_reqs=[NS(req_id="x", block_ids=([0, 1, 2], [4, 5, 6, 7, 8, 9]), num_computed_tokens=32)],
@@ -63,23 +63,24 @@ def test_claiming_scheduled_blocks_clears_another_requests_bytes_and_keeps_share
     def zero(i):
         return all(ctypes.string_at(b + i * BLOCK_BYTES, BLOCK_BYTES) == bytes(BLOCK_BYTES) for b in layout.regions)
 
-    # Request a prefills blocks 0-2 (block 0 becomes a cached prefix).
-    assert claim_scheduled(step(new=[("a", [0, 1, 2], 0)]), [layout], BLOCK_TOKENS) == {"a": [[0, 1, 2]]}
-    fill([0, 1, 2], 0xA1)
-    # Request b hits a's prefix (block 0) and gets block 5: block 0 keeps a's prefix.
-    claim_scheduled(step(new=[("b", [0, 5], 16)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: "acme")
-    assert not zero(0), "a shared prefix block was scrubbed"
-    # a finishes; the scheduler frees 1 and 2 without any scrub and gives them to c.
-    assert claim_scheduled(step(new=[("c", [1, 2], 0)]), [layout], BLOCK_TOKENS) == {"c": [[1, 2]]}
-    assert zero(1) and zero(2), "c got a's bytes"
+    # Request a prefills blocks 1-3 (block 1 becomes a cached prefix; block 0 is vLLM's null
+    # block, never handed out).
+    assert claim_scheduled(step(new=[("a", [1, 2, 3], 0)]), [layout], BLOCK_TOKENS) == {"a": [[1, 2, 3]]}
+    fill([1, 2, 3], 0xA1)
+    # Request b hits a's prefix (block 1) and gets block 5: block 1 keeps a's prefix.
+    claim_scheduled(step(new=[("b", [1, 5], 16)]), [layout], BLOCK_TOKENS, tenant_of=lambda r: "acme")
+    assert not zero(1), "a shared prefix block was scrubbed"
+    # a finishes; the scheduler frees 2 and 3 without any scrub and gives them to c.
+    assert claim_scheduled(step(new=[("c", [2, 3], 0)]), [layout], BLOCK_TOKENS) == {"c": [[2, 3]]}
+    assert zero(2) and zero(3), "c got a's bytes"
     # A running request's appended block, and a step with nothing new.
-    fill([1], 0xC1)
-    assert claim_scheduled(step(cached=[("c", [3], 32)]), [layout], BLOCK_TOKENS) == {"c": [[3]]}
+    fill([2], 0xC1)
+    assert claim_scheduled(step(cached=[("c", [4], 32)]), [layout], BLOCK_TOKENS) == {"c": [[4]]}
     assert claim_scheduled(step(cached=[("c", None, 48)]), [layout], BLOCK_TOKENS) == {}
-    assert not zero(1), "c's own block was scrubbed"
+    assert not zero(2), "c's own block was scrubbed"
     counters = kvhygiene.stats()["counters"]
-    assert counters["kv_gate_scrubbed_blocks"] >= 5  # 0-2 (unknown), 5 (unknown), 1-2 (a's)
-    assert counters["kv_gate_owner_changed_blocks"] >= 2  # 1-2 (a's)
+    assert counters["kv_gate_scrubbed_blocks"] >= 5  # 1-3 (unknown), 5 (unknown), 2-3 (a's)
+    assert counters["kv_gate_owner_changed_blocks"] >= 2  # 2-3 (a's)
     lib.kvh_free(p, size, 0, None)
     kvhygiene.synchronize()
 
@@ -645,3 +646,35 @@ print("CLAIMED", "OLD BYTES" if old_bytes(2) else "ZERO")
     assert run.stdout.startswith("RAISED"), (
         f"a block whose scrub failed verification was returned as claimed: {run.stdout!r}"
     )
+
+
+def test_vllms_null_block_padding_in_a_steps_block_ids_is_not_claimed(cache):
+    # vLLM's BlockPool reserves block 0 as its null block: a placeholder no request owns or
+    # writes. Mamba groups in prefix-caching "align" mode (MambaManager.allocate_new_blocks)
+    # pad the blocks they skip with it, so the block ids of a step name block 0 several times
+    # among a request's new blocks, and for every such request of the step. The placeholder is
+    # no block handed to the request: the step's real new blocks (5 and 6) are claimed, and
+    # the requests are neither refused nor stopped by an error.
+    s = NS(
+        scheduled_new_reqs=[
+            NS(req_id="a", block_ids=([0, 0, 5],), num_computed_tokens=0),
+            NS(req_id="b", block_ids=([0, 0, 6],), num_computed_tokens=0),
+        ],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    _fill(cache, 5, 0xE5)
+    _fill(cache, 6, 0xE6)
+    claim_scheduled(s, [cache], BLOCK_TOKENS)
+    assert _holds(cache, 5, 0) and _holds(cache, 6, 0), "the step's new blocks were not claimed"
+
+
+def test_vllms_null_block_padding_in_one_requests_block_ids_does_not_fail_the_claim(cache):
+    # One request alone, its Mamba group padded with vLLM's null block (block 0) twice: the
+    # claim of its one real new block (5) succeeds.
+    s = NS(
+        scheduled_new_reqs=[NS(req_id="a", block_ids=([0, 0, 5],), num_computed_tokens=0)],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    _fill(cache, 5, 0xE5)
+    claim_scheduled(s, [cache], BLOCK_TOKENS)
+    assert _holds(cache, 5, 0), "the request's new block was not claimed"
