@@ -620,7 +620,7 @@ impl FileRoutes {
         let mut snaps = Vec::with_capacity(files.live.len());
         for (pid, file) in &files.live {
             match self.fresh(file, now) {
-                Ok(snap) => snaps.push(snap),
+                Ok(snap) => snaps.push((file.display().to_string(), snap)),
                 // Ended since the directory was listed: its last snapshot is not served.
                 Err(_) if !per_process::alive(*pid) => gone += 1,
                 Err(e) => return Err(e),
@@ -629,8 +629,8 @@ impl FileRoutes {
         if snaps.is_empty() {
             return Err(same(per_process::none_live(pattern, gone)));
         }
-        super::merge::merge(&snaps.iter().collect::<Vec<_>>())
-            .map_err(|e| same(format!("{}: {e}", pattern.display())))
+        let named: Vec<(&str, &Snapshot)> = snaps.iter().map(|(f, s)| (f.as_str(), s)).collect();
+        super::merge::merge(&named).map_err(|e| same(format!("{}: {e}", pattern.display())))
     }
 
     /// [`FileRoutes::check`], saying on stderr when the problem changes or goes away.

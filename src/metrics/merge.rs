@@ -4,8 +4,10 @@
 //! split by another family's. So the merge regroups: each family once, in the order families
 //! first appear, declared by the first snapshot that declares it, followed by every
 //! snapshot's samples of it in the order the snapshots are given. The samples stay byte for
-//! byte as written: per-process files carry a `pid` label, so no series repeats; the result is
-//! parsed again before it is served, which refuses one that does.
+//! byte as written: per-process files carry a `pid` label, so no series repeats. A series in
+//! two files, or a family two files declare with different types, is refused naming both
+//! files (the operator looks at files, not at the merged text); the result is parsed again
+//! before it is served all the same.
 
 use std::collections::HashMap;
 
@@ -15,16 +17,19 @@ use super::parse::{self, family_of, sample_name};
 #[derive(Default)]
 struct Family {
     help: Option<String>,
-    kind: Option<(String, String)>,
+    /// Its type, the `# TYPE` line declaring it, and the name of the snapshot it is from.
+    kind: Option<(String, String, usize)>,
     samples: Vec<String>,
 }
 
-/// The snapshots as one exposition, or why they cannot be one (two processes that declare a
-/// family with different types, a series that repeats).
-pub fn merge(snapshots: &[&Snapshot]) -> Result<String, String> {
+/// The snapshots, each with the name it is known by (its file), as one exposition, or why
+/// they cannot be one (two that declare a family with different types, a series in two),
+/// naming the snapshots.
+pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
+    no_series_twice(snapshots)?;
     let mut order: Vec<String> = Vec::new();
     let mut families: HashMap<String, Family> = HashMap::new();
-    for snap in snapshots {
+    for (at, (name_of_snap, snap)) in snapshots.iter().enumerate() {
         for line in snap.text.lines() {
             let line = line.strip_suffix('\r').unwrap_or(line);
             let Some((name, entry)) = entry_of(line, snap) else {
@@ -39,11 +44,13 @@ pub fn merge(snapshots: &[&Snapshot]) -> Result<String, String> {
                     family.help.get_or_insert_with(|| line.to_string());
                 }
                 Entry::Type(kind) => match &family.kind {
-                    None => family.kind = Some((kind.to_string(), line.to_string())),
-                    Some((k, _)) if k == kind => {}
-                    Some((k, _)) => {
+                    None => family.kind = Some((kind.to_string(), line.to_string(), at)),
+                    Some((k, _, _)) if k == kind => {}
+                    Some((k, _, first)) => {
                         return Err(format!(
-                            "the processes declare {name} with different types ({k} and {kind})"
+                            "{} and {name_of_snap} declare {name} with different types ({k} \
+                             and {kind})",
+                            snapshots[*first].0
                         ))
                     }
                 },
@@ -54,7 +61,7 @@ pub fn merge(snapshots: &[&Snapshot]) -> Result<String, String> {
     let mut out = String::new();
     for name in &order {
         let f = &families[name];
-        for line in f.help.iter().chain(f.kind.as_ref().map(|(_, l)| l)) {
+        for line in f.help.iter().chain(f.kind.as_ref().map(|(_, l, _)| l)) {
             out.push_str(line);
             out.push('\n');
         }
@@ -65,6 +72,40 @@ pub fn merge(snapshots: &[&Snapshot]) -> Result<String, String> {
     }
     parse::parse(&out).map_err(|e| format!("the merged snapshots are not one exposition: {e}"))?;
     Ok(out)
+}
+
+/// Refuses a series that two snapshots both hold, naming them.
+fn no_series_twice(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
+    let mut holder: HashMap<(&str, Vec<(&str, &str)>), usize> = HashMap::new();
+    for (at, (name, snap)) in snapshots.iter().enumerate() {
+        for sample in &snap.exposition.samples {
+            let mut labels: Vec<(&str, &str)> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            labels.sort_unstable();
+            let without_pid = sample.label("pid").is_none();
+            if let Some(first) = holder.insert((sample.name.as_str(), labels), at) {
+                if first == at {
+                    // A file's own repeat: its parse refused it already.
+                    continue;
+                }
+                return Err(format!(
+                    "{} and {name} both hold the series {}{}",
+                    snapshots[first].0,
+                    sample.name,
+                    if without_pid {
+                        " without a pid label (a snapshot written through the {pid} \
+                         placeholder of KVH_METRICS_FILE carries one)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 enum Entry<'a> {
@@ -118,7 +159,7 @@ mod tests {
     #[test]
     fn families_are_declared_once_with_every_process_s_samples_under_them() {
         let (a, b) = (snap(A), snap(B));
-        let merged = merge(&[&a, &b]).unwrap();
+        let merged = merge(&[("a", &a), ("b", &b)]).unwrap();
         let parsed = parse::parse(&merged).unwrap();
         assert_eq!(merged.matches("# TYPE kvh_a_total counter").count(), 1);
         assert_eq!(merged.matches("# HELP kvh_lat_seconds").count(), 1);
@@ -158,7 +199,7 @@ mod tests {
             ))
         };
         let (a, b) = (expo("1", 700), expo("2", 70_000));
-        let merged = merge(&[&a, &b]).unwrap();
+        let merged = merge(&[("a", &a), ("b", &b)]).unwrap();
         let parsed = parse::parse(&merged).unwrap();
         assert_eq!(
             merged
@@ -180,24 +221,27 @@ mod tests {
     #[test]
     fn one_snapshot_merges_to_its_own_samples() {
         let a = snap(A);
-        let merged = merge(&[&a]).unwrap();
+        let merged = merge(&[("a", &a)]).unwrap();
         assert_eq!(parse::parse(&merged).unwrap().samples, a.exposition.samples);
     }
 
     #[test]
     fn a_series_in_two_files_is_refused() {
         let (a, again) = (snap(A), snap(A));
-        let err = merge(&[&a, &again]).unwrap_err();
-        assert!(err.contains("the same series twice"), "{err}");
+        let err = merge(&[("kvh-1.prom", &a), ("kvh-2.prom", &again)]).unwrap_err();
+        assert!(
+            err.contains("kvh-1.prom and kvh-2.prom both hold the series kvh_a_total"),
+            "{err}"
+        );
     }
 
     #[test]
     fn processes_that_disagree_on_a_family_s_type_are_refused() {
         let a = snap(A);
         let g = snap("# TYPE kvh_a_total gauge\nkvh_a_total{pid=\"9\"} 1\n");
-        let err = merge(&[&a, &g]).unwrap_err();
+        let err = merge(&[("kvh-1.prom", &a), ("kvh-9.prom", &g)]).unwrap_err();
         assert!(
-            err.contains("kvh_a_total") && err.contains("different types"),
+            err.contains("kvh-1.prom and kvh-9.prom declare kvh_a_total with different types"),
             "{err}"
         );
     }
