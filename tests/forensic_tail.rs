@@ -1548,3 +1548,173 @@ fn a_state_file_in_a_directory_the_user_cannot_write_is_refused_before_any_recor
         stdout_lines(&out).len()
     );
 }
+
+/// A running tail passing every second whose whole verifications are an hour apart: every
+/// pass after the first reads only what was appended.
+fn spawn_between_whole(dir: &Path, args: &[&str]) -> Running {
+    let mut all = vec!["--interval", "1", "--verify-every", "3600"];
+    all.extend_from_slice(args);
+    spawn_tail(dir, &all)
+}
+
+/// The alert a running tail ends with: exit 1, the alert its last stdout line.
+fn running_alert(mut tail: Running) -> Value {
+    assert_eq!(tail.exit_code(), Some(1), "the tail stops on tampering");
+    let lines = tail.output();
+    let v: Value = serde_json::from_str(lines.last().expect("an alert line")).unwrap();
+    assert_eq!(v["kvh_tail_log"], "tampering", "{v}");
+    v
+}
+
+/// Replaces the first `from` in `file` with `to`.
+fn rewrite(file: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(text.contains(from), "{from} in {}", file.display());
+    std::fs::write(file, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn between_whole_verifications_the_records_appended_are_passed_on_across_rotations() {
+    let k = keyed();
+    let log = ForensicLog::open_with_secret(&cfg(&k.dir, 2048), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(said.contains("verified whole again every 3600 s"), "{said}");
+    let before = log_lines(&k.dir).len();
+    for i in 1..30 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let written = log_lines(&k.dir)[before..].to_vec();
+    assert!(chain_files(&k.dir).len() > 2, "the records span rotations");
+    let got = tail.lines_within(written.len(), Duration::from_secs(30));
+    assert_eq!(got, written, "every record appended, exactly as written");
+
+    // A record passed on long ago, in a file no longer read, changed: found only by the
+    // next whole verification, not by the passes that read what is appended.
+    rewrite(&chain_files(&k.dir)[0], "req-0", "req-X");
+    let before = log_lines(&k.dir).len();
+    for i in 30..33 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let written = log_lines(&k.dir)[before..].to_vec();
+    let got = tail.lines_within(written.len(), Duration::from_secs(30));
+    assert_eq!(got, written);
+    tail.signal(libc::SIGTERM);
+    assert_eq!(tail.exit_code(), Some(0));
+    let v = alert(&tail_once(&k.dir, &k.args(&[])));
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    log.stop();
+}
+
+#[test]
+fn between_whole_verifications_a_record_that_does_not_follow_is_judged_at_once() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    // The newest record written again after itself: its seq does not follow.
+    let file = chain_files(&k.dir).pop().unwrap();
+    let last = forensic_common::read_lines(&file).pop().unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{last}\n").as_bytes()).unwrap();
+    let v = running_alert(tail);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    log.stop();
+}
+
+#[test]
+fn between_whole_verifications_records_cut_off_the_end_are_caught_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 6, false);
+    let tail = spawn_between_whole(&dir, &["--from-start"]);
+    assert_eq!(tail.lines_within(8, Duration::from_secs(30)).len(), 8);
+    let file = chain_files(&dir).remove(0);
+    let lines = forensic_common::read_lines(&file);
+    forensic_common::write_lines(&file, &lines[..5]);
+    let v = running_alert(tail);
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("went back from seq 7 to seq 4"),
+        "{v}"
+    );
+}
+
+#[test]
+fn between_whole_verifications_a_new_chain_is_passed_on_whole() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let before = log_lines(&k.dir);
+    write_log(&cfg(&k.dir, 1 << 20), 3, true);
+    let new: Vec<String> = log_lines(&k.dir)
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    assert_eq!(new.len(), 5, "start, 3 events, stop");
+    let got = tail.lines_within(new.len(), Duration::from_secs(30));
+    tail.signal(libc::SIGTERM);
+    assert_eq!(tail.exit_code(), Some(0));
+    assert_eq!(got, new);
+}
+
+#[test]
+fn on_a_small_log_every_pass_verifies_the_whole_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 4, false);
+    let mut tail = spawn_tail(&dir, &["--interval", "1"]);
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    // A record already there when the tail started, never passed on: only a verification
+    // of the whole directory reads it.
+    rewrite(&chain_files(&dir)[0], "req-1", "req-X");
+    let v = running_alert(tail);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+}
+
+#[test]
+fn verify_every_brings_the_next_whole_verification_after_that_many_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 4, false);
+    let mut tail = spawn_tail(&dir, &["--interval", "1", "--verify-every", "3"]);
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(said.contains("verified whole again every 3 s"), "{said}");
+    let started = Instant::now();
+    rewrite(&chain_files(&dir)[0], "req-1", "req-X");
+    let v = running_alert(tail);
+    assert!(
+        v["reason"].as_str().unwrap().contains("no longer verifies"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+}

@@ -234,7 +234,15 @@ longer verifies, it writes a line {\"kvh_tail_log\": \"tampering\", \"chain\": .
 
 By default the records already in the log are not passed on, only those written from the \
 first pass on (--from-start passes them all); a chain that appears later is passed on whole. \
-With --state FILE a restarted tail goes on where it stopped. Where prune-log runs, give \
+With --state FILE a restarted tail goes on where it stopped.
+
+On a large log the whole verifications are spaced out (--verify-every; by default they take \
+at most a tenth of the time): the passes between them check each chain's new records from \
+the one passed on before them (which must still be there, with its hash) as verify-log does, \
+and leave the older records, signed checkpoints and prune manifests to the next whole \
+verification. A record that does not follow brings a whole verification at once.
+
+Where prune-log runs, give \
 --allow-pruned (with --key-file), or the first prune reads as files gone; records it moved \
 before they were passed on are named by a {\"kvh_tail_log\": \"gap\", ...} line.
 

@@ -1,12 +1,21 @@
 //! `kvh tail-log`: the records of a forensic log as they are written, each passed on only
 //! once it has verified, for a log shipper or a SIEM.
 //!
-//! Every pass verifies the directory as `verify-log` does (hashes, MACs, links, checkpoints),
+//! A whole pass verifies the directory as `verify-log` does (hashes, MACs, links, checkpoints),
 //! then reads the records written since the last pass and writes them to stdout, exactly as
 //! they are in the files, one per line. The bytes written are held to the chain's verified
 //! head: each record's hash is computed again from its bytes and the previous hash, and the
 //! last one must be the head the verification reached, so a file changed between the
 //! verification and the reading is never passed on (it is read again at the next pass).
+//!
+//! A whole verification costs time in proportion to the log (a minute of one core for
+//! 20 GiB), so on a large log the passes between two of them (`--verify-every`; by default
+//! spaced so that they take a tenth of the time) only read what was appended: each chain's
+//! records after the one last passed on, which must still be in its file with its hash, each
+//! checked as `verify-log`'s walk checks it from there ([`ChainCheck::after`]). Whatever such
+//! a pass cannot vouch for (a chain new or gone, a record that does not follow) is left to a
+//! whole pass made at once; what it does not look at (older records, signed checkpoints,
+//! prune manifests) is checked by the next whole verification.
 //!
 //! Between passes the tail remembers where each chain was (seq and hash of the last record
 //! passed on, in `--state` across runs), which adds two checks `verify-log` cannot make
@@ -25,7 +34,7 @@ use std::io::{BufRead, Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -39,14 +48,16 @@ use super::keys::EpochKey;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
-use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+use super::verify::{
+    self, rfc3339, verify_all, Accepted, ChainCheck, ChainReport, Report, VerifyOptions,
+};
 
 /// `kvh tail-log`: arguments.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TailLogArgs {
     #[command(flatten)]
     pub log: VerifyLogArgs,
-    /// Seconds between passes (each verifies the whole directory).
+    /// Seconds between passes.
     #[arg(long, value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub interval: u64,
@@ -68,6 +79,15 @@ pub struct TailLogArgs {
     /// Pass on only security records (the exceptions `kvh evidence` lists), not every record.
     #[arg(long)]
     pub security_only: bool,
+    /// Seconds between verifications of the whole directory (0: every pass). The passes
+    /// between them hold each chain's new records to the record passed on before them (which
+    /// must still be there, with its hash) as `verify-log` does: hashes, links, seqs, MACs,
+    /// rotations; signed checkpoints, prune manifests and the older records are checked at
+    /// the next whole verification. Default: as often as keeps them under a tenth of the
+    /// time (every pass on a small log; about every 12 minutes on 20 GiB).
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub verify_every: Option<u64>,
 }
 
 /// Where a chain was: its last record passed on (or, at a start from the end, its head).
@@ -94,6 +114,63 @@ struct State {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     stalls: BTreeMap<String, u32>,
 }
+
+/// What the last verification of the whole directory leaves to the passes until the next.
+#[derive(Debug, Default)]
+struct Verified {
+    /// The chains it found with records, each with the index of the HMAC secret that seals
+    /// it among those given (`None`: MACs not checked).
+    keys: BTreeMap<String, Option<usize>>,
+    /// The chains it found without a record: moved whole by `prune-log`, or never started.
+    without_records: std::collections::BTreeSet<String>,
+    /// When the next one is due (`None`: before the first).
+    next: Option<Instant>,
+    /// How long the last one took, and how long after its start the next is due.
+    took: Duration,
+    gap: Duration,
+}
+
+impl Verified {
+    /// Whether the next pass verifies the whole directory: the first, one that is due, and
+    /// every pass after one whose records did not hash to the verified head (the stalls are
+    /// counted in whole passes).
+    fn due(&self, state: &State) -> bool {
+        self.next.is_none_or(|t| Instant::now() >= t) || !state.stalls.is_empty()
+    }
+
+    /// Takes in a whole verification of `report` that started at `started` and took `took`.
+    fn record(&mut self, report: &Report, started: Instant, took: Duration, every: Option<u64>) {
+        self.keys.clear();
+        self.without_records.clear();
+        for c in &report.chains {
+            if c.last_seq.is_some() {
+                self.keys.insert(c.chain.clone(), c.key_index);
+            } else {
+                self.without_records.insert(c.chain.clone());
+            }
+        }
+        self.gap = every.map_or(took.saturating_mul(WHOLE_SHARE), Duration::from_secs);
+        self.took = took;
+        self.next = Some(started + self.gap);
+    }
+
+    /// What a following tail says of its whole verifications after the first, when they will
+    /// not be made at every pass (`interval` seconds apart).
+    fn cadence(&self, interval: u64) -> Option<String> {
+        (self.gap > Duration::from_secs(interval)).then(|| {
+            format!(
+                "the whole directory verified in {:.1} s: verified whole again every {} s \
+                 (--verify-every); the passes between hold each chain's new records to the \
+                 last one passed on",
+                self.took.as_secs_f64(),
+                self.gap.as_secs()
+            )
+        })
+    }
+}
+
+/// By default whole verifications take at most one part in this many of the tail's time.
+const WHOLE_SHARE: u32 = 10;
 
 /// A directory as the state file names it: by device and inode (the same directory through a
 /// symlink, a bind mount or another spelling of its path is the same), with the path it was
@@ -258,6 +335,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     let mut first = true;
     let mut said_error: Option<String> = None;
     let mut failed_passes: u32 = 0;
+    let mut verified = Verified::default();
     loop {
         // Asked to stop before this pass began: it is the last one, and it passes on every
         // record written up to the signal.
@@ -266,8 +344,9 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             opts: &opts,
             skip_existing,
             security_only: args.security_only,
+            verify_every: args.verify_every,
         };
-        match pass(&args.log.dir, &how, &mut state) {
+        match pass(&args.log.dir, &how, &mut state, &mut verified) {
             Ok(moved) => {
                 if skip_existing && args.once {
                     eprintln!(
@@ -285,6 +364,11 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                         state.chains.len(),
                         args.interval
                     );
+                }
+                if first && !args.once {
+                    if let Some(said) = verified.cadence(args.interval) {
+                        eprintln!("kvh tail-log: {said}");
+                    }
                 }
                 skip_existing = false;
                 said_error = None;
@@ -445,16 +529,43 @@ struct Pass<'a> {
     /// The first pass from the heads: chains are placed at their heads, nothing passed on.
     skip_existing: bool,
     security_only: bool,
+    /// `--verify-every`.
+    verify_every: Option<u64>,
 }
 
-/// One pass: verifies the directory, checks it against `state`, writes the new records of
-/// each chain to stdout and moves `state` past them. Returns whether `state` changed.
-fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError> {
+/// One pass: verifies the whole directory when that is due, else reads only what was
+/// appended ([`appended_pass`], which leaves to a whole verification what it cannot vouch
+/// for). Returns whether `state` changed.
+fn pass(
+    dir: &Path,
+    how: &Pass<'_>,
+    state: &mut State,
+    verified: &mut Verified,
+) -> Result<bool, PassError> {
+    if !verified.due(state) {
+        if let Some(moved) = appended_pass(dir, how, state, verified)? {
+            return Ok(moved);
+        }
+    }
+    whole_pass(dir, how, state, verified)
+}
+
+/// A pass that verifies the whole directory, checks it against `state`, writes the new
+/// records of each chain to stdout and moves `state` past them. Returns whether `state`
+/// changed.
+fn whole_pass(
+    dir: &Path,
+    how: &Pass<'_>,
+    state: &mut State,
+    verified: &mut Verified,
+) -> Result<bool, PassError> {
     if let Some(stop) = directory_gone(dir, state) {
         return Err(PassError::Stop(stop));
     }
     let opts = how.opts;
+    let started = Instant::now();
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    let took = started.elapsed();
     if !report.ok() {
         // A directory listed while a writer creates its next file may show the new file and
         // miss the one before it (readdir is not a snapshot): a problem is tampering only if a
@@ -478,6 +589,7 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
         }));
     }
     check_against(&report, state)?;
+    verified.record(&report, started, took, how.verify_every);
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let mut moved = false;
     let mut out = std::io::stdout().lock();
@@ -537,28 +649,180 @@ fn pass(dir: &Path, how: &Pass<'_>, state: &mut State) -> Result<bool, PassError
         if let Some((first, last)) = new.gap {
             say_gap(&mut out, &chain.chain, first, last)?;
         }
-        for (line, at) in &new.lines {
-            if !how.security_only || security_line(line) {
-                // One write per line (the record and its newline), so that a failure is at
-                // a line's boundary unless the write itself is cut short (a full disk): the
-                // line is then passed on again, whole, by the next run.
-                let mut whole = Vec::with_capacity(line.len() + 1);
-                whole.extend_from_slice(line);
-                whole.push(b'\n');
-                if let Err(e) = out.write_all(&whole).and_then(|()| out.flush()) {
-                    // The records written before stay passed on: the position moves past
-                    // them (and is saved), so that no run passes them on again.
-                    return Err(PassError::Stop(Stop::Error(format!("cannot write: {e}"))));
-                }
-            }
-            state.chains.insert(chain.chain.clone(), at.clone());
-        }
-        state.chains.insert(chain.chain.clone(), new.to);
+        pass_on(&mut out, &chain.chain, new, how, state)?;
         moved = true;
     }
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
     Ok(moved)
+}
+
+/// Writes the records of `chain` read (all, or the security ones) to `out`, moving its
+/// position in `state` past each one as it is written.
+fn pass_on(
+    out: &mut impl Write,
+    chain: &str,
+    new: NewRecords,
+    how: &Pass<'_>,
+    state: &mut State,
+) -> Result<(), PassError> {
+    for (line, at) in new.lines {
+        if !how.security_only || security_line(&line) {
+            // One write per line (the record and its newline), so that a failure is at a
+            // line's boundary unless the write itself is cut short (a full disk): the line is
+            // then passed on again, whole, by the next run.
+            let mut whole = line;
+            whole.push(b'\n');
+            if let Err(e) = out.write_all(&whole).and_then(|()| out.flush()) {
+                // The records written before stay passed on: the position moves past them
+                // (and is saved), so that no run passes them on again.
+                return Err(PassError::Stop(Stop::Error(format!("cannot write: {e}"))));
+            }
+        }
+        state.chains.insert(chain.to_string(), at);
+    }
+    state.chains.insert(chain.to_string(), new.to);
+    Ok(())
+}
+
+/// A pass between whole verifications. For each chain with a position it reads the records
+/// appended after it, each held to the walk `verify-log` makes ([`read_appended`]), and
+/// passes them on. `None`, with nothing written, when it cannot vouch for the directory as
+/// it finds it (a chain new or gone, a position's record missing or changed, a record that
+/// does not follow): a whole verification then judges it.
+fn appended_pass(
+    dir: &Path,
+    how: &Pass<'_>,
+    state: &mut State,
+    verified: &Verified,
+) -> Result<Option<bool>, PassError> {
+    if let Some(stop) = directory_gone(dir, state) {
+        return Err(PassError::Stop(stop));
+    }
+    let files = verify::list_all(dir, how.opts).map_err(|e| PassError::Io(e.to_string()))?;
+    // Chains with a position that are not listed: only those moved whole, as verified.
+    let listed = |id: &String| files.iter().any(|(c, _)| c == id);
+    if state
+        .chains
+        .keys()
+        .any(|id| !listed(id) && !verified.without_records.contains(id))
+    {
+        return Ok(None);
+    }
+    let mut reads = Vec::with_capacity(files.len());
+    for (id, list) in &files {
+        match (state.chains.get(id), verified.keys.get(id)) {
+            (Some(from), Some(key_index)) => {
+                match read_appended(id, list, from, *key_index, how.opts) {
+                    Some(new) => reads.push((id, new)),
+                    None => return Ok(None),
+                }
+            }
+            // Still without a record (a chain being started, or one whose writer died
+            // before its first): nothing to pass on yet.
+            (None, None) if verified.without_records.contains(id) && no_record(list) => {}
+            _ => return Ok(None),
+        }
+    }
+    let mut moved = false;
+    let mut out = std::io::stdout().lock();
+    for (id, new) in reads {
+        if new.lines.is_empty() {
+            continue;
+        }
+        pass_on(&mut out, id, new, how, state)?;
+        moved = true;
+    }
+    out.flush()
+        .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+    Ok(Some(moved))
+}
+
+/// Whether a chain's files hold no complete line (no record).
+fn no_record(list: &[(u64, PathBuf)]) -> bool {
+    list.iter().all(|(_, path)| {
+        files::open_regular(path, files::MAX_READ_BYTES).is_ok_and(|(file, _)| {
+            let mut bytes = Vec::new();
+            file.take(files::MAX_READ_BYTES)
+                .read_to_end(&mut bytes)
+                .is_ok_and(|_| !bytes.contains(&b'\n'))
+        })
+    })
+}
+
+/// The records of chain `id` appended after the record at `from`, which must still be in
+/// its file with the hash it had: each checked as the continuation of the chain from there
+/// (as `verify-log` checks it, sealed by the secret at `key_index`), up to the last complete
+/// line. `None` when anything does not follow.
+fn read_appended(
+    id: &str,
+    list: &[(u64, PathBuf)],
+    from: &Position,
+    key_index: Option<usize>,
+    opts: &VerifyOptions,
+) -> Option<NewRecords> {
+    let hash = parse_hash(&from.hash)?;
+    let newest = list.last().map(|(i, _)| *i);
+    let mut check: Option<ChainCheck<'_>> = None;
+    let mut lines = Vec::new();
+    for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
+        // Opened as the verifier opens it: a FIFO or a symlink planted cannot hang or flood
+        // the reading.
+        let (file, _) = files::open_regular(path, files::MAX_READ_BYTES).ok()?;
+        let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
+        let mut first_in_file = true;
+        loop {
+            let mut line = Vec::new();
+            reader.read_until(b'\n', &mut line).ok()?;
+            // The end of the file, or a line still being written: only in the newest file.
+            if line.pop() != Some(b'\n') {
+                if !line.is_empty() && Some(*index) != newest {
+                    return None;
+                }
+                break;
+            }
+            let first = std::mem::replace(&mut first_in_file, false);
+            match check.as_mut() {
+                Some(c) => {
+                    let (seq, h) = c.record(*index, &line, first).ok()?;
+                    let at = Position {
+                        seq,
+                        hash: hex(&h),
+                        file: *index,
+                    };
+                    lines.push((line, at));
+                }
+                // Up to the position's record, which must be in its file as it was passed on.
+                None => {
+                    let r = scan(&line).ok()?;
+                    let seq = r.seq?;
+                    if seq < from.seq {
+                        continue;
+                    }
+                    if seq != from.seq || r.hash != from.hash {
+                        return None;
+                    }
+                    let at = Accepted {
+                        seq,
+                        hash,
+                        file: *index,
+                        stop: r.kind == Some("stop"),
+                    };
+                    check = Some(ChainCheck::after(id, at, key_index, opts).ok()?);
+                }
+            }
+        }
+        check.as_ref()?;
+    }
+    check?;
+    let to = lines
+        .last()
+        .map_or_else(|| from.clone(), |(_, at)| at.clone());
+    Some(NewRecords {
+        lines,
+        to,
+        gap: None,
+    })
 }
 
 /// Writes the line that names records `first ..= last` of `chain`, moved by `prune-log` before

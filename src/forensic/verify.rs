@@ -1397,6 +1397,68 @@ impl<'a> ChainCheck<'a> {
             .map(|_| ())
             .map_err(|p| p.to_string())
     }
+
+    /// Starts just after a record a verification accepted: record `seq` of `chain`, whose
+    /// hash is `hash`, in file `file`, sealed (when keys are given) by the secret at
+    /// `key_index`. The records checked from here on ([`ChainCheck::record`]) are held to what
+    /// the walk holds every record to; what lies before them, signed checkpoints and prune
+    /// manifests are not looked at (a verification of the directory judges them).
+    pub fn after(
+        chain: &'a str,
+        at: Accepted,
+        key_index: Option<usize>,
+        opts: &VerifyOptions,
+    ) -> Result<Self, String> {
+        let mut walk = Walk::new(chain, opts, None, 0).map_err(|e| e.0)?;
+        if !opts.hmac_keys.is_empty() {
+            walk.key
+                .pin(key_index.ok_or("the chain's HMAC key is not known")?)?;
+        }
+        walk.key.advance_to(at.file);
+        walk.next_seq = at.seq.checked_add(1).ok_or("seq out of range")?;
+        walk.prev = at.hash;
+        walk.cur_index = at.file;
+        walk.prev_file = at.file.checked_sub(1).map(|f| files::file_name(chain, f));
+        walk.report.closed = at.stop;
+        Ok(ChainCheck { walk })
+    }
+
+    /// Checks the chain's next record, the complete line `line` (without its newline) of file
+    /// `index`: the file of the record before it, or, as the first line of a file
+    /// (`first_in_file`), the next one. Returns its seq and hash.
+    pub fn record(
+        &mut self,
+        index: u64,
+        line: &[u8],
+        first_in_file: bool,
+    ) -> Result<(u64, [u8; 32]), String> {
+        if index != self.walk.cur_index {
+            if !first_in_file || Some(index) != self.walk.cur_index.checked_add(1) {
+                return Err(format!(
+                    "file index jumps from {} to {index}",
+                    self.walk.cur_index
+                ));
+            }
+            // The walk names the file before the one it reads: a `rotate` record links to it.
+            self.walk.prev_file = Some(files::file_name(self.walk.chain, self.walk.cur_index));
+            self.walk.cur_index = index;
+            self.walk.key.advance_to(index);
+        }
+        let seq = self.walk.next_seq;
+        self.walk.record(line, index, first_in_file)?;
+        Ok((seq, self.walk.prev))
+    }
+}
+
+/// A record a verification accepted, from which a [`ChainCheck`] goes on.
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    /// Index of the file holding it.
+    pub file: u64,
+    /// Whether it is the chain's `stop` record (nothing may follow it).
+    pub stop: bool,
 }
 
 impl<'a> Walk<'a> {
