@@ -1583,7 +1583,10 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
     let said = tail.said();
     assert!(said.contains("1 chains verified"), "{said}");
     let said = tail.said();
-    assert!(said.contains("verified whole again every 3600 s"), "{said}");
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
     let before = log_lines(&k.dir).len();
     for i in 1..30 {
         log.emit(event(i));
@@ -1708,7 +1711,7 @@ fn verify_every_brings_the_next_whole_verification_after_that_many_seconds() {
     let said = tail.said();
     assert!(said.contains("1 chains verified"), "{said}");
     let said = tail.said();
-    assert!(said.contains("verified whole again every 3 s"), "{said}");
+    assert!(said.contains("verified whole again every 3.0 s"), "{said}");
     let started = Instant::now();
     rewrite(&chain_files(&dir)[0], "req-1", "req-X");
     let v = running_alert(tail);
@@ -1717,4 +1720,274 @@ fn verify_every_brings_the_next_whole_verification_after_that_many_seconds() {
         "{v}"
     );
     assert!(started.elapsed() < Duration::from_secs(25));
+}
+
+/// The signed checkpoint files (`*.ckpt`) of `dir`.
+fn checkpoint_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The chain ids a state file holds positions for.
+fn state_chains(state: &Path) -> Vec<String> {
+    let saved: Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+    saved["chains"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Records appended after the position that differ from the chain's signed checkpoint (what
+/// the holder of the HMAC secret, without the signing key, can write) are rejected by a whole
+/// verification as new records ("record differs from the signed checkpoint"). A pass between
+/// whole verifications holds them to what `verify-log`'s walk holds them to: it passes none
+/// of them on, and the tail stops on them as tampering.
+#[test]
+fn between_whole_verifications_records_at_odds_with_the_signed_checkpoint_are_not_passed_on() {
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let public = public.to_str().unwrap().to_string();
+    // The writer's chain, made in a staging directory: the log directory is shown its first
+    // records (with the checkpoint then signed), then the rest.
+    let staging = keys.path().join("staging");
+    let mut c = cfg(&staging, 1 << 20);
+    c.signing_key_file = Some(signer);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let file = chain_files(&staging).remove(0);
+    let ckpt = checkpoint_files(&staging).remove(0);
+    let early = forensic_common::read_lines(&file);
+    let early_ckpt = std::fs::read(&ckpt).unwrap();
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.stop();
+    let final_ckpt = std::fs::read(&ckpt).unwrap();
+    std::fs::create_dir(&k.dir).unwrap();
+    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let in_log = k.dir.join(file.file_name().unwrap());
+    let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
+    forensic_common::write_lines(&in_log, &early);
+    std::fs::write(&ckpt_in_log, &early_ckpt).unwrap();
+
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--public-key", &public]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    // The rest of the chain, its first new record changed and every record after it sealed
+    // again with the secret; the checkpoint the writer signed at its stop.
+    let copy = keys.path().join(file.file_name().unwrap());
+    std::fs::copy(&file, &copy).unwrap();
+    forge_from(
+        std::slice::from_ref(&copy),
+        0,
+        early.len() + 1,
+        Some(kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap()),
+        |m| {
+            m.insert("request_id".into(), "req-forged".into());
+        },
+    );
+    let forged = forensic_common::read_lines(&copy)[early.len()..].to_vec();
+    let staged_ckpt = keys.path().join("ckpt.tmp");
+    std::fs::write(&staged_ckpt, &final_ckpt).unwrap();
+    std::fs::rename(&staged_ckpt, &ckpt_in_log).unwrap();
+    let mut appended = forged.join("\n");
+    appended.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&in_log)
+        .unwrap();
+    std::io::Write::write_all(&mut f, appended.as_bytes()).unwrap();
+    drop(f);
+    let whole = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--public-key",
+        &public,
+    ];
+    let verified = kvh()
+        .arg("verify-log")
+        .arg(&k.dir)
+        .args(whole)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("record differs from the signed checkpoint"),
+        "a whole verification rejects the records appended: {report}"
+    );
+
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "a record a whole verification rejects was passed on: {first}"
+    );
+}
+
+/// A chain `prune-log` moved whole leaves only its prune manifest in the log directory. With
+/// the manifest deleted too, the chain is gone: a pass between whole verifications, which
+/// finds a chain new or gone at the pass that meets it, stops the tail as tampering (as a
+/// whole verification does: "its files are gone") before passing on anything after it.
+#[test]
+fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_caught() {
+    let k = keyed();
+    let archive = archive_dir(&k);
+    // A chain that ended, moved whole by the nightly prune.
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    prune_everything_it_may(&k, &archive);
+    assert!(chain_files(&k.dir).is_empty(), "the chain moved whole");
+    let manifest: PathBuf = std::fs::read_dir(&k.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().ends_with(".pruned.json"))
+        .expect("its prune manifest");
+    // A process writing now.
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]));
+    let said = tail.said();
+    assert!(said.contains("2 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    std::fs::remove_file(&manifest).unwrap();
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "the chain moved whole is gone, yet the tail went on: {first}"
+    );
+    assert!(
+        first["reason"].as_str().unwrap().contains("gone"),
+        "{first}"
+    );
+    log.stop();
+}
+
+/// A chain counted as read other than verified (a pass that raced a prune, say), then moved
+/// whole by `prune-log`: its count cannot clear by a reading any more, and must not make every
+/// pass a whole verification. Between whole verifications the passes read only what was
+/// appended (an older record changed is left to the next whole verification, as for
+/// `between_whole_verifications_the_records_appended_are_passed_on_across_rotations`).
+#[test]
+fn a_count_of_mismatched_reads_of_a_chain_moved_whole_leaves_the_passes_between_whole_ones() {
+    let k = keyed();
+    let archive = archive_dir(&k);
+    // A chain that ended, and a process writing now.
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let live = log.stats().chain.clone().expect("a chain");
+    assert_ok(&tail_once(
+        &k.dir,
+        &k.args(&["--from-start", "--allow-pruned"]),
+    ));
+    let ended = state_chains(&k.state)
+        .into_iter()
+        .find(|c| *c != live)
+        .expect("the chain that ended");
+    // The last pass read the ended chain's bytes as other than verified.
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&k.state).unwrap()).unwrap();
+    saved["stalls"] = serde_json::json!({ ended.clone(): 1 });
+    std::fs::write(&k.state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    prune_everything_it_may(&k, &archive);
+    assert_eq!(chain_files(&k.dir).len(), 1, "the ended chain moved whole");
+
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]));
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+    rewrite(&chain_files(&k.dir)[0], "req-0", "req-X");
+    let before = log_lines(&k.dir).len();
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let written = log_lines(&k.dir)[before..].to_vec();
+    let got = tail.lines_within(written.len(), Duration::from_secs(10));
+    let _ = tail.child.kill();
+    assert_eq!(
+        got, written,
+        "a pass between whole verifications passes on what was appended"
+    );
+    log.stop();
+}
+
+/// Nothing may follow a chain's `stop` record, not even bytes of a line (`verify-log`: "bytes
+/// after the chain's stop record"). Bytes appended to a stopped chain are found at the pass
+/// that meets them, between whole verifications too: the tail stops as tampering before
+/// passing on anything after them.
+#[test]
+fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
+    let k = keyed();
+    // A chain that ended, and a process writing now.
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let ended = chain_files(&k.dir).remove(0);
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("2 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&ended)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"v\":1,").unwrap();
+    drop(f);
+    assert_eq!(
+        verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
+        Some(1),
+        "verify-log rejects bytes after a stop record"
+    );
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "bytes after a stop record, yet the tail went on: {first}"
+    );
+    log.stop();
 }

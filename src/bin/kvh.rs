@@ -237,7 +237,7 @@ first pass on (--from-start passes them all); a chain that appears later is pass
 With --state FILE a restarted tail goes on where it stopped.
 
 On a large log the whole verifications are spaced out (--verify-every; by default they take \
-at most a tenth of the time): the passes between them check each chain's new records from \
+at most a tenth of one core): the passes between them check each chain's new records from \
 the one passed on before them (which must still be there, with its hash) as verify-log does, \
 and leave the older records, signed checkpoints and prune manifests to the next whole \
 verification. A record that does not follow brings a whole verification at once.

@@ -10,7 +10,7 @@
 //!
 //! A whole verification costs time in proportion to the log (a minute of one core for
 //! 20 GiB), so on a large log the passes between two of them (`--verify-every`; by default
-//! spaced so that they take a tenth of the time) only read what was appended: each chain's
+//! spaced so that they take a tenth of one core) only read what was appended: each chain's
 //! records after the one last passed on, which must still be in its file with its hash, each
 //! checked as `verify-log`'s walk checks it from there ([`ChainCheck::after`]). Whatever such
 //! a pass cannot vouch for (a chain new or gone, a record that does not follow) is left to a
@@ -39,12 +39,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::checkpoint::Checkpoint;
 use super::cli::{
     check_log_dir, options_but_dir, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE,
 };
 use super::evidence::is_exception;
 use super::files;
 use super::keys::EpochKey;
+use super::prune;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
@@ -82,9 +84,9 @@ pub struct TailLogArgs {
     /// Seconds between verifications of the whole directory (0: every pass). The passes
     /// between them hold each chain's new records to the record passed on before them (which
     /// must still be there, with its hash) as `verify-log` does: hashes, links, seqs, MACs,
-    /// rotations; signed checkpoints, prune manifests and the older records are checked at
-    /// the next whole verification. Default: as often as keeps them under a tenth of the
-    /// time (every pass on a small log; about every 12 minutes on 20 GiB).
+    /// rotations, the signed checkpoint; prune manifests and the older records are checked
+    /// at the next whole verification. Default: as often as keeps them under a tenth of one
+    /// core (every pass on a small log; about every 12 minutes on 20 GiB).
     #[arg(long, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub verify_every: Option<u64>,
@@ -123,8 +125,12 @@ struct Verified {
     keys: BTreeMap<String, Option<usize>>,
     /// The chains it found without a record: moved whole by `prune-log`, or never started.
     without_records: std::collections::BTreeSet<String>,
+    /// The prune manifest of each chain it found moved whole, as it was then.
+    manifests: BTreeMap<String, Stamp>,
     /// When the next one is due (`None`: before the first).
     next: Option<Instant>,
+    /// Where each chain's position record starts, as the last pass that read it found it.
+    starts: BTreeMap<String, Start>,
     /// How long the last one took, and how long after its start the next is due.
     took: Duration,
     gap: Duration,
@@ -138,15 +144,28 @@ impl Verified {
         self.next.is_none_or(|t| Instant::now() >= t) || !state.stalls.is_empty()
     }
 
-    /// Takes in a whole verification of `report` that started at `started` and took `took`.
-    fn record(&mut self, report: &Report, started: Instant, took: Duration, every: Option<u64>) {
+    /// Takes in a whole verification of `report`, of directory `dir`, that started at
+    /// `started` and took `took` of CPU time.
+    fn record(
+        &mut self,
+        dir: &Path,
+        report: &Report,
+        started: Instant,
+        took: Duration,
+        every: Option<u64>,
+    ) {
         self.keys.clear();
         self.without_records.clear();
+        self.manifests.clear();
+        self.starts.clear();
         for c in &report.chains {
             if c.last_seq.is_some() {
                 self.keys.insert(c.chain.clone(), c.key_index);
-            } else {
-                self.without_records.insert(c.chain.clone());
+                continue;
+            }
+            self.without_records.insert(c.chain.clone());
+            if let Some(stamp) = Stamp::of(&prune::manifest_path(dir, &c.chain)) {
+                self.manifests.insert(c.chain.clone(), stamp);
             }
         }
         self.gap = every.map_or(took.saturating_mul(WHOLE_SHARE), Duration::from_secs);
@@ -159,14 +178,67 @@ impl Verified {
     fn cadence(&self, interval: u64) -> Option<String> {
         (self.gap > Duration::from_secs(interval)).then(|| {
             format!(
-                "the whole directory verified in {:.1} s: verified whole again every {} s \
-                 (--verify-every); the passes between hold each chain's new records to the \
-                 last one passed on",
+                "the whole directory verified in {:.1} s of CPU time: verified whole again \
+                 every {:.1} s (--verify-every); the passes between hold each chain's new \
+                 records to the last one passed on",
                 self.took.as_secs_f64(),
-                self.gap.as_secs()
+                self.gap.as_secs_f64()
             )
         })
     }
+}
+
+/// Where a chain's record `seq` starts: byte `byte` of file `file`. A pass between whole
+/// verifications reads the file of a chain's position from there, when it is the position's
+/// record, rather than from the file's start (a file grows to `max_bytes`, 64 MiB by default).
+#[derive(Clone, Copy, Debug)]
+struct Start {
+    seq: u64,
+    file: u64,
+    byte: u64,
+}
+
+/// A file as it is: identity, size and times. Any change to it (a write, a replacement, a
+/// rename onto it, a change of mode) changes its stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// `path`'s stamp, not following a symlink; `None` when nothing is there.
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// CPU time this process has used: what a whole verification costs, without the time it
+/// waits (a slow volume, a writer's first checkpoint).
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(ts.tv_nsec).unwrap_or(0);
+    Duration::new(secs, nanos)
 }
 
 /// By default whole verifications take at most one part in this many of the tail's time.
@@ -564,8 +636,9 @@ fn whole_pass(
     }
     let opts = how.opts;
     let started = Instant::now();
+    let cpu_before = cpu_time();
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
-    let took = started.elapsed();
+    let took = cpu_time().saturating_sub(cpu_before);
     if !report.ok() {
         // A directory listed while a writer creates its next file may show the new file and
         // miss the one before it (readdir is not a snapshot): a problem is tampering only if a
@@ -589,7 +662,14 @@ fn whole_pass(
         }));
     }
     check_against(&report, state)?;
-    verified.record(&report, started, took, how.verify_every);
+    // Counts of chains no longer read (moved whole, gone) would keep every pass whole.
+    state.stalls.retain(|id, _| {
+        report
+            .chains
+            .iter()
+            .any(|c| &c.chain == id && c.last_seq.is_some())
+    });
+    verified.record(dir, &report, started, took, how.verify_every);
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let mut moved = false;
     let mut out = std::io::stdout().lock();
@@ -694,27 +774,41 @@ fn appended_pass(
     dir: &Path,
     how: &Pass<'_>,
     state: &mut State,
-    verified: &Verified,
+    verified: &mut Verified,
 ) -> Result<Option<bool>, PassError> {
     if let Some(stop) = directory_gone(dir, state) {
         return Err(PassError::Stop(stop));
     }
-    let files = verify::list_all(dir, how.opts).map_err(|e| PassError::Io(e.to_string()))?;
-    // Chains with a position that are not listed: only those moved whole, as verified.
+    // Read before the files are listed, as a verification reads them: a checkpoint covers
+    // only records already on disk.
+    let io = |e: verify::VerifyError| PassError::Io(e.to_string());
+    let Some(ckpts) = verify::signed_checkpoints(how.opts).map_err(io)? else {
+        return Ok(None);
+    };
+    let files = verify::list_all(dir, how.opts).map_err(io)?;
+    // Chains not listed: only those moved whole, as verified, their manifests untouched.
     let listed = |id: &String| files.iter().any(|(c, _)| c == id);
-    if state
-        .chains
-        .keys()
-        .any(|id| !listed(id) && !verified.without_records.contains(id))
-    {
+    let moved_whole = |id: &String| {
+        verified
+            .manifests
+            .get(id)
+            .is_some_and(|m| Some(*m) == Stamp::of(&prune::manifest_path(dir, id)))
+    };
+    let mut unlisted = state.chains.keys().chain(ckpts.keys());
+    if unlisted.any(|id| !listed(id) && !moved_whole(id)) {
         return Ok(None);
     }
     let mut reads = Vec::with_capacity(files.len());
     for (id, list) in &files {
         match (state.chains.get(id), verified.keys.get(id)) {
             (Some(from), Some(key_index)) => {
-                match read_appended(id, list, from, *key_index, how.opts) {
-                    Some(new) => reads.push((id, new)),
+                let ckpt = ckpts.get(id);
+                if ckpt.is_none() && !how.opts.public_keys.is_empty() {
+                    return Ok(None);
+                }
+                let start = verified.starts.get(id).copied();
+                match read_appended(id, list, from, *key_index, ckpt, how.opts, start) {
+                    Some(read) => reads.push((id, read)),
                     None => return Ok(None),
                 }
             }
@@ -726,12 +820,12 @@ fn appended_pass(
     }
     let mut moved = false;
     let mut out = std::io::stdout().lock();
-    for (id, new) in reads {
-        if new.lines.is_empty() {
-            continue;
+    for (id, (new, start)) in reads {
+        if !new.lines.is_empty() {
+            pass_on(&mut out, id, new, how, state)?;
+            moved = true;
         }
-        pass_on(&mut out, id, new, how, state)?;
-        moved = true;
+        verified.starts.insert(id.clone(), start);
     }
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
@@ -759,24 +853,44 @@ fn read_appended(
     list: &[(u64, PathBuf)],
     from: &Position,
     key_index: Option<usize>,
+    ckpt: Option<&Checkpoint>,
     opts: &VerifyOptions,
-) -> Option<NewRecords> {
+    start: Option<Start>,
+) -> Option<(NewRecords, Start)> {
+    use std::io::Seek as _;
     let hash = parse_hash(&from.hash)?;
     let newest = list.last().map(|(i, _)| *i);
+    // One file listed twice (the log and an archive directory): the verification judges.
+    if list.windows(2).any(|p| p[0].0 == p[1].0) {
+        return None;
+    }
     let mut check: Option<ChainCheck<'_>> = None;
     let mut lines = Vec::new();
+    let mut last_start = None;
     for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
+        // No file after the one holding the chain's stop record.
+        if check.as_ref().is_some_and(ChainCheck::closed) {
+            return None;
+        }
         // Opened as the verifier opens it: a FIFO or a symlink planted cannot hang or flood
         // the reading.
-        let (file, _) = files::open_regular(path, files::MAX_READ_BYTES).ok()?;
+        let (mut file, _) = files::open_regular(path, files::MAX_READ_BYTES).ok()?;
+        // The position's record where the last pass found it (it must be there still).
+        let mut byte = start
+            .filter(|s| (s.seq, s.file) == (from.seq, *index))
+            .map_or(0, |s| s.byte);
+        file.seek(std::io::SeekFrom::Start(byte)).ok()?;
         let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
-        let mut first_in_file = true;
+        let mut first_in_file = byte == 0;
         loop {
             let mut line = Vec::new();
-            reader.read_until(b'\n', &mut line).ok()?;
-            // The end of the file, or a line still being written: only in the newest file.
+            let line_start = byte;
+            byte += reader.read_until(b'\n', &mut line).ok()? as u64;
+            // The end of the file, or a line still being written: only in the newest file,
+            // and not after the chain's stop record.
             if line.pop() != Some(b'\n') {
-                if !line.is_empty() && Some(*index) != newest {
+                let closed = check.as_ref().is_some_and(ChainCheck::closed);
+                if !line.is_empty() && (Some(*index) != newest || closed) {
                     return None;
                 }
                 break;
@@ -790,6 +904,11 @@ fn read_appended(
                         hash: hex(&h),
                         file: *index,
                     };
+                    last_start = Some(Start {
+                        seq,
+                        file: *index,
+                        byte: line_start,
+                    });
                     lines.push((line, at));
                 }
                 // Up to the position's record, which must be in its file as it was passed on.
@@ -808,7 +927,12 @@ fn read_appended(
                         file: *index,
                         stop: r.kind == Some("stop"),
                     };
-                    check = Some(ChainCheck::after(id, at, key_index, opts).ok()?);
+                    check = Some(ChainCheck::after(id, at, key_index, ckpt, opts).ok()?);
+                    last_start = Some(Start {
+                        seq,
+                        file: *index,
+                        byte: line_start,
+                    });
                 }
             }
         }
@@ -818,11 +942,16 @@ fn read_appended(
     let to = lines
         .last()
         .map_or_else(|| from.clone(), |(_, at)| at.clone());
-    Some(NewRecords {
+    // A checkpoint beyond the records read: the verification judges (records cut off).
+    if ckpt.is_some_and(|c| c.seq > to.seq) {
+        return None;
+    }
+    let new = NewRecords {
         lines,
         to,
         gap: None,
-    })
+    };
+    Some((new, last_start?))
 }
 
 /// Writes the line that names records `first ..= last` of `chain`, moved by `prune-log` before

@@ -831,6 +831,17 @@ fn late_checkpoint(
 /// Every checkpoint in the checkpoint locations, by chain, and the files read.
 type CheckpointsRead = (BTreeMap<String, Checkpoint>, BTreeSet<PathBuf>);
 
+/// The signed checkpoints given (`--checkpoint`), by chain, read and checked as
+/// [`verify_all`] reads them first; `None` when reading them found evidence against the log (a
+/// checkpoint forged, misnamed or second for its chain), which a verification reports.
+pub fn signed_checkpoints(
+    opts: &VerifyOptions,
+) -> Result<Option<BTreeMap<String, Checkpoint>>, VerifyError> {
+    let mut report = Report::default();
+    let (ckpts, _) = load_checkpoints(opts, &mut report)?;
+    Ok(report.errors.is_empty().then_some(ckpts))
+}
+
 fn load_checkpoints(
     opts: &VerifyOptions,
     report: &mut Report,
@@ -1401,15 +1412,24 @@ impl<'a> ChainCheck<'a> {
     /// Starts just after a record a verification accepted: record `seq` of `chain`, whose
     /// hash is `hash`, in file `file`, sealed (when keys are given) by the secret at
     /// `key_index`. The records checked from here on ([`ChainCheck::record`]) are held to what
-    /// the walk holds every record to; what lies before them, signed checkpoints and prune
-    /// manifests are not looked at (a verification of the directory judges them).
+    /// the walk holds every record to, and to the chain's signed checkpoint `ckpt` (the secret
+    /// it names; the hash of the record it covers, when that is this one or one checked);
+    /// what lies before them and prune manifests are not looked at (a verification of the
+    /// directory judges them).
     pub fn after(
         chain: &'a str,
         at: Accepted,
         key_index: Option<usize>,
+        ckpt: Option<&'a Checkpoint>,
         opts: &VerifyOptions,
     ) -> Result<Self, String> {
-        let mut walk = Walk::new(chain, opts, None, 0).map_err(|e| e.0)?;
+        if let Some(c) = ckpt.filter(|c| c.seq == at.seq && c.hash != at.hash) {
+            return Err(format!(
+                "record differs from the signed checkpoint at seq {}: chain rewritten",
+                c.seq
+            ));
+        }
+        let mut walk = Walk::new(chain, opts, ckpt, 0).map_err(|e| e.0)?;
         if !opts.hmac_keys.is_empty() {
             walk.key
                 .pin(key_index.ok_or("the chain's HMAC key is not known")?)?;
@@ -1421,6 +1441,12 @@ impl<'a> ChainCheck<'a> {
         walk.prev_file = at.file.checked_sub(1).map(|f| files::file_name(chain, f));
         walk.report.closed = at.stop;
         Ok(ChainCheck { walk })
+    }
+
+    /// Whether the chain's `stop` record was reached: nothing may follow it, not a byte nor a
+    /// file.
+    pub fn closed(&self) -> bool {
+        self.walk.report.closed
     }
 
     /// Checks the chain's next record, the complete line `line` (without its newline) of file

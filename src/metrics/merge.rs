@@ -74,9 +74,12 @@ pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
     Ok(out)
 }
 
+/// A series: its name and its labels, sorted.
+type Series<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+
 /// Refuses a series that two snapshots both hold, naming them.
 fn no_series_twice(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
-    let mut holder: HashMap<(&str, Vec<(&str, &str)>), usize> = HashMap::new();
+    let mut holder: HashMap<Series<'_>, usize> = HashMap::new();
     for (at, (name, snap)) in snapshots.iter().enumerate() {
         for sample in &snap.exposition.samples {
             let mut labels: Vec<(&str, &str)> = sample
