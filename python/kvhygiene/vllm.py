@@ -54,6 +54,7 @@ from . import (
     KvhError,
     KvLayout,
     ScrubVerificationError,
+    _innermost,
     claim_blocks,
     context,
     refuse_blocks,
@@ -313,7 +314,8 @@ def claim_scheduled(
 ) -> dict:
     """Claims every request's new blocks (:func:`new_blocks`) through the eviction gate, in the
     request's context (``tenant_of(req_id)`` gives its tenant, for ``KVH_KV_GATE_SCOPE=tenant``
-    or for the records). Request and tenant ids both go through :func:`context_id`, so an id
+    or for the records; the model id is that of the caller's own :func:`kvhygiene.context`, if
+    it entered one). Request and tenant ids both go through :func:`context_id`, so an id
     the library would refuse (a client's, or a tenant name taken from a request header) does
     not stop the step. ``layouts`` has one layout per KV cache group. Returns what was claimed,
     ``{req_id: [ids per group]}``.
@@ -346,6 +348,9 @@ def claim_scheduled(
         )
     refused_requests: dict = {}
     claimants: dict = {}  # id(layout) -> its cache's claimants, looked up once per call
+    # The model the worker's own context names (a worker serves one): kept in each request's.
+    outer = _innermost()
+    model = outer[2] if outer else None
     for req_id, groups in claimed.items():
         layouts_ = _per_group(layouts, len(groups), "layouts")
         tenant = tenant_of(req_id) if tenant_of else None
@@ -354,7 +359,7 @@ def claim_scheduled(
         request = context_id(req_id)
         owner = (tenant, request)
         refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]
-        with context(tenant_id=tenant, request_id=request):
+        with context(tenant_id=tenant, request_id=request, model_id=model):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
                 if refused[g]:
                     # In the forensic log, as the gate's own refusals are.

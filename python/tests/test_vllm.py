@@ -678,3 +678,21 @@ def test_vllms_null_block_padding_in_one_requests_block_ids_does_not_fail_the_cl
     _fill(cache, 5, 0xE5)
     claim_scheduled(s, [cache], BLOCK_TOKENS)
     assert _holds(cache, 5, 0), "the request's new block was not claimed"
+
+
+def test_claims_keep_the_model_id_of_the_workers_own_context(tmp_path):
+    # A worker that serves one model enters context(model_id=...) around its steps: the
+    # records of the claims claim_scheduled makes for each request (here the gate's scrub of
+    # a block with no known owner) carry that model id beside the request's ids.
+    import json
+
+    body = """
+with kvhygiene.context(model_id="llama-70b"):
+    claim_scheduled(step("a", [2]), [layout], 16)
+"""
+    log = tmp_path / "log"
+    _run_script(tmp_path, body, KVH_LOG_DIR=str(log))
+    records = [json.loads(line) for f in sorted(log.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    mine = [r for r in records if r.get("request_id") == "a"]
+    assert mine, f"no record of request a; kinds written: {sorted({r['kind'] for r in records})}"
+    assert all(r.get("model_id") == "llama-70b" for r in mine), mine
