@@ -2413,3 +2413,146 @@ fn without_a_key_file_a_chain_moved_whole_is_not_said_moved_by_prune_log() {
         "the manifest's claim, unverified, is said as such: {said}"
     );
 }
+
+/// Checkpoint files found in the log directory are read without their signature when
+/// `prune-log` bounds what may move (docs/forensic-log.md, Retention, step 2: "a forged one
+/// can only make less move"). An ended chain whose signed checkpoint (kept in its own
+/// checkpoint directory) covers a record before its `stop` keeps the file holding that record,
+/// also when an unsigned-for checkpoint file in the log directory claims the last record.
+#[test]
+fn a_checkpoint_file_signed_by_another_key_does_not_let_an_ended_chain_move_whole() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    use kvhygiene::forensic::keys::read_signing_key;
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer_file, public) =
+        kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let (other_file, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("other")).unwrap();
+    let ck = tmp.path().join("ckpt");
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer_file.clone());
+    c.checkpoint_dir = Some(ck.clone());
+    c.checkpoint_every_records = 25;
+    write_log(&c, 100, true);
+    let files = chain_files(&s.log);
+    let r = verify(&s.log, &keyed_opts());
+    let chain = r.chains[0].chain.clone();
+    let recorded = r.chains[0].checkpoint_recorded.expect("checkpoint records");
+    assert!(recorded < r.chains[0].last_seq.unwrap());
+    // The chain's signed checkpoint covers `recorded` (its final one, at the stop, was never
+    // written).
+    let path = checkpoint::path_for(&ck, &chain);
+    let real = checkpoint::peek(&path).unwrap().unwrap();
+    let holder = files
+        .iter()
+        .find(|f| {
+            fs::read_to_string(f)
+                .unwrap()
+                .contains(&format!("\"seq\":{recorded},"))
+        })
+        .unwrap()
+        .clone();
+    let earlier = Checkpoint {
+        key_id: real.key_id.clone(),
+        public_key: real.public_key,
+        ..checkpoint_at(&chain, &holder, Some(recorded))
+    };
+    fs::remove_file(&path).unwrap();
+    checkpoint::write(&ck, &read_signing_key(&signer_file).unwrap(), &earlier).unwrap();
+    let opts = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![ck.clone()],
+        ..pruned_opts()
+    };
+    assert!(verify(&s.log, &opts).ok());
+    // A checkpoint file in the log directory at the chain's last record, signed by a key
+    // that is not the chain's.
+    let planted = checkpoint_at(&chain, files.last().unwrap(), None);
+    checkpoint::write(&s.log, &read_signing_key(&other_file).unwrap(), &planted).unwrap();
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        chain_files(&s.log).contains(&holder),
+        "the file holding the signed checkpoint (seq {recorded}) moved: {}",
+        text(&out.stdout)
+    );
+    let r = verify(&s.log, &opts);
+    assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A manifest records the archive's path as text, and later runs move a chain's files only to
+/// that archive: an archive whose path is not UTF-8 could not be found the same by a later run
+/// (a nightly job would fail from its second night on), so it is refused at once (exit 2),
+/// naming it, with nothing moved.
+#[test]
+fn an_archive_whose_path_is_not_utf8_is_refused_before_anything_moves() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = setup();
+    open_chain(&s.log, 80);
+    let before = chain_files(&s.log);
+    let archive = s
+        .archive
+        .parent()
+        .unwrap()
+        .join(std::ffi::OsStr::from_bytes(b"archive-\xff"));
+    fs::create_dir(&archive).unwrap();
+    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd.arg("prune-log")
+        .arg(&s.log)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0", "--key-file", s.key.to_str().unwrap()]);
+    let out = cmd.output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("archive-") && err.contains("not UTF-8"),
+        "{err}"
+    );
+    assert_eq!(chain_files(&s.log), before, "nothing moved");
+}
+
+/// The archive is marked (.kvh-archive), and a writer refuses a checkpoint directory that
+/// holds the mark as it refuses such a log directory. `prune-log` given the checkpoint
+/// directory (the one named by --checkpoint, holding the chains' checkpoints) as
+/// --archive-dir refuses it (exit 2), so writers that keep their checkpoints there still
+/// start.
+#[test]
+fn the_checkpoint_directory_given_as_the_archive_is_refused() {
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let ck = tmp.path().join("ckpt");
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    c.checkpoint_dir = Some(ck.clone());
+    write_log(&c, 60, true);
+    let out = kvh(&[
+        "prune-log",
+        s.log.to_str().unwrap(),
+        "--archive-dir",
+        ck.to_str().unwrap(),
+        "--older-than",
+        "0",
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+        "--checkpoint",
+        ck.to_str().unwrap(),
+    ]);
+    let opened = ForensicLog::open_with_secret(&c, start(), Some(secret()));
+    assert!(
+        opened.is_ok(),
+        "prune-log exited {:?} ({}); a writer with this checkpoint directory: {}",
+        out.status.code(),
+        text(&out.stdout),
+        opened.err().unwrap()
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

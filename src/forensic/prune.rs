@@ -264,9 +264,10 @@ fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
 }
 
 /// The archive directory must exist, be a real directory owned by us, not be writable by
-/// group or others, and be neither the log directory nor inside it (nor reach it through a
-/// bind mount: compared by device and inode).
-fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
+/// group or others, be neither the log directory nor inside it (nor reach it through a bind
+/// mount: compared by device and inode), nor the checkpoint directory given, and have a
+/// UTF-8 path (the manifests record it as text, and later runs hold it to that).
+fn check_archive_dir(dir: &Path, log_dir: &Path, checkpoints: Option<&Path>) -> Result<(), String> {
     let m = fs::symlink_metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!(
             "--archive-dir {}: no such directory; create it first, private to this user \
@@ -305,12 +306,28 @@ fn check_archive_dir(dir: &Path, log_dir: &Path) -> Result<(), String> {
             log_dir.display()
         ));
     }
-    // Marking a log directory as an archive would stop every writer starting there.
+    if canonical.to_str().is_none() {
+        return Err(format!(
+            "--archive-dir {}: its path is not UTF-8, and the prune manifests record it as \
+             text (later runs would not find it the same): use a directory with a UTF-8 name",
+            dir.display()
+        ));
+    }
+    // Marking a log or checkpoint directory as an archive would stop every writer starting
+    // with it.
+    if checkpoints.is_some_and(|c| same_place(dir, c)) {
+        return Err(format!(
+            "--archive-dir {} is the checkpoint directory given (--checkpoint): marked as an \
+             archive, it would stop every writer keeping its checkpoints there",
+            dir.display()
+        ));
+    }
     if !is_marked_archive(dir) && holds_log_files(dir)? {
         return Err(format!(
-            "--archive-dir {}: holds a forensic log's files but not {ARCHIVE_MARKER}: a log \
-             directory, not an archive of kvh prune-log (were the log directory and \
-             --archive-dir given the wrong way round?)",
+            "--archive-dir {}: holds a forensic log's files (chain files, prune manifests or \
+             signed checkpoints) but not {ARCHIVE_MARKER}: a log or checkpoint directory, not \
+             an archive of kvh prune-log (were the log directory and --archive-dir given the \
+             wrong way round?)",
             dir.display()
         ));
     }
@@ -340,7 +357,8 @@ fn is_marked_archive(dir: &Path) -> bool {
 fn holds_log_files(dir: &Path) -> Result<bool, String> {
     let chains = files::list_chains(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let manifests = list_manifests(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(!chains.is_empty() || !manifests.is_empty())
+    let checkpoints = checkpoint::find(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(!chains.is_empty() || !manifests.is_empty() || !checkpoints.is_empty())
 }
 
 /// Puts `bytes` in the archive as `name`: written to a temporary file (exclusive, 0600),
@@ -746,7 +764,7 @@ pub fn prune_all(
         .map(|k| manifest_key(&k.secret))
         .collect::<Result<Vec<_>, _>>()?;
     check_log_dir(req.dir)?;
-    check_archive_dir(req.archive, req.dir)?;
+    check_archive_dir(req.archive, req.dir, req.checkpoint_place)?;
     // Before anything is copied: each manifest is installed in the log directory by a
     // rename, and each moved original removed from it. (An append-only archive is fine: its
     // copies are created unnamed and linked in, `files::link_new_file`.)
@@ -800,7 +818,7 @@ pub fn prune_all(
             list: &list,
             closed: report.closed,
             last_seq: report.last_seq,
-            checkpoint_seq: checkpoint_bound(Some(report), checkpoints.get(&chain).copied()),
+            checkpoint_seq: checkpoint_bound(Some(report), checkpoints.get(&chain)),
             key_index: report.key_index,
         };
         match prune_chain(&plan, &state) {
@@ -823,28 +841,59 @@ pub fn prune_all(
 
 /// Where a chain's checkpoint points, for what `prune-log` may move: the earliest of its own
 /// (MAC-checked) `checkpoint` records' newest `ckpt_seq`, the checkpoint the verification
-/// matched and the checkpoint file found — or, for a chain that ended, its last record when
-/// the final checkpoint (written after `stop`, so named by no record) is there.
-fn checkpoint_bound(verified: Option<&ChainReport>, file: Option<u64>) -> Option<u64> {
+/// matched and the checkpoint files found (`found`) — or, for a chain that ended, its last
+/// record when the final checkpoint (written after `stop`, so named by no record) is there:
+/// matched by the verification, or every file found at the last record and one of them
+/// signed by the key the chain's own records name (a file read without its signature can
+/// only make less move).
+fn checkpoint_bound(verified: Option<&ChainReport>, found: Option<&Vec<Found>>) -> Option<u64> {
     let matched = verified.and_then(|c| c.checkpoint_seq);
     let recorded = verified.and_then(|c| c.checkpoint_recorded);
     let last = verified.filter(|c| c.closed).and_then(|c| c.last_seq);
-    if last.is_some() && (matched == last || file == last) {
+    let found = found.map_or(&[][..], Vec::as_slice);
+    let file = found.iter().map(|f| f.seq).min();
+    let final_signed = file.is_some()
+        && file == last
+        && verified.is_some_and(|c| found.iter().any(|f| f.signed_by_chain(c)));
+    if last.is_some() && (matched == last || final_signed) {
         return last;
     }
     [recorded, matched, file].into_iter().flatten().min()
 }
 
-/// The seq of each chain's checkpoint in DIR and in `--checkpoint`, read without checking
-/// the signature: only to keep the checkpoint's file in place (a forged one can only make
-/// less move).
-fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
+/// A checkpoint file found for a chain: the seq it claims, read without its signature, and
+/// where it is.
+struct Found {
+    seq: u64,
+    path: PathBuf,
+}
+
+impl Found {
+    /// Whether the file is signed, for this seq, by the key `chain`'s own records name.
+    fn signed_by_chain(&self, chain: &ChainReport) -> bool {
+        let key = chain
+            .signer
+            .as_deref()
+            .and_then(parse_hash)
+            .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok());
+        key.is_some_and(|k| {
+            checkpoint::read(&self.path, &[k])
+                .is_ok_and(|c| c.chain == chain.chain && c.seq == self.seq)
+        })
+    }
+}
+
+/// The checkpoint files of each chain in DIR and in `--checkpoint`, with the seq each claims,
+/// read without checking the signature: only to keep the checkpoint's file in place.
+fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> BTreeMap<String, Vec<Found>> {
+    let mut out: BTreeMap<String, Vec<Found>> = BTreeMap::new();
     for place in std::iter::once(dir).chain(extra) {
         for f in checkpoint::find(place).unwrap_or_default() {
             if let Ok(Some(c)) = checkpoint::peek(&f) {
-                let seq = out.entry(c.chain).or_insert(c.seq);
-                *seq = (*seq).min(c.seq);
+                out.entry(c.chain).or_default().push(Found {
+                    seq: c.seq,
+                    path: f,
+                });
             }
         }
     }

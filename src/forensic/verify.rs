@@ -126,6 +126,10 @@ pub struct ChainReport {
     /// the chain's checkpoint points, whatever became of the checkpoint file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_recorded: Option<u64>,
+    /// The public key (hex) the chain's newest record that names a signer names: the key its
+    /// writer signed checkpoints with, MAC-checked when keys were given.
+    #[serde(skip)]
+    pub signer: Option<String>,
     pub problem: Option<Problem>,
 }
 
@@ -1291,6 +1295,7 @@ fn verify_chain(
     if w.report.last_seq.is_some() {
         w.report.last_hash = Some(hex(&w.prev));
     }
+    w.report.signer = w.signer.clone();
     Ok(w.report)
 }
 
