@@ -1991,3 +1991,257 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
     );
     log.stop();
 }
+
+/// A signed checkpoint must be signed by the key the chain's own records name (`verify-log`:
+/// "checkpoint re-signed with another key"). Whoever holds the HMAC secret and a retired
+/// signing key the verifiers still pin can append records and sign a checkpoint over them:
+/// a whole verification rejects them, and so does a pass between whole verifications, which
+/// holds new records to the chain's signed checkpoint: nothing of them is passed on, the tail
+/// stops as tampering.
+#[test]
+fn between_whole_verifications_a_checkpoint_signed_by_another_pinned_key_is_caught() {
+    use kvhygiene::forensic::checkpoint;
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let (retired, retired_pub) =
+        kvhygiene::forensic::cli::keygen(&keys.path().join("retired")).unwrap();
+    let public = public.to_str().unwrap().to_string();
+    let retired_pub = retired_pub.to_str().unwrap().to_string();
+    // The writer's chain, made in a staging directory: the log directory is shown its first
+    // records (with the checkpoint then signed), then the rest.
+    let staging = keys.path().join("staging");
+    let mut c = cfg(&staging, 1 << 20);
+    c.signing_key_file = Some(signer);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let file = chain_files(&staging).remove(0);
+    let ckpt = checkpoint_files(&staging).remove(0);
+    let early = forensic_common::read_lines(&file);
+    let early_ckpt = std::fs::read(&ckpt).unwrap();
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    std::fs::create_dir(&k.dir).unwrap();
+    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let in_log = k.dir.join(file.file_name().unwrap());
+    let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
+    forensic_common::write_lines(&in_log, &early);
+    std::fs::write(&ckpt_in_log, &early_ckpt).unwrap();
+
+    let both = [
+        "--public-key",
+        public.as_str(),
+        "--public-key",
+        retired_pub.as_str(),
+    ];
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&both));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    // The rest of the chain, its first new record changed and every record after it sealed
+    // again with the secret; a checkpoint over the last one, signed with the retired key.
+    let copy = keys.path().join(file.file_name().unwrap());
+    std::fs::copy(&file, &copy).unwrap();
+    forge_from(
+        std::slice::from_ref(&copy),
+        0,
+        early.len() + 1,
+        Some(kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap()),
+        |m| {
+            m.insert("request_id".into(), "req-forged".into());
+        },
+    );
+    let forged = forensic_common::read_lines(&copy)[early.len()..].to_vec();
+    let head: Value = serde_json::from_str(forged.last().unwrap()).unwrap();
+    let mut c = checkpoint::peek(&ckpt).unwrap().unwrap();
+    c.seq = head["seq"].as_u64().unwrap();
+    c.hash = kvhygiene::forensic::record::parse_hash(head["hash"].as_str().unwrap()).unwrap();
+    let forger = keys.path().join("forger");
+    std::fs::create_dir(&forger).unwrap();
+    std::fs::set_permissions(&forger, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let retired = kvhygiene::forensic::keys::read_signing_key(&retired).unwrap();
+    checkpoint::write(&forger, &retired, &c).unwrap();
+    std::fs::rename(checkpoint_files(&forger).remove(0), &ckpt_in_log).unwrap();
+    let mut appended = forged.join("\n");
+    appended.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&in_log)
+        .unwrap();
+    std::io::Write::write_all(&mut f, appended.as_bytes()).unwrap();
+    drop(f);
+    let mut whole = vec!["--key-file", k.key.to_str().unwrap()];
+    whole.extend_from_slice(&both);
+    let verified = kvh()
+        .arg("verify-log")
+        .arg(&k.dir)
+        .args(&whole)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("re-signed with another key"),
+        "a whole verification rejects the records appended: {report}"
+    );
+
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "a record a whole verification rejects was passed on: {first}"
+    );
+    log.stop();
+}
+
+/// A chain's files follow each other by index: a file after a gap (rotated files missing)
+/// fails a whole verification ("file index jumps"), also when that file is empty. A pass
+/// between whole verifications, which holds new records to the walk `verify-log` makes
+/// (index continuity of files included), finds it at the pass that meets it: the tail
+/// stops as tampering before passing on anything written after it.
+#[test]
+fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let chain = log.stats().chain.clone().expect("a chain");
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    let planted = k.dir.join(kvhygiene::forensic::files::file_name(&chain, 2));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::set_permissions(
+        &planted,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let verified = kvh()
+        .arg("verify-log")
+        .arg(&k.dir)
+        .args(["--key-file", k.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{report}");
+    assert!(report.contains("file index jumps"), "{report}");
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "the log no longer verifies, yet the tail went on: {first}"
+    );
+    log.stop();
+}
+
+/// A chain's file renamed to a far index (its files 0.. then missing: `verify-log` says "chain
+/// starts at file index ..."). A pass between whole verifications holds the key ratchet to
+/// an index it checked, as the verifier and the whole passes do: it does not ratchet the key
+/// towards the planted index for ever, and the tail stops as tampering at the pass that
+/// meets it.
+#[test]
+fn between_whole_verifications_a_file_renamed_to_a_far_index_does_not_hang_the_tail() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let file = chain_files(&k.dir).remove(0);
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    let chain = name
+        .strip_prefix("kvh-")
+        .and_then(|n| n.rsplit_once('-'))
+        .map(|(c, _)| c.to_string())
+        .unwrap();
+    assert_eq!(
+        kvhygiene::forensic::files::file_name(&chain, 0),
+        name,
+        "the chain's first file"
+    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    let far = k
+        .dir
+        .join(kvhygiene::forensic::files::file_name(&chain, 1 << 40));
+    std::fs::rename(&file, &far).unwrap();
+    assert_eq!(
+        verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
+        Some(1),
+        "verify-log rejects a chain whose first files are missing"
+    );
+    let got = tail.lines_within(1, Duration::from_secs(20));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(
+        got.first()
+            .expect("a line within 20 s (the tail hangs ratcheting its key)"),
+    )
+    .unwrap();
+    assert_eq!(first["kvh_tail_log"], "tampering", "{first}");
+}
+
+/// The record passed on must still be in its file (the invariant: "still in its file with its
+/// hash"). A chain's only file renamed to index 3 (files 0..3 missing: `verify-log` says
+/// "chain starts at file index 3") fails a whole verification; a pass between whole
+/// verifications finds it at the pass that meets it and the tail stops as tampering.
+#[test]
+fn between_whole_verifications_the_record_passed_on_found_in_another_file_is_caught() {
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let file = chain_files(&k.dir).remove(0);
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    let chain = name
+        .strip_prefix("kvh-")
+        .and_then(|n| n.rsplit_once('-'))
+        .map(|(c, _)| c.to_string())
+        .unwrap();
+    assert_eq!(
+        kvhygiene::forensic::files::file_name(&chain, 0),
+        name,
+        "the chain's first file"
+    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("1 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    let far = k.dir.join(kvhygiene::forensic::files::file_name(&chain, 3));
+    std::fs::rename(&file, &far).unwrap();
+    assert_eq!(
+        verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
+        Some(1),
+        "verify-log rejects a chain whose first files are missing"
+    );
+    let got = tail.lines_within(1, Duration::from_secs(20));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 20 s")).unwrap();
+    assert_eq!(first["kvh_tail_log"], "tampering", "{first}");
+}

@@ -120,9 +120,8 @@ struct State {
 /// What the last verification of the whole directory leaves to the passes until the next.
 #[derive(Debug, Default)]
 struct Verified {
-    /// The chains it found with records, each with the index of the HMAC secret that seals
-    /// it among those given (`None`: MACs not checked).
-    keys: BTreeMap<String, Option<usize>>,
+    /// The chains it found with records, each with what seals it.
+    keys: BTreeMap<String, Seal>,
     /// The chains it found without a record: moved whole by `prune-log`, or never started.
     without_records: std::collections::BTreeSet<String>,
     /// The prune manifest of each chain it found moved whole, as it was then.
@@ -160,7 +159,11 @@ impl Verified {
         self.starts.clear();
         for c in &report.chains {
             if c.last_seq.is_some() {
-                self.keys.insert(c.chain.clone(), c.key_index);
+                let seal = Seal {
+                    key_index: c.key_index,
+                    signer: c.signer.clone(),
+                };
+                self.keys.insert(c.chain.clone(), seal);
                 continue;
             }
             self.without_records.insert(c.chain.clone());
@@ -196,6 +199,14 @@ struct Start {
     seq: u64,
     file: u64,
     byte: u64,
+}
+
+/// What seals a chain: the index of its HMAC secret among those given (`None`: MACs not
+/// checked), and the checkpoint signer its records up to its position name.
+#[derive(Clone, Debug)]
+struct Seal {
+    key_index: Option<usize>,
+    signer: Option<String>,
 }
 
 /// A file as it is: identity, size and times. Any change to it (a write, a replacement, a
@@ -801,13 +812,13 @@ fn appended_pass(
     let mut reads = Vec::with_capacity(files.len());
     for (id, list) in &files {
         match (state.chains.get(id), verified.keys.get(id)) {
-            (Some(from), Some(key_index)) => {
+            (Some(from), Some(seal)) => {
                 let ckpt = ckpts.get(id);
                 if ckpt.is_none() && !how.opts.public_keys.is_empty() {
                     return Ok(None);
                 }
                 let start = verified.starts.get(id).copied();
-                match read_appended(id, list, from, *key_index, ckpt, how.opts, start) {
+                match read_appended(id, list, from, seal, ckpt, how.opts, start) {
                     Some(read) => reads.push((id, read)),
                     None => return Ok(None),
                 }
@@ -820,12 +831,15 @@ fn appended_pass(
     }
     let mut moved = false;
     let mut out = std::io::stdout().lock();
-    for (id, (new, start)) in reads {
+    for (id, (new, start, signer)) in reads {
         if !new.lines.is_empty() {
             pass_on(&mut out, id, new, how, state)?;
             moved = true;
         }
         verified.starts.insert(id.clone(), start);
+        if let Some(seal) = verified.keys.get_mut(id) {
+            seal.signer = signer;
+        }
     }
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
@@ -852,11 +866,11 @@ fn read_appended(
     id: &str,
     list: &[(u64, PathBuf)],
     from: &Position,
-    key_index: Option<usize>,
+    seal: &Seal,
     ckpt: Option<&Checkpoint>,
     opts: &VerifyOptions,
     start: Option<Start>,
-) -> Option<(NewRecords, Start)> {
+) -> Option<(NewRecords, Start, Option<String>)> {
     use std::io::Seek as _;
     let hash = parse_hash(&from.hash)?;
     let newest = list.last().map(|(i, _)| *i);
@@ -867,7 +881,14 @@ fn read_appended(
     let mut check: Option<ChainCheck<'_>> = None;
     let mut lines = Vec::new();
     let mut last_start = None;
+    // The files from the position's on, each the next index (none missing, none empty but
+    // the newest): the first must be the position's own.
+    let mut expected = from.file;
     for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
+        if *index != expected {
+            return None;
+        }
+        expected = index.checked_add(1)?;
         // No file after the one holding the chain's stop record.
         if check.as_ref().is_some_and(ChainCheck::closed) {
             return None;
@@ -882,6 +903,7 @@ fn read_appended(
         file.seek(std::io::SeekFrom::Start(byte)).ok()?;
         let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
         let mut first_in_file = byte == 0;
+        let mut any_line = false;
         loop {
             let mut line = Vec::new();
             let line_start = byte;
@@ -896,6 +918,7 @@ fn read_appended(
                 break;
             }
             let first = std::mem::replace(&mut first_in_file, false);
+            any_line = true;
             match check.as_mut() {
                 Some(c) => {
                     let (seq, h) = c.record(*index, &line, first).ok()?;
@@ -927,7 +950,9 @@ fn read_appended(
                         file: *index,
                         stop: r.kind == Some("stop"),
                     };
-                    check = Some(ChainCheck::after(id, at, key_index, ckpt, opts).ok()?);
+                    let signer = seal.signer.as_deref();
+                    let c = ChainCheck::after(id, at, seal.key_index, signer, ckpt, opts).ok()?;
+                    check = Some(c);
                     last_start = Some(Start {
                         seq,
                         file: *index,
@@ -937,8 +962,13 @@ fn read_appended(
             }
         }
         check.as_ref()?;
+        if !any_line && Some(*index) != newest {
+            return None;
+        }
     }
-    check?;
+    let check = check?;
+    check.checkpoint_signer().ok()?;
+    let signer = check.signer().map(str::to_string);
     let to = lines
         .last()
         .map_or_else(|| from.clone(), |(_, at)| at.clone());
@@ -951,7 +981,7 @@ fn read_appended(
         to,
         gap: None,
     };
-    Some((new, last_start?))
+    Some((new, last_start?, signer))
 }
 
 /// Writes the line that names records `first ..= last` of `chain`, moved by `prune-log` before

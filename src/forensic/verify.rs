@@ -1416,7 +1416,7 @@ impl<'a> ChainCheck<'a> {
 
     /// Starts just after a record a verification accepted: record `seq` of `chain`, whose
     /// hash is `hash`, in file `file`, sealed (when keys are given) by the secret at
-    /// `key_index`. The records checked from here on ([`ChainCheck::record`]) are held to what
+    /// `key_index`, the records up to it naming `signer`. The records checked from here on ([`ChainCheck::record`]) are held to what
     /// the walk holds every record to, and to the chain's signed checkpoint `ckpt` (the secret
     /// it names; the hash of the record it covers, when that is this one or one checked);
     /// what lies before them and prune manifests are not looked at (a verification of the
@@ -1425,6 +1425,7 @@ impl<'a> ChainCheck<'a> {
         chain: &'a str,
         at: Accepted,
         key_index: Option<usize>,
+        signer: Option<&str>,
         ckpt: Option<&'a Checkpoint>,
         opts: &VerifyOptions,
     ) -> Result<Self, String> {
@@ -1445,7 +1446,29 @@ impl<'a> ChainCheck<'a> {
         walk.cur_index = at.file;
         walk.prev_file = at.file.checked_sub(1).map(|f| files::file_name(chain, f));
         walk.report.closed = at.stop;
+        walk.signer = signer.map(str::to_string);
+        if ckpt.is_some_and(|c| c.seq == at.seq) {
+            walk.signer_at_ckpt = Some(walk.signer.clone());
+        }
         Ok(ChainCheck { walk })
+    }
+
+    /// The signer the newest record checked (or, before any, the one given to
+    /// [`ChainCheck::after`]) names.
+    pub fn signer(&self) -> Option<&str> {
+        self.walk.signer.as_deref()
+    }
+
+    /// Whether the chain's signed checkpoint, when it covers the record the check started
+    /// after or one it checked, is signed by the key the records up to it name (as
+    /// [`verify_all`] holds it).
+    pub fn checkpoint_signer(&self) -> Result<(), String> {
+        match (self.walk.ckpt, &self.walk.signer_at_ckpt) {
+            (Some(c), Some(named)) => signed_by_named(c, named.as_deref(), &(String::new(), 0))
+                .map(|_| ())
+                .map_err(|p| p.reason),
+            _ => Ok(()),
+        }
     }
 
     /// Whether the chain's `stop` record was reached: nothing may follow it, not a byte nor a
