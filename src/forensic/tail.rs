@@ -143,12 +143,12 @@ impl Verified {
         self.next.is_none_or(|t| Instant::now() >= t) || !state.stalls.is_empty()
     }
 
-    /// Takes in a whole verification of `report`, of directory `dir`, that started at
-    /// `started` and took `took` of CPU time.
+    /// Takes in a whole verification of `report` that started at `started` and took `took`
+    /// of CPU time, the prune manifests of its directory stamped before it (`manifests`).
     fn record(
         &mut self,
-        dir: &Path,
         report: &Report,
+        mut manifests: BTreeMap<String, Stamp>,
         started: Instant,
         took: Duration,
         every: Option<u64>,
@@ -167,7 +167,7 @@ impl Verified {
                 continue;
             }
             self.without_records.insert(c.chain.clone());
-            if let Some(stamp) = Stamp::of(&prune::manifest_path(dir, &c.chain)) {
+            if let Some(stamp) = manifests.remove(&c.chain) {
                 self.manifests.insert(c.chain.clone(), stamp);
             }
         }
@@ -233,6 +233,15 @@ impl Stamp {
             ctime: (m.ctime(), m.ctime_nsec()),
         })
     }
+}
+
+/// The stamp of each prune manifest in `dir`, by chain (none when it cannot be listed).
+fn manifest_stamps(dir: &Path) -> BTreeMap<String, Stamp> {
+    let chains = prune::list_manifests(dir).unwrap_or_default();
+    chains
+        .into_iter()
+        .filter_map(|c| Stamp::of(&prune::manifest_path(dir, &c)).map(|s| (c, s)))
+        .collect()
 }
 
 /// CPU time this process has used: what a whole verification costs, without the time it
@@ -648,6 +657,9 @@ fn whole_pass(
     let opts = how.opts;
     let started = Instant::now();
     let cpu_before = cpu_time();
+    // Taken before the verification reads the manifests: one replaced meanwhile then differs
+    // from its stamp at the next pass, which verifies the whole directory again.
+    let manifests = manifest_stamps(dir);
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let took = cpu_time().saturating_sub(cpu_before);
     if !report.ok() {
@@ -680,7 +692,7 @@ fn whole_pass(
             .iter()
             .any(|c| &c.chain == id && c.last_seq.is_some())
     });
-    verified.record(dir, &report, started, took, how.verify_every);
+    verified.record(&report, manifests, started, took, how.verify_every);
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let mut moved = false;
     let mut out = std::io::stdout().lock();
