@@ -20,7 +20,7 @@ use kvhygiene::forensic::prune::{manifest_path, Manifest};
 use kvhygiene::forensic::{ForensicLog, VerifyOptions};
 use serde_json::Value;
 
-fn kvh(args: &[&str]) -> Output {
+fn kvh<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
         cmd.env_remove(k);
@@ -65,6 +65,32 @@ fn open_chain(dir: &Path, n: u64) {
     log.flush();
     // The writer keeps running for the rest of the test process: an open chain.
     std::mem::forget(log);
+}
+
+/// A signing writer's configuration for `s`'s log, its checkpoints kept apart in
+/// `tmp/ckpt`, one every `every` records (0: by time only).
+struct Signed {
+    cfg: kvhygiene::config::LogConfig,
+    /// The checkpoint directory.
+    ck: PathBuf,
+    /// The signing key file, and its public half.
+    signer: PathBuf,
+    public: PathBuf,
+}
+
+fn signed(s: &Setup, tmp: &Path, every: u64) -> Signed {
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.join("signer")).unwrap();
+    let ck = tmp.join("ckpt");
+    let mut cfg = cfg(&s.log, 4096);
+    cfg.signing_key_file = Some(signer.clone());
+    cfg.checkpoint_dir = Some(ck.clone());
+    cfg.checkpoint_every_records = every;
+    Signed {
+        cfg,
+        ck,
+        signer,
+        public,
+    }
 }
 
 fn prune(s: &Setup, extra: &[&str]) -> Output {
@@ -863,12 +889,9 @@ fn the_archive_may_not_be_inside_the_log_directory() {
 fn checkpoints_kept_elsewhere_still_bound_what_moves() {
     let s = setup();
     let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let ck = tmp.path().join("ckpt");
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    c.checkpoint_dir = Some(ck.clone());
-    c.checkpoint_every_records = 25;
+    let Signed {
+        cfg: c, ck, public, ..
+    } = signed(&s, tmp.path(), 25);
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     for i in 0..100 {
         log.emit(event(i));
@@ -2425,14 +2448,13 @@ fn a_checkpoint_file_signed_by_another_key_does_not_let_an_ended_chain_move_whol
     use kvhygiene::forensic::keys::read_signing_key;
     let s = setup();
     let tmp = tempfile::tempdir().unwrap();
-    let (signer_file, public) =
-        kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let Signed {
+        cfg: c,
+        ck,
+        signer: signer_file,
+        public,
+    } = signed(&s, tmp.path(), 25);
     let (other_file, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("other")).unwrap();
-    let ck = tmp.path().join("ckpt");
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer_file.clone());
-    c.checkpoint_dir = Some(ck.clone());
-    c.checkpoint_every_records = 25;
     write_log(&c, 100, true);
     let files = chain_files(&s.log);
     let r = verify(&s.log, &keyed_opts());
@@ -2498,16 +2520,16 @@ fn an_archive_whose_path_is_not_utf8_is_refused_before_anything_moves() {
         .join(std::ffi::OsStr::from_bytes(b"archive-\xff"));
     fs::create_dir(&archive).unwrap();
     fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
-        cmd.env_remove(k);
-    }
-    cmd.arg("prune-log")
-        .arg(&s.log)
-        .arg("--archive-dir")
-        .arg(&archive)
-        .args(["--older-than", "0", "--key-file", s.key.to_str().unwrap()]);
-    let out = cmd.output().unwrap();
+    let out = kvh(&[
+        "prune-log".as_ref(),
+        s.log.as_os_str(),
+        "--archive-dir".as_ref(),
+        archive.as_os_str(),
+        "--older-than".as_ref(),
+        "0".as_ref(),
+        "--key-file".as_ref(),
+        s.key.as_os_str(),
+    ]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -2526,11 +2548,9 @@ fn an_archive_whose_path_is_not_utf8_is_refused_before_anything_moves() {
 fn the_checkpoint_directory_given_as_the_archive_is_refused() {
     let s = setup();
     let tmp = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let ck = tmp.path().join("ckpt");
-    let mut c = cfg(&s.log, 4096);
-    c.signing_key_file = Some(signer);
-    c.checkpoint_dir = Some(ck.clone());
+    let Signed {
+        cfg: c, ck, public, ..
+    } = signed(&s, tmp.path(), 0);
     write_log(&c, 60, true);
     let out = kvh(&[
         "prune-log",
