@@ -2245,3 +2245,123 @@ fn between_whole_verifications_the_record_passed_on_found_in_another_file_is_cau
     let first: Value = serde_json::from_str(got.first().expect("a line within 20 s")).unwrap();
     assert_eq!(first["kvh_tail_log"], "tampering", "{first}");
 }
+
+/// A chain `prune-log` moved whole keeps its signed checkpoint in the log directory; with a
+/// pinned public key a whole verification holds the moved chain to it ("no checkpoint for
+/// chain ... signed by the pinned public key" once it is deleted). A checkpoint missing under
+/// a pinned signer brings a whole pass between whole verifications too: the tail stops as
+/// tampering before passing on anything written after the deletion.
+#[test]
+fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_caught() {
+    let k = keyed();
+    let archive = archive_dir(&k);
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let public = public.to_str().unwrap().to_string();
+    let mut c = cfg(&k.dir, 1 << 20);
+    c.signing_key_file = Some(signer);
+    // A chain that ended, moved whole by the nightly prune.
+    write_log(&c, 2, true);
+    let ended_ckpt = checkpoint_files(&k.dir).remove(0);
+    prune_everything_it_may(&k, &archive);
+    assert!(chain_files(&k.dir).is_empty(), "the chain moved whole");
+    assert!(ended_ckpt.exists(), "its checkpoint stays");
+    // A process writing now.
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--allow-pruned", "--public-key", &public]),
+    );
+    let said = tail.said();
+    assert!(said.contains("2 chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    std::fs::remove_file(&ended_ckpt).unwrap();
+    let whole = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--allow-pruned",
+        "--public-key",
+        &public,
+    ];
+    assert_eq!(
+        verify_log(&k.dir, &whole),
+        Some(1),
+        "verify-log rejects a chain moved whole whose checkpoint is deleted"
+    );
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "the checkpoint of a chain moved whole is gone, yet the tail went on: {first}"
+    );
+    log.stop();
+}
+
+/// A chain whose writer died before its `start` record leaves its first file with no record
+/// (a whole verification accepts it alone). A second file of that chain planted beside it
+/// makes the first an empty rotated file, which a whole verification rejects ("empty rotated
+/// file"). A pass between whole verifications, which brings a whole pass for an empty file
+/// before the newest, finds it at the pass that meets it: the tail stops as tampering before
+/// passing on anything written after it.
+#[test]
+fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_caught() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = keyed();
+    let log =
+        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let dead = "p999999-t1";
+    let first = k.dir.join(kvhygiene::forensic::files::file_name(dead, 0));
+    std::fs::write(&first, b"").unwrap();
+    std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
+        Some(0),
+        "a chain that never started verifies"
+    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
+    let said = tail.said();
+    assert!(said.contains("chains verified"), "{said}");
+    let said = tail.said();
+    assert!(
+        said.contains("verified whole again every 3600.0 s"),
+        "{said}"
+    );
+
+    let planted = k.dir.join(kvhygiene::forensic::files::file_name(dead, 1));
+    std::fs::write(&planted, b"").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let verified = kvh()
+        .arg("verify-log")
+        .arg(&k.dir)
+        .args(["--key-file", k.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert_eq!(verified.status.code(), Some(1), "{report}");
+    for i in 1..4 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let got = tail.lines_within(1, Duration::from_secs(10));
+    let _ = tail.child.kill();
+    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
+    assert_eq!(
+        first["kvh_tail_log"], "tampering",
+        "the log no longer verifies, yet the tail went on: {first}"
+    );
+    log.stop();
+}

@@ -124,8 +124,8 @@ struct Verified {
     keys: BTreeMap<String, Seal>,
     /// The chains it found without a record: moved whole by `prune-log`, or never started.
     without_records: std::collections::BTreeSet<String>,
-    /// The prune manifest of each chain it found moved whole, as it was then.
-    manifests: BTreeMap<String, Stamp>,
+    /// What stands for each chain it found moved whole, as it was then.
+    moved: BTreeMap<String, Moved>,
     /// When the next one is due (`None`: before the first).
     next: Option<Instant>,
     /// Where each chain's position record starts, as the last pass that read it found it.
@@ -144,18 +144,18 @@ impl Verified {
     }
 
     /// Takes in a whole verification of `report` that started at `started` and took `took`
-    /// of CPU time, the prune manifests of its directory stamped before it (`manifests`).
+    /// of CPU time, with what it was given to read (`seen`, taken before it).
     fn record(
         &mut self,
         report: &Report,
-        mut manifests: BTreeMap<String, Stamp>,
+        mut seen: Seen,
         started: Instant,
         took: Duration,
         every: Option<u64>,
     ) {
         self.keys.clear();
         self.without_records.clear();
-        self.manifests.clear();
+        self.moved.clear();
         self.starts.clear();
         for c in &report.chains {
             if c.last_seq.is_some() {
@@ -167,8 +167,9 @@ impl Verified {
                 continue;
             }
             self.without_records.insert(c.chain.clone());
-            if let Some(stamp) = manifests.remove(&c.chain) {
-                self.manifests.insert(c.chain.clone(), stamp);
+            if let Some(manifest) = seen.manifests.remove(&c.chain) {
+                let ckpt = seen.checkpoints.remove(&c.chain);
+                self.moved.insert(c.chain.clone(), Moved { manifest, ckpt });
             }
         }
         self.gap = every.map_or(took.saturating_mul(WHOLE_SHARE), Duration::from_secs);
@@ -199,6 +200,22 @@ struct Start {
     seq: u64,
     file: u64,
     byte: u64,
+}
+
+/// What a whole verification was given to read beside the chain files, taken before it.
+struct Seen {
+    /// The stamp of each prune manifest, by chain.
+    manifests: BTreeMap<String, Stamp>,
+    /// The seq and hash each signed checkpoint covers, by chain.
+    checkpoints: BTreeMap<String, (u64, [u8; 32])>,
+}
+
+/// What stands for a chain moved whole: its prune manifest's stamp, and the seq and hash its
+/// signed checkpoint covers (`None`: none read).
+#[derive(Clone, Copy, Debug)]
+struct Moved {
+    manifest: Stamp,
+    ckpt: Option<(u64, [u8; 32])>,
 }
 
 /// What seals a chain: the index of its HMAC secret among those given (`None`: MACs not
@@ -241,6 +258,17 @@ fn manifest_stamps(dir: &Path) -> BTreeMap<String, Stamp> {
     chains
         .into_iter()
         .filter_map(|c| Stamp::of(&prune::manifest_path(dir, &c)).map(|s| (c, s)))
+        .collect()
+}
+
+/// The seq and hash each signed checkpoint given covers, by chain (none when they cannot be
+/// read, or hold evidence a verification reports).
+fn checkpoint_heads(opts: &VerifyOptions) -> BTreeMap<String, (u64, [u8; 32])> {
+    let ckpts = verify::signed_checkpoints(opts).ok().flatten();
+    ckpts
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(chain, c)| (chain, (c.seq, c.hash)))
         .collect()
 }
 
@@ -657,9 +685,10 @@ fn whole_pass(
     let opts = how.opts;
     let started = Instant::now();
     let cpu_before = cpu_time();
-    // Taken before the verification reads the manifests: one replaced meanwhile then differs
-    // from its stamp at the next pass, which verifies the whole directory again.
+    // Taken before the verification reads the manifests and checkpoints: one replaced
+    // meanwhile then differs at the next pass, which verifies the whole directory again.
     let manifests = manifest_stamps(dir);
+    let checkpoints = checkpoint_heads(opts);
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let took = cpu_time().saturating_sub(cpu_before);
     if !report.ok() {
@@ -686,15 +715,20 @@ fn whole_pass(
     }
     check_against(&report, state)?;
     // Counts of chains no longer read (moved whole, gone) would keep every pass whole.
+    let counted = state.stalls.len();
     state.stalls.retain(|id, _| {
         report
             .chains
             .iter()
             .any(|c| &c.chain == id && c.last_seq.is_some())
     });
-    verified.record(&report, manifests, started, took, how.verify_every);
+    let mut moved = state.stalls.len() != counted;
+    let seen = Seen {
+        manifests,
+        checkpoints,
+    };
+    verified.record(&report, seen, started, took, how.verify_every);
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
-    let mut moved = false;
     let mut out = std::io::stdout().lock();
     for chain in &report.chains {
         let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
@@ -809,13 +843,14 @@ fn appended_pass(
         return Ok(None);
     };
     let files = verify::list_all(dir, how.opts).map_err(io)?;
-    // Chains not listed: only those moved whole, as verified, their manifests untouched.
+    // Chains not listed: only those moved whole, as verified, their manifests and signed
+    // checkpoints untouched.
     let listed = |id: &String| files.iter().any(|(c, _)| c == id);
     let moved_whole = |id: &String| {
-        verified
-            .manifests
-            .get(id)
-            .is_some_and(|m| Some(*m) == Stamp::of(&prune::manifest_path(dir, id)))
+        verified.moved.get(id).is_some_and(|m| {
+            Some(m.manifest) == Stamp::of(&prune::manifest_path(dir, id))
+                && m.ckpt == ckpts.get(id).map(|c| (c.seq, c.hash))
+        })
     };
     let mut unlisted = state.chains.keys().chain(ckpts.keys());
     if unlisted.any(|id| !listed(id) && !moved_whole(id)) {
@@ -836,8 +871,11 @@ fn appended_pass(
                 }
             }
             // Still without a record (a chain being started, or one whose writer died
-            // before its first): nothing to pass on yet.
-            (None, None) if verified.without_records.contains(id) && no_record(list) => {}
+            // before its first): its file 0 alone, with no complete line, as verified.
+            (None, None)
+                if verified.without_records.contains(id)
+                    && matches!(list.as_slice(), [(0, _)])
+                    && no_record(list) => {}
             _ => return Ok(None),
         }
     }
