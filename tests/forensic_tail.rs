@@ -1550,11 +1550,62 @@ fn a_state_file_in_a_directory_the_user_cannot_write_is_refused_before_any_recor
 }
 
 /// A running tail passing every second whose whole verifications are an hour apart: every
-/// pass after the first reads only what was appended.
-fn spawn_between_whole(dir: &Path, args: &[&str]) -> Running {
+/// pass after the first reads only what was appended. Returned once its first pass said what
+/// it verified (`said`, when it starts from the heads) and how far apart the next whole
+/// verifications are.
+fn spawn_between_whole(dir: &Path, args: &[&str], said: Option<&str>) -> Running {
     let mut all = vec!["--interval", "1", "--verify-every", "3600"];
     all.extend_from_slice(args);
-    spawn_tail(dir, &all)
+    let mut tail = spawn_tail(dir, &all);
+    if let Some(expected) = said {
+        let line = tail.said();
+        assert!(line.contains(expected), "{line}");
+    }
+    let line = tail.said();
+    assert!(
+        line.contains("verified whole again every 3600.0 s"),
+        "{line}"
+    );
+    tail
+}
+
+/// The first stdout line of a running tail, within `secs` seconds, which must be a tampering
+/// alert (`why`: what was done to the log); the tail is killed.
+fn first_line_is_tampering(tail: &mut Running, secs: u64, why: &str) -> Value {
+    let got = tail.lines_within(1, Duration::from_secs(secs));
+    let _ = tail.child.kill();
+    let line = got
+        .first()
+        .unwrap_or_else(|| panic!("no line within {secs} s: {why}"));
+    let first: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(first["kvh_tail_log"], "tampering", "{why}: {first}");
+    first
+}
+
+/// The chain whose first file (index 0) is `file`.
+fn chain_of_first_file(file: &Path) -> String {
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let chain = name
+        .strip_prefix("kvh-")
+        .and_then(|n| n.rsplit_once('-'))
+        .map(|(c, _)| c.to_string())
+        .unwrap();
+    assert_eq!(kvhygiene::forensic::files::file_name(&chain, 0), name);
+    chain
+}
+
+/// Exit status and stdout of `kvh verify-log DIR ARGS...`.
+fn verify_report(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = kvh()
+        .arg("verify-log")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// The alert a running tail ends with: exit 1, the alert its last stdout line.
@@ -1579,14 +1630,7 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
     let log = ForensicLog::open_with_secret(&cfg(&k.dir, 2048), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.flush();
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
     let before = log_lines(&k.dir).len();
     for i in 1..30 {
         log.emit(event(i));
@@ -1625,9 +1669,7 @@ fn between_whole_verifications_a_record_that_does_not_follow_is_judged_at_once()
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.flush();
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
+    let tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
     // The newest record written again after itself: its seq does not follow.
     let file = chain_files(&k.dir).pop().unwrap();
     let last = forensic_common::read_lines(&file).pop().unwrap();
@@ -1649,7 +1691,7 @@ fn between_whole_verifications_records_cut_off_the_end_are_caught_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     write_log(&cfg(&dir, 1 << 20), 6, false);
-    let tail = spawn_between_whole(&dir, &["--from-start"]);
+    let tail = spawn_between_whole(&dir, &["--from-start"], None);
     assert_eq!(tail.lines_within(8, Duration::from_secs(30)).len(), 8);
     let file = chain_files(&dir).remove(0);
     let lines = forensic_common::read_lines(&file);
@@ -1668,9 +1710,7 @@ fn between_whole_verifications_records_cut_off_the_end_are_caught_at_once() {
 fn between_whole_verifications_a_new_chain_is_passed_on_whole() {
     let k = keyed();
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
     let before = log_lines(&k.dir);
     write_log(&cfg(&k.dir, 1 << 20), 3, true);
     let new: Vec<String> = log_lines(&k.dir)
@@ -1744,19 +1784,29 @@ fn state_chains(state: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Records appended after the position that differ from the chain's signed checkpoint (what
-/// the holder of the HMAC secret, without the signing key, can write) are rejected by a whole
-/// verification as new records ("record differs from the signed checkpoint"). A pass between
-/// whole verifications holds them to what `verify-log`'s walk holds them to: it passes none
-/// of them on, and the tail stops on them as tampering.
-#[test]
-fn between_whole_verifications_records_at_odds_with_the_signed_checkpoint_are_not_passed_on() {
-    let k = keyed();
+/// A signing writer's chain made in a staging directory, of which the log directory `k.dir`
+/// (created here) is first shown only the first records, with the checkpoint then signed:
+/// its start and one event.
+struct Staged {
+    keys: tempfile::TempDir,
+    /// The public key files of the writer's signing key.
+    public: String,
+    log: std::sync::Arc<ForensicLog>,
+    /// The chain's file in the staging directory, and its copy in the log directory.
+    file: PathBuf,
+    in_log: PathBuf,
+    /// The chain's checkpoint file in the staging directory, and its copy in the log
+    /// directory.
+    ckpt: PathBuf,
+    ckpt_in_log: PathBuf,
+    /// The lines shown.
+    early: Vec<String>,
+}
+
+fn staged(k: &Keyed) -> Staged {
+    use std::os::unix::fs::PermissionsExt;
     let keys = tempfile::tempdir().unwrap();
     let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
-    let public = public.to_str().unwrap().to_string();
-    // The writer's chain, made in a staging directory: the log directory is shown its first
-    // records (with the checkpoint then signed), then the rest.
     let staging = keys.path().join("staging");
     let mut c = cfg(&staging, 1 << 20);
     c.signing_key_file = Some(signer);
@@ -1766,78 +1816,98 @@ fn between_whole_verifications_records_at_odds_with_the_signed_checkpoint_are_no
     let file = chain_files(&staging).remove(0);
     let ckpt = checkpoint_files(&staging).remove(0);
     let early = forensic_common::read_lines(&file);
-    let early_ckpt = std::fs::read(&ckpt).unwrap();
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.stop();
-    let final_ckpt = std::fs::read(&ckpt).unwrap();
     std::fs::create_dir(&k.dir).unwrap();
-    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&k.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     let in_log = k.dir.join(file.file_name().unwrap());
     let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
     forensic_common::write_lines(&in_log, &early);
-    std::fs::write(&ckpt_in_log, &early_ckpt).unwrap();
+    std::fs::copy(&ckpt, &ckpt_in_log).unwrap();
+    Staged {
+        public: public.to_str().unwrap().to_string(),
+        keys,
+        log,
+        file,
+        in_log,
+        ckpt,
+        ckpt_in_log,
+        early,
+    }
+}
 
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--public-key", &public]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
+impl Staged {
+    /// The records of the staged chain after those shown, the first changed and every one
+    /// after it sealed again with the secret (what its holder, without the signing key, can
+    /// write).
+    fn forged_rest(&self) -> Vec<String> {
+        let copy = self.keys.path().join(self.file.file_name().unwrap());
+        std::fs::copy(&self.file, &copy).unwrap();
+        forge_from(
+            std::slice::from_ref(&copy),
+            0,
+            self.early.len() + 1,
+            Some(kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap()),
+            |m| {
+                m.insert("request_id".into(), "req-forged".into());
+            },
+        );
+        forensic_common::read_lines(&copy)[self.early.len()..].to_vec()
+    }
+
+    /// Appends `lines` to the chain's file in the log directory, in one write.
+    fn append(&self, lines: &[String]) {
+        let mut appended = lines.join("\n");
+        appended.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.in_log)
+            .unwrap();
+        std::io::Write::write_all(&mut f, appended.as_bytes()).unwrap();
+    }
+}
+
+/// Records appended after the position that differ from the chain's signed checkpoint (what
+/// the holder of the HMAC secret, without the signing key, can write) are rejected by a whole
+/// verification as new records ("record differs from the signed checkpoint"). A pass between
+/// whole verifications holds them to what `verify-log`'s walk holds them to: it passes none
+/// of them on, and the tail stops on them as tampering.
+#[test]
+fn between_whole_verifications_records_at_odds_with_the_signed_checkpoint_are_not_passed_on() {
+    let k = keyed();
+    let st = staged(&k);
+    for i in 1..4 {
+        st.log.emit(event(i));
+    }
+    st.log.stop();
+    let public = st.public.as_str();
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--public-key", public]),
+        Some("1 chains verified"),
     );
 
-    // The rest of the chain, its first new record changed and every record after it sealed
-    // again with the secret; the checkpoint the writer signed at its stop.
-    let copy = keys.path().join(file.file_name().unwrap());
-    std::fs::copy(&file, &copy).unwrap();
-    forge_from(
-        std::slice::from_ref(&copy),
-        0,
-        early.len() + 1,
-        Some(kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap()),
-        |m| {
-            m.insert("request_id".into(), "req-forged".into());
-        },
-    );
-    let forged = forensic_common::read_lines(&copy)[early.len()..].to_vec();
-    let staged_ckpt = keys.path().join("ckpt.tmp");
-    std::fs::write(&staged_ckpt, &final_ckpt).unwrap();
-    std::fs::rename(&staged_ckpt, &ckpt_in_log).unwrap();
-    let mut appended = forged.join("\n");
-    appended.push('\n');
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&in_log)
-        .unwrap();
-    std::io::Write::write_all(&mut f, appended.as_bytes()).unwrap();
-    drop(f);
+    // The rest of the chain forged; the checkpoint the writer signed at its stop.
+    let forged = st.forged_rest();
+    let staged_ckpt = st.keys.path().join("ckpt.tmp");
+    std::fs::copy(&st.ckpt, &staged_ckpt).unwrap();
+    std::fs::rename(&staged_ckpt, &st.ckpt_in_log).unwrap();
+    st.append(&forged);
     let whole = [
         "--key-file",
         k.key.to_str().unwrap(),
         "--public-key",
-        &public,
+        public,
     ];
-    let verified = kvh()
-        .arg("verify-log")
-        .arg(&k.dir)
-        .args(whole)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&verified.stdout);
-    assert_eq!(verified.status.code(), Some(1), "{report}");
+    let (code, report) = verify_report(&k.dir, &whole);
+    assert_eq!(code, Some(1), "{report}");
     assert!(
         report.contains("record differs from the signed checkpoint"),
         "a whole verification rejects the records appended: {report}"
     );
 
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "a record a whole verification rejects was passed on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "a record a whole verification rejects was passed on",
     );
 }
 
@@ -1863,13 +1933,10 @@ fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.flush();
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]));
-    let said = tail.said();
-    assert!(said.contains("2 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--allow-pruned"]),
+        Some("2 chains verified"),
     );
 
     std::fs::remove_file(&manifest).unwrap();
@@ -1877,12 +1944,10 @@ fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_
         log.emit(event(i));
     }
     log.flush();
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "the chain moved whole is gone, yet the tail went on: {first}"
+    let first = first_line_is_tampering(
+        &mut tail,
+        10,
+        "the chain moved whole is gone, yet the tail went on",
     );
     assert!(
         first["reason"].as_str().unwrap().contains("gone"),
@@ -1922,12 +1987,7 @@ fn a_count_of_mismatched_reads_of_a_chain_moved_whole_leaves_the_passes_between_
     prune_everything_it_may(&k, &archive);
     assert_eq!(chain_files(&k.dir).len(), 1, "the ended chain moved whole");
 
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]));
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]), None);
     rewrite(&chain_files(&k.dir)[0], "req-0", "req-X");
     let before = log_lines(&k.dir).len();
     for i in 1..4 {
@@ -1958,14 +2018,7 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
         ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
     log.emit(event(0));
     log.flush();
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("2 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("2 chains verified"));
 
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -1982,12 +2035,10 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
         log.emit(event(i));
     }
     log.flush();
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "bytes after a stop record, yet the tail went on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "bytes after a stop record, yet the tail went on",
     );
     log.stop();
 }
@@ -2001,106 +2052,53 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
 #[test]
 fn between_whole_verifications_a_checkpoint_signed_by_another_pinned_key_is_caught() {
     use kvhygiene::forensic::checkpoint;
+    use std::os::unix::fs::PermissionsExt;
     let k = keyed();
-    let keys = tempfile::tempdir().unwrap();
-    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let st = staged(&k);
     let (retired, retired_pub) =
-        kvhygiene::forensic::cli::keygen(&keys.path().join("retired")).unwrap();
-    let public = public.to_str().unwrap().to_string();
+        kvhygiene::forensic::cli::keygen(&st.keys.path().join("retired")).unwrap();
     let retired_pub = retired_pub.to_str().unwrap().to_string();
-    // The writer's chain, made in a staging directory: the log directory is shown its first
-    // records (with the checkpoint then signed), then the rest.
-    let staging = keys.path().join("staging");
-    let mut c = cfg(&staging, 1 << 20);
-    c.signing_key_file = Some(signer);
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
-    let file = chain_files(&staging).remove(0);
-    let ckpt = checkpoint_files(&staging).remove(0);
-    let early = forensic_common::read_lines(&file);
-    let early_ckpt = std::fs::read(&ckpt).unwrap();
     for i in 1..4 {
-        log.emit(event(i));
+        st.log.emit(event(i));
     }
-    log.flush();
-    std::fs::create_dir(&k.dir).unwrap();
-    std::fs::set_permissions(&k.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let in_log = k.dir.join(file.file_name().unwrap());
-    let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
-    forensic_common::write_lines(&in_log, &early);
-    std::fs::write(&ckpt_in_log, &early_ckpt).unwrap();
-
+    st.log.flush();
     let both = [
         "--public-key",
-        public.as_str(),
+        st.public.as_str(),
         "--public-key",
         retired_pub.as_str(),
     ];
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&both));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&both), Some("1 chains verified"));
 
-    // The rest of the chain, its first new record changed and every record after it sealed
-    // again with the secret; a checkpoint over the last one, signed with the retired key.
-    let copy = keys.path().join(file.file_name().unwrap());
-    std::fs::copy(&file, &copy).unwrap();
-    forge_from(
-        std::slice::from_ref(&copy),
-        0,
-        early.len() + 1,
-        Some(kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap()),
-        |m| {
-            m.insert("request_id".into(), "req-forged".into());
-        },
-    );
-    let forged = forensic_common::read_lines(&copy)[early.len()..].to_vec();
+    // The rest of the chain forged; a checkpoint over its last record, signed with the
+    // retired key.
+    let forged = st.forged_rest();
     let head: Value = serde_json::from_str(forged.last().unwrap()).unwrap();
-    let mut c = checkpoint::peek(&ckpt).unwrap().unwrap();
+    let mut c = checkpoint::peek(&st.ckpt).unwrap().unwrap();
     c.seq = head["seq"].as_u64().unwrap();
     c.hash = kvhygiene::forensic::record::parse_hash(head["hash"].as_str().unwrap()).unwrap();
-    let forger = keys.path().join("forger");
+    let forger = st.keys.path().join("forger");
     std::fs::create_dir(&forger).unwrap();
-    std::fs::set_permissions(&forger, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&forger, std::fs::Permissions::from_mode(0o700)).unwrap();
     let retired = kvhygiene::forensic::keys::read_signing_key(&retired).unwrap();
     checkpoint::write(&forger, &retired, &c).unwrap();
-    std::fs::rename(checkpoint_files(&forger).remove(0), &ckpt_in_log).unwrap();
-    let mut appended = forged.join("\n");
-    appended.push('\n');
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&in_log)
-        .unwrap();
-    std::io::Write::write_all(&mut f, appended.as_bytes()).unwrap();
-    drop(f);
+    std::fs::rename(checkpoint_files(&forger).remove(0), &st.ckpt_in_log).unwrap();
+    st.append(&forged);
     let mut whole = vec!["--key-file", k.key.to_str().unwrap()];
     whole.extend_from_slice(&both);
-    let verified = kvh()
-        .arg("verify-log")
-        .arg(&k.dir)
-        .args(&whole)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&verified.stdout);
-    assert_eq!(verified.status.code(), Some(1), "{report}");
+    let (code, report) = verify_report(&k.dir, &whole);
+    assert_eq!(code, Some(1), "{report}");
     assert!(
         report.contains("re-signed with another key"),
         "a whole verification rejects the records appended: {report}"
     );
 
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "a record a whole verification rejects was passed on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "a record a whole verification rejects was passed on",
     );
-    log.stop();
+    st.log.stop();
 }
 
 /// A chain's files follow each other by index: a file after a gap (rotated files missing)
@@ -2116,14 +2114,7 @@ fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
     log.emit(event(0));
     log.flush();
     let chain = log.stats().chain.clone().expect("a chain");
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
 
     let planted = k.dir.join(kvhygiene::forensic::files::file_name(&chain, 2));
     std::fs::write(&planted, b"").unwrap();
@@ -2132,25 +2123,17 @@ fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let verified = kvh()
-        .arg("verify-log")
-        .arg(&k.dir)
-        .args(["--key-file", k.key.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&verified.stdout);
-    assert_eq!(verified.status.code(), Some(1), "{report}");
+    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{report}");
     assert!(report.contains("file index jumps"), "{report}");
     for i in 1..4 {
         log.emit(event(i));
     }
     log.flush();
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "the log no longer verifies, yet the tail went on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "the log no longer verifies, yet the tail went on",
     );
     log.stop();
 }
@@ -2165,25 +2148,8 @@ fn between_whole_verifications_a_file_renamed_to_a_far_index_does_not_hang_the_t
     let k = keyed();
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
     let file = chain_files(&k.dir).remove(0);
-    let name = file.file_name().unwrap().to_str().unwrap().to_string();
-    let chain = name
-        .strip_prefix("kvh-")
-        .and_then(|n| n.rsplit_once('-'))
-        .map(|(c, _)| c.to_string())
-        .unwrap();
-    assert_eq!(
-        kvhygiene::forensic::files::file_name(&chain, 0),
-        name,
-        "the chain's first file"
-    );
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let chain = chain_of_first_file(&file);
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
 
     let far = k
         .dir
@@ -2194,14 +2160,7 @@ fn between_whole_verifications_a_file_renamed_to_a_far_index_does_not_hang_the_t
         Some(1),
         "verify-log rejects a chain whose first files are missing"
     );
-    let got = tail.lines_within(1, Duration::from_secs(20));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(
-        got.first()
-            .expect("a line within 20 s (the tail hangs ratcheting its key)"),
-    )
-    .unwrap();
-    assert_eq!(first["kvh_tail_log"], "tampering", "{first}");
+    first_line_is_tampering(&mut tail, 20, "{first}");
 }
 
 /// The record passed on must still be in its file (the invariant: "still in its file with its
@@ -2213,25 +2172,8 @@ fn between_whole_verifications_the_record_passed_on_found_in_another_file_is_cau
     let k = keyed();
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
     let file = chain_files(&k.dir).remove(0);
-    let name = file.file_name().unwrap().to_str().unwrap().to_string();
-    let chain = name
-        .strip_prefix("kvh-")
-        .and_then(|n| n.rsplit_once('-'))
-        .map(|(c, _)| c.to_string())
-        .unwrap();
-    assert_eq!(
-        kvhygiene::forensic::files::file_name(&chain, 0),
-        name,
-        "the chain's first file"
-    );
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("1 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let chain = chain_of_first_file(&file);
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
 
     let far = k.dir.join(kvhygiene::forensic::files::file_name(&chain, 3));
     std::fs::rename(&file, &far).unwrap();
@@ -2240,10 +2182,7 @@ fn between_whole_verifications_the_record_passed_on_found_in_another_file_is_cau
         Some(1),
         "verify-log rejects a chain whose first files are missing"
     );
-    let got = tail.lines_within(1, Duration::from_secs(20));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 20 s")).unwrap();
-    assert_eq!(first["kvh_tail_log"], "tampering", "{first}");
+    first_line_is_tampering(&mut tail, 20, "{first}");
 }
 
 /// A chain `prune-log` moved whole keeps its signed checkpoint in the log directory; with a
@@ -2273,13 +2212,7 @@ fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_
     let mut tail = spawn_between_whole(
         &k.dir,
         &k.args(&["--allow-pruned", "--public-key", &public]),
-    );
-    let said = tail.said();
-    assert!(said.contains("2 chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
+        Some("2 chains verified"),
     );
 
     std::fs::remove_file(&ended_ckpt).unwrap();
@@ -2299,12 +2232,10 @@ fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_
         log.emit(event(i));
     }
     log.flush();
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "the checkpoint of a chain moved whole is gone, yet the tail went on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "the checkpoint of a chain moved whole is gone, yet the tail went on",
     );
     log.stop();
 }
@@ -2332,36 +2263,21 @@ fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_
         Some(0),
         "a chain that never started verifies"
     );
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]));
-    let said = tail.said();
-    assert!(said.contains("chains verified"), "{said}");
-    let said = tail.said();
-    assert!(
-        said.contains("verified whole again every 3600.0 s"),
-        "{said}"
-    );
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("chains verified"));
 
     let planted = k.dir.join(kvhygiene::forensic::files::file_name(dead, 1));
     std::fs::write(&planted, b"").unwrap();
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let verified = kvh()
-        .arg("verify-log")
-        .arg(&k.dir)
-        .args(["--key-file", k.key.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&verified.stdout);
-    assert_eq!(verified.status.code(), Some(1), "{report}");
+    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{report}");
     for i in 1..4 {
         log.emit(event(i));
     }
     log.flush();
-    let got = tail.lines_within(1, Duration::from_secs(10));
-    let _ = tail.child.kill();
-    let first: Value = serde_json::from_str(got.first().expect("a line within 10 s")).unwrap();
-    assert_eq!(
-        first["kvh_tail_log"], "tampering",
-        "the log no longer verifies, yet the tail went on: {first}"
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "the log no longer verifies, yet the tail went on",
     );
     log.stop();
 }
