@@ -2138,51 +2138,38 @@ fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
     log.stop();
 }
 
-/// A chain's file renamed to a far index (its files 0.. then missing: `verify-log` says "chain
-/// starts at file index ..."). A pass between whole verifications holds the key ratchet to
-/// an index it checked, as the verifier and the whole passes do: it does not ratchet the key
-/// towards the planted index for ever, and the tail stops as tampering at the pass that
-/// meets it.
-#[test]
-fn between_whole_verifications_a_file_renamed_to_a_far_index_does_not_hang_the_tail() {
+/// A stopped chain's only file renamed to file index `index` under a tail between whole
+/// verifications: the chain's first files are then missing ("chain starts at file index
+/// ..."), which `verify-log` rejects, and the record passed on is no longer in its file. The
+/// tail stops as tampering at the pass that meets it, without ratcheting its key towards the
+/// planted index (the verifier and the whole passes ratchet only to an index they checked).
+fn a_first_file_renamed_to_another_index_is_caught(index: u64) {
     let k = keyed();
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
     let file = chain_files(&k.dir).remove(0);
     let chain = chain_of_first_file(&file);
     let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
-
-    let far = k
+    let renamed = k
         .dir
-        .join(kvhygiene::forensic::files::file_name(&chain, 1 << 40));
-    std::fs::rename(&file, &far).unwrap();
+        .join(kvhygiene::forensic::files::file_name(&chain, index));
+    std::fs::rename(&file, &renamed).unwrap();
     assert_eq!(
         verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
         Some(1),
         "verify-log rejects a chain whose first files are missing"
     );
-    first_line_is_tampering(&mut tail, 20, "{first}");
+    let why = format!("the chain's file renamed to index {index}");
+    first_line_is_tampering(&mut tail, 20, &why);
 }
 
-/// The record passed on must still be in its file (the invariant: "still in its file with its
-/// hash"). A chain's only file renamed to index 3 (files 0..3 missing: `verify-log` says
-/// "chain starts at file index 3") fails a whole verification; a pass between whole
-/// verifications finds it at the pass that meets it and the tail stops as tampering.
 #[test]
 fn between_whole_verifications_the_record_passed_on_found_in_another_file_is_caught() {
-    let k = keyed();
-    write_log(&cfg(&k.dir, 1 << 20), 2, true);
-    let file = chain_files(&k.dir).remove(0);
-    let chain = chain_of_first_file(&file);
-    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
+    a_first_file_renamed_to_another_index_is_caught(3);
+}
 
-    let far = k.dir.join(kvhygiene::forensic::files::file_name(&chain, 3));
-    std::fs::rename(&file, &far).unwrap();
-    assert_eq!(
-        verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()]),
-        Some(1),
-        "verify-log rejects a chain whose first files are missing"
-    );
-    first_line_is_tampering(&mut tail, 20, "{first}");
+#[test]
+fn between_whole_verifications_a_file_renamed_to_a_far_index_does_not_hang_the_tail() {
+    a_first_file_renamed_to_another_index_is_caught(1 << 40);
 }
 
 /// A chain `prune-log` moved whole keeps its signed checkpoint in the log directory; with a
