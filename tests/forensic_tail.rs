@@ -1549,6 +1549,22 @@ fn a_state_file_in_a_directory_the_user_cannot_write_is_refused_before_any_recor
     );
 }
 
+/// A keyed writer of `dir` (files of 1 MiB) that wrote its start and one event.
+fn writing(dir: &Path) -> std::sync::Arc<ForensicLog> {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 20), start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    log
+}
+
+/// `log` writes the events `ids`, and flushes.
+fn emit(log: &ForensicLog, ids: std::ops::Range<u64>) {
+    for i in ids {
+        log.emit(event(i));
+    }
+    log.flush();
+}
+
 /// A running tail passing every second whose whole verifications are an hour apart: every
 /// pass after the first reads only what was appended. Returned once its first pass said what
 /// it verified (`said`, when it starts from the heads) and how far apart the next whole
@@ -1632,10 +1648,7 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
     log.flush();
     let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
     let before = log_lines(&k.dir).len();
-    for i in 1..30 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..30);
     let written = log_lines(&k.dir)[before..].to_vec();
     assert!(chain_files(&k.dir).len() > 2, "the records span rotations");
     let got = tail.lines_within(written.len(), Duration::from_secs(30));
@@ -1645,10 +1658,7 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
     // next whole verification, not by the passes that read what is appended.
     rewrite(&chain_files(&k.dir)[0], "req-0", "req-X");
     let before = log_lines(&k.dir).len();
-    for i in 30..33 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 30..33);
     let written = log_lines(&k.dir)[before..].to_vec();
     let got = tail.lines_within(written.len(), Duration::from_secs(30));
     assert_eq!(got, written);
@@ -1665,10 +1675,7 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
 #[test]
 fn between_whole_verifications_a_record_that_does_not_follow_is_judged_at_once() {
     let k = keyed();
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
     // The newest record written again after itself: its seq does not follow.
     let file = chain_files(&k.dir).pop().unwrap();
@@ -1929,10 +1936,7 @@ fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_
         .find(|p| p.to_str().unwrap().ends_with(".pruned.json"))
         .expect("its prune manifest");
     // A process writing now.
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let mut tail = spawn_between_whole(
         &k.dir,
         &k.args(&["--allow-pruned"]),
@@ -1940,10 +1944,7 @@ fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_
     );
 
     std::fs::remove_file(&manifest).unwrap();
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     let first = first_line_is_tampering(
         &mut tail,
         10,
@@ -1967,10 +1968,7 @@ fn a_count_of_mismatched_reads_of_a_chain_moved_whole_leaves_the_passes_between_
     let archive = archive_dir(&k);
     // A chain that ended, and a process writing now.
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let live = log.stats().chain.clone().expect("a chain");
     assert_ok(&tail_once(
         &k.dir,
@@ -1990,10 +1988,7 @@ fn a_count_of_mismatched_reads_of_a_chain_moved_whole_leaves_the_passes_between_
     let mut tail = spawn_between_whole(&k.dir, &k.args(&["--allow-pruned"]), None);
     rewrite(&chain_files(&k.dir)[0], "req-0", "req-X");
     let before = log_lines(&k.dir).len();
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     let written = log_lines(&k.dir)[before..].to_vec();
     let got = tail.lines_within(written.len(), Duration::from_secs(10));
     let _ = tail.child.kill();
@@ -2014,10 +2009,7 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
     // A chain that ended, and a process writing now.
     write_log(&cfg(&k.dir, 1 << 20), 2, true);
     let ended = chain_files(&k.dir).remove(0);
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("2 chains verified"));
 
     let mut f = std::fs::OpenOptions::new()
@@ -2031,10 +2023,7 @@ fn between_whole_verifications_bytes_after_a_stop_record_are_caught_at_once() {
         Some(1),
         "verify-log rejects bytes after a stop record"
     );
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
         10,
@@ -2058,10 +2047,7 @@ fn between_whole_verifications_a_checkpoint_signed_by_another_pinned_key_is_caug
     let (retired, retired_pub) =
         kvhygiene::forensic::cli::keygen(&st.keys.path().join("retired")).unwrap();
     let retired_pub = retired_pub.to_str().unwrap().to_string();
-    for i in 1..4 {
-        st.log.emit(event(i));
-    }
-    st.log.flush();
+    emit(&st.log, 1..4);
     let both = [
         "--public-key",
         st.public.as_str(),
@@ -2109,10 +2095,7 @@ fn between_whole_verifications_a_checkpoint_signed_by_another_pinned_key_is_caug
 #[test]
 fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
     let k = keyed();
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let chain = log.stats().chain.clone().expect("a chain");
     let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
 
@@ -2126,10 +2109,7 @@ fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
     let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{report}");
     assert!(report.contains("file index jumps"), "{report}");
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
         10,
@@ -2215,10 +2195,7 @@ fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_
         Some(1),
         "verify-log rejects a chain moved whole whose checkpoint is deleted"
     );
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
         10,
@@ -2237,10 +2214,7 @@ fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_
 fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_caught() {
     use std::os::unix::fs::PermissionsExt;
     let k = keyed();
-    let log =
-        ForensicLog::open_with_secret(&cfg(&k.dir, 1 << 20), start(), Some(secret())).unwrap();
-    log.emit(event(0));
-    log.flush();
+    let log = writing(&k.dir);
     let dead = "p999999-t1";
     let first = k.dir.join(kvhygiene::forensic::files::file_name(dead, 0));
     std::fs::write(&first, b"").unwrap();
@@ -2257,10 +2231,7 @@ fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{report}");
-    for i in 1..4 {
-        log.emit(event(i));
-    }
-    log.flush();
+    emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
         10,
