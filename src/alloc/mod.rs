@@ -438,7 +438,9 @@ impl Allocator {
     }
 
     /// Frees `ptr` and waits for its scrub's verification (the synchronous-verification mode).
-    /// Returns [`FreeError::VerifyFailed`] when the block was quarantined instead of cleaned.
+    /// Returns [`FreeError::VerifyFailed`] when the scrub did not verify (the block is then
+    /// quarantined); a block whose scrub verified is `Ok`, also when a policy then keeps it
+    /// from reuse (`idle_ttl_ms <= 0`).
     pub fn free_checked(
         &self,
         ptr: u64,
