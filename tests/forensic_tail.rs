@@ -2239,3 +2239,125 @@ fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_
     );
     log.stop();
 }
+
+/// A chain whose writer had not yet written its `start` record (its first file alone, without
+/// a complete line) verifies without a checkpoint. Its signed checkpoint appearing beside it
+/// while the file still holds no record is what a whole verification rejects ("chain ends at
+/// no record but the signed checkpoint covers seq ..."): the records it covers were cut. The
+/// tail stops on it at the pass that meets it, before passing on anything written after it.
+#[test]
+fn between_whole_verifications_a_checkpoint_of_a_chain_without_records_is_caught() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let public = public.to_str().unwrap().to_string();
+    // A chain that wrote its start, one event and its checkpoint (in a staging directory).
+    let staging = keys.path().join("staging");
+    let mut c = cfg(&staging, 1 << 20);
+    c.signing_key_file = Some(signer.clone());
+    let other = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    other.emit(event(0));
+    other.flush();
+    let file = chain_files(&staging).remove(0);
+    let ckpt = checkpoint_files(&staging).remove(0);
+    // The log: a signing writer, and that chain's first file without a record.
+    let mut c = cfg(&k.dir, 1 << 20);
+    c.signing_key_file = Some(signer);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(0));
+    log.flush();
+    let cut = k.dir.join(file.file_name().unwrap());
+    std::fs::write(&cut, b"").unwrap();
+    std::fs::set_permissions(&cut, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let whole = [
+        "--key-file",
+        k.key.to_str().unwrap(),
+        "--public-key",
+        &public,
+    ];
+    assert_eq!(
+        verify_log(&k.dir, &whole),
+        Some(0),
+        "a chain not yet started"
+    );
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--public-key", &public]),
+        Some("chains verified"),
+    );
+
+    let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
+    std::fs::copy(&ckpt, &ckpt_in_log).unwrap();
+    std::fs::set_permissions(&ckpt_in_log, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, report) = verify_report(&k.dir, &whole);
+    assert_eq!(code, Some(1), "{report}");
+    emit(&log, 1..4);
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "the signed checkpoint of a chain without records appeared, yet the tail went on",
+    );
+    log.stop();
+    other.stop();
+}
+
+/// A prune manifest of a chain the log has no file of, and that no chain passed on had, is
+/// what a whole verification rejects (without `--allow-pruned`: every file of that chain is
+/// missing; with it, a manifest that accounts for nothing). A chain new to the tail, moved
+/// whole or not: the tail stops on it at the pass that meets it, before passing on anything
+/// written after it.
+#[test]
+fn between_whole_verifications_a_manifest_of_an_unknown_chain_is_caught() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = keyed();
+    let log = writing(&k.dir);
+    let mut tail = spawn_between_whole(&k.dir, &k.args(&[]), Some("1 chains verified"));
+
+    let planted = kvhygiene::forensic::prune::manifest_path(&k.dir, "p999999-t1");
+    std::fs::write(&planted, b"{}\n").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{report}");
+    emit(&log, 1..4);
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "a manifest of a chain the log never had appeared, yet the tail went on",
+    );
+    log.stop();
+}
+
+/// A prune manifest that accounts for nothing (not a manifest) appearing beside a chain that
+/// ended, whose files are all still there, is what a whole verification with
+/// `--allow-pruned` rejects. The chain is not being written: the tail stops on it at the pass
+/// that meets it, before passing on anything written after it.
+#[test]
+fn between_whole_verifications_a_manifest_of_an_ended_chain_is_caught() {
+    use std::os::unix::fs::PermissionsExt;
+    let k = keyed();
+    write_log(&cfg(&k.dir, 1 << 20), 2, true);
+    let ended = chain_of_first_file(&chain_files(&k.dir)[0]);
+    let log = writing(&k.dir);
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--allow-pruned"]),
+        Some("2 chains verified"),
+    );
+
+    let planted = kvhygiene::forensic::prune::manifest_path(&k.dir, &ended);
+    std::fs::write(&planted, b"{}\n").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, report) = verify_report(
+        &k.dir,
+        &["--key-file", k.key.to_str().unwrap(), "--allow-pruned"],
+    );
+    assert_eq!(code, Some(1), "{report}");
+    emit(&log, 1..4);
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "the ended chain's manifest is not a manifest, yet the tail went on",
+    );
+    log.stop();
+}

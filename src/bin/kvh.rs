@@ -239,8 +239,8 @@ With --state FILE a restarted tail goes on where it stopped.
 On a large log the whole verifications are spaced out (--verify-every; by default they take \
 at most a tenth of one core): the passes between them check each chain's new records from \
 the one passed on before them (which must still be there, with its hash) as verify-log does, \
-signed checkpoint included, and leave the older records and prune manifests to the next whole \
-verification. A record that does not follow brings a whole verification at once.
+signed checkpoint included, and leave the older records to the next whole verification (a \
+prune manifest changed brings one at once). A record that does not follow brings a whole verification at once.
 
 Where prune-log runs, give \
 --allow-pruned (with --key-file), or the first prune reads as files gone; records it moved \

@@ -14,8 +14,8 @@
 //! records after the one last passed on, which must still be in its file with its hash, each
 //! checked as `verify-log`'s walk checks it from there ([`ChainCheck::after`]). Whatever such
 //! a pass cannot vouch for (a chain new or gone, a record that does not follow) is left to a
-//! whole pass made at once; what it does not look at (older records, signed checkpoints,
-//! prune manifests) is checked by the next whole verification.
+//! whole pass made at once; what it does not look at (older records, a checkpoint's hold on
+//! them) is checked by the next whole verification.
 //!
 //! Between passes the tail remembers where each chain was (seq and hash of the last record
 //! passed on, in `--state` across runs), which adds two checks `verify-log` cannot make
@@ -84,8 +84,8 @@ pub struct TailLogArgs {
     /// Seconds between verifications of the whole directory (0: every pass). The passes
     /// between them hold each chain's new records to the record passed on before them (which
     /// must still be there, with its hash) as `verify-log` does: hashes, links, seqs, MACs,
-    /// rotations, the signed checkpoint; prune manifests and the older records are checked
-    /// at the next whole verification. Default: as often as keeps them under a tenth of one
+    /// rotations, the signed checkpoint; a prune manifest changed brings a whole pass, and
+    /// the older records are checked at the next whole verification. Default: as often as keeps them under a tenth of one
     /// core (every pass on a small log; about every 12 minutes on 20 GiB).
     #[arg(long, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=604_800))]
@@ -124,8 +124,11 @@ struct Verified {
     keys: BTreeMap<String, Seal>,
     /// The chains it found without a record: moved whole by `prune-log`, or never started.
     without_records: std::collections::BTreeSet<String>,
-    /// What stands for each chain it found moved whole, as it was then.
-    moved: BTreeMap<String, Moved>,
+    /// The seq and hash the signed checkpoint of each chain it found moved whole covers
+    /// (`None`: none read), as it was then.
+    moved: BTreeMap<String, Option<(u64, [u8; 32])>>,
+    /// The stamp of every prune manifest of the directory, taken before it.
+    manifests: BTreeMap<String, Stamp>,
     /// When the next one is due (`None`: before the first).
     next: Option<Instant>,
     /// Where each chain's position record starts, as the last pass that read it found it.
@@ -157,6 +160,7 @@ impl Verified {
         self.without_records.clear();
         self.moved.clear();
         self.starts.clear();
+        self.manifests = seen.manifests;
         for c in &report.chains {
             if c.last_seq.is_some() {
                 let seal = Seal {
@@ -167,9 +171,9 @@ impl Verified {
                 continue;
             }
             self.without_records.insert(c.chain.clone());
-            if let Some(manifest) = seen.manifests.remove(&c.chain) {
+            if self.manifests.contains_key(&c.chain) {
                 let ckpt = seen.checkpoints.remove(&c.chain);
-                self.moved.insert(c.chain.clone(), Moved { manifest, ckpt });
+                self.moved.insert(c.chain.clone(), ckpt);
             }
         }
         self.gap = every.map_or(took.saturating_mul(WHOLE_SHARE), Duration::from_secs);
@@ -208,14 +212,6 @@ struct Seen {
     manifests: BTreeMap<String, Stamp>,
     /// The seq and hash each signed checkpoint covers, by chain.
     checkpoints: BTreeMap<String, (u64, [u8; 32])>,
-}
-
-/// What stands for a chain moved whole: its prune manifest's stamp, and the seq and hash its
-/// signed checkpoint covers (`None`: none read).
-#[derive(Clone, Copy, Debug)]
-struct Moved {
-    manifest: Stamp,
-    ckpt: Option<(u64, [u8; 32])>,
 }
 
 /// What seals a chain: the index of its HMAC secret among those given (`None`: MACs not
@@ -843,14 +839,19 @@ fn appended_pass(
         return Ok(None);
     };
     let files = verify::list_all(dir, how.opts).map_err(io)?;
-    // Chains not listed: only those moved whole, as verified, their manifests and signed
-    // checkpoints untouched.
+    // Any prune manifest written, replaced or removed since (a prune ran, or anything else):
+    // a whole pass judges them.
+    if manifest_stamps(dir) != verified.manifests {
+        return Ok(None);
+    }
+    // Chains not listed: only those moved whole, as verified, their signed checkpoints
+    // untouched.
     let listed = |id: &String| files.iter().any(|(c, _)| c == id);
     let moved_whole = |id: &String| {
-        verified.moved.get(id).is_some_and(|m| {
-            Some(m.manifest) == Stamp::of(&prune::manifest_path(dir, id))
-                && m.ckpt == ckpts.get(id).map(|c| (c.seq, c.hash))
-        })
+        verified
+            .moved
+            .get(id)
+            .is_some_and(|ckpt| *ckpt == ckpts.get(id).map(|c| (c.seq, c.hash)))
     };
     let mut unlisted = state.chains.keys().chain(ckpts.keys());
     if unlisted.any(|id| !listed(id) && !moved_whole(id)) {
@@ -871,10 +872,12 @@ fn appended_pass(
                 }
             }
             // Still without a record (a chain being started, or one whose writer died
-            // before its first): its file 0 alone, with no complete line, as verified.
+            // before its first): its file 0 alone, with no complete line and no checkpoint,
+            // as verified.
             (None, None)
                 if verified.without_records.contains(id)
                     && matches!(list.as_slice(), [(0, _)])
+                    && !ckpts.contains_key(id)
                     && no_record(list) => {}
             _ => return Ok(None),
         }
