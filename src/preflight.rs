@@ -286,6 +286,33 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
     }
 }
 
+/// Which directory of the forensic log's start-up creates `dir` when it is missing: the log
+/// directory, or the checkpoint directory when checkpoints are signed, each created with its
+/// missing parents (0700, this user's) before the metrics export starts. `None` when neither
+/// is `dir` or below it, or neither would be created.
+fn created_by_the_log(config: &Config, dir: &Path) -> Option<&'static str> {
+    let log = &config.log;
+    let log_dir = log.dir.as_deref()?;
+    let checkpoints = log
+        .checkpoint_dir
+        .as_deref()
+        .filter(|_| log.signing_key_file.is_some());
+    [
+        (Some(log_dir), "log directory"),
+        (checkpoints, "checkpoint directory"),
+    ]
+    .into_iter()
+    .find_map(|(made, what)| {
+        let made = made?;
+        let below = made.ancestors().any(|a| a == dir);
+        let creatable = matches!(
+            files::inspect_dir(made, what),
+            Ok(DirState::WouldCreate { .. })
+        );
+        (below && creatable).then_some(what)
+    })
+}
+
 /// The metrics exports: the file's directory must take the file (written atomically next
 /// to it), the address must be free to bind.
 fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
@@ -325,11 +352,22 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                     format!("{shown}: a directory is there"),
                 )
             } else if !std::fs::metadata(&parent).is_ok_and(|md| md.is_dir()) {
-                check(
-                    "metrics file",
-                    Status::Fail,
-                    format!("{shown}: its directory does not exist"),
-                )
+                match created_by_the_log(config, &parent) {
+                    Some(what) => check(
+                        "metrics file",
+                        Status::Ok,
+                        format!(
+                            "{shown}: its directory does not exist yet; the forensic log's \
+                             start-up creates it (0700) with the {what}, before the metrics \
+                             export starts"
+                        ),
+                    ),
+                    None => check(
+                        "metrics file",
+                        Status::Fail,
+                        format!("{shown}: its directory does not exist"),
+                    ),
+                }
             } else if let Err(e) = crate::metrics::textfile::check_replaceable(&file) {
                 // The exporter would refuse to replace it: no metrics file for the probes.
                 check("metrics file", Status::Fail, format!("{shown}: {e}"))

@@ -776,3 +776,20 @@ fn a_key_file_named_with_a_trailing_slash_is_not_read_as_the_regular_file() {
         );
     }
 }
+
+/// `live_ttl_ms` accepts any integer >= 0, and the environment takes 18446744073709551615.
+/// The same value written as a TOML number in a policy file is either accepted or refused
+/// with a message naming the key and its accepted range, as every invalid value is.
+#[test]
+fn a_file_number_beyond_toml_integers_is_accepted_or_refused_naming_its_key() {
+    let (code, _, err) = run(config(&[]).env("KVH_LIVE_TTL_MS", "18446744073709551615"));
+    assert_eq!(code, 0, "the environment's value is in range: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "live_ttl_ms = 18446744073709551615\n").unwrap();
+    let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert!(
+        code == 0 || (err.contains("live_ttl_ms") && err.contains(">= 0")),
+        "exit {code}, and the message names neither the key nor its range: {err}"
+    );
+}

@@ -957,3 +957,54 @@ fn a_metrics_file_in_an_append_only_directory_is_not_ready() {
     );
     assert_eq!(code, 1, "{report}");
 }
+
+/// Marks the child run of a test below that starts the library itself (not a `KVH_`
+/// variable: the policy refuses unknown ones).
+const START_CHILD: &str = "PREFLIGHT_CLI_START_CHILD";
+
+/// A metrics file in a directory the start-up itself creates (here the parent of the log
+/// directory, which the log makes with it before the metrics export starts) is written by the
+/// started library. The preflight then passes its check: a check passes exactly when the
+/// start-up gets past it.
+#[test]
+fn a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
+    let name = "a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let base = env.root().join("kvh");
+    env.set("KVH_LOG_DIR", base.join("log").display().to_string());
+    let metrics = base.join("kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    // The library, started in the same environment.
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(START_CHILD, "1")
+        .envs(env.vars.iter().map(|(k, v)| (k, v)));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
+            child.env_remove(k);
+        }
+    }
+    let (_, out, err) = run(&mut child);
+    assert!(
+        out.contains("INIT 0"),
+        "the library did not start:\n{out}{err}"
+    );
+    assert!(
+        metrics.is_file(),
+        "the started library wrote no metrics file:\n{out}{err}"
+    );
+    assert_eq!(
+        status(&report, "metrics file").0,
+        "ok",
+        "preflight failed a metrics file the start-up writes: {report}"
+    );
+    assert_eq!(code, 0, "{report}");
+}

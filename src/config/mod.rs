@@ -637,7 +637,32 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
     let message = e.message().trim_end().replace('\n', "; ");
-    format!("line {line}, column {column}: {message}")
+    let hint = beyond_toml_integers(text, span.start, &message).unwrap_or_default();
+    format!("line {line}, column {column}: {message}{hint}")
+}
+
+/// For a number TOML cannot hold (beyond its 64-bit integers), given at byte `at` of `text` to
+/// a known key: the key, what it accepts, and how to write such a value (as a string, which
+/// every key takes).
+fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> {
+    if !message.contains("to fit in target type") {
+        return None;
+    }
+    let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text.get(at..)?.find('\n').map_or(text.len(), |i| at + i);
+    let (name, value) = text.get(start..end)?.split_once('=')?;
+    let name = name.trim();
+    let key = KEYS.iter().find(|k| k.name == name)?;
+    let number: String = value
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '-' | '+' | '_'))
+        .collect();
+    Some(format!(
+        "; {name} accepts {}: write a number beyond TOML's 64-bit integers as a string \
+         ({name} = \"{number}\")",
+        key.expected
+    ))
 }
 
 /// What `KVH_PRELOAD` asks of the LD_PRELOAD interposers (`preload/`), read by them and by
