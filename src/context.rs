@@ -183,7 +183,7 @@ fn validate_id(field: &'static str, id: Option<&str>) -> Result<Option<String>, 
 /// format characters, category Cf: bidirectional marks, overrides and isolates, zero-width
 /// characters, tag characters, the soft hyphen; and the line and paragraph separators): an id
 /// that holds one can display as another tenant's in a report or a terminal.
-fn unprintable(c: char) -> bool {
+pub(crate) fn unprintable(c: char) -> bool {
     c.is_control() || INVISIBLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 

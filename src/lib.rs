@@ -128,13 +128,15 @@ impl Drop for LineTurn {
     }
 }
 
-/// `text` with its control characters (line breaks included) written as `\u{..}` escapes, for
-/// a report on a terminal: text from a file anyone who can write it chose (a metrics label, a
-/// policy's path) must neither send an escape sequence to the terminal nor forge a line.
+/// `text` with its control characters (line breaks included) and its invisible ones (format
+/// characters such as bidirectional overrides, line and paragraph separators) written as
+/// `\u{..}` escapes, for a report on a terminal: text from a file anyone who can write it
+/// chose (a metrics label, a policy's path) must neither send an escape sequence to the
+/// terminal, nor forge a line, nor show as other text than it is.
 pub(crate) fn printable(text: &str) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if context::unprintable(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
@@ -147,6 +149,17 @@ pub(crate) fn printable(text: &str) -> String {
 mod tests {
     use std::io::Read;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn printable_escapes_what_would_show_as_other_text() {
+        // A right-to-left override, a line separator, a zero-width space, an escape.
+        let shown = super::printable("/var/log/\u{202E}gol\u{2028}x\u{200B}y\u{1b}[2J");
+        assert_eq!(
+            shown,
+            "/var/log/\\u{202e}gol\\u{2028}x\\u{200b}y\\u{1b}[2J"
+        );
+        assert_eq!(super::printable("ünïcode path"), "ünïcode path");
+    }
 
     /// Runs the test `name` of this module again in a child process with `flag` set (the test
     /// then plays the child) and returns its stderr, a pipe read only after 500 ms: writes of
