@@ -154,10 +154,7 @@ mod tests {
     fn printable_escapes_what_would_show_as_other_text() {
         // A right-to-left override, a line separator, a zero-width space, an escape.
         let shown = super::printable("/var/log/\u{202E}gol\u{2028}x\u{200B}y\u{1b}[2J");
-        assert_eq!(
-            shown,
-            "/var/log/\\u{202e}gol\\u{2028}x\\u{200b}y\\u{1b}[2J"
-        );
+        assert_eq!(shown, "/var/log/\\u{202e}gol\\u{2028}x\\u{200b}y\\u{1b}[2J");
         assert_eq!(super::printable("ünïcode path"), "ünïcode path");
     }
 

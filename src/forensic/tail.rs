@@ -723,8 +723,10 @@ fn whole_pass(
         manifests,
         checkpoints,
     };
-    verified.record(&report, seen, started, took, how.verify_every);
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
+    // Taken in only once this pass can read the chains: a pass that stops before leaves the
+    // next one whole too.
+    verified.record(&report, seen, started, took, how.verify_every);
     let mut out = std::io::stdout().lock();
     for chain in &report.chains {
         let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
