@@ -793,3 +793,59 @@ fn a_file_number_beyond_toml_integers_is_accepted_or_refused_naming_its_key() {
         "exit {code}, and the message names neither the key nor its range: {err}"
     );
 }
+
+/// A TOML integer literal beyond 64 bits may be written in any of TOML's forms (hexadecimal,
+/// with digit separators). The message refusing it suggests writing the value as a string:
+/// the line it suggests, written to the policy, is accepted and gives the key the value the
+/// literal denotes (here 2^64 - 1), not another one.
+#[test]
+fn the_string_suggested_for_a_number_beyond_toml_integers_holds_the_same_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    for literal in ["0xFFFFFFFFFFFFFFFF", "18_446_744_073_709_551_615"] {
+        std::fs::write(&file, format!("live_ttl_ms = {literal}\n")).unwrap();
+        let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+        assert_ne!(code, 0, "{literal}: {err}");
+        let start = err
+            .find("(live_ttl_ms = ")
+            .unwrap_or_else(|| panic!("{literal}: no suggested line: {err}"));
+        let suggested = err[start + 1..].split(')').next().unwrap().to_string();
+        std::fs::write(&file, format!("{suggested}\n")).unwrap();
+        let (code, out, err2) = run(&mut config(&["--file", file.to_str().unwrap(), "--json"]));
+        assert_eq!(
+            code, 0,
+            "{literal}: the suggested `{suggested}` is refused: {err2} (first message: {err})"
+        );
+        let report: Value = serde_json::from_str(&out).unwrap();
+        let value = report["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"] == "live_ttl_ms")
+            .unwrap()["value"]
+            .clone();
+        assert_eq!(
+            value.as_u64(),
+            Some(u64::MAX),
+            "{literal}: the suggested `{suggested}` sets live_ttl_ms to {value} (first message: {err})"
+        );
+    }
+}
+
+/// A key may be written quoted in TOML (`"live_ttl_ms" = ...`), and the policy takes it as the
+/// bare key. A number beyond TOML's integers given to it is refused with a message naming the
+/// key and its accepted range, as for the bare key.
+#[test]
+fn a_number_beyond_toml_integers_given_to_a_quoted_key_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, "\"live_ttl_ms\" = \"1\"\n").unwrap();
+    let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert_eq!(code, 0, "a quoted key is the key: {err}");
+    std::fs::write(&file, "\"live_ttl_ms\" = 18446744073709551615\n").unwrap();
+    let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert!(
+        code == 0 || (err.contains("live_ttl_ms") && err.contains(">= 0")),
+        "exit {code}, and the message names neither the key nor its range: {err}"
+    );
+}

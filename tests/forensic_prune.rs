@@ -2576,3 +2576,57 @@ fn the_checkpoint_directory_given_as_the_archive_is_refused() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
+
+/// A chain written by a writer whose records name no signer (records before the `signer`
+/// field; the verifier still takes such chains, "not bound to its keys"), with `checkpoint`
+/// records along the way, that ended with `stop`; its final checkpoint, at the last record,
+/// signed, is in the log directory. `prune-log` without `--public-key` moves such a chain
+/// whole, as it moves one whose records name the signer, and what is left verifies with the
+/// checkpoint.
+#[test]
+fn an_ended_chain_whose_records_name_no_signer_moves_whole_with_its_final_checkpoint() {
+    use kvhygiene::forensic::checkpoint;
+    use kvhygiene::forensic::keys::read_signing_key;
+    let s = setup();
+    let tmp = tempfile::tempdir().unwrap();
+    let (signer_file, public) =
+        kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer_file.clone());
+    c.checkpoint_every_records = 25;
+    write_log(&c, 100, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() >= 3, "{files:?}");
+    // The same chain as a writer that names no signer writes it.
+    forensic_common::reseal_all(&files, &secret(), |m| {
+        m.remove("signer");
+    });
+    let r = verify(&s.log, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    let chain = r.chains[0].chain.clone();
+    let recorded = r.chains[0].checkpoint_recorded.expect("checkpoint records");
+    assert!(recorded < r.chains[0].last_seq.unwrap());
+    // Its final checkpoint, at the stop record, signed by the writer's key.
+    let path = checkpoint::path_for(&s.log, &chain);
+    let _ = fs::remove_file(&path);
+    let last = checkpoint_at(&chain, files.last().unwrap(), None);
+    checkpoint::write(&s.log, &read_signing_key(&signer_file).unwrap(), &last).unwrap();
+    let opts = VerifyOptions {
+        public_keys: vec![read_public_key(&public).unwrap()],
+        checkpoints: vec![s.log.clone()],
+        ..pruned_opts()
+    };
+    let r = verify(&s.log, &opts);
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains[0].checkpoint_seq, r.chains[0].last_seq);
+
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        chain_files(&s.log).is_empty(),
+        "an ended chain whose final checkpoint is at its last record did not move whole: {}",
+        text(&out.stdout)
+    );
+    let r = verify(&s.log, &opts);
+    assert!(r.ok(), "{:?}", r.first_problem());
+}

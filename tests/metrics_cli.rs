@@ -892,3 +892,62 @@ fn a_per_process_merge_conflict_names_the_files_involved() {
         "the reason names neither file nor process: {err}"
     );
 }
+
+/// Two processes' files that type a family otherwise in another way than two `# TYPE` lines
+/// for one name: one declares `kvh_lat_seconds` a summary (so `kvh_lat_seconds_sum` is its
+/// sum), the other declares `kvh_lat_seconds_sum` a gauge of its own. When `serve-metrics`
+/// cannot merge them, the reason names the two files (or processes), as it does for a
+/// series both hold or a family both declare with different types, not only a line number
+/// of the merged text.
+#[test]
+fn a_per_process_merge_of_a_summary_and_a_gauge_named_as_its_sum_names_the_files() {
+    use kvhygiene::metrics::cli::FileRoutes;
+    use kvhygiene::metrics::per_process::Target;
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let (a, b) = (LiveChild::start(), LiveChild::start());
+    let (low, high) = if a.pid() < b.pid() {
+        (a.pid(), b.pid())
+    } else {
+        (b.pid(), a.pid())
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::write(
+        dir.path().join(format!("kvh-{low}.prom")),
+        format!(
+            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
+             kvh_snapshot_timestamp_seconds{{pid=\"{low}\"}} {now}\n\
+             # TYPE kvh_lat_seconds summary\n\
+             kvh_lat_seconds_sum{{pid=\"{low}\"}} 1\n\
+             kvh_lat_seconds_count{{pid=\"{low}\"}} 2\n\
+             # TYPE kvh_z gauge\n\
+             kvh_z{{pid=\"{low}\"}} 1\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(format!("kvh-{high}.prom")),
+        format!(
+            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
+             kvh_snapshot_timestamp_seconds{{pid=\"{high}\"}} {now}\n\
+             # TYPE kvh_lat_seconds_sum gauge\n\
+             kvh_lat_seconds_sum{{pid=\"{high}\"}} 3\n"
+        ),
+    )
+    .unwrap();
+    let routes = FileRoutes::new(Target::PerProcess(pattern), None);
+    match routes.check(SystemTime::now()) {
+        // One exposition after all: nothing to name.
+        Ok(_) => {}
+        Err(err) => assert!(
+            [low, high]
+                .iter()
+                .all(|pid| err.contains(&format!("kvh-{pid}.prom"))
+                    || err.contains(&format!("process {pid}"))),
+            "the reason does not name both files or processes: {err}"
+        ),
+    }
+}

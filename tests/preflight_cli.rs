@@ -1008,3 +1008,57 @@ fn a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_i
     );
     assert_eq!(code, 0, "{report}");
 }
+
+/// The same directory named two ways: the log directory absolute, the metrics file relative
+/// to the working directory (a unit's WorkingDirectory, say). The start-up creates the log
+/// directory with its parents and then writes the metrics file there; the preflight, run in
+/// the same working directory, passes the metrics file's check as the start-up gets past it.
+#[test]
+fn a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
+    let name =
+        "a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    env.set(
+        "KVH_LOG_DIR",
+        root.join("kvh").join("log").display().to_string(),
+    );
+    env.set("KVH_METRICS_FILE", "kvh/kvh.prom");
+    let (code, out, err) = run(env
+        .command(&["preflight", "--json", "--skip-backend"])
+        .current_dir(&root));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    // The library, started in the same environment and working directory.
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .current_dir(&root)
+        .env(START_CHILD, "1")
+        .envs(env.vars.iter().map(|(k, v)| (k, v)));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
+            child.env_remove(k);
+        }
+    }
+    let (_, cout, cerr) = run(&mut child);
+    assert!(
+        cout.contains("INIT 0"),
+        "the library did not start:\n{cout}{cerr}"
+    );
+    assert!(
+        root.join("kvh/kvh.prom").is_file(),
+        "the started library wrote no metrics file:\n{cout}{cerr}"
+    );
+    assert_eq!(
+        status(&report, "metrics file").0,
+        "ok",
+        "preflight failed a metrics file the start-up writes: {report}"
+    );
+    assert_eq!(code, 0, "{report}");
+}

@@ -845,7 +845,8 @@ pub fn prune_all(
 /// record when the final checkpoint (written after `stop`, so named by no record) is there:
 /// matched by the verification, or every file found at the last record and one of them
 /// signed by the key the chain's own records name (a file read without its signature can
-/// only make less move).
+/// only make less move; a chain whose records name no signer, written before they did, has
+/// none to hold it to).
 fn checkpoint_bound(verified: Option<&ChainReport>, found: Option<&Vec<Found>>) -> Option<u64> {
     let matched = verified.and_then(|c| c.checkpoint_seq);
     let recorded = verified.and_then(|c| c.checkpoint_recorded);
@@ -854,7 +855,8 @@ fn checkpoint_bound(verified: Option<&ChainReport>, found: Option<&Vec<Found>>) 
     let file = found.iter().map(|f| f.seq).min();
     let final_signed = file.is_some()
         && file == last
-        && verified.is_some_and(|c| found.iter().any(|f| f.signed_by_chain(c)));
+        && verified
+            .is_some_and(|c| c.signer.is_none() || found.iter().any(|f| f.signed_by_chain(c)));
     if last.is_some() && (matched == last || final_signed) {
         return last;
     }

@@ -27,6 +27,7 @@ struct Family {
 /// naming the snapshots.
 pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
     no_series_twice(snapshots)?;
+    no_family_split(snapshots)?;
     let mut order: Vec<String> = Vec::new();
     let mut families: HashMap<String, Family> = HashMap::new();
     for (at, (name_of_snap, snap)) in snapshots.iter().enumerate() {
@@ -48,9 +49,9 @@ pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
                     Some((k, _, _)) if k == kind => {}
                     Some((k, _, first)) => {
                         return Err(format!(
-                            "{} and {name_of_snap} declare {name} with different types ({k} \
-                             and {kind})",
-                            snapshots[*first].0
+                            "{} and {} declare {name} with different types ({k} and {kind})",
+                            crate::printable(snapshots[*first].0),
+                            crate::printable(name_of_snap)
                         ))
                     }
                 },
@@ -74,6 +75,29 @@ pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
     Ok(out)
 }
 
+/// Refuses a family one snapshot declares on its own whose name another's summary or
+/// histogram owns (`X_sum`, `X_count`, `X_bucket` of a summary or histogram `X`), naming
+/// both: merged, its samples would fall under either family by the order of the files.
+fn no_family_split(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
+    for (name, snap) in snapshots {
+        for declared in snap.exposition.types.keys() {
+            for (other, o) in snapshots {
+                let owner = family_of(declared, &o.exposition.types);
+                if owner != declared {
+                    let kind = &o.exposition.types[owner];
+                    return Err(format!(
+                        "{name} declares {declared}, which in {other} is a sample of the {kind} \
+                         {owner}",
+                        name = crate::printable(name),
+                        other = crate::printable(other),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A series: its name and its labels, sorted.
 type Series<'a> = (&'a str, Vec<(&'a str, &'a str)>);
 
@@ -95,8 +119,9 @@ fn no_series_twice(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
                     continue;
                 }
                 return Err(format!(
-                    "{} and {name} both hold the series {}{}",
-                    snapshots[first].0,
+                    "{} and {} both hold the series {}{}",
+                    crate::printable(snapshots[first].0),
+                    crate::printable(name),
                     sample.name,
                     if without_pid {
                         " without a pid label (a snapshot written through the {pid} \
