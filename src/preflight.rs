@@ -304,13 +304,37 @@ fn created_by_the_log(config: &Config, dir: &Path) -> Option<&'static str> {
     .into_iter()
     .find_map(|(made, what)| {
         let made = made?;
-        let below = made.ancestors().any(|a| a == dir);
+        let dir = lexically_absolute(dir)?;
+        let below = lexically_absolute(made)?.ancestors().any(|a| a == dir);
         let creatable = matches!(
             files::inspect_dir(made, what),
             Ok(DirState::WouldCreate { .. })
         );
         (below && creatable).then_some(what)
     })
+}
+
+/// `path` made absolute against the working directory, with `.` and `..` taken away by their
+/// text (the directories need not exist yet, so they cannot be resolved); `None` when the
+/// working directory is unknown.
+fn lexically_absolute(path: &Path) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    let mut out = std::path::PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    Some(out)
 }
 
 /// The metrics exports: the file's directory must take the file (written atomically next

@@ -642,8 +642,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 }
 
 /// For a number TOML cannot hold (beyond its 64-bit integers), given at byte `at` of `text` to
-/// a known key: the key, what it accepts, and how to write such a value (as a string, which
-/// every key takes).
+/// a known key (bare or quoted): the key, what it accepts, and, for a number above them, how
+/// to write it (as a string of its decimal value, which every key takes).
 fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> {
     if !message.contains("to fit in target type") {
         return None;
@@ -652,17 +652,36 @@ fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> 
     let end = text.get(at..)?.find('\n').map_or(text.len(), |i| at + i);
     let (name, value) = text.get(start..end)?.split_once('=')?;
     let name = name.trim();
+    let name = ['"', '\'']
+        .iter()
+        .find_map(|q| name.strip_prefix(*q).and_then(|n| n.strip_suffix(*q)))
+        .unwrap_or(name);
     let key = KEYS.iter().find(|k| k.name == name)?;
-    let number: String = value
-        .trim_start()
+    let accepts = format!("; {name} accepts {}", key.expected);
+    Some(match toml_integer(value) {
+        Some(n) => format!(
+            "{accepts}: write a number beyond TOML's 64-bit integers as a string \
+             ({name} = \"{n}\")"
+        ),
+        None => accepts,
+    })
+}
+
+/// The value of a TOML integer literal at the start of `value` (decimal with `_` between
+/// digits, or `0x`, `0o`, `0b`), when it is positive and fits 128 bits.
+fn toml_integer(value: &str) -> Option<u128> {
+    let value = value.trim_start();
+    let value = value.strip_prefix('+').unwrap_or(value);
+    let (radix, digits) = [("0x", 16), ("0o", 8), ("0b", 2)]
+        .iter()
+        .find_map(|(p, r)| value.strip_prefix(p).map(|d| (*r, d)))
+        .unwrap_or((10, value));
+    let literal: String = digits
         .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '-' | '+' | '_'))
+        .take_while(|c| c.is_digit(radix) || *c == '_')
+        .filter(|c| *c != '_')
         .collect();
-    Some(format!(
-        "; {name} accepts {}: write a number beyond TOML's 64-bit integers as a string \
-         ({name} = \"{number}\")",
-        key.expected
-    ))
+    u128::from_str_radix(&literal, radix).ok()
 }
 
 /// What `KVH_PRELOAD` asks of the LD_PRELOAD interposers (`preload/`), read by them and by
