@@ -304,8 +304,8 @@ fn created_by_the_log(config: &Config, dir: &Path) -> Option<&'static str> {
     .into_iter()
     .find_map(|(made, what)| {
         let made = made?;
-        let dir = lexically_absolute(dir)?;
-        let below = lexically_absolute(made)?.ancestors().any(|a| a == dir);
+        let dir = resolved(dir)?;
+        let below = resolved(made)?.ancestors().any(|a| a == dir);
         let creatable = matches!(
             files::inspect_dir(made, what),
             Ok(DirState::WouldCreate { .. })
@@ -314,18 +314,25 @@ fn created_by_the_log(config: &Config, dir: &Path) -> Option<&'static str> {
     })
 }
 
-/// `path` made absolute against the working directory, with `.` and `..` taken away by their
-/// text (the directories need not exist yet, so they cannot be resolved); `None` when the
-/// working directory is unknown.
-fn lexically_absolute(path: &Path) -> Option<std::path::PathBuf> {
+/// `path` as the system will resolve it once its missing directories exist: absolute against
+/// the working directory, its longest existing part resolved (symlinks and `..` in it, as the
+/// system resolves them), and the rest, directories still to be created (real ones, no
+/// symlinks), taken by their text. `None` when not even `/` resolves.
+fn resolved(path: &Path) -> Option<std::path::PathBuf> {
     use std::path::Component;
     let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir().ok()?.join(path)
     };
-    let mut out = std::path::PathBuf::new();
-    for c in joined.components() {
+    let parts: Vec<Component<'_>> = joined.components().collect();
+    let (mut out, rest) = (0..=parts.len()).rev().find_map(|k| {
+        let prefix: std::path::PathBuf = parts[..k].iter().collect();
+        std::fs::canonicalize(&prefix)
+            .ok()
+            .map(|real| (real, &parts[k..]))
+    })?;
+    for c in rest {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {

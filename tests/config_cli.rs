@@ -849,3 +849,36 @@ fn a_number_beyond_toml_integers_given_to_a_quoted_key_names_its_key() {
         "exit {code}, and the message names neither the key nor its range: {err}"
     );
 }
+
+/// A number beyond TOML's integers given to a key whose range does not reach it (here above
+/// what the key accepts, or beyond 64 bits altogether): the message refusing it suggests no
+/// line the policy refuses in turn. A suggested `key = "..."` line, written to the policy, is
+/// accepted.
+#[test]
+fn no_suggested_string_for_a_number_beyond_toml_integers_is_refused_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    for line in [
+        "batch_size = 99999999999999999999",
+        "idle_ttl_ms = 9999999999999999999",
+        "live_ttl_ms = 18446744073709551616",
+    ] {
+        std::fs::write(&file, format!("{line}\n")).unwrap();
+        let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+        assert_ne!(code, 0, "{line}: {err}");
+        let Some(start) = err.find("as a string (") else {
+            continue;
+        };
+        let suggested = err[start + "as a string (".len()..]
+            .split(')')
+            .next()
+            .unwrap()
+            .to_string();
+        std::fs::write(&file, format!("{suggested}\n")).unwrap();
+        let (code, _, err2) = run(&mut config(&["--file", file.to_str().unwrap()]));
+        assert_eq!(
+            code, 0,
+            "{line}: the suggested `{suggested}` is refused: {err2} (first message: {err})"
+        );
+    }
+}

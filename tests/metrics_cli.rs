@@ -951,3 +951,66 @@ fn a_per_process_merge_of_a_summary_and_a_gauge_named_as_its_sum_names_the_files
         ),
     }
 }
+
+/// Two processes' files: one declares `kvh_lat_seconds` a summary; the other holds samples
+/// named `kvh_lat_seconds_sum` and `kvh_lat_seconds_count` under no `# TYPE` line (untyped, a
+/// family of their own there). Merged, those samples would fall under the summary or not by
+/// the order of the files. `serve-metrics` judges the two files alike in either order, and
+/// when it cannot merge them the reason names the two files (or processes).
+#[test]
+fn a_per_process_merge_of_a_summary_and_untyped_samples_named_as_its_sum_names_the_files() {
+    use kvhygiene::metrics::cli::FileRoutes;
+    use kvhygiene::metrics::per_process::Target;
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let (a, b) = (LiveChild::start(), LiveChild::start());
+    let (low, high) = if a.pid() < b.pid() {
+        (a.pid(), b.pid())
+    } else {
+        (b.pid(), a.pid())
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let summary = |pid: u32| {
+        format!(
+            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
+             kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n\
+             # TYPE kvh_lat_seconds summary\n\
+             kvh_lat_seconds_sum{{pid=\"{pid}\"}} 1\n\
+             kvh_lat_seconds_count{{pid=\"{pid}\"}} 2\n"
+        )
+    };
+    let untyped = |pid: u32| {
+        format!(
+            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
+             kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n\
+             kvh_lat_seconds_sum{{pid=\"{pid}\"}} 3\n\
+             # TYPE kvh_z gauge\n\
+             kvh_z{{pid=\"{pid}\"}} 1\n\
+             kvh_lat_seconds_count{{pid=\"{pid}\"}} 4\n"
+        )
+    };
+    let mut outcomes = Vec::new();
+    for (first, second) in [(summary(low), untyped(high)), (untyped(low), summary(high))] {
+        std::fs::write(dir.path().join(format!("kvh-{low}.prom")), first).unwrap();
+        std::fs::write(dir.path().join(format!("kvh-{high}.prom")), second).unwrap();
+        let routes = FileRoutes::new(Target::PerProcess(pattern.clone()), None);
+        let outcome = routes.check(SystemTime::now()).map(|_| ());
+        if let Err(err) = &outcome {
+            assert!(
+                [low, high]
+                    .iter()
+                    .all(|pid| err.contains(&format!("kvh-{pid}.prom"))
+                        || err.contains(&format!("process {pid}"))),
+                "the reason does not name both files or processes: {err}"
+            );
+        }
+        outcomes.push(outcome.is_ok());
+    }
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the two files are merged in one order and refused in the other"
+    );
+}

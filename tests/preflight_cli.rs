@@ -1062,3 +1062,102 @@ fn a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_st
     );
     assert_eq!(code, 0, "{report}");
 }
+
+/// Runs `kvh preflight` in `env`, then starts the library in the same environment (the test
+/// `name` run again as a child); returns the preflight's metrics-file status and whether the
+/// started library wrote `metrics`.
+fn preflight_and_start_up_on_a_metrics_file(
+    env: &Env,
+    name: &str,
+    metrics: &Path,
+) -> (String, bool, String) {
+    let (_, report) = env.preflight(&["--skip-backend"]);
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(START_CHILD, "1")
+        .envs(env.vars.iter().map(|(k, v)| (k, v)));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
+            child.env_remove(k);
+        }
+    }
+    let (_, out, err) = run(&mut child);
+    assert!(
+        out.contains("INIT 0"),
+        "the library did not start:\n{out}{err}"
+    );
+    (
+        status(&report, "metrics file").0.to_string(),
+        metrics.is_file(),
+        report.to_string(),
+    )
+}
+
+/// The metrics file named through a symlinked directory and `..` (`link/../kvh/kvh.prom`,
+/// `link` pointing into another directory): the system resolves `link/..` to the parent of the
+/// link's target, not to the directory holding the link, so that file's directory is not the
+/// one the log's start-up creates. The preflight passes the metrics file's check exactly when
+/// the started library writes the file.
+#[test]
+fn a_metrics_file_named_through_a_symlink_and_dot_dot_is_judged_where_the_system_resolves_it() {
+    let name =
+        "a_metrics_file_named_through_a_symlink_and_dot_dot_is_judged_where_the_system_resolves_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    std::fs::create_dir_all(root.join("real/sub")).unwrap();
+    std::os::unix::fs::symlink(root.join("real/sub"), root.join("link")).unwrap();
+    env.set(
+        "KVH_LOG_DIR",
+        root.join("kvh").join("log").display().to_string(),
+    );
+    let metrics = root.join("link/../kvh/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
+    assert_eq!(
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {} (it resolves to {}): {report}",
+        if written { "writes" } else { "does not write" },
+        root.join("real/kvh/kvh.prom").display()
+    );
+}
+
+/// The log directory named under a symlinked directory (`link/kvh/log`, `link` pointing to
+/// `real`), the metrics file named through the link's target (`real/kvh/kvh.prom`): one
+/// directory, which the log's start-up creates. The preflight passes the metrics file's check
+/// exactly when the started library writes the file.
+#[test]
+fn a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_through_its_target() {
+    let name =
+        "a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_through_its_target";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    std::fs::create_dir_all(root.join("real")).unwrap();
+    std::os::unix::fs::symlink(root.join("real"), root.join("link")).unwrap();
+    env.set(
+        "KVH_LOG_DIR",
+        root.join("link/kvh/log").display().to_string(),
+    );
+    let metrics = root.join("real/kvh/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
+    assert_eq!(
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {}: {report}",
+        if written { "writes" } else { "does not write" },
+    );
+}

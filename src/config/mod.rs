@@ -649,6 +649,13 @@ fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> 
         return None;
     }
     let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    // A key under a `[table]` is no policy key.
+    if text[..start]
+        .lines()
+        .any(|l| l.trim_start().starts_with('['))
+    {
+        return None;
+    }
     let end = text.get(at..)?.find('\n').map_or(text.len(), |i| at + i);
     let (name, value) = text.get(start..end)?.split_once('=')?;
     let name = name.trim();
@@ -658,7 +665,9 @@ fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> 
         .unwrap_or(name);
     let key = KEYS.iter().find(|k| k.name == name)?;
     let accepts = format!("; {name} accepts {}", key.expected);
-    Some(match toml_integer(value) {
+    // Suggested only when the key takes that value written as a string.
+    let takes = |n: &u128| (key.set)(&mut Config::default(), &n.to_string()).is_some();
+    Some(match toml_integer(value).filter(takes) {
         Some(n) => format!(
             "{accepts}: write a number beyond TOML's 64-bit integers as a string \
              ({name} = \"{n}\")"

@@ -75,23 +75,39 @@ pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
     Ok(out)
 }
 
-/// Refuses a family one snapshot declares on its own whose name another's summary or
-/// histogram owns (`X_sum`, `X_count`, `X_bucket` of a summary or histogram `X`), naming
-/// both: merged, its samples would fall under either family by the order of the files.
+/// Refuses a name one snapshot gives a family or a sample of its own (declared, or untyped)
+/// that another's summary or histogram owns (`X_sum`, `X_count`, `X_bucket` of a summary or
+/// histogram `X`), naming both: merged, its samples would fall under either family by the
+/// order of the files.
 fn no_family_split(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
-    for (name, snap) in snapshots {
-        for declared in snap.exposition.types.keys() {
-            for (other, o) in snapshots {
-                let owner = family_of(declared, &o.exposition.types);
-                if owner != declared {
-                    let kind = &o.exposition.types[owner];
-                    return Err(format!(
-                        "{name} declares {declared}, which in {other} is a sample of the {kind} \
-                         {owner}",
-                        name = crate::printable(name),
-                        other = crate::printable(other),
-                    ));
-                }
+    // Every summary and histogram, with the first snapshot that types it so.
+    let mut owners: HashMap<&str, (usize, &str)> = HashMap::new();
+    for (at, (_, snap)) in snapshots.iter().enumerate() {
+        for (family, kind) in &snap.exposition.types {
+            if matches!(kind.as_str(), "summary" | "histogram") {
+                owners.entry(family.as_str()).or_insert((at, kind.as_str()));
+            }
+        }
+    }
+    for (at, (name, snap)) in snapshots.iter().enumerate() {
+        let types = &snap.exposition.types;
+        let declared = types.keys().map(String::as_str);
+        let sampled = snap.exposition.samples.iter().map(|s| s.name.as_str());
+        for used in declared.chain(sampled) {
+            // Its own family here: one this snapshot's summary or histogram owns is not split.
+            if family_of(used, types) != used {
+                continue;
+            }
+            let owner = ["_sum", "_count", "_bucket"]
+                .iter()
+                .filter_map(|suffix| used.strip_suffix(suffix))
+                .find_map(|base| owners.get(base).map(|o| (base, *o)));
+            if let Some((base, (first, kind))) = owner.filter(|(_, (first, _))| *first != at) {
+                return Err(format!(
+                    "{} has {used} of its own, which in {} is a sample of the {kind} {base}",
+                    crate::printable(name),
+                    crate::printable(snapshots[first].0),
+                ));
             }
         }
     }
