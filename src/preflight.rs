@@ -314,32 +314,54 @@ fn created_by_the_log(config: &Config, dir: &Path) -> Option<&'static str> {
     })
 }
 
-/// `path` as the system will resolve it once its missing directories exist: absolute against
-/// the working directory, its longest existing part resolved (symlinks and `..` in it, as the
-/// system resolves them), and the rest, directories still to be created (real ones, no
-/// symlinks), taken by their text. `None` when not even `/` resolves.
+/// `path` as the system will resolve it once its missing directories exist, as real ones:
+/// absolute against the working directory, its longest existing part resolved (symlinks and
+/// `..` in it), a symlink that points nowhere yet followed to where it points, the rest taken
+/// by its text. `None` when that cannot be told: nothing of it resolves, an existing file
+/// stands where a directory is needed, a `..` would leave a directory still to be created,
+/// or symlinks nest too deep.
 fn resolved(path: &Path) -> Option<std::path::PathBuf> {
+    resolved_within(path, 0)
+}
+
+/// Symlinks `resolved` follows before it gives up (as the system's own limit, ELOOP).
+const MAX_LINKS: u32 = 40;
+
+fn resolved_within(path: &Path, links: u32) -> Option<std::path::PathBuf> {
     use std::path::Component;
+    if links > MAX_LINKS {
+        return None;
+    }
     let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir().ok()?.join(path)
     };
     let parts: Vec<Component<'_>> = joined.components().collect();
-    let (mut out, rest) = (0..=parts.len()).rev().find_map(|k| {
+    let (existing, mut out) = (0..=parts.len()).rev().find_map(|k| {
         let prefix: std::path::PathBuf = parts[..k].iter().collect();
-        std::fs::canonicalize(&prefix)
-            .ok()
-            .map(|real| (real, &parts[k..]))
+        std::fs::canonicalize(&prefix).ok().map(|real| (k, real))
     })?;
-    for c in rest {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
+    let rest = &parts[existing..];
+    if !rest.is_empty() && !out.is_dir() {
+        return None;
+    }
+    for (i, c) in rest.iter().enumerate() {
+        let Component::Normal(name) = c else {
+            // `.` was resolved with the existing part; a `..` here leaves a directory that
+            // does not exist yet, which the system cannot walk through.
+            if matches!(c, Component::CurDir) {
+                continue;
             }
-            other => out.push(other),
+            return None;
+        };
+        let next = out.join(name);
+        if let Ok(target) = std::fs::read_link(&next) {
+            let mut followed = out.join(target);
+            followed.extend(&rest[i + 1..]);
+            return resolved_within(&followed, links + 1);
         }
+        out = next;
     }
     Some(out)
 }

@@ -882,3 +882,38 @@ fn no_suggested_string_for_a_number_beyond_toml_integers_is_refused_in_turn() {
         );
     }
 }
+
+/// A line starting with `[` inside a multi-line string is text, not a table header: a number
+/// beyond TOML's integers given to a top-level key after it is refused with the message naming
+/// the key and its range, as it is without the string before it.
+#[test]
+fn a_bracket_line_inside_a_multi_line_string_does_not_hide_the_key_of_a_number_beyond_toml_integers(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let text = "hmac_key_file = '''\n[not a table]\n'''\nlive_ttl_ms = 18446744073709551615\n";
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("live_ttl_ms accepts")
+            && err.contains("(live_ttl_ms = \"18446744073709551615\")"),
+        "the message names neither the key nor its range: {err}"
+    );
+}
+
+/// A file starting with a byte order mark and a `[table]` header: the key below it is no
+/// policy key, and the message suggests no top-level line for it.
+#[test]
+fn a_key_under_a_table_after_a_byte_order_mark_gets_no_suggested_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let text = "\u{feff}[extra]\nlive_ttl_ms = 18446744073709551615\n";
+    std::fs::write(&file, text).unwrap();
+    let (code, _, err) = run(&mut config(&["--file", file.to_str().unwrap()]));
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        !err.contains("as a string ("),
+        "a line is suggested for a key under [extra]: {err}"
+    );
+}

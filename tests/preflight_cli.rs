@@ -1161,3 +1161,96 @@ fn a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_thro
         if written { "writes" } else { "does not write" },
     );
 }
+
+/// The metrics file named through a directory that does not exist and `..`
+/// (`missing/../kvh/kvh.prom`), the log directory `kvh/log`: the system walks through
+/// `missing`, which nothing creates, so the started library writes no file there. The
+/// preflight passes the metrics file's check exactly when the started library writes the file.
+#[test]
+fn a_metrics_file_named_through_a_missing_directory_and_dot_dot_is_judged_as_the_start_up_writes_it(
+) {
+    let name = "a_metrics_file_named_through_a_missing_directory_and_dot_dot_is_judged_as_the_start_up_writes_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    env.set(
+        "KVH_LOG_DIR",
+        root.join("kvh").join("log").display().to_string(),
+    );
+    let metrics = root.join("missing/../kvh/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (status, _, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
+    let written = root.join("kvh/kvh.prom").is_file();
+    assert_eq!(
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {}: {report}",
+        if written { "writes" } else { "does not write" },
+    );
+}
+
+/// The metrics file named through a regular file and `..` (`file/../kvh/kvh.prom`): the system
+/// refuses to walk through a file (ENOTDIR), so the started library writes no metrics file.
+/// The preflight passes the metrics file's check exactly when the started library writes it.
+#[test]
+fn a_metrics_file_named_through_a_regular_file_and_dot_dot_is_judged_as_the_start_up_writes_it() {
+    let name = "a_metrics_file_named_through_a_regular_file_and_dot_dot_is_judged_as_the_start_up_writes_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    std::fs::write(root.join("file"), "x").unwrap();
+    env.set(
+        "KVH_LOG_DIR",
+        root.join("kvh").join("log").display().to_string(),
+    );
+    let metrics = root.join("file/../kvh/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (status, _, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
+    let written = root.join("kvh/kvh.prom").is_file();
+    assert_eq!(
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {}: {report}",
+        if written { "writes" } else { "does not write" },
+    );
+}
+
+/// The metrics file's directory a symlink whose target is the log directory, not created yet
+/// (`dl -> kvh/log`): the log's start-up creates the target, and the started library writes
+/// the metrics file through the link. The preflight passes the metrics file's check exactly
+/// when the started library writes the file.
+#[test]
+fn a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it(
+) {
+    let name = "a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it";
+    if std::env::var_os(START_CHILD).is_some() {
+        let rc = kvhygiene::ffi::kvh_init();
+        println!("INIT {rc}");
+        kvhygiene::ffi::kvh_shutdown();
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    let log = root.join("kvh").join("log");
+    std::os::unix::fs::symlink(&log, root.join("dl")).unwrap();
+    env.set("KVH_LOG_DIR", log.display().to_string());
+    let metrics = root.join("dl/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
+    assert_eq!(
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {}: {report}",
+        if written { "writes" } else { "does not write" },
+    );
+}

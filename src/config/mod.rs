@@ -649,10 +649,12 @@ fn beyond_toml_integers(text: &str, at: usize, message: &str) -> Option<String> 
         return None;
     }
     let start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
-    // A key under a `[table]` is no policy key.
-    if text[..start]
-        .lines()
-        .any(|l| l.trim_start().starts_with('['))
+    // A key under a `[table]` is no policy key: whether the line is at the top level is asked
+    // of the parser, with a key of its own put there (a `[` may open a line of a string).
+    let probe = format!("{}\n\"kvh probe\" = 0\n", &text[..start]);
+    if !probe
+        .parse::<toml::Table>()
+        .is_ok_and(|t| t.contains_key("kvh probe"))
     {
         return None;
     }
