@@ -893,6 +893,77 @@ fn a_per_process_merge_conflict_names_the_files_involved() {
     );
 }
 
+/// Two live processes (the lower pid first) whose snapshot files `serve-metrics` merges
+/// through a per-process pattern.
+struct TwoProcesses {
+    dir: tempfile::TempDir,
+    low: u32,
+    high: u32,
+    _children: (LiveChild, LiveChild),
+}
+
+impl TwoProcesses {
+    fn new() -> Self {
+        let (a, b) = (LiveChild::start(), LiveChild::start());
+        let (low, high) = (a.pid().min(b.pid()), a.pid().max(b.pid()));
+        TwoProcesses {
+            dir: tempfile::tempdir().unwrap(),
+            low,
+            high,
+            _children: (a, b),
+        }
+    }
+
+    /// Writes each process's file, `text(pid, now)` (a fresh snapshot timestamp first), and
+    /// checks the merge; an error must name both files (or processes).
+    fn merge(
+        &self,
+        low: impl Fn(u32) -> String,
+        high: impl Fn(u32) -> String,
+    ) -> Result<(), String> {
+        use kvhygiene::metrics::cli::FileRoutes;
+        use kvhygiene::metrics::per_process::Target;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for (pid, text) in [(self.low, low(self.low)), (self.high, high(self.high))] {
+            let stamp = format!(
+                "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
+                 kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n"
+            );
+            let file = self.dir.path().join(format!("kvh-{pid}.prom"));
+            std::fs::write(file, stamp + &text).unwrap();
+        }
+        let pattern = self.dir.path().join("kvh-{pid}.prom");
+        let outcome = FileRoutes::new(Target::PerProcess(pattern), None)
+            .check(SystemTime::now())
+            .map(|_| ());
+        if let Err(err) = &outcome {
+            assert!(
+                [self.low, self.high]
+                    .iter()
+                    .all(|pid| err.contains(&format!("kvh-{pid}.prom"))
+                        || err.contains(&format!("process {pid}"))),
+                "the reason does not name both files or processes: {err}"
+            );
+        }
+        outcome
+    }
+}
+
+/// A summary `kvh_lat_seconds` in one process's file, the samples of `kvh_lat_seconds_sum`
+/// and `_count`.
+fn summary(pid: u32) -> String {
+    format!(
+        "# TYPE kvh_lat_seconds summary\n\
+         kvh_lat_seconds_sum{{pid=\"{pid}\"}} 1\n\
+         kvh_lat_seconds_count{{pid=\"{pid}\"}} 2\n\
+         # TYPE kvh_z gauge\n\
+         kvh_z{{pid=\"{pid}\"}} 1\n"
+    )
+}
+
 /// Two processes' files that type a family otherwise in another way than two `# TYPE` lines
 /// for one name: one declares `kvh_lat_seconds` a summary (so `kvh_lat_seconds_sum` is its
 /// sum), the other declares `kvh_lat_seconds_sum` a gauge of its own. When `serve-metrics`
@@ -901,55 +972,11 @@ fn a_per_process_merge_conflict_names_the_files_involved() {
 /// of the merged text.
 #[test]
 fn a_per_process_merge_of_a_summary_and_a_gauge_named_as_its_sum_names_the_files() {
-    use kvhygiene::metrics::cli::FileRoutes;
-    use kvhygiene::metrics::per_process::Target;
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let (a, b) = (LiveChild::start(), LiveChild::start());
-    let (low, high) = if a.pid() < b.pid() {
-        (a.pid(), b.pid())
-    } else {
-        (b.pid(), a.pid())
+    let two = TwoProcesses::new();
+    let gauge = |pid: u32| {
+        format!("# TYPE kvh_lat_seconds_sum gauge\nkvh_lat_seconds_sum{{pid=\"{pid}\"}} 3\n")
     };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    std::fs::write(
-        dir.path().join(format!("kvh-{low}.prom")),
-        format!(
-            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
-             kvh_snapshot_timestamp_seconds{{pid=\"{low}\"}} {now}\n\
-             # TYPE kvh_lat_seconds summary\n\
-             kvh_lat_seconds_sum{{pid=\"{low}\"}} 1\n\
-             kvh_lat_seconds_count{{pid=\"{low}\"}} 2\n\
-             # TYPE kvh_z gauge\n\
-             kvh_z{{pid=\"{low}\"}} 1\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join(format!("kvh-{high}.prom")),
-        format!(
-            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
-             kvh_snapshot_timestamp_seconds{{pid=\"{high}\"}} {now}\n\
-             # TYPE kvh_lat_seconds_sum gauge\n\
-             kvh_lat_seconds_sum{{pid=\"{high}\"}} 3\n"
-        ),
-    )
-    .unwrap();
-    let routes = FileRoutes::new(Target::PerProcess(pattern), None);
-    match routes.check(SystemTime::now()) {
-        // One exposition after all: nothing to name.
-        Ok(_) => {}
-        Err(err) => assert!(
-            [low, high]
-                .iter()
-                .all(|pid| err.contains(&format!("kvh-{pid}.prom"))
-                    || err.contains(&format!("process {pid}"))),
-            "the reason does not name both files or processes: {err}"
-        ),
-    }
+    let _ = two.merge(summary, gauge);
 }
 
 /// Two processes' files: one declares `kvh_lat_seconds` a summary; the other holds samples
@@ -959,58 +986,19 @@ fn a_per_process_merge_of_a_summary_and_a_gauge_named_as_its_sum_names_the_files
 /// when it cannot merge them the reason names the two files (or processes).
 #[test]
 fn a_per_process_merge_of_a_summary_and_untyped_samples_named_as_its_sum_names_the_files() {
-    use kvhygiene::metrics::cli::FileRoutes;
-    use kvhygiene::metrics::per_process::Target;
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let (a, b) = (LiveChild::start(), LiveChild::start());
-    let (low, high) = if a.pid() < b.pid() {
-        (a.pid(), b.pid())
-    } else {
-        (b.pid(), a.pid())
-    };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let summary = |pid: u32| {
-        format!(
-            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
-             kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n\
-             # TYPE kvh_lat_seconds summary\n\
-             kvh_lat_seconds_sum{{pid=\"{pid}\"}} 1\n\
-             kvh_lat_seconds_count{{pid=\"{pid}\"}} 2\n"
-        )
-    };
+    let two = TwoProcesses::new();
     let untyped = |pid: u32| {
         format!(
-            "# TYPE kvh_snapshot_timestamp_seconds gauge\n\
-             kvh_snapshot_timestamp_seconds{{pid=\"{pid}\"}} {now}\n\
-             kvh_lat_seconds_sum{{pid=\"{pid}\"}} 3\n\
-             # TYPE kvh_z gauge\n\
-             kvh_z{{pid=\"{pid}\"}} 1\n\
+            "kvh_lat_seconds_sum{{pid=\"{pid}\"}} 3\n\
+             # TYPE kvh_y gauge\n\
+             kvh_y{{pid=\"{pid}\"}} 1\n\
              kvh_lat_seconds_count{{pid=\"{pid}\"}} 4\n"
         )
     };
-    let mut outcomes = Vec::new();
-    for (first, second) in [(summary(low), untyped(high)), (untyped(low), summary(high))] {
-        std::fs::write(dir.path().join(format!("kvh-{low}.prom")), first).unwrap();
-        std::fs::write(dir.path().join(format!("kvh-{high}.prom")), second).unwrap();
-        let routes = FileRoutes::new(Target::PerProcess(pattern.clone()), None);
-        let outcome = routes.check(SystemTime::now()).map(|_| ());
-        if let Err(err) = &outcome {
-            assert!(
-                [low, high]
-                    .iter()
-                    .all(|pid| err.contains(&format!("kvh-{pid}.prom"))
-                        || err.contains(&format!("process {pid}"))),
-                "the reason does not name both files or processes: {err}"
-            );
-        }
-        outcomes.push(outcome.is_ok());
-    }
+    let summary_first = two.merge(summary, untyped).is_ok();
+    let untyped_first = two.merge(untyped, summary).is_ok();
     assert_eq!(
-        outcomes[0], outcomes[1],
+        summary_first, untyped_first,
         "the two files are merged in one order and refused in the other"
     );
 }

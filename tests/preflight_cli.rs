@@ -962,83 +962,31 @@ fn a_metrics_file_in_an_append_only_directory_is_not_ready() {
 /// variable: the policy refuses unknown ones).
 const START_CHILD: &str = "PREFLIGHT_CLI_START_CHILD";
 
-/// A metrics file in a directory the start-up itself creates (here the parent of the log
-/// directory, which the log makes with it before the metrics export starts) is written by the
-/// started library. The preflight then passes its check: a check passes exactly when the
-/// start-up gets past it.
-#[test]
-fn a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
-    let name = "a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
-        return;
+/// In the child run of a test below: starts and stops the library, says how it went, and
+/// returns true (the test ends there).
+fn started_as_child() -> bool {
+    if std::env::var_os(START_CHILD).is_none() {
+        return false;
     }
-    let mut env = Env::new();
-    let base = env.root().join("kvh");
-    env.set("KVH_LOG_DIR", base.join("log").display().to_string());
-    let metrics = base.join("kvh.prom");
-    env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (code, report) = env.preflight(&["--skip-backend"]);
-    // The library, started in the same environment.
-    let mut child = Command::new(std::env::current_exe().unwrap());
-    child
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(START_CHILD, "1")
-        .envs(env.vars.iter().map(|(k, v)| (k, v)));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
-            child.env_remove(k);
-        }
-    }
-    let (_, out, err) = run(&mut child);
-    assert!(
-        out.contains("INIT 0"),
-        "the library did not start:\n{out}{err}"
-    );
-    assert!(
-        metrics.is_file(),
-        "the started library wrote no metrics file:\n{out}{err}"
-    );
-    assert_eq!(
-        status(&report, "metrics file").0,
-        "ok",
-        "preflight failed a metrics file the start-up writes: {report}"
-    );
-    assert_eq!(code, 0, "{report}");
+    let rc = kvhygiene::ffi::kvh_init();
+    println!("INIT {rc}");
+    kvhygiene::ffi::kvh_shutdown();
+    true
 }
 
-/// The same directory named two ways: the log directory absolute, the metrics file relative
-/// to the working directory (a unit's WorkingDirectory, say). The start-up creates the log
-/// directory with its parents and then writes the metrics file there; the preflight, run in
-/// the same working directory, passes the metrics file's check as the start-up gets past it.
-#[test]
-fn a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
-    let name =
-        "a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
-        return;
-    }
-    let mut env = Env::new();
-    let root = env.root().to_path_buf();
-    env.set(
-        "KVH_LOG_DIR",
-        root.join("kvh").join("log").display().to_string(),
-    );
-    env.set("KVH_METRICS_FILE", "kvh/kvh.prom");
+/// Runs `kvh preflight` in `env` from the working directory `cwd`, then starts the library
+/// the same way (the test `name` run again as a child), and checks that the preflight passes
+/// the metrics file's check exactly when the started library writes the file, which the
+/// system puts at `lands`. Returns whether it was written.
+fn judged_as_the_start_up_writes(env: &Env, name: &str, cwd: &Path, lands: &Path) -> bool {
     let (code, out, err) = run(env
         .command(&["preflight", "--json", "--skip-backend"])
-        .current_dir(&root));
+        .current_dir(cwd));
     let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
-    // The library, started in the same environment and working directory.
     let mut child = Command::new(std::env::current_exe().unwrap());
     child
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .current_dir(&root)
+        .current_dir(cwd)
         .env(START_CHILD, "1")
         .envs(env.vars.iter().map(|(k, v)| (k, v)));
     for (k, _) in std::env::vars() {
@@ -1051,96 +999,89 @@ fn a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_st
         cout.contains("INIT 0"),
         "the library did not start:\n{cout}{cerr}"
     );
-    assert!(
-        root.join("kvh/kvh.prom").is_file(),
-        "the started library wrote no metrics file:\n{cout}{cerr}"
-    );
+    let written = lands.is_file();
+    let status = status(&report, "metrics file").0;
     assert_eq!(
-        status(&report, "metrics file").0,
-        "ok",
-        "preflight failed a metrics file the start-up writes: {report}"
+        status == "ok",
+        written,
+        "preflight says {status} of a metrics file the start-up {} at {}: {report}",
+        if written { "writes" } else { "does not write" },
+        lands.display()
     );
-    assert_eq!(code, 0, "{report}");
+    if written {
+        assert_eq!(code, 0, "{report}");
+    }
+    written
 }
 
-/// Runs `kvh preflight` in `env`, then starts the library in the same environment (the test
-/// `name` run again as a child); returns the preflight's metrics-file status and whether the
-/// started library wrote `metrics`.
-fn preflight_and_start_up_on_a_metrics_file(
-    env: &Env,
-    name: &str,
-    metrics: &Path,
-) -> (String, bool, String) {
-    let (_, report) = env.preflight(&["--skip-backend"]);
-    let mut child = Command::new(std::env::current_exe().unwrap());
-    child
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(START_CHILD, "1")
-        .envs(env.vars.iter().map(|(k, v)| (k, v)));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
-            child.env_remove(k);
-        }
+/// A metrics file in a directory the start-up itself creates (here the parent of the log
+/// directory, which the log makes with it before the metrics export starts) is written by the
+/// started library. The preflight then passes its check: a check passes exactly when the
+/// start-up gets past it.
+#[test]
+fn a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
+    if started_as_child() {
+        return;
     }
-    let (_, out, err) = run(&mut child);
-    assert!(
-        out.contains("INIT 0"),
-        "the library did not start:\n{out}{err}"
-    );
-    (
-        status(&report, "metrics file").0.to_string(),
-        metrics.is_file(),
-        report.to_string(),
-    )
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
+    let metrics = root.join("kvh/kvh.prom");
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let name = "a_metrics_file_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
+    assert!(judged_as_the_start_up_writes(&env, name, &root, &metrics));
+}
+
+/// The same directory named two ways: the log directory absolute, the metrics file relative
+/// to the working directory (a unit's WorkingDirectory, say). The start-up creates the log
+/// directory with its parents and then writes the metrics file there; the preflight, run in
+/// the same working directory, passes the metrics file's check as the start-up gets past it.
+#[test]
+fn a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it() {
+    if started_as_child() {
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
+    env.set("KVH_METRICS_FILE", "kvh/kvh.prom");
+    let name =
+        "a_metrics_file_named_relative_in_a_directory_the_log_creates_passes_as_the_start_up_writes_it";
+    assert!(judged_as_the_start_up_writes(
+        &env,
+        name,
+        &root,
+        &root.join("kvh/kvh.prom")
+    ));
 }
 
 /// The metrics file named through a symlinked directory and `..` (`link/../kvh/kvh.prom`,
 /// `link` pointing into another directory): the system resolves `link/..` to the parent of the
 /// link's target, not to the directory holding the link, so that file's directory is not the
-/// one the log's start-up creates. The preflight passes the metrics file's check exactly when
-/// the started library writes the file.
+/// one the log's start-up creates.
 #[test]
 fn a_metrics_file_named_through_a_symlink_and_dot_dot_is_judged_where_the_system_resolves_it() {
-    let name =
-        "a_metrics_file_named_through_a_symlink_and_dot_dot_is_judged_where_the_system_resolves_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
+    if started_as_child() {
         return;
     }
     let mut env = Env::new();
     let root = env.root().to_path_buf();
     std::fs::create_dir_all(root.join("real/sub")).unwrap();
     std::os::unix::fs::symlink(root.join("real/sub"), root.join("link")).unwrap();
-    env.set(
-        "KVH_LOG_DIR",
-        root.join("kvh").join("log").display().to_string(),
-    );
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
     let metrics = root.join("link/../kvh/kvh.prom");
     env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
-    assert_eq!(
-        status == "ok",
-        written,
-        "preflight says {status} of a metrics file the start-up {} (it resolves to {}): {report}",
-        if written { "writes" } else { "does not write" },
-        root.join("real/kvh/kvh.prom").display()
-    );
+    let name =
+        "a_metrics_file_named_through_a_symlink_and_dot_dot_is_judged_where_the_system_resolves_it";
+    judged_as_the_start_up_writes(&env, name, &root, &root.join("real/kvh/kvh.prom"));
 }
 
 /// The log directory named under a symlinked directory (`link/kvh/log`, `link` pointing to
 /// `real`), the metrics file named through the link's target (`real/kvh/kvh.prom`): one
-/// directory, which the log's start-up creates. The preflight passes the metrics file's check
-/// exactly when the started library writes the file.
+/// directory, which the log's start-up creates.
 #[test]
 fn a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_through_its_target() {
-    let name =
-        "a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_through_its_target";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
+    if started_as_child() {
         return;
     }
     let mut env = Env::new();
@@ -1153,90 +1094,53 @@ fn a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_thro
     );
     let metrics = root.join("real/kvh/kvh.prom");
     env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
-    assert_eq!(
-        status == "ok",
-        written,
-        "preflight says {status} of a metrics file the start-up {}: {report}",
-        if written { "writes" } else { "does not write" },
-    );
+    let name =
+        "a_log_directory_under_a_symlink_creates_the_metrics_file_directory_named_through_its_target";
+    assert!(judged_as_the_start_up_writes(&env, name, &root, &metrics));
 }
 
 /// The metrics file named through a directory that does not exist and `..`
 /// (`missing/../kvh/kvh.prom`), the log directory `kvh/log`: the system walks through
-/// `missing`, which nothing creates, so the started library writes no file there. The
-/// preflight passes the metrics file's check exactly when the started library writes the file.
+/// `missing`, which nothing creates, so the started library writes no file there.
 #[test]
 fn a_metrics_file_named_through_a_missing_directory_and_dot_dot_is_judged_as_the_start_up_writes_it(
 ) {
-    let name = "a_metrics_file_named_through_a_missing_directory_and_dot_dot_is_judged_as_the_start_up_writes_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
+    if started_as_child() {
         return;
     }
     let mut env = Env::new();
     let root = env.root().to_path_buf();
-    env.set(
-        "KVH_LOG_DIR",
-        root.join("kvh").join("log").display().to_string(),
-    );
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
     let metrics = root.join("missing/../kvh/kvh.prom");
     env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (status, _, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
-    let written = root.join("kvh/kvh.prom").is_file();
-    assert_eq!(
-        status == "ok",
-        written,
-        "preflight says {status} of a metrics file the start-up {}: {report}",
-        if written { "writes" } else { "does not write" },
-    );
+    let name = "a_metrics_file_named_through_a_missing_directory_and_dot_dot_is_judged_as_the_start_up_writes_it";
+    judged_as_the_start_up_writes(&env, name, &root, &root.join("kvh/kvh.prom"));
 }
 
 /// The metrics file named through a regular file and `..` (`file/../kvh/kvh.prom`): the system
 /// refuses to walk through a file (ENOTDIR), so the started library writes no metrics file.
-/// The preflight passes the metrics file's check exactly when the started library writes it.
 #[test]
 fn a_metrics_file_named_through_a_regular_file_and_dot_dot_is_judged_as_the_start_up_writes_it() {
-    let name = "a_metrics_file_named_through_a_regular_file_and_dot_dot_is_judged_as_the_start_up_writes_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
+    if started_as_child() {
         return;
     }
     let mut env = Env::new();
     let root = env.root().to_path_buf();
     std::fs::write(root.join("file"), "x").unwrap();
-    env.set(
-        "KVH_LOG_DIR",
-        root.join("kvh").join("log").display().to_string(),
-    );
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
     let metrics = root.join("file/../kvh/kvh.prom");
     env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (status, _, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
-    let written = root.join("kvh/kvh.prom").is_file();
-    assert_eq!(
-        status == "ok",
-        written,
-        "preflight says {status} of a metrics file the start-up {}: {report}",
-        if written { "writes" } else { "does not write" },
-    );
+    let name = "a_metrics_file_named_through_a_regular_file_and_dot_dot_is_judged_as_the_start_up_writes_it";
+    judged_as_the_start_up_writes(&env, name, &root, &root.join("kvh/kvh.prom"));
 }
 
 /// The metrics file's directory a symlink whose target is the log directory, not created yet
 /// (`dl -> kvh/log`): the log's start-up creates the target, and the started library writes
-/// the metrics file through the link. The preflight passes the metrics file's check exactly
-/// when the started library writes the file.
+/// the metrics file through the link.
 #[test]
 fn a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it(
 ) {
-    let name = "a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it";
-    if std::env::var_os(START_CHILD).is_some() {
-        let rc = kvhygiene::ffi::kvh_init();
-        println!("INIT {rc}");
-        kvhygiene::ffi::kvh_shutdown();
+    if started_as_child() {
         return;
     }
     let mut env = Env::new();
@@ -1246,11 +1150,6 @@ fn a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_
     env.set("KVH_LOG_DIR", log.display().to_string());
     let metrics = root.join("dl/kvh.prom");
     env.set("KVH_METRICS_FILE", metrics.display().to_string());
-    let (status, written, report) = preflight_and_start_up_on_a_metrics_file(&env, name, &metrics);
-    assert_eq!(
-        status == "ok",
-        written,
-        "preflight says {status} of a metrics file the start-up {}: {report}",
-        if written { "writes" } else { "does not write" },
-    );
+    let name = "a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it";
+    assert!(judged_as_the_start_up_writes(&env, name, &root, &metrics));
 }
