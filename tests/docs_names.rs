@@ -112,7 +112,7 @@ fn exported_names(dir: &Path) -> BTreeSet<String> {
 /// Every `kvh_*` name the documents give is real: a metric family or sample the exporter
 /// writes (or, ending in `_`, the prefix of one, as in "`kvh_log_*`"), or a name of the C API
 /// (include/kvhygiene.h), of a kernel (kernels/scrub.cu), of a benchmark (benches/) or the key
-/// of `kvh tail-log`'s tampering line (src/forensic/tail.rs).
+/// of `kvh tail-log`'s tampering line (src/forensic/tail/mod.rs).
 #[test]
 fn every_kvh_metric_name_the_documents_give_is_exported() {
     let tmp = tempfile::tempdir().unwrap();
@@ -123,7 +123,7 @@ fn every_kvh_metric_name_the_documents_give_is_exported() {
         "benches/host.rs",
         "benches/forensic.rs",
         "benches/gpu_scrub.rs",
-        "src/forensic/tail.rs",
+        "src/forensic/tail/mod.rs",
     ]);
     let mut unknown = Vec::new();
     for (file, text) in documents() {

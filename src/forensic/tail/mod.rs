@@ -12,7 +12,7 @@
 //! 20 GiB), so on a large log the passes between two of them (`--verify-every`; by default
 //! spaced so that they take a tenth of one core) only read what was appended: each chain's
 //! records after the one last passed on, which must still be in its file with its hash, each
-//! checked as `verify-log`'s walk checks it from there ([`ChainCheck::after`]). Whatever such
+//! checked as `verify-log`'s walk checks it from there ([`verify::ChainCheck::after`]). Whatever such
 //! a pass cannot vouch for (a chain new or gone, a record that does not follow) is left to a
 //! whole pass made at once; what it does not look at (older records, a checkpoint's hold on
 //! them) is checked by the next whole verification.
@@ -39,20 +39,20 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::checkpoint::Checkpoint;
 use super::cli::{
     check_log_dir, options_but_dir, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE,
 };
 use super::evidence::is_exception;
 use super::files;
 use super::keys::EpochKey;
-use super::prune;
 use super::record::{chain_hash_open, hex, mac_of, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
-use super::verify::{
-    self, rfc3339, verify_all, Accepted, ChainCheck, ChainReport, Report, VerifyOptions,
-};
+use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
+
+mod appended;
+
+use appended::{appended_pass, cpu_time, Seen, Verified};
 
 /// `kvh tail-log`: arguments.
 #[derive(Clone, Debug, clap::Args)]
@@ -85,8 +85,9 @@ pub struct TailLogArgs {
     /// between them hold each chain's new records to the record passed on before them (which
     /// must still be there, with its hash) as `verify-log` does: hashes, links, seqs, MACs,
     /// rotations, the signed checkpoint; a prune manifest changed brings a whole pass, and
-    /// the older records are checked at the next whole verification. Default: as often as keeps them under a tenth of one
-    /// core (every pass on a small log; about every 12 minutes on 20 GiB).
+    /// the older records are checked at the next whole verification. Default: as often as
+    /// keeps them under a tenth of one core (every pass on a small log; about every 12
+    /// minutes on 20 GiB).
     #[arg(long, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub verify_every: Option<u64>,
@@ -116,177 +117,6 @@ struct State {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     stalls: BTreeMap<String, u32>,
 }
-
-/// What the last verification of the whole directory leaves to the passes until the next.
-#[derive(Debug, Default)]
-struct Verified {
-    /// The chains it found with records, each with what seals it.
-    keys: BTreeMap<String, Seal>,
-    /// The chains it found without a record: moved whole by `prune-log`, or never started.
-    without_records: std::collections::BTreeSet<String>,
-    /// The seq and hash the signed checkpoint of each chain it found moved whole covers
-    /// (`None`: none read), as it was then.
-    moved: BTreeMap<String, Option<(u64, [u8; 32])>>,
-    /// The stamp of every prune manifest of the directory, taken before it.
-    manifests: BTreeMap<String, Stamp>,
-    /// When the next one is due (`None`: before the first).
-    next: Option<Instant>,
-    /// Where each chain's position record starts, as the last pass that read it found it.
-    starts: BTreeMap<String, Start>,
-    /// How long the last one took, and how long after its start the next is due.
-    took: Duration,
-    gap: Duration,
-}
-
-impl Verified {
-    /// Whether the next pass verifies the whole directory: the first, one that is due, and
-    /// every pass after one whose records did not hash to the verified head (the stalls are
-    /// counted in whole passes).
-    fn due(&self, state: &State) -> bool {
-        self.next.is_none_or(|t| Instant::now() >= t) || !state.stalls.is_empty()
-    }
-
-    /// Takes in a whole verification of `report` that started at `started` and took `took`
-    /// of CPU time, with what it was given to read (`seen`, taken before it).
-    fn record(
-        &mut self,
-        report: &Report,
-        mut seen: Seen,
-        started: Instant,
-        took: Duration,
-        every: Option<u64>,
-    ) {
-        self.keys.clear();
-        self.without_records.clear();
-        self.moved.clear();
-        self.starts.clear();
-        self.manifests = seen.manifests;
-        for c in &report.chains {
-            if c.last_seq.is_some() {
-                let seal = Seal {
-                    key_index: c.key_index,
-                    signer: c.signer.clone(),
-                };
-                self.keys.insert(c.chain.clone(), seal);
-                continue;
-            }
-            self.without_records.insert(c.chain.clone());
-            if self.manifests.contains_key(&c.chain) {
-                let ckpt = seen.checkpoints.remove(&c.chain);
-                self.moved.insert(c.chain.clone(), ckpt);
-            }
-        }
-        self.gap = every.map_or(took.saturating_mul(WHOLE_SHARE), Duration::from_secs);
-        self.took = took;
-        self.next = Some(started + self.gap);
-    }
-
-    /// What a following tail says of its whole verifications after the first, when they will
-    /// not be made at every pass (`interval` seconds apart).
-    fn cadence(&self, interval: u64) -> Option<String> {
-        (self.gap > Duration::from_secs(interval)).then(|| {
-            format!(
-                "the whole directory verified in {:.1} s of CPU time: verified whole again \
-                 every {:.1} s (--verify-every); the passes between hold each chain's new \
-                 records to the last one passed on",
-                self.took.as_secs_f64(),
-                self.gap.as_secs_f64()
-            )
-        })
-    }
-}
-
-/// Where a chain's record `seq` starts: byte `byte` of file `file`. A pass between whole
-/// verifications reads the file of a chain's position from there, when it is the position's
-/// record, rather than from the file's start (a file grows to `max_bytes`, 64 MiB by default).
-#[derive(Clone, Copy, Debug)]
-struct Start {
-    seq: u64,
-    file: u64,
-    byte: u64,
-}
-
-/// What a whole verification was given to read beside the chain files, taken before it.
-struct Seen {
-    /// The stamp of each prune manifest, by chain.
-    manifests: BTreeMap<String, Stamp>,
-    /// The seq and hash each signed checkpoint covers, by chain.
-    checkpoints: BTreeMap<String, (u64, [u8; 32])>,
-}
-
-/// What seals a chain: the index of its HMAC secret among those given (`None`: MACs not
-/// checked), and the checkpoint signer its records up to its position name.
-#[derive(Clone, Debug)]
-struct Seal {
-    key_index: Option<usize>,
-    signer: Option<String>,
-}
-
-/// A file as it is: identity, size and times. Any change to it (a write, a replacement, a
-/// rename onto it, a change of mode) changes its stamp.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    /// `path`'s stamp, not following a symlink; `None` when nothing is there.
-    fn of(path: &Path) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(path).ok()?;
-        Some(Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
-    }
-}
-
-/// The stamp of each prune manifest in `dir`, by chain (none when it cannot be listed).
-fn manifest_stamps(dir: &Path) -> BTreeMap<String, Stamp> {
-    let chains = prune::list_manifests(dir).unwrap_or_default();
-    chains
-        .into_iter()
-        .filter_map(|c| Stamp::of(&prune::manifest_path(dir, &c)).map(|s| (c, s)))
-        .collect()
-}
-
-/// The seq and hash each signed checkpoint given covers, by chain (none when they cannot be
-/// read, or hold evidence a verification reports).
-fn checkpoint_heads(opts: &VerifyOptions) -> BTreeMap<String, (u64, [u8; 32])> {
-    let ckpts = verify::signed_checkpoints(opts).ok().flatten();
-    ckpts
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(chain, c)| (chain, (c.seq, c.hash)))
-        .collect()
-}
-
-/// CPU time this process has used: what a whole verification costs, without the time it
-/// waits (a slow volume, a writer's first checkpoint).
-fn cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec to the valid, exclusively borrowed `ts`.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let nanos = u32::try_from(ts.tv_nsec).unwrap_or(0);
-    Duration::new(secs, nanos)
-}
-
-/// By default whole verifications take at most one part in this many of the tail's time.
-const WHOLE_SHARE: u32 = 10;
 
 /// A directory as the state file names it: by device and inode (the same directory through a
 /// symlink, a bind mount or another spelling of its path is the same), with the path it was
@@ -683,8 +513,7 @@ fn whole_pass(
     let cpu_before = cpu_time();
     // Taken before the verification reads the manifests and checkpoints: one replaced
     // meanwhile then differs at the next pass, which verifies the whole directory again.
-    let manifests = manifest_stamps(dir);
-    let checkpoints = checkpoint_heads(opts);
+    let seen = Seen::before(dir, opts);
     let mut report = verify_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     let took = cpu_time().saturating_sub(cpu_before);
     if !report.ok() {
@@ -719,10 +548,6 @@ fn whole_pass(
             .any(|c| &c.chain == id && c.last_seq.is_some())
     });
     let mut moved = state.stalls.len() != counted;
-    let seen = Seen {
-        manifests,
-        checkpoints,
-    };
     let files = verify::list_all(dir, opts).map_err(|e| PassError::Io(e.to_string()))?;
     // Taken in only once this pass can read the chains: a pass that stops before leaves the
     // next one whole too.
@@ -818,225 +643,6 @@ fn pass_on(
     }
     state.chains.insert(chain.to_string(), new.to);
     Ok(())
-}
-
-/// A pass between whole verifications. For each chain with a position it reads the records
-/// appended after it, each held to the walk `verify-log` makes ([`read_appended`]), and
-/// passes them on. `None`, with nothing written, when it cannot vouch for the directory as
-/// it finds it (a chain new or gone, a position's record missing or changed, a record that
-/// does not follow): a whole verification then judges it.
-fn appended_pass(
-    dir: &Path,
-    how: &Pass<'_>,
-    state: &mut State,
-    verified: &mut Verified,
-) -> Result<Option<bool>, PassError> {
-    if let Some(stop) = directory_gone(dir, state) {
-        return Err(PassError::Stop(stop));
-    }
-    // Read before the files are listed, as a verification reads them: a checkpoint covers
-    // only records already on disk.
-    let io = |e: verify::VerifyError| PassError::Io(e.to_string());
-    let Some(ckpts) = verify::signed_checkpoints(how.opts).map_err(io)? else {
-        return Ok(None);
-    };
-    let files = verify::list_all(dir, how.opts).map_err(io)?;
-    // Any prune manifest written, replaced or removed since (a prune ran, or anything else):
-    // a whole pass judges them.
-    if manifest_stamps(dir) != verified.manifests {
-        return Ok(None);
-    }
-    // Chains not listed: only those moved whole, as verified, their signed checkpoints
-    // untouched.
-    let listed = |id: &String| files.iter().any(|(c, _)| c == id);
-    let moved_whole = |id: &String| {
-        verified
-            .moved
-            .get(id)
-            .is_some_and(|ckpt| *ckpt == ckpts.get(id).map(|c| (c.seq, c.hash)))
-    };
-    let mut unlisted = state.chains.keys().chain(ckpts.keys());
-    if unlisted.any(|id| !listed(id) && !moved_whole(id)) {
-        return Ok(None);
-    }
-    let mut reads = Vec::with_capacity(files.len());
-    for (id, list) in &files {
-        match (state.chains.get(id), verified.keys.get(id)) {
-            (Some(from), Some(seal)) => {
-                let ckpt = ckpts.get(id);
-                if ckpt.is_none() && !how.opts.public_keys.is_empty() {
-                    return Ok(None);
-                }
-                let start = verified.starts.get(id).copied();
-                match read_appended(id, list, from, seal, ckpt, how.opts, start) {
-                    Some(read) => reads.push((id, read)),
-                    None => return Ok(None),
-                }
-            }
-            // Still without a record (a chain being started, or one whose writer died
-            // before its first): its file 0 alone, with no complete line and no checkpoint,
-            // as verified.
-            (None, None)
-                if verified.without_records.contains(id)
-                    && matches!(list.as_slice(), [(0, _)])
-                    && !ckpts.contains_key(id)
-                    && no_record(list) => {}
-            _ => return Ok(None),
-        }
-    }
-    let mut moved = false;
-    let mut out = std::io::stdout().lock();
-    for (id, (new, start, signer)) in reads {
-        if !new.lines.is_empty() {
-            pass_on(&mut out, id, new, how, state)?;
-            moved = true;
-        }
-        verified.starts.insert(id.clone(), start);
-        if let Some(seal) = verified.keys.get_mut(id) {
-            seal.signer = signer;
-        }
-    }
-    out.flush()
-        .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
-    Ok(Some(moved))
-}
-
-/// Whether a chain's files hold no complete line (no record).
-fn no_record(list: &[(u64, PathBuf)]) -> bool {
-    list.iter().all(|(_, path)| {
-        files::open_regular(path, files::MAX_READ_BYTES).is_ok_and(|(file, _)| {
-            let mut bytes = Vec::new();
-            file.take(files::MAX_READ_BYTES)
-                .read_to_end(&mut bytes)
-                .is_ok_and(|_| !bytes.contains(&b'\n'))
-        })
-    })
-}
-
-/// The records of chain `id` appended after the record at `from`, which must still be in
-/// its file with the hash it had: each checked as the continuation of the chain from there
-/// (as `verify-log` checks it, sealed by the secret at `key_index`), up to the last complete
-/// line. `None` when anything does not follow.
-fn read_appended(
-    id: &str,
-    list: &[(u64, PathBuf)],
-    from: &Position,
-    seal: &Seal,
-    ckpt: Option<&Checkpoint>,
-    opts: &VerifyOptions,
-    start: Option<Start>,
-) -> Option<(NewRecords, Start, Option<String>)> {
-    use std::io::Seek as _;
-    let hash = parse_hash(&from.hash)?;
-    let newest = list.last().map(|(i, _)| *i);
-    // One file listed twice (the log and an archive directory): the verification judges.
-    if list.windows(2).any(|p| p[0].0 == p[1].0) {
-        return None;
-    }
-    let mut check: Option<ChainCheck<'_>> = None;
-    let mut lines = Vec::new();
-    let mut last_start = None;
-    // The files from the position's on, each the next index (none missing, none empty but
-    // the newest): the first must be the position's own.
-    let mut expected = from.file;
-    for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
-        if *index != expected {
-            return None;
-        }
-        expected = index.checked_add(1)?;
-        // No file after the one holding the chain's stop record.
-        if check.as_ref().is_some_and(ChainCheck::closed) {
-            return None;
-        }
-        // Opened as the verifier opens it: a FIFO or a symlink planted cannot hang or flood
-        // the reading.
-        let (mut file, _) = files::open_regular(path, files::MAX_READ_BYTES).ok()?;
-        // The position's record where the last pass found it (it must be there still).
-        let mut byte = start
-            .filter(|s| (s.seq, s.file) == (from.seq, *index))
-            .map_or(0, |s| s.byte);
-        file.seek(std::io::SeekFrom::Start(byte)).ok()?;
-        let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
-        let mut first_in_file = byte == 0;
-        let mut any_line = false;
-        loop {
-            let mut line = Vec::new();
-            let line_start = byte;
-            byte += reader.read_until(b'\n', &mut line).ok()? as u64;
-            // The end of the file, or a line still being written: only in the newest file,
-            // and not after the chain's stop record.
-            if line.pop() != Some(b'\n') {
-                let closed = check.as_ref().is_some_and(ChainCheck::closed);
-                if !line.is_empty() && (Some(*index) != newest || closed) {
-                    return None;
-                }
-                break;
-            }
-            let first = std::mem::replace(&mut first_in_file, false);
-            any_line = true;
-            match check.as_mut() {
-                Some(c) => {
-                    let (seq, h) = c.record(*index, &line, first).ok()?;
-                    let at = Position {
-                        seq,
-                        hash: hex(&h),
-                        file: *index,
-                    };
-                    last_start = Some(Start {
-                        seq,
-                        file: *index,
-                        byte: line_start,
-                    });
-                    lines.push((line, at));
-                }
-                // Up to the position's record, which must be in its file as it was passed on.
-                None => {
-                    let r = scan(&line).ok()?;
-                    let seq = r.seq?;
-                    if seq < from.seq {
-                        continue;
-                    }
-                    if seq != from.seq || r.hash != from.hash {
-                        return None;
-                    }
-                    let at = Accepted {
-                        seq,
-                        hash,
-                        file: *index,
-                        stop: r.kind == Some("stop"),
-                    };
-                    let signer = seal.signer.as_deref();
-                    let c = ChainCheck::after(id, at, seal.key_index, signer, ckpt, opts).ok()?;
-                    check = Some(c);
-                    last_start = Some(Start {
-                        seq,
-                        file: *index,
-                        byte: line_start,
-                    });
-                }
-            }
-        }
-        check.as_ref()?;
-        if !any_line && Some(*index) != newest {
-            return None;
-        }
-    }
-    let check = check?;
-    check.checkpoint_signer().ok()?;
-    let signer = check.signer().map(str::to_string);
-    let to = lines
-        .last()
-        .map_or_else(|| from.clone(), |(_, at)| at.clone());
-    // A checkpoint beyond the records read: the verification judges (records cut off).
-    if ckpt.is_some_and(|c| c.seq > to.seq) {
-        return None;
-    }
-    let new = NewRecords {
-        lines,
-        to,
-        gap: None,
-    };
-    Some((new, last_start?, signer))
 }
 
 /// Writes the line that names records `first ..= last` of `chain`, moved by `prune-log` before
