@@ -186,6 +186,12 @@ fn a_first_run_starts_at_the_end_and_a_new_chain_is_passed_on_whole() {
     assert_eq!(sorted, expected);
 }
 
+/// The alert `v` gives a reason that says `why`.
+fn says(v: &Value, why: &str) {
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(why), "{v}");
+}
+
 /// The alert line a tail writes when it stops on tampering.
 fn alert(out: &Output) -> Value {
     assert_eq!(
@@ -219,13 +225,7 @@ fn records_cut_off_a_rewritten_record_and_deleted_files_are_caught() {
     forensic_common::write_lines(&file, &lines[..5]);
     assert_eq!(verify_log(&dir, &[]), Some(0));
     let v = alert(&tail_once(&dir, &["--state", st]));
-    assert!(
-        v["reason"]
-            .as_str()
-            .unwrap()
-            .contains("went back from seq 7 to seq 4"),
-        "{v}"
-    );
+    says(&v, "went back from seq 7 to seq 4");
 
     // A record rewritten and the chain sealed again after it (no key to stop that).
     std::fs::write(&file, &whole).unwrap();
@@ -234,16 +234,13 @@ fn records_cut_off_a_rewritten_record_and_deleted_files_are_caught() {
     });
     assert_eq!(verify_log(&dir, &[]), Some(0));
     let v = alert(&tail_once(&dir, &["--state", st]));
-    assert!(v["reason"].as_str().unwrap().contains("rewritten"), "{v}");
+    says(&v, "rewritten");
 
     // The chain's files deleted.
     std::fs::remove_file(&file).unwrap();
     write_log(&cfg(&dir, 1 << 20), 1, false); // another chain, so the directory has a log
     let v = alert(&tail_once(&dir, &["--state", st]));
-    assert!(
-        v["reason"].as_str().unwrap().contains("its files are gone"),
-        "{v}"
-    );
+    says(&v, "its files are gone");
 }
 
 #[test]
@@ -256,10 +253,7 @@ fn a_log_that_stops_verifying_stops_the_tail_and_nothing_of_it_is_passed_on() {
     std::fs::write(&file, text.replacen("tenant-a", "tenant-b", 1)).unwrap();
     let out = tail_once(&k.dir, &k.args(&["--from-start"]));
     let v = alert(&out);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     assert_eq!(stdout_lines(&out).len(), 1, "only the alert");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TAMPERING"), "{err}");
@@ -766,7 +760,7 @@ fn records_written_before_a_tampering_stop_are_not_passed_on_twice() {
     });
     let first = tail_once(&dir, &["--state", st]);
     let v = alert(&first);
-    assert!(v["reason"].as_str().unwrap().contains("rewritten"), "{v}");
+    says(&v, "rewritten");
     let written: Vec<String> = stdout_lines(&first)
         .into_iter()
         .filter(|l| !l.contains("kvh_tail_log"))
@@ -1058,10 +1052,7 @@ fn a_first_run_stopped_by_tampering_leaves_the_next_run_starting_at_the_heads() 
         &["--key-file", other.to_str().unwrap(), "--state", st],
     );
     let v = alert(&first);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     let next = tail_once(&k.dir, &k.args(&[]));
     assert_ok(&next);
     assert_eq!(
@@ -1087,13 +1078,7 @@ fn a_chain_cut_by_its_last_passed_on_record_is_caught() {
     forensic_common::write_lines(&file, &lines[..7]);
     assert_eq!(verify_log(&dir, &[]), Some(0));
     let v = alert(&tail_once(&dir, &["--state", st]));
-    assert!(
-        v["reason"]
-            .as_str()
-            .unwrap()
-            .contains("went back from seq 7 to seq 6"),
-        "{v}"
-    );
+    says(&v, "went back from seq 7 to seq 6");
 }
 
 /// Evidence of tampering that names no chain of the directory (the checkpoint of a chain
@@ -1121,10 +1106,7 @@ fn a_checkpoint_of_a_deleted_chain_stops_a_first_run() {
     let public = public.to_str().unwrap().to_string();
     let out = tail_once(&k.dir, &k.args(&["--from-start", "--public-key", &public]));
     let v = alert(&out);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     assert_eq!(stdout_lines(&out).len(), 1, "only the alert");
 }
 
@@ -1665,10 +1647,7 @@ fn between_whole_verifications_the_records_appended_are_passed_on_across_rotatio
     tail.signal(libc::SIGTERM);
     assert_eq!(tail.exit_code(), Some(0));
     let v = alert(&tail_once(&k.dir, &k.args(&[])));
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     log.stop();
 }
 
@@ -1686,10 +1665,7 @@ fn between_whole_verifications_a_record_that_does_not_follow_is_judged_at_once()
         .unwrap();
     std::io::Write::write_all(&mut f, format!("{last}\n").as_bytes()).unwrap();
     let v = running_alert(tail);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     log.stop();
 }
 
@@ -1704,13 +1680,7 @@ fn between_whole_verifications_records_cut_off_the_end_are_caught_at_once() {
     let lines = forensic_common::read_lines(&file);
     forensic_common::write_lines(&file, &lines[..5]);
     let v = running_alert(tail);
-    assert!(
-        v["reason"]
-            .as_str()
-            .unwrap()
-            .contains("went back from seq 7 to seq 4"),
-        "{v}"
-    );
+    says(&v, "went back from seq 7 to seq 4");
 }
 
 #[test]
@@ -1743,10 +1713,7 @@ fn on_a_small_log_every_pass_verifies_the_whole_directory() {
     // of the whole directory reads it.
     rewrite(&chain_files(&dir)[0], "req-1", "req-X");
     let v = running_alert(tail);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
 }
 
 #[test]
@@ -1762,10 +1729,7 @@ fn verify_every_brings_the_next_whole_verification_after_that_many_seconds() {
     let started = Instant::now();
     rewrite(&chain_files(&dir)[0], "req-1", "req-X");
     let v = running_alert(tail);
-    assert!(
-        v["reason"].as_str().unwrap().contains("no longer verifies"),
-        "{v}"
-    );
+    says(&v, "no longer verifies");
     assert!(started.elapsed() < Duration::from_secs(25));
 }
 
@@ -1950,10 +1914,7 @@ fn between_whole_verifications_a_chain_moved_whole_whose_manifest_is_deleted_is_
         10,
         "the chain moved whole is gone, yet the tail went on",
     );
-    assert!(
-        first["reason"].as_str().unwrap().contains("gone"),
-        "{first}"
-    );
+    says(&first, "gone");
     log.stop();
 }
 

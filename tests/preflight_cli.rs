@@ -1153,3 +1153,22 @@ fn a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_
     let name = "a_metrics_directory_symlinked_to_the_log_directory_not_yet_created_is_judged_as_the_start_up_writes_it";
     assert!(judged_as_the_start_up_writes(&env, name, &root, &metrics));
 }
+
+/// The metrics file's directory a symlink in a loop (`a -> b`, `b -> a`): nothing can be
+/// written there, and the preflight says so (it follows the links a bounded number of times
+/// instead of for ever).
+#[test]
+fn a_metrics_directory_in_a_symlink_loop_fails_its_check() {
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    std::os::unix::fs::symlink(root.join("b"), root.join("a")).unwrap();
+    std::os::unix::fs::symlink(root.join("a"), root.join("b")).unwrap();
+    env.set("KVH_LOG_DIR", root.join("kvh/log").display().to_string());
+    env.set(
+        "KVH_METRICS_FILE",
+        root.join("a/kvh.prom").display().to_string(),
+    );
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(status(&report, "metrics file").0, "fail", "{report}");
+    assert_eq!(code, 1, "{report}");
+}
