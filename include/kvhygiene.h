@@ -241,7 +241,8 @@ int kvh_claim_blocks(const kvh_kv_layout *layout,
 // be used by the request.
 //
 // The layout and ids are checked as `kvh_claim_blocks` checks them (the cache need not be a
-// live allocation). Returns `KVH_OK` when the refusal was recorded, else nothing was
+// live allocation). Returns `KVH_OK` when the refusal was recorded (with `block_count` 0,
+// once the layout passed: nothing is refused, counted or logged), else nothing was
 // recorded: `KVH_ERR_NULL_PARAMETER` or `KVH_ERR_INVALID_LAYOUT` from that check,
 // `KVH_ERR_INVALID_DEVICE`, `KVH_ERR_SHUTTING_DOWN` after `kvh_shutdown`, or the start-up's
 // error.

@@ -1583,3 +1583,50 @@ fn an_engine_scrub_tried_again_is_refused_at_once_when_its_capture_query_stops_a
          instead of being refused at once: {took:?}"
     );
 }
+
+/// `kvh_claim_blocks` (include/kvhygiene.h): "Refusals and failed blocks leave a
+/// `policy_violation` record (policy `kv_gate`)", and `KVH_ERR_VERIFY_FAILED` covers a block
+/// whose scrub failed "now, before, or another scrub's". A block whose gate scrub fails
+/// verification inside the claim is such a failed block: the claim is expected to leave a
+/// `kv_gate` policy violation naming it, as it does for a block that failed before the claim.
+#[test]
+fn a_block_whose_gate_scrub_fails_inside_the_claim_leaves_a_kv_gate_record() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    f.backend.inject_fault_next();
+    let r = as_request("t1", "a", || claim(&f, &layout, &[4, 5])).unwrap();
+    assert_eq!(
+        (r.refused.clone(), r.gate_scrubbed.clone()),
+        (vec![4], vec![5]),
+        "precondition: {r:?}"
+    );
+    let v = gate_violations(&f);
+    assert!(
+        v.iter().any(|d| d.contains("ids 4")),
+        "a claim that did not hand over block 4 (its gate scrub failed verification) left no \
+         kv_gate policy_violation naming it: {v:?}"
+    );
+}
+
+/// `kvh_refuse_blocks` records "that the engine refused to give blocks ... to the calling
+/// thread's request" and counts "a refused claim". A call that names no block refuses nothing:
+/// as `kvh_claim_blocks` and `kvh_scrub_blocks` with no ids, it is expected to change no
+/// counter and leave no `policy_violation` record (which `kvh gate` and the claims-refused
+/// alert read as a refusal the engine made).
+#[test]
+fn a_refusal_that_names_no_block_is_not_counted_as_a_refused_claim() {
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (_, layout) = cache(&f);
+    as_request("t1", "a", || {
+        f.alloc
+            .refuse_kv_blocks(&layout, &[], 0, "given to two requests in one step")
+    })
+    .unwrap();
+    let refused = f.alloc.stats().counters.kv_claims_refused;
+    let v = gate_violations(&f);
+    assert!(
+        refused == 0 && v.is_empty(),
+        "a refusal of zero blocks was counted as a refused claim (kv_claims_refused = \
+         {refused}) and logged: {v:?}"
+    );
+}

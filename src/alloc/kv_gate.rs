@@ -509,6 +509,9 @@ struct Round {
     unknown: HashSet<u32>,
     /// Named while FAILED (a record says so).
     failed_before: Vec<u32>,
+    /// Refused because the gate's own scrub of them in this claim failed verification, or
+    /// another scrub's failure overtook it (a record says so).
+    failed_now: Vec<u32>,
     /// Verified, but their ledger was forgotten: to claim again.
     forgotten: Vec<u32>,
 }
@@ -630,7 +633,7 @@ impl Allocator {
             let again = match pass {
                 Ok(again) => again,
                 Err(e) => {
-                    self.report_failed_before(dev, &round.failed_before);
+                    self.report_failed(dev, &round);
                     return Err(e);
                 }
             };
@@ -644,14 +647,15 @@ impl Allocator {
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
             round.failed_before.extend(again.failed_before);
+            round.failed_now.extend(again.failed_now);
             round.forgotten = again.forgotten;
         }
+        self.report_failed(dev, &round);
         let Round {
             refused,
             taken,
             gate_scrubbed,
             unknown,
-            failed_before,
             ..
         } = round;
         let gate_scrubbed: HashSet<u32> = gate_scrubbed.into_iter().collect();
@@ -669,7 +673,6 @@ impl Allocator {
                 ),
             );
         }
-        self.report_failed_before(dev, &failed_before);
         let claimed = (ids.len() - refused.len() - taken.len()) as u64;
         self.with_pool(dev, |pool, _, _, _| {
             let c = &mut pool.stats.counters;
@@ -690,7 +693,8 @@ impl Allocator {
     /// `reason` (one block given to two requests in one step, which no scrub can separate).
     /// Counted as a refused claim and logged as one (`policy_violation`, policy `kv_gate`);
     /// nothing is scrubbed, handed over or changed in the ledger. The layout and ids are
-    /// checked as a claim's are (geometry and distinct ids; the cache need not be live).
+    /// checked as a claim's are (geometry and distinct ids; the cache need not be live). No
+    /// ids refuse nothing: checked, then neither counted nor logged.
     pub fn refuse_kv_blocks(
         &self,
         layout: &KvLayout,
@@ -700,6 +704,10 @@ impl Allocator {
     ) -> Result<(), KvScrubError> {
         let dev = self.kv_device(device)?;
         layout.validate().and_then(|()| check_ids(layout, ids))?;
+        if ids.is_empty() {
+            // Refuses nothing: as a claim or a scrub of no block, it changes nothing.
+            return Ok(());
+        }
         self.with_pool(dev, |pool, _, _, _| {
             pool.stats.counters.kv_claims_refused += 1
         });
@@ -712,6 +720,24 @@ impl Allocator {
             ),
         );
         Ok(())
+    }
+
+    /// Records the blocks a claim did not hand over because a scrub of them failed
+    /// verification: before the claim, or the gate's own scrub in it.
+    fn report_failed(&self, dev: u32, round: &Round) {
+        self.report_failed_before(dev, &round.failed_before);
+        if round.failed_now.is_empty() {
+            return;
+        }
+        self.report_gate_violation(
+            dev,
+            format!(
+                "the gate's scrub of {} KV blocks for kvh_claim_blocks failed verification \
+                 (ids {}); they were not handed over",
+                round.failed_now.len(),
+                id_list(&round.failed_now)
+            ),
+        );
     }
 
     /// Records that a claim named blocks whose last scrub failed: they are never handed over.
@@ -795,8 +821,16 @@ impl Allocator {
                 return Err(e.into());
             }
         };
-        round.refused.extend(report.failed.iter().copied());
-        round.refused.extend(unapplied.failed.iter().copied());
+        round.failed_now = in_order(
+            &sorted.dirty,
+            &report
+                .failed
+                .iter()
+                .chain(&unapplied.failed)
+                .copied()
+                .collect(),
+        );
+        round.refused.extend(round.failed_now.iter().copied());
         round.taken.extend(unapplied.taken.iter().copied());
         round.forgotten = unapplied.forgotten;
         round.gate_scrubbed = sorted
