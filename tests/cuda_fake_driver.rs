@@ -442,6 +442,34 @@ fn a_driver_that_fails_is_broken_never_absent() {
     }
 }
 
+/// A driver that loads none of the embedded kernel images because it is older than the
+/// toolkit that built them (CUDA_ERROR_UNSUPPORTED_PTX_VERSION, 222, as an R470-R535 driver
+/// answers the CUDA 12.4 PTX) makes the backend `Broken`. The error names the driver's
+/// version (`cuDriverGetVersion`, 12.4 here) and the GPU's compute capability (9.0 here), so
+/// that an operator can tell a driver too old for the kernels from a corrupt image or an
+/// unsupported GPU without another tool.
+#[test]
+fn a_driver_that_loads_no_kernel_image_is_reported_with_its_version() {
+    let (path, lib) = fake_or_skip!("old_driver");
+    switch(&lib, "set_module_load_result", 222);
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(&path) } {
+        Probe::Broken(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("12.4") && msg.contains("9.0"),
+                "the error names neither the driver version (12.4) nor the compute \
+                 capability (9.0): {msg}"
+            );
+            assert!(
+                msg.contains("cuModuleLoadData") && msg.contains("R550"),
+                "the error names neither the failed call nor the driver the PTX needs: {msg}"
+            );
+        }
+        other => panic!("expected Broken(cuModuleLoadData), got {other:?}"),
+    }
+}
+
 #[test]
 fn no_driver_call_after_shutdown() {
     let (path, lib) = fake_or_skip!("shutdown");

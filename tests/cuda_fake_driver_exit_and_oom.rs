@@ -846,3 +846,45 @@ fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot(
          another KV scrub's batch still in flight, which completed 500 ms later: {second:?}"
     );
 }
+
+/// `release` first frees the device's parked buffers (here page-locked memory whose mapping
+/// failed while a batch slot was made), then the block. A shutdown that begins during one of
+/// those frees (`cuMemFreeHost`) stops the release there: no `cuMemFree` of the block, nor
+/// any other driver call, once `shutdown()` has returned (docs/cuda.md, "Exit": an entry point
+/// begun before it checks the flag again between its driver calls).
+#[test]
+fn no_free_of_the_block_after_shutdown_begun_while_a_release_frees_parked_pages() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_release_parked");
+    let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
+    let base = b.allocate(0, 4096).expect("allocate");
+    // The batch's new slot gets its page-locked result area, whose mapping fails: the pages
+    // are parked for the device's next release.
+    switch(&lib, "fail_host_maps", 1);
+    let scrub = batch(
+        vec![ScrubSegment {
+            addr: base,
+            len: 4096,
+            seed: 41,
+        }],
+        SAMPLED,
+    );
+    assert!(
+        submit(b, scrub).is_err(),
+        "the slot's pages could not be mapped"
+    );
+    let block = b.allocate(0, 4096).expect("allocate");
+    let frees = query(&lib, "mem_frees", 0);
+    arm(&lib, "on_mem_free_host", exit_begins);
+    let released = b.release(0, block, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        (after, query(&lib, "mem_frees", 0) - frees),
+        (0, 0),
+        "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
+        outcome(&released)
+    );
+}

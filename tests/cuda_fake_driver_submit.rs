@@ -128,6 +128,34 @@ fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
     }
 }
 
+/// The same when the capture of the recorded stream is found only by the driver's refusal of
+/// the ordering after it: stream 9 was not capturing when asked, then its event record was
+/// captured (CUDA_ERROR_CAPTURED_EVENT on the scrub stream's wait for it). The batch is
+/// deferred, and the caller is told that stream 9 is capturing, not the freeing stream 7,
+/// which is not.
+#[test]
+fn a_checked_free_deferred_by_a_capture_refusing_the_wait_for_a_recorded_stream_names_that_stream()
+{
+    use kvhygiene::alloc::FreeError;
+    use kvhygiene::backend::BackendError;
+    let (path, lib) = fake_or_skip!("refused_wait_names_recorded_stream");
+    let alloc = allocator(&path, 10_000_000);
+    let s = StreamHandle(7);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    assert!(alloc.record_stream(p, StreamHandle(9)));
+    switch(&lib, "fail_next_wait", 907);
+    let freed = alloc.free_checked(p, 4096, 0, s);
+    alloc.shutdown();
+    match freed {
+        Err(FreeError::Backend(BackendError::StreamCapturing { stream, what })) => assert_eq!(
+            stream, 9,
+            "the recorded stream 9 is capturing, but the caller is told stream {stream:#x} \
+             is ({what})"
+        ),
+        other => panic!("expected the capture of stream 9, got {other:?}"),
+    }
+}
+
 /// While page-locked memory runs out, every try to build a batch slot fails after its device
 /// sums were allocated: the sums are kept for the next try, not freed (a device
 /// synchronisation on the free path) and not allocated again (memory growing with each try).

@@ -51,6 +51,8 @@
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
 //   before it returns (a cb that never returns stands for a hung device).
 // - fake_cuda_mem_frees(0) counts cuMemFree calls (each one synchronises the device on a GPU).
+// - fake_cuda_on_mem_free_host(cb) runs cb() once inside the next cuMemFreeHost, after the
+//   memory was freed (as fake_cuda_on_launch does).
 // - fake_cuda_mem_allocs(0) counts cuMemAlloc calls, fake_cuda_mem_free_hosts(0) cuMemFreeHost
 //   calls; fake_cuda_fail_host_maps(n) makes the next n cuMemHostGetDevicePointer calls fail.
 // - every entry point counts in fake_cuda_calls(), cuCtxSetCurrent, cuCtxGetCurrent,
@@ -397,7 +399,15 @@ CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned flags) {
 }
 static std::atomic<int> g_mem_free_hosts{0};
 int fake_cuda_mem_free_hosts(int) { return g_mem_free_hosts.load(); }
-CUresult cuMemFreeHost(void* p) { g_calls++; g_mem_free_hosts++; free(p); return OK; }
+static void (*g_mem_free_host_hook)(void) = nullptr;
+void fake_cuda_on_mem_free_host(void (*cb)(void)) { g_mem_free_host_hook = cb; }
+CUresult cuMemFreeHost(void* p) {
+    g_calls++;
+    g_mem_free_hosts++;
+    free(p);
+    run_hook(&g_mem_free_host_hook);
+    return OK;
+}
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { NEED_CTX(); memcpy((void*)d, s, n); return OK; }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(d, (void*)s, n); return OK; }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }

@@ -595,15 +595,15 @@ impl Drop for LoadedModule<'_> {
     }
 }
 
-/// Tries the embedded images in order of preference; the last error wins if none loads. A
-/// shutdown that begins meanwhile stops the search (a PTX image is JIT-compiled).
+/// Tries the embedded images in order of preference. A shutdown that begins meanwhile stops
+/// the search (a PTX image is JIT-compiled). When none loads, see [`no_image_loads`].
 fn load_kernels(
     inner: &Inner,
     major: u32,
     minor: u32,
 ) -> Result<(r::CUmodule, String), BackendError> {
     let d = &inner.driver;
-    let mut last = BackendError::Other("no kernel image embedded".to_string());
+    let mut tried = Vec::new();
     for image in kernel::images_for(major, minor) {
         inner.live()?;
         let (bytes, name) = match image {
@@ -615,10 +615,87 @@ fn load_kernels(
         // kernel.rs appends to it.
         match unsafe { r::module_load_data(d, bytes) } {
             Ok(m) => return Ok((m, format!("{name}, {}", kernel::KERNEL_ORIGIN))),
-            Err(e) => last = e,
+            Err(e) => tried.push((name, e)),
         }
     }
-    Err(last)
+    inner.live()?;
+    Err(no_image_loads(
+        tried,
+        r::driver_version(d).ok(),
+        major,
+        minor,
+    ))
+}
+
+/// The error of a device on which no embedded kernel image loads. Out of memory on any image
+/// is that (the allocator frees cached memory and tries again), not a later image's error.
+/// Otherwise the error names each image's error, the driver's version and the GPU's compute
+/// capability, and, for the errors of an image the driver cannot use, the likely cause: a
+/// driver older than the kernels' toolkit or a GPU older than the kernels support.
+#[cold]
+fn no_image_loads(
+    tried: Vec<(String, BackendError)>,
+    driver: Option<i32>,
+    major: u32,
+    minor: u32,
+) -> BackendError {
+    let oom = sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY.0 as i32;
+    let mut tried = tried;
+    if let Some(i) = tried
+        .iter()
+        .position(|(_, e)| matches!(e, BackendError::Driver { code, .. } if *code == oom))
+    {
+        return tried.swap_remove(i).1;
+    }
+    let hints: Vec<&str> = tried
+        .iter()
+        .filter_map(|(_, e)| match e {
+            BackendError::Driver { code, .. } => unusable_image_hint(*code),
+            _ => None,
+        })
+        .collect();
+    let images: Vec<String> = tried
+        .iter()
+        .map(|(name, e)| format!("{name}: {e}"))
+        .collect();
+    let driver = match driver {
+        Some(v) => format!("driver CUDA {}.{}", v / 1000, v % 1000 / 10),
+        None => "driver version unknown".to_string(),
+    };
+    let mut msg = format!(
+        "no embedded kernel image loads on this GPU (compute capability {major}.{minor}, \
+         {driver}): {}",
+        if images.is_empty() {
+            "none embedded".to_string()
+        } else {
+            images.join("; ")
+        }
+    );
+    let mut hints = hints;
+    hints.dedup();
+    for hint in hints {
+        msg.push_str("; ");
+        msg.push_str(hint);
+    }
+    BackendError::Other(msg)
+}
+
+/// The likely cause of a driver error that says it cannot use an image, for an operator.
+fn unusable_image_hint(code: i32) -> Option<&'static str> {
+    use sys::CUresult as E;
+    let is = |e: E| code == e.0 as i32;
+    if is(E::CUDA_ERROR_UNSUPPORTED_PTX_VERSION) || is(E::CUDA_ERROR_INVALID_PTX) {
+        Some("the kernels' PTX needs a driver for CUDA 12.4 or later (R550 or newer)")
+    } else if is(E::CUDA_ERROR_NO_BINARY_FOR_GPU) {
+        Some("the kernels run on GPUs of compute capability 8.0 or higher")
+    } else if is(E::CUDA_ERROR_JIT_COMPILER_NOT_FOUND) {
+        Some(
+            "the driver's PTX compiler (libnvidia-ptxjitcompiler) is missing: in a container, \
+             mount the driver's utility libraries as well (NVIDIA_DRIVER_CAPABILITIES=compute,utility)",
+        )
+    } else {
+        None
+    }
 }
 
 fn stream_of(s: StreamHandle) -> CUstream {
@@ -653,6 +730,9 @@ impl Backend for CudaBackend {
             return Err(not_allocated(device, addr, 0));
         }
         free_parked(&self.inner, dev);
+        // A shutdown that began while parked pages were freed: no driver call after it (the
+        // block is leaked, as every block still held then).
+        self.inner.live()?;
         // SAFETY: 1. an address `allocate` returned, removed from the live table just now, so
         // freed once; 2. the pool releases a block only after its last scrub was observed
         // complete.
@@ -1097,13 +1177,41 @@ fn first_device(d: &Driver, count: u32) -> u32 {
 /// (a failed scrub quarantines blocks that were never read back, and logs a verification
 /// failure that did not happen). `enqueue` maps only the calls before the launch.
 fn capture_refusal(e: BackendError, stream: u64) -> BackendError {
+    refused_by_capture(e, stream, "scrub launch")
+}
+
+/// [`capture_refusal`] for a call whose refusal says that `stream` is capturing.
+fn refused_by_capture(e: BackendError, stream: u64, what: &'static str) -> BackendError {
     match e {
         BackendError::Driver {
             code: 900..=908, ..
-        } => BackendError::StreamCapturing {
-            stream,
-            what: "scrub launch",
-        },
+        } => BackendError::StreamCapturing { stream, what },
+        other => other,
+    }
+}
+
+/// What a capture of a recorded stream defers.
+const ORDERING_AFTER: &str = "scrub ordering after a recorded stream";
+
+/// The ordering of the scrub stream after recorded stream `w`, refused by a capture: a
+/// refused record of the event on `w` (any capture code) names `w`, as does a wait for it
+/// that the driver refuses because the record was captured ([`wait_refusal`]); other
+/// refusals of the wait concern the scrub stream and are left to [`capture_refusal`].
+fn record_refusal(e: BackendError, w: StreamHandle) -> BackendError {
+    refused_by_capture(e, w.0, ORDERING_AFTER)
+}
+
+/// See [`record_refusal`].
+fn wait_refusal(e: BackendError, w: StreamHandle) -> BackendError {
+    match e {
+        BackendError::Driver { code, .. }
+            if code == sys::CUresult::CUDA_ERROR_CAPTURED_EVENT.0 as i32 =>
+        {
+            BackendError::StreamCapturing {
+                stream: w.0,
+                what: ORDERING_AFTER,
+            }
+        }
         other => other,
     }
 }
@@ -1266,7 +1374,7 @@ fn order_after_wait_streams(
         if capturing {
             return Err(BackendError::StreamCapturing {
                 stream: w.0,
-                what: "scrub ordering after a recorded stream",
+                what: ORDERING_AFTER,
             });
         }
         others.push((w, foreign));
@@ -1280,11 +1388,11 @@ fn order_after_wait_streams(
         }
         // SAFETY: 1. live event of this device's context; `w` is a stream recorded for the
         // block through kvh_record_stream (PyTorch's), of this device.
-        unsafe { r::event_record(d, ev.0, stream_of(w)) }?;
+        unsafe { r::event_record(d, ev.0, stream_of(w)) }.map_err(|e| record_refusal(e, w))?;
         inner.live()?;
         // SAFETY: 1. `s` is the batch's stream, of this device, whose context is current;
         // 2. live event.
-        unsafe { r::stream_wait_event(d, s, ev.0) }?;
+        unsafe { r::stream_wait_event(d, s, ev.0) }.map_err(|e| wait_refusal(e, w))?;
     }
     Ok(())
 }
@@ -1345,7 +1453,7 @@ fn order_after_foreign_stream(
                 inner.live()?;
                 // SAFETY: 1. created above, not recorded, used by nothing.
                 let _ = unsafe { r::event_destroy(d, ev) };
-                Err(e)
+                Err(record_refusal(e, w))
             }
         }
     };
@@ -1362,7 +1470,7 @@ fn order_after_foreign_stream(
     let destroy = || unsafe { r::event_destroy(d, ev) };
     // SAFETY: as above.
     unsafe { in_context(inner, ctx, home, destroy) }?;
-    waited
+    waited.map_err(|e| wait_refusal(e, w))
 }
 
 /// Runs `f` with `ctx` current on this thread, then makes `home` current again. Checks for a
