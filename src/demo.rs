@@ -713,8 +713,8 @@ pub fn render(report: &DemoReport) -> String {
     line(
         "verifications",
         format!(
-            "passed {}, failed {}",
-            c.verifications_passed, c.verifications_failed
+            "passed {}, failed {}, residue read in {}",
+            c.verifications_passed, c.verifications_failed, c.residue_detected
         ),
     );
     line(

@@ -65,6 +65,11 @@ fn the_fault_drill_is_caught_under_a_lower_coverage_threshold() {
         !out.contains("NOT caught"),
         "the sabotaged block was quarantined, yet the drill says it was not caught:\n{out}"
     );
+    // Its verification passed the lowered threshold: the table says what was read instead.
+    assert!(
+        out.contains("failed 0, residue read in 1"),
+        "the verifications row does not show the residue the block was quarantined for:\n{out}"
+    );
     assert_eq!(code, 0, "{out}{err}");
 }
 

@@ -75,7 +75,10 @@ pub enum FreeError {
         device: i32,
     },
     /// The block's scrub did not verify; it is quarantined (kvh_free_checked only).
-    #[error("scrub verification failed for block at {addr:#x}: the block is quarantined")]
+    #[error(
+        "scrub of the block at {addr:#x} did not verify (a sample read non-zero, coverage \
+         below the threshold, or a driver failure): the block is quarantined"
+    )]
     VerifyFailed { addr: u64 },
     /// Shutdown (`kvh_shutdown`, or process exit) began before the block's scrub verified:
     /// no scrub runs any more, so the block is left unscrubbed and never reused (leaked).

@@ -337,8 +337,9 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      detector flagged verify_failed, residue or quarantine (any signal with
      --strict-anomalies), or is on and lacks one of those series; the snapshot does not
      say whether the detector is on (kvh_anomaly_enabled missing, or neither 0 nor 1); or
-     the log does not verify
-  2  usage error, or the metrics file (or log) is missing, unreadable or not kvhygiene's
+     the log does not verify or holds no record
+  2  usage error, the metrics file is missing, unreadable or not kvhygiene's, the log
+     directory does not exist or cannot be read, or the report could not be written
 
 Counters only grow, so an evicted process stays evicted until it restarts.
 
@@ -373,7 +374,8 @@ samples, when it was taken and whether it shows a security failure, and exits:
      re-scrub, a failed KV block scrub, lost forensic log records or an asynchronous
      backend error, or one of those series is missing from it (not checked is not passed)
   2  usage error, or the file is missing, unreadable, not a kvhygiene metrics snapshot,
-     or dated more than 5 s in the future (its age cannot be judged)
+     or dated more than 5 s in the future (its age cannot be judged), or the report could
+     not be written
 
 Without --file the file is this environment's KVH_METRICS_FILE. A file name holding {pid} \
 (one file per process of a multi-process engine, as KVH_METRICS_FILE names them) checks the \
