@@ -1848,3 +1848,164 @@ fn a_tenant_heading_tells_an_id_with_edge_spaces_from_one_without() {
         "the reports on tenants \"acme \" and \"acme\" are both titled {plain:?}"
     );
 }
+
+/// Whether process `pid` is reading `file` part way, as the report's reading of a verified
+/// chain does between its two verifications (it streams the file; a verification reads a
+/// file whole in one go).
+fn reading_part_way(pid: u32, file: &Path) -> bool {
+    let size = std::fs::metadata(file).map_or(0, |m| m.len());
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|e| e.ok()).any(|e| {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(file) {
+            return false;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let pos = info
+            .lines()
+            .find_map(|l| l.strip_prefix("pos:"))
+            .and_then(|p| p.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        pos > 0 && pos < size
+    })
+}
+
+/// Runs `kvh evidence DIR --json` with `extra` arguments over a log whose one chain `big` is
+/// large enough to take a while to read, and calls `meanwhile` once the report is reading
+/// that chain (after its first verification, before its second). Returns the exit status,
+/// the report, and whether `meanwhile` ran.
+fn evidence_while(
+    dir: &Path,
+    big: &Path,
+    extra: &[&str],
+    meanwhile: impl FnOnce(),
+) -> (Option<i32>, Value, bool) {
+    let out = dir.with_extension("report.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    cmd.args(["evidence", dir.to_str().unwrap(), "--json"])
+        .args(extra);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let big = big.canonicalize().unwrap();
+    let mut meanwhile = Some(meanwhile);
+    // Read part way for 50 ms on end: the streamed reading, not a verification's.
+    let mut since: Option<std::time::Instant> = None;
+    while child.try_wait().unwrap().is_none() {
+        if meanwhile.is_some() {
+            since = match (reading_part_way(child.id(), &big), since) {
+                (false, _) => None,
+                (true, None) => Some(std::time::Instant::now()),
+                (true, Some(t)) if t.elapsed() >= std::time::Duration::from_millis(50) => {
+                    (meanwhile.take().unwrap())();
+                    None
+                }
+                (true, t) => t,
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let code = child.wait().unwrap().code();
+    let v = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap_or(Value::Null);
+    (code, v, meanwhile.is_none())
+}
+
+/// An empty first file of a chain whose writer died before its `start` record was whole (a
+/// chain without a record, which verifies), named to sort after the log's other chain.
+fn unstarted_chain_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("kvh-p99999999999-t1-000000.jsonl");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    path
+}
+
+/// A chain without any record (its writer died before its `start` record was whole) that
+/// the next process's start removes while the report is being made (as the writer does
+/// once such a file is idle) takes nothing from the report: no record of it was counted.
+/// The report stays verified (exit 0), as for a writer that appends to a verified chain.
+#[test]
+fn a_chain_without_a_record_removed_while_the_report_is_made_leaves_it_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 64 << 20), 8_000, false);
+    let big = chain_files(&dir).remove(0);
+    let unstarted = unstarted_chain_file(&dir);
+    let (alone, _) = evidence_json(&dir, &[]);
+    assert_eq!(alone, Some(0), "the log with the empty chain file verifies");
+    let (code, v, removed) = evidence_while(&dir, &big, &[], || {
+        std::fs::remove_file(&unstarted).unwrap()
+    });
+    assert!(
+        removed,
+        "the file was not removed while the report was made"
+    );
+    assert_eq!(
+        (code, &v["integrity"]["verified"]),
+        (Some(0), &Value::Bool(true)),
+        "a chain without a record removed meanwhile made the report unverified: {}",
+        v["integrity"]["problems"]
+    );
+}
+
+/// A writer that started just before the report (its first file created, its `start`
+/// record not yet written) and wrote its records while the report was being made added
+/// records after the chain's verified head (none): the report stays verified (exit 0) and
+/// counts the chain as it was at the first verification, as for any chain that grew.
+#[test]
+fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 64 << 20), 8_000, true);
+    let big = chain_files(&dir).remove(0);
+    // The records the new writer writes: a whole chain of the same secret, under its id.
+    let other = tmp.path().join("other");
+    write_log(&cfg(&other, 64 << 20), 3, true);
+    let written = chain_files(&other);
+    forensic_common::reseal_all(&written, forensic_common::SECRET, |m| {
+        m.insert("chain".into(), "p99999999999-t1".into());
+    });
+    let records = std::fs::read(&written[0]).unwrap();
+    let unstarted = unstarted_chain_file(&dir);
+    let key = tmp.path().join("hmac.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap();
+        std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
+    }
+    let key_arg = ["--key-file", key.to_str().unwrap()];
+    let (alone, _) = evidence_json(&dir, &key_arg);
+    assert_eq!(alone, Some(0), "the log with the empty chain file verifies");
+    let (code, v, wrote) = evidence_while(&dir, &big, &key_arg, || {
+        std::fs::write(&unstarted, &records).unwrap()
+    });
+    assert!(
+        wrote,
+        "the records were not written while the report was made"
+    );
+    assert_eq!(
+        (code, &v["integrity"]["verified"]),
+        (Some(0), &Value::Bool(true)),
+        "a chain that gained its first records meanwhile made the report unverified: {}",
+        v["integrity"]["problems"]
+    );
+}

@@ -771,7 +771,11 @@ fn check_policies(processes: &[Process], approved: Vec<String>) -> PolicyCheck {
 /// verdict), but for a chain a running writer only added to: it verified both times, its
 /// head moved forward, and `head_still_there` finds the first run's head record, hash and
 /// all, in its files. The report counts each chain up to the first run's head, so records
-/// after it change nothing it says (the nightly report runs beside a live server).
+/// after it change nothing it says (the nightly report runs beside a live server). For the
+/// same reason a chain that verified without a record is not changed when it got its first
+/// records meanwhile (a writer starting) or is gone (a start-up removed a file its crashed
+/// writer left before its first record), as a chain that appears meanwhile is not: the
+/// report took nothing from it. It is changed when it no longer verifies.
 fn changed_chains(
     before: &Report,
     after: &Report,
@@ -788,15 +792,16 @@ fn changed_chains(
             && a.files >= b.files
             && head_still_there(b)
     };
+    let unread = |b: &super::verify::ChainReport| b.ok() && b.records == 0 && b.last_seq.is_none();
     before
         .chains
         .iter()
         .filter(|b| {
-            after
-                .chains
-                .iter()
-                .find(|a| a.chain == b.chain)
-                .is_none_or(|a| key(a) != key(b) && !grew(b, a))
+            let a = after.chains.iter().find(|a| a.chain == b.chain);
+            if unread(b) {
+                return a.is_some_and(|a| !a.ok());
+            }
+            a.is_none_or(|a| key(a) != key(b) && !grew(b, a))
         })
         .map(|b| b.chain.clone())
         .collect()
