@@ -304,3 +304,58 @@ fn verify_log_given_a_renamed_private_key_with_its_public_key_is_a_usage_error()
         "{err}"
     );
 }
+
+/// `--key-file` and `--public-key` swapped: `kvh keygen`'s public key (`PREFIX.pub`) given
+/// where the HMAC secret is wanted would make every MAC of an intact log fail, read as
+/// tampering (1) and escalated as an incident. The file says what it is: a usage error (2),
+/// naming the option and the file, before the log is read; and a writer refuses it as its
+/// HMAC key (a key everyone may read seals nothing).
+#[test]
+fn a_public_key_given_as_the_hmac_key_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let (_, prefix) = signed_demo(tmp.path());
+    let log = tmp.path().join("sealed");
+    short_demo(
+        &log,
+        &[
+            ("KVH_HMAC_KEY_FILE", key.as_os_str()),
+            (
+                "KVH_SIGNING_KEY_FILE",
+                prefix.with_extension("key").as_os_str(),
+            ),
+        ],
+    );
+    let public = prefix.with_extension("pub");
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--key-file")
+        .arg(&public)
+        .arg("--public-key")
+        .arg(&key));
+    assert_eq!(
+        code, 2,
+        "swapped key options: a usage error (2):\n{out}{err}"
+    );
+    assert!(
+        err.contains("--key-file")
+            && err.contains("checkpoint.pub")
+            && err.contains("--public-key"),
+        "the error does not name the option, the file and the option it is for:\n{err}"
+    );
+    // The same file as a writer's HMAC key (made private, as a key file must be).
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(host_demo(1, 1)
+        .env("KVH_HMAC_KEY_FILE", &public)
+        .arg("--log-dir")
+        .arg(tmp.path().join("refused")));
+    assert_eq!(
+        code, 2,
+        "a public key as the writer's HMAC key:\n{out}{err}"
+    );
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE") && err.contains("public key"),
+        "{err}"
+    );
+}

@@ -323,6 +323,9 @@ fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     let mut b = keys::read_given_file(p, super::files::MAX_CKPT_BYTES)?;
     let len = keys::secret_len(&b);
     b.truncate(len);
+    if keys::is_keygen_public_key(p, &b) {
+        return Err(keys::public_key_as_secret(p));
+    }
     if b.len() < keys::MIN_SECRET_LEN {
         return Err(format!(
             "{}: key is {} bytes; at least {} are required",

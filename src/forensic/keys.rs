@@ -237,6 +237,9 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     let mut bytes = read_private(p)?;
     let len = secret_len(&bytes);
     bytes.truncate(len);
+    if is_keygen_public_key(p, &bytes) {
+        return Err(ForensicError::Key(public_key_as_secret(p)));
+    }
     if len > MAX_SECRET_LEN {
         return Err(ForensicError::Key(format!(
             "{}: HMAC secret is {len} bytes; at most {MAX_SECRET_LEN} are accepted",
@@ -399,6 +402,31 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             p.display()
         ))
     })
+}
+
+/// Whether `p`, whose bytes are `secret`, is `kvh keygen`'s public key (`PREFIX.pub`: the 64
+/// hex digits of an Ed25519 key), given where an HMAC secret is wanted. A verifier given it
+/// for `--key-file` (the two options swapped) would report every record as forged; a writer
+/// would seal with a key everyone may read. Told from the file alone: refused before the log
+/// is read or written.
+pub fn is_keygen_public_key(p: &Path, secret: &[u8]) -> bool {
+    if p.extension().is_none_or(|e| e != "pub") {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(secret) else {
+        return false;
+    };
+    super::record::parse_hash(text.trim_end())
+        .is_some_and(|bytes| VerifyingKey::from_bytes(&bytes).is_ok())
+}
+
+/// The message for a public key given as an HMAC secret ([`is_keygen_public_key`]).
+pub fn public_key_as_secret(p: &Path) -> String {
+    format!(
+        "{}: kvh keygen's public key (for --public-key), not an HMAC secret (the file \
+         KVH_HMAC_KEY_FILE names)",
+        p.display()
+    )
 }
 
 /// The `PREFIX.pub` beside `p` when `p` is `PREFIX.key` and its 32 bytes are the seed of the
