@@ -359,3 +359,30 @@ fn a_public_key_given_as_the_hmac_key_is_a_usage_error() {
         "{err}"
     );
 }
+
+/// docs/forensic-log.md: a `PREFIX.pub` given as the writer's HMAC key
+/// (`KVH_HMAC_KEY_FILE`) is refused as the public key it is. `kvh keygen` writes
+/// `PREFIX.pub` for verifiers, readable by all (0644): given as it was made, the writer's
+/// refusal is expected to say that the file is kvh keygen's public key, not only that its
+/// mode is too open (which asks the operator to make a public key private).
+#[test]
+fn a_public_key_as_keygen_wrote_it_given_as_the_writers_hmac_key_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("ckpt");
+    let (code, out, err) = run(kvh().arg("keygen").arg("--out").arg(&prefix));
+    assert_eq!(code, 0, "kvh keygen:\n{out}{err}");
+    let public = prefix.with_extension("pub");
+    let (code, out, err) = run(host_demo(1, 1)
+        .env("KVH_HMAC_KEY_FILE", &public)
+        .arg("--log-dir")
+        .arg(tmp.path().join("refused")));
+    assert_eq!(
+        code, 2,
+        "a public key as the writer's HMAC key:\n{out}{err}"
+    );
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE") && err.contains("public key"),
+        "kvh keygen's PREFIX.pub (mode as keygen wrote it) given as KVH_HMAC_KEY_FILE is not \
+         named as a public key:\n{err}"
+    );
+}

@@ -2009,3 +2009,81 @@ fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_ve
         v["integrity"]["problems"]
     );
 }
+
+/// A chain `prune-log` moved whole verified without a record read from the log directory,
+/// yet the report takes from it what its MAC-verified manifest says (the chain listed as
+/// pruned, with its archive; the period and keys its records covered). Its manifest removed
+/// while the report is being made (the evidence that the chain existed, deleted by hand) is
+/// an edit of a chain the report describes, as the removal of any other chain it counted:
+/// the report is expected not to stay verified.
+#[test]
+fn a_chain_moved_whole_whose_manifest_is_removed_while_the_report_is_made_is_a_change() {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let key = tmp.path().join("hmac.key");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap();
+        std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
+    }
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // An ended chain, moved whole into the archive: only its manifest stays in the log.
+    write_log(&cfg(&dir, 4096), 40, true);
+    let out = kvh(
+        &[
+            "prune-log",
+            dir.to_str().unwrap(),
+            "--archive-dir",
+            archive.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--older-than",
+            "0",
+        ],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(chain_files(&dir).is_empty(), "precondition: moved whole");
+    let manifest = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".pruned.json"))
+        .expect("the manifest of the chain moved whole");
+    // A running server's chain, large enough to take a while to read.
+    write_log(&cfg(&dir, 64 << 20), 8_000, true);
+    let big = chain_files(&dir).remove(0);
+    let args = ["--key-file", key.to_str().unwrap(), "--allow-pruned"];
+    let (alone, v) = evidence_json(&dir, &args);
+    assert_eq!(alone, Some(0), "the log verifies: {v}");
+    assert_eq!(
+        v["integrity"]["pruned"].as_array().map(Vec::len),
+        Some(1),
+        "precondition: the report lists the chain moved whole: {}",
+        v["integrity"]
+    );
+    let (code, v, removed) = evidence_while(&dir, &big, &args, || {
+        std::fs::remove_file(&manifest).unwrap()
+    });
+    assert!(
+        removed,
+        "the manifest was not removed while the report was made"
+    );
+    assert!(
+        code != Some(0) || v["integrity"]["verified"] != Value::Bool(true),
+        "the manifest of a chain the report lists as pruned ({}) was removed while the report \
+         was made, and the report stays verified",
+        v["integrity"]["pruned"]
+    );
+}

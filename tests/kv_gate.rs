@@ -1630,3 +1630,56 @@ fn a_refusal_that_names_no_block_is_not_counted_as_a_refused_claim() {
          {refused}) and logged: {v:?}"
     );
 }
+
+/// `kvh_claim_blocks` (include/kvhygiene.h): "Refusals and failed blocks leave a
+/// `policy_violation` record (policy `kv_gate`)". A claim whose gate scrub stops part way (the
+/// driver refuses its second batch) after its first batch found a block that failed
+/// verification did not hand that block over: the claim is expected to leave a `kv_gate`
+/// record naming the gate's failed scrub, as a claim whose scrub finished does.
+#[test]
+fn a_block_whose_gate_scrub_fails_in_a_claim_that_errs_part_way_leaves_a_kv_gate_record() {
+    use std::sync::atomic::Ordering;
+    const N: u64 = 70_000; // more segments than one backend batch takes (65,536)
+    const B: u64 = 64;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let a = f.malloc_zeroed((N * B) as i64, 0, 1);
+    let layout = KvLayout {
+        regions: vec![a],
+        block_bytes: B,
+        block_stride: B,
+        blocks_per_region: N,
+    };
+    let ids: Vec<u32> = (0..N as u32).collect();
+    as_request("t", "w", || claim(&f, &layout, &ids)).unwrap();
+    // Request x is given w's blocks: the first batch of the gate's scrub fails verification
+    // of one block, the second batch is refused by the driver.
+    f.backend.inject_fault_next();
+    f.backend.submit_budget.store(1, Ordering::SeqCst);
+    let r = as_request("t", "x", || claim(&f, &layout, &ids));
+    f.backend.submit_budget.store(-1, Ordering::SeqCst);
+    assert!(
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        "{r:?}"
+    );
+    let failed: u64 = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r.failed_blocks),
+            _ => None,
+        })
+        .last()
+        .unwrap();
+    assert!(
+        failed > 0,
+        "precondition: the gate's scrub failed verification of a block"
+    );
+    let v = gate_violations(&f);
+    assert!(
+        v.iter()
+            .any(|d| d.contains("failed verification while the gate scrubbed them")),
+        "a block whose gate scrub failed verification inside the claim (the claim then erred) \
+         left no kv_gate policy_violation naming it: {v:?}"
+    );
+}

@@ -458,7 +458,24 @@ impl Allocator {
         };
         match error {
             None => Ok((report, changed)),
-            Some(e) => Err(self.kv_backend_error(dev, e)),
+            Some(e) => {
+                if trigger == KvScrubTrigger::Gate {
+                    // The claim fails and names no block; those that failed are recorded here.
+                    let failed: std::collections::HashSet<u32> = report
+                        .failed
+                        .iter()
+                        .chain(&changed.failed)
+                        .copied()
+                        .collect();
+                    let failed: Vec<u32> = ids
+                        .iter()
+                        .copied()
+                        .filter(|id| failed.contains(id))
+                        .collect();
+                    self.report_failed_now(dev, &failed);
+                }
+                Err(self.kv_backend_error(dev, e))
+            }
         }
     }
 

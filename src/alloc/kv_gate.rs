@@ -726,16 +726,25 @@ impl Allocator {
     /// verification: before the claim, or the gate's own scrub in it.
     fn report_failed(&self, dev: u32, round: &Round) {
         self.report_failed_before(dev, &round.failed_before);
-        if round.failed_now.is_empty() {
+        self.report_failed_now(dev, &round.failed_now);
+    }
+
+    /// Records blocks a claim did not hand over because a scrub of them failed verification
+    /// while the gate scrubbed them: its own scrub, or another's of the same blocks whose
+    /// verdict overtook it. Also called by a gate scrub that then failed as a whole
+    /// ([`Allocator::scrub_kv`]), whose claim hands nothing over.
+    pub(super) fn report_failed_now(&self, dev: u32, failed: &[u32]) {
+        if failed.is_empty() {
             return;
         }
         self.report_gate_violation(
             dev,
             format!(
-                "the gate's scrub of {} KV blocks for kvh_claim_blocks failed verification \
-                 (ids {}); they were not handed over",
-                round.failed_now.len(),
-                id_list(&round.failed_now)
+                "{} KV blocks failed verification while the gate scrubbed them for \
+                 kvh_claim_blocks (its scrub, or another scrub of them) (ids {}); they were \
+                 not handed over",
+                failed.len(),
+                id_list(failed)
             ),
         );
     }

@@ -792,7 +792,17 @@ fn changed_chains(
             && a.files >= b.files
             && head_still_there(b)
     };
-    let unread = |b: &super::verify::ChainReport| b.ok() && b.records == 0 && b.last_seq.is_none();
+    // Nothing in the directory, no manifest, key or checkpoint: nothing the report used.
+    let unread = |b: &super::verify::ChainReport| {
+        b.ok()
+            && b.records == 0
+            && b.last_seq.is_none()
+            && b.files > 0
+            && b.pruned.is_none()
+            && b.key_index.is_none()
+            && b.checkpoint_seq.is_none()
+            && b.checkpoint_recorded.is_none()
+    };
     before
         .chains
         .iter()

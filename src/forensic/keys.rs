@@ -234,12 +234,20 @@ pub fn secret_len(value: &[u8]) -> usize {
 
 /// A key file holds the secret's bytes; one trailing newline is not part of it.
 pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
+    if p.extension().is_some_and(|e| e == "pub") {
+        // Told before the file's mode is judged: keygen writes PREFIX.pub readable by all,
+        // and a message asking to make a public key private would mislead.
+        if let Ok(mut text) = read_given_file(p, super::files::MAX_CKPT_BYTES) {
+            let len = secret_len(&text);
+            text.truncate(len);
+            if is_keygen_public_key(p, &text) {
+                return Err(ForensicError::Key(public_key_as_secret(p)));
+            }
+        }
+    }
     let mut bytes = read_private(p)?;
     let len = secret_len(&bytes);
     bytes.truncate(len);
-    if is_keygen_public_key(p, &bytes) {
-        return Err(ForensicError::Key(public_key_as_secret(p)));
-    }
     if len > MAX_SECRET_LEN {
         return Err(ForensicError::Key(format!(
             "{}: HMAC secret is {len} bytes; at most {MAX_SECRET_LEN} are accepted",

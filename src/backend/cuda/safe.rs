@@ -672,6 +672,7 @@ fn no_image_loads(
         }
     );
     let mut hints = hints;
+    hints.sort_unstable();
     hints.dedup();
     for hint in hints {
         msg.push_str("; ");
