@@ -353,6 +353,40 @@ fn serve_metrics_serves_the_file_or_says_why_not() {
     assert!(err.contains("serving"), "{err}");
 }
 
+/// The text format 0.0.4 ends every line, the last one included, with a line feed, and only
+/// a line feed: Prometheus's parsers refuse a body whose last sample has no line end
+/// ("unexpected end of input stream") and read a carriage return as part of the value. A
+/// file that lacks its final line end (a copy cut short at a line's end) or that has CRLF
+/// line ends is therefore either refused (503) or served as a body a scraper parses: ending
+/// in a line feed, without carriage returns.
+#[test]
+fn serve_metrics_serves_only_bodies_whose_lines_end_as_the_format_requires() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let side = sidecar(&f, &["--max-age", "60"]);
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    write_snapshot(&f, Duration::ZERO, 0);
+    let text = std::fs::read_to_string(&f).unwrap();
+
+    // Without the final line end.
+    std::fs::write(&f, text.trim_end_matches('\n')).unwrap();
+    let (status, _, body) = http(side.addr, get);
+    assert!(
+        status == 503 || body.ends_with('\n'),
+        "served {status} with a body whose last line has no line end: {:?}",
+        &body[body.len().saturating_sub(60)..]
+    );
+
+    // CRLF line ends.
+    std::fs::write(&f, text.replace('\n', "\r\n")).unwrap();
+    let (status, _, body) = http(side.addr, get);
+    assert!(
+        status == 503 || !body.contains('\r'),
+        "served {status} with CRLF line ends: {:?}",
+        &body[..body.len().min(120)]
+    );
+}
+
 #[test]
 fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
     let dir = tempfile::tempdir().unwrap();

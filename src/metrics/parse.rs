@@ -93,10 +93,22 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
     let mut current: Option<String> = None;
     // Every series seen: name and sorted labels.
     let mut series: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
+    let lines = text.split('\n').count();
     for (i, line) in text.split('\n').enumerate() {
         let n = i + 1;
         let err = |message: String| ParseError { line: n, message };
-        let line = line.strip_suffix('\r').unwrap_or(line);
+        // The format's lines end with a line feed, the last one too: what a scraper refuses
+        // (a file cut short inside a line, CRLF line ends) is not served.
+        if line.contains('\r') {
+            return Err(err(
+                "a carriage return: lines of the text format end with \\n only (CRLF?)".into(),
+            ));
+        }
+        if n == lines && !line.is_empty() {
+            return Err(err(
+                "the last line has no line end (the file was cut short?)".into(),
+            ));
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -112,7 +124,8 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             }
             let rest = words.next().unwrap_or("").trim_start();
             if keyword == "HELP" {
-                if out.help.insert(name.into(), unescape_help(rest)).is_some() {
+                let help = unescape_help(rest).map_err(|e| err(format!("# HELP {name}: {e}")))?;
+                if out.help.insert(name.into(), help).is_some() {
                     return Err(err(format!("second # HELP for {name}")));
                 }
             } else {
@@ -135,6 +148,17 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
         }
         let sample = parse_sample(line).map_err(err)?;
         let family = family_of(&sample.name, &out.types).to_string();
+        let kind = out.types.get(&family).map(String::as_str);
+        for (key, value) in &sample.labels {
+            let numeric = (key == "le" && kind == Some("histogram"))
+                || (key == "quantile" && kind == Some("summary"));
+            if numeric && parse_value(value).is_none() {
+                return Err(err(format!(
+                    "{}: label {key} is not a number: {value:?}",
+                    sample.name
+                )));
+            }
+        }
         if current.as_deref() != Some(family.as_str()) {
             if finished.contains(&family) {
                 return Err(err(format!(
@@ -210,7 +234,8 @@ fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
         }
         let eq = s.find('=').ok_or("label without '='")?;
         let key = s[..eq].trim();
-        if !valid_label_name(key) {
+        if !valid_label_name(key) || key.starts_with("__") {
+            // Names beginning with "__" are reserved to Prometheus.
             return Err(format!("invalid label name {key:?}"));
         }
         if labels.len() == MAX_LABELS {
@@ -264,7 +289,8 @@ fn parse_value(v: &str) -> Option<f64> {
     }
 }
 
-fn unescape_help(s: &str) -> String {
+/// A `# HELP` text unescaped: the format allows `\\` and `\n` only there.
+fn unescape_help(s: &str) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -272,17 +298,14 @@ fn unescape_help(s: &str) -> String {
             match chars.next() {
                 Some('n') => out.push('\n'),
                 Some('\\') => out.push('\\'),
-                Some(other) => {
-                    out.push('\\');
-                    out.push(other);
-                }
-                None => out.push('\\'),
+                Some(other) => return Err(format!("invalid escape \\{other}")),
+                None => return Err("a lone \\ at the end".into()),
             }
         } else {
             out.push(c);
         }
     }
-    out
+    Ok(out)
 }
 
 /// `[a-zA-Z_:][a-zA-Z0-9_:]*`
@@ -302,6 +325,22 @@ fn valid_label_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_what_the_text_format_does_not_allow() {
+        for (text, why) in [
+            ("a 1", "no line end"),
+            ("a 1\r\n", "carriage return"),
+            ("# HELP a Tab\\there.\na 1\n", "invalid escape"),
+            ("a{__name__=\"b\"} 1\n", "invalid label name"),
+            ("# TYPE h histogram\nh_bucket{le=\"x\"} 1\n", "not a number"),
+            ("# TYPE s summary\ns{quantile=\"half\"} 1\n", "not a number"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.message.contains(why), "{text:?}: {e:?}");
+        }
+        assert!(parse("").is_ok() && parse("a 1\n\n").is_ok());
+    }
 
     #[test]
     fn reads_samples_labels_and_escapes() {
