@@ -311,9 +311,12 @@ void kvh_shutdown(void);
 // Sets the calling thread's tenant, request and model ids, stamped on every block it
 // allocates and on their events. Each may be NULL (absent). Ids longer than 128 bytes, with
 // control characters or invisible formatting characters (bidirectional overrides,
-// zero-width characters, line separators: an id that displays as another), or not UTF-8 are
+// zero-width characters, line separators, variation selectors, fillers: Unicode's
+// default-ignorable code points, an id that displays as another), or not UTF-8 are
 // refused with `KVH_ERR_INVALID_CONTEXT`, and the
-// previous context stays. Ownership: the strings are copied; the caller keeps them.
+// previous context stays. So is a call from a thread-local destructor that runs after the
+// library's own at thread exit: the thread's context is gone then, and what the thread
+// allocates carries none. Ownership: the strings are copied; the caller keeps them.
 int kvh_set_context(const char *tenant_id, const char *request_id, const char *model_id);
 
 // Clears the calling thread's context.

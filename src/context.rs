@@ -113,9 +113,14 @@ impl Context {
     /// thread's context is destroyed (a call from another thread-local's destructor), sets
     /// nothing and returns none.
     pub fn set_current(ctx: Context) -> Context {
-        CURRENT
-            .try_with(|c| c.replace(ctx))
-            .unwrap_or_else(|_| Context::none())
+        Context::try_set_current(ctx).unwrap_or_else(Context::none)
+    }
+
+    /// [`Context::set_current`] that says whether it could: `None` at thread exit, once the
+    /// thread's context is destroyed, when nothing is set (what the thread allocates from
+    /// then on carries no context).
+    pub fn try_set_current(ctx: Context) -> Option<Context> {
+        CURRENT.try_with(|c| c.replace(ctx)).ok()
     }
 
     /// This thread's context; none at thread exit once it is destroyed (see
@@ -187,32 +192,38 @@ pub(crate) fn unprintable(c: char) -> bool {
     c.is_control() || INVISIBLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
 
-/// Unicode 15.1's format characters (general category Cf) and its line and paragraph
-/// separators (Zl, Zp: U+2028, U+2029), as ranges. Written out because the standard library
+/// Unicode 15.1's format characters (general category Cf), its line and paragraph
+/// separators (Zl, Zp: U+2028, U+2029) and the rest of its default-ignorable code points
+/// (rendered as nothing: the combining grapheme joiner, Hangul fillers, variation
+/// selectors, the tag and reserved ranges), as ranges. Written out because the standard library
 /// has no general category; python/kvhygiene/vllm.py holds the same table (its ids must be
 /// ones this accepts), and python/tests/test_vllm.py checks the two agree.
 const INVISIBLE: &[(char, char)] = &[
     ('\u{00AD}', '\u{00AD}'),
+    ('\u{034F}', '\u{034F}'),
     ('\u{0600}', '\u{0605}'),
     ('\u{061C}', '\u{061C}'),
     ('\u{06DD}', '\u{06DD}'),
     ('\u{070F}', '\u{070F}'),
     ('\u{0890}', '\u{0891}'),
     ('\u{08E2}', '\u{08E2}'),
-    ('\u{180E}', '\u{180E}'),
+    ('\u{115F}', '\u{1160}'),
+    ('\u{17B4}', '\u{17B5}'),
+    ('\u{180B}', '\u{180F}'),
     ('\u{200B}', '\u{200F}'),
     ('\u{2028}', '\u{202E}'),
-    ('\u{2060}', '\u{2064}'),
-    ('\u{2066}', '\u{206F}'),
+    ('\u{2060}', '\u{206F}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{FE00}', '\u{FE0F}'),
     ('\u{FEFF}', '\u{FEFF}'),
-    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{FFA0}', '\u{FFA0}'),
+    ('\u{FFF0}', '\u{FFFB}'),
     ('\u{110BD}', '\u{110BD}'),
     ('\u{110CD}', '\u{110CD}'),
     ('\u{13430}', '\u{1343F}'),
     ('\u{1BCA0}', '\u{1BCA3}'),
     ('\u{1D173}', '\u{1D17A}'),
-    ('\u{E0001}', '\u{E0001}'),
-    ('\u{E0020}', '\u{E007F}'),
+    ('\u{E0000}', '\u{E0FFF}'),
 ];
 
 fn unprintable_name(c: char) -> String {
@@ -309,6 +320,31 @@ mod tests {
             "tenant\u{00AD}-a",
             "tenant-a\u{061C}",
             "tenant\u{180E}-a",
+        ] {
+            let err = Context::new(Some(id), None, None);
+            assert!(
+                matches!(err, Err(ContextError::ControlCharacter { .. })),
+                "{id:?} (displays as \"tenant-a\") was accepted: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_default_ignorable_characters_that_display_as_another_id() {
+        // Each of these ids displays as "tenant-a": the added character is one Unicode marks
+        // Default_Ignorable_Code_Point (rendered as nothing: a combining grapheme joiner,
+        // Hangul fillers, an inherent Khmer vowel, a Mongolian free variation selector,
+        // variation selectors), so it could pass for tenant-a's in a report, as the format
+        // characters refused above could.
+        for id in [
+            "tenant-a\u{034F}",
+            "tenant\u{115F}-a",
+            "tenant-a\u{17B4}",
+            "tenant-a\u{180B}",
+            "tenant-a\u{3164}",
+            "tenant-a\u{FE0F}",
+            "tenant-a\u{FFA0}",
+            "tenant-a\u{E0100}",
         ] {
             let err = Context::new(Some(id), None, None);
             assert!(

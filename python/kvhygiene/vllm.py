@@ -70,32 +70,36 @@ _MAX_ID_BYTES = 128
 _DIGEST_PREFIX = "sha256:"
 
 
-#: Unicode 15.1's format characters (Cf) and line and paragraph separators (Zl, Zp), as
-#: inclusive ranges: with the control characters (Cc), what the library refuses in an id
+#: Unicode 15.1's format characters (Cf), line and paragraph separators (Zl, Zp) and other
+#: default-ignorable code points (rendered as nothing), as inclusive ranges: with the control characters (Cc), what the library refuses in an id
 #: (src/context.rs holds the same table). Written out, not read from :mod:`unicodedata`,
 #: whose Unicode version follows the interpreter's and may lack some of them.
 _INVISIBLE = (
     (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
     (0x0600, 0x0605),
     (0x061C, 0x061C),
     (0x06DD, 0x06DD),
     (0x070F, 0x070F),
     (0x0890, 0x0891),
     (0x08E2, 0x08E2),
-    (0x180E, 0x180E),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
     (0x200B, 0x200F),
     (0x2028, 0x202E),
-    (0x2060, 0x2064),
-    (0x2066, 0x206F),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
     (0xFEFF, 0xFEFF),
-    (0xFFF9, 0xFFFB),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB),
     (0x110BD, 0x110BD),
     (0x110CD, 0x110CD),
     (0x13430, 0x1343F),
     (0x1BCA0, 0x1BCA3),
     (0x1D173, 0x1D17A),
-    (0xE0001, 0xE0001),
-    (0xE0020, 0xE007F),
+    (0xE0000, 0xE0FFF),
 )
 
 

@@ -756,9 +756,12 @@ pub extern "C" fn kvh_shutdown() {
 /// Sets the calling thread's tenant, request and model ids, stamped on every block it
 /// allocates and on their events. Each may be NULL (absent). Ids longer than 128 bytes, with
 /// control characters or invisible formatting characters (bidirectional overrides,
-/// zero-width characters, line separators: an id that displays as another), or not UTF-8 are
+/// zero-width characters, line separators, variation selectors, fillers: Unicode's
+/// default-ignorable code points, an id that displays as another), or not UTF-8 are
 /// refused with `KVH_ERR_INVALID_CONTEXT`, and the
-/// previous context stays. Ownership: the strings are copied; the caller keeps them.
+/// previous context stays. So is a call from a thread-local destructor that runs after the
+/// library's own at thread exit: the thread's context is gone then, and what the thread
+/// allocates carries none. Ownership: the strings are copied; the caller keeps them.
 #[no_mangle]
 pub extern "C" fn kvh_set_context(
     tenant_id: *const c_char,
@@ -773,10 +776,14 @@ pub extern "C" fn kvh_set_context(
         };
         let (t, r, m) = (read(tenant_id), read(request_id), read(model_id));
         match Context::from_bytes(t.as_deref(), r.as_deref(), m.as_deref()) {
-            Ok(ctx) => {
-                Context::set_current(ctx);
-                ok()
-            }
+            Ok(ctx) => match Context::try_set_current(ctx) {
+                Some(_) => ok(),
+                None => fail(
+                    KVH_ERR_INVALID_CONTEXT,
+                    "the calling thread is exiting and its context is gone: none can be set \
+                     (what it allocates from now on carries no context)",
+                ),
+            },
             Err(e) => fail(KVH_ERR_INVALID_CONTEXT, e.to_string()),
         }
     })
