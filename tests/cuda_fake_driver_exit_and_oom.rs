@@ -391,13 +391,7 @@ fn no_free_after_shutdown_begun_while_a_release_makes_its_context_current() {
     let frees = query(&lib, "mem_frees", 0);
     arm(&lib, "on_device1_current", exit_begins);
     let released = b.release(1, base, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        (after, query(&lib, "mem_frees", 0) - frees),
-        (0, 0),
-        "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
-        outcome(&released)
-    );
+    assert_nothing_after_shutdown(&lib, frees, &released);
 }
 
 /// A device filled to its last byte before the first free (a server that sizes its KV cache
@@ -847,6 +841,22 @@ fn a_kv_scrub_on_a_full_device_waits_for_another_kv_scrub_holding_the_only_slot(
     );
 }
 
+/// No driver call, and no `cuMemFree` beyond the `frees` counted before, once the armed
+/// hook's `shutdown()` returned, whatever the release returned.
+fn assert_nothing_after_shutdown(
+    lib: &libloading::Library,
+    frees: i32,
+    released: &Result<(), BackendError>,
+) {
+    let after = calls_after_hook(lib);
+    assert_eq!(
+        (after, query(lib, "mem_frees", 0) - frees),
+        (0, 0),
+        "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
+        outcome(released)
+    );
+}
+
 /// `release` first frees the device's parked buffers (here page-locked memory whose mapping
 /// failed while a batch slot was made), then the block. A shutdown that begins during one of
 /// those frees (`cuMemFreeHost`) stops the release there: no `cuMemFree` of the block, nor
@@ -880,11 +890,5 @@ fn no_free_of_the_block_after_shutdown_begun_while_a_release_frees_parked_pages(
     let frees = query(&lib, "mem_frees", 0);
     arm(&lib, "on_mem_free_host", exit_begins);
     let released = b.release(0, block, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        (after, query(&lib, "mem_frees", 0) - frees),
-        (0, 0),
-        "driver calls and cuMemFree calls after shutdown() returned; release returned {}",
-        outcome(&released)
-    );
+    assert_nothing_after_shutdown(&lib, frees, &released);
 }

@@ -109,22 +109,30 @@ fn a_checked_free_refused_for_another_device_s_memory_names_that_device() {
 /// caller is told which stream is capturing: 0xC0DE, not the freeing stream, which is not.
 #[test]
 fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
+    let (path, _lib) = fake_or_skip!("capturing_recorded_stream");
+    assert_checked_free_names_the_capture(&path, 0xC0DE, || {});
+}
+
+/// A block allocated and freed (checked) on stream 7, recorded with stream `recorded`, whose
+/// scrub is deferred by a capture of `recorded` (`arm` sets the fake driver up after the
+/// record): the error names `recorded`.
+fn assert_checked_free_names_the_capture(path: &str, recorded: u64, arm: impl FnOnce()) {
     use kvhygiene::alloc::FreeError;
     use kvhygiene::backend::BackendError;
-    let (path, _lib) = fake_or_skip!("capturing_recorded_stream");
-    let alloc = allocator(&path, 10_000_000);
+    let alloc = allocator(path, 10_000_000);
     let s = StreamHandle(7);
     let p = alloc.malloc(4096, 0, s).expect("malloc");
-    assert!(alloc.record_stream(p, StreamHandle(0xC0DE)));
+    assert!(alloc.record_stream(p, StreamHandle(recorded)));
+    arm();
     let freed = alloc.free_checked(p, 4096, 0, s);
     alloc.shutdown();
     match freed {
         Err(FreeError::Backend(BackendError::StreamCapturing { stream, what })) => assert_eq!(
-            stream, 0xC0DE,
-            "the recorded stream 0xc0de is capturing, but the caller is told stream {stream:#x} \
-             is ({what})"
+            stream, recorded,
+            "the recorded stream {recorded:#x} is capturing, but the caller is told stream \
+             {stream:#x} is ({what})"
         ),
-        other => panic!("expected the capture of stream 0xc0de, got {other:?}"),
+        other => panic!("expected the capture of stream {recorded:#x}, got {other:?}"),
     }
 }
 
@@ -136,24 +144,8 @@ fn a_checked_free_deferred_by_a_capturing_recorded_stream_names_that_stream() {
 #[test]
 fn a_checked_free_deferred_by_a_capture_refusing_the_wait_for_a_recorded_stream_names_that_stream()
 {
-    use kvhygiene::alloc::FreeError;
-    use kvhygiene::backend::BackendError;
     let (path, lib) = fake_or_skip!("refused_wait_names_recorded_stream");
-    let alloc = allocator(&path, 10_000_000);
-    let s = StreamHandle(7);
-    let p = alloc.malloc(4096, 0, s).expect("malloc");
-    assert!(alloc.record_stream(p, StreamHandle(9)));
-    switch(&lib, "fail_next_wait", 907);
-    let freed = alloc.free_checked(p, 4096, 0, s);
-    alloc.shutdown();
-    match freed {
-        Err(FreeError::Backend(BackendError::StreamCapturing { stream, what })) => assert_eq!(
-            stream, 9,
-            "the recorded stream 9 is capturing, but the caller is told stream {stream:#x} \
-             is ({what})"
-        ),
-        other => panic!("expected the capture of stream 9, got {other:?}"),
-    }
+    assert_checked_free_names_the_capture(&path, 9, || switch(&lib, "fail_next_wait", 907));
 }
 
 /// While page-locked memory runs out, every try to build a batch slot fails after its device

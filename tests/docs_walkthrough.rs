@@ -346,18 +346,7 @@ fn a_public_key_given_as_the_hmac_key_is_a_usage_error() {
     );
     // The same file as a writer's HMAC key (made private, as a key file must be).
     std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, out, err) = run(host_demo(1, 1)
-        .env("KVH_HMAC_KEY_FILE", &public)
-        .arg("--log-dir")
-        .arg(tmp.path().join("refused")));
-    assert_eq!(
-        code, 2,
-        "a public key as the writer's HMAC key:\n{out}{err}"
-    );
-    assert!(
-        err.contains("KVH_HMAC_KEY_FILE") && err.contains("public key"),
-        "{err}"
-    );
+    assert_refused_as_the_writers_hmac_key(tmp.path(), &public);
 }
 
 /// docs/forensic-log.md: a `PREFIX.pub` given as the writer's HMAC key
@@ -372,17 +361,23 @@ fn a_public_key_as_keygen_wrote_it_given_as_the_writers_hmac_key_is_named_as_suc
     let (code, out, err) = run(kvh().arg("keygen").arg("--out").arg(&prefix));
     assert_eq!(code, 0, "kvh keygen:\n{out}{err}");
     let public = prefix.with_extension("pub");
+    assert_refused_as_the_writers_hmac_key(tmp.path(), &public);
+}
+
+/// A demo whose log would be sealed with `public` (`KVH_HMAC_KEY_FILE`) does not start
+/// (2), and says the file is a public key.
+fn assert_refused_as_the_writers_hmac_key(dir: &Path, public: &Path) {
     let (code, out, err) = run(host_demo(1, 1)
-        .env("KVH_HMAC_KEY_FILE", &public)
+        .env("KVH_HMAC_KEY_FILE", public)
         .arg("--log-dir")
-        .arg(tmp.path().join("refused")));
+        .arg(dir.join("refused")));
     assert_eq!(
         code, 2,
         "a public key as the writer's HMAC key:\n{out}{err}"
     );
     assert!(
         err.contains("KVH_HMAC_KEY_FILE") && err.contains("public key"),
-        "kvh keygen's PREFIX.pub (mode as keygen wrote it) given as KVH_HMAC_KEY_FILE is not \
-         named as a public key:\n{err}"
+        "{} given as KVH_HMAC_KEY_FILE is not named as a public key:\n{err}",
+        public.display()
     );
 }

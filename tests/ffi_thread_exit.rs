@@ -11,6 +11,17 @@ use std::process::Command;
 /// unknown ones).
 const CASE: &str = "FFI_THREAD_EXIT_CASE";
 
+/// Runs test `name` of this binary in a child process, as the case (host backend).
+fn run_case(name: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CASE, "1")
+        .env("KVH_BACKEND", "host")
+        .env("KVH_OOM", "null")
+        .output()
+        .unwrap()
+}
+
 /// Frees its pointer when the thread's locals are destroyed.
 struct FreesOnExit(RefCell<Option<usize>>);
 
@@ -44,13 +55,7 @@ fn kvh_free_from_a_thread_local_destructor_returns() {
         println!("CHILD-DONE");
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CASE, "1")
-        .env("KVH_BACKEND", "host")
-        .env("KVH_OOM", "null")
-        .output()
-        .unwrap();
+    let out = run_case(name);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -103,13 +108,7 @@ fn kvh_set_context_at_thread_exit_is_applied_or_refused() {
         .unwrap();
         return;
     }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CASE, "1")
-        .env("KVH_BACKEND", "host")
-        .env("KVH_OOM", "null")
-        .output()
-        .unwrap();
+    let out = run_case(name);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()

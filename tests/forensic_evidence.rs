@@ -1920,6 +1920,30 @@ fn evidence_while(
     (code, v, meanwhile.is_none())
 }
 
+/// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
+fn secret_key_file(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = dir.join("hmac.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .unwrap();
+    std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
+    key
+}
+
+/// A report made while `what` happened is verified, with exit status 0.
+fn assert_stays_verified(code: Option<i32>, v: &Value, what: &str) {
+    assert_eq!(
+        (code, &v["integrity"]["verified"]),
+        (Some(0), &Value::Bool(true)),
+        "{what} made the report unverified: {}",
+        v["integrity"]["problems"]
+    );
+}
+
 /// An empty first file of a chain whose writer died before its `start` record was whole (a
 /// chain without a record, which verifies), named to sort after the log's other chain.
 fn unstarted_chain_file(dir: &Path) -> std::path::PathBuf {
@@ -1954,12 +1978,7 @@ fn a_chain_without_a_record_removed_while_the_report_is_made_leaves_it_verified(
         removed,
         "the file was not removed while the report was made"
     );
-    assert_eq!(
-        (code, &v["integrity"]["verified"]),
-        (Some(0), &Value::Bool(true)),
-        "a chain without a record removed meanwhile made the report unverified: {}",
-        v["integrity"]["problems"]
-    );
+    assert_stays_verified(code, &v, "a chain without a record removed meanwhile");
 }
 
 /// A writer that started just before the report (its first file created, its `start`
@@ -1981,17 +2000,7 @@ fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_ve
     });
     let records = std::fs::read(&written[0]).unwrap();
     let unstarted = unstarted_chain_file(&dir);
-    let key = tmp.path().join("hmac.key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap();
-        std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
-    }
+    let key = secret_key_file(tmp.path());
     let key_arg = ["--key-file", key.to_str().unwrap()];
     let (alone, _) = evidence_json(&dir, &key_arg);
     assert_eq!(alone, Some(0), "the log with the empty chain file verifies");
@@ -2002,12 +2011,7 @@ fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_ve
         wrote,
         "the records were not written while the report was made"
     );
-    assert_eq!(
-        (code, &v["integrity"]["verified"]),
-        (Some(0), &Value::Bool(true)),
-        "a chain that gained its first records meanwhile made the report unverified: {}",
-        v["integrity"]["problems"]
-    );
+    assert_stays_verified(code, &v, "a chain that gained its first records meanwhile");
 }
 
 /// A chain `prune-log` moved whole verified without a record read from the log directory,
@@ -2018,19 +2022,10 @@ fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_ve
 /// the report is expected not to stay verified.
 #[test]
 fn a_chain_moved_whole_whose_manifest_is_removed_while_the_report_is_made_is_a_change() {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
-    let key = tmp.path().join("hmac.key");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .unwrap();
-        std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
-    }
+    let key = secret_key_file(tmp.path());
     let archive = tmp.path().join("archive");
     std::fs::create_dir(&archive).unwrap();
     std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();

@@ -919,6 +919,25 @@ fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_to
     );
 }
 
+/// Blocks of a two-batch cache: more segments than one backend batch takes (65,536).
+const N2: u64 = 70_000;
+
+/// Under the scrub gate (request scope), a cache of [`N2`] blocks of 64 bytes in one region,
+/// and all their ids: a gate scrub of them takes two backend batches.
+fn two_batch_cache() -> (Fixture, KvLayout, Vec<u32>) {
+    const B: u64 = 64;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let a = f.malloc_zeroed((N2 * B) as i64, 0, 1);
+    let layout = KvLayout {
+        regions: vec![a],
+        block_bytes: B,
+        block_stride: B,
+        blocks_per_region: N2,
+    };
+    let ids: Vec<u32> = (0..N2 as u32).collect();
+    (f, layout, ids)
+}
+
 /// A claim whose gate scrub stops part way (the driver refuses its second batch) still hands
 /// the blocks its first batch verified to the claimant: the ledger names it their owner, and
 /// its next claim takes them without a scrub. Each of those blocks changed owner (request w's
@@ -928,20 +947,10 @@ fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_to
 #[test]
 fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
     use std::sync::atomic::Ordering;
-    const N: u64 = 70_000; // more segments than one backend batch takes (65,536)
-    const B: u64 = 64;
-    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
-    let a = f.malloc_zeroed((N * B) as i64, 0, 1);
-    let layout = KvLayout {
-        regions: vec![a],
-        block_bytes: B,
-        block_stride: B,
-        blocks_per_region: N,
-    };
-    let ids: Vec<u32> = (0..N as u32).collect();
+    let (f, layout, ids) = two_batch_cache();
     // A new cache: request w's first claim scrubs blocks whose owner was unknown.
     let r = as_request("t", "w", || claim(&f, &layout, &ids)).unwrap();
-    assert_eq!((r.claimed, r.unknown_owner.len() as u64), (N, N));
+    assert_eq!((r.claimed, r.unknown_owner.len() as u64), (N2, N2));
     // Request x is given w's blocks unscrubbed; the gate's scrub stops after its first batch.
     f.backend.submit_budget.store(1, Ordering::SeqCst);
     let r = as_request("t", "x", || claim(&f, &layout, &ids));
@@ -961,14 +970,14 @@ fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
             _ => None,
         })
         .collect();
-    assert_eq!(gate.last(), Some(&(N, 65_536, 0)), "{gate:?}");
+    assert_eq!(gate.last(), Some(&(N2, 65_536, 0)), "{gate:?}");
     // x claims again: the blocks the stopped scrub verified are x's already.
     let r = as_request("t", "x", || claim(&f, &layout, &ids)).unwrap();
-    assert_eq!(r.claimed, N);
+    assert_eq!(r.claimed, N2);
     let c = f.alloc.stats().counters;
     assert_eq!(
         (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
-        (2 * N, N),
+        (2 * N2, N2),
         "every block went from w to x through one gate scrub of a block that changed owner"
     );
 }
@@ -1639,17 +1648,7 @@ fn a_refusal_that_names_no_block_is_not_counted_as_a_refused_claim() {
 #[test]
 fn a_block_whose_gate_scrub_fails_in_a_claim_that_errs_part_way_leaves_a_kv_gate_record() {
     use std::sync::atomic::Ordering;
-    const N: u64 = 70_000; // more segments than one backend batch takes (65,536)
-    const B: u64 = 64;
-    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
-    let a = f.malloc_zeroed((N * B) as i64, 0, 1);
-    let layout = KvLayout {
-        regions: vec![a],
-        block_bytes: B,
-        block_stride: B,
-        blocks_per_region: N,
-    };
-    let ids: Vec<u32> = (0..N as u32).collect();
+    let (f, layout, ids) = two_batch_cache();
     as_request("t", "w", || claim(&f, &layout, &ids)).unwrap();
     // Request x is given w's blocks: the first batch of the gate's scrub fails verification
     // of one block, the second batch is refused by the driver.
