@@ -389,13 +389,12 @@ fn a_refused_free_is_in_the_report_of_the_caller_and_of_the_blocks_tenant() {
         "{}",
         String::from_utf8_lossy(&empty.stderr)
     );
-    // So is an id `kvh_set_context` refuses, which no record can hold: too long, or with a
-    // control character (which would also reach the report's heading as it is).
+    // So is an id no release of `kvh_set_context` took, which no record can hold: too long,
+    // or with a control character (which would also reach the report's heading as it is).
     let long = "t".repeat(129);
     for (id, says) in [
         (long.as_str(), "129 bytes long"),
-        ("acme\u{1}", "ids must be printable text"),
-        ("acme\u{202e}", "ids must be printable text"),
+        ("acme\u{1}", "control character (U+0001)"),
     ] {
         let out = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", id], &[]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -2081,4 +2080,96 @@ fn a_chain_moved_whole_whose_manifest_is_removed_while_the_report_is_made_is_a_c
          was made, and the report stays verified",
         v["integrity"]["pruned"]
     );
+}
+
+/// Unicode's default-ignorable code points (a Hangul filler, a variation selector, the
+/// combining grapheme joiner, a tag character) display as nothing, as the zero-width
+/// characters do: `kvh_set_context` refuses them in an id, and a report is expected to show
+/// an id holding one (a log from a library that took it, or an edited one) so that the
+/// character stays in sight, not as the id "acme" a reader sees in its place.
+#[test]
+fn exceptions_of_ids_that_differ_in_a_default_ignorable_character_are_told_apart() {
+    // Default_Ignorable_Code_Point, as a reader's renderer drops them.
+    let displayed = |s: &str| -> String {
+        s.chars()
+            .filter(|&c| {
+                !matches!(c,
+                    '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}'..='\u{1160}'
+                    | '\u{17B4}'..='\u{17B5}' | '\u{180B}'..='\u{180F}'
+                    | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+                    | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}'
+                    | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}'
+                    | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+                    | '\u{E0000}'..='\u{E0FFF}')
+            })
+            .collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 5);
+    let tenants = [
+        "acme",
+        "acme\u{3164}",
+        "acme\u{FE0F}",
+        "acme\u{034F}",
+        "acme\u{E0041}",
+    ];
+    for (i, tenant) in tenants.iter().enumerate() {
+        forge_from(&files, 0, i + 2, None, |m| {
+            set(
+                m,
+                serde_json::json!({"tenant_id": tenant, "request_id": "r1"}),
+            )
+        });
+    }
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["tenants"], 5, "five tenants: {v}");
+    let section = exceptions_section(&dir, &[]);
+    let shown: Vec<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| 20"))
+        .map(|l| displayed(&gfm_cells(l)[3]))
+        .collect();
+    assert_eq!(shown.len(), 5, "{section}");
+    let distinct: std::collections::BTreeSet<&String> = shown.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        5,
+        "the exceptions of five tenants display as {shown:?}: {section}"
+    );
+}
+
+/// Logs outlive the library release that wrote them: one written before `kvh_set_context`
+/// refused Unicode's default-ignorable code points may name tenant "acme\u{FE0F}" (an emoji
+/// presentation selector after the id). `kvh evidence --tenant` for that tenant is expected to
+/// report on its records, not to refuse the id as one "no record can name".
+#[test]
+fn a_tenant_report_is_made_for_an_id_an_earlier_release_accepted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    let tenant = "acme\u{FE0F}";
+    forge_from(&files, 0, 2, None, |m| {
+        set(
+            m,
+            serde_json::json!({"tenant_id": tenant, "request_id": "r1"}),
+        )
+    });
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--json",
+            "--tenant",
+            tenant,
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "kvh evidence --tenant {tenant:?} on a log whose records name it: {err}"
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(v["tenant"]["named_in_log"], true, "{v}");
 }

@@ -783,3 +783,24 @@ fn a_start_up_beginning_while_another_finishes_the_log_directory_succeeds() {
         tmp.path(),
     );
 }
+
+/// A key file is never read through a symlink (`read_private`: "a link planted at the
+/// configured path could point at a file an attacker controls"). That holds for a path ending
+/// in `.pub` too: a link named `hmac.pub` to `kvh keygen`'s public key is expected to be
+/// refused as a symlink, without the target being opened and judged by its contents.
+#[test]
+fn a_pub_key_file_that_is_a_symlink_is_refused_as_a_link_before_anything_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("ckpt")).unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o600)).unwrap();
+    let link = tmp.path().join("hmac.pub");
+    symlink(&public, &link).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&link)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("symlink"),
+        "a KVH_HMAC_KEY_FILE that is a symlink was read through the link: {err}"
+    );
+}

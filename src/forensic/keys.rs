@@ -234,18 +234,14 @@ pub fn secret_len(value: &[u8]) -> usize {
 
 /// A key file holds the secret's bytes; one trailing newline is not part of it.
 pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
-    if p.extension().is_some_and(|e| e == "pub") {
-        // Told before the file's mode is judged: keygen writes PREFIX.pub readable by all,
-        // and a message asking to make a public key private would mislead.
-        if let Ok(mut text) = read_given_file(p, super::files::MAX_CKPT_BYTES) {
-            let len = secret_len(&text);
-            text.truncate(len);
-            if is_keygen_public_key(p, &text) {
-                return Err(ForensicError::Key(public_key_as_secret(p)));
-            }
-        }
+    use std::os::unix::fs::MetadataExt;
+    let (m, mut bytes) = read_opened(p)?;
+    // Told before the file's mode or owner is held against it: keygen writes PREFIX.pub
+    // readable by all, and a message asking to make a public key private would mislead.
+    if is_keygen_public_key(p, &bytes[..secret_len(&bytes)]) {
+        return Err(ForensicError::Key(public_key_as_secret(p)));
     }
-    let mut bytes = read_private(p)?;
+    check_private(p, m.is_file(), m.uid(), m.mode())?;
     let len = secret_len(&bytes);
     bytes.truncate(len);
     if len > MAX_SECRET_LEN {
@@ -265,8 +261,17 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
 /// blocking (a FIFO), and must be a regular file owned by the effective uid that group and
 /// others cannot access: a key someone else owns or can read protects nothing.
 fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
+    use std::os::unix::fs::MetadataExt;
+    let (m, bytes) = read_opened(p)?;
+    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    Ok(bytes)
+}
+
+/// The bytes of the file at `p` (never through a link, never waiting on a FIFO, a regular
+/// file of at most a checkpoint's size) and its metadata, which [`read_private`] judges.
+fn read_opened(p: &Path) -> Result<(fs::Metadata, Zeroizing<Vec<u8>>), ForensicError> {
     use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
     let mut f = fs::OpenOptions::new()
         .read(true)
@@ -280,7 +285,10 @@ fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
             _ => err(e),
         })?;
     let m = f.metadata().map_err(err)?;
-    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    if !m.is_file() {
+        // Not read: a device or FIFO could block or never end. `check_private` names it.
+        return Ok((m, Zeroizing::new(Vec::new())));
+    }
     // Capped: a real key is at most a few hundred bytes; a larger file is not a key. The
     // buffer is allocated once, at its final size: a buffer grown step by step would free
     // blocks still holding the secret's first bytes.
@@ -296,7 +304,7 @@ fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
             p.display()
         )));
     }
-    Ok(bytes)
+    Ok((m, bytes))
 }
 
 /// A key file must be a regular file of ours with no group or other access.
