@@ -2173,3 +2173,42 @@ fn a_tenant_report_is_made_for_an_id_an_earlier_release_accepted() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert_eq!(v["tenant"]["named_in_log"], true, "{v}");
 }
+
+/// A record of tenant "beta" naming "acme\u{200B}" (a zero-width space after the id, from a
+/// log an earlier release wrote) as the caller. The exceptions table shows every character
+/// of an id that displays as nothing in sight, in every column: the detail column's
+/// `caller_tenant_id` and `caller_request_id` too, in the full report and in the `--tenant`
+/// report of that caller, so that the caller does not read as tenant "acme".
+#[test]
+fn an_exceptions_detail_shows_a_callers_invisible_characters_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    let caller = "acme\u{200B}";
+    forge_from(&files, 0, 2, None, |m| {
+        set(
+            m,
+            serde_json::json!({
+                "tenant_id": "beta",
+                "request_id": "r-b",
+                "caller_tenant_id": caller,
+                "caller_request_id": "r\u{2060}a",
+            }),
+        )
+    });
+    for extra in [&["--tenant", caller][..], &[][..]] {
+        let section = exceptions_section(&dir, extra);
+        let row = section
+            .lines()
+            .find(|l| l.contains("caller_tenant_id"))
+            .unwrap_or_else(|| panic!("{extra:?}: no row names the caller: {section}"));
+        let hidden: Vec<String> = row
+            .chars()
+            .filter(|c| matches!(c, '\u{200B}' | '\u{2060}'))
+            .map(|c| format!("U+{:04X}", u32::from(c)))
+            .collect();
+        assert!(
+            hidden.is_empty(),
+            "{extra:?}: the row {row:?} holds {hidden:?} as it is, which displays as nothing"
+        );
+    }
+}

@@ -804,3 +804,51 @@ fn a_pub_key_file_that_is_a_symlink_is_refused_as_a_link_before_anything_is_read
         "a KVH_HMAC_KEY_FILE that is a symlink was read through the link: {err}"
     );
 }
+
+/// A key file that group or others can read, or that another user owns, is refused for that,
+/// whatever else is wrong with it (docs/forensic-log.md, `KVH_HMAC_KEY_FILE`: "refused unless
+/// it is a regular file (≤ 64 KiB) owned by the effective uid that group and others have no
+/// access to"): the access check is made on the opened file before its bytes are read, so a
+/// file larger than a key that others can read is named for its mode (or owner), for the HMAC
+/// key file and the signing key file alike.
+#[test]
+fn a_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hmac = tmp.path().join("hmac.key");
+    let signer = tmp.path().join("signer.key");
+    for p in [&hmac, &signer] {
+        fs::write(p, vec![b'k'; 70 * 1024]).unwrap();
+        fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("mode 0644"),
+        "a 70 KiB KVH_HMAC_KEY_FILE of mode 0644: {err}"
+    );
+    let err = kvhygiene::forensic::keys::read_signing_key(&signer)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("mode 0644"),
+        "a 70 KiB signing key file of mode 0644: {err}"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the owner check: changing a file's owner needs root");
+        return;
+    }
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&hmac, Some(4242), None).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("owned by uid 4242"),
+        "a 70 KiB key file of uid 4242: {err}"
+    );
+}

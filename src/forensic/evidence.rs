@@ -1491,6 +1491,9 @@ fn cell(text: &str) -> String {
         };
         match c {
             c if c.is_control() => out.push(' '),
+            // Shown, as `printable` shows it: a character that displays as nothing could make
+            // an id or a path read as another (a backslash before `u` is no Markdown escape).
+            c if unprintable(c) => out.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
             '_' if inside_word(i.checked_sub(1)) && inside_word(Some(i + 1)) => out.push('_'),
             '\\' | '|' | '`' | '<' | '[' | '*' | '~' | '&' | '_' => {
                 out.push('\\');

@@ -234,14 +234,7 @@ pub fn secret_len(value: &[u8]) -> usize {
 
 /// A key file holds the secret's bytes; one trailing newline is not part of it.
 pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
-    use std::os::unix::fs::MetadataExt;
-    let (m, mut bytes) = read_opened(p)?;
-    // Told before the file's mode or owner is held against it: keygen writes PREFIX.pub
-    // readable by all, and a message asking to make a public key private would mislead.
-    if is_keygen_public_key(p, &bytes[..secret_len(&bytes)]) {
-        return Err(ForensicError::Key(public_key_as_secret(p)));
-    }
-    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    let mut bytes = read_private(p)?;
     let len = secret_len(&bytes);
     bytes.truncate(len);
     if len > MAX_SECRET_LEN {
@@ -262,18 +255,30 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
 /// others cannot access: a key someone else owns or can read protects nothing.
 fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
     use std::os::unix::fs::MetadataExt;
-    let (m, bytes) = read_opened(p)?;
-    check_private(p, m.is_file(), m.uid(), m.mode())?;
+    let (mut f, m) = open_no_follow(p)?;
+    let judge = || check_private(p, m.is_file(), m.uid(), m.mode());
+    // kvh keygen's PREFIX.pub, readable by all, given as a secret is named as the public key
+    // it is, not as a file to make private (which would mislead): such a file is read first.
+    let public_named = p.extension().is_some_and(|e| e == "pub") && m.is_file();
+    if !public_named {
+        judge()?;
+    }
+    let bytes = read_capped(p, &mut f)?;
+    if public_named {
+        if is_keygen_public_key(p, &bytes[..secret_len(&bytes)]) {
+            return Err(ForensicError::Key(public_key_as_secret(p)));
+        }
+        judge()?;
+    }
     Ok(bytes)
 }
 
-/// The bytes of the file at `p` (never through a link, never waiting on a FIFO, a regular
-/// file of at most a checkpoint's size) and its metadata, which [`read_private`] judges.
-fn read_opened(p: &Path) -> Result<(fs::Metadata, Zeroizing<Vec<u8>>), ForensicError> {
-    use std::io::Read;
+/// The file at `p`, opened never through a link and never waiting on a FIFO, with its
+/// metadata.
+fn open_no_follow(p: &Path) -> Result<(fs::File, fs::Metadata), ForensicError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
-    let mut f = fs::OpenOptions::new()
+    let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(p)
@@ -285,26 +290,26 @@ fn read_opened(p: &Path) -> Result<(fs::Metadata, Zeroizing<Vec<u8>>), ForensicE
             _ => err(e),
         })?;
     let m = f.metadata().map_err(err)?;
-    if !m.is_file() {
-        // Not read: a device or FIFO could block or never end. `check_private` names it.
-        return Ok((m, Zeroizing::new(Vec::new())));
-    }
+    Ok((f, m))
+}
+
+/// The bytes of key file `f` (at `p`, a regular file), of at most a checkpoint's size.
+fn read_capped(p: &Path, f: &mut fs::File) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
+    use std::io::Read;
+    let err = |e: std::io::Error| ForensicError::Key(format!("{}: {e}", p.display()));
     // Capped: a real key is at most a few hundred bytes; a larger file is not a key. The
     // buffer is allocated once, at its final size: a buffer grown step by step would free
     // blocks still holding the secret's first bytes.
     let cap = super::files::MAX_CKPT_BYTES;
     let mut bytes = Zeroizing::new(Vec::with_capacity(usize::try_from(cap + 1).unwrap_or(0)));
-    (&mut f)
-        .take(cap + 1)
-        .read_to_end(&mut bytes)
-        .map_err(err)?;
+    f.take(cap + 1).read_to_end(&mut bytes).map_err(err)?;
     if bytes.len() as u64 > cap {
         return Err(ForensicError::Key(format!(
             "{}: key file is larger than {cap} bytes",
             p.display()
         )));
     }
-    Ok((m, bytes))
+    Ok(bytes)
 }
 
 /// A key file must be a regular file of ours with no group or other access.
