@@ -2212,3 +2212,65 @@ fn an_exceptions_detail_shows_a_callers_invisible_characters_escaped() {
         );
     }
 }
+
+/// The underscores of a Markdown line that are not backslash-escaped and do not stand between
+/// two letters or digits of the line: those can open or close emphasis (CommonMark 0.31, 6.2).
+fn bare_underscores_at_word_edges(line: &str) -> Vec<usize> {
+    let chars: Vec<char> = line.chars().collect();
+    let mut found = Vec::new();
+    let mut escaped = false;
+    for (i, &c) in chars.iter().enumerate() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        if c == '\\' {
+            escaped = true;
+            continue;
+        }
+        let alnum = |j: Option<usize>| {
+            j.and_then(|j| chars.get(j))
+                .is_some_and(|c| c.is_alphanumeric())
+        };
+        if c == '_' && !(alnum(i.checked_sub(1)) && alnum(Some(i + 1))) {
+            found.push(i);
+        }
+    }
+    found
+}
+
+/// Text from the log cannot format the report: an underscore in a table cell is left bare only
+/// where it stands inside a word of the Markdown written, so it opens or closes no emphasis.
+/// That holds next to a character that displays as nothing (here the Hangul filler U+3164, a
+/// letter to `char::is_alphanumeric`), which the report writes as an escape such as
+/// `\u{3164}`: the underscores of `\u{3164}_node_\u{3164}` would render `node` emphasised.
+#[test]
+fn an_underscore_beside_an_escaped_character_opens_no_emphasis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 1, None, |m| {
+        set(m, serde_json::json!({"host": "\u{3164}_node_\u{3164}"}))
+    });
+    forge_from(&files, 0, 3, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "policy_violation", "policy": "x",
+                               "detail": "\u{FFA0}_all clean_\u{FFA0}"}),
+        )
+    });
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    for needle in ["node", "all clean"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(needle))
+            .unwrap_or_else(|| panic!("no row shows {needle:?}: {text}"));
+        let at = bare_underscores_at_word_edges(row);
+        assert!(
+            at.is_empty(),
+            "the row {row:?} holds underscores at a word's edge, unescaped (characters {at:?}): \
+             they render {needle:?} emphasised"
+        );
+    }
+}

@@ -852,3 +852,39 @@ fn a_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
         "a 70 KiB key file of uid 4242: {err}"
     );
 }
+
+/// The exception that reads a key file before judging its owner and mode is for `kvh keygen`'s
+/// public key only (64 hex digits and a newline). A file whose name ends in `.pub` but that
+/// cannot be such a key (here 70 KiB) is judged as any other key file: it is refused for its
+/// mode when group and others can read it, and for its owner when another uid owns it, as
+/// `hmac.key` is above.
+#[test]
+fn a_pub_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hmac = tmp.path().join("hmac.pub");
+    fs::write(&hmac, vec![b'k'; 70 * 1024]).unwrap();
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("mode 0644"),
+        "a 70 KiB KVH_HMAC_KEY_FILE named hmac.pub of mode 0644: {err}"
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped the owner check: changing a file's owner needs root");
+        return;
+    }
+    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&hmac, Some(4242), None).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("owned by uid 4242"),
+        "a 70 KiB key file hmac.pub of uid 4242: {err}"
+    );
+}

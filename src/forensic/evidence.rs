@@ -1485,9 +1485,10 @@ fn cell(text: &str) -> String {
     for (i, &c) in chars.iter().enumerate() {
         // An underscore inside a word makes no emphasis (ids and kinds are snake_case, left
         // as they are); one at a word's edge can.
+        // A neighbour written as an escape (below) is no letter in the Markdown written.
         let inside_word = |j: Option<usize>| {
             j.and_then(|j| chars.get(j))
-                .is_some_and(|c| c.is_alphanumeric())
+                .is_some_and(|&c| c.is_alphanumeric() && !unprintable(c))
         };
         match c {
             c if c.is_control() => out.push(' '),
