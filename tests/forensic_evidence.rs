@@ -2228,9 +2228,11 @@ fn bare_underscores_at_word_edges(line: &str) -> Vec<usize> {
             escaped = true;
             continue;
         }
+        // As CommonMark sees a word: letters that are no punctuation or symbol; ASCII ones
+        // are sure to be.
         let alnum = |j: Option<usize>| {
             j.and_then(|j| chars.get(j))
-                .is_some_and(|c| c.is_alphanumeric())
+                .is_some_and(|c| c.is_ascii_alphanumeric())
         };
         if c == '_' && !(alnum(i.checked_sub(1)) && alnum(Some(i + 1))) {
             found.push(i);
@@ -2271,6 +2273,44 @@ fn an_underscore_beside_an_escaped_character_opens_no_emphasis() {
             at.is_empty(),
             "the row {row:?} holds underscores at a word's edge, unescaped (characters {at:?}): \
              they render {needle:?} emphasised"
+        );
+    }
+}
+
+/// An underscore in a table cell is left bare only where CommonMark cannot make emphasis of
+/// it. CommonMark 0.31 (2.1, 6.2) takes a character of the Unicode P or S categories as
+/// punctuation, and an underscore after punctuation and before a letter opens emphasis. The
+/// circled letter U+24B6 (category So) is alphabetic to `char::is_alphanumeric`, but
+/// punctuation to CommonMark: `Ⓐ_node_Ⓐ` renders `node` emphasised. Each underscore beside
+/// it is expected to be backslash-escaped, in the coverage table's host and in the
+/// exceptions' detail alike.
+#[test]
+fn an_underscore_beside_a_symbol_that_is_alphabetic_opens_no_emphasis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 1, None, |m| {
+        set(m, serde_json::json!({"host": "\u{24B6}_node_\u{24B6}"}))
+    });
+    forge_from(&files, 0, 3, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "policy_violation", "policy": "x",
+                               "detail": "\u{24B6}_all clean_\u{24B6}"}),
+        )
+    });
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    for needle in ["node", "all clean"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(needle))
+            .unwrap_or_else(|| panic!("no row shows {needle:?}: {text}"));
+        let escaped = format!("\u{24B6}\\_{needle}\\_\u{24B6}");
+        assert!(
+            row.contains(&escaped),
+            "the row {row:?} does not hold {escaped:?}: its bare underscores beside U+24B6 \
+             render {needle:?} emphasised"
         );
     }
 }

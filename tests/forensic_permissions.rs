@@ -888,3 +888,37 @@ fn a_pub_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
         "a 70 KiB key file hmac.pub of uid 4242: {err}"
     );
 }
+
+/// `kvh keygen`'s public key given as the writer's HMAC key file is refused as the public key
+/// it is, as the verifiers refuse it (`is_keygen_public_key`: 64 lower-case hex digits, after
+/// the trailing whitespace): a copy of `PREFIX.pub` whose line ends in CRLF (66 bytes, as a
+/// Windows editor or a Secret built from a CRLF file writes it), or that ends in a blank line,
+/// is expected to be named as kvh keygen's public key at mode 0644 (not for its mode) and at
+/// mode 0600 (not accepted as an HMAC secret).
+#[test]
+fn a_keygen_public_key_with_crlf_or_a_blank_line_is_refused_as_a_public_key_by_the_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("ckpt")).unwrap();
+    let hex = fs::read_to_string(&public).unwrap().trim_end().to_string();
+    assert_eq!(hex.len(), 64);
+    for (name, ending) in [("crlf.pub", "\r\n"), ("blank.pub", "\n\n")] {
+        let p = tmp.path().join(name);
+        fs::write(&p, format!("{hex}{ending}")).unwrap();
+        for m in [0o600, 0o644] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(m)).unwrap();
+            let got = kvhygiene::forensic::keys::load_secret(Some(&p)).map(|k| k.is_some());
+            let err = match got {
+                Ok(loaded) => panic!(
+                    "{name} (kvh keygen's public key ending in {ending:?}) of mode {m:04o} was \
+                     accepted as the HMAC secret (loaded: {loaded})"
+                ),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("kvh keygen's public key"),
+                "{name} (kvh keygen's public key ending in {ending:?}) of mode {m:04o} is not \
+                 named as a public key: {err}"
+            );
+        }
+    }
+}

@@ -1485,10 +1485,11 @@ fn cell(text: &str) -> String {
     for (i, &c) in chars.iter().enumerate() {
         // An underscore inside a word makes no emphasis (ids and kinds are snake_case, left
         // as they are); one at a word's edge can.
-        // A neighbour written as an escape (below) is no letter in the Markdown written.
+        // ASCII letters and digits only: a character Rust calls alphabetic can be punctuation
+        // to CommonMark (a symbol such as U+24B6) or be written as an escape (below).
         let inside_word = |j: Option<usize>| {
             j.and_then(|j| chars.get(j))
-                .is_some_and(|&c| c.is_alphanumeric() && !unprintable(c))
+                .is_some_and(|c| c.is_ascii_alphanumeric())
         };
         match c {
             c if c.is_control() => out.push(' '),

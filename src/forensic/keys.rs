@@ -259,8 +259,11 @@ fn read_private(p: &Path) -> Result<Zeroizing<Vec<u8>>, ForensicError> {
     let judge = || check_private(p, m.is_file(), m.uid(), m.mode());
     // kvh keygen's PREFIX.pub, readable by all, given as a secret is named as the public key
     // it is, not as a file to make private (which would mislead): such a file is read first.
-    // At most 64 hex digits and a newline: a larger file cannot be that key.
-    let public_named = p.extension().is_some_and(|e| e == "pub") && m.is_file() && m.len() <= 65;
+    // 64 hex digits and a line end (kvh keygen's "\n", or a copy's "\r\n" or blank line): a
+    // file over this size cannot be that key.
+    const PUBLIC_KEY_FILE_MAX: u64 = 128;
+    let public_named =
+        p.extension().is_some_and(|e| e == "pub") && m.is_file() && m.len() <= PUBLIC_KEY_FILE_MAX;
     if !public_named {
         judge()?;
     }
