@@ -105,9 +105,9 @@ pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaErro
     boundary(|| match route() {
         Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
-        Mode::Forward => unsafe { real::cudaMalloc(dev_ptr, size) },
+        Mode::Forward => forwarded(dev_ptr, unsafe { real::cudaMalloc(dev_ptr, size) }),
         // SAFETY: as above. Zero bytes need no scrubbing: the real runtime answers exactly.
-        Mode::Serve if size == 0 => unsafe { real::cudaMalloc(dev_ptr, size) },
+        Mode::Serve if size == 0 => forwarded(dev_ptr, unsafe { real::cudaMalloc(dev_ptr, size) }),
         Mode::Serve if dev_ptr.is_null() => INVALID_VALUE,
         Mode::Serve => {
             let result = allocate_ready(size, Wait::AsTheRuntime);
@@ -132,11 +132,13 @@ pub extern "C" fn cudaMallocPitch(
     boundary(|| match route() {
         Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
-        Mode::Forward => unsafe { real::cudaMallocPitch(dev_ptr, pitch, width, height) },
-        // SAFETY: as above.
-        Mode::Serve if width == 0 || height == 0 => unsafe {
+        Mode::Forward => forwarded(dev_ptr, unsafe {
             real::cudaMallocPitch(dev_ptr, pitch, width, height)
-        },
+        }),
+        // SAFETY: as above.
+        Mode::Serve if width == 0 || height == 0 => forwarded(dev_ptr, unsafe {
+            real::cudaMallocPitch(dev_ptr, pitch, width, height)
+        }),
         Mode::Serve => {
             if dev_ptr.is_null() {
                 return INVALID_VALUE;
@@ -208,7 +210,7 @@ fn malloc_async(
 ) -> cudaError_t {
     // SAFETY: the caller's arguments, passed on unchanged to the real function of the same
     // signature, under the runtime's contract.
-    let forward = || unsafe { real(dev_ptr, size, stream) };
+    let forward = || forwarded(dev_ptr, unsafe { real(dev_ptr, size, stream) });
     match route() {
         Mode::Refuse => refused(dev_ptr),
         Mode::Forward => forward(),
@@ -505,6 +507,18 @@ fn refused(dev_ptr: *mut *mut c_void) -> cudaError_t {
     // SAFETY: `dev_ptr` is non-null and, by the runtime's contract every allocation export
     // states, valid for one pointer write.
     unsafe { store(dev_ptr, Err(INITIALIZATION_ERROR)) }
+}
+
+/// The answer of a forwarded allocation. When the real function is missing, the interposer's
+/// own error, the real function wrote nothing: NULL is written then, as by every other failed
+/// allocation, never leaving the caller's old value.
+fn forwarded(dev_ptr: *mut *mut c_void, rc: cudaError_t) -> cudaError_t {
+    if rc != SHARED_OBJECT_SYMBOL_NOT_FOUND || dev_ptr.is_null() {
+        return rc;
+    }
+    // SAFETY: `dev_ptr` is non-null and, by the runtime's contract every allocation export
+    // states, valid for one pointer write.
+    unsafe { store(dev_ptr, Err(rc)) }
 }
 
 /// Writes an allocation's result to the caller's pointer (NULL on failure).

@@ -1056,3 +1056,21 @@ fn a_large_allocation_the_device_has_room_for_is_served() {
         ("rc_free_large", 0),
     ]);
 }
+
+#[test]
+fn a_forwarded_allocation_whose_real_function_is_missing_leaves_the_output_null() {
+    // An allocation the interposer forwards (size 0; a stream capturing a graph) to a real
+    // function the loaded runtime lacks (this runtime has no cudaMallocAsync_ptsz) fails
+    // with cudaErrorSharedObjectSymbolNotFound. As every other failed allocation, it leaves
+    // the output pointer NULL, never the caller's previous value.
+    let Some(b) = built() else { return };
+    let r = run(b, "forwarded-allocation-without-real-function", true, &[]);
+    r.expect(&[
+        ("rc_malloc_ptsz_zero", 302),
+        ("zero_is_null", 1),
+        ("rc_stream_create", 0),
+        ("rc_malloc_ptsz_capturing", 302),
+        ("capturing_is_null", 1),
+        ("done", 1),
+    ]);
+}

@@ -8,7 +8,8 @@
 //        fork-before-start | fork-during-notice | released-double-free |
 //        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
-//        per-thread-alloc-during-capture | large-allocation-that-fits
+//        per-thread-alloc-during-capture | large-allocation-that-fits |
+//        forwarded-allocation-without-real-function
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -842,6 +843,29 @@ static int scenario_large_allocation_that_fits() {
     return 0;
 }
 
+// Allocations the interposer forwards to a runtime function this runtime lacks
+// (cudaMallocAsync_ptsz): a zero-size request, and one on a stream capturing a graph. Each
+// fails with cudaErrorSharedObjectSymbolNotFound; the output pointer starts non-NULL, and a
+// failed allocation leaves it NULL, as every other failed allocation does.
+static int scenario_forwarded_allocation_without_real_function() {
+    malloc_async_fn malloc_ptsz =
+        reinterpret_cast<malloc_async_fn>(dlsym(RTLD_DEFAULT, "cudaMallocAsync_ptsz"));
+    if (malloc_ptsz == nullptr) return 3;
+    void* z = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc_ptsz_zero", malloc_ptsz(&z, 0, nullptr));
+    out("zero_is_null", z == nullptr);
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    fake_cudart_set_capturing(s, 1);
+    void* c = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc_ptsz_capturing", malloc_ptsz(&c, 4096, s));
+    out("capturing_is_null", c == nullptr);
+    fake_cudart_set_capturing(s, 0);
+    cudaStreamDestroy(s);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -863,6 +887,8 @@ int main(int argc, char** argv) {
         return scenario_large_allocation_that_fits();
     if (std::strcmp(which, "per-thread-alloc-during-capture") == 0)
         return scenario_per_thread_alloc_during_capture();
+    if (std::strcmp(which, "forwarded-allocation-without-real-function") == 0)
+        return scenario_forwarded_allocation_without_real_function();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
