@@ -2248,33 +2248,48 @@ fn bare_underscores_at_word_edges(line: &str) -> Vec<usize> {
 /// `\u{3164}`: the underscores of `\u{3164}_node_\u{3164}` would render `node` emphasised.
 #[test]
 fn an_underscore_beside_an_escaped_character_opens_no_emphasis() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, files) = crafted_log(&tmp, 3);
-    forge_from(&files, 0, 1, None, |m| {
-        set(m, serde_json::json!({"host": "\u{3164}_node_\u{3164}"}))
-    });
-    forge_from(&files, 0, 3, None, |m| {
-        set(
-            m,
-            serde_json::json!({"kind": "policy_violation", "policy": "x",
-                               "detail": "\u{FFA0}_all clean_\u{FFA0}"}),
-        )
-    });
-    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
-    assert_eq!(md.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&md.stdout);
-    for needle in ["node", "all clean"] {
-        let row = text
-            .lines()
-            .find(|l| l.starts_with('|') && l.contains(needle))
-            .unwrap_or_else(|| panic!("no row shows {needle:?}: {text}"));
-        let at = bare_underscores_at_word_edges(row);
+    for (needle, row) in rows_between('\u{3164}', '\u{FFA0}') {
+        let at = bare_underscores_at_word_edges(&row);
         assert!(
             at.is_empty(),
             "the row {row:?} holds underscores at a word's edge, unescaped (characters {at:?}): \
              they render {needle:?} emphasised"
         );
     }
+}
+
+/// The evidence report's table rows of a log whose host is `host_edge` + `_node_` +
+/// `host_edge` and one of whose records is a policy violation of detail `detail_edge` +
+/// `_all clean_` + `detail_edge`: each row with the text it shows between the edges.
+fn rows_between(host_edge: char, detail_edge: char) -> Vec<(&'static str, String)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 1, None, |m| {
+        set(
+            m,
+            serde_json::json!({"host": format!("{host_edge}_node_{host_edge}")}),
+        )
+    });
+    forge_from(&files, 0, 3, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "policy_violation", "policy": "x",
+                               "detail": format!("{detail_edge}_all clean_{detail_edge}")}),
+        )
+    });
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    assert_eq!(md.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&md.stdout);
+    ["node", "all clean"]
+        .into_iter()
+        .map(|needle| {
+            let row = text
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(needle))
+                .unwrap_or_else(|| panic!("no row shows {needle:?}: {text}"));
+            (needle, row.to_string())
+        })
+        .collect()
 }
 
 /// An underscore in a table cell is left bare only where CommonMark cannot make emphasis of
@@ -2286,26 +2301,7 @@ fn an_underscore_beside_an_escaped_character_opens_no_emphasis() {
 /// exceptions' detail alike.
 #[test]
 fn an_underscore_beside_a_symbol_that_is_alphabetic_opens_no_emphasis() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, files) = crafted_log(&tmp, 3);
-    forge_from(&files, 0, 1, None, |m| {
-        set(m, serde_json::json!({"host": "\u{24B6}_node_\u{24B6}"}))
-    });
-    forge_from(&files, 0, 3, None, |m| {
-        set(
-            m,
-            serde_json::json!({"kind": "policy_violation", "policy": "x",
-                               "detail": "\u{24B6}_all clean_\u{24B6}"}),
-        )
-    });
-    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
-    assert_eq!(md.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&md.stdout);
-    for needle in ["node", "all clean"] {
-        let row = text
-            .lines()
-            .find(|l| l.starts_with('|') && l.contains(needle))
-            .unwrap_or_else(|| panic!("no row shows {needle:?}: {text}"));
+    for (needle, row) in rows_between('\u{24B6}', '\u{24B6}') {
         let escaped = format!("\u{24B6}\\_{needle}\\_\u{24B6}");
         assert!(
             row.contains(&escaped),

@@ -820,10 +820,7 @@ fn a_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
         fs::write(p, vec![b'k'; 70 * 1024]).unwrap();
         fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = hmac_key_refusal(&hmac);
     assert!(
         err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("mode 0644"),
         "a 70 KiB KVH_HMAC_KEY_FILE of mode 0644: {err}"
@@ -836,20 +833,35 @@ fn a_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
         err.contains("mode 0644"),
         "a 70 KiB signing key file of mode 0644: {err}"
     );
+    refused_for_its_owner_as_root(&hmac);
+}
+
+/// Why `p`, as `KVH_HMAC_KEY_FILE`, is refused (it must be).
+fn hmac_key_refusal(p: &std::path::Path) -> String {
+    kvhygiene::forensic::keys::load_secret(Some(p))
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+/// As root: `p`, made 0600 and given to uid 4242, is refused as the writer's key file for its
+/// owner (whatever else is wrong with it).
+fn refused_for_its_owner_as_root(p: &std::path::Path) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped the owner check: changing a file's owner needs root");
         return;
     }
-    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::chown(&hmac, Some(4242), None).unwrap();
-    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
+    fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(p, Some(4242), None).unwrap();
+    let err = kvhygiene::forensic::keys::read_key_file(p)
         .err()
         .unwrap()
         .to_string();
     assert!(
         err.contains("owned by uid 4242"),
-        "a 70 KiB key file of uid 4242: {err}"
+        "a 70 KiB key file {} of uid 4242: {err}",
+        p.display()
     );
 }
 
@@ -864,29 +876,12 @@ fn a_pub_key_file_too_large_and_readable_by_others_is_refused_for_its_mode() {
     let hmac = tmp.path().join("hmac.pub");
     fs::write(&hmac, vec![b'k'; 70 * 1024]).unwrap();
     fs::set_permissions(&hmac, fs::Permissions::from_mode(0o644)).unwrap();
-    let err = kvhygiene::forensic::keys::load_secret(Some(&hmac))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = hmac_key_refusal(&hmac);
     assert!(
         err.contains("KVH_HMAC_KEY_FILE: ") && err.contains("mode 0644"),
         "a 70 KiB KVH_HMAC_KEY_FILE named hmac.pub of mode 0644: {err}"
     );
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped the owner check: changing a file's owner needs root");
-        return;
-    }
-    fs::set_permissions(&hmac, fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::chown(&hmac, Some(4242), None).unwrap();
-    let err = kvhygiene::forensic::keys::read_key_file(&hmac)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("owned by uid 4242"),
-        "a 70 KiB key file hmac.pub of uid 4242: {err}"
-    );
+    refused_for_its_owner_as_root(&hmac);
 }
 
 /// `kvh keygen`'s public key given as the writer's HMAC key file is refused as the public key
