@@ -102,6 +102,13 @@ fn keyed() -> Keyed {
 }
 
 impl Keyed {
+    /// `--key-file` and `extra`: the arguments of a `verify-log` of this log.
+    fn keyed<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["--key-file", self.key.to_str().unwrap()];
+        v.extend_from_slice(extra);
+        v
+    }
+
     fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut v = vec![
             "--key-file",
@@ -344,12 +351,7 @@ fn tampering_evidence_outside_the_chains_stops_the_tail() {
     for f in chain_files(&k.dir) {
         std::fs::remove_file(f).unwrap();
     }
-    let keys = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--public-key",
-        &public,
-    ];
+    let keys = k.keyed(&["--public-key", &public]);
     assert_eq!(
         verify_log(&k.dir, &keys),
         Some(1),
@@ -1382,13 +1384,7 @@ fn a_state_file_in_an_append_only_directory_is_refused_before_any_record_is_pass
         return;
     }
     let state = states.join("tail.json");
-    let args = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--state",
-        state.to_str().unwrap(),
-        "--from-start",
-    ];
+    let args = k.keyed(&["--state", state.to_str().unwrap(), "--from-start"]);
     let first = tail_once(&k.dir, &args);
     let second = tail_once(&k.dir, &args);
     let left: Vec<_> = std::fs::read_dir(&states).unwrap().collect();
@@ -1413,13 +1409,7 @@ fn a_state_file_in_a_missing_directory_is_refused_before_any_record_is_passed_on
     let k = keyed();
     write_log(&cfg(&k.dir, 4096), 5, true);
     let state = k.state.with_file_name("missing").join("tail.json");
-    let args = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--state",
-        state.to_str().unwrap(),
-        "--from-start",
-    ];
+    let args = k.keyed(&["--state", state.to_str().unwrap(), "--from-start"]);
     let first = tail_once(&k.dir, &args);
     let err = String::from_utf8_lossy(&first.stderr);
     assert_eq!(first.status.code(), Some(2), "{err}");
@@ -1593,6 +1583,18 @@ fn chain_of_first_file(file: &Path) -> String {
 }
 
 /// Exit status and stdout of `kvh verify-log DIR ARGS...`.
+/// `kvh verify-log DIR ARGS` finds the log tampered (exit 1), for `reason` when given.
+fn rejected_by_verify_log(dir: &Path, args: &[&str], reason: Option<&str>) {
+    let (code, report) = verify_report(dir, args);
+    assert_eq!(code, Some(1), "{report}");
+    if let Some(reason) = reason {
+        assert!(
+            report.contains(reason),
+            "a whole verification does not reject the log for {reason:?}: {report}"
+        );
+    }
+}
+
 fn verify_report(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = kvh()
         .arg("verify-log")
@@ -1862,17 +1864,11 @@ fn between_whole_verifications_records_at_odds_with_the_signed_checkpoint_are_no
     std::fs::copy(&st.ckpt, &staged_ckpt).unwrap();
     std::fs::rename(&staged_ckpt, &st.ckpt_in_log).unwrap();
     st.append(&forged);
-    let whole = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--public-key",
-        public,
-    ];
-    let (code, report) = verify_report(&k.dir, &whole);
-    assert_eq!(code, Some(1), "{report}");
-    assert!(
-        report.contains("record differs from the signed checkpoint"),
-        "a whole verification rejects the records appended: {report}"
+    let whole = k.keyed(&["--public-key", public]);
+    rejected_by_verify_log(
+        &k.dir,
+        &whole,
+        Some("record differs from the signed checkpoint"),
     );
 
     first_line_is_tampering(
@@ -2033,12 +2029,7 @@ fn between_whole_verifications_a_checkpoint_signed_by_another_pinned_key_is_caug
     st.append(&forged);
     let mut whole = vec!["--key-file", k.key.to_str().unwrap()];
     whole.extend_from_slice(&both);
-    let (code, report) = verify_report(&k.dir, &whole);
-    assert_eq!(code, Some(1), "{report}");
-    assert!(
-        report.contains("re-signed with another key"),
-        "a whole verification rejects the records appended: {report}"
-    );
+    rejected_by_verify_log(&k.dir, &whole, Some("re-signed with another key"));
 
     first_line_is_tampering(
         &mut tail,
@@ -2067,9 +2058,11 @@ fn between_whole_verifications_an_empty_file_after_a_gap_is_caught() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{report}");
-    assert!(report.contains("file index jumps"), "{report}");
+    rejected_by_verify_log(
+        &k.dir,
+        &["--key-file", k.key.to_str().unwrap()],
+        Some("file index jumps"),
+    );
     emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
@@ -2144,13 +2137,7 @@ fn between_whole_verifications_the_checkpoint_of_a_chain_moved_whole_deleted_is_
     );
 
     std::fs::remove_file(&ended_ckpt).unwrap();
-    let whole = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--allow-pruned",
-        "--public-key",
-        &public,
-    ];
+    let whole = k.keyed(&["--allow-pruned", "--public-key", &public]);
     assert_eq!(
         verify_log(&k.dir, &whole),
         Some(1),
@@ -2190,8 +2177,7 @@ fn between_whole_verifications_a_file_planted_beside_a_chain_without_records_is_
     let planted = k.dir.join(kvhygiene::forensic::files::file_name(dead, 1));
     std::fs::write(&planted, b"").unwrap();
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{report}");
+    rejected_by_verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()], None);
     emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
@@ -2231,12 +2217,7 @@ fn between_whole_verifications_a_checkpoint_of_a_chain_without_records_is_caught
     let cut = k.dir.join(file.file_name().unwrap());
     std::fs::write(&cut, b"").unwrap();
     std::fs::set_permissions(&cut, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let whole = [
-        "--key-file",
-        k.key.to_str().unwrap(),
-        "--public-key",
-        &public,
-    ];
+    let whole = k.keyed(&["--public-key", &public]);
     assert_eq!(
         verify_log(&k.dir, &whole),
         Some(0),
@@ -2251,8 +2232,7 @@ fn between_whole_verifications_a_checkpoint_of_a_chain_without_records_is_caught
     let ckpt_in_log = k.dir.join(ckpt.file_name().unwrap());
     std::fs::copy(&ckpt, &ckpt_in_log).unwrap();
     std::fs::set_permissions(&ckpt_in_log, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, report) = verify_report(&k.dir, &whole);
-    assert_eq!(code, Some(1), "{report}");
+    rejected_by_verify_log(&k.dir, &whole, None);
     emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
@@ -2278,8 +2258,7 @@ fn between_whole_verifications_a_manifest_of_an_unknown_chain_is_caught() {
     let planted = kvhygiene::forensic::prune::manifest_path(&k.dir, "p999999-t1");
     std::fs::write(&planted, b"{}\n").unwrap();
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, report) = verify_report(&k.dir, &["--key-file", k.key.to_str().unwrap()]);
-    assert_eq!(code, Some(1), "{report}");
+    rejected_by_verify_log(&k.dir, &["--key-file", k.key.to_str().unwrap()], None);
     emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,
@@ -2309,11 +2288,11 @@ fn between_whole_verifications_a_manifest_of_an_ended_chain_is_caught() {
     let planted = kvhygiene::forensic::prune::manifest_path(&k.dir, &ended);
     std::fs::write(&planted, b"{}\n").unwrap();
     std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, report) = verify_report(
+    rejected_by_verify_log(
         &k.dir,
         &["--key-file", k.key.to_str().unwrap(), "--allow-pruned"],
+        None,
     );
-    assert_eq!(code, Some(1), "{report}");
     emit(&log, 1..4);
     first_line_is_tampering(
         &mut tail,

@@ -902,6 +902,24 @@ fn checkpoint_seqs(dir: &Path, extra: Option<&Path>) -> BTreeMap<String, Vec<Fou
     out
 }
 
+/// `kvh prune-log DIR --archive-dir ARCHIVE --older-than 0` with `opts`, for the tests of the
+/// modules that read pruned logs.
+#[cfg(test)]
+pub(crate) fn prune_now(dir: &Path, archive: &Path, opts: &VerifyOptions) -> PruneRun {
+    prune_all(
+        &PruneRequest {
+            dir,
+            archive,
+            older_than_days: 0,
+            dry_run: false,
+            opts,
+            checkpoint_place: None,
+        },
+        |_| {},
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

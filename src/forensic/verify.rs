@@ -1907,7 +1907,6 @@ mod relist_tests {
     //! listed: such a chain is verified again from a new listing, not reported as tampered.
     use super::*;
     use crate::config::{Config, LogConfig};
-    use crate::forensic::prune::{prune_all, PruneRequest};
     use crate::forensic::{ForensicLog, StartInfo};
     use std::os::unix::fs::PermissionsExt;
 
@@ -1953,18 +1952,7 @@ mod relist_tests {
     }
 
     fn prune(dir: &Path, archive: &Path, opts: &VerifyOptions) {
-        let run = prune_all(
-            &PruneRequest {
-                dir,
-                archive,
-                older_than_days: 0,
-                dry_run: false,
-                opts,
-                checkpoint_place: None,
-            },
-            |_| {},
-        )
-        .unwrap();
+        let run = crate::forensic::prune::prune_now(dir, archive, opts);
         assert!(run.refused.is_empty(), "{:?}", run.refused);
         assert!(!run.moved.is_empty(), "prune-log moved nothing");
     }

@@ -1341,19 +1341,7 @@ mod tests {
 
     /// `kvh prune-log --older-than 0` over `TMP/log` into `TMP/archive`.
     fn prune_now(tmp: &std::path::Path, opts: &VerifyOptions) {
-        use crate::forensic::prune::{prune_all, PruneRequest};
-        prune_all(
-            &PruneRequest {
-                dir: &tmp.join("log"),
-                archive: &tmp.join("archive"),
-                older_than_days: 0,
-                dry_run: false,
-                opts,
-                checkpoint_place: None,
-            },
-            |_| {},
-        )
-        .unwrap();
+        crate::forensic::prune::prune_now(&tmp.join("log"), &tmp.join("archive"), opts);
     }
 
     /// `prune-log` (a nightly job) runs while a pass is under way, after its verification and
