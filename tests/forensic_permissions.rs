@@ -917,3 +917,35 @@ fn a_keygen_public_key_with_crlf_or_a_blank_line_is_refused_as_a_public_key_by_t
         }
     }
 }
+
+/// Whether a `.pub` file of 64 hex digits is taken for `kvh keygen`'s public key does not
+/// depend on the digits: an HMAC secret written as hex into such a file is refused by the
+/// writer for every key, also the keys whose digits are no Ed25519 point (about half of
+/// them), so a secret that loaded once does not fail on the next rotation.
+#[test]
+fn a_hex_secret_in_a_pub_file_is_refused_whatever_its_digits() {
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("hmac.pub");
+    let mut points = [0usize; 2];
+    for i in 0u32..16 {
+        let digits: [u8; 32] = Sha256::digest(i.to_le_bytes()).into();
+        let is_point = ed25519_dalek::VerifyingKey::from_bytes(&digits).is_ok();
+        points[usize::from(is_point)] += 1;
+        let hex: String = digits.iter().map(|b| format!("{b:02x}")).collect();
+        fs::write(&p, format!("{hex}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = match kvhygiene::forensic::keys::load_secret(Some(&p)) {
+            Ok(_) => panic!("hex secret {i} (an Ed25519 point: {is_point}) in hmac.pub loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("kvh keygen's public key") && err.contains("must be named otherwise"),
+            "hex secret {i} (an Ed25519 point: {is_point}) in hmac.pub: {err}"
+        );
+    }
+    assert!(
+        points[0] > 0 && points[1] > 0,
+        "the digits tried cover both points and non-points: {points:?}"
+    );
+}

@@ -434,6 +434,11 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
 /// for `--key-file` (the two options swapped) would report every record as forged; a writer
 /// would seal with a key everyone may read. Told from the file alone: refused before the log
 /// is read or written.
+///
+/// The name and the 64 hex digits decide, not whether the digits are a valid Ed25519 point:
+/// about half of all random 32-byte strings are, so a point check would refuse an HMAC secret
+/// that happens to sit in a `.pub` file on one key and accept it on the next. One rule for
+/// every key: a secret must not be named `*.pub`.
 pub fn is_keygen_public_key(p: &Path, secret: &[u8]) -> bool {
     if p.extension().is_none_or(|e| e != "pub") {
         return false;
@@ -441,15 +446,15 @@ pub fn is_keygen_public_key(p: &Path, secret: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(secret) else {
         return false;
     };
-    super::record::parse_hash(text.trim_end())
-        .is_some_and(|bytes| VerifyingKey::from_bytes(&bytes).is_ok())
+    super::record::parse_hash(text.trim_end()).is_some()
 }
 
 /// The message for a public key given as an HMAC secret ([`is_keygen_public_key`]).
 pub fn public_key_as_secret(p: &Path) -> String {
     format!(
         "{}: kvh keygen's public key (for --public-key), not an HMAC secret (the file \
-         KVH_HMAC_KEY_FILE names)",
+         KVH_HMAC_KEY_FILE names): a .pub file of 64 hex digits is taken for a public key; \
+         an HMAC secret must be named otherwise",
         p.display()
     )
 }
