@@ -283,25 +283,135 @@ def _maybe_handed_over(blocks: dict, ids, owner: tuple) -> None:
             blocks[i] = blocks.get(i, frozenset()) | {owner}
 
 
+def _region_spans(layout: KvLayout) -> list:
+    """The bytes ``layout``'s regions span, ``[(start, end), ...]`` from each base to the end
+    of its last block, sorted and merged (as the library's ledger compares caches)."""
+    extent = (layout.blocks_per_region - 1) * layout.block_stride + layout.block_bytes
+    merged: list = []
+    for start, end in sorted((base, base + extent) for base in layout.regions):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _spans_meet(a: list, b: list) -> bool:
+    """Whether two sorted, merged span lists share a byte: one sweep."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
+            return True
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return False
+
+
+def _block_families(layouts: dict) -> dict:
+    """``{cache key: (family, regular)}`` for the distinct ``layouts`` (``{cache key:
+    layout}``). Layouts whose regions' bytes meet on one device are one family: views of one
+    memory, as KV cache groups laid over shared cache tensors are (vLLM's hybrid allocator
+    shares each tensor among one layer of every group, and a group with fewer layers names a
+    subset of the others' tensors). A family is regular when its layouts share one block
+    geometry and their regions meet only where they start at one base: a block id then names
+    the same bytes in every region two layouts share, and ``(family, id)`` stands for it. The
+    key joins groups whose tensors are linked only through a third group; they draw their
+    block ids from one pool, so one id given to two requests there is refused too. In any
+    other family, blocks are compared by the bytes they span."""
+    keys = list(layouts)
+    spans = [_region_spans(layouts[k]) for k in keys]
+    family = list(range(len(keys)))
+
+    def root(x: int) -> int:
+        while family[x] != x:
+            family[x] = family[family[x]]
+            x = family[x]
+        return x
+
+    for a in range(len(keys)):
+        for b in range(a + 1, len(keys)):
+            same_device = layouts[keys[a]].device == layouts[keys[b]].device
+            if same_device and _spans_meet(spans[a], spans[b]):
+                family[root(b)] = root(a)
+    members: dict = {}
+    for i in range(len(keys)):
+        members.setdefault(root(i), []).append(layouts[keys[i]])
+    regular = {r: len(m) == 1 or _one_geometry_at_shared_bases(m) for r, m in members.items()}
+    return {k: (root(i), regular[root(i)]) for i, k in enumerate(keys)}
+
+
+def _one_geometry_at_shared_bases(members: list) -> bool:
+    """Whether ``members`` (layouts of one family) share their block geometry and no two of
+    their distinct regions meet (regions meet only at one base)."""
+    if len({(m.block_bytes, m.block_stride) for m in members}) > 1:
+        return False
+    ends: dict = {}
+    for m in members:
+        extent = (m.blocks_per_region - 1) * m.block_stride + m.block_bytes
+        for base in m.regions:
+            ends[base] = max(ends.get(base, base), base + extent)
+    last_end = None
+    for base in sorted(ends):
+        if last_end is not None and base < last_end:
+            return False
+        last_end = ends[base]
+    return True
+
+
 def _shared_in_step(claimed: dict, layouts) -> dict:
     """``{req_id: [ids per group]}`` of the blocks the step gives, as new, to more than one
     request: requests that would run in the same forward pass on one block, each writing its
     keys and values into it and reading the other's. No scrub can separate them. A block is
-    its cache and id: groups that share one cache (one layout) share its blocks."""
+    the memory it spans: groups that share a cache (one layout), or whose layouts share some
+    of their cache tensors, share its blocks (:func:`_block_families`)."""
+    per_request = {req_id: _per_group(layouts, len(groups), "layouts") for req_id, groups in claimed.items()}
+    distinct = {_cache_key(layout): layout for layouts_ in per_request.values() for layout in layouts_}
+    families = _block_families(distinct)
     holders: dict = {}
+    spans: dict = {}
     for req_id, groups in claimed.items():
-        layouts_ = _per_group(layouts, len(groups), "layouts")
-        for g, (layout, ids) in enumerate(zip(layouts_, groups)):
-            key = _cache_key(layout)
-            for i in ids:
-                holders.setdefault((key, i), set()).add((req_id, g))
+        for g, (layout, ids) in enumerate(zip(per_request[req_id], groups)):
+            family, regular = families[_cache_key(layout)]
+            if regular:
+                for i in ids:
+                    holders.setdefault((family, i), set()).add((req_id, g, i))
+            else:
+                spans.setdefault(family, []).extend(_block_spans(layout, ids, req_id, g))
     shared: dict = {}
-    for (_, i), holding in holders.items():
-        if len({req_id for req_id, _ in holding}) > 1:
-            for req_id, g in holding:
+
+    def mark(holding) -> None:
+        if len({req_id for req_id, _, _ in holding}) > 1:
+            for req_id, g, i in holding:
                 per_group = shared.setdefault(req_id, [[] for _ in claimed[req_id]])
-                per_group[g].append(i)
+                if i not in per_group[g]:
+                    per_group[g].append(i)
+
+    for holding in holders.values():
+        mark(holding)
+    for blocks in spans.values():
+        for holding in _meeting_spans(blocks):
+            mark(holding)
     return shared
+
+
+def _block_spans(layout: KvLayout, ids, req_id, g) -> list:
+    """``[(start, end, (req_id, g, id)), ...]``: the bytes each of ``ids`` spans, per region."""
+    stride, size = layout.block_stride, layout.block_bytes
+    return [(base + i * stride, base + i * stride + size, (req_id, g, i)) for i in ids for base in layout.regions]
+
+
+def _meeting_spans(blocks: list):
+    """For each block span of ``blocks`` that meets a span of another request, the holders of
+    the two: one sweep over the spans sorted by start, keeping those still open."""
+    open_: list = []
+    for start, end, holder in sorted(blocks, key=operator.itemgetter(0, 1)):
+        open_ = [o for o in open_ if o[0] > start]
+        for o_end, o_holder in open_:
+            if o_holder[0] != holder[0]:
+                yield (o_holder, holder)
+        open_.append((end, holder))
 
 
 #: The reason :func:`claim_scheduled` gives the library for a block shared in one step.
@@ -331,8 +441,9 @@ def claim_scheduled(
     must not run on its blocks. Another error (:class:`kvhygiene.KvhError`: the claim did not
     finish) is raised at once.
 
-    A block the step gives as new to two requests (in one KV cache group, or in two groups of
-    one cache) is claimed for neither: both are refused (code 7022, ``KVH_ERR_KV_TAKEN``),
+    A block the step gives as new to two requests (in one KV cache group, or in two groups
+    whose layouts share its memory: one cache, or some of the same cache tensors) is claimed
+    for neither: both are refused (code 7022, ``KVH_ERR_KV_TAKEN``),
     since in one forward pass each would read what the other writes (recorded through
     :func:`kvhygiene.refuse_blocks`, a ``policy_violation`` record). A block that may last
     have been handed over here under the same ids (a request that took the id of one that

@@ -696,3 +696,65 @@ with kvhygiene.context(model_id="llama-70b"):
     mine = [r for r in records if r.get("request_id") == "a"]
     assert mine, f"no record of request a; kinds written: {sorted({r['kind'] for r in records})}"
     assert all(r.get("model_id") == "llama-70b" for r in mine), mine
+
+
+def test_a_block_given_to_two_requests_in_two_kv_cache_groups_whose_layouts_share_a_tensor_is_refused(cache):
+    # vLLM's hybrid allocator lays one set of cache tensors under every KV cache group, each
+    # tensor shared by one layer of each group; a group with fewer layers than the others
+    # (a full-attention group beside sliding-window ones) has layers on only some of the
+    # tensors, so its layout names a subset of the other group's regions. A block id names
+    # the same memory in both groups wherever their regions meet: block 3 given as new to a
+    # (group 0: region 0 only) and to b (group 1: regions 0 and 1) in one step is one block
+    # written by two requests in one forward pass, and is claimed for neither.
+    fewer_layers = kvhygiene.KvLayout([cache.regions[0]], BLOCK_BYTES, BLOCKS)
+    s = NS(
+        scheduled_new_reqs=[
+            NS(req_id="a", block_ids=([3], []), num_computed_tokens=0),
+            NS(req_id="b", block_ids=([], [3]), num_computed_tokens=0),
+        ],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    error = None
+    try:
+        claim_scheduled(s, [fewer_layers, cache], BLOCK_TOKENS)
+    except kvhygiene.ClaimRefusedError as e:
+        error = e
+    assert error is not None, "block 3 of one cache tensor was claimed for both a and b in one step"
+    assert error.refused_requests == {"a": [[3], []], "b": [[], [3]]}, error.refused_requests
+
+
+def _two_groups_step(a_ids, b_ids):
+    """A step that gives request a ``a_ids`` in group 0 and request b ``b_ids`` in group 1."""
+    return NS(
+        scheduled_new_reqs=[
+            NS(req_id="a", block_ids=(a_ids, []), num_computed_tokens=0),
+            NS(req_id="b", block_ids=([], b_ids), num_computed_tokens=0),
+        ],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+
+
+def test_blocks_of_two_groups_with_other_block_sizes_over_one_tensor_are_compared_by_their_bytes(cache):
+    # Group 0 cuts region 0 in blocks of half the size: its block 6 is the first half of the
+    # cache's block 3, and its block 1 lies inside the cache's block 0. a is given half-block
+    # 6 and b block 3 (the same bytes): both refused; half-block 1 to a and block 5 to b meet
+    # nowhere and are claimed.
+    halves = kvhygiene.KvLayout([cache.regions[0]], BLOCK_BYTES // 2, 2 * BLOCKS)
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(_two_groups_step([6, 1], [3, 5]), [halves, cache], BLOCK_TOKENS)
+    assert refused.value.refused_requests == {"a": [[6], []], "b": [[], [3]]}
+
+
+def test_the_same_block_id_of_two_caches_in_separate_memory_goes_to_two_requests(cache):
+    # Two groups over two caches that share no byte: block 3 of each is another block, and
+    # both requests get theirs.
+    lib = kvhygiene.load()
+    size = BLOCKS * BLOCK_BYTES
+    p = lib.kvh_malloc(size, 0, None)
+    try:
+        other = kvhygiene.KvLayout([p], BLOCK_BYTES, BLOCKS)
+        claimed = claim_scheduled(_two_groups_step([3], [3]), [cache, other], BLOCK_TOKENS)
+        assert claimed == {"a": [[3], []], "b": [[], [3]]}, claimed
+    finally:
+        lib.kvh_free(p, size, 0, None)
+        kvhygiene.synchronize()
