@@ -14,6 +14,13 @@ reuse takes::
     # in the model runner, before the step's forward pass:
     claim_scheduled(scheduler_output, layouts, block_sizes=[16])
 
+KV cache groups whose layers share cache tensors (vLLM's hybrid allocator lays one set of
+tensors under every group, from one block pool) are best given one layout, over all the
+tensors they share: a block id is then one block of one ledger in the library. Layouts that
+name only some of the shared tensors each work, and a block given to two requests through
+two of them is still refused, but the library keeps one ledger per layout and a claim through
+one drops the other's, so every claim then scrubs its blocks again.
+
 Which blocks are new, read from ``SchedulerOutput`` as vLLM v1 defines it (``scheduled_new_reqs``
 of ``NewRequestData`` with ``req_id``, ``block_ids`` (one list per KV cache group) and
 ``num_computed_tokens``; ``scheduled_cached_reqs``, a ``CachedRequestData`` with ``req_ids``,
