@@ -3,6 +3,9 @@
 
 mod forensic_common;
 
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
 use forensic_common::*;
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::ForensicLog;
@@ -826,4 +829,88 @@ fn a_checkpoint_due_while_the_active_file_is_gone_loses_no_record() {
         "no record was emitted after the removal was seen, yet records were counted lost: \
          {s:?}"
     );
+}
+
+/// Whether some process holds a `flock` on the file with inode `ino` (from /proc/locks,
+/// which is read without taking or disturbing any lock).
+fn flocked(ino: u64) -> bool {
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let ino = ino.to_string();
+    text.lines().any(|l| {
+        l.contains("FLOCK")
+            && l.split_whitespace()
+                .nth(5)
+                .and_then(|f| f.rsplit(':').next())
+                .is_some_and(|i| i == ino)
+    })
+}
+
+/// A chain whose writer died (its `stop` record removed) is taken over at open by crash
+/// recovery, which locks its newest file and then reads and hashes it whole. When that file
+/// is removed from the directory while recovery reads it (a cleanup, someone erasing
+/// evidence), the records of the new run would go into a file no reader can open. As for a
+/// file removed while the log runs (docs/forensic-log.md, "Write errors"), the writer sees
+/// within about a second that the directory no longer names its active file: it counts a
+/// write error and goes on in the chain's next file (or counts its records lost). The
+/// records of the new run are in the directory, or counted lost; none is counted written
+/// into the removed file unseen.
+#[test]
+fn a_chain_file_removed_while_recovery_takes_it_over_is_seen_as_gone() {
+    for attempt in 0..10 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let c = cfg(&dir, 1 << 30);
+        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+        // A large record: recovery spends a while reading and hashing the file.
+        log.record_summary(serde_json::json!({"pad": "x".repeat(8 << 20)}));
+        log.emit(event(1));
+        log.flush();
+        let chain = log.stats().chain.unwrap();
+        log.stop();
+        let file = chain_files(&dir)[0].clone();
+        let mut lines = read_lines(&file);
+        assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+        write_lines(&file, &lines);
+        let ino = std::fs::metadata(&file).unwrap().ino();
+        // Removes the file once recovery holds its lock (and has listed the directory again).
+        let remover = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !flocked(ino) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                std::fs::remove_file(&file).unwrap();
+            })
+        };
+        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+        remover.join().unwrap();
+        if log.stats().chain.as_deref() != Some(chain.as_str()) {
+            // The removal came before recovery chose the chain: a new chain, nothing to see.
+            log.stop();
+            continue;
+        }
+        for i in 0..3 {
+            log.emit(event(100 + i));
+        }
+        log.flush();
+        // Longer than the writer's once-a-second check of its active file.
+        std::thread::sleep(Duration::from_millis(1500));
+        log.emit(event(200));
+        log.stop();
+        let s = log.stats();
+        let in_dir = chain_files(&dir)
+            .iter()
+            .flat_map(|f| read_lines(f))
+            .any(|l| l.contains("req-200"));
+        assert!(
+            in_dir || s.records_lost > 0,
+            "attempt {attempt}: the active file was removed while recovery took it over; \
+             records counted written are in no file of the directory, none is counted lost \
+             and no write error was seen: {s:?}"
+        );
+        return;
+    }
+    panic!("recovery never took the chain over");
 }

@@ -101,8 +101,8 @@ pub(crate) struct ChainWriter {
     /// succeeded yet: writes to it fail, and their records are counted lost.
     file_gone: bool,
     /// Whether the directory's names can be checked against the active file: not where the
-    /// file just opened already looks gone (a file system whose inode numbers do not stay
-    /// put), which would otherwise rotate the file at every check.
+    /// file just opened, still linked, already differs from its name (a file system whose
+    /// inode numbers do not stay put), which would otherwise rotate the file at every check.
     check_files: bool,
     shared: Arc<Shared>,
 }
@@ -245,7 +245,7 @@ impl ChainWriter {
             check_files: true,
             shared,
         };
-        w.check_files = !w.file_missing(&files::file_name(&w.chain, w.index));
+        w.check_files = !w.name_names_another_file(&files::file_name(&w.chain, w.index));
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
@@ -416,6 +416,20 @@ impl ChainWriter {
         self.prev = self.committed_prev;
         // `rotate` clears `file_gone` when it succeeds.
         let _ = self.rotate(unix_nanos(SystemTime::now()));
+    }
+
+    /// Whether the active file, still linked, is not the file its name opens: the sign, just
+    /// after it was opened, of a file system whose inode numbers do not stay put. A file that
+    /// was removed (no link left, or its name gone) is not: it is what the checks are for,
+    /// and the first one moves the chain on (a removal while recovery took the file over).
+    fn name_names_another_file(&self, name: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self.file.metadata() {
+            Ok(own) if own.nlink() > 0 => {
+                matches!(self.log_dir.identity(name), Ok(id) if id != (own.dev(), own.ino()))
+            }
+            _ => false,
+        }
     }
 
     /// Whether the directory no longer names the active file: it has no link left, or its
