@@ -336,6 +336,50 @@ fn connections_beyond_the_limit_are_refused_at_once() {
     assert!(start.elapsed() < Duration::from_secs(10));
 }
 
+/// Connections that sent nothing for a second do not keep a new one out: with every slot held
+/// by idle connections (whose own deadline is far off), a liveness probe is served, and the
+/// oldest idle connection is the one closed for it; the younger one keeps its slot.
+#[test]
+fn a_new_connection_takes_the_slot_of_the_oldest_that_sent_nothing_for_a_second() {
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let (exporter, addr) = http_exporter(limits);
+    let mut oldest = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut younger = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        r.status, 200,
+        "the probe was kept out by idle connections: {}",
+        r.head
+    );
+    oldest
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let closed = matches!(std::io::Read::read(&mut oldest, &mut byte), Ok(0) | Err(_));
+    assert!(closed, "the oldest idle connection still holds its slot");
+    // The younger one was not closed: it is served when it sends its request.
+    younger.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    younger
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = read_reply(&mut younger);
+    assert_eq!(r.status, 200, "{}", r.head);
+    let rejected = parse(&exporter.render())
+        .unwrap()
+        .value("kvh_metrics_http_rejected_total", &[])
+        .unwrap();
+    assert_eq!(
+        rejected, 1.0,
+        "the closed idle connection is counted as refused"
+    );
+}
+
 /// Routes whose `/boom` panics.
 struct Panicking;
 

@@ -8,8 +8,13 @@
 //! fixed GET paths needs only a request line, so the whole server is this file.
 //!
 //! Limits ([`Limits`]): a request head larger than `max_request_bytes` gets 431; a request not
-//! complete within `request_timeout` gets 408; a connection beyond `max_connections` gets 503
-//! at once (and beyond twice that is closed unanswered). Connections are multiplexed without
+//! complete within `request_timeout` gets 408; a connection beyond `max_connections` takes the
+//! slot of the oldest one that has sent no whole request for [`STALL_GRACE`] (closed
+//! unanswered: a client that slow is stalling on purpose), and with none such gets 503 at once
+//! (beyond twice the limit it is closed unanswered). So clients that open connections and send
+//! nothing cannot keep a liveness probe of `/healthz` out for longer than a second; to hold
+//! every slot they must open new ones faster than `max_connections` a second. Connections are
+//! multiplexed without
 //! blocking, so a stalled client costs one slot until its deadline, not the server's
 //! attention; one pass accepts at most `max_connections` new ones, so a flood of connections
 //! cannot hold off the deadlines of those already open. Each connection carries one request
@@ -35,7 +40,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Time a client has to read the response.
     pub write_timeout: Duration,
-    /// Connections served at once; more are answered 503 and closed.
+    /// Connections served at once; more take the slot of one stalled for [`STALL_GRACE`], or
+    /// are answered 503 and closed.
     pub max_connections: usize,
 }
 
@@ -127,8 +133,9 @@ impl Server {
         self.addr
     }
 
-    /// Requests refused: too slow (408), too large (431), malformed (400), or over the
-    /// connection limit (503, or closed unanswered beyond twice the limit).
+    /// Requests refused: too slow (408, or closed unanswered when a new connection took the
+    /// slot of one that sent nothing for [`STALL_GRACE`]), too large (431), malformed (400),
+    /// or over the connection limit (503, or closed unanswered beyond twice the limit).
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -184,7 +191,13 @@ struct Conn {
     buf: Vec<u8>,
     state: State,
     deadline: Instant,
+    opened: Instant,
 }
+
+/// How long a connection may hold its slot without a whole request before a new connection,
+/// finding every slot taken, may take it. A scraper or a probe sends its request head in
+/// one packet as it connects; one still sending after a second is stalling.
+const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a draining connection may still discard.
 const DRAIN_BYTES: usize = 1 << 20;
@@ -366,14 +379,24 @@ impl Loop {
             return;
         }
         let _ = stream.set_nodelay(true);
+        let now = Instant::now();
         let mut conn = Conn {
             stream,
             buf: Vec::new(),
             state: State::Reading,
-            deadline: Instant::now() + self.limits.request_timeout,
+            deadline: now + self.limits.request_timeout,
+            opened: now,
         };
         let max = self.limits.max_connections;
         if self.conns.len() >= max {
+            if let Some(i) = self.oldest_stalled(now) {
+                // Its slot goes to the newcomer: closed at once, unanswered.
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                let stalled = self.conns.swap_remove(i);
+                let _ = stalled.stream.shutdown(Shutdown::Both);
+                self.conns.push(conn);
+                return;
+            }
             self.rejected.fetch_add(1, Ordering::Relaxed);
             if self.conns.len() >= max.saturating_mul(2) {
                 // Refusals are piling up too: close at once, unanswered.
@@ -386,6 +409,19 @@ impl Loop {
             respond(&mut conn, &r, false, self.limits);
         }
         self.conns.push(conn);
+    }
+
+    /// The oldest connection that has sent no whole request for [`STALL_GRACE`].
+    fn oldest_stalled(&self, now: Instant) -> Option<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                matches!(c.state, State::Reading)
+                    && now.saturating_duration_since(c.opened) >= STALL_GRACE
+            })
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(i, _)| i)
     }
 
     /// Advances connection `i`; returns (made progress, finished).
