@@ -290,135 +290,126 @@ def _maybe_handed_over(blocks: dict, ids, owner: tuple) -> None:
             blocks[i] = blocks.get(i, frozenset()) | {owner}
 
 
-def _region_spans(layout: KvLayout) -> list:
-    """The bytes ``layout``'s regions span, ``[(start, end), ...]`` from each base to the end
-    of its last block, sorted and merged (as the library's ledger compares caches)."""
-    extent = (layout.blocks_per_region - 1) * layout.block_stride + layout.block_bytes
-    merged: list = []
-    for start, end in sorted((base, base + extent) for base in layout.regions):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return merged
+def _extent(layout: KvLayout) -> int:
+    """The bytes one region of ``layout`` spans, from its base to the end of its last block."""
+    return (layout.blocks_per_region - 1) * layout.block_stride + layout.block_bytes
 
 
-def _spans_meet(a: list, b: list) -> bool:
-    """Whether two sorted, merged span lists share a byte: one sweep."""
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
-            return True
-        if a[i][1] <= b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return False
+#: Pair classes (:func:`_pair_classes`) of the last sets of layouts a step was compared over:
+#: a model runner passes the same layouts at every step.
+_MAX_REMEMBERED_LAYOUT_SETS = 64
+_pair_classes_lock = threading.Lock()
+_pair_classes_seen: "collections.OrderedDict[tuple, list]" = collections.OrderedDict()
 
 
-def _block_families(layouts: dict) -> dict:
-    """``{cache key: (family, regular)}`` for the distinct ``layouts`` (``{cache key:
-    layout}``). Layouts whose regions' bytes meet on one device are one family: views of one
-    memory, as KV cache groups laid over shared cache tensors are (vLLM's hybrid allocator
-    shares each tensor among one layer of every group, and a group with fewer layers names a
-    subset of the others' tensors). A family is regular when its layouts share one block
-    geometry and their regions meet only where they start at one base: a block id then names
-    the same bytes in every region two layouts share, and ``(family, id)`` stands for it. The
-    key joins groups whose tensors are linked only through a third group; they draw their
-    block ids from one pool, so one id given to two requests there is refused too. In any
-    other family, blocks are compared by the bytes they span."""
-    keys = list(layouts)
-    spans = [_region_spans(layouts[k]) for k in keys]
-    family = list(range(len(keys)))
+def _pair_classes(keys: tuple, layouts: list) -> list:
+    """``[(a, b, offset), ...]``: the classes of region pairs, one region of layout ``a`` and
+    one of layout ``b`` (indexes into ``layouts``, whose cache keys are ``keys``), that share
+    a byte on one device, ``b``'s region starting ``offset`` bytes after ``a``'s. Every pair
+    of a class maps block ids the same way (:func:`_meeting_ids`), so a step is compared once
+    per class, not once per region: one class when groups share cache tensors, two when one
+    group cuts a tensor into K and V halves that another cuts into whole pages. ``b`` is the
+    layout of the larger stride, whose ids a block of ``a`` meets fewest of. Found with one
+    sweep over the regions sorted by start, and remembered for the next step."""
+    with _pair_classes_lock:
+        found = _pair_classes_seen.get(keys)
+        if found is not None:
+            _pair_classes_seen.move_to_end(keys)
+            return found
+    regions = sorted(
+        (layout.device, base, base + _extent(layout), k) for k, layout in enumerate(layouts) for base in layout.regions
+    )
+    classes: set = set()
+    open_: list = []
+    for device, start, end, k in regions:
+        open_ = [o for o in open_ if o[0] == device and o[2] > start]
+        for _, other_start, _, other in open_:
+            if other == k:
+                continue
+            a, a_base, b, b_base = other, other_start, k, start
+            if (layouts[a].block_stride, a) > (layouts[b].block_stride, b):
+                a, a_base, b, b_base = b, b_base, a, a_base
+            classes.add((a, b, b_base - a_base))
+        open_.append((device, start, end, k))
+    found = sorted(classes)
+    with _pair_classes_lock:
+        _pair_classes_seen[keys] = found
+        if len(_pair_classes_seen) > _MAX_REMEMBERED_LAYOUT_SETS:
+            _pair_classes_seen.popitem(last=False)
+    return found
 
-    def root(x: int) -> int:
-        while family[x] != x:
-            family[x] = family[family[x]]
-            x = family[x]
-        return x
 
-    for a in range(len(keys)):
-        for b in range(a + 1, len(keys)):
-            same_device = layouts[keys[a]].device == layouts[keys[b]].device
-            if same_device and _spans_meet(spans[a], spans[b]):
-                family[root(b)] = root(a)
-    members: dict = {}
-    for i in range(len(keys)):
-        members.setdefault(root(i), []).append(layouts[keys[i]])
-    regular = {r: len(m) == 1 or _one_geometry_at_shared_bases(m) for r, m in members.items()}
-    return {k: (root(i), regular[root(i)]) for i, k in enumerate(keys)}
-
-
-def _one_geometry_at_shared_bases(members: list) -> bool:
-    """Whether ``members`` (layouts of one family) share their block geometry and no two of
-    their distinct regions meet (regions meet only at one base)."""
-    if len({(m.block_bytes, m.block_stride) for m in members}) > 1:
-        return False
-    ends: dict = {}
-    for m in members:
-        extent = (m.blocks_per_region - 1) * m.block_stride + m.block_bytes
-        for base in m.regions:
-            ends[base] = max(ends.get(base, base), base + extent)
-    last_end = None
-    for base in sorted(ends):
-        if last_end is not None and base < last_end:
-            return False
-        last_end = ends[base]
-    return True
+def _meeting_ids(i: int, a: KvLayout, b: KvLayout, offset: int) -> range:
+    """The ids of ``b``'s blocks that share a byte with block ``i`` of ``a``, in a region of
+    ``b`` starting ``offset`` bytes after a region of ``a``: block ``j`` spans ``[offset + j *
+    stride_b, + bytes_b)`` and meets ``[i * stride_a, + bytes_a)`` when each starts before the
+    other ends."""
+    low = i * a.block_stride - offset - b.block_bytes  # j * stride_b must exceed it
+    high = i * a.block_stride + a.block_bytes - offset  # j * stride_b must stay below it
+    if b.block_stride == 0:
+        # One block a region (a stride that places nothing more): block 0 alone.
+        return range(0, 1) if low < 0 < high else range(0)
+    first = low // b.block_stride + 1
+    last = -(-high // b.block_stride) - 1
+    return range(max(first, 0), min(last, b.blocks_per_region - 1) + 1)
 
 
 def _shared_in_step(claimed: dict, layouts) -> dict:
     """``{req_id: [ids per group]}`` of the blocks the step gives, as new, to more than one
     request: requests that would run in the same forward pass on one block, each writing its
     keys and values into it and reading the other's. No scrub can separate them. A block is
-    the memory it spans: groups that share a cache (one layout), or whose layouts share some
-    of their cache tensors, share its blocks (:func:`_block_families`)."""
+    the memory it spans: groups that share a cache (one layout), or whose layouts share some of
+    their cache tensors, or cut one tensor into blocks of other sizes, share the blocks whose
+    bytes meet. Linear in the step's blocks times the classes of meeting regions
+    (:func:`_pair_classes`), whatever the number of regions."""
     per_request = {req_id: _per_group(layouts, len(groups), "layouts") for req_id, groups in claimed.items()}
-    distinct = {_cache_key(layout): layout for layouts_ in per_request.values() for layout in layouts_}
-    families = _block_families(distinct)
-    holders: dict = {}
-    spans: dict = {}
+    # The layouts by object first (a runner passes the same ones for every request), then by
+    # cache: equal layouts passed as two objects are one.
+    index_of_key: dict = {}
+    index_of_object: dict = {}
+    distinct: list = []
+    for layouts_ in per_request.values():
+        for layout in layouts_:
+            if id(layout) not in index_of_object:
+                key = _cache_key(layout)
+                if key not in index_of_key:
+                    index_of_key[key] = len(distinct)
+                    distinct.append(layout)
+                index_of_object[id(layout)] = index_of_key[key]
+    # Who was given each id of each layout: ``holders[k][id] = [(req_id, group), ...]``.
+    holders: list = [{} for _ in distinct]
     for req_id, groups in claimed.items():
         for g, (layout, ids) in enumerate(zip(per_request[req_id], groups)):
-            family, regular = families[_cache_key(layout)]
-            if regular:
-                for i in ids:
-                    holders.setdefault((family, i), set()).add((req_id, g, i))
-            else:
-                spans.setdefault(family, []).extend(_block_spans(layout, ids, req_id, g))
-    shared: dict = {}
+            table = holders[index_of_object[id(layout)]]
+            for i in ids:
+                table.setdefault(i, []).append((req_id, g))
+    marked: dict = {}
 
-    def mark(holding) -> None:
-        if len({req_id for req_id, _, _ in holding}) > 1:
-            for req_id, g, i in holding:
-                per_group = shared.setdefault(req_id, [[] for _ in claimed[req_id]])
-                if i not in per_group[g]:
-                    per_group[g].append(i)
+    def meet(a_holders, i, b_holders, j) -> None:
+        for a_req, a_group in a_holders:
+            for b_req, b_group in b_holders:
+                if a_req != b_req:
+                    marked.setdefault(a_req, set()).add((a_group, i))
+                    marked.setdefault(b_req, set()).add((b_group, j))
 
-    for holding in holders.values():
-        mark(holding)
-    for blocks in spans.values():
-        for holding in _meeting_spans(blocks):
-            mark(holding)
-    return shared
-
-
-def _block_spans(layout: KvLayout, ids, req_id, g) -> list:
-    """``[(start, end, (req_id, g, id)), ...]``: the bytes each of ``ids`` spans, per region."""
-    stride, size = layout.block_stride, layout.block_bytes
-    return [(base + i * stride, base + i * stride + size, (req_id, g, i)) for i in ids for base in layout.regions]
-
-
-def _meeting_spans(blocks: list):
-    """For each block span of ``blocks`` that meets a span of another request, the holders of
-    the two: one sweep over the spans sorted by start, keeping those still open."""
-    open_: list = []
-    for start, end, holder in sorted(blocks, key=operator.itemgetter(0, 1)):
-        open_ = [o for o in open_ if o[0] > start]
-        for o_end, o_holder in open_:
-            if o_holder[0] != holder[0]:
-                yield (o_holder, holder)
-        open_.append((end, holder))
+    for table in holders:
+        for i, given in table.items():
+            if len(given) > 1:
+                meet(given, i, given, i)
+    for a, b, offset in _pair_classes(tuple(index_of_key), distinct):
+        b_table = holders[b]
+        if not b_table:
+            continue
+        for i, given in holders[a].items():
+            for j in _meeting_ids(i, distinct[a], distinct[b], offset):
+                other = b_table.get(j)
+                if other:
+                    meet(given, i, other, j)
+    # Per group, in the order the step gave them, each once.
+    return {
+        req_id: [[i for i in dict.fromkeys(ids) if (g, i) in refused] for g, ids in enumerate(claimed[req_id])]
+        for req_id, refused in marked.items()
+    }
 
 
 #: The reason :func:`claim_scheduled` gives the library for a block shared in one step.

@@ -758,3 +758,140 @@ def test_the_same_block_id_of_two_caches_in_separate_memory_goes_to_two_requests
     finally:
         lib.kvh_free(p, size, 0, None)
         kvhygiene.synchronize()
+
+
+def test_the_same_block_id_of_two_groups_on_separate_tensors_goes_to_two_requests_when_a_third_group_spans_both(cache):
+    # Three KV cache groups: group 0 on tensor 0 (region 0 of the cache), group 2 on tensor 1
+    # (region 1), group 1 on both. Block 3 of group 0 and block 3 of group 2 are in separate
+    # tensors and share no byte: a given the first and b the second each get theirs, as they
+    # do when group 1 cuts the tensors with another block size, or is not there at all.
+    first = kvhygiene.KvLayout([cache.regions[0]], BLOCK_BYTES, BLOCKS)
+    second = kvhygiene.KvLayout([cache.regions[1]], BLOCK_BYTES, BLOCKS)
+    s = NS(
+        scheduled_new_reqs=[
+            NS(req_id="a", block_ids=([3], [], []), num_computed_tokens=0),
+            NS(req_id="b", block_ids=([], [], [3]), num_computed_tokens=0),
+        ],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    try:
+        claimed = claim_scheduled(s, [first, cache, second], BLOCK_TOKENS)
+    except kvhygiene.ClaimRefusedError as e:
+        pytest.fail(f"blocks whose bytes do not meet were refused: {e.refused_requests}")
+    assert claimed == {"a": [[3], [], []], "b": [[], [], [3]]}, claimed
+
+
+def _layouts_over_tensors(tensors=64, blocks=40000, block_bytes=4096):
+    """``tensors`` regions of ``blocks`` blocks each, at made-up addresses (no memory: the
+    comparison of a step's blocks reads only the layouts)."""
+    base = 1 << 40
+    return [base + k * blocks * block_bytes for k in range(tensors)], blocks, block_bytes
+
+
+def test_a_step_that_gives_thousands_of_blocks_to_two_requests_names_each_once_in_order():
+    # The same 8000 new blocks given to two requests (one KV cache): every one is refused for
+    # both, each named once, in the order the step gave them.
+    from kvhygiene.vllm import _shared_in_step
+
+    regions, blocks, block_bytes = _layouts_over_tensors()
+    layout = kvhygiene.KvLayout(regions, block_bytes, blocks)
+    ids = list(range(8000, 0, -1))
+    same = {"a": [ids + ids[:3]], "b": [ids]}
+    assert _shared_in_step(same, [layout]) == {"a": [ids], "b": [ids]}
+
+
+def test_a_step_over_groups_with_two_block_geometries_is_compared_once_per_block_not_per_region(monkeypatch):
+    # A hybrid model's groups over the same 64 cache tensors with two block geometries (an
+    # attention group's blocks of a whole page, a Mamba group's state blocks of part of it, at
+    # the same bases): the 4096 new blocks of a step (256 requests, 8 blocks in each group) are
+    # compared once each through the one class of meeting regions, not once per region (the
+    # comparison runs in the model runner before every forward pass). No two requests' blocks
+    # meet; a state block given to another request than the page holding it does.
+    from kvhygiene import vllm
+
+    regions, blocks, block_bytes = _layouts_over_tensors()
+    pages = kvhygiene.KvLayout(regions, block_bytes, blocks)
+    states = kvhygiene.KvLayout(regions, block_bytes // 4, blocks, block_stride=block_bytes)
+    step_, nxt = {}, 1
+    for r in range(256):
+        step_[f"r{r}"] = [list(range(nxt, nxt + 8)), list(range(nxt + 8, nxt + 16))]
+        nxt += 16
+    calls = []
+    meeting = vllm._meeting_ids
+    monkeypatch.setattr(vllm, "_meeting_ids", lambda *a: calls.append(a) or meeting(*a))
+    assert vllm._shared_in_step(step_, [pages, states]) == {}
+    assert 0 < len(calls) <= 4096, f"{len(calls)} lookups for 4096 blocks over 64 regions"
+    # Request r0's page 1 holds the state block 1 that r1 is given.
+    step_["r1"][1].append(1)
+    shared = vllm._shared_in_step(step_, [pages, states])
+    assert shared == {"r0": [[1], []], "r1": [[], [1]]}, shared
+
+
+def _brute_force_shared(claimed, layouts):
+    """The blocks of ``claimed`` whose bytes meet another request's, byte by byte."""
+    spans = []
+    for req_id, groups in claimed.items():
+        for g, ids in enumerate(groups):
+            layout = layouts[g]
+            for i in ids:
+                for base in layout.regions:
+                    start = base + i * layout.block_stride
+                    spans.append((layout.device, start, start + layout.block_bytes, req_id, g, i))
+    marked = set()
+    for x in spans:
+        for y in spans:
+            if x[0] == y[0] and x[3] != y[3] and x[1] < y[2] and y[1] < x[2]:
+                marked.add((x[3], x[4], x[5]))
+    return {
+        req_id: [[i for i in dict.fromkeys(ids) if (req_id, g, i) in marked] for g, ids in enumerate(groups)]
+        for req_id, groups in claimed.items()
+        if any(m[0] == req_id for m in marked)
+    }
+
+
+def _overlaps_itself(layout):
+    """Whether two blocks of ``layout`` share a byte."""
+    spans = sorted(
+        (base + i * layout.block_stride, base + i * layout.block_stride + layout.block_bytes)
+        for base in layout.regions
+        for i in range(layout.blocks_per_region)
+    )
+    return any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_blocks_refused_in_a_step_are_those_whose_bytes_meet_another_requests_whatever_the_layouts():
+    # Random groups over a few small tensors: whole tensors or some of them, in any order,
+    # blocks of any size and stride, K/V halves beside whole pages, two devices at the same
+    # addresses. The blocks refused are exactly those whose bytes meet a block given to
+    # another request.
+    import random
+
+    from kvhygiene.vllm import _shared_in_step
+
+    rng = random.Random(7)
+    for case in range(300):
+        tensors = [rng.choice([0, 64, 4096]) + k * 256 for k in range(3)]
+        layouts = []
+        for _ in range(rng.randint(1, 3)):
+            block_bytes = rng.choice([8, 16, 32])
+            stride = block_bytes * rng.choice([1, 1, 2])
+            blocks = rng.randint(1, 256 // stride)
+            chosen = rng.sample(tensors, rng.randint(1, 3))
+            if rng.random() < 0.3:
+                # K and V halves of one tensor, as a (2, blocks, ...) view cuts it.
+                chosen = [chosen[0], chosen[0] + 128]
+                blocks = min(blocks, 128 // stride)
+            regions = [base + rng.choice([0, 0, 4]) for base in chosen]
+            layout = kvhygiene.KvLayout(regions, block_bytes, blocks, block_stride=stride, device=rng.choice([0, 0, 1]))
+            if _overlaps_itself(layout):
+                continue  # the library refuses such a layout (its blocks overlap)
+            layouts.append(layout)
+        if not layouts:
+            continue
+        claimed = {
+            f"r{r}": [rng.sample(range(layout.blocks_per_region), min(2, layout.blocks_per_region)) for layout in layouts]
+            for r in range(rng.randint(1, 4))
+        }
+        want = _brute_force_shared(claimed, layouts)
+        got = _shared_in_step(claimed, layouts)
+        assert got == want, f"case {case}: layouts {layouts}, step {claimed}"
