@@ -858,9 +858,9 @@ pub fn stderr_progress() -> impl Fn(u64, u64) + Sync {
         let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
         if done == total || last.elapsed() > Duration::from_millis(100) {
             *last = Instant::now();
-            eprint!("\r  requests {done}/{total}");
+            crate::say_text(format_args!("\r  requests {done}/{total}"));
             if done == total {
-                eprintln!();
+                crate::say(format_args!(""));
             }
         }
     }

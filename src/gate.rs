@@ -402,7 +402,7 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     let target = match target_of(args) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("kvh gate: {e}");
+            crate::say(format_args!("kvh gate: {e}"));
             return EXIT_USAGE;
         }
     };
@@ -413,7 +413,7 @@ pub fn run_gate(args: &GateArgs) -> i32 {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kvh gate: {e}");
+            crate::say(format_args!("kvh gate: {e}"));
             EXIT_USAGE
         }
     }

@@ -30,6 +30,11 @@
 //!
 //! The C header `include/kvhygiene.h` is generated from [`ffi`] by cbindgen.
 
+// Messages go to stderr through `say` / `stderr_line`, never `eprintln!`: it panics when fd 2
+// cannot be written (a closed pipe, a full device), in the middle of an allocation or of a
+// verb whose exit status a script reads.
+#![cfg_attr(not(test), warn(clippy::print_stderr))]
+
 pub mod alloc;
 pub mod anomaly;
 pub mod backend;
@@ -52,6 +57,11 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     stderr_line(&line.to_string());
 }
 
+/// [`say`] without the line break: a progress line rewritten in place (`\r`).
+pub(crate) fn say_text(text: std::fmt::Arguments<'_>) {
+    stderr_text(&text.to_string());
+}
+
 /// Writes `line` and a line break to file descriptor 2 with `write(2)`, ignoring a failure.
 /// Not through `std::io::stderr()`: its lock is held for as long as a write blocks (a full
 /// pipe), and a child forked meanwhile by another thread inherits the lock held by a thread
@@ -64,8 +74,19 @@ pub fn stderr_line(line: &str) {
     let mut text = Vec::with_capacity(line.len() + 1);
     text.extend_from_slice(line.as_bytes());
     text.push(b'\n');
+    write_stderr(&text);
+}
+
+/// [`stderr_line`] without the line break.
+#[doc(hidden)]
+pub fn stderr_text(text: &str) {
+    write_stderr(text.as_bytes());
+}
+
+/// Writes `text` to file descriptor 2 in one turn ([`LineTurn`]), ignoring a failure.
+fn write_stderr(text: &[u8]) {
     let _turn = LineTurn::take();
-    let mut rest = text.as_slice();
+    let mut rest = text;
     while !rest.is_empty() {
         // SAFETY: `rest` is a live byte slice and `write` reads at most `rest.len()` bytes of
         // it; fd 2 is only written to (a closed one fails with EBADF, which is ignored).

@@ -86,7 +86,7 @@ pub fn run_preflight(args: &PreflightArgs) -> i32 {
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("kvh preflight: invalid policy: {e}");
+            crate::say(format_args!("kvh preflight: invalid policy: {e}"));
             return EXIT_USAGE;
         }
     };

@@ -591,7 +591,7 @@ mod tests {
     #[test]
     fn a_capacity_looked_at_again_keeps_the_quarter_for_the_rest_of_the_process() {
         let Some(room) = host_memory::available() else {
-            eprintln!("no memory figure can be read here; skipping");
+            crate::say(format_args!("no memory figure can be read here; skipping"));
             return;
         };
         let in_use = room.saturating_mul(3);

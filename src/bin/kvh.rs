@@ -1,6 +1,10 @@
 //! `kvh`: the kvhygiene command line. Each verb's logic lives in the library; this file only
 //! parses arguments and maps results to exit codes (0 ok, 1 check failed, 2 usage or I/O).
 
+// Messages go to stderr through `kvhygiene::stderr_line`, never `eprintln!`, which panics
+// (exit 101) when fd 2 cannot be written: exit statuses are what scripts read.
+#![warn(clippy::print_stderr)]
+
 use kvhygiene::preflight::{self, PreflightArgs};
 use kvhygiene::report_out::ReportOut;
 use std::path::Path;
@@ -631,7 +635,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 log.stop();
             }
             if let demo::DemoError::Interrupted { .. } = e {
-                eprintln!("kvh: demo {e}; its forensic log, if any, was stopped");
+                kvhygiene::stderr_line(&format!(
+                    "kvh: demo {e}; its forensic log, if any, was stopped"
+                ));
                 return interrupt.exit_code();
             }
             return usage_error(&e.to_string());
@@ -704,7 +710,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     let written = out.finish();
     if let Some(e) = &metrics_error {
-        eprintln!("kvh demo: the metrics snapshot cannot be written: {e}");
+        kvhygiene::stderr_line(&format!(
+            "kvh demo: the metrics snapshot cannot be written: {e}"
+        ));
     }
     if !report.passed() {
         // What the run found outranks a report that could not be written.
@@ -714,7 +722,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         Ok(()) if metrics_error.is_none() => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(2),
         Err(e) => {
-            eprintln!("kvh demo: passed, but the report cannot be written: {e}");
+            kvhygiene::stderr_line(&format!(
+                "kvh demo: passed, but the report cannot be written: {e}"
+            ));
             ExitCode::from(2)
         }
     }
@@ -728,7 +738,7 @@ fn parse_outcome(e: &clap::Error) -> ExitCode {
     match (e.use_stderr(), printed) {
         (false, true) => ExitCode::SUCCESS,
         (false, false) => {
-            eprintln!("kvh: cannot write the help text");
+            kvhygiene::stderr_line("kvh: cannot write the help text");
             ExitCode::from(2)
         }
         (true, _) => ExitCode::from(2),
@@ -929,7 +939,7 @@ impl Interrupt {
 }
 
 fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("kvh: {msg}");
+    kvhygiene::stderr_line(&format!("kvh: {msg}"));
     ExitCode::from(2)
 }
 

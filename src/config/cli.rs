@@ -432,7 +432,7 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
     let report = match report(args) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("kvh config: invalid policy: {e}");
+            crate::say(format_args!("kvh config: invalid policy: {e}"));
             return EXIT_USAGE;
         }
     };
@@ -446,10 +446,10 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
         return EXIT_USAGE;
     }
     if args.strict && !report.weakened.is_empty() {
-        eprintln!(
+        crate::say(format_args!(
             "kvh config: {} control(s) off or weakened (--strict)",
             report.weakened.len()
-        );
+        ));
         return EXIT_WEAKENED;
     }
     EXIT_OK

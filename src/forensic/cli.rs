@@ -190,14 +190,14 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     let opts = match options(args) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("kvh verify-log: {e}");
+            crate::say(format_args!("kvh verify-log: {e}"));
             return EXIT_USAGE;
         }
     };
     let report = match verify_all(&args.dir, &opts) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("kvh verify-log: {e}");
+            crate::say(format_args!("kvh verify-log: {e}"));
             return EXIT_USAGE;
         }
     };
@@ -219,7 +219,10 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         } else {
             "no records in its forensic log files to verify"
         };
-        eprintln!("kvh verify-log: {}: {what}", args.dir.display());
+        crate::say(format_args!(
+            "kvh verify-log: {}: {what}",
+            args.dir.display()
+        ));
         return EXIT_USAGE;
     }
     let mut out = std::io::stdout().lock();
@@ -231,7 +234,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         write_text(&mut out, &args.dir, &args.archive_dir, &report)
     };
     if let Err(e) = written {
-        eprintln!("kvh verify-log: cannot write the report: {e}");
+        crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
         return EXIT_USAGE;
     }
     report.exit_code()
@@ -479,7 +482,7 @@ pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
     match prune_log(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kvh prune-log: {e}");
+            crate::say(format_args!("kvh prune-log: {e}"));
             EXIT_USAGE
         }
     }
@@ -512,7 +515,9 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     if !run.before.ok() {
         write_text(&mut std::io::stderr(), &args.dir, &[], &run.before)
             .map_err(|e| e.to_string())?;
-        eprintln!("kvh prune-log: the log does not verify; nothing was moved");
+        crate::say(format_args!(
+            "kvh prune-log: the log does not verify; nothing was moved"
+        ));
         if args.json {
             // A script reading stdout learns the outcome there too, not from an empty output.
             let outcome = PruneOutcome {
@@ -557,7 +562,9 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     if let Some(after) = &run.after {
         if !after.ok() {
             write_text(&mut std::io::stderr(), &args.dir, &[], after).map_err(|e| e.to_string())?;
-            eprintln!("kvh prune-log: the log does not verify after the move");
+            crate::say(format_args!(
+                "kvh prune-log: the log does not verify after the move"
+            ));
             return Ok(EXIT_TAMPERED);
         }
         if !args.json {
@@ -594,7 +601,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     }
     if let Err(e) = out.finish() {
         // The moves were made (and are in the manifests); only their report is lost.
-        eprintln!("kvh prune-log: cannot write the report: {e}");
+        crate::say(format_args!("kvh prune-log: cannot write the report: {e}"));
         if run.refused.is_empty() && run.moved.iter().all(|c| c.left_marked.is_none()) {
             return Ok(EXIT_USAGE);
         }
@@ -602,7 +609,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     // One chain that could not move (changed since the verification, an I/O error) did not
     // hold the others back; it is said here, and the exit status says it too.
     for e in &run.refused {
-        eprintln!("kvh prune-log: {e}");
+        crate::say(format_args!("kvh prune-log: {e}"));
     }
     // A chain moved up to a marked file is a chain not wholly moved, for its mark.
     let marked: Vec<&String> = run
@@ -611,22 +618,22 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         .filter_map(|c| c.left_marked.as_ref())
         .collect();
     for why in &marked {
-        eprintln!("kvh prune-log: {why}");
+        crate::say(format_args!("kvh prune-log: {why}"));
     }
     let io = |e: &&prune::PruneError| matches!(e, prune::PruneError::Io(_));
     let failed = run.refused.iter().filter(io).count() + marked.len();
     if failed > 0 {
-        eprintln!(
+        crate::say(format_args!(
             "kvh prune-log: {failed} chain(s) not moved, or not wholly, for an I/O error or a \
              marked file (see above)"
-        );
+        ));
         return Ok(EXIT_USAGE);
     }
     if !run.refused.is_empty() {
-        eprintln!(
+        crate::say(format_args!(
             "kvh prune-log: {} chain(s) changed since the verification; not moved",
             run.refused.len()
-        );
+        ));
         return Ok(EXIT_TAMPERED);
     }
     Ok(EXIT_OK)
@@ -663,16 +670,16 @@ pub fn run_keygen(args: &KeygenArgs) -> i32 {
             // The key pair is what was asked for, and it exists: a lost confirmation is said,
             // not turned into a failure a retry would trip over ("already exists").
             if let Err(e) = out.finish() {
-                eprintln!(
+                crate::say(format_args!(
                     "kvh keygen: wrote {} and {}, but cannot write to stdout: {e}",
                     private.display(),
                     public.display()
-                );
+                ));
             }
             EXIT_OK
         }
         Err(e) => {
-            eprintln!("kvh keygen: {e}");
+            crate::say(format_args!("kvh keygen: {e}"));
             EXIT_USAGE
         }
     }

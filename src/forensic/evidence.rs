@@ -384,10 +384,10 @@ pub struct Exception {
 /// written, 1 the log failed verification (the report says where; its figures cover only the
 /// chains that verified), 2 usage or I/O error, or no records.
 pub fn run_evidence(args: &EvidenceArgs) -> i32 {
-    let evidence = match collect_with(args, |why| eprintln!("kvh evidence: {why}")) {
+    let evidence = match collect_with(args, |why| crate::say(format_args!("kvh evidence: {why}"))) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("kvh evidence: {e}");
+            crate::say(format_args!("kvh evidence: {e}"));
             return EXIT_USAGE;
         }
     };
@@ -400,7 +400,7 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
         out.write_all(render(&evidence).as_bytes())
     };
     if let Err(e) = written {
-        eprintln!("kvh evidence: cannot write the report: {e}");
+        crate::say(format_args!("kvh evidence: cannot write the report: {e}"));
         return EXIT_USAGE;
     }
     if evidence.integrity.verified {

@@ -685,7 +685,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             archive_copy(&bytes, plan.req.archive, &name)?;
         }
         if plan.req.opts.progress {
-            eprintln!("prune-log:   {name} ({} bytes)", bytes.len());
+            crate::say(format_args!("prune-log:   {name} ({} bytes)", bytes.len()));
         }
         done.bytes += bytes.len() as u64;
         done.files.push(facts);

@@ -236,7 +236,7 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
     let mut uncovered = Vec::new();
     for (i, (chain, list)) in chains.iter().enumerate() {
         if opts.progress {
-            eprintln!("verify-log: chain {}/{total}: {chain}", i + 1);
+            crate::say(format_args!("verify-log: chain {}/{total}: {chain}", i + 1));
         }
         let (ckpt, list) = match ckpts.remove(chain) {
             Some(c) => (Some(c), list.clone()),
@@ -1143,7 +1143,7 @@ fn verify_chain(
     for (pos, (index, path)) in list.iter().enumerate() {
         let name = files::file_name(chain, *index);
         if opts.progress {
-            eprintln!("verify-log:   {}", path.display());
+            crate::say(format_args!("verify-log:   {}", path.display()));
         }
         let bytes = match files::read_capped(path) {
             Ok(b) => b,

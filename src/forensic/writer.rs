@@ -1593,7 +1593,9 @@ mod tests {
                 .status()
                 .is_ok_and(|s| s.success());
             if !ok {
-                eprintln!("skipped: chattr +{flag} is not available here");
+                crate::say(format_args!(
+                    "skipped: chattr +{flag} is not available here"
+                ));
                 return None;
             }
             Some(Attr(path.to_path_buf(), flag))

@@ -396,7 +396,7 @@ pub fn run_metrics(args: &MetricsArgs) -> i32 {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kvh metrics: {e}");
+            crate::say(format_args!("kvh metrics: {e}"));
             EXIT_USAGE
         }
     }
@@ -675,7 +675,7 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     let target = match Target::of(args.file.clone()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("kvh serve-metrics: {e}");
+            crate::say(format_args!("kvh serve-metrics: {e}"));
             return EXIT_USAGE;
         }
     };
@@ -683,7 +683,9 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     let stop = match StopSignals::install() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("kvh serve-metrics: cannot handle SIGTERM and SIGINT: {e}");
+            crate::say(format_args!(
+                "kvh serve-metrics: cannot handle SIGTERM and SIGINT: {e}"
+            ));
             return EXIT_USAGE;
         }
     };
@@ -696,7 +698,10 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("kvh serve-metrics: cannot listen on {}: {e}", args.listen);
+            crate::say(format_args!(
+                "kvh serve-metrics: cannot listen on {}: {e}",
+                args.listen
+            ));
             return EXIT_USAGE;
         }
     };

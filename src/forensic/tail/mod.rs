@@ -167,8 +167,8 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
         Ok(()) => EXIT_OK,
         Err(Stop::Tampered { chain, reason }) => {
             match &chain {
-                Some(c) => eprintln!("kvh tail-log: TAMPERING: chain {c}: {reason}"),
-                None => eprintln!("kvh tail-log: TAMPERING: {reason}"),
+                Some(c) => crate::say(format_args!("kvh tail-log: TAMPERING: chain {c}: {reason}")),
+                None => crate::say(format_args!("kvh tail-log: TAMPERING: {reason}")),
             }
             let alert = serde_json::json!({
                 "kvh_tail_log": "tampering",
@@ -181,7 +181,7 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
             EXIT_TAMPERED
         }
         Err(Stop::Error(e)) => {
-            eprintln!("kvh tail-log: {e}");
+            crate::say(format_args!("kvh tail-log: {e}"));
             EXIT_USAGE
         }
     }
@@ -251,11 +251,11 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         let Some(stop) = &stop else {
             // A scheduled run before the writers created the directory: a log with no chain
             // yet. (Without --state there would be nothing to remember it by: an error.)
-            eprintln!(
+            crate::say(format_args!(
                 "kvh tail-log: log directory {} does not exist yet: nothing to pass on; the \
                  chains written in it will be passed on from their first record",
                 args.log.dir.display()
-            );
+            ));
             return Ok(());
         };
         wait_for_dir(&args.log.dir, args.interval, stop);
@@ -295,25 +295,25 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         match pass(&args.log.dir, &how, &mut state, &mut verified) {
             Ok(moved) => {
                 if skip_existing && args.once {
-                    eprintln!(
+                    crate::say(format_args!(
                         "kvh tail-log: {}: {} chains verified; --once from their ends: nothing \
                          written before this pass is passed on (--from-start passes it on, \
                          --state remembers where this pass stopped)",
                         args.log.dir.display(),
                         state.chains.len(),
-                    );
+                    ));
                 } else if skip_existing {
-                    eprintln!(
+                    crate::say(format_args!(
                         "kvh tail-log: {}: {} chains verified; passing on the records written \
                          from now on, every {} s",
                         args.log.dir.display(),
                         state.chains.len(),
                         args.interval
-                    );
+                    ));
                 }
                 if first && !args.once {
                     if let Some(said) = verified.cadence(args.interval) {
-                        eprintln!("kvh tail-log: {said}");
+                        crate::say(format_args!("kvh tail-log: {said}"));
                     }
                 }
                 skip_existing = false;
@@ -345,7 +345,10 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
                     return Err(ending(args, first && skip_existing, &state, Stop::Error(e)));
                 }
                 if said_error.as_deref() != Some(e.as_str()) {
-                    eprintln!("kvh tail-log: {e} (trying again every {} s)", args.interval);
+                    crate::say(format_args!(
+                        "kvh tail-log: {e} (trying again every {} s)",
+                        args.interval
+                    ));
                     said_error = Some(e);
                 }
             }
@@ -439,11 +442,11 @@ fn no_directory_at(dir: &Path) -> bool {
 /// set: a tail started beside a server starts before the server's first record creates the
 /// directory.
 fn wait_for_dir(dir: &Path, interval: u64, stop: &AtomicBool) {
-    eprintln!(
+    crate::say(format_args!(
         "kvh tail-log: log directory {} does not exist yet: waiting for it (looking every {interval} s); \
          its chains will be passed on from their first record",
         dir.display()
-    );
+    ));
     while files::is_missing(dir) && !stop.load(Ordering::SeqCst) {
         sleep_unless_stopped(Duration::from_secs(interval), stop);
     }
@@ -656,10 +659,10 @@ fn say_gap(out: &mut impl Write, chain: &str, first: u64, last: u64) -> Result<(
         "reason": "moved by kvh prune-log before they were passed on: read them in its archive \
                    (kvh verify-log --archive-dir)",
     });
-    eprintln!(
+    crate::say(format_args!(
         "kvh tail-log: chain {chain}: records {first} to {last} were moved by prune-log before \
          they were passed on; read them in its archive"
-    );
+    ));
     writeln!(out, "{line}").map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))
 }
 
