@@ -112,6 +112,9 @@ counters! {
     kv_blocks_scrubbed,
     kv_segments_scrubbed,
     kv_bytes_scrubbed,
+    /// Of `scrub_batches`, those that carried paged KV blocks (`kvh_scrub_blocks` and the
+    /// eviction gate's scrubs); the rest carried freed blocks.
+    kv_scrub_batches,
     /// KV blocks with a segment that failed verification or read residue.
     kv_blocks_failed,
     /// `kvh_scrub_blocks` calls refused (bad layout or ids, memory not live).

@@ -9,6 +9,10 @@ mod fake_cuda;
 use std::os::unix::process::CommandExt;
 
 use cli_common::{host_demo, kvh, run};
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::Backend;
+use kvhygiene::config::Config;
+use kvhygiene::demo::{self, DemoOptions};
 
 /// A demo whose forensic log could not be written in full (the disk filled up after the
 /// start record: here, a file size limit lets the first records through and refuses the
@@ -954,5 +958,130 @@ fn an_interrupted_demo_ends_its_forensic_log_with_a_stop_record() {
          `{}`): it reads as a crashed process's",
         records.len(),
         last["kind"]
+    );
+}
+
+/// README and `kvh demo --help`: "every new allocation and every paged KV block taken is read
+/// back". The fault drill's paged-cache step takes two blocks from the free list and claims
+/// them through the eviction gate like a request does; the report's `kv_blocks_checked` is
+/// expected to count every block the claims handed over (the allocator's
+/// `kv_blocks_claimed`), as `allocations_checked` counts the drill's own allocations.
+#[test]
+fn every_paged_kv_block_the_fault_drill_claims_is_read_back() {
+    let (code, out, err) = run(host_demo(1, 2).args(["--inject-fault", "--json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let checked = report["kv_blocks_checked"].as_u64().unwrap();
+    let claimed = report["stats"]["counters"]["kv_blocks_claimed"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        checked, claimed,
+        "{claimed} paged KV blocks were handed over by claims, but the report says {checked} \
+         were read back"
+    );
+}
+
+/// The summary's "bytes scrubbed" row reads "X MiB in N scrubs, M batches": the batches
+/// that carried those N freed-block scrubs. Each batch holds at least one scrub, so with
+/// `KVH_BATCH_SIZE=1` (one block a batch) M is expected to be at most N.
+#[test]
+fn the_bytes_scrubbed_row_counts_no_more_batches_than_scrubs() {
+    let (code, out, err) = run(host_demo(1, 4).env("KVH_BATCH_SIZE", "1"));
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("bytes scrubbed"))
+        .expect("a bytes scrubbed row");
+    let number_before = |word: &str| -> u64 {
+        let words: Vec<&str> = row.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| w.trim_end_matches(',') == word)
+            .unwrap();
+        words[at - 1].trim_end_matches(',').parse().unwrap()
+    };
+    let (scrubs, batches) = (number_before("scrubs"), number_before("batches"));
+    assert!(
+        batches <= scrubs,
+        "{batches} batches for {scrubs} scrubs (one block a batch): {row}"
+    );
+}
+
+/// `preemption_simulated` is documented as "whether requests were preempted without a scrub".
+/// With three requests a tenant, none is preempted (one in four is), as the summary's
+/// eviction-gate row says ("0 blocks released unscrubbed by preempted requests"): the JSON
+/// field is expected to agree.
+#[test]
+fn the_json_report_says_no_request_was_preempted_when_none_was() {
+    let (code, out, err) = run(host_demo(1, 3).args(["--json"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["kv_blocks_released_unscrubbed"], 0, "{out}");
+    assert_eq!(
+        report["preemption_simulated"], false,
+        "no request was preempted, yet the JSON report says preemption was simulated"
+    );
+}
+
+/// A usage error (here `--checkpoint-dir` without a signing key) exits 2, as the README's
+/// table says, also when stderr cannot be written (a full disk): the message is lost, the
+/// status is not, and nothing panics (status 101).
+#[test]
+fn a_usage_error_exits_2_when_stderr_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (code, _, _) = run(host_demo(1, 1)
+        .arg("--log-dir")
+        .arg(tmp.path().join("log"))
+        .arg("--checkpoint-dir")
+        .arg(tmp.path().join("ckpt"))
+        .stderr(full));
+    assert_eq!(code, 2, "a usage error with stderr on a full device");
+}
+
+/// Under `KVH_COVERAGE_THRESHOLD=0.5` the drill's sabotaged block passes coverage and is
+/// quarantined for residue: the run shows no failed verification and one residue. One more
+/// verification failure elsewhere (a block whose result slot was never written reads no
+/// residue, and fails) is a failure the drill did not cause, and is expected to fail the run.
+#[test]
+fn a_verification_failure_beside_a_drill_quarantined_for_residue_fails_the_run() {
+    let backend: std::sync::Arc<dyn Backend> = HostBackend::new();
+    let config = Config {
+        coverage_threshold: 0.5,
+        ..Config::default()
+    };
+    let opts = DemoOptions {
+        tenants: 1,
+        requests_per_tenant: 2,
+        decode_tokens: 32,
+        inject_fault: true,
+        ..DemoOptions::default()
+    };
+    let report = demo::run(
+        backend,
+        config,
+        None,
+        &opts,
+        &|_, _| {},
+        &std::sync::atomic::AtomicBool::new(false),
+    )
+    .expect("demo runs");
+    assert!(report.passed(), "{}", demo::render(&report));
+    let c = &report.stats.counters;
+    assert_eq!(
+        (c.verifications_failed, c.residue_detected),
+        (0, 1),
+        "the drill's block is quarantined for residue, its verification passing"
+    );
+    let mut other = report.clone();
+    other.stats.counters.verifications_failed += 1;
+    assert!(
+        !other.passed(),
+        "a verification failure besides the drill's residue passed the run:\n{}",
+        demo::render(&other)
     );
 }

@@ -592,6 +592,7 @@ impl Allocator {
                 match submitted {
                     Ok(ticket) => {
                         pool.stats.counters.scrub_batches += 1;
+                        pool.stats.counters.kv_scrub_batches += 1;
                         self.inner
                             .kv_batches_in_flight
                             .fetch_add(1, Ordering::Relaxed);

@@ -199,7 +199,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Scrub batches submitted (one launch each on a GPU)."
+        "Scrub batches submitted (one launch each on a GPU), of freed blocks and of paged KV blocks (those in kvh_kv_scrub_batches_total)."
     ),
     series!(
         "/counters/scrubs_deferred",
@@ -329,6 +329,14 @@ pub const SERIES: &[Series] = &[
         Number,
         NONE,
         "kvh_scrub_blocks calls that ran (refused ones are counted apart)."
+    ),
+    series!(
+        "/counters/kv_scrub_batches",
+        "kvh_kv_scrub_batches_total",
+        Counter,
+        Number,
+        NONE,
+        "Scrub batches that carried paged KV blocks, for kvh_scrub_blocks and the eviction gate; included in kvh_scrub_batches_total."
     ),
     series!(
         "/counters/kv_blocks_scrubbed",
