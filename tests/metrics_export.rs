@@ -670,3 +670,160 @@ fn failed_snapshots_in_an_append_only_directory_leave_no_temporary_files() {
         left.len()
     );
 }
+
+/// Routes whose `/slow` takes a while to answer (as a snapshot waiting on a busy pool lock
+/// does), and whose `/healthz` answers at once.
+struct SlowRoute(Duration);
+
+impl Routes for SlowRoute {
+    fn paths(&self) -> &[&'static str] {
+        &["/slow", "/healthz"]
+    }
+
+    fn get(&self, path: &str) -> Response {
+        if path == "/slow" {
+            std::thread::sleep(self.0);
+        }
+        Response::text(200, "ok\n")
+    }
+}
+
+/// Reads a response to its end; a connection reset or closed unanswered reads as status 0.
+fn read_reply_or_closed(s: &mut TcpStream) -> (u16, String) {
+    let mut bytes = Vec::new();
+    let err = std::io::Read::read_to_end(s, &mut bytes).err();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, format!("{text:?} (read error: {err:?})"))
+}
+
+/// Only a connection that has sent no whole request for a second gives its slot to a new
+/// one. A client that connected and sent its whole request 0.3 s later has sent it in time,
+/// even when the server, busy with a slow route, has not read it yet: when a new connection
+/// then finds every slot taken, that client is answered, not closed unanswered in its stead.
+#[test]
+fn a_connection_whose_whole_request_arrived_in_time_keeps_its_slot_while_the_server_was_busy() {
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(SlowRoute(Duration::from_millis(1600))),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let mut probe = TcpStream::connect(addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // Keeps the server's thread in its route for 1.6 s.
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // The probe's whole request, 0.3 s after it connected.
+    probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // A newcomer, queued while the server is busy; it finds both slots taken.
+    let _newcomer = TcpStream::connect(addr).unwrap();
+    let (status, text) = read_reply_or_closed(&mut probe);
+    assert_eq!(
+        status, 200,
+        "a probe that sent its whole request 0.3 s after connecting was closed unanswered \
+         to give its slot to a newer connection: {text}"
+    );
+    assert_eq!(slow.join().unwrap().0, 200);
+}
+
+/// The second a connection has for its whole request, before a newcomer finding every slot
+/// taken may take its slot, counts from the connection, not from its last bytes: a client
+/// that trickles its request head a few bytes at a time (holding a slot as one that sends
+/// nothing would) is closed for the newcomer once it is a second old, and the newcomer is
+/// served.
+#[test]
+fn a_client_trickling_its_request_head_for_over_a_second_gives_its_slot_to_a_newcomer() {
+    let limits = Limits {
+        max_connections: 1,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let (_exporter, addr) = http_exporter(limits);
+    let mut client = TcpStream::connect(addr).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for part in [
+        "GET /healthz HTTP/1.1\r\n",
+        "Host: x\r\n",
+        "Accept: */*\r\n",
+    ] {
+        client.write_all(part.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // 1.2 s after the client connected, 0.4 s after its last bytes.
+    let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 200, "the newcomer was kept out: {}", r.head);
+    let _ = client.write_all(b"\r\n");
+    let (status, text) = read_reply_or_closed(&mut client);
+    assert_eq!(status, 0, "the trickling client kept its slot: {text}");
+}
+
+/// `kvh_metrics_http_rejected_total` counts requests refused. A client that connected, sent
+/// nothing and then closed its connection itself was refused nothing: when a new connection
+/// comes while the server is busy with a slow route, the slot the client left is free, and the
+/// client is not counted as a connection closed unanswered for the newcomer.
+#[test]
+fn a_client_that_left_on_its_own_is_not_counted_as_refused_for_a_newcomer() {
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(SlowRoute(Duration::from_millis(1600))),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let left = TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    // 1.2 s after connecting, while the server is in its slow route: the client leaves.
+    drop(left);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut newcomer = TcpStream::connect(addr).unwrap();
+    newcomer
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    newcomer
+        .write_all(b"GET /healthz HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let (status, text) = read_reply_or_closed(&mut newcomer);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(slow.join().unwrap().0, 200);
+    assert_eq!(
+        server.rejected(),
+        0,
+        "a client that closed its own connection was counted as refused"
+    );
+}

@@ -411,8 +411,9 @@ the reason (which may quote the file) is written on stderr when it changes. The 
 without blocking and must be a regular file of at most 1 MiB. GET /healthz answers ok \
 while the sidecar runs. Other paths get 404, other methods 405. Requests are limited in size \
 (8 KiB) and time (5 s), and at most 32 connections are served at once; when all are taken, a \
-new connection takes the slot of one that has sent no request for a second, so clients that \
-connect and send nothing cannot keep a liveness probe of /healthz out.
+new connection takes the slot of one that has not sent a whole request within a second of \
+connecting, so clients that connect and send nothing cannot keep a liveness probe of /healthz \
+out.
 
 A file name holding {pid} (one file per process of a multi-process engine) serves the files \
 of every live process of this pid namespace as one exposition: each family declared once, \

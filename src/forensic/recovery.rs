@@ -31,6 +31,12 @@ pub struct Adopted {
     /// The crash came after the newest file was created and before its `rotate` record:
     /// the name of the previous file, which the continuation must link to first.
     pub link_from: Option<String>,
+    /// Whether, just after `file` was opened and locked, `path` named another file while
+    /// `file` still had links: a file system whose inode numbers do not stay put (or a
+    /// rename racing that moment), where the writer cannot tell its file by them. Told then,
+    /// before the file is read: a file removed, or moved away and replaced, while recovery
+    /// reads it is a file gone, for the writer to notice.
+    pub inodes_unreliable: bool,
 }
 
 /// Where a dead writer's chain stands.
@@ -201,6 +207,7 @@ pub fn adopt(
         if newest != Some(*index) {
             continue;
         }
+        let inodes_unreliable = names_another_file(path, &file);
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| files::io_err(path, "cannot read", e))?;
@@ -272,6 +279,7 @@ pub fn adopt(
             last_seq: head.tail.seq,
             last_hash: head.tail.hash,
             link_from: head.link_from,
+            inodes_unreliable,
         }));
     }
     Ok(None)
@@ -420,6 +428,18 @@ fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
             let mut probe = k.clone_for_probe();
             probe.advance_to(index);
             super::record::hex(&mac_of(&probe, &h)) == m
+        }
+        _ => false,
+    }
+}
+
+/// Whether `path` (not followed) names another file than the open `file`, which still has
+/// links. A name gone, or a file without links, is a file removed, not another file.
+fn names_another_file(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(named), Ok(own)) => {
+            own.nlink() > 0 && (named.dev(), named.ino()) != (own.dev(), own.ino())
         }
         _ => false,
     }

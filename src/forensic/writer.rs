@@ -245,7 +245,13 @@ impl ChainWriter {
             check_files: true,
             shared,
         };
-        w.check_files = !w.name_names_another_file(&files::file_name(&w.chain, w.index));
+        // Whether inode numbers stay put is told right after the file was opened by its name:
+        // by recovery for a file it took over (which it then reads for a while), here for a
+        // file just created.
+        w.check_files = match &adopted {
+            Some(a) => !a.inodes_unreliable,
+            None => !w.name_names_another_file(&files::file_name(&w.chain, w.index)),
+        };
         *lock(&w.shared.chain) = Some(w.chain.clone());
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);

@@ -9,18 +9,18 @@
 //!
 //! Limits ([`Limits`]): a request head larger than `max_request_bytes` gets 431; a request not
 //! complete within `request_timeout` gets 408; a connection beyond `max_connections` takes the
-//! slot of the oldest one that has sent no whole request for [`STALL_GRACE`] (closed
-//! unanswered: a client that slow is stalling on purpose), and with none such gets 503 at once
-//! (beyond twice the limit it is closed unanswered). So clients that open connections and send
-//! nothing cannot keep a liveness probe of `/healthz` out for longer than a second; to hold
-//! every slot they must open new ones faster than `max_connections` a second. Connections are
-//! multiplexed without
-//! blocking, so a stalled client costs one slot until its deadline, not the server's
-//! attention; one pass accepts at most `max_connections` new ones, so a flood of connections
-//! cannot hold off the deadlines of those already open. Each connection carries one request
-//! (`Connection: close`). The thread sleeps in `poll(2)` until the listener or a connection is
-//! ready or the nearest deadline passes, and wakes at least every half second to see whether
-//! it must stop. A route that panics is answered 500 and the server goes on.
+//! slot of the oldest one that has not sent a whole request within [`STALL_GRACE`] of
+//! connecting (closed unanswered: a client that slow is stalling, whether it sends nothing or
+//! trickles its head), and with none such gets 503 at once (beyond twice the limit it is closed
+//! unanswered). So clients that open connections and send nothing cannot keep a liveness probe
+//! of `/healthz` out for longer than a second; to hold every slot they must open new ones
+//! faster than `max_connections` a second. Connections are multiplexed without blocking, so a
+//! stalled client costs one slot until its deadline, not the server's attention; one pass
+//! accepts at most `max_connections` new ones, so a flood of connections cannot hold off the
+//! deadlines of those already open. Each connection carries one request (`Connection: close`).
+//! The thread sleeps in `poll(2)` until the listener or a connection is ready or the nearest
+//! deadline passes, and wakes at least every half second to see whether it must stop. A route
+//! that panics is answered 500 and the server goes on.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -134,7 +134,8 @@ impl Server {
     }
 
     /// Requests refused: too slow (408, or closed unanswered when a new connection took the
-    /// slot of one that sent nothing for [`STALL_GRACE`]), too large (431), malformed (400),
+    /// slot of one without a whole request [`STALL_GRACE`] after connecting), too large (431),
+    /// malformed (400),
     /// or over the connection limit (503, or closed unanswered beyond twice the limit).
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
@@ -194,9 +195,10 @@ struct Conn {
     opened: Instant,
 }
 
-/// How long a connection may hold its slot without a whole request before a new connection,
-/// finding every slot taken, may take it. A scraper or a probe sends its request head in
-/// one packet as it connects; one still sending after a second is stalling.
+/// How long after connecting a connection may hold its slot without a whole request before a
+/// new connection, finding every slot taken, may take it. Counted from the connection, not
+/// from its last bytes: a scraper or a probe sends its request head in one packet as it
+/// connects, and one still sending after a second is stalling, however it trickles.
 const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a draining connection may still discard.
@@ -389,6 +391,12 @@ impl Loop {
         };
         let max = self.limits.max_connections;
         if self.conns.len() >= max {
+            // What the connections sent while this thread was busy (a slow route) is read
+            // first: a request that arrived in time is answered, and a client that left frees
+            // its slot, rather than either being taken for a stalled one.
+            self.read_requests(now);
+        }
+        if self.conns.len() >= max {
             if let Some(i) = self.oldest_stalled(now) {
                 // Its slot goes to the newcomer: closed at once, unanswered.
                 self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +419,22 @@ impl Loop {
         self.conns.push(conn);
     }
 
-    /// The oldest connection that has sent no whole request for [`STALL_GRACE`].
+    /// Reads what has arrived on the connections still reading their request, dropping those
+    /// that finished (their client left).
+    fn read_requests(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            let done = matches!(self.conns[i].state, State::Reading) && self.step(i, now).1;
+            if done {
+                self.conns.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The oldest connection that has not sent a whole request within [`STALL_GRACE`] of
+    /// connecting.
     fn oldest_stalled(&self, now: Instant) -> Option<usize> {
         self.conns
             .iter()
