@@ -386,7 +386,23 @@ fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> 
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(format!("{}: {e}", dest.display())),
     }
-    let back = files::read_capped(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    holds_the_same(&dest, bytes)
+}
+
+/// What a dry run finds in place of [`archive_copy`]: an archive file already named `name`
+/// must hold `bytes` (a rerun's copy), as the real run will require. Writes nothing.
+fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
+    let dest = archive.join(name);
+    match dest.symlink_metadata() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{}: {e}", dest.display())),
+        Ok(_) => holds_the_same(&dest, bytes),
+    }
+}
+
+/// Whether `dest` (read as a regular file, not followed) holds exactly `bytes`.
+fn holds_the_same(dest: &Path, bytes: &[u8]) -> Result<(), String> {
+    let back = files::read_capped(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     if back != bytes {
         return Err(format!(
             "{}: exists with other contents than the file being archived; nothing removed",
@@ -681,7 +697,9 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         check
             .file(*index, &bytes)
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
-        if !plan.req.dry_run {
+        if plan.req.dry_run {
+            archive_accepts(&bytes, plan.req.archive, &name)?;
+        } else {
             archive_copy(&bytes, plan.req.archive, &name)?;
         }
         if plan.req.opts.progress {
