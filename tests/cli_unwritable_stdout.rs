@@ -91,3 +91,45 @@ fn help_and_version_that_cannot_be_written_end_with_2() {
         assert!(out.contains("kvh"), "{args:?}: {out}");
     }
 }
+
+/// README: `prune-log` exits 1 when the log does not verify (nothing moved), 2 for a usage
+/// or I/O error. The verification's findings are said on stderr; when stderr cannot be
+/// written (a full device, a closed pipe) the finding is lost, not the verdict: the status
+/// is expected to stay 1, as it does for `verify-log` and `evidence`.
+#[test]
+fn prune_log_of_a_log_that_does_not_verify_ends_with_1_when_stderr_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    write_log(&cfg(&log, 1 << 20), 3, true);
+    // One record's sequence number changed: the chain no longer verifies.
+    let file = forensic_common::chain_files(&log).remove(0);
+    let mut lines = forensic_common::read_lines(&file);
+    lines[2] = lines[2].replacen("\"seq\":2", "\"seq\":7", 1);
+    forensic_common::write_lines(&file, &lines);
+    let archive = tmp.path().join("archive");
+    fs::create_dir(&archive).unwrap();
+    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+    let key = tmp.path().join("hmac.key");
+    fs::write(&key, &*secret()).unwrap();
+    let prune = || {
+        let mut c = kvh();
+        c.args([
+            "prune-log",
+            log.to_str().unwrap(),
+            "--archive-dir",
+            archive.to_str().unwrap(),
+            "--older-than",
+            "0",
+            "--key-file",
+            key.to_str().unwrap(),
+        ]);
+        c
+    };
+    let (code, out, err) = run(&mut prune());
+    assert_eq!(code, 1, "stderr writable: {out}{err}");
+    let (code, out, _) = run(prune().stderr(full()));
+    assert_eq!(
+        code, 1,
+        "the same log with stderr on a full device: {out} (2 says usage or I/O error)"
+    );
+}

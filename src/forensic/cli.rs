@@ -353,6 +353,15 @@ fn dir_bytes(dirs: &[&Path]) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes verification report `r` of `dir` on stderr, beside a verb's own report on stdout.
+/// A stderr that cannot be written loses the text, never the verb's exit status.
+fn say_findings(dir: &Path, r: &Report) {
+    let mut text = Vec::new();
+    // Writing into memory does not fail.
+    let _ = write_text(&mut text, dir, &[], r);
+    crate::stderr_text(&String::from_utf8_lossy(&text));
+}
+
 fn write_text(
     out: &mut impl Write,
     dir: &Path,
@@ -513,8 +522,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
         }
     })?;
     if !run.before.ok() {
-        write_text(&mut std::io::stderr(), &args.dir, &[], &run.before)
-            .map_err(|e| e.to_string())?;
+        say_findings(&args.dir, &run.before);
         crate::say(format_args!(
             "kvh prune-log: the log does not verify; nothing was moved"
         ));
@@ -561,7 +569,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     }
     if let Some(after) = &run.after {
         if !after.ok() {
-            write_text(&mut std::io::stderr(), &args.dir, &[], after).map_err(|e| e.to_string())?;
+            say_findings(&args.dir, after);
             crate::say(format_args!(
                 "kvh prune-log: the log does not verify after the move"
             ));

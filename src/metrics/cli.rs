@@ -639,15 +639,15 @@ impl FileRoutes {
         let kind = checked.as_ref().err().map(|(kind, _)| kind.clone());
         let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
         if *said != kind {
-            let mut err = std::io::stderr();
-            let _ = match &checked {
-                Err((_, e)) => writeln!(err, "kvh serve-metrics: {e}; /metrics answers 503"),
-                Ok(_) => writeln!(
-                    err,
+            match &checked {
+                Err((_, e)) => {
+                    crate::say(format_args!("kvh serve-metrics: {e}; /metrics answers 503"))
+                }
+                Ok(_) => crate::say(format_args!(
                     "kvh serve-metrics: serving {}",
                     self.target.path().display()
-                ),
-            };
+                )),
+            }
             *said = kind;
         }
         checked.ok()

@@ -673,3 +673,21 @@ def test_each_check_catches_its_fault(exported, fault):
     broken = copy.deepcopy(dash)
     mutate(broken)
     assert check(broken, exported), f"{check.__name__} missed: {fault}"
+
+
+def test_the_freed_block_scrubs_panel_counts_no_kv_batches():
+    """kvh_scrub_batches_total counts the batches of freed blocks and of paged KV blocks (its
+    help: "those in kvh_kv_scrub_batches_total"). The panel "Scrubs of freed blocks" graphs
+    the batches of freed blocks, as `kvh demo`'s bytes-scrubbed row prints them: its batch
+    series is expected to leave the KV batches out (kvh_scrub_batches_total minus
+    kvh_kv_scrub_batches_total), not to add the kvh_scrub_blocks launches to the freed
+    blocks' batches."""
+    dash = load()
+    wrong = [
+        expr
+        for p, expr in targets(dash)
+        if p.get("title") == "Scrubs of freed blocks"
+        and "kvh_scrub_batches_total" in expr
+        and "kvh_kv_scrub_batches_total" not in expr
+    ]
+    assert not wrong, f"freed blocks' batches counted with the KV batches: {wrong}"
