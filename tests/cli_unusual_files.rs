@@ -96,6 +96,24 @@ fn verify_log_refuses_a_fifo_as_public_key() {
     assert_refused("verify-log --public-key", r, &f);
 }
 
+/// `--checkpoint` names where the operator keeps the checkpoints: a FIFO there is a wrong
+/// argument (exit 2, naming it), as for the key options, not a finding about the log.
+#[test]
+fn verify_log_refuses_a_fifo_as_checkpoint() {
+    let (tmp, dir, f) = setup();
+    let (_, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("ckpt")).unwrap();
+    let r = run_with_deadline(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .arg("--public-key")
+            .arg(&public)
+            .arg("--checkpoint")
+            .arg(&f),
+    );
+    assert_refused("verify-log --checkpoint", r, &f);
+}
+
 /// The readiness probe: a hung `kvh gate` is a probe timeout, not a verdict.
 #[test]
 fn gate_refuses_a_fifo_as_key_file() {

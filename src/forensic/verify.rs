@@ -860,6 +860,16 @@ fn load_checkpoints(
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut files_seen = BTreeSet::new();
     for p in &opts.checkpoints {
+        // A place the operator named (followed, as a path given on the command line is) must
+        // hold checkpoints: a FIFO or a device there is a wrong argument, not a log finding.
+        if let Ok(m) = std::fs::metadata(p) {
+            if !m.is_dir() && !m.is_file() {
+                return Err(VerifyError(format!(
+                    "{}: not a checkpoint file nor a directory of them",
+                    p.display()
+                )));
+            }
+        }
         let found = match checkpoint::find(p) {
             Ok(found) => found,
             // This user's own checkpoint location made unreadable: evidence kept from the
