@@ -381,3 +381,96 @@ fn assert_refused_as_the_writers_hmac_key(dir: &Path, public: &Path) {
         public.display()
     );
 }
+
+/// The `kvh ...` command lines quoted (in backticks) in the section of docs/operations.md
+/// whose heading starts with `heading`, whitespace joined, each cut before a shell
+/// redirection (`> report.md`).
+fn operations_commands(heading: &str) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .unwrap();
+    let start = text
+        .find(&format!("\n## {heading}"))
+        .unwrap_or_else(|| panic!("no section '{heading}' in docs/operations.md"));
+    let rest = &text[start + 1..];
+    let section = &rest[..rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3)];
+    let joined = section.split_whitespace().collect::<Vec<_>>().join(" ");
+    joined
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|span| span.starts_with("kvh "))
+        .map(|span| span.split(" > ").next().unwrap().trim().to_string())
+        .collect()
+}
+
+/// Runs a command line of docs/operations.md with its placeholders (`DIR`, `KEY`, `PUB`,
+/// `CKPT`) replaced by the paths given.
+fn run_operations_command(line: &str, places: &[(&str, &Path)]) -> (i32, String, String) {
+    let argv: Vec<std::ffi::OsString> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|w| {
+            places
+                .iter()
+                .find(|(name, _)| *name == w)
+                .map_or_else(|| w.into(), |(_, p)| p.as_os_str().to_owned())
+        })
+        .collect();
+    run(kvh().args(argv))
+}
+
+/// docs/operations.md, "During an incident, in this order": step 2 verifies the kept log with
+/// `kvh verify-log DIR --key-file KEY --public-key PUB --checkpoint CKPT --allow-pruned` (exit
+/// 0: intact), and step 3 reads what happened with the `kvh evidence` command line it gives
+/// for the same log and keys. On a log whose signed checkpoints are kept apart from it (the
+/// runbook's "Forensic log off" section asks for `KVH_CHECKPOINT_DIR`), the report of step 3
+/// has to verify the log step 2 found intact (exit 0), not report it as failed verification
+/// (exit 1, which the runbook escalates as a security incident).
+#[test]
+fn the_incident_runbooks_evidence_step_verifies_the_log_its_verify_step_found_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let prefix = tmp.path().join("checkpoint");
+    let (code, out, err) = run(kvh().arg("keygen").arg("--out").arg(&prefix));
+    assert_eq!(code, 0, "{out}{err}");
+    let log = tmp.path().join("log");
+    let ckpt = tmp.path().join("checkpoints");
+    let (code, out, err) = run(host_demo(1, 2)
+        .env("KVH_HMAC_KEY_FILE", &key)
+        .env("KVH_SIGNING_KEY_FILE", prefix.with_extension("key"))
+        .arg("--log-dir")
+        .arg(&log)
+        .arg("--checkpoint-dir")
+        .arg(&ckpt));
+    assert_eq!(code, 0, "{out}{err}");
+    let public = prefix.with_extension("pub");
+    let places: [(&str, &Path); 4] = [
+        ("DIR", &log),
+        ("KEY", &key),
+        ("PUB", &public),
+        ("CKPT", &ckpt),
+    ];
+    let commands = operations_commands("During an incident");
+    let verify = commands
+        .iter()
+        .find(|c| c.starts_with("kvh verify-log DIR"))
+        .expect("step 2's kvh verify-log command line");
+    let evidence = commands
+        .iter()
+        .find(|c| c.starts_with("kvh evidence DIR"))
+        .expect("step 3's kvh evidence command line");
+    let (vcode, vout, verr) = run_operations_command(verify, &places);
+    assert_eq!(vcode, 0, "step 2, `{verify}`:\n{vout}{verr}");
+    let (ecode, eout, eerr) = run_operations_command(evidence, &places);
+    assert_eq!(
+        ecode,
+        0,
+        "step 2 (`{verify}`) found the log intact, but step 3 (`{evidence}`) reports it as \
+         failing verification:\n{}{eerr}",
+        eout.lines()
+            .filter(|l| l.contains("FAILED") || l.contains("Problem"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

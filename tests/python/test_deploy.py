@@ -1296,7 +1296,7 @@ def test_the_runbooks_incident_report_accounts_for_chains_the_retention_job_move
     # chains' records are elsewhere (in the archive), rather than present the chains left as
     # the whole log.
     log, keys = pruned_log(tmp_path)
-    subst = {"DIR": str(log), "KEY": str(keys / "hmac.key"), "PUB": str(keys / "checkpoint.pub")}
+    subst = {"DIR": str(log), "KEY": str(keys / "hmac.key"), "PUB": str(keys / "checkpoint.pub"), "CKPT": str(log)}
     argv = [subst.get(a, a) for a in runbook_incident_command("evidence")]
     r = run_in([kvh_binary(), *argv[1:]], {"PATH": os.environ["PATH"]})
     (moved,) = [m.name.split(".")[0][len("kvh-"):] for m in log.glob("kvh-*.pruned.json")]
