@@ -1579,7 +1579,12 @@ impl Drop for CudaTicket {
     fn drop(&mut self) {
         // An abandoned batch's slot goes back to the idle list; `acquire_slot` reuses it only
         // once its event reports completion. After shutdown it is leaked with everything else.
-        if let Some(slot) = self.slot.take() {
+        // Its sums are cleared before its next batch: a ticket dropped unharvested (abandoned,
+        // or after its event's query or synchronisation failed) cannot tell whether the
+        // publish kernel that clears them ran, and sums left over would be added to the next
+        // batch's and could publish a pass for a segment never read back.
+        if let Some(mut slot) = self.slot.take() {
+            slot.sums_dirty = true;
             if let Some(dev) = self
                 .inner
                 .devices
