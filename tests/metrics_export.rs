@@ -747,6 +747,51 @@ fn a_connection_whose_whole_request_arrived_in_time_keeps_its_slot_while_the_ser
     assert_eq!(slow.join().unwrap().0, 200);
 }
 
+/// As above, with a request head of 6 KiB (within the 8 KiB limit): read whole before a
+/// newcomer finding every slot taken picks a stalled connection, not only its first part.
+#[test]
+fn a_large_request_head_that_arrived_in_time_is_answered_while_the_server_was_busy() {
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(SlowRoute(Duration::from_millis(1600))),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let mut probe = TcpStream::connect(addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut head = b"GET /healthz HTTP/1.1\r\n".to_vec();
+    while head.len() < 6 * 1024 {
+        head.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    probe.write_all(&head).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _newcomer = TcpStream::connect(addr).unwrap();
+    let (status, text) = read_reply_or_closed(&mut probe);
+    assert_eq!(
+        status, 200,
+        "a 6 KiB request head that arrived in time was taken for a stalled one: {text}"
+    );
+    assert_eq!(slow.join().unwrap().0, 200);
+}
+
 /// The second a connection has for its whole request, before a newcomer finding every slot
 /// taken may take its slot, counts from the connection, not from its last bytes: a client
 /// that trickles its request head a few bytes at a time (holding a slot as one that sends

@@ -419,12 +419,19 @@ impl Loop {
         self.conns.push(conn);
     }
 
-    /// Reads what has arrived on the connections still reading their request, dropping those
-    /// that finished (their client left).
+    /// Reads what has arrived on the connections still reading their request (all of it: a
+    /// head may take more than one read), dropping those that finished (their client left).
     fn read_requests(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.conns.len() {
-            let done = matches!(self.conns[i].state, State::Reading) && self.step(i, now).1;
+            let mut done = false;
+            while matches!(self.conns[i].state, State::Reading) {
+                let (progress, finished) = self.step(i, now);
+                done = finished;
+                if finished || !progress {
+                    break;
+                }
+            }
             if done {
                 self.conns.swap_remove(i);
             } else {
