@@ -526,6 +526,21 @@ def test_descriptions_name_existing_alerts_and_runbook_sections(exported):
     assert description_problems(load(), exported) == []
 
 
+def test_every_alert_and_its_runbook_section_are_named_by_a_panel(exported):
+    # deploy/README.md: "the panel descriptions name the alert and its runbook section", for
+    # every alert of the rules. On-call paged by an alert (KvhMetricsDown among them, which
+    # fires on `up`) finds on the dashboard the panel that shows it and the runbook to follow.
+    descriptions = [p.get("description", "") for p in panels(load())]
+    missing = []
+    for a in alerts():
+        section = a["annotations"]["runbook_url"].split("#", 1)[1]
+        if not any(
+            re.search(rf"\b{a['alert']}\b", d) and f"docs/operations.md#{section}" in d for d in descriptions
+        ):
+            missing.append(f"{a['alert']} (#{section})")
+    assert missing == [], f"alerts no panel description names with their runbook section: {missing}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Each check fails on a dashboard broken for it
 
