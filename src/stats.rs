@@ -301,6 +301,10 @@ pub struct Stats {
     /// forensic log's `start` record carries it (`crate::forensic::config_digest`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_digest: Option<String>,
+    /// Unix seconds at which the allocator started (set by it): a restart shows as a new
+    /// value, while the counters start again from 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<f64>,
 }
 
 impl Stats {
@@ -354,6 +358,7 @@ impl Stats {
             log: None,
             anomaly: None,
             config_digest: None,
+            started_at: None,
         }
     }
 

@@ -115,6 +115,9 @@ struct Inner {
     /// KV scrub batches submitted and not yet waited for, on every device: each holds a batch
     /// slot, which a KV call on a full device may wait for (`kv.rs`).
     kv_batches_in_flight: AtomicU64,
+    /// Unix seconds (to the millisecond) at which this allocator started: its statistics'
+    /// `started_at`, which tells a restart from a total that did not move.
+    started_at: f64,
 }
 
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
@@ -196,6 +199,7 @@ impl Allocator {
             shutting_down,
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
             kv_batches_in_flight: AtomicU64::new(0),
+            started_at: unix_seconds_now(),
         });
         spawn_flusher(Arc::downgrade(&inner));
         Allocator { inner }
@@ -877,7 +881,9 @@ impl Allocator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        Stats::merge(self.inner.backend.kind().to_string(), &pools, err)
+        let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
+        stats.started_at = Some(self.inner.started_at);
+        stats
     }
 
     /// As [`Allocator::stats`], without waiting for a lock: `None` while one is held (a
@@ -900,11 +906,9 @@ impl Allocator {
             .map(|p| taken(p).map(|pool| pool.stats.clone()))
             .collect::<Option<Vec<_>>>()?;
         let err = taken(&self.inner.async_error)?.clone();
-        Some(Stats::merge(
-            self.inner.backend.kind().to_string(),
-            &pools,
-            err,
-        ))
+        let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
+        stats.started_at = Some(self.inner.started_at);
+        Some(stats)
     }
 
     /// The block at `ptr` (exact start), on any device.
@@ -1262,6 +1266,13 @@ fn blocks_waiting(per_device: &[(u32, usize)]) -> String {
             format!("{total} {} ({}) {verb}", noun(total), each.join(", "))
         }
     }
+}
+
+/// Unix seconds now, to the millisecond (0 before 1970).
+fn unix_seconds_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_millis() as f64 / 1000.0)
 }
 
 #[cfg(test)]

@@ -194,6 +194,14 @@ pub const SERIES: &[Series] = &[
         "Bytes allocated from the backend."
     ),
     series!(
+        "/started_at",
+        "kvh_process_start_time_seconds",
+        Gauge,
+        Number,
+        NONE,
+        "Unix time at which this process's allocator started: a new value is a restart, whose counters start again from 0 (the alerting rules tell by it a restart hidden in a gap of the scrapes)."
+    ),
+    series!(
         "/counters/scrub_batches",
         "kvh_scrub_batches_total",
         Counter,
@@ -1045,6 +1053,8 @@ mod tests {
         })
         .ok();
         stats.anomaly = anomaly::layer(&AnomalyConfig::default(), None).stats_json();
+        // As the allocator sets it.
+        stats.started_at = Some(1_699_999_000.5);
         serde_json::to_value(&stats).unwrap()
     }
 

@@ -124,13 +124,15 @@ def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold(
     assert len(counted) >= 10
     for a in counted:
         m = re.fullmatch(
-            r"\(\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) - last_over_time\(\1\[1d\] offset (\w+)\)\) > (\d+)"
-            r" unless resets\(\1\[\2\]\) > 0\) or \(floor\(increase\(\1\[\2\]\)\) > \3 and resets\(\1\[\2\]\) > 0\)"
-            r" or \(\1 < last_over_time\(\1\[1d\] offset \2\)\) > \3 or \((.*)\)",
+            r"\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) > (\d+) and on \(job, instance, pid\) \(kvh_process_start_time_seconds"
+            r" > last_over_time\(kvh_process_start_time_seconds\[1d\] offset (\w+)\)\) unless resets\(\1\[\3\]\) > 0\)"
+            r" or \(\(\1 - last_over_time\(\1\[1d\] offset \3\)\) > \2"
+            r" unless resets\(\1\[\3\]\) > 0\) or \(floor\(increase\(\1\[\3\]\)\) > \2 and resets\(\1\[\3\]\) > 0\)"
+            r" or \(\1 < last_over_time\(\1\[1d\] offset \3\)\) > \2 or \((.*)\)",
             a["expr"],
         )
         assert m, a["expr"]
-        metric, window, threshold, new_series = m.groups()
+        metric, threshold, window, new_series = m.groups()
         assert new_series == f"{metric} > {threshold} unless last_over_time({metric}[1d] offset {window})", a["expr"]
 
 def test_each_runbook_link_has_a_section_and_each_section_an_alert():

@@ -519,11 +519,12 @@ def test_the_alert_tests_catch_a_wrong_threshold(promtool, tmp_path):
     assert r.returncode != 0 and "KvhScrubLatencyHigh" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-def descriptions_count(promtool: str, tmp_path, labels: dict, values, count, at: str):
+def descriptions_count(promtool: str, tmp_path, labels: dict, values, count, at: str, start_times: str = None):
     """Runs, for every counter alert, `promtool test rules` on one series (`values(threshold)`,
     with the alert's own labels and `labels`) evaluated at `at` every 30 s, expecting the alert
     to fire with its annotations rendered for `count(threshold)` events: the returned process
-    failed when some description says another count."""
+    failed when some description says another count. `start_times`: the process's
+    kvh_process_start_time_seconds beside it (with `labels`), when given."""
     rules = yaml.safe_load(RULES.read_text())
     by_name = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
     tests = []
@@ -537,7 +538,8 @@ def descriptions_count(promtool: str, tmp_path, labels: dict, values, count, at:
 
         tests.append({
             "interval": "1m",
-            "input_series": [series(metric, values(threshold), **every)],
+            "input_series": [series(metric, values(threshold), **every)]
+            + ([series("kvh_process_start_time_seconds", start_times, **labels)] if start_times else []),
             "alert_rule_test": [{
                 "eval_time": at,
                 "alertname": name,
