@@ -160,7 +160,10 @@ def _candidates(path: Optional[str]) -> list:
     out.append(here / LIBRARY_NAME)  # a wheel that carries the library
     out.append(here.parent.parent / "lib" / LIBRARY_NAME)  # a release distribution's python/
     out.append(here.parent.parent / "target" / "release" / LIBRARY_NAME)  # repo checkout
-    out.append(Path.cwd() / "target" / "release" / LIBRARY_NAME)
+    try:
+        out.append(Path.cwd() / "target" / "release" / LIBRARY_NAME)
+    except OSError:
+        pass  # the working directory was removed: no candidate there
     return out
 
 
@@ -543,12 +546,19 @@ _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     if value is None:
         return None
-    if isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray, memoryview)):
         # Their text, not their repr: b"acme" is the tenant "acme", not "b'acme'".
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{name} {value!r} is not UTF-8") from None
+    if type(value).__str__ is object.__str__ and type(value).__repr__ is object.__repr__:
+        # Its text would be its address ("<Request object at 0x...>"), which another object
+        # takes once this one is gone: two requests would share one identity.
+        raise TypeError(
+            f"{name}: a {type(value).__name__} has no text of its own (its str() is its address); "
+            "give its id as a str"
+        )
     try:
         # A str subclass (an Enum member of str) is its text, not its __str__ ("Tenant.ACME").
         text = str.__str__(value) if isinstance(value, str) else str(value)
@@ -641,9 +651,11 @@ def context(
     """Stamps allocations and frees made by this thread inside the block with these ids.
 
     Contexts nest: leaving an inner block restores the outer ids. Ids are their text (``str``
-    of a number; a ``str`` subclass's own text, not its ``__str__``; bytes as UTF-8): ``1`` and
-    ``1.0`` are two requests. The library refuses ids over 128 bytes or with control or
-    invisible formatting characters (:class:`KvhError`).
+    of a number; a ``str`` subclass's own text, not its ``__str__``; bytes, bytearray and
+    memoryview as UTF-8): ``1`` and ``1.0`` are two requests. An object with no text of its
+    own (whose ``str()`` is its address, which a later object may take) is refused
+    (``TypeError``). The library refuses ids over 128 bytes or with control or invisible
+    formatting characters (:class:`KvhError`).
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also

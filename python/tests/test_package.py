@@ -1840,3 +1840,42 @@ def test_install_once_cuda_runs_under_another_pluggable_allocator_is_refused_as_
     with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
         kvhygiene.install(LIB)
     assert state["changed"] is None and not kvhygiene.installed()
+
+
+def test_an_id_given_as_a_memoryview_is_its_bytes_text_not_its_address():
+    # context(): "Ids are their text (...; bytes as UTF-8)". A memoryview over b"acme" is
+    # bytes-like: it names tenant "acme" (or is refused), never "<memory at 0x...>", whose
+    # address another view over other bytes can have later, making two tenants one.
+    try:
+        got = kvhygiene._encode(memoryview(b"acme"), "tenant_id")
+    except (TypeError, ValueError):
+        return
+    assert got == b"acme", f"a memoryview over b'acme' became the id {got!r}"
+
+
+def test_an_id_object_whose_text_is_its_address_is_refused():
+    # An id is its text. An object with no text of its own (its str() is the default repr,
+    # "<... object at 0x...>") names a memory address, which another request's object can
+    # have once the first is freed: the two would be one owner to the eviction gate, and one
+    # request's KV blocks would be handed to the other unscrubbed. Such an id is refused.
+    class Request:
+        pass
+
+    with pytest.raises((TypeError, ValueError)):
+        kvhygiene._encode(Request(), "request_id")
+
+
+def test_find_library_finds_the_packaged_library_when_the_working_directory_is_gone(tmp_path, monkeypatch):
+    # find_library(): the package directory comes first, the current directory's
+    # target/release last. A process whose working directory was removed (a server started
+    # in a temporary directory cleaned since) still finds the library its package carries.
+    package = tmp_path / "site" / "kvhygiene"
+    package.mkdir(parents=True)
+    (package / kvhygiene.LIBRARY_NAME).write_bytes(b"")
+    monkeypatch.setattr(kvhygiene, "__file__", str(package / "__init__.py"))
+    monkeypatch.delenv("KVH_LIBRARY", raising=False)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert kvhygiene.find_library() == str((package / kvhygiene.LIBRARY_NAME).resolve())
