@@ -52,21 +52,7 @@ fn prune_log_ends_with_a_status_of_its_table() {
     // Two stopped chains, sealed: both may move.
     write_log(&cfg(&log, 1 << 20), 3, true);
     write_log(&cfg(&log, 1 << 20), 3, true);
-    let archive = tmp.path().join("archive");
-    fs::create_dir(&archive).unwrap();
-    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
-    let key = tmp.path().join("hmac.key");
-    fs::write(&key, &*secret()).unwrap();
-    let (code, err) = run_full(kvh().args([
-        "prune-log",
-        log.to_str().unwrap(),
-        "--archive-dir",
-        archive.to_str().unwrap(),
-        "--older-than",
-        "0",
-        "--key-file",
-        key.to_str().unwrap(),
-    ]));
+    let (code, err) = run_full(&mut prune_everything(tmp.path(), &log));
     // Both chains moved (the first one's report line failed first), and the lost report
     // makes the status 2.
     assert_eq!(code, 2, "{err}");
@@ -77,6 +63,26 @@ fn prune_log_ends_with_a_status_of_its_table() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// `kvh prune-log LOG` moving every chain (`--older-than 0`) into `DIR/archive` (made 0700
+/// once) with the key of the test logs (written to `DIR/hmac.key` once).
+fn prune_everything(dir: &std::path::Path, log: &std::path::Path) -> std::process::Command {
+    let archive = dir.join("archive");
+    if !archive.exists() {
+        fs::create_dir(&archive).unwrap();
+        fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let key = dir.join("hmac.key");
+    fs::write(&key, &*secret()).unwrap();
+    let mut c = kvh();
+    c.arg("prune-log")
+        .arg(log)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0", "--key-file"])
+        .arg(&key);
+    c
 }
 
 /// `--help` and `--version` print to stdout and exit 0; when the text cannot be written, a
@@ -106,25 +112,7 @@ fn prune_log_of_a_log_that_does_not_verify_ends_with_1_when_stderr_cannot_be_wri
     let mut lines = forensic_common::read_lines(&file);
     lines[2] = lines[2].replacen("\"seq\":2", "\"seq\":7", 1);
     forensic_common::write_lines(&file, &lines);
-    let archive = tmp.path().join("archive");
-    fs::create_dir(&archive).unwrap();
-    fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
-    let key = tmp.path().join("hmac.key");
-    fs::write(&key, &*secret()).unwrap();
-    let prune = || {
-        let mut c = kvh();
-        c.args([
-            "prune-log",
-            log.to_str().unwrap(),
-            "--archive-dir",
-            archive.to_str().unwrap(),
-            "--older-than",
-            "0",
-            "--key-file",
-            key.to_str().unwrap(),
-        ]);
-        c
-    };
+    let prune = || prune_everything(tmp.path(), &log);
     let (code, out, err) = run(&mut prune());
     assert_eq!(code, 1, "stderr writable: {out}{err}");
     let (code, out, _) = run(prune().stderr(full()));

@@ -845,23 +845,20 @@ fn flocked(ino: u64) -> bool {
     })
 }
 
-/// A chain whose writer died (its `stop` record removed) is taken over at open by crash
-/// recovery, which locks its newest file and then reads and hashes it whole. When that file
-/// is removed from the directory while recovery reads it (a cleanup, someone erasing
-/// evidence), the records of the new run would go into a file no reader can open. As for a
-/// file removed while the log runs (docs/forensic-log.md, "Write errors"), the writer sees
-/// within about a second that the directory no longer names its active file: it counts a
-/// write error and goes on in the chain's next file (or counts its records lost). The
-/// records of the new run are in the directory, or counted lost; none is counted written
-/// into the removed file unseen.
-#[test]
-fn a_chain_file_removed_while_recovery_takes_it_over_is_seen_as_gone() {
-    for attempt in 0..10 {
+/// A crashed chain (its `stop` record removed, one 8 MiB record making recovery read and hash
+/// for a while) taken over at open by crash recovery, whose file `change(file, scratch dir)`
+/// alters once recovery holds its lock; the run then writes records, waits longer than the
+/// writer's once-a-second check of its active file, writes `req-200` and stops. Returns the
+/// log's statistics and whether `req-200` is in a file of the directory (tried again, up to
+/// ten times, when the change came before recovery chose the chain).
+fn run_on_a_file_changed_while_recovery_takes_it_over(
+    change: impl Fn(&std::path::Path, &std::path::Path) + Clone + Send + 'static,
+) -> (kvhygiene::forensic::LogStats, bool) {
+    for _ in 0..10 {
         let tmp = tempfile::tempdir().unwrap();
         let dir = log_dir(&tmp);
         let c = cfg(&dir, 1 << 30);
         let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        // A large record: recovery spends a while reading and hashing the file.
         log.record_summary(serde_json::json!({"pad": "x".repeat(8 << 20)}));
         log.emit(event(1));
         log.flush();
@@ -872,22 +869,21 @@ fn a_chain_file_removed_while_recovery_takes_it_over_is_seen_as_gone() {
         assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
         write_lines(&file, &lines);
         let ino = std::fs::metadata(&file).unwrap().ino();
-        // Removes the file once recovery holds its lock (and has listed the directory again).
-        let remover = {
-            let file = file.clone();
+        let changer = {
+            let (file, scratch, change) = (file.clone(), tmp.path().to_path_buf(), change.clone());
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while !flocked(ino) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 std::thread::sleep(Duration::from_millis(5));
-                std::fs::remove_file(&file).unwrap();
+                change(&file, &scratch);
             })
         };
         let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        remover.join().unwrap();
+        changer.join().unwrap();
         if log.stats().chain.as_deref() != Some(chain.as_str()) {
-            // The removal came before recovery chose the chain: a new chain, nothing to see.
+            // The change came before recovery chose the chain: a new chain, nothing to see.
             log.stop();
             continue;
         }
@@ -895,92 +891,54 @@ fn a_chain_file_removed_while_recovery_takes_it_over_is_seen_as_gone() {
             log.emit(event(100 + i));
         }
         log.flush();
-        // Longer than the writer's once-a-second check of its active file.
         std::thread::sleep(Duration::from_millis(1500));
         log.emit(event(200));
         log.stop();
-        let s = log.stats();
         let in_dir = chain_files(&dir)
             .iter()
             .flat_map(|f| read_lines(f))
             .any(|l| l.contains("req-200"));
-        assert!(
-            in_dir || s.records_lost > 0,
-            "attempt {attempt}: the active file was removed while recovery took it over; \
-             records counted written are in no file of the directory, none is counted lost \
-             and no write error was seen: {s:?}"
-        );
-        return;
+        return (log.stats(), in_dir);
     }
     panic!("recovery never took the chain over");
 }
 
-/// As above, but the file recovery took over is not deleted: it is moved out of the directory
-/// (still linked there, e.g. into a quarantine directory) and a copy of it is renamed into its
-/// name ("replaced by another file renamed over it", docs/forensic-log.md, "Write errors").
-/// The directory no longer names the active file, so the writer sees it within about a second:
-/// it counts a write error and goes on in the chain's next file, and the records of the new
-/// run are in the directory or counted lost, not written into the moved file unseen.
+/// The file recovery took over is removed from the directory while recovery reads it (a
+/// cleanup, someone erasing evidence): the records of the new run would go into a file no
+/// reader can open. As for a file removed while the log runs (docs/forensic-log.md, "Write
+/// errors"), the writer sees within about a second that the directory no longer names its
+/// active file: the records of the new run are in the directory, or counted lost; none is
+/// counted written into the removed file unseen.
+#[test]
+fn a_chain_file_removed_while_recovery_takes_it_over_is_seen_as_gone() {
+    let (s, in_dir) = run_on_a_file_changed_while_recovery_takes_it_over(|file, _| {
+        std::fs::remove_file(file).unwrap()
+    });
+    assert!(
+        in_dir || s.records_lost > 0,
+        "the active file was removed while recovery took it over; records counted written \
+         are in no file of the directory, none is counted lost and no write error was seen: \
+         {s:?}"
+    );
+}
+
+/// As above, but the file is moved out of the directory (still linked there, e.g. into a
+/// quarantine directory) and a copy of it renamed into its name ("replaced by another file
+/// renamed over it", docs/forensic-log.md, "Write errors"): a write error is counted and the
+/// records of the new run are in the directory or counted lost, not written into the moved
+/// file unseen.
 #[test]
 fn a_chain_file_moved_away_and_replaced_while_recovery_takes_it_over_is_seen_as_gone() {
-    for attempt in 0..10 {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = log_dir(&tmp);
-        let c = cfg(&dir, 1 << 30);
-        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        // A large record: recovery spends a while reading and hashing the file.
-        log.record_summary(serde_json::json!({"pad": "x".repeat(8 << 20)}));
-        log.emit(event(1));
-        log.flush();
-        let chain = log.stats().chain.unwrap();
-        log.stop();
-        let file = chain_files(&dir)[0].clone();
-        let mut lines = read_lines(&file);
-        assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
-        write_lines(&file, &lines);
-        let ino = std::fs::metadata(&file).unwrap().ino();
-        let copy = tmp.path().join("copy");
-        std::fs::copy(&file, &copy).unwrap();
-        let aside = tmp.path().join("quarantined");
-        // Once recovery holds the file's lock: moved out of the directory, a copy in its name.
-        let mover = {
-            let file = file.clone();
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while !flocked(ino) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                std::thread::sleep(Duration::from_millis(5));
-                std::fs::rename(&file, &aside).unwrap();
-                std::fs::rename(&copy, &file).unwrap();
-            })
-        };
-        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        mover.join().unwrap();
-        if log.stats().chain.as_deref() != Some(chain.as_str()) {
-            log.stop();
-            continue;
-        }
-        for i in 0..3 {
-            log.emit(event(100 + i));
-        }
-        log.flush();
-        // Longer than the writer's once-a-second check of its active file.
-        std::thread::sleep(Duration::from_millis(1500));
-        log.emit(event(200));
-        log.stop();
-        let s = log.stats();
-        let in_dir = chain_files(&dir)
-            .iter()
-            .flat_map(|f| read_lines(f))
-            .any(|l| l.contains("req-200"));
-        assert!(
-            s.write_errors >= 1 && (in_dir || s.records_lost > 0),
-            "attempt {attempt}: the active file was moved out of the directory and replaced \
-             by a copy while recovery took it over; no write error was counted, and records \
-             counted written are in no file of the directory: {s:?}"
-        );
-        return;
-    }
-    panic!("recovery never took the chain over");
+    let (s, in_dir) = run_on_a_file_changed_while_recovery_takes_it_over(|file, scratch| {
+        let copy = scratch.join("copy");
+        std::fs::copy(file, &copy).unwrap();
+        std::fs::rename(file, scratch.join("quarantined")).unwrap();
+        std::fs::rename(&copy, file).unwrap();
+    });
+    assert!(
+        s.write_errors >= 1 && (in_dir || s.records_lost > 0),
+        "the active file was moved out of the directory and replaced by a copy while recovery \
+         took it over; no write error was counted, and records counted written are in no file \
+         of the directory: {s:?}"
+    );
 }

@@ -701,95 +701,82 @@ fn read_reply_or_closed(s: &mut TcpStream) -> (u16, String) {
     (status, format!("{text:?} (read error: {err:?})"))
 }
 
+/// A server of two slots whose `/slow` takes 1.6 s, with a request deadline far off.
+fn two_slot_server_with_a_slow_route() -> Server {
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(SlowRoute(Duration::from_millis(1600))),
+        limits,
+        "test-http",
+    )
+    .unwrap()
+}
+
+/// Keeps the server's thread in its slow route (1.6 s) from a connection of its own, whose
+/// answer the returned thread gives.
+fn keep_in_the_slow_route(addr: SocketAddr) -> std::thread::JoinHandle<(u16, String)> {
+    std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    })
+}
+
+/// What a probe that connected, then sent `head` 0.3 s later, is answered, when the server was
+/// busy meanwhile with a slow route (1.6 s, on the other of its two slots) and a newcomer
+/// arrives, finding both slots taken, after the probe's head and before the server is free.
+fn probe_answer_while_the_server_was_busy(head: &[u8]) -> (u16, String) {
+    let server = two_slot_server_with_a_slow_route();
+    let addr = server.local_addr();
+    let mut probe = TcpStream::connect(addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let slow = keep_in_the_slow_route(addr);
+    std::thread::sleep(Duration::from_millis(200));
+    probe.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _newcomer = TcpStream::connect(addr).unwrap();
+    let answer = read_reply_or_closed(&mut probe);
+    assert_eq!(slow.join().unwrap().0, 200);
+    answer
+}
+
 /// Only a connection that has sent no whole request for a second gives its slot to a new
 /// one. A client that connected and sent its whole request 0.3 s later has sent it in time,
 /// even when the server, busy with a slow route, has not read it yet: when a new connection
 /// then finds every slot taken, that client is answered, not closed unanswered in its stead.
 #[test]
 fn a_connection_whose_whole_request_arrived_in_time_keeps_its_slot_while_the_server_was_busy() {
-    let limits = Limits {
-        max_connections: 2,
-        request_timeout: Duration::from_secs(30),
-        ..Limits::default()
-    };
-    let server = Server::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(SlowRoute(Duration::from_millis(1600))),
-        limits,
-        "test-http",
-    )
-    .unwrap();
-    let addr = server.local_addr();
-    let mut probe = TcpStream::connect(addr).unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    // Keeps the server's thread in its route for 1.6 s.
-    let slow = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
-        read_reply_or_closed(&mut s)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    // The probe's whole request, 0.3 s after it connected.
-    probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    // A newcomer, queued while the server is busy; it finds both slots taken.
-    let _newcomer = TcpStream::connect(addr).unwrap();
-    let (status, text) = read_reply_or_closed(&mut probe);
+    let (status, text) = probe_answer_while_the_server_was_busy(b"GET /healthz HTTP/1.1\r\n\r\n");
     assert_eq!(
         status, 200,
         "a probe that sent its whole request 0.3 s after connecting was closed unanswered \
          to give its slot to a newer connection: {text}"
     );
-    assert_eq!(slow.join().unwrap().0, 200);
 }
 
 /// As above, with a request head of 6 KiB (within the 8 KiB limit): read whole before a
 /// newcomer finding every slot taken picks a stalled connection, not only its first part.
 #[test]
 fn a_large_request_head_that_arrived_in_time_is_answered_while_the_server_was_busy() {
-    let limits = Limits {
-        max_connections: 2,
-        request_timeout: Duration::from_secs(30),
-        ..Limits::default()
-    };
-    let server = Server::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(SlowRoute(Duration::from_millis(1600))),
-        limits,
-        "test-http",
-    )
-    .unwrap();
-    let addr = server.local_addr();
-    let mut probe = TcpStream::connect(addr).unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let slow = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
-        read_reply_or_closed(&mut s)
-    });
-    std::thread::sleep(Duration::from_millis(200));
     let mut head = b"GET /healthz HTTP/1.1\r\n".to_vec();
     while head.len() < 6 * 1024 {
         head.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    probe.write_all(&head).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let _newcomer = TcpStream::connect(addr).unwrap();
-    let (status, text) = read_reply_or_closed(&mut probe);
+    let (status, text) = probe_answer_while_the_server_was_busy(&head);
     assert_eq!(
         status, 200,
         "a 6 KiB request head that arrived in time was taken for a stalled one: {text}"
     );
-    assert_eq!(slow.join().unwrap().0, 200);
 }
 
 /// The second a connection has for its whole request, before a newcomer finding every slot
@@ -831,27 +818,11 @@ fn a_client_trickling_its_request_head_for_over_a_second_gives_its_slot_to_a_new
 /// client is not counted as a connection closed unanswered for the newcomer.
 #[test]
 fn a_client_that_left_on_its_own_is_not_counted_as_refused_for_a_newcomer() {
-    let limits = Limits {
-        max_connections: 2,
-        request_timeout: Duration::from_secs(30),
-        ..Limits::default()
-    };
-    let server = Server::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(SlowRoute(Duration::from_millis(1600))),
-        limits,
-        "test-http",
-    )
-    .unwrap();
+    let server = two_slot_server_with_a_slow_route();
     let addr = server.local_addr();
     let left = TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let slow = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
-        read_reply_or_closed(&mut s)
-    });
+    let slow = keep_in_the_slow_route(addr);
     std::thread::sleep(Duration::from_millis(1100));
     // 1.2 s after connecting, while the server is in its slow route: the client leaves.
     drop(left);

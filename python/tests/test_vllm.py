@@ -501,26 +501,26 @@ def test_a_running_request_that_reused_a_finished_ones_id_gets_its_appended_bloc
     assert _holds(cache, 7, 0xA7), "the request's own block was scrubbed at a later step"
 
 
+def _two_groups_step(a_ids, b_ids):
+    """A step that gives request a ``a_ids`` in group 0 and request b ``b_ids`` in group 1."""
+    return NS(
+        scheduled_new_reqs=[
+            NS(req_id="a", block_ids=(a_ids, []), num_computed_tokens=0),
+            NS(req_id="b", block_ids=([], b_ids), num_computed_tokens=0),
+        ],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+
+
 def test_a_block_given_to_two_requests_in_two_kv_cache_groups_of_one_cache_is_refused(cache):
     # Two KV cache groups whose layers share one set of cache tensors (vLLM's hybrid
     # allocator: one block pool, the groups' layers on the same tensors) have one layout: a
     # block id names the same memory in either group. Block 3 given as new to a (group 0) and
     # to b (group 1) in one step is one block given to two requests in one forward pass; like
     # the same block in one group, it is claimed for neither.
-    s = NS(
-        scheduled_new_reqs=[
-            NS(req_id="a", block_ids=([3], []), num_computed_tokens=0),
-            NS(req_id="b", block_ids=([], [3]), num_computed_tokens=0),
-        ],
-        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
-    )
-    error = None
-    try:
-        claim_scheduled(s, [cache, cache], BLOCK_TOKENS)
-    except kvhygiene.ClaimRefusedError as e:
-        error = e
-    assert error is not None, "block 3 of one cache was claimed for both a and b in one step"
-    assert error.refused_requests == {"a": [[3], []], "b": [[], [3]]}, error.refused_requests
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(_two_groups_step([3], [3]), [cache, cache], BLOCK_TOKENS)
+    assert refused.value.refused_requests == {"a": [[3], []], "b": [[], [3]]}
 
 
 #: What the scripts below run first, in a process of their own (the policy is read from the
@@ -707,31 +707,9 @@ def test_a_block_given_to_two_requests_in_two_kv_cache_groups_whose_layouts_shar
     # (group 0: region 0 only) and to b (group 1: regions 0 and 1) in one step is one block
     # written by two requests in one forward pass, and is claimed for neither.
     fewer_layers = kvhygiene.KvLayout([cache.regions[0]], BLOCK_BYTES, BLOCKS)
-    s = NS(
-        scheduled_new_reqs=[
-            NS(req_id="a", block_ids=([3], []), num_computed_tokens=0),
-            NS(req_id="b", block_ids=([], [3]), num_computed_tokens=0),
-        ],
-        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
-    )
-    error = None
-    try:
-        claim_scheduled(s, [fewer_layers, cache], BLOCK_TOKENS)
-    except kvhygiene.ClaimRefusedError as e:
-        error = e
-    assert error is not None, "block 3 of one cache tensor was claimed for both a and b in one step"
-    assert error.refused_requests == {"a": [[3], []], "b": [[], [3]]}, error.refused_requests
-
-
-def _two_groups_step(a_ids, b_ids):
-    """A step that gives request a ``a_ids`` in group 0 and request b ``b_ids`` in group 1."""
-    return NS(
-        scheduled_new_reqs=[
-            NS(req_id="a", block_ids=(a_ids, []), num_computed_tokens=0),
-            NS(req_id="b", block_ids=([], b_ids), num_computed_tokens=0),
-        ],
-        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
-    )
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        claim_scheduled(_two_groups_step([3], [3]), [fewer_layers, cache], BLOCK_TOKENS)
+    assert refused.value.refused_requests == {"a": [[3], []], "b": [[], [3]]}
 
 
 def test_blocks_of_two_groups_with_other_block_sizes_over_one_tensor_are_compared_by_their_bytes(cache):
