@@ -39,12 +39,14 @@ import collections.abc
 import contextlib
 import contextvars
 import ctypes
+import functools
 import json
 import numbers
 import operator
 import os
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Tuple
 
@@ -543,6 +545,19 @@ def empty_cache() -> None:
 _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
 
 
+def _text_is_an_address(value) -> bool:
+    """Whether ``str(value)`` is only where the object lives: an object with neither a
+    ``__str__`` nor a ``__repr__`` of its own, or a callable given for the id it would return
+    (a method, a function, a partial: ``request_id=req.request_id`` without its call)."""
+    kind = type(value)
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        return True
+    return isinstance(
+        value,
+        (types.MethodType, types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType, functools.partial),
+    )
+
+
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     if value is None:
         return None
@@ -552,7 +567,7 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{name} {value!r} is not UTF-8") from None
-    if type(value).__str__ is object.__str__ and type(value).__repr__ is object.__repr__:
+    if _text_is_an_address(value):
         # Its text would be its address ("<Request object at 0x...>"), which another object
         # takes once this one is gone: two requests would share one identity.
         raise TypeError(
@@ -653,8 +668,8 @@ def context(
     Contexts nest: leaving an inner block restores the outer ids. Ids are their text (``str``
     of a number; a ``str`` subclass's own text, not its ``__str__``; bytes, bytearray and
     memoryview as UTF-8): ``1`` and ``1.0`` are two requests. An object with no text of its
-    own (whose ``str()`` is its address, which a later object may take) is refused
-    (``TypeError``). The library refuses ids over 128 bytes or with control or invisible
+    own (whose ``str()`` is its address, which a later object may take), or a method or
+    function given for the id it returns, is refused (``TypeError``). The library refuses ids over 128 bytes or with control or invisible
     formatting characters (:class:`KvhError`).
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):

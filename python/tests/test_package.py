@@ -1879,3 +1879,17 @@ def test_find_library_finds_the_packaged_library_when_the_working_directory_is_g
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert kvhygiene.find_library() == str((package / kvhygiene.LIBRARY_NAME).resolve())
+
+
+def test_an_id_given_as_a_bound_method_whose_text_is_its_object_s_address_is_refused():
+    # As above: context()'s docstring refuses "an object with no text of its own (whose str()
+    # is its address, which a later object may take)". A method given without its call
+    # (`request_id=req.request_id` where request_id is a method) reads "<bound method
+    # Request.request_id of <...Request object at 0x...>>": the request's address, which the
+    # next request's object can have once the first is freed, making two requests one owner.
+    class Request:
+        def request_id(self):
+            return "r-1"
+
+    with pytest.raises((TypeError, ValueError)):
+        kvhygiene._encode(Request().request_id, "request_id")

@@ -125,7 +125,7 @@ def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold(
     for a in counted:
         m = re.fullmatch(
             r"\((kvh_[a-z0-9_]+(?:\{[^}]*\})?) > (\d+) and on \(job, instance, pid\) \(kvh_process_start_time_seconds"
-            r" > last_over_time\(kvh_process_start_time_seconds\[1d\] offset (\w+)\)\) unless resets\(\1\[\3\]\) > 0\)"
+            r" != last_over_time\(kvh_process_start_time_seconds\[1d\] offset (\w+)\)\) unless resets\(\1\[\3\]\) > 0\)"
             r" or \(\(\1 - last_over_time\(\1\[1d\] offset \3\)\) > \2"
             r" unless resets\(\1\[\3\]\) > 0\) or \(floor\(increase\(\1\[\3\]\)\) > \2 and resets\(\1\[\3\]\) > 0\)"
             r" or \(\1 < last_over_time\(\1\[1d\] offset \3\)\) > \2 or \((.*)\)",

@@ -122,3 +122,21 @@ def test_invalid_frees_at_exactly_the_threshold_do_not_fire(promtool, tmp_path):
     )
     r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_restart_within_a_scrape_gap_whose_start_time_is_earlier_fires(promtool, tmp_path):
+    """As above, but the new process's start time reads earlier than the old one's (the host's
+    clock was stepped back between the two lives: a VM restored, an RTC corrected by NTP after
+    boot). A start time that differs from the last one seen is a restart, whichever way it
+    moved (the rules' header: "its start time differs"): the alert fires for the new
+    process's threshold + 1 events, the same total as the old process's."""
+    r = descriptions_count(
+        promtool,
+        tmp_path,
+        ONE_FILE,
+        lambda n: f"0x5 {n + 1}x10 stale _x19 {n + 1}x20",
+        lambda n: n + 1,
+        "37m30s",
+        "3000x16 stale _x19 1000x20",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
