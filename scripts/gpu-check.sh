@@ -164,7 +164,12 @@ step_pid=""
 cat "$out/nvidia-smi.csv"
 date -u +"run at %Y-%m-%dT%H:%M:%SZ" | tee -a "$out/manifest.txt"
 
-# 1. Kernel correctness through the Backend trait (sizes 1 B .. 1 GiB, batches up to 10,000).
+# 1. Kernel benchmarks (criterion, short measurement times), estimates under $out/criterion.
+#    First: the figures only a GPU can give (the batched scrub's ratio to one memset is an open
+#    target), so that a step that hangs later cannot take their time.
+CRITERION_HOME="$out/criterion" step gpu_scrub 100 "$art/gpu_scrub" --bench
+
+# 1a. Kernel correctness through the Backend trait (sizes 1 B .. 1 GiB, batches up to 10,000).
 step gpu_kernel 180 "$art/gpu_kernel" --ignored --test-threads=1
 
 # 1b. The demo on the real GPU path: every new allocation is copied back and must be zero.
@@ -172,10 +177,7 @@ KVH_BACKEND=cuda step kvh_demo 60 "$art/kvh" demo --backend cuda --requests 8
 # 1c. kvh preflight's backend check on the real driver: starts the backend, loads the kernels.
 KVH_BACKEND=cuda step kvh_preflight 30 "$art/kvh" preflight
 
-# 2. Kernel benchmarks (criterion, short measurement times), estimates under $out/criterion.
-CRITERION_HOME="$out/criterion" step gpu_scrub 100 "$art/gpu_scrub" --bench
-
-# 3. PyTorch: each measurement in its own process (the allocator is chosen per process,
+# 2. PyTorch: each measurement in its own process (the allocator is chosen per process,
 #    before its first CUDA allocation). The library path travels in GPU_CHECK_LIBRARY.
 export GPU_CHECK_LIBRARY="$art/libkvhygiene.so"
 # Fail closed: the kvhygiene runs must use the GPU, never fall back to host memory.

@@ -368,6 +368,11 @@ def test_a_bench_that_crashed_after_its_measurements_fails_the_run(tmp_path, mon
     bench_rows = {c: r["verdict"] for c, r in rows.items() if c.startswith(("scrub+verify", "batched"))}
     assert bench_rows and not any(v == "PASS" for v in bench_rows.values()), bench_rows
     assert code == 1
+    # What it measured before it failed is still shown (a device session is scarce), marked
+    # as not counted.
+    (default,) = [r for c, r in rows.items() if c.startswith("batched") and "(the default)" in c]
+    assert default["verdict"] == "MISSING", default
+    assert default["measured"].startswith("ratio ") and "not counted" in default["measured"], default
 
 
 @pytest.mark.parametrize(
