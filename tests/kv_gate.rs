@@ -1334,9 +1334,11 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
             alloc.scrub_kv_blocks(&coarse, &[0], 0, StreamHandle(capture_race::CAPTURING))
         });
         entered_rx.recv().unwrap();
+        // The failed verdict is let go while the other view's submission holds the pool lock:
+        // it reaches the ledger (under that lock) once the submission was refused.
         release_tx.send(()).unwrap();
-        let engine = failing.join().unwrap();
         proceed_tx.send(()).unwrap();
+        let engine = failing.join().unwrap();
         let refused = refused.join().unwrap();
         assert!(
             matches!(refused, Err(KvScrubError::Backend(_))),
@@ -1680,5 +1682,48 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_that_errs_part_way_leaves_a_kv_gate
             .any(|d| d.contains("failed verification while the gate scrubbed them")),
         "a block whose gate scrub failed verification inside the claim (the claim then erred) \
          left no kv_gate policy_violation naming it: {v:?}"
+    );
+}
+
+/// include/kvhygiene.h, `kvh_claim_blocks`: "`KVH_ERR_NOT_LIVE` also when the cache was freed
+/// while the claim ran: nothing may be taken as handed over". The cache is freed while the
+/// gate's scrub for request x runs, and its memory is handed out again (same address) to
+/// another caller, who writes its own bytes there. The claim must not report block 5 as
+/// handed to x: the bytes at that address are now the new allocation's.
+#[test]
+fn a_claim_whose_cache_is_freed_and_handed_out_again_while_the_gate_scrubs_is_not_live() {
+    let (alloc, backend, layout) = held_cache();
+    let a = layout.regions[0];
+    let len = (2 * BLOCKS * BLOCK) as i64;
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let x = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        // While the gate's scrub runs, the engine frees the cache; the pool scrubs it and
+        // hands the same bytes to another caller, who writes its secret.
+        alloc.free(a, len, 0, StreamHandle(1)).unwrap();
+        alloc.synchronize().unwrap();
+        let b = alloc.malloc(len, 0, StreamHandle(1)).unwrap();
+        assert_eq!(
+            b, a,
+            "precondition: the pool handed the same bytes out again"
+        );
+        held_fill(&backend, &layout, 5, 0xee);
+        backend.hold(3, false);
+        x.join().unwrap()
+    });
+    assert!(
+        matches!(x, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
+        "the cache was freed (and its memory handed to another caller) while the claim ran, \
+         yet the claim reports block 5 handed to request x: {x:?}"
     );
 }

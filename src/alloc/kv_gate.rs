@@ -43,6 +43,7 @@ use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind};
 
 use super::kv::{check_ids, KvLayout, KvScrubError};
+use super::pool::DevicePool;
 use super::Allocator;
 
 /// Caches whose ledgers are kept; the least recently used one is forgotten beyond this (its
@@ -514,6 +515,9 @@ struct Round {
     failed_now: Vec<u32>,
     /// Verified, but their ledger was forgotten: to claim again.
     forgotten: Vec<u32>,
+    /// The allocation of each region (id, scrub sequence) this pass found: a later pass of
+    /// the claim must find the same ones.
+    owners: Vec<(u64, u64)>,
 }
 
 /// What a `kvh_claim_blocks` call did.
@@ -604,7 +608,8 @@ impl Allocator {
                 ..KvClaimReport::default()
             });
         }
-        let mut round = self.claim_round(dev, layout, ids, device, stream, mode, false)?;
+        let mut round = self.claim_round(dev, layout, ids, device, stream, mode, None)?;
+        let first_owners = std::mem::take(&mut round.owners);
         let mut passes = 1;
         while !round.forgotten.is_empty() {
             // Verified, but the ledger that would have recorded it was forgotten meanwhile:
@@ -629,7 +634,15 @@ impl Allocator {
             }
             passes += 1;
             let forgotten = std::mem::take(&mut round.forgotten);
-            let pass = self.claim_round(dev, layout, &forgotten, device, stream, mode, true);
+            let pass = self.claim_round(
+                dev,
+                layout,
+                &forgotten,
+                device,
+                stream,
+                mode,
+                Some(&first_owners),
+            );
             let again = match pass {
                 Ok(again) => again,
                 Err(e) => {
@@ -766,9 +779,10 @@ impl Allocator {
     }
 
     /// One pass of a claim over `ids`: sorts them against the ledger, refuses (enforce) or
-    /// scrubs (scrub) those that would change owner, and says what became of each. `again`:
-    /// a pass after the first, over blocks whose ledger was forgotten meanwhile
-    /// ([`Ledgers::claim_pass`]).
+    /// scrubs (scrub) those that would change owner, and says what became of each. `first`:
+    /// in a pass after the first, over blocks whose ledger was forgotten meanwhile
+    /// ([`Ledgers::claim_pass`]), the allocations the first pass found, which the cache must
+    /// still be (one freed and handed out again at its addresses is another caller's).
     #[allow(clippy::too_many_arguments)] // the claim's own arguments, and which pass
     fn claim_round(
         &self,
@@ -778,18 +792,26 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
         mode: KvGateMode,
-        again: bool,
+        first: Option<&[(u64, u64)]>,
     ) -> Result<Round, KvClaimError> {
-        let owners = match self.kv_region_owners(dev, layout) {
-            Ok(owners) => owners,
-            Err(e) => return Err(self.refuse_claim(dev, e.to_string(), e.into())),
-        };
-        let key = LedgerKey::new(dev, layout, &owners);
+        let again = first.is_some();
         let claimant = owner_of(&Context::current(), self.inner.config.kv_gate_scope);
         let enforce = mode == KvGateMode::Enforce;
-        let sorted = self
-            .ledgers()
-            .claim_pass(&key, ids, &claimant, enforce, again);
+        // The regions checked live and the ledger sorted under one pool lock: a block handed
+        // over without a scrub (clean, or the claimant's) is handed over only while its cache
+        // is the live allocation the check found, never after a free came between the two.
+        let resolved: Result<_, KvScrubError> = self.with_pool(dev, |pool, _, _, _| {
+            let owners = region_owners(pool, dev, layout, first)?;
+            let key = LedgerKey::new(dev, layout, &owners);
+            let sorted = self
+                .ledgers()
+                .claim_pass(&key, ids, &claimant, enforce, again);
+            Ok((owners, sorted))
+        });
+        let (owners, sorted) = match resolved {
+            Ok(resolved) => resolved,
+            Err(e) => return Err(self.refuse_claim(dev, e.to_string(), e.into())),
+        };
         if enforce && (!sorted.dirty.is_empty() || !sorted.failed.is_empty()) {
             let named: HashSet<u32> = sorted.dirty.iter().chain(&sorted.failed).copied().collect();
             let blocks = in_order(ids, &named);
@@ -806,6 +828,7 @@ impl Allocator {
             refused: sorted.failed.iter().copied().collect(),
             taken: sorted.taken.iter().copied().collect(),
             failed_before: sorted.failed.clone(),
+            owners: owners.iter().map(|o| (o.id, o.scrub_seq)).collect(),
             ..Round::default()
         };
         if sorted.dirty.is_empty() {
@@ -897,29 +920,6 @@ impl Allocator {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The allocation holding each region, checked LIVE and covering the region's blocks.
-    fn kv_region_owners(&self, dev: u32, layout: &KvLayout) -> Result<Vec<BlockRef>, KvScrubError> {
-        let extent = layout.extent().unwrap_or(u64::MAX); // validated
-        self.with_pool(dev, |pool, _, _, _| {
-            layout
-                .regions
-                .iter()
-                .enumerate()
-                .map(|(region, &base)| {
-                    pool.live_range(base, extent, StreamHandle(0))
-                        .map(|(owner, _)| owner)
-                        .ok_or(KvScrubError::NotLive {
-                            region,
-                            base,
-                            extent,
-                            blocks: layout.blocks_per_region,
-                            device: dev,
-                        })
-                })
-                .collect()
-        })
-    }
-
     /// Counts and logs a refused claim (policy `kv_gate`), then returns its error.
     #[cold]
     fn refuse_claim(&self, dev: u32, detail: String, e: KvClaimError) -> KvClaimError {
@@ -953,6 +953,37 @@ impl Allocator {
 }
 
 /// The ids of `ids` that are in `set`, in the order of `ids`.
+/// The allocation holding each region of `layout` in `pool` (device `dev`), checked LIVE and
+/// covering the region's blocks, and the one `first` names for it (id, scrub sequence) when
+/// given.
+fn region_owners(
+    pool: &DevicePool,
+    dev: u32,
+    layout: &KvLayout,
+    first: Option<&[(u64, u64)]>,
+) -> Result<Vec<BlockRef>, KvScrubError> {
+    let extent = layout.extent().unwrap_or(u64::MAX); // validated
+    layout
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(region, &base)| {
+            pool.live_range(base, extent, StreamHandle(0))
+                .map(|(owner, _)| owner)
+                .filter(|owner| {
+                    first.is_none_or(|f| f.get(region) == Some(&(owner.id, owner.scrub_seq)))
+                })
+                .ok_or(KvScrubError::NotLive {
+                    region,
+                    base,
+                    extent,
+                    blocks: layout.blocks_per_region,
+                    device: dev,
+                })
+        })
+        .collect()
+}
+
 fn in_order(ids: &[u32], set: &HashSet<u32>) -> Vec<u32> {
     ids.iter().copied().filter(|id| set.contains(id)).collect()
 }
