@@ -1334,11 +1334,9 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
             alloc.scrub_kv_blocks(&coarse, &[0], 0, StreamHandle(capture_race::CAPTURING))
         });
         entered_rx.recv().unwrap();
-        // The failed verdict is let go while the other view's submission holds the pool lock:
-        // it reaches the ledger (under that lock) once the submission was refused.
         release_tx.send(()).unwrap();
-        proceed_tx.send(()).unwrap();
         let engine = failing.join().unwrap();
+        proceed_tx.send(()).unwrap();
         let refused = refused.join().unwrap();
         assert!(
             matches!(refused, Err(KvScrubError::Backend(_))),
@@ -1725,5 +1723,58 @@ fn a_claim_whose_cache_is_freed_and_handed_out_again_while_the_gate_scrubs_is_no
         matches!(x, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
         "the cache was freed (and its memory handed to another caller) while the claim ran, \
          yet the claim reports block 5 handed to request x: {x:?}"
+    );
+}
+
+/// `kvh_claim_blocks` (include/kvhygiene.h): "Refusals and failed blocks leave a
+/// `policy_violation` record (policy `kv_gate`)"; `report_failed_now` is "also called by a
+/// gate scrub that then failed as a whole, whose claim hands nothing over". A claim whose gate
+/// scrub finds a block that fails verification, and whose cache is freed while that scrub
+/// runs, fails `KVH_ERR_NOT_LIVE`: the block the gate's scrub failed is expected to be named
+/// by a `kv_gate` record, as it is when the claim's scrub errs on the device instead.
+#[test]
+fn a_block_whose_gate_scrub_fails_in_a_claim_refused_as_not_live_leaves_a_kv_gate_record() {
+    use std::sync::mpsc::channel;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let (a, layout) = cache(&f);
+    let len = (2 * BLOCKS * BLOCK) as i64;
+    // Block 4's owner is unknown: the gate scrubs it, and its scrub fails verification.
+    f.backend.inject_fault_next();
+    f.backend.set_gate(false);
+    let (submitted_tx, submitted_rx) = channel();
+    *f.backend.after_next_submit.lock().unwrap() = Some(Box::new(move || {
+        submitted_tx.send(()).unwrap();
+    }));
+    let r = std::thread::scope(|s| {
+        let x = s.spawn(|| as_request("t1", "x", || claim(&f, &layout, &[4])));
+        submitted_rx.recv().unwrap();
+        // While the gate's scrub runs, the engine frees the cache.
+        f.alloc.free(a, len, 0, StreamHandle(1)).unwrap();
+        f.backend.set_gate(true);
+        x.join().unwrap()
+    });
+    assert!(
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
+        "precondition: {r:?}"
+    );
+    let failed: u64 = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r.failed_blocks),
+            _ => None,
+        })
+        .last()
+        .unwrap();
+    assert_eq!(failed, 1, "precondition: the gate's scrub failed block 4");
+    let v = gate_violations(&f);
+    assert!(
+        v.iter().any(
+            |d| d.contains("failed verification while the gate scrubbed them")
+                && d.contains("ids 4")
+        ),
+        "block 4 failed verification in the gate's scrub (the claim then failed NOT_LIVE), \
+         and no kv_gate policy_violation names it: {v:?}"
     );
 }

@@ -39,7 +39,6 @@ use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger, KvTally};
 
 use super::kv_gate::{Generations, LedgerKey, ScrubFor, Unapplied};
-use super::pool::DevicePool;
 use super::Allocator;
 
 /// Most regions a layout may have (e.g. layers × {K, V}).
@@ -337,33 +336,6 @@ struct Launched {
     seen: Option<Generations>,
 }
 
-/// When a region of `call` no longer lies in the live allocation it was scrubbed in (`owners`:
-/// id and scrub sequence per region, as the launch found them), the error saying which.
-fn regions_changed(
-    pool: &DevicePool,
-    call: &KvCall,
-    owners: &[(u64, u64)],
-) -> Option<KvScrubError> {
-    let layout = call.layout;
-    let extent = layout.extent().unwrap_or(u64::MAX); // validated
-    layout
-        .regions
-        .iter()
-        .enumerate()
-        .find_map(|(region, &base)| {
-            let same = pool
-                .live_range(base, extent, call.stream)
-                .is_some_and(|(owner, _)| owners.get(region) == Some(&(owner.id, owner.scrub_seq)));
-            (!same).then_some(KvScrubError::NotLive {
-                region,
-                base,
-                extent,
-                blocks: layout.blocks_per_region,
-                device: call.dev,
-            })
-        })
-}
-
 impl Allocator {
     /// Zeroes and verifies blocks `ids` of the paged KV cache `layout` on `device`, in stream
     /// order on `stream`, and waits for the verdict. `Ok` reports which blocks failed (they
@@ -407,17 +379,19 @@ impl Allocator {
         if ids.is_empty() {
             return Ok((KvScrubReport::default(), Unapplied::default()));
         }
-        let (trigger, claimant, seen, unknown) = match by {
-            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None),
+        let (trigger, claimant, seen, unknown, sorted_in) = match by {
+            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None, None),
             ScrubFor::Gate {
                 claimant,
                 seen,
                 unknown,
+                owners,
             } => (
                 KvScrubTrigger::Gate,
                 Some(claimant),
                 Some(seen),
                 Some(unknown),
+                Some(owners),
             ),
         };
         let count = ids.len() as u64 * layout.regions.len() as u64; // bounded by check_ids
@@ -438,7 +412,7 @@ impl Allocator {
             Err(e) if trigger == KvScrubTrigger::Gate => Err(e),
             Err(e) => Err(self.refuse_kv_scrub(dev, e)),
         };
-        let mut launched = launch(seen, None)?;
+        let mut launched = launch(seen, sorted_in)?;
         let owners: Vec<(u64, u64)> = launched
             .owners
             .iter()
@@ -480,25 +454,7 @@ impl Allocator {
         let changed = match &launched.seen {
             Some(seen) => {
                 let scrubbed = LedgerKey::new(dev, layout, &launched.owners);
-                // Under the pool lock, so that no free comes between the check and the ledger:
-                // a cache freed while its scrub ran (and maybe handed out again at the same
-                // addresses) is another caller's memory now, and no verdict of the scrub may
-                // hand any of it over.
-                let settled = self.with_pool(dev, |pool, _, _, _| {
-                    match regions_changed(pool, &call, &owners) {
-                        Some(e) => Err(e),
-                        None => {
-                            Ok(self.settle_kv(seen, &scrubbed, &clean, &report.failed, claimant))
-                        }
-                    }
-                });
-                match settled {
-                    Ok(changed) => changed,
-                    // The claim is refused as one made on memory that is not live (its
-                    // record says so); the engine's own scrub ran and says what it found.
-                    Err(e) if trigger == KvScrubTrigger::Gate && error.is_none() => return Err(e),
-                    Err(_) => Unapplied::default(),
-                }
+                self.settle_kv(seen, &scrubbed, &clean, &report.failed, claimant)
             }
             None => Unapplied::default(),
         };

@@ -571,6 +571,10 @@ pub(super) enum ScrubFor<'a> {
         /// Of the blocks to scrub, those whose owner the ledger does not know (the record
         /// says how many; the counters split the verified ones by it).
         unknown: &'a HashSet<u32>,
+        /// The allocation of each region (id, scrub sequence) the claim sorted the blocks in:
+        /// the scrub launches only into those (memory freed and handed out again since is
+        /// another caller's).
+        owners: &'a [(u64, u64)],
     },
 }
 
@@ -797,21 +801,17 @@ impl Allocator {
         let again = first.is_some();
         let claimant = owner_of(&Context::current(), self.inner.config.kv_gate_scope);
         let enforce = mode == KvGateMode::Enforce;
-        // The regions checked live and the ledger sorted under one pool lock: a block handed
-        // over without a scrub (clean, or the claimant's) is handed over only while its cache
-        // is the live allocation the check found, never after a free came between the two.
-        let resolved: Result<_, KvScrubError> = self.with_pool(dev, |pool, _, _, _| {
-            let owners = region_owners(pool, dev, layout, first)?;
-            let key = LedgerKey::new(dev, layout, &owners);
-            let sorted = self
-                .ledgers()
-                .claim_pass(&key, ids, &claimant, enforce, again);
-            Ok((owners, sorted))
-        });
-        let (owners, sorted) = match resolved {
-            Ok(resolved) => resolved,
-            Err(e) => return Err(self.refuse_claim(dev, e.to_string(), e.into())),
-        };
+        let owners =
+            match self.with_pool(dev, |pool, _, _, _| region_owners(pool, dev, layout, first)) {
+                Ok(owners) => owners,
+                Err(e) => return Err(self.refuse_claim(dev, e.to_string(), e.into())),
+            };
+        // Sorted under the ledger lock alone (a large claim must not hold the device's frees):
+        // what it hands over is checked below to be the live allocation it was sorted in.
+        let key = LedgerKey::new(dev, layout, &owners);
+        let sorted = self
+            .ledgers()
+            .claim_pass(&key, ids, &claimant, enforce, again);
         if enforce && (!sorted.dirty.is_empty() || !sorted.failed.is_empty()) {
             let named: HashSet<u32> = sorted.dirty.iter().chain(&sorted.failed).copied().collect();
             let blocks = in_order(ids, &named);
@@ -832,13 +832,14 @@ impl Allocator {
             ..Round::default()
         };
         if sorted.dirty.is_empty() {
-            return Ok(round);
+            return self.still_live(dev, layout, round);
         }
         round.unknown = sorted.unknown.iter().copied().collect();
         let gate = ScrubFor::Gate {
             claimant: &claimant,
             seen: sorted.dirty_generations,
             unknown: &round.unknown,
+            owners: &round.owners,
         };
         let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
             Ok(done) => done,
@@ -875,7 +876,26 @@ impl Allocator {
                     && !round.forgotten.contains(id)
             })
             .collect();
-        Ok(round)
+        self.still_live(dev, layout, round)
+    }
+
+    /// `round`, once its regions are found, under the pool lock, to be the live allocations
+    /// it sorted and scrubbed its blocks in. What it handed over (clean blocks, the
+    /// claimant's, verified ones) was handed over in the ledger of those allocations, whose
+    /// key names their scrub sequence, which every free changes: after a free, that ledger is
+    /// a freed memory's (maybe another caller's now, at the same addresses), no later claim
+    /// reads it, and the claim is refused (`NotLive`) with nothing taken as handed over.
+    fn still_live(&self, dev: u32, layout: &KvLayout, round: Round) -> Result<Round, KvClaimError> {
+        let changed = self.with_pool(dev, |pool, _, _, _| {
+            region_owners(pool, dev, layout, Some(&round.owners)).err()
+        });
+        match changed {
+            None => Ok(round),
+            Some(e) => {
+                self.report_failed(dev, &round);
+                Err(self.refuse_claim(dev, e.to_string(), e.into()))
+            }
+        }
     }
 
     /// Before a KV scrub is submitted (under the pool lock, with its regions resolved): the
