@@ -199,7 +199,7 @@ struct Conn {
 /// new connection, finding every slot taken, may take it. Counted from the connection, not
 /// from its last bytes: a scraper or a probe sends its request head in one packet as it
 /// connects, and one still sending after a second is stalling, however it trickles.
-const STALL_GRACE: Duration = Duration::from_secs(1);
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a draining connection may still discard.
 const DRAIN_BYTES: usize = 1 << 20;
