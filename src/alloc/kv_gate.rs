@@ -544,8 +544,9 @@ pub struct KvClaimReport {
 /// Why a claim did not run, or did not finish.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KvClaimError {
-    /// Refused before any change (bad layout or ids, memory not live, device), or the gate's
-    /// scrub did not finish; see [`KvScrubError`]. In the second case blocks may have been
+    /// Refused before any change (bad layout or ids, memory not live, device), refused as
+    /// not live after the claim sorted or scrubbed its blocks (its cache was freed meanwhile:
+    /// nothing is handed over), or the gate's scrub did not finish; see [`KvScrubError`]. In the second case blocks may have been
     /// handed over already (those that needed no scrub, those the stopped scrub verified
     /// before it stopped, and, when the claim was made again after its ledger was forgotten,
     /// those its first scrub verified): the call failed as a whole, but the ledger names the
