@@ -368,6 +368,13 @@ impl Stats {
     }
 }
 
+/// Unix seconds of `t`, to the millisecond (0 before 1970): the statistics' and the metrics'
+/// timestamps.
+pub fn unix_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_millis() as f64 / 1000.0)
+}
+
 #[cfg(test)]
 mod latency_tests {
     use super::PoolCounters;

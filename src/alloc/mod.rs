@@ -199,7 +199,7 @@ impl Allocator {
             shutting_down,
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
             kv_batches_in_flight: AtomicU64::new(0),
-            started_at: unix_seconds_now(),
+            started_at: crate::stats::unix_seconds(std::time::SystemTime::now()),
         });
         spawn_flusher(Arc::downgrade(&inner));
         Allocator { inner }
@@ -1266,13 +1266,6 @@ fn blocks_waiting(per_device: &[(u32, usize)]) -> String {
             format!("{total} {} ({}) {verb}", noun(total), each.join(", "))
         }
     }
-}
-
-/// Unix seconds now, to the millisecond (0 before 1970).
-fn unix_seconds_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_millis() as f64 / 1000.0)
 }
 
 #[cfg(test)]

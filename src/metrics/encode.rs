@@ -25,7 +25,7 @@
 //! missing from the metrics; the tests fail until the table gives it a proper name and help.
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde_json::Value;
 
@@ -877,9 +877,7 @@ fn encode_document_labelled(
         &info,
         "1".into(),
     );
-    let secs = at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_millis() as f64 / 1000.0);
+    let secs = crate::stats::unix_seconds(at);
     fams.add(
         SNAPSHOT_TIMESTAMP,
         Kind::Gauge,
@@ -1041,7 +1039,7 @@ mod tests {
     use crate::forensic::LogStats;
     use crate::metrics::parse::parse;
     use crate::stats::{PoolCounters, Stats};
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     /// The `kvh_stats_json` document of a runtime with a forensic log, as the exporters
     /// see it.
