@@ -135,8 +135,8 @@ impl Server {
 
     /// Requests refused: too slow (408, or closed unanswered when a new connection took the
     /// slot of one without a whole request [`STALL_GRACE`] after connecting), too large (431),
-    /// malformed (400),
-    /// or over the connection limit (503, or closed unanswered beyond twice the limit).
+    /// malformed (400), or over the connection limit (503, or closed unanswered beyond twice
+    /// the limit).
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
