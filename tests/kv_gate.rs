@@ -565,6 +565,46 @@ fn held_cache() -> (
     (alloc, backend, layout)
 }
 
+/// Block 5 is claimed by request w and written; request x then claims it, and while the gate's
+/// scrub for x is held on stream 3, `during` runs. Returns x's claim and what `during` gave.
+fn x_claims_ws_block_while<R>(
+    alloc: &kvhygiene::alloc::Allocator,
+    backend: &held::Held,
+    layout: &KvLayout,
+    during: impl FnOnce() -> R,
+) -> (Result<KvClaimReport, KvClaimError>, R) {
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(backend, layout, 5, 0x77);
+    backend.hold(3, true);
+    std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        let got = during();
+        backend.hold(3, false);
+        (x.join().unwrap(), got)
+    })
+}
+
+/// The blocks the last gate scrub's `kv_scrub` record says failed.
+fn last_gate_scrub_failed_blocks(f: &Fixture) -> u64 {
+    f.sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r.failed_blocks),
+            _ => None,
+        })
+        .last()
+        .unwrap()
+}
+
 fn held_fill(b: &held::Held, layout: &KvLayout, id: u64, tag: u8) {
     use kvhygiene::backend::Backend;
     for &base in &layout.regions {
@@ -615,27 +655,15 @@ fn an_engine_verdict_that_lands_after_a_new_owner_took_the_block_is_not_applied(
 #[test]
 fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
     let (alloc, backend, layout) = held_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let (x, y) = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        backend.wait_submitted(3, 1);
+    let (x, y) = x_claims_ws_block_while(&alloc, &backend, &layout, || {
         let y = as_request("t", "y", || {
             alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
         })
         .unwrap();
         held_fill(&backend, &layout, 5, 0xcd); // y's keys and values
-        backend.hold(3, false);
-        (x.join().unwrap().unwrap(), y)
+        y
     });
+    let x = x.unwrap();
     assert_eq!((y.claimed, y.gate_scrubbed.clone()), (1, vec![5]));
     assert_eq!(
         (x.claimed, x.taken.clone(), x.refused.len()),
@@ -654,19 +682,7 @@ fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() 
     let (alloc, backend, layout) = held_cache();
     // As many other caches as ledgers are kept, each a single-block layout of its own.
     let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let x = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        backend.wait_submitted(3, 1);
+    let (x, ()) = x_claims_ws_block_while(&alloc, &backend, &layout, || {
         // While x's gate scrub runs, the engine scrubs the other caches: the least recently
         // used ledger (the first cache's) is forgotten. No claim names block 5 meanwhile.
         for other in &others {
@@ -674,9 +690,8 @@ fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() 
                 .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
                 .unwrap();
         }
-        backend.hold(3, false);
-        x.join().unwrap().unwrap()
     });
+    let x = x.unwrap();
     // Nobody else claimed block 5: the claim must not say another claim took it
     // (KVH_ERR_KV_TAKEN, "two requests were given the same blocks"). The block was verified
     // by x's scrub and is handed to x.
@@ -991,19 +1006,7 @@ fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
 fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_took_meanwhile() {
     let (alloc, backend, layout) = held_cache();
     let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let (x, z) = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        backend.wait_submitted(3, 1);
+    let (x, z) = x_claims_ws_block_while(&alloc, &backend, &layout, || {
         for other in &others {
             alloc
                 .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
@@ -1015,9 +1018,9 @@ fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_too
             .claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
             .unwrap();
         held_fill(&backend, &layout, 5, 0xcd);
-        backend.hold(3, false);
-        (x.join().unwrap().unwrap(), z)
+        z
     });
+    let x = x.unwrap();
     assert_eq!(z.claimed, 1, "{z:?}");
     assert!(
         x.claimed == 0 && x.taken == vec![5],
@@ -1660,16 +1663,7 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_that_errs_part_way_leaves_a_kv_gate
         matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
         "{r:?}"
     );
-    let failed: u64 = f
-        .sink
-        .snapshot()
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r.failed_blocks),
-            _ => None,
-        })
-        .last()
-        .unwrap();
+    let failed = last_gate_scrub_failed_blocks(&f);
     assert!(
         failed > 0,
         "precondition: the gate's scrub failed verification of a block"
@@ -1693,19 +1687,7 @@ fn a_claim_whose_cache_is_freed_and_handed_out_again_while_the_gate_scrubs_is_no
     let (alloc, backend, layout) = held_cache();
     let a = layout.regions[0];
     let len = (2 * BLOCKS * BLOCK) as i64;
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let x = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        backend.wait_submitted(3, 1);
+    let (x, ()) = x_claims_ws_block_while(&alloc, &backend, &layout, || {
         // While the gate's scrub runs, the engine frees the cache; the pool scrubs it and
         // hands the same bytes to another caller, who writes its secret.
         alloc.free(a, len, 0, StreamHandle(1)).unwrap();
@@ -1716,8 +1698,6 @@ fn a_claim_whose_cache_is_freed_and_handed_out_again_while_the_gate_scrubs_is_no
             "precondition: the pool handed the same bytes out again"
         );
         held_fill(&backend, &layout, 5, 0xee);
-        backend.hold(3, false);
-        x.join().unwrap()
     });
     assert!(
         matches!(x, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
@@ -1757,16 +1737,7 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_refused_as_not_live_leaves_a_kv_gat
         matches!(r, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
         "precondition: {r:?}"
     );
-    let failed: u64 = f
-        .sink
-        .snapshot()
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r.failed_blocks),
-            _ => None,
-        })
-        .last()
-        .unwrap();
+    let failed = last_gate_scrub_failed_blocks(&f);
     assert_eq!(failed, 1, "precondition: the gate's scrub failed block 4");
     let v = gate_violations(&f);
     assert!(
