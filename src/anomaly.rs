@@ -659,10 +659,9 @@ impl AnomalySink {
             d.emit(event);
         }
     }
-}
 
-impl EventSink for AnomalySink {
-    fn emit(&self, event: Event) {
+    /// Forwards `event`, then counts it toward its signals as having happened at `now`.
+    fn emit_at(&self, event: Event, now: Instant) {
         let signals = signals_of(&event.kind);
         if signals.is_empty() {
             return self.forward(event);
@@ -676,9 +675,6 @@ impl EventSink for AnomalySink {
             _ => event.context.clone(),
         };
         let at = event.at;
-        // Timed before it is passed on: a sink that holds it (a full log queue waits) must not
-        // move it in time, next to events that happened later.
-        let now = self.clock.now();
         // The event first, before the detector looks at it: whatever happens in the detector,
         // the security event itself has reached the log (invariant 5), and the anomaly record
         // follows it in this thread's order.
@@ -693,6 +689,24 @@ impl EventSink for AnomalySink {
         };
         for a in fired {
             self.forward(a.into_event(window_ms, at));
+        }
+    }
+}
+
+impl EventSink for AnomalySink {
+    fn emit(&self, event: Event) {
+        // Timed before it is passed on: a sink that holds it (a full log queue waits) must not
+        // move it in time, next to events that happened later.
+        let now = self.clock.now();
+        self.emit_at(event, now);
+    }
+
+    fn emit_all(&self, events: Vec<Event>) {
+        // One pool operation's events happened together: timed once, so a sink behind that
+        // holds the first back does not count the rest windows later (a burst split in two).
+        let now = self.clock.now();
+        for event in events {
+            self.emit_at(event, now);
         }
     }
 

@@ -375,6 +375,16 @@ pub struct Event {
 pub trait EventSink: Send + Sync {
     fn emit(&self, event: Event);
 
+    /// Emits the events of one pool operation, in order. They happened together, under one
+    /// pool lock: a sink that times events on arrival (the anomaly detector) times them once,
+    /// so a sink behind it that holds the first one back cannot spread them over later
+    /// windows.
+    fn emit_all(&self, events: Vec<Event>) {
+        for event in events {
+            self.emit(event);
+        }
+    }
+
     /// Makes every event emitted so far durable (called before a fail-closed abort).
     fn flush(&self) {}
 }
@@ -428,6 +438,15 @@ impl EventSink for FanoutSink {
                 sink.emit(event.clone());
             }
             last.emit(event);
+        }
+    }
+
+    fn emit_all(&self, events: Vec<Event>) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for sink in rest {
+                sink.emit_all(events.clone());
+            }
+            last.emit_all(events);
         }
     }
 

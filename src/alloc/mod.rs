@@ -1164,8 +1164,8 @@ impl Allocator {
 
     fn emit(&self, events: Vec<Event>) {
         if let Some(sink) = &self.inner.sink {
-            for e in events {
-                sink.emit(e);
+            if !events.is_empty() {
+                sink.emit_all(events);
             }
         }
     }
