@@ -548,11 +548,22 @@ fn held_cache() -> (
     std::sync::Arc<held::Held>,
     KvLayout,
 ) {
+    held_cache_into(None)
+}
+
+/// As [`held_cache`], the allocator's events going to `sink`.
+fn held_cache_into(
+    sink: Option<std::sync::Arc<dyn kvhygiene::events::EventSink>>,
+) -> (
+    kvhygiene::alloc::Allocator,
+    std::sync::Arc<held::Held>,
+    KvLayout,
+) {
     let backend = held::Held::new();
     let alloc = kvhygiene::alloc::Allocator::new(
         backend.clone(),
         config(KvGateMode::Scrub, KvGateScope::Request),
-        None,
+        sink,
     );
     let len = 2 * BLOCKS * BLOCK;
     let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
@@ -851,6 +862,60 @@ fn a_claim_whose_ledger_is_forgotten_twice_is_not_reported_as_taken() {
         x.taken.is_empty(),
         "no other claim named block 5, yet the claim reports it taken by another claim \
          (KVH_ERR_KV_TAKEN): {x:?}"
+    );
+}
+
+/// A claim whose cache ledger is forgotten while each of the gate's four scrubs runs (more
+/// caches claim than the gate keeps ledgers for) does not hand the block over: the caller is
+/// told it was not handed over (with the taken ones), and the one `kv_gate` record says why,
+/// the ledger lost at every pass, not that another claim took it.
+#[test]
+fn a_claim_whose_ledger_is_forgotten_at_every_pass_records_why_once() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    let others = single_block_caches(&alloc, 64);
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    let forget = || {
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+    };
+    let x = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        for pass in 1..=4 {
+            backend.wait_submitted(3, pass);
+            forget();
+            backend.let_through(3, pass);
+        }
+        backend.hold(3, false);
+        x.join().unwrap().unwrap()
+    });
+    assert_eq!((x.claimed, x.taken.clone()), (0, vec![5]), "{x:?}");
+    let records: Vec<String> = sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PolicyViolation {
+                policy: "kv_gate",
+                detail,
+            } if detail.contains("ids 5") => Some(detail),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        records.len() == 1 && records[0].contains("forgotten 4 times"),
+        "the kv_gate records naming block 5: {records:#?}"
     );
 }
 

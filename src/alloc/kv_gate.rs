@@ -616,6 +616,7 @@ impl Allocator {
         let mut round = self.claim_round(dev, layout, ids, device, stream, mode, None)?;
         let first_owners = std::mem::take(&mut round.owners);
         let mut passes = 1;
+        let mut lost_every_pass = Vec::new();
         while !round.forgotten.is_empty() {
             // Verified, but the ledger that would have recorded it was forgotten meanwhile:
             // claimed once more through the ledger there is now, so that it names the
@@ -634,7 +635,7 @@ impl Allocator {
                         id_list(&in_order(ids, &lost.iter().copied().collect()))
                     ),
                 );
-                round.taken.extend(lost);
+                lost_every_pass = lost;
                 break;
             }
             passes += 1;
@@ -652,6 +653,7 @@ impl Allocator {
                 Ok(again) => again,
                 Err(e) => {
                     self.report_failed(dev, &round);
+                    self.report_taken(dev, ids, &round.taken);
                     return Err(e);
                 }
             };
@@ -671,7 +673,7 @@ impl Allocator {
         self.report_failed(dev, &round);
         let Round {
             refused,
-            taken,
+            mut taken,
             gate_scrubbed,
             unknown,
             ..
@@ -680,17 +682,9 @@ impl Allocator {
         // The first pass says whose blocks they were; a later pass only re-files them.
         let unknown_owner: HashSet<u32> = unknown.intersection(&gate_scrubbed).copied().collect();
         let gate_scrubbed = in_order(ids, &gate_scrubbed);
-        if !taken.is_empty() {
-            self.report_gate_violation(
-                dev,
-                format!(
-                    "{} KV blocks changed hands while the gate scrubbed them for this claim \
-                     (ids {}): another claim took them; they were not handed over",
-                    taken.len(),
-                    id_list(&in_order(ids, &taken))
-                ),
-            );
-        }
+        self.report_taken(dev, ids, &taken);
+        // Recorded above as lost; reported to the caller with the taken ones.
+        taken.extend(lost_every_pass);
         let claimed = (ids.len() - refused.len() - taken.len()) as u64;
         self.with_pool(dev, |pool, _, _, _| {
             let c = &mut pool.stats.counters;
@@ -738,6 +732,23 @@ impl Allocator {
             ),
         );
         Ok(())
+    }
+
+    /// Records the blocks of `ids` a claim did not hand over because another claim took them
+    /// while the gate scrubbed them.
+    fn report_taken(&self, dev: u32, ids: &[u32], taken: &HashSet<u32>) {
+        if taken.is_empty() {
+            return;
+        }
+        self.report_gate_violation(
+            dev,
+            format!(
+                "{} KV blocks changed hands while the gate scrubbed them for this claim \
+                 (ids {}): another claim took them; they were not handed over",
+                taken.len(),
+                id_list(&in_order(ids, taken))
+            ),
+        );
     }
 
     /// Records the blocks a claim did not hand over because a scrub of them failed
