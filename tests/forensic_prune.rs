@@ -2634,3 +2634,75 @@ fn an_ended_chain_whose_records_name_no_signer_moves_whole_with_its_final_checkp
     let r = verify(&s.log, &opts);
     assert!(r.ok(), "{:?}", r.first_problem());
 }
+
+/// A small file system mounted on a directory for one test (tmpfs), unmounted when dropped.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    /// Mounts a tmpfs of `size` on `dir` with `options` (`ro`, ...); `None`, said on
+    /// stderr, where this process may not mount.
+    fn tmpfs(dir: &Path, size: &str, options: &str) -> Option<Mounted> {
+        let opts = format!("size={size},mode=0700{options}");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("skipped: this process may not mount a tmpfs");
+            return None;
+        }
+        Some(Mounted(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// A dry run says what the real run would do: into an archive whose file system is too small
+/// for the copies, the real run stops when it is full (exit 2; what was not copied stays in
+/// the log, nothing is lost), and the dry run says so before, naming the space. An archive
+/// with room passes the dry run.
+#[test]
+fn a_dry_run_names_an_archive_too_small_for_the_copies() {
+    let s = setup();
+    open_chain(&s.log, 600);
+    let before = chain_files(&s.log);
+    let Some(_small) = Mounted::tmpfs(&s.archive, "64k", "") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
+    expect_failure(&dry, 2, "file system has");
+    assert_eq!(chain_files(&s.log), before, "a dry run moved files");
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        verify(&s.log, &with_archive(&s)).ok(),
+        "the log with what reached the archive no longer verifies"
+    );
+    drop(_small);
+
+    let Some(_roomy) = Mounted::tmpfs(&s.archive, "64m", "") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry.stderr));
+}
+
+/// A dry run into an archive on a read-only file system fails as the real run does (exit 2),
+/// saying that no file can be created there; for root too, whom the mode bits do not stop.
+#[test]
+fn a_dry_run_names_an_archive_no_file_can_be_created_in() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let Some(_ro) = Mounted::tmpfs(&s.archive, "1m", ",ro") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
+    expect_failure(&dry, 2, "no file can be created");
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

@@ -104,7 +104,9 @@ pub struct PruneLogArgs {
     /// Checkpoint file or directory (needs --public-key).
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
-    /// Say what would move; move nothing.
+    /// Say what would move, and fail (exit 2) where the real run would: the archive holds
+    /// other bytes under a name, cannot take a new file, or lacks room for the copies. Move
+    /// nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Print the result as JSON on stdout.
@@ -483,6 +485,9 @@ struct PruneOutcome<'a> {
     /// The verification that refused the move, as `verify-log --json` reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     verification: Option<&'a Report>,
+    /// A dry run's finding that the archive would not take the copies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive_refuses: Option<&'a str>,
 }
 
 /// Runs `prune-log`; returns the process exit code: 0 done (or nothing to move), 1 the log
@@ -537,6 +542,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
                 files: 0,
                 bytes: 0,
                 verification: Some(&run.before),
+                archive_refuses: None,
             };
             let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
             out.line(format_args!("{text}"));
@@ -555,6 +561,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             files,
             bytes,
             verification: None,
+            archive_refuses: run.archive_refuses.as_deref(),
         };
         let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
         out.line(format_args!("{text}"));
@@ -614,6 +621,9 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             return Ok(EXIT_USAGE);
         }
     }
+    if let Some(why) = &run.archive_refuses {
+        crate::say(format_args!("kvh prune-log: {why}"));
+    }
     // One chain that could not move (changed since the verification, an I/O error) did not
     // hold the others back; it is said here, and the exit status says it too.
     for e in &run.refused {
@@ -635,6 +645,9 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             "kvh prune-log: {failed} chain(s) not moved, or not wholly, for an I/O error or a \
              marked file (see above)"
         ));
+        return Ok(EXIT_USAGE);
+    }
+    if run.archive_refuses.is_some() {
         return Ok(EXIT_USAGE);
     }
     if !run.refused.is_empty() {

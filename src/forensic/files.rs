@@ -277,6 +277,69 @@ pub fn unnamed_files_supported(dir: &Path) -> bool {
     }
 }
 
+/// Whether a file can be created in the directory `dir`, found without leaving one behind: an
+/// unnamed file (`O_TMPFILE`) is made and closed, which also meets a read-only mount and, for
+/// root, what the mode bits do not stop. Where the file system cannot make unnamed files, the
+/// kernel's access check answers instead.
+pub fn can_create_in(dir: &Path) -> io::Result<()> {
+    match OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error().is_some_and(unnamed_unsupported) => {
+            let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
+            // SAFETY: `path` is a NUL-terminated string that lives across the call; access
+            // reads it and nothing else.
+            let rc = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The space on the file system holding `path` that this process may still fill, and its
+/// block size. Root may also fill the blocks a file system keeps back for it.
+pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
+    // SAFETY: an all-zero `statvfs` is a valid value of the plain C struct; statvfs
+    // overwrites it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is NUL-terminated and outlives the call; `st` is a valid, writable
+    // `statvfs` that the call fills.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let blocks = if unsafe { libc::geteuid() } == 0 {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    let block = u64::from(st.f_frsize).max(1);
+    Ok(FreeSpace {
+        bytes: u64::from(blocks).saturating_mul(block),
+        block,
+    })
+}
+
+/// What [`free_space`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreeSpace {
+    /// Bytes this process may still write.
+    pub bytes: u64,
+    /// The file system's block size: each file takes whole blocks.
+    pub block: u64,
+}
+
 /// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and
 /// links it in as `dest`: nothing is left under another name, in a directory that refuses
 /// removals (`chattr +a`) too. `None` where the file system or the system cannot make an

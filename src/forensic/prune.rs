@@ -390,14 +390,43 @@ fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> 
 }
 
 /// What a dry run finds in place of [`archive_copy`]: an archive file already named `name`
-/// must hold `bytes` (a rerun's copy), as the real run will require. Writes nothing.
-fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
+/// must hold `bytes` (a rerun's copy), as the real run will require. Writes nothing; says
+/// whether the real run would write a new copy.
+fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<bool, String> {
     let dest = archive.join(name);
     match dest.symlink_metadata() {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(format!("{}: {e}", dest.display())),
-        Ok(_) => holds_the_same(&dest, bytes),
+        Ok(_) => holds_the_same(&dest, bytes).map(|()| false),
     }
+}
+
+/// What a dry run finds in place of the writes of the copies it counted (`files`, `bytes`):
+/// the archive directory takes a new file, and its file system has room for them, each
+/// rounded up to whole blocks. Writes nothing.
+fn archive_has_room(archive: &Path, (files, bytes): (u64, u64)) -> Result<(), String> {
+    if files == 0 {
+        return Ok(());
+    }
+    files::can_create_in(archive).map_err(|e| {
+        format!(
+            "{}: no file can be created in the archive directory: {e}; the real run would \
+             move nothing",
+            archive.display()
+        )
+    })?;
+    let free = files::free_space(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    let needed = bytes.saturating_add(files.saturating_mul(free.block));
+    if needed > free.bytes {
+        return Err(format!(
+            "{}: the copies need up to {needed} bytes ({files} files, {bytes} bytes of \
+             records), but its file system has {} bytes free; the real run would stop when \
+             it is full (what was not copied stays in the log)",
+            archive.display(),
+            free.bytes
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `dest` (read as a regular file, not followed) holds exactly `bytes`.
@@ -578,6 +607,10 @@ pub struct ChainPruned {
     /// with one fails (exit 2), as one whose first file is marked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_marked: Option<String>,
+    /// In a dry run: the files, and their bytes, that the archive does not hold yet (what
+    /// the real run would write there).
+    #[serde(skip)]
+    pub new_copies: (u64, u64),
 }
 
 /// Why a chain was not (wholly) moved.
@@ -698,7 +731,10 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             .file(*index, &bytes)
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
         if plan.req.dry_run {
-            archive_accepts(&bytes, plan.req.archive, &name)?;
+            if archive_accepts(&bytes, plan.req.archive, &name)? {
+                done.new_copies.0 += 1;
+                done.new_copies.1 += bytes.len() as u64;
+            }
         } else {
             archive_copy(&bytes, plan.req.archive, &name)?;
         }
@@ -763,6 +799,9 @@ pub struct PruneRun {
     pub refused: Vec<PruneError>,
     /// The verification of what is left, when files moved.
     pub after: Option<Report>,
+    /// In a dry run: why the archive would not take the copies (the real run would stop
+    /// there, exit 2).
+    pub archive_refuses: Option<String>,
 }
 
 /// `kvh prune-log`: verifies the log, then moves what may move of each chain
@@ -804,6 +843,7 @@ pub fn prune_all(
         moved: Vec::new(),
         refused: Vec::new(),
         after: None,
+        archive_refuses: None,
     };
     if !run.before.ok() {
         return Ok(run);
@@ -847,6 +887,15 @@ pub fn prune_all(
             }
             Err(e) => refused.push(e),
         }
+    }
+    if req.dry_run {
+        let copies = moved.iter().fold((0u64, 0u64), |(f, b), c| {
+            (
+                f.saturating_add(c.new_copies.0),
+                b.saturating_add(c.new_copies.1),
+            )
+        });
+        run.archive_refuses = archive_has_room(req.archive, copies).err();
     }
     run.moved = moved;
     run.refused = refused;
