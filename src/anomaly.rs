@@ -76,7 +76,8 @@ const MAX_CATCH_UP: u64 = 64;
 
 /// The signals an event counts toward. A scrub that failed and read a non-zero sample is both
 /// `verify_failed` and `residue`; a block quarantined for residue is both `residue` and
-/// `quarantine`. A KV block that failed counts once per call, through its first failed
+/// `quarantine`, and a block counts toward `quarantine` once, when it enters quarantine (not
+/// again when its re-scrub fails). A KV block that failed counts once per call, through its first failed
 /// segment (`KvTally`), however many of its regions failed. The never-reuse policy's retirements are the control working, not a signal
 /// (as in `kvh evidence`), and the detector's own records never count, so it cannot feed
 /// itself.
@@ -95,11 +96,13 @@ pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
             KvTally::Segment => &[],
         },
         EventKind::Quarantined { reason } => match reason {
-            QuarantineReason::Residue | QuarantineReason::RescrubResidue => {
-                &[S::Residue, S::Quarantine]
-            }
-            QuarantineReason::NeverReusePolicy => &[],
-            QuarantineReason::VerifyFailed | QuarantineReason::RescrubFailed => &[S::Quarantine],
+            QuarantineReason::Residue => &[S::Residue, S::Quarantine],
+            QuarantineReason::VerifyFailed => &[S::Quarantine],
+            // A failed re-scrub keeps a block in quarantine that was counted when it entered:
+            // a block is one quarantine, as in `blocks_quarantined`. Residue its re-scrub read
+            // is a reading of its own, counted as `residue_detected` counts it.
+            QuarantineReason::RescrubResidue => &[S::Residue],
+            QuarantineReason::RescrubFailed | QuarantineReason::NeverReusePolicy => &[],
         },
         EventKind::TtlExceeded { .. } => &[S::TtlExceeded],
         EventKind::PolicyViolation { .. } => &[S::PolicyViolation],
@@ -868,7 +871,7 @@ mod tests {
     }
 
     #[test]
-    fn quarantines_count_except_the_never_reuse_policy() {
+    fn blocks_entering_quarantine_count_except_the_never_reuse_policys() {
         let q = |reason| signals(EventKind::Quarantined { reason });
         assert_eq!(
             q(QuarantineReason::Residue),
@@ -878,9 +881,10 @@ mod tests {
             q(QuarantineReason::VerifyFailed),
             [AnomalySignal::Quarantine]
         );
+        assert!(q(QuarantineReason::RescrubFailed).is_empty());
         assert_eq!(
-            q(QuarantineReason::RescrubFailed),
-            [AnomalySignal::Quarantine]
+            q(QuarantineReason::RescrubResidue),
+            [AnomalySignal::Residue]
         );
         assert!(q(QuarantineReason::NeverReusePolicy).is_empty());
     }

@@ -97,7 +97,8 @@ pub enum AnomalySignal {
     VerifyFailed,
     /// Scrubs that read a non-zero sample: something wrote to memory after it was freed.
     Residue,
-    /// Blocks quarantined for a failure (not the never-reuse policy's retirements).
+    /// Blocks quarantined for a failure (not the never-reuse policy's retirements), each
+    /// once: a failed re-scrub keeps a block quarantined, it does not count it again.
     Quarantine,
     /// Blocks live longer than the live TTL (`ttl_exceeded`).
     TtlExceeded,

@@ -197,3 +197,44 @@ fn a_freed_block_is_a_verify_failed_burst_only_when_its_rescrub_fails_too() {
         );
     }
 }
+
+/// A block counts toward `quarantine` once, when it enters quarantine, as
+/// `blocks_quarantined` counts it: its re-scrub failing too keeps it there and is no second
+/// quarantine. Two blocks whose scrubs and re-scrubs all fail are two quarantines, below the
+/// burst threshold (4); four are a burst.
+#[test]
+fn a_block_whose_rescrub_fails_too_is_one_quarantine() {
+    for (blocks, bursts) in [(2u64, 0usize), (4, 1)] {
+        let (backend, mem, alloc) = detected();
+        let previous =
+            Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
+        let ptrs: Vec<u64> = (0..blocks)
+            .map(|i| {
+                let a = alloc.malloc(4096, 0, S).unwrap();
+                backend.write(0, a, &secret(4096, i as u8)).unwrap();
+                a
+            })
+            .collect();
+        // Every block's scrub, and then its re-scrub, leave half of it unzeroed.
+        backend.host.inject_skip_tail(2 * blocks);
+        for &a in &ptrs {
+            assert!(alloc.free_checked(a, 4096, 0, S).is_err(), "quarantined");
+        }
+        alloc.synchronize().unwrap();
+        Context::set_current(previous);
+
+        let events = mem.snapshot();
+        let kinds: Vec<String> = events.iter().map(|e| format!("{:?}", e.kind)).collect();
+        let c = alloc.stats().counters;
+        assert_eq!(
+            (c.quarantined, c.rescrub_failed),
+            (blocks, blocks),
+            "precondition: {kinds:#?}"
+        );
+        assert_eq!(
+            anomalies_of(&events, AnomalySignal::Quarantine),
+            bursts,
+            "{blocks} blocks quarantined, their re-scrubs failed: {kinds:#?}"
+        );
+    }
+}
