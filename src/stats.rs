@@ -117,7 +117,8 @@ counters! {
     kv_scrub_batches,
     /// KV blocks with a segment that failed verification or read residue.
     kv_blocks_failed,
-    /// `kvh_scrub_blocks` calls refused (bad layout or ids, memory not live).
+    /// `kvh_scrub_blocks` calls the allocator refused (bad layout or ids, memory not live);
+    /// not those the C boundary refuses before reaching it (a NULL, an over-limit count).
     kv_scrubs_refused,
     /// `kvh_claim_blocks` calls that were judged, and the KV blocks they handed over.
     kv_claim_calls,

@@ -384,7 +384,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "kvh_scrub_blocks calls refused (bad layout or block ids, memory not live)."
+        "kvh_scrub_blocks calls the allocator refused (bad layout or block ids, memory not live; not those refused at the C boundary for a NULL or an over-limit count)."
     ),
     // The KV eviction gate (`kvh_claim_blocks`).
     series!(
