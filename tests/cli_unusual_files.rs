@@ -275,3 +275,139 @@ fn a_suggested_shell_word_for_a_path_that_is_not_utf8_expands_to_that_path() {
         }
     }
 }
+
+/// A chain file is read whole (at most 4 GiB), so a verifier needs about as much memory as
+/// the file is large; the line it refuses must not cost many times more. A 32 MiB chain file
+/// whose single line is a JSON object (a long array of zeros) with no seal is reported as a
+/// problem at its line (exit 1) by a `verify-log` whose address space is limited to 256 MiB,
+/// eight times the file: the refusal does not build the line as a JSON tree to word it.
+#[test]
+fn a_large_line_that_is_not_a_record_is_refused_within_bounded_memory() {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let file = dir.join("kvh-p1-t2-000000.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+    f.write_all(b"{\"a\":[").unwrap();
+    let zeros = 16 * 1024 * 1024;
+    for _ in 1..zeros {
+        f.write_all(b"0,").unwrap();
+    }
+    f.write_all(b"0]}\n").unwrap();
+    f.into_inner().unwrap().sync_all().unwrap();
+    const LIMIT: libc::rlim_t = 256 << 20;
+    let mut cmd = kvh();
+    cmd.arg("verify-log").arg(&dir);
+    // SAFETY: only setrlimit, which is async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a 32 MiB line that is not a record is not refused within 256 MiB of memory \
+         (status {:?}): {stdout}{}",
+        out.status,
+        stderr.lines().take(3).collect::<Vec<_>>().join("\n")
+    );
+    assert!(stdout.contains("kvh-p1-t2-000000.jsonl:1:"), "{stdout}");
+}
+
+/// Every name in `verify-log`'s text report that a file in the log directory chose (here a
+/// file planted under a checkpoint name, `kvh-*.ckpt`, holding terminal escapes, a carriage
+/// return and a line break) is shown escaped, as the names of files that look like chain
+/// files are: a planted name cannot move the cursor, erase or hide lines, or add a line that
+/// reads as the verdict `OK` to a report that failed.
+#[test]
+fn a_planted_checkpoint_name_cannot_rewrite_the_verify_log_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    write_log(&c, 3, false);
+    let planted = dir.join("kvh-\u{1b}[2A\u{1b}[2K\rchain p1-t2: 1 records: OK\nOK\u{1b}[8m.ckpt");
+    std::fs::write(&planted, "not a checkpoint").unwrap();
+    let out = kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--public-key")
+        .arg(&public)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        !stdout.contains(['\u{1b}', '\r']),
+        "the report holds the planted name's control characters raw: {stdout:?}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l == "OK"),
+        "the planted name adds a line `OK` to a report that failed: {stdout:?}"
+    );
+}
+
+/// As for checkpoint names, a text a planted prune manifest holds (the name of a file it
+/// lists) is shown escaped when `verify-log`, with no option, reports the manifest.
+#[test]
+fn a_planted_manifest_cannot_rewrite_the_verify_log_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    let manifest = serde_json::json!({
+        "v": 1,
+        "chain": "p1-t2",
+        "files": [{
+            "name": "\u{1b}[1A\u{1b}[2K\rOK\n\u{1b}[8m",
+            "sha256": "00".repeat(32),
+            "first_seq": 0,
+            "last_seq": 1,
+            "last_hash": "00".repeat(32),
+            "oldest_ts": 0,
+            "newest_ts": 0
+        }],
+        "complete": true,
+        "archive": "/nowhere",
+        "updated_at": 0
+    });
+    std::fs::write(
+        dir.join("kvh-p1-t2.pruned.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let out = kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        !stdout.contains(['\u{1b}', '\r']),
+        "the report holds the manifest's control characters raw: {stdout:?}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l == "OK"),
+        "the manifest adds a line `OK` to a report that failed: {stdout:?}"
+    );
+}

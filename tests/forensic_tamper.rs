@@ -609,3 +609,46 @@ fn a_checkpoint_under_another_chains_name_is_an_error() {
         "{r:?}"
     );
 }
+
+/// The canonical form has no duplicate keys, and a record's body is the record without
+/// `hash` and `mac` (docs/forensic-log.md, "Canonical form"): a line whose body holds a
+/// `mac` member of its own, before a seal that ends in another `mac`, is not in canonical
+/// form and is refused, though its hash was computed over the bytes before the seal.
+#[test]
+fn a_record_with_a_second_mac_member_in_its_body_is_reported() {
+    use kvhygiene::forensic::record::{self, write_canonical};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = unkeyed_log(&tmp);
+    let last = files.last().unwrap();
+    let mut lines = read_lines(last);
+    let n = lines.len();
+    let Value::Object(mut m) = serde_json::from_str::<Value>(&lines[n - 1]).unwrap() else {
+        panic!("not an object")
+    };
+    m.remove("hash");
+    let prev = record::parse_hash(m["prev"].as_str().unwrap()).unwrap();
+    m.insert("mac".into(), Value::String("not a seal".into()));
+    let mut body = Vec::new();
+    write_canonical(&Value::Object(m), &mut body).unwrap();
+    let hash = record::chain_hash(&prev, &body);
+    body.pop();
+    let line = format!(
+        "{},\"hash\":\"{}\",\"mac\":\"{}\"}}",
+        String::from_utf8(body).unwrap(),
+        record::hex(&hash),
+        "ab".repeat(32)
+    );
+    assert_eq!(line.matches("\"mac\":").count(), 2, "{line}");
+    lines[n - 1] = line;
+    write_lines(last, &lines);
+    let r = verify(&dir, &VerifyOptions::default());
+    let p = r
+        .first_problem()
+        .unwrap_or_else(|| panic!("a line with two `mac` members verifies: {r:?}"));
+    assert_eq!(
+        (p.file.as_str(), p.line),
+        (name(last).as_str(), n as u64),
+        "{p}"
+    );
+    assert_eq!(r.exit_code(), 1);
+}

@@ -385,11 +385,19 @@ fn write_text(
                 .map(|d| d.join(&p.file))
                 .find(|f| f.symlink_metadata().is_ok())
                 .unwrap_or_else(|| dir.join(&p.file));
-            writeln!(out, "  {}:{}: {}", path.display(), p.line, p.reason)?;
+            // Reasons quote names and text found in the directory, which anyone who can
+            // write there chose: shown escaped, they cannot rewrite the report's lines.
+            writeln!(
+                out,
+                "  {}:{}: {}",
+                crate::printable(&path.display().to_string()),
+                p.line,
+                crate::printable(&p.reason)
+            )?;
         }
     }
     for e in &r.errors {
-        writeln!(out, "error: {e}")?;
+        writeln!(out, "error: {}", crate::printable(e))?;
     }
     writeln!(out, "{}", if r.ok() { "OK" } else { "FAILED" })
 }

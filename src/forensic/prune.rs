@@ -148,13 +148,13 @@ impl Manifest {
             if f.name != files::file_name(&self.chain, i as u64) || f.first_seq != next_seq {
                 return Err(format!(
                     "manifest entry {i} ({}) does not continue the one before it",
-                    f.name
+                    f.name.escape_debug()
                 ));
             }
             if f.last_seq < f.first_seq {
                 return Err(format!(
                     "manifest entry {i} ({}) ends before it starts",
-                    f.name
+                    f.name.escape_debug()
                 ));
             }
             next_seq = f.last_seq.saturating_add(1);
@@ -192,7 +192,7 @@ pub fn read_manifest(dir: &Path, chain: &str) -> Result<Option<Manifest>, String
         return Err(format!(
             "{}: manifest of chain {}, not {chain}",
             path.display(),
-            m.chain
+            m.chain.escape_debug()
         ));
     }
     Ok(Some(m))

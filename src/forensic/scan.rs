@@ -74,6 +74,11 @@ pub fn scan(line: &[u8]) -> Result<Scanned<'_>, ScanError> {
             }
             return Ok(out);
         }
+        if key == b"mac" {
+            // The body is the record without `hash` and `mac`: a `mac` before the hash would
+            // be a second one, a key repeated.
+            return Err("record is not in canonical form (mac in its body)");
+        }
         if last_key.is_some_and(|k| !key_less(k, key)) {
             return Err("record is not in canonical form (keys not sorted or repeated)");
         }
@@ -356,6 +361,7 @@ mod tests {
         for body in [
             r#"{"b":1,"a":2}"#,
             r#"{"a":1,"a":1}"#,
+            r#"{"a":1,"mac":"00"}"#,
             r#"{"a": 1}"#,
             r#"{"a":1.0}"#,
             r#"{"a":01}"#,

@@ -1814,12 +1814,15 @@ impl<'a> Walk<'a> {
 }
 
 /// A precise reason for a line the scanner refused: JSON errors from a full parser (only
-/// on this failure path), canonical-form errors from the scanner.
+/// on this failure path), canonical-form errors from the scanner. The parser checks the
+/// syntax without building the value: a planted line of gigabytes costs no memory to refuse.
 #[cold]
 fn scan_reason(line: &[u8], scan_err: &str) -> String {
-    match serde_json::from_slice::<serde_json::Value>(line) {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
         Err(e) => format!("malformed JSON: {e}"),
-        Ok(v) if !v.is_object() => "record is not a JSON object".into(),
+        Ok(_) if line.trim_ascii_start().first() != Some(&b'{') => {
+            "record is not a JSON object".into()
+        }
         Ok(_) => scan_err.to_string(),
     }
 }

@@ -166,9 +166,12 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
     match tail(args) {
         Ok(()) => EXIT_OK,
         Err(Stop::Tampered { chain, reason }) => {
+            // The reason may quote names and text planted in the directory: escaped on the
+            // terminal (the JSON alert escapes them its own way).
+            let shown = crate::printable(&reason);
             match &chain {
-                Some(c) => crate::say(format_args!("kvh tail-log: TAMPERING: chain {c}: {reason}")),
-                None => crate::say(format_args!("kvh tail-log: TAMPERING: {reason}")),
+                Some(c) => crate::say(format_args!("kvh tail-log: TAMPERING: chain {c}: {shown}")),
+                None => crate::say(format_args!("kvh tail-log: TAMPERING: {shown}")),
             }
             let alert = serde_json::json!({
                 "kvh_tail_log": "tampering",
