@@ -1729,6 +1729,10 @@ impl<'a> Walk<'a> {
             return Err(format!("epoch is not the file's index {index}"));
         }
         let seq = r.seq.ok_or("record has no seq")?;
+        if seq == u64::MAX {
+            // No record may follow it: the walk's next seq would not exist.
+            return Err("seq out of range".into());
+        }
         if seq != self.next_seq {
             return Err(format!(
                 "seq {seq}, expected {}: records deleted, duplicated or reordered",
