@@ -195,6 +195,8 @@ impl From<&crate::alloc::KvScrubError> for kvh_result {
             E::NotLive { .. } => KVH_ERR_NOT_LIVE,
             E::ShuttingDown | E::Backend(B::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(B::StreamCapturing { .. }) => KVH_ERR_CAPTURE_ACTIVE,
+            // As for a checked free: a shortage the engine may wait out, not a device fault.
+            E::Backend(B::OutOfMemory { .. }) => KVH_ERR_OUT_OF_MEMORY,
             E::Backend(_) => KVH_ERR_BACKEND,
         }
     }
@@ -223,5 +225,30 @@ mod tests {
             assert!(!c.message().is_empty());
         }
         assert_eq!(kvh_result::from_u32(1), None);
+    }
+
+    /// A KV scrub or claim that found no device memory for its batch says so with the code a
+    /// checked free gives for the same shortage, not as a device fault.
+    #[test]
+    fn a_kv_scrub_out_of_memory_is_out_of_memory() {
+        use crate::alloc::{KvClaimError, KvScrubError};
+        use crate::backend::BackendError;
+        let oom = || {
+            KvScrubError::Backend(BackendError::OutOfMemory {
+                device: 0,
+                requested: 64,
+            })
+        };
+        assert_eq!(kvh_result::from(&oom()), KVH_ERR_OUT_OF_MEMORY);
+        assert_eq!(
+            kvh_result::from(&KvClaimError::Scrub(oom())),
+            KVH_ERR_OUT_OF_MEMORY
+        );
+        let fault = KvScrubError::Backend(BackendError::Driver {
+            call: "cuLaunchKernel",
+            code: 719,
+            name: "CUDA_ERROR_LAUNCH_FAILED".into(),
+        });
+        assert_eq!(kvh_result::from(&fault), KVH_ERR_BACKEND);
     }
 }

@@ -290,7 +290,9 @@ pub struct kvh_kv_layout {
 /// request. Any other code means no block of the call may be taken as clean: refusals
 /// (`KVH_ERR_INVALID_LAYOUT`, `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`,
 /// `KVH_ERR_NULL_PARAMETER`, and start-up errors such as `KVH_ERR_CONFIG`) scrub nothing;
-/// `KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE` and `KVH_ERR_SHUTTING_DOWN` mean the call did
+/// `KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE`, `KVH_ERR_SHUTTING_DOWN` and
+/// `KVH_ERR_OUT_OF_MEMORY` (no device memory for a scrub batch, also after waiting for the
+/// batches in flight: the call may be made again once memory was freed) mean the call did
 /// not finish. Calls that reach the device leave a `kv_scrub` record (with the error when they
 /// did not finish); calls the allocator refuses (layout, ids, memory not live) leave a policy
 /// violation; NULLs and over-limit lengths are refused before either.
