@@ -229,3 +229,77 @@ fn an_idle_log_signs_no_further_checkpoints() {
         lines.join("\n")
     );
 }
+
+/// An earlier genuine checkpoint put back over the newer one still verifies (both are signed,
+/// and checkpoints copied off the node earlier look the same), but the chain's own
+/// MAC-checked `checkpoint` records say a later one was signed: `verify-log` and `kvh
+/// evidence` call attention to it, since what follows the earlier checkpoint could have been
+/// cut.
+#[test]
+fn a_checkpoint_older_than_the_chain_records_is_called_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let dir = log_dir(&tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    c.checkpoint_every_records = 4;
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..6 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let ckpt = std::fs::read_dir(&ckpt_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let earlier = std::fs::read(&ckpt).unwrap();
+    for i in 6..20 {
+        log.emit(event(i));
+    }
+    log.flush();
+    // The writer dies (no final checkpoint); the earlier checkpoint is put back.
+    std::mem::forget(log);
+    std::fs::write(&ckpt, &earlier).unwrap();
+
+    let key_file = tmp.path().join("hmac.key");
+    std::fs::write(&key_file, &*secret()).unwrap();
+    let args = kvhygiene::forensic::cli::VerifyLogArgs {
+        key_file: vec![key_file],
+        public_key: vec![public],
+        checkpoint: Some(ckpt_dir),
+        ..kvhygiene::forensic::cli::VerifyLogArgs::of(dir.clone())
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&args.key_file[0])
+        .arg("--public-key")
+        .arg(&args.public_key[0])
+        .arg("--checkpoint")
+        .arg(args.checkpoint.as_ref().unwrap())
+        .env_remove("KVH_LOG_DIR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ATTENTION: its records say a checkpoint at seq"),
+        "{text}"
+    );
+    let ev = kvhygiene::forensic::evidence::collect(
+        &kvhygiene::forensic::evidence::EvidenceArgs::of(args),
+    )
+    .unwrap();
+    let behind = &ev.integrity.checkpoint_behind;
+    assert!(
+        behind.len() == 1 && behind[0].recorded_seq > behind[0].matched_seq,
+        "{behind:?}"
+    );
+    assert!(
+        kvhygiene::forensic::evidence::render(&ev).contains("an earlier checkpoint was put back")
+    );
+}

@@ -469,6 +469,13 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
         None if c.checkpoints_checked => "no checkpoint".into(),
         None => "no checkpoint checked (no --public-key)".into(),
     });
+    if let Some(recorded) = c.checkpoint_behind() {
+        notes.push(format!(
+            "ATTENTION: its records say a checkpoint at seq {recorded} was signed, later than \
+             the checkpoint read (an earlier one put back, or checkpoints copied before then): \
+             what follows the checkpoint read may have been cut"
+        ));
+    }
     format!(
         "chain {}: {} records{seq}{time}, {} files, {}: {}",
         c.chain,

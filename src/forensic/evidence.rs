@@ -281,6 +281,10 @@ pub struct Integrity {
     /// signed checkpoint names their HMAC secret and signer), which whoever holds another
     /// key given could have rewritten.
     pub unbound: Vec<String>,
+    /// Chains whose own `checkpoint` records name a later signed checkpoint than the file
+    /// that matched ([`ChainReport::checkpoint_behind`](super::verify::ChainReport::checkpoint_behind)):
+    /// an earlier checkpoint put back, or checkpoints copied before the later one.
+    pub checkpoint_behind: Vec<CheckpointBehind>,
     /// Chains that verified and whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
@@ -291,6 +295,16 @@ pub struct Integrity {
     /// short). Listed, not failed, as `verify-log` lists them.
     pub torn_tails: Vec<TornTail>,
     pub problems: Vec<String>,
+}
+
+/// A chain whose checkpoint file is older than its records say ([`Integrity::checkpoint_behind`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckpointBehind {
+    pub chain: String,
+    /// The seq of the checkpoint file that matched.
+    pub matched_seq: u64,
+    /// The seq the chain's `checkpoint` records say was signed last.
+    pub recorded_seq: u64,
 }
 
 /// A chain's incomplete last line ([`Integrity::torn_tails`]).
@@ -855,6 +869,17 @@ fn integrity(r: &Report) -> Integrity {
         keys: key_uses(r),
         late_retired_key: late_retired_key(r),
         unbound: unbound(r),
+        checkpoint_behind: r
+            .chains
+            .iter()
+            .filter_map(|c| {
+                Some(CheckpointBehind {
+                    chain: c.chain.clone(),
+                    matched_seq: c.checkpoint_seq?,
+                    recorded_seq: c.checkpoint_behind()?,
+                })
+            })
+            .collect(),
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()
@@ -1810,6 +1835,18 @@ pub fn render(ev: &Evidence) -> String {
              HMAC key and signer): whoever holds another of the keys given could have \
              rewritten it.",
             cell(chain)
+        ));
+    }
+    for b in &i.checkpoint_behind {
+        push(format!(
+            "- Attention: chain {}: its records say a checkpoint at seq {} was signed, but the \
+             checkpoint read is at seq {}: an earlier checkpoint was put back, or the \
+             checkpoints were copied before then; records after seq {} are protected by \
+             their MACs only, and the chain may have been cut.",
+            cell(&b.chain),
+            b.recorded_seq,
+            b.matched_seq,
+            b.matched_seq
         ));
     }
     for late in &i.late_retired_key {

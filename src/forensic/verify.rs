@@ -172,6 +172,17 @@ impl ChainReport {
     pub fn ok(&self) -> bool {
         self.problem.is_none()
     }
+
+    /// The seq the chain's own MAC-checked `checkpoint` records say was signed last, when it
+    /// is later than the checkpoint file that matched: the file is an earlier one (put back
+    /// over the newer one, or copied off the node before the newer was signed). Not a
+    /// failure, since both are genuine, but the records after the matched checkpoint are
+    /// protected only by the MACs, not by a signature: the chain may have been cut back.
+    pub fn checkpoint_behind(&self) -> Option<u64> {
+        let matched = self.checkpoint_seq?;
+        let recorded = self.checkpoint_recorded?;
+        (self.ok() && self.macs_checked && recorded > matched).then_some(recorded)
+    }
 }
 
 /// The result for a directory.
