@@ -40,6 +40,7 @@ fn event(i: u64, ctx: &Context) -> Event {
         at: SystemTime::now(),
         kind: EventKind::Quarantined {
             reason: QuarantineReason::VerifyFailed,
+            retired_before: false,
         },
         context: ctx.clone(),
         block: Some(BlockRef {

@@ -76,8 +76,9 @@ const MAX_CATCH_UP: u64 = 64;
 
 /// The signals an event counts toward. A scrub that failed and read a non-zero sample is both
 /// `verify_failed` and `residue`; a block quarantined for residue is both `residue` and
-/// `quarantine`, and a block counts toward `quarantine` once, when it enters quarantine (not
-/// again when its re-scrub fails). A KV block that failed counts once per call, through its first failed
+/// `quarantine`, and a block counts toward `quarantine` once, when it enters quarantine for a
+/// failure (not again when its re-scrub fails; a block the never-reuse policy retired counts
+/// when its re-scrub fails). A KV block that failed counts once per call, through its first failed
 /// segment (`KvTally`), however many of its regions failed. The never-reuse policy's retirements are the control working, not a signal
 /// (as in `kvh evidence`), and the detector's own records never count, so it cannot feed
 /// itself.
@@ -95,14 +96,24 @@ pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
             KvTally::Block { residue: false } => &[S::VerifyFailed],
             KvTally::Segment => &[],
         },
-        EventKind::Quarantined { reason } => match reason {
-            QuarantineReason::Residue => &[S::Residue, S::Quarantine],
-            QuarantineReason::VerifyFailed => &[S::Quarantine],
-            // A failed re-scrub keeps a block in quarantine that was counted when it entered:
-            // a block is one quarantine, as in `blocks_quarantined`. Residue its re-scrub read
-            // is a reading of its own, counted as `residue_detected` counts it.
-            QuarantineReason::RescrubResidue => &[S::Residue],
-            QuarantineReason::RescrubFailed | QuarantineReason::NeverReusePolicy => &[],
+        EventKind::Quarantined {
+            reason,
+            retired_before,
+        } => match (reason, retired_before) {
+            (QuarantineReason::Residue, _) | (QuarantineReason::RescrubResidue, true) => {
+                &[S::Residue, S::Quarantine]
+            }
+            (QuarantineReason::VerifyFailed, _) | (QuarantineReason::RescrubFailed, true) => {
+                &[S::Quarantine]
+            }
+            // A failed re-scrub keeps a block in quarantine that was counted when it entered
+            // for a failure: a block is one quarantine. (One the never-reuse policy retired,
+            // above, was not counted then.) Residue its re-scrub read is a reading of its
+            // own, counted as `residue_detected` counts it.
+            (QuarantineReason::RescrubResidue, false) => &[S::Residue],
+            (QuarantineReason::RescrubFailed, false) | (QuarantineReason::NeverReusePolicy, _) => {
+                &[]
+            }
         },
         EventKind::TtlExceeded { .. } => &[S::TtlExceeded],
         EventKind::PolicyViolation { .. } => &[S::PolicyViolation],
@@ -872,7 +883,12 @@ mod tests {
 
     #[test]
     fn blocks_entering_quarantine_count_except_the_never_reuse_policys() {
-        let q = |reason| signals(EventKind::Quarantined { reason });
+        let q = |reason| {
+            signals(EventKind::Quarantined {
+                reason,
+                retired_before: false,
+            })
+        };
         assert_eq!(
             q(QuarantineReason::Residue),
             [AnomalySignal::Residue, AnomalySignal::Quarantine]
@@ -887,6 +903,22 @@ mod tests {
             [AnomalySignal::Residue]
         );
         assert!(q(QuarantineReason::NeverReusePolicy).is_empty());
+        // A block the never-reuse policy retired, whose re-scrub fails: its first quarantine
+        // for a failure.
+        let retired = |reason| {
+            signals(EventKind::Quarantined {
+                reason,
+                retired_before: true,
+            })
+        };
+        assert_eq!(
+            retired(QuarantineReason::RescrubFailed),
+            [AnomalySignal::Quarantine]
+        );
+        assert_eq!(
+            retired(QuarantineReason::RescrubResidue),
+            [AnomalySignal::Residue, AnomalySignal::Quarantine]
+        );
     }
 
     #[test]
@@ -1320,6 +1352,7 @@ mod tests {
         let residue = event(
             EventKind::Quarantined {
                 reason: QuarantineReason::Residue,
+                retired_before: false,
             },
             tenant("a"),
         );
@@ -1395,6 +1428,7 @@ mod tests {
             sink.emit(event(
                 EventKind::Quarantined {
                     reason: QuarantineReason::Residue,
+                    retired_before: false,
                 },
                 tenant("a"),
             ));
@@ -1412,6 +1446,7 @@ mod tests {
         sink.emit(event(
             EventKind::Quarantined {
                 reason: QuarantineReason::Residue,
+                retired_before: false,
             },
             tenant("a"),
         ));

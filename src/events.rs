@@ -98,7 +98,8 @@ pub enum AnomalySignal {
     /// Scrubs that read a non-zero sample: something wrote to memory after it was freed.
     Residue,
     /// Blocks quarantined for a failure (not the never-reuse policy's retirements), each
-    /// once: a failed re-scrub keeps a block quarantined, it does not count it again.
+    /// once: a failed re-scrub keeps a block quarantined, it does not count it again (unless
+    /// the block was held only by the never-reuse policy until then).
     Quarantine,
     /// Blocks live longer than the live TTL (`ttl_exceeded`).
     TtlExceeded,
@@ -175,8 +176,14 @@ pub enum EventKind {
         coverage: f64,
         threshold: f64,
     },
-    /// A block entered QUARANTINED.
-    Quarantined { reason: QuarantineReason },
+    /// A block entered QUARANTINED, or (a failed re-scrub) stays there for good.
+    Quarantined {
+        reason: QuarantineReason,
+        /// For a failed re-scrub: the block was held only by the never-reuse policy until
+        /// now, so this is its first quarantine for a failure. Not written to the log; the
+        /// anomaly detector counts it.
+        retired_before: bool,
+    },
     /// A block was returned to the backend.
     Released { reason: ReleaseReason },
     /// A free was refused. The event's ids are the block owner's when the pointer belongs to
@@ -432,23 +439,42 @@ impl EventSink for MemorySink {
 /// Fans one event out to several sinks.
 pub struct FanoutSink(pub Vec<Arc<dyn EventSink>>);
 
+impl FanoutSink {
+    /// Gives `events` to every sink, each as one batch. A sink that panics does not keep the
+    /// events from the sinks after it (a forensic log beside a failing sink still gets every
+    /// security event, invariant 5); the first panic is raised again once all had them.
+    fn deliver(&self, events: Vec<Event>, one: bool) {
+        let Some((last, rest)) = self.0.split_last() else {
+            return;
+        };
+        let give = |sink: &Arc<dyn EventSink>, events: Vec<Event>| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match (one, events) {
+                (true, mut events) if events.len() == 1 => sink.emit(events.remove(0)),
+                (_, events) => sink.emit_all(events),
+            }))
+        };
+        let mut panicked = None;
+        for sink in rest {
+            if let Err(p) = give(sink, events.clone()) {
+                panicked.get_or_insert(p);
+            }
+        }
+        if let Err(p) = give(last, events) {
+            panicked.get_or_insert(p);
+        }
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
+        }
+    }
+}
+
 impl EventSink for FanoutSink {
     fn emit(&self, event: Event) {
-        if let Some((last, rest)) = self.0.split_last() {
-            for sink in rest {
-                sink.emit(event.clone());
-            }
-            last.emit(event);
-        }
+        self.deliver(vec![event], true);
     }
 
     fn emit_all(&self, events: Vec<Event>) {
-        if let Some((last, rest)) = self.0.split_last() {
-            for sink in rest {
-                sink.emit_all(events.clone());
-            }
-            last.emit_all(events);
-        }
+        self.deliver(events, false);
     }
 
     fn flush(&self) {

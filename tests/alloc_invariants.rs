@@ -207,7 +207,8 @@ fn free_without_sanitize_quarantines_and_raises() {
     }
     assert!(events.iter().any(|e| e.kind
         == EventKind::Quarantined {
-            reason: QuarantineReason::VerifyFailed
+            reason: QuarantineReason::VerifyFailed,
+            retired_before: false,
         }));
     // After re-scrub (double pass, full verification) it is released, never reused.
     f.alloc.synchronize().unwrap();
@@ -401,7 +402,8 @@ fn residue_is_never_handed_out_even_when_coverage_passes() {
     );
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Quarantined {
-            reason: QuarantineReason::Residue
+            reason: QuarantineReason::Residue,
+            retired_before: false,
         }));
     f.alloc.synchronize().unwrap();
     for _ in 0..10 {
@@ -514,7 +516,8 @@ fn free_checked_reports_a_block_quarantined_for_residue() {
     );
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Quarantined {
-            reason: QuarantineReason::Residue
+            reason: QuarantineReason::Residue,
+            retired_before: false,
         }));
     assert_eq!(
         r,

@@ -35,7 +35,8 @@ fn non_positive_idle_ttl_never_reuses() {
         f.alloc.synchronize().unwrap();
         assert!(f.sink.snapshot().iter().any(|e| e.kind
             == EventKind::Quarantined {
-                reason: QuarantineReason::NeverReusePolicy
+                reason: QuarantineReason::NeverReusePolicy,
+                retired_before: false,
             }));
         assert_eq!(
             f.sink.count("release"),

@@ -351,3 +351,44 @@ fn batches_not_yet_waited_on_when_a_wait_unwinds_go_back_to_the_pool() {
         "the second batch was applied"
     );
 }
+
+/// Panics once, on the first `quarantine` event it is given (a faulty sink).
+#[derive(Default)]
+struct PanicsOnceOnQuarantine(AtomicBool);
+
+impl kvhygiene::events::EventSink for PanicsOnceOnQuarantine {
+    fn emit(&self, event: kvhygiene::events::Event) {
+        let quarantine = matches!(event.kind, kvhygiene::events::EventKind::Quarantined { .. });
+        if quarantine && !self.0.swap(true, Ordering::SeqCst) {
+            panic!("the sink panicked on a quarantine");
+        }
+    }
+}
+
+/// A `FanoutSink` hands each event to every sink before the next event: a sink fanned out
+/// beside a faulty one that panics on a later event of the same operation (the block's
+/// `quarantine`) has still received the events before it (the failed verification), as a
+/// forensic log behind the fan-out must (invariant 5).
+#[test]
+fn a_sink_beside_one_that_panics_still_gets_the_events_before_the_panic() {
+    use kvhygiene::events::{EventSink, FanoutSink, MemorySink};
+    let host = HostBackend::new();
+    let mem = MemorySink::new();
+    let fanout = FanoutSink(vec![
+        Arc::new(PanicsOnceOnQuarantine::default()) as Arc<dyn EventSink>,
+        mem.clone() as Arc<dyn EventSink>,
+    ]);
+    let alloc = Allocator::new(host.clone(), manual_config(), Some(Arc::new(fanout)));
+    let a = alloc.malloc(4096, 0, S).unwrap();
+    host.write(0, a, &secret(4096, 0x5a)).unwrap();
+    host.inject_skip_tail(1);
+    alloc.free(a, 4096, 0, S).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
+    assert!(r.is_err(), "precondition: the faulty sink panicked");
+    let kinds: Vec<&str> = mem.snapshot().iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        mem.count("verify_failed"),
+        1,
+        "the failed verification before the panic, in the sink beside: {kinds:?}"
+    );
+}

@@ -32,6 +32,7 @@ fn the_anomalies_line_does_not_claim_every_record_is_listed_when_the_list_is_cut
         let mut e = forensic_common::event(i);
         e.kind = kvhygiene::events::EventKind::Quarantined {
             reason: kvhygiene::events::QuarantineReason::Residue,
+            retired_before: false,
         };
         e.context = kvhygiene::context::Context::new(Some(&format!("tenant-{i}")), Some("r"), None)
             .unwrap();

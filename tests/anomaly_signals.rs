@@ -238,3 +238,56 @@ fn a_block_whose_rescrub_fails_too_is_one_quarantine() {
         );
     }
 }
+
+/// A block the never-reuse policy retires (`idle_ttl_ms = 0`) is not counted toward
+/// `quarantine` when it enters quarantine: that is the control working. When its re-scrub
+/// then fails, it is held in quarantine for a failure for the life of the process (a
+/// `rescrub_failed` record, an exception in `kvh evidence`), and that is the one time it
+/// counts toward `quarantine`. Four such blocks of one tenant are a burst (threshold 4).
+#[test]
+fn a_retired_block_whose_rescrub_fails_counts_toward_quarantine_once() {
+    const BLOCKS: u64 = 4;
+    let backend = TestBackend::new(HostBackend::new());
+    let mem = MemorySink::new();
+    let detector = AnomalySink::new(
+        Params::from_config(&AnomalyConfig::default()),
+        Some(mem.clone() as Arc<dyn EventSink>),
+        ManualClock::new(),
+    );
+    let config = Config {
+        idle_ttl_ms: 0,
+        ..manual_config()
+    };
+    let alloc = Allocator::new(
+        backend.clone(),
+        config,
+        Some(detector as Arc<dyn EventSink>),
+    );
+    let previous =
+        Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
+    for i in 0..BLOCKS {
+        let a = alloc.malloc(4096, 0, S).unwrap();
+        backend.write(0, a, &secret(4096, i as u8)).unwrap();
+        // The scrub at free verifies; the re-scrub submitted after it leaves half unzeroed.
+        let host = backend.host.clone();
+        *backend.after_next_submit.lock().unwrap() =
+            Some(Box::new(move || host.inject_skip_tail(1)));
+        let _ = alloc.free_checked(a, 4096, 0, S);
+        alloc.synchronize().unwrap();
+    }
+    Context::set_current(previous);
+
+    let events = mem.snapshot();
+    let kinds: Vec<String> = events.iter().map(|e| format!("{:?}", e.kind)).collect();
+    let c = alloc.stats().counters;
+    assert_eq!(
+        (c.quarantined, c.rescrub_failed),
+        (BLOCKS, BLOCKS),
+        "precondition: every retired block's re-scrub failed: {kinds:#?}"
+    );
+    assert_eq!(
+        anomalies_of(&events, AnomalySignal::Quarantine),
+        1,
+        "{BLOCKS} blocks held in quarantine for a failed re-scrub: {kinds:#?}"
+    );
+}

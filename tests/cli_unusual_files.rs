@@ -411,3 +411,43 @@ fn a_planted_manifest_cannot_rewrite_the_verify_log_report() {
         "the manifest adds a line `OK` to a report that failed: {stdout:?}"
     );
 }
+
+/// `verify-log --json` is read by programs: a name it reports is the name the file has, the
+/// JSON string escaping its control characters its own way (as the `file` of a problem is),
+/// so that a reader can find the file. A checkpoint file planted under a name holding an
+/// escape character is named in the report's errors as it is named in the directory, not in
+/// the terminal's escaped form.
+#[test]
+fn verify_log_json_names_a_planted_checkpoint_as_it_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    write_log(&c, 3, false);
+    let planted = dir.join("kvh-\u{1b}[8m.ckpt");
+    std::fs::write(&planted, "not a checkpoint").unwrap();
+    let out = kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--public-key")
+        .arg(&public)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no errors in the report: {stdout}"))
+        .iter()
+        .filter_map(|e| e.as_str())
+        .collect();
+    let name = planted.display().to_string();
+    assert!(
+        errors.iter().any(|e| e.contains(&name)),
+        "no error names {name:?} as it is named: {errors:?}"
+    );
+}

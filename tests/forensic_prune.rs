@@ -2706,3 +2706,61 @@ fn a_dry_run_names_an_archive_no_file_can_be_created_in() {
     let out = prune(&s, &["--older-than", "0"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
+
+/// A tmpfs mounted with `size=0` has no size limit (tmpfs(5)); its `statvfs` reports no
+/// blocks at all, as ramfs's does. The real run copies into such an archive (exit 0), so the
+/// dry run before it, which says what the real run would do, passes too.
+#[test]
+fn a_dry_run_passes_for_an_archive_on_a_file_system_without_a_size_limit() {
+    let s = setup();
+    open_chain(&s.log, 60);
+    let Some(_unlimited) = Mounted::tmpfs(&s.archive, "0", "") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "precondition: the real run moves: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        !names(&s.archive, ".jsonl").is_empty(),
+        "precondition: copies in the archive"
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(0),
+        "the dry run fails where the real run succeeds: {}",
+        text(&dry.stderr)
+    );
+}
+
+/// An archive whose file system has room for the bytes but not for as many files (here a
+/// tmpfs with 4 inodes: its root and three files) stops the real run when the inodes run
+/// out (exit 2); the dry run, which fails where the real run would meet an archive that
+/// cannot take a new file, fails too.
+#[test]
+fn a_dry_run_names_an_archive_with_too_few_inodes_for_the_copies() {
+    let s = setup();
+    open_chain(&s.log, 600);
+    let Some(_few) = Mounted::tmpfs(&s.archive, "64m", ",nr_inodes=4") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "precondition: the real run stops: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(2),
+        "the dry run passes where the real run fails: {}{}",
+        text(&dry.stdout),
+        text(&dry.stderr)
+    );
+}

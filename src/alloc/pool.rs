@@ -1088,7 +1088,11 @@ impl DevicePool {
         self.stats.counters.quarantined += 1;
         self.rescrub_waiting.push(addr);
         let block = &self.blocks[&addr];
-        after.event(EventKind::Quarantined { reason }, block);
+        let event = EventKind::Quarantined {
+            reason,
+            retired_before: false,
+        };
+        after.event(event, block);
     }
 
     /// A quarantined block whose re-scrub failed (`RescrubFailed`, or `RescrubResidue` when it
@@ -1098,10 +1102,18 @@ impl DevicePool {
         let Some(block) = self.blocks.get_mut(&addr) else {
             return;
         };
+        let retired_before = matches!(
+            block.disposition,
+            Disposition::Quarantine(QuarantineReason::NeverReusePolicy)
+        );
         block.disposition = Disposition::Quarantine(reason);
         self.stats.counters.rescrub_failed += 1;
         let block = &self.blocks[&addr];
-        after.event(EventKind::Quarantined { reason }, block);
+        let event = EventKind::Quarantined {
+            reason,
+            retired_before,
+        };
+        after.event(event, block);
     }
 
     /// Queues a double-pass, fully verified re-scrub for every quarantined block awaiting one

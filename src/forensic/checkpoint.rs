@@ -132,11 +132,10 @@ fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<
 /// Reads and verifies a checkpoint file: it must be signed by one of the pinned public keys
 /// (several when the signing key was rotated).
 pub fn read(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
-    // Any `kvh-*.ckpt` name is read: one planted with control characters is shown escaped.
-    let shown = crate::printable(&path.display().to_string());
-    let text =
-        files::read_regular(path, files::MAX_CKPT_BYTES).map_err(|e| format!("{shown}: {e}"))?;
-    parse(&text, keys).map_err(|e| format!("{shown}: {e}"))
+    // The path as it is named (JSON reports carry it so); the text reports escape it.
+    let text = files::read_regular(path, files::MAX_CKPT_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&text, keys).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The unverified content of a chain's checkpoint, `None` when there is none. Recovery uses

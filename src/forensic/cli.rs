@@ -642,7 +642,11 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     // One chain that could not move (changed since the verification, an I/O error) did not
     // hold the others back; it is said here, and the exit status says it too.
     for e in &run.refused {
-        crate::say(format_args!("kvh prune-log: {e}"));
+        // Reasons may quote names and manifest text found in the directories: escaped.
+        crate::say(format_args!(
+            "kvh prune-log: {}",
+            crate::printable(&e.to_string())
+        ));
     }
     // A chain moved up to a marked file is a chain not wholly moved, for its mark.
     let marked: Vec<&String> = run

@@ -305,8 +305,10 @@ pub fn can_create_in(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// The space on the file system holding `path` that this process may still fill, and its
-/// block size. Root may also fill the blocks a file system keeps back for it.
+/// The room on the file system holding `path` that this process may still fill: bytes, their
+/// block size and files. A file system that states no size (tmpfs with `size=0`, ramfs: no
+/// total) or no file count (no total of inodes) has no limit this can tell: `None`. Root's
+/// figures include what the file system keeps back for it.
 pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
@@ -319,25 +321,29 @@ pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: geteuid has no preconditions.
-    let blocks = if unsafe { libc::geteuid() } == 0 {
-        st.f_bfree
+    let root = unsafe { libc::geteuid() } == 0;
+    let (blocks, files) = if root {
+        (st.f_bfree, st.f_ffree)
     } else {
-        st.f_bavail
+        (st.f_bavail, st.f_favail)
     };
     let block = u64::from(st.f_frsize).max(1);
     Ok(FreeSpace {
-        bytes: u64::from(blocks).saturating_mul(block),
+        bytes: (st.f_blocks > 0).then(|| u64::from(blocks).saturating_mul(block)),
         block,
+        files: (st.f_files > 0).then(|| u64::from(files)),
     })
 }
 
 /// What [`free_space`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FreeSpace {
-    /// Bytes this process may still write.
-    pub bytes: u64,
+    /// Bytes this process may still write; `None` where the file system states no size.
+    pub bytes: Option<u64>,
     /// The file system's block size: each file takes whole blocks.
     pub block: u64,
+    /// Files this process may still create; `None` where the file system states no count.
+    pub files: Option<u64>,
 }
 
 /// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and

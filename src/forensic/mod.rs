@@ -606,7 +606,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             *coverage,
             *threshold,
         ),
-        EventKind::Quarantined { reason } => put(
+        EventKind::Quarantined { reason, .. } => put(
             "reason",
             st(match reason {
                 QuarantineReason::VerifyFailed => "verify_failed",

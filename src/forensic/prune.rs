@@ -148,13 +148,13 @@ impl Manifest {
             if f.name != files::file_name(&self.chain, i as u64) || f.first_seq != next_seq {
                 return Err(format!(
                     "manifest entry {i} ({}) does not continue the one before it",
-                    f.name.escape_debug()
+                    f.name
                 ));
             }
             if f.last_seq < f.first_seq {
                 return Err(format!(
                     "manifest entry {i} ({}) ends before it starts",
-                    f.name.escape_debug()
+                    f.name
                 ));
             }
             next_seq = f.last_seq.saturating_add(1);
@@ -192,7 +192,7 @@ pub fn read_manifest(dir: &Path, chain: &str) -> Result<Option<Manifest>, String
         return Err(format!(
             "{}: manifest of chain {}, not {chain}",
             path.display(),
-            m.chain.escape_debug()
+            m.chain
         ));
     }
     Ok(Some(m))
@@ -403,8 +403,14 @@ fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<bool, Str
 
 /// What a dry run finds in place of the writes of the copies it counted (`files`, `bytes`):
 /// the archive directory takes a new file, and its file system has room for them, each
-/// rounded up to whole blocks. Writes nothing.
-fn archive_has_room(archive: &Path, (files, bytes): (u64, u64)) -> Result<(), String> {
+/// rounded up to whole blocks, and for as many new files (one more for the archive's marker
+/// on a first run: `marker`). A limit the file system does not state is not checked. Writes
+/// nothing.
+fn archive_has_room(
+    archive: &Path,
+    (files, bytes): (u64, u64),
+    marker: bool,
+) -> Result<(), String> {
     if files == 0 {
         return Ok(());
     }
@@ -417,13 +423,21 @@ fn archive_has_room(archive: &Path, (files, bytes): (u64, u64)) -> Result<(), St
     })?;
     let free = files::free_space(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
     let needed = bytes.saturating_add(files.saturating_mul(free.block));
-    if needed > free.bytes {
+    if let Some(have) = free.bytes.filter(|&have| needed > have) {
         return Err(format!(
             "{}: the copies need up to {needed} bytes ({files} files, {bytes} bytes of \
-             records), but its file system has {} bytes free; the real run would stop when \
-             it is full (what was not copied stays in the log)",
-            archive.display(),
-            free.bytes
+             records), but its file system has {have} bytes free; the real run would stop \
+             when it is full (what was not copied stays in the log)",
+            archive.display()
+        ));
+    }
+    let new_files = files.saturating_add(u64::from(marker));
+    if let Some(have) = free.files.filter(|&have| new_files > have) {
+        return Err(format!(
+            "{}: the copies need {new_files} new files, but its file system can hold only \
+             {have} more; the real run would stop there (what was not copied stays in the \
+             log)",
+            archive.display()
         ));
     }
     Ok(())
@@ -895,7 +909,8 @@ pub fn prune_all(
                 b.saturating_add(c.new_copies.1),
             )
         });
-        run.archive_refuses = archive_has_room(req.archive, copies).err();
+        let marker = !req.archive.join(ARCHIVE_MARKER).exists();
+        run.archive_refuses = archive_has_room(req.archive, copies, marker).err();
     }
     run.moved = moved;
     run.refused = refused;

@@ -1335,6 +1335,7 @@ mod tests {
             at: SystemTime::now(),
             kind: EventKind::Quarantined {
                 reason: QuarantineReason::Residue,
+                retired_before: false,
             },
             context: crate::context::Context::none(),
             block: None,

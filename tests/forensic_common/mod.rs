@@ -48,6 +48,7 @@ pub fn event(i: u64) -> Event {
         at: SystemTime::now(),
         kind: EventKind::Quarantined {
             reason: QuarantineReason::VerifyFailed,
+            retired_before: false,
         },
         context: Context::new(Some("tenant-a"), Some(&format!("req-{i}")), Some("llama")).unwrap(),
         block: Some(BlockRef {
