@@ -133,7 +133,7 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
     }
 }
 
-/// `KVH_PRELOAD`, when set: the LD_PRELOAD interposers read it at their first call, before
+/// `KVH_PRELOAD`, when set: the LD_PRELOAD interposers read it when the library is loaded, before
 /// the policy, and fail every CUDA allocation on a value other than `on` or `off` (as
 /// `kvh config` refuses it).
 fn preload_check(value: Option<&std::ffi::OsStr>) -> Option<Check> {

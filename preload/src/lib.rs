@@ -425,7 +425,15 @@ fn serve_async(
         // checked `dev_ptr` is non-null; it is valid for one pointer write by the runtime's
         // contract.
         Err(rc) => return unsafe { store(dev_ptr, Err(rc)) },
-        Ok(true) => return forward(),
+        Ok(true) => {
+            // Forwarded only by a kvhygiene that runs: one that did not start, or cannot,
+            // refuses it as every other allocation, and says why, rather than hand out
+            // runtime memory unprotected. SAFETY: as above.
+            return match started_beside_a_capture() {
+                Ok(()) => forward(),
+                Err(code) => unsafe { store(dev_ptr, Err(start_error(code))) },
+            };
+        }
         Ok(false) => {}
     }
     let result = match order {
@@ -448,6 +456,18 @@ fn allocate(size: usize, stream: StreamHandle) -> Result<Allocation, cudaError_t
     alloc
         .malloc_with_origin(size, device, stream)
         .map_err(|e| alloc_error(&e))
+}
+
+/// Starts kvhygiene if no start-up was made yet, or says how the one made ended; a first
+/// start-up is made in the relaxed capture mode, so that the driver calls it makes do not
+/// invalidate the graph being captured.
+fn started_beside_a_capture() -> Result<(), kvh_result> {
+    let mut started = Ok(());
+    relaxed_capture(|| {
+        started = process_allocator().map(|_| ());
+        SUCCESS
+    });
+    started
 }
 
 /// What an allocation gets when kvhygiene did not start (code `kvh_init` returns): after a

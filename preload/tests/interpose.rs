@@ -1074,3 +1074,27 @@ fn a_forwarded_allocation_whose_real_function_is_missing_leaves_the_output_null(
         ("done", 1),
     ]);
 }
+
+#[test]
+fn a_stream_ordered_allocation_on_a_capturing_stream_is_refused_when_kvhygiene_did_not_start() {
+    // docs/cuda.md, Errors: an allocation under a kvhygiene that did not start (configuration,
+    // backend, log) gets cudaErrorInitializationError, and a child forked after such a start-up
+    // refuses allocations rather than take the runtime's memory. Under an invalid KVH_PRELOAD
+    // (the other fail-closed state) a cudaMallocAsync on a capturing stream is refused too.
+    // With an invalid policy (KVH_BATCH_SIZE=0) the same call must fail the same way: NULL
+    // pointer, cudaErrorInitializationError, nothing handed to the runtime's allocator.
+    let Some(b) = built() else { return };
+    let refused_switch = run(b, "captured-allocation", true, &[("KVH_PRELOAD", "of")]);
+    refused_switch.expect(&[
+        ("rc_malloc_captured", 3),
+        ("captured_malloc_forwarded", 0),
+        ("captured_is_null", 1),
+    ]);
+    let r = run(b, "captured-allocation", true, &[("KVH_BATCH_SIZE", "0")]);
+    r.expect(&[
+        ("rc_stream_create", 0),
+        ("rc_malloc_captured", 3),
+        ("captured_malloc_forwarded", 0),
+        ("captured_is_null", 1),
+    ]);
+}

@@ -9,7 +9,7 @@
 //        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
-//        forwarded-allocation-without-real-function
+//        forwarded-allocation-without-real-function | captured-allocation
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -866,6 +866,24 @@ static int scenario_forwarded_allocation_without_real_function() {
     return 0;
 }
 
+// A stream-ordered allocation on a stream capturing a CUDA graph, made as the process's first
+// allocation: the output pointer starts non-NULL, and what reached the runtime is counted.
+static int scenario_captured_allocation() {
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    fake_cudart_set_capturing(s, 1);
+    int real_mallocs = fake_cudart_calls("cudaMallocAsync");
+    void* g = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc_captured", cudaMallocAsync(&g, 4096, s));
+    out("captured_malloc_forwarded", fake_cudart_calls("cudaMallocAsync") - real_mallocs);
+    out("captured_is_null", g == nullptr);
+    fake_cudart_set_capturing(s, 0);
+    if (g != nullptr && g != reinterpret_cast<void*>(uintptr_t(0x1234))) cudaFreeAsync(g, s);
+    cudaStreamDestroy(s);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -889,6 +907,7 @@ int main(int argc, char** argv) {
         return scenario_per_thread_alloc_during_capture();
     if (std::strcmp(which, "forwarded-allocation-without-real-function") == 0)
         return scenario_forwarded_allocation_without_real_function();
+    if (std::strcmp(which, "captured-allocation") == 0) return scenario_captured_allocation();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
