@@ -133,8 +133,8 @@ pub fn preflight(config: &Config, start_backend: bool) -> Preflight {
     }
 }
 
-/// `KVH_PRELOAD`, when set: the LD_PRELOAD interposers read it when the library is loaded, before
-/// the policy, and fail every CUDA allocation on a value other than `on` or `off` (as
+/// `KVH_PRELOAD`, when set: the LD_PRELOAD interposers read it when the library is loaded,
+/// before the policy, and fail every CUDA allocation on a value other than `on` or `off` (as
 /// `kvh config` refuses it).
 fn preload_check(value: Option<&std::ffi::OsStr>) -> Option<Check> {
     let shown = printable(&value?.to_string_lossy());
