@@ -309,6 +309,8 @@ pub fn can_create_in(dir: &Path) -> io::Result<()> {
 /// block size and files. A file system that states no size (tmpfs with `size=0`, ramfs: no
 /// total) or no file count (no total of inodes) has no limit this can tell: `None`. Root's
 /// figures include what the file system keeps back for it.
+// `statvfs`'s fields are 64-bit here and 32-bit on other targets: the conversions stay.
+#[allow(clippy::useless_conversion)]
 pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
