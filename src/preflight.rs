@@ -404,6 +404,26 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                     Status::Fail,
                     format!("{shown}: a directory is there"),
                 )
+            } else if let Some(what) = created_by_the_log(config, &file) {
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!(
+                        "{shown}: the forensic log's start-up creates the {what} there (or \
+                         below it), so no snapshot can be written; name another file"
+                    ),
+                )
+            } else if files::removal_refused(&file) {
+                // The exporter installs each snapshot by a rename over the file, which the
+                // kernel refuses for a marked file, even to root.
+                check(
+                    "metrics file",
+                    Status::Fail,
+                    format!(
+                        "{shown}: the file there is marked immutable or append-only (chattr \
+                         +i or +a): no snapshot can replace it"
+                    ),
+                )
             } else if !std::fs::metadata(&parent).is_ok_and(|md| md.is_dir()) {
                 match created_by_the_log(config, &parent) {
                     Some(what) => check(

@@ -1172,3 +1172,70 @@ fn a_metrics_directory_in_a_symlink_loop_fails_its_check() {
     assert_eq!(status(&report, "metrics file").0, "fail", "{report}");
     assert_eq!(code, 1, "{report}");
 }
+
+/// The metrics file named as the log directory itself, which does not exist yet: the log's
+/// start-up creates a directory at that path before the metrics export starts, so no
+/// snapshot can be renamed there. The preflight's metrics file check passes exactly when the
+/// started library writes the file, so here it fails.
+#[test]
+fn a_metrics_file_named_as_the_log_directory_not_yet_created_fails_as_the_start_up_writes_none() {
+    if started_as_child() {
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    let log = root.join("kvh/log");
+    env.set("KVH_LOG_DIR", log.display().to_string());
+    env.set("KVH_METRICS_FILE", log.display().to_string());
+    let name =
+        "a_metrics_file_named_as_the_log_directory_not_yet_created_fails_as_the_start_up_writes_none";
+    assert!(!judged_as_the_start_up_writes(&env, name, &root, &log));
+}
+
+/// An earlier snapshot at the metrics file's path, marked immutable (`chattr +i`) in a
+/// directory that is not: no new snapshot can be renamed over it (the kernel refuses to
+/// replace an immutable file, even for root), so the started library leaves it as it was.
+/// The preflight's metrics file check passes exactly when the start-up writes the file, so
+/// it fails here.
+#[test]
+fn an_immutable_metrics_snapshot_fails_as_the_start_up_cannot_replace_it() {
+    if started_as_child() {
+        return;
+    }
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    let metrics = root.join("metrics/kvh.prom");
+    let old = "# HELP kvh_scrubs_total earlier snapshot\n";
+    fs::write(&metrics, old).unwrap();
+    fs::set_permissions(&metrics, fs::Permissions::from_mode(0o644)).unwrap();
+    env.set("KVH_METRICS_FILE", metrics.display().to_string());
+    let Some(_marked) = mark('i', &metrics) else {
+        return;
+    };
+    // The start-up, as the library runs it (started and shut down: a last snapshot).
+    let name = "an_immutable_metrics_snapshot_fails_as_the_start_up_cannot_replace_it";
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(START_CHILD, "1")
+        .envs(env.vars.iter().map(|(k, v)| (k, v)));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") && !env.vars.iter().any(|(n, _)| *n == k) {
+            child.env_remove(k);
+        }
+    }
+    let (_, cout, cerr) = run(&mut child);
+    assert!(cout.contains("INIT 0"), "{cout}{cerr}");
+    assert_eq!(
+        fs::read_to_string(&metrics).unwrap(),
+        old,
+        "the start-up replaced an immutable file"
+    );
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(
+        status(&report, "metrics file").0,
+        "fail",
+        "preflight passes a metrics file the start-up cannot replace: {report}"
+    );
+    assert_eq!(code, 1, "{report}");
+}

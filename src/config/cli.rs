@@ -107,10 +107,10 @@ pub fn weakened(config: &Config, hmac: HmacSecret) -> Vec<Weakened> {
             // Debug, not Display: 1e-300 stays short instead of 300 digits.
             format!("{:?}", config.coverage_threshold),
             format!(
-                "below the default {}: a scrub passes verification with up to {:.1}% of its \
+                "below the default {}: a scrub passes verification with up to {}% of its \
                  samples non-zero",
                 defaults.coverage_threshold,
-                (1.0 - config.coverage_threshold) * 100.0
+                percent((1.0 - config.coverage_threshold) * 100.0)
             ),
         );
     }
@@ -519,6 +519,13 @@ fn render(r: &Report) -> String {
     out
 }
 
+/// A percentage with up to four decimals and no trailing zeros: an allowance such as 0.11%
+/// reads as it was configured, not rounded to a smaller one (0.1%).
+fn percent(p: f64) -> String {
+    let text = format!("{p:.4}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,6 +556,20 @@ mod tests {
         let w = weakened(&config, HmacSecret::NotInEnvironment);
         let w = w.iter().find(|w| w.key == "coverage_threshold").unwrap();
         assert_eq!(w.value, "1e-300");
+    }
+
+    /// The allowance a threshold below the default gives is said as configured: 0.9989 lets
+    /// 0.11% of the samples read non-zero, not 0.1%.
+    #[test]
+    fn a_thresholds_allowance_is_not_rounded_down() {
+        let config = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHOLD", "0.9989")])).unwrap();
+        let w = weakened(&config, HmacSecret::NotInEnvironment);
+        let w = w.iter().find(|w| w.key == "coverage_threshold").unwrap();
+        assert!(w.risk.contains("up to 0.11% of its samples"), "{}", w.risk);
+        let config = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHOLD", "0.5")])).unwrap();
+        let w = weakened(&config, HmacSecret::NotInEnvironment);
+        let w = w.iter().find(|w| w.key == "coverage_threshold").unwrap();
+        assert!(w.risk.contains("up to 50% of its samples"), "{}", w.risk);
     }
 
     #[test]
@@ -730,7 +751,7 @@ mod tests {
     fn the_coverage_risk_says_how_many_samples_may_be_dirty() {
         let config = Config::from_vars(&vars(&[("KVH_COVERAGE_THRESHOLD", "0.95")])).unwrap();
         let w = weakened(&config, HmacSecret::NotInEnvironment);
-        assert!(w[0].risk.contains("5.0%"), "{}", w[0].risk);
+        assert!(w[0].risk.contains("up to 5% of"), "{}", w[0].risk);
         assert_eq!(w[0].value, "0.95");
     }
 
