@@ -2310,3 +2310,60 @@ fn an_underscore_beside_a_symbol_that_is_alphabetic_opens_no_emphasis() {
         );
     }
 }
+
+/// A log whose chain files were all deleted, leaving only the signed checkpoint: the
+/// verification fails. No HMAC key was given, so the report must not say MACs were checked;
+/// a public key was given, so it must not say checkpoints went unchecked for want of one.
+#[test]
+fn a_log_of_only_a_checkpoint_does_not_claim_macs_checked_or_no_public_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let dir = tmp.path().join("log");
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    for i in 0..3 {
+        log.emit(forensic_common::event(i));
+    }
+    log.stop();
+    for f in chain_files(&dir) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let (code, v) = evidence_json(&dir, &["--public-key", public.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "the chain's files are gone: {v}");
+    assert_eq!(v["integrity"]["verified"], false, "{v}");
+    assert_eq!(
+        v["integrity"]["macs_checked"], false,
+        "no --key-file was given, yet the report says MACs were checked: {v}"
+    );
+    assert!(
+        !v["integrity"]["checkpoints_matched"].is_null(),
+        "--public-key was given, yet the report says checkpoints were not checked: {v}"
+    );
+}
+
+/// A period still running is searched "to its end or the report's time, whichever comes
+/// first": the stretch searched, and the gap after the last record, end no later than the
+/// time the report says it was generated.
+#[test]
+fn the_stretch_searched_ends_no_later_than_the_reports_own_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = one_process_day(&tmp);
+    let (code, v) = evidence_json(&dir, &["--since", &rfc(0)]);
+    assert_eq!(code, Some(0), "{v}");
+    let generated = v["generated_at"].as_str().unwrap();
+    let searched_to = v["audit_period"]["searched"][1].as_str().unwrap();
+    assert!(
+        searched_to <= generated,
+        "searched up to {searched_to}, after the report's time {generated}"
+    );
+    let last_gap_to = v["audit_period"]["gaps"]
+        .as_array()
+        .and_then(|g| g.last())
+        .and_then(|g| g["to"].as_str())
+        .unwrap();
+    assert!(
+        last_gap_to <= generated,
+        "a gap reaching {last_gap_to}, after the report's time {generated}"
+    );
+}

@@ -500,9 +500,12 @@ fn collect_once(
             dir.display()
         )));
     }
+    // One instant for the report: the time it says it was made is where its search of the
+    // audit period ends.
+    let now = unix_nanos(std::time::SystemTime::now());
     let mut ev = Evidence {
         log_dir: dir.display().to_string(),
-        generated_at: rfc3339(unix_nanos(std::time::SystemTime::now())),
+        generated_at: rfc3339(now),
         generator: format!("kvh {}", env!("CARGO_PKG_VERSION")),
         integrity: integrity(&report),
         ..Evidence::default()
@@ -551,12 +554,7 @@ fn collect_once(
         .zip(tally.last_ts)
         .map(|(a, b)| (rfc3339(a), rfc3339(b)));
     if period.is_set() {
-        ev.audit_period = Some(coverage(
-            args,
-            tally,
-            &ev.integrity,
-            unix_nanos(std::time::SystemTime::now()),
-        ));
+        ev.audit_period = Some(coverage(args, tally, &ev.integrity, now));
     }
     if !approved.is_empty() {
         ev.policy = Some(check_policies(&ev.processes, approved.to_vec()));
@@ -858,8 +856,11 @@ fn integrity(r: &Report) -> Integrity {
         })
         .collect();
     problems.extend(r.errors.iter().cloned());
-    let keyed = r.chains.iter().all(|c| c.macs_checked);
-    let pinned = r.chains.iter().any(|c| c.checkpoints_checked);
+    // What the verification was given, not what its chains say: a log of no chain (every
+    // file deleted, its checkpoint left) had MACs checked only with a key, and checkpoints
+    // checked with a public key, which is what found it empty.
+    let keyed = !r.hmac_keys.is_empty() && r.chains.iter().all(|c| c.macs_checked);
+    let pinned = !r.public_keys.is_empty();
     Integrity {
         verified: r.ok(),
         chains: r.chains.len(),
@@ -888,9 +889,11 @@ fn integrity(r: &Report) -> Integrity {
                 .filter(|c| c.ok() && c.checkpoint_seq.is_some())
                 .count()
         }),
+        // A chain that failed contributes nothing else: not its manifest's account either.
         pruned: r
             .chains
             .iter()
+            .filter(|c| c.ok())
             .filter_map(|c| {
                 Some(PrunedChain {
                     chain: c.chain.clone(),

@@ -126,6 +126,10 @@ pub struct ChainReport {
     /// the chain's checkpoint points, whatever became of the checkpoint file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_recorded: Option<u64>,
+    /// The seq of a newer signed checkpoint found after the walk, when the one matched was
+    /// behind `checkpoint_recorded`: a running writer signed it while the chain was read.
+    #[serde(skip)]
+    pub checkpoint_reread: Option<u64>,
     /// The public key (hex) the chain's newest record that names a signer names: the key its
     /// writer signed checkpoints with, MAC-checked when keys were given.
     #[serde(skip)]
@@ -181,7 +185,10 @@ impl ChainReport {
     pub fn checkpoint_behind(&self) -> Option<u64> {
         let matched = self.checkpoint_seq?;
         let recorded = self.checkpoint_recorded?;
-        (self.ok() && self.macs_checked && recorded > matched).then_some(recorded)
+        // A checkpoint signed while the chain was read, as recorded or later, is the file's
+        // own news, not one put back.
+        let newest = matched.max(self.checkpoint_reread.unwrap_or(0));
+        (self.ok() && self.macs_checked && recorded > newest).then_some(recorded)
     }
 }
 
@@ -447,6 +454,11 @@ fn verify_listed(
             // Every file gone and no manifest: the first reading's report names one of them.
             (true, None) => break,
         };
+    }
+    if report.checkpoint_behind().is_some() {
+        // The checkpoint was read before the files: a running writer may have signed a newer
+        // one, and recorded it, while they were read. Read again, it settles which.
+        report.checkpoint_reread = newer_checkpoint(chain, opts, ckpt).map(|c| c.seq);
     }
     Ok(report)
 }
@@ -1869,6 +1881,35 @@ pub fn rfc3339(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::rfc3339;
+
+    /// A chain whose records name a later checkpoint than the file matched is behind, unless
+    /// reading the checkpoint again after the walk found one as late (a running writer
+    /// signed it meanwhile); and only a chain that verified with its MACs checked.
+    #[test]
+    fn a_checkpoint_is_behind_only_when_no_newer_one_was_found_after_the_walk() {
+        let report = super::ChainReport {
+            macs_checked: true,
+            checkpoint_seq: Some(10),
+            checkpoint_recorded: Some(20),
+            ..super::ChainReport::default()
+        };
+        assert_eq!(report.checkpoint_behind(), Some(20));
+        let signed_meanwhile = super::ChainReport {
+            checkpoint_reread: Some(20),
+            ..report.clone()
+        };
+        assert_eq!(signed_meanwhile.checkpoint_behind(), None);
+        let still_behind = super::ChainReport {
+            checkpoint_reread: Some(15),
+            ..report.clone()
+        };
+        assert_eq!(still_behind.checkpoint_behind(), Some(20));
+        let unkeyed = super::ChainReport {
+            macs_checked: false,
+            ..report
+        };
+        assert_eq!(unkeyed.checkpoint_behind(), None);
+    }
 
     /// A chain listed after the checkpoints were read (its writer started in between) has its
     /// checkpoint looked up by name; one already read is not read twice, and one that does
