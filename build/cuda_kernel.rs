@@ -40,13 +40,14 @@ pub fn build() {
         println!("cargo:rerun-if-changed={path}");
     }
     // Watch the pinned toolchain's stamp only when it exists: a watched path that does not
-    // exist makes cargo rerun this script on every build. Until then the (git-ignored) tools
-    // directory is watched, created empty if need be, so that installing the toolchain into
-    // it makes the next build compile the kernels with it. Where the source tree is read-only
-    // it cannot be created, and only that trigger is lost.
+    // exist makes cargo rerun this script on every build. Until then the tools directory
+    // (committed with a placeholder, its contents git-ignored) is watched, so that installing
+    // the toolchain into it makes the next build compile the kernels with it. It is never
+    // created here: a directory this script made would be newer than the run, and make the
+    // next build rerun it.
     if Path::new(".tools/cuda/.pins").exists() {
         println!("cargo:rerun-if-changed=.tools/cuda/.pins");
-    } else if Path::new(".tools").is_dir() || fs::create_dir(".tools").is_ok() {
+    } else if Path::new(".tools").is_dir() {
         println!("cargo:rerun-if-changed=.tools");
     }
     for var in [
@@ -62,7 +63,9 @@ pub fn build() {
     }
     build_host_rule();
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let images = match find_toolchain() {
+    let toolchain = find_toolchain();
+    watch_nvcc_places(&toolchain);
+    let images = match toolchain {
         Toolchain::Nvcc(nvcc) => build_with_nvcc(&nvcc, &out),
         Toolchain::Pinned(tools) => build_with_nvrtc(&tools, &out),
         Toolchain::None => fallback(&out),
@@ -105,26 +108,73 @@ fn find_toolchain() -> Toolchain {
     if let Some(nvcc) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
         return Toolchain::Nvcc(PathBuf::from(nvcc));
     }
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(home) = env::var_os(var).filter(|v| !v.is_empty()) {
-            let nvcc = Path::new(&home).join("bin/nvcc");
-            if nvcc.is_file() {
-                return Toolchain::Nvcc(nvcc);
-            }
-        }
-    }
-    if let Some(paths) = env::var_os("PATH") {
-        if let Some(nvcc) = env::split_paths(&paths)
-            .map(|d| d.join("nvcc"))
-            .find(|p| p.is_file())
-        {
-            return Toolchain::Nvcc(nvcc);
-        }
+    if let Some(nvcc) = nvcc_places().into_iter().find_map(|(_, nvcc)| nvcc) {
+        return Toolchain::Nvcc(nvcc);
     }
     if pinned {
         return Toolchain::Pinned(tools);
     }
     Toolchain::None
+}
+
+/// Where an nvcc is looked for after `NVCC`, in order: `CUDA_HOME/bin`, `CUDA_PATH/bin`, then
+/// each absolute directory of `PATH` (the shell skips nothing else that exists; a relative
+/// entry would depend on where cargo runs the script). Each existing directory, with the
+/// nvcc it holds when that is an executable file, as the shell would run it.
+fn nvcc_places() -> Vec<(PathBuf, Option<PathBuf>)> {
+    let homes = ["CUDA_HOME", "CUDA_PATH"]
+        .into_iter()
+        .filter_map(|var| env::var_os(var).filter(|v| !v.is_empty()))
+        .map(|home| Path::new(&home).join("bin"));
+    let path = env::var_os("PATH").unwrap_or_default();
+    let on_path = env::split_paths(&path).filter(|d| d.is_absolute());
+    homes
+        .chain(on_path)
+        .filter(|d| d.is_dir())
+        .map(|d| {
+            let nvcc = d.join("nvcc");
+            let runnable = executable(&nvcc).then_some(nvcc);
+            (d, runnable)
+        })
+        .collect()
+}
+
+/// Whether `path` is a file the shell would run: a regular file (or a link to one) with an
+/// execute bit.
+fn executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Tells cargo what could change the nvcc [`find_toolchain`] picks: the one picked (upgraded
+/// in place), and the directories searched before it, or all of them when none was found, so
+/// that a toolkit installed where the environment already points is used by the next build.
+/// Only existing paths are watched (cargo reruns the script on every build for one that does
+/// not exist); `NVCC` and the pinned-only builds need none.
+fn watch_nvcc_places(toolchain: &Toolchain) {
+    let only_pinned = env::var_os("KVHYGIENE_KERNEL_EXPORT_DIR").is_some_and(|v| !v.is_empty())
+        || env::var("KVHYGIENE_KERNEL_TOOLCHAIN").is_ok_and(|v| v == "pinned");
+    if only_pinned {
+        return;
+    }
+    if env::var_os("NVCC").is_some_and(|v| !v.is_empty()) {
+        if let Toolchain::Nvcc(nvcc) = toolchain {
+            if nvcc.exists() {
+                println!("cargo:rerun-if-changed={}", nvcc.display());
+            }
+        }
+        return;
+    }
+    let picked = match toolchain {
+        Toolchain::Nvcc(nvcc) => Some(nvcc.as_path()),
+        _ => None,
+    };
+    for (dir, nvcc) in nvcc_places() {
+        println!("cargo:rerun-if-changed={}", dir.display());
+        if nvcc.is_some() && nvcc.as_deref() == picked {
+            break;
+        }
+    }
 }
 
 /// What the library embeds; rendered as Rust constants.

@@ -16,7 +16,9 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
 fi
 cargo build --workspace
 cargo test --workspace --all-targets
-# The library cargo just built: in CARGO_TARGET_DIR when it is set (relative to here, as for
-# cargo), never an older one left in ./target.
-target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+# The library cargo just built, in the target directory cargo itself chose (CARGO_TARGET_DIR,
+# CARGO_BUILD_TARGET_DIR or build.target-dir in a .cargo/config.toml), never an older one
+# left in ./target.
+target="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 KVH_LIBRARY="$target/debug/libkvhygiene.so" python3 -m pytest -q tests/python python/tests

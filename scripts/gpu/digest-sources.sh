@@ -12,13 +12,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 # Everything the library, the interposer, the kvh CLI, the gpu_kernel test binary and the
 # gpu_scrub bench compile: the crates' sources and build scripts, the kernels, the C++ shim,
-# the header, the two targets with the modules they name by #[path]; and the scripts that
-# pin the kernel toolchain and drive the build.
+# the header, the two targets with the modules they name by #[path]; the scripts that pin
+# the kernel toolchain and drive the build; and the settings cargo reads from the tree (flags,
+# environment, profiles, the toolchain), each only when the tree has it.
 # (The interposer's own tests, under preload/tests, are built only by its `cargo test`.)
 paths=(
     src preload/Cargo.toml preload/src kernels build build.rs Cargo.toml Cargo.lock csrc include
     tests/gpu_kernel.rs tests/backend_common benches/gpu_scrub.rs
     scripts/install-nvcc.sh scripts/build-gpu-artifacts.sh
+    .cargo/config.toml .cargo/config rust-toolchain.toml rust-toolchain
 )
 if [[ "${1:-}" == --paths ]]; then
     printf '%s\n' "${paths[@]}"

@@ -764,3 +764,33 @@ def test_gpu_check_that_cannot_start_leaves_no_earlier_results_in_its_copy_direc
     assert "an earlier run" not in left, f"exit {proc.returncode}; {copy_to}/results.md is an earlier run's: {left}"
 
 
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        (".cargo/config.toml", '[build]\nrustflags = ["-C", "target-cpu=native"]\n'),
+        ("rust-toolchain.toml", '[toolchain]\nchannel = "1.88.0"\n'),
+    ],
+)
+def test_the_source_digests_include_the_build_configuration_cargo_reads_from_the_tree(tmp_path, config):
+    # cargo reads .cargo/config.toml (flags, environment, profiles) and rust-toolchain.toml
+    # (the compiler) from the tree it builds, and both change the GPU artifacts as Cargo.toml
+    # does. SOURCES.txt digests them when the tree has them, so that gpu-check.sh does not
+    # take artifacts built without them (or with other contents) for this tree's.
+    name, text = config
+    tree = tmp_path / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    (tree / "Cargo.toml").write_text("[package]\nname = \"x\"\n")
+    (tree / name).parent.mkdir(parents=True, exist_ok=True)
+    (tree / name).write_text(text)
+    (tree / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "gpu" / "digest-sources.sh", tree / "scripts" / "gpu" / "digest-sources.sh")
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(tree / "scripts" / "gpu" / "digest-sources.sh")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split("  ", 1)[1] for line in proc.stdout.splitlines()]
+    assert name in listed, f"{name} is not digested: {listed}"

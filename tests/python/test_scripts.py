@@ -341,3 +341,189 @@ def test_gpu_artifacts_of_a_build_that_failed_after_copying_them_are_not_left_fo
     needed = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
     left = [f for f in needed if (art / f).exists()]
     assert left != needed, f"the failed build's artifacts are all still in {art}, where gpu-check.sh runs them: {left}"
+
+
+def test_test_sh_runs_the_python_tests_on_the_library_cargo_built_with_the_target_dir_from_cargo_settings(tmp_path):
+    # cargo also takes its target directory from CARGO_BUILD_TARGET_DIR (or build.target-dir
+    # in a .cargo/config.toml), with CARGO_TARGET_DIR unset. scripts/test.sh then runs the
+    # Python tests on the library cargo just built there, never on one an earlier build left
+    # in ./target/debug.
+    root = scratch_scripts(tmp_path, "test.sh")
+    stale = root / "target" / "debug" / "libkvhygiene.so"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale\n")
+    bin_dir = tmp_path / "bin"
+    # As cargo: CARGO_TARGET_DIR, else CARGO_BUILD_TARGET_DIR, else ./target.
+    executable(
+        bin_dir / "cargo",
+        FAKE_CARGO.replace('t="${CARGO_TARGET_DIR:-$PWD/target}"', 't="${CARGO_TARGET_DIR:-${CARGO_BUILD_TARGET_DIR:-$PWD/target}}"', 1),
+    )
+    record = tmp_path / "pytest-library.txt"
+    executable(
+        bin_dir / "python3",
+        "#!/bin/sh\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then\n'
+        f'    printf "%s" "$KVH_LIBRARY" > "{record}"; exit 0\n'
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n',
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CARGO_TARGET_DIR", "KVH_LIBRARY")}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    env["CARGO_BUILD_TARGET_DIR"] = str(tmp_path / "cargo-target")
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/test.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    used = Path(record.read_text()) if record.is_file() else None
+    assert used is not None and used.is_file() and used.read_text() == "fresh\n", (
+        f"exit {proc.returncode}: the Python tests ran on {used} "
+        f"({used.read_text().strip() if used and used.is_file() else 'missing'}), not on the library "
+        f"cargo built in CARGO_BUILD_TARGET_DIR={tmp_path / 'cargo-target'}"
+    )
+
+
+def test_gen_cuda_sys_check_says_why_when_bindgen_fails(tmp_path):
+    # scripts/gen-cuda-sys.sh --check runs bindgen on the pinned cuda.h. When bindgen cannot
+    # parse it (libclang missing or broken, a header it cannot find), the check fails and the
+    # output says why: bindgen's own message reaches stderr, so that a failed CI step names
+    # its cause.
+    root = scratch_scripts(tmp_path, "gen-cuda-sys.sh", "install-nvcc.sh")
+    header = root / ".tools" / "cuda" / "include" / "cuda.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("#include <stdlib.h>\n")
+    sys_rs = root / "src" / "backend" / "cuda" / "sys.rs"
+    sys_rs.parent.mkdir(parents=True)
+    shutil.copy2(ROOT / "src" / "backend" / "cuda" / "sys.rs", sys_rs)
+    bin_dir = tmp_path / "bin"
+    executable(
+        bin_dir / "bindgen",
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "bindgen 0.73.2"; exit 0; fi\n'
+        "echo \"cuda.h:1:10: fatal error: 'stdlib.h' file not found\" >&2\n"
+        "echo 'Unable to generate bindings: ClangDiagnostic' >&2\n"
+        "exit 1\n",
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gen-cuda-sys.sh"), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "stdlib.h" in proc.stderr, (
+        f"gen-cuda-sys.sh --check failed (exit {proc.returncode}) without bindgen's reason; "
+        f"stdout: {proc.stdout!r}, stderr: {proc.stderr!r}"
+    )
+
+
+def checked_kernel_origin(root: Path, env: dict) -> str:
+    """KERNEL_ORIGIN of the build script's output in a `cargo check` of the library."""
+    proc = subprocess.run(
+        ["cargo", "check", "--quiet", "--lib", "--message-format=json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for line in proc.stdout.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if m.get("reason") == "build-script-executed":
+            images = Path(m["out_dir"]) / "kernel_images.rs"
+            if images.exists():
+                for l in images.read_text().splitlines():
+                    if l.startswith("pub const KERNEL_ORIGIN"):
+                        return l.split('"')[1]
+    pytest.fail("no kernel_images.rs in cargo's build messages")
+
+
+# What a CUDA toolkit's nvcc leaves for build.rs: every `-o` file written.
+STAND_IN_NVCC = (
+    "#!/bin/sh\n"
+    'out=""; prev=""\n'
+    'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+    '[ -n "$out" ] && echo stand-in > "$out"\n'
+    "exit 0\n"
+)
+
+
+def test_a_build_after_a_cuda_toolkit_is_installed_compiles_the_kernels_with_its_nvcc(tmp_path):
+    # build.rs takes the first nvcc of CUDA_HOME/bin and PATH, else embeds the committed PTX
+    # with a warning telling the user to install a compiler. Once an nvcc is installed where
+    # the environment already points (CUDA_HOME's bin/, a directory already on PATH: what
+    # installing a toolkit package does), the next build compiles the kernels with it, as it
+    # does once scripts/install-nvcc.sh has filled .tools/cuda.
+    root = scratch_checkout(tmp_path)
+    on_path = tmp_path / "on-path"
+    on_path.mkdir()
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    env = build_env(tmp_path, str(on_path))
+    env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
+    env["CUDA_HOME"] = str(toolkit)
+    assert checked_kernel_origin(root, env) == "committed kernels/scrub.ptx"
+    # A second build of the unchanged tree (the first one's own changes to it settle).
+    assert checked_kernel_origin(root, env) == "committed kernels/scrub.ptx"
+    executable(on_path / "nvcc", STAND_IN_NVCC)
+    origin = checked_kernel_origin(root, env)
+    assert origin == f"nvcc ({on_path / 'nvcc'})", (
+        f"with nvcc installed in a directory on PATH the build still embeds: {origin}"
+    )
+    executable(toolkit / "bin" / "nvcc", STAND_IN_NVCC)
+    origin = checked_kernel_origin(root, env)
+    assert origin == f"nvcc ({toolkit / 'bin' / 'nvcc'})", (
+        f"with nvcc installed in CUDA_HOME/bin the build still embeds: {origin}"
+    )
+
+
+def test_a_second_build_of_an_unchanged_checkout_rebuilds_nothing(tmp_path):
+    # Building a fresh checkout twice without changing anything: the second build finds the
+    # library (and its build script's output) up to date, rather than compiling it, and
+    # everything that links it, again.
+    root = scratch_checkout(tmp_path)
+    env = build_env(tmp_path)
+    env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
+
+    def check() -> dict:
+        proc = subprocess.run(
+            ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        fresh = {}
+        for line in proc.stdout.splitlines():
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue
+            if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
+                fresh["kvhygiene"] = m["fresh"]
+        return fresh
+
+    assert check() == {"kvhygiene": False}
+    assert check() == {"kvhygiene": True}, "the second build of the unchanged checkout compiled the library again"
+
+
+def test_the_kernel_build_takes_the_nvcc_the_shell_would_run_from_path(tmp_path):
+    # build.rs looks nvcc up on PATH as the shell does: a file named nvcc that is not
+    # executable (a leftover, a data file) is passed over, and the first executable nvcc on
+    # PATH compiles the kernels.
+    root = scratch_checkout(tmp_path)
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "nvcc").write_text("not a program\n")
+    second = tmp_path / "second"
+    executable(second / "nvcc", STAND_IN_NVCC)
+    env = build_env(tmp_path, f"{first}:{second}")
+    env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
+    origin = checked_kernel_origin(root, env)
+    assert origin == f"nvcc ({second / 'nvcc'})", origin
