@@ -501,7 +501,14 @@ fn main() -> ExitCode {
         Command::PruneLog(args) => exit_code(forensic_cli::run_prune_log(&args)),
         Command::Evidence(args) => exit_code(evidence::run_evidence(&args)),
         Command::TailLog(args) => exit_code(tail::run_tail_log(&args)),
-        Command::Preflight(args) => exit_code(preflight::run_preflight(&args)),
+        Command::Preflight(args) => {
+            // The backend check loads the kernels; where the driver compiles the embedded PTX
+            // for the device (no SASS for it), it would write its JIT cache (~/.nv). Preflight
+            // writes nothing: the cache is off for this process, set before the driver is
+            // loaded and before any thread starts.
+            std::env::set_var("CUDA_CACHE_DISABLE", "1");
+            exit_code(preflight::run_preflight(&args))
+        }
         Command::Metrics(args) => exit_code(metrics_cli::run_metrics(&args)),
         Command::ServeMetrics(args) => exit_code(metrics_cli::run_serve_metrics(&args)),
         Command::Gate(args) => exit_code(gate::run_gate(&args)),
