@@ -744,7 +744,7 @@ class KvLayout:
         )
 
     @classmethod
-    def from_tensors(cls, tensors, block_dim: int) -> "KvLayout":
+    def from_tensors(cls, tensors, block_dim: int, *, blocks_per_block: int = 1) -> "KvLayout":
         """The layout of KV-cache tensors whose dimension ``block_dim`` indexes blocks.
 
         Every index of the dimensions before ``block_dim`` is a region; the dimensions after it
@@ -753,6 +753,13 @@ class KvLayout:
         ``block_dim=1`` (K and V are two regions); a ``[num_blocks, 2, ...]`` cache uses
         ``block_dim=0``. All tensors must share one block geometry and one device. A mapping
         (vLLM's layer name -> cache tensor) gives its tensors, in its order.
+
+        ``blocks_per_block`` makes each run of that many consecutive tensor blocks one block of
+        the layout: for an engine whose tensors count smaller blocks than the ids it hands out
+        (vLLM shapes a cache in the attention kernel's block size when that is smaller than the
+        KV cache manager's: ``block_size // kernel_block_size`` of them make one of the
+        scheduler's blocks). The tensor blocks must lie back to back, and their count be a
+        multiple of it.
         """
         if hasattr(tensors, "data_ptr"):
             # One tensor, not a list: iterated, it would be read as the list of its halves
@@ -784,6 +791,21 @@ class KvLayout:
             # to the library, which refuses them.
             regions.extend(b for b in bases if b not in regions)
         block_bytes, block_stride, blocks = geometry
+        per = _integer(blocks_per_block, "blocks_per_block")
+        if per < 1:
+            raise ValueError(f"blocks_per_block {per} is not a positive count")
+        if per > 1:
+            if blocks % per:
+                raise ValueError(
+                    f"the tensors hold {blocks} blocks, not a multiple of blocks_per_block {per}: "
+                    "they are not the engine's blocks cut in equal parts"
+                )
+            if block_stride != block_bytes and blocks > 1:
+                raise ValueError(
+                    f"the tensors' blocks are {block_stride} bytes apart but {block_bytes} bytes "
+                    f"long: {per} of them do not make one run of memory"
+                )
+            block_bytes, block_stride, blocks = block_bytes * per, block_bytes * per, blocks // per
         return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
 
 

@@ -14,6 +14,13 @@ reuse takes::
     # in the model runner, before the step's forward pass:
     claim_scheduled(scheduler_output, layouts, block_sizes=[16])
 
+The layouts must count the blocks the scheduler hands out. Where vLLM shapes a group's cache
+tensors in the attention kernel's block size, smaller than the KV cache manager's (its model
+runner then makes ``num_blocks * (block_size // kernel_block_size)`` blocks of them), say how
+many make one: ``from_tensors(group_caches, block_dim=1, blocks_per_block=block_size //
+kernel_block_size)``. A layout in kernel blocks would take scheduler block ``i`` for kernel
+block ``i``, a part of another block, and scrub another request's live memory instead.
+
 KV cache groups whose layers share cache tensors (vLLM's hybrid allocator lays one set of
 tensors under every group, from one block pool) are best given one layout, over all the
 tensors they share: a block id is then one block of one ledger in the library. Layouts that

@@ -873,3 +873,65 @@ def test_blocks_refused_in_a_step_are_those_whose_bytes_meet_another_requests_wh
         want = _brute_force_shared(claimed, layouts)
         got = _shared_in_step(claimed, layouts)
         assert got == want, f"case {case}: layouts {layouts}, step {claimed}"
+
+
+def test_a_cache_vllm_shapes_in_kernel_blocks_is_claimed_by_the_schedulers_blocks():
+    # vLLM's GPU model runner shapes an attention layer's cache in kernel blocks when the
+    # attention backend's block size is smaller than the KV cache manager's
+    # (_reshape_kv_cache_tensors: kernel_num_blocks = num_blocks * (block_size //
+    # kernel_block_size)), while SchedulerOutput's block ids and num_computed_tokens count the
+    # manager's blocks. Following the module's recipe (a layout from the layer tensors with
+    # block_dim=1 and blocks_per_block, the manager's block size), claiming manager block 2
+    # for a new request must clear the bytes of manager block 2 and leave manager block 1,
+    # another request's live block, as it is.
+    from fakes import FakeTensor
+
+    lib = kvhygiene.load()
+    manager_blocks, per_manager, kernel_tokens, head = 8, 2, 8, 8
+    kernel_blocks = manager_blocks * per_manager
+    kernel_bytes = kernel_tokens * head * 2  # fp16
+    region = kernel_blocks * kernel_bytes
+    p = lib.kvh_malloc(2 * region, 0, None)
+    try:
+        tensor = FakeTensor(p, (2, kernel_blocks, kernel_tokens, 1, head), element_size=2, device_index=0)
+        layout = kvhygiene.KvLayout.from_tensors([tensor], block_dim=1, blocks_per_block=per_manager)
+        manager_bytes = per_manager * kernel_bytes
+
+        def fill(m, byte):
+            for base in (p, p + region):
+                ctypes.memset(base + m * manager_bytes, byte, manager_bytes)
+
+        def holds(m, byte):
+            want = bytes([byte]) * manager_bytes
+            return all(ctypes.string_at(base + m * manager_bytes, manager_bytes) == want for base in (p, p + region))
+
+        manager_tokens = per_manager * kernel_tokens
+        claim_scheduled(step(new=[("a", [1], 0), ("c", [2], 0)]), [layout], manager_tokens)
+        fill(1, 0xA1)
+        fill(2, 0xC1)
+        # c finishes; its block 2 goes to b without a scrub; a keeps running on block 1.
+        claim_scheduled(step(new=[("b", [2], 0)], cached=[("a", None, manager_tokens)]), [layout], manager_tokens)
+        assert (holds(2, 0), holds(1, 0xA1)) == (True, True), (
+            "after b's claim of manager block 2: (block 2 zero, a's live block 1 intact)"
+        )
+    finally:
+        lib.kvh_free(p, 2 * region, 0, None)
+        kvhygiene.synchronize()
+
+
+def test_blocks_per_block_refuses_tensor_blocks_that_do_not_make_whole_blocks():
+    # Grouping tensor blocks into the engine's blocks needs a whole number of them, back to
+    # back: anything else would make a block of the layout span memory that is not one block.
+    from fakes import FakeTensor
+
+    dense = FakeTensor(0x10000, (2, 6, 8, 1, 8), element_size=2, device_index=0)
+    layout = kvhygiene.KvLayout.from_tensors([dense], block_dim=1, blocks_per_block=3)
+    assert (layout.blocks_per_region, layout.block_bytes, layout.block_stride) == (2, 3 * 128, 3 * 128)
+    with pytest.raises(ValueError, match="not a multiple"):
+        kvhygiene.KvLayout.from_tensors([dense], block_dim=1, blocks_per_block=4)
+    # The K half of a [num_blocks, 2, ...] cache: each K block is followed by a V block.
+    interleaved = FakeTensor(0x10000, (6, 8, 1, 8), stride=(128, 8, 8, 1), element_size=2, device_index=0)
+    with pytest.raises(ValueError, match="do not make one run"):
+        kvhygiene.KvLayout.from_tensors([interleaved], block_dim=0, blocks_per_block=2)
+    with pytest.raises(ValueError, match="positive"):
+        kvhygiene.KvLayout.from_tensors([dense], block_dim=1, blocks_per_block=0)
