@@ -40,8 +40,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("this example needs a CUDA GPU")
         return 1
-    # 1. Before the first CUDA allocation. install() raises AllocatorAlreadyInUseError if
-    #    PyTorch already holds CUDA memory, because allocators cannot be swapped after that.
+    # 1. Before CUDA is initialised (the first tensor on CUDA, or any call that initialises
+    #    it). install() raises AllocatorAlreadyInUseError after that, because PyTorch then has
+    #    its allocator set up and cannot swap it.
     kvhygiene.install()
 
     # 2. Tenant A's request writes its secret and frees it.

@@ -136,7 +136,9 @@ class ClaimRefusedError(KvhError):
 
 
 class AllocatorAlreadyInUseError(RuntimeError):
-    """:func:`install` was called after PyTorch had already allocated CUDA memory."""
+    """:func:`install` was called after CUDA was initialised in this process (a first tensor
+    on CUDA, or any call that initialises it): PyTorch's allocator is then set up, whether or
+    not it holds memory yet, and cannot be swapped."""
 
 
 _lock = threading.RLock()
