@@ -147,34 +147,43 @@ fn executable(path: &Path) -> bool {
 }
 
 /// Tells cargo what could change the nvcc [`find_toolchain`] picks: the one picked (upgraded
-/// in place), and the directories searched before it, or all of them when none was found, so
-/// that a toolkit installed where the environment already points is used by the next build.
-/// Only existing paths are watched (cargo reruns the script on every build for one that does
-/// not exist); `NVCC` and the pinned-only builds need none.
+/// in place), and the toolkit directories `CUDA_HOME/bin` and `CUDA_PATH/bin`, which take
+/// precedence over `PATH`, so that a toolkit installed where they point is used by the next
+/// build. `PATH`'s directories are not watched: cargo reads a watched directory whole, and
+/// one the build writes into (a target directory on `PATH`), or one as large as a home
+/// directory, would make every build run this script again. Only existing paths are watched
+/// (cargo reruns the script on every build for one that does not exist); `NVCC` and the
+/// pinned-only builds need none but the nvcc named.
 fn watch_nvcc_places(toolchain: &Toolchain) {
     let only_pinned = env::var_os("KVHYGIENE_KERNEL_EXPORT_DIR").is_some_and(|v| !v.is_empty())
         || env::var("KVHYGIENE_KERNEL_TOOLCHAIN").is_ok_and(|v| v == "pinned");
     if only_pinned {
         return;
     }
-    if env::var_os("NVCC").is_some_and(|v| !v.is_empty()) {
-        if let Toolchain::Nvcc(nvcc) = toolchain {
-            if nvcc.exists() {
-                println!("cargo:rerun-if-changed={}", nvcc.display());
-            }
+    if let Toolchain::Nvcc(nvcc) = toolchain {
+        if nvcc.exists() {
+            println!("cargo:rerun-if-changed={}", nvcc.display());
         }
+    }
+    if env::var_os("NVCC").is_some_and(|v| !v.is_empty()) {
         return;
     }
-    let picked = match toolchain {
-        Toolchain::Nvcc(nvcc) => Some(nvcc.as_path()),
-        _ => None,
-    };
-    for (dir, nvcc) in nvcc_places() {
+    for (dir, _) in nvcc_places()
+        .into_iter()
+        .take_while(|(d, _)| toolkit_dir(d))
+    {
         println!("cargo:rerun-if-changed={}", dir.display());
-        if nvcc.is_some() && nvcc.as_deref() == picked {
-            break;
-        }
     }
+}
+
+/// Whether `dir` is `CUDA_HOME/bin` or `CUDA_PATH/bin` (the first places [`nvcc_places`]
+/// lists).
+fn toolkit_dir(dir: &Path) -> bool {
+    ["CUDA_HOME", "CUDA_PATH"].into_iter().any(|var| {
+        env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .is_some_and(|home| Path::new(&home).join("bin") == dir)
+    })
 }
 
 /// What the library embeds; rendered as Rust constants.

@@ -478,8 +478,17 @@ impl EventSink for FanoutSink {
     }
 
     fn flush(&self) {
+        // Called before a fail-closed abort: a sink that panics must not keep the others,
+        // a forensic log among them, from making their records durable.
+        let mut panicked = None;
         for sink in &self.0 {
-            sink.flush();
+            let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.flush()));
+            if let Err(p) = flushed {
+                panicked.get_or_insert(p);
+            }
+        }
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
         }
     }
 }

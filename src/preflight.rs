@@ -413,9 +413,13 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                          below it), so no snapshot can be written; name another file"
                     ),
                 )
-            } else if files::removal_refused(&file) {
+            } else if std::fs::symlink_metadata(&file).is_ok_and(|md| md.is_file())
+                && files::removal_refused(&file)
+            {
                 // The exporter installs each snapshot by a rename over the file, which the
-                // kernel refuses for a marked file, even to root.
+                // kernel refuses for a marked file, even to root. (Only a regular file is
+                // opened to read its marks: a FIFO or device is left untouched, for the check
+                // below to refuse.)
                 check(
                     "metrics file",
                     Status::Fail,

@@ -392,3 +392,45 @@ fn a_sink_beside_one_that_panics_still_gets_the_events_before_the_panic() {
         "the failed verification before the panic, in the sink beside: {kinds:?}"
     );
 }
+
+/// Panics when flushed (a faulty sink).
+struct PanicsOnFlush;
+
+impl kvhygiene::events::EventSink for PanicsOnFlush {
+    fn emit(&self, _: kvhygiene::events::Event) {}
+    fn flush(&self) {
+        panic!("the sink panicked on a flush");
+    }
+}
+
+/// Counts the flushes it receives.
+#[derive(Default)]
+struct CountsFlushes(std::sync::atomic::AtomicU64);
+
+impl kvhygiene::events::EventSink for CountsFlushes {
+    fn emit(&self, _: kvhygiene::events::Event) {}
+    fn flush(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `flush` is what the allocator calls before a fail-closed abort, to make the records
+/// queued in a forensic log durable. A `FanoutSink` passes it to every sink it feeds even
+/// when one of them panics, as it passes the events (invariant 5): the sink after the faulty
+/// one is still flushed, and the panic is raised once all were.
+#[test]
+fn a_sink_beside_one_that_panics_on_flush_is_still_flushed() {
+    use kvhygiene::events::{EventSink, FanoutSink};
+    let counted = Arc::new(CountsFlushes::default());
+    let fanout = FanoutSink(vec![
+        Arc::new(PanicsOnFlush) as Arc<dyn EventSink>,
+        counted.clone() as Arc<dyn EventSink>,
+    ]);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fanout.flush()));
+    assert!(r.is_err(), "precondition: the faulty sink panicked");
+    assert_eq!(
+        counted.0.load(Ordering::SeqCst),
+        1,
+        "the sink after the one that panicked was not flushed"
+    );
+}

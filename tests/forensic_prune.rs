@@ -2764,3 +2764,33 @@ fn a_dry_run_names_an_archive_with_too_few_inodes_for_the_copies() {
         text(&dry.stderr)
     );
 }
+
+/// A first run into an archive on a file system with no file left to create (a tmpfs of one
+/// inode, its root): the real run marks the archive before it looks for anything to move, so
+/// it stops (exit 2) even when nothing is old enough to move. The dry run before it, which
+/// counts the archive's marker on a first run, fails too.
+#[test]
+fn a_dry_run_that_moves_nothing_still_needs_room_for_the_archives_marker() {
+    let s = setup();
+    open_chain(&s.log, 20);
+    let Some(_full) = Mounted::tmpfs(&s.archive, "64m", ",nr_inodes=1") else {
+        return;
+    };
+    let dry = prune(&s, &["--older-than", "1", "--dry-run"]);
+    let out = prune(&s, &["--older-than", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "precondition: the real run stops: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(2),
+        "the dry run passes where the real run fails: {}{} (the real run: {})",
+        text(&dry.stdout),
+        text(&dry.stderr),
+        text(&out.stderr)
+    );
+}

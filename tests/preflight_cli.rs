@@ -1239,3 +1239,43 @@ fn an_immutable_metrics_snapshot_fails_as_the_start_up_cannot_replace_it() {
     );
     assert_eq!(code, 1, "{report}");
 }
+
+/// A FIFO stands where the metrics file is named. The preflight reports it (the exporter
+/// replaces only a snapshot, never a special file) without opening it: opening a FIFO, or a
+/// device file, has effects of its own (a writer blocked on the FIFO is let through), and a
+/// check must leave what it looks at as it found it. Seen with inotify, which reports every
+/// open of the file.
+#[test]
+fn the_metrics_file_check_does_not_open_a_special_file_it_finds() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let mut env = Env::new();
+    let fifo = env.root().join("metrics/kvh.prom");
+    let c_fifo = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    env.set("KVH_METRICS_FILE", fifo.display().to_string());
+    // SAFETY: no pointer arguments.
+    let watch = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(watch >= 0, "inotify_init1");
+    // SAFETY: `watch` is an inotify descriptor; the path is NUL-terminated.
+    let added = unsafe { libc::inotify_add_watch(watch, c_fifo.as_ptr(), libc::IN_OPEN) };
+    assert!(added >= 0, "inotify_add_watch");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let mut buf = [0u8; 4096];
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::read(watch, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::close(watch) };
+    assert_eq!(
+        status(&report, "metrics file").0,
+        "fail",
+        "precondition: a FIFO is no snapshot: {report}"
+    );
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        n <= 0,
+        "kvh preflight opened the FIFO at the metrics file's path ({n} bytes of inotify \
+         IN_OPEN events): {report}"
+    );
+}

@@ -411,7 +411,9 @@ fn archive_has_room(
     (files, bytes): (u64, u64),
     marker: bool,
 ) -> Result<(), String> {
-    if files == 0 {
+    // A first run marks the archive before it looks for anything to move: the marker is a
+    // file to create even when no copy is.
+    if files == 0 && !marker {
         return Ok(());
     }
     files::can_create_in(archive).map_err(|e| {
@@ -909,7 +911,7 @@ pub fn prune_all(
                 b.saturating_add(c.new_copies.1),
             )
         });
-        let marker = !req.archive.join(ARCHIVE_MARKER).exists();
+        let marker = req.archive.join(ARCHIVE_MARKER).symlink_metadata().is_err();
         run.archive_refuses = archive_has_room(req.archive, copies, marker).err();
     }
     run.moved = moved;

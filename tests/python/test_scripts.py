@@ -454,10 +454,11 @@ STAND_IN_NVCC = (
 
 def test_a_build_after_a_cuda_toolkit_is_installed_compiles_the_kernels_with_its_nvcc(tmp_path):
     # build.rs takes the first nvcc of CUDA_HOME/bin and PATH, else embeds the committed PTX
-    # with a warning telling the user to install a compiler. Once an nvcc is installed where
-    # the environment already points (CUDA_HOME's bin/, a directory already on PATH: what
-    # installing a toolkit package does), the next build compiles the kernels with it, as it
-    # does once scripts/install-nvcc.sh has filled .tools/cuda.
+    # with a warning telling the user to install a compiler. Once a toolkit's nvcc is
+    # installed where CUDA_HOME already points, the next build compiles the kernels with it,
+    # as it does once scripts/install-nvcc.sh has filled .tools/cuda; so it does when one was
+    # found on PATH before, since CUDA_HOME's takes precedence. (PATH's directories are not
+    # watched: one the build writes into would make every build run the script again.)
     root = scratch_checkout(tmp_path)
     on_path = tmp_path / "on-path"
     on_path.mkdir()
@@ -469,15 +470,25 @@ def test_a_build_after_a_cuda_toolkit_is_installed_compiles_the_kernels_with_its
     assert checked_kernel_origin(root, env) == "committed kernels/scrub.ptx"
     # A second build of the unchanged tree (the first one's own changes to it settle).
     assert checked_kernel_origin(root, env) == "committed kernels/scrub.ptx"
-    executable(on_path / "nvcc", STAND_IN_NVCC)
-    origin = checked_kernel_origin(root, env)
-    assert origin == f"nvcc ({on_path / 'nvcc'})", (
-        f"with nvcc installed in a directory on PATH the build still embeds: {origin}"
-    )
     executable(toolkit / "bin" / "nvcc", STAND_IN_NVCC)
     origin = checked_kernel_origin(root, env)
     assert origin == f"nvcc ({toolkit / 'bin' / 'nvcc'})", (
         f"with nvcc installed in CUDA_HOME/bin the build still embeds: {origin}"
+    )
+    # Found on PATH first, then installed in CUDA_HOME/bin: the toolkit's is taken.
+    root2 = scratch_checkout(tmp_path / "second")
+    toolkit2 = tmp_path / "cuda2"
+    (toolkit2 / "bin").mkdir(parents=True)
+    executable(on_path / "nvcc", STAND_IN_NVCC)
+    env2 = build_env(tmp_path / "second", str(on_path))
+    env2.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
+    env2["CUDA_HOME"] = str(toolkit2)
+    env2["CARGO_TARGET_DIR"] = env["CARGO_TARGET_DIR"]  # the dependencies built once
+    assert checked_kernel_origin(root2, env2) == f"nvcc ({on_path / 'nvcc'})"
+    executable(toolkit2 / "bin" / "nvcc", STAND_IN_NVCC)
+    origin = checked_kernel_origin(root2, env2)
+    assert origin == f"nvcc ({toolkit2 / 'bin' / 'nvcc'})", (
+        f"with nvcc installed in CUDA_HOME/bin the build still uses: {origin}"
     )
 
 
@@ -527,3 +538,41 @@ def test_the_kernel_build_takes_the_nvcc_the_shell_would_run_from_path(tmp_path)
     env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
     origin = checked_kernel_origin(root, env)
     assert origin == f"nvcc ({second / 'nvcc'})", origin
+
+
+def test_a_second_build_is_fresh_with_the_target_directory_on_path(tmp_path):
+    # A developer who runs `kvh` from the build puts the target directory's profile folder on
+    # PATH. Building twice without changing anything: the second build finds the library up
+    # to date, whatever PATH holds. The kernel build script asks cargo to watch the PATH
+    # directories it searched for nvcc; a watched directory that the build itself writes into
+    # must not make every later build run the script, and compile the library, again.
+    root = scratch_checkout(tmp_path)
+    profile_dir = tmp_path / "target" / "debug"
+    profile_dir.mkdir(parents=True)
+    env = build_env(tmp_path, str(profile_dir))
+    env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
+
+    def check() -> bool:
+        proc = subprocess.run(
+            ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        for line in proc.stdout.splitlines():
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue
+            if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
+                return m["fresh"]
+        pytest.fail("no compiler-artifact message for kvhygiene")
+
+    assert check() is False
+    assert check() is True, (
+        f"the second build of the unchanged checkout, with {profile_dir} on PATH, compiled the "
+        "library again (its build script watches a directory the build writes)"
+    )
