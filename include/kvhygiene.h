@@ -127,6 +127,11 @@ void *kvh_malloc(ssize_t size, int device, void *stream);
 // free signature. Never waits: the block is scrubbed and verified asynchronously before any
 // reuse. `size` is checked against the allocation and never trusted. `ptr == NULL` is a no-op.
 //
+// The scrub runs on `stream`, in a batch submitted after the free returns: `stream`, and the
+// streams recorded on the block (`kvh_record_stream`), must stay valid until then
+// (`kvh_synchronize` returned), or until `kvh_forget_stream` was called for them. (PyTorch
+// never destroys the streams of its pool.)
+//
 // Invalid frees (unknown, double, interior, wrong device) change nothing, are logged as
 // events and leave their code in `kvh_last_error`.
 //
@@ -148,8 +153,21 @@ int kvh_free_checked(void *ptr, ssize_t size, int device, void *stream);
 
 // Records that the block at `ptr` is in use on `stream` (PyTorch's record-stream hook): its
 // scrub will be ordered after the work queued there. `ptr` may point anywhere into a live
-// allocation (the data pointer of a view of it). Other pointers are ignored.
+// allocation (the data pointer of a view of it). Other pointers are ignored. `stream` must
+// stay valid until the block's scrub was submitted (`kvh_synchronize` returned after the
+// free), or until `kvh_forget_stream` was called for it.
 void kvh_record_stream(void *ptr, void *stream);
+
+// Says that the caller is about to destroy `stream`, which it named to `kvh_malloc`,
+// `kvh_free`, `kvh_free_checked`, `kvh_record_stream` or `kvh_scrub_blocks`: kvhygiene
+// submits now the scrubs still waiting to run on it or after it, and never names it to the
+// driver again (the later scrubs of blocks allocated or freed on it run on the legacy default
+// stream). Call it after the work queued on `stream` has finished
+// (`cudaStreamSynchronize`), and before destroying it. Until then a stream named to those
+// calls must stay valid: scrubs are batched, and run after the free returned. NULL (the
+// legacy stream) and `cudaStreamPerThread` are never forgotten. Does nothing before
+// kvhygiene started.
+void kvh_forget_stream(void *stream);
 
 // Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
 // `device`, in stream order on `stream` (after the work queued there and on the streams of
@@ -161,7 +179,8 @@ void kvh_record_stream(void *ptr, void *stream);
 // allocation from `kvh_malloc` on `device`, and no two blocks of the layout may overlap:
 // kvhygiene never writes memory it did not hand out, nor a block the call did not name.
 // `stream` is NULL or a stream of `device`; it is recorded on the allocations, so it must
-// stay valid until they are freed (as with `kvh_record_stream`).
+// stay valid until they are freed and scrubbed (as with `kvh_record_stream`), or until
+// `kvh_forget_stream` was called for it.
 //
 // Returns `KVH_OK` when every block verified zero. `KVH_ERR_VERIFY_FAILED` when some did
 // not: `*failed_count` says how many, and the first `failed_capacity` of their ids are

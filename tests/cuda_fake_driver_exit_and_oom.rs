@@ -892,3 +892,108 @@ fn no_free_of_the_block_after_shutdown_begun_while_a_release_frees_parked_pages(
     let released = b.release(0, block, 4096);
     assert_nothing_after_shutdown(&lib, frees, &released);
 }
+
+/// A submission that finds an idle batch slot queries its completion event; a shutdown that
+/// begins during that query (which then reports the slot complete) stops the submission
+/// there: once `shutdown()` has returned, no further driver call is made (the capture query
+/// of the scrub stream that follows included).
+#[test]
+fn no_driver_call_after_shutdown_begun_while_the_idle_slot_found_is_queried() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_idle_slot_complete");
+    // The device makes its first slot as it opens: the submission below finds it idle.
+    let b = BACKEND.get_or_init(|| start(&path));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 38,
+    };
+    arm(&lib, "on_event_query", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// The same when the submission makes a new slot and the shutdown begins while the slot's
+/// completion event, its last part, is created.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_a_new_slot_s_event_is_created() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_new_slot_event");
+    let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
+    let base = b.allocate(0, 4096).expect("allocate");
+    let seg = ScrubSegment {
+        addr: base,
+        len: 4096,
+        seed: 39,
+    };
+    arm(&lib, "on_event_create", exit_begins);
+    let submitted = submit(b, batch(vec![seg], SAMPLED));
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; submission returned {}",
+        outcome(&submitted)
+    );
+}
+
+/// A device opened on first use (here device 1, by an allocation) while the shutdown begins
+/// as the opening makes the device's context current (its first step after retaining it)
+/// makes no further driver call: neither the rest of the opening (the compute capability
+/// queries included) nor the allocation that asked for it.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_an_opening_device_s_context_is_made_current() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_device_open_context");
+    let b = BACKEND.get_or_init(|| start(&path));
+    arm(&lib, "on_device1_current", exit_begins);
+    let allocated = b.allocate(1, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; allocate(1) returned {}",
+        outcome(&allocated)
+    );
+}
+
+/// An entry point restores the caller's context, then the caller's capture mode, as it
+/// returns. A shutdown that begins while the caller's context is made current again (here
+/// device 1's, the thread's own, after an allocation on device 0) leaves the capture mode
+/// as it is: no driver call once `shutdown()` has returned.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_the_caller_s_context_is_restored() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_context_restore");
+    let b = BACKEND.get_or_init(|| start(&path));
+    // The thread works on device 1, as a worker of a multi-GPU job does.
+    switch(&lib, "make_current", 1);
+    arm(&lib, "on_device1_current", exit_begins);
+    let allocated = b.allocate(0, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; allocate(0) returned {}",
+        outcome(&allocated)
+    );
+}

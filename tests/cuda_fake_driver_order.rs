@@ -403,3 +403,23 @@ fn a_capture_refusing_the_wait_for_a_recorded_stream_defers_the_batch() {
     );
     b.release(0, base, 4096).expect("release");
 }
+
+/// Fresh memory is zeroed on the caller's stream once its capture query said it is not
+/// capturing. A capture's refusal of the memset itself (here CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+/// another stream began a global-mode capture after the query) is a capture found late, as
+/// for a batch's calls before its launch (docs/cuda.md, "CUDA graph capture"): the zeroing is
+/// refused with `StreamCapturing` (the allocation then fails as during a capture), not
+/// reported as a driver fault.
+#[test]
+fn a_capture_refusing_the_zeroing_of_fresh_memory_is_a_capture() {
+    let (path, lib) = fake_or_skip!("zero_fresh_refused_by_capture");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    switch(&lib, "fail_next_memset", 906);
+    let zeroed = b.zero_fresh(0, base, 4096, StreamHandle(0));
+    b.release(0, base, 4096).expect("release");
+    assert!(
+        matches!(zeroed, Err(BackendError::StreamCapturing { stream: 0, .. })),
+        "zeroing refused by a capture: {zeroed:?}"
+    );
+}

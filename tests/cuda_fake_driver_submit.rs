@@ -523,3 +523,30 @@ fn a_kv_scrub_refused_by_a_capture_after_its_launch_orders_the_later_free_after_
          kernel was queued (waits for it: {waited})"
     );
 }
+
+/// A stream recorded on an allocation must stay valid until the block's scrub was
+/// submitted, or until the application said it is about to destroy it (`kvh_forget_stream`,
+/// include/kvhygiene.h): an application that forgets it after the free, then destroys it,
+/// never has the driver called on that handle again, also when the free's scrub is batched
+/// and submitted later.
+#[test]
+fn a_recorded_stream_forgotten_and_destroyed_after_the_free_is_never_used_again() {
+    let (path, lib) = fake_or_skip!("recorded_stream_destroyed");
+    // The free's batch stays open until `synchronize` submits it.
+    let alloc = allocator(&path, 10_000_000);
+    let s = StreamHandle(7);
+    let p = alloc.malloc(4096, 0, s).expect("malloc");
+    assert!(alloc.record_stream(p, StreamHandle(9)));
+    alloc.free(p, 4096, 0, s).expect("free");
+    // The application forgets the recorded stream after the free, then destroys it.
+    alloc.forget_stream(StreamHandle(9));
+    switch(&lib, "destroy_stream", 9);
+    let synced = alloc.synchronize();
+    let uses = query(&lib, "destroyed_stream_uses", 0);
+    alloc.shutdown();
+    assert_eq!(
+        uses, 0,
+        "{uses} driver call(s) on a recorded stream forgotten and destroyed after the free \
+         returned (synchronize returned {synced:?})"
+    );
+}

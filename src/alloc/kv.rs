@@ -575,7 +575,9 @@ impl Allocator {
                 // this device, which the engine cannot free while the call holds the pool's
                 // lock, and whose stream the later free's scrub waits for; 2. the engine hands
                 // the blocks over (their caller's contract: nothing writes them until the scrub
-                // completes).
+                // completes); 3. the call's stream, valid for the call, and the allocations'
+                // recorded streams (valid until their scrubs were submitted: the caller's
+                // contract).
                 let submitted = unsafe { backend.submit_scrub(batch) };
                 // Once a submission was tried, something may write the cache on this stream
                 // (a failed submission may have launched part of its work): a later free's

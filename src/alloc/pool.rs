@@ -674,7 +674,9 @@ impl DevicePool {
         // SAFETY: 1. the segments are blocks of this pool on this device, each a whole
         // allocation of the backend's (PENDING, or QUARANTINED for a re-scrub), released only
         // after their ticket completed; 2. a freed block is written by nothing until it is
-        // handed out again, which needs this scrub verified first. A backend that panics
+        // handed out again, which needs this scrub verified first; 3. the streams are the
+        // blocks' (caller's contract: valid until this submission, or forgotten before it,
+        // `forget_stream`, which submits their batches first). A backend that panics
         // answers an error here (`PanicSafe`): the blocks are never left marked in flight
         // in no batch.
         match unsafe { backend.submit_scrub(batch) } {

@@ -172,6 +172,9 @@ pub trait Backend: Send + Sync + 'static {
     ///    address, which the kernel would zero); the host backend checks it anyway.
     /// 2. Nothing else writes those bytes until the ticket completes (the pool's freed
     ///    blocks; KV cache blocks the engine handed back).
+    /// 3. `batch.stream` and every stream of `batch.wait_streams` is a live stream (the C
+    ///    API's contract: a stream named to a free or recorded on a block stays valid until
+    ///    its scrub was submitted, or `kvh_forget_stream` took it out of the pool first).
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError>;
 
     /// Whether `stream` is capturing a CUDA graph (never for the host backend).

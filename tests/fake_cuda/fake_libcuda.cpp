@@ -90,6 +90,12 @@
 // - fake_cuda_set_device_memory(kib): cuMemAlloc fails with CUDA_ERROR_OUT_OF_MEMORY once
 //   the bytes it handed out and cuMemFree did not take back would exceed `kib` KiB (0: no
 //   limit): a device full to its last byte.
+// - fake_cuda_destroy_stream(h) marks stream handle h as destroyed (cuStreamDestroy by the
+//   application); fake_cuda_destroyed_stream_uses(0) counts the calls made since on a destroyed
+//   handle (capture queries, context queries, event records, waits, memsets, launches).
+// - fake_cuda_fail_next_memset(code): the next cuMemsetD8Async fails with `code`, e.g. 906
+//   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: a global-mode capture began elsewhere after the
+//   stream's capture query).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
 
@@ -136,6 +142,22 @@ static int capture_status(void* s) {
     if (h == CAPTURING_STREAM || h == FOREIGN_CAPTURING_STREAM) return 1;
     if (h == INVALIDATED_STREAM) return 2;
     return 0;
+}
+// Stream handles the application destroyed (fake_cuda_destroy_stream), and the calls made on
+// them since.
+static std::mutex g_destroyed_lock;
+static std::vector<uintptr_t> g_destroyed;
+static std::atomic<int> g_destroyed_uses{0};
+extern "C" void fake_cuda_destroy_stream(int h) {
+    std::lock_guard<std::mutex> g(g_destroyed_lock);
+    g_destroyed.push_back((uintptr_t)h);
+}
+extern "C" int fake_cuda_destroyed_stream_uses(int) { return g_destroyed_uses.load(); }
+static void note_destroyed_use(void* s) {
+    std::lock_guard<std::mutex> g(g_destroyed_lock);
+    for (uintptr_t h : g_destroyed) {
+        if (h == (uintptr_t)s) g_destroyed_uses++;
+    }
 }
 static std::atomic<int> g_capturing_uses{0};
 extern "C" int fake_cuda_capturing_stream_uses(int) { return g_capturing_uses.load(); }
@@ -411,7 +433,11 @@ CUresult cuMemFreeHost(void* p) {
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { NEED_CTX(); memcpy((void*)d, s, n); return OK; }
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { NEED_CTX(); memcpy(d, (void*)s, n); return OK; }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { NEED_CTX(); memset((void*)d, v, n); return OK; }
+static std::atomic<int> g_fail_next_memset{0};
+extern "C" void fake_cuda_fail_next_memset(int code) { g_fail_next_memset = code; }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* s) {
+    note_destroyed_use(s);
+    if (int code = g_fail_next_memset.exchange(0)) return code;
     note_capturing_use(s);
     return cuMemsetD8_v2(d, v, n);
 }
@@ -423,6 +449,7 @@ static std::atomic<int> g_fail_next_wait{0};
 // stream after the capture query).
 extern "C" void fake_cuda_fail_next_wait(int code) { g_fail_next_wait = code; }
 CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+    note_destroyed_use(s);
     NEED_CTX();
     if (int code = g_fail_next_wait.exchange(0)) return code;
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) g_cross_device_waits++;
@@ -432,6 +459,7 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     return OK;
 }
 CUresult cuStreamGetCtx(void* s, void** ctx) {
+    note_destroyed_use(s);
     g_calls++;
     *ctx = ctx_of(s);
     return *ctx ? OK : INVALID_CONTEXT;
@@ -445,6 +473,7 @@ static std::atomic<int> g_fail_capture_queries{0};
 void fake_cuda_fail_capture_queries(int n) { g_fail_capture_queries = n; }
 int fake_cuda_calls_at_hook(int) { return g_calls_at_hook.load(); }
 CUresult cuStreamIsCapturing(void* s, int* status) {
+    note_destroyed_use(s);
     NEED_CTX();
     if (ctx_of(s) != t_current) return INVALID_CONTEXT;
     if (g_fail_capture_queries > 0) {
@@ -501,6 +530,7 @@ static void note_stream(void* s) {
 static std::atomic<int> g_fail_record_after_scrub{0}, g_failing_record{0};
 void fake_cuda_fail_record_after_scrub(int code) { g_fail_record_after_scrub = code; }
 CUresult cuEventRecord(void* e, void* s) {
+    note_destroyed_use(s);
     NEED_CTX();
     if (int code = g_failing_record.exchange(0)) return code;
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) return INVALID_HANDLE;
@@ -648,6 +678,7 @@ static void run_deferred() {
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, unsigned,
                         unsigned, unsigned, void* stream, void** params, void**) {
+    note_destroyed_use(stream);
     NEED_CTX();
     note_stream(stream);
     note_capturing_use(stream);

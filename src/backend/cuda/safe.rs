@@ -423,6 +423,10 @@ impl Drop for CurrentCtx<'_> {
         // SAFETY: 1. `previous` was current on this thread when the entry point began, so it is
         // null or a context its owner keeps alive across this call.
         let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
+        // Asked again between the two: exit may have begun inside the first.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
         let _ = r::thread_exchange_capture_mode(&self.inner.driver, self.previous_mode);
     }
 }
@@ -468,7 +472,13 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     inner.live()?;
     // SAFETY: 1. just retained.
     unsafe { r::ctx_set_current(d, ctx) }?;
-    let attr = |a| r::device_attribute(d, cu_dev, a);
+    // Every step from here is checked for a shutdown first: exit may begin inside the call
+    // before it, on this thread too, where the shutdown does not wait for it.
+    let attr = |a| {
+        inner
+            .live()
+            .and_then(|()| r::device_attribute(d, cu_dev, a))
+    };
     let major = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     inner.live()?;
@@ -478,16 +488,19 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
         inner,
         module: Some(module),
     };
-    inner.live()?;
-    // SAFETY: 1. `module` was loaded into the current context just now.
-    let scrub_fn = unsafe { r::module_get_function(d, module.get(), kernel::SCRUB_KERNEL) }?;
-    // SAFETY: as above.
-    let strided_fn =
-        unsafe { r::module_get_function(d, module.get(), kernel::SCRUB_STRIDED_KERNEL) }?;
-    // SAFETY: as above.
-    let publish_fn = unsafe { r::module_get_function(d, module.get(), kernel::PUBLISH_KERNEL) }?;
+    let function = |name| {
+        inner.live()?;
+        // SAFETY: 1. `module` was loaded into the current context just now.
+        unsafe { r::module_get_function(d, module.get(), name) }
+    };
+    let scrub_fn = function(kernel::SCRUB_KERNEL)?;
+    let strided_fn = function(kernel::SCRUB_STRIDED_KERNEL)?;
+    let publish_fn = function(kernel::PUBLISH_KERNEL)?;
     inner.live()?;
     let order_event = r::event_create(d, ordinal)?;
+    inner.live()?;
+    // SAFETY: 1. `strided_fn` is a function of the module loaded just now.
+    let resident_blocks = unsafe { resident_blocks(inner, cu_dev, strided_fn) }.unwrap_or(0);
     inner.live()?;
     module.keep();
     Ok(Device {
@@ -496,8 +509,7 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
         scrub_fn: Handle(scrub_fn),
         strided_fn: Handle(strided_fn),
         publish_fn: Handle(publish_fn),
-        // SAFETY: 1. `strided_fn` is a function of the module loaded just now.
-        resident_blocks: unsafe { resident_blocks(d, cu_dev, strided_fn) }.unwrap_or(0),
+        resident_blocks,
         image,
         order_event: Mutex::new(Handle(order_event)),
         slots: Mutex::new(Vec::new()),
@@ -511,15 +523,18 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
 /// # Safety
 /// 1. `f` must be a live function of a module of the current context, of device `dev`.
 unsafe fn resident_blocks(
-    d: &Driver,
+    inner: &Inner,
     dev: r::CUdevice,
     f: CUfunction,
 ) -> Result<u64, BackendError> {
+    let d = &inner.driver;
+    inner.live()?;
     let sms = r::device_attribute(
         d,
         dev,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
     )?;
+    inner.live()?;
     // SAFETY: contract 1.
     let per_sm = unsafe { r::occupancy_blocks_per_sm(d, f, kernel::BLOCK_THREADS) }?;
     Ok(u64::try_from(sms).unwrap_or(0) * u64::from(per_sm))
@@ -767,7 +782,10 @@ impl Backend for CudaBackend {
         // caller's queued work.
         // SAFETY: 1. `[addr, addr + len)` lies in an allocation of this device (checked above);
         // 2. stream as above.
+        // A capture that began since the query (global mode, another thread's) refuses the
+        // memset: that is a capture, not a driver fault.
         unsafe { r::memset_d8_async(d, addr, bytes, s) }
+            .map_err(|e| refused_by_capture(e, stream.0, "zeroing fresh memory"))
     }
 
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
@@ -805,7 +823,12 @@ impl Backend for CudaBackend {
         )?;
         // Asked again: making a slot (page-locked host memory, device memory, an event) may
         // take milliseconds, in which a capture may begin. Nothing is enqueued yet: the idle
-        // slot goes back as it is.
+        // slot goes back as it is. No driver call once exit began meanwhile (on this thread
+        // too: a handler that exits inside a driver call is not waited for).
+        if let Err(e) = self.inner.live() {
+            lock(&dev.slots).push(slot);
+            return Err(e);
+        }
         // SAFETY: 1. as above.
         match unsafe { r::stream_is_capturing(d, s) } {
             Ok(false) => {}
@@ -1363,8 +1386,9 @@ fn order_after_wait_streams(
         inner.live()?;
         let foreign = foreign_context(d, dev, w)?;
         inner.live()?;
-        // SAFETY: 1. a stream recorded for the block through kvh_record_stream (live until
-        // the block is freed: its contract), whose context is current when this runs.
+        // SAFETY: 1. a stream recorded for the block through kvh_record_stream, live until
+        // the block's scrub is submitted (`submit_scrub`'s contract 3), whose context is
+        // current when this runs.
         let query = || unsafe { r::stream_is_capturing(d, stream_of(w)) };
         let capturing = match foreign {
             None => query()?,
