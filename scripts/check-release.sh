@@ -3,7 +3,10 @@
 # relocated files are what runs, not the build tree):
 #   1. it holds exactly the files `build-release.sh --list-layout` names, plus BUILD-INFO and
 #      MANIFEST, and MANIFEST's sha256 sums match every other file;
-#   2. no binary carries an RPATH/RUNPATH (nothing points back into the build tree);
+#   2. BUILD-INFO holds its five lines and names the version bin/kvh is (and, with
+#      KVHYGIENE_REQUIRE_KERNEL_BUILD=1, kernels compiled here, not the committed PTX); the
+#      preload library defines the CUDA interposers and the C API library does not; no
+#      binary carries an RPATH/RUNPATH (nothing points back into the build tree);
 #   3. bin/kvh runs the demo on the host backend;
 #   4. python/ imports, finds lib/libkvhygiene.so through KVH_LIBRARY and without it, and a
 #      malloc/free through that library is scrubbed and verified;
@@ -53,7 +56,29 @@ awk '{print $2}' "$dist/MANIFEST" | LC_ALL=C sort >"$work/listed"
 grep -vx MANIFEST "$work/actual" | diff -u - "$work/listed" >&2 || die "MANIFEST does not list every file but itself (- found, + listed)"
 (cd "$dist" && sha256sum --check --strict --quiet MANIFEST) || die "MANIFEST sums do not match the files"
 
+echo "check-release: BUILD-INFO"
+for key in version commit built kernels "glibc needed"; do
+    grep -q "^$key: ." "$dist/BUILD-INFO" || die "BUILD-INFO has no '$key:' line"
+done
+said="$(sed -n 's/^version: //p' "$dist/BUILD-INFO")"
+actual="$(cd "$work" && "${clean[@]}" "$dist/bin/kvh" --version)" || die "bin/kvh --version failed"
+[[ "$said" == "$actual" ]] || die "BUILD-INFO says version '$said', but bin/kvh is '$actual'"
+if [[ "${KVHYGIENE_REQUIRE_KERNEL_BUILD:-}" == 1 ]] && grep -q '^kernels: committed' "$dist/BUILD-INFO"; then
+    die "BUILD-INFO says the kernels are the committed PTX, and KVHYGIENE_REQUIRE_KERNEL_BUILD=1"
+fi
+
 if command -v readelf >/dev/null; then
+    echo "check-release: the interposers are in the preload library, and only there"
+    defined() { readelf --dyn-syms --wide "$1" | awk '$7 != "UND" {print $8}' | sed 's/@.*//' | sort -u; }
+    defined "$dist/lib/libkvhygiene_preload.so" >"$work/preload.syms"
+    for sym in cudaMalloc cudaMallocPitch cudaMallocAsync cudaFree cudaFreeAsync cudaStreamDestroy; do
+        grep -qx "$sym" "$work/preload.syms" ||
+            die "lib/libkvhygiene_preload.so does not define $sym: an LD_PRELOAD of it would interpose nothing"
+    done
+    if defined "$dist/lib/libkvhygiene.so" | grep -qx 'cudaMalloc\|cudaFree'; then
+        die "lib/libkvhygiene.so defines the CUDA interposers: the two libraries are swapped or mixed"
+    fi
+
     echo "check-release: no RPATH/RUNPATH"
     for f in bin/kvh lib/libkvhygiene.so lib/libkvhygiene_preload.so; do
         if readelf -d "$dist/$f" | grep -E 'RPATH|RUNPATH'; then

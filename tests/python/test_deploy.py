@@ -700,6 +700,85 @@ def test_build_release_refuses_bad_outdirs_before_building(tmp_path):
     assert (odd / "my-tool").read_text() == "mine"
 
 
+def assemble_distribution(outdir: Path, overrides: dict = None, build_info: str = None) -> Path:
+    """A distribution laid out as scripts/build-release.sh lays one out (its --list-layout),
+    from the files built here: bin/ and lib/ from the build, the other files from the checkout,
+    a BUILD-INFO as the script writes it, and a MANIFEST of sha256 sums. `overrides` maps a
+    path of the layout to the file to put there instead."""
+    built = {
+        "bin/kvh": Path(kvh_binary()),
+        "lib/libkvhygiene.so": Path(library()),
+        "lib/libkvhygiene_preload.so": Path(library()).parent / "libkvhygiene_preload.so",
+    }
+    built.update(overrides or {})
+    for rel in sorted(release_layout() - {"BUILD-INFO", "MANIFEST"}):
+        src = built.get(rel) or ROOT / rel.removeprefix("share/doc/kvhygiene/")
+        dest = outdir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        dest.chmod(0o755 if rel.startswith(("bin/", "lib/")) else 0o644)
+    if build_info is None:
+        version = subprocess.run([str(outdir / "bin/kvh"), "--version"], capture_output=True, text=True).stdout.strip()
+        build_info = (
+            f"version: {version}\ncommit: unknown\nbuilt: 2026-01-01T00:00:00Z on x86_64, rustc\n"
+            "kernels: committed kernels/scrub.ptx\nglibc needed: GLIBC_2.34\n"
+        )
+    (outdir / "BUILD-INFO").write_text(build_info)
+    import hashlib
+
+    files = sorted(str(f.relative_to(outdir)) for f in outdir.rglob("*") if f.is_file())
+    (outdir / "MANIFEST").write_text(
+        "".join(f"{hashlib.sha256((outdir / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    )
+    return outdir
+
+
+def check_release(outdir: Path) -> subprocess.CompletedProcess:
+    # The assembled BUILD-INFO names the committed PTX (this build's kernels): the check of
+    # a kernel build that CI asks for elsewhere does not apply to it.
+    env = {k: v for k, v in os.environ.items() if k != "KVHYGIENE_REQUIRE_KERNEL_BUILD"}
+    return subprocess.run(
+        [str(ROOT / "scripts/check-release.sh"), str(outdir)], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def test_check_release_refuses_a_preload_library_without_the_cuda_interposers(tmp_path):
+    # lib/libkvhygiene_preload.so is what C++ engines are started with (LD_PRELOAD): it must
+    # define the CUDA runtime's allocation entry points (cudaMalloc, cudaFree, ...). A
+    # distribution whose preload library is the plain allocator library loads and answers
+    # the C API, but interposes nothing: every allocation of the engine bypasses kvhygiene.
+    # The release check is expected to refuse it.
+    good = check_release(assemble_distribution(tmp_path / "good"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    broken = assemble_distribution(
+        tmp_path / "broken", overrides={"lib/libkvhygiene_preload.so": Path(library())}
+    )
+    r = check_release(broken)
+    assert r.returncode != 0, (
+        "scripts/check-release.sh passed a distribution whose lib/libkvhygiene_preload.so "
+        "defines no cudaMalloc/cudaFree interposer:\n" + r.stdout[-2000:]
+    )
+
+
+def test_check_release_refuses_a_build_info_that_names_another_version(tmp_path):
+    # BUILD-INFO is what an operator or auditor reads to learn what an image holds
+    # (deploy/README.md: `docker run --entrypoint cat kvhygiene /opt/kvhygiene/BUILD-INFO`).
+    # Its version line is expected to be the version bin/kvh reports; a distribution whose
+    # BUILD-INFO names another version is expected to be refused by the release check.
+    good = check_release(assemble_distribution(tmp_path / "good"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    broken = assemble_distribution(
+        tmp_path / "broken",
+        build_info="version: kvh 9.9.9\ncommit: unknown\nbuilt: 2026-01-01T00:00:00Z on x86_64, rustc\n"
+        "kernels: committed kernels/scrub.ptx\nglibc needed: GLIBC_2.34\n",
+    )
+    r = check_release(broken)
+    assert r.returncode != 0, (
+        "scripts/check-release.sh passed a distribution whose BUILD-INFO says version kvh 9.9.9 "
+        "while bin/kvh is " + subprocess.run([kvh_binary(), "--version"], capture_output=True, text=True).stdout
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The pod, run here from the manifests
 
@@ -1496,3 +1575,14 @@ def test_the_pods_grace_period_covers_the_tails_last_pass_over_a_full_log_volume
         f"terminationGracePeriodSeconds {grace} s (server shutdown and the tail's last pass "
         f"together) < {pass_seconds:.0f} s for one pass over the {size} log volume"
     )
+
+
+def test_check_release_refuses_a_committed_ptx_build_when_a_kernel_build_is_required(tmp_path):
+    # CI builds the release with the pinned kernel toolchain (KVHYGIENE_REQUIRE_KERNEL_BUILD=1):
+    # a distribution whose BUILD-INFO says its kernels are the committed PTX is then refused.
+    dist = assemble_distribution(tmp_path / "dist")
+    env = {**os.environ, "KVHYGIENE_REQUIRE_KERNEL_BUILD": "1"}
+    r = subprocess.run(
+        [str(ROOT / "scripts/check-release.sh"), str(dist)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert r.returncode != 0 and "committed PTX" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]

@@ -138,6 +138,7 @@ COUNTERS = {
     "KvhKvScrubsRefused": ("kvh_kv_scrubs_refused_total", {}, 15, 0, "warning"),
     "KvhInvalidFrees": ("kvh_invalid_frees_total", {}, 15, 10, "warning"),
     "KvhOutOfMemory": ("kvh_out_of_memory_total", {}, 5, 0, "warning"),
+    "KvhBackendErrors": ("kvh_backend_errors_total", {}, 15, 0, "warning"),
 }
 
 
