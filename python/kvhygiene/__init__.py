@@ -67,6 +67,7 @@ __all__ = [
     "stats",
     "synchronize",
     "empty_cache",
+    "forget_stream",
     "version",
 ]
 
@@ -233,6 +234,7 @@ def _declare(lib: ctypes.CDLL) -> None:
             [ctypes.c_void_p, c_ssize, ctypes.c_int, ctypes.c_void_p],
         ),
         "kvh_record_stream": (None, [ctypes.c_void_p, ctypes.c_void_p]),
+        "kvh_forget_stream": (None, [ctypes.c_void_p]),
         "kvh_empty_cache": (None, []),
         "kvh_set_context": (
             ctypes.c_int,
@@ -542,6 +544,24 @@ def empty_cache() -> None:
     # kvh_empty_cache returns nothing: it leaves a failed start-up in kvh_last_error and
     # clears it when it ran.
     _check("kvh_empty_cache", lib.kvh_last_error())
+
+
+def forget_stream(stream) -> None:
+    """Says that ``stream`` is about to be destroyed: kvhygiene submits now the scrubs that
+    wait on it or run on it, and never names it to the driver again (later scrubs of the
+    blocks allocated or freed on it run on the legacy default stream). For a stream the
+    application owns and destroys (a ``torch.cuda.ExternalStream``, a raw handle), after its
+    work finished and before it is destroyed; the streams of PyTorch's pool are never
+    destroyed and need no call. ``stream`` is as for :func:`scrub_blocks` (not ``None``).
+    Raises :class:`KvhError` when the allocator could not start or was shut down."""
+    if stream is None:
+        raise TypeError("forget_stream needs a stream: the legacy default stream is never forgotten")
+    handle = _stream_handle(stream)
+    lib = load()
+    lib.kvh_forget_stream(ctypes.c_void_p(handle))
+    # kvh_forget_stream returns nothing: it leaves a failed start-up in kvh_last_error and
+    # clears it when it ran.
+    _check("kvh_forget_stream", lib.kvh_last_error())
 
 
 _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")

@@ -1893,3 +1893,58 @@ def test_an_id_given_as_a_bound_method_whose_text_is_its_object_s_address_is_ref
 
     with pytest.raises((TypeError, ValueError)):
         kvhygiene._encode(Request().request_id, "request_id")
+
+
+_FORGET_STREAM = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+kvhygiene.forget_stream(7)  # before a start-up: nothing to do, nothing started
+print("before start", kvhygiene.stats()["started"])
+p = lib.kvh_malloc(4096, 0, ctypes.c_void_p(7))
+ctypes.memset(p, 0x5A, 4096)
+lib.kvh_free(p, 4096, 0, ctypes.c_void_p(7))
+kvhygiene.forget_stream(7)
+kvhygiene.synchronize()
+c = kvhygiene.stats()["counters"]
+print("verified", c["verifications_passed"], "failed", c["verifications_failed"])
+try:
+    kvhygiene.forget_stream(None)
+except TypeError:
+    print("None refused")
+"""
+
+
+@needs_lib
+def test_forget_stream_runs_the_scrubs_waiting_on_the_stream_and_refuses_none(tmp_path):
+    # forget_stream(stream) is for a stream the application is about to destroy: before a
+    # start-up it does nothing (and starts nothing); after a free on the stream, the block's
+    # scrub still runs and verifies; None (the legacy stream, never forgotten) is refused.
+    import subprocess
+    import sys
+
+    script = tmp_path / "forget_stream.py"
+    script.write_text(_FORGET_STREAM)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host")
+    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["before start False", "verified 1 failed 0", "None refused"], run.stdout
+
+
+@needs_lib
+def test_forget_stream_raises_when_the_allocator_could_not_start(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "forget_without_a_runtime.py"
+    script.write_text(
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport kvhygiene\nlib = kvhygiene.load(sys.argv[2])\n"
+        "lib.kvh_init()\ntry:\n    kvhygiene.forget_stream(7)\n    print('returned')\n"
+        "except kvhygiene.KvhError as e:\n    print('raised', e.code)\n"
+    )
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host", KVH_OOM="bogus")
+    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "raised 7011", run.stdout + run.stderr
