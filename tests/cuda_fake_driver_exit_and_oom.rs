@@ -997,3 +997,27 @@ fn no_driver_call_after_shutdown_begun_while_the_caller_s_context_is_restored() 
         outcome(&allocated)
     );
 }
+
+/// An entry point's first driver call puts the thread in relaxed capture mode
+/// (`CurrentCtx::enter`), then it reads the caller's context. A shutdown that begins inside
+/// that first call (on this thread, where the shutdown does not wait for it) stops the entry
+/// point there: once `shutdown()` has returned, no further driver call is made (reading the
+/// current context included), as for the steps of an opening device.
+#[test]
+fn no_driver_call_after_shutdown_begun_while_the_entry_point_sets_the_capture_mode() {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    extern "C" fn exit_begins() {
+        BACKEND.get().expect("backend").shutdown();
+    }
+    let (path, lib) = fake_or_skip!("shutdown_capture_mode_exchange");
+    let b = BACKEND.get_or_init(|| start(&path));
+    arm(&lib, "on_capture_mode", exit_begins);
+    let allocated = b.allocate(0, 4096);
+    let after = calls_after_hook(&lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; allocate(0) returned {}",
+        outcome(&allocated)
+    );
+}

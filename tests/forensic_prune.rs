@@ -2794,3 +2794,41 @@ fn a_dry_run_that_moves_nothing_still_needs_room_for_the_archives_marker() {
         text(&out.stderr)
     );
 }
+
+/// A first run into an archive whose file system has inodes left but no bytes (a 64 KiB
+/// tmpfs filled to its last page by another file): the real run writes the archive's marker
+/// (its text needs a page) before it looks for anything to move, so it stops (exit 2) even
+/// when nothing is old enough to move. The dry run before it counts the marker on a first
+/// run, so it must find no room for it either and fail too.
+#[test]
+fn a_dry_run_that_moves_nothing_still_needs_bytes_for_the_archives_marker() {
+    let s = setup();
+    open_chain(&s.log, 20);
+    let Some(_full) = Mounted::tmpfs(&s.archive, "64k", "") else {
+        return;
+    };
+    // Fill the file system: writes stop at ENOSPC.
+    {
+        use std::io::Write;
+        let mut filler = fs::File::create(s.archive.join("filler")).unwrap();
+        let page = vec![0u8; 4096];
+        while filler.write_all(&page).is_ok() {}
+    }
+    let dry = prune(&s, &["--older-than", "1", "--dry-run"]);
+    let out = prune(&s, &["--older-than", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "precondition: the real run stops: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(2),
+        "the dry run passes where the real run fails: {}{} (the real run: {})",
+        text(&dry.stdout),
+        text(&dry.stderr),
+        text(&out.stderr)
+    );
+}

@@ -291,3 +291,64 @@ fn a_latency_beyond_an_hour_is_exported_as_the_longest_one() {
         stats.scrub_latency.max_us, stats.scrub_latency.sum_us
     );
 }
+
+/// The `KvhBackendErrors` alert (deploy/prometheus/kvhygiene-rules.yaml) reads
+/// `kvh_backend_errors_total` as "driver calls failed ... not a lack of memory", and the
+/// runbook (docs/operations.md#backend-errors) says a lack of memory is counted apart. A
+/// scrub batch the backend cannot queue for now for lack of memory for its own buffers is
+/// deferred and retried (the block stays PENDING, nothing failed): it is not a driver fault,
+/// and a healthy process under memory pressure must not count one.
+#[test]
+fn a_scrub_deferred_for_lack_of_memory_is_not_counted_as_a_backend_error() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4096, 0, 0);
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        Some(BackendError::OutOfMemory {
+            device: b.device,
+            requested: 4096,
+        })
+    }));
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    let deferred = f.alloc.synchronize();
+    assert!(deferred.is_err(), "the scrub was deferred, not run");
+    let c = f.alloc.stats().counters;
+    assert!(c.scrubs_deferred >= 1, "{c:?}");
+    *f.backend.refuse.lock().unwrap() = None;
+    f.alloc.synchronize().unwrap();
+    let c = f.alloc.stats().counters;
+    assert_eq!(
+        c.backend_errors, 0,
+        "a scrub deferred for lack of memory (then run and verified) was counted in \
+         kvh_backend_errors_total, which KvhBackendErrors reads as failed driver calls"
+    );
+}
+
+/// The same for a `kvh_scrub_blocks` whose batch finds no memory for its buffers: the call
+/// fails with out of memory (the caller retries), which is not a failed driver call.
+#[test]
+fn a_kv_scrub_refused_for_lack_of_memory_is_not_counted_as_a_backend_error() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4 * 4096, 0, 0);
+    let layout = KvLayout {
+        regions: vec![a],
+        block_bytes: 4096,
+        block_stride: 4096,
+        blocks_per_region: 4,
+    };
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        Some(BackendError::OutOfMemory {
+            device: b.device,
+            requested: 4096,
+        })
+    }));
+    let got = f.alloc.scrub_kv_blocks(&layout, &[1], 0, S);
+    assert!(got.is_err(), "{got:?}");
+    let c = f.alloc.stats().counters;
+    assert_eq!(
+        c.backend_errors, 0,
+        "a KV scrub refused for lack of memory ({got:?}) was counted in \
+         kvh_backend_errors_total, which KvhBackendErrors reads as failed driver calls"
+    );
+}

@@ -1948,3 +1948,24 @@ def test_forget_stream_raises_when_the_allocator_could_not_start(tmp_path):
     env = dict(os.environ, KVH_BACKEND="host", KVH_OOM="bogus")
     run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "raised 7011", run.stdout + run.stderr
+
+
+@needs_lib
+def test_load_declares_kvh_forget_stream_like_the_other_stream_taking_exports():
+    # include/kvhygiene.h: `void kvh_forget_stream(void *stream)`, called before the engine
+    # destroys a stream it named to kvh_malloc / kvh_free. The library load() returns has the
+    # C ABI's types declared (kvh_record_stream takes the same void* stream). Left undeclared,
+    # ctypes passes a Python int as a C int, masked to 32 bits: the library would forget
+    # another stream than the 64-bit handle named, and later scrub on the destroyed one.
+    lib = kvhygiene.load()
+    stream = 0x7F12_3456_7000
+    p = lib.kvh_malloc(4096, 0, stream)
+    assert p
+    lib.kvh_free(p, 4096, 0, stream)
+    try:
+        assert lib.kvh_forget_stream.argtypes == [ctypes.c_void_p], (
+            "kvh_forget_stream has no declared argument types: a stream handle is passed as a 32-bit int"
+        )
+        assert lib.kvh_forget_stream.restype is None
+    finally:
+        kvhygiene.synchronize()

@@ -821,9 +821,12 @@ impl Allocator {
     /// fault is still counted. A graph capture or process exit is the caller's situation.
     #[cold]
     fn kv_backend_error(&self, dev: u32, e: BackendError) -> KvScrubError {
+        // A capture, an exit or a shortage of memory is no fault of the driver's.
         let fault = !matches!(
             e,
-            BackendError::StreamCapturing { .. } | BackendError::ShuttingDown
+            BackendError::StreamCapturing { .. }
+                | BackendError::ShuttingDown
+                | BackendError::OutOfMemory { .. }
         );
         if fault {
             self.with_pool(dev, |pool, _, _, _| pool.stats.counters.backend_errors += 1);

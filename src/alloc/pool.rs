@@ -701,8 +701,8 @@ impl DevicePool {
             // free list, and are submitted again later, as under a graph capture; a failed
             // verification would quarantine them, and their re-scrub would meet the same
             // shortage and condemn them for good.
+            // (A shortage, not a fault: `scrubs_deferred` counts it, not `backend_errors`.)
             Err(BackendError::OutOfMemory { device, requested }) => {
-                self.stats.counters.backend_errors += 1;
                 let why = Deferral::OutOfMemory { device, requested };
                 self.defer(stream, waits, &blocks, rescrub, why)
             }

@@ -97,6 +97,9 @@ extern "C-unwind" {
 /// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`; with
 /// `oom = "null"` returns NULL and sets the last error.
 ///
+/// `stream` is recorded on the block: the block's scrub after its free waits for it, so it must
+/// stay valid until then, or until `kvh_forget_stream` was called for it.
+///
 /// Ownership: the caller owns the block until it passes it to `kvh_free`.
 #[no_mangle]
 pub extern "C-unwind" fn kvh_malloc(
@@ -263,12 +266,14 @@ pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
 }
 
 /// Says that the caller is about to destroy `stream`, which it named to `kvh_malloc`,
-/// `kvh_free`, `kvh_free_checked`, `kvh_record_stream` or `kvh_scrub_blocks`: kvhygiene
+/// `kvh_free`, `kvh_free_checked`, `kvh_record_stream`, `kvh_scrub_blocks` or
+/// `kvh_claim_blocks`: kvhygiene
 /// submits now the scrubs still waiting to run on it or after it, and never names it to the
 /// driver again (the later scrubs of blocks allocated or freed on it run on the legacy default
 /// stream). Call it after the work queued on `stream` has finished
 /// (`cudaStreamSynchronize`), and before destroying it. Until then a stream named to those
-/// calls must stay valid: scrubs are batched, and run after the free returned. NULL (the
+/// calls must stay valid: scrubs are batched, and run after the free returned (or later, when
+/// a capture or a shortage of memory deferred them). NULL (the
 /// legacy stream) and `cudaStreamPerThread` are never forgotten. Does nothing before
 /// kvhygiene started.
 #[no_mangle]

@@ -424,7 +424,9 @@ fn archive_has_room(
         )
     })?;
     let free = files::free_space(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
-    let needed = bytes.saturating_add(files.saturating_mul(free.block));
+    // Each new file, the marker among them, takes at least a block.
+    let new_files = files.saturating_add(u64::from(marker));
+    let needed = bytes.saturating_add(new_files.saturating_mul(free.block));
     if let Some(have) = free.bytes.filter(|&have| needed > have) {
         return Err(format!(
             "{}: the copies need up to {needed} bytes ({files} files, {bytes} bytes of \
@@ -433,7 +435,6 @@ fn archive_has_room(
             archive.display()
         ));
     }
-    let new_files = files.saturating_add(u64::from(marker));
     if let Some(have) = free.files.filter(|&have| new_files > have) {
         return Err(format!(
             "{}: the copies need {new_files} new files, but its file system can hold only \

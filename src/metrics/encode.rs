@@ -327,7 +327,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Errors reported by the memory backend (driver)."
+        "Errors reported by the memory backend (driver); not a shortage of memory (kvh_out_of_memory_total, kvh_scrubs_deferred_total) or a graph capture's refusal."
     ),
     // Paged KV cache scrubs (`kvh_scrub_blocks`, and the eviction gate's inside claims).
     series!(

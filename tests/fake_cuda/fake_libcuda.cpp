@@ -491,11 +491,17 @@ CUresult cuStreamIsCapturing(void* s, int* status) {
     *status = capture_status(s);
     return OK;
 }
+static void (*g_capture_mode_hook)(void) = nullptr;
+// fake_cuda_on_capture_mode(cb): cb runs once, inside the next
+// cuThreadExchangeStreamCaptureMode (an entry point's first driver call); fake_cuda_calls_at_hook(0)
+// as for the other hooks.
+extern "C" void fake_cuda_on_capture_mode(void (*cb)(void)) { g_capture_mode_hook = cb; }
 CUresult cuThreadExchangeStreamCaptureMode(unsigned* mode) {
     g_calls++;
     unsigned previous = t_capture_mode;
     t_capture_mode = *mode;
     *mode = previous;
+    run_hook(&g_capture_mode_hook);
     return OK;
 }
 extern "C" int fake_cuda_capture_mode(int set) {

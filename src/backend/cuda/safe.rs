@@ -398,10 +398,15 @@ impl<'a> CurrentCtx<'a> {
             &inner.driver,
             sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
         )?;
+        // Exit may have begun inside that call, on this thread too: no further driver call,
+        // not even the one that would put the capture mode back.
+        inner.live()?;
         let previous = match r::ctx_get_current(&inner.driver) {
             Ok(c) => c,
             Err(e) => {
-                let _ = r::thread_exchange_capture_mode(&inner.driver, previous_mode);
+                if inner.live().is_ok() {
+                    let _ = r::thread_exchange_capture_mode(&inner.driver, previous_mode);
+                }
                 return Err(e);
             }
         };
