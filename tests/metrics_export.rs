@@ -843,3 +843,79 @@ fn a_client_that_left_on_its_own_is_not_counted_as_refused_for_a_newcomer() {
         "a client that closed its own connection was counted as refused"
     );
 }
+
+/// Routes whose `/block` says when it is entered and then waits until it is released (as a
+/// snapshot waiting on a pool lock a stuck thread holds does), and whose `/healthz` answers
+/// at once.
+struct BlockingRoute {
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Routes for BlockingRoute {
+    fn paths(&self) -> &[&'static str] {
+        &["/block", "/healthz"]
+    }
+
+    fn get(&self, path: &str) -> Response {
+        if path == "/block" {
+            let _ = self.entered.lock().unwrap().send(());
+            let _ = self.release.lock().unwrap().recv();
+        }
+        Response::text(200, "ok\n")
+    }
+}
+
+/// The request deadline bounds how long a client takes to send its request, not how long the
+/// server takes to read it. A probe that connected, and sent its whole request while the
+/// server's one thread was busy in another connection's route, sent it in time: when the
+/// server gets to it after the deadline has passed, the request is already there and is
+/// answered, not refused with 408 ("request not received in time").
+#[test]
+fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_408() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let routes = BlockingRoute {
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    };
+    let timeout = Duration::from_secs(2);
+    let limits = Limits {
+        request_timeout: timeout,
+        ..Limits::default()
+    };
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(routes),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    // The probe connects first, so it is accepted no later than the blocking connection.
+    let mut probe = TcpStream::connect(addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let blocker = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /block HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    });
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server entered the blocking route");
+    // The probe's whole request, sent as soon as the server is busy: well within its deadline.
+    probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    // The server stays busy until the probe's deadline has passed.
+    std::thread::sleep(timeout + Duration::from_millis(500));
+    release_tx.send(()).unwrap();
+    let (status, text) = read_reply_or_closed(&mut probe);
+    assert_eq!(blocker.join().unwrap().0, 200);
+    assert_eq!(
+        status, 200,
+        "a request sent in time, while the server was busy, was refused: {text}"
+    );
+    assert_eq!(server.rejected(), 0, "the probe was counted as refused");
+}

@@ -27,3 +27,23 @@ fn malformed_label_names_are_refused() {
     }
     assert!(parse("a{_x9=\"1\",Y=\"2\"} 1\n").is_ok());
 }
+
+/// A sample value a scraper cannot read as a 64-bit float is refused: Prometheus (and
+/// `promtool check metrics`) refuse a decimal beyond the float range ("expected float as
+/// value, got \"1e400\""), rather than reading it as an infinity. The infinities the format
+/// spells `+Inf` and `-Inf` stay accepted.
+#[test]
+fn a_value_beyond_the_float_range_is_refused() {
+    for text in ["a 1e400\n", "a -1e400\n", "a{x=\"1\"} 2e308\n"] {
+        assert!(
+            parse(text).is_err(),
+            "{text:?} was accepted as {:?}",
+            parse(text).map(|e| e.samples[0].value)
+        );
+    }
+    assert_eq!(
+        parse("a +Inf\n").unwrap().value("a", &[]),
+        Some(f64::INFINITY)
+    );
+    assert_eq!(parse("a 1e308\n").unwrap().value("a", &[]), Some(1e308));
+}

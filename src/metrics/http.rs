@@ -460,24 +460,28 @@ impl Loop {
         let conn = &mut self.conns[i];
         match &mut conn.state {
             State::Reading => {
-                if now >= conn.deadline {
+                let mut chunk = [0u8; 4096];
+                let read = conn.stream.read(&mut chunk);
+                // Past its deadline, a connection is refused only when what it sent so far
+                // (read now: the server may have been busy with another route when the
+                // deadline passed) holds no whole request.
+                let late = now >= conn.deadline
+                    && match &read {
+                        Ok(n) if *n > 0 => !holds_a_request(&conn.buf, &chunk[..*n]),
+                        _ => true,
+                    };
+                if late {
                     self.rejected.fetch_add(1, Ordering::Relaxed);
                     let r = Response::text(408, "kvh: request not received in time\n");
                     respond(conn, &r, false, limits);
                     return (true, false);
                 }
-                let mut chunk = [0u8; 4096];
-                match conn.stream.read(&mut chunk) {
+                match read {
                     Ok(0) => (true, true),
                     Ok(n) => {
                         let from = conn.buf.len().saturating_sub(3);
                         conn.buf.extend_from_slice(&chunk[..n]);
-                        // Where the head ends (an empty line, its line ends CRLF or a bare
-                        // LF in any mix), counted from the start.
-                        let head_end = [&b"\r\n\r\n"[..], b"\n\r\n", b"\n\n"]
-                            .iter()
-                            .filter_map(|t| find(&conn.buf[from..], t).map(|i| from + i + t.len()))
-                            .min();
+                        let head_end = head_end(&conn.buf, from);
                         let max = limits.max_request_bytes;
                         if let Some(end) = head_end.filter(|&end| end <= max) {
                             let (r, head_only) = answer(&conn.buf[..end], self.routes.as_ref());
@@ -545,6 +549,21 @@ fn respond(conn: &mut Conn, r: &Response, head_only: bool, limits: Limits) {
         pos: 0,
     };
     conn.deadline = Instant::now() + limits.write_timeout;
+}
+
+/// Where the head of the request in `buf` ends (an empty line, its line ends CRLF or a bare
+/// LF in any mix), counted from the start, looking from `from` on.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    [&b"\r\n\r\n"[..], b"\n\r\n", b"\n\n"]
+        .iter()
+        .filter_map(|t| find(&buf[from..], t).map(|i| from + i + t.len()))
+        .min()
+}
+
+/// Whether what a connection sent, `buf` then `more`, holds the whole head of a request.
+fn holds_a_request(buf: &[u8], more: &[u8]) -> bool {
+    let whole = [buf, more].concat();
+    head_end(&whole, buf.len().saturating_sub(3)).is_some()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

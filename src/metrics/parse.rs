@@ -285,7 +285,9 @@ fn parse_value(v: &str) -> Option<f64> {
         {
             None
         }
-        _ => v.parse().ok(),
+        // Rust reads a number beyond the float range as infinite; Prometheus (Go's
+        // ParseFloat) refuses it: only the spellings above are infinite.
+        _ => v.parse::<f64>().ok().filter(|x| x.is_finite()),
     }
 }
 
