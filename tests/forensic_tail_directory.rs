@@ -162,3 +162,34 @@ fn a_log_directory_missing_for_a_while_before_any_chain_is_waited_for() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A log directory named through a symlink (a volume's mount point linked into place, the
+/// writers given the real path) whose target does not exist yet: the directory does not
+/// exist, as when nothing is at its path. A scheduled `--once --state` run before the
+/// writers created it saves its state and exits 0 (as the run before a directory that is
+/// missing does), and the next run passes the chains written there on whole.
+#[test]
+fn a_linked_log_directory_whose_target_is_not_created_yet_is_a_directory_not_there_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("volume");
+    let link = tmp.path().join("log");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let state = tmp.path().join("tail.json");
+    let out = tail_once(&link, &state);
+    assert!(
+        out.status.code() == Some(0) && state.exists(),
+        "a run before the linked log directory exists: exit {:?} (state saved: {}), \
+         stderr: {}",
+        out.status.code(),
+        state.exists(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_log(&cfg(&real, 1 << 20), 2, false);
+    let out = tail_once(&link, &state);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        4,
+        "start, two events and stop, passed on whole"
+    );
+}

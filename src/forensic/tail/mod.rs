@@ -241,9 +241,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     // passed on from it: a directory that held them and is gone is not "not yet".
     let mut appeared_later = false;
     let nothing_passed_on = saved.as_ref().is_none_or(|s| s.chains.is_empty());
-    if nothing_passed_on
-        && files::is_missing(&args.log.dir)
-        && (stop.is_some() || args.state.is_some())
+    if nothing_passed_on && not_there_yet(&args.log.dir) && (stop.is_some() || args.state.is_some())
     {
         // Saved first: every chain of the directory will be new, and a restarted tail (or
         // the next scheduled run) must know it too. The file's presence also says the tail
@@ -262,7 +260,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             return Ok(());
         };
         wait_for_dir(&args.log.dir, args.interval, stop);
-        if files::is_missing(&args.log.dir) {
+        if not_there_yet(&args.log.dir) {
             // Stopped before it appeared: nothing was written, nothing to pass on.
             return Ok(());
         }
@@ -340,7 +338,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             // on, silent on stdout. A directory that is not there is waited for, as at the
             // start (one that held chains passed on is tampering, judged by the pass).
             Err(PassError::Io(e)) if !args.once && !last => {
-                if !files::is_missing(&args.log.dir) {
+                if !not_there_yet(&args.log.dir) {
                     failed_passes += 1;
                 }
                 if failed_passes >= MAX_FAILED_PASSES {
@@ -429,6 +427,17 @@ fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
     })
 }
 
+/// Whether nothing is at `dir` yet: no such path, or a link to nothing (followed, as the tail
+/// was given it: a link made before the directory it names is a directory not created yet).
+fn not_there_yet(dir: &Path) -> bool {
+    match std::fs::metadata(dir) {
+        Ok(_) => false,
+        Err(e) => {
+            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+        }
+    }
+}
+
 /// Whether no directory is at `dir` any more: nothing there, or something else in its place
 /// (a file, a link to nothing). Followed when it is a link, as the tail was given it. Other
 /// errors (a volume that does not answer) are not taken as gone: the pass says them.
@@ -450,7 +459,7 @@ fn wait_for_dir(dir: &Path, interval: u64, stop: &AtomicBool) {
          its chains will be passed on from their first record",
         dir.display()
     ));
-    while files::is_missing(dir) && !stop.load(Ordering::SeqCst) {
+    while not_there_yet(dir) && !stop.load(Ordering::SeqCst) {
         sleep_unless_stopped(Duration::from_secs(interval), stop);
     }
 }
@@ -898,6 +907,12 @@ fn read_from(
             if r.hash != hex(&hash) {
                 return Ok(Read::Changed);
             }
+            // The seal is not hashed: a `mac` the verifier would refuse (not 64 lower-case hex
+            // digits) makes the line another than the one verified, also with no key to check
+            // it with.
+            if r.mac.is_some_and(|m| parse_hash(m).is_none()) {
+                return Ok(Read::Changed);
+            }
             if let Some(k) = key.as_mut() {
                 // The verifier holds every record's epoch to its file's index; a record read
                 // now that does not is not the one verified. Checked before the ratchet, which
@@ -1184,6 +1199,33 @@ mod tests {
         lines[0].replace_range(at..at + 1, digit);
         std::fs::write(path, lines.join("\n") + "\n").unwrap();
         assert!(read_all(chain, &files, &opts).is_none());
+    }
+
+    /// Without a key the seal is not checked, but a line `verify-log` rejects is not a record
+    /// that verified: a `mac` that is not 64 lower-case hex digits, written after the pass's
+    /// verification (the hash does not cover it), is rejected as the walk of `verify-log`
+    /// (and of a pass between whole verifications) rejects it, and nothing is passed on.
+    #[test]
+    fn a_malformed_seal_written_after_the_verification_is_not_passed_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (opts, report, files) = log(&tmp.path().join("log"), None);
+        let chain = &report.chains[0];
+        assert!(read_all(chain, &files, &opts).is_some());
+        change_last_line(&files[0].1, |l| {
+            let l = l.strip_suffix('}').unwrap().to_string();
+            format!("{l},\"mac\":\"not-a-seal\"}}")
+        });
+        assert!(
+            verify_all(&tmp.path().join("log"), &opts)
+                .unwrap()
+                .first_problem()
+                .is_some(),
+            "verify-log rejects the line"
+        );
+        assert!(
+            read_all(chain, &files, &opts).is_none(),
+            "a line verify-log rejects (a malformed mac) is passed on"
+        );
     }
 
     /// A FIFO (or a symlink to one, or to `/dev/zero`) planted at a chain file name after the
