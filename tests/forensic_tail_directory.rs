@@ -193,3 +193,43 @@ fn a_linked_log_directory_whose_target_is_not_created_yet_is_a_directory_not_the
         "start, two events and stop, passed on whole"
     );
 }
+
+/// With `--state`, a stdout that is /dev/null (or a closed descriptor, which the runtime puts
+/// there) would have every record marked as passed on and none delivered: the run is refused
+/// (exit 2) and the state file is left as it was.
+#[test]
+fn a_state_run_with_stdout_to_dev_null_is_refused_and_moves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    let state = tmp.path().join("tail.state");
+    let out = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--once", "--from-start", "--state"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("stdout is /dev/null"), "{err}");
+    assert!(!state.exists(), "the state file was written");
+    // With a real destination the same run passes the records on.
+    let out = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--once", "--from-start", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(last_line(&out.stdout).is_some());
+}

@@ -72,6 +72,8 @@ pub struct TailLogArgs {
     /// records is passed on again: deduplicate on `chain` and `seq`) and still detects a
     /// chain that went back or vanished meanwhile. Written atomically (0600) after each pass
     /// that moved. It names its log directory: given with another one, it is refused (exit 2).
+    /// So is a stdout that is /dev/null (or closed), which would mark records passed on that
+    /// nobody received.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
@@ -204,6 +206,7 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
     let saved = match &args.state {
         Some(path) => {
             check_state_dir(path).map_err(Stop::Error)?;
+            refuse_null_stdout(path).map_err(Stop::Error)?;
             load_state(path).map_err(Stop::Error)?
         }
         None => None,
@@ -425,6 +428,27 @@ fn directory_gone(dir: &Path, state: &State) -> Option<Stop> {
             state.chains.len()
         ),
     })
+}
+
+/// With `--state`, a stdout that is `/dev/null` (given as such, or a closed descriptor the
+/// runtime put it on) would have every record marked as passed on, and none delivered.
+fn refuse_null_stdout(state: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let null = std::fs::metadata("/dev/null").map(|m| m.rdev());
+    // SAFETY: an all-zero `stat` is a valid value of the plain C struct; fstat overwrites it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable `stat`; descriptor 1 may be anything or nothing (then
+    // fstat fails, and nothing is refused).
+    let out = unsafe { libc::fstat(1, &mut st) } == 0;
+    let char_device = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    if out && char_device && null.is_ok_and(|n| n == st.st_rdev) {
+        return Err(format!(
+            "stdout is /dev/null (or was closed): with --state {} every record would be marked \
+             as passed on, and none delivered; send stdout to the collector",
+            state.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Whether nothing is at `dir` yet: no such path, or a link to nothing (followed, as the tail
