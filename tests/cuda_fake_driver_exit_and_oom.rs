@@ -65,6 +65,39 @@ fn outcome<T>(r: &Result<T, BackendError>) -> String {
     }
 }
 
+/// Declares, in a test, the backend it starts (`BACKEND`) and the hook that begins the exit
+/// inside a driver call (`exit_begins`: shuts that backend down), for `arm`. A macro: the hook
+/// is a C function, which cannot capture the backend.
+macro_rules! exit_hook {
+    () => {
+        static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+        extern "C" fn exit_begins() {
+            BACKEND.get().expect("backend").shutdown();
+        }
+    };
+}
+
+/// Asserts that no driver call followed the armed hook's shutdown; `call` and `result` say
+/// what ran, for the message.
+fn assert_none_after_shutdown<T>(
+    lib: &libloading::Library,
+    call: &str,
+    result: &Result<T, BackendError>,
+) {
+    let after = calls_after_hook(lib);
+    assert_eq!(
+        after,
+        0,
+        "{after} driver calls after shutdown() returned; {call} returned {}",
+        outcome(result)
+    );
+}
+
+/// A segment of `len` bytes at `addr`, with `seed`.
+fn segment(addr: u64, len: u64, seed: u64) -> ScrubSegment {
+    ScrubSegment { addr, len, seed }
+}
+
 /// A device that cannot be opened for lack of device memory (its kernel module does not
 /// load: `CUDA_ERROR_OUT_OF_MEMORY`, a GPU another library has filled) is out of memory, as
 /// `cuMemAlloc`'s and a batch slot's shortage are (docs/cuda.md, the result layer: "out of
@@ -132,29 +165,16 @@ fn a_failed_device_open_unloads_its_module() {
 /// (`cuMemHostGetDevicePointer`) or anything else is called.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_a_slot_area_is_pinned() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_host_alloc");
     let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 31,
-    };
+    let seg = segment(base, 4096, 31);
     // The backend's first submission creates its first slot: device sums, then the
     // page-locked results.
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// The same when the page-locked allocation fails for lack of memory: new_slot documents that
@@ -162,18 +182,11 @@ fn no_driver_call_after_shutdown_begun_while_a_slot_area_is_pinned() {
 /// allocated just before.
 #[test]
 fn no_free_after_shutdown_begun_while_a_slot_area_fails_to_pin() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_host_alloc_oom");
     let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 32,
-    };
+    let seg = segment(base, 4096, 32);
     switch(&lib, "fail_host_allocs", 1);
     arm(&lib, "on_host_alloc", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
@@ -191,31 +204,18 @@ fn no_free_after_shutdown_begun_while_a_slot_area_fails_to_pin() {
 /// shutdown that begins during one query stops it there: no further event is queried.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_idle_slots_are_queried() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_slot_queries");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 33,
-    };
+    let seg = segment(base, 4096, 33);
     // Two abandoned batches whose events stay pending: two idle slots, neither reusable yet.
     switch(&lib, "set_pending_queries", 1000);
     drop(submit(b, batch(vec![seg], SAMPLED)).expect("submit"));
     drop(submit(b, batch(vec![seg], SAMPLED)).expect("submit"));
     arm(&lib, "on_event_query", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// A device opened on first use (here device 1, by an allocation) while the shutdown begins
@@ -223,21 +223,12 @@ fn no_driver_call_after_shutdown_begun_while_idle_slots_are_queried() {
 /// further driver call: neither the rest of the opening nor the allocation that asked for it.
 #[test]
 fn no_allocation_after_shutdown_begun_while_a_device_opens() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_device_open");
     let b = BACKEND.get_or_init(|| start(&path));
     arm(&lib, "on_event_create", exit_begins);
     let allocated = b.allocate(1, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; allocate(1) returned {}",
-        outcome(&allocated)
-    );
+    assert_none_after_shutdown(&lib, "allocate(1)", &allocated);
     assert_eq!(allocated, Err(BackendError::ShuttingDown));
 }
 
@@ -247,10 +238,7 @@ fn no_allocation_after_shutdown_begun_while_a_device_opens() {
 /// makes as it opens included), nor the allocation that asked for it.
 #[test]
 fn no_allocation_after_shutdown_begun_while_a_device_opens_its_kernels_occupancy() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_device_open_occupancy");
     let b = BACKEND.get_or_init(|| start(&path));
     let allocs = query(&lib, "mem_allocs", 0);
@@ -274,18 +262,11 @@ fn no_allocation_after_shutdown_begun_while_a_device_opens_its_kernels_occupancy
 /// ordering "checks for a shutdown before each driver call").
 #[test]
 fn no_driver_call_after_shutdown_begun_while_a_foreign_wait_event_is_created() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_foreign_wait_event");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 34,
-    };
+    let seg = segment(base, 4096, 34);
     // A first batch makes the slot the second one reuses: the next event the backend creates
     // is then the one for the other device's stream.
     let mut first = submit(b, batch(vec![seg], SAMPLED)).expect("submit");
@@ -296,13 +277,7 @@ fn no_driver_call_after_shutdown_begun_while_a_foreign_wait_event_is_created() {
     scrub.wait_streams = vec![StreamHandle(0xD1001)];
     arm(&lib, "on_event_create", exit_begins);
     let submitted = submit(b, scrub);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// A shutdown that begins while a submission makes the context of a recorded stream of
@@ -310,18 +285,11 @@ fn no_driver_call_after_shutdown_begun_while_a_foreign_wait_event_is_created() {
 /// there: the capture query is not made, nor any call after it.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_another_device_s_context_is_made_current() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_foreign_context");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 36,
-    };
+    let seg = segment(base, 4096, 36);
     let mut first = submit(b, batch(vec![seg], SAMPLED)).expect("submit");
     first.wait().expect("wait");
     drop(first);
@@ -330,13 +298,7 @@ fn no_driver_call_after_shutdown_begun_while_another_device_s_context_is_made_cu
     scrub.wait_streams = vec![StreamHandle(0xD1001)];
     arm(&lib, "on_device1_current", exit_begins);
     let submitted = submit(b, scrub);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// Every entry point makes its device's context current before its first driver call of its
@@ -346,10 +308,7 @@ fn no_driver_call_after_shutdown_begun_while_another_device_s_context_is_made_cu
 /// `ShuttingDown` without calling the driver").
 #[test]
 fn no_event_query_after_shutdown_begun_while_a_poll_makes_its_context_current() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_poll_context");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(1, 4096).expect("allocate on device 1");
@@ -381,10 +340,7 @@ fn no_event_query_after_shutdown_begun_while_a_poll_makes_its_context_current() 
 /// returned; the memory is left to the process's exit, as all of it is.
 #[test]
 fn no_free_after_shutdown_begun_while_a_release_makes_its_context_current() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_release_context");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(1, 4096).expect("allocate on device 1");
@@ -503,10 +459,7 @@ fn many_blocks_freed_while_the_device_is_full_are_all_scrubbed() {
 /// as a memory shortage).
 #[test]
 fn a_shutdown_begun_while_an_idle_slot_gets_more_work_items_is_a_shutdown() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_more_items");
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(0, 130 * 4096).expect("allocate");
@@ -864,10 +817,7 @@ fn assert_nothing_after_shutdown(
 /// begun before it checks the flag again between its driver calls).
 #[test]
 fn no_free_of_the_block_after_shutdown_begun_while_a_release_frees_parked_pages() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_release_parked");
     let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
@@ -899,55 +849,29 @@ fn no_free_of_the_block_after_shutdown_begun_while_a_release_frees_parked_pages(
 /// of the scrub stream that follows included).
 #[test]
 fn no_driver_call_after_shutdown_begun_while_the_idle_slot_found_is_queried() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_idle_slot_complete");
     // The device makes its first slot as it opens: the submission below finds it idle.
     let b = BACKEND.get_or_init(|| start(&path));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 38,
-    };
+    let seg = segment(base, 4096, 38);
     arm(&lib, "on_event_query", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// The same when the submission makes a new slot and the shutdown begins while the slot's
 /// completion event, its last part, is created.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_a_new_slot_s_event_is_created() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_new_slot_event");
     let b = BACKEND.get_or_init(|| fake_cuda::start_without_first_slot(&path, &lib));
     let base = b.allocate(0, 4096).expect("allocate");
-    let seg = ScrubSegment {
-        addr: base,
-        len: 4096,
-        seed: 39,
-    };
+    let seg = segment(base, 4096, 39);
     arm(&lib, "on_event_create", exit_begins);
     let submitted = submit(b, batch(vec![seg], SAMPLED));
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; submission returned {}",
-        outcome(&submitted)
-    );
+    assert_none_after_shutdown(&lib, "submission", &submitted);
 }
 
 /// A device opened on first use (here device 1, by an allocation) while the shutdown begins
@@ -956,21 +880,12 @@ fn no_driver_call_after_shutdown_begun_while_a_new_slot_s_event_is_created() {
 /// queries included) nor the allocation that asked for it.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_an_opening_device_s_context_is_made_current() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_device_open_context");
     let b = BACKEND.get_or_init(|| start(&path));
     arm(&lib, "on_device1_current", exit_begins);
     let allocated = b.allocate(1, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; allocate(1) returned {}",
-        outcome(&allocated)
-    );
+    assert_none_after_shutdown(&lib, "allocate(1)", &allocated);
 }
 
 /// An entry point restores the caller's context, then the caller's capture mode, as it
@@ -979,23 +894,14 @@ fn no_driver_call_after_shutdown_begun_while_an_opening_device_s_context_is_made
 /// as it is: no driver call once `shutdown()` has returned.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_the_caller_s_context_is_restored() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_context_restore");
     let b = BACKEND.get_or_init(|| start(&path));
     // The thread works on device 1, as a worker of a multi-GPU job does.
     switch(&lib, "make_current", 1);
     arm(&lib, "on_device1_current", exit_begins);
     let allocated = b.allocate(0, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; allocate(0) returned {}",
-        outcome(&allocated)
-    );
+    assert_none_after_shutdown(&lib, "allocate(0)", &allocated);
 }
 
 /// An entry point's first driver call puts the thread in relaxed capture mode
@@ -1005,19 +911,10 @@ fn no_driver_call_after_shutdown_begun_while_the_caller_s_context_is_restored() 
 /// current context included), as for the steps of an opening device.
 #[test]
 fn no_driver_call_after_shutdown_begun_while_the_entry_point_sets_the_capture_mode() {
-    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
-    extern "C" fn exit_begins() {
-        BACKEND.get().expect("backend").shutdown();
-    }
+    exit_hook!();
     let (path, lib) = fake_or_skip!("shutdown_capture_mode_exchange");
     let b = BACKEND.get_or_init(|| start(&path));
     arm(&lib, "on_capture_mode", exit_begins);
     let allocated = b.allocate(0, 4096);
-    let after = calls_after_hook(&lib);
-    assert_eq!(
-        after,
-        0,
-        "{after} driver calls after shutdown() returned; allocate(0) returned {}",
-        outcome(&allocated)
-    );
+    assert_none_after_shutdown(&lib, "allocate(0)", &allocated);
 }
