@@ -2662,6 +2662,28 @@ impl Drop for Mounted {
     }
 }
 
+/// Runs `prune-log` with `args` as a dry run, then for real, and asserts that both exit
+/// `code`: the dry run fails, or passes, where the real run does.
+fn dry_run_agrees(s: &Setup, args: &[&str], code: i32) {
+    let dry = prune(s, &[args, &["--dry-run"]].concat());
+    let out = prune(s, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "precondition: the real run: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        dry.status.code(),
+        Some(code),
+        "the dry run disagrees with the real run: {}{} (the real run: {})",
+        text(&dry.stdout),
+        text(&dry.stderr),
+        text(&out.stderr)
+    );
+}
+
 /// A dry run says what the real run would do: into an archive whose file system is too small
 /// for the copies, the real run stops when it is full (exit 2; what was not copied stays in
 /// the log, nothing is lost), and the dry run says so before, naming the space. An archive
@@ -2717,23 +2739,10 @@ fn a_dry_run_passes_for_an_archive_on_a_file_system_without_a_size_limit() {
     let Some(_unlimited) = Mounted::tmpfs(&s.archive, "0", "") else {
         return;
     };
-    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
-    let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "precondition: the real run moves: {}",
-        text(&out.stderr)
-    );
+    dry_run_agrees(&s, &["--older-than", "0"], 0);
     assert!(
         !names(&s.archive, ".jsonl").is_empty(),
         "precondition: copies in the archive"
-    );
-    assert_eq!(
-        dry.status.code(),
-        Some(0),
-        "the dry run fails where the real run succeeds: {}",
-        text(&dry.stderr)
     );
 }
 
@@ -2748,21 +2757,7 @@ fn a_dry_run_names_an_archive_with_too_few_inodes_for_the_copies() {
     let Some(_few) = Mounted::tmpfs(&s.archive, "64m", ",nr_inodes=4") else {
         return;
     };
-    let dry = prune(&s, &["--older-than", "0", "--dry-run"]);
-    let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "precondition: the real run stops: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(
-        dry.status.code(),
-        Some(2),
-        "the dry run passes where the real run fails: {}{}",
-        text(&dry.stdout),
-        text(&dry.stderr)
-    );
+    dry_run_agrees(&s, &["--older-than", "0"], 2);
 }
 
 /// A first run into an archive on a file system with no file left to create (a tmpfs of one
@@ -2776,23 +2771,7 @@ fn a_dry_run_that_moves_nothing_still_needs_room_for_the_archives_marker() {
     let Some(_full) = Mounted::tmpfs(&s.archive, "64m", ",nr_inodes=1") else {
         return;
     };
-    let dry = prune(&s, &["--older-than", "1", "--dry-run"]);
-    let out = prune(&s, &["--older-than", "1"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "precondition: the real run stops: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert_eq!(
-        dry.status.code(),
-        Some(2),
-        "the dry run passes where the real run fails: {}{} (the real run: {})",
-        text(&dry.stdout),
-        text(&dry.stderr),
-        text(&out.stderr)
-    );
+    dry_run_agrees(&s, &["--older-than", "1"], 2);
 }
 
 /// A first run into an archive whose file system has inodes left but no bytes (a 64 KiB
@@ -2814,21 +2793,5 @@ fn a_dry_run_that_moves_nothing_still_needs_bytes_for_the_archives_marker() {
         let page = vec![0u8; 4096];
         while filler.write_all(&page).is_ok() {}
     }
-    let dry = prune(&s, &["--older-than", "1", "--dry-run"]);
-    let out = prune(&s, &["--older-than", "1"]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "precondition: the real run stops: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert_eq!(
-        dry.status.code(),
-        Some(2),
-        "the dry run passes where the real run fails: {}{} (the real run: {})",
-        text(&dry.stdout),
-        text(&dry.stderr),
-        text(&out.stderr)
-    );
+    dry_run_agrees(&s, &["--older-than", "1"], 2);
 }
