@@ -196,9 +196,10 @@ def scratch_checkout(tmp: Path) -> Path:
     return root
 
 
-def kernel_origin(root: Path, env: dict) -> str:
+def kernel_origin(root: Path, env: dict, verb: str = "build") -> str:
+    """KERNEL_ORIGIN of the build script's output in a `cargo VERB` of the library."""
     proc = subprocess.run(
-        ["cargo", "build", "--quiet", "--lib", "--message-format=json"],
+        ["cargo", verb, "--quiet", "--lib", "--message-format=json"],
         cwd=root,
         env=env,
         capture_output=True,
@@ -419,27 +420,7 @@ def test_gen_cuda_sys_check_says_why_when_bindgen_fails(tmp_path):
 
 def checked_kernel_origin(root: Path, env: dict) -> str:
     """KERNEL_ORIGIN of the build script's output in a `cargo check` of the library."""
-    proc = subprocess.run(
-        ["cargo", "check", "--quiet", "--lib", "--message-format=json"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for line in proc.stdout.splitlines():
-        try:
-            m = json.loads(line)
-        except ValueError:
-            continue
-        if m.get("reason") == "build-script-executed":
-            images = Path(m["out_dir"]) / "kernel_images.rs"
-            if images.exists():
-                for l in images.read_text().splitlines():
-                    if l.startswith("pub const KERNEL_ORIGIN"):
-                        return l.split('"')[1]
-    pytest.fail("no kernel_images.rs in cargo's build messages")
+    return kernel_origin(root, env, "check")
 
 
 # What a CUDA toolkit's nvcc leaves for build.rs: every `-o` file written.
@@ -492,38 +473,6 @@ def test_a_build_after_a_cuda_toolkit_is_installed_compiles_the_kernels_with_its
     )
 
 
-def test_a_second_build_of_an_unchanged_checkout_rebuilds_nothing(tmp_path):
-    # Building a fresh checkout twice without changing anything: the second build finds the
-    # library (and its build script's output) up to date, rather than compiling it, and
-    # everything that links it, again.
-    root = scratch_checkout(tmp_path)
-    env = build_env(tmp_path)
-    env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
-
-    def check() -> dict:
-        proc = subprocess.run(
-            ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        fresh = {}
-        for line in proc.stdout.splitlines():
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
-                fresh["kvhygiene"] = m["fresh"]
-        return fresh
-
-    assert check() == {"kvhygiene": False}
-    assert check() == {"kvhygiene": True}, "the second build of the unchanged checkout compiled the library again"
-
-
 def test_the_kernel_build_takes_the_nvcc_the_shell_would_run_from_path(tmp_path):
     # build.rs looks nvcc up on PATH as the shell does: a file named nvcc that is not
     # executable (a leftover, a data file) is passed over, and the first executable nvcc on
@@ -540,39 +489,41 @@ def test_the_kernel_build_takes_the_nvcc_the_shell_would_run_from_path(tmp_path)
     assert origin == f"nvcc ({second / 'nvcc'})", origin
 
 
-def test_a_second_build_is_fresh_with_the_target_directory_on_path(tmp_path):
-    # A developer who runs `kvh` from the build puts the target directory's profile folder on
-    # PATH. Building twice without changing anything: the second build finds the library up
-    # to date, whatever PATH holds. The kernel build script asks cargo to watch the PATH
-    # directories it searched for nvcc; a watched directory that the build itself writes into
-    # must not make every later build run the script, and compile the library, again.
+def library_fresh(root: Path, env: dict) -> bool:
+    """Whether a `cargo check` of the library in `root` found it up to date."""
+    proc = subprocess.run(
+        ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for line in proc.stdout.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
+            return m["fresh"]
+    pytest.fail("no compiler-artifact message for kvhygiene")
+
+
+@pytest.mark.parametrize("target_on_path", [False, True])
+def test_a_second_build_of_an_unchanged_checkout_rebuilds_nothing(tmp_path, target_on_path):
+    # Building a fresh checkout twice without changing anything: the second build finds the
+    # library (and its build script's output) up to date, rather than compiling it, and
+    # everything that links it, again; also with the target directory's profile folder on
+    # PATH (a developer who runs `kvh` from the build), which the build writes into: the
+    # kernel build script must not watch it.
     root = scratch_checkout(tmp_path)
     profile_dir = tmp_path / "target" / "debug"
     profile_dir.mkdir(parents=True)
-    env = build_env(tmp_path, str(profile_dir))
+    env = build_env(tmp_path, str(profile_dir) if target_on_path else "")
     env.pop("KVHYGIENE_KERNEL_TOOLCHAIN", None)
-
-    def check() -> bool:
-        proc = subprocess.run(
-            ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        for line in proc.stdout.splitlines():
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
-                return m["fresh"]
-        pytest.fail("no compiler-artifact message for kvhygiene")
-
-    assert check() is False
-    assert check() is True, (
-        f"the second build of the unchanged checkout, with {profile_dir} on PATH, compiled the "
-        "library again (its build script watches a directory the build writes)"
+    assert library_fresh(root, env) is False
+    assert library_fresh(root, env) is True, (
+        f"the second build of the unchanged checkout (PATH with {profile_dir}: {target_on_path}) "
+        "compiled the library again"
     )
