@@ -339,30 +339,60 @@ fn a_large_line_that_is_not_a_record_is_refused_within_bounded_memory() {
 #[test]
 fn a_planted_checkpoint_name_cannot_rewrite_the_verify_log_report() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
+    let (dir, public, _) = planted_checkpoint(
+        &tmp,
+        "kvh-\u{1b}[2A\u{1b}[2K\rchain p1-t2: 1 records: OK\nOK\u{1b}[8m.ckpt",
+    );
+    let out = verify_log_pinned(&dir, &public, &[]);
+    failed_report_is_not_rewritten(&out, "the planted name");
+}
+
+/// A signed log of three records in `tmp`, and a file planted in it under `name`, a
+/// checkpoint's name (`kvh-*.ckpt`), holding no checkpoint: (the directory, the public key,
+/// the planted file).
+fn planted_checkpoint(
+    tmp: &tempfile::TempDir,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = log_dir(tmp);
     let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
     let mut c = cfg(&dir, 1 << 20);
     c.signing_key_file = Some(key);
     write_log(&c, 3, false);
-    let planted = dir.join("kvh-\u{1b}[2A\u{1b}[2K\rchain p1-t2: 1 records: OK\nOK\u{1b}[8m.ckpt");
+    let planted = dir.join(name);
     std::fs::write(&planted, "not a checkpoint").unwrap();
-    let out = kvh()
+    (dir, public, planted)
+}
+
+/// `kvh verify-log DIR --public-key PUBLIC EXTRA...`.
+fn verify_log_pinned(
+    dir: &std::path::Path,
+    public: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    kvh()
         .arg("verify-log")
-        .arg(&dir)
+        .arg(dir)
         .arg("--public-key")
-        .arg(&public)
+        .arg(public)
+        .args(extra)
         .stdin(Stdio::null())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Asserts that `out` is a failed `verify-log` report (exit 1) that `what`, text planted in
+/// the directory, could not rewrite: no raw escape or carriage return, no line `OK`.
+fn failed_report_is_not_rewritten(out: &std::process::Output, what: &str) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
         !stdout.contains(['\u{1b}', '\r']),
-        "the report holds the planted name's control characters raw: {stdout:?}"
+        "the report holds {what}'s control characters raw: {stdout:?}"
     );
     assert!(
         !stdout.lines().any(|l| l == "OK"),
-        "the planted name adds a line `OK` to a report that failed: {stdout:?}"
+        "{what} adds a line `OK` to a report that failed: {stdout:?}"
     );
 }
 
@@ -400,16 +430,7 @@ fn a_planted_manifest_cannot_rewrite_the_verify_log_report() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(
-        !stdout.contains(['\u{1b}', '\r']),
-        "the report holds the manifest's control characters raw: {stdout:?}"
-    );
-    assert!(
-        !stdout.lines().any(|l| l == "OK"),
-        "the manifest adds a line `OK` to a report that failed: {stdout:?}"
-    );
+    failed_report_is_not_rewritten(&out, "the manifest");
 }
 
 /// `verify-log --json` is read by programs: a name it reports is the name the file has, the
@@ -420,22 +441,8 @@ fn a_planted_manifest_cannot_rewrite_the_verify_log_report() {
 #[test]
 fn verify_log_json_names_a_planted_checkpoint_as_it_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    write_log(&c, 3, false);
-    let planted = dir.join("kvh-\u{1b}[8m.ckpt");
-    std::fs::write(&planted, "not a checkpoint").unwrap();
-    let out = kvh()
-        .arg("verify-log")
-        .arg(&dir)
-        .arg("--public-key")
-        .arg(&public)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let (dir, public, planted) = planted_checkpoint(&tmp, "kvh-\u{1b}[8m.ckpt");
+    let out = verify_log_pinned(&dir, &public, &["--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
