@@ -103,6 +103,8 @@ counters! {
     invalid_frees,
     size_mismatches,
     ttl_exceeded,
+    /// Allocations, and KV scrub calls, that failed for lack of memory after every recovery
+    /// step.
     out_of_memory,
     oom_recoveries,
     backend_errors,

@@ -376,3 +376,25 @@ fn the_cuda_doc_counts_the_driver_calls_the_bindings_allow() {
          lists {calls}"
     );
 }
+
+/// `kvh_backend_errors_total` does not count a scrub batch deferred for lack of memory (its
+/// help text, the `KvhBackendErrors` alert's "not a lack of memory", and the runbook in
+/// docs/operations.md say so). docs/cuda.md's out-of-memory paragraph, which describes that
+/// deferral, says the same: it does not name `backend_errors` as the counter.
+#[test]
+fn the_cuda_doc_does_not_count_a_scrub_deferred_for_lack_of_memory_as_a_backend_error() {
+    let text = std::fs::read_to_string(root().join("docs/cuda.md")).unwrap();
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let start = flat
+        .find("**Out of memory.**")
+        .expect("docs/cuda.md has an out-of-memory paragraph");
+    let end = flat[start..]
+        .find("**Multi-GPU.**")
+        .map_or(flat.len(), |e| start + e);
+    let paragraph = &flat[start..end];
+    assert!(
+        !paragraph.contains("counted in `backend_errors`"),
+        "docs/cuda.md says a scrub deferred for lack of memory is counted in backend_errors, \
+         which no longer counts it: {paragraph}"
+    );
+}

@@ -233,3 +233,26 @@ fn a_state_run_with_stdout_to_dev_null_is_refused_and_moves_nothing() {
     );
     assert!(last_line(&out.stdout).is_some());
 }
+
+/// A log directory path that runs through a regular file (`FILE/log`: a mistyped path, or a
+/// file where the volume's mount point should be) is not a directory that does not exist yet:
+/// nothing can ever be created there while the file is in the way. A scheduled `--once
+/// --state` run refuses it (exit 2, as for a log directory that is a file) and saves no state
+/// claiming the tail started, rather than reporting success on every run.
+#[test]
+fn a_log_directory_path_through_a_regular_file_is_refused_not_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("volume");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let state = tmp.path().join("tail.json");
+    let out = tail_once(&file.join("log"), &state);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a log directory under a regular file: exit {:?} (state saved: {}), stderr: {}",
+        out.status.code(),
+        state.exists(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!state.exists(), "the state file was written");
+}

@@ -352,3 +352,40 @@ fn a_kv_scrub_refused_for_lack_of_memory_is_not_counted_as_a_backend_error() {
          kvh_backend_errors_total, which KvhBackendErrors reads as failed driver calls"
     );
 }
+
+/// `kvh_backend_errors_total` no longer counts a shortage of memory; its help sends the reader
+/// to `kvh_out_of_memory_total` and `kvh_scrubs_deferred_total` for one. A `kvh_scrub_blocks`
+/// call that fails for lack of memory for its batch (its blocks left unscrubbed, the engine
+/// told `KVH_ERR_OUT_OF_MEMORY`) is still a failure an operator must be able to see: some
+/// counter moves for it, as `kvh_backend_errors_total` did before.
+#[test]
+fn a_kv_scrub_that_failed_for_lack_of_memory_is_counted_somewhere() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let a = f.malloc_zeroed(4 * 4096, 0, 0);
+    let layout = KvLayout {
+        regions: vec![a],
+        block_bytes: 4096,
+        block_stride: 4096,
+        blocks_per_region: 4,
+    };
+    f.alloc.synchronize().unwrap();
+    let before = f.alloc.stats().counters;
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        Some(BackendError::OutOfMemory {
+            device: b.device,
+            requested: 4096,
+        })
+    }));
+    let got = f.alloc.scrub_kv_blocks(&layout, &[1], 0, S);
+    assert!(got.is_err(), "{got:?}");
+    let after = f.alloc.stats().counters;
+    assert!(
+        after.out_of_memory > before.out_of_memory
+            || after.scrubs_deferred > before.scrubs_deferred
+            || after.kv_scrubs_refused > before.kv_scrubs_refused
+            || after.backend_errors > before.backend_errors,
+        "a kvh_scrub_blocks call that failed for lack of memory ({got:?}) moved no counter: \
+         before {before:?}, after {after:?}"
+    );
+}

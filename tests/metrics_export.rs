@@ -919,3 +919,62 @@ fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_
     );
     assert_eq!(server.rejected(), 0, "the probe was counted as refused");
 }
+
+/// The same for a request whose head is larger than one read of the server (4 KiB) but well
+/// within `max_request_bytes` (8 KiB): sent whole, in time, while the server was busy, it is
+/// already there when the server gets to it after the deadline, and is answered (200), not
+/// refused with 408 because its first read did not hold the whole head.
+#[test]
+fn a_request_larger_than_one_read_that_arrived_in_time_while_the_server_was_busy_is_answered() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let routes = BlockingRoute {
+        entered: std::sync::Mutex::new(entered_tx),
+        release: std::sync::Mutex::new(release_rx),
+    };
+    let timeout = Duration::from_secs(2);
+    let limits = Limits {
+        request_timeout: timeout,
+        ..Limits::default()
+    };
+    assert!(limits.max_request_bytes >= 8192);
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(routes),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let mut probe = TcpStream::connect(addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let blocker = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /block HTTP/1.1\r\n\r\n").unwrap();
+        read_reply_or_closed(&mut s)
+    });
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server entered the blocking route");
+    // A 6 KiB head (a long header, as a proxy's forwarding headers make), sent whole.
+    let mut request = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
+    request.extend(std::iter::repeat_n(b'a', 6000));
+    request.extend_from_slice(b"\r\n\r\n");
+    assert!(request.len() > 4096 && request.len() < limits.max_request_bytes);
+    probe.write_all(&request).unwrap();
+    std::thread::sleep(timeout + Duration::from_millis(500));
+    release_tx.send(()).unwrap();
+    let (status, text) = read_reply_or_closed(&mut probe);
+    assert_eq!(blocker.join().unwrap().0, 200);
+    assert_eq!(
+        status,
+        200,
+        "a {}-byte request sent whole and in time, while the server was busy, was refused: \
+         {text}",
+        request.len()
+    );
+    assert_eq!(server.rejected(), 0, "the probe was counted as refused");
+}

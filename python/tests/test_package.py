@@ -1969,3 +1969,38 @@ def test_load_declares_kvh_forget_stream_like_the_other_stream_taking_exports():
         assert lib.kvh_forget_stream.restype is None
     finally:
         kvhygiene.synchronize()
+
+
+_FORGET_AFTER_SHUTDOWN = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+p = lib.kvh_malloc(4096, 0, ctypes.c_void_p(7))
+lib.kvh_free(p, 4096, 0, ctypes.c_void_p(7))
+lib.kvh_shutdown()
+try:
+    kvhygiene.forget_stream(7)
+    print("returned")
+except kvhygiene.KvhError as e:
+    print("raised", e.code)
+"""
+
+
+@needs_lib
+def test_forget_stream_raises_after_the_allocator_was_shut_down(tmp_path):
+    # forget_stream's docstring: "Raises KvhError when the allocator could not start or was
+    # shut down". After kvh_shutdown (the exit hook) the scrubs waiting on the stream are never
+    # submitted, so a caller about to destroy the stream is told, as empty_cache tells it.
+    import subprocess
+    import sys
+
+    script = tmp_path / "forget_after_shutdown.py"
+    script.write_text(_FORGET_AFTER_SHUTDOWN)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host")
+    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith("raised"), (
+        f"forget_stream after kvh_shutdown: {run.stdout.strip()} {run.stderr}"
+    )

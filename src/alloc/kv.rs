@@ -831,6 +831,11 @@ impl Allocator {
         if fault {
             self.with_pool(dev, |pool, _, _, _| pool.stats.counters.backend_errors += 1);
         }
+        if matches!(e, BackendError::OutOfMemory { .. }) {
+            // The call failed, its blocks unscrubbed, for lack of memory after the waits for
+            // the batches in flight: counted as an allocation that found none is.
+            self.with_pool(dev, |pool, _, _, _| pool.stats.counters.out_of_memory += 1);
+        }
         KvScrubError::Backend(e)
     }
 }

@@ -275,12 +275,18 @@ pub extern "C" fn kvh_record_stream(ptr: *mut c_void, stream: *mut c_void) {
 /// calls must stay valid: scrubs are batched, and run after the free returned (or later, when
 /// a capture or a shortage of memory deferred them). NULL (the
 /// legacy stream) and `cudaStreamPerThread` are never forgotten. Does nothing before
-/// kvhygiene started.
+/// kvhygiene started. Leaves `KVH_ERR_SHUTTING_DOWN` in `kvh_last_error` after
+/// `kvh_shutdown` (nothing is submitted any more), or the start-up's error.
 #[no_mangle]
 pub extern "C" fn kvh_forget_stream(stream: *mut c_void) {
     boundary((), || match runtime::get_if_begun() {
         // Before start-up no stream was named to the allocator.
         None => clear_last_error(),
+        // Nothing is submitted once shut down: the scrubs that wait on the stream never run.
+        Some(Ok(rt)) if rt.allocator.is_shut_down() => set_last_error(
+            KVH_ERR_SHUTTING_DOWN,
+            "kvhygiene was shut down: the scrubs that wait on the stream are not submitted",
+        ),
         Some(Ok(rt)) => {
             rt.allocator.forget_stream(stream_handle(stream));
             clear_last_error();

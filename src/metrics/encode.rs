@@ -311,7 +311,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Allocations that failed for lack of memory after every recovery step."
+        "Allocations, and kvh_scrub_blocks / kvh_claim_blocks calls, that failed for lack of memory after every recovery step."
     ),
     series!(
         "/counters/oom_recoveries",

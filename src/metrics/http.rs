@@ -460,45 +460,56 @@ impl Loop {
         let conn = &mut self.conns[i];
         match &mut conn.state {
             State::Reading => {
-                let mut chunk = [0u8; 4096];
-                let read = conn.stream.read(&mut chunk);
-                // Past its deadline, a connection is refused only when what it sent so far
-                // (read now: the server may have been busy with another route when the
-                // deadline passed) holds no whole request.
-                let late = now >= conn.deadline
-                    && match &read {
-                        Ok(n) if *n > 0 => !holds_a_request(&conn.buf, &chunk[..*n]),
-                        _ => true,
-                    };
+                let max = limits.max_request_bytes;
+                // Past its deadline, what already arrived is read whole (the server may have
+                // been busy with another route when the deadline passed): a whole request in
+                // it is answered, anything less refused. Before, one read a step.
+                let late = now >= conn.deadline;
+                let from = conn.buf.len().saturating_sub(3);
+                let (mut progress, mut ended) = (false, false);
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match conn.stream.read(&mut chunk) {
+                        Ok(0) => {
+                            ended = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            conn.buf.extend_from_slice(&chunk[..n]);
+                            progress = true;
+                        }
+                        Err(e) if would_block(&e) => break,
+                        Err(_) => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    if !late || conn.buf.len() > max {
+                        break;
+                    }
+                }
+                let head_end = head_end(&conn.buf, from);
+                if let Some(end) = head_end.filter(|&end| end <= max) {
+                    let (r, head_only) = answer(&conn.buf[..end], self.routes.as_ref());
+                    if r.status == 400 {
+                        self.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    respond(conn, &r, head_only, limits);
+                    return (true, false);
+                }
+                if head_end.is_some() || conn.buf.len() > max {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
+                    let r = Response::text(431, "kvh: request head too large\n");
+                    respond(conn, &r, false, limits);
+                    return (true, false);
+                }
                 if late {
                     self.rejected.fetch_add(1, Ordering::Relaxed);
                     let r = Response::text(408, "kvh: request not received in time\n");
                     respond(conn, &r, false, limits);
                     return (true, false);
                 }
-                match read {
-                    Ok(0) => (true, true),
-                    Ok(n) => {
-                        let from = conn.buf.len().saturating_sub(3);
-                        conn.buf.extend_from_slice(&chunk[..n]);
-                        let head_end = head_end(&conn.buf, from);
-                        let max = limits.max_request_bytes;
-                        if let Some(end) = head_end.filter(|&end| end <= max) {
-                            let (r, head_only) = answer(&conn.buf[..end], self.routes.as_ref());
-                            if r.status == 400 {
-                                self.rejected.fetch_add(1, Ordering::Relaxed);
-                            }
-                            respond(conn, &r, head_only, limits);
-                        } else if head_end.is_some() || conn.buf.len() > max {
-                            self.rejected.fetch_add(1, Ordering::Relaxed);
-                            let r = Response::text(431, "kvh: request head too large\n");
-                            respond(conn, &r, false, limits);
-                        }
-                        (true, false)
-                    }
-                    Err(e) if would_block(&e) => (false, false),
-                    Err(_) => (true, true),
-                }
+                (progress || ended, ended)
             }
             State::Writing { out, pos } => {
                 if now >= conn.deadline {
@@ -558,12 +569,6 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
         .iter()
         .filter_map(|t| find(&buf[from..], t).map(|i| from + i + t.len()))
         .min()
-}
-
-/// Whether what a connection sent, `buf` then `more`, holds the whole head of a request.
-fn holds_a_request(buf: &[u8], more: &[u8]) -> bool {
-    let whole = [buf, more].concat();
-    head_end(&whole, buf.len().saturating_sub(3)).is_some()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

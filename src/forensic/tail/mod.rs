@@ -453,13 +453,9 @@ fn refuse_null_stdout(state: &Path) -> Result<(), String> {
 
 /// Whether nothing is at `dir` yet: no such path, or a link to nothing (followed, as the tail
 /// was given it: a link made before the directory it names is a directory not created yet).
+/// A path through a file (`ENOTDIR`) is not: no directory can appear there.
 fn not_there_yet(dir: &Path) -> bool {
-    match std::fs::metadata(dir) {
-        Ok(_) => false,
-        Err(e) => {
-            e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
-        }
-    }
+    std::fs::metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Whether no directory is at `dir` any more: nothing there, or something else in its place
