@@ -866,13 +866,10 @@ impl Routes for BlockingRoute {
     }
 }
 
-/// The request deadline bounds how long a client takes to send its request, not how long the
-/// server takes to read it. A probe that connected, and sent its whole request while the
-/// server's one thread was busy in another connection's route, sent it in time: when the
-/// server gets to it after the deadline has passed, the request is already there and is
-/// answered, not refused with 408 ("request not received in time").
-#[test]
-fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_408() {
+/// Sends `request` on a probe connection while the server's one thread is busy in another
+/// connection's route, and keeps it busy until the probe's deadline (2 s) has passed: the
+/// probe's reply (status, text) and the server's count of refused requests.
+fn probe_sent_while_busy(request: &[u8]) -> (u16, String, u64) {
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
     let routes = BlockingRoute {
@@ -907,17 +904,28 @@ fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_
         .recv_timeout(Duration::from_secs(10))
         .expect("the server entered the blocking route");
     // The probe's whole request, sent as soon as the server is busy: well within its deadline.
-    probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    probe.write_all(request).unwrap();
     // The server stays busy until the probe's deadline has passed.
     std::thread::sleep(timeout + Duration::from_millis(500));
     release_tx.send(()).unwrap();
     let (status, text) = read_reply_or_closed(&mut probe);
     assert_eq!(blocker.join().unwrap().0, 200);
+    (status, text, server.rejected())
+}
+
+/// The request deadline bounds how long a client takes to send its request, not how long the
+/// server takes to read it. A probe that connected, and sent its whole request while the
+/// server's one thread was busy in another connection's route, sent it in time: when the
+/// server gets to it after the deadline has passed, the request is already there and is
+/// answered, not refused with 408 ("request not received in time").
+#[test]
+fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_408() {
+    let (status, text, rejected) = probe_sent_while_busy(b"GET /healthz HTTP/1.1\r\n\r\n");
     assert_eq!(
         status, 200,
         "a request sent in time, while the server was busy, was refused: {text}"
     );
-    assert_eq!(server.rejected(), 0, "the probe was counted as refused");
+    assert_eq!(rejected, 0, "the probe was counted as refused");
 }
 
 /// The same for a request whose head is larger than one read of the server (4 KiB) but well
@@ -926,49 +934,13 @@ fn a_request_that_arrived_in_time_while_the_server_was_busy_is_not_refused_with_
 /// refused with 408 because its first read did not hold the whole head.
 #[test]
 fn a_request_larger_than_one_read_that_arrived_in_time_while_the_server_was_busy_is_answered() {
-    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-    let (release_tx, release_rx) = std::sync::mpsc::channel();
-    let routes = BlockingRoute {
-        entered: std::sync::Mutex::new(entered_tx),
-        release: std::sync::Mutex::new(release_rx),
-    };
-    let timeout = Duration::from_secs(2);
-    let limits = Limits {
-        request_timeout: timeout,
-        ..Limits::default()
-    };
-    assert!(limits.max_request_bytes >= 8192);
-    let server = Server::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Arc::new(routes),
-        limits,
-        "test-http",
-    )
-    .unwrap();
-    let addr = server.local_addr();
-    let mut probe = TcpStream::connect(addr).unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let blocker = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(b"GET /block HTTP/1.1\r\n\r\n").unwrap();
-        read_reply_or_closed(&mut s)
-    });
-    entered_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the server entered the blocking route");
+    assert!(Limits::default().max_request_bytes >= 8192);
     // A 6 KiB head (a long header, as a proxy's forwarding headers make), sent whole.
     let mut request = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
     request.extend(std::iter::repeat_n(b'a', 6000));
     request.extend_from_slice(b"\r\n\r\n");
-    assert!(request.len() > 4096 && request.len() < limits.max_request_bytes);
-    probe.write_all(&request).unwrap();
-    std::thread::sleep(timeout + Duration::from_millis(500));
-    release_tx.send(()).unwrap();
-    let (status, text) = read_reply_or_closed(&mut probe);
-    assert_eq!(blocker.join().unwrap().0, 200);
+    assert!(request.len() > 4096 && request.len() < Limits::default().max_request_bytes);
+    let (status, text, rejected) = probe_sent_while_busy(&request);
     assert_eq!(
         status,
         200,
@@ -976,5 +948,5 @@ fn a_request_larger_than_one_read_that_arrived_in_time_while_the_server_was_busy
          {text}",
         request.len()
     );
-    assert_eq!(server.rejected(), 0, "the probe was counted as refused");
+    assert_eq!(rejected, 0, "the probe was counted as refused");
 }
