@@ -325,41 +325,11 @@ fn a_scrub_deferred_for_lack_of_memory_is_not_counted_as_a_backend_error() {
 }
 
 /// The same for a `kvh_scrub_blocks` whose batch finds no memory for its buffers: the call
-/// fails with out of memory (the caller retries), which is not a failed driver call.
+/// fails with out of memory (the caller retries), which is not a failed driver call. It is
+/// still a failure an operator must see (its blocks were left unscrubbed, the engine told
+/// `KVH_ERR_OUT_OF_MEMORY`): it counts as out of memory, as an allocation that found none.
 #[test]
-fn a_kv_scrub_refused_for_lack_of_memory_is_not_counted_as_a_backend_error() {
-    use kvhygiene::backend::BackendError;
-    let f = Fixture::new(manual_config());
-    let a = f.malloc_zeroed(4 * 4096, 0, 0);
-    let layout = KvLayout {
-        regions: vec![a],
-        block_bytes: 4096,
-        block_stride: 4096,
-        blocks_per_region: 4,
-    };
-    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
-        Some(BackendError::OutOfMemory {
-            device: b.device,
-            requested: 4096,
-        })
-    }));
-    let got = f.alloc.scrub_kv_blocks(&layout, &[1], 0, S);
-    assert!(got.is_err(), "{got:?}");
-    let c = f.alloc.stats().counters;
-    assert_eq!(
-        c.backend_errors, 0,
-        "a KV scrub refused for lack of memory ({got:?}) was counted in \
-         kvh_backend_errors_total, which KvhBackendErrors reads as failed driver calls"
-    );
-}
-
-/// `kvh_backend_errors_total` no longer counts a shortage of memory; its help sends the reader
-/// to `kvh_out_of_memory_total` and `kvh_scrubs_deferred_total` for one. A `kvh_scrub_blocks`
-/// call that fails for lack of memory for its batch (its blocks left unscrubbed, the engine
-/// told `KVH_ERR_OUT_OF_MEMORY`) is still a failure an operator must be able to see: some
-/// counter moves for it, as `kvh_backend_errors_total` did before.
-#[test]
-fn a_kv_scrub_that_failed_for_lack_of_memory_is_counted_somewhere() {
+fn a_kv_scrub_refused_for_lack_of_memory_counts_as_out_of_memory_not_a_backend_error() {
     use kvhygiene::backend::BackendError;
     let f = Fixture::new(manual_config());
     let a = f.malloc_zeroed(4 * 4096, 0, 0);
@@ -380,12 +350,15 @@ fn a_kv_scrub_that_failed_for_lack_of_memory_is_counted_somewhere() {
     let got = f.alloc.scrub_kv_blocks(&layout, &[1], 0, S);
     assert!(got.is_err(), "{got:?}");
     let after = f.alloc.stats().counters;
-    assert!(
-        after.out_of_memory > before.out_of_memory
-            || after.scrubs_deferred > before.scrubs_deferred
-            || after.kv_scrubs_refused > before.kv_scrubs_refused
-            || after.backend_errors > before.backend_errors,
-        "a kvh_scrub_blocks call that failed for lack of memory ({got:?}) moved no counter: \
-         before {before:?}, after {after:?}"
+    assert_eq!(
+        after.backend_errors, before.backend_errors,
+        "a KV scrub refused for lack of memory ({got:?}) was counted in \
+         kvh_backend_errors_total, which KvhBackendErrors reads as failed driver calls"
+    );
+    assert_eq!(
+        after.out_of_memory,
+        before.out_of_memory + 1,
+        "a kvh_scrub_blocks call that failed for lack of memory ({got:?}) is not counted in \
+         kvh_out_of_memory_total"
     );
 }
