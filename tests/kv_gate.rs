@@ -603,6 +603,45 @@ fn x_claims_ws_block_while<R>(
     })
 }
 
+/// Block 5 is claimed by request w and written; request x then claims it, and while each of
+/// the gate's first `passes` scrubs for x is held, the engine scrubs as many other caches as
+/// the gate keeps ledgers for, which pushes the cache's ledger out. Returns x's claim.
+fn x_claims_ws_block_losing_its_ledger(
+    alloc: &kvhygiene::alloc::Allocator,
+    backend: &held::Held,
+    layout: &KvLayout,
+    passes: usize,
+) -> KvClaimReport {
+    let others = single_block_caches(alloc, 64);
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(backend, layout, 5, 0x77);
+    backend.hold(3, true);
+    let forget = || {
+        for other in &others {
+            alloc
+                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+                .unwrap();
+        }
+    };
+    std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        for pass in 1..=passes {
+            backend.wait_submitted(3, pass);
+            forget();
+            backend.let_through(3, pass);
+        }
+        backend.hold(3, false);
+        x.join().unwrap().unwrap()
+    })
+}
+
 /// The blocks the last gate scrub's `kv_scrub` record says failed.
 fn last_gate_scrub_failed_blocks(f: &Fixture) -> u64 {
     f.sink
@@ -828,36 +867,9 @@ fn a_claim_refused_because_its_cache_was_freed_meanwhile_is_logged_as_a_refused_
 #[test]
 fn a_claim_whose_ledger_is_forgotten_twice_is_not_reported_as_taken() {
     let (alloc, backend, layout) = held_cache();
-    let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let forget = || {
-        for other in &others {
-            alloc
-                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
-                .unwrap();
-        }
-    };
-    let x = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        // The gate's first scrub, then its second (the claim made again): while each runs,
-        // the engine's scrubs of the other caches push the first cache's ledger out.
-        backend.wait_submitted(3, 1);
-        forget();
-        backend.let_through(3, 1);
-        backend.wait_submitted(3, 2);
-        forget();
-        backend.hold(3, false);
-        x.join().unwrap().unwrap()
-    });
+    // The gate's first scrub, then its second (the claim made again): while each runs, the
+    // engine's scrubs of the other caches push the first cache's ledger out.
+    let x = x_claims_ws_block_losing_its_ledger(&alloc, &backend, &layout, 2);
     assert!(
         x.taken.is_empty(),
         "no other claim named block 5, yet the claim reports it taken by another claim \
@@ -873,34 +885,7 @@ fn a_claim_whose_ledger_is_forgotten_twice_is_not_reported_as_taken() {
 fn a_claim_whose_ledger_is_forgotten_at_every_pass_records_why_once() {
     let sink = kvhygiene::events::MemorySink::new();
     let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
-    let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let forget = || {
-        for other in &others {
-            alloc
-                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
-                .unwrap();
-        }
-    };
-    let x = std::thread::scope(|s| {
-        let x = s.spawn(|| {
-            as_request("t", "x", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
-        for pass in 1..=4 {
-            backend.wait_submitted(3, pass);
-            forget();
-            backend.let_through(3, pass);
-        }
-        backend.hold(3, false);
-        x.join().unwrap().unwrap()
-    });
+    let x = x_claims_ws_block_losing_its_ledger(&alloc, &backend, &layout, 4);
     assert_eq!((x.claimed, x.taken.clone()), (0, vec![5]), "{x:?}");
     let records: Vec<String> = sink
         .snapshot()
