@@ -39,6 +39,39 @@ impl EventSink for StallsFirst {
     }
 }
 
+/// A detector (default parameters, a manual clock) in front of a sink that holds the first
+/// event it gets until `release` is sent, and says on `entered` when it holds it.
+struct Stalled {
+    downstream: Arc<StallsFirst>,
+    sink: Arc<AnomalySink>,
+    clock: Arc<ManualClock>,
+    entered: mpsc::Receiver<()>,
+    release: mpsc::Sender<()>,
+}
+
+fn stalled() -> Stalled {
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let downstream = Arc::new(StallsFirst {
+        entered: Mutex::new(Some(entered_tx)),
+        release: Mutex::new(release_rx),
+        events: Mutex::new(Vec::new()),
+    });
+    let clock = ManualClock::new();
+    let sink = AnomalySink::new(
+        Params::from_config(&AnomalyConfig::default()),
+        Some(downstream.clone() as Arc<dyn EventSink>),
+        clock.clone(),
+    );
+    Stalled {
+        downstream,
+        sink,
+        clock,
+        entered,
+        release,
+    }
+}
+
 fn verify_failed(at: SystemTime) -> Event {
     Event {
         at,
@@ -60,19 +93,13 @@ fn verify_failed(at: SystemTime) -> Event {
 /// within `window_ms`), whichever of them the sink behind the detector delivered first.
 #[test]
 fn events_windows_apart_are_no_burst_when_the_sink_behind_stalls() {
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    let downstream = Arc::new(StallsFirst {
-        entered: Mutex::new(Some(entered_tx)),
-        release: Mutex::new(release_rx),
-        events: Mutex::new(Vec::new()),
-    });
-    let clock = ManualClock::new();
-    let sink = AnomalySink::new(
-        Params::from_config(&AnomalyConfig::default()),
-        Some(downstream.clone() as Arc<dyn EventSink>),
-        clock.clone(),
-    );
+    let Stalled {
+        downstream,
+        sink,
+        clock,
+        entered: entered_rx,
+        release: release_tx,
+    } = stalled();
     let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
 
     // The first failure is emitted at the clock's start; the sink behind holds it.
@@ -107,19 +134,13 @@ fn events_windows_apart_are_no_burst_when_the_sink_behind_stalls() {
 /// before the second reached the detector.
 #[test]
 fn one_operations_events_count_together_when_the_sink_behind_stalls() {
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let (release_tx, release_rx) = mpsc::channel();
-    let downstream = Arc::new(StallsFirst {
-        entered: Mutex::new(Some(entered_tx)),
-        release: Mutex::new(release_rx),
-        events: Mutex::new(Vec::new()),
-    });
-    let clock = ManualClock::new();
-    let sink = AnomalySink::new(
-        Params::from_config(&AnomalyConfig::default()),
-        Some(downstream.clone() as Arc<dyn EventSink>),
-        clock.clone(),
-    );
+    let Stalled {
+        downstream,
+        sink,
+        clock,
+        entered: entered_rx,
+        release: release_tx,
+    } = stalled();
     let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
 
     let batch = {
