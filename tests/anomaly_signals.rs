@@ -22,6 +22,11 @@ const WINDOW: Duration = Duration::from_millis(10_000);
 /// An allocator on a test backend whose events pass through the detector (default
 /// parameters, a manual clock) into a memory sink.
 fn detected() -> (Arc<TestBackend>, Arc<MemorySink>, Allocator) {
+    detected_with(manual_config())
+}
+
+/// As [`detected`], under `config`.
+fn detected_with(config: Config) -> (Arc<TestBackend>, Arc<MemorySink>, Allocator) {
     let backend = TestBackend::new(HostBackend::new());
     let mem = MemorySink::new();
     let detector = AnomalySink::new(
@@ -31,7 +36,7 @@ fn detected() -> (Arc<TestBackend>, Arc<MemorySink>, Allocator) {
     );
     let alloc = Allocator::new(
         backend.clone(),
-        manual_config(),
+        config,
         Some(detector as Arc<dyn EventSink>),
     );
     (backend, mem, alloc)
@@ -247,22 +252,10 @@ fn a_block_whose_rescrub_fails_too_is_one_quarantine() {
 #[test]
 fn a_retired_block_whose_rescrub_fails_counts_toward_quarantine_once() {
     const BLOCKS: u64 = 4;
-    let backend = TestBackend::new(HostBackend::new());
-    let mem = MemorySink::new();
-    let detector = AnomalySink::new(
-        Params::from_config(&AnomalyConfig::default()),
-        Some(mem.clone() as Arc<dyn EventSink>),
-        ManualClock::new(),
-    );
-    let config = Config {
+    let (backend, mem, alloc) = detected_with(Config {
         idle_ttl_ms: 0,
         ..manual_config()
-    };
-    let alloc = Allocator::new(
-        backend.clone(),
-        config,
-        Some(detector as Arc<dyn EventSink>),
-    );
+    });
     let previous =
         Context::set_current(Context::new(Some("tenant-a"), Some("req-1"), None).unwrap());
     for i in 0..BLOCKS {
