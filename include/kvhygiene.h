@@ -171,7 +171,8 @@ void kvh_record_stream(void *ptr, void *stream);
 // calls must stay valid: scrubs are batched, and run after the free returned (or later, when
 // a capture or a shortage of memory deferred them). NULL (the
 // legacy stream) and `cudaStreamPerThread` are never forgotten. Does nothing before
-// kvhygiene started.
+// kvhygiene started. Leaves `KVH_ERR_SHUTTING_DOWN` in `kvh_last_error` after
+// `kvh_shutdown` (nothing is submitted any more), or the start-up's error.
 void kvh_forget_stream(void *stream);
 
 // Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
