@@ -821,20 +821,15 @@ impl Allocator {
     /// fault is still counted. A graph capture or process exit is the caller's situation.
     #[cold]
     fn kv_backend_error(&self, dev: u32, e: BackendError) -> KvScrubError {
-        // A capture, an exit or a shortage of memory is no fault of the driver's.
-        let fault = !matches!(
-            e,
-            BackendError::StreamCapturing { .. }
-                | BackendError::ShuttingDown
-                | BackendError::OutOfMemory { .. }
-        );
-        if fault {
-            self.with_pool(dev, |pool, _, _, _| pool.stats.counters.backend_errors += 1);
-        }
-        if matches!(e, BackendError::OutOfMemory { .. }) {
+        match e {
+            // The caller's situation, no failure of the driver's.
+            BackendError::StreamCapturing { .. } | BackendError::ShuttingDown => {}
             // The call failed, its blocks unscrubbed, for lack of memory after the waits for
             // the batches in flight: counted as an allocation that found none is.
-            self.with_pool(dev, |pool, _, _, _| pool.stats.counters.out_of_memory += 1);
+            BackendError::OutOfMemory { .. } => {
+                self.with_pool(dev, |pool, _, _, _| pool.stats.counters.out_of_memory += 1)
+            }
+            _ => self.with_pool(dev, |pool, _, _, _| pool.stats.counters.backend_errors += 1),
         }
         KvScrubError::Backend(e)
     }

@@ -277,34 +277,6 @@ pub fn unnamed_files_supported(dir: &Path) -> bool {
     }
 }
 
-/// Whether a file can be created in the directory `dir`, found without leaving one behind: an
-/// unnamed file (`O_TMPFILE`) is made and closed, which also meets a read-only mount and, for
-/// root, what the mode bits do not stop. Where the file system cannot make unnamed files, the
-/// kernel's access check answers instead.
-pub fn can_create_in(dir: &Path) -> io::Result<()> {
-    match OpenOptions::new()
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .open(dir)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error().is_some_and(unnamed_unsupported) => {
-            let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
-            // SAFETY: `path` is a NUL-terminated string that lives across the call; access
-            // reads it and nothing else.
-            let rc = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// The room on the file system holding `path` that this process may still fill: bytes, their
 /// block size and files. A file system that states no size (tmpfs with `size=0`, ramfs: no
 /// total) or no file count (no total of inodes) has no limit this can tell: `None`. Root's

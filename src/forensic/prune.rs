@@ -416,13 +416,13 @@ fn archive_has_room(
     if files == 0 && !marker {
         return Ok(());
     }
-    files::can_create_in(archive).map_err(|e| {
-        format!(
-            "{}: no file can be created in the archive directory: {e}; the real run would \
-             move nothing",
+    if !files::may_write(archive) {
+        return Err(format!(
+            "{}: no file can be created in the archive directory (its permissions, or a \
+             read-only mount); the real run would move nothing",
             archive.display()
-        )
-    })?;
+        ));
+    }
     let free = files::free_space(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
     // Each new file, the marker among them, takes at least a block.
     let new_files = files.saturating_add(u64::from(marker));
