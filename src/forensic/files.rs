@@ -500,12 +500,15 @@ fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
             .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied);
         // Refused by a parent another start-up (a worker per GPU) created and has not given
         // its mode yet: finished here when this call found it missing too, else waited for a
-        // moment (a user's own directory, read-only on purpose, then still refuses).
-        if let Some(parent) = level.parent().filter(|p| refused && unfinished(p)) {
-            if missing.contains(&parent) {
-                set_private(parent, what)?;
-            } else {
-                wait_until_finished(parent);
+        // moment (a user's own directory, read-only on purpose, then still refuses). A parent
+        // the other start-up finished between the refusal and this look is tried again too.
+        if let Some(parent) = level.parent().filter(|p| refused && private_of_ours(p)) {
+            if unfinished(parent) {
+                if missing.contains(&parent) {
+                    set_private(parent, what)?;
+                } else {
+                    wait_until_finished(parent);
+                }
             }
             created = DirBuilder::new().mode(0o700).create(level);
         }
@@ -534,6 +537,12 @@ fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
 fn set_private(level: &Path, what: &str) -> Result<(), ForensicError> {
     fs::set_permissions(level, fs::Permissions::from_mode(0o700))
         .map_err(|e| io_err(level, &format!("cannot set the mode of the {what}"), e))
+}
+
+/// Whether `level` is a directory of ours that no one else may enter (finished or not).
+fn private_of_ours(level: &Path) -> bool {
+    fs::symlink_metadata(level)
+        .is_ok_and(|m| m.is_dir() && m.uid() == euid() && m.mode() & 0o077 == 0)
 }
 
 /// Whether `level` is a directory of ours, private, but without all of the owner's
