@@ -254,7 +254,7 @@ def test_gen_ptx_never_reports_a_ptx_it_did_not_write(tmp_path):
     # current scrub.cu, or fail; never exit 0 with the committed PTX left stale, which
     # scripts/check-ptx.sh then refuses, telling the user to run gen-ptx.sh.
     root = scratch_checkout(tmp_path)
-    (root / ".tools").mkdir()
+    (root / ".tools").mkdir(exist_ok=True)
     (root / ".tools" / "cuda").symlink_to(PINNED)
     with open(root / "kernels" / "scrub.cu", "a") as f:
         f.write("// a change to the kernel source\n")
