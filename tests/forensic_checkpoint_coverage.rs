@@ -13,6 +13,30 @@ use forensic_common::{verify, write_lines};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::ForensicLog;
 
+/// A log directory in `tmp` with its writer's configuration (files of `max_bytes`), signing
+/// checkpoints into `tmp/ckpt`, and the signer's public key.
+struct Signed {
+    c: kvhygiene::config::LogConfig,
+    dir: std::path::PathBuf,
+    ckpt_dir: std::path::PathBuf,
+    public: std::path::PathBuf,
+}
+
+fn signed(tmp: &tempfile::TempDir, max_bytes: u64) -> Signed {
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let dir = log_dir(tmp);
+    let ckpt_dir = tmp.path().join("ckpt");
+    let mut c = cfg(&dir, max_bytes);
+    c.signing_key_file = Some(key);
+    c.checkpoint_dir = Some(ckpt_dir.clone());
+    Signed {
+        c,
+        dir,
+        ckpt_dir,
+        public,
+    }
+}
+
 /// The seq of the first record of `kind` in `lines`.
 fn seq_of(lines: &[String], kind: &str) -> Option<u64> {
     lines.iter().find_map(|l| {
@@ -30,12 +54,12 @@ fn seq_of(lines: &[String], kind: &str) -> Option<u64> {
 #[test]
 fn a_lost_record_written_with_a_checkpoint_is_covered_by_a_later_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let Signed {
+        mut c,
+        dir,
+        ckpt_dir,
+        public,
+    } = signed(&tmp, 1 << 20);
     c.checkpoint_interval_ms = 500;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.emit(event(1));
@@ -93,12 +117,12 @@ fn a_lost_record_written_with_a_checkpoint_is_covered_by_a_later_checkpoint() {
 #[test]
 fn a_rotation_made_by_a_checkpoint_record_is_covered_by_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let mut c = cfg(&dir, 4096);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let Signed {
+        mut c,
+        dir,
+        ckpt_dir,
+        public,
+    } = signed(&tmp, 4096);
     c.checkpoint_every_records = 1;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     let kinds = |p: &std::path::Path| -> Vec<String> {
@@ -160,12 +184,12 @@ fn a_rotation_made_by_a_checkpoint_record_is_covered_by_a_checkpoint() {
 #[test]
 fn a_write_failure_after_a_checkpoint_is_recorded_in_the_chain_while_the_log_is_idle() {
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let Signed {
+        mut c,
+        dir,
+        ckpt_dir,
+        public,
+    } = signed(&tmp, 1 << 20);
     c.checkpoint_interval_ms = 200;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.emit(event(1));
@@ -238,12 +262,12 @@ fn an_idle_log_signs_no_further_checkpoints() {
 #[test]
 fn a_checkpoint_older_than_the_chain_records_is_called_out() {
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let dir = log_dir(&tmp);
-    let ckpt_dir = tmp.path().join("ckpt");
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    c.checkpoint_dir = Some(ckpt_dir.clone());
+    let Signed {
+        mut c,
+        dir,
+        ckpt_dir,
+        public,
+    } = signed(&tmp, 1 << 20);
     c.checkpoint_every_records = 4;
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     for i in 0..6 {
@@ -269,7 +293,7 @@ fn a_checkpoint_older_than_the_chain_records_is_called_out() {
     let args = kvhygiene::forensic::cli::VerifyLogArgs {
         key_file: vec![key_file],
         public_key: vec![public],
-        checkpoint: Some(ckpt_dir),
+        checkpoint: Some(ckpt_dir.clone()),
         ..kvhygiene::forensic::cli::VerifyLogArgs::of(dir.clone())
     };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvh"))
@@ -280,7 +304,7 @@ fn a_checkpoint_older_than_the_chain_records_is_called_out() {
         .arg("--public-key")
         .arg(&args.public_key[0])
         .arg("--checkpoint")
-        .arg(args.checkpoint.as_ref().unwrap())
+        .arg(&ckpt_dir)
         .env_remove("KVH_LOG_DIR")
         .output()
         .unwrap();

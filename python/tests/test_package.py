@@ -1143,6 +1143,19 @@ def test_a_negative_block_id_is_named_in_the_error():
             kvhygiene.scrub_blocks(layout, [0, 1, -7, 3])
 
 
+def _run_script(tmp_path, source: str, **env_changes):
+    """Runs `source` in a child Python with this package on its path (argv[1]) and the
+    library (argv[2]), under the environment with `env_changes`."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(source)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, **env_changes)
+    return subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+
+
 _EMPTY_CACHE_WITHOUT_A_RUNTIME = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -1167,14 +1180,7 @@ def test_empty_cache_raises_when_the_allocator_could_not_start(tmp_path):
     # allocator could not start (here an invalid KVH_OOM: KVH_ERR_CONFIG), empty_cache() raises
     # KvhError with that code, as synchronize() and stats() do, instead of returning as if
     # the cache had been flushed and returned to the driver.
-    import subprocess
-    import sys
-
-    script = tmp_path / "empty_cache_without_a_runtime.py"
-    script.write_text(_EMPTY_CACHE_WITHOUT_A_RUNTIME)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_OOM="bogus")
-    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    run = _run_script(tmp_path, _EMPTY_CACHE_WITHOUT_A_RUNTIME, KVH_BACKEND="host", KVH_OOM="bogus")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "synchronize raised 7011", run.stdout
@@ -1921,32 +1927,20 @@ def test_forget_stream_runs_the_scrubs_waiting_on_the_stream_and_refuses_none(tm
     # forget_stream(stream) is for a stream the application is about to destroy: before a
     # start-up it does nothing (and starts nothing); after a free on the stream, the block's
     # scrub still runs and verifies; None (the legacy stream, never forgotten) is refused.
-    import subprocess
-    import sys
-
-    script = tmp_path / "forget_stream.py"
-    script.write_text(_FORGET_STREAM)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host")
-    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    run = _run_script(tmp_path, _FORGET_STREAM, KVH_BACKEND="host")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["before start False", "verified 1 failed 0", "None refused"], run.stdout
 
 
 @needs_lib
 def test_forget_stream_raises_when_the_allocator_could_not_start(tmp_path):
-    import subprocess
-    import sys
-
-    script = tmp_path / "forget_without_a_runtime.py"
-    script.write_text(
+    run = _run_script(
+        tmp_path,
         "import sys\nsys.path.insert(0, sys.argv[1])\nimport kvhygiene\nlib = kvhygiene.load(sys.argv[2])\n"
         "lib.kvh_init()\ntry:\n    kvhygiene.forget_stream(7)\n    print('returned')\n"
-        "except kvhygiene.KvhError as e:\n    print('raised', e.code)\n"
+        "except kvhygiene.KvhError as e:\n    print('raised', e.code)\n",
+        KVH_BACKEND="host", KVH_OOM="bogus",
     )
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_OOM="bogus")
-    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "raised 7011", run.stdout + run.stderr
 
 
@@ -1992,14 +1986,7 @@ def test_forget_stream_raises_after_the_allocator_was_shut_down(tmp_path):
     # forget_stream's docstring: "Raises KvhError when the allocator could not start or was
     # shut down". After kvh_shutdown (the exit hook) the scrubs waiting on the stream are never
     # submitted, so a caller about to destroy the stream is told, as empty_cache tells it.
-    import subprocess
-    import sys
-
-    script = tmp_path / "forget_after_shutdown.py"
-    script.write_text(_FORGET_AFTER_SHUTDOWN)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host")
-    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    run = _run_script(tmp_path, _FORGET_AFTER_SHUTDOWN, KVH_BACKEND="host")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().startswith("raised"), (
         f"forget_stream after kvh_shutdown: {run.stdout.strip()} {run.stderr}"

@@ -196,10 +196,10 @@ def scratch_checkout(tmp: Path) -> Path:
     return root
 
 
-def kernel_origin(root: Path, env: dict, verb: str = "build") -> str:
-    """KERNEL_ORIGIN of the build script's output in a `cargo VERB` of the library."""
+def cargo_messages(root: Path, env: dict, verb: str, *args: str) -> list:
+    """The JSON messages of a `cargo VERB --lib ARGS` in `root`, which must succeed."""
     proc = subprocess.run(
-        ["cargo", verb, "--quiet", "--lib", "--message-format=json"],
+        ["cargo", verb, "--quiet", "--lib", *args, "--message-format=json"],
         cwd=root,
         env=env,
         capture_output=True,
@@ -207,11 +207,18 @@ def kernel_origin(root: Path, env: dict, verb: str = "build") -> str:
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    messages = []
     for line in proc.stdout.splitlines():
         try:
-            m = json.loads(line)
+            messages.append(json.loads(line))
         except ValueError:
             continue
+    return messages
+
+
+def kernel_origin(root: Path, env: dict, verb: str = "build") -> str:
+    """KERNEL_ORIGIN of the build script's output in a `cargo VERB` of the library."""
+    for m in cargo_messages(root, env, verb):
         if m.get("reason") == "build-script-executed":
             images = Path(m["out_dir"]) / "kernel_images.rs"
             if images.exists():
@@ -491,20 +498,7 @@ def test_the_kernel_build_takes_the_nvcc_the_shell_would_run_from_path(tmp_path)
 
 def library_fresh(root: Path, env: dict) -> bool:
     """Whether a `cargo check` of the library in `root` found it up to date."""
-    proc = subprocess.run(
-        ["cargo", "check", "--quiet", "--lib", "-p", "kvhygiene", "--message-format=json"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for line in proc.stdout.splitlines():
-        try:
-            m = json.loads(line)
-        except ValueError:
-            continue
+    for m in cargo_messages(root, env, "check", "-p", "kvhygiene"):
         if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvhygiene":
             return m["fresh"]
     pytest.fail("no compiler-artifact message for kvhygiene")
