@@ -843,3 +843,121 @@ fn a_crashed_chain_ending_with_two_repeated_records_is_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
     assert_crashed_chain_left_alone(&log_dir(&tmp), |l| l[3..5].to_vec(), "two repeated records");
 }
+
+const NO_ROOM_CHILD_ENV: &str = "KVH_FORENSIC_CRASH_NO_ROOM_DIR";
+
+/// In the child (re-executed test binary): opens the log in `dir` while no file may grow
+/// beyond `limit` bytes (`RLIMIT_FSIZE`, standing in for a full disk), and exits 0 when the
+/// open fails. In a normal test run it returns at once.
+#[test]
+fn no_room_child_entry() {
+    let Some(spec) = std::env::var_os(NO_ROOM_CHILD_ENV) else {
+        return;
+    };
+    let spec = spec.into_string().unwrap();
+    let (dir, limit) = spec.rsplit_once('|').unwrap();
+    let limit: u64 = limit.parse().unwrap();
+    // SAFETY: plain libc calls with valid arguments, in a child process of its own.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let r = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &r), 0);
+    }
+    let c = cfg(std::path::Path::new(dir), 1 << 20);
+    let opened = ForensicLog::open_with_secret(&c, start(), Some(secret()));
+    // SAFETY: ends the child without running the log's drop (nothing to stop after a failure).
+    unsafe { libc::_exit(if opened.is_err() { 0 } else { 3 }) };
+}
+
+/// A crashed chain's torn bytes are evidence of the record the crash interrupted. When the
+/// next process cannot write its `recovery` record (no room on the disk) its start-up fails;
+/// the process that later continues the chain must still say how many torn bytes the crash
+/// left, in its `recovery` record's `torn_bytes`, rather than report a clean end.
+#[test]
+fn torn_bytes_cut_by_a_start_up_that_failed_on_a_full_disk_are_still_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
+    OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    // A start-up while the file cannot grow past its last whole record.
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "no_room_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(NO_ROOM_CHILD_ENV, format!("{}|{whole}", dir.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the start-up without room did not fail: {status:?}"
+    );
+    // Room again: the next process continues the chain.
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert!(verify(&dir, &keyed_opts()).ok());
+    let recoveries: Vec<String> = read_lines(&file)
+        .into_iter()
+        .filter(|l| l.contains("\"kind\":\"recovery\""))
+        .collect();
+    let reported = format!("\"torn_bytes\":{},", torn.len());
+    assert!(
+        recoveries.iter().any(|l| l.contains(&reported)),
+        "no recovery record reports the {} torn bytes the crash left: {recoveries:?}",
+        torn.len()
+    );
+}
+
+/// A torn tail longer than the records that continue the chain: the records take its place
+/// and the file ends with them, nothing of the torn bytes left after them.
+#[test]
+fn a_torn_tail_longer_than_the_recovery_records_is_replaced_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    let torn = [1u8; 5000];
+    OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(&torn)
+        .unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the crashed chain was continued");
+    assert_eq!(r.chains[0].torn_bytes, 0);
+    let text = std::fs::read(&file).unwrap();
+    assert!(!text.contains(&1u8), "torn bytes left in the file");
+    let lines = read_lines(&file);
+    let recovery = lines
+        .iter()
+        .find(|l| l.contains("\"kind\":\"recovery\""))
+        .expect("recovery record");
+    assert!(recovery.contains("\"torn_bytes\":5000,"), "{recovery}");
+    // The recovery record starts where the last whole record ended.
+    let at = text
+        .windows(8)
+        .position(|w| w == b"recovery")
+        .map(|p| text[..p].iter().rposition(|&b| b == b'\n').unwrap() + 1)
+        .unwrap();
+    assert_eq!(at as u64, whole);
+}

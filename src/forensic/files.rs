@@ -609,6 +609,27 @@ fn check_owner_mode(
     Ok(())
 }
 
+/// Turns appending on or off for `file`'s open file description (`O_APPEND`). A file the
+/// kernel keeps append-only (`chattr +a`) refuses to have it turned off (EPERM).
+pub fn set_append(file: &File, on: bool) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is open for as long as `file` is borrowed; F_GETFL takes no argument.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::O_APPEND
+    } else {
+        flags & !libc::O_APPEND
+    };
+    // SAFETY: as above; F_SETFL takes an int of status flags, of which only O_APPEND changed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Which step of [`create_exclusive`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateStep {

@@ -23,9 +23,13 @@ pub struct Adopted {
     pub index: u64,
     pub path: PathBuf,
     pub file: File,
-    /// Length after the torn tail was cut.
+    /// Length of the file up to its last whole record: where the continuation goes.
     pub len: u64,
-    pub torn_bytes: u64,
+    /// The bytes after `len`: a record the crash tore. They are still in the file: the
+    /// continuation's first records are written over them (`ChainWriter::open`), so that a
+    /// start-up that cannot write its `recovery` record, the only account of them, leaves
+    /// them for the next one to count. Empty when the chain ended at a record's end.
+    pub torn_tail: Vec<u8>,
     pub last_seq: u64,
     pub last_hash: [u8; 32],
     /// The crash came after the newest file was created and before its `rotate` record:
@@ -245,25 +249,26 @@ pub fn adopt(
         if !head.links(chain, &bytes) {
             continue;
         }
-        let len = (bytes.len() - head.torn) as u64;
-        // Cut only what is torn: a file with nothing to cut may refuse a truncation it does
-        // not need (an append-only file, `chattr +a`) and still be continued. One that
-        // refuses the cut it needs (append-only or immutable: EPERM) is left as it ended,
-        // torn tail and all, which verification accepts of a chain no process continued;
-        // the start-up goes on with another chain or a new one.
+        let len = bytes.len() - head.torn;
+        // A torn tail is written over in place, with appending turned off for a moment; a
+        // file with nothing torn is only appended to, so an append-only file (`chattr +a`)
+        // that ended at a record's end is still continued. One with a torn tail refuses the
+        // overwrite (EPERM): it is left as it ended, torn tail and all, which verification
+        // accepts of a chain no process continued; the start-up goes on with another chain
+        // or a new one.
         if head.torn > 0 {
-            match file.set_len(len) {
+            match files::set_append(&file, false).and_then(|()| files::set_append(&file, true)) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                     crate::say(format_args!(
                         "kvhygiene: {}: chain {chain} ended with a torn record that cannot be \
-                         cut ({e}: an append-only or immutable file); it is left as it ended \
+                         cut or written over ({e}: an append-only file); it is left as it ended \
                          and not continued",
                         path.display()
                     ));
                     continue;
                 }
-                Err(e) => return Err(files::io_err(path, "cannot cut the torn tail", e)),
+                Err(e) => return Err(files::io_err(path, "cannot write over the torn tail", e)),
             }
         }
         if let Some(k) = key.as_deref_mut() {
@@ -274,8 +279,8 @@ pub fn adopt(
             index: *index,
             path: path.clone(),
             file,
-            len,
-            torn_bytes: head.torn as u64,
+            len: len as u64,
+            torn_tail: bytes[len..].to_vec(),
             last_seq: head.tail.seq,
             last_hash: head.tail.hash,
             link_from: head.link_from,

@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -265,7 +266,7 @@ impl ChainWriter {
         }
         let kind = match &adopted {
             Some(a) => {
-                fields.insert("torn_bytes".into(), a.torn_bytes.into());
+                fields.insert("torn_bytes".into(), a.torn_tail.len().into());
                 fields.insert("last_good_seq".into(), a.last_seq.into());
                 fields.insert("last_good_hash".into(), hex(&a.last_hash).into());
                 "recovery"
@@ -273,7 +274,15 @@ impl ChainWriter {
             None => "start",
         };
         w.append(kind, record::fields_from_map(fields), unix_nanos(now));
-        if let Err(e) = w.write_buffer() {
+        // Records that did not fit in the torn file went to the next one: the rotation cut
+        // the torn tail, as a rotated file must end with its last record.
+        let written = match &adopted {
+            Some(a) if !a.torn_tail.is_empty() && w.index == a.index => {
+                w.write_over_torn_tail(&a.torn_tail)
+            }
+            _ => w.write_buffer(),
+        };
+        if let Err(e) = written {
             if kind == "start" {
                 w.remove_new_chain();
             }
@@ -651,6 +660,12 @@ impl ChainWriter {
         // A failed write may have left part of a line: cut back to the last good byte.
         self.cut_torn_tail()?;
         self.write_with_faults()?;
+        self.commit_written();
+        Ok(())
+    }
+
+    /// The books after the buffer's records landed in the file, whole.
+    fn commit_written(&mut self) {
         self.file_len += self.buf.len() as u64;
         let n = self.buf_kinds.len() as u64;
         self.shared.records_written.fetch_add(n, Ordering::Relaxed);
@@ -668,7 +683,53 @@ impl ChainWriter {
         if self.fsync == FsyncPolicy::Always {
             self.sync();
         }
+    }
+
+    /// Writes a continued chain's first records (its `rotate` and `recovery` records) over
+    /// the torn tail the crash left, rather than cutting the tail and appending: writing
+    /// within the file's length needs no room a full disk (or a file size limit) refuses, and
+    /// a write that fails puts the torn bytes back where they were, so the next start-up
+    /// still finds and counts them. Records longer than the tail extend the file past it.
+    #[cold]
+    fn write_over_torn_tail(&mut self, torn: &[u8]) -> io::Result<()> {
+        files::set_append(&self.file, false)?;
+        let written = self.overwrite_torn_tail(torn);
+        let appending = files::set_append(&self.file, true);
+        written?;
+        appending?;
+        self.commit_written();
         Ok(())
+    }
+
+    fn overwrite_torn_tail(&self, torn: &[u8]) -> io::Result<()> {
+        let at = self.file_len;
+        let written = self.file.write_all_at(&self.buf, at).and_then(|()| {
+            if self.buf.len() < torn.len() {
+                self.file.set_len(at + self.buf.len() as u64)
+            } else {
+                Ok(())
+            }
+        });
+        let Err(e) = written else {
+            return Ok(());
+        };
+        // Whatever part of the records landed stands in the torn bytes' place, and a longer
+        // write may have grown the file past them: both undone within the file's length.
+        let restored = self
+            .file
+            .write_all_at(torn, at)
+            .and_then(|()| self.file.set_len(at + torn.len() as u64));
+        match restored {
+            Ok(()) => Err(e),
+            Err(r) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; the {} torn bytes the crash left, written over in part, could not \
+                     be put back ({r})",
+                    torn.len()
+                ),
+            )),
+        }
     }
 
     /// Cuts the bytes a failed write left after the last whole record, when it left any. A
