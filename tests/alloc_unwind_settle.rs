@@ -365,6 +365,54 @@ impl kvhygiene::events::EventSink for PanicsOnceOnQuarantine {
     }
 }
 
+/// A whole-pool wait whose first pass both takes a batch out of the pool to wait for it and
+/// records a quarantine (another batch of the same pass that the backend failed to queue),
+/// when the sink panics on that record, still gives the batch it took back: a later
+/// `synchronize` applies it and returns, instead of waiting for ever for a batch counted as
+/// held by a thread that is gone.
+#[test]
+fn a_batch_taken_in_a_pass_whose_records_unwind_goes_back_to_the_pool() {
+    let backend = common::TestBackend::new(HostBackend::new());
+    let alloc = Allocator::new(
+        backend.clone(),
+        manual_config(),
+        Some(Arc::new(PanicsOnceOnQuarantine::default())),
+    );
+    let (one, two) = (StreamHandle(0x10), StreamHandle(0x20));
+    let a = alloc.malloc(4096, 0, one).unwrap();
+    let b = alloc.malloc(4096, 0, two).unwrap();
+    // The batch on the second stream cannot be queued: its block is quarantined, and recorded.
+    *backend.refuse.lock().unwrap() = Some(Box::new(move |batch| {
+        (batch.stream == two).then(|| BackendError::Other("injected submission failure".into()))
+    }));
+    alloc.free(a, 4096, 0, one).unwrap();
+    alloc.free(b, 4096, 0, two).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
+    assert!(
+        r.is_err(),
+        "precondition: the sink panicked on the quarantine"
+    );
+    *backend.refuse.lock().unwrap() = None;
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(alloc.synchronize());
+        });
+    }
+    let again = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        again.is_ok(),
+        "synchronize still waits, 10 s on, for the batch the unwound pass had taken"
+    );
+    assert_ne!(
+        alloc.block_info(a).map(|i| i.state),
+        Some(BlockState::Pending),
+        "the batch of the first stream was applied"
+    );
+    alloc.check_consistency().unwrap();
+}
+
 /// A `FanoutSink` hands each event to every sink before the next event: a sink fanned out
 /// beside a faulty one that panics on a later event of the same operation (the block's
 /// `quarantine`) has still received the events before it (the failed verification), as a

@@ -133,6 +133,19 @@ struct NotWaited<'a> {
     batches: std::collections::VecDeque<InFlight>,
 }
 
+impl<'a> NotWaited<'a> {
+    /// Guards `batches` from the moment they leave the pool: made under the pool lock, as the
+    /// last step of the pass that takes them (its drop takes the lock), so that the events
+    /// that pass settles, which a sink may unwind out of, cannot lose them.
+    fn new(alloc: &'a Allocator, dev: u32, batches: impl IntoIterator<Item = InFlight>) -> Self {
+        NotWaited {
+            alloc,
+            dev,
+            batches: batches.into_iter().collect(),
+        }
+    }
+}
+
 impl Drop for NotWaited<'_> {
     fn drop(&mut self) {
         if self.batches.is_empty() {
@@ -267,12 +280,18 @@ impl Allocator {
         let isolation = self.inner.config.tenant_isolation;
         // Completed scrubs may have produced a clean block; frees waiting in open batches are
         // submitted now, since malloc needs memory.
-        let hit = self.with_pool(dev, |pool, backend, config, after| {
+        self.with_pool(dev, |pool, backend, config, after| {
             pool.harvest(backend, config, after);
             pool.flush_open(false, backend, config, after);
-            pool.pop_clean(key, size, &ctx, stream, isolation)
-                .or_else(|| pop_exact(pool, key, size, class, &ctx, stream, isolation))
         });
+        // The hand-out has a pass of its own, with nothing to settle after it: a block handed
+        // out in a pass whose events then unwound (a sink's panic) would stay LIVE with no
+        // holder.
+        let hit = {
+            let mut pool = self.pool(dev);
+            pool.pop_clean(key, size, &ctx, stream, isolation)
+                .or_else(|| pop_exact(&mut pool, key, size, class, &ctx, stream, isolation))
+        };
         if let Some(addr) = hit {
             return Ok(Allocation { addr, fresh: false });
         }
@@ -473,10 +492,13 @@ impl Allocator {
                 self.pool(dev).unwatch(seq);
                 return Err(FreeError::ShutDown { addr: ptr });
             }
-            let (batch, deferred) = self.with_pool(dev, |pool, backend, config, after| {
+            let (taken, deferred) = self.with_pool(dev, |pool, backend, config, after| {
                 pool.flush_block(ptr, backend, config, after);
                 let deferred = pool.deferral_of(ptr, "a checked free's scrub");
-                (pool.take_batch_holding(seq), deferred)
+                (
+                    NotWaited::new(self, dev, pool.take_batch_holding(seq)),
+                    deferred,
+                )
             });
             if let Some(why) = deferred {
                 // The backend refused the launch for now (a CUDA graph capture, where waiting
@@ -485,11 +507,12 @@ impl Allocator {
                 self.pool(dev).unwatch(seq);
                 return Err(FreeError::Backend(why));
             }
-            match batch {
-                Some(batch) => self.wait_and_apply(dev, vec![batch]),
+            if taken.batches.is_empty() {
                 // Another thread is waiting on this batch with the lock dropped; it records
                 // the outcome when it applies the results.
-                None => std::thread::sleep(Duration::from_micros(50)),
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                self.wait_and_apply(taken);
             }
         }
     }
@@ -777,17 +800,21 @@ impl Allocator {
         let mut submit = true;
         while !self.inner.shutting_down.load(Ordering::Acquire) {
             let upto = if newer_rounds > 0 { u64::MAX } else { horizon };
-            let (batches, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
+            let (taken, elsewhere) = self.with_pool(dev, |pool, backend, config, after| {
                 if submit {
                     pool.flush_open(false, backend, config, after);
                     pool.submit_rescrubs(backend, config, after);
                 }
-                let batches = pool.take_batches_before(upto);
                 // Only the older work is waited for in other threads' hands: a stream of
-                // checked frees could keep a newer batch out at every moment.
-                (batches, pool.held_elsewhere_before(horizon))
+                // checked frees could keep a newer batch out at every moment. (Asked before
+                // taking; it matters only when nothing is taken.)
+                let elsewhere = pool.held_elsewhere_before(horizon);
+                (
+                    NotWaited::new(self, dev, pool.take_batches_before(upto)),
+                    elsewhere,
+                )
             });
-            if batches.is_empty() {
+            if taken.batches.is_empty() {
                 if !elsewhere {
                     if !submit {
                         // The wait is over: one more submitting round, for a batch refused
@@ -803,7 +830,7 @@ impl Allocator {
             }
             submit = true;
             newer_rounds = newer_rounds.saturating_sub(1);
-            self.wait_and_apply(dev, batches);
+            self.wait_and_apply(taken);
         }
     }
 
@@ -814,12 +841,8 @@ impl Allocator {
     /// forever. A backend whose wait panics gives the batch an error, as a failed wait does
     /// (its blocks go to quarantine and a re-scrub); a panic after that (an event sink; the C
     /// boundary catches it) puts the batches not yet waited on back in the pool (`NotWaited`).
-    fn wait_and_apply(&self, dev: u32, batches: Vec<InFlight>) {
-        let mut not_waited = NotWaited {
-            alloc: self,
-            dev,
-            batches: batches.into(),
-        };
+    fn wait_and_apply(&self, mut not_waited: NotWaited<'_>) {
+        let dev = not_waited.dev;
         while let Some(mut batch) = not_waited.batches.pop_front() {
             // A backend whose wait panics answers an error (`PanicSafe`): a failed wait.
             let results = batch.wait();
