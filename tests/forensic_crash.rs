@@ -961,3 +961,159 @@ fn a_torn_tail_longer_than_the_recovery_records_is_replaced_whole() {
         .unwrap();
     assert_eq!(at as u64, whole);
 }
+
+const NO_ROOM_SMALL_FILES_CHILD_ENV: &str = "KVH_FORENSIC_CRASH_NO_ROOM_SMALL_FILES_DIR";
+
+/// In the child (re-executed test binary): opens the log in `dir`, with files of at most
+/// `max_bytes`, while no file may grow beyond `limit` bytes (`RLIMIT_FSIZE`, standing in for
+/// a full disk), and exits 0 when the open fails, its error on stderr. In a normal test run
+/// it returns at once.
+#[test]
+fn no_room_small_files_child_entry() {
+    let Some(spec) = std::env::var_os(NO_ROOM_SMALL_FILES_CHILD_ENV) else {
+        return;
+    };
+    let spec = spec.into_string().unwrap();
+    let mut parts = spec.rsplitn(3, '|');
+    let max_bytes: u64 = parts.next().unwrap().parse().unwrap();
+    let limit: u64 = parts.next().unwrap().parse().unwrap();
+    let dir = parts.next().unwrap();
+    // SAFETY: plain libc calls with valid arguments, in a child process of its own.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let r = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &r), 0);
+    }
+    let c = cfg(std::path::Path::new(dir), max_bytes);
+    let opened = ForensicLog::open_with_secret(&c, start(), Some(secret()));
+    if let Err(e) = &opened {
+        eprintln!("start-up error: {e}");
+    }
+    // SAFETY: ends the child without running the log's drop (nothing to stop after a failure).
+    unsafe { libc::_exit(if opened.is_err() { 0 } else { 3 }) };
+}
+
+/// A crashed chain whose torn file is full (its `recovery` record goes to the next file):
+/// when the next process cannot write its first records (no room on the disk) its start-up
+/// fails, and the process that later continues the chain still says how many torn bytes the
+/// crash left, in its `recovery` record's `torn_bytes`.
+#[test]
+fn torn_bytes_of_a_full_file_are_still_recorded_after_a_start_up_that_failed_on_a_full_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let max_bytes = 4096;
+    assert!(
+        std::fs::metadata(&file).unwrap().len() > max_bytes,
+        "the crashed file is not full"
+    );
+    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
+    OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    // A start-up, with files of 4 KiB, while no file can grow.
+    let (failed, err) = start_up_without_room(&dir, 0, max_bytes);
+    assert!(failed, "the start-up without room did not fail: {err}");
+    // Room again: the next process continues the chain.
+    let log =
+        ForensicLog::open_with_secret(&cfg(&dir, max_bytes), start(), Some(secret())).unwrap();
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the crashed chain was continued");
+    let recoveries: Vec<String> = chain_files(&dir)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .filter(|l| l.contains("\"kind\":\"recovery\""))
+        .collect();
+    let reported = format!("\"torn_bytes\":{},", torn.len());
+    assert!(
+        recoveries.iter().any(|l| l.contains(&reported)),
+        "no recovery record reports the {} torn bytes the crash left: {recoveries:?}",
+        torn.len()
+    );
+}
+
+/// Runs `no_room_small_files_child_entry` on `dir`; returns whether the start-up failed and
+/// what it said on stderr.
+fn start_up_without_room(dir: &std::path::Path, limit: u64, max_bytes: u64) -> (bool, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "no_room_small_files_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            NO_ROOM_SMALL_FILES_CHILD_ENV,
+            format!("{}|{limit}|{max_bytes}", dir.display()),
+        )
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A start-up that cannot write its first records over a crashed chain's torn tail, and
+/// wrote none of their bytes (the file cannot grow at all past its last whole record),
+/// leaves the file as it found it and says so: its error does not claim the torn bytes were
+/// written over and could not be put back.
+#[test]
+fn a_start_up_that_wrote_nothing_over_the_torn_tail_does_not_report_it_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
+    OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    let before = std::fs::read(&file).unwrap();
+    let (failed, err) = start_up_without_room(&dir, whole, 1 << 20);
+    assert!(failed, "the start-up without room did not fail: {err}");
+    assert_eq!(std::fs::read(&file).unwrap(), before, "the file changed");
+    assert!(
+        !err.contains("could not be put back"),
+        "the start-up reports torn bytes it never wrote over as damaged: {err}"
+    );
+}
+
+/// A crashed chain that ended at a record's end (nothing torn): a start-up that fails part way
+/// through its first records (no room on the disk) leaves none of their bytes behind, so the
+/// process that later continues the chain reports no torn bytes, as the crash left none.
+#[test]
+fn a_start_up_that_failed_part_way_on_a_full_disk_leaves_no_torn_bytes_to_a_clean_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    let (failed, err) = start_up_without_room(&dir, whole + 10, 1 << 20);
+    assert!(failed, "the start-up without room did not fail: {err}");
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    let recovery = read_lines(&file)
+        .into_iter()
+        .find(|l| l.contains("\"kind\":\"recovery\""))
+        .expect("recovery record");
+    assert!(
+        recovery.contains("\"torn_bytes\":0,"),
+        "the crash left no torn bytes: {recovery}"
+    );
+}

@@ -257,12 +257,22 @@ impl ChainWriter {
         *lock(&w.shared.current_file) = Some(files::file_name(&w.chain, w.index));
         let mut fields = start_fields(start);
         w.name_signer(&mut fields);
+        // A continuation over a torn tail stays in the torn file, full or not (the next
+        // record rotates): a rotation would have to cut the tail before its records could be
+        // written, and a start-up that then failed would leave nothing that counts it.
+        let torn_tail = adopted.as_ref().map_or(&[][..], |a| &a.torn_tail[..]);
+        let rotation = if torn_tail.is_empty() {
+            Rotation::Allowed
+        } else {
+            Rotation::Done
+        };
+        let ts = unix_nanos(now);
         if let Some(prev_file) = adopted.as_ref().and_then(|a| a.link_from.clone()) {
             let mut f = Map::new();
             f.insert("prev_file".into(), prev_file.into());
             f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
             w.name_signer(&mut f);
-            w.append("rotate", record::fields_from_map(f), unix_nanos(now));
+            w.seal_into_buffer("rotate", record::fields_from_map(f), ts, rotation);
         }
         let kind = match &adopted {
             Some(a) => {
@@ -273,18 +283,20 @@ impl ChainWriter {
             }
             None => "start",
         };
-        w.append(kind, record::fields_from_map(fields), unix_nanos(now));
-        // Records that did not fit in the torn file went to the next one: the rotation cut
-        // the torn tail, as a rotated file must end with its last record.
-        let written = match &adopted {
-            Some(a) if !a.torn_tail.is_empty() && w.index == a.index => {
-                w.write_over_torn_tail(&a.torn_tail)
-            }
-            _ => w.write_buffer(),
+        w.seal_into_buffer(kind, record::fields_from_map(fields), ts, rotation);
+        let written = if torn_tail.is_empty() {
+            w.write_buffer()
+        } else {
+            w.write_over_torn_tail(torn_tail)
         };
         if let Err(e) = written {
-            if kind == "start" {
+            if adopted.is_none() {
                 w.remove_new_chain();
+            } else if torn_tail.is_empty() {
+                // Part of the records may have landed after the chain's clean end: cut, or
+                // the next start-up would count them as torn bytes of the crash. (A torn
+                // tail was put back where it was.)
+                let _ = w.cut_torn_tail();
             }
             return Err(ForensicError::Io(format!(
                 "cannot write the {kind} record: {e}"
@@ -703,7 +715,8 @@ impl ChainWriter {
 
     fn overwrite_torn_tail(&self, torn: &[u8]) -> io::Result<()> {
         let at = self.file_len;
-        let written = self.file.write_all_at(&self.buf, at).and_then(|()| {
+        let (landed, written) = write_counted_at(&self.file, &self.buf, at);
+        let written = written.and_then(|()| {
             if self.buf.len() < torn.len() {
                 self.file.set_len(at + self.buf.len() as u64)
             } else {
@@ -713,11 +726,14 @@ impl ChainWriter {
         let Err(e) = written else {
             return Ok(());
         };
-        // Whatever part of the records landed stands in the torn bytes' place, and a longer
+        if landed == 0 {
+            return Err(e); // the file is as it was
+        }
+        // The part of the records that landed stands in the torn bytes' place, and a longer
         // write may have grown the file past them: both undone within the file's length.
         let restored = self
             .file
-            .write_all_at(torn, at)
+            .write_all_at(&torn[..landed.min(torn.len())], at)
             .and_then(|()| self.file.set_len(at + torn.len() as u64));
         match restored {
             Ok(()) => Err(e),
@@ -1234,8 +1250,24 @@ fn bounded_text(text: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rotation {
     Allowed,
-    /// Already rotated for this record, or a write just failed: it goes in this file.
+    /// Already rotated for this record, a write just failed, or the record is one of a
+    /// continuation written over a torn tail: it goes in this file.
     Done,
+}
+
+/// Writes `buf` at `offset` (`pwrite`, as `write_all_at`), and tells how many of its bytes
+/// landed before an error: what a caller undoing a failed write must undo.
+fn write_counted_at(file: &File, buf: &[u8], offset: u64) -> (usize, io::Result<()>) {
+    let mut landed = 0;
+    while landed < buf.len() {
+        match file.write_at(&buf[landed..], offset + landed as u64) {
+            Ok(0) => return (landed, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => landed += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (landed, Err(e)),
+        }
+    }
+    (landed, Ok(()))
 }
 
 /// The caller fields of a sealed line (to re-seal it in the next epoch).
