@@ -15,6 +15,7 @@ use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::{Backend, BackendError, DevicePtr, ScrubTicket, StreamHandle};
 use kvhygiene::config::Config;
+use kvhygiene::context::Context;
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -480,5 +481,297 @@ fn a_sink_beside_one_that_panics_on_flush_is_still_flushed() {
         counted.0.load(Ordering::SeqCst),
         1,
         "the sink after the one that panicked was not flushed"
+    );
+}
+
+/// Whether the calling thread is the allocator's flusher.
+fn on_flusher() -> bool {
+    std::thread::current().name() == Some("kvh-flusher")
+}
+
+/// Panics once, on the first event named `name` emitted on a thread other than the flusher
+/// (a faulty sink; the caller catches the panic, as the C boundary does).
+struct PanicsOnceOn {
+    name: &'static str,
+    done: AtomicBool,
+}
+
+impl PanicsOnceOn {
+    fn new(name: &'static str) -> Arc<Self> {
+        Arc::new(PanicsOnceOn {
+            name,
+            done: AtomicBool::new(false),
+        })
+    }
+}
+
+impl kvhygiene::events::EventSink for PanicsOnceOn {
+    fn emit(&self, event: kvhygiene::events::Event) {
+        if event.kind.name() == self.name
+            && !on_flusher()
+            && !self.done.swap(true, Ordering::SeqCst)
+        {
+            panic!("the sink panicked on a {} record", self.name);
+        }
+    }
+}
+
+/// A ticket whose completion the flusher thread never sees: another thread's poll or wait
+/// applies the batch. Says when the flusher found it complete.
+struct HeldFromFlusher {
+    inner: Box<dyn ScrubTicket>,
+    done: Option<Vec<kvhygiene::backend::verify::SegmentResult>>,
+    seen: Arc<AtomicBool>,
+}
+
+impl ScrubTicket for HeldFromFlusher {
+    fn poll(
+        &mut self,
+    ) -> Result<Option<Vec<kvhygiene::backend::verify::SegmentResult>>, BackendError> {
+        if self.done.is_none() {
+            self.done = self.inner.poll()?;
+        }
+        if self.done.is_some() && on_flusher() {
+            self.seen.store(true, Ordering::SeqCst);
+            return Ok(None);
+        }
+        Ok(self.done.take())
+    }
+    fn wait(&mut self) -> Result<Vec<kvhygiene::backend::verify::SegmentResult>, BackendError> {
+        match self.done.take() {
+            Some(r) => Ok(r),
+            None => self.inner.wait(),
+        }
+    }
+}
+
+/// A host backend whose finished scrubs only callers' threads apply (`HeldFromFlusher`), and
+/// which refuses every submission for lack of memory while `out_of_memory` is set, counting
+/// the refusals.
+struct HeldBackend {
+    host: Arc<HostBackend>,
+    finished_seen: Arc<AtomicBool>,
+    out_of_memory: AtomicBool,
+    refusals: AtomicU64,
+}
+
+impl Backend for HeldBackend {
+    fn kind(&self) -> kvhygiene::backend::BackendKind {
+        kvhygiene::backend::BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        self.host.device_count()
+    }
+    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
+        self.host.allocate(device, len)
+    }
+    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
+        self.host.release(device, addr, len)
+    }
+    fn zero_fresh(
+        &self,
+        device: u32,
+        addr: DevicePtr,
+        len: u64,
+        stream: StreamHandle,
+    ) -> Result<(), BackendError> {
+        self.host.zero_fresh(device, addr, len, stream)
+    }
+    unsafe fn submit_scrub(
+        &self,
+        batch: kvhygiene::backend::ScrubBatch,
+    ) -> Result<Box<dyn ScrubTicket>, BackendError> {
+        if self.out_of_memory.load(Ordering::SeqCst) {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(BackendError::OutOfMemory {
+                device: batch.device,
+                requested: 4096,
+            });
+        }
+        // SAFETY: this method's own contract, passed on unchanged.
+        let inner = unsafe { self.host.submit_scrub(batch) }?;
+        Ok(Box::new(HeldFromFlusher {
+            inner,
+            done: None,
+            seen: self.finished_seen.clone(),
+        }))
+    }
+    fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
+        self.host.write(device, addr, src)
+    }
+    fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.host.read(device, addr, dst)
+    }
+    fn shutdown(&self) {
+        self.host.shutdown()
+    }
+}
+
+/// A paged KV cache of 8 blocks of 256 bytes (K region then V region) in one fresh
+/// allocation of device 0.
+fn kv_cache(alloc: &Allocator) -> (u64, kvhygiene::alloc::KvLayout) {
+    let a = alloc.malloc(2 * 8 * 256, 0, S).unwrap();
+    let layout = kvhygiene::alloc::KvLayout {
+        regions: vec![a, a + 8 * 256],
+        block_bytes: 256,
+        block_stride: 256,
+        blocks_per_region: 8,
+    };
+    (a, layout)
+}
+
+/// A KV scrub's batches hold batch slots only until they are waited for. A call whose pass
+/// submitted its batch and then unwound (the sink panics on a record of that pass: a freed
+/// block's release, applied by the same pass) must not leave its batch counted as in flight
+/// for good: a later KV call that finds no memory for a batch, with nothing on the device to
+/// give a slot back, fails at once instead of retrying for `KV_SLOT_WAIT` (2 s) every time.
+#[test]
+fn a_kv_call_whose_launch_records_unwind_leaves_no_batch_counted_in_flight() {
+    let backend = Arc::new(HeldBackend {
+        host: HostBackend::new(),
+        finished_seen: Arc::new(AtomicBool::new(false)),
+        out_of_memory: AtomicBool::new(false),
+        refusals: AtomicU64::new(0),
+    });
+    let alloc = Allocator::new(
+        backend.clone(),
+        Config {
+            max_reuse: 1,
+            batch_size: 1,
+            ..manual_config()
+        },
+        Some(PanicsOnceOn::new("release")),
+    );
+    let (_, layout) = kv_cache(&alloc);
+    // A block its free retires (max_reuse = 1), its scrub finished and not yet applied.
+    let x = alloc.malloc(4096, 0, S).unwrap();
+    alloc.free(x, 4096, 0, S).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backend.finished_seen.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the scrub of {x:#x} never finished"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        alloc.scrub_kv_blocks(&layout, &[0], 0, S)
+    }));
+    assert!(
+        r.is_err(),
+        "precondition: the sink panicked on the release the KV call's pass applied"
+    );
+    alloc.synchronize().unwrap();
+    backend.out_of_memory.store(true, Ordering::SeqCst);
+    let got = alloc.scrub_kv_blocks(&layout, &[1], 0, S);
+    let tries = backend.refusals.load(Ordering::SeqCst);
+    assert!(
+        matches!(
+            got,
+            Err(kvhygiene::alloc::KvScrubError::Backend(
+                BackendError::OutOfMemory { .. }
+            ))
+        ),
+        "{got:?}"
+    );
+    assert!(
+        tries <= 3,
+        "a KV call out of memory, with no batch on the device, tried its submission {tries} \
+         times: it waited for batch slots the unwound call's batch is still counted as holding"
+    );
+}
+
+/// The gate's ledger records a KV scrub's failed verdict even when the sink panics on the
+/// failure's record: a block the ledger had as CLEAN whose next scrub read residue is
+/// refused to the next request that claims it, never handed over with the bytes the scrub
+/// found.
+#[test]
+fn a_kv_scrub_whose_failure_record_unwinds_still_records_the_failure_for_the_gate() {
+    use kvhygiene::config::{KvGateMode, KvGateScope};
+    let host = HostBackend::new();
+    let alloc = Allocator::new(
+        host.clone(),
+        Config {
+            kv_gate: KvGateMode::Scrub,
+            kv_gate_scope: KvGateScope::Request,
+            ..manual_config()
+        },
+        Some(PanicsOnceOn::new("kv_verify_failed")),
+    );
+    let (a, layout) = kv_cache(&alloc);
+    let report = alloc.scrub_kv_blocks(&layout, &[1], 0, S).unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    // Block 1 is written again after its scrub (its last owner's use after free), and its
+    // next scrub leaves the tail of its K segment unzeroed: that scrub fails.
+    let k1 = a + 256;
+    host.write(0, k1, &secret(256, 0x3c)).unwrap();
+    host.inject_skip_tail(1);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        alloc.scrub_kv_blocks(&layout, &[1], 0, S)
+    }));
+    assert!(
+        r.is_err(),
+        "precondition: the sink panicked on the failed verification's record"
+    );
+    let previous = Context::set_current(Context::new(Some("t1"), Some("b"), None).unwrap());
+    let claim = alloc.claim_kv_blocks(&layout, &[1], 0, S);
+    Context::set_current(previous);
+    let claim = claim.unwrap();
+    let mut bytes = vec![0u8; 256];
+    host.read(0, k1, &mut bytes).unwrap();
+    let nonzero = bytes.iter().filter(|&&b| b != 0).count();
+    assert_eq!(
+        claim.refused,
+        vec![1],
+        "block 1, whose last scrub failed, was handed to request b ({claim:?}) with {nonzero} \
+         non-zero bytes of 256 in its K segment"
+    );
+}
+
+/// `forget_stream` promises that the allocator never names the stream to the backend again,
+/// on any device. When the sink panics on a record of the first device's pass (a scrub
+/// submitted there failed and its block was quarantined), the frees waiting on the stream on
+/// the other devices are still submitted or moved off it before the call ends: no batch of
+/// device 1 submitted after it names the stream.
+#[test]
+fn a_forget_stream_whose_first_device_records_unwind_still_forgets_the_stream_elsewhere() {
+    let backend = common::TestBackend::new(HostBackend::new());
+    let alloc = Allocator::new(
+        backend.clone(),
+        manual_config(),
+        Some(PanicsOnceOn::new("quarantine")),
+    );
+    let doomed = StreamHandle(0x77);
+    let a = alloc.malloc(4096, 0, doomed).unwrap();
+    let b = alloc.malloc(4096, 1, doomed).unwrap();
+    alloc.free(a, 4096, 0, doomed).unwrap();
+    alloc.free(b, 4096, 1, doomed).unwrap();
+    // Device 0's batch cannot be queued: its block is quarantined, and recorded.
+    *backend.refuse.lock().unwrap() = Some(Box::new(move |batch| {
+        (batch.device == 0 && batch.stream == doomed)
+            .then(|| BackendError::Other("injected submission failure".into()))
+    }));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.forget_stream(doomed)));
+    assert!(
+        r.is_err(),
+        "precondition: the sink panicked on the quarantine of device 0's pass"
+    );
+    *backend.refuse.lock().unwrap() = None;
+    let mark = backend.batches.lock().unwrap().len();
+    // The caller destroys the stream now; later work must not name it.
+    let _ = alloc.synchronize();
+    let named: Vec<_> = backend.batches.lock().unwrap()[mark..]
+        .iter()
+        .filter(|b| b.device == 1 && (b.stream == doomed || b.wait_streams.contains(&doomed)))
+        .map(|b| (b.stream, b.wait_streams.clone()))
+        .collect();
+    assert!(
+        named.is_empty(),
+        "device 1 submitted {} batches naming stream {doomed:?} after forget_stream: {named:?}",
+        named.len()
+    );
+    assert!(
+        !alloc.uses_stream(doomed),
+        "the allocator still holds references to the forgotten stream"
     );
 }

@@ -321,6 +321,21 @@ impl KvCall<'_> {
 /// A submitted batch: the segment index it starts at, its segment count, its ticket.
 type Submitted = (usize, usize, Box<dyn ScrubTicket>);
 
+/// A judged KV call's counts and records, for [`Allocator::record_kv`].
+struct KvRecords {
+    dev: u32,
+    events: Vec<Event>,
+    /// Under `failure_mode = abort`, a failed block: the request whose record the abort names.
+    abort: Option<Context>,
+    /// Blocks the gate's scrub verified clean (`None`: an engine's call).
+    gate_scrubbed: Option<u64>,
+    gate_owner_changed: u64,
+    verified_blocks: u64,
+    verified_segments: u64,
+    verified_bytes: u64,
+    failed_blocks: u64,
+}
+
 /// What was checked and submitted under the pool lock.
 struct Launched {
     /// The allocation holding each region, by region index.
@@ -450,7 +465,8 @@ impl Allocator {
         self.inner
             .kv_batches_in_flight
             .fetch_sub(submitted, Ordering::Relaxed);
-        let (report, clean) = self.judge_kv(&call, &results, &launched.owners, error.as_ref());
+        let (report, clean, records) =
+            self.judge_kv(&call, &results, &launched.owners, error.as_ref());
         let changed = match &launched.seen {
             Some(seen) => {
                 let scrubbed = LedgerKey::new(dev, layout, &launched.owners);
@@ -458,6 +474,7 @@ impl Allocator {
             }
             None => Unapplied::default(),
         };
+        self.record_kv(records);
         match error {
             None => Ok((report, changed)),
             Some(e) => {
@@ -499,10 +516,15 @@ impl Allocator {
             full_verify: config.full_verify,
             double_pass: config.double_pass,
         };
+        // Completed batches give their slots back first: on a full device the one the device
+        // made as it opened may be all there is, held by a ticket until harvested. In a pass
+        // of its own: the launch's pass settles nothing, so no sink that unwinds out of the
+        // harvest's records can drop the tickets it submitted (and keep them counted in
+        // flight for good).
         self.with_pool(call.dev, |pool, backend, config, after| {
-            // Completed batches give their slots back first: on a full device the one the
-            // device made as it opened may be all there is, held by a ticket until harvested.
             pool.harvest(backend, config, after);
+        });
+        self.with_pool(call.dev, |pool, backend, _, _| {
             let mut owners = Vec::with_capacity(layout.regions.len());
             let mut waits: Vec<StreamHandle> = Vec::new();
             for (region, &base) in layout.regions.iter().enumerate() {
@@ -639,17 +661,18 @@ impl Allocator {
         }
     }
 
-    /// Turns verification results into the report, counters and events: every verified
-    /// segment that failed is an event, also when `error` stopped the call before the rest
-    /// was verified. Aborts the process after logging under `failure_mode = abort`, as a
-    /// failed free's scrub does. Also returns the blocks whose every segment verified clean.
+    /// Turns verification results into the report, and the counters and events for
+    /// [`Self::record_kv`]: every verified segment that failed is an event, also when `error`
+    /// stopped the call before the rest was verified; under `failure_mode = abort` the
+    /// process aborts once they are logged, as after a failed free's scrub. Also returns the
+    /// blocks whose every segment verified clean.
     fn judge_kv(
         &self,
         call: &KvCall<'_>,
         results: &[Option<SegmentResult>],
         owners: &[BlockRef],
         error: Option<&BackendError>,
-    ) -> (KvScrubReport, Vec<u32>) {
+    ) -> (KvScrubReport, Vec<u32>, KvRecords) {
         let config = &self.inner.config;
         let layout = call.layout;
         let expected = verify::expected_samples(
@@ -760,27 +783,50 @@ impl Allocator {
             block: None,
             addr: None,
         });
-        self.with_pool(call.dev, |pool, _, _, after| {
+        let (gate_scrubbed, gate_owner_changed) = match call.unknown {
+            None => (None, 0),
+            Some(unknown) => {
+                let had_owner = clean.iter().filter(|id| !unknown.contains(id)).count();
+                (Some(clean.len() as u64), had_owner as u64)
+            }
+        };
+        let records = KvRecords {
+            dev: call.dev,
+            events,
+            abort,
+            gate_scrubbed,
+            gate_owner_changed,
+            verified_blocks,
+            verified_segments,
+            verified_bytes: verified_segments.saturating_mul(layout.block_bytes),
+            failed_blocks: report.failed.len() as u64,
+        };
+        (report, clean, records)
+    }
+
+    /// Counts a judged KV call and emits its records. Done after the gate's ledger took the
+    /// verdict: a sink that unwinds out of the records must not leave a block whose scrub
+    /// failed CLEAN in the ledger, for a claim to hand over unscrubbed.
+    fn record_kv(&self, records: KvRecords) {
+        self.with_pool(records.dev, |pool, _, _, after| {
             let c = &mut pool.stats.counters;
             // The gate's scrubs are counted here, as they verify, whatever becomes of the claim
             // (one whose scrub stops part way has handed over what verified); its calls are
             // counted as claims.
-            match call.unknown {
+            match records.gate_scrubbed {
                 None => c.kv_scrub_calls += 1,
-                Some(unknown) => {
-                    let had_owner = clean.iter().filter(|id| !unknown.contains(id)).count();
-                    c.kv_gate_scrubbed_blocks += clean.len() as u64;
-                    c.kv_gate_owner_changed_blocks += had_owner as u64;
+                Some(scrubbed) => {
+                    c.kv_gate_scrubbed_blocks += scrubbed;
+                    c.kv_gate_owner_changed_blocks += records.gate_owner_changed;
                 }
             }
-            c.kv_blocks_scrubbed += verified_blocks;
-            c.kv_segments_scrubbed += verified_segments;
-            c.kv_bytes_scrubbed += verified_segments.saturating_mul(layout.block_bytes);
-            c.kv_blocks_failed += report.failed.len() as u64;
-            after.events = events;
-            after.abort = abort;
+            c.kv_blocks_scrubbed += records.verified_blocks;
+            c.kv_segments_scrubbed += records.verified_segments;
+            c.kv_bytes_scrubbed += records.verified_bytes;
+            c.kv_blocks_failed += records.failed_blocks;
+            after.events = records.events;
+            after.abort = records.abort;
         });
-        (report, clean)
     }
 
     /// The pool index of `device` for a KV call, unless the allocator is shutting down or the

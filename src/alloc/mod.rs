@@ -662,10 +662,27 @@ impl Allocator {
             return;
         }
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
-        for dev in 0..self.inner.pools.len() as u32 {
+        self.on_every_device(|dev| {
             self.with_pool(dev, |pool, backend, config, after| {
                 pool.forget_stream(stream, !exiting, backend, config, after)
             });
+        });
+    }
+
+    /// Runs `pass` for every device in turn, each even when an earlier one unwound (an event
+    /// sink's panic; the C boundary catches it): a device left out would keep what the call
+    /// was to end (a forgotten stream's references, the scrubs an exit waits for). The first
+    /// panic goes on once every device had its pass.
+    fn on_every_device(&self, mut pass: impl FnMut(u32)) {
+        let mut first = None;
+        for dev in 0..self.inner.pools.len() as u32 {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass(dev)));
+            if let Err(payload) = ran {
+                first.get_or_insert(payload);
+            }
+        }
+        if let Some(payload) = first {
+            std::panic::resume_unwind(payload);
         }
     }
 
@@ -680,13 +697,13 @@ impl Allocator {
         let horizon = self.scrub_horizon();
         let mut waiting: Vec<(u32, usize)> = Vec::new();
         let mut first_why = None;
-        for dev in 0..self.inner.pools.len() as u32 {
+        self.on_every_device(|dev| {
             self.drain_pool(dev, horizon);
             if let Some((blocks, why)) = self.pool(dev).deferred("the scrub") {
                 waiting.push((dev, blocks));
                 first_why.get_or_insert(why);
             }
-        }
+        });
         // Exit may have begun while this waited: what it left is never scrubbed.
         self.left_by_shutdown()?;
         if let Some(why) = first_why {
@@ -725,7 +742,7 @@ impl Allocator {
     /// CLEAN block to the backend.
     pub fn empty_cache(&self) {
         let horizon = self.scrub_horizon();
-        for dev in 0..self.inner.pools.len() as u32 {
+        self.on_every_device(|dev| {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return;
             }
@@ -733,7 +750,7 @@ impl Allocator {
             self.with_pool(dev, |pool, _, _, after| {
                 pool.release_clean(ReleaseReason::EmptyCache, after)
             });
-        }
+        });
     }
 
     /// Orderly shutdown, before process exit: scrub and verify everything freed, then stop all
@@ -743,10 +760,15 @@ impl Allocator {
             return;
         }
         let horizon = self.scrub_horizon();
-        for dev in 0..self.inner.pools.len() as u32 {
-            self.drain_pool(dev, horizon);
-        }
+        // Exit begins even after a drain unwound: a caller of shutdown is promised that no
+        // backend call follows it.
+        let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.on_every_device(|dev| self.drain_pool(dev, horizon))
+        }));
         self.begin_exit();
+        if let Err(payload) = drained {
+            std::panic::resume_unwind(payload);
+        }
     }
 
     /// Whether `shutdown` or process exit has begun: no scrub runs any more.
