@@ -1117,3 +1117,36 @@ fn a_start_up_that_failed_part_way_on_a_full_disk_leaves_no_torn_bytes_to_a_clea
         "the crash left no torn bytes: {recovery}"
     );
 }
+
+/// A crashed chain that ended at a record's end, its file append-only (`chattr +a`, which
+/// allows appending): a start-up that fails part way through its first records (no room on
+/// the disk) leaves none of their bytes after the chain's end, so the next process still
+/// continues the chain by appending, reporting no torn bytes, rather than finding bytes it
+/// cannot write over and leaving the chain.
+#[test]
+fn a_failed_start_up_after_a_clean_end_of_an_append_only_file_leaves_it_continuable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let before = std::fs::read(&file).unwrap();
+    let Some(_unmark) = Attribute::set(&file, "a") else {
+        return;
+    };
+    let (failed, err) = start_up_without_room(&dir, before.len() as u64 + 10, 1 << 20);
+    assert!(failed, "the start-up without room did not fail: {err}");
+    let after = std::fs::read(&file).unwrap();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "bytes of the failed start-up's records were left after the chain's end: {:?}",
+        String::from_utf8_lossy(&after[before.len().min(after.len())..])
+    );
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        chain_files(&dir).len(),
+        1,
+        "the crashed chain was not continued"
+    );
+}

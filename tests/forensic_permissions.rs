@@ -949,3 +949,46 @@ fn a_hex_secret_in_a_pub_file_is_refused_whatever_its_digits() {
         "the digits tried cover both points and non-points: {points:?}"
     );
 }
+
+/// Set in the child process of the test below.
+const READ_ONLY_CLOSED_CHILD: &str = "KVHYGIENE_TEST_READ_ONLY_CLOSED_CHAIN_CHILD";
+
+/// A chain that ended with its `stop` record is never written again, so its files may be
+/// made read-only (0400: still ours, no group or other access). A later start-up by the same
+/// (unprivileged) user is not stopped by them: it starts a chain of its own, and the closed
+/// chain still verifies. The child runs as nobody, since root may open a 0400 file to write.
+#[test]
+fn a_closed_chain_made_read_only_does_not_stop_a_later_start_up() {
+    let body = |dir: &std::path::Path| {
+        let c = cfg(dir, 1 << 20);
+        let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+        log.emit(event(0));
+        log.stop();
+        for f in chain_files(dir) {
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o400)).unwrap();
+        }
+        let log = ForensicLog::open_with_secret(&c, start(), None)
+            .map_err(|e| e.to_string())
+            .expect("a start-up after a closed chain made read-only");
+        log.stop();
+        let r = verify(dir, &Default::default());
+        assert!(r.ok(), "{:?}", r.first_problem());
+        assert_eq!(r.chains.len(), 2, "{r:?}");
+    };
+    if let Some(dir) = std::env::var_os(READ_ONLY_CLOSED_CHILD) {
+        body(std::path::Path::new(&dir));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        body(&log_dir(&tmp));
+        return;
+    }
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    rerun_as_nobody_under_umask_0277(
+        "a_closed_chain_made_read_only_does_not_stop_a_later_start_up",
+        READ_ONLY_CLOSED_CHILD,
+        &tmp.path().join("log"),
+    );
+}

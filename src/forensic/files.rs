@@ -609,6 +609,41 @@ fn check_owner_mode(
     Ok(())
 }
 
+/// Makes sure `len` bytes can be written at `offset` of `file` before any is: within the
+/// process's file size limit (`RLIMIT_FSIZE`) and, where the file system can say, with the
+/// disk space allocated (`fallocate`, keeping the file's size, which an append-only file
+/// allows). For a write whose partial landing could not be undone. On a file system without
+/// `fallocate` the write itself is the only test of room.
+pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_large = || io::Error::from_raw_os_error(libc::EFBIG);
+    let end = offset.checked_add(len).ok_or_else(too_large)?;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `limit`, a valid rlimit owned by this frame.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0;
+    if known && limit.rlim_cur != libc::RLIM_INFINITY && end > limit.rlim_cur {
+        return Err(too_large());
+    }
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(too_large());
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: the descriptor is open for as long as `file` is borrowed; with
+    // FALLOC_FL_KEEP_SIZE the call only allocates blocks, the file's size and bytes unchanged.
+    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, n) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 /// Turns appending on or off for `file`'s open file description (`O_APPEND`). A file the
 /// kernel keeps append-only (`chattr +a`) refuses to have it turned off (EPERM).
 pub fn set_append(file: &File, on: bool) -> io::Result<()> {
@@ -862,20 +897,27 @@ pub fn open_existing(path: &Path) -> Result<File, ForensicError> {
     Ok(f)
 }
 
-/// Whether `path` is a chain file that passes every check [`open_existing`] makes (a regular
-/// file, not a link, ours, 0600) but is immutable (`chattr +i`): it cannot be opened to
-/// append (EPERM). Crash recovery leaves such a chain as it ended instead of refusing the
-/// start-up; any other refusal stays one.
-pub fn is_immutable_chain_file(path: &Path) -> bool {
-    if !fs::symlink_metadata(path).is_ok_and(|m| fit_chain_file(path, &m).is_ok()) {
-        return false;
-    }
+/// Why `path`, a chain file that passes every check [`open_existing`] makes (a regular file,
+/// not a link, ours, no group or other access), cannot be opened to append: it is immutable
+/// (`chattr +i`: EPERM) or lacks its owner's write permission (EACCES: a finished log made
+/// read-only, 0400). Crash recovery leaves such a chain as it ended instead of refusing the
+/// start-up; any other refusal stays one. `None` when the file is unfit or opens.
+pub fn unwritable_chain_file(path: &Path) -> Option<&'static str> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    fit_chain_file(path, &meta).ok()?;
     // Non-blocking: a FIFO swapped in since the lstat must not hold the start-up.
-    OpenOptions::new()
+    let refused = OpenOptions::new()
         .append(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EPERM))
+        .err()?;
+    match refused.raw_os_error() {
+        Some(libc::EPERM) => Some("immutable (chattr +i)"),
+        Some(libc::EACCES) if meta.mode() & 0o200 == 0 => {
+            Some("read-only (no write permission for its owner)")
+        }
+        _ => None,
+    }
 }
 
 /// fstat checks on an open file: regular, ours, 0600.

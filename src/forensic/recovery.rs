@@ -140,6 +140,30 @@ fn remove_unstarted(dir: &Path, chain: &str, path: &Path, file: &File) {
     }
 }
 
+/// Whether the last line of the chain file at `path` is a `stop` record, read from the file's
+/// last 64 KiB (a `stop` record is far shorter). Unreadable, or no whole line there: false.
+fn ends_with_stop(path: &Path) -> bool {
+    use std::io::{Seek, SeekFrom};
+    const WINDOW: u64 = 64 * 1024;
+    let Ok((mut f, len)) = files::open_regular(path, files::MAX_READ_BYTES) else {
+        return false;
+    };
+    let mut tail = Vec::new();
+    let read = f
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .and_then(|_| f.take(WINDOW).read_to_end(&mut tail));
+    if read.is_err() || tail.last() != Some(&b'\n') {
+        return false;
+    }
+    let body = &tail[..tail.len() - 1];
+    let line = match last_newline(body) {
+        Some(i) => &body[i + 1..],
+        None if len <= WINDOW => body,
+        None => return false,
+    };
+    scan(line).is_ok_and(|r| r.kind == Some("stop"))
+}
+
 fn last_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().rposition(|&b| b == b'\n')
 }
@@ -157,8 +181,8 @@ pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
                 Ok(_) => {}
                 // Gone since the listing (`prune-log` moved its chain): not refused.
                 Err(_) if files::is_missing(path) => {}
-                // Immutable (`chattr +i`): never continued, left as it ended (`adopt`).
-                Err(_) if files::is_immutable_chain_file(path) => {}
+                // Immutable or read-only: never continued, left as it ended (`adopt`).
+                Err(_) if files::unwritable_chain_file(path).is_some() => {}
                 Err(e) => return Err(e),
             }
         }
@@ -190,15 +214,21 @@ pub fn adopt(
         let mut file = match files::open_existing(path) {
             Ok(f) => f,
             Err(_) if files::is_missing(path) => continue,
-            Err(_) if files::is_immutable_chain_file(path) => {
-                crate::say(format_args!(
-                    "kvhygiene: {}: chain {chain} is immutable (chattr +i); it is left as it \
-                     ended and not continued",
-                    path.display()
-                ));
-                continue;
-            }
-            Err(e) => return Err(e),
+            Err(e) => match files::unwritable_chain_file(path) {
+                Some(why) => {
+                    // A chain that ended (`stop`) is never continued anyway: said only of one
+                    // a process may have meant to continue.
+                    if !ends_with_stop(path) {
+                        crate::say(format_args!(
+                            "kvhygiene: {}: chain {chain} is {why}; it is left as it ended \
+                             and not continued",
+                            path.display()
+                        ));
+                    }
+                    continue;
+                }
+                None => return Err(e),
+            },
         };
         if !files::try_lock(&file) {
             continue; // a live writer

@@ -284,10 +284,15 @@ impl ChainWriter {
             None => "start",
         };
         w.seal_into_buffer(kind, record::fields_from_map(fields), ts, rotation);
-        let written = if torn_tail.is_empty() {
-            w.write_buffer()
-        } else {
+        let written = if !torn_tail.is_empty() {
             w.write_over_torn_tail(torn_tail)
+        } else if adopted.is_some() {
+            // Room first: records that landed in part after the chain's clean end are cut
+            // below, except from an append-only file, which refuses any cut.
+            let room = files::reserve(&w.file, w.file_len, w.buf.len() as u64);
+            room.and_then(|()| w.write_buffer())
+        } else {
+            w.write_buffer()
         };
         if let Err(e) = written {
             if adopted.is_none() {
