@@ -223,7 +223,7 @@ pub fn judge(
         }
     }
     if detector_on || flagged(snap, ANOMALIES, "signal") != Flagged::Missing {
-        for signal in unchecked_signals(snap, args.strict_anomalies) {
+        for signal in unchecked_signals(snap) {
             reasons.push(format!(
                 "{ANOMALIES}{{signal=\"{signal}\"}} is missing from the snapshot: the anomaly \
                  detector's {signal} signal cannot be checked"
@@ -374,13 +374,14 @@ fn flagged(snap: &Snapshot, metric: &str, label: &str) -> Flagged {
     }
 }
 
-/// The signals whose anomalies evict (the control's; every one with `strict`) that have no
-/// series in the snapshot.
-fn unchecked_signals(snap: &Snapshot, strict: bool) -> Vec<&'static str> {
-    let callers: &[&'static str] = if strict { CALLER_SIGNALS } else { &[] };
+/// The signals that have no series in the snapshot. Every one, not only those whose
+/// anomalies evict: the encoder writes a series for each signal of a detector that is on, so
+/// one missing says the snapshot is cut short or not the encoder's, and its other series
+/// cannot be trusted either.
+fn unchecked_signals(snap: &Snapshot) -> Vec<&'static str> {
     CONTROL_SIGNALS
         .iter()
-        .chain(callers)
+        .chain(CALLER_SIGNALS)
         .copied()
         .filter(|signal| {
             snap.exposition

@@ -859,10 +859,11 @@ fn anomaly_series_without_the_control_signals_evict_even_without_the_enabled_gau
     );
 }
 
-/// With --strict-anomalies every caller signal is a check too: a snapshot missing one of
-/// their series is not admitted, though without the flag it is.
+/// A snapshot missing one caller signal's series is not admitted, with --strict-anomalies
+/// or without: the encoder writes every signal's series, so the snapshot is cut short or not
+/// its own.
 #[test]
-fn strict_anomalies_evict_when_one_caller_signal_series_is_missing() {
+fn a_snapshot_missing_one_caller_signal_series_is_evicted_with_or_without_strict_anomalies() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
     let values: Vec<(&str, f64)> = kvhygiene::gate::CONTROL_SIGNALS
@@ -872,14 +873,14 @@ fn strict_anomalies_evict_when_one_caller_signal_series_is_missing() {
         .map(|s| (*s, 0.0))
         .collect();
     write_raw_anomalies(&f, &values);
-    let (code, out, _) = gate(&f, &[]);
-    assert_eq!(code, 0, "{out}");
-    let (code, out, _) = gate(&f, &["--strict-anomalies"]);
-    assert_eq!(code, 1, "{out}");
-    assert!(
-        out.contains("kvh_anomalies_total{signal=\"size_mismatch\"} is missing"),
-        "{out}"
-    );
+    for flags in [&[][..], &["--strict-anomalies"][..]] {
+        let (code, out, _) = gate(&f, flags);
+        assert_eq!(code, 1, "{flags:?}: {out}");
+        assert!(
+            out.contains("kvh_anomalies_total{signal=\"size_mismatch\"} is missing"),
+            "{flags:?}: {out}"
+        );
+    }
 }
 
 /// --checkpoint reaches the log verification: a log whose signed checkpoints are kept outside
@@ -1027,5 +1028,33 @@ fn an_impossible_detector_gauge_without_anomaly_counts_is_not_admitted() {
         code, 0,
         "admitted a snapshot whose kvh_anomaly_enabled is NaN and that has no anomaly counts: \
          {out}{err}"
+    );
+}
+
+/// A snapshot that says the anomaly detector is on (`kvh_anomaly_enabled 1`) carries a series
+/// for every signal from the start. One that lacks a caller signal's series (here the file
+/// ends after the control signals' series, a cut at a line boundary) is cut short or not the
+/// encoder's: a signal of a detector that is on is missing, and what was not checked is not a
+/// pass, with or without `--strict-anomalies`.
+#[test]
+fn a_snapshot_with_the_detector_on_missing_a_caller_signal_series_is_not_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let full = with_the_detector_on();
+    let cut = full
+        .find("kvh_anomalies_total{signal=\"ttl_exceeded\"}")
+        .expect("ttl_exceeded series");
+    let text = &full[..cut];
+    assert!(text.contains("kvh_anomaly_enabled 1\n"), "{text}");
+    assert!(
+        text.contains("kvh_anomalies_total{signal=\"quarantine\"} 0\n"),
+        "{text}"
+    );
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(
+        code, 1,
+        "admitted a snapshot whose detector is on but which has no ttl_exceeded or \
+         policy_violation series: {out}{err}"
     );
 }

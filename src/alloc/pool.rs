@@ -1424,3 +1424,45 @@ fn condemned(reason: QuarantineReason) -> bool {
         QuarantineReason::RescrubFailed | QuarantineReason::RescrubResidue
     )
 }
+
+#[cfg(test)]
+mod tenant_state_tests {
+    use std::time::Duration;
+
+    use crate::alloc::Allocator;
+    use crate::backend::host::HostBackend;
+    use crate::backend::StreamHandle;
+    use crate::config::Config;
+    use crate::context::Context;
+
+    /// Under strict isolation each tenant gets free lists of its own. Once a tenant's blocks
+    /// have left the pool (here released as idle), nothing of that tenant should stay behind:
+    /// a server that sees many tenant ids over its life must not keep one list per id it ever
+    /// saw, or its memory and the hot path's map grow without bound.
+    #[test]
+    fn free_lists_of_tenants_whose_blocks_left_the_pool_are_not_kept() {
+        let alloc = Allocator::new(HostBackend::new(), Config::default(), None);
+        let s = StreamHandle(0);
+        let tenants = 500;
+        for i in 0..tenants {
+            let ctx = Context::new(Some(&format!("tenant-{i}")), None, None).unwrap();
+            Context::set_current(ctx);
+            let p = alloc.malloc(4096, 0, s).unwrap();
+            alloc.free(p, 4096, 0, s).unwrap();
+            alloc.synchronize().unwrap();
+        }
+        Context::set_current(Context::none());
+        let (lists, listed) = alloc.with_pool(0, |pool, _, _, after| {
+            pool.trim_idle(Duration::ZERO, after);
+            (
+                pool.free_lists.len(),
+                pool.free_lists.values().map(Vec::len).sum::<usize>(),
+            )
+        });
+        assert_eq!(listed, 0, "every clean block was released as idle");
+        assert!(
+            lists < tenants / 10,
+            "{lists} free lists kept for {tenants} tenants that hold no block any more"
+        );
+    }
+}
