@@ -897,6 +897,9 @@ impl Allocator {
                     if watch_live {
                         pool.report_live_ttl(config, after);
                     }
+                    if trim && idle_ttl.is_none() {
+                        pool.drop_empty_free_lists();
+                    }
                     if !pool.has_pending_work() && idle_ttl.is_none() {
                         return;
                     }

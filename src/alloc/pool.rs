@@ -1319,6 +1319,15 @@ impl DevicePool {
         for (key, addr) in stale {
             self.release_listed(key, addr, ReleaseReason::IdleTtl, after);
         }
+        self.drop_empty_free_lists();
+    }
+
+    /// Under strict isolation every tenant id gets free lists of its own: emptied ones are
+    /// dropped here, in the flusher's periodic trim, or a server would keep one per id it
+    /// ever saw. (Not on the hot path, where a list a hand-out emptied is often filled again
+    /// by the next free.)
+    pub(crate) fn drop_empty_free_lists(&mut self) {
+        self.free_lists.retain(|_, list| !list.is_empty());
     }
 
     /// Records a stream on a LIVE block. Unknown or non-LIVE pointers are ignored (PyTorch
