@@ -355,7 +355,8 @@ void kvh_clear_context(void);
 // `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
 // in a launcher must not leave the workers it forks without an allocator. After a
 // `kvh_shutdown` (or the start of process exit) that came before start-up,
-// `{"started":false,"shut_down":true,...}`.
+// `{"started":false,"shut_down":true,...}`. A started allocator's statistics carry
+// `"started":true` and `"shut_down"` (true once `kvh_shutdown` or process exit began).
 // Like the other query exports, it leaves the thread's last error unchanged when it answers
 // (a buffer too small included); when the allocator could not start, that start-up error,
 // with its reason, is the last error.
@@ -385,7 +386,8 @@ const char *kvh_version(void);
 // Fire drill for the detection path (host backend only): the next `segments` scrubs leave
 // half of their block unzeroed, written with a non-zero pattern whatever it held, so
 // verification must fail and quarantine them. Returns
-// `KVH_OK`, or `KVH_ERR_BACKEND` on backends that refuse (CUDA).
+// `KVH_OK`, `KVH_ERR_BACKEND` on backends that refuse (CUDA), or `KVH_ERR_SHUTTING_DOWN`
+// after `kvh_shutdown` (no scrub runs any more, so none would be sabotaged).
 int kvh_inject_fault(uint32_t segments);
 
 #ifdef __cplusplus

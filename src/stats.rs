@@ -285,6 +285,9 @@ impl Serialize for LatencyBuckets {
 /// A merged snapshot of every pool.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stats {
+    /// Whether shutdown (`kvh_shutdown`) or process exit began: no scrub or release runs any
+    /// more, and the counters stop moving.
+    pub shut_down: bool,
     pub version: &'static str,
     pub backend: String,
     pub counters: Counters,
@@ -343,6 +346,7 @@ impl Stats {
             counters.pool_hits as f64 / counters.allocations as f64
         };
         Stats {
+            shut_down: false,
             version: env!("CARGO_PKG_VERSION"),
             backend,
             counters,

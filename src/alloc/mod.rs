@@ -931,6 +931,7 @@ impl Allocator {
             .clone();
         let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
         stats.started_at = Some(self.inner.started_at);
+        stats.shut_down = self.is_shut_down();
         stats
     }
 
@@ -956,6 +957,7 @@ impl Allocator {
         let err = taken(&self.inner.async_error)?.clone();
         let mut stats = Stats::merge(self.inner.backend.kind().to_string(), &pools, err);
         stats.started_at = Some(self.inner.started_at);
+        stats.shut_down = self.is_shut_down();
         Some(stats)
     }
 

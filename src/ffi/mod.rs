@@ -554,13 +554,36 @@ fn refusal_reason(bytes: Option<&[u8]>) -> String {
     let Some(bytes) = bytes else {
         return "no reason given".into();
     };
-    let cut = bytes.len() > MAX_REFUSAL_REASON;
-    let mut text =
-        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_REFUSAL_REASON)]).into_owned();
-    if cut {
-        text.push_str(" [cut]");
+    if bytes.len() <= MAX_REFUSAL_REASON {
+        return String::from_utf8_lossy(bytes).into_owned();
     }
+    let mut text = String::from_utf8_lossy(cut_on_char(bytes, MAX_REFUSAL_REASON)).into_owned();
+    text.push_str(" [cut]");
     text
+}
+
+/// The first `max` bytes of `bytes` (longer than `max`), less the start of a UTF-8 sequence
+/// the cut split, which would read as U+FFFD: a cut never mangles a character of valid text.
+fn cut_on_char(bytes: &[u8], max: usize) -> &[u8] {
+    let kept = &bytes[..max];
+    // The last byte that is not a continuation byte (10xxxxxx), within a sequence's reach.
+    let lead = (max.saturating_sub(3)..max)
+        .rev()
+        .find(|&i| kept[i] & 0xC0 != 0x80);
+    let Some(at) = lead else {
+        return kept;
+    };
+    let width = match kept[at] {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => 1,
+    };
+    if at + width > max {
+        &kept[..at]
+    } else {
+        kept
+    }
 }
 
 /// The list, code and message of a claim that did not hand every block over.
@@ -847,7 +870,8 @@ pub extern "C" fn kvh_clear_context() {
 /// `KVH_ERR_CONFIG`, as `kvh_check_config` does, for an invalid policy): reading the counters
 /// in a launcher must not leave the workers it forks without an allocator. After a
 /// `kvh_shutdown` (or the start of process exit) that came before start-up,
-/// `{"started":false,"shut_down":true,...}`.
+/// `{"started":false,"shut_down":true,...}`. A started allocator's statistics carry
+/// `"started":true` and `"shut_down"` (true once `kvh_shutdown` or process exit began).
 /// Like the other query exports, it leaves the thread's last error unchanged when it answers
 /// (a buffer too small included); when the allocator could not start, that start-up error,
 /// with its reason, is the last error.
@@ -1035,7 +1059,8 @@ unsafe fn bounded_c_bytes(p: *const c_char, max: usize) -> Option<Vec<u8>> {
 /// Fire drill for the detection path (host backend only): the next `segments` scrubs leave
 /// half of their block unzeroed, written with a non-zero pattern whatever it held, so
 /// verification must fail and quarantine them. Returns
-/// `KVH_OK`, or `KVH_ERR_BACKEND` on backends that refuse (CUDA).
+/// `KVH_OK`, `KVH_ERR_BACKEND` on backends that refuse (CUDA), or `KVH_ERR_SHUTTING_DOWN`
+/// after `kvh_shutdown` (no scrub runs any more, so none would be sabotaged).
 #[no_mangle]
 pub extern "C" fn kvh_inject_fault(segments: u32) -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
@@ -1043,6 +1068,13 @@ pub extern "C" fn kvh_inject_fault(segments: u32) -> c_int {
             Ok(rt) => rt,
             Err(e) => return fail(e.code(), e.to_string()),
         };
+        if rt.allocator.is_shut_down() {
+            return fail(
+                KVH_ERR_SHUTTING_DOWN,
+                "kvhygiene: the allocator was shut down (kvh_shutdown, or process exit began); \
+                 no scrub runs any more, so no fault can be injected into one",
+            );
+        }
         match rt.allocator.backend().inject_fault(u64::from(segments)) {
             Ok(()) => ok(),
             Err(e) => fail(KVH_ERR_BACKEND, e.to_string()),
@@ -1067,6 +1099,29 @@ mod tests {
         // SAFETY: a NUL-terminated string longer than the bound: only bound + 1 bytes are read.
         let read = unsafe { bounded_c_bytes(c"abcdef".as_ptr(), 3) }.unwrap();
         assert_eq!(read, b"abcd");
+    }
+
+    /// A cut through a multi-byte character drops that character whole: valid text is never
+    /// given a replacement character by the cut. Every width, at every offset of the cut.
+    #[test]
+    fn a_long_reason_is_cut_between_characters() {
+        for ch in ["é", "€", "𝄞"] {
+            for pad in 0..4 {
+                let mut reason = "x".repeat(MAX_REFUSAL_REASON - pad);
+                while reason.len() <= MAX_REFUSAL_REASON + 4 {
+                    reason.push_str(ch);
+                }
+                let text = refusal_reason(Some(reason.as_bytes()));
+                assert!(!text.contains('\u{fffd}'), "{ch} at {pad}: {text}");
+                let kept = text.strip_suffix(" [cut]").expect("marked as cut");
+                assert!(reason.starts_with(kept), "{ch} at {pad}");
+                assert!(kept.len() > MAX_REFUSAL_REASON - ch.len(), "{ch} at {pad}");
+            }
+        }
+        // Bytes that were never text are still replaced, as before the bound.
+        let mut junk = vec![b'x'; MAX_REFUSAL_REASON - 1];
+        junk.extend_from_slice(b"\xff\xff\xff");
+        assert!(refusal_reason(Some(&junk)).contains('\u{fffd}'));
     }
 
     use super::*;

@@ -66,14 +66,23 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
+    /// `kvh_stats_json`'s answer once started: the statistics, with `"started": true` to tell
+    /// them from the answer before start-up (`{"started": false, ...}`).
     pub(crate) fn stats_json(&self) -> String {
-        snapshot(
+        let stats = snapshot(
             &self.allocator,
             self.log.as_deref(),
             self.anomaly.as_deref(),
             &self.config_digest,
-        )
-        .to_json()
+        );
+        match serde_json::to_value(&stats) {
+            Ok(serde_json::Value::Object(mut doc)) => {
+                doc.insert("started".into(), true.into());
+                serde_json::Value::Object(doc).to_string()
+            }
+            // Plain data with derived impls: serialisation cannot fail.
+            _ => stats.to_json(),
+        }
     }
 }
 

@@ -609,6 +609,14 @@ pub const SERIES: &[Series] = &[
     ),
     // The forensic log (`LogStats`, merged into the stats JSON as `log`).
     series!(
+        "/shut_down",
+        "kvh_shut_down",
+        Gauge,
+        Bool,
+        NONE,
+        "1 once shutdown (kvh_shutdown) or process exit began: no scrub or release runs any more."
+    ),
+    series!(
         "/log/enabled",
         "kvh_log_enabled",
         Gauge,

@@ -210,7 +210,13 @@ def test_buffer_protocol_strerror_and_version():
         out["null_out_len"] = lib.kvh_stats_json(small, 4, None)
         out["unknown_code"] = lib.kvh_strerror(12345, small, 4, ctypes.byref(n))
         out["version"] = lib.kvh_version().decode()
-        out["stats_backend"] = stats()["backend"]
+        started = stats()
+        out["stats_backend"] = started["backend"]
+        out["started_flags"] = (started.get("started"), started.get("shut_down"))
+        lib.kvh_shutdown()
+        stopped = stats()
+        out["stopped_flags"] = (stopped.get("started"), stopped.get("shut_down"))
+        out["drill_after_shutdown"] = lib.kvh_inject_fault(1)
         """
     )
     assert out["unstarted"] == {"started": False, "version": out["version"]}, out
@@ -222,6 +228,11 @@ def test_buffer_protocol_strerror_and_version():
     assert out["unknown_code"] == 7017
     assert out["version"].count(".") == 2
     assert out["stats_backend"] == "host"
+    # A started allocator's counters say so, and say when shutdown has begun.
+    assert out["started_flags"] == [True, False], out
+    assert out["stopped_flags"] == [True, True], out
+    # No scrub runs after shutdown: a fire drill then is refused, not silently armed.
+    assert out["drill_after_shutdown"] == 7016, out
 
 
 def test_invalid_configuration_is_reported_with_the_key():
