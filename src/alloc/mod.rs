@@ -1115,8 +1115,10 @@ impl Allocator {
         match after.abort.take() {
             None => self.emit(after.events),
             Some(owner) => {
-                // A sink that panics (the C boundary catches it) must not keep a failure
-                // under failure_mode = abort from stopping the process.
+                // Neither a sink that panics (the C boundary catches it) nor one that waits
+                // for ever (a hung disk under a full log queue) keeps a failure under
+                // failure_mode = abort from stopping the process.
+                abort_after(FAIL_CLOSED_RECORD_WAIT);
                 let events = after.events;
                 let _ =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.emit(events)));
@@ -1218,6 +1220,37 @@ impl Allocator {
                 sink.emit_all(events);
             }
         }
+    }
+}
+
+/// Longest a fail-closed stop waits for its records to reach the event sink before the
+/// process aborts all the same: a log whose disk hangs holds its queue, and an emit into a
+/// full queue waits.
+/// Longer than the log's own bound on a flush (`FLUSH_TIMEOUT`), which a healthy log
+/// meets.
+const FAIL_CLOSED_RECORD_WAIT: Duration = Duration::from_secs(40);
+
+/// Aborts the process `limit` from now, from a thread of its own, whatever the calling
+/// thread is then doing. A thread that cannot be started leaves the caller's wait unbounded
+/// (said on stderr): its records are still worth the try.
+#[cold]
+fn abort_after(limit: Duration) {
+    let watchdog = std::thread::Builder::new()
+        .name("kvh-fail-closed".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            crate::say(format_args!(
+                "kvhygiene: the records of a failure under failure_mode=abort did not reach \
+                 the forensic log within {} s: aborting the process without them",
+                limit.as_secs()
+            ));
+            std::process::abort()
+        });
+    if let Err(e) = watchdog {
+        crate::say(format_args!(
+            "kvhygiene: cannot start the thread that bounds a fail-closed stop ({e}); \
+             the process aborts once its records are written"
+        ));
     }
 }
 
@@ -1324,6 +1357,42 @@ mod tests {
     use crate::backend::host::HostBackend;
 
     const S: StreamHandle = StreamHandle(0);
+
+    const ABORT_AFTER_CHILD: &str = "KVH_TEST_ABORT_AFTER_CHILD";
+
+    /// A fail-closed stop is bounded: `abort_after` ends the process from its own thread
+    /// while the calling thread is stuck (here asleep for good, as in an emit into a hung
+    /// log's full queue). Run in a child copy of the test binary, which must die of SIGABRT.
+    #[test]
+    fn abort_after_ends_the_process_while_its_caller_is_stuck() {
+        use std::os::unix::process::ExitStatusExt;
+        if std::env::var_os(ABORT_AFTER_CHILD).is_some() {
+            abort_after(Duration::from_millis(50));
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "alloc::tests::abort_after_ends_the_process_while_its_caller_is_stuck",
+                "--exact",
+                "--test-threads=1",
+            ])
+            .env(ABORT_AFTER_CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(
+            status.status.signal(),
+            Some(libc::SIGABRT),
+            "{:?}: {}",
+            status.status,
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let said = String::from_utf8_lossy(&status.stderr);
+        assert!(said.contains("failure_mode=abort"), "{said}");
+    }
 
     /// A CLEAN block on `device`, its scrub applied.
     fn clean_block(alloc: &Allocator, device: i32) -> u64 {

@@ -271,6 +271,9 @@ pub struct ForensicLog {
 /// How long `stop` waits, in all, for room in the queue and for the writer's final write.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest [`ForensicLog::flush`] waits, its message's wait for room in the queue included.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Nanoseconds since the Unix epoch (0 before it).
 pub fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -422,14 +425,19 @@ impl ForensicLog {
         self.send(Msg::Anomaly(Queued::new(record, &self.shared)));
     }
 
-    /// Waits until everything queued before the call is written (not necessarily fsynced).
+    /// Waits until everything queued before the call is written (not necessarily fsynced), for
+    /// at most [`FLUSH_TIMEOUT`].
     pub fn flush(&self) {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
+        // Bounded whole, queueing included: a writer held by a hung disk leaves the queue
+        // full, and a fail-closed stop flushes before it aborts.
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        self.send(Msg::Flush(ack_tx));
-        let _ = ack_rx.recv_timeout(Duration::from_secs(30));
+        if self.send_before(Msg::Flush(ack_tx), deadline) {
+            let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
     }
 
     /// Writes the `stop` record and the final checkpoint, flushes and joins the writer.
