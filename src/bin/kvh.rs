@@ -339,7 +339,7 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with
-     --strict-anomalies), or is on and lacks one of those series; the snapshot does not
+     --strict-anomalies), or is on and lacks the series of any signal; the snapshot does not
      say whether the detector is on (kvh_anomaly_enabled missing, or neither 0 nor 1); or
      the log does not verify or holds no record
   2  usage error, the metrics file is missing, unreadable or not kvhygiene's, the log

@@ -66,23 +66,29 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// `kvh_stats_json`'s answer once started: the statistics, with `"started": true` to tell
-    /// them from the answer before start-up (`{"started": false, ...}`).
+    /// `kvh_stats_json`'s answer once started: the statistics, with `"started": true` first,
+    /// to tell them from the answer before start-up (`{"started": false, ...}`).
     pub(crate) fn stats_json(&self) -> String {
+        /// Serialised straight from the struct, in field order (a `serde_json::Value` would
+        /// sort the keys, the latency buckets' bounds among them).
+        #[derive(serde::Serialize)]
+        struct Started<'a> {
+            started: bool,
+            #[serde(flatten)]
+            stats: &'a Stats,
+        }
         let stats = snapshot(
             &self.allocator,
             self.log.as_deref(),
             self.anomaly.as_deref(),
             &self.config_digest,
         );
-        match serde_json::to_value(&stats) {
-            Ok(serde_json::Value::Object(mut doc)) => {
-                doc.insert("started".into(), true.into());
-                serde_json::Value::Object(doc).to_string()
-            }
-            // Plain data with derived impls: serialisation cannot fail.
-            _ => stats.to_json(),
-        }
+        let doc = Started {
+            started: true,
+            stats: &stats,
+        };
+        // Plain data with derived impls: serialisation cannot fail.
+        serde_json::to_string(&doc).unwrap_or_else(|_| stats.to_json())
     }
 }
 

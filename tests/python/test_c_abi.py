@@ -235,6 +235,26 @@ def test_buffer_protocol_strerror_and_version():
     assert out["drill_after_shutdown"] == 7016, out
 
 
+def test_started_stats_keep_the_latency_buckets_in_ascending_order_of_their_bound():
+    # The scrub latency buckets are cumulative counts keyed by their bound ("0.0005" .. "30",
+    # src/stats.rs): a reader that walks them as the JSON lists them (a Python dict keeps
+    # that order) must meet the bounds in ascending order, as the exported histogram has them.
+    out = run_child(
+        """
+        ptr = lib.kvh_malloc(4096, 0, STREAM)
+        lib.kvh_free(ptr, 4096, 0, STREAM)
+        assert lib.kvh_synchronize() == 0
+        s = stats()
+        out["started"] = s.get("started")
+        out["bounds"] = list(s["scrub_latency"]["buckets"])
+        """
+    )
+    assert out["started"] is True, out
+    bounds = out["bounds"]
+    assert bounds[0] == "0.0005" and bounds[-1] == "30", bounds
+    assert bounds == sorted(bounds, key=float), f"buckets out of order in kvh_stats_json: {bounds}"
+
+
 def test_invalid_configuration_is_reported_with_the_key():
     out = run_child(
         """
