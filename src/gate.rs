@@ -101,6 +101,10 @@ pub struct GateArgs {
     /// `verify-log --allow-pruned`); without it, a pruned log evicts.
     #[arg(long, requires = "log_dir")]
     pub allow_pruned: bool,
+    /// With --log-dir: an archive directory `kvh prune-log` moved files to, read back to
+    /// verify the chains whole (as `verify-log --archive-dir`). Repeatable.
+    #[arg(long, value_name = "DIR", requires = "log_dir")]
+    pub archive_dir: Vec<PathBuf>,
     /// Evict on an anomaly of any signal, not only of those that mean the control failed
     /// (verify_failed, residue, quarantine): also on bursts of caller bugs the allocator
     /// refused without harm (invalid frees, size mismatches, TTL breaches, policy violations);
@@ -615,6 +619,7 @@ fn verify_log(dir: &std::path::Path, args: &GateArgs) -> Result<verify::Report, 
         public_key: args.public_key.clone(),
         checkpoint: args.checkpoint.clone(),
         allow_pruned: args.allow_pruned,
+        archive_dir: args.archive_dir.clone(),
         ..VerifyLogArgs::of(dir.to_path_buf())
     };
     let opts = log_cli::options(&verify_args)?;

@@ -121,3 +121,31 @@ fn prune_log_of_a_log_that_does_not_verify_ends_with_1_when_stderr_cannot_be_wri
         "the same log with stderr on a full device: {out} (2 says usage or I/O error)"
     );
 }
+
+/// README: `verify-log` exits 1 for tampering or corruption. When its report cannot be
+/// written (stdout on a full device), the finding is lost, not the verdict: a log that does
+/// not verify still ends with 1, as `kvh demo` keeps 1 for a failed run whose report is lost
+/// and `prune-log` keeps 1 for a log that does not verify.
+#[test]
+fn verify_log_of_a_log_that_does_not_verify_ends_with_1_when_stdout_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    write_log(&cfg(&log, 1 << 20), 3, false);
+    // One record's sequence number changed: the chain no longer verifies.
+    let file = forensic_common::chain_files(&log).remove(0);
+    let mut lines = forensic_common::read_lines(&file);
+    lines[2] = lines[2].replacen("\"seq\":2", "\"seq\":7", 1);
+    forensic_common::write_lines(&file, &lines);
+    let verify = || {
+        let mut c = kvh();
+        c.arg("verify-log").arg(&log);
+        c
+    };
+    let (code, out, err) = run(&mut verify());
+    assert_eq!(code, 1, "stdout writable: {out}{err}");
+    let (code, err) = run_full(&mut verify());
+    assert_eq!(
+        code, 1,
+        "the same log with stdout on a full device: {err} (2 says usage or I/O error)"
+    );
+}

@@ -1058,3 +1058,42 @@ fn a_snapshot_with_the_detector_on_missing_a_caller_signal_series_is_not_admitte
          policy_violation series: {out}{err}"
     );
 }
+
+/// A reason the gate gives for a log it cannot verify may point to options that would make it
+/// verify; each option it names is one `kvh gate` accepts, so that the probe's operator can
+/// follow it. Here every file of a stopped chain was moved by `kvh prune-log`, and the gate
+/// is given the log without the key.
+#[test]
+fn the_options_a_reason_points_to_are_options_of_the_gate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let log = dir.path().join("log");
+    forensic_common::write_log(&forensic_common::cfg(&log, 1 << 20), 3, true);
+    let key = dir.path().join("hmac.key");
+    std::fs::write(&key, &*forensic_common::secret()).unwrap();
+    let archive = dir.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = run(kvh()
+        .args(["prune-log", log.to_str().unwrap(), "--older-than", "0"])
+        .arg("--archive-dir")
+        .arg(&archive)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = gate(&f, &["--log-dir", log.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let (_, help, _) = run(kvh().args(["gate", "--help"]));
+    let said = format!("{out}{err}");
+    let unknown: Vec<&str> = said
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .filter(|w| !help.contains(&format!("{w} ")) && !help.contains(&format!("{w}\n")))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the verdict points to {unknown:?}, which `kvh gate` does not accept:\n{said}"
+    );
+}

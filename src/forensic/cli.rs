@@ -237,7 +237,11 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     };
     if let Err(e) = written {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
-        return EXIT_USAGE;
+        // What the verification found outranks a report that could not be written: a
+        // script's `|| page` on a full disk must still learn of tampering.
+        if report.ok() {
+            return EXIT_USAGE;
+        }
     }
     report.exit_code()
 }

@@ -415,7 +415,10 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
     };
     if let Err(e) = written {
         crate::say(format_args!("kvh evidence: cannot write the report: {e}"));
-        return EXIT_USAGE;
+        // A log that failed verification is still reported as such (1).
+        if evidence.integrity.verified {
+            return EXIT_USAGE;
+        }
     }
     if evidence.integrity.verified {
         EXIT_OK
