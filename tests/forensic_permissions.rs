@@ -138,6 +138,29 @@ fn keygen_refuses_a_directory_for_a_prefix() {
     );
 }
 
+/// A prefix ending in `.key` or `.pub` would write `x.key.key` and `x.key.pub`, and a policy
+/// naming `x.key` would then name nothing: refused, the prefix meant said, nothing written.
+#[test]
+fn keygen_refuses_a_prefix_that_already_ends_in_an_extension() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["signing.key", "signing.pub"] {
+        let err = kvhygiene::forensic::cli::keygen(&tmp.path().join(name)).unwrap_err();
+        let meant = tmp.path().join("signing");
+        assert!(
+            err.contains(&format!("give --out {}", meant.display())),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "wrote something"
+    );
+    // A name that only contains the extension is a prefix like any other.
+    let (private, _) = kvhygiene::forensic::cli::keygen(&tmp.path().join("a.keyring")).unwrap();
+    assert!(private.ends_with("a.keyring.key"));
+}
+
 /// An existing PREFIX.pub stops keygen before it writes anything: no private key is left
 /// behind without its public half.
 #[test]

@@ -742,6 +742,25 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
             prefix.join("checkpoint").display()
         ));
     }
+    // `x.key` would give `x.key.key` and `x.key.pub`: a policy then naming `x.key` names
+    // nothing. The prefix the user meant is said instead.
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = prefix.as_os_str().as_encoded_bytes();
+    if let Some(stem) = bytes
+        .strip_suffix(b".key")
+        .or_else(|| bytes.strip_suffix(b".pub"))
+        .filter(|stem| !stem.is_empty() && !stem.ends_with(b"/"))
+    {
+        let stem = Path::new(std::ffi::OsStr::from_bytes(stem));
+        return Err(format!(
+            "--out {}: a file prefix, to which .key and .pub are added; give --out {} for \
+             {}.key and {}.pub",
+            prefix.display(),
+            stem.display(),
+            stem.display(),
+            stem.display()
+        ));
+    }
     let with_ext = |ext: &str| {
         let mut s = prefix.as_os_str().to_owned();
         s.push(ext);
