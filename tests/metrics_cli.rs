@@ -92,6 +92,12 @@ fn security_failures_fail_only_when_asked() {
         out.contains("security: FAILURES: kvh_verifications_total{result=\"failed\"} = 2"),
         "{out}"
     );
+    // Exit 0, but the verdict line does not read as a plain pass under the failures.
+    let verdict = out.lines().last().unwrap_or_default();
+    assert!(
+        verdict.starts_with("OK") && verdict.contains("--fail-on-security"),
+        "{out}"
+    );
     let (code, out, _) = run(kvh()
         .args(["metrics", "--fail-on-security", "--file"])
         .arg(&f));

@@ -556,7 +556,13 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
             r.max_age_seconds.unwrap_or(0)
         )?;
     }
-    writeln!(out, "{}", if r.ok { "OK" } else { "FAILED" })
+    let verdict = match (r.ok, r.security_failures.is_empty()) {
+        (false, _) => "FAILED",
+        (true, true) => "OK",
+        // Exit 0 as documented, but a bare OK under a list of failures reads as a pass.
+        (true, false) => "OK (the security failures above fail only with --fail-on-security)",
+    };
+    writeln!(out, "{verdict}")
 }
 
 /// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
