@@ -161,6 +161,24 @@ fn keygen_refuses_a_prefix_that_already_ends_in_an_extension() {
     assert!(private.ends_with("a.keyring.key"));
 }
 
+/// The prefix a refused `--out` names is one keygen takes: following the message writes the
+/// pair, including for a name that ends in both extensions (`a.pub.key`).
+#[test]
+fn keygen_accepts_the_prefix_its_refusal_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["a.pub.key", "b.key.key", "c.key.pub"] {
+        let err = kvhygiene::forensic::cli::keygen(&tmp.path().join(name)).unwrap_err();
+        let meant = err
+            .split("give --out ")
+            .nth(1)
+            .and_then(|rest| rest.split(" for ").next())
+            .unwrap_or_else(|| panic!("{name}: no prefix named: {err}"));
+        if let Err(again) = kvhygiene::forensic::cli::keygen(std::path::Path::new(meant)) {
+            panic!("--out {name} was refused with \"{err}\"; --out {meant} then: \"{again}\"");
+        }
+    }
+}
+
 /// An existing PREFIX.pub stops keygen before it writes anything: no private key is left
 /// behind without its public half.
 #[test]

@@ -668,6 +668,31 @@ fn metrics_with_a_per_process_pattern_checks_every_live_process() {
     assert!(err.contains("in the file name only"), "{err}");
 }
 
+/// With `{pid}` in the file name, a process whose snapshot lists security failures passes
+/// without --fail-on-security (exit 0), as with one file; the summary line that ends the
+/// report says that the failures listed fail only with the flag, rather than reading as a
+/// plain pass under them, as the verdict of a single file does.
+#[test]
+fn the_per_process_summary_under_listed_security_failures_names_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let me = std::process::id();
+    write_process_snapshot(
+        &dir.path().join(format!("kvh-{me}.prom")),
+        me,
+        Duration::ZERO,
+        2,
+    );
+    let (code, out, err) = run(kvh().arg("metrics").arg("--file").arg(&pattern));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("security: FAILURES:"), "{out}");
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("OK") && summary.contains("--fail-on-security"),
+        "the last line reads as a plain pass under the failures listed above it: {summary:?}\n{out}"
+    );
+}
+
 /// `serve-metrics` given a per-process pattern serves the live processes' files as one
 /// exposition (each family declared once, every process's samples under it, told apart by
 /// their `pid` label), leaves out the files of processes that are gone, and answers 503 when

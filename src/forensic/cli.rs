@@ -746,19 +746,29 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
     // nothing. The prefix the user meant is said instead.
     use std::os::unix::ffi::OsStrExt;
     let bytes = prefix.as_os_str().as_encoded_bytes();
-    if let Some(stem) = bytes
+    let mut stem = bytes;
+    while let Some(s) = stem
         .strip_suffix(b".key")
-        .or_else(|| bytes.strip_suffix(b".pub"))
-        .filter(|stem| !stem.is_empty() && !stem.ends_with(b"/"))
+        .or_else(|| stem.strip_suffix(b".pub"))
+        .filter(|s| !s.is_empty() && !s.ends_with(b"/"))
     {
+        stem = s;
+    }
+    if stem.len() < bytes.len() {
         let stem = Path::new(std::ffi::OsStr::from_bytes(stem));
+        let named = |ext: &str| {
+            let mut s = stem.as_os_str().to_owned();
+            s.push(ext);
+            PathBuf::from(s)
+        };
+        let (a, b) = (named(".key"), named(".pub"));
         return Err(format!(
-            "--out {}: a file prefix, to which .key and .pub are added; give --out {} for \
-             {}.key and {}.pub",
-            prefix.display(),
-            stem.display(),
-            stem.display(),
-            stem.display()
+            "--out {}: a file prefix, to which .key and .pub are added; give --out {} for {} \
+             and {}",
+            shell_word(prefix),
+            shell_word(stem),
+            shell_word(&a),
+            shell_word(&b)
         ));
     }
     let with_ext = |ext: &str| {

@@ -495,11 +495,16 @@ fn write_processes_text(
     }
     let failed = all.processes.iter().filter(|p| !p.report.ok).count();
     if failed == 0 {
+        let listed = all
+            .processes
+            .iter()
+            .any(|p| !p.report.security_failures.is_empty());
         writeln!(
             out,
-            "OK: {} processes of {}",
+            "OK: {} processes of {}{}",
             all.processes.len(),
-            printable(&all.pattern)
+            printable(&all.pattern),
+            if listed { UNCHECKED_FAILURES } else { "" }
         )
     } else {
         writeln!(
@@ -510,6 +515,10 @@ fn write_processes_text(
         )
     }
 }
+
+/// Said after an OK verdict under listed security failures: exit 0 as documented, but a bare
+/// OK would read as a pass.
+const UNCHECKED_FAILURES: &str = " (the security failures above fail only with --fail-on-security)";
 
 fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Result<()> {
     for line in snap.text.lines() {
@@ -560,9 +569,14 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
         (false, _) => "FAILED",
         (true, true) => "OK",
         // Exit 0 as documented, but a bare OK under a list of failures reads as a pass.
-        (true, false) => "OK (the security failures above fail only with --fail-on-security)",
+        (true, false) => "OK",
     };
-    writeln!(out, "{verdict}")
+    let listed = r.ok && !r.security_failures.is_empty();
+    writeln!(
+        out,
+        "{verdict}{}",
+        if listed { UNCHECKED_FAILURES } else { "" }
+    )
 }
 
 /// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
