@@ -621,8 +621,9 @@ impl Allocator {
             // Verified, but the ledger that would have recorded it was forgotten meanwhile:
             // claimed once more through the ledger there is now, so that it names the
             // claimant, or says that another claim took them since. Lost every time (ledgers
-            // thrashing: more caches claim than the gate keeps ledgers for), they are not
-            // handed over: reported with the taken ones, which the record says.
+            // thrashing: claims through another layout of the same memory replacing this
+            // one's ledger, or more caches claiming than the gate keeps ledgers for), they
+            // are not handed over: reported with the taken ones, which the record says.
             if passes == MAX_CLAIM_PASSES {
                 let lost = std::mem::take(&mut round.forgotten);
                 self.report_gate_violation(
@@ -630,7 +631,9 @@ impl Allocator {
                     format!(
                         "the ledger of this KV cache was forgotten {MAX_CLAIM_PASSES} times while \
                          kvh_claim_blocks scrubbed {} blocks (ids {}): they were not handed over \
-                         (reported as taken); more KV caches claim than the gate keeps ledgers for",
+                         (reported as taken); claims through another layout of the same memory \
+                         replace this one's ledger (claim through one layout), or more KV caches \
+                         claim than the gate keeps ledgers for ({MAX_LEDGERS})",
                         lost.len(),
                         id_list(&in_order(ids, &lost.iter().copied().collect()))
                     ),
