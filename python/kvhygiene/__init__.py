@@ -521,7 +521,8 @@ def stats() -> dict:
     in this process (its first allocation), ``{"started": False, "version": ...}``: reading
     them does not start it, so a launcher may call it before forking its workers (an invalid
     policy is still refused, :class:`KvhError` naming the key). After a ``kvh_shutdown`` that
-    came first (the exit hook :func:`load` registers), also ``"shut_down": True``."""
+    came first (the exit hook :func:`load` registers), also ``"shut_down": True``. Once
+    started, ``"started": True`` and the counters, with ``"shut_down"`` true after shutdown."""
     lib = load()
     text = _read_string(lib.kvh_stats_json, "kvh_stats_json")
     return json.loads(text)
