@@ -143,6 +143,18 @@ class AllocatorAlreadyInUseError(RuntimeError):
 
 
 _lock = threading.RLock()
+
+
+def _new_lock_in_child() -> None:
+    # Another thread may have held the lock (inside install(), say) when this process forked:
+    # held for good in the child, it would hang the child's first load(). The child has one
+    # thread, so no call of its own can be inside the lock.
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[str] = None
 #: The library loaded (``_lib_path`` is the name it was loaded by).

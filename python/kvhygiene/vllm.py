@@ -57,6 +57,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import operator
+import os
 import threading
 import unicodedata
 from typing import Callable, Optional, Sequence
@@ -306,6 +307,17 @@ def _extent(layout: KvLayout) -> int:
 #: a model runner passes the same layouts at every step.
 _MAX_REMEMBERED_LAYOUT_SETS = 64
 _pair_classes_lock = threading.Lock()
+
+
+def _new_locks_in_child() -> None:
+    # As kvhygiene's own lock: one another thread held at a fork would hang the child.
+    global _claimants_lock, _pair_classes_lock
+    _claimants_lock = threading.Lock()
+    _pair_classes_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 _pair_classes_seen: "collections.OrderedDict[tuple, list]" = collections.OrderedDict()
 
 

@@ -1991,3 +1991,49 @@ def test_forget_stream_raises_after_the_allocator_was_shut_down(tmp_path):
     assert run.stdout.strip().startswith("raised"), (
         f"forget_stream after kvh_shutdown: {run.stdout.strip()} {run.stderr}"
     )
+
+
+def test_a_child_forked_while_another_thread_holds_the_package_locks_can_take_them():
+    # A worker forked while another thread was inside install() or a vLLM claim (holding a
+    # lock of the package) must not hang at its own first load() or claim: the fork copied
+    # the lock held, and no thread of the child will ever release it.
+    import time
+
+    from kvhygiene import vllm
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with kvhygiene._lock, vllm._claimants_lock, vllm._pair_classes_lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                got = all(
+                    lock.acquire(timeout=5)
+                    for lock in (kvhygiene._lock, vllm._claimants_lock, vllm._pair_classes_lock)
+                )
+                code = 0 if got else 3
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the child hung on a lock held at the fork")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0, "a lock held at the fork stayed held"
+    finally:
+        release.set()
+        t.join()
