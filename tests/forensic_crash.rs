@@ -1150,3 +1150,36 @@ fn a_failed_start_up_after_a_clean_end_of_an_append_only_file_leaves_it_continua
         "the crashed chain was not continued"
     );
 }
+
+/// A first file without a newline is removed at start-up only as what a writer that died in
+/// its `start` record leaves: a few hundred bytes. A large one (here a whole chain's records
+/// with their newlines stripped, and old enough to pass for abandoned) is evidence: it is
+/// left in place for verification to report, not deleted.
+#[test]
+fn a_large_first_file_without_a_newline_is_not_removed_as_an_unstarted_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 300, true);
+    let file = chain_files(&dir).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() > 64 * 1024, "{} bytes", bytes.len());
+    for b in bytes.iter_mut().filter(|b| **b == b'\n') {
+        *b = b' ';
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert_eq!(
+        std::fs::read(&file).ok().as_deref(),
+        Some(&bytes[..]),
+        "the stripped first file was removed or changed"
+    );
+}

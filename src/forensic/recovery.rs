@@ -113,6 +113,10 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
     })
 }
 
+/// Largest first file that [`remove_unstarted`] may remove as a torn `start` record: one is a
+/// few hundred bytes (its host, model and policy fields bounded), so more is not one.
+const MAX_UNSTARTED_BYTES: usize = 64 * 1024;
+
 /// How long a chain's first file must have gone unmodified before it counts as left by a
 /// dead writer: a writer creates the file and locks it a few system calls later, so a file
 /// we could lock and this old is nobody's.
@@ -246,7 +250,15 @@ pub fn adopt(
         file.read_to_end(&mut bytes)
             .map_err(|e| files::io_err(path, "cannot read", e))?;
         if *index == 0 && last_newline(&bytes).is_none() {
-            remove_unstarted(dir, chain, path, &file);
+            // Only what could be a torn `start` record, of a chain no checkpoint covers: a
+            // file whose newlines were stripped is evidence, left for verification to report.
+            let covered = !matches!(
+                checkpoint::peek(&checkpoint::path_for(ckpt_dir, chain)),
+                Ok(None)
+            );
+            if bytes.len() <= MAX_UNSTARTED_BYTES && !covered {
+                remove_unstarted(dir, chain, path, &file);
+            }
             continue;
         }
         let Some(head) = chain_head(chain, *index, &bytes, path) else {
