@@ -953,6 +953,16 @@ fn a_torn_tail_longer_than_the_recovery_records_is_replaced_whole() {
         .find(|l| l.contains("\"kind\":\"recovery\""))
         .expect("recovery record");
     assert!(recovery.contains("\"torn_bytes\":5000,"), "{recovery}");
+    // The bytes replaced are named by their digest.
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(torn)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        recovery.contains(&format!("\"torn_sha256\":\"{digest}\"")),
+        "{recovery}"
+    );
     // The recovery record starts where the last whole record ended.
     let at = text
         .windows(8)

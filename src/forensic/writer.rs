@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value};
+use sha2::Digest;
 
 use super::checkpoint::{self, Checkpoint};
 use super::keys::{self, EpochKey};
@@ -277,6 +278,10 @@ impl ChainWriter {
         let kind = match &adopted {
             Some(a) => {
                 fields.insert("torn_bytes".into(), a.torn_tail.len().into());
+                // The bytes themselves are replaced: their digest lets a copy shipped off the
+                // node before the crash (a log shipper's) be matched to what was there.
+                let digest = sha2::Sha256::digest(&a.torn_tail);
+                fields.insert("torn_sha256".into(), hex(&digest).into());
                 fields.insert("last_good_seq".into(), a.last_seq.into());
                 fields.insert("last_good_hash".into(), hex(&a.last_hash).into());
                 "recovery"

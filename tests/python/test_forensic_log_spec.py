@@ -291,7 +291,7 @@ HEX_0X = re.compile(r"^0x[0-9a-f]+$")
 
 KINDS = {
     "start": START,
-    "recovery": START | {"torn_bytes", "last_good_seq", "last_good_hash"},
+    "recovery": START | {"torn_bytes", "torn_sha256", "last_good_seq", "last_good_hash"},
     "rotate": {"prev_file", "prev_seq", "signer"},
     "verify_failed": BLOCK | {"samples_expected", "samples_checked", "samples_nonzero", "coverage", "threshold"},
     "quarantine": BLOCK | {"reason"},
@@ -336,6 +336,7 @@ ENUMS = {
 # Fields documented as strings of a given form; every other kind field named above is an
 # integer unless listed in STRINGS or free-form.
 STRINGS = {"kind", "chain", "prev", "hash", "mac", "config_digest", "version", "host", "signer", "last_good_hash",
+           "torn_sha256",
            "prev_file", "reason", "ptr", "addr", "which", "policy", "detail", "stream", "layout_sha256",
            "block_ids_sha256", "trigger", "segment_addr", "coverage", "threshold", "signal", "rule", "key",
            "ckpt_file", "error", "baseline_mean", "baseline_stddev", "z_score", "z_threshold", "start_failed"}
@@ -379,8 +380,8 @@ def schema_problems(r: dict) -> list:
             ok = (v is None and r.get("rule") == "burst") or (isinstance(v, str) and SIX_DECIMALS.match(v))
         elif f == "error" and kind == "kv_scrub":
             ok = v is None or isinstance(v, str)
-        elif f in ("prev", "hash", "mac", "signer", "last_good_hash", "config_digest", "layout_sha256",
-                   "block_ids_sha256"):
+        elif f in ("prev", "hash", "mac", "signer", "last_good_hash", "torn_sha256", "config_digest",
+                   "layout_sha256", "block_ids_sha256"):
             ok = isinstance(v, str) and HEX64.match(v)
         elif f in ("addr", "ptr", "segment_addr", "stream"):
             ok = isinstance(v, str) and HEX_0X.match(v)
