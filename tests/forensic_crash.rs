@@ -1193,3 +1193,53 @@ fn a_large_first_file_without_a_newline_is_not_removed_as_an_unstarted_chain() {
         "the stripped first file was removed or changed"
     );
 }
+
+/// A first file without a newline larger than a `start` record could be is not what a writer
+/// that died in its `start` record leaves: start-up keeps it as evidence, and verification
+/// against a pinned public key holds it to the rule for every other chain (it needs a
+/// checkpoint), rather than passing it as a chain that never started.
+#[test]
+fn a_large_first_file_without_a_newline_and_without_a_checkpoint_fails_against_a_pinned_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = signed_cfg(&tmp);
+    c.max_bytes = 1 << 20;
+    let dir = log_dir(&tmp);
+    write_log(&c, 300, true);
+    let file = chain_files(&dir).remove(0);
+    let chain = name(&file)
+        .strip_prefix("kvh-")
+        .and_then(|n| n.strip_suffix("-000000.jsonl"))
+        .unwrap()
+        .to_string();
+    let mut bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() > 64 * 1024, "{} bytes", bytes.len());
+    for b in bytes.iter_mut().filter(|b| **b == b'\n') {
+        *b = b' ';
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::remove_file(tmp.path().join("ckpt").join(format!("kvh-{chain}.ckpt"))).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    // A later start-up leaves it in place.
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert!(file.exists(), "the large first file was removed");
+    let public = tmp.path().join("signer.pub");
+    let opts = kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![tmp.path().join("ckpt")],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts);
+    assert!(
+        !r.ok(),
+        "a {}-byte first file without a record or a checkpoint verified as a chain that never \
+         started",
+        bytes.len()
+    );
+}

@@ -950,6 +950,12 @@ pub const MAX_READ_BYTES: u64 = 4 * MAX_LOG_BYTES;
 /// Largest checkpoint file read (a real one is about 400 bytes).
 pub const MAX_CKPT_BYTES: u64 = 64 * 1024;
 
+/// Largest first file, without a complete record, that counts as left by a writer that died
+/// in its `start` record: crash recovery removes one once idle (when no checkpoint covers its
+/// chain), and verification excuses it from needing a checkpoint. A `start` record is a few
+/// hundred bytes (its host, model and policy fields bounded), so a larger file is not one.
+pub const MAX_UNSTARTED_BYTES: u64 = 64 * 1024;
+
 /// Reads a chain file for verification or recovery, see [`read_regular`].
 pub fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
     read_regular(path, MAX_READ_BYTES)

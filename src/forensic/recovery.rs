@@ -113,10 +113,6 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
     })
 }
 
-/// Largest first file that [`remove_unstarted`] may remove as a torn `start` record: one is a
-/// few hundred bytes (its host, model and policy fields bounded), so more is not one.
-const MAX_UNSTARTED_BYTES: usize = 64 * 1024;
-
 /// How long a chain's first file must have gone unmodified before it counts as left by a
 /// dead writer: a writer creates the file and locks it a few system calls later, so a file
 /// we could lock and this old is nobody's.
@@ -256,7 +252,7 @@ pub fn adopt(
                 checkpoint::peek(&checkpoint::path_for(ckpt_dir, chain)),
                 Ok(None)
             );
-            if bytes.len() <= MAX_UNSTARTED_BYTES && !covered {
+            if bytes.len() as u64 <= files::MAX_UNSTARTED_BYTES && !covered {
                 remove_unstarted(dir, chain, path, &file);
             }
             continue;

@@ -1271,11 +1271,14 @@ fn verify_chain(
     }
     // A chain whose writer died before its `start` record was whole: its first file alone, no
     // complete record, only torn bytes or none (the file is created and its directory synced
-    // before `start` is written). Nothing in it for a checkpoint to cover (the next start
-    // removes it once it is idle), and whoever can delete a checkpoint can delete such a chain
-    // whole.
-    let never_started =
-        w.report.records == 0 && w.report.pruned.is_none() && matches!(list, [(0, _)]);
+    // before `start` is written), no more of them than a `start` record could be. Nothing in
+    // it for a checkpoint to cover (the next start removes it once it is idle), and whoever
+    // can delete a checkpoint can delete such a chain whole. A larger one is not that: a
+    // chain whose newlines were stripped, which start-up leaves in place.
+    let never_started = w.report.records == 0
+        && w.report.pruned.is_none()
+        && w.report.torn_bytes <= files::MAX_UNSTARTED_BYTES
+        && matches!(list, [(0, _)]);
     if ckpt.is_none() && !opts.public_keys.is_empty() && !never_started {
         // With a pinned signer every chain must be covered: deleting a chain's checkpoint
         // would otherwise silently turn off the truncation and rewrite checks for it.

@@ -588,7 +588,8 @@ def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=Fals
             state["prev"] = h
         state["prev_file"] = name
         state["index"] = index
-    never_started = not state["records"] and state["torn"] > 0 and [i for i, _ in files] == [0]
+    never_started = (not state["records"] and 0 < state["torn"] <= 64 * 1024
+                     and [i for i, _ in files] == [0])
     if public_keys and ckpt is None and not never_started:
         raise ChainFailed("no checkpoint for the chain")
     if ckpt is not None:
