@@ -333,18 +333,7 @@ fn batches_not_yet_waited_on_when_a_wait_unwinds_go_back_to_the_pool() {
     alloc.free(b, 4096, 0, S).unwrap();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| alloc.synchronize()));
     assert!(r.is_err(), "the sink did not panic");
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let alloc = alloc.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(alloc.synchronize());
-        });
-    }
-    let again = rx.recv_timeout(Duration::from_secs(5));
-    assert!(
-        again.is_ok(),
-        "synchronize still waits, 5 s on, for a batch the unwound wait had taken"
-    );
+    assert_synchronize_returns(&alloc, "for a batch the unwound wait had taken");
     alloc.check_consistency().unwrap();
     assert_ne!(
         alloc.block_info(b).map(|i| i.state),
@@ -394,18 +383,7 @@ fn a_batch_taken_in_a_pass_whose_records_unwind_goes_back_to_the_pool() {
         "precondition: the sink panicked on the quarantine"
     );
     *backend.refuse.lock().unwrap() = None;
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let alloc = alloc.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(alloc.synchronize());
-        });
-    }
-    let again = rx.recv_timeout(Duration::from_secs(10));
-    assert!(
-        again.is_ok(),
-        "synchronize still waits, 10 s on, for the batch the unwound pass had taken"
-    );
+    assert_synchronize_returns(&alloc, "for the batch the unwound pass had taken");
     assert_ne!(
         alloc.block_info(a).map(|i| i.state),
         Some(BlockState::Pending),
@@ -548,62 +526,33 @@ impl ScrubTicket for HeldFromFlusher {
 /// A host backend whose finished scrubs only callers' threads apply (`HeldFromFlusher`), and
 /// which refuses every submission for lack of memory while `out_of_memory` is set, counting
 /// the refusals.
-struct HeldBackend {
+struct Held {
     host: Arc<HostBackend>,
     finished_seen: Arc<AtomicBool>,
     out_of_memory: AtomicBool,
     refusals: AtomicU64,
 }
 
-impl Backend for HeldBackend {
-    fn kind(&self) -> kvhygiene::backend::BackendKind {
-        kvhygiene::backend::BackendKind::Host
+impl Hooks for Held {
+    fn host(&self) -> &HostBackend {
+        &self.host
     }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        device: u32,
-        addr: DevicePtr,
-        len: u64,
-        stream: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(device, addr, len, stream)
-    }
-    unsafe fn submit_scrub(
-        &self,
-        batch: kvhygiene::backend::ScrubBatch,
-    ) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        if self.out_of_memory.load(Ordering::SeqCst) {
-            self.refusals.fetch_add(1, Ordering::SeqCst);
-            return Err(BackendError::OutOfMemory {
-                device: batch.device,
-                requested: 4096,
-            });
+    fn refuse_submit(&self, batch: &kvhygiene::backend::ScrubBatch) -> Option<BackendError> {
+        if !self.out_of_memory.load(Ordering::SeqCst) {
+            return None;
         }
-        // SAFETY: this method's own contract, passed on unchanged.
-        let inner = unsafe { self.host.submit_scrub(batch) }?;
-        Ok(Box::new(HeldFromFlusher {
+        self.refusals.fetch_add(1, Ordering::SeqCst);
+        Some(BackendError::OutOfMemory {
+            device: batch.device,
+            requested: 4096,
+        })
+    }
+    fn ticket(&self, _segments: &[DevicePtr], inner: Box<dyn ScrubTicket>) -> Box<dyn ScrubTicket> {
+        Box::new(HeldFromFlusher {
             inner,
             done: None,
             seen: self.finished_seen.clone(),
-        }))
-    }
-    fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(device, addr, src)
-    }
-    fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(device, addr, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
+        })
     }
 }
 
@@ -627,14 +576,14 @@ fn kv_cache(alloc: &Allocator) -> (u64, kvhygiene::alloc::KvLayout) {
 /// give a slot back, fails at once instead of retrying for `KV_SLOT_WAIT` (2 s) every time.
 #[test]
 fn a_kv_call_whose_launch_records_unwind_leaves_no_batch_counted_in_flight() {
-    let backend = Arc::new(HeldBackend {
+    let backend = Arc::new(Held {
         host: HostBackend::new(),
         finished_seen: Arc::new(AtomicBool::new(false)),
         out_of_memory: AtomicBool::new(false),
         refusals: AtomicU64::new(0),
     });
     let alloc = Allocator::new(
-        backend.clone(),
+        hooked(&backend),
         Config {
             max_reuse: 1,
             batch_size: 1,
@@ -773,5 +722,19 @@ fn a_forget_stream_whose_first_device_records_unwind_still_forgets_the_stream_el
     assert!(
         !alloc.uses_stream(doomed),
         "the allocator still holds references to the forgotten stream"
+    );
+}
+
+/// Asserts that `alloc.synchronize()`, run on a thread of its own, returns within 10 s: it
+/// is not left waiting for good (`what` it would wait for).
+fn assert_synchronize_returns(alloc: &Allocator, what: &str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let alloc = alloc.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(alloc.synchronize());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "synchronize still waits, 10 s on, {what}"
     );
 }

@@ -844,32 +844,40 @@ fn a_crashed_chain_ending_with_two_repeated_records_is_left_alone() {
     assert_crashed_chain_left_alone(&log_dir(&tmp), |l| l[3..5].to_vec(), "two repeated records");
 }
 
-const NO_ROOM_CHILD_ENV: &str = "KVH_FORENSIC_CRASH_NO_ROOM_DIR";
+/// A record torn by a crash, as a kill part way through a write leaves it.
+const TORN: &[u8] = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
 
-/// In the child (re-executed test binary): opens the log in `dir` while no file may grow
-/// beyond `limit` bytes (`RLIMIT_FSIZE`, standing in for a full disk), and exits 0 when the
-/// open fails. In a normal test run it returns at once.
-#[test]
-fn no_room_child_entry() {
-    let Some(spec) = std::env::var_os(NO_ROOM_CHILD_ENV) else {
-        return;
-    };
-    let spec = spec.into_string().unwrap();
-    let (dir, limit) = spec.rsplit_once('|').unwrap();
-    let limit: u64 = limit.parse().unwrap();
-    // SAFETY: plain libc calls with valid arguments, in a child process of its own.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let r = libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: limit,
-        };
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &r), 0);
-    }
-    let c = cfg(std::path::Path::new(dir), 1 << 20);
-    let opened = ForensicLog::open_with_secret(&c, start(), Some(secret()));
-    // SAFETY: ends the child without running the log's drop (nothing to stop after a failure).
-    unsafe { libc::_exit(if opened.is_err() { 0 } else { 3 }) };
+/// A crashed keyed chain (`crashed_chain`) whose file ends with `torn`; returns the file and
+/// its length up to its last whole record.
+fn crashed_chain_torn(c: &kvhygiene::config::LogConfig, torn: &[u8]) -> (std::path::PathBuf, u64) {
+    let file = crashed_chain(c, true);
+    let whole = std::fs::metadata(&file).unwrap().len();
+    OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(torn)
+        .unwrap();
+    (file, whole)
+}
+
+/// The `recovery` records in `files`.
+fn recovery_records(files: &[std::path::PathBuf]) -> Vec<String> {
+    files
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .filter(|l| l.contains("\"kind\":\"recovery\""))
+        .collect()
+}
+
+/// Asserts that a `recovery` record in `files` reports `torn` bytes left by the crash.
+fn assert_torn_bytes_recorded(files: &[std::path::PathBuf], torn: usize) {
+    let recoveries = recovery_records(files);
+    let reported = format!("\"torn_bytes\":{torn},");
+    assert!(
+        recoveries.iter().any(|l| l.contains(&reported)),
+        "no recovery record reports the {torn} torn bytes the crash left: {recoveries:?}"
+    );
 }
 
 /// A crashed chain's torn bytes are evidence of the record the crash interrupted. When the
@@ -881,46 +889,15 @@ fn torn_bytes_cut_by_a_start_up_that_failed_on_a_full_disk_are_still_recorded() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let whole = std::fs::metadata(&file).unwrap().len();
-    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
-    OpenOptions::new()
-        .append(true)
-        .open(&file)
-        .unwrap()
-        .write_all(torn)
-        .unwrap();
+    let (file, whole) = crashed_chain_torn(&c, TORN);
     // A start-up while the file cannot grow past its last whole record.
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "no_room_child_entry",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(NO_ROOM_CHILD_ENV, format!("{}|{whole}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the start-up without room did not fail: {status:?}"
-    );
+    let (failed, err) = start_up_without_room(&dir, whole, 1 << 20);
+    assert!(failed, "the start-up without room did not fail: {err}");
     // Room again: the next process continues the chain.
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();
     assert!(verify(&dir, &keyed_opts()).ok());
-    let recoveries: Vec<String> = read_lines(&file)
-        .into_iter()
-        .filter(|l| l.contains("\"kind\":\"recovery\""))
-        .collect();
-    let reported = format!("\"torn_bytes\":{},", torn.len());
-    assert!(
-        recoveries.iter().any(|l| l.contains(&reported)),
-        "no recovery record reports the {} torn bytes the crash left: {recoveries:?}",
-        torn.len()
-    );
+    assert_torn_bytes_recorded(&[file], TORN.len());
 }
 
 /// A torn tail longer than the records that continue the chain: the records take its place
@@ -930,15 +907,8 @@ fn a_torn_tail_longer_than_the_recovery_records_is_replaced_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let whole = std::fs::metadata(&file).unwrap().len();
     let torn = [1u8; 5000];
-    OpenOptions::new()
-        .append(true)
-        .open(&file)
-        .unwrap()
-        .write_all(&torn)
-        .unwrap();
+    let (file, whole) = crashed_chain_torn(&c, &torn);
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();
     let r = verify(&dir, &keyed_opts());
@@ -947,11 +917,8 @@ fn a_torn_tail_longer_than_the_recovery_records_is_replaced_whole() {
     assert_eq!(r.chains[0].torn_bytes, 0);
     let text = std::fs::read(&file).unwrap();
     assert!(!text.contains(&1u8), "torn bytes left in the file");
-    let lines = read_lines(&file);
-    let recovery = lines
-        .iter()
-        .find(|l| l.contains("\"kind\":\"recovery\""))
-        .expect("recovery record");
+    let recoveries = recovery_records(&[file]);
+    let recovery = recoveries.first().expect("recovery record");
     assert!(recovery.contains("\"torn_bytes\":5000,"), "{recovery}");
     // The bytes replaced are named by their digest.
     use sha2::Digest;
@@ -1015,19 +982,9 @@ fn torn_bytes_of_a_full_file_are_still_recorded_after_a_start_up_that_failed_on_
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
     let max_bytes = 4096;
-    assert!(
-        std::fs::metadata(&file).unwrap().len() > max_bytes,
-        "the crashed file is not full"
-    );
-    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
-    OpenOptions::new()
-        .append(true)
-        .open(&file)
-        .unwrap()
-        .write_all(torn)
-        .unwrap();
+    let (_, whole) = crashed_chain_torn(&c, TORN);
+    assert!(whole > max_bytes, "the crashed file is not full");
     // A start-up, with files of 4 KiB, while no file can grow.
     let (failed, err) = start_up_without_room(&dir, 0, max_bytes);
     assert!(failed, "the start-up without room did not fail: {err}");
@@ -1038,17 +995,7 @@ fn torn_bytes_of_a_full_file_are_still_recorded_after_a_start_up_that_failed_on_
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok(), "{:?}", r.first_problem());
     assert_eq!(r.chains.len(), 1, "the crashed chain was continued");
-    let recoveries: Vec<String> = chain_files(&dir)
-        .iter()
-        .flat_map(|f| read_lines(f))
-        .filter(|l| l.contains("\"kind\":\"recovery\""))
-        .collect();
-    let reported = format!("\"torn_bytes\":{},", torn.len());
-    assert!(
-        recoveries.iter().any(|l| l.contains(&reported)),
-        "no recovery record reports the {} torn bytes the crash left: {recoveries:?}",
-        torn.len()
-    );
+    assert_torn_bytes_recorded(&chain_files(&dir), TORN.len());
 }
 
 /// Runs `no_room_small_files_child_entry` on `dir`; returns whether the start-up failed and
@@ -1083,15 +1030,7 @@ fn a_start_up_that_wrote_nothing_over_the_torn_tail_does_not_report_it_damaged()
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let file = crashed_chain(&c, true);
-    let whole = std::fs::metadata(&file).unwrap().len();
-    let torn = b"{\"chain\":\"p1-t1\",\"epoch\":0,\"kind\":\"quarantine\",\"model_id\":\"ll";
-    OpenOptions::new()
-        .append(true)
-        .open(&file)
-        .unwrap()
-        .write_all(torn)
-        .unwrap();
+    let (file, whole) = crashed_chain_torn(&c, TORN);
     let before = std::fs::read(&file).unwrap();
     let (failed, err) = start_up_without_room(&dir, whole, 1 << 20);
     assert!(failed, "the start-up without room did not fail: {err}");
@@ -1118,10 +1057,8 @@ fn a_start_up_that_failed_part_way_on_a_full_disk_leaves_no_torn_bytes_to_a_clea
     log.stop();
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok(), "{:?}", r.first_problem());
-    let recovery = read_lines(&file)
-        .into_iter()
-        .find(|l| l.contains("\"kind\":\"recovery\""))
-        .expect("recovery record");
+    let recoveries = recovery_records(&[file]);
+    let recovery = recoveries.first().expect("recovery record");
     assert!(
         recovery.contains("\"torn_bytes\":0,"),
         "the crash left no torn bytes: {recovery}"
@@ -1161,17 +1098,11 @@ fn a_failed_start_up_after_a_clean_end_of_an_append_only_file_leaves_it_continua
     );
 }
 
-/// A first file without a newline is removed at start-up only as what a writer that died in
-/// its `start` record leaves: a few hundred bytes. A large one (here a whole chain's records
-/// with their newlines stripped, and old enough to pass for abandoned) is evidence: it is
-/// left in place for verification to report, not deleted.
-#[test]
-fn a_large_first_file_without_a_newline_is_not_removed_as_an_unstarted_chain() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 1 << 20);
-    write_log(&c, 300, true);
-    let file = chain_files(&dir).remove(0);
+/// A chain of 300 keyed records in one file (well over 64 KiB), its newlines stripped and its
+/// modification time an hour back, as if abandoned; returns the file and its bytes.
+fn stripped_first_file(c: &kvhygiene::config::LogConfig) -> (std::path::PathBuf, Vec<u8>) {
+    write_log(c, 300, true);
+    let file = chain_files(c.dir.as_ref().unwrap()).remove(0);
     let mut bytes = std::fs::read(&file).unwrap();
     assert!(bytes.len() > 64 * 1024, "{} bytes", bytes.len());
     for b in bytes.iter_mut().filter(|b| **b == b'\n') {
@@ -1185,6 +1116,19 @@ fn a_large_first_file_without_a_newline_is_not_removed_as_an_unstarted_chain() {
         .unwrap()
         .set_modified(old)
         .unwrap();
+    (file, bytes)
+}
+
+/// A first file without a newline is removed at start-up only as what a writer that died in
+/// its `start` record leaves: a few hundred bytes. A large one (here a whole chain's records
+/// with their newlines stripped, and old enough to pass for abandoned) is evidence: it is
+/// left in place for verification to report, not deleted.
+#[test]
+fn a_large_first_file_without_a_newline_is_not_removed_as_an_unstarted_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let (file, bytes) = stripped_first_file(&c);
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();
     assert_eq!(
@@ -1204,27 +1148,13 @@ fn a_large_first_file_without_a_newline_and_without_a_checkpoint_fails_against_a
     let mut c = signed_cfg(&tmp);
     c.max_bytes = 1 << 20;
     let dir = log_dir(&tmp);
-    write_log(&c, 300, true);
-    let file = chain_files(&dir).remove(0);
+    let (file, bytes) = stripped_first_file(&c);
     let chain = name(&file)
         .strip_prefix("kvh-")
         .and_then(|n| n.strip_suffix("-000000.jsonl"))
         .unwrap()
         .to_string();
-    let mut bytes = std::fs::read(&file).unwrap();
-    assert!(bytes.len() > 64 * 1024, "{} bytes", bytes.len());
-    for b in bytes.iter_mut().filter(|b| **b == b'\n') {
-        *b = b' ';
-    }
-    std::fs::write(&file, &bytes).unwrap();
     std::fs::remove_file(tmp.path().join("ckpt").join(format!("kvh-{chain}.ckpt"))).unwrap();
-    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-    OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
     // A later start-up leaves it in place.
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();

@@ -442,7 +442,6 @@ fn bad_input_is_a_usage_error_not_a_verdict() {
 #[test]
 fn a_pruned_log_is_admitted_only_with_allow_pruned() {
     use kvhygiene::events::EventSink;
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
     snapshot(&f, Duration::ZERO, |_| {}, &[]);
@@ -461,16 +460,7 @@ fn a_pruned_log_is_admitted_only_with_allow_pruned() {
     }
     writer.flush();
     std::mem::forget(writer);
-    let archive = dir.path().join("archive");
-    std::fs::create_dir(&archive).unwrap();
-    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let (code, out, err) = run(kvh()
-        .args(["prune-log", log.to_str().unwrap(), "--older-than", "0"])
-        .arg("--archive-dir")
-        .arg(&archive)
-        .arg("--key-file")
-        .arg(&key));
-    assert_eq!(code, 0, "{out}{err}");
+    prune_into_archive(&log, &dir.path().join("archive"), &key);
     let l = log.to_str().unwrap();
     let k = key.to_str().unwrap();
     let (code, out, _) = gate(&f, &["--log-dir", l, "--key-file", k]);
@@ -1065,7 +1055,6 @@ fn a_snapshot_with_the_detector_on_missing_a_caller_signal_series_is_not_admitte
 /// is given the log without the key.
 #[test]
 fn the_options_a_reason_points_to_are_options_of_the_gate() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("kvh.prom");
     snapshot(&f, Duration::ZERO, |_| {}, &[]);
@@ -1073,16 +1062,7 @@ fn the_options_a_reason_points_to_are_options_of_the_gate() {
     forensic_common::write_log(&forensic_common::cfg(&log, 1 << 20), 3, true);
     let key = dir.path().join("hmac.key");
     std::fs::write(&key, &*forensic_common::secret()).unwrap();
-    let archive = dir.path().join("archive");
-    std::fs::create_dir(&archive).unwrap();
-    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let (code, out, err) = run(kvh()
-        .args(["prune-log", log.to_str().unwrap(), "--older-than", "0"])
-        .arg("--archive-dir")
-        .arg(&archive)
-        .arg("--key-file")
-        .arg(&key));
-    assert_eq!(code, 0, "{out}{err}");
+    prune_into_archive(&log, &dir.path().join("archive"), &key);
     let (code, out, err) = gate(&f, &["--log-dir", log.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
     let (_, help, _) = run(kvh().args(["gate", "--help"]));
@@ -1096,4 +1076,20 @@ fn the_options_a_reason_points_to_are_options_of_the_gate() {
         unknown.is_empty(),
         "the verdict points to {unknown:?}, which `kvh gate` does not accept:\n{said}"
     );
+}
+
+/// Moves every file of the log in `log` older than 0 days into a new private archive
+/// directory `archive` with `kvh prune-log`, which must succeed.
+fn prune_into_archive(log: &std::path::Path, archive: &std::path::Path, key: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(archive).unwrap();
+    std::fs::set_permissions(archive, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out, err) = run(kvh()
+        .arg("prune-log")
+        .arg(log)
+        .args(["--older-than", "0", "--archive-dir"])
+        .arg(archive)
+        .arg("--key-file")
+        .arg(key));
+    assert_eq!(code, 0, "{out}{err}");
 }

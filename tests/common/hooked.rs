@@ -21,6 +21,12 @@ pub trait Hooks: Send + Sync + 'static {
     /// Runs before each submission (it may panic, as a faulty backend would).
     fn before_submit(&self, _batch: &ScrubBatch) {}
 
+    /// Refuses a submission with this error instead of passing it to the host when it
+    /// returns `Some` (after `before_submit`).
+    fn refuse_submit(&self, _batch: &ScrubBatch) -> Option<BackendError> {
+        None
+    }
+
     /// The ticket the pool gets for a batch of `segments` (their addresses), given the
     /// host's.
     fn ticket(
@@ -73,6 +79,9 @@ impl<H: Hooks> Backend for Hooked<H> {
     }
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         self.0.before_submit(&batch);
+        if let Some(e) = self.0.refuse_submit(&batch) {
+            return Err(e);
+        }
         let addrs: Vec<DevicePtr> = batch.segments.iter().map(|s| s.addr).collect();
         // SAFETY: this method's own contract, passed on unchanged.
         let ticket = unsafe { self.0.host().submit_scrub(batch) }?;
