@@ -451,7 +451,11 @@ pub(crate) fn shutdown() {
         if rt.allocator.is_shut_down() {
             return;
         }
-        rt.allocator.shutdown();
+        // A drain that unwinds (an event sink's panic) still ends in exit begun: the log's
+        // stop record and the last snapshot follow all the same, before the panic goes on,
+        // since a second call finds the allocator shut down and returns above.
+        let drained =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.allocator.shutdown()));
         stop_log(rt, false);
         // The last snapshot: from here on it ages, and `kvh gate` takes the process out of
         // rotation once it is stale, since no free is scrubbed any more.
@@ -460,6 +464,9 @@ pub(crate) fn shutdown() {
         }
         write_metrics(rt);
         FINAL_SNAPSHOT_WRITTEN.store(true, Ordering::SeqCst);
+        if let Err(payload) = drained {
+            std::panic::resume_unwind(payload);
+        }
     }
 }
 
