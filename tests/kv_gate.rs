@@ -603,6 +603,34 @@ fn x_claims_ws_block_while<R>(
     })
 }
 
+/// Block 5 is claimed by request w and written, and the gate scrubs on stream 3 (request x's
+/// claims) are held from now on. Returns as many other single-block caches as the gate keeps
+/// ledgers for: [`push_out_ledger`] scrubs them, which pushes the cache's ledger out.
+fn ws_block_held_for_x(
+    alloc: &kvhygiene::alloc::Allocator,
+    backend: &held::Held,
+    layout: &KvLayout,
+) -> Vec<KvLayout> {
+    let others = single_block_caches(alloc, 64);
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(backend, layout, 5, 0x77);
+    backend.hold(3, true);
+    others
+}
+
+/// The engine scrubs every cache of `others`: the gate then keeps none of the ledgers it kept
+/// before.
+fn push_out_ledger(alloc: &kvhygiene::alloc::Allocator, others: &[KvLayout]) {
+    for other in others {
+        alloc
+            .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
+            .unwrap();
+    }
+}
+
 /// Block 5 is claimed by request w and written; request x then claims it, and while each of
 /// the gate's first `passes` scrubs for x is held, the engine scrubs as many other caches as
 /// the gate keeps ledgers for, which pushes the cache's ledger out. Returns x's claim.
@@ -612,20 +640,7 @@ fn x_claims_ws_block_losing_its_ledger(
     layout: &KvLayout,
     passes: usize,
 ) -> KvClaimReport {
-    let others = single_block_caches(alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(backend, layout, 5, 0x77);
-    backend.hold(3, true);
-    let forget = || {
-        for other in &others {
-            alloc
-                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
-                .unwrap();
-        }
-    };
+    let others = ws_block_held_for_x(alloc, backend, layout);
     std::thread::scope(|s| {
         let x = s.spawn(|| {
             as_request("t", "x", || {
@@ -634,7 +649,7 @@ fn x_claims_ws_block_losing_its_ledger(
         });
         for pass in 1..=passes {
             backend.wait_submitted(3, pass);
-            forget();
+            push_out_ledger(alloc, &others);
             backend.let_through(3, pass);
         }
         backend.hold(3, false);
@@ -943,20 +958,7 @@ fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
 #[test]
 fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_took_meanwhile() {
     let (alloc, backend, layout) = held_cache();
-    let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
-    backend.hold(3, true);
-    let forget = || {
-        for other in &others {
-            alloc
-                .scrub_kv_blocks(other, &[0], 0, StreamHandle(9))
-                .unwrap();
-        }
-    };
+    let others = ws_block_held_for_x(&alloc, &backend, &layout);
     let (x, y) = std::thread::scope(|s| {
         let x = s.spawn(|| {
             as_request("t", "x", || {
@@ -964,10 +966,10 @@ fn a_claim_whose_ledger_is_forgotten_twice_does_not_get_a_block_another_claim_to
             })
         });
         backend.wait_submitted(3, 1);
-        forget();
+        push_out_ledger(&alloc, &others);
         backend.let_through(3, 1);
         backend.wait_submitted(3, 2);
-        forget();
+        push_out_ledger(&alloc, &others);
         // While x's second scrub runs: request y claims block 5 through the cache's ledger
         // now (its gate scrub on stream 4 is not held), and is handed it.
         let y = as_request("t", "y", || {

@@ -565,18 +565,11 @@ fn write_text(out: &mut impl Write, snap: &Snapshot, r: &Report) -> std::io::Res
             r.max_age_seconds.unwrap_or(0)
         )?;
     }
-    let verdict = match (r.ok, r.security_failures.is_empty()) {
-        (false, _) => "FAILED",
-        (true, true) => "OK",
-        // Exit 0 as documented, but a bare OK under a list of failures reads as a pass.
-        (true, false) => "OK",
-    };
-    let listed = r.ok && !r.security_failures.is_empty();
-    writeln!(
-        out,
-        "{verdict}{}",
-        if listed { UNCHECKED_FAILURES } else { "" }
-    )
+    if !r.ok {
+        return writeln!(out, "FAILED");
+    }
+    let listed = !r.security_failures.is_empty();
+    writeln!(out, "OK{}", if listed { UNCHECKED_FAILURES } else { "" })
 }
 
 /// The sidecar's endpoints: `/metrics` (the file, or 503) and `/healthz`.
