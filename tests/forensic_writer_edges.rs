@@ -218,3 +218,89 @@ fn a_periodic_summary_put_after_the_final_one_does_not_replace_it() {
         "{summaries:?}"
     );
 }
+
+/// A writer thread that panics (a bug) loses what it held and everything queued after: each
+/// such record is counted in `records_lost`, none is counted written, a summary put later is
+/// refused and counted, `flush` and `stop` return, and the log says why it stopped writing.
+#[test]
+fn a_writer_that_panics_counts_every_record_it_did_not_write() {
+    use kvhygiene::events::EventSink;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    for i in 0..3 {
+        log.emit(event(i));
+    }
+    log.flush();
+    let before = log.stats();
+    assert_eq!(before.records_lost, 0, "{before:?}");
+
+    log.inject_writer_panic();
+    for i in 3..8 {
+        log.emit(event(i));
+    }
+    log.flush();
+    for i in 8..10 {
+        log.emit(event(i));
+    }
+    log.record_summary(serde_json::json!({"frees": 1}));
+    log.stop();
+
+    let after = log.stats();
+    assert_eq!(after.records_written, before.records_written, "{after:?}");
+    assert_eq!(after.records_lost, 5 + 2 + 1, "{after:?}");
+    let error = after.last_error.unwrap_or_default();
+    assert!(error.contains("panicked"), "{error}");
+}
+
+/// While other producers keep the queue full, `flush` still returns once this thread's
+/// records are written, and `stop` still ends the chain with its `stop` record: neither needs
+/// a slot in the queue that the blocked producers race for.
+#[test]
+fn flush_and_stop_get_through_a_queue_other_producers_keep_full() {
+    use kvhygiene::events::EventSink;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let mut c = cfg(&dir, 1 << 40);
+    c.queue_capacity = 1;
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..4)
+        .map(|t| {
+            let (log, done) = (log.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !done.load(Ordering::Relaxed) && !log.is_stopped() {
+                    log.emit(event(1_000_000 * (t + 1) + i));
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for round in 0..20u64 {
+        let marker = 999_000 + round;
+        log.emit(event(marker));
+        log.flush();
+        let text: String = chain_files(&dir)
+            .iter()
+            .map(|f| fs::read_to_string(f).unwrap())
+            .collect();
+        assert!(
+            text.contains(&format!("\"req-{marker}\"")),
+            "round {round}: flush returned before this thread's record was written"
+        );
+    }
+    log.stop();
+    done.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.join().unwrap();
+    }
+    let files = chain_files(&dir);
+    let last = read_lines(files.last().unwrap()).pop().unwrap();
+    assert!(
+        last.contains("\"kind\":\"stop\""),
+        "the chain ends with {last}"
+    );
+}

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use std::borrow::Cow;
@@ -173,13 +173,29 @@ pub(crate) struct Shared {
     injected_fsync_faults: AtomicU32,
     /// Test hook: the next this-many fsyncs of the log directory fail with `EIO`.
     injected_dir_fsync_faults: AtomicU32,
-    /// How the log's stop stands, for a second `stop` to wait on.
-    stopping: Mutex<Stopping>,
-    stopping_cv: std::sync::Condvar,
+    /// Test hook: the next write of the log file panics, as a bug in the writer would.
+    injected_panic: AtomicBool,
+    /// Records producers began to queue (`Event`, `Anomaly`), counted before their send: a
+    /// flush waits until the writer has handled this many.
+    records_queued: AtomicU64,
+    /// A `stop` asked the writer to end (with the start-up's error when it failed). A flag
+    /// rather than a message: a queue kept full by producers has no slot to spare for it.
+    stop_request: Mutex<Option<StopRequest>>,
+    /// How far the writer has come, for `flush` and `stop` to wait on.
+    progress: Mutex<Progress>,
+    progress_cv: std::sync::Condvar,
+}
+
+/// What `stop` asks of the writer.
+pub(crate) struct StopRequest {
+    /// The start-up's error, for the `stop` record's `start_failed`.
+    pub(crate) start_failed: Option<String>,
 }
 
 #[derive(Default)]
-struct Stopping {
+struct Progress {
+    /// Records (`Event`, `Anomaly`) the writer has taken from the queue, and tried to write.
+    records_handled: u64,
     /// The writer thread has ended (after its `stop` record, or a panic).
     writer_ended: bool,
     /// The first `stop` has returned (the writer ended, or its wait ran out).
@@ -187,17 +203,28 @@ struct Stopping {
 }
 
 impl Shared {
-    fn update_stopping(&self, f: impl FnOnce(&mut Stopping)) {
-        f(&mut lock(&self.stopping));
-        self.stopping_cv.notify_all();
+    fn update_progress(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut lock(&self.progress));
+        self.progress_cv.notify_all();
     }
 
-    /// Waits up to `limit` until the writer thread has ended or the first `stop` gave up.
-    fn wait_for_first_stop(&self, limit: Duration) {
-        let state = lock(&self.stopping);
+    /// Waits up to `limit` until `done` holds of the writer's progress, or the writer ended.
+    fn wait_for_writer(&self, limit: Duration, done: impl Fn(&Progress) -> bool) {
+        let state = lock(&self.progress);
         let _ = self
-            .stopping_cv
-            .wait_timeout_while(state, limit, |s| !s.writer_ended && !s.first_returned);
+            .progress_cv
+            .wait_timeout_while(state, limit, |p| !p.writer_ended && !done(p));
+    }
+
+    /// The writer's side of `flush`: every record counted in `handled` was taken from the
+    /// queue and its write tried.
+    pub(crate) fn records_handled(&self, handled: u64) {
+        self.update_progress(|p| p.records_handled = handled);
+    }
+
+    /// The writer's side of `stop`: the request, once.
+    pub(crate) fn take_stop_request(&self) -> Option<StopRequest> {
+        lock(&self.stop_request).take()
     }
 }
 
@@ -206,7 +233,7 @@ struct WriterDone(Arc<Shared>);
 
 impl Drop for WriterDone {
     fn drop(&mut self) {
-        self.0.update_stopping(|s| s.writer_ended = true);
+        self.0.update_progress(|p| p.writer_ended = true);
     }
 }
 
@@ -218,12 +245,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) enum Msg {
     Event(Queued<Event>),
     Anomaly(Queued<(Value, crate::context::Context, u64)>),
-    /// A summary is waiting in the slot.
+    /// Look at the summary slot, the flush tickets and the stop request now, rather than at
+    /// the next tick.
     Wake,
-    /// Write everything queued so far, then acknowledge.
-    Flush(SyncSender<()>),
-    /// Write the `stop` record (with the start-up's error when it failed), then acknowledge.
-    Stop(SyncSender<()>, Option<String>),
 }
 
 /// A record on its way to the writer, counted in `records_lost` if it is dropped unwritten:
@@ -338,12 +362,14 @@ impl ForensicLog {
         std::process::id() != self.pid
     }
 
-    /// Queues a message; waits (counted) rather than drop it when the queue is full. A
+    /// Queues a record; waits (counted) rather than drop it when the queue is full. A
     /// record that cannot be queued is dropped here, and counted lost by its [`Queued`].
     fn send(&self, msg: Msg) {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
+        // Counted before the send, so that a flush on this thread, later, waits for it.
+        self.shared.records_queued.fetch_add(1, Ordering::SeqCst);
         match self.tx.try_send(Box::new(msg)) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
@@ -352,6 +378,11 @@ impl ForensicLog {
             }
             Err(TrySendError::Disconnected(_)) => {}
         }
+    }
+
+    /// Wakes the writer now rather than at its next tick; a full queue needs no wake.
+    fn wake(&self) {
+        let _ = self.tx.try_send(Box::new(Msg::Wake));
     }
 
     /// Records periodic counters. Summaries waiting to be written are replaced by newer ones
@@ -407,7 +438,7 @@ impl ForensicLog {
                 .fetch_add(1, Ordering::Relaxed);
         } else {
             // A full queue will be drained soon anyway: the writer checks the slot each round.
-            let _ = self.tx.try_send(Box::new(Msg::Wake));
+            self.wake();
         }
         true
     }
@@ -426,18 +457,19 @@ impl ForensicLog {
     }
 
     /// Waits until everything queued before the call is written (not necessarily fsynced), for
-    /// at most [`FLUSH_TIMEOUT`].
+    /// at most [`FLUSH_TIMEOUT`]. Takes no slot in the queue: it waits for the writer to have
+    /// handled as many records as were queued before it, which, the queue being first in,
+    /// first out, includes every record this thread queued.
     pub fn flush(&self) {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
-        // Bounded whole, queueing included: a writer held by a hung disk leaves the queue
-        // full, and a fail-closed stop flushes before it aborts.
-        let deadline = Instant::now() + FLUSH_TIMEOUT;
-        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        if self.send_before(Msg::Flush(ack_tx), deadline) {
-            let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        }
+        let ticket = self.shared.records_queued.load(Ordering::SeqCst);
+        self.wake();
+        // Bounded: a writer held by a hung disk never gets there, and a fail-closed stop
+        // flushes before it aborts.
+        self.shared
+            .wait_for_writer(FLUSH_TIMEOUT, |p| p.records_handled >= ticket);
     }
 
     /// Writes the `stop` record and the final checkpoint, flushes and joins the writer.
@@ -463,43 +495,22 @@ impl ForensicLog {
             // bounded as that stop is, for its writer to write the `stop` record and end, so
             // that this caller, about to end the process, does not end it first. A stop that
             // already returned (or gave up on a stuck writer) is not waited for again.
-            self.shared.wait_for_first_stop(limit);
+            self.shared.wait_for_writer(limit, |p| p.first_returned);
             return;
         }
         self.stop_first(limit, start_failed);
-        self.shared.update_stopping(|s| s.first_returned = true);
+        self.shared.update_progress(|p| p.first_returned = true);
     }
 
-    /// The first `stop`: queues the stop message and waits, bounded, for the writer's last
-    /// write.
+    /// The first `stop`: asks the writer to end and waits, bounded, for its last write.
     fn stop_first(&self, limit: Duration, start_failed: Option<String>) {
-        let deadline = Instant::now() + limit;
-        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
-        if !self.send_before(Msg::Stop(ack_tx, start_failed), deadline) {
-            return;
-        }
+        *lock(&self.shared.stop_request) = Some(StopRequest { start_failed });
+        self.wake();
         // A writer stuck in the kernel (hung NFS) must not hang process exit forever.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if ack_rx.recv_timeout(left).is_ok() {
+        self.shared.wait_for_writer(limit, |_| false);
+        if lock(&self.shared.progress).writer_ended {
             if let Some(t) = lock(&self.thread).take() {
                 let _ = t.join();
-            }
-        }
-    }
-
-    /// Queues `msg` if there is room before `deadline`; a queue that stays full means the
-    /// writer is stuck, and waiting on it with a blocking send could last forever.
-    fn send_before(&self, msg: Msg, deadline: Instant) -> bool {
-        let mut msg = Box::new(msg);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => return true,
-                Err(TrySendError::Disconnected(_)) => return false,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    msg = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(TrySendError::Full(_)) => return false,
             }
         }
     }
@@ -528,6 +539,13 @@ impl ForensicLog {
     #[doc(hidden)]
     pub fn inject_write_faults(&self, n: u32) {
         self.shared.injected_faults.store(n, Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: the writer thread panics at its next write of the log file,
+    /// as a bug in it would.
+    #[doc(hidden)]
+    pub fn inject_writer_panic(&self) {
+        self.shared.injected_panic.store(true, Ordering::SeqCst);
     }
 
     /// Fault injection for tests: the next `n` fsyncs of the log file fail with `EIO`.
@@ -807,6 +825,7 @@ pub(crate) fn quiet_test_config(dir: &std::path::Path) -> crate::config::LogConf
 #[cfg(test)]
 mod stop_tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn stop_returns_when_the_queue_stays_full() {

@@ -344,50 +344,49 @@ impl ChainWriter {
         Ok(w)
     }
 
-    /// The writer thread's loop; returns after `Stop` or when every producer is gone.
+    /// The writer thread's loop; returns after a stop request or when every producer is gone.
     pub fn run(mut self, rx: Receiver<Box<Msg>>) {
         let tick = Duration::from_millis(50);
+        // Records taken from the queue, for `flush` to wait on.
+        let mut handled = 0u64;
         loop {
-            let mut acks = Vec::new();
-            let mut stop = None;
+            let mut stop = false;
             match rx.recv_timeout(tick) {
-                Ok(m) => self.handle(*m, &mut acks, &mut stop),
+                Ok(m) => handled += self.handle(*m),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = Some(None),
+                Err(RecvTimeoutError::Disconnected) => stop = true,
             }
             let mut n = 0;
-            while stop.is_none() && n < BATCH {
+            while !stop && n < BATCH {
                 match rx.try_recv() {
                     Ok(m) => {
-                        self.handle(*m, &mut acks, &mut stop);
+                        handled += self.handle(*m);
                         self.maybe_checkpoint();
                     }
                     Err(_) => break,
                 }
                 n += 1;
             }
-            if stop.is_some() {
+            // Looked at after each batch: producers that keep the queue full cannot hold it off.
+            if let Some(request) = self.shared.take_stop_request() {
+                self.start_failed = request.start_failed.map(|e| bounded_text(&e));
+                stop = true;
+            }
+            if stop {
                 // Producers that raced with `stop` queued before it was seen: keep them.
                 while let Ok(m) = rx.try_recv() {
-                    self.handle(*m, &mut acks, &mut None);
+                    handled += self.handle(*m);
                 }
-            }
-            if stop.is_some() {
                 // Before the last summary and records are written: not into a file removed
                 // within the last check's second (they are counted lost instead, or go into
                 // the next file).
                 self.check_file_now();
             }
-            self.maybe_summary(stop.is_some());
+            self.maybe_summary(stop);
             let _ = self.flush();
-            for a in acks {
-                let _ = a.try_send(());
-            }
-            if let Some(ack) = stop {
+            self.shared.records_handled(handled);
+            if stop {
                 self.finish();
-                if let Some(a) = ack {
-                    let _ = a.try_send(());
-                }
                 return;
             }
             self.maybe_sync();
@@ -486,34 +485,27 @@ impl ChainWriter {
         }
     }
 
-    fn handle(
-        &mut self,
-        m: Msg,
-        acks: &mut Vec<std::sync::mpsc::SyncSender<()>>,
-        stop: &mut Option<Option<std::sync::mpsc::SyncSender<()>>>,
-    ) {
+    /// Seals a queued record into the buffer; returns how many records the message carried.
+    fn handle(&mut self, m: Msg) -> u64 {
         match m {
             Msg::Event(queued) => {
-                let Some(e) = queued.take() else { return };
-                let (kind, fields) = super::event_fields(&e);
-                self.append(kind, fields, unix_nanos(e.at));
+                if let Some(e) = queued.take() {
+                    let (kind, fields) = super::event_fields(&e);
+                    self.append(kind, fields, unix_nanos(e.at));
+                }
+                1
             }
             Msg::Anomaly(queued) => {
-                let Some((detail, ctx, ts)) = queued.take() else {
-                    return;
-                };
-                let mut f = Vec::with_capacity(4);
-                super::context_fields(&ctx, &mut f);
-                let detail = Field::from(record::sanitize(detail, 0));
-                f.push((Cow::Borrowed("detail"), detail));
-                self.append("anomaly", f, ts);
+                if let Some((detail, ctx, ts)) = queued.take() {
+                    let mut f = Vec::with_capacity(4);
+                    super::context_fields(&ctx, &mut f);
+                    let detail = Field::from(record::sanitize(detail, 0));
+                    f.push((Cow::Borrowed("detail"), detail));
+                    self.append("anomaly", f, ts);
+                }
+                1
             }
-            Msg::Wake => {}
-            Msg::Flush(a) => acks.push(a),
-            Msg::Stop(a, start_failed) => {
-                self.start_failed = start_failed.map(|e| bounded_text(&e));
-                *stop = Some(Some(a));
-            }
+            Msg::Wake => 0,
         }
     }
 
@@ -787,7 +779,18 @@ impl ChainWriter {
             self.file.write_all(&self.buf[..half])?;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
+        if self.shared.injected_panic.swap(false, Ordering::SeqCst) {
+            panic!("injected panic in the forensic log's writer");
+        }
         self.file.write_all(&self.buf)
+    }
+
+    /// The buffered records, each with its line's length (newline included).
+    fn buffered_records(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let mut lines = self.buf.split(|&b| b == b'\n');
+        self.buf_kinds
+            .iter()
+            .map(move |&kind| (kind, lines.next().map_or(0, |l| l.len() as u64 + 1)))
     }
 
     #[cold]
@@ -807,9 +810,9 @@ impl ChainWriter {
         // losses, the link, and, while the writer finishes, the `stop` record, sealed again
         // from the totals then).
         let mut missed: Vec<(&'static str, u64)> = Vec::new();
-        let mut lines = self.buf.split(|&b| b == b'\n');
-        for kind in self.buf_kinds.drain(..) {
-            let len = lines.next().map_or(0, |l| l.len() as u64 + 1);
+        let buffered: Vec<_> = self.buffered_records().collect();
+        self.buf_kinds.clear();
+        for (kind, len) in buffered {
             if self.finishing && kind == "stop" {
                 self.unwritten_stop_bytes = len;
             } else if !(kind == "lost" || (relink && kind == "rotate")) {
@@ -1301,6 +1304,39 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
 /// checkpoint just signed. Counted, it would make an idle log sign one at every interval (at
 /// every record with `checkpoint_every = 1`); the next checkpoint, after new records, covers
 /// it, and a `rotate` or `lost` record written with it counts as any other.
+/// A writer thread that unwinds (a bug) drops the records sealed into its buffer and not yet
+/// written: they are counted lost, as a failed write counts them (invariant 5), but for the
+/// description of earlier losses, whose records are counted already, and a fresh file's link.
+/// What was still queued is counted by its `Queued` as the queue is dropped.
+impl Drop for ChainWriter {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let relink = self.at_fresh_file();
+        let s = &self.shared;
+        for (kind, len) in self.buffered_records() {
+            if !(kind == "lost" || (relink && kind == "rotate")) {
+                s.records_lost.fetch_add(1, Ordering::Relaxed);
+                s.bytes_lost.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        // Its summary would never be written either; a later one is refused, and counted.
+        let mut slot = lock(&s.summary);
+        slot.closed = true;
+        if slot.counters.take().is_some() {
+            s.records_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(slot);
+        s.write_errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&s.last_error) = Some(
+            "the writer thread panicked: records it held unwritten are counted lost, and \
+             no later record is written"
+                .into(),
+        );
+    }
+}
+
 fn new_records(kinds: &[&'static str]) -> u64 {
     kinds.iter().filter(|k| **k != "checkpoint").count() as u64
 }
