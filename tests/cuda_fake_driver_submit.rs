@@ -550,3 +550,45 @@ fn a_recorded_stream_forgotten_and_destroyed_after_the_free_is_never_used_again(
          returned (synchronize returned {synced:?})"
     );
 }
+
+/// ARCHITECTURE.md: "during CUDA graph capture nothing is launched into a capturing stream and
+/// the driver allocator is not called". A pool miss whose capture query said "not capturing"
+/// gets fresh memory, and the zeroing of that memory is then refused by a capture that began
+/// since (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: a global-mode capture on another stream). The
+/// allocation fails as during a capture; the memory it got is not handed back with
+/// `cuMemFree` (a device synchronisation, which a capture under way forbids) while that
+/// capture is known to be active. It is kept, never handed out unzeroed: its scrub runs once
+/// the capture has ended, and the next allocation of its size gets it without a new
+/// `cuMemAlloc`.
+#[test]
+fn a_fresh_allocation_whose_zeroing_a_capture_refuses_calls_no_cu_mem_free() {
+    let (path, lib) = fake_or_skip!("zeroing_refused_no_mem_free");
+    let alloc = allocator(&path, 0);
+    let s = StreamHandle(0);
+    switch(&lib, "fail_next_memset", 906);
+    let before = query(&lib, "mem_frees", 0);
+    let got = alloc.malloc(4096, 0, s);
+    let during = query(&lib, "mem_frees", 0) - before;
+    assert!(got.is_err(), "the allocation succeeded: {got:?}");
+    assert_eq!(
+        during, 0,
+        "malloc called cuMemFree {during} time(s) after the backend said a capture is active \
+         ({got:?})"
+    );
+    alloc.check_consistency().unwrap();
+
+    alloc.synchronize().unwrap();
+    let allocs = query(&lib, "mem_allocs", 0);
+    let again = alloc.malloc(4096, 0, s).unwrap();
+    assert_eq!(
+        query(&lib, "mem_allocs", 0),
+        allocs,
+        "the kept memory was not handed out once its scrub ran"
+    );
+    let stats = alloc.stats().counters;
+    assert_eq!((stats.allocations, stats.pool_hits), (1, 1), "{stats:?}");
+    alloc.free(again, 4096, 0, s).unwrap();
+    alloc.synchronize().unwrap();
+    alloc.check_consistency().unwrap();
+    alloc.shutdown();
+}

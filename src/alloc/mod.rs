@@ -438,6 +438,14 @@ impl Allocator {
             if exiting {
                 return Err(AllocError::ShuttingDown);
             }
+            if matches!(e, BackendError::StreamCapturing { .. }) {
+                // A capture began since the capture query: no `cuMemFree` while it lasts.
+                let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+                self.with_pool(dev, |pool, backend, config, after| {
+                    pool.insert_unzeroed(block, seq, backend, config, after);
+                });
+                return Err(self.allocation_failed(size, dev, e));
+            }
             if let Err(release) = backend.release(dev, addr, class.capacity) {
                 // A failed release leaks the memory and counts a backend error.
                 let _ = self.backend_fault(dev, release);

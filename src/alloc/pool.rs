@@ -363,6 +363,38 @@ impl DevicePool {
         self.blocks.insert(block.addr, block);
     }
 
+    /// Fresh memory whose zeroing a CUDA graph capture refused (one begun since the capture
+    /// query): giving it back now would call `cuMemFree`, a device synchronisation that the
+    /// capture forbids. Kept instead as a PENDING block that nobody was handed, its scrub
+    /// queued on `stream` (deferred, as every scrub is, until the capture ends); once that
+    /// scrub verifies it joins the free lists CLEAN. Counted as fresh memory from the backend,
+    /// not as an allocation or a free.
+    #[cold]
+    pub(crate) fn insert_unzeroed(
+        &mut self,
+        mut block: Block,
+        seq: u64,
+        backend: &dyn Backend,
+        config: &Config,
+        after: &mut Aftermath,
+    ) {
+        let capacity = block.capacity();
+        let (addr, stream) = (block.addr, block.free_stream);
+        block.state = BlockState::Pending;
+        block.scrub_seq = seq;
+        // Nobody's data was ever in it: it may be handed out (once) under any reuse policy,
+        // as any fresh memory is.
+        block.disposition = Disposition::Reuse;
+        // Its first hand-out, from the free list, counts it as handed out once.
+        block.reuse_count = 0;
+        let s = &mut self.stats;
+        s.accounting.pending.add(capacity);
+        s.counters.fresh_allocations += 1;
+        s.counters.bytes_allocated_fresh += capacity;
+        self.blocks.insert(addr, block);
+        self.enqueue(addr, stream, backend, config, after);
+    }
+
     /// Whether batches of this pool are on the device (in flight here, or being waited on by
     /// another thread): each holds a batch slot, given back when it completes.
     pub(crate) fn holds_batch_slots(&self) -> bool {
