@@ -1173,3 +1173,66 @@ fn a_large_first_file_without_a_newline_and_without_a_checkpoint_fails_against_a
         bytes.len()
     );
 }
+
+const OPEN_AND_STOP_CHILD_ENV: &str = "KVH_FORENSIC_CRASH_OPEN_AND_STOP_DIR";
+
+/// In the child (re-executed test binary): opens the log in the directory named by
+/// [`OPEN_AND_STOP_CHILD_ENV`] and stops it; what the start-up said is on stderr. In a normal
+/// test run it returns at once.
+#[test]
+fn open_and_stop_child_entry() {
+    let Some(dir) = std::env::var_os(OPEN_AND_STOP_CHILD_ENV) else {
+        return;
+    };
+    let c = cfg(std::path::Path::new(&dir), 1 << 20);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+}
+
+/// What a start-up on `dir` ([`open_and_stop_child_entry`]) said on stderr.
+fn start_up_says(dir: &std::path::Path) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "open_and_stop_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(OPEN_AND_STOP_CHILD_ENV, dir)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "the start-up failed: {said}");
+    said
+}
+
+/// A chain whose newest file cannot be continued (immutable) is said to be left as it ended
+/// only when a process could have meant to continue it: a crashed chain is named at start-up,
+/// a chain that ended with its `stop` record, which no process continues anyway, is not.
+#[test]
+fn only_a_crashed_chain_left_unwritable_is_named_at_start_up() {
+    const SAID: &str = "left as it ended";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 3, true);
+    let stopped = chain_files(&dir)[0].clone();
+    let Some(_unmark_stopped) = Attribute::set(&stopped, "i") else {
+        return;
+    };
+    let said = start_up_says(&dir);
+    assert!(
+        !said.contains(SAID),
+        "a chain that ended with `stop` was named: {said}"
+    );
+
+    let crashed = tempfile::tempdir().unwrap();
+    let crashed_dir = log_dir(&crashed);
+    let file = crashed_chain(&cfg(&crashed_dir, 1 << 20), true);
+    let Some(_unmark_crashed) = Attribute::set(&file, "i") else {
+        return;
+    };
+    let said = start_up_says(&crashed_dir);
+    assert!(said.contains(SAID), "a crashed chain was not named: {said}");
+}
