@@ -75,8 +75,9 @@ enum kvh_result
   // claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
   KVH_ERR_KV_GATE = 7021,
   // `kvh_claim_blocks`: some blocks were not handed over because another claim took them
-  // while the gate scrubbed them (two requests were given the same blocks); the others
-  // were. The blocks named are the other request's: do not use them.
+  // while the gate scrubbed them (two requests were given the same blocks), or because the
+  // gate lost track of them (their ledger pushed out at every try; the `policy_violation`
+  // record says so); the others were. Do not use the blocks named.
   KVH_ERR_KV_TAKEN = 7022,
   // This process is a child forked after kvhygiene started in its parent: the allocator
   // it inherited is the parent's (its pool locks may have been held at the fork, its
@@ -238,7 +239,10 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now, before,
 // or another scrub's while the gate scrubbed them; the list also holds any taken ones),
 // `KVH_ERR_KV_TAKEN` when another claim took them while the gate scrubbed them (two
-// requests were given the same blocks). `KVH_ERR_KV_GATE` (enforce): blocks would change
+// requests were given the same blocks), or when the gate lost track of them: their ledger
+// was pushed out at every try (claims through another layout of the same memory, or more
+// KV caches claiming than the gate keeps ledgers for; the `policy_violation` record says
+// which). Claim them again. `KVH_ERR_KV_GATE` (enforce): blocks would change
 // owner unscrubbed (or failed their last scrub); they are listed the same way and nothing
 // was handed over. Any other code is one of `kvh_scrub_blocks`'s (`KVH_ERR_NOT_LIVE` also
 // when the cache was freed while the claim ran): nothing may be taken as handed over. Refusals

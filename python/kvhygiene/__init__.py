@@ -122,8 +122,9 @@ class ScrubVerificationError(KvhError):
 class ClaimRefusedError(KvhError):
     """:func:`claim_blocks` did not hand ``refused_blocks`` to the request: their scrub failed
     verification (``code`` 7009; the other blocks were handed over), another claim took them
-    while the gate scrubbed them (``code`` 7022: two requests were given the same blocks; the
-    other blocks were handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
+    while the gate scrubbed them (``code`` 7022: two requests were given the same blocks, or
+    the gate lost track of them, its ledger pushed out at every try; the other blocks were
+    handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
     without a verified scrub (``code`` 7021; nothing of the refusing library call was handed
     over, but a claim split over several calls hands over the calls before it: see
     :func:`claim_blocks`). Refused blocks must not be used."""
