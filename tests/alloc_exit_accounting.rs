@@ -52,3 +52,36 @@ fn a_block_retired_after_exit_began_is_not_counted_or_recorded_as_released() {
         f.sink.count("release")
     );
 }
+
+/// Fresh memory whose zeroing a graph capture refused is kept PENDING until the capture ends;
+/// it held nobody's data and was never freed. Shutdown during that capture leaves it to the
+/// process's end, as it leaves fresh memory whose allocation met the start of exit: it is not
+/// one of the "freed blocks" neither verified nor returned, which `synchronize` (and
+/// `kvh_synchronize`'s `KVH_ERR_SHUTTING_DOWN`) report as left unscrubbed by shutdown.
+#[test]
+fn fresh_memory_kept_after_a_refused_zeroing_is_not_reported_as_a_freed_block_left_unscrubbed() {
+    use kvhygiene::backend::BackendError;
+    use std::sync::atomic::Ordering;
+    let f = Fixture::new(manual_config());
+    f.backend
+        .zero_fresh_errors
+        .lock()
+        .unwrap()
+        .push_back(BackendError::StreamCapturing {
+            stream: 0,
+            what: "zeroing fresh memory",
+        });
+    assert!(f.alloc.malloc(4096, 0, S).is_err());
+    // The capture goes on: scrub launches are refused while shutdown drains.
+    f.backend.capturing.store(true, Ordering::SeqCst);
+    f.alloc.shutdown();
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.frees, 0, "nothing was freed");
+    let left = f.alloc.unscrubbed_after_shutdown();
+    let sync = f.alloc.synchronize();
+    assert!(
+        left == 0 && sync.is_ok(),
+        "no block was freed, yet shutdown reports {left} freed block(s) left unscrubbed: \
+         {sync:?}"
+    );
+}

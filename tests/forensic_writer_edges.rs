@@ -304,3 +304,39 @@ fn flush_and_stop_get_through_a_queue_other_producers_keep_full() {
         "the chain ends with {last}"
     );
 }
+
+/// A record that does not fit in the active file first has the records buffered ahead of it
+/// written, then the file rotated. A writer thread that panics (a bug) in that write loses the
+/// record it was sealing as well as the buffered ones: it too is counted in `records_lost`
+/// (invariant 5). Here the buffer ahead of it holds the `lost` record of a failed write; each
+/// run fills the first file to another level, so that in one of them the `lost` record fits
+/// in the file and the event after it does not.
+#[test]
+fn a_writer_that_panics_while_making_room_for_a_record_counts_that_record() {
+    use kvhygiene::events::EventSink;
+    for k in 0..16u64 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let log = ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), None).unwrap();
+        for i in 0..k {
+            log.emit(event(100 + i));
+        }
+        log.flush();
+        log.inject_write_faults(1);
+        log.emit(event(200));
+        log.flush();
+        assert_eq!(log.stats().records_lost, 1, "k = {k}: {:?}", log.stats());
+        // Past the wait before a failed write is tried again (100 ms after the first
+        // failure): the next write is tried.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        log.inject_writer_panic();
+        log.emit(event(300));
+        log.flush();
+        log.stop();
+        let after = log.stats();
+        assert_eq!(
+            after.records_lost, 2,
+            "k = {k}: the event the panicking writer was sealing vanished uncounted: {after:?}"
+        );
+    }
+}

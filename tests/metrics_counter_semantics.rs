@@ -362,3 +362,36 @@ fn a_kv_scrub_refused_for_lack_of_memory_counts_as_out_of_memory_not_a_backend_e
          kvh_out_of_memory_total"
     );
 }
+
+/// `kvh_free_to_clean_seconds` holds the "Free-to-clean latency of the freed blocks that
+/// became reusable". Fresh memory whose zeroing a graph capture refused (one begun since the
+/// capture query) is kept and scrubbed once the capture allows it: it becomes clean, but it
+/// was never handed out nor freed, so it has no free-to-clean latency and the histogram does
+/// not count it (no free was made here at all).
+#[test]
+fn fresh_memory_kept_after_a_refused_zeroing_has_no_free_to_clean_latency() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    f.backend
+        .zero_fresh_errors
+        .lock()
+        .unwrap()
+        .push_back(BackendError::StreamCapturing {
+            stream: 0,
+            what: "zeroing fresh memory",
+        });
+    let got = f.alloc.malloc(4096, 0, S);
+    assert!(got.is_err(), "the allocation succeeded: {got:?}");
+    f.alloc.synchronize().unwrap();
+    let st = f.alloc.stats();
+    assert_eq!(
+        st.accounting.clean.blocks, 1,
+        "the kept memory became clean"
+    );
+    assert_eq!(
+        (st.counters.frees, st.scrub_latency.count),
+        (0, 0),
+        "no block was freed, yet a free-to-clean latency was recorded: {:?}",
+        st.scrub_latency
+    );
+}

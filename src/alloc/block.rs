@@ -51,7 +51,7 @@ pub struct Block {
     pub free_stream: StreamHandle,
     /// Streams given to `kvh_record_stream` while LIVE.
     pub recorded_streams: Vec<StreamHandle>,
-    /// Times handed out.
+    /// Times handed out (0: fresh memory kept after a refused zeroing, never handed out).
     pub reuse_count: u32,
     pub allocated_at: Instant,
     /// When the block entered its current state.

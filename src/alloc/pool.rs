@@ -236,12 +236,13 @@ impl DevicePool {
     /// Blocks freed that are neither reusable nor returned and could still become one or the
     /// other: PENDING (scrub not applied, or verified for retirement), or QUARANTINED and not
     /// condemned (re-scrub to come, or verified). Once exit has begun, none will be handed
-    /// out or returned, and they are leaked.
+    /// out or returned, and they are leaked. Fresh memory nobody was handed, kept PENDING
+    /// (`insert_unzeroed`), held no data: not a freed block left unscrubbed.
     pub(crate) fn unsettled_blocks(&self) -> usize {
         self.blocks
             .values()
             .filter(|b| match b.state {
-                BlockState::Pending => true,
+                BlockState::Pending => b.reuse_count > 0,
                 BlockState::Quarantined => {
                     !matches!(b.disposition, Disposition::Quarantine(r) if condemned(r))
                 }
@@ -385,7 +386,8 @@ impl DevicePool {
         // Nobody's data was ever in it: it may be handed out (once) under any reuse policy,
         // as any fresh memory is.
         block.disposition = Disposition::Reuse;
-        // Its first hand-out, from the free list, counts it as handed out once.
+        // Handed out never: what tells it from a freed block (no free-to-clean latency, not
+        // left unscrubbed at exit). Its first hand-out, from the free list, counts it once.
         block.reuse_count = 0;
         let s = &mut self.stats;
         s.accounting.pending.add(capacity);
@@ -903,15 +905,29 @@ impl DevicePool {
     /// The freed blocks whose scrub, and the quarantined blocks whose re-scrub, the backend
     /// refused for now, and why the first of them waits: what `synchronize` could not wait
     /// for (it submits both again first, so what is left was refused again).
+    /// (Fresh memory nobody was handed, kept PENDING by `insert_unzeroed`, is not a freed
+    /// block.)
     pub(crate) fn deferred(&self, what: &'static str) -> Option<(usize, BackendError)> {
-        let refused: Vec<&OpenBatch> = self.open.iter().filter(|o| o.deferred.is_some()).collect();
+        let freed = |o: &OpenBatch| {
+            o.blocks
+                .iter()
+                .filter(|a| self.blocks.get(a).is_some_and(|b| b.reuse_count > 0))
+                .count()
+        };
+        let refused: Vec<(&OpenBatch, usize)> = self
+            .open
+            .iter()
+            .filter(|o| o.deferred.is_some())
+            .map(|o| (o, freed(o)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
         let rescrubs = match self.rescrub_deferred {
             Some(_) => self.rescrub_waiting.len(),
             None => 0,
         };
-        let blocks = refused.iter().map(|o| o.blocks.len()).sum::<usize>() + rescrubs;
+        let blocks = refused.iter().map(|(_, n)| n).sum::<usize>() + rescrubs;
         let why = match (refused.first(), self.rescrub_deferred) {
-            (Some(o), _) => o.deferred.map(|d| d.error(what)),
+            (Some((o, _)), _) => o.deferred.map(|d| d.error(what)),
             (None, Some(d)) if rescrubs > 0 => Some(d.error("a quarantined block's re-scrub")),
             _ => None,
         }?;
@@ -1056,8 +1072,10 @@ impl DevicePool {
                     after.abort.get_or_insert_with(|| block.owner.clone());
                 }
             }
-            // Free → CLEAN: recorded below for the blocks that become CLEAN only.
-            let latency = (!rescrub && outcome == Outcome::Ran)
+            // Free → CLEAN: recorded below for the blocks that become CLEAN only, and only
+            // for freed ones (not fresh memory nobody was handed, `insert_unzeroed`).
+            let freed = block.reuse_count > 0;
+            let latency = (!rescrub && outcome == Outcome::Ran && freed)
                 .then(|| now.duration_since(block.state_since).as_micros() as u64);
             // A sample that read non-zero means something wrote to the block after it was
             // freed. Even when coverage passes the threshold, such a block is never handed out

@@ -73,6 +73,9 @@ pub(crate) struct ChainWriter {
     committed_prev: [u8; 32],
     buf: Vec<u8>,
     buf_kinds: Vec<&'static str>,
+    /// The record being sealed while the buffer is written to make room for it (its kind and
+    /// length): in neither the queue nor the buffer, for a writer that unwinds to count.
+    sealing: Option<(&'static str, u64)>,
     lost: Option<Lost>,
     /// Whether `lost` is already described by a record in `buf`.
     lost_in_buf: bool,
@@ -230,6 +233,7 @@ impl ChainWriter {
             committed_prev: prev,
             buf: Vec::with_capacity(1 << 16),
             buf_kinds: Vec::new(),
+            sealing: None,
             lost: None,
             lost_in_buf: false,
             start_failed: None,
@@ -546,10 +550,14 @@ impl ChainWriter {
             && projected > self.max_bytes
             && self.file_len + self.buf.len() as u64 > 0
         {
-            if self.flush().is_err() {
+            self.sealing = Some((kind, sealed.line.len() as u64));
+            let written = self.flush();
+            let rotated = written.is_ok() && self.rotate(ts).is_ok();
+            self.sealing = None;
+            if written.is_err() {
                 return self.reseal_after_write_error(kind, &sealed.line, ts);
             }
-            if self.rotate(ts).is_ok() {
+            if rotated {
                 // Re-sealed after rotating: the record then belongs to the next epoch. A
                 // `stop` record's totals are taken again: they count the new file's `rotate`.
                 let fields = if kind == "stop" {
@@ -1305,7 +1313,7 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
 /// every record with `checkpoint_every = 1`); the next checkpoint, after new records, covers
 /// it, and a `rotate` or `lost` record written with it counts as any other.
 /// A writer thread that unwinds (a bug) drops the records sealed into its buffer and not yet
-/// written: they are counted lost, as a failed write counts them (invariant 5), but for the
+/// written, and the one it was making room for: they are counted lost, as a failed write counts them (invariant 5), but for the
 /// description of earlier losses, whose records are counted already, and a fresh file's link.
 /// What was still queued is counted by its `Queued` as the queue is dropped.
 impl Drop for ChainWriter {
@@ -1315,7 +1323,8 @@ impl Drop for ChainWriter {
         }
         let relink = self.at_fresh_file();
         let s = &self.shared;
-        for (kind, len) in self.buffered_records() {
+        let sealing = self.sealing.into_iter();
+        for (kind, len) in self.buffered_records().chain(sealing) {
             if !(kind == "lost" || (relink && kind == "rotate")) {
                 s.records_lost.fetch_add(1, Ordering::Relaxed);
                 s.bytes_lost.fetch_add(len, Ordering::Relaxed);

@@ -34,6 +34,9 @@ pub struct TestBackend {
     pub calls_after_seal: AtomicU64,
     /// Errors the next `allocate` calls return, one each, before the host allocates again.
     pub allocate_errors: Mutex<std::collections::VecDeque<BackendError>>,
+    /// Errors the next `zero_fresh` calls return, one each, before the host zeroes again (a
+    /// capture begun since the capture query refuses the zeroing of fresh memory).
+    pub zero_fresh_errors: Mutex<std::collections::VecDeque<BackendError>>,
     /// What `is_capturing` returns instead of `capturing`'s answer (a failed driver query).
     pub capture_query_error: Mutex<Option<BackendError>>,
     /// Run once, right after the next submission (what another thread does meanwhile, e.g.
@@ -60,6 +63,7 @@ impl TestBackend {
             submit_budget: AtomicI64::new(-1),
             calls_after_seal: AtomicU64::new(0),
             allocate_errors: Mutex::new(std::collections::VecDeque::new()),
+            zero_fresh_errors: Mutex::new(std::collections::VecDeque::new()),
             capture_query_error: Mutex::new(None),
             after_next_submit: Mutex::new(None),
             refuse: Mutex::new(None),
@@ -181,6 +185,9 @@ impl Backend for TestBackend {
         s: StreamHandle,
     ) -> Result<(), BackendError> {
         self.note();
+        if let Some(e) = self.zero_fresh_errors.lock().unwrap().pop_front() {
+            return Err(e);
+        }
         self.host.zero_fresh(d, a, l, s)
     }
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
