@@ -2301,3 +2301,51 @@ fn between_whole_verifications_a_manifest_of_an_ended_chain_is_caught() {
     );
     log.stop();
 }
+
+/// A chain's first file without a record is excused from a checkpoint under a pinned signer
+/// only while it could be a torn `start` record (64 KiB at most), as a whole verification
+/// holds it. One that grows past that between two whole verifications no longer verifies:
+/// the pass that meets it judges it, before anything written after it is passed on.
+#[test]
+fn between_whole_verifications_a_first_file_without_a_record_grown_past_a_start_record_is_caught() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let k = keyed();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let public = public.to_str().unwrap();
+    let mut c = cfg(&k.dir, 1 << 20);
+    c.signing_key_file = Some(signer);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    emit(&log, 0..1);
+    // What a writer that died in its `start` record leaves: file 0, a few torn bytes.
+    let unstarted = k.dir.join("kvh-p4242-t1700000000000000000-000000.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&unstarted)
+        .unwrap();
+    f.write_all(b"{\"chain\":\"p4242-t1700000000000000000\",\"config_dig")
+        .unwrap();
+    let mut tail = spawn_between_whole(
+        &k.dir,
+        &k.args(&["--public-key", public]),
+        Some("1 chains verified"),
+    );
+    // Grown past the size of a torn `start` record, still without a newline.
+    f.write_all(&vec![b'x'; 64 * 1024]).unwrap();
+    drop(f);
+    rejected_by_verify_log(
+        &k.dir,
+        &k.keyed(&["--public-key", public]),
+        Some("no checkpoint for chain p4242-t1700000000000000000"),
+    );
+    emit(&log, 1..4);
+    first_line_is_tampering(
+        &mut tail,
+        10,
+        "a first file without a record grew past 64 KiB without a checkpoint, yet the tail went on",
+    );
+    log.stop();
+}

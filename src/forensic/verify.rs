@@ -428,6 +428,9 @@ fn verify_listed(
     manifest: Option<LoadedManifest>,
 ) -> Result<ChainReport, VerifyError> {
     let mut report = verify_chain(chain, list, opts, ckpt, manifest)?;
+    // Listed as a chain that may never have started (its file 0 alone, no checkpoint): one a
+    // start-up removes, whole, once it is idle.
+    let maybe_unstarted = ckpt.is_none() && matches!(list, [(0, _)]);
     let mut list = list.to_vec();
     let mut ckpt = ckpt.cloned();
     for _ in 0..MAX_RELISTS {
@@ -451,6 +454,13 @@ fn verify_listed(
         report = match (list.is_empty(), manifest) {
             (false, manifest) => verify_chain(chain, &list, opts, ckpt, manifest)?,
             (true, Some(manifest)) => archived_chain(chain, manifest, opts, ckpt),
+            // Gone whole, where a start-up removes a chain that never started: as when
+            // listed a moment later, nothing of it is left to report, and nothing of
+            // evidence was in it (whoever can delete a checkpoint can delete such a chain).
+            (true, None) if maybe_unstarted => ChainReport {
+                chain: chain.to_owned(),
+                ..ChainReport::default()
+            },
             // Every file gone and no manifest: the first reading's report names one of them.
             (true, None) => break,
         };
@@ -2080,6 +2090,47 @@ mod relist_tests {
             let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
             assert!(!rep.ok(), "file {victim} deleted, yet the chain verifies");
         }
+    }
+
+    /// A chain whose writer died before its `start` record was whole (its file 0 alone,
+    /// holding a few torn bytes) is removed by the next start-up once idle. A verification
+    /// that listed the file before that removal and finds it gone when it reads it does not
+    /// report the chain as tampered: nothing of evidence was in it, as when it is read whole.
+    #[test]
+    fn an_unstarted_chain_removed_by_a_start_up_after_the_listing_is_not_tampering() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let opts = opts();
+        chain(&dir, 1, true);
+        let id = "p4242-t1700000000000000000";
+        let torn = dir.join(files::file_name(id, 0));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&torn)
+            .unwrap()
+            .write_all(b"{\"chain\":\"p4242-t1700000000000000000\",\"config_dig")
+            .unwrap();
+        let list = list_all(&dir, &opts)
+            .unwrap()
+            .into_iter()
+            .find(|(c, _)| c == id)
+            .map(|(_, l)| l)
+            .unwrap();
+        assert!(verify_all(&dir, &opts).unwrap().ok(), "verifies with it");
+        // Removed, as a start-up removes it, between the listing and the reading.
+        std::fs::remove_file(&torn).unwrap();
+        assert!(verify_all(&dir, &opts).unwrap().ok(), "verifies without it");
+        let rep = verify_listed(&dir, id, &list, &opts, None, None).unwrap();
+        assert!(
+            rep.ok(),
+            "a chain without a record, removed at start-up while it was verified, is reported \
+             as tampered: {:?}",
+            rep.problem
+        );
     }
 
     /// The signed checkpoint of the last record of `file`, written in `dir`.

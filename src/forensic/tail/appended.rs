@@ -281,10 +281,15 @@ pub(super) fn appended_pass(
     Ok(Some(moved))
 }
 
-/// Whether a chain's files hold no complete line (no record).
+/// Whether a chain's files hold no complete line (no record), and no more bytes than a
+/// chain that never started may (`files::MAX_UNSTARTED_BYTES`, as `verify` holds it to): a
+/// larger one is left to a whole verification.
 fn no_record(list: &[(u64, PathBuf)]) -> bool {
     list.iter().all(|(_, path)| {
-        files::open_regular(path, files::MAX_READ_BYTES).is_ok_and(|(file, _)| {
+        files::open_regular(path, files::MAX_READ_BYTES).is_ok_and(|(file, len)| {
+            if len > files::MAX_UNSTARTED_BYTES {
+                return false;
+            }
             let mut bytes = Vec::new();
             file.take(files::MAX_READ_BYTES)
                 .read_to_end(&mut bytes)
