@@ -107,3 +107,105 @@ fn a_file_deleted_while_the_report_is_read_is_not_taken_for_a_prune() {
         );
     }
 }
+
+/// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
+fn key_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = dir.join("hmac.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .unwrap();
+    std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
+    key
+}
+
+/// A keyed chain of many files, and beside it a chain whose writer died before its `start`
+/// record was whole (its file 0 alone, a few torn bytes), named to be verified after the
+/// first. Returns the first chain's file 0 (its opening starts the verification of that
+/// chain) and the unstarted chain's file.
+fn log_with_an_unstarted_chain(dir: &Path) -> (String, PathBuf) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    write_log(&cfg(dir, 4096), 2000, true);
+    let files = chain_files(dir);
+    assert!(files.len() > 20, "{} files", files.len());
+    let first = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    let id = "p99999999999-t1700000000000000000";
+    let torn = dir.join(format!("kvh-{id}-000000.jsonl"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&torn)
+        .unwrap()
+        .write_all(b"{\"chain\":\"p99999999999-t1700000000000000000\",\"config_dig")
+        .unwrap();
+    (first, torn)
+}
+
+/// A chain that never started, removed by a start-up after a verification listed it and
+/// before it read it, is reported as when it is listed a moment later: nothing of it. The
+/// report has no entry for it (`verify-log` would print a chain line of 0 files saying its
+/// MACs were not checked for lack of a key file, and only a manifest was read), and every
+/// chain of a verification given the key had its MACs checked.
+#[test]
+fn an_unstarted_chain_removed_while_the_log_is_verified_leaves_nothing_in_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let (first, torn) = log_with_an_unstarted_chain(&dir);
+    let opts = forensic_common::keyed_opts();
+    let before = kvhygiene::forensic::verify_all(&dir, &opts).unwrap();
+    assert!(before.ok() && before.chains.len() == 2, "{before:?}");
+    // Removed, as a start-up removes it, while the first chain is verified.
+    let watcher = delete_at_nth_open(&dir, first, 1, torn.clone());
+    let report = kvhygiene::forensic::verify_all(&dir, &opts).unwrap();
+    assert!(
+        watcher.join().unwrap(),
+        "the unstarted chain was not removed"
+    );
+    assert!(report.ok(), "{:?}", report.first_problem());
+    let empty: Vec<_> = report
+        .chains
+        .iter()
+        .filter(|c| c.files == 0 || !c.macs_checked)
+        .map(|c| (&c.chain, c.files, c.records, c.macs_checked))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "the removed unstarted chain is still reported, as a chain of no file whose MACs \
+         were not checked (chain, files, records, MACs checked): {empty:?}"
+    );
+}
+
+/// `kvh evidence` over the same log: the unstarted chain removed while the report is made
+/// held no record, so the report verifies, with every chain's MACs checked.
+#[test]
+fn an_unstarted_chain_removed_while_the_evidence_report_is_made_does_not_fail_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let (first, torn) = log_with_an_unstarted_chain(&dir);
+    let key = key_file(tmp.path());
+    let watcher = delete_at_nth_open(&dir, first, 1, torn.clone());
+    let args = EvidenceArgs::of(VerifyLogArgs {
+        key_file: vec![key],
+        ..VerifyLogArgs::of(dir.clone())
+    });
+    let ev = collect_with(&args, |_| {}).unwrap();
+    assert!(
+        watcher.join().unwrap(),
+        "the unstarted chain was not removed"
+    );
+    assert!(!torn.exists());
+    assert!(
+        ev.integrity.verified && ev.integrity.macs_checked,
+        "a chain without a record, removed by a start-up while the report was made, fails \
+         the report or hides that MACs were checked: verified {}, MACs checked {}, \
+         problems {:?}",
+        ev.integrity.verified,
+        ev.integrity.macs_checked,
+        ev.integrity.problems
+    );
+}

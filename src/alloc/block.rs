@@ -73,6 +73,12 @@ impl Block {
         self.class.capacity
     }
 
+    /// Fresh memory kept after a graph capture refused its zeroing, not yet handed out: it
+    /// held nobody's data and was never freed, so it is no freed block in any count of them.
+    pub fn never_handed_out(&self) -> bool {
+        self.reuse_count == 0
+    }
+
     /// The identity of this block as events report it.
     pub fn to_ref(&self) -> BlockRef {
         BlockRef {

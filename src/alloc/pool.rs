@@ -241,8 +241,9 @@ impl DevicePool {
     pub(crate) fn unsettled_blocks(&self) -> usize {
         self.blocks
             .values()
+            .filter(|b| !b.never_handed_out())
             .filter(|b| match b.state {
-                BlockState::Pending => b.reuse_count > 0,
+                BlockState::Pending => true,
                 BlockState::Quarantined => {
                     !matches!(b.disposition, Disposition::Quarantine(r) if condemned(r))
                 }
@@ -905,24 +906,23 @@ impl DevicePool {
     /// The freed blocks whose scrub, and the quarantined blocks whose re-scrub, the backend
     /// refused for now, and why the first of them waits: what `synchronize` could not wait
     /// for (it submits both again first, so what is left was refused again).
-    /// (Fresh memory nobody was handed, kept PENDING by `insert_unzeroed`, is not a freed
-    /// block.)
+    /// (Fresh memory nobody was handed, kept by `insert_unzeroed`, is not a freed block.)
     pub(crate) fn deferred(&self, what: &'static str) -> Option<(usize, BackendError)> {
-        let freed = |o: &OpenBatch| {
-            o.blocks
+        let freed = |addrs: &[u64]| {
+            addrs
                 .iter()
-                .filter(|a| self.blocks.get(a).is_some_and(|b| b.reuse_count > 0))
+                .filter(|a| self.blocks.get(a).is_some_and(|b| !b.never_handed_out()))
                 .count()
         };
         let refused: Vec<(&OpenBatch, usize)> = self
             .open
             .iter()
             .filter(|o| o.deferred.is_some())
-            .map(|o| (o, freed(o)))
+            .map(|o| (o, freed(&o.blocks)))
             .filter(|&(_, n)| n > 0)
             .collect();
         let rescrubs = match self.rescrub_deferred {
-            Some(_) => self.rescrub_waiting.len(),
+            Some(_) => freed(&self.rescrub_waiting),
             None => 0,
         };
         let blocks = refused.iter().map(|(_, n)| n).sum::<usize>() + rescrubs;
@@ -1074,7 +1074,7 @@ impl DevicePool {
             }
             // Free → CLEAN: recorded below for the blocks that become CLEAN only, and only
             // for freed ones (not fresh memory nobody was handed, `insert_unzeroed`).
-            let freed = block.reuse_count > 0;
+            let freed = !block.never_handed_out();
             let latency = (!rescrub && outcome == Outcome::Ran && freed)
                 .then(|| now.duration_since(block.state_since).as_micros() as u64);
             // A sample that read non-zero means something wrote to the block after it was

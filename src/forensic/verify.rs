@@ -266,18 +266,15 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
                 None => (None, list.clone()),
             },
         };
+        let manifest = manifests.remove(chain);
+        let Some(verified) = verify_listed(dir, chain, &list, opts, ckpt.as_ref(), manifest)?
+        else {
+            continue;
+        };
         if ckpt.is_none() && !opts.public_keys.is_empty() {
             uncovered.push(report.chains.len());
         }
-        let manifest = manifests.remove(chain);
-        report.chains.push(verify_listed(
-            dir,
-            chain,
-            &list,
-            opts,
-            ckpt.as_ref(),
-            manifest,
-        )?);
+        report.chains.push(verified);
     }
     await_first_checkpoints(dir, opts, &mut report, &uncovered, &mut ckpt_files_read)?;
     // Manifests of chains with no file left.
@@ -393,7 +390,11 @@ fn await_first_checkpoints(
             } else {
                 None
             };
-            report.chains[i] = verify_listed(dir, &chain, &list, opts, Some(&ckpt), manifest)?;
+            // With a checkpoint, a chain is never left out of the report.
+            if let Some(verified) = verify_listed(dir, &chain, &list, opts, Some(&ckpt), manifest)?
+            {
+                report.chains[i] = verified;
+            }
         }
         waiting = still;
         if waiting.is_empty() || Instant::now() >= deadline {
@@ -411,7 +412,8 @@ const MAX_RELISTS: usize = 3;
 
 /// Verifies one chain from the files listed for it and its manifest as loaded; when that
 /// finds a problem and a listed file is gone now, from a new listing, up to
-/// [`MAX_RELISTS`] times.
+/// [`MAX_RELISTS`] times. `None`: a chain that never started, gone whole since the listing
+/// (a start-up removes such a chain), of which nothing is left to report.
 ///
 /// A `prune-log` run that moves the chain meanwhile writes its manifest and then removes
 /// the files it moved, oldest first: a verification that listed them finds one gone when it
@@ -426,11 +428,15 @@ fn verify_listed(
     opts: &VerifyOptions,
     ckpt: Option<&Checkpoint>,
     manifest: Option<LoadedManifest>,
-) -> Result<ChainReport, VerifyError> {
+) -> Result<Option<ChainReport>, VerifyError> {
     let mut report = verify_chain(chain, list, opts, ckpt, manifest)?;
-    // Listed as a chain that may never have started (its file 0 alone, no checkpoint): one a
+    // Listed as a chain that may never have started (its file 0 alone, no checkpoint, no
+    // record and no more torn bytes than such a chain holds, as far as it was read): one a
     // start-up removes, whole, once it is idle.
-    let maybe_unstarted = ckpt.is_none() && matches!(list, [(0, _)]);
+    let maybe_unstarted = ckpt.is_none()
+        && matches!(list, [(0, _)])
+        && report.records == 0
+        && report.torn_bytes <= files::MAX_UNSTARTED_BYTES;
     let mut list = list.to_vec();
     let mut ckpt = ckpt.cloned();
     for _ in 0..MAX_RELISTS {
@@ -457,10 +463,7 @@ fn verify_listed(
             // Gone whole, where a start-up removes a chain that never started: as when
             // listed a moment later, nothing of it is left to report, and nothing of
             // evidence was in it (whoever can delete a checkpoint can delete such a chain).
-            (true, None) if maybe_unstarted => ChainReport {
-                chain: chain.to_owned(),
-                ..ChainReport::default()
-            },
+            (true, None) if maybe_unstarted => return Ok(None),
             // Every file gone and no manifest: the first reading's report names one of them.
             (true, None) => break,
         };
@@ -470,7 +473,7 @@ fn verify_listed(
         // one, and recorded it, while they were read. Read again, it settles which.
         report.checkpoint_reread = newer_checkpoint(chain, opts, ckpt).map(|c| c.seq);
     }
-    Ok(report)
+    Ok(Some(report))
 }
 
 /// The checkpoint of `chain` read again from the checkpoint locations, when one there
@@ -2056,7 +2059,9 @@ mod relist_tests {
         let (id, list) = listed(&dir, &opts);
         assert!(list.len() > 3, "{list:?}");
         prune(&dir, &archive(tmp.path()), &opts);
-        let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+        let rep = verify_listed(&dir, &id, &list, &opts, None, None)
+            .unwrap()
+            .unwrap();
         assert!(rep.ok(), "{:?}", rep.problem);
         assert!(rep.pruned.is_some(), "{rep:?}");
         std::mem::forget(log);
@@ -2071,7 +2076,9 @@ mod relist_tests {
         let (id, list) = listed(&dir, &opts);
         prune(&dir, &archive(tmp.path()), &opts);
         assert!(list_all(&dir, &opts).unwrap().is_empty());
-        let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+        let rep = verify_listed(&dir, &id, &list, &opts, None, None)
+            .unwrap()
+            .unwrap();
         assert!(rep.ok(), "{:?}", rep.problem);
         assert!(rep.closed && rep.pruned.is_some(), "{rep:?}");
     }
@@ -2087,7 +2094,9 @@ mod relist_tests {
             chain(&dir, 5, true);
             let (id, list) = listed(&dir, &opts);
             std::fs::remove_file(&list[victim].1).unwrap();
-            let rep = verify_listed(&dir, &id, &list, &opts, None, None).unwrap();
+            let rep = verify_listed(&dir, &id, &list, &opts, None, None)
+                .unwrap()
+                .unwrap();
             assert!(!rep.ok(), "file {victim} deleted, yet the chain verifies");
         }
     }
@@ -2126,10 +2135,9 @@ mod relist_tests {
         assert!(verify_all(&dir, &opts).unwrap().ok(), "verifies without it");
         let rep = verify_listed(&dir, id, &list, &opts, None, None).unwrap();
         assert!(
-            rep.ok(),
-            "a chain without a record, removed at start-up while it was verified, is reported \
-             as tampered: {:?}",
-            rep.problem
+            rep.is_none(),
+            "a chain without a record, removed at start-up while it was verified, is still \
+             reported: {rep:?}"
         );
     }
 
@@ -2184,7 +2192,9 @@ mod relist_tests {
             verify_all(&dir, &opts).unwrap().ok(),
             "the log verifies once the prune is done"
         );
-        let rep = verify_listed(&dir, &id, &list, &opts, Some(&read), None).unwrap();
+        let rep = verify_listed(&dir, &id, &list, &opts, Some(&read), None)
+            .unwrap()
+            .unwrap();
         assert!(rep.ok(), "{:?}", rep.problem);
         std::mem::forget(log);
     }
