@@ -1801,3 +1801,359 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_refused_as_not_live_leaves_a_kv_gat
          and no kv_gate policy_violation names it: {v:?}"
     );
 }
+
+/// A host backend that runs scrubs the way a device runs them: in stream order, and no
+/// sooner than something needs them. A batch runs when its ticket is polled or waited for,
+/// after every earlier batch of its stream and of the streams it was told to wait for (run
+/// first, in submission order); a batch on a held stream does not run until the stream is
+/// released. Nothing orders a batch after host writes or after other streams, as on a GPU:
+/// a scrub submitted before a write may zero it when it runs after it.
+mod lazy {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+    use kvhygiene::backend::host::HostBackend;
+    use kvhygiene::backend::verify::SegmentResult;
+    use kvhygiene::backend::{
+        Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
+    };
+
+    struct Pending {
+        stream: u64,
+        waits: Vec<u64>,
+        batch: Option<ScrubBatch>,
+        result: Option<Result<Vec<SegmentResult>, BackendError>>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        batches: Vec<Pending>,
+        held: HashSet<u64>,
+        submitted: HashMap<u64, usize>,
+    }
+
+    impl State {
+        /// The batches `i` runs after that have not run yet, `i` included, in submission order.
+        fn closure(&self, i: usize) -> Vec<usize> {
+            let mut need = vec![false; i + 1];
+            need[i] = true;
+            for k in (0..=i).rev() {
+                if !need[k] {
+                    continue;
+                }
+                let (stream, waits) = (self.batches[k].stream, &self.batches[k].waits);
+                for (j, p) in self.batches[..k].iter().enumerate() {
+                    if p.result.is_none() && (p.stream == stream || waits.contains(&p.stream)) {
+                        need[j] = true;
+                    }
+                }
+            }
+            (0..=i)
+                .filter(|&k| need[k] && self.batches[k].result.is_none())
+                .collect()
+        }
+    }
+
+    pub struct Lazy {
+        pub host: Arc<HostBackend>,
+        state: Arc<(Mutex<State>, Condvar)>,
+    }
+
+    impl Lazy {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Lazy {
+                host: HostBackend::new(),
+                state: Arc::default(),
+            })
+        }
+
+        /// Batches on `stream` do not run (`true`) or may run (`false`).
+        pub fn hold(&self, stream: u64, held: bool) {
+            let mut s = self.state.0.lock().unwrap();
+            if held {
+                s.held.insert(stream);
+            } else {
+                s.held.remove(&stream);
+            }
+            self.state.1.notify_all();
+        }
+
+        /// Waits until `n` batches were submitted on `stream`.
+        pub fn wait_submitted(&self, stream: u64, n: usize) {
+            let mut s = self.state.0.lock().unwrap();
+            while s.submitted.get(&stream).copied().unwrap_or(0) < n {
+                s = self.state.1.wait(s).unwrap();
+            }
+        }
+
+        /// How many batches were submitted on `stream`.
+        pub fn submitted(&self, stream: u64) -> usize {
+            let s = self.state.0.lock().unwrap();
+            s.submitted.get(&stream).copied().unwrap_or(0)
+        }
+
+        /// Whether every batch submitted on `stream` has run.
+        pub fn ran_all(&self, stream: u64) -> bool {
+            let s = self.state.0.lock().unwrap();
+            s.batches
+                .iter()
+                .all(|p| p.stream != stream || p.result.is_some())
+        }
+    }
+
+    struct Ticket {
+        host: Arc<HostBackend>,
+        state: Arc<(Mutex<State>, Condvar)>,
+        index: usize,
+    }
+
+    impl Ticket {
+        /// Runs batch `k` (its stream is not held) on the host and keeps its result.
+        fn run_one(&self, s: &mut MutexGuard<'_, State>, k: usize) {
+            let batch = s.batches[k].batch.take().expect("a batch runs once");
+            // SAFETY: the contract `submit_scrub` was called under, which holds until the
+            // ticket completes: the ticket has not completed.
+            let result = unsafe { self.host.submit_scrub(batch) }.and_then(|mut t| t.wait());
+            s.batches[k].result = Some(result);
+            self.state.1.notify_all();
+        }
+
+        /// Runs this batch and what it is ordered after; `None` when `block` is false and a
+        /// batch it needs is held.
+        fn run(&self, block: bool) -> Option<Result<Vec<SegmentResult>, BackendError>> {
+            let mut s = self.state.0.lock().unwrap();
+            loop {
+                let todo = s.closure(self.index);
+                let Some(&k) = todo.first() else {
+                    return s.batches[self.index].result.clone();
+                };
+                if s.held.contains(&s.batches[k].stream) {
+                    if !block {
+                        return None;
+                    }
+                    s = self.state.1.wait(s).unwrap();
+                    continue;
+                }
+                self.run_one(&mut s, k);
+            }
+        }
+    }
+
+    impl ScrubTicket for Ticket {
+        fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+            self.run(false).transpose()
+        }
+
+        fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+            self.run(true).expect("a waited batch runs")
+        }
+    }
+
+    impl Backend for Lazy {
+        host_methods!();
+        unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+            let mut s = self.state.0.lock().unwrap();
+            let stream = b.stream.0;
+            s.batches.push(Pending {
+                stream,
+                waits: b.wait_streams.iter().map(|w| w.0).collect(),
+                batch: Some(b),
+                result: None,
+            });
+            let index = s.batches.len() - 1;
+            *s.submitted.entry(stream).or_default() += 1;
+            self.state.1.notify_all();
+            Ok(Box::new(Ticket {
+                host: self.host.clone(),
+                state: self.state.clone(),
+                index,
+            }))
+        }
+    }
+}
+
+/// An allocator over a [`lazy::Lazy`] backend, with a cache of `BLOCKS` blocks.
+fn lazy_cache() -> (
+    kvhygiene::alloc::Allocator,
+    std::sync::Arc<lazy::Lazy>,
+    KvLayout,
+) {
+    let backend = lazy::Lazy::new();
+    let alloc = kvhygiene::alloc::Allocator::new(
+        backend.clone(),
+        config(KvGateMode::Scrub, KvGateScope::Request),
+        None,
+    );
+    let len = 2 * BLOCKS * BLOCK;
+    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    (alloc, backend, layout)
+}
+
+fn lazy_fill(b: &lazy::Lazy, layout: &KvLayout, id: u64, tag: u8) {
+    use kvhygiene::backend::Backend;
+    for &base in &layout.regions {
+        b.write(0, base + id * BLOCK, &secret(BLOCK as usize, tag))
+            .unwrap();
+    }
+}
+
+fn lazy_holds(b: &lazy::Lazy, layout: &KvLayout, id: u64, tag: u8) -> bool {
+    use kvhygiene::backend::Backend;
+    layout.regions.iter().all(|&base| {
+        let mut v = vec![0u8; BLOCK as usize];
+        b.read(0, base + id * BLOCK, &mut v).unwrap();
+        v == secret(BLOCK as usize, tag)
+    })
+}
+
+/// What request c's claim of block 5 did, made while a scrub of the block on `held_stream`
+/// (held) has not run: its report, and whether that scrub had run when the claim returned.
+/// c writes its keys and values once the claim hands the block over; the held stream is
+/// released on return. A claim that waits for the held scrub's device work (directly, or
+/// through work of its own ordered after it) gets it: the stream is released once the claim
+/// submitted work of its own, or when it has not returned within 10 s (a hang guard, not what
+/// the test decides on).
+fn c_claims_block_5_while_held(
+    alloc: &kvhygiene::alloc::Allocator,
+    backend: &lazy::Lazy,
+    layout: &KvLayout,
+    held_stream: u64,
+) -> (KvClaimReport, bool) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let r = as_request("t", "c", || {
+                alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(4))
+            })
+            .unwrap();
+            let ran = backend.ran_all(held_stream);
+            if r.claimed == 1 {
+                lazy_fill(backend, layout, 5, 0xc5); // c's keys and values
+            }
+            let _ = tx.send((r, ran));
+        });
+        // Released once the claim submitted device work of its own (which waits for the held
+        // scrub's), or by the hang guard.
+        let guard = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let got = loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(10)) {
+                Ok(got) => break got,
+                Err(_) if backend.submitted(4) > 0 || std::time::Instant::now() >= guard => {
+                    backend.hold(held_stream, false);
+                    break rx.recv().unwrap();
+                }
+                Err(_) => {}
+            }
+        };
+        backend.hold(held_stream, false);
+        got
+    })
+}
+
+/// Request w owns block 5 and wrote it. The engine scrubs it (w finished) on stream 7, and
+/// while that scrub is in flight request b claims the block: the ledger still names w, so the
+/// gate scrubs it for b on stream 3, ordered after the engine's scrub. The engine's verdict
+/// lands first (the block's generation did not change), b's scrub has not run yet. Expected: a
+/// claim of block 5 by request c does not take it while b's scrub may still write it (it waits
+/// for that scrub, or reports the block taken), so c's keys and values are never zeroed by b's
+/// late scrub.
+#[test]
+fn a_claim_does_not_get_a_block_a_gate_scrub_begun_for_another_claim_may_still_write() {
+    let (alloc, backend, layout) = lazy_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    lazy_fill(&backend, &layout, 5, 0x77);
+    backend.hold(7, true);
+    backend.hold(3, true);
+    let (r, ran, survived, b) = std::thread::scope(|s| {
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let b = s.spawn(|| {
+            as_request("t", "b", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        backend.hold(7, false);
+        let engine = engine.join().unwrap().unwrap();
+        assert!(engine.failed.is_empty(), "precondition: {engine:?}");
+        assert!(
+            !backend.ran_all(3),
+            "precondition: b's gate scrub has not run"
+        );
+        let (r, ran) = c_claims_block_5_while_held(&alloc, &backend, &layout, 3);
+        // b's claim returns once its scrub ran.
+        let b = b.join().unwrap();
+        let survived = r.claimed == 0 || lazy_holds(&backend, &layout, 5, 0xc5);
+        (r, ran, survived, b)
+    });
+    assert!(
+        survived,
+        "request c's keys and values in block 5 were zeroed by the gate scrub begun for \
+         request b's claim, which ran after c's claim handed the block over (c: {r:?}, b: {b:?})"
+    );
+    assert!(
+        r.claimed == 0 || ran,
+        "request c's claim handed over block 5 while the gate scrub begun for request b's \
+         claim could still write it (the engine's verdict had made it CLEAN): {r:?}"
+    );
+}
+
+/// Two requests were given block 5 at once (w's block, not scrubbed): c's claim submits its
+/// gate scrub (stream 4) before b's (stream 3, ordered after c's), and c's scrub verifies
+/// first. Expected: exactly one of them gets the block, and the keys and values the winner
+/// writes once its claim returned are not zeroed by the other's scrub (here c's are never
+/// written over by b's, which may still run when c's verdict lands: the block goes to b).
+#[test]
+fn a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data() {
+    let (alloc, backend, layout) = lazy_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    lazy_fill(&backend, &layout, 5, 0x77);
+    backend.hold(4, true);
+    backend.hold(3, true);
+    let (c, b, survived) = std::thread::scope(|s| {
+        let c = s.spawn(|| {
+            as_request("t", "c", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+            })
+            .unwrap()
+        });
+        backend.wait_submitted(4, 1);
+        let b = s.spawn(|| {
+            as_request("t", "b", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        backend.hold(4, false);
+        let c = c.join().unwrap();
+        if c.claimed == 1 {
+            lazy_fill(&backend, &layout, 5, 0xc5); // c's keys and values
+        }
+        backend.hold(3, false);
+        let b = b.join().unwrap().unwrap();
+        let survived = c.claimed == 0 || lazy_holds(&backend, &layout, 5, 0xc5);
+        (c, b, survived)
+    });
+    assert_eq!(
+        c.claimed + b.claimed,
+        1,
+        "not exactly one claim got block 5 (c: {c:?}, b: {b:?})"
+    );
+    assert!(
+        survived,
+        "request c's keys and values in block 5 were zeroed by the gate scrub of b's claim, \
+         which lost the block to c (c: {c:?}, b: {b:?})"
+    );
+}

@@ -27,6 +27,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -38,7 +39,7 @@ use crate::backend::{
 use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger, KvTally};
 
-use super::kv_gate::{Generations, LedgerKey, ScrubFor, Unapplied};
+use super::kv_gate::{Generations, LedgerKey, OwnerKey, ScrubFor, Unapplied};
 use super::Allocator;
 
 /// Most regions a layout may have (e.g. layers × {K, V}).
@@ -285,6 +286,8 @@ struct KvCall<'a> {
     /// For the gate's scrub: of `ids`, those whose owner its ledger does not know. `None`
     /// exactly for the engine's.
     unknown: Option<&'a HashSet<u32>>,
+    /// For the gate's scrub: the claimant it runs for. `None` exactly for the engine's.
+    claimant: Option<&'a Option<Arc<OwnerKey>>>,
 }
 
 impl KvCall<'_> {
@@ -418,6 +421,7 @@ impl Allocator {
             first_seed: self.inner.next_seq.fetch_add(count, Ordering::Relaxed),
             trigger,
             unknown,
+            claimant,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
         let launch = |seen, owners| match self.launch_kv(&call, call.batches(), seen, owners) {
@@ -577,6 +581,12 @@ impl Allocator {
                 refused_early: false,
                 seen,
             };
+            // Before the first submission, under the lock that orders it: a verdict landing
+            // from here on knows that this scrub may still write the blocks.
+            if let Some(seen) = launched.seen.as_mut() {
+                self.ledgers().mark_in_flight(seen, call.claimant);
+            }
+            let mut any_launched = false;
             for (n, segments) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
                 // be under way when exit begins.
@@ -611,6 +621,7 @@ impl Allocator {
                         | BackendError::OutOfMemory { .. })
                 );
                 if n == 0 && !nothing_launched {
+                    any_launched = true;
                     for owner in &launched.owners {
                         pool.record_stream(owner.addr, call.stream);
                     }
@@ -628,6 +639,12 @@ impl Allocator {
                         launched.error = Some(e);
                         break;
                     }
+                }
+            }
+            if !any_launched {
+                // Nothing will write the blocks: the marks go (a call tried again marks anew).
+                if let Some(seen) = launched.seen.as_mut() {
+                    self.ledgers().unmark_in_flight(seen);
                 }
             }
             Ok(launched)
@@ -1059,6 +1076,7 @@ mod tests {
             first_seed: 77,
             trigger: KvScrubTrigger::Engine,
             unknown: None,
+            claimant: None,
         };
         let s: Vec<ScrubSegment> = call.batches().concat();
         let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();

@@ -178,9 +178,22 @@ fn spans_meet(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
 struct Book {
     key: LedgerKey,
     slots: HashMap<u32, Entry>,
+    /// Scrubs submitted and not yet settled, per block: while one may still write a block, a
+    /// claim must not hand the block over without device work ordered after it.
+    in_flight: HashMap<u32, Vec<InFlight>>,
     /// Set when the book is created or cleared: generations of an earlier epoch mean nothing.
     epoch: u64,
     last_used: u64,
+}
+
+/// A scrub of a block submitted and not yet settled ([`Ledgers::mark_in_flight`]).
+#[derive(Clone, Debug)]
+struct InFlight {
+    /// When it was submitted, on the ledgers' clock: scrubs of one block submitted later are
+    /// ordered after it on the device (they wait on the streams it was recorded on).
+    token: u64,
+    /// The gate's scrub for this claimant; `None`: the engine's.
+    claimant: Option<Option<Arc<OwnerKey>>>,
 }
 
 /// The generations of some blocks of one ledger at one moment: when a claim sorted them, or
@@ -191,6 +204,8 @@ pub(crate) struct Generations {
     pub key: LedgerKey,
     epoch: u64,
     of: HashMap<u32, u64>,
+    /// The token of the scrub's [`InFlight`] marks once it was submitted; 0 before.
+    in_flight: u64,
 }
 
 /// The epoch of a refused claim's [`Generations`], read where no ledger was kept. Never a
@@ -204,6 +219,7 @@ impl Generations {
             key: key.clone(),
             epoch: NO_LEDGER,
             of: ids.iter().map(|&id| (id, 0)).collect(),
+            in_flight: 0,
         }
     }
 }
@@ -263,6 +279,8 @@ impl Ledgers {
         let book = &mut self.books[i];
         if book.slots.len() > MAX_LEDGER_SLOTS {
             book.slots.clear();
+            // Their verdicts land in no ledger now (another epoch's): no mark would be lifted.
+            book.in_flight.clear();
             book.epoch = now;
         }
         book.last_used = now;
@@ -293,6 +311,7 @@ impl Ledgers {
         self.books.push(Book {
             key: key.clone(),
             slots: HashMap::new(),
+            in_flight: HashMap::new(),
             epoch: now,
             last_used: now,
         });
@@ -308,7 +327,86 @@ impl Ledgers {
                 .iter()
                 .map(|&id| (id, book.slots.get(&id).map_or(0, |e| e.generation)))
                 .collect(),
+            in_flight: 0,
         }
+    }
+
+    /// The ledger `seen` was read from, if it is still kept in that epoch.
+    fn book_of(&self, seen: &Generations) -> Option<usize> {
+        self.find(&seen.key)
+            .filter(|&i| self.books[i].epoch == seen.epoch)
+    }
+
+    /// A scrub of `seen`'s blocks was submitted (for `claimant`, the gate's; `None`, the
+    /// engine's): until it settles, a claim does not hand them over without a scrub of its own
+    /// (ordered after this one on the device), and a gate verdict for another claimant that
+    /// was submitted before it is not applied (this one may still write the block after the
+    /// hand-over). Called under the pool lock that ordered the submission.
+    pub(crate) fn mark_in_flight(
+        &mut self,
+        seen: &mut Generations,
+        claimant: Option<&Option<Arc<OwnerKey>>>,
+    ) {
+        let Some(i) = self.book_of(seen) else {
+            return;
+        };
+        let token = self.tick();
+        seen.in_flight = token;
+        let book = &mut self.books[i];
+        for &id in seen.of.keys() {
+            book.in_flight.entry(id).or_default().push(InFlight {
+                token,
+                claimant: claimant.cloned(),
+            });
+        }
+    }
+
+    /// Lifts `seen`'s [`InFlight`] marks, which it no longer names: its scrub launched
+    /// nothing (a call tried again marks anew).
+    pub(crate) fn unmark_in_flight(&mut self, seen: &mut Generations) {
+        self.lift_marks(seen);
+        seen.in_flight = 0;
+    }
+
+    /// Lifts `seen`'s [`InFlight`] marks: its scrub settled, or launched nothing.
+    pub(crate) fn lift_marks(&mut self, seen: &Generations) {
+        let token = seen.in_flight;
+        if token == 0 {
+            return;
+        }
+        let Some(i) = self.book_of(seen) else {
+            return;
+        };
+        let book = &mut self.books[i];
+        for id in seen.of.keys() {
+            if let Some(marks) = book.in_flight.get_mut(id) {
+                marks.retain(|m| m.token != token);
+                if marks.is_empty() {
+                    book.in_flight.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Whether a scrub of block `id` of ledger `i` is in flight.
+    fn scrubbing(&self, i: usize, id: u32) -> bool {
+        self.books[i].in_flight.contains_key(&id)
+    }
+
+    /// Whether a scrub of block `id` submitted after the one with token `after` is in flight,
+    /// other than a gate scrub for `claimant` (whose own data it is).
+    fn scrubbed_later(
+        &self,
+        i: usize,
+        id: u32,
+        after: u64,
+        claimant: &Option<Arc<OwnerKey>>,
+    ) -> bool {
+        self.books[i].in_flight.get(&id).is_some_and(|marks| {
+            marks
+                .iter()
+                .any(|m| m.token > after && m.claimant.as_ref() != Some(claimant))
+        })
     }
 
     fn set(&mut self, i: usize, id: u32, slot: Slot) {
@@ -358,9 +456,18 @@ impl Ledgers {
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
         let (mut taken, mut unknown) = (Vec::new(), Vec::new());
         for &id in ids {
+            // A block a scrub may still write is handed over only after device work of this
+            // claim's own, ordered after that scrub: it is dirty until the scrub settles.
+            let handed = if self.scrubbing(i, id) {
+                &mut dirty
+            } else {
+                &mut free
+            };
             match self.books[i].slots.get(&id).map(|e| &e.slot) {
-                Some(Slot::Clean) => free.push(id),
-                Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => free.push(id),
+                Some(Slot::Clean) => handed.push(id),
+                Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => {
+                    handed.push(id)
+                }
                 Some(Slot::Failed) => failed.push(id),
                 // Anyone else's now, an anonymous claimant's too: claimed during this claim.
                 Some(Slot::Owned(_)) if again => taken.push(id),
@@ -404,8 +511,11 @@ impl Ledgers {
     /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
     /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. A verified block
     /// that changed but is CLEAN now (another scrub's verdict landed meanwhile, and nobody
-    /// took it since) may still go to the gate's claimant. Returns the verified blocks whose
-    /// verdict could not be applied, by why: nobody may take them as verified by this scrub.
+    /// took it since) may still go to the gate's claimant, unless a scrub of it submitted
+    /// later, the engine's or the gate's for another claimant, may still write it (it goes to
+    /// that claimant, or stays for the next claim, as `taken`). Lifts the scrub's
+    /// [`InFlight`] marks. Returns the verified blocks whose verdict could not be applied, by
+    /// why: nobody may take them as verified by this scrub.
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
@@ -413,10 +523,8 @@ impl Ledgers {
         failed: &[u32],
         claimant: Option<&Option<Arc<OwnerKey>>>,
     ) -> Unapplied {
-        let Some(i) = self
-            .find(&seen.key)
-            .filter(|&i| self.books[i].epoch == seen.epoch)
-        else {
+        self.lift_marks(seen);
+        let Some(i) = self.book_of(seen) else {
             return Unapplied::forgotten(verified);
         };
         let unchanged = |books: &[Book], id: u32| {
@@ -441,7 +549,8 @@ impl Ledgers {
                 Some(Slot::Owned(Some(owner))) => c.as_ref() == Some(owner),
                 _ => false,
             });
-            let applies = unchanged(&self.books, id) || free_for_claimant;
+            let overtaken = claimant.is_some_and(|c| self.scrubbed_later(i, id, seen.in_flight, c));
+            let applies = (unchanged(&self.books, id) || free_for_claimant) && !overtaken;
             if !applies {
                 // Its last verdict is another scrub's failure, or another claim owns it.
                 match now {
@@ -941,12 +1050,13 @@ impl Allocator {
         claimant: Option<&Option<Arc<OwnerKey>>>,
     ) -> Unapplied {
         if seen.key != *scrubbed {
+            self.ledgers().lift_marks(seen);
             return Unapplied::forgotten(verified);
         }
         self.ledgers().settle(seen, verified, failed, claimant)
     }
 
-    fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
+    pub(super) fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
         // The ledger holds no invariant a panicking holder could break half way that matters
         // more than availability: every entry is a complete value.
         self.inner
@@ -1130,6 +1240,45 @@ mod tests {
         assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
     }
 
+    /// A CLEAN block (or the claimant's own) that a scrub may still write is dirty for a
+    /// claim until that scrub settles: handing it over at once would let the scrub write over
+    /// what the new owner writes.
+    #[test]
+    fn a_block_a_scrub_may_still_write_is_handed_over_only_through_a_scrub() {
+        let mut l = Ledgers::default();
+        let (k, a) = (key(vec![1]), who("t", "a"));
+        scrub(&mut l, &k, &[1, 2], &[]);
+        assert_eq!(sort(&mut l, &k, &[2], &a), NONE);
+        let mut engine = l.generations(&k, &[1, 2]);
+        l.mark_in_flight(&mut engine, None);
+        assert_eq!(sort(&mut l, &k, &[1, 2], &a).0, vec![1, 2]);
+        assert_eq!(l.settle(&engine, &[1, 2], &[], None), Unapplied::default());
+        assert_eq!(sort(&mut l, &k, &[1], &a), NONE);
+    }
+
+    /// A gate verdict is not applied while a scrub of the block submitted after it, for
+    /// another claimant or the engine, may still write it: the block goes to the later one.
+    /// A later scrub for the same claimant does not hold it back.
+    #[test]
+    fn a_gate_verdict_overtaken_by_a_later_scrub_of_another_is_not_applied() {
+        let mut l = Ledgers::default();
+        let (k, w, b, c) = (key(vec![1]), who("t", "w"), who("t", "b"), who("t", "c"));
+        assert_eq!(sort(&mut l, &k, &[5, 6], &w).0, vec![5, 6]);
+        let mut for_c = l.claim(&k, &[5, 6], &c, false).dirty_generations;
+        let mut for_b = l.claim(&k, &[5], &b, false).dirty_generations;
+        let mut again_c = l.claim(&k, &[6], &c, false).dirty_generations;
+        l.mark_in_flight(&mut for_c, Some(&c));
+        l.mark_in_flight(&mut for_b, Some(&b));
+        l.mark_in_flight(&mut again_c, Some(&c));
+        let u = l.settle(&for_c, &[5, 6], &[], Some(&c));
+        assert_eq!((u.taken, u.failed), (vec![5], vec![]));
+        assert!(l.settle(&for_b, &[5], &[], Some(&b)).all().is_empty());
+        assert!(l.settle(&again_c, &[6], &[], Some(&c)).all().is_empty());
+        assert_eq!(sort(&mut l, &k, &[5], &b), NONE);
+        assert_eq!(sort(&mut l, &k, &[6], &c), NONE);
+        assert!(l.books[0].in_flight.is_empty(), "marks left");
+    }
+
     #[test]
     fn all_or_nothing_changes_nothing_when_a_block_is_dirty() {
         let mut l = Ledgers::default();
@@ -1243,6 +1392,7 @@ mod tests {
             key: key(vec![1]),
             epoch: 1,
             of: HashMap::from([(0, 0)]),
+            in_flight: 0,
         };
         assert_eq!(l.settle(&old, &[0], &[], None).forgotten, vec![0]);
     }
