@@ -178,6 +178,9 @@ pub(crate) struct Shared {
     /// Records producers began to queue (`Event`, `Anomaly`), counted before their send: a
     /// flush waits until the writer has handled this many.
     records_queued: AtomicU64,
+    /// Rounds the writer began (each takes what is queued, then the waiting summary, then
+    /// writes): a flush also waits for a round begun after it, for a summary put before it.
+    rounds_begun: AtomicU64,
     /// A `stop` asked the writer to end (with the start-up's error when it failed). A flag
     /// rather than a message: a queue kept full by producers has no slot to spare for it.
     stop_request: Mutex<Option<StopRequest>>,
@@ -196,6 +199,8 @@ pub(crate) struct StopRequest {
 struct Progress {
     /// Records (`Event`, `Anomaly`) the writer has taken from the queue, and tried to write.
     records_handled: u64,
+    /// The last round the writer ended (numbered as `rounds_begun` counts them).
+    rounds_done: u64,
     /// The writer thread has ended (after its `stop` record, or a panic).
     writer_ended: bool,
     /// The first `stop` has returned (the writer ended, or its wait ran out).
@@ -216,10 +221,18 @@ impl Shared {
             .wait_timeout_while(state, limit, |p| !p.writer_ended && !done(p));
     }
 
-    /// The writer's side of `flush`: every record counted in `handled` was taken from the
-    /// queue and its write tried.
-    pub(crate) fn records_handled(&self, handled: u64) {
-        self.update_progress(|p| p.records_handled = handled);
+    /// The writer's side of `flush`: a round begins; returns its number.
+    pub(crate) fn begin_round(&self) -> u64 {
+        self.rounds_begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The writer's side of `flush`: round `round` ended, and every record counted in
+    /// `handled` was taken from the queue and its write tried.
+    pub(crate) fn round_done(&self, round: u64, handled: u64) {
+        self.update_progress(|p| {
+            p.records_handled = handled;
+            p.rounds_done = round;
+        });
     }
 
     /// The writer's side of `stop`: the request, once.
@@ -456,20 +469,23 @@ impl ForensicLog {
         self.send(Msg::Anomaly(Queued::new(record, &self.shared)));
     }
 
-    /// Waits until everything queued before the call is written (not necessarily fsynced), for
-    /// at most [`FLUSH_TIMEOUT`]. Takes no slot in the queue: it waits for the writer to have
-    /// handled as many records as were queued before it, which, the queue being first in,
-    /// first out, includes every record this thread queued.
+    /// Waits until everything queued before the call is written (not necessarily fsynced;
+    /// a summary when it is due), for at most [`FLUSH_TIMEOUT`]. Takes no slot in the queue:
+    /// it waits for the writer to have handled as many records as were queued before it,
+    /// which, the queue being first in, first out, includes every record this thread queued,
+    /// and to have ended a round begun after the call (which looked at the summary slot).
     pub fn flush(&self) {
         if self.stopped.load(Ordering::Acquire) || self.forked() {
             return;
         }
         let ticket = self.shared.records_queued.load(Ordering::SeqCst);
+        let round = self.shared.rounds_begun.load(Ordering::SeqCst) + 1;
         self.wake();
         // Bounded: a writer held by a hung disk never gets there, and a fail-closed stop
         // flushes before it aborts.
-        self.shared
-            .wait_for_writer(FLUSH_TIMEOUT, |p| p.records_handled >= ticket);
+        self.shared.wait_for_writer(FLUSH_TIMEOUT, |p| {
+            p.records_handled >= ticket && p.rounds_done >= round
+        });
     }
 
     /// Writes the `stop` record and the final checkpoint, flushes and joins the writer.

@@ -355,7 +355,11 @@ impl ChainWriter {
         let mut handled = 0u64;
         loop {
             let mut stop = false;
-            match rx.recv_timeout(tick) {
+            let next = rx.recv_timeout(tick);
+            // Before anything of the round is handled: what was queued or put in the summary
+            // slot before a flush that saw the round's number lower is handled in it.
+            let round = self.shared.begin_round();
+            match next {
                 Ok(m) => handled += self.handle(*m),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
@@ -388,7 +392,7 @@ impl ChainWriter {
             }
             self.maybe_summary(stop);
             let _ = self.flush();
-            self.shared.records_handled(handled);
+            self.shared.round_done(round, handled);
             if stop {
                 self.finish();
                 return;
