@@ -2157,3 +2157,141 @@ fn a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data()
          which lost the block to c (c: {c:?}, b: {b:?})"
     );
 }
+
+/// Two threads without request ids (anonymous claimants, who match nobody, each other
+/// included) were given block 5 (w's) at once: c's gate scrub (stream 4) is submitted before
+/// b's (stream 3, ordered after c's), and c's verifies first. Expected: as for two requests,
+/// the keys and values the winner writes once its claim returned are not zeroed by the other
+/// claim's scrub.
+#[test]
+fn a_gate_scrub_for_an_anonymous_claim_that_lost_the_block_does_not_zero_the_winners_data() {
+    let (alloc, backend, layout) = lazy_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    lazy_fill(&backend, &layout, 5, 0x77);
+    backend.hold(4, true);
+    backend.hold(3, true);
+    let (c, b, survived) = std::thread::scope(|s| {
+        // Spawned threads run with no context: anonymous claimants.
+        let c = s.spawn(|| {
+            alloc
+                .claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+                .unwrap()
+        });
+        backend.wait_submitted(4, 1);
+        let b = s.spawn(|| alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3)));
+        backend.wait_submitted(3, 1);
+        backend.hold(4, false);
+        let c = c.join().unwrap();
+        if c.claimed == 1 {
+            lazy_fill(&backend, &layout, 5, 0xc5); // c's keys and values
+        }
+        backend.hold(3, false);
+        let b = b.join().unwrap().unwrap();
+        let survived = c.claimed == 0 || lazy_holds(&backend, &layout, 5, 0xc5);
+        (c, b, survived)
+    });
+    assert!(
+        survived,
+        "anonymous claimant c's keys and values in block 5 were zeroed by the gate scrub of \
+         anonymous claimant b's claim, submitted after c's (c: {c:?}, b: {b:?})"
+    );
+}
+
+/// Request x claims w's block 5 (gate scrub on stream 3); while it is in flight the engine
+/// scrubs block 5 (stream 7, ordered after x's). No other claim is made. Expected: x's claim
+/// does not report the block as taken by another claim, and no `kv_gate` record says another
+/// claim took it.
+#[test]
+fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_claim() {
+    let backend = lazy::Lazy::new();
+    let sink = kvhygiene::events::MemorySink::new();
+    let alloc = kvhygiene::alloc::Allocator::new(
+        backend.clone(),
+        config(KvGateMode::Scrub, KvGateScope::Request),
+        Some(sink.clone()),
+    );
+    let len = 2 * BLOCKS * BLOCK;
+    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    lazy_fill(&backend, &layout, 5, 0x77);
+    backend.hold(3, true);
+    backend.hold(7, true);
+    let x = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+            .unwrap()
+        });
+        backend.wait_submitted(3, 1);
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        backend.hold(3, false);
+        let x = x.join().unwrap();
+        backend.hold(7, false);
+        let engine = engine.join().unwrap().unwrap();
+        assert!(engine.failed.is_empty(), "precondition: {engine:?}");
+        x
+    });
+    let said_taken: Vec<String> = sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::PolicyViolation {
+                policy: "kv_gate",
+                detail,
+            } if detail.contains("another claim took them") => Some(detail),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        x.taken.is_empty() && said_taken.is_empty(),
+        "x's claim was the only claim of block 5, yet block 5 was reported taken by another \
+         claim (x: {x:?}, records: {said_taken:?})"
+    );
+}
+
+/// Request w's block 5 was scrubbed by the engine and verified (CLEAN); the engine scrubs it
+/// once more (stream 7, held) and, while that scrub is in flight, request c claims it. The
+/// block's last owner's bytes were scrubbed and verified. Expected: the claim is not counted
+/// as a change of owner without a verified scrub (`kv_gate_owner_changed_blocks`).
+#[test]
+fn a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an_owner_change() {
+    let (alloc, backend, layout) = lazy_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    lazy_fill(&backend, &layout, 5, 0x77);
+    let first = alloc
+        .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+        .unwrap();
+    assert!(first.failed.is_empty(), "precondition: {first:?}");
+    let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    backend.hold(7, true);
+    let (r, _) = std::thread::scope(|s| {
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let got = c_claims_block_5_while_held(&alloc, &backend, &layout, 7);
+        assert!(engine.join().unwrap().unwrap().failed.is_empty());
+        got
+    });
+    let changed = alloc.stats().counters.kv_gate_owner_changed_blocks - before;
+    assert_eq!(
+        changed, 0,
+        "claiming block 5, CLEAN after the engine's verified scrub, counted {changed} owner \
+         change(s) without a verified scrub (c: {r:?})"
+    );
+}

@@ -286,6 +286,9 @@ struct KvCall<'a> {
     /// For the gate's scrub: of `ids`, those whose owner its ledger does not know. `None`
     /// exactly for the engine's.
     unknown: Option<&'a HashSet<u32>>,
+    /// For the gate's scrub: of `ids`, those dirty only because a scrub of them was in flight
+    /// (no change of owner).
+    busy: Option<&'a HashSet<u32>>,
     /// For the gate's scrub: the claimant it runs for. `None` exactly for the engine's.
     claimant: Option<&'a Option<Arc<OwnerKey>>>,
 }
@@ -397,18 +400,20 @@ impl Allocator {
         if ids.is_empty() {
             return Ok((KvScrubReport::default(), Unapplied::default()));
         }
-        let (trigger, claimant, seen, unknown, sorted_in) = match by {
-            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None, None),
+        let (trigger, claimant, seen, unknown, busy, sorted_in) = match by {
+            ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None, None, None),
             ScrubFor::Gate {
                 claimant,
                 seen,
                 unknown,
+                busy,
                 owners,
             } => (
                 KvScrubTrigger::Gate,
                 Some(claimant),
                 Some(seen),
                 Some(unknown),
+                Some(busy),
                 Some(owners),
             ),
         };
@@ -421,6 +426,7 @@ impl Allocator {
             first_seed: self.inner.next_seq.fetch_add(count, Ordering::Relaxed),
             trigger,
             unknown,
+            busy,
             claimant,
         };
         // Batches are cut before the pool lock is taken; under it only checks and submissions run.
@@ -803,7 +809,11 @@ impl Allocator {
         let (gate_scrubbed, gate_owner_changed) = match call.unknown {
             None => (None, 0),
             Some(unknown) => {
-                let had_owner = clean.iter().filter(|id| !unknown.contains(id)).count();
+                let busy = |id: &u32| call.busy.is_some_and(|b| b.contains(id));
+                let had_owner = clean
+                    .iter()
+                    .filter(|id| !unknown.contains(id) && !busy(id))
+                    .count();
                 (Some(clean.len() as u64), had_owner as u64)
             }
         };
@@ -1076,6 +1086,7 @@ mod tests {
             first_seed: 77,
             trigger: KvScrubTrigger::Engine,
             unknown: None,
+            busy: None,
             claimant: None,
         };
         let s: Vec<ScrubSegment> = call.batches().concat();

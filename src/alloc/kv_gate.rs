@@ -232,6 +232,9 @@ pub(crate) struct Sorted {
     /// Of the dirty blocks, those whose owner the ledger does not know (no entry: a new
     /// cache's blocks, or a forgotten ledger's), in the order given.
     pub unknown: Vec<u32>,
+    /// Of the dirty blocks, those that are dirty only because a scrub of them is in flight
+    /// (CLEAN, or the claimant's own): no change of owner.
+    pub busy: Vec<u32>,
     /// Blocks whose last scrub failed.
     pub failed: Vec<u32>,
     /// In a pass after the first: blocks another owner claimed during the claim.
@@ -246,6 +249,7 @@ impl Sorted {
         Sorted {
             dirty: ids.to_vec(),
             unknown: ids.to_vec(),
+            busy: Vec::new(),
             failed: Vec::new(),
             taken: Vec::new(),
             dirty_generations: Generations::unknown(key, ids),
@@ -393,8 +397,11 @@ impl Ledgers {
         self.books[i].in_flight.contains_key(&id)
     }
 
-    /// Whether a scrub of block `id` submitted after the one with token `after` is in flight,
-    /// other than a gate scrub for `claimant` (whose own data it is).
+    /// Whether the gate's scrub of block `id` for another claimant than `claimant` (an
+    /// anonymous one is always another), submitted after the one with token `after`, is in
+    /// flight: the block goes to that claim, whose scrub may still write it. (An engine scrub
+    /// submitted later is the engine freeing the block while it is claimed: the engine's
+    /// doing, as the claimant's own later claim is the claimant's.)
     fn scrubbed_later(
         &self,
         i: usize,
@@ -402,11 +409,15 @@ impl Ledgers {
         after: u64,
         claimant: &Option<Arc<OwnerKey>>,
     ) -> bool {
-        self.books[i].in_flight.get(&id).is_some_and(|marks| {
-            marks
-                .iter()
-                .any(|m| m.token > after && m.claimant.as_ref() != Some(claimant))
-        })
+        let another = |m: &InFlight| match &m.claimant {
+            None => false,
+            Some(Some(owner)) => claimant.as_ref() != Some(owner),
+            Some(None) => true,
+        };
+        self.books[i]
+            .in_flight
+            .get(&id)
+            .is_some_and(|marks| marks.iter().any(|m| m.token > after && another(m)))
     }
 
     fn set(&mut self, i: usize, id: u32, slot: Slot) {
@@ -454,20 +465,22 @@ impl Ledgers {
             self.book(key)
         };
         let (mut dirty, mut failed, mut free) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut taken, mut unknown) = (Vec::new(), Vec::new());
+        let (mut taken, mut unknown, mut busy) = (Vec::new(), Vec::new(), Vec::new());
         for &id in ids {
             // A block a scrub may still write is handed over only after device work of this
             // claim's own, ordered after that scrub: it is dirty until the scrub settles.
-            let handed = if self.scrubbing(i, id) {
-                &mut dirty
-            } else {
-                &mut free
+            let scrubbing = self.scrubbing(i, id);
+            let mut hand = |id| {
+                if scrubbing {
+                    dirty.push(id);
+                    busy.push(id);
+                } else {
+                    free.push(id);
+                }
             };
             match self.books[i].slots.get(&id).map(|e| &e.slot) {
-                Some(Slot::Clean) => handed.push(id),
-                Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => {
-                    handed.push(id)
-                }
+                Some(Slot::Clean) => hand(id),
+                Some(Slot::Owned(Some(owner))) if claimant.as_ref() == Some(owner) => hand(id),
                 Some(Slot::Failed) => failed.push(id),
                 // Anyone else's now, an anonymous claimant's too: claimed during this claim.
                 Some(Slot::Owned(_)) if again => taken.push(id),
@@ -491,6 +504,7 @@ impl Ledgers {
         Sorted {
             dirty,
             unknown,
+            busy,
             failed,
             taken,
             dirty_generations,
@@ -511,9 +525,9 @@ impl Ledgers {
     /// Applies a scrub's verdicts to the blocks unchanged since `seen`: failed blocks become
     /// FAILED; verified ones CLEAN, or, for the gate's scrub, the claimant's. A verified block
     /// that changed but is CLEAN now (another scrub's verdict landed meanwhile, and nobody
-    /// took it since) may still go to the gate's claimant, unless a scrub of it submitted
-    /// later, the engine's or the gate's for another claimant, may still write it (it goes to
-    /// that claimant, or stays for the next claim, as `taken`). Lifts the scrub's
+    /// took it since) may still go to the gate's claimant, unless the gate's scrub of it for
+    /// another claimant, submitted later, may still write it (it goes to that claimant, as
+    /// `taken`). Lifts the scrub's
     /// [`InFlight`] marks. Returns the verified blocks whose verdict could not be applied, by
     /// why: nobody may take them as verified by this scrub.
     pub(crate) fn settle(
@@ -617,6 +631,8 @@ struct Round {
     gate_scrubbed: Vec<u32>,
     /// Of the blocks this pass scrubbed, those whose owner the ledger did not know.
     unknown: HashSet<u32>,
+    /// Of the blocks this pass scrubbed, those dirty only because a scrub was in flight.
+    busy: HashSet<u32>,
     /// Named while FAILED (a record says so).
     failed_before: Vec<u32>,
     /// Refused because the gate's own scrub of them in this claim failed verification, or
@@ -681,6 +697,9 @@ pub(super) enum ScrubFor<'a> {
         /// Of the blocks to scrub, those whose owner the ledger does not know (the record
         /// says how many; the counters split the verified ones by it).
         unknown: &'a HashSet<u32>,
+        /// Of the blocks to scrub, those dirty only because a scrub of them was in flight:
+        /// not counted as changes of owner.
+        busy: &'a HashSet<u32>,
         /// The allocation of each region (id, scrub sequence) the claim sorted the blocks in:
         /// the scrub launches only into those (memory freed and handed out again since is
         /// another caller's).
@@ -959,10 +978,12 @@ impl Allocator {
             return self.still_live(dev, layout, round);
         }
         round.unknown = sorted.unknown.iter().copied().collect();
+        round.busy = sorted.busy.iter().copied().collect();
         let gate = ScrubFor::Gate {
             claimant: &claimant,
             seen: sorted.dirty_generations,
             unknown: &round.unknown,
+            busy: &round.busy,
             owners: &round.owners,
         };
         let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
@@ -1256,9 +1277,9 @@ mod tests {
         assert_eq!(sort(&mut l, &k, &[1], &a), NONE);
     }
 
-    /// A gate verdict is not applied while a scrub of the block submitted after it, for
-    /// another claimant or the engine, may still write it: the block goes to the later one.
-    /// A later scrub for the same claimant does not hold it back.
+    /// A gate verdict is not applied while the gate's scrub of the block for another
+    /// claimant, submitted after it, may still write it: the block goes to the later one. A
+    /// later scrub for the same claimant, or the engine's, does not hold it back.
     #[test]
     fn a_gate_verdict_overtaken_by_a_later_scrub_of_another_is_not_applied() {
         let mut l = Ledgers::default();
@@ -1270,8 +1291,11 @@ mod tests {
         l.mark_in_flight(&mut for_c, Some(&c));
         l.mark_in_flight(&mut for_b, Some(&b));
         l.mark_in_flight(&mut again_c, Some(&c));
+        let mut engine = l.generations(&k, &[6]);
+        l.mark_in_flight(&mut engine, None);
         let u = l.settle(&for_c, &[5, 6], &[], Some(&c));
         assert_eq!((u.taken, u.failed), (vec![5], vec![]));
+        l.lift_marks(&engine);
         assert!(l.settle(&for_b, &[5], &[], Some(&b)).all().is_empty());
         assert!(l.settle(&again_c, &[6], &[], Some(&c)).all().is_empty());
         assert_eq!(sort(&mut l, &k, &[5], &b), NONE);
