@@ -60,18 +60,9 @@ fn a_block_retired_after_exit_began_is_not_counted_or_recorded_as_released() {
 /// `kvh_synchronize`'s `KVH_ERR_SHUTTING_DOWN`) report as left unscrubbed by shutdown.
 #[test]
 fn fresh_memory_kept_after_a_refused_zeroing_is_not_reported_as_a_freed_block_left_unscrubbed() {
-    use kvhygiene::backend::BackendError;
     use std::sync::atomic::Ordering;
     let f = Fixture::new(manual_config());
-    f.backend
-        .zero_fresh_errors
-        .lock()
-        .unwrap()
-        .push_back(BackendError::StreamCapturing {
-            stream: 0,
-            what: "zeroing fresh memory",
-        });
-    assert!(f.alloc.malloc(4096, 0, S).is_err());
+    f.malloc_whose_zeroing_a_capture_refuses(4096);
     // The capture goes on: scrub launches are refused while shutdown drains.
     f.backend.capturing.store(true, Ordering::SeqCst);
     f.alloc.shutdown();
@@ -93,18 +84,10 @@ fn fresh_memory_kept_after_a_refused_zeroing_is_not_reported_as_a_freed_block_le
 /// does not report it as one of the "freed blocks" left neither verified nor returned.
 #[test]
 fn kept_fresh_memory_quarantined_by_its_scrub_is_not_reported_as_a_freed_block_left_unscrubbed() {
-    use kvhygiene::backend::{Backend, BackendError};
+    use kvhygiene::backend::Backend;
     use std::sync::atomic::Ordering;
     let f = Fixture::new(manual_config());
-    f.backend
-        .zero_fresh_errors
-        .lock()
-        .unwrap()
-        .push_back(BackendError::StreamCapturing {
-            stream: 0,
-            what: "zeroing fresh memory",
-        });
-    assert!(f.alloc.malloc(4096, 0, S).is_err());
+    f.malloc_whose_zeroing_a_capture_refuses(4096);
     // The kept block's scrub does not verify; a capture begins right after its submission,
     // and refuses the re-scrub that follows.
     f.backend.inject_fault(1).unwrap();

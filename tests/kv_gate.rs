@@ -406,10 +406,64 @@ macro_rules! host_methods {
     };
 }
 
+/// What the [`held`] and [`lazy`] test backends share: the streams a test holds, and how many
+/// scrubs were submitted on each, kept in a backend's state under its lock and condition
+/// variable.
+mod gates {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Condvar, Mutex};
+
+    #[derive(Default)]
+    pub struct Gates {
+        pub held: HashSet<u64>,
+        pub submitted: HashMap<u64, usize>,
+    }
+
+    /// A backend state that holds [`Gates`].
+    pub trait WithGates {
+        fn gates(&mut self) -> &mut Gates;
+    }
+
+    /// Holds (`true`) or releases (`false`) `stream`.
+    pub fn hold<S: WithGates>(state: &(Mutex<S>, Condvar), stream: u64, held: bool) {
+        let mut s = state.0.lock().unwrap();
+        let g = s.gates();
+        if held {
+            g.held.insert(stream);
+        } else {
+            g.held.remove(&stream);
+        }
+        state.1.notify_all();
+    }
+
+    /// Counts a submission on `stream`; returns its place among the stream's, from 1.
+    pub fn submitted<S: WithGates>(s: &mut S, state: &(Mutex<S>, Condvar), stream: u64) -> usize {
+        let n = s.gates().submitted.entry(stream).or_default();
+        *n += 1;
+        state.1.notify_all();
+        *n
+    }
+
+    /// How many scrubs were submitted on `stream`.
+    pub fn count<S: WithGates>(state: &(Mutex<S>, Condvar), stream: u64) -> usize {
+        let mut s = state.0.lock().unwrap();
+        s.gates().submitted.get(&stream).copied().unwrap_or(0)
+    }
+
+    /// Waits until `n` scrubs were submitted on `stream`.
+    pub fn wait_submitted<S: WithGates>(state: &(Mutex<S>, Condvar), stream: u64, n: usize) {
+        let mut s = state.0.lock().unwrap();
+        while s.gates().submitted.get(&stream).copied().unwrap_or(0) < n {
+            s = state.1.wait(s).unwrap();
+        }
+    }
+}
+
 /// A host backend whose scrubs on chosen streams complete only when released, and which says
 /// when a scrub was submitted: for interleavings of claims and scrubs, without sleeping.
 mod held {
-    use std::collections::{HashMap, HashSet};
+    use crate::gates::{self, Gates, WithGates};
+    use std::collections::HashMap;
     use std::sync::{Arc, Condvar, Mutex};
 
     use kvhygiene::backend::host::HostBackend;
@@ -420,15 +474,21 @@ mod held {
 
     #[derive(Default)]
     struct State {
-        held: HashSet<u64>,
-        submitted: HashMap<u64, usize>,
+        gates: Gates,
         /// The first this-many scrubs of a stream complete even while it is held.
         passed: HashMap<u64, usize>,
     }
 
+    impl WithGates for State {
+        fn gates(&mut self) -> &mut Gates {
+            &mut self.gates
+        }
+    }
+
     impl State {
         fn waits(&self, stream: u64, index: usize) -> bool {
-            self.held.contains(&stream) && self.passed.get(&stream).copied().unwrap_or(0) < index
+            self.gates.held.contains(&stream)
+                && self.passed.get(&stream).copied().unwrap_or(0) < index
         }
     }
 
@@ -447,13 +507,7 @@ mod held {
 
         /// Scrubs on `stream` wait (`true`) or complete (`false`).
         pub fn hold(&self, stream: u64, held: bool) {
-            let mut s = self.state.0.lock().unwrap();
-            if held {
-                s.held.insert(stream);
-            } else {
-                s.held.remove(&stream);
-            }
-            self.state.1.notify_all();
+            gates::hold(&self.state, stream, held);
         }
 
         /// Lets the first `n` scrubs submitted on `stream` complete, held or not.
@@ -464,10 +518,7 @@ mod held {
 
         /// Waits until `n` scrubs were submitted on `stream`.
         pub fn wait_submitted(&self, stream: u64, n: usize) {
-            let mut s = self.state.0.lock().unwrap();
-            while s.submitted.get(&stream).copied().unwrap_or(0) < n {
-                s = self.state.1.wait(s).unwrap();
-            }
+            gates::wait_submitted(&self.state, stream, n);
         }
     }
 
@@ -510,12 +561,7 @@ mod held {
             // SAFETY: 1-2. this method's own contract, passed on unchanged.
             let inner = unsafe { self.host.submit_scrub(b) }?;
             let mut s = self.state.0.lock().unwrap();
-            let index = {
-                let n = s.submitted.entry(stream).or_default();
-                *n += 1;
-                *n
-            };
-            self.state.1.notify_all();
+            let index = gates::submitted(&mut *s, &self.state, stream);
             Ok(Box::new(Ticket {
                 inner,
                 stream,
@@ -559,7 +605,15 @@ fn held_cache_into(
     std::sync::Arc<held::Held>,
     KvLayout,
 ) {
-    let backend = held::Held::new();
+    cache_over(held::Held::new(), sink)
+}
+
+/// An allocator over `backend` (gate `scrub`, request scope), its events going to `sink`, with
+/// a cache of `BLOCKS` blocks in two regions of one allocation.
+fn cache_over<B: kvhygiene::backend::Backend + 'static>(
+    backend: std::sync::Arc<B>,
+    sink: Option<std::sync::Arc<dyn kvhygiene::events::EventSink>>,
+) -> (kvhygiene::alloc::Allocator, std::sync::Arc<B>, KvLayout) {
     let alloc = kvhygiene::alloc::Allocator::new(
         backend.clone(),
         config(KvGateMode::Scrub, KvGateScope::Request),
@@ -670,8 +724,8 @@ fn last_gate_scrub_failed_blocks(f: &Fixture) -> u64 {
         .unwrap()
 }
 
-fn held_fill(b: &held::Held, layout: &KvLayout, id: u64, tag: u8) {
-    use kvhygiene::backend::Backend;
+/// Writes `tag`'s bytes into block `id` of every region, as its holder would.
+fn held_fill(b: &dyn kvhygiene::backend::Backend, layout: &KvLayout, id: u64, tag: u8) {
     for &base in &layout.regions {
         b.write(0, base + id * BLOCK, &secret(BLOCK as usize, tag))
             .unwrap();
@@ -697,7 +751,7 @@ fn an_engine_verdict_that_lands_after_a_new_owner_took_the_block_is_not_applied(
         .unwrap()
     };
     claim_as("w");
-    held_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     // The engine scrubs w's block on stream 7; its verdict is held back.
     backend.hold(7, true);
     let engine = std::thread::scope(|s| {
@@ -706,7 +760,7 @@ fn an_engine_verdict_that_lands_after_a_new_owner_took_the_block_is_not_applied(
         // Meanwhile x is given the block: the gate scrubs it (stream 2) and hands it over.
         let r = claim_as("x");
         assert_eq!((r.claimed, r.gate_scrubbed.clone()), (1, vec![5]));
-        held_fill(&backend, &layout, 5, 0xab); // x's keys and values
+        held_fill(&*backend, &layout, 5, 0xab); // x's keys and values
         backend.hold(7, false);
         scrub.join().unwrap().unwrap()
     });
@@ -725,7 +779,7 @@ fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
             alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
         })
         .unwrap();
-        held_fill(&backend, &layout, 5, 0xcd); // y's keys and values
+        held_fill(&*backend, &layout, 5, 0xcd); // y's keys and values
         y
     });
     let x = x.unwrap();
@@ -790,7 +844,7 @@ fn a_verified_claim_losing_to_a_failed_one_is_not_reported_as_taken() {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
     .unwrap();
-    held_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     backend.hold(3, true);
     backend.hold(4, true);
     let (x, y) = std::thread::scope(|s| {
@@ -1069,7 +1123,7 @@ fn a_claim_whose_ledger_is_forgotten_does_not_get_a_block_an_anonymous_claim_too
         let z = alloc
             .claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
             .unwrap();
-        held_fill(&backend, &layout, 5, 0xcd);
+        held_fill(&*backend, &layout, 5, 0xcd);
         z
     });
     let x = x.unwrap();
@@ -1749,7 +1803,7 @@ fn a_claim_whose_cache_is_freed_and_handed_out_again_while_the_gate_scrubs_is_no
             b, a,
             "precondition: the pool handed the same bytes out again"
         );
-        held_fill(&backend, &layout, 5, 0xee);
+        held_fill(&*backend, &layout, 5, 0xee);
     });
     assert!(
         matches!(x, Err(KvClaimError::Scrub(KvScrubError::NotLive { .. }))),
@@ -1809,7 +1863,7 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_refused_as_not_live_leaves_a_kv_gat
 /// released. Nothing orders a batch after host writes or after other streams, as on a GPU:
 /// a scrub submitted before a write may zero it when it runs after it.
 mod lazy {
-    use std::collections::{HashMap, HashSet};
+    use crate::gates::{self, Gates, WithGates};
     use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
     use kvhygiene::backend::host::HostBackend;
@@ -1828,8 +1882,13 @@ mod lazy {
     #[derive(Default)]
     struct State {
         batches: Vec<Pending>,
-        held: HashSet<u64>,
-        submitted: HashMap<u64, usize>,
+        gates: Gates,
+    }
+
+    impl WithGates for State {
+        fn gates(&mut self) -> &mut Gates {
+            &mut self.gates
+        }
     }
 
     impl State {
@@ -1869,27 +1928,17 @@ mod lazy {
 
         /// Batches on `stream` do not run (`true`) or may run (`false`).
         pub fn hold(&self, stream: u64, held: bool) {
-            let mut s = self.state.0.lock().unwrap();
-            if held {
-                s.held.insert(stream);
-            } else {
-                s.held.remove(&stream);
-            }
-            self.state.1.notify_all();
+            gates::hold(&self.state, stream, held);
         }
 
         /// Waits until `n` batches were submitted on `stream`.
         pub fn wait_submitted(&self, stream: u64, n: usize) {
-            let mut s = self.state.0.lock().unwrap();
-            while s.submitted.get(&stream).copied().unwrap_or(0) < n {
-                s = self.state.1.wait(s).unwrap();
-            }
+            gates::wait_submitted(&self.state, stream, n);
         }
 
         /// How many batches were submitted on `stream`.
         pub fn submitted(&self, stream: u64) -> usize {
-            let s = self.state.0.lock().unwrap();
-            s.submitted.get(&stream).copied().unwrap_or(0)
+            gates::count(&self.state, stream)
         }
 
         /// Whether every batch submitted on `stream` has run.
@@ -1927,7 +1976,7 @@ mod lazy {
                 let Some(&k) = todo.first() else {
                     return s.batches[self.index].result.clone();
                 };
-                if s.held.contains(&s.batches[k].stream) {
+                if s.gates.held.contains(&s.batches[k].stream) {
                     if !block {
                         return None;
                     }
@@ -1961,8 +2010,7 @@ mod lazy {
                 result: None,
             });
             let index = s.batches.len() - 1;
-            *s.submitted.entry(stream).or_default() += 1;
-            self.state.1.notify_all();
+            gates::submitted(&mut *s, &self.state, stream);
             Ok(Box::new(Ticket {
                 host: self.host.clone(),
                 state: self.state.clone(),
@@ -1978,29 +2026,7 @@ fn lazy_cache() -> (
     std::sync::Arc<lazy::Lazy>,
     KvLayout,
 ) {
-    let backend = lazy::Lazy::new();
-    let alloc = kvhygiene::alloc::Allocator::new(
-        backend.clone(),
-        config(KvGateMode::Scrub, KvGateScope::Request),
-        None,
-    );
-    let len = 2 * BLOCKS * BLOCK;
-    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
-    let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
-    (alloc, backend, layout)
-}
-
-fn lazy_fill(b: &lazy::Lazy, layout: &KvLayout, id: u64, tag: u8) {
-    use kvhygiene::backend::Backend;
-    for &base in &layout.regions {
-        b.write(0, base + id * BLOCK, &secret(BLOCK as usize, tag))
-            .unwrap();
-    }
+    cache_over(lazy::Lazy::new(), None)
 }
 
 fn lazy_holds(b: &lazy::Lazy, layout: &KvLayout, id: u64, tag: u8) -> bool {
@@ -2034,7 +2060,7 @@ fn c_claims_block_5_while_held(
             .unwrap();
             let ran = backend.ran_all(held_stream);
             if r.claimed == 1 {
-                lazy_fill(backend, layout, 5, 0xc5); // c's keys and values
+                held_fill(backend, layout, 5, 0xc5); // c's keys and values
             }
             let _ = tx.send((r, ran));
         });
@@ -2070,7 +2096,7 @@ fn a_claim_does_not_get_a_block_a_gate_scrub_begun_for_another_claim_may_still_w
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
     .unwrap();
-    lazy_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     backend.hold(7, true);
     backend.hold(3, true);
     let (r, ran, survived, b) = std::thread::scope(|s| {
@@ -2107,44 +2133,56 @@ fn a_claim_does_not_get_a_block_a_gate_scrub_begun_for_another_claim_may_still_w
     );
 }
 
-/// Two requests were given block 5 at once (w's block, not scrubbed): c's claim submits its
-/// gate scrub (stream 4) before b's (stream 3, ordered after c's), and c's scrub verifies
-/// first. Expected: exactly one of them gets the block, and the keys and values the winner
-/// writes once its claim returned are not zeroed by the other's scrub (here c's are never
-/// written over by b's, which may still run when c's verdict lands: the block goes to b).
-#[test]
-fn a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data() {
+/// c and b were given block 5 (w's, not scrubbed) at once: c's claim submits its gate scrub
+/// (stream 4) before b's (stream 3, ordered after c's), and c's scrub verifies first. Each
+/// claims as `who` names it (`None`: a thread without ids, an anonymous claimant). Returns
+/// both reports, and whether the keys and values c wrote once its claim returned with the
+/// block survived b's scrub (true when c did not get it).
+fn two_claims_race(
+    who: fn(&str) -> Option<(&'static str, &'static str)>,
+) -> (KvClaimReport, KvClaimReport, bool) {
     let (alloc, backend, layout) = lazy_cache();
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
     .unwrap();
-    lazy_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     backend.hold(4, true);
     backend.hold(3, true);
-    let (c, b, survived) = std::thread::scope(|s| {
-        let c = s.spawn(|| {
-            as_request("t", "c", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
-            })
-            .unwrap()
-        });
+    let claim = |name: &str, stream: u64| {
+        let run = || alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(stream));
+        match who(name) {
+            Some((tenant, request)) => as_request(tenant, request, run),
+            // Spawned threads run with no context.
+            None => run(),
+        }
+    };
+    std::thread::scope(|s| {
+        let c = s.spawn(|| claim("c", 4).unwrap());
         backend.wait_submitted(4, 1);
-        let b = s.spawn(|| {
-            as_request("t", "b", || {
-                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
-            })
-        });
+        let b = s.spawn(|| claim("b", 3));
         backend.wait_submitted(3, 1);
         backend.hold(4, false);
         let c = c.join().unwrap();
         if c.claimed == 1 {
-            lazy_fill(&backend, &layout, 5, 0xc5); // c's keys and values
+            held_fill(&*backend, &layout, 5, 0xc5); // c's keys and values
         }
         backend.hold(3, false);
         let b = b.join().unwrap().unwrap();
         let survived = c.claimed == 0 || lazy_holds(&backend, &layout, 5, 0xc5);
         (c, b, survived)
+    })
+}
+
+/// Two requests were given block 5 at once ([`two_claims_race`]). Expected: exactly one of
+/// them gets the block, and the keys and values the winner writes once its claim returned are
+/// not zeroed by the other's scrub (here c's are never written over by b's, which may still
+/// run when c's verdict lands: the block goes to b).
+#[test]
+fn a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data() {
+    let (c, b, survived) = two_claims_race(|name| match name {
+        "c" => Some(("t", "c")),
+        _ => Some(("t", "b")),
     });
     assert_eq!(
         c.claimed + b.claimed,
@@ -2158,41 +2196,12 @@ fn a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data()
     );
 }
 
-/// Two threads without request ids (anonymous claimants, who match nobody, each other
-/// included) were given block 5 (w's) at once: c's gate scrub (stream 4) is submitted before
-/// b's (stream 3, ordered after c's), and c's verifies first. Expected: as for two requests,
-/// the keys and values the winner writes once its claim returned are not zeroed by the other
-/// claim's scrub.
+/// As [`a_gate_scrub_for_a_claim_that_lost_the_block_does_not_zero_the_winners_data`], for
+/// two threads without request ids (anonymous claimants, who match nobody, each other
+/// included).
 #[test]
 fn a_gate_scrub_for_an_anonymous_claim_that_lost_the_block_does_not_zero_the_winners_data() {
-    let (alloc, backend, layout) = lazy_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    lazy_fill(&backend, &layout, 5, 0x77);
-    backend.hold(4, true);
-    backend.hold(3, true);
-    let (c, b, survived) = std::thread::scope(|s| {
-        // Spawned threads run with no context: anonymous claimants.
-        let c = s.spawn(|| {
-            alloc
-                .claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
-                .unwrap()
-        });
-        backend.wait_submitted(4, 1);
-        let b = s.spawn(|| alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3)));
-        backend.wait_submitted(3, 1);
-        backend.hold(4, false);
-        let c = c.join().unwrap();
-        if c.claimed == 1 {
-            lazy_fill(&backend, &layout, 5, 0xc5); // c's keys and values
-        }
-        backend.hold(3, false);
-        let b = b.join().unwrap().unwrap();
-        let survived = c.claimed == 0 || lazy_holds(&backend, &layout, 5, 0xc5);
-        (c, b, survived)
-    });
+    let (c, b, survived) = two_claims_race(|_| None);
     assert!(
         survived,
         "anonymous claimant c's keys and values in block 5 were zeroed by the gate scrub of \
@@ -2225,7 +2234,7 @@ fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_clai
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
     .unwrap();
-    lazy_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     backend.hold(3, true);
     backend.hold(7, true);
     let x = std::thread::scope(|s| {
@@ -2274,7 +2283,7 @@ fn a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })
     .unwrap();
-    lazy_fill(&backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 5, 0x77);
     let first = alloc
         .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
         .unwrap();

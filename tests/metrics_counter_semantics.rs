@@ -370,18 +370,8 @@ fn a_kv_scrub_refused_for_lack_of_memory_counts_as_out_of_memory_not_a_backend_e
 /// not count it (no free was made here at all).
 #[test]
 fn fresh_memory_kept_after_a_refused_zeroing_has_no_free_to_clean_latency() {
-    use kvhygiene::backend::BackendError;
     let f = Fixture::new(manual_config());
-    f.backend
-        .zero_fresh_errors
-        .lock()
-        .unwrap()
-        .push_back(BackendError::StreamCapturing {
-            stream: 0,
-            what: "zeroing fresh memory",
-        });
-    let got = f.alloc.malloc(4096, 0, S);
-    assert!(got.is_err(), "the allocation succeeded: {got:?}");
+    f.malloc_whose_zeroing_a_capture_refuses(4096);
     f.alloc.synchronize().unwrap();
     let st = f.alloc.stats();
     assert_eq!(

@@ -255,6 +255,22 @@ impl Fixture {
         self.backend.write(device, addr, bytes).unwrap();
     }
 
+    /// A malloc of `size` on stream 0 whose fresh memory's zeroing a graph capture refuses
+    /// (one begun since the capture query): asserts that the allocation fails. The memory is
+    /// kept by the pool, never handed out unzeroed.
+    pub fn malloc_whose_zeroing_a_capture_refuses(&self, size: i64) {
+        self.backend
+            .zero_fresh_errors
+            .lock()
+            .unwrap()
+            .push_back(BackendError::StreamCapturing {
+                stream: 0,
+                what: "zeroing fresh memory",
+            });
+        let got = self.alloc.malloc(size, 0, StreamHandle(0));
+        assert!(got.is_err(), "the allocation succeeded: {got:?}");
+    }
+
     /// Allocates and asserts every byte reads zero (invariant 1).
     pub fn malloc_zeroed(&self, size: i64, device: i32, stream: u64) -> u64 {
         let addr = self
