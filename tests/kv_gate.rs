@@ -1405,19 +1405,7 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
         judged: std::sync::Mutex::new(Some(judged_tx)),
         release: std::sync::Mutex::new(Some(release_rx)),
     });
-    let alloc = kvhygiene::alloc::Allocator::new(
-        backend.clone(),
-        config(KvGateMode::Scrub, KvGateScope::Request),
-        Some(sink.clone()),
-    );
-    let len = 2 * BLOCKS * BLOCK;
-    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
-    let fine = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
+    let (alloc, _, fine) = cache_over(backend, Some(sink.clone()));
     let coarse = coarse_view(&fine);
     // Block 5 is request a's, then handed in and verified by the engine: CLEAN.
     as_request("t", "a", || {
@@ -2215,21 +2203,8 @@ fn a_gate_scrub_for_an_anonymous_claim_that_lost_the_block_does_not_zero_the_win
 /// claim took it.
 #[test]
 fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_claim() {
-    let backend = lazy::Lazy::new();
     let sink = kvhygiene::events::MemorySink::new();
-    let alloc = kvhygiene::alloc::Allocator::new(
-        backend.clone(),
-        config(KvGateMode::Scrub, KvGateScope::Request),
-        Some(sink.clone()),
-    );
-    let len = 2 * BLOCKS * BLOCK;
-    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
-    let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
+    let (alloc, backend, layout) = cache_over(lazy::Lazy::new(), Some(sink.clone()));
     as_request("t", "w", || {
         alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
     })

@@ -527,9 +527,8 @@ impl Ledgers {
     /// that changed but is CLEAN now (another scrub's verdict landed meanwhile, and nobody
     /// took it since) may still go to the gate's claimant, unless the gate's scrub of it for
     /// another claimant, submitted later, may still write it (it goes to that claimant, as
-    /// `taken`). Lifts the scrub's
-    /// [`InFlight`] marks. Returns the verified blocks whose verdict could not be applied, by
-    /// why: nobody may take them as verified by this scrub.
+    /// `taken`). Lifts the scrub's [`InFlight`] marks. Returns the verified blocks whose
+    /// verdict could not be applied, by why: nobody may take them as verified by this scrub.
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
