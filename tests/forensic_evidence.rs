@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
-use forensic_common::{cfg, chain_files, forge_from, start, write_log};
+use forensic_common::{cfg, chain_files, forge_from, secret_key_file, start, write_log};
 use kvhygiene::context::Context;
 use kvhygiene::events::{
     Event, EventKind, EventSink, InvalidFreeReason, KvScrubRecord, KvScrubTrigger,
@@ -1917,20 +1917,6 @@ fn evidence_while(
     let code = child.wait().unwrap().code();
     let v = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap_or(Value::Null);
     (code, v, meanwhile.is_none())
-}
-
-/// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
-fn secret_key_file(dir: &Path) -> std::path::PathBuf {
-    use std::os::unix::fs::OpenOptionsExt;
-    let key = dir.join("hmac.key");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key)
-        .unwrap();
-    std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
-    key
 }
 
 /// A report made while `what` happened is verified, with exit status 0.

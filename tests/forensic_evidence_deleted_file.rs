@@ -7,7 +7,7 @@ mod forensic_common;
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 
-use forensic_common::{cfg, chain_files, write_log};
+use forensic_common::{cfg, chain_files, secret_key_file, write_log};
 use kvhygiene::forensic::cli::VerifyLogArgs;
 use kvhygiene::forensic::evidence::{collect_with, EvidenceArgs};
 
@@ -108,20 +108,6 @@ fn a_file_deleted_while_the_report_is_read_is_not_taken_for_a_prune() {
     }
 }
 
-/// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
-fn key_file(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::OpenOptionsExt;
-    let key = dir.join("hmac.key");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key)
-        .unwrap();
-    std::io::Write::write_all(&mut f, forensic_common::SECRET).unwrap();
-    key
-}
-
 /// A keyed chain of many files, and beside it a chain whose writer died before its `start`
 /// record was whole (its file 0 alone, a few torn bytes), named to be verified after the
 /// first. Returns the first chain's file 0 (its opening starts the verification of that
@@ -187,7 +173,7 @@ fn an_unstarted_chain_removed_while_the_evidence_report_is_made_does_not_fail_it
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let (first, torn) = log_with_an_unstarted_chain(&dir);
-    let key = key_file(tmp.path());
+    let key = secret_key_file(tmp.path());
     let watcher = delete_at_nth_open(&dir, first, 1, torn.clone());
     let args = EvidenceArgs::of(VerifyLogArgs {
         key_file: vec![key],

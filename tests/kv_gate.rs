@@ -69,8 +69,12 @@ fn fill_block(f: &Fixture, layout: &KvLayout, id: u64, tag: u8) {
 }
 
 fn gate_violations(f: &Fixture) -> Vec<String> {
-    f.sink
-        .snapshot()
+    kv_gate_records(&f.sink)
+}
+
+/// The details of the `kv_gate` policy violations `sink` received, in order.
+fn kv_gate_records(sink: &kvhygiene::events::MemorySink) -> Vec<String> {
+    sink.snapshot()
         .into_iter()
         .filter_map(|e| match e.kind {
             EventKind::PolicyViolation {
@@ -956,16 +960,9 @@ fn a_claim_whose_ledger_is_forgotten_at_every_pass_records_why_once() {
     let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
     let x = x_claims_ws_block_losing_its_ledger(&alloc, &backend, &layout, 4);
     assert_eq!((x.claimed, x.taken.clone()), (0, vec![5]), "{x:?}");
-    let records: Vec<String> = sink
-        .snapshot()
+    let records: Vec<String> = kv_gate_records(&sink)
         .into_iter()
-        .filter_map(|e| match e.kind {
-            EventKind::PolicyViolation {
-                policy: "kv_gate",
-                detail,
-            } if detail.contains("ids 5") => Some(detail),
-            _ => None,
-        })
+        .filter(|d| d.contains("ids 5"))
         .collect();
     assert!(
         records.len() == 1 && records[0].contains("forgotten 4 times"),
@@ -2229,16 +2226,9 @@ fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_clai
         assert!(engine.failed.is_empty(), "precondition: {engine:?}");
         x
     });
-    let said_taken: Vec<String> = sink
-        .snapshot()
+    let said_taken: Vec<String> = kv_gate_records(&sink)
         .into_iter()
-        .filter_map(|e| match e.kind {
-            EventKind::PolicyViolation {
-                policy: "kv_gate",
-                detail,
-            } if detail.contains("another claim took them") => Some(detail),
-            _ => None,
-        })
+        .filter(|d| d.contains("another claim took them"))
         .collect();
     assert!(
         x.taken.is_empty() && said_taken.is_empty(),

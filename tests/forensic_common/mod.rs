@@ -21,6 +21,20 @@ pub fn secret() -> Zeroizing<Vec<u8>> {
     Zeroizing::new(SECRET.to_vec())
 }
 
+/// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
+pub fn secret_key_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = dir.join("hmac.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .unwrap();
+    std::io::Write::write_all(&mut f, SECRET).unwrap();
+    key
+}
+
 /// A private log directory inside a temporary directory.
 pub fn log_dir(tmp: &tempfile::TempDir) -> PathBuf {
     tmp.path().join("log")
