@@ -463,11 +463,12 @@ mod gates {
     }
 }
 
-/// A host backend whose scrubs on chosen streams complete only when released, and which says
-/// when a scrub was submitted: for interleavings of claims and scrubs, without sleeping.
+/// A host backend whose scrubs on chosen streams complete only when released, or are refused
+/// for lack of memory until allowed, and which says when a scrub was submitted: for
+/// interleavings of claims and scrubs, without sleeping.
 mod held {
     use crate::gates::{self, Gates, WithGates};
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Condvar, Mutex};
 
     use kvhygiene::backend::host::HostBackend;
@@ -481,6 +482,10 @@ mod held {
         gates: Gates,
         /// The first this-many scrubs of a stream complete even while it is held.
         passed: HashMap<u64, usize>,
+        /// Streams whose submissions fail for lack of memory.
+        no_memory: HashSet<u64>,
+        /// How many submissions on each stream failed so.
+        refused: HashMap<u64, usize>,
     }
 
     impl WithGates for State {
@@ -524,6 +529,24 @@ mod held {
         pub fn wait_submitted(&self, stream: u64, n: usize) {
             gates::wait_submitted(&self.state, stream, n);
         }
+
+        /// Submissions on `stream` fail for lack of memory (`true`) or go through (`false`).
+        pub fn out_of_memory(&self, stream: u64, refuse: bool) {
+            let mut s = self.state.0.lock().unwrap();
+            if refuse {
+                s.no_memory.insert(stream);
+            } else {
+                s.no_memory.remove(&stream);
+            }
+        }
+
+        /// Waits until a submission on `stream` failed for lack of memory.
+        pub fn wait_refused(&self, stream: u64) {
+            let mut s = self.state.0.lock().unwrap();
+            while !s.refused.contains_key(&stream) {
+                s = self.state.1.wait(s).unwrap();
+            }
+        }
     }
 
     struct Ticket {
@@ -562,6 +585,17 @@ mod held {
         host_methods!();
         unsafe fn submit_scrub(&self, b: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
             let stream = b.stream.0;
+            {
+                let mut s = self.state.0.lock().unwrap();
+                if s.no_memory.contains(&stream) {
+                    *s.refused.entry(stream).or_default() += 1;
+                    self.state.1.notify_all();
+                    return Err(BackendError::OutOfMemory {
+                        device: b.device,
+                        requested: 0,
+                    });
+                }
+            }
             // SAFETY: 1-2. this method's own contract, passed on unchanged.
             let inner = unsafe { self.host.submit_scrub(b) }?;
             let mut s = self.state.0.lock().unwrap();
@@ -798,6 +832,93 @@ fn of_two_claims_racing_for_one_dirty_block_only_one_gets_it() {
     })
     .unwrap();
     assert_eq!(z.gate_scrubbed, vec![5]);
+}
+
+/// Blocks 5 and 6 are w's and written. x claims them, and its gate scrub finds no memory for
+/// its batch: it tries again while another scrub holds one. Meanwhile y is given block 5
+/// (through a scrub of its own) and writes it. x's scrub, when it goes through, must leave y's
+/// keys and values alone: block 5 is y's (taken), and x is handed block 6 alone.
+#[test]
+fn a_claims_scrub_leaves_out_a_block_another_claim_was_handed_before_its_submission() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5, 6], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 6, 0x77);
+    backend.hold(7, true);
+    backend.out_of_memory(3, true);
+    let (x, y) = std::thread::scope(|s| {
+        // A scrub holding a batch slot: x's claim waits for slots instead of failing.
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5, 6], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_refused(3);
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        held_fill(&*backend, &layout, 5, 0xcd); // y's keys and values
+        backend.out_of_memory(3, false);
+        let x = x.join().unwrap().unwrap();
+        backend.hold(7, false);
+        engine.join().unwrap().unwrap();
+        (x, y)
+    });
+    assert_eq!((y.claimed, y.gate_scrubbed), (1, vec![5]));
+    assert_eq!((x.claimed, x.gate_scrubbed, x.taken), (1, vec![6], vec![5]));
+    for &base in &layout.regions {
+        let mut v = vec![0u8; BLOCK as usize];
+        use kvhygiene::backend::Backend;
+        backend.read(0, base + 5 * BLOCK, &mut v).unwrap();
+        assert!(
+            v == secret(BLOCK as usize, 0xcd),
+            "x's scrub wrote y's block"
+        );
+    }
+    assert!(held_zero(&backend, &layout, 6));
+    let records = kv_gate_records(&sink);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.contains("another claim took them") && r.contains("ids 5)")),
+        "{records:?}"
+    );
+    // w's blocks changed owner twice, once each: to y (5) and to x (6).
+    assert_eq!(alloc.stats().counters.kv_gate_owner_changed_blocks, 2);
+}
+
+/// An engine scrub that launched nothing (no memory for its batch, and none to wait for)
+/// leaves nothing in flight: a claim of the block it named, CLEAN from an earlier scrub, is
+/// handed it without device work.
+#[test]
+fn a_kv_scrub_that_launched_nothing_leaves_no_block_in_flight() {
+    let (alloc, backend, layout) = held_cache();
+    alloc
+        .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+        .unwrap();
+    backend.out_of_memory(3, true);
+    let refused = alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(3));
+    assert!(
+        matches!(
+            refused,
+            Err(KvScrubError::Backend(
+                kvhygiene::backend::BackendError::OutOfMemory { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    let x = as_request("t", "x", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+    })
+    .unwrap();
+    assert_eq!((x.claimed, x.gate_scrubbed), (1, vec![]));
 }
 
 #[test]

@@ -39,7 +39,7 @@ use crate::backend::{
 use crate::context::Context;
 use crate::events::{BlockRef, Event, EventKind, KvScrubRecord, KvScrubTrigger, KvTally};
 
-use super::kv_gate::{Generations, LedgerKey, OwnerKey, ScrubFor, Unapplied};
+use super::kv_gate::{Generations, LedgerKey, OwnerKey, ScrubFor, Unapplied, Withdrawn};
 use super::Allocator;
 
 /// Most regions a layout may have (e.g. layers × {K, V}).
@@ -310,22 +310,51 @@ impl KvCall<'_> {
     }
 
     /// The backend batches of the call, at most [`KV_BATCH_SEGMENTS`] segments each.
-    fn batches(&self) -> Vec<Vec<ScrubSegment>> {
+    fn batches(&self) -> Vec<Cut> {
         let total = self.segment_count();
         (0..total)
             .step_by(KV_BATCH_SEGMENTS)
             .map(|start| {
-                (start..(start + KV_BATCH_SEGMENTS).min(total))
-                    .map(|n| self.segment(n))
-                    .collect()
+                let run = start..(start + KV_BATCH_SEGMENTS).min(total);
+                Cut {
+                    segments: run.clone().map(|n| self.segment(n)).collect(),
+                    places: Places::Run(start),
+                }
+            })
+            .collect()
+    }
+
+    /// The batches of the call without the segments of blocks `left_out`.
+    fn batches_without(&self, left_out: &HashSet<u32>) -> Vec<Cut> {
+        let regions = self.layout.regions.len();
+        let kept: Vec<usize> = (0..self.segment_count())
+            .filter(|n| !left_out.contains(&self.ids[n / regions]))
+            .collect();
+        kept.chunks(KV_BATCH_SEGMENTS)
+            .map(|chunk| Cut {
+                segments: chunk.iter().map(|&n| self.segment(n)).collect(),
+                places: Places::Listed(chunk.to_vec()),
             })
             .collect()
     }
 }
 
-/// A submitted batch and the segment index it starts at.
-/// A submitted batch: the segment index it starts at, its segment count, its ticket.
-type Submitted = (usize, usize, Box<dyn ScrubTicket>);
+/// A batch of a call's segments, and which of the call's segments they are.
+struct Cut {
+    segments: Vec<ScrubSegment>,
+    places: Places,
+}
+
+/// Which of a call's segments a batch holds, in its order.
+enum Places {
+    /// Consecutive ones, from this index on: every batch of a call that left out no block.
+    Run(usize),
+    /// These.
+    Listed(Vec<usize>),
+}
+
+/// A submitted batch: which of the call's segments it holds, its segment count, its ticket.
+type Submitted = (Places, usize, Box<dyn ScrubTicket>);
 
 /// A judged KV call's counts and records, for [`Allocator::record_kv`].
 struct KvRecords {
@@ -335,7 +364,9 @@ struct KvRecords {
     abort: Option<Context>,
     /// Blocks the gate's scrub verified clean (`None`: an engine's call).
     gate_scrubbed: Option<u64>,
-    gate_owner_changed: u64,
+    /// Of those, the blocks another owner held before (not unknown, not dirty only because a
+    /// scrub was in flight): changes of owner the engine's own scrubs missed.
+    gate_owner_changed: Vec<u32>,
     verified_blocks: u64,
     verified_segments: u64,
     verified_bytes: u64,
@@ -353,8 +384,11 @@ struct Launched {
     /// (`refused_before_launch`), not a submission's.
     refused_early: bool,
     /// The gate ledger's generations of the call's blocks before anything was submitted,
-    /// which its verdicts are checked against (none when the gate is off).
+    /// which its verdicts are checked against (none when the gate is off). Without the
+    /// withdrawn blocks.
     seen: Option<Generations>,
+    /// The gate's scrub: blocks withdrawn before the submission, left out of its batches.
+    withdrawn: Withdrawn,
 }
 
 impl Allocator {
@@ -370,12 +404,13 @@ impl Allocator {
         stream: StreamHandle,
     ) -> Result<KvScrubReport, KvScrubError> {
         self.scrub_kv(layout, ids, device, stream, ScrubFor::Engine)
-            .map(|(report, _)| report)
+            .map(|(report, _, _)| report)
     }
 
     /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate. Also returns the
     /// verified blocks whose verdict the gate's ledger could not apply because they changed
-    /// hands while the scrub ran.
+    /// hands while the scrub ran, and the blocks the gate's scrub withdrew before it was
+    /// submitted because they changed hands since its claim sorted them (never scrubbed).
     pub(super) fn scrub_kv(
         &self,
         layout: &KvLayout,
@@ -383,7 +418,7 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
         by: ScrubFor<'_>,
-    ) -> Result<(KvScrubReport, Unapplied), KvScrubError> {
+    ) -> Result<(KvScrubReport, Unapplied, Withdrawn), KvScrubError> {
         let stream = stream.shared();
         let dev = match self.kv_device(device) {
             Ok(dev) => dev,
@@ -398,7 +433,11 @@ impl Allocator {
             return Err(self.refuse_kv_scrub(dev, e));
         }
         if ids.is_empty() {
-            return Ok((KvScrubReport::default(), Unapplied::default()));
+            return Ok((
+                KvScrubReport::default(),
+                Unapplied::default(),
+                Withdrawn::default(),
+            ));
         }
         let (trigger, claimant, seen, unknown, busy, sorted_in) = match by {
             ScrubFor::Engine => (KvScrubTrigger::Engine, None, None, None, None, None),
@@ -438,6 +477,7 @@ impl Allocator {
             Err(e) => Err(self.refuse_kv_scrub(dev, e)),
         };
         let mut launched = launch(seen, sorted_in)?;
+        let mut withdrawn = std::mem::take(&mut launched.withdrawn);
         let owners: Vec<(u64, u64)> = launched
             .owners
             .iter()
@@ -469,13 +509,14 @@ impl Allocator {
             }
             held = self.batch_slots_held(dev);
             launched = launch(launched.seen.take(), Some(&owners))?;
+            withdrawn.extend(std::mem::take(&mut launched.withdrawn));
         }
         let submitted = launched.tickets.len() as u64;
         let (results, error) = wait_all(launched.tickets, call.segment_count(), launched.error);
         self.inner
             .kv_batches_in_flight
             .fetch_sub(submitted, Ordering::Relaxed);
-        let (report, clean, records) =
+        let (report, clean, mut records) =
             self.judge_kv(&call, &results, &launched.owners, error.as_ref());
         let changed = match &launched.seen {
             Some(seen) => {
@@ -484,9 +525,12 @@ impl Allocator {
             }
             None => Unapplied::default(),
         };
+        // A block another claim took is that claim's change of owner, counted by it.
+        let taken: HashSet<u32> = changed.taken.iter().copied().collect();
+        records.gate_owner_changed.retain(|id| !taken.contains(id));
         self.record_kv(records);
         match error {
-            None => Ok((report, changed)),
+            None => Ok((report, changed, withdrawn)),
             Some(e) => {
                 if trigger == KvScrubTrigger::Gate {
                     // The claim fails and names no block; those that failed are recorded here.
@@ -514,7 +558,7 @@ impl Allocator {
     fn launch_kv(
         &self,
         call: &KvCall<'_>,
-        batches: Vec<Vec<ScrubSegment>>,
+        batches: Vec<Cut>,
         seen: Option<Generations>,
         same_owners: Option<&[(u64, u64)]>,
     ) -> Result<Launched, KvScrubError> {
@@ -574,6 +618,7 @@ impl Allocator {
                         error: Some(e),
                         refused_early: true,
                         seen: None,
+                        withdrawn: Withdrawn::default(),
                     });
                 }
             }
@@ -586,14 +631,20 @@ impl Allocator {
                 error: None,
                 refused_early: false,
                 seen,
+                withdrawn: Withdrawn::default(),
             };
             // Before the first submission, under the lock that orders it: a verdict landing
-            // from here on knows that this scrub may still write the blocks.
+            // from here on knows that this scrub may still write the blocks, and the gate's
+            // scrub leaves out the blocks another claim was handed since its claim sorted them.
+            let mut batches = batches;
             if let Some(seen) = launched.seen.as_mut() {
-                self.ledgers().mark_in_flight(seen, call.claimant);
+                launched.withdrawn = self.ledgers().mark_in_flight(seen, call.claimant);
+                if !launched.withdrawn.is_empty() {
+                    batches = call.batches_without(&launched.withdrawn.all());
+                }
             }
             let mut any_launched = false;
-            for (n, segments) in batches.into_iter().enumerate() {
+            for (n, Cut { segments, places }) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
                 // be under way when exit begins.
                 if self.inner.shutting_down.load(Ordering::Acquire) {
@@ -639,7 +690,7 @@ impl Allocator {
                         self.inner
                             .kv_batches_in_flight
                             .fetch_add(1, Ordering::Relaxed);
-                        launched.tickets.push((n * KV_BATCH_SEGMENTS, len, ticket));
+                        launched.tickets.push((places, len, ticket));
                     }
                     Err(e) => {
                         launched.error = Some(e);
@@ -807,14 +858,15 @@ impl Allocator {
             addr: None,
         });
         let (gate_scrubbed, gate_owner_changed) = match call.unknown {
-            None => (None, 0),
+            None => (None, Vec::new()),
             Some(unknown) => {
                 let busy = |id: &u32| call.busy.is_some_and(|b| b.contains(id));
                 let had_owner = clean
                     .iter()
+                    .copied()
                     .filter(|id| !unknown.contains(id) && !busy(id))
-                    .count();
-                (Some(clean.len() as u64), had_owner as u64)
+                    .collect();
+                (Some(clean.len() as u64), had_owner)
             }
         };
         let records = KvRecords {
@@ -844,7 +896,7 @@ impl Allocator {
                 None => c.kv_scrub_calls += 1,
                 Some(scrubbed) => {
                     c.kv_gate_scrubbed_blocks += scrubbed;
-                    c.kv_gate_owner_changed_blocks += records.gate_owner_changed;
+                    c.kv_gate_owner_changed_blocks += records.gate_owner_changed.len() as u64;
                 }
             }
             c.kv_blocks_scrubbed += records.verified_blocks;
@@ -920,13 +972,20 @@ fn wait_all(
 ) -> (Vec<Option<SegmentResult>>, Option<BackendError>) {
     let mut results = vec![None; segments];
     let mut error = submit_error;
-    for (start, len, mut ticket) in tickets {
+    for (places, len, mut ticket) in tickets {
         match ticket.wait() {
-            Ok(r) if r.len() == len => {
-                for (slot, v) in results[start..start + len].iter_mut().zip(r) {
-                    *slot = Some(v);
+            Ok(r) if r.len() == len => match places {
+                Places::Run(start) => {
+                    for (slot, v) in results[start..start + len].iter_mut().zip(r) {
+                        *slot = Some(v);
+                    }
                 }
-            }
+                Places::Listed(at) => {
+                    for (n, v) in at.into_iter().zip(r) {
+                        results[n] = Some(v);
+                    }
+                }
+            },
             Ok(r) => {
                 error.get_or_insert(BackendError::Other(format!(
                     "scrub returned {} results for {len} segments",
@@ -1089,7 +1148,11 @@ mod tests {
             busy: None,
             claimant: None,
         };
-        let s: Vec<ScrubSegment> = call.batches().concat();
+        let s: Vec<ScrubSegment> = call
+            .batches()
+            .into_iter()
+            .flat_map(|c| c.segments)
+            .collect();
         let got: Vec<(u64, u64, u64)> = s.iter().map(|s| (s.addr, s.len, s.seed)).collect();
         assert_eq!(
             got,
@@ -1100,5 +1163,38 @@ mod tests {
                 (0x20_000, 0x40, 80),
             ]
         );
+    }
+
+    /// A block left out of a call's batches takes its segments with it; the others keep the
+    /// seeds and the result places they have in the whole call.
+    #[test]
+    fn a_block_left_out_keeps_the_others_seeds_and_places() {
+        let l = layout(vec![0x10_000, 0x20_000], 0x40, 0x100, 8);
+        let ids = [3, 0, 5];
+        let call = KvCall {
+            dev: 0,
+            layout: &l,
+            ids: &ids,
+            stream: StreamHandle(0),
+            first_seed: 77,
+            trigger: KvScrubTrigger::Gate,
+            unknown: None,
+            busy: None,
+            claimant: None,
+        };
+        let cuts = call.batches_without(&HashSet::from([0]));
+        assert_eq!(cuts.len(), 1);
+        let got: Vec<(u64, u64)> = cuts[0].segments.iter().map(|s| (s.addr, s.seed)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x10_300, 77),
+                (0x20_300, 78),
+                (0x10_500, 81),
+                (0x20_500, 82)
+            ]
+        );
+        assert!(matches!(&cuts[0].places, Places::Listed(at) if at == &[0, 1, 4, 5]));
+        assert!(call.batches_without(&HashSet::from([0, 3, 5])).is_empty());
     }
 }

@@ -341,19 +341,42 @@ impl Ledgers {
             .filter(|&i| self.books[i].epoch == seen.epoch)
     }
 
-    /// A scrub of `seen`'s blocks was submitted (for `claimant`, the gate's; `None`, the
-    /// engine's): until it settles, a claim does not hand them over without a scrub of its own
-    /// (ordered after this one on the device), and a gate verdict for another claimant that
-    /// was submitted before it is not applied (this one may still write the block after the
-    /// hand-over). Called under the pool lock that ordered the submission.
+    /// A scrub of `seen`'s blocks is about to be submitted (for `claimant`, the gate's; `None`,
+    /// the engine's): until it settles, a claim does not hand them over without a scrub of its
+    /// own (ordered after this one on the device), and a gate verdict for another claimant
+    /// that was submitted before it is not applied (this one may still write the block after
+    /// the hand-over). Called under the pool lock that orders the submission.
+    ///
+    /// A gate scrub's generations were read when its claim sorted the blocks, without the
+    /// pool lock: since then another claim may have been handed a block (by its own verdict,
+    /// or at once as CLEAN) and written it, or the ledger may have been forgotten. Zeroing
+    /// such a block would wipe the other owner's keys and values, so it is withdrawn here,
+    /// under the same lock as the marks: removed from `seen`, returned, never scrubbed. From
+    /// the marks on, the other claims see this scrub in flight.
     pub(crate) fn mark_in_flight(
         &mut self,
         seen: &mut Generations,
         claimant: Option<&Option<Arc<OwnerKey>>>,
-    ) {
+    ) -> Withdrawn {
         let Some(i) = self.book_of(seen) else {
-            return;
+            // The engine's generations were read just now, under this lock (a call tried
+            // again keeps its first ones, and its verdict then lands nowhere); a gate
+            // scrub's were its claim's, whose blocks the ledger there is now may give anyone.
+            return match claimant {
+                None => Withdrawn::default(),
+                Some(_) => Withdrawn {
+                    forgotten: take_all(seen),
+                    ..Withdrawn::default()
+                },
+            };
         };
+        let mut withdrawn = Withdrawn::default();
+        if let Some(claimant) = claimant {
+            let taken = self.handed_to_another(i, seen, claimant);
+            seen.of.retain(|id, _| !taken.contains(id));
+            withdrawn.taken = taken.into_iter().collect();
+            withdrawn.taken.sort_unstable();
+        }
         let token = self.tick();
         seen.in_flight = token;
         let book = &mut self.books[i];
@@ -363,6 +386,32 @@ impl Ledgers {
                 claimant: claimant.cloned(),
             });
         }
+        withdrawn
+    }
+
+    /// Of `seen`'s blocks in ledger `i`, those handed since to an owner other than
+    /// `claimant` (an anonymous one is always another): a claim made meanwhile holds them.
+    fn handed_to_another(
+        &self,
+        i: usize,
+        seen: &Generations,
+        claimant: &Option<Arc<OwnerKey>>,
+    ) -> HashSet<u32> {
+        let slots = &self.books[i].slots;
+        seen.of
+            .iter()
+            .filter(|&(id, &then)| {
+                slots.get(id).is_some_and(|e| {
+                    e.generation != then
+                        && match &e.slot {
+                            Slot::Owned(Some(owner)) => claimant.as_ref() != Some(owner),
+                            Slot::Owned(None) => true,
+                            Slot::Clean | Slot::Failed => false,
+                        }
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// Lifts `seen`'s [`InFlight`] marks, which it no longer names: its scrub launched
@@ -616,6 +665,39 @@ impl Unapplied {
     }
 }
 
+/// The blocks of a gate scrub withdrawn just before its submission
+/// ([`Ledgers::mark_in_flight`]): nothing zeroes or verifies them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Withdrawn {
+    /// Another claim was handed them after this claim sorted them: theirs now.
+    pub taken: Vec<u32>,
+    /// Their ledger was forgotten after this claim sorted them: to claim again.
+    pub forgotten: Vec<u32>,
+}
+
+impl Withdrawn {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.taken.is_empty() && self.forgotten.is_empty()
+    }
+
+    /// Every withdrawn block.
+    pub(crate) fn all(&self) -> HashSet<u32> {
+        self.taken.iter().chain(&self.forgotten).copied().collect()
+    }
+
+    pub(crate) fn extend(&mut self, more: Withdrawn) {
+        self.taken.extend(more.taken);
+        self.forgotten.extend(more.forgotten);
+    }
+}
+
+/// Empties `seen`, returning its blocks (sorted).
+fn take_all(seen: &mut Generations) -> Vec<u32> {
+    let mut ids: Vec<u32> = seen.of.drain().map(|(id, _)| id).collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Passes a claim makes over blocks whose ledger was forgotten while it scrubbed them.
 const MAX_CLAIM_PASSES: usize = 4;
 
@@ -637,8 +719,11 @@ struct Round {
     /// Refused because the gate's own scrub of them in this claim failed verification, or
     /// another scrub's failure overtook it (a record says so).
     failed_now: Vec<u32>,
-    /// Verified, but their ledger was forgotten: to claim again.
+    /// Their ledger was forgotten: to claim again. Verified by this pass's scrub, unless
+    /// `unscrubbed`.
     forgotten: Vec<u32>,
+    /// Of `forgotten`, those withdrawn from the scrub before it was submitted.
+    unscrubbed: HashSet<u32>,
     /// The allocation of each region (id, scrub sequence) this pass found: a later pass of
     /// the claim must find the same ones.
     owners: Vec<(u64, u64)>,
@@ -742,6 +827,8 @@ impl Allocator {
         }
         let mut round = self.claim_round(dev, layout, ids, device, stream, mode, None)?;
         let first_owners = std::mem::take(&mut round.owners);
+        // Blocks to claim again that no scrub of this claim verified yet.
+        let mut unscrubbed = std::mem::take(&mut round.unscrubbed);
         let mut passes = 1;
         let mut lost_every_pass = Vec::new();
         while !round.forgotten.is_empty() {
@@ -787,13 +874,19 @@ impl Allocator {
                     return Err(e);
                 }
             };
-            // This claim's first scrub verified them all: each one this pass handed over
-            // (scrubbed again, or found clean or the claimant's) counts once.
+            // A scrub of this claim verified them, but those withdrawn before it was
+            // submitted: each one this pass handed over (scrubbed again, or found clean or the
+            // claimant's) counts once, a withdrawn one only when this pass scrubbed it.
             let lost_again: HashSet<u32> = again.forgotten.iter().copied().collect();
+            let scrubbed_now: HashSet<u32> = again.gate_scrubbed.iter().copied().collect();
             let handed = forgotten.iter().filter(|id| {
-                !again.refused.contains(id) && !again.taken.contains(id) && !lost_again.contains(id)
+                !again.refused.contains(id)
+                    && !again.taken.contains(id)
+                    && !lost_again.contains(id)
+                    && (!unscrubbed.contains(id) || scrubbed_now.contains(id))
             });
             round.gate_scrubbed.extend(handed);
+            unscrubbed = again.unscrubbed;
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
             round.failed_before.extend(again.failed_before);
@@ -985,7 +1078,8 @@ impl Allocator {
             busy: &round.busy,
             owners: &round.owners,
         };
-        let (report, unapplied) = match self.scrub_kv(layout, &sorted.dirty, device, stream, gate) {
+        let scrubbed = self.scrub_kv(layout, &sorted.dirty, device, stream, gate);
+        let (report, unapplied, withdrawn) = match scrubbed {
             Ok(done) => done,
             // The cache was freed since its regions were checked: a refused claim (its record
             // says so, with the blocks that failed before).
@@ -1008,8 +1102,12 @@ impl Allocator {
                 .collect(),
         );
         round.refused.extend(round.failed_now.iter().copied());
-        round.taken.extend(unapplied.taken.iter().copied());
+        round
+            .taken
+            .extend(unapplied.taken.iter().chain(&withdrawn.taken).copied());
+        round.unscrubbed = withdrawn.forgotten.iter().copied().collect();
         round.forgotten = unapplied.forgotten;
+        round.forgotten.extend(withdrawn.forgotten);
         round.gate_scrubbed = sorted
             .dirty
             .iter()
@@ -1302,6 +1400,61 @@ mod tests {
         assert!(l.books[0].in_flight.is_empty(), "marks left");
     }
 
+    /// Of a gate scrub's blocks, those handed to another owner between its claim's sort and
+    /// its submission (by that claim's verdict, or at once as CLEAN) are withdrawn from it:
+    /// zeroing them would wipe the new owner's data. A block scrubbed CLEAN meanwhile and not
+    /// taken, or handed to the claimant itself, is scrubbed.
+    #[test]
+    fn blocks_handed_to_another_after_the_sort_are_withdrawn_before_the_submission() {
+        let mut l = Ledgers::default();
+        let (k, w, b, c) = (key(vec![1]), who("t", "w"), who("t", "b"), who("t", "c"));
+        scrub(&mut l, &k, &[4, 5, 6, 7], &[]);
+        assert_eq!(sort(&mut l, &k, &[4, 5, 6, 7], &w), NONE);
+        let mut for_c = l.claim(&k, &[4, 5, 6, 7], &c, false).dirty_generations;
+        let mut for_b = l.claim(&k, &[4], &b, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut for_b, Some(&b)).is_empty());
+        assert_eq!(l.settle(&for_b, &[4], &[], Some(&b)), Unapplied::default());
+        scrub(&mut l, &k, &[5, 6], &[]);
+        assert_eq!(sort(&mut l, &k, &[6], &b), NONE);
+        let mut own = l.claim(&k, &[7], &c, false).dirty_generations;
+        l.mark_in_flight(&mut own, Some(&c));
+        assert_eq!(l.settle(&own, &[7], &[], Some(&c)), Unapplied::default());
+        let withdrawn = l.mark_in_flight(&mut for_c, Some(&c));
+        assert_eq!(
+            withdrawn,
+            Withdrawn {
+                taken: vec![4, 6],
+                forgotten: vec![]
+            }
+        );
+        assert_eq!(
+            l.settle(&for_c, &[5, 7], &[], Some(&c)),
+            Unapplied::default()
+        );
+        assert_eq!(sort(&mut l, &k, &[5, 7], &c), NONE);
+        assert_eq!(sort(&mut l, &k, &[4, 6], &b), NONE);
+        assert!(l.books[0].in_flight.is_empty(), "marks left");
+    }
+
+    /// A gate scrub whose ledger was forgotten after its claim sorted the blocks withdraws
+    /// them all (to be claimed again through the ledger there is now); an engine scrub
+    /// proceeds (its verdict lands nowhere).
+    #[test]
+    fn a_gate_scrub_whose_ledger_was_forgotten_since_the_sort_is_withdrawn() {
+        let mut l = Ledgers::default();
+        let (k, c) = (key(vec![1]), who("t", "c"));
+        let mut for_c = l.claim(&k, &[2, 3], &c, false).dirty_generations;
+        let mut engine = l.generations(&k, &[2]);
+        let mut other = key(vec![1]);
+        other.layout = [8; 32];
+        l.claim(&other, &[0], &c, false);
+        let withdrawn = l.mark_in_flight(&mut for_c, Some(&c));
+        assert_eq!(withdrawn.forgotten, vec![2, 3]);
+        assert!(for_c.of.is_empty());
+        assert!(l.mark_in_flight(&mut engine, None).is_empty());
+        assert_eq!(engine.of.len(), 1);
+    }
+
     #[test]
     fn all_or_nothing_changes_nothing_when_a_block_is_dirty() {
         let mut l = Ledgers::default();
@@ -1521,11 +1674,13 @@ mod tests {
 
     /// A model of the memory the ledgers describe: who wrote each cell since it was last
     /// zeroed, and who holds it, under two layouts over the same memory (a permutation of its
-    /// cells) that may be freed and allocated again. A claim's sort, its scrub's submission
-    /// and the verdict are separate steps, interleaved with engine scrubs and writes. The
-    /// engine's contract is encoded in what the operations do: a block's holder stops writing
-    /// it when the engine hands it in for a scrub or gives it to another request; only holders
-    /// write.
+    /// cells) that may be freed and allocated again. A claim's sort, its scrub's submission,
+    /// the scrub's run on the device and the verdict are separate steps, interleaved with
+    /// engine scrubs and writes. Scrubs run in the order they were submitted (a later scrub of
+    /// a block waits for the streams of earlier ones), and a verdict lands only after its
+    /// scrub ran. The engine's contract is encoded in what the operations do: a block's holder
+    /// stops writing it when the engine hands it in for a scrub or gives it to another
+    /// request; only holders write.
     mod model {
         use super::*;
         use proptest::prelude::*;
@@ -1548,6 +1703,8 @@ mod tests {
                 fail: Vec<u32>,
             },
             Submit(usize),
+            /// The oldest submitted scrub that has not run yet runs.
+            Run,
             Engine {
                 layout: usize,
                 ids: Vec<u32>,
@@ -1572,6 +1729,7 @@ mod tests {
             prop_oneof![
                 3 => (0..4usize, 0..2usize, ids(), ids()).prop_map(|(o, layout, ids, fail)| Op::Sort { o, layout, ids, fail }),
                 3 => (0..4usize).prop_map(Op::Submit),
+                2 => Just(Op::Run),
                 3 => (0..2usize, ids(), ids()).prop_map(|(layout, ids, fail)| Op::Engine { layout, ids, fail }),
                 3 => (0..4usize).prop_map(Op::Finish),
                 2 => Just(Op::Write),
@@ -1595,6 +1753,7 @@ mod tests {
             scrubbed: LedgerKey,
             verified: Vec<u32>,
             failed: Vec<u32>,
+            ran: bool,
         }
 
         struct World {
@@ -1635,13 +1794,39 @@ mod tests {
                 self.held[c] = Some(o);
                 Ok(())
             }
-            fn zero(&mut self, layout: usize, ids: &[u32], fail: &[u32]) -> (Vec<u32>, Vec<u32>) {
-                let (failed, verified): (Vec<u32>, Vec<u32>) =
-                    ids.iter().partition(|id| fail.contains(id));
-                for &id in &verified {
-                    self.written[cell(layout, id)] = Writer::Nobody;
+            /// Pending scrub `k` runs: it writes every block it names (zeroing those that
+            /// verify). A gate scrub must not write a block another owner holds (an engine
+            /// scrub writes what the engine handed in: its own contract).
+            fn run(&mut self, k: usize) -> Result<(), TestCaseError> {
+                let p = &mut self.pending[k];
+                if std::mem::replace(&mut p.ran, true) {
+                    return Ok(());
                 }
-                (verified, failed)
+                for &id in p.verified.iter().chain(&p.failed) {
+                    let c = cell(p.layout, id);
+                    if let Some((o, _)) = p.claimant {
+                        prop_assert!(
+                            self.held[c].is_none_or(|h| h == o),
+                            "owner {}'s scrub wrote cell {} (layout {} block {}) held by {:?}",
+                            o,
+                            c,
+                            p.layout,
+                            id,
+                            self.held[c]
+                        );
+                    }
+                }
+                for &id in &p.verified {
+                    self.written[cell(p.layout, id)] = Writer::Nobody;
+                }
+                Ok(())
+            }
+            /// Every pending scrub, in submission order up to `k`, runs.
+            fn run_to(&mut self, k: usize) -> Result<(), TestCaseError> {
+                for i in 0..k.saturating_add(1).min(self.pending.len()) {
+                    self.run(i)?;
+                }
+                Ok(())
             }
             fn apply(&mut self, op: Op) -> Result<(), TestCaseError> {
                 match op {
@@ -1676,9 +1861,21 @@ mod tests {
                         if self.sorted.is_empty() {
                             return Ok(());
                         }
-                        let g = self.sorted.remove(k % self.sorted.len());
+                        let mut g = self.sorted.remove(k % self.sorted.len());
                         let scrubbed = self.key(g.layout);
-                        let (verified, failed) = self.zero(g.layout, &g.ids, &g.fail);
+                        if g.seen.key != scrubbed {
+                            // Freed and allocated again since the sort: refused as not live.
+                            return Ok(());
+                        }
+                        let withdrawn = self
+                            .ledger
+                            .mark_in_flight(&mut g.seen, Some(&g.owner))
+                            .all();
+                        let (failed, verified): (Vec<u32>, Vec<u32>) = g
+                            .ids
+                            .iter()
+                            .filter(|id| !withdrawn.contains(id))
+                            .partition(|id| g.fail.contains(id));
                         self.pending.push(Verdict {
                             claimant: Some((g.o, g.owner)),
                             layout: g.layout,
@@ -1686,15 +1883,23 @@ mod tests {
                             scrubbed,
                             verified,
                             failed,
+                            ran: false,
                         });
+                    }
+                    Op::Run => {
+                        if let Some(k) = self.pending.iter().position(|p| !p.ran) {
+                            self.run(k)?;
+                        }
                     }
                     Op::Engine { layout, ids, fail } => {
                         let key = self.key(layout);
-                        let seen = self.ledger.generations(&key, &ids);
+                        let mut seen = self.ledger.generations(&key, &ids);
+                        self.ledger.mark_in_flight(&mut seen, None);
                         for &id in &ids {
                             self.held[cell(layout, id)] = None;
                         }
-                        let (verified, failed) = self.zero(layout, &ids, &fail);
+                        let (failed, verified): (Vec<u32>, Vec<u32>) =
+                            ids.iter().partition(|id| fail.contains(id));
                         self.pending.push(Verdict {
                             claimant: None,
                             layout,
@@ -1702,15 +1907,19 @@ mod tests {
                             scrubbed: key,
                             verified,
                             failed,
+                            ran: false,
                         });
                     }
                     Op::Finish(k) => {
                         if self.pending.is_empty() {
                             return Ok(());
                         }
-                        let p = self.pending.remove(k % self.pending.len());
+                        let k = k % self.pending.len();
+                        self.run_to(k)?;
+                        let p = self.pending.remove(k);
                         let claimant = p.claimant.as_ref().map(|(_, o)| o);
                         let changed = if p.seen.key != p.scrubbed {
+                            self.ledger.lift_marks(&p.seen);
                             p.verified.clone()
                         } else {
                             self.ledger
@@ -1740,6 +1949,7 @@ mod tests {
                     }
                     Op::Realloc => {
                         // Freed (its scrub zeroes it, ordered after every scrub of it) and allocated again.
+                        self.run_to(usize::MAX)?;
                         self.seq += 1;
                         for c in 0..N as usize {
                             self.held[c] = None;
