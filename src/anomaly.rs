@@ -966,6 +966,8 @@ mod tests {
             error: None,
             trigger: crate::events::KvScrubTrigger::Gate,
             unknown_owner_blocks: 0,
+            owner_changed_blocks: 0,
+            withdrawn_blocks: 0,
         }));
         assert!(
             signals(kv).is_empty(),

@@ -272,8 +272,8 @@ pub struct KvScrubRecord {
     pub blocks: u64,
     pub verified_blocks: u64,
     pub failed_blocks: u64,
-    /// Segments (block × region), those not verified because the call stopped, and the
-    /// segments' bytes.
+    /// Segments (block × region), those not verified (the call stopped, or their block was
+    /// withdrawn), and the segments' bytes.
     pub segments: u64,
     pub unverified_segments: u64,
     pub bytes: u64,
@@ -300,6 +300,15 @@ pub struct KvScrubRecord {
     /// yet (a new cache's first claims, or a forgotten ledger's); the others changed owner
     /// without a verified scrub. Zero for the engine's.
     pub unknown_owner_blocks: u64,
+    /// For the gate's scrub: of the blocks named, those it verified clean and handed to the
+    /// claimant from another owner (not unknown, not dirty only because a scrub of them was
+    /// in flight, not taken by another claim): what `kv_gate_owner_changed_blocks` counts.
+    /// Zero for the engine's.
+    pub owner_changed_blocks: u64,
+    /// For the gate's scrub: of the blocks named, those withdrawn before the submission,
+    /// never written nor verified (another claim was handed them, or their ledger was
+    /// forgotten, after this claim sorted them). Zero for the engine's.
+    pub withdrawn_blocks: u64,
 }
 
 /// Who asked for a KV block scrub.

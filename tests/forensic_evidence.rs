@@ -202,8 +202,11 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
         } else {
             KvScrubTrigger::Gate
         },
-        // Of the gate's two blocks, one was a new cache's first claim.
+        // Of the gate's two blocks, one was a new cache's first claim, and the other was
+        // dirty only because another scrub of it was in flight: no change of owner.
         unknown_owner_blocks: u64::from(error.is_none()),
+        owner_changed_blocks: 0,
+        withdrawn_blocks: 0,
     };
     for error in [None, Some("stream 0x4 is capturing a CUDA graph")] {
         log.emit(Event {
@@ -223,9 +226,10 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
         (
             v["kv_scrubs"]["gate_calls"].as_u64(),
             v["kv_scrubs"]["gate_blocks"].as_u64(),
-            v["kv_scrubs"]["gate_unknown_owner_blocks"].as_u64()
+            v["kv_scrubs"]["gate_unknown_owner_blocks"].as_u64(),
+            v["kv_scrubs"]["gate_owner_changed_blocks"].as_u64()
         ),
-        (Some(1), Some(2), Some(1))
+        (Some(1), Some(2), Some(1), Some(0))
     );
     assert_eq!(
         (
@@ -251,7 +255,7 @@ fn a_kv_scrub_that_did_not_finish_is_an_exception() {
     let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
     let md = String::from_utf8_lossy(&md.stdout);
     assert!(
-        md.contains("the eviction gate made 1 calls for 2 blocks: 1 changed owner without the engine's scrub, 1 had an owner the gate did not know"),
+        md.contains("the eviction gate made 1 calls for 2 blocks: 0 changed owner without the engine's scrub, 1 had an owner the gate did not know"),
         "{md}"
     );
 }
@@ -539,6 +543,40 @@ fn huge_figures_saturate_instead_of_overflowing() {
     assert_eq!(v["kv_scrubs"]["blocks"].as_u64(), Some(u64::MAX));
 }
 
+/// A gate record written before `owner_changed_blocks` existed counts every block named whose
+/// owner the gate knew as a change of owner; one that claims more changes than it names blocks
+/// of known owners counts only those.
+#[test]
+fn a_gate_record_counts_at_most_its_known_owner_blocks_as_changes_of_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    forge_from(&files, 0, 2, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "kv_scrub", "trigger": "claim_gate", "blocks": 3,
+                               "unknown_owner_blocks": 1}),
+        )
+    });
+    forge_from(&files, 0, 3, None, |m| {
+        set(
+            m,
+            serde_json::json!({"kind": "kv_scrub", "trigger": "claim_gate", "blocks": 4,
+                               "unknown_owner_blocks": 1, "owner_changed_blocks": 1000}),
+        )
+    });
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    let kv = &v["kv_scrubs"];
+    assert_eq!(
+        (
+            kv["gate_blocks"].as_u64(),
+            kv["gate_owner_changed_blocks"].as_u64()
+        ),
+        (Some(7), Some(2 + 3)),
+        "{kv}"
+    );
+}
+
 #[test]
 fn a_gate_record_claiming_more_unknown_blocks_than_it_names_counts_only_those_it_names() {
     let tmp = tempfile::tempdir().unwrap();
@@ -594,6 +632,7 @@ mod crafted_values {
         ("kv_scrub", "error"),
         ("kv_scrub", "trigger"),
         ("kv_scrub", "unknown_owner_blocks"),
+        ("kv_scrub", "owner_changed_blocks"),
         ("summary", "counters"),
         ("stop", "records_lost"),
         ("lost", "records_lost"),

@@ -892,6 +892,27 @@ fn a_claims_scrub_leaves_out_a_block_another_claim_was_handed_before_its_submiss
     );
     // w's blocks changed owner twice, once each: to y (5) and to x (6).
     assert_eq!(alloc.stats().counters.kv_gate_owner_changed_blocks, 2);
+    // x's scrub record names both blocks, says block 5 was left out, and that one block
+    // (6) changed owner through it.
+    let x_record = sink
+        .snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.stream == 3 => Some(r),
+            _ => None,
+        })
+        .last()
+        .unwrap();
+    assert_eq!(
+        (
+            x_record.blocks,
+            x_record.verified_blocks,
+            x_record.unverified_segments,
+            x_record.withdrawn_blocks,
+            x_record.owner_changed_blocks
+        ),
+        (2, 1, 2, 1, 1)
+    );
 }
 
 /// An engine scrub that launched nothing (no memory for its batch, and none to wait for)

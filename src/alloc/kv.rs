@@ -339,6 +339,21 @@ impl KvCall<'_> {
     }
 }
 
+impl KvRecords {
+    /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
+    /// (`changed`: the verified blocks it could not apply) and with the blocks `withdrawn`
+    /// before its submission. A block another claim took is that claim's change of owner,
+    /// counted by it.
+    fn settled(&mut self, changed: &Unapplied, withdrawn: &Withdrawn) {
+        let taken: HashSet<u32> = changed.taken.iter().copied().collect();
+        self.gate_owner_changed.retain(|id| !taken.contains(id));
+        if let EventKind::KvScrubbed(r) = &mut self.scrubbed.kind {
+            r.owner_changed_blocks = self.gate_owner_changed.len() as u64;
+            r.withdrawn_blocks = (withdrawn.taken.len() + withdrawn.forgotten.len()) as u64;
+        }
+    }
+}
+
 /// A batch of a call's segments, and which of the call's segments they are.
 struct Cut {
     segments: Vec<ScrubSegment>,
@@ -359,7 +374,10 @@ type Submitted = (Places, usize, Box<dyn ScrubTicket>);
 /// A judged KV call's counts and records, for [`Allocator::record_kv`].
 struct KvRecords {
     dev: u32,
+    /// The `kv_verify_failed` records.
     events: Vec<Event>,
+    /// The `kv_scrub` record, emitted after them.
+    scrubbed: Event,
     /// Under `failure_mode = abort`, a failed block: the request whose record the abort names.
     abort: Option<Context>,
     /// Blocks the gate's scrub verified clean (`None`: an engine's call).
@@ -525,9 +543,7 @@ impl Allocator {
             }
             None => Unapplied::default(),
         };
-        // A block another claim took is that claim's change of owner, counted by it.
-        let taken: HashSet<u32> = changed.taken.iter().copied().collect();
-        records.gate_owner_changed.retain(|id| !taken.contains(id));
+        records.settled(&changed, &withdrawn);
         self.record_kv(records);
         match error {
             None => Ok((report, changed, withdrawn)),
@@ -845,18 +861,21 @@ impl Allocator {
             unknown_owner_blocks: call.unknown.map_or(0, |u| {
                 call.ids.iter().filter(|id| u.contains(id)).count() as u64
             }),
+            // Known once the verdict is applied (`KvRecords::settled`).
+            owner_changed_blocks: 0,
+            withdrawn_blocks: 0,
         };
         // The caller's request, whose KV blocks these are, is the one the abort's record names.
         let abort = (!report.failed.is_empty()
             && config.failure_mode == crate::config::FailureMode::Abort)
             .then(|| ctx.clone());
-        events.push(Event {
+        let scrubbed = Event {
             at: SystemTime::now(),
             kind: EventKind::KvScrubbed(Box::new(record)),
             context: ctx,
             block: None,
             addr: None,
-        });
+        };
         let (gate_scrubbed, gate_owner_changed) = match call.unknown {
             None => (None, Vec::new()),
             Some(unknown) => {
@@ -872,6 +891,7 @@ impl Allocator {
         let records = KvRecords {
             dev: call.dev,
             events,
+            scrubbed,
             abort,
             gate_scrubbed,
             gate_owner_changed,
@@ -904,6 +924,7 @@ impl Allocator {
             c.kv_bytes_scrubbed += records.verified_bytes;
             c.kv_blocks_failed += records.failed_blocks;
             after.events = records.events;
+            after.events.push(records.scrubbed);
             after.abort = records.abort;
         });
     }

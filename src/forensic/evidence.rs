@@ -373,12 +373,15 @@ pub struct KvScrubs {
     /// Of the calls, those the eviction gate made inside `kvh_claim_blocks` (`trigger`
     /// `claim_gate`), and the blocks they named; of those, the blocks whose owner the gate
     /// did not know (`unknown_owner_blocks`: a new cache's first claims, or a forgotten
-    /// ledger's, which a claim scrubs again). The others the
-    /// engine handed to another owner without scrubbing them first (all of them in records
-    /// written before the field existed).
+    /// ledger's, which a claim scrubs again), and the blocks the engine handed to another
+    /// owner without scrubbing them first, which the gate's scrub verified and handed over
+    /// (`owner_changed_blocks`; in records written before that field existed, every block
+    /// named whose owner the gate knew, and in those written before `unknown_owner_blocks`
+    /// existed, every block named).
     pub gate_calls: u64,
     pub gate_blocks: u64,
     pub gate_unknown_owner_blocks: u64,
+    pub gate_owner_changed_blocks: u64,
 }
 
 /// One security record.
@@ -1403,6 +1406,12 @@ impl Tally {
                     let unknown = num("unknown_owner_blocks").min(num("blocks"));
                     kv.gate_unknown_owner_blocks =
                         kv.gate_unknown_owner_blocks.saturating_add(unknown);
+                    let changed = match record.get("owner_changed_blocks") {
+                        Some(_) => num("owner_changed_blocks").min(num("blocks") - unknown),
+                        None => num("blocks") - unknown,
+                    };
+                    kv.gate_owner_changed_blocks =
+                        kv.gate_owner_changed_blocks.saturating_add(changed);
                 }
             }
             "stop" => chain.stop_lost = Some(num("records_lost")),
@@ -2029,7 +2038,7 @@ pub fn render(ev: &Evidence) -> String {
         kv.failed_blocks,
         kv.gate_calls,
         kv.gate_blocks,
-        kv.gate_blocks.saturating_sub(kv.gate_unknown_owner_blocks),
+        kv.gate_owner_changed_blocks,
         kv.gate_unknown_owner_blocks
     ));
     push(format!(

@@ -742,6 +742,8 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put("trigger", st(r.trigger.name()));
             if r.trigger == KvScrubTrigger::Gate {
                 put("unknown_owner_blocks", Field::U(r.unknown_owner_blocks));
+                put("owner_changed_blocks", Field::U(r.owner_changed_blocks));
+                put("withdrawn_blocks", Field::U(r.withdrawn_blocks));
             }
         }
         EventKind::KvVerifyFailed {

@@ -303,7 +303,8 @@ KINDS = {
     "kv_scrub": {
         "device", "blocks", "verified_blocks", "failed_blocks", "segments", "unverified_segments", "bytes",
         "first_seed", "stream", "regions", "block_bytes", "block_stride", "blocks_per_region", "layout_sha256",
-        "block_ids", "block_ids_sha256", "error", "trigger", "unknown_owner_blocks",
+        "block_ids", "block_ids_sha256", "error", "trigger", "unknown_owner_blocks", "owner_changed_blocks",
+        "withdrawn_blocks",
     },
     "kv_verify_failed": BLOCK | {
         "kv_block", "region", "segment_addr", "segment_len", "seed", "samples_expected", "samples_checked",
@@ -363,8 +364,8 @@ def schema_problems(r: dict) -> list:
     if kind == "kv_scrub":
         required -= {"block_ids"}  # "present when there are at most 1024"
         if r.get("trigger") != "claim_gate":  # "only when `trigger` is `claim_gate`"
-            allowed -= {"unknown_owner_blocks"}
-            required -= {"unknown_owner_blocks"}
+            allowed -= {"unknown_owner_blocks", "owner_changed_blocks", "withdrawn_blocks"}
+            required -= {"unknown_owner_blocks", "owner_changed_blocks", "withdrawn_blocks"}
     for f in sorted(set(r) - allowed):
         out.append(f"{kind}: field {f!r} is written but not documented")
     for f in sorted(required - set(r)):
