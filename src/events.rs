@@ -296,9 +296,9 @@ pub struct KvScrubRecord {
     pub error: Option<String>,
     /// Who asked for the scrub.
     pub trigger: KvScrubTrigger,
-    /// For the gate's scrub: of the blocks named, those whose owner the gate did not know
-    /// yet (a new cache's first claims, or a forgotten ledger's); the others changed owner
-    /// without a verified scrub. Zero for the engine's.
+    /// For the gate's scrub: of the blocks named and not withdrawn, those whose owner the gate
+    /// did not know yet when the claim began (a new cache's first claims, or a forgotten
+    /// ledger's). Zero for the engine's.
     pub unknown_owner_blocks: u64,
     /// For the gate's scrub: of the blocks named, those it verified clean and handed to the
     /// claimant from another owner (not unknown, not dirty only because a scrub of them was

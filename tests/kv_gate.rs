@@ -547,6 +547,20 @@ mod held {
                 s = self.state.1.wait(s).unwrap();
             }
         }
+
+        /// How many submissions on `stream` failed for lack of memory so far.
+        pub fn refusals(&self, stream: u64) -> usize {
+            let s = self.state.0.lock().unwrap();
+            s.refused.get(&stream).copied().unwrap_or(0)
+        }
+
+        /// Waits until `n` submissions on `stream` failed for lack of memory.
+        pub fn wait_refusals(&self, stream: u64, n: usize) {
+            let mut s = self.state.0.lock().unwrap();
+            while s.refused.get(&stream).copied().unwrap_or(0) < n {
+                s = self.state.1.wait(s).unwrap();
+            }
+        }
     }
 
     struct Ticket {
@@ -912,6 +926,142 @@ fn a_claims_scrub_leaves_out_a_block_another_claim_was_handed_before_its_submiss
             x_record.owner_changed_blocks
         ),
         (2, 1, 2, 1, 1)
+    );
+}
+
+/// As above, but x's scrub still finds no memory on the try that leaves block 5 out, and
+/// goes through on a later try: block 5 stays left out of every later try, so y's keys and
+/// values are kept.
+#[test]
+fn a_block_left_out_of_a_claims_scrub_stays_out_when_the_scrub_is_tried_again() {
+    let (alloc, backend, layout) = held_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5, 6], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    held_fill(&*backend, &layout, 6, 0x77);
+    backend.hold(7, true);
+    backend.out_of_memory(3, true);
+    let (x, y) = std::thread::scope(|s| {
+        // A scrub holding a batch slot: x's claim waits for slots instead of failing.
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5, 6], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_refused(3);
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        held_fill(&*backend, &layout, 5, 0xcd); // y's keys and values
+                                                // Two more tries refused: the second began after y was handed block 5, so block 5
+                                                // was left out of it (or of the one before).
+        let n = backend.refusals(3);
+        backend.wait_refusals(3, n + 2);
+        backend.out_of_memory(3, false);
+        let x = x.join().unwrap().unwrap();
+        backend.hold(7, false);
+        engine.join().unwrap().unwrap();
+        (x, y)
+    });
+    assert_eq!((y.claimed, y.gate_scrubbed), (1, vec![5]));
+    for &base in &layout.regions {
+        let mut v = vec![0u8; BLOCK as usize];
+        use kvhygiene::backend::Backend;
+        backend.read(0, base + 5 * BLOCK, &mut v).unwrap();
+        assert!(
+            v == secret(BLOCK as usize, 0xcd),
+            "x's scrub, tried again, wrote y's block"
+        );
+    }
+    assert_eq!((x.claimed, x.gate_scrubbed, x.taken), (1, vec![6], vec![5]));
+    let c = alloc.stats().counters;
+    assert_eq!(
+        (c.kv_gate_scrubbed_blocks, c.kv_gate_owner_changed_blocks),
+        (4, 2),
+        "w's two blocks, each scrubbed once for the claim that took it, after the first claim's two"
+    );
+}
+
+/// Block 5 is w's and written. x claims it, and its gate scrub finds no memory for its batch:
+/// it tries again while another scrub holds one. Meanwhile the engine's scrubs of other caches
+/// push the cache's ledger out, so x's next try withdraws block 5 (never scrubbed) and the
+/// claim makes a second pass, whose scrub (the only one of block 5) finds it unknown. What
+/// the report says of block 5 (`unknown_owner`) and what the counters say agree.
+#[test]
+fn a_block_withdrawn_because_its_ledger_was_forgotten_is_reported_as_the_counters_count_it() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    let others = single_block_caches(&alloc, 64);
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    let gate_records = |sink: &kvhygiene::events::MemorySink| {
+        sink.snapshot()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(r),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(gate_records(&sink).len(), 1);
+    let before = alloc.stats().counters;
+    backend.hold(7, true);
+    backend.out_of_memory(3, true);
+    let x = std::thread::scope(|s| {
+        // A scrub holding a batch slot: x's claim waits for slots instead of failing.
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_refused(3);
+        push_out_ledger(&alloc, &others);
+        // The next try of x's first pass withdraws block 5 (its ledger is gone) and submits
+        // nothing: the next refusal is the second pass's scrub.
+        let n = backend.refusals(3);
+        backend.wait_refusals(3, n + 1);
+        backend.out_of_memory(3, false);
+        let x = x.join().unwrap().unwrap();
+        backend.hold(7, false);
+        engine.join().unwrap().unwrap();
+        x
+    });
+    assert_eq!((x.claimed, x.gate_scrubbed.clone()), (1, vec![5]), "{x:?}");
+    // The first pass's scrub, which withdrew its one block, reached no device: one record,
+    // the second pass's, which verified block 5 and counts it as a change of owner.
+    let records = gate_records(&sink);
+    assert_eq!(records.len(), 2, "{records:?}");
+    let second_pass = &records[1];
+    assert_eq!(
+        (
+            second_pass.verified_blocks,
+            second_pass.withdrawn_blocks,
+            second_pass.unknown_owner_blocks,
+            second_pass.owner_changed_blocks
+        ),
+        (1, 0, 0, 1),
+        "{second_pass:?}"
+    );
+    let c = alloc.stats().counters;
+    let changed = c.kv_gate_owner_changed_blocks - before.kv_gate_owner_changed_blocks;
+    let scrubbed = c.kv_gate_scrubbed_blocks - before.kv_gate_scrubbed_blocks;
+    assert_eq!(scrubbed, 1, "block 5 was scrubbed once");
+    assert_eq!(
+        (x.gate_scrubbed.len() - x.unknown_owner.len() - x.in_flight.len()) as u64,
+        changed,
+        "the report says block 5 changed owner ({:?} unknown) but kv_gate_owner_changed_blocks \
+         grew by {changed}",
+        x.unknown_owner
     );
 }
 
@@ -2409,5 +2559,15 @@ fn a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an
         changed, 0,
         "claiming block 5, CLEAN after the engine's verified scrub, counted {changed} owner \
          change(s) without a verified scrub (c: {r:?})"
+    );
+    // The report says the same: block 5 was scrubbed because a scrub was in flight.
+    assert_eq!(
+        (
+            r.gate_scrubbed.clone(),
+            r.in_flight.clone(),
+            r.unknown_owner.len()
+        ),
+        (vec![5], vec![5], 0),
+        "{r:?}"
     );
 }

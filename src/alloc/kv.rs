@@ -342,15 +342,28 @@ impl KvCall<'_> {
 impl KvRecords {
     /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
     /// (`changed`: the verified blocks it could not apply) and with the blocks `withdrawn`
-    /// before its submission. A block another claim took is that claim's change of owner,
-    /// counted by it.
-    fn settled(&mut self, changed: &Unapplied, withdrawn: &Withdrawn) {
+    /// before its submission (`unknown`: the call's blocks whose owner the gate did not know).
+    /// A block another claim took is that claim's change of owner, counted by it; a withdrawn
+    /// block was not scrubbed, so it is not counted as unknown here (a claim that claims it
+    /// again counts it in the scrub that does).
+    fn settled(
+        &mut self,
+        changed: &Unapplied,
+        withdrawn: &Withdrawn,
+        unknown: Option<&HashSet<u32>>,
+    ) {
         let taken: HashSet<u32> = changed.taken.iter().copied().collect();
         self.gate_owner_changed.retain(|id| !taken.contains(id));
-        if let EventKind::KvScrubbed(r) = &mut self.scrubbed.kind {
-            r.owner_changed_blocks = self.gate_owner_changed.len() as u64;
-            r.withdrawn_blocks = (withdrawn.taken.len() + withdrawn.forgotten.len()) as u64;
-        }
+        let left_out = withdrawn.all();
+        let Some(EventKind::KvScrubbed(r)) = self.scrubbed.as_mut().map(|e| &mut e.kind) else {
+            return;
+        };
+        r.owner_changed_blocks = self.gate_owner_changed.len() as u64;
+        r.withdrawn_blocks = left_out.len() as u64;
+        let unknown_left_out = unknown.map_or(0, |u| left_out.intersection(u).count());
+        r.unknown_owner_blocks = r
+            .unknown_owner_blocks
+            .saturating_sub(unknown_left_out as u64);
     }
 }
 
@@ -377,7 +390,7 @@ struct KvRecords {
     /// The `kv_verify_failed` records.
     events: Vec<Event>,
     /// The `kv_scrub` record, emitted after them.
-    scrubbed: Event,
+    scrubbed: Option<Event>,
     /// Under `failure_mode = abort`, a failed block: the request whose record the abort names.
     abort: Option<Context>,
     /// Blocks the gate's scrub verified clean (`None`: an engine's call).
@@ -543,7 +556,13 @@ impl Allocator {
             }
             None => Unapplied::default(),
         };
-        records.settled(&changed, &withdrawn);
+        records.settled(&changed, &withdrawn, unknown);
+        if withdrawn.count() == ids.len() && error.is_none() {
+            // Every block was withdrawn before anything was submitted: no scrub reached the
+            // device, so no `kv_scrub` record (the claim's own records say what became of
+            // the blocks).
+            records.scrubbed = None;
+        }
         self.record_kv(records);
         match error {
             None => Ok((report, changed, withdrawn)),
@@ -652,11 +671,19 @@ impl Allocator {
             // Before the first submission, under the lock that orders it: a verdict landing
             // from here on knows that this scrub may still write the blocks, and the gate's
             // scrub leaves out the blocks another claim was handed since its claim sorted them.
+            // Left out are the blocks `seen` no longer names: withdrawn now, or by an earlier
+            // try of the call.
             let mut batches = batches;
             if let Some(seen) = launched.seen.as_mut() {
                 launched.withdrawn = self.ledgers().mark_in_flight(seen, call.claimant);
-                if !launched.withdrawn.is_empty() {
-                    batches = call.batches_without(&launched.withdrawn.all());
+                let left_out: HashSet<u32> = call
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| !seen.names(id))
+                    .collect();
+                if !left_out.is_empty() {
+                    batches = call.batches_without(&left_out);
                 }
             }
             let mut any_launched = false;
@@ -891,7 +918,7 @@ impl Allocator {
         let records = KvRecords {
             dev: call.dev,
             events,
-            scrubbed,
+            scrubbed: Some(scrubbed),
             abort,
             gate_scrubbed,
             gate_owner_changed,
@@ -924,7 +951,7 @@ impl Allocator {
             c.kv_bytes_scrubbed += records.verified_bytes;
             c.kv_blocks_failed += records.failed_blocks;
             after.events = records.events;
-            after.events.push(records.scrubbed);
+            after.events.extend(records.scrubbed);
             after.abort = records.abort;
         });
     }

@@ -213,6 +213,11 @@ pub(crate) struct Generations {
 const NO_LEDGER: u64 = 0;
 
 impl Generations {
+    /// Whether block `id` is one of these (not withdrawn, [`Ledgers::mark_in_flight`]).
+    pub(crate) fn names(&self, id: u32) -> bool {
+        self.of.contains_key(&id)
+    }
+
     /// `ids` as a cache without a ledger has them: generation 0 of [`NO_LEDGER`].
     fn unknown(key: &LedgerKey, ids: &[u32]) -> Self {
         Generations {
@@ -676,8 +681,14 @@ pub(crate) struct Withdrawn {
 }
 
 impl Withdrawn {
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.taken.is_empty() && self.forgotten.is_empty()
+    }
+
+    /// How many blocks were withdrawn.
+    pub(crate) fn count(&self) -> usize {
+        self.taken.len() + self.forgotten.len()
     }
 
     /// Every withdrawn block.
@@ -729,6 +740,34 @@ struct Round {
     owners: Vec<(u64, u64)>,
 }
 
+impl Round {
+    /// The blocks this pass's scrub verified: handed over, or to claim again.
+    fn verified(&self) -> HashSet<u32> {
+        let forgotten = self
+            .forgotten
+            .iter()
+            .filter(|id| !self.unscrubbed.contains(id));
+        self.gate_scrubbed
+            .iter()
+            .chain(forgotten)
+            .copied()
+            .collect()
+    }
+}
+
+/// What a claim's first pass found, for a pass after it ([`Allocator::claim_round`]).
+#[derive(Clone, Copy)]
+struct EarlierPass<'a> {
+    /// The allocation of each region (id, scrub sequence): the cache must still be those.
+    owners: &'a [(u64, u64)],
+    /// Of the blocks it scrubbed, those whose owner the ledger did not know, and those dirty
+    /// only because a scrub of them was in flight.
+    unknown: &'a HashSet<u32>,
+    busy: &'a HashSet<u32>,
+    /// The blocks a scrub of the claim verified so far.
+    verified: &'a HashSet<u32>,
+}
+
 /// What a `kvh_claim_blocks` call did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvClaimReport {
@@ -741,6 +780,12 @@ pub struct KvClaimReport {
     /// without a verified scrub: a free path of the engine that skips `kvh_scrub_blocks`, or
     /// a claim outside a request's context.
     pub unknown_owner: Vec<u32>,
+    /// Of `gate_scrubbed`, those the gate scrubbed only because another scrub of them was
+    /// still in flight when the claim found them CLEAN (or already the claimant's), in the
+    /// order given: no change of owner. The blocks of `gate_scrubbed` in neither this list
+    /// nor `unknown_owner` changed owner without a verified scrub, what
+    /// `kv_gate_owner_changed_blocks` counts.
+    pub in_flight: Vec<u32>,
     /// Blocks not handed over because their scrub failed verification (now or earlier), in
     /// the order given. They must not be used, by anyone, until a scrub verifies them.
     pub refused: Vec<u32>,
@@ -827,8 +872,8 @@ impl Allocator {
         }
         let mut round = self.claim_round(dev, layout, ids, device, stream, mode, None)?;
         let first_owners = std::mem::take(&mut round.owners);
-        // Blocks to claim again that no scrub of this claim verified yet.
-        let mut unscrubbed = std::mem::take(&mut round.unscrubbed);
+        // Blocks a scrub of this claim verified (handed over, or to claim again).
+        let mut verified = round.verified();
         let mut passes = 1;
         let mut lost_every_pass = Vec::new();
         while !round.forgotten.is_empty() {
@@ -857,15 +902,14 @@ impl Allocator {
             }
             passes += 1;
             let forgotten = std::mem::take(&mut round.forgotten);
-            let pass = self.claim_round(
-                dev,
-                layout,
-                &forgotten,
-                device,
-                stream,
-                mode,
-                Some(&first_owners),
-            );
+            let earlier = EarlierPass {
+                owners: &first_owners,
+                unknown: &round.unknown,
+                busy: &round.busy,
+                verified: &verified,
+            };
+            let pass =
+                self.claim_round(dev, layout, &forgotten, device, stream, mode, Some(earlier));
             let again = match pass {
                 Ok(again) => again,
                 Err(e) => {
@@ -874,19 +918,18 @@ impl Allocator {
                     return Err(e);
                 }
             };
-            // A scrub of this claim verified them, but those withdrawn before it was
-            // submitted: each one this pass handed over (scrubbed again, or found clean or the
-            // claimant's) counts once, a withdrawn one only when this pass scrubbed it.
+            // Each one this pass handed over (scrubbed again, or found clean or the
+            // claimant's) counts once, if a scrub of this claim verified it: an earlier pass's
+            // (but one that withdrew it before the submission), or this one's.
+            verified.extend(again.verified());
             let lost_again: HashSet<u32> = again.forgotten.iter().copied().collect();
-            let scrubbed_now: HashSet<u32> = again.gate_scrubbed.iter().copied().collect();
             let handed = forgotten.iter().filter(|id| {
                 !again.refused.contains(id)
                     && !again.taken.contains(id)
                     && !lost_again.contains(id)
-                    && (!unscrubbed.contains(id) || scrubbed_now.contains(id))
+                    && verified.contains(id)
             });
             round.gate_scrubbed.extend(handed);
-            unscrubbed = again.unscrubbed;
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
             round.failed_before.extend(again.failed_before);
@@ -899,11 +942,13 @@ impl Allocator {
             mut taken,
             gate_scrubbed,
             unknown,
+            busy,
             ..
         } = round;
         let gate_scrubbed: HashSet<u32> = gate_scrubbed.into_iter().collect();
         // The first pass says whose blocks they were; a later pass only re-files them.
         let unknown_owner: HashSet<u32> = unknown.intersection(&gate_scrubbed).copied().collect();
+        let in_flight: HashSet<u32> = busy.intersection(&gate_scrubbed).copied().collect();
         let gate_scrubbed = in_order(ids, &gate_scrubbed);
         self.report_taken(dev, ids, &taken);
         // Recorded above as lost; reported to the caller with the taken ones.
@@ -918,6 +963,7 @@ impl Allocator {
             claimed,
             gate_scrubbed,
             unknown_owner: in_order(ids, &unknown_owner),
+            in_flight: in_order(ids, &in_flight),
             refused: in_order(ids, &refused),
             taken: in_order(ids, &taken),
         })
@@ -1018,10 +1064,12 @@ impl Allocator {
     }
 
     /// One pass of a claim over `ids`: sorts them against the ledger, refuses (enforce) or
-    /// scrubs (scrub) those that would change owner, and says what became of each. `first`:
+    /// scrubs (scrub) those that would change owner, and says what became of each. `earlier`:
     /// in a pass after the first, over blocks whose ledger was forgotten meanwhile
-    /// ([`Ledgers::claim_pass`]), the allocations the first pass found, which the cache must
-    /// still be (one freed and handed out again at its addresses is another caller's).
+    /// ([`Ledgers::claim_pass`]), what the first pass found: the allocations the cache must
+    /// still be (one freed and handed out again at its addresses is another caller's), and
+    /// whose each block was when the claim began, for the blocks no scrub of the claim
+    /// verified yet (the ledger there is now knows nothing of them).
     #[allow(clippy::too_many_arguments)] // the claim's own arguments, and which pass
     fn claim_round(
         &self,
@@ -1031,9 +1079,10 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
         mode: KvGateMode,
-        first: Option<&[(u64, u64)]>,
+        earlier: Option<EarlierPass<'_>>,
     ) -> Result<Round, KvClaimError> {
-        let again = first.is_some();
+        let again = earlier.is_some();
+        let first = earlier.map(|e| e.owners);
         let claimant = owner_of(&Context::current(), self.inner.config.kv_gate_scope);
         let enforce = mode == KvGateMode::Enforce;
         let owners =
@@ -1071,6 +1120,12 @@ impl Allocator {
         }
         round.unknown = sorted.unknown.iter().copied().collect();
         round.busy = sorted.busy.iter().copied().collect();
+        if let Some(e) = earlier {
+            for &id in sorted.dirty.iter().filter(|id| !e.verified.contains(id)) {
+                classify(&mut round.unknown, id, e.unknown.contains(&id));
+                classify(&mut round.busy, id, e.busy.contains(&id));
+            }
+        }
         let gate = ScrubFor::Gate {
             claimant: &claimant,
             seen: sorted.dirty_generations,
@@ -1245,6 +1300,15 @@ fn region_owners(
                 })
         })
         .collect()
+}
+
+/// Puts `id` in `set` when `member`, else takes it out.
+fn classify(set: &mut HashSet<u32>, id: u32, member: bool) {
+    if member {
+        set.insert(id);
+    } else {
+        set.remove(&id);
+    }
 }
 
 fn in_order(ids: &[u32], set: &HashSet<u32>) -> Vec<u32> {

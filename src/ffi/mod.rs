@@ -1137,6 +1137,7 @@ mod tests {
             claimed: 0,
             gate_scrubbed: Vec::new(),
             unknown_owner: Vec::new(),
+            in_flight: Vec::new(),
             refused,
             taken,
         };
