@@ -113,7 +113,8 @@ pub struct LogStats {
     /// Summaries replaced by a newer one before they were written.
     pub summaries_coalesced: u64,
     pub write_errors: u64,
-    /// Records that could not be written (disk errors) or arrived after `stop`.
+    /// Records that could not be written (disk errors), arrived after `stop`, were still
+    /// queued when the writer ended, or were in the hands of a writer thread that panicked.
     pub records_lost: u64,
     pub bytes_lost: u64,
     /// The most recent write error, kept after the disk recovers.
@@ -305,10 +306,10 @@ pub struct ForensicLog {
     pid: u32,
 }
 
-/// How long `stop` waits, in all, for room in the queue and for the writer's final write.
+/// How long the first `stop` waits for the writer's last write and its end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest [`ForensicLog::flush`] waits, its message's wait for room in the queue included.
+/// Longest [`ForensicLog::flush`] waits for the writer.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Nanoseconds since the Unix epoch (0 before it).
@@ -470,15 +471,25 @@ impl ForensicLog {
     }
 
     /// Waits until everything queued before the call is written (not necessarily fsynced;
-    /// a summary when it is due), for at most [`FLUSH_TIMEOUT`]. Takes no slot in the queue:
-    /// it waits for the writer to have handled as many records as were queued before it,
-    /// which, the queue being first in, first out, includes every record this thread queued,
-    /// and to have ended a round begun after the call (which looked at the summary slot).
+    /// a summary when it is due), for at most [`FLUSH_TIMEOUT`]. Never waits for room in the
+    /// queue: it waits for the writer to have handled as many records as were queued before
+    /// it, which, the queue being first in, first out, includes every record this thread
+    /// queued, and to have ended a round begun after the call (which looked at the summary
+    /// slot). Its wake-up for the writer is sent only when the queue has room (a full queue
+    /// keeps the writer busy anyway). While another thread stops the log, it waits for the
+    /// writer to write what was queued before the call (the stop drains the queue), or to end.
     pub fn flush(&self) {
-        if self.stopped.load(Ordering::Acquire) || self.forked() {
+        if self.forked() {
             return;
         }
         let ticket = self.shared.records_queued.load(Ordering::SeqCst);
+        if self.stopped.load(Ordering::Acquire) {
+            // A fail-closed stop flushes its record and aborts: while `kvh_shutdown` or an
+            // exit handler stops the log, that record is still written, and waited for.
+            self.shared
+                .wait_for_writer(FLUSH_TIMEOUT, |p| p.records_handled >= ticket);
+            return;
+        }
         let round = self.shared.rounds_begun.load(Ordering::SeqCst) + 1;
         self.wake();
         // Bounded: a writer held by a hung disk never gets there, and a fail-closed stop
@@ -860,5 +871,51 @@ mod stop_tests {
         log.stop_within(Duration::from_millis(200), None);
         assert!(t.elapsed() < Duration::from_secs(5));
         drop(rx);
+    }
+
+    /// A log another thread is stopping, whose writer has one record queued before the
+    /// flush still to handle.
+    fn stopping_with_one_record_queued() -> (ForensicLog, mpsc::Receiver<Box<Msg>>) {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let log = ForensicLog {
+            tx,
+            shared: Arc::new(Shared::default()),
+            stopped: AtomicBool::new(true),
+            thread: Mutex::new(None),
+            pid: std::process::id(),
+        };
+        log.shared.records_queued.store(1, Ordering::SeqCst);
+        (log, rx)
+    }
+
+    /// A flush made while another thread stops the log (a fail-closed stop's, during
+    /// `kvh_shutdown`) returns once the writer handled what was queued before it, or ended.
+    #[test]
+    fn flush_while_the_log_stops_waits_for_what_was_queued_before_it() {
+        for ends in [false, true] {
+            let (log, _rx) = stopping_with_one_record_queued();
+            let published = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let flush = s.spawn(|| {
+                    log.flush();
+                    published.load(Ordering::SeqCst)
+                });
+                for _ in 0..1000 {
+                    std::thread::yield_now();
+                }
+                published.store(true, Ordering::SeqCst);
+                if ends {
+                    log.shared.update_progress(|p| p.writer_ended = true);
+                } else {
+                    log.shared.round_done(1, 1);
+                }
+                assert!(
+                    flush.join().unwrap(),
+                    "flush returned before the writer handled the record or ended"
+                );
+            });
+            // The stop the test stands in for returned: dropping the log waits for nothing.
+            log.shared.update_progress(|p| p.first_returned = true);
+        }
     }
 }

@@ -1312,14 +1312,11 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
     f
 }
 
-/// Records that make a checkpoint due: every kind but `checkpoint`, whose record notes the
-/// checkpoint just signed. Counted, it would make an idle log sign one at every interval (at
-/// every record with `checkpoint_every = 1`); the next checkpoint, after new records, covers
-/// it, and a `rotate` or `lost` record written with it counts as any other.
 /// A writer thread that unwinds (a bug) drops the records sealed into its buffer and not yet
-/// written, and the one it was making room for: they are counted lost, as a failed write counts them (invariant 5), but for the
-/// description of earlier losses, whose records are counted already, and a fresh file's link.
-/// What was still queued is counted by its `Queued` as the queue is dropped.
+/// written, and the one it was making room for: they are counted lost, as a failed write
+/// counts them (invariant 5), but for the description of earlier losses, whose records are
+/// counted already, and a fresh file's link. What was still queued is counted by its
+/// `Queued` as the queue is dropped.
 impl Drop for ChainWriter {
     fn drop(&mut self) {
         if !std::thread::panicking() {
@@ -1350,6 +1347,10 @@ impl Drop for ChainWriter {
     }
 }
 
+/// Records that make a checkpoint due: every kind but `checkpoint`, whose record notes the
+/// checkpoint just signed. Counted, it would make an idle log sign one at every interval (at
+/// every record with `checkpoint_every = 1`); the next checkpoint, after new records, covers
+/// it, and a `rotate` or `lost` record written with it counts as any other.
 fn new_records(kinds: &[&'static str]) -> u64 {
     kinds.iter().filter(|k| **k != "checkpoint").count() as u64
 }
