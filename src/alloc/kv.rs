@@ -676,13 +676,14 @@ impl Allocator {
             let mut batches = batches;
             if let Some(seen) = launched.seen.as_mut() {
                 launched.withdrawn = self.ledgers().mark_in_flight(seen, call.claimant);
-                let left_out: HashSet<u32> = call
-                    .ids
-                    .iter()
-                    .copied()
-                    .filter(|&id| !seen.names(id))
-                    .collect();
-                if !left_out.is_empty() {
+                // Ids are distinct (checked): fewer named means some left out.
+                if seen.len() < call.ids.len() {
+                    let left_out: HashSet<u32> = call
+                        .ids
+                        .iter()
+                        .copied()
+                        .filter(|&id| !seen.names(id))
+                        .collect();
                     batches = call.batches_without(&left_out);
                 }
             }

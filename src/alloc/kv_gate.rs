@@ -218,6 +218,11 @@ impl Generations {
         self.of.contains_key(&id)
     }
 
+    /// How many blocks these are.
+    pub(crate) fn len(&self) -> usize {
+        self.of.len()
+    }
+
     /// `ids` as a cache without a ledger has them: generation 0 of [`NO_LEDGER`].
     fn unknown(key: &LedgerKey, ids: &[u32]) -> Self {
         Generations {
