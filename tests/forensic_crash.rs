@@ -480,6 +480,55 @@ fn crashed_chain(c: &kvhygiene::config::LogConfig, keyed: bool) -> std::path::Pa
     file
 }
 
+/// What a `recovery` record says of the chain it continues is held to the chain: a record
+/// (sealed with the chain's key, as only its writer or a holder of the key could seal it)
+/// that names another last record, another hash for it, or the digest of torn bytes where it
+/// names none, fails verification, and the problem names the field.
+#[test]
+fn a_recovery_record_is_held_to_the_chain_it_continues() {
+    type Forge = fn(&mut serde_json::Map<String, serde_json::Value>);
+    let cases: [(Forge, &str); 3] = [
+        (
+            |m| {
+                let seq = m["last_good_seq"].as_u64().unwrap();
+                m.insert("last_good_seq".into(), (seq - 1).into());
+            },
+            "last_good_seq",
+        ),
+        (
+            |m| {
+                m.insert("last_good_hash".into(), "00".repeat(32).into());
+            },
+            "last_good_hash",
+        ),
+        (
+            |m| {
+                m.insert("torn_sha256".into(), "ab".repeat(32).into());
+            },
+            "torn bytes",
+        ),
+    ];
+    for (forge, named) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let c = cfg(&dir, 1 << 20);
+        let file = crashed_chain(&c, true);
+        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+        log.stop();
+        let r = verify(&dir, &keyed_opts());
+        assert!(r.ok(), "{:?}", r.first_problem());
+        let at = read_lines(&file)
+            .iter()
+            .position(|l| l.contains("\"kind\":\"recovery\""))
+            .expect("recovery record");
+        let key = kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap();
+        forge_from(std::slice::from_ref(&file), 0, at + 1, Some(key), forge);
+        let r = verify(&dir, &keyed_opts());
+        let problem = format!("{:?}", r.first_problem());
+        assert!(!r.ok() && problem.contains(named), "{named}: {problem}");
+    }
+}
+
 /// A process with another HMAC secret does not continue a chain sealed with the first: it
 /// starts its own, and each chain verifies with its secret.
 #[test]

@@ -91,6 +91,10 @@ fn crashed_at_rotation_then_recovered(tmp: &tempfile::TempDir) -> (PathBuf, u64,
     );
     let recovered_at = ts_of(&continued[1]);
     assert!(recovered_at > last_of_first);
+    // Its `recovery` record names the crashed process's last record, the one before the
+    // `rotate` record: the verification holds it to that.
+    let r = forensic_common::verify(&dir, &Default::default());
+    assert!(r.ok(), "{:?}", r.first_problem());
     (dir, last_of_first, recovered_at)
 }
 

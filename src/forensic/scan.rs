@@ -27,6 +27,12 @@ pub struct Scanned<'a> {
     pub ckpt_seq: Option<u64>,
     /// The public key a `checkpoint` record says signed it.
     pub signer: Option<&'a str>,
+    /// What a `recovery` record says of the crashed chain it continues: its last whole
+    /// record, and the torn bytes after it.
+    pub last_good_seq: Option<u64>,
+    pub last_good_hash: Option<&'a str>,
+    pub torn_bytes: Option<u64>,
+    pub torn_sha256: Option<&'a str>,
 }
 
 /// Levels of nesting accepted (the writer's `write_canonical` limit): objects and arrays,
@@ -114,6 +120,10 @@ fn header_field<'a>(out: &mut Scanned<'a>, key: &[u8], raw: &'a [u8]) {
         b"prev_file" => out.prev_file = s(),
         b"ckpt_seq" => out.ckpt_seq = num(),
         b"signer" => out.signer = s(),
+        b"last_good_seq" => out.last_good_seq = num(),
+        b"last_good_hash" => out.last_good_hash = s(),
+        b"torn_bytes" => out.torn_bytes = num(),
+        b"torn_sha256" => out.torn_sha256 = s(),
         _ => {}
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::checkpoint::{self, Checkpoint};
@@ -1132,6 +1133,11 @@ struct Walk<'a> {
     key: ChainKey,
     next_seq: u64,
     prev: [u8; 32],
+    /// The hash of the record before the one `prev` is (`None`: not read, in a walk resumed
+    /// after a position), and whether that one is a `rotate` record: a `recovery` record may
+    /// name the record before its process's `rotate`.
+    before_prev: Option<[u8; 32]>,
+    prev_is_rotate: bool,
     prev_file: Option<String>,
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
@@ -1495,6 +1501,7 @@ impl<'a> ChainCheck<'a> {
         walk.cur_index = at.file;
         walk.prev_file = at.file.checked_sub(1).map(|f| files::file_name(chain, f));
         walk.report.closed = at.stop;
+        walk.prev_is_rotate = at.rotate;
         walk.signer = signer.map(str::to_string);
         if ckpt.is_some_and(|c| c.seq == at.seq) {
             walk.signer_at_ckpt = Some(walk.signer.clone());
@@ -1562,6 +1569,9 @@ pub struct Accepted {
     pub file: u64,
     /// Whether it is the chain's `stop` record (nothing may follow it).
     pub stop: bool,
+    /// Whether it is a `rotate` record (a `recovery` record after it may name the record
+    /// before it).
+    pub rotate: bool,
 }
 
 impl<'a> Walk<'a> {
@@ -1581,6 +1591,8 @@ impl<'a> Walk<'a> {
             key,
             next_seq: 0,
             prev: GENESIS_PREV,
+            before_prev: None,
+            prev_is_rotate: false,
             prev_file: None,
             ckpt,
             signer: None,
@@ -1737,6 +1749,9 @@ impl<'a> Walk<'a> {
             ));
         }
         self.position(&r, first_in_file)?;
+        if r.kind == Some("recovery") {
+            self.recovery_claims(&r)?;
+        }
         if r.kind == Some("checkpoint") {
             let rep = &mut self.report;
             rep.checkpoint_recorded = rep.checkpoint_recorded.max(r.ckpt_seq);
@@ -1852,7 +1867,51 @@ impl<'a> Walk<'a> {
             rep.checkpoint_seq = Some(c.seq);
         }
         self.next_seq += 1;
+        self.before_prev = Some(self.prev);
         self.prev = hash;
+        self.prev_is_rotate = r.kind == Some("rotate");
+    }
+
+    /// What a `recovery` record says of the crashed chain it continues, checked against the
+    /// chain: its last whole record (`last_good_seq`, `last_good_hash`) is the record just
+    /// before it or, when the recovering process first opened a new file (the crash came
+    /// between the file's creation and its `rotate` record), the record before that file's
+    /// `rotate` (whose hash a walk resumed at that `rotate` did not read: `tail-log` leaves
+    /// that comparison to the whole verification). `torn_sha256`, where written (older records
+    /// lack it), is a SHA-256, of nothing when `torn_bytes` is 0. The torn bytes themselves
+    /// were replaced: only a copy kept elsewhere can be matched to the digest.
+    fn recovery_claims(&self, r: &Scanned<'_>) -> Result<(), String> {
+        let seq = r
+            .last_good_seq
+            .ok_or("recovery record has no last_good_seq")?;
+        let hash = r
+            .last_good_hash
+            .and_then(parse_hash)
+            .ok_or("recovery record has no last_good_hash of 64 hex digits")?;
+        let here = self.next_seq;
+        let named = if seq.checked_add(1) == Some(here) {
+            Some(self.prev)
+        } else if self.prev_is_rotate && seq.checked_add(2) == Some(here) {
+            self.before_prev
+        } else {
+            return Err(format!(
+                "recovery record's last_good_seq {seq} is not the record before it"
+            ));
+        };
+        if named.is_some_and(|named| hash != named) {
+            return Err(format!(
+                "recovery record's last_good_hash is not the hash of record {seq}"
+            ));
+        }
+        let torn = r.torn_bytes.ok_or("recovery record has no torn_bytes")?;
+        if let Some(digest) = r.torn_sha256 {
+            let digest = parse_hash(digest)
+                .ok_or("recovery record's torn_sha256 is not 64 lower-case hex digits")?;
+            if torn == 0 && digest != <[u8; 32]>::from(Sha256::digest(b"")) {
+                return Err("recovery record names no torn bytes, but the digest of some".into());
+            }
+        }
+        Ok(())
     }
 }
 
