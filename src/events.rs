@@ -267,8 +267,8 @@ pub enum KvTally {
 pub struct KvScrubRecord {
     pub device: u32,
     /// Block ids named; of them, those read back (every segment verified, or a segment that
-    /// failed: all of them unless the call stopped, `error`), and those that failed
-    /// verification (a part of the ones read back).
+    /// failed: all of them unless the call stopped, `error`, or some were withdrawn), and
+    /// those that failed verification (a part of the ones read back).
     pub blocks: u64,
     pub verified_blocks: u64,
     pub failed_blocks: u64,
@@ -301,9 +301,10 @@ pub struct KvScrubRecord {
     /// ledger's). Zero for the engine's.
     pub unknown_owner_blocks: u64,
     /// For the gate's scrub: of the blocks named, those it verified clean and handed to the
-    /// claimant from another owner (not unknown, not dirty only because a scrub of them was
-    /// in flight, not taken by another claim): what `kv_gate_owner_changed_blocks` counts.
-    /// Zero for the engine's.
+    /// claimant from another owner (not unknown when the claim began, not dirty only because
+    /// a scrub of them was in flight, and handed over by this scrub: not taken by another
+    /// claim, nor left to a later pass by a forgotten ledger): what
+    /// `kv_gate_owner_changed_blocks` counts. Zero for the engine's.
     pub owner_changed_blocks: u64,
     /// For the gate's scrub: of the blocks named, those withdrawn before the submission,
     /// never written nor verified (another claim was handed them, or their ledger was

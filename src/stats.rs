@@ -133,8 +133,10 @@ counters! {
     kv_gate_scrubbed_blocks,
     /// Of those, blocks that changed owner without a verified scrub since their last owner
     /// (the rest had an owner the gate did not know: a new cache's first claims, or a
-    /// forgotten ledger's). An engine that scrubs on every free path keeps this at zero. A
-    /// block two racing claims scrubbed counts once, for the claim that took it.
+    /// forgotten ledger's). An engine that scrubs on every free path keeps this at zero.
+    /// Counted by the scrub that hands the block over: once, for the claim that took it,
+    /// when two claims race for it, and after a forgotten ledger, by the claim's pass that
+    /// hands it over, as the claim's report says (`KvClaimReport`).
     kv_gate_owner_changed_blocks,
     /// `kvh_claim_blocks` calls refused: bad input, memory not live, or blocks that would
     /// change owner unscrubbed under `kv_gate = enforce`.

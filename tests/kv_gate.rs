@@ -2571,3 +2571,120 @@ fn a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an
         "{r:?}"
     );
 }
+
+/// The gate `kv_scrub` records `sink` received, in order.
+fn gate_scrub_records(
+    sink: &kvhygiene::events::MemorySink,
+) -> Vec<kvhygiene::events::KvScrubRecord> {
+    sink.snapshot()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::KvScrubbed(r) if r.trigger == KvScrubTrigger::Gate => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The blocks a claim report says changed owner without a verified scrub.
+fn reported_owner_changes(r: &KvClaimReport) -> u64 {
+    r.gate_scrubbed
+        .iter()
+        .filter(|id| !r.unknown_owner.contains(id) && !r.in_flight.contains(id))
+        .count() as u64
+}
+
+/// Block 5 is w's and written. x claims it; while x's gate scrub runs, the cache's ledger is
+/// forgotten and request y is handed block 5 through the ledger that replaces it (unknown
+/// there: y's scrub counts no change of owner). x's next pass finds block 5 y's: taken, not
+/// handed to x. Block 5 changed owner once (w to y); the claim that took it is y's, and no
+/// report says a change of owner happened. `kv_gate_owner_changed_blocks` ("a block two
+/// racing claims scrubbed counts once, for the claim that took it") and x's `kv_scrub`
+/// record (`owner_changed_blocks`: "nor those another claim took") agree with the reports.
+#[test]
+fn a_block_another_claim_took_after_the_ledger_was_forgotten_is_not_counted_for_the_loser() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    let others = ws_block_held_for_x(&alloc, &backend, &layout);
+    let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        push_out_ledger(&alloc, &others);
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        held_fill(&*backend, &layout, 5, 0xcd);
+        backend.hold(3, false);
+        (x.join().unwrap().unwrap(), y)
+    });
+    assert_eq!((y.claimed, x.claimed, x.taken.clone()), (1, 0, vec![5]));
+    let reported = reported_owner_changes(&x) + reported_owner_changes(&y);
+    let changed = alloc.stats().counters.kv_gate_owner_changed_blocks - before;
+    let x_records: u64 = gate_scrub_records(&sink)
+        .iter()
+        .filter(|r| r.stream == 3)
+        .map(|r| r.owner_changed_blocks)
+        .sum();
+    assert_eq!(
+        (changed, x_records),
+        (reported, 0),
+        "kv_gate_owner_changed_blocks grew by {changed} and x's kv_scrub records say {x_records} \
+         of its blocks changed owner, but x was not handed block 5 (x {x:?}, y {y:?})"
+    );
+}
+
+/// As in `a_claim_whose_ledger_is_forgotten_at_every_pass_records_why_once`: x's claim of
+/// w's block 5 loses its ledger at every pass and hands nothing over. No block changed owner
+/// through x's claim, so `kv_gate_owner_changed_blocks` (what the report's `gate_scrubbed`
+/// less `unknown_owner` and `in_flight` counts) does not grow.
+#[test]
+fn a_claim_that_hands_nothing_over_counts_no_change_of_owner() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    let x = x_claims_ws_block_losing_its_ledger(&alloc, &backend, &layout, 4);
+    assert_eq!((x.claimed, x.taken.clone()), (0, vec![5]), "{x:?}");
+    let changed = alloc.stats().counters.kv_gate_owner_changed_blocks - before;
+    let recorded: u64 = gate_scrub_records(&sink)
+        .iter()
+        .filter(|r| r.stream == 3)
+        .map(|r| r.owner_changed_blocks)
+        .sum();
+    assert_eq!(
+        (changed, recorded),
+        (reported_owner_changes(&x), 0),
+        "block 5 was handed to nobody, yet kv_gate_owner_changed_blocks grew by {changed} and \
+         x's kv_scrub records say {recorded} blocks changed owner: {x:?}"
+    );
+}
+
+/// x's claim of w's block 5 loses its ledger while the gate scrubs it, and the claim's second
+/// pass scrubs block 5 again. Block 5's owner (w) was known when the claim began, as the
+/// report says (`unknown_owner` is empty); the second scrub's record (`unknown_owner_blocks`:
+/// "those whose owner the gate did not know yet when the claim began") says the same.
+#[test]
+fn a_second_pass_record_counts_unknown_owners_as_of_the_claims_beginning() {
+    let sink = kvhygiene::events::MemorySink::new();
+    let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
+    let x = x_claims_ws_block_losing_its_ledger(&alloc, &backend, &layout, 1);
+    assert_eq!(
+        (x.gate_scrubbed.clone(), x.unknown_owner.len()),
+        (vec![5], 0)
+    );
+    let records: Vec<_> = gate_scrub_records(&sink)
+        .into_iter()
+        .filter(|r| r.stream == 3)
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[1].unknown_owner_blocks, 0,
+        "the second pass's record counts block 5 as of an unknown owner, the report does not: \
+         {x:?} {:?}",
+        records[1]
+    );
+}

@@ -343,17 +343,24 @@ impl KvRecords {
     /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
     /// (`changed`: the verified blocks it could not apply) and with the blocks `withdrawn`
     /// before its submission (`unknown`: the call's blocks whose owner the gate did not know).
-    /// A block another claim took is that claim's change of owner, counted by it; a withdrawn
-    /// block was not scrubbed, so it is not counted as unknown here (a claim that claims it
-    /// again counts it in the scrub that does).
+    /// A change of owner is counted where the block is handed over: not for a block another
+    /// claim took (that claim counts it), nor for one whose verdict landed in a forgotten
+    /// ledger or after another scrub's failure (a later pass of the claim that hands it over
+    /// counts it, or nobody). A withdrawn block was not scrubbed, so it is not counted as
+    /// unknown here either.
     fn settled(
         &mut self,
         changed: &Unapplied,
         withdrawn: &Withdrawn,
         unknown: Option<&HashSet<u32>>,
     ) {
-        let taken: HashSet<u32> = changed.taken.iter().copied().collect();
-        self.gate_owner_changed.retain(|id| !taken.contains(id));
+        let not_handed: HashSet<u32> = [&changed.taken, &changed.failed, &changed.forgotten]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        self.gate_owner_changed
+            .retain(|id| !not_handed.contains(id));
         let left_out = withdrawn.all();
         let Some(EventKind::KvScrubbed(r)) = self.scrubbed.as_mut().map(|e| &mut e.kind) else {
             return;

@@ -738,26 +738,9 @@ struct Round {
     /// Their ledger was forgotten: to claim again. Verified by this pass's scrub, unless
     /// `unscrubbed`.
     forgotten: Vec<u32>,
-    /// Of `forgotten`, those withdrawn from the scrub before it was submitted.
-    unscrubbed: HashSet<u32>,
     /// The allocation of each region (id, scrub sequence) this pass found: a later pass of
     /// the claim must find the same ones.
     owners: Vec<(u64, u64)>,
-}
-
-impl Round {
-    /// The blocks this pass's scrub verified: handed over, or to claim again.
-    fn verified(&self) -> HashSet<u32> {
-        let forgotten = self
-            .forgotten
-            .iter()
-            .filter(|id| !self.unscrubbed.contains(id));
-        self.gate_scrubbed
-            .iter()
-            .chain(forgotten)
-            .copied()
-            .collect()
-    }
 }
 
 /// What a claim's first pass found, for a pass after it ([`Allocator::claim_round`]).
@@ -769,8 +752,6 @@ struct EarlierPass<'a> {
     /// only because a scrub of them was in flight.
     unknown: &'a HashSet<u32>,
     busy: &'a HashSet<u32>,
-    /// The blocks a scrub of the claim verified so far.
-    verified: &'a HashSet<u32>,
 }
 
 /// What a `kvh_claim_blocks` call did.
@@ -877,8 +858,6 @@ impl Allocator {
         }
         let mut round = self.claim_round(dev, layout, ids, device, stream, mode, None)?;
         let first_owners = std::mem::take(&mut round.owners);
-        // Blocks a scrub of this claim verified (handed over, or to claim again).
-        let mut verified = round.verified();
         let mut passes = 1;
         let mut lost_every_pass = Vec::new();
         while !round.forgotten.is_empty() {
@@ -911,7 +890,6 @@ impl Allocator {
                 owners: &first_owners,
                 unknown: &round.unknown,
                 busy: &round.busy,
-                verified: &verified,
             };
             let pass =
                 self.claim_round(dev, layout, &forgotten, device, stream, mode, Some(earlier));
@@ -923,18 +901,10 @@ impl Allocator {
                     return Err(e);
                 }
             };
-            // Each one this pass handed over (scrubbed again, or found clean or the
-            // claimant's) counts once, if a scrub of this claim verified it: an earlier pass's
-            // (but one that withdrew it before the submission), or this one's.
-            verified.extend(again.verified());
-            let lost_again: HashSet<u32> = again.forgotten.iter().copied().collect();
-            let handed = forgotten.iter().filter(|id| {
-                !again.refused.contains(id)
-                    && !again.taken.contains(id)
-                    && !lost_again.contains(id)
-                    && verified.contains(id)
-            });
-            round.gate_scrubbed.extend(handed);
+            // Handed over through this pass's scrub. (One this pass found CLEAN or the
+            // claimant's was handed over without it: another scrub, or another claim of the
+            // claimant, made it so, and that one answers for it.)
+            round.gate_scrubbed.extend(again.gate_scrubbed);
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
             round.failed_before.extend(again.failed_before);
@@ -1073,8 +1043,8 @@ impl Allocator {
     /// in a pass after the first, over blocks whose ledger was forgotten meanwhile
     /// ([`Ledgers::claim_pass`]), what the first pass found: the allocations the cache must
     /// still be (one freed and handed out again at its addresses is another caller's), and
-    /// whose each block was when the claim began, for the blocks no scrub of the claim
-    /// verified yet (the ledger there is now knows nothing of them).
+    /// whose each block was when the claim began (the ledger there is now knows nothing of
+    /// them): what the claim's report says of them, and what this pass's scrub counts.
     #[allow(clippy::too_many_arguments)] // the claim's own arguments, and which pass
     fn claim_round(
         &self,
@@ -1126,7 +1096,7 @@ impl Allocator {
         round.unknown = sorted.unknown.iter().copied().collect();
         round.busy = sorted.busy.iter().copied().collect();
         if let Some(e) = earlier {
-            for &id in sorted.dirty.iter().filter(|id| !e.verified.contains(id)) {
+            for &id in &sorted.dirty {
                 classify(&mut round.unknown, id, e.unknown.contains(&id));
                 classify(&mut round.busy, id, e.busy.contains(&id));
             }
@@ -1165,7 +1135,6 @@ impl Allocator {
         round
             .taken
             .extend(unapplied.taken.iter().chain(&withdrawn.taken).copied());
-        round.unscrubbed = withdrawn.forgotten.iter().copied().collect();
         round.forgotten = unapplied.forgotten;
         round.forgotten.extend(withdrawn.forgotten);
         round.gate_scrubbed = sorted

@@ -486,8 +486,11 @@ impl ForensicLog {
         if self.stopped.load(Ordering::Acquire) {
             // A fail-closed stop flushes its record and aborts: while `kvh_shutdown` or an
             // exit handler stops the log, that record is still written, and waited for.
-            self.shared
-                .wait_for_writer(FLUSH_TIMEOUT, |p| p.records_handled >= ticket);
+            // A stop that already returned, having given up on a stuck writer, is not
+            // waited for again.
+            self.shared.wait_for_writer(FLUSH_TIMEOUT, |p| {
+                p.records_handled >= ticket || p.first_returned
+            });
             return;
         }
         let round = self.shared.rounds_begun.load(Ordering::SeqCst) + 1;
@@ -917,5 +920,25 @@ mod stop_tests {
             // The stop the test stands in for returned: dropping the log waits for nothing.
             log.shared.update_progress(|p| p.first_returned = true);
         }
+    }
+
+    /// A flush after a stop that gave up on a stuck writer (it returned, the writer never
+    /// ended) does not wait for that writer again.
+    #[test]
+    fn flush_after_a_stop_that_gave_up_returns_at_once() {
+        let (log, _rx) = stopping_with_one_record_queued();
+        log.shared.update_progress(|p| p.first_returned = true);
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                log.flush();
+                let _ = tx.send(());
+            });
+            // A bound far above a flush that waits for nothing, far below FLUSH_TIMEOUT.
+            assert!(
+                rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "flush waited for the writer a stop had given up on"
+            );
+        });
     }
 }
