@@ -505,7 +505,7 @@ fn a_recovery_record_is_held_to_the_chain_it_continues() {
             |m| {
                 m.insert("torn_sha256".into(), "ab".repeat(32).into());
             },
-            "torn bytes",
+            "torn_sha256",
         ),
     ];
     for (forge, named) in cases {
@@ -527,6 +527,69 @@ fn a_recovery_record_is_held_to_the_chain_it_continues() {
         let problem = format!("{:?}", r.first_problem());
         assert!(!r.ok() && problem.contains(named), "{named}: {problem}");
     }
+}
+
+/// A `torn_sha256` that is there but is not a string of 64 hex digits (here `null`, or a
+/// number) is not the SHA-256 the record must carry where it names one: verification fails.
+#[test]
+fn a_recovery_record_whose_torn_sha256_is_not_a_string_fails_verification() {
+    let forged: [serde_json::Value; 2] = [serde_json::Value::Null, 0.into()];
+    for value in forged {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let c = cfg(&dir, 1 << 20);
+        let file = crashed_chain(&c, true);
+        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+        log.stop();
+        assert!(verify(&dir, &keyed_opts()).ok());
+        let at = read_lines(&file)
+            .iter()
+            .position(|l| l.contains("\"kind\":\"recovery\""))
+            .expect("recovery record");
+        let key = kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap();
+        let v = value.clone();
+        forge_from(
+            std::slice::from_ref(&file),
+            0,
+            at + 1,
+            Some(key),
+            move |m| {
+                m.insert("torn_sha256".into(), v.clone());
+            },
+        );
+        let r = verify(&dir, &keyed_opts());
+        assert!(
+            !r.ok(),
+            "a recovery record with torn_sha256 {value} verifies: {:?}",
+            r.chains
+        );
+    }
+}
+
+/// A crash right after a new file was created (the file empty), continued by a process whose
+/// start fields (a long `version`, which `StartInfo` takes from its caller) make its
+/// `recovery` record too large to follow the `rotate` link in a file of at most `max_bytes`.
+/// The log is the writer's own and verifies.
+#[test]
+fn a_recovery_record_too_large_for_the_file_it_links_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let file = crashed_chain(&cfg(&dir, 1 << 20), true);
+    let name = name(&file);
+    let next = file.with_file_name(name.replace("-000000.jsonl", "-000001.jsonl"));
+    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().write(true).create_new(true), 0o600)
+        .open(&next)
+        .unwrap();
+    let mut info = start();
+    info.version = "9".repeat(4000);
+    let c = cfg(&dir, 4096);
+    let log = ForensicLog::open_with_secret(&c, info, Some(secret())).unwrap();
+    log.stop();
+    let files = chain_files(&dir);
+    assert!(files.len() >= 2, "{files:?}");
+    assert_eq!(recovery_records(&files).len(), 1, "the chain was continued");
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
 }
 
 /// A process with another HMAC secret does not continue a chain sealed with the first: it

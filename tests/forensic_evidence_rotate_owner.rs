@@ -123,3 +123,31 @@ fn a_crashed_run_whose_rotate_record_is_in_the_period_is_listed() {
         v["processes"]
     );
 }
+
+/// The `rotate` record just before this `recovery` record is the crashed process's own (of
+/// its own time, not the recovery's): the recovering process did not write it, so the
+/// record before that `rotate` is not the crashed chain's last whole record. A `recovery`
+/// record resealed to name it (with its true hash) fails verification.
+#[test]
+fn a_recovery_record_naming_the_record_before_the_crashed_runs_rotate_fails_verification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _, _, _) = crashed_after_its_rotate_record(&tmp);
+    let r = forensic_common::verify(&dir, &Default::default());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    let files = chain_files(&dir);
+    let before = read_lines(&files[0]);
+    let last = before.last().unwrap();
+    let (seq, hash) = (field(last, "seq"), field(last, "hash"));
+    let (s, h) = (seq.clone(), hash);
+    forensic_common::forge_from(&files, 1, 2, None, move |m| {
+        assert_eq!(m["kind"], "recovery");
+        m.insert("last_good_seq".into(), s.clone());
+        m.insert("last_good_hash".into(), h.clone());
+    });
+    let r = forensic_common::verify(&dir, &Default::default());
+    assert!(
+        !r.ok(),
+        "a recovery record names {seq}, the record before the crashed run's own rotate \
+         record, and verifies"
+    );
+}

@@ -123,7 +123,8 @@ fn header_field<'a>(out: &mut Scanned<'a>, key: &[u8], raw: &'a [u8]) {
         b"last_good_seq" => out.last_good_seq = num(),
         b"last_good_hash" => out.last_good_hash = s(),
         b"torn_bytes" => out.torn_bytes = num(),
-        b"torn_sha256" => out.torn_sha256 = s(),
+        // Present but not a string: an empty digest, which verification refuses.
+        b"torn_sha256" => out.torn_sha256 = Some(s().unwrap_or("")),
         _ => {}
     }
 }

@@ -1134,10 +1134,11 @@ struct Walk<'a> {
     next_seq: u64,
     prev: [u8; 32],
     /// The hash of the record before the one `prev` is (`None`: not read, in a walk resumed
-    /// after a position), and whether that one is a `rotate` record: a `recovery` record may
-    /// name the record before its process's `rotate`.
+    /// after a position), and the `ts` of the one `prev` is when it is a `rotate` record: a
+    /// `recovery` record may name the record before its own process's `rotate`, which its
+    /// writer sealed with the recovery's `ts`.
     before_prev: Option<[u8; 32]>,
-    prev_is_rotate: bool,
+    prev_rotate_ts: Option<u64>,
     prev_file: Option<String>,
     ckpt: Option<&'a Checkpoint>,
     /// Index of the last file checked.
@@ -1501,7 +1502,7 @@ impl<'a> ChainCheck<'a> {
         walk.cur_index = at.file;
         walk.prev_file = at.file.checked_sub(1).map(|f| files::file_name(chain, f));
         walk.report.closed = at.stop;
-        walk.prev_is_rotate = at.rotate;
+        walk.prev_rotate_ts = at.rotate;
         walk.signer = signer.map(str::to_string);
         if ckpt.is_some_and(|c| c.seq == at.seq) {
             walk.signer_at_ckpt = Some(walk.signer.clone());
@@ -1569,9 +1570,9 @@ pub struct Accepted {
     pub file: u64,
     /// Whether it is the chain's `stop` record (nothing may follow it).
     pub stop: bool,
-    /// Whether it is a `rotate` record (a `recovery` record after it may name the record
-    /// before it).
-    pub rotate: bool,
+    /// Its `ts` when it is a `rotate` record (a `recovery` record after it, of the same
+    /// process, may name the record before it).
+    pub rotate: Option<u64>,
 }
 
 impl<'a> Walk<'a> {
@@ -1592,7 +1593,7 @@ impl<'a> Walk<'a> {
             next_seq: 0,
             prev: GENESIS_PREV,
             before_prev: None,
-            prev_is_rotate: false,
+            prev_rotate_ts: None,
             prev_file: None,
             ckpt,
             signer: None,
@@ -1869,17 +1870,18 @@ impl<'a> Walk<'a> {
         self.next_seq += 1;
         self.before_prev = Some(self.prev);
         self.prev = hash;
-        self.prev_is_rotate = r.kind == Some("rotate");
+        self.prev_rotate_ts = r.ts.filter(|_| r.kind == Some("rotate"));
     }
 
     /// What a `recovery` record says of the crashed chain it continues, checked against the
     /// chain: its last whole record (`last_good_seq`, `last_good_hash`) is the record just
-    /// before it or, when the recovering process first opened a new file (the crash came
-    /// between the file's creation and its `rotate` record), the record before that file's
-    /// `rotate` (whose hash a walk resumed at that `rotate` did not read: `tail-log` leaves
-    /// that comparison to the whole verification). `torn_sha256`, where written (older records
-    /// lack it), is a SHA-256, of nothing when `torn_bytes` is 0. The torn bytes themselves
-    /// were replaced: only a copy kept elsewhere can be matched to the digest.
+    /// before it or, when the recovering process first wrote a `rotate` record (sealed with
+    /// the recovery's own `ts`: the crash came between a file's creation and its `rotate`
+    /// record, or the crashed chain's file was full), the record before that `rotate` (whose
+    /// hash a walk resumed at that `rotate` did not read: `tail-log` leaves that comparison
+    /// to the whole verification). `torn_sha256`, where written (older records lack it), is
+    /// a SHA-256: of nothing exactly when `torn_bytes` is 0. The torn bytes themselves were
+    /// replaced: only a copy kept elsewhere can be matched to the digest.
     fn recovery_claims(&self, r: &Scanned<'_>) -> Result<(), String> {
         let seq = r
             .last_good_seq
@@ -1891,7 +1893,9 @@ impl<'a> Walk<'a> {
         let here = self.next_seq;
         let named = if seq.checked_add(1) == Some(here) {
             Some(self.prev)
-        } else if self.prev_is_rotate && seq.checked_add(2) == Some(here) {
+        } else if self.prev_rotate_ts.is_some_and(|t| Some(t) == r.ts)
+            && seq.checked_add(2) == Some(here)
+        {
             self.before_prev
         } else {
             return Err(format!(
@@ -1907,8 +1911,11 @@ impl<'a> Walk<'a> {
         if let Some(digest) = r.torn_sha256 {
             let digest = parse_hash(digest)
                 .ok_or("recovery record's torn_sha256 is not 64 lower-case hex digits")?;
-            if torn == 0 && digest != <[u8; 32]>::from(Sha256::digest(b"")) {
-                return Err("recovery record names no torn bytes, but the digest of some".into());
+            let of_nothing = digest == <[u8; 32]>::from(Sha256::digest(b""));
+            if (torn == 0) != of_nothing {
+                return Err(format!(
+                    "recovery record's torn_sha256 does not fit its torn_bytes {torn}"
+                ));
             }
         }
         Ok(())

@@ -272,12 +272,17 @@ impl ChainWriter {
             Rotation::Done
         };
         let ts = unix_nanos(now);
+        let mut rotation = rotation;
         if let Some(prev_file) = adopted.as_ref().and_then(|a| a.link_from.clone()) {
             let mut f = Map::new();
             f.insert("prev_file".into(), prev_file.into());
             f.insert("prev_seq".into(), w.seq.saturating_sub(1).into());
             w.name_signer(&mut f);
             w.seal_into_buffer("rotate", record::fields_from_map(f), ts, rotation);
+            // The `recovery` record follows its `rotate` in the same file, full or not: the
+            // record it names as the crashed chain's last is then the one before that
+            // `rotate`, which verification holds it to.
+            rotation = Rotation::Done;
         }
         let kind = match &adopted {
             Some(a) => {

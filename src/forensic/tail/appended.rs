@@ -389,7 +389,7 @@ fn read_appended(
                         hash,
                         file: *index,
                         stop: r.kind == Some("stop"),
-                        rotate: r.kind == Some("rotate"),
+                        rotate: r.ts.filter(|_| r.kind == Some("rotate")),
                     };
                     let signer = seal.signer.as_deref();
                     let c = ChainCheck::after(id, at, seal.key_index, signer, ckpt, opts).ok()?;
