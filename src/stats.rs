@@ -131,12 +131,17 @@ counters! {
     /// again, and a claim whose scrub stopped part way counts what verified (it handed that
     /// over), as its `kv_scrub` record does.
     kv_gate_scrubbed_blocks,
-    /// Of those, blocks that changed owner without a verified scrub since their last owner
-    /// (the rest had an owner the gate did not know: a new cache's first claims, or a
-    /// forgotten ledger's). An engine that scrubs on every free path keeps this at zero.
-    /// Counted by the scrub that hands the block over: once, for the claim that took it,
-    /// when two claims race for it, and after a forgotten ledger, by the claim's pass that
-    /// hands it over, as the claim's report says (`KvClaimReport`).
+    /// Of those, blocks that changed owner without a verified scrub since their last owner,
+    /// counted by the scrub that hands the block over, as the claim's report says
+    /// (`KvClaimReport`). Not the others: blocks whose owner the gate did not know (a new
+    /// cache's first claims, or a forgotten ledger's), blocks scrubbed only because a scrub
+    /// of them was in flight, and blocks the scrub did not hand over (another claim took
+    /// them, another scrub's failure landed first, their ledger was forgotten: a later pass
+    /// of the claim counts them if it hands them over by a scrub) or that another scrub or
+    /// another claim of the claimant made CLEAN or the claimant's meanwhile. So two claims
+    /// racing for a block count it once. An engine that scrubs on every free path keeps this
+    /// at zero. After a forgotten ledger, a block another claim of the claimant was handed
+    /// through the ledger there is now counts as that claim found it (unknown).
     kv_gate_owner_changed_blocks,
     /// `kvh_claim_blocks` calls refused: bad input, memory not live, or blocks that would
     /// change owner unscrubbed under `kv_gate = enforce`.

@@ -1085,10 +1085,10 @@ fn no_room_small_files_child_entry() {
     unsafe { libc::_exit(if opened.is_err() { 0 } else { 3 }) };
 }
 
-/// A crashed chain whose torn file is full (its `recovery` record goes to the next file):
-/// when the next process cannot write its first records (no room on the disk) its start-up
-/// fails, and the process that later continues the chain still says how many torn bytes the
-/// crash left, in its `recovery` record's `torn_bytes`.
+/// A crashed chain whose torn file is full (its `recovery` record still goes over the torn
+/// bytes, in that file): when the next process cannot write its first records (no room on
+/// the disk) its start-up fails, and the process that later continues the chain still says
+/// how many torn bytes the crash left, in its `recovery` record's `torn_bytes`.
 #[test]
 fn torn_bytes_of_a_full_file_are_still_recorded_after_a_start_up_that_failed_on_a_full_disk() {
     let tmp = tempfile::tempdir().unwrap();

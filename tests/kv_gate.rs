@@ -2688,3 +2688,70 @@ fn a_second_pass_record_counts_unknown_owners_as_of_the_claims_beginning() {
         records[1]
     );
 }
+
+/// An allocator over a [`held::Held`] backend (gate `scrub`, tenant scope), with a cache of
+/// `BLOCKS` blocks in two regions of one allocation.
+fn held_tenant_cache() -> (
+    kvhygiene::alloc::Allocator,
+    std::sync::Arc<held::Held>,
+    KvLayout,
+) {
+    let backend = held::Held::new();
+    let alloc = kvhygiene::alloc::Allocator::new(
+        backend.clone(),
+        config(KvGateMode::Scrub, KvGateScope::Tenant),
+        None,
+    );
+    let len = 2 * BLOCKS * BLOCK;
+    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * BLOCK],
+        block_bytes: BLOCK,
+        block_stride: BLOCK,
+        blocks_per_region: BLOCKS,
+    };
+    (alloc, backend, layout)
+}
+
+/// Tenant scope: block 5 is tenant u's and written. Requests r1 and r2 of tenant t (a shared
+/// prefix block) claim it at once; both gate scrubs run, and both hand it to t. Block 5
+/// changed owner once without a verified scrub (u to t), as it does when the two claims come
+/// one after the other (the second finds it t's and hands it over at once).
+/// `kv_gate_owner_changed_blocks`: "blocks that changed owner without a verified scrub",
+/// "counted by the scrub that hands the block over: once".
+#[test]
+fn a_block_two_requests_of_one_tenant_claim_at_once_counts_one_change_of_owner() {
+    let (alloc, backend, layout) = held_tenant_cache();
+    as_request("u", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    backend.hold(3, true);
+    backend.hold(4, true);
+    let (r1, r2) = std::thread::scope(|s| {
+        let r1 = s.spawn(|| {
+            as_request("t", "r1", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        let r2 = s.spawn(|| {
+            as_request("t", "r2", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+            })
+        });
+        backend.wait_submitted(4, 1);
+        backend.hold(3, false);
+        backend.hold(4, false);
+        (r1.join().unwrap().unwrap(), r2.join().unwrap().unwrap())
+    });
+    assert_eq!((r1.claimed, r2.claimed), (1, 1), "{r1:?} {r2:?}");
+    let changed = alloc.stats().counters.kv_gate_owner_changed_blocks - before;
+    assert_eq!(
+        changed, 1,
+        "block 5 changed owner once (tenant u to tenant t), yet kv_gate_owner_changed_blocks \
+         grew by {changed} (r1 {r1:?}, r2 {r2:?})"
+    );
+}

@@ -346,21 +346,27 @@ impl KvRecords {
     /// A change of owner is counted where the block is handed over: not for a block another
     /// claim took (that claim counts it), nor for one whose verdict landed in a forgotten
     /// ledger or after another scrub's failure (a later pass of the claim that hands it over
-    /// counts it, or nobody). A withdrawn block was not scrubbed, so it is not counted as
-    /// unknown here either.
+    /// counts it, or nobody), nor for one another scrub or another claim of the claimant made
+    /// CLEAN or the claimant's meanwhile (the change went through them). A withdrawn block
+    /// was not scrubbed, so it is not counted as unknown here either.
     fn settled(
         &mut self,
         changed: &Unapplied,
         withdrawn: &Withdrawn,
         unknown: Option<&HashSet<u32>>,
     ) {
-        let not_handed: HashSet<u32> = [&changed.taken, &changed.failed, &changed.forgotten]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
+        let not_this_scrubs: HashSet<u32> = [
+            &changed.taken,
+            &changed.failed,
+            &changed.forgotten,
+            &changed.changed_meanwhile,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
         self.gate_owner_changed
-            .retain(|id| !not_handed.contains(id));
+            .retain(|id| !not_this_scrubs.contains(id));
         let left_out = withdrawn.all();
         let Some(EventKind::KvScrubbed(r)) = self.scrubbed.as_mut().map(|e| &mut e.kind) else {
             return;

@@ -622,7 +622,8 @@ impl Ledgers {
                 _ => false,
             });
             let overtaken = claimant.is_some_and(|c| self.scrubbed_later(i, id, seen.in_flight, c));
-            let applies = (unchanged(&self.books, id) || free_for_claimant) && !overtaken;
+            let still_seen = unchanged(&self.books, id);
+            let applies = (still_seen || free_for_claimant) && !overtaken;
             if !applies {
                 // Its last verdict is another scrub's failure, or another claim owns it.
                 match now {
@@ -630,6 +631,9 @@ impl Ledgers {
                     _ => unapplied.taken.push(id),
                 }
                 continue;
+            }
+            if !still_seen {
+                unapplied.changed_meanwhile.push(id);
             }
             let slot = match claimant {
                 Some(owner) => Slot::Owned(owner.clone()),
@@ -652,6 +656,11 @@ pub(crate) struct Unapplied {
     /// description of the memory) or describes other allocations now: nothing is known of
     /// them, which a claim settles by claiming them again.
     pub forgotten: Vec<u32>,
+    /// Not one of the above: the verdict was applied (the claimant's now), but another
+    /// scrub's verdict or another claim of the claimant had made the block CLEAN or the
+    /// claimant's since the claim sorted it. The change of owner, if any, went through that
+    /// scrub or that claim: claimed, as if found so, and not counted again.
+    pub changed_meanwhile: Vec<u32>,
 }
 
 impl Unapplied {
@@ -735,8 +744,8 @@ struct Round {
     /// Refused because the gate's own scrub of them in this claim failed verification, or
     /// another scrub's failure overtook it (a record says so).
     failed_now: Vec<u32>,
-    /// Their ledger was forgotten: to claim again. Verified by this pass's scrub, unless
-    /// `unscrubbed`.
+    /// Their ledger was forgotten: to claim again (verified by this pass's scrub, or withdrawn
+    /// from it).
     forgotten: Vec<u32>,
     /// The allocation of each region (id, scrub sequence) this pass found: a later pass of
     /// the claim must find the same ones.
@@ -759,7 +768,9 @@ struct EarlierPass<'a> {
 pub struct KvClaimReport {
     /// Blocks handed to the caller.
     pub claimed: u64,
-    /// Blocks the gate scrubbed, verified and handed over, in the order given.
+    /// Blocks the gate scrubbed, verified and handed over, in the order given. Not those
+    /// another scrub or another claim of the caller made CLEAN or the caller's while the gate
+    /// scrubbed them: they are claimed, as blocks found so are.
     pub gate_scrubbed: Vec<u32>,
     /// Of `gate_scrubbed`, those whose owner the gate did not know yet (a new cache's first
     /// claims, or a forgotten ledger's), in the order given. The others changed owner
@@ -903,7 +914,7 @@ impl Allocator {
             };
             // Handed over through this pass's scrub. (One this pass found CLEAN or the
             // claimant's was handed over without it: another scrub, or another claim of the
-            // claimant, made it so, and that one answers for it.)
+            // claimant, made it so, and that one answers for it, as it found the block.)
             round.gate_scrubbed.extend(again.gate_scrubbed);
             round.refused.extend(again.refused);
             round.taken.extend(again.taken);
@@ -1137,6 +1148,7 @@ impl Allocator {
             .extend(unapplied.taken.iter().chain(&withdrawn.taken).copied());
         round.forgotten = unapplied.forgotten;
         round.forgotten.extend(withdrawn.forgotten);
+        let meanwhile: HashSet<u32> = unapplied.changed_meanwhile.iter().copied().collect();
         round.gate_scrubbed = sorted
             .dirty
             .iter()
@@ -1145,6 +1157,7 @@ impl Allocator {
                 !round.refused.contains(id)
                     && !round.taken.contains(id)
                     && !round.forgotten.contains(id)
+                    && !meanwhile.contains(id)
             })
             .collect();
         self.still_live(dev, layout, round)
@@ -1465,9 +1478,11 @@ mod tests {
                 forgotten: vec![]
             }
         );
+        // Handed to c, the change of owner having gone through the engine's scrub (5) and c's
+        // other claim (7).
         assert_eq!(
-            l.settle(&for_c, &[5, 7], &[], Some(&c)),
-            Unapplied::default()
+            l.settle(&for_c, &[5, 7], &[], Some(&c)).changed_meanwhile,
+            vec![5, 7]
         );
         assert_eq!(sort(&mut l, &k, &[5, 7], &c), NONE);
         assert_eq!(sort(&mut l, &k, &[4, 6], &b), NONE);
