@@ -509,24 +509,32 @@ fn a_recovery_record_is_held_to_the_chain_it_continues() {
         ),
     ];
     for (forge, named) in cases {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = log_dir(&tmp);
-        let c = cfg(&dir, 1 << 20);
-        let file = crashed_chain(&c, true);
-        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        log.stop();
-        let r = verify(&dir, &keyed_opts());
-        assert!(r.ok(), "{:?}", r.first_problem());
-        let at = read_lines(&file)
-            .iter()
-            .position(|l| l.contains("\"kind\":\"recovery\""))
-            .expect("recovery record");
-        let key = kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap();
-        forge_from(std::slice::from_ref(&file), 0, at + 1, Some(key), forge);
-        let r = verify(&dir, &keyed_opts());
+        let r = recovered_and_forged(forge);
         let problem = format!("{:?}", r.first_problem());
         assert!(!r.ok() && problem.contains(named), "{named}: {problem}");
     }
+}
+
+/// The verification of a keyed crashed chain (`crashed_chain`) continued by a new process,
+/// once its `recovery` record was rewritten by `forge` and sealed again with the key.
+fn recovered_and_forged(
+    forge: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) -> kvhygiene::forensic::Report {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let file = crashed_chain(&c, true);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    let at = read_lines(&file)
+        .iter()
+        .position(|l| l.contains("\"kind\":\"recovery\""))
+        .expect("recovery record");
+    let key = kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap();
+    forge_from(std::slice::from_ref(&file), 0, at + 1, Some(key), forge);
+    verify(&dir, &keyed_opts())
 }
 
 /// A `torn_sha256` that is there but is not a string of 64 hex digits (here `null`, or a
@@ -535,29 +543,10 @@ fn a_recovery_record_is_held_to_the_chain_it_continues() {
 fn a_recovery_record_whose_torn_sha256_is_not_a_string_fails_verification() {
     let forged: [serde_json::Value; 2] = [serde_json::Value::Null, 0.into()];
     for value in forged {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = log_dir(&tmp);
-        let c = cfg(&dir, 1 << 20);
-        let file = crashed_chain(&c, true);
-        let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        log.stop();
-        assert!(verify(&dir, &keyed_opts()).ok());
-        let at = read_lines(&file)
-            .iter()
-            .position(|l| l.contains("\"kind\":\"recovery\""))
-            .expect("recovery record");
-        let key = kvhygiene::forensic::keys::EpochKey::from_secret(secret()).unwrap();
         let v = value.clone();
-        forge_from(
-            std::slice::from_ref(&file),
-            0,
-            at + 1,
-            Some(key),
-            move |m| {
-                m.insert("torn_sha256".into(), v.clone());
-            },
-        );
-        let r = verify(&dir, &keyed_opts());
+        let r = recovered_and_forged(move |m| {
+            m.insert("torn_sha256".into(), v.clone());
+        });
         assert!(
             !r.ok(),
             "a recovery record with torn_sha256 {value} verifies: {:?}",

@@ -1195,21 +1195,26 @@ mod tests {
         assert!(per_layer.validate().is_ok());
     }
 
-    #[test]
-    fn segments_are_block_major_with_consecutive_seeds() {
-        let l = layout(vec![0x10_000, 0x20_000], 0x40, 0x100, 8);
-        let ids = [3, 0];
-        let call = KvCall {
+    /// A call on device 0 of blocks `ids` of `l`, its first segment's seed 77.
+    fn call_of<'a>(l: &'a KvLayout, ids: &'a [u32]) -> KvCall<'a> {
+        KvCall {
             dev: 0,
-            layout: &l,
-            ids: &ids,
+            layout: l,
+            ids,
             stream: StreamHandle(0),
             first_seed: 77,
             trigger: KvScrubTrigger::Engine,
             unknown: None,
             busy: None,
             claimant: None,
-        };
+        }
+    }
+
+    #[test]
+    fn segments_are_block_major_with_consecutive_seeds() {
+        let l = layout(vec![0x10_000, 0x20_000], 0x40, 0x100, 8);
+        let ids = [3, 0];
+        let call = call_of(&l, &ids);
         let s: Vec<ScrubSegment> = call
             .batches()
             .into_iter()
@@ -1233,17 +1238,7 @@ mod tests {
     fn a_block_left_out_keeps_the_others_seeds_and_places() {
         let l = layout(vec![0x10_000, 0x20_000], 0x40, 0x100, 8);
         let ids = [3, 0, 5];
-        let call = KvCall {
-            dev: 0,
-            layout: &l,
-            ids: &ids,
-            stream: StreamHandle(0),
-            first_seed: 77,
-            trigger: KvScrubTrigger::Gate,
-            unknown: None,
-            busy: None,
-            claimant: None,
-        };
+        let call = call_of(&l, &ids);
         let cuts = call.batches_without(&HashSet::from([0]));
         assert_eq!(cuts.len(), 1);
         let got: Vec<(u64, u64)> = cuts[0].segments.iter().map(|s| (s.addr, s.seed)).collect();
