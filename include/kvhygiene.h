@@ -75,7 +75,7 @@ enum kvh_result
   // claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
   KVH_ERR_KV_GATE = 7021,
   // `kvh_claim_blocks`: some blocks were not handed over because another claim took them
-  // while the gate scrubbed them (two requests were given the same blocks), or because the
+  // while this claim ran (two requests were given the same blocks), or because the
   // gate lost track of them (their ledger pushed out at every try; the `policy_violation`
   // record says so); the others were. Do not use the blocks named.
   KVH_ERR_KV_TAKEN = 7022,
@@ -238,7 +238,7 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // written to `refused_ids` in the order given; those blocks must not be used:
 // `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now, before,
 // or another scrub's while the gate scrubbed them; the list also holds any taken ones),
-// `KVH_ERR_KV_TAKEN` when another claim took them while the gate scrubbed them (two
+// `KVH_ERR_KV_TAKEN` when another claim took them while this claim ran (two
 // requests were given the same blocks), or when the gate lost track of them: their ledger
 // was pushed out at every try (claims through another layout of the same memory, or more
 // KV caches claiming than the gate keeps ledgers for; the `policy_violation` record says

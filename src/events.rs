@@ -303,8 +303,9 @@ pub struct KvScrubRecord {
     /// For the gate's scrub: of the blocks named, those it verified clean and handed to the
     /// claimant from another owner (not unknown when the claim began, not dirty only because
     /// a scrub of them was in flight, and handed over by this scrub: not taken by another
-    /// claim, nor left to a later pass by a forgotten ledger): what
-    /// `kv_gate_owner_changed_blocks` counts. Zero for the engine's.
+    /// claim, not refused after another scrub's failure landed first, nor left to a later
+    /// pass by a forgotten ledger): what `kv_gate_owner_changed_blocks` counts. Zero for the
+    /// engine's.
     pub owner_changed_blocks: u64,
     /// For the gate's scrub: of the blocks named, those withdrawn before the submission,
     /// never written nor verified (another claim was handed them, or their ledger was

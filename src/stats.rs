@@ -137,9 +137,8 @@ counters! {
     /// cache's first claims, or a forgotten ledger's), blocks scrubbed only because a scrub
     /// of them was in flight, and blocks the scrub did not hand over (another claim took
     /// them, another scrub's failure landed first, their ledger was forgotten: a later pass
-    /// of the claim counts them if it hands them over by a scrub) or that another scrub or
-    /// another claim of the claimant made CLEAN or the claimant's meanwhile. So two claims
-    /// racing for a block count it once. An engine that scrubs on every free path keeps this
+    /// of the claim counts them if it hands them over by a scrub) or that another claim of the
+    /// claimant was handed meanwhile. So two claims racing for a block count it once. An engine that scrubs on every free path keeps this
     /// at zero. After a forgotten ledger, a block another claim of the claimant was handed
     /// through the ledger there is now counts as that claim found it (unknown).
     kv_gate_owner_changed_blocks,

@@ -2755,3 +2755,167 @@ fn a_block_two_requests_of_one_tenant_claim_at_once_counts_one_change_of_owner()
          grew by {changed} (r1 {r1:?}, r2 {r2:?})"
     );
 }
+
+/// Whether both segments of block `id` hold `tag`'s bytes.
+fn held_holds(b: &held::Held, layout: &KvLayout, id: u64, tag: u8) -> bool {
+    use kvhygiene::backend::Backend;
+    layout.regions.iter().all(|&base| {
+        let mut v = vec![0u8; BLOCK as usize];
+        b.read(0, base + id * BLOCK, &mut v).unwrap();
+        v == secret(BLOCK as usize, tag)
+    })
+}
+
+/// Tenant scope. Block 5 is tenant u's and written. Request x of tenant t claims it, and its
+/// gate scrub finds no memory for its batch: it tries again while another scrub holds one.
+/// Meanwhile request y of tenant t is given block 5 (through a scrub of its own) and writes
+/// it. ARCHITECTURE.md: "no claim's scrub outlives the hand-over of its block to another
+/// claim. Nor does a claim's scrub begin after such a hand-over". Expected: x's scrub, when it
+/// goes through, does not write block 5, which y's claim holds (x still gets it: it is
+/// tenant t's, as y's claim made it).
+#[test]
+fn a_claims_scrub_leaves_out_a_block_a_claim_of_the_same_tenant_was_handed_before_its_submission() {
+    let (alloc, backend, layout) = held_tenant_cache();
+    as_request("u", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    backend.hold(7, true);
+    backend.out_of_memory(3, true);
+    let (x, y) = std::thread::scope(|s| {
+        // A scrub holding a batch slot: x's claim waits for slots instead of failing.
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_refused(3);
+        let y = as_request("t", "y", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        held_fill(&*backend, &layout, 5, 0xcd); // y's keys and values
+        backend.out_of_memory(3, false);
+        let x = x.join().unwrap().unwrap();
+        backend.hold(7, false);
+        engine.join().unwrap().unwrap();
+        (x, y)
+    });
+    assert_eq!((y.claimed, y.gate_scrubbed.clone()), (1, vec![5]), "{y:?}");
+    assert!(
+        held_holds(&backend, &layout, 5, 0xcd),
+        "x's gate scrub, submitted after y's claim (same tenant) was handed block 5 and wrote \
+         it, zeroed y's keys and values; x's report says block 5 was not scrubbed for it \
+         (x {x:?}, y {y:?})"
+    );
+}
+
+/// Request w's block 5 was scrubbed by the engine and verified (CLEAN). The engine scrubs it
+/// once more (stream 7, held), and while that scrub is in flight request c claims it: the gate
+/// scrubs it for c (stream 4) only because a scrub of it is in flight. Here the engine's
+/// verdict lands before c's. `KvClaimReport::in_flight`: "those the gate scrubbed only
+/// because another scrub of them was still in flight when the claim found them CLEAN".
+/// Expected: c's report is the one it gives when c's verdict lands first (as in
+/// `a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an_owner_change`):
+/// block 5 in `gate_scrubbed` and `in_flight`.
+#[test]
+fn a_clean_block_scrubbed_because_an_engine_scrub_was_in_flight_is_reported_so_whichever_verdict_lands_first(
+) {
+    let (alloc, backend, layout) = held_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    let first = alloc
+        .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+        .unwrap();
+    assert!(first.failed.is_empty(), "precondition: {first:?}");
+    backend.hold(7, true);
+    backend.hold(4, true);
+    let c = std::thread::scope(|s| {
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let c = s.spawn(|| {
+            as_request("t", "c", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+            })
+        });
+        backend.wait_submitted(4, 1);
+        backend.hold(7, false);
+        assert!(engine.join().unwrap().unwrap().failed.is_empty());
+        backend.hold(4, false);
+        c.join().unwrap().unwrap()
+    });
+    assert_eq!(c.claimed, 1, "{c:?}");
+    assert_eq!(
+        (c.gate_scrubbed.clone(), c.in_flight.clone()),
+        (vec![5], vec![5]),
+        "c's gate scrub of block 5 (found CLEAN with the engine's scrub in flight) is left out \
+         of the report when the engine's verdict lands first: {c:?}"
+    );
+}
+
+/// Request w's block 5 is written; the engine scrubs it (stream 7, held: w finished) and,
+/// while that scrub is in flight, request x claims the block (stream 3): the ledger still
+/// names w, so the gate scrubs it for x. The same events, with the two verdicts landing in
+/// either order. Returns x's report and how much `kv_gate_owner_changed_blocks` grew.
+fn x_claims_while_the_engine_scrubs(engine_lands_first: bool) -> (KvClaimReport, u64) {
+    let (alloc, backend, layout) = held_cache();
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(&*backend, &layout, 5, 0x77);
+    let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
+    backend.hold(7, true);
+    backend.hold(3, true);
+    let x = std::thread::scope(|s| {
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        let x = s.spawn(|| {
+            as_request("t", "x", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(3))
+            })
+        });
+        backend.wait_submitted(3, 1);
+        if engine_lands_first {
+            backend.hold(7, false);
+            assert!(engine.join().unwrap().unwrap().failed.is_empty());
+            backend.hold(3, false);
+            x.join().unwrap().unwrap()
+        } else {
+            backend.hold(3, false);
+            let x = x.join().unwrap().unwrap();
+            backend.hold(7, false);
+            assert!(engine.join().unwrap().unwrap().failed.is_empty());
+            x
+        }
+    });
+    let changed = alloc.stats().counters.kv_gate_owner_changed_blocks - before;
+    (x, changed)
+}
+
+/// [`x_claims_while_the_engine_scrubs`]: block 5 changed owner once (w to x), through the
+/// same scrubs whichever verdict lands first. Expected: `kv_gate_owner_changed_blocks` and
+/// x's report say the same in both orders.
+#[test]
+fn an_owner_change_is_counted_the_same_whichever_of_an_engine_and_a_gate_verdict_lands_first() {
+    let (engine_first, changed_engine_first) = x_claims_while_the_engine_scrubs(true);
+    let (gate_first, changed_gate_first) = x_claims_while_the_engine_scrubs(false);
+    assert_eq!(
+        (engine_first.claimed, gate_first.claimed),
+        (1, 1),
+        "{engine_first:?} {gate_first:?}"
+    );
+    assert_eq!(
+        (changed_engine_first, engine_first.gate_scrubbed.clone()),
+        (changed_gate_first, gate_first.gate_scrubbed.clone()),
+        "the same claim of block 5 counts {changed_engine_first} change(s) of owner when the \
+         engine's verdict lands first and {changed_gate_first} when the gate's does \
+         (engine first: {engine_first:?}, gate first: {gate_first:?})"
+    );
+}

@@ -80,7 +80,7 @@ KVH_ERR_BUFFER_TOO_SMALL = 7013
 KVH_ERR_VERIFY_FAILED = 7009
 #: Error code of a claim the eviction gate refused (``KVH_KV_GATE=enforce``).
 KVH_ERR_KV_GATE = 7021
-#: Error code of a claim some of whose blocks another claim took while they were scrubbed.
+#: Error code of a claim some of whose blocks another claim took while the claim ran.
 KVH_ERR_KV_TAKEN = 7022
 KVH_OK = 0
 
@@ -122,7 +122,7 @@ class ScrubVerificationError(KvhError):
 class ClaimRefusedError(KvhError):
     """:func:`claim_blocks` did not hand ``refused_blocks`` to the request: their scrub failed
     verification (``code`` 7009; the other blocks were handed over), another claim took them
-    while the gate scrubbed them (``code`` 7022: two requests were given the same blocks, or
+    while the claim ran (``code`` 7022: two requests were given the same blocks, or
     the gate lost track of them, its ledger pushed out at every try; the other blocks were
     handed over), or, with ``KVH_KV_GATE=enforce``, they would change owner
     without a verified scrub (``code`` 7021; nothing of the refusing library call was handed

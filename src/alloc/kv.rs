@@ -283,11 +283,11 @@ struct KvCall<'a> {
     stream: StreamHandle,
     first_seed: u64,
     trigger: KvScrubTrigger,
-    /// For the gate's scrub: of `ids`, those whose owner its ledger does not know. `None`
-    /// exactly for the engine's.
+    /// For the gate's scrub: of `ids`, those whose owner the gate did not know when the claim
+    /// began (its first pass's finding). `None` exactly for the engine's.
     unknown: Option<&'a HashSet<u32>>,
     /// For the gate's scrub: of `ids`, those dirty only because a scrub of them was in flight
-    /// (no change of owner).
+    /// when the claim began (no change of owner).
     busy: Option<&'a HashSet<u32>>,
     /// For the gate's scrub: the claimant it runs for. `None` exactly for the engine's.
     claimant: Option<&'a Option<Arc<OwnerKey>>>,
@@ -341,14 +341,14 @@ impl KvCall<'_> {
 
 impl KvRecords {
     /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
-    /// (`changed`: the verified blocks it could not apply) and with the blocks `withdrawn`
+    /// (`changed`: see [`Unapplied`]) and with the blocks `withdrawn`
     /// before its submission (`unknown`: the call's blocks whose owner the gate did not know).
     /// A change of owner is counted where the block is handed over: not for a block another
     /// claim took (that claim counts it), nor for one whose verdict landed in a forgotten
     /// ledger or after another scrub's failure (a later pass of the claim that hands it over
-    /// counts it, or nobody), nor for one another scrub or another claim of the claimant made
-    /// CLEAN or the claimant's meanwhile (the change went through them). A withdrawn block
-    /// was not scrubbed, so it is not counted as unknown here either.
+    /// counts it, or nobody), nor for one another claim of the claimant was handed meanwhile
+    /// (the change went through it). A withdrawn block was not scrubbed, so it is not counted
+    /// as unknown here either.
     fn settled(
         &mut self,
         changed: &Unapplied,
@@ -451,10 +451,11 @@ impl Allocator {
             .map(|(report, _, _)| report)
     }
 
-    /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate. Also returns the
-    /// verified blocks whose verdict the gate's ledger could not apply because they changed
-    /// hands while the scrub ran, and the blocks the gate's scrub withdrew before it was
-    /// submitted because they changed hands since its claim sorted them (never scrubbed).
+    /// [`Allocator::scrub_kv_blocks`], for the engine or the eviction gate. Also returns what
+    /// became of the verified blocks whose verdict the gate's ledger could not apply as seen
+    /// (they changed hands while the scrub ran: see [`Unapplied`]), and the blocks the gate's
+    /// scrub withdrew before it was submitted because they changed hands since its claim
+    /// sorted them (never scrubbed).
     pub(super) fn scrub_kv(
         &self,
         layout: &KvLayout,

@@ -382,10 +382,15 @@ impl Ledgers {
         };
         let mut withdrawn = Withdrawn::default();
         if let Some(claimant) = claimant {
-            let taken = self.handed_to_another(i, seen, claimant);
-            seen.of.retain(|id, _| !taken.contains(id));
-            withdrawn.taken = taken.into_iter().collect();
+            for (id, theirs) in self.handed_since(i, seen, claimant) {
+                seen.of.remove(&id);
+                match theirs {
+                    true => withdrawn.theirs.push(id),
+                    false => withdrawn.taken.push(id),
+                }
+            }
             withdrawn.taken.sort_unstable();
+            withdrawn.theirs.sort_unstable();
         }
         let token = self.tick();
         seen.in_flight = token;
@@ -399,28 +404,26 @@ impl Ledgers {
         withdrawn
     }
 
-    /// Of `seen`'s blocks in ledger `i`, those handed since to an owner other than
-    /// `claimant` (an anonymous one is always another): a claim made meanwhile holds them.
-    fn handed_to_another(
+    /// Of `seen`'s blocks in ledger `i`, those a claim made meanwhile was handed (a claim
+    /// holds them, and may have written them), each with whether that claim's owner is
+    /// `claimant` (an anonymous one is nobody's).
+    fn handed_since(
         &self,
         i: usize,
         seen: &Generations,
         claimant: &Option<Arc<OwnerKey>>,
-    ) -> HashSet<u32> {
+    ) -> Vec<(u32, bool)> {
         let slots = &self.books[i].slots;
         seen.of
             .iter()
-            .filter(|&(id, &then)| {
-                slots.get(id).is_some_and(|e| {
-                    e.generation != then
-                        && match &e.slot {
-                            Slot::Owned(Some(owner)) => claimant.as_ref() != Some(owner),
-                            Slot::Owned(None) => true,
-                            Slot::Clean | Slot::Failed => false,
-                        }
-                })
+            .filter_map(|(&id, &then)| {
+                let e = slots.get(&id).filter(|e| e.generation != then)?;
+                match &e.slot {
+                    Slot::Owned(Some(owner)) => Some((id, claimant.as_ref() == Some(owner))),
+                    Slot::Owned(None) => Some((id, false)),
+                    Slot::Clean | Slot::Failed => None,
+                }
             })
-            .map(|(&id, _)| id)
             .collect()
     }
 
@@ -587,7 +590,9 @@ impl Ledgers {
     /// took it since) may still go to the gate's claimant, unless the gate's scrub of it for
     /// another claimant, submitted later, may still write it (it goes to that claimant, as
     /// `taken`). Lifts the scrub's [`InFlight`] marks. Returns the verified blocks whose
-    /// verdict could not be applied, by why: nobody may take them as verified by this scrub.
+    /// verdict could not be applied, by why (nobody may take them as verified by this scrub),
+    /// and those it was applied to although they changed since `seen` (CLEAN, or already the
+    /// claimant's: [`Unapplied::changed_meanwhile`]).
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
@@ -632,7 +637,7 @@ impl Ledgers {
                 }
                 continue;
             }
-            if !still_seen {
+            if !still_seen && now != Some(Slot::Clean) {
                 unapplied.changed_meanwhile.push(id);
             }
             let slot = match claimant {
@@ -645,7 +650,8 @@ impl Ledgers {
     }
 }
 
-/// The verified blocks of a scrub whose verdict the ledger could not apply, by why.
+/// The verified blocks of a scrub whose verdict the ledger could not apply, by why, and those
+/// it applied to blocks another scrub or claim of the claimant had changed meanwhile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Unapplied {
     /// Another claim owns them now.
@@ -656,10 +662,10 @@ pub(crate) struct Unapplied {
     /// description of the memory) or describes other allocations now: nothing is known of
     /// them, which a claim settles by claiming them again.
     pub forgotten: Vec<u32>,
-    /// Not one of the above: the verdict was applied (the claimant's now), but another
-    /// scrub's verdict or another claim of the claimant had made the block CLEAN or the
-    /// claimant's since the claim sorted it. The change of owner, if any, went through that
-    /// scrub or that claim: claimed, as if found so, and not counted again.
+    /// Not one of the above: the verdict was applied, but another claim of the claimant had
+    /// been handed the block since this scrub was submitted (its scrub's verdict landed
+    /// first). The change of owner went through that claim: claimed, as if found so, and
+    /// not counted again.
     pub changed_meanwhile: Vec<u32>,
 }
 
@@ -690,6 +696,9 @@ impl Unapplied {
 pub(crate) struct Withdrawn {
     /// Another claim was handed them after this claim sorted them: theirs now.
     pub taken: Vec<u32>,
+    /// Another claim of the claimant was handed them after this claim sorted them: the
+    /// claimant's already (claimed, as if found so).
+    pub theirs: Vec<u32>,
     /// Their ledger was forgotten after this claim sorted them: to claim again.
     pub forgotten: Vec<u32>,
 }
@@ -697,21 +706,26 @@ pub(crate) struct Withdrawn {
 impl Withdrawn {
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.taken.is_empty() && self.forgotten.is_empty()
+        self.count() == 0
     }
 
     /// How many blocks were withdrawn.
     pub(crate) fn count(&self) -> usize {
-        self.taken.len() + self.forgotten.len()
+        self.taken.len() + self.theirs.len() + self.forgotten.len()
     }
 
     /// Every withdrawn block.
     pub(crate) fn all(&self) -> HashSet<u32> {
-        self.taken.iter().chain(&self.forgotten).copied().collect()
+        [&self.taken, &self.theirs, &self.forgotten]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
     }
 
     pub(crate) fn extend(&mut self, more: Withdrawn) {
         self.taken.extend(more.taken);
+        self.theirs.extend(more.theirs);
         self.forgotten.extend(more.forgotten);
     }
 }
@@ -769,8 +783,8 @@ pub struct KvClaimReport {
     /// Blocks handed to the caller.
     pub claimed: u64,
     /// Blocks the gate scrubbed, verified and handed over, in the order given. Not those
-    /// another scrub or another claim of the caller made CLEAN or the caller's while the gate
-    /// scrubbed them: they are claimed, as blocks found so are.
+    /// another claim of the caller's owner was handed meanwhile: they are claimed, as blocks
+    /// found the owner's are.
     pub gate_scrubbed: Vec<u32>,
     /// Of `gate_scrubbed`, those whose owner the gate did not know yet (a new cache's first
     /// claims, or a forgotten ledger's), in the order given. The others changed owner
@@ -786,7 +800,8 @@ pub struct KvClaimReport {
     /// Blocks not handed over because their scrub failed verification (now or earlier), in
     /// the order given. They must not be used, by anyone, until a scrub verifies them.
     pub refused: Vec<u32>,
-    /// Blocks not handed over because another claim took them while the gate scrubbed them
+    /// Blocks not handed over because another claim took them while this claim ran (after it
+    /// sorted them, or while the gate scrubbed them)
     /// for this one (two requests were given the same blocks), in the order given. They are
     /// the other claimant's: this caller must not use them.
     pub taken: Vec<u32>,
@@ -998,7 +1013,8 @@ impl Allocator {
         self.report_gate_violation(
             dev,
             format!(
-                "{} KV blocks changed hands while the gate scrubbed them for this claim \
+                "{} KV blocks changed hands while this claim ran (after it sorted them, or while \
+                 the gate scrubbed them) \
                  (ids {}): another claim took them; they were not handed over",
                 taken.len(),
                 id_list(&in_order(ids, taken))
@@ -1148,7 +1164,12 @@ impl Allocator {
             .extend(unapplied.taken.iter().chain(&withdrawn.taken).copied());
         round.forgotten = unapplied.forgotten;
         round.forgotten.extend(withdrawn.forgotten);
-        let meanwhile: HashSet<u32> = unapplied.changed_meanwhile.iter().copied().collect();
+        let meanwhile: HashSet<u32> = unapplied
+            .changed_meanwhile
+            .iter()
+            .chain(&withdrawn.theirs)
+            .copied()
+            .collect();
         round.gate_scrubbed = sorted
             .dirty
             .iter()
@@ -1199,8 +1220,14 @@ impl Allocator {
     }
 
     /// After a KV scrub: applies its verdicts to the blocks unchanged since `seen` and returns
-    /// the verified blocks it could not apply (see [`Ledgers::settle`]). A gate scrub whose
-    /// regions turned out to be other allocations than its claim saw applies nothing.
+    /// what became of the verified blocks it could not apply as seen (see
+    /// [`Ledgers::settle`]). A gate scrub whose regions turned out to be other allocations
+    /// than its claim saw applies nothing.
+    ///
+    /// Under the device's pool lock, which a scrub holds from its in-flight marks to its
+    /// submission: a verdict never meets the marks of a scrub whose submission then fails
+    /// with nothing launched (out of memory), which would make it give way, as `taken`, to
+    /// a scrub that never ran.
     pub(super) fn settle_kv(
         &self,
         seen: &Generations,
@@ -1209,11 +1236,13 @@ impl Allocator {
         failed: &[u32],
         claimant: Option<&Option<Arc<OwnerKey>>>,
     ) -> Unapplied {
-        if seen.key != *scrubbed {
-            self.ledgers().lift_marks(seen);
-            return Unapplied::forgotten(verified);
-        }
-        self.ledgers().settle(seen, verified, failed, claimant)
+        self.with_pool(seen.key.device, |_, _, _, _| {
+            if seen.key != *scrubbed {
+                self.ledgers().lift_marks(seen);
+                return Unapplied::forgotten(verified);
+            }
+            self.ledgers().settle(seen, verified, failed, claimant)
+        })
     }
 
     pub(super) fn ledgers(&self) -> std::sync::MutexGuard<'_, Ledgers> {
@@ -1451,10 +1480,11 @@ mod tests {
         assert!(l.books[0].in_flight.is_empty(), "marks left");
     }
 
-    /// Of a gate scrub's blocks, those handed to another owner between its claim's sort and
+    /// Of a gate scrub's blocks, those handed to another claim between its claim's sort and
     /// its submission (by that claim's verdict, or at once as CLEAN) are withdrawn from it:
-    /// zeroing them would wipe the new owner's data. A block scrubbed CLEAN meanwhile and not
-    /// taken, or handed to the claimant itself, is scrubbed.
+    /// zeroing them would wipe the new holder's data. Another owner's are taken; those of
+    /// another claim of the claimant are the claimant's already. A block scrubbed CLEAN
+    /// meanwhile and not taken is scrubbed.
     #[test]
     fn blocks_handed_to_another_after_the_sort_are_withdrawn_before_the_submission() {
         let mut l = Ledgers::default();
@@ -1475,15 +1505,11 @@ mod tests {
             withdrawn,
             Withdrawn {
                 taken: vec![4, 6],
+                theirs: vec![7],
                 forgotten: vec![]
             }
         );
-        // Handed to c, the change of owner having gone through the engine's scrub (5) and c's
-        // other claim (7).
-        assert_eq!(
-            l.settle(&for_c, &[5, 7], &[], Some(&c)).changed_meanwhile,
-            vec![5, 7]
-        );
+        assert_eq!(l.settle(&for_c, &[5], &[], Some(&c)), Unapplied::default());
         assert_eq!(sort(&mut l, &k, &[5, 7], &c), NONE);
         assert_eq!(sort(&mut l, &k, &[4, 6], &b), NONE);
         assert!(l.books[0].in_flight.is_empty(), "marks left");

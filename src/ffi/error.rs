@@ -65,7 +65,7 @@ pub enum kvh_result {
     /// claimed. Scrub them with `kvh_scrub_blocks`, then claim again.
     KVH_ERR_KV_GATE = 7021,
     /// `kvh_claim_blocks`: some blocks were not handed over because another claim took them
-    /// while the gate scrubbed them (two requests were given the same blocks), or because the
+    /// while this claim ran (two requests were given the same blocks), or because the
     /// gate lost track of them (their ledger pushed out at every try; the `policy_violation`
     /// record says so); the others were. Do not use the blocks named.
     KVH_ERR_KV_TAKEN = 7022,
@@ -138,7 +138,7 @@ impl kvh_result {
             KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
             KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed or claimed",
             KVH_ERR_KV_GATE => "KV blocks would change owner without a verified scrub; nothing was claimed",
-            KVH_ERR_KV_TAKEN => "KV blocks were not handed over: another claim took them while they were scrubbed, or the gate lost track of them",
+            KVH_ERR_KV_TAKEN => "KV blocks were not handed over: another claim took them while the claim ran, or the gate lost track of them",
             KVH_ERR_FORKED_CHILD => "forked child: kvhygiene started in the parent process, and a child cannot use the allocator it inherited",
         }
     }

@@ -426,7 +426,7 @@ pub extern "C" fn kvh_scrub_blocks(
 /// written to `refused_ids` in the order given; those blocks must not be used:
 /// `KVH_ERR_VERIFY_FAILED` when a scrub of some of them failed verification (now, before,
 /// or another scrub's while the gate scrubbed them; the list also holds any taken ones),
-/// `KVH_ERR_KV_TAKEN` when another claim took them while the gate scrubbed them (two
+/// `KVH_ERR_KV_TAKEN` when another claim took them while this claim ran (two
 /// requests were given the same blocks), or when the gate lost track of them: their ledger
 /// was pushed out at every try (claims through another layout of the same memory, or more
 /// KV caches claiming than the gate keeps ledgers for; the `policy_violation` record says

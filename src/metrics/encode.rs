@@ -662,7 +662,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Forensic log records that could not be written (disk errors) or came after stop."
+        "Forensic log records that could not be written (disk errors), came after stop, were still queued when the writer ended, or were held by a writer thread that panicked."
     ),
     series!(
         "/log/bytes_lost",
