@@ -138,7 +138,9 @@ counters! {
     /// of them was in flight, and blocks the scrub did not hand over (another claim took
     /// them, another scrub's failure landed first, their ledger was forgotten: a later pass
     /// of the claim counts them if it hands them over by a scrub) or that another claim of the
-    /// claimant was handed meanwhile. So two claims racing for a block count it once. An engine that scrubs on every free path keeps this
+    /// claimant was handed meanwhile. So two claims racing for a block count it once. When an
+    /// engine scrub of the block also lands in the middle of such a race, the count follows
+    /// the order the verdicts land in (it may be 0 or 2 for one change of owner). An engine that scrubs on every free path keeps this
     /// at zero. After a forgotten ledger, a block another claim of the claimant was handed
     /// through the ledger there is now counts as that claim found it (unknown).
     kv_gate_owner_changed_blocks,

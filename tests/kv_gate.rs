@@ -2919,3 +2919,123 @@ fn an_owner_change_is_counted_the_same_whichever_of_an_engine_and_a_gate_verdict
          (engine first: {engine_first:?}, gate first: {gate_first:?})"
     );
 }
+
+/// Block 5 is request w's and written, and a scrub freeing another allocation is queued on
+/// stream 8, held. Spawns request x's claim of block 5 on stream 3, whose submissions find no
+/// memory: once the claim sorted block 5 (w's) and its first try was refused, it waits for the
+/// pool's scrubs (the one on stream 8) before its next try, until [`release_x`].
+fn spawn_x_paused_before_its_submission<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    alloc: &'scope kvhygiene::alloc::Allocator,
+    backend: &'scope held::Held,
+    layout: &'scope KvLayout,
+) -> std::thread::ScopedJoinHandle<'scope, Result<KvClaimReport, KvClaimError>> {
+    as_request("t", "w", || {
+        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(backend, layout, 5, 0x77);
+    let other = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
+    backend.hold(8, true);
+    alloc.free(other, BLOCK as i64, 0, StreamHandle(8)).unwrap();
+    backend.out_of_memory(3, true);
+    let x = s.spawn(|| {
+        as_request("t", "x", || {
+            alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(3))
+        })
+    });
+    backend.wait_refused(3);
+    backend.wait_submitted(8, 1);
+    x
+}
+
+/// Lets the claim [`spawn_x_paused_before_its_submission`] spawned try again, and go through.
+fn release_x(backend: &held::Held) {
+    backend.out_of_memory(3, false);
+    backend.hold(8, false);
+}
+
+/// Request scope. x's claim of w's block 5 waits before its submission
+/// ([`spawn_x_paused_before_its_submission`]). Meanwhile another claim of request x is handed
+/// block 5 (through its own scrub) and x writes it; then request y claims block 5, and y's
+/// gate scrub (stream 5) is submitted and has not settled when x's first claim goes on. x's
+/// claim returns, and x writes block 5 if it got it; then y's verdict lands. Expected: block
+/// 5 is handed to one of x and y, not both (a block another owner's scrub may still write is
+/// not handed to x without device work of its own ordered after that scrub).
+#[test]
+fn a_block_another_claim_of_the_claimant_was_handed_is_not_handed_over_while_another_owners_scrub_of_it_is_in_flight(
+) {
+    let (alloc, backend, layout) = held_cache();
+    backend.hold(5, true);
+    let (x, y) = std::thread::scope(|s| {
+        let x = spawn_x_paused_before_its_submission(s, &alloc, &backend, &layout);
+        let x2 = as_request("t", "x", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        assert_eq!(x2.claimed, 1, "precondition: {x2:?}");
+        held_fill(&*backend, &layout, 5, 0xaa); // x's keys and values
+        let y = s.spawn(|| {
+            as_request("t", "y", || {
+                alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(5))
+            })
+        });
+        backend.wait_submitted(5, 1);
+        release_x(&backend);
+        let x = x.join().unwrap().unwrap();
+        if x.claimed == 1 {
+            held_fill(&*backend, &layout, 5, 0xee); // x's keys and values
+        }
+        backend.hold(5, false);
+        (x, y.join().unwrap().unwrap())
+    });
+    assert!(
+        x.claimed == 0 || y.claimed == 0,
+        "block 5 was handed to both request x and request y: x's claim took it as x's own \
+         (withdrawn from its scrub) while y's gate scrub of it was in flight, and y's verdict \
+         then handed it to y (x {x:?}, y {y:?})"
+    );
+}
+
+/// Request scope. x's claim of w's block 5 waits before its submission
+/// ([`spawn_x_paused_before_its_submission`]). Meanwhile another claim of request x is handed
+/// block 5 (through its own scrub) and x writes it; then the engine scrubs block 5 (stream 7,
+/// held). x's first claim goes on and returns; x writes block 5 if it got it; the engine's
+/// verdict lands; request y claims block 5. Expected: if x's claim handed block 5 over, the
+/// block is x's, so y gets it only through a scrub of its own (not at once as CLEAN, with
+/// the bytes x wrote after its claim returned).
+#[test]
+fn a_block_another_claim_of_the_claimant_was_handed_is_not_handed_over_while_an_engine_scrub_of_it_is_in_flight(
+) {
+    let (alloc, backend, layout) = held_cache();
+    backend.hold(7, true);
+    let x = std::thread::scope(|s| {
+        let x = spawn_x_paused_before_its_submission(s, &alloc, &backend, &layout);
+        let x2 = as_request("t", "x", || {
+            alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(4))
+        })
+        .unwrap();
+        assert_eq!(x2.claimed, 1, "precondition: {x2:?}");
+        held_fill(&*backend, &layout, 5, 0xaa); // x's keys and values
+        let engine = s.spawn(|| alloc.scrub_kv_blocks(&layout, &[5], 0, StreamHandle(7)));
+        backend.wait_submitted(7, 1);
+        release_x(&backend);
+        let x = x.join().unwrap().unwrap();
+        if x.claimed == 1 {
+            held_fill(&*backend, &layout, 5, 0xee); // x's keys and values
+        }
+        backend.hold(7, false);
+        assert!(engine.join().unwrap().unwrap().failed.is_empty());
+        x
+    });
+    let y = as_request("t", "y", || {
+        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    assert!(
+        x.claimed == 0 || (y.gate_scrubbed == vec![5] && held_zero(&backend, &layout, 5)),
+        "x's claim handed block 5 over (as x's own, withdrawn from its scrub) while the \
+         engine's scrub of it was in flight; that scrub's verdict then made it CLEAN, and y \
+         was handed it without a scrub (x {x:?}, y {y:?})"
+    );
+}

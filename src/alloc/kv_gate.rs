@@ -406,7 +406,9 @@ impl Ledgers {
 
     /// Of `seen`'s blocks in ledger `i`, those a claim made meanwhile was handed (a claim
     /// holds them, and may have written them), each with whether that claim's owner is
-    /// `claimant` (an anonymous one is nobody's).
+    /// `claimant` (an anonymous one is nobody's). The claimant's own are left to the scrub
+    /// while another scrub of them is in flight: as for a claim that finds them so, they are
+    /// handed over only through device work ordered after that scrub.
     fn handed_since(
         &self,
         i: usize,
@@ -419,8 +421,10 @@ impl Ledgers {
             .filter_map(|(&id, &then)| {
                 let e = slots.get(&id).filter(|e| e.generation != then)?;
                 match &e.slot {
-                    Slot::Owned(Some(owner)) => Some((id, claimant.as_ref() == Some(owner))),
-                    Slot::Owned(None) => Some((id, false)),
+                    Slot::Owned(Some(owner)) if claimant.as_ref() == Some(owner) => {
+                        (!self.scrubbing(i, id)).then_some((id, true))
+                    }
+                    Slot::Owned(_) => Some((id, false)),
                     Slot::Clean | Slot::Failed => None,
                 }
             })
@@ -664,8 +668,8 @@ pub(crate) struct Unapplied {
     pub forgotten: Vec<u32>,
     /// Not one of the above: the verdict was applied, but another claim of the claimant had
     /// been handed the block since this scrub was submitted (its scrub's verdict landed
-    /// first). The change of owner went through that claim: claimed, as if found so, and
-    /// not counted again.
+    /// first). That claim counted the change of owner as it classed the block: claimed, as
+    /// if found so, and not counted again.
     pub changed_meanwhile: Vec<u32>,
 }
 
