@@ -384,9 +384,14 @@ impl Ledgers {
         if let Some(claimant) = claimant {
             for (id, theirs) in self.handed_since(i, seen, claimant) {
                 seen.of.remove(&id);
-                match theirs {
-                    true => withdrawn.theirs.push(id),
-                    false => withdrawn.taken.push(id),
+                if theirs {
+                    // Handed over to this claim now, as a claim hands over a block it finds
+                    // the claimant's: a new generation, so that a claim of another owner
+                    // that sorted the block before withdraws it in turn.
+                    self.set(i, id, Slot::Owned(claimant.clone()));
+                    withdrawn.theirs.push(id);
+                } else {
+                    withdrawn.taken.push(id);
                 }
             }
             withdrawn.taken.sort_unstable();
@@ -616,7 +621,12 @@ impl Ledgers {
         for &id in failed {
             // A CLEAN block has no owner a failure could hurt, and another verdict may have
             // made it CLEAN meanwhile: this scrub read residue, so it must not stay CLEAN.
-            if unchanged(&self.books, id) || slot_of(&self.books, id) == Some(Slot::Clean) {
+            // Nor may the claimant's own (another claim of it was handed the block while this
+            // scrub was in flight): an earlier scrub's verdict would make it CLEAN next.
+            let now = slot_of(&self.books, id);
+            let own =
+                matches!((&now, claimant), (Some(Slot::Owned(Some(o))), Some(Some(c))) if o == c);
+            if unchanged(&self.books, id) || now == Some(Slot::Clean) || own {
                 self.set(i, id, Slot::Failed);
             }
         }
@@ -1723,6 +1733,75 @@ mod tests {
         assert_eq!((again.dirty, again.taken), (vec![], vec![3]));
     }
 
+    /// Block 5 is w's. Claims x1 and x2 of request x sort it; x2's scrub hands it to x. Then
+    /// request y sorts it (x's now), and x1's submission withdraws it as x's own (x1 is handed
+    /// it, no scrub). y's scrub, submitted after that hand-over, must leave it out: x1 holds it.
+    #[test]
+    fn a_block_withdrawn_as_the_claimants_own_is_left_out_of_a_scrub_another_owner_sorted_it_for() {
+        let mut l = Ledgers::default();
+        let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));
+        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
+        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
+        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut x2, Some(&x)).is_empty());
+        assert_eq!(l.settle(&x2, &[5], &[], Some(&x)), Unapplied::default());
+        let ys = l.claim(&k, &[5], &y, false);
+        assert_eq!(ys.dirty, vec![5]);
+        let mut y_seen = ys.dirty_generations;
+        let x1_withdrawn = l.mark_in_flight(&mut x1, Some(&x));
+        assert_eq!(
+            x1_withdrawn.theirs,
+            vec![5],
+            "precondition: {x1_withdrawn:?}"
+        );
+        let y_withdrawn = l.mark_in_flight(&mut y_seen, Some(&y));
+        let y_verdict = if y_seen.names(5) {
+            l.settle(&y_seen, &[5], &[], Some(&y))
+        } else {
+            Unapplied::default()
+        };
+        assert!(
+            !y_seen.names(5),
+            "x1 was handed block 5 (withdrawn as x's own) before y's scrub was submitted, yet y's scrub kept block 5 (it zeroes what x1 holds) and its verdict handed it to y too (y withdrawn {y_withdrawn:?}, y's verdict not applied to {y_verdict:?})"
+        );
+    }
+
+    /// Block 5 is w's. Claim x1 of request x sorts it; x2 (request x) is handed it through its
+    /// own scrub. The engine then scrubs block 5, and x1's scrub of it is submitted after the
+    /// engine's (kept, since the engine's is in flight). x1's scrub fails verification and its
+    /// verdict lands first; the engine's (earlier) scrub verified. Block 5's last scrub
+    /// failed: it must not be handed over until a scrub verifies it.
+    #[test]
+    fn a_failed_gate_scrub_submitted_after_an_engine_scrub_keeps_the_block_from_the_engines_verdict(
+    ) {
+        let mut l = Ledgers::default();
+        let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));
+        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
+        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
+        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut x2, Some(&x)).is_empty());
+        assert_eq!(l.settle(&x2, &[5], &[], Some(&x)), Unapplied::default());
+        let mut engine = l.generations(&k, &[5]);
+        assert!(l.mark_in_flight(&mut engine, None).is_empty());
+        let x1_withdrawn = l.mark_in_flight(&mut x1, Some(&x));
+        assert!(
+            x1_withdrawn.is_empty() && x1.names(5),
+            "precondition: {x1_withdrawn:?}"
+        );
+        l.settle(&x1, &[], &[5], Some(&x));
+        l.settle(&engine, &[5], &[], None);
+        let s = l.claim(&k, &[5], &y, false);
+        assert_eq!(
+            (s.failed.clone(), s.dirty.clone()),
+            (vec![5], vec![]),
+            "block 5's last scrub (x1's, submitted after the engine's) failed, yet the engine's earlier verdict made it CLEAN and y's claim was handed it at once: {s:?}"
+        );
+    }
+
     #[test]
     fn a_refused_claim_without_a_ledger_creates_none_and_drops_none() {
         let mut l = Ledgers::default();
@@ -1950,10 +2029,12 @@ mod tests {
                             // Freed and allocated again since the sort: refused as not live.
                             return Ok(());
                         }
-                        let withdrawn = self
-                            .ledger
-                            .mark_in_flight(&mut g.seen, Some(&g.owner))
-                            .all();
+                        let withdrawn = self.ledger.mark_in_flight(&mut g.seen, Some(&g.owner));
+                        // Withdrawn as the claimant's own: handed to the claim at once.
+                        for &id in &withdrawn.theirs {
+                            self.hand_over(g.layout, id, g.o)?;
+                        }
+                        let withdrawn = withdrawn.all();
                         let (failed, verified): (Vec<u32>, Vec<u32>) = g
                             .ids
                             .iter()
@@ -2041,6 +2122,54 @@ mod tests {
                     }
                 }
                 Ok(())
+            }
+        }
+
+        /// Block 1 is c's (written). a's claims a1 and a2 sort it; a2's scrub hands it to a,
+        /// who writes it. b sorts it (a's now); a1's submission withdraws it as a's own (a1 is
+        /// handed it); then b's scrub is submitted and runs.
+        #[test]
+        fn a_block_withdrawn_as_the_claimants_own_is_not_written_by_a_scrub_sorted_before() {
+            let owners = ["a", "b", "c"]
+                .iter()
+                .map(|r| who("t", r))
+                .chain([None])
+                .collect();
+            let mut w = World {
+                ledger: Ledgers::default(),
+                seq: 1,
+                owners,
+                written: vec![Writer::Nobody; N as usize],
+                held: vec![None; N as usize],
+                sorted: Vec::new(),
+                pending: Vec::new(),
+            };
+            let sort = |o| Op::Sort {
+                o,
+                layout: 0,
+                ids: vec![1],
+                fail: Vec::new(),
+            };
+            let ops = [
+                sort(2),
+                Op::Submit(0),
+                Op::Finish(0),
+                Op::Write,
+                sort(0),
+                sort(0),
+                Op::Submit(1),
+                Op::Finish(0),
+                Op::Write,
+                sort(1),
+                Op::Submit(0),
+                Op::Submit(0),
+                Op::Run,
+                Op::Run,
+            ];
+            for op in ops {
+                if let Err(e) = w.apply(op.clone()) {
+                    panic!("{op:?}: {e}");
+                }
             }
         }
 
