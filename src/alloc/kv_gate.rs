@@ -98,6 +98,8 @@ enum Slot {
 struct Entry {
     slot: Slot,
     generation: u64,
+    /// The submission token of the scrub whose verdict set `slot`; 0 when a claim set it.
+    by: u64,
 }
 
 /// Which cache a ledger belongs to.
@@ -492,8 +494,20 @@ impl Ledgers {
     }
 
     fn set(&mut self, i: usize, id: u32, slot: Slot) {
+        self.set_by(i, id, slot, 0);
+    }
+
+    /// [`Ledgers::set`], by the verdict of the scrub submitted with token `by`.
+    fn set_by(&mut self, i: usize, id: u32, slot: Slot, by: u64) {
         let generation = self.tick();
-        self.books[i].slots.insert(id, Entry { slot, generation });
+        self.books[i].slots.insert(
+            id,
+            Entry {
+                slot,
+                generation,
+                by,
+            },
+        );
     }
 
     /// Sorts a claim's blocks and, unless `all_or_nothing` and some block is dirty or failed,
@@ -622,11 +636,17 @@ impl Ledgers {
             // A CLEAN block has no owner a failure could hurt, and another verdict may have
             // made it CLEAN meanwhile: this scrub read residue, so it must not stay CLEAN.
             // Nor may the claimant's own (another claim of it was handed the block while this
-            // scrub was in flight): an earlier scrub's verdict would make it CLEAN next.
+            // scrub was in flight) unless a scrub submitted after this one verified it: an
+            // earlier scrub's verdict would make it CLEAN next.
             let now = slot_of(&self.books, id);
             let own =
                 matches!((&now, claimant), (Some(Slot::Owned(Some(o))), Some(Some(c))) if o == c);
-            if unchanged(&self.books, id) || now == Some(Slot::Clean) || own {
+            let by = self.books[i].slots.get(&id).map_or(0, |e| e.by);
+            let overtaken_by_later = by > seen.in_flight;
+            if unchanged(&self.books, id)
+                || now == Some(Slot::Clean)
+                || (own && !overtaken_by_later)
+            {
                 self.set(i, id, Slot::Failed);
             }
         }
@@ -658,7 +678,7 @@ impl Ledgers {
                 Some(owner) => Slot::Owned(owner.clone()),
                 None => Slot::Clean,
             };
-            self.set(i, id, slot);
+            self.set_by(i, id, slot, seen.in_flight);
         }
         unapplied
     }
@@ -1799,6 +1819,41 @@ mod tests {
             (s.failed.clone(), s.dirty.clone()),
             (vec![5], vec![]),
             "block 5's last scrub (x1's, submitted after the engine's) failed, yet the engine's earlier verdict made it CLEAN and y's claim was handed it at once: {s:?}"
+        );
+    }
+
+    /// Block 5 is w's. Claims x1 and x2 of request x sort it; x1's scrub is submitted, then
+    /// x2's (ordered after x1's on the device). x2's scrub verifies and its verdict lands first:
+    /// x2 is handed block 5. x1's scrub failed verification and its verdict lands after. The
+    /// block's last scrub on the device (x2's) verified and x2 holds it, so x's next claim of
+    /// it is expected to find it x's, not FAILED.
+    #[test]
+    fn a_failed_verdict_of_an_earlier_scrub_leaves_the_block_a_later_verified_scrub_of_the_claimant_handed_over(
+    ) {
+        let mut l = Ledgers::default();
+        let (k, w, x) = (key(vec![1]), who("t", "w"), who("t", "x"));
+        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
+        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
+        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut x1, Some(&x)).is_empty());
+        let x2_withdrawn = l.mark_in_flight(&mut x2, Some(&x));
+        assert!(
+            x2_withdrawn.is_empty() && x2.names(5),
+            "precondition: {x2_withdrawn:?}"
+        );
+        assert_eq!(
+            l.settle(&x2, &[5], &[], Some(&x)),
+            Unapplied::default(),
+            "precondition: x2 is handed block 5"
+        );
+        l.settle(&x1, &[], &[5], Some(&x));
+        let again = l.claim(&k, &[5], &x, false);
+        assert_eq!(
+            (again.failed.clone(), again.dirty.clone()),
+            (vec![], vec![]),
+            "x2's scrub (submitted after x1's) verified block 5 and x2 was handed it, yet x1's earlier scrub's failed verdict, landing later, made it FAILED: x's next claim of its own block is refused: {again:?}"
         );
     }
 
