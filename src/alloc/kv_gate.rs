@@ -1753,6 +1753,22 @@ mod tests {
         assert_eq!((again.dirty, again.taken), (vec![], vec![3]));
     }
 
+    /// A claim by `w` is handed block 5 of `k` through its scrub; then two claims by `x` sort
+    /// it (dirty): their generations, neither submitted.
+    fn ws_block_sorted_twice_for(
+        l: &mut Ledgers,
+        k: &LedgerKey,
+        w: &Option<Arc<OwnerKey>>,
+        x: &Option<Arc<OwnerKey>>,
+    ) -> (Generations, Generations) {
+        let mut first = l.claim(k, &[5], w, false).dirty_generations;
+        assert!(l.mark_in_flight(&mut first, Some(w)).is_empty());
+        assert_eq!(l.settle(&first, &[5], &[], Some(w)), Unapplied::default());
+        let x1 = l.claim(k, &[5], x, false).dirty_generations;
+        let x2 = l.claim(k, &[5], x, false).dirty_generations;
+        (x1, x2)
+    }
+
     /// Block 5 is w's. Claims x1 and x2 of request x sort it; x2's scrub hands it to x. Then
     /// request y sorts it (x's now), and x1's submission withdraws it as x's own (x1 is handed
     /// it, no scrub). y's scrub, submitted after that hand-over, must leave it out: x1 holds it.
@@ -1760,11 +1776,7 @@ mod tests {
     fn a_block_withdrawn_as_the_claimants_own_is_left_out_of_a_scrub_another_owner_sorted_it_for() {
         let mut l = Ledgers::default();
         let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));
-        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
-        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
-        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
-        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
-        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let (mut x1, mut x2) = ws_block_sorted_twice_for(&mut l, &k, &w, &x);
         assert!(l.mark_in_flight(&mut x2, Some(&x)).is_empty());
         assert_eq!(l.settle(&x2, &[5], &[], Some(&x)), Unapplied::default());
         let ys = l.claim(&k, &[5], &y, false);
@@ -1798,11 +1810,7 @@ mod tests {
     ) {
         let mut l = Ledgers::default();
         let (k, w, x, y) = (key(vec![1]), who("t", "w"), who("t", "x"), who("t", "y"));
-        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
-        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
-        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
-        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
-        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let (mut x1, mut x2) = ws_block_sorted_twice_for(&mut l, &k, &w, &x);
         assert!(l.mark_in_flight(&mut x2, Some(&x)).is_empty());
         assert_eq!(l.settle(&x2, &[5], &[], Some(&x)), Unapplied::default());
         let mut engine = l.generations(&k, &[5]);
@@ -1832,11 +1840,7 @@ mod tests {
     ) {
         let mut l = Ledgers::default();
         let (k, w, x) = (key(vec![1]), who("t", "w"), who("t", "x"));
-        let mut first = l.claim(&k, &[5], &w, false).dirty_generations;
-        assert!(l.mark_in_flight(&mut first, Some(&w)).is_empty());
-        assert_eq!(l.settle(&first, &[5], &[], Some(&w)), Unapplied::default());
-        let mut x1 = l.claim(&k, &[5], &x, false).dirty_generations;
-        let mut x2 = l.claim(&k, &[5], &x, false).dirty_generations;
+        let (mut x1, mut x2) = ws_block_sorted_twice_for(&mut l, &k, &w, &x);
         assert!(l.mark_in_flight(&mut x1, Some(&x)).is_empty());
         let x2_withdrawn = l.mark_in_flight(&mut x2, Some(&x));
         assert!(
