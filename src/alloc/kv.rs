@@ -341,8 +341,8 @@ impl KvCall<'_> {
 
 impl KvRecords {
     /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
-    /// (`changed`: see [`Unapplied`]) and with the blocks `withdrawn`
-    /// before its submission (`unknown`: the call's blocks whose owner the gate did not know).
+    /// (`changed`: see [`Unapplied`]), with the blocks `withdrawn` before its submission
+    /// (`unknown`: the call's blocks whose owner the gate did not know).
     /// A change of owner is counted where the block is handed over: not for a block another
     /// claim took (that claim counts it), nor for one whose verdict landed in a forgotten
     /// ledger or after another scrub's failure (a later pass of the claim that hands it over

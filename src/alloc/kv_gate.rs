@@ -614,8 +614,8 @@ impl Ledgers {
     /// another claimant, submitted later, may still write it (it goes to that claimant, as
     /// `taken`). Lifts the scrub's [`InFlight`] marks. Returns the verified blocks whose
     /// verdict could not be applied, by why (nobody may take them as verified by this scrub),
-    /// and those it was applied to although they changed since `seen` (CLEAN, or already the
-    /// claimant's: [`Unapplied::changed_meanwhile`]).
+    /// and those it was applied to although another claim of the claimant was handed them
+    /// since `seen` ([`Unapplied::changed_meanwhile`]).
     pub(crate) fn settle(
         &mut self,
         seen: &Generations,
@@ -685,7 +685,7 @@ impl Ledgers {
 }
 
 /// The verified blocks of a scrub whose verdict the ledger could not apply, by why, and those
-/// it applied to blocks another scrub or claim of the claimant had changed meanwhile.
+/// it applied although another claim of the claimant had been handed them meanwhile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Unapplied {
     /// Another claim owns them now.
