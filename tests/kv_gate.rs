@@ -666,11 +666,17 @@ fn cache_over<B: kvhygiene::backend::Backend + 'static>(
     backend: std::sync::Arc<B>,
     sink: Option<std::sync::Arc<dyn kvhygiene::events::EventSink>>,
 ) -> (kvhygiene::alloc::Allocator, std::sync::Arc<B>, KvLayout) {
-    let alloc = kvhygiene::alloc::Allocator::new(
-        backend.clone(),
-        config(KvGateMode::Scrub, KvGateScope::Request),
-        sink,
-    );
+    cache_over_scoped(backend, sink, KvGateScope::Request)
+}
+
+/// [`cache_over`], the gate's owner being the claimant's `scope`.
+fn cache_over_scoped<B: kvhygiene::backend::Backend + 'static>(
+    backend: std::sync::Arc<B>,
+    sink: Option<std::sync::Arc<dyn kvhygiene::events::EventSink>>,
+    scope: KvGateScope,
+) -> (kvhygiene::alloc::Allocator, std::sync::Arc<B>, KvLayout) {
+    let alloc =
+        kvhygiene::alloc::Allocator::new(backend.clone(), config(KvGateMode::Scrub, scope), sink);
     let len = 2 * BLOCKS * BLOCK;
     let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
     let layout = KvLayout {
@@ -690,11 +696,7 @@ fn x_claims_ws_block_while<R>(
     layout: &KvLayout,
     during: impl FnOnce() -> R,
 ) -> (Result<KvClaimReport, KvClaimError>, R) {
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(backend, layout, 5, 0x77);
+    block_5_written_by(alloc, backend, layout, "t");
     backend.hold(3, true);
     std::thread::scope(|s| {
         let x = s.spawn(|| {
@@ -718,11 +720,7 @@ fn ws_block_held_for_x(
     layout: &KvLayout,
 ) -> Vec<KvLayout> {
     let others = single_block_caches(alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(backend, layout, 5, 0x77);
+    block_5_written_by(alloc, backend, layout, "t");
     backend.hold(3, true);
     others
 }
@@ -774,6 +772,20 @@ fn last_gate_scrub_failed_blocks(f: &Fixture) -> u64 {
         })
         .last()
         .unwrap()
+}
+
+/// Request w of `tenant` claims block 5 (its gate scrub on stream 2) and writes it.
+fn block_5_written_by(
+    alloc: &kvhygiene::alloc::Allocator,
+    backend: &dyn kvhygiene::backend::Backend,
+    layout: &KvLayout,
+    tenant: &str,
+) {
+    as_request(tenant, "w", || {
+        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
+    })
+    .unwrap();
+    held_fill(backend, layout, 5, 0x77);
 }
 
 /// Writes `tag`'s bytes into block `id` of every region, as its holder would.
@@ -974,11 +986,7 @@ fn a_block_withdrawn_because_its_ledger_was_forgotten_is_reported_as_the_counter
     let sink = kvhygiene::events::MemorySink::new();
     let (alloc, backend, layout) = held_cache_into(Some(sink.clone()));
     let others = single_block_caches(&alloc, 64);
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     let gate_records = |sink: &kvhygiene::events::MemorySink| {
         sink.snapshot()
             .into_iter()
@@ -1113,11 +1121,7 @@ fn a_claim_whose_ledger_is_forgotten_while_it_scrubs_is_not_reported_as_taken() 
 #[test]
 fn a_verified_claim_losing_to_a_failed_one_is_not_reported_as_taken() {
     let (alloc, backend, layout) = held_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     backend.hold(3, true);
     backend.hold(4, true);
     let (x, y) = std::thread::scope(|s| {
@@ -2346,11 +2350,7 @@ fn c_claims_block_5_while_held(
 #[test]
 fn a_claim_does_not_get_a_block_a_gate_scrub_begun_for_another_claim_may_still_write() {
     let (alloc, backend, layout) = lazy_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     backend.hold(7, true);
     backend.hold(3, true);
     let (r, ran, survived, b) = std::thread::scope(|s| {
@@ -2396,11 +2396,7 @@ fn two_claims_race(
     who: fn(&str) -> Option<(&'static str, &'static str)>,
 ) -> (KvClaimReport, KvClaimReport, bool) {
     let (alloc, backend, layout) = lazy_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     backend.hold(4, true);
     backend.hold(3, true);
     let claim = |name: &str, stream: u64| {
@@ -2471,11 +2467,7 @@ fn a_gate_scrub_for_an_anonymous_claim_that_lost_the_block_does_not_zero_the_win
 fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_claim() {
     let sink = kvhygiene::events::MemorySink::new();
     let (alloc, backend, layout) = cache_over(lazy::Lazy::new(), Some(sink.clone()));
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     backend.hold(3, true);
     backend.hold(7, true);
     let x = std::thread::scope(|s| {
@@ -2513,11 +2505,7 @@ fn a_claim_overtaken_by_an_engine_scrub_is_not_reported_as_taken_by_another_clai
 #[test]
 fn a_clean_block_claimed_while_an_engine_scrub_is_in_flight_is_not_counted_as_an_owner_change() {
     let (alloc, backend, layout) = lazy_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     let first = alloc
         .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
         .unwrap();
@@ -2673,21 +2661,7 @@ fn held_tenant_cache() -> (
     std::sync::Arc<held::Held>,
     KvLayout,
 ) {
-    let backend = held::Held::new();
-    let alloc = kvhygiene::alloc::Allocator::new(
-        backend.clone(),
-        config(KvGateMode::Scrub, KvGateScope::Tenant),
-        None,
-    );
-    let len = 2 * BLOCKS * BLOCK;
-    let a = alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
-    let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
-        blocks_per_region: BLOCKS,
-    };
-    (alloc, backend, layout)
+    cache_over_scoped(held::Held::new(), None, KvGateScope::Tenant)
 }
 
 /// Tenant scope: block 5 is tenant u's and written. Requests r1 and r2 of tenant t (a shared
@@ -2699,11 +2673,7 @@ fn held_tenant_cache() -> (
 #[test]
 fn a_block_two_requests_of_one_tenant_claim_at_once_counts_one_change_of_owner() {
     let (alloc, backend, layout) = held_tenant_cache();
-    as_request("u", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "u");
     let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
     backend.hold(3, true);
     backend.hold(4, true);
@@ -2753,11 +2723,7 @@ fn held_holds(b: &held::Held, layout: &KvLayout, id: u64, tag: u8) -> bool {
 #[test]
 fn a_claims_scrub_leaves_out_a_block_a_claim_of_the_same_tenant_was_handed_before_its_submission() {
     let (alloc, backend, layout) = held_tenant_cache();
-    as_request("u", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "u");
     backend.hold(7, true);
     backend.out_of_memory(3, true);
     let (x, y) = std::thread::scope(|s| {
@@ -2802,11 +2768,7 @@ fn a_claims_scrub_leaves_out_a_block_a_claim_of_the_same_tenant_was_handed_befor
 fn a_clean_block_scrubbed_because_an_engine_scrub_was_in_flight_is_reported_so_whichever_verdict_lands_first(
 ) {
     let (alloc, backend, layout) = held_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     let first = alloc
         .scrub_kv_blocks(&layout, &[5], 0, StreamHandle(2))
         .unwrap();
@@ -2842,11 +2804,7 @@ fn a_clean_block_scrubbed_because_an_engine_scrub_was_in_flight_is_reported_so_w
 /// either order. Returns x's report and how much `kv_gate_owner_changed_blocks` grew.
 fn x_claims_while_the_engine_scrubs(engine_lands_first: bool) -> (KvClaimReport, u64) {
     let (alloc, backend, layout) = held_cache();
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(&layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(&*backend, &layout, 5, 0x77);
+    block_5_written_by(&alloc, &*backend, &layout, "t");
     let before = alloc.stats().counters.kv_gate_owner_changed_blocks;
     backend.hold(7, true);
     backend.hold(3, true);
@@ -2907,11 +2865,7 @@ fn spawn_x_paused_before_its_submission<'scope>(
     backend: &'scope held::Held,
     layout: &'scope KvLayout,
 ) -> std::thread::ScopedJoinHandle<'scope, Result<KvClaimReport, KvClaimError>> {
-    as_request("t", "w", || {
-        alloc.claim_kv_blocks(layout, &[5], 0, StreamHandle(2))
-    })
-    .unwrap();
-    held_fill(backend, layout, 5, 0x77);
+    block_5_written_by(alloc, backend, layout, "t");
     let other = alloc.malloc(BLOCK as i64, 0, StreamHandle(1)).unwrap();
     backend.hold(8, true);
     alloc.free(other, BLOCK as i64, 0, StreamHandle(8)).unwrap();

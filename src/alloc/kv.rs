@@ -339,6 +339,43 @@ impl KvCall<'_> {
     }
 }
 
+/// A batch of a call's segments, and which of the call's segments they are.
+struct Cut {
+    segments: Vec<ScrubSegment>,
+    places: Places,
+}
+
+/// Which of a call's segments a batch holds, in its order.
+enum Places {
+    /// Consecutive ones, from this index on: every batch of a call that left out no block.
+    Run(usize),
+    /// These.
+    Listed(Vec<usize>),
+}
+
+/// A submitted batch: which of the call's segments it holds, its segment count, its ticket.
+type Submitted = (Places, usize, Box<dyn ScrubTicket>);
+
+/// A judged KV call's counts and records, for [`Allocator::record_kv`].
+struct KvRecords {
+    dev: u32,
+    /// The `kv_verify_failed` records.
+    events: Vec<Event>,
+    /// The `kv_scrub` record, emitted after them.
+    scrubbed: Option<Event>,
+    /// Under `failure_mode = abort`, a failed block: the request whose record the abort names.
+    abort: Option<Context>,
+    /// Blocks the gate's scrub verified clean (`None`: an engine's call).
+    gate_scrubbed: Option<u64>,
+    /// Of those, the blocks another owner held before (not unknown, not dirty only because a
+    /// scrub was in flight): changes of owner the engine's own scrubs missed.
+    gate_owner_changed: Vec<u32>,
+    verified_blocks: u64,
+    verified_segments: u64,
+    verified_bytes: u64,
+    failed_blocks: u64,
+}
+
 impl KvRecords {
     /// Completes the gate scrub's counts and `kv_scrub` record once its verdict was applied
     /// (`changed`: see [`Unapplied`]), with the blocks `withdrawn` before its submission
@@ -378,43 +415,6 @@ impl KvRecords {
             .unknown_owner_blocks
             .saturating_sub(unknown_left_out as u64);
     }
-}
-
-/// A batch of a call's segments, and which of the call's segments they are.
-struct Cut {
-    segments: Vec<ScrubSegment>,
-    places: Places,
-}
-
-/// Which of a call's segments a batch holds, in its order.
-enum Places {
-    /// Consecutive ones, from this index on: every batch of a call that left out no block.
-    Run(usize),
-    /// These.
-    Listed(Vec<usize>),
-}
-
-/// A submitted batch: which of the call's segments it holds, its segment count, its ticket.
-type Submitted = (Places, usize, Box<dyn ScrubTicket>);
-
-/// A judged KV call's counts and records, for [`Allocator::record_kv`].
-struct KvRecords {
-    dev: u32,
-    /// The `kv_verify_failed` records.
-    events: Vec<Event>,
-    /// The `kv_scrub` record, emitted after them.
-    scrubbed: Option<Event>,
-    /// Under `failure_mode = abort`, a failed block: the request whose record the abort names.
-    abort: Option<Context>,
-    /// Blocks the gate's scrub verified clean (`None`: an engine's call).
-    gate_scrubbed: Option<u64>,
-    /// Of those, the blocks another owner held before (not unknown, not dirty only because a
-    /// scrub was in flight): changes of owner the engine's own scrubs missed.
-    gate_owner_changed: Vec<u32>,
-    verified_blocks: u64,
-    verified_segments: u64,
-    verified_bytes: u64,
-    failed_blocks: u64,
 }
 
 /// What was checked and submitted under the pool lock.
@@ -607,7 +607,7 @@ impl Allocator {
     fn launch_kv(
         &self,
         call: &KvCall<'_>,
-        batches: Vec<Cut>,
+        mut batches: Vec<Cut>,
         seen: Option<Generations>,
         same_owners: Option<&[(u64, u64)]>,
     ) -> Result<Launched, KvScrubError> {
@@ -687,7 +687,6 @@ impl Allocator {
             // scrub leaves out the blocks another claim was handed since its claim sorted them.
             // Left out are the blocks `seen` no longer names: withdrawn now, or by an earlier
             // try of the call.
-            let mut batches = batches;
             if let Some(seen) = launched.seen.as_mut() {
                 launched.withdrawn = self.ledgers().mark_in_flight(seen, call.claimant);
                 // Ids are distinct (checked): fewer named means some left out.
