@@ -473,6 +473,39 @@ def file_name(chain: str, index: int) -> str:
     return f"kvh-{chain}-{index:06d}.jsonl"
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def recovery_problem(r: dict, state: dict):
+    """Rule 4 on a `recovery` record: `last_good_seq` and `last_good_hash` name the record just
+    before it or, after a `rotate` record with the recovery's own `ts`, the record before that
+    `rotate`; `torn_sha256`, where present, is 64 lower-case hex digits and the digest of
+    nothing exactly when `torn_bytes` is 0. Returns the problem, or None."""
+    seq, named = r.get("last_good_seq"), r.get("last_good_hash")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return "no last_good_seq"
+    if not isinstance(named, str) or not HEX64.match(named):
+        return "no last_good_hash of 64 hex digits"
+    if seq + 1 == state["seq"]:
+        before = state["prev"]
+    elif state["prev_rotate_ts"] is not None and state["prev_rotate_ts"] == r.get("ts") and seq + 2 == state["seq"]:
+        before = state["before_prev"]  # unknown when the walk began at that rotate
+    else:
+        return f"last_good_seq {seq} is not the record before the recovery"
+    if before is not None and named != before:
+        return f"last_good_hash is not the hash of record {seq}"
+    torn = r.get("torn_bytes")
+    if not isinstance(torn, int) or isinstance(torn, bool):
+        return "no torn_bytes"
+    if "torn_sha256" in r:
+        digest = r["torn_sha256"]
+        if not isinstance(digest, str) or not HEX64.match(digest):
+            return "torn_sha256 is not 64 lower-case hex digits"
+        if (torn == 0) != (digest == EMPTY_SHA256):
+            return f"torn_sha256 does not fit torn_bytes {torn}"
+    return None
+
+
 def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=False, log_dir=None):
     """Verifies one chain per the document; returns a summary dict, raises ChainFailed."""
     ckpt = None
@@ -495,7 +528,8 @@ def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=Fals
             raise ChainFailed("the checkpoint names a key id none of the keys given has")
         secret = named[0]
     state = {"seq": 0, "prev": GENESIS, "prev_file": None, "index": -1, "closed": False, "signer": None,
-             "signer_at_ckpt": "unset", "records": [], "torn": 0, "ckpt_matched": False}
+             "signer_at_ckpt": "unset", "records": [], "torn": 0, "ckpt_matched": False,
+             "before_prev": None, "prev_rotate_ts": None}
     first_index = files[0][0]
     if first_index > 0:
         if not allow_pruned:
@@ -573,6 +607,10 @@ def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=Fals
                     raise ChainFailed(f"{where}: bad rotate link")
             elif kind in ("start", "rotate"):
                 raise ChainFailed(f"{where}: {kind} in the middle of a file")
+            if kind == "recovery":
+                problem = recovery_problem(r, state)
+                if problem:
+                    raise ChainFailed(f"{where}: {problem}")
             if kind in ("start", "recovery", "rotate", "checkpoint") and "signer" in r:
                 state["signer"] = r["signer"]
             if ckpt is not None and ckpt["seq"] == r["seq"]:
@@ -586,7 +624,9 @@ def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=Fals
                 state["closed"] = True
             state["records"].append((name, ln, r))
             state["seq"] += 1
+            state["before_prev"] = state["prev"]
             state["prev"] = h
+            state["prev_rotate_ts"] = r.get("ts") if kind == "rotate" else None
         state["prev_file"] = name
         state["index"] = index
     never_started = (not state["records"] and 0 < state["torn"] <= 64 * 1024
@@ -895,6 +935,80 @@ def test_a_recovered_chain_states_its_torn_bytes_and_last_good_record(rare):
     assert r["last_good_seq"] == records[rec - 1]["seq"] and r["last_good_hash"] == records[rec - 1]["hash"]
     lost = next(r for r in records if r["kind"] == "lost")
     assert lost["records_lost"] >= 1 and sum(lost["lost_kinds"].values()) == lost["records_lost"]
+
+
+def reseal(log: Path, secret: bytes, change):
+    """Rewrites every chain of `log` with `change(record)` applied to each record, then seals
+    again from the first changed record on (hash, prev, mac): a forgery by whoever holds the
+    HMAC secret, which only the chain rules' consistency checks can catch."""
+    for chain, files in list_chains(log).items():
+        prev = GENESIS
+        for index, path in files:
+            parts = path.read_bytes().split(b"\n")
+            torn = parts.pop()
+            out = []
+            for line in parts:
+                r, _ = parse_record_line(line)
+                change(r)
+                r["prev"] = prev
+                body = {k: v for k, v in r.items() if k not in ("hash", "mac")}
+                cbody = canonical(body)
+                h = record_hash(prev, cbody)
+                line = cbody[:-1] + b',"hash":"' + h.encode() + b'"'
+                if "mac" in r:
+                    line += b',"mac":"' + record_mac(secret, index, h).encode() + b'"'
+                out.append(line + b"}")
+                prev = h
+            path.write_bytes(b"".join(x + b"\n" for x in out) + torn)
+
+
+def recovery_forgery(rare, tmp: Path, change):
+    """The rare-kinds log with its `recovery` record changed by `change` and the chain sealed
+    again: (kvh verify-log's exit status and report, the document's verdict)."""
+    log, hk, _, _ = rare
+    forged = tmp / "forged"
+    shutil.copytree(log, forged)
+
+    def on_recovery(r):
+        if r["kind"] == "recovery":
+            change(r)
+
+    reseal(forged, SECRET, on_recovery)
+    code, theirs, rep = verify_log(forged, "--key-file", str(hk))
+    ours = verify_dir(forged, [SECRET])
+    return code, rep, ours
+
+
+def test_resealing_an_unchanged_log_keeps_it_valid(rare, tmp_path):
+    """The forgeries below differ from the real log by their change alone."""
+    code, rep, ours = recovery_forgery(rare, tmp_path, lambda r: None)
+    assert code == 0, rep
+    assert all(ours_ok(v) for v in ours.values()), ours
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda r: r.update(last_good_seq=r["last_good_seq"] - 1), "is not the record before"),
+        (lambda r: r.update(last_good_hash="ab" * 32), "last_good_hash is not the hash"),
+        (lambda r: r.pop("last_good_seq"), "no last_good_seq"),
+        (lambda r: r.pop("torn_bytes"), "no torn_bytes"),
+        (lambda r: r.update(torn_sha256=r["torn_sha256"].upper()), "not 64 lower-case hex"),
+        (lambda r: r.update(torn_sha256=7), "not 64 lower-case hex"),
+        (lambda r: r.update(torn_sha256=EMPTY_SHA256), "does not fit torn_bytes"),
+        (lambda r: r.update(torn_bytes=0), "does not fit torn_bytes 0"),
+    ],
+    ids=["seq-before", "hash-of-another", "no-seq", "no-torn-bytes", "upper-case-digest", "digest-not-a-string",
+         "digest-of-nothing", "no-torn-bytes-but-a-digest"],
+)
+def test_a_resealed_recovery_record_with_false_claims_fails_both_verifiers(rare, tmp_path, change, problem):
+    """Chain rule 4: what a `recovery` record says of the crashed chain must fit the chain."""
+    code, rep, ours = recovery_forgery(rare, tmp_path, change)
+    (res,) = ours.values()
+    assert isinstance(res, str) and problem in res, res
+    assert code == 1, rep
+    (chain,) = rep["chains"]
+    assert chain["problem"] and chain["problem"]["reason"].startswith("recovery record"), chain
 
 
 def test_every_policy_violation_names_a_documented_policy(tmp_path):
