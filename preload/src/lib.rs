@@ -17,6 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
+//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down | always, after that, unless a capture refused the synchronisation |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
 //! under an invalid `KVH_PRELOAD`, whose allocations are refused there as in the parent.
@@ -68,7 +69,7 @@ mod real;
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
+use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, BlockState, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
 use kvhygiene::ffi::{
     is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_process,
@@ -297,6 +298,116 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
     })
 }
 
+// ----- device reset -----------------------------------------------------------------------
+
+/// `cudaDeviceReset`. The reset destroys the current device's primary context, where
+/// kvhygiene's memory, kernels and result buffers live, with every allocation in it. So when
+/// kvhygiene started in this process, the device is first synchronised (as `cudaFree` does),
+/// every block still handed out on it is freed to kvhygiene (the reset frees it: its bytes
+/// are scrubbed like any freed block's), and kvhygiene is shut down as by `kvh_shutdown`:
+/// every freed block is scrubbed and verified, the forensic log gets its `stop` record, the
+/// metrics file its last snapshot. Then the real `cudaDeviceReset` is called.
+///
+/// kvhygiene does not start again in this process (its pools and kernels were in the
+/// destroyed context). Allocations on the reset device are refused from then on with
+/// `cudaErrorCudartUnloading`, also those a pooled block could serve (its memory is gone);
+/// on other devices, as after `kvh_shutdown`, only clean pooled blocks are served, and freed
+/// blocks are no longer scrubbed. The first refusal says why on stderr. Pointers into a reset
+/// device's memory are no longer kvhygiene's: a later free of one goes to the real runtime,
+/// which answers for it. The common use, a reset at the end of `main`, thus leaves nothing
+/// unscrubbed on that device.
+///
+/// A graph capture that refuses the synchronisation is returned, and nothing is reset. A
+/// process where kvhygiene never started, or a forked child, is reset as by the runtime.
+#[no_mangle]
+pub extern "C" fn cudaDeviceReset() -> cudaError_t {
+    boundary(|| {
+        let alloc = (!forked()).then(started_process_allocator).flatten();
+        if let Some(alloc) = alloc {
+            let device = match current_device() {
+                Ok(d) => d,
+                Err(rc) => return rc,
+            };
+            // SAFETY: no arguments; valid at any time (a capture makes it return an error).
+            let synced = unsafe { real::cudaDeviceSynchronize() };
+            if is_capture_error(synced) {
+                return synced;
+            }
+            // From here on the device's memory is as good as gone: no allocation on it is
+            // served, not even a clean pooled block (which a shutdown alone still serves).
+            reset::mark(device);
+            // An earlier asynchronous error does not keep the blocks from their scrub, as in
+            // `free_held`; the reset, which clears such an error, follows.
+            free_before_reset(alloc, device);
+            kvhygiene::ffi::kvh_shutdown();
+        }
+        // SAFETY: no arguments; the runtime's contract.
+        unsafe { real::cudaDeviceReset() }
+    })
+}
+
+/// Frees to kvhygiene every block handed out on `device`, which the reset is about to free,
+/// so that the shutdown that follows scrubs it. A block another thread frees meanwhile is
+/// refused here as a double free would be, and counts once.
+fn free_before_reset(alloc: &Allocator, device: c_int) {
+    let Ok(device) = u32::try_from(device) else {
+        return;
+    };
+    let live = alloc
+        .blocks()
+        .into_iter()
+        .filter(|b| b.device == device && b.state == BlockState::Live);
+    for block in live {
+        let requested = i64::try_from(block.requested).unwrap_or(i64::MAX);
+        let _ = alloc.free(block.addr, requested, device as i32, LEGACY_STREAM);
+    }
+}
+
+/// The devices this process reset while kvhygiene ran: the memory kvhygiene held on them is
+/// gone, and kvhygiene no longer serves anything.
+mod reset {
+    use std::collections::BTreeSet;
+    use std::ffi::c_int;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// Set by the first reset: until then no free pays for the set's lock.
+    static ANY: AtomicBool = AtomicBool::new(false);
+    static DEVICES: Mutex<BTreeSet<c_int>> = Mutex::new(BTreeSet::new());
+    static SAID: AtomicBool = AtomicBool::new(false);
+
+    pub(crate) fn mark(device: c_int) {
+        DEVICES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device);
+        ANY.store(true, Ordering::Release);
+    }
+
+    /// Whether `device` was reset after kvhygiene started.
+    pub(crate) fn was_reset(device: u32) -> bool {
+        ANY.load(Ordering::Acquire)
+            && c_int::try_from(device).is_ok_and(|d| {
+                DEVICES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&d)
+            })
+    }
+
+    /// Says once on stderr why allocations are refused after a reset.
+    pub(crate) fn explain_refusal() {
+        if ANY.load(Ordering::Acquire) && !SAID.swap(true, Ordering::Relaxed) {
+            kvhygiene::stderr_line(
+                "kvhygiene-preload: allocation refused (cudaErrorCudartUnloading): \
+                 cudaDeviceReset destroyed the CUDA context kvhygiene's pools and kernels \
+                 were in, so kvhygiene scrubbed that device's blocks and shut down; it does \
+                 not start again in this process (restart the process to have it)",
+            );
+        }
+    }
+}
+
 /// Runs `f`, a synchronisation the runtime's own call would not make, in the relaxed capture
 /// mode on this thread: under global mode (PyTorch's default) another thread's graph capture
 /// would count it as unsafe and be invalidated. A stream that is itself capturing still
@@ -452,6 +563,10 @@ fn allocate(size: usize, stream: StreamHandle) -> Result<Allocation, cudaError_t
     // More than i64::MAX bytes: no device has them (the runtime says the same).
     let size = i64::try_from(size).map_err(|_| MEMORY_ALLOCATION)?;
     let device = current_device()?;
+    if u32::try_from(device).is_ok_and(reset::was_reset) {
+        reset::explain_refusal();
+        return Err(CUDART_UNLOADING);
+    }
     let alloc = process_allocator().map_err(start_error)?;
     alloc
         .malloc_with_origin(size, device, stream)
@@ -562,7 +677,10 @@ fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
         return None;
     }
     let alloc = started_process_allocator()?;
-    alloc.block_containing(ptr as u64).map(|span| (alloc, span))
+    alloc
+        .block_containing(ptr as u64)
+        .filter(|span| !reset::was_reset(span.device))
+        .map(|span| (alloc, span))
 }
 
 /// Frees a block kvhygiene holds: in stream order (`order`), or, for the synchronous
@@ -674,6 +792,7 @@ fn alloc_error(e: &AllocError) -> cudaError_t {
         AllocError::CaptureActive { .. }
         | AllocError::Backend(BackendError::StreamCapturing { .. }) => STREAM_CAPTURE_UNSUPPORTED,
         AllocError::ShuttingDown | AllocError::Backend(BackendError::ShuttingDown) => {
+            reset::explain_refusal();
             CUDART_UNLOADING
         }
         AllocError::Backend(_) => UNKNOWN,

@@ -254,6 +254,8 @@ real_functions! {
     fn cudaSetDevice(device: c_int);
     /// `cudaError_t cudaDeviceSynchronize(void)`
     fn cudaDeviceSynchronize();
+    /// `cudaError_t cudaDeviceReset(void)`
+    fn cudaDeviceReset();
     /// `cudaError_t cudaStreamSynchronize(cudaStream_t stream)`
     fn cudaStreamSynchronize(stream: cudaStream_t);
     /// `cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *pCaptureStatus)`

@@ -1098,3 +1098,75 @@ fn a_stream_ordered_allocation_on_a_capturing_stream_is_refused_when_kvhygiene_d
         ("captured_is_null", 1),
     ]);
 }
+
+#[test]
+fn without_the_interposer_a_device_reset_destroys_unscrubbed_secrets() {
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset", false, &[]);
+    r.expect(&[
+        ("rc_reset", 0),
+        ("real_resets", 1),
+        ("held_zero", 0),
+        ("freed_zero", 0),
+    ]);
+}
+
+#[test]
+fn a_device_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first() {
+    // The reset destroys the context kvhygiene's pools live in. Before it: the device is
+    // synchronised, the block still handed out and the one freed just before are scrubbed,
+    // and the forensic log is closed with its stop record. After it, the engine's free of a
+    // pointer into the reset memory goes to the runtime, and allocations are refused (NULL),
+    // with the reason on stderr: kvhygiene does not serve out of a destroyed context.
+    let Some(b) = built() else { return };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("preload-reset-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log_dir = dir.to_string_lossy().into_owned();
+    let r = run(b, "device-reset", true, &[("KVH_LOG_DIR", &log_dir)]);
+    r.expect(&[
+        ("rc_malloc_held", 0),
+        ("rc_malloc_freed", 0),
+        ("rc_free_freed", 0),
+        ("rc_reset", 0),
+        ("real_resets", 1),
+        ("synced_for_reset", 1),
+        ("held_zero", 1),
+        ("freed_zero", 1),
+        ("real_frees_after_reset", 1),
+        ("rc_malloc_after_reset", 4),
+        ("after_reset_is_null", 1),
+        ("real_mallocs_after_reset", 0),
+    ]);
+    assert!(r.stderr.contains("cudaDeviceReset"), "{}", r.stderr);
+    let log: String = std::fs::read_dir(&dir)
+        .expect("the log directory")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("a log file"))
+        .collect();
+    let kinds: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split(r#""kind":""#).nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(kinds.last(), Some(&"stop"), "{log}");
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| *k == "invalid_free" || *k == "verify_failed"),
+        "the reset's frees are neither invalid nor failed: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_device_reset_refused_by_a_capture_changes_nothing() {
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset-during-capture", true, &[]);
+    r.expect(&[
+        ("rc_reset", 900),
+        ("real_resets", 0),
+        ("held_kept", 1),
+        ("rc_malloc_after_refused_reset", 0),
+        ("rc_free_held", 0),
+        ("rc_free_again", 0),
+    ]);
+}

@@ -153,6 +153,16 @@ int cudaDeviceSynchronize(void) {
     return sync_error;
 }
 
+// Counted only: the real reset destroys the device's context and every allocation in it,
+// kvhygiene's included; these stand-ins keep the memory readable, so a test can see what the
+// reset would have destroyed.
+int cudaDeviceReset(void) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaDeviceReset");
+    if (any_capturing()) return CAPTURE_UNSUPPORTED;
+    return 0;
+}
+
 // The calling thread's capture mode (0 global, 1 thread-local, 2 relaxed), swapped by
 // cudaThreadExchangeStreamCaptureMode.
 thread_local int capture_mode = 0;

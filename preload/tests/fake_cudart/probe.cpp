@@ -9,7 +9,8 @@
 //        fork-during-symbol-report | shutdown-before-start | fork-after-c-api-start |
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
-//        forwarded-allocation-without-real-function | captured-allocation
+//        forwarded-allocation-without-real-function | captured-allocation | device-reset |
+//        device-reset-during-capture
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -42,6 +43,7 @@ int cudaSetDevice(int d);
 int cudaGetDevice(int* d);
 int cudaStreamCreate(cudaStream_t* s);
 int cudaStreamDestroy(cudaStream_t s);
+int cudaDeviceReset(void);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
 void fake_cudart_fail_syncs(int rc);
@@ -884,6 +886,58 @@ static int scenario_captured_allocation() {
     return 0;
 }
 
+// cudaDeviceReset at the end of an engine's run: one block still allocated and one freed
+// just before, both holding a secret; then what the engine's later calls get.
+static int scenario_device_reset() {
+    const size_t N = 4096;
+    void* held = nullptr;
+    out("rc_malloc_held", cudaMalloc(&held, N));
+    if (held) fill_secret(held, N);
+    void* freed = nullptr;
+    out("rc_malloc_freed", cudaMalloc(&freed, N));
+    if (freed) fill_secret(freed, N);
+    out("rc_free_freed", cudaFree(freed));
+    int syncs = fake_cudart_calls("cudaDeviceSynchronize");
+    out("rc_reset", cudaDeviceReset());
+    out("real_resets", fake_cudart_calls("cudaDeviceReset"));
+    out("synced_for_reset", fake_cudart_calls("cudaDeviceSynchronize") > syncs);
+    // What the reset would have destroyed (the stand-ins keep it readable).
+    out("held_zero", all_zero(held, N));
+    out("freed_zero", all_zero(freed, N));
+    int frees = fake_cudart_calls("cudaFree");
+    out("rc_free_held_after_reset", cudaFree(held));
+    out("real_frees_after_reset", fake_cudart_calls("cudaFree") - frees);
+    int mallocs = fake_cudart_calls("cudaMalloc");
+    void* again = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc_after_reset", cudaMalloc(&again, N));
+    out("after_reset_is_null", again == nullptr);
+    out("real_mallocs_after_reset", fake_cudart_calls("cudaMalloc") - mallocs);
+    out("done", 1);
+    return 0;
+}
+
+// cudaDeviceReset refused by a graph capture under way: nothing of kvhygiene's changes.
+static int scenario_device_reset_during_capture() {
+    const size_t N = 4096;
+    void* held = nullptr;
+    out("rc_malloc_held", cudaMalloc(&held, N));
+    if (held) fill_secret(held, N);
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    fake_cudart_set_capturing(s, 1);
+    out("rc_reset", cudaDeviceReset());
+    out("real_resets", fake_cudart_calls("cudaDeviceReset"));
+    fake_cudart_set_capturing(s, 0);
+    out("held_kept", holds_secret(held, N));
+    void* again = nullptr;
+    out("rc_malloc_after_refused_reset", cudaMalloc(&again, N));
+    out("rc_free_held", cudaFree(held));
+    out("rc_free_again", cudaFree(again));
+    cudaStreamDestroy(s);
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -908,6 +962,8 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "forwarded-allocation-without-real-function") == 0)
         return scenario_forwarded_allocation_without_real_function();
     if (std::strcmp(which, "captured-allocation") == 0) return scenario_captured_allocation();
+    if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset();
+    if (std::strcmp(which, "device-reset-during-capture") == 0) return scenario_device_reset_during_capture();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }
