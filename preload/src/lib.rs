@@ -315,7 +315,8 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// blocks are no longer scrubbed. The first refusal says why on stderr. Pointers into a reset
 /// device's memory are no longer kvhygiene's: a later free of one goes to the real runtime,
 /// which answers for it. The common use, a reset at the end of `main`, thus leaves nothing
-/// unscrubbed on that device.
+/// unscrubbed on that device. The shutdown is process-wide: a later reset of another device
+/// finds kvhygiene down, and its blocks still handed out are not scrubbed (as at exit).
 ///
 /// A graph capture that refuses the synchronisation is returned, and nothing is reset. A
 /// process where kvhygiene never started, or a forked child, is reset as by the runtime.
