@@ -917,3 +917,20 @@ fn a_key_under_a_table_after_a_byte_order_mark_gets_no_suggested_line() {
         "a line is suggested for a key under [extra]: {err}"
     );
 }
+
+/// `--file` with a blank path is a usage error about `--file`: the message names the option
+/// the user gave, not `KVH_CONFIG`, which was not set (and which the message would tell the
+/// user to unset).
+#[test]
+fn a_blank_file_argument_is_refused_naming_the_option() {
+    let (code, out, err) = run(config(&["--file", "  "]).env_remove("KVH_CONFIG"));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("--file"),
+        "the error does not name --file, the input given:\n{err}"
+    );
+    assert!(
+        !err.contains("KVH_CONFIG:"),
+        "the error blames KVH_CONFIG, which is not set:\n{err}"
+    );
+}

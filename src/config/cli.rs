@@ -23,8 +23,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{
-    env_vars, Config, FsyncPolicy, KvGateMode, KvGateScope, PreloadSwitch, Setting, Source,
-    TenantIsolation, PRELOAD_ENV,
+    env_vars, Config, ConfigError, FsyncPolicy, KvGateMode, KvGateScope, PreloadSwitch, Setting,
+    Source, TenantIsolation, BLANK_POLICY_PATH, PRELOAD_ENV,
 };
 use crate::forensic::config_digest;
 use crate::forensic::keys::{secret_len, MAX_SECRET_LEN, MIN_SECRET_LEN};
@@ -341,7 +341,19 @@ pub fn report(args: &ConfigArgs) -> Result<Report, String> {
             Some(path.display().to_string()),
             HmacSecret::NotInEnvironment,
             None,
-            Config::explain_file(path),
+            Config::explain_file(path).map_err(|e| match e {
+                // The blank path, in the terms of the command line the user typed.
+                ConfigError::Invalid {
+                    key,
+                    value,
+                    expected,
+                } if key == BLANK_POLICY_PATH => ConfigError::Invalid {
+                    key: "--file".into(),
+                    value,
+                    expected,
+                },
+                other => other,
+            }),
         ),
         None => {
             let vars = env_vars().map_err(|e| e.to_string())?;

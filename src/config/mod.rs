@@ -785,6 +785,9 @@ pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
     Ok(vars)
 }
 
+/// The key [`Config::explain_file`]'s error names for a blank path.
+pub(crate) const BLANK_POLICY_PATH: &str = "the policy file's path";
+
 impl Config {
     /// The policy of this process: `KVH_CONFIG`'s file (if set), then `KVH_*` variables.
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -820,6 +823,15 @@ impl Config {
             path: path.display().to_string(),
             message: "the path is not UTF-8 (KVH_CONFIG could not name it)".into(),
         })?;
+        // Refused here: the loading below would blame `KVH_CONFIG`, which the caller did not
+        // set.
+        if name.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: BLANK_POLICY_PATH.into(),
+                value: name.to_string(),
+                expected: "the path of a TOML policy file",
+            });
+        }
         Config::explain(&[("KVH_CONFIG".to_string(), name.to_string())])
     }
 
