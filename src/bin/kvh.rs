@@ -450,7 +450,8 @@ struct DemoArgs {
     /// verification catch both (host backend only). Its failures are logged only into a
     /// directory of its own given with --log-dir: with a log directory from the policy
     /// (KVH_LOG_DIR, which may be a running server's audit log) and no --log-dir, or a
-    /// --log-dir that is that directory, the drill is refused.
+    /// --log-dir that is that directory, the drill is refused. Under KVH_FAILURE_MODE=abort
+    /// the first sabotage caught aborts the demo (status 134), as that policy says.
     #[arg(long)]
     inject_fault: bool,
     /// Memory backend; overrides KVH_BACKEND. `auto` uses CUDA when a driver is installed.
