@@ -25,7 +25,8 @@
 //! is not interposed and reaches the runtime directly; ARCHITECTURE.md says why.
 //!
 //! Rules every export keeps:
-//! - One panic boundary each: a panic returns `cudaErrorUnknown`, never unwinds into C.
+//! - One panic boundary each: a panic returns `cudaErrorUnknown` (an allocation's output
+//!   pointer NULL, as for every failed allocation), never unwinds into C.
 //! - A pointer kvhygiene does not hold is never handed to it, and one it holds is never
 //!   handed to the real runtime: the block table decides
 //!   ([`kvhygiene::alloc::Allocator::block_containing`]), so double and interior frees of
@@ -92,6 +93,20 @@ fn boundary(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(UNKNOWN)
 }
 
+/// Runs one allocation export as a panic boundary: a panic fails the allocation as every
+/// other failure does, with NULL in `dev_ptr` (an engine that checks the pointer rather than
+/// the code must not use what it held before).
+///
+/// Contract (the export's): `dev_ptr` is NULL or valid for one pointer write.
+fn allocation_boundary(dev_ptr: *mut *mut c_void, f: impl FnOnce() -> cudaError_t) -> cudaError_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(rc) => rc,
+        Err(_) if dev_ptr.is_null() => UNKNOWN,
+        // SAFETY: `dev_ptr` is non-null and valid for one pointer write (the contract).
+        Err(_) => unsafe { store(dev_ptr, Err(UNKNOWN)) },
+    }
+}
+
 // ----- allocation -------------------------------------------------------------------------
 
 /// `cudaMalloc`: `size` bytes of device memory on the current device, every byte zero.
@@ -103,7 +118,7 @@ fn boundary(f: impl FnOnce() -> cudaError_t) -> cudaError_t {
 /// Contract (the runtime's): `dev_ptr` is NULL or valid for one pointer write.
 #[no_mangle]
 pub extern "C" fn cudaMalloc(dev_ptr: *mut *mut c_void, size: usize) -> cudaError_t {
-    boundary(|| match route() {
+    allocation_boundary(dev_ptr, || match route() {
         Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => forwarded(dev_ptr, unsafe { real::cudaMalloc(dev_ptr, size) }),
@@ -130,7 +145,7 @@ pub extern "C" fn cudaMallocPitch(
     width: usize,
     height: usize,
 ) -> cudaError_t {
-    boundary(|| match route() {
+    allocation_boundary(dev_ptr, || match route() {
         Mode::Refuse => refused(dev_ptr),
         // SAFETY: the caller's arguments, passed on unchanged under the same contract.
         Mode::Forward => forwarded(dev_ptr, unsafe {
@@ -183,7 +198,9 @@ pub extern "C" fn cudaMallocAsync(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| malloc_async(dev_ptr, size, stream, false, real::cudaMallocAsync))
+    allocation_boundary(dev_ptr, || {
+        malloc_async(dev_ptr, size, stream, false, real::cudaMallocAsync)
+    })
 }
 
 /// `cudaMallocAsync` as compiled with `--default-stream per-thread`: stream 0 is the
@@ -194,7 +211,9 @@ pub extern "C" fn cudaMallocAsync_ptsz(
     size: usize,
     stream: cudaStream_t,
 ) -> cudaError_t {
-    boundary(|| malloc_async(dev_ptr, size, stream, true, real::cudaMallocAsync_ptsz))
+    allocation_boundary(dev_ptr, || {
+        malloc_async(dev_ptr, size, stream, true, real::cudaMallocAsync_ptsz)
+    })
 }
 
 /// The real `cudaMallocAsync` or its `_ptsz` form.
@@ -821,6 +840,17 @@ mod tests {
         assert_eq!(alloc_error(&AllocError::ShuttingDown), CUDART_UNLOADING);
         let other = AllocError::Backend(BackendError::Other("driver".into()));
         assert_eq!(alloc_error(&other), UNKNOWN);
+    }
+
+    #[test]
+    fn a_panic_in_an_allocation_export_leaves_null() {
+        let mut out = 0x1234usize as *mut c_void;
+        let rc = allocation_boundary(&mut out, || panic!("a bug"));
+        assert_eq!((rc, out), (UNKNOWN, std::ptr::null_mut()));
+        assert_eq!(
+            allocation_boundary(std::ptr::null_mut(), || panic!("a bug")),
+            UNKNOWN
+        );
     }
 
     #[test]
