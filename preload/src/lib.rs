@@ -70,7 +70,7 @@ mod real;
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, BlockState, FreeError};
+use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
 use kvhygiene::backend::{BackendError, StreamHandle};
 use kvhygiene::ffi::{
     is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_process,
@@ -322,20 +322,24 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// `cudaDeviceReset`. The reset destroys the current device's primary context, where
 /// kvhygiene's memory, kernels and result buffers live, with every allocation in it. So when
 /// kvhygiene started in this process, the device is first synchronised (as `cudaFree` does),
-/// every block still handed out on it is freed to kvhygiene (the reset frees it: its bytes
-/// are scrubbed like any freed block's), and kvhygiene is shut down as by `kvh_shutdown`:
-/// every freed block is scrubbed and verified, the forensic log gets its `stop` record, the
-/// metrics file its last snapshot. Then the real `cudaDeviceReset` is called.
+/// then `Allocator::reset_device` marks it (no allocation on it is served from then on, not
+/// even a clean pooled block, whose memory goes with the reset) and frees to kvhygiene every
+/// block still handed out on it (the reset frees it: its bytes are scrubbed like any freed
+/// block's), and kvhygiene is shut down as by `kvh_shutdown`: every freed block is scrubbed
+/// and verified, the forensic log gets its `stop` record, the metrics file its last
+/// snapshot. Then the real `cudaDeviceReset` is called.
 ///
 /// kvhygiene does not start again in this process (its pools and kernels were in the
 /// destroyed context). Allocations on the reset device are refused from then on with
-/// `cudaErrorCudartUnloading`, also those a pooled block could serve (its memory is gone);
-/// on other devices, as after `kvh_shutdown`, only clean pooled blocks are served, and freed
-/// blocks are no longer scrubbed. The first refusal says why on stderr. Pointers into a reset
-/// device's memory are no longer kvhygiene's: a later free of one goes to the real runtime,
-/// which answers for it. The common use, a reset at the end of `main`, thus leaves nothing
-/// unscrubbed on that device. The shutdown is process-wide: a later reset of another device
-/// finds kvhygiene down, and its blocks still handed out are not scrubbed (as at exit).
+/// `cudaErrorCudartUnloading` (`KVH_ERR_SHUTTING_DOWN` through `kvh_malloc`), a captured
+/// `cudaMallocAsync` included; on other devices, as after `kvh_shutdown`, only clean pooled
+/// blocks are served, and freed blocks are no longer scrubbed. The first refusal says why on
+/// stderr. Pointers into a reset device's memory are no longer kvhygiene's: a later
+/// `cudaFree` of one goes to the real runtime, which answers for it (the address may hold
+/// the runtime's memory by then), and a `kvh_free` into that device does nothing. The
+/// common use, a reset at the end of `main`, thus leaves nothing unscrubbed on that device.
+/// The shutdown is process-wide: a later reset of another device finds kvhygiene down, and
+/// its blocks still handed out are not scrubbed (as at exit).
 ///
 /// A graph capture that refuses the synchronisation is returned, and nothing is reset. A
 /// process where kvhygiene never started, or a forked child, is reset as by the runtime.
@@ -353,66 +357,31 @@ pub extern "C" fn cudaDeviceReset() -> cudaError_t {
             if is_capture_error(synced) {
                 return synced;
             }
-            // From here on the device's memory is as good as gone: no allocation on it is
-            // served, not even a clean pooled block (which a shutdown alone still serves).
-            reset::mark(device);
-            // An earlier asynchronous error does not keep the blocks from their scrub, as in
-            // `free_held`; the reset, which clears such an error, follows.
-            free_before_reset(alloc, device);
+            // From here on nothing of the device's memory is handed out, not even a clean
+            // pooled block; the blocks still handed out are freed (an earlier asynchronous
+            // error does not keep them from their scrub, as in `free_held`; the reset, which
+            // clears such an error, follows) and scrubbed by the shutdown.
+            if let Ok(device) = u32::try_from(device) {
+                alloc.reset_device(device);
+            }
             kvhygiene::ffi::kvh_shutdown();
+            reset::note();
         }
         // SAFETY: no arguments; the runtime's contract.
         unsafe { real::cudaDeviceReset() }
     })
 }
 
-/// Frees to kvhygiene every block handed out on `device`, which the reset is about to free,
-/// so that the shutdown that follows scrubs it. A block another thread frees meanwhile is
-/// refused here as a double free would be, and counts once.
-fn free_before_reset(alloc: &Allocator, device: c_int) {
-    let Ok(device) = u32::try_from(device) else {
-        return;
-    };
-    let live = alloc
-        .blocks()
-        .into_iter()
-        .filter(|b| b.device == device && b.state == BlockState::Live);
-    for block in live {
-        let requested = i64::try_from(block.requested).unwrap_or(i64::MAX);
-        let _ = alloc.free(block.addr, requested, device as i32, LEGACY_STREAM);
-    }
-}
-
-/// The devices this process reset while kvhygiene ran: the memory kvhygiene held on them is
-/// gone, and kvhygiene no longer serves anything.
+/// Whether this process reset a device while kvhygiene ran (`Allocator::device_was_reset`
+/// says which), for the one line that explains the refusals that follow.
 mod reset {
-    use std::collections::BTreeSet;
-    use std::ffi::c_int;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
 
-    /// Set by the first reset: until then no free pays for the set's lock.
     static ANY: AtomicBool = AtomicBool::new(false);
-    static DEVICES: Mutex<BTreeSet<c_int>> = Mutex::new(BTreeSet::new());
     static SAID: AtomicBool = AtomicBool::new(false);
 
-    pub(crate) fn mark(device: c_int) {
-        DEVICES
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(device);
+    pub(crate) fn note() {
         ANY.store(true, Ordering::Release);
-    }
-
-    /// Whether `device` was reset after kvhygiene started.
-    pub(crate) fn was_reset(device: u32) -> bool {
-        ANY.load(Ordering::Acquire)
-            && c_int::try_from(device).is_ok_and(|d| {
-                DEVICES
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&d)
-            })
     }
 
     /// Says once on stderr why allocations are refused after a reset.
@@ -559,10 +528,14 @@ fn serve_async(
         Ok(true) => {
             // Forwarded only by a kvhygiene that runs: one that did not start, or cannot,
             // refuses it as every other allocation, and says why, rather than hand out
-            // runtime memory unprotected. SAFETY: as above.
-            return match started_beside_a_capture() {
+            // runtime memory unprotected; so is one on a device the process reset, whose
+            // allocations are all refused. SAFETY: as above.
+            let allowed = started_beside_a_capture()
+                .map_err(start_error)
+                .and_then(|()| on_a_device_not_reset());
+            return match allowed {
                 Ok(()) => forward(),
-                Err(code) => unsafe { store(dev_ptr, Err(start_error(code))) },
+                Err(rc) => unsafe { store(dev_ptr, Err(rc)) },
             };
         }
         Ok(false) => {}
@@ -583,10 +556,6 @@ fn allocate(size: usize, stream: StreamHandle) -> Result<Allocation, cudaError_t
     // More than i64::MAX bytes: no device has them (the runtime says the same).
     let size = i64::try_from(size).map_err(|_| MEMORY_ALLOCATION)?;
     let device = current_device()?;
-    if u32::try_from(device).is_ok_and(reset::was_reset) {
-        reset::explain_refusal();
-        return Err(CUDART_UNLOADING);
-    }
     let alloc = process_allocator().map_err(start_error)?;
     alloc
         .malloc_with_origin(size, device, stream)
@@ -603,6 +572,20 @@ fn started_beside_a_capture() -> Result<(), kvh_result> {
         SUCCESS
     });
     started
+}
+
+/// `Err(cudaErrorCudartUnloading)` when the current device is one the process reset while
+/// kvhygiene ran (said once on stderr); the runtime's error when there is no current device.
+fn on_a_device_not_reset() -> Result<(), cudaError_t> {
+    let device = current_device()?;
+    let reset = started_process_allocator()
+        .zip(u32::try_from(device).ok())
+        .is_some_and(|(alloc, d)| alloc.device_was_reset(d));
+    if reset {
+        reset::explain_refusal();
+        return Err(CUDART_UNLOADING);
+    }
+    Ok(())
 }
 
 /// What an allocation gets when kvhygiene did not start (code `kvh_init` returns): after a
@@ -699,7 +682,8 @@ fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
     let alloc = started_process_allocator()?;
     alloc
         .block_containing(ptr as u64)
-        .filter(|span| !reset::was_reset(span.device))
+        // The reset freed it: what is at that address now is the runtime's.
+        .filter(|span| !alloc.device_was_reset(span.device))
         .map(|span| (alloc, span))
 }
 
@@ -811,7 +795,9 @@ fn alloc_error(e: &AllocError) -> cudaError_t {
         }
         AllocError::CaptureActive { .. }
         | AllocError::Backend(BackendError::StreamCapturing { .. }) => STREAM_CAPTURE_UNSUPPORTED,
-        AllocError::ShuttingDown | AllocError::Backend(BackendError::ShuttingDown) => {
+        AllocError::ShuttingDown
+        | AllocError::DeviceReset { .. }
+        | AllocError::Backend(BackendError::ShuttingDown) => {
             reset::explain_refusal();
             CUDART_UNLOADING
         }

@@ -1170,3 +1170,45 @@ fn a_device_reset_refused_by_a_capture_changes_nothing() {
         ("rc_free_again", 0),
     ]);
 }
+
+#[test]
+fn after_a_device_reset_the_c_api_hands_out_nothing_of_the_reset_device() {
+    // kvh_malloc, exported by the same library, allocates from the same pools: a clean pooled
+    // block of the reset device is memory the reset destroyed, and is not handed out.
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset-c-api-malloc", true, &[("KVH_OOM", "null")]);
+    r.expect(&[
+        ("rc_malloc_pooled", 0),
+        ("rc_free_pooled", 0),
+        ("rc_reset", 0),
+        ("c_api_after_reset_is_reset_block", 0),
+        ("c_api_after_reset_is_null", 1),
+    ]);
+}
+
+#[test]
+fn after_a_device_reset_a_captured_allocation_on_that_device_is_refused() {
+    // docs/cuda.md: allocations on the reset device are refused with cudaErrorCudartUnloading
+    // and a NULL pointer; nothing reaches the runtime.
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset-then-captured-allocation", true, &[]);
+    r.expect(&[
+        ("rc_reset", 0),
+        ("rc_malloc_captured_after_reset", 4),
+        ("captured_after_reset_forwarded", 0),
+        ("captured_after_reset_is_null", 1),
+    ]);
+}
+
+#[test]
+fn after_a_device_reset_the_c_api_free_of_a_block_the_reset_freed_is_no_invalid_free() {
+    // The reset freed the block to kvhygiene itself; the engine's own free of it afterwards is
+    // not a double free of the engine's (as a cudaFree of it, which goes to the runtime).
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset-c-api-free", true, &[("KVH_OOM", "null")]);
+    r.expect(&[
+        ("c_api_malloc_ok", 1),
+        ("rc_reset", 0),
+        ("kvh_invalid_frees", 0),
+    ]);
+}

@@ -51,6 +51,11 @@ pub enum AllocError {
     CaptureActive { stream: u64, size: u64 },
     #[error("the allocator is shutting down")]
     ShuttingDown,
+    #[error(
+        "device {device} was reset (cudaDeviceReset): the memory kvhygiene held there is \
+         gone, and it serves no allocation on that device in this process any more"
+    )]
+    DeviceReset { device: u32 },
     #[error("backend error: {0}")]
     Backend(BackendError),
 }
@@ -110,6 +115,9 @@ struct Inner {
     async_error: Mutex<Option<String>>,
     /// Exit (or `shutdown`) has begun; shared with each pool, which submits nothing after.
     shutting_down: Arc<AtomicBool>,
+    /// Per device: the process reset its context (`Allocator::reset_device`), and every
+    /// allocation in it is gone. Set under the device's pool lock.
+    reset: Box<[AtomicBool]>,
     /// The eviction gate's ledgers of paged KV caches (`kv_gate.rs`).
     kv_ledgers: Mutex<kv_gate::Ledgers>,
     /// KV scrub batches submitted and not yet waited for, on every device: each holds a batch
@@ -198,9 +206,10 @@ impl Allocator {
         // Every call the pool makes to the backend returns, a panic included (`panic_safe`).
         let backend: Arc<dyn Backend> = Arc::new(panic_safe::PanicSafe(backend));
         let shutting_down = Arc::new(AtomicBool::new(false));
-        let pools = (0..backend.device_count())
+        let pools: Box<[_]> = (0..backend.device_count())
             .map(|d| Mutex::new(DevicePool::new(d, shutting_down.clone())))
             .collect();
+        let reset = pools.iter().map(|_| AtomicBool::new(false)).collect();
         let inner = Arc::new(Inner {
             backend,
             config,
@@ -210,6 +219,7 @@ impl Allocator {
             next_seq: AtomicU64::new(1),
             async_error: Mutex::new(None),
             shutting_down,
+            reset,
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
             kv_batches_in_flight: AtomicU64::new(0),
             started_at: crate::stats::unix_seconds(std::time::SystemTime::now()),
@@ -252,15 +262,32 @@ impl Allocator {
             .filter(|&s| s > 0)
             .ok_or(AllocError::InvalidSize(size))?;
         let dev = self.device_index(device)?;
+        self.refuse_if_reset(dev)?;
         let class = SizeClass::of(size).ok_or(AllocError::OutOfMemory { size, device: dev })?;
         let ctx = Context::current();
         let isolation = self.inner.config.tenant_isolation;
         let key = FreeKey::new(class, &ctx, isolation);
-        // Hot path: one lock, one free-list pop.
-        if let Some(addr) = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation) {
-            return Ok(Allocation { addr, fresh: false });
+        // Hot path: one lock, one free-list pop (the lock is released at the end of this
+        // statement, before the slow path takes it again).
+        let hit = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation);
+        let got = match hit {
+            Some(addr) => Allocation { addr, fresh: false },
+            None => self.malloc_slow(size, dev, class, key, ctx, stream)?,
+        };
+        // A reset of the device that began after the check above (its mark is set under the
+        // pool lock, so one made before this call's pop is seen here): the memory goes with
+        // the reset. The block stays LIVE, held by no one, and is never touched again.
+        self.refuse_if_reset(dev)?;
+        Ok(got)
+    }
+
+    /// [`AllocError::DeviceReset`] once `reset_device(dev)` has begun.
+    #[inline]
+    fn refuse_if_reset(&self, dev: u32) -> Result<(), AllocError> {
+        match self.device_was_reset(dev) {
+            true => Err(AllocError::DeviceReset { device: dev }),
+            false => Ok(()),
         }
-        self.malloc_slow(size, dev, class, key, ctx, stream)
     }
 
     #[cold]
@@ -459,7 +486,8 @@ impl Allocator {
     // ----- free -----------------------------------------------------------------------------
 
     /// Frees `ptr`. Never waits: the scrub is batched. `size` is checked against the block
-    /// table, never trusted. `ptr == 0` is a no-op.
+    /// table, never trusted. `ptr == 0` is a no-op, as is a free into a device whose context
+    /// the process reset ([`Allocator::reset_device`]: the reset freed every block there).
     pub fn free(
         &self,
         ptr: u64,
@@ -467,6 +495,9 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
+        if self.free_into_reset_device(device) {
+            return Ok(FreeReport::default());
+        }
         self.free_inner(ptr, size, device, stream, false)
             .map(|(report, _)| report)
     }
@@ -482,6 +513,9 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
+        if self.free_into_reset_device(device) {
+            return Ok(FreeReport::default());
+        }
         let (report, freed) = self.free_inner(ptr, size, device, stream, true)?;
         let Some((dev, seq)) = freed else {
             return Ok(report);
@@ -692,6 +726,57 @@ impl Allocator {
         if let Some(payload) = first {
             std::panic::resume_unwind(payload);
         }
+    }
+
+    // ----- device reset ----------------------------------------------------------------------
+
+    /// The process is about to reset `device`'s context (`cudaDeviceReset`), which frees
+    /// every allocation in it. From now on no allocation on `device` is served, not even a
+    /// clean pooled block (its memory goes with the reset), and a free into it is accepted
+    /// and does nothing (the reset freed the block, and its bytes were scrubbed here). Every
+    /// block still LIVE on `device` is freed now, so that its scrub runs before the reset:
+    /// at the next flush, or at the `shutdown` the caller makes next. Returns how many.
+    ///
+    /// The caller synchronises the device first, as the free of each block would, and
+    /// shuts the allocator down before the reset: the backend's module and buffers are in
+    /// the context the reset destroys, so no backend call may follow it. An invalid device
+    /// frees nothing.
+    pub fn reset_device(&self, device: u32) -> usize {
+        let Some(flag) = self.inner.reset.get(device as usize) else {
+            return 0;
+        };
+        // Under the pool lock: a pop made after it sees the mark (`malloc_with_origin`).
+        let live: Vec<BlockInfo> = {
+            let pool = self.pool(device);
+            flag.store(true, Ordering::SeqCst);
+            pool.blocks()
+                .filter(|b| b.state == BlockState::Live)
+                .map(BlockInfo::from)
+                .collect()
+        };
+        let requested = |b: &BlockInfo| i64::try_from(b.requested).unwrap_or(i64::MAX);
+        live.iter()
+            .filter(|b| {
+                // The engine's free of it, made meanwhile, did nothing: this one is needed.
+                self.free_inner(b.addr, requested(b), device as i32, StreamHandle(0), false)
+                    .is_ok()
+            })
+            .count()
+    }
+
+    /// Whether [`Allocator::reset_device`] was called for `device`.
+    #[inline]
+    pub fn device_was_reset(&self, device: u32) -> bool {
+        self.inner
+            .reset
+            .get(device as usize)
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// A free that names a device the process reset: it does nothing.
+    #[inline]
+    fn free_into_reset_device(&self, device: i32) -> bool {
+        u32::try_from(device).is_ok_and(|d| self.device_was_reset(d))
     }
 
     // ----- whole-pool operations ------------------------------------------------------------

@@ -152,7 +152,7 @@ impl From<&crate::alloc::AllocError> for kvh_result {
             E::InvalidDevice { .. } => KVH_ERR_INVALID_DEVICE,
             E::OutOfMemory { .. } => KVH_ERR_OUT_OF_MEMORY,
             E::CaptureActive { .. } => KVH_ERR_CAPTURE_ACTIVE,
-            E::ShuttingDown => KVH_ERR_SHUTTING_DOWN,
+            E::ShuttingDown | E::DeviceReset { .. } => KVH_ERR_SHUTTING_DOWN,
             E::Backend(crate::backend::BackendError::StreamCapturing { .. }) => {
                 KVH_ERR_CAPTURE_ACTIVE
             }

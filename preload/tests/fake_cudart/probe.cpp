@@ -10,7 +10,8 @@
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
 //        forwarded-allocation-without-real-function | captured-allocation | device-reset |
-//        device-reset-during-capture
+//        device-reset-during-capture | device-reset-c-api-malloc |
+//        device-reset-then-captured-allocation | device-reset-c-api-free
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -938,6 +939,64 @@ static int scenario_device_reset_during_capture() {
     return 0;
 }
 
+// kvhygiene's C API allocation after cudaDeviceReset: a block freed and scrubbed before the
+// reset is clean in kvhygiene's pool; kvh_malloc on the reset device, afterwards, asks for
+// the same size (the run sets KVH_OOM=null, so a refusal is a NULL pointer).
+static int scenario_device_reset_c_api_malloc() {
+    typedef void* (*kvh_malloc_fn)(long, int, void*);
+    kvh_malloc_fn kmalloc = reinterpret_cast<kvh_malloc_fn>(dlsym(RTLD_DEFAULT, "kvh_malloc"));
+    const size_t N = 4096;
+    void* pooled = nullptr;
+    out("rc_malloc_pooled", cudaMalloc(&pooled, N));
+    out("rc_free_pooled", cudaFree(pooled));
+    kvh_sync();
+    out("rc_reset", cudaDeviceReset());
+    void* again = kmalloc ? kmalloc(long(N), 0, nullptr) : nullptr;
+    out("c_api_after_reset_is_null", again == nullptr);
+    out("c_api_after_reset_is_reset_block", again != nullptr && again == pooled);
+    out("done", 1);
+    return 0;
+}
+
+// A stream-ordered allocation on a stream capturing a CUDA graph, on the device reset just
+// before: the output pointer starts non-NULL, and what reached the runtime is counted.
+static int scenario_device_reset_then_captured_allocation() {
+    void* p = nullptr;
+    out("rc_malloc", cudaMalloc(&p, 4096));
+    out("rc_free", cudaFree(p));
+    out("rc_reset", cudaDeviceReset());
+    cudaStream_t s = nullptr;
+    out("rc_stream_create", cudaStreamCreate(&s));
+    fake_cudart_set_capturing(s, 1);
+    int real_mallocs = fake_cudart_calls("cudaMallocAsync");
+    void* g = reinterpret_cast<void*>(uintptr_t(0x1234));
+    out("rc_malloc_captured_after_reset", cudaMallocAsync(&g, 4096, s));
+    out("captured_after_reset_forwarded", fake_cudart_calls("cudaMallocAsync") - real_mallocs);
+    out("captured_after_reset_is_null", g == nullptr);
+    fake_cudart_set_capturing(s, 0);
+    if (g != nullptr && g != reinterpret_cast<void*>(uintptr_t(0x1234))) cudaFreeAsync(g, s);
+    cudaStreamDestroy(s);
+    out("done", 1);
+    return 0;
+}
+
+// kvhygiene's C API free, after cudaDeviceReset, of a block it allocated before the reset on
+// the reset device (the reset itself freed it to kvhygiene).
+static int scenario_device_reset_c_api_free() {
+    typedef void* (*kvh_malloc_fn)(long, int, void*);
+    typedef void (*kvh_free_fn)(void*, long, int, void*);
+    kvh_malloc_fn kmalloc = reinterpret_cast<kvh_malloc_fn>(dlsym(RTLD_DEFAULT, "kvh_malloc"));
+    kvh_free_fn kfree = reinterpret_cast<kvh_free_fn>(dlsym(RTLD_DEFAULT, "kvh_free"));
+    const size_t N = 4096;
+    void* kept = kmalloc ? kmalloc(long(N), 0, nullptr) : nullptr;
+    out("c_api_malloc_ok", kept != nullptr);
+    out("rc_reset", cudaDeviceReset());
+    if (kfree && kept) kfree(kept, long(N), 0, nullptr);
+    out("kvh_invalid_frees", kvh_counter("invalid_frees"));
+    out("done", 1);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     const char* which = argc > 1 ? argv[1] : "main";
     if (std::strcmp(which, "main") == 0) return scenario_main();
@@ -964,6 +1023,10 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "captured-allocation") == 0) return scenario_captured_allocation();
     if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset();
     if (std::strcmp(which, "device-reset-during-capture") == 0) return scenario_device_reset_during_capture();
+    if (std::strcmp(which, "device-reset-c-api-malloc") == 0) return scenario_device_reset_c_api_malloc();
+    if (std::strcmp(which, "device-reset-c-api-free") == 0) return scenario_device_reset_c_api_free();
+    if (std::strcmp(which, "device-reset-then-captured-allocation") == 0)
+        return scenario_device_reset_then_captured_allocation();
     std::fprintf(stderr, "unknown scenario %s\n", which);
     return 2;
 }

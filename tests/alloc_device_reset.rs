@@ -1,0 +1,62 @@
+//! `Allocator::reset_device`: the process is about to reset a device's context
+//! (`cudaDeviceReset`), which frees every allocation in it. The blocks still handed out are
+//! freed to kvhygiene, so that they are scrubbed before the reset; from then on nothing of
+//! the device's memory is handed out, and a free into it does nothing.
+
+mod common;
+
+use common::{manual_config, secret, Fixture};
+use kvhygiene::alloc::{AllocError, BlockState};
+use kvhygiene::backend::StreamHandle;
+
+const S: StreamHandle = StreamHandle(0);
+
+#[test]
+fn the_blocks_still_handed_out_are_scrubbed_and_nothing_is_handed_out_after() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 0, 0);
+    f.write(0, held, &secret(4096, 0x51));
+    let pooled = f.malloc_zeroed(8192, 0, 0);
+    f.alloc.free(pooled, 8192, 0, S).unwrap();
+    f.alloc.synchronize().unwrap(); // `pooled` is CLEAN in the pool
+
+    assert_eq!(f.alloc.reset_device(0), 1, "one block was still handed out");
+    assert!(f.alloc.device_was_reset(0));
+    f.alloc.synchronize().unwrap();
+    assert!(
+        f.read(0, held, 4096).iter().all(|&b| b == 0),
+        "the block still handed out at the reset was not scrubbed"
+    );
+    let state = f.alloc.block_info(held).map(|b| b.state);
+    assert_eq!(state, Some(BlockState::Clean));
+
+    // A pool hit would be memory the reset destroyed: refused, as fresh memory is.
+    for size in [8192, 4096, 1 << 20] {
+        match f.alloc.malloc(size, 0, S) {
+            Err(AllocError::DeviceReset { device: 0 }) => {}
+            other => panic!("an allocation of {size} bytes after the reset got {other:?}"),
+        }
+    }
+    // Other devices are served as before (the C ABI's front ends shut down after a reset).
+    if f.alloc.backend().device_count() > 1 {
+        let other = f.malloc_zeroed(4096, 1, 0);
+        f.alloc.free(other, 4096, 1, S).unwrap();
+    }
+    // The engine's own free of the block the reset freed is no double free.
+    f.alloc.free(held, 4096, 0, S).unwrap();
+    f.alloc.free_checked(pooled, 8192, 0, S).unwrap();
+    assert_eq!(f.sink.count("invalid_free"), 0);
+    f.alloc.check_consistency().unwrap();
+}
+
+#[test]
+fn a_device_the_backend_lacks_is_not_reset() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 0, 0);
+    let lacked = f.alloc.backend().device_count();
+    assert_eq!(f.alloc.reset_device(lacked), 0);
+    assert!(!f.alloc.device_was_reset(lacked) && !f.alloc.device_was_reset(0));
+    let state = f.alloc.block_info(held).map(|b| b.state);
+    assert_eq!(state, Some(BlockState::Live));
+    f.alloc.free(held, 4096, 0, S).unwrap();
+}
