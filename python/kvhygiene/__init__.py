@@ -1036,7 +1036,13 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
 
 
 def _id_list(block_ids) -> list:
-    """Block ids as a list: a tensor or array in one transfer, not one per element."""
+    """Block ids as a list: a tensor or array in one transfer, not one per element. Bytes and
+    strings are refused: iterating them gives byte values or characters, not the ids meant."""
+    if isinstance(block_ids, (bytes, bytearray, memoryview, str)):
+        raise TypeError(
+            f"block ids given as {type(block_ids).__name__}: pass a sequence of integers "
+            "(a list, a tuple, a tensor or an array)"
+        )
     if hasattr(block_ids, "tolist"):
         block_ids = block_ids.tolist()
         if isinstance(block_ids, int):  # a 0-d tensor: one id

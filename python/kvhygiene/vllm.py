@@ -69,6 +69,7 @@ from . import (
     KvhError,
     KvLayout,
     ScrubVerificationError,
+    _block_id,
     _innermost,
     claim_blocks,
     context,
@@ -213,6 +214,9 @@ def new_blocks(scheduler_output, block_sizes, null_block_id: Optional[int] = VLL
     (see the module's documentation for the rule). Requests with no new block are left out.
     The placeholder ``null_block_id`` (vLLM's null block; ``None`` for an engine without one)
     is no block handed to a request: it is left out wherever it stands."""
+    # An id of another type ("0") would match no block id, and the null block be claimed.
+    if null_block_id is not None:
+        null_block_id = _block_id(null_block_id)
     out = {}
 
     def add(req_id, groups, skip_tokens):

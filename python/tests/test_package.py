@@ -468,7 +468,8 @@ def test_block_ids_that_are_not_integers_are_refused():
     # blocks 1 and 0) is refused before anything is scrubbed or claimed.
     with _cache() as p:
         layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
-        for bad in ([2.9], ["4"], [True]):
+        # Bytes or a string iterate as byte values or characters, not the ids meant.
+        for bad in ([2.9], ["4"], [True], b"\x03", bytearray(b"\x03"), "3"):
             with pytest.raises((TypeError, ValueError)):
                 kvhygiene.scrub_blocks(layout, bad)
             with pytest.raises((TypeError, ValueError)):

@@ -680,6 +680,19 @@ def test_vllms_null_block_padding_in_one_requests_block_ids_does_not_fail_the_cl
     assert _holds(cache, 5, 0), "the request's new block was not claimed"
 
 
+def test_a_null_block_id_that_is_no_integer_is_refused():
+    # "0" would match no block id, and vLLM's null block be claimed as a new block.
+    s = NS(
+        scheduled_new_reqs=[NS(req_id="a", block_ids=([0, 5],), num_computed_tokens=0)],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+    )
+    for bad in ("0", 0.0, True):
+        with pytest.raises(TypeError):
+            new_blocks(s, BLOCK_TOKENS, null_block_id=bad)
+    assert new_blocks(s, BLOCK_TOKENS, null_block_id=0) == {"a": [[5]]}
+    assert new_blocks(s, BLOCK_TOKENS, null_block_id=None) == {"a": [[0, 5]]}
+
+
 def test_claims_keep_the_model_id_of_the_workers_own_context(tmp_path):
     # A worker that serves one model enters context(model_id=...) around its steps: the
     # records of the claims claim_scheduled makes for each request (here the gate's scrub of
