@@ -6,8 +6,9 @@
 mod common;
 
 use common::{manual_config, secret, Fixture};
-use kvhygiene::alloc::{AllocError, BlockState};
+use kvhygiene::alloc::{AllocError, BlockState, FreeError};
 use kvhygiene::backend::StreamHandle;
+use kvhygiene::events::InvalidFreeReason;
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -42,10 +43,20 @@ fn the_blocks_still_handed_out_are_scrubbed_and_nothing_is_handed_out_after() {
         let other = f.malloc_zeroed(4096, 1, 0);
         f.alloc.free(other, 4096, 1, S).unwrap();
     }
-    // The engine's own free of the block the reset freed is no double free.
+    // The holder's own free of the block the reset freed is no double free; a second one
+    // is, as is a free of a block freed before the reset.
     f.alloc.free(held, 4096, 0, S).unwrap();
-    f.alloc.free_checked(pooled, 8192, 0, S).unwrap();
     assert_eq!(f.sink.count("invalid_free"), 0);
+    for (addr, size) in [(held, 4096), (pooled, 8192)] {
+        match f.alloc.free(addr, size, 0, S) {
+            Err(FreeError::Invalid {
+                reason: InvalidFreeReason::DoubleFree,
+                ..
+            }) => {}
+            other => panic!("a second free of {addr:#x} got {other:?}"),
+        }
+    }
+    assert_eq!(f.sink.count("invalid_free"), 2);
     f.alloc.check_consistency().unwrap();
 }
 

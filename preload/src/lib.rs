@@ -336,8 +336,9 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// blocks are served, and freed blocks are no longer scrubbed. The first refusal says why on
 /// stderr. Pointers into a reset device's memory are no longer kvhygiene's: a later
 /// `cudaFree` of one goes to the real runtime, which answers for it (the address may hold
-/// the runtime's memory by then), and a `kvh_free` into that device does nothing. The
-/// common use, a reset at the end of `main`, thus leaves nothing unscrubbed on that device.
+/// the runtime's memory by then), and a `kvh_free` of a block the reset freed is accepted
+/// once and does nothing. The common use, a reset at the end of `main`, thus leaves nothing
+/// unscrubbed on that device.
 /// The shutdown is process-wide: a later reset of another device finds kvhygiene down, and
 /// its blocks still handed out are not scrubbed (as at exit).
 ///
@@ -361,11 +362,12 @@ pub extern "C" fn cudaDeviceReset() -> cudaError_t {
             // pooled block; the blocks still handed out are freed (an earlier asynchronous
             // error does not keep them from their scrub, as in `free_held`; the reset, which
             // clears such an error, follows) and scrubbed by the shutdown.
+            // Noted first, so that an allocation refused from here on says why.
+            reset::note();
             if let Ok(device) = u32::try_from(device) {
                 alloc.reset_device(device);
             }
             kvhygiene::ffi::kvh_shutdown();
-            reset::note();
         }
         // SAFETY: no arguments; the runtime's contract.
         unsafe { real::cudaDeviceReset() }

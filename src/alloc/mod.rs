@@ -267,21 +267,17 @@ impl Allocator {
         let ctx = Context::current();
         let isolation = self.inner.config.tenant_isolation;
         let key = FreeKey::new(class, &ctx, isolation);
-        // Hot path: one lock, one free-list pop (the lock is released at the end of this
-        // statement, before the slow path takes it again).
-        let hit = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation);
-        let got = match hit {
-            Some(addr) => Allocation { addr, fresh: false },
-            None => self.malloc_slow(size, dev, class, key, ctx, stream)?,
-        };
-        // A reset of the device that began after the check above (its mark is set under the
-        // pool lock, so one made before this call's pop is seen here): the memory goes with
-        // the reset. The block stays LIVE, held by no one, and is never touched again.
-        self.refuse_if_reset(dev)?;
-        Ok(got)
+        // Hot path: one lock, one free-list pop.
+        if let Some(addr) = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation) {
+            return Ok(Allocation { addr, fresh: false });
+        }
+        self.malloc_slow(size, dev, class, key, ctx, stream)
     }
 
-    /// [`AllocError::DeviceReset`] once `reset_device(dev)` has begun.
+    /// [`AllocError::DeviceReset`] once `reset_device(dev)` has begun. The pool's own mark,
+    /// set under its lock with this flag, keeps every hand-out exact (`pop_clean`,
+    /// `pop_exact`, `insert_fresh`); this check spares the backend calls a refused
+    /// allocation would make before it.
     #[inline]
     fn refuse_if_reset(&self, dev: u32) -> Result<(), AllocError> {
         match self.device_was_reset(dev) {
@@ -304,6 +300,7 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
+        self.refuse_if_reset(dev)?;
         let isolation = self.inner.config.tenant_isolation;
         // Completed scrubs may have produced a clean block; frees waiting in open batches are
         // submitted now, since malloc needs memory.
@@ -326,6 +323,8 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
+        // As may a reset of the device, which made the pops above miss.
+        self.refuse_if_reset(dev)?;
         let fresh = self
             .refuse_capture(size, dev, stream)
             .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
@@ -362,6 +361,7 @@ impl Allocator {
         ctx: Context,
         stream: StreamHandle,
     ) -> Result<Allocation, AllocError> {
+        self.refuse_if_reset(dev)?;
         self.drain_pool(dev, self.scrub_horizon());
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, _, _, after| {
@@ -380,6 +380,7 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(AllocError::ShuttingDown);
         }
+        self.refuse_if_reset(dev)?;
         // The capture query again: the first may have failed before it could answer.
         let result = self
             .refuse_capture(size, dev, stream)
@@ -426,6 +427,8 @@ impl Allocator {
         ctx: &Context,
         stream: StreamHandle,
     ) -> Result<u64, AllocError> {
+        // A reset of the device may have begun in the calls before this one.
+        self.refuse_if_reset(dev)?;
         let backend = &self.inner.backend;
         let addr = backend
             .allocate(dev, class.capacity)
@@ -479,15 +482,19 @@ impl Allocator {
             }
             return Err(self.allocation_failed(size, dev, e));
         }
-        self.pool(dev).insert_fresh(block);
+        if !self.pool(dev).insert_fresh(block) {
+            // The device's reset began meanwhile: the memory, zeroed and never handed out,
+            // goes with the reset, outside the pool's table, as on exit above.
+            return Err(AllocError::DeviceReset { device: dev });
+        }
         Ok(addr)
     }
 
     // ----- free -----------------------------------------------------------------------------
 
     /// Frees `ptr`. Never waits: the scrub is batched. `size` is checked against the block
-    /// table, never trusted. `ptr == 0` is a no-op, as is a free into a device whose context
-    /// the process reset ([`Allocator::reset_device`]: the reset freed every block there).
+    /// table, never trusted. `ptr == 0` is a no-op, as is the first free of a block that
+    /// [`Allocator::reset_device`] freed on its holder's behalf.
     pub fn free(
         &self,
         ptr: u64,
@@ -495,7 +502,10 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if self.free_into_reset_device(device) {
+        if let Some((dev, watched)) = self.freed_by_reset(ptr, device) {
+            if let Some(seq) = watched {
+                self.pool(dev).unwatch(seq);
+            }
             return Ok(FreeReport::default());
         }
         self.free_inner(ptr, size, device, stream, false)
@@ -513,18 +523,28 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if self.free_into_reset_device(device) {
-            return Ok(FreeReport::default());
+        if let Some((dev, watched)) = self.freed_by_reset(ptr, device) {
+            return match watched {
+                Some(seq) => self.verdict(ptr, dev, seq),
+                None => self.verdict_by_state(ptr, dev),
+            }
+            .map(|()| FreeReport::default());
         }
         let (report, freed) = self.free_inner(ptr, size, device, stream, true)?;
         let Some((dev, seq)) = freed else {
             return Ok(report);
         };
+        self.verdict(ptr, dev, seq).map(|()| report)
+    }
+
+    /// Waits for the verdict of the watched scrub `seq` of the block at `ptr` on `dev`
+    /// (flushing its batch), as `free_checked` answers it.
+    fn verdict(&self, ptr: u64, dev: u32, seq: u64) -> Result<(), FreeError> {
         loop {
             // A verdict applied is reported, also when exit began since.
             if let Some(passed) = self.pool(dev).take_outcome(seq) {
                 return if passed {
-                    Ok(report)
+                    Ok(())
                 } else {
                     Err(FreeError::VerifyFailed { addr: ptr })
                 };
@@ -732,10 +752,10 @@ impl Allocator {
 
     /// The process is about to reset `device`'s context (`cudaDeviceReset`), which frees
     /// every allocation in it. From now on no allocation on `device` is served, not even a
-    /// clean pooled block (its memory goes with the reset), and a free into it is accepted
-    /// and does nothing (the reset freed the block, and its bytes were scrubbed here). Every
-    /// block still LIVE on `device` is freed now, so that its scrub runs before the reset:
-    /// at the next flush, or at the `shutdown` the caller makes next. Returns how many.
+    /// clean pooled block (its memory goes with the reset). Every block still LIVE on
+    /// `device` is freed now, on its holder's behalf, so that its scrub runs before the reset
+    /// (at the next flush, or at the `shutdown` the caller makes next); the holder's own
+    /// free of it afterwards is accepted once and does nothing. Returns how many.
     ///
     /// The caller synchronises the device first, as the free of each block would, and
     /// shuts the allocator down before the reset: the backend's module and buffers are in
@@ -745,23 +765,29 @@ impl Allocator {
         let Some(flag) = self.inner.reset.get(device as usize) else {
             return 0;
         };
-        // Under the pool lock: a pop made after it sees the mark (`malloc_with_origin`).
-        let live: Vec<BlockInfo> = {
-            let pool = self.pool(device);
+        // Both marks under the pool lock: a hand-out after it is refused, and a holder's free
+        // after it finds its block among those the reset frees.
+        let live = {
+            let mut pool = self.pool(device);
             flag.store(true, Ordering::SeqCst);
-            pool.blocks()
-                .filter(|b| b.state == BlockState::Live)
-                .map(BlockInfo::from)
-                .collect()
+            pool.mark_reset()
         };
-        let requested = |b: &BlockInfo| i64::try_from(b.requested).unwrap_or(i64::MAX);
-        live.iter()
-            .filter(|b| {
-                // The engine's free of it, made meanwhile, did nothing: this one is needed.
-                self.free_inner(b.addr, requested(b), device as i32, StreamHandle(0), false)
-                    .is_ok()
-            })
-            .count()
+        let mut freed = 0;
+        for (addr, requested) in live {
+            let requested = i64::try_from(requested).unwrap_or(i64::MAX);
+            match self.free_inner(addr, requested, device as i32, StreamHandle(0), true) {
+                Ok((_, Some((_, seq)))) => {
+                    self.pool(device).freed_by_reset_as(addr, seq);
+                    freed += 1;
+                }
+                // Not freed here (its holder's free came first): a later free of it is judged
+                // as any other.
+                _ => {
+                    self.pool(device).take_freed_by_reset(addr);
+                }
+            }
+        }
+        freed
     }
 
     /// Whether [`Allocator::reset_device`] was called for `device`.
@@ -773,10 +799,32 @@ impl Allocator {
             .is_some_and(|f| f.load(Ordering::SeqCst))
     }
 
-    /// A free that names a device the process reset: it does nothing.
+    /// For the first free of a block the reset freed on its holder's behalf (which then does
+    /// nothing): its device and the scrub sequence its verdict is watched under (`None` while
+    /// the reset's free of it is being made). `None` for every other free, which goes on as
+    /// any free (refused and logged when invalid). One atomic load for a device never reset.
     #[inline]
-    fn free_into_reset_device(&self, device: i32) -> bool {
-        u32::try_from(device).is_ok_and(|d| self.device_was_reset(d))
+    fn freed_by_reset(&self, ptr: u64, device: i32) -> Option<(u32, Option<u64>)> {
+        let dev = u32::try_from(device)
+            .ok()
+            .filter(|&d| self.device_was_reset(d))?;
+        let watched = self.pool(dev).take_freed_by_reset(ptr)?;
+        Some((dev, watched))
+    }
+
+    /// What `free_checked` answers for a block the reset was still freeing when its holder
+    /// freed it (no verdict watched): the state its scrub left, once the device's scrubs are
+    /// applied (waited for, unless exit began). A block no longer held was returned to the
+    /// device after its scrub, which it passed or failed: unknown, so not verified.
+    #[cold]
+    fn verdict_by_state(&self, ptr: u64, dev: u32) -> Result<(), FreeError> {
+        self.drain_pool(dev, self.scrub_horizon());
+        match self.pool(dev).block(ptr).map(|b| b.state) {
+            Some(BlockState::Clean) => Ok(()),
+            None => Err(FreeError::VerifyFailed { addr: ptr }),
+            Some(BlockState::Quarantined) => Err(FreeError::VerifyFailed { addr: ptr }),
+            Some(BlockState::Pending | BlockState::Live) => Err(FreeError::ShutDown { addr: ptr }),
+        }
     }
 
     // ----- whole-pool operations ------------------------------------------------------------

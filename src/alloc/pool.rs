@@ -213,6 +213,13 @@ pub(crate) struct DevicePool {
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
     /// set (invariant 6), whichever path gets to a submission.
     exiting: Arc<AtomicBool>,
+    /// The process is resetting, or reset, this device's context (`Allocator::reset_device`):
+    /// nothing is handed out any more, neither from the free lists nor fresh.
+    reset: bool,
+    /// The blocks the reset freed on their holders' behalf, each with the scrub sequence its
+    /// verdict is watched under once the free is made: the holder's own free of one
+    /// afterwards is accepted once and does nothing (a checked one answers that verdict).
+    freed_by_reset: HashMap<u64, Option<u64>>,
 }
 
 impl DevicePool {
@@ -230,7 +237,42 @@ impl DevicePool {
             out_of_pool: Vec::new(),
             releasing: 0,
             stats: PoolCounters::default(),
+            reset: false,
+            freed_by_reset: HashMap::new(),
         }
+    }
+
+    // ----- device reset ---------------------------------------------------------------------
+
+    /// Marks the device reset (nothing is handed out from now on) and returns its LIVE
+    /// blocks, which the reset is about to free: their holders' own frees of them are
+    /// accepted once and do nothing ([`Self::take_freed_by_reset`]).
+    pub(crate) fn mark_reset(&mut self) -> Vec<(u64, u64)> {
+        self.reset = true;
+        let live: Vec<(u64, u64)> = self
+            .blocks
+            .values()
+            .filter(|b| b.state == BlockState::Live)
+            .map(|b| (b.addr, b.requested))
+            .collect();
+        self.freed_by_reset
+            .extend(live.iter().map(|&(addr, _)| (addr, None)));
+        live
+    }
+
+    /// The reset's free of `addr` was made, its verdict watched under `seq`; unwatched when the
+    /// holder's own free already came.
+    pub(crate) fn freed_by_reset_as(&mut self, addr: u64, seq: u64) {
+        match self.freed_by_reset.get_mut(&addr) {
+            Some(watched) => *watched = Some(seq),
+            None => self.unwatch(seq),
+        }
+    }
+
+    /// `Some(watched seq)` when `ptr` is a block the reset freed whose holder had not freed it
+    /// yet; forgets it (a second free of it is a double free).
+    pub(crate) fn take_freed_by_reset(&mut self, ptr: u64) -> Option<Option<u64>> {
+        self.freed_by_reset.remove(&ptr)
     }
 
     /// Blocks freed that are neither reusable nor returned and could still become one or the
@@ -266,6 +308,9 @@ impl DevicePool {
         stream: StreamHandle,
         isolation: TenantIsolation,
     ) -> Option<u64> {
+        if self.reset {
+            return None;
+        }
         let addr = self.free_lists.get_mut(&key)?.pop()?;
         let block = self.blocks.get_mut(&addr)?;
         // Invariant 1 and 4: only CLEAN blocks are ever on a free list. Strict isolation also
@@ -295,6 +340,9 @@ impl DevicePool {
         stream: StreamHandle,
         isolation: TenantIsolation,
     ) -> Option<u64> {
+        if self.reset {
+            return None;
+        }
         let key = FreeKey {
             class: EXACT_INDEX,
             ..key
@@ -353,8 +401,13 @@ impl DevicePool {
         None
     }
 
-    /// Adds a fresh, zeroed block as LIVE.
-    pub(crate) fn insert_fresh(&mut self, block: Block) {
+    /// Adds a fresh, zeroed block as LIVE. Once the device is reset it is not added (its
+    /// memory goes with the reset): `false`.
+    #[must_use]
+    pub(crate) fn insert_fresh(&mut self, block: Block) -> bool {
+        if self.reset {
+            return false;
+        }
         let capacity = block.capacity();
         let s = &mut self.stats;
         s.accounting.live.add(capacity);
@@ -363,6 +416,7 @@ impl DevicePool {
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
         self.blocks.insert(block.addr, block);
+        true
     }
 
     /// Fresh memory whose zeroing a CUDA graph capture refused (one begun since the capture
