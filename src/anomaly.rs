@@ -70,10 +70,6 @@ pub const IDLE_WINDOWS: u64 = 32;
 /// Tenants tracked per signal by default before further ones fold into `*other*`.
 pub const DEFAULT_MAX_TENANTS: usize = 1024;
 
-/// Empty windows folded into a baseline one by one at most; after this many the baseline is
-/// indistinguishable from zero (0.9^64 ≈ 0.001) and the rest change nothing measurable.
-const MAX_CATCH_UP: u64 = 64;
-
 /// The signals an event counts toward. A scrub that failed and read a non-zero sample is both
 /// `verify_failed` and `residue`; a block quarantined for residue is both `residue` and
 /// `quarantine`, and a block counts toward `quarantine` once, when it enters quarantine for a
@@ -237,12 +233,25 @@ impl Ewma {
         self.windows = self.windows.saturating_add(1);
     }
 
-    /// `k` windows without an event.
+    /// `k` windows without an event, in closed form: `k` pushes of 0 take the mean `m` to
+    /// `m·βᵏ` and the variance `v` to `βᵏ·(v + m²·(1 − βᵏ))` (β = 1 − α; each push makes
+    /// `v ← β·(v + α·m²)` and `m ← β·m`), so a quiet spell of any length costs one step and
+    /// forgets an old storm as fully as the windows one by one would. (Folding in only the
+    /// first few dozen left a storm of thousands of events in the baseline for ever.)
     fn push_zeros(&mut self, k: u64) {
-        for _ in 0..k.min(MAX_CATCH_UP) {
-            self.push(0.0);
+        if k == 0 {
+            return;
         }
-        self.windows = self.windows.saturating_add(k.saturating_sub(MAX_CATCH_UP));
+        if self.windows == 0 {
+            self.push(0.0);
+            return self.push_zeros(k - 1);
+        }
+        // k as f64 loses nothing that matters: βᵏ underflows to 0 long before 2⁵³.
+        let decay = (1.0 - EWMA_ALPHA).powf(k as f64);
+        let mean = self.mean;
+        self.mean = mean * decay;
+        self.var = decay * (self.var + mean * mean * (1.0 - decay));
+        self.windows = self.windows.saturating_add(k);
     }
 
     /// The spread a surge is measured in: the standard deviation, but at least one event and
@@ -279,8 +288,9 @@ struct KeyState {
     window: u64,
     window_count: u64,
     baseline: Ewma,
-    /// No burst before this time (ms): one burst record per window.
-    burst_quiet_until: u64,
+    /// When the last burst fired (ms): none again within a window of it, one burst record per
+    /// window (a time, not an end of quiet, which would saturate at the end of the range).
+    burst_fired_at: Option<u64>,
     /// The window a surge fired in, and no surge before this time (ms): one surge record per
     /// window, also for a storm that crosses from one window into the next.
     surged_in: Option<u64>,
@@ -297,7 +307,7 @@ impl KeyState {
             window: t / p.window_ms,
             window_count: 0,
             baseline: Ewma::default(),
-            burst_quiet_until: 0,
+            burst_fired_at: None,
             surged_in: None,
             surge_quiet_until: 0,
             last_ms: t,
@@ -352,10 +362,13 @@ impl KeyState {
 
     fn burst(&mut self, t: u64, p: &Params, threshold: u64) -> Option<Firing> {
         let count = self.slots.iter().fold(0u64, |a, &n| a.saturating_add(n));
-        if count < threshold || t < self.burst_quiet_until {
+        let quiet = self
+            .burst_fired_at
+            .is_some_and(|at| t.saturating_sub(at) < p.window_ms);
+        if count < threshold || quiet {
             return None;
         }
-        self.burst_quiet_until = t.saturating_add(p.window_ms);
+        self.burst_fired_at = Some(t);
         Some(Firing {
             rule: AnomalyRule::Burst,
             count,
@@ -771,6 +784,38 @@ mod tests {
         BlockRef, InvalidFreeReason, KvScrubRecord, MemorySink, ReleaseReason, TtlKind,
     };
     use std::time::SystemTime;
+
+    #[test]
+    fn empty_windows_in_closed_form_match_them_one_by_one() {
+        for (mean, var, windows) in [(10_000.0, 0.0, 1), (3.5, 2.25, 40), (0.0, 0.0, 7)] {
+            for k in [1, 2, 5, 64, 300] {
+                let mut one_by_one = Ewma { mean, var, windows };
+                for _ in 0..k {
+                    one_by_one.push(0.0);
+                }
+                let mut closed = Ewma { mean, var, windows };
+                closed.push_zeros(k);
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+                assert!(
+                    close(closed.mean, one_by_one.mean),
+                    "mean after {k}: {closed:?} vs {one_by_one:?}"
+                );
+                assert!(
+                    close(closed.var, one_by_one.var),
+                    "var after {k}: {closed:?} vs {one_by_one:?}"
+                );
+                assert_eq!(closed.windows, one_by_one.windows);
+            }
+        }
+        // A first window of nothing is pushed as one, as `push` starts a baseline.
+        let mut fresh = Ewma {
+            mean: 0.0,
+            var: 0.0,
+            windows: 0,
+        };
+        fresh.push_zeros(3);
+        assert_eq!((fresh.mean, fresh.var, fresh.windows), (0.0, 0.0, 3));
+    }
 
     const W: u64 = 10_000;
 

@@ -50,3 +50,54 @@ fn a_storm_across_a_window_boundary_is_one_surge_record() {
         );
     }
 }
+
+/// A storm long ago does not hide a surge today: after a thousand quiet windows the baseline
+/// (an exponentially weighted mean of every window, empty ones as zeros) is zero to within
+/// 0.9^999, so twenty TTL breaches in one window (below the burst threshold of 32) are a
+/// surge.
+#[test]
+fn a_storm_a_thousand_quiet_windows_ago_does_not_hide_a_surge() {
+    let params = Params::from_config(&AnomalyConfig::default());
+    assert_eq!(params.window_ms, W);
+    let origin = Instant::now();
+    let at = |ms: u64| origin + Duration::from_millis(ms);
+    let mut d = Detector::new(params, origin);
+    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
+    let s = AnomalySignal::TtlExceeded;
+    let mut out = Vec::new();
+    // A storm in the tenant's first window.
+    for _ in 0..10_000 {
+        d.observe(s, &a, at(1), &mut out);
+    }
+    // A thousand windows without an event, then twenty breaches within a second.
+    out.clear();
+    for i in 0..20 {
+        d.observe(s, &a, at(1_000 * W + i), &mut out);
+    }
+    let surges: Vec<&Anomaly> = out
+        .iter()
+        .filter(|x| x.rule == AnomalyRule::Surge)
+        .collect();
+    assert!(
+        !surges.is_empty(),
+        "20 events after 1000 empty windows are no surge: the baseline still remembers the \
+         storm (records: {out:?})"
+    );
+}
+
+/// The rate limit holds at the end of the detector's time range too: three residue readings
+/// at the latest instant it counts are one burst record, not three.
+#[test]
+fn bursts_at_the_end_of_the_time_range_are_one_record_a_window() {
+    let params = Params::from_config(&AnomalyConfig::default());
+    let origin = Instant::now();
+    let mut d = Detector::new(params, origin);
+    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
+    let late = origin + Duration::from_millis(u64::MAX);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        d.observe(AnomalySignal::Residue, &a, late, &mut out);
+    }
+    let bursts = out.iter().filter(|x| x.rule == AnomalyRule::Burst).count();
+    assert_eq!(bursts, 1, "{bursts} burst records in one window: {out:?}");
+}
