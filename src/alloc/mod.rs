@@ -128,6 +128,32 @@ struct Inner {
     started_at: f64,
 }
 
+/// The blocks `Allocator::reset_device` has still to free, first the one it is freeing. If it
+/// unwinds part-way (an event sink's panic), each of them still LIVE goes back to being its
+/// holder's to free: otherwise the holder's free would do nothing and leave it unscrubbed.
+struct NotFreedByReset<'a> {
+    alloc: &'a Allocator,
+    dev: u32,
+    left: std::collections::VecDeque<u64>,
+}
+
+impl Drop for NotFreedByReset<'_> {
+    fn drop(&mut self) {
+        if self.left.is_empty() {
+            return;
+        }
+        let mut pool = self.alloc.pool(self.dev);
+        for &addr in &self.left {
+            if pool
+                .block(addr)
+                .is_some_and(|b| b.state == BlockState::Live)
+            {
+                pool.take_freed_by_reset(addr);
+            }
+        }
+    }
+}
+
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
 /// after it began, before it waits for the older work only.
 const NEWER_ROUNDS: usize = 64;
@@ -484,7 +510,13 @@ impl Allocator {
         }
         if !self.pool(dev).insert_fresh(block) {
             // The device's reset began meanwhile: the memory, zeroed and never handed out,
-            // goes with the reset, outside the pool's table, as on exit above.
+            // goes back to the device while its context still lives (the reset comes after
+            // the shutdown, and no backend call is made once exit began).
+            if !self.inner.shutting_down.load(Ordering::Acquire) {
+                if let Err(release) = backend.release(dev, addr, class.capacity) {
+                    let _ = self.backend_fault(dev, release);
+                }
+            }
             return Err(AllocError::DeviceReset { device: dev });
         }
         Ok(addr)
@@ -772,6 +804,11 @@ impl Allocator {
             flag.store(true, Ordering::SeqCst);
             pool.mark_reset()
         };
+        let mut freeing = NotFreedByReset {
+            alloc: self,
+            dev: device,
+            left: live.iter().map(|&(addr, _)| addr).collect(),
+        };
         let mut freed = 0;
         for (addr, requested) in live {
             let requested = i64::try_from(requested).unwrap_or(i64::MAX);
@@ -786,6 +823,7 @@ impl Allocator {
                     self.pool(device).take_freed_by_reset(addr);
                 }
             }
+            freeing.left.pop_front();
         }
         freed
     }
