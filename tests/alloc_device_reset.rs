@@ -71,3 +71,23 @@ fn a_device_the_backend_lacks_is_not_reset() {
     assert_eq!(state, Some(BlockState::Live));
     f.alloc.free(held, 4096, 0, S).unwrap();
 }
+
+/// A front end that checks a free first (`check_free`, as the LD_PRELOAD interposers do for a
+/// block that is not LIVE) is told the holder's free of a block the reset freed is valid,
+/// once: the free then does nothing, and a second one is a double free.
+#[test]
+fn a_checked_ahead_free_of_a_block_the_reset_freed_is_valid_once() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 0, 0);
+    assert_eq!(f.alloc.reset_device(0), 1);
+    assert_eq!(f.alloc.check_free(held, 0), Ok(4096));
+    f.alloc.free(held, 4096, 0, S).unwrap();
+    match f.alloc.check_free(held, 0) {
+        Err(FreeError::Invalid {
+            reason: InvalidFreeReason::DoubleFree,
+            ..
+        }) => {}
+        other => panic!("a second free of the block got {other:?}"),
+    }
+    assert_eq!(f.sink.count("invalid_free"), 1);
+}

@@ -17,7 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
-//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down | always, after that, unless a capture refused the synchronisation |
+//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
 //! under an invalid `KVH_PRELOAD`, whose allocations are refused there as in the parent.
@@ -35,7 +35,9 @@
 //!   longer held: a free of its address goes to the runtime, which answers for it (an error
 //!   when nothing is allocated there), and is not in kvhygiene's log. kvhygiene cannot tell
 //!   such a double free from the free of an allocation made since at the same address
-//!   outside it (through the driver API, say), which must reach the runtime.
+//!   outside it (through the driver API, say), which must reach the runtime. Likewise, once
+//!   `cudaDeviceReset` of a device is made, nothing of that device's memory is held any more:
+//!   every free into it goes to the runtime (the reset freed it all).
 //! - The synchronous entry points keep their synchronous contract, which engines rely on when
 //!   they use a buffer on several streams: `cudaFree` synchronises the block's device before
 //!   the block is freed (the real `cudaFree` does too), and `cudaMalloc` /
@@ -329,21 +331,30 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// and verified, the forensic log gets its `stop` record, the metrics file its last
 /// snapshot. Then the real `cudaDeviceReset` is called.
 ///
+/// Nothing is scrubbed when kvhygiene had already shut down (an earlier `kvh_shutdown`, or
+/// the reset of another device): the blocks still handed out on the device are then destroyed
+/// unscrubbed, as at exit. After a sticky error the context runs no kernel: the scrubs fail,
+/// and their blocks are quarantined and logged as such (under `failure_mode=abort` the first
+/// such failure aborts the process, as that policy says).
+///
 /// kvhygiene does not start again in this process (its pools and kernels were in the
 /// destroyed context). Allocations on the reset device are refused from then on with
 /// `cudaErrorCudartUnloading` (`KVH_ERR_SHUTTING_DOWN` through `kvh_malloc`), a captured
 /// `cudaMallocAsync` included; on other devices, as after `kvh_shutdown`, only clean pooled
 /// blocks are served, and freed blocks are no longer scrubbed. The first refusal says why on
-/// stderr. Pointers into a reset device's memory are no longer kvhygiene's: a later
-/// `cudaFree` of one goes to the real runtime, which answers for it (the address may hold
-/// the runtime's memory by then), and a `kvh_free` of a block the reset freed is accepted
-/// once and does nothing. The common use, a reset at the end of `main`, thus leaves nothing
+/// stderr. Once the real reset is made, pointers into the device's memory are no longer
+/// kvhygiene's: a later `cudaFree` of one goes to the real runtime, which answers for it (the
+/// address may hold the runtime's memory by then), and a `kvh_free` of a block the reset
+/// freed is accepted once and does nothing (other invalid frees are refused as ever; the
+/// forensic log has stopped by then, so they are not in it). When the real reset fails, the
+/// memory is still there and stays kvhygiene's: its frees are kvhygiene's, never forwarded. The common use, a reset at the end of `main`, thus leaves nothing
 /// unscrubbed on that device.
 /// The shutdown is process-wide: a later reset of another device finds kvhygiene down, and
 /// its blocks still handed out are not scrubbed (as at exit).
 ///
-/// A graph capture that refuses the synchronisation is returned, and nothing is reset. A
-/// process where kvhygiene never started, or a forked child, is reset as by the runtime.
+/// A graph capture that refuses the synchronisation, or a failed `cudaGetDevice`, is returned,
+/// and nothing is reset. A process where kvhygiene never started, or a forked child, is
+/// reset as by the runtime.
 #[no_mangle]
 pub extern "C" fn cudaDeviceReset() -> cudaError_t {
     boundary(|| {
@@ -363,36 +374,66 @@ pub extern "C" fn cudaDeviceReset() -> cudaError_t {
             // error does not keep them from their scrub, as in `free_held`; the reset, which
             // clears such an error, follows) and scrubbed by the shutdown.
             // Noted first, so that an allocation refused from here on says why.
-            reset::note();
+            reset::begun();
             if let Ok(device) = u32::try_from(device) {
                 alloc.reset_device(device);
             }
             kvhygiene::ffi::kvh_shutdown();
+            // SAFETY: no arguments; the runtime's contract.
+            let rc = unsafe { real::cudaDeviceReset() };
+            if rc == SUCCESS {
+                // The device's memory is the runtime's from now on: a pointer into it is
+                // no longer kvhygiene's (until now, a free of one was still the core's).
+                reset::done(device);
+            }
+            return rc;
         }
         // SAFETY: no arguments; the runtime's contract.
         unsafe { real::cudaDeviceReset() }
     })
 }
 
-/// Whether this process reset a device while kvhygiene ran (`Allocator::device_was_reset`
-/// says which), for the one line that explains the refusals that follow.
+/// The resets this process made while kvhygiene ran: whether one began (for the one line that
+/// explains the refusals that follow; `Allocator::device_was_reset` says which device), and
+/// the devices whose real reset was made, whose memory is the runtime's from then on.
 mod reset {
+    use std::collections::BTreeSet;
+    use std::ffi::c_int;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
 
-    static ANY: AtomicBool = AtomicBool::new(false);
+    static BEGUN: AtomicBool = AtomicBool::new(false);
     static SAID: AtomicBool = AtomicBool::new(false);
+    /// Set with the first device below: until then no free pays for the set's lock.
+    static ANY_DONE: AtomicBool = AtomicBool::new(false);
+    static DONE: Mutex<BTreeSet<c_int>> = Mutex::new(BTreeSet::new());
 
-    pub(crate) fn note() {
-        ANY.store(true, Ordering::Release);
+    pub(crate) fn begun() {
+        BEGUN.store(true, Ordering::Release);
+    }
+
+    /// The real reset of `device` was made.
+    pub(crate) fn done(device: c_int) {
+        DONE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(device);
+        ANY_DONE.store(true, Ordering::Release);
+    }
+
+    /// Whether the real reset of `device` was made.
+    pub(crate) fn was_done(device: u32) -> bool {
+        ANY_DONE.load(Ordering::Acquire)
+            && c_int::try_from(device)
+                .is_ok_and(|d| DONE.lock().unwrap_or_else(|p| p.into_inner()).contains(&d))
     }
 
     /// Says once on stderr why allocations are refused after a reset.
     pub(crate) fn explain_refusal() {
-        if ANY.load(Ordering::Acquire) && !SAID.swap(true, Ordering::Relaxed) {
+        if BEGUN.load(Ordering::Acquire) && !SAID.swap(true, Ordering::Relaxed) {
             kvhygiene::stderr_line(
                 "kvhygiene-preload: allocation refused (cudaErrorCudartUnloading): \
                  cudaDeviceReset destroyed the CUDA context kvhygiene's pools and kernels \
-                 were in, so kvhygiene scrubbed that device's blocks and shut down; it does \
+                 were in, so kvhygiene shut down (scrubbing what it could first); it does \
                  not start again in this process (restart the process to have it)",
             );
         }
@@ -685,7 +726,7 @@ fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
     alloc
         .block_containing(ptr as u64)
         // The reset freed it: what is at that address now is the runtime's.
-        .filter(|span| !alloc.device_was_reset(span.device))
+        .filter(|span| !reset::was_done(span.device))
         .map(|span| (alloc, span))
 }
 

@@ -1212,3 +1212,22 @@ fn after_a_device_reset_the_c_api_free_of_a_block_the_reset_freed_is_no_invalid_
         ("kvh_invalid_frees", 0),
     ]);
 }
+
+#[test]
+fn a_device_reset_that_fails_leaves_the_devices_blocks_kvhygienes() {
+    // The runtime's reset failed after kvhygiene scrubbed the device's blocks and shut down:
+    // the memory is still there and still kvhygiene's, so no free of it reaches the runtime.
+    // The engine's free of the block the reset freed is accepted once; a second is refused.
+    let Some(b) = built() else { return };
+    let r = run(b, "device-reset-that-fails", true, &[]);
+    r.expect(&[
+        ("rc_malloc_held", 0),
+        ("rc_reset", 999),
+        ("real_resets", 1),
+        ("held_zero", 1),
+        ("rc_free_held", 0),
+        ("rc_free_held_again", 1),
+        ("real_frees_of_held", 0),
+        ("rc_malloc_after_failed_reset", 4),
+    ]);
+}

@@ -130,7 +130,7 @@ struct Inner {
 
 /// The blocks `Allocator::reset_device` has still to free, first the one it is freeing. If it
 /// unwinds part-way (an event sink's panic), each of them still LIVE goes back to being its
-/// holder's to free: otherwise the holder's free would do nothing and leave it unscrubbed.
+/// holder's to free: otherwise the holder's `free` would do nothing and leave it unscrubbed.
 struct NotFreedByReset<'a> {
     alloc: &'a Allocator,
     dev: u32,
@@ -647,8 +647,8 @@ impl Allocator {
 
     /// For front ends that must not begin a free's side effects (a device synchronisation, a
     /// graph capture's refusal) before they know the free is valid: the size the block's
-    /// caller asked for when `ptr` is now the start of a LIVE block of `device`, which a free
-    /// would accept; otherwise the free is refused and logged as [`Allocator::free`] refuses
+    /// caller asked for when `ptr` is now the start of a LIVE block of `device`, or of a block
+    /// a device reset freed on its holder's behalf, which a free would accept; otherwise the free is refused and logged as [`Allocator::free`] refuses
     /// it, and its error returned. Checked under the pool lock: a block handed out again
     /// meanwhile is left alone, to be freed as any other (with the size returned).
     pub fn check_free(&self, ptr: u64, device: i32) -> Result<u64, FreeError> {

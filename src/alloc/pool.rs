@@ -536,6 +536,9 @@ impl DevicePool {
     pub(crate) fn refuse_unless_live(&mut self, addr: u64) -> Result<u64, Refused> {
         match self.blocks.get(&addr) {
             Some(b) if b.state == BlockState::Live => Ok(b.requested),
+            // Freed by a device reset on its holder's behalf: the holder's free of it is
+            // accepted (once, by `Allocator::free`).
+            Some(b) if self.freed_by_reset.contains_key(&addr) => Ok(b.requested),
             _ => Err(self.refuse(addr)),
         }
     }

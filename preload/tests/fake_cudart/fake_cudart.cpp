@@ -156,11 +156,18 @@ int cudaDeviceSynchronize(void) {
 // Counted only: the real reset destroys the device's context and every allocation in it,
 // kvhygiene's included; these stand-ins keep the memory readable, so a test can see what the
 // reset would have destroyed.
+int reset_error = 0;                              // returned by cudaDeviceReset when set
+
 int cudaDeviceReset(void) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaDeviceReset");
     if (any_capturing()) return CAPTURE_UNSUPPORTED;
-    return 0;
+    return reset_error;
+}
+
+void fake_cudart_fail_reset(int rc) {
+    std::lock_guard<std::mutex> g(mu);
+    reset_error = rc;
 }
 
 // The calling thread's capture mode (0 global, 1 thread-local, 2 relaxed), swapped by

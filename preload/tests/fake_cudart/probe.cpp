@@ -10,7 +10,7 @@
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
 //        forwarded-allocation-without-real-function | captured-allocation | device-reset |
-//        device-reset-during-capture | device-reset-c-api-malloc |
+//        device-reset-during-capture | device-reset-that-fails | device-reset-c-api-malloc |
 //        device-reset-then-captured-allocation | device-reset-c-api-free
 
 #include <dlfcn.h>
@@ -45,6 +45,7 @@ int cudaGetDevice(int* d);
 int cudaStreamCreate(cudaStream_t* s);
 int cudaStreamDestroy(cudaStream_t s);
 int cudaDeviceReset(void);
+void fake_cudart_fail_reset(int rc);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
 void fake_cudart_fail_syncs(int rc);
@@ -917,6 +918,27 @@ static int scenario_device_reset() {
     return 0;
 }
 
+// cudaDeviceReset whose real reset fails after kvhygiene did its part: the device's memory is
+// still there, and still kvhygiene's, so the engine's free of its block is kvhygiene's too.
+static int scenario_device_reset_that_fails() {
+    const size_t N = 4096;
+    void* held = nullptr;
+    out("rc_malloc_held", cudaMalloc(&held, N));
+    if (held) fill_secret(held, N);
+    fake_cudart_fail_reset(999);
+    out("rc_reset", cudaDeviceReset());
+    out("real_resets", fake_cudart_calls("cudaDeviceReset"));
+    out("held_zero", all_zero(held, N));
+    int frees = fake_cudart_calls("cudaFree");
+    out("rc_free_held", cudaFree(held));
+    out("rc_free_held_again", cudaFree(held));
+    out("real_frees_of_held", fake_cudart_calls("cudaFree") - frees);
+    void* again = nullptr;
+    out("rc_malloc_after_failed_reset", cudaMalloc(&again, N));
+    out("done", 1);
+    return 0;
+}
+
 // cudaDeviceReset refused by a graph capture under way: nothing of kvhygiene's changes.
 static int scenario_device_reset_during_capture() {
     const size_t N = 4096;
@@ -1023,6 +1045,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "captured-allocation") == 0) return scenario_captured_allocation();
     if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset();
     if (std::strcmp(which, "device-reset-during-capture") == 0) return scenario_device_reset_during_capture();
+    if (std::strcmp(which, "device-reset-that-fails") == 0) return scenario_device_reset_that_fails();
     if (std::strcmp(which, "device-reset-c-api-malloc") == 0) return scenario_device_reset_c_api_malloc();
     if (std::strcmp(which, "device-reset-c-api-free") == 0) return scenario_device_reset_c_api_free();
     if (std::strcmp(which, "device-reset-then-captured-allocation") == 0)
