@@ -3,16 +3,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use common::{manual_config, secret, Fixture};
-use kvhygiene::alloc::{AllocError, Allocator, BlockState, FreeError};
-use kvhygiene::backend::host::HostBackend;
-use kvhygiene::backend::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
-};
-use kvhygiene::events::{InvalidFreeReason, MemorySink};
+use kvhygiene::alloc::{AllocError, BlockState, FreeError};
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::events::InvalidFreeReason;
 
 const S: StreamHandle = StreamHandle(0);
 
@@ -79,100 +76,52 @@ fn a_checked_free_after_a_reset_does_not_report_a_failed_scrub_as_verified() {
     );
 }
 
-/// A host backend whose capture query runs a hook once (the device reset by another thread
-/// while an allocation is in its slow path), and which counts allocations after it.
-struct ResetDuringQuery {
-    host: Arc<HostBackend>,
-    alloc: OnceLock<Allocator>,
-    armed: AtomicBool,
-    reset_done: AtomicBool,
-    allocations_after_reset: AtomicU64,
-}
-
-impl Backend for ResetDuringQuery {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        if self.reset_done.load(Ordering::SeqCst) && device == 0 {
-            self.allocations_after_reset.fetch_add(1, Ordering::SeqCst);
-        }
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(batch) }
-    }
-    fn is_capturing(&self, d: u32, _s: StreamHandle) -> Result<bool, BackendError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.alloc.get().unwrap().reset_device(d);
-            self.reset_done.store(true, Ordering::SeqCst);
-        }
-        Ok(false)
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
-    }
-}
-
 /// An allocation that a reset of its device overtakes (the reset lands while the allocation
 /// is in its slow path) asks the backend for no memory on the reset device and leaves no
 /// block LIVE there: after the reset, the device holds nothing handed out.
 #[test]
 fn an_allocation_a_reset_overtakes_leaves_nothing_live_on_the_reset_device() {
-    let backend = Arc::new(ResetDuringQuery {
-        host: HostBackend::new(),
-        alloc: OnceLock::new(),
-        armed: AtomicBool::new(false),
-        reset_done: AtomicBool::new(false),
-        allocations_after_reset: AtomicU64::new(0),
-    });
-    let sink = MemorySink::new();
-    let alloc = Allocator::new(backend.clone(), manual_config(), Some(sink.clone()));
-    let _ = backend.alloc.set(alloc.clone());
-
-    backend.armed.store(true, Ordering::SeqCst);
-    let got = alloc.malloc(4096, 0, S);
-    assert!(backend.reset_done.load(Ordering::SeqCst));
+    let f = Fixture::new(manual_config());
+    let calls = || f.backend.calls.load(Ordering::SeqCst);
+    let at_reset = Arc::new(AtomicU64::new(0));
+    let (alloc, backend, seen) = (f.alloc.clone(), f.backend.clone(), at_reset.clone());
+    *f.backend.at_next_capture_query.lock().unwrap() = Some(Box::new(move || {
+        alloc.reset_device(0);
+        seen.store(backend.calls.load(Ordering::SeqCst), Ordering::SeqCst);
+    }));
+    let got = f.alloc.malloc(4096, 0, S);
+    assert!(f.alloc.device_was_reset(0));
     assert!(
         matches!(got, Err(AllocError::DeviceReset { device: 0 })),
         "the overtaken allocation got {got:?}"
     );
+    let calls_after_reset = calls();
+    assert_eq!(
+        calls_after_reset,
+        at_reset.load(Ordering::SeqCst),
+        "the overtaken allocation called the backend after the reset"
+    );
 
-    let live: Vec<_> = alloc
+    let live: Vec<_> = f
+        .alloc
         .blocks()
         .into_iter()
         .filter(|b| b.device == 0 && b.state == BlockState::Live)
         .map(|b| b.addr)
         .collect();
-    let accounting = alloc.check_consistency().unwrap();
-    let after = backend.allocations_after_reset.load(Ordering::SeqCst);
+    let accounting = f.alloc.check_consistency().unwrap();
     assert!(
-        live.is_empty() && after == 0,
+        live.is_empty() && f.backend.host.bytes_in_use() == 0,
         "after the reset: LIVE blocks on device 0 {live:x?} (live accounting {:?}), \
-         backend allocations on device 0 {after}",
-        accounting.live
+         backend bytes {}",
+        accounting.live,
+        f.backend.host.bytes_in_use()
     );
-    alloc.shutdown();
+    assert_eq!(f.alloc.malloc(4096, 0, S).ok(), None);
+    assert_eq!(
+        calls(),
+        calls_after_reset,
+        "a backend call after the refusal"
+    );
+    f.alloc.shutdown();
 }

@@ -4,92 +4,35 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use common::{manual_config, secret, TestBackend};
+use common::{manual_config, secret, Fixture, TestBackend};
 use kvhygiene::alloc::{AllocError, Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
-use kvhygiene::backend::StreamHandle;
-use kvhygiene::backend::{Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket};
+use kvhygiene::backend::{Backend, StreamHandle};
 use kvhygiene::config::Config;
 use kvhygiene::events::{Event, EventSink};
 
 const S: StreamHandle = StreamHandle(0);
-
-/// A host backend whose zeroing of fresh memory runs a hook once: the device is reset (by
-/// another thread) while an allocation is between the backend's allocation and the pool's
-/// insertion of the block.
-struct ResetDuringZeroing {
-    host: Arc<HostBackend>,
-    alloc: OnceLock<Allocator>,
-    armed: AtomicBool,
-}
-
-impl Backend for ResetDuringZeroing {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Host
-    }
-    fn device_count(&self) -> u32 {
-        self.host.device_count()
-    }
-    fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        self.host.allocate(device, len)
-    }
-    fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        self.host.release(device, addr, len)
-    }
-    fn zero_fresh(
-        &self,
-        d: u32,
-        a: DevicePtr,
-        l: u64,
-        s: StreamHandle,
-    ) -> Result<(), BackendError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.alloc.get().unwrap().reset_device(d);
-        }
-        self.host.zero_fresh(d, a, l, s)
-    }
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        // SAFETY: this method's own contract, passed on unchanged.
-        unsafe { self.host.submit_scrub(batch) }
-    }
-    fn is_capturing(&self, _d: u32, _s: StreamHandle) -> Result<bool, BackendError> {
-        Ok(false)
-    }
-    fn write(&self, d: u32, a: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        self.host.write(d, a, src)
-    }
-    fn read(&self, d: u32, a: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        self.host.read(d, a, dst)
-    }
-    fn shutdown(&self) {
-        self.host.shutdown()
-    }
-}
 
 /// Fresh memory an allocation got from the backend just before the device's reset began is
 /// not handed out, and the allocator keeps no memory of the backend's outside its block
 /// table: afterwards the backend holds exactly the bytes the pool accounts for.
 #[test]
 fn fresh_memory_a_reset_overtakes_is_not_left_with_the_backend_outside_the_table() {
-    let backend = Arc::new(ResetDuringZeroing {
-        host: HostBackend::new(),
-        alloc: OnceLock::new(),
-        armed: AtomicBool::new(false),
-    });
-    let alloc = Allocator::new(backend.clone(), manual_config(), None);
-    let _ = backend.alloc.set(alloc.clone());
-
-    backend.armed.store(true, Ordering::SeqCst);
-    let got = alloc.malloc(4096, 0, S);
+    let f = Fixture::new(manual_config());
+    let alloc = f.alloc.clone();
+    *f.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
+        alloc.reset_device(0);
+    }));
+    let got = f.alloc.malloc(4096, 0, S);
     assert!(
         matches!(got, Err(AllocError::DeviceReset { device: 0 })),
         "the overtaken allocation got {got:?}"
     );
 
-    let pool = alloc.check_consistency().unwrap().total().bytes;
-    let held = backend.host.bytes_in_use();
+    let pool = f.alloc.check_consistency().unwrap().total().bytes;
+    let held = f.backend.host.bytes_in_use();
     assert_eq!(
         held, pool,
         "the backend holds {held} bytes, the pool accounts for {pool}"

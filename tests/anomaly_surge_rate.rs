@@ -11,16 +11,22 @@ use kvhygiene::events::{AnomalyRule, AnomalySignal};
 
 const W: u64 = 10_000;
 
+/// A detector with the default parameters (a window of `W` ms) starting at `origin`, and a
+/// tenant's request.
+fn detector() -> (Detector, Instant, Context) {
+    let params = Params::from_config(&AnomalyConfig::default());
+    assert_eq!(params.window_ms, W);
+    let origin = Instant::now();
+    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
+    (Detector::new(params, origin), origin, a)
+}
+
 /// A few events straddling the boundary of two fixed windows are one storm: after a surge
 /// record, the next surge record of the same key comes at least a window later.
 #[test]
 fn a_storm_across_a_window_boundary_is_one_surge_record() {
-    let params = Params::from_config(&AnomalyConfig::default());
-    assert_eq!(params.window_ms, W);
-    let origin = Instant::now();
+    let (mut d, origin, a) = detector();
     let at = |ms: u64| origin + Duration::from_millis(ms);
-    let mut d = Detector::new(params, origin);
-    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
     let s = AnomalySignal::InvalidFree;
     let mut surges: Vec<(u64, Anomaly)> = Vec::new();
     let mut feed = |d: &mut Detector, ms: u64, n: u64| {
@@ -57,12 +63,8 @@ fn a_storm_across_a_window_boundary_is_one_surge_record() {
 /// surge.
 #[test]
 fn a_storm_a_thousand_quiet_windows_ago_does_not_hide_a_surge() {
-    let params = Params::from_config(&AnomalyConfig::default());
-    assert_eq!(params.window_ms, W);
-    let origin = Instant::now();
+    let (mut d, origin, a) = detector();
     let at = |ms: u64| origin + Duration::from_millis(ms);
-    let mut d = Detector::new(params, origin);
-    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
     let s = AnomalySignal::TtlExceeded;
     let mut out = Vec::new();
     // A storm in the tenant's first window.
@@ -89,10 +91,7 @@ fn a_storm_a_thousand_quiet_windows_ago_does_not_hide_a_surge() {
 /// at the latest instant it counts are one burst record, not three.
 #[test]
 fn bursts_at_the_end_of_the_time_range_are_one_record_a_window() {
-    let params = Params::from_config(&AnomalyConfig::default());
-    let origin = Instant::now();
-    let mut d = Detector::new(params, origin);
-    let a = Context::new(Some("tenant-a"), Some("req-1"), None).unwrap();
+    let (mut d, origin, a) = detector();
     let late = origin + Duration::from_millis(u64::MAX);
     let mut out = Vec::new();
     for _ in 0..3 {

@@ -47,6 +47,14 @@ pub struct TestBackend {
     /// some batches meet, by stream or options).
     #[allow(clippy::type_complexity)]
     pub refuse: Mutex<Option<Box<dyn Fn(&ScrubBatch) -> Option<BackendError> + Send>>>,
+    /// Run once, at the start of the next capture query (what another thread does while an
+    /// allocation is in its slow path).
+    #[allow(clippy::type_complexity)]
+    pub at_next_capture_query: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run once, at the start of the next zeroing of fresh memory (what another thread does
+    /// between the backend's allocation and the pool's insertion of the block).
+    #[allow(clippy::type_complexity)]
+    pub at_next_zero_fresh: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl TestBackend {
@@ -67,6 +75,8 @@ impl TestBackend {
             capture_query_error: Mutex::new(None),
             after_next_submit: Mutex::new(None),
             refuse: Mutex::new(None),
+            at_next_capture_query: Mutex::new(None),
+            at_next_zero_fresh: Mutex::new(None),
         })
     }
 
@@ -184,6 +194,10 @@ impl Backend for TestBackend {
         l: u64,
         s: StreamHandle,
     ) -> Result<(), BackendError> {
+        let hook = self.at_next_zero_fresh.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.note();
         if let Some(e) = self.zero_fresh_errors.lock().unwrap().pop_front() {
             return Err(e);
@@ -199,6 +213,10 @@ impl Backend for TestBackend {
         submitted
     }
     fn is_capturing(&self, _d: u32, _s: StreamHandle) -> Result<bool, BackendError> {
+        let hook = self.at_next_capture_query.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
         if self.sealed.load(Ordering::SeqCst) {
             self.calls_after_seal.fetch_add(1, Ordering::SeqCst);
         }
