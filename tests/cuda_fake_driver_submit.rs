@@ -592,3 +592,47 @@ fn a_fresh_allocation_whose_zeroing_a_capture_refuses_calls_no_cu_mem_free() {
     alloc.check_consistency().unwrap();
     alloc.shutdown();
 }
+
+/// A batch whose first call on its stream (clearing the new slot's device sums) is refused by
+/// a capture that began after the capture query is deferred, and nothing of it was queued: the
+/// slot's buffers are untouched and its last batch (none) is complete. The slot stays the
+/// device's: the next batch runs on it, with no new device sums or page-locked memory, rather
+/// than every such refusal costing a slot for the life of the process.
+#[test]
+fn a_slot_whose_batch_a_capture_refused_before_any_work_serves_the_next_batch() {
+    use kvhygiene::backend::{Backend, BackendError};
+    let (path, lib) = fake_or_skip!("capture_refused_slot_kept");
+    let b = start(&path);
+    let (base, segs) = small_segments(&b, 4, 60);
+    let (allocs, pinned) = (query(&lib, "mem_allocs", 0), query(&lib, "host_allocs", 0));
+    switch(&lib, "fail_next_memset", 906);
+    // SAFETY: the segments lie in an allocation made above, released only at the end.
+    let refused = unsafe { b.submit_scrub(scrub_batch(segs.clone())) };
+    assert!(
+        matches!(refused, Err(BackendError::StreamCapturing { .. })),
+        "the refused clear defers the batch: {:?}",
+        refused.err()
+    );
+    // SAFETY: as above.
+    let mut ticket = unsafe { b.submit_scrub(scrub_batch(segs)) }.expect("submit");
+    let results = ticket.wait().expect("wait");
+    drop(ticket);
+    let grown = (
+        query(&lib, "mem_allocs", 0) - allocs,
+        query(&lib, "host_allocs", 0) - pinned,
+    );
+    b.release(0, base, 4 * 64).expect("release");
+    b.shutdown();
+    assert!(
+        results.iter().all(|r| r.checked > 0 && r.nonzero == 0),
+        "{results:?}"
+    );
+    assert_eq!(
+        grown,
+        (0, 0),
+        "the slot of the batch the capture refused was lost: the next batch made a new one \
+         ({} cuMemAlloc, {} cuMemHostAlloc)",
+        grown.0,
+        grown.1
+    );
+}

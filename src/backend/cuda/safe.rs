@@ -850,7 +850,16 @@ impl Backend for CudaBackend {
             }
         }
         let shape = ItemGrid::from_u8(self.inner.item_grid.load(Ordering::Relaxed));
-        match enqueue(&self.inner, dev, &mut slot, &mut plan, &batch, shape) {
+        let mut queued = false;
+        match enqueue(
+            &self.inner,
+            dev,
+            &mut slot,
+            &mut plan,
+            &batch,
+            shape,
+            &mut queued,
+        ) {
             Ok(()) => Ok(Box::new(CudaTicket {
                 inner: self.inner.clone(),
                 device: batch.device,
@@ -860,9 +869,18 @@ impl Backend for CudaBackend {
             })),
             // Shutdown began part way: no further driver call, the slot is leaked.
             Err(BackendError::ShuttingDown) => Err(BackendError::ShuttingDown),
-            // A capture refused the batch before its scrub kernel was launched (`enqueue`): an
-            // event recorded on the stream now could be captured too, and the slot never read
-            // as idle again. Leaked (a rare race), the batch deferred as any capture's.
+            // A capture refused the batch's first call on the stream: nothing of the slot's was
+            // queued, and its last use had completed (`acquire_slot`), so it is as idle as it
+            // was. Back for reuse; the batch is deferred as any capture's.
+            Err(e @ BackendError::StreamCapturing { .. }) if !queued => {
+                lock(&dev.slots).push(slot);
+                Err(e)
+            }
+            // A capture refused the batch after the sums' clearing was queued, before its scrub
+            // kernel was launched (`enqueue`): an event recorded on the stream now could be
+            // captured too, and the slot never read as idle again, while the queued clearing
+            // could run under another batch's use of it. Leaked (a rare race), the batch
+            // deferred as any capture's.
             Err(e @ BackendError::StreamCapturing { .. }) => Err(e),
             Err(e) => {
                 give_back_after_error(&self.inner, dev, slot, s);
@@ -1262,7 +1280,8 @@ fn give_back_after_error(inner: &Inner, dev: &Device, mut slot: Slot, s: CUstrea
 }
 
 /// Enqueues one batch on its stream, which `submit_scrub` has ordered after the batch's wait
-/// streams (see the module docs for the order).
+/// streams (see the module docs for the order). `queued` is set once a call has queued work
+/// of the slot's on the stream: until then a failure leaves the slot as idle as it was.
 fn enqueue(
     inner: &Inner,
     dev: &Device,
@@ -1270,6 +1289,7 @@ fn enqueue(
     plan: &mut kernel::Plan,
     batch: &ScrubBatch,
     shape: ItemGrid,
+    queued: &mut bool,
 ) -> Result<(), BackendError> {
     let d = &inner.driver;
     let s = stream_of(batch.stream);
@@ -1285,6 +1305,7 @@ fn enqueue(
         // context that only this slot's batches use; 2. the batch's stream.
         unsafe { r::memset_d8_async(d, slot.sums, slot.segments * RESULT_BYTES, s) }
             .map_err(refused)?;
+        *queued = true;
         slot.sums_dirty = false;
     }
     // Clear the host's result slots: a segment the kernel never reaches reads "0 checked",
@@ -1323,6 +1344,7 @@ fn enqueue(
         let grid = u32::try_from(blocks)
             .map_err(|_| BackendError::Other(format!("{blocks} blocks in one launch")))?;
         launch(d, f, grid, s, &mut plan.params).map_err(refused)?;
+        *queued = true;
         // A launch may block (a full launch queue) while shutdown begins.
         inner.live()?;
     }
