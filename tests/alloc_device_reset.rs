@@ -91,3 +91,24 @@ fn a_checked_ahead_free_of_a_block_the_reset_freed_is_valid_once() {
     }
     assert_eq!(f.sink.count("invalid_free"), 1);
 }
+
+/// `check_free` answers for a block the reset freed as `free` does, also once the block's
+/// memory went back to the device after its scrub (`empty_cache`): `free` accepts the
+/// holder's free of it once, so the check says it is valid and counts no invalid free.
+#[test]
+fn a_checked_ahead_free_of_a_block_the_reset_freed_and_released_is_valid_once() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 0, 0);
+    assert_eq!(f.alloc.reset_device(0), 1);
+    f.alloc.synchronize().unwrap();
+    f.alloc.empty_cache();
+    assert_eq!(f.alloc.block_info(held).map(|b| b.state), None);
+    let checked = f.alloc.check_free(held, 0);
+    let freed = f.alloc.free(held, 4096, 0, S).map(|_| ());
+    assert_eq!(
+        (checked, freed),
+        (Ok(4096), Ok(())),
+        "check_free and free disagree on the holder's free of a block the reset freed"
+    );
+    assert_eq!(f.sink.count("invalid_free"), 0);
+}

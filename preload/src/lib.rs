@@ -725,7 +725,10 @@ fn held(ptr: *mut c_void) -> Option<(&'static Allocator, BlockSpan)> {
     let alloc = started_process_allocator()?;
     alloc
         .block_containing(ptr as u64)
-        // The reset freed it: what is at that address now is the runtime's.
+        // A block a device reset freed on its holder's behalf, and since returned to the
+        // device: its holder's free is still the allocator's (accepted once).
+        .or_else(|| alloc.block_freed_by_reset(ptr as u64))
+        // The reset was made: what is at that address now is the runtime's.
         .filter(|span| !reset::was_done(span.device))
         .map(|span| (alloc, span))
 }

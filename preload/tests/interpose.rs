@@ -1231,3 +1231,23 @@ fn a_device_reset_that_fails_leaves_the_devices_blocks_kvhygienes() {
         ("rc_malloc_after_failed_reset", 4),
     ]);
 }
+
+#[test]
+fn a_device_reset_that_fails_keeps_the_free_of_a_retired_block_kvhygienes() {
+    // The reset's free of the engine's block retires it (KVH_MAX_REUSE=1), so its scrub
+    // returns its memory to the device before the runtime's reset, which then fails. The engine's free of the block the reset freed is kvhygiene's,
+    // accepted once, and does not reach the runtime.
+    let Some(b) = built() else { return };
+    let r = run(
+        b,
+        "device-reset-that-fails-retired",
+        true,
+        &[("KVH_MAX_REUSE", "1")],
+    );
+    r.expect(&[
+        ("rc_malloc_held", 0),
+        ("rc_reset", 999),
+        ("rc_free_held", 0),
+        ("real_frees_of_held", 0),
+    ]);
+}

@@ -1163,6 +1163,27 @@ impl Allocator {
         })
     }
 
+    /// A block [`Allocator::reset_device`] freed on its holder's behalf whose holder has not
+    /// freed it yet, as a front end that asks [`Allocator::block_containing`] first must still
+    /// offer that free to the allocator: also one that went back to the device since (its
+    /// scrub retired it, or the cache was emptied), which `block_containing` no longer finds.
+    /// `capacity` is the size asked for; `live` is false. One atomic load per device for a
+    /// process that reset none.
+    pub fn block_freed_by_reset(&self, ptr: u64) -> Option<BlockSpan> {
+        (0..self.inner.pools.len() as u32)
+            .filter(|&d| self.device_was_reset(d))
+            .find_map(|d| {
+                let requested = self.pool(d).freed_by_reset_requested(ptr)?;
+                Some(BlockSpan {
+                    device: d,
+                    addr: ptr,
+                    requested,
+                    capacity: requested,
+                    live: false,
+                })
+            })
+    }
+
     /// Every block the pool holds, on every device.
     pub fn blocks(&self) -> Vec<BlockInfo> {
         (0..self.inner.pools.len() as u32)

@@ -216,10 +216,11 @@ pub(crate) struct DevicePool {
     /// The process is resetting, or reset, this device's context (`Allocator::reset_device`):
     /// nothing is handed out any more, neither from the free lists nor fresh.
     reset: bool,
-    /// The blocks the reset freed on their holders' behalf, each with the scrub sequence its
-    /// verdict is watched under once the free is made: the holder's own free of one
-    /// afterwards is accepted once and does nothing (a checked one answers that verdict).
-    freed_by_reset: HashMap<u64, Option<u64>>,
+    /// The blocks the reset freed on their holders' behalf, each with the size its holder asked
+    /// for and the scrub sequence its verdict is watched under once the free is made: the
+    /// holder's own free of one afterwards is accepted once and does nothing (a checked one
+    /// answers that verdict), also after the block went back to the device.
+    freed_by_reset: HashMap<u64, (u64, Option<u64>)>,
 }
 
 impl DevicePool {
@@ -255,8 +256,10 @@ impl DevicePool {
             .filter(|b| b.state == BlockState::Live)
             .map(|b| (b.addr, b.requested))
             .collect();
-        self.freed_by_reset
-            .extend(live.iter().map(|&(addr, _)| (addr, None)));
+        self.freed_by_reset.extend(
+            live.iter()
+                .map(|&(addr, requested)| (addr, (requested, None))),
+        );
         live
     }
 
@@ -264,7 +267,7 @@ impl DevicePool {
     /// holder's own free already came.
     pub(crate) fn freed_by_reset_as(&mut self, addr: u64, seq: u64) {
         match self.freed_by_reset.get_mut(&addr) {
-            Some(watched) => *watched = Some(seq),
+            Some((_, watched)) => *watched = Some(seq),
             None => self.unwatch(seq),
         }
     }
@@ -272,7 +275,15 @@ impl DevicePool {
     /// `Some(watched seq)` when `ptr` is a block the reset freed whose holder had not freed it
     /// yet; forgets it (a second free of it is a double free).
     pub(crate) fn take_freed_by_reset(&mut self, ptr: u64) -> Option<Option<u64>> {
-        self.freed_by_reset.remove(&ptr)
+        self.freed_by_reset.remove(&ptr).map(|(_, watched)| watched)
+    }
+
+    /// The size its holder asked for, when `ptr` is a block the reset freed whose holder had
+    /// not freed it yet (held by the pool or not).
+    pub(crate) fn freed_by_reset_requested(&self, ptr: u64) -> Option<u64> {
+        self.freed_by_reset
+            .get(&ptr)
+            .map(|&(requested, _)| requested)
     }
 
     /// Blocks freed that are neither reusable nor returned and could still become one or the
@@ -536,10 +547,12 @@ impl DevicePool {
     pub(crate) fn refuse_unless_live(&mut self, addr: u64) -> Result<u64, Refused> {
         match self.blocks.get(&addr) {
             Some(b) if b.state == BlockState::Live => Ok(b.requested),
-            // Freed by a device reset on its holder's behalf: the holder's free of it is
-            // accepted (once, by `Allocator::free`).
-            Some(b) if self.freed_by_reset.contains_key(&addr) => Ok(b.requested),
-            _ => Err(self.refuse(addr)),
+            // Freed by a device reset on its holder's behalf, held or since returned to the
+            // device: the holder's free of it is accepted (once, by `Allocator::free`).
+            _ => match self.freed_by_reset_requested(addr) {
+                Some(requested) => Ok(requested),
+                None => Err(self.refuse(addr)),
+            },
         }
     }
 

@@ -10,7 +10,8 @@
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
 //        forwarded-allocation-without-real-function | captured-allocation | device-reset |
-//        device-reset-during-capture | device-reset-that-fails | device-reset-c-api-malloc |
+//        device-reset-during-capture | device-reset-that-fails |
+//        device-reset-that-fails-retired | device-reset-c-api-malloc |
 //        device-reset-then-captured-allocation | device-reset-c-api-free
 
 #include <dlfcn.h>
@@ -939,6 +940,21 @@ static int scenario_device_reset_that_fails() {
     return 0;
 }
 
+// cudaDeviceReset whose real reset fails, the engine's block one the reset's free retires
+// (KVH_MAX_REUSE=1: a block is served once): the engine's free of it after the failed reset.
+static int scenario_device_reset_that_fails_retired() {
+    const size_t N = 4096;
+    void* held = nullptr;
+    out("rc_malloc_held", cudaMalloc(&held, N));
+    fake_cudart_fail_reset(999);
+    out("rc_reset", cudaDeviceReset());
+    int frees = fake_cudart_calls("cudaFree");
+    out("rc_free_held", cudaFree(held));
+    out("real_frees_of_held", fake_cudart_calls("cudaFree") - frees);
+    out("done", 1);
+    return 0;
+}
+
 // cudaDeviceReset refused by a graph capture under way: nothing of kvhygiene's changes.
 static int scenario_device_reset_during_capture() {
     const size_t N = 4096;
@@ -1046,6 +1062,8 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset();
     if (std::strcmp(which, "device-reset-during-capture") == 0) return scenario_device_reset_during_capture();
     if (std::strcmp(which, "device-reset-that-fails") == 0) return scenario_device_reset_that_fails();
+    if (std::strcmp(which, "device-reset-that-fails-retired") == 0)
+        return scenario_device_reset_that_fails_retired();
     if (std::strcmp(which, "device-reset-c-api-malloc") == 0) return scenario_device_reset_c_api_malloc();
     if (std::strcmp(which, "device-reset-c-api-free") == 0) return scenario_device_reset_c_api_free();
     if (std::strcmp(which, "device-reset-then-captured-allocation") == 0)
