@@ -288,7 +288,6 @@ impl Allocator {
             .filter(|&s| s > 0)
             .ok_or(AllocError::InvalidSize(size))?;
         let dev = self.device_index(device)?;
-        self.refuse_if_reset(dev)?;
         let class = SizeClass::of(size).ok_or(AllocError::OutOfMemory { size, device: dev })?;
         let ctx = Context::current();
         let isolation = self.inner.config.tenant_isolation;
@@ -302,14 +301,13 @@ impl Allocator {
 
     /// [`AllocError::DeviceReset`] once `reset_device(dev)` has begun. The pool's own mark,
     /// set under its lock with this flag, keeps every hand-out exact (`pop_clean`,
-    /// `pop_exact`, `insert_fresh`); this check spares the backend calls a refused
-    /// allocation would make before it.
-    #[inline]
+    /// `pop_exact`, `insert_fresh`), the hot path's pop included; this check, on the slow
+    /// path, spares the backend calls a refused allocation would make before it.
     fn refuse_if_reset(&self, dev: u32) -> Result<(), AllocError> {
-        match self.device_was_reset(dev) {
-            true => Err(AllocError::DeviceReset { device: dev }),
-            false => Ok(()),
+        if self.device_was_reset(dev) {
+            return Err(AllocError::DeviceReset { device: dev });
         }
+        Ok(())
     }
 
     #[cold]
@@ -648,9 +646,10 @@ impl Allocator {
     /// For front ends that must not begin a free's side effects (a device synchronisation, a
     /// graph capture's refusal) before they know the free is valid: the size the block's
     /// caller asked for when `ptr` is now the start of a LIVE block of `device`, or of a block
-    /// a device reset freed on its holder's behalf, which a free would accept; otherwise the free is refused and logged as [`Allocator::free`] refuses
-    /// it, and its error returned. Checked under the pool lock: a block handed out again
-    /// meanwhile is left alone, to be freed as any other (with the size returned).
+    /// a device reset freed on its holder's behalf, which a free would accept; otherwise the
+    /// free is refused and logged as [`Allocator::free`] refuses it, and its error returned.
+    /// Checked under the pool lock: a block handed out again meanwhile is left alone, to be
+    /// freed as any other (with the size returned).
     pub fn check_free(&self, ptr: u64, device: i32) -> Result<u64, FreeError> {
         let dev = self.free_device(ptr, device)?;
         let checked = self.with_pool(dev, |pool, _, _, _| pool.refuse_unless_live(ptr));
@@ -859,8 +858,7 @@ impl Allocator {
         self.drain_pool(dev, self.scrub_horizon());
         match self.pool(dev).block(ptr).map(|b| b.state) {
             Some(BlockState::Clean) => Ok(()),
-            None => Err(FreeError::VerifyFailed { addr: ptr }),
-            Some(BlockState::Quarantined) => Err(FreeError::VerifyFailed { addr: ptr }),
+            Some(BlockState::Quarantined) | None => Err(FreeError::VerifyFailed { addr: ptr }),
             Some(BlockState::Pending | BlockState::Live) => Err(FreeError::ShutDown { addr: ptr }),
         }
     }
