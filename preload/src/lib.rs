@@ -17,7 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
-//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation |
+//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
 //! under an invalid `KVH_PRELOAD`, whose allocations are refused there as in the parent.
@@ -347,9 +347,9 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// address may hold the runtime's memory by then), and a `kvh_free` of a block the reset
 /// freed is accepted once and does nothing (other invalid frees are refused as ever; the
 /// forensic log has stopped by then, so they are not in it). When the real reset fails, the
-/// memory is still there and stays kvhygiene's: its frees are kvhygiene's, never forwarded. The common use, a reset at the end of `main`, thus leaves nothing
-/// unscrubbed on that device.
-/// The shutdown is process-wide: a later reset of another device finds kvhygiene down, and
+/// memory is still there and stays kvhygiene's: its frees are kvhygiene's, never forwarded.
+/// The common use, a reset at the end of `main`, thus leaves nothing unscrubbed on that
+/// device. The shutdown is process-wide: a later reset of another device finds kvhygiene down, and
 /// its blocks still handed out are not scrubbed (as at exit).
 ///
 /// A graph capture that refuses the synchronisation, or a failed `cudaGetDevice`, is returned,
@@ -369,12 +369,12 @@ pub extern "C" fn cudaDeviceReset() -> cudaError_t {
             if is_capture_error(synced) {
                 return synced;
             }
+            // Noted first, so that an allocation refused from here on says why.
+            reset::begun();
             // From here on nothing of the device's memory is handed out, not even a clean
             // pooled block; the blocks still handed out are freed (an earlier asynchronous
             // error does not keep them from their scrub, as in `free_held`; the reset, which
             // clears such an error, follows) and scrubbed by the shutdown.
-            // Noted first, so that an allocation refused from here on says why.
-            reset::begun();
             if let Ok(device) = u32::try_from(device) {
                 alloc.reset_device(device);
             }
