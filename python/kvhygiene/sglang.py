@@ -161,6 +161,15 @@ _FREE_LISTS = ("free_pages", "release_pages")
 #: page-id batches, counted in ``num_staged_pages``.
 _STAGED = "staged_pages"
 
+#: What a refused scrub at ``restore_state`` puts back as it was before the call: every list
+#: a page can be free in, and the count the allocator keeps of its staged pages.
+_RESTORED = _FREE_LISTS + (_STAGED, "num_staged_pages")
+
+
+def _snapshot(held):
+    """``held`` as it is now: a shallow copy of a list, anything else as it is."""
+    return list(held) if isinstance(held, list) else held
+
 
 def _page_ids(held) -> List[int]:
     """Page ids of a free list or batch (a tensor or a sequence)."""
@@ -361,9 +370,11 @@ class ScrubOnFree:
         ``backup_state`` saved, freeing every page handed out since without ``free``): the
         pages it makes free are scrubbed before the call returns. A page that fails
         verification is withheld and taken out of the free lists, as is a withheld page the
-        saved lists hold. A scrub the library refuses raises and leaves the free lists as
-        they were before the call."""
-        before = {name: getattr(self.allocator, name) for name in _FREE_LISTS if hasattr(self.allocator, name)}
+        saved lists hold. A scrub the library refuses raises and leaves the free lists (the
+        staged batches and their count included) as they were before the call."""
+        # A list is copied (the allocator may change it in place); a tensor is replaced, not
+        # changed, by the allocators this wraps, and is kept as is.
+        before = {name: _snapshot(getattr(self.allocator, name)) for name in _RESTORED if hasattr(self.allocator, name)}
         was_free = self._free_set()
         result = self.original_restore(*args, **kwargs)
         freed = sorted(self._free_set() - was_free - self.withheld)

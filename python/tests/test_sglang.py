@@ -421,6 +421,48 @@ def test_a_refused_scrub_at_a_restore_raises_and_leaves_the_free_lists_as_they_w
     assert alloc.free_pages == before, "pages that were not scrubbed were made free"
 
 
+class StagingSpeculativeAllocator(SpeculativeAllocator):
+    """A speculative allocator whose ``free`` stages pages in ``staged_pages`` (batches,
+    counted in ``num_staged_pages``) and whose ``backup_state`` / ``restore_state`` save and
+    put back the staged batches with the free lists."""
+
+    def __init__(self, page_size):
+        super().__init__(page_size)
+        self.staged_pages = []
+        self.num_staged_pages = 0
+
+    def free(self, free_index):
+        pages = sorted({i // self.page_size for i in free_index})
+        self.staged_pages.append(pages)
+        self.num_staged_pages += len(pages)
+
+    def backup_state(self):
+        return super().backup_state() + ([list(b) for b in self.staged_pages], self.num_staged_pages)
+
+    def restore_state(self, state):
+        self.free_pages, self.release_pages, staged, self.num_staged_pages = state
+        self.staged_pages.clear()  # in place, as a list's owner may
+        self.staged_pages.extend(staged)
+
+
+def test_a_refused_scrub_at_a_restore_leaves_the_staged_pages_as_they_were():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = StagingSpeculativeAllocator(page_size=2)
+    scrub_on_free(alloc, layouts_of(pool))
+    first = alloc.alloc(2)  # page 1
+    saved = alloc.backup_state()  # page 1 taken, nothing staged
+    alloc.alloc(4)  # pages 2 and 3: a draft step's
+    alloc.free(first)  # page 1 scrubbed, then staged
+    staged, counted = [list(b) for b in alloc.staged_pages], alloc.num_staged_pages
+    assert staged == [[1]] and counted == 1
+    pool.release()  # the pool's memory is freed: the scrub is refused
+    with pytest.raises(kvhygiene.KvhError):
+        alloc.restore_state(saved)
+    assert alloc.staged_pages == staged, "the refused restore dropped a page that was staged as free"
+    assert alloc.num_staged_pages == counted
+
+
 def test_an_allocator_whose_restore_frees_cannot_be_seen_is_refused():
     class Opaque(TokenAllocator):
         def restore_state(self, state):
