@@ -125,3 +125,34 @@ fn an_allocation_a_reset_overtakes_leaves_nothing_live_on_the_reset_device() {
     );
     f.alloc.shutdown();
 }
+
+/// An allocation whose device's reset begins while its fresh memory is being zeroed, and
+/// whose zeroing a graph capture then refuses, is refused as every allocation on a reset
+/// device is (`DeviceReset`, which the interposers answer with `cudaErrorCudartUnloading`),
+/// and the reset device's pool takes no new block.
+#[test]
+fn an_allocation_a_reset_overtakes_during_a_refused_zeroing_is_refused_as_reset() {
+    let f = Fixture::new(manual_config());
+    let alloc = f.alloc.clone();
+    *f.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
+        alloc.reset_device(0);
+    }));
+    f.backend.zero_fresh_errors.lock().unwrap().push_back(
+        kvhygiene::backend::BackendError::StreamCapturing {
+            stream: 0,
+            what: "zeroing fresh memory",
+        },
+    );
+    let got = f.alloc.malloc(4096, 0, S);
+    let on_device_0: Vec<_> = f
+        .alloc
+        .blocks()
+        .into_iter()
+        .filter(|b| b.device == 0)
+        .map(|b| (b.addr, b.state))
+        .collect();
+    assert!(
+        matches!(got, Err(AllocError::DeviceReset { device: 0 })) && on_device_0.is_empty(),
+        "the overtaken allocation got {got:?}; device 0's pool holds {on_device_0:x?}"
+    );
+}

@@ -128,32 +128,6 @@ struct Inner {
     started_at: f64,
 }
 
-/// The blocks `Allocator::reset_device` has still to free, first the one it is freeing. If it
-/// unwinds part-way (an event sink's panic), each of them still LIVE goes back to being its
-/// holder's to free: otherwise the holder's `free` would do nothing and leave it unscrubbed.
-struct NotFreedByReset<'a> {
-    alloc: &'a Allocator,
-    dev: u32,
-    left: std::collections::VecDeque<u64>,
-}
-
-impl Drop for NotFreedByReset<'_> {
-    fn drop(&mut self) {
-        if self.left.is_empty() {
-            return;
-        }
-        let mut pool = self.alloc.pool(self.dev);
-        for &addr in &self.left {
-            if pool
-                .block(addr)
-                .is_some_and(|b| b.state == BlockState::Live)
-            {
-                pool.take_freed_by_reset(addr);
-            }
-        }
-    }
-}
-
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
 /// after it began, before it waits for the older work only.
 const NEWER_ROUNDS: usize = 64;
@@ -495,9 +469,14 @@ impl Allocator {
             if matches!(e, BackendError::StreamCapturing { .. }) {
                 // A capture began since the capture query: no `cuMemFree` while it lasts.
                 let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-                self.with_pool(dev, |pool, backend, config, after| {
-                    pool.insert_unzeroed(block, seq, backend, config, after);
+                let kept = self.with_pool(dev, |pool, backend, config, after| {
+                    pool.insert_unzeroed(block, seq, backend, config, after)
                 });
+                if !kept {
+                    // The device's reset began meanwhile: the memory, which the capture
+                    // keeps from going back now and which nobody was handed, goes with it.
+                    return Err(AllocError::DeviceReset { device: dev });
+                }
                 return Err(self.allocation_failed(size, dev, e));
             }
             if let Err(release) = backend.release(dev, addr, class.capacity) {
@@ -532,10 +511,8 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if let Some((dev, watched)) = self.freed_by_reset(ptr, device) {
-            if let Some(seq) = watched {
-                self.pool(dev).unwatch(seq);
-            }
+        if let Some((dev, seq)) = self.freed_by_reset(ptr, device) {
+            self.pool(dev).unwatch(seq);
             return Ok(FreeReport::default());
         }
         self.free_inner(ptr, size, device, stream, false)
@@ -553,12 +530,8 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if let Some((dev, watched)) = self.freed_by_reset(ptr, device) {
-            return match watched {
-                Some(seq) => self.verdict(ptr, dev, seq),
-                None => self.verdict_by_state(ptr, dev),
-            }
-            .map(|()| FreeReport::default());
+        if let Some((dev, seq)) = self.freed_by_reset(ptr, device) {
+            return self.verdict(ptr, dev, seq).map(|()| FreeReport::default());
         }
         let (report, freed) = self.free_inner(ptr, size, device, stream, true)?;
         let Some((dev, seq)) = freed else {
@@ -786,7 +759,9 @@ impl Allocator {
     /// clean pooled block (its memory goes with the reset). Every block still LIVE on
     /// `device` is freed now, on its holder's behalf, so that its scrub runs before the reset
     /// (at the next flush, or at the `shutdown` the caller makes next); the holder's own
-    /// free of it afterwards is accepted once and does nothing. Returns how many.
+    /// free of it afterwards is accepted once and does nothing. A holder's free that comes
+    /// before the reset's frees it as any free does. Returns how many the reset freed: a
+    /// second call (a second thread's reset) frees those the first has not reached yet.
     ///
     /// The caller synchronises the device first, as the free of each block would, and
     /// shuts the allocator down before the reset: the backend's module and buffers are in
@@ -798,31 +773,27 @@ impl Allocator {
         };
         // Both marks under the pool lock: a hand-out after it is refused, and a holder's free
         // after it finds its block among those the reset frees.
-        let live = {
+        let listed = {
             let mut pool = self.pool(device);
             flag.store(true, Ordering::SeqCst);
             pool.mark_reset()
         };
-        let mut freeing = NotFreedByReset {
-            alloc: self,
-            dev: device,
-            left: live.iter().map(|&(addr, _)| addr).collect(),
-        };
+        // One lock per block, as a free takes: the holders' frees and the device's other
+        // work go on between them. A block its holder frees first is left to that free, so
+        // that one unwinding here (an event sink's panic) leaves the rest to their holders.
         let mut freed = 0;
-        for (addr, requested) in live {
-            let requested = i64::try_from(requested).unwrap_or(i64::MAX);
-            match self.free_inner(addr, requested, device as i32, StreamHandle(0), true) {
-                Ok((_, Some((_, seq)))) => {
-                    self.pool(device).freed_by_reset_as(addr, seq);
-                    freed += 1;
+        for addr in listed {
+            let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+            let exiting = self.inner.shutting_down.load(Ordering::Acquire);
+            let made = self.with_pool(device, |pool, backend, config, after| {
+                let made = pool.free_for_reset(addr, seq, config, after);
+                // Once exit has begun the block stays PENDING (leaked): no backend calls.
+                if made && !exiting {
+                    pool.enqueue(addr, StreamHandle(0), backend, config, after);
                 }
-                // Not freed here (its holder's free came first): a later free of it is judged
-                // as any other.
-                _ => {
-                    self.pool(device).take_freed_by_reset(addr);
-                }
-            }
-            freeing.left.pop_front();
+                made
+            });
+            freed += usize::from(made);
         }
         freed
     }
@@ -837,30 +808,17 @@ impl Allocator {
     }
 
     /// For the first free of a block the reset freed on its holder's behalf (which then does
-    /// nothing): its device and the scrub sequence its verdict is watched under (`None` while
-    /// the reset's free of it is being made). `None` for every other free, which goes on as
-    /// any free (refused and logged when invalid). One atomic load for a device never reset.
+    /// nothing): its device and the scrub sequence its verdict is watched under. `None` for
+    /// every other free, which goes on as any free (refused and logged when invalid), also
+    /// that of a block the reset listed and has not freed yet, which it then leaves to this
+    /// free. One atomic load for a device never reset.
     #[inline]
-    fn freed_by_reset(&self, ptr: u64, device: i32) -> Option<(u32, Option<u64>)> {
+    fn freed_by_reset(&self, ptr: u64, device: i32) -> Option<(u32, u64)> {
         let dev = u32::try_from(device)
             .ok()
             .filter(|&d| self.device_was_reset(d))?;
-        let watched = self.pool(dev).take_freed_by_reset(ptr)?;
-        Some((dev, watched))
-    }
-
-    /// What `free_checked` answers for a block the reset was still freeing when its holder
-    /// freed it (no verdict watched): the state its scrub left, once the device's scrubs are
-    /// applied (waited for, unless exit began). A block no longer held was returned to the
-    /// device after its scrub, which it passed or failed: unknown, so not verified.
-    #[cold]
-    fn verdict_by_state(&self, ptr: u64, dev: u32) -> Result<(), FreeError> {
-        self.drain_pool(dev, self.scrub_horizon());
-        match self.pool(dev).block(ptr).map(|b| b.state) {
-            Some(BlockState::Clean) => Ok(()),
-            Some(BlockState::Quarantined) | None => Err(FreeError::VerifyFailed { addr: ptr }),
-            Some(BlockState::Pending | BlockState::Live) => Err(FreeError::ShutDown { addr: ptr }),
-        }
+        let seq = self.pool(dev).claim_freed_by_reset(ptr)?;
+        Some((dev, seq))
     }
 
     // ----- whole-pool operations ------------------------------------------------------------

@@ -216,10 +216,12 @@ pub(crate) struct DevicePool {
     /// The process is resetting, or reset, this device's context (`Allocator::reset_device`):
     /// nothing is handed out any more, neither from the free lists nor fresh.
     reset: bool,
-    /// The blocks the reset freed on their holders' behalf, each with the size its holder asked
-    /// for and the scrub sequence its verdict is watched under once the free is made: the
-    /// holder's own free of one afterwards is accepted once and does nothing (a checked one
-    /// answers that verdict), also after the block went back to the device.
+    /// The blocks the reset frees on their holders' behalf, each with the size its holder asked
+    /// for and, once the reset's free of it is made, the scrub sequence its verdict is watched
+    /// under: the holder's own free of one afterwards is accepted once and does nothing (a
+    /// checked one answers that verdict), also after the block went back to the device.
+    /// Invariant: an entry without a sequence is a LIVE block (or one a free of its holder's
+    /// that missed the reset mark took; `free_for_reset` drops that entry).
     freed_by_reset: HashMap<u64, (u64, Option<u64>)>,
 }
 
@@ -245,40 +247,72 @@ impl DevicePool {
 
     // ----- device reset ---------------------------------------------------------------------
 
-    /// Marks the device reset (nothing is handed out from now on) and returns its LIVE
-    /// blocks, which the reset is about to free: their holders' own frees of them are
-    /// accepted once and do nothing ([`Self::take_freed_by_reset`]).
-    pub(crate) fn mark_reset(&mut self) -> Vec<(u64, u64)> {
-        self.reset = true;
-        let live: Vec<(u64, u64)> = self
-            .blocks
-            .values()
-            .filter(|b| b.state == BlockState::Live)
-            .map(|b| (b.addr, b.requested))
-            .collect();
-        self.freed_by_reset.extend(
-            live.iter()
-                .map(|&(addr, requested)| (addr, (requested, None))),
-        );
-        live
-    }
-
-    /// The reset's free of `addr` was made, its verdict watched under `seq`; unwatched when the
-    /// holder's own free already came.
-    pub(crate) fn freed_by_reset_as(&mut self, addr: u64, seq: u64) {
-        match self.freed_by_reset.get_mut(&addr) {
-            Some((_, watched)) => *watched = Some(seq),
-            None => self.unwatch(seq),
+    /// Marks the device reset (nothing is handed out from now on) and returns the LIVE blocks
+    /// the reset is to free on their holders' behalf ([`Self::free_for_reset`]). The first
+    /// call lists every LIVE block. A later one (a second reset of the device, maybe while
+    /// the first is still freeing) returns only those still listed: a block whose holder
+    /// took it back ([`Self::claim_freed_by_reset`]) is its holder's to free.
+    pub(crate) fn mark_reset(&mut self) -> Vec<u64> {
+        if !self.reset {
+            self.reset = true;
+            let live = self.blocks.values().filter(|b| b.state == BlockState::Live);
+            let listed: Vec<_> = live.map(|b| (b.addr, (b.requested, None))).collect();
+            self.freed_by_reset.extend(listed);
         }
+        let mut listed: Vec<u64> = self
+            .freed_by_reset
+            .iter()
+            .filter(|(_, &(_, seq))| seq.is_none())
+            .map(|(&addr, _)| addr)
+            .collect();
+        // In address order, as the block table lists them: the frees' order does not hang
+        // on the map's.
+        listed.sort_unstable();
+        listed
     }
 
-    /// `Some(watched seq)` when `ptr` is a block the reset freed whose holder had not freed it
-    /// yet; forgets it (a second free of it is a double free).
-    pub(crate) fn take_freed_by_reset(&mut self, ptr: u64) -> Option<Option<u64>> {
-        self.freed_by_reset.remove(&ptr).map(|(_, watched)| watched)
+    /// The reset's free of `addr` on its holder's behalf (scrub sequence `seq`, watched for a
+    /// checked free of the holder's), or `false` when the block is no longer the reset's to
+    /// free: its holder freed or claimed it first, or another reset of the device freed it.
+    /// Nothing is refused or recorded then. Entry and free change together, under the pool
+    /// lock: a block is freed once, by the reset or by its holder.
+    pub(crate) fn free_for_reset(
+        &mut self,
+        addr: u64,
+        seq: u64,
+        config: &Config,
+        after: &mut Aftermath,
+    ) -> bool {
+        let Some(&(requested, None)) = self.freed_by_reset.get(&addr) else {
+            return false;
+        };
+        let live = self
+            .blocks
+            .get(&addr)
+            .is_some_and(|b| b.state == BlockState::Live);
+        // Not LIVE: a free of its holder's that came before the reset mark was seen.
+        let freed = live
+            && self
+                .begin_free(addr, requested as i64, StreamHandle(0), seq, config, after)
+                .is_ok();
+        if !freed {
+            self.freed_by_reset.remove(&addr);
+            return false;
+        }
+        self.freed_by_reset.insert(addr, (requested, Some(seq)));
+        self.watch(seq);
+        true
     }
 
-    /// The size its holder asked for, when `ptr` is a block the reset freed whose holder had
+    /// The holder's free of `ptr`, when the reset listed it: forgets it (a second free of it
+    /// is judged as any other). `Some(seq)` when the reset freed it, its verdict watched
+    /// under `seq`: the holder's free is then done. `None` when the reset had not freed it
+    /// yet: the reset now leaves it to the holder's free, which frees it as any LIVE block.
+    pub(crate) fn claim_freed_by_reset(&mut self, ptr: u64) -> Option<u64> {
+        self.freed_by_reset.remove(&ptr).and_then(|(_, seq)| seq)
+    }
+
+    /// The size its holder asked for, when `ptr` is a block the reset listed whose holder had
     /// not freed it yet (held by the pool or not).
     pub(crate) fn freed_by_reset_requested(&self, ptr: u64) -> Option<u64> {
         self.freed_by_reset
@@ -435,8 +469,10 @@ impl DevicePool {
     /// capture forbids. Kept instead as a PENDING block that nobody was handed, its scrub
     /// queued on `stream` (deferred, as every scrub is, until the capture ends); once that
     /// scrub verifies it joins the free lists CLEAN. Counted as fresh memory from the backend,
-    /// not as an allocation or a free.
+    /// not as an allocation or a free. Once the device is reset it is not added (its memory
+    /// goes with the reset): `false`.
     #[cold]
+    #[must_use]
     pub(crate) fn insert_unzeroed(
         &mut self,
         mut block: Block,
@@ -444,7 +480,10 @@ impl DevicePool {
         backend: &dyn Backend,
         config: &Config,
         after: &mut Aftermath,
-    ) {
+    ) -> bool {
+        if self.reset {
+            return false;
+        }
         let capacity = block.capacity();
         let (addr, stream) = (block.addr, block.free_stream);
         block.state = BlockState::Pending;
@@ -461,6 +500,7 @@ impl DevicePool {
         s.counters.bytes_allocated_fresh += capacity;
         self.blocks.insert(addr, block);
         self.enqueue(addr, stream, backend, config, after);
+        true
     }
 
     /// Whether batches of this pool are on the device (in flight here, or being waited on by
