@@ -703,6 +703,7 @@ fn the_checkpoints_file_stays_and_a_checkpoint_in_moved_files_fails() {
     let earlier = Checkpoint {
         seq: first["seq"].as_u64().unwrap(),
         hash: kvhygiene::forensic::record::parse_hash(first["hash"].as_str().unwrap()).unwrap(),
+        file: files[0].file_name().unwrap().to_str().unwrap().to_string(),
         ..c
     };
     checkpoint::write(&s.log, &signer, &earlier).unwrap();

@@ -652,3 +652,81 @@ fn a_record_with_a_second_mac_member_in_its_body_is_reported() {
     );
     assert_eq!(r.exit_code(), 1);
 }
+
+/// A checkpoint's `file` is the file holding record `seq` (docs/forensic-log.md, "Signed
+/// checkpoints"), and the independent verifier of the spec (tests/python) refuses one that
+/// names another file. `verify-log` is expected to refuse it as well.
+#[test]
+fn checkpoint_naming_another_file_than_the_one_holding_its_seq_fails() {
+    use kvhygiene::forensic::checkpoint::{self, Checkpoint};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let path = fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let old = checkpoint::peek(&path).unwrap().unwrap();
+    let other = name(&chain_files(&dir)[0]);
+    assert_ne!(old.file, other);
+    let signer =
+        kvhygiene::forensic::keys::read_signing_key(&tmp.path().join("signer.key")).unwrap();
+    checkpoint::write(&ck, &signer, &Checkpoint { file: other, ..old }).unwrap();
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    let said = format!("{:?} {:?}", r.errors, r.first_problem());
+    assert!(said.contains("the signed checkpoint names file"), "{said}");
+    assert!(
+        !r.ok(),
+        "a checkpoint naming a file that does not hold its seq verified: {:?}",
+        r.chains
+            .iter()
+            .map(|c| (&c.chain, c.checkpoint_seq, &c.problem))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A checkpoint is the canonical JSON of `{chain, file, hash, key_id, public_key, seq, ts,
+/// v}` (docs/forensic-log.md, "Signed checkpoints"; `key_id` only may be absent), which the
+/// independent verifier of the spec (tests/python) holds it to. A signed checkpoint without
+/// `file` and `ts` is expected to be refused, not read with an empty file name and time 0.
+#[test]
+fn signed_checkpoint_without_file_and_ts_fails() {
+    use ed25519_dalek::Signer;
+    use kvhygiene::forensic::checkpoint;
+    use kvhygiene::forensic::record::{hex, write_canonical};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let path = fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let Value::Object(mut m) = serde_json::from_str::<Value>(text.trim_end()).unwrap() else {
+        panic!()
+    };
+    m.remove("sig");
+    m.remove("file");
+    m.remove("ts");
+    let mut body = Vec::new();
+    write_canonical(&Value::Object(m), &mut body).unwrap();
+    let signer =
+        kvhygiene::forensic::keys::read_signing_key(&tmp.path().join("signer.key")).unwrap();
+    let sig = signer.sign(&body);
+    let mut line = body.clone();
+    line.pop();
+    line.extend_from_slice(format!(",\"sig\":\"{}\"}}\n", hex(&sig.to_bytes())).as_bytes());
+    fs::write(&path, &line).unwrap();
+    assert!(checkpoint::peek(&path).unwrap().is_some());
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    let said = format!("{:?} {:?}", r.errors, r.first_problem());
+    assert!(said.contains("checkpoint has no file"), "{said}");
+    assert!(
+        !r.ok(),
+        "a signed checkpoint without file and ts verified: {:?}",
+        r.chains
+            .iter()
+            .map(|c| (&c.chain, c.checkpoint_seq, &c.problem))
+            .collect::<Vec<_>>()
+    );
+}

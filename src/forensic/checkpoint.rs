@@ -224,7 +224,44 @@ fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
             ))
         }
     }
+    documented_members(&m)?;
     fields(&Value::Object(m))
+}
+
+/// The members of a version-1 checkpoint (docs/forensic-log.md, "Signed checkpoints"), and
+/// whether each must be there: `key_id` only is absent, for an unsealed chain.
+const MEMBERS: [(&str, bool); 8] = [
+    ("chain", true),
+    ("file", true),
+    ("hash", true),
+    ("key_id", false),
+    ("public_key", true),
+    ("seq", true),
+    ("ts", true),
+    ("v", true),
+];
+
+/// Refuses a signed checkpoint whose members are not the documented ones: one missing would
+/// otherwise be read as empty or 0, and one unknown would be signed but never checked.
+fn documented_members(m: &serde_json::Map<String, Value>) -> Result<(), String> {
+    if let Some(unknown) = m
+        .keys()
+        .find(|k| !MEMBERS.iter().any(|(name, _)| name == k))
+    {
+        return Err(format!("checkpoint has an undocumented member {unknown:?}"));
+    }
+    if let Some((missing, _)) = MEMBERS
+        .iter()
+        .find(|&&(name, required)| required && !m.contains_key(name))
+    {
+        return Err(format!("checkpoint has no {missing}"));
+    }
+    let typed =
+        m.get("file").is_some_and(Value::is_string) && m.get("ts").is_some_and(Value::is_u64);
+    if !typed {
+        return Err("checkpoint's file is not a string or its ts not an unsigned integer".into());
+    }
+    Ok(())
 }
 
 /// Whether `given`, taken for a public key, is in fact the private seed whose public key is

@@ -1749,6 +1749,17 @@ impl<'a> Walk<'a> {
                 c.seq
             ));
         }
+        // The signer also said where the record is: a checkpoint that names another file
+        // than the one holding it was not written by this chain's writer as it stands.
+        if let Some(c) = self.ckpt.filter(|c| c.seq == self.next_seq) {
+            let holding = files::file_name(self.chain, index);
+            if c.file != holding {
+                return Err(format!(
+                    "the signed checkpoint names file {:?} for seq {}, which {holding} holds",
+                    c.file, c.seq
+                ));
+            }
+        }
         self.position(&r, first_in_file)?;
         if r.kind == Some("recovery") {
             self.recovery_claims(&r)?;
