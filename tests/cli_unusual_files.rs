@@ -83,6 +83,29 @@ fn verify_log_refuses_a_fifo_as_key_file() {
     assert_refused("verify-log --key-file", r, &f);
 }
 
+/// A key file longer than the writer accepts (the limit, plus one byte with no trailing
+/// newline) sealed no log: the verifier refuses it as a usage error naming it, as the writer
+/// refuses it.
+#[test]
+fn verify_log_refuses_a_key_file_longer_than_the_writer_accepts() {
+    let (tmp, dir, _) = setup();
+    let long = tmp.path().join("long.key");
+    let len = kvhygiene::forensic::keys::MAX_SECRET_LEN + 1;
+    std::fs::write(&long, vec![b'k'; len]).unwrap();
+    std::fs::set_permissions(&long, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let r = run_with_deadline(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .arg("--key-file")
+            .arg(&long),
+    );
+    let (code, err) = r.expect("verify-log did not end");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&long.display().to_string()), "{err}");
+    assert!(err.contains(&format!("{len} bytes; at most")), "{err}");
+}
+
 #[test]
 fn verify_log_refuses_a_fifo_as_public_key() {
     let (_tmp, dir, f) = setup();

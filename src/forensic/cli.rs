@@ -343,6 +343,15 @@ fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
             keys::MIN_SECRET_LEN
         ));
     }
+    // The writer refuses a longer one: no log was sealed with it.
+    if b.len() > keys::MAX_SECRET_LEN {
+        return Err(format!(
+            "{}: key is {} bytes; at most {} are accepted",
+            p.display(),
+            b.len(),
+            keys::MAX_SECRET_LEN
+        ));
+    }
     Ok(b)
 }
 
@@ -430,6 +439,9 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
         } else if c.files == 0 {
             // Only a manifest was left to read: whether the chain ended is not known.
             "end not known (no file read)"
+        } else if c.problem.is_some() && !c.walked_to_end {
+            // What follows the problem was not read: the chain may well have its `stop`.
+            "read up to the problem below"
         } else {
             "open (no stop record)"
         }

@@ -102,6 +102,10 @@ pub struct ChainReport {
     pub last_file: Option<u64>,
     /// A `stop` record ends the chain (the writer shut down cleanly).
     pub closed: bool,
+    /// Every file was walked to its end: whether the chain is open is known. Not when the
+    /// walk stopped at a problem in a record or a file.
+    #[serde(skip)]
+    pub walked_to_end: bool,
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
     pub torn_bytes: u64,
     pub macs_checked: bool,
@@ -1233,6 +1237,7 @@ fn verify_chain(
             return Ok(w.report);
         }
     }
+    w.report.walked_to_end = true;
     if let Some(m) = &manifest {
         // The manifest proves the chain reached its last entry: no file it lists may lie
         // beyond the last one left (prune-log removes the oldest first), and read whole every

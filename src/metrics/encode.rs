@@ -401,7 +401,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Paged KV cache blocks handed to a request through kvh_claim_blocks."
+        "Paged KV cache blocks handed to a request through kvh_claim_blocks by the eviction gate (not counted with KVH_KV_GATE=off, which judges no claim)."
     ),
     series!(
         "/counters/kv_gate_scrubbed_blocks",
