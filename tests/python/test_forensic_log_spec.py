@@ -629,7 +629,8 @@ def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=Fals
             state["prev_rotate_ts"] = r.get("ts") if kind == "rotate" else None
         state["prev_file"] = name
         state["index"] = index
-    never_started = (not state["records"] and 0 < state["torn"] <= 64 * 1024
+    # File 0 alone, empty or holding at most 64 KiB of torn bytes, no record.
+    never_started = (not state["records"] and state["torn"] <= 64 * 1024
                      and [i for i, _ in files] == [0])
     if public_keys and ckpt is None and not never_started:
         raise ChainFailed("no checkpoint for the chain")
@@ -865,6 +866,24 @@ def test_a_rotated_demo_log_verifies_as_documented(logs):
         assert ours_ok(res), f"{chain}: {res}"
         files = {n for n, _, _ in res["records"]}
         assert len(files) >= 2, "the log was to rotate"
+
+
+@pytest.mark.parametrize("torn, verifies", [(b"", True), (b'{"chain":"p1', True), (b"x" * (64 * 1024 + 1), False)])
+def test_a_chain_that_died_before_its_start_record_needs_no_checkpoint_if_small(logs, tmp_path, torn, verifies):
+    # Its file 0 alone, empty or with at most 64 KiB of torn bytes and no record, is not
+    # held to a checkpoint under a pinned signer; a larger one is.
+    d = tmp_path / "log"
+    shutil.copytree(logs["rotated"], d)
+    dead = "p999999-t1000000000000000000"
+    (d / file_name(dead, 0)).write_bytes(torn)
+    secrets = [read_hmac_key_file(logs["hk1"])]
+    pubs = [read_public_key_file(logs["pk1"])]
+    ours = verify_dir(d, secrets, pubs)
+    code, theirs, _ = verify_log(d, "--key-file", str(logs["hk1"]), "--public-key", str(logs["pk1"]))
+    assert ours.keys() == theirs.keys() and dead in ours
+    assert ours_ok(ours[dead]) == verifies, ours[dead]
+    assert (theirs[dead].get("problem") is None) == verifies, theirs[dead]
+    assert code == (0 if verifies else 1)
 
 
 def test_a_log_after_a_key_rotation_verifies_as_documented(logs):
