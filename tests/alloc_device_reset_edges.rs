@@ -129,7 +129,8 @@ fn an_allocation_a_reset_overtakes_leaves_nothing_live_on_the_reset_device() {
 /// An allocation whose device's reset begins while its fresh memory is being zeroed, and
 /// whose zeroing a graph capture then refuses, is refused as every allocation on a reset
 /// device is (`DeviceReset`, which the interposers answer with `cudaErrorCudartUnloading`),
-/// and the reset device's pool takes no new block.
+/// and nothing on the reset device is handed out (the memory, which the capture keeps from
+/// going back, stays in the table to be scrubbed: `alloc_device_reset_leftovers.rs`).
 #[test]
 fn an_allocation_a_reset_overtakes_during_a_refused_zeroing_is_refused_as_reset() {
     let f = Fixture::new(manual_config());
@@ -152,7 +153,10 @@ fn an_allocation_a_reset_overtakes_during_a_refused_zeroing_is_refused_as_reset(
         .map(|b| (b.addr, b.state))
         .collect();
     assert!(
-        matches!(got, Err(AllocError::DeviceReset { device: 0 })) && on_device_0.is_empty(),
+        matches!(got, Err(AllocError::DeviceReset { device: 0 }))
+            && on_device_0
+                .iter()
+                .all(|&(_, state)| state != BlockState::Live),
         "the overtaken allocation got {got:?}; device 0's pool holds {on_device_0:x?}"
     );
 }

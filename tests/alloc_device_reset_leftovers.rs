@@ -97,3 +97,37 @@ fn a_block_a_reset_did_not_get_to_is_freed_by_its_holders_free() {
         "blocks still LIVE after their holder's free: {after:x?}"
     );
 }
+
+/// Fresh memory whose zeroing a graph capture refuses while the device's reset begins is
+/// refused as reset, and, as with any fresh memory a reset overtakes, the allocator keeps
+/// none of the backend's memory outside its block table: afterwards the backend holds
+/// exactly the bytes the pool accounts for (the memory is in the table until it can go
+/// back, or it has gone back).
+#[test]
+fn fresh_memory_a_capture_kept_while_a_reset_began_is_not_left_outside_the_table() {
+    let f = Fixture::new(manual_config());
+    let alloc = f.alloc.clone();
+    *f.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
+        alloc.reset_device(0);
+    }));
+    f.backend.zero_fresh_errors.lock().unwrap().push_back(
+        kvhygiene::backend::BackendError::StreamCapturing {
+            stream: 0,
+            what: "zeroing fresh memory",
+        },
+    );
+    let got = f.alloc.malloc(4096, 0, S);
+    assert!(
+        matches!(got, Err(AllocError::DeviceReset { device: 0 })),
+        "the overtaken allocation got {got:?}"
+    );
+    f.alloc.synchronize().ok();
+    f.alloc.shutdown();
+
+    let pool = f.alloc.check_consistency().unwrap().total().bytes;
+    let held = f.backend.host.bytes_in_use();
+    assert_eq!(
+        held, pool,
+        "the backend holds {held} bytes, the pool accounts for {pool}"
+    );
+}

@@ -469,12 +469,14 @@ impl Allocator {
             if matches!(e, BackendError::StreamCapturing { .. }) {
                 // A capture began since the capture query: no `cuMemFree` while it lasts.
                 let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-                let kept = self.with_pool(dev, |pool, backend, config, after| {
-                    pool.insert_unzeroed(block, seq, backend, config, after)
+                let reset = self.with_pool(dev, |pool, backend, config, after| {
+                    pool.insert_unzeroed(block, seq, backend, config, after);
+                    pool.is_reset()
                 });
-                if !kept {
-                    // The device's reset began meanwhile: the memory, which the capture
-                    // keeps from going back now and which nobody was handed, goes with it.
+                if reset {
+                    // The device's reset began meanwhile. The memory stays in the table
+                    // all the same (nothing is handed out of it), to go back to the device
+                    // once its scrub verified, as the device's other freed blocks do.
                     return Err(AllocError::DeviceReset { device: dev });
                 }
                 return Err(self.allocation_failed(size, dev, e));
@@ -511,10 +513,6 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if let Some((dev, seq)) = self.freed_by_reset(ptr, device) {
-            self.pool(dev).unwatch(seq);
-            return Ok(FreeReport::default());
-        }
         self.free_inner(ptr, size, device, stream, false)
             .map(|(report, _)| report)
     }
@@ -530,9 +528,6 @@ impl Allocator {
         device: i32,
         stream: StreamHandle,
     ) -> Result<FreeReport, FreeError> {
-        if let Some((dev, seq)) = self.freed_by_reset(ptr, device) {
-            return self.verdict(ptr, dev, seq).map(|()| FreeReport::default());
-        }
         let (report, freed) = self.free_inner(ptr, size, device, stream, true)?;
         let Some((dev, seq)) = freed else {
             return Ok(report);
@@ -600,6 +595,16 @@ impl Allocator {
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
         let result = self.with_pool(dev, |pool, backend, config, after| {
+            // A block a device reset freed on its holder's behalf: this, the holder's free,
+            // is then done (a checked one answers the reset's scrub). One the reset has not
+            // freed yet is this free's to make, here, under the same lock that takes it off
+            // the reset's list.
+            if let Some(by_reset) = pool.claim_freed_by_reset(ptr) {
+                if !watch {
+                    pool.unwatch(by_reset);
+                }
+                return Ok((FreeReport::default(), by_reset));
+            }
             let size_mismatch = pool.begin_free(ptr, size, stream, seq, config, after)?;
             if watch {
                 pool.watch(seq);
@@ -608,10 +613,10 @@ impl Allocator {
             if !exiting {
                 pool.enqueue(ptr, stream, backend, config, after);
             }
-            Ok::<_, Refused>(FreeReport { size_mismatch })
+            Ok::<_, Refused>((FreeReport { size_mismatch }, seq))
         });
         match result {
-            Ok(report) => Ok((report, Some((dev, seq)))),
+            Ok((report, seq)) => Ok((report, Some((dev, seq)))),
             Err(refused) => Err(self.refused_free(refused, ptr, device, Some(dev))),
         }
     }
@@ -805,20 +810,6 @@ impl Allocator {
             .reset
             .get(device as usize)
             .is_some_and(|f| f.load(Ordering::SeqCst))
-    }
-
-    /// For the first free of a block the reset freed on its holder's behalf (which then does
-    /// nothing): its device and the scrub sequence its verdict is watched under. `None` for
-    /// every other free, which goes on as any free (refused and logged when invalid), also
-    /// that of a block the reset listed and has not freed yet, which it then leaves to this
-    /// free. One atomic load for a device never reset.
-    #[inline]
-    fn freed_by_reset(&self, ptr: u64, device: i32) -> Option<(u32, u64)> {
-        let dev = u32::try_from(device)
-            .ok()
-            .filter(|&d| self.device_was_reset(d))?;
-        let seq = self.pool(dev).claim_freed_by_reset(ptr)?;
-        Some((dev, seq))
     }
 
     // ----- whole-pool operations ------------------------------------------------------------

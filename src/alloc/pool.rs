@@ -220,8 +220,9 @@ pub(crate) struct DevicePool {
     /// for and, once the reset's free of it is made, the scrub sequence its verdict is watched
     /// under: the holder's own free of one afterwards is accepted once and does nothing (a
     /// checked one answers that verdict), also after the block went back to the device.
-    /// Invariant: an entry without a sequence is a LIVE block (or one a free of its holder's
-    /// that missed the reset mark took; `free_for_reset` drops that entry).
+    /// Invariant: an entry without a sequence is a LIVE block. Entries are made and taken
+    /// under the pool lock, with the reset mark and with the frees that change the block's
+    /// state (`free_for_reset`, and the holder's free through `claim_freed_by_reset`).
     freed_by_reset: HashMap<u64, (u64, Option<u64>)>,
 }
 
@@ -290,7 +291,7 @@ impl DevicePool {
             .blocks
             .get(&addr)
             .is_some_and(|b| b.state == BlockState::Live);
-        // Not LIVE: a free of its holder's that came before the reset mark was seen.
+        // Not LIVE would break the invariant of `freed_by_reset`: nothing is freed then.
         let freed = live
             && self
                 .begin_free(addr, requested as i64, StreamHandle(0), seq, config, after)
@@ -307,9 +308,19 @@ impl DevicePool {
     /// The holder's free of `ptr`, when the reset listed it: forgets it (a second free of it
     /// is judged as any other). `Some(seq)` when the reset freed it, its verdict watched
     /// under `seq`: the holder's free is then done. `None` when the reset had not freed it
-    /// yet: the reset now leaves it to the holder's free, which frees it as any LIVE block.
+    /// yet: the reset now leaves it to the holder's free, which frees it as any LIVE block
+    /// under the same lock. `None`, at the cost of one load, on a device never reset.
+    #[inline]
     pub(crate) fn claim_freed_by_reset(&mut self, ptr: u64) -> Option<u64> {
+        if !self.reset {
+            return None;
+        }
         self.freed_by_reset.remove(&ptr).and_then(|(_, seq)| seq)
+    }
+
+    /// Whether the device is reset, or being reset ([`Self::mark_reset`]).
+    pub(crate) fn is_reset(&self) -> bool {
+        self.reset
     }
 
     /// The size its holder asked for, when `ptr` is a block the reset listed whose holder had
@@ -469,10 +480,8 @@ impl DevicePool {
     /// capture forbids. Kept instead as a PENDING block that nobody was handed, its scrub
     /// queued on `stream` (deferred, as every scrub is, until the capture ends); once that
     /// scrub verifies it joins the free lists CLEAN. Counted as fresh memory from the backend,
-    /// not as an allocation or a free. Once the device is reset it is not added (its memory
-    /// goes with the reset): `false`.
+    /// not as an allocation or a free.
     #[cold]
-    #[must_use]
     pub(crate) fn insert_unzeroed(
         &mut self,
         mut block: Block,
@@ -480,10 +489,7 @@ impl DevicePool {
         backend: &dyn Backend,
         config: &Config,
         after: &mut Aftermath,
-    ) -> bool {
-        if self.reset {
-            return false;
-        }
+    ) {
         let capacity = block.capacity();
         let (addr, stream) = (block.addr, block.free_stream);
         block.state = BlockState::Pending;
@@ -500,7 +506,6 @@ impl DevicePool {
         s.counters.bytes_allocated_fresh += capacity;
         self.blocks.insert(addr, block);
         self.enqueue(addr, stream, backend, config, after);
-        true
     }
 
     /// Whether batches of this pool are on the device (in flight here, or being waited on by
