@@ -2402,3 +2402,74 @@ fn the_stretch_searched_ends_no_later_than_the_reports_own_time() {
         "a gap reaching {last_gap_to}, after the report's time {generated}"
     );
 }
+
+/// An `anomaly` record written through `ForensicLog::record_anomaly` carries free-form
+/// `detail` JSON, which may name any tenant. Written on a thread of tenant-a, it is in
+/// tenant-a's report, which goes to tenant-a: the ids of tenant-b (whose own record is in the
+/// log too) are not shown in it, in the JSON nor in the Markdown.
+#[test]
+fn a_tenant_report_does_not_show_another_tenants_ids_from_an_anomalys_free_form_detail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    let before = Context::set_current(Context::new(Some("tenant-a"), Some("req-a"), None).unwrap());
+    log.record_anomaly(serde_json::json!({"tenant": "tenant-b", "request": "req-b"}));
+    Context::set_current(before);
+    log.emit(Event {
+        at: SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+        },
+        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+    log.stop();
+    let v = tenant_report_without(&dir, "tenant-a", &["tenant-b", "req-b"]);
+    assert_eq!(v["exceptions_by_kind"]["anomaly"], 1, "{v}");
+}
+
+/// A refused free of tenant-b's block made by a thread that set a request and model id but no
+/// tenant id: tenant-b's report lists it, and shows the caller's ids only when they are
+/// tenant-b's, so the caller's request and model ids are not shown.
+#[test]
+fn a_tenant_report_does_not_show_the_ids_of_a_caller_without_a_tenant_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    log.emit(Event {
+        at: SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller: Context::new(None, Some("req-of-caller"), Some("model-of-caller")).unwrap(),
+        },
+        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+    log.stop();
+    let v = tenant_report_without(&dir, "tenant-b", &["req-of-caller", "model-of-caller"]);
+    assert_eq!(v["exceptions_by_kind"]["invalid_free"], 1, "{v}");
+}
+
+/// An `anomaly` record written through `ForensicLog::record_anomaly` (no `signal`) is not the
+/// detector's summary of a burst or surge of other records: the report does not tell the
+/// auditor that it is "not a further incident".
+#[test]
+fn an_anomaly_recorded_by_the_engine_is_not_described_as_a_summary_of_other_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    log.record_anomaly(serde_json::json!({"what": "prompt injection suspected"}));
+    log.stop();
+    let (_, v) = evidence_json(&dir, &[]);
+    assert_eq!(v["anomalies_by_signal"]["unspecified"], 1, "{v}");
+    let section = exceptions_section(&dir, &[]);
+    assert!(
+        !section.contains("it is not a further incident"),
+        "the only anomaly is the engine's own finding, not a summary of other records:\n{section}"
+    );
+}

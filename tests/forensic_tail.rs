@@ -2349,3 +2349,57 @@ fn between_whole_verifications_a_first_file_without_a_record_grown_past_a_start_
     );
     log.stop();
 }
+
+/// The `--state` file of a log of one chain, passed on whole by a first run, with the
+/// chain's position set to `seq` and a `hash` that is not a hash (a corrupted state file),
+/// and the output of a `--once` run with it.
+fn run_with_corrupt_state_hash(seq: Option<u64>) -> (PathBuf, Output, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&dir, &["--state", st, "--from-start"]));
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let chain = saved["chains"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    saved["chains"][&chain]["hash"] = "not-a-hash".into();
+    if let Some(seq) = seq {
+        saved["chains"][&chain]["seq"] = seq.into();
+    }
+    std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let out = tail_once(&dir, &["--state", st]);
+    (state, out, tmp)
+}
+
+/// A state file whose position holds a hash that is not one (64 hex digits) is not a state
+/// the tail wrote: it is a usage error (exit 2) naming the state file, not tampering of the
+/// log (exit 1 and an alert line for the SIEM), whether or not the chain grew since.
+#[test]
+fn a_state_position_whose_hash_is_not_a_hash_is_a_usage_error_not_tampering() {
+    // The position at the chain's head (nothing written since).
+    let (state, out, _tmp) = run_with_corrupt_state_hash(None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no alert line: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(state.to_str().unwrap()), "{err}");
+}
+
+/// The same corrupted position below the chain's head: the error names the state file, so
+/// that the operator knows which file to fix or remove.
+#[test]
+fn a_state_position_whose_hash_is_not_a_hash_is_an_error_naming_the_state_file() {
+    let (state, out, _tmp) = run_with_corrupt_state_hash(Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(state.to_str().unwrap()), "{err}");
+}

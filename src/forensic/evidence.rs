@@ -1417,7 +1417,7 @@ impl Tally {
             "stop" => chain.stop_lost = Some(num("records_lost")),
             "lost" => chain.lost_sum = chain.lost_sum.saturating_add(num("records_lost")),
             "anomaly" => {
-                let signal = text("signal").unwrap_or_else(|| "unspecified".into());
+                let signal = text("signal").unwrap_or_else(|| ENGINE_SIGNAL.into());
                 let count = ev.anomalies_by_signal.entry(signal).or_default();
                 *count = count.saturating_add(1);
             }
@@ -1496,11 +1496,22 @@ pub(crate) fn is_exception(record: &Map<String, Value>) -> bool {
     (EXCEPTION_KINDS.contains(&kind) && !policy_retirement) || incomplete_kv_scrub
 }
 
+/// The signal under which `anomaly` records without one count: those the engine wrote
+/// itself (`ForensicLog::record_anomaly`), its own findings, not the detector's summaries.
+const ENGINE_SIGNAL: &str = "unspecified";
+
+/// What a `--tenant` report shows in place of an engine's free-form anomaly detail.
+const FREE_FORM_HIDDEN: &str = "(the engine's free-form detail: not shown in a tenant report)";
+
 /// The kind's own fields as `key=value`, in the record's (sorted) order. In a report for
-/// tenant `own`, the caller's ids are shown only when they are that tenant's.
+/// tenant `own`, the caller's ids are shown only when they are that tenant's (not when the
+/// caller set none), and an engine's anomaly `detail` (free-form JSON, which may name any
+/// tenant) is not shown.
 fn detail(record: &Map<String, Value>, own: Option<&str>) -> String {
     let caller = record.get("caller_tenant_id").and_then(Value::as_str);
-    let hide_caller = own.is_some_and(|own| caller.is_some_and(|c| c != own));
+    let hide_caller = own.is_some_and(|own| caller != Some(own));
+    let hide_free_form =
+        own.is_some() && record.get("kind").and_then(Value::as_str) == Some("anomaly");
     record
         .iter()
         .filter(|(k, _)| !ENVELOPE.contains(&k.as_str()))
@@ -1508,6 +1519,7 @@ fn detail(record: &Map<String, Value>, own: Option<&str>) -> String {
             _ if hide_caller && CALLER_IDS.contains(&k.as_str()) && !v.is_null() => {
                 format!("{k}={ANOTHER_TENANT}")
             }
+            _ if hide_free_form && k == "detail" => format!("{k}={FREE_FORM_HIDDEN}"),
             Value::String(s) => format!("{k}={s}"),
             other => format!("{k}={other}"),
         })
@@ -1642,8 +1654,13 @@ fn render_anomalies(ev: &Evidence, push: &mut impl FnMut(String)) {
         } else {
             format!("{listed} of them are listed under Exceptions, which stops at --max-exceptions")
         };
+        let engines = if ev.anomalies_by_signal.contains_key(ENGINE_SIGNAL) {
+            ", or, as `unspecified`, the engine's own findings"
+        } else {
+            ""
+        };
         push(format!(
-            "Anomalies (`anomaly` records: a tenant's burst or surge of security events; \
+            "Anomalies (`anomaly` records: a tenant's burst or surge of security events{engines}; \
              {where_listed}): {}.",
             by_signal.join(", ")
         ));
@@ -2080,10 +2097,23 @@ pub fn render(ev: &Evidence) -> String {
             .map(|(k, n)| format!("{} {n}", cell(k)))
             .collect();
         push(format!("{total} security records: {}.", kinds.join(", ")));
-        if ev.exceptions_by_kind.contains_key("anomaly") {
+        let engines = ev
+            .anomalies_by_signal
+            .get(ENGINE_SIGNAL)
+            .copied()
+            .unwrap_or(0);
+        let detectors: u64 = ev.anomalies_by_signal.values().sum::<u64>() - engines;
+        if detectors > 0 {
             push(
-                "An `anomaly` record summarises a burst or surge of the other records (by signal \
-                 and tenant): it is not a further incident."
+                "An `anomaly` record with a signal summarises a burst or surge of the other \
+                 records (by signal and tenant): it is not a further incident."
+                    .into(),
+            );
+        }
+        if engines > 0 {
+            push(
+                "An `anomaly` record without a signal is the engine's own finding \
+                 (`record_anomaly`): an incident of its own, to be looked at."
                     .into(),
             );
         }

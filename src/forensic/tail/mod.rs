@@ -991,12 +991,27 @@ fn load_state(path: &Path) -> Result<Option<State>, String> {
     }
     let bytes = crate::config::read_regular_file(path, MAX_STATE_BYTES, "a tail-log state file")
         .map_err(|e| format!("--state {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+    let state: State = serde_json::from_slice(&bytes).map_err(|e| {
         format!(
             "--state {}: not a tail-log state file ({e}); remove it to start afresh",
             path.display()
         )
-    })
+    })?;
+    // A position the tail wrote holds a record's hash. Another one (a damaged file) is said
+    // here, before any pass: a pass would hold the chain to it and report tampering.
+    let damaged = state
+        .chains
+        .iter()
+        .find(|(_, p)| parse_hash(&p.hash).is_none());
+    if let Some((chain, _)) = damaged {
+        return Err(format!(
+            "--state {}: not a tail-log state file (the position of chain {} holds no \
+             64-hex-digit hash); remove it to start afresh",
+            path.display(),
+            chain.escape_debug()
+        ));
+    }
+    Ok(Some(state))
 }
 
 /// Replaces the state file atomically and durably (temporary file, 0600, fsync, rename, fsync
