@@ -160,3 +160,34 @@ fn an_allocation_a_reset_overtakes_during_a_refused_zeroing_is_refused_as_reset(
         "the overtaken allocation got {got:?}; device 0's pool holds {on_device_0:x?}"
     );
 }
+
+/// A reset after kvhygiene shut down (a second device's `cudaDeviceReset`, after the first
+/// one's shut it down) scrubs nothing, as nothing is scrubbed after shutdown: the device's
+/// blocks still handed out stay so, as exit leaves them, and are not reported as freed blocks
+/// left unscrubbed. Nothing is handed out of the device after it, and its holder's own free
+/// is accepted as any free after shutdown.
+#[test]
+fn a_reset_after_shutdown_frees_nothing_and_leaves_no_freed_block_unscrubbed() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 1, 0);
+    f.alloc.shutdown();
+    assert_eq!(f.alloc.unscrubbed_after_shutdown(), 0);
+
+    assert_eq!(
+        f.alloc.reset_device(1),
+        0,
+        "the reset freed a block after shutdown"
+    );
+    assert_eq!(
+        f.alloc.block_info(held).map(|b| b.state),
+        Some(BlockState::Live)
+    );
+    assert_eq!(f.alloc.unscrubbed_after_shutdown(), 0);
+    assert!(matches!(
+        f.alloc.malloc(4096, 1, S),
+        Err(AllocError::DeviceReset { device: 1 } | AllocError::ShuttingDown)
+    ));
+    assert!(f.alloc.free(held, 4096, 1, S).is_ok());
+    assert_eq!(f.sink.count("invalid_free"), 0);
+    f.alloc.check_consistency().unwrap();
+}

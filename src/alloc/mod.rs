@@ -771,29 +771,37 @@ impl Allocator {
     /// The caller synchronises the device first, as the free of each block would, and
     /// shuts the allocator down before the reset: the backend's module and buffers are in
     /// the context the reset destroys, so no backend call may follow it. An invalid device
-    /// frees nothing.
+    /// frees nothing, nor does a reset once the allocator has shut down (nothing is scrubbed
+    /// any more: the blocks still handed out stay so, as at exit).
     pub fn reset_device(&self, device: u32) -> usize {
         let Some(flag) = self.inner.reset.get(device as usize) else {
             return 0;
         };
         // Both marks under the pool lock: a hand-out after it is refused, and a holder's free
         // after it finds its block among those the reset frees.
+        // Once exit has begun (a shutdown, another device's reset), nothing is scrubbed any
+        // more: the blocks still handed out are left as exit leaves them, LIVE, not made
+        // freed blocks that no scrub will ever reach.
+        let exiting = || self.inner.shutting_down.load(Ordering::Acquire);
         let listed = {
             let mut pool = self.pool(device);
             flag.store(true, Ordering::SeqCst);
-            pool.mark_reset()
+            pool.mark_reset(!exiting())
         };
         // One lock per block, as a free takes: the holders' frees and the device's other
         // work go on between them. A block its holder frees first is left to that free, so
         // that one unwinding here (an event sink's panic) leaves the rest to their holders.
         let mut freed = 0;
         for addr in listed {
+            if exiting() {
+                break;
+            }
             let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-            let exiting = self.inner.shutting_down.load(Ordering::Acquire);
             let made = self.with_pool(device, |pool, backend, config, after| {
                 let made = pool.free_for_reset(addr, seq, config, after);
-                // Once exit has begun the block stays PENDING (leaked): no backend calls.
-                if made && !exiting {
+                if made {
+                    // Exit may have begun since the check: the pool then submits nothing
+                    // (invariant 6), and the block stays PENDING, leaked.
                     pool.enqueue(addr, StreamHandle(0), backend, config, after);
                 }
                 made

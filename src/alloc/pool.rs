@@ -252,10 +252,16 @@ impl DevicePool {
     /// the reset is to free on their holders' behalf ([`Self::free_for_reset`]). The first
     /// call lists every LIVE block. A later one (a second reset of the device, maybe while
     /// the first is still freeing) returns only those still listed: a block whose holder
-    /// took it back ([`Self::claim_freed_by_reset`]) is its holder's to free.
-    pub(crate) fn mark_reset(&mut self) -> Vec<u64> {
-        if !self.reset {
-            self.reset = true;
+    /// took it back ([`Self::claim_freed_by_reset`]) is its holder's to free. Without `list`
+    /// (exit has begun: nothing is scrubbed any more), the device is marked and nothing is
+    /// listed: its blocks still handed out stay so, as exit leaves them.
+    pub(crate) fn mark_reset(&mut self, list: bool) -> Vec<u64> {
+        let first = !self.reset;
+        self.reset = true;
+        if !list {
+            return Vec::new();
+        }
+        if first {
             let live = self.blocks.values().filter(|b| b.state == BlockState::Live);
             let listed: Vec<_> = live.map(|b| (b.addr, (b.requested, None))).collect();
             self.freed_by_reset.extend(listed);
