@@ -8,6 +8,9 @@ use std::process::Command;
 
 use kvhygiene::ffi;
 
+#[path = "fake_cuda/mod.rs"]
+mod fake_cuda;
+
 /// Marker telling a child which case to run (not a `KVH_` variable: the configuration refuses
 /// unknown ones).
 const CASE: &str = "FFI_EXPORT_CONTRACT_CASE";
@@ -842,5 +845,126 @@ fn kvh_stats_json_during_process_exit_before_start_up_says_shut_down() {
         line.contains("\"started\":false") && line.contains("\"shut_down\":true"),
         "kvh_stats_json once process exit had begun, before start-up, did not say the \
          allocator is shut down: {line}"
+    );
+}
+
+/// Invariant 6 (ARCHITECTURE.md): "no backend call is made once process exit has begun";
+/// docs/cuda.md: an allocation after exit began that needs fresh memory is refused
+/// (`KVH_ERR_SHUTTING_DOWN`). That holds also when exit begins while another thread's
+/// start-up is still under way (a SIGTERM handler calling `exit()` while a worker thread
+/// opens the device): a start-up that finishes after the exit watch ran serves no fresh
+/// memory, and makes no driver call, to an exit handler that runs after the watch. Here the
+/// start-up is held inside the driver's occupancy query (the stand-in driver's hook) until
+/// the exit handler runs; the library is loaded with `dlopen` after that handler is
+/// registered, so that the handler runs after the library's exit watch.
+#[test]
+fn a_start_up_under_way_when_exit_begins_serves_no_fresh_memory_during_exit() {
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::time::{Duration, Instant};
+    type Init = extern "C" fn() -> libc::c_int;
+    type Malloc = extern "C" fn(libc::ssize_t, libc::c_int, *mut libc::c_void) -> *mut libc::c_void;
+    type LastError = extern "C" fn() -> u32;
+    type Query = unsafe extern "C" fn(i32) -> i32;
+    static EXPORTS: std::sync::OnceLock<(Malloc, LastError, Query)> = std::sync::OnceLock::new();
+    static IN_START: AtomicBool = AtomicBool::new(false);
+    static EXIT_BEGUN: AtomicBool = AtomicBool::new(false);
+    static INIT_DONE: AtomicBool = AtomicBool::new(false);
+    static INIT_RC: AtomicI32 = AtomicI32::new(-1);
+    fn wait_for(flag: &AtomicBool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !flag.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+    let name = "a_start_up_under_way_when_exit_begins_serves_no_fresh_memory_during_exit";
+    if in_child() {
+        /// Inside the start-up's occupancy query: holds it until process exit has begun.
+        extern "C" fn held_start_up() {
+            IN_START.store(true, Ordering::SeqCst);
+            wait_for(&EXIT_BEGUN);
+        }
+        extern "C" fn during_exit() {
+            let Some((malloc, last_error, calls)) = EXPORTS.get() else {
+                return;
+            };
+            // SAFETY: the stand-in's call counter, `int(int)`.
+            let before = unsafe { calls(0) };
+            EXIT_BEGUN.store(true, Ordering::SeqCst);
+            let finished = wait_for(&INIT_DONE);
+            let p = malloc(4096, 0, std::ptr::null_mut());
+            let code = last_error();
+            // SAFETY: as above.
+            let after = unsafe { calls(0) };
+            let line = format!(
+                "EXIT-MALLOC init_finished={finished} init={} null={} code={code} \
+                 driver_calls_during_exit={}\n",
+                INIT_RC.load(Ordering::SeqCst),
+                p.is_null(),
+                after - before
+            );
+            // SAFETY: writes a local buffer to stdout; no Rust stdout state is used this late.
+            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        }
+        // SAFETY: registers an `extern "C"` function that does not unwind.
+        assert_eq!(unsafe { libc::atexit(during_exit) }, 0);
+        // SAFETY: the stand-in driver (LD_LIBRARY_PATH), which kvhygiene then loads by the same
+        // name: one instance, whose switches hold for the library's calls.
+        let driver = unsafe { libloading::Library::new("libcuda.so.1") }.expect("fake driver");
+        // SAFETY: the stand-in's switches: `void(void (*)(void))` and `int(int)`.
+        let calls = unsafe {
+            driver
+                .get::<unsafe extern "C" fn(extern "C" fn())>(b"fake_cuda_on_occupancy\0")
+                .expect("hook")(held_start_up);
+            *driver.get::<Query>(b"fake_cuda_calls\0").expect("calls")
+        };
+        let path = library_dir().join("libkvhygiene.so");
+        // SAFETY: this build's libkvhygiene.so, whose constructor only registers handlers.
+        let lib = unsafe { libloading::Library::new(&path) }.unwrap();
+        // SAFETY: the exports' signatures, as include/kvhygiene.h declares them.
+        let (init, exports) = unsafe {
+            (
+                *lib.get::<Init>(b"kvh_init").unwrap(),
+                (
+                    *lib.get::<Malloc>(b"kvh_malloc").unwrap(),
+                    *lib.get::<LastError>(b"kvh_last_error").unwrap(),
+                    calls,
+                ),
+            )
+        };
+        EXPORTS.set(exports).unwrap();
+        std::mem::forget(lib);
+        std::mem::forget(driver);
+        std::thread::spawn(move || {
+            INIT_RC.store(init(), Ordering::SeqCst);
+            INIT_DONE.store(true, Ordering::SeqCst);
+        });
+        if !wait_for(&IN_START) {
+            println!("SETUP-FAILED: the start-up never reached the occupancy query");
+        }
+        std::process::exit(0);
+    }
+    let Some(driver) = fake_cuda::as_libcuda_dir() else {
+        return;
+    };
+    let (_, stdout, stderr) = child(
+        name,
+        &[
+            ("KVH_BACKEND", "cuda"),
+            ("KVH_OOM", "null"),
+            ("LD_LIBRARY_PATH", driver.path().to_str().unwrap()),
+        ],
+    );
+    assert!(
+        !stdout.contains("SETUP-FAILED") && stdout.contains("EXIT-MALLOC init_finished=true"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("null=true code=7016") && stdout.contains("driver_calls_during_exit=0"),
+        "a start-up that finished after process exit began served fresh memory (or made \
+         driver calls) to an exit handler:\n{stdout}\n{stderr}"
     );
 }

@@ -15,6 +15,22 @@ pub mod host_memory;
 pub mod verify;
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set when process exit has begun (the C ABI's exit watch): from then on no backend makes a
+/// driver call, also one still being made by a start-up that exit overtook (invariant 6).
+static PROCESS_EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Process exit has begun: every backend refuses its driver calls from now on, as after its
+/// own [`Backend::shutdown`]. An atomic store: safe in an exit handler.
+pub fn mark_process_exit() {
+    PROCESS_EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`mark_process_exit`] was called.
+pub(crate) fn process_exiting() -> bool {
+    PROCESS_EXITING.load(Ordering::SeqCst)
+}
 
 pub use verify::{SegmentResult, WORD_BYTES};
 

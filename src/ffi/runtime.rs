@@ -194,9 +194,23 @@ pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
             _ => Err(&FORKED_CHILD_ERROR),
         };
     }
-    match RUNTIME.get() {
+    let outcome = match RUNTIME.get() {
         Some(started) => started.as_ref(),
         None => start_once(),
+    };
+    if let (true, Ok(rt)) = (exit_begun(), &outcome) {
+        stop_at_exit(rt);
+    }
+    outcome
+}
+
+/// A runtime a start-up published after process exit began (the exit watch ran between the
+/// start-up's last look and its publication): exit begins for it here, on first use, as the
+/// exit handler would have begun it. A no-op for one whose exit already began.
+#[cold]
+fn stop_at_exit(rt: &Runtime) {
+    if !rt.allocator.is_shut_down() {
+        rt.allocator.begin_exit();
     }
 }
 
@@ -284,8 +298,9 @@ pub(crate) fn watch_process() {
     }
     extern "C" fn mark_exit() {
         EXITING.store(true, Ordering::SeqCst);
+        crate::backend::mark_process_exit();
     }
-    // SAFETY: `mark_exit` is an `extern "C" fn()` that stores an atomic and cannot unwind.
+    // SAFETY: `mark_exit` is an `extern "C" fn()` that stores two atomics and cannot unwind.
     // In a shared library glibc registers it for this library's DSO, so a `dlclose` runs it
     // (marking a library about to be unmapped) and it never outlives its code.
     if unsafe { libc::atexit(mark_exit) } != 0 {
@@ -354,8 +369,12 @@ fn start_on_log(
     log: Option<Arc<ForensicLog>>,
     config_digest: Arc<str>,
 ) -> Result<Runtime, StartError> {
-    let backend =
-        backend::select(config.backend).map_err(|e| StartError::Backend(e.to_string()))?;
+    // Exit may begin while the device opens (seconds): the backend then stops before its
+    // next driver call, and the start-up says why.
+    let backend = backend::select(config.backend).map_err(|e| match exit_begun() {
+        true => StartError::Exiting,
+        false => StartError::Backend(e.to_string()),
+    })?;
     // The detector sits between the allocator and the log: it sees every event, forwards it
     // unchanged and adds `anomaly` records after the events that trip its rules.
     let layered = anomaly::layer(
@@ -366,6 +385,11 @@ fn start_on_log(
     let summary_every = Duration::from_millis(config.log.summary_interval_ms);
     let metrics_config = config.metrics.clone();
     let allocator = Allocator::new(backend, config, layered.sink);
+    // Exit began after the device opened: the allocator is made as exit leaves every one,
+    // serving no fresh memory and making no backend call (`get` covers a later start).
+    if exit_begun() {
+        allocator.begin_exit();
+    }
     if let Some(log) = &log {
         spawn_summaries(allocator.clone(), log.clone(), summary_every);
     }

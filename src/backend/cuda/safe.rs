@@ -325,10 +325,16 @@ impl Inner {
     /// Refuses further driver calls once shutdown has begun; an entry point checks again
     /// between its driver calls, so one that began just before stops at the next step.
     fn live(&self) -> Result<(), BackendError> {
-        if self.shutting_down.load(Ordering::SeqCst) {
+        if self.stopped() {
             return Err(BackendError::ShuttingDown);
         }
         Ok(())
+    }
+
+    /// Whether this backend shut down, or process exit began (a backend a start-up is still
+    /// making, which no shutdown reaches yet, stops too).
+    fn stopped(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst) || crate::backend::process_exiting()
     }
 
     /// The device's state, created on first use, with its context current until the returned
@@ -422,14 +428,14 @@ impl<'a> CurrentCtx<'a> {
 impl Drop for CurrentCtx<'_> {
     fn drop(&mut self) {
         // No driver call once exit has begun.
-        if self.inner.shutting_down.load(Ordering::Acquire) {
+        if self.inner.stopped() {
             return;
         }
         // SAFETY: 1. `previous` was current on this thread when the entry point began, so it is
         // null or a context its owner keeps alive across this call.
         let _ = unsafe { r::ctx_set_current(&self.inner.driver, self.previous) };
         // Asked again between the two: exit may have begun inside the first.
-        if self.inner.shutting_down.load(Ordering::Acquire) {
+        if self.inner.stopped() {
             return;
         }
         let _ = r::thread_exchange_capture_mode(&self.inner.driver, self.previous_mode);
