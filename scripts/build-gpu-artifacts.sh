@@ -54,19 +54,38 @@ scripts/install-nvcc.sh
 build_env=(env -u NVCC -u CUDA_HOME -u CUDA_PATH KVHYGIENE_KERNEL_TOOLCHAIN=pinned
     KVHYGIENE_REQUIRE_KERNEL_BUILD=1)
 
-# Path of the executable cargo built for a test or bench target (from its JSON messages).
-executable() {
+# Path of the file cargo built for target $1 (from its JSON messages on stdin): its executable
+# with "exe", else its file ending in $2 (".so": a cdylib). Cargo's own word, since where it
+# writes depends on settings this script does not read (a build target triple puts the
+# profile directory under TARGET_DIR/<triple>/). Nothing printed when it built none.
+built() {
     python3 -c '
 import json, sys
-want = sys.argv[1]
+want, suffix = sys.argv[1], sys.argv[2]
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == want and m.get("executable"):
-        print(m["executable"])
-' "$1"
+    if m.get("reason") != "compiler-artifact" or m["target"]["name"] != want:
+        continue
+    if suffix == "exe":
+        if m.get("executable"):
+            print(m["executable"])
+    else:
+        print(next((f for f in m.get("filenames", []) if f.endswith(suffix)), ""))
+' "$1" "$2"
+}
+
+# The path `built` printed, or the script stops naming what cargo did not say it built.
+one_built() {
+    local path
+    path="$(built "$1" "$2" | tail -n1)"
+    if [[ -z "$path" || ! -f "$path" ]]; then
+        echo "build-gpu-artifacts: cargo did not report building $1 ($2)" >&2
+        exit 1
+    fi
+    printf '%s\n' "$path"
 }
 
 # Built in a directory of cargo's (never read by gpu-check.sh), renamed into place only once
@@ -81,19 +100,26 @@ mkdir -p "$dest"
 # brought up to date first (cargo would rewrite a stale one during the build).
 "${build_env[@]}" cargo metadata --format-version 1 >/dev/null
 before="$(scripts/gpu/digest-sources.sh)"
-release="$target_dir/release"
 # The shipped library, preload library and CLI are copied as soon as they are built: the test
 # and bench builds below may build the library again (with the features of the
 # dev-dependencies) over the same paths.
-"${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh
-cp "$release/libkvhygiene.so" "$release/kvh" "$dest/"
-"${build_env[@]}" cargo build --release -p kvhygiene-preload --lib
-cp "$release/libkvhygiene_preload.so" "$dest/"
-test_bin="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
-    --message-format=json | executable gpu_kernel)"
-bench_bin="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
-    --message-format=json | executable gpu_scrub)"
+messages="$("${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh \
+    --message-format=json)"
+lib="$(one_built kvhygiene .so <<<"$messages")"
+cli="$(one_built kvh exe <<<"$messages")"
+cp "$lib" "$cli" "$dest/"
+# The release directory of this build, whose build-script output names the kernels.
+release="$(dirname "$lib")"
+messages="$("${build_env[@]}" cargo build --release -p kvhygiene-preload --lib \
+    --message-format=json)"
+preload="$(one_built kvhygiene_preload .so <<<"$messages")"
+cp "$preload" "$dest/"
+messages="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
+    --message-format=json)"
+test_bin="$(one_built gpu_kernel exe <<<"$messages")"
 cp "$test_bin" "$dest/gpu_kernel"
+messages="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run --message-format=json)"
+bench_bin="$(one_built gpu_scrub exe <<<"$messages")"
 cp "$bench_bin" "$dest/gpu_scrub"
 strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
     "$dest/gpu_kernel" "$dest/gpu_scrub" "$dest/kvh"

@@ -128,10 +128,21 @@ if [[ ! -f "$art/SOURCES.txt" ]]; then
     echo "no SOURCES.txt (artifacts from an older build script)" >"$out/status/sources"
 elif ! command -v sha256sum >/dev/null; then
     echo "not checked: no sha256sum on this machine" >"$out/status/sources"
-elif differ="$(sha256sum --quiet -c "$art/SOURCES.txt" 2>&1)"; then
+elif ! now="$(scripts/gpu/digest-sources.sh 2>&1)"; then
+    printf 'not digested here: %s\n' "$now" | head -n 20 >"$out/status/sources"
+elif [[ "$now" == "$(cat "$art/SOURCES.txt")" ]]; then
     echo "same" >"$out/status/sources"
 else
-    printf '%s\n' "$differ" | head -n 20 >"$out/status/sources"
+    # The tree's sources now against those built: a file changed (sha256sum names it), or
+    # one the build did not have, or had and the tree lacks (a cargo setting added later).
+    {
+        sha256sum --quiet -c "$art/SOURCES.txt" 2>&1 || true
+        diff <(cut -c67- "$art/SOURCES.txt") <(cut -c67- <<<"$now") |
+            sed -n 's/^> /not in the build: /p; s/^< /not in this tree: /p' || true
+    } | head -n 20 >"$out/status/sources"
+    if [[ ! -s "$out/status/sources" ]]; then
+        echo "the sources differ from those built (SOURCES.txt)" >"$out/status/sources"
+    fi
 fi
 # Artifacts of other sources (or of an older build script) fail the run whatever the steps
 # measure: it ends here, with the report naming why, rather than spend the device's time.
@@ -148,6 +159,9 @@ same | "not checked"*) ;;
 esac
 trap 'on_stop 143' TERM
 trap 'on_stop 130' INT
+# A first report before any step: a run killed outright (SIGKILL at the device call's limit)
+# still leaves one, with the sources row and every step missing.
+report || true
 
 log "GPU"
 command -v nvidia-smi >/dev/null ||
@@ -198,8 +212,18 @@ step kv_blocks_kvh 40 python3 scripts/gpu/kv_blocks.py --mode kvh --out "$out/py
 # around it). The limits are tight: these steps run before the Llama rounds, which need time.
 step preload_build 45 bash scripts/gpu/build_preload_probe.sh "$out/preload_probe"
 step preload_default 20 bash -c '"$0" >"$1"' "$out/preload_probe" "$out/py/preload_default.json"
+# The loader splits LD_PRELOAD at spaces and colons, which quoting cannot help: from a path
+# holding one, the interposer is preloaded from a copy in a directory whose path has neither.
+preload_so="$art/libkvhygiene_preload.so"
+preload_copy=""
+if [[ "$preload_so" == *[[:space:]:]* ]]; then
+    preload_copy="$(mktemp -d /tmp/kvh-preload.XXXXXX)"
+    cp "$preload_so" "$preload_copy/"
+    preload_so="$preload_copy/libkvhygiene_preload.so"
+fi
 step preload_kvh 20 bash -c 'LD_PRELOAD="$2" "$0" >"$1"' "$out/preload_probe" \
-    "$out/py/preload_kvh.json" "$art/libkvhygiene_preload.so"
+    "$out/py/preload_kvh.json" "$preload_so"
+if [[ -n "$preload_copy" ]]; then rm -rf "$preload_copy"; fi
 # The PyTorch example as a user runs it (exit 0: no residue, KV blocks scrubbed).
 KVH_LIBRARY="$GPU_CHECK_LIBRARY" step example_torch 40 python3 examples/torch_pluggable.py
 # The host CPU's speed drifts between processes by more than the effect measured here, so

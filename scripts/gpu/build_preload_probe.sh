@@ -14,12 +14,26 @@ out="${1:?usage: build_preload_probe.sh OUTPUT}"
 src="$(dirname "${BASH_SOURCE[0]}")/preload_probe.cpp"
 rm -f "$out"
 
+# Whether the probe at $out finds the shared CUDA runtime it was linked against (ldd says
+# "not found" for one its rpath and the loader's paths do not hold).
+finds_runtime() {
+    local found
+    found="$(ldd "$out" 2>/dev/null | grep -i cudart)" || return 1
+    ! grep -qi 'not found' <<<"$found"
+}
+
 nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 if [[ -x "$nvcc_bin" ]]; then
-    cuda_root="$(dirname "$nvcc_bin")/.."
+    # The toolkit's root from nvcc's real place (a symlinked nvcc names another directory).
+    cuda_root="$(dirname "$(realpath "$nvcc_bin")")/.."
     if "$nvcc_bin" -cudart shared -O1 -o "$out" "$src" -ldl \
         -Xlinker -rpath -Xlinker "$cuda_root/lib64" -Xlinker -rpath -Xlinker "$cuda_root/lib"; then
-        echo "built with $nvcc_bin"
+        if finds_runtime; then
+            echo "built with $nvcc_bin"
+        else
+            echo "the probe nvcc built does not find its CUDA runtime; trying the host compiler" >&2
+            rm -f "$out"
+        fi
     else
         echo "nvcc could not build the probe; trying the host compiler" >&2
     fi
@@ -44,4 +58,9 @@ PY
     "${CXX:-g++}" -std=c++17 -O1 -o "$out" "$src" -ldl "$lib" -Wl,-rpath,"$(dirname "$lib")" || exit 1
     echo "built with ${CXX:-g++} against $lib"
 fi
-ldd "$out" | grep -i cudart || { echo "the probe does not load a shared CUDA runtime" >&2; exit 1; }
+if ! finds_runtime; then
+    ldd "$out" >&2
+    echo "the probe does not load a shared CUDA runtime" >&2
+    exit 1
+fi
+ldd "$out" | grep -i cudart

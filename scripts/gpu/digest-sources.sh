@@ -17,7 +17,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # environment, profiles, the toolchain), each only when the tree has it.
 # (The interposer's own tests, under preload/tests, are built only by its `cargo test`.)
 paths=(
-    src preload/Cargo.toml preload/src kernels build build.rs Cargo.toml Cargo.lock csrc include
+    src preload/Cargo.toml preload/src preload/build.rs kernels build build.rs Cargo.toml Cargo.lock
+    csrc include
     tests/gpu_kernel.rs tests/backend_common benches/gpu_scrub.rs
     scripts/install-nvcc.sh scripts/build-gpu-artifacts.sh
     .cargo/config.toml .cargo/config rust-toolchain.toml rust-toolchain

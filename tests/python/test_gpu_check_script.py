@@ -104,8 +104,18 @@ def scratch_gpu_checkout(tmp: Path) -> Path:
     for f in ["libkvhygiene.so", "libkvhygiene_preload.so"]:
         (art / f).write_text("stand-in\n")
     (art / "MANIFEST.txt").write_text("commit: stand-in\n")
-    digest = hashlib.sha256((root / "scripts" / "gpu-check.sh").read_bytes()).hexdigest()
-    (art / "SOURCES.txt").write_text(f"{digest}  scripts/gpu-check.sh\n")
+    # One source file, digested as the build digests the tree (and gpu-check.sh again).
+    (root / "src").mkdir()
+    (root / "src" / "lib.rs").write_text("pub fn stand_in() {}\n")
+    digest = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu" / "digest-sources.sh")],
+        cwd=root,
+        env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (art / "SOURCES.txt").write_text(digest.stdout)
     executable(
         art / "gpu_kernel",
         "#!/bin/sh\necho 'running 1 tests'\necho 'test a ... ok'\necho\n"
@@ -200,8 +210,8 @@ def test_gpu_check_compares_the_tree_with_the_sources_of_its_artifacts(tmp_path)
     same = tmp_path / "same"
     run(same)
     assert (same / "status" / "sources").read_text().strip() == "same"
-    with open(root / "scripts" / "gpu-check.sh", "a") as f:
-        f.write("\n# changed since the artifacts were built\n")
+    with open(root / "src" / "lib.rs", "a") as f:
+        f.write("\n// changed since the artifacts were built\n")
     other = tmp_path / "other"
     proc = run(other)
     assert "FAILED" in (other / "status" / "sources").read_text()
@@ -221,8 +231,8 @@ def test_gpu_check_spends_no_device_time_on_artifacts_built_from_other_sources(t
     ran = tmp_path / "gpu_kernel-ran"
     executable(root / "gpu-artifacts" / "gpu_kernel", f"#!/bin/sh\ntouch '{ran}'\nsleep 5\n")
     if sources == "other":
-        with open(root / "scripts" / "gpu-check.sh", "a") as f:
-            f.write("\n# changed since the artifacts were built\n")
+        with open(root / "src" / "lib.rs", "a") as f:
+            f.write("\n// changed since the artifacts were built\n")
     else:
         (root / "gpu-artifacts" / "SOURCES.txt").unlink()
     out = tmp_path / "out"
@@ -400,8 +410,8 @@ def test_the_source_digests_of_a_tree_without_git_metadata_inside_another_reposi
 
 
 # A stand-in cargo for build-gpu-artifacts.sh: it writes the artifacts where cargo would
-# (CARGO_TARGET_DIR, else target/), the build script's kernel_images.rs, and for the test and
-# bench builds the JSON message naming the executable; `metadata` names the target directory.
+# (CARGO_TARGET_DIR, else target/), the build script's kernel_images.rs, and the JSON messages
+# naming the files built (every build's, as one stand-in answers every cargo command); `metadata` names the target directory.
 # With STAND_IN_STALE_LOCK set it brings Cargo.lock up to date, as cargo does with a lock file
 # older than Cargo.toml.
 STAND_IN_CARGO = r'''#!/bin/sh
@@ -420,6 +430,9 @@ done
 for name in gpu_kernel gpu_scrub; do
     echo "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"$name\"},\"executable\":\"$r/deps/$name\"}"
 done
+echo "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"kvhygiene\"},\"filenames\":[\"$r/libkvhygiene.so\"]}"
+echo "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"kvh\"},\"filenames\":[\"$r/kvh\"],\"executable\":\"$r/kvh\"}"
+echo "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"kvhygiene_preload\"},\"filenames\":[\"$r/libkvhygiene_preload.so\"]}"
 '''
 
 
@@ -794,3 +807,119 @@ def test_the_source_digests_include_the_build_configuration_cargo_reads_from_the
     assert proc.returncode == 0, proc.stderr
     listed = [line.split("  ", 1)[1] for line in proc.stdout.splitlines()]
     assert name in listed, f"{name} is not digested: {listed}"
+
+
+def shared_object(path: Path, source: str = "int kvh_synchronize(void) { return 0; }\n", soname: str = None) -> Path:
+    """A real shared library built from `source` with the host C compiler (skips without one)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler to build a stand-in shared library")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = [cc, "-shared", "-fPIC", "-o", str(path), "-x", "c", "-"]
+    if soname:
+        args.append(f"-Wl,-soname,{soname}")
+    subprocess.run(args, input=source, text=True, check=True, capture_output=True)
+    return path
+
+
+def test_gpu_check_preloads_the_interposer_from_a_checkout_whose_path_has_a_space(tmp_path):
+    # The preload_kvh step runs the probe with LD_PRELOAD naming
+    # gpu-artifacts/libkvhygiene_preload.so. The dynamic loader splits LD_PRELOAD at spaces
+    # and colons, so a checkout whose path holds a space must still get the interposer loaded
+    # into the probe: the row then reports what the library did, not a run without it.
+    base = tmp_path / "with space"
+    base.mkdir()
+    root = scratch_gpu_checkout(base)
+    shared_object(root / "gpu-artifacts" / "libkvhygiene_preload.so")
+    # A stand-in probe: says whether the interposer is mapped into the processes it starts,
+    # and otherwise reports a clean round, as the real probe does under kvhygiene.
+    probe = (
+        "#!/bin/sh\n"
+        "if grep -q libkvhygiene_preload.so /proc/self/maps; then loaded=1; else loaded=0; fi\n"
+        "round='{\"rc\": 0, \"secret_seen\": 0, \"nonzero\": 0, \"same_address\": true}'\n"
+        'printf \'{"kvh_loaded": %s, "kvh_verifications_passed": 2, "kvh_verifications_failed": 0, '
+        '"sync": %s, "async": %s}\\n\' "$loaded" "$round" "$round"\n'
+    )
+    executable(
+        root / "scripts" / "gpu" / "build_preload_probe.sh",
+        "#!/bin/sh\ncat >\"$1\" <<'PROBE'\n" + probe + "PROBE\nchmod +x \"$1\"\necho 'stand-in probe built'\n",
+    )
+    out = base / "out"
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(base, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "60",
+        "GPU_CHECK_LLAMA_ROUNDS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (out / "results.json").is_file(), proc.stdout[-800:] + proc.stderr[-800:]
+    rows = {r["check"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    (row,) = [r for c, r in rows.items() if c.startswith("LD_PRELOAD probe under")]
+    log = (out / "preload_kvh.log").read_text() if (out / "preload_kvh.log").is_file() else ""
+    assert row["verdict"] == "PASS", f"{row}; preload_kvh.log: {log[-600:]}"
+
+
+def test_gpu_check_refuses_artifacts_when_a_build_setting_file_appeared_after_their_build(tmp_path):
+    # SOURCES.txt digests cargo's settings in the tree (.cargo/config.toml, rust-toolchain.toml)
+    # "each only when the tree has it": artifacts built without a .cargo/config.toml are built
+    # from other settings than a tree that has one now. The run says so (the sources row is
+    # not "same") instead of reporting the artifacts as this tree's.
+    root = scratch_gpu_checkout(tmp_path)
+    (root / "Cargo.toml").write_text('[package]\nname = "kvhygiene"\nversion = "0.1.0"\n')
+    genv = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    digest = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu" / "digest-sources.sh")], cwd=root, env=genv, capture_output=True, text=True, check=True
+    )
+    (root / "gpu-artifacts" / "SOURCES.txt").write_text(digest.stdout)
+    # After the build: a cargo setting that changes every artifact.
+    (root / ".cargo").mkdir()
+    (root / ".cargo" / "config.toml").write_text('[build]\nrustflags = ["-C", "target-cpu=native"]\n')
+    out = tmp_path / "out"
+    env = {
+        **genv,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": "30",
+        "GPU_CHECK_LLAMA_ROUNDS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    sources = (out / "status" / "sources").read_text().strip() if (out / "status" / "sources").is_file() else ""
+    assert sources != "same", f"artifacts built without .cargo/config.toml taken for this tree's (exit {proc.returncode})"
+
+
+def test_the_preload_probe_build_fails_when_the_probe_cannot_find_its_cuda_runtime(tmp_path):
+    # build_preload_probe.sh ends by checking that the probe loads a shared CUDA runtime
+    # (`ldd | grep cudart`). A probe linked against libcudart.so.N whose directory is neither
+    # in its rpath nor known to the loader ("libcudart.so.N => not found") cannot run: the
+    # build step fails (or falls back to PyTorch's runtime) rather than report a probe built.
+    stub_dir = tmp_path / "elsewhere"
+    shared_object(stub_dir / "libcudart.so.13", "int cudaFree(void *p) { return 0; }\n", soname="libcudart.so.13")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    # A stand-in nvcc that links the shared runtime as `nvcc -cudart shared` does, from a
+    # directory the rpath it is given (…/lib64, …/lib beside nvcc's bin/) does not name.
+    executable(
+        tmp_path / "bin" / "nvcc",
+        "#!/bin/sh\n"
+        'out=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+        f"printf 'int cudaFree(void *);\\nint main(void) {{ return cudaFree(0); }}\\n' | "
+        f'"{cc}" -x c - -o "$out" -Wl,--no-as-needed -L"{stub_dir}" -l:libcudart.so.13\n',
+    )
+    probe = tmp_path / "out" / "preload_probe"
+    probe.parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("NVCC", "LD_LIBRARY_PATH")}
+    env["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu" / "build_preload_probe.sh"), str(probe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    ldd = subprocess.run(["ldd", str(probe)], capture_output=True, text=True).stdout if probe.exists() else ""
+    assert proc.returncode != 0, f"build reported success for a probe whose runtime is missing:\n{ldd}"

@@ -51,7 +51,10 @@ mkdir -p "$d/deps" "$d/build/kvhygiene-0123456789abcdef/out"
 echo 'pub const KERNEL_ORIGIN: &str = "fresh build";' > "$d/build/kvhygiene-0123456789abcdef/out/kernel_images.rs"
 case "$1" in
     build)
-        for f in libkvhygiene.so libkvhygiene_preload.so kvh; do echo fresh > "$d/$f"; done ;;
+        for f in libkvhygiene.so libkvhygiene_preload.so kvh; do echo fresh > "$d/$f"; done
+        printf '{"reason":"compiler-artifact","target":{"name":"kvhygiene"},"filenames":["%s","%s"],"executable":null}\n' "$d/libkvhygiene.so" "$d/libkvhygiene.rlib"
+        printf '{"reason":"compiler-artifact","target":{"name":"kvh"},"filenames":["%s"],"executable":"%s"}\n' "$d/kvh" "$d/kvh"
+        printf '{"reason":"compiler-artifact","target":{"name":"kvhygiene_preload"},"filenames":["%s"],"executable":null}\n' "$d/libkvhygiene_preload.so" ;;
     test|bench)
         name=""; prev=""
         for a in "$@"; do
@@ -159,6 +162,44 @@ def test_gpu_artifacts_are_the_files_cargo_just_built_with_the_target_dir_from_c
     env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
     env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     env["CARGO_BUILD_TARGET_DIR"] = str(tmp_path / "cargo-target")
+    env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    art = root / "gpu-artifacts"
+    names = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
+    contents = {f: (art / f).read_text().strip() for f in names if (art / f).is_file()}
+    assert "stale" not in contents.values(), f"exit {proc.returncode}: {contents}"
+    manifest = (art / "MANIFEST.txt").read_text() if (art / "MANIFEST.txt").is_file() else ""
+    assert "earlier build" not in manifest, manifest
+
+
+def test_gpu_artifacts_are_the_files_cargo_just_built_for_a_target_named_in_cargo_settings(tmp_path):
+    # With a build target named (CARGO_BUILD_TARGET, or build.target in .cargo/config.toml),
+    # cargo writes its outputs under TARGET_DIR/<triple>/release, not TARGET_DIR/release. The
+    # artifacts are still the files this build produced, never the library, interposer and
+    # CLI that an earlier build without a target left in TARGET_DIR/release.
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    (root / "src").mkdir()
+    (root / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    target = tmp_path / "cargo-target"
+    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
+        stale = target / "release" / f
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("stale\n")
+    images = target / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
+    images.parent.mkdir(parents=True)
+    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+    bin_dir = tmp_path / "bin"
+    # As cargo: with CARGO_BUILD_TARGET, the profile directories sit under the triple.
+    executable(
+        bin_dir / "cargo",
+        FAKE_CARGO.replace('d="$t/$profile"', 'd="$t/${CARGO_BUILD_TARGET:+$CARGO_BUILD_TARGET/}$profile"', 1),
+    )
+    executable(bin_dir / "strip", "#!/bin/sh\nexit 0\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(target)}
+    env["CARGO_BUILD_TARGET"] = "x86_64-unknown-linux-gnu"
     env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
     proc = subprocess.run(
         ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
