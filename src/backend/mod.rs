@@ -23,7 +23,7 @@ static PROCESS_EXITING: AtomicBool = AtomicBool::new(false);
 
 /// Process exit has begun: every backend refuses its driver calls from now on, as after its
 /// own [`Backend::shutdown`]. An atomic store: safe in an exit handler.
-pub fn mark_process_exit() {
+pub(crate) fn mark_process_exit() {
     PROCESS_EXITING.store(true, Ordering::SeqCst);
 }
 

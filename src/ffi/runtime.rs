@@ -371,9 +371,9 @@ fn start_on_log(
 ) -> Result<Runtime, StartError> {
     // Exit may begin while the device opens (seconds): the backend then stops before its
     // next driver call, and the start-up says why.
-    let backend = backend::select(config.backend).map_err(|e| match exit_begun() {
-        true => StartError::Exiting,
-        false => StartError::Backend(e.to_string()),
+    let backend = backend::select(config.backend).map_err(|e| match e {
+        backend::BackendError::ShuttingDown if exit_begun() => StartError::Exiting,
+        e => StartError::Backend(e.to_string()),
     })?;
     // The detector sits between the allocator and the log: it sees every event, forwards it
     // unchanged and adds `anomaly` records after the events that trip its rules.
