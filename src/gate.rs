@@ -147,6 +147,9 @@ impl Verdict {
     }
 }
 
+/// 1 once the allocator's shutdown (or process exit) began.
+const SHUT_DOWN: &str = "kvh_shut_down";
+
 /// Judges a snapshot (and a log report) as of `now`. Pure: everything it needs is passed in.
 pub fn judge(
     file: &str,
@@ -163,6 +166,19 @@ pub fn judge(
             "the metrics snapshot is {age:.0} s old (--max-age {}): the process stopped \
              exporting (hung or gone)",
             args.max_age
+        ));
+    }
+    // The last snapshot of a process whose allocator shut down (`kvh_shutdown`, process
+    // exit) stays fresh for a while, and no scrub runs behind it any more. A value that is not
+    // 0 (NaN included) is not a running allocator; an older library lacks the series.
+    if snap
+        .exposition
+        .value(SHUT_DOWN, &[])
+        .is_some_and(|v| v != 0.0)
+    {
+        reasons.push(format!(
+            "the allocator shut down ({SHUT_DOWN} 1: kvh_shutdown, or the process is exiting): \
+             it scrubs no freed memory any more"
         ));
     }
     for (check, value) in snap.security_failures() {

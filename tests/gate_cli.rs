@@ -1093,3 +1093,24 @@ fn prune_into_archive(log: &std::path::Path, archive: &std::path::Path, key: &st
         .arg(key));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// `kvh_shut_down 1` says the allocator has shut down (`kvh_shutdown`, or process exit began):
+/// no scrub or release runs any more. The exporter writes that last snapshot fresh, and it
+/// stays under `--max-age` for up to a minute. A readiness gate asked "may this process keep
+/// serving tenants" is expected to answer no for it at once (not "the hygiene control
+/// working"), rather than only once the snapshot has aged past `--max-age`.
+#[test]
+fn a_fresh_snapshot_of_a_shut_down_allocator_is_not_admitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let mut stats = runtime_stats(PoolCounters::default());
+    stats.shut_down = true;
+    let text = encode(&stats, &ExporterStats::default(), SystemTime::now());
+    assert!(text.lines().any(|l| l == "kvh_shut_down 1"), "{text}");
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = gate(&f, &["--max-age", "60"]);
+    assert_ne!(
+        code, 0,
+        "a snapshot saying the allocator shut down (no scrub runs any more) was admitted:\n{out}{err}"
+    );
+}

@@ -121,10 +121,13 @@ enum Command {
     },
 }
 
-/// Writes the run's statistics, as a process's last metrics snapshot, to `--metrics-file`
+/// Writes the run's statistics, as a serving process exports them, to `--metrics-file`
 /// (`{pid}` replaced) when it is given: what `kvh metrics`, `kvh gate` and `kvh serve-metrics`
 /// read, without a GPU. Its `kvh_build_info` carries the digest of `config`, the policy the
-/// run's `start` record names, as a process's does. Returns the file written.
+/// run's `start` record names, as a process's does. The figures are the run's final ones
+/// (taken after the shutdown that drained its scrubs), with `kvh_shut_down` 0: the snapshot
+/// stands for a process that serves, which `kvh gate` judges by its figures (one that shut
+/// down is evicted whatever they say). Returns the file written.
 fn write_demo_metrics(
     metrics: &kvhygiene::config::MetricsConfig,
     config: &Config,
@@ -135,6 +138,7 @@ fn write_demo_metrics(
         return Ok(None);
     };
     let mut stats = stats.clone();
+    stats.shut_down = false;
     stats.config_digest = Some(kvhygiene::forensic::config_digest(&config.canonical_json()));
     if stats.log.is_none() {
         // As the runtime exports a process without a log: its log series say so.
@@ -335,8 +339,8 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims
      and KV scrubs, invalid frees, forensic log write errors that lost no record, anomalies
      of caller errors such as a burst of invalid frees)
-  1  evict: the snapshot is older than --max-age (default 60 s), shows a failed
-     verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
+  1  evict: the snapshot is older than --max-age (default 60 s), says the allocator shut
+     down (kvh_shut_down 1: it scrubs nothing any more), shows a failed verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
      records or an asynchronous backend error, or lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with
      --strict-anomalies), or is on and lacks the series of any signal; the snapshot does not
@@ -469,9 +473,9 @@ struct DemoArgs {
     /// a chain that is not in the server's log: it is refused for a log of the run's own.
     #[arg(long, value_name = "DIR", requires = "log_dir")]
     checkpoint_dir: Option<std::path::PathBuf>,
-    /// Leave the run's last metrics snapshot in FILE (`{pid}` in its name is replaced by the
-    /// demo's process id), for trying `kvh metrics`, `kvh gate` and `kvh serve-metrics`
-    /// without a GPU. KVH_METRICS_FILE is not used, and FILE may not be it: it may be a running
+    /// Leave a metrics snapshot of the run's final figures in FILE (`{pid}` in its name is
+    /// replaced by the demo's process id), as a serving process exports them (kvh_shut_down
+    /// 0), for trying `kvh metrics`, `kvh gate` and `kvh serve-metrics` without a GPU. KVH_METRICS_FILE is not used, and FILE may not be it: it may be a running
     /// server's file.
     #[arg(long, value_name = "FILE")]
     metrics_file: Option<std::path::PathBuf>,
