@@ -1085,3 +1085,120 @@ fn a_verification_failure_beside_a_drill_quarantined_for_residue_fails_the_run()
         demo::render(&other)
     );
 }
+
+/// The text after "check it with: " on the demo's output line that starts with `prefix`.
+fn printed_check(out: &str, prefix: &str) -> String {
+    out.lines()
+        .filter(|l| l.starts_with(prefix))
+        .find_map(|l| l.split_once("check it with: ").map(|(_, c)| c.to_string()))
+        .unwrap_or_else(|| panic!("no '{prefix}... check it with:' line in:\n{out}"))
+}
+
+/// Runs `command`, a `kvh ...` command line as the demo prints it, through `sh` in `dir`
+/// with `kvh` the built binary: (exit status, stdout, stderr).
+fn run_as_printed(dir: &std::path::Path, command: &str) -> (i32, String, String) {
+    let args = command
+        .strip_prefix("kvh ")
+        .unwrap_or_else(|| panic!("not a kvh command: {command}"));
+    let mut sh = std::process::Command::new("sh");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KVH_") {
+            sh.env_remove(k);
+        }
+    }
+    run(sh
+        .current_dir(dir)
+        .env("BIN", env!("CARGO_BIN_EXE_kvh"))
+        .arg("-c")
+        .arg(format!("exec \"$BIN\" {args}")))
+}
+
+/// `kvh demo --log-dir DIR` ends with the `kvh verify-log` command that checks the log it
+/// wrote. Followed as printed, in the directory the demo ran in, that command is expected to
+/// verify the run's log (exit 0) for any DIR the demo accepted, a relative one whose name
+/// begins with `-` (given as `--log-dir=-log`) included.
+#[test]
+fn the_printed_verify_log_command_checks_a_log_dir_whose_name_begins_with_a_dash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(host_demo(1, 1)
+        .current_dir(tmp.path())
+        .arg("--log-dir=-log"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(tmp.path().join("-log").is_dir(), "{out}{err}");
+    let hint = printed_check(&out, "forensic log:");
+    let (vcode, vout, verr) = run_as_printed(tmp.path(), &hint);
+    assert_eq!(
+        vcode, 0,
+        "the demo's log is in ./-log, but the check it prints (`{hint}`) does not verify it:\n\
+         {vout}{verr}"
+    );
+    assert!(vout.contains("OK"), "`{hint}`:\n{vout}{verr}");
+}
+
+/// The same for the HMAC key file the printed `kvh verify-log` command names: a relative
+/// KVH_HMAC_KEY_FILE whose name begins with `-` is expected to be given so that the command,
+/// run as printed, reads it as the key file and verifies the run's MACs.
+#[test]
+fn the_printed_verify_log_command_reads_a_key_file_whose_name_begins_with_a_dash() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("-hmac.key");
+    std::fs::write(
+        &key,
+        "6b76682d646f63732d77616c6b7468726f7567682d686d61632d6b65792d3031\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(host_demo(1, 1)
+        .current_dir(tmp.path())
+        .env("KVH_HMAC_KEY_FILE", "-hmac.key")
+        .args(["--log-dir", "log"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let hint = printed_check(&out, "forensic log:");
+    let (vcode, vout, verr) = run_as_printed(tmp.path(), &hint);
+    assert_eq!(
+        vcode, 0,
+        "the check the demo prints (`{hint}`) does not run:\n{vout}{verr}"
+    );
+    assert!(vout.contains("MACs verified"), "`{hint}`:\n{vout}{verr}");
+}
+
+/// `--metrics-file FILE` ends the summary with the `kvh metrics` and `kvh gate` commands that
+/// read the snapshot left. Run as printed, each is expected to read the run's snapshot (a
+/// clean run's: exit 0, admitted), a relative FILE whose name begins with `-` (given as
+/// `--metrics-file=-kvh.prom`) included.
+#[test]
+fn the_printed_metrics_commands_read_a_file_whose_name_begins_with_a_dash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(host_demo(1, 1)
+        .current_dir(tmp.path())
+        .arg("--metrics-file=-kvh.prom"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(tmp.path().join("-kvh.prom").is_file(), "{out}{err}");
+    let hints = printed_check(&out, "metrics:");
+    for command in hints.split(", or ") {
+        let (mcode, mout, merr) = run_as_printed(tmp.path(), command);
+        assert_eq!(
+            mcode, 0,
+            "the run's snapshot is ./-kvh.prom, but `{command}`, as the demo prints it, does \
+             not read it:\n{mout}{merr}"
+        );
+    }
+}
+
+/// A `--metrics-file` that ends with `/` names a directory, in which no snapshot can be
+/// written: like one in a directory that does not exist, it would fail the run at its end
+/// (exit 2, after the whole run). It is expected to be refused before the run (exit 2,
+/// nothing on stdout).
+#[test]
+fn a_metrics_file_ending_with_a_slash_is_refused_before_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut file = tmp.path().join("missing").into_os_string();
+    file.push("/");
+    let (code, out, err) = run(host_demo(1, 1).arg("--metrics-file").arg(&file));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.is_empty(),
+        "the run started and ran whole before its snapshot could not be written:\n{out}{err}"
+    );
+}

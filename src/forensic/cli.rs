@@ -125,10 +125,15 @@ pub struct KeygenArgs {
 /// `p` as one word of a POSIX shell command line: as it is when it holds only characters no
 /// shell treats specially, else in single quotes; a path that is not UTF-8 as a `printf` of
 /// its bytes (octal escapes, a `-` too, so the format is never taken for an option), with
-/// its trailing newlines, which command substitution would drop, quoted after it. For the
+/// its trailing newlines, which command substitution would drop, quoted after it. A relative
+/// path beginning with `-`, which the command given it would read as an option, is written
+/// `./-…`; one beginning with `=` (which zsh expands to a command's path) is quoted. For the
 /// commands the verbs suggest.
 pub fn shell_word(p: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
+    if p.as_os_str().as_bytes().first() == Some(&b'-') {
+        return shell_word(&Path::new(".").join(p));
+    }
     let Some(s) = p.to_str().map(str::to_string) else {
         let bytes = p.as_os_str().as_bytes();
         let end = bytes.iter().rposition(|&b| b != b'\n').map_or(0, |i| i + 1);
@@ -151,6 +156,7 @@ pub fn shell_word(p: &Path) -> String {
         return format!("\"$(printf '{format}')\"{tail}");
     };
     let plain = !s.is_empty()
+        && !s.starts_with('=')
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_./-+,:@%=".contains(c));
     if plain {
