@@ -324,7 +324,8 @@ int kvh_check_config(void);
 // forensic log did not open), `KVH_ERR_FORKED_CHILD` (a child forked after start-up in its
 // parent; after a start-up of the parent's that failed, that start-up's error) or
 // `KVH_ERR_SHUTTING_DOWN` (after `kvh_shutdown`, whether the allocator had started
-// before it or not: no fresh memory is served and no free is scrubbed any more), or
+// before it or not, or once process exit has begun, also during the start-up: no fresh
+// memory is served and no free is scrubbed any more), or
 // `KVH_ERR_PANIC` (the start-up panicked: an internal error). A failed start-up is final:
 // every later `kvh_init`, allocation and call that needs the allocator gets its code.
 int kvh_init(void);
@@ -335,7 +336,8 @@ int kvh_init(void);
 // served only from clean pooled blocks (already verified, no device call), so teardown code
 // that still allocates does not fail; any other fails with `KVH_ERR_SHUTTING_DOWN`. Later
 // frees are accepted and leak their block (no scrub can run). The metrics file is written
-// once more and then no longer (it goes stale, which `kvh gate` evicts on); a second call
+// once more and then no longer (its `kvh_shut_down` is 1, on which `kvh gate` evicts at
+// once; it then goes stale); a second call
 // changes nothing. Called before the allocator started, it keeps it from starting: every
 // allocation then fails with `KVH_ERR_SHUTTING_DOWN`.
 void kvh_shutdown(void);

@@ -159,7 +159,7 @@ same | "not checked"*) ;;
 esac
 trap 'on_stop 143' TERM
 trap 'on_stop 130' INT
-# A first report before any step: a run killed outright (SIGKILL at the device call's limit)
+# A first report before any step: a run killed outright (SIGKILL at the caller's time limit)
 # still leaves one, with the sources row and every step missing.
 report || true
 

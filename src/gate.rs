@@ -9,7 +9,8 @@
 //! optionally, its forensic log:
 //!
 //! - **evict** (exit 1) when the snapshot is stale (the process stopped exporting), when it
-//!   shows a security failure (the checks of `kvh metrics
+//!   says the allocator shut down (`kvh_shut_down` not 0: it scrubs nothing any more; a
+//!   snapshot without the series is not judged on it), when it shows a security failure (the checks of `kvh metrics
 //!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
 //!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
 //!   when a series it must judge is missing (a security counter; a signal of a detector the

@@ -3,9 +3,10 @@
 # shared library (LD_PRELOAD can only interpose a shared runtime), with the runtime's
 # directory in its rpath, and prints which libcudart it will load.
 #
-# With nvcc (NVCC, PATH or /usr/local/cuda): `nvcc -cudart shared`. When nvcc is missing or
-# cannot link a shared runtime (a pip-installed nvcc has no unversioned libcudart.so), the
-# host compiler links the versioned libcudart.so.N that PyTorch's CUDA wheels installed.
+# With nvcc (NVCC, PATH or /usr/local/cuda): `nvcc -cudart shared`. When nvcc is missing,
+# cannot link a shared runtime (a pip-installed nvcc has no unversioned libcudart.so), or
+# builds a probe that does not find its runtime, the host compiler links the versioned
+# libcudart.so.N that PyTorch's CUDA wheels installed.
 # The probe declares the few runtime functions it calls, so no CUDA header is needed.
 #
 # Usage: scripts/gpu/build_preload_probe.sh OUTPUT

@@ -475,8 +475,8 @@ impl Allocator {
                 });
                 if reset {
                     // The device's reset began meanwhile. The memory stays in the table
-                    // all the same (nothing is handed out of it), to go back to the device
-                    // once its scrub verified, as the device's other freed blocks do.
+                    // all the same (nothing is handed out of it), to be scrubbed as the
+                    // device's freed blocks are; it goes with the reset.
                     return Err(AllocError::DeviceReset { device: dev });
                 }
                 return Err(self.allocation_failed(size, dev, e));

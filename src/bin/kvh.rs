@@ -343,14 +343,16 @@ A process whose hygiene control failed keeps running (a quarantined block is not
 something must take it out of rotation. This verb is that decision, from the metrics file the \
 process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
 
-  0  admit: the snapshot is fresh, shows no security failure and no anomaly of a failed
-     control (and the log verifies); what still deserves a look is printed as notes (KV
+  0  admit: the snapshot is fresh, does not say the allocator shut down, shows no security
+     failure and no anomaly of a failed control (and the log verifies); what still deserves a look is printed as notes (KV
      blocks that changed owner unscrubbed, which the eviction gate scrubbed, refused claims
      and KV scrubs, invalid frees, forensic log write errors that lost no record, anomalies
      of caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), says the allocator shut
-     down (kvh_shut_down 1: it scrubs nothing any more), shows a failed verification, residue, a failed re-scrub, a failed KV block scrub, lost forensic log
-     records or an asynchronous backend error, or lacks one of those series; the anomaly
+     down (kvh_shut_down not 0: it scrubs nothing any more; a snapshot without the series
+     is not judged on it), shows a failed verification, residue, a failed re-scrub, a
+     failed KV block scrub, lost forensic log records or an asynchronous backend error, or
+     lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with
      --strict-anomalies), or is on and lacks the series of any signal; the snapshot does not
      say whether the detector is on (kvh_anomaly_enabled missing, or neither 0 nor 1); or

@@ -332,8 +332,8 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
     })
 }
 
-/// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of at least
-/// the length the writer accepts.
+/// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of a length
+/// the writer accepts.
 fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     let mut b = keys::read_given_file(p, super::files::MAX_CKPT_BYTES)?;
     let len = keys::secret_len(&b);

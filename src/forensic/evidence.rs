@@ -1737,7 +1737,9 @@ fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
          records were verified and not counted. The periodic counters (Activity) and the \
          records lost are each process's own, for all its tenants: they are not kept per \
          tenant. Where a record also names another tenant (a refused free of another \
-         tenant's block), that tenant's ids are shown as \"{ANOTHER_TENANT}\".",
+         tenant's block), that tenant's ids are shown as \"{ANOTHER_TENANT}\", as are those \
+         of a caller that set no tenant id; the engine's free-form detail of an anomaly it \
+         recorded is not shown.",
         json_code(&t.tenant_id),
         t.records_left_out
     ));

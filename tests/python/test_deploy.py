@@ -1197,13 +1197,54 @@ def test_tail_sidecar_ships_the_servers_security_records_and_stops_after_a_last_
     assert (records[0]["tenant_id"], records[0]["request_id"]) == ("tenant-b", "req-7")
 
 
+# The engine, serving on: once its metrics file holds a snapshot of its running allocator, it
+# says so and waits for a line on stdin, then exits.
+SERVING = """
+import os, sys, time
+path = os.environ["KVH_METRICS_FILE"]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        text = open(path).read()
+    except OSError:
+        text = ""
+    if "\\nkvh_shut_down 0\\n" in text:
+        break
+    time.sleep(0.05)
+print("serving", flush=True)
+sys.stdin.readline()
+"""
+
+
 @pytest.mark.parametrize("probe", PROBES)
 def test_probe_passes_against_the_exported_metrics(pod, probe):
     cmd = [pod["remap"](a) for a in pod["server"][probe]["exec"]["command"]]
     if cmd[1] not in kvh_verbs():
         pytest.fail(f"{probe}: `kvh {cmd[1]}` is not a verb of {kvh_binary()}")
+    if probe != "readinessProbe":
+        r = run_in(cmd, pod["env"])
+        assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
+        return
+    # Readiness judges a serving process: admitted while its engine runs, evicted once the
+    # engine has exited (its last snapshot says the allocator shut down).
+    live = subprocess.Popen(
+        ["python3", "-c", ENGINE + SERVING],
+        env={**pod["env"], "KVH_BACKEND": "host"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        said = [live.stdout.readline().strip(), live.stdout.readline().strip()]
+        assert said == ["engine ok", "serving"], said
+        r = run_in(cmd, pod["env"])
+        assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
+    finally:
+        out, err = live.communicate(input="\n", timeout=60)
+    assert live.returncode == 0, out + err
     r = run_in(cmd, pod["env"])
-    assert r.returncode == 0, f"{probe} {' '.join(cmd)} exited {r.returncode}: {r.stdout}{r.stderr}"
+    assert r.returncode == 1 and "shut down" in r.stdout, f"{probe} after the engine exited: {r.stdout}{r.stderr}"
 
 
 def keyed_demo_log(log_dir: Path, hmac_key: Path, signing_key: Path):
