@@ -172,14 +172,12 @@ pub fn judge(
     // The last snapshot of a process whose allocator shut down (`kvh_shutdown`, process
     // exit) stays fresh for a while, and no scrub runs behind it any more. A value that is not
     // 0 (NaN included) is not a running allocator; an older library lacks the series.
-    if snap
-        .exposition
-        .value(SHUT_DOWN, &[])
-        .is_some_and(|v| v != 0.0)
-    {
+    // Every sample is judged, as for the security checks.
+    if let Some(v) = snap.exposition.values(SHUT_DOWN, &[]).find(|&v| v != 0.0) {
         reasons.push(format!(
-            "the allocator shut down ({SHUT_DOWN} 1: kvh_shutdown, or the process is exiting): \
-             it scrubs no freed memory any more"
+            "the allocator shut down ({SHUT_DOWN} {}: kvh_shutdown, or the process is \
+             exiting): it scrubs no freed memory any more",
+            format_f64(v)
         ));
     }
     for (check, value) in snap.security_failures() {

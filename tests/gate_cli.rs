@@ -1114,3 +1114,54 @@ fn a_fresh_snapshot_of_a_shut_down_allocator_is_not_admitted() {
         "a snapshot saying the allocator shut down (no scrub runs any more) was admitted:\n{out}{err}"
     );
 }
+
+/// `kvh_shut_down` with several samples (a label the check does not name: a second device, a
+/// second process's `pid`) is judged by every sample, as the security checks are: a sample
+/// saying the allocator shut down evicts even after one that says 0.
+#[test]
+fn a_shut_down_sample_after_a_running_one_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.contains("kvh_shut_down 0\n"), "{text}");
+    let text = text.replace(
+        "kvh_shut_down 0\n",
+        "kvh_shut_down{device=\"0\"} 0\nkvh_shut_down{device=\"1\"} 1\n",
+    );
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(
+        code, 1,
+        "a snapshot with a kvh_shut_down sample of 1 was admitted: {out}{err}"
+    );
+    assert!(out.contains("kvh_shut_down"), "{out}");
+}
+
+/// A `kvh_shut_down` value that is neither 0 nor 1 evicts, and the reason spells the value the
+/// snapshot holds (as the exposition does), not another one.
+#[test]
+fn the_shut_down_reason_spells_the_value_of_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.contains("kvh_shut_down 0\n"), "{text}");
+    std::fs::write(&f, text.replace("kvh_shut_down 0\n", "kvh_shut_down NaN\n")).unwrap();
+    let (code, out, err) = gate(&f, &["--json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let reasons: Vec<&str> = v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .filter(|r| r.contains("kvh_shut_down"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "{out}");
+    assert!(
+        reasons[0].contains("NaN") && !reasons[0].contains("kvh_shut_down 1"),
+        "the reason names a value the snapshot does not hold (it holds NaN): {}",
+        reasons[0]
+    );
+}

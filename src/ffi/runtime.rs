@@ -231,19 +231,28 @@ pub(crate) fn get_if_begun() -> Option<Result<&'static Runtime, &'static StartEr
     if is_forked_child() {
         return Some(get());
     }
-    match RUNTIME.get() {
-        Some(outcome) => Some(outcome.as_ref()),
+    let outcome = match RUNTIME.get() {
+        Some(outcome) => outcome.as_ref(),
         // A start-up, or a `kvh_shutdown` that came first, is under way on another thread:
         // its outcome, waited for, never a start-up of this call's own.
-        None if STARTING.load(Ordering::SeqCst) => Some(RUNTIME.wait().as_ref()),
-        None => None,
+        None if STARTING.load(Ordering::SeqCst) => RUNTIME.wait().as_ref(),
+        None => return None,
+    };
+    if let (true, Ok(rt)) = (exit_begun(), &outcome) {
+        stop_at_exit(rt);
     }
+    Some(outcome)
 }
 
 /// The runtime if it has already started successfully in this process; never starts it.
 pub(crate) fn started() -> Option<&'static Runtime> {
     match RUNTIME.get() {
-        Some(Ok(rt)) if !is_forked_child() => Some(rt),
+        Some(Ok(rt)) if !is_forked_child() => {
+            if exit_begun() {
+                stop_at_exit(rt);
+            }
+            Some(rt)
+        }
         _ => None,
     }
 }

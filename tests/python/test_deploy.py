@@ -1211,6 +1211,8 @@ while time.monotonic() < deadline:
     if "\\nkvh_shut_down 0\\n" in text:
         break
     time.sleep(0.05)
+else:
+    sys.exit("no snapshot of the running allocator in " + path)
 print("serving", flush=True)
 sys.stdin.readline()
 """
