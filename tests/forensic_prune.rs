@@ -2796,3 +2796,30 @@ fn a_dry_run_that_moves_nothing_still_needs_bytes_for_the_archives_marker() {
     }
     dry_run_agrees(&s, &["--older-than", "1"], 2);
 }
+
+/// A first run into an archive whose file system holds exactly the copies, each in whole
+/// blocks, and the archive's marker: the real run copies every file that may move (exit 0),
+/// so the dry run before it, which counts each copy in whole blocks, passes too.
+#[test]
+fn a_dry_run_passes_for_an_archive_with_room_for_the_copies_in_whole_blocks() {
+    let s = setup();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() > 2, "precondition: several files");
+    // tmpfs counts whole pages: each copy takes its bytes rounded up to a page, the marker
+    // one page.
+    let pages: u64 = files
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len().div_ceil(4096))
+        .sum::<u64>()
+        + 1;
+    let size = format!("{}k", pages * 4);
+    let Some(_fits) = Mounted::tmpfs(&s.archive, &size, "") else {
+        return;
+    };
+    dry_run_agrees(&s, &["--older-than", "0"], 0);
+    assert!(
+        chain_files(&s.log).is_empty(),
+        "precondition: the real run moved the ended chain whole"
+    );
+}

@@ -401,21 +401,19 @@ fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<bool, Str
     }
 }
 
-/// What a dry run finds in place of the writes of the copies it counted (`files`, `bytes`):
-/// the archive directory takes a new file, and its file system has room for them, each
-/// rounded up to whole blocks, and for as many new files (one more for the archive's marker
-/// on a first run: `marker`). A limit the file system does not state is not checked. Writes
-/// nothing.
-fn archive_has_room(
-    archive: &Path,
-    (files, bytes): (u64, u64),
-    marker: bool,
-) -> Result<(), String> {
+/// What a dry run finds in place of the writes of the copies it counted (each one's size in
+/// `copies`): the archive directory takes a new file, and its file system has room for them,
+/// each rounded up to whole blocks, and for as many new files (one more, of one block, for the
+/// archive's marker on a first run: `marker`). A limit the file system does not state is not
+/// checked. Writes nothing.
+fn archive_has_room(archive: &Path, copies: &[u64], marker: bool) -> Result<(), String> {
     // A first run marks the archive before it looks for anything to move: the marker is a
     // file to create even when no copy is.
-    if files == 0 && !marker {
+    if copies.is_empty() && !marker {
         return Ok(());
     }
+    let files = copies.len() as u64;
+    let bytes = copies.iter().fold(0u64, |sum, &b| sum.saturating_add(b));
     if !files::may_write(archive) {
         return Err(format!(
             "{}: no file can be created in the archive directory (its permissions, or a \
@@ -424,9 +422,13 @@ fn archive_has_room(
         ));
     }
     let free = files::free_space(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
-    // Each new file, the marker among them, takes at least a block.
+    // Each new file takes whole blocks, the marker (a few bytes) one.
     let new_files = files.saturating_add(u64::from(marker));
-    let needed = bytes.saturating_add(new_files.saturating_mul(free.block));
+    let block = free.block.max(1);
+    let needed = copies
+        .iter()
+        .map(|&b| b.div_ceil(block).max(1).saturating_mul(block))
+        .fold(u64::from(marker).saturating_mul(block), u64::saturating_add);
     if let Some(have) = free.bytes.filter(|&have| needed > have) {
         return Err(format!(
             "{}: the copies need up to {needed} bytes ({files} files, {bytes} bytes of \
@@ -624,10 +626,10 @@ pub struct ChainPruned {
     /// with one fails (exit 2), as one whose first file is marked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_marked: Option<String>,
-    /// In a dry run: the files, and their bytes, that the archive does not hold yet (what
-    /// the real run would write there).
+    /// In a dry run: the size of each file the archive does not hold yet (what the real run
+    /// would write there).
     #[serde(skip)]
-    pub new_copies: (u64, u64),
+    pub new_copies: Vec<u64>,
 }
 
 /// Why a chain was not (wholly) moved.
@@ -749,8 +751,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
         if plan.req.dry_run {
             if archive_accepts(&bytes, plan.req.archive, &name)? {
-                done.new_copies.0 += 1;
-                done.new_copies.1 += bytes.len() as u64;
+                done.new_copies.push(bytes.len() as u64);
             }
         } else {
             archive_copy(&bytes, plan.req.archive, &name)?;
@@ -906,14 +907,12 @@ pub fn prune_all(
         }
     }
     if req.dry_run {
-        let copies = moved.iter().fold((0u64, 0u64), |(f, b), c| {
-            (
-                f.saturating_add(c.new_copies.0),
-                b.saturating_add(c.new_copies.1),
-            )
-        });
+        let copies: Vec<u64> = moved
+            .iter()
+            .flat_map(|c| c.new_copies.iter().copied())
+            .collect();
         let marker = req.archive.join(ARCHIVE_MARKER).symlink_metadata().is_err();
-        run.archive_refuses = archive_has_room(req.archive, copies, marker).err();
+        run.archive_refuses = archive_has_room(req.archive, &copies, marker).err();
     }
     run.moved = moved;
     run.refused = refused;
