@@ -2126,6 +2126,18 @@ fn prune_log_refuses_an_append_only_chain_file_before_copying_or_recording_it() 
         return;
     }
     let _unmark = AppendOnly(first.clone());
+    // With --json, the chain that could not move is said on stdout too, with why.
+    let json = prune(&s, &["--older-than", "0", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap_or_default();
+    let name = first.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        v["refused"].as_array().is_some_and(|r| r
+            .iter()
+            .any(|e| e.as_str().is_some_and(|e| e.contains(&name)))),
+        "{}{}",
+        text(&json.stdout),
+        text(&json.stderr)
+    );
     let out = prune(&s, &["--older-than", "0"]);
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert_ne!(out.status.code(), Some(0), "{said}");

@@ -519,12 +519,28 @@ struct PruneOutcome<'a> {
     chains: &'a [ChainPruned],
     files: usize,
     bytes: u64,
-    /// The verification that refused the move, as `verify-log --json` reports it.
+    /// The verification that refused the move, or the one after the move when it failed, as
+    /// `verify-log --json` reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     verification: Option<&'a Report>,
+    /// Why a chain could not move (changed since the verification, an I/O error): the others
+    /// moved all the same.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refused: Vec<String>,
     /// A dry run's finding that the archive would not take the copies.
     #[serde(skip_serializing_if = "Option::is_none")]
     archive_refuses: Option<&'a str>,
+}
+
+/// Says why each chain that could not move did not. Reasons may quote names and manifest
+/// text found in the directories: escaped.
+fn say_refused(refused: &[prune::PruneError]) {
+    for e in refused {
+        crate::say(format_args!(
+            "kvh prune-log: {}",
+            crate::printable(&e.to_string())
+        ));
+    }
 }
 
 /// Runs `prune-log`; returns the process exit code: 0 done (or nothing to move), 1 the log
@@ -580,6 +596,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
                 bytes: 0,
                 verification: Some(&run.before),
                 archive_refuses: None,
+                refused: Vec::new(),
             };
             let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
             out.line(format_args!("{text}"));
@@ -588,6 +605,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     }
     let files: usize = run.moved.iter().map(|c| c.files.len()).sum();
     let bytes: u64 = run.moved.iter().map(|c| c.bytes).sum();
+    let failed_after = run.after.as_ref().filter(|after| !after.ok());
     if args.json {
         let outcome = PruneOutcome {
             verified: true,
@@ -597,8 +615,9 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             chains: &run.moved,
             files,
             bytes,
-            verification: None,
+            verification: failed_after,
             archive_refuses: run.archive_refuses.as_deref(),
+            refused: run.refused.iter().map(|e| e.to_string()).collect(),
         };
         let text = serde_json::to_string_pretty(&outcome).map_err(|e| e.to_string())?;
         out.line(format_args!("{text}"));
@@ -617,6 +636,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
             crate::say(format_args!(
                 "kvh prune-log: the log does not verify after the move"
             ));
+            say_refused(&run.refused);
             return Ok(EXIT_TAMPERED);
         }
         if !args.json {
@@ -663,13 +683,7 @@ fn prune_log(args: &PruneLogArgs) -> Result<i32, String> {
     }
     // One chain that could not move (changed since the verification, an I/O error) did not
     // hold the others back; it is said here, and the exit status says it too.
-    for e in &run.refused {
-        // Reasons may quote names and manifest text found in the directories: escaped.
-        crate::say(format_args!(
-            "kvh prune-log: {}",
-            crate::printable(&e.to_string())
-        ));
-    }
+    say_refused(&run.refused);
     // A chain moved up to a marked file is a chain not wholly moved, for its mark.
     let marked: Vec<&String> = run
         .moved
