@@ -2835,3 +2835,54 @@ fn a_dry_run_passes_for_an_archive_with_room_for_the_copies_in_whole_blocks() {
         "precondition: the real run moved the ended chain whole"
     );
 }
+
+/// A first run into an archive on the same file system as the log directory: the real run
+/// copies the files, then writes the chain's manifest into the log directory (a temporary
+/// file, renamed) before it removes any original, so that file system must hold the copies,
+/// the archive's marker and the manifest at once. Where it holds the copies and the marker
+/// in whole blocks but not one block more, the real run stops at the manifest (exit 2, the
+/// chain stays in the log), and the dry run before it, which says what the real run would
+/// do, fails too.
+#[test]
+fn a_dry_run_counts_the_manifest_when_the_archive_shares_the_logs_file_system() {
+    let Setup { _tmp, key, .. } = setup();
+    let root = _tmp.path().join("fs");
+    fs::create_dir(&root).unwrap();
+    let s = Setup {
+        log: root.join("log"),
+        archive: root.join("archive"),
+        key,
+        _tmp,
+    };
+    let Some(_shared) = Mounted::tmpfs(&root, "16m", "") else {
+        return;
+    };
+    fs::create_dir(&s.archive).unwrap();
+    fs::set_permissions(&s.archive, fs::Permissions::from_mode(0o700)).unwrap();
+    write_log(&cfg(&s.log, 4096), 40, true);
+    let files = chain_files(&s.log);
+    assert!(files.len() > 2, "precondition: several files");
+    // tmpfs counts whole pages: each copy takes its bytes rounded up to a page, the marker
+    // one page. Another file fills the rest of the file system.
+    let pages: u64 = files
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len().div_ceil(4096))
+        .sum::<u64>()
+        + 1;
+    let free_pages = |dir: &Path| {
+        let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a zeroed, writable statvfs.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        assert_eq!(st.f_frsize, 4096, "precondition: 4 KiB pages");
+        st.f_bfree as u64
+    };
+    let fill = free_pages(&root) - pages;
+    fs::write(root.join("filler"), vec![0u8; (fill * 4096) as usize]).unwrap();
+    assert_eq!(
+        free_pages(&root),
+        pages,
+        "precondition: room for copies and marker only"
+    );
+    dry_run_agrees(&s, &["--older-than", "0"], 2);
+}

@@ -233,6 +233,48 @@ fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
     files::sync_dir(dir)
 }
 
+/// The chain's manifest once `moved` is recorded in it (`base`, the manifest on disk, or a new
+/// one), not sealed yet.
+fn updated_manifest(
+    base: Option<&Manifest>,
+    chain: &str,
+    moved: Vec<PrunedFile>,
+    complete: bool,
+    archive: &Path,
+) -> Manifest {
+    let mut m = match base {
+        Some(m) => m.clone(),
+        None => Manifest {
+            v: MANIFEST_VERSION,
+            chain: chain.to_string(),
+            files: Vec::new(),
+            complete: false,
+            archive: fs::canonicalize(archive)
+                .unwrap_or_else(|_| archive.to_path_buf())
+                .display()
+                .to_string(),
+            updated_at: 0,
+            mac: None,
+        },
+    };
+    for f in moved {
+        // A rerun after an interruption moves the same file again: recorded once.
+        if !m.files.iter().any(|g| g.name == f.name) {
+            m.files.push(f);
+        }
+    }
+    m.complete |= complete;
+    m.updated_at = super::unix_nanos(SystemTime::now());
+    m
+}
+
+/// The size of the manifest file `write_manifest` would write for `m` once sealed (its MAC is
+/// 64 hex digits).
+fn manifest_file_len(mut m: Manifest) -> u64 {
+    m.mac = Some("0".repeat(64));
+    serde_json::to_vec_pretty(&m).map_or(0, |t| t.len() as u64 + 1)
+}
+
 /// The facts of one chain file that a manifest entry records.
 fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
     let mut first: Option<u64> = None;
@@ -448,6 +490,64 @@ fn archive_has_room(archive: &Path, copies: &[u64], marker: bool) -> Result<(), 
     Ok(())
 }
 
+/// What a dry run finds in place of the manifests the real run writes in the log directory
+/// `dir` (each one's size in `manifests`): its file system has room for them, in whole
+/// blocks, and for as many new files, besides the archive's copies (`copies`, `marker`) when
+/// the archive is on the same file system. Counted as if every manifest were new and no
+/// original removed: the real run frees space only after each chain's manifest is written.
+/// A limit the file system does not state is not checked. Writes nothing.
+fn log_has_room(
+    dir: &Path,
+    archive: &Path,
+    copies: &[u64],
+    marker: bool,
+    manifests: &[u64],
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if manifests.is_empty() {
+        return Ok(());
+    }
+    let device = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+    let shared = device(dir).is_some() && device(dir) == device(archive);
+    let free = files::free_space(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let block = free.block.max(1);
+    let in_blocks = |b: u64| b.div_ceil(block).max(1).saturating_mul(block);
+    let sum = |sizes: &[u64]| {
+        sizes
+            .iter()
+            .map(|&b| in_blocks(b))
+            .fold(0u64, u64::saturating_add)
+    };
+    let mut needed = sum(manifests);
+    let mut new_files = manifests.len() as u64;
+    if shared {
+        needed = needed
+            .saturating_add(sum(copies))
+            .saturating_add(u64::from(marker).saturating_mul(block));
+        new_files = new_files.saturating_add(copies.len() as u64 + u64::from(marker));
+    }
+    let what = if shared {
+        "the manifests and the archive's copies (one file system)"
+    } else {
+        "the manifests"
+    };
+    if let Some(have) = free.bytes.filter(|&have| needed > have) {
+        return Err(format!(
+            "{}: {what} need up to {needed} bytes, but its file system has {have} bytes free; \
+             the real run would stop when it is full (what was not recorded stays in the log)",
+            dir.display()
+        ));
+    }
+    if let Some(have) = free.files.filter(|&have| new_files > have) {
+        return Err(format!(
+            "{}: {what} need {new_files} new files, but its file system can hold only {have} \
+             more; the real run would stop there",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `dest` (read as a regular file, not followed) holds exactly `bytes`.
 fn holds_the_same(dest: &Path, bytes: &[u8]) -> Result<(), String> {
     let back = files::read_capped(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
@@ -552,29 +652,7 @@ pub fn record_moved(
             manifest_path(dir, chain).display()
         )));
     }
-    let mut m = match base {
-        Some(m) => m.clone(),
-        None => Manifest {
-            v: MANIFEST_VERSION,
-            chain: chain.to_string(),
-            files: Vec::new(),
-            complete: false,
-            archive: fs::canonicalize(archive)
-                .unwrap_or_else(|_| archive.to_path_buf())
-                .display()
-                .to_string(),
-            updated_at: 0,
-            mac: None,
-        },
-    };
-    for f in moved {
-        // A rerun after an interruption moves the same file again: recorded once.
-        if !m.files.iter().any(|g| g.name == f.name) {
-            m.files.push(f);
-        }
-    }
-    m.complete |= complete;
-    m.updated_at = super::unix_nanos(SystemTime::now());
+    let mut m = updated_manifest(base, chain, moved, complete, archive);
     m.check_contiguous()
         .map_err(|e| PruneError::NotVerified(format!("chain {chain}: {e}")))?;
     m.seal(key);
@@ -630,6 +708,9 @@ pub struct ChainPruned {
     /// would write there).
     #[serde(skip)]
     pub new_copies: Vec<u64>,
+    /// In a dry run: the size of the manifest the real run would write in the log directory.
+    #[serde(skip)]
+    pub new_manifest: u64,
 }
 
 /// Why a chain was not (wholly) moved.
@@ -764,6 +845,16 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
         moved_paths.push(path.clone());
     }
     done.complete = c.closed && moved_paths.len() == c.list.len();
+    if plan.req.dry_run && !moved_paths.is_empty() {
+        let m = updated_manifest(
+            base.as_ref(),
+            c.chain,
+            done.files.clone(),
+            done.complete,
+            plan.req.archive,
+        );
+        done.new_manifest = manifest_file_len(m);
+    }
     if plan.req.dry_run || moved_paths.is_empty() {
         return Ok(done);
     }
@@ -911,8 +1002,11 @@ pub fn prune_all(
             .iter()
             .flat_map(|c| c.new_copies.iter().copied())
             .collect();
+        let manifests: Vec<u64> = moved.iter().map(|c| c.new_manifest).collect();
         let marker = req.archive.join(ARCHIVE_MARKER).symlink_metadata().is_err();
-        run.archive_refuses = archive_has_room(req.archive, &copies, marker).err();
+        run.archive_refuses = archive_has_room(req.archive, &copies, marker)
+            .and_then(|()| log_has_room(req.dir, req.archive, &copies, marker, &manifests))
+            .err();
     }
     run.moved = moved;
     run.refused = refused;
