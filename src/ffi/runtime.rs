@@ -481,6 +481,11 @@ pub(crate) fn shutdown() {
         crate::forensic::keys::discard_env_secret();
     }
     if let Some(rt) = own_runtime() {
+        // A runtime published after the exit watch ran drains nothing: exit begins for it
+        // here, and its exit handler writes the stop record and the last snapshot.
+        if exit_begun() {
+            stop_at_exit(rt);
+        }
         if rt.allocator.is_shut_down() {
             return;
         }
