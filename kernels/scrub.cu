@@ -35,7 +35,7 @@
 // chunk, so each is read exactly once, by the block that zeroed it, after that block's stores:
 // no grid-wide barrier is needed, and the publish launch, ordered after launch 1 by the stream,
 // sees every block's sums. The sampling rule is stratified so that a block finds its samples
-// without generating the segment's others: sample i lies in stratum i of the segment's words.
+// without generating the segment's others: each sample lies in a stratum of its own.
 //
 // Results: a segment of one chunk has its {checked, nonzero} written by its block straight
 // into the host's result area (page-locked, device-mapped); the host reads it after the
@@ -131,16 +131,21 @@ KVH_HD kvh_u64 kvh_word_count(kvh_u64 len) {
     return len / KVH_WORD_BYTES + (len % KVH_WORD_BYTES != 0);
 }
 
-// Samples of a segment: every word under full verification or when `samples` covers them all.
+// Samples of a segment: every word under full verification or when `samples` covers them all;
+// two at least otherwise (the first and the last word are always read).
 KVH_HD kvh_u64 kvh_sample_count(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
     kvh_u64 words = kvh_word_count(len);
     if (flags & KVH_FLAG_FULL_VERIFY) return words;
-    return words < (kvh_u64)samples ? words : (kvh_u64)samples;
+    kvh_u64 m = samples < 2 ? 2 : (kvh_u64)samples;
+    return words < m ? words : m;
 }
 
 // The sampling rule of one segment: `m` samples over `words` words. Unless every word is a
-// sample (m >= words), the words are split into m strata, consecutive runs of q or q + 1
-// words (the first r = words % m of them one longer), and sample i lies in stratum i.
+// sample (m >= words), sample 0 is the first word, sample m - 1 the last, and the n = words - 2
+// words between them are split into k = m - 2 interior strata, consecutive runs of q or q + 1
+// words (the first r = n % k of them one longer): sample i (1 <= i <= m - 2) lies in interior
+// stratum i - 1. With m == 2 (no interior stratum) q and r are those of k = 1, which no sample
+// uses and which keep kvh_stratum_of free of a branch.
 struct KvhRule {
     kvh_u64 words, m, q, r;
 };
@@ -149,20 +154,28 @@ KVH_HD KvhRule kvh_rule(kvh_u64 len, kvh_u32 samples, kvh_u32 flags) {
     KvhRule rule;
     rule.words = kvh_word_count(len);
     rule.m = kvh_sample_count(len, samples, flags);
-    rule.q = rule.m != 0 ? rule.words / rule.m : 0;
-    rule.r = rule.m != 0 ? rule.words % rule.m : 0;
+    bool sampled = rule.m < rule.words;
+    kvh_u64 k = rule.m > 3 ? rule.m - 2 : 1;
+    rule.q = sampled ? (rule.words - 2) / k : 0;
+    rule.r = sampled ? (rule.words - 2) % k : 0;
     return rule;
 }
 
-// First word of stratum i (i <= m; no overflow: the result is <= words).
-KVH_HD kvh_u64 kvh_stratum_start(const KvhRule* rule, kvh_u64 i) {
-    return i * rule->q + (i < rule->r ? i : rule->r);
+// First word of interior stratum j (j < m - 2; no overflow: the result is < words).
+KVH_HD kvh_u64 kvh_stratum_start(const KvhRule* rule, kvh_u64 j) {
+    return 1 + j * rule->q + (j < rule->r ? j : rule->r);
 }
 
-// The stratum holding word w (< words), for m < words (so q >= 1).
+// The sample whose stratum holds word w (< words), for m < words (so q >= 1): the last word,
+// one past the interior strata, and with m == 2 every interior word, are given sample m - 1
+// (whose word lies at or after them, so kvh_sample_candidates still covers every sample of a
+// range).
 KVH_HD kvh_u64 kvh_stratum_of(const KvhRule* rule, kvh_u64 w) {
+    if (w == 0) return 0;
+    kvh_u64 v = w - 1;
     kvh_u64 long_words = rule->r * (rule->q + 1);
-    return w < long_words ? w / (rule->q + 1) : rule->r + (w - long_words) / rule->q;
+    kvh_u64 j = 1 + (v < long_words ? v / (rule->q + 1) : rule->r + (v - long_words) / rule->q);
+    return j < rule->m - 1 ? j : rule->m - 1;
 }
 
 // floor(x * n / 2^64): maps a uniform 64-bit x onto [0, n) without a division.
@@ -175,13 +188,14 @@ KVH_HD kvh_u64 kvh_scale(kvh_u64 x, kvh_u64 n) {
 }
 
 // Word of sample i (< m): every word when m >= words; otherwise the first word (i = 0), the
-// last word (i = m - 1), and for each i in between one pseudo-random word of stratum i.
+// last word (i = m - 1), and for each i in between one pseudo-random word of interior stratum
+// i - 1.
 KVH_HD kvh_u64 kvh_sample_word(const KvhRule* rule, kvh_u64 seed, kvh_u64 i) {
     if (rule->m >= rule->words) return i;
     if (i == 0) return 0;
     if (i + 1 == rule->m) return rule->words - 1;
-    kvh_u64 lo = kvh_stratum_start(rule, i);
-    kvh_u64 n = rule->q + (i < rule->r);
+    kvh_u64 lo = kvh_stratum_start(rule, i - 1);
+    kvh_u64 n = rule->q + (i - 1 < rule->r);
     return lo + kvh_scale(kvh_splitmix64(seed + i * KVH_SPLITMIX_GAMMA), n);
 }
 

@@ -18,8 +18,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use super::host_memory;
 use super::verify::{verify_raw, SegmentResult};
 use super::{
-    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubOptions, ScrubTicket,
-    StreamHandle,
+    Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubOptions, ScrubSegment,
+    ScrubTicket, StreamHandle,
 };
 
 /// Alignment of every host allocation (matches cudaMalloc's 256-byte guarantee).
@@ -41,6 +41,9 @@ struct Completion {
 
 struct Job {
     batch: ScrubBatch,
+    /// Per segment, whether the fault injector sabotages its scrub (the seed is the caller's,
+    /// any `u64`, and is left alone).
+    sabotaged: Vec<bool>,
     completion: Arc<Completion>,
 }
 
@@ -277,22 +280,16 @@ impl Backend for HostBackend {
         Ok(())
     }
 
-    unsafe fn submit_scrub(
-        &self,
-        mut batch: ScrubBatch,
-    ) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
         self.check_device(batch.device)?;
         // Segments are checked by the worker, under the allocation lock, when it scrubs them:
         // checking here too would make a free wait for a scrub in progress.
         // Mark sabotaged segments now, at submission, so the fault lands on a known batch.
-        for seg in batch.segments.iter_mut() {
-            if self.take_fault() {
-                seg.seed |= FAULT_FLAG;
-            }
-        }
+        let sabotaged = batch.segments.iter().map(|_| self.take_fault()).collect();
         let completion = Arc::new(Completion::default());
         let job = Job {
             batch,
+            sabotaged,
             completion: completion.clone(),
         };
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -334,10 +331,6 @@ impl Backend for HostBackend {
         self.shut_down.store(true, Ordering::Release);
     }
 }
-
-/// High bit of a segment's seed marks it for the fault injector. Seeds are block scrub
-/// sequence numbers, which never reach 2^63.
-const FAULT_FLAG: u64 = 1 << 63;
 
 struct HostTicket {
     completion: Arc<Completion>,
@@ -381,14 +374,15 @@ fn scrub_worker(rx: Receiver<Job>, allocations: Allocations) {
             .batch
             .segments
             .iter()
-            .map(|seg| {
+            .zip(&job.sabotaged)
+            .map(|(seg, &sabotaged)| {
                 let table = allocations.lock().unwrap_or_else(|p| p.into_inner());
                 if !range_is_allocated(&table, device, seg.addr, seg.len) {
                     // Released under a pending scrub (a pool bug): report it unverified.
                     return SegmentResult::default();
                 }
                 // The table stays locked while the memory is scrubbed: no release meanwhile.
-                scrub_segment(seg.addr, seg.len, seg.seed, &job.batch.options)
+                scrub_segment(seg, sabotaged, &job.batch.options)
             })
             .collect();
         *job.completion
@@ -403,10 +397,9 @@ fn scrub_worker(rx: Receiver<Job>, allocations: Allocations) {
 /// find.
 const RESIDUE: u8 = 0xA5;
 
-fn scrub_segment(addr: DevicePtr, len: u64, seed: u64, options: &ScrubOptions) -> SegmentResult {
-    let sabotaged = seed & FAULT_FLAG != 0;
-    let seed = seed & !FAULT_FLAG;
-    let len = len as usize;
+fn scrub_segment(seg: &ScrubSegment, sabotaged: bool, options: &ScrubOptions) -> SegmentResult {
+    let (addr, seed) = (seg.addr, seg.seed);
+    let len = seg.len as usize;
     // The fault injector leaves the second half unzeroed, as residue: written with a non-zero
     // pattern, so that the drill fails whatever the block held (a block that read zero there
     // would otherwise verify). The last word is always sampled, so the verification below
@@ -602,5 +595,31 @@ mod tests {
              the backend may take {} more bytes of the {room} left",
             capacity - in_use
         );
+    }
+
+    /// A segment's seed is any `u64` (the kernel takes every value alike): a seed with its
+    /// high bit set is zeroed and verified like any other, at the positions of that seed.
+    #[test]
+    fn a_seed_with_the_high_bit_set_is_scrubbed_like_any_other() {
+        let b = HostBackend::new();
+        let a = b.allocate(0, 1024).unwrap();
+        b.write(0, a, &[0x5A; 1024]).unwrap();
+        let seed = (1u64 << 63) | 9;
+        let mut sampled = batch(0, a, 1024, seed);
+        sampled.options.full_verify = false;
+        let r = submit(&b, sampled).wait().unwrap();
+        let mut back = vec![1u8; 1024];
+        b.read(0, a, &mut back).unwrap();
+        let dirty = back.iter().filter(|&&x| x != 0).count();
+        assert_eq!(
+            dirty, 0,
+            "{dirty} bytes left non-zero by a scrub no fault was injected into"
+        );
+        assert_eq!(
+            r[0],
+            crate::backend::verify::verify_bytes(&back, seed, 64, false)
+        );
+        assert_eq!(r[0].nonzero, 0);
+        b.release(0, a, 1024).unwrap();
     }
 }

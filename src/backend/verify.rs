@@ -4,16 +4,18 @@
 //! the last word may be partial and then covers only the bytes inside the segment.
 //!
 //! - Full verification reads every word: sample `i` is word `i`, for `i < words`.
-//! - Sampled verification reads `m = min(samples, words)` words (when `samples >= words` it is
-//!   full verification). The words are split into `m` strata: consecutive runs of
-//!   `q = words / m` words, the first `r = words % m` of them one word longer, so stratum `i`
-//!   starts at word `i * q + min(i, r)`. Sample 0 is word 0, sample `m - 1` is word
-//!   `words - 1` (first and last word are always read), and sample `i` in between is word
-//!   `start(i) + floor(splitmix64(seed + i * 0x9E3779B97F4A7C15) * len(i) / 2^64)` of its
-//!   stratum `i` (a 64 x 64 -> 128-bit product, high half). Every sample lies in its own
-//!   stratum, so samples spread over the whole segment, never repeat a word, and the samples
-//!   of any range of words can be found without generating the others (the CUDA kernel reads
-//!   back, per chunk, the samples of that chunk).
+//! - Sampled verification reads `m = min(max(samples, 2), words)` words (when that is
+//!   `words` it is full verification). Sample 0 is word 0 and sample `m - 1` is word
+//!   `words - 1`: the first and last word are always read. The `n = words - 2` words between
+//!   them are split into `k = m - 2` strata: consecutive runs of `q = n / k` words, the first
+//!   `r = n % k` of them one word longer, so interior stratum `j` starts at word
+//!   `1 + j * q + min(j, r)`. Sample `i` in between (`1 <= i <= m - 2`) is word
+//!   `start(i - 1) + floor(splitmix64(seed + i * 0x9E3779B97F4A7C15) * len(i - 1) / 2^64)` of
+//!   interior stratum `i - 1` (a 64 x 64 -> 128-bit product, high half). Every sample lies in
+//!   its own stratum, so samples spread over the whole segment (each word can be read, by
+//!   some seed), never repeat a word, and the samples of any range of words can be found
+//!   without generating the others (the CUDA kernel reads back, per chunk, the samples of
+//!   that chunk).
 //!
 //! A sample is non-zero when any of its bytes is non-zero. A segment passes when
 //! `checked == expected` and `(checked - nonzero) / checked >= threshold`. A result slot that a
@@ -56,7 +58,8 @@ pub fn expected_samples(len: u64, samples: u32, full_verify: bool) -> u64 {
     if full_verify {
         words
     } else {
-        words.min(u64::from(samples))
+        // Two at least: the first and the last word are always read.
+        words.min(u64::from(samples.max(2)))
     }
 }
 
@@ -74,10 +77,11 @@ impl Rule {
     pub fn new(len: u64, samples: u32, full_verify: bool) -> Rule {
         let words = word_count(len);
         let m = expected_samples(len, samples, full_verify);
-        let (q, r) = match (words.checked_div(m), words.checked_rem(m)) {
-            (Some(q), Some(r)) => (q, r),
-            _ => (0, 0),
-        };
+        // The interior strata, between the first and the last word, of a sampled rule. With
+        // m == 2 (no interior stratum) those of k = 1, which no sample uses and which keep
+        // `stratum_of` free of a branch, as in the kernel.
+        let (n, k) = (words.saturating_sub(2), m.saturating_sub(2).max(1));
+        let (q, r) = if m < words { (n / k, n % k) } else { (0, 0) };
         Rule {
             words,
             samples: m,
@@ -96,19 +100,34 @@ impl Rule {
         self.samples >= self.words
     }
 
-    /// First word of stratum `i` (`i <= samples`).
+    /// First word of the stratum of sample `i` (`i <= samples`): word 0 for sample 0, the last
+    /// word for sample `m - 1`, `words` past the end (word `i` itself when every word is read).
     fn stratum_start(&self, i: u64) -> u64 {
-        i * self.q + i.min(self.r)
+        match i {
+            _ if self.is_full() => i.min(self.words),
+            0 => 0,
+            _ if i + 1 == self.samples => self.words - 1,
+            _ if i >= self.samples => self.words,
+            _ => 1 + (i - 1) * self.q + (i - 1).min(self.r),
+        }
     }
 
-    /// The stratum holding word `w < words`; only for sampled rules (`q >= 1`).
+    /// The sample whose stratum holds word `w < words`, for a sampled rule (`m < words`, so
+    /// `q >= 1`): the last word, one past the interior strata, and with `m == 2` every interior
+    /// word, are given sample `m - 1` (whose word lies at or after them: `candidates` then
+    /// still covers every sample of a range).
     fn stratum_of(&self, w: u64) -> u64 {
-        let long_words = self.r * (self.q + 1);
-        if w < long_words {
-            w / (self.q + 1)
-        } else {
-            self.r + (w - long_words) / self.q
+        if w == 0 {
+            return 0;
         }
+        let v = w - 1;
+        let long_words = self.r * (self.q + 1);
+        let j = if v < long_words {
+            v / (self.q + 1)
+        } else {
+            self.r + (v - long_words) / self.q
+        };
+        (j + 1).min(self.samples - 1)
     }
 
     /// The word read by sample `i < samples()`.
@@ -123,7 +142,7 @@ impl Rule {
         if i + 1 == self.samples {
             return self.words - 1;
         }
-        let len = self.q + u64::from(i < self.r);
+        let len = self.q + u64::from(i - 1 < self.r);
         let x = splitmix64(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         self.stratum_start(i) + ((u128::from(x) * u128::from(len)) >> 64) as u64
     }
@@ -266,9 +285,10 @@ mod tests {
         let rule = Rule::new(8 << 20, 64, false);
         let words = 1 << 20;
         let picked: Vec<u64> = (0..64).map(|i| rule.word(42, i)).collect();
-        // One sample per 1/64th of the segment.
-        for (i, w) in picked.iter().enumerate() {
-            assert_eq!(w * 64 / words, i as u64);
+        // The first word, the last, and one sample per 1/62nd of the words between them.
+        assert_eq!((picked[0], picked[63]), (0, words - 1));
+        for (i, w) in picked.iter().enumerate().take(63).skip(1) {
+            assert_eq!((w - 1) * 62 / (words - 2), i as u64 - 1);
         }
     }
 
@@ -310,7 +330,7 @@ mod tests {
     }
 
     /// Sample positions of an 8000-byte segment, seed 1, 6 samples (see the test below).
-    const FIXED_POSITIONS: [u64; 6] = [0, 291, 496, 575, 741, 999];
+    const FIXED_POSITIONS: [u64; 6] = [0, 187, 493, 611, 860, 999];
 
     #[test]
     fn fixed_vectors_for_outside_verifiers() {
@@ -358,5 +378,51 @@ mod tests {
         };
         assert!(!passes(one_bad, 64, 0.999));
         assert!(passes(one_bad, 64, 0.9));
+    }
+
+    /// The pseudo-random samples spread over the whole segment: every word of a sampled
+    /// segment is read by some seed, including the words of the first and last strata
+    /// (not only the first and last word themselves).
+    #[test]
+    fn every_word_is_read_by_some_seed() {
+        let words = 1024u64;
+        let rule = Rule::new(words * 8, 8, false);
+        let mut hit = vec![false; words as usize];
+        for seed in 0..20_000u64 {
+            for i in 0..rule.samples() {
+                hit[rule.word(seed, i) as usize] = true;
+            }
+        }
+        let never: Vec<u64> = (0..words).filter(|&w| !hit[w as usize]).collect();
+        assert!(
+            never.is_empty(),
+            "{} of {words} words are read by no seed (first {:?}, last {:?})",
+            never.len(),
+            never.first(),
+            never.last()
+        );
+    }
+
+    /// A non-zero word near the start of a sampled segment (here word 1, 8 bytes in) is
+    /// caught by a share of the seeds like a word anywhere else.
+    #[test]
+    fn a_dirty_word_near_the_start_is_caught_by_some_seeds() {
+        let len = 1usize << 16; // 8192 words, 64 samples: strata of 128 words
+        let mut buf = vec![0u8; len];
+        buf[8] = 0xA5;
+        let caught = (0..2_000u64)
+            .filter(|&seed| verify_bytes(&buf, seed, 64, false).nonzero > 0)
+            .count();
+        assert!(caught > 0, "word 1 was read by none of 2000 seeds");
+    }
+
+    /// First and last word are always read, whatever the sample count: a segment whose only
+    /// non-zero byte is its last one is seen as dirty with a single sample too.
+    #[test]
+    fn the_last_word_is_read_with_one_sample() {
+        let mut buf = vec![0u8; 64];
+        buf[63] = 1;
+        let r = verify_bytes(&buf, 3, 1, false);
+        assert_eq!(r.nonzero, 1, "{r:?}: the last word was not read");
     }
 }

@@ -701,7 +701,14 @@ mod tests {
             3 << 33,
         ];
         for &len in &lens {
-            for (samples, full) in [(64u32, false), (2, false), (1000, false), (64, true)] {
+            for (samples, full) in [
+                (64u32, false),
+                (1, false),
+                (2, false),
+                (3, false),
+                (1000, false),
+                (64, true),
+            ] {
                 let flags = if full { FLAG_FULL_VERIFY } else { 0 };
                 let rule = Rule::new(len, samples, full);
                 let n = verify::expected_samples(len, samples, full);
