@@ -134,17 +134,7 @@ fn an_allocation_a_reset_overtakes_leaves_nothing_live_on_the_reset_device() {
 #[test]
 fn an_allocation_a_reset_overtakes_during_a_refused_zeroing_is_refused_as_reset() {
     let f = Fixture::new(manual_config());
-    let alloc = f.alloc.clone();
-    *f.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
-        alloc.reset_device(0);
-    }));
-    f.backend.zero_fresh_errors.lock().unwrap().push_back(
-        kvhygiene::backend::BackendError::StreamCapturing {
-            stream: 0,
-            what: "zeroing fresh memory",
-        },
-    );
-    let got = f.alloc.malloc(4096, 0, S);
+    let got = f.malloc_while_a_reset_begins_and_a_capture_refuses_the_zeroing(4096, 0);
     let on_device_0: Vec<_> = f
         .alloc
         .blocks()

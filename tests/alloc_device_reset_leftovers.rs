@@ -106,17 +106,7 @@ fn a_block_a_reset_did_not_get_to_is_freed_by_its_holders_free() {
 #[test]
 fn fresh_memory_a_capture_kept_while_a_reset_began_is_not_left_outside_the_table() {
     let f = Fixture::new(manual_config());
-    let alloc = f.alloc.clone();
-    *f.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
-        alloc.reset_device(0);
-    }));
-    f.backend.zero_fresh_errors.lock().unwrap().push_back(
-        kvhygiene::backend::BackendError::StreamCapturing {
-            stream: 0,
-            what: "zeroing fresh memory",
-        },
-    );
-    let got = f.alloc.malloc(4096, 0, S);
+    let got = f.malloc_while_a_reset_begins_and_a_capture_refuses_the_zeroing(4096, 0);
     assert!(
         matches!(got, Err(AllocError::DeviceReset { device: 0 })),
         "the overtaken allocation got {got:?}"

@@ -2403,6 +2403,21 @@ fn the_stretch_searched_ends_no_later_than_the_reports_own_time() {
     );
 }
 
+/// Records a refused double free, made by `caller`, of a block of tenant-b's request req-b.
+fn double_free_of_tenant_bs_block(log: &ForensicLog, caller: Context) {
+    log.emit(Event {
+        at: SystemTime::now(),
+        kind: EventKind::InvalidFree {
+            reason: InvalidFreeReason::DoubleFree,
+            device: 0,
+            caller,
+        },
+        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+        block: None,
+        addr: Some(0x1000),
+    });
+}
+
 /// An `anomaly` record written through `ForensicLog::record_anomaly` carries free-form
 /// `detail` JSON, which may name any tenant. Written on a thread of tenant-a, it is in
 /// tenant-a's report, which goes to tenant-a: the ids of tenant-b (whose own record is in the
@@ -2415,17 +2430,10 @@ fn a_tenant_report_does_not_show_another_tenants_ids_from_an_anomalys_free_form_
     let before = Context::set_current(Context::new(Some("tenant-a"), Some("req-a"), None).unwrap());
     log.record_anomaly(serde_json::json!({"tenant": "tenant-b", "request": "req-b"}));
     Context::set_current(before);
-    log.emit(Event {
-        at: SystemTime::now(),
-        kind: EventKind::InvalidFree {
-            reason: InvalidFreeReason::DoubleFree,
-            device: 0,
-            caller: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
-        },
-        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
-        block: None,
-        addr: Some(0x1000),
-    });
+    double_free_of_tenant_bs_block(
+        &log,
+        Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
+    );
     log.stop();
     let v = tenant_report_without(&dir, "tenant-a", &["tenant-b", "req-b"]);
     assert_eq!(v["exceptions_by_kind"]["anomaly"], 1, "{v}");
@@ -2439,17 +2447,10 @@ fn a_tenant_report_does_not_show_the_ids_of_a_caller_without_a_tenant_id() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
-    log.emit(Event {
-        at: SystemTime::now(),
-        kind: EventKind::InvalidFree {
-            reason: InvalidFreeReason::DoubleFree,
-            device: 0,
-            caller: Context::new(None, Some("req-of-caller"), Some("model-of-caller")).unwrap(),
-        },
-        context: Context::new(Some("tenant-b"), Some("req-b"), None).unwrap(),
-        block: None,
-        addr: Some(0x1000),
-    });
+    double_free_of_tenant_bs_block(
+        &log,
+        Context::new(None, Some("req-of-caller"), Some("model-of-caller")).unwrap(),
+    );
     log.stop();
     let v = tenant_report_without(&dir, "tenant-b", &["req-of-caller", "model-of-caller"]);
     assert_eq!(v["exceptions_by_kind"]["invalid_free"], 1, "{v}");

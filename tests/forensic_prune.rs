@@ -2809,6 +2809,15 @@ fn a_dry_run_that_moves_nothing_still_needs_bytes_for_the_archives_marker() {
     dry_run_agrees(&s, &["--older-than", "1"], 2);
 }
 
+/// The 4 KiB pages a tmpfs archive takes for copies of `files` and the archive's marker.
+fn pages_of_copies_and_marker(files: &[PathBuf]) -> u64 {
+    let copies: u64 = files
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len().div_ceil(4096))
+        .sum();
+    copies + 1
+}
+
 /// A first run into an archive whose file system holds exactly the copies, each in whole
 /// blocks, and the archive's marker: the real run copies every file that may move (exit 0),
 /// so the dry run before it, which counts each copy in whole blocks, passes too.
@@ -2820,11 +2829,7 @@ fn a_dry_run_passes_for_an_archive_with_room_for_the_copies_in_whole_blocks() {
     assert!(files.len() > 2, "precondition: several files");
     // tmpfs counts whole pages: each copy takes its bytes rounded up to a page, the marker
     // one page.
-    let pages: u64 = files
-        .iter()
-        .map(|f| fs::metadata(f).unwrap().len().div_ceil(4096))
-        .sum::<u64>()
-        + 1;
+    let pages = pages_of_copies_and_marker(&files);
     let size = format!("{}k", pages * 4);
     let Some(_fits) = Mounted::tmpfs(&s.archive, &size, "") else {
         return;
@@ -2864,11 +2869,7 @@ fn a_dry_run_counts_the_manifest_when_the_archive_shares_the_logs_file_system() 
     assert!(files.len() > 2, "precondition: several files");
     // tmpfs counts whole pages: each copy takes its bytes rounded up to a page, the marker
     // one page. Another file fills the rest of the file system.
-    let pages: u64 = files
-        .iter()
-        .map(|f| fs::metadata(f).unwrap().len().div_ceil(4096))
-        .sum::<u64>()
-        + 1;
+    let pages = pages_of_copies_and_marker(&files);
     let free_pages = |dir: &Path| {
         let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
         // SAFETY: a NUL-terminated path and a zeroed, writable statvfs.

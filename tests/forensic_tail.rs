@@ -1152,13 +1152,7 @@ fn a_pass_that_reads_a_chain_as_verified_clears_its_count_of_mismatched_reads() 
         &[&["--from-start"][..], &state_arg[..]].concat(),
     ));
     let mut saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
-    let chain = saved["chains"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let chain = first_chain_of(&saved);
     // Two passes in a row read bytes other than those verified (a writer racing them).
     saved["stalls"] = serde_json::json!({ chain.clone(): 2 });
     std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
@@ -2350,6 +2344,17 @@ fn between_whole_verifications_a_first_file_without_a_record_grown_past_a_start_
     log.stop();
 }
 
+/// The id of the first chain a saved `--state` holds a position of.
+fn first_chain_of(saved: &Value) -> String {
+    saved["chains"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone()
+}
+
 /// The `--state` file of a log of one chain, passed on whole by a first run, with the
 /// chain's position set to `seq` and a `hash` that is not a hash (a corrupted state file),
 /// and the output of a `--once` run with it.
@@ -2361,13 +2366,7 @@ fn run_with_corrupt_state_hash(seq: Option<u64>) -> (PathBuf, Output, tempfile::
     let st = state.to_str().unwrap();
     assert_ok(&tail_once(&dir, &["--state", st, "--from-start"]));
     let mut saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
-    let chain = saved["chains"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let chain = first_chain_of(&saved);
     saved["chains"][&chain]["hash"] = "not-a-hash".into();
     if let Some(seq) = seq {
         saved["chains"][&chain]["seq"] = seq.into();

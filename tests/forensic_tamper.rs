@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use forensic_common::*;
 use kvhygiene::forensic::keys::{read_public_key, EpochKey};
-use kvhygiene::forensic::{SealKey, VerifyOptions};
+use kvhygiene::forensic::{Report, SealKey, VerifyOptions};
 use serde_json::Value;
 
 /// A keyed, signed log of several files; returns (log dir, checkpoint dir, public key file).
@@ -661,11 +661,7 @@ fn checkpoint_naming_another_file_than_the_one_holding_its_seq_fails() {
     use kvhygiene::forensic::checkpoint::{self, Checkpoint};
     let tmp = tempfile::tempdir().unwrap();
     let (dir, ck, public) = signed_log(&tmp);
-    let path = fs::read_dir(&ck)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .unwrap();
+    let path = checkpoint_file_in(&ck);
     let old = checkpoint::peek(&path).unwrap().unwrap();
     let other = name(&chain_files(&dir)[0]);
     assert_ne!(old.file, other);
@@ -673,11 +669,25 @@ fn checkpoint_naming_another_file_than_the_one_holding_its_seq_fails() {
         kvhygiene::forensic::keys::read_signing_key(&tmp.path().join("signer.key")).unwrap();
     checkpoint::write(&ck, &signer, &Checkpoint { file: other, ..old }).unwrap();
     let r = verify(&dir, &with_checkpoint(&ck, &public));
+    refused_saying(&r, "the signed checkpoint names file");
+}
+
+/// The one checkpoint file in `ck`.
+fn checkpoint_file_in(ck: &Path) -> PathBuf {
+    fs::read_dir(ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .unwrap()
+}
+
+/// `r` failed, and what it says (its errors, its first problem) holds `reason`.
+fn refused_saying(r: &Report, reason: &str) {
     let said = format!("{:?} {:?}", r.errors, r.first_problem());
-    assert!(said.contains("the signed checkpoint names file"), "{said}");
+    assert!(said.contains(reason), "{said}");
     assert!(
         !r.ok(),
-        "a checkpoint naming a file that does not hold its seq verified: {:?}",
+        "verified: {:?}",
         r.chains
             .iter()
             .map(|c| (&c.chain, c.checkpoint_seq, &c.problem))
@@ -696,11 +706,7 @@ fn signed_checkpoint_without_file_and_ts_fails() {
     use kvhygiene::forensic::record::{hex, write_canonical};
     let tmp = tempfile::tempdir().unwrap();
     let (dir, ck, public) = signed_log(&tmp);
-    let path = fs::read_dir(&ck)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .unwrap();
+    let path = checkpoint_file_in(&ck);
     let text = fs::read_to_string(&path).unwrap();
     let Value::Object(mut m) = serde_json::from_str::<Value>(text.trim_end()).unwrap() else {
         panic!()
@@ -719,14 +725,5 @@ fn signed_checkpoint_without_file_and_ts_fails() {
     fs::write(&path, &line).unwrap();
     assert!(checkpoint::peek(&path).unwrap().is_some());
     let r = verify(&dir, &with_checkpoint(&ck, &public));
-    let said = format!("{:?} {:?}", r.errors, r.first_problem());
-    assert!(said.contains("checkpoint has no file"), "{said}");
-    assert!(
-        !r.ok(),
-        "a signed checkpoint without file and ts verified: {:?}",
-        r.chains
-            .iter()
-            .map(|c| (&c.chain, c.checkpoint_seq, &c.problem))
-            .collect::<Vec<_>>()
-    );
+    refused_saying(&r, "checkpoint has no file");
 }

@@ -277,6 +277,30 @@ impl Fixture {
     /// (one begun since the capture query): asserts that the allocation fails. The memory is
     /// kept by the pool, never handed out unzeroed.
     pub fn malloc_whose_zeroing_a_capture_refuses(&self, size: i64) {
+        self.capture_refuses_the_next_zeroing();
+        let got = self.alloc.malloc(size, 0, StreamHandle(0));
+        assert!(got.is_err(), "the allocation succeeded: {got:?}");
+    }
+
+    /// Allocates fresh memory on device 0 while that device's reset begins (inside the
+    /// zeroing of the fresh memory), whose zeroing a graph capture begun meanwhile then
+    /// refuses.
+    pub fn malloc_while_a_reset_begins_and_a_capture_refuses_the_zeroing(
+        &self,
+        size: i64,
+        stream: u64,
+    ) -> Result<u64, kvhygiene::alloc::AllocError> {
+        let alloc = self.alloc.clone();
+        *self.backend.at_next_zero_fresh.lock().unwrap() = Some(Box::new(move || {
+            alloc.reset_device(0);
+        }));
+        self.capture_refuses_the_next_zeroing();
+        self.alloc.malloc(size, 0, StreamHandle(stream))
+    }
+
+    /// The next zeroing of fresh memory is refused as a graph capture begun since the capture
+    /// query refuses it.
+    fn capture_refuses_the_next_zeroing(&self) {
         self.backend
             .zero_fresh_errors
             .lock()
@@ -285,8 +309,6 @@ impl Fixture {
                 stream: 0,
                 what: "zeroing fresh memory",
             });
-        let got = self.alloc.malloc(size, 0, StreamHandle(0));
-        assert!(got.is_err(), "the allocation succeeded: {got:?}");
     }
 
     /// Allocates and asserts every byte reads zero (invariant 1).

@@ -822,6 +822,21 @@ def shared_object(path: Path, source: str = "int kvh_synchronize(void) { return 
     return path
 
 
+def one_round_gpu_check(root: Path, tmp: Path, out: Path, budget_s: int, base_env) -> subprocess.CompletedProcess:
+    """gpu-check.sh of `root` with the stand-ins (an nvidia-smi that answers), one Llama round,
+    writing into `out`."""
+    env = {
+        **base_env,
+        "PATH": stand_in_path(tmp, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(out),
+        "GPU_CHECK_BUDGET_S": str(budget_s),
+        "GPU_CHECK_LLAMA_ROUNDS": "1",
+    }
+    return subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_gpu_check_preloads_the_interposer_from_a_checkout_whose_path_has_a_space(tmp_path):
     # The preload_kvh step runs the probe with LD_PRELOAD naming
     # gpu-artifacts/libkvhygiene_preload.so. The dynamic loader splits LD_PRELOAD at spaces
@@ -845,16 +860,7 @@ def test_gpu_check_preloads_the_interposer_from_a_checkout_whose_path_has_a_spac
         "#!/bin/sh\ncat >\"$1\" <<'PROBE'\n" + probe + "PROBE\nchmod +x \"$1\"\necho 'stand-in probe built'\n",
     )
     out = base / "out"
-    env = {
-        **os.environ,
-        "PATH": stand_in_path(base, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
-        "OUT": str(out),
-        "GPU_CHECK_BUDGET_S": "60",
-        "GPU_CHECK_LLAMA_ROUNDS": "1",
-    }
-    proc = subprocess.run(
-        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = one_round_gpu_check(root, base, out, 60, os.environ)
     assert (out / "results.json").is_file(), proc.stdout[-800:] + proc.stderr[-800:]
     rows = {r["check"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     (row,) = [r for c, r in rows.items() if c.startswith("LD_PRELOAD probe under")]
@@ -878,16 +884,7 @@ def test_gpu_check_refuses_artifacts_when_a_build_setting_file_appeared_after_th
     (root / ".cargo").mkdir()
     (root / ".cargo" / "config.toml").write_text('[build]\nrustflags = ["-C", "target-cpu=native"]\n')
     out = tmp_path / "out"
-    env = {
-        **genv,
-        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
-        "OUT": str(out),
-        "GPU_CHECK_BUDGET_S": "30",
-        "GPU_CHECK_LLAMA_ROUNDS": "1",
-    }
-    proc = subprocess.run(
-        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = one_round_gpu_check(root, tmp_path, out, 30, genv)
     sources = (out / "status" / "sources").read_text().strip() if (out / "status" / "sources").is_file() else ""
     assert sources != "same", f"artifacts built without .cargo/config.toml taken for this tree's (exit {proc.returncode})"
 

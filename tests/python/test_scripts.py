@@ -136,22 +136,48 @@ def test_gpu_artifacts_are_the_files_cargo_just_built(tmp_path):
     assert "kernels: fresh build" in (art / "MANIFEST.txt").read_text()
 
 
+def artifacts_tree(tmp_path: Path) -> Path:
+    """A scratch tree with build-gpu-artifacts.sh, a stand-in install-nvcc.sh and one source."""
+    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
+    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
+    (root / "src").mkdir()
+    (root / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    return root
+
+
+def earlier_build_in(target: Path) -> None:
+    """What an earlier release build left in `target`: its library, interposer, CLI and kernel
+    origin, each saying so."""
+    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
+        stale = target / "release" / f
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_text("stale\n")
+    images = target / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
+    images.parent.mkdir(parents=True)
+    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+
+
+def assert_no_earlier_build_shipped(root: Path, env: dict) -> None:
+    """build-gpu-artifacts.sh of `root`, run with `env`, ships none of `earlier_build_in`'s
+    files, nor names its kernels."""
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    art = root / "gpu-artifacts"
+    names = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
+    contents = {f: (art / f).read_text().strip() for f in names if (art / f).is_file()}
+    assert "stale" not in contents.values(), f"exit {proc.returncode}: {contents}"
+    manifest = (art / "MANIFEST.txt").read_text() if (art / "MANIFEST.txt").is_file() else ""
+    assert "earlier build" not in manifest, manifest
+
+
 def test_gpu_artifacts_are_the_files_cargo_just_built_with_the_target_dir_from_cargo_settings(tmp_path):
     # cargo also takes its target directory from CARGO_BUILD_TARGET_DIR (or build.target-dir
     # in a .cargo/config.toml), with CARGO_TARGET_DIR unset. The artifacts are still the
     # files this build produced, never the ones an earlier build left in ./target, which
     # SOURCES.txt (digested from the tree as it is now) would then describe as this tree's.
-    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
-    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
-    (root / "src").mkdir()
-    (root / "src" / "lib.rs").write_text("pub fn f() {}\n")
-    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
-        stale = root / "target" / "release" / f
-        stale.parent.mkdir(parents=True, exist_ok=True)
-        stale.write_text("stale\n")
-    images = root / "target" / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
-    images.parent.mkdir(parents=True)
-    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+    root = artifacts_tree(tmp_path)
+    earlier_build_in(root / "target")
     bin_dir = tmp_path / "bin"
     # As cargo: CARGO_TARGET_DIR, else CARGO_BUILD_TARGET_DIR, else ./target.
     executable(
@@ -163,15 +189,7 @@ def test_gpu_artifacts_are_the_files_cargo_just_built_with_the_target_dir_from_c
     env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     env["CARGO_BUILD_TARGET_DIR"] = str(tmp_path / "cargo-target")
     env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
-    proc = subprocess.run(
-        ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
-    )
-    art = root / "gpu-artifacts"
-    names = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
-    contents = {f: (art / f).read_text().strip() for f in names if (art / f).is_file()}
-    assert "stale" not in contents.values(), f"exit {proc.returncode}: {contents}"
-    manifest = (art / "MANIFEST.txt").read_text() if (art / "MANIFEST.txt").is_file() else ""
-    assert "earlier build" not in manifest, manifest
+    assert_no_earlier_build_shipped(root, env)
 
 
 def test_gpu_artifacts_are_the_files_cargo_just_built_for_a_target_named_in_cargo_settings(tmp_path):
@@ -179,18 +197,9 @@ def test_gpu_artifacts_are_the_files_cargo_just_built_for_a_target_named_in_carg
     # cargo writes its outputs under TARGET_DIR/<triple>/release, not TARGET_DIR/release. The
     # artifacts are still the files this build produced, never the library, interposer and
     # CLI that an earlier build without a target left in TARGET_DIR/release.
-    root = scratch_scripts(tmp_path, "build-gpu-artifacts.sh", "gpu/digest-sources.sh")
-    executable(root / "scripts" / "install-nvcc.sh", "#!/bin/sh\nexit 0\n")
-    (root / "src").mkdir()
-    (root / "src" / "lib.rs").write_text("pub fn f() {}\n")
+    root = artifacts_tree(tmp_path)
     target = tmp_path / "cargo-target"
-    for f in ["libkvhygiene.so", "libkvhygiene_preload.so", "kvh"]:
-        stale = target / "release" / f
-        stale.parent.mkdir(parents=True, exist_ok=True)
-        stale.write_text("stale\n")
-    images = target / "release" / "build" / "kvhygiene-fedcba9876543210" / "out" / "kernel_images.rs"
-    images.parent.mkdir(parents=True)
-    images.write_text('pub const KERNEL_ORIGIN: &str = "earlier build";\n')
+    earlier_build_in(target)
     bin_dir = tmp_path / "bin"
     # As cargo: with CARGO_BUILD_TARGET, the profile directories sit under the triple.
     executable(
@@ -201,15 +210,7 @@ def test_gpu_artifacts_are_the_files_cargo_just_built_for_a_target_named_in_carg
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CARGO_TARGET_DIR": str(target)}
     env["CARGO_BUILD_TARGET"] = "x86_64-unknown-linux-gnu"
     env["GIT_CEILING_DIRECTORIES"] = str(tmp_path)
-    proc = subprocess.run(
-        ["bash", str(root / "scripts/build-gpu-artifacts.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
-    )
-    art = root / "gpu-artifacts"
-    names = ["libkvhygiene.so", "libkvhygiene_preload.so", "gpu_kernel", "gpu_scrub", "kvh"]
-    contents = {f: (art / f).read_text().strip() for f in names if (art / f).is_file()}
-    assert "stale" not in contents.values(), f"exit {proc.returncode}: {contents}"
-    manifest = (art / "MANIFEST.txt").read_text() if (art / "MANIFEST.txt").is_file() else ""
-    assert "earlier build" not in manifest, manifest
+    assert_no_earlier_build_shipped(root, env)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -411,7 +411,15 @@ mod tests {
     #[test]
     fn chunk_read_backs_read_every_sample_once() {
         for lens in layouts() {
-            for (samples, full) in [(64u32, false), (2, false), (64, true), (1000, false)] {
+            for (samples, full) in [
+                (64u32, false),
+                (0, false),
+                (1, false),
+                (2, false),
+                (3, false),
+                (64, true),
+                (1000, false),
+            ] {
                 let segs = segments(&lens, 0);
                 let opts = options(samples, full, false);
                 let p = plan(&segs, opts).unwrap();
