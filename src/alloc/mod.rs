@@ -777,12 +777,12 @@ impl Allocator {
         let Some(flag) = self.inner.reset.get(device as usize) else {
             return 0;
         };
-        // Both marks under the pool lock: a hand-out after it is refused, and a holder's free
-        // after it finds its block among those the reset frees.
         // Once exit has begun (a shutdown, another device's reset), nothing is scrubbed any
         // more: the blocks still handed out are left as exit leaves them, LIVE, not made
         // freed blocks that no scrub will ever reach.
         let exiting = || self.inner.shutting_down.load(Ordering::Acquire);
+        // Both marks under the pool lock: a hand-out after it is refused, and a holder's free
+        // after it finds its block among those the reset frees.
         let listed = {
             let mut pool = self.pool(device);
             flag.store(true, Ordering::SeqCst);

@@ -198,15 +198,23 @@ pub(crate) fn get() -> Result<&'static Runtime, &'static StartError> {
         Some(started) => started.as_ref(),
         None => start_once(),
     };
-    if let (true, Ok(rt)) = (exit_begun(), &outcome) {
-        stop_at_exit(rt);
+    if let Ok(rt) = &outcome {
+        stop_if_exiting(rt);
     }
     outcome
 }
 
 /// A runtime a start-up published after process exit began (the exit watch ran between the
 /// start-up's last look and its publication): exit begins for it here, on first use, as the
-/// exit handler would have begun it. A no-op for one whose exit already began.
+/// exit handler would have begun it. One atomic load otherwise: every entry calls it.
+#[inline]
+fn stop_if_exiting(rt: &Runtime) {
+    if exit_begun() {
+        stop_at_exit(rt);
+    }
+}
+
+/// [`stop_if_exiting`]'s exit. A no-op for a runtime whose exit already began.
 #[cold]
 fn stop_at_exit(rt: &Runtime) {
     if !rt.allocator.is_shut_down() {
@@ -238,8 +246,8 @@ pub(crate) fn get_if_begun() -> Option<Result<&'static Runtime, &'static StartEr
         None if STARTING.load(Ordering::SeqCst) => RUNTIME.wait().as_ref(),
         None => return None,
     };
-    if let (true, Ok(rt)) = (exit_begun(), &outcome) {
-        stop_at_exit(rt);
+    if let Ok(rt) = &outcome {
+        stop_if_exiting(rt);
     }
     Some(outcome)
 }
@@ -248,9 +256,7 @@ pub(crate) fn get_if_begun() -> Option<Result<&'static Runtime, &'static StartEr
 pub(crate) fn started() -> Option<&'static Runtime> {
     match RUNTIME.get() {
         Some(Ok(rt)) if !is_forked_child() => {
-            if exit_begun() {
-                stop_at_exit(rt);
-            }
+            stop_if_exiting(rt);
             Some(rt)
         }
         _ => None,
@@ -483,9 +489,7 @@ pub(crate) fn shutdown() {
     if let Some(rt) = own_runtime() {
         // A runtime published after the exit watch ran drains nothing: exit begins for it
         // here, and its exit handler writes the stop record and the last snapshot.
-        if exit_begun() {
-            stop_at_exit(rt);
-        }
+        stop_if_exiting(rt);
         if rt.allocator.is_shut_down() {
             return;
         }
