@@ -2870,20 +2870,52 @@ fn a_dry_run_counts_the_manifest_when_the_archive_shares_the_logs_file_system() 
     // tmpfs counts whole pages: each copy takes its bytes rounded up to a page, the marker
     // one page. Another file fills the rest of the file system.
     let pages = pages_of_copies_and_marker(&files);
-    let free_pages = |dir: &Path| {
-        let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-        // SAFETY: a NUL-terminated path and a zeroed, writable statvfs.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        assert_eq!(st.f_frsize, 4096, "precondition: 4 KiB pages");
-        st.f_bfree as u64
-    };
-    let fill = free_pages(&root) - pages;
-    fs::write(root.join("filler"), vec![0u8; (fill * 4096) as usize]).unwrap();
-    assert_eq!(
-        free_pages(&root),
-        pages,
-        "precondition: room for copies and marker only"
-    );
+    fill_leaving(&root, pages);
     dry_run_agrees(&s, &["--older-than", "0"], 2);
+}
+
+/// A first run whose log directory's file system (a tmpfs of its own; the archive is
+/// elsewhere) is full: the real run copies the files, then cannot write the chain's manifest
+/// (exit 2, the chain stays in the log), and the dry run before it fails too.
+#[test]
+fn a_dry_run_counts_the_manifest_on_a_full_log_file_system() {
+    let Setup { _tmp, key, .. } = setup();
+    let root = _tmp.path().join("fs");
+    fs::create_dir(&root).unwrap();
+    let archive = _tmp.path().join("archive");
+    let s = Setup {
+        log: root.join("log"),
+        archive,
+        key,
+        _tmp,
+    };
+    let Some(_log_fs) = Mounted::tmpfs(&root, "16m", "") else {
+        return;
+    };
+    write_log(&cfg(&s.log, 4096), 40, true);
+    assert!(chain_files(&s.log).len() > 2, "precondition: several files");
+    fill_leaving(&root, 0);
+    dry_run_agrees(&s, &["--older-than", "0"], 2);
+}
+
+/// Free 4 KiB pages of the file system holding `dir`.
+fn free_pages(dir: &Path) -> u64 {
+    let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path and a zeroed, writable statvfs.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_frsize, 4096, "precondition: 4 KiB pages");
+    st.f_bfree as u64
+}
+
+/// Fills the file system of `dir` (a tmpfs) with a file in `dir`, leaving `pages` free.
+fn fill_leaving(dir: &Path, pages: u64) {
+    let fill = free_pages(dir) - pages;
+    fs::write(dir.join("filler"), vec![0u8; (fill * 4096) as usize]).unwrap();
+    assert_eq!(
+        free_pages(dir),
+        pages,
+        "precondition: {pages} pages left free"
+    );
 }

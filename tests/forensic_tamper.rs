@@ -701,19 +701,46 @@ fn refused_saying(r: &Report, reason: &str) {
 /// `file` and `ts` is expected to be refused, not read with an empty file name and time 0.
 #[test]
 fn signed_checkpoint_without_file_and_ts_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    resign_checkpoint(&tmp, &ck, |m| {
+        m.remove("file");
+        m.remove("ts");
+    });
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    refused_saying(&r, "checkpoint has no file");
+}
+
+/// A signed checkpoint with a member the spec does not list would be signed but never
+/// checked: it is refused, naming the member.
+#[test]
+fn signed_checkpoint_with_an_undocumented_member_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    resign_checkpoint(&tmp, &ck, |m| {
+        m.insert("covers".into(), Value::from("everything"));
+    });
+    let r = verify(&dir, &with_checkpoint(&ck, &public));
+    refused_saying(&r, "undocumented member");
+}
+
+/// Rewrites the checkpoint in `ck` changed by `change` (its members, without `sig`), signed
+/// again in canonical form with the log's signing key (`signer.key` in `tmp`).
+fn resign_checkpoint(
+    tmp: &tempfile::TempDir,
+    ck: &Path,
+    change: impl FnOnce(&mut serde_json::Map<String, Value>),
+) {
     use ed25519_dalek::Signer;
     use kvhygiene::forensic::checkpoint;
     use kvhygiene::forensic::record::{hex, write_canonical};
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, ck, public) = signed_log(&tmp);
-    let path = checkpoint_file_in(&ck);
+    let path = checkpoint_file_in(ck);
     let text = fs::read_to_string(&path).unwrap();
     let Value::Object(mut m) = serde_json::from_str::<Value>(text.trim_end()).unwrap() else {
-        panic!()
+        panic!("{} is not a JSON object", path.display())
     };
     m.remove("sig");
-    m.remove("file");
-    m.remove("ts");
+    change(&mut m);
     let mut body = Vec::new();
     write_canonical(&Value::Object(m), &mut body).unwrap();
     let signer =
@@ -724,6 +751,4 @@ fn signed_checkpoint_without_file_and_ts_fails() {
     line.extend_from_slice(format!(",\"sig\":\"{}\"}}\n", hex(&sig.to_bytes())).as_bytes());
     fs::write(&path, &line).unwrap();
     assert!(checkpoint::peek(&path).unwrap().is_some());
-    let r = verify(&dir, &with_checkpoint(&ck, &public));
-    refused_saying(&r, "checkpoint has no file");
 }
