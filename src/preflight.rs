@@ -204,6 +204,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
             Err(e) => log_dir = check("log directory", Status::Fail, printable(&e.to_string())),
         }
     }
+    with_room(&mut log_dir, dir);
     out.push(log_dir);
     let signing = match &log.signing_key_file {
         None => {
@@ -243,11 +244,11 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
             dir,
             "log directory (where the signed checkpoints go)",
         ),
-        Some(ckpt) => (
-            dir_check("checkpoint directory", ckpt),
-            ckpt,
-            "checkpoint directory (KVH_CHECKPOINT_DIR)",
-        ),
+        Some(ckpt) => {
+            let mut c = dir_check("checkpoint directory", ckpt);
+            with_room(&mut c, ckpt);
+            (c, ckpt, "checkpoint directory (KVH_CHECKPOINT_DIR)")
+        }
     };
     out.push(
         match files::check_renames(place, what, "each signed checkpoint") {
@@ -283,6 +284,74 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
             ),
         ),
         Err(e) => check(what, Status::Fail, printable(&e.to_string())),
+    }
+}
+
+/// The least room a log or checkpoint directory's file system must have left: the start-up
+/// writes its `start` record and first signed checkpoint there at once (and fails closed when
+/// it cannot), and the records of the first minutes follow. A file system with less is full
+/// for this purpose, though a start-up may still get past its first records.
+pub const MIN_FREE_BYTES: u64 = 1 << 20;
+/// The least number of files that file system must still take: the first chain file, a
+/// checkpoint and its temporary name, the directories the start-up creates, and rotations.
+pub const MIN_FREE_FILES: u64 = 16;
+
+/// Adds the room left on `dir`'s file system (its nearest existing directory's, when it is
+/// still to be created) to a check that passed, and fails it when that is less than the
+/// start-up needs ([`MIN_FREE_BYTES`], [`MIN_FREE_FILES`]). A file system that states no
+/// size (a tmpfs without one) or whose room cannot be read is reported, not failed: the
+/// writer's own errors are the judge there.
+fn with_room(c: &mut Check, dir: &Path) {
+    if c.status != Status::Ok {
+        return;
+    }
+    // A relative name's ancestors end at "": the working directory.
+    let existing = dir
+        .ancestors()
+        .find(|a| a.is_dir())
+        .unwrap_or(Path::new("."));
+    let room = match files::free_space(existing) {
+        Ok(room) => room,
+        Err(e) => {
+            c.detail += &format!("; room left not known ({e})");
+            return;
+        }
+    };
+    let short_of_bytes = room.bytes.filter(|&b| b < MIN_FREE_BYTES);
+    let short_of_files = room.files.filter(|&f| f < MIN_FREE_FILES);
+    let said = room_said(room.bytes, room.files);
+    if short_of_bytes.is_some() || short_of_files.is_some() {
+        c.status = Status::Fail;
+        c.detail = format!(
+            "{}: its file system has {said} left; the start-up needs at least {} KiB and {MIN_FREE_FILES} files there for its first records (make room, or archive old chains with kvh prune-log)",
+            printable(&dir.display().to_string()),
+            MIN_FREE_BYTES >> 10,
+        );
+    } else {
+        c.detail += &format!("; {said} left on its file system");
+    }
+}
+
+/// "12.5 GiB and 1000 files", with "no stated limit" for a count the file system does not give.
+fn room_said(bytes: Option<u64>, files: Option<u64>) -> String {
+    let bytes = bytes.map_or("no stated size limit".to_string(), size_said);
+    let files = files.map_or("no stated file limit".to_string(), |f| format!("{f} files"));
+    format!("{bytes} and {files}")
+}
+
+/// A byte count in the largest binary unit that keeps it at least 1, with one decimal.
+fn size_said(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

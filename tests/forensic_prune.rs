@@ -5,6 +5,8 @@
 //! forging after a prune is still caught.
 
 mod forensic_common;
+#[path = "mounted/mod.rs"]
+mod mounted;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -18,6 +20,7 @@ use kvhygiene::events::EventSink;
 use kvhygiene::forensic::keys::read_public_key;
 use kvhygiene::forensic::prune::{manifest_path, Manifest};
 use kvhygiene::forensic::{ForensicLog, VerifyOptions};
+use mounted::Mounted;
 use serde_json::Value;
 
 fn kvh<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
@@ -2646,33 +2649,6 @@ fn an_ended_chain_whose_records_name_no_signer_moves_whole_with_its_final_checkp
     );
     let r = verify(&s.log, &opts);
     assert!(r.ok(), "{:?}", r.first_problem());
-}
-
-/// A small file system mounted on a directory for one test (tmpfs), unmounted when dropped.
-struct Mounted(PathBuf);
-
-impl Mounted {
-    /// Mounts a tmpfs of `size` on `dir` with `options` (`ro`, ...); `None`, said on
-    /// stderr, where this process may not mount.
-    fn tmpfs(dir: &Path, size: &str, options: &str) -> Option<Mounted> {
-        let opts = format!("size={size},mode=0700{options}");
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
-            .arg(dir)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("skipped: this process may not mount a tmpfs");
-            return None;
-        }
-        Some(Mounted(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-    }
 }
 
 /// Runs `prune-log` with `args` as a dry run, then for real, and asserts that both exit

@@ -5,6 +5,8 @@
 mod cli_common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "mounted/mod.rs"]
+mod mounted;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -12,6 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cli_common::{kvh, run};
+use mounted::Mounted;
 use serde_json::Value;
 
 /// The start-up's stand-in: `kvh demo` opens the log and the backend as the library does.
@@ -112,9 +115,12 @@ fn a_ready_environment_passes_every_check_and_nothing_is_created() {
     ] {
         assert_eq!(status(&report, check).0, "ok", "{check}: {report}");
     }
-    assert!(status(&report, "log directory")
-        .1
-        .contains("does not exist yet"));
+    let (_, log_detail) = status(&report, "log directory");
+    assert!(log_detail.contains("does not exist yet"), "{log_detail}");
+    assert!(
+        log_detail.contains("left on its file system"),
+        "the room left is not said: {log_detail}"
+    );
     assert!(
         !env.root().join("log").exists(),
         "preflight created the log directory"
@@ -1277,5 +1283,101 @@ fn the_metrics_file_check_does_not_open_a_special_file_it_finds() {
         n <= 0,
         "kvh preflight opened the FIFO at the metrics file's path ({n} bytes of inotify \
          IN_OPEN events): {report}"
+    );
+}
+
+/// Fills the file system holding `dir` until it takes no more bytes.
+fn fill(dir: &Path) {
+    use std::io::Write;
+    let mut f = fs::File::create(dir.join("filler")).unwrap();
+    let page = [0u8; 4096];
+    while f.write_all(&page).is_ok() {}
+}
+
+/// A log directory whose file system is full: the start-up cannot write its `start` record
+/// and fails closed, and preflight fails the log directory first, naming the room left.
+#[test]
+fn a_full_log_file_system_fails_as_the_start_up_does() {
+    let env = Env::new();
+    let log = env.root().join("log");
+    fs::create_dir(&log).unwrap();
+    let Some(_full) = Mounted::tmpfs(&log, "1m", "") else {
+        return;
+    };
+    fill(&log);
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 1, "{report}");
+    let (st, detail) = status(&report, "log directory");
+    assert_eq!(st, "fail", "{report}");
+    assert!(
+        detail.contains("its file system has 0 bytes"),
+        "the room is not named: {detail}"
+    );
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(started, 2, "the start-up ran on a full file system: {err}");
+}
+
+/// Room below the start-up's floor fails: a file system that takes too few more files (its
+/// inodes), or one with bytes to spare under 1 MiB. A file system with room passes, and one
+/// that states no size (tmpfs `size=0`) is reported as such and passes.
+#[test]
+fn a_log_file_system_short_of_files_or_bytes_fails_and_one_with_room_passes() {
+    type Case = (&'static str, &'static str, Option<&'static str>);
+    let cases: [Case; 4] = [
+        ("64m", ",nr_inodes=8", Some("files there")),
+        ("512k", "", Some("KiB and")),
+        ("64m", "", None),
+        ("0", "", None),
+    ];
+    for (size, options, fails_with) in cases {
+        let env = Env::new();
+        let log = env.root().join("log");
+        fs::create_dir(&log).unwrap();
+        let Some(_mounted) = Mounted::tmpfs(&log, size, options) else {
+            return;
+        };
+        let (code, report) = env.preflight(&["--skip-backend"]);
+        let (st, detail) = status(&report, "log directory");
+        match fails_with {
+            Some(says) => {
+                assert_eq!((code, st), (1, "fail"), "size={size}{options}: {report}");
+                assert!(detail.contains(says), "size={size}{options}: {detail}");
+            }
+            None => {
+                assert_eq!((code, st), (0, "ok"), "size={size}{options}: {report}");
+                assert!(detail.contains("left on its file system"), "{detail}");
+            }
+        }
+        if size == "0" {
+            assert!(detail.contains("no stated size limit"), "{detail}");
+        }
+    }
+}
+
+/// A separate checkpoint directory on a full file system fails its own check: the start-up
+/// writes the first signed checkpoint there, and fails closed when it cannot.
+#[test]
+fn a_full_checkpoint_file_system_fails_as_the_start_up_does() {
+    let mut env = Env::new();
+    let ckpt = env.root().join("ckpt-dir");
+    fs::create_dir(&ckpt).unwrap();
+    env.set(
+        "KVH_CHECKPOINT_DIR",
+        ckpt.join("signed").display().to_string(),
+    );
+    let Some(_full) = Mounted::tmpfs(&ckpt, "1m", "") else {
+        return;
+    };
+    fill(&ckpt);
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 1, "{report}");
+    let (st, detail) = status(&report, "checkpoint directory");
+    assert_eq!(st, "fail", "{report}");
+    assert!(detail.contains("file system has"), "{detail}");
+    assert_eq!(status(&report, "log directory").0, "ok", "{report}");
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(
+        started, 2,
+        "the start-up ran with a full checkpoint file system: {err}"
     );
 }

@@ -1,0 +1,32 @@
+//! A small file system mounted on a directory for one test (tmpfs), for the paths a full
+//! file system takes. Mounting needs root: where it is refused, the test says so and skips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A tmpfs mounted on a directory, unmounted when dropped.
+pub struct Mounted(PathBuf);
+
+impl Mounted {
+    /// Mounts a tmpfs of `size` on `dir` with `options` (`,ro`, ...); `None`, said on
+    /// stderr, where this process may not mount.
+    pub fn tmpfs(dir: &Path, size: &str, options: &str) -> Option<Mounted> {
+        let opts = format!("size={size},mode=0700{options}");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+            .arg(dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("skipped: this process may not mount a tmpfs");
+            return None;
+        }
+        Some(Mounted(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
