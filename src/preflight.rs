@@ -177,7 +177,16 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
     out.push(match keys::load_secret(log.hmac_key_file.as_deref()) {
         Ok(Some(key)) => {
             let source = if from_env {
-                keys::SECRET_ENV.to_string()
+                // Both set: the variable wins, and a verifier handed the file fails on every
+                // record of this process's chain unless the two hold one key.
+                match log.hmac_key_file.as_deref() {
+                    Some(file) => format!(
+                        "{} ({} is set too and not read: keep the two one key, or unset one)",
+                        keys::SECRET_ENV,
+                        shown_path("KVH_HMAC_KEY_FILE", Some(file))
+                    ),
+                    None => keys::SECRET_ENV.to_string(),
+                }
             } else {
                 shown_path("KVH_HMAC_KEY_FILE", log.hmac_key_file.as_deref())
             };

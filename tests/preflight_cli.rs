@@ -1381,3 +1381,25 @@ fn a_full_checkpoint_file_system_fails_as_the_start_up_does() {
         "the start-up ran with a full checkpoint file system: {err}"
     );
 }
+
+/// With `FORENSIC_HMAC_SECRET` and `KVH_HMAC_KEY_FILE` both set, the start-up seals with the
+/// variable and never reads the file: the check says which one it read and that the file is
+/// not, since a verifier handed that file would fail on every record were the two different.
+#[test]
+fn a_secret_in_the_environment_next_to_a_key_file_says_the_file_is_not_read() {
+    let mut env = Env::new();
+    env.set("FORENSIC_HMAC_SECRET", "cd".repeat(32));
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 0, "{report}");
+    let (st, detail) = status(&report, "hmac key");
+    assert_eq!(st, "ok", "{report}");
+    assert!(
+        detail.starts_with("FORENSIC_HMAC_SECRET (KVH_HMAC_KEY_FILE")
+            && detail.contains("hmac.key is set too and not read"),
+        "{detail}"
+    );
+    env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+    let (_, report) = env.preflight(&["--skip-backend"]);
+    let (_, detail) = status(&report, "hmac key");
+    assert!(detail.starts_with("FORENSIC_HMAC_SECRET: read"), "{detail}");
+}
