@@ -66,12 +66,7 @@ impl Kind {
 
     /// The family a sample of this kind named `sample` belongs to.
     fn family_of(self, sample: &str) -> &str {
-        let suffixes: &[&str] = match self {
-            Kind::Histogram => &["_bucket", "_sum", "_count"],
-            Kind::Summary => &["_sum", "_count"],
-            _ => return sample,
-        };
-        suffixes
+        super::parse::owned_suffixes(self.as_str())
             .iter()
             .find_map(|suffix| sample.strip_suffix(suffix))
             .unwrap_or(sample)

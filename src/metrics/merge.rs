@@ -76,8 +76,8 @@ pub fn merge(snapshots: &[(&str, &Snapshot)]) -> Result<String, String> {
 }
 
 /// Refuses a name one snapshot gives a family or a sample of its own (declared, or untyped)
-/// that another's summary or histogram owns (`X_sum`, `X_count`, `X_bucket` of a summary or
-/// histogram `X`), naming both: merged, its samples would fall under either family by the
+/// that another's summary or histogram owns (`X_sum` and `X_count` of a summary or histogram
+/// `X`, `X_bucket` of a histogram), naming both: merged, its samples would fall under either family by the
 /// order of the files.
 fn no_family_split(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
     // Every summary and histogram, with the first snapshot that types it so.
@@ -99,9 +99,14 @@ fn no_family_split(snapshots: &[(&str, &Snapshot)]) -> Result<(), String> {
                 continue;
             }
             let owner = ["_sum", "_count", "_bucket"]
-                .iter()
-                .filter_map(|suffix| used.strip_suffix(suffix))
-                .find_map(|base| owners.get(base).map(|o| (base, *o)));
+                .into_iter()
+                .filter_map(|suffix| used.strip_suffix(suffix).map(|base| (base, suffix)))
+                .find_map(|(base, suffix)| {
+                    owners
+                        .get(base)
+                        .filter(|(_, kind)| parse::owned_suffixes(kind).contains(&suffix))
+                        .map(|o| (base, *o))
+                });
             if let Some((base, (first, kind))) = owner.filter(|(_, (first, _))| *first != at) {
                 return Err(format!(
                     "{} has {used} of its own, which in {} is a sample of the {kind} {base}",

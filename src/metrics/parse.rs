@@ -70,19 +70,31 @@ pub struct ParseError {
     pub message: String,
 }
 
-/// The family a sample belongs to: summaries and histograms own `_sum`, `_count`, `_bucket`.
-pub fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
-    for suffix in ["_sum", "_count", "_bucket"] {
-        if let Some(base) = name.strip_suffix(suffix) {
-            if matches!(
-                types.get(base).map(String::as_str),
-                Some("summary" | "histogram")
-            ) {
-                return base;
-            }
-        }
+/// The sample-name suffixes a family of type `kind` owns: a histogram's `_bucket`, `_sum`
+/// and `_count`, a summary's `_sum` and `_count` (its quantiles carry the family's own name);
+/// other types own none.
+pub fn owned_suffixes(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "histogram" => &["_bucket", "_sum", "_count"],
+        "summary" => &["_sum", "_count"],
+        _ => &[],
     }
-    name
+}
+
+/// The family a sample belongs to: `X` for a suffix ([`owned_suffixes`]) that a summary or
+/// histogram `X` owns, else its own name.
+pub fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+    let owner = |(base, suffix): (&'a str, &str)| {
+        types
+            .get(base)
+            .is_some_and(|kind| owned_suffixes(kind).contains(&suffix))
+            .then_some(base)
+    };
+    ["_bucket", "_sum", "_count"]
+        .into_iter()
+        .filter_map(|suffix| name.strip_suffix(suffix).map(|base| (base, suffix)))
+        .find_map(owner)
+        .unwrap_or(name)
 }
 
 /// Parses `text`.

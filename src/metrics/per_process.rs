@@ -10,6 +10,7 @@
 //! Liveness is judged in the pid namespace of the reader: a probe or sidecar must share the
 //! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`).
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +33,10 @@ impl Target {
         if !has_pid(&given) {
             return Ok(Target::One(given));
         }
-        let in_name = given.file_name().is_some_and(|n| has_pid(n.as_ref()));
+        // `file_name` reads "/run/{pid}/" as the name "{pid}": a trailing slash names a
+        // directory, which KVH_METRICS_FILE refuses as well.
+        let names_a_dir = given.as_os_str().as_bytes().ends_with(b"/");
+        let in_name = !names_a_dir && given.file_name().is_some_and(|n| has_pid(n.as_ref()));
         let in_dir = given.parent().is_some_and(has_pid);
         if in_dir || !in_name {
             return Err(format!(
@@ -359,6 +363,8 @@ mod tests {
         let err = Target::of("/run/{pid}/kvh-{pid}.prom".into()).unwrap_err();
         assert!(err.contains("file name only"), "{err}");
         assert!(Target::of("/run/{pid}/kvh.prom".into()).is_err());
+        let err = Target::of("/run/kvh/{pid}/".into()).unwrap_err();
+        assert!(err.contains("file name only"), "{err}");
     }
 
     #[test]
