@@ -265,18 +265,23 @@ class ScrubOnFree:
             return flag is False
         return getattr(self.allocator, "free_group", None) is not None
 
-    def _scrub(self, pages: List[int]) -> Set[int]:
-        """Scrubs ``pages`` in every layout; returns those that failed verification. When a
-        later scrub raises (refused, or stopped by a backend error), the pages found failed
-        before it, and those the error names, are withheld first: the error must not let a
-        failed page be handed out."""
+    def _scrub(self, pages: List[int], clip: bool = False) -> Set[int]:
+        """Scrubs ``pages`` in every layout; returns those that failed verification. With
+        ``clip``, each layout is given only the pages it has (pools of different sizes, for
+        ``clear``); without, a page a layout lacks is refused. When a later scrub raises
+        (refused, or stopped by a backend error), the pages found failed before it, and those
+        the error names, are withheld first: the error must not let a failed page be handed
+        out."""
         failed: Set[int] = set()
         if not pages:
             return failed
         try:
             for layout in self.layouts:
+                ids = [p for p in pages if p < layout.blocks_per_region] if clip else pages
+                if not ids:
+                    continue
                 try:
-                    scrub_blocks(layout, pages, stream=self.stream)
+                    scrub_blocks(layout, ids, stream=self.stream)
                 except ScrubVerificationError as e:
                     failed.update(e.failed_blocks)
         except BaseException as e:
@@ -344,13 +349,15 @@ class ScrubOnFree:
     def clear(self, *args, **kwargs):
         """The allocator's ``clear`` (SGLang's ``flush_cache``, made while no request runs):
         every slot becomes free without ``free``, the prefix cache's included, so the whole
-        pool is scrubbed first. When a page fails verification the allocator is not cleared
-        (its page would be handed out): :class:`ScrubVerificationError` names the pages."""
-        pages = list(range(min(layout.blocks_per_region for layout in self.layouts)))
+        pool is scrubbed first: every page of every layout, the larger pool's last pages too
+        where a draft pool and the target's differ in size. When a page fails verification the
+        allocator is not cleared (its page would be handed out): :class:`ScrubVerificationError`
+        names the pages."""
+        pages = list(range(max(layout.blocks_per_region for layout in self.layouts)))
         failed: Set[int] = set()
         try:
             for i in range(0, len(pages), _CLEAR_CHUNK):
-                failed |= self._scrub(pages[i : i + _CLEAR_CHUNK])
+                failed |= self._scrub(pages[i : i + _CLEAR_CHUNK], clip=True)
         except BaseException:
             # Pages of earlier chunks that failed stay out of the allocator, which keeps its
             # free lists: the clear is not made.

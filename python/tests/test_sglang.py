@@ -39,9 +39,9 @@ class Pool:
     """An MHA token KV pool of ``layers`` layers in kvhygiene memory: ``k_buffer`` and
     ``v_buffer``, one ``[SLOTS + page_size, HEADS, dim]`` fp16 tensor per layer."""
 
-    def __init__(self, lib, page_size, layers=2, k_dim=8, v_dim=8):
+    def __init__(self, lib, page_size, layers=2, k_dim=8, v_dim=8, slots=SLOTS):
         self.page_size = page_size
-        self.rows = SLOTS + page_size
+        self.rows = slots + page_size
         self.row_bytes = {"k": HEADS * k_dim * 2, "v": HEADS * v_dim * 2}
         self.size = layers * self.rows * (self.row_bytes["k"] + self.row_bytes["v"])
         self.lib = lib
@@ -491,6 +491,23 @@ def test_one_allocator_shared_by_a_target_and_a_draft_pool_is_scrubbed_in_both()
     alloc.restore_state(saved)
     assert all(draft.holds(s, 0) for s in pages), "the draft pool kept the draft step's bytes"
     assert all(target.holds(s, 0) for s in pages)
+    target.release()
+    draft.release()
+
+
+def test_a_clear_scrubs_every_page_of_pools_of_different_sizes():
+    # A draft pool larger than the target's: the clear scrubs each pool over all its pages,
+    # the larger one's last pages too, which the smaller pool does not have.
+    lib = kvhygiene.load()
+    target, draft = Pool(lib, page_size=2), Pool(lib, page_size=2, layers=1, slots=2 * SLOTS)
+    alloc = SpeculativeAllocator(page_size=2)
+    scrub_on_free(alloc, layouts_of(target) + layouts_of(draft))
+    tail = list(range(target.rows, draft.rows))
+    draft.fill(tail, 0xD2)
+    target.fill(range(target.rows), 0x7B)
+    alloc.clear()
+    assert all(draft.holds(s, 0) for s in tail), "the larger pool's last pages kept their bytes"
+    assert all(target.holds(s, 0) for s in range(target.rows))
     target.release()
     draft.release()
 
