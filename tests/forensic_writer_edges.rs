@@ -1,6 +1,8 @@
 //! Edge cases of the forensic log's writing side.
 
 mod forensic_common;
+#[path = "mounted/mod.rs"]
+mod mounted;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -8,6 +10,7 @@ use std::process::Command;
 
 use forensic_common::*;
 use kvhygiene::forensic::ForensicLog;
+use mounted::Mounted;
 
 /// A summary recorded after the log stopped is never written: like any other record that
 /// arrives after `stop`, it is counted in `records_lost`.
@@ -339,4 +342,42 @@ fn a_writer_that_panics_while_making_room_for_a_record_counts_that_record() {
             "k = {k}: the event the panicking writer was sealing vanished uncounted: {after:?}"
         );
     }
+}
+
+/// The stats carry the room left on the log's file system from the start on (the writer
+/// measures it once its first records are written): on a 1 MiB tmpfs, a figure under 1 MiB
+/// that matches the file system's own; on a tmpfs that states no size, none.
+#[test]
+fn the_stats_carry_the_room_left_on_the_log_file_system() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let Some(_small) = Mounted::tmpfs(&mount, "1m", "") else {
+        return;
+    };
+    let dir = mount.join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    let measured = log.stats().free_bytes.expect("no room measured at start");
+    let room = kvhygiene::forensic::files::free_space(&dir)
+        .unwrap()
+        .bytes
+        .unwrap();
+    assert!(measured <= 1 << 20, "{measured}");
+    assert!(
+        measured.abs_diff(room) <= 64 << 10,
+        "measured {measured}, the file system says {room}"
+    );
+    let json = serde_json::to_value(log.stats()).unwrap();
+    assert_eq!(json["free_bytes"], measured);
+    log.stop();
+    drop(_small);
+
+    let Some(_unsized) = Mounted::tmpfs(&mount, "0", "") else {
+        return;
+    };
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    assert_eq!(log.stats().free_bytes, None);
+    let json = serde_json::to_value(log.stats()).unwrap();
+    assert!(json.get("free_bytes").is_none(), "{json}");
+    log.stop();
 }

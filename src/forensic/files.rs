@@ -281,8 +281,6 @@ pub fn unnamed_files_supported(dir: &Path) -> bool {
 /// block size and files. A file system that states no size (tmpfs with `size=0`, ramfs: no
 /// total) or no file count (no total of inodes) has no limit this can tell: `None`. Root's
 /// figures include what the file system keeps back for it.
-// `statvfs`'s fields are 64-bit here and 32-bit on other targets: the conversions stay.
-#[allow(clippy::useless_conversion)]
 pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
@@ -294,6 +292,26 @@ pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(room_of(&st))
+}
+
+/// [`free_space`] of the file system holding the open file or directory `fd`.
+fn free_space_of_fd(fd: &File) -> io::Result<FreeSpace> {
+    // SAFETY: an all-zero `statvfs` is a valid value of the plain C struct; fstatvfs
+    // overwrites it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open descriptor for the duration of the call; `st` is a valid,
+    // writable `statvfs` that the call fills.
+    if unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(room_of(&st))
+}
+
+/// The room a `statvfs` states, as [`free_space`] reports it.
+// `statvfs`'s fields are 64-bit here and 32-bit on other targets: the conversions stay.
+#[allow(clippy::useless_conversion)]
+fn room_of(st: &libc::statvfs) -> FreeSpace {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let (blocks, files) = if root {
@@ -302,11 +320,11 @@ pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
         (st.f_bavail, st.f_favail)
     };
     let block = u64::from(st.f_frsize).max(1);
-    Ok(FreeSpace {
+    FreeSpace {
         bytes: (st.f_blocks > 0).then(|| u64::from(blocks).saturating_mul(block)),
         block,
         files: (st.f_files > 0).then(|| u64::from(files)),
-    })
+    }
 }
 
 /// What [`free_space`] found.
@@ -731,6 +749,12 @@ impl LogDir {
     /// The path the directory was opened at, for messages.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The room left on the file system of the directory opened (not of whatever its path
+    /// names now), as [`free_space`] reports it.
+    pub fn free_space(&self) -> io::Result<FreeSpace> {
+        free_space_of_fd(&self.fd)
     }
 
     fn name(name: &str) -> io::Result<std::ffi::CString> {

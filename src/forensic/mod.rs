@@ -119,6 +119,11 @@ pub struct LogStats {
     pub bytes_lost: u64,
     /// The most recent write error, kept after the disk recovers.
     pub last_error: Option<String>,
+    /// Bytes this process may still write on the log directory's file system, as the writer
+    /// measured it last (at start, then about every second): absent where the file system
+    /// states no size, or before a measurement succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
 }
 
 impl LogStats {
@@ -165,6 +170,8 @@ pub(crate) struct Shared {
     records_lost: AtomicU64,
     bytes_lost: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The writer's last measure of the room on the log's file system.
+    pub(crate) free_bytes: Room,
     current_file: Mutex<Option<String>>,
     chain: Mutex<Option<String>>,
     summary: Mutex<SummarySlot>,
@@ -188,6 +195,30 @@ pub(crate) struct Shared {
     /// How far the writer has come, for `flush` and `stop` to wait on.
     progress: Mutex<Progress>,
     progress_cv: std::sync::Condvar,
+}
+
+/// Bytes left on a file system, as last measured; none before a measurement, or for a file
+/// system that states no size. One atomic, so that a stats call never waits on the writer.
+pub(crate) struct Room(AtomicU64);
+
+impl Room {
+    /// The value that stands for no measure: no file system states that many bytes free.
+    const NONE: u64 = u64::MAX;
+
+    pub(crate) fn set(&self, bytes: Option<u64>) {
+        let v = bytes.map_or(Self::NONE, |b| b.min(Self::NONE - 1));
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&b| b != Self::NONE)
+    }
+}
+
+impl Default for Room {
+    fn default() -> Self {
+        Room(AtomicU64::new(Self::NONE))
+    }
 }
 
 /// What `stop` asks of the writer.
@@ -561,6 +592,7 @@ impl ForensicLog {
             records_lost: n(&s.records_lost),
             bytes_lost: n(&s.bytes_lost),
             last_error: lock(&s.last_error).clone(),
+            free_bytes: s.free_bytes.get(),
         }
     }
 

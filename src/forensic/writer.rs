@@ -32,6 +32,8 @@ const BATCH: usize = 4096;
 
 /// How often the writer checks that the log directory still holds its active file.
 const FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often the writer measures the room left on the log's file system (one `fstatvfs`).
+const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
 
 /// What was lost since the last successful write.
 #[derive(Default)]
@@ -102,6 +104,7 @@ pub(crate) struct ChainWriter {
     write_retry: WriteRetry,
     /// When [`ChainWriter::check_file_in_place`] last looked.
     last_file_check: Instant,
+    last_room_measure: Instant,
     /// The directory no longer names the active file, and no rotation away from it has
     /// succeeded yet: writes to it fail, and their records are counted lost.
     file_gone: bool,
@@ -247,6 +250,7 @@ impl ChainWriter {
             last_ckpt: Instant::now(),
             write_retry: WriteRetry::new(),
             last_file_check: Instant::now(),
+            last_room_measure: Instant::now(),
             file_gone: false,
             check_files: true,
             shared,
@@ -350,6 +354,7 @@ impl ChainWriter {
                 "cannot write the first signed checkpoint: {e}"
             )));
         }
+        w.measure_room();
         Ok(w)
     }
 
@@ -405,6 +410,24 @@ impl ChainWriter {
             self.maybe_sync();
             self.check_file_in_place();
             self.maybe_checkpoint();
+            self.maybe_measure_room();
+        }
+    }
+
+    /// Every [`ROOM_MEASURE_EVERY`]: the room left on the log directory's file system, for
+    /// the stats (`kvh_log_free_bytes`), so that a volume filling up is seen before records
+    /// are lost. A failed measure keeps the last one.
+    fn maybe_measure_room(&mut self) {
+        if self.last_room_measure.elapsed() < ROOM_MEASURE_EVERY {
+            return;
+        }
+        self.measure_room();
+    }
+
+    fn measure_room(&mut self) {
+        self.last_room_measure = Instant::now();
+        if let Ok(room) = self.log_dir.free_space() {
+            self.shared.free_bytes.set(room.bytes);
         }
     }
 

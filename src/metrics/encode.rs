@@ -667,6 +667,14 @@ pub const SERIES: &[Series] = &[
         NONE,
         "Bytes of forensic log records that could not be written."
     ),
+    series!(
+        "/log/free_bytes",
+        "kvh_log_free_bytes",
+        Gauge,
+        Number,
+        NONE,
+        "Bytes this process may still write on the forensic log directory's file system, measured by the log writer about every second (absent where the file system states no size)."
+    ),
     // The anomaly detector (`AnomalyStats`, merged into the stats JSON as `anomaly`). With
     // the detector off only `kvh_anomaly_enabled 0` is exported: absent series mean "not
     // watched", zero means "watched, nothing found".
@@ -1050,6 +1058,8 @@ mod tests {
         let mut stats = Stats::merge("host".into(), &[PoolCounters::default()], None);
         stats.log = serde_json::to_value(LogStats {
             enabled: true,
+            // Absent where the file system states no size: present here, as it mostly is.
+            free_bytes: Some(1 << 30),
             ..LogStats::default()
         })
         .ok();

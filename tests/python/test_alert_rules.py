@@ -94,6 +94,7 @@ def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
     env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
     exported = series(snapshot(tmp_path, **env))
     anomaly_off = env.get("KVH_ANOMALY") == "off"
+    log_off = "KVH_LOG_DIR" not in env
     for a in alerts():
         for name, _, matchers in re.findall(r"(kvh_[a-z0-9_]+)(\{([^}]*)\})?", a["expr"]):
             if anomaly_off and name == "kvh_anomalies_total":
@@ -101,12 +102,17 @@ def test_every_metric_and_label_an_alert_uses_is_exported(tmp_path, env):
                 # KvhAnomalyDetectorOff alerts on it.
                 assert "kvh_anomaly_enabled" in exported
                 continue
+            if log_off and name == "kvh_log_free_bytes":
+                # No log, no volume to measure; kvh_log_enabled says so, and
+                # KvhForensicLogOff alerts on it.
+                assert "kvh_log_enabled" in exported
+                continue
             assert name in exported, f"{a['alert']}: {name} is not exported"
             for key, value in re.findall(r'(\w+)="([^"]*)"', matchers):
                 values = {labels.get(key) for labels in exported[name]}
                 assert value in values, f"{a['alert']}: {name}{{{key}={value!r}}} is not exported ({values})"
         metric = re.search(r"kvh_[a-z0-9_]+", a["expr"]).group(0)
-        if anomaly_off and metric == "kvh_anomalies_total":
+        if anomaly_off and metric == "kvh_anomalies_total" or log_off and metric == "kvh_log_free_bytes":
             continue
         grouped = [g.strip() for by in re.findall(r"\bby\s*\(([^)]*)\)", a["expr"]) for g in by.split(",")]
         for label in re.findall(r"\$labels\.(\w+)", str(a["annotations"])) + grouped:

@@ -294,6 +294,25 @@ TESTS = {
             alert("KvhForensicLogOff", "16m", warning(instance="a", job="kvh")),
         ],
     )),
+    # The log's volume: under 256 MiB left fires after 30 minutes; 10 GiB left that shrinks by
+    # 10 MB a minute (full in about 17 hours) fires too; 10 GiB left that holds steady does
+    # not, nor a low figure of a process whose snapshots stopped (its series is not judged).
+    "log volume filling: low, or full within a day": case((
+        [
+            series("kvh_log_free_bytes", "200000000x60", **A11),
+            series("kvh_snapshot_timestamp_seconds", "0+60x60", **A11),
+            series("kvh_log_free_bytes", "10737418240-10000000x60", **A12),
+            series("kvh_snapshot_timestamp_seconds", "0+60x60", **A12),
+            series("kvh_log_free_bytes", "10737418240x60", **A13),
+            series("kvh_snapshot_timestamp_seconds", "0+60x60", **A13),
+            series("kvh_log_free_bytes", "200000000x60", instance="c", job="kvh"),
+            series("kvh_snapshot_timestamp_seconds", "0x60", instance="c", job="kvh"),
+        ],
+        [
+            alert("KvhForensicLogVolumeFilling", "20m"),
+            alert("KvhForensicLogVolumeFilling", "40m", warning(**A11), warning(**A12)),
+        ],
+    )),
     # The anomaly detector off for 10 minutes fires, with the pid; on, nothing.
     "anomaly detector off: after 10 minutes": case((
         [
