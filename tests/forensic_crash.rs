@@ -1337,3 +1337,221 @@ fn only_a_crashed_chain_left_unwritable_is_named_at_start_up() {
     let said = start_up_says(&crashed_dir);
     assert!(said.contains(SAID), "a crashed chain was not named: {said}");
 }
+
+/// A crash may end the newest file of a chain at any byte of what its writer wrote there.
+/// Whatever that byte, the log verifies as the crash left it, and again after the next
+/// process started (continuing the chain, or starting its own), logged and stopped.
+#[test]
+fn a_crash_at_any_byte_of_the_newest_file_verifies_before_and_after_the_restart() {
+    for keyed in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = log_dir(&tmp);
+        let c = cfg(&dir, 4096);
+        write_log(&c, 12, keyed);
+        let opts = if keyed {
+            keyed_opts()
+        } else {
+            Default::default()
+        };
+        let files = chain_files(&dir);
+        assert!(files.len() > 1, "the log did not rotate");
+        let len = std::fs::metadata(files.last().unwrap()).unwrap().len();
+        for cut in 0..=len {
+            let run = tmp.path().join(format!("cut-{keyed}-{cut}"));
+            copy_cut(&dir, &run, cut);
+            let r = verify(&run, &opts);
+            assert!(
+                r.ok(),
+                "keyed {keyed}, newest file cut at {cut} of {len}: {r:?}"
+            );
+            let log = ForensicLog::open_with_secret(&cfg(&run, 4096), start(), keyed.then(secret))
+                .unwrap_or_else(|e| panic!("cut at {cut} of {len}: {e}"));
+            log.emit(event(99));
+            log.stop();
+            let r = verify(&run, &opts);
+            assert!(
+                r.ok(),
+                "keyed {keyed}, newest file cut at {cut} of {len}, after a restart: {r:?}"
+            );
+            std::fs::remove_dir_all(&run).unwrap();
+        }
+    }
+}
+
+const SIGNED_CRASH_ENV: &str = "KVH_FORENSIC_SIGNED_CRASH_CHILD";
+
+/// In the child (re-executed test binary): a keyed log with signed checkpoints (in the log
+/// directory) and `always` fsync, small files; writes events and ends without `stop`.
+#[test]
+fn signed_crash_child_entry() {
+    let Some(arg) = std::env::var_os(SIGNED_CRASH_ENV) else {
+        return;
+    };
+    let arg = arg.into_string().unwrap();
+    let (dir, key) = arg.split_once('\n').unwrap();
+    let c = signed_crash_cfg(std::path::Path::new(dir), std::path::Path::new(key));
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    for i in 0..14 {
+        log.emit(event(i));
+        log.flush();
+    }
+    // SAFETY: ends the child at once, as a crash does, without stopping the log.
+    unsafe { libc::_exit(0) };
+}
+
+fn signed_crash_cfg(dir: &std::path::Path, key: &std::path::Path) -> kvhygiene::config::LogConfig {
+    let mut c = cfg(dir, 4096);
+    c.signing_key_file = Some(key.to_path_buf());
+    c.checkpoint_every_records = 4;
+    c.fsync = kvhygiene::config::FsyncPolicy::Always;
+    c
+}
+
+/// A copy of the log directory `from` at `to` (0700, its files 0600: chain files and
+/// checkpoints), with the newest chain file cut to `len` bytes, as a crash leaves it when its
+/// writes reached the file only so far.
+fn copy_cut(from: &std::path::Path, to: &std::path::Path, len: u64) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().mode(0o700).create(to).unwrap();
+    let newest = chain_files(from).last().cloned();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        if Some(&p) == newest.as_ref() {
+            bytes.truncate(len as usize);
+        }
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to.join(p.file_name().unwrap()))
+            .unwrap();
+        out.write_all(&bytes).unwrap();
+    }
+}
+
+/// A writer with signed checkpoints and `always` fsync that crashes: what it fsynced (all
+/// its checkpoints cover) survives, and the newest file may end at any byte after that.
+/// Whatever the byte, the log verifies against the pinned key as the crash left it, and
+/// again after the next process (same keys) continued the chain, logged and stopped.
+#[test]
+fn a_signed_chain_crashed_at_any_byte_after_its_checkpoint_verifies_after_the_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "signed_crash_child_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            SIGNED_CRASH_ENV,
+            format!("{}\n{}", dir.display(), key.display()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let opts = |d: &std::path::Path| kvhygiene::forensic::VerifyOptions {
+        public_keys: vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()],
+        checkpoints: vec![d.to_path_buf()],
+        ..keyed_opts()
+    };
+    let r = verify(&dir, &opts(&dir));
+    assert!(r.ok(), "{r:?}");
+    let ckpt: serde_json::Value = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .unwrap();
+    let newest = chain_files(&dir).last().unwrap().clone();
+    let text = std::fs::read(&newest).unwrap();
+    // The first byte a crash may cut: after the checkpointed record when it is in this file.
+    let mut from = 0u64;
+    if ckpt["file"].as_str() == Some(name(&newest).as_str()) {
+        let mut at = 0u64;
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            at += line.len() as u64;
+            let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            if v["seq"] == ckpt["seq"] {
+                from = at;
+            }
+        }
+    }
+    for cut in cuts_of(&text, from) {
+        let run = tmp.path().join(format!("cut-{cut}"));
+        copy_cut(&dir, &run, cut);
+        let r = verify(&run, &opts(&run));
+        assert!(r.ok(), "cut at {cut} ({from}..{}): {r:?}", text.len());
+        let log =
+            ForensicLog::open_with_secret(&signed_crash_cfg(&run, &key), start(), Some(secret()))
+                .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        log.emit(event(99));
+        log.stop();
+        let r = verify(&run, &opts(&run));
+        assert!(
+            r.ok(),
+            "cut at {cut} ({from}..{}), after a restart: {r:?}",
+            text.len()
+        );
+        assert_eq!(
+            r.chains.len(),
+            1,
+            "cut at {cut}: the chain was not continued: {r:?}"
+        );
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}
+
+/// Where a crash may cut `text` from byte `from` on: every byte within 3 of a record's end
+/// (the line feed, and a record cut just before or after it), and every 11th byte between.
+fn cuts_of(text: &[u8], from: u64) -> Vec<u64> {
+    let len = text.len() as u64;
+    let mut cuts: std::collections::BTreeSet<u64> = (from..=len).step_by(11).collect();
+    cuts.insert(len);
+    let ends = text
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .map(|(i, _)| i as u64 + 1);
+    for end in ends {
+        cuts.extend((end.saturating_sub(3)..=end + 3).filter(|c| (from..=len).contains(c)));
+    }
+    cuts.into_iter().collect()
+}
+
+/// A record larger than a whole file (written in a file of its own) torn by a crash at any
+/// point: the log verifies after the next process continued the chain and stopped.
+#[test]
+fn a_record_larger_than_a_file_torn_by_a_crash_verifies_after_the_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 4096), start(), Some(secret())).unwrap();
+    log.emit(event(1));
+    log.record_anomaly(serde_json::json!({ "pad": "\u{1}é\"".repeat(5000) }));
+    log.flush();
+    // The writer still runs: the copies are what a crash at this point leaves.
+    let newest = chain_files(&dir).last().unwrap().clone();
+    let len = std::fs::metadata(&newest).unwrap().len();
+    assert!(len > 4096, "{len}");
+    let cuts: Vec<u64> = (0..=len).step_by(97).chain([len - 1, len]).collect();
+    for cut in cuts {
+        let run = tmp.path().join(format!("cut-{cut}"));
+        copy_cut(&dir, &run, cut);
+        let r = verify(&run, &keyed_opts());
+        assert!(r.ok(), "cut at {cut} of {len}: {r:?}");
+        let restarted = ForensicLog::open_with_secret(&cfg(&run, 4096), start(), Some(secret()))
+            .unwrap_or_else(|e| panic!("cut at {cut} of {len}: {e}"));
+        restarted.emit(event(99));
+        restarted.stop();
+        let r = verify(&run, &keyed_opts());
+        assert!(r.ok(), "cut at {cut} of {len}, after a restart: {r:?}");
+        assert_eq!(r.chains.len(), 1, "cut at {cut} of {len}: {r:?}");
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+    log.stop();
+}

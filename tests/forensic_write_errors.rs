@@ -942,3 +942,175 @@ fn a_chain_file_moved_away_and_replaced_while_recovery_takes_it_over_is_seen_as_
          of the directory: {s:?}"
     );
 }
+
+#[path = "mounted/mod.rs"]
+mod mounted;
+
+/// After `log` stopped: the chain in `dir` verifies and is closed, every one of the
+/// `emitted` events (`quarantine` records) is in it or counted in a `lost` record's
+/// `lost_kinds`, and the `stop` record's `records_lost` is the log's. With `described`, the
+/// `lost` records' totals are the log's `records_lost` too (every loss was followed by a
+/// write that described it).
+fn every_event_accounted_for(
+    log: &ForensicLog,
+    dir: &std::path::Path,
+    opts: &kvhygiene::forensic::VerifyOptions,
+    emitted: u64,
+    described: bool,
+) {
+    let s = log.stats();
+    let r = verify(dir, opts);
+    assert!(r.ok(), "{s:?}: {r:?}");
+    assert!(r.chains[0].closed, "{s:?}: {r:?}");
+    let records = whole_records(dir);
+    let written = records.iter().filter(|r| r["kind"] == "quarantine").count() as u64;
+    let lost: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "lost").collect();
+    let lost_events: u64 = lost
+        .iter()
+        .map(|r| r["lost_kinds"]["quarantine"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        written + lost_events,
+        emitted,
+        "{s:?}; lost records {lost:?}"
+    );
+    if described {
+        let total: u64 = lost
+            .iter()
+            .map(|r| r["records_lost"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, s.records_lost, "{s:?}; lost records {lost:?}");
+    }
+    assert_eq!(
+        records.last().unwrap()["records_lost"].as_u64(),
+        Some(s.records_lost),
+        "{s:?}"
+    );
+}
+
+/// A real full file system (a small tmpfs), rotating files: while it is full, records are
+/// kept or counted lost; once room is made, the log goes on, the chain verifies (against
+/// its signed checkpoints, when it signs them), and every event emitted is either in the
+/// chain or counted in a `lost` record's `lost_kinds`, whose totals, as the `stop` record's,
+/// are the log's `records_lost`.
+fn run_on_a_real_full_disk(signed: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("fs");
+    std::fs::create_dir(&root).unwrap();
+    let Some(_fs) = mounted::Mounted::tmpfs(&root, "256k", "") else {
+        return;
+    };
+    let dir = root.join("log");
+    let mut c = cfg(&dir, 4096);
+    let mut opts = keyed_opts();
+    if signed {
+        let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        c.signing_key_file = Some(key);
+        c.checkpoint_every_records = 3;
+        c.fsync = kvhygiene::config::FsyncPolicy::Always;
+        opts.public_keys = vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()];
+        opts.checkpoints = vec![dir.clone()];
+    }
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    // Fill what is left of the file system.
+    let filler = root.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 512];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    }
+    let mut emitted = 0u64;
+    for _ in 0..40 {
+        log.emit(event(emitted));
+        emitted += 1;
+        log.flush();
+    }
+    let full = log.stats();
+    assert!(
+        full.write_errors > 0,
+        "the file system never filled: {full:?}"
+    );
+    // Room again.
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 0..40 {
+        log.emit(event(emitted));
+        emitted += 1;
+        log.flush();
+    }
+    log.stop();
+    every_event_accounted_for(&log, &dir, &opts, emitted, true);
+}
+
+#[test]
+fn a_real_full_disk_loses_no_record_uncounted_and_the_chain_verifies() {
+    run_on_a_real_full_disk(false);
+}
+
+#[test]
+fn a_real_full_disk_under_signed_checkpoints_loses_no_record_uncounted_and_verifies() {
+    run_on_a_real_full_disk(true);
+}
+
+/// A file system out of inodes (a tmpfs mounted with few): the next file of a rotation
+/// cannot be created, while the active file still takes writes. Records are kept or counted
+/// lost, and once inodes are free again the chain goes on; it verifies, and every event is
+/// in it or counted in a `lost` record.
+fn run_with_rotations_refused(signed: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("fs");
+    std::fs::create_dir(&root).unwrap();
+    let Some(_fs) = mounted::Mounted::tmpfs(&root, "8m", ",nr_inodes=64") else {
+        return;
+    };
+    let dir = root.join("log");
+    let mut c = cfg(&dir, 4096);
+    let mut opts = keyed_opts();
+    if signed {
+        let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        c.signing_key_file = Some(key);
+        c.checkpoint_every_records = 3;
+        opts.public_keys = vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()];
+        opts.checkpoints = vec![dir.clone()];
+    }
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    // Use up every inode left.
+    let mut fillers = Vec::new();
+    for i in 0.. {
+        let p = root.join(format!("filler-{i}"));
+        if std::fs::File::create(&p).is_err() {
+            break;
+        }
+        fillers.push(p);
+    }
+    let mut emitted = 0u64;
+    for _ in 0..60 {
+        log.emit(event(emitted));
+        emitted += 1;
+        log.flush();
+    }
+    let refused = log.stats();
+    assert!(
+        refused.write_errors > 0,
+        "no rotation was refused: {refused:?}"
+    );
+    for p in &fillers {
+        std::fs::remove_file(p).unwrap();
+    }
+    for _ in 0..30 {
+        log.emit(event(emitted));
+        emitted += 1;
+        log.flush();
+    }
+    log.stop();
+    every_event_accounted_for(&log, &dir, &opts, emitted, false);
+}
+
+#[test]
+fn rotations_refused_for_want_of_inodes_lose_no_record_uncounted_and_the_chain_verifies() {
+    run_with_rotations_refused(false);
+}
+
+#[test]
+fn rotations_refused_for_want_of_inodes_under_signed_checkpoints_verify() {
+    run_with_rotations_refused(true);
+}
