@@ -580,18 +580,32 @@ impl ForensicLog {
     pub fn stats(&self) -> LogStats {
         let s = &self.shared;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // In a forked child a lock the parent's writer thread held at the fork is never let
+        // go (the thread was not copied): the texts are read only when free there, and are
+        // the parent's anyway.
+        let forked = self.forked();
+        let text = |m: &Mutex<Option<String>>| -> Option<String> {
+            if !forked {
+                return lock(m).clone();
+            }
+            match m.try_lock() {
+                Ok(guard) => guard.clone(),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().clone(),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
         LogStats {
             enabled: true,
             disabled_reason: None,
-            chain: lock(&s.chain).clone(),
-            current_file: lock(&s.current_file).clone(),
+            chain: text(&s.chain),
+            current_file: text(&s.current_file),
             records_written: n(&s.records_written),
             producer_waits: n(&s.producer_waits),
             summaries_coalesced: n(&s.summaries_coalesced),
             write_errors: n(&s.write_errors),
             records_lost: n(&s.records_lost),
             bytes_lost: n(&s.bytes_lost),
-            last_error: lock(&s.last_error).clone(),
+            last_error: text(&s.last_error),
             free_bytes: s.free_bytes.get(),
         }
     }
@@ -972,5 +986,68 @@ mod stop_tests {
                 "flush waited for the writer a stop had given up on"
             );
         });
+    }
+}
+
+#[cfg(test)]
+mod fork_tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A lock another thread of the parent held when the process forked stays taken in the
+    /// child for good (that thread was not copied): the child's stats still return, with
+    /// the texts that were free and without the one that was not.
+    #[test]
+    fn stats_in_a_forked_child_return_while_a_lock_held_at_the_fork_stays_taken() {
+        let (tx, _rx) = mpsc::sync_channel(1);
+        let log = ForensicLog {
+            tx,
+            shared: Arc::new(Shared::default()),
+            stopped: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            pid: std::process::id(),
+        };
+        *lock(&log.shared.chain) = Some("p1-t1".into());
+        *lock(&log.shared.last_error) = Some("disk full".into());
+        // Held here, as the writer thread would hold it: in the child nothing lets it go.
+        let held = lock(&log.shared.last_error);
+        // SAFETY: the child only reads the log's atomics and, without waiting, its locks,
+        // then leaves with `_exit`, never returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let s = log.stats();
+            let right = s.chain.as_deref() == Some("p1-t1") && s.last_error.is_none();
+            // SAFETY: ends the child without running the parent's handlers or destructors.
+            unsafe { libc::_exit(i32::from(!right)) };
+        }
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut status = 0;
+        let done = loop {
+            // SAFETY: `pid` is this test's child; `status` is a valid out-pointer.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                break true;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: kills and reaps only the child this test forked.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            done,
+            "the forked child's stats waited on a lock held at the fork"
+        );
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's stats were not the texts that were free: {status}"
+        );
+        // The parent reads every text as before.
+        assert_eq!(log.stats().last_error.as_deref(), Some("disk full"));
     }
 }
