@@ -1018,3 +1018,29 @@ fn a_slot_event_out_of_memory_does_not_say_zero_bytes_were_requested() {
         Ok(_) => panic!("a batch was submitted without its slot's event"),
     }
 }
+
+/// Each device's primary context is retained once (docs/cuda.md, "Contexts": "retained on
+/// first use"); kvhygiene never releases it, so every further `cuDevicePrimaryCtxRetain` is a
+/// reference that is never given back. Opening device 1 fails three times (no kernel image
+/// loads), then succeeds: the device's primary context holds one reference of kvhygiene's,
+/// not one per try.
+#[test]
+fn failed_device_opens_do_not_retain_the_primary_context_again() {
+    let (path, lib) = fake_or_skip!("retain_balance");
+    let b = start(&path);
+    switch(&lib, "reject_images", 1);
+    for _ in 0..3 {
+        assert!(
+            b.allocate(1, 4096).is_err(),
+            "device 1 opened without an image"
+        );
+    }
+    switch(&lib, "reject_images", 0);
+    let p = b.allocate(1, 4096).expect("device 1 opens");
+    b.release(1, p, 4096).expect("release");
+    assert_eq!(
+        query(&lib, "retains", 1),
+        1,
+        "device 1's primary context was retained once per opening attempt and never released"
+    );
+}

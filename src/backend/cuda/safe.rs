@@ -166,8 +166,12 @@ pub(crate) struct Inner {
     /// Each device's state once it opened. A failed open is not kept: the next call tries
     /// again (a module load can fail for lack of memory on a full device). The failed attempt
     /// unloads the module it loaded ([`LoadedModule`]) and keeps its reference to the device's
-    /// primary context (one context per device, whatever the count of references).
+    /// primary context in `contexts`, which the next attempt takes up.
     devices: Vec<OnceLock<Device>>,
+    /// Each device's primary context, retained once (by its first open attempt) and never
+    /// released (exit releases it): every retain would need a release of its own, so a device
+    /// whose open fails on every call must not retain again on each.
+    contexts: Vec<OnceLock<Handle<CUcontext>>>,
     /// Held while a device opens, so that two threads do not open the same one twice.
     opening: Mutex<()>,
     shutting_down: AtomicBool,
@@ -234,6 +238,7 @@ impl CudaBackend {
         let inner = Inner {
             driver,
             devices: (0..count).map(|_| OnceLock::new()).collect(),
+            contexts: (0..count).map(|_| OnceLock::new()).collect(),
             opening: Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             calls: AtomicU64::new(0),
@@ -470,16 +475,16 @@ fn not_allocated(device: u32, addr: DevicePtr, len: u64) -> BackendError {
     ))
 }
 
-/// Retains the primary context, loads the kernels and creates the ordering event. Checks
-/// for a shutdown between its steps: loading a PTX image (JIT compilation) can outlast the
-/// wait of [`Backend::shutdown`]. A context retained before a shutdown stops it is left
-/// retained (exit releases it).
+/// Retains the primary context (once: [`primary_context`]), loads the kernels and creates the
+/// ordering event. Checks for a shutdown between its steps: loading a PTX image (JIT
+/// compilation) can outlast the wait of [`Backend::shutdown`]. A context retained before a
+/// shutdown stops it is left retained (exit releases it).
 #[cold]
 fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
     let d = &inner.driver;
     let cu_dev = r::device_get(d, ordinal)?;
     inner.live()?;
-    let ctx = r::primary_ctx_retain(d, cu_dev).map_err(out_of_memory_on(ordinal))?;
+    let ctx = primary_context(inner, ordinal, cu_dev)?;
     inner.live()?;
     // SAFETY: 1. just retained.
     unsafe { r::ctx_set_current(d, ctx) }?;
@@ -527,6 +532,24 @@ fn open_device(inner: &Inner, ordinal: u32) -> Result<Device, BackendError> {
         spare: Mutex::new(Spare::default()),
         live: Mutex::new(BTreeMap::new()),
     })
+}
+
+/// The primary context of device `ordinal` (`cu_dev`): retained by the first open attempt,
+/// taken up as it is by the next ones ([`Inner::contexts`]). Called under `Inner::opening`.
+fn primary_context(
+    inner: &Inner,
+    ordinal: u32,
+    cu_dev: r::CUdevice,
+) -> Result<CUcontext, BackendError> {
+    let cell = inner
+        .contexts
+        .get(ordinal as usize)
+        .ok_or_else(|| BackendError::Other(format!("no device {ordinal}")))?;
+    if let Some(ctx) = cell.get() {
+        return Ok(ctx.0);
+    }
+    let ctx = r::primary_ctx_retain(&inner.driver, cu_dev).map_err(out_of_memory_on(ordinal))?;
+    Ok(cell.get_or_init(|| Handle(ctx)).0)
 }
 
 /// Scrub blocks the device holds at once: its SMs times the kernel's blocks per SM.
