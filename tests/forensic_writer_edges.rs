@@ -381,3 +381,41 @@ fn the_stats_carry_the_room_left_on_the_log_file_system() {
     assert!(json.get("free_bytes").is_none(), "{json}");
     log.stop();
 }
+
+/// `free_bytes` is what this process may still write on the log's file system. On ext4 the
+/// blocks statvfs counts free (`f_bfree`) include a pool the kernel keeps back from every
+/// writer, root included (2% of the volume, up to 4096 blocks): with 512 KiB left that this
+/// process can write, the figure is no more than that (give or take the log's own records).
+#[test]
+fn the_stats_room_on_ext4_is_what_this_process_can_still_write() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path().join("fs");
+    fs::create_dir(&mount).unwrap();
+    let Some(_volume) = Mounted::ext4(&mount, 128) else {
+        return;
+    };
+    // Filled until a write fails, then 512 KiB given back.
+    let filler = mount.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let page = [0u8; 4096];
+    while f.write_all(&page).is_ok() {}
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - (512 << 10)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let dir = mount.join("log");
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 1 << 20), start(), None).unwrap();
+    let measured = log.stats().free_bytes.expect("no room measured at start");
+    log.stop();
+    // What this process can still write there, found by writing it.
+    let mut probe = fs::File::create(mount.join("probe")).unwrap();
+    let mut written = 0u64;
+    while probe.write_all(&page).is_ok() {
+        written += page.len() as u64;
+    }
+    assert!(
+        measured <= written + (256 << 10),
+        "measured {measured} bytes free; this process could write {written}"
+    );
+}

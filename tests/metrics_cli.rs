@@ -1067,3 +1067,18 @@ fn a_per_process_merge_of_a_summary_and_untyped_samples_named_as_its_sum_names_t
         "the two files are merged in one order and refused in the other"
     );
 }
+
+/// A pattern that ends in `/.` names a directory, as one with a trailing slash does (and as
+/// KVH_METRICS_FILE refuses it): `{pid}` there is in a directory, not in a file name, and
+/// the readers refuse it.
+#[test]
+fn a_pid_pattern_that_ends_in_a_dot_component_is_refused_as_a_directory() {
+    use kvhygiene::metrics::per_process::Target;
+    let err = Target::of("/run/kvh/{pid}/".into()).unwrap_err();
+    assert!(err.contains("file name only"), "{err}");
+    let got = Target::of("/run/kvh/{pid}/.".into());
+    assert!(
+        got.as_ref().is_err_and(|e| e.contains("file name only")),
+        "/run/kvh/{{pid}}/. was taken as a pattern: {got:?}"
+    );
+}

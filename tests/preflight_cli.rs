@@ -1354,6 +1354,30 @@ fn a_log_file_system_short_of_files_or_bytes_fails_and_one_with_room_passes() {
     }
 }
 
+/// On ext4, the blocks statvfs counts free (`f_bfree`) include a pool the kernel keeps back
+/// from every writer, root included (2% of the volume, up to 4096 blocks). On a volume filled
+/// until this process's writes fail, the start-up cannot create the log directory, and the
+/// preflight, run by the same user, fails the log directory too.
+#[test]
+fn a_full_ext4_log_file_system_fails_as_the_start_up_does() {
+    let env = Env::new();
+    let log = env.root().join("log");
+    fs::create_dir(&log).unwrap();
+    let Some(_full) = Mounted::ext4(&log, 128) else {
+        return;
+    };
+    fill(&log);
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(started, 2, "the start-up ran on a full file system: {err}");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "log directory");
+    assert_eq!(
+        (code, st),
+        (1, "fail"),
+        "the start-up fails on this file system, the preflight passes it: {detail}"
+    );
+}
+
 /// A separate checkpoint directory on a full file system fails its own check: the start-up
 /// writes the first signed checkpoint there, and fails closed when it cannot.
 #[test]

@@ -161,15 +161,6 @@ fn write_demo_metrics(
     Ok(Some(file))
 }
 
-/// Whether `p`'s last component names a file: not empty (a trailing `/`), `.` or `..`, as
-/// the policy's metrics file is checked. (`Path::file_name` drops a trailing `/`.)
-fn names_a_file(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = p.as_os_str().as_bytes();
-    let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
-    !matches!(last, b"" | b"." | b"..")
-}
-
 /// The `kvh verify-log` command that checks what the demo's log was given: its MACs with the
 /// HMAC key file, its checkpoints with the public key beside the signing key (`PREFIX.pub` of
 /// `kvh keygen`) and in their directory.
@@ -589,7 +580,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     // Checked before the run: a pattern the readers would refuse is refused here too, as is
     // a path that names no file (the snapshot could not be written at the end).
     if let Some(f) = &args.metrics_file {
-        if !names_a_file(f) {
+        if !kvhygiene::config::names_a_file(f) {
             return usage_error(&format!(
                 "--metrics-file {}: names a directory, not a file (it ends with '/', '.' or \
                  '..')",

@@ -1126,9 +1126,16 @@ fn private_key_path(v: &str) -> Option<Option<PathBuf>> {
 /// as written, is not empty, `.` or `..` (`key/` names a directory, which no file is; the
 /// spelling [`one_spelling`] keeps would drop the slash and read the file).
 fn file_path(v: &str) -> Option<Option<PathBuf>> {
-    let last = v.rsplit_once('/').map_or(v, |(_, last)| last);
-    let named = !matches!(last, "" | "." | "..");
-    non_empty_path(v).filter(|_| named)
+    non_empty_path(v).filter(|_| names_a_file(Path::new(v)))
+}
+
+/// Whether `p`'s last component, as written, names a file: not empty (a trailing `/`), `.`
+/// or `..`. (`Path::file_name` reads `dir/` and `dir/.` as the file `dir`.) The rule of the
+/// policy's file paths, and of the verbs' file arguments that stand for them.
+pub fn names_a_file(p: &Path) -> bool {
+    let bytes = p.as_os_str().as_bytes();
+    let last = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
+    !matches!(last, b"" | b"." | b"..")
 }
 
 /// The metrics file: a [`file_path`], since the exporter writes a temporary file beside it

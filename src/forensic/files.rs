@@ -279,8 +279,11 @@ pub fn unnamed_files_supported(dir: &Path) -> bool {
 
 /// The room on the file system holding `path` that this process may still fill: bytes, their
 /// block size and files. A file system that states no size (tmpfs with `size=0`, ramfs: no
-/// total) or no file count (no total of inodes) has no limit this can tell: `None`. Root's
-/// figures include what the file system keeps back for it.
+/// total) or no file count (no total of inodes) has no limit this can tell: `None`. The
+/// figures are those of an unprivileged writer (`f_bavail`, `f_favail`), for root too: the
+/// free count (`f_bfree`) includes blocks no writer gets (ext4 keeps some back from root as
+/// well), and what root may use beyond them cannot be told apart. Root's room is understated
+/// by what is reserved for it (`mkfs.ext4 -m`), never overstated.
 pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
@@ -312,13 +315,7 @@ fn free_space_of_fd(fd: &File) -> io::Result<FreeSpace> {
 // `statvfs`'s fields are 64-bit here and 32-bit on other targets: the conversions stay.
 #[allow(clippy::useless_conversion)]
 fn room_of(st: &libc::statvfs) -> FreeSpace {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let (blocks, files) = if root {
-        (st.f_bfree, st.f_ffree)
-    } else {
-        (st.f_bavail, st.f_favail)
-    };
+    let (blocks, files) = (st.f_bavail, st.f_favail);
     let block = u64::from(st.f_frsize).max(1);
     FreeSpace {
         bytes: (st.f_blocks > 0).then(|| u64::from(blocks).saturating_mul(block)),

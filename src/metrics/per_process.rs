@@ -10,7 +10,6 @@
 //! Liveness is judged in the pid namespace of the reader: a probe or sidecar must share the
 //! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`).
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,10 +32,10 @@ impl Target {
         if !has_pid(&given) {
             return Ok(Target::One(given));
         }
-        // `file_name` reads "/run/{pid}/" as the name "{pid}": a trailing slash names a
-        // directory, which KVH_METRICS_FILE refuses as well.
-        let names_a_dir = given.as_os_str().as_bytes().ends_with(b"/");
-        let in_name = !names_a_dir && given.file_name().is_some_and(|n| has_pid(n.as_ref()));
+        // `file_name` reads "/run/{pid}/" and "/run/{pid}/." as the name "{pid}": they name
+        // a directory, which KVH_METRICS_FILE refuses as well.
+        let in_name = crate::config::names_a_file(&given)
+            && given.file_name().is_some_and(|n| has_pid(n.as_ref()));
         let in_dir = given.parent().is_some_and(has_pid);
         if in_dir || !in_name {
             return Err(format!(

@@ -585,3 +585,32 @@ def test_a_counter_alert_s_description_counts_the_events(promtool, tmp_path):
         promtool, tmp_path, A11, lambda n: f"0x10 {n + 1}x20", lambda n: n + 1, "12m30s"  # events at 11m
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_log_volume_alert_s_description_says_the_bytes_left(promtool, tmp_path):
+    """KvhForensicLogVolumeFilling's description reads "{{ $value | humanize1024 }}B left on the
+    log directory's file system": when it fires for the pace (10 GiB left, shrinking by 10 MB a
+    minute: full in about 17 hours), the figure is the bytes left at the evaluation, not the
+    negative figure predict_linear foresees for a day later."""
+    rules = yaml.safe_load(RULES.read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "KvhForensicLogVolumeFilling"]
+    left = 10737418240 - 40 * 10000000  # at 40m
+    shown = f"{left / 2**30:.4g}Gi"  # humanize1024; the description adds the B
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "t", "rules": [rule]}]}))
+    test = case((
+        [
+            series("kvh_log_free_bytes", "10737418240-10000000x60", **A12),
+            series("kvh_snapshot_timestamp_seconds", "0+60x60", **A12),
+        ],
+        [alert("KvhForensicLogVolumeFilling", "40m", warning(**A12))],
+    ))
+    (exp,) = test["alert_rule_test"][0]["exp_alerts"]
+    exp["exp_annotations"] = {
+        k: v.replace("{{ $value | humanize1024 }}", shown).replace("{{ $labels.instance }}", A12["instance"])
+        for k, v in rule["annotations"].items()
+    }
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [test]})
+    )
+    r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
+    assert r.returncode == 0, r.stdout + r.stderr
