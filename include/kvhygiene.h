@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-// A result code. `KVH_OK` is 0; every error is in 7000..8000.
+// A result code. `KVH_OK` is 0; every error is in 7000..7999.
 enum kvh_result
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t

@@ -1,9 +1,9 @@
 //! Result codes of the C API.
 //!
-//! Codes live in a private range (7000..8000) so they cannot be confused with errno or CUDA
+//! Codes live in a private range (7000..=7999) so they cannot be confused with errno or CUDA
 //! error values; a code, once published, is never reused for another meaning.
 
-/// A result code. `KVH_OK` is 0; every error is in 7000..8000.
+/// A result code. `KVH_OK` is 0; every error is in 7000..7999.
 #[allow(non_camel_case_types)]
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
