@@ -174,7 +174,13 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         return;
     };
     let from_env = keys::secret_in_env();
-    out.push(match keys::load_secret(log.hmac_key_file.as_deref()) {
+    let secret = keys::load_secret(log.hmac_key_file.as_deref());
+    // Whether this policy's chain would be sealed; not known when the key cannot be read.
+    let seals = match &secret {
+        Ok(key) => Some(key.is_some()),
+        Err(_) => None,
+    };
+    out.push(match secret {
         Ok(Some(key)) => {
             let source = if from_env {
                 // Both set: the variable wins, and a verifier handed the file fails on every
@@ -211,6 +217,11 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         match recovery::check_chain_files(dir) {
             Ok(n) => log_dir.detail += &format!("; {n} chain(s), each newest file usable"),
             Err(e) => log_dir = check("log directory", Status::Fail, printable(&e.to_string())),
+        }
+        if let (Status::Ok, Some(seals)) = (log_dir.status, seals) {
+            if let Some(why) = sealed_otherwise(dir, seals) {
+                log_dir = check("log directory", Status::Fail, why);
+            }
         }
     }
     with_room(&mut log_dir, dir);
@@ -294,6 +305,65 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
         ),
         Err(e) => check(what, Status::Fail, printable(&e.to_string())),
     }
+}
+
+/// Why a chain this policy writes in `dir` would leave it unverifiable: chains there sealed
+/// otherwise than it seals (`seals`: with an HMAC key). `kvh verify-log --key-file` refuses a
+/// record without a MAC, and verifying without the key cannot check sealed chains; and
+/// `prune-log`, which needs the key, could then never move anything. The start-up itself
+/// goes on (its chain is sound on its own): a deliberate margin, as for the room left.
+/// `None` when every chain is sealed as this policy seals, or none can be read.
+fn sealed_otherwise(dir: &Path, seals: bool) -> Option<String> {
+    let chains = files::list_chains(dir).ok()?;
+    let other: Vec<&str> = chains
+        .iter()
+        .filter_map(|(chain, list)| {
+            let (_, first) = list.first()?;
+            let sealed = first_record_sealed(first)?;
+            (sealed != seals).then_some(chain.as_str())
+        })
+        .collect();
+    let first = other.first()?;
+    let named = match other.len() - 1 {
+        0 => format!("chain {} was", printable(first)),
+        n => format!("chains {} and {n} more were", printable(first)),
+    };
+    let (sealed, but) = if seals {
+        (
+            "written without an HMAC key (records without a MAC)",
+            "this policy seals with one",
+        )
+    } else {
+        (
+            "sealed with an HMAC key",
+            "this policy has none (no KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET)",
+        )
+    };
+    Some(format!(
+        "{}: {named} {sealed}, and {but}: a directory holding both kinds cannot be verified \
+         with kvh verify-log --key-file, nor pruned. Move those chains out whole (their files \
+         kvh-CHAIN-*.jsonl, with their signed checkpoints kvh-CHAIN.ckpt, which verify-log \
+         otherwise reports as chains without files) to a directory of their own and verify \
+         them there, or give this policy a log directory of its own",
+        printable(&dir.display().to_string()),
+    ))
+}
+
+/// Whether the first whole record of the chain file `path` carries a MAC; `None` when the
+/// file cannot be read or holds no whole record (its chain is judged by nothing).
+fn first_record_sealed(path: &Path) -> Option<bool> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(path).ok()?;
+    // A record is at most a few KiB; a line longer than this is no record to judge by.
+    let mut line = Vec::new();
+    std::io::BufReader::new(file.take(1 << 20))
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    if line.last() != Some(&b'\n') {
+        return None;
+    }
+    let record: serde_json::Value = serde_json::from_slice(&line).ok()?;
+    Some(record.get("mac").is_some())
 }
 
 /// The least room a log or checkpoint directory's file system must have left: the start-up

@@ -1427,3 +1427,52 @@ fn a_secret_in_the_environment_next_to_a_key_file_says_the_file_is_not_read() {
     let (_, detail) = status(&report, "hmac key");
     assert!(detail.starts_with("FORENSIC_HMAC_SECRET: read"), "{detail}");
 }
+
+/// A log directory holding a chain sealed otherwise than the policy seals (written without
+/// an HMAC key, and a key is configured now; or the reverse) fails: the start-up goes on, but
+/// the directory then holds both kinds, which `kvh verify-log --key-file` refuses. The
+/// chains' sealing as the policy's passes.
+#[test]
+fn a_log_directory_whose_chains_are_sealed_otherwise_than_the_policy_fails() {
+    for key_first in [false, true] {
+        let mut env = Env::new();
+        let hmac = env.root().join("hmac.key").display().to_string();
+        if !key_first {
+            env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+        }
+        assert_eq!(env.start(), 0, "the first process (key: {key_first})");
+        let (code, report) = env.preflight(&["--skip-backend"]);
+        assert_eq!(code, 0, "as the first process sealed: {report}");
+        if key_first {
+            env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+        } else {
+            env.set("KVH_HMAC_KEY_FILE", hmac.clone());
+        }
+        let (code, report) = env.preflight(&["--skip-backend"]);
+        assert_eq!(code, 1, "key first: {key_first}: {report}");
+        let (st, detail) = status(&report, "log directory");
+        assert_eq!(st, "fail", "{report}");
+        let says = if key_first {
+            "sealed with an HMAC key"
+        } else {
+            "written without an HMAC key"
+        };
+        assert!(detail.contains(says), "{detail}");
+        assert!(
+            detail.contains("chain p"),
+            "the chain is not named: {detail}"
+        );
+        // What it warns of: the start-up goes on, and the directory no longer verifies
+        // with the key.
+        assert_eq!(env.start(), 0, "the second process");
+        let dir = env.root().join("log/chains");
+        let (verified, out, _) = run(kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .args(["--key-file", &hmac]));
+        assert_eq!(
+            verified, 1,
+            "a directory holding both kinds verified: {out}"
+        );
+    }
+}

@@ -274,7 +274,7 @@ config loads it; KVH_PRELOAD and the FORENSIC_HMAC_SECRET length, which kvh conf
 judges, are checks of their own here), the HMAC key (KVH_HMAC_KEY_FILE or FORENSIC_HMAC_SECRET: read, owner and mode), the \
 log directory (usable as it is: ours, 0700, writable, each chain's newest file as crash \
 recovery opens it; or creatable in its parent; at least 1 MiB and 16 files left on its file \
-system), the signing key and the checkpoint directory (with the same room), the metrics file's directory (writable) and address (free), and the \
+system; its chains sealed as the policy seals, with an HMAC key or without), the signing key and the checkpoint directory (with the same room), the metrics file's directory (writable) and address (free), and the \
 backend KVH_BACKEND names (started and shut down: on a GPU, a CUDA context for a moment). It \
 writes nothing. Each check is ok, off (not configured: kvh config --strict judges that), \
 skipped or FAIL.
@@ -726,7 +726,8 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         if let Some(file) = &metrics_file {
             out.line(format_args!(
                 "metrics: the run's last snapshot is in {f}; check it with: kvh metrics --file \
-                 {f}, or kvh gate --metrics-file {f}",
+                 {f}, or kvh gate --metrics-file {f} (within 60 s, their default --max-age: it \
+                 is written once, and then ages as a hung process's would)",
                 f = shell_word(file)
             ));
         }
