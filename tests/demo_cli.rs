@@ -1202,3 +1202,50 @@ fn a_metrics_file_ending_with_a_slash_is_refused_before_the_run() {
         "the run started and ran whole before its snapshot could not be written:\n{out}{err}"
     );
 }
+
+/// The `kvh verify-log` command the demo prints pins `PREFIX.pub` beside the signing key
+/// only when it is that key's public half, and then passes as printed; a `.pub` of another
+/// key there is not pinned (every checkpoint would fail against it): the command names the
+/// public key it needs instead.
+#[test]
+fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signing_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for prefix in ["a", "b"] {
+        let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join(prefix)));
+        assert_eq!(code, 0, "{err}");
+    }
+    let demo = |log: &str| {
+        let (code, out, err) = run(kvh()
+            .current_dir(root)
+            .args([
+                "demo",
+                "--tenants",
+                "1",
+                "--requests",
+                "1",
+                "--log-dir",
+                log,
+            ])
+            .env("KVH_BACKEND", "host")
+            .env("KVH_SIGNING_KEY_FILE", "a.key"));
+        assert_eq!(code, 0, "{out}{err}");
+        let hint = out
+            .lines()
+            .find_map(|l| l.split_once("check it with: ").map(|(_, h)| h.to_string()))
+            .unwrap_or_else(|| panic!("no verify command: {out}"));
+        hint
+    };
+    let hint = demo("matching");
+    assert_eq!(hint, "kvh verify-log matching --public-key a.pub");
+    let args: Vec<&str> = hint.split(' ').skip(1).collect();
+    let (code, out, err) = run(kvh().current_dir(root).args(&args));
+    assert_eq!(code, 0, "the printed command failed: {out}{err}");
+
+    std::fs::copy(root.join("b.pub"), root.join("a.pub")).unwrap();
+    let hint = demo("other");
+    assert!(
+        !hint.contains("--public-key a.pub") && hint.contains("--public-key PUBLIC"),
+        "{hint}"
+    );
+}

@@ -174,19 +174,34 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
         Some(key) => hint.push_str(&format!(" --key-file {}", shell_word(key))),
         None => {}
     }
-    let public = log
-        .signing_key_file
-        .as_deref()
-        .filter(|k| k.extension().is_some_and(|e| e == "key"))
-        .map(|k| k.with_extension("pub"))
-        .filter(|p| p.is_file());
-    if let Some(public) = public {
-        hint.push_str(&format!(" --public-key {}", shell_word(&public)));
-        if let Some(ckpt) = &log.checkpoint_dir {
-            hint.push_str(&format!(" --checkpoint {}", shell_word(ckpt)));
-        }
+    let Some(signing) = log.signing_key_file.as_deref() else {
+        return hint;
+    };
+    match matching_public_key(signing) {
+        Some(public) => hint.push_str(&format!(" --public-key {}", shell_word(&public))),
+        None => hint.push_str(&format!(
+            " --public-key PUBLIC (the public half of {}, which kvh keygen wrote beside it as \
+             PREFIX.pub; none that matches it is there)",
+            shell_word(signing)
+        )),
+    }
+    if let Some(ckpt) = &log.checkpoint_dir {
+        hint.push_str(&format!(" --checkpoint {}", shell_word(ckpt)));
     }
     hint
+}
+
+/// `PREFIX.pub` beside the signing key `PREFIX.key` when it holds that key's public half (a
+/// `.pub` of another key would make the printed command fail on every checkpoint).
+fn matching_public_key(signing: &Path) -> Option<std::path::PathBuf> {
+    use kvhygiene::forensic::keys::{read_public_key, read_signing_key};
+    if signing.extension().is_none_or(|e| e != "key") {
+        return None;
+    }
+    let public = signing.with_extension("pub");
+    let derived = read_signing_key(signing).ok()?.verifying_key();
+    let beside = read_public_key(&public).ok()?;
+    (beside == derived).then_some(public)
 }
 
 const PRUNE_LOG_HELP: &str = "\
@@ -725,9 +740,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         }
         if let Some(file) = &metrics_file {
             out.line(format_args!(
-                "metrics: the run's last snapshot is in {f}; check it with: kvh metrics --file \
-                 {f}, or kvh gate --metrics-file {f} (within 60 s, their default --max-age: it \
-                 is written once, and then ages as a hung process's would)",
+                "metrics: the run's last snapshot is in {f} (written once: past 60 s, the \
+                 verbs' default --max-age, it reads stale); check it with: kvh metrics --file \
+                 {f}, or kvh gate --metrics-file {f}",
                 f = shell_word(file)
             ));
         }
