@@ -934,3 +934,25 @@ fn a_blank_file_argument_is_refused_naming_the_option() {
         "the error blames KVH_CONFIG, which is not set:\n{err}"
     );
 }
+
+/// `FORENSIC_HMAC_SECRET` is no policy key, so it has no row of the table; the text report
+/// still says it is set and seals the log, and that `hmac_key_file`, set beside it, is not
+/// read (the library seals with the variable). Its value is never shown.
+#[test]
+fn the_text_report_says_when_the_environment_secret_seals_the_log() {
+    let secret = "s".repeat(40);
+    let (code, out, err) = run(config(&[]).env("FORENSIC_HMAC_SECRET", &secret));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("FORENSIC_HMAC_SECRET: set (the HMAC secret that seals the log)"),
+        "{out}"
+    );
+    assert!(!out.contains(&secret));
+    let (code, out, err) = run(config(&[])
+        .env("FORENSIC_HMAC_SECRET", &secret)
+        .env("KVH_HMAC_KEY_FILE", "/run/keys/hmac.key"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hmac_key_file, set too, is not read"), "{out}");
+    let (_, out, _) = run(&mut config(&[]));
+    assert!(!out.contains("FORENSIC_HMAC_SECRET: set"), "{out}");
+}

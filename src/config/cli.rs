@@ -507,6 +507,20 @@ fn render(r: &Report) -> String {
         Some(_) => "KVH_PRELOAD: on (for engines that load libkvhygiene_preload.so)\n".to_string(),
         None => String::new(),
     };
+    if r.hmac_secret_in_environment {
+        // Not a policy key, so not in the table; it decides what seals the log all the same.
+        out += &format!(
+            "{HMAC_SECRET_ENV}: set (the HMAC secret that seals the log{})\n",
+            if r.settings
+                .iter()
+                .any(|s| s.key == "hmac_key_file" && !s.value.is_null())
+            {
+                "; hmac_key_file, set too, is not read"
+            } else {
+                ""
+            }
+        );
+    }
     out.push('\n');
     let width = r.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
     let values: Vec<String> = r.settings.iter().map(|s| shown(&s.value)).collect();
