@@ -1216,7 +1216,13 @@ def install(path: Optional[str] = None):
     itself starts at the first allocation, in the process that makes it.
     """
     global _allocator
-    import torch  # only install() needs torch
+    try:
+        import torch  # only install() needs torch
+    except ImportError as e:
+        raise ImportError(
+            "kvhygiene.install() needs PyTorch: pip install 'kvhygiene[torch]' (or torch itself); "
+            "the rest of kvhygiene (stats, contexts, the KV scrubs) works without it"
+        ) from e
 
     # One lock for the whole installation: two threads must not both swap allocators.
     with _lock:
