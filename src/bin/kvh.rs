@@ -270,7 +270,9 @@ Where prune-log runs, give \
 before they were passed on are named by a {\"kvh_tail_log\": \"gap\", ...} line.
 
 A log directory that does not exist yet is waited for, and its chains are then passed on \
-from their first records. SIGTERM or SIGINT ends the tail after one more pass over what was \
+from their first records; with --once nothing waits: with --state the run passes on nothing \
+(the state remembers that every chain is new), without it the missing directory is an error \
+(2). SIGTERM or SIGINT ends the tail after one more pass over what was \
 written until then (a second one ends it at once).
 
 Exit status: 0 after --once or a SIGTERM/SIGINT; 1 tampering; 2 usage or I/O error.
