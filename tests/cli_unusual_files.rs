@@ -106,6 +106,40 @@ fn verify_log_refuses_a_key_file_longer_than_the_writer_accepts() {
     assert!(err.contains(&format!("{len} bytes; at most")), "{err}");
 }
 
+/// `kvh keygen`'s signing key (`PREFIX.key`, its public half `PREFIX.pub` beside it) given
+/// as `--key-file` would read every record as forged (exit 1, tampering): it is refused as a
+/// usage error naming both files. A hex HMAC secret named `*.key` with no such `.pub` beside
+/// it is taken as a secret.
+#[test]
+fn verify_log_refuses_a_signing_key_as_key_file() {
+    let (tmp, dir, _) = setup();
+    let prefix = tmp.path().join("ckpt");
+    let (signing, public) = kvhygiene::forensic::cli::keygen(&prefix).unwrap();
+    let r = run_with_deadline(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .arg("--key-file")
+            .arg(&signing),
+    );
+    let (code, err) = r.expect("verify-log did not end");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("kvh keygen's signing key") && err.contains(&public.display().to_string()),
+        "{err}"
+    );
+    std::fs::remove_file(&public).unwrap();
+    let r = run_with_deadline(
+        kvh()
+            .arg("verify-log")
+            .arg(&dir)
+            .arg("--key-file")
+            .arg(&signing),
+    );
+    let (code, err) = r.expect("verify-log did not end");
+    assert_eq!(code, 1, "taken as a secret (another than the log's): {err}");
+}
+
 #[test]
 fn verify_log_refuses_a_fifo_as_public_key() {
     let (_tmp, dir, f) = setup();

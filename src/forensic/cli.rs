@@ -341,6 +341,9 @@ fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     if keys::is_keygen_public_key(p, &b) {
         return Err(keys::public_key_as_secret(p));
     }
+    if let Some(message) = keys::signing_key_as_secret(p, &b) {
+        return Err(message);
+    }
     if b.len() < keys::MIN_SECRET_LEN {
         return Err(format!(
             "{}: key is {} bytes; at least {} are required",

@@ -459,6 +459,23 @@ pub fn public_key_as_secret(p: &Path) -> String {
     )
 }
 
+/// The message for `kvh keygen`'s signing key given as an HMAC secret: `Some` when `p` is
+/// `PREFIX.key` holding the 64 hex digits of a seed whose public half is `PREFIX.pub` beside
+/// it. A verifier given it for `--key-file` would report every record as forged, the status
+/// of tampering; told from the files alone, it is refused as a usage error first. (An HMAC
+/// secret of 64 hex digits named `*.key` passes: no `.pub` beside it holds its public half.)
+pub fn signing_key_as_secret(p: &Path, secret: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(secret).ok()?;
+    let seed = Zeroizing::new(super::record::parse_hash(text.trim_end())?);
+    let public = public_half_beside(p, &seed)?;
+    Some(format!(
+        "{}: kvh keygen's signing key (its public half {} is beside it), not an HMAC secret: \
+         --key-file takes the file KVH_HMAC_KEY_FILE names, --public-key the .pub",
+        p.display(),
+        public.display()
+    ))
+}
+
 /// The `PREFIX.pub` beside `p` when `p` is `PREFIX.key` and its 32 bytes are the seed of the
 /// key in that file: `kvh keygen`'s private key given where a public key is wanted (both files
 /// hold 64 hex digits). Told from the files alone, so a verifier refuses the mistake as a
