@@ -359,3 +359,49 @@ fn a_failed_release_of_fresh_memory_that_could_not_be_zeroed_is_counted() {
         "the zeroing failure and the failed release of the leaked memory"
     );
 }
+
+/// Set in the child process of the test below.
+const SAID_ONCE_CHILD: &str = "KVHYGIENE_TEST_BACKEND_ERROR_SAID_ONCE_CHILD";
+
+/// A backend error is kept as `last_async_error` (the metrics carry only `kvh_async_error`)
+/// and said once on stderr, where an operator reads first: the first error's text, not one
+/// line per failure. Run in a child process, whose stderr the test reads.
+#[test]
+fn a_backend_error_is_said_once_on_stderr() {
+    if std::env::var_os(SAID_ONCE_CHILD).is_some() {
+        let backend = Answers::new();
+        let alloc = Allocator::new(backend.clone(), manual_config(), None);
+        let blocks: Vec<u64> = (0..3)
+            .map(|_| alloc.malloc(4096, 0, StreamHandle(0)).unwrap())
+            .collect();
+        // Each clean block's release fails, once the device gives them back.
+        backend.fail_zero_and_release.store(true, Ordering::SeqCst);
+        for p in blocks {
+            alloc.free(p, 4096, 0, StreamHandle(0)).unwrap();
+            // Sticky: an error once the first release failed.
+            let _ = alloc.synchronize();
+            alloc.empty_cache();
+        }
+        let kept = alloc.stats().last_async_error;
+        assert!(kept.is_some_and(|e| e.contains("injected")), "nothing kept");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "a_backend_error_is_said_once_on_stderr",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SAID_ONCE_CHILD, "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let said: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("the memory backend reported an error"))
+        .collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(said[0].contains("injected"), "{}", said[0]);
+}

@@ -1260,12 +1260,26 @@ impl Allocator {
             self.return_to_backend(dev, releases, &mut after, &mut error);
         }
         if let Some(e) = error {
-            let mut sticky = self
-                .inner
-                .async_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            sticky.get_or_insert_with(|| e.to_string());
+            let first = {
+                let mut sticky = self
+                    .inner
+                    .async_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                sticky
+                    .is_none()
+                    .then(|| sticky.insert(e.to_string()).clone())
+            };
+            // Once, where an operator reads first (the pod's log), with the lock let go (a
+            // stderr write may block): the metrics carry only that it happened
+            // (`kvh_async_error`), the stats JSON its text.
+            if let Some(text) = first {
+                crate::say(format_args!(
+                    "kvhygiene: the memory backend reported an error: {} (kept as \
+                     last_async_error in the stats; said once)",
+                    crate::printable(&text)
+                ));
+            }
         }
         match after.abort.take() {
             None => self.emit(after.events),
