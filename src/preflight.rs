@@ -238,15 +238,38 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         Some(path) => keys::read_signing_key(path),
     };
     match signing {
-        Ok(key) => out.push(check(
-            "signing key",
-            Status::Ok,
-            format!(
-                "{}: read, signer {}",
-                shown_path("KVH_SIGNING_KEY_FILE", log.signing_key_file.as_deref()),
-                crate::forensic::record::hex(key.verifying_key().as_bytes())
-            ),
-        )),
+        Ok(key) => {
+            let path = log.signing_key_file.as_deref();
+            let shown = shown_path("KVH_SIGNING_KEY_FILE", path);
+            let signer = crate::forensic::record::hex(key.verifying_key().as_bytes());
+            out.push(match path.and_then(|p| keys::public_beside(p, &key)) {
+                // The start-up signs with it all the same: a margin, as for the room left.
+                Some((public, false)) => check(
+                    "signing key",
+                    Status::Fail,
+                    format!(
+                        "{shown}: its public half ({signer}) is not {} beside it: verifiers \
+                         that pin that file would refuse every checkpoint (the public key \
+                         copied over the private one, or a .pub of another key); put kvh \
+                         keygen's pair back together",
+                        printable(&public.display().to_string())
+                    ),
+                ),
+                Some((public, true)) => check(
+                    "signing key",
+                    Status::Ok,
+                    format!(
+                        "{shown}: read, signer {signer}, the public half of {} beside it",
+                        printable(&public.display().to_string())
+                    ),
+                ),
+                None => check(
+                    "signing key",
+                    Status::Ok,
+                    format!("{shown}: read, signer {signer}"),
+                ),
+            })
+        }
         Err(e) => out.push(check(
             "signing key",
             Status::Fail,

@@ -1476,3 +1476,43 @@ fn a_log_directory_whose_chains_are_sealed_otherwise_than_the_policy_fails() {
         );
     }
 }
+
+/// A signing key whose `PREFIX.pub` beside it is not its public half (the public key copied
+/// over the private one in the Secret, or a `.pub` of another key) fails: the start-up signs
+/// with it all the same, and verifiers that pin that `.pub` then refuse every checkpoint. The
+/// pair as `kvh keygen` wrote it passes, naming the `.pub`.
+#[test]
+fn a_signing_key_whose_pub_beside_it_is_not_its_public_half_fails() {
+    let env = Env::new();
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        status(&report, "signing key")
+            .1
+            .contains("the public half of"),
+        "{report}"
+    );
+    let key = env.root().join("ckpt.key");
+    let public = env.root().join("ckpt.pub");
+    // The public key copied over the private one.
+    fs::copy(&public, &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 1, "{report}");
+    let (st, detail) = status(&report, "signing key");
+    assert_eq!(st, "fail", "{report}");
+    assert!(
+        detail.contains("is not") && detail.contains("ckpt.pub"),
+        "{detail}"
+    );
+    // What it warns of: the start-up signs, and the pinned .pub refuses the checkpoint.
+    assert_eq!(env.start(), 0);
+    let (verified, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(env.root().join("log/chains"))
+        .args(["--key-file"])
+        .arg(env.root().join("hmac.key"))
+        .arg("--public-key")
+        .arg(&public));
+    assert_eq!(verified, 1, "{out}{err}");
+}

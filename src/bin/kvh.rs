@@ -194,14 +194,10 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
 /// `PREFIX.pub` beside the signing key `PREFIX.key` when it holds that key's public half (a
 /// `.pub` of another key would make the printed command fail on every checkpoint).
 fn matching_public_key(signing: &Path) -> Option<std::path::PathBuf> {
-    use kvhygiene::forensic::keys::{read_public_key, read_signing_key};
-    if signing.extension().is_none_or(|e| e != "key") {
-        return None;
-    }
-    let public = signing.with_extension("pub");
-    let derived = read_signing_key(signing).ok()?.verifying_key();
-    let beside = read_public_key(&public).ok()?;
-    (beside == derived).then_some(public)
+    use kvhygiene::forensic::keys::{public_beside, read_signing_key};
+    let key = read_signing_key(signing).ok()?;
+    let (public, matches) = public_beside(signing, &key)?;
+    matches.then_some(public)
 }
 
 const PRUNE_LOG_HELP: &str = "\

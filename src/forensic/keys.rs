@@ -459,6 +459,21 @@ pub fn public_key_as_secret(p: &Path) -> String {
     )
 }
 
+/// `PREFIX.pub` beside the signing key file `PREFIX.key` (`kvh keygen`'s pair), when it holds
+/// a public key: with whether it is `key`'s public half. `None` when the file is not named
+/// `*.key` or no readable public key is beside it. A `.pub` that is not the key's own half
+/// means the pair was mixed up (the public key copied over the private one, or a `.pub` of
+/// another key kept): verifiers that pin that `.pub` refuse every checkpoint it signs.
+pub fn public_beside(key_file: &Path, key: &SigningKey) -> Option<(std::path::PathBuf, bool)> {
+    if key_file.extension().is_none_or(|e| e != "key") {
+        return None;
+    }
+    let public = key_file.with_extension("pub");
+    let beside = read_public_key(&public).ok()?;
+    let matches = beside == key.verifying_key();
+    Some((public, matches))
+}
+
 /// The message for `kvh keygen`'s signing key given as an HMAC secret: `Some` when `p` is
 /// `PREFIX.key` holding the 64 hex digits of a seed whose public half is `PREFIX.pub` beside
 /// it. A verifier given it for `--key-file` would report every record as forged, the status
