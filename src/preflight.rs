@@ -219,7 +219,11 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
             Err(e) => log_dir = check("log directory", Status::Fail, printable(&e.to_string())),
         }
         if let (Status::Ok, Some(seals)) = (log_dir.status, seals) {
-            if let Some(why) = sealed_otherwise(dir, seals) {
+            let ckpt_dir = log
+                .checkpoint_dir
+                .as_deref()
+                .filter(|_| log.signing_key_file.is_some());
+            if let Some(why) = sealed_otherwise(dir, seals, ckpt_dir) {
                 log_dir = check("log directory", Status::Fail, why);
             }
         }
@@ -336,15 +340,31 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
 /// `prune-log`, which needs the key, could then never move anything. The start-up itself
 /// goes on (its chain is sound on its own): a deliberate margin, as for the room left.
 /// `None` when every chain is sealed as this policy seals, or none can be read.
-fn sealed_otherwise(dir: &Path, seals: bool) -> Option<String> {
+fn sealed_otherwise(dir: &Path, seals: bool, ckpt_dir: Option<&Path>) -> Option<String> {
     let chains = files::list_chains(dir).ok()?;
-    let other: Vec<&str> = chains
+    let with_files: Vec<(String, Option<bool>)> = chains
         .iter()
-        .filter_map(|(chain, list)| {
-            let (_, first) = list.first()?;
-            let sealed = first_record_sealed(first)?;
-            (sealed != seals).then_some(chain.as_str())
+        .map(|(chain, list)| {
+            let sealed = list
+                .first()
+                .and_then(|(_, first)| first_record_sealed(first));
+            (chain.clone(), sealed)
         })
+        .collect();
+    // A chain `prune-log` moved whole has only its manifest here, MACed when it was sealed.
+    let pruned_whole: Vec<(String, Option<bool>)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let chain = name.strip_prefix("kvh-")?.strip_suffix(".pruned.json")?;
+            let listed = chains.iter().any(|(c, _)| c == chain);
+            (!listed).then(|| (chain.to_string(), json_sealed(&dir.join(&name))))
+        })
+        .collect();
+    let other: Vec<String> = with_files
+        .into_iter()
+        .chain(pruned_whole)
+        .filter_map(|(chain, sealed)| (sealed? != seals).then_some(chain))
         .collect();
     let first = other.first()?;
     let named = match other.len() - 1 {
@@ -365,10 +385,15 @@ fn sealed_otherwise(dir: &Path, seals: bool) -> Option<String> {
     Some(format!(
         "{}: {named} {sealed}, and {but}: a directory holding both kinds cannot be verified \
          with kvh verify-log --key-file, nor pruned. Move those chains out whole (their files \
-         kvh-CHAIN-*.jsonl, with their signed checkpoints kvh-CHAIN.ckpt, which verify-log \
-         otherwise reports as chains without files) to a directory of their own and verify \
-         them there, or give this policy a log directory of its own",
+         kvh-CHAIN-*.jsonl, their prune manifest kvh-CHAIN.pruned.json, and their signed \
+         checkpoint kvh-CHAIN.ckpt{}, which verify-log otherwise reports as a chain without \
+         files) to a directory of their own and verify them there, or give this policy a log \
+         directory of its own",
         printable(&dir.display().to_string()),
+        ckpt_dir.map_or(String::new(), |d| format!(
+            " from {}",
+            printable(&d.display().to_string())
+        )),
     ))
 }
 
@@ -376,7 +401,7 @@ fn sealed_otherwise(dir: &Path, seals: bool) -> Option<String> {
 /// file cannot be read or holds no whole record (its chain is judged by nothing).
 fn first_record_sealed(path: &Path) -> Option<bool> {
     use std::io::{BufRead, Read};
-    let file = std::fs::File::open(path).ok()?;
+    let file = open_regular(path)?;
     // A record is at most a few KiB; a line longer than this is no record to judge by.
     let mut line = Vec::new();
     std::io::BufReader::new(file.take(1 << 20))
@@ -387,6 +412,31 @@ fn first_record_sealed(path: &Path) -> Option<bool> {
     }
     let record: serde_json::Value = serde_json::from_slice(&line).ok()?;
     Some(record.get("mac").is_some())
+}
+
+/// Whether the JSON document in `path` (a prune manifest) carries a MAC; `None` when it
+/// cannot be read as one.
+fn json_sealed(path: &Path) -> Option<bool> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    open_regular(path)?
+        .take(1 << 20)
+        .read_to_end(&mut text)
+        .ok()?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    Some(doc.get("mac").is_some())
+}
+
+/// `path` opened to read when it is a regular file: never through a symlink, never waiting
+/// (a FIFO put in a file's place answers `None` at once, as one the verifier refuses).
+fn open_regular(path: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    file.metadata().ok()?.is_file().then_some(file)
 }
 
 /// The least room a log or checkpoint directory's file system must have left: the start-up

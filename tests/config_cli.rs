@@ -941,15 +941,21 @@ fn a_blank_file_argument_is_refused_naming_the_option() {
 #[test]
 fn the_text_report_says_when_the_environment_secret_seals_the_log() {
     let secret = "s".repeat(40);
-    let (code, out, err) = run(config(&[]).env("FORENSIC_HMAC_SECRET", &secret));
+    let (code, out, err) = run(config(&[])
+        .env("FORENSIC_HMAC_SECRET", &secret)
+        .env("KVH_LOG_DIR", "/var/log/kvh"));
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("FORENSIC_HMAC_SECRET: set (the HMAC secret that seals the log)"),
         "{out}"
     );
     assert!(!out.contains(&secret));
+    let (code, out, err) = run(config(&[]).env("FORENSIC_HMAC_SECRET", &secret));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("set, and unused (no log_dir"), "{out}");
     let (code, out, err) = run(config(&[])
         .env("FORENSIC_HMAC_SECRET", &secret)
+        .env("KVH_LOG_DIR", "/var/log/kvh")
         .env("KVH_HMAC_KEY_FILE", "/run/keys/hmac.key"));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("hmac_key_file, set too, is not read"), "{out}");

@@ -1249,3 +1249,104 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
         "{hint}"
     );
 }
+
+/// `kvh keygen`'s signing key `a.key` (its public half `a.pub` beside it) named as the HMAC
+/// key too: the writer refuses it, as every verifier refuses it for `--key-file` (a log sealed
+/// with it could be checked by none of them), naming the file; `kvh preflight` fails it first.
+#[test]
+fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("a")));
+    assert_eq!(code, 0, "{err}");
+    let env = |c: &mut std::process::Command| {
+        c.current_dir(root)
+            .env_remove("FORENSIC_HMAC_SECRET")
+            .env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", root.join("log"))
+            .env("KVH_HMAC_KEY_FILE", "a.key")
+            .env("KVH_SIGNING_KEY_FILE", "a.key");
+    };
+    let mut demo = kvh();
+    demo.args(["demo", "--tenants", "1", "--requests", "1"]);
+    env(&mut demo);
+    let (code, out, err) = run(&mut demo);
+    assert_eq!(
+        code, 2,
+        "the writer sealed with the signing key: {out}{err}"
+    );
+    assert!(
+        err.contains("a.key: kvh keygen's signing key"),
+        "the refusal does not name the file: {err}"
+    );
+    let mut preflight = kvh();
+    preflight.args(["preflight", "--skip-backend"]);
+    env(&mut preflight);
+    let (code, out, err) = run(&mut preflight);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("kvh keygen's signing key"), "{out}");
+}
+
+/// What the demo's metrics line says of its snapshot holds for the commands it prints: on a
+/// snapshot dated an hour back, `kvh gate` (whose `--max-age` is 60 s unless given, as the
+/// line says) evicts, exit 1, and `kvh metrics`, which checks the age only with `--max-age`,
+/// passes it.
+#[test]
+fn the_metrics_hint_staleness_holds_for_every_command_it_prints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, out, err) = run(kvh()
+        .current_dir(root)
+        .args([
+            "demo",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+            "--metrics-file",
+            "m.prom",
+        ])
+        .env("KVH_BACKEND", "host"));
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("metrics: "))
+        .unwrap_or_else(|| panic!("no metrics line: {out}"));
+    let file = root.join("m.prom");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let aged: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("kvh_snapshot_timestamp_seconds ") {
+                format!("kvh_snapshot_timestamp_seconds {hour_ago}.000\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert_ne!(aged, text);
+    std::fs::write(&file, aged).unwrap();
+    assert!(
+        line.contains("kvh gate, whose --max-age is 60 s unless given, reads it stale"),
+        "{line}"
+    );
+    let (_, commands) = line.split_once("check it with: ").unwrap();
+    for command in commands.split(", or ") {
+        let args: Vec<&str> = command.split(' ').skip(1).collect();
+        let (code, out, err) = run(kvh().current_dir(root).args(&args));
+        let stale = if command.starts_with("kvh gate") {
+            1
+        } else {
+            0
+        };
+        assert_eq!(
+            code, stale,
+            "{command} on an hour-old snapshot ({line}):\n{out}{err}"
+        );
+    }
+}

@@ -1516,3 +1516,188 @@ fn a_signing_key_whose_pub_beside_it_is_not_its_public_half_fails() {
         .arg(&public));
     assert_eq!(verified, 1, "{out}{err}");
 }
+
+/// A private directory (0700) at `path`, as `kvh prune-log` wants its archive.
+fn private_dir(path: &Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(path).unwrap();
+}
+
+/// A sealed chain that `kvh prune-log` moved whole to an archive leaves its MACed manifest
+/// (`kvh-CHAIN.pruned.json`) in the log directory; `verify-log --allow-pruned` needs the key
+/// to account for it. A policy without a key writing into that directory would leave both
+/// kinds there, so preflight fails the log directory as it does for a sealed chain whose
+/// files are still there.
+#[test]
+fn a_sealed_chain_pruned_whole_still_counts_as_sealed() {
+    let mut env = Env::new();
+    let root = env.root().to_path_buf();
+    let hmac = root.join("hmac.key");
+    let dir = root.join("log/chains");
+    let archive = root.join("archive");
+    private_dir(&archive);
+    assert_eq!(env.start(), 0, "the sealed process");
+    let (code, out, err) = run(kvh()
+        .arg("prune-log")
+        .arg(&dir)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0"])
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--public-key")
+        .arg(root.join("ckpt.pub")));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(chain_files_in(&dir).is_empty(), "not moved whole: {out}");
+    env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+    let (_, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "log directory");
+    // What the check guards against: after a start-up without a key, the directory verifies
+    // neither with the key (`--allow-pruned`) nor without it.
+    assert_eq!(env.start(), 0, "the unsealed process");
+    let (with_key, out_key, _) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--public-key")
+        .arg(root.join("ckpt.pub"))
+        .arg("--allow-pruned"));
+    let (without_key, out_nokey, _) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--public-key")
+        .arg(root.join("ckpt.pub")));
+    assert!(
+        with_key != 0 && without_key != 0,
+        "the mixed directory verified: {out_key}{out_nokey}"
+    );
+    assert_eq!(
+        st, "fail",
+        "a directory holding a sealed chain's prune manifest passed for a policy without a \
+         key: {detail}"
+    );
+}
+
+/// Following the failed check's remediation for a sealed chain that `kvh prune-log` pruned
+/// in part (its oldest files in an archive, its manifest `kvh-CHAIN.pruned.json` in the log
+/// directory) leaves both directories verifying: the log directory, with the unsealed
+/// chain written afterwards, without a key; the chain moved out, with its key and
+/// `--allow-pruned`.
+#[test]
+fn moving_a_pruned_chain_out_as_preflight_says_leaves_both_directories_verifying() {
+    let mut env = Env::new();
+    // Unsigned, and small files: a chain of several files whose writer died (no `stop`
+    // record), of which prune-log moves all but the two newest.
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    env.set("KVH_LOG_MAX_BYTES", "4096");
+    let root = env.root().to_path_buf();
+    let hmac = root.join("hmac.key");
+    let dir = root.join("log/chains");
+    let archive = root.join("archive");
+    let moved = root.join("moved");
+    private_dir(&archive);
+    private_dir(&moved);
+    let (code, out, err) = run(&mut env.command(&["demo", "--tenants", "2", "--requests", "8"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let files = chain_files_in(&dir);
+    assert!(files.len() >= 3, "{files:?}");
+    cut_stop_record(files.last().unwrap());
+    let (code, out, err) = run(kvh()
+        .arg("prune-log")
+        .arg(&dir)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0"])
+        .arg("--key-file")
+        .arg(&hmac));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(chain_files_in(&dir).len(), 2, "{out}");
+
+    env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 1, "{report}");
+    let (_, detail) = status(&report, "log directory");
+    assert!(detail.contains("Move those chains out whole"), "{detail}");
+    // As the message says: every file it names of the chain, moved to a directory of its own.
+    let chain = chain_files_in(&dir)[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .rsplit_once('-')
+        .unwrap()
+        .0
+        .to_string();
+    let named = |name: &str| {
+        (name.starts_with(&format!("{chain}-")) && name.ends_with(".jsonl"))
+            || name == format!("{chain}.ckpt")
+            || (detail.contains(".pruned.json") && name == format!("{chain}.pruned.json"))
+    };
+    for entry in fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if named(&name) {
+            fs::rename(dir.join(&name), moved.join(&name)).unwrap();
+        }
+    }
+    assert_eq!(env.start(), 0, "the unsealed process");
+    let (here, out_here, err_here) = run(kvh().arg("verify-log").arg(&dir));
+    let (there, out_there, err_there) = run(kvh()
+        .arg("verify-log")
+        .arg(&moved)
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--allow-pruned"));
+    assert_eq!(
+        (here, there),
+        (0, 0),
+        "remediation followed ({detail}):\nlog directory: {out_here}{err_here}\nmoved: \
+         {out_there}{err_there}"
+    );
+}
+
+/// A FIFO in place of a chain's first file (its newer file a regular one, which crash
+/// recovery opens) is never waited on by preflight, which reads nothing it would block on:
+/// the start-up gets past such a directory, and preflight answers for it. (The deadline only
+/// keeps a hung preflight from hanging the test: it answers in well under a second.)
+#[test]
+fn preflight_does_not_wait_on_a_fifo_in_place_of_a_chains_first_file() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    env.set("KVH_LOG_MAX_BYTES", "4096");
+    let (code, out, err) = run(&mut env.command(&["demo", "--tenants", "2", "--requests", "2"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = env.root().join("log/chains");
+    let files = chain_files_in(&dir);
+    assert!(files.len() >= 2, "{files:?}");
+    let first = files[0].clone();
+    fs::remove_file(&first).unwrap();
+    let c = std::ffi::CString::new(first.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert_eq!(env.start(), 0, "the start-up gets past the directory");
+
+    let mut child = env
+        .command(&["preflight", "--skip-backend"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let ended = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        ended,
+        "preflight did not end: it waits on the FIFO {}",
+        first.display()
+    );
+}

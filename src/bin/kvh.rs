@@ -738,9 +738,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         }
         if let Some(file) = &metrics_file {
             out.line(format_args!(
-                "metrics: the run's last snapshot is in {f} (written once: past 60 s, the \
-                 verbs' default --max-age, it reads stale); check it with: kvh metrics --file \
-                 {f}, or kvh gate --metrics-file {f}",
+                "metrics: the run's last snapshot is in {f} (written once: kvh gate, whose \
+                 --max-age is 60 s unless given, reads it stale a minute later); check it with: \
+                 kvh metrics --file {f}, or kvh gate --metrics-file {f}",
                 f = shell_word(file)
             ));
         }

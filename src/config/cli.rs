@@ -509,17 +509,21 @@ fn render(r: &Report) -> String {
     };
     if r.hmac_secret_in_environment {
         // Not a policy key, so not in the table; it decides what seals the log all the same.
-        out += &format!(
-            "{HMAC_SECRET_ENV}: set (the HMAC secret that seals the log{})\n",
-            if r.settings
+        let set = |key: &str| {
+            r.settings
                 .iter()
-                .any(|s| s.key == "hmac_key_file" && !s.value.is_null())
-            {
-                "; hmac_key_file, set too, is not read"
-            } else {
-                ""
-            }
-        );
+                .any(|s| s.key == key && !s.value.is_null())
+        };
+        out += &if !set("log_dir") {
+            format!("{HMAC_SECRET_ENV}: set, and unused (no log_dir: no log to seal)\n")
+        } else if set("hmac_key_file") {
+            format!(
+                "{HMAC_SECRET_ENV}: set (the HMAC secret that seals the log; hmac_key_file, \
+                 set too, is not read)\n"
+            )
+        } else {
+            format!("{HMAC_SECRET_ENV}: set (the HMAC secret that seals the log)\n")
+        };
     }
     out.push('\n');
     let width = r.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);

@@ -243,6 +243,10 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
             p.display()
         )));
     }
+    // As the verifiers refuse it: a log sealed with it could be checked by none of them.
+    if let Some(message) = signing_key_as_secret(p, &bytes) {
+        return Err(ForensicError::Key(message));
+    }
     EpochKey::from_secret(bytes).map_err(|e| match e {
         ForensicError::Key(m) => ForensicError::Key(format!("{}: {m}", p.display())),
         other => other,
@@ -476,9 +480,10 @@ pub fn public_beside(key_file: &Path, key: &SigningKey) -> Option<(std::path::Pa
 
 /// The message for `kvh keygen`'s signing key given as an HMAC secret: `Some` when `p` is
 /// `PREFIX.key` holding the 64 hex digits of a seed whose public half is `PREFIX.pub` beside
-/// it. A verifier given it for `--key-file` would report every record as forged, the status
-/// of tampering; told from the files alone, it is refused as a usage error first. (An HMAC
-/// secret of 64 hex digits named `*.key` passes: no `.pub` beside it holds its public half.)
+/// it. The writer refuses it as `KVH_HMAC_KEY_FILE` (one key, one use), and a verifier as
+/// `--key-file`, where it would report every record as forged, the status of tampering:
+/// told from the files alone, a usage error first. (An HMAC secret of 64 hex digits named
+/// `*.key` passes: no `.pub` beside it holds its public half.)
 pub fn signing_key_as_secret(p: &Path, secret: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(secret).ok()?;
     let seed = Zeroizing::new(super::record::parse_hash(text.trim_end())?);
