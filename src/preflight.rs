@@ -411,7 +411,7 @@ fn first_record_sealed(path: &Path) -> Option<bool> {
         return None;
     }
     let record: serde_json::Value = serde_json::from_slice(&line).ok()?;
-    Some(record.get("mac").is_some())
+    Some(record.get("mac").is_some_and(|m| !m.is_null()))
 }
 
 /// Whether the JSON document in `path` (a prune manifest) carries a MAC; `None` when it
@@ -419,12 +419,13 @@ fn first_record_sealed(path: &Path) -> Option<bool> {
 fn json_sealed(path: &Path) -> Option<bool> {
     use std::io::Read;
     let mut text = Vec::new();
+    // Up to the size the verifiers read a manifest to: its `mac` is its last member.
     open_regular(path)?
-        .take(1 << 20)
+        .take(crate::forensic::prune::MAX_MANIFEST_BYTES)
         .read_to_end(&mut text)
         .ok()?;
     let doc: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    Some(doc.get("mac").is_some())
+    Some(doc.get("mac").is_some_and(|m| !m.is_null()))
 }
 
 /// `path` opened to read when it is a regular file: never through a symlink, never waiting

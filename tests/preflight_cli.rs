@@ -1701,3 +1701,95 @@ fn preflight_does_not_wait_on_a_fifo_in_place_of_a_chains_first_file() {
         first.display()
     );
 }
+
+/// The pair mixed up the other way round: the private key copied over the public one, so
+/// that `PREFIX.pub` beside the signing key holds its seed, not its public half. Verifiers
+/// pinning that `.pub` refuse it, whatever the seed, so preflight fails the signing key for
+/// every seed, not only for those whose bytes happen to decode as an Ed25519 point.
+#[test]
+fn a_signing_key_whose_pub_beside_it_holds_its_seed_fails() {
+    let env = Env::new();
+    let key = env.root().join("ckpt.key");
+    let public = env.root().join("ckpt.pub");
+    // A seed whose 32 bytes are not an Ed25519 point (about half of all seeds).
+    let seed = (0u8..=255)
+        .map(|i| [i; 32])
+        .find(|s| ed25519_dalek::VerifyingKey::from_bytes(s).is_err())
+        .unwrap();
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    fs::write(&key, format!("{hex}\n")).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(&public, format!("{hex}\n")).unwrap();
+    // What the pinned .pub gives the verifiers: a refusal.
+    assert_eq!(env.start(), 0);
+    let (verified, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(env.root().join("log/chains"))
+        .arg("--key-file")
+        .arg(env.root().join("hmac.key"))
+        .arg("--public-key")
+        .arg(&public));
+    assert_ne!(verified, 0, "{out}{err}");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "signing key");
+    assert_eq!(
+        (code, st),
+        (1, "fail"),
+        "a signing key with its own seed as the .pub beside it passed: {detail}"
+    );
+}
+
+/// A sealed chain pruned whole whose manifest is over 1 MiB (about 2,700 files moved; the
+/// verifiers read manifests up to 64 MiB) counts as sealed as a small one does. The padding
+/// below stands in for the entries: the manifest stays valid (`verify-log --allow-pruned`
+/// accepts it), its `mac` past the first MiB, as in a manifest of that many files.
+#[test]
+fn a_sealed_chain_pruned_whole_with_a_large_manifest_still_counts_as_sealed() {
+    let mut env = Env::new();
+    env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
+    let root = env.root().to_path_buf();
+    let hmac = root.join("hmac.key");
+    let dir = root.join("log/chains");
+    let archive = root.join("archive");
+    private_dir(&archive);
+    assert_eq!(env.start(), 0, "the sealed process");
+    let (code, out, err) = run(kvh()
+        .arg("prune-log")
+        .arg(&dir)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0"])
+        .arg("--key-file")
+        .arg(&hmac));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(chain_files_in(&dir).is_empty(), "not moved whole: {out}");
+    let manifest = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().ends_with(".pruned.json"))
+        .unwrap();
+    let text = fs::read_to_string(&manifest).unwrap();
+    let padded = text.replacen(
+        "\"files\": [",
+        &format!("\"files\": [{}", " ".repeat(1 << 20)),
+        1,
+    );
+    assert_ne!(padded, text);
+    fs::write(&manifest, padded).unwrap();
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(&hmac)
+        .arg("--archive-dir")
+        .arg(&archive)
+        .arg("--allow-pruned"));
+    assert_eq!(code, 0, "the manifest is a valid one: {out}{err}");
+    env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
+    let (_, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "log directory");
+    assert_eq!(
+        st, "fail",
+        "a sealed chain's large prune manifest passed for a policy without a key: {detail}"
+    );
+}

@@ -53,7 +53,7 @@ pub const MANIFEST_VERSION: u64 = 1;
 const MANIFEST_MAC_DOMAIN: &[u8] = b"kvh-prune-manifest\n";
 
 /// Largest manifest read (one entry is about 400 bytes).
-const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The manifest of `chain` in the log directory `dir`.
 pub fn manifest_path(dir: &Path, chain: &str) -> PathBuf {
