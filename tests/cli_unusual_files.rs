@@ -115,28 +115,22 @@ fn verify_log_refuses_a_signing_key_as_key_file() {
     let (tmp, dir, _) = setup();
     let prefix = tmp.path().join("ckpt");
     let (signing, public) = kvhygiene::forensic::cli::keygen(&prefix).unwrap();
-    let r = run_with_deadline(
-        kvh()
-            .arg("verify-log")
+    let verify = || {
+        let mut c = kvh();
+        c.arg("verify-log")
             .arg(&dir)
             .arg("--key-file")
-            .arg(&signing),
-    );
-    let (code, err) = r.expect("verify-log did not end");
+            .arg(&signing);
+        run_with_deadline(&mut c).expect("verify-log did not end")
+    };
+    let (code, err) = verify();
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("kvh keygen's signing key") && err.contains(&public.display().to_string()),
         "{err}"
     );
     std::fs::remove_file(&public).unwrap();
-    let r = run_with_deadline(
-        kvh()
-            .arg("verify-log")
-            .arg(&dir)
-            .arg("--key-file")
-            .arg(&signing),
-    );
-    let (code, err) = r.expect("verify-log did not end");
+    let (code, err) = verify();
     assert_eq!(code, 1, "taken as a secret (another than the log's): {err}");
 }
 

@@ -1216,18 +1216,8 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
         assert_eq!(code, 0, "{err}");
     }
     let demo = |log: &str| {
-        let (code, out, err) = run(kvh()
-            .current_dir(root)
-            .args([
-                "demo",
-                "--tenants",
-                "1",
-                "--requests",
-                "1",
-                "--log-dir",
-                log,
-            ])
-            .env("KVH_BACKEND", "host")
+        let (code, out, err) = run(one_request_demo(root)
+            .args(["--log-dir", log])
             .env("KVH_SIGNING_KEY_FILE", "a.key"));
         assert_eq!(code, 0, "{out}{err}");
         let hint = out
@@ -1295,18 +1285,7 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
 fn the_metrics_hint_staleness_holds_for_every_command_it_prints() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (code, out, err) = run(kvh()
-        .current_dir(root)
-        .args([
-            "demo",
-            "--tenants",
-            "1",
-            "--requests",
-            "1",
-            "--metrics-file",
-            "m.prom",
-        ])
-        .env("KVH_BACKEND", "host"));
+    let (code, out, err) = run(one_request_demo(root).args(["--metrics-file", "m.prom"]));
     assert_eq!(code, 0, "{out}{err}");
     let line = out
         .lines()
@@ -1349,4 +1328,13 @@ fn the_metrics_hint_staleness_holds_for_every_command_it_prints() {
             "{command} on an hour-old snapshot ({line}):\n{out}{err}"
         );
     }
+}
+
+/// `kvh demo` of one tenant's one request on the host backend, run in `root`.
+fn one_request_demo(root: &std::path::Path) -> std::process::Command {
+    let mut c = kvh();
+    c.current_dir(root)
+        .args(["demo", "--tenants", "1", "--requests", "1"])
+        .env("KVH_BACKEND", "host");
+    c
 }

@@ -988,6 +988,28 @@ fn every_event_accounted_for(
     );
 }
 
+/// A keyed log in `dir` with 4 KiB files, and the options that verify it; `signed`: with a
+/// signing key (made in `tmp`) and a checkpoint every 3 records, in the log directory.
+fn small_files_cfg(
+    tmp: &tempfile::TempDir,
+    dir: &std::path::Path,
+    signed: bool,
+) -> (
+    kvhygiene::config::LogConfig,
+    kvhygiene::forensic::VerifyOptions,
+) {
+    let mut c = cfg(dir, 4096);
+    let mut opts = keyed_opts();
+    if signed {
+        let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        c.signing_key_file = Some(key);
+        c.checkpoint_every_records = 3;
+        opts.public_keys = vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()];
+        opts.checkpoints = vec![dir.to_path_buf()];
+    }
+    (c, opts)
+}
+
 /// A real full file system (a small tmpfs), rotating files: while it is full, records are
 /// kept or counted lost; once room is made, the log goes on, the chain verifies (against
 /// its signed checkpoints, when it signs them), and every event emitted is either in the
@@ -1001,15 +1023,9 @@ fn run_on_a_real_full_disk(signed: bool) {
         return;
     };
     let dir = root.join("log");
-    let mut c = cfg(&dir, 4096);
-    let mut opts = keyed_opts();
+    let (mut c, opts) = small_files_cfg(&tmp, &dir, signed);
     if signed {
-        let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-        c.signing_key_file = Some(key);
-        c.checkpoint_every_records = 3;
         c.fsync = kvhygiene::config::FsyncPolicy::Always;
-        opts.public_keys = vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()];
-        opts.checkpoints = vec![dir.clone()];
     }
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     // Fill what is left of the file system.
@@ -1063,15 +1079,7 @@ fn run_with_rotations_refused(signed: bool) {
         return;
     };
     let dir = root.join("log");
-    let mut c = cfg(&dir, 4096);
-    let mut opts = keyed_opts();
-    if signed {
-        let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-        c.signing_key_file = Some(key);
-        c.checkpoint_every_records = 3;
-        opts.public_keys = vec![kvhygiene::forensic::keys::read_public_key(&public).unwrap()];
-        opts.checkpoints = vec![dir.clone()];
-    }
+    let (c, opts) = small_files_cfg(&tmp, &dir, signed);
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     // Use up every inode left.
     let mut fillers = Vec::new();

@@ -1523,6 +1523,28 @@ fn private_dir(path: &Path) {
     fs::DirBuilder::new().mode(0o700).create(path).unwrap();
 }
 
+/// Starts a sealed process in `env`, then moves its chain whole to `archive` (made here) with
+/// `kvh prune-log` and the HMAC key, `extra` arguments added (relative to the environment's
+/// root).
+fn pruned_whole(env: &Env, archive: &Path, extra: &[&str]) {
+    let root = env.root();
+    let dir = root.join("log/chains");
+    private_dir(archive);
+    assert_eq!(env.start(), 0, "the sealed process");
+    let (code, out, err) = run(kvh()
+        .current_dir(root)
+        .arg("prune-log")
+        .arg(&dir)
+        .arg("--archive-dir")
+        .arg(archive)
+        .args(["--older-than", "0"])
+        .arg("--key-file")
+        .arg(root.join("hmac.key"))
+        .args(extra));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(chain_files_in(&dir).is_empty(), "not moved whole: {out}");
+}
+
 /// A sealed chain that `kvh prune-log` moved whole to an archive leaves its MACed manifest
 /// (`kvh-CHAIN.pruned.json`) in the log directory; `verify-log --allow-pruned` needs the key
 /// to account for it. A policy without a key writing into that directory would leave both
@@ -1535,20 +1557,7 @@ fn a_sealed_chain_pruned_whole_still_counts_as_sealed() {
     let hmac = root.join("hmac.key");
     let dir = root.join("log/chains");
     let archive = root.join("archive");
-    private_dir(&archive);
-    assert_eq!(env.start(), 0, "the sealed process");
-    let (code, out, err) = run(kvh()
-        .arg("prune-log")
-        .arg(&dir)
-        .arg("--archive-dir")
-        .arg(&archive)
-        .args(["--older-than", "0"])
-        .arg("--key-file")
-        .arg(&hmac)
-        .arg("--public-key")
-        .arg(root.join("ckpt.pub")));
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(chain_files_in(&dir).is_empty(), "not moved whole: {out}");
+    pruned_whole(&env, &archive, &["--public-key", "ckpt.pub"]);
     env.vars.retain(|(k, _)| k != "KVH_HMAC_KEY_FILE");
     let (_, report) = env.preflight(&["--skip-backend"]);
     let (st, detail) = status(&report, "log directory");
@@ -1751,18 +1760,7 @@ fn a_sealed_chain_pruned_whole_with_a_large_manifest_still_counts_as_sealed() {
     let hmac = root.join("hmac.key");
     let dir = root.join("log/chains");
     let archive = root.join("archive");
-    private_dir(&archive);
-    assert_eq!(env.start(), 0, "the sealed process");
-    let (code, out, err) = run(kvh()
-        .arg("prune-log")
-        .arg(&dir)
-        .arg("--archive-dir")
-        .arg(&archive)
-        .args(["--older-than", "0"])
-        .arg("--key-file")
-        .arg(&hmac));
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(chain_files_in(&dir).is_empty(), "not moved whole: {out}");
+    pruned_whole(&env, &archive, &[]);
     let manifest = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

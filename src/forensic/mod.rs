@@ -900,6 +900,19 @@ pub(crate) fn quiet_test_config(dir: &std::path::Path) -> crate::config::LogConf
     }
 }
 
+/// A log of this process with no writer thread, over the queue `tx`, for the tests of what
+/// producers, `stop` and `stats` do on their own.
+#[cfg(test)]
+fn writerless_log(tx: SyncSender<Box<Msg>>, stopped: bool) -> ForensicLog {
+    ForensicLog {
+        tx,
+        shared: Arc::new(Shared::default()),
+        stopped: AtomicBool::new(stopped),
+        thread: Mutex::new(None),
+        pid: std::process::id(),
+    }
+}
+
 #[cfg(test)]
 mod stop_tests {
     use super::*;
@@ -909,13 +922,7 @@ mod stop_tests {
     fn stop_returns_when_the_queue_stays_full() {
         let (tx, rx) = mpsc::sync_channel(1);
         tx.send(Box::new(Msg::Wake)).ok();
-        let log = ForensicLog {
-            tx,
-            shared: Arc::new(Shared::default()),
-            stopped: AtomicBool::new(false),
-            thread: Mutex::new(None),
-            pid: std::process::id(),
-        };
+        let log = writerless_log(tx, false);
         let t = Instant::now();
         log.stop_within(Duration::from_millis(200), None);
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -926,13 +933,7 @@ mod stop_tests {
     /// flush still to handle.
     fn stopping_with_one_record_queued() -> (ForensicLog, mpsc::Receiver<Box<Msg>>) {
         let (tx, rx) = mpsc::sync_channel(4);
-        let log = ForensicLog {
-            tx,
-            shared: Arc::new(Shared::default()),
-            stopped: AtomicBool::new(true),
-            thread: Mutex::new(None),
-            pid: std::process::id(),
-        };
+        let log = writerless_log(tx, true);
         log.shared.records_queued.store(1, Ordering::SeqCst);
         (log, rx)
     }
@@ -1000,13 +1001,7 @@ mod fork_tests {
     #[test]
     fn stats_in_a_forked_child_return_while_a_lock_held_at_the_fork_stays_taken() {
         let (tx, _rx) = mpsc::sync_channel(1);
-        let log = ForensicLog {
-            tx,
-            shared: Arc::new(Shared::default()),
-            stopped: AtomicBool::new(false),
-            thread: Mutex::new(None),
-            pid: std::process::id(),
-        };
+        let log = writerless_log(tx, false);
         *lock(&log.shared.chain) = Some("p1-t1".into());
         *lock(&log.shared.last_error) = Some("disk full".into());
         // Held here, as the writer thread would hold it: in the child nothing lets it go.
