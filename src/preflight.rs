@@ -248,7 +248,18 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
             let signer = crate::forensic::record::hex(key.verifying_key().as_bytes());
             out.push(match path.and_then(|p| keys::public_beside(p, &key)) {
                 // The start-up signs with it all the same: a margin, as for the room left.
-                Some((public, false)) => check(
+                Some((public, Err(why))) => check(
+                    "signing key",
+                    Status::Fail,
+                    format!(
+                        "{shown}: {} beside it is no public key the verifiers read ({}): \
+                         verifiers that pin it would refuse to start; put kvh keygen's pair \
+                         back together",
+                        printable(&public.display().to_string()),
+                        printable(&why)
+                    ),
+                ),
+                Some((public, Ok(false))) => check(
                     "signing key",
                     Status::Fail,
                     format!(
@@ -259,7 +270,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
                         printable(&public.display().to_string())
                     ),
                 ),
-                Some((public, true)) => check(
+                Some((public, Ok(true))) => check(
                     "signing key",
                     Status::Ok,
                     format!(

@@ -1791,3 +1791,30 @@ fn a_sealed_chain_pruned_whole_with_a_large_manifest_still_counts_as_sealed() {
         "a sealed chain's large prune manifest passed for a policy without a key: {detail}"
     );
 }
+
+/// `PREFIX.pub` beside the signing key holding its public half in upper-case hex digits:
+/// the verifiers refuse that file for `--public-key` (64 lower-case hex digits wanted), so
+/// preflight, which holds the signing key to the `.pub` beside it, does not pass it either.
+#[test]
+fn a_signing_key_whose_pub_beside_it_the_verifiers_refuse_does_not_pass() {
+    let env = Env::new();
+    let public = env.root().join("ckpt.pub");
+    let text = fs::read_to_string(&public).unwrap();
+    fs::write(&public, text.to_uppercase()).unwrap();
+    assert_eq!(env.start(), 0);
+    let (verified, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(env.root().join("log/chains"))
+        .arg("--key-file")
+        .arg(env.root().join("hmac.key"))
+        .arg("--public-key")
+        .arg(&public));
+    assert_eq!(verified, 2, "the verifiers refuse the .pub: {out}{err}");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "signing key");
+    assert_eq!(
+        (code, st),
+        (1, "fail"),
+        "a .pub beside the signing key that verifiers refuse passed: {detail}"
+    );
+}

@@ -196,8 +196,10 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
 fn matching_public_key(signing: &Path) -> Option<std::path::PathBuf> {
     use kvhygiene::forensic::keys::{public_beside, read_signing_key};
     let key = read_signing_key(signing).ok()?;
-    let (public, matches) = public_beside(signing, &key)?;
-    matches.then_some(public)
+    match public_beside(signing, &key)? {
+        (public, Ok(true)) => Some(public),
+        _ => None,
+    }
 }
 
 const PRUNE_LOG_HELP: &str = "\

@@ -463,24 +463,47 @@ pub fn public_key_as_secret(p: &Path) -> String {
     )
 }
 
-/// `PREFIX.pub` beside the signing key file `PREFIX.key` (`kvh keygen`'s pair), when it holds
-/// a public key: with whether it is `key`'s public half. `None` when the file is not named
-/// `*.key` or no readable public key is beside it. A `.pub` that is not the key's own half
-/// means the pair was mixed up (the public key copied over the private one, or a `.pub` of
-/// another key kept): verifiers that pin that `.pub` refuse every checkpoint it signs.
-pub fn public_beside(key_file: &Path, key: &SigningKey) -> Option<(std::path::PathBuf, bool)> {
-    if key_file.extension().is_none_or(|e| e != "key") {
+/// `PREFIX.pub` beside the signing key file `PREFIX.key` (`kvh keygen`'s pair): with whether
+/// it is `key`'s public half, or why it does not read as a public key file (the verifiers'
+/// words). `None` when the file is not named `*.key` or nothing is at `PREFIX.pub`. A `.pub`
+/// that is not the key's own half means the pair was mixed up (the public key copied over the
+/// private one, or a `.pub` of another key kept): verifiers that pin that `.pub` refuse
+/// every checkpoint it signs.
+pub fn public_beside(
+    key_file: &Path,
+    key: &SigningKey,
+) -> Option<(std::path::PathBuf, Result<bool, String>)> {
+    let (public, listed) = digits_beside(key_file)?;
+    let matches = listed.map(|l| *l == key.verifying_key().to_bytes());
+    Some((public, matches))
+}
+
+/// The 64 hex digits of `PREFIX.pub` beside `PREFIX.key`, read as the verifiers read a public
+/// key file, but not as a curve point: the key's own seed copied there (the private key over
+/// the public one) is no point for about half of all keys, and is told apart all the same.
+/// `None` when `p` is not named `*.key` or nothing is at `PREFIX.pub`; the error says why a
+/// file there is no public key file. Zeroized: such a file can hold a seed.
+#[allow(clippy::type_complexity)]
+fn digits_beside(p: &Path) -> Option<(std::path::PathBuf, Result<Zeroizing<[u8; 32]>, String>)> {
+    if p.extension().is_none_or(|e| e != "key") {
         return None;
     }
-    let public = key_file.with_extension("pub");
-    // Its 64 hex digits as they are, not as a point: the key's own seed copied there (the
-    // private key over the public one) is no point for about half of all keys, and must be
-    // told a mismatch all the same.
-    let bytes = Zeroizing::new(read_given_file(&public, super::files::MAX_CKPT_BYTES).ok()?);
-    let text = std::str::from_utf8(&bytes).ok()?;
-    let listed = Zeroizing::new(super::record::parse_hash(text.trim_end())?);
-    let matches = *listed == key.verifying_key().to_bytes();
-    Some((public, matches))
+    let public = p.with_extension("pub");
+    if std::fs::symlink_metadata(&public).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return None;
+    }
+    // As the file given is read: a regular file only, never waited on, of bounded size.
+    let listed = read_given_file(&public, super::files::MAX_CKPT_BYTES).and_then(|bytes| {
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| super::record::parse_hash(text.trim_end()))
+            .map(Zeroizing::new)
+            .ok_or_else(|| match read_public_key(&public) {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("{}: not 64 lower-case hex digits", public.display()),
+            })
+    });
+    Some((public, listed))
 }
 
 /// The message for `kvh keygen`'s signing key given as an HMAC secret: `Some` when `p` is
@@ -506,17 +529,11 @@ pub fn signing_key_as_secret(p: &Path, secret: &[u8]) -> Option<String> {
 /// hold 64 hex digits). Told from the files alone, so a verifier refuses the mistake as a
 /// usage error before it reads the log, whatever the log holds.
 fn public_half_beside(p: &Path, seed: &[u8; 32]) -> Option<std::path::PathBuf> {
-    if p.extension().is_none_or(|e| e != "key") {
-        return None;
-    }
-    let public = p.with_extension("pub");
-    // As the file given is read: a regular file only, never waited on, of bounded size.
-    let bytes = read_given_file(&public, super::files::MAX_CKPT_BYTES).ok()?;
-    let text = std::str::from_utf8(&bytes).ok()?;
-    let listed = super::record::parse_hash(text.trim_end())?;
+    let (public, listed) = digits_beside(p)?;
+    let listed = listed.ok()?;
     let seed = Zeroizing::new(*seed);
     let derived = SigningKey::from_bytes(&seed).verifying_key();
-    (derived.as_bytes() == &listed).then_some(public)
+    (derived.as_bytes() == &*listed).then_some(public)
 }
 
 /// Among public keys given (`paths`, read as `keys` in order, duplicates dropped), one that is
