@@ -1507,13 +1507,7 @@ fn a_signing_key_whose_pub_beside_it_is_not_its_public_half_fails() {
     );
     // What it warns of: the start-up signs, and the pinned .pub refuses the checkpoint.
     assert_eq!(env.start(), 0);
-    let (verified, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(env.root().join("log/chains"))
-        .args(["--key-file"])
-        .arg(env.root().join("hmac.key"))
-        .arg("--public-key")
-        .arg(&public));
+    let (verified, out, err) = verify_pinned(&env, &public);
     assert_eq!(verified, 1, "{out}{err}");
 }
 
@@ -1731,13 +1725,7 @@ fn a_signing_key_whose_pub_beside_it_holds_its_seed_fails() {
     fs::write(&public, format!("{hex}\n")).unwrap();
     // What the pinned .pub gives the verifiers: a refusal.
     assert_eq!(env.start(), 0);
-    let (verified, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(env.root().join("log/chains"))
-        .arg("--key-file")
-        .arg(env.root().join("hmac.key"))
-        .arg("--public-key")
-        .arg(&public));
+    let (verified, out, err) = verify_pinned(&env, &public);
     assert_ne!(verified, 0, "{out}{err}");
     let (code, report) = env.preflight(&["--skip-backend"]);
     let (st, detail) = status(&report, "signing key");
@@ -1802,13 +1790,7 @@ fn a_signing_key_whose_pub_beside_it_the_verifiers_refuse_does_not_pass() {
     let text = fs::read_to_string(&public).unwrap();
     fs::write(&public, text.to_uppercase()).unwrap();
     assert_eq!(env.start(), 0);
-    let (verified, out, err) = run(kvh()
-        .arg("verify-log")
-        .arg(env.root().join("log/chains"))
-        .arg("--key-file")
-        .arg(env.root().join("hmac.key"))
-        .arg("--public-key")
-        .arg(&public));
+    let (verified, out, err) = verify_pinned(&env, &public);
     assert_eq!(verified, 2, "the verifiers refuse the .pub: {out}{err}");
     let (code, report) = env.preflight(&["--skip-backend"]);
     let (st, detail) = status(&report, "signing key");
@@ -1817,4 +1799,15 @@ fn a_signing_key_whose_pub_beside_it_the_verifiers_refuse_does_not_pass() {
         (1, "fail"),
         "a .pub beside the signing key that verifiers refuse passed: {detail}"
     );
+}
+
+/// `kvh verify-log` of the environment's log with its HMAC key and `public` pinned.
+fn verify_pinned(env: &Env, public: &Path) -> (i32, String, String) {
+    run(kvh()
+        .arg("verify-log")
+        .arg(env.root().join("log/chains"))
+        .arg("--key-file")
+        .arg(env.root().join("hmac.key"))
+        .arg("--public-key")
+        .arg(public))
 }
