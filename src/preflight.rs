@@ -367,7 +367,7 @@ fn sealed_otherwise(dir: &Path, seals: bool, ckpt_dir: Option<&Path>) -> Option<
         .ok()?
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
-            let chain = name.strip_prefix("kvh-")?.strip_suffix(".pruned.json")?;
+            let chain = crate::forensic::prune::parse_manifest_name(&name)?;
             let listed = chains.iter().any(|(c, _)| c == chain);
             (!listed).then(|| (chain.to_string(), json_sealed(&dir.join(&name))))
         })
@@ -412,7 +412,8 @@ fn sealed_otherwise(dir: &Path, seals: bool, ckpt_dir: Option<&Path>) -> Option<
 /// file cannot be read or holds no whole record (its chain is judged by nothing).
 fn first_record_sealed(path: &Path) -> Option<bool> {
     use std::io::{BufRead, Read};
-    let file = open_regular(path)?;
+    // As the verifiers open it: no symlink followed, no FIFO waited for, a regular file.
+    let (file, _) = files::open_regular(path, u64::MAX).ok()?;
     // A record is at most a few KiB; a line longer than this is no record to judge by.
     let mut line = Vec::new();
     std::io::BufReader::new(file.take(1 << 20))
@@ -425,30 +426,12 @@ fn first_record_sealed(path: &Path) -> Option<bool> {
     Some(record.get("mac").is_some_and(|m| !m.is_null()))
 }
 
-/// Whether the JSON document in `path` (a prune manifest) carries a MAC; `None` when it
-/// cannot be read as one.
+/// Whether the prune manifest in `path` carries a MAC; `None` when it cannot be read as one.
+/// Read as the verifiers read it (up to their size limit: its `mac` is its last member).
 fn json_sealed(path: &Path) -> Option<bool> {
-    use std::io::Read;
-    let mut text = Vec::new();
-    // Up to the size the verifiers read a manifest to: its `mac` is its last member.
-    open_regular(path)?
-        .take(crate::forensic::prune::MAX_MANIFEST_BYTES)
-        .read_to_end(&mut text)
-        .ok()?;
+    let text = files::read_regular(path, crate::forensic::prune::MAX_MANIFEST_BYTES).ok()?;
     let doc: serde_json::Value = serde_json::from_slice(&text).ok()?;
     Some(doc.get("mac").is_some_and(|m| !m.is_null()))
-}
-
-/// `path` opened to read when it is a regular file: never through a symlink, never waiting
-/// (a FIFO put in a file's place answers `None` at once, as one the verifier refuses).
-fn open_regular(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
-    file.metadata().ok()?.is_file().then_some(file)
 }
 
 /// The least room a log or checkpoint directory's file system must have left: the start-up

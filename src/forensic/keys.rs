@@ -478,13 +478,15 @@ pub fn public_beside(
     Some((public, matches))
 }
 
+/// The 32 bytes a `.pub` file lists, zeroized: a mixed-up pair can put a seed there.
+type PubDigits = Zeroizing<[u8; 32]>;
+
 /// The 64 hex digits of `PREFIX.pub` beside `PREFIX.key`, read as the verifiers read a public
 /// key file, but not as a curve point: the key's own seed copied there (the private key over
 /// the public one) is no point for about half of all keys, and is told apart all the same.
 /// `None` when `p` is not named `*.key` or nothing is at `PREFIX.pub`; the error says why a
 /// file there is no public key file. Zeroized: such a file can hold a seed.
-#[allow(clippy::type_complexity)]
-fn digits_beside(p: &Path) -> Option<(std::path::PathBuf, Result<Zeroizing<[u8; 32]>, String>)> {
+fn digits_beside(p: &Path) -> Option<(std::path::PathBuf, Result<PubDigits, String>)> {
     if p.extension().is_none_or(|e| e != "key") {
         return None;
     }

@@ -61,7 +61,7 @@ pub fn manifest_path(dir: &Path, chain: &str) -> PathBuf {
 }
 
 /// The chain id of a manifest file name, `None` for any other file.
-fn parse_manifest_name(name: &str) -> Option<&str> {
+pub fn parse_manifest_name(name: &str) -> Option<&str> {
     let chain = name.strip_prefix("kvh-")?.strip_suffix(".pruned.json")?;
     files::valid_chain_id(chain).then_some(chain)
 }
