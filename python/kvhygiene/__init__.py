@@ -818,6 +818,10 @@ class KvLayout:
                     f"tensor {n} has block geometry (block_bytes, block_stride, blocks) = {g}, "
                     f"tensor 0 has {geometry}: one layout needs one geometry"
                 )
+            kind = getattr(getattr(t, "device", None), "type", "cuda")
+            if kind != "cuda":
+                # A host tensor's index is None, which would read as device 0.
+                raise ValueError(f"tensor {n} is on device type {kind!r}: a KV cache is CUDA memory")
             index = getattr(getattr(t, "device", None), "index", None) or 0
             if device is not None and index != device:
                 raise ValueError(f"tensor {n} is on device {index}, tensor 0 on device {device}")
@@ -1012,6 +1016,7 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
     :func:`claim_blocks` checks them). Ids must be distinct and below
     ``layout.blocks_per_region``; a set larger than one library call takes is recorded in
     several records."""
+    _check_layout(layout, "kvh_refuse_blocks")
     lib = load()
     ids = [_block_id(i) for i in _id_list(block_ids)]
     bad = next((i for i in ids if not 0 <= i <= 0xFFFF_FFFF), None)
@@ -1033,6 +1038,17 @@ def refuse_blocks(layout: KvLayout, block_ids, reason: str) -> None:
         code = lib.kvh_refuse_blocks(ctypes.byref(c_layout), c_ids, len(chunk), layout.device, text)
         if code != KVH_OK:
             raise KvhError("kvh_refuse_blocks", code, _last_message() or _message(code))
+
+
+def _check_layout(layout, call: str) -> None:
+    """Refuses anything but one KvLayout by name: the engine's cache tensors, or a list of
+    layouts, would fail later on a missing attribute."""
+    if not isinstance(layout, KvLayout):
+        raise TypeError(
+            f"{call}: the layout is a {type(layout).__name__}, not a KvLayout: pass one "
+            "KvLayout (KvLayout.from_tensors(...), or one element of the list "
+            "kvhygiene.sglang.layouts_of(...) returns)"
+        )
 
 
 def _id_list(block_ids) -> list:
@@ -1071,6 +1087,7 @@ def _kv_calls(name: str, layout: KvLayout, block_ids, stream):
     several, since then no one call sees them all: a set that fails the check makes one call,
     of the ids at fault alone, which the library refuses, counts and logs as it does a single
     call's."""
+    _check_layout(layout, name)
     lib = load()
     ids = [_block_id(i) for i in _id_list(block_ids)]
     bad = next((i for i in ids if not 0 <= i <= 0xFFFF_FFFF), None)
@@ -1213,7 +1230,10 @@ def install(path: Optional[str] = None):
     not kvhygiene's),
     ``RuntimeError`` when this PyTorch build lacks the record-stream hook, and
     :class:`KvhError` for an invalid configuration (the message names the key). The allocator
-    itself starts at the first allocation, in the process that makes it.
+    itself starts at the first allocation, in the process that makes it: the files and
+    directories the policy names (keys, log directory) are opened then, and a start-up that
+    fails makes that allocation fail (the reason on stderr). ``kvh preflight`` checks them
+    beforehand, through the same code.
     """
     global _allocator
     try:
@@ -1258,6 +1278,16 @@ def install(path: Optional[str] = None):
             ) from e
         _allocator = allocator
         return allocator
+
+
+def __getattr__(name: str):
+    # The engine adapters load on first use (PEP 562), so that `kvhygiene.vllm.X` works after
+    # a bare `import kvhygiene`, as the docs write it, and importing kvhygiene loads neither.
+    if name in ("vllm", "sglang"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def installed() -> bool:

@@ -2038,3 +2038,67 @@ def test_a_child_forked_while_another_thread_holds_the_package_locks_can_take_th
     finally:
         release.set()
         t.join()
+
+
+_SECRET_AFTER_START = """
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+lib.kvh_malloc(1024, 0, None)  # the allocator starts: the secret is read
+assert kvhygiene.stats()["started"]
+child = subprocess.run(
+    ["sh", "-c", "echo child: ${FORENSIC_HMAC_SECRET:-none}"], capture_output=True, text=True
+)
+print(child.stdout.strip())
+with open("/proc/self/environ", "rb") as f:
+    print("environ:", f.read().replace(b"\\0", b" ").decode("utf-8", "replace"))
+"""
+
+
+@needs_lib
+def test_the_hmac_secret_is_gone_from_the_process_environment_once_the_allocator_started(tmp_path):
+    # docs/forensic-log.md: FORENSIC_HMAC_SECRET is read once, its bytes overwritten and the
+    # variable removed from the process's environment, which the programs it starts inherit.
+    # (os.environ, Python's copy, keeps it: the docs say so and point to KVH_HMAC_KEY_FILE.)
+    secret = "0123456789abcdef0123456789abcdef"
+    run = _run_script(tmp_path, _SECRET_AFTER_START, KVH_BACKEND="host", FORENSIC_HMAC_SECRET=secret)
+    assert run.returncode == 0, run.stderr
+    assert "child: none" in run.stdout, run.stdout
+    assert secret not in run.stdout, f"the HMAC secret outlived the start-up:\n{run.stdout}"
+
+
+@needs_lib
+def test_a_layout_argument_that_is_no_kvlayout_is_refused_by_name():
+    # Passing the engine's cache tensors, or the list layouts_of() returns, where one KvLayout
+    # is expected is refused with a TypeError that names KvLayout (as claim_scheduled does for
+    # one layout where a list is expected), not an AttributeError about a missing `regions`.
+    with _cache() as p:
+        layout = kvhygiene.KvLayout.from_tensors([FakeTensor(p, (2, 8, 16, 4))], block_dim=1)
+        for wrong in ([layout], {"layer.0": FakeTensor(p, (2, 8, 16, 4))}):
+            for call in (kvhygiene.scrub_blocks, kvhygiene.claim_blocks):
+                with pytest.raises(TypeError, match="KvLayout"):
+                    call(wrong, [1])
+            with pytest.raises(TypeError, match="KvLayout"):
+                kvhygiene.refuse_blocks(wrong, [1], "reason")
+
+
+@needs_lib
+def test_a_host_tensor_is_refused_as_a_kv_cache():
+    # A CPU tensor's device index is None: read as 0, it would pass as a cuda:0 cache.
+    with _cache() as p:
+        cpu = FakeTensor(p, (2, 8, 16, 4))
+        cpu.device = type("Device", (), {"index": None, "type": "cpu"})()
+        with pytest.raises(ValueError, match="device type 'cpu'"):
+            kvhygiene.KvLayout.from_tensors([cpu], block_dim=1)
+
+
+def test_the_engine_adapters_are_reached_from_a_bare_import(tmp_path):
+    # The docs write kvhygiene.vllm.claim_scheduled after `import kvhygiene`.
+    source = (
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport kvhygiene\n"
+        "print(kvhygiene.vllm.claim_scheduled.__name__, kvhygiene.sglang.layouts_of.__name__)\n"
+    )
+    run = _run_script(tmp_path, source)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["claim_scheduled", "layouts_of"]
