@@ -470,13 +470,27 @@ fn with_room(c: &mut Check, dir: &Path) {
     if short_of_bytes.is_some() || short_of_files.is_some() {
         c.status = Status::Fail;
         c.detail = format!(
-            "{}: its file system has {said} left; the start-up needs at least {} KiB and {MIN_FREE_FILES} files there for its first records (make room, or archive old chains with kvh prune-log)",
+            "{}: its file system has {said} left{}; the start-up needs at least {} KiB and {MIN_FREE_FILES} files there for its first records (make room, or archive old chains with kvh prune-log)",
             printable(&dir.display().to_string()),
+            kept_back_said(room.kept_back),
             MIN_FREE_BYTES >> 10,
         );
     } else {
         c.detail += &format!("; {said} left on its file system");
     }
+}
+
+/// The free bytes this check leaves out, when there are any: a root process could still
+/// write into ext4's reserve for root, but a volume at its reserve is full for every other
+/// writer (`df` shows it 100% used), and the floor counts what they have.
+fn kept_back_said(kept_back: u64) -> String {
+    if kept_back == 0 {
+        return String::new();
+    }
+    format!(
+        " for writers other than root (up to {} more are kept back: ext4's reserve for root, which this check does not count on)",
+        size_said(kept_back)
+    )
 }
 
 /// "12.5 GiB and 1000 files", with "no stated limit" for a count the file system does not give.

@@ -1269,6 +1269,13 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
         err.contains("a.key: kvh keygen's signing key"),
         "the refusal does not name the file: {err}"
     );
+    // What goes where, in the environment's words (not the verifiers' flags).
+    assert!(
+        err.contains("KVH_HMAC_KEY_FILE takes an HMAC secret of its own")
+            && err.contains("the signing key goes in KVH_SIGNING_KEY_FILE")
+            && !err.contains("--key-file"),
+        "{err}"
+    );
     let mut preflight = kvh();
     preflight.args(["preflight", "--skip-backend"]);
     env(&mut preflight);

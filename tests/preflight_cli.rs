@@ -1811,3 +1811,52 @@ fn verify_pinned(env: &Env, public: &Path) -> (i32, String, String) {
         .arg("--public-key")
         .arg(public))
 }
+
+/// Run as root, on an ext4 volume whose unprivileged share is nearly used up but with blocks
+/// reserved for root (`mkfs.ext4 -m`), the start-up still has megabytes of room. The check
+/// counts what every writer has (a deliberate margin, ARCHITECTURE.md): it fails, and says
+/// how much more the reserve keeps back.
+#[test]
+fn a_log_file_system_full_but_for_roots_reserve_fails_and_names_the_reserve() {
+    use std::io::Write;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let env = Env::new();
+    let log = env.root().join("log");
+    fs::create_dir(&log).unwrap();
+    // 64 MiB, a quarter reserved for root.
+    let Some(_volume) = Mounted::ext4_reserved(&log, 64, 25) else {
+        return;
+    };
+    // Fills the unprivileged share up to 512 KiB.
+    let c = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    let avail = st.f_bavail * st.f_frsize;
+    let mut filler = fs::File::create(log.join("filler")).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = avail - (512 << 10);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        filler.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+    filler.sync_all().unwrap();
+    drop(filler);
+    // Root still has the reserved blocks: several MiB written there, then removed.
+    let probe = log.join("probe");
+    fs::write(&probe, vec![0u8; 8 << 20]).expect("root cannot write 8 MiB more");
+    fs::remove_file(&probe).unwrap();
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(started, 0, "the root start-up: {err}");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "log directory");
+    assert_eq!((code, st), (1, "fail"), "{detail}");
+    assert!(
+        detail.contains("for writers other than root (up to ")
+            && detail.contains("MiB more are kept back: ext4's reserve for root"),
+        "{detail}"
+    );
+}

@@ -342,7 +342,9 @@ fn read_hmac_secret(p: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
         return Err(keys::public_key_as_secret(p));
     }
     if let Some(message) = keys::signing_key_as_secret(p, &b) {
-        return Err(message);
+        return Err(format!(
+            "{message}: --key-file takes the file KVH_HMAC_KEY_FILE names, --public-key the .pub"
+        ));
     }
     if b.len() < keys::MIN_SECRET_LEN {
         return Err(format!(

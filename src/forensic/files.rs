@@ -283,7 +283,9 @@ pub fn unnamed_files_supported(dir: &Path) -> bool {
 /// figures are those of an unprivileged writer (`f_bavail`, `f_favail`), for root too: the
 /// free count (`f_bfree`) includes blocks no writer gets (ext4 keeps some back from root as
 /// well), and what root may use beyond them cannot be told apart. Root's room is understated
-/// by what is reserved for it (`mkfs.ext4 -m`), never overstated.
+/// by what is reserved for it (`mkfs.ext4 -m`), never overstated: a volume is taken as full
+/// once it is for every other writer, as `df` shows it. `kept_back` says how much more is
+/// free, for the messages.
 pub fn free_space(path: &Path) -> io::Result<FreeSpace> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))?;
@@ -317,10 +319,12 @@ fn free_space_of_fd(fd: &File) -> io::Result<FreeSpace> {
 fn room_of(st: &libc::statvfs) -> FreeSpace {
     let (blocks, files) = (st.f_bavail, st.f_favail);
     let block = u64::from(st.f_frsize).max(1);
+    let kept_back = u64::from(st.f_bfree).saturating_sub(u64::from(blocks));
     FreeSpace {
         bytes: (st.f_blocks > 0).then(|| u64::from(blocks).saturating_mul(block)),
         block,
         files: (st.f_files > 0).then(|| u64::from(files)),
+        kept_back: kept_back.saturating_mul(block),
     }
 }
 
@@ -333,6 +337,9 @@ pub struct FreeSpace {
     pub block: u64,
     /// Files this process may still create; `None` where the file system states no count.
     pub files: Option<u64>,
+    /// Free bytes beyond `bytes` that no unprivileged writer gets: ext4's reserve for root
+    /// (`mkfs.ext4 -m`, which a root writer may fill) and the pool it keeps from every writer.
+    pub kept_back: u64,
 }
 
 /// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and

@@ -245,7 +245,11 @@ pub fn read_key_file(p: &Path) -> Result<EpochKey, ForensicError> {
     }
     // As the verifiers refuse it: a log sealed with it could be checked by none of them.
     if let Some(message) = signing_key_as_secret(p, &bytes) {
-        return Err(ForensicError::Key(message));
+        return Err(ForensicError::Key(format!(
+            "{message}: KVH_HMAC_KEY_FILE takes an HMAC secret of its own \
+             (`(umask 077; openssl rand -hex 32 > hmac.key)`), the signing key goes in \
+             KVH_SIGNING_KEY_FILE"
+        )));
     }
     EpochKey::from_secret(bytes).map_err(|e| match e {
         ForensicError::Key(m) => ForensicError::Key(format!("{}: {m}", p.display())),
@@ -510,7 +514,7 @@ fn digits_beside(p: &Path) -> Option<(std::path::PathBuf, Result<PubDigits, Stri
 
 /// The message for `kvh keygen`'s signing key given as an HMAC secret: `Some` when `p` is
 /// `PREFIX.key` holding the 64 hex digits of a seed whose public half is `PREFIX.pub` beside
-/// it. The writer refuses it as `KVH_HMAC_KEY_FILE` (one key, one use), and a verifier as
+/// it; the message says so, each caller what goes where instead. The writer refuses it as `KVH_HMAC_KEY_FILE` (one key, one use), and a verifier as
 /// `--key-file`, where it would report every record as forged, the status of tampering:
 /// told from the files alone, a usage error first. (An HMAC secret of 64 hex digits named
 /// `*.key` passes: no `.pub` beside it holds its public half.)
@@ -519,8 +523,7 @@ pub fn signing_key_as_secret(p: &Path, secret: &[u8]) -> Option<String> {
     let seed = Zeroizing::new(super::record::parse_hash(text.trim_end())?);
     let public = public_half_beside(p, &seed)?;
     Some(format!(
-        "{}: kvh keygen's signing key (its public half {} is beside it), not an HMAC secret: \
-         --key-file takes the file KVH_HMAC_KEY_FILE names, --public-key the .pub",
+        "{}: kvh keygen's signing key (its public half {} is beside it), not an HMAC secret",
         p.display(),
         public.display()
     ))

@@ -119,9 +119,10 @@ pub struct LogStats {
     pub bytes_lost: u64,
     /// The most recent write error, kept after the disk recovers.
     pub last_error: Option<String>,
-    /// Bytes this process may still write on the log directory's file system, as the writer
+    /// Bytes any writer may still write on the log directory's file system, as the writer
     /// measured it last (at start, then about every second): absent where the file system
-    /// states no size, or before a measurement succeeded.
+    /// states no size, or before a measurement succeeded. A root process may also fill
+    /// ext4's reserve for root, which this leaves out (`files::free_space`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub free_bytes: Option<u64>,
 }

@@ -673,7 +673,7 @@ pub const SERIES: &[Series] = &[
         Gauge,
         Number,
         NONE,
-        "Bytes this process may still write on the forensic log directory's file system, measured by the log writer about every second (absent where the file system states no size)."
+        "Bytes any writer may still write on the forensic log directory's file system (a root process may also fill ext4's reserve for root, not counted), measured by the log writer about every second (absent where the file system states no size)."
     ),
     // The anomaly detector (`AnomalyStats`, merged into the stats JSON as `anomaly`). With
     // the detector off only `kvh_anomaly_enabled 0` is exported: absent series mean "not
