@@ -818,11 +818,7 @@ class KvLayout:
                     f"tensor {n} has block geometry (block_bytes, block_stride, blocks) = {g}, "
                     f"tensor 0 has {geometry}: one layout needs one geometry"
                 )
-            kind = getattr(getattr(t, "device", None), "type", "cuda")
-            if kind != "cuda":
-                # A host tensor's index is None, which would read as device 0.
-                raise ValueError(f"tensor {n} is on device type {kind!r}: a KV cache is CUDA memory")
-            index = getattr(getattr(t, "device", None), "index", None) or 0
+            index = _cuda_index(t, f"tensor {n}")
             if device is not None and index != device:
                 raise ValueError(f"tensor {n} is on device {index}, tensor 0 on device {device}")
             device = index
@@ -888,6 +884,16 @@ def _u64(value, name: str) -> int:
     if not 0 <= v <= _U64:
         raise ValueError(f"{name} {v} is not a 64-bit unsigned value")
     return v
+
+
+def _cuda_index(t, name: str) -> int:
+    """The CUDA device index of tensor ``t``. A host tensor is refused: its index is None,
+    which would read as device 0."""
+    device = getattr(t, "device", None)
+    kind = getattr(device, "type", "cuda")
+    if kind != "cuda":
+        raise ValueError(f"{name} is on device type {kind!r}: a KV cache is CUDA memory")
+    return getattr(device, "index", None) or 0
 
 
 def _tensor_blocks(t, block_dim: int, name: str):

@@ -56,7 +56,7 @@ import numbers
 import operator
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from . import KvLayout, ScrubVerificationError, _tensor_blocks, scrub_blocks
+from . import KvLayout, ScrubVerificationError, _cuda_index, _tensor_blocks, scrub_blocks
 
 __all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree"]
 
@@ -97,7 +97,7 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
             )
         if rows < page:
             raise ValueError(f"{name}: {rows} token slots, fewer than one page of {page}")
-        index = getattr(getattr(t, "device", None), "index", None) or 0
+        index = _cuda_index(t, name)
         geometry = (row_bytes * page, row_stride * page, rows // page, index)
         regions = groups.setdefault(geometry, [])
         regions.extend(b for b in bases if b not in regions)
