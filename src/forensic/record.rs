@@ -306,9 +306,12 @@ pub fn seal_fields<'a>(h: &Header<'a>, mut fields: Fields<'a>, key: Option<&Epoc
         // Only reachable with a caller value that `sanitize` did not see: keep the record
         // (security events are never dropped) with its body replaced by the reason.
         line.clear();
+        // The header stays whole: the owner ids are strings the C boundary validated, or
+        // null, and a verifier requires all three.
         fields.retain(|(k, v)| {
             ["chain", "epoch", "kind", "prev", "seq", "ts", "v"].contains(&k.as_ref())
                 || matches!(v, Field::Null)
+                || (super::scan::ID_FIELDS.contains(&k.as_ref()) && matches!(v, Field::S(_)))
         });
         fields.push((
             Cow::Borrowed("unserialisable"),
@@ -391,6 +394,25 @@ mod tests {
         let mut out = Vec::new();
         assert!(write_canonical(&json!({"c": 0.5}), &mut out).is_err());
         assert_eq!(sanitize(json!({"c": 0.5}), 0), json!({"c": "0.5"}));
+    }
+
+    #[test]
+    fn a_record_whose_body_has_no_canonical_form_keeps_its_whole_header() {
+        // A float deep in caller data: the body is replaced, the owner ids stay.
+        let mut deep = json!(0.5);
+        for _ in 0..40 {
+            deep = json!([deep]);
+        }
+        let fields: Fields = vec![
+            (Cow::Borrowed("tenant_id"), Field::S(Cow::Borrowed("acme"))),
+            (Cow::Borrowed("detail"), Field::Json(deep)),
+        ];
+        let sealed = seal_fields(&vector_header(), fields, None);
+        let line = std::str::from_utf8(&sealed.line).unwrap();
+        assert!(line.contains(r#""unserialisable":"#), "{line}");
+        assert!(line.contains(r#""tenant_id":"acme""#), "{line}");
+        let scanned = crate::forensic::scan::scan(line.trim_end().as_bytes()).unwrap();
+        assert_eq!(scanned.ids, 0b111, "{line}");
     }
 
     const VECTOR_BODY: &str = r#"{"chain":"p1-t2","epoch":0,"kind":"start","model_id":null,"pid":1,"prev":"0000000000000000000000000000000000000000000000000000000000000000","request_id":null,"seq":0,"tenant_id":null,"ts":1700000000000000000,"v":1}"#;

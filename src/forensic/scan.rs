@@ -33,7 +33,13 @@ pub struct Scanned<'a> {
     pub last_good_hash: Option<&'a str>,
     pub torn_bytes: Option<u64>,
     pub torn_sha256: Option<&'a str>,
+    /// The owner ids (`tenant_id`, `request_id`, `model_id`, in that bit order) present as a
+    /// string or `null`, as every record carries them.
+    pub ids: u8,
 }
+
+/// The owner id fields every record carries, each a string or `null`.
+pub const ID_FIELDS: [&str; 3] = ["tenant_id", "request_id", "model_id"];
 
 /// Levels of nesting accepted (the writer's `write_canonical` limit): objects and arrays,
 /// the record itself (at depth 0) being level 1.
@@ -125,7 +131,14 @@ fn header_field<'a>(out: &mut Scanned<'a>, key: &[u8], raw: &'a [u8]) {
         b"torn_bytes" => out.torn_bytes = num(),
         // Present but not a string: an empty digest, which verification refuses.
         b"torn_sha256" => out.torn_sha256 = Some(s().unwrap_or("")),
-        _ => {}
+        _ => {
+            let typed = raw == b"null" || raw.starts_with(b"\"");
+            if let Some(bit) = ID_FIELDS.iter().position(|f| f.as_bytes() == key) {
+                if typed {
+                    out.ids |= 1 << bit;
+                }
+            }
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use super::files;
 use super::keys::EpochKey;
 use super::prune::{self, Manifest};
 use super::record::{chain_hash_open, hex, mac_of, parse_hash, GENESIS_PREV};
-use super::scan::{scan, Scanned};
+use super::scan::{scan, Scanned, ID_FIELDS};
 
 /// An HMAC secret (the epoch-0 key) a log may be sealed with, and the name reports give it.
 pub struct SealKey {
@@ -1815,6 +1815,12 @@ impl<'a> Walk<'a> {
         }
         r.ts.ok_or("record has no ts")?;
         r.kind.ok_or("record has no kind")?;
+        if let Some(missing) = (0..ID_FIELDS.len()).find(|bit| r.ids & (1 << bit) == 0) {
+            return Err(format!(
+                "record has no {} (a string or null)",
+                ID_FIELDS[missing]
+            ));
+        }
         Ok(())
     }
 
