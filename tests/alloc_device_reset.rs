@@ -112,3 +112,21 @@ fn a_checked_ahead_free_of_a_block_the_reset_freed_and_released_is_valid_once() 
     );
     assert_eq!(f.sink.count("invalid_free"), 0);
 }
+
+/// Invariant 7 holds for every free: the caller's size is checked against the block table,
+/// and a mismatch is counted and recorded. The holder's free of a block the reset freed on
+/// its behalf is accepted once; a wrong size given to it is still a size mismatch (the pool
+/// kept the size the holder asked for).
+#[test]
+fn the_holders_free_of_a_block_the_reset_freed_with_a_wrong_size_is_a_size_mismatch() {
+    let f = Fixture::new(manual_config());
+    let held = f.malloc_zeroed(4096, 0, 0);
+    assert_eq!(f.alloc.reset_device(0), 1);
+    let report = f.alloc.free(held, 1 << 20, 0, S).unwrap();
+    assert!(
+        report.size_mismatch,
+        "a free of a 4096-byte block naming 1 MiB was not reported as a size mismatch"
+    );
+    assert_eq!(f.alloc.stats().counters.size_mismatches, 1);
+    assert_eq!(f.sink.count("size_mismatch"), 1);
+}

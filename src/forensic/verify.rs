@@ -1742,6 +1742,7 @@ impl<'a> Walk<'a> {
             return Err("hash mismatch: record modified".into());
         }
         let sealer = self.mac(&hash, r.mac)?;
+        Self::unlinked_header(&r)?;
         if self.report.key_index.is_none() {
             self.report.key_index = sealer;
         }
@@ -1784,7 +1785,7 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// Schema version, chain id, epoch, seq and prev.
+    /// Schema version, chain id, epoch, seq and prev: what places the record in the chain.
     fn header(&self, r: &Scanned<'_>, index: u64) -> Result<(), String> {
         if r.v != Some(1) {
             return Err("unsupported or missing schema version v".into());
@@ -1813,6 +1814,12 @@ impl<'a> Walk<'a> {
         if r.prev.and_then(parse_hash) != Some(self.prev) {
             return Err("prev is not the previous record's hash".into());
         }
+        Ok(())
+    }
+
+    /// The header fields the chain does not link: `ts`, `kind` and the owner ids. Checked
+    /// once the hash and MAC are, so that an edit is named as one.
+    fn unlinked_header(r: &Scanned<'_>) -> Result<(), String> {
         r.ts.ok_or("record has no ts")?;
         r.kind.ok_or("record has no kind")?;
         if let Some(missing) = (0..ID_FIELDS.len()).find(|bit| r.ids & (1 << bit) == 0) {
