@@ -599,11 +599,11 @@ impl Allocator {
             // is then done (a checked one answers the reset's scrub). One the reset has not
             // freed yet is this free's to make, here, under the same lock that takes it off
             // the reset's list.
-            if let Some(by_reset) = pool.claim_freed_by_reset(ptr) {
+            if let Some((by_reset, size_mismatch)) = pool.claim_freed_by_reset(ptr, size, after) {
                 if !watch {
                     pool.unwatch(by_reset);
                 }
-                return Ok((FreeReport::default(), by_reset));
+                return Ok((FreeReport { size_mismatch }, by_reset));
             }
             let size_mismatch = pool.begin_free(ptr, size, stream, seq, config, after)?;
             if watch {

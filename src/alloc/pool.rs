@@ -17,7 +17,7 @@ use crate::backend::{
 use crate::config::{Config, TenantIsolation};
 use crate::context::Context;
 use crate::events::{
-    Event, EventKind, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
+    BlockRef, Event, EventKind, InvalidFreeReason, QuarantineReason, ReleaseReason, TtlKind,
 };
 use crate::stats::PoolCounters;
 
@@ -174,14 +174,29 @@ pub(crate) struct Release {
 
 impl Aftermath {
     fn event(&mut self, kind: EventKind, block: &Block) {
+        self.event_of(kind, block.to_ref(), block.owner.clone());
+    }
+
+    /// An event of a block known by its identity and owner: one the pool may no longer hold.
+    fn event_of(&mut self, kind: EventKind, block: BlockRef, owner: Context) {
         self.events.push(Event {
             at: SystemTime::now(),
             kind,
-            context: block.owner.clone(),
-            block: Some(block.to_ref()),
+            context: owner,
+            block: Some(block),
             addr: None,
         });
     }
+}
+
+/// A block a device reset listed to free on its holder's behalf ([`DevicePool::mark_reset`]).
+struct ResetFreed {
+    /// The block as it was when the reset listed it (its size asked for among the rest), and
+    /// its owner: what a size mismatch of the holder's later free reports.
+    block: BlockRef,
+    owner: Context,
+    /// The scrub sequence its verdict is watched under, once the reset's free of it is made.
+    seq: Option<u64>,
 }
 
 pub(crate) struct DevicePool {
@@ -216,14 +231,14 @@ pub(crate) struct DevicePool {
     /// The process is resetting, or reset, this device's context (`Allocator::reset_device`):
     /// nothing is handed out any more, neither from the free lists nor fresh.
     reset: bool,
-    /// The blocks the reset frees on their holders' behalf, each with the size its holder asked
-    /// for and, once the reset's free of it is made, the scrub sequence its verdict is watched
-    /// under: the holder's own free of one afterwards is accepted once and does nothing (a
+    /// The blocks the reset frees on their holders' behalf, each as it was listed (the size
+    /// its holder asked for, its owner) and, once the reset's free of it is made, the scrub
+    /// sequence its verdict is watched under: the holder's own free of one afterwards is accepted once and does nothing (a
     /// checked one answers that verdict), also after the block went back to the device.
     /// Invariant: an entry without a sequence is a LIVE block. Entries are made and taken
     /// under the pool lock, with the reset mark and with the frees that change the block's
     /// state (`free_for_reset`, and the holder's free through `claim_freed_by_reset`).
-    freed_by_reset: HashMap<u64, (u64, Option<u64>)>,
+    freed_by_reset: HashMap<u64, ResetFreed>,
 }
 
 impl DevicePool {
@@ -263,13 +278,22 @@ impl DevicePool {
         }
         if first {
             let live = self.blocks.values().filter(|b| b.state == BlockState::Live);
-            let listed: Vec<_> = live.map(|b| (b.addr, (b.requested, None))).collect();
+            let listed: Vec<_> = live
+                .map(|b| {
+                    let entry = ResetFreed {
+                        block: b.to_ref(),
+                        owner: b.owner.clone(),
+                        seq: None,
+                    };
+                    (b.addr, entry)
+                })
+                .collect();
             self.freed_by_reset.extend(listed);
         }
         let mut listed: Vec<u64> = self
             .freed_by_reset
             .iter()
-            .filter(|(_, &(_, seq))| seq.is_none())
+            .filter(|(_, entry)| entry.seq.is_none())
             .map(|(&addr, _)| addr)
             .collect();
         // In address order, as the block table lists them: the frees' order does not hang
@@ -290,7 +314,12 @@ impl DevicePool {
         config: &Config,
         after: &mut Aftermath,
     ) -> bool {
-        let Some(&(requested, None)) = self.freed_by_reset.get(&addr) else {
+        let Some(requested) = self
+            .freed_by_reset
+            .get(&addr)
+            .filter(|entry| entry.seq.is_none())
+            .map(|entry| entry.block.requested)
+        else {
             return false;
         };
         let live = self
@@ -306,22 +335,42 @@ impl DevicePool {
             self.freed_by_reset.remove(&addr);
             return false;
         }
-        self.freed_by_reset.insert(addr, (requested, Some(seq)));
+        if let Some(entry) = self.freed_by_reset.get_mut(&addr) {
+            entry.seq = Some(seq);
+        }
         self.watch(seq);
         true
     }
 
-    /// The holder's free of `ptr`, when the reset listed it: forgets it (a second free of it
-    /// is judged as any other). `Some(seq)` when the reset freed it, its verdict watched
-    /// under `seq`: the holder's free is then done. `None` when the reset had not freed it
-    /// yet: the reset now leaves it to the holder's free, which frees it as any LIVE block
-    /// under the same lock. `None`, at the cost of one load, on a device never reset.
+    /// The holder's free of `ptr` (naming `claimed_size` bytes), when the reset listed it:
+    /// forgets it (a second free of it is judged as any other). `Some((seq, size_mismatch))`
+    /// when the reset freed it, its verdict watched under `seq`: the holder's free is then
+    /// done, its size checked against the one the block was asked with (invariant 7: counted
+    /// and recorded when it differs). `None` when the reset had not freed it yet: the reset
+    /// now leaves it to the holder's free, which frees it as any LIVE block under the same
+    /// lock. `None`, at the cost of one load, on a device never reset.
     #[inline]
-    pub(crate) fn claim_freed_by_reset(&mut self, ptr: u64) -> Option<u64> {
+    pub(crate) fn claim_freed_by_reset(
+        &mut self,
+        ptr: u64,
+        claimed_size: i64,
+        after: &mut Aftermath,
+    ) -> Option<(u64, bool)> {
         if !self.reset {
             return None;
         }
-        self.freed_by_reset.remove(&ptr).and_then(|(_, seq)| seq)
+        let entry = self.freed_by_reset.remove(&ptr)?;
+        let seq = entry.seq?;
+        let size_mismatch = claimed_size != entry.block.requested as i64;
+        if size_mismatch {
+            self.stats.counters.size_mismatches += 1;
+            let kind = EventKind::SizeMismatch {
+                claimed: claimed_size,
+                caller: Context::current(),
+            };
+            after.event_of(kind, entry.block, entry.owner);
+        }
+        Some((seq, size_mismatch))
     }
 
     /// Whether the device is reset, or being reset ([`Self::mark_reset`]).
@@ -334,7 +383,7 @@ impl DevicePool {
     pub(crate) fn freed_by_reset_requested(&self, ptr: u64) -> Option<u64> {
         self.freed_by_reset
             .get(&ptr)
-            .map(|&(requested, _)| requested)
+            .map(|entry| entry.block.requested)
     }
 
     /// Blocks freed that are neither reusable nor returned and could still become one or the
