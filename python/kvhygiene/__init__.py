@@ -725,6 +725,12 @@ def context(
     its own innermost context (none, outside any); the entering thread's ids are set back to
     its innermost context at its next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
+
+    The package remembers the ids it last gave each thread and gives them again only when
+    they change: native code that calls ``kvh_set_context`` or ``kvh_clear_context`` on a
+    thread this package also sets ids on leaves it unaware, and the thread's next
+    :func:`claim_blocks` or :func:`scrub_blocks` may run under the native ids. Set a thread's
+    ids from one side.
     """
     ids = _encoded_ids(tenant_id, request_id, model_id)
     _set(ids)
