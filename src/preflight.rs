@@ -682,7 +682,10 @@ fn metrics_checks(config: &Config, out: &mut Vec<Check>) {
                 check(
                     "metrics file",
                     Status::Fail,
-                    format!("{shown}: its directory is not writable by this process's uid"),
+                    format!(
+                        "{shown}: its directory {}",
+                        files::unwritable_said(&parent)
+                    ),
                 )
             } else if let Err(e) =
                 files::check_renames(&parent, "metrics file's directory", "each snapshot")

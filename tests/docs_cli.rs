@@ -103,3 +103,37 @@ fn every_line_of_the_readme_verb_table_is_a_whole_row() {
         broken.join("\n")
     );
 }
+
+/// README.md: "Every verb has `--help`", and its table gives each verb's exit statuses,
+/// which scripts rely on. Each verb's `--help` exits 0 and states its exit statuses too
+/// (the word "exit"), as `kvh verify-log --help` does: `kvh keygen --help` is expected to
+/// say "0, or 2", `kvh completions --help` "0, or 2 for an unknown shell".
+#[test]
+fn every_verb_help_states_its_exit_statuses() {
+    let verbs = [
+        "demo",
+        "verify-log",
+        "keygen",
+        "prune-log",
+        "evidence",
+        "tail-log",
+        "metrics",
+        "serve-metrics",
+        "gate",
+        "config",
+        "preflight",
+        "completions",
+    ];
+    let mut silent = Vec::new();
+    for verb in verbs {
+        let (code, out, err) = run(kvh().args([verb, "--help"]));
+        assert_eq!(code, 0, "kvh {verb} --help: {err}");
+        if !out.to_lowercase().contains("exit") {
+            silent.push(verb);
+        }
+    }
+    assert!(
+        silent.is_empty(),
+        "`kvh VERB --help` says nothing of the exit status for: {silent:?}"
+    );
+}

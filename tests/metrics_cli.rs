@@ -264,6 +264,24 @@ fn unusable_input_exits_2_naming_the_file() {
     assert!(err.contains("KVH_METRICS_INTERVAL_MS"), "{err}");
 }
 
+/// A snapshot time before 1970 is refused (exit 2) by `metrics` and `gate`; the message
+/// names the value the file holds (`-5`), as it does for `NaN` and the infinities, so that
+/// an operator can find the line: a finite negative time is not reported as `-Inf`.
+#[test]
+fn a_negative_snapshot_time_is_named_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let early = dir.path().join("early.prom");
+    std::fs::write(&early, "kvh_snapshot_timestamp_seconds -5\n").unwrap();
+    for verb in [&["metrics", "--file"][..], &["gate", "--metrics-file"]] {
+        let (code, _, err) = run(kvh().args(verb).arg(&early));
+        assert_eq!(code, 2, "{verb:?}: {err}");
+        assert!(
+            err.contains("is -5,") && !err.contains("-Inf"),
+            "{verb:?}: the message names another value than the file's -5: {err}"
+        );
+    }
+}
+
 /// A running `kvh serve-metrics`, killed on drop; its stderr goes to a file.
 struct Sidecar {
     child: Child,

@@ -602,6 +602,38 @@ fn a_preload_switch_the_interposers_refuse_is_not_ready() {
     );
 }
 
+/// A log directory to be created in `/proc`, where no directory can be created (procfs
+/// answers ENOENT to `mkdir`, to root too, while its access check may grant write access):
+/// the start-up fails to create it, so the preflight does not report the log directory, nor
+/// the environment, ready. The two agree whichever user runs them.
+#[test]
+fn a_log_directory_in_proc_is_not_ready() {
+    let mut env = Env::new();
+    let dir = Path::new("/proc").join("kvh-preflight-log");
+    assert!(
+        fs::create_dir(&dir).is_err(),
+        "{} was created",
+        dir.display()
+    );
+    env.set("KVH_LOG_DIR", dir.display().to_string());
+    let (started, _, err) = run(&mut env.command(&START));
+    assert_eq!(started, 2, "the start-up ran with its log in /proc: {err}");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(
+        (code, status(&report, "log directory").0),
+        (1, "fail"),
+        "preflight passed a log directory the start-up cannot create ({err}): {report}"
+    );
+    // Nor a metrics file there, which the exporter could never create.
+    let log = env.root().join("log/chains").display().to_string();
+    env.set("KVH_LOG_DIR", log);
+    env.set("KVH_METRICS_FILE", "/proc/kvh.prom");
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    let (st, detail) = status(&report, "metrics file");
+    assert_eq!((code, st), (1, "fail"), "{report}");
+    assert!(detail.contains("kernel interface file system"), "{detail}");
+}
+
 /// A metrics file whose name is longer than a file name may be (255 bytes) can never be
 /// created: the process would run without its metrics file, so the preflight is not ready.
 #[test]

@@ -67,6 +67,9 @@ enum Command {
     /// record as file:line: reason.
     VerifyLog(VerifyLogArgs),
     /// Create an Ed25519 key pair for signed forensic-log checkpoints.
+    ///
+    /// Exit status: 0 the pair was written; 2 usage error, or a file could not be written
+    /// (one that exists is never overwritten).
     Keygen(KeygenArgs),
     /// Move the old files of a verified forensic log to an archive (exit 0 done, 1 log does not verify, 2 error).
     #[command(long_about = PRUNE_LOG_HELP)]
@@ -114,6 +117,8 @@ enum Command {
     /// Example (bash): kvh completions bash > /etc/bash_completion.d/kvh
     ///
     /// Example (zsh): kvh completions zsh > "${fpath[1]}/_kvh"
+    ///
+    /// Exit status: 0; 2 for an unknown shell, or a script that could not be written.
     Completions {
         /// The shell to complete in.
         #[arg(value_enum)]

@@ -130,10 +130,10 @@ pub fn inspect_dir(dir: &Path, what: &str) -> Result<DirState, ForensicError> {
             }
             if !may_write(&parent) {
                 return Err(ForensicError::Permission(format!(
-                    "{}: cannot create {what}: {} is not writable by this process's uid {}",
+                    "{}: cannot create {what}: {} {}",
                     dir.display(),
                     parent.display(),
-                    euid()
+                    unwritable_said(&parent)
                 )));
             }
             Ok(DirState::WouldCreate { parent })
@@ -174,12 +174,54 @@ pub(crate) fn may_write(dir: &Path) -> bool {
         ) == 0
     };
     if answered {
-        return true;
+        return !on_kernel_interface(&c);
     }
     match io::Error::last_os_error().raw_os_error() {
         Some(libc::EACCES | libc::EROFS) => false,
         _ => may_create_unnamed(&c).unwrap_or(true),
     }
+}
+
+/// Why [`may_write`] said no of `dir`, after its name: "is not writable by this process's
+/// uid 0", or that it is one of the kernel's interface file systems.
+pub(crate) fn unwritable_said(dir: &Path) -> String {
+    let kernel =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).is_ok_and(|c| on_kernel_interface(&c));
+    if kernel {
+        "is on a kernel interface file system (proc, sysfs, cgroup and kin), where no file can be created".to_string()
+    } else {
+        format!("is not writable by this process's uid {}", euid())
+    }
+}
+
+/// Whether `dir` lies on one of the kernel's interface file systems (`/proc`, `/sys`, cgroups,
+/// `/dev/pts`, debugfs and kin): their directories answer `faccessat` as writable to root, but
+/// creating a file or directory there fails, so nothing can be written into them. Told by the
+/// file system's magic number: permission bits there say nothing.
+fn on_kernel_interface(dir: &std::ffi::CStr) -> bool {
+    const KERNEL_INTERFACES: [i64; 12] = [
+        libc::PROC_SUPER_MAGIC as i64,
+        libc::SYSFS_MAGIC as i64,
+        libc::CGROUP_SUPER_MAGIC as i64,
+        libc::CGROUP2_SUPER_MAGIC as i64,
+        libc::DEVPTS_SUPER_MAGIC as i64,
+        libc::DEBUGFS_MAGIC as i64,
+        libc::TRACEFS_MAGIC as i64,
+        libc::SECURITYFS_MAGIC as i64,
+        libc::SELINUX_MAGIC as i64,
+        libc::BPF_FS_MAGIC as i64,
+        libc::NSFS_MAGIC as i64,
+        libc::RDTGROUP_SUPER_MAGIC as i64,
+    ];
+    // SAFETY: an all-zero `statfs` is a valid value of the plain C struct; statfs overwrites it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is NUL-terminated and outlives the call; `st` is a valid, writable `statfs`
+    // that the call fills.
+    if unsafe { libc::statfs(dir.as_ptr(), &mut st) } != 0 {
+        return false; // unknown: the creation the caller makes tells
+    }
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s width differs between targets
+    KERNEL_INTERFACES.contains(&(st.f_type as i64))
 }
 
 /// Whether an unnamed file (`O_TMPFILE`: never linked, gone at its close) can be created in

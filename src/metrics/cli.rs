@@ -219,7 +219,7 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
             return Err(format!(
                 "{shown}: not a kvhygiene metrics snapshot ({SNAPSHOT_TIMESTAMP} is {}, not a \
                  time)",
-                prom_number(t)
+                value_said(t)
             ))
         }
         [_, _] => {
@@ -306,6 +306,16 @@ fn optional_sample_value<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<
     match v {
         Some(v) => sample_value(v, s),
         None => s.serialize_none(),
+    }
+}
+
+/// A value as the file may spell it: a finite one in decimal (`-5`), else as
+/// [`prom_number`] does.
+fn value_said(v: f64) -> String {
+    if v.is_finite() {
+        v.to_string()
+    } else {
+        prom_number(v).to_string()
     }
 }
 

@@ -1029,9 +1029,9 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
     }
     if !files::may_write(dir) {
         return Err(format!(
-            "--state {}: its directory is not writable by this process's uid {}",
+            "--state {}: its directory {}",
             path.display(),
-            files::euid()
+            files::unwritable_said(dir)
         ));
     }
     refuse_marked_state_dir(path)?;
