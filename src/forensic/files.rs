@@ -198,6 +198,8 @@ pub(crate) fn unwritable_said(dir: &Path) -> String {
 /// `/dev/pts`, debugfs and kin): their directories answer `faccessat` as writable to root, but
 /// creating a file or directory there fails, so nothing can be written into them. Told by the
 /// file system's magic number: permission bits there say nothing.
+// The magic numbers' type, and `f_type`'s, differ between targets: the casts stay.
+#[allow(clippy::unnecessary_cast)]
 fn on_kernel_interface(dir: &std::ffi::CStr) -> bool {
     const KERNEL_INTERFACES: [i64; 12] = [
         libc::PROC_SUPER_MAGIC as i64,
@@ -220,7 +222,6 @@ fn on_kernel_interface(dir: &std::ffi::CStr) -> bool {
     if unsafe { libc::statfs(dir.as_ptr(), &mut st) } != 0 {
         return false; // unknown: the creation the caller makes tells
     }
-    #[allow(clippy::unnecessary_cast)] // `f_type`'s width differs between targets
     KERNEL_INTERFACES.contains(&(st.f_type as i64))
 }
 
