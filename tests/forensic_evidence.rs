@@ -384,7 +384,7 @@ fn a_refused_free_is_in_the_report_of_the_caller_and_of_the_blocks_tenant() {
     assert_eq!(md.status.code(), Some(0));
     let text = String::from_utf8_lossy(&md.stdout);
     assert!(text.contains("## Tenant Tenant-A"), "{text}");
-    assert!(text.contains("No record names this tenant"), "{text}");
+    assert!(text.contains("No verified record names this tenant"), "{text}");
     // An empty id is a usage error.
     let empty = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", ""], &[]);
     assert_eq!(empty.status.code(), Some(2));
@@ -1746,7 +1746,7 @@ fn a_tenant_named_only_outside_the_period_is_not_said_to_be_named_by_no_record()
     assert_eq!(out.status.code(), Some(0));
     let md = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !md.contains("No record names this tenant."),
+        !md.contains("No verified record names this tenant."),
         "the log's records name tenant-victim (none of them in the period):\n{md}"
     );
 }
@@ -2472,5 +2472,125 @@ fn an_anomaly_recorded_by_the_engine_is_not_described_as_a_summary_of_other_reco
     assert!(
         !section.contains("it is not a further incident"),
         "the only anomaly is the engine's own finding, not a summary of other records:\n{section}"
+    );
+}
+
+/// The text of the Markdown report from `heading` (a `## ` line) to the next `## ` heading.
+fn md_section(report: &str, heading: &str) -> String {
+    let mut lines = report.lines().skip_while(|l| *l != heading);
+    let mut out = String::new();
+    if let Some(h) = lines.next() {
+        out.push_str(h);
+        out.push('\n');
+    }
+    for l in lines.take_while(|l| !l.starts_with("## ")) {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// A log whose only chain failed verification has none of its records in the figures (its
+/// quarantines are not listed). The "Criteria served" section of that report must not present
+/// the exceptions as the record of every failure without saying the log failed verification:
+/// the failures of the chain that failed are not among them.
+#[test]
+fn the_criteria_of_a_log_that_failed_verification_say_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    // Line 2 is the first quarantine: changed, the chain fails there.
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    std::fs::write(&files[0], text.replacen("\"req-0\"", "\"req-x\"", 1)).unwrap();
+    let out = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let criteria = md_section(&report, "## Criteria served");
+    assert!(!criteria.is_empty(), "{report}");
+    assert!(
+        [
+            "failed verification",
+            "FAILED",
+            "cannot be relied on",
+            "chains that verified"
+        ]
+        .iter()
+        .any(|w| criteria.contains(w)),
+        "the log failed verification, yet the criteria section claims the exceptions show \
+         every failure without a word of it:\n{criteria}"
+    );
+}
+
+/// "Only what a checkpoint covers is protected against truncation" (docs/forensic-log.md,
+/// "Signed checkpoints"). A running or crashed writer's chain whose signed checkpoint covers
+/// only its first record verifies, and its later records could be cut without the
+/// verification noticing: the report must say which chain has records after its checkpoint,
+/// not only that its checkpoint matched.
+#[test]
+fn a_chain_with_records_after_its_checkpoint_is_named_in_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let hmac = secret_key_file(tmp.path());
+    let dir = tmp.path().join("log");
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
+    for i in 0..20 {
+        log.emit(forensic_common::event(i));
+    }
+    log.flush();
+    // The writer is still running (or died here): no `stop`, no later checkpoint.
+    std::mem::forget(log);
+    let files = chain_files(&dir);
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_owned();
+    let chain = name
+        .strip_prefix("kvh-")
+        .and_then(|n| n.strip_suffix("-000000.jsonl"))
+        .unwrap()
+        .to_owned();
+    let d = dir.to_str().unwrap();
+    let keys = [
+        "--key-file",
+        hmac.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ];
+    let verify = kvh(&[&["verify-log", d][..], &keys[..]].concat(), &[]);
+    let verify_out = String::from_utf8_lossy(&verify.stdout);
+    assert_eq!(verify.status.code(), Some(0), "{verify_out}");
+    let out = kvh(&[&["evidence", d][..], &keys[..]].concat(), &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let integrity = md_section(&report, "## Integrity of the log");
+    assert!(
+        integrity
+            .lines()
+            .any(|l| l.contains(&chain) && l.contains("checkpoint")),
+        "verify-log says of chain {chain} {verify_out:?}; the report says only that its \
+         checkpoint matched, not that its records after it are unprotected:\n{integrity}"
+    );
+}
+
+/// A tenant whose records are in a chain that failed verification is named by records of the
+/// log: a `--tenant` report must not tell the auditor that no record names it (which reads as
+/// a mistyped id), only that no verified record does.
+#[test]
+fn a_tenant_named_only_in_a_chain_that_failed_is_not_said_to_be_named_by_no_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains("\"tenant_id\":\"tenant-a\""), "{text}");
+    // Line 2, tenant-a's first quarantine, changed: the chain fails there.
+    std::fs::write(&files[0], text.replacen("\"req-0\"", "\"req-x\"", 1)).unwrap();
+    let out = kvh(
+        &["evidence", dir.to_str().unwrap(), "--tenant", "tenant-a"],
+        &[],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("No verified record names this tenant.")
+            && report.contains("Records this report did not read may name it"),
+        "the chain that failed holds tenant-a's records, yet the report says no record \
+         names it:\n{report}"
     );
 }

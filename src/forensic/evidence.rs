@@ -285,6 +285,11 @@ pub struct Integrity {
     /// that matched ([`ChainReport::checkpoint_behind`](super::verify::ChainReport::checkpoint_behind)):
     /// an earlier checkpoint put back, or checkpoints copied before the later one.
     pub checkpoint_behind: Vec<CheckpointBehind>,
+    /// Chains that verified, whose signed checkpoint matched, with records after it (but
+    /// those in `checkpoint_behind`): a cut there would go unseen. A running writer's chain
+    /// always has some, until its next checkpoint; a chain that stopped, or whose writer died,
+    /// keeps them.
+    pub past_checkpoint: Vec<PastCheckpoint>,
     /// Chains that verified and whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
@@ -305,6 +310,18 @@ pub struct CheckpointBehind {
     pub matched_seq: u64,
     /// The seq the chain's `checkpoint` records say was signed last.
     pub recorded_seq: u64,
+}
+
+/// A chain with records after its signed checkpoint ([`Integrity::past_checkpoint`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PastCheckpoint {
+    pub chain: String,
+    /// The seq of the checkpoint that matched.
+    pub checkpoint_seq: u64,
+    /// The chain's last record.
+    pub last_seq: u64,
+    /// The chain ends with a `stop` record, whose own checkpoint is not the one read.
+    pub stopped: bool,
 }
 
 /// A chain's incomplete last line ([`Integrity::torn_tails`]).
@@ -884,6 +901,20 @@ fn integrity(r: &Report) -> Integrity {
                     chain: c.chain.clone(),
                     matched_seq: c.checkpoint_seq?,
                     recorded_seq: c.checkpoint_behind()?,
+                })
+            })
+            .collect(),
+        past_checkpoint: r
+            .chains
+            .iter()
+            .filter(|c| c.ok() && c.checkpoint_behind().is_none())
+            .filter_map(|c| {
+                let (checkpoint_seq, last_seq) = (c.checkpoint_seq?, c.last_seq?);
+                (last_seq > checkpoint_seq).then(|| PastCheckpoint {
+                    chain: c.chain.clone(),
+                    checkpoint_seq,
+                    last_seq,
+                    stopped: c.closed,
                 })
             })
             .collect(),
@@ -1725,7 +1756,7 @@ const PERIOD_COUNTERS: &str = "Over the audit period, from each process's period
      summary_interval_ms, so activity within one interval of either end may be counted on the \
      other side)";
 
-fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
+fn render_tenant(t: &TenantScope, named: bool, i: &Integrity, push: &mut impl FnMut(String)) {
     push(String::new());
     push(format!("## Tenant {}", id_text(&t.tenant_id)));
     push(String::new());
@@ -1752,10 +1783,19 @@ fn render_tenant(t: &TenantScope, named: bool, push: &mut impl FnMut(String)) {
     } else if !named {
         push(String::new());
         push(
-            "No record names this tenant. Tenant ids are compared exactly, as the engine \
-             passed them to `kvh_set_context`."
+            "No verified record names this tenant. Tenant ids are compared exactly, as the \
+             engine passed them to `kvh_set_context`."
                 .into(),
         );
+        if !i.verified || !i.pruned.is_empty() {
+            push(String::new());
+            push(
+                "Records this report did not read may name it: those of the chains that \
+                 failed verification, and those `kvh prune-log` moved to the archive (give \
+                 `--archive-dir` to read them)."
+                    .into(),
+            );
+        }
     }
 }
 
@@ -1883,6 +1923,30 @@ pub fn render(ev: &Evidence) -> String {
             b.matched_seq
         ));
     }
+    for p in &i.past_checkpoint {
+        let after = p.last_seq - p.checkpoint_seq;
+        if p.stopped {
+            push(format!(
+                "- Attention: chain {}: it stopped at seq {}, but its signed checkpoint read is \
+                 at seq {}: the {after} records after it are protected by their MACs only, and \
+                 the chain may have been cut (its final checkpoint not kept, or an earlier one \
+                 put back).",
+                cell(&p.chain),
+                p.last_seq,
+                p.checkpoint_seq
+            ));
+        } else {
+            push(format!(
+                "- Chain {}: {after} records after its signed checkpoint (seq {}, the chain at \
+                 seq {}) are protected by their MACs only until the next one: its process is \
+                 still running, or ended without a `stop` record (crashed), and a cut there \
+                 would not be seen.",
+                cell(&p.chain),
+                p.checkpoint_seq,
+                p.last_seq
+            ));
+        }
+    }
     for late in &i.late_retired_key {
         push(format!(
             "- Attention: {}: a process started with the old key after the rotation, or a \
@@ -1936,7 +2000,7 @@ pub fn render(ev: &Evidence) -> String {
         render_audit_period(period, &mut push);
     }
     if let Some(tenant) = &ev.tenant {
-        render_tenant(tenant, ev.tenants > 0, &mut push);
+        render_tenant(tenant, ev.tenants > 0, i, &mut push);
     }
     push(String::new());
     push("## Coverage".into());
@@ -2144,6 +2208,21 @@ pub fn render(ev: &Evidence) -> String {
     push(String::new());
     push("## Criteria served".into());
     push(String::new());
+    if !i.verified {
+        push(
+            "The log FAILED verification: what follows holds for the chains that verified \
+             only. The failures, quarantines and other events recorded in the chains that did \
+             not are not among the figures and exceptions above."
+                .into(),
+        );
+        push(String::new());
+    }
+    let sealed = if i.macs_checked || i.checkpoints_matched.is_some() {
+        "logged as tamper-evident records"
+    } else {
+        "logged as hash-chained records (their MACs and signed checkpoints not checked here: \
+         whoever could write the log could have rewritten them consistently)"
+    };
     push(
         "- SOC 2 CC6.5 and C1.2 (data is unrecoverable before the resource is reused or \
          released; confidential data is disposed of): freed device memory is zeroed and the \
@@ -2152,12 +2231,11 @@ pub fn render(ev: &Evidence) -> String {
          and its quarantine."
             .into(),
     );
-    push(
+    push(format!(
         "- SOC 2 CC7.2 (monitoring for anomalies): invalid frees, verification failures, policy \
-         violations and lost records are logged as tamper-evident records, listed above; \
-         bursts and surges of them per tenant are flagged as `anomaly` records."
-            .into(),
-    );
+         violations and lost records are {sealed}, listed above; bursts and surges of them per \
+         tenant are flagged as `anomaly` records."
+    ));
     if ev.policy.is_some() {
         push(
             "- SOC 2 CC8.1 (changes are authorised): each process's policy digest, from its \
