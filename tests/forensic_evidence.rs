@@ -384,7 +384,10 @@ fn a_refused_free_is_in_the_report_of_the_caller_and_of_the_blocks_tenant() {
     assert_eq!(md.status.code(), Some(0));
     let text = String::from_utf8_lossy(&md.stdout);
     assert!(text.contains("## Tenant Tenant-A"), "{text}");
-    assert!(text.contains("No verified record names this tenant"), "{text}");
+    assert!(
+        text.contains("No verified record names this tenant"),
+        "{text}"
+    );
     // An empty id is a usage error.
     let empty = kvh(&["evidence", dir.to_str().unwrap(), "--tenant", ""], &[]);
     assert_eq!(empty.status.code(), Some(2));

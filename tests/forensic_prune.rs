@@ -1222,6 +1222,14 @@ fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report()
         serde_json::json!([chain]),
         "{v}"
     );
+    // The stretch from 2000 to the first record read holds the moved records: its gap says
+    // so, rather than that no process ran then.
+    let gaps = &v["audit_period"]["gaps"];
+    assert_eq!(
+        gaps[0]["moved_records_of"],
+        serde_json::json!([chain]),
+        "{v}"
+    );
     let with_archive = kvh(&[
         "evidence",
         s.log.to_str().unwrap(),
@@ -1236,6 +1244,11 @@ fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report()
     let v: Value = serde_json::from_slice(&with_archive.stdout).unwrap();
     assert_eq!(
         v["audit_period"]["pruned_in_period"],
+        serde_json::json!([]),
+        "{v}"
+    );
+    assert_eq!(
+        v["audit_period"]["gaps"][0]["moved_records_of"],
         serde_json::json!([]),
         "{v}"
     );

@@ -247,6 +247,9 @@ pub struct Gap {
     pub from: String,
     pub to: String,
     pub minutes: u64,
+    /// Chains whose records `kvh prune-log` moved span part of the stretch (as their
+    /// manifests date them): records this report did not read may lie in it.
+    pub moved_records_of: Vec<String>,
 }
 
 /// The processes' policies against the reviewed ones (`--approved-config`).
@@ -741,6 +744,18 @@ fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) 
                 from: rfc3339(a),
                 to: rfc3339(b),
                 minutes: (b - a) / 60_000_000_000,
+                moved_records_of: integrity
+                    .pruned
+                    .iter()
+                    .filter(|c| {
+                        let p = &c.pruned;
+                        // A manifest without times (none is written so) is taken to reach in.
+                        p.first_ts
+                            .zip(p.last_ts)
+                            .is_none_or(|(first, last)| first < b && last >= a)
+                    })
+                    .map(|c| c.chain.clone())
+                    .collect(),
             })
             .collect(),
         pruned_in_period: integrity
@@ -1834,11 +1849,24 @@ fn render_audit_period(p: &AuditPeriod, push: &mut impl FnMut(String)) {
         Some(_) => {}
     }
     for g in &p.gaps {
-        push(format!(
-            "- Attention: no record from {} to {} ({} minutes): no process ran with kvhygiene \
-             then, its writer stalled, or its log is not in this directory.",
-            g.from, g.to, g.minutes
-        ));
+        if g.moved_records_of.is_empty() {
+            push(format!(
+                "- Attention: no record from {} to {} ({} minutes): no process ran with \
+                 kvhygiene then, its writer stalled, or its log is not in this directory.",
+                g.from, g.to, g.minutes
+            ));
+        } else {
+            let chains: Vec<String> = g.moved_records_of.iter().map(|c| cell(c)).collect();
+            push(format!(
+                "- Attention: no record read from {} to {} ({} minutes); records `kvh \
+                 prune-log` moved to the archive (chain {}) span part of it: give \
+                 `--archive-dir` to read them.",
+                g.from,
+                g.to,
+                g.minutes,
+                chains.join(", ")
+            ));
+        }
     }
     for chain in &p.counters_unattributed {
         push(format!(
