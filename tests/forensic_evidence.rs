@@ -2597,3 +2597,42 @@ fn a_tenant_named_only_in_a_chain_that_failed_is_not_said_to_be_named_by_no_reco
          names it:\n{report}"
     );
 }
+
+/// A chain without a record (a writer that ended before its first record was whole) has no
+/// checkpoint to match: the report says why the count of matched chains falls short.
+#[test]
+fn a_chain_without_a_record_is_said_when_checkpoints_are_counted() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+    let hmac = secret_key_file(tmp.path());
+    let dir = tmp.path().join("log");
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
+    log.emit(forensic_common::event(0));
+    drop(log);
+    let empty = dir.join("kvh-p1-t1-000000.jsonl");
+    std::fs::write(&empty, b"").unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = kvh(
+        &[
+            "evidence",
+            dir.to_str().unwrap(),
+            "--key-file",
+            hmac.to_str().unwrap(),
+            "--public-key",
+            public.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        report.contains(
+            "Signed checkpoints: matched for 1 of 2 chains (1 without a record, which no \
+             checkpoint covers)."
+        ),
+        "{report}"
+    );
+}

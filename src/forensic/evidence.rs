@@ -295,6 +295,9 @@ pub struct Integrity {
     pub past_checkpoint: Vec<PastCheckpoint>,
     /// Chains that verified and whose signed checkpoint matched, when a public key was given.
     pub checkpoints_matched: Option<usize>,
+    /// Chains that verified without a record (a writer that ended before its first record
+    /// was whole): nothing in them for a checkpoint to cover.
+    pub empty_chains: usize,
     /// Chains whose oldest files (or all) `kvh prune-log` moved away: their records before
     /// the moved range's end are not in this report.
     pub pruned: Vec<PrunedChain>,
@@ -933,6 +936,7 @@ fn integrity(r: &Report) -> Integrity {
                 })
             })
             .collect(),
+        empty_chains: r.chains.iter().filter(|c| c.ok() && c.records == 0).count(),
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()
@@ -1985,6 +1989,10 @@ pub fn render(ev: &Evidence) -> String {
     push(format!(
         "- Signed checkpoints: {}.",
         match i.checkpoints_matched {
+            Some(n) if i.empty_chains > 0 => format!(
+                "matched for {n} of {} chains ({} without a record, which no checkpoint covers)",
+                i.chains, i.empty_chains
+            ),
             Some(n) => format!("matched for {n} of {} chains", i.chains),
             None => "not checked (no --public-key given)".into(),
         }
