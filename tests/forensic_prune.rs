@@ -2908,3 +2908,37 @@ fn fill_leaving(dir: &Path, pages: u64) {
         "precondition: {pages} pages left free"
     );
 }
+
+/// Exceptions read from the archive (`--archive-dir`) are named by their file's path there,
+/// where an auditor finds them; those in the log directory by their file's name.
+#[test]
+fn exceptions_read_from_the_archive_name_the_archived_file() {
+    let s = pruned_open_chain();
+    let out = kvh(&[
+        "evidence",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--archive-dir",
+        s.archive.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files: Vec<&str> = v["exceptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    let archived = format!("{}/kvh-", s.archive.display());
+    assert!(
+        files.first().is_some_and(|f| f.starts_with(&archived)),
+        "{files:?}"
+    );
+    let last = files.last().unwrap();
+    assert!(
+        last.starts_with("kvh-") && s.log.join(last).is_file(),
+        "{files:?}"
+    );
+}

@@ -541,6 +541,7 @@ fn collect_once(
     };
     let mut tally = Tally {
         period,
+        log_dir: dir.to_path_buf(),
         gap_ns: max_gap_minutes(args).saturating_mul(60_000_000_000),
         tenant: args.tenant.clone(),
         ..Tally::default()
@@ -1188,6 +1189,9 @@ fn read_file(path: &Path, f: &mut LineVisitor<'_>) -> Result<(), String> {
 struct Tally {
     /// The audit period: records outside it are verified but not counted.
     period: Period,
+    /// The directory read: an exception in a file there is named by the file's name, one in
+    /// a file read from an archive (`--archive-dir`) by its path.
+    log_dir: std::path::PathBuf,
     tenants: BTreeSet<String>,
     /// First and last record counted.
     first_ts: Option<u64>,
@@ -1478,11 +1482,15 @@ impl Tally {
             let count = ev.exceptions_by_kind.entry(kind.to_string()).or_default();
             *count = count.saturating_add(1);
             if ev.exceptions.len() < max_exceptions {
+                let in_log_dir = path.parent() == Some(self.log_dir.as_path());
                 ev.exceptions.push(Exception {
-                    file: path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
+                    file: if in_log_dir {
+                        path.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    } else {
+                        path.display().to_string()
+                    },
                     line,
                     time: ts.map(rfc3339).unwrap_or_default(),
                     kind: kind.to_string(),
