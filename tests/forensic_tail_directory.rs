@@ -256,3 +256,30 @@ fn a_log_directory_path_through_a_regular_file_is_refused_not_waited_for() {
     );
     assert!(!state.exists(), "the state file was written");
 }
+
+/// A `--state` file named as the log's own files are (a chain file, a checkpoint, a prune
+/// manifest) is refused before anything is written: in the log directory it would be read as
+/// part of the log, which would then fail verification.
+#[test]
+fn a_state_file_named_as_the_logs_own_files_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 2, false);
+    for name in [
+        "kvh-p1-t2-000000.jsonl",
+        "kvh-p1-t2.ckpt",
+        "kvh-p1-t2.pruned.json",
+    ] {
+        let state = dir.join(name);
+        let out = tail_once(&dir, &state);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains("a name the forensic log's own files take"),
+            "{err}"
+        );
+        assert!(!state.exists(), "{name} was written");
+    }
+    let verify = kvh().arg("verify-log").arg(&dir).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0));
+}

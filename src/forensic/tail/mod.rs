@@ -1019,6 +1019,19 @@ fn load_state(path: &Path) -> Result<Option<State>, String> {
 /// The directory of the `--state` file, named `path`, checked before any record is passed on:
 /// a state that cannot be saved there would have each run pass its records on again.
 fn check_state_dir(path: &Path) -> Result<(), String> {
+    // A name the log's own files take: in the log or checkpoint directory, the state would
+    // be read as a chain file, checkpoint or manifest, and the log fail verification.
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let logs_own = files::parse_file_name(name).is_some()
+        || super::prune::parse_manifest_name(name).is_some()
+        || (name.starts_with("kvh-") && name.ends_with(".ckpt"));
+    if logs_own {
+        return Err(format!(
+            "--state {}: a name the forensic log's own files take (a chain file, checkpoint or \
+             prune manifest); name the state file otherwise (tail-log.state, say)",
+            path.display()
+        ));
+    }
     let dir = state_dir(path);
     if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
         return Err(format!(
