@@ -472,7 +472,7 @@ fn with_room(c: &mut Check, dir: &Path) {
         c.detail = format!(
             "{}: its file system has {said} left{}; the start-up needs at least {} KiB and {MIN_FREE_FILES} files there for its first records (make room, or archive old chains with kvh prune-log)",
             printable(&dir.display().to_string()),
-            kept_back_said(room.kept_back),
+            kept_back_said(short_of_bytes.map_or(0, |_| room.kept_back)),
             MIN_FREE_BYTES >> 10,
         );
     } else {
@@ -488,7 +488,7 @@ fn kept_back_said(kept_back: u64) -> String {
         return String::new();
     }
     format!(
-        " for writers other than root (up to {} more are kept back: ext4's reserve for root, which this check does not count on)",
+        " for writers other than root (up to {} more are kept back by the file system, such as ext4's reserve for root, which this check does not count on)",
         size_said(kept_back)
     )
 }

@@ -2942,3 +2942,40 @@ fn exceptions_read_from_the_archive_name_the_archived_file() {
         "{files:?}"
     );
 }
+
+/// A chain `prune-log` moved whole holds records (in the archive) and its signed checkpoint
+/// matched its manifest: `kvh evidence --allow-pruned` must not count it among the chains
+/// "without a record, which no checkpoint covers" (`integrity.empty_chains`).
+#[test]
+fn a_chain_moved_whole_is_not_counted_as_a_chain_without_a_record() {
+    let s = setup();
+    let keys = tempfile::tempdir().unwrap();
+    let (signer, public) = kvhygiene::forensic::cli::keygen(&keys.path().join("signer")).unwrap();
+    let mut c = cfg(&s.log, 4096);
+    c.signing_key_file = Some(signer);
+    write_log(&c, 40, true);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(chain_files(&s.log).is_empty());
+    // A second chain, left in the log directory.
+    write_log(&c, 5, true);
+    let out = kvh(&[
+        "evidence",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+        "--allow-pruned",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let i = &v["integrity"];
+    assert_eq!(i["checkpoints_matched"], serde_json::json!(2), "{i}");
+    assert_eq!(
+        i["empty_chains"],
+        serde_json::json!(0),
+        "the chain moved whole has records and a matched checkpoint: {i}"
+    );
+}

@@ -1100,3 +1100,18 @@ fn a_pid_pattern_that_ends_in_a_dot_component_is_refused_as_a_directory() {
         "/run/kvh/{{pid}}/. was taken as a pattern: {got:?}"
     );
 }
+
+/// A finite snapshot time before 1970 is named as the file writes it (the line an operator
+/// searches for): one written in exponent notation too.
+#[test]
+fn a_negative_snapshot_time_in_exponent_notation_is_named_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let early = dir.path().join("early.prom");
+    std::fs::write(&early, "kvh_snapshot_timestamp_seconds -1e-7\n").unwrap();
+    let (code, _, err) = run(kvh().args(["metrics", "--file"]).arg(&early));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is -1e-7,"),
+        "the message names another spelling than the file's -1e-7: {err}"
+    );
+}

@@ -1888,7 +1888,9 @@ fn a_log_file_system_full_but_for_roots_reserve_fails_and_names_the_reserve() {
     assert_eq!((code, st), (1, "fail"), "{detail}");
     assert!(
         detail.contains("for writers other than root (up to ")
-            && detail.contains("MiB more are kept back: ext4's reserve for root"),
+            && detail.contains(
+                "MiB more are kept back by the file system, such as ext4's reserve for root"
+            ),
         "{detail}"
     );
 }

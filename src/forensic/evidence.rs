@@ -928,7 +928,9 @@ fn integrity(r: &Report) -> Integrity {
             .iter()
             .filter(|c| c.ok() && c.checkpoint_behind().is_none())
             .filter_map(|c| {
-                let (checkpoint_seq, last_seq) = (c.checkpoint_seq?, c.last_seq?);
+                // A checkpoint signed while the chain was read counts, as for `checkpoint_behind`.
+                let checkpoint_seq = c.checkpoint_seq?.max(c.checkpoint_reread.unwrap_or(0));
+                let last_seq = c.last_seq?;
                 (last_seq > checkpoint_seq).then(|| PastCheckpoint {
                     chain: c.chain.clone(),
                     checkpoint_seq,
@@ -937,7 +939,12 @@ fn integrity(r: &Report) -> Integrity {
                 })
             })
             .collect(),
-        empty_chains: r.chains.iter().filter(|c| c.ok() && c.records == 0).count(),
+        // Not a chain moved whole: its records are in the archive, and its manifest stands in.
+        empty_chains: r
+            .chains
+            .iter()
+            .filter(|c| c.ok() && c.records == 0 && c.pruned.is_none())
+            .count(),
         checkpoints_matched: pinned.then(|| {
             r.chains
                 .iter()

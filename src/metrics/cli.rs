@@ -309,13 +309,16 @@ fn optional_sample_value<S: serde::Serializer>(v: &Option<f64>, s: S) -> Result<
     }
 }
 
-/// A value as the file may spell it: a finite one in decimal (`-5`), else as
-/// [`prom_number`] does.
+/// A value as a file most likely spells it, for the reader to find the line: a whole number
+/// in digits (`-5`), another finite one in Rust's shortest round-trip form, with an exponent
+/// where it is very small or large (`-1e-7`), else as [`prom_number`] does.
 fn value_said(v: f64) -> String {
-    if v.is_finite() {
-        v.to_string()
-    } else {
+    if !v.is_finite() {
         prom_number(v).to_string()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v}")
+    } else {
+        format!("{v:?}")
     }
 }
 

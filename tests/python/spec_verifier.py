@@ -23,9 +23,11 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 HEX128 = re.compile(r"^[0-9a-f]{128}$")
 # "Files and chains": kvh-<chain>-<index>.jsonl, index zero-padded to six digits, then 1000000...
-CHAIN_FILE = re.compile(r"^kvh-(p[0-9]+-t[0-9]+)-([0-9]{6}|[1-9][0-9]{6,})\.jsonl$")
-CKPT_FILE = re.compile(r"^kvh-(p[0-9]+-t[0-9]+)\.ckpt$")
-MANIFEST_FILE = re.compile(r"^kvh-(p[0-9]+-t[0-9]+)\.pruned\.json$")
+# Chain ids p<1..20 digits>-t<1..20 digits>; file indexes of at most 20 digits, a u64.
+CHAIN_ID = r"(p[0-9]{1,20}-t[0-9]{1,20})"
+CHAIN_FILE = re.compile(r"^kvh-" + CHAIN_ID + r"-([0-9]{6}|[1-9][0-9]{6,19})\.jsonl$")
+CKPT_FILE = re.compile(r"^kvh-" + CHAIN_ID + r"\.ckpt$")
+MANIFEST_FILE = re.compile(r"^kvh-" + CHAIN_ID + r"\.pruned\.json$")
 CKPT_MEMBERS = {"chain", "file", "hash", "public_key", "seq", "ts", "v", "sig"}
 MAX_DEPTH = 32
 U64 = 2**64 - 1
@@ -285,7 +287,7 @@ def verify(log_dir, key_files=(), public_key_files=(), checkpoint=None, allow_pr
     for d in [log_dir, *map(Path, archive_dirs)]:
         for name in _list(d):
             m = CHAIN_FILE.match(name)
-            if m:
+            if m and int(m.group(2)) <= U64:
                 files.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(d / name)
 
     manifests = {}
@@ -459,6 +461,8 @@ def _verify_chain(chain, idx_paths, manifest_path, cks, keys, pubs, allow_pruned
             for f, t in (("v", int), ("seq", int), ("ts", int), ("epoch", int), ("kind", str), ("chain", str), ("prev", str)):
                 if not isinstance(rec.get(f), t) or isinstance(rec.get(f), bool):
                     raise Bad(f"{where}: header field {f} missing or of the wrong type")
+            if not 0 <= rec["ts"] <= U64:
+                raise Bad(f"{where}: ts is not a u64")
             for f in ("tenant_id", "request_id", "model_id"):
                 if f not in rec or not (rec[f] is None or isinstance(rec[f], str)):
                     raise Bad(f"{where}: header field {f} missing or of the wrong type")

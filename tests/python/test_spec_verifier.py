@@ -890,3 +890,23 @@ def test_env_secret_verifies_with_key_file_without_newline(tmp_path, keys):
     os.chmod(kf, 0o600)
     rc, out = kvh_verify(d, "--key-file", kf)
     assert (rc, spec_verify(d, [kf]).status) == (0, 0), out
+
+
+def test_file_name_with_a_21_digit_pid_is_judged_alike(signed_log, keys, tmp_path):
+    # docs/forensic-log.md: a file whose chain id is not of the form p<digits>-t<digits> is
+    # passed over. kvh-p<21 digits>-t1-000000.jsonl is of that form: both verifiers must
+    # judge it alike (here a copy of another chain's file 0: spliced).
+    d = copy(signed_log, tmp_path)
+    shutil.copy(chain_files(d, chains_of(d)[0])[0], d / f"kvh-p{'1' * 21}-t1-000000.jsonl")
+    rc, st, out, res = both(d, keys, with_pub=False)
+    assert rc == st, f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+
+
+@needs_crypto
+def test_a_negative_ts_is_judged_alike(signed_log, keys, tmp_path):
+    # The header table: `ts` is an integer (Unix nanoseconds). A resealed record whose ts is
+    # -1 is judged by both verifiers alike.
+    d = copy(signed_log, tmp_path)
+    reseal(d, chains_of(d)[0], keys, _set_field("summary", "ts", -1), serialize=_ser_without_private)
+    rc, st, out, res = both(d, keys)
+    assert rc == st, f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
