@@ -1247,9 +1247,9 @@ fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report()
         serde_json::json!([]),
         "{v}"
     );
-    assert_eq!(
-        v["audit_period"]["gaps"][0]["moved_records_of"],
-        serde_json::json!([]),
+    let gap = &v["audit_period"]["gaps"][0];
+    assert!(
+        gap.is_object() && gap.get("moved_records_of").is_none(),
         "{v}"
     );
     for outside in [["--until", "2000-01-01"], ["--since", "2400-01-01"]] {

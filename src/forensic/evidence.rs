@@ -248,7 +248,9 @@ pub struct Gap {
     pub to: String,
     pub minutes: u64,
     /// Chains whose records `kvh prune-log` moved span part of the stretch (as their
-    /// manifests date them): records this report did not read may lie in it.
+    /// manifests date them): records this report did not read may lie in it. Absent when
+    /// none does.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub moved_records_of: Vec<String>,
 }
 
