@@ -43,10 +43,14 @@ forward pass on a stream of its own, pass that stream, so that the scrub does no
 kernel still reading the slots. Speculative decoding (EAGLE) gives the draft model a KV
 pool of its own but the target's allocator: wrap that one allocator once, with the layouts of
 both pools (``layouts_of(target_pool) + layouts_of(draft_pool)``), so that every page it
-frees is scrubbed in both. Not covered: slots given back by
-other means than ``free``, ``free_segment``, ``clear`` and ``restore_state`` (the hybrid
-sliding-window allocators' ``free_swa``, for one), and buffers that are not per-token
-rows (FP4 scale buffers, sparse-attention index buffers, a host-side cache).
+frees is scrubbed in both. A sliding-window
+hybrid allocator (``SWATokenToKVPoolAllocator``), which keeps its free lists in two inner
+allocators, is refused: wrap each inner one (``full_attn_allocator``,
+``swa_attn_allocator``) with the layouts of its own pool, which covers its ``free_swa`` too.
+An FP4 pool's block-scale rows (``k_scale_buffer``, ``v_scale_buffer``) are scrubbed with the
+slots they belong to. Not covered: slots given back by other means than ``free``,
+``free_segment``, ``clear`` and ``restore_state``, and buffers that are not per-token rows
+(sparse-attention index buffers, a host-side cache).
 """
 
 from __future__ import annotations
@@ -78,16 +82,33 @@ def _buffers(kv_pool) -> list:
     )
 
 
+def _scale_buffers(kv_pool) -> list:
+    """The pool's per-layer block-scale rows, one per token slot (``k_scale_buffer`` and
+    ``v_scale_buffer`` of an FP4 pool: computed from the request's keys and values, written
+    at the same slots); none for other pools."""
+    out = []
+    for name in ("k_scale_buffer", "v_scale_buffer"):
+        held = getattr(kv_pool, name, None)
+        if held is not None:
+            out.extend(held)
+    return out
+
+
 def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
     """The layouts of an SGLang token KV pool whose blocks are its pages: block ``p`` of each
     region is token slots ``p * page_size .. (p + 1) * page_size - 1`` of one layer's K, V or
-    KV tensor. ``page_size`` defaults to the pool's. Tensors of one geometry share a layout (K
-    and V of different head sizes make two)."""
+    KV tensor, and of its block-scale rows when it has them (an FP4 pool's ``k_scale_buffer``
+    and ``v_scale_buffer``). ``page_size`` defaults to the pool's. Tensors of one geometry
+    share a layout (K and V of different head sizes make two)."""
     page = _page_size(kv_pool if page_size is None else page_size)
     groups: Dict[Tuple[int, int, int, int], List[int]] = {}
-    for n, t in enumerate(_buffers(kv_pool)):
-        name = f"KV tensor {n}"
-        if len(t.shape) != 3:
+    data, scales = _buffers(kv_pool), _scale_buffers(kv_pool)
+    for n, t in enumerate(data + scales):
+        scale = n >= len(data)
+        name = f"KV scale tensor {n - len(data)}" if scale else f"KV tensor {n}"
+        if scale and len(t.shape) != 2:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, scales]")
+        if not scale and len(t.shape) != 3:
             raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, heads, head_dim]")
         (row_bytes, row_stride, rows), bases = _tensor_blocks(t, 0, name)
         if page > 1 and row_stride != row_bytes:
@@ -483,7 +504,18 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
     layouts = list(layouts)
     if not layouts:
         raise ValueError("scrub_on_free needs the KV pool's layouts (layouts_of(pool))")
-    if callable(getattr(allocator, "restore_state", None)) and not any(hasattr(allocator, n) for n in _FREE_LISTS):
+    inner = [n for n in ("full_attn_allocator", "swa_attn_allocator") if getattr(allocator, n, None) is not None]
+    if inner:
+        # Its free lists are its inner allocators': the slots their frees and restores give
+        # back (free_swa's too) are seen only there, each in its own pool.
+        raise ValueError(
+            f"{type(allocator).__name__} keeps its free lists in {' and '.join(inner)}: wrap each "
+            "of those instead, with the layouts of its own KV pool (scrub_on_free(allocator."
+            "full_attn_allocator, layouts_of(full_kv_pool)), and the same for the sliding-window "
+            "one)"
+        )
+    has_lists = any(getattr(allocator, n, None) is not None for n in _FREE_LISTS)
+    if callable(getattr(allocator, "restore_state", None)) and not has_lists:
         raise AttributeError(
             f"{type(allocator).__name__} has restore_state but no free_pages list: the pages a restore "
             "frees cannot be seen, so they could not be scrubbed"

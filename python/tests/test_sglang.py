@@ -1009,3 +1009,170 @@ def test_a_page_size_that_contradicts_the_allocators_own_is_refused_or_still_scr
     stale = [s for s in draft if not pool.holds(s, 0)]
     pool.release()
     assert not stale, f"slots {stale} a restore freed were handed back with the draft step's bytes"
+
+
+class FP4Pool:
+    """SGLang's FP4 MHA token KV pool (``MHATokenToKVPoolFP4`` in
+    python/sglang/srt/mem_cache/memory_pool.py), in kvhygiene memory: per layer, ``k_buffer`` and
+    ``v_buffer`` of ``[size + page_size, heads, head_dim // 2]`` uint8 (two FP4 values a byte)
+    and ``k_scale_buffer`` and ``v_scale_buffer`` of ``[size + page_size, heads * head_dim //
+    16]`` uint8 (one block scale per 16 values). ``set_kv_buffer`` writes the packed values and
+    their scales at the same token slots (``k_scale_buffer[layer][loc] = ...``): a scale row
+    belongs to the token slot of its index, as the K and V rows do."""
+
+    HEAD_DIM = 32
+
+    def __init__(self, lib, page_size, layers=2, slots=SLOTS):
+        self.page_size = page_size
+        self.rows = slots + page_size
+        self.data_row = HEADS * self.HEAD_DIM // 2
+        self.scale_row = HEADS * self.HEAD_DIM // 16
+        self.size = layers * self.rows * 2 * (self.data_row + self.scale_row)
+        self.lib = lib
+        self.base = lib.kvh_malloc(self.size, 0, None)
+        at = self.base
+        self.k_buffer, self.v_buffer, self.k_scale_buffer, self.v_scale_buffer = [], [], [], []
+        for _ in range(layers):
+            for out in (self.k_buffer, self.v_buffer):
+                out.append(FakeTensor(at, (self.rows, HEADS, self.HEAD_DIM // 2), element_size=1))
+                at += self.rows * self.data_row
+            for out in (self.k_scale_buffer, self.v_scale_buffer):
+                out.append(FakeTensor(at, (self.rows, self.scale_row), element_size=1))
+                at += self.rows * self.scale_row
+
+    def rows_of(self):
+        for t in self.k_buffer + self.v_buffer:
+            yield t, self.data_row
+        for t in self.k_scale_buffer + self.v_scale_buffer:
+            yield t, self.scale_row
+
+    def fill(self, slots, byte):
+        for t, row in self.rows_of():
+            for s in slots:
+                ctypes.memset(t.data_ptr() + s * row, byte, row)
+
+    def scale_bytes_of(self, slot):
+        return [
+            ctypes.string_at(t.data_ptr() + slot * self.scale_row, self.scale_row)
+            for t in self.k_scale_buffer + self.v_scale_buffer
+        ]
+
+    def release(self):
+        self.lib.kvh_free(self.base, self.size, 0, None)
+        kvhygiene.synchronize()
+
+
+def test_the_fp4_block_scales_of_freed_slots_are_zero_when_the_slots_are_handed_out_again():
+    # With an FP4 KV cache (--kv-cache-dtype fp4_e2m1) SGLang keeps, next to the packed K and V
+    # rows, one row of block scales per token slot and layer (k_scale_buffer, v_scale_buffer),
+    # written at the same slot indices as the K and V rows. The scales are computed from the
+    # request's keys and values. layouts_of takes the pool's k_buffer and v_buffer and the
+    # module's documentation promises that every page freed is zeroed before it is handed out
+    # again; the scale rows of a freed slot are part of what that slot holds.
+    lib = kvhygiene.load()
+    pool = FP4Pool(lib, page_size=1)
+    alloc = TokenAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(pool))
+    a = alloc.alloc(4)
+    pool.fill(a, 0xA1)  # request a writes K, V and their block scales
+    alloc.free(a)
+    handed = alloc.alloc(SLOTS)
+    stale = [s for s in a if s in handed and any(row != bytes(pool.scale_row) for row in pool.scale_bytes_of(s))]
+    pool.release()
+    assert not stale, f"slots {stale} were handed out with the freed request's FP4 block scales"
+
+
+class SWAAllocator:
+    """SGLang's allocator for sliding-window hybrid models (``SWATokenToKVPoolAllocator`` in
+    python/sglang/srt/mem_cache/allocator/swa.py at sgl-project/sglang commit
+    0019020ab3cd450a4f8fba13dff2dfb6dd7801af), with lists for tensors: it sets ``free_pages``
+    and ``release_pages`` to ``None`` and keeps its free lists in two inner allocators
+    (``full_attn_allocator``, ``swa_attn_allocator``, each a token allocator of the base class in
+    allocator/base.py, whose ``backup_state`` / ``restore_state`` save and put back
+    ``(free_pages, release_pages)``); its own ``backup_state`` returns the two inner states and
+    its ``restore_state`` hands each back to its inner allocator, freeing every slot taken since
+    without ``free``. Slot indices it hands out are the full pool's (``page_size`` 1 here)."""
+
+    page_size = 1
+
+    def __init__(self):
+        self.full_attn_allocator = SpeculativeAllocator(page_size=1)
+        self.swa_attn_allocator = SpeculativeAllocator(page_size=1)
+        self.free_pages = None
+        self.release_pages = None
+        self.is_not_in_free_group = True
+        self.free_group = []
+        self.full_to_swa = {}
+
+    def alloc(self, tokens):
+        full = self.full_attn_allocator.alloc(tokens)
+        swa = self.swa_attn_allocator.alloc(tokens)
+        self.full_to_swa.update(zip(full, swa))
+        return full
+
+    def free(self, free_index):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        if not self.is_not_in_free_group:
+            self.free_group.append(free_index)
+            return
+        self.full_attn_allocator.free(free_index)
+        self.swa_attn_allocator.free([self.full_to_swa.pop(i) for i in free_index if i in self.full_to_swa])
+
+    def backup_state(self):
+        return [self.full_attn_allocator.backup_state(), self.swa_attn_allocator.backup_state()]
+
+    def restore_state(self, state):
+        self.full_attn_allocator.restore_state(state[0])
+        self.swa_attn_allocator.restore_state(state[1])
+
+
+def test_slots_a_sliding_window_allocators_restore_state_frees_are_zero_or_the_allocator_is_refused():
+    # Speculative decoding on a sliding-window hybrid model (gpt-oss, Gemma 3) saves and puts back
+    # the free lists of SGLang's SWA allocator around a draft step. Its own free_pages and
+    # release_pages are None; the lists a restore changes are its inner allocators'. The module
+    # refuses an allocator with restore_state whose freed pages it cannot see ("has
+    # restore_state but no free_pages list"); here it either refuses this one too or scrubs the
+    # slots its restore_state frees.
+    lib = kvhygiene.load()
+    full_pool = Pool(lib, page_size=1)
+    alloc = SWAAllocator()
+    try:
+        scrub_on_free(alloc, layouts_of(full_pool))
+    except (AttributeError, ValueError) as e:
+        full_pool.release()
+        assert "full_attn_allocator" in str(e), e
+        return
+    saved = alloc.backup_state()
+    draft = alloc.alloc(4)  # a draft step's slots
+    full_pool.fill(draft, 0xD7)
+    alloc.restore_state(saved)
+    handed = alloc.alloc(SLOTS)
+    stale = [s for s in draft if s in handed and not full_pool.holds(s, 0)]
+    full_pool.release()
+    assert not stale, (
+        f"slots {stale} freed by the SWA allocator's restore_state were handed out with the draft step's bytes"
+    )
+
+
+def test_a_sliding_window_allocators_inner_allocators_wrapped_each_scrub_what_a_restore_frees():
+    # The refusal above says to wrap each inner allocator with its own pool's layouts: then
+    # the slots the outer restore_state gives back, in both pools, are zero when handed out.
+    lib = kvhygiene.load()
+    full_pool, swa_pool = Pool(lib, page_size=1), Pool(lib, page_size=1)
+    alloc = SWAAllocator()
+    scrub_on_free(alloc.full_attn_allocator, layouts_of(full_pool))
+    scrub_on_free(alloc.swa_attn_allocator, layouts_of(swa_pool))
+    saved = alloc.backup_state()
+    draft = alloc.alloc(4)
+    draft_swa = [alloc.full_to_swa[s] for s in draft]
+    full_pool.fill(draft, 0xD7)
+    swa_pool.fill(draft_swa, 0xD7)
+    alloc.restore_state(saved)
+    try:
+        assert all(full_pool.holds(s, 0) for s in draft)
+        assert all(swa_pool.holds(s, 0) for s in draft_swa)
+    finally:
+        full_pool.release()
+        swa_pool.release()
