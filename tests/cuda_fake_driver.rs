@@ -137,6 +137,7 @@ fn a_skipped_segment_is_caught() {
     let (path, _lib) = fake_or_skip!("skip");
     let b = start(&path);
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+    common::sampled_words_are_the_host_rules(&b, &|i| b.inject_skip_zero(i));
 }
 
 /// Under `ItemGrid::Resident`, batches with work items run on `kvh_scrub_strided` with a grid
@@ -166,6 +167,7 @@ fn the_resident_grid_scrubs_what_the_per_chunk_grid_does() {
     );
     common::item_batches_are_scrubbed(&b);
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+    common::sampled_words_are_the_host_rules(&b, &|i| b.inject_skip_zero(i));
     scrub_and_check(&b, 50_000, &[(1, 40_000)], SAMPLED);
     assert_eq!(
         last_grid(),

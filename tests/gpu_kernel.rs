@@ -5,7 +5,9 @@
 //! Each check fills device memory with random bytes, scrubs segments at odd offsets, reads the
 //! whole allocation back and asserts: every byte inside a segment is zero, every byte outside
 //! is unchanged (no overrun), and each result slot equals what `verify::verify_bytes` computes
-//! on the read-back bytes (so the kernel's sample positions are the host rule's). The same
+//! on the read-back bytes. Read-back zeros agree with any positions, so a segment left
+//! unzeroed on purpose holds marked words where the host rule samples and where it does not:
+//! the kernel must count exactly the sampled ones (its positions are the host rule's). The same
 //! checks run in CI against a host stand-in for the driver (tests/cuda_fake_driver.rs).
 
 #[path = "backend_common/mod.rs"]
@@ -129,6 +131,7 @@ fn batches_with_work_items_under_both_launch_shapes() {
         eprintln!("work-item batches under {shape:?}");
         common::item_batches_are_scrubbed(&b);
         common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+        common::sampled_words_are_the_host_rules(&b, &|i| b.inject_skip_zero(i));
     }
     b.set_item_grid(ItemGrid::default());
 }
@@ -144,6 +147,7 @@ fn kv_cache_blocks_are_scrubbed_through_the_allocator() {
 fn a_skipped_segment_is_caught_by_the_verification() {
     let b = backend();
     common::skipped_segment_is_caught(&b, &|i| b.inject_skip_zero(i));
+    common::sampled_words_are_the_host_rules(&b, &|i| b.inject_skip_zero(i));
 }
 
 #[test]

@@ -199,6 +199,83 @@ fn skipped_segment_is_caught_in(
     b.release(0, base, total).expect("release");
 }
 
+/// The kernel reads exactly the words the host rule names. A segment left unzeroed (`inject`)
+/// holds zeros but for a marked byte in every other word the host rule samples for its seed,
+/// and in as many words it does not sample: the count of non-zero samples must be the number
+/// of sampled words marked, no more (an unsampled word read) and no fewer (a sampled word
+/// missed). Random contents cannot tell this: every word of them reads non-zero.
+pub fn sampled_words_are_the_host_rules(b: &dyn Backend, inject: &dyn Fn(Option<u32>)) {
+    for (len, offset, options) in [
+        (4095u64, 3u64, SAMPLED),
+        (MIB + 17, 5, SAMPLED),
+        (16 * MIB + 3, 1, SAMPLED),
+        (
+            300_001,
+            7,
+            ScrubOptions {
+                full_verify: true,
+                ..SAMPLED
+            },
+        ),
+    ] {
+        sampled_words_in(b, inject, len, offset, options);
+    }
+}
+
+fn sampled_words_in(
+    b: &dyn Backend,
+    inject: &dyn Fn(Option<u32>),
+    len: u64,
+    offset: u64,
+    options: ScrubOptions,
+) {
+    let shape = format!(
+        "{len} bytes at offset {offset}, full {}",
+        options.full_verify
+    );
+    let total = 3 * (len + offset) + 64;
+    let base = b.allocate(0, total).expect("allocate");
+    let segs: Vec<ScrubSegment> = (0..3u64)
+        .map(|i| ScrubSegment {
+            addr: base + i * (len + offset) + offset,
+            len,
+            seed: 0x5eed + i,
+        })
+        .collect();
+    let planted = &segs[1];
+    let rule = verify::Rule::new(len, options.samples, options.full_verify);
+    let sampled: std::collections::BTreeSet<u64> = (0..rule.samples())
+        .map(|i| rule.word(planted.seed, i))
+        .collect();
+    let mut bytes = vec![0u8; len as usize];
+    let mut mark = |word: u64| bytes[(word * verify::WORD_BYTES) as usize] = 0xA5;
+    let marked_sampled: Vec<u64> = sampled.iter().copied().step_by(2).collect();
+    marked_sampled.iter().for_each(|&w| mark(w));
+    let words = verify::word_count(len);
+    let unsampled = (0..words).filter(|w| !sampled.contains(w));
+    unsampled.take(marked_sampled.len()).for_each(&mut mark);
+    b.write(0, base, &random_bytes(total as usize, 11))
+        .expect("write");
+    b.write(0, planted.addr, &bytes).expect("write");
+    inject(Some(1));
+    let results = run(b, batch(segs.clone(), options));
+    inject(None);
+    assert_eq!(results[1].checked, rule.samples(), "{shape}: samples read");
+    assert_eq!(
+        results[1].nonzero,
+        marked_sampled.len() as u64,
+        "{shape}: the non-zero samples are the marked words the host rule samples"
+    );
+    for i in [0, 2] {
+        assert!(
+            verify::passes(results[i], rule.samples(), 0.999),
+            "{shape}: segment {i}: {:?}",
+            results[i]
+        );
+    }
+    b.release(0, base, total).expect("release");
+}
+
 /// `kvh_scrub_blocks` end to end on `backend`: a cache of three regions (two layers' K and V
 /// in one allocation, blocks with untouched gaps between them) is random-filled through an
 /// allocator on the backend; the named blocks, and only they, must read zero afterwards. Then
