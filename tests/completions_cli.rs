@@ -2,22 +2,7 @@
 
 mod cli_common;
 
-use cli_common::{kvh, run};
-
-const VERBS: &[&str] = &[
-    "demo",
-    "verify-log",
-    "keygen",
-    "prune-log",
-    "evidence",
-    "tail-log",
-    "metrics",
-    "serve-metrics",
-    "gate",
-    "config",
-    "preflight",
-    "completions",
-];
+use cli_common::{kvh, run, VERBS};
 
 #[test]
 fn the_bash_script_parses_and_completes_every_verb_and_option() {

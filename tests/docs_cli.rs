@@ -110,22 +110,8 @@ fn every_line_of_the_readme_verb_table_is_a_whole_row() {
 /// say "0, or 2", `kvh completions --help` "0, or 2 for an unknown shell".
 #[test]
 fn every_verb_help_states_its_exit_statuses() {
-    let verbs = [
-        "demo",
-        "verify-log",
-        "keygen",
-        "prune-log",
-        "evidence",
-        "tail-log",
-        "metrics",
-        "serve-metrics",
-        "gate",
-        "config",
-        "preflight",
-        "completions",
-    ];
     let mut silent = Vec::new();
-    for verb in verbs {
+    for &verb in cli_common::VERBS {
         let (code, out, err) = run(kvh().args([verb, "--help"]));
         assert_eq!(code, 0, "kvh {verb} --help: {err}");
         if !out.to_lowercase().contains("exit") {

@@ -3,7 +3,7 @@
 
 mod forensic_common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
@@ -2531,12 +2531,7 @@ fn the_criteria_of_a_log_that_failed_verification_say_so() {
 #[test]
 fn a_chain_with_records_after_its_checkpoint_is_named_in_the_report() {
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let hmac = secret_key_file(tmp.path());
-    let dir = tmp.path().join("log");
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
+    let (dir, hmac, public, log) = signed_writer(tmp.path());
     for i in 0..20 {
         log.emit(forensic_common::event(i));
     }
@@ -2604,12 +2599,7 @@ fn a_tenant_named_only_in_a_chain_that_failed_is_not_said_to_be_named_by_no_reco
 fn a_chain_without_a_record_is_said_when_checkpoints_are_counted() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
-    let (key, public) = kvhygiene::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-    let hmac = secret_key_file(tmp.path());
-    let dir = tmp.path().join("log");
-    let mut c = cfg(&dir, 1 << 20);
-    c.signing_key_file = Some(key);
-    let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
+    let (dir, hmac, public, log) = signed_writer(tmp.path());
     log.emit(forensic_common::event(0));
     drop(log);
     let empty = dir.join("kvh-p1-t1-000000.jsonl");
@@ -2635,4 +2625,16 @@ fn a_chain_without_a_record_is_said_when_checkpoints_are_counted() {
         ),
         "{report}"
     );
+}
+
+/// A sealed, signing writer on `root/log`: the directory, the HMAC key's file, the public
+/// key's file and the open log.
+fn signed_writer(root: &Path) -> (PathBuf, PathBuf, PathBuf, std::sync::Arc<ForensicLog>) {
+    let (key, public) = kvhygiene::forensic::cli::keygen(&root.join("signer")).unwrap();
+    let hmac = secret_key_file(root);
+    let dir = root.join("log");
+    let mut c = cfg(&dir, 1 << 20);
+    c.signing_key_file = Some(key);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
+    (dir, hmac, public, log)
 }

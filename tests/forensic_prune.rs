@@ -1230,18 +1230,7 @@ fn an_audit_period_reaching_into_moved_records_says_they_are_not_in_the_report()
         serde_json::json!([chain]),
         "{v}"
     );
-    let with_archive = kvh(&[
-        "evidence",
-        s.log.to_str().unwrap(),
-        "--key-file",
-        s.key.to_str().unwrap(),
-        "--archive-dir",
-        s.archive.to_str().unwrap(),
-        "--since",
-        "2000-01-01",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_slice(&with_archive.stdout).unwrap();
+    let v = evidence_with_archive(&s, &["--since", "2000-01-01"]);
     assert_eq!(
         v["audit_period"]["pruned_in_period"],
         serde_json::json!([]),
@@ -2914,17 +2903,7 @@ fn fill_leaving(dir: &Path, pages: u64) {
 #[test]
 fn exceptions_read_from_the_archive_name_the_archived_file() {
     let s = pruned_open_chain();
-    let out = kvh(&[
-        "evidence",
-        s.log.to_str().unwrap(),
-        "--key-file",
-        s.key.to_str().unwrap(),
-        "--archive-dir",
-        s.archive.to_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = evidence_with_archive(&s, &[]);
     let files: Vec<&str> = v["exceptions"]
         .as_array()
         .unwrap()
@@ -2978,4 +2957,22 @@ fn a_chain_moved_whole_is_not_counted_as_a_chain_without_a_record() {
         serde_json::json!(0),
         "the chain moved whole has records and a matched checkpoint: {i}"
     );
+}
+
+/// `kvh evidence --json` of `s`'s log read whole (`--archive-dir`), with `extra` arguments;
+/// the run must succeed.
+fn evidence_with_archive(s: &Setup, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "evidence",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--archive-dir",
+        s.archive.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = kvh(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -20,6 +20,23 @@ pub fn host_demo(tenants: u32, requests: u32) -> Command {
     c
 }
 
+/// Every verb of `kvh`, as its help lists them.
+#[allow(dead_code)]
+pub const VERBS: &[&str] = &[
+    "demo",
+    "verify-log",
+    "keygen",
+    "prune-log",
+    "evidence",
+    "tail-log",
+    "metrics",
+    "serve-metrics",
+    "gate",
+    "config",
+    "preflight",
+    "completions",
+];
+
 /// The built `kvh`, with no `KVH_*` variable of the test's environment: the verbs read
 /// `KVH_METRICS_FILE` when no file is named, so each test starts from a clean slate.
 pub fn kvh() -> Command {

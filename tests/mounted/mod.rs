@@ -29,40 +29,10 @@ impl Mounted {
     /// is missing or this process may not mount a loop device.
     #[allow(dead_code)]
     pub fn ext4(dir: &Path, mib: u64) -> Option<Mounted> {
-        let image = dir.with_extension("ext4.img");
-        let made = std::fs::File::create(&image)
-            .and_then(|f| f.set_len(mib << 20))
-            .is_ok()
-            && Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-m", "0", "-b", "4096"])
-                .arg(&image)
-                .output()
-                .is_ok_and(|o| o.status.success());
-        let ok = made
-            && Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&image)
-                .arg(dir)
-                .output()
-                .is_ok_and(|o| o.status.success());
-        if !ok {
-            eprintln!("skipped: no mkfs.ext4, or this process may not mount a loop device");
-            return None;
-        }
-        Some(Mounted(dir.to_path_buf()))
+        Mounted::ext4_reserved(dir, mib, 0)
     }
-}
 
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-    }
-}
-
-impl Mounted {
-    /// Mounts an ext4 file system of `mib` MiB (4 KiB blocks) on `dir` with `percent` of its
-    /// blocks reserved for root (`mkfs.ext4 -m`); `None`, said on stderr, where mkfs.ext4 is
-    /// missing or this process may not mount a loop device.
+    /// [`Mounted::ext4`] with `percent` of its blocks reserved for root (`mkfs.ext4 -m`).
     #[allow(dead_code)]
     pub fn ext4_reserved(dir: &Path, mib: u64, percent: u32) -> Option<Mounted> {
         let image = dir.with_extension("ext4.img");
@@ -86,5 +56,11 @@ impl Mounted {
             return None;
         }
         Some(Mounted(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
     }
 }
