@@ -1046,3 +1046,146 @@ fn failed_device_opens_do_not_retain_the_primary_context_again() {
         "device 1's primary context was retained once per opening attempt and never released"
     );
 }
+
+/// A backend over host memory whose verification reads, for one sample, a word other than
+/// the host rule's (`misread`), and leaves the segment `skip` names unzeroed: a kernel with an
+/// off-by-one at one edge of a sampled segment, for `common::sampled_words_are_the_host_rules`.
+struct MisreadingBackend {
+    skip: std::sync::Mutex<Option<u32>>,
+    misread: fn(&kvhygiene::backend::verify::Rule, u64, u64) -> u64,
+}
+
+struct Ready(Option<Vec<kvhygiene::backend::verify::SegmentResult>>);
+
+impl kvhygiene::backend::ScrubTicket for Ready {
+    fn poll(
+        &mut self,
+    ) -> Result<Option<Vec<kvhygiene::backend::verify::SegmentResult>>, BackendError> {
+        Ok(self.0.take())
+    }
+    fn wait(&mut self) -> Result<Vec<kvhygiene::backend::verify::SegmentResult>, BackendError> {
+        Ok(self.0.take().expect("results"))
+    }
+}
+
+impl Backend for MisreadingBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+    fn device_count(&self) -> u32 {
+        1
+    }
+    fn allocate(&self, _device: u32, len: u64) -> Result<u64, BackendError> {
+        let buf = vec![0u8; len as usize].into_boxed_slice();
+        Ok(Box::into_raw(buf) as *mut u8 as u64)
+    }
+    fn release(&self, _device: u32, addr: u64, len: u64) -> Result<(), BackendError> {
+        // SAFETY: `addr` and `len` are those of a buffer `allocate` leaked.
+        drop(unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                addr as *mut u8,
+                len as usize,
+            ))
+        });
+        Ok(())
+    }
+    fn zero_fresh(
+        &self,
+        _device: u32,
+        addr: u64,
+        len: u64,
+        _stream: StreamHandle,
+    ) -> Result<(), BackendError> {
+        // SAFETY: inside a buffer `allocate` returned.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len as usize) };
+        Ok(())
+    }
+    unsafe fn submit_scrub(
+        &self,
+        batch: kvhygiene::backend::ScrubBatch,
+    ) -> Result<Box<dyn kvhygiene::backend::ScrubTicket>, BackendError> {
+        use kvhygiene::backend::verify::{Rule, SegmentResult, WORD_BYTES};
+        let skip = *self.skip.lock().unwrap();
+        let o = batch.options;
+        let mut out = Vec::new();
+        for (n, s) in batch.segments.iter().enumerate() {
+            // SAFETY: the tests' segments lie inside buffers `allocate` returned.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len as usize) };
+            if skip != Some(n as u32) {
+                bytes.fill(0);
+            }
+            let rule = Rule::new(s.len, o.samples, o.full_verify);
+            let mut r = SegmentResult::default();
+            for i in 0..rule.samples() {
+                let w = (self.misread)(&rule, s.seed, i);
+                let start = (w * WORD_BYTES) as usize;
+                let end = (start + WORD_BYTES as usize).min(bytes.len());
+                r.checked += 1;
+                r.nonzero += u64::from(bytes[start..end].iter().any(|&b| b != 0));
+            }
+            out.push(r);
+        }
+        Ok(Box::new(Ready(Some(out))))
+    }
+    fn write(&self, _device: u32, addr: u64, src: &[u8]) -> Result<(), BackendError> {
+        // SAFETY: inside a buffer `allocate` returned.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn read(&self, _device: u32, addr: u64, dst: &mut [u8]) -> Result<(), BackendError> {
+        // SAFETY: inside a buffer `allocate` returned.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+/// Whether `common::sampled_words_are_the_host_rules` fails on a kernel reading `misread`.
+fn host_rule_check_fails_for(
+    misread: fn(&kvhygiene::backend::verify::Rule, u64, u64) -> u64,
+) -> bool {
+    let b = MisreadingBackend {
+        skip: std::sync::Mutex::new(None),
+        misread,
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        common::sampled_words_are_the_host_rules(&b, &|i| *b.skip.lock().unwrap() = i)
+    }))
+    .is_err()
+}
+
+#[test]
+fn the_host_rule_check_fails_for_a_kernel_that_misreads_the_first_or_last_sampled_word() {
+    // The rule always reads word 0 and word words - 1 of a sampled segment (the last one
+    // partial for the 4095-byte shape). A kernel whose sampled path reads word 1 for sample 0,
+    // or word words - 2 for the last sample, reads other words than the host rule's: the check
+    // documented as "the kernel reads exactly the words the host rule names" must fail on it.
+    let first: fn(&kvhygiene::backend::verify::Rule, u64, u64) -> u64 = |r, seed, i| {
+        if i == 0 && !r.is_full() {
+            1
+        } else {
+            r.word(seed, i)
+        }
+    };
+    let last: fn(&kvhygiene::backend::verify::Rule, u64, u64) -> u64 = |r, seed, i| {
+        if i + 1 == r.samples() && !r.is_full() {
+            r.word(seed, i) - 1
+        } else {
+            r.word(seed, i)
+        }
+    };
+    // A kernel reading the rule's words exactly passes (the stand-in itself is sound).
+    assert!(!host_rule_check_fails_for(|r, seed, i| r.word(seed, i)));
+    let missed: Vec<&str> = [
+        ("sample 0 reads word 1", first),
+        ("the last sample reads word words - 2", last),
+    ]
+    .into_iter()
+    .filter(|(_, f)| !host_rule_check_fails_for(*f))
+    .map(|(name, _)| name)
+    .collect();
+    assert!(
+        missed.is_empty(),
+        "sampled_words_are_the_host_rules passes kernels whose {missed:?}"
+    );
+}

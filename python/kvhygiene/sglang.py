@@ -47,8 +47,9 @@ frees is scrubbed in both. A sliding-window
 hybrid allocator (``SWATokenToKVPoolAllocator``), which keeps its free lists in two inner
 allocators, is refused: wrap each inner one (``full_attn_allocator``,
 ``swa_attn_allocator``) with the layouts of its own pool, which covers its ``free_swa`` too.
-An FP4 pool's block-scale rows (``k_scale_buffer``, ``v_scale_buffer``) are scrubbed with the
-slots they belong to. Not covered: slots given back by other means than ``free``,
+An FP4 pool's block-scale rows (``k_scale_buffer``, ``v_scale_buffer``, MLA's
+``kv_scale_buffer``) are scrubbed with the slots they belong to; a pool with a scale buffer of
+another name is refused. Not covered: slots given back by other means than ``free``,
 ``free_segment``, ``clear`` and ``restore_state``, and buffers that are not per-token rows
 (sparse-attention index buffers, a host-side cache).
 """
@@ -83,22 +84,41 @@ def _buffers(kv_pool) -> list:
 
 
 def _scale_buffers(kv_pool) -> list:
-    """The pool's per-layer block-scale rows, one per token slot (``k_scale_buffer`` and
-    ``v_scale_buffer`` of an FP4 pool: computed from the request's keys and values, written
-    at the same slots); none for other pools."""
+    """The pool's per-layer block-scale rows, one per token slot (an FP4 MHA pool's
+    ``k_scale_buffer`` and ``v_scale_buffer``, an FP4 MLA pool's ``kv_scale_buffer``: computed
+    from the request's keys and values, written at the same slots); none for other pools."""
     out = []
-    for name in ("k_scale_buffer", "v_scale_buffer"):
+    for name in _SCALE_BUFFERS:
         held = getattr(kv_pool, name, None)
         if held is not None:
             out.extend(held)
+    # Scales of another name would be left out without a word: refused instead (data, not
+    # the pool's methods that may bear such a name).
+    unknown = [
+        n
+        for n in dir(kv_pool)
+        if n.endswith("scale_buffer")
+        and n not in _SCALE_BUFFERS
+        and getattr(kv_pool, n, None) is not None
+        and not callable(getattr(kv_pool, n))
+    ]
+    if unknown:
+        raise ValueError(
+            f"{type(kv_pool).__name__} has {', '.join(unknown)}, per-slot data kvhygiene.sglang "
+            "does not know: its rows would not be scrubbed"
+        )
     return out
+
+
+#: The per-slot block-scale rows of FP4 pools: MHA's K and V scales, MLA's one.
+_SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "kv_scale_buffer")
 
 
 def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
     """The layouts of an SGLang token KV pool whose blocks are its pages: block ``p`` of each
     region is token slots ``p * page_size .. (p + 1) * page_size - 1`` of one layer's K, V or
     KV tensor, and of its block-scale rows when it has them (an FP4 pool's ``k_scale_buffer``
-    and ``v_scale_buffer``). ``page_size`` defaults to the pool's. Tensors of one geometry
+    and ``v_scale_buffer``, or ``kv_scale_buffer``). ``page_size`` defaults to the pool's. Tensors of one geometry
     share a layout (K and V of different head sizes make two)."""
     page = _page_size(kv_pool if page_size is None else page_size)
     groups: Dict[Tuple[int, int, int, int], List[int]] = {}

@@ -1176,3 +1176,75 @@ def test_a_sliding_window_allocators_inner_allocators_wrapped_each_scrub_what_a_
     finally:
         full_pool.release()
         swa_pool.release()
+
+
+class MLAFP4Pool:
+    """SGLang's FP4 MLA token KV pool (``MLATokenToKVPoolFP4`` in
+    python/sglang/srt/mem_cache/memory_pool.py), in kvhygiene memory: per layer, ``kv_buffer`` of
+    ``[size + page_size, 1, kv_cache_dim // 2]`` uint8 and ``kv_scale_buffer`` of ``[size +
+    page_size, kv_cache_dim // 16]`` uint8, the block scales written at the same token slots as
+    the packed latent rows."""
+
+    KV_DIM = 64
+
+    def __init__(self, lib, page_size, layers=2, slots=SLOTS):
+        self.page_size = page_size
+        self.rows = slots + page_size
+        self.data_row = self.KV_DIM // 2
+        self.scale_row = self.KV_DIM // 16
+        self.size = layers * self.rows * (self.data_row + self.scale_row)
+        self.lib = lib
+        self.base = lib.kvh_malloc(self.size, 0, None)
+        at = self.base
+        self.kv_buffer, self.kv_scale_buffer = [], []
+        for _ in range(layers):
+            self.kv_buffer.append(FakeTensor(at, (self.rows, 1, self.data_row), element_size=1))
+            at += self.rows * self.data_row
+            self.kv_scale_buffer.append(FakeTensor(at, (self.rows, self.scale_row), element_size=1))
+            at += self.rows * self.scale_row
+
+    def fill(self, slots, byte):
+        for t, row in [(t, self.data_row) for t in self.kv_buffer] + [(t, self.scale_row) for t in self.kv_scale_buffer]:
+            for s in slots:
+                ctypes.memset(t.data_ptr() + s * row, byte, row)
+
+    def scale_bytes_of(self, slot):
+        return [ctypes.string_at(t.data_ptr() + slot * self.scale_row, self.scale_row) for t in self.kv_scale_buffer]
+
+    def release(self):
+        self.lib.kvh_free(self.base, self.size, 0, None)
+        kvhygiene.synchronize()
+
+
+def test_the_fp4_block_scales_of_an_mla_pools_freed_slots_are_zero_when_handed_out_again():
+    # An FP4 KV cache on an MLA model (DeepSeek) is SGLang's MLATokenToKVPoolFP4: next to
+    # kv_buffer it keeps one row of block scales per token slot and layer in kv_scale_buffer,
+    # written at the same slots. The module documents that an FP4 pool's block-scale rows are
+    # scrubbed with the slots they belong to.
+    lib = kvhygiene.load()
+    pool = MLAFP4Pool(lib, page_size=1)
+    alloc = TokenAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(pool))
+    a = alloc.alloc(4)
+    pool.fill(a, 0xA1)
+    alloc.free(a)
+    handed = alloc.alloc(SLOTS)
+    stale = [s for s in a if s in handed and any(row != bytes(pool.scale_row) for row in pool.scale_bytes_of(s))]
+    pool.release()
+    assert not stale, f"slots {stale} were handed out with the freed request's FP4 block scales (kv_scale_buffer)"
+
+
+def test_a_pool_with_a_scale_buffer_of_another_name_is_refused_and_its_methods_are_not():
+    # Per-slot data the module does not know would be left unscrubbed: refused by name. A
+    # method whose name ends the same way is no buffer.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    try:
+        pool.q_scale_buffer = [FakeTensor(pool.base, (pool.rows, 4), element_size=1)]
+        with pytest.raises(ValueError, match="q_scale_buffer"):
+            layouts_of(pool)
+        del pool.q_scale_buffer
+        pool.get_scale_buffer = lambda layer: None
+        assert layouts_of(pool)
+    finally:
+        pool.release()

@@ -200,8 +200,9 @@ fn skipped_segment_is_caught_in(
 }
 
 /// The kernel reads exactly the words the host rule names. A segment left unzeroed (`inject`)
-/// holds zeros but for a marked byte in every other word the host rule samples for its seed,
-/// and in as many words it does not sample: the count of non-zero samples must be the number
+/// holds zeros but for a marked byte in every other word the host rule samples for its seed
+/// (the first and the last among them), and, where it does not read every word, in as many
+/// words it does not sample, spread over the segment: the count of non-zero samples must be the number
 /// of sampled words marked, no more (an unsampled word read) and no fewer (a sampled word
 /// missed). Random contents cannot tell this: every word of them reads non-zero.
 pub fn sampled_words_are_the_host_rules(b: &dyn Backend, inject: &dyn Fn(Option<u32>)) {
@@ -249,11 +250,23 @@ fn sampled_words_in(
         .collect();
     let mut bytes = vec![0u8; len as usize];
     let mut mark = |word: u64| bytes[(word * verify::WORD_BYTES) as usize] = 0xA5;
-    let marked_sampled: Vec<u64> = sampled.iter().copied().step_by(2).collect();
+    // Every other sampled word, the first and the last always among them.
+    let mut marked_sampled: Vec<u64> = sampled.iter().copied().step_by(2).collect();
+    if let Some(&last) = sampled.last() {
+        if marked_sampled.last() != Some(&last) {
+            marked_sampled.push(last);
+        }
+    }
     marked_sampled.iter().for_each(|&w| mark(w));
+    // As many unsampled words, spread over the segment; not the neighbours of the first and
+    // last words, which a kernel off by one at an edge would read in their place.
     let words = verify::word_count(len);
-    let unsampled = (0..words).filter(|w| !sampled.contains(w));
-    unsampled.take(marked_sampled.len()).for_each(&mut mark);
+    let unsampled: Vec<u64> = (0..words)
+        .filter(|&w| !sampled.contains(&w) && w != 1 && w + 2 != words)
+        .collect();
+    let spread = (unsampled.len() / marked_sampled.len()).max(1);
+    let marked_unsampled = unsampled.iter().step_by(spread).take(marked_sampled.len());
+    marked_unsampled.for_each(|&w| mark(w));
     b.write(0, base, &random_bytes(total as usize, 11))
         .expect("write");
     b.write(0, planted.addr, &bytes).expect("write");
