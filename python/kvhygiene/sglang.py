@@ -534,7 +534,8 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
             "full_attn_allocator, layouts_of(full_kv_pool)), and the same for the sliding-window "
             "one)"
         )
-    has_lists = any(getattr(allocator, n, None) is not None for n in _FREE_LISTS)
+    lists = (*_FREE_LISTS, _STAGED)  # as _free_set reads them
+    has_lists = any(getattr(allocator, n, None) is not None for n in lists)
     if callable(getattr(allocator, "restore_state", None)) and not has_lists:
         raise AttributeError(
             f"{type(allocator).__name__} has restore_state but no free_pages list: the pages a restore "
