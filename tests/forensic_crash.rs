@@ -1555,3 +1555,33 @@ fn a_record_larger_than_a_file_torn_by_a_crash_verifies_after_the_restart() {
     }
     log.stop();
 }
+
+/// A writer that died in its `start` record left file 0 of its chain; the wall clock was then
+/// stepped back an hour (NTP), so the file's modification time lies an hour after now. It has
+/// been idle all that time: the next start removes it, as it does one an hour old.
+#[test]
+fn an_unstarted_first_file_dated_after_a_backward_clock_step_is_removed() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 1, true);
+    let torn = dir.join("kvh-p4244-t1700000000000000000-000000.jsonl");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&torn)
+        .unwrap();
+    f.write_all(b"{\"chain\":\"p4244-t1700000000000000000\",\"config_dig")
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    drop(f);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert!(
+        !torn.exists(),
+        "the unstarted first file, dated after the clock step, was left in place"
+    );
+}

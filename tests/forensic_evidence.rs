@@ -2638,3 +2638,30 @@ fn signed_writer(root: &Path) -> (PathBuf, PathBuf, PathBuf, std::sync::Arc<Fore
     let log = ForensicLog::open_with_secret(&c, start(), Some(forensic_common::secret())).unwrap();
     (dir, hmac, public, log)
 }
+
+/// The wall clock stepped back an hour (NTP) while a process ran: its summaries at 110 and
+/// 130 minutes lie in the period, the one written after the step (at 75) before it. Counters
+/// only grow within a run, so the frees of the period are at least those between the last
+/// summary before it in the run (at 50) and its last one in it (at 130).
+#[test]
+fn a_summary_dated_before_the_period_after_a_clock_step_does_not_cancel_the_periods_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = timed_log(
+        &tmp,
+        &[
+            (0, serde_json::json!({})),
+            (50, summary(5, 0)),
+            (110, summary(20, 1)),
+            (130, summary(30, 2)),
+            (75, summary(40, 3)),
+            (80, serde_json::json!({})),
+        ],
+    );
+    let (code, v) = evidence_json(&dir, &["--since", &rfc(100), "--until", &rfc(200)]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["counters"],
+        serde_json::json!({"frees": 25, "verifications_failed": 2}),
+        "the last summary in the period less the run's last one before it: {v}"
+    );
+}

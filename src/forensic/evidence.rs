@@ -1418,7 +1418,10 @@ impl Tally {
             self.records_outside = self.records_outside.saturating_add(1);
             if ts.is_some_and(|t| self.period.is_before(t)) {
                 match kind {
-                    "summary" => {
+                    // Only before the run's first summary in the period: one dated before it
+                    // but written after (the clock stepped back) would cancel counts the run
+                    // made in the period.
+                    "summary" if chain.last_summary.is_none() => {
                         chain.baseline = record.get("counters").and_then(Value::as_object).cloned();
                     }
                     "lost" => {

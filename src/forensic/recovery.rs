@@ -124,11 +124,16 @@ const UNSTARTED_GRACE: std::time::Duration = std::time::Duration::from_millis(50
 /// deleted. A file modified within [`UNSTARTED_GRACE`] is left alone (its creator may not
 /// have locked it yet). Failures leave the file: `verify-log` reports it.
 fn remove_unstarted(dir: &Path, chain: &str, path: &Path, file: &File) {
+    // A time ahead of the clock by the grace or more is as old (the clock stepped back since):
+    // its creator is long past the few calls between creating and locking it.
     let idle = file
         .metadata()
         .and_then(|m| m.modified())
         .ok()
-        .and_then(|t| t.elapsed().ok())
+        .map(|t| match t.elapsed() {
+            Ok(age) => age,
+            Err(ahead) => ahead.duration(),
+        })
         .is_some_and(|age| age >= UNSTARTED_GRACE);
     if idle && std::fs::remove_file(path).is_ok() {
         let _ = files::sync_dir(dir);
