@@ -1,18 +1,13 @@
-"""An independent verifier of the forensic log, written from docs/forensic-log.md alone, run on
-real logs (`kvh demo`, and the C ABI for the rarer record kinds) and held to `kvh verify-log`.
+"""The forensic log's verifier (spec_verifier.py, written from docs/forensic-log.md) run on
+real logs (`kvh demo`, and the C ABI for the rarer record kinds: invalid frees, size
+mismatches, TTLs, policy violations, lost records, crash recovery, prune manifests) and held to
+`kvh verify-log`; each record of those logs is also checked against the "Record schema" tables.
 
 docs/forensic-log.md says it is normative: "precise enough to write an independent verifier".
-Everything below follows its text (record schema, canonical form, hash and MAC, key ratchet,
-chain rules, signed checkpoints, key ids, prune manifests) and uses only hashlib, hmac and json
-(Ed25519 is the RFC 8032 reference arithmetic, in pure Python). Where following the document
-literally gives another answer than the code, a test fails.
-
-The library and `kvh` are found through KVH_LIBRARY / KVH_BIN, else under CARGO_TARGET_DIR,
-target/debug or target/release.
+Where following the document literally gives another answer than the code, a test fails.
 """
 
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -25,647 +20,44 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-# --------------------------------------------------------------------------------------------
-# Finding the build.
-
-
-def _candidates(name: str):
-    dirs = []
-    if os.environ.get("CARGO_TARGET_DIR"):
-        t = Path(os.environ["CARGO_TARGET_DIR"])
-        dirs += [t / "debug", t / "release"]
-    dirs += [ROOT / "target/debug", ROOT / "target/release"]
-    return [d / name for d in dirs]
-
-
-def kvh() -> str:
-    env = os.environ.get("KVH_BIN")
-    for c in ([Path(env)] if env else _candidates("kvh")):
-        if c.exists():
-            return str(c)
-    pytest.skip("kvh not built; run cargo build")
-
-
-def library() -> str:
-    env = os.environ.get("KVH_LIBRARY")
-    for c in ([Path(env)] if env else _candidates("libkvhygiene.so")):
-        if c.exists():
-            return str(c)
-    pytest.skip("libkvhygiene.so not built; run cargo build")
-
-
-# --------------------------------------------------------------------------------------------
-# Ed25519 (RFC 8032, section 6: the reference arithmetic), verification and key derivation.
-
-_P = 2**255 - 19
-_L = 2**252 + 27742317777372353535851937790883648493
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_I = pow(2, (_P - 1) // 4, _P)
-
-
-def _inv(x):
-    return pow(x, _P - 2, _P)
-
-
-def _add(a, b):
-    x1, y1, z1, t1 = a
-    x2, y2, z2, t2 = b
-    A = (y1 - x1) * (y2 - x2) % _P
-    B = (y1 + x1) * (y2 + x2) % _P
-    C = t1 * 2 * _D * t2 % _P
-    D = z1 * 2 * z2 % _P
-    E, F, G, H = B - A, D - C, D + C, B + A
-    return (E * F % _P, G * H % _P, F * G % _P, E * H % _P)
-
-
-def _mul(s, p):
-    q = (0, 1, 1, 0)
-    while s > 0:
-        if s & 1:
-            q = _add(q, p)
-        p = _add(p, p)
-        s >>= 1
-    return q
-
-
-def _equal(a, b):
-    x1, y1, z1, _ = a
-    x2, y2, z2, _ = b
-    return (x1 * z2 - x2 * z1) % _P == 0 and (y1 * z2 - y2 * z1) % _P == 0
-
-
-def _recover_x(y, sign):
-    if y >= _P:
-        return None
-    x2 = (y * y - 1) * _inv(_D * y * y + 1)
-    if x2 == 0:
-        return None if sign else 0
-    x = pow(x2, (_P + 3) // 8, _P)
-    if (x * x - x2) % _P != 0:
-        x = x * _I % _P
-    if (x * x - x2) % _P != 0:
-        return None
-    if (x & 1) != sign:
-        x = _P - x
-    return x
-
-
-_GY = 4 * _inv(5) % _P
-_G = (_recover_x(_GY, 0), _GY, 1, _recover_x(_GY, 0) * _GY % _P)
-
-
-def _compress(p):
-    x, y, z, _ = p
-    zi = _inv(z)
-    x, y = x * zi % _P, y * zi % _P
-    return int.to_bytes(y | ((x & 1) << 255), 32, "little")
-
-
-def _decompress(s):
-    if len(s) != 32:
-        return None
-    y = int.from_bytes(s, "little")
-    sign = y >> 255
-    y &= (1 << 255) - 1
-    x = _recover_x(y, sign)
-    return None if x is None else (x, y, 1, x * y % _P)
-
-
-def ed25519_public(seed: bytes) -> bytes:
-    h = hashlib.sha512(seed).digest()
-    a = int.from_bytes(h[:32], "little")
-    a &= (1 << 254) - 8
-    a |= 1 << 254
-    return _compress(_mul(a, _G))
-
-
-def ed25519_verify(public: bytes, msg: bytes, sig: bytes) -> bool:
-    if len(public) != 32 or len(sig) != 64:
-        return False
-    A = _decompress(public)
-    R = _decompress(sig[:32])
-    if A is None or R is None:
-        return False
-    s = int.from_bytes(sig[32:], "little")
-    if s >= _L:
-        return False
-    h = int.from_bytes(hashlib.sha512(sig[:32] + public + msg).digest(), "little") % _L
-    return _equal(_mul(s, _G), _add(R, _mul(h, A)))
-
-
-# --------------------------------------------------------------------------------------------
-# Canonical form ("Canonical form").
-
-
-class NotCanonical(Exception):
-    pass
-
-
-def _no_floats(text):
-    raise NotCanonical(f"non-integer number {text}")
-
-
-def _pairs(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise NotCanonical("duplicate key")
-    return dict(pairs)
-
-
-def strict_json(text: str):
-    """JSON without floats, NaN or duplicate keys."""
-    return json.loads(text, object_pairs_hook=_pairs, parse_float=_no_floats, parse_constant=_no_floats)
-
-
-def _c_string(s: str) -> bytes:
-    out = bytearray(b'"')
-    names = {'"': b'\\"', "\\": b"\\\\", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n", "\r": b"\\r", "\t": b"\\t"}
-    for ch in s:
-        if ch in names:
-            out += names[ch]
-        elif ord(ch) < 0x20:
-            out += b"\\u00%02x" % ord(ch)
-        else:
-            out += ch.encode("utf-8")  # a lone surrogate raises: not UTF-8
-    out += b'"'
-    return bytes(out)
-
-
-def canonical(v, depth: int = 0) -> bytes:
-    if depth > 32:
-        raise NotCanonical("nesting deeper than 32 levels")
-    if v is None:
-        return b"null"
-    if v is True:
-        return b"true"
-    if v is False:
-        return b"false"
-    if isinstance(v, int):
-        if not (-(2**63) <= v < 2**64):
-            raise NotCanonical("integer out of range")
-        return str(v).encode()
-    if isinstance(v, str):
-        return _c_string(v)
-    if isinstance(v, list):
-        return b"[" + b",".join(canonical(x, depth + 1) for x in v) + b"]"
-    if isinstance(v, dict):
-        items = sorted(v.items(), key=lambda kv: kv[0].encode("utf-8"))
-        return b"{" + b",".join(_c_string(k) + b":" + canonical(x, depth + 1) for k, x in items) + b"}"
-    raise NotCanonical(f"not a JSON value: {type(v)}")
-
-
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def parse_record_line(line: bytes):
-    """The record of one line (without its newline), held to the exact on-disk form: the
-    canonical body without its final `}`, `,"hash":"..."`, `,"mac":"..."` when keyed, `}`.
-    Returns (record, canonical body)."""
-    try:
-        rec = strict_json(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, NotCanonical) as e:
-        raise NotCanonical(f"not canonical JSON: {e}")
-    if not isinstance(rec, dict):
-        raise NotCanonical("not an object")
-    if not isinstance(rec.get("hash"), str) or not HEX64.match(rec["hash"]):
-        raise NotCanonical("hash is not 64 lower-case hex")
-    if "mac" in rec and (not isinstance(rec["mac"], str) or not HEX64.match(rec["mac"])):
-        raise NotCanonical("mac is not 64 lower-case hex")
-    body = {k: v for k, v in rec.items() if k not in ("hash", "mac")}
-    cbody = canonical(body)
-    expect = cbody[:-1] + b',"hash":"' + rec["hash"].encode() + b'"'
-    if "mac" in rec:
-        expect += b',"mac":"' + rec["mac"].encode() + b'"'
-    expect += b"}"
-    if expect != line:
-        raise NotCanonical("line is not exactly the canonical body followed by hash and mac")
-    return rec, cbody
-
-
-# --------------------------------------------------------------------------------------------
-# Keys ("Key ratchet", "Key rotation", "Key files").
-
-GENESIS = "0" * 64
-
-
-def epoch_key(secret: bytes, epoch: int) -> bytes:
-    k = secret
-    for _ in range(epoch):
-        k = hmac.new(k, b"kvh-ratchet", hashlib.sha256).digest()
-    return k
-
-
-def key_id(secret: bytes) -> str:
-    return hmac.new(secret, b"kvh-key-id", hashlib.sha256).digest()[:16].hex()
-
-
-def record_hash(prev_hex: str, cbody: bytes) -> str:
-    return hashlib.sha256(bytes.fromhex(prev_hex) + cbody).hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import spec_verifier as sv  # noqa: E402
+from _spec_common import clean_env, hmac_key, key_pair, kvh, library  # noqa: E402
+from spec_verifier import (  # noqa: E402
+    BLOCK, EMPTY_SHA256, ZERO_HASH, canonical, ed25519_public, file_name, key_id, manifest_mac, parse_record_line,
+    record_hash, schema_problems,
+)
 
 
 def record_mac(secret: bytes, epoch: int, hash_hex: str) -> str:
-    return hmac.new(epoch_key(secret, epoch), bytes.fromhex(hash_hex), hashlib.sha256).hexdigest()
-
-
-def read_hmac_key_file(p: Path) -> bytes:
-    b = p.read_bytes()
-    return b[:-1] if b.endswith(b"\n") else b
+    """The `mac` of a record of file `epoch` sealed with `secret` (K(0))."""
+    return sv.record_mac(sv.ratchet(secret, epoch), hash_hex)
 
 
 def read_public_key_file(p: Path) -> bytes:
-    return bytes.fromhex(p.read_text().strip())
-
-
-# --------------------------------------------------------------------------------------------
-# Record schema ("Record schema"): the fields each kind carries, and their types.
-
-HEADER = {"v", "seq", "ts", "kind", "chain", "epoch", "tenant_id", "request_id", "model_id", "prev", "hash", "mac"}
-BLOCK = {"block_id", "device", "addr", "requested", "capacity", "scrub_seq"}
-START = {"config_digest", "version", "pid", "host", "signer"}
-OPTIONAL = {"mac", "signer"}  # "present iff the writer had an HMAC key" / "absent without a signing key"
-SIX_DECIMALS = re.compile(r"^-?[0-9]+\.[0-9]{6}$")
-HEX_0X = re.compile(r"^0x[0-9a-f]+$")
-
-KINDS = {
-    "start": START,
-    "recovery": START | {"torn_bytes", "torn_sha256", "last_good_seq", "last_good_hash"},
-    "rotate": {"prev_file", "prev_seq", "signer"},
-    "verify_failed": BLOCK | {"samples_expected", "samples_checked", "samples_nonzero", "coverage", "threshold"},
-    "quarantine": BLOCK | {"reason"},
-    "release": BLOCK | {"reason"},
-    "invalid_free": {"ptr", "call_device", "reason", "caller_tenant_id", "caller_request_id", "caller_model_id"},  # + block fields when the pointer belongs to a block
-    "size_mismatch": BLOCK | {"claimed", "caller_tenant_id", "caller_request_id", "caller_model_id"},
-    "ttl_exceeded": BLOCK | {"which", "age_ms", "limit_ms"},
-    "policy_violation": {"policy", "detail"},
-    "kv_scrub": {
-        "device", "blocks", "verified_blocks", "failed_blocks", "segments", "unverified_segments", "bytes",
-        "first_seed", "stream", "regions", "block_bytes", "block_stride", "blocks_per_region", "layout_sha256",
-        "block_ids", "block_ids_sha256", "error", "trigger", "unknown_owner_blocks", "owner_changed_blocks",
-        "withdrawn_blocks",
-    },
-    "kv_verify_failed": BLOCK | {
-        "kv_block", "region", "segment_addr", "segment_len", "seed", "samples_expected", "samples_checked",
-        "samples_nonzero", "coverage", "threshold",
-    },
-    "anomaly": {
-        "signal", "rule", "key", "window_ms", "count", "threshold", "baseline_mean", "baseline_stddev", "z_score",
-        "z_threshold",
-    },
-    "summary": {"counters"},
-    "checkpoint": {"ckpt_seq", "ckpt_file", "signer"},
-    "lost": {"records_lost", "bytes_lost", "lost_kinds", "since_ts", "error"},
-    "stop": {"records_written", "records_lost"},
-}
-
-ENUMS = {
-    ("quarantine", "reason"): {"verify_failed", "never_reuse_policy", "rescrub_failed", "residue", "rescrub_residue"},
-    ("release", "reason"): {"quarantine_cleared", "max_reuse", "idle_ttl", "empty_cache", "out_of_memory"},
-    ("invalid_free", "reason"): {"unknown_pointer", "double_free", "interior_pointer", "wrong_device", "invalid_device"},
-    ("ttl_exceeded", "which"): {"live"},
-    ("policy_violation", "policy"): {"kv_scrub", "kv_gate", "failure_mode"},
-    ("kv_scrub", "trigger"): {"scrub_blocks", "claim_gate"},
-    ("anomaly", "signal"): {
-        "invalid_free", "size_mismatch", "verify_failed", "residue", "quarantine", "ttl_exceeded", "policy_violation",
-    },
-    ("anomaly", "rule"): {"burst", "surge"},
-    ("anomaly", "key"): {"tenant", "*other*"},
-}
-
-# Fields documented as strings of a given form; every other kind field named above is an
-# integer unless listed in STRINGS or free-form.
-STRINGS = {"kind", "chain", "prev", "hash", "mac", "config_digest", "version", "host", "signer", "last_good_hash",
-           "torn_sha256",
-           "prev_file", "reason", "ptr", "addr", "which", "policy", "detail", "stream", "layout_sha256",
-           "block_ids_sha256", "trigger", "segment_addr", "coverage", "threshold", "signal", "rule", "key",
-           "ckpt_file", "error", "baseline_mean", "baseline_stddev", "z_score", "z_threshold", "start_failed"}
-FREE = {"counters", "lost_kinds", "block_ids", "detail", "tenant_id", "request_id", "model_id",
-        "caller_tenant_id", "caller_request_id", "caller_model_id"}
-
-
-def schema_problems(r: dict) -> list:
-    """How record `r` departs from the "Record schema" tables."""
-    kind = r.get("kind")
-    out = []
-    if kind not in KINDS:
-        return [f"kind {kind!r} is not in the schema table"]
-    own = set(KINDS[kind])
-    if kind == "invalid_free" and "block_id" in r:
-        own |= BLOCK
-    if kind == "anomaly" and "detail" in r:  # written through ForensicLog::record_anomaly
-        own = {"detail"}
-    allowed = HEADER | own
-    required = allowed - OPTIONAL
-    if kind == "stop":
-        # "`start_failed` ... only when the process's start-up failed after the log opened"
-        allowed |= {"start_failed"}
-    if kind == "kv_scrub":
-        required -= {"block_ids"}  # "present when there are at most 1024"
-        if r.get("trigger") != "claim_gate":  # "only when `trigger` is `claim_gate`"
-            allowed -= {"unknown_owner_blocks", "owner_changed_blocks", "withdrawn_blocks"}
-            required -= {"unknown_owner_blocks", "owner_changed_blocks", "withdrawn_blocks"}
-    for f in sorted(set(r) - allowed):
-        out.append(f"{kind}: field {f!r} is written but not documented")
-    for f in sorted(required - set(r)):
-        out.append(f"{kind}: documented field {f!r} is missing")
-    for f, v in r.items():
-        if f not in allowed or f in FREE:
-            continue
-        if kind == "anomaly" and f == "threshold":
-            ok = isinstance(v, int)  # "the count the rule needed"
-        elif f in ("coverage", "threshold"):
-            ok = isinstance(v, str) and SIX_DECIMALS.match(v)
-        elif f in ("baseline_mean", "baseline_stddev", "z_score", "z_threshold"):
-            ok = (v is None and r.get("rule") == "burst") or (isinstance(v, str) and SIX_DECIMALS.match(v))
-        elif f == "error" and kind == "kv_scrub":
-            ok = v is None or isinstance(v, str)
-        elif f in ("prev", "hash", "mac", "signer", "last_good_hash", "torn_sha256", "config_digest",
-                   "layout_sha256", "block_ids_sha256"):
-            ok = isinstance(v, str) and HEX64.match(v)
-        elif f in ("addr", "ptr", "segment_addr", "stream"):
-            ok = isinstance(v, str) and HEX_0X.match(v)
-        elif f in STRINGS:
-            ok = isinstance(v, str)
-        else:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        if not ok:
-            out.append(f"{kind}: field {f!r} has value {v!r}, not of the documented type")
-        if (kind, f) in ENUMS and v not in ENUMS[(kind, f)]:
-            out.append(f"{kind}: {f} = {v!r} is not one of the documented values {sorted(ENUMS[(kind, f)])}")
-    for f in ("tenant_id", "request_id", "model_id", "caller_tenant_id", "caller_request_id", "caller_model_id"):
-        if f in r and r[f] is not None and not isinstance(r[f], str):
-            out.append(f"{kind}: {f} is not a string or null")
-    if kind == "kv_scrub" and not out:
-        ids = r.get("block_ids")
-        if ids is not None:
-            if len(ids) > 1024 or len(ids) != r["blocks"]:
-                out.append("kv_scrub: block_ids is not the blocks named")
-            digest = hashlib.sha256(b"".join(i.to_bytes(4, "little") for i in ids)).hexdigest()
-            if digest != r["block_ids_sha256"]:
-                out.append("kv_scrub: block_ids_sha256 is not the SHA-256 of the ids as little-endian u32s")
-        if r["segments"] != r["blocks"] * r["regions"]:
-            out.append("kv_scrub: segments is not blocks x regions")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints ("Signed checkpoints") and prune manifests ("Retention").
-
-
-def read_checkpoint(path: Path, public_keys: list):
-    """The checkpoint of `path`, its signature checked against a pinned key. Returns the dict
-    (without `sig`) or raises ValueError."""
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    if b"\n" in data:
-        raise ValueError("checkpoint is more than one line")
-    try:
-        c = strict_json(data.decode("utf-8"))
-    except (ValueError, NotCanonical) as e:
-        raise ValueError(f"checkpoint is not JSON: {e}")
-    sig = c.pop("sig", None)
-    if not isinstance(sig, str) or not re.match(r"^[0-9a-f]{128}$", sig):
-        raise ValueError("checkpoint has no 128-hex sig")
-    expected_fields = {"chain", "file", "hash", "key_id", "public_key", "seq", "ts", "v"}
-    if set(c) - expected_fields or (expected_fields - {"key_id"}) - set(c):
-        raise ValueError(f"checkpoint fields {sorted(c)} are not those documented")
-    if c["v"] != 1:
-        raise ValueError("checkpoint v is not 1")
-    body = canonical(c)
-    if body[:-1] + b',"sig":"' + sig.encode() + b'"}' != data:
-        raise ValueError("checkpoint is not in canonical form")
-    pub = bytes.fromhex(c["public_key"])
-    if pub not in public_keys:
-        raise ValueError("checkpoint signed by a key that is not pinned")
-    if not ed25519_verify(pub, body, bytes.fromhex(sig)):
-        raise ValueError("bad checkpoint signature")
-    return c
-
-
-def manifest_mac(secret: bytes, manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "mac"}
-    return hmac.new(secret, b"kvh-prune-manifest\n" + canonical(body), hashlib.sha256).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# The verifier ("Chain rules").
-
-FILE_RE = re.compile(r"^kvh-(p[0-9]+-t[0-9]+)-([0-9]{6,})\.jsonl$")
-
-
-class ChainFailed(Exception):
-    pass
+    return bytes.fromhex(sv.read_public_key(p))
 
 
 def list_chains(d: Path) -> dict:
+    """chain -> [(file index, path)] of the chain files in `d`, by index."""
     chains = {}
     for f in d.iterdir():
-        m = FILE_RE.match(f.name)
+        m = sv.CHAIN_FILE.match(f.name)
         if m:
             chains.setdefault(m.group(1), []).append((int(m.group(2)), f))
     return {c: sorted(fs) for c, fs in chains.items()}
 
 
-def file_name(chain: str, index: int) -> str:
-    return f"kvh-{chain}-{index:06d}.jsonl"
-
-
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def recovery_problem(r: dict, state: dict):
-    """Rule 4 on a `recovery` record: `last_good_seq` and `last_good_hash` name the record just
-    before it or, after a `rotate` record with the recovery's own `ts`, the record before that
-    `rotate`; `torn_sha256`, where present, is 64 lower-case hex digits and the digest of
-    nothing exactly when `torn_bytes` is 0. Returns the problem, or None."""
-    seq, named = r.get("last_good_seq"), r.get("last_good_hash")
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        return "no last_good_seq"
-    if not isinstance(named, str) or not HEX64.match(named):
-        return "no last_good_hash of 64 hex digits"
-    if seq + 1 == state["seq"]:
-        before = state["prev"]
-    elif state["prev_rotate_ts"] is not None and state["prev_rotate_ts"] == r.get("ts") and seq + 2 == state["seq"]:
-        before = state["before_prev"]  # unknown when the walk began at that rotate
-    else:
-        return f"last_good_seq {seq} is not the record before the recovery"
-    if before is not None and named != before:
-        return f"last_good_hash is not the hash of record {seq}"
-    torn = r.get("torn_bytes")
-    if not isinstance(torn, int) or isinstance(torn, bool):
-        return "no torn_bytes"
-    if "torn_sha256" in r:
-        digest = r["torn_sha256"]
-        if not isinstance(digest, str) or not HEX64.match(digest):
-            return "torn_sha256 is not 64 lower-case hex digits"
-        if (torn == 0) != (digest == EMPTY_SHA256):
-            return f"torn_sha256 does not fit torn_bytes {torn}"
-    return None
-
-
-def verify_chain(chain, files, secrets, public_keys, ckpt_dir, allow_pruned=False, log_dir=None):
-    """Verifies one chain per the document; returns a summary dict, raises ChainFailed."""
-    ckpt = None
-    if public_keys:
-        p = ckpt_dir / f"kvh-{chain}.ckpt"
-        if p.exists():
-            try:
-                ckpt = read_checkpoint(p, public_keys)
-            except ValueError as e:
-                raise ChainFailed(f"checkpoint: {e}")
-            if ckpt["chain"] != chain:
-                raise ChainFailed("checkpoint of another chain")
-    # The chain's secret: the one the checkpoint's key_id names, else the one that verifies
-    # the first MAC read (its first record, or the prune manifest's).
-    secret = None
-    candidates = list(dict.fromkeys(secrets))  # the same secret given twice counts once
-    if ckpt is not None and "key_id" in ckpt and candidates:
-        named = [s for s in candidates if key_id(s) == ckpt["key_id"]]
-        if not named:
-            raise ChainFailed("the checkpoint names a key id none of the keys given has")
-        secret = named[0]
-    state = {"seq": 0, "prev": GENESIS, "prev_file": None, "index": -1, "closed": False, "signer": None,
-             "signer_at_ckpt": "unset", "records": [], "torn": 0, "ckpt_matched": False,
-             "before_prev": None, "prev_rotate_ts": None}
-    first_index = files[0][0]
-    if first_index > 0:
-        if not allow_pruned:
-            raise ChainFailed(f"files 0..{first_index} are missing")
-        mpath = log_dir / f"kvh-{chain}.pruned.json"
-        if not mpath.exists():
-            raise ChainFailed("no manifest for the missing files")
-        m = json.loads(mpath.read_text())
-        sealers = [s for s in candidates if hmac.compare_digest(manifest_mac(s, m), m.get("mac") or "")]
-        if not sealers:
-            raise ChainFailed("manifest MAC does not verify with any key given")
-        if secret is not None and sealers[0] != secret:
-            raise ChainFailed("manifest MACed with another key than the chain's")
-        secret = sealers[0]
-        names = [f["name"] for f in m["files"]]
-        if names[:first_index] != [file_name(chain, i) for i in range(first_index)]:
-            raise ChainFailed("manifest does not list files 0..k-1")
-        nxt = 0
-        for f in m["files"]:
-            if f["first_seq"] != nxt:
-                raise ChainFailed("manifest entries are not contiguous")
-            nxt = f["last_seq"] + 1
-        tail = m["files"][first_index - 1]
-        state.update(seq=tail["last_seq"] + 1, prev=tail["last_hash"], prev_file=tail["name"], index=first_index - 1)
-    for pos, (index, path) in enumerate(files):
-        name = path.name
-        newest = pos == len(files) - 1
-        if state["closed"]:
-            raise ChainFailed(f"{name}: file after stop")
-        expect_index = 0 if state["prev_file"] is None else state["index"] + 1
-        if index != expect_index:
-            raise ChainFailed(f"{name}: index {index}, expected {expect_index}")
-        data = path.read_bytes()
-        parts = data.split(b"\n")
-        torn = parts.pop()
-        if torn:
-            if not newest:
-                raise ChainFailed(f"{name}: rotated file does not end with a newline")
-            state["torn"] = len(torn)
-        if not parts and not newest:
-            raise ChainFailed(f"{name}: empty rotated file")
-        for ln, line in enumerate(parts, 1):
-            where = f"{name}:{ln}"
-            try:
-                r, cbody = parse_record_line(line)
-            except NotCanonical as e:
-                raise ChainFailed(f"{where}: {e}")
-            if state["closed"]:
-                raise ChainFailed(f"{where}: record after stop")
-            if r.get("v") != 1 or r.get("chain") != chain or r.get("epoch") != index:
-                raise ChainFailed(f"{where}: v/chain/epoch")
-            if r.get("seq") != state["seq"]:
-                raise ChainFailed(f"{where}: seq {r.get('seq')}, expected {state['seq']}")
-            if r.get("prev") != state["prev"]:
-                raise ChainFailed(f"{where}: prev")
-            h = record_hash(state["prev"], cbody)
-            if h != r["hash"]:
-                raise ChainFailed(f"{where}: hash mismatch")
-            if candidates:
-                if "mac" not in r:
-                    raise ChainFailed(f"{where}: no mac")
-                if secret is None:
-                    ok = [s for s in candidates if record_mac(s, index, h) == r["mac"]]
-                    if not ok:
-                        raise ChainFailed(f"{where}: no key given seals this chain")
-                    secret = ok[0]
-                elif record_mac(secret, index, h) != r["mac"]:
-                    raise ChainFailed(f"{where}: MAC mismatch at epoch {index}")
-            kind = r.get("kind")
-            if ln == 1 and state["prev_file"] is None:
-                if kind != "start":
-                    raise ChainFailed(f"{where}: chain starts with {kind}")
-            elif ln == 1:
-                if kind != "rotate" or r.get("prev_file") != state["prev_file"] or r.get("prev_seq") != state["seq"] - 1:
-                    raise ChainFailed(f"{where}: bad rotate link")
-            elif kind in ("start", "rotate"):
-                raise ChainFailed(f"{where}: {kind} in the middle of a file")
-            if kind == "recovery":
-                problem = recovery_problem(r, state)
-                if problem:
-                    raise ChainFailed(f"{where}: {problem}")
-            if kind in ("start", "recovery", "rotate", "checkpoint") and "signer" in r:
-                state["signer"] = r["signer"]
-            if ckpt is not None and ckpt["seq"] == r["seq"]:
-                if ckpt["hash"] != h:
-                    raise ChainFailed(f"{where}: differs from the signed checkpoint")
-                if ckpt["file"] != name:
-                    raise ChainFailed(f"{where}: the checkpoint names file {ckpt['file']}, not the one holding its seq")
-                state["ckpt_matched"] = True
-                state["signer_at_ckpt"] = state["signer"]
-            if kind == "stop":
-                state["closed"] = True
-            state["records"].append((name, ln, r))
-            state["seq"] += 1
-            state["before_prev"] = state["prev"]
-            state["prev"] = h
-            state["prev_rotate_ts"] = r.get("ts") if kind == "rotate" else None
-        state["prev_file"] = name
-        state["index"] = index
-    # File 0 alone, empty or holding at most 64 KiB of torn bytes, no record.
-    never_started = (not state["records"] and state["torn"] <= 64 * 1024
-                     and [i for i, _ in files] == [0])
-    if public_keys and ckpt is None and not never_started:
-        raise ChainFailed("no checkpoint for the chain")
-    if ckpt is not None:
-        if not state["ckpt_matched"]:
-            raise ChainFailed("chain ends before its signed checkpoint")
-        named = state["signer_at_ckpt"]
-        if named is not None and named != ckpt["public_key"]:
-            raise ChainFailed("checkpoint re-signed with another key")
-        if named is None and "key_id" in ckpt:
-            raise ChainFailed("checkpoint signed at a point its writer never signed")
-    return {
-        "records": state["records"],
-        "closed": state["closed"],
-        "torn": state["torn"],
-        "secret": secret,
-        "checkpoint": ckpt,
-        "last_seq": state["seq"] - 1,
-    }
-
-
 def verify_dir(d: Path, secrets=(), public_keys=(), ckpt_dir=None, allow_pruned=False):
-    """Every chain of `d`: chain id -> summary dict, or the ChainFailed reason (a string)."""
-    out = {}
-    for chain, files in sorted(list_chains(d).items()):
-        try:
-            out[chain] = verify_chain(chain, files, list(secrets), list(public_keys), ckpt_dir or d,
-                                      allow_pruned=allow_pruned, log_dir=d)
-        except ChainFailed as e:
-            out[chain] = str(e)
-    return out
+    """Every chain of `d` by the document's rules: chain id -> its summary (records as
+    (file name, line, record), secret, checkpoint, last_seq...), or its problem (a string)."""
+    res = sv.verify(d, secrets=secrets, public_keys=public_keys, checkpoint=ckpt_dir, allow_pruned=allow_pruned)
+    assert not res.errors, res.errors
+    return res.per_chain()
 
 
 def verify_log(d: Path, *args: str):
-    """`kvh verify-log --json`: (exit status, {chain: ok})."""
+    """`kvh verify-log --json`: (exit status, {chain: report}, report)."""
     p = subprocess.run([kvh(), "verify-log", str(d), "--json", *args], capture_output=True, text=True, timeout=120)
     assert p.returncode in (0, 1), p.stdout + p.stderr
     rep = json.loads(p.stdout)
@@ -678,24 +70,6 @@ def ours_ok(res) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Producing real logs.
-
-
-def key_pair(tmp: Path, name: str):
-    subprocess.run([kvh(), "keygen", "--out", str(tmp / name)], check=True, capture_output=True)
-    return tmp / f"{name}.key", tmp / f"{name}.pub"
-
-
-def hmac_key(tmp: Path, name: str, text: bytes) -> Path:
-    p = tmp / name
-    p.write_bytes(text)
-    p.chmod(0o600)
-    return p
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_") and k != "FORENSIC_HMAC_SECRET"}
-    env.update(extra)
-    return env
 
 
 def demo(log: Path, hk: Path, sk: Path, max_bytes: int = 8192):
@@ -827,8 +201,8 @@ def failure_mode_abort_log(tmp: Path):
 def test_the_documented_test_vectors():
     body = (b'{"chain":"p1-t2","epoch":0,"kind":"start","model_id":null,"pid":1,"prev":"' + b"0" * 64 +
             b'","request_id":null,"seq":0,"tenant_id":null,"ts":1700000000000000000,"v":1}')
-    assert canonical(strict_json(body.decode())) == body
-    h = record_hash(GENESIS, body)
+    assert canonical(sv.parse_json(body)) == body
+    h = record_hash(ZERO_HASH, body)
     assert h == "bf1f7834f3783672df5afe4e576d5b322beac65b6479a1fa729062761472c8fe"
     secret = b"0123456789abcdef-secret"
     assert record_mac(secret, 0, h) == "181958f446e125d9452fad319e0fbd9137d2d5900f60496de925d1ea44bea117"
@@ -857,7 +231,7 @@ def logs(tmp_path_factory):
 
 def test_a_rotated_demo_log_verifies_as_documented(logs):
     d = logs["rotated"]
-    secrets = [read_hmac_key_file(logs["hk1"])]
+    secrets = [sv.read_hmac_key(logs["hk1"])]
     pubs = [read_public_key_file(logs["pk1"])]
     ours = verify_dir(d, secrets, pubs)
     code, theirs, _ = verify_log(d, "--key-file", str(logs["hk1"]), "--public-key", str(logs["pk1"]))
@@ -876,7 +250,7 @@ def test_a_chain_that_died_before_its_start_record_needs_no_checkpoint_if_small(
     shutil.copytree(logs["rotated"], d)
     dead = "p999999-t1000000000000000000"
     (d / file_name(dead, 0)).write_bytes(torn)
-    secrets = [read_hmac_key_file(logs["hk1"])]
+    secrets = [sv.read_hmac_key(logs["hk1"])]
     pubs = [read_public_key_file(logs["pk1"])]
     ours = verify_dir(d, secrets, pubs)
     code, theirs, _ = verify_log(d, "--key-file", str(logs["hk1"]), "--public-key", str(logs["pk1"]))
@@ -892,7 +266,7 @@ def test_a_log_after_a_key_rotation_verifies_as_documented(logs):
             "--public-key", str(logs["pk2"]), "--public-key", str(logs["pk1"])]
     code, theirs, rep = verify_log(d, *args)
     assert code == 0, rep
-    secrets = [read_hmac_key_file(logs["hk2"]), read_hmac_key_file(logs["hk1"])]
+    secrets = [sv.read_hmac_key(logs["hk2"]), sv.read_hmac_key(logs["hk1"])]
     pubs = [read_public_key_file(logs["pk2"]), read_public_key_file(logs["pk1"])]
     ours = verify_dir(d, secrets, pubs)
     assert len(ours) == 2
@@ -904,16 +278,26 @@ def test_a_log_after_a_key_rotation_verifies_as_documented(logs):
 
 
 def test_every_record_of_a_demo_log_has_the_documented_fields(logs):
-    ours = verify_dir(logs["rotated"], [read_hmac_key_file(logs["hk1"])], [read_public_key_file(logs["pk1"])])
+    ours = verify_dir(logs["rotated"], [sv.read_hmac_key(logs["hk1"])], [read_public_key_file(logs["pk1"])])
     problems = [f"{n}:{ln}: {p}" for res in ours.values() for n, ln, r in res["records"] for p in schema_problems(r)]
     assert problems == []
+
+
+def test_the_pure_python_ed25519_signs_a_checkpoint_as_kvh_does(logs):
+    """Ed25519 signatures are deterministic: the checkpoint's body signed again with the
+    writer's private key gives the file's bytes back, and that signature verifies."""
+    (ck_path,) = logs["rotated"].glob("kvh-*.ckpt")
+    ck, body = sv.parse_checkpoint(ck_path.read_bytes())
+    assert sv.sign_checkpoint(ck, logs["sk1"].read_text().strip()) == ck_path.read_bytes()
+    assert sv.ed25519_verify(read_public_key_file(logs["pk1"]), body, bytes.fromhex(ck["sig"]))
+    assert not sv.ed25519_verify(read_public_key_file(logs["pk2"]), body, bytes.fromhex(ck["sig"]))
 
 
 def test_every_signed_checkpoint_is_noted_by_a_checkpoint_record(logs):
     """"Each one is also noted in the chain by a `checkpoint` record, but the one written at
     `stop`, which signs the `stop` record itself" (Signed checkpoints)."""
     d = logs["rotated"]
-    ours = verify_dir(d, [read_hmac_key_file(logs["hk1"])], [read_public_key_file(logs["pk1"])])
+    ours = verify_dir(d, [sv.read_hmac_key(logs["hk1"])], [read_public_key_file(logs["pk1"])])
     for chain, res in ours.items():
         noted = {r["ckpt_seq"] for _, _, r in res["records"] if r["kind"] == "checkpoint"}
         stops = {r["seq"] for _, _, r in res["records"] if r["kind"] == "stop"}
@@ -961,7 +345,7 @@ def reseal(log: Path, secret: bytes, change):
     again from the first changed record on (hash, prev, mac): a forgery by whoever holds the
     HMAC secret, which only the chain rules' consistency checks can catch."""
     for chain, files in list_chains(log).items():
-        prev = GENESIS
+        prev = ZERO_HASH
         for index, path in files:
             parts = path.read_bytes().split(b"\n")
             torn = parts.pop()
@@ -1057,7 +441,7 @@ def test_a_pruned_log_and_its_manifest_verify_as_documented(logs, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     manifests = list(d.glob("kvh-*.pruned.json"))
     assert manifests, "prune-log moved nothing"
-    secret = read_hmac_key_file(logs["hk1"])
+    secret = sv.read_hmac_key(logs["hk1"])
     for mp in manifests:
         m = json.loads(mp.read_text())
         expected = {"v", "chain", "files", "complete", "archive", "updated_at", "mac"}
@@ -1085,7 +469,7 @@ def test_a_manifest_field_outside_its_mac_is_refused(logs, tmp_path):
     m = json.loads(mp.read_text())
     m["note"] = "added after the MAC"
     mp.write_text(json.dumps(m, indent=2) + "\n")
-    secret = read_hmac_key_file(logs["hk1"])
+    secret = sv.read_hmac_key(logs["hk1"])
     assert m["mac"] != manifest_mac(secret, m), "the document's MAC covers the added member"
     code, theirs, rep = verify_log(d, "--key-file", str(logs["hk1"]), "--allow-pruned", "--archive-dir", str(archive))
     assert code == 1, (

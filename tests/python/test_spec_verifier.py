@@ -1,14 +1,11 @@
 """docs/forensic-log.md says it specifies the log "precisely enough for an auditor to write an
 independent verifier". tests/python/spec_verifier.py is such a verifier, written from that
-document, README.md and `kvh --help` alone. Here it is run on real logs (`kvh demo`, crash
+document, README.md and `kvh --help`. Here it is run on real logs (`kvh demo`, crash
 recovery, `kvh prune-log`), intact and tampered, and must reach the verdict `kvh verify-log`
 reaches: 0 verified, 1 tampering or corruption, 2 nothing to verify.
 
 Logs are edited and then sealed again with the keys the test holds (hashes, MACs, signed
 checkpoint), so that a case probes one rule of the format, not the seal around it.
-
-`kvh` is found through KVH_BIN, else next to KVH_LIBRARY, else under CARGO_TARGET_DIR,
-target/debug or target/release.
 """
 
 import hashlib
@@ -23,37 +20,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import spec_verifier as sv  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-
-try:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-except ImportError:  # pragma: no cover
-    Ed25519PrivateKey = None
-
-needs_crypto = pytest.mark.skipif(Ed25519PrivateKey is None, reason="cryptography not installed")
-
-
-def kvh_binary() -> str:
-    cands = []
-    if os.environ.get("KVH_BIN"):
-        cands.append(Path(os.environ["KVH_BIN"]))
-    if os.environ.get("KVH_LIBRARY"):
-        cands.append(Path(os.environ["KVH_LIBRARY"]).parent / "kvh")
-    if os.environ.get("CARGO_TARGET_DIR"):
-        cands.append(Path(os.environ["CARGO_TARGET_DIR"]) / "debug/kvh")
-    cands += [ROOT / "target/debug/kvh", ROOT / "target/release/kvh"]
-    for c in cands:
-        if c.exists():
-            return str(c)
-    pytest.skip(f"kvh not built (looked in {', '.join(map(str, cands))}); run cargo build --bin kvh")
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_") and k != "FORENSIC_HMAC_SECRET"}
-    env.update({"KVH_BACKEND": "host"})
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+from _spec_common import clean_env, kvh as kvh_binary  # noqa: E402
+from spec_verifier import sign_checkpoint  # noqa: E402
 
 
 # ---------------------------------------------------------------- fixtures
@@ -200,13 +168,6 @@ def copy(src, tmp_path, name="log"):
 
 
 # ---------------------------------------------------------------- resealing
-
-
-def sign_checkpoint(ck: dict, seed_hex: str) -> bytes:
-    body = {k: v for k, v in ck.items() if k != "sig"}
-    cb = sv.canonical(body)
-    sig = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex)).sign(cb).hex()
-    return cb[:-1] + b',"sig":"' + sig.encode() + b'"}\n'
 
 
 def reseal(d, chain, keys, mutate, serialize=sv.canonical, hmac_key=None, sig_key=None, ckpt=True):
@@ -425,8 +386,6 @@ def test_chain_sealed_with_old_key_spliced_in_rejected(rotated_keys_log, keys, t
     # a chain re-sealed with the retired secret but its checkpoint names the new one
     d = copy(rotated_keys_log, tmp_path)
     new = [c for c in chains_of(d) if records(d, c)[0].get("signer") == sv.read_public_key(keys.sig2_pub)][0]
-    if Ed25519PrivateKey is None:
-        pytest.skip("cryptography not installed")
     reseal(d, new, keys, lambda r: None, hmac_key=keys.hmac, sig_key=keys.sig2)
     p = d / f"kvh-{new}.ckpt"
     ck = json.loads(p.read_bytes())
@@ -523,7 +482,6 @@ CANONICAL_CASES.update({
 })
 
 
-@needs_crypto
 @pytest.mark.parametrize("case", sorted(CANONICAL_CASES))
 def test_canonical_form(case, signed_log, keys, tmp_path):
     mutate, ser, expect = CANONICAL_CASES[case]
@@ -583,7 +541,6 @@ SCHEMA_CASES = {
 }
 
 
-@needs_crypto
 @pytest.mark.parametrize("case", sorted(SCHEMA_CASES))
 def test_schema_and_chain_rules(case, signed_log, keys, tmp_path):
     mutate, expect = SCHEMA_CASES[case]
@@ -592,7 +549,6 @@ def test_schema_and_chain_rules(case, signed_log, keys, tmp_path):
     agree(d, keys, expect)
 
 
-@needs_crypto
 @pytest.mark.parametrize("case", ["tenant_id_missing", "tenant_id_number", "model_id_missing_on_start"])
 def test_header_ids_present_and_string_or_null(case, signed_log, keys, tmp_path):
     # "Header fields, present in every record": tenant_id, request_id, model_id are
@@ -638,7 +594,6 @@ CKPT_CASES = {
 }
 
 
-@needs_crypto
 @pytest.mark.parametrize("case", sorted(CKPT_CASES))
 def test_checkpoint_rules(case, signed_log, keys, tmp_path):
     change, expect = CKPT_CASES[case]
@@ -647,7 +602,6 @@ def test_checkpoint_rules(case, signed_log, keys, tmp_path):
     agree(d, keys, expect)
 
 
-@needs_crypto
 def test_checkpoint_bad_signature(signed_log, keys, tmp_path):
     d = copy(signed_log, tmp_path)
     (chain,) = chains_of(d)
@@ -674,7 +628,6 @@ def test_two_checkpoint_files_for_one_chain(signed_log, keys, tmp_path):
 # ================================================================ recovery records
 
 
-@needs_crypto
 @pytest.mark.parametrize("field,value,expect", [
     ("last_good_seq", 0, 1),
     ("last_good_hash", "0" * 64, 1),
@@ -685,6 +638,29 @@ def test_recovery_record_rules(field, value, expect, recovered_log, keys, tmp_pa
     d = copy(recovered_log, tmp_path)
     reseal(d, chains_of(d)[0], keys, _set_field("recovery", field, value))
     agree(d, keys, expect, with_pub=False)
+
+
+# ================================================================ nothing follows stop
+
+
+def test_file_after_stop_rejected(signed_log, keys, tmp_path):
+    # rule 4: "nothing follows `stop`", an empty file of the next index included
+    d = copy(signed_log, tmp_path)
+    (chain,) = chains_of(d)
+    nxt = d / sv.file_name(chain, len(chain_files(d, chain)))
+    nxt.write_bytes(b"")
+    os.chmod(nxt, 0o600)
+    agree(d, keys, 1)
+    agree(d, keys, 1, with_key=False, with_pub=False)
+
+
+def test_bytes_after_stop_rejected(signed_log, keys, tmp_path):
+    # rule 4: a torn tail after the `stop` record is not a writer that crashed mid-line
+    d = copy(signed_log, tmp_path)
+    f = chain_files(d, chains_of(d)[0])[-1]
+    f.write_bytes(f.read_bytes() + b'{"chain":"p1')
+    agree(d, keys, 1)
+    agree(d, keys, 1, with_key=False, with_pub=False)
 
 
 # ================================================================ file names
@@ -806,7 +782,6 @@ def test_checkpoint_without_trailing_newline(signed_log, keys, tmp_path):
     agree(d, keys, 0)
 
 
-@needs_crypto
 def test_checkpoint_signed_by_another_pinned_key(signed_log, keys, tmp_path):
     # the chain's records name sig as signer; a checkpoint signed by sig2 (also pinned) fails
     d = copy(signed_log, tmp_path)
@@ -864,6 +839,19 @@ def test_pruned_manifest_with_an_extra_member(where, pruned, keys, tmp_path):
     agree(d, keys, 1, with_pub=False, allow_pruned=True)
 
 
+def test_pruned_manifest_of_another_chain(pruned, keys, tmp_path):
+    # the manifest's `chain` is the chain its file name and entries name; MACed again with
+    # the secret, a manifest naming another chain accounts for nothing of this one
+    d, arch = pruned
+    d = copy(d, tmp_path)
+    (m,) = d.glob("*.pruned.json")
+    j = json.loads(m.read_bytes())
+    j["chain"] = "p1-t1"
+    j["mac"] = sv.manifest_mac(sv.read_hmac_key(keys.hmac), j)
+    m.write_text(json.dumps(j))
+    agree(d, keys, 1, with_pub=False, allow_pruned=True)
+
+
 def test_hmac_key_file_strips_exactly_one_newline(tmp_path, keys):
     # "File whose bytes (one trailing \n stripped ...) are the HMAC secret"
     kf = tmp_path / "two-newlines.key"
@@ -902,7 +890,6 @@ def test_file_name_with_a_21_digit_pid_is_judged_alike(signed_log, keys, tmp_pat
     assert rc == st, f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
 
 
-@needs_crypto
 def test_a_negative_ts_is_judged_alike(signed_log, keys, tmp_path):
     # The header table: `ts` is an integer (Unix nanoseconds). A resealed record whose ts is
     # -1 is judged by both verifiers alike.
