@@ -1585,3 +1585,34 @@ fn an_unstarted_first_file_dated_after_a_backward_clock_step_is_removed() {
         "the unstarted first file, dated after the clock step, was left in place"
     );
 }
+
+/// A writer has just created file 0 of its chain and not yet locked it (the few calls between
+/// creating and locking). The log directory is on a file server whose clock runs 2 s ahead of
+/// this host's (NFS), so the file's modification time lies 2 s after now. A process starting
+/// in that moment finds the file unlocked and without a record; a time 2 s ahead is what a
+/// file created a moment ago shows on that server, so the file is left to its creator.
+#[test]
+fn a_first_file_dated_a_little_after_now_is_left_to_its_creator() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    write_log(&c, 1, true);
+    let fresh = dir.join("kvh-p4245-t1700000000000000000-000000.jsonl");
+    let f = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&fresh)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(2))
+        .unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    assert!(
+        fresh.exists(),
+        "the first file created a moment ago (dated 2 s ahead by the file server's clock), not \
+         yet locked by its creator, was removed"
+    );
+    drop(f);
+}

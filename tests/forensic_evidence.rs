@@ -2665,3 +2665,29 @@ fn a_summary_dated_before_the_period_after_a_clock_step_does_not_cancel_the_peri
         "the last summary in the period less the run's last one before it: {v}"
     );
 }
+
+/// A process started in the period (at 110 minutes); the wall clock was then stepped back
+/// (NTP) and its first summary is dated 75, before the period; its last one is at 130. The
+/// run did nothing before the period (it had not started), so every count of its last summary
+/// is the period's: the summary dated 75 is no baseline to take off.
+#[test]
+fn a_summary_dated_before_the_period_of_a_run_started_in_it_does_not_cancel_its_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = timed_log(
+        &tmp,
+        &[
+            (110, serde_json::json!({})),
+            (120, serde_json::json!({})),
+            (75, summary(20, 1)),
+            (130, summary(30, 2)),
+            (140, serde_json::json!({})),
+        ],
+    );
+    let (code, v) = evidence_json(&dir, &["--since", &rfc(100), "--until", &rfc(200)]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["counters"],
+        serde_json::json!({"frees": 30, "verifications_failed": 2}),
+        "the run's last summary, all of it counted in the period: {v}"
+    );
+}

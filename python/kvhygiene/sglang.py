@@ -99,6 +99,9 @@ def _scale_buffers(kv_pool) -> list:
         for n in dir(kv_pool)
         if n.endswith("scale_buffer")
         and n not in _SCALE_BUFFERS
+        # Sparse attention's indexer keys (NSA's index_k_with_scale_buffer): per page, not
+        # per slot, and not covered, as the module says.
+        and not n.startswith("index_")
         and getattr(kv_pool, n, None) is not None
         and not callable(getattr(kv_pool, n))
     ]

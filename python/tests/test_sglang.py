@@ -1248,3 +1248,21 @@ def test_a_pool_with_a_scale_buffer_of_another_name_is_refused_and_its_methods_a
         assert layouts_of(pool)
     finally:
         pool.release()
+
+
+def test_an_nsa_pools_indexer_buffer_is_not_refused_as_an_unknown_scale_buffer():
+    # SGLang's NSATokenToKVPool (DeepSeek V3.2 sparse attention) is an MLA pool which also
+    # keeps, per layer, index_k_with_scale_buffer: the indexer's keys and their scales packed
+    # per page ([pages, page_size * 132] uint8, read by get_index_k_with_scale_buffer). The
+    # module documents sparse-attention index buffers as not covered, not as a reason to
+    # refuse the pool; its kv_buffer rows are per-slot and scrubbed as an MLA pool's.
+    lib = kvhygiene.load()
+    pool = MLAFP4Pool(lib, page_size=1)
+    try:
+        pool.kv_scale_buffer = None
+        pool.index_k_with_scale_buffer = [
+            FakeTensor(t.data_ptr(), (pool.rows, 132), element_size=1) for t in pool.kv_buffer
+        ]
+        assert layouts_of(pool)
+    finally:
+        pool.release()

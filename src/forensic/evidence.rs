@@ -1235,6 +1235,10 @@ struct ChainState {
     lost_before: u64,
     /// The run being read began with a `start` or `recovery` record that was read.
     run_started: bool,
+    /// A record of the run in the audit period was read: records dated before the period
+    /// that come after it were written after a step back of the clock, and are not what
+    /// the run had done before the period.
+    in_period_seen: bool,
     /// Time of the oldest record `prune-log` moved from this chain (its manifest's word).
     moved_from: Option<u64>,
     /// Times of the run's first and last records, in or out of the period.
@@ -1254,6 +1258,7 @@ impl ChainState {
             lost_sum: 0,
             lost_before: 0,
             run_started: false,
+            in_period_seen: false,
             moved_from: None,
             span: None,
             piece: None,
@@ -1275,6 +1280,7 @@ impl ChainState {
     fn finish_run(&mut self, ev: &mut Evidence, tally: &mut Tally) {
         let process = self.process.take();
         let run_started = std::mem::take(&mut self.run_started);
+        self.in_period_seen = false;
         let (summary, baseline) = (self.last_summary.take(), self.baseline.take());
         let (stop_lost, lost_sum) = (self.stop_lost.take(), std::mem::take(&mut self.lost_sum));
         let lost_before = std::mem::take(&mut self.lost_before);
@@ -1418,13 +1424,13 @@ impl Tally {
             self.records_outside = self.records_outside.saturating_add(1);
             if ts.is_some_and(|t| self.period.is_before(t)) {
                 match kind {
-                    // Only before the run's first summary in the period: one dated before it
+                    // Only before the run's first record in the period: one dated before it
                     // but written after (the clock stepped back) would cancel counts the run
                     // made in the period.
-                    "summary" if chain.last_summary.is_none() => {
+                    "summary" if !chain.in_period_seen => {
                         chain.baseline = record.get("counters").and_then(Value::as_object).cloned();
                     }
-                    "lost" => {
+                    "lost" if !chain.in_period_seen => {
                         chain.lost_before = chain.lost_before.saturating_add(num("records_lost"))
                     }
                     _ => {}
@@ -1432,6 +1438,7 @@ impl Tally {
             }
             return;
         }
+        chain.in_period_seen = true;
         if let Some(ts) = ts {
             self.first_ts = Some(self.first_ts.map_or(ts, |f| f.min(ts)));
             self.last_ts = Some(self.last_ts.map_or(ts, |l| l.max(ts)));

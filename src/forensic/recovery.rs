@@ -118,23 +118,26 @@ fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head
 /// we could lock and this old is nobody's.
 const UNSTARTED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How far ahead of the clock a chain's first file must be dated to count as left by a dead
+/// writer before the clock stepped back: further than any file server's skew.
+const UNSTARTED_AHEAD: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Removes the first file of `chain`, locked by us, which holds no complete record: its
 /// writer died before its `start` record was whole. Nothing of evidence is in it (no record,
 /// no checkpoint), and left there it would read as a chain whose records and checkpoint were
 /// deleted. A file modified within [`UNSTARTED_GRACE`] is left alone (its creator may not
 /// have locked it yet). Failures leave the file: `verify-log` reports it.
 fn remove_unstarted(dir: &Path, chain: &str, path: &Path, file: &File) {
-    // A time ahead of the clock by the grace or more is as old (the clock stepped back since):
-    // its creator is long past the few calls between creating and locking it.
+    // A time far ahead of the clock is as old (the clock stepped back since); one a little
+    // ahead may be a file just made, dated by a file server whose clock runs ahead.
     let idle = file
         .metadata()
         .and_then(|m| m.modified())
         .ok()
-        .map(|t| match t.elapsed() {
-            Ok(age) => age,
-            Err(ahead) => ahead.duration(),
-        })
-        .is_some_and(|age| age >= UNSTARTED_GRACE);
+        .is_some_and(|t| match t.elapsed() {
+            Ok(age) => age >= UNSTARTED_GRACE,
+            Err(ahead) => ahead.duration() >= UNSTARTED_AHEAD,
+        });
     if idle && std::fs::remove_file(path).is_ok() {
         let _ = files::sync_dir(dir);
         crate::say(format_args!(

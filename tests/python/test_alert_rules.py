@@ -34,6 +34,15 @@ def alerts():
     return [rule for g in groups for rule in g["rules"]]
 
 
+#: Rules over kube-state-metrics' series for the example deployment (deploy/k8s).
+K8S_RULES = ROOT / "deploy" / "prometheus" / "kvhygiene-k8s-rules.yaml"
+
+
+def k8s_alerts():
+    groups = yaml.safe_load(K8S_RULES.read_text())["groups"]
+    return [rule for g in groups for rule in g["rules"]]
+
+
 def snapshot(tmp_path, **env) -> str:
     prom = tmp_path / "kvh.prom"
     run_child(
@@ -143,7 +152,7 @@ def test_a_counter_alert_also_fires_for_a_series_first_seen_above_its_threshold(
 
 def test_each_runbook_link_has_a_section_and_each_section_an_alert():
     sections = anchors(RUNBOOK.read_text())
-    linked = {a["annotations"]["runbook_url"].split("#", 1)[1] for a in alerts()}
+    linked = {a["annotations"]["runbook_url"].split("#", 1)[1] for a in alerts() + k8s_alerts()}
     assert linked <= sections, linked - sections
     assert sections - GENERAL_SECTIONS <= linked, (sections - GENERAL_SECTIONS) - linked
 
@@ -183,3 +192,25 @@ def test_a_process_that_stops_exporting_through_the_shipped_sidecar_raises_an_al
         f"KvhMetricsStale fires on snapshots over {stale_after} s old, but the shipped sidecar "
         f"answers 503 past {sidecar_max_age} s, and no rule watches `up` or absent series"
     )
+
+
+def test_the_deployment_alerts_are_complete_and_select_what_the_manifests_name():
+    # Each selects a Job, container or init container of deploy/k8s by its name there: a
+    # renamed one would leave the alert watching nothing.
+    k8s = (ROOT / "deploy" / "k8s").glob("*.yaml")
+    manifests = "\n".join(p.read_text() for p in k8s)
+    names = set(alert["alert"] for alert in alerts())
+    for a in k8s_alerts():
+        assert a["alert"] not in names, a
+        assert a["labels"]["severity"] in SEVERITIES, a
+        assert a["annotations"]["summary"] and a["annotations"]["description"], a
+        assert a["annotations"]["runbook_url"].startswith("docs/operations.md#"), a
+        containers = re.findall(r'container="([^"]+)"', a["expr"])
+        assert containers or "job_name" in a["expr"], a["expr"]
+        for name in containers:
+            assert f"- name: {name}\n" in manifests, (a["alert"], name)
+    verify_prune = next(a for a in k8s_alerts() if "job_name" in a["expr"])
+    for job in ("kvhygiene-verify-log", "kvhygiene-prune-log"):
+        assert f"name: {job}" in manifests
+        kind = job.split("-")[1]
+        assert kind in verify_prune["expr"], verify_prune["expr"]

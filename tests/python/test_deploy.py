@@ -1630,3 +1630,65 @@ def test_check_release_refuses_a_committed_ptx_build_when_a_kernel_build_is_requ
         [str(ROOT / "scripts/check-release.sh"), str(dist)], capture_output=True, text=True, timeout=600, env=env
     )
     assert r.returncode != 0 and "committed PTX" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# What on-call meets: alert links, the signals the library cannot export, the evidence volumes
+
+
+K8S_RULES_FILE = DEPLOY / "prometheus" / "kvhygiene-k8s-rules.yaml"
+
+
+def alert_rules(path=RULES_FILE) -> list:
+    return [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_the_documented_rewrite_makes_every_runbook_url_open_from_an_alert():
+    # Alertmanager, Grafana, Slack and PagerDuty show runbook_url as it is: the shipped
+    # "docs/operations.md#..." is relative to the repository. deploy/README.md gives the sed
+    # that points it at a copy of the documentation; it must reach every alert of both files.
+    readme = DEPLOY_README.read_text()
+    m = re.search(r"`sed 's\|([^|]+)\|([^|]+)\|'`", readme)
+    assert m, "deploy/README.md shows no runbook_url rewrite"
+    before, after = m.group(1), m.group(2)
+    for path in (RULES_FILE, K8S_RULES_FILE):
+        text = path.read_text().replace(before, after)
+        for a in [r for g in yaml.safe_load(text)["groups"] for r in g["rules"] if "alert" in r]:
+            assert re.match(r"https://", a["annotations"]["runbook_url"]), (path.name, a["alert"])
+
+
+def test_the_shipped_rules_alert_on_the_log_checks_the_docs_route_incidents_to():
+    # deploy/README.md: "alert on failed Jobs" (verify-log, prune-log) and "alert on that line,
+    # or on the container's restarts" (kvh-tail); a pod held at its init container has no
+    # metrics for the library's rules to see.
+    exprs = " ".join(a["expr"] for a in alert_rules(RULES_FILE) + alert_rules(K8S_RULES_FILE))
+    missing = [w for w in ("verify|prune", "kvh-tail", "kvhygiene-install") if w not in exprs]
+    assert not missing, f"no shipped alert watches: {missing}"
+
+
+def test_a_failing_native_sidecar_taking_the_pod_out_of_rotation_is_documented():
+    # The kubelet counts a restartable init container in the pod's ContainersReady/Ready
+    # conditions: while kvh-tail exits 1 (tampering), 2 (I/O error) or is OOM-killed and sits in
+    # CrashLoopBackOff, the pod is NotReady and leaves the Service (replicas: 1: an outage), even
+    # though `kvh gate`, the documented readiness probe, admits. The runbook's tampering section
+    # and the README's probe table say nothing of it.
+    spec = dict(pod_specs())["deployment/inference-server"]
+    sidecars = [c["name"] for c in spec["initContainers"] if c.get("restartPolicy") == "Always"]
+    assert sidecars == ["kvh-tail"]
+    text = runbook_text()
+    section = text[text.index("## The log shipper reports tampering") : text.index("## During an incident")]
+    assert re.search(r"not ready|NotReady|unready|out of rotation|readiness", section), section
+
+
+def test_deleting_the_kustomization_does_not_destroy_the_evidence():
+    # pvc.yaml: the archive is "kept as long as the evidence must be ... Nothing deletes them".
+    # Both PVCs are resources of the kustomization, so `kubectl delete -k deploy/k8s` (or the
+    # namespace's deletion) deletes them, and with the usual default StorageClass
+    # (reclaimPolicy: Delete) their volumes and the evidence go with them. Nothing here pins a
+    # Retain class or protects the claims.
+    text = (K8S / "pvc.yaml").read_text() + DEPLOY_README.read_text()
+    for name in ("kvhygiene-forensic-log", "kvhygiene-forensic-archive"):
+        pvc = the("PersistentVolumeClaim", name)
+        assert pvc["spec"].get("storageClassName") or re.search(r"reclaimPolicy|Retain", text), (
+            f"{name}: deleted with the kustomization, its volume with it under reclaimPolicy Delete"
+        )

@@ -77,8 +77,9 @@ def test_promtool_check_metrics_catches_a_gauge_with_quantiles(promtool):
 
 
 def test_rules_pass_promtool_check_rules(promtool):
-    r = run(promtool, "check", "rules", str(RULES))
-    assert r.returncode == 0, r.stdout + r.stderr
+    for rules in (RULES, RULES.with_name("kvhygiene-k8s-rules.yaml")):
+        r = run(promtool, "check", "rules", str(rules))
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def rules_without_annotations(rules: dict) -> dict:
