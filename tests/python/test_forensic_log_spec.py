@@ -476,6 +476,55 @@ def test_a_manifest_field_outside_its_mac_is_refused(logs, tmp_path):
         "a manifest whose document-defined MAC no longer verifies was accepted: "
         + json.dumps([(c, v.get("problem")) for c, v in theirs.items()])
     )
+    ours = sv.verify(d, secrets=[secret], allow_pruned=True, archive_dirs=[archive])
+    (problem,) = ours.chains.values()
+    assert ours.status == 1 and mp.name in problem, ours
+
+
+def pruned_whole(logs, tmp: Path):
+    """A copy of the rotated demo log whose chain `prune-log` moved whole: (log, archive, manifest path)."""
+    d = tmp / "pruned"
+    shutil.copytree(logs["rotated"], d)
+    archive = tmp / "archive"
+    archive.mkdir(mode=0o700)
+    p = subprocess.run([kvh(), "prune-log", str(d), "--archive-dir", str(archive), "--older-than", "0",
+                        "--key-file", str(logs["hk1"])], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (mp,) = d.glob("kvh-*.pruned.json")
+    return d, archive, mp
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.update(updated_at=m["updated_at"] + 1),
+        lambda m: m["files"][0].update(newest_ts=m["files"][0]["newest_ts"] + 1),
+        lambda m: m.update(archive=m["archive"] + "-elsewhere"),
+    ],
+    ids=["updated_at", "entry-newest_ts", "archive"],
+)
+def test_a_manifest_changed_under_its_mac_fails_both_verifiers(logs, tmp_path, change):
+    """The manifest `mac` is HMAC-SHA256(K(0), body) over the manifest without `mac`: a value
+    changed that no other rule reads (same members, same chain links) fails on the MAC alone."""
+    d, archive, mp = pruned_whole(logs, tmp_path)
+    m = json.loads(mp.read_text())
+    change(m)
+    mp.write_text(json.dumps(m))
+    secret = sv.read_hmac_key(logs["hk1"])
+    assert m["mac"] != manifest_mac(secret, m)
+    ours = sv.verify(d, secrets=[secret], allow_pruned=True, archive_dirs=[archive])
+    (problem,) = ours.chains.values()
+    assert ours.status == 1 and "manifest MAC mismatch" in problem, ours
+    args = ("--key-file", str(logs["hk1"]), "--allow-pruned", "--archive-dir", str(archive))
+    code, theirs, rep = verify_log(d, *args)
+    assert code == 1, rep
+    # the same manifest with its MAC made again verifies under both
+    m["mac"] = manifest_mac(secret, m)
+    mp.write_text(json.dumps(m))
+    ours = sv.verify(d, secrets=[secret], allow_pruned=True, archive_dirs=[archive])
+    assert ours.status == 0, ours
+    code, theirs, rep = verify_log(d, *args)
+    assert code == 0, rep
 
 
 def test_a_record_whose_mac_is_not_hex_is_refused_without_a_key(logs, tmp_path):

@@ -612,6 +612,48 @@ def test_checkpoint_bad_signature(signed_log, keys, tmp_path):
     agree(d, keys, 1)
 
 
+def test_checkpoint_signature_with_a_non_canonical_s_rejected(signed_log, keys, tmp_path):
+    # RFC 8032 section 5.1.7: a signature whose S (its last 32 bytes, little-endian) is not
+    # below the group order L is rejected. S + L verifies the same equation as S, so only
+    # this range check tells the two apart.
+    d = copy(signed_log, tmp_path)
+    (chain,) = chains_of(d)
+    p = d / f"kvh-{chain}.ckpt"
+    ck, body = sv.parse_checkpoint(p.read_bytes())
+    sig = bytes.fromhex(ck["sig"])
+    s = int.from_bytes(sig[32:], "little")
+    assert s < sv._L
+    forged = sig[:32] + int.to_bytes(s + sv._L, 32, "little")
+    pub = bytes.fromhex(ck["public_key"])
+    assert sv.ed25519_verify(pub, body, sig)
+    assert not sv.ed25519_verify(pub, body, forged)
+    p.write_bytes(p.read_bytes().replace(sig.hex().encode(), forged.hex().encode()))
+    rc, st, out, res = both(d, keys)
+    assert (rc, st) == (1, 1), f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert res.chains[chain] == "bad checkpoint signature", res
+    assert "checkpoint" in out, out  # kvh: no checkpoint signed by the pinned public key
+
+
+@pytest.mark.parametrize("setting", ["no_public_key", "checkpoint_without_key_id"])
+def test_first_record_mac_checked_when_no_checkpoint_names_the_key(setting, signed_log, keys, tmp_path):
+    # With no signed checkpoint naming a key_id, the chain's secret is the one the first
+    # record's MAC verifies with; a first record whose MAC no given key verifies (here its MAC
+    # under another secret, the rest of the chain untouched) is refused at that line.
+    d = copy(signed_log, tmp_path)
+    (chain,) = chains_of(d)
+    with_pub = setting != "no_public_key"
+    if with_pub:
+        _resign(d, keys, lambda ck, d, c: ck.pop("key_id"))
+    first = chain_files(d, chain)[0]
+    h = records(d, chain)[0]["hash"]
+    other = sv.record_mac(sv.ratchet(sv.read_hmac_key(keys.hmac2), 0), h).encode()
+    _edit_line(d, keys, lambda line: line[:line.index(b'"mac":"') + 7] + other + b'"}', file_no=0, line_no=0)
+    rc, st, out, res = both(d, keys, with_pub=with_pub)
+    assert (rc, st) == (1, 1), f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert res.chains[chain].startswith(f"{first.name}:1: "), res
+    assert f"{first.name}:1: " in out, out
+
+
 def test_two_checkpoint_files_for_one_chain(signed_log, keys, tmp_path):
     d = copy(signed_log, tmp_path)
     (chain,) = chains_of(d)
