@@ -308,7 +308,9 @@ void kvh_empty_cache(void);
 // or were verified but could not be returned to the device: none will be, and they are
 // leaked, never handed out. Before the allocator started (also after a `kvh_shutdown`, or
 // the start of process exit, that came first), `KVH_OK`: nothing was freed, and it is not
-// started.
+// started. After a failed start-up, that start-up's code, as `kvh_init` returns it
+// (`KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG`, `KVH_ERR_PANIC`); in a child forked
+// after its parent's start-up, `KVH_ERR_FORKED_CHILD`.
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the

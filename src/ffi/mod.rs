@@ -730,7 +730,9 @@ pub extern "C" fn kvh_empty_cache() {
 /// or were verified but could not be returned to the device: none will be, and they are
 /// leaked, never handed out. Before the allocator started (also after a `kvh_shutdown`, or
 /// the start of process exit, that came first), `KVH_OK`: nothing was freed, and it is not
-/// started.
+/// started. After a failed start-up, that start-up's code, as `kvh_init` returns it
+/// (`KVH_ERR_CONFIG`, `KVH_ERR_BACKEND`, `KVH_ERR_LOG`, `KVH_ERR_PANIC`); in a child forked
+/// after its parent's start-up, `KVH_ERR_FORKED_CHILD`.
 #[no_mangle]
 pub extern "C" fn kvh_synchronize() -> c_int {
     boundary(KVH_ERR_PANIC as c_int, || {
@@ -775,12 +777,15 @@ fn policy_error() -> Option<String> {
 
 /// `kvh_stats_json`'s answer when the allocator has not started in this process (and, with
 /// `shut_down`, never will: a `kvh_shutdown` came first).
+/// Written in the header's order, `started` first (a JSON map would sort the keys): a reader
+/// that looks at the start tells it from a started allocator's answer.
 fn unstarted_json(shut_down: bool) -> String {
-    let mut doc = serde_json::json!({"started": false, "version": env!("CARGO_PKG_VERSION")});
+    let version = serde_json::Value::from(env!("CARGO_PKG_VERSION"));
     if shut_down {
-        doc["shut_down"] = true.into();
+        format!(r#"{{"started":false,"shut_down":true,"version":{version}}}"#)
+    } else {
+        format!(r#"{{"started":false,"version":{version}}}"#)
     }
-    doc.to_string()
 }
 
 /// Starts the allocator now (reading the configuration) instead of at the first call, so a

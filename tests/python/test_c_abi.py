@@ -1016,3 +1016,16 @@ def test_package_stats_does_not_blame_an_earlier_unrelated_error():
     )
     assert out["init"] == 7011 and out["set"] == 7010 and out["raised"] and out["code"] == 7011, out
     assert "KVH_BATCH_SIZE" in out["error"], out
+
+
+def test_stats_after_a_shutdown_before_start_up_begin_as_the_header_shows():
+    # include/kvhygiene.h, kvh_stats_json: after a kvh_shutdown that came before start-up the
+    # answer is `{"started":false,"shut_down":true,...}`; src/ffi/runtime.rs puts "started"
+    # first in the started answer so that readers can tell the answers apart by their start.
+    out = run_child(
+        """
+        lib.kvh_shutdown()
+        out["json"] = text(lib.kvh_stats_json)
+        """
+    )
+    assert out["json"].startswith('{"started":false,"shut_down":true'), out
