@@ -214,3 +214,21 @@ def test_the_deployment_alerts_are_complete_and_select_what_the_manifests_name()
         assert f"name: {job}" in manifests
         kind = job.split("-")[1]
         assert kind in verify_prune["expr"], verify_prune["expr"]
+
+
+def test_the_deployment_alerts_read_each_container_from_the_series_of_its_kind():
+    # kube-state-metrics exports a container's restarts and waiting reason from the pod's
+    # containerStatuses (kube_pod_container_*) and an init container's, a native sidecar
+    # (restartPolicy: Always) included, from initContainerStatuses (kube_pod_init_container_*,
+    # docs/metrics/workload/pod-metrics.md): a selector on the other family matches no series.
+    spec = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    init = {c["name"] for c in spec.get("initContainers", [])}
+    regular = {c["name"] for c in spec["containers"]}
+    wrong = []
+    for a in k8s_alerts():
+        for metric, name in re.findall(r'(kube_pod_\w+)\{[^}]*container="([^"]+)"', a["expr"]):
+            is_init_series = metric.startswith("kube_pod_init_container_")
+            if (name in init and not is_init_series) or (name in regular and is_init_series):
+                kind = "init container" if name in init else "container"
+                wrong.append(f"{a['alert']}: {metric} for {name}, an {kind} of deployment.yaml")
+    assert not wrong, wrong

@@ -1548,20 +1548,28 @@ OPERATOR = DEPLOY / "prometheus-operator"
 RULES_FILE = DEPLOY / "prometheus" / "kvhygiene-rules.yaml"
 
 
-def prometheusrule_text() -> str:
-    """deploy/prometheus-operator/prometheusrule.yaml as it must be: the rules file's groups,
-    unchanged, under a PrometheusRule's spec."""
+#: Each PrometheusRule of deploy/prometheus-operator, its name and the rules file it holds.
+PROMETHEUS_RULES = [
+    ("prometheusrule.yaml", "kvhygiene", RULES_FILE),
+    ("prometheusrule-k8s.yaml", "kvhygiene-deployment", DEPLOY / "prometheus" / "kvhygiene-k8s-rules.yaml"),
+]
+
+
+def prometheusrule_text(name: str, rules_file) -> str:
+    """A PrometheusRule of deploy/prometheus-operator as it must be: the rules file's groups,
+    unchanged, under its spec."""
     rule = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {
-            "name": "kvhygiene",
+            "name": name,
             "labels": {"app.kubernetes.io/name": "inference-server", "app.kubernetes.io/component": "kvh-metrics"},
         },
-        "spec": {"groups": yaml.safe_load(RULES_FILE.read_text())["groups"]},
+        "spec": {"groups": yaml.safe_load(rules_file.read_text())["groups"]},
     }
+    shown = rules_file.relative_to(ROOT)
     header = (
-        "# The alerting rules of deploy/prometheus/kvhygiene-rules.yaml (read its comments there) as a\n"
+        f"# The alerting rules of {shown} (read its comments there) as a\n"
         "# PrometheusRule for the Prometheus Operator. Generated; do not edit: change the rules file,\n"
         "# then `KVH_BLESS=1 python3 -m pytest tests/python/test_deploy.py -k prometheusrule`.\n"
         "# A Prometheus whose ruleSelector asks for a label (kube-prometheus-stack's\n"
@@ -1570,18 +1578,19 @@ def prometheusrule_text() -> str:
     return header + yaml.safe_dump(rule, sort_keys=False, width=4096, allow_unicode=True)
 
 
-def test_the_prometheusrule_holds_the_rules_files_groups():
-    path = OPERATOR / "prometheusrule.yaml"
-    want = prometheusrule_text()
+@pytest.mark.parametrize("file, name, rules_file", PROMETHEUS_RULES)
+def test_the_prometheusrule_holds_the_rules_files_groups(file, name, rules_file):
+    path = OPERATOR / file
+    want = prometheusrule_text(name, rules_file)
     if os.environ.get("KVH_BLESS"):
         path.write_text(want)
-    got = path.read_text()
+    got = path.read_text() if path.exists() else ""
     assert got == want, (
-        f"{path.relative_to(ROOT)} is not deploy/prometheus/kvhygiene-rules.yaml's groups: "
+        f"{path.relative_to(ROOT)} is not {rules_file.relative_to(ROOT)}'s groups: "
         "regenerate it with `KVH_BLESS=1 python3 -m pytest tests/python/test_deploy.py -k prometheusrule`"
     )
     (rule,) = load_yaml(path)
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES_FILE.read_text())["groups"]
+    assert rule["spec"]["groups"] == yaml.safe_load(rules_file.read_text())["groups"]
 
 
 def test_the_servicemonitor_scrapes_the_metrics_service():

@@ -615,3 +615,20 @@ def test_the_log_volume_alert_s_description_says_the_bytes_left(promtool, tmp_pa
     )
     r = run(promtool, "test", "rules", str(tmp_path / "tests.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_log_shipper_alert_fires_on_a_restart_of_the_shipped_native_sidecar(promtool, tmp_path):
+    # deploy/k8s/deployment.yaml runs kvh-tail as a native sidecar: an init container with
+    # restartPolicy Always. kube-state-metrics counts its restarts, as any init container's,
+    # in kube_pod_init_container_status_restarts_total (from the pod's initContainerStatuses,
+    # where the kubelet reports it). The series below is what it exports after one restart.
+    rules = yaml.safe_load(RULES.with_name("kvhygiene-k8s-rules.yaml").read_text())
+    pod = {"namespace": "ml", "pod": "inference-server-7d9f-abcde", "uid": "u1", "container": "kvh-tail"}
+    test = case(
+        (
+            [series("kube_pod_init_container_status_restarts_total", "0 0 0 1 1 1 1 1 1 1 1", **pod)],
+            [alert("KvhLogShipperRestarting", "8m", critical(**pod))],
+        )
+    )
+    r = promtool_test(promtool, tmp_path, rules, [test])
+    assert r.returncode == 0, r.stdout + r.stderr
