@@ -23,7 +23,10 @@ from pathlib import Path
 # Use the package from this checkout when it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    sys.exit("examples/torch_pluggable.py needs PyTorch with CUDA, on a GPU machine: install torch")
 
 import kvhygiene  # noqa: E402
 

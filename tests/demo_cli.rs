@@ -1232,6 +1232,16 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
     let (code, out, err) = run(kvh().current_dir(root).args(&args));
     assert_eq!(code, 0, "the printed command failed: {out}{err}");
 
+    // A second run into the same directory: the command names this run's keys, and says the
+    // other chain there may need its own.
+    let hint = demo("matching");
+    assert!(
+        hint.starts_with(
+            "kvh verify-log matching --public-key a.pub (the directory holds 1 other chain:"
+        ),
+        "{hint}"
+    );
+
     std::fs::copy(root.join("b.pub"), root.join("a.pub")).unwrap();
     let hint = demo("other");
     assert!(

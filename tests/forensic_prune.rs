@@ -362,10 +362,18 @@ fn deleting_or_forging_after_a_prune_is_caught() {
     let r = verify(&s.log, &pruned_opts());
     assert!(first_reason(&r).contains("prev is not"), "{r:?}");
 
-    // Removing the manifest: the missing files are missing again.
+    // Removing the manifest: the missing files are missing again, named as an inclusive
+    // range, as every range a report gives.
     fs::remove_file(&path).unwrap();
     let r = verify(&s.log, &pruned_opts());
     assert!(first_reason(&r).contains("no prune manifest"), "{r:?}");
+    let k = m.files.len();
+    let said = if k == 1 {
+        "file 0 is missing".to_string()
+    } else {
+        format!("files 0..{} are missing", k - 1)
+    };
+    assert!(first_reason(&r).contains(&said), "{said}: {r:?}");
 
     // An archive copy edited later fails when the chain is read whole.
     fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();

@@ -1252,7 +1252,8 @@ def install(path: Optional[str] = None):
         import torch  # only install() needs torch
     except ImportError as e:
         raise ImportError(
-            "kvhygiene.install() needs PyTorch: pip install 'kvhygiene[torch]' (or torch itself); "
+            "kvhygiene.install() needs PyTorch: install torch (or the package's torch extra: "
+            "pip install -e './python[torch]' from a checkout); "
             "the rest of kvhygiene (stats, contexts, the KV scrubs) works without it"
         ) from e
 

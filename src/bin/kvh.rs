@@ -180,7 +180,7 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
         None => {}
     }
     let Some(signing) = log.signing_key_file.as_deref() else {
-        return hint;
+        return hint + &other_chains_said(dir);
     };
     match matching_public_key(signing) {
         Some(public) => hint.push_str(&format!(" --public-key {}", shell_word(&public))),
@@ -193,7 +193,29 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
     if let Some(ckpt) = &log.checkpoint_dir {
         hint.push_str(&format!(" --checkpoint {}", shell_word(ckpt)));
     }
-    hint
+    hint + &other_chains_said(dir)
+}
+
+/// What the printed command needs besides this run's keys when `dir` holds other runs'
+/// chains: those sealed or signed with other keys (before a key rotation) fail without them.
+fn other_chains_said(dir: &Path) -> String {
+    use kvhygiene::forensic::files::parse_file_name;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return String::new();
+    };
+    let chains: std::collections::BTreeSet<String> = entries
+        .filter_map(|e| parse_file_name(e.ok()?.file_name().to_str()?))
+        .map(|f| f.chain)
+        .collect();
+    match chains.len().saturating_sub(1) {
+        0 => String::new(),
+        n => format!(
+            " (the directory holds {n} other chain{}: any sealed or signed with other keys, \
+             before a key rotation, needs those keys too, each --key-file and --public-key \
+             given, current first)",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
 }
 
 /// `PREFIX.pub` beside the signing key `PREFIX.key` when it holds that key's public half (a

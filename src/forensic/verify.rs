@@ -1628,8 +1628,9 @@ impl<'a> Walk<'a> {
             file: files::file_name(self.chain, first),
             line: 1,
             reason: format!(
-                "chain starts at file index {first}: files 0..{first} are missing, and no \
-                 prune manifest accounts for them"
+                "chain starts at file index {first}: {}, and no prune manifest accounts \
+                 for them",
+                missing_before(first)
             ),
         })?;
         let name = prune::manifest_path(Path::new(""), self.chain)
@@ -1694,7 +1695,10 @@ impl<'a> Walk<'a> {
         let expected_index = self.prev_file.as_ref().map_or(0, |_| self.cur_index + 1);
         if index != expected_index {
             let reason = if self.prev_file.is_none() {
-                format!("chain starts at file index {index}: files 0..{index} are missing")
+                format!(
+                    "chain starts at file index {index}: {}",
+                    missing_before(index)
+                )
             } else {
                 format!(
                     "file index jumps from {} to {index}: rotated file(s) missing",
@@ -2373,5 +2377,14 @@ mod relist_tests {
         });
         assert!(reports > 0);
         std::mem::forget(open);
+    }
+}
+
+/// "file 0 is missing", "files 0..4 are missing": the files before `first` (at least 1), the
+/// range inclusive, as every other range this module reports.
+fn missing_before(first: u64) -> String {
+    match first {
+        0 | 1 => "file 0 is missing".to_string(),
+        _ => format!("files 0..{} are missing", first - 1),
     }
 }
