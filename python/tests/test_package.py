@@ -75,7 +75,7 @@ def test_a_library_that_is_not_kvhygiene_is_refused_by_name(tmp_path):
 
 @pytest.mark.skipif(HAVE_TORCH, reason="checks the error without torch")
 def test_install_without_torch_is_an_import_error():
-    with pytest.raises(ImportError, match=r"kvhygiene\[torch\]"):
+    with pytest.raises(ImportError, match=r"install torch"):
         kvhygiene.install()
 
 
