@@ -750,33 +750,26 @@ fn coverage(args: &EvidenceArgs, tally: Tally, integrity: &Integrity, now: u64) 
                 from: rfc3339(a),
                 to: rfc3339(b),
                 minutes: (b - a) / 60_000_000_000,
-                moved_records_of: integrity
-                    .pruned
-                    .iter()
-                    .filter(|c| {
-                        let p = &c.pruned;
-                        // A manifest without times (none is written so) is taken to reach in.
-                        p.first_ts
-                            .zip(p.last_ts)
-                            .is_none_or(|(first, last)| first < b && last >= a)
-                    })
-                    .map(|c| c.chain.clone())
-                    .collect(),
+                moved_records_of: moved_within(integrity, |first, last| first < b && last >= a),
             })
             .collect(),
-        pruned_in_period: integrity
-            .pruned
-            .iter()
-            .filter(|c| {
-                // A manifest without times (none is written so) is taken to reach in.
-                let p = &c.pruned;
-                p.first_ts
-                    .zip(p.last_ts)
-                    .is_none_or(|(a, b)| period.overlaps(a, b))
-            })
-            .map(|c| c.chain.clone())
-            .collect(),
+        pruned_in_period: moved_within(integrity, |a, b| period.overlaps(a, b)),
     }
+}
+
+/// The chains whose records `prune-log` moved span times that `reaches` (first, last record
+/// time, as their manifests date them). A manifest without times (none is written so) is
+/// taken to reach in.
+fn moved_within(integrity: &Integrity, reaches: impl Fn(u64, u64) -> bool) -> Vec<String> {
+    integrity
+        .pruned
+        .iter()
+        .filter(|c| {
+            let p = &c.pruned;
+            p.first_ts.zip(p.last_ts).is_none_or(|(a, b)| reaches(a, b))
+        })
+        .map(|c| c.chain.clone())
+        .collect()
 }
 
 /// The digests `--approved-config` names: each value a digest, or a policy file's digest.
