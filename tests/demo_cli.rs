@@ -1232,14 +1232,18 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
     let (code, out, err) = run(kvh().current_dir(root).args(&args));
     assert_eq!(code, 0, "the printed command failed: {out}{err}");
 
-    // A second run into the same directory: the command names this run's keys, and says the
-    // other chain there may need its own.
-    let hint = demo("matching");
+    // A second run into the same directory: the command names this run's keys, and the line
+    // after it says the other chain there may need its own.
+    let (code, out, err) = run(one_request_demo(root)
+        .args(["--log-dir", "matching"])
+        .env("KVH_SIGNING_KEY_FILE", "a.key"));
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
-        hint.starts_with(
-            "kvh verify-log matching --public-key a.pub (the directory holds 1 other chain:"
+        out.contains(
+            "check it with: kvh verify-log matching --public-key a.pub\n  the directory holds 1 \
+             other chain: any sealed or signed with other keys"
         ),
-        "{hint}"
+        "{out}"
     );
 
     std::fs::copy(root.join("b.pub"), root.join("a.pub")).unwrap();
@@ -1354,4 +1358,49 @@ fn one_request_demo(root: &std::path::Path) -> std::process::Command {
         .args(["demo", "--tenants", "1", "--requests", "1"])
         .env("KVH_BACKEND", "host");
     c
+}
+
+/// `--json`'s `forensic_log.verify_command` names the command that checks the run's log. Two
+/// runs into one log directory, sealed with the same HMAC key file: the command the second
+/// run reports names every key the directory's chains need, and is expected to run as given
+/// in a POSIX shell (exit 0), as the first run's does.
+#[test]
+fn the_json_verify_command_runs_in_a_shell_when_the_directory_holds_another_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    key_file(&root.join("hmac.key"), "0123456789abcdef0123456789abcdef");
+    let demo = || {
+        let (code, out, err) = run(one_request_demo(root)
+            .args(["--json", "--log-dir", "log"])
+            .env("KVH_HMAC_KEY_FILE", "hmac.key"));
+        assert_eq!(code, 0, "{out}{err}");
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let command = report["forensic_log"]["verify_command"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no verify_command: {report}"))
+            .to_string();
+        (command, report["forensic_log"]["other_chains"].clone())
+    };
+    let in_shell = |command: &str| {
+        let rest = command
+            .strip_prefix("kvh ")
+            .unwrap_or_else(|| panic!("not a kvh command: {command}"));
+        run(std::process::Command::new("sh")
+            .current_dir(root)
+            .arg("-c")
+            .arg(format!("exec \"$0\" {rest}"))
+            .arg(env!("CARGO_BIN_EXE_kvh")))
+    };
+    let (first, others) = demo();
+    assert_eq!(others, 0);
+    let (code, out, err) = in_shell(&first);
+    assert_eq!(code, 0, "{first}: {out}{err}");
+    // The other chain is counted beside the command, not written into it.
+    let (second, others) = demo();
+    assert_eq!(others, 1);
+    let (code, out, err) = in_shell(&second);
+    assert_eq!(
+        code, 0,
+        "verify_command of a second run into the directory: {second}\n{out}{err}"
+    );
 }

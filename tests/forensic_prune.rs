@@ -2984,3 +2984,65 @@ fn evidence_with_archive(s: &Setup, extra: &[&str]) -> Value {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// After a prune of `k` files, the oldest file left (index `k`) deleted too: the manifest
+/// accounts for files 0 to `k - 1`, and the report names the missing files as the other
+/// reports of missing files do, an inclusive range (`files 0..{k}`, files 0 to `k`), not one
+/// that reaches the first file present (`k + 1`).
+#[test]
+fn a_manifest_short_of_the_missing_files_names_them_as_an_inclusive_range() {
+    let s = pruned_open_chain();
+    let left = chain_files(&s.log);
+    let (_, m) = manifest(&s);
+    let k = m.files.len();
+    fs::remove_file(&left[0]).unwrap();
+    let r = verify(&s.log, &pruned_opts());
+    let reason = first_reason(&r);
+    assert!(reason.contains("do not account"), "{reason}");
+    assert!(
+        reason.contains(&format!("files 0..{k}"))
+            && !reason.contains(&format!("files 0..{}", k + 1)),
+        "files 0 to {k} are missing (file {} is the first present): {reason}",
+        k + 1
+    );
+}
+
+/// docs/operations.md (During an incident): a chain sealed with a retired key, verified
+/// without it, fails with `MAC mismatch at epoch 0` or `MAC mismatch: the chain's signed
+/// checkpoint names HMAC key id ..., which none of the keys given has`, "which is not
+/// tampering". The incident commands there read the log with `--allow-pruned`: a pruned
+/// chain sealed with another key is expected to fail with one of those two messages too.
+#[test]
+fn a_pruned_chain_sealed_with_another_key_fails_as_the_runbook_quotes() {
+    let s = pruned_open_chain();
+    let other = tempfile::tempdir().unwrap();
+    let key = other.path().join("current.key");
+    fs::write(&key, b"another-secret-0123456789abcdef").unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = kvh(&[
+        "verify-log",
+        s.log.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--allow-pruned",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let runbook =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .unwrap();
+    // As read: the lines of a paragraph join with a space.
+    let runbook = runbook.split_whitespace().collect::<Vec<_>>().join(" ");
+    let quoted = [
+        "MAC mismatch at epoch 0",
+        "MAC mismatch: the chain's signed checkpoint names HMAC key id",
+        "manifest MAC mismatch",
+    ];
+    for q in quoted {
+        assert!(
+            runbook.contains(q),
+            "docs/operations.md does not quote {q:?}"
+        );
+    }
+    assert!(quoted.iter().any(|q| said.contains(q)), "{said}");
+}

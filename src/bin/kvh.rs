@@ -180,7 +180,7 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
         None => {}
     }
     let Some(signing) = log.signing_key_file.as_deref() else {
-        return hint + &other_chains_said(dir);
+        return hint;
     };
     match matching_public_key(signing) {
         Some(public) => hint.push_str(&format!(" --public-key {}", shell_word(&public))),
@@ -193,29 +193,21 @@ fn verify_hint(dir: &Path, log: &kvhygiene::config::LogConfig, secret_in_env: bo
     if let Some(ckpt) = &log.checkpoint_dir {
         hint.push_str(&format!(" --checkpoint {}", shell_word(ckpt)));
     }
-    hint + &other_chains_said(dir)
+    hint
 }
 
-/// What the printed command needs besides this run's keys when `dir` holds other runs'
-/// chains: those sealed or signed with other keys (before a key rotation) fail without them.
-fn other_chains_said(dir: &Path) -> String {
+/// The chains in `dir` besides this run's (0 when it cannot be read): those sealed or signed
+/// with other keys (before a key rotation) fail the printed command without their keys.
+fn other_chains(dir: &Path) -> usize {
     use kvhygiene::forensic::files::parse_file_name;
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return String::new();
+        return 0;
     };
     let chains: std::collections::BTreeSet<String> = entries
         .filter_map(|e| parse_file_name(e.ok()?.file_name().to_str()?))
         .map(|f| f.chain)
         .collect();
-    match chains.len().saturating_sub(1) {
-        0 => String::new(),
-        n => format!(
-            " (the directory holds {n} other chain{}: any sealed or signed with other keys, \
-             before a key rotation, needs those keys too, each --key-file and --public-key \
-             given, current first)",
-            if n == 1 { "" } else { "s" }
-        ),
-    }
+    chains.len().saturating_sub(1)
 }
 
 /// `PREFIX.pub` beside the signing key `PREFIX.key` when it holds that key's public half (a
@@ -739,6 +731,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                         "dir_shell": shell_word(dir),
                         "records_written": log.stats().records_written,
                         "verify_command": verify_hint(dir, &config.log, secret_in_env),
+                        "other_chains": other_chains(dir),
                     }),
                 );
             }
@@ -764,6 +757,15 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 dir.display(),
                 verify_hint(dir, &config.log, secret_in_env)
             ));
+            match other_chains(dir) {
+                0 => {}
+                n => out.line(format_args!(
+                    "  the directory holds {n} other chain{}: any sealed or signed with other \
+                     keys, before a key rotation, needs those keys too (each --key-file and \
+                     --public-key, current first)",
+                    if n == 1 { "" } else { "s" }
+                )),
+            }
         }
         if let Some(file) = &metrics_file {
             out.line(format_args!(

@@ -1654,8 +1654,9 @@ impl<'a> Walk<'a> {
         if (m.files.len() as u64) < first {
             return Err(bad(format!(
                 "the manifest lists {} moved files, which do not account for the missing \
-                 files 0..{first}",
-                m.files.len()
+                 ones ({})",
+                m.files.len(),
+                missing_before(first)
             )));
         }
         let tail = &m.files[first as usize - 1];
