@@ -372,18 +372,11 @@ fn a_crash_before_the_start_record_is_complete_does_not_read_as_tampering() {
 /// writer between creating it and locking it: it is left alone.
 #[test]
 fn a_first_file_just_created_is_not_removed() {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
     write_log(&c, 1, true);
-    let fresh = dir.join("kvh-p4243-t1700000000000000000-000000.jsonl");
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&fresh)
-        .unwrap();
+    let fresh = unlocked_first_file(&dir, 4243, b"", Duration::ZERO);
     let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
     log.stop();
     assert!(
@@ -1561,23 +1554,16 @@ fn a_record_larger_than_a_file_torn_by_a_crash_verifies_after_the_restart() {
 /// been idle all that time: the next start removes it, as it does one an hour old.
 #[test]
 fn an_unstarted_first_file_dated_after_a_backward_clock_step_is_removed() {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
     write_log(&c, 1, true);
-    let torn = dir.join("kvh-p4244-t1700000000000000000-000000.jsonl");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&torn)
-        .unwrap();
-    f.write_all(b"{\"chain\":\"p4244-t1700000000000000000\",\"config_dig")
-        .unwrap();
-    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
-        .unwrap();
-    drop(f);
+    let torn = unlocked_first_file(
+        &dir,
+        4244,
+        b"{\"chain\":\"p4244-t1700000000000000000\",\"config_dig",
+        Duration::from_secs(3600),
+    );
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();
     assert!(
@@ -1593,20 +1579,11 @@ fn an_unstarted_first_file_dated_after_a_backward_clock_step_is_removed() {
 /// file created a moment ago shows on that server, so the file is left to its creator.
 #[test]
 fn a_first_file_dated_a_little_after_now_is_left_to_its_creator() {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
     write_log(&c, 1, true);
-    let fresh = dir.join("kvh-p4245-t1700000000000000000-000000.jsonl");
-    let f = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&fresh)
-        .unwrap();
-    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(2))
-        .unwrap();
+    let fresh = unlocked_first_file(&dir, 4245, b"", Duration::from_secs(2));
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
     log.stop();
     assert!(
@@ -1614,5 +1591,28 @@ fn a_first_file_dated_a_little_after_now_is_left_to_its_creator() {
         "the first file created a moment ago (dated 2 s ahead by the file server's clock), not \
          yet locked by its creator, was removed"
     );
-    drop(f);
+}
+
+/// File 0 of chain `p<pid>-t1700000000000000000` in `dir`, holding `bytes`, unlocked, dated
+/// `ahead` after now (a file just made, or one a writer left before the clock stepped back).
+fn unlocked_first_file(
+    dir: &std::path::Path,
+    pid: u32,
+    bytes: &[u8],
+    ahead: Duration,
+) -> std::path::PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("kvh-p{pid}-t1700000000000000000-000000.jsonl"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
+    if !ahead.is_zero() {
+        f.set_modified(std::time::SystemTime::now() + ahead)
+            .unwrap();
+    }
+    path
 }

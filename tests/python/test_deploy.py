@@ -1652,18 +1652,28 @@ def alert_rules(path=RULES_FILE) -> list:
     return [r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"] if "alert" in r]
 
 
-def test_the_documented_rewrite_makes_every_runbook_url_open_from_an_alert():
+def test_the_documented_rewrite_makes_every_runbook_url_open_from_an_alert(tmp_path):
     # Alertmanager, Grafana, Slack and PagerDuty show runbook_url as it is: the shipped
     # "docs/operations.md#..." is relative to the repository. deploy/README.md gives the sed
-    # that points it at a copy of the documentation; it must reach every alert of both files.
-    readme = DEPLOY_README.read_text()
-    m = re.search(r"`sed 's\|([^|]+)\|([^|]+)\|'`", readme)
+    # that points it at a copy of the documentation; run as written, it must reach every alert
+    # of the rules files and of the PrometheusRules, and leave them valid YAML.
+    readme = " ".join(DEPLOY_README.read_text().split())
+    m = re.search(r"`(sed -i -E '[^']+')`", readme)
     assert m, "deploy/README.md shows no runbook_url rewrite"
-    before, after = m.group(1), m.group(2)
-    for path in (RULES_FILE, K8S_RULES_FILE):
-        text = path.read_text().replace(before, after)
-        for a in [r for g in yaml.safe_load(text)["groups"] for r in g["rules"] if "alert" in r]:
-            assert re.match(r"https://", a["annotations"]["runbook_url"]), (path.name, a["alert"])
+    files = [RULES_FILE, K8S_RULES_FILE, *sorted(OPERATOR.glob("prometheusrule*.yaml"))]
+    assert len(files) == 4, files
+    for path in files:
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text())
+        run = subprocess.run(["sh", "-c", f'{m.group(1)} "$0"', str(copy)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        doc = yaml.safe_load(copy.read_text())
+        groups = doc["spec"]["groups"] if "spec" in doc else doc["groups"]
+        urls = [r["annotations"]["runbook_url"] for g in groups for r in g["rules"] if "alert" in r]
+        assert urls and all(u.startswith("https://docs.example.com/kvhygiene/docs/operations.md#") for u in urls), (
+            path.name,
+            urls,
+        )
 
 
 def test_the_shipped_rules_alert_on_the_log_checks_the_docs_route_incidents_to():

@@ -1,4 +1,4 @@
-"""The forensic log's verifier (spec_verifier.py, written from docs/forensic-log.md) run on
+"""The forensic log's verifier (spec_verifier.py, which follows docs/forensic-log.md) run on
 real logs (`kvh demo`, and the C ABI for the rarer record kinds: invalid frees, size
 mismatches, TTLs, policy violations, lost records, crash recovery, prune manifests) and held to
 `kvh verify-log`; each record of those logs is also checked against the "Record schema" tables.
