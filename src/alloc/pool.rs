@@ -233,8 +233,9 @@ pub(crate) struct DevicePool {
     reset: bool,
     /// The blocks the reset frees on their holders' behalf, each as it was listed (the size
     /// its holder asked for, its owner) and, once the reset's free of it is made, the scrub
-    /// sequence its verdict is watched under: the holder's own free of one afterwards is accepted once and does nothing (a
-    /// checked one answers that verdict), also after the block went back to the device.
+    /// sequence its verdict is watched under: the holder's own free of one afterwards is
+    /// accepted once and does nothing (a checked one answers that verdict), also after the
+    /// block went back to the device.
     /// Invariant: an entry without a sequence is a LIVE block. Entries are made and taken
     /// under the pool lock, with the reset mark and with the frees that change the block's
     /// state (`free_for_reset`, and the holder's free through `claim_freed_by_reset`).

@@ -777,6 +777,7 @@ fn policy_error() -> Option<String> {
 
 /// `kvh_stats_json`'s answer when the allocator has not started in this process (and, with
 /// `shut_down`, never will: a `kvh_shutdown` came first).
+///
 /// Written in the header's order, `started` first (a JSON map would sort the keys): a reader
 /// that looks at the start tells it from a started allocator's answer.
 fn unstarted_json(shut_down: bool) -> String {

@@ -61,6 +61,11 @@ fn file_name_of(chain: &str) -> String {
     format!("kvh-{chain}.ckpt")
 }
 
+/// Whether `name` is a checkpoint file's name (`kvh-CHAIN.ckpt`).
+pub fn is_checkpoint_name(name: &str) -> bool {
+    name.starts_with("kvh-") && name.ends_with(".ckpt")
+}
+
 /// The checkpoint file of `chain` in `dir`.
 pub fn path_for(dir: &Path, chain: &str) -> PathBuf {
     dir.join(file_name_of(chain))
@@ -294,7 +299,7 @@ pub fn find(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     for e in fs::read_dir(path)? {
         let p = e?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("kvh-") && name.ends_with(".ckpt") {
+        if is_checkpoint_name(name) {
             out.push(p);
         }
     }

@@ -188,7 +188,9 @@ pub(crate) fn unwritable_said(dir: &Path) -> String {
     let kernel =
         std::ffi::CString::new(dir.as_os_str().as_bytes()).is_ok_and(|c| on_kernel_interface(&c));
     if kernel {
-        "is on a kernel interface file system (proc, sysfs, cgroup and kin), where no file can be created".to_string()
+        "is on a kernel interface file system (proc, sysfs, cgroup and kin), where no file can \
+         be created"
+            .to_string()
     } else {
         format!("is not writable by this process's uid {}", euid())
     }

@@ -1024,7 +1024,7 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let logs_own = files::parse_file_name(name).is_some()
         || super::prune::parse_manifest_name(name).is_some()
-        || (name.starts_with("kvh-") && name.ends_with(".ckpt"));
+        || super::checkpoint::is_checkpoint_name(name);
     if logs_own {
         return Err(format!(
             "--state {}: a name the forensic log's own files take (a chain file, checkpoint or \
