@@ -1040,26 +1040,39 @@ class FP4Pool:
                 out.append(FakeTensor(at, (self.rows, self.scale_row), element_size=1))
                 at += self.rows * self.scale_row
 
-    def rows_of(self):
-        for t in self.k_buffer + self.v_buffer:
-            yield t, self.data_row
-        for t in self.k_scale_buffer + self.v_scale_buffer:
-            yield t, self.scale_row
+    def data_buffers(self):
+        return self.k_buffer + self.v_buffer
+
+    def scale_buffers(self):
+        return self.k_scale_buffer + self.v_scale_buffer
 
     def fill(self, slots, byte):
-        for t, row in self.rows_of():
+        rows = [(t, self.data_row) for t in self.data_buffers()]
+        rows += [(t, self.scale_row) for t in self.scale_buffers()]
+        for t, row in rows:
             for s in slots:
                 ctypes.memset(t.data_ptr() + s * row, byte, row)
 
     def scale_bytes_of(self, slot):
-        return [
-            ctypes.string_at(t.data_ptr() + slot * self.scale_row, self.scale_row)
-            for t in self.k_scale_buffer + self.v_scale_buffer
-        ]
+        return [ctypes.string_at(t.data_ptr() + slot * self.scale_row, self.scale_row) for t in self.scale_buffers()]
 
     def release(self):
         self.lib.kvh_free(self.base, self.size, 0, None)
         kvhygiene.synchronize()
+
+
+def _slots_handed_out_with_freed_scales(pool) -> list:
+    """A request's slots written (values and block scales), freed through the wrapped allocator
+    and handed out again: those whose scale rows are not zero."""
+    alloc = TokenAllocator(page_size=1)
+    scrub_on_free(alloc, layouts_of(pool))
+    a = alloc.alloc(4)
+    pool.fill(a, 0xA1)  # request a writes its values and their block scales
+    alloc.free(a)
+    handed = alloc.alloc(SLOTS)
+    stale = [s for s in a if s in handed and any(row != bytes(pool.scale_row) for row in pool.scale_bytes_of(s))]
+    pool.release()
+    return stale
 
 
 def test_the_fp4_block_scales_of_freed_slots_are_zero_when_the_slots_are_handed_out_again():
@@ -1069,16 +1082,7 @@ def test_the_fp4_block_scales_of_freed_slots_are_zero_when_the_slots_are_handed_
     # request's keys and values. layouts_of takes the pool's k_buffer and v_buffer and the
     # module's documentation promises that every page freed is zeroed before it is handed out
     # again; the scale rows of a freed slot are part of what that slot holds.
-    lib = kvhygiene.load()
-    pool = FP4Pool(lib, page_size=1)
-    alloc = TokenAllocator(page_size=1)
-    scrub_on_free(alloc, layouts_of(pool))
-    a = alloc.alloc(4)
-    pool.fill(a, 0xA1)  # request a writes K, V and their block scales
-    alloc.free(a)
-    handed = alloc.alloc(SLOTS)
-    stale = [s for s in a if s in handed and any(row != bytes(pool.scale_row) for row in pool.scale_bytes_of(s))]
-    pool.release()
+    stale = _slots_handed_out_with_freed_scales(FP4Pool(kvhygiene.load(), page_size=1))
     assert not stale, f"slots {stale} were handed out with the freed request's FP4 block scales"
 
 
@@ -1178,7 +1182,7 @@ def test_a_sliding_window_allocators_inner_allocators_wrapped_each_scrub_what_a_
         swa_pool.release()
 
 
-class MLAFP4Pool:
+class MLAFP4Pool(FP4Pool):
     """SGLang's FP4 MLA token KV pool (``MLATokenToKVPoolFP4`` in
     python/sglang/srt/mem_cache/memory_pool.py), in kvhygiene memory: per layer, ``kv_buffer`` of
     ``[size + page_size, 1, kv_cache_dim // 2]`` uint8 and ``kv_scale_buffer`` of ``[size +
@@ -1203,17 +1207,11 @@ class MLAFP4Pool:
             self.kv_scale_buffer.append(FakeTensor(at, (self.rows, self.scale_row), element_size=1))
             at += self.rows * self.scale_row
 
-    def fill(self, slots, byte):
-        for t, row in [(t, self.data_row) for t in self.kv_buffer] + [(t, self.scale_row) for t in self.kv_scale_buffer]:
-            for s in slots:
-                ctypes.memset(t.data_ptr() + s * row, byte, row)
+    def data_buffers(self):
+        return self.kv_buffer
 
-    def scale_bytes_of(self, slot):
-        return [ctypes.string_at(t.data_ptr() + slot * self.scale_row, self.scale_row) for t in self.kv_scale_buffer]
-
-    def release(self):
-        self.lib.kvh_free(self.base, self.size, 0, None)
-        kvhygiene.synchronize()
+    def scale_buffers(self):
+        return self.kv_scale_buffer
 
 
 def test_the_fp4_block_scales_of_an_mla_pools_freed_slots_are_zero_when_handed_out_again():
@@ -1221,16 +1219,7 @@ def test_the_fp4_block_scales_of_an_mla_pools_freed_slots_are_zero_when_handed_o
     # kv_buffer it keeps one row of block scales per token slot and layer in kv_scale_buffer,
     # written at the same slots. The module documents that an FP4 pool's block-scale rows are
     # scrubbed with the slots they belong to.
-    lib = kvhygiene.load()
-    pool = MLAFP4Pool(lib, page_size=1)
-    alloc = TokenAllocator(page_size=1)
-    scrub_on_free(alloc, layouts_of(pool))
-    a = alloc.alloc(4)
-    pool.fill(a, 0xA1)
-    alloc.free(a)
-    handed = alloc.alloc(SLOTS)
-    stale = [s for s in a if s in handed and any(row != bytes(pool.scale_row) for row in pool.scale_bytes_of(s))]
-    pool.release()
+    stale = _slots_handed_out_with_freed_scales(MLAFP4Pool(kvhygiene.load(), page_size=1))
     assert not stale, f"slots {stale} were handed out with the freed request's FP4 block scales (kv_scale_buffer)"
 
 
