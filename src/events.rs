@@ -38,7 +38,8 @@ pub enum ReleaseReason {
     MaxReuse,
     /// The block sat idle in the pool longer than the idle TTL.
     IdleTtl,
-    /// `kvh_empty_cache` returned cached clean blocks.
+    /// `kvh_empty_cache` returned cached clean blocks (as does the drop of a Rust
+    /// `Allocator`'s last handle).
     EmptyCache,
     /// Out-of-memory recovery returned cached clean blocks, to retry an allocation the
     /// backend refused.

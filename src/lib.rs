@@ -44,6 +44,7 @@ pub mod demo;
 pub mod events;
 pub mod ffi;
 pub mod forensic;
+mod fork_closed;
 pub mod gate;
 pub mod metrics;
 pub mod preflight;

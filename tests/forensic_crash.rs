@@ -1616,3 +1616,83 @@ fn unlocked_first_file(
     }
     path
 }
+
+const FORKED_WORKER_ENV: &str = "KVH_FORENSIC_FORKED_WORKER_DIR";
+
+/// In the child (re-executed test binary): opens the log, writes a record, forks a worker
+/// that lives on without logging (a pre-fork server's worker, a DataLoader's), prints the
+/// worker's pid, and dies without stopping the log, as a killed process does. In a normal
+/// test run it returns at once.
+#[test]
+fn forked_worker_then_crash_entry() {
+    let Some(dir) = std::env::var_os(FORKED_WORKER_ENV) else {
+        return;
+    };
+    let c = cfg(std::path::Path::new(&dir), 1 << 20);
+    let log = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    log.emit(event(0));
+    log.flush();
+    // SAFETY: the worker only sleeps and `_exit`s (async-signal-safe calls).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above; the worker lets go of the output the test reads.
+        unsafe {
+            libc::close(1);
+            libc::close(2);
+            libc::sleep(60);
+            libc::_exit(0);
+        }
+    }
+    println!("worker {pid}");
+    std::io::stdout().flush().unwrap();
+    // SAFETY: ends the process at once, without the log's stop record: a crash.
+    unsafe { libc::_exit(0) };
+}
+
+/// A process whose writer started forks a worker, then crashes; the worker lives on. The
+/// worker has no writer and writes nothing to the chain (the log detects the changed pid),
+/// so the chain's writer is dead: the next process to open the log continues the crashed
+/// chain with a `recovery` record, as it does when no worker outlives the crash.
+#[test]
+fn a_worker_forked_by_a_crashed_writer_does_not_keep_its_chain_from_recovery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "forked_worker_then_crash_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FORKED_WORKER_ENV, &dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let worker: libc::pid_t = stdout
+        .lines()
+        .find_map(|l| l.split("worker ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the crashing process said no worker pid: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let c = cfg(&dir, 1 << 20);
+    let next = ForensicLog::open_with_secret(&c, start(), None).unwrap();
+    next.emit(event(1));
+    next.stop();
+    // SAFETY: the worker is the grandchild the helper forked; only it is signalled.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let r = verify(&dir, &Default::default());
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(
+        r.chains.len(),
+        1,
+        "the crashed chain was not continued while the forked worker lived (it keeps the \
+         lock of the chain's file it inherited): the next process started a chain of its \
+         own, and the crashed one stays open without a recovery record: {:?}",
+        r.chains.iter().map(|c| &c.chain).collect::<Vec<_>>()
+    );
+}

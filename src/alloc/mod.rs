@@ -21,7 +21,7 @@ mod panic_safe;
 mod pool;
 pub mod size_class;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -126,6 +126,9 @@ struct Inner {
     /// Unix seconds (to the millisecond) at which this allocator started: its statistics'
     /// `started_at`, which tells a restart from a total that did not move.
     started_at: f64,
+    /// The callers' handles (`Allocator` clones, the flusher's view not counted): the drop of
+    /// the last one scrubs what is still waiting (`Allocator`'s `Drop`).
+    handles: AtomicUsize,
 }
 
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
@@ -190,14 +193,57 @@ impl Drop for SettleOnUnwind<'_> {
 }
 
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
-#[derive(Clone)]
+///
+/// Dropping the last clone is an [`Allocator::empty_cache`] and an [`Allocator::shutdown`]:
+/// it waits for the scrub of every block freed (a free never waits, and its block may still be
+/// in an open batch), returns the clean blocks to the backend, and stops. Blocks still LIVE
+/// are leaked, as at shutdown.
 pub struct Allocator {
     inner: Arc<Inner>,
+    /// A caller's handle, counted in `Inner::handles`; the flusher's view of the allocator
+    /// during one of its passes is not, so that it never runs the last handle's drop.
+    counted: bool,
+}
+
+impl Clone for Allocator {
+    fn clone(&self) -> Self {
+        // Relaxed suffices for an increment made through a live handle (as `Arc::clone`).
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        Allocator {
+            inner: self.inner.clone(),
+            counted: true,
+        }
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        // AcqRel: the last handle's drop sees every other handle's frees (as `Arc`'s drop).
+        if !self.counted || self.inner.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // No caller can free or allocate any more. The frees still waiting for their scrub
+        // would otherwise be abandoned with the flusher, their bytes unzeroed in memory the
+        // backend still holds. A destructor may run while a panic unwinds, where a second one
+        // (an event sink's) would abort the process: caught, and said.
+        let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.empty_cache();
+            self.shutdown();
+        }));
+        if settled.is_err() {
+            self.begin_exit();
+            crate::say(format_args!(
+                "kvhygiene: the allocator's drop panicked while it scrubbed what was freed; \
+                 no backend call follows"
+            ));
+        }
+    }
 }
 
 impl Allocator {
     /// An allocator over `backend` with `config`, emitting events to `sink`. Starts the flusher
-    /// thread, which stops when the last clone of the allocator is dropped.
+    /// thread, which stops when the last clone of the allocator is dropped (after that drop
+    /// scrubbed what was freed: see [`Allocator`]).
     pub fn new(
         backend: Arc<dyn Backend>,
         config: Config,
@@ -223,9 +269,13 @@ impl Allocator {
             kv_ledgers: Mutex::new(kv_gate::Ledgers::default()),
             kv_batches_in_flight: AtomicU64::new(0),
             started_at: crate::stats::unix_seconds(std::time::SystemTime::now()),
+            handles: AtomicUsize::new(1),
         });
         spawn_flusher(Arc::downgrade(&inner));
-        Allocator { inner }
+        Allocator {
+            inner,
+            counted: true,
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -1484,7 +1534,11 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 // A pass that panics (an event sink's, or a bug of the pool's) must not end
                 // the flusher, nor keep the other devices from their passes: batches would
                 // lose their time bound. Said once.
-                let panicked = Allocator { inner }.tick(trim, watch);
+                let view = Allocator {
+                    inner,
+                    counted: false,
+                };
+                let panicked = view.tick(trim, watch);
                 if panicked && !said_panic {
                     said_panic = true;
                     crate::say(format_args!(

@@ -61,9 +61,14 @@ impl SizeClass {
         })
     }
 
-    /// Internal fragmentation of serving `size` from this class, as a fraction of capacity.
+    /// Internal fragmentation of serving `size` from this class, as a fraction of capacity:
+    /// 0 for a size the class does not hold (larger than its capacity), which wastes nothing
+    /// of it.
     pub fn waste(&self, size: u64) -> f64 {
-        (self.capacity - size) as f64 / self.capacity as f64
+        if self.capacity == 0 {
+            return 0.0;
+        }
+        self.capacity.saturating_sub(size) as f64 / self.capacity as f64
     }
 }
 

@@ -127,6 +127,10 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// The largest capacity of the forensic log's queue, in records (`KVH_LOG_QUEUE`): its slots
+/// are allocated when the log opens.
+pub const LOG_QUEUE_MAX: usize = 1 << 22;
+
 /// Forensic log settings (used by `crate::forensic`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LogConfig {
@@ -135,7 +139,8 @@ pub struct LogConfig {
     pub max_bytes: u64,
     pub fsync: FsyncPolicy,
     pub fsync_interval_ms: u64,
-    /// Capacity of the writer's queue, in records.
+    /// Capacity of the writer's queue, in records: 1 to [`LOG_QUEUE_MAX`] (the policy key
+    /// takes 16 or more).
     pub queue_capacity: usize,
     pub summary_interval_ms: u64,
     /// File holding the HMAC key (`FORENSIC_HMAC_SECRET` is the other source).
@@ -534,7 +539,7 @@ const KEYS: &[Key] = &[
         "log_queue",
         "an integer in [16, 4194304] (records)",
         |c, v| {
-            c.log.queue_capacity = parse_in(v, 16, 1 << 22)? as usize;
+            c.log.queue_capacity = parse_in(v, 16, LOG_QUEUE_MAX as u64)? as usize;
             Some(())
         }
     ),

@@ -380,11 +380,20 @@ impl ForensicLog {
         start: StartInfo,
         key: Option<keys::EpochKey>,
     ) -> Result<Arc<Self>, ForensicError> {
+        // Checked before anything is created: the policy's parser bounds it, a `LogConfig`
+        // built directly is not, and a queue too large to allocate would abort the process.
+        if !(1..=crate::config::LOG_QUEUE_MAX).contains(&cfg.queue_capacity) {
+            return Err(ForensicError::Io(format!(
+                "queue capacity {} is outside 1..={} records",
+                cfg.queue_capacity,
+                crate::config::LOG_QUEUE_MAX
+            )));
+        }
         let shared = Arc::new(Shared::default());
         let chain = writer::ChainWriter::open(cfg, &start, key, shared.clone())?;
         // Boxed: a bounded channel allocates and touches all its slots when it is made, so a
         // slot is a pointer, not a whole message (a queue of 2^22 takes 64 MiB, not 800).
-        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);
         let done = WriterDone(shared.clone());
         let thread = std::thread::Builder::new()
             .name("kvh-forensic".into())

@@ -26,6 +26,7 @@ use super::keys::{self, EpochKey};
 use super::record::{self, hex, Field, Fields, Header, GENESIS_PREV};
 use super::{files, lock, recovery, unix_nanos, ForensicError, Msg, Shared, StartInfo};
 use crate::config::{FsyncPolicy, LogConfig};
+use crate::fork_closed::ForkClosed;
 
 /// Largest number of queued messages handled before the buffer is written.
 const BATCH: usize = 4096;
@@ -51,7 +52,9 @@ pub(crate) struct ChainWriter {
     log_dir: files::LogDir,
     chain: String,
     index: u64,
-    file: File,
+    /// Locked (`flock`) for the writer's life; closed in a forked child (`fork_closed`), whose
+    /// copy would keep the lock, and so the chain from crash recovery, after this process died.
+    file: ForkClosed<File>,
     /// Bytes of the active file known to be written.
     file_len: u64,
     max_bytes: u64,
@@ -218,7 +221,7 @@ impl ChainWriter {
             log_dir,
             chain,
             index,
-            file,
+            file: ForkClosed::new(file),
             file_len,
             max_bytes: cfg.max_bytes.max(4096),
             key,
@@ -991,7 +994,7 @@ impl ChainWriter {
                 return Err(e);
             }
         };
-        self.file = file; // the old file (and its lock) is released here
+        self.file = ForkClosed::new(file); // the old file (and its lock) is released here
         self.index += 1;
         self.file_len = 0;
         // Whatever rotated (the check, or a record that did not fit), the chain has left a

@@ -26,10 +26,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::fork_closed::ForkClosed;
 
 /// Bounds on what one client may cost.
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +105,7 @@ impl Server {
         limits: Limits,
         name: &str,
     ) -> std::io::Result<Server> {
-        let listener = ForkClosedListener::new(TcpListener::bind(addr)?);
+        let listener = ForkClosed::new(TcpListener::bind(addr)?);
         let addr = listener.local_addr()?;
         // Never blocking: the thread waits in `poll`, and `accept` must not hang it.
         listener.set_nonblocking(true)?;
@@ -208,91 +210,9 @@ const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// Longest sleep in `poll`: how soon a stop is seen without a wake-up connection.
 const STOP_CHECK: Duration = Duration::from_millis(500);
 
-/// How many listeners at once a forked child closes; a server started beyond them works, but
-/// its listener stays open in a child forked meanwhile (as every listener would without
-/// [`ForkClosedListener`]). A process runs one exporter, and tests a few servers at once.
-const FORK_CLOSED_SLOTS: usize = 16;
-
-/// The descriptors of the open [`ForkClosedListener`]s, -1 in a free slot. Invariant: a slot
-/// holds a descriptor only while its listener is open (it is cleared before the close), so the
-/// child handler never closes a descriptor number reused for another file.
-static FORK_CLOSED: [AtomicI32; FORK_CLOSED_SLOTS] =
-    [const { AtomicI32::new(-1) }; FORK_CLOSED_SLOTS];
-
-/// A listening socket that a child forked while it is open does not keep.
-///
-/// Linux has no close-on-fork: a child forked from a process serving metrics (a pre-fork
-/// server's workers, an engine's subprocesses) inherits the listener without the thread that
-/// serves it. Kept open there, it would hold the address after the server stops: the kernel
-/// would accept connections nobody answers, and the next process could not bind it. A
-/// `pthread_atfork` child handler closes the listeners registered in [`FORK_CLOSED`]. A fork
-/// racing the bind or the close of a listener leaves that one open in the child.
-struct ForkClosedListener {
-    listener: TcpListener,
-    slot: Option<usize>,
-}
-
-impl ForkClosedListener {
-    fn new(listener: TcpListener) -> Self {
-        register_fork_handler();
-        let fd = listener.as_raw_fd();
-        let slot = FORK_CLOSED.iter().position(|s| {
-            s.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        });
-        ForkClosedListener { listener, slot }
-    }
-}
-
-impl std::ops::Deref for ForkClosedListener {
-    type Target = TcpListener;
-    fn deref(&self) -> &TcpListener {
-        &self.listener
-    }
-}
-
-impl Drop for ForkClosedListener {
-    fn drop(&mut self) {
-        // Before `listener` closes the descriptor (fields drop after this body).
-        if let Some(slot) = self.slot {
-            FORK_CLOSED[slot].store(-1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Registers, once per process, the child handler closing the [`FORK_CLOSED`] listeners.
-fn register_fork_handler() {
-    extern "C" fn close_listeners_in_child() {
-        // Runs in the child, which has only the forking thread: atomic swaps and `close`
-        // (async-signal-safe), on descriptors that were open listeners at the fork.
-        for slot in &FORK_CLOSED {
-            let fd = slot.swap(-1, Ordering::SeqCst);
-            if fd >= 0 {
-                // SAFETY: `fd` was an open listener of the parent when it forked (the slot
-                // invariant), so it is open in the child, and nothing in the child uses it:
-                // the server thread that did does not exist here, and the `TcpListener`
-                // owning it is never dropped here (a forked child forgets its servers).
-                unsafe { libc::close(fd) };
-            }
-        }
-    }
-    static REGISTER: std::sync::Once = std::sync::Once::new();
-    REGISTER.call_once(|| {
-        // SAFETY: registers a child handler that makes only async-signal-safe calls, as a
-        // handler running in the child of a multi-threaded process must. In a shared library
-        // glibc ties it to this library's DSO and removes it at unload.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_listeners_in_child)) };
-        if rc != 0 {
-            crate::say(format_args!(
-                "kvhygiene: cannot register the fork handler of the metrics HTTP exporter \
-                 (error {rc}); a forked child would keep its listening socket"
-            ));
-        }
-    });
-}
-
 struct Loop {
-    listener: ForkClosedListener,
+    /// Closed in a forked child (`fork_closed`), which would otherwise keep the address.
+    listener: ForkClosed<TcpListener>,
     routes: Arc<dyn Routes>,
     limits: Limits,
     stop: Arc<AtomicBool>,
@@ -386,7 +306,7 @@ impl Loop {
             stream,
             buf: Vec::new(),
             state: State::Reading,
-            deadline: now + self.limits.request_timeout,
+            deadline: deadline_after(now, self.limits.request_timeout),
             opened: now,
         };
         let max = self.limits.max_connections;
@@ -549,6 +469,15 @@ impl Loop {
     }
 }
 
+/// `now + timeout`, where a timeout too long for the clock (`Duration::MAX`, a caller's "no
+/// deadline") is a year: an `Instant` addition that overflows panics, and would end the server.
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
+}
+
 fn would_block(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
 }
@@ -559,7 +488,7 @@ fn respond(conn: &mut Conn, r: &Response, head_only: bool, limits: Limits) {
         out: render(r, head_only),
         pos: 0,
     };
-    conn.deadline = Instant::now() + limits.write_timeout;
+    conn.deadline = deadline_after(Instant::now(), limits.write_timeout);
 }
 
 /// Where the head of the request in `buf` ends (an empty line, its line ends CRLF or a bare

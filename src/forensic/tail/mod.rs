@@ -73,7 +73,9 @@ pub struct TailLogArgs {
     /// chain that went back or vanished meanwhile. Written atomically (0600) after each pass
     /// that moved. It names its log directory: given with another one, it is refused (exit 2).
     /// So is a stdout that is /dev/null (or closed), which would mark records passed on that
-    /// nobody received.
+    /// nobody received. Passed on means written to stdout: records still unread in a pipe
+    /// when its reader died are not passed on again, so a shipper that can die with unread
+    /// input reads from a file the tail appends to, not from a pipe.
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
