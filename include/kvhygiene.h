@@ -377,6 +377,33 @@ void kvh_clear_context(void);
 // caller's.
 int kvh_stats_json(char *buf, size_t len, size_t *out_len);
 
+// Writes PyTorch's memory statistics of `device` as JSON (NUL-terminated) into `buf` of
+// `len` bytes, in the layout of `torch.cuda.memory_stats_as_nested_dict`
+// (`{"allocated_bytes": {"all": {"current": .., "peak": .., "allocated": .., "freed": ..},
+// "small_pool": .., "large_pool": ..}, .., "num_ooms": .., ..}`): what PyTorch's pluggable
+// allocator interface cannot give (`torch.cuda.memory_stats` raises under it), and engines
+// read (vLLM sizes its KV cache from them). LIVE blocks are allocated, LIVE and PENDING ones
+// active, every block held from the backend reserved; see the crate's
+// `alloc::memory_stats`. Before the allocator started it does not start it: every statistic
+// is zero. Returns `KVH_OK`, `KVH_ERR_INVALID_DEVICE` for a device the backend does not
+// have (a negative one always), the start-up's code when the allocator could not start,
+// `KVH_ERR_FORKED_CHILD` in a child forked after start-up. As `kvh_stats_json`, it leaves
+// the thread's last error unchanged when it answers, and its buffer contract is the same
+// (`*out_len` without the NUL; `KVH_ERR_BUFFER_TOO_SMALL` writes nothing; ask with
+// `buf = NULL, len = 0`).
+int kvh_memory_stats_json(int32_t device, char *buf, size_t len, size_t *out_len);
+
+// Sets every peak of `device`'s memory statistics to its current value
+// (`torch.cuda.reset_peak_memory_stats`). Returns `KVH_OK` (also before the allocator
+// started, which it does not start: there is nothing to reset), or the codes of
+// `kvh_memory_stats_json`.
+int kvh_reset_peak_memory_stats(int32_t device);
+
+// Zeroes the cumulative memory statistics of `device`: each statistic's `allocated` and
+// `freed`, and the counters (`torch.cuda.reset_accumulated_memory_stats`). Returns as
+// `kvh_reset_peak_memory_stats`.
+int kvh_reset_accumulated_memory_stats(int32_t device);
+
 // The calling thread's last result code (`KVH_OK` after a successful call).
 uint32_t kvh_last_error(void);
 

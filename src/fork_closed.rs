@@ -16,9 +16,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// How many descriptors at once a forked child closes; one wrapped beyond them works, but
-/// stays open in a child forked meanwhile. A process runs one exporter and one log writer
-/// (two files during a rotation); tests run a few dozen at once.
-const SLOTS_LEN: usize = 64;
+/// stays open in a child forked meanwhile (said once). A process runs one exporter and one
+/// log writer (two files during a rotation); a program embedding many logs stays far below
+/// it. The child handler's pass over the table is a few microseconds.
+const SLOTS_LEN: usize = 1024;
 
 /// The registered descriptors, -1 in a free slot. Invariant: a slot holds a descriptor only
 /// while its owner has it open (it is cleared before the close), so the child handler never
@@ -40,6 +41,16 @@ impl<T: AsRawFd> ForkClosed<T> {
             s.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
         });
+        if slot.is_none() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                crate::say(format_args!(
+                    "kvhygiene: {SLOTS_LEN} descriptors are already closed at a fork; one more \
+                     (a metrics listener or a forensic log's file) stays open in a forked \
+                     child (said once)"
+                ))
+            });
+        }
         ForkClosed { inner, slot }
     }
 }

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvhygiene::alloc::size_class::SizeClass;
-use kvhygiene::alloc::Allocator;
+use kvhygiene::alloc::{Allocator, BlockState};
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::{Backend, StreamHandle};
 use kvhygiene::config::{Config, MetricsConfig};
+use kvhygiene::events::{Event, EventKind, EventSink, ReleaseReason};
 use kvhygiene::forensic::ForensicLog;
 use kvhygiene::metrics::http::Limits;
 use kvhygiene::metrics::{Exporter, Source};
@@ -63,35 +64,43 @@ fn an_exporter_whose_limits_have_no_deadline_still_answers() {
 
 /// Every block freed through the allocator is zeroed before its memory can be read again:
 /// a free never waits, but the last handle's drop does not abandon the frees still waiting
-/// in an open batch. Either the memory went back to the backend, or what it holds is zero.
+/// in an open batch. The block goes back to the backend only after its scrub verified (a
+/// `release` for `empty_cache`, which releases CLEAN blocks only), and no memory is left held.
 #[test]
 fn dropping_the_last_allocator_handle_leaves_no_freed_bytes_unscrubbed() {
+    #[derive(Default)]
+    struct Releases(std::sync::Mutex<Vec<(u64, ReleaseReason)>>);
+    impl EventSink for Releases {
+        fn emit(&self, event: Event) {
+            if let (EventKind::Released { reason }, Some(block)) = (&event.kind, &event.block) {
+                self.0.lock().unwrap().push((block.addr, *reason));
+            }
+        }
+    }
     let host = HostBackend::new();
     let config = Config {
         // The batch stays open until something flushes it.
         batch_max_delay_us: 10_000_000,
         ..Config::default()
     };
-    let alloc = Allocator::new(host.clone(), config, None);
+    let releases = Arc::new(Releases::default());
+    let alloc = Allocator::new(host.clone(), config, Some(releases.clone()));
     let len = 4096usize;
     let ptr = alloc.malloc(len as i64, 0, StreamHandle(0)).unwrap();
-    let secret = vec![0xA5u8; len];
-    host.write(0, ptr, &secret).unwrap();
+    host.write(0, ptr, &vec![0xA5u8; len]).unwrap();
     alloc.free(ptr, len as i64, 0, StreamHandle(0)).unwrap();
     drop(alloc);
 
-    let mut after = vec![0u8; len];
-    if host.read(0, ptr, &mut after).is_ok() {
-        let left = after.iter().filter(|&&b| b != 0).count();
-        assert_eq!(
-            left,
-            0,
-            "the freed block is still held by the backend ({} bytes in use) after the \
-             allocator was dropped, and {left} of its {len} bytes still hold what its \
-             owner wrote",
-            host.bytes_in_use()
-        );
-    }
+    assert_eq!(
+        *releases.0.lock().unwrap(),
+        vec![(ptr, ReleaseReason::EmptyCache)],
+        "the freed block did not go back to the backend as a verified clean block"
+    );
+    assert_eq!(
+        host.bytes_in_use(),
+        0,
+        "the drop left memory with the backend"
+    );
 }
 
 /// The drop of the last handle also gives the backend back the blocks the pool cached (as
@@ -156,5 +165,53 @@ fn a_log_queue_too_large_to_allocate_is_an_error_not_a_panic() {
     assert!(
         opened.unwrap().is_err(),
         "a queue of usize::MAX records was accepted"
+    );
+}
+
+/// Dropping an allocator ends that allocator, not the backend it was given: an engine that
+/// rebuilds its allocator over the same backend (a reload, a new policy) is served by the new
+/// one.
+#[test]
+fn an_allocator_rebuilt_over_the_same_backend_is_served_after_the_old_one_is_dropped() {
+    let host = HostBackend::new();
+    let first = Allocator::new(host.clone(), Config::default(), None);
+    let ptr = first.malloc(4096, 0, StreamHandle(0)).unwrap();
+    first.free(ptr, 4096, 0, StreamHandle(0)).unwrap();
+    drop(first);
+
+    let second = Allocator::new(host.clone(), Config::default(), None);
+    let got = second.malloc(4096, 0, StreamHandle(0));
+    assert!(
+        got.is_ok(),
+        "an allocator made over a backend whose previous allocator was dropped cannot \
+         allocate: {got:?}"
+    );
+}
+
+/// Two allocators over one backend (one per model, say) are independent: dropping the last
+/// handle of one leaves the other scrubbing what is freed to it.
+#[test]
+fn dropping_one_of_two_allocators_over_one_backend_leaves_the_other_scrubbing() {
+    let host = HostBackend::new();
+    let config = Config {
+        // The batch stays open until something flushes it.
+        batch_max_delay_us: 10_000_000,
+        ..Config::default()
+    };
+    let kept = Allocator::new(host.clone(), config.clone(), None);
+    let dropped = Allocator::new(host.clone(), config, None);
+    let len = 4096usize;
+    let ptr = kept.malloc(len as i64, 0, StreamHandle(0)).unwrap();
+    host.write(0, ptr, &vec![0x5Au8; len]).unwrap();
+    kept.free(ptr, len as i64, 0, StreamHandle(0)).unwrap();
+    drop(dropped);
+
+    let synced = kept.synchronize();
+    let state = kept.block_info(ptr).map(|b| b.state);
+    assert!(
+        synced.is_ok() && state == Some(BlockState::Clean),
+        "after another allocator over the same backend was dropped, the allocator still in \
+         use does not scrub what is freed to it: synchronize answered {synced:?}, and the \
+         freed block is {state:?}"
     );
 }

@@ -968,3 +968,73 @@ fn a_start_up_under_way_when_exit_begins_serves_no_fresh_memory_during_exit() {
          driver calls) to an exit handler:\n{stdout}\n{stderr}"
     );
 }
+
+/// The memory statistics as `kvh_memory_stats_json` writes them, read in the child.
+fn memory_stats_json(device: i32) -> Result<serde_json::Value, i32> {
+    let mut n = 0usize;
+    let rc = ffi::kvh_memory_stats_json(device, std::ptr::null_mut(), 0, &mut n);
+    if rc != ffi::kvh_result::KVH_ERR_BUFFER_TOO_SMALL as i32 {
+        return Err(rc);
+    }
+    let mut buf = vec![0u8; n + 1];
+    let rc = ffi::kvh_memory_stats_json(device, buf.as_mut_ptr().cast(), buf.len(), &mut n);
+    if rc != 0 {
+        return Err(rc);
+    }
+    Ok(serde_json::from_slice(&buf[..n]).unwrap())
+}
+
+/// `kvh_memory_stats_json` and the resets: before start-up every statistic is zero and the
+/// allocator is not started by them; afterwards they follow the pool; a negative device is
+/// refused by name, and the query leaves the thread's last error as it was.
+#[test]
+fn kvh_memory_stats_json_answers_before_start_up_without_starting_the_allocator() {
+    let name = "kvh_memory_stats_json_answers_before_start_up_without_starting_the_allocator";
+    if in_child() {
+        let before = memory_stats_json(0).unwrap();
+        let reset = ffi::kvh_reset_peak_memory_stats(0);
+        let mut n = 0usize;
+        ffi::kvh_stats_json(std::ptr::null_mut(), 0, &mut n);
+        let mut buf = vec![0u8; n + 1];
+        ffi::kvh_stats_json(buf.as_mut_ptr().cast(), buf.len(), &mut n);
+        let unstarted = String::from_utf8_lossy(&buf[..n]).contains("\"started\":false");
+        println!(
+            "BEFORE {} RESET {reset} UNSTARTED {unstarted}",
+            before["allocated_bytes"]["all"]["current"]
+        );
+        let ptr = ffi::kvh_malloc(3 << 20, 0, std::ptr::null_mut());
+        let held = memory_stats_json(0).unwrap();
+        println!(
+            "HELD {} PEAK {}",
+            held["allocated_bytes"]["all"]["current"], held["allocated_bytes"]["all"]["peak"]
+        );
+        ffi::kvh_free(ptr, 3 << 20, 0, std::ptr::null_mut());
+        ffi::kvh_synchronize();
+        let reset = ffi::kvh_reset_peak_memory_stats(0);
+        let after = memory_stats_json(0).unwrap();
+        println!(
+            "RESET {reset} PEAK {}",
+            after["allocated_bytes"]["all"]["peak"]
+        );
+        let negative = memory_stats_json(-1).unwrap_err();
+        println!("NEGATIVE {negative} LAST {}", ffi::kvh_last_error());
+        let long = std::ffi::CString::new("x".repeat(200)).unwrap();
+        ffi::kvh_set_context(long.as_ptr(), std::ptr::null(), std::ptr::null());
+        let _ = memory_stats_json(0).unwrap();
+        println!("KEPT {}", ffi::kvh_last_error());
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("BEFORE 0 RESET 0 UNSTARTED true"),
+        "before start-up: {stdout}"
+    );
+    assert!(stdout.contains("HELD 3145728 PEAK 3145728"), "{stdout}");
+    assert!(stdout.contains("RESET 0 PEAK 0"), "{stdout}");
+    assert!(stdout.contains("NEGATIVE 7014 LAST 7014"), "{stdout}");
+    assert!(
+        stdout.contains("KEPT 7010"),
+        "kvh_memory_stats_json changed the thread's last error: {stdout}"
+    );
+}

@@ -65,6 +65,7 @@ __all__ = [
     "installed",
     "context",
     "stats",
+    "memory_stats",
     "synchronize",
     "empty_cache",
     "forget_stream",
@@ -286,6 +287,17 @@ def _declare(lib: ctypes.CDLL) -> None:
                 ctypes.c_char_p,
             ],
         ),
+        "kvh_memory_stats_json": (
+            ctypes.c_int,
+            [
+                ctypes.c_int32,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_size_t),
+            ],
+        ),
+        "kvh_reset_peak_memory_stats": (ctypes.c_int, [ctypes.c_int32]),
+        "kvh_reset_accumulated_memory_stats": (ctypes.c_int, [ctypes.c_int32]),
         "kvh_shutdown": (None, []),
         "kvh_init": (ctypes.c_int, []),
         "kvh_check_config": (ctypes.c_int, []),
@@ -539,6 +551,38 @@ def stats() -> dict:
     lib = load()
     text = _read_string(lib.kvh_stats_json, "kvh_stats_json")
     return json.loads(text)
+
+
+def _device_index(device) -> int:
+    """``device`` as the C ABI's ``int32_t``: an integer in its range (ctypes would refuse a
+    larger one with an error naming no argument)."""
+    index = _integer(device, "device")
+    if not -(1 << 31) <= index < 1 << 31:
+        raise ValueError(f"device {index} is not a device index")
+    return index
+
+
+def memory_stats(device: int = 0) -> dict:
+    """PyTorch's memory statistics of ``device`` as kvhygiene's pool keeps them, in the layout
+    of ``torch.cuda.memory_stats_as_nested_dict``: ``allocated_bytes``, ``requested_bytes``,
+    ``active_bytes``, ``reserved_bytes``, ``allocation``, ``active``, ``segment`` (and the
+    split statistics, always zero), each with ``all``, ``small_pool`` and ``large_pool``
+    entries of ``current``, ``peak``, ``allocated`` and ``freed``; and the counters
+    ``num_alloc_retries``, ``num_ooms``, ``num_device_alloc``, ``num_device_free``. Blocks
+    handed out are allocated; those freed whose scrub is not verified yet are active too;
+    every block held from the driver is reserved. Before the allocator started, every
+    statistic is zero (reading them does not start it). :func:`install` makes
+    ``torch.cuda.memory_stats`` (and ``memory_allocated``, ``max_memory_allocated``,
+    ``memory_reserved``, ``memory_summary``, which read it), ``reset_peak_memory_stats`` and
+    ``reset_accumulated_memory_stats`` answer from here. Raises :class:`KvhError` for a device
+    the backend does not have (``KVH_ERR_INVALID_DEVICE``)."""
+    index = _device_index(device)
+    lib = load()
+
+    def fill(buf, size, needed):
+        return lib.kvh_memory_stats_json(index, buf, size, needed)
+
+    return json.loads(_read_string(fill, "kvh_memory_stats_json"))
 
 
 def synchronize() -> None:
@@ -1230,10 +1274,46 @@ def _register_hooks(raw_allocator, lib: ctypes.CDLL, torch) -> None:
     _reset_hook_installed = True
 
 
+def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
+    """Makes PyTorch's memory statistics kvhygiene's.
+
+    PyTorch's pluggable allocator keeps none: under it ``torch.cuda.memory_stats``,
+    ``memory_allocated``, ``max_memory_allocated``, ``memory_reserved`` and
+    ``reset_peak_memory_stats`` raise ("does not yet support getDeviceStats"), and engines
+    call them: vLLM sizes its KV cache from the peak of allocated bytes during a profiling run
+    and from the bytes reserved. Each of those ``torch.cuda`` functions calls one of three
+    ``torch._C`` functions at every call, which are replaced here. A build without all three
+    (a layout this does not know) is left as it is: the statistics raise there, as under any
+    pluggable allocator.
+    """
+    c = getattr(torch, "_C", None)
+    names = (
+        "_cuda_memoryStats",
+        "_cuda_resetPeakMemoryStats",
+        "_cuda_resetAccumulatedMemoryStats",
+    )
+    if c is None or not all(hasattr(c, name) for name in names):
+        return
+
+    def reset_peak(device) -> None:
+        _check("kvh_reset_peak_memory_stats", lib.kvh_reset_peak_memory_stats(_device_index(device)))
+
+    def reset_accumulated(device) -> None:
+        code = lib.kvh_reset_accumulated_memory_stats(_device_index(device))
+        _check("kvh_reset_accumulated_memory_stats", code)
+
+    c._cuda_memoryStats = memory_stats
+    c._cuda_resetPeakMemoryStats = reset_peak
+    c._cuda_resetAccumulatedMemoryStats = reset_accumulated
+
+
 def install(path: Optional[str] = None):
     """Makes kvhygiene PyTorch's CUDA allocator. Call before the first CUDA allocation.
 
-    Returns the ``CUDAPluggableAllocator``. Calling it again is a no-op (a ``path`` given
+    Returns the ``CUDAPluggableAllocator``. PyTorch's memory statistics
+    (``torch.cuda.memory_stats`` and the functions that read it, ``reset_peak_memory_stats``),
+    which a pluggable allocator does not keep, then answer from kvhygiene's pool (see
+    :func:`memory_stats`). Calling it again is a no-op (a ``path`` given
     again must name the library installed). Raises
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
@@ -1289,6 +1369,7 @@ def install(path: Optional[str] = None):
                 f"PyTorch refused to switch allocators ({e}); call kvhygiene.install() before "
                 "the first CUDA allocation"
             ) from e
+        _route_memory_stats(lib, torch)
         _allocator = allocator
         return allocator
 

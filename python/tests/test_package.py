@@ -175,10 +175,21 @@ class _FakeRaw:
         self.calls["record_stream"] = addr
 
 
-def _fake_torch(initialized=False, reserved=0, with_reset=True):
+def _fake_torch(initialized=False, reserved=0, with_reset=True, with_stats_calls=False):
     import types
 
     torch = types.ModuleType("torch")
+    if with_stats_calls:
+        # The three torch._C functions torch.cuda's statistics call, as a pluggable
+        # allocator leaves them: each raises.
+        def unsupported(device):
+            raise RuntimeError("CUDAPluggableAllocator does not yet support getDeviceStats")
+
+        torch._C = types.SimpleNamespace(
+            _cuda_memoryStats=unsupported,
+            _cuda_resetPeakMemoryStats=unsupported,
+            _cuda_resetAccumulatedMemoryStats=unsupported,
+        )
     cuda = types.SimpleNamespace()
     memory = types.SimpleNamespace()
     state = {"changed": None, "raw": _FakeRaw(with_reset)}
@@ -231,6 +242,54 @@ def test_install_registers_record_stream_and_reset_hooks(fresh):
         "reset": addr("kvh_empty_cache"),
     }
     assert kvhygiene.install(LIB) is alloc, "a second install is a no-op"
+
+
+@needs_lib
+def test_install_makes_torch_memory_statistics_kvhygiene_s(fresh):
+    # Under a pluggable allocator torch.cuda.memory_stats, memory_allocated,
+    # max_memory_allocated, memory_reserved and reset_peak_memory_stats raise; engines call
+    # them (vLLM sizes its KV cache from them). After install(), the torch._C functions they
+    # call answer from kvhygiene's pool.
+    torch, _ = _fake_torch(with_stats_calls=True)
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    lib = kvhygiene.load()
+    device = 3  # a host device no other test allocates on
+    before = torch._C._cuda_memoryStats(device)
+    assert before == kvhygiene.memory_stats(device)
+    ptr = lib.kvh_malloc(3 << 20, device, None)
+    assert ptr
+    try:
+        held = torch._C._cuda_memoryStats(device)
+        grown = held["allocated_bytes"]["all"]["current"] - before["allocated_bytes"]["all"]["current"]
+        assert grown >= 3 << 20
+        assert held["allocated_bytes"]["large_pool"]["current"] >= 3 << 20
+        assert held["reserved_bytes"]["all"]["current"] >= held["allocated_bytes"]["all"]["current"]
+    finally:
+        lib.kvh_free(ptr, 3 << 20, device, None)
+        kvhygiene.synchronize()
+    after = torch._C._cuda_memoryStats(device)
+    assert after["allocated_bytes"]["all"]["current"] == before["allocated_bytes"]["all"]["current"]
+    assert after["allocated_bytes"]["all"]["peak"] >= 3 << 20
+
+    torch._C._cuda_resetPeakMemoryStats(device)
+    reset = kvhygiene.memory_stats(device)
+    assert reset["allocated_bytes"]["all"]["peak"] == reset["allocated_bytes"]["all"]["current"]
+    torch._C._cuda_resetAccumulatedMemoryStats(device)
+    zeroed = kvhygiene.memory_stats(device)
+    assert zeroed["allocated_bytes"]["all"]["allocated"] == 0
+    assert zeroed["num_device_alloc"] == 0
+
+
+@needs_lib
+def test_memory_stats_refuses_a_device_by_name():
+    with pytest.raises(kvhygiene.KvhError) as e:
+        kvhygiene.memory_stats(-1)
+    assert "invalid device -1" in str(e.value)
+    with pytest.raises(ValueError, match="device 1099511627776"):
+        kvhygiene.memory_stats(1 << 40)
+    with pytest.raises(TypeError, match="device"):
+        kvhygiene.memory_stats(0.5)
 
 
 @needs_lib

@@ -17,6 +17,7 @@
 pub mod block;
 pub mod kv;
 pub mod kv_gate;
+pub mod memory_stats;
 mod panic_safe;
 mod pool;
 pub mod size_class;
@@ -35,6 +36,7 @@ use block::{Block, Disposition};
 pub use block::{BlockInfo, BlockSpan, BlockState};
 pub use kv::{KvLayout, KvScrubError, KvScrubReport};
 pub use kv_gate::{KvClaimError, KvClaimReport};
+pub use memory_stats::MemoryStats;
 use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused, Release};
 use size_class::SizeClass;
 
@@ -129,6 +131,8 @@ struct Inner {
     /// The callers' handles (`Allocator` clones, the flusher's view not counted): the drop of
     /// the last one scrubs what is still waiting (`Allocator`'s `Drop`).
     handles: AtomicUsize,
+    /// The process that made the allocator: a forked child's drop of its copy does nothing.
+    pid: u32,
 }
 
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
@@ -194,10 +198,12 @@ impl Drop for SettleOnUnwind<'_> {
 
 /// The allocator. Cheap to clone (shares one pool set); `Send + Sync`.
 ///
-/// Dropping the last clone is an [`Allocator::empty_cache`] and an [`Allocator::shutdown`]:
-/// it waits for the scrub of every block freed (a free never waits, and its block may still be
-/// in an open batch), returns the clean blocks to the backend, and stops. Blocks still LIVE
-/// are leaked, as at shutdown.
+/// Dropping the last clone is an [`Allocator::empty_cache`] and a stop: it waits for the
+/// scrub of every block freed (a free never waits, and its block may still be in an open
+/// batch), returns the clean blocks to the backend, and stops this allocator, not the backend
+/// (which may serve another: [`Allocator::shutdown`] stops both). Blocks still LIVE are
+/// leaked, as at shutdown. In a forked child, the drop of a copy inherited from the parent
+/// does nothing.
 pub struct Allocator {
     inner: Arc<Inner>,
     /// A caller's handle, counted in `Inner::handles`; the flusher's view of the allocator
@@ -222,16 +228,24 @@ impl Drop for Allocator {
         if !self.counted || self.inner.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
+        // A forked child's copy: the threads that would run its scrubs are the parent's, and
+        // a pool lock may have been held at the fork. The child leaves it alone, as it
+        // leaves the runtime it inherited.
+        if std::process::id() != self.inner.pid {
+            return;
+        }
         // No caller can free or allocate any more. The frees still waiting for their scrub
         // would otherwise be abandoned with the flusher, their bytes unzeroed in memory the
         // backend still holds. A destructor may run while a panic unwinds, where a second one
         // (an event sink's) would abort the process: caught, and said.
         let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.empty_cache();
-            self.shutdown();
+            self.drain_everything();
         }));
+        // This allocator stops; the backend does not: the caller's `Arc` may serve another
+        // allocator (`shutdown`, for process exit, stops both).
+        self.inner.shutting_down.store(true, Ordering::Release);
         if settled.is_err() {
-            self.begin_exit();
             crate::say(format_args!(
                 "kvhygiene: the allocator's drop panicked while it scrubbed what was freed; \
                  no backend call follows"
@@ -270,6 +284,7 @@ impl Allocator {
             kv_batches_in_flight: AtomicU64::new(0),
             started_at: crate::stats::unix_seconds(std::time::SystemTime::now()),
             handles: AtomicUsize::new(1),
+            pid: std::process::id(),
         });
         spawn_flusher(Arc::downgrade(&inner));
         Allocator {
@@ -943,16 +958,20 @@ impl Allocator {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return;
         }
-        let horizon = self.scrub_horizon();
         // Exit begins even after a drain unwound: a caller of shutdown is promised that no
         // backend call follows it.
-        let drained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.on_every_device(|dev| self.drain_pool(dev, horizon))
-        }));
+        let drained =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.drain_everything()));
         self.begin_exit();
         if let Err(payload) = drained {
             std::panic::resume_unwind(payload);
         }
+    }
+
+    /// Waits for the scrub of every block freed so far, on every device (`drain_pool`).
+    fn drain_everything(&self) {
+        let horizon = self.scrub_horizon();
+        self.on_every_device(|dev| self.drain_pool(dev, horizon));
     }
 
     /// Whether `shutdown` or process exit has begun: no scrub runs any more.
@@ -1201,6 +1220,29 @@ impl Allocator {
             .collect()
     }
 
+    /// PyTorch's memory statistics of `device` (`torch.cuda.memory_stats`): see
+    /// [`memory_stats`](crate::alloc::memory_stats) for what each counts.
+    pub fn memory_stats(&self, device: i32) -> Result<MemoryStats, AllocError> {
+        let dev = self.device_index(device)?;
+        Ok(self.pool(dev).memory_stats())
+    }
+
+    /// Sets every peak of `device`'s memory statistics to its current value
+    /// (`torch.cuda.reset_peak_memory_stats`).
+    pub fn reset_peak_memory_stats(&self, device: i32) -> Result<(), AllocError> {
+        let dev = self.device_index(device)?;
+        self.pool(dev).memory.reset_peaks();
+        Ok(())
+    }
+
+    /// Zeroes the cumulative memory statistics of `device`: each statistic's `allocated` and
+    /// `freed`, and the counters (`torch.cuda.reset_accumulated_memory_stats`).
+    pub fn reset_accumulated_memory_stats(&self, device: i32) -> Result<(), AllocError> {
+        let dev = self.device_index(device)?;
+        self.pool(dev).reset_accumulated_memory();
+        Ok(())
+    }
+
     /// Checks the pool's internal consistency: per-state counters equal a recount of the
     /// block table, and the free lists hold exactly the CLEAN blocks.
     pub fn check_consistency(&self) -> Result<Accounting, String> {
@@ -1212,6 +1254,13 @@ impl Allocator {
                 return Err(format!(
                     "device {d}: counters {:?} != table {recount:?}",
                     pool.stats.accounting
+                ));
+            }
+            if !pool.memory.same_currents(&pool.recount_memory()) {
+                return Err(format!(
+                    "device {d}: memory statistics {:?} != table {:?}",
+                    pool.memory,
+                    pool.recount_memory()
                 ));
             }
             if !pool.free_list_is_consistent() {

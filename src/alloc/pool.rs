@@ -22,6 +22,7 @@ use crate::events::{
 use crate::stats::PoolCounters;
 
 use super::block::{Block, BlockState, Disposition};
+use super::memory_stats::{CountersBase, MemoryStats};
 use super::size_class::{SizeClass, EXACT_INDEX};
 
 /// Free lists are keyed by size class and, under strict isolation, by tenant.
@@ -225,6 +226,11 @@ pub(crate) struct DevicePool {
     /// CLEAN one is reusable whatever becomes of its release, so it is not counted.
     releasing: usize,
     pub(crate) stats: PoolCounters,
+    /// PyTorch's memory statistics of the device (`memory_stats.rs`), changed with every
+    /// block state, as `stats.accounting` is.
+    pub(crate) memory: MemoryStats,
+    /// The counters as of the last reset of accumulated statistics.
+    pub(crate) memory_base: CountersBase,
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
     /// set (invariant 6), whichever path gets to a submission.
     exiting: Arc<AtomicBool>,
@@ -257,6 +263,8 @@ impl DevicePool {
             out_of_pool: Vec::new(),
             releasing: 0,
             stats: PoolCounters::default(),
+            memory: MemoryStats::default(),
+            memory_base: CountersBase::default(),
             reset: false,
             freed_by_reset: HashMap::new(),
         }
@@ -497,6 +505,9 @@ impl DevicePool {
         s.accounting.live.add(capacity);
         s.counters.allocations += 1;
         s.counters.pool_hits += 1;
+        let from = Some(BlockState::Clean);
+        self.memory
+            .moved(from, Some(BlockState::Live), capacity, size);
         Some(addr)
     }
 
@@ -527,6 +538,8 @@ impl DevicePool {
         s.counters.pool_misses += 1;
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
+        self.memory
+            .moved(None, Some(BlockState::Live), capacity, block.requested);
         self.blocks.insert(block.addr, block);
         true
     }
@@ -560,6 +573,8 @@ impl DevicePool {
         s.accounting.pending.add(capacity);
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
+        self.memory
+            .moved(None, Some(BlockState::Pending), capacity, block.requested);
         self.blocks.insert(addr, block);
         self.enqueue(addr, stream, backend, config, after);
     }
@@ -636,10 +651,14 @@ impl DevicePool {
         block.scrub_seq = seq;
         block.free_stream = stream;
         block.recorded_streams = waits;
+        let requested = block.requested;
         let s = &mut self.stats;
         s.counters.frees += 1;
         s.accounting.live.sub(capacity);
         s.accounting.pending.add(capacity);
+        let to = Some(BlockState::Pending);
+        self.memory
+            .moved(Some(BlockState::Live), to, capacity, requested);
         Ok(size_mismatch)
     }
 
@@ -1292,9 +1311,11 @@ impl DevicePool {
         block.state = BlockState::Clean;
         block.state_since = now;
         let key = FreeKey::new(block.class, &block.owner, isolation);
-        let capacity = block.capacity();
+        let (capacity, requested) = (block.capacity(), block.requested);
         self.stats.accounting.pending.sub(capacity);
         self.stats.accounting.clean.add(capacity);
+        let (from, to) = (Some(BlockState::Pending), Some(BlockState::Clean));
+        self.memory.moved(from, to, capacity, requested);
         self.free_lists.entry(key).or_default().push(addr);
     }
 
@@ -1306,9 +1327,12 @@ impl DevicePool {
         block.state = BlockState::Quarantined;
         block.state_since = Instant::now();
         block.disposition = Disposition::Quarantine(reason);
+        let requested = block.requested;
         self.stats.accounting.pending.sub(capacity);
         self.stats.accounting.quarantined.add(capacity);
         self.stats.counters.quarantined += 1;
+        let (from, to) = (Some(BlockState::Pending), Some(BlockState::Quarantined));
+        self.memory.moved(from, to, capacity, requested);
         self.rescrub_waiting.push(addr);
         let block = &self.blocks[&addr];
         let event = EventKind::Quarantined {
@@ -1427,6 +1451,8 @@ impl DevicePool {
             BlockState::Quarantined => self.stats.accounting.quarantined.sub(capacity),
             BlockState::Live => self.stats.accounting.live.sub(capacity),
         }
+        self.memory
+            .moved(Some(block.state), None, capacity, block.requested);
         if block.state != BlockState::Clean {
             self.releasing += 1;
         }
@@ -1467,6 +1493,8 @@ impl DevicePool {
             BlockState::Quarantined => self.stats.accounting.quarantined.add(capacity),
             BlockState::Live => self.stats.accounting.live.add(capacity),
         }
+        self.memory
+            .moved(None, Some(block.state), capacity, block.requested);
         self.blocks.insert(block.addr, block);
     }
 
@@ -1627,6 +1655,41 @@ impl DevicePool {
             }
         }
         a
+    }
+
+    /// PyTorch's memory statistics of this device, counters included (`memory_stats.rs`).
+    pub(crate) fn memory_stats(&self) -> MemoryStats {
+        let (c, base) = (&self.stats.counters, &self.memory_base);
+        MemoryStats {
+            num_alloc_retries: c.oom_recoveries.saturating_sub(base.retries),
+            num_ooms: c.out_of_memory.saturating_sub(base.ooms),
+            num_device_alloc: c.fresh_allocations.saturating_sub(base.device_allocs),
+            num_device_free: c.released.saturating_sub(base.device_frees),
+            max_split_size: -1,
+            ..self.memory
+        }
+    }
+
+    /// Zeroes the cumulative statistics (`allocated`, `freed`, and the counters).
+    pub(crate) fn reset_accumulated_memory(&mut self) {
+        self.memory.reset_accumulated();
+        let c = &self.stats.counters;
+        self.memory_base = CountersBase {
+            retries: c.oom_recoveries,
+            ooms: c.out_of_memory,
+            device_allocs: c.fresh_allocations,
+            device_frees: c.released,
+        };
+    }
+
+    /// The memory statistics' current values recomputed from the block table (compared with
+    /// the kept ones by `check_consistency`).
+    pub(crate) fn recount_memory(&self) -> MemoryStats {
+        let mut m = MemoryStats::default();
+        for b in self.blocks.values() {
+            m.moved(None, Some(b.state), b.capacity(), b.requested);
+        }
+        m
     }
 
     /// Blocks on free lists must be exactly the CLEAN blocks (checked by tests).

@@ -915,6 +915,96 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
     })
 }
 
+/// Writes PyTorch's memory statistics of `device` as JSON (NUL-terminated) into `buf` of
+/// `len` bytes, in the layout of `torch.cuda.memory_stats_as_nested_dict`
+/// (`{"allocated_bytes": {"all": {"current": .., "peak": .., "allocated": .., "freed": ..},
+/// "small_pool": .., "large_pool": ..}, .., "num_ooms": .., ..}`): what PyTorch's pluggable
+/// allocator interface cannot give (`torch.cuda.memory_stats` raises under it), and engines
+/// read (vLLM sizes its KV cache from them). LIVE blocks are allocated, LIVE and PENDING ones
+/// active, every block held from the backend reserved; see the crate's
+/// `alloc::memory_stats`. Before the allocator started it does not start it: every statistic
+/// is zero. Returns `KVH_OK`, `KVH_ERR_INVALID_DEVICE` for a device the backend does not
+/// have (a negative one always), the start-up's code when the allocator could not start,
+/// `KVH_ERR_FORKED_CHILD` in a child forked after start-up. As `kvh_stats_json`, it leaves
+/// the thread's last error unchanged when it answers, and its buffer contract is the same
+/// (`*out_len` without the NUL; `KVH_ERR_BUFFER_TOO_SMALL` writes nothing; ask with
+/// `buf = NULL, len = 0`).
+#[no_mangle]
+pub extern "C" fn kvh_memory_stats_json(
+    device: i32,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        let stats = match memory_stats_of(device) {
+            Ok(stats) => stats,
+            Err((code, message)) => return fail(code, message),
+        };
+        let json = match serde_json::to_string(&stats) {
+            Ok(json) => json,
+            Err(e) => return fail(KVH_ERR_PANIC, format!("memory statistics: {e}")),
+        };
+        // SAFETY: `buf` is NULL or valid for `len` bytes; `out_len` is NULL or valid for a
+        // write of one `usize` (the caller's contract above).
+        preserving_last_error(|| unsafe { write_c_string(&json, buf, len, out_len) })
+    })
+}
+
+/// The statistics `kvh_memory_stats_json` writes, or the code and message it fails with.
+fn memory_stats_of(device: i32) -> Result<crate::alloc::MemoryStats, (kvh_result, String)> {
+    let invalid = |e: crate::alloc::AllocError| (kvh_result::from(&e), e.to_string());
+    if device < 0 {
+        // Before start-up the backend's device count is not known: no count is named.
+        let message = format!("invalid device {device}: a device index is not negative");
+        return Err((KVH_ERR_INVALID_DEVICE, message));
+    }
+    match runtime::get_if_begun() {
+        None => Ok(crate::alloc::MemoryStats::unstarted()),
+        Some(Err(e)) if e.stopped_before_start() => Ok(crate::alloc::MemoryStats::unstarted()),
+        Some(Ok(rt)) => rt.allocator.memory_stats(device).map_err(invalid),
+        Some(Err(e)) => Err((e.code(), e.to_string())),
+    }
+}
+
+/// Sets every peak of `device`'s memory statistics to its current value
+/// (`torch.cuda.reset_peak_memory_stats`). Returns `KVH_OK` (also before the allocator
+/// started, which it does not start: there is nothing to reset), or the codes of
+/// `kvh_memory_stats_json`.
+#[no_mangle]
+pub extern "C" fn kvh_reset_peak_memory_stats(device: i32) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        reset_memory_stats(device, Allocator::reset_peak_memory_stats)
+    })
+}
+
+/// Zeroes the cumulative memory statistics of `device`: each statistic's `allocated` and
+/// `freed`, and the counters (`torch.cuda.reset_accumulated_memory_stats`). Returns as
+/// `kvh_reset_peak_memory_stats`.
+#[no_mangle]
+pub extern "C" fn kvh_reset_accumulated_memory_stats(device: i32) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        reset_memory_stats(device, Allocator::reset_accumulated_memory_stats)
+    })
+}
+
+/// The two resets: `device` checked as `kvh_memory_stats_json` checks it, then `reset`.
+fn reset_memory_stats(
+    device: i32,
+    reset: fn(&Allocator, i32) -> Result<(), crate::alloc::AllocError>,
+) -> c_int {
+    if let Err((code, message)) = memory_stats_of(device) {
+        return fail(code, message);
+    }
+    let Some(Ok(rt)) = runtime::get_if_begun() else {
+        return ok();
+    };
+    match reset(&rt.allocator, device) {
+        Ok(()) => ok(),
+        Err(e) => fail(kvh_result::from(&e), e.to_string()),
+    }
+}
+
 /// The calling thread's last result code (`KVH_OK` after a successful call).
 #[no_mangle]
 pub extern "C" fn kvh_last_error() -> u32 {

@@ -1,0 +1,231 @@
+//! PyTorch's memory statistics of a device (`Allocator::memory_stats`), as
+//! `torch.cuda.memory_stats` reads them: LIVE blocks are allocated, LIVE and PENDING ones
+//! active, every block held from the backend reserved; peaks and cumulative figures reset on
+//! request.
+
+mod common;
+
+use common::{manual_config, Fixture};
+use kvhygiene::alloc::memory_stats::{Stat, SMALL_POOL_MAX};
+use kvhygiene::alloc::AllocError;
+use kvhygiene::backend::host::HostBackend;
+use kvhygiene::backend::StreamHandle;
+use kvhygiene::config::Config;
+
+const S: StreamHandle = StreamHandle(0);
+
+/// A block's way through the pool, as each statistic sees it.
+#[test]
+fn a_block_counts_as_allocated_then_active_then_only_reserved() {
+    let f = Fixture::new(manual_config());
+    let a = f.alloc.malloc(4000, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    let capacity = m.allocated_bytes.all.current;
+    assert!(
+        capacity >= 4000,
+        "allocated {capacity} bytes for 4000 asked"
+    );
+    assert_eq!(m.requested_bytes.all.current, 4000);
+    assert_eq!(m.active_bytes.all.current, capacity);
+    assert_eq!(m.reserved_bytes.all.current, capacity);
+    assert_eq!((m.allocation.all.current, m.segment.all.current), (1, 1));
+    assert_eq!(m.num_device_alloc, 1);
+    assert_eq!(m.max_split_size, -1);
+
+    f.alloc.free(a, 4000, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        m.allocated_bytes.all.current, 0,
+        "a freed block is not allocated"
+    );
+    assert_eq!(
+        m.active_bytes.all.current, capacity,
+        "a block whose scrub is not verified yet stays active"
+    );
+    assert_eq!(m.allocated_bytes.all.peak, capacity);
+    assert_eq!(
+        (m.allocated_bytes.all.allocated, m.allocated_bytes.all.freed),
+        (capacity, capacity)
+    );
+
+    f.alloc.synchronize().unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(m.active_bytes.all.current, 0);
+    assert_eq!(
+        m.reserved_bytes.all.current, capacity,
+        "a clean block stays cached"
+    );
+
+    f.alloc.empty_cache();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(m.reserved_bytes.all.current, 0);
+    assert_eq!(m.segment.all.current, 0);
+    assert_eq!(m.num_device_free, 1);
+    assert_eq!(m.reserved_bytes.all.peak, capacity);
+    f.alloc.check_consistency().unwrap();
+}
+
+/// The small pool holds blocks up to 1 MiB, the large one the rest; `all` is their sum.
+#[test]
+fn small_and_large_blocks_are_counted_in_their_pools() {
+    let f = Fixture::new(manual_config());
+    let small = f.alloc.malloc(512, 0, S).unwrap();
+    let large = f.alloc.malloc(2 << 20, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    let (s, l) = (m.allocated_bytes.small_pool, m.allocated_bytes.large_pool);
+    assert!(
+        s.current > 0 && s.current <= SMALL_POOL_MAX,
+        "small pool: {s:?}"
+    );
+    assert!(l.current >= 2 << 20, "large pool: {l:?}");
+    assert_eq!(m.allocated_bytes.all.current, s.current + l.current);
+    assert_eq!(
+        (
+            m.allocation.small_pool.current,
+            m.allocation.large_pool.current
+        ),
+        (1, 1)
+    );
+    f.alloc.free(small, 512, 0, S).unwrap();
+    f.alloc.free(large, 2 << 20, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    f.alloc.check_consistency().unwrap();
+}
+
+/// The peak follows the largest value since the last reset of peaks: what a profiling run
+/// (vLLM's) reads after resetting them before the run.
+#[test]
+fn a_reset_of_peaks_starts_them_from_the_current_values() {
+    let f = Fixture::new(manual_config());
+    let big = f.alloc.malloc(8 << 20, 0, S).unwrap();
+    f.alloc.free(big, 8 << 20, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    let before = f.alloc.memory_stats(0).unwrap();
+    assert!(before.allocated_bytes.all.peak >= 8 << 20);
+
+    f.alloc.reset_peak_memory_stats(0).unwrap();
+    let after = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        after.allocated_bytes.all.peak, 0,
+        "nothing is allocated now"
+    );
+    assert_eq!(
+        after.reserved_bytes.all.peak, after.reserved_bytes.all.current,
+        "the cached block is still reserved"
+    );
+
+    let small = f.alloc.malloc(1 << 20, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(m.allocated_bytes.all.peak, m.allocated_bytes.all.current);
+    assert!(
+        m.allocated_bytes.all.peak < 8 << 20,
+        "the old peak came back: {m:?}"
+    );
+    f.alloc.free(small, 1 << 20, 0, S).unwrap();
+}
+
+/// A reset of the accumulated statistics zeroes what was added and taken, and the counters,
+/// not the current values.
+#[test]
+fn a_reset_of_accumulated_statistics_keeps_the_current_values() {
+    let f = Fixture::new(manual_config());
+    let held = f.alloc.malloc(4096, 0, S).unwrap();
+    let gone = f.alloc.malloc(4096, 0, S).unwrap();
+    f.alloc.free(gone, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    f.alloc.empty_cache();
+    let before = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(before.num_device_alloc, 2);
+    assert_eq!(before.num_device_free, 1);
+
+    f.alloc.reset_accumulated_memory_stats(0).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        m.allocated_bytes.all,
+        Stat {
+            current: before.allocated_bytes.all.current,
+            peak: before.allocated_bytes.all.peak,
+            allocated: 0,
+            freed: 0,
+        }
+    );
+    assert_eq!((m.num_device_alloc, m.num_device_free), (0, 0));
+
+    f.alloc.free(held, 4096, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        m.allocated_bytes.all.freed,
+        before.allocated_bytes.all.current
+    );
+}
+
+/// An allocation the backend cannot serve after the cache was released counts as an
+/// out-of-memory error; one served after releasing the cache, as a retry.
+#[test]
+fn allocations_out_of_memory_and_retried_are_counted() {
+    let host = HostBackend::with_capacity(8 << 20);
+    let f = Fixture::with_host(Config::default(), host);
+    let a = f.alloc.malloc(6 << 20, 0, S).unwrap();
+    assert!(matches!(
+        f.alloc.malloc(6 << 20, 0, S),
+        Err(AllocError::OutOfMemory { .. })
+    ));
+    f.alloc.free(a, 6 << 20, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    // Another class: the cached block does not serve it, but releasing it makes room.
+    let b = f.alloc.malloc(7 << 20, 0, S).unwrap();
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(m.num_ooms, 1, "{m:?}");
+    assert_eq!(m.num_alloc_retries, 1, "{m:?}");
+    f.alloc.free(b, 7 << 20, 0, S).unwrap();
+    f.alloc.check_consistency().unwrap();
+}
+
+/// A device the backend does not have is an error naming it, for each call.
+#[test]
+fn a_device_the_backend_lacks_is_refused() {
+    let f = Fixture::new(manual_config());
+    let count = f.alloc.backend().device_count() as i32;
+    for device in [-1, count, i32::MAX] {
+        assert!(matches!(
+            f.alloc.memory_stats(device),
+            Err(AllocError::InvalidDevice { .. })
+        ));
+        assert!(f.alloc.reset_peak_memory_stats(device).is_err());
+        assert!(f.alloc.reset_accumulated_memory_stats(device).is_err());
+    }
+}
+
+/// The JSON is PyTorch's nested layout: each statistic a set of pools, each pool a stat.
+#[test]
+fn the_statistics_serialise_in_pytorch_s_nested_layout() {
+    let f = Fixture::new(manual_config());
+    let a = f.alloc.malloc(4096, 0, S).unwrap();
+    let json = serde_json::to_value(f.alloc.memory_stats(0).unwrap()).unwrap();
+    for name in [
+        "allocated_bytes",
+        "requested_bytes",
+        "active_bytes",
+        "reserved_bytes",
+        "inactive_split_bytes",
+        "allocation",
+        "active",
+        "segment",
+        "inactive_split",
+    ] {
+        for pool in ["all", "small_pool", "large_pool"] {
+            for field in ["current", "peak", "allocated", "freed"] {
+                assert!(
+                    json[name][pool][field].is_u64(),
+                    "{name}.{pool}.{field} missing in {json}"
+                );
+            }
+        }
+    }
+    for field in ["current", "peak", "allocated", "freed"] {
+        assert!(json["oversize_allocations"][field].is_u64());
+    }
+    assert_eq!(json["allocated_bytes"]["all"]["current"], 4096);
+    assert_eq!(json["max_split_size"], -1);
+    f.alloc.free(a, 4096, 0, S).unwrap();
+}

@@ -1,0 +1,76 @@
+//! A process that writes many forensic logs at once and also serves metrics over HTTP, and a
+//! child forked from it: the child inherits the exporter's listening socket without its
+//! thread, and must not keep it, however many logs the process has open. One test in this
+//! binary, so that the fork copies no other test's sockets.
+
+mod forensic_common;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvhygiene::config::MetricsConfig;
+use kvhygiene::forensic::ForensicLog;
+use kvhygiene::metrics::Exporter;
+use kvhygiene::stats::{PoolCounters, Stats};
+
+/// How many logs the process keeps open while its exporter runs (one per tenant or model of
+/// an engine that keeps their records apart).
+const LOGS: usize = 64;
+
+/// With many logs open, a child forked after the exporter started still does not keep the
+/// exporter's address once the exporter stops: the next process's exporter can bind it.
+#[test]
+fn a_forked_child_does_not_keep_the_exporter_s_address_while_many_logs_are_open() {
+    let tmp: Vec<tempfile::TempDir> = (0..LOGS).map(|_| tempfile::tempdir().unwrap()).collect();
+    let logs: Vec<Arc<ForensicLog>> = tmp
+        .iter()
+        .map(|t| {
+            let dir = forensic_common::log_dir(t);
+            let c = forensic_common::cfg(&dir, 1 << 20);
+            ForensicLog::open_with_secret(&c, forensic_common::start(), None).unwrap()
+        })
+        .collect();
+
+    let cfg = MetricsConfig {
+        file: None,
+        interval_ms: 10_000,
+        addr: Some("127.0.0.1:0".parse().unwrap()),
+    };
+    let source = Arc::new(|| Stats::merge("host".into(), &[PoolCounters::default()], None));
+    let exporter = Exporter::start(&cfg, source).unwrap();
+    let addr = exporter.http_addr().unwrap();
+    // SAFETY: the child only sleeps and `_exit`s (async-signal-safe calls).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::sleep(30);
+            libc::_exit(0);
+        }
+    }
+    drop(exporter);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let bound = loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => break Ok(l),
+            Err(e) if Instant::now() >= deadline => break Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    // SAFETY: `pid` is our child; it is reaped after the kill.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+    for log in &logs {
+        log.stop();
+    }
+    assert!(
+        bound.is_ok(),
+        "with {LOGS} forensic logs open, the exporter's address {addr} is still bound after \
+         the exporter stopped, by the forked child that inherited its listening socket: {:?}",
+        bound.err()
+    );
+}
