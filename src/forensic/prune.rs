@@ -655,9 +655,25 @@ pub fn record_moved(
     let mut m = updated_manifest(base, chain, moved, complete, archive);
     m.check_contiguous()
         .map_err(|e| PruneError::NotVerified(format!("chain {chain}: {e}")))?;
+    manifest_fits(dir, chain, manifest_file_len(m.clone()))?;
     m.seal(key);
     write_manifest(dir, &m).map_err(|e| format!("{}: {e}", manifest_path(dir, chain).display()))?;
     Ok(m)
+}
+
+/// Refuses a manifest of `len` bytes larger than its readers take ([`MAX_MANIFEST_BYTES`]):
+/// written, it would make the chain fail verification and refuse every later prune. Checked
+/// before the moved files are removed, so a refusal leaves them where they were.
+fn manifest_fits(dir: &Path, chain: &str, len: u64) -> Result<(), PruneError> {
+    if len <= MAX_MANIFEST_BYTES {
+        return Ok(());
+    }
+    Err(PruneError::Io(format!(
+        "{}: chain {chain}'s manifest would take {len} bytes, more than the {MAX_MANIFEST_BYTES} \
+         its readers take: nothing more of the chain is moved (its files stay; a larger \
+         KVH_LOG_MAX_BYTES makes later chains' manifests shorter)",
+        manifest_path(dir, chain).display()
+    )))
 }
 
 /// The epoch-0 key of `secret`, for manifest MACs.
@@ -854,6 +870,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             plan.req.archive,
         );
         done.new_manifest = manifest_file_len(m);
+        manifest_fits(plan.req.dir, c.chain, done.new_manifest)?;
     }
     if plan.req.dry_run || moved_paths.is_empty() {
         return Ok(done);

@@ -215,6 +215,7 @@ pub fn adopt(
     check_chain_files(dir)?;
     let chains = files::list_chains(dir).map_err(|e| files::io_err(dir, "cannot list", e))?;
     let mut key = key;
+    let mut probes = Probes::default();
     for (chain, list) in chains.iter().rev() {
         let Some((index, path)) = list.last() else {
             continue;
@@ -238,15 +239,20 @@ pub fn adopt(
                 None => return Err(e),
             },
         };
+        // A chain that ended is never continued: told by its last line (64 KiB at most),
+        // not by reading its newest file whole, which a directory of earlier processes'
+        // chains would cost at every start-up.
+        if ends_with_stop(path) {
+            continue;
+        }
         if !files::try_lock(&file) {
             continue; // a live writer
         }
-        // Re-list: a writer rotating right now creates its next file before unlocking this one.
-        let newest = files::list_chains(dir)
-            .ok()
-            .and_then(|c| c.into_iter().find(|(c, _)| c == chain))
-            .and_then(|(_, l)| l.last().map(|(i, _)| *i));
-        if newest != Some(*index) {
+        // A writer rotating right now creates its next file before unlocking this one: the
+        // file must still be the chain's newest (one look at the next name, not a listing
+        // of the directory per chain).
+        let next = path.with_file_name(files::file_name(chain, index.saturating_add(1)));
+        if std::fs::symlink_metadata(&next).is_ok() || files::is_missing(path) {
             continue;
         }
         let inodes_unreliable = names_another_file(path, &file);
@@ -278,7 +284,12 @@ pub fn adopt(
                 continue; // a live writer between creating its next file and locking it
             }
         }
-        if !continuable(&head.tail.record, head.tail_index, key.as_deref_mut()) {
+        if !continuable(
+            &head.tail.record,
+            head.tail_index,
+            key.as_deref_mut(),
+            &mut probes,
+        ) {
             continue;
         }
         // A chain that names a signer is continued only by that signer. One that names none
@@ -460,9 +471,40 @@ fn file_links(lines: &[u8], chain: &str, index: u64) -> Option<(u64, [u8; 32])> 
 /// writer starts a chain of its own instead.
 const MAX_ADOPTED_EPOCH: u64 = 1 << 20;
 
+/// Epochs between the probe keys [`Probes`] keeps.
+const PROBE_STRIDE: u64 = 256;
+
+/// The keys one start-up's probes reached, every [`PROBE_STRIDE`] epochs from the writer's
+/// key: each chain is probed from the nearest one below its epoch, so the ratchet is turned
+/// at most [`MAX_ADOPTED_EPOCH`] times in all, plus a stride per chain, however many chains
+/// (planted ones included) name far epochs. At most 2^12 keys, dropped (and zeroed) with it.
+#[derive(Default)]
+struct Probes {
+    marks: std::collections::BTreeMap<u64, EpochKey>,
+}
+
+impl Probes {
+    /// `key` ratcheted to `epoch` (not before `key`'s own epoch), from the nearest mark.
+    fn key_at(&mut self, key: &EpochKey, epoch: u64) -> EpochKey {
+        let mut probe = match self.marks.range(key.epoch()..=epoch).next_back() {
+            Some((_, mark)) => mark.clone_for_probe(),
+            None => key.clone_for_probe(),
+        };
+        loop {
+            let next_mark = (probe.epoch() / PROBE_STRIDE + 1) * PROBE_STRIDE;
+            if next_mark > epoch {
+                probe.advance_to(epoch);
+                return probe;
+            }
+            probe.advance_to(next_mark);
+            self.marks.insert(next_mark, probe.clone_for_probe());
+        }
+    }
+}
+
 /// A chain is continued only if it is not closed and its last MAC matches our key at that
 /// record's epoch (or neither side uses a key): one writer never mixes secrets in a chain.
-fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
+fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>, probes: &mut Probes) -> bool {
     if last.get("kind").and_then(Value::as_str) == Some("stop") {
         return false;
     }
@@ -476,8 +518,7 @@ fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>) -> bool {
         (Some(k), Some(m), Some(h)) if k.epoch() <= index && index <= MAX_ADOPTED_EPOCH => {
             // Check with a scratch copy of the ratchet state: if the MAC does not match we
             // must keep our epoch-0 key for a fresh chain.
-            let mut probe = k.clone_for_probe();
-            probe.advance_to(index);
+            let probe = probes.key_at(k, index);
             super::record::hex(&mac_of(&probe, &h)) == m
         }
         _ => false,
@@ -500,6 +541,23 @@ fn names_another_file(path: &Path, file: &File) -> bool {
 mod tests {
     use super::*;
 
+    /// Probes of many chains at far epochs cost one walk of the ratchet and a stride each,
+    /// and give the key the ratchet gives at each epoch.
+    #[test]
+    fn probes_share_the_ratchet_and_agree_with_it() {
+        let key = EpochKey::from_secret(zeroize::Zeroizing::new(vec![9u8; 32])).unwrap();
+        let mut probes = Probes::default();
+        for epoch in [1000, 3, 700, 1000, 256, 255, 0, 2049] {
+            let mut walked = key.clone_for_probe();
+            walked.advance_to(epoch);
+            let probed = probes.key_at(&key, epoch);
+            assert_eq!(probed.epoch(), epoch);
+            assert_eq!(probed.key_id(), walked.key_id(), "epoch {epoch}");
+        }
+        let marks: Vec<u64> = probes.marks.keys().copied().collect();
+        assert_eq!(marks, (1..=8).map(|i| i * PROBE_STRIDE).collect::<Vec<_>>());
+    }
+
     /// A record of a chain file named with a far index: its MAC is not checked (nor the key
     /// ratcheted towards it), so an open of the log is not held up.
     #[test]
@@ -512,7 +570,12 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut key = EpochKey::from_secret(zeroize::Zeroizing::new(vec![7u8; 32])).unwrap();
-            let _ = tx.send(continuable(&record, 1 << 40, Some(&mut key)));
+            let _ = tx.send(continuable(
+                &record,
+                1 << 40,
+                Some(&mut key),
+                &mut Probes::default(),
+            ));
         });
         let continued = rx
             .recv_timeout(std::time::Duration::from_secs(10))

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 ZERO_HASH = "0" * 64
@@ -31,6 +32,7 @@ CKPT_MEMBERS = {"chain", "file", "hash", "public_key", "seq", "ts", "v", "sig"}
 MAX_DEPTH = 32
 U64 = 2**64 - 1
 I64_MIN = -(2**63)
+CHAIN_FILE_MAX = 4 * 1024**3  # a chain file: at most 4 x the largest KVH_LOG_MAX_BYTES
 TORN_FILE0_MAX = 64 * 1024  # a chain whose writer died before `start`: file 0, at most this many torn bytes
 
 
@@ -674,6 +676,14 @@ def _read_manifest(path, chain, keys, ck_key_index):
     return m, key_index
 
 
+def _chain_file_bytes(p):
+    """A chain file's bytes: a regular file (not followed through a symlink) of at most
+    CHAIN_FILE_MAX bytes, checked before it is read; any other fails the chain."""
+    st = os.lstat(p)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > CHAIN_FILE_MAX:
+        raise Bad(f"{p.name}:1: cannot read chain file (not a regular file of at most 4 GiB)")
+    return p.read_bytes()
+
 def _verify_chain(chain, idx_paths, manifest_path, cks, keys, pubs, allow_pruned, archive_mode):
     if len(cks) > 1:
         raise Bad(f"two checkpoint files for chain {chain}")
@@ -696,7 +706,7 @@ def _verify_chain(chain, idx_paths, manifest_path, cks, keys, pubs, allow_pruned
     # read each index's bytes; the same file in DIR and an archive counts once
     data = {}
     for idx, paths in idx_paths.items():
-        blobs = {p.read_bytes() for p in paths}
+        blobs = {_chain_file_bytes(p) for p in paths}
         if len(blobs) > 1:
             raise Bad(f"file {idx} differs between the log directory and the archive")
         data[idx] = (paths[0].name, blobs.pop())
