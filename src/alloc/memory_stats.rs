@@ -47,6 +47,13 @@ impl Stat {
         self.allocated = self.allocated.saturating_add(n);
     }
 
+    /// A decrease undone: `current` back up, `freed` back down.
+    fn unfree(&mut self, n: u64) {
+        self.current = self.current.saturating_add(n);
+        self.peak = self.peak.max(self.current);
+        self.freed = self.freed.saturating_sub(n);
+    }
+
     #[inline]
     fn decrease(&mut self, n: u64) {
         self.current = self.current.saturating_sub(n);
@@ -116,7 +123,8 @@ pub struct MemoryStats {
     pub oversize_allocations: Stat,
     /// Always zero.
     pub oversize_segments: Stat,
-    /// Allocations the backend refused that the pool retried after releasing cached blocks.
+    /// Allocations the backend refused that led to a flush of the cache and a retry,
+    /// whatever the retry gave (kept by the pool, zeroed with the accumulated statistics).
     pub num_alloc_retries: u64,
     /// Allocations that failed out of memory.
     pub num_ooms: u64,
@@ -134,7 +142,6 @@ pub struct MemoryStats {
 /// reported ones are counted from.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct CountersBase {
-    pub(crate) retries: u64,
     pub(crate) ooms: u64,
     pub(crate) device_allocs: u64,
     pub(crate) device_frees: u64,
@@ -191,6 +198,29 @@ impl MemoryStats {
         }
     }
 
+    /// A block whose removal was counted ([`MemoryStats::moved`] to `None`) is back in
+    /// `state`: its release did not happen (the backend refused it). Undone, not counted as
+    /// a block obtained again: each `current` it left goes back up and its `freed` down.
+    pub(crate) fn restored(&mut self, state: BlockState, capacity: u64, requested: u64) {
+        let small = capacity <= SMALL_POOL_MAX;
+        let (allocated, active) = counts(state);
+        let undo = |set: &mut StatSet, n: u64| {
+            set.all.unfree(n);
+            set.pool(small).unfree(n);
+        };
+        if allocated {
+            undo(&mut self.allocated_bytes, capacity);
+            undo(&mut self.requested_bytes, requested);
+            undo(&mut self.allocation, 1);
+        }
+        if active {
+            undo(&mut self.active_bytes, capacity);
+            undo(&mut self.active, 1);
+        }
+        undo(&mut self.reserved_bytes, capacity);
+        undo(&mut self.segment, 1);
+    }
+
     fn sets_mut(&mut self) -> [&mut StatSet; 9] {
         [
             &mut self.allocated_bytes,
@@ -217,6 +247,7 @@ impl MemoryStats {
     /// Every cumulative `allocated` and `freed` set to zero
     /// (`torch.cuda.reset_accumulated_memory_stats`; the pool sets its counters' base too).
     pub(crate) fn reset_accumulated(&mut self) {
+        self.num_alloc_retries = 0;
         for set in self.sets_mut() {
             for stat in set.stats_mut() {
                 stat.allocated = 0;

@@ -425,6 +425,9 @@ impl Allocator {
         stream: StreamHandle,
     ) -> Result<Allocation, AllocError> {
         self.refuse_if_reset(dev)?;
+        // PyTorch's `num_alloc_retries`: a refused allocation that leads to a flush of the
+        // cache and a retry, whatever the retry gives.
+        self.with_pool(dev, |pool, _, _, _| pool.memory.num_alloc_retries += 1);
         self.drain_pool(dev, self.scrub_horizon());
         let isolation = self.inner.config.tenant_isolation;
         let hit = self.with_pool(dev, |pool, _, _, after| {

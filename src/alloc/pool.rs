@@ -1493,8 +1493,8 @@ impl DevicePool {
             BlockState::Quarantined => self.stats.accounting.quarantined.add(capacity),
             BlockState::Live => self.stats.accounting.live.add(capacity),
         }
-        self.memory
-            .moved(None, Some(block.state), capacity, block.requested);
+        // Back as it was: no segment was returned, nor one obtained again.
+        self.memory.restored(block.state, capacity, block.requested);
         self.blocks.insert(block.addr, block);
     }
 
@@ -1661,7 +1661,6 @@ impl DevicePool {
     pub(crate) fn memory_stats(&self) -> MemoryStats {
         let (c, base) = (&self.stats.counters, &self.memory_base);
         MemoryStats {
-            num_alloc_retries: c.oom_recoveries.saturating_sub(base.retries),
             num_ooms: c.out_of_memory.saturating_sub(base.ooms),
             num_device_alloc: c.fresh_allocations.saturating_sub(base.device_allocs),
             num_device_free: c.released.saturating_sub(base.device_frees),
@@ -1675,7 +1674,6 @@ impl DevicePool {
         self.memory.reset_accumulated();
         let c = &self.stats.counters;
         self.memory_base = CountersBase {
-            retries: c.oom_recoveries,
             ooms: c.out_of_memory,
             device_allocs: c.fresh_allocations,
             device_frees: c.released,
