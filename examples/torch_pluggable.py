@@ -14,7 +14,10 @@ What it shows:
    vLLM does) gets a finished request's blocks zeroed and verified with scrub_blocks, and
    claim_blocks (the eviction gate) zeroes a block a request released without that scrub
    before the next request gets it;
-5. kvhygiene.stats() reports what the allocator did.
+5. PyTorch's memory statistics (torch.cuda.max_memory_allocated, memory_reserved,
+   memory_summary), which a pluggable allocator does not keep, answer from kvhygiene: engines
+   size their KV cache from them;
+6. kvhygiene.stats() reports what the allocator did.
 """
 
 import sys
@@ -97,10 +100,22 @@ def main() -> int:
     torch.cuda.empty_cache()
     kvhygiene.synchronize()
 
-    # 5. What the allocator did.
+    # 5. PyTorch's memory statistics, as vLLM's memory profiling reads them: peaks reset, a
+    #    run, then the peak of allocated bytes and the bytes reserved.
+    torch.cuda.reset_peak_memory_stats()
+    run = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    peak = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.memory_reserved()
+    del run
+    torch.cuda.memory_summary()  # reads every statistic PyTorch's own allocator keeps
+    stats_ok = peak >= 64 << 20 and reserved >= peak
+    print(f"torch.cuda.max_memory_allocated() {peak} bytes, memory_reserved() {reserved} bytes")
+
+    # 6. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
-    return 0 if leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 and gate_left == 0 else 2
+    clean = leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 and gate_left == 0
+    return 0 if clean and stats_ok else 2
 
 
 if __name__ == "__main__":
