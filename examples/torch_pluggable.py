@@ -17,7 +17,9 @@ What it shows:
 5. PyTorch's memory statistics (torch.cuda.max_memory_allocated, memory_reserved,
    memory_summary), which a pluggable allocator does not keep, answer from kvhygiene: engines
    size their KV cache from them;
-6. kvhygiene.stats() reports what the allocator did.
+6. CUDA graph capture is refused before it begins (PyTorch keeps no graph memory pool for a
+   pluggable allocator): engines run without CUDA graphs;
+7. kvhygiene.stats() reports what the allocator did.
 """
 
 import sys
@@ -111,11 +113,22 @@ def main() -> int:
     stats_ok = peak >= 64 << 20 and reserved >= peak
     print(f"torch.cuda.max_memory_allocated() {peak} bytes, memory_reserved() {reserved} bytes")
 
-    # 6. What the allocator did.
+    # 6. CUDA graph capture: refused before it begins, with what to run instead (vLLM:
+    #    --enforce-eager; SGLang: --disable-cuda-graph). Last: torch.cuda.graph has switched
+    #    to its capture stream when the refusal comes.
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch.ones(1, device="cuda")
+        capture_refused = False
+    except RuntimeError as e:
+        capture_refused = "enforce-eager" in str(e)
+    print(f"CUDA graph capture refused before it began: {capture_refused}")
+
+    # 7. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
     clean = leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 and gate_left == 0
-    return 0 if clean and stats_ok else 2
+    return 0 if clean and stats_ok and capture_refused else 2
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ __all__ = [
     "ScrubVerificationError",
     "ClaimRefusedError",
     "AllocatorAlreadyInUseError",
+    "GRAPH_CAPTURE_REFUSED",
     "KvLayout",
     "scrub_blocks",
     "claim_blocks",
@@ -1307,13 +1308,47 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
     c._cuda_resetAccumulatedMemoryStats = reset_accumulated
 
 
+#: Why a CUDA graph capture is refused under kvhygiene, and what to do instead.
+GRAPH_CAPTURE_REFUSED = (
+    "kvhygiene: CUDA graph capture is not supported with kvhygiene as PyTorch's allocator: "
+    "PyTorch keeps no graph memory pool for a pluggable allocator, so memory the graph's "
+    "kernels write at replay could be scrubbed and handed to another request, and a capture "
+    "that needs memory fails. Run without CUDA graphs (vLLM: --enforce-eager; SGLang: "
+    "--disable-cuda-graph; torch.compile: not mode='reduce-overhead'); see docs/cuda.md"
+)
+
+
+def _refuse_graph_capture(torch) -> None:
+    """Makes ``torch.cuda.CUDAGraph.capture_begin`` raise :data:`GRAPH_CAPTURE_REFUSED` before
+    any capture begins (``torch.cuda.graph`` and ``make_graphed_callables`` go through it).
+
+    Under a pluggable allocator PyTorch calls no pool of its own for a graph: a block freed
+    during the capture would be scrubbed and reused once it ends while the graph still writes
+    it at every replay, and fresh memory is refused during a capture anyway. Refused before
+    the capture starts, the error is clear and leaves no stream capturing. A build without
+    the class is left as it is.
+    """
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    begin = getattr(graph, "capture_begin", None)
+    if begin is None or getattr(begin, "_kvhygiene_refusal", False):
+        return
+
+    def capture_begin(self, *args, **kwargs):
+        raise RuntimeError(GRAPH_CAPTURE_REFUSED)
+
+    capture_begin._kvhygiene_refusal = True
+    graph.capture_begin = capture_begin
+
+
 def install(path: Optional[str] = None):
     """Makes kvhygiene PyTorch's CUDA allocator. Call before the first CUDA allocation.
 
     Returns the ``CUDAPluggableAllocator``. PyTorch's memory statistics
     (``torch.cuda.memory_stats`` and the functions that read it, ``reset_peak_memory_stats``),
     which a pluggable allocator does not keep, then answer from kvhygiene's pool (see
-    :func:`memory_stats`). Calling it again is a no-op (a ``path`` given
+    :func:`memory_stats`), and CUDA graph capture is refused with
+    :data:`GRAPH_CAPTURE_REFUSED` (PyTorch keeps no graph memory pool for a pluggable
+    allocator). Calling it again is a no-op (a ``path`` given
     again must name the library installed). Raises
     :class:`AllocatorAlreadyInUseError` when CUDA is already initialised in this process
     (PyTorch cannot swap allocators then; the message says whether memory is held), ``ImportError`` without torch, ``FileNotFoundError`` when the
@@ -1370,6 +1405,7 @@ def install(path: Optional[str] = None):
                 "the first CUDA allocation"
             ) from e
         _route_memory_stats(lib, torch)
+        _refuse_graph_capture(torch)
         _allocator = allocator
         return allocator
 

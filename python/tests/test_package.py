@@ -208,6 +208,12 @@ def _fake_torch(initialized=False, reserved=0, with_reset=True, with_stats_calls
     cuda.device_count = lambda: 1
     cuda.memory_reserved = lambda d: reserved
     cuda.empty_cache = lambda: state.__setitem__("torch_empty_cache", True)
+
+    class CUDAGraph:
+        def capture_begin(self, *args, **kwargs):
+            state["captured"] = True
+
+    cuda.CUDAGraph = CUDAGraph
     torch.cuda = cuda
     return torch, state
 
@@ -279,6 +285,22 @@ def test_install_makes_torch_memory_statistics_kvhygiene_s(fresh):
     zeroed = kvhygiene.memory_stats(device)
     assert zeroed["allocated_bytes"]["all"]["allocated"] == 0
     assert zeroed["num_device_alloc"] == 0
+
+
+@needs_lib
+def test_install_refuses_cuda_graph_capture_before_it_begins(fresh):
+    # Under a pluggable allocator PyTorch keeps no graph pool: memory a graph writes at replay
+    # could be scrubbed and handed to another request. The capture is refused before it
+    # begins, with what to run instead.
+    torch, state = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    with pytest.raises(RuntimeError, match="enforce-eager"):
+        torch.cuda.CUDAGraph().capture_begin(None, capture_error_mode="global")
+    assert "captured" not in state, "the capture began"
+    kvhygiene.install(LIB)  # a second install wraps nothing twice
+    with pytest.raises(RuntimeError, match="disable-cuda-graph"):
+        torch.cuda.CUDAGraph().capture_begin()
 
 
 @needs_lib

@@ -147,10 +147,40 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
             (addr as *mut c_void, false)
         }
         Err(e) => {
+            if throw {
+                say_thrown(&e);
+            }
             set_last_error(kvh_result::from(&e), e.to_string());
             (std::ptr::null_mut(), throw)
         }
     }
+}
+
+/// Says on stderr why `kvh_malloc` is about to throw: PyTorch reports only `std::bad_alloc`,
+/// and the thread's last error is out of a Python caller's reach. The first few failures
+/// only, so that a caller that retries in a loop does not flood stderr.
+#[cold]
+fn say_thrown(e: &crate::alloc::AllocError) {
+    const SAID_AT_MOST: u64 = 16;
+    static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n >= SAID_AT_MOST {
+        return;
+    }
+    let capture = if matches!(e, crate::alloc::AllocError::CaptureActive { .. }) {
+        " (PyTorch keeps no graph memory pool for a pluggable allocator: run without CUDA \
+         graphs, docs/cuda.md)"
+    } else {
+        ""
+    };
+    let last = if n + 1 == SAID_AT_MOST {
+        "; further failures are not said"
+    } else {
+        ""
+    };
+    crate::say(format_args!(
+        "kvhygiene: kvh_malloc throws std::bad_alloc: {e}{capture}{last}"
+    ));
 }
 
 /// Whether a failed `kvh_malloc` throws when no configuration was read (it was invalid, or a
