@@ -288,6 +288,63 @@ def test_install_makes_torch_memory_statistics_kvhygiene_s(fresh):
 
 
 @needs_lib
+def test_install_makes_torch_accelerator_memory_statistics_kvhygiene_s(fresh):
+    # torch.accelerator.memory_stats, memory_reserved, max_memory_allocated and
+    # reset_peak_memory_stats (which vLLM's memory snapshot and profiling call) go through
+    # torch._C._accelerator_getDeviceStats, _accelerator_resetPeakStats and
+    # _accelerator_resetAccumulatedStats, not the torch._C._cuda_* functions. Under a
+    # pluggable allocator those raise as well. After install(), they answer from kvhygiene's
+    # pool, as torch.cuda's statistics do.
+    import types
+
+    torch, _ = _fake_torch(with_stats_calls=True)
+
+    def unsupported(device):
+        raise RuntimeError("CUDAPluggableAllocator does not yet support getDeviceStats")
+
+    torch._C._accelerator_getDeviceStats = unsupported
+    torch._C._accelerator_resetPeakStats = unsupported
+    torch._C._accelerator_resetAccumulatedStats = unsupported
+    torch._C._accelerator_isAllocatorInitialized = lambda: True
+
+    # torch/accelerator/memory.py: each function looks the torch._C function up at every call.
+    def flat(device):
+        out = {}
+
+        def walk(prefix, value):
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", torch._C._accelerator_getDeviceStats(device))
+        return out
+
+    torch.accelerator = types.SimpleNamespace(
+        memory_stats=flat,
+        memory_reserved=lambda d: flat(d).get("reserved_bytes.all.current", 0),
+        reset_peak_memory_stats=lambda d: torch._C._accelerator_resetPeakStats(d),
+    )
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    lib = kvhygiene.load()
+    device = 4  # a host device no other test allocates on
+    ptr = lib.kvh_malloc(3 << 20, device, None)
+    assert ptr
+    try:
+        stats = torch.accelerator.memory_stats(device)
+        assert stats["allocated_bytes.all.current"] >= 3 << 20
+        assert torch.accelerator.memory_reserved(device) >= 3 << 20
+    finally:
+        lib.kvh_free(ptr, 3 << 20, device, None)
+        kvhygiene.synchronize()
+    torch.accelerator.reset_peak_memory_stats(device)
+    reset = torch.accelerator.memory_stats(device)
+    assert reset["allocated_bytes.all.peak"] == reset["allocated_bytes.all.current"]
+
+
+@needs_lib
 def test_install_refuses_cuda_graph_capture_before_it_begins(fresh):
     # Under a pluggable allocator PyTorch keeps no graph pool: memory a graph writes at replay
     # could be scrubbed and handed to another request. The capture is refused before it

@@ -10,7 +10,8 @@ use std::io::{BufRead, Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{directory_gone, pass_on, NewRecords, Pass, PassError, Position, State, Stop};
+use super::batch::{Batches, Scout, Take, HOLD_BYTES};
+use super::{directory_gone, pass_on, Pass, PassError, Position, State, Stop};
 use crate::forensic::checkpoint::Checkpoint;
 use crate::forensic::files;
 use crate::forensic::prune;
@@ -200,17 +201,31 @@ pub(super) fn cpu_time() -> Duration {
 /// By default whole verifications take at most one part in this many of the tail's time.
 const WHOLE_SHARE: u32 = 10;
 
+/// What a pass between whole verifications did.
+pub(super) enum Appended {
+    /// It passed on what was appended; whether `state` changed.
+    Done(bool),
+    /// It cannot vouch for the directory as it finds it: a whole pass judges it. `wrote`:
+    /// records of chains read before it gave way were passed on (their positions moved).
+    Whole { wrote: bool },
+}
+
 /// A pass between whole verifications. For each chain with a position it reads the records
 /// appended after it, each held to the walk `verify-log` makes ([`read_appended`]), and
-/// passes them on. `None`, with nothing written, when it cannot vouch for the directory as
-/// it finds it (a chain new or gone, a position's record missing or changed, a record that
-/// does not follow): a whole verification then judges it.
+/// passes them on once every chain's were. [`Appended::Whole`], with nothing written, when it
+/// cannot vouch for the directory as it finds it (a chain new or gone, a position's record
+/// missing or changed, a record that does not follow): a whole verification then judges it.
+/// The lines read are held up to [`HOLD_BYTES`] for all the chains together; a chain's that
+/// do not fit are read again and written a batch at a time, each batch once its last record
+/// is the one the first reading found there, and the pass gives way to a whole one (with the
+/// batches written passed on) if one is not.
 pub(super) fn appended_pass(
     dir: &Path,
     how: &Pass<'_>,
     state: &mut State,
     verified: &mut Verified,
-) -> Result<Option<bool>, PassError> {
+) -> Result<Appended, PassError> {
+    const WHOLE: Appended = Appended::Whole { wrote: false };
     if let Some(stop) = directory_gone(dir, state) {
         return Err(PassError::Stop(stop));
     }
@@ -218,13 +233,13 @@ pub(super) fn appended_pass(
     // only records already on disk.
     let io = |e: verify::VerifyError| PassError::Io(e.to_string());
     let Some(ckpts) = verify::signed_checkpoints(how.opts).map_err(io)? else {
-        return Ok(None);
+        return Ok(WHOLE);
     };
     let files = verify::list_all(dir, how.opts).map_err(io)?;
     // Any prune manifest written, replaced or removed since (a prune ran, or anything else):
     // a whole pass judges them.
     if manifest_stamps(dir) != verified.manifests {
-        return Ok(None);
+        return Ok(WHOLE);
     }
     // Chains not listed: only those moved whole, as verified, their signed checkpoints
     // untouched.
@@ -237,21 +252,34 @@ pub(super) fn appended_pass(
     };
     let mut unlisted = state.chains.keys().chain(ckpts.keys());
     if unlisted.any(|id| !listed(id) && !moved_whole(id)) {
-        return Ok(None);
+        return Ok(WHOLE);
     }
+    let mut room = HOLD_BYTES;
     let mut reads = Vec::with_capacity(files.len());
     for (id, list) in &files {
         match (state.chains.get(id), verified.keys.get(id)) {
             (Some(from), Some(seal)) => {
                 let ckpt = ckpts.get(id);
                 if ckpt.is_none() && !how.opts.public_keys.is_empty() {
-                    return Ok(None);
+                    return Ok(WHOLE);
                 }
                 let start = verified.starts.get(id).copied();
-                match read_appended(id, list, from, seal, ckpt, how.opts, start) {
-                    Some(read) => reads.push((id, read)),
-                    None => return Ok(None),
-                }
+                let walk = Walk {
+                    id,
+                    list,
+                    from,
+                    seal,
+                    ckpt,
+                    opts: how.opts,
+                    start,
+                };
+                let mut scout = Scout::new(room);
+                let Some((to, at, signer)) = read_appended(&walk, &mut scout, None) else {
+                    return Ok(WHOLE);
+                };
+                let new = scout.finish(to, None, from.file);
+                room = room.saturating_sub(new.held());
+                reads.push((id, list, from.clone(), new, at, signer));
             }
             // Still without a record (a chain being started, or one whose writer died
             // before its first): its file 0 alone, with no complete line and no checkpoint,
@@ -261,24 +289,52 @@ pub(super) fn appended_pass(
                     && matches!(list.as_slice(), [(0, _)])
                     && !ckpts.contains_key(id)
                     && no_record(list) => {}
-            _ => return Ok(None),
+            _ => return Ok(WHOLE),
         }
     }
     let mut moved = false;
     let mut out = std::io::stdout().lock();
-    for (id, (new, start, signer)) in reads {
-        if !new.lines.is_empty() {
-            pass_on(&mut out, id, new, how, state)?;
+    for (id, list, from, new, at, signer) in reads {
+        if new.is_empty() {
+            // Nothing appended: only where the position's record starts, found now.
+        } else if let Some(lines) = new.lines {
+            pass_on(&mut out, id, lines, how.security_only, state)?;
             moved = true;
+        } else {
+            let Some(seal) = verified.keys.get(id) else {
+                return Ok(Appended::Whole { wrote: moved });
+            };
+            let walk = Walk {
+                id,
+                list,
+                from: &from,
+                seal,
+                ckpt: ckpts.get(id),
+                opts: how.opts,
+                start: verified.starts.get(id).copied(),
+            };
+            let until = new.to.seq;
+            let mut batches = Batches::new(&mut out, id, how, state, new);
+            let reached = read_appended(&walk, &mut batches, Some(until)).is_some();
+            let (all, wrote) = batches.finish(reached)?;
+            moved |= wrote;
+            if !all {
+                // Changed since the first reading. A position moved by the batches written
+                // has no start nor signer recorded: the whole pass records them.
+                out.flush()
+                    .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
+                verified.next = None;
+                return Ok(Appended::Whole { wrote: moved });
+            }
         }
-        verified.starts.insert(id.clone(), start);
+        verified.starts.insert(id.clone(), at);
         if let Some(seal) = verified.keys.get_mut(id) {
             seal.signer = signer;
         }
     }
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
-    Ok(Some(moved))
+    Ok(Appended::Done(moved))
 }
 
 /// Whether a chain's files hold no complete line (no record), and no more bytes than a
@@ -298,20 +354,40 @@ fn no_record(list: &[(u64, PathBuf)]) -> bool {
     })
 }
 
-/// The records of chain `id` appended after the record at `from`, which must still be in
-/// its file with the hash it had: each checked as the continuation of the chain from there
-/// (as `verify-log` checks it, sealed by the secret at `key_index`), up to the last complete
-/// line. `None` when anything does not follow.
-fn read_appended(
-    id: &str,
-    list: &[(u64, PathBuf)],
-    from: &Position,
-    seal: &Seal,
-    ckpt: Option<&Checkpoint>,
-    opts: &VerifyOptions,
+/// What a reading of the records appended to chain `id` after the record at `from` reads:
+/// the chain's files, what seals it, its signed checkpoint, and where the last pass found the
+/// position's record.
+struct Walk<'a> {
+    id: &'a str,
+    list: &'a [(u64, PathBuf)],
+    from: &'a Position,
+    seal: &'a Seal,
+    ckpt: Option<&'a Checkpoint>,
+    opts: &'a VerifyOptions,
     start: Option<Start>,
-) -> Option<(NewRecords, Start, Option<String>)> {
+}
+
+/// The records of chain `walk.id` appended after the record at `walk.from`, which must still
+/// be in its file with the hash it had: each checked as the continuation of the chain from
+/// there (as `verify-log` checks it, sealed by the secret at `key_index`), up to the last
+/// complete line, or up to seq `until`, and handed to `take`. The last record's position,
+/// where it starts, and the signer the records name; `None` when anything does not follow
+/// (or `take` stopped the reading).
+fn read_appended(
+    walk: &Walk<'_>,
+    take: &mut dyn Take,
+    until: Option<u64>,
+) -> Option<(Position, Start, Option<String>)> {
     use std::io::Seek as _;
+    let Walk {
+        id,
+        list,
+        from,
+        seal,
+        ckpt,
+        opts,
+        start,
+    } = *walk;
     let hash = parse_hash(&from.hash)?;
     let newest = list.last().map(|(i, _)| *i);
     // One file listed twice (the log and an archive directory): the verification judges.
@@ -319,12 +395,12 @@ fn read_appended(
         return None;
     }
     let mut check: Option<ChainCheck<'_>> = None;
-    let mut lines = Vec::new();
+    let mut to = from.clone();
     let mut last_start = None;
     // The files from the position's on, each the next index (none missing, none empty but
     // the newest): the first must be the position's own.
     let mut expected = from.file;
-    for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
+    'files: for (index, path) in list.iter().filter(|(i, _)| *i >= from.file) {
         if *index != expected {
             return None;
         }
@@ -362,7 +438,7 @@ fn read_appended(
             match check.as_mut() {
                 Some(c) => {
                     let (seq, h) = c.record(*index, &line, first).ok()?;
-                    let at = Position {
+                    to = Position {
                         seq,
                         hash: hex(&h),
                         file: *index,
@@ -372,7 +448,14 @@ fn read_appended(
                         file: *index,
                         byte: line_start,
                     });
-                    lines.push((line, at));
+                    if !take.take(line, to.clone(), None) {
+                        return None;
+                    }
+                    // A second reading stops where the first one did: records appended
+                    // since are the next pass's.
+                    if until == Some(seq) {
+                        break 'files;
+                    }
                 }
                 // Up to the position's record, which must be in its file as it was passed on.
                 None => {
@@ -410,17 +493,9 @@ fn read_appended(
     let check = check?;
     check.checkpoint_signer().ok()?;
     let signer = check.signer().map(str::to_string);
-    let to = lines
-        .last()
-        .map_or_else(|| from.clone(), |(_, at)| at.clone());
     // A checkpoint beyond the records read: the verification judges (records cut off).
     if ckpt.is_some_and(|c| c.seq > to.seq) {
         return None;
     }
-    let new = NewRecords {
-        lines,
-        to,
-        gap: None,
-    };
-    Some((new, last_start?, signer))
+    Some((to, last_start?, signer))
 }

@@ -17,6 +17,11 @@
 //! whole pass made at once; what it does not look at (older records, a checkpoint's hold on
 //! them) is checked by the next whole verification.
 //!
+//! A chain's backlog (a tail restarted after an outage) is passed on in bounded memory: the
+//! records read are held only while they fit in [`HOLD_BYTES`]; past that the first reading
+//! keeps where each batch ends, and they are read again and written a batch at a time, each
+//! once it ends at the hash the first reading found there ([`batch`]).
+//!
 //! Between passes the tail remembers where each chain was (seq and hash of the last record
 //! passed on, in `--state` across runs), which adds two checks `verify-log` cannot make
 //! without signed checkpoints: a chain that went back (records cut off its end, or the chain
@@ -51,8 +56,10 @@ use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
 
 mod appended;
+mod batch;
 
-use appended::{appended_pass, cpu_time, Seen, Verified};
+use appended::{appended_pass, cpu_time, Appended, Seen, Verified};
+use batch::{Batches, Gap, NewRecords, Scout, Take, HOLD_BYTES};
 
 /// `kvh tail-log`: arguments.
 #[derive(Clone, Debug, clap::Args)]
@@ -71,7 +78,8 @@ pub struct TailLogArgs {
     /// (none missed; a pass killed, or whose state could not be saved, after it wrote its
     /// records is passed on again: deduplicate on `chain` and `seq`) and still detects a
     /// chain that went back or vanished meanwhile. Written atomically (0600) after each pass
-    /// that moved. It names its log directory: given with another one, it is refused (exit 2).
+    /// that moved, and after each batch of a backlog passed on in batches (more than 8 MiB).
+    /// It names its log directory: given with another one, it is refused (exit 2).
     /// So is a stdout that is /dev/null (or closed), which would mark records passed on that
     /// nobody received. Passed on means written to stdout: records still unread in a pipe
     /// when its reader died are not passed on again, so a shipper that can die with unread
@@ -297,6 +305,8 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
             skip_existing,
             security_only: args.security_only,
             verify_every: args.verify_every,
+            // Saved only once the first pass placed the chains (see `ending`).
+            state_file: args.state.as_deref().filter(|_| !skip_existing),
         };
         match pass(&args.log.dir, &how, &mut state, &mut verified) {
             Ok(moved) => {
@@ -514,6 +524,8 @@ struct Pass<'a> {
     security_only: bool,
     /// `--verify-every`.
     verify_every: Option<u64>,
+    /// `--state`, saved after each batch of a backlog read again in batches.
+    state_file: Option<&'a Path>,
 }
 
 /// One pass: verifies the whole directory when that is due, else reads only what was
@@ -525,12 +537,15 @@ fn pass(
     state: &mut State,
     verified: &mut Verified,
 ) -> Result<bool, PassError> {
+    let mut wrote = false;
     if !verified.due(state) {
-        if let Some(moved) = appended_pass(dir, how, state, verified)? {
-            return Ok(moved);
+        match appended_pass(dir, how, state, verified)? {
+            Appended::Done(moved) => return Ok(moved),
+            // Records it wrote before it gave way moved the positions too.
+            Appended::Whole { wrote: w } => wrote = w,
         }
     }
-    whole_pass(dir, how, state, verified)
+    Ok(whole_pass(dir, how, state, verified)? || wrote)
 }
 
 /// A pass that verifies the whole directory, checks it against `state`, writes the new
@@ -622,49 +637,73 @@ fn whole_pass(
             moved = true;
             continue;
         }
-        let new = match read_new(chain, list, from.as_ref(), opts)? {
-            Read::New(new) => new,
-            Read::Changed => {
-                // Changed since the verification: read again at the next pass, a few times.
-                let n = state.stalls.entry(chain.chain.clone()).or_default();
-                *n += 1;
-                moved = true;
-                if *n >= MAX_STALLS {
-                    return Err(tampered(
-                        &chain.chain,
-                        format!(
-                            "in {MAX_STALLS} passes in a row the bytes read did not hash to the \
-                             head the verification reached (seq {head_seq}): the files are not \
-                             the ones verified"
-                        ),
-                    ));
-                }
-                continue;
-            }
-        };
-        state.stalls.remove(&chain.chain);
-        if let Some((first, last)) = new.gap {
-            say_gap(&mut out, &chain.chain, first, last)?;
-        }
-        pass_on(&mut out, &chain.chain, new, how, state)?;
+        // Passed on, whole or in part (the positions moved), or counted as a stall.
         moved = true;
+        if pass_chain(&mut out, chain, list, from.as_ref(), how, state)? {
+            state.stalls.remove(&chain.chain);
+            continue;
+        }
+        // Changed since the verification: read again at the next pass, a few times.
+        let n = state.stalls.entry(chain.chain.clone()).or_default();
+        *n += 1;
+        if *n >= MAX_STALLS {
+            return Err(tampered(
+                &chain.chain,
+                format!(
+                    "in {MAX_STALLS} passes in a row the bytes read did not hash to the head \
+                     the verification reached (seq {head_seq}): the files are not the ones \
+                     verified"
+                ),
+            ));
+        }
     }
     out.flush()
         .map_err(|e| PassError::Stop(Stop::Error(format!("cannot write: {e}"))))?;
     Ok(moved)
 }
 
-/// Writes the records of `chain` read (all, or the security ones) to `out`, moving its
+/// Reads the records of `chain` after `from` up to its verified head and writes them (all, or
+/// the security ones) to `out`, moving its position in `state` past each one as it is
+/// written: at once when they fit in [`HOLD_BYTES`], else read again and written a batch at a
+/// time ([`Batches`]). Returns whether they were all passed on: else the bytes read did not
+/// hash to the head, and what was not passed on is read again at the next pass.
+fn pass_chain<W: Write>(
+    out: &mut W,
+    chain: &ChainReport,
+    list: &[(u64, PathBuf)],
+    from: Option<&Position>,
+    how: &Pass<'_>,
+    state: &mut State,
+) -> Result<bool, PassError> {
+    let new = match read_new(chain, list, from, how.opts, HOLD_BYTES)? {
+        Read::New(new) => new,
+        Read::Changed => return Ok(false),
+    };
+    let Some(lines) = new.lines else {
+        let start_file = new.start_file;
+        let mut batches = Batches::new(out, &chain.chain, how, state, new);
+        let reached = read_from(chain, list, from, how.opts, start_file, &mut batches)?;
+        return batches.finish(reached.is_some()).map(|(all, _)| all);
+    };
+    if let Some((first, last)) = new.gap {
+        say_gap(out, &chain.chain, first, last)?;
+    }
+    pass_on(out, &chain.chain, lines, how.security_only, state)?;
+    state.chains.insert(chain.chain.clone(), new.to);
+    Ok(true)
+}
+
+/// Writes the records `lines` of `chain` (all, or the security ones) to `out`, moving its
 /// position in `state` past each one as it is written.
 fn pass_on(
     out: &mut impl Write,
     chain: &str,
-    new: NewRecords,
-    how: &Pass<'_>,
+    lines: Vec<(Vec<u8>, Position)>,
+    security_only: bool,
     state: &mut State,
 ) -> Result<(), PassError> {
-    for (line, at) in new.lines {
-        if !how.security_only || security_line(&line) {
+    for (line, at) in lines {
+        if !security_only || security_line(&line) {
             // One write per line (the record and its newline), so that a failure is at a
             // line's boundary unless the write itself is cut short (a full disk): the line is
             // then passed on again, whole, by the next run.
@@ -678,7 +717,6 @@ fn pass_on(
         }
         state.chains.insert(chain.to_string(), at);
     }
-    state.chains.insert(chain.to_string(), new.to);
     Ok(())
 }
 
@@ -791,15 +829,6 @@ fn check_against(report: &Report, state: &State) -> Result<(), PassError> {
     Ok(())
 }
 
-/// The records of a chain after `from` up to its verified head.
-struct NewRecords {
-    /// Each record line (without its newline) and the position just past it.
-    lines: Vec<(Vec<u8>, Position)>,
-    to: Position,
-    /// Seqs after `from` that `prune-log` moved away before they were passed on.
-    gap: Option<(u64, u64)>,
-}
-
 /// What reading a chain gave.
 enum Read {
     New(NewRecords),
@@ -809,33 +838,43 @@ enum Read {
 
 /// Reads the records of `chain` after `from` (all of them without it) up to its verified
 /// head, computing each hash again, and each MAC when keys were given (the hash does not
-/// cover the seal): [`Read::Changed`] when the bytes read do not end at the head.
+/// cover the seal): [`Read::Changed`] when the bytes read do not end at the head. Their lines
+/// are held while they fit in `room` bytes.
 fn read_new(
     chain: &ChainReport,
     list: &[(u64, PathBuf)],
     from: Option<&Position>,
     opts: &VerifyOptions,
+    room: usize,
 ) -> Result<Read, PassError> {
-    match read_from(chain, list, from, opts, from.map_or(0, |p| p.file))? {
-        // The record after the position is not in its file or a later one: the files were
-        // laid out again since (which an unkeyed chain allows). Read from the first file: the
-        // records after the position, if there, still follow it by hash.
-        Read::Changed if from.is_some_and(|p| p.file > 0) => read_from(chain, list, from, opts, 0),
-        read => Ok(read),
+    let mut start_file = from.map_or(0, |p| p.file);
+    loop {
+        let mut scout = Scout::new(room);
+        match read_from(chain, list, from, opts, start_file, &mut scout)? {
+            Some((to, gap)) => return Ok(Read::New(scout.finish(to, gap, start_file))),
+            // The record after the position is not in its file or a later one: the files were
+            // laid out again since (which an unkeyed chain allows). Read from the first file:
+            // the records after the position, if there, still follow it by hash.
+            None if start_file > 0 => start_file = 0,
+            None => return Ok(Read::Changed),
+        }
     }
 }
 
-/// [`read_new`] from file index `start_file` on.
+/// [`read_new`] from file index `start_file` on, each record handed to `take` once checked:
+/// the last record's position and the gap before the first, or `None` when the bytes read do
+/// not end at the verified head (or `take` stopped the reading).
 fn read_from(
     chain: &ChainReport,
     list: &[(u64, PathBuf)],
     from: Option<&Position>,
     opts: &VerifyOptions,
     start_file: u64,
-) -> Result<Read, PassError> {
+    take: &mut dyn Take,
+) -> Result<Option<(Position, Gap)>, PassError> {
     let id = chain.chain.as_str();
     let (Some(head_seq), Some(head_hash)) = (chain.last_seq, chain.last_hash.as_deref()) else {
-        return Ok(Read::Changed);
+        return Ok(None);
     };
     let mut key = match (opts.hmac_keys.is_empty(), chain.key_index) {
         (true, _) => None,
@@ -844,10 +883,10 @@ fn read_from(
                 EpochKey::from_secret(k.secret.clone())
                     .map_err(|e| PassError::Stop(Stop::Error(format!("{}: {e}", k.name))))?,
             ),
-            None => return Ok(Read::Changed),
+            None => return Ok(None),
         },
         // Keys given, yet the chain's was not found: nothing to hold its seals to.
-        (false, None) => return Ok(Read::Changed),
+        (false, None) => return Ok(None),
     };
     let mut prev: Option<[u8; 32]> = match from {
         Some(p) => Some(parse_hash(&p.hash).ok_or_else(|| {
@@ -857,7 +896,6 @@ fn read_from(
     };
     let after = from.map(|p| p.seq);
     let mut gap = None;
-    let mut lines = Vec::new();
     let mut last: Option<(u64, u64)> = None;
     'files: for (index, path) in list.iter().filter(|(i, _)| *i >= start_file) {
         // The verified head is in `last_file`: a file after it (planted since the
@@ -869,13 +907,13 @@ fn read_from(
         // flood the reading. A file that cannot be read now (moved by a prune since the
         // verification, say) is read again at the next pass.
         let Ok((file, _)) = files::open_regular(path, files::MAX_READ_BYTES) else {
-            return Ok(Read::Changed);
+            return Ok(None);
         };
         let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
         loop {
             let mut line = Vec::new();
             if reader.read_until(b'\n', &mut line).is_err() {
-                return Ok(Read::Changed);
+                return Ok(None);
             }
             // The end of the file, or a line still being written (or torn by a crash): the
             // verification counted neither.
@@ -883,10 +921,10 @@ fn read_from(
                 break;
             }
             let Ok(r) = scan(&line) else {
-                return Ok(Read::Changed);
+                return Ok(None);
             };
             let Some(seq) = r.seq else {
-                return Ok(Read::Changed);
+                return Ok(None);
             };
             if after.is_some_and(|a| seq <= a) {
                 continue;
@@ -904,7 +942,7 @@ fn read_from(
                     // verification), whose verification judges the files.
                     let moved = chain.pruned.as_ref().map(|p| p.last_seq);
                     if moved.is_none_or(|m| m + 1 != seq) {
-                        return Ok(Read::Changed);
+                        return Ok(None);
                     }
                     gap = Some((expected, seq - 1));
                     prev = None;
@@ -922,29 +960,29 @@ fn read_from(
                 Some(h) => h,
                 None => match r.prev.and_then(parse_hash) {
                     Some(h) => h,
-                    None => return Ok(Read::Changed),
+                    None => return Ok(None),
                 },
             };
             let hash = chain_hash_open(&prior, r.body_open);
             if r.hash != hex(&hash) {
-                return Ok(Read::Changed);
+                return Ok(None);
             }
             // The seal is not hashed: a `mac` the verifier would refuse (not 64 lower-case hex
             // digits) makes the line another than the one verified, also with no key to check
             // it with.
             if r.mac.is_some_and(|m| parse_hash(m).is_none()) {
-                return Ok(Read::Changed);
+                return Ok(None);
             }
             if let Some(k) = key.as_mut() {
                 // The verifier holds every record's epoch to its file's index; a record read
                 // now that does not is not the one verified. Checked before the ratchet, which
                 // an epoch far ahead would keep turning for ever.
                 if r.epoch != Some(*index) {
-                    return Ok(Read::Changed);
+                    return Ok(None);
                 }
                 k.advance_to(*index);
                 if r.mac != Some(hex(&mac_of(k, &hash)).as_str()) {
-                    return Ok(Read::Changed);
+                    return Ok(None);
                 }
             }
             prev = Some(hash);
@@ -954,22 +992,23 @@ fn read_from(
                 hash: hex(&hash),
                 file: *index,
             };
-            lines.push((line, at));
+            if !take.take(line, at, gap) {
+                return Ok(None);
+            }
         }
     }
     match (last, prev) {
         (Some((seq, file)), Some(hash)) if seq == head_seq && hex(&hash) == head_hash => {
-            Ok(Read::New(NewRecords {
-                lines,
-                to: Position {
+            Ok(Some((
+                Position {
                     seq,
                     hash: hex(&hash),
                     file,
                 },
                 gap,
-            }))
+            )))
         }
-        _ => Ok(Read::Changed),
+        _ => Ok(None),
     }
 }
 
@@ -1161,9 +1200,9 @@ mod tests {
         files: &[(u64, PathBuf)],
         opts: &VerifyOptions,
     ) -> Option<Vec<String>> {
-        match read_new(chain, files, None, opts).ok()? {
+        match read_new(chain, files, None, opts, usize::MAX).ok()? {
             Read::New(n) => Some(
-                n.lines
+                n.lines?
                     .iter()
                     .map(|(l, _)| String::from_utf8_lossy(l).into_owned())
                     .collect(),
@@ -1296,7 +1335,7 @@ mod tests {
         files.push((1, fifo));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let read = read_new(&chain, &files, None, &opts);
+            let read = read_new(&chain, &files, None, &opts, usize::MAX);
             let _ = tx.send(matches!(read, Ok(Read::New(_))));
         });
         assert!(
@@ -1336,7 +1375,7 @@ mod tests {
         });
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let read = read_new(&chain, &files, None, &opts);
+            let read = read_new(&chain, &files, None, &opts, usize::MAX);
             let _ = tx.send(matches!(read, Ok(Read::Changed)));
         });
         let changed = rx.recv_timeout(Duration::from_secs(10)).expect(
@@ -1462,7 +1501,7 @@ mod tests {
         );
         // ... then the pass lists the files and reads the chain.
         let files = verify::list_all(&dir, &opts).unwrap().remove(0).1;
-        let read = read_new(&report.chains[0], &files, Some(&pos), &opts);
+        let read = read_new(&report.chains[0], &files, Some(&pos), &opts, usize::MAX);
         let reason = match &read {
             Err(PassError::Stop(Stop::Tampered { reason, .. })) => Some(reason.clone()),
             _ => None,
@@ -1492,7 +1531,7 @@ mod tests {
         // Then the first file left is deleted, before the pass lists and reads the chain.
         let (_, first_left) = files.remove(0);
         std::fs::remove_file(&first_left).unwrap();
-        let read = read_new(&report.chains[0], &files, Some(&pos), &opts);
+        let read = read_new(&report.chains[0], &files, Some(&pos), &opts, usize::MAX);
         match read {
             Ok(Read::Changed) => {}
             Ok(Read::New(n)) => panic!(
@@ -1502,6 +1541,104 @@ mod tests {
             ),
             Err(_) => panic!("an error instead of a reading done again"),
         }
+        std::mem::forget(log);
+    }
+
+    /// The first reading of the records after `pos` in `files`, holding none, in batches of
+    /// about 1 KiB.
+    fn first_reading(
+        chain: &ChainReport,
+        files: &[(u64, PathBuf)],
+        pos: &Position,
+        opts: &VerifyOptions,
+    ) -> NewRecords {
+        let mut scout = Scout::batched(0, 1024);
+        let read = read_from(chain, files, Some(pos), opts, pos.file, &mut scout);
+        let (to, gap) = read.ok().flatten().expect("the verified records");
+        scout.finish(to, gap, pos.file)
+    }
+
+    /// The second reading of what `first` found: what it wrote, the position it left, and
+    /// whether it wrote every batch.
+    fn second_reading(
+        chain: &ChainReport,
+        files: &[(u64, PathBuf)],
+        pos: &Position,
+        opts: &VerifyOptions,
+        first: NewRecords,
+    ) -> (Vec<u8>, Position, bool) {
+        let how = Pass {
+            opts,
+            skip_existing: false,
+            security_only: false,
+            verify_every: None,
+            state_file: None,
+        };
+        let mut state = State::default();
+        state.chains.insert(chain.chain.clone(), pos.clone());
+        let mut out = Vec::new();
+        let mut batches = Batches::new(&mut out, &chain.chain, &how, &mut state, first);
+        let reached = read_from(chain, files, Some(pos), opts, pos.file, &mut batches);
+        let reached = reached.ok().flatten().is_some();
+        let (all, _) = batches.finish(reached).ok().expect("no write failed");
+        (out, state.chains[&chain.chain].clone(), all)
+    }
+
+    /// A backlog more than a reading holds is read again and written a batch at a time, each
+    /// once its last record is the one the first reading found there (and followed to the
+    /// verified head): a file changed between the two readings stops the writing after the
+    /// batches before the change, with the position at the last record written.
+    #[test]
+    fn a_backlog_is_passed_on_in_batches_each_held_to_the_first_reading() {
+        let (tmp, log, opts, pos) = position_before_many_files();
+        let dir = tmp.path().join("log");
+        let report = verify_all(&dir, &opts).unwrap();
+        let chain = &report.chains[0];
+        let files = verify::list_all(&dir, &opts).unwrap().remove(0).1;
+        let expected: Vec<u8> = files
+            .iter()
+            .flat_map(|(_, f)| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| scan(l.as_bytes()).unwrap().seq.unwrap() > pos.seq)
+            .flat_map(|l| (l + "\n").into_bytes())
+            .collect();
+
+        let first = first_reading(chain, &files, &pos, &opts);
+        assert!(first.lines.is_none(), "the lines are not held");
+        assert!(first.ends.len() > 5, "{} batches", first.ends.len());
+        let (out, at, all) = second_reading(chain, &files, &pos, &opts, first);
+        assert!(all);
+        assert!(
+            out == expected,
+            "every record after the position, once, in order"
+        );
+        assert_eq!(at.seq, chain.last_seq.unwrap());
+
+        let first = first_reading(chain, &files, &pos, &opts);
+        let ends: Vec<u64> = first.ends.iter().map(|e| e.at.seq).collect();
+        let (_, newest) = files.last().unwrap();
+        change_last_line(newest, |l| {
+            let at = l.find("\"ts\":").unwrap() + 5;
+            let digit = if l.as_bytes()[at] == b'1' { "2" } else { "1" };
+            let mut l = l.to_string();
+            l.replace_range(at..at + 1, digit);
+            l
+        });
+        let (out, at, all) = second_reading(chain, &files, &pos, &opts, first);
+        assert!(!all, "a batch that does not end as first read is written");
+        assert_eq!(
+            at.seq,
+            ends[ends.len() - 2],
+            "the batches before the change"
+        );
+        assert!(expected.starts_with(&out) && out.ends_with(b"\n"));
+        let written = out.iter().filter(|b| **b == b'\n').count() as u64;
+        assert_eq!(pos.seq + written, at.seq);
         std::mem::forget(log);
     }
 
