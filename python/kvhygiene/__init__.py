@@ -1280,20 +1280,17 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
 
     PyTorch's pluggable allocator keeps none: under it ``torch.cuda.memory_stats``,
     ``memory_allocated``, ``max_memory_allocated``, ``memory_reserved`` and
-    ``reset_peak_memory_stats`` raise ("does not yet support getDeviceStats"), and engines
-    call them: vLLM sizes its KV cache from the peak of allocated bytes during a profiling run
-    and from the bytes reserved. Each of those ``torch.cuda`` functions calls one of three
-    ``torch._C`` functions at every call, which are replaced here. A build without all three
-    (a layout this does not know) is left as it is: the statistics raise there, as under any
-    pluggable allocator.
+    ``reset_peak_memory_stats`` raise ("does not yet support getDeviceStats"), and so do their
+    ``torch.accelerator`` counterparts; engines call them: vLLM sizes its KV cache from the
+    peak of allocated bytes during a profiling run and from the bytes reserved (recent
+    releases through ``torch.accelerator``). Each of those functions calls one of three
+    ``torch._C`` functions at every call (``_cuda_*`` for ``torch.cuda``, ``_accelerator_*``
+    for ``torch.accelerator``, whose accelerator is CUDA in a process kvhygiene serves),
+    which are replaced here. A set a build lacks in part (a layout this does not know) is
+    left as it is: those statistics raise there, as under any pluggable allocator.
     """
     c = getattr(torch, "_C", None)
-    names = (
-        "_cuda_memoryStats",
-        "_cuda_resetPeakMemoryStats",
-        "_cuda_resetAccumulatedMemoryStats",
-    )
-    if c is None or not all(hasattr(c, name) for name in names):
+    if c is None:
         return
 
     def reset_peak(device) -> None:
@@ -1303,9 +1300,22 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
         code = lib.kvh_reset_accumulated_memory_stats(_device_index(device))
         _check("kvh_reset_accumulated_memory_stats", code)
 
-    c._cuda_memoryStats = memory_stats
-    c._cuda_resetPeakMemoryStats = reset_peak
-    c._cuda_resetAccumulatedMemoryStats = reset_accumulated
+    routes = (
+        {
+            "_cuda_memoryStats": memory_stats,
+            "_cuda_resetPeakMemoryStats": reset_peak,
+            "_cuda_resetAccumulatedMemoryStats": reset_accumulated,
+        },
+        {
+            "_accelerator_getDeviceStats": memory_stats,
+            "_accelerator_resetPeakStats": reset_peak,
+            "_accelerator_resetAccumulatedStats": reset_accumulated,
+        },
+    )
+    for route in routes:
+        if all(hasattr(c, name) for name in route):
+            for name, fn in route.items():
+                setattr(c, name, fn)
 
 
 #: Why a CUDA graph capture is refused under kvhygiene, and what to do instead.

@@ -19,6 +19,14 @@ without ``free``; and ``flush_cache`` in its ``clear()``, which makes every slot
     layouts = layouts_of(token_to_kv_pool)            # in the process that owns the pool
     scrub_on_free(token_to_kv_pool_allocator, layouts, stream=forward_stream)
 
+Both run in each scheduler process, not in the launcher: SGLang starts its schedulers (one per
+tensor-parallel rank) as spawned processes, fresh interpreters that own the model runner, the
+KV pool and its allocator. ``install()`` gets there through a ``sitecustomize`` module on
+``PYTHONPATH`` (see the README); the wrap needs the scheduler's own objects
+(``scheduler.token_to_kv_pool_allocator``, ``tp_worker.model_runner.token_to_kv_pool``), so it
+takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
+``--enable-memory-saver``: both fail under any pluggable allocator (docs/cuda.md).
+
 - ``free`` and ``free_segment``: a freed page (the slot itself when ``page_size`` is 1) is
   scrubbed whole, in every layer, K and V, before the allocator's own method runs: a paged allocator frees whole
   pages, so a page is reused only after it was scrubbed. Inside a free group

@@ -119,6 +119,24 @@ _INVISIBLE = (
 )
 
 
+def install_plugin() -> None:
+    """vLLM's general plugin (entry point ``kvhygiene`` of ``vllm.general_plugins``, declared
+    by this package): :func:`kvhygiene.install` in every vLLM process.
+
+    vLLM runs its general plugins in each process it starts, a GPU worker included, before the
+    worker sets up its device, so every worker (spawned, forked, on Ray) makes kvhygiene its
+    allocator before its first CUDA allocation, with no code of the user's in vLLM. A process
+    that never allocates on CUDA (the API server) starts nothing. A failure raises, and vLLM
+    lets it stop the process: a worker does not serve on PyTorch's allocator because kvhygiene
+    could not be installed. vLLM loads every installed plugin unless ``VLLM_PLUGINS`` lists
+    the ones to load: leave ``kvhygiene`` out of it to turn this off. The KV cache's gate
+    (:func:`claim_scheduled`) still needs the worker's code (see the README).
+    """
+    from . import install
+
+    install()
+
+
 def _unprintable(c: str) -> bool:
     """Whether the library refuses ``c`` in an id: a control or invisible format character."""
     if unicodedata.category(c) == "Cc":

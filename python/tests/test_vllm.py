@@ -948,3 +948,36 @@ def test_blocks_per_block_refuses_tensor_blocks_that_do_not_make_whole_blocks():
         kvhygiene.KvLayout.from_tensors([interleaved], block_dim=0, blocks_per_block=2)
     with pytest.raises(ValueError, match="positive"):
         kvhygiene.KvLayout.from_tensors([dense], block_dim=1, blocks_per_block=0)
+
+
+def test_the_package_declares_the_vllm_plugin_that_installs_kvhygiene():
+    # vLLM runs the entry points of "vllm.general_plugins" in every process it starts; the
+    # package declares install_plugin there, and it names a function that exists.
+    from pathlib import Path
+
+    text = (Path(kvhygiene.__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    section = text.split('[project.entry-points."vllm.general_plugins"]', 1)
+    assert len(section) == 2, "pyproject.toml declares no vllm.general_plugins entry point"
+    entry = section[1].strip().splitlines()[0]
+    assert entry == 'kvhygiene = "kvhygiene.vllm:install_plugin"', entry
+    from kvhygiene.vllm import install_plugin
+
+    assert callable(install_plugin)
+
+
+def test_the_vllm_plugin_installs_and_lets_a_failure_stop_the_process(monkeypatch):
+    # The plugin is install(): a worker whose install fails (CUDA already initialised, no
+    # library) raises, which vLLM lets stop the process, rather than serving unprotected.
+    from kvhygiene.vllm import install_plugin
+
+    calls = []
+    monkeypatch.setattr(kvhygiene, "install", lambda: calls.append("install"))
+    install_plugin()
+    assert calls == ["install"]
+
+    def refuse():
+        raise kvhygiene.AllocatorAlreadyInUseError("CUDA is already initialised")
+
+    monkeypatch.setattr(kvhygiene, "install", refuse)
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
+        install_plugin()
