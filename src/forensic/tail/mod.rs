@@ -541,8 +541,15 @@ fn pass(
     if !verified.due(state) {
         match appended_pass(dir, how, state, verified)? {
             Appended::Done(moved) => return Ok(moved),
-            // Records it wrote before it gave way moved the positions too.
-            Appended::Whole { wrote: w } => wrote = w,
+            // Records it wrote before it gave way moved the positions too: saved now, since
+            // the whole pass may fail (an unreadable directory) and the run then end cleanly
+            // without another save, which would pass them on again at the next run.
+            Appended::Whole { wrote: w } => {
+                wrote = w;
+                if let (true, Some(path)) = (w, how.state_file) {
+                    save_state(path, state).map_err(|e| PassError::Stop(Stop::Error(e)))?;
+                }
+            }
         }
     }
     Ok(whole_pass(dir, how, state, verified)? || wrote)
