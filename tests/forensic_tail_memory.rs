@@ -39,6 +39,18 @@ fn write_backlog(dir: &Path, bytes: u64) {
     log.stop();
 }
 
+/// `kvh tail-log DIR --key-file KEY --state STATE`, to which a test adds its options.
+fn keyed_tail(dir: &Path, key: &Path, state: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    cmd.arg("tail-log")
+        .arg(dir)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--state")
+        .arg(state);
+    cmd
+}
+
 /// `kvh tail-log DIR --once --from-start --state STATE`, its address space limited to
 /// `limit` bytes: its exit status and the number of lines it wrote (to `out`, kept).
 fn tail_limited(dir: &Path, state: &Path, out: &Path, limit: u64) -> (Option<i32>, usize) {
@@ -160,13 +172,7 @@ fn a_pass_between_verifications_passes_on_a_backlog_larger_than_a_batch() {
     let log =
         ForensicLog::open_with_secret(&cfg, start(), Some(forensic_common::secret())).unwrap();
     log.flush();
-    let mut tail = Command::new(env!("CARGO_BIN_EXE_kvh"))
-        .arg("tail-log")
-        .arg(&dir)
-        .arg("--key-file")
-        .arg(&key)
-        .arg("--state")
-        .arg(&state)
+    let mut tail = keyed_tail(&dir, &key, &state)
         // Only the signal makes it pass again, and that pass is not a whole one.
         .args([
             "--from-start",
@@ -196,13 +202,7 @@ fn a_pass_between_verifications_passes_on_a_backlog_larger_than_a_batch() {
         digest(&out) == log_digest(&dir),
         "every record passed on, once, in order, exactly as written"
     );
-    let again = Command::new(env!("CARGO_BIN_EXE_kvh"))
-        .arg("tail-log")
-        .arg(&dir)
-        .arg("--key-file")
-        .arg(&key)
-        .arg("--state")
-        .arg(&state)
+    let again = keyed_tail(&dir, &key, &state)
         .arg("--once")
         .output()
         .unwrap();

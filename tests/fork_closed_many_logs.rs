@@ -4,15 +4,11 @@
 //! binary, so that the fork copies no other test's sockets.
 
 mod forensic_common;
+mod forked_exporter;
 
-use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use kvhygiene::config::MetricsConfig;
 use kvhygiene::forensic::ForensicLog;
-use kvhygiene::metrics::Exporter;
-use kvhygiene::stats::{PoolCounters, Stats};
 
 /// How many logs the process keeps open while its exporter runs (one per tenant or model of
 /// an engine that keeps their records apart).
@@ -32,38 +28,7 @@ fn a_forked_child_does_not_keep_the_exporter_s_address_while_many_logs_are_open(
         })
         .collect();
 
-    let cfg = MetricsConfig {
-        file: None,
-        interval_ms: 10_000,
-        addr: Some("127.0.0.1:0".parse().unwrap()),
-    };
-    let source = Arc::new(|| Stats::merge("host".into(), &[PoolCounters::default()], None));
-    let exporter = Exporter::start(&cfg, source).unwrap();
-    let addr = exporter.http_addr().unwrap();
-    // SAFETY: the child only sleeps and `_exit`s (async-signal-safe calls).
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        // SAFETY: as above.
-        unsafe {
-            libc::sleep(30);
-            libc::_exit(0);
-        }
-    }
-    drop(exporter);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let bound = loop {
-        match TcpListener::bind(addr) {
-            Ok(l) => break Ok(l),
-            Err(e) if Instant::now() >= deadline => break Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    // SAFETY: `pid` is our child; it is reaped after the kill.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-        libc::waitpid(pid, std::ptr::null_mut(), 0);
-    }
+    let (addr, bound) = forked_exporter::rebind_after_a_forked_child();
     for log in &logs {
         log.stop();
     }

@@ -576,7 +576,8 @@ def memory_stats(device: int = 0) -> dict:
     ``torch.cuda.memory_stats`` (and ``memory_allocated``, ``max_memory_allocated``,
     ``memory_reserved``, ``memory_summary``, which read it), ``reset_peak_memory_stats`` and
     ``reset_accumulated_memory_stats`` answer from here. Raises :class:`KvhError` for a device
-    the backend does not have (``KVH_ERR_INVALID_DEVICE``)."""
+    the backend does not have, once the allocator started (a negative one always;
+    ``KVH_ERR_INVALID_DEVICE``)."""
     index = _device_index(device)
     lib = load()
 
@@ -1280,7 +1281,8 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
 
     PyTorch's pluggable allocator keeps none: under it ``torch.cuda.memory_stats``,
     ``memory_allocated``, ``max_memory_allocated``, ``memory_reserved`` and
-    ``reset_peak_memory_stats`` raise ("does not yet support getDeviceStats"), and so do their
+    ``reset_peak_memory_stats`` raise ("does not yet support getDeviceStats", or
+    "resetPeakStats"), and so do their
     ``torch.accelerator`` counterparts; engines call them: vLLM sizes its KV cache from the
     peak of allocated bytes during a profiling run and from the bytes reserved (recent
     releases through ``torch.accelerator``). Each of those functions calls one of three

@@ -22,7 +22,8 @@ without ``free``; and ``flush_cache`` in its ``clear()``, which makes every slot
 Both run in each scheduler process, not in the launcher: SGLang starts its schedulers (one per
 tensor-parallel rank) as spawned processes, fresh interpreters that own the model runner, the
 KV pool and its allocator. ``install()`` gets there through a ``sitecustomize`` module on
-``PYTHONPATH`` (see the README); the wrap needs the scheduler's own objects
+``PYTHONPATH`` that ends the process when it fails (Python only prints an exception raised
+there; see the README); the wrap needs the scheduler's own objects
 (``scheduler.token_to_kv_pool_allocator``, ``tp_worker.model_runner.token_to_kv_pool``), so it
 takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
 ``--enable-memory-saver``: both fail under any pluggable allocator (docs/cuda.md).

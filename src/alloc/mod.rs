@@ -1224,7 +1224,7 @@ impl Allocator {
     }
 
     /// PyTorch's memory statistics of `device` (`torch.cuda.memory_stats`): see
-    /// [`memory_stats`](crate::alloc::memory_stats) for what each counts.
+    /// [`memory_stats`] for what each counts.
     pub fn memory_stats(&self, device: i32) -> Result<MemoryStats, AllocError> {
         let dev = self.device_index(device)?;
         Ok(self.pool(dev).memory_stats())

@@ -94,8 +94,9 @@ extern "C-unwind" {
 ///
 /// Every byte of the returned memory reads zero. `size == 0` returns NULL without error.
 /// On failure (also when the runtime could not start): with the policy's `oom = "throw"`
-/// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`; with
-/// `oom = "null"` returns NULL and sets the last error.
+/// (`KVH_OOM` or the `KVH_CONFIG` file; the default) throws `std::bad_alloc`, having said why
+/// on stderr (the first 16 failures of a process: `std::bad_alloc` carries no reason); with
+/// `oom = "null"` returns NULL. The last error is set in both modes.
 ///
 /// `stream` is recorded on the block: the block's scrub after its free waits for it, so it must
 /// stay valid until then, or until `kvh_forget_stream` was called for it.
@@ -953,8 +954,8 @@ pub extern "C" fn kvh_stats_json(buf: *mut c_char, len: usize, out_len: *mut usi
 /// read (vLLM sizes its KV cache from them). LIVE blocks are allocated, LIVE and PENDING ones
 /// active, every block held from the backend reserved; see the crate's
 /// `alloc::memory_stats`. Before the allocator started it does not start it: every statistic
-/// is zero. Returns `KVH_OK`, `KVH_ERR_INVALID_DEVICE` for a device the backend does not
-/// have (a negative one always), the start-up's code when the allocator could not start,
+/// of any device is zero. Returns `KVH_OK`, `KVH_ERR_INVALID_DEVICE` for a device the backend
+/// does not have once the allocator started (a negative one always), the start-up's code when the allocator could not start,
 /// `KVH_ERR_FORKED_CHILD` in a child forked after start-up. As `kvh_stats_json`, it leaves
 /// the thread's last error unchanged when it answers, and its buffer contract is the same
 /// (`*out_len` without the NUL; `KVH_ERR_BUFFER_TOO_SMALL` writes nothing; ask with

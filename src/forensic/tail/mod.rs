@@ -18,9 +18,9 @@
 //! them) is checked by the next whole verification.
 //!
 //! A chain's backlog (a tail restarted after an outage) is passed on in bounded memory: the
-//! records read are held only while they fit in [`HOLD_BYTES`]; past that the first reading
+//! records read are held only while they fit in `HOLD_BYTES`; past that the first reading
 //! keeps where each batch ends, and they are read again and written a batch at a time, each
-//! once it ends at the hash the first reading found there ([`batch`]).
+//! once it ends at the hash the first reading found there (`batch.rs`).
 //!
 //! Between passes the tail remembers where each chain was (seq and hash of the last record
 //! passed on, in `--state` across runs), which adds two checks `verify-log` cannot make
