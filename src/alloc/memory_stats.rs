@@ -19,8 +19,9 @@
 //! Each statistic keeps `current`, `peak` (since the last reset of peaks), and the
 //! cumulative `allocated` and `freed` (since the last reset of accumulated statistics), for
 //! all blocks and separately for the small (capacity up to 1 MiB, PyTorch's small-pool bound)
-//! and large ones. Invariant: every change of a block's state goes through
-//! `MemoryStats::moved`, so `current` always equals a recount of the block table
+//! and large ones. Invariant: every change of a block's state goes through the pool's one
+//! accounting step (`DevicePool::moved`, which calls `MemoryStats::moved`; a release undone,
+//! `MemoryStats::restored`), so `current` always equals a recount of the block table
 //! (`DevicePool::recount_memory`, checked with the accounting by `check_consistency`).
 
 use serde::Serialize;

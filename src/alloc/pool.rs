@@ -500,14 +500,10 @@ impl DevicePool {
         let now = Instant::now();
         block.allocated_at = now;
         block.state_since = now;
-        let s = &mut self.stats;
-        s.accounting.clean.sub(capacity);
-        s.accounting.live.add(capacity);
-        s.counters.allocations += 1;
-        s.counters.pool_hits += 1;
-        let from = Some(BlockState::Clean);
-        self.memory
-            .moved(from, Some(BlockState::Live), capacity, size);
+        self.stats.counters.allocations += 1;
+        self.stats.counters.pool_hits += 1;
+        let (from, to) = (Some(BlockState::Clean), Some(BlockState::Live));
+        self.moved(from, to, capacity, size);
         Some(addr)
     }
 
@@ -533,13 +529,11 @@ impl DevicePool {
         }
         let capacity = block.capacity();
         let s = &mut self.stats;
-        s.accounting.live.add(capacity);
         s.counters.allocations += 1;
         s.counters.pool_misses += 1;
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
-        self.memory
-            .moved(None, Some(BlockState::Live), capacity, block.requested);
+        self.moved(None, Some(BlockState::Live), capacity, block.requested);
         self.blocks.insert(block.addr, block);
         true
     }
@@ -570,11 +564,9 @@ impl DevicePool {
         // left unscrubbed at exit). Its first hand-out, from the free list, counts it once.
         block.reuse_count = 0;
         let s = &mut self.stats;
-        s.accounting.pending.add(capacity);
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
-        self.memory
-            .moved(None, Some(BlockState::Pending), capacity, block.requested);
+        self.moved(None, Some(BlockState::Pending), capacity, block.requested);
         self.blocks.insert(addr, block);
         self.enqueue(addr, stream, backend, config, after);
     }
@@ -652,13 +644,9 @@ impl DevicePool {
         block.free_stream = stream;
         block.recorded_streams = waits;
         let requested = block.requested;
-        let s = &mut self.stats;
-        s.counters.frees += 1;
-        s.accounting.live.sub(capacity);
-        s.accounting.pending.add(capacity);
-        let to = Some(BlockState::Pending);
-        self.memory
-            .moved(Some(BlockState::Live), to, capacity, requested);
+        self.stats.counters.frees += 1;
+        let (from, to) = (Some(BlockState::Live), Some(BlockState::Pending));
+        self.moved(from, to, capacity, requested);
         Ok(size_mismatch)
     }
 
@@ -1312,10 +1300,8 @@ impl DevicePool {
         block.state_since = now;
         let key = FreeKey::new(block.class, &block.owner, isolation);
         let (capacity, requested) = (block.capacity(), block.requested);
-        self.stats.accounting.pending.sub(capacity);
-        self.stats.accounting.clean.add(capacity);
         let (from, to) = (Some(BlockState::Pending), Some(BlockState::Clean));
-        self.memory.moved(from, to, capacity, requested);
+        self.moved(from, to, capacity, requested);
         self.free_lists.entry(key).or_default().push(addr);
     }
 
@@ -1328,11 +1314,9 @@ impl DevicePool {
         block.state_since = Instant::now();
         block.disposition = Disposition::Quarantine(reason);
         let requested = block.requested;
-        self.stats.accounting.pending.sub(capacity);
-        self.stats.accounting.quarantined.add(capacity);
         self.stats.counters.quarantined += 1;
         let (from, to) = (Some(BlockState::Pending), Some(BlockState::Quarantined));
-        self.memory.moved(from, to, capacity, requested);
+        self.moved(from, to, capacity, requested);
         self.rescrub_waiting.push(addr);
         let block = &self.blocks[&addr];
         let event = EventKind::Quarantined {
@@ -1444,15 +1428,7 @@ impl DevicePool {
         let Some(block) = self.blocks.remove(&addr) else {
             return false;
         };
-        let capacity = block.capacity();
-        match block.state {
-            BlockState::Pending => self.stats.accounting.pending.sub(capacity),
-            BlockState::Clean => self.stats.accounting.clean.sub(capacity),
-            BlockState::Quarantined => self.stats.accounting.quarantined.sub(capacity),
-            BlockState::Live => self.stats.accounting.live.sub(capacity),
-        }
-        self.memory
-            .moved(Some(block.state), None, capacity, block.requested);
+        self.moved(Some(block.state), None, block.capacity(), block.requested);
         if block.state != BlockState::Clean {
             self.releasing += 1;
         }
@@ -1483,16 +1459,11 @@ impl DevicePool {
     pub(crate) fn keep_unreleased(&mut self, release: Release, isolation: TenantIsolation) {
         let block = release.block;
         let capacity = block.capacity();
-        match block.state {
-            BlockState::Pending => self.stats.accounting.pending.add(capacity),
-            BlockState::Clean => {
-                self.stats.accounting.clean.add(capacity);
-                let key = FreeKey::new(block.class, &block.owner, isolation);
-                self.free_lists.entry(key).or_default().push(block.addr);
-            }
-            BlockState::Quarantined => self.stats.accounting.quarantined.add(capacity),
-            BlockState::Live => self.stats.accounting.live.add(capacity),
+        if block.state == BlockState::Clean {
+            let key = FreeKey::new(block.class, &block.owner, isolation);
+            self.free_lists.entry(key).or_default().push(block.addr);
         }
+        gauge(&mut self.stats.accounting, block.state).add(capacity);
         // Back as it was: no segment was returned, nor one obtained again.
         self.memory.restored(block.state, capacity, block.requested);
         self.blocks.insert(block.addr, block);
@@ -1643,16 +1614,31 @@ impl DevicePool {
         self.blocks.values()
     }
 
+    /// A block of `capacity` bytes, asked for `requested`, went from state `from` to `to`
+    /// (`None`: not in the pool). The one place the per-state accounting and PyTorch's
+    /// statistics change with the block table; `keep_unreleased` undoes a release's.
+    #[inline]
+    fn moved(
+        &mut self,
+        from: Option<BlockState>,
+        to: Option<BlockState>,
+        capacity: u64,
+        requested: u64,
+    ) {
+        if let Some(state) = from {
+            gauge(&mut self.stats.accounting, state).sub(capacity);
+        }
+        if let Some(state) = to {
+            gauge(&mut self.stats.accounting, state).add(capacity);
+        }
+        self.memory.moved(from, to, capacity, requested);
+    }
+
     /// Accounting recomputed from the block table (tests compare it with the counters).
     pub(crate) fn recount(&self) -> crate::stats::Accounting {
         let mut a = crate::stats::Accounting::default();
         for b in self.blocks.values() {
-            match b.state {
-                BlockState::Live => a.live.add(b.capacity()),
-                BlockState::Pending => a.pending.add(b.capacity()),
-                BlockState::Clean => a.clean.add(b.capacity()),
-                BlockState::Quarantined => a.quarantined.add(b.capacity()),
-            }
+            gauge(&mut a, b.state).add(b.capacity());
         }
         a
     }
@@ -1755,5 +1741,16 @@ mod tenant_state_tests {
             lists < tenants / 10,
             "{lists} free lists kept for {tenants} tenants that hold no block any more"
         );
+    }
+}
+
+/// The gauge of `accounting` that counts blocks in `state`.
+#[inline]
+fn gauge(accounting: &mut crate::stats::Accounting, state: BlockState) -> &mut crate::stats::Gauge {
+    match state {
+        BlockState::Live => &mut accounting.live,
+        BlockState::Pending => &mut accounting.pending,
+        BlockState::Clean => &mut accounting.clean,
+        BlockState::Quarantined => &mut accounting.quarantined,
     }
 }
