@@ -1702,6 +1702,17 @@ fn condemned(reason: QuarantineReason) -> bool {
     )
 }
 
+/// The gauge of `accounting` that counts blocks in `state`.
+#[inline]
+fn gauge(accounting: &mut crate::stats::Accounting, state: BlockState) -> &mut crate::stats::Gauge {
+    match state {
+        BlockState::Live => &mut accounting.live,
+        BlockState::Pending => &mut accounting.pending,
+        BlockState::Clean => &mut accounting.clean,
+        BlockState::Quarantined => &mut accounting.quarantined,
+    }
+}
+
 #[cfg(test)]
 mod tenant_state_tests {
     use std::time::Duration;
@@ -1741,16 +1752,5 @@ mod tenant_state_tests {
             lists < tenants / 10,
             "{lists} free lists kept for {tenants} tenants that hold no block any more"
         );
-    }
-}
-
-/// The gauge of `accounting` that counts blocks in `state`.
-#[inline]
-fn gauge(accounting: &mut crate::stats::Accounting, state: BlockState) -> &mut crate::stats::Gauge {
-    match state {
-        BlockState::Live => &mut accounting.live,
-        BlockState::Pending => &mut accounting.pending,
-        BlockState::Clean => &mut accounting.clean,
-        BlockState::Quarantined => &mut accounting.quarantined,
     }
 }
