@@ -3,12 +3,13 @@
 //! copy there must return, as the C ABI's shutdown and exit handler do nothing in a forked
 //! child. One test in this binary, so that the fork copies no other test's allocator.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use kvhygiene::alloc::Allocator;
 use kvhygiene::backend::host::HostBackend;
 use kvhygiene::backend::{Backend, StreamHandle};
-use kvhygiene::config::Config;
 
 /// A pre-fork server (or a program whose child returns through the scope that holds the
 /// allocator) forks after a free whose scrub is still waiting in an open batch. The child's
@@ -16,11 +17,7 @@ use kvhygiene::config::Config;
 #[test]
 fn a_forked_child_s_drop_of_its_inherited_allocator_handle_returns() {
     let host = HostBackend::new();
-    let config = Config {
-        // The batch stays open until something flushes it.
-        batch_max_delay_us: 10_000_000,
-        ..Config::default()
-    };
+    let config = common::manual_config();
     let alloc = Allocator::new(host.clone(), config, None);
     let ptr = alloc.malloc(4096, 0, StreamHandle(0)).unwrap();
     host.write(0, ptr, &[0x77u8; 4096]).unwrap();

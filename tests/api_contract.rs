@@ -2,6 +2,7 @@
 //! through the public types are answered with a result or an error, never a panic, and what
 //! a handle promises still holds when it is dropped.
 
+mod common;
 mod forensic_common;
 
 use std::io::{Read, Write};
@@ -78,11 +79,7 @@ fn dropping_the_last_allocator_handle_leaves_no_freed_bytes_unscrubbed() {
         }
     }
     let host = HostBackend::new();
-    let config = Config {
-        // The batch stays open until something flushes it.
-        batch_max_delay_us: 10_000_000,
-        ..Config::default()
-    };
+    let config = common::manual_config();
     let releases = Arc::new(Releases::default());
     let alloc = Allocator::new(host.clone(), config, Some(releases.clone()));
     let len = 4096usize;
@@ -193,11 +190,7 @@ fn an_allocator_rebuilt_over_the_same_backend_is_served_after_the_old_one_is_dro
 #[test]
 fn dropping_one_of_two_allocators_over_one_backend_leaves_the_other_scrubbing() {
     let host = HostBackend::new();
-    let config = Config {
-        // The batch stays open until something flushes it.
-        batch_max_delay_us: 10_000_000,
-        ..Config::default()
-    };
+    let config = common::manual_config();
     let kept = Allocator::new(host.clone(), config.clone(), None);
     let dropped = Allocator::new(host.clone(), config, None);
     let len = 4096usize;

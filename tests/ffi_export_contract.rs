@@ -1018,6 +1018,12 @@ fn kvh_memory_stats_json_answers_before_start_up_without_starting_the_allocator(
         );
         let negative = memory_stats_json(-1).unwrap_err();
         println!("NEGATIVE {negative} LAST {}", ffi::kvh_last_error());
+        println!(
+            "RESETS {} {} {}",
+            ffi::kvh_reset_peak_memory_stats(-1),
+            ffi::kvh_reset_accumulated_memory_stats(i32::MAX),
+            ffi::kvh_reset_accumulated_memory_stats(0)
+        );
         let long = std::ffi::CString::new("x".repeat(200)).unwrap();
         ffi::kvh_set_context(long.as_ptr(), std::ptr::null(), std::ptr::null());
         let _ = memory_stats_json(0).unwrap();
@@ -1033,6 +1039,10 @@ fn kvh_memory_stats_json_answers_before_start_up_without_starting_the_allocator(
     assert!(stdout.contains("HELD 3145728 PEAK 3145728"), "{stdout}");
     assert!(stdout.contains("RESET 0 PEAK 0"), "{stdout}");
     assert!(stdout.contains("NEGATIVE 7014 LAST 7014"), "{stdout}");
+    assert!(
+        stdout.contains("RESETS 7014 7014 0"),
+        "a reset of a device the backend lacks is refused, of device 0 done: {stdout}"
+    );
     assert!(
         stdout.contains("KEPT 7010"),
         "kvh_memory_stats_json changed the thread's last error: {stdout}"

@@ -982,19 +982,30 @@ pub extern "C" fn kvh_memory_stats_json(
     })
 }
 
-/// The statistics `kvh_memory_stats_json` writes, or the code and message it fails with.
-fn memory_stats_of(device: i32) -> Result<crate::alloc::MemoryStats, (kvh_result, String)> {
-    let invalid = |e: crate::alloc::AllocError| (kvh_result::from(&e), e.to_string());
+/// The allocator whose statistics of `device` the memory-statistics exports read or reset:
+/// `None` before it started (or after a shutdown that came first), every statistic zero and
+/// nothing to reset; or the code and message they fail with.
+fn memory_stats_allocator(device: i32) -> Result<Option<&'static Allocator>, (kvh_result, String)> {
     if device < 0 {
         // Before start-up the backend's device count is not known: no count is named.
         let message = format!("invalid device {device}: a device index is not negative");
         return Err((KVH_ERR_INVALID_DEVICE, message));
     }
     match runtime::get_if_begun() {
-        None => Ok(crate::alloc::MemoryStats::unstarted()),
-        Some(Err(e)) if e.stopped_before_start() => Ok(crate::alloc::MemoryStats::unstarted()),
-        Some(Ok(rt)) => rt.allocator.memory_stats(device).map_err(invalid),
+        None => Ok(None),
+        Some(Err(e)) if e.stopped_before_start() => Ok(None),
+        Some(Ok(rt)) => Ok(Some(&rt.allocator)),
         Some(Err(e)) => Err((e.code(), e.to_string())),
+    }
+}
+
+/// The statistics `kvh_memory_stats_json` writes, or the code and message it fails with.
+fn memory_stats_of(device: i32) -> Result<crate::alloc::MemoryStats, (kvh_result, String)> {
+    match memory_stats_allocator(device)? {
+        None => Ok(crate::alloc::MemoryStats::unstarted()),
+        Some(allocator) => allocator
+            .memory_stats(device)
+            .map_err(|e| (kvh_result::from(&e), e.to_string())),
     }
 }
 
@@ -1024,15 +1035,13 @@ fn reset_memory_stats(
     device: i32,
     reset: fn(&Allocator, i32) -> Result<(), crate::alloc::AllocError>,
 ) -> c_int {
-    if let Err((code, message)) = memory_stats_of(device) {
-        return fail(code, message);
-    }
-    let Some(Ok(rt)) = runtime::get_if_begun() else {
-        return ok();
-    };
-    match reset(&rt.allocator, device) {
-        Ok(()) => ok(),
-        Err(e) => fail(kvh_result::from(&e), e.to_string()),
+    match memory_stats_allocator(device) {
+        Err((code, message)) => fail(code, message),
+        Ok(None) => ok(),
+        Ok(Some(allocator)) => match reset(allocator, device) {
+            Ok(()) => ok(),
+            Err(e) => fail(kvh_result::from(&e), e.to_string()),
+        },
     }
 }
 
