@@ -10,6 +10,8 @@ reuse takes::
 
     from kvhygiene.vllm import claim_scheduled
 
+    # kvhygiene.vllm_worker.Worker (vllm serve --worker-cls kvhygiene.vllm_worker.Worker) does
+    # this: its layouts are layouts_of_runner(model_runner). By hand:
     layouts = [kvhygiene.KvLayout.from_tensors(group_caches, block_dim=1) for group_caches in ...]
     # in the model runner, before the step's forward pass:
     claim_scheduled(scheduler_output, layouts, block_sizes=[16])
@@ -71,13 +73,14 @@ from . import (
     ScrubVerificationError,
     _block_id,
     _innermost,
+    _integer,
     claim_blocks,
     context,
     refuse_blocks,
     scrub_blocks,
 )
 
-__all__ = ["new_blocks", "claim_scheduled", "context_id", "VLLM_NULL_BLOCK_ID"]
+__all__ = ["new_blocks", "claim_scheduled", "context_id", "layouts_of_runner", "VLLM_NULL_BLOCK_ID"]
 
 #: Longest id, in bytes of UTF-8, the library accepts in a context.
 _MAX_ID_BYTES = 128
@@ -130,7 +133,8 @@ def install_plugin() -> None:
     lets it stop the process: a worker does not serve on PyTorch's allocator because kvhygiene
     could not be installed. vLLM loads every installed plugin unless ``VLLM_PLUGINS`` lists
     the ones to load: leave ``kvhygiene`` out of it to turn this off. The KV cache's gate
-    (:func:`claim_scheduled`) still needs the worker's code (see the README).
+    (:func:`claim_scheduled`) takes kvhygiene's worker as well: ``--worker-cls
+    kvhygiene.vllm_worker.Worker``.
     """
     from . import install
 
@@ -179,6 +183,120 @@ def context_id(req_id) -> str:
         if kept:
             return text
     return _DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
+
+
+class _Reordered:
+    """A tensor's dimensions in another order, as :meth:`KvLayout.from_tensors` reads them
+    (shape, strides, first element, element size, device), for a real tensor or a stand-in."""
+
+    def __init__(self, tensor, order):
+        shape, stride = tuple(tensor.shape), tuple(tensor.stride())
+        self.shape = tuple(shape[d] for d in order)
+        self._stride = tuple(stride[d] for d in order)
+        self._tensor = tensor
+        self.device = tensor.device
+
+    def stride(self):
+        return self._stride
+
+    def element_size(self):
+        return self._tensor.element_size()
+
+    def data_ptr(self):
+        return self._tensor.data_ptr()
+
+
+def _manager_block_layout(name: str, kv, num_blocks: int) -> KvLayout:
+    """The layout of one layer's cache ``kv``, viewed (as vLLM's per-layer caches are) with
+    blocks at dimension 0, ``num_blocks`` of the KV cache manager's blocks or a whole number
+    of kernel blocks for each. A dimension whose stride is larger than a block's (vLLM's H
+    outside the blocks, or K and V in separate halves) is one region per index, as the
+    dimensions before ``block_dim`` are to :meth:`KvLayout.from_tensors`; the others must
+    cover each block densely."""
+    shape, stride = tuple(kv.shape), tuple(kv.stride())
+    if not shape or shape[0] == 0 or shape[0] % num_blocks:
+        raise ValueError(
+            f"layer {name}: its cache of shape {shape} does not count the {num_blocks} KV "
+            "blocks (or a whole number of kernel blocks for each) in its first dimension"
+        )
+    esize = kv.element_size()
+    block = stride[0] * esize
+    outer = [d for d in range(1, len(shape)) if shape[d] > 1 and stride[d] * esize > block]
+    inner = [d for d in range(1, len(shape)) if d not in outer]
+    view = _Reordered(kv, outer + [0] + inner)
+    try:
+        return KvLayout.from_tensors([view], block_dim=len(outer), blocks_per_block=shape[0] // num_blocks)
+    except ValueError as e:
+        raise ValueError(f"layer {name}: {e}") from None
+
+
+def _merged(layouts) -> list:
+    """Layouts of one block geometry and device made one, their regions in first-seen order
+    and each once (layers that share a cache tensor, KV cache groups laid over one another)."""
+    by_geometry: dict = {}
+    for layout in layouts:
+        key = (layout.block_bytes, layout.block_stride, layout.blocks_per_region, layout.device)
+        by_geometry.setdefault(key, dict.fromkeys(())).update(dict.fromkeys(layout.regions))
+    return [
+        KvLayout(list(regions), block_bytes, blocks, block_stride=stride, device=device)
+        for (block_bytes, stride, blocks, device), regions in by_geometry.items()
+    ]
+
+
+def layouts_of_runner(model_runner) -> tuple:
+    """``(layouts, block_sizes)`` for :func:`claim_scheduled`, read from a vLLM v1 GPU model
+    runner whose KV cache is set up (after the worker's ``initialize_from_config``).
+
+    vLLM's block ids index one pool: block ``i`` of every KV cache group is the same memory
+    (its groups lay their layers over one backing tensor). So every group gets the same
+    layout, over every layer's cache: claiming a block scrubs its bytes in all layers. Each
+    layer's cache is its tensor in the compilation config's ``static_forward_context``, with
+    blocks at dimension 0 (mapped back to the manager's blocks where the layer's attention
+    group binds a packed cache, ``kernel_block_stride``); layers the runner keeps for itself
+    (``runner_only_attn_layers``, encoder-only attention) are no group of the scheduler's.
+
+    Refused (``ValueError``, naming the layer), rather than leaving blocks ungated: a layer
+    whose cache is not one tensor (a Mamba layer's states), a cache whose blocks are not
+    dense runs of memory, and layers of different block geometries (mixed-precision caches).
+    Only attribute names are used (no vLLM import): tested against stand-ins with vLLM's
+    names, not against vLLM itself."""
+    config = model_runner.kv_cache_config
+    num_blocks = _integer(config.num_blocks, "kv_cache_config.num_blocks")
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_config.num_blocks is {num_blocks}: no KV cache to gate")
+    forward = model_runner.compilation_config.static_forward_context
+    runner_only = set(getattr(model_runner, "runner_only_attn_layers", None) or ())
+    attention_group = {
+        name: group for groups in model_runner.attn_groups for group in groups for name in group.layer_names
+    }
+    # The runner appends its own groups (encoder-only layers) after the scheduler's.
+    groups = [g for g in config.kv_cache_groups if not set(g.layer_names) <= runner_only]
+    parts = []
+    for index, group in enumerate(groups):
+        for name in group.layer_names:
+            if name in runner_only:
+                continue
+            kv = getattr(forward.get(name), "kv_cache", None)
+            if not hasattr(kv, "data_ptr"):
+                raise ValueError(
+                    f"layer {name} of KV cache group {index} keeps its cache as "
+                    f"{type(kv).__name__}, not one tensor: kvhygiene lays out attention caches "
+                    "only, and the gate would hand this layer's blocks over unscrubbed"
+                )
+            bound = attention_group.get(name)
+            if bound is not None and getattr(bound, "kernel_block_stride", 0):
+                kv = bound.map_kv_cache_to_manager_blocks(kv, num_blocks)
+            parts.append(_manager_block_layout(name, kv, num_blocks))
+    if not parts:
+        raise ValueError("the model runner's KV cache groups name no layer: no KV cache to gate")
+    merged = _merged(parts)
+    if len(merged) > 1:
+        raise ValueError(
+            f"the layers' caches have {len(merged)} block geometries ({merged}): one block id "
+            "would span several layouts, which claim_scheduled does not take"
+        )
+    block_sizes = [_block_size(g.kv_cache_spec.block_size) for g in groups]
+    return [merged[0]] * len(groups), block_sizes
 
 
 def _block_size(value) -> int:

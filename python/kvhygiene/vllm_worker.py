@@ -1,0 +1,68 @@
+"""A vLLM (v1) GPU worker whose KV cache goes through kvhygiene's eviction gate::
+
+    vllm serve MODEL --worker-cls kvhygiene.vllm_worker.Worker
+
+vLLM's scheduler frees KV blocks in a process that holds no cache, on paths a worker never
+sees, and hands them to the next request unscrubbed. This worker claims, before every
+forward pass, the blocks each scheduled request is newly given
+(:func:`kvhygiene.vllm.claim_scheduled`): a block that changes owner is scrubbed and
+verified first, and a step that would run a request on a block that could not be verified
+clean fails (vLLM then stops the engine) rather than serve another request's keys and
+values.
+
+It needs kvhygiene as PyTorch's allocator in the worker (the package's vLLM plugin installs
+it, see :func:`kvhygiene.vllm.install_plugin`): the KV cache must lie in memory kvhygiene
+allocated. Once vLLM has set up the KV cache, the worker lays it out
+(:func:`kvhygiene.vllm.layouts_of_runner`) and scrubs every block once, so that the gate
+knows each one clean before the first request (``KVH_KV_GATE=enforce`` refuses blocks of
+unknown state); a cache it cannot lay out stops the worker there. Subclass it and override
+:meth:`Worker.kvh_tenant_of` to claim blocks under a tenant (``KVH_KV_GATE_SCOPE=tenant``).
+
+Importing this module imports vLLM. It is tested against a stand-in of vLLM's worker class,
+not against vLLM itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from vllm.v1.worker.gpu_worker import Worker as _VllmWorker
+
+from . import context, scrub_blocks
+from .vllm import claim_scheduled, context_id, layouts_of_runner
+
+__all__ = ["Worker"]
+
+
+class Worker(_VllmWorker):
+    """vLLM's GPU worker, with each step's new KV blocks claimed through the gate."""
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(kv_cache_config)
+        layouts, block_sizes = layouts_of_runner(self.model_runner)
+        # Every group shares one layout (one block pool); scrubbing it all makes each block
+        # verified clean and ownerless, the state the gate hands blocks over from.
+        scrub_blocks(layouts[0], range(layouts[0].blocks_per_region))
+        self._kvh_layouts = layouts
+        self._kvh_block_sizes = block_sizes
+
+    def kvh_tenant_of(self, req_id: str) -> Optional[str]:
+        """The tenant of request ``req_id``, under whom its blocks are claimed: none by
+        default (vLLM's requests carry no tenant)."""
+        return None
+
+    def execute_model(self, scheduler_output):
+        layouts = getattr(self, "_kvh_layouts", None)
+        if layouts is None:
+            raise RuntimeError(
+                "kvhygiene.vllm_worker: a step before the KV cache was set up "
+                "(initialize_from_config): its blocks cannot be claimed"
+            )
+        with context(model_id=self._kvh_model_id()):
+            claim_scheduled(scheduler_output, layouts, self._kvh_block_sizes, tenant_of=self.kvh_tenant_of)
+        return super().execute_model(scheduler_output)
+
+    def _kvh_model_id(self) -> Optional[str]:
+        """The model the claims' records name: the worker's model (``--model``)."""
+        model = getattr(getattr(self, "model_config", None), "model", None)
+        return None if model is None else context_id(model)

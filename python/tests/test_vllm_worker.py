@@ -1,0 +1,340 @@
+"""kvhygiene.vllm_worker and kvhygiene.vllm.layouts_of_runner against stand-ins of vLLM v1's GPU
+worker and model runner (the attribute names they read: vLLM 0.33's per-layer caches with
+blocks at dimension 0, over one backing allocation), with the cache in kvhygiene memory on the
+host backend."""
+
+import ctypes
+import importlib
+import sys
+import types
+from types import SimpleNamespace as NS
+
+import pytest
+from fakes import FakeTensor
+
+import kvhygiene
+from kvhygiene.vllm import layouts_of_runner
+
+BLOCKS = 8
+TOKENS = 4  # per block
+HEADS = 2
+HEAD_BYTES = 16  # head_size 8, fp16
+PAGE = TOKENS * HEADS * HEAD_BYTES  # one layer's bytes of one block
+
+
+def _layer(ptr, block_stride=PAGE, blocks=BLOCKS, heads_outside=False, region_stride=None):
+    """A layer's cache as vLLM views it, ``[B, H, N, C]`` (C of 8 fp16 elements) at ``ptr``:
+    blocks ``block_stride`` bytes apart; with ``heads_outside``, each head's blocks in a run of
+    their own ``region_stride`` bytes long (vLLM's LHBNC)."""
+    shape = (blocks, HEADS, TOKENS, 8)
+    if heads_outside:
+        stride = (block_stride // 2, region_stride // 2, 8, 1)
+    else:
+        stride = (block_stride // 2, TOKENS * 8, 8, 1)
+    return FakeTensor(ptr, shape, stride=stride, element_size=2, device_index=0)
+
+
+def _runner(layers, groups=None, block_size=16, runner_only=(), attn_groups=None, num_blocks=BLOCKS):
+    """A GPU model runner stand-in: ``layers`` maps layer names to their caches; ``groups`` is
+    the KV cache groups' layer names (one group of every layer by default)."""
+    if groups is None:
+        groups = [list(layers)]
+    return NS(
+        kv_cache_config=NS(
+            num_blocks=num_blocks,
+            kv_cache_groups=[NS(layer_names=names, kv_cache_spec=NS(block_size=block_size)) for names in groups],
+        ),
+        compilation_config=NS(static_forward_context={n: NS(kv_cache=kv) for n, kv in layers.items()}),
+        runner_only_attn_layers=set(runner_only),
+        attn_groups=attn_groups if attn_groups is not None else [[NS(layer_names=names, kernel_block_stride=0)] for names in groups],
+    )
+
+
+@pytest.fixture
+def memory():
+    """``kvh_malloc``'s allocator of test memory: every allocation freed after the test."""
+    lib = kvhygiene.load()
+    held = []
+
+    def alloc(size):
+        p = lib.kvh_malloc(size, 0, None)
+        assert p, "kvh_malloc failed"
+        held.append((p, size))
+        return p
+
+    yield alloc
+    for p, size in held:
+        lib.kvh_free(p, size, 0, None)
+    kvhygiene.synchronize()
+
+
+def test_layer_compact_caches_of_two_layers_are_one_layout_of_a_region_each():
+    a, b = 0x100000, 0x200000
+    layouts, sizes = layouts_of_runner(_runner({"l0": _layer(a), "l1": _layer(b)}))
+    (layout,) = layouts
+    assert (layout.regions, layout.block_bytes, layout.block_stride, layout.blocks_per_region) == ((a, b), PAGE, PAGE, BLOCKS)
+    assert sizes == [16]
+
+
+def test_heads_laid_outside_the_blocks_are_a_region_each():
+    # vLLM's LHBNC layout: each head's blocks lie together, so a block is one page per head.
+    base, run = 0x100000, BLOCKS * PAGE // HEADS
+    kv = _layer(base, block_stride=PAGE // HEADS, heads_outside=True, region_stride=run)
+    (layout,), _ = layouts_of_runner(_runner({"l0": kv}))
+    assert (layout.regions, layout.block_bytes, layout.block_stride) == ((base, base + run), PAGE // HEADS, PAGE // HEADS)
+
+
+def test_block_outermost_caches_give_each_layer_a_region_one_block_stride_of_all_layers():
+    # vLLM's BLHNC layout: block b holds every layer's page; a layer's view starts at its page.
+    base, layers = 0x100000, 3
+    caches = {f"l{i}": _layer(base + i * PAGE, block_stride=layers * PAGE) for i in range(layers)}
+    (layout,), _ = layouts_of_runner(_runner(caches))
+    assert layout.regions == tuple(base + i * PAGE for i in range(layers))
+    assert (layout.block_bytes, layout.block_stride) == (PAGE, layers * PAGE)
+
+
+def test_kv_cache_groups_laid_over_one_backing_tensor_share_one_layout_and_their_block_sizes():
+    # Two groups (full and sliding-window attention) whose layers alias one backing tensor, as
+    # vLLM's hybrid allocator lays them: block i of both groups is the same memory.
+    base = 0x100000
+    caches = {"full.0": _layer(base), "swa.0": _layer(base)}
+    runner = _runner(caches, groups=[["full.0"], ["swa.0"]])
+    runner.kv_cache_config.kv_cache_groups[1].kv_cache_spec.block_size = 32
+    layouts, sizes = layouts_of_runner(runner)
+    assert len(layouts) == 2 and layouts[0] is layouts[1]
+    assert layouts[0].regions == (base,)
+    assert sizes == [16, 32]
+
+
+def test_a_cache_counted_in_kernel_blocks_is_laid_out_in_the_managers_blocks():
+    kv = _layer(0x100000, blocks=2 * BLOCKS)
+    (layout,), _ = layouts_of_runner(_runner({"l0": kv}))
+    assert (layout.blocks_per_region, layout.block_bytes, layout.block_stride) == (BLOCKS, 2 * PAGE, 2 * PAGE)
+
+
+def test_a_packed_cache_is_mapped_back_to_the_managers_blocks_by_its_attention_group():
+    manager = _layer(0x100000)
+    seen = []
+
+    def to_manager_blocks(kv, num_blocks):
+        seen.append(num_blocks)
+        return manager
+
+    group = NS(layer_names=["l0"], kernel_block_stride=3, map_kv_cache_to_manager_blocks=to_manager_blocks)
+    (layout,), _ = layouts_of_runner(_runner({"l0": _layer(0x900000, blocks=3 * BLOCKS)}, attn_groups=[[group]]))
+    assert seen == [BLOCKS] and layout.regions == (0x100000,)
+
+
+def test_the_runners_own_encoder_only_group_is_no_group_of_the_schedulers():
+    runner = _runner({"dec": _layer(0x100000), "enc": _layer(0x200000)}, groups=[["dec"], ["enc"]], runner_only={"enc"})
+    layouts, sizes = layouts_of_runner(runner)
+    assert len(layouts) == 1 and layouts[0].regions == (0x100000,) and sizes == [16]
+
+
+@pytest.mark.parametrize(
+    "cache, match",
+    [
+        ([object(), object()], "layer l0 of KV cache group 0 keeps its cache as list"),
+        (None, "layer l0 of KV cache group 0 keeps its cache as NoneType"),
+        # H outside the tokens but inside the block, with another layer's page between
+        # (vLLM's BHLNC): a block of this layer is no dense run.
+        (FakeTensor(0x100000, (BLOCKS, HEADS, TOKENS, 8), stride=(2 * PAGE, 2 * TOKENS * 8, 8, 1), device_index=0), "layer l0: .*dense"),
+        (FakeTensor(0x100000, (BLOCKS + 1, HEADS, TOKENS, 8), device_index=0), "layer l0: its cache of shape"),
+    ],
+)
+def test_a_cache_the_gate_cannot_lay_out_is_refused_naming_the_layer(cache, match):
+    with pytest.raises(ValueError, match=match):
+        layouts_of_runner(_runner({"l0": cache}))
+
+
+def test_layers_of_two_block_geometries_are_refused():
+    small = FakeTensor(0x300000, (BLOCKS, 1, TOKENS, 8), device_index=0)
+    with pytest.raises(ValueError, match="2 block geometries"):
+        layouts_of_runner(_runner({"l0": _layer(0x100000), "l1": small}))
+
+
+@pytest.fixture
+def vllm_worker(monkeypatch):
+    """kvhygiene.vllm_worker imported over a stand-in of vLLM's GPU worker, whose
+    initialize_from_config sets up the runner the test gives and whose execute_model records
+    what each step found in the cache."""
+
+    class StandInWorker:
+        runner = None
+
+        def __init__(self):
+            self.model_config = NS(model="org/model")
+            self.steps = []
+            self.look = lambda: None
+
+        def initialize_from_config(self, kv_cache_config):
+            self.model_runner = self.runner
+
+        def execute_model(self, scheduler_output):
+            self.steps.append((scheduler_output, self.look()))
+            return "output"
+
+    names = ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_worker"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["vllm.v1.worker.gpu_worker"].Worker = StandInWorker
+    monkeypatch.delitem(sys.modules, "kvhygiene.vllm_worker", raising=False)
+    module = importlib.import_module("kvhygiene.vllm_worker")
+    yield module
+    sys.modules.pop("kvhygiene.vllm_worker", None)
+
+
+def _step(new=(), cached=()):
+    return NS(
+        scheduled_new_reqs=[NS(req_id=r, block_ids=(ids,), num_computed_tokens=0) for r, ids in new],
+        scheduled_cached_reqs=NS(
+            req_ids=[r for r, _ in cached], resumed_req_ids=set(), new_block_ids=[(ids,) for _, ids in cached], num_computed_tokens=[16 for _ in cached]
+        ),
+    )
+
+
+def _worker(module, memory, layers=2):
+    base = memory(layers * BLOCKS * PAGE)
+    caches = {f"l{i}": _layer(base + i * BLOCKS * PAGE) for i in range(layers)}
+    worker = module.Worker()
+    worker.runner = _runner(caches)
+    return worker, base, layers
+
+
+def _block(base, layers, i):
+    return b"".join(ctypes.string_at(base + l * BLOCKS * PAGE + i * PAGE, PAGE) for l in range(layers))
+
+
+def _write(base, layers, i, byte):
+    for l in range(layers):
+        ctypes.memset(base + l * BLOCKS * PAGE + i * PAGE, byte, PAGE)
+
+
+def test_the_worker_scrubs_the_whole_cache_once_the_kv_cache_is_set_up(vllm_worker, memory):
+    worker, base, layers = _worker(vllm_worker, memory)
+    for i in range(BLOCKS):
+        _write(base, layers, i, 0x5A)
+    worker.initialize_from_config(NS())
+    assert all(_block(base, layers, i) == bytes(layers * PAGE) for i in range(BLOCKS)), "a block kept bytes from before the start"
+
+
+def test_the_worker_scrubs_a_block_another_request_wrote_before_the_step_runs(vllm_worker, memory):
+    worker, base, layers = _worker(vllm_worker, memory)
+    worker.initialize_from_config(NS())
+    worker.look = lambda: _block(base, layers, 3)
+    assert worker.execute_model(_step(new=[("a", [3])])) == "output"
+    _write(base, layers, 3, 0xA1)  # a's keys and values, in every layer
+    # a finishes; vLLM's scheduler gives block 3 to b without a scrub.
+    worker.execute_model(_step(new=[("b", [3])]))
+    assert worker.steps[-1][1] == bytes(layers * PAGE), "b's forward pass ran on a's KV bytes"
+
+
+def test_a_running_requests_own_blocks_are_left_as_they_are(vllm_worker, memory):
+    worker, base, layers = _worker(vllm_worker, memory)
+    worker.initialize_from_config(NS())
+    worker.execute_model(_step(new=[("a", [2])]))
+    _write(base, layers, 2, 0xA1)
+    worker.look = lambda: _block(base, layers, 2)
+    worker.execute_model(_step(cached=[("a", [5])]))
+    assert worker.steps[-1][1] == bytes([0xA1]) * (layers * PAGE), "a's own live block was scrubbed"
+
+
+def test_a_step_that_gives_one_block_to_two_requests_does_not_run(vllm_worker, memory):
+    worker, _, _ = _worker(vllm_worker, memory)
+    worker.initialize_from_config(NS())
+    with pytest.raises(kvhygiene.ClaimRefusedError) as refused:
+        worker.execute_model(_step(new=[("a", [4]), ("b", [4])]))
+    assert set(refused.value.refused_requests) == {"a", "b"}
+    assert worker.steps == [], "the forward pass ran after the claim was refused"
+
+
+def test_a_step_before_the_kv_cache_is_set_up_is_refused(vllm_worker, memory):
+    worker, _, _ = _worker(vllm_worker, memory)
+    with pytest.raises(RuntimeError, match="before the KV cache was set up"):
+        worker.execute_model(_step(new=[("a", [1])]))
+    assert worker.steps == []
+
+
+def test_a_cache_the_worker_cannot_lay_out_stops_it_at_set_up(vllm_worker, memory):
+    worker, _, _ = _worker(vllm_worker, memory)
+    worker.runner.compilation_config.static_forward_context["l1"].kv_cache = [object()]
+    with pytest.raises(ValueError, match="layer l1"):
+        worker.initialize_from_config(NS())
+    with pytest.raises(RuntimeError):
+        worker.execute_model(_step(new=[("a", [1])]))
+
+
+def test_a_cache_outside_kvhygiene_memory_stops_the_worker_at_set_up(vllm_worker):
+    # Without kvhygiene as PyTorch's allocator the cache is not kvhygiene's: the first scrub
+    # is refused at set-up, not at the first request.
+    worker = vllm_worker.Worker()
+    worker.runner = _runner({"l0": _layer(0x1000)})
+    with pytest.raises(kvhygiene.KvhError):
+        worker.initialize_from_config(NS())
+
+
+def test_claims_name_the_workers_tenant_hook_and_model(vllm_worker, memory, monkeypatch):
+    seen = []
+    import kvhygiene.vllm as adapter
+
+    def spy(scheduler_output, layouts, block_sizes, tenant_of=None, **kw):
+        seen.append((tenant_of("req-9"), adapter._innermost()[2]))
+
+    monkeypatch.setattr(vllm_worker, "claim_scheduled", spy)
+
+    class Tenanted(vllm_worker.Worker):
+        def kvh_tenant_of(self, req_id):
+            return "acme:" + req_id
+
+    worker = Tenanted()
+    worker.runner = _worker(vllm_worker, memory)[0].runner
+    worker.initialize_from_config(NS())
+    worker.execute_model(_step(new=[("req-9", [1])]))
+    assert seen == [("acme:req-9", b"org/model")]
+
+
+_ENFORCE_SCRIPT = r"""
+import sys, types
+from types import SimpleNamespace as NS
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+for name in ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_worker"]:
+    sys.modules[name] = types.ModuleType(name)
+
+class StandIn:
+    def initialize_from_config(self, kv_cache_config):
+        self.model_runner = self.runner
+    def execute_model(self, scheduler_output):
+        return "ran"
+
+sys.modules["vllm.v1.worker.gpu_worker"].Worker = StandIn
+import kvhygiene
+from kvhygiene.vllm_worker import Worker
+from test_vllm_worker import BLOCKS, PAGE, _layer, _runner, _step
+
+lib = kvhygiene.load()
+p = lib.kvh_malloc(BLOCKS * PAGE, 0, None)
+worker = Worker()
+worker.model_config = NS(model="m")
+worker.runner = _runner({"l0": _layer(p)})
+worker.initialize_from_config(NS())
+print(worker.execute_model(_step(new=[("a", [1, 2])])))
+"""
+
+
+def test_under_the_enforcing_gate_the_first_requests_get_the_blocks_scrubbed_at_set_up(tmp_path):
+    # KVH_KV_GATE=enforce refuses blocks of unknown state: the scrub at set-up makes every
+    # block known clean, so the first step's claims go through.
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(_ENFORCE_SCRIPT)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE="enforce")
+    env.pop("KVH_LOG_DIR", None)
+    run = subprocess.run(
+        [sys.executable, str(script), pkg, str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "ran"), run.stderr
