@@ -260,3 +260,95 @@ fn a_release_the_backend_refused_counts_as_neither_freed_nor_allocated() {
     );
     f.alloc.check_consistency().unwrap();
 }
+
+/// `num_ooms` counts allocations that failed out of memory (PyTorch's meaning: a `malloc`
+/// that ran out of memory after its retry). A KV scrub whose batch found no memory on the
+/// device is no allocation: it leaves `num_ooms` at zero.
+#[test]
+fn a_kv_scrub_out_of_memory_is_not_an_allocation_out_of_memory() {
+    use kvhygiene::alloc::{KvLayout, KvScrubError};
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    let (block, blocks) = (256u64, 8u64);
+    let len = 2 * block * blocks;
+    let a = f.alloc.malloc(len as i64, 0, StreamHandle(1)).unwrap();
+    let layout = KvLayout {
+        regions: vec![a, a + blocks * block],
+        block_bytes: block,
+        block_stride: block,
+        blocks_per_region: blocks,
+    };
+    *f.backend.refuse.lock().unwrap() = Some(Box::new(|b| {
+        (b.stream == StreamHandle(6)).then_some(BackendError::OutOfMemory {
+            device: 0,
+            requested: 0,
+        })
+    }));
+    let got = f.alloc.scrub_kv_blocks(&layout, &[0], 0, StreamHandle(6));
+    *f.backend.refuse.lock().unwrap() = None;
+    assert!(
+        matches!(
+            got,
+            Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+        ),
+        "precondition: {got:?}"
+    );
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        (m.num_ooms, m.num_alloc_retries),
+        (0, 0),
+        "no allocation failed, yet torch.cuda.memory_stats would report {} out-of-memory \
+         allocations",
+        m.num_ooms
+    );
+    f.alloc.free(a, len as i64, 0, StreamHandle(1)).unwrap();
+}
+
+/// A block becomes active only by being allocated (PyTorch: `active` is allocated blocks and
+/// freed ones still in use by a stream): every block counted in `active` was counted in
+/// `allocation` first. Fresh memory kept PENDING because a capture refused its zeroing was
+/// handed to nobody: it is reserved, not active.
+#[test]
+fn fresh_memory_nobody_was_handed_is_not_active() {
+    let f = Fixture::new(manual_config());
+    f.malloc_whose_zeroing_a_capture_refuses(4096);
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(m.allocation.all.allocated, 0, "precondition: {m:?}");
+    assert_eq!(m.segment.all.current, 1, "precondition: the memory is kept");
+    assert_eq!(
+        (m.active_bytes.all.current, m.active.all.allocated),
+        (0, 0),
+        "memory no caller was handed counts as active ({} bytes) with no allocation made",
+        m.active_bytes.all.current
+    );
+}
+
+/// `num_device_alloc` and `num_device_free` count the blocks obtained from and returned to
+/// the backend (PyTorch: every `cudaMalloc` and `cudaFree`). Fresh memory whose zeroing failed
+/// was obtained and given back: one of each.
+#[test]
+fn fresh_memory_given_back_after_its_zeroing_failed_counts_as_obtained_and_returned() {
+    use kvhygiene::backend::BackendError;
+    let f = Fixture::new(manual_config());
+    f.backend
+        .zero_fresh_errors
+        .lock()
+        .unwrap()
+        .push_back(BackendError::Driver {
+            call: "cuMemsetD8Async",
+            code: 999,
+            name: "CUDA_ERROR_UNKNOWN".into(),
+        });
+    assert!(f.alloc.malloc(4096, 0, S).is_err(), "precondition");
+    assert_eq!(
+        f.backend.host.bytes_in_use(),
+        0,
+        "precondition: the memory went back"
+    );
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        (m.num_device_alloc, m.num_device_free),
+        (1, 1),
+        "the backend's allocation and release of the block are not counted"
+    );
+}

@@ -12,7 +12,7 @@
 //! | PyTorch          | kvhygiene                                                  |
 //! |------------------|------------------------------------------------------------|
 //! | `allocated`      | LIVE blocks (their class capacity; `requested`: the sizes asked) |
-//! | `active`         | LIVE and PENDING blocks (freed, their scrub not yet verified) |
+//! | `active`         | LIVE blocks and freed PENDING ones (their scrub not yet verified) |
 //! | `reserved`       | every block the pool holds from the backend (`segment`: a block each) |
 //! | `inactive_split` | none: kvhygiene never splits a block                       |
 //!
@@ -127,9 +127,11 @@ pub struct MemoryStats {
     /// Allocations the backend refused that led to a flush of the cache and a retry,
     /// whatever the retry gave (kept by the pool, zeroed with the accumulated statistics).
     pub num_alloc_retries: u64,
-    /// Allocations that failed out of memory.
+    /// Allocations that failed out of memory after their retry (a KV scrub that found no
+    /// memory for its batch is no allocation).
     pub num_ooms: u64,
-    /// Blocks obtained from the backend.
+    /// Blocks obtained from the backend, those given back at once included (their zeroing
+    /// failed).
     pub num_device_alloc: u64,
     /// Blocks returned to the backend.
     pub num_device_free: u64,
@@ -139,22 +141,15 @@ pub struct MemoryStats {
     pub max_split_size: i64,
 }
 
-/// The cumulative counters as of the last reset of accumulated statistics, which the
-/// reported ones are counted from.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct CountersBase {
-    pub(crate) ooms: u64,
-    pub(crate) device_allocs: u64,
-    pub(crate) device_frees: u64,
-}
-
-/// What a block in a state counts in: allocated (LIVE), active (LIVE or PENDING); every
-/// block counts as reserved.
+/// What a block in a state counts in: allocated (LIVE), active (LIVE, or PENDING once
+/// `handed_out`: freed, its scrub not yet verified); every block counts as reserved. A block
+/// becomes active only by being allocated, as in PyTorch: fresh memory kept PENDING after a
+/// capture refused its zeroing was handed to nobody, and is only reserved.
 #[inline]
-fn counts(state: BlockState) -> (bool, bool) {
+fn counts(state: BlockState, handed_out: bool) -> (bool, bool) {
     match state {
         BlockState::Live => (true, true),
-        BlockState::Pending => (false, true),
+        BlockState::Pending => (false, handed_out),
         BlockState::Clean | BlockState::Quarantined => (false, false),
     }
 }
@@ -170,8 +165,11 @@ impl MemoryStats {
 
     /// A block of `capacity` bytes, asked for `requested`, went from state `from` to `to`
     /// (`None`: not in the pool: before it was obtained from the backend, after it went
-    /// back). The one place the statistics change with the block table; on the hot path (a
-    /// pool hit moves a block from CLEAN to LIVE), so straight-line code.
+    /// back); `handed_out`: whether anybody was ever given it ([`Block::never_handed_out`]
+    /// is its opposite). The one place the statistics change with the block table; on the
+    /// hot path (a pool hit moves a block from CLEAN to LIVE), so straight-line code.
+    ///
+    /// [`Block::never_handed_out`]: super::block::Block::never_handed_out
     #[inline]
     pub(crate) fn moved(
         &mut self,
@@ -179,10 +177,13 @@ impl MemoryStats {
         to: Option<BlockState>,
         capacity: u64,
         requested: u64,
+        handed_out: bool,
     ) {
         let small = capacity <= SMALL_POOL_MAX;
-        let (was_allocated, was_active) = from.map_or((false, false), counts);
-        let (is_allocated, is_active) = to.map_or((false, false), counts);
+        let counted =
+            |state: Option<BlockState>| state.map_or((false, false), |s| counts(s, handed_out));
+        let (was_allocated, was_active) = counted(from);
+        let (is_allocated, is_active) = counted(to);
         if was_allocated != is_allocated {
             self.allocated_bytes.change(is_allocated, small, capacity);
             self.requested_bytes.change(is_allocated, small, requested);
@@ -202,9 +203,15 @@ impl MemoryStats {
     /// A block whose removal was counted ([`MemoryStats::moved`] to `None`) is back in
     /// `state`: its release did not happen (the backend refused it). Undone, not counted as
     /// a block obtained again: each `current` it left goes back up and its `freed` down.
-    pub(crate) fn restored(&mut self, state: BlockState, capacity: u64, requested: u64) {
+    pub(crate) fn restored(
+        &mut self,
+        state: BlockState,
+        capacity: u64,
+        requested: u64,
+        handed_out: bool,
+    ) {
         let small = capacity <= SMALL_POOL_MAX;
-        let (allocated, active) = counts(state);
+        let (allocated, active) = counts(state, handed_out);
         let undo = |set: &mut StatSet, n: u64| {
             set.all.unfree(n);
             set.pool(small).unfree(n);
@@ -245,10 +252,13 @@ impl MemoryStats {
         }
     }
 
-    /// Every cumulative `allocated` and `freed` set to zero
-    /// (`torch.cuda.reset_accumulated_memory_stats`; the pool sets its counters' base too).
+    /// Every cumulative `allocated` and `freed`, and every counter, set to zero
+    /// (`torch.cuda.reset_accumulated_memory_stats`).
     pub(crate) fn reset_accumulated(&mut self) {
         self.num_alloc_retries = 0;
+        self.num_ooms = 0;
+        self.num_device_alloc = 0;
+        self.num_device_free = 0;
         for set in self.sets_mut() {
             for stat in set.stats_mut() {
                 stat.allocated = 0;
@@ -279,18 +289,20 @@ mod tests {
     #[test]
     fn a_block_s_life_leaves_every_current_at_zero_and_the_peaks_it_reached() {
         let mut m = MemoryStats::default();
-        m.moved(None, Some(BlockState::Live), 4096, 4000);
+        m.moved(None, Some(BlockState::Live), 4096, 4000, true);
         m.moved(
             Some(BlockState::Live),
             Some(BlockState::Pending),
             4096,
             4000,
+            true,
         );
         m.moved(
             Some(BlockState::Pending),
             Some(BlockState::Clean),
             4096,
             4000,
+            true,
         );
         assert_eq!(m.allocated_bytes.all.current, 0);
         assert_eq!(m.allocated_bytes.all.peak, 4096);
@@ -298,7 +310,7 @@ mod tests {
         assert_eq!(m.active_bytes.all.current, 0);
         assert_eq!(m.reserved_bytes.all.current, 4096);
         assert_eq!(m.segment.small_pool.current, 1);
-        m.moved(Some(BlockState::Clean), None, 4096, 4000);
+        m.moved(Some(BlockState::Clean), None, 4096, 4000, true);
         assert_eq!(m.reserved_bytes.all.current, 0);
         assert_eq!(m.reserved_bytes.all.allocated, 4096);
         assert_eq!(m.reserved_bytes.all.freed, 4096);
@@ -308,12 +320,13 @@ mod tests {
     #[test]
     fn a_reset_of_peaks_brings_them_to_the_current_values() {
         let mut m = MemoryStats::default();
-        m.moved(None, Some(BlockState::Live), 8 << 20, 8 << 20);
+        m.moved(None, Some(BlockState::Live), 8 << 20, 8 << 20, true);
         m.moved(
             Some(BlockState::Live),
             Some(BlockState::Pending),
             8 << 20,
             8 << 20,
+            true,
         );
         m.reset_peaks();
         assert_eq!(m.allocated_bytes.large_pool.peak, 0);

@@ -455,7 +455,10 @@ impl Allocator {
         // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
             Ok(_) => pool.stats.counters.oom_recoveries += 1,
-            Err(AllocError::OutOfMemory { .. }) => pool.stats.counters.out_of_memory += 1,
+            Err(AllocError::OutOfMemory { .. }) => {
+                pool.stats.counters.out_of_memory += 1;
+                pool.memory.num_ooms += 1;
+            }
             Err(_) => {}
         });
         result.map(|addr| Allocation { addr, fresh: true })
@@ -549,7 +552,9 @@ impl Allocator {
                 }
                 return Err(self.allocation_failed(size, dev, e));
             }
-            if let Err(release) = backend.release(dev, addr, class.capacity) {
+            let returned = backend.release(dev, addr, class.capacity);
+            self.count_unkept_device_alloc(dev, returned.is_ok());
+            if let Err(release) = returned {
                 // A failed release leaks the memory and counts a backend error.
                 let _ = self.backend_fault(dev, release);
             }
@@ -560,13 +565,25 @@ impl Allocator {
             // goes back to the device while its context still lives (the reset comes after
             // the shutdown, and no backend call is made once exit began).
             if !self.inner.shutting_down.load(Ordering::Acquire) {
-                if let Err(release) = backend.release(dev, addr, class.capacity) {
+                let returned = backend.release(dev, addr, class.capacity);
+                self.count_unkept_device_alloc(dev, returned.is_ok());
+                if let Err(release) = returned {
                     let _ = self.backend_fault(dev, release);
                 }
             }
             return Err(AllocError::DeviceReset { device: dev });
         }
         Ok(addr)
+    }
+
+    /// PyTorch's device allocation counts for memory obtained from the backend that never
+    /// entered the pool: one allocation, and one free when it went back (`returned`).
+    #[cold]
+    fn count_unkept_device_alloc(&self, dev: u32, returned: bool) {
+        self.with_pool(dev, |pool, _, _, _| {
+            pool.memory.num_device_alloc += 1;
+            pool.memory.num_device_free += u64::from(returned);
+        });
     }
 
     // ----- free -----------------------------------------------------------------------------

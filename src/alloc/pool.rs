@@ -22,7 +22,7 @@ use crate::events::{
 use crate::stats::PoolCounters;
 
 use super::block::{Block, BlockState, Disposition};
-use super::memory_stats::{CountersBase, MemoryStats};
+use super::memory_stats::MemoryStats;
 use super::size_class::{SizeClass, EXACT_INDEX};
 
 /// Free lists are keyed by size class and, under strict isolation, by tenant.
@@ -229,8 +229,6 @@ pub(crate) struct DevicePool {
     /// PyTorch's memory statistics of the device (`memory_stats.rs`), changed with every
     /// block state, as `stats.accounting` is.
     pub(crate) memory: MemoryStats,
-    /// The counters as of the last reset of accumulated statistics.
-    pub(crate) memory_base: CountersBase,
     /// The allocator's "exit has begun" flag: nothing is submitted to the backend once it is
     /// set (invariant 6), whichever path gets to a submission.
     exiting: Arc<AtomicBool>,
@@ -263,8 +261,7 @@ impl DevicePool {
             out_of_pool: Vec::new(),
             releasing: 0,
             stats: PoolCounters::default(),
-            memory: MemoryStats::default(),
-            memory_base: CountersBase::default(),
+            memory: MemoryStats::unstarted(),
             reset: false,
             freed_by_reset: HashMap::new(),
         }
@@ -503,7 +500,7 @@ impl DevicePool {
         self.stats.counters.allocations += 1;
         self.stats.counters.pool_hits += 1;
         let (from, to) = (Some(BlockState::Clean), Some(BlockState::Live));
-        self.moved(from, to, capacity, size);
+        self.moved(from, to, capacity, size, true);
         Some(addr)
     }
 
@@ -533,7 +530,14 @@ impl DevicePool {
         s.counters.pool_misses += 1;
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
-        self.moved(None, Some(BlockState::Live), capacity, block.requested);
+        self.memory.num_device_alloc += 1;
+        self.moved(
+            None,
+            Some(BlockState::Live),
+            capacity,
+            block.requested,
+            true,
+        );
         self.blocks.insert(block.addr, block);
         true
     }
@@ -566,7 +570,14 @@ impl DevicePool {
         let s = &mut self.stats;
         s.counters.fresh_allocations += 1;
         s.counters.bytes_allocated_fresh += capacity;
-        self.moved(None, Some(BlockState::Pending), capacity, block.requested);
+        self.memory.num_device_alloc += 1;
+        self.moved(
+            None,
+            Some(BlockState::Pending),
+            capacity,
+            block.requested,
+            false,
+        );
         self.blocks.insert(addr, block);
         self.enqueue(addr, stream, backend, config, after);
     }
@@ -646,7 +657,7 @@ impl DevicePool {
         let requested = block.requested;
         self.stats.counters.frees += 1;
         let (from, to) = (Some(BlockState::Live), Some(BlockState::Pending));
-        self.moved(from, to, capacity, requested);
+        self.moved(from, to, capacity, requested, true);
         Ok(size_mismatch)
     }
 
@@ -1300,8 +1311,9 @@ impl DevicePool {
         block.state_since = now;
         let key = FreeKey::new(block.class, &block.owner, isolation);
         let (capacity, requested) = (block.capacity(), block.requested);
+        let handed_out = !block.never_handed_out();
         let (from, to) = (Some(BlockState::Pending), Some(BlockState::Clean));
-        self.moved(from, to, capacity, requested);
+        self.moved(from, to, capacity, requested, handed_out);
         self.free_lists.entry(key).or_default().push(addr);
     }
 
@@ -1313,10 +1325,10 @@ impl DevicePool {
         block.state = BlockState::Quarantined;
         block.state_since = Instant::now();
         block.disposition = Disposition::Quarantine(reason);
-        let requested = block.requested;
+        let (requested, handed_out) = (block.requested, !block.never_handed_out());
         self.stats.counters.quarantined += 1;
         let (from, to) = (Some(BlockState::Pending), Some(BlockState::Quarantined));
-        self.moved(from, to, capacity, requested);
+        self.moved(from, to, capacity, requested, handed_out);
         self.rescrub_waiting.push(addr);
         let block = &self.blocks[&addr];
         let event = EventKind::Quarantined {
@@ -1428,7 +1440,14 @@ impl DevicePool {
         let Some(block) = self.blocks.remove(&addr) else {
             return false;
         };
-        self.moved(Some(block.state), None, block.capacity(), block.requested);
+        let handed_out = !block.never_handed_out();
+        self.moved(
+            Some(block.state),
+            None,
+            block.capacity(),
+            block.requested,
+            handed_out,
+        );
         if block.state != BlockState::Clean {
             self.releasing += 1;
         }
@@ -1447,6 +1466,7 @@ impl DevicePool {
     /// recorded.
     pub(crate) fn released(&mut self, release: &Release, after: &mut Aftermath) {
         self.stats.counters.released += 1;
+        self.memory.num_device_free += 1;
         let kind = EventKind::Released {
             reason: release.reason,
         };
@@ -1465,7 +1485,9 @@ impl DevicePool {
         }
         gauge(&mut self.stats.accounting, block.state).add(capacity);
         // Back as it was: no segment was returned, nor one obtained again.
-        self.memory.restored(block.state, capacity, block.requested);
+        let handed_out = !block.never_handed_out();
+        self.memory
+            .restored(block.state, capacity, block.requested, handed_out);
         self.blocks.insert(block.addr, block);
     }
 
@@ -1624,6 +1646,7 @@ impl DevicePool {
         to: Option<BlockState>,
         capacity: u64,
         requested: u64,
+        handed_out: bool,
     ) {
         if let Some(state) = from {
             gauge(&mut self.stats.accounting, state).sub(capacity);
@@ -1631,7 +1654,7 @@ impl DevicePool {
         if let Some(state) = to {
             gauge(&mut self.stats.accounting, state).add(capacity);
         }
-        self.memory.moved(from, to, capacity, requested);
+        self.memory.moved(from, to, capacity, requested, handed_out);
     }
 
     /// Accounting recomputed from the block table (tests compare it with the counters).
@@ -1645,25 +1668,12 @@ impl DevicePool {
 
     /// PyTorch's memory statistics of this device, counters included (`memory_stats.rs`).
     pub(crate) fn memory_stats(&self) -> MemoryStats {
-        let (c, base) = (&self.stats.counters, &self.memory_base);
-        MemoryStats {
-            num_ooms: c.out_of_memory.saturating_sub(base.ooms),
-            num_device_alloc: c.fresh_allocations.saturating_sub(base.device_allocs),
-            num_device_free: c.released.saturating_sub(base.device_frees),
-            max_split_size: -1,
-            ..self.memory
-        }
+        self.memory
     }
 
     /// Zeroes the cumulative statistics (`allocated`, `freed`, and the counters).
     pub(crate) fn reset_accumulated_memory(&mut self) {
         self.memory.reset_accumulated();
-        let c = &self.stats.counters;
-        self.memory_base = CountersBase {
-            ooms: c.out_of_memory,
-            device_allocs: c.fresh_allocations,
-            device_frees: c.released,
-        };
     }
 
     /// The memory statistics' current values recomputed from the block table (compared with
@@ -1671,7 +1681,13 @@ impl DevicePool {
     pub(crate) fn recount_memory(&self) -> MemoryStats {
         let mut m = MemoryStats::default();
         for b in self.blocks.values() {
-            m.moved(None, Some(b.state), b.capacity(), b.requested);
+            m.moved(
+                None,
+                Some(b.state),
+                b.capacity(),
+                b.requested,
+                !b.never_handed_out(),
+            );
         }
         m
     }
