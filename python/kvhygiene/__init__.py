@@ -1337,19 +1337,22 @@ def _refuse_graph_capture(torch) -> None:
     Under a pluggable allocator PyTorch calls no pool of its own for a graph: a block freed
     during the capture would be scrubbed and reused once it ends while the graph still writes
     it at every replay, and fresh memory is refused during a capture anyway. Refused before
-    the capture starts, the error is clear and leaves no stream capturing. A build without
-    the class is left as it is.
+    the capture starts, the error is clear and leaves no stream capturing. The context manager
+    ``torch.cuda.graph`` is refused on entry too: it makes its side stream current before it
+    calls ``capture_begin``, and a ``with`` whose entry raises never leaves that stream, so
+    a caller that caught the error would go on running on it. A build without the class is
+    left as it is.
     """
-    graph = getattr(torch.cuda, "CUDAGraph", None)
-    begin = getattr(graph, "capture_begin", None)
-    if begin is None or getattr(begin, "_kvhygiene_refusal", False):
-        return
 
-    def capture_begin(self, *args, **kwargs):
+    def refuse(*args, **kwargs):
         raise RuntimeError(GRAPH_CAPTURE_REFUSED)
 
-    capture_begin._kvhygiene_refusal = True
-    graph.capture_begin = capture_begin
+    refuse._kvhygiene_refusal = True
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    for cls, name in ((graph, "capture_begin"), (getattr(torch.cuda, "graph", None), "__enter__")):
+        method = getattr(cls, name, None) if isinstance(cls, type) else None
+        if method is not None and not getattr(method, "_kvhygiene_refusal", False):
+            setattr(cls, name, refuse)
 
 
 def install(path: Optional[str] = None):

@@ -213,7 +213,21 @@ def _fake_torch(initialized=False, reserved=0, with_reset=True, with_stats_calls
         def capture_begin(self, *args, **kwargs):
             state["captured"] = True
 
+    class graph:
+        """torch.cuda.graph: makes its side stream current, then begins the capture."""
+
+        def __init__(self, cuda_graph):
+            self.cuda_graph = cuda_graph
+
+        def __enter__(self):
+            state["stream"] = "side"
+            self.cuda_graph.capture_begin()
+
+        def __exit__(self, *exc):
+            state["stream"] = "default"
+
     cuda.CUDAGraph = CUDAGraph
+    cuda.graph = graph
     torch.cuda = cuda
     return torch, state
 
@@ -358,6 +372,21 @@ def test_install_refuses_cuda_graph_capture_before_it_begins(fresh):
     kvhygiene.install(LIB)  # a second install wraps nothing twice
     with pytest.raises(RuntimeError, match="disable-cuda-graph"):
         torch.cuda.CUDAGraph().capture_begin()
+
+
+@needs_lib
+def test_a_refused_graph_context_leaves_the_current_stream_as_it_was(fresh):
+    # torch.cuda.graph enters its side stream before it begins the capture, and a `with` whose
+    # entry raises never exits: refused on entry, the caller that catches the error goes on
+    # on the stream it was on.
+    torch, state = _fake_torch()
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    with pytest.raises(RuntimeError, match="enforce-eager"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    assert "stream" not in state, "the graph's side stream was made current"
+    assert "captured" not in state
 
 
 @needs_lib
