@@ -8,7 +8,8 @@ hands slots out through a token allocator (``TokenToKVPoolAllocator``, or
 back (a request that finishes or is aborted or retracted, a prefix-cache eviction) end in the
 allocator's ``free(free_index)``, with the token indices freed, or, in recent releases, its
 ``free_segment(free_index, start_pos=...)``, which gives pages back by their first slot
-without ``free``; and ``flush_cache`` in its ``clear()``, which makes every slot free again
+without ``free``, and ``free_page_ids(page_ids)``, which gives pages back by id (0.5.23's
+paged ``free_segment`` and its sliding-window allocator's page frees); and ``flush_cache`` in its ``clear()``, which makes every slot free again
 (the prefix cache's included) without ``free``. :func:`scrub_on_free` wraps those methods::
 
     import kvhygiene
@@ -28,7 +29,7 @@ there; see the README); the wrap needs the scheduler's own objects
 takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
 ``--enable-memory-saver``: both fail under any pluggable allocator (docs/cuda.md).
 
-- ``free`` and ``free_segment``: a freed page (the slot itself when ``page_size`` is 1) is
+- ``free``, ``free_segment`` and ``free_page_ids``: a freed page (the slot itself when ``page_size`` is 1) is
   scrubbed whole, in every layer, K and V, before the allocator's own method runs: a paged allocator frees whole
   pages, so a page is reused only after it was scrubbed. Inside a free group
   (``free_group_begin`` .. ``free_group_end``) a page is scrubbed when it is freed, not again
@@ -55,12 +56,18 @@ both pools (``layouts_of(target_pool) + layouts_of(draft_pool)``), so that every
 frees is scrubbed in both. A sliding-window
 hybrid allocator (``SWATokenToKVPoolAllocator``), which keeps its free lists in two inner
 allocators, is refused: wrap each inner one (``full_attn_allocator``,
-``swa_attn_allocator``) with the layouts of its own pool, which covers its ``free_swa`` too.
-An FP4 pool's block-scale rows (``k_scale_buffer``, ``v_scale_buffer``, MLA's
-``kv_scale_buffer``) are scrubbed with the slots they belong to; a pool with a scale buffer of
-another name is refused. Not covered: slots given back by other means than ``free``,
-``free_segment``, ``clear`` and ``restore_state``, and buffers that are not per-token rows
-(sparse-attention index buffers, a host-side cache).
+``swa_attn_allocator``) with the layouts of its own pool, which covers its ``free_swa`` and
+``free_swa_segment`` too (``PureSWATokenToKVPoolAllocator`` has one inner allocator under
+both names: wrap it once). A hybrid linear-attention model's ``HybridLinearKVPool`` is laid
+out by its ``full_kv_pool``. An FP4 pool's block-scale rows (``k_scale_buffer``,
+``v_scale_buffer``, MLA's ``kv_scale_buffer``, of two or more dimensions), an NVFP4 pool's
+per-page native scales (``native_k_scale_buffer``, ``native_v_scale_buffer``) and its
+dequantisation workspace (``dq_k_buffer``, ``dq_v_buffer``) are scrubbed with the slots they
+belong to; a pool with a scale buffer of another name is refused. Not covered: slots given
+back by other means than ``free``, ``free_segment``, ``free_page_ids``, ``clear`` and
+``restore_state``, buffers that are not per-token rows (sparse-attention index buffers, a
+host-side cache, a hybrid model's linear-attention states), and sharded pools whose slot
+indices are not the local rows (``--enable-kv-cache-sharding``, decode context parallelism).
 """
 
 from __future__ import annotations
@@ -75,6 +82,18 @@ from . import KvLayout, ScrubVerificationError, _cuda_index, _tensor_blocks, scr
 __all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree"]
 
 _log = logging.getLogger(__name__)
+
+
+def _attention_pool(kv_pool):
+    """The pool that holds the token slots' KV: the pool itself, or, for a hybrid
+    linear-attention model's ``HybridLinearKVPool`` (which has no buffers of its own), its
+    ``full_kv_pool``. The linear-attention (Mamba) states it also keeps are per request, not
+    per token slot, and not covered."""
+    own = any(getattr(kv_pool, n, None) is not None for n in ("k_buffer", "v_buffer", "kv_buffer"))
+    inner = getattr(kv_pool, "full_kv_pool", None)
+    if not own and inner is not None and getattr(kv_pool, "swa_kv_pool", None) is None:
+        return inner
+    return kv_pool
 
 
 def _buffers(kv_pool) -> list:
@@ -92,22 +111,32 @@ def _buffers(kv_pool) -> list:
     )
 
 
-def _scale_buffers(kv_pool) -> list:
-    """The pool's per-layer block-scale rows, one per token slot (an FP4 MHA pool's
-    ``k_scale_buffer`` and ``v_scale_buffer``, an FP4 MLA pool's ``kv_scale_buffer``: computed
-    from the request's keys and values, written at the same slots); none for other pools."""
-    out = []
-    for name in _SCALE_BUFFERS:
+def _scale_buffers(kv_pool) -> Tuple[list, list]:
+    """The pool's per-slot and per-page tensors besides its K and V: ``(rows, pages)``.
+
+    Rows, one per token slot: an FP4 pool's block scales (MHA's ``k_scale_buffer`` and
+    ``v_scale_buffer``, MLA's ``kv_scale_buffer``; computed from the request's keys and values,
+    written at the same slots), and an NVFP4 pool's shared dequantisation workspace
+    (``dq_k_buffer``, ``dq_v_buffer``: the slots' keys and values in FP8). Pages, one per
+    page of slots: an NVFP4 pool's scales in the attention kernel's native layout
+    (``native_k_scale_buffer``, ``native_v_scale_buffer``, ``[pages, heads, page_size,
+    scales]``). None for other pools."""
+    rows, pages = [], []
+    for name in _SCALE_BUFFERS + _WORKSPACES:
         held = getattr(kv_pool, name, None)
         if held is not None:
-            out.extend(held)
+            rows.extend([held] if hasattr(held, "data_ptr") else held)
+    for name in _NATIVE_SCALE_BUFFERS:
+        held = getattr(kv_pool, name, None)
+        if held is not None:
+            pages.extend(held)
     # Scales of another name would be left out without a word: refused instead (data, not
     # the pool's methods that may bear such a name).
     unknown = [
         n
         for n in dir(kv_pool)
         if n.endswith("scale_buffer")
-        and n not in _SCALE_BUFFERS
+        and n not in _SCALE_BUFFERS + _NATIVE_SCALE_BUFFERS
         # Sparse attention's indexer keys (NSA's index_k_with_scale_buffer): per page, not
         # per slot, and not covered, as the module says.
         and not n.startswith("index_")
@@ -119,27 +148,44 @@ def _scale_buffers(kv_pool) -> list:
             f"{type(kv_pool).__name__} has {', '.join(unknown)}, per-slot data kvhygiene.sglang "
             "does not know: its rows would not be scrubbed"
         )
-    return out
+    return rows, pages
 
 
 #: The per-slot block-scale rows of FP4 pools: MHA's K and V scales, MLA's one.
 _SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "kv_scale_buffer")
 
+#: An NVFP4 pool's dequantisation workspace: one tensor each, a row per token slot.
+_WORKSPACES = ("dq_k_buffer", "dq_v_buffer")
+
+#: An NVFP4 pool's per-page scales in the attention kernel's layout.
+_NATIVE_SCALE_BUFFERS = ("native_k_scale_buffer", "native_v_scale_buffer")
+
 
 def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
     """The layouts of an SGLang token KV pool whose blocks are its pages: block ``p`` of each
     region is token slots ``p * page_size .. (p + 1) * page_size - 1`` of one layer's K, V or
-    KV tensor, and of its block-scale rows when it has them (an FP4 pool's ``k_scale_buffer``
-    and ``v_scale_buffer``, or ``kv_scale_buffer``). ``page_size`` defaults to the pool's. Tensors of one geometry
-    share a layout (K and V of different head sizes make two)."""
+    KV tensor, and of its other per-slot data when it has them (an FP4 pool's block scales and
+    an NVFP4 pool's dequantisation workspace; an NVFP4 pool's per-page scales, block ``p``
+    being their page ``p``). ``page_size`` defaults to the pool's. A hybrid linear-attention
+    model's pool (``HybridLinearKVPool``) is laid out by its ``full_kv_pool``. Tensors of one
+    geometry share a layout (K and V of different head sizes make two)."""
+    kv_pool = _attention_pool(kv_pool)
     page = _page_size(kv_pool if page_size is None else page_size)
     groups: Dict[Tuple[int, int, int, int], List[int]] = {}
-    data, scales = _buffers(kv_pool), _scale_buffers(kv_pool)
+    data = _buffers(kv_pool)
+    scales, native = _scale_buffers(kv_pool)
+    for n, t in enumerate(native):
+        name = f"KV native scale tensor {n}"
+        if len(t.shape) != 4 or t.shape[2] != page:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} is not [pages, heads, page_size {page}, scales]")
+        (block_bytes, stride, blocks), bases = _tensor_blocks(t, 0, name)
+        regions = groups.setdefault((block_bytes, stride, blocks, _cuda_index(t, name)), [])
+        regions.extend(b for b in bases if b not in regions)
     for n, t in enumerate(data + scales):
         scale = n >= len(data)
         name = f"KV scale tensor {n - len(data)}" if scale else f"KV tensor {n}"
-        if scale and len(t.shape) != 2:
-            raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, scales]")
+        if scale and len(t.shape) < 2:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, ...]")
         if not scale and len(t.shape) != 3:
             raise ValueError(f"{name}: shape {tuple(t.shape)} is not [token slots, heads, head_dim]")
         (row_bytes, row_stride, rows), bases = _tensor_blocks(t, 0, name)
@@ -252,6 +298,7 @@ class ScrubOnFree:
         self.original_clear = getattr(allocator, "clear", None)
         self.original_restore = getattr(allocator, "restore_state", None)
         self.original_segment = getattr(allocator, "free_segment", None)
+        self.original_page_ids = getattr(allocator, "free_page_ids", None)
         #: Pages whose scrub failed verification: never given back to the allocator (until a
         #: ``clear`` verifies them clean).
         self.withheld: Set[int] = set()
@@ -266,27 +313,43 @@ class ScrubOnFree:
         self._segment_scrubbed: Set[int] = set()
 
     def __call__(self, free_index, *args, **kwargs):
-        kept, changed = self._scrub_freed(free_index)
-        return self.original(kept if changed else free_index, *args, **kwargs)
+        dropped = self._scrub_freed(pages_of(free_index, self.page_size))
+        return self.original(self._without(free_index, dropped) if dropped else free_index, *args, **kwargs)
 
     def free_segment(self, free_index, *args, **kwargs):
         """The allocator's ``free_segment`` (recent SGLang's prefix-cache eviction and finished
         requests: it gives the pages back by their first slot, without ``free``): the pages are
         scrubbed as for ``free``. When one is withheld, the rest goes back through the
         allocator's own ``free``, which takes any set of slots."""
-        kept, changed = self._scrub_freed(free_index)
-        if changed:
-            return self.original(kept)
-        self._segment_scrubbed = set(pages_of(free_index, self.page_size)) - self.withheld
-        try:
-            return self.original_segment(free_index, *args, **kwargs)
-        finally:
-            self._segment_scrubbed = set()
-
-    def _scrub_freed(self, free_index):
-        """Scrubs the pages of ``free_index`` being freed; returns the indices to give back
-        (without the pages withheld) and whether any were left out."""
         pages = pages_of(free_index, self.page_size)
+        dropped = self._scrub_freed(pages)
+        if dropped:
+            return self.original(self._without(free_index, dropped))
+        return self._passing(pages, self.original_segment, free_index, *args, **kwargs)
+
+    def free_page_ids(self, page_ids, *args, **kwargs):
+        """The allocator's ``free_page_ids`` (SGLang 0.5.23's: pages by id, given back without
+        ``free``; its paged ``free_segment`` and its sliding-window allocator's page frees go
+        through it): the pages are scrubbed as for ``free``, and those withheld left out."""
+        pages = sorted(set(_indices(page_ids)))
+        dropped = self._scrub_freed(pages)
+        kept = _without_pages(page_ids, dropped) if dropped else page_ids
+        return self._passing(pages, self.original_page_ids, kept, *args, **kwargs)
+
+    def _passing(self, pages: List[int], method, *args, **kwargs):
+        """Calls the allocator's own ``method`` with ``pages`` just scrubbed: a ``free`` or
+        ``free_page_ids`` it makes to give them back (SGLang's base classes do) does not scrub
+        them again."""
+        before = self._segment_scrubbed
+        self._segment_scrubbed = before | (set(pages) - self.withheld)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._segment_scrubbed = before
+
+    def _scrub_freed(self, pages: List[int]) -> Set[int]:
+        """Scrubs ``pages`` being freed; returns those to leave out of what goes back to the
+        allocator (withheld: failed now, or before)."""
         # A withheld page freed again (a double free by the engine) stays withheld.
         refused = self.withheld.intersection(pages)
         # At a group's end, its pages come back in one call: those scrubbed when they were
@@ -305,9 +368,7 @@ class ScrubOnFree:
                 len(failed),
                 sorted(failed),
             )
-        if failed or refused:
-            return self._without(free_index, failed | refused), True
-        return free_index, False
+        return failed | refused
 
     def _in_group(self) -> bool:
         """Whether the allocator is collecting frees: SGLang's ``is_not_in_free_group`` flag,
@@ -363,9 +424,10 @@ class ScrubOnFree:
     def free_group_end(self, *args, **kwargs):
         """The allocator's ``free_group_end``, which gives the group's indices back through
         ``free``: pages scrubbed when they were freed in the group are not scrubbed again.
-        Pages a ``free_segment`` left in the group (recent SGLang's ``free_page_reps_group``,
-        given back without ``free``) are scrubbed here when they were not yet: those of a
-        group opened before the allocator was wrapped."""
+        Pages a ``free_segment`` or ``free_page_ids`` left in the group (given back without
+        ``free``: SGLang's ``free_page_reps_group`` of first slots, 0.5.23's
+        ``free_page_ids_group`` of page ids) are scrubbed here when they were not yet: those
+        of a group opened before the allocator was wrapped."""
         self._scrub_group_segments()
         self._group_ending = True
         try:
@@ -375,12 +437,17 @@ class ScrubOnFree:
             self._group_scrubbed.clear()
 
     def _scrub_group_segments(self) -> None:
-        """Scrubs the pages of the group's ``free_page_reps_group`` (their first slots, a
-        tensor or a list each) not scrubbed yet, and takes those that fail out of it."""
-        reps = getattr(self.allocator, "free_page_reps_group", None)
-        if not reps:
+        """Scrubs the pages the group holds outside ``free`` not scrubbed yet, and takes those
+        that fail out of it: ``free_page_reps_group`` (first slots) and
+        ``free_page_ids_group`` (page ids), a tensor or a list each."""
+        held = {
+            name: (batches, per)
+            for name, per in (("free_page_reps_group", self.page_size), ("free_page_ids_group", 1))
+            if (batches := getattr(self.allocator, name, None))
+        }
+        if not held:
             return
-        pages = {i // self.page_size for batch in reps for i in _indices(batch)}
+        pages = {i // per for batches, per in held.values() for batch in batches for i in _indices(batch)}
         todo = sorted(pages - self._group_scrubbed - self.withheld)
         failed = self._scrub(todo)
         self.scrubbed_pages += len(todo) - len(failed)
@@ -395,9 +462,9 @@ class ScrubOnFree:
                 sorted(failed),
             )
         if dropped:
-            self.allocator.free_page_reps_group = [
-                self._without(batch, dropped) for batch in reps
-            ]
+            for name, (batches, per) in held.items():
+                kept = [self._without(b, dropped) if per > 1 else _without_pages(b, dropped) for b in batches]
+                setattr(self.allocator, name, kept)
 
     def clear(self, *args, **kwargs):
         """The allocator's ``clear`` (SGLang's ``flush_cache``, made while no request runs):
@@ -515,6 +582,8 @@ class ScrubOnFree:
             self.allocator.restore_state = self.original_restore
         if self.original_segment is not None:
             self.allocator.free_segment = self.original_segment
+        if self.original_page_ids is not None:
+            self.allocator.free_page_ids = self.original_page_ids
 
 
 def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
@@ -537,6 +606,13 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
     if not layouts:
         raise ValueError("scrub_on_free needs the KV pool's layouts (layouts_of(pool))")
     inner = [n for n in ("full_attn_allocator", "swa_attn_allocator") if getattr(allocator, n, None) is not None]
+    if len(inner) == 2 and allocator.full_attn_allocator is allocator.swa_attn_allocator:
+        # SGLang's PureSWATokenToKVPoolAllocator: one inner allocator under both names.
+        raise ValueError(
+            f"{type(allocator).__name__} keeps its free lists in swa_attn_allocator (which is also "
+            "its full_attn_allocator): wrap that one, once, with the layouts of its KV pool "
+            "(scrub_on_free(allocator.swa_attn_allocator, layouts_of(swa_kv_pool)))"
+        )
     if inner:
         # Its free lists are its inner allocators': the slots their frees and restores give
         # back (free_swa's too) are seen only there, each in its own pool.
@@ -577,4 +653,6 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
         allocator.restore_state = wrapper.restore_state
     if wrapper.original_segment is not None:
         allocator.free_segment = wrapper.free_segment
+    if wrapper.original_page_ids is not None:
+        allocator.free_page_ids = wrapper.free_page_ids
     return wrapper

@@ -1255,3 +1255,377 @@ def test_an_nsa_pools_indexer_buffer_is_not_refused_as_an_unknown_scale_buffer()
         assert layouts_of(pool)
     finally:
         pool.release()
+
+
+class PagedAllocator0523:
+    """SGLang 0.5.23's ``PagedTokenToKVPoolAllocator`` (sglang/srt/mem_cache/allocator/paged.py,
+    with base.py's ``BaseTokenToKVPoolAllocator``), with lists for tensors:
+
+    - ``free(free_index)`` gives back ``unique(free_index // page_size)`` through
+      ``_release_page_ids`` (inside a free group: appended to ``free_group``);
+    - ``free_segment(free_index, start_pos=...)`` takes ``free_index[::page_size]`` and calls
+      ``self.free_page_ids(reps // page_size)``;
+    - ``free_page_ids(page_ids)`` ("free exactly these pages") gives page ids back through
+      ``_release_page_ids`` without ``free``; inside a free group they wait in
+      ``free_page_ids_group`` (page ids, not first slots), which ``free_group_end`` gives back
+      through ``_release_page_ids``;
+    - ``release_pages`` stays ``None`` (set by the base ``__init__``); ``need_sort`` stages pages
+      in ``staged_pages``."""
+
+    def __init__(self, page_size, slots=SLOTS, need_sort=False):
+        self.page_size = page_size
+        self.num_pages = slots // page_size
+        self.need_sort = need_sort
+        self.free_pages = None
+        self.release_pages = None
+        self.free_group = None
+        self.clear()
+
+    def clear(self):
+        self.free_pages = list(range(1, self.num_pages + 1))
+        self.free_group = None
+        self.free_page_ids_group = []
+        self.staged_pages = []
+        self.num_staged_pages = 0
+
+    def alloc(self, tokens):
+        need = -(-tokens // self.page_size)
+        if need > len(self.free_pages) and self.staged_pages:
+            self.free_pages = sorted(self.free_pages + [p for b in self.staged_pages for p in b])
+            self.staged_pages, self.num_staged_pages = [], 0
+        if need > len(self.free_pages):
+            return None
+        pages, self.free_pages = self.free_pages[:need], self.free_pages[need:]
+        return [p * self.page_size + k for p in pages for k in range(self.page_size)][:tokens]
+
+    def _release_page_ids(self, page_ids):
+        if self.need_sort:
+            self.staged_pages.append(list(page_ids))
+            self.num_staged_pages += len(page_ids)
+        else:
+            self.free_pages = list(page_ids) + self.free_pages
+
+    def free(self, free_index):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        if self.free_group is None:
+            self._release_page_ids(sorted({i // self.page_size for i in free_index}))
+        else:
+            self.free_group.append(free_index)
+
+    def free_segment(self, free_index, *, start_pos):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        assert start_pos % self.page_size == 0
+        reps = free_index[:: self.page_size]
+        self.free_page_ids([r // self.page_size for r in reps])
+
+    def free_page_ids(self, page_ids):
+        page_ids = list(page_ids)
+        if not page_ids:
+            return
+        if self.free_group is None:
+            self._release_page_ids(page_ids)
+        else:
+            self.free_page_ids_group.append(page_ids)
+
+    def free_group_begin(self):
+        assert self.free_group is None
+        self.free_group = []
+        self.free_page_ids_group = []
+
+    def free_group_end(self):
+        pending, self.free_group = self.free_group, None
+        if pending:
+            self.free([i for batch in pending for i in batch])
+        if self.free_page_ids_group:
+            self._release_page_ids([p for batch in self.free_page_ids_group for p in batch])
+            self.free_page_ids_group = []
+
+
+class SWAAllocator0523:
+    """SGLang 0.5.23's ``SWATokenToKVPoolAllocator`` (sglang/srt/mem_cache/allocator/swa.py) at
+    ``page_size`` > 1, with lists for tensors and a dict for ``full_to_swa_index_mapping``: two
+    inner ``PagedTokenToKVPoolAllocator`` (``full_attn_allocator``, ``swa_attn_allocator``), its
+    own ``free_pages`` / ``release_pages`` ``None``.
+
+    - ``free_segment(free_index, start_pos=...)`` (radix_cache.py ``cache_finished_req`` /
+      eviction, common.py ``free_kv_row_segments``) calls ``free_swa_segment`` and then
+      ``full_attn_allocator.free_segment``;
+    - ``free_swa_segment`` -> ``_free_swa_pages``: the SWA peers of ``free_index[::page_size]``
+      become page ids (``swa_tokens // page_size``), and outside a free group go back through
+      ``self.swa_attn_allocator.free_page_ids(swa_pages)``, inside one wait in
+      ``swa_page_ids_group`` until ``free_group_end`` calls ``free_page_ids`` on them."""
+
+    def __init__(self, page_size):
+        self.page_size = page_size
+        self.full_attn_allocator = PagedAllocator0523(page_size)
+        self.swa_attn_allocator = PagedAllocator0523(page_size)
+        self.free_pages = None
+        self.release_pages = None
+        self.free_group = None
+        self.swa_free_group = []
+        self.swa_page_ids_group = []
+        self.full_to_swa = {}
+
+    def alloc(self, tokens):
+        full = self.full_attn_allocator.alloc(tokens)
+        swa = self.swa_attn_allocator.alloc(tokens)
+        self.full_to_swa.update(zip(full, swa))
+        return full
+
+    def free_swa_segment(self, free_index, *, start_pos):
+        free_index = list(free_index)
+        if not free_index:
+            return
+        ps = self.page_size
+        assert start_pos % ps == 0
+        reps = free_index[::ps]
+        swa_pages = [self.full_to_swa[r] // ps for r in reps]
+        for r in reps:  # clear_full_to_swa_mapping of the whole pages
+            for k in range(ps):
+                self.full_to_swa.pop(r // ps * ps + k, None)
+        if self.free_group is not None:
+            self.swa_page_ids_group.append(swa_pages)
+            return
+        self.swa_attn_allocator.free_page_ids(swa_pages)
+
+    def free_segment(self, free_index, *, start_pos):
+        if not list(free_index):
+            return
+        self.free_swa_segment(free_index, start_pos=start_pos)
+        self.full_attn_allocator.free_segment(free_index, start_pos=start_pos)
+
+    def free_group_begin(self):
+        assert self.free_group is None
+        self.free_group = []
+        self.swa_free_group = []
+        self.swa_page_ids_group = []
+        self.full_attn_allocator.free_group_begin()
+
+    def free_group_end(self):
+        self.free_group = None
+        if self.swa_page_ids_group:
+            group, self.swa_page_ids_group = self.swa_page_ids_group, []
+            self.swa_attn_allocator.free_page_ids([p for batch in group for p in batch])
+        self.full_attn_allocator.free_group_end()
+
+    def clear(self):
+        self.swa_attn_allocator.clear()
+        self.full_attn_allocator.clear()
+        self.full_to_swa = {}
+
+
+def test_sliding_window_pages_a_paged_swa_allocator_frees_by_free_segment_are_zero_when_handed_out_again():
+    # SGLang 0.5.23, sglang/srt/mem_cache/allocator/swa.py: SWATokenToKVPoolAllocator.free_segment
+    # (what a finished request and a radix-cache eviction call) and free_swa_segment (the
+    # sliding-window eviction of common.py) give the SWA side back through
+    # _free_swa_pages -> self.swa_attn_allocator.free_page_ids(swa_pages); at page_size > 1 the
+    # inner allocator is a PagedTokenToKVPoolAllocator whose free_page_ids releases the page ids
+    # itself (paged.py: _release_page_ids), without free or free_segment. The README's recipe
+    # for a sliding-window hybrid model wraps full_attn_allocator and swa_attn_allocator, each
+    # with its own pool's layouts; every page freed is then to be zeroed before it is handed out.
+    lib = kvhygiene.load()
+    full_pool, swa_pool = Pool(lib, page_size=2), Pool(lib, page_size=2)
+    alloc = SWAAllocator0523(page_size=2)
+    scrub_on_free(alloc.full_attn_allocator, layouts_of(full_pool))
+    scrub_on_free(alloc.swa_attn_allocator, layouts_of(swa_pool))
+    tokens = alloc.alloc(4)
+    swa_slots = [alloc.full_to_swa[s] for s in tokens]
+    full_pool.fill(tokens, 0xE7)
+    swa_pool.fill(swa_slots, 0xE7)
+    alloc.free_segment(tokens, start_pos=0)  # the request finishes
+    handed = alloc.swa_attn_allocator.alloc(4)
+    stale_swa = [s for s in handed if not swa_pool.holds(s, 0)]
+    stale_full = [s for s in tokens if not full_pool.holds(s, 0)]
+    full_pool.release()
+    swa_pool.release()
+    assert set(handed) == set(swa_slots)
+    assert not stale_full, f"full-attention slots {stale_full} kept the request's bytes"
+    assert not stale_swa, f"sliding-window slots {stale_swa} were handed out with the finished request's bytes"
+
+
+def test_pages_free_segment_left_in_a_0_5_23_free_group_before_the_allocator_was_wrapped_are_scrubbed_at_its_end():
+    # SGLang 0.5.23, sglang/srt/mem_cache/allocator/paged.py: inside a free group
+    # PagedTokenToKVPoolAllocator.free_page_ids (called by free_segment) keeps page ids in
+    # free_page_ids_group, and free_group_end gives them back through _release_page_ids,
+    # without free. The module documents that pages a free_segment left in a group opened
+    # before the allocator was wrapped are scrubbed at the group's end.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)
+    alloc = PagedAllocator0523(page_size=2)
+    tokens = alloc.alloc(4)  # pages 1 and 2
+    pool.fill(tokens, 0xC4)
+    alloc.free_group_begin()
+    alloc.free_segment(tokens, start_pos=0)  # collected by the group: not wrapped yet
+    scrub_on_free(alloc, layouts_of(pool))
+    alloc.free_group_end()
+    handed = alloc.alloc(4)
+    stale = [s for s in handed if not pool.holds(s, 0)]
+    pool.release()
+    assert set(handed) == set(tokens)
+    assert not stale, f"slots {stale} came back from the free group's end with their bytes"
+
+
+class NVFP4Pool(FP4Pool):
+    """SGLang 0.5.23's MHA pool with ``--kv-cache-dtype nvfp4``: ``MHATokenToKVPool`` whose
+    ``_create_quantized_buffers`` takes its buffers from ``NVFP4KVCacheMethod.create_buffers``
+    (sglang/srt/layers/quantization/fp4_kv_cache_quant_method.py): ``k_buffer`` / ``v_buffer``
+    of ``[size + page_size, heads, head_dim // 2]`` uint8 and, when the linear scale layout is
+    needed (FlashInfer prefill, SM120), ``k_scale_buffer`` / ``v_scale_buffer`` of
+    ``[size + page_size, heads, head_dim // 16]``: one row of block scales per token slot, in
+    three dimensions (not flattened as fp4_mx_block16's are)."""
+
+    def __init__(self, lib, page_size, layers=2, slots=SLOTS):
+        super().__init__(lib, page_size, layers, slots)
+        for name in ("k_scale_buffer", "v_scale_buffer"):
+            setattr(
+                self,
+                name,
+                [FakeTensor(t.data_ptr(), (self.rows, HEADS, self.HEAD_DIM // 16), element_size=1) for t in getattr(self, name)],
+            )
+        self.native_k_scale_buffer = None
+        self.native_v_scale_buffer = None
+        self.dq_k_buffer = None
+        self.dq_v_buffer = None
+
+
+def test_the_block_scales_of_an_nvfp4_pools_freed_slots_are_zero_when_handed_out_again():
+    # --kv-cache-dtype nvfp4 (SGLang 0.5.23, fp4_kv_cache_quant_method.py
+    # NVFP4KVCacheMethod.create_buffers): per-slot scale rows shaped [rows, heads, head_dim // 16].
+    # The README: an FP4 pool's k_scale_buffer / v_scale_buffer rows are scrubbed with the slots
+    # they belong to.
+    stale = _slots_handed_out_with_freed_scales(NVFP4Pool(kvhygiene.load(), page_size=1))
+    assert not stale, f"slots {stale} were handed out with the freed request's NVFP4 block scales"
+
+
+class HybridLinearPool:
+    """SGLang 0.5.23's ``HybridLinearKVPool`` (sglang/srt/mem_cache/memory_pool.py), the
+    ``token_to_kv_pool`` of a hybrid linear-attention model (Qwen3-Next, Qwen3.5: ``mambaish_config``
+    in kv_cache_configurator.py): the attention layers' KV lives in ``full_kv_pool`` (an
+    ``MHATokenToKVPool``); the pool itself has no ``k_buffer`` / ``v_buffer`` / ``kv_buffer``
+    attributes, only methods that forward to ``full_kv_pool``. Its allocator is the plain
+    ``TokenToKVPoolAllocator`` / ``PagedTokenToKVPoolAllocator`` over those token slots."""
+
+    def __init__(self, full_kv_pool):
+        self.full_kv_pool = full_kv_pool
+        self.page_size = full_kv_pool.page_size
+        self.size = SLOTS
+
+    def get_key_buffer(self, layer_id):
+        return self.full_kv_pool.k_buffer[layer_id]
+
+
+def test_the_readme_recipe_lays_out_the_kv_pool_of_a_hybrid_linear_attention_model():
+    # README: scrub_on_free(token_to_kv_pool_allocator, layouts_of(token_to_kv_pool)), with
+    # token_to_kv_pool the model runner's. For a hybrid linear-attention model SGLang 0.5.23
+    # builds a HybridLinearKVPool (kv_cache_configurator.py _build_hybrid_linear_kv_pool), whose
+    # token slots are those of its full_kv_pool.
+    lib = kvhygiene.load()
+    inner = Pool(lib, page_size=1)
+    try:
+        alloc = TokenAllocator(page_size=1)
+        scrub_on_free(alloc, layouts_of(HybridLinearPool(inner)))
+        a = alloc.alloc(3)
+        inner.fill(a, 0xA5)
+        alloc.free(a)
+        assert all(inner.holds(s, 0) for s in a)
+    finally:
+        inner.release()
+
+
+class PureSWAAllocator0523:
+    """SGLang 0.5.23's ``PureSWATokenToKVPoolAllocator`` (allocator/swa.py; chosen in
+    kv_cache_configurator.py when a hybrid-SWA model has no full-attention tokens): page_size
+    1, one ``TokenToKVPoolAllocator`` that is both ``swa_attn_allocator`` and
+    ``full_attn_allocator`` (the same object); ``free`` gives slots back through
+    ``swa_attn_allocator.free``."""
+
+    page_size = 1
+
+    def __init__(self):
+        self.swa_attn_allocator = RecentTokenAllocator()
+        self.full_attn_allocator = self.swa_attn_allocator
+        self.free_pages = None
+        self.release_pages = None
+        self.free_group = None
+
+    def alloc(self, tokens):
+        return self.swa_attn_allocator.alloc(tokens)
+
+    def free(self, free_index):
+        self.swa_attn_allocator.free([i for i in free_index if i > 0])
+
+
+def test_a_pure_sliding_window_allocator_is_refused_naming_its_one_inner_allocator_to_wrap():
+    # SGLang 0.5.23's PureSWATokenToKVPoolAllocator keeps its free lists in one inner
+    # allocator, which is both its swa_attn_allocator and its full_attn_allocator: the refusal
+    # of the outer one says to wrap that one, once, and doing so covers its frees.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = PureSWAAllocator0523()
+    try:
+        with pytest.raises(ValueError, match="wrap that one, once"):
+            scrub_on_free(alloc, layouts_of(pool))
+        scrub_on_free(alloc.swa_attn_allocator, layouts_of(pool))
+        a = alloc.alloc(3)
+        pool.fill(a, 0xA6)
+        alloc.free(a)
+        assert all(pool.holds(s, 0) for s in a)
+    finally:
+        pool.release()
+
+
+def test_an_nvfp4_pools_native_page_scales_and_dequant_workspace_rows_of_a_freed_page_are_scrubbed():
+    # SGLang 0.5.23's NVFP4 pool (fp4_kv_cache_quant_method.py, NVFP4KVCacheMethod.create_buffers)
+    # may also keep per-page scales in the attention kernel's layout (native_k_scale_buffer /
+    # native_v_scale_buffer, [rows // page_size, heads, page_size, head_dim // 16], block p
+    # being page p) and a dequantisation workspace of one row per slot (dq_k_buffer /
+    # dq_v_buffer, [rows, heads, head_dim], one tensor each). A freed page is zeroed in all of
+    # them; the live page next to it keeps its bytes.
+    lib = kvhygiene.load()
+    page = 4
+    pool = Pool(lib, page_size=page)
+    pages = pool.rows // page
+    native_bytes = HEADS * page * 2  # head_dim 32: 2 scales a row
+    dq_row = HEADS * 32
+    extra = 2 * pages * native_bytes + 2 * pool.rows * dq_row
+    base = lib.kvh_malloc(extra, 0, None)
+    natives = [FakeTensor(base + i * pages * native_bytes, (pages, HEADS, page, 2), element_size=1) for i in range(2)]
+    dq_at = base + 2 * pages * native_bytes
+    dqs = [FakeTensor(dq_at + i * pool.rows * dq_row, (pool.rows, HEADS, 32), element_size=1) for i in range(2)]
+    pool.native_k_scale_buffer, pool.native_v_scale_buffer = [natives[0]], [natives[1]]
+    pool.dq_k_buffer, pool.dq_v_buffer = dqs
+    try:
+        alloc = PagedAllocator0523(page_size=page)
+        scrub_on_free(alloc, layouts_of(pool))
+        a, b = alloc.alloc(page), alloc.alloc(page)
+        pa, pb = a[0] // page, b[0] // page
+        ctypes.memset(base, 0x5C, extra)
+        alloc.free(a)
+
+        def native(p):
+            return b"".join(ctypes.string_at(t.data_ptr() + p * native_bytes, native_bytes) for t in natives)
+
+        def dq(slots):
+            return b"".join(ctypes.string_at(t.data_ptr() + s * dq_row, dq_row) for t in dqs for s in slots)
+
+        assert native(pa) == bytes(2 * native_bytes), "the freed page's native scales kept their bytes"
+        assert dq(a) == bytes(2 * page * dq_row), "the freed slots' dequantised rows kept their bytes"
+        assert native(pb) == b"\x5c" * (2 * native_bytes) and dq(b) == b"\x5c" * (2 * page * dq_row)
+    finally:
+        lib.kvh_free(base, extra, 0, None)
+        pool.release()
+
+
+def test_a_native_scale_buffer_of_another_page_size_is_refused():
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=4)
+    try:
+        pool.native_k_scale_buffer = [FakeTensor(pool.base, (pool.rows // 2, HEADS, 2, 2), element_size=1)]
+        with pytest.raises(ValueError, match="page_size 4"):
+            layouts_of(pool)
+    finally:
+        pool.release()
