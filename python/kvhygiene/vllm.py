@@ -38,9 +38,12 @@ request), ``new_block_ids`` and ``num_computed_tokens``):
 
 - a new (or resumed) request's blocks after its computed tokens: the first
   ``ceil(num_computed_tokens / block_size)`` blocks hold a cached prefix the request shares
-  on purpose (prefix caching only caches full blocks) or tokens a KV connector loaded (whose
+  on purpose or tokens a KV connector loaded (whose
   count need not fill the last block: an asynchronous connector's load of a 20-token prompt
-  in blocks of 16 leaves 19 computed), and must not be scrubbed;
+  in blocks of 16 leaves 19 computed), and must not be scrubbed; but a copy-on-write block
+  among them is new (a prefix hit that ends inside a block is redirected to a fresh block
+  from the pool, into which the step copies the hit, ``kv_cache_block_copies``: claimed
+  first, its scrub runs before the copy);
 - a running request's ``new_block_ids``, appended blocks, all new;
 - never vLLM's null block (block 0), a placeholder ``BlockPool`` keeps for itself, which
   stands in a request's block ids for blocks it skips (a Mamba group in prefix caching's
@@ -243,6 +246,28 @@ def _merged(layouts) -> list:
     ]
 
 
+def _attention_groups(model_runner) -> list:
+    """The runner's attention groups, its draft model's included (vLLM's V1 runner keeps
+    those in ``drafter.draft_attn_groups``, its V2 runner in ``speculator.attn_groups``),
+    flattened from their lists per KV cache group."""
+    held = [
+        model_runner.attn_groups,
+        getattr(getattr(model_runner, "drafter", None), "draft_attn_groups", None),
+        getattr(getattr(model_runner, "speculator", None), "attn_groups", None),
+    ]
+    out = []
+
+    def flatten(items):
+        for item in items or ():
+            if isinstance(item, (list, tuple)):
+                flatten(item)
+            elif item is not None:
+                out.append(item)
+
+    flatten(held)
+    return out
+
+
 def layouts_of_runner(model_runner) -> tuple:
     """``(layouts, block_sizes)`` for :func:`claim_scheduled`, read from a vLLM v1 GPU model
     runner whose KV cache is set up (after the worker's ``initialize_from_config``).
@@ -255,6 +280,12 @@ def layouts_of_runner(model_runner) -> tuple:
     group binds a packed cache, ``kernel_block_stride``); layers the runner keeps for itself
     (``runner_only_attn_layers``, encoder-only attention) are no group of the scheduler's.
 
+    A KV cache group with no layer on this worker's pipeline stage gets the layout all the
+    same (the scheduler hands out its blocks, the same memory); a worker with no KV cache at
+    all (an attention-free or encoder-only model) gets ``([], [])``. The block sizes are the
+    scheduler's: under decode context parallelism, a group's ``block_size`` times the
+    parallel size.
+
     Refused (``ValueError``, naming the layer), rather than leaving blocks ungated: a layer
     whose cache is not one tensor (a Mamba layer's states), a cache whose blocks are not
     dense runs of memory, and layers of different block geometries (mixed-precision caches).
@@ -266,11 +297,10 @@ def layouts_of_runner(model_runner) -> tuple:
         raise ValueError(f"kv_cache_config.num_blocks is {num_blocks}: no KV cache to gate")
     forward = model_runner.compilation_config.static_forward_context
     runner_only = set(getattr(model_runner, "runner_only_attn_layers", None) or ())
-    attention_group = {
-        name: group for groups in model_runner.attn_groups for group in groups for name in group.layer_names
-    }
-    # The runner appends its own groups (encoder-only layers) after the scheduler's.
-    groups = [g for g in config.kv_cache_groups if not set(g.layer_names) <= runner_only]
+    attention_group = {name: group for group in _attention_groups(model_runner) for name in group.layer_names}
+    # The runner appends its own groups (encoder-only layers) after the scheduler's. A group
+    # with no layer on this pipeline stage keeps its place: the scheduler gives its blocks too.
+    groups = [g for g in config.kv_cache_groups if not (g.layer_names and set(g.layer_names) <= runner_only)]
     parts = []
     for index, group in enumerate(groups):
         for name in group.layer_names:
@@ -288,14 +318,26 @@ def layouts_of_runner(model_runner) -> tuple:
                 kv = bound.map_kv_cache_to_manager_blocks(kv, num_blocks)
             parts.append(_manager_block_layout(name, kv, num_blocks))
     if not parts:
-        raise ValueError("the model runner's KV cache groups name no layer: no KV cache to gate")
+        # No KV cache in this worker (an attention-free or encoder-only model): nothing of its
+        # memory goes from request to request through the scheduler's blocks.
+        return [], []
     merged = _merged(parts)
     if len(merged) > 1:
         raise ValueError(
             f"the layers' caches have {len(merged)} block geometries ({merged}): one block id "
             "would span several layouts, which claim_scheduled does not take"
         )
-    block_sizes = [_block_size(g.kv_cache_spec.block_size) for g in groups]
+    # Under decode context parallelism a scheduler block holds a block of tokens on each rank
+    # (vLLM's KV cache manager: block_size * decode_context_parallel_size), and computed
+    # tokens count the whole sequence's.
+    parallel = getattr(model_runner, "parallel_config", None)
+    if parallel is None:
+        parallel = getattr(getattr(model_runner, "vllm_config", None), "parallel_config", None)
+    dcp = _integer(getattr(parallel, "decode_context_parallel_size", 1) or 1, "decode_context_parallel_size")
+    block_sizes = [
+        _block_size(g.kv_cache_spec.block_size) * (dcp if getattr(g.kv_cache_spec, "dcp_sharded", False) else 1)
+        for g in groups
+    ]
     return [merged[0]] * len(groups), block_sizes
 
 
@@ -353,6 +395,10 @@ def new_blocks(scheduler_output, block_sizes, null_block_id: Optional[int] = VLL
     # An id of another type ("0") would match no block id, and the null block be claimed.
     if null_block_id is not None:
         null_block_id = _block_id(null_block_id)
+    # Copy-on-write targets of partial prefix hits (vLLM's kv_cache_block_copies, of
+    # (src_block_id, dst_block_id)): fresh blocks from the pool that stand among a request's
+    # computed tokens' blocks, where the step copies the hit's bytes before its forward pass.
+    cow = {_block_id(c[1]) for c in getattr(scheduler_output, "kv_cache_block_copies", None) or ()}
     out = {}
 
     def add(req_id, groups, skip_tokens):
@@ -362,8 +408,12 @@ def new_blocks(scheduler_output, block_sizes, null_block_id: Optional[int] = VLL
         one = isinstance(block_sizes, (str, bytes)) or not hasattr(block_sizes, "__iter__")
         per_group = [block_sizes] * len(groups) if one else _per_group(block_sizes, len(groups), "block_sizes")
         sizes = [_block_size(b) for b in per_group]
-        # Blocks holding computed tokens, the last one even when they do not fill it.
-        fresh = [list(ids)[-(-skip_tokens // size) :] if skip_tokens else list(ids) for ids, size in zip(groups, sizes)]
+        # Blocks holding computed tokens, the last one even when they do not fill it, are
+        # prefix hits, but for copy-on-write targets.
+        fresh = []
+        for ids, size in zip(groups, sizes):
+            ids, hits = list(ids), -(-skip_tokens // size)
+            fresh.append([i for i in ids[:hits] if i in cow] + ids[hits:])
         # Counted in place above (the placeholder holds a block's place), left out here.
         fresh = [[i for i in ids if null_block_id is None or i != null_block_id] for ids in fresh]
         if any(fresh):

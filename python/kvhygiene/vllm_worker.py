@@ -41,8 +41,10 @@ class Worker(_VllmWorker):
         super().initialize_from_config(kv_cache_config)
         layouts, block_sizes = layouts_of_runner(self.model_runner)
         # Every group shares one layout (one block pool); scrubbing it all makes each block
-        # verified clean and ownerless, the state the gate hands blocks over from.
-        scrub_blocks(layouts[0], range(layouts[0].blocks_per_region))
+        # verified clean and ownerless, the state the gate hands blocks over from. A model
+        # with no KV cache has nothing to scrub or claim.
+        if layouts:
+            scrub_blocks(layouts[0], range(layouts[0].blocks_per_region))
         self._kvh_layouts = layouts
         self._kvh_block_sizes = block_sizes
 
@@ -58,8 +60,9 @@ class Worker(_VllmWorker):
                 "kvhygiene.vllm_worker: a step before the KV cache was set up "
                 "(initialize_from_config): its blocks cannot be claimed"
             )
-        with context(model_id=self._kvh_model_id()):
-            claim_scheduled(scheduler_output, layouts, self._kvh_block_sizes, tenant_of=self.kvh_tenant_of)
+        if layouts:
+            with context(model_id=self._kvh_model_id()):
+                claim_scheduled(scheduler_output, layouts, self._kvh_block_sizes, tenant_of=self.kvh_tenant_of)
         return super().execute_model(scheduler_output)
 
     def _kvh_model_id(self) -> Optional[str]:

@@ -338,3 +338,163 @@ def test_under_the_enforcing_gate_the_first_requests_get_the_blocks_scrubbed_at_
         [sys.executable, str(script), pkg, str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True
     )
     assert (run.returncode, run.stdout.strip()) == (0, "ran"), run.stderr
+
+
+# --- Review of the worker against vLLM 0.33's scheduler and model runners ---------------------
+
+
+def test_under_decode_context_parallel_a_fresh_block_after_a_prefix_hit_is_scrubbed(vllm_worker, memory):
+    # vLLM 0.33, v1/core/single_type_kv_cache_manager.py, SingleTypeKVCacheManager.__init__:
+    # ``self.block_size = kv_cache_spec.block_size * self.dcp_world_size`` for a DCP-sharded
+    # spec (AttentionSpec.dcp_sharded defaults to True): one scheduler block holds
+    # block_size * decode_context_parallel_size tokens, interleaved over the DCP ranks, while
+    # the worker's kv_cache_config keeps the per-rank spec.block_size. NewRequestData's
+    # num_computed_tokens counts tokens of the whole sequence. With DCP 2 and spec block size
+    # 16, 32 computed tokens fill one scheduler block: block_ids [1, 3] are hit 1 and fresh 3.
+    worker, base, layers = _worker(vllm_worker, memory)
+    worker.runner.dcp_world_size = 2  # V1 GPUModelRunner.__init__
+    worker.runner.dcp_size = 2  # V2 GPUModelRunner.__init__
+    worker.runner.parallel_config = NS(decode_context_parallel_size=2)
+    worker.runner.vllm_config = NS(parallel_config=worker.runner.parallel_config)
+    worker.parallel_config = worker.runner.parallel_config
+    worker.runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.dcp_sharded = True
+    worker.initialize_from_config(NS())
+    worker.execute_model(_step(new=[("a", [3])]))
+    _write(base, layers, 3, 0xA1)  # a's keys and values; a finishes
+    step = _step()
+    step.scheduled_new_reqs = [NS(req_id="b", block_ids=([1, 3],), num_computed_tokens=32)]
+    worker.look = lambda: _block(base, layers, 3)
+    worker.execute_model(step)
+    assert worker.steps[-1][1] == bytes(layers * PAGE), "b's fresh block 3 kept a's KV bytes (taken for a prefix hit)"
+
+
+def test_a_kv_cache_group_with_no_layer_on_this_pipeline_stage_keeps_its_place(vllm_worker, memory):
+    # vLLM 0.33, v1/core/kv_cache_planning.py, _project_kv_cache_groups_to_worker: under
+    # pipeline parallelism each worker's kv_cache_config keeps every global KV cache group, in
+    # the global order, with only the layers on its stage; a group whose layers all sit on other
+    # stages stays, with layer_names [] (e.g. a sliding-window group of a hybrid model under
+    # PP). The scheduler's block_ids still carry one list per group.
+    worker, base, layers = _worker(vllm_worker, memory)
+    worker.runner.kv_cache_config.kv_cache_groups.append(NS(layer_names=[], kv_cache_spec=NS(block_size=16)))
+    worker.runner.attn_groups.append([])
+    worker.initialize_from_config(NS())
+    assert len(worker._kvh_layouts) == 2 and len(worker._kvh_block_sizes) == 2
+    step = _step()
+    step.scheduled_new_reqs = [NS(req_id="a", block_ids=([3], [5]), num_computed_tokens=0)]
+    assert worker.execute_model(step) == "output"
+
+
+@pytest.mark.parametrize(
+    "groups, runner_only",
+    [
+        # V1 GPUModelRunner.may_add_encoder_only_layers_to_kv_cache_config: an encoder-only
+        # model (an embedding model) gets one group of runner-only layers, with no cache.
+        ([NS(layer_names=["enc.0"], kv_cache_spec=NS(block_size=16))], {"enc.0"}),
+        # v1/core/kv_cache_planning.py: an attention-free (or, in the V2 runner, encoder-only)
+        # model has no group; KVCacheConfig(num_blocks=1, kv_cache_tensors=[], ...).
+        ([], set()),
+    ],
+)
+def test_a_model_with_no_kv_cache_serves(vllm_worker, groups, runner_only):
+    worker = vllm_worker.Worker()
+    worker.runner = NS(
+        kv_cache_config=NS(num_blocks=1, kv_cache_groups=groups),
+        compilation_config=NS(static_forward_context={n: NS(kv_cache=FakeTensor(0x1000, (0,), device_index=0)) for n in runner_only}),
+        runner_only_attn_layers=runner_only,
+        attn_groups=[[NS(layer_names=g.layer_names, kernel_block_stride=0)] for g in groups],
+    )
+    worker.initialize_from_config(NS())
+    step = _step()
+    # The scheduler's block_ids for a model without KV cache groups: an empty tuple.
+    step.scheduled_new_reqs = [NS(req_id="a", block_ids=(), num_computed_tokens=0)]
+    assert worker.execute_model(step) == "output"
+
+
+_COW_SCRIPT = r"""
+import ctypes, sys, types
+from types import SimpleNamespace as NS
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+for name in ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_worker"]:
+    sys.modules[name] = types.ModuleType(name)
+
+class StandIn:
+    def initialize_from_config(self, kv_cache_config):
+        self.model_runner = self.runner
+    def execute_model(self, scheduler_output):
+        # GPUModelRunner._update_states (V1) / execute_model (V2): the step's
+        # kv_cache_block_copies run before the forward pass (copy_kv_cache_blocks_inplace).
+        for src, dst in scheduler_output.kv_cache_block_copies or ():
+            ctypes.memmove(p + dst * PAGE, p + src * PAGE, PAGE)
+        return "ran"
+
+sys.modules["vllm.v1.worker.gpu_worker"].Worker = StandIn
+import kvhygiene
+from kvhygiene.vllm_worker import Worker
+from test_vllm_worker import BLOCKS, PAGE, _layer, _runner
+
+def step(req_id, ids, computed=0, copies=None):
+    return NS(
+        scheduled_new_reqs=[NS(req_id=req_id, block_ids=(ids,), num_computed_tokens=computed)],
+        scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+        kv_cache_block_copies=copies,
+    )
+
+class Tenanted(Worker):
+    def kvh_tenant_of(self, req_id):
+        return req_id.split(":")[0]
+
+lib = kvhygiene.load()
+p = lib.kvh_malloc(BLOCKS * PAGE, 0, None)
+worker = Tenanted()
+worker.model_config = NS(model="m")
+worker.runner = _runner({"l0": _layer(p)}, block_size=16)
+worker.initialize_from_config(NS())
+worker.execute_model(step("t1:a", [3]))  # block 3 is tenant t1's; a finishes
+ctypes.memset(p + 2 * PAGE, 0x22, PAGE)  # block 2: a cached prefix block
+# A partial prefix hit: 20 tokens computed, the tail (block 1 of the request) redirected to a
+# fresh copy-on-write block 3, copied from block 2 before the forward pass.
+worker.execute_model(step("t2:r", [1, 3], computed=20, copies=[(2, 3)]))
+ctypes.memset(p + 3 * PAGE, 0xB2, PAGE)  # r's own keys and values after the hit; r finishes
+worker.execute_model(step("t1:q", [3]))
+print("T2 BYTES" if ctypes.string_at(p + 3 * PAGE, PAGE) != bytes(PAGE) else "SCRUBBED")
+"""
+
+
+def test_a_copy_on_write_block_of_a_partial_prefix_hit_changes_owner_through_the_gate(tmp_path):
+    # vLLM 0.33 hits the prefix cache below a block (hash_block_size, cache_hit_alignment_tokens):
+    # v1/core/single_type_kv_cache_manager.py, allocate_new_blocks / _apply_cow replaces the
+    # partially hit block in place with a fresh block from the pool (block_pool.get_new_blocks)
+    # and the scheduler sends SchedulerOutput.kv_cache_block_copies (src, dst) that the model
+    # runner applies before the forward pass; the request then writes its own tokens into it.
+    # The block is among the first ceil(num_computed_tokens / block_size), yet it is not shared:
+    # it changes owner here. Under KVH_KV_GATE_SCOPE=tenant, tenant t1's next request must not be
+    # handed it with tenant t2's bytes.
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(_COW_SCRIPT)
+    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
+    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE_SCOPE="tenant")
+    env.pop("KVH_LOG_DIR", None)
+    run = subprocess.run(
+        [sys.executable, str(script), pkg, str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "SCRUBBED", "tenant t1's request was handed block 3 holding tenant t2's KV bytes"
+
+
+@pytest.mark.parametrize("owner, attribute, nested", [("drafter", "draft_attn_groups", False), ("speculator", "attn_groups", True)])
+def test_a_draft_models_packed_cache_is_mapped_back_by_its_own_attention_group(owner, attribute, nested):
+    # A draft model's layers are in the scheduler's KV cache groups, but their attention groups
+    # are the drafter's (vLLM 0.33's V1 runner: drafter.draft_attn_groups, a list) or the
+    # speculator's (its V2 runner: speculator.attn_groups, a list per KV cache group).
+    manager = _layer(0x100000)
+    draft = NS(layer_names=["draft.0"], kernel_block_stride=3, map_kv_cache_to_manager_blocks=lambda kv, n: manager)
+    runner = _runner({"draft.0": _layer(0x900000, blocks=3 * BLOCKS)})
+    runner.attn_groups = [[]]
+    setattr(runner, owner, NS(**{attribute: [[draft]] if nested else [draft]}))
+    (layout,), _ = layouts_of_runner(runner)
+    assert layout.regions == (0x100000,)
