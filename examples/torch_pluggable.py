@@ -13,7 +13,9 @@ What it shows:
 4. a paged KV cache (one tensor per layer, blocks handed between requests by the engine, as
    vLLM does) gets a finished request's blocks zeroed and verified with scrub_blocks, and
    claim_blocks (the eviction gate) zeroes a block a request released without that scrub
-   before the next request gets it;
+   before the next request gets it; the vLLM worker's layout of a cache laid out as vLLM
+   0.33 lays it (per-layer views of one backing tensor, blocks at dimension 0) makes the
+   step's claims zero the block in every layer;
 5. PyTorch's memory statistics (torch.cuda.max_memory_allocated, memory_reserved,
    memory_summary), which a pluggable allocator does not keep, answer from kvhygiene: engines
    size their KV cache from them;
@@ -24,6 +26,7 @@ What it shows:
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 # Use the package from this checkout when it is not pip-installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
@@ -98,6 +101,35 @@ def main() -> int:
     print(f"after the eviction gate, {gate_left} non-zero values in the block req-6 was given")
     del caches
 
+    # The vLLM worker (kvhygiene.vllm_worker.Worker) lays out the model runner's KV cache:
+    # vLLM 0.33 views one backing tensor as [B, H, N, C] per layer (here its LBNHC layout:
+    # layer-major, then block, token, head), and every KV cache group shares one block pool.
+    from kvhygiene.vllm import claim_scheduled, layouts_of_runner
+
+    layers, blocks, tokens, heads, dim = 3, 64, 16, 4, 32
+    backing = torch.full((layers, blocks, tokens, heads, dim), 5.0, dtype=torch.float16, device="cuda")
+    views = {f"layer.{i}": backing[i].permute(0, 2, 1, 3) for i in range(layers)}
+    runner = NS(
+        kv_cache_config=NS(num_blocks=blocks, kv_cache_groups=[NS(layer_names=list(views), kv_cache_spec=NS(block_size=tokens))]),
+        compilation_config=NS(static_forward_context={n: NS(kv_cache=v) for n, v in views.items()}),
+        attn_groups=[[NS(layer_names=list(views), kernel_block_stride=0)]],
+    )
+    vllm_layouts, block_sizes = layouts_of_runner(runner)
+
+    def step(req_id, ids):
+        return NS(
+            scheduled_new_reqs=[NS(req_id=req_id, block_ids=(ids,), num_computed_tokens=0)],
+            scheduled_cached_reqs=NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]),
+        )
+
+    claim_scheduled(step("vllm-a", [11]), vllm_layouts, block_sizes)
+    backing[:, 11] = 9.0  # request vllm-a's keys and values, in every layer; it finishes
+    claim_scheduled(step("vllm-b", [11]), vllm_layouts, block_sizes)
+    vllm_left = int((backing[:, 11] != 0).sum().item())
+    vllm_touched = int((backing[:, [b for b in range(blocks) if b != 11]] != 5.0).sum().item())
+    print(f"vLLM worker layout: {vllm_left} non-zero values in block 11 after vllm-b's claim, {vllm_touched} changed elsewhere")
+    del backing, views, runner
+
     # torch.cuda.empty_cache() reaches kvhygiene through the reset hook install() registered.
     torch.cuda.empty_cache()
     kvhygiene.synchronize()
@@ -114,20 +146,22 @@ def main() -> int:
     print(f"torch.cuda.max_memory_allocated() {peak} bytes, memory_reserved() {reserved} bytes")
 
     # 6. CUDA graph capture: refused before it begins, with what to run instead (vLLM:
-    #    --enforce-eager; SGLang: --disable-cuda-graph). Last: torch.cuda.graph has switched
-    #    to its capture stream when the refusal comes.
+    #    --enforce-eager; SGLang: --disable-cuda-graph). torch.cuda.graph is refused on entry,
+    #    before it makes its capture stream current: the caller stays on its own stream.
+    before = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             torch.ones(1, device="cuda")
         capture_refused = False
     except RuntimeError as e:
-        capture_refused = "enforce-eager" in str(e)
-    print(f"CUDA graph capture refused before it began: {capture_refused}")
+        capture_refused = "enforce-eager" in str(e) and torch.cuda.current_stream() == before
+    print(f"CUDA graph capture refused before it began, on the caller's stream: {capture_refused}")
 
     # 7. What the allocator did.
     stats = kvhygiene.stats()
     print("kvhygiene stats:", {k: stats[k] for k in list(stats)[:12]})
     clean = leaked == 0 and nonzero == 0 and kv_left == 0 and kv_touched == 0 and gate_left == 0
+    clean = clean and vllm_left == 0 and vllm_touched == 0
     return 0 if clean and stats_ok and capture_refused else 2
 
 
