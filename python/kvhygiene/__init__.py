@@ -1290,6 +1290,15 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
     for ``torch.accelerator``, whose accelerator is CUDA in a process kvhygiene serves),
     which are replaced here. A set a build lacks in part (a layout this does not know) is
     left as it is: those statistics raise there, as under any pluggable allocator.
+
+    ``torch.accelerator``'s functions first ask ``_accelerator_isAllocatorInitialized``, and
+    its ``empty_cache`` calls ``_accelerator_emptyCache``: both go to the accelerator's
+    registered device allocator, which PyTorch's allocator swap may leave being its own
+    caching allocator, never initialised (then the statistics read empty and ``empty_cache``
+    does nothing, and vLLM's profiling would size the KV cache without them). When the build
+    has them they are replaced too: the allocator counts as initialised, and ``empty_cache``
+    is kvhygiene's (``kvh_empty_cache``, what ``torch.cuda.empty_cache`` reaches through the
+    reset hook).
     """
     c = getattr(torch, "_C", None)
     if c is None:
@@ -1318,6 +1327,11 @@ def _route_memory_stats(lib: ctypes.CDLL, torch) -> None:
         if all(hasattr(c, name) for name in route):
             for name, fn in route.items():
                 setattr(c, name, fn)
+
+    accelerator = (("_accelerator_isAllocatorInitialized", lambda: True), ("_accelerator_emptyCache", empty_cache))
+    for name, fn in accelerator:
+        if hasattr(c, name):
+            setattr(c, name, fn)
 
 
 #: Why a CUDA graph capture is refused under kvhygiene, and what to do instead.

@@ -61,13 +61,15 @@ allocators, is refused: wrap each inner one (``full_attn_allocator``,
 both names: wrap it once). A hybrid linear-attention model's ``HybridLinearKVPool`` is laid
 out by its ``full_kv_pool``. An FP4 pool's block-scale rows (``k_scale_buffer``,
 ``v_scale_buffer``, MLA's ``kv_scale_buffer``, of two or more dimensions), an NVFP4 pool's
-per-page native scales (``native_k_scale_buffer``, ``native_v_scale_buffer``) and its
-dequantisation workspace (``dq_k_buffer``, ``dq_v_buffer``) are scrubbed with the slots they
-belong to; a pool with a scale buffer of another name is refused. Not covered: slots given
-back by other means than ``free``, ``free_segment``, ``free_page_ids``, ``clear`` and
-``restore_state``, buffers that are not per-token rows (sparse-attention index buffers, a
-host-side cache, a hybrid model's linear-attention states), and sharded pools whose slot
-indices are not the local rows (``--enable-kv-cache-sharding``, decode context parallelism).
+per-page native scales (``native_k_scale_buffer``, ``native_v_scale_buffer``) are scrubbed
+with the slots they belong to; a pool with a scale buffer of another name is refused. Not
+covered: slots given back by other means than ``free``, ``free_segment``, ``free_page_ids``,
+``clear`` and ``restore_state``, buffers that are not per-token rows (sparse-attention index
+buffers, a host-side cache, a hybrid model's linear-attention states, an NVFP4 pool's
+dequantisation workspace ``dq_k_buffer`` / ``dq_v_buffer``, whose prefill rows follow the
+batch's order, not the slots, and which each prefill overwrites where it reads; all of them
+are scrubbed when the pool is freed), and sharded pools whose slot indices are not the local
+rows (``--enable-kv-cache-sharding``, decode context parallelism).
 """
 
 from __future__ import annotations
@@ -116,16 +118,14 @@ def _scale_buffers(kv_pool) -> Tuple[list, list]:
 
     Rows, one per token slot: an FP4 pool's block scales (MHA's ``k_scale_buffer`` and
     ``v_scale_buffer``, MLA's ``kv_scale_buffer``; computed from the request's keys and values,
-    written at the same slots), and an NVFP4 pool's shared dequantisation workspace
-    (``dq_k_buffer``, ``dq_v_buffer``: the slots' keys and values in FP8). Pages, one per
-    page of slots: an NVFP4 pool's scales in the attention kernel's native layout
+    written at the same slots). Pages, one per page of slots: an NVFP4 pool's scales in the attention kernel's native layout
     (``native_k_scale_buffer``, ``native_v_scale_buffer``, ``[pages, heads, page_size,
     scales]``). None for other pools."""
     rows, pages = [], []
-    for name in _SCALE_BUFFERS + _WORKSPACES:
+    for name in _SCALE_BUFFERS:
         held = getattr(kv_pool, name, None)
         if held is not None:
-            rows.extend([held] if hasattr(held, "data_ptr") else held)
+            rows.extend(held)
     for name in _NATIVE_SCALE_BUFFERS:
         held = getattr(kv_pool, name, None)
         if held is not None:
@@ -154,9 +154,6 @@ def _scale_buffers(kv_pool) -> Tuple[list, list]:
 #: The per-slot block-scale rows of FP4 pools: MHA's K and V scales, MLA's one.
 _SCALE_BUFFERS = ("k_scale_buffer", "v_scale_buffer", "kv_scale_buffer")
 
-#: An NVFP4 pool's dequantisation workspace: one tensor each, a row per token slot.
-_WORKSPACES = ("dq_k_buffer", "dq_v_buffer")
-
 #: An NVFP4 pool's per-page scales in the attention kernel's layout.
 _NATIVE_SCALE_BUFFERS = ("native_k_scale_buffer", "native_v_scale_buffer")
 
@@ -164,9 +161,8 @@ _NATIVE_SCALE_BUFFERS = ("native_k_scale_buffer", "native_v_scale_buffer")
 def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
     """The layouts of an SGLang token KV pool whose blocks are its pages: block ``p`` of each
     region is token slots ``p * page_size .. (p + 1) * page_size - 1`` of one layer's K, V or
-    KV tensor, and of its other per-slot data when it has them (an FP4 pool's block scales and
-    an NVFP4 pool's dequantisation workspace; an NVFP4 pool's per-page scales, block ``p``
-    being their page ``p``). ``page_size`` defaults to the pool's. A hybrid linear-attention
+    KV tensor, and of its other per-slot data when it has them (an FP4 pool's block scales; an
+    NVFP4 pool's per-page scales, block ``p`` being their page ``p``). ``page_size`` defaults to the pool's. A hybrid linear-attention
     model's pool (``HybridLinearKVPool``) is laid out by its ``full_kv_pool``. Tensors of one
     geometry share a layout (K and V of different head sizes make two)."""
     kv_pool = _attention_pool(kv_pool)

@@ -329,13 +329,15 @@ def layouts_of_runner(model_runner) -> tuple:
         )
     # Under decode context parallelism a scheduler block holds a block of tokens on each rank
     # (vLLM's KV cache manager: block_size * decode_context_parallel_size), and computed
-    # tokens count the whole sequence's.
+    # tokens count the whole sequence's. Attention specs are sharded unless they say not
+    # (vLLM 0.33's AttentionSpec.dcp_sharded defaults to True; earlier releases lack the
+    # field and shard every group).
     parallel = getattr(model_runner, "parallel_config", None)
     if parallel is None:
         parallel = getattr(getattr(model_runner, "vllm_config", None), "parallel_config", None)
     dcp = _integer(getattr(parallel, "decode_context_parallel_size", 1) or 1, "decode_context_parallel_size")
     block_sizes = [
-        _block_size(g.kv_cache_spec.block_size) * (dcp if getattr(g.kv_cache_spec, "dcp_sharded", False) else 1)
+        _block_size(g.kv_cache_spec.block_size) * (dcp if getattr(g.kv_cache_spec, "dcp_sharded", True) else 1)
         for g in groups
     ]
     return [merged[0]] * len(groups), block_sizes

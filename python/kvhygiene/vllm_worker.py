@@ -1,6 +1,6 @@
 """A vLLM (v1) GPU worker whose KV cache goes through kvhygiene's eviction gate::
 
-    vllm serve MODEL --worker-cls kvhygiene.vllm_worker.Worker
+    vllm serve MODEL --worker-cls kvhygiene.vllm_worker.Worker --enforce-eager --gpu-memory-utilization 0.8
 
 vLLM's scheduler frees KV blocks in a process that holds no cache, on paths a worker never
 sees, and hands them to the next request unscrubbed. This worker claims, before every
@@ -16,7 +16,7 @@ allocated. Once vLLM has set up the KV cache, the worker lays it out
 (:func:`kvhygiene.vllm.layouts_of_runner`) and scrubs every block once, so that the gate
 knows each one clean before the first request (``KVH_KV_GATE=enforce`` refuses blocks of
 unknown state); a cache it cannot lay out stops the worker there. Subclass it and override
-:meth:`Worker.kvh_tenant_of` to claim blocks under a tenant (``KVH_KV_GATE_SCOPE=tenant``).
+:meth:`Worker.tenant_of_request` to claim blocks under a tenant (``KVH_KV_GATE_SCOPE=tenant``).
 
 Importing this module imports vLLM. It is tested against a stand-in of vLLM's worker class,
 not against vLLM itself.
@@ -48,7 +48,7 @@ class Worker(_VllmWorker):
         self._kvh_layouts = layouts
         self._kvh_block_sizes = block_sizes
 
-    def kvh_tenant_of(self, req_id: str) -> Optional[str]:
+    def tenant_of_request(self, req_id: str) -> Optional[str]:
         """The tenant of request ``req_id``, under whom its blocks are claimed: none by
         default (vLLM's requests carry no tenant)."""
         return None
@@ -62,7 +62,7 @@ class Worker(_VllmWorker):
             )
         if layouts:
             with context(model_id=self._kvh_model_id()):
-                claim_scheduled(scheduler_output, layouts, self._kvh_block_sizes, tenant_of=self.kvh_tenant_of)
+                claim_scheduled(scheduler_output, layouts, self._kvh_block_sizes, tenant_of=self.tenant_of_request)
         return super().execute_model(scheduler_output)
 
     def _kvh_model_id(self) -> Optional[str]:

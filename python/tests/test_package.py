@@ -302,6 +302,35 @@ def test_install_makes_torch_memory_statistics_kvhygiene_s(fresh):
 
 
 @needs_lib
+def test_install_makes_torch_accelerator_empty_cache_and_statistics_answer_when_torch_s_own_allocator_is_uninitialised(fresh):
+    # torch/accelerator/memory.py: empty_cache and memory_stats first ask
+    # torch._C._accelerator_isAllocatorInitialized(), which asks the accelerator's registered
+    # device allocator; PyTorch's allocator swap may leave that its own caching allocator,
+    # never initialised: empty_cache would do nothing and memory_stats read {}. After
+    # install(), the allocator counts as initialised and empty_cache is kvhygiene's.
+    torch, _ = _fake_torch(with_stats_calls=True)
+    called = []
+    torch._C._accelerator_getDeviceStats = lambda d: {}
+    torch._C._accelerator_resetPeakStats = lambda d: None
+    torch._C._accelerator_resetAccumulatedStats = lambda d: None
+    torch._C._accelerator_isAllocatorInitialized = lambda: False
+    torch._C._accelerator_emptyCache = lambda: called.append("torch's own")
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    kvhygiene.install(LIB)
+    lib = kvhygiene.load()
+    device = 6  # a host device no other test allocates on
+    ptr = lib.kvh_malloc(2 << 20, device, None)
+    assert ptr
+    lib.kvh_free(ptr, 2 << 20, device, None)
+    kvhygiene.synchronize()
+    assert kvhygiene.memory_stats(device)["reserved_bytes"]["all"]["current"] >= 2 << 20, "precondition: cached"
+    assert torch._C._accelerator_isAllocatorInitialized() is True
+    torch._C._accelerator_emptyCache()
+    assert called == [], "torch.accelerator.empty_cache went to PyTorch's own allocator"
+    assert kvhygiene.memory_stats(device)["reserved_bytes"]["all"]["current"] == 0, "the cached block was not returned"
+
+
+@needs_lib
 def test_install_makes_torch_accelerator_memory_statistics_kvhygiene_s(fresh):
     # torch.accelerator.memory_stats, memory_reserved, max_memory_allocated and
     # reset_peak_memory_stats (which vLLM's memory snapshot and profiling call) go through

@@ -283,7 +283,7 @@ def test_claims_name_the_workers_tenant_hook_and_model(vllm_worker, memory, monk
     monkeypatch.setattr(vllm_worker, "claim_scheduled", spy)
 
     class Tenanted(vllm_worker.Worker):
-        def kvh_tenant_of(self, req_id):
+        def tenant_of_request(self, req_id):
             return "acme:" + req_id
 
     worker = Tenanted()
@@ -441,7 +441,7 @@ def step(req_id, ids, computed=0, copies=None):
     )
 
 class Tenanted(Worker):
-    def kvh_tenant_of(self, req_id):
+    def tenant_of_request(self, req_id):
         return req_id.split(":")[0]
 
 lib = kvhygiene.load()
@@ -498,3 +498,19 @@ def test_a_draft_models_packed_cache_is_mapped_back_by_its_own_attention_group(o
     setattr(runner, owner, NS(**{attribute: [[draft]] if nested else [draft]}))
     (layout,), _ = layouts_of_runner(runner)
     assert layout.regions == (0x100000,)
+
+
+def test_under_decode_context_parallel_a_spec_without_dcp_sharded_counts_the_schedulers_block():
+    # vLLM 0.33, v1/kv_cache_interface.py: AttentionSpec.dcp_sharded defaults to True (only the
+    # base KVCacheSpec's is False), and v1/worker/gpu/block_table.py BlockTables.__init__ takes
+    # a missing dcp_sharded as ``[True] * num_kv_cache_groups``. Releases before the field
+    # existed scaled every group (single_type_kv_cache_manager.py SingleTypeKVCacheManager.
+    # __init__: ``if dcp_world_size > 1: self.block_size *= dcp_world_size``). An attention
+    # group's spec that does not carry the field is sharded: the scheduler's block is
+    # block_size * decode_context_parallel_size tokens. Counted at 16 instead of 32, 32
+    # computed tokens take both of [1, 3] for prefix hits and the fresh block 3 goes unclaimed.
+    runner = _runner({"l0": _layer(0x100000)}, block_size=16)
+    runner.parallel_config = NS(decode_context_parallel_size=2)
+    assert not hasattr(runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec, "dcp_sharded")
+    _, sizes = layouts_of_runner(runner)
+    assert sizes == [32], f"scheduler block sizes {sizes}: a DCP-sharded attention group counted per rank"

@@ -388,9 +388,10 @@ impl Allocator {
         }
         // As may a reset of the device, which made the pops above miss.
         self.refuse_if_reset(dev)?;
+        let fresh_class = SizeClass::for_fresh(size, class);
         let fresh = self
             .refuse_capture(size, dev, stream)
-            .and_then(|()| self.allocate_fresh(size, dev, class, &ctx, stream));
+            .and_then(|()| self.allocate_fresh(size, dev, fresh_class, &ctx, stream));
         match fresh {
             Err(AllocError::OutOfMemory { .. }) => {
                 self.malloc_after_oom(size, dev, class, key, ctx, stream)
@@ -464,8 +465,9 @@ impl Allocator {
         result.map(|addr| Allocation { addr, fresh: true })
     }
 
-    /// [`Self::allocate_fresh`] at `class`'s capacity, then, when the backend is out of memory
-    /// for it, at the request's own size rounded to the driver's granule
+    /// [`Self::allocate_fresh`] at the capacity a fresh block of `class` takes
+    /// ([`SizeClass::for_fresh`]), then, when the backend is out of memory for it and that is
+    /// the class's, at the request's own size rounded to the driver's granule
     /// ([`SizeClass::exact`]): the device may hold the request but not its class's capacity,
     /// up to 12.5% more. Only after the capture query answered, and never once exit began.
     fn allocate_fresh_or_exact(
@@ -476,9 +478,10 @@ impl Allocator {
         ctx: &Context,
         stream: StreamHandle,
     ) -> Result<u64, AllocError> {
-        let fresh = self.allocate_fresh(size, dev, class, ctx, stream);
-        let (Err(AllocError::OutOfMemory { .. }), Some(exact)) = (&fresh, SizeClass::exact(size))
-        else {
+        let first = SizeClass::for_fresh(size, class);
+        let fresh = self.allocate_fresh(size, dev, first, ctx, stream);
+        let smaller = SizeClass::exact(size).filter(|e| e.capacity < first.capacity);
+        let (Err(AllocError::OutOfMemory { .. }), Some(exact)) = (&fresh, smaller) else {
             return fresh;
         };
         if self.inner.shutting_down.load(Ordering::Acquire) {

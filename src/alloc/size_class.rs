@@ -13,6 +13,12 @@ pub const CLASSES_PER_OCTAVE: u32 = 8;
 /// for large allocations.
 pub const EXACT_GRANULE: u64 = 2 << 20;
 
+/// Smallest request whose fresh block is sized to it ([`SizeClass::for_fresh`]) rather than
+/// to its class. Buffers this large are few and long-lived (weights, an engine's whole KV
+/// cache, which vLLM allocates as one buffer of the memory it budgeted): the class's rounding
+/// of up to 12.5% would take up to 1 GiB more of an 8 GiB one, past the engine's budget.
+pub const EXACT_FIRST_BYTES: u64 = 256 << 20;
+
 /// The index of every block sized to its request: no class has it (the largest class index
 /// is 63 × 8 + 8), so such blocks have free lists of their own.
 pub const EXACT_INDEX: u16 = u16::MAX;
@@ -61,6 +67,17 @@ impl SizeClass {
         })
     }
 
+    /// The block a fresh allocation of `size` bytes (of class `class`) takes from the backend:
+    /// its class's capacity, or, from [`EXACT_FIRST_BYTES`] up, its own size rounded to
+    /// [`EXACT_GRANULE`] ([`SizeClass::exact`]). A block sized so serves later requests of
+    /// its class up to its capacity, as the pool's exact blocks do.
+    pub fn for_fresh(size: u64, class: SizeClass) -> SizeClass {
+        if size < EXACT_FIRST_BYTES {
+            return class;
+        }
+        Self::exact(size).unwrap_or(class)
+    }
+
     /// Internal fragmentation of serving `size` from this class, as a fraction of capacity:
     /// 0 for a size the class does not hold (larger than its capacity), which wastes nothing
     /// of it.
@@ -76,6 +93,23 @@ impl SizeClass {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_fresh_block_is_sized_to_its_request_from_256_mib_up() {
+        let small = (EXACT_FIRST_BYTES - 1) | 1;
+        let class = SizeClass::of(small).unwrap();
+        assert_eq!(SizeClass::for_fresh(small, class), class);
+        let huge = 8 * (1 << 30) + 1;
+        let class = SizeClass::of(huge).unwrap();
+        let fresh = SizeClass::for_fresh(huge, class);
+        assert_eq!(
+            (fresh.index, fresh.capacity),
+            (EXACT_INDEX, 8 * (1 << 30) + EXACT_GRANULE)
+        );
+        // A size its class holds exactly keeps the class: nothing to save.
+        let even = SizeClass::of(1 << 30).unwrap();
+        assert_eq!(SizeClass::for_fresh(1 << 30, even), even);
+    }
 
     #[test]
     fn an_exact_block_is_granule_rounded_and_only_when_smaller_than_its_class() {
