@@ -181,7 +181,9 @@ def context_id(req_id) -> str:
             # An id that reads like a digest is hashed too: kept, it could be another
             # request's digest, and the two requests would be one owner to the gate.
             and not text.startswith(_DIGEST_PREFIX)
-            and not any(_unprintable(c) for c in text)
+            # Printable ASCII (vLLM's own ids) holds none of the characters refused, all
+            # control characters or beyond ASCII: the scan of every character is skipped.
+            and ((text.isascii() and text.isprintable()) or not any(_unprintable(c) for c in text))
         )
         if kept:
             return text
