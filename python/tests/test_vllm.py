@@ -981,3 +981,26 @@ def test_the_vllm_plugin_installs_and_lets_a_failure_stop_the_process(monkeypatc
     monkeypatch.setattr(kvhygiene, "install", refuse)
     with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
         install_plugin()
+
+
+def test_the_claim_benchmark_runs_and_reports_each_step(tmp_path):
+    # benches/vllm_claim.py (docs/benchmarks.md) times claim_scheduled: it runs against this
+    # package and prints a median for each kind of step.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(kvhygiene.__file__).resolve().parents[2]
+    env = dict(os.environ, KVH_BACKEND="host")
+    env.pop("KVH_LOG_DIR", None)
+    run = subprocess.run(
+        [sys.executable, str(root / "benches" / "vllm_claim.py"), str(root / "python")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith(" ms") for line in lines), run.stdout
