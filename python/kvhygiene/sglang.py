@@ -25,8 +25,15 @@ tensor-parallel rank) as spawned processes, fresh interpreters that own the mode
 KV pool and its allocator. ``install()`` gets there through a ``sitecustomize`` module on
 ``PYTHONPATH`` that ends the process when it fails (Python only prints an exception raised
 there; see the README); the wrap needs the scheduler's own objects
-(``scheduler.token_to_kv_pool_allocator``, ``tp_worker.model_runner.token_to_kv_pool``), so it
-takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
+(``scheduler.token_to_kv_pool_allocator``, ``scheduler.tp_worker.model_runner.token_to_kv_pool``
+and, for ``stream``, ``scheduler.forward_stream`` in 0.5.23), so it takes code in that
+process, once the ``Scheduler`` is built: SGLang has no option for it, but a general plugin
+(entry points ``sglang.srt.plugins``, run first in each scheduler process) can register a
+hook after ``sglang.srt.managers.scheduler.Scheduler.__init__``. SGLang logs a plugin or hook
+that fails to load and goes on: the ``kv_scrub`` record of the padding page's scrub, made
+when the allocator is wrapped, shows in each process's forensic log that the wrap took. Run
+SGLang with ``--disable-cuda-graph`` (in 0.5.23, deprecated for
+``--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled``) and without
 ``--enable-memory-saver``: both fail under any pluggable allocator (docs/cuda.md).
 
 - ``free``, ``free_segment`` and ``free_page_ids``: a freed page (the slot itself when ``page_size`` is 1) is
@@ -35,9 +42,9 @@ takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
   (``free_group_begin`` .. ``free_group_end``) a page is scrubbed when it is freed, not again
   when the group gives it back.
 - ``clear``: the whole pool is scrubbed first (SGLang clears only while no request runs).
-- ``restore_state`` (speculative decoding gives back the pages a draft step took by putting
-  back the free lists ``backup_state`` saved, without ``free``): the pages it makes free are
-  scrubbed before it returns.
+- ``restore_state``, in releases that have it (0.5.23 has none), where speculative decoding
+  gives back the pages a draft step took by putting back the free lists ``backup_state``
+  saved, without ``free``: the pages it makes free are scrubbed before it returns.
 - A page whose scrub fails verification is withheld: never given back to the allocator,
   listed in :attr:`ScrubOnFree.withheld`, and recorded in the forensic log by the library,
   until a ``clear`` verifies it clean; a ``clear`` during which a page fails raises, clears
@@ -48,9 +55,10 @@ takes code in that process. Run SGLang with ``--disable-cuda-graph`` and without
 
 Only attribute names are used (no SGLang import): the module is tested against stand-ins with
 those names, not against SGLang itself. The scrub runs on ``stream`` (default: PyTorch's
-current stream), after the work queued there: with SGLang's overlap scheduler, which runs the
-forward pass on a stream of its own, pass that stream, so that the scrub does not overtake a
-kernel still reading the slots. Speculative decoding (EAGLE) gives the draft model a KV
+current stream), after the work queued there: with SGLang's overlap scheduler (the default;
+``--disable-overlap-schedule`` turns it off) or pipeline parallelism, which run the forward
+pass on a stream of their own (``scheduler.forward_stream``), pass that stream, so that the
+scrub does not overtake a kernel still reading the slots. Speculative decoding (EAGLE) gives the draft model a KV
 pool of its own but the target's allocator: wrap that one allocator once, with the layouts of
 both pools (``layouts_of(target_pool) + layouts_of(draft_pool)``), so that every page it
 frees is scrubbed in both. A sliding-window
@@ -585,7 +593,7 @@ class ScrubOnFree:
 def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[int] = None, stream=None) -> ScrubOnFree:
     """Wraps ``allocator.free`` (an SGLang token allocator, or anything with
     ``free(token_indices)``) in a :class:`ScrubOnFree` and returns it; also its
-    ``free_segment``, ``free_group_end``, ``clear`` and ``restore_state`` when it has them (a page freed in a
+    ``free_segment``, ``free_page_ids``, ``free_group_end``, ``clear`` and ``restore_state`` when it has them (a page freed in a
     free group is scrubbed once; ``clear`` scrubs the whole pool first; ``restore_state``
     scrubs the pages it makes free). ``layouts`` are the KV pool's
     (:func:`layouts_of`, with the same page size); ``page_size`` defaults to the

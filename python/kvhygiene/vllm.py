@@ -134,7 +134,8 @@ def install_plugin() -> None:
     allocator before its first CUDA allocation, with no code of the user's in vLLM. A process
     that never allocates on CUDA (the API server) starts nothing. A failure raises, and vLLM
     lets it stop the process: a worker does not serve on PyTorch's allocator because kvhygiene
-    could not be installed. vLLM loads every installed plugin unless ``VLLM_PLUGINS`` lists
+    could not be installed. The entry point exists once the package is pip-installed (a
+    ``PYTHONPATH`` entry declares no plugin). vLLM loads every installed plugin unless ``VLLM_PLUGINS`` lists
     the ones to load: leave ``kvhygiene`` out of it to turn this off. The KV cache's gate
     (:func:`claim_scheduled`) takes kvhygiene's worker as well: ``--worker-cls
     kvhygiene.vllm_worker.Worker``.

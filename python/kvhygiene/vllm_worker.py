@@ -2,8 +2,8 @@
 
     vllm serve MODEL --worker-cls kvhygiene.vllm_worker.Worker --enforce-eager --gpu-memory-utilization 0.8
 
-vLLM's scheduler frees KV blocks in a process that holds no cache, on paths a worker never
-sees, and hands them to the next request unscrubbed. This worker claims, before every
+vLLM's scheduler, which holds no cache, frees KV blocks on paths a worker never sees, and
+hands them to the next request unscrubbed. This worker claims, before every
 forward pass, the blocks each scheduled request is newly given
 (:func:`kvhygiene.vllm.claim_scheduled`): a block that changes owner is scrubbed and
 verified first, and a step that would run a request on a block that could not be verified
@@ -11,8 +11,11 @@ clean fails (vLLM then stops the engine) rather than serve another request's key
 values.
 
 It needs kvhygiene as PyTorch's allocator in the worker (the package's vLLM plugin installs
-it, see :func:`kvhygiene.vllm.install_plugin`): the KV cache must lie in memory kvhygiene
-allocated. Once vLLM has set up the KV cache, the worker lays it out
+it once the package is pip-installed, see :func:`kvhygiene.vllm.install_plugin`): the KV cache
+must lie in memory kvhygiene allocated. ``--enforce-eager`` because CUDA graph capture fails
+under any pluggable allocator; a ``--gpu-memory-utilization`` below vLLM's default (0.92), or
+``--kv-cache-memory-bytes``, leaves room for freed blocks kvhygiene holds until their scrub is
+verified (README, "vLLM"). Once vLLM has set up the KV cache, the worker lays it out
 (:func:`kvhygiene.vllm.layouts_of_runner`) and scrubs every block once, so that the gate
 knows each one clean before the first request (``KVH_KV_GATE=enforce`` refuses blocks of
 unknown state); a cache it cannot lay out stops the worker there. Subclass it and override
