@@ -305,3 +305,32 @@ fn an_allocation_makes_no_backend_call_once_exit_began_during_its_last_attempt_a
         "{r:?}"
     );
 }
+
+/// `kvh_shutdown` (src/ffi/mod.rs): "Later allocations are served only from clean pooled
+/// blocks (already verified, no device call), so teardown code that still allocates does not
+/// fail". From 256 MiB up a fresh block is sized to its request (`SizeClass::for_fresh`) and,
+/// once clean, waits on the free list of such blocks: after shutdown the same request is
+/// served from it, as a smaller request is served from its class's clean block.
+#[test]
+fn a_clean_block_sized_to_its_request_is_served_after_shutdown() {
+    let f = Fixture::new(manual_config());
+    let size: i64 = (256 << 20) + 1;
+    let p = f.alloc.malloc(size, 0, S).unwrap();
+    f.alloc.free(p, size, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    assert_eq!(
+        f.alloc.block_info(p).map(|b| b.state),
+        Some(BlockState::Clean),
+        "precondition: the block is clean and pooled"
+    );
+    f.alloc.shutdown();
+    f.backend.seal();
+    let again = f.alloc.malloc(size, 0, S);
+    assert_eq!(
+        again,
+        Ok(p),
+        "after shutdown, a request of {size} bytes was not served from the clean pooled block \
+         of {size} bytes"
+    );
+    assert_eq!(f.backend.calls_after_seal.load(Ordering::SeqCst), 0);
+}

@@ -352,3 +352,29 @@ fn fresh_memory_given_back_after_its_zeroing_failed_counts_as_obtained_and_retur
         "the backend's allocation and release of the block are not counted"
     );
 }
+
+/// `num_device_free` counts the blocks returned to the backend (docs/cuda.md: "the blocks
+/// obtained from and returned to the driver"); fresh memory whose zeroing failed and whose
+/// release then failed too is counted as obtained, not as returned. A cached block whose
+/// release the backend failed is not returned either: the backend still holds its memory.
+#[test]
+fn a_cached_block_whose_release_failed_is_not_counted_as_returned() {
+    use std::sync::atomic::Ordering;
+    let f = Fixture::new(manual_config());
+    let a = f.alloc.malloc(4096, 0, S).unwrap();
+    f.alloc.free(a, 4096, 0, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    f.backend.fail_release.store(true, Ordering::SeqCst);
+    f.alloc.empty_cache();
+    assert_eq!(
+        f.backend.host.bytes_in_use(),
+        4096,
+        "precondition: the backend still holds the block's memory"
+    );
+    let m = f.alloc.memory_stats(0).unwrap();
+    assert_eq!(
+        (m.num_device_alloc, m.num_device_free),
+        (1, 0),
+        "a release the backend failed is counted as a block returned to it"
+    );
+}

@@ -11,7 +11,7 @@
 //!
 //! | PyTorch          | kvhygiene                                                  |
 //! |------------------|------------------------------------------------------------|
-//! | `allocated`      | LIVE blocks (their class capacity; `requested`: the sizes asked) |
+//! | `allocated`      | LIVE blocks (their capacity; `requested`: the sizes asked)       |
 //! | `active`         | LIVE blocks and freed PENDING ones (their scrub not yet verified) |
 //! | `reserved`       | every block the pool holds from the backend (`segment`: a block each) |
 //! | `inactive_split` | none: kvhygiene never splits a block                       |

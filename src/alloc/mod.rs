@@ -331,11 +331,35 @@ impl Allocator {
         let ctx = Context::current();
         let isolation = self.inner.config.tenant_isolation;
         let key = FreeKey::new(class, &ctx, isolation);
-        // Hot path: one lock, one free-list pop.
-        if let Some(addr) = self.pool(dev).pop_clean(key, size, &ctx, stream, isolation) {
+        // Hot path: one lock, one free-list pop (two for a request whose fresh block is sized
+        // to it: those wait on the exact lists).
+        if let Some(addr) = self.pop_pooled(dev, size, class, key, &ctx, stream) {
             return Ok(Allocation { addr, fresh: false });
         }
         self.malloc_slow(size, dev, class, key, ctx, stream)
+    }
+
+    /// A CLEAN pooled block for the request, under one lock and with no backend call: from its
+    /// class's free list, or, from [`size_class::EXACT_FIRST_BYTES`] up, from the blocks
+    /// sized to their request.
+    #[inline]
+    fn pop_pooled(
+        &self,
+        dev: u32,
+        size: u64,
+        class: SizeClass,
+        key: FreeKey,
+        ctx: &Context,
+        stream: StreamHandle,
+    ) -> Option<u64> {
+        let isolation = self.inner.config.tenant_isolation;
+        let mut pool = self.pool(dev);
+        pool.pop_clean(key, size, ctx, stream, isolation)
+            .or_else(|| {
+                (size >= size_class::EXACT_FIRST_BYTES)
+                    .then(|| pop_exact(&mut pool, key, size, class, ctx, stream, isolation))
+                    .flatten()
+            })
     }
 
     /// [`AllocError::DeviceReset`] once `reset_device(dev)` has begun. The pool's own mark,
@@ -361,7 +385,13 @@ impl Allocator {
         stream: StreamHandle,
     ) -> Result<Allocation, AllocError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
-            return Err(AllocError::ShuttingDown);
+            // Teardown that still allocates is served from verified pooled blocks (no device
+            // call), the exact ones the out-of-memory path made included.
+            let mut pool = self.pool(dev);
+            let isolation = self.inner.config.tenant_isolation;
+            return pop_exact(&mut pool, key, size, class, &ctx, stream, isolation)
+                .map(|addr| Allocation { addr, fresh: false })
+                .ok_or(AllocError::ShuttingDown);
         }
         self.refuse_if_reset(dev)?;
         let isolation = self.inner.config.tenant_isolation;
@@ -1433,7 +1463,7 @@ impl Allocator {
     ) {
         let mut returned = Vec::with_capacity(releases.len());
         let mut kept = Vec::new();
-        let mut failed = 0;
+        let (mut failed, mut given_back) = (0, 0);
         for r in releases {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 kept.push(r);
@@ -1444,7 +1474,10 @@ impl Allocator {
                 .backend
                 .release(dev, r.block.addr, r.block.capacity())
             {
-                Ok(()) => returned.push(r),
+                Ok(()) => {
+                    given_back += 1;
+                    returned.push(r);
+                }
                 Err(BackendError::ShuttingDown) => kept.push(r),
                 Err(e) => {
                     // The memory is verified clean; failing to return it only leaks it.
@@ -1460,6 +1493,9 @@ impl Allocator {
             pool.release_ended(r);
         }
         pool.stats.counters.backend_errors += failed;
+        // PyTorch's count of blocks returned to the driver: not those whose release failed
+        // (leaked, the backend still holds them).
+        pool.memory.num_device_free += given_back;
         for r in &returned {
             pool.released(r, after);
         }

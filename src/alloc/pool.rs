@@ -1466,7 +1466,6 @@ impl DevicePool {
     /// recorded.
     pub(crate) fn released(&mut self, release: &Release, after: &mut Aftermath) {
         self.stats.counters.released += 1;
-        self.memory.num_device_free += 1;
         let kind = EventKind::Released {
             reason: release.reason,
         };
