@@ -1340,6 +1340,7 @@ GRAPH_CAPTURE_REFUSED = (
     "PyTorch keeps no graph memory pool for a pluggable allocator, so memory the graph's "
     "kernels write at replay could be scrubbed and handed to another request, and a capture "
     "that needs memory fails. Run without CUDA graphs (vLLM: --enforce-eager; SGLang: "
+    "--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled, before 0.5.23 "
     "--disable-cuda-graph; torch.compile: not mode='reduce-overhead'); see docs/cuda.md"
 )
 
