@@ -22,16 +22,17 @@ paged ``free_segment`` and its sliding-window allocator's page frees); and ``flu
 
 Both run in each scheduler process, not in the launcher: SGLang starts its schedulers (one per
 tensor-parallel rank) as spawned processes, fresh interpreters that own the model runner, the
-KV pool and its allocator. ``install()`` gets there through a ``sitecustomize`` module on
-``PYTHONPATH`` that ends the process when it fails (Python only prints an exception raised
-there; see the README); the wrap needs the scheduler's own objects
+KV pool and its allocator. The wrap needs the scheduler's own objects
 (``scheduler.token_to_kv_pool_allocator``, ``scheduler.tp_worker.model_runner.token_to_kv_pool``
-and, for ``stream``, ``scheduler.forward_stream`` in 0.5.23), so it takes code in that
-process, once the ``Scheduler`` is built: SGLang has no option for it, but a general plugin
-(entry points ``sglang.srt.plugins``, run first in each scheduler process) can register a
-hook after ``sglang.srt.managers.scheduler.Scheduler.__init__``. SGLang logs a plugin or hook
-that fails to load and goes on: the ``kv_scrub`` record of the padding page's scrub, made
-when the allocator is wrapped, shows in each process's forensic log that the wrap took. Run
+and, for ``stream``, ``scheduler.forward_stream`` in 0.5.23), once the ``Scheduler`` is built.
+From SGLang 0.5.23 on, the package's general plugin (:func:`install_plugin`, entry point
+``sglang.srt.plugins``, run first in each scheduler process) does both: ``install()`` before
+the scheduler allocates, :func:`wrap_scheduler` once it is built. With an earlier release,
+``install()`` gets there through a ``sitecustomize`` module on ``PYTHONPATH`` that ends the
+process when it fails (Python only prints an exception raised there; see the README), and
+the wrap through code of the user's in that process. The ``kv_scrub`` record of the padding
+page's scrub, made when the allocator is wrapped, shows in each process's forensic log that
+the wrap took. Run
 SGLang with ``--disable-cuda-graph`` (in 0.5.23, deprecated for
 ``--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled``) and without
 ``--enable-memory-saver``: both fail under any pluggable allocator (docs/cuda.md).
@@ -85,11 +86,13 @@ from __future__ import annotations
 import logging
 import numbers
 import operator
+import os
+import sys
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from . import KvLayout, ScrubVerificationError, _cuda_index, _tensor_blocks, scrub_blocks
 
-__all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree"]
+__all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree", "wrap_scheduler", "install_plugin"]
 
 _log = logging.getLogger(__name__)
 
@@ -660,3 +663,80 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
     if wrapper.original_page_ids is not None:
         allocator.free_page_ids = wrapper.free_page_ids
     return wrapper
+
+
+#: The module SGLang's scheduler process runs (``run_scheduler_process``) and its class.
+_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
+
+
+def wrap_scheduler(scheduler) -> List[ScrubOnFree]:
+    """Wraps the allocator of a built SGLang ``Scheduler`` (:func:`scrub_on_free`, with
+    :func:`layouts_of` its model runner's KV pool) and returns the wrappers: its
+    ``token_to_kv_pool_allocator`` over ``tp_worker.model_runner.token_to_kv_pool``, or, for a
+    sliding-window hybrid allocator, each inner allocator over its own pool
+    (``full_kv_pool``, ``swa_kv_pool``; one for a pure sliding-window one). The scrubs run on
+    the scheduler's ``forward_stream`` under the overlap scheduler or pipeline parallelism
+    (where the forward pass runs), else on PyTorch's current stream. Refused (``ValueError``)
+    under speculative decoding, whose draft pool shares the allocator: wrap that by hand, with
+    both pools' layouts (see the module's documentation)."""
+    if getattr(scheduler, "draft_worker", None) is not None:
+        raise ValueError(
+            "kvhygiene.sglang: speculative decoding keeps a draft KV pool on the same allocator, "
+            "which wrap_scheduler does not lay out: wrap it by hand with scrub_on_free(allocator, "
+            "layouts_of(target_pool) + layouts_of(draft_pool)), or run without speculative decoding"
+        )
+    allocator = scheduler.token_to_kv_pool_allocator
+    pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+    pipeline = getattr(getattr(scheduler, "pp_group", None), "world_size", 1) or 1
+    overlap = bool(getattr(scheduler, "enable_overlap", False)) or pipeline > 1
+    stream = scheduler.forward_stream if overlap else None
+    full = getattr(allocator, "full_attn_allocator", None)
+    swa = getattr(allocator, "swa_attn_allocator", None)
+    if swa is None:
+        return [scrub_on_free(allocator, layouts_of(pool), stream=stream)]
+    wrapped = [scrub_on_free(swa, layouts_of(pool.swa_kv_pool), stream=stream)]
+    if full is not None and full is not swa:
+        wrapped.append(scrub_on_free(full, layouts_of(pool.full_kv_pool), stream=stream))
+    return wrapped
+
+
+def install_plugin() -> None:
+    """SGLang's general plugin (entry point ``kvhygiene`` of ``sglang.srt.plugins``, declared by
+    this package): kvhygiene in every scheduler process, with no code of the user's.
+
+    SGLang (0.5.23) loads its general plugins first thing in each process it starts, a
+    scheduler process before it builds its ``Scheduler``. In a process that has loaded
+    SGLang's scheduler module, the plugin makes ``Scheduler.__init__`` first call
+    :func:`kvhygiene.install` (before the model and the KV pool are allocated) and, once the
+    scheduler is built, :func:`wrap_scheduler`. Either failing raises out of the scheduler's
+    construction, which SGLang reports and which stops the server: it does not serve on
+    PyTorch's allocator, or with KV slots freed unscrubbed. In other processes (the tokenizer,
+    the detokenizer) it does nothing. SGLang logs an exception a plugin itself raises and goes
+    on, so a scheduler module without the ``Scheduler`` it patches ends the process here.
+    ``SGLANG_PLUGINS`` without ``kvhygiene`` turns it off; CUDA graphs must be off (see
+    :data:`kvhygiene.GRAPH_CAPTURE_REFUSED`)."""
+    module = sys.modules.get(_SCHEDULER_MODULE)
+    if module is None:
+        return
+    cls = getattr(module, "Scheduler", None)
+    init = getattr(cls, "__init__", None)
+    if not isinstance(cls, type) or init is None:
+        sys.stderr.write(
+            f"kvhygiene: {_SCHEDULER_MODULE} has no Scheduler class to install kvhygiene in; "
+            "ending the process rather than serving without it\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+    if getattr(init, "_kvhygiene_scheduler", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        from . import install
+
+        install()
+        init(self, *args, **kwargs)
+        self.kvhygiene_scrubs = wrap_scheduler(self)
+
+    __init__._kvhygiene_scheduler = True
+    __init__.__wrapped__ = init
+    cls.__init__ = __init__

@@ -10,6 +10,7 @@ import pytest
 
 import kvhygiene
 from fakes import FakeTensor
+import kvhygiene.sglang as sglang_adapter
 from kvhygiene.sglang import ScrubOnFree, layouts_of, pages_of, scrub_on_free
 
 HEADS = 2
@@ -1622,3 +1623,147 @@ def test_a_native_scale_buffer_of_another_page_size_is_refused():
             layouts_of(pool)
     finally:
         pool.release()
+
+
+# --- The SGLang plugin ------------------------------------------------------------------------
+
+
+def _scheduler_module(monkeypatch, build):
+    """A stand-in of SGLang's ``sglang.srt.managers.scheduler`` (loaded, as in a scheduler
+    process), whose ``Scheduler.__init__`` records its run and calls ``build(self)``."""
+    import sys
+    import types
+
+    module = types.ModuleType("sglang.srt.managers.scheduler")
+    events = []
+
+    class Scheduler:
+        def __init__(self, *args, **kwargs):
+            events.append("init")
+            build(self)
+
+    module.Scheduler = Scheduler
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.scheduler", module)
+    return module, events
+
+
+def _plain_scheduler(pool, alloc, **extra):
+    def build(s):
+        s.token_to_kv_pool_allocator = alloc
+        s.tp_worker = NS(model_runner=NS(token_to_kv_pool=pool))
+        s.forward_stream = None
+        s.enable_overlap = False
+        s.draft_worker = None
+        for k, v in extra.items():
+            setattr(s, k, v)
+
+    return build
+
+
+def test_the_sglang_plugin_installs_kvhygiene_before_the_scheduler_is_built_and_wraps_its_allocator(monkeypatch):
+    # SGLang 0.5.23 (sglang/srt/managers/scheduler.py, run_scheduler_process): load_plugins()
+    # runs first in each scheduler process, then Scheduler(server_args, port_args) builds the
+    # model runner, its token_to_kv_pool and the token_to_kv_pool_allocator.
+    lib = kvhygiene.load()
+    pool, alloc = Pool(lib, page_size=1), TokenAllocator(page_size=1)
+    module, events = _scheduler_module(monkeypatch, _plain_scheduler(pool, alloc))
+    monkeypatch.setattr(kvhygiene, "install", lambda: events.append("install"))
+    try:
+        sglang_adapter.install_plugin()
+        sglang_adapter.install_plugin()  # loaded twice: wraps once
+        scheduler = module.Scheduler("server_args", "port_args")
+        assert events == ["install", "init"]
+        assert isinstance(alloc.free, ScrubOnFree) and scheduler.kvhygiene_scrubs == [alloc.free]
+        a = alloc.alloc(3)
+        pool.fill(a, 0xA7)
+        alloc.free(a)
+        assert all(pool.holds(s, 0) for s in a), "a slot freed in the scheduler kept its bytes"
+    finally:
+        pool.release()
+
+
+def test_the_sglang_plugin_does_nothing_where_no_scheduler_runs(monkeypatch):
+    # The tokenizer and detokenizer processes load plugins too, without the scheduler module.
+    import sys
+
+    monkeypatch.delitem(sys.modules, "sglang.srt.managers.scheduler", raising=False)
+    monkeypatch.setattr(kvhygiene, "install", lambda: pytest.fail("install() in a process without a scheduler"))
+    sglang_adapter.install_plugin()
+
+
+def test_a_scheduler_whose_install_fails_is_not_built(monkeypatch):
+    # SGLang logs a plugin's own exception and goes on; an exception out of Scheduler() stops
+    # the server (run_scheduler_process reports it and signals its parent).
+    module, events = _scheduler_module(monkeypatch, lambda s: None)
+
+    def refuse():
+        raise kvhygiene.AllocatorAlreadyInUseError("CUDA is already initialised")
+
+    monkeypatch.setattr(kvhygiene, "install", refuse)
+    sglang_adapter.install_plugin()
+    with pytest.raises(kvhygiene.AllocatorAlreadyInUseError):
+        module.Scheduler()
+    assert events == [], "the scheduler was built on PyTorch's allocator"
+
+
+def test_a_scheduler_with_speculative_decoding_is_refused_naming_the_draft_pool(monkeypatch):
+    lib = kvhygiene.load()
+    pool, alloc = Pool(lib, page_size=1), TokenAllocator(page_size=1)
+    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(pool, alloc, draft_worker=object()))
+    monkeypatch.setattr(kvhygiene, "install", lambda: None)
+    try:
+        sglang_adapter.install_plugin()
+        with pytest.raises(ValueError, match="draft"):
+            module.Scheduler()
+        assert not isinstance(alloc.free, ScrubOnFree)
+    finally:
+        pool.release()
+
+
+def test_a_sliding_window_scheduler_gets_each_inner_allocator_wrapped_over_its_own_pool(monkeypatch):
+    # SGLang 0.5.23's SWATokenToKVPoolAllocator over an SWAKVPool (swa_memory_pool.py:
+    # full_kv_pool, swa_kv_pool).
+    lib = kvhygiene.load()
+    full_pool, swa_pool = Pool(lib, page_size=2), Pool(lib, page_size=2)
+    alloc = SWAAllocator0523(page_size=2)
+    hybrid = NS(full_kv_pool=full_pool, swa_kv_pool=swa_pool, page_size=2)
+    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(hybrid, alloc, enable_overlap=True, forward_stream=0))
+    monkeypatch.setattr(kvhygiene, "install", lambda: None)
+    try:
+        sglang_adapter.install_plugin()
+        scheduler = module.Scheduler()
+        assert [w.allocator for w in scheduler.kvhygiene_scrubs] == [alloc.swa_attn_allocator, alloc.full_attn_allocator]
+        assert all(w.stream == 0 for w in scheduler.kvhygiene_scrubs), "the overlap scheduler's forward stream"
+        tokens = alloc.alloc(4)
+        swa_slots = [alloc.full_to_swa[t] for t in tokens]
+        full_pool.fill(tokens, 0xE8)
+        swa_pool.fill(swa_slots, 0xE8)
+        alloc.free_segment(tokens, start_pos=0)
+        assert all(full_pool.holds(t, 0) for t in tokens) and all(swa_pool.holds(t, 0) for t in swa_slots)
+    finally:
+        full_pool.release()
+        swa_pool.release()
+
+
+def test_a_scheduler_module_without_its_class_ends_the_process(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "sglang.srt.managers.scheduler", types.ModuleType("sglang.srt.managers.scheduler"))
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sglang_adapter.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as ended:
+        sglang_adapter.install_plugin()
+    assert ended.value.code == 1
+
+
+def test_the_package_declares_the_sglang_plugin():
+    from pathlib import Path
+
+    text = (Path(kvhygiene.__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    section = text.split('[project.entry-points."sglang.srt.plugins"]', 1)
+    assert len(section) == 2, "pyproject.toml declares no sglang.srt.plugins entry point"
+    assert section[1].strip().splitlines()[0] == 'kvhygiene = "kvhygiene.sglang:install_plugin"'
