@@ -1258,7 +1258,7 @@ def test_an_nsa_pools_indexer_buffer_is_not_refused_as_an_unknown_scale_buffer()
         pool.release()
 
 
-class PagedAllocator0523:
+class PagedAllocator0523(RecentPagedAllocator):
     """SGLang 0.5.23's ``PagedTokenToKVPoolAllocator`` (sglang/srt/mem_cache/allocator/paged.py,
     with base.py's ``BaseTokenToKVPoolAllocator``), with lists for tensors:
 
@@ -1273,47 +1273,9 @@ class PagedAllocator0523:
     - ``release_pages`` stays ``None`` (set by the base ``__init__``); ``need_sort`` stages pages
       in ``staged_pages``."""
 
-    def __init__(self, page_size, slots=SLOTS, need_sort=False):
-        self.page_size = page_size
-        self.num_pages = slots // page_size
-        self.need_sort = need_sort
-        self.free_pages = None
-        self.release_pages = None
-        self.free_group = None
-        self.clear()
-
     def clear(self):
-        self.free_pages = list(range(1, self.num_pages + 1))
-        self.free_group = None
+        super().clear()
         self.free_page_ids_group = []
-        self.staged_pages = []
-        self.num_staged_pages = 0
-
-    def alloc(self, tokens):
-        need = -(-tokens // self.page_size)
-        if need > len(self.free_pages) and self.staged_pages:
-            self.free_pages = sorted(self.free_pages + [p for b in self.staged_pages for p in b])
-            self.staged_pages, self.num_staged_pages = [], 0
-        if need > len(self.free_pages):
-            return None
-        pages, self.free_pages = self.free_pages[:need], self.free_pages[need:]
-        return [p * self.page_size + k for p in pages for k in range(self.page_size)][:tokens]
-
-    def _release_page_ids(self, page_ids):
-        if self.need_sort:
-            self.staged_pages.append(list(page_ids))
-            self.num_staged_pages += len(page_ids)
-        else:
-            self.free_pages = list(page_ids) + self.free_pages
-
-    def free(self, free_index):
-        free_index = list(free_index)
-        if not free_index:
-            return
-        if self.free_group is None:
-            self._release_page_ids(sorted({i // self.page_size for i in free_index}))
-        else:
-            self.free_group.append(free_index)
 
     def free_segment(self, free_index, *, start_pos):
         free_index = list(free_index)
@@ -1333,14 +1295,11 @@ class PagedAllocator0523:
             self.free_page_ids_group.append(page_ids)
 
     def free_group_begin(self):
-        assert self.free_group is None
-        self.free_group = []
+        super().free_group_begin()
         self.free_page_ids_group = []
 
     def free_group_end(self):
-        pending, self.free_group = self.free_group, None
-        if pending:
-            self.free([i for batch in pending for i in batch])
+        super().free_group_end()
         if self.free_page_ids_group:
             self._release_page_ids([p for batch in self.free_page_ids_group for p in batch])
             self.free_page_ids_group = []

@@ -322,21 +322,26 @@ print(worker.execute_model(_step(new=[("a", [1, 2])])))
 """
 
 
-def test_under_the_enforcing_gate_the_first_requests_get_the_blocks_scrubbed_at_set_up(tmp_path):
-    # KVH_KV_GATE=enforce refuses blocks of unknown state: the scrub at set-up makes every
-    # block known clean, so the first step's claims go through.
+def _run_script(tmp_path, text: str, **env_vars):
+    """Runs ``text`` in a new interpreter on the host backend (the library reads its policy at
+    start-up), with this package and this directory importable and ``env_vars`` set."""
     import os
     import subprocess
     from pathlib import Path
 
     script = tmp_path / "script.py"
-    script.write_text(_ENFORCE_SCRIPT)
+    script.write_text(text)
     pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE="enforce")
+    env = dict(os.environ, KVH_BACKEND="host", **env_vars)
     env.pop("KVH_LOG_DIR", None)
-    run = subprocess.run(
-        [sys.executable, str(script), pkg, str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True
-    )
+    here = str(Path(__file__).resolve().parent)
+    return subprocess.run([sys.executable, str(script), pkg, here], env=env, capture_output=True, text=True)
+
+
+def test_under_the_enforcing_gate_the_first_requests_get_the_blocks_scrubbed_at_set_up(tmp_path):
+    # KVH_KV_GATE=enforce refuses blocks of unknown state: the scrub at set-up makes every
+    # block known clean, so the first step's claims go through.
+    run = _run_script(tmp_path, _ENFORCE_SCRIPT, KVH_KV_GATE="enforce")
     assert (run.returncode, run.stdout.strip()) == (0, "ran"), run.stderr
 
 
@@ -470,18 +475,7 @@ def test_a_copy_on_write_block_of_a_partial_prefix_hit_changes_owner_through_the
     # The block is among the first ceil(num_computed_tokens / block_size), yet it is not shared:
     # it changes owner here. Under KVH_KV_GATE_SCOPE=tenant, tenant t1's next request must not be
     # handed it with tenant t2's bytes.
-    import os
-    import subprocess
-    from pathlib import Path
-
-    script = tmp_path / "script.py"
-    script.write_text(_COW_SCRIPT)
-    pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
-    env = dict(os.environ, KVH_BACKEND="host", KVH_KV_GATE_SCOPE="tenant")
-    env.pop("KVH_LOG_DIR", None)
-    run = subprocess.run(
-        [sys.executable, str(script), pkg, str(Path(__file__).resolve().parent)], env=env, capture_output=True, text=True
-    )
+    run = _run_script(tmp_path, _COW_SCRIPT, KVH_KV_GATE_SCOPE="tenant")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "SCRUBBED", "tenant t1's request was handed block 3 holding tenant t2's KV bytes"
 

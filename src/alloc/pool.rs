@@ -525,12 +525,9 @@ impl DevicePool {
             return false;
         }
         let capacity = block.capacity();
-        let s = &mut self.stats;
-        s.counters.allocations += 1;
-        s.counters.pool_misses += 1;
-        s.counters.fresh_allocations += 1;
-        s.counters.bytes_allocated_fresh += capacity;
-        self.memory.num_device_alloc += 1;
+        self.stats.counters.allocations += 1;
+        self.stats.counters.pool_misses += 1;
+        self.obtained(capacity);
         self.moved(
             None,
             Some(BlockState::Live),
@@ -540,6 +537,14 @@ impl DevicePool {
         );
         self.blocks.insert(block.addr, block);
         true
+    }
+
+    /// A block of `capacity` bytes obtained from the backend enters the pool: counted as
+    /// fresh memory, and as a device allocation in PyTorch's statistics.
+    fn obtained(&mut self, capacity: u64) {
+        self.stats.counters.fresh_allocations += 1;
+        self.stats.counters.bytes_allocated_fresh += capacity;
+        self.memory.num_device_alloc += 1;
     }
 
     /// Fresh memory whose zeroing a CUDA graph capture refused (one begun since the capture
@@ -567,10 +572,7 @@ impl DevicePool {
         // Handed out never: what tells it from a freed block (no free-to-clean latency, not
         // left unscrubbed at exit). Its first hand-out, from the free list, counts it once.
         block.reuse_count = 0;
-        let s = &mut self.stats;
-        s.counters.fresh_allocations += 1;
-        s.counters.bytes_allocated_fresh += capacity;
-        self.memory.num_device_alloc += 1;
+        self.obtained(capacity);
         self.moved(
             None,
             Some(BlockState::Pending),
