@@ -948,14 +948,17 @@ def test_a_slot_a_prefix_cache_eviction_frees_by_free_segment_is_scrubbed_once_w
     )
 
 
-def test_pages_a_free_segment_left_in_a_free_group_before_the_allocator_was_wrapped_are_scrubbed_at_its_end():
+@pytest.mark.parametrize("allocator", ["RecentPagedAllocator", "PagedAllocator0523"])
+def test_pages_a_free_segment_left_in_a_free_group_before_the_allocator_was_wrapped_are_scrubbed_at_its_end(allocator):
     # As for pages free collected in a group before the allocator was wrapped: the recent paged
     # allocator's free_group_end gives back the pages free_segment collected in the group
-    # (free_page_reps_group) itself, without free; they must be zero before they are handed
-    # out again.
+    # (free_page_reps_group, first slots) itself, without free, and SGLang 0.5.23's
+    # (allocator/paged.py: free_segment -> free_page_ids) those it keeps in
+    # free_page_ids_group (page ids) through _release_page_ids; they must be zero before they
+    # are handed out again.
     lib = kvhygiene.load()
     pool = Pool(lib, page_size=2)
-    alloc = RecentPagedAllocator(page_size=2)
+    alloc = globals()[allocator](page_size=2)
     tokens = alloc.alloc(4)  # pages 1 and 2
     pool.fill(tokens, 0xC4)
     alloc.free_group_begin()
@@ -1405,28 +1408,6 @@ def test_sliding_window_pages_a_paged_swa_allocator_frees_by_free_segment_are_ze
     assert set(handed) == set(swa_slots)
     assert not stale_full, f"full-attention slots {stale_full} kept the request's bytes"
     assert not stale_swa, f"sliding-window slots {stale_swa} were handed out with the finished request's bytes"
-
-
-def test_pages_free_segment_left_in_a_0_5_23_free_group_before_the_allocator_was_wrapped_are_scrubbed_at_its_end():
-    # SGLang 0.5.23, sglang/srt/mem_cache/allocator/paged.py: inside a free group
-    # PagedTokenToKVPoolAllocator.free_page_ids (called by free_segment) keeps page ids in
-    # free_page_ids_group, and free_group_end gives them back through _release_page_ids,
-    # without free. The module documents that pages a free_segment left in a group opened
-    # before the allocator was wrapped are scrubbed at the group's end.
-    lib = kvhygiene.load()
-    pool = Pool(lib, page_size=2)
-    alloc = PagedAllocator0523(page_size=2)
-    tokens = alloc.alloc(4)  # pages 1 and 2
-    pool.fill(tokens, 0xC4)
-    alloc.free_group_begin()
-    alloc.free_segment(tokens, start_pos=0)  # collected by the group: not wrapped yet
-    scrub_on_free(alloc, layouts_of(pool))
-    alloc.free_group_end()
-    handed = alloc.alloc(4)
-    stale = [s for s in handed if not pool.holds(s, 0)]
-    pool.release()
-    assert set(handed) == set(tokens)
-    assert not stale, f"slots {stale} came back from the free group's end with their bytes"
 
 
 class NVFP4Pool(FP4Pool):

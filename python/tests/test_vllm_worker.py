@@ -293,8 +293,10 @@ def test_claims_name_the_workers_tenant_hook_and_model(vllm_worker, memory, monk
     assert seen == [("acme:req-9", b"org/model")]
 
 
-_ENFORCE_SCRIPT = r"""
-import sys, types
+#: What each script run by _run_script starts with: the package and the tests importable, vLLM's
+#: worker module a stand-in whose class StandIn the script completes and installs.
+_SCRIPT_PRELUDE = r"""
+import ctypes, sys, types
 from types import SimpleNamespace as NS
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
@@ -304,6 +306,9 @@ for name in ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_worker"]:
 class StandIn:
     def initialize_from_config(self, kv_cache_config):
         self.model_runner = self.runner
+"""
+
+_ENFORCE_SCRIPT = _SCRIPT_PRELUDE + r"""
     def execute_model(self, scheduler_output):
         return "ran"
 
@@ -415,17 +420,7 @@ def test_a_model_with_no_kv_cache_serves(vllm_worker, groups, runner_only):
     assert worker.execute_model(step) == "output"
 
 
-_COW_SCRIPT = r"""
-import ctypes, sys, types
-from types import SimpleNamespace as NS
-sys.path.insert(0, sys.argv[1])
-sys.path.insert(0, sys.argv[2])
-for name in ["vllm", "vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu_worker"]:
-    sys.modules[name] = types.ModuleType(name)
-
-class StandIn:
-    def initialize_from_config(self, kv_cache_config):
-        self.model_runner = self.runner
+_COW_SCRIPT = _SCRIPT_PRELUDE + r"""
     def execute_model(self, scheduler_output):
         # GPUModelRunner._update_states (V1) / execute_model (V2): the step's
         # kv_cache_block_copies run before the forward pass (copy_kv_cache_blocks_inplace).
