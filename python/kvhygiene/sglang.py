@@ -629,6 +629,15 @@ def scrub_on_free(allocator, layouts: Sequence[KvLayout], page_size: Optional[in
             "full_attn_allocator, layouts_of(full_kv_pool)), and the same for the sliding-window "
             "one)"
         )
+    shards = getattr(allocator, "shard_size", 1)
+    if isinstance(shards, int) and shards > 1:
+        # SGLang's PageInterleavePoolAllocator (--enable-kv-cache-sharding): logical page l is
+        # rank l % shards's local page l // shards; its indices are not this pool's rows.
+        raise ValueError(
+            f"{type(allocator).__name__} shards its pages over {shards} ranks "
+            "(--enable-kv-cache-sharding): its page indices are not the local pool's, and "
+            "kvhygiene.sglang does not cover it"
+        )
     lists = (*_FREE_LISTS, _STAGED)  # as _free_set reads them
     has_lists = any(getattr(allocator, n, None) is not None for n in lists)
     if callable(getattr(allocator, "restore_state", None)) and not has_lists:
@@ -678,7 +687,17 @@ def wrap_scheduler(scheduler) -> List[ScrubOnFree]:
     the scheduler's ``forward_stream`` under the overlap scheduler or pipeline parallelism
     (where the forward pass runs), else on PyTorch's current stream. Refused (``ValueError``)
     under speculative decoding, whose draft pool shares the allocator: wrap that by hand, with
-    both pools' layouts (see the module's documentation)."""
+    both pools' layouts (see the module's documentation); and with the hierarchical cache,
+    whose host copies are not covered and which binds the allocator's ``free`` (for its
+    load-backs) before the scheduler is built, so that a wrap afterwards would not see those
+    frees."""
+    tree = getattr(scheduler, "tree_cache", None)
+    if getattr(scheduler, "enable_hierarchical_cache", False) or getattr(tree, "cache_controller", None) is not None:
+        raise ValueError(
+            "kvhygiene.sglang: the hierarchical cache (--enable-hierarchical-cache) keeps KV in "
+            "host memory, which is not covered, and binds the allocator's free while the "
+            "scheduler is built, before it can be wrapped: run without it"
+        )
     if getattr(scheduler, "draft_worker", None) is not None:
         raise ValueError(
             "kvhygiene.sglang: speculative decoding keeps a draft KV pool on the same allocator, "
@@ -711,7 +730,8 @@ def install_plugin() -> None:
     scheduler is built, :func:`wrap_scheduler`. Either failing raises out of the scheduler's
     construction, which SGLang reports and which stops the server: it does not serve on
     PyTorch's allocator, or with KV slots freed unscrubbed. In other processes (the tokenizer,
-    the detokenizer) it does nothing. SGLang logs an exception a plugin itself raises and goes
+    the detokenizer) it does nothing. Schedulers SGLang starts as Ray actors load no plugins,
+    and get neither. SGLang logs an exception a plugin itself raises and goes
     on, so a scheduler module without the ``Scheduler`` it patches ends the process here.
     ``SGLANG_PLUGINS`` without ``kvhygiene`` turns it off; CUDA graphs must be off (see
     :data:`kvhygiene.GRAPH_CAPTURE_REFUSED`)."""

@@ -1707,3 +1707,80 @@ def test_the_package_declares_the_sglang_plugin():
     section = text.split('[project.entry-points."sglang.srt.plugins"]', 1)
     assert len(section) == 2, "pyproject.toml declares no sglang.srt.plugins entry point"
     assert section[1].strip().splitlines()[0] == 'kvhygiene = "kvhygiene.sglang:install_plugin"'
+
+
+# --- Review: wrap_scheduler over SGLang 0.5.23 configurations ---------------------------------
+
+
+class PageInterleaveAllocator0523:
+    """SGLang 0.5.23's ``PageInterleavePoolAllocator`` (sglang/srt/mem_cache/allocator/
+    page_interleave.py; built by kv_cache_configurator.py ``_build_token_to_kv_pool_allocator``
+    when ``kv_shard_size > 1``, ``--enable-kv-cache-sharding``): ``page_size`` is the physical
+    page, the index space is ``shard_size`` times one rank's slots; logical page ``l`` belongs to
+    rank ``l % shard_size``, at that rank's local page ``l // shard_size`` (``clear``: class
+    ``r``'s free list is ``arange(1, pages_per_rank + 1) * shard_size + r``). ``free_pages`` and
+    ``release_pages`` are ``None``; ``free`` splits the pages by owner class."""
+
+    def __init__(self, page_size, shard_size, slots_per_rank):
+        self.page_size = page_size
+        self.shard_size = shard_size
+        per_rank = slots_per_rank // page_size
+        self.class_free_pages = [[p * shard_size + r for p in range(1, per_rank + 1)] for r in range(shard_size)]
+        self.free_pages = None
+        self.release_pages = None
+        self.free_group = None
+
+    def free(self, free_index):
+        for p in sorted({i // self.page_size for i in free_index}):
+            self.class_free_pages[p % self.shard_size].append(p)
+
+
+def test_a_kv_sharded_schedulers_allocator_is_refused(monkeypatch):
+    # The module documents sharded pools (--enable-kv-cache-sharding) as not covered. SGLang
+    # 0.5.23's PageInterleavePoolAllocator has the pool's page_size, but a freed logical page l
+    # is rank l % shard_size's local page l // shard_size: scrubbed as local page l, it would
+    # zero a live page and leave the freed one. The scheduler is not built.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=2)  # rank 0's pool: SLOTS local slots
+    alloc = PageInterleaveAllocator0523(page_size=2, shard_size=2, slots_per_rank=SLOTS)
+    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(pool, alloc))
+    monkeypatch.setattr(kvhygiene, "install", lambda: None)
+    try:
+        sglang_adapter.install_plugin()
+        with pytest.raises(ValueError, match="kv-cache-sharding"):
+            module.Scheduler()
+        assert not isinstance(alloc.free, ScrubOnFree)
+    finally:
+        pool.release()
+
+
+def test_a_scheduler_with_the_hierarchical_cache_is_refused(monkeypatch):
+    # SGLang 0.5.23 builds the tree cache inside Scheduler.__init__ (kv_cache_builder.
+    # build_kv_cache), before the plugin's wrap_scheduler runs at its end. With the hierarchical
+    # cache on a sliding-window model, hybrid_pool_assembler.py (_swa_allocation_callbacks, and
+    # the SWA entry of _build_pool_entries) keeps device_free_fn=swa_attn_allocator.free, a
+    # bound method taken then; buffer_mode/pipeline.py _free_completed_load_back_buffers frees
+    # the redundant device slots of a load-back (filled by the H2D) through it
+    # (cache_controller.mem_pool_host.entry_map[name].device_free_fn), as does
+    # hybrid_cache_controller.py's rollback: those frees would bypass a wrap made afterwards,
+    # and the host copies are not covered. The scheduler is not built.
+    lib = kvhygiene.load()
+    full_pool, swa_pool = Pool(lib, page_size=2), Pool(lib, page_size=2)
+    alloc = SWAAllocator0523(page_size=2)
+    hybrid = NS(full_kv_pool=full_pool, swa_kv_pool=swa_pool, page_size=2)
+    plain = _plain_scheduler(hybrid, alloc)
+
+    def build(s):
+        plain(s)
+        entry = NS(device_free_fn=alloc.swa_attn_allocator.free, device_pool=swa_pool)
+        s.tree_cache = NS(cache_controller=NS(mem_pool_host=NS(entry_map={"swa": entry})))
+
+    module, _ = _scheduler_module(monkeypatch, build)
+    monkeypatch.setattr(kvhygiene, "install", lambda: None)
+    try:
+        sglang_adapter.install_plugin()
+        with pytest.raises(ValueError, match="hierarchical cache"):
+            module.Scheduler()
+    finally:
+        full_pool.release()
+        swa_pool.release()
