@@ -1646,20 +1646,6 @@ def test_a_scheduler_whose_install_fails_is_not_built(monkeypatch):
     assert events == [], "the scheduler was built on PyTorch's allocator"
 
 
-def test_a_scheduler_with_speculative_decoding_is_refused_naming_the_draft_pool(monkeypatch):
-    lib = kvhygiene.load()
-    pool, alloc = Pool(lib, page_size=1), TokenAllocator(page_size=1)
-    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(pool, alloc, draft_worker=object()))
-    monkeypatch.setattr(kvhygiene, "install", lambda: None)
-    try:
-        sglang_adapter.install_plugin()
-        with pytest.raises(ValueError, match="draft"):
-            module.Scheduler()
-        assert not isinstance(alloc.free, ScrubOnFree)
-    finally:
-        pool.release()
-
-
 def test_a_sliding_window_scheduler_gets_each_inner_allocator_wrapped_over_its_own_pool(monkeypatch):
     # SGLang 0.5.23's SWATokenToKVPoolAllocator over an SWAKVPool (swa_memory_pool.py:
     # full_kv_pool, swa_kv_pool).
@@ -1735,52 +1721,80 @@ class PageInterleaveAllocator0523:
             self.class_free_pages[p % self.shard_size].append(p)
 
 
-def test_a_kv_sharded_schedulers_allocator_is_refused(monkeypatch):
-    # The module documents sharded pools (--enable-kv-cache-sharding) as not covered. SGLang
-    # 0.5.23's PageInterleavePoolAllocator has the pool's page_size, but a freed logical page l
-    # is rank l % shard_size's local page l // shard_size: scrubbed as local page l, it would
-    # zero a live page and leave the freed one. The scheduler is not built.
-    lib = kvhygiene.load()
-    pool = Pool(lib, page_size=2)  # rank 0's pool: SLOTS local slots
-    alloc = PageInterleaveAllocator0523(page_size=2, shard_size=2, slots_per_rank=SLOTS)
-    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(pool, alloc))
-    monkeypatch.setattr(kvhygiene, "install", lambda: None)
-    try:
-        sglang_adapter.install_plugin()
-        with pytest.raises(ValueError, match="kv-cache-sharding"):
-            module.Scheduler()
-        assert not isinstance(alloc.free, ScrubOnFree)
-    finally:
-        pool.release()
+def _speculative(pools):
+    """A scheduler with a draft worker: speculative decoding's draft pool shares the allocator."""
+    pool = Pool(kvhygiene.load(), page_size=1)
+    pools.append(pool)
+    return _plain_scheduler(pool, TokenAllocator(page_size=1), draft_worker=object())
 
 
-def test_a_scheduler_with_the_hierarchical_cache_is_refused(monkeypatch):
-    # SGLang 0.5.23 builds the tree cache inside Scheduler.__init__ (kv_cache_builder.
-    # build_kv_cache), before the plugin's wrap_scheduler runs at its end. With the hierarchical
-    # cache on a sliding-window model, hybrid_pool_assembler.py (_swa_allocation_callbacks, and
-    # the SWA entry of _build_pool_entries) keeps device_free_fn=swa_attn_allocator.free, a
-    # bound method taken then; buffer_mode/pipeline.py _free_completed_load_back_buffers frees
-    # the redundant device slots of a load-back (filled by the H2D) through it
-    # (cache_controller.mem_pool_host.entry_map[name].device_free_fn), as does
-    # hybrid_cache_controller.py's rollback: those frees would bypass a wrap made afterwards,
-    # and the host copies are not covered. The scheduler is not built.
+def _sharded(pools):
+    """SGLang 0.5.23's PageInterleavePoolAllocator (--enable-kv-cache-sharding): the pool's
+    page_size, but a freed logical page l is rank l % shard_size's local page l // shard_size:
+    scrubbed as local page l, it would zero a live page and leave the freed one."""
+    pool = Pool(kvhygiene.load(), page_size=2)  # rank 0's pool: SLOTS local slots
+    pools.append(pool)
+    return _plain_scheduler(pool, PageInterleaveAllocator0523(page_size=2, shard_size=2, slots_per_rank=SLOTS))
+
+
+def _hierarchical(pools):
+    """SGLang 0.5.23 builds the tree cache inside Scheduler.__init__ (kv_cache_builder.
+    build_kv_cache), before the plugin's wrap_scheduler runs at its end. With the hierarchical
+    cache on a sliding-window model, hybrid_pool_assembler.py (_swa_allocation_callbacks, and
+    the SWA entry of _build_pool_entries) keeps device_free_fn=swa_attn_allocator.free, a bound
+    method taken then; buffer_mode/pipeline.py _free_completed_load_back_buffers frees the
+    redundant device slots of a load-back through it, as does hybrid_cache_controller.py's
+    rollback: those frees would bypass a wrap made afterwards, and the host copies are not
+    covered."""
     lib = kvhygiene.load()
     full_pool, swa_pool = Pool(lib, page_size=2), Pool(lib, page_size=2)
+    pools.extend([full_pool, swa_pool])
     alloc = SWAAllocator0523(page_size=2)
-    hybrid = NS(full_kv_pool=full_pool, swa_kv_pool=swa_pool, page_size=2)
-    plain = _plain_scheduler(hybrid, alloc)
+    plain = _plain_scheduler(NS(full_kv_pool=full_pool, swa_kv_pool=swa_pool, page_size=2), alloc)
 
     def build(s):
         plain(s)
         entry = NS(device_free_fn=alloc.swa_attn_allocator.free, device_pool=swa_pool)
         s.tree_cache = NS(cache_controller=NS(mem_pool_host=NS(entry_map={"swa": entry})))
 
-    module, _ = _scheduler_module(monkeypatch, build)
+    return build
+
+
+@pytest.mark.parametrize(
+    "scheduler, match",
+    [(_speculative, "draft"), (_sharded, "kv-cache-sharding"), (_hierarchical, "hierarchical cache")],
+)
+def test_a_scheduler_the_plugin_does_not_cover_is_not_built(monkeypatch, scheduler, match):
+    # What wrap_scheduler cannot cover raises out of Scheduler.__init__, which stops the server,
+    # and leaves the allocator unwrapped.
+    pools = []
+    try:
+        build = scheduler(pools)
+        module, _ = _scheduler_module(monkeypatch, build)
+        monkeypatch.setattr(kvhygiene, "install", lambda: None)
+        sglang_adapter.install_plugin()
+        with pytest.raises(ValueError, match=match):
+            module.Scheduler()
+    finally:
+        for pool in pools:
+            pool.release()
+
+
+def test_a_pure_sliding_window_scheduler_gets_its_one_inner_allocator_wrapped_once(monkeypatch):
+    # SGLang 0.5.23's PureSWATokenToKVPoolAllocator: one inner allocator under both names, over
+    # the pool's swa_kv_pool.
+    lib = kvhygiene.load()
+    pool = Pool(lib, page_size=1)
+    alloc = PureSWAAllocator0523()
+    module, _ = _scheduler_module(monkeypatch, _plain_scheduler(NS(swa_kv_pool=pool, page_size=1), alloc))
     monkeypatch.setattr(kvhygiene, "install", lambda: None)
     try:
         sglang_adapter.install_plugin()
-        with pytest.raises(ValueError, match="hierarchical cache"):
-            module.Scheduler()
+        scheduler = module.Scheduler()
+        assert [w.allocator for w in scheduler.kvhygiene_scrubs] == [alloc.swa_attn_allocator]
+        a = alloc.alloc(3)
+        pool.fill(a, 0xA9)
+        alloc.free(a)
+        assert all(pool.holds(s, 0) for s in a)
     finally:
-        full_pool.release()
-        swa_pool.release()
+        pool.release()

@@ -147,6 +147,12 @@ def test_a_cache_the_gate_cannot_lay_out_is_refused_naming_the_layer(cache, matc
         layouts_of_runner(_runner({"l0": cache}))
 
 
+def test_a_runner_without_kv_blocks_is_refused_naming_the_count():
+    runner = _runner({"l0": _layer(0x100000)}, num_blocks=0)
+    with pytest.raises(ValueError, match="num_blocks is 0"):
+        layouts_of_runner(runner)
+
+
 def test_layers_of_two_block_geometries_are_refused():
     small = FakeTensor(0x300000, (BLOCKS, 1, TOKENS, 8), device_index=0)
     with pytest.raises(ValueError, match="2 block geometries"):
