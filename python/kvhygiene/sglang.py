@@ -712,10 +712,21 @@ def wrap_scheduler(scheduler) -> List[ScrubOnFree]:
     full = getattr(allocator, "full_attn_allocator", None)
     swa = getattr(allocator, "swa_attn_allocator", None)
     if swa is None:
-        return [scrub_on_free(allocator, layouts_of(pool), stream=stream)]
-    wrapped = [scrub_on_free(swa, layouts_of(pool.swa_kv_pool), stream=stream)]
-    if full is not None and full is not swa:
-        wrapped.append(scrub_on_free(full, layouts_of(pool.full_kv_pool), stream=stream))
+        wrapped = [scrub_on_free(allocator, layouts_of(pool), stream=stream)]
+    else:
+        wrapped = [scrub_on_free(swa, layouts_of(pool.swa_kv_pool), stream=stream)]
+        if full is not None and full is not swa:
+            wrapped.append(scrub_on_free(full, layouts_of(pool.full_kv_pool), stream=stream))
+    for w in wrapped:
+        # What an operator checks the wrap by (the padding page's kv_scrub record is in the
+        # forensic log).
+        _log.info(
+            "kvhygiene: %s frees scrubbed: pages of %d slots, %d layouts, on %s",
+            type(w.allocator).__name__,
+            w.page_size,
+            len(w.layouts),
+            "the forward stream" if overlap else "the current stream",
+        )
     return wrapped
 
 

@@ -27,6 +27,7 @@ not against vLLM itself.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from vllm.v1.worker.gpu_worker import Worker as _VllmWorker
@@ -35,6 +36,8 @@ from . import context, scrub_blocks
 from .vllm import claim_scheduled, context_id, layouts_of_runner
 
 __all__ = ["Worker"]
+
+_log = logging.getLogger(__name__)
 
 
 class Worker(_VllmWorker):
@@ -47,7 +50,20 @@ class Worker(_VllmWorker):
         # verified clean and ownerless, the state the gate hands blocks over from. A model
         # with no KV cache has nothing to scrub or claim.
         if layouts:
-            scrub_blocks(layouts[0], range(layouts[0].blocks_per_region))
+            cache = layouts[0]
+            scrub_blocks(cache, range(cache.blocks_per_region))
+            # What an operator checks the worker's gate by (the scrub's kv_scrub record is in
+            # the forensic log).
+            _log.info(
+                "kvhygiene: KV cache gated: %d blocks of %d bytes in %d regions on device %d, "
+                "every block scrubbed and verified",
+                cache.blocks_per_region,
+                cache.block_bytes,
+                len(cache.regions),
+                cache.device,
+            )
+        else:
+            _log.info("kvhygiene: no KV cache in this worker: nothing to gate")
         self._kvh_layouts = layouts
         self._kvh_block_sizes = block_sizes
 

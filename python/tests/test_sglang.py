@@ -1600,7 +1600,7 @@ def _plain_scheduler(pool, alloc, **extra):
     return build
 
 
-def test_the_sglang_plugin_installs_kvhygiene_before_the_scheduler_is_built_and_wraps_its_allocator(monkeypatch):
+def test_the_sglang_plugin_installs_kvhygiene_before_the_scheduler_is_built_and_wraps_its_allocator(monkeypatch, caplog):
     # SGLang 0.5.23 (sglang/srt/managers/scheduler.py, run_scheduler_process): load_plugins()
     # runs first in each scheduler process, then Scheduler(server_args, port_args) builds the
     # model runner, its token_to_kv_pool and the token_to_kv_pool_allocator.
@@ -1611,7 +1611,9 @@ def test_the_sglang_plugin_installs_kvhygiene_before_the_scheduler_is_built_and_
     try:
         sglang_adapter.install_plugin()
         sglang_adapter.install_plugin()  # loaded twice: wraps once
-        scheduler = module.Scheduler("server_args", "port_args")
+        with caplog.at_level("INFO", logger="kvhygiene.sglang"):
+            scheduler = module.Scheduler("server_args", "port_args")
+        assert "TokenAllocator frees scrubbed: pages of 1 slots" in caplog.text
         assert events == ["install", "init"]
         assert isinstance(alloc.free, ScrubOnFree) and scheduler.kvhygiene_scrubs == [alloc.free]
         a = alloc.alloc(3)

@@ -216,11 +216,13 @@ def _write(base, layers, i, byte):
         ctypes.memset(base + l * BLOCKS * PAGE + i * PAGE, byte, PAGE)
 
 
-def test_the_worker_scrubs_the_whole_cache_once_the_kv_cache_is_set_up(vllm_worker, memory):
+def test_the_worker_scrubs_the_whole_cache_once_the_kv_cache_is_set_up(vllm_worker, memory, caplog):
     worker, base, layers = _worker(vllm_worker, memory)
     for i in range(BLOCKS):
         _write(base, layers, i, 0x5A)
-    worker.initialize_from_config(NS())
+    with caplog.at_level("INFO", logger="kvhygiene.vllm_worker"):
+        worker.initialize_from_config(NS())
+    assert f"KV cache gated: {BLOCKS} blocks of {PAGE} bytes in {layers} regions" in caplog.text
     assert all(_block(base, layers, i) == bytes(layers * PAGE) for i in range(BLOCKS)), "a block kept bytes from before the start"
 
 
