@@ -897,6 +897,19 @@ class KvLayout:
         return cls(regions, block_bytes, blocks, block_stride=block_stride, device=device)
 
 
+def _layouts_by_geometry(parts) -> list:
+    """Layouts from ``(geometry, region bases)`` pairs, a geometry being ``(block_bytes,
+    block_stride, blocks, device)``: one layout per geometry, its regions in first-seen order
+    and each once (a tensor bound to several layers, KV cache groups laid over one another)."""
+    by_geometry: dict = {}
+    for geometry, bases in parts:
+        by_geometry.setdefault(geometry, {}).update(dict.fromkeys(bases))
+    return [
+        KvLayout(list(regions), block_bytes, blocks, block_stride=stride, device=device)
+        for (block_bytes, stride, blocks, device), regions in by_geometry.items()
+    ]
+
+
 def _integer(value, name: str) -> int:
     """``value`` as an int: an integer (Python's, numpy's), never a float (127.9 would be
     127, leaving a byte of every block unscrubbed), a string or a bool."""

@@ -88,9 +88,9 @@ import numbers
 import operator
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
-from . import KvLayout, ScrubVerificationError, _cuda_index, _tensor_blocks, scrub_blocks
+from . import KvLayout, ScrubVerificationError, _cuda_index, _layouts_by_geometry, _tensor_blocks, scrub_blocks
 
 __all__ = ["layouts_of", "pages_of", "scrub_on_free", "ScrubOnFree", "wrap_scheduler", "install_plugin"]
 
@@ -178,7 +178,7 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
     geometry share a layout (K and V of different head sizes make two)."""
     kv_pool = _attention_pool(kv_pool)
     page = _page_size(kv_pool if page_size is None else page_size)
-    groups: Dict[Tuple[int, int, int, int], List[int]] = {}
+    parts: List[Tuple[Tuple[int, int, int, int], List[int]]] = []
     data = _buffers(kv_pool)
     scales, native = _scale_buffers(kv_pool)
     for n, t in enumerate(native):
@@ -186,8 +186,7 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
         if len(t.shape) != 4 or t.shape[2] != page:
             raise ValueError(f"{name}: shape {tuple(t.shape)} is not [pages, heads, page_size {page}, scales]")
         (block_bytes, stride, blocks), bases = _tensor_blocks(t, 0, name)
-        regions = groups.setdefault((block_bytes, stride, blocks, _cuda_index(t, name)), [])
-        regions.extend(b for b in bases if b not in regions)
+        parts.append(((block_bytes, stride, blocks, _cuda_index(t, name)), bases))
     for n, t in enumerate(data + scales):
         scale = n >= len(data)
         name = f"KV scale tensor {n - len(data)}" if scale else f"KV tensor {n}"
@@ -205,12 +204,8 @@ def layouts_of(kv_pool, page_size: Optional[int] = None) -> List[KvLayout]:
             raise ValueError(f"{name}: {rows} token slots, fewer than one page of {page}")
         index = _cuda_index(t, name)
         geometry = (row_bytes * page, row_stride * page, rows // page, index)
-        regions = groups.setdefault(geometry, [])
-        regions.extend(b for b in bases if b not in regions)
-    layouts = [
-        KvLayout(regions, block_bytes, blocks, block_stride=stride, device=device)
-        for (block_bytes, stride, blocks, device), regions in groups.items()
-    ]
+        parts.append((geometry, bases))
+    layouts = _layouts_by_geometry(parts)
     for layout in layouts:
         layout.page_size = page  # checked by scrub_on_free against the allocator's
     return layouts

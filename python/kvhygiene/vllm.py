@@ -77,6 +77,7 @@ from . import (
     _block_id,
     _innermost,
     _integer,
+    _layouts_by_geometry,
     claim_blocks,
     context,
     refuse_blocks,
@@ -236,19 +237,6 @@ def _manager_block_layout(name: str, kv, num_blocks: int) -> KvLayout:
         raise ValueError(f"layer {name}: {e}") from None
 
 
-def _merged(layouts) -> list:
-    """Layouts of one block geometry and device made one, their regions in first-seen order
-    and each once (layers that share a cache tensor, KV cache groups laid over one another)."""
-    by_geometry: dict = {}
-    for layout in layouts:
-        key = (layout.block_bytes, layout.block_stride, layout.blocks_per_region, layout.device)
-        by_geometry.setdefault(key, dict.fromkeys(())).update(dict.fromkeys(layout.regions))
-    return [
-        KvLayout(list(regions), block_bytes, blocks, block_stride=stride, device=device)
-        for (block_bytes, stride, blocks, device), regions in by_geometry.items()
-    ]
-
-
 def _attention_groups(model_runner) -> list:
     """The runner's attention groups, its draft model's included (vLLM's V1 runner keeps
     those in ``drafter.draft_attn_groups``, its V2 runner in ``speculator.attn_groups``),
@@ -324,7 +312,9 @@ def layouts_of_runner(model_runner) -> tuple:
         # No KV cache in this worker (an attention-free or encoder-only model): nothing of its
         # memory goes from request to request through the scheduler's blocks.
         return [], []
-    merged = _merged(parts)
+    merged = _layouts_by_geometry(
+        ((p.block_bytes, p.block_stride, p.blocks_per_region, p.device), p.regions) for p in parts
+    )
     if len(merged) > 1:
         raise ValueError(
             f"the layers' caches have {len(merged)} block geometries ({merged}): one block id "
