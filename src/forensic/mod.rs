@@ -2,7 +2,8 @@
 //! record of every security event, written off the allocation path.
 //!
 //! - [`record`]: schema and canonical form; [`keys`]: HMAC key ratchet and Ed25519 keys;
-//! - [`files`]: naming, modes, ownership, locks; [`recovery`]: torn tails and crashed chains;
+//! - [`files`]: naming, modes, ownership, locks; [`lines`]: chain files read a line at a
+//!   time; [`recovery`]: torn tails and crashed chains;
 //! - `writer`: the writer thread behind a bounded queue; [`checkpoint`]: signed heads;
 //! - [`verify`]: `verify_all`, the code behind `kvh verify-log`; [`cli`]: the CLI verbs.
 //!
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod evidence;
 pub mod files;
 pub mod keys;
+pub mod lines;
 pub mod period;
 pub mod prune;
 pub mod record;

@@ -41,6 +41,7 @@ use zeroize::Zeroizing;
 use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
+use super::lines::Lines;
 use super::record::{hex, parse_hash, write_canonical};
 use super::scan::scan;
 use super::verify::{list_all, verify_all, ChainCheck, ChainReport, Report, VerifyOptions};
@@ -844,7 +845,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             break;
         }
         check
-            .file(*index, &bytes)
+            .file(*index, &mut Lines::new(&bytes[..], files::MAX_READ_BYTES))
             .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
         if plan.req.dry_run {
             if archive_accepts(&bytes, plan.req.archive, &name)? {

@@ -17,6 +17,7 @@
 //! records name (`signer`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use zeroize::Zeroizing;
 use super::checkpoint::{self, Checkpoint};
 use super::files;
 use super::keys::EpochKey;
+use super::lines::{Line, Lines};
 use super::prune::{self, Manifest};
 use super::record::{chain_hash_open, hex, mac_of, parse_hash, GENESIS_PREV};
 use super::scan::{scan, Scanned, ID_FIELDS};
@@ -1202,8 +1204,13 @@ fn verify_chain(
         if opts.progress {
             crate::say(format_args!("verify-log:   {}", path.display()));
         }
-        let bytes = match files::read_capped(path) {
-            Ok(b) => b,
+        // Read a line at a time, hashed whole when a manifest recorded the file's SHA-256.
+        let recorded = manifest
+            .as_ref()
+            .is_some_and(|m| recorded_sha256(m, &name).is_some());
+        let mut lines = match Lines::open(path) {
+            Ok(l) if recorded => l.hashing(),
+            Ok(l) => l,
             // Another user's file the reader may not read (a log copied or mounted under
             // another account): nothing is known of its bytes, so the run fails as an I/O
             // error, not as tampering. The reader's own file made unreadable is a problem.
@@ -1220,7 +1227,7 @@ fn verify_chain(
             }
         };
         let is_last = pos + 1 == list.len();
-        match w.file(&name, *index, &bytes, is_last) {
+        match w.file(&name, *index, &mut lines, is_last) {
             Ok(lines) => last_line = (name.clone(), lines),
             Err(p) => {
                 w.report.problem = Some(p);
@@ -1231,7 +1238,7 @@ fn verify_chain(
         // but are not the ones the manifest recorded.
         if let Some(p) = manifest
             .as_ref()
-            .and_then(|m| moved_file_differs(m, &name, &bytes))
+            .and_then(|m| moved_file_differs(m, &name, lines.sha256()))
         {
             w.report.problem = Some(p);
             return Ok(w.report);
@@ -1416,14 +1423,21 @@ fn signed_by_named(
 }
 
 /// A file the manifest says was moved, read here with other bytes than it recorded.
-fn moved_file_differs(m: &Manifest, name: &str, bytes: &[u8]) -> Option<Problem> {
-    use sha2::{Digest, Sha256};
-    let recorded = m.files.iter().find(|f| f.name == name)?;
-    (super::record::hex(&Sha256::digest(bytes)) != recorded.sha256).then(|| Problem {
+fn moved_file_differs(m: &Manifest, name: &str, sha256: Option<[u8; 32]>) -> Option<Problem> {
+    let recorded = recorded_sha256(m, name)?;
+    (sha256.map(|h| super::record::hex(&h)).as_deref() != Some(recorded)).then(|| Problem {
         file: name.to_string(),
         line: 1,
         reason: "not the file the prune manifest recorded (SHA-256 differs)".into(),
     })
+}
+
+/// The SHA-256 (hex) the prune manifest `m` recorded of the file `name`, if it lists it.
+fn recorded_sha256<'m>(m: &'m Manifest, name: &str) -> Option<&'m str> {
+    m.files
+        .iter()
+        .find(|f| f.name == name)
+        .map(|f| f.sha256.as_str())
 }
 
 /// A chain file that cannot be read as a regular file of a sane size.
@@ -1465,12 +1479,12 @@ impl<'a> ChainCheck<'a> {
         Ok(ChainCheck { walk })
     }
 
-    /// Checks the chain's next file, which must be complete (end with a newline, hold a
-    /// record) as every file but an open chain's newest is.
-    pub fn file(&mut self, index: u64, bytes: &[u8]) -> Result<(), String> {
+    /// Checks the chain's next file, read to its end from `lines`, which must be complete (end
+    /// with a newline, hold a record) as every file but an open chain's newest is.
+    pub fn file<R: Read>(&mut self, index: u64, lines: &mut Lines<R>) -> Result<(), String> {
         let name = files::file_name(self.walk.chain, index);
         self.walk
-            .file(&name, index, bytes, false)
+            .file(&name, index, lines, false)
             .map(|_| ())
             .map_err(|p| p.to_string())
     }
@@ -1676,12 +1690,12 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// Checks one file; returns its number of complete lines.
-    fn file(
+    /// Checks one file, read to its end from `lines`; returns its number of complete lines.
+    fn file<R: Read>(
         &mut self,
         name: &str,
         index: u64,
-        bytes: &[u8],
+        lines: &mut Lines<R>,
         is_last: bool,
     ) -> Result<u64, Problem> {
         let bad = |line: u64, reason: String| Problem {
@@ -1709,25 +1723,36 @@ impl<'a> Walk<'a> {
             return Err(bad(1, reason));
         }
         self.key.advance_to(index);
-        let mut lines = 0u64;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-                if self.report.closed {
-                    return Err(bad(lines + 1, "bytes after the chain's stop record".into()));
+        let mut count = 0u64;
+        loop {
+            let line = lines
+                .next()
+                .map_err(|e| bad(count + 1, format!("cannot read chain file: {e}")))?;
+            let torn = match line {
+                None => break,
+                Some(Line::Whole(line)) => {
+                    count += 1;
+                    self.record(line, index, count == 1)
+                        .map_err(|r| bad(count, r))?;
+                    continue;
                 }
-                if is_last {
-                    self.report.torn_bytes = rest.len() as u64;
-                    break;
+                Some(Line::Overlong { len, ended: true }) => {
+                    let reason = format!("a line of {len} bytes, longer than any record");
+                    return Err(bad(count + 1, reason));
                 }
-                return Err(bad(lines + 1, "unterminated line in a rotated file".into()));
+                Some(Line::Torn(bytes)) => bytes.len() as u64,
+                Some(Line::Overlong { len, ended: false }) => len,
             };
-            lines += 1;
-            let first_in_file = lines == 1;
-            self.record(&rest[..nl], index, first_in_file)
-                .map_err(|r| bad(lines, r))?;
-            rest = &rest[nl + 1..];
+            // The file's last bytes, after its last newline.
+            if self.report.closed {
+                return Err(bad(count + 1, "bytes after the chain's stop record".into()));
+            }
+            if !is_last {
+                return Err(bad(count + 1, "unterminated line in a rotated file".into()));
+            }
+            self.report.torn_bytes = torn;
         }
+        let lines = count;
         if lines == 0 && !is_last {
             return Err(bad(1, "empty rotated file".into()));
         }
