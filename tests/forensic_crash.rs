@@ -1696,3 +1696,81 @@ fn a_worker_forked_by_a_crashed_writer_does_not_keep_its_chain_from_recovery() {
         r.chains.iter().map(|c| &c.chain).collect::<Vec<_>>()
     );
 }
+
+/// A crashed chain whose file ends, after its last record, with more bytes than any record
+/// (no crash tears that much: bytes appended by someone else) is not continued: its end is
+/// not a torn record to write over, and recovery does not hold it. The file is left as it
+/// was, for verification to count, and the new process starts a chain of its own.
+#[test]
+fn a_crashed_chain_ending_with_more_than_a_record_of_torn_bytes_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 1 << 20);
+    let torn = vec![b'y'; kvhygiene::forensic::lines::MAX_LINE_BYTES + 1];
+    let (file, _) = crashed_chain_torn(&c, &torn);
+    let before = std::fs::read(&file).unwrap();
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    assert!(
+        std::fs::read(&file).unwrap() == before,
+        "the chain was continued"
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert_eq!(r.chains.len(), 2, "a new chain must have been started");
+    assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A crashed chain whose last line is longer than any record is not continued either.
+#[test]
+fn a_crashed_chain_ending_with_a_line_longer_than_any_record_is_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = "x".repeat(kvhygiene::forensic::lines::MAX_LINE_BYTES + 1);
+    assert_crashed_chain_left_alone(&log_dir(&tmp), |_| vec![long], "an overlong line");
+}
+
+/// A writer that died after creating its next file and before writing the `rotate` record
+/// into it left that file empty: the chain's last record is at the end of the file before,
+/// which recovery reads (a line at a time) to continue the chain from it, linking the empty
+/// file to it.
+#[test]
+fn a_crash_between_creating_the_next_file_and_its_rotate_record_is_continued() {
+    use kvhygiene::forensic::files;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    write_log(&c, 100, true);
+    let list = chain_files(&dir);
+    assert!(list.len() >= 2, "the log did not rotate");
+    let newest = list.last().unwrap();
+    let mut lines = read_lines(newest);
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(newest, &lines);
+    let at = files::parse_file_name(&name(newest)).unwrap();
+    let next = dir.join(files::file_name(&at.chain, at.index + 1));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&next)
+        .unwrap();
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the chain was not continued");
+    let continued = read_lines(&next);
+    assert!(
+        continued[0].contains("\"kind\":\"rotate\""),
+        "{}",
+        continued[0]
+    );
+    assert!(
+        continued[1].contains("\"kind\":\"recovery\""),
+        "{}",
+        continued[1]
+    );
+}

@@ -5,11 +5,10 @@
 mod forensic_common;
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use forensic_common::{cfg, chain_files, start};
+use forensic_common::{cfg, chain_files, least_address_space, start, status_limited};
 use kvhygiene::config::LogConfig;
 use kvhygiene::forensic::ForensicLog;
 use sha2::{Digest, Sha256};
@@ -64,26 +63,9 @@ fn tail_limited(dir: &Path, state: &Path, out: &Path, limit: u64) -> (Option<i32
         .args(["--once", "--from-start", "--state"])
         .arg(state)
         .stdout(file);
-    let rlim = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: between fork and exec the closure only calls setrlimit, which is
-    // async-signal-safe, with a valid `rlimit` it reads and copies.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    // A limit too small for the program to start at all fails its exec: no status.
-    let Ok(status) = cmd.status() else {
-        return (None, 0);
-    };
+    let code = status_limited(&mut cmd, limit);
     let written = BufReader::new(std::fs::File::open(out).unwrap());
-    (status.code(), written.split(b'\n').count())
+    (code, written.split(b'\n').count())
 }
 
 /// SHA-256 of the chain files one after the other (each ends with a complete line: the
@@ -104,28 +86,15 @@ fn digest(path: &Path) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// The address space a tail needs for a log of a few records, found by halving down from
-/// 4 GiB and back up (each try a run of a few milliseconds): what the program itself maps
-/// (a debug build, its libraries) differs from one build to another.
+/// The address space a tail needs for a log of a few records.
 fn small_log_needs(tmp: &Path) -> u64 {
     let dir = tmp.join("small");
     write_backlog(&dir, PAD as u64 * 2);
-    let fits = |limit: u64| {
+    least_address_space(|limit| {
         let state = tmp.join("small.state");
         let _ = std::fs::remove_file(&state);
         tail_limited(&dir, &state, &tmp.join("small.out"), limit).0 == Some(0)
-    };
-    let (mut low, mut high) = (16u64 << 20, 4u64 << 30);
-    assert!(fits(high), "kvh tail-log fails on a small log in 4 GiB");
-    while high - low > 4 << 20 {
-        let mid = low + (high - low) / 2;
-        if fits(mid) {
-            high = mid;
-        } else {
-            low = mid;
-        }
-    }
-    high
+    })
 }
 
 #[test]

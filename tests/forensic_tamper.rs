@@ -752,3 +752,43 @@ fn resign_checkpoint(
     fs::write(&path, &line).unwrap();
     assert!(checkpoint::peek(&path).unwrap().is_some());
 }
+
+/// A line far longer than any record, in place of a record, is reported at its line, as
+/// not a record, without the reader holding it.
+#[test]
+fn a_line_longer_than_any_record_is_reported_at_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let mut lines = read_lines(&files[1]);
+    lines[2] = "x".repeat(kvhygiene::forensic::lines::MAX_LINE_BYTES + 1);
+    write_lines(&files[1], &lines);
+    assert_problem(
+        &verify(&dir, &keyed_opts()),
+        &name(&files[1]),
+        3,
+        "longer than any record",
+    );
+}
+
+/// Bytes after the newest file's last newline, more than any record, of a chain that did
+/// not stop: counted as torn bytes (as a crash's are), not held, and not tampering.
+#[test]
+fn a_torn_end_longer_than_any_record_is_counted_as_torn_bytes() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = keyed_log(&tmp);
+    let newest = files.last().unwrap();
+    let mut lines = read_lines(newest);
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(newest, &lines);
+    let torn = kvhygiene::forensic::lines::MAX_LINE_BYTES + 7;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(newest)
+        .unwrap()
+        .write_all(&vec![b'y'; torn])
+        .unwrap();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains[0].torn_bytes, torn as u64);
+}

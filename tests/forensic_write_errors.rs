@@ -845,7 +845,7 @@ fn flocked(ino: u64) -> bool {
     })
 }
 
-/// A crashed chain (its `stop` record removed, one 8 MiB record making recovery read and hash
+/// A crashed chain (its `stop` record removed, 8 MiB of records making recovery read and hash
 /// for a while) taken over at open by crash recovery, whose file `change(file, scratch dir)`
 /// alters once recovery holds its lock; the run then writes records, waits longer than the
 /// writer's once-a-second check of its active file, writes `req-200` and stops. Returns the
@@ -859,7 +859,10 @@ fn run_on_a_file_changed_while_recovery_takes_it_over(
         let dir = log_dir(&tmp);
         let c = cfg(&dir, 1 << 30);
         let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-        log.record_summary(serde_json::json!({"pad": "x".repeat(8 << 20)}));
+        let pad = "x".repeat(256 << 10);
+        for _ in 0..32 {
+            log.record_anomaly(serde_json::json!({ "pad": pad }));
+        }
         log.emit(event(1));
         log.flush();
         let chain = log.stats().chain.unwrap();

@@ -419,3 +419,53 @@ fn the_stats_room_on_ext4_is_what_this_process_can_still_write() {
         "measured {measured} bytes free; this process could write {written}"
     );
 }
+
+/// An engine's anomaly detail (or summary counters) larger than the limit is recorded by
+/// its size and SHA-256, so that every record stays far shorter than the longest line a
+/// reader holds; one of exactly the limit is recorded whole. The log verifies.
+#[test]
+fn caller_json_larger_than_the_limit_is_recorded_by_its_size_and_sha256() {
+    use kvhygiene::forensic::MAX_CALLER_JSON_BYTES;
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 16 << 20), start(), Some(secret())).unwrap();
+    // `{"pad":"` and `"}` are 10 bytes of the canonical form.
+    let large = "x".repeat(MAX_CALLER_JSON_BYTES);
+    let fits = serde_json::json!({ "pad": "x".repeat(MAX_CALLER_JSON_BYTES - 10) });
+    log.record_anomaly(serde_json::json!({ "pad": large }));
+    log.record_anomaly(fits.clone());
+    log.record_summary(serde_json::json!({ "pad": large }));
+    log.stop();
+    let records: Vec<serde_json::Value> = chain_files(&dir)
+        .iter()
+        .flat_map(|f| read_lines(f))
+        .map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap())
+        .collect();
+    let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["kind"] == kind).collect()
+    };
+    let anomalies = of_kind("anomaly");
+    assert_eq!(anomalies.len(), 2);
+    let canonical = format!("{{\"pad\":\"{large}\"}}");
+    let detail = &anomalies[0]["detail"];
+    assert_eq!(detail["bytes"], canonical.len());
+    assert_eq!(
+        detail["sha256"],
+        kvhygiene::forensic::record::hex(&Sha256::digest(canonical.as_bytes()))
+    );
+    assert!(
+        detail["omitted"].as_str().unwrap().contains("limit"),
+        "{detail}"
+    );
+    assert_eq!(anomalies[1]["detail"], fits);
+    let summaries = of_kind("summary");
+    assert!(
+        summaries
+            .iter()
+            .any(|r| r["counters"]["bytes"] == canonical.len()),
+        "{summaries:?}"
+    );
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+}

@@ -9,7 +9,7 @@
 //! controls serve.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::cli::{options, VerifyLogArgs, EXIT_OK, EXIT_TAMPERED, EXIT_USAGE};
 use super::config_digest;
-use super::files;
+use super::lines::{Line, Lines};
 use super::period::{self, Period};
 use super::record::{chain_hash_open, hex, parse_hash, GENESIS_PREV};
 use super::scan::scan;
@@ -1159,23 +1159,22 @@ type LineVisitor<'a> = dyn FnMut(u64, &[u8], &Map<String, Value>) -> Result<(), 
 /// symlink followed, no FIFO waited for, a regular file of bounded size), so a file planted
 /// after the verification can neither hold the report up nor be read in place of the chain's.
 fn read_file(path: &Path, f: &mut LineVisitor<'_>) -> Result<(), String> {
-    let (file, _) = files::open_regular(path, files::MAX_READ_BYTES)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut reader = std::io::BufReader::new(std::io::Read::take(file, files::MAX_READ_BYTES));
-    let mut buf = Vec::new();
+    let mut lines = Lines::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut line = 0;
     loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
+        let read = lines
+            .next()
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 || buf.last() != Some(&b'\n') {
-            return Ok(());
-        }
+        let bytes = match read {
+            None | Some(Line::Torn(_) | Line::Overlong { ended: false, .. }) => return Ok(()),
+            Some(Line::Whole(bytes)) => bytes,
+            // Longer than any record: not one, as the match below reports.
+            Some(Line::Overlong { ended: true, .. }) => &[][..],
+        };
         line += 1;
         // The verification parsed every line; one that does not parse now changed since.
-        match serde_json::from_slice::<Value>(&buf) {
-            Ok(Value::Object(record)) => f(line, &buf[..buf.len() - 1], &record)?,
+        match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(record)) => f(line, bytes, &record)?,
             _ => {
                 return Err(format!(
                     "{}:{line}: not a JSON record; the file changed after verification",

@@ -12,12 +12,16 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::files;
+use super::{files, MAX_CALLER_JSON_BYTES};
 
-/// Longest line a reader holds. A record is a few hundred bytes; the longest a writer writes,
-/// a `kv_scrub` record naming its 1024 block ids (`KV_LOGGED_IDS`), is about 13 KiB. A line
-/// longer than this is not a record, whatever else it is.
-pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Longest line a reader holds. A record is a few hundred bytes, a `kv_scrub` record naming
+/// its 1024 block ids (`KV_LOGGED_IDS`) about 13 KiB; only the JSON an engine hands the log
+/// (an anomaly's detail, a summary's counters) makes one longer, bounded by
+/// [`MAX_CALLER_JSON_BYTES`]. A line longer than this is not a record, whatever else it is.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+
+// The largest caller JSON, with its record's other fields, fits with room to spare.
+const _: () = assert!(MAX_LINE_BYTES >= 2 * MAX_CALLER_JSON_BYTES);
 
 /// How much of the file is read at once: large enough that the system calls do not show
 /// next to the hashing of the records.

@@ -5,7 +5,7 @@
 //! still its chain's newest, and whose last record is not `stop`, belongs to a dead writer.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
+use super::lines::{Line, Lines};
 use super::record::{chain_hash_open, mac_of, parse_hash};
 use super::scan::scan;
 use super::ForensicError;
@@ -48,68 +49,135 @@ struct Head {
     tail: Tail,
     /// Index of the file holding `tail`.
     tail_index: u64,
-    /// Bytes of the newest file to cut: always only bytes after its last newline.
-    torn: usize,
     link_from: Option<String>,
-    /// The signing key (hex) the chain's current writer named ([`named_signer`] of the file
-    /// holding `tail`); `None` when its records name none.
+    /// The signing key (hex) the chain's current writer named ([`Survey::signer`] of the
+    /// file holding `tail`); `None` when its records name none.
     signer: Option<String>,
-    /// The previous file's bytes, when `tail` is there (`link_from`).
-    prev_bytes: Option<Vec<u8>>,
 }
 
 impl Head {
     /// Whether the file holding `tail` reads as one piece of the chain ending with it
-    /// ([`file_links`]); `newest` is the newest file's bytes. Checked after the cheaper
-    /// checks, since it hashes every line of the file.
-    fn links(&self, chain: &str, newest: &[u8]) -> bool {
-        let bytes = self.prev_bytes.as_deref().unwrap_or(newest);
-        let complete = bytes.len()
-            - if self.prev_bytes.is_some() {
-                0
-            } else {
-                self.torn
-            };
-        let Some(end) = complete.checked_sub(1) else {
-            return false;
+    /// ([`file_links`]): the newest file's `complete` bytes (`file`, read from its start), or
+    /// the previous file whole (`link_from`). Checked after the cheaper checks, since it
+    /// hashes every line of the file.
+    fn links(&self, chain: &str, file: &File, complete: u64, dir: &Path) -> bool {
+        let head = match &self.link_from {
+            Some(prev) => Lines::open(&dir.join(prev))
+                .ok()
+                .and_then(|mut lines| file_links(&mut lines, chain, self.tail_index)),
+            None => from_start(file).ok().and_then(|f| {
+                file_links(
+                    &mut Lines::new(f.take(complete), complete),
+                    chain,
+                    self.tail_index,
+                )
+            }),
         };
-        file_links(&bytes[..end], chain, self.tail_index) == Some((self.tail.seq, self.tail.hash))
+        head == Some((self.tail.seq, self.tail.hash))
     }
 }
 
-/// The last complete record of the chain: in the newest file, or, when that file holds no
-/// complete line yet, at the end of the previous one (which rotation left complete).
+/// What one read of a chain file, a line at a time, finds of where it ends.
+#[derive(Default)]
+struct Survey {
+    /// Bytes read: the file's length.
+    len: u64,
+    /// The last complete line, without its newline; `None` when the file has none, or when
+    /// that line is longer than any record.
+    last: Option<Vec<u8>>,
+    /// Whether the file has a complete line at all.
+    any_line: bool,
+    /// The bytes after the last newline: a record the crash tore. `None` when they are
+    /// longer than any record (not a torn record, and not held in memory).
+    torn: Option<Vec<u8>>,
+    /// The signer the file names last: the `signer` of its last `start`, `recovery`,
+    /// `rotate` or `checkpoint` record that has one. A writer that signs names its key in
+    /// the first record of every file it starts and in its `recovery` record, so in the file
+    /// holding a chain's last record this is the chain's current signer. `None` when no
+    /// record names one: its writer did not sign, or wrote before records named their
+    /// signer. A chain that names another key (a rotated one) is not continued: with two
+    /// signers in one chain, a holder of the old key could cut off what the new one signed
+    /// and re-sign the end.
+    signer: Option<String>,
+}
+
+impl Survey {
+    /// Reads `lines` to the end. Scans each line only for its kind and signer; hashes
+    /// nothing.
+    fn of<R: Read>(mut lines: Lines<R>) -> io::Result<Survey> {
+        let mut s = Survey {
+            torn: Some(Vec::new()),
+            ..Survey::default()
+        };
+        let mut last = Vec::new();
+        let mut last_whole = false;
+        while let Some(line) = lines.next()? {
+            match line {
+                Line::Whole(l) => {
+                    last.clear();
+                    last.extend_from_slice(l);
+                    last_whole = true;
+                    s.any_line = true;
+                    if let Some(signer) = named_signer(l) {
+                        s.signer = Some(signer);
+                    }
+                }
+                Line::Overlong { ended: true, .. } => {
+                    last_whole = false;
+                    s.any_line = true;
+                }
+                Line::Torn(t) => s.torn = Some(t.to_vec()),
+                Line::Overlong { ended: false, .. } => s.torn = None,
+            }
+        }
+        s.len = lines.bytes_read();
+        s.last = last_whole.then_some(last);
+        Ok(s)
+    }
+
+    /// Length of the file up to its last newline.
+    fn complete_len(&self) -> Option<u64> {
+        let torn = self.torn.as_ref()?.len() as u64;
+        Some(self.len - torn)
+    }
+}
+
+/// `file`, read from its start.
+fn from_start(mut file: &File) -> io::Result<&File> {
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// The last complete record of the chain: in the newest file (`newest`, the survey of the
+/// file numbered `index` at `path`), or, when that file holds no complete line yet, at the
+/// end of the previous one (which rotation left complete).
 ///
 /// Only a torn (newline-less) tail is ever cut. If the last complete line is not a
 /// self-consistent record, the chain is not continued at all: a junk line is evidence for
 /// `verify-log`, not something recovery may repair by cutting whole records.
-fn chain_head(chain: &str, index: u64, bytes: &[u8], path: &Path) -> Option<Head> {
-    if let Some(end) = last_newline(bytes) {
-        let tail = last_record(&bytes[..=end], chain, index)?;
+fn chain_head(chain: &str, index: u64, newest: &Survey, path: &Path) -> Option<Head> {
+    if newest.any_line {
+        let tail = last_record(newest.last.as_deref()?, chain, index)?;
         return Some(Head {
             tail,
             tail_index: index,
-            torn: bytes.len() - end - 1,
             link_from: None,
-            signer: named_signer(&bytes[..=end]),
-            prev_bytes: None,
+            signer: newest.signer.clone(),
         });
     }
     // No newline at all: every byte of the newest file is the torn fragment of its first line.
     let prev_index = index.checked_sub(1)?;
     let prev_name = files::file_name(chain, prev_index);
-    let prev_bytes = files::read_capped(&path.with_file_name(&prev_name)).ok()?;
-    if prev_bytes.last() != Some(&b'\n') {
+    let prev = Survey::of(Lines::open(&path.with_file_name(&prev_name)).ok()?).ok()?;
+    if prev.complete_len() != Some(prev.len) {
         return None; // a rotated file always ends with a newline
     }
-    let tail = last_record(&prev_bytes, chain, prev_index)?;
+    let tail = last_record(prev.last.as_deref()?, chain, prev_index)?;
     Some(Head {
         tail,
         tail_index: prev_index,
-        torn: bytes.len(),
         link_from: Some(prev_name),
-        signer: named_signer(&prev_bytes),
-        prev_bytes: Some(prev_bytes),
+        signer: prev.signer,
     })
 }
 
@@ -220,7 +288,7 @@ pub fn adopt(
         let Some((index, path)) = list.last() else {
             continue;
         };
-        let mut file = match files::open_existing(path) {
+        let file = match files::open_existing(path) {
             Ok(f) => f,
             Err(_) if files::is_missing(path) => continue,
             Err(e) => match files::unwritable_chain_file(path) {
@@ -256,22 +324,28 @@ pub fn adopt(
             continue;
         }
         let inodes_unreliable = names_another_file(path, &file);
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
+        // A line at a time: the newest file may be as large as the rotation size, and this
+        // runs in the inference process as it starts.
+        let newest = Survey::of(Lines::new(&file, u64::MAX))
             .map_err(|e| files::io_err(path, "cannot read", e))?;
-        if *index == 0 && last_newline(&bytes).is_none() {
+        if *index == 0 && !newest.any_line {
             // Only what could be a torn `start` record, of a chain no checkpoint covers: a
             // file whose newlines were stripped is evidence, left for verification to report.
             let covered = !matches!(
                 checkpoint::peek(&checkpoint::path_for(ckpt_dir, chain)),
                 Ok(None)
             );
-            if bytes.len() as u64 <= files::MAX_UNSTARTED_BYTES && !covered {
+            if newest.len <= files::MAX_UNSTARTED_BYTES && !covered {
                 remove_unstarted(dir, chain, path, &file);
             }
             continue;
         }
-        let Some(head) = chain_head(chain, *index, &bytes, path) else {
+        // Bytes after the last newline longer than any record are not a torn record: the
+        // chain is left as it ended, for verification to judge.
+        let (Some(len), Some(torn_tail)) = (newest.complete_len(), &newest.torn) else {
+            continue;
+        };
+        let Some(head) = chain_head(chain, *index, &newest, path) else {
             continue;
         };
         // The newest file holds no complete record: its writer created it at a rotation. It
@@ -303,17 +377,16 @@ pub fn adopt(
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
             continue;
         }
-        if !head.links(chain, &bytes) {
+        if !head.links(chain, &file, len, dir) {
             continue;
         }
-        let len = bytes.len() - head.torn;
         // A torn tail is written over in place, with appending turned off for a moment; a
         // file with nothing torn is only appended to, so an append-only file (`chattr +a`)
         // that ended at a record's end is still continued. One with a torn tail refuses the
         // overwrite (EPERM): it is left as it ended, torn tail and all, which verification
         // accepts of a chain no process continued; the start-up goes on with another chain
         // or a new one.
-        if head.torn > 0 {
+        if !torn_tail.is_empty() {
             match files::set_append(&file, false).and_then(|()| files::set_append(&file, true)) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -336,8 +409,8 @@ pub fn adopt(
             index: *index,
             path: path.clone(),
             file,
-            len: len as u64,
-            torn_tail: bytes[len..].to_vec(),
+            len,
+            torn_tail: torn_tail.clone(),
             last_seq: head.tail.seq,
             last_hash: head.tail.hash,
             link_from: head.link_from,
@@ -347,20 +420,13 @@ pub fn adopt(
     Ok(None)
 }
 
-/// The signer a chain file names last: the `signer` of its last `start`, `recovery`,
-/// `rotate` or `checkpoint` record that has one. A writer that signs names its key in the
-/// first record of every file it starts and in its `recovery` record, so in the file holding a
-/// chain's last record this is the chain's current signer. `None` when no record names one:
-/// its writer did not sign, or wrote before records named their signer. A chain that names
-/// another key (a rotated one) is not continued: with two signers in one chain, a holder of
-/// the old key could cut off what the new one signed and re-sign the end.
-fn named_signer(bytes: &[u8]) -> Option<String> {
-    bytes
-        .split(|&b| b == b'\n')
-        .rev()
-        .filter_map(|l| scan(l).ok())
+/// The signer `line` names, when it is a `start`, `recovery`, `rotate` or `checkpoint`
+/// record that names one ([`Survey::signer`]).
+fn named_signer(line: &[u8]) -> Option<String> {
+    scan(line)
+        .ok()
         .filter(|r| matches!(r.kind, Some("start" | "recovery" | "rotate" | "checkpoint")))
-        .find_map(|r| r.signer.map(str::to_string))
+        .and_then(|r| r.signer.map(str::to_string))
 }
 
 /// Whether the chain's existing checkpoint (if any) is consistent with its last good record:
@@ -386,12 +452,17 @@ fn checkpoint_agrees(dir: &Path, ckpt_dir: &Path, chain: &str, tail: &Tail) -> b
 
 /// The hash of record `seq` in a chain file, if it holds it.
 pub(crate) fn hash_at(path: &Path, seq: u64) -> Option<[u8; 32]> {
-    let bytes = files::read_capped(path).ok()?;
-    bytes
-        .split(|&b| b == b'\n')
-        .filter_map(|l| scan(l).ok())
-        .find(|r| r.seq == Some(seq))
-        .and_then(|r| parse_hash(r.hash))
+    let mut lines = Lines::open(path).ok()?;
+    while let Some(line) = lines.next().ok()? {
+        let (Line::Whole(l) | Line::Torn(l)) = line else {
+            continue;
+        };
+        match scan(l) {
+            Ok(r) if r.seq == Some(seq) => return parse_hash(r.hash),
+            _ => {}
+        }
+    }
+    None
 }
 
 struct Tail {
@@ -400,12 +471,10 @@ struct Tail {
     hash: [u8; 32],
 }
 
-/// The last line of `bytes` (the file of `chain` numbered `index`, ending with a newline), if
-/// it is a canonical record of that file whose hash recomputes from its `prev` and body.
-/// Whether the whole file leads to it is [`Head::links`].
-fn last_record(bytes: &[u8], chain: &str, index: u64) -> Option<Tail> {
-    let end = bytes.len().checked_sub(1)?;
-    let line = &bytes[line_start(bytes, end)..end];
+/// `line`, the last complete line of the file of `chain` numbered `index`, if it is a
+/// canonical record of that file whose hash recomputes from its `prev` and body. Whether the
+/// whole file leads to it is [`Head::links`].
+fn last_record(line: &[u8], chain: &str, index: u64) -> Option<Tail> {
     let r = scan(line).ok()?;
     let prev = parse_hash(r.prev?)?;
     let hash = parse_hash(r.hash)?;
@@ -420,16 +489,8 @@ fn last_record(bytes: &[u8], chain: &str, index: u64) -> Option<Tail> {
     Some(Tail { record, seq, hash })
 }
 
-/// Where the line that ends at `end` (a newline's position, or the length) starts.
-fn line_start(bytes: &[u8], end: usize) -> usize {
-    bytes[..end]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1)
-}
-
-/// The seq and hash of the last of `lines` (a chain file's complete lines, without the last
-/// newline) when every line is a canonical record of the chain's file `index` (its `chain`,
+/// The seq and hash of the last of `lines` (a chain file read to its end, which must end
+/// with a newline) when every line is a canonical record of the chain's file `index` (its `chain`,
 /// its `epoch`) whose hash recomputes from its `prev` and body, the first is the `start`
 /// (file 0) or `rotate` record a file begins with, and each one after follows the one
 /// before it (`seq` one more, `prev` its hash). Whole sealed records appended after the
@@ -437,9 +498,12 @@ fn line_start(bytes: &[u8], end: usize) -> usize {
 /// hash and MAC checks but not these; a chain continued after them would put every new
 /// record after lines that fail verification. The MAC is checked of the last line only
 /// ([`continuable`]): forging a line before it would need one whose MAC verifies after it.
-fn file_links(lines: &[u8], chain: &str, index: u64) -> Option<(u64, [u8; 32])> {
+fn file_links<R: Read>(lines: &mut Lines<R>, chain: &str, index: u64) -> Option<(u64, [u8; 32])> {
     let mut head: Option<(u64, [u8; 32])> = None;
-    for line in lines.split(|&b| b == b'\n') {
+    while let Some(line) = lines.next().ok()? {
+        let Line::Whole(line) = line else {
+            return None; // longer than any record, or torn
+        };
         let r = scan(line).ok()?;
         let prev = parse_hash(r.prev?)?;
         let hash = parse_hash(r.hash)?;

@@ -538,7 +538,8 @@ impl ChainWriter {
                 if let Some((detail, ctx, ts)) = queued.take() {
                     let mut f = Vec::with_capacity(4);
                     super::context_fields(&ctx, &mut f);
-                    let detail = Field::from(record::sanitize(detail, 0));
+                    let detail = bounded_json(record::sanitize(detail, 0), "an anomaly's detail");
+                    let detail = Field::from(detail);
                     f.push((Cow::Borrowed("detail"), detail));
                     self.append("anomaly", f, ts);
                 }
@@ -1036,7 +1037,10 @@ impl ChainWriter {
             return;
         };
         let mut f = Map::new();
-        f.insert("counters".into(), record::sanitize(counters, 0));
+        f.insert(
+            "counters".into(),
+            bounded_json(record::sanitize(counters, 0), "a summary's counters"),
+        );
         self.last_summary = Some(Instant::now());
         self.append(
             "summary",
@@ -1292,6 +1296,27 @@ impl ChainWriter {
 /// How long the writer's last writes (`lost` and `stop` records) are tried again at `stop`
 /// when they fail: a few backoff rounds, well inside the time `stop` waits for the writer.
 const FINISH_RETRY: Duration = Duration::from_secs(2);
+
+/// Caller-supplied JSON (`what`: an anomaly's `detail`, a summary's `counters`) as its
+/// record carries it: whole up to [`super::MAX_CALLER_JSON_BYTES`] of canonical JSON, else by
+/// its size and SHA-256.
+fn bounded_json(value: Value, what: &str) -> Value {
+    let mut canonical = Vec::new();
+    // JSON that does not canonicalise is left to the sealing, which handles it.
+    if record::write_canonical(&value, &mut canonical).is_err()
+        || canonical.len() <= super::MAX_CALLER_JSON_BYTES
+    {
+        return value;
+    }
+    serde_json::json!({
+        "omitted": format!(
+            "larger than the {}-byte limit of {what}",
+            super::MAX_CALLER_JSON_BYTES
+        ),
+        "bytes": canonical.len(),
+        "sha256": hex(&sha2::Sha256::digest(&canonical)),
+    })
+}
 
 /// Characters of a start-up error kept in a `stop` record: far more than any error message,
 /// few enough that a record stays small.

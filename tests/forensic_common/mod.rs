@@ -240,3 +240,41 @@ pub fn manifest_of_whole_chain(chain: &str, last_seq: u64, last_hash: &str) -> M
         mac: None,
     }
 }
+
+/// Runs `cmd` with its address space limited to `limit` bytes (`RLIMIT_AS`): its exit code,
+/// or `None` when it was killed by a signal or a limit that small kept it from starting.
+pub fn status_limited(cmd: &mut std::process::Command, limit: u64) -> Option<i32> {
+    use std::os::unix::process::CommandExt;
+    let rlim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: between fork and exec the closure only calls setrlimit, which is
+    // async-signal-safe, with a valid `rlimit` it reads and copies.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &rlim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.status().ok()?.code()
+}
+
+/// The least address space (within 4 MiB) that `fits` succeeds in, found by halving down
+/// from 4 GiB and back up (each try a run of a few milliseconds on a small input): what a
+/// program itself maps (a debug build, its libraries) differs from one build to another.
+pub fn least_address_space(fits: impl Fn(u64) -> bool) -> u64 {
+    let (mut low, mut high) = (16u64 << 20, 4u64 << 30);
+    assert!(fits(high), "fails on a small input in 4 GiB");
+    while high - low > 4 << 20 {
+        let mid = low + (high - low) / 2;
+        if fits(mid) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    high
+}

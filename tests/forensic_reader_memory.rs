@@ -1,0 +1,84 @@
+//! `kvh verify-log` and `kvh evidence` read a chain file a line at a time: a chain file
+//! larger than their memory limit (one rotated at up to `KVH_LOG_MAX_BYTES`, 1 GiB, or one
+//! planted larger) is verified and reported on, where holding it whole would fail on
+//! allocation.
+
+mod forensic_common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use forensic_common::{cfg, chain_files, event, least_address_space, start, status_limited};
+use kvhygiene::events::EventSink;
+use kvhygiene::forensic::ForensicLog;
+
+/// Records a chain file of the test holds before its size is looked at again.
+const BATCH: u64 = 2_000;
+
+/// The chain file's size: larger than the memory the readers are given beyond a small
+/// log's needs ([`HEADROOM`]), which holding it whole would take.
+const FILE: u64 = 64 << 20;
+
+/// Address space a reader may use beyond what it takes for a log of a few records.
+const HEADROOM: u64 = 32 << 20;
+
+/// A stopped log of one chain in `dir`, in one file of at least `bytes` (and `BATCH`
+/// records): records of the usual size (a few hundred bytes), of the kinds the auditor's
+/// report counts rather than lists.
+fn write_one_file(dir: &Path, bytes: u64) {
+    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 30), start(), None).unwrap();
+    let mut n = 0;
+    loop {
+        for _ in 0..BATCH {
+            log.emit(event(n));
+            n += 1;
+        }
+        log.flush();
+        if chain_files(dir)
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum::<u64>()
+            >= bytes
+        {
+            break;
+        }
+    }
+    log.stop();
+}
+
+/// `kvh VERB DIR`, with no `KVH_*` setting of the test's environment, its output dropped.
+fn kvh(verb: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvh"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KVH_")) {
+        cmd.env_remove(k);
+    }
+    cmd.arg(verb)
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+#[test]
+fn a_chain_file_larger_than_the_memory_limit_is_verified_and_reported_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    write_one_file(&small, 0);
+    let dir = tmp.path().join("log");
+    write_one_file(&dir, FILE);
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 1, "one chain file");
+    let len = std::fs::metadata(&files[0]).unwrap().len();
+    assert!(len >= FILE, "the chain file is {len} bytes");
+    for verb in ["verify-log", "evidence"] {
+        let limit = least_address_space(|l| status_limited(&mut kvh(verb, &small), l) == Some(0))
+            + HEADROOM;
+        assert_eq!(
+            status_limited(&mut kvh(verb, &dir), limit),
+            Some(0),
+            "kvh {verb} failed on a {} MiB chain file in {} MiB of address space",
+            len >> 20,
+            limit >> 20
+        );
+    }
+}
