@@ -1,14 +1,16 @@
-//! `kvh verify-log` and `kvh evidence` read a chain file a line at a time: a chain file
-//! larger than their memory limit (one rotated at up to `KVH_LOG_MAX_BYTES`, 1 GiB, or one
-//! planted larger) is verified and reported on, where holding it whole would fail on
-//! allocation.
+//! `kvh verify-log`, `kvh evidence` and `kvh prune-log` read a chain file a line at a time
+//! (and copy it through a buffer): a chain file larger than their memory limit (one rotated
+//! at up to `KVH_LOG_MAX_BYTES`, 1 GiB, or one planted larger) is verified, reported on and
+//! moved, where holding it whole would fail on allocation.
 
 mod forensic_common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use forensic_common::{cfg, chain_files, event, least_address_space, start, status_limited};
+use forensic_common::{
+    cfg, chain_files, event, least_address_space, secret, secret_key_file, start, status_limited,
+};
 use kvhygiene::events::EventSink;
 use kvhygiene::forensic::ForensicLog;
 
@@ -26,7 +28,7 @@ const HEADROOM: u64 = 32 << 20;
 /// records): records of the usual size (a few hundred bytes), of the kinds the auditor's
 /// report counts rather than lists.
 fn write_one_file(dir: &Path, bytes: u64) {
-    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 30), start(), None).unwrap();
+    let log = ForensicLog::open_with_secret(&cfg(dir, 1 << 30), start(), Some(secret())).unwrap();
     let mut n = 0;
     loop {
         for _ in 0..BATCH {
@@ -81,4 +83,63 @@ fn a_chain_file_larger_than_the_memory_limit_is_verified_and_reported_on() {
             limit >> 20
         );
     }
+}
+
+/// A private copy of the log directory `src` at `dst` (the writer's modes), and an empty
+/// private archive directory next to it: what one run of `kvh prune-log` takes.
+fn fresh_copy(src: &Path, dst: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let _ = std::fs::remove_dir_all(dst);
+    let (log, archive) = (dst.join("log"), dst.join("archive"));
+    for d in [&log, &archive] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+            .unwrap();
+    }
+    for f in chain_files(src) {
+        let to = log.join(f.file_name().unwrap());
+        std::fs::copy(&f, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    (log, archive)
+}
+
+/// `kvh prune-log` moving every file of the log in `src` (copied to `scratch` first) to an
+/// archive, in `limit` bytes of address space: its exit code.
+fn prune_limited(src: &Path, scratch: &Path, key: &Path, limit: u64) -> Option<i32> {
+    let (log, archive) = fresh_copy(src, scratch);
+    let mut cmd = kvh("prune-log", &log);
+    cmd.arg("--archive-dir")
+        .arg(&archive)
+        .args(["--older-than", "0", "--key-file"])
+        .arg(key);
+    let code = status_limited(&mut cmd, limit);
+    if code == Some(0) {
+        assert!(chain_files(&log).is_empty(), "prune-log left chain files");
+        assert_eq!(chain_files(&archive).len(), chain_files(src).len());
+    }
+    code
+}
+
+#[test]
+fn a_chain_file_larger_than_the_memory_limit_is_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = secret_key_file(tmp.path());
+    let small = tmp.path().join("small");
+    write_one_file(&small, 0);
+    let scratch = tmp.path().join("scratch");
+    let limit =
+        least_address_space(|l| prune_limited(&small, &scratch, &key, l) == Some(0)) + HEADROOM;
+    let dir = tmp.path().join("log");
+    write_one_file(&dir, FILE);
+    let len = std::fs::metadata(&chain_files(&dir)[0]).unwrap().len();
+    assert_eq!(
+        prune_limited(&dir, &scratch, &key, limit),
+        Some(0),
+        "kvh prune-log failed on a {} MiB chain file in {} MiB of address space",
+        len >> 20,
+        limit >> 20
+    );
 }

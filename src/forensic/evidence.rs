@@ -1163,7 +1163,7 @@ fn read_file(path: &Path, f: &mut LineVisitor<'_>) -> Result<(), String> {
     let mut line = 0;
     loop {
         let read = lines
-            .next()
+            .next_line()
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let bytes = match read {
             None | Some(Line::Torn(_) | Line::Overlong { ended: false, .. }) => return Ok(()),

@@ -387,13 +387,19 @@ pub struct FreeSpace {
     pub kept_back: u64,
 }
 
-/// Creates a file in the directory `dir` holding `bytes` (0600, synced) without a name, and
-/// links it in as `dest`: nothing is left under another name, in a directory that refuses
-/// removals (`chattr +a`) too. `None` where the file system or the system cannot make an
-/// unnamed file or link one (no `O_TMPFILE`, no `/proc`): the caller writes it under a
-/// temporary name instead. The link fails with `AlreadyExists` when `dest` exists.
-pub fn link_new_file(dir: &Path, dest: &Path, bytes: &[u8]) -> Option<io::Result<()>> {
-    use std::io::Write;
+/// Creates a file in the directory `dir` without a name (0600), has `fill` write its contents,
+/// syncs it, and links it in as `dest`: nothing is left under another name, in a directory
+/// that refuses removals (`chattr +a`) too. When `fill` fails (its source changed while
+/// copied, say), nothing is linked: the unnamed file goes with its descriptor. `None` where
+/// the file system or the system cannot make an unnamed file or link one (no `O_TMPFILE`, no
+/// `/proc`): the caller writes it under a temporary name instead, and `fill` may have run
+/// once already (it must start over when called again). The link fails with `AlreadyExists`
+/// when `dest` exists.
+pub fn link_new_file(
+    dir: &Path,
+    dest: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Option<io::Result<()>> {
     let mut f = match OpenOptions::new()
         .write(true)
         .mode(0o600)
@@ -406,7 +412,7 @@ pub fn link_new_file(dir: &Path, dest: &Path, bytes: &[u8]) -> Option<io::Result
     };
     let written = f
         .set_permissions(fs::Permissions::from_mode(0o600))
-        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| fill(&mut f))
         .and_then(|()| f.sync_all());
     if let Err(e) = written {
         return Some(Err(e));

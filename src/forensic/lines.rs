@@ -27,7 +27,7 @@ const _: () = assert!(MAX_LINE_BYTES >= 2 * MAX_CALLER_JSON_BYTES);
 /// next to the hashing of the records.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// One line of a chain file, as [`Lines::next`] returns it.
+/// One line of a chain file, as [`Lines::next_line`] returns it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line<'a> {
     /// A complete line, without its newline.
@@ -82,19 +82,24 @@ impl<R: Read> Lines<R> {
         self
     }
 
-    /// Bytes read so far: the file's length once [`Lines::next`] returned `None`.
+    /// The reader the lines are read from.
+    pub fn get_ref(&self) -> &R {
+        self.reader.get_ref().get_ref()
+    }
+
+    /// Bytes read so far: the file's length once [`Lines::next_line`] returned `None`.
     pub fn bytes_read(&self) -> u64 {
         self.read
     }
 
     /// The SHA-256 of the bytes read so far, when [`Lines::hashing`] asked for it: the
-    /// file's, once [`Lines::next`] returned `None`.
+    /// file's, once [`Lines::next_line`] returned `None`.
     pub fn sha256(&self) -> Option<[u8; 32]> {
         self.digest.clone().map(|d| d.finalize().into())
     }
 
     /// The next line, or `None` at the end of the file.
-    pub fn next(&mut self) -> io::Result<Option<Line<'_>>> {
+    pub fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
         self.line.clear();
         // Length of the line so far; once past MAX_LINE_BYTES, its bytes are dropped.
         let mut len = 0u64;
@@ -152,7 +157,7 @@ mod tests {
     fn all(bytes: &[u8], cap: u64) -> io::Result<(Vec<String>, u64, Option<[u8; 32]>)> {
         let mut lines = Lines::new(bytes, cap).hashing();
         let mut out = Vec::new();
-        while let Some(line) = lines.next()? {
+        while let Some(line) = lines.next_line()? {
             out.push(match line {
                 Line::Whole(l) => format!("whole {}", String::from_utf8_lossy(l)),
                 Line::Torn(l) => format!("torn {}", String::from_utf8_lossy(l)),
@@ -179,9 +184,9 @@ mod tests {
         let mut file = long.clone();
         file.extend_from_slice(b"\nshort\n");
         let mut lines = Lines::new(&file[..], u64::MAX);
-        assert_eq!(lines.next().unwrap(), Some(Line::Whole(&long[..])));
-        assert_eq!(lines.next().unwrap(), Some(Line::Whole(&b"short"[..])));
-        assert_eq!(lines.next().unwrap(), None);
+        assert_eq!(lines.next_line().unwrap(), Some(Line::Whole(&long[..])));
+        assert_eq!(lines.next_line().unwrap(), Some(Line::Whole(&b"short"[..])));
+        assert_eq!(lines.next_line().unwrap(), None);
     }
 
     #[test]
@@ -190,7 +195,7 @@ mod tests {
         file.extend_from_slice(b"\nok\n");
         file.extend(std::iter::repeat_n(b'y', MAX_LINE_BYTES + 5));
         let mut lines = Lines::new(&file[..], u64::MAX).hashing();
-        let first = lines.next().unwrap();
+        let first = lines.next_line().unwrap();
         let want = 3 * MAX_LINE_BYTES as u64 + 1;
         assert_eq!(
             first,
@@ -201,15 +206,15 @@ mod tests {
         );
         // Held whole, the line would have needed three times the limit.
         assert!(lines.line.capacity() <= MAX_LINE_BYTES + READ_CHUNK);
-        assert_eq!(lines.next().unwrap(), Some(Line::Whole(&b"ok"[..])));
+        assert_eq!(lines.next_line().unwrap(), Some(Line::Whole(&b"ok"[..])));
         assert_eq!(
-            lines.next().unwrap(),
+            lines.next_line().unwrap(),
             Some(Line::Overlong {
                 len: MAX_LINE_BYTES as u64 + 5,
                 ended: false
             })
         );
-        assert_eq!(lines.next().unwrap(), None);
+        assert_eq!(lines.next_line().unwrap(), None);
         assert_eq!(lines.bytes_read(), file.len() as u64);
         assert_eq!(lines.sha256(), Some(Sha256::digest(&file).into()));
     }
@@ -220,7 +225,7 @@ mod tests {
         file.push(b'\n');
         let mut lines = Lines::new(&file[..], u64::MAX);
         assert_eq!(
-            lines.next().unwrap(),
+            lines.next_line().unwrap(),
             Some(Line::Whole(&file[..MAX_LINE_BYTES]))
         );
     }
@@ -245,6 +250,6 @@ mod tests {
         assert!(Lines::open(&link).is_err());
         assert!(Lines::open(dir.path()).is_err());
         let mut lines = Lines::open(&target).unwrap();
-        assert_eq!(lines.next().unwrap(), Some(Line::Whole(&b"x"[..])));
+        assert_eq!(lines.next_line().unwrap(), Some(Line::Whole(&b"x"[..])));
     }
 }

@@ -18,6 +18,12 @@
 //!    copies in both places, which a rerun finishes and `verify-log --archive-dir` reads
 //!    once.
 //!
+//! Chain files are streamed, never held whole (one may be 1 GiB): each is read a line at a
+//! time to describe it, again to check it, again to copy it, and its copy once more to compare
+//! it. Every read computes the SHA-256 of the bytes it saw, and each must be the one the first
+//! read recorded (the one the manifest names): so the bytes checked, copied and archived are
+//! the same bytes, and a file that changes between two reads is not moved.
+//!
 //! The manifest records, for each file moved, its name, SHA-256, first and last seq, last
 //! record hash and times. `verify-log --allow-pruned` continues a chain whose first present
 //! file is not file 0 from the manifest's last hash and seq, so the `rotate` link of the
@@ -28,7 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -41,7 +47,7 @@ use zeroize::Zeroizing;
 use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
-use super::lines::Lines;
+use super::lines::{Line, Lines};
 use super::record::{hex, parse_hash, write_canonical};
 use super::scan::scan;
 use super::verify::{list_all, verify_all, ChainCheck, ChainReport, Report, VerifyOptions};
@@ -276,15 +282,57 @@ fn manifest_file_len(mut m: Manifest) -> u64 {
     serde_json::to_vec_pretty(&m).map_or(0, |t| t.len() as u64 + 1)
 }
 
-/// The facts of one chain file that a manifest entry records.
-fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
+/// The length and SHA-256 of a chain file's bytes, as one read of it saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Content {
+    len: u64,
+    sha256: [u8; 32],
+}
+
+impl Content {
+    /// What `lines`, made [`Lines::hashing`], has read so far: all of the file once
+    /// [`Lines::next_line`] returned `None`. `None` when it was not hashing.
+    fn read_by<R: Read>(lines: &Lines<R>) -> Option<Content> {
+        lines.sha256().map(|sha256| Content {
+            len: lines.bytes_read(),
+            sha256,
+        })
+    }
+}
+
+/// A chain file as its first read saw it: the facts its manifest entry records, and its
+/// content, which every later read (the check, the copy, the archive's copy) must find again.
+struct Described {
+    facts: PrunedFile,
+    content: Content,
+}
+
+/// Reads the chain file `name` (at most `cap` bytes, from `reader`) a line at a time and
+/// describes it. Every line must be a whole record: a rotated file ends with a newline and
+/// holds nothing else (a line longer than any record is refused without being held). A read
+/// error is `Io`; bytes that are not such a file are `NotVerified`.
+fn describe<R: Read>(name: &str, reader: R, cap: u64) -> Result<Described, PruneError> {
+    let bad = |why: String| PruneError::NotVerified(format!("{name}: {why}"));
+    let mut lines = Lines::new(reader, cap).hashing();
     let mut first: Option<u64> = None;
     let mut last: Option<(u64, String)> = None;
     let (mut oldest, mut newest) = (u64::MAX, 0u64);
-    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let r = scan(line).map_err(|e| format!("{name}: {e}"))?;
+    while let Some(line) = lines
+        .next_line()
+        .map_err(|e| PruneError::Io(format!("{name}: {e}")))?
+    {
+        let line = match line {
+            Line::Whole(line) => line,
+            Line::Torn(_) => return Err(bad("unterminated line at the end".into())),
+            Line::Overlong { len, .. } => {
+                return Err(bad(format!(
+                    "a line of {len} bytes, longer than any record"
+                )))
+            }
+        };
+        let r = scan(line).map_err(|e| bad(e.to_string()))?;
         let (Some(seq), Some(ts)) = (r.seq, r.ts) else {
-            return Err(format!("{name}: a record without seq or ts"));
+            return Err(bad("a record without seq or ts".into()));
         };
         first.get_or_insert(seq);
         last = Some((seq, r.hash.to_string()));
@@ -293,17 +341,118 @@ fn describe(name: &str, bytes: &[u8]) -> Result<PrunedFile, String> {
         newest = newest.max(ts);
     }
     let (Some(first_seq), Some((last_seq, last_hash))) = (first, last) else {
-        return Err(format!("{name}: no record"));
+        return Err(bad("no record".into()));
     };
-    Ok(PrunedFile {
-        name: name.to_string(),
-        sha256: hex(&Sha256::digest(bytes)),
-        first_seq,
-        last_seq,
-        last_hash,
-        oldest_ts: oldest,
-        newest_ts: newest,
+    // Made hashing above: always there.
+    let content = Content::read_by(&lines).ok_or_else(|| bad("not hashed".into()))?;
+    Ok(Described {
+        facts: PrunedFile {
+            name: name.to_string(),
+            sha256: hex(&content.sha256),
+            first_seq,
+            last_seq,
+            last_hash,
+            oldest_ts: oldest,
+            newest_ts: newest,
+        },
+        content,
     })
+}
+
+/// Describes the chain file at `path`, named `name` in the chain, opened as every chain file
+/// is ([`files::open_regular`]: no symlink, no FIFO, a regular file within the read cap).
+fn describe_file(path: &Path, name: &str) -> Result<Described, PruneError> {
+    let (file, _) = files::open_regular(path, files::MAX_READ_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    describe(name, file, files::MAX_READ_BYTES)
+}
+
+/// Checks the chain file at `path`, read again a line at a time, as file `index` of the chain
+/// `chain` (`check`: hashes, links, MACs), and requires that the bytes checked are the ones
+/// described (`want`, same length and SHA-256): that is how exactly the bytes that move are
+/// the ones checked, without holding them.
+fn check_described(
+    check: &mut ChainCheck<'_>,
+    chain: &str,
+    index: u64,
+    path: &Path,
+    want: Content,
+) -> Result<(), PruneError> {
+    let (file, _) = files::open_regular(path, files::MAX_READ_BYTES)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = Lines::new(ReadErrors::from(file), files::MAX_READ_BYTES).hashing();
+    let checked = check.file(index, &mut lines);
+    // A file that could not be read is an I/O error, not one that does not verify.
+    if let Some(e) = &lines.get_ref().first {
+        return Err(PruneError::Io(format!("{}: {e}", path.display())));
+    }
+    checked.map_err(|e| PruneError::NotVerified(format!("chain {chain}: not moved: {e}")))?;
+    if Content::read_by(&lines) != Some(want) {
+        return Err(PruneError::NotVerified(format!(
+            "chain {chain}: not moved: {}: changed while it was read",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A reader that remembers its first error (other than an interrupted call, which is tried
+/// again), so that a check that failed on it is told apart from one that failed on what it
+/// read.
+struct ReadErrors<R> {
+    inner: R,
+    first: Option<io::Error>,
+}
+
+impl<R> From<R> for ReadErrors<R> {
+    fn from(inner: R) -> Self {
+        ReadErrors { inner, first: None }
+    }
+}
+
+impl<R: Read> Read for ReadErrors<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if e.kind() != io::ErrorKind::Interrupted && self.first.is_none() {
+                self.first = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+        })
+    }
+}
+
+/// How much of a file a copy or a comparison reads at once.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// Copies all of `from` to `to` through one buffer, and returns the length and SHA-256 of
+/// what was copied.
+fn copy_hashing(mut from: impl Read, to: &mut impl Write) -> io::Result<Content> {
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut sha = Sha256::new();
+    let mut len = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        sha.update(chunk);
+        to.write_all(chunk)?;
+        len += n as u64;
+    }
+    Ok(Content {
+        len,
+        sha256: sha.finalize().into(),
+    })
+}
+
+/// The file at `path`, opened as [`files::open_regular`] does, to be read up to one byte past
+/// `want`'s length: enough to tell a longer file, and no more whatever it holds. Copied
+/// ([`copy_hashing`]), it has the content `want` only when it holds exactly those bytes.
+fn open_as_described(path: &Path, want: Content) -> io::Result<io::Take<File>> {
+    let (file, _) = files::open_regular(path, files::MAX_READ_BYTES)?;
+    Ok(file.take(want.len.saturating_add(1)))
 }
 
 /// The archive directory must exist, be a real directory owned by us, not be writable by
@@ -404,43 +553,74 @@ fn holds_log_files(dir: &Path) -> Result<bool, String> {
     Ok(!chains.is_empty() || !manifests.is_empty() || !checkpoints.is_empty())
 }
 
-/// Puts `bytes` in the archive as `name`: written to a temporary file (exclusive, 0600),
-/// fsynced, then linked to `name`, which must not exist. An existing `name` with the same
-/// bytes is accepted (a rerun after an interruption); one with other bytes is an error. A
-/// failed write leaves no partial file under `name`.
-fn archive_copy(bytes: &[u8], archive: &Path, name: &str) -> Result<(), String> {
+/// Puts the chain file at `src`, described as `want`, in the archive as `name`: streamed into
+/// a new file (unnamed, or a temporary name: exclusive, 0600), hashed as it is written,
+/// fsynced, then linked to `name`, which must not exist. It is linked only when what was
+/// written is `want` (a file changed since it was described and checked is `NotVerified`,
+/// and nothing of it is linked). An existing `name` with the same bytes is accepted (a rerun
+/// after an interruption); one with other bytes is an error. A failed write leaves no partial
+/// file under `name`.
+fn archive_copy(src: &Path, want: Content, archive: &Path, name: &str) -> Result<(), PruneError> {
     let dest = archive.join(name);
-    let linked = match files::link_new_file(archive, &dest, bytes) {
-        Some(linked) => linked,
-        // No unnamed file here: written under a temporary name, then linked.
-        None => {
-            let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
-            let _ = fs::remove_file(&tmp);
-            let written = files::create_exclusive(&tmp, 0o600)
-                .map_err(|(_, e)| e)
-                .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
-            let linked = written.and_then(|_| fs::hard_link(&tmp, &dest));
-            let _ = fs::remove_file(&tmp);
-            linked
+    // Set when the source held other bytes than `want`: what was written is not linked.
+    let mut changed = false;
+    // Called again, on the temporary name, when no unnamed file could be linked: each call
+    // reads the source from its start.
+    let mut fill = |to: &mut File| -> io::Result<()> {
+        let from = open_as_described(src, want)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", src.display())))?;
+        if copy_hashing(from, to)? != want {
+            changed = true;
+            return Err(io::Error::other("changed while copied"));
         }
+        Ok(())
     };
+    let linked = match files::link_new_file(archive, &dest, &mut fill) {
+        Some(linked) => linked,
+        None => link_via_temp_name(archive, &dest, name, &mut fill),
+    };
+    if changed {
+        return Err(PruneError::NotVerified(format!(
+            "{}: changed while copied to the archive: not moved; nothing linked as {}",
+            src.display(),
+            dest.display()
+        )));
+    }
     match linked {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("{}: {e}", dest.display())),
+        Err(e) => return Err(PruneError::Io(format!("{}: {e}", dest.display()))),
     }
-    holds_the_same(&dest, bytes)
+    holds_the_same(&dest, want).map_err(PruneError::Io)
+}
+
+/// Where no unnamed file can be linked: `fill` writes a temporary file (exclusive, 0600),
+/// which is fsynced and hard-linked to `dest` only when `fill` succeeded, then removed.
+fn link_via_temp_name(
+    archive: &Path,
+    dest: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = archive.join(format!("{TMP_PREFIX}{name}.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp); // a leftover of an interrupted run of this pid
+    let written = files::create_exclusive(&tmp, 0o600)
+        .map_err(|(_, e)| e)
+        .and_then(|mut f| fill(&mut f).and_then(|()| f.sync_all()));
+    let linked = written.and_then(|()| fs::hard_link(&tmp, dest));
+    let _ = fs::remove_file(&tmp);
+    linked
 }
 
 /// What a dry run finds in place of [`archive_copy`]: an archive file already named `name`
-/// must hold `bytes` (a rerun's copy), as the real run will require. Writes nothing; says
-/// whether the real run would write a new copy.
-fn archive_accepts(bytes: &[u8], archive: &Path, name: &str) -> Result<bool, String> {
+/// must hold the bytes `want` describes (a rerun's copy), as the real run will require.
+/// Writes nothing; says whether the real run would write a new copy.
+fn archive_accepts(want: Content, archive: &Path, name: &str) -> Result<bool, String> {
     let dest = archive.join(name);
     match dest.symlink_metadata() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(format!("{}: {e}", dest.display())),
-        Ok(_) => holds_the_same(&dest, bytes).map(|()| false),
+        Ok(_) => holds_the_same(&dest, want).map(|()| false),
     }
 }
 
@@ -549,10 +729,13 @@ fn log_has_room(
     Ok(())
 }
 
-/// Whether `dest` (read as a regular file, not followed) holds exactly `bytes`.
-fn holds_the_same(dest: &Path, bytes: &[u8]) -> Result<(), String> {
-    let back = files::read_capped(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    if back != bytes {
+/// Whether `dest` (read as a regular file, not followed, streamed) holds exactly the bytes
+/// `want` describes: the same length and SHA-256.
+fn holds_the_same(dest: &Path, want: Content) -> Result<(), String> {
+    let back = open_as_described(dest, want)
+        .and_then(|from| copy_hashing(from, &mut io::sink()))
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    if back != want {
         return Err(format!(
             "{}: exists with other contents than the file being archived; nothing removed",
             dest.display()
@@ -765,9 +948,10 @@ pub struct ChainToPrune<'a> {
 }
 
 /// Moves what may move of one chain, one file at a time, by the rules of the module docs:
-/// each file is read once, checked as the continuation of the chain ([`ChainCheck`]: hashes,
-/// links and MACs of exactly these bytes), copied to the archive and read back; then the
-/// manifest is written and the originals are removed, oldest first. Moving stops before the
+/// each file is described, checked as the continuation of the chain ([`ChainCheck`]: hashes,
+/// links and MACs of exactly the bytes described: same SHA-256), copied to the archive (the
+/// same bytes again) and read back; then the manifest is written and the originals are
+/// removed, oldest first. Moving stops before the
 /// file that holds the chain's checkpoint (so a verifier can always hold the checkpoint to a
 /// record), unless the checkpoint is the last record of an ended chain.
 pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPruned, PruneError> {
@@ -811,8 +995,7 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
     let mut moved_paths = Vec::new();
     for (index, path) in &c.list[..movable] {
         let name = files::file_name(c.chain, *index);
-        let bytes = files::read_capped(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let facts = describe(&name, &bytes).map_err(PruneError::NotVerified)?;
+        let Described { facts, content } = describe_file(path, &name)?;
         if facts.newest_ts >= plan.cutoff_ns {
             break;
         }
@@ -844,20 +1027,18 @@ pub fn prune_chain(plan: &PrunePlan<'_>, c: &ChainToPrune<'_>) -> Result<ChainPr
             done.left_marked = Some(format!("{why}: it and the files after it stay"));
             break;
         }
-        check
-            .file(*index, &mut Lines::new(&bytes[..], files::MAX_READ_BYTES))
-            .map_err(|e| PruneError::NotVerified(format!("chain {}: not moved: {e}", c.chain)))?;
+        check_described(&mut check, c.chain, *index, path, content)?;
         if plan.req.dry_run {
-            if archive_accepts(&bytes, plan.req.archive, &name)? {
-                done.new_copies.push(bytes.len() as u64);
+            if archive_accepts(content, plan.req.archive, &name)? {
+                done.new_copies.push(content.len);
             }
         } else {
-            archive_copy(&bytes, plan.req.archive, &name)?;
+            archive_copy(path, content, plan.req.archive, &name)?;
         }
         if plan.req.opts.progress {
-            crate::say(format_args!("prune-log:   {name} ({} bytes)", bytes.len()));
+            crate::say(format_args!("prune-log:   {name} ({} bytes)", content.len));
         }
-        done.bytes += bytes.len() as u64;
+        done.bytes += content.len;
         done.files.push(facts);
         moved_paths.push(path.clone());
     }
@@ -1120,6 +1301,35 @@ pub(crate) fn prune_now(dir: &Path, archive: &Path, opts: &VerifyOptions) -> Pru
 mod tests {
     use super::*;
 
+    /// A reader failing: first interrupted, then with `kind`, then with another error.
+    struct Failing(Vec<io::Error>);
+
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(self.0.pop().unwrap_or_else(|| io::Error::other("later")))
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_remembered_and_an_interrupted_read_is_not() {
+        let errors = vec![
+            io::Error::from(io::ErrorKind::PermissionDenied),
+            io::Error::from(io::ErrorKind::Interrupted),
+        ];
+        let mut lines = Lines::new(ReadErrors::from(Failing(errors)), 100);
+        let err = lines.next_line().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        let first = lines.get_ref().first.as_ref().map(io::Error::kind);
+        assert_eq!(first, Some(io::ErrorKind::PermissionDenied));
+        assert!(lines.next_line().is_err());
+        let first = lines.get_ref().first.as_ref().map(io::Error::kind);
+        assert_eq!(
+            first,
+            Some(io::ErrorKind::PermissionDenied),
+            "the first is kept"
+        );
+    }
+
     fn key(secret: &[u8]) -> EpochKey {
         EpochKey::from_secret(Zeroizing::new(secret.to_vec())).unwrap()
     }
@@ -1199,14 +1409,220 @@ mod tests {
             line(4, 50, &"11".repeat(32)),
             line(5, 40, &"22".repeat(32))
         );
-        let d = describe("f", bytes.as_bytes()).unwrap();
+        let described = |b: &[u8]| describe("f", b, u64::MAX);
+        let d = described(bytes.as_bytes()).unwrap();
+        let f = &d.facts;
         assert_eq!(
-            (d.first_seq, d.last_seq, d.oldest_ts, d.newest_ts),
+            (f.first_seq, f.last_seq, f.oldest_ts, f.newest_ts),
             (4, 5, 40, 50)
         );
-        assert_eq!(d.last_hash, "22".repeat(32));
-        assert_eq!(d.sha256, hex(&Sha256::digest(bytes.as_bytes())));
-        assert!(describe("f", b"").unwrap_err().contains("no record"));
-        assert!(describe("f", b"not json\n").is_err());
+        assert_eq!(f.last_hash, "22".repeat(32));
+        assert_eq!(f.sha256, hex(&Sha256::digest(bytes.as_bytes())));
+        assert_eq!(d.content.len, bytes.len() as u64);
+        assert_eq!(
+            d.content.sha256,
+            <[u8; 32]>::from(Sha256::digest(bytes.as_bytes()))
+        );
+        let refused = |b: &[u8]| match described(b) {
+            Err(PruneError::NotVerified(e)) => e,
+            Err(PruneError::Io(e)) => panic!("an I/O error: {e}"),
+            Ok(_) => panic!("described: {}", String::from_utf8_lossy(b)),
+        };
+        assert!(refused(b"").contains("no record"));
+        assert!(refused(b"not json\n").starts_with("f: "));
+        // A rotated file ends with a newline and holds records only.
+        let torn = &bytes.as_bytes()[..bytes.len() - 1];
+        assert!(refused(torn).contains("unterminated line"));
+        let blank = format!(
+            "{}\n{}",
+            line(4, 50, &"11".repeat(32)),
+            line(5, 40, &"22".repeat(32))
+        );
+        refused(blank.as_bytes());
+        // A file larger than the cap is an I/O error (it grew while read), not a judgement.
+        assert!(matches!(
+            describe("f", bytes.as_bytes(), 10),
+            Err(PruneError::Io(e)) if e.contains("grew beyond")
+        ));
+    }
+
+    /// A line longer than any record (here 64 MiB, made as it is read) is refused once it is
+    /// known to be one: its bytes are measured, not held.
+    #[test]
+    fn describe_refuses_a_line_longer_than_any_record() {
+        use crate::forensic::lines::MAX_LINE_BYTES;
+        let long = 64 * MAX_LINE_BYTES as u64;
+        let file = io::repeat(b'x').take(long).chain(&b"\n"[..]);
+        match describe("f", file, u64::MAX) {
+            Err(PruneError::NotVerified(e)) => assert!(
+                e.contains(&format!("a line of {long} bytes, longer than any record")),
+                "{e}"
+            ),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("described"),
+        }
+    }
+
+    const SECRET: &[u8] = b"prune-stream-secret-0123456789";
+
+    /// A stopped chain of a few files of 4 KiB in `dir`, its files oldest first.
+    fn stopped_chain(dir: &Path) -> (String, Vec<(u64, PathBuf)>) {
+        use crate::config::{Config, LogConfig};
+        use crate::forensic::{ForensicLog, StartInfo};
+        let cfg = LogConfig {
+            max_bytes: 4096,
+            ..crate::forensic::quiet_test_config(dir)
+        };
+        let log = ForensicLog::open_with_secret(
+            &cfg,
+            StartInfo::current(Config::default().canonical_json()),
+            Some(Zeroizing::new(SECRET.to_vec())),
+        )
+        .unwrap();
+        for i in 0..48 {
+            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
+        }
+        log.flush();
+        log.stop();
+        let mut chains = files::list_chains(dir).unwrap();
+        assert_eq!(chains.len(), 1);
+        let chain = chains.remove(0);
+        assert!(chain.1.len() > 2, "{:?}", chain.1);
+        chain
+    }
+
+    fn keyed() -> VerifyOptions {
+        VerifyOptions {
+            hmac_keys: vec![super::super::verify::SealKey::new(
+                "hmac.key",
+                Zeroizing::new(SECRET.to_vec()),
+            )],
+            ..VerifyOptions::default()
+        }
+    }
+
+    /// `bytes` with its first `q` changed to `Q`: the same length, other bytes.
+    fn altered(bytes: &[u8]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        let at = out.iter().position(|&b| b == b'q').unwrap();
+        out[at] = b'Q';
+        out
+    }
+
+    fn private_dir(root: &Path, name: &str) -> PathBuf {
+        let dir = root.join(name);
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The check reads the file again: when it finds other bytes than the description (which
+    /// the manifest would record), the chain is not moved, even though those bytes verify.
+    #[test]
+    fn a_file_checked_as_other_bytes_than_described_is_not_moved() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chain, list) = stopped_chain(&tmp.path().join("log"));
+        let opts = keyed();
+        let (index, path) = &list[0];
+        let name = files::file_name(&chain, *index);
+        let as_read = describe_file(path, &name).unwrap();
+        let mut check = ChainCheck::new(&chain, None, 0, Some(0), &opts).unwrap();
+        check_described(&mut check, &chain, *index, path, as_read.content).unwrap();
+        // Described as other bytes than the (valid) file now holds.
+        let other = describe(&name, &altered(&fs::read(path).unwrap())[..], u64::MAX).unwrap();
+        let mut check = ChainCheck::new(&chain, None, 0, Some(0), &opts).unwrap();
+        match check_described(&mut check, &chain, *index, path, other.content) {
+            Err(PruneError::NotVerified(e)) => {
+                assert!(
+                    e.contains("not moved") && e.contains("changed while"),
+                    "{e}"
+                )
+            }
+            r => panic!("{:?}", r.err()),
+        }
+    }
+
+    /// A file that changes after it was described and checked, before its copy: the copy
+    /// (hashed as written) is not the file described, so nothing is linked in the archive,
+    /// under its name or any other.
+    #[test]
+    fn a_file_changed_before_its_copy_is_not_linked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chain, list) = stopped_chain(&tmp.path().join("log"));
+        let archive = private_dir(tmp.path(), "archive");
+        let path = &list[0].1;
+        let name = files::file_name(&chain, 0);
+        let original = fs::read(path).unwrap();
+        let want = describe_file(path, &name).unwrap().content;
+        let mut longer = original.clone();
+        longer.extend_from_slice(&original);
+        for changed in [altered(&original), longer, original[..100].to_vec()] {
+            fs::write(path, &changed).unwrap();
+            match archive_copy(path, want, &archive, &name) {
+                Err(PruneError::NotVerified(e)) => assert!(e.contains("changed while"), "{e}"),
+                r => panic!("{:?}", r.err()),
+            }
+            assert!(entries(&archive).is_empty(), "{:?}", entries(&archive));
+            // Where no unnamed file can be made, the temporary name goes too.
+            let fill = |to: &mut File| -> io::Result<()> {
+                to.write_all(&changed)?;
+                Err(io::Error::other("changed while copied"))
+            };
+            let dest = archive.join(&name);
+            assert!(link_via_temp_name(&archive, &dest, &name, fill).is_err());
+            assert!(entries(&archive).is_empty(), "{:?}", entries(&archive));
+        }
+        fs::write(path, &original).unwrap();
+        archive_copy(path, want, &archive, &name).unwrap();
+        assert_eq!(fs::read(archive.join(&name)).unwrap(), original);
+        assert_eq!(entries(&archive), std::slice::from_ref(&name));
+        // A rerun finds the same bytes there.
+        archive_copy(path, want, &archive, &name).unwrap();
+        assert_eq!(entries(&archive), [name]);
+    }
+
+    /// An archive file of the name with other bytes (the same length, or more, or fewer)
+    /// stops the move and the dry run, and is left as it was.
+    #[test]
+    fn an_archive_file_of_the_name_with_other_bytes_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (chain, list) = stopped_chain(&tmp.path().join("log"));
+        let archive = private_dir(tmp.path(), "archive");
+        let path = &list[0].1;
+        let name = files::file_name(&chain, 0);
+        let original = fs::read(path).unwrap();
+        let want = describe_file(path, &name).unwrap().content;
+        let dest = archive.join(&name);
+        let mut longer = original.clone();
+        longer.push(b'\n');
+        for other in [
+            altered(&original),
+            longer,
+            original[..original.len() - 1].to_vec(),
+        ] {
+            fs::write(&dest, &other).unwrap();
+            match archive_copy(path, want, &archive, &name) {
+                Err(PruneError::Io(e)) => assert!(e.contains("other contents"), "{e}"),
+                r => panic!("{:?}", r.err()),
+            }
+            assert!(archive_accepts(want, &archive, &name)
+                .unwrap_err()
+                .contains("other contents"));
+            assert_eq!(fs::read(&dest).unwrap(), other);
+            assert_eq!(fs::read(path).unwrap(), original);
+        }
+        fs::write(&dest, &original).unwrap();
+        assert_eq!(archive_accepts(want, &archive, &name), Ok(false));
+        fs::remove_file(&dest).unwrap();
+        assert_eq!(archive_accepts(want, &archive, &name), Ok(true));
     }
 }

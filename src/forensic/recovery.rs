@@ -111,7 +111,7 @@ impl Survey {
         };
         let mut last = Vec::new();
         let mut last_whole = false;
-        while let Some(line) = lines.next()? {
+        while let Some(line) = lines.next_line()? {
             match line {
                 Line::Whole(l) => {
                     last.clear();
@@ -453,7 +453,7 @@ fn checkpoint_agrees(dir: &Path, ckpt_dir: &Path, chain: &str, tail: &Tail) -> b
 /// The hash of record `seq` in a chain file, if it holds it.
 pub(crate) fn hash_at(path: &Path, seq: u64) -> Option<[u8; 32]> {
     let mut lines = Lines::open(path).ok()?;
-    while let Some(line) = lines.next().ok()? {
+    while let Some(line) = lines.next_line().ok()? {
         let (Line::Whole(l) | Line::Torn(l)) = line else {
             continue;
         };
@@ -500,7 +500,7 @@ fn last_record(line: &[u8], chain: &str, index: u64) -> Option<Tail> {
 /// ([`continuable`]): forging a line before it would need one whose MAC verifies after it.
 fn file_links<R: Read>(lines: &mut Lines<R>, chain: &str, index: u64) -> Option<(u64, [u8; 32])> {
     let mut head: Option<(u64, [u8; 32])> = None;
-    while let Some(line) = lines.next().ok()? {
+    while let Some(line) = lines.next_line().ok()? {
         let Line::Whole(line) = line else {
             return None; // longer than any record, or torn
         };

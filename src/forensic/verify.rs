@@ -1726,7 +1726,7 @@ impl<'a> Walk<'a> {
         let mut count = 0u64;
         loop {
             let line = lines
-                .next()
+                .next_line()
                 .map_err(|e| bad(count + 1, format!("cannot read chain file: {e}")))?;
             let torn = match line {
                 None => break,
