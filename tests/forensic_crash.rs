@@ -1706,7 +1706,7 @@ fn a_crashed_chain_ending_with_more_than_a_record_of_torn_bytes_is_left_alone() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let c = cfg(&dir, 1 << 20);
-    let torn = vec![b'y'; kvhygiene::forensic::lines::MAX_LINE_BYTES + 1];
+    let torn = vec![b'y'; kvhygiene::forensic::recovery::MAX_CONTINUED_BYTES + 1];
     let (file, _) = crashed_chain_torn(&c, &torn);
     let before = std::fs::read(&file).unwrap();
     let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
@@ -1725,7 +1725,7 @@ fn a_crashed_chain_ending_with_more_than_a_record_of_torn_bytes_is_left_alone() 
 #[test]
 fn a_crashed_chain_ending_with_a_line_longer_than_any_record_is_left_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let long = "x".repeat(kvhygiene::forensic::lines::MAX_LINE_BYTES + 1);
+    let long = "x".repeat(kvhygiene::forensic::recovery::MAX_CONTINUED_BYTES + 1);
     assert_crashed_chain_left_alone(&log_dir(&tmp), |_| vec![long], "an overlong line");
 }
 

@@ -143,3 +143,53 @@ fn a_chain_file_larger_than_the_memory_limit_is_moved() {
         limit >> 20
     );
 }
+
+/// A chain file found under its name in both the log directory and an archive directory
+/// (the state an interrupted `prune-log` leaves, which `verify-log --archive-dir` reads
+/// once) is verified in the same bounded memory as one found in one place: comparing the two
+/// copies reads them a buffer at a time, not whole.
+#[test]
+fn a_chain_file_in_both_the_log_and_an_archive_is_verified_in_bounded_memory() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let private = |d: &Path| {
+        std::fs::DirBuilder::new().mode(0o700).create(d).unwrap();
+    };
+    let twice = |dir: &Path| -> Command {
+        let archive = dir.with_extension("archive");
+        let mut cmd = kvh("verify-log", dir);
+        cmd.arg("--archive-dir").arg(archive);
+        cmd
+    };
+    let copy_to_archive = |dir: &Path| {
+        let archive = dir.with_extension("archive");
+        private(&archive);
+        for f in chain_files(dir) {
+            let to = archive.join(f.file_name().unwrap());
+            std::fs::copy(&f, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    };
+    let small = tmp.path().join("small");
+    write_one_file(&small, 0);
+    copy_to_archive(&small);
+    let dir = tmp.path().join("log");
+    write_one_file(&dir, FILE);
+    copy_to_archive(&dir);
+    let len = std::fs::metadata(&chain_files(&dir)[0]).unwrap().len();
+    assert_eq!(
+        twice(&dir).status().unwrap().code(),
+        Some(0),
+        "verify-log --archive-dir"
+    );
+    let limit =
+        least_address_space(|l| status_limited(&mut twice(&small), l) == Some(0)) + HEADROOM;
+    assert_eq!(
+        status_limited(&mut twice(&dir), limit),
+        Some(0),
+        "kvh verify-log --archive-dir failed on a {} MiB chain file found in both directories, \
+         in {} MiB of address space",
+        len >> 20,
+        limit >> 20
+    );
+}

@@ -425,14 +425,14 @@ fn the_stats_room_on_ext4_is_what_this_process_can_still_write() {
 /// reader holds; one of exactly the limit is recorded whole. The log verifies.
 #[test]
 fn caller_json_larger_than_the_limit_is_recorded_by_its_size_and_sha256() {
-    use kvhygiene::forensic::MAX_CALLER_JSON_BYTES;
+    use kvhygiene::forensic::MAX_FIELD_BYTES;
     use sha2::{Digest, Sha256};
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let log = ForensicLog::open_with_secret(&cfg(&dir, 16 << 20), start(), Some(secret())).unwrap();
     // `{"pad":"` and `"}` are 10 bytes of the canonical form.
-    let large = "x".repeat(MAX_CALLER_JSON_BYTES);
-    let fits = serde_json::json!({ "pad": "x".repeat(MAX_CALLER_JSON_BYTES - 10) });
+    let large = "x".repeat(MAX_FIELD_BYTES);
+    let fits = serde_json::json!({ "pad": "x".repeat(MAX_FIELD_BYTES - 10) });
     log.record_anomaly(serde_json::json!({ "pad": large }));
     log.record_anomaly(fits.clone());
     log.record_summary(serde_json::json!({ "pad": large }));
@@ -466,6 +466,48 @@ fn caller_json_larger_than_the_limit_is_recorded_by_its_size_and_sha256() {
             .any(|r| r["counters"]["bytes"] == canonical.len()),
         "{summaries:?}"
     );
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A `policy_violation` event handed to the log with a long detail text (the `Event` API
+/// takes any `String`) is written as a record the verifier accepts: the writer keeps every
+/// record within the longest line a reader holds, as it does for caller JSON.
+#[test]
+fn a_policy_violation_with_a_long_detail_verifies() {
+    use kvhygiene::events::{EventKind, EventSink};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 64 << 20), start(), Some(secret())).unwrap();
+    let mut e = event(1);
+    e.kind = EventKind::PolicyViolation {
+        policy: "kv_gate",
+        detail: "x".repeat(kvhygiene::forensic::lines::MAX_LINE_BYTES + 1),
+    };
+    log.emit(e);
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+}
+
+/// A log written before caller JSON was bounded (a summary's counters of 8 MiB, as the
+/// writer then recorded them whole, sealed with the log's key) still verifies: records the
+/// writer sealed are not reported as tampering.
+#[test]
+fn a_log_with_a_large_summary_written_before_the_bound_still_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let log = ForensicLog::open_with_secret(&cfg(&dir, 64 << 20), start(), Some(secret())).unwrap();
+    log.record_summary(serde_json::json!({"frees": 1}));
+    log.stop();
+    let files = chain_files(&dir);
+    let pad = "x".repeat(8 << 20);
+    reseal_all(&files, SECRET, |m| {
+        if m["kind"] == "summary" {
+            m.insert("counters".into(), serde_json::json!({ "pad": pad }));
+        }
+    });
+    assert!(fs::metadata(&files[0]).unwrap().len() > 8 << 20);
     let r = verify(&dir, &keyed_opts());
     assert!(r.ok(), "{:?}", r.first_problem());
 }

@@ -1021,9 +1021,9 @@ fn fit_chain_file(path: &Path, m: &fs::Metadata) -> Result<(), ForensicError> {
 /// Largest `KVH_LOG_MAX_BYTES` accepted (1 GiB).
 pub const MAX_LOG_BYTES: u64 = 1 << 30;
 
-/// Largest chain file a reader loads: 4 x [`MAX_LOG_BYTES`], room for a record larger than
-/// the rotation size. Anything larger was not written by a writer and is refused rather
-/// than read into memory.
+/// Largest chain file a reader reads: 4 x [`MAX_LOG_BYTES`], room for a record larger than
+/// the rotation size. Anything larger was not written by a writer and is refused. (Readers
+/// hold a line at a time, `lines::Lines`, not the file.)
 pub const MAX_READ_BYTES: u64 = 4 * MAX_LOG_BYTES;
 
 /// Largest checkpoint file read (a real one is about 400 bytes).
@@ -1034,11 +1034,6 @@ pub const MAX_CKPT_BYTES: u64 = 64 * 1024;
 /// chain), and verification excuses it from needing a checkpoint. A `start` record is a few
 /// hundred bytes (its host, model and policy fields bounded), so a larger file is not one.
 pub const MAX_UNSTARTED_BYTES: u64 = 64 * 1024;
-
-/// Reads a chain file for verification or recovery, see [`read_regular`].
-pub fn read_capped(path: &Path) -> io::Result<Vec<u8>> {
-    read_regular(path, MAX_READ_BYTES)
-}
 
 /// Reads a planted-file-safe copy of `path`: opened with `O_NOFOLLOW` (no symlink to
 /// `/dev/zero` or elsewhere) and `O_NONBLOCK` (a FIFO cannot hang the open), then `fstat`
@@ -1200,12 +1195,48 @@ fn fill_listing_gaps(dirs: &[&Path], chain: &str, files: &mut Vec<(u64, PathBuf)
     files.sort();
 }
 
-/// Whether two files hold the same bytes (both readable as chain files).
+/// Whether two files hold the same bytes (both readable as chain files), compared a buffer
+/// at a time: a chain file may be as large as the rotation size.
 fn same_bytes(a: &Path, b: &Path) -> bool {
-    match (read_capped(a), read_capped(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
+    let (Ok((fa, la)), Ok((fb, lb))) = (
+        open_regular(a, MAX_READ_BYTES),
+        open_regular(b, MAX_READ_BYTES),
+    ) else {
+        return false;
+    };
+    // One byte past the length read too: a file that grew is not the same.
+    use io::Read;
+    la == lb && same_contents(fa.take(la + 1), fb.take(lb + 1)).unwrap_or(false)
+}
+
+/// Whether two readers give the same bytes to their ends.
+fn same_contents(mut a: impl io::Read, mut b: impl io::Read) -> io::Result<bool> {
+    const CHUNK: usize = 64 * 1024;
+    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    loop {
+        let n = read_up_to(&mut a, &mut ba)?;
+        if n != read_up_to(&mut b, &mut bb)? || ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
     }
+}
+
+/// Fills `buf` from `r` as far as its end allows; returns the bytes read (fewer than the
+/// buffer's length only at the end).
+fn read_up_to(r: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 pub fn io_err(p: &Path, what: &str, e: io::Error) -> ForensicError {

@@ -12,16 +12,17 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::{files, MAX_CALLER_JSON_BYTES};
+use super::{files, MAX_FIELD_BYTES};
 
 /// Longest line a reader holds. A record is a few hundred bytes, a `kv_scrub` record naming
-/// its 1024 block ids (`KV_LOGGED_IDS`) about 13 KiB; only the JSON an engine hands the log
-/// (an anomaly's detail, a summary's counters) makes one longer, bounded by
-/// [`MAX_CALLER_JSON_BYTES`]. A line longer than this is not a record, whatever else it is.
-pub const MAX_LINE_BYTES: usize = 4 << 20;
+/// its 1024 block ids (`KV_LOGGED_IDS`) about 13 KiB, and the writer keeps every field within
+/// [`MAX_FIELD_BYTES`]; but an earlier version wrote the JSON an engine handed it (an
+/// anomaly's detail, a summary's counters) whole, whatever its size, and those records must
+/// still verify. A line longer than this is not a record, whatever else it is.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
 
-// The largest caller JSON, with its record's other fields, fits with room to spare.
-const _: () = assert!(MAX_LINE_BYTES >= 2 * MAX_CALLER_JSON_BYTES);
+// A record of today's writer, its largest field and its other fields, fits with room to spare.
+const _: () = assert!(MAX_LINE_BYTES >= 4 * MAX_FIELD_BYTES);
 
 /// How much of the file is read at once: large enough that the system calls do not show
 /// next to the hashing of the records.
@@ -35,7 +36,7 @@ pub enum Line<'a> {
     /// The bytes after the file's last newline: a record its writer was cut off in, or
     /// bytes appended by someone else.
     Torn(&'a [u8]),
-    /// A line longer than [`MAX_LINE_BYTES`], complete (`ended`) or the file's torn end:
+    /// A line longer than the reader holds ([`MAX_LINE_BYTES`], or less: [`Lines::with_max_line`]), complete (`ended`) or the file's torn end:
     /// its length, without the newline. Its bytes were not kept.
     Overlong { len: u64, ended: bool },
 }
@@ -52,6 +53,11 @@ pub struct Lines<R> {
     read: u64,
     /// Most bytes the file may hold: one that grows beyond it while read is refused.
     cap: u64,
+    /// Longest line held ([`MAX_LINE_BYTES`] unless [`Lines::with_max_line`] set it).
+    max_line: usize,
+    /// Bytes of the buffer the line returned last occupies when it was returned in place:
+    /// consumed at the next call.
+    unconsumed: usize,
 }
 
 impl Lines<File> {
@@ -73,7 +79,17 @@ impl<R: Read> Lines<R> {
             digest: None,
             read: 0,
             cap,
+            max_line: MAX_LINE_BYTES,
+            unconsumed: 0,
         }
+    }
+
+    /// Holds lines of at most `max_line` bytes (fewer than [`MAX_LINE_BYTES`]: a reader that
+    /// needs less memory, or less than a record of an earlier version); longer ones are
+    /// [`Line::Overlong`].
+    pub fn with_max_line(mut self, max_line: usize) -> Self {
+        self.max_line = max_line.min(MAX_LINE_BYTES);
+        self
     }
 
     /// Also computes the SHA-256 of every byte read ([`Lines::sha256`]).
@@ -100,8 +116,40 @@ impl<R: Read> Lines<R> {
 
     /// The next line, or `None` at the end of the file.
     pub fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
+        self.reader.consume(std::mem::take(&mut self.unconsumed));
+        if let Some(end) = self.whole_line_buffered()? {
+            return Ok(Some(Line::Whole(&self.reader.buffer()[..end])));
+        }
+        self.next_line_copied()
+    }
+
+    /// When the next line lies whole in the buffer, as most do (a buffer holds many records),
+    /// counts it read and returns its length without its newline: it is returned in place,
+    /// not copied, and consumed at the next call. `None` for a line the buffer does not hold
+    /// whole, and at the end of the file.
+    fn whole_line_buffered(&mut self) -> io::Result<Option<usize>> {
+        let chunk = match self.reader.fill_buf() {
+            Ok(chunk) => chunk,
+            // Left to the copying path, which tries again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(end) = chunk.iter().position(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        if end > self.max_line {
+            return Ok(None); // measured, not held, by the copying path
+        }
+        count(&mut self.read, self.cap, &mut self.digest, &chunk[..=end])?;
+        self.unconsumed = end + 1;
+        Ok(Some(end))
+    }
+
+    /// The next line, gathered from as many buffers as it spans into `line` (or, past
+    /// `max_line`, only measured).
+    fn next_line_copied(&mut self) -> io::Result<Option<Line<'_>>> {
         self.line.clear();
-        // Length of the line so far; once past MAX_LINE_BYTES, its bytes are dropped.
+        // Length of the line so far; once past `max_line`, its bytes are dropped.
         let mut len = 0u64;
         let mut overlong = false;
         loop {
@@ -120,18 +168,9 @@ impl<R: Read> Lines<R> {
             let newline = chunk.iter().position(|&b| b == b'\n');
             let taken = newline.map_or(chunk.len(), |i| i + 1);
             let body = &chunk[..newline.unwrap_or(taken)];
-            self.read += taken as u64;
-            if self.read > self.cap {
-                return Err(io::Error::other(format!(
-                    "grew beyond the {}-byte limit while read",
-                    self.cap
-                )));
-            }
-            if let Some(d) = &mut self.digest {
-                d.update(&chunk[..taken]);
-            }
+            count(&mut self.read, self.cap, &mut self.digest, &chunk[..taken])?;
             len += body.len() as u64;
-            if len > MAX_LINE_BYTES as u64 {
+            if len > self.max_line as u64 {
                 overlong = true;
                 self.line = Vec::new();
             } else {
@@ -147,6 +186,21 @@ impl<R: Read> Lines<R> {
             }
         }
     }
+}
+
+/// Counts `bytes` read (`read`, at most `cap`) and hashes them when `digest` is kept. The
+/// fields are passed apart so that a caller may still hold the buffer `bytes` lies in.
+fn count(read: &mut u64, cap: u64, digest: &mut Option<Sha256>, bytes: &[u8]) -> io::Result<()> {
+    *read += bytes.len() as u64;
+    if *read > cap {
+        return Err(io::Error::other(format!(
+            "grew beyond the {cap}-byte limit while read"
+        )));
+    }
+    if let Some(d) = digest {
+        d.update(bytes);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,14 +243,19 @@ mod tests {
         assert_eq!(lines.next_line().unwrap(), None);
     }
 
+    /// A line limit larger than the buffer, as MAX_LINE_BYTES is, but small enough for a test.
+    const LIMIT: usize = 3 * READ_CHUNK;
+
     #[test]
     fn a_line_longer_than_any_record_is_measured_not_held() {
-        let mut file = vec![b'x'; 3 * MAX_LINE_BYTES + 1];
+        let mut file = vec![b'x'; 3 * LIMIT + 1];
         file.extend_from_slice(b"\nok\n");
-        file.extend(std::iter::repeat_n(b'y', MAX_LINE_BYTES + 5));
-        let mut lines = Lines::new(&file[..], u64::MAX).hashing();
+        file.extend(std::iter::repeat_n(b'y', LIMIT + 5));
+        let mut lines = Lines::new(&file[..], u64::MAX)
+            .with_max_line(LIMIT)
+            .hashing();
         let first = lines.next_line().unwrap();
-        let want = 3 * MAX_LINE_BYTES as u64 + 1;
+        let want = 3 * LIMIT as u64 + 1;
         assert_eq!(
             first,
             Some(Line::Overlong {
@@ -205,12 +264,12 @@ mod tests {
             })
         );
         // Held whole, the line would have needed three times the limit.
-        assert!(lines.line.capacity() <= MAX_LINE_BYTES + READ_CHUNK);
+        assert!(lines.line.capacity() <= LIMIT + READ_CHUNK);
         assert_eq!(lines.next_line().unwrap(), Some(Line::Whole(&b"ok"[..])));
         assert_eq!(
             lines.next_line().unwrap(),
             Some(Line::Overlong {
-                len: MAX_LINE_BYTES as u64 + 5,
+                len: LIMIT as u64 + 5,
                 ended: false
             })
         );
@@ -220,14 +279,36 @@ mod tests {
     }
 
     #[test]
-    fn a_line_of_exactly_the_limit_is_held() {
-        let mut file = vec![b'x'; MAX_LINE_BYTES];
-        file.push(b'\n');
-        let mut lines = Lines::new(&file[..], u64::MAX);
-        assert_eq!(
-            lines.next_line().unwrap(),
-            Some(Line::Whole(&file[..MAX_LINE_BYTES]))
-        );
+    fn a_line_of_exactly_the_limit_is_held_and_one_more_byte_is_not() {
+        // Limits above the buffer's size (lines gathered across buffers) and below it (lines
+        // returned in place from the buffer).
+        for limit in [LIMIT, 100] {
+            let mut file = vec![b'x'; limit];
+            file.push(b'\n');
+            file.extend(std::iter::repeat_n(b'z', limit + 1));
+            file.push(b'\n');
+            let mut lines = Lines::new(&file[..], u64::MAX).with_max_line(limit);
+            assert_eq!(
+                lines.next_line().unwrap(),
+                Some(Line::Whole(&file[..limit])),
+                "limit {limit}"
+            );
+            assert_eq!(
+                lines.next_line().unwrap(),
+                Some(Line::Overlong {
+                    len: limit as u64 + 1,
+                    ended: true
+                }),
+                "limit {limit}"
+            );
+            assert_eq!(lines.next_line().unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn with_max_line_never_raises_the_limit() {
+        let lines = Lines::new(&b""[..], 0).with_max_line(usize::MAX);
+        assert_eq!(lines.max_line, MAX_LINE_BYTES);
     }
 
     #[test]

@@ -340,12 +340,13 @@ pub struct ForensicLog {
     pid: u32,
 }
 
-/// Largest caller-supplied JSON a record carries whole (canonical form): the `detail` of
-/// [`ForensicLog::record_anomaly`], the `counters` of [`ForensicLog::record_summary`].
-/// Larger, the record carries `{"omitted": .., "bytes": N, "sha256": ..}` in its place:
-/// every record stays far shorter than the longest line a reader holds
-/// ([`lines::MAX_LINE_BYTES`]), so that readers need memory for a record, not for a file.
-pub const MAX_CALLER_JSON_BYTES: usize = 1 << 20;
+/// Largest value of one field a record carries whole (a string's UTF-8 bytes, JSON in
+/// canonical form): the JSON an engine hands the log (an anomaly's `detail`, a summary's
+/// `counters`), a text an `Event` carries. A larger JSON value is recorded as
+/// `{"omitted": .., "bytes": N, "sha256": ..}`, a larger text as a text saying the same, so
+/// that every record stays far shorter than the longest line a reader holds
+/// ([`lines::MAX_LINE_BYTES`]): readers need memory for a record, not for a file.
+pub const MAX_FIELD_BYTES: usize = 1 << 20;
 
 /// How long the first `stop` waits for the writer's last write and its end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -449,7 +450,7 @@ impl ForensicLog {
         let _ = self.tx.try_send(Box::new(Msg::Wake));
     }
 
-    /// Records periodic counters (up to [`MAX_CALLER_JSON_BYTES`] in canonical form, as
+    /// Records periodic counters (up to [`MAX_FIELD_BYTES`] in canonical form, as
     /// [`ForensicLog::record_anomaly`]'s detail). Summaries waiting to be written are
     /// replaced by newer ones (counted as coalesced); at most one is written per
     /// `summary_interval_ms`.
@@ -516,7 +517,7 @@ impl ForensicLog {
 
     /// Records an anomaly (kind `anomaly`) with the calling thread's context; `detail` is
     /// any JSON (non-integer numbers are stored as strings) of up to
-    /// [`MAX_CALLER_JSON_BYTES`] in canonical form: a larger one is recorded by its size
+    /// [`MAX_FIELD_BYTES`] in canonical form: a larger one is recorded by its size
     /// and SHA-256. Never dropped.
     pub fn record_anomaly(&self, detail: Value) {
         let at = unix_nanos(SystemTime::now());

@@ -44,6 +44,23 @@ pub struct Adopted {
     pub inodes_unreliable: bool,
 }
 
+/// Longest last record, or torn tail, recovery holds to continue a chain: it runs in the
+/// inference process as it starts. Far longer than any record of today's writer (its fields
+/// are bounded by [`super::MAX_FIELD_BYTES`]) or than a torn piece of one; a chain ending in
+/// a longer line (a record of an earlier version, or bytes someone appended) is left as it
+/// ended, for verification to judge, and the process starts a chain of its own.
+pub const MAX_CONTINUED_BYTES: usize = 4 << 20;
+
+/// A chain file's lines as recovery reads them ([`MAX_CONTINUED_BYTES`] at most held).
+fn continued_lines<R: Read>(reader: R, cap: u64) -> Lines<R> {
+    Lines::new(reader, cap).with_max_line(MAX_CONTINUED_BYTES)
+}
+
+/// A chain file at `path`, opened as every chain file is, read as [`continued_lines`].
+fn open_continued(path: &Path) -> io::Result<Lines<File>> {
+    Lines::open(path).map(|l| l.with_max_line(MAX_CONTINUED_BYTES))
+}
+
 /// Where a dead writer's chain stands.
 struct Head {
     tail: Tail,
@@ -62,12 +79,12 @@ impl Head {
     /// hashes every line of the file.
     fn links(&self, chain: &str, file: &File, complete: u64, dir: &Path) -> bool {
         let head = match &self.link_from {
-            Some(prev) => Lines::open(&dir.join(prev))
+            Some(prev) => open_continued(&dir.join(prev))
                 .ok()
                 .and_then(|mut lines| file_links(&mut lines, chain, self.tail_index)),
             None => from_start(file).ok().and_then(|f| {
                 file_links(
-                    &mut Lines::new(f.take(complete), complete),
+                    &mut continued_lines(f.take(complete), complete),
                     chain,
                     self.tail_index,
                 )
@@ -168,7 +185,7 @@ fn chain_head(chain: &str, index: u64, newest: &Survey, path: &Path) -> Option<H
     // No newline at all: every byte of the newest file is the torn fragment of its first line.
     let prev_index = index.checked_sub(1)?;
     let prev_name = files::file_name(chain, prev_index);
-    let prev = Survey::of(Lines::open(&path.with_file_name(&prev_name)).ok()?).ok()?;
+    let prev = Survey::of(open_continued(&path.with_file_name(&prev_name)).ok()?).ok()?;
     if prev.complete_len() != Some(prev.len) {
         return None; // a rotated file always ends with a newline
     }
@@ -326,7 +343,7 @@ pub fn adopt(
         let inodes_unreliable = names_another_file(path, &file);
         // A line at a time: the newest file may be as large as the rotation size, and this
         // runs in the inference process as it starts.
-        let newest = Survey::of(Lines::new(&file, u64::MAX))
+        let newest = Survey::of(continued_lines(&file, u64::MAX))
             .map_err(|e| files::io_err(path, "cannot read", e))?;
         if *index == 0 && !newest.any_line {
             // Only what could be a torn `start` record, of a chain no checkpoint covers: a
@@ -380,6 +397,12 @@ pub fn adopt(
         if !head.links(chain, &file, len, dir) {
             continue;
         }
+        // The links were read from the start: the writer appends (O_APPEND), but a write
+        // made while appending is off must not land on records, so the offset goes back to
+        // the end, where reading the whole file had left it.
+        (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| files::io_err(path, "cannot seek", e))?;
         // A torn tail is written over in place, with appending turned off for a moment; a
         // file with nothing torn is only appended to, so an append-only file (`chattr +a`)
         // that ended at a record's end is still continued. One with a torn tail refuses the

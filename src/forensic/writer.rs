@@ -538,8 +538,7 @@ impl ChainWriter {
                 if let Some((detail, ctx, ts)) = queued.take() {
                     let mut f = Vec::with_capacity(4);
                     super::context_fields(&ctx, &mut f);
-                    let detail = bounded_json(record::sanitize(detail, 0), "an anomaly's detail");
-                    let detail = Field::from(detail);
+                    let detail = Field::from(record::sanitize(detail, 0));
                     f.push((Cow::Borrowed("detail"), detail));
                     self.append("anomaly", f, ts);
                 }
@@ -580,6 +579,8 @@ impl ChainWriter {
             epoch: self.index,
             prev: &self.prev,
         };
+        let mut fields = fields;
+        bound_fields(&mut fields);
         let sealed = record::seal_fields(&h, fields, self.key.as_ref());
         let projected = self.file_len + (self.buf.len() + sealed.line.len()) as u64;
         if rotation == Rotation::Allowed
@@ -1037,10 +1038,7 @@ impl ChainWriter {
             return;
         };
         let mut f = Map::new();
-        f.insert(
-            "counters".into(),
-            bounded_json(record::sanitize(counters, 0), "a summary's counters"),
-        );
+        f.insert("counters".into(), record::sanitize(counters, 0));
         self.last_summary = Some(Instant::now());
         self.append(
             "summary",
@@ -1297,25 +1295,36 @@ impl ChainWriter {
 /// when they fail: a few backoff rounds, well inside the time `stop` waits for the writer.
 const FINISH_RETRY: Duration = Duration::from_secs(2);
 
-/// Caller-supplied JSON (`what`: an anomaly's `detail`, a summary's `counters`) as its
-/// record carries it: whole up to [`super::MAX_CALLER_JSON_BYTES`] of canonical JSON, else by
-/// its size and SHA-256.
-fn bounded_json(value: Value, what: &str) -> Value {
-    let mut canonical = Vec::new();
-    // JSON that does not canonicalise is left to the sealing, which handles it.
-    if record::write_canonical(&value, &mut canonical).is_err()
-        || canonical.len() <= super::MAX_CALLER_JSON_BYTES
-    {
-        return value;
+/// Keeps every field of a record within [`super::MAX_FIELD_BYTES`]: a longer text becomes a
+/// text giving its size and SHA-256, longer JSON (canonical form) an object giving them. The
+/// header fields, added at sealing, are short.
+fn bound_fields(fields: &mut Fields<'_>) {
+    const LIMIT: usize = super::MAX_FIELD_BYTES;
+    for (_, field) in fields.iter_mut() {
+        match field {
+            Field::S(text) if text.len() > LIMIT => {
+                let text = format!(
+                    "omitted: {} bytes, longer than the {LIMIT}-byte limit of a field; sha256 {}",
+                    text.len(),
+                    hex(&sha2::Sha256::digest(text.as_bytes()))
+                );
+                *field = Field::S(Cow::Owned(text));
+            }
+            Field::Json(value) => {
+                let mut canonical = Vec::new();
+                // JSON that does not canonicalise is left to the sealing, which handles it.
+                if record::write_canonical(value, &mut canonical).is_ok() && canonical.len() > LIMIT
+                {
+                    *field = Field::Json(serde_json::json!({
+                        "omitted": format!("longer than the {LIMIT}-byte limit of a field"),
+                        "bytes": canonical.len(),
+                        "sha256": hex(&sha2::Sha256::digest(&canonical)),
+                    }));
+                }
+            }
+            _ => {}
+        }
     }
-    serde_json::json!({
-        "omitted": format!(
-            "larger than the {}-byte limit of {what}",
-            super::MAX_CALLER_JSON_BYTES
-        ),
-        "bytes": canonical.len(),
-        "sha256": hex(&sha2::Sha256::digest(&canonical)),
-    })
 }
 
 /// Characters of a start-up error kept in a `stop` record: far more than any error message,
