@@ -11,15 +11,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use kvhygiene::config::{Config, FsyncPolicy, LogConfig};
-use kvhygiene::context::Context;
-use kvhygiene::events::{BlockRef, Event, EventKind, EventSink, QuarantineReason};
+use kvhygiene::events::EventSink;
 use kvhygiene::forensic::prune::{prune_all, PruneRequest};
 use kvhygiene::forensic::{verify_all, ForensicLog, SealKey, StartInfo, VerifyOptions};
 use zeroize::Zeroizing;
+
+#[path = "support/quarantine_event.rs"]
+mod quarantine_event;
 
 const SECRET: &[u8] = b"bench-secret-0123456789abcdef";
 const APPEND_RECORDS: u64 = 100_000;
@@ -35,36 +37,15 @@ fn cfg(dir: &Path) -> LogConfig {
     }
 }
 
-fn event(i: u64, ctx: &Context) -> Event {
-    Event {
-        at: SystemTime::now(),
-        kind: EventKind::Quarantined {
-            reason: QuarantineReason::VerifyFailed,
-            retired_before: false,
-        },
-        context: ctx.clone(),
-        block: Some(BlockRef {
-            id: i,
-            device: 0,
-            addr: 0x7f00_0000_0000 + i * 4096,
-            requested: 1 << 20,
-            capacity: 1 << 20,
-            scrub_seq: i,
-        }),
-        addr: None,
-    }
-}
-
 /// Writes `n` records; returns the time from the first emit to the end of `stop`.
 fn write_log(dir: &Path, n: u64, keyed: bool) -> Duration {
     let secret = keyed.then(|| Zeroizing::new(SECRET.to_vec()));
     let start = StartInfo::current(Config::default().canonical_json());
     let log = ForensicLog::open_with_secret(&cfg(dir), start, secret).expect("open log");
-    let ctx =
-        Context::new(Some("tenant-0042"), Some("req-0000001"), Some("llama-3-8b")).expect("ids");
+    let ctx = quarantine_event::context();
     let t = Instant::now();
     for i in 0..n {
-        log.emit(event(i, &ctx));
+        log.emit(quarantine_event::event(i, &ctx));
     }
     log.stop();
     t.elapsed()

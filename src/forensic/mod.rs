@@ -924,6 +924,30 @@ pub(crate) fn quiet_test_config(dir: &std::path::Path) -> crate::config::LogConf
     }
 }
 
+/// A log in `dir` keyed with `secret`, in files of at most `max_bytes`, holding `records`
+/// anomalies of some 300 bytes each, all written: for the unit tests that need a chain of
+/// several files.
+#[cfg(test)]
+pub(crate) fn keyed_test_log(
+    dir: &std::path::Path,
+    max_bytes: u64,
+    secret: &[u8],
+    records: usize,
+) -> Arc<ForensicLog> {
+    let cfg = crate::config::LogConfig {
+        max_bytes,
+        ..quiet_test_config(dir)
+    };
+    let start = StartInfo::current(crate::config::Config::default().canonical_json());
+    let log =
+        ForensicLog::open_with_secret(&cfg, start, Some(Zeroizing::new(secret.to_vec()))).unwrap();
+    for i in 0..records {
+        log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
+    }
+    log.flush();
+    log
+}
+
 /// A log of this process with no writer thread, over the queue `tx`, for the tests of what
 /// producers, `stop` and `stats` do on their own.
 #[cfg(test)]

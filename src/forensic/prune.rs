@@ -1467,22 +1467,7 @@ mod tests {
 
     /// A stopped chain of a few files of 4 KiB in `dir`, its files oldest first.
     fn stopped_chain(dir: &Path) -> (String, Vec<(u64, PathBuf)>) {
-        use crate::config::{Config, LogConfig};
-        use crate::forensic::{ForensicLog, StartInfo};
-        let cfg = LogConfig {
-            max_bytes: 4096,
-            ..crate::forensic::quiet_test_config(dir)
-        };
-        let log = ForensicLog::open_with_secret(
-            &cfg,
-            StartInfo::current(Config::default().canonical_json()),
-            Some(Zeroizing::new(SECRET.to_vec())),
-        )
-        .unwrap();
-        for i in 0..48 {
-            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
-        }
-        log.flush();
+        let log = crate::forensic::keyed_test_log(dir, 4096, SECRET, 48);
         log.stop();
         let mut chains = files::list_chains(dir).unwrap();
         assert_eq!(chains.len(), 1);
@@ -1514,6 +1499,29 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         dir
+    }
+
+    /// The first file of a stopped chain in `root`/log, and an empty archive beside it.
+    struct FirstFile {
+        archive: PathBuf,
+        path: PathBuf,
+        name: String,
+        original: Vec<u8>,
+        /// The file's content as described.
+        want: Content,
+    }
+
+    fn first_file(root: &Path) -> FirstFile {
+        let (chain, list) = stopped_chain(&root.join("log"));
+        let path = list[0].1.clone();
+        let name = files::file_name(&chain, 0);
+        FirstFile {
+            archive: private_dir(root, "archive"),
+            original: fs::read(&path).unwrap(),
+            want: describe_file(&path, &name).unwrap().content,
+            path,
+            name,
+        }
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -1557,17 +1565,18 @@ mod tests {
     #[test]
     fn a_file_changed_before_its_copy_is_not_linked() {
         let tmp = tempfile::tempdir().unwrap();
-        let (chain, list) = stopped_chain(&tmp.path().join("log"));
-        let archive = private_dir(tmp.path(), "archive");
-        let path = &list[0].1;
-        let name = files::file_name(&chain, 0);
-        let original = fs::read(path).unwrap();
-        let want = describe_file(path, &name).unwrap().content;
+        let FirstFile {
+            archive,
+            path,
+            name,
+            original,
+            want,
+        } = first_file(tmp.path());
         let mut longer = original.clone();
         longer.extend_from_slice(&original);
         for changed in [altered(&original), longer, original[..100].to_vec()] {
-            fs::write(path, &changed).unwrap();
-            match archive_copy(path, want, &archive, &name) {
+            fs::write(&path, &changed).unwrap();
+            match archive_copy(&path, want, &archive, &name) {
                 Err(PruneError::NotVerified(e)) => assert!(e.contains("changed while"), "{e}"),
                 r => panic!("{:?}", r.err()),
             }
@@ -1581,12 +1590,12 @@ mod tests {
             assert!(link_via_temp_name(&archive, &dest, &name, fill).is_err());
             assert!(entries(&archive).is_empty(), "{:?}", entries(&archive));
         }
-        fs::write(path, &original).unwrap();
-        archive_copy(path, want, &archive, &name).unwrap();
+        fs::write(&path, &original).unwrap();
+        archive_copy(&path, want, &archive, &name).unwrap();
         assert_eq!(fs::read(archive.join(&name)).unwrap(), original);
         assert_eq!(entries(&archive), std::slice::from_ref(&name));
         // A rerun finds the same bytes there.
-        archive_copy(path, want, &archive, &name).unwrap();
+        archive_copy(&path, want, &archive, &name).unwrap();
         assert_eq!(entries(&archive), [name]);
     }
 
@@ -1595,12 +1604,13 @@ mod tests {
     #[test]
     fn an_archive_file_of_the_name_with_other_bytes_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let (chain, list) = stopped_chain(&tmp.path().join("log"));
-        let archive = private_dir(tmp.path(), "archive");
-        let path = &list[0].1;
-        let name = files::file_name(&chain, 0);
-        let original = fs::read(path).unwrap();
-        let want = describe_file(path, &name).unwrap().content;
+        let FirstFile {
+            archive,
+            path,
+            name,
+            original,
+            want,
+        } = first_file(tmp.path());
         let dest = archive.join(&name);
         let mut longer = original.clone();
         longer.push(b'\n');
@@ -1610,7 +1620,7 @@ mod tests {
             original[..original.len() - 1].to_vec(),
         ] {
             fs::write(&dest, &other).unwrap();
-            match archive_copy(path, want, &archive, &name) {
+            match archive_copy(&path, want, &archive, &name) {
                 Err(PruneError::Io(e)) => assert!(e.contains("other contents"), "{e}"),
                 r => panic!("{:?}", r.err()),
             }
@@ -1618,7 +1628,7 @@ mod tests {
                 .unwrap_err()
                 .contains("other contents"));
             assert_eq!(fs::read(&dest).unwrap(), other);
-            assert_eq!(fs::read(path).unwrap(), original);
+            assert_eq!(fs::read(&path).unwrap(), original);
         }
         fs::write(&dest, &original).unwrap();
         assert_eq!(archive_accepts(want, &archive, &name), Ok(false));

@@ -2116,8 +2116,7 @@ mod relist_tests {
     //! A `kvh prune-log` that runs while the log is verified removes files the verification
     //! listed: such a chain is verified again from a new listing, not reported as tampered.
     use super::*;
-    use crate::config::{Config, LogConfig};
-    use crate::forensic::{ForensicLog, StartInfo};
+    use crate::forensic::ForensicLog;
     use std::os::unix::fs::PermissionsExt;
 
     const SECRET: &[u8] = b"relist-secret-0123456789abcdef";
@@ -2133,20 +2132,7 @@ mod relist_tests {
     /// A chain of about `files` files of 4 KiB in `dir`, stopped when `stop`; the log is
     /// returned when it is left open.
     fn chain(dir: &Path, files: usize, stop: bool) -> Option<std::sync::Arc<ForensicLog>> {
-        let cfg = LogConfig {
-            max_bytes: 4096,
-            ..crate::forensic::quiet_test_config(dir)
-        };
-        let log = ForensicLog::open_with_secret(
-            &cfg,
-            StartInfo::current(Config::default().canonical_json()),
-            Some(Zeroizing::new(SECRET.to_vec())),
-        )
-        .unwrap();
-        for i in 0..files * 16 {
-            log.record_anomaly(serde_json::json!({"n": i, "pad": "x".repeat(200)}));
-        }
-        log.flush();
+        let log = crate::forensic::keyed_test_log(dir, 4096, SECRET, files * 16);
         if stop {
             log.stop();
             return None;
