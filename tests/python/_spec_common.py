@@ -31,7 +31,7 @@ def kvh() -> str:
     cands += [d / "kvh" for d in _build_dirs()]
     for c in cands:
         if c.exists():
-            return str(c)
+            return str(c.resolve())
     pytest.skip(f"kvh not built (looked in {', '.join(map(str, cands))}); run cargo build --bin kvh")
 
 
@@ -40,7 +40,7 @@ def library() -> str:
     cands = [Path(env)] if env else [d / "libkvhygiene.so" for d in _build_dirs()]
     for c in cands:
         if c.exists():
-            return str(c)
+            return str(c.resolve())
     pytest.skip("libkvhygiene.so not built; run cargo build")
 
 

@@ -24,7 +24,9 @@ def library() -> str:
     candidates = [Path(env)] if env else [ROOT / "target/debug/libkvhygiene.so", ROOT / "target/release/libkvhygiene.so"]
     for c in candidates:
         if c.exists():
-            return str(c)
+            # Absolute: children run in other working directories, where a relative
+            # KVH_LIBRARY (and the kvh beside it) would not be found.
+            return str(c.resolve())
     pytest.skip(f"libkvhygiene.so not built (looked in {', '.join(map(str, candidates))}); run cargo build")
 
 
