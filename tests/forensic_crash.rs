@@ -114,6 +114,9 @@ fn sigkill_mid_write_then_recovery_continues_the_chain() {
         .expect("recovery record");
     assert!(rec.contains(&format!("\"torn_bytes\":{torn},")), "{rec}");
     assert!(rec.contains("\"last_good_hash\":\""));
+    // The continuing process's own sampling rule, as in a `start` record.
+    let rule = kvhygiene::backend::verify::SAMPLE_RULE;
+    assert!(rec.contains(&format!("\"sample_rule\":{rule},")), "{rec}");
 }
 
 #[test]

@@ -1570,6 +1570,52 @@ fn a_shared_record_naming_another_tenant_is_listed_without_its_id() {
     assert_eq!(lost[0]["tenant_id"], "(another tenant)", "{v}");
 }
 
+/// Each run names the sampling rule its seeds select words by (`sample_rule` in its `start`
+/// record, the writer's `SAMPLE_RULE`), so that an auditor reproducing a verification's
+/// samples knows the positions; a run of an earlier version, whose `start` names none, is
+/// reported as such, not given the current rule.
+#[test]
+fn each_run_reports_the_sampling_rule_its_start_record_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, files) = crafted_log(&tmp, 3);
+    let first = std::fs::read_to_string(&files[0]).unwrap();
+    let start: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(start["kind"], "start");
+    assert_eq!(
+        start["sample_rule"],
+        kvhygiene::backend::verify::SAMPLE_RULE
+    );
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["processes"][0]["sample_rule"],
+        kvhygiene::backend::verify::SAMPLE_RULE
+    );
+    let row = |md: &str| {
+        md.lines()
+            .find(|l| l.contains(&format!("| {} |", std::process::id())))
+            .map(str::to_string)
+    };
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&md.stdout).into_owned();
+    let want = format!("| {} |", kvhygiene::backend::verify::SAMPLE_RULE);
+    assert!(row(&text).is_some_and(|r| r.contains(&want)), "{text}");
+
+    forge_from(&files, 0, 1, None, |m| {
+        assert_eq!(m["kind"], "start");
+        m.remove("sample_rule");
+    });
+    let (code, v) = evidence_json(&dir, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["processes"][0]["sample_rule"], Value::Null, "{v}");
+    let md = kvh(&["evidence", dir.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&md.stdout).into_owned();
+    assert!(
+        row(&text).is_some_and(|r| r.contains("| not recorded |")),
+        "{text}"
+    );
+}
+
 /// A run whose `start` record names no policy digest has no approved policy to show: it is
 /// listed as unapproved, never counted as approved.
 #[test]

@@ -26,6 +26,22 @@
 /// Bytes in one verification word.
 pub const WORD_BYTES: u64 = 8;
 
+/// The version of the sampling rule above, which a chain's `start` and `recovery` records
+/// name (`sample_rule`), so that an auditor reproducing a segment's samples from its seed
+/// knows which positions were read:
+///
+/// 1. Every word split into `m` strata, sample `i` drawn in stratum `i`, then samples 0 and
+///    `m - 1` moved to the first and last word (so stratum 0's and the last stratum's other
+///    words were never read).
+/// 2. The rule above: the first and last word, and `m - 2` interior strata between them.
+///
+/// Versions before the field was recorded name no rule: those before 2026-11-30 used rule 1,
+/// later ones rule 2.
+///
+/// Any change to which words a seed reads (caught by `fixed_vectors_for_outside_verifiers`)
+/// takes the next number.
+pub const SAMPLE_RULE: u64 = 2;
+
 /// What one segment's verification found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -334,7 +350,9 @@ mod tests {
 
     #[test]
     fn fixed_vectors_for_outside_verifiers() {
-        // An auditor reimplementing the rule must reproduce these positions.
+        // An auditor reimplementing the rule must reproduce these positions. They are rule
+        // 2's: positions that change need a new `SAMPLE_RULE`, and these vectors with it.
+        assert_eq!(SAMPLE_RULE, 2);
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
         let rule = Rule::new(8000, 6, false);
         let got: Vec<u64> = (0..6).map(|i| rule.word(1, i)).collect();

@@ -367,6 +367,9 @@ pub struct Process {
     pub pid: Option<u64>,
     pub version: Option<String>,
     pub config_digest: Option<String>,
+    /// The sampling rule its scrubs' seeds select words by (`backend::verify::SAMPLE_RULE`);
+    /// absent from the records of earlier versions (see `SAMPLE_RULE` for theirs).
+    pub sample_rule: Option<u64>,
     pub started: Option<String>,
     pub last_record: Option<String>,
     /// The run ends with a `stop` record.
@@ -1398,6 +1401,7 @@ impl Tally {
                 process.pid = record.get("pid").and_then(Value::as_u64);
                 process.version = text("version");
                 process.config_digest = text("config_digest");
+                process.sample_rule = record.get("sample_rule").and_then(Value::as_u64);
                 process.recovered = kind == "recovery";
             }
             "stop" => {
@@ -2068,8 +2072,12 @@ pub fn render(ev: &Evidence) -> String {
         None => {}
     }
     push(String::new());
-    push("| chain | host | pid | version | config digest | started | last record | end |".into());
-    push("| --- | --- | --- | --- | --- | --- | --- | --- |".into());
+    push(
+        "| chain | host | pid | version | sampling rule | config digest | started | last record \
+         | end |"
+            .into(),
+    );
+    push("| --- | --- | --- | --- | --- | --- | --- | --- | --- |".into());
     for p in &ev.processes {
         let digest = p
             .config_digest
@@ -2080,12 +2088,19 @@ pub fn render(ev: &Evidence) -> String {
             (None, true) => "clean stop".into(),
             (None, false) => "no stop record (running or crashed)".into(),
         };
+        // A run whose start is known but names no rule was written by an earlier version.
+        let rule = match (p.sample_rule, p.start_archived) {
+            (Some(n), _) => n.to_string(),
+            (None, false) => "not recorded".into(),
+            (None, true) => "-".into(),
+        };
         push(format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {}{} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
             cell(&p.chain),
             cell_or_dash(p.host.as_deref()),
             p.pid.map_or_else(|| "-".into(), |n| n.to_string()),
             cell_or_dash(p.version.as_deref()),
+            rule,
             cell_or_dash(digest.as_deref()),
             cell_or_dash(p.started.as_deref()),
             cell_or_dash(p.last_record.as_deref()),

@@ -1374,6 +1374,10 @@ fn start_fields(s: &StartInfo) -> Map<String, Value> {
     f.insert("version".into(), s.version.clone().into());
     f.insert("pid".into(), s.pid.into());
     f.insert("host".into(), s.host.clone().into());
+    f.insert(
+        "sample_rule".into(),
+        crate::backend::verify::SAMPLE_RULE.into(),
+    );
     f
 }
 
