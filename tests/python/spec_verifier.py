@@ -339,7 +339,7 @@ class Keys:
 
 HEADER = {"v", "seq", "ts", "kind", "chain", "epoch", "tenant_id", "request_id", "model_id", "prev", "hash", "mac"}
 BLOCK = {"block_id", "device", "addr", "requested", "capacity", "scrub_seq"}
-START = {"config_digest", "version", "pid", "host", "signer"}
+START = {"config_digest", "version", "pid", "host", "sample_rule", "signer"}
 OPTIONAL = {"mac", "signer"}  # "present iff the writer had an HMAC key" / "absent without a signing key"
 SIX_DECIMALS = re.compile(r"^-?[0-9]+\.[0-9]{6}$")
 HEX_0X = re.compile(r"^0x[0-9a-f]+$")
