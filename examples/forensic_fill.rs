@@ -8,7 +8,8 @@
 //! ```
 //!
 //! A record is about 550 bytes: 1,950,000 make one file of about 1.07 GB. The file limit is
-//! 1 GiB (the largest `KVH_LOG_MAX_BYTES`): more records go on in a second file. KEY_FILE holds the HMAC secret (as `KVH_HMAC_KEY_FILE`); check the log with
+//! 1 GiB (the largest `KVH_LOG_MAX_BYTES`): more records go on in a second file. KEY_FILE
+//! holds the HMAC secret (as `KVH_HMAC_KEY_FILE`); check the log with
 //! `kvh verify-log DIR --key-file KEY_FILE`.
 //!
 //! `--crash` ends the process once the records are written, without the log's `stop`, as a
