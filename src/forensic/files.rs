@@ -509,22 +509,17 @@ pub fn prepare_dir(dir: &Path, what: &str) -> Result<(), ForensicError> {
     let dir = &as_named(dir);
     refuse_inner_parent(dir, what)?;
     match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            create_missing_levels(dir, what)?;
-            let m = fs::symlink_metadata(dir)
-                .map_err(|e| io_err(dir, &format!("cannot create {what}"), e))?;
-            check_usable(dir, &m, what)
-        }
-        Err(e) => Err(io_err(dir, &format!("cannot stat {what}"), e)),
-        Ok(_) => {
-            // Another start-up (a worker per GPU) may have created it and not yet given its
-            // mode: waited for a moment, as for a parent level.
-            wait_until_finished(dir);
-            let m = fs::symlink_metadata(dir)
-                .map_err(|e| io_err(dir, &format!("cannot stat {what}"), e))?;
-            check_usable(dir, &m, what)
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_missing_levels(dir, what)?,
+        Err(e) => return Err(io_err(dir, &format!("cannot stat {what}"), e)),
+        Ok(_) => {}
     }
+    // Another start-up (a worker per GPU) may have created it, before the look above or
+    // between that look and create_missing_levels listing what was missing, and not yet given
+    // its mode: waited for a moment, as for a parent level.
+    wait_until_finished(dir);
+    let m =
+        fs::symlink_metadata(dir).map_err(|e| io_err(dir, &format!("cannot stat {what}"), e))?;
+    check_usable(dir, &m, what)
 }
 
 /// Waits up to [`PARENT_WAIT`] while `level` is [`unfinished`] (a user's own directory,
