@@ -207,6 +207,48 @@ fn out_of_memory_flushes_scrubs_and_releases_cache_then_retries() {
     f.assert_balanced();
 }
 
+/// The host backend's devices share one capacity: a refusal on one device that its own cache
+/// cannot cure releases the clean blocks another device caches, and the retry is served.
+#[test]
+fn out_of_memory_on_shared_memory_releases_other_devices_clean_blocks() {
+    let f = Fixture::with_host(manual_config(), HostBackend::with_capacity(4 << 20));
+    let on_one = f.malloc_zeroed(3 << 20, 1, 0);
+    f.alloc.free(on_one, 3 << 20, 1, S).unwrap();
+    f.alloc.synchronize().unwrap();
+    assert_eq!(f.alloc.block_info(on_one).unwrap().state, BlockState::Clean);
+    // Device 0 caches nothing, and device 1's clean block holds most of the room.
+    let on_zero = f.malloc_zeroed(3 << 20, 0, 0);
+    assert!(on_zero != 0);
+    assert!(
+        f.alloc.block_info(on_one).is_none(),
+        "device 1's block was released"
+    );
+    let st = f.alloc.stats();
+    assert_eq!(st.counters.oom_recoveries, 1);
+    assert_eq!(st.counters.out_of_memory, 0);
+    let released: Vec<(EventKind, i32)> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .filter(|e| matches!(e.kind, EventKind::Released { .. }))
+        .map(|e| (e.kind, e.block.map_or(-1, |b| b.device)))
+        .collect();
+    assert_eq!(
+        released,
+        vec![(
+            EventKind::Released {
+                reason: ReleaseReason::OutOfMemory
+            },
+            1
+        )]
+    );
+    // Nothing left to release anywhere: an error, counted once.
+    assert!(f.alloc.malloc(2 << 20, 2, S).is_err());
+    assert_eq!(f.alloc.stats().counters.out_of_memory, 1);
+    f.alloc.free(on_zero, 3 << 20, 0, S).unwrap();
+    f.assert_balanced();
+}
+
 #[test]
 fn empty_cache_returns_clean_blocks() {
     let f = Fixture::new(manual_config());

@@ -482,6 +482,12 @@ impl Allocator {
         let result = self
             .refuse_capture(size, dev, stream)
             .and_then(|()| self.allocate_fresh_or_exact(size, dev, class, &ctx, stream));
+        let result = match result {
+            Err(AllocError::OutOfMemory { .. }) if self.inner.backend.devices_share_memory() => {
+                self.retry_after_releasing_other_devices(size, dev, class, &ctx, stream)
+            }
+            other => other,
+        };
         // Another error on the retry (a driver fault, exit begun) is not a lack of memory:
         // `allocate_fresh` counted a fault as a backend error.
         self.with_pool(dev, |pool, _, _, _| match result {
@@ -493,6 +499,41 @@ impl Allocator {
             Err(_) => {}
         });
         result.map(|addr| Allocation { addr, fresh: true })
+    }
+
+    /// On a backend whose devices share one memory, the clean blocks the other devices cache
+    /// hold room this allocation could have: after a refusal that releasing this device's own
+    /// cache did not cure, every other device's scrubs are waited for and its clean blocks
+    /// released (as `kvh_empty_cache` does, recorded with reason `out_of_memory`), and the
+    /// allocation is tried once more. One device's pool lock at a time, none held on entry.
+    #[cold]
+    fn retry_after_releasing_other_devices(
+        &self,
+        size: u64,
+        dev: u32,
+        class: SizeClass,
+        ctx: &Context,
+        stream: StreamHandle,
+    ) -> Result<u64, AllocError> {
+        let horizon = self.scrub_horizon();
+        self.on_every_device(|other| {
+            if other == dev || self.inner.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+            self.drain_pool(other, horizon);
+            self.with_pool(other, |pool, _, _, after| {
+                pool.release_clean(ReleaseReason::OutOfMemory, after)
+            });
+        });
+        // Exit may have begun while the other pools drained: no backend call after it.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(AllocError::ShuttingDown);
+        }
+        self.refuse_if_reset(dev)?;
+        // The capture query again, as before every backend allocation: the one before may
+        // have been the call that ran out of memory, never answered.
+        self.refuse_capture(size, dev, stream)
+            .and_then(|()| self.allocate_fresh_or_exact(size, dev, class, ctx, stream))
     }
 
     /// [`Self::allocate_fresh`] at the capacity a fresh block of `class` takes

@@ -42,6 +42,12 @@ impl Backend for PanicSafe {
         self.0.device_count()
     }
 
+    fn devices_share_memory(&self) -> bool {
+        // A panic here is taken as the default answer: releasing only the asking device's
+        // cache is what a backend of separate memories gets.
+        catch_unwind(AssertUnwindSafe(|| self.0.devices_share_memory())).unwrap_or(false)
+    }
+
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         guarded("allocate", || self.0.allocate(device, len))
     }

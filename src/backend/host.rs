@@ -206,6 +206,11 @@ impl Backend for HostBackend {
         HOST_DEVICES
     }
 
+    /// Every device's allocations count toward one capacity (and one process's memory).
+    fn devices_share_memory(&self) -> bool {
+        true
+    }
+
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         self.check_device(device)?;
         let oom = BackendError::OutOfMemory {

@@ -159,6 +159,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Number of devices; valid device indices are `0..device_count()`.
     fn device_count(&self) -> u32;
 
+    /// Whether the devices draw on one memory, so that what one device's pool caches is room
+    /// another device's allocation could have (the host backend: its devices share one
+    /// capacity). A GPU's memory is its own: `false` unless a backend says otherwise.
+    fn devices_share_memory(&self) -> bool {
+        false
+    }
+
     /// Allocates `len` bytes on `device`. The content is unspecified; the pool zeroes it with
     /// [`Backend::zero_fresh`] before first hand-out. Alignment is at least 256 bytes.
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError>;

@@ -59,6 +59,9 @@ impl<H: Hooks> Backend for Hooked<H> {
     fn device_count(&self) -> u32 {
         self.0.host().device_count()
     }
+    fn devices_share_memory(&self) -> bool {
+        self.0.host().devices_share_memory()
+    }
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         self.0.host().allocate(device, len)
     }

@@ -173,6 +173,9 @@ impl Backend for TestBackend {
     fn device_count(&self) -> u32 {
         self.host.device_count()
     }
+    fn devices_share_memory(&self) -> bool {
+        self.host.devices_share_memory()
+    }
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
         self.note();
         if let Some(e) = self.allocate_errors.lock().unwrap().pop_front() {
