@@ -264,6 +264,47 @@ fn unusable_input_exits_2_naming_the_file() {
     assert!(err.contains("KVH_METRICS_INTERVAL_MS"), "{err}");
 }
 
+/// A key file named as the metrics file by mistake is refused (exit 2) by every reader,
+/// naming the file and the line and quoting nothing of it: a probe's output and a
+/// container's log are read by more people than the key is.
+#[test]
+fn a_key_file_named_as_the_metrics_file_is_refused_without_quoting_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // A hex secret that begins with a letter reads as a metric name without a value; one
+    // that begins with a digit as an invalid name; a later line is read as readily.
+    let letter = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let digit = "5e9d86e5aa0f4c3b9bb4b3bd2c1ad1f0d6b59f3f2d4c1f7e0a9b8c7d6e5f4a3b";
+    let files = [
+        ("letter.key", format!("{letter}\n"), "line 1"),
+        ("digit.key", format!("{digit}\n"), "line 1"),
+        (
+            "second.key",
+            format!("kvh_snapshot_timestamp_seconds 1\n{letter} x\n"),
+            "line 2",
+        ),
+    ];
+    for (name, text, line) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        for args in [
+            &["metrics", "--file"][..],
+            &["metrics", "--json", "--file"],
+            &["gate", "--metrics-file"],
+            &["gate", "--json", "--metrics-file"],
+        ] {
+            let (code, out, err) = run(kvh().args(args).arg(&path));
+            assert_eq!(code, 2, "{args:?} {name}: {err}");
+            assert!(err.contains(name) && err.contains(line), "{args:?}: {err}");
+            for secret in [letter, digit] {
+                assert!(
+                    !err.contains(&secret[..12]) && !out.contains(&secret[..12]),
+                    "{args:?} quoted the file: {err}{out}"
+                );
+            }
+        }
+    }
+}
+
 /// A snapshot time before 1970 is refused (exit 2) by `metrics` and `gate`; the message
 /// names the value the file holds (`-5`), as it does for `NaN` and the infinities, so that
 /// an operator can find the line: a finite negative time is not reported as `-Inf`.
@@ -435,8 +476,13 @@ fn serve_metrics_neither_blocks_on_a_fifo_nor_serves_a_linked_secret() {
     std::os::unix::fs::symlink(&secret, &link).unwrap();
     let side = sidecar(&link, &[]);
     let (status, _, body) = http(side.addr, get);
-    // The same body as every refusal: nothing of the linked file is served.
+    // The same body as every refusal: nothing of the linked file is served, nor logged.
     assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+    assert!(
+        side.stderr().contains("line 1") && !side.stderr().contains("hunter2"),
+        "{}",
+        side.stderr()
+    );
 }
 
 #[test]

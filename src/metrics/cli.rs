@@ -208,8 +208,14 @@ pub fn load_at(path: &Path, now: SystemTime) -> Result<Snapshot, String> {
     let bytes = read_regular_file(path, MAX_FILE_BYTES, "a metrics snapshot")
         .map_err(|e| format!("{shown}: {e}"))?;
     let text = String::from_utf8(bytes).map_err(|_| format!("{shown}: not UTF-8 text"))?;
-    let exposition = parse::parse(&text)
-        .map_err(|e| format!("{shown}: not in the Prometheus text format: {e}"))?;
+    // The error quotes nothing of the file: a key file named by mistake (it parses as a
+    // name with no value) must not reach a terminal, a probe's output or a container log.
+    let exposition = parse::parse(&text).map_err(|e| {
+        format!(
+            "{shown}: not in the Prometheus text format: {}",
+            e.without_content()
+        )
+    })?;
     // Exactly one time: a file holding two snapshots (concatenated, say) has no one age.
     let times: Vec<f64> = exposition.values(SNAPSHOT_TIMESTAMP, &[]).take(2).collect();
     let timestamp = match times[..] {

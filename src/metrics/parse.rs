@@ -67,7 +67,36 @@ impl Exposition {
 #[error("line {line}: {message}")]
 pub struct ParseError {
     pub line: usize,
+    /// What is wrong, quoting the names and values involved: for text kvhygiene made (its
+    /// encoder's, a merge of checked snapshots).
     pub message: String,
+    /// What is wrong without a word of the text: what a reader of a file someone named shows
+    /// ([`ParseError::without_content`]), since the file may be a key named by mistake.
+    pub reason: &'static str,
+}
+
+impl ParseError {
+    /// `line N: REASON`, quoting nothing of the text.
+    pub fn without_content(&self) -> String {
+        format!("line {}: {}", self.line, self.reason)
+    }
+}
+
+/// A line's fault: its content-free [`ParseError::reason`] and its quoting message.
+struct Fault {
+    reason: &'static str,
+    message: String,
+}
+
+impl Fault {
+    fn new(reason: &'static str, message: String) -> Fault {
+        Fault { reason, message }
+    }
+
+    /// A fault whose message says no more than its reason.
+    fn plain(reason: &'static str) -> Fault {
+        Fault::new(reason, reason.to_string())
+    }
 }
 
 /// The sample-name suffixes a family of type `kind` owns: a histogram's `_bucket`, `_sum`
@@ -108,18 +137,22 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
     let lines = text.split('\n').count();
     for (i, line) in text.split('\n').enumerate() {
         let n = i + 1;
-        let err = |message: String| ParseError { line: n, message };
+        let err = |fault: Fault| ParseError {
+            line: n,
+            message: fault.message,
+            reason: fault.reason,
+        };
         // The format's lines end with a line feed, the last one too: what a scraper refuses
         // (a file cut short inside a line, CRLF line ends) is not served.
         if line.contains('\r') {
-            return Err(err(
-                "a carriage return: lines of the text format end with \\n only (CRLF?)".into(),
-            ));
+            return Err(err(Fault::plain(
+                "a carriage return: lines of the text format end with \\n only (CRLF?)",
+            )));
         }
         if n == lines && !line.is_empty() {
-            return Err(err(
-                "the last line has no line end (the file was cut short?)".into(),
-            ));
+            return Err(err(Fault::plain(
+                "the last line has no line end (the file was cut short?)",
+            )));
         }
         if line.trim().is_empty() {
             continue;
@@ -132,13 +165,24 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             }
             let name = words.next().unwrap_or("");
             if !valid_metric_name(name) {
-                return Err(err(format!("# {keyword}: invalid metric name {name:?}")));
+                return Err(err(Fault::new(
+                    "an invalid metric name in a # HELP or # TYPE line",
+                    format!("# {keyword}: invalid metric name {name:?}"),
+                )));
             }
             let rest = words.next().unwrap_or("").trim_start();
             if keyword == "HELP" {
-                let help = unescape_help(rest).map_err(|e| err(format!("# HELP {name}: {e}")))?;
+                let help = unescape_help(rest).map_err(|e| {
+                    err(Fault::new(
+                        "an invalid escape in a # HELP text",
+                        format!("# HELP {name}: {e}"),
+                    ))
+                })?;
                 if out.help.insert(name.into(), help).is_some() {
-                    return Err(err(format!("second # HELP for {name}")));
+                    return Err(err(Fault::new(
+                        "a second # HELP for one metric",
+                        format!("second # HELP for {name}"),
+                    )));
                 }
             } else {
                 let kind = rest.trim();
@@ -146,13 +190,22 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                     kind,
                     "counter" | "gauge" | "histogram" | "summary" | "untyped"
                 ) {
-                    return Err(err(format!("# TYPE {name}: unknown type {kind:?}")));
+                    return Err(err(Fault::new(
+                        "a # TYPE naming an unknown type",
+                        format!("# TYPE {name}: unknown type {kind:?}"),
+                    )));
                 }
                 if out.types.contains_key(name) {
-                    return Err(err(format!("second # TYPE for {name}")));
+                    return Err(err(Fault::new(
+                        "a second # TYPE for one metric",
+                        format!("second # TYPE for {name}"),
+                    )));
                 }
                 if finished.contains(name) || current.as_deref() == Some(name) {
-                    return Err(err(format!("# TYPE for {name} after its samples")));
+                    return Err(err(Fault::new(
+                        "a # TYPE after its metric's samples",
+                        format!("# TYPE for {name} after its samples"),
+                    )));
                 }
                 out.types.insert(name.into(), kind.into());
             }
@@ -165,16 +218,17 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             let numeric = (key == "le" && kind == Some("histogram"))
                 || (key == "quantile" && kind == Some("summary"));
             if numeric && parse_value(value).is_none() {
-                return Err(err(format!(
-                    "{}: label {key} is not a number: {value:?}",
-                    sample.name
+                return Err(err(Fault::new(
+                    "a histogram's le or a summary's quantile label that is not a number",
+                    format!("{}: label {key} is not a number: {value:?}", sample.name),
                 )));
             }
         }
         if current.as_deref() != Some(family.as_str()) {
             if finished.contains(&family) {
-                return Err(err(format!(
-                    "samples of {family} are split by another metric's"
+                return Err(err(Fault::new(
+                    "a metric's samples split by another metric's",
+                    format!("samples of {family} are split by another metric's"),
                 )));
             }
             if let Some(prev) = current.take() {
@@ -185,7 +239,10 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
         let mut labels = sample.labels.clone();
         labels.sort();
         if !series.insert((sample.name.clone(), labels)) {
-            return Err(err(format!("{}: the same series twice", sample.name)));
+            return Err(err(Fault::new(
+                "the same series twice",
+                format!("{}: the same series twice", sample.name),
+            )));
         }
         out.samples.push(sample);
     }
@@ -197,11 +254,14 @@ pub fn sample_name(line: &str) -> &str {
     &line[..line.find(['{', ' ', '\t']).unwrap_or(line.len())]
 }
 
-fn parse_sample(line: &str) -> Result<Sample, String> {
+fn parse_sample(line: &str) -> Result<Sample, Fault> {
     let name = sample_name(line);
     let name_end = name.len();
     if !valid_metric_name(name) {
-        return Err(format!("invalid metric name {name:?}"));
+        return Err(Fault::new(
+            "an invalid metric name",
+            format!("invalid metric name {name:?}"),
+        ));
     }
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();
@@ -211,14 +271,28 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
         rest = remaining;
     }
     let mut fields = rest.split_whitespace();
-    let value = fields.next().ok_or_else(|| format!("{name}: no value"))?;
-    let value = parse_value(value).ok_or_else(|| format!("{name}: invalid value {value:?}"))?;
+    let value = fields
+        .next()
+        .ok_or_else(|| Fault::new("a sample without a value", format!("{name}: no value")))?;
+    let value = parse_value(value).ok_or_else(|| {
+        Fault::new(
+            "an invalid value",
+            format!("{name}: invalid value {value:?}"),
+        )
+    })?;
     if let Some(ts) = fields.next() {
-        ts.parse::<i64>()
-            .map_err(|_| format!("{name}: invalid timestamp {ts:?}"))?;
+        ts.parse::<i64>().map_err(|_| {
+            Fault::new(
+                "an invalid timestamp",
+                format!("{name}: invalid timestamp {ts:?}"),
+            )
+        })?;
     }
     if let Some(extra) = fields.next() {
-        return Err(format!("{name}: unexpected {extra:?} after the value"));
+        return Err(Fault::new(
+            "more after a sample's value and timestamp",
+            format!("{name}: unexpected {extra:?} after the value"),
+        ));
     }
     Ok(Sample {
         name: name.into(),
@@ -236,41 +310,65 @@ type Labels<'a> = (Vec<(String, String)>, &'a str);
 /// (`kvh metrics`, `kvh gate`, each `serve-metrics` scrape) must answer within a probe's
 /// timeout.
 const MAX_LABELS: usize = 64;
+/// [`MAX_LABELS`] as an error says it, without formatting (a [`Fault`]'s reason is static).
+const TOO_MANY_LABELS: &str = "more than 64 labels";
+const _: () = assert!(MAX_LABELS == 64, "TOO_MANY_LABELS names the bound");
 
-fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
+fn parse_labels(mut s: &str) -> Result<Labels<'_>, Fault> {
     let mut labels: Vec<(String, String)> = Vec::new();
     loop {
         s = s.trim_start();
         if let Some(after) = s.strip_prefix('}') {
             return Ok((labels, after));
         }
-        let eq = s.find('=').ok_or("label without '='")?;
+        let eq = s
+            .find('=')
+            .ok_or_else(|| Fault::plain("label without '='"))?;
         let key = s[..eq].trim();
         if !valid_label_name(key) || key.starts_with("__") {
             // Names beginning with "__" are reserved to Prometheus.
-            return Err(format!("invalid label name {key:?}"));
+            return Err(Fault::new(
+                "an invalid label name",
+                format!("invalid label name {key:?}"),
+            ));
         }
         if labels.len() == MAX_LABELS {
-            return Err(format!("more than {MAX_LABELS} labels"));
+            return Err(Fault::plain(TOO_MANY_LABELS));
         }
         if labels.iter().any(|(k, _)| k == key) {
-            return Err(format!("label {key} given twice"));
+            return Err(Fault::new(
+                "a label given twice",
+                format!("label {key} given twice"),
+            ));
         }
         s = s[eq + 1..].trim_start();
-        s = s
-            .strip_prefix('"')
-            .ok_or_else(|| format!("label {key}: value is not quoted"))?;
+        s = s.strip_prefix('"').ok_or_else(|| {
+            Fault::new(
+                "a label value that is not quoted",
+                format!("label {key}: value is not quoted"),
+            )
+        })?;
         let mut value = String::new();
         let mut chars = s.char_indices();
         let end = loop {
             match chars.next() {
-                None => return Err(format!("label {key}: unterminated value")),
+                None => {
+                    return Err(Fault::new(
+                        "an unterminated label value",
+                        format!("label {key}: unterminated value"),
+                    ))
+                }
                 Some((i, '"')) => break i,
                 Some((_, '\\')) => match chars.next() {
                     Some((_, '\\')) => value.push('\\'),
                     Some((_, '"')) => value.push('"'),
                     Some((_, 'n')) => value.push('\n'),
-                    _ => return Err(format!("label {key}: invalid escape")),
+                    _ => {
+                        return Err(Fault::new(
+                            "an invalid escape in a label value",
+                            format!("label {key}: invalid escape"),
+                        ))
+                    }
                 },
                 Some((_, c)) => value.push(c),
             }
@@ -280,7 +378,10 @@ fn parse_labels(mut s: &str) -> Result<Labels<'_>, String> {
         if let Some(after) = s.strip_prefix(',') {
             s = after;
         } else if !s.starts_with('}') {
-            return Err(format!("label {key}: expected ',' or '}}' after the value"));
+            return Err(Fault::new(
+                "no ',' or '}' after a label value",
+                format!("label {key}: expected ',' or '}}' after the value"),
+            ));
         }
     }
 }
