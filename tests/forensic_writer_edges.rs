@@ -470,6 +470,55 @@ fn caller_json_larger_than_the_limit_is_recorded_by_its_size_and_sha256() {
     assert!(r.ok(), "{:?}", r.first_problem());
 }
 
+/// A text is held to the limit as it is written, escaped: one of control characters (six
+/// bytes each on the line) that is within the limit unescaped is recorded by its size and
+/// SHA-256, one of plain characters within the limit whole. No record nears the line a crash
+/// recovery continues from, and a crash after such a record is continued as one chain.
+#[test]
+fn a_text_is_held_to_the_limit_as_written_and_its_chain_is_continued_after_a_crash() {
+    use kvhygiene::forensic::MAX_FIELD_BYTES;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 64 << 20);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    let controls = "\u{1}".repeat(MAX_FIELD_BYTES / 2);
+    // Its quotes make up the limit.
+    let plain = "x".repeat(MAX_FIELD_BYTES - 2);
+    log.record_anomaly(serde_json::Value::String(controls));
+    log.record_anomaly(serde_json::Value::String(plain.clone()));
+    log.stop();
+    let files = chain_files(&dir);
+    assert_eq!(files.len(), 1);
+    let mut lines = read_lines(&files[0]);
+    let details: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "anomaly")
+        .map(|r| r["detail"].clone())
+        .collect();
+    assert_eq!(details.len(), 2);
+    let omitted = details[0].as_str().unwrap();
+    assert!(
+        omitted.starts_with("omitted:") && omitted.contains(&(3 * MAX_FIELD_BYTES + 2).to_string()),
+        "{}",
+        &omitted[..omitted.len().min(200)]
+    );
+    assert_eq!(details[1].as_str(), Some(plain.as_str()));
+    let longest = lines.iter().map(String::len).max().unwrap();
+    assert!(
+        longest < MAX_FIELD_BYTES + (64 << 10),
+        "a line of {longest} bytes"
+    );
+    // The writer dies before its stop record: the next start-up continues the chain.
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(&files[0], &lines);
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the crashed chain was not continued");
+}
+
 /// A `policy_violation` event handed to the log with a long detail text (the `Event` API
 /// takes any `String`) is written as a record the verifier accepts: the writer keeps every
 /// record within the longest line a reader holds, as it does for caller JSON.

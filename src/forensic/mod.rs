@@ -340,8 +340,8 @@ pub struct ForensicLog {
     pid: u32,
 }
 
-/// Largest value of one field a record carries whole (a string's UTF-8 bytes, JSON in
-/// canonical form): the JSON an engine hands the log (an anomaly's `detail`, a summary's
+/// Largest value of one field a record carries whole, as written (a string escaped, in its
+/// quotes; JSON in canonical form): the JSON an engine hands the log (an anomaly's `detail`, a summary's
 /// `counters`), a text an `Event` carries. A larger JSON value is recorded as
 /// `{"omitted": .., "bytes": N, "sha256": ..}`, a larger text as a text saying the same, so
 /// that every record stays far shorter than the longest line a reader holds

@@ -111,6 +111,20 @@ fn write_object<'a>(
     Ok(())
 }
 
+/// The bytes [`write_string`] writes for `s`, quotes included, without writing them: a
+/// control byte takes six (`\u00xx`), a quote, a backslash and the named escapes two.
+pub fn string_len(s: &str) -> usize {
+    let escaped: usize = s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum();
+    escaped + 2
+}
+
 /// JSON string escaping, exactly the minimal set the docs define.
 pub fn write_string(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
@@ -377,6 +391,17 @@ fn write_int(out: &mut Vec<u8>, mut n: u64, negative: bool) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    proptest::proptest! {
+        /// `string_len` is the length `write_string` writes, for any text (control bytes,
+        /// quotes and backslashes weighted in).
+        #[test]
+        fn string_len_is_the_written_length(s in "(\\PC|[\\x00-\\x1f\"\\\\])*") {
+            let mut out = Vec::new();
+            write_string(&s, &mut out);
+            proptest::prop_assert_eq!(string_len(&s), out.len());
+        }
+    }
 
     #[test]
     fn canonical_sorts_keys_and_escapes_minimally() {

@@ -44,8 +44,9 @@ pub struct Adopted {
     pub inodes_unreliable: bool,
 }
 
-/// Longest last record, or torn tail, recovery holds to continue a chain: it runs in the
-/// inference process as it starts. Far longer than any record of today's writer (its fields
+/// Longest line of the newest file (each record is read to check that it leads to the last),
+/// or torn tail, recovery holds to continue a chain: it runs in the inference process as it
+/// starts. Far longer than any record of today's writer (its fields
 /// are bounded by [`super::MAX_FIELD_BYTES`]) or than a torn piece of one; a chain ending in
 /// a longer line (a record of an earlier version, or bytes someone appended) is left as it
 /// ended, for verification to judge, and the process starts a chain of its own.

@@ -1295,17 +1295,20 @@ impl ChainWriter {
 /// when they fail: a few backoff rounds, well inside the time `stop` waits for the writer.
 const FINISH_RETRY: Duration = Duration::from_secs(2);
 
-/// Keeps every field of a record within [`super::MAX_FIELD_BYTES`]: a longer text becomes a
-/// text giving its size and SHA-256, longer JSON (canonical form) an object giving them. The
-/// header fields, added at sealing, are short.
+/// Keeps every field of a record within [`super::MAX_FIELD_BYTES`] as written: a longer text
+/// (measured escaped, as the line holds it: a control byte takes six) becomes a text giving
+/// its size and SHA-256, longer JSON (canonical form) an object giving them. The header
+/// fields, added at sealing, are short.
 fn bound_fields(fields: &mut Fields<'_>) {
     const LIMIT: usize = super::MAX_FIELD_BYTES;
     for (_, field) in fields.iter_mut() {
         match field {
-            Field::S(text) if text.len() > LIMIT => {
+            Field::S(text) if record::string_len(text) > LIMIT => {
                 let text = format!(
-                    "omitted: {} bytes, longer than the {LIMIT}-byte limit of a field; sha256 {}",
+                    "omitted: a text of {} bytes, {} as written, longer than the {LIMIT}-byte \
+                     limit of a field; sha256 of the text {}",
                     text.len(),
+                    record::string_len(text),
                     hex(&sha2::Sha256::digest(text.as_bytes()))
                 );
                 *field = Field::S(Cow::Owned(text));
