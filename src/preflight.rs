@@ -350,8 +350,9 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
 /// record without a MAC, and verifying without the key cannot check sealed chains; and
 /// `prune-log`, which needs the key, could then never move anything. The start-up itself
 /// goes on (its chain is sound on its own): a deliberate margin, as for the room left.
-/// `None` when every chain is sealed as this policy seals, or none can be read.
-fn sealed_otherwise(dir: &Path, seals: bool, ckpt_dir: Option<&Path>) -> Option<String> {
+/// `None` when every chain is sealed as this policy seals, or none can be read. `kvh demo`
+/// refuses to start on it (a trial has no reason to leave a directory so).
+pub fn sealed_otherwise(dir: &Path, seals: bool, ckpt_dir: Option<&Path>) -> Option<String> {
     let chains = files::list_chains(dir).ok()?;
     let with_files: Vec<(String, Option<bool>)> = chains
         .iter()

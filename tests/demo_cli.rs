@@ -615,6 +615,62 @@ fn key_file(path: &std::path::Path, bytes: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// A demo whose chain would be sealed otherwise than the chains already in its log directory
+/// (with an HMAC key where they have none, or without one where they are sealed) is refused
+/// (exit 2) before its log opens, naming a chain there and `--log-dir`: the directory is left
+/// as it was, verifiable with one `verify-log`, and prunable.
+#[test]
+fn a_demo_sealed_unlike_its_log_directory_is_refused_and_leaves_it_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("hmac.key");
+    key_file(&key, &"5a".repeat(32));
+    let sealed = tmp.path().join("sealed");
+    let (code, out, err) = sealed_demo(&sealed, "KVH_HMAC_KEY_FILE", &key);
+    assert_eq!(code, 0, "{out}{err}");
+    let unsealed = tmp.path().join("unsealed");
+    let demo_into = |dir: &std::path::Path| {
+        let mut cmd = kvh();
+        cmd.args(["demo", "--tenants", "1", "--requests", "1", "--log-dir"])
+            .arg(dir)
+            .env("KVH_BACKEND", "host");
+        cmd
+    };
+    let (code, out, err) = run(&mut demo_into(&unsealed));
+    assert_eq!(code, 0, "{out}{err}");
+    let names = |dir: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    for (dir, keyed) in [(&sealed, false), (&unsealed, true)] {
+        let before = names(dir);
+        let mut cmd = demo_into(dir);
+        if keyed {
+            cmd.env("KVH_HMAC_KEY_FILE", &key);
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 2, "keyed {keyed}: {out}{err}");
+        assert!(
+            err.contains(" was ") && err.contains("chain p") && err.contains("--log-dir"),
+            "keyed {keyed}: {err}"
+        );
+        assert!(out.is_empty(), "a refusal prints no report: {out}");
+        assert_eq!(
+            names(dir),
+            before,
+            "the refused run changed {}",
+            dir.display()
+        );
+    }
+    let (code, out, err) = verify_with_key(&sealed, &key);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(kvh().arg("verify-log").arg(&unsealed));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// The same secret seals and verifies, whichever way it reaches each side. A secret kept in
 /// a file that ends with a newline (`openssl rand -hex 32 > hmac.key`, as deploy/README.md
 /// makes it) and handed to the writer through `FORENSIC_HMAC_SECRET` (a Kubernetes

@@ -655,6 +655,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     }
     // Before the log opens: it takes the secret out of the environment.
     let secret_in_env = kvhygiene::forensic::keys::secret_in_env();
+    if let Some(e) = sealed_unlike_its_directory(&config, secret_in_env) {
+        return usage_error(&e);
+    }
     let log = match open_log(&config) {
         Ok(log) => log,
         Err(code) => return code,
@@ -814,6 +817,22 @@ fn parse_outcome(e: &clap::Error) -> ExitCode {
 }
 
 /// The demo's forensic log, when a directory is configured.
+/// Why the run's chain, sealed with an HMAC key or not as `config` says, would leave its log
+/// directory unverifiable with one `verify-log` and unprunable: chains there sealed the other
+/// way. Refused before the log opens, so the refusal leaves no chain behind. A server's
+/// start-up goes on there (`kvh preflight` fails it); a trial run has no reason to.
+fn sealed_unlike_its_directory(config: &Config, secret_in_env: bool) -> Option<String> {
+    let dir = config.log.dir.as_deref()?;
+    let seals = secret_in_env || config.log.hmac_key_file.is_some();
+    let ckpt_dir = config
+        .log
+        .checkpoint_dir
+        .as_deref()
+        .filter(|_| config.log.signing_key_file.is_some());
+    preflight::sealed_otherwise(dir, seals, ckpt_dir)
+        .map(|why| format!("{why} (kvh demo --log-dir DIR logs the run elsewhere)"))
+}
+
 fn open_log(config: &Config) -> Result<Option<Arc<ForensicLog>>, ExitCode> {
     if config.log.dir.is_none() {
         return Ok(None);
