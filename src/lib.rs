@@ -58,6 +58,20 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     stderr_line(&line.to_string());
 }
 
+/// What is wrong with JSON read from a file someone named, quoting nothing of it: serde's
+/// own message quotes a value of the wrong type (`invalid type: integer `797094167``), which
+/// in a key file named by mistake is part of the key. Its kind and place only.
+pub fn json_error_without_content(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "unreadable",
+        Category::Syntax => "not JSON",
+        Category::Data => "JSON of another shape",
+        Category::Eof => "JSON cut short",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 /// [`say`] without the line break: a progress line rewritten in place (`\r`).
 pub(crate) fn say_text(text: std::fmt::Arguments<'_>) {
     stderr_text(&text.to_string());

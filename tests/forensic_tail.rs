@@ -330,6 +330,25 @@ fn bad_arguments_and_a_bad_state_file_are_usage_errors() {
         "{err}"
     );
     assert!(out.stdout.is_empty());
+    // A key file named as the state by mistake: refused, quoting nothing of it (serde's own
+    // message would quote the number a hex key's leading digits read as, or a JSON string
+    // whole).
+    for key in [
+        "797094167e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495\n",
+        "\"SECRETSECRET0123456789abcdef\"\n",
+        "{\"chains\": {\"x\": \"SECRETSECRET0123\"}}\n",
+    ] {
+        std::fs::write(&state, key).unwrap();
+        let out = tail_once(&dir, &["--state", state.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a tail-log state file"), "{err}");
+        assert!(
+            !err.contains("7970941") && !err.contains("SECRETSECRET"),
+            "the state file was quoted: {err}"
+        );
+        assert!(out.stdout.is_empty());
+    }
 }
 
 /// A chain whose files were deleted while its signed checkpoint stays is tampering evidence

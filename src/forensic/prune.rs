@@ -193,8 +193,13 @@ pub fn read_manifest(dir: &Path, chain: &str) -> Result<Option<Manifest>, String
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{}: not a prune manifest: {e}", path.display()))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "{}: not a prune manifest: {}",
+            path.display(),
+            crate::json_error_without_content(&e)
+        )
+    })?;
     if m.chain != chain {
         return Err(format!(
             "{}: manifest of chain {}, not {chain}",

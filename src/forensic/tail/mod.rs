@@ -1041,8 +1041,9 @@ fn load_state(path: &Path) -> Result<Option<State>, String> {
         .map_err(|e| format!("--state {}: {e}", path.display()))?;
     let state: State = serde_json::from_slice(&bytes).map_err(|e| {
         format!(
-            "--state {}: not a tail-log state file ({e}); remove it to start afresh",
-            path.display()
+            "--state {}: not a tail-log state file ({}); remove it to start afresh",
+            path.display(),
+            crate::json_error_without_content(&e)
         )
     })?;
     // A position the tail wrote holds a record's hash. Another one (a damaged file) is said
