@@ -751,18 +751,22 @@ def context(
     of a number; a ``str`` subclass's own text, not its ``__str__``; bytes, bytearray and
     memoryview as UTF-8): ``1`` and ``1.0`` are two requests. An object with no text of its
     own (whose ``str()`` is its address, which a later object may take), or a method or
-    function given for the id it returns, is refused (``TypeError``). The library refuses ids over 128 bytes or with control or invisible
-    formatting characters (:class:`KvhError`).
+    function given for the id it returns, is refused (``TypeError``), as is text that is not
+    UTF-8 or holds a NUL character (``ValueError``). The library refuses ids over 128 bytes or
+    with control or invisible formatting characters (:class:`KvhError`). An empty id is no id,
+    as ``None`` is.
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
     when another task on the same thread entered a context while it waited. A task created
     inside a context, or a job given a copy of it (``asyncio.to_thread``,
     ``contextvars.copy_context().run``), keeps its ids after its creator leaves the block,
-    on whichever thread it runs. The library keeps
-    one set of ids per thread, so an allocation a task makes after an ``await`` carries the
-    ids last set on the thread until the task's next :func:`context`, :func:`claim_blocks` or
-    :func:`scrub_blocks`.
+    on whichever thread it runs, for its :func:`claim_blocks` and :func:`scrub_blocks`. The
+    library keeps one set of ids per thread, so an allocation or free a task makes after an
+    ``await``, or a job makes on a pool's thread, carries the ids last set on that thread
+    (another job's, or none) until the task's or job's next :func:`context`,
+    :func:`claim_blocks` or :func:`scrub_blocks`: a job that allocates enters
+    :func:`context` itself.
 
     A context left in another execution context than the one that entered it (a generator
     advanced from a thread pool, finished on another thread or in a copy) holds nowhere from
@@ -1055,9 +1059,8 @@ def claim_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             # Enforce refused this call whole and ends the claim: nothing of it was handed
             # over, nor of the calls it stops (never made: their blocks were neither claimed
             # nor scrubbed); the blocks of the calls before were, but for those already named.
-            named_set = set(named)
-            refused.extend(i for i in ids if i not in named_set)
-            refused.extend(named)
+            # In the order given: the call's own ids, the ones the library named among them.
+            refused.extend(ids)
             refused.extend(_block_id(i) for i in block_ids[made:])
             refusal = (code, message)
             break

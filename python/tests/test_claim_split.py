@@ -67,6 +67,17 @@ def test_a_split_claim_refused_by_the_gate_names_the_blocks_of_the_calls_it_stop
     )
 
 
+def test_blocks_the_gate_refuses_are_named_in_the_order_given(monkeypatch):
+    # Under KVH_KV_GATE=enforce nothing of the refused call is handed over: its blocks are
+    # refused_blocks in the order the claim gave them, whichever of them the library named
+    # (block 2 would change owner; block 3, scrubbed, is refused with it).
+    calls = [(kvhygiene.KVH_ERR_KV_GATE, [2], [2, 3], "1 of the KV blocks would change owner")]
+    monkeypatch.setattr(kvhygiene, "_kv_calls", lambda *a, **k: iter(calls))
+    with pytest.raises(kvhygiene.ClaimRefusedError) as e:
+        kvhygiene.claim_blocks(None, [2, 3, 4])
+    assert e.value.refused_blocks == [2, 3, 4]
+
+
 def test_a_split_claim_with_a_failed_verification_after_a_taken_block_reports_the_failed_verification(monkeypatch):
     # One library call reports a failed verification (7009) before blocks another claim took
     # (7022); a claim split over several calls does too, whichever call found which: the

@@ -135,6 +135,11 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
             set_last_error(e.code(), e.to_string());
             let throw =
                 runtime::configured_oom().map_or_else(oom_throws_by_env, |m| m == OomMode::Throw);
+            // A start-up that failed said why once, as it failed; a shutdown before any
+            // start-up, or a forked child, said nothing: each throw says it.
+            if throw {
+                say_thrown(e, false);
+            }
             return (std::ptr::null_mut(), throw);
         }
     };
@@ -149,7 +154,8 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
         }
         Err(e) => {
             if throw {
-                say_thrown(&e);
+                let capture = matches!(e, crate::alloc::AllocError::CaptureActive { .. });
+                say_thrown(&e, capture);
             }
             set_last_error(kvh_result::from(&e), e.to_string());
             (std::ptr::null_mut(), throw)
@@ -159,16 +165,17 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
 
 /// Says on stderr why `kvh_malloc` is about to throw: PyTorch reports only `std::bad_alloc`,
 /// and the thread's last error is out of a Python caller's reach. The first few failures
-/// only, so that a caller that retries in a loop does not flood stderr.
+/// only, so that a caller that retries in a loop does not flood stderr. `capture`: the
+/// failure is a CUDA graph capture's refusal, which the message explains.
 #[cold]
-fn say_thrown(e: &crate::alloc::AllocError) {
+fn say_thrown(e: &dyn std::fmt::Display, capture: bool) {
     const SAID_AT_MOST: u64 = 16;
     static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if n >= SAID_AT_MOST {
         return;
     }
-    let capture = if matches!(e, crate::alloc::AllocError::CaptureActive { .. }) {
+    let capture = if capture {
         " (PyTorch keeps no graph memory pool for a pluggable allocator: run without CUDA \
          graphs, docs/cuda.md)"
     } else {

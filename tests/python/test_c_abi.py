@@ -285,6 +285,29 @@ def test_oom_throws_bad_alloc_in_throw_mode():
     assert "kvh_malloc throws std::bad_alloc: out of memory: 4611686018427387904 bytes" in proc.stderr, proc.stderr
 
 
+def test_a_throw_with_no_allocator_to_start_says_why():
+    # A kvh_malloc after kvh_shutdown (no start-up came first), and one in a child forked
+    # after start-up, throw: each says why first, as an allocation's own failure does.
+    after_shutdown = "lib.kvh_shutdown()\nlib.kvh_malloc(4096, 0, None)\nprint('survived')\n"
+    in_child = (
+        "lib.kvh_free(lib.kvh_malloc(4096, 0, None), 4096, 0, None)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    lib.kvh_malloc(4096, 0, None)\n"
+        "    os._exit(0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', status)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_")}
+    env.update({"KVH_BACKEND": "host", "KVH_OOM": "throw"})
+    for body, reason in [(after_shutdown, "kvh_shutdown"), (in_child, "fork")]:
+        code = f"LIB = {library()!r}\nimport os\n" + PRELUDE + body
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert "survived" not in proc.stdout
+        said = [l for l in proc.stderr.splitlines() if "kvh_malloc throws std::bad_alloc: " in l]
+        assert len(said) == 1 and reason in said[0], proc.stderr
+
+
 def test_start_up_says_once_when_no_forensic_log_is_kept(tmp_path):
     code = (
         f"LIB = {library()!r}\n" + PRELUDE
