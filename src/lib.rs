@@ -58,6 +58,24 @@ pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     stderr_line(&line.to_string());
 }
 
+/// Marks this process not dumpable (`PR_SET_DUMPABLE` 0): no core dump is written of it,
+/// through a `core_pattern` pipe to a crash collector either, and only root may read its
+/// memory. For the `kvh` tool, whose verbs hold keys (the HMAC secrets of `verify-log`,
+/// `evidence`, `prune-log`, `tail-log` and `gate`, the signing key of `keygen` and `demo`)
+/// that a core would carry to wherever cores are kept. The library, inside a server, leaves
+/// the process's policy to its owner.
+#[doc(hidden)]
+pub fn forbid_core_dumps() -> std::io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes an int and changes one flag of this process; the unused
+    // arguments are zero, as prctl(2) asks.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// What is wrong with JSON read from a file someone named, quoting nothing of it: serde's
 /// own message quotes a value of the wrong type (`invalid type: integer `797094167``), which
 /// in a key file named by mistake is part of the key. Its kind and place only.
@@ -185,6 +203,38 @@ pub(crate) fn printable(text: &str) -> String {
 mod tests {
     use std::io::Read;
     use std::process::{Command, Stdio};
+
+    /// In a forked child (the flag is the process's): dumpable before, not after.
+    #[test]
+    fn a_process_that_forbids_core_dumps_is_not_dumpable() {
+        // SAFETY: the child makes only system calls (prctl, _exit) before it exits: safe in
+        // the child of a multi-threaded process.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: PR_SET_DUMPABLE takes an int, PR_GET_DUMPABLE none; _exit ends the
+            // child at once. Made dumpable first, so that the test cannot pass on a process
+            // that was not (the flag a set-user-ID start leaves).
+            unsafe {
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                let before = libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
+                let forbidden = super::forbid_core_dumps().is_ok();
+                let after = libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
+                libc::_exit(if before == 1 && forbidden && after == 0 {
+                    0
+                } else {
+                    1
+                });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status}"
+        );
+    }
 
     #[test]
     fn printable_escapes_what_would_show_as_other_text() {

@@ -531,6 +531,12 @@ enum BackendArg {
 }
 
 fn main() -> ExitCode {
+    // Before any key is read: no verb needs a core dump, and one would hold the keys.
+    if let Err(e) = kvhygiene::forbid_core_dumps() {
+        kvhygiene::stderr_line(&format!(
+            "kvh: cannot keep core dumps off ({e}); a crash could leave keys in a core file"
+        ));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return parse_outcome(&e),
@@ -816,7 +822,6 @@ fn parse_outcome(e: &clap::Error) -> ExitCode {
     }
 }
 
-/// The demo's forensic log, when a directory is configured.
 /// Why the run's chain, sealed with an HMAC key or not as `config` says, would leave its log
 /// directory unverifiable with one `verify-log` and unprunable: chains there sealed the other
 /// way. Refused before the log opens, so the refusal leaves no chain behind. A server's
@@ -833,6 +838,7 @@ fn sealed_unlike_its_directory(config: &Config, secret_in_env: bool) -> Option<S
         .map(|why| format!("{why} (kvh demo --log-dir DIR logs the run elsewhere)"))
 }
 
+/// The demo's forensic log, when a directory is configured.
 fn open_log(config: &Config) -> Result<Option<Arc<ForensicLog>>, ExitCode> {
     if config.log.dir.is_none() {
         return Ok(None);
