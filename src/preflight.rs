@@ -180,7 +180,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         Ok(key) => Some(key.is_some()),
         Err(_) => None,
     };
-    out.push(match secret {
+    out.push(match &secret {
         Ok(Some(key)) => {
             let source = if from_env {
                 // Both set: the variable wins, and a verifier handed the file fails on every
@@ -241,8 +241,18 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
         }
         Some(path) => keys::read_signing_key(path),
     };
-    match signing {
-        Ok(key) => {
+    // As the start-up refuses it: one key for both uses.
+    let one_key = match (&secret, &signing) {
+        (Ok(Some(hmac)), Ok(signing)) => hmac.refuse_as_signing_key(signing).err(),
+        _ => None,
+    };
+    match (signing, one_key) {
+        (Ok(_), Some(e)) => out.push(check(
+            "signing key",
+            Status::Fail,
+            printable(&e.to_string()),
+        )),
+        (Ok(key), None) => {
             let path = log.signing_key_file.as_deref();
             let shown = shown_path("KVH_SIGNING_KEY_FILE", path);
             let signer = crate::forensic::record::hex(key.verifying_key().as_bytes());
@@ -285,7 +295,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
                 ),
             })
         }
-        Err(e) => out.push(check(
+        (Err(e), _) => out.push(check(
             "signing key",
             Status::Fail,
             printable(&keys::in_setting("KVH_SIGNING_KEY_FILE", e).to_string()),

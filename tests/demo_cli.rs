@@ -1354,6 +1354,62 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
     assert!(out.contains("kvh keygen's signing key"), "{out}");
 }
 
+/// The signing key's seed as the HMAC secret, with no public half beside it to tell the key
+/// file apart: one file named as both keys, or `FORENSIC_HMAC_SECRET` holding the seed's hex.
+/// The writer refuses it (whoever checks the MACs could sign checkpoints), and so does
+/// `kvh preflight`.
+#[test]
+fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("a")));
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(root.join("a.pub")).unwrap();
+    let seed = std::fs::read_to_string(root.join("a.key")).unwrap();
+    for (var, value) in [
+        ("KVH_HMAC_KEY_FILE", "a.key".to_string()),
+        ("FORENSIC_HMAC_SECRET", seed),
+    ] {
+        let env = |c: &mut std::process::Command| {
+            c.current_dir(root)
+                .env_remove("FORENSIC_HMAC_SECRET")
+                .env("KVH_BACKEND", "host")
+                .env("KVH_LOG_DIR", root.join("log"))
+                .env("KVH_SIGNING_KEY_FILE", "a.key")
+                .env(var, &value);
+        };
+        let mut demo = kvh();
+        demo.args(["demo", "--tenants", "1", "--requests", "1"]);
+        env(&mut demo);
+        let (code, out, err) = run(&mut demo);
+        assert_eq!(
+            code, 2,
+            "{var}: the writer sealed with the signing key: {out}{err}"
+        );
+        assert!(
+            err.contains("the HMAC secret is the signing key"),
+            "{var}: {err}"
+        );
+        let chain_files = std::fs::read_dir(root.join("log")).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            })
+            .count()
+        });
+        assert_eq!(chain_files, 0, "{var}: a chain was started");
+        let mut preflight = kvh();
+        preflight.args(["preflight", "--skip-backend"]);
+        env(&mut preflight);
+        let (code, out, err) = run(&mut preflight);
+        assert_eq!(code, 1, "{var}: {out}{err}");
+        assert!(
+            out.contains("the HMAC secret is the signing key"),
+            "{var}: {out}"
+        );
+    }
+}
+
 /// What the demo's metrics line says of its snapshot holds for the commands it prints: on a
 /// snapshot dated an hour back, `kvh gate` (whose `--max-age` is 60 s unless given, as the
 /// line says) evicts, exit 1, and `kvh metrics`, which checks the age only with `--max-age`,

@@ -92,6 +92,27 @@ impl EpochKey {
         super::record::hex(&m.finalize().into_bytes()[..16])
     }
 
+    /// Refuses a signing key that is this secret (epoch 0) written as text: one file named as
+    /// both `KVH_HMAC_KEY_FILE` and `KVH_SIGNING_KEY_FILE` (or `FORENSIC_HMAC_SECRET` holding
+    /// the seed's hex). Every verifier of MACs holds the HMAC secret, and with it could sign
+    /// checkpoints, which exist to be trusted by those who cannot: one key, one use.
+    pub fn refuse_as_signing_key(&self, signing: &SigningKey) -> Result<(), ForensicError> {
+        let Some(seed) = std::str::from_utf8(&self.key)
+            .ok()
+            .and_then(|text| super::record::parse_hash(text.trim_end()))
+        else {
+            return Ok(());
+        };
+        let seed = Zeroizing::new(seed);
+        if SigningKey::from_bytes(&seed).verifying_key() != signing.verifying_key() {
+            return Ok(());
+        }
+        Err(ForensicError::Key(
+            "the HMAC secret is the signing key (KVH_SIGNING_KEY_FILE's seed): whoever checks              the MACs could then sign checkpoints; give the HMAC secret a key of its own              (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
+                .into(),
+        ))
+    }
+
     /// A copy, for trying a ratchet position without giving up the current key.
     pub(crate) fn clone_for_probe(&self) -> Self {
         Self::with(self.epoch, self.key.clone())

@@ -174,6 +174,10 @@ impl ChainWriter {
             .map(keys::read_signing_key)
             .transpose()
             .map_err(|e| keys::in_setting("KVH_SIGNING_KEY_FILE", e))?;
+        // The key is at epoch 0 until recovery ratchets it, below.
+        if let (Some(key), Some(signing)) = (&key, &signing) {
+            key.refuse_as_signing_key(signing)?;
+        }
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         let ckpt = match signing {
             Some(_) => {
