@@ -346,8 +346,9 @@ int kvh_init(void);
 void kvh_shutdown(void);
 
 // Sets the calling thread's tenant, request and model ids, stamped on every block it
-// allocates and on their events. Each may be NULL (absent); an empty id is absent too. Ids longer than 128 bytes, with
-// control characters or invisible formatting characters (bidirectional overrides,
+// allocates and on their events. Each may be NULL (absent); an empty id is absent too. Ids
+// longer than 128 bytes, with control characters or invisible formatting characters
+// (bidirectional overrides,
 // zero-width characters, line separators, variation selectors, fillers: Unicode's
 // default-ignorable code points, an id that displays as another), or not UTF-8 are
 // refused with `KVH_ERR_INVALID_CONTEXT`, and the
