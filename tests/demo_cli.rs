@@ -1310,6 +1310,39 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
     );
 }
 
+/// `kvh keygen`'s key pair `a.key` / `a.pub` in a new directory `root`.
+fn keygen_in(root: &std::path::Path) {
+    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("a")));
+    assert_eq!(code, 0, "{err}");
+}
+
+/// A one-request demo on the host backend logging into `root/log`, signing with `a.key`, and
+/// `kvh preflight --skip-backend`, both in `root` with `var=value` (the HMAC key):
+/// (the demo's exit status and stderr, preflight's exit status and stdout).
+fn demo_and_preflight_signing_with_a_key(
+    root: &std::path::Path,
+    var: &str,
+    value: &str,
+) -> ((i32, String), (i32, String)) {
+    let env = |c: &mut std::process::Command| {
+        c.current_dir(root)
+            .env_remove("FORENSIC_HMAC_SECRET")
+            .env("KVH_BACKEND", "host")
+            .env("KVH_LOG_DIR", root.join("log"))
+            .env("KVH_SIGNING_KEY_FILE", "a.key")
+            .env(var, value);
+    };
+    let mut demo = kvh();
+    demo.args(["demo", "--tenants", "1", "--requests", "1"]);
+    env(&mut demo);
+    let (demo_code, out, err) = run(&mut demo);
+    let mut preflight = kvh();
+    preflight.args(["preflight", "--skip-backend"]);
+    env(&mut preflight);
+    let (preflight_code, report, _) = run(&mut preflight);
+    ((demo_code, format!("{out}{err}")), (preflight_code, report))
+}
+
 /// `kvh keygen`'s signing key `a.key` (its public half `a.pub` beside it) named as the HMAC
 /// key too: the writer refuses it, as every verifier refuses it for `--key-file` (a log sealed
 /// with it could be checked by none of them), naming the file; `kvh preflight` fails it first.
@@ -1317,24 +1350,10 @@ fn the_printed_verify_command_pins_the_public_key_only_when_it_matches_the_signi
 fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("a")));
-    assert_eq!(code, 0, "{err}");
-    let env = |c: &mut std::process::Command| {
-        c.current_dir(root)
-            .env_remove("FORENSIC_HMAC_SECRET")
-            .env("KVH_BACKEND", "host")
-            .env("KVH_LOG_DIR", root.join("log"))
-            .env("KVH_HMAC_KEY_FILE", "a.key")
-            .env("KVH_SIGNING_KEY_FILE", "a.key");
-    };
-    let mut demo = kvh();
-    demo.args(["demo", "--tenants", "1", "--requests", "1"]);
-    env(&mut demo);
-    let (code, out, err) = run(&mut demo);
-    assert_eq!(
-        code, 2,
-        "the writer sealed with the signing key: {out}{err}"
-    );
+    keygen_in(root);
+    let ((code, err), (preflight, report)) =
+        demo_and_preflight_signing_with_a_key(root, "KVH_HMAC_KEY_FILE", "a.key");
+    assert_eq!(code, 2, "the writer sealed with the signing key: {err}");
     assert!(
         err.contains("a.key: kvh keygen's signing key"),
         "the refusal does not name the file: {err}"
@@ -1346,45 +1365,30 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
             && !err.contains("--key-file"),
         "{err}"
     );
-    let mut preflight = kvh();
-    preflight.args(["preflight", "--skip-backend"]);
-    env(&mut preflight);
-    let (code, out, err) = run(&mut preflight);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("kvh keygen's signing key"), "{out}");
+    assert_eq!(preflight, 1, "{report}");
+    assert!(report.contains("kvh keygen's signing key"), "{report}");
 }
 
 /// The signing key's seed as the HMAC secret, with no public half beside it to tell the key
 /// file apart: one file named as both keys, or `FORENSIC_HMAC_SECRET` holding the seed's hex.
-/// The writer refuses it (whoever checks the MACs could sign checkpoints), and so does
-/// `kvh preflight`.
+/// The writer refuses it (whoever checks the MACs could sign checkpoints), starting no chain,
+/// and so does `kvh preflight`.
 #[test]
 fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let (code, _, err) = run(kvh().args(["keygen", "--out"]).arg(root.join("a")));
-    assert_eq!(code, 0, "{err}");
+    keygen_in(root);
     std::fs::remove_file(root.join("a.pub")).unwrap();
     let seed = std::fs::read_to_string(root.join("a.key")).unwrap();
     for (var, value) in [
-        ("KVH_HMAC_KEY_FILE", "a.key".to_string()),
-        ("FORENSIC_HMAC_SECRET", seed),
+        ("KVH_HMAC_KEY_FILE", "a.key"),
+        ("FORENSIC_HMAC_SECRET", &seed),
     ] {
-        let env = |c: &mut std::process::Command| {
-            c.current_dir(root)
-                .env_remove("FORENSIC_HMAC_SECRET")
-                .env("KVH_BACKEND", "host")
-                .env("KVH_LOG_DIR", root.join("log"))
-                .env("KVH_SIGNING_KEY_FILE", "a.key")
-                .env(var, &value);
-        };
-        let mut demo = kvh();
-        demo.args(["demo", "--tenants", "1", "--requests", "1"]);
-        env(&mut demo);
-        let (code, out, err) = run(&mut demo);
+        let ((code, err), (preflight, report)) =
+            demo_and_preflight_signing_with_a_key(root, var, value);
         assert_eq!(
             code, 2,
-            "{var}: the writer sealed with the signing key: {out}{err}"
+            "{var}: the writer sealed with the signing key: {err}"
         );
         assert!(
             err.contains("the HMAC secret is the signing key"),
@@ -1398,14 +1402,10 @@ fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
             .count()
         });
         assert_eq!(chain_files, 0, "{var}: a chain was started");
-        let mut preflight = kvh();
-        preflight.args(["preflight", "--skip-backend"]);
-        env(&mut preflight);
-        let (code, out, err) = run(&mut preflight);
-        assert_eq!(code, 1, "{var}: {out}{err}");
+        assert_eq!(preflight, 1, "{var}: {report}");
         assert!(
-            out.contains("the HMAC secret is the signing key"),
-            "{var}: {out}"
+            report.contains("the HMAC secret is the signing key"),
+            "{var}: {report}"
         );
     }
 }
