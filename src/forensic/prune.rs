@@ -1315,6 +1315,43 @@ mod tests {
         }
     }
 
+    /// A file at a manifest's name that is no manifest (a key put there by mistake) is
+    /// refused by the JSON fault's kind and place, quoting nothing of it: serde's own message
+    /// would quote the number a hex key's leading digits read as, or a JSON string whole.
+    #[test]
+    fn a_manifest_that_does_not_parse_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, kind) in [
+            // Read as far as the number `797094167e3`, of the wrong type.
+            (
+                "797094167e3b0c44298fc1c149afbf4c8996fb92427ae41e46\n",
+                "JSON of another shape",
+            ),
+            (
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca4\n",
+                "not JSON",
+            ),
+            (
+                "\"SECRETSECRET0123456789abcdef\"\n",
+                "JSON of another shape",
+            ),
+            ("{\"chain\": 797094167}\n", "JSON of another shape"),
+        ] {
+            std::fs::write(manifest_path(dir.path(), "p1-t1"), text).unwrap();
+            let err = read_manifest(dir.path(), "p1-t1").unwrap_err();
+            assert!(
+                err.contains("not a prune manifest") && err.contains(kind),
+                "{err}"
+            );
+            assert!(
+                ["7970941", "e3b0c44", "SECRETSECRET"]
+                    .iter()
+                    .all(|quoted| !err.contains(quoted)),
+                "the file was quoted: {err}"
+            );
+        }
+    }
+
     #[test]
     fn a_read_error_is_remembered_and_an_interrupted_read_is_not() {
         let errors = vec![

@@ -111,18 +111,45 @@ fn write_object<'a>(
     Ok(())
 }
 
+/// How [`write_string`] writes a byte: the one table of the escapes the docs define.
+enum Escape {
+    /// As itself.
+    Plain,
+    /// A two-byte escape: a quote, a backslash, or a named control character.
+    Short(&'static [u8; 2]),
+    /// Another control character, as `\u00xx`.
+    Unicode,
+}
+
+impl Escape {
+    fn of(b: u8) -> Escape {
+        match b {
+            b'"' => Escape::Short(b"\\\""),
+            b'\\' => Escape::Short(b"\\\\"),
+            0x08 => Escape::Short(b"\\b"),
+            0x0c => Escape::Short(b"\\f"),
+            b'\n' => Escape::Short(b"\\n"),
+            b'\r' => Escape::Short(b"\\r"),
+            b'\t' => Escape::Short(b"\\t"),
+            0..=0x1f => Escape::Unicode,
+            _ => Escape::Plain,
+        }
+    }
+
+    /// Bytes written for the byte.
+    fn len(&self) -> usize {
+        match self {
+            Escape::Plain => 1,
+            Escape::Short(_) => 2,
+            Escape::Unicode => 6,
+        }
+    }
+}
+
 /// The bytes [`write_string`] writes for `s`, quotes included, without writing them: a
 /// control byte takes six (`\u00xx`), a quote, a backslash and the named escapes two.
 pub fn string_len(s: &str) -> usize {
-    let escaped: usize = s
-        .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
-            0..=0x1f => 6,
-            _ => 1,
-        })
-        .sum();
-    escaped + 2
+    s.bytes().map(|b| Escape::of(b).len()).sum::<usize>() + 2
 }
 
 /// JSON string escaping, exactly the minimal set the docs define.
@@ -131,29 +158,19 @@ pub fn write_string(s: &str, out: &mut Vec<u8>) {
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let esc: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            0x08 => Some(b"\\b"),
-            0x0c => Some(b"\\f"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            _ => None,
-        };
-        if esc.is_none() && b >= 0x20 {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        match esc {
-            Some(e) => out.extend_from_slice(e),
-            None => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let unicode;
+        let escaped: &[u8] = match Escape::of(b) {
+            Escape::Plain => continue,
+            Escape::Short(e) => e,
+            Escape::Unicode => {
+                let (hi, lo) = (HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]);
+                unicode = [b'\\', b'u', b'0', b'0', hi, lo];
+                &unicode
             }
-        }
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
