@@ -243,7 +243,7 @@ fn log_checks(config: &Config, out: &mut Vec<Check>) {
     };
     // As the start-up refuses it: one key for both uses.
     let one_key = match (&secret, &signing) {
-        (Ok(Some(hmac)), Ok(signing)) => hmac.refuse_as_signing_key(signing).err(),
+        (Ok(Some(hmac)), Ok(signing)) => hmac.refuse_as_signing_key(&signing.verifying_key()).err(),
         _ => None,
     };
     match (signing, one_key) {

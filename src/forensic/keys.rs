@@ -14,6 +14,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::key_memory::KeyBytes;
 use super::ForensicError;
 
 /// The environment variable holding the HMAC secret (read once, then removed).
@@ -33,15 +34,16 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// environment can always be verified with a file holding it.
 pub const MAX_SECRET_LEN: usize = super::files::MAX_CKPT_BYTES as usize - 1;
 
-/// The HMAC key of one epoch, zeroized on drop. Only the key bytes are kept, on the heap
-/// (moving an `EpochKey` copies a pointer, not the key): the keyed HMAC state (SHA-256 of the
-/// key with ipad and opad) is as good as the key for computing this epoch's MACs and every
-/// later key, and the `hmac` crate does not zeroize it, so it is built for each MAC and lives
-/// only as long as the computation. That costs each MAC two more SHA-256 compressions (four
-/// instead of two); see docs/benchmarks.md.
+/// The HMAC key of one epoch, zeroized on drop. Only the key bytes are kept, in a mapping
+/// core dumps leave out (`key_memory::KeyBytes`; moving an `EpochKey` copies a pointer, not the key):
+/// the keyed HMAC state (SHA-256 of the key with ipad and opad) is as good as the key for
+/// computing this epoch's MACs and every later key, and the `hmac` crate does not zeroize it,
+/// so it is built for each MAC and lives only as long as the computation, on the caller's
+/// stack. That costs each MAC two more SHA-256 compressions (four instead of two); see
+/// docs/benchmarks.md.
 pub struct EpochKey {
     epoch: u64,
-    key: Zeroizing<Vec<u8>>,
+    key: KeyBytes,
 }
 
 impl EpochKey {
@@ -54,11 +56,10 @@ impl EpochKey {
             )));
         }
 
-        Ok(Self::with(0, secret))
-    }
-
-    fn with(epoch: u64, key: Zeroizing<Vec<u8>>) -> Self {
-        EpochKey { epoch, key }
+        Ok(EpochKey {
+            epoch: 0,
+            key: KeyBytes::copy_of(&secret)?,
+        })
     }
 
     pub fn epoch(&self) -> u64 {
@@ -68,19 +69,18 @@ impl EpochKey {
     /// A fresh keyed MAC, to be finalized at once (it holds the keyed state).
     pub fn mac(&self) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+        <Hmac<Sha256> as Mac>::new_from_slice(self.key.as_bytes())
             .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()))
     }
 
-    /// Moves to the next epoch; the current key material is zeroized.
+    /// Moves to the next epoch; the current key material is overwritten, in place.
     pub fn ratchet(&mut self) {
         let mut m = self.mac();
         m.update(RATCHET);
         let mut next: [u8; 32] = m.finalize().into_bytes().into();
-        let next_key = Zeroizing::new(next.to_vec());
+        self.key.replace_with_digest(&next);
         next.zeroize();
-        // Dropping the old `EpochKey` zeroizes its key bytes.
-        *self = Self::with(self.epoch + 1, next_key);
+        self.epoch += 1;
     }
 
     /// The id of the secret this key ratchets from: the first 16 bytes of
@@ -96,26 +96,32 @@ impl EpochKey {
     /// both `KVH_HMAC_KEY_FILE` and `KVH_SIGNING_KEY_FILE` (or `FORENSIC_HMAC_SECRET` holding
     /// the seed's hex). Every verifier of MACs holds the HMAC secret, and with it could sign
     /// checkpoints, which exist to be trusted by those who cannot: one key, one use.
-    pub fn refuse_as_signing_key(&self, signing: &SigningKey) -> Result<(), ForensicError> {
-        let Some(seed) = std::str::from_utf8(&self.key)
+    pub fn refuse_as_signing_key(&self, signer: &VerifyingKey) -> Result<(), ForensicError> {
+        let Some(seed) = std::str::from_utf8(self.key.as_bytes())
             .ok()
             .and_then(|text| super::record::parse_hash(text.trim_end()))
         else {
             return Ok(());
         };
         let seed = Zeroizing::new(seed);
-        if SigningKey::from_bytes(&seed).verifying_key() != signing.verifying_key() {
+        if SigningKey::from_bytes(&seed).verifying_key() != *signer {
             return Ok(());
         }
         Err(ForensicError::Key(
-            "the HMAC secret is the signing key (KVH_SIGNING_KEY_FILE's seed): whoever checks              the MACs could then sign checkpoints; give the HMAC secret a key of its own              (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
+            "the HMAC secret is the signing key (KVH_SIGNING_KEY_FILE's seed): whoever checks \
+             the MACs could then sign checkpoints; give the HMAC secret a key of its own \
+             (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
                 .into(),
         ))
     }
 
-    /// A copy, for trying a ratchet position without giving up the current key.
-    pub(crate) fn clone_for_probe(&self) -> Self {
-        Self::with(self.epoch, self.key.clone())
+    /// A copy, for trying a ratchet position without giving up the current key. Fails only
+    /// when no memory can be mapped for it.
+    pub(crate) fn clone_for_probe(&self) -> Result<Self, ForensicError> {
+        Ok(EpochKey {
+            epoch: self.epoch,
+            key: KeyBytes::copy_of(self.key.as_bytes())?,
+        })
     }
 
     /// Ratchets forward until `epoch` (no-op when already there or past).
@@ -123,6 +129,47 @@ impl EpochKey {
         while self.epoch < epoch {
             self.ratchet();
         }
+    }
+}
+
+/// An Ed25519 signing key as a writer holds it between checkpoints: the seed in a mapping
+/// core dumps leave out (`key_memory::KeyBytes`), beside its public half. The `SigningKey` (the seed
+/// with its SHA-512 expansion) is made for each signature and zeroized when dropped
+/// (ed25519-dalek's `zeroize` feature); making it costs one base-point multiplication, tens of
+/// microseconds, at each checkpoint.
+pub struct HeldSigningKey {
+    /// The 32-byte seed (invariant: exactly 32 bytes).
+    seed: KeyBytes,
+    public: VerifyingKey,
+}
+
+impl HeldSigningKey {
+    /// Holds `key`, which is zeroized as it is dropped here.
+    pub fn hold(key: SigningKey) -> Result<Self, ForensicError> {
+        let seed = Zeroizing::new(key.to_bytes());
+        Ok(HeldSigningKey {
+            seed: KeyBytes::copy_of(seed.as_ref())?,
+            public: key.verifying_key(),
+        })
+    }
+
+    /// The public key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.public
+    }
+
+    /// Runs `sign` with the signing key, which exists only for the call; the stack it used is
+    /// cleared after it (`key_memory::with_stack_cleared`).
+    pub fn with_key<R>(
+        &self,
+        sign: impl FnOnce(&SigningKey) -> Result<R, ForensicError>,
+    ) -> Result<R, ForensicError> {
+        let seed = self
+            .seed
+            .as_bytes()
+            .first_chunk::<32>()
+            .ok_or_else(|| ForensicError::Key("a held signing key is not 32 bytes".into()))?;
+        super::key_memory::with_stack_cleared(|| sign(&SigningKey::from_bytes(seed)))
     }
 }
 
@@ -648,13 +695,13 @@ mod tests {
         a.ratchet();
         b.advance_to(2);
         assert_eq!(a.epoch(), 2);
-        assert_eq!(a.key.as_slice(), b.key.as_slice());
+        assert_eq!(a.key.as_bytes(), b.key.as_bytes());
         let mut m = EpochKey::from_secret(s()).unwrap().mac();
         m.update(RATCHET);
         let k1: [u8; 32] = m.finalize().into_bytes().into();
         let mut c = EpochKey::from_secret(s()).unwrap();
         c.ratchet();
-        assert_eq!(c.key.as_slice(), &k1);
+        assert_eq!(c.key.as_bytes(), &k1);
     }
 
     #[test]
@@ -662,9 +709,38 @@ mod tests {
         // The only test in this binary that touches this variable.
         std::env::set_var(SECRET_ENV, "env-secret-0123456789");
         let k = load_secret(None).unwrap().unwrap();
-        assert_eq!(k.key.as_slice(), b"env-secret-0123456789");
+        assert_eq!(k.key.as_bytes(), b"env-secret-0123456789");
         assert!(std::env::var_os(SECRET_ENV).is_none());
         assert!(load_secret(None).unwrap().is_none());
+    }
+
+    #[test]
+    fn epoch_keys_are_held_out_of_core_dumps_through_the_ratchet() {
+        use crate::forensic::key_memory::tests::vm_flags_at;
+        let dumped = |k: &EpochKey| {
+            let flags = vm_flags_at(k.key.as_bytes().as_ptr()).expect("the key's mapping");
+            !flags.iter().any(|f| f == "dd")
+        };
+        let mut key = EpochKey::from_secret(Zeroizing::new(vec![0x5a; 48])).unwrap();
+        assert!(!dumped(&key));
+        key.advance_to(3);
+        assert!(!dumped(&key));
+        assert!(!dumped(&key.clone_for_probe().unwrap()));
+    }
+
+    #[test]
+    fn a_held_signing_key_signs_as_the_key_it_holds() {
+        use crate::forensic::key_memory::tests::vm_flags_at;
+        use ed25519_dalek::Signer;
+        let key = generate_signing_key().unwrap();
+        let (public, expected) = (key.verifying_key(), key.sign(b"checkpoint"));
+        let held = HeldSigningKey::hold(key).unwrap();
+        assert_eq!(held.verifying_key(), public);
+        let sig = held.with_key(|k| Ok(k.sign(b"checkpoint"))).unwrap();
+        // Ed25519 signatures are deterministic: the same key gives the same one.
+        assert_eq!(sig, expected);
+        let flags = vm_flags_at(held.seed.as_bytes().as_ptr()).expect("the seed's mapping");
+        assert!(flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
     }
 
     #[test]

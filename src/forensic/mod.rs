@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod evidence;
 pub mod files;
+mod key_memory;
 pub mod keys;
 pub mod lines;
 pub mod period;
@@ -400,7 +401,11 @@ impl ForensicLog {
             )));
         }
         let shared = Arc::new(Shared::default());
-        let chain = writer::ChainWriter::open(cfg, &start, key, shared.clone())?;
+        // The opening computes with both keys (a crashed chain's MAC, the key id, the first
+        // checkpoint), on the caller's thread, which goes on to serve.
+        let chain = key_memory::with_stack_cleared(|| {
+            writer::ChainWriter::open(cfg, &start, key, shared.clone())
+        })?;
         // Boxed: a bounded channel allocates and touches all its slots when it is made, so a
         // slot is a pointer, not a whole message (a queue of 2^22 takes 64 MiB, not 800).
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity);

@@ -381,7 +381,7 @@ pub fn adopt(
             head.tail_index,
             key.as_deref_mut(),
             &mut probes,
-        ) {
+        )? {
             continue;
         }
         // A chain that names a signer is continued only by that signer. One that names none
@@ -573,44 +573,50 @@ struct Probes {
 
 impl Probes {
     /// `key` ratcheted to `epoch` (not before `key`'s own epoch), from the nearest mark.
-    fn key_at(&mut self, key: &EpochKey, epoch: u64) -> EpochKey {
+    /// Fails only when no memory can be mapped for a key.
+    fn key_at(&mut self, key: &EpochKey, epoch: u64) -> Result<EpochKey, ForensicError> {
         let mut probe = match self.marks.range(key.epoch()..=epoch).next_back() {
-            Some((_, mark)) => mark.clone_for_probe(),
-            None => key.clone_for_probe(),
+            Some((_, mark)) => mark.clone_for_probe()?,
+            None => key.clone_for_probe()?,
         };
         loop {
             let next_mark = (probe.epoch() / PROBE_STRIDE + 1) * PROBE_STRIDE;
             if next_mark > epoch {
                 probe.advance_to(epoch);
-                return probe;
+                return Ok(probe);
             }
             probe.advance_to(next_mark);
-            self.marks.insert(next_mark, probe.clone_for_probe());
+            self.marks.insert(next_mark, probe.clone_for_probe()?);
         }
     }
 }
 
 /// A chain is continued only if it is not closed and its last MAC matches our key at that
 /// record's epoch (or neither side uses a key): one writer never mixes secrets in a chain.
-fn continuable(last: &Value, index: u64, key: Option<&mut EpochKey>, probes: &mut Probes) -> bool {
+fn continuable(
+    last: &Value,
+    index: u64,
+    key: Option<&mut EpochKey>,
+    probes: &mut Probes,
+) -> Result<bool, ForensicError> {
     if last.get("kind").and_then(Value::as_str) == Some("stop") {
-        return false;
+        return Ok(false);
     }
     let mac = last.get("mac").and_then(Value::as_str);
     let hash = last
         .get("hash")
         .and_then(Value::as_str)
         .and_then(parse_hash);
-    match (key, mac, hash) {
+    Ok(match (key, mac, hash) {
         (None, None, _) => true,
         (Some(k), Some(m), Some(h)) if k.epoch() <= index && index <= MAX_ADOPTED_EPOCH => {
             // Check with a scratch copy of the ratchet state: if the MAC does not match we
             // must keep our epoch-0 key for a fresh chain.
-            let probe = probes.key_at(k, index);
+            let probe = probes.key_at(k, index)?;
             super::record::hex(&mac_of(&probe, &h)) == m
         }
         _ => false,
-    }
+    })
 }
 
 /// Whether `path` (not followed) names another file than the open `file`, which still has
@@ -636,9 +642,9 @@ mod tests {
         let key = EpochKey::from_secret(zeroize::Zeroizing::new(vec![9u8; 32])).unwrap();
         let mut probes = Probes::default();
         for epoch in [1000, 3, 700, 1000, 256, 255, 0, 2049] {
-            let mut walked = key.clone_for_probe();
+            let mut walked = key.clone_for_probe().unwrap();
             walked.advance_to(epoch);
-            let probed = probes.key_at(&key, epoch);
+            let probed = probes.key_at(&key, epoch).unwrap();
             assert_eq!(probed.epoch(), epoch);
             assert_eq!(probed.key_id(), walked.key_id(), "epoch {epoch}");
         }
@@ -667,7 +673,8 @@ mod tests {
         });
         let continued = rx
             .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the key was ratcheted towards a planted file's index");
+            .expect("the key was ratcheted towards a planted file's index")
+            .unwrap();
         assert!(!continued);
     }
 }

@@ -17,12 +17,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value};
 use sha2::Digest;
 
 use super::checkpoint::{self, Checkpoint};
-use super::keys::{self, EpochKey};
+use super::keys::{self, EpochKey, HeldSigningKey};
 use super::record::{self, hex, Field, Fields, Header, GENESIS_PREV};
 use super::{files, lock, recovery, unix_nanos, ForensicError, Msg, Shared, StartInfo};
 use crate::config::{FsyncPolicy, LogConfig};
@@ -61,7 +60,7 @@ pub(crate) struct ChainWriter {
     key: Option<EpochKey>,
     /// The id of the chain's HMAC secret, written into every checkpoint.
     key_id: Option<String>,
-    signing: Option<SigningKey>,
+    signing: Option<HeldSigningKey>,
     /// The checkpoint directory held open from its check on, when checkpoints are signed:
     /// they are written relative to it.
     ckpt: Option<files::LogDir>,
@@ -171,12 +170,12 @@ impl ChainWriter {
         let signing = cfg
             .signing_key_file
             .as_deref()
-            .map(keys::read_signing_key)
+            .map(|p| keys::read_signing_key(p).and_then(HeldSigningKey::hold))
             .transpose()
             .map_err(|e| keys::in_setting("KVH_SIGNING_KEY_FILE", e))?;
         // The key is at epoch 0 until recovery ratchets it, below.
         if let (Some(key), Some(signing)) = (&key, &signing) {
-            key.refuse_as_signing_key(signing)?;
+            key.refuse_as_signing_key(&signing.verifying_key())?;
         }
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         let ckpt = match signing {
@@ -376,6 +375,7 @@ impl ChainWriter {
             // Before anything of the round is handled: what was queued or put in the summary
             // slot before a flush that saw the round's number lower is handled in it.
             let round = self.shared.begin_round();
+            let idle = matches!(next, Err(RecvTimeoutError::Timeout));
             match next {
                 Ok(m) => handled += self.handle(*m),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -418,6 +418,13 @@ impl ChainWriter {
             self.check_file_in_place();
             self.maybe_checkpoint();
             self.maybe_measure_room();
+            // MACs (and a ratchet) leave the key in dead frames below this one: cleared once
+            // no record came for a tick, so that an idle writer's stack holds none. A busy
+            // one's does, of the same key, whenever it is looked at; clearing after each
+            // round would cost a 32 KiB memset per round, a round being a few records.
+            if idle {
+                super::key_memory::clear_stack();
+            }
         }
     }
 
@@ -1222,7 +1229,7 @@ impl ChainWriter {
         self.records_since_ckpt = 0;
         self.last_ckpt = Instant::now();
         let (key, dir) = (self.signing.as_ref()?, self.ckpt.as_ref()?);
-        match checkpoint::write_in(dir, key, &c) {
+        match key.with_key(|k| checkpoint::write_in(dir, k, &c)) {
             Ok(()) => Some(c),
             Err(e) => {
                 self.shared.write_errors.fetch_add(1, Ordering::Relaxed);

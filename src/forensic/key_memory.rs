@@ -1,0 +1,258 @@
+//! Memory for key bytes that core dumps leave out.
+//!
+//! A server's core dump (a crashed engine that loaded the library, written by the kernel or
+//! piped to `systemd-coredump` or a crash reporter) holds its heap: a key kept there is in
+//! every dump, and whoever reads the dump can seal records of the current epoch and every
+//! later one. So the HMAC epoch key and the Ed25519 seed live in a mapping of their own,
+//! marked `MADV_DONTDUMP` (the kernel's core writer skips it; a forked child's copy keeps the
+//! mark) and locked where `RLIMIT_MEMLOCK` allows (never written to swap). The bytes are
+//! zeroized before the mapping is returned.
+//!
+//! Computing with a key leaves copies where the computation ran: `hmac` keeps the key XORed
+//! with its pads in its frame, SHA-512 the seed's words in its message schedule, and neither
+//! zeroizes them. Those frames are dead once the computation returns, but their bytes stay
+//! until the stack is used that deep again, and a core dump takes the stack whole. So the
+//! code that computes with keys clears the stack below it afterwards ([`clear_stack`],
+//! [`with_stack_cleared`]): the writer thread once it is idle (no record for a tick of 50 ms),
+//! the log's opening after it, each checkpoint's signature after it. A writer kept busy holds
+//! the residue of its latest MAC, of the current epoch's key, whenever it is looked at.
+//!
+//! The mark is required: a kernel that refuses it fails the key's loading, so that a key is
+//! never held where the documentation says it is not. The lock is best-effort: a container's
+//! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes.
+//!
+//! Hand-written on `libc`: three system calls and one owner. The crates that do this (memsec,
+//! secrets) bring guard-page allocators or libsodium, for a page per key.
+
+use std::ptr::NonNull;
+
+use zeroize::Zeroize;
+
+use super::ForensicError;
+
+/// Bytes of a key in a private anonymous mapping excluded from core dumps, zeroized on drop.
+///
+/// Invariants: `map` is the start of a mapping of `capacity` bytes (a whole number of pages,
+/// at least one) that this value alone owns, readable and writable until `drop`; `len <=
+/// capacity`, and the key is its first `len` bytes.
+pub(crate) struct KeyBytes {
+    map: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: a `KeyBytes` owns its mapping as a `Box<[u8]>` owns its allocation: no other pointer
+// to it exists, `&self` methods only read it and writes take `&mut self`, so moving it to
+// another thread or sharing `&KeyBytes` between threads cannot race.
+unsafe impl Send for KeyBytes {}
+// SAFETY: as above; shared references give read-only access.
+unsafe impl Sync for KeyBytes {}
+
+/// The size of a SHA-256 digest: every ratcheted key. One page holds it.
+const DIGEST_LEN: usize = 32;
+
+impl KeyBytes {
+    /// A copy of `bytes` in a new mapping.
+    pub(crate) fn copy_of(bytes: &[u8]) -> Result<Self, ForensicError> {
+        let mut key = Self::mapped(bytes.len())?;
+        // `capacity >= bytes.len()` (`mapped`).
+        key.capacity_mut()[..bytes.len()].copy_from_slice(bytes);
+        key.len = bytes.len();
+        Ok(key)
+    }
+
+    /// The key's bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `map` is valid for reads of `capacity >= len` bytes while `self` lives
+        // (invariant), and nothing writes it while `&self` is borrowed.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
+    }
+
+    /// Replaces the key with `digest` in the same mapping (a ratchet step makes no system
+    /// call), zeroizing whatever of the previous key it does not overwrite.
+    pub(crate) fn replace_with_digest(&mut self, digest: &[u8; DIGEST_LEN]) {
+        let old_len = self.len;
+        let all = self.capacity_mut();
+        // `capacity` is at least one page, which is more than a digest.
+        all[..DIGEST_LEN].copy_from_slice(digest);
+        if old_len > DIGEST_LEN {
+            all[DIGEST_LEN..old_len].zeroize();
+        }
+        self.len = DIGEST_LEN;
+    }
+
+    /// A mapping of at least `len` bytes (one page for none), marked and, if allowed, locked.
+    fn mapped(len: usize) -> Result<Self, ForensicError> {
+        let page = page_size();
+        let capacity = len
+            .max(1)
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| no_memory(len, "the size overflows"))?;
+        // SAFETY: an anonymous private mapping at an address the kernel picks: no existing
+        // memory is touched. The result is checked against MAP_FAILED before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                capacity,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(no_memory(len, &std::io::Error::last_os_error().to_string()));
+        }
+        let map = NonNull::new(addr.cast::<u8>()).ok_or_else(|| no_memory(len, "mmap gave 0"))?;
+        // From here on `Drop` returns the mapping, on the error path too.
+        let key = KeyBytes {
+            map,
+            capacity,
+            len: 0,
+        };
+        // SAFETY: `[map, map + capacity)` is the mapping just made, owned by `key`.
+        if unsafe { libc::madvise(addr, capacity, libc::MADV_DONTDUMP) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(ForensicError::Key(format!(
+                "cannot keep a key out of core dumps (madvise MADV_DONTDUMP: {e})"
+            )));
+        }
+        // Best-effort, see the module's comment. SAFETY: the same owned range.
+        let _ = unsafe { libc::mlock(addr, capacity) };
+        Ok(key)
+    }
+
+    /// The whole mapping, written only through `&mut self`.
+    fn capacity_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `map` is valid for reads and writes of `capacity` bytes while `self` lives
+        // (invariant), and `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.capacity) }
+    }
+}
+
+impl Drop for KeyBytes {
+    fn drop(&mut self) {
+        let len = self.len;
+        self.capacity_mut()[..len].zeroize();
+        // SAFETY: the mapping is owned by `self` and no reference into it outlives this
+        // call (`as_bytes` borrows `self`). A failure leaves the zeroized pages mapped.
+        let _ = unsafe { libc::munmap(self.map.as_ptr().cast(), self.capacity) };
+    }
+}
+
+/// Bytes of stack [`clear_stack`] overwrites below the frame that calls it: more than the
+/// deepest computation with a key that a caller runs beneath it uses, in a debug build too
+/// (a log's opening, which checks a crashed chain's MAC and reads the signing key, is the
+/// deepest; `tests/forensic_key_core_dump.rs` searches a dump for what it would leave). A
+/// memset of 32 KiB is about a microsecond: after a signature, and each idle tick.
+const CLEARED_STACK_BYTES: usize = 32 * 1024;
+
+/// Overwrites with zeros the [`CLEARED_STACK_BYTES`] of stack below the caller's frame, where
+/// the frames of what it called before lay.
+#[inline(never)]
+pub(crate) fn clear_stack() {
+    let mut area = [0u8; CLEARED_STACK_BYTES];
+    // The zeros must be stored: an array nobody reads would be left out. `black_box` is
+    // opaque to the optimizer, which must assume it reads the array.
+    std::hint::black_box(&mut area);
+}
+
+/// Runs `f` in a frame of its own, then clears the stack `f` used ([`clear_stack`]).
+pub(crate) fn with_stack_cleared<R>(f: impl FnOnce() -> R) -> R {
+    let result = run_in_own_frame(f);
+    clear_stack();
+    result
+}
+
+/// `f()`, never inlined: its frames then lie below the caller's, where [`clear_stack`]
+/// reaches, and not in the caller's own frame, which it does not.
+#[inline(never)]
+fn run_in_own_frame<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// The system's page size; 4096 if it cannot be asked.
+fn page_size() -> usize {
+    // SAFETY: `sysconf` reads a constant of the system; no memory is passed.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+fn no_memory(len: usize, why: &str) -> ForensicError {
+    ForensicError::Key(format!(
+        "cannot map {len} bytes for a key kept out of core dumps: {why}"
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The `VmFlags` of the mapping of this process holding `addr`, from `/proc/self/smaps`
+    /// (`dd`: left out of core dumps; `lo`: locked).
+    pub(crate) fn vm_flags_at(addr: *const u8) -> Option<Vec<String>> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let addr = addr as usize;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'));
+            let bounds = range.and_then(|(lo, hi)| {
+                let lo = usize::from_str_radix(lo, 16).ok()?;
+                let hi = usize::from_str_radix(hi, 16).ok()?;
+                Some((lo, hi))
+            });
+            if let Some((lo, hi)) = bounds {
+                inside = lo <= addr && addr < hi;
+            } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if inside {
+                    return Some(flags.split_whitespace().map(String::from).collect());
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn key_bytes_are_kept_out_of_core_dumps() {
+        let key = KeyBytes::copy_of(b"0123456789abcdef").unwrap();
+        assert_eq!(key.as_bytes(), b"0123456789abcdef");
+        let flags = vm_flags_at(key.as_bytes().as_ptr()).expect("the key's mapping in smaps");
+        assert!(flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
+    }
+
+    #[test]
+    fn heap_bytes_are_not_marked_so_the_check_can_fail() {
+        let on_heap: Box<[u8]> = vec![7u8; 64].into_boxed_slice();
+        let flags = vm_flags_at(on_heap.as_ptr()).expect("the heap's mapping in smaps");
+        assert!(!flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
+    }
+
+    #[test]
+    fn a_digest_replaces_a_longer_key_in_place() {
+        let secret = [0xa5u8; 100];
+        let mut key = KeyBytes::copy_of(&secret).unwrap();
+        let before = key.as_bytes().as_ptr();
+        key.replace_with_digest(&[1u8; DIGEST_LEN]);
+        assert_eq!(key.as_bytes(), &[1u8; DIGEST_LEN]);
+        assert_eq!(key.as_bytes().as_ptr(), before);
+        // The old key's tail is zeroized, not only cut off.
+        key.len = secret.len();
+        assert!(key.as_bytes()[DIGEST_LEN..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn keys_of_many_pages_and_of_none_are_held() {
+        let big = vec![3u8; 3 * page_size() + 1];
+        let key = KeyBytes::copy_of(&big).unwrap();
+        assert_eq!(key.as_bytes(), &big[..]);
+        assert_eq!(key.capacity, 4 * page_size());
+        let last = key.as_bytes().last().unwrap() as *const u8;
+        assert!(vm_flags_at(last).unwrap().iter().any(|f| f == "dd"));
+        let empty = KeyBytes::copy_of(&[]).unwrap();
+        assert!(empty.as_bytes().is_empty());
+        assert_eq!(empty.capacity, page_size());
+    }
+}
