@@ -13,13 +13,17 @@
 //! zeroizes them. Those frames are dead once the computation returns, but their bytes stay
 //! until the stack is used that deep again, and a core dump takes the stack whole. So the
 //! code that computes with keys clears the stack below it afterwards ([`clear_stack`],
-//! [`with_stack_cleared`]): the writer thread once it is idle (no record for a tick of 50 ms),
-//! the log's opening after it, each checkpoint's signature after it. A writer kept busy holds
-//! the residue of its latest MAC, of the current epoch's key, whenever it is looked at.
+//! [`with_stack_cleared`]): the log's opening after it, the writer thread after each round of
+//! records (before it waits for the next) and after its `stop` record, each checkpoint's
+//! signature after it. A dump taken while a round is being written holds the residue of its
+//! latest MAC, of the current epoch's key.
 //!
 //! The mark is required: a kernel that refuses it fails the key's loading, so that a key is
 //! never held where the documentation says it is not. The lock is best-effort: a container's
-//! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes.
+//! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes. Short-
+//! lived copies (crash recovery's probes of the ratchet, up to 4096 at a start-up that meets
+//! planted far epochs) are not locked ([`KeyBytes::scratch_copy_of`]), so that they cannot
+//! take a server's whole lock allowance.
 //!
 //! Hand-written on `libc`: three system calls and one owner. The crates that do this (memsec,
 //! secrets) bring guard-page allocators or libsodium, for a page per key.
@@ -52,8 +56,15 @@ unsafe impl Sync for KeyBytes {}
 const DIGEST_LEN: usize = 32;
 
 impl KeyBytes {
-    /// A copy of `bytes` in a new mapping.
+    /// A copy of `bytes` in a new mapping, locked if the limit allows: a key held for long.
     pub(crate) fn copy_of(bytes: &[u8]) -> Result<Self, ForensicError> {
+        let key = Self::scratch_copy_of(bytes)?;
+        key.lock();
+        Ok(key)
+    }
+
+    /// A copy of `bytes` in a new mapping, not locked: a copy held for a moment.
+    pub(crate) fn scratch_copy_of(bytes: &[u8]) -> Result<Self, ForensicError> {
         let mut key = Self::mapped(bytes.len())?;
         // `capacity >= bytes.len()` (`mapped`).
         key.capacity_mut()[..bytes.len()].copy_from_slice(bytes);
@@ -81,7 +92,7 @@ impl KeyBytes {
         self.len = DIGEST_LEN;
     }
 
-    /// A mapping of at least `len` bytes (one page for none), marked and, if allowed, locked.
+    /// A mapping of at least `len` bytes (one page for none), left out of core dumps.
     fn mapped(len: usize) -> Result<Self, ForensicError> {
         let page = page_size();
         let capacity = len
@@ -117,9 +128,15 @@ impl KeyBytes {
                 "cannot keep a key out of core dumps (madvise MADV_DONTDUMP: {e})"
             )));
         }
-        // Best-effort, see the module's comment. SAFETY: the same owned range.
-        let _ = unsafe { libc::mlock(addr, capacity) };
         Ok(key)
+    }
+
+    /// Locks the mapping in memory (never swapped out), if `RLIMIT_MEMLOCK` allows: best-effort,
+    /// see the module's comment.
+    fn lock(&self) {
+        // SAFETY: `[map, map + capacity)` is the mapping `self` owns (invariant); `mlock`
+        // changes no byte of it.
+        let _ = unsafe { libc::mlock(self.map.as_ptr().cast(), self.capacity) };
     }
 
     /// The whole mapping, written only through `&mut self`.
@@ -141,10 +158,10 @@ impl Drop for KeyBytes {
 }
 
 /// Bytes of stack [`clear_stack`] overwrites below the frame that calls it: more than the
-/// deepest computation with a key that a caller runs beneath it uses, in a debug build too
-/// (a log's opening, which checks a crashed chain's MAC and reads the signing key, is the
-/// deepest; `tests/forensic_key_core_dump.rs` searches a dump for what it would leave). A
-/// memset of 32 KiB is about a microsecond: after a signature, and each idle tick.
+/// computations with a key beneath its callers use (a log's opening, which checks a crashed
+/// chain's MAC and reads the signing key, is the deepest). `tests/forensic_key_core_dump.rs`
+/// searches the dump of a release build for what they would leave. A memset of 32 KiB is
+/// about a microsecond, once per round of the writer (up to 4096 records).
 const CLEARED_STACK_BYTES: usize = 32 * 1024;
 
 /// Overwrites with zeros the [`CLEARED_STACK_BYTES`] of stack below the caller's frame, where
@@ -153,7 +170,9 @@ const CLEARED_STACK_BYTES: usize = 32 * 1024;
 pub(crate) fn clear_stack() {
     let mut area = [0u8; CLEARED_STACK_BYTES];
     // The zeros must be stored: an array nobody reads would be left out. `black_box` is
-    // opaque to the optimizer, which must assume it reads the array.
+    // opaque to the optimizer, which must assume it reads the array (best-effort by its
+    // documentation: the core dump test checks that the stores are made). A `zeroize` of
+    // the array would be guaranteed, at one volatile store per byte, per writer round.
     std::hint::black_box(&mut area);
 }
 
@@ -228,6 +247,33 @@ pub(crate) mod tests {
         let on_heap: Box<[u8]> = vec![7u8; 64].into_boxed_slice();
         let flags = vm_flags_at(on_heap.as_ptr()).expect("the heap's mapping in smaps");
         assert!(!flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
+    }
+
+    #[test]
+    fn held_keys_are_locked_and_scratch_copies_are_not() {
+        let held = KeyBytes::copy_of(b"held key bytes").unwrap();
+        let scratch = KeyBytes::scratch_copy_of(b"scratch bytes").unwrap();
+        let locked = |k: &KeyBytes| {
+            let flags = vm_flags_at(k.as_bytes().as_ptr()).expect("the key's mapping");
+            assert!(flags.iter().any(|f| f == "dd"), "VmFlags: {flags:?}");
+            flags.iter().any(|f| f == "lo")
+        };
+        assert!(!locked(&scratch));
+        // With CAP_IPC_LOCK locks are not limited, so the best effort succeeds; without it
+        // the limit may be taken by the keys other tests hold meanwhile.
+        if can_lock_without_limit() {
+            assert!(locked(&held));
+        }
+    }
+
+    /// Whether this process holds CAP_IPC_LOCK (bit 14 of `CapEff` in /proc/self/status).
+    fn can_lock_without_limit() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .is_some_and(|caps| caps & (1 << 14) != 0)
     }
 
     #[test]

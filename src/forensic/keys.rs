@@ -120,7 +120,7 @@ impl EpochKey {
     pub(crate) fn clone_for_probe(&self) -> Result<Self, ForensicError> {
         Ok(EpochKey {
             epoch: self.epoch,
-            key: KeyBytes::copy_of(self.key.as_bytes())?,
+            key: KeyBytes::scratch_copy_of(self.key.as_bytes())?,
         })
     }
 

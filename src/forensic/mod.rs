@@ -371,7 +371,9 @@ impl ForensicLog {
             keys::discard_env_secret();
             return Ok(None);
         }
-        let key = keys::load_secret(cfg.hmac_key_file.as_deref())?;
+        // Reading the secret parses it (a seed's hex, refused as the secret) on this thread.
+        let key =
+            key_memory::with_stack_cleared(|| keys::load_secret(cfg.hmac_key_file.as_deref()))?;
         Self::open_with_key(cfg, start, key).map(Some)
     }
 

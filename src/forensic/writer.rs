@@ -30,6 +30,9 @@ use crate::fork_closed::ForkClosed;
 /// Largest number of queued messages handled before the buffer is written.
 const BATCH: usize = 4096;
 
+/// How long the writer waits for a message before it does what is due anyway.
+const TICK: Duration = Duration::from_millis(50);
+
 /// How often the writer checks that the log directory still holds its active file.
 const FILE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How often the writer measures the room left on the log's file system (one `fstatvfs`).
@@ -366,66 +369,74 @@ impl ChainWriter {
 
     /// The writer thread's loop; returns after a stop request or when every producer is gone.
     pub fn run(mut self, rx: Receiver<Box<Msg>>) {
-        let tick = Duration::from_millis(50);
         // Records taken from the queue, for `flush` to wait on.
         let mut handled = 0u64;
         loop {
-            let mut stop = false;
-            let next = rx.recv_timeout(tick);
-            // Before anything of the round is handled: what was queued or put in the summary
-            // slot before a flush that saw the round's number lower is handled in it.
-            let round = self.shared.begin_round();
-            let idle = matches!(next, Err(RecvTimeoutError::Timeout));
-            match next {
-                Ok(m) => handled += self.handle(*m),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
-            }
-            let mut n = 0;
-            while !stop && n < BATCH {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        handled += self.handle(*m);
-                        self.maybe_checkpoint();
-                    }
-                    Err(_) => break,
-                }
-                n += 1;
-            }
-            // Looked at after each batch: producers that keep the queue full cannot hold it off.
-            if let Some(request) = self.shared.take_stop_request() {
-                self.start_failed = request.start_failed.map(|e| bounded_text(&e));
-                stop = true;
-            }
+            let stop = self.round(&rx, &mut handled);
+            // The round's MACs (and a ratchet) left the key in dead frames below this one
+            // (`key_memory`): cleared before the thread waits, where it spends its time.
+            super::key_memory::clear_stack();
             if stop {
-                // Producers that raced with `stop` queued before it was seen: keep them.
-                while let Ok(m) = rx.try_recv() {
-                    handled += self.handle(*m);
-                }
-                // Before the last summary and records are written: not into a file removed
-                // within the last check's second (they are counted lost instead, or go into
-                // the next file).
-                self.check_file_now();
-            }
-            self.maybe_summary(stop);
-            let _ = self.flush();
-            self.shared.round_done(round, handled);
-            if stop {
-                self.finish();
+                // The `stop` record is sealed too; the thread's stack outlives it (glibc
+                // keeps an exited thread's stack for the next thread).
+                super::key_memory::with_stack_cleared(|| self.finish());
                 return;
             }
+        }
+    }
+
+    /// One round: waits up to a tick for a message, handles it and up to [`BATCH`] more,
+    /// then does what is due. Returns whether the writer is to stop. Never inlined, so that
+    /// its frames (and the MACs computed in them) lie below `run`'s, where
+    /// `key_memory::clear_stack` reaches.
+    #[inline(never)]
+    fn round(&mut self, rx: &Receiver<Box<Msg>>, handled: &mut u64) -> bool {
+        let mut stop = false;
+        let next = rx.recv_timeout(TICK);
+        // Before anything of the round is handled: what was queued or put in the summary
+        // slot before a flush that saw the round's number lower is handled in it.
+        let round = self.shared.begin_round();
+        match next {
+            Ok(m) => *handled += self.handle(*m),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => stop = true,
+        }
+        let mut n = 0;
+        while !stop && n < BATCH {
+            match rx.try_recv() {
+                Ok(m) => {
+                    *handled += self.handle(*m);
+                    self.maybe_checkpoint();
+                }
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        // Looked at after each batch: producers that keep the queue full cannot hold it off.
+        if let Some(request) = self.shared.take_stop_request() {
+            self.start_failed = request.start_failed.map(|e| bounded_text(&e));
+            stop = true;
+        }
+        if stop {
+            // Producers that raced with `stop` queued before it was seen: keep them.
+            while let Ok(m) = rx.try_recv() {
+                *handled += self.handle(*m);
+            }
+            // Before the last summary and records are written: not into a file removed
+            // within the last check's second (they are counted lost instead, or go into
+            // the next file).
+            self.check_file_now();
+        }
+        self.maybe_summary(stop);
+        let _ = self.flush();
+        self.shared.round_done(round, *handled);
+        if !stop {
             self.maybe_sync();
             self.check_file_in_place();
             self.maybe_checkpoint();
             self.maybe_measure_room();
-            // MACs (and a ratchet) leave the key in dead frames below this one: cleared once
-            // no record came for a tick, so that an idle writer's stack holds none. A busy
-            // one's does, of the same key, whenever it is looked at; clearing after each
-            // round would cost a 32 KiB memset per round, a round being a few records.
-            if idle {
-                super::key_memory::clear_stack();
-            }
         }
+        stop
     }
 
     /// Every [`ROOM_MEASURE_EVERY`]: the room left on the log directory's file system, for
