@@ -20,10 +20,10 @@
 //!
 //! The mark is required: a kernel that refuses it fails the key's loading, so that a key is
 //! never held where the documentation says it is not. The lock is best-effort: a container's
-//! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes. Short-
-//! lived copies (crash recovery's probes of the ratchet, up to 4096 at a start-up that meets
-//! planted far epochs) are not locked ([`KeyBytes::scratch_copy_of`]), so that they cannot
-//! take a server's whole lock allowance.
+//! default limit (64 KiB) is reached by 16 keys, and swap is off on most inference nodes.
+//! Copies held for a moment (crash recovery's probes of the ratchet, up to 4096 at a start-up
+//! that meets planted far epochs) are not locked ([`KeyBytes::scratch_copy_of`]), so that
+//! they cannot take a server's whole lock allowance.
 //!
 //! Hand-written on `libc`: three system calls and one owner. The crates that do this (memsec,
 //! secrets) bring guard-page allocators or libsodium, for a page per key.
@@ -274,6 +274,19 @@ pub(crate) mod tests {
             .find_map(|l| l.strip_prefix("CapEff:"))
             .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
             .is_some_and(|caps| caps & (1 << 14) != 0)
+    }
+
+    #[test]
+    fn a_mapping_the_kernel_refuses_is_an_error_naming_why() {
+        // More than any address space: `mmap` fails (ENOMEM), and nothing is held.
+        let e = KeyBytes::mapped(1 << 60).err().expect("a mapping of 1 EiB");
+        let text = e.to_string();
+        assert!(text.starts_with("forensic log key: cannot map"), "{text}");
+        assert!(text.contains("out of core dumps"), "{text}");
+        let e = KeyBytes::mapped(usize::MAX)
+            .err()
+            .expect("a size that overflows");
+        assert!(e.to_string().contains("the size overflows"), "{e}");
     }
 
     #[test]

@@ -35,8 +35,8 @@ pub const MIN_SECRET_LEN: usize = 16;
 pub const MAX_SECRET_LEN: usize = super::files::MAX_CKPT_BYTES as usize - 1;
 
 /// The HMAC key of one epoch, zeroized on drop. Only the key bytes are kept, in a mapping
-/// core dumps leave out (`key_memory::KeyBytes`; moving an `EpochKey` copies a pointer, not the key):
-/// the keyed HMAC state (SHA-256 of the key with ipad and opad) is as good as the key for
+/// core dumps leave out (`key_memory::KeyBytes`; moving an `EpochKey` copies a pointer, not
+/// the key): the keyed HMAC state (SHA-256 of the key with ipad and opad) is as good as the key for
 /// computing this epoch's MACs and every later key, and the `hmac` crate does not zeroize it,
 /// so it is built for each MAC and lives only as long as the computation, on the caller's
 /// stack. That costs each MAC two more SHA-256 compressions (four instead of two); see
@@ -133,10 +133,10 @@ impl EpochKey {
 }
 
 /// An Ed25519 signing key as a writer holds it between checkpoints: the seed in a mapping
-/// core dumps leave out (`key_memory::KeyBytes`), beside its public half. The `SigningKey` (the seed
-/// with its SHA-512 expansion) is made for each signature and zeroized when dropped
-/// (ed25519-dalek's `zeroize` feature); making it costs one base-point multiplication, tens of
-/// microseconds, at each checkpoint.
+/// core dumps leave out (`key_memory::KeyBytes`), beside its public half. The `SigningKey`
+/// (the seed with its SHA-512 expansion) is made for each signature and zeroized when
+/// dropped (ed25519-dalek's `zeroize` feature); making it costs one base-point
+/// multiplication, tens of microseconds, at each checkpoint.
 pub struct HeldSigningKey {
     /// The 32-byte seed (invariant: exactly 32 bytes).
     seed: KeyBytes,
