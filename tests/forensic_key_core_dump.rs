@@ -15,7 +15,7 @@
 
 mod forensic_common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use forensic_common::*;
@@ -133,24 +133,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
     b
 }
 
-fn write_private(p: &Path, bytes: &[u8]) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(p)
-        .unwrap();
-    std::io::Write::write_all(&mut f, bytes).unwrap();
-}
-
-fn hex_decode(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -238,12 +220,12 @@ fn forms_in_a_dump(scenario: Scenario) -> Option<Vec<String>> {
     // Random, so that no copy is in the test binary's file (whose pages a dump leaves out)
     // nor anywhere but the files the child reads.
     let secret = random_bytes(32);
-    write_private(&dir.join("hmac.key"), &secret);
+    write_key_file(&dir.join("hmac.key"), &secret);
     let marker = random_bytes(32);
     std::fs::write(dir.join("marker"), &marker).unwrap();
     let (key_file, _) = kvhygiene::forensic::cli::keygen(&dir.join("signer")).unwrap();
     let seed_hex = std::fs::read_to_string(&key_file).unwrap();
-    let seed: [u8; 32] = hex_decode(seed_hex.trim_end()).try_into().unwrap();
+    let seed = kvhygiene::forensic::record::parse_hash(seed_hex.trim_end()).unwrap();
 
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["core_dump_child_entry", "--exact", "--test-threads=1"])

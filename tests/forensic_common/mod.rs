@@ -23,16 +23,21 @@ pub fn secret() -> Zeroizing<Vec<u8>> {
 
 /// The HMAC secret of the logs `write_log` seals, in a key file (0600) in `dir`.
 pub fn secret_key_file(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::OpenOptionsExt;
     let key = dir.join("hmac.key");
+    write_key_file(&key, SECRET);
+    key
+}
+
+/// A new key file at `p` holding `bytes`, private to this user (0600), as a writer requires.
+pub fn write_key_file(p: &Path, bytes: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&key)
+        .open(p)
         .unwrap();
-    std::io::Write::write_all(&mut f, SECRET).unwrap();
-    key
+    std::io::Write::write_all(&mut f, bytes).unwrap();
 }
 
 /// A private log directory inside a temporary directory.
