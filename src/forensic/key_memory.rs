@@ -125,7 +125,9 @@ impl KeyBytes {
         if unsafe { libc::madvise(addr, capacity, libc::MADV_DONTDUMP) } != 0 {
             let e = std::io::Error::last_os_error();
             return Err(ForensicError::Key(format!(
-                "cannot keep a key out of core dumps (madvise MADV_DONTDUMP: {e})"
+                "cannot keep a key out of core dumps: the kernel refused madvise \
+                 MADV_DONTDUMP ({e}), which a seccomp profile must allow; a key is held only \
+                 where dumps leave it out"
             )));
         }
         Ok(key)
