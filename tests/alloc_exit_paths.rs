@@ -334,3 +334,44 @@ fn a_clean_block_sized_to_its_request_is_served_after_shutdown() {
     );
     assert_eq!(f.backend.calls_after_seal.load(Ordering::SeqCst), 0);
 }
+
+/// Two allocators over one backend (which `Allocator` allows): the first one's `shutdown`
+/// stops the backend, and the second learns of it only from the backend's answer. From that
+/// answer on it is shut down too: `synchronize` does not succeed over the free whose scrub
+/// the backend refused, and a checked free returns `ShutDown` instead of waiting for a scrub
+/// that never comes.
+#[test]
+fn an_allocator_whose_backend_stopped_under_it_is_shut_down() {
+    use kvhygiene::alloc::{Allocator, FreeError};
+    use kvhygiene::backend::host::HostBackend;
+    use kvhygiene::config::Config;
+    let host = HostBackend::new();
+    let cfg = Config {
+        batch_max_delay_us: 10_000_000, // no flusher round submits meanwhile
+        ..Config::default()
+    };
+    let first = Allocator::new(host.clone(), cfg.clone(), None);
+    let second = Allocator::new(host, cfg, None);
+    let p = second.malloc(4096, 0, S).unwrap();
+    let q = second.malloc(4096, 0, S).unwrap();
+    first.shutdown();
+    second.free(q, 4096, 0, S).unwrap();
+    let r = second.synchronize();
+    assert!(
+        r.is_err(),
+        "synchronize returned {r:?} over a free the stopped backend never scrubbed ({:?})",
+        second.block_info(q).map(|b| b.state)
+    );
+    assert!(second.is_shut_down());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = second.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(waiter.free_checked(p, 4096, 0, S));
+    });
+    let checked = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(checked, Ok(Err(FreeError::ShutDown { .. }))),
+        "a checked free after the backend stopped gave {checked:?}"
+    );
+    second.check_consistency().unwrap();
+}

@@ -201,7 +201,8 @@ impl Drop for SettleOnUnwind<'_> {
 /// Dropping the last clone is an [`Allocator::empty_cache`] and a stop: it waits for the
 /// scrub of every block freed (a free never waits, and its block may still be in an open
 /// batch), returns the clean blocks to the backend, and stops this allocator, not the backend
-/// (which may serve another: [`Allocator::shutdown`] stops both). Blocks still LIVE are
+/// (which may serve another: [`Allocator::shutdown`] stops both, and an allocator whose
+/// backend another one stopped is shut down at the backend's first answer). Blocks still LIVE are
 /// leaked, as at shutdown. In a forked child, the drop of a copy inherited from the parent
 /// does nothing.
 pub struct Allocator {
@@ -263,9 +264,11 @@ impl Allocator {
         config: Config,
         sink: Option<Arc<dyn EventSink>>,
     ) -> Self {
-        // Every call the pool makes to the backend returns, a panic included (`panic_safe`).
-        let backend: Arc<dyn Backend> = Arc::new(panic_safe::PanicSafe(backend));
+        // Every call the pool makes to the backend returns, a panic included, and an answer
+        // that the backend stopped shuts this allocator down (`panic_safe`).
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let backend: Arc<dyn Backend> =
+            Arc::new(panic_safe::PanicSafe::new(backend, shutting_down.clone()));
         let pools: Box<[_]> = (0..backend.device_count())
             .map(|d| Mutex::new(DevicePool::new(d, shutting_down.clone())))
             .collect();

@@ -9,8 +9,16 @@
 //! (a failed submission or wait quarantines the batch's blocks, a failed release leaks the
 //! memory and counts a backend error); a ticket's destructor that panics is ignored (the
 //! batch's results were applied already). `catch_unwind` costs nothing when nothing panics.
+//!
+//! The same wrapper hears when the backend stopped: an answer of `BackendError::ShuttingDown`
+//! marks the allocator shut down, as its own `begin_exit` does. A backend can stop under an
+//! allocator that did not stop it: another allocator over the same backend shut down, or
+//! the process-exit mark reached the backend first. Without the mark the pool would leave
+//! the refused batch's blocks PENDING (invariant 6) while `synchronize` reported success
+//! over them and a checked free waited for a scrub that never comes.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::backend::verify::SegmentResult;
@@ -18,42 +26,75 @@ use crate::backend::{
     Backend, BackendError, BackendKind, DevicePtr, ScrubBatch, ScrubTicket, StreamHandle,
 };
 
-/// A backend whose calls never unwind into the caller (see the module's documentation).
-pub(crate) struct PanicSafe(pub(crate) Arc<dyn Backend>);
+/// A backend whose calls never unwind into the caller, and whose stop the allocator hears
+/// (see the module's documentation).
+pub(crate) struct PanicSafe {
+    backend: Arc<dyn Backend>,
+    answers: Answers,
+}
 
-/// Runs `call`, named `what` in the error a panic becomes.
-fn guarded<T>(
-    what: &'static str,
-    call: impl FnOnce() -> Result<T, BackendError>,
-) -> Result<T, BackendError> {
-    catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|_| {
-        Err(BackendError::Other(format!(
-            "the backend panicked in {what}"
-        )))
-    })
+impl PanicSafe {
+    /// Wraps `backend` for an allocator whose shut-down flag is `allocator_exiting`.
+    pub(crate) fn new(backend: Arc<dyn Backend>, allocator_exiting: Arc<AtomicBool>) -> Self {
+        PanicSafe {
+            backend,
+            answers: Answers { allocator_exiting },
+        }
+    }
+}
+
+/// Where the backend's answers are taken in, for the backend's calls and its tickets'.
+#[derive(Clone)]
+struct Answers {
+    /// The allocator's shut-down flag (`Inner::shutting_down`, every pool's `exiting`).
+    allocator_exiting: Arc<AtomicBool>,
+}
+
+impl Answers {
+    /// Runs `call`, named `what` in the error a panic becomes. An answer that the backend
+    /// stopped sets the allocator's flag before the caller sees it, so that the caller's
+    /// next check of the flag (the pool's waits and submissions make one) stops.
+    fn guarded<T>(
+        &self,
+        what: &'static str,
+        call: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let answer = catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|_| {
+            Err(BackendError::Other(format!(
+                "the backend panicked in {what}"
+            )))
+        });
+        if let Err(BackendError::ShuttingDown) = answer {
+            // A backend does not start again once stopped (`Backend::shutdown`).
+            self.allocator_exiting.store(true, Ordering::Release);
+        }
+        answer
+    }
 }
 
 impl Backend for PanicSafe {
     fn kind(&self) -> BackendKind {
-        self.0.kind()
+        self.backend.kind()
     }
 
     fn device_count(&self) -> u32 {
-        self.0.device_count()
+        self.backend.device_count()
     }
 
     fn devices_share_memory(&self) -> bool {
         // A panic here is taken as the default answer: releasing only the asking device's
         // cache is what a backend of separate memories gets.
-        catch_unwind(AssertUnwindSafe(|| self.0.devices_share_memory())).unwrap_or(false)
+        catch_unwind(AssertUnwindSafe(|| self.backend.devices_share_memory())).unwrap_or(false)
     }
 
     fn allocate(&self, device: u32, len: u64) -> Result<DevicePtr, BackendError> {
-        guarded("allocate", || self.0.allocate(device, len))
+        self.answers
+            .guarded("allocate", || self.backend.allocate(device, len))
     }
 
     fn release(&self, device: u32, addr: DevicePtr, len: u64) -> Result<(), BackendError> {
-        guarded("release", || self.0.release(device, addr, len))
+        self.answers
+            .guarded("release", || self.backend.release(device, addr, len))
     }
 
     fn zero_fresh(
@@ -63,49 +104,59 @@ impl Backend for PanicSafe {
         len: u64,
         stream: StreamHandle,
     ) -> Result<(), BackendError> {
-        guarded("zero_fresh", || {
-            self.0.zero_fresh(device, addr, len, stream)
+        self.answers.guarded("zero_fresh", || {
+            self.backend.zero_fresh(device, addr, len, stream)
         })
     }
 
     unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
-        let ticket = guarded("submit_scrub", || {
+        let ticket = self.answers.guarded("submit_scrub", || {
             // SAFETY: this method's own contract, passed on unchanged.
-            unsafe { self.0.submit_scrub(batch) }
+            unsafe { self.backend.submit_scrub(batch) }
         })?;
-        Ok(Box::new(SafeTicket(Some(ticket))))
+        Ok(Box::new(SafeTicket {
+            ticket: Some(ticket),
+            answers: self.answers.clone(),
+        }))
     }
 
     fn is_capturing(&self, device: u32, stream: StreamHandle) -> Result<bool, BackendError> {
-        guarded("is_capturing", || self.0.is_capturing(device, stream))
+        self.answers
+            .guarded("is_capturing", || self.backend.is_capturing(device, stream))
     }
 
     fn write(&self, device: u32, addr: DevicePtr, src: &[u8]) -> Result<(), BackendError> {
-        guarded("write", || self.0.write(device, addr, src))
+        self.answers
+            .guarded("write", || self.backend.write(device, addr, src))
     }
 
     fn read(&self, device: u32, addr: DevicePtr, dst: &mut [u8]) -> Result<(), BackendError> {
-        guarded("read", || self.0.read(device, addr, dst))
+        self.answers
+            .guarded("read", || self.backend.read(device, addr, dst))
     }
 
     fn inject_fault(&self, segments: u64) -> Result<(), BackendError> {
-        guarded("inject_fault", || self.0.inject_fault(segments))
+        self.answers
+            .guarded("inject_fault", || self.backend.inject_fault(segments))
     }
 
     fn shutdown(&self) {
         // Exit goes on whatever the backend does.
-        let _ = catch_unwind(AssertUnwindSafe(|| self.0.shutdown()));
+        let _ = catch_unwind(AssertUnwindSafe(|| self.backend.shutdown()));
     }
 }
 
 /// A ticket whose poll, wait and drop never unwind: a panic in poll or wait is a failed wait
 /// (results lost); one in the backend's destructor (which returns the batch's slot) is
-/// dropped with it. Always `Some` until dropped.
-struct SafeTicket(Option<Box<dyn ScrubTicket>>);
+/// dropped with it. The ticket is always `Some` until dropped.
+struct SafeTicket {
+    ticket: Option<Box<dyn ScrubTicket>>,
+    answers: Answers,
+}
 
 impl SafeTicket {
     fn inner(&mut self) -> Result<&mut Box<dyn ScrubTicket>, BackendError> {
-        self.0
+        self.ticket
             .as_mut()
             .ok_or_else(|| BackendError::Other("a scrub ticket used after it was dropped".into()))
     }
@@ -113,19 +164,21 @@ impl SafeTicket {
 
 impl ScrubTicket for SafeTicket {
     fn poll(&mut self) -> Result<Option<Vec<SegmentResult>>, BackendError> {
+        let answers = self.answers.clone();
         let ticket = self.inner()?;
-        guarded("a scrub batch's poll", || ticket.poll())
+        answers.guarded("a scrub batch's poll", || ticket.poll())
     }
 
     fn wait(&mut self) -> Result<Vec<SegmentResult>, BackendError> {
+        let answers = self.answers.clone();
         let ticket = self.inner()?;
-        guarded("a scrub batch's wait", || ticket.wait())
+        answers.guarded("a scrub batch's wait", || ticket.wait())
     }
 }
 
 impl Drop for SafeTicket {
     fn drop(&mut self) {
-        if let Some(ticket) = self.0.take() {
+        if let Some(ticket) = self.ticket.take() {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(ticket)));
         }
     }
