@@ -241,6 +241,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     } else {
         write_text(&mut out, &args.dir, &args.archive_dir, &report)
     };
+    hint_checkpoint_dir(args, &report);
     if let Err(e) = written {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
         // What the verification found outranks a report that could not be written: a
@@ -296,6 +297,9 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
             public.display()
         ));
     }
+    if let Some(p) = &args.checkpoint {
+        refuse_other_log_file(p)?;
+    }
     let mut checkpoints: Vec<PathBuf> = args.checkpoint.iter().cloned().collect();
     if checkpoints.is_empty() && !public_keys.is_empty() {
         // With a pinned key and no explicit location, the writer's default is the log dir.
@@ -330,6 +334,57 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
         allow_pruned: args.allow_pruned,
         archive_dirs: args.archive_dir.clone(),
     })
+}
+
+/// A `--checkpoint` file that the log's own naming says is something else (a chain file, a
+/// prune manifest, a key of `kvh keygen`'s) is a wrong argument, said as one. Judged by the
+/// name only: no checkpoint is ever named so, while a checkpoint whose content was replaced
+/// must stay a finding of the verification (tampering), not an error of the command line.
+fn refuse_other_log_file(p: &Path) -> Result<(), String> {
+    let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    if p.is_dir() {
+        return Ok(());
+    }
+    let what = if files::parse_file_name(name).is_some() {
+        "a chain file of the log"
+    } else if prune::parse_manifest_name(name).is_some() {
+        "a prune manifest"
+    } else if name.ends_with(".key") || name.ends_with(".pub") {
+        "a key file"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "--checkpoint {}: {what}, not a checkpoint; give a checkpoint file (kvh-CHAIN.ckpt) or \
+         the directory the writer signs them into (its KVH_CHECKPOINT_DIR, the log directory \
+         when unset)",
+        p.display()
+    ))
+}
+
+/// Where checkpoints were looked for in the log directory only (no `--checkpoint`) and none
+/// is there while a chain has none: the likely cause is a writer that keeps them apart
+/// (`KVH_CHECKPOINT_DIR`), which the report's "checkpoint deleted, or never written" does not
+/// suggest. Said on stderr beside the verdict, which stands.
+pub(crate) fn hint_checkpoint_dir(args: &VerifyLogArgs, report: &Report) {
+    if args.checkpoint.is_some() || args.public_key.is_empty() {
+        return;
+    }
+    let uncovered = report
+        .chains
+        .iter()
+        .any(|c| c.checkpoints_checked && c.checkpoint_seq.is_none());
+    let none_here = super::checkpoint::find(&args.dir).is_ok_and(|found| found.is_empty());
+    if uncovered && none_here {
+        crate::say(format_args!(
+            "kvh: no checkpoint file (kvh-*.ckpt) in {}, where checkpoints are looked for \
+             without --checkpoint: if the writer keeps them apart (KVH_CHECKPOINT_DIR), give \
+             --checkpoint with that directory",
+            args.dir.display()
+        ));
+    }
 }
 
 /// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of a length

@@ -1,0 +1,117 @@
+//! Where the verbs look for signed checkpoints, and what they say when the place is wrong:
+//! a `--checkpoint` naming another file of the log (a chain file, a prune manifest, a key) is
+//! a usage error (2), and a log whose checkpoints are kept apart (`KVH_CHECKPOINT_DIR`)
+//! verified without `--checkpoint` fails as before, with a hint naming the option. A
+//! checkpoint whose content was replaced stays tampering (1).
+
+mod cli_common;
+
+use std::path::{Path, PathBuf};
+
+use cli_common::{host_demo, kvh, run};
+
+/// A signed log in DIR/log with its checkpoints in DIR/ckpt, and the key pair's paths.
+struct SignedLog {
+    _tmp: tempfile::TempDir,
+    log: PathBuf,
+    ckpt: PathBuf,
+    public: PathBuf,
+    private: PathBuf,
+}
+
+fn signed_log() -> SignedLog {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("signer");
+    let (code, _, err) = run(kvh().arg("keygen").arg("--out").arg(&prefix));
+    assert_eq!(code, 0, "keygen: {err}");
+    let (log, ckpt) = (tmp.path().join("log"), tmp.path().join("ckpt"));
+    let (code, _, err) = run(host_demo(1, 2)
+        .arg("--log-dir")
+        .arg(&log)
+        .arg("--checkpoint-dir")
+        .arg(&ckpt)
+        .env("KVH_SIGNING_KEY_FILE", prefix.with_extension("key")));
+    assert_eq!(code, 0, "demo: {err}");
+    SignedLog {
+        log,
+        ckpt,
+        public: prefix.with_extension("pub"),
+        private: prefix.with_extension("key"),
+        _tmp: tmp,
+    }
+}
+
+fn verify(s: &SignedLog, checkpoint: Option<&Path>) -> (i32, String, String) {
+    let mut c = kvh();
+    c.arg("verify-log")
+        .arg(&s.log)
+        .arg("--public-key")
+        .arg(&s.public);
+    if let Some(p) = checkpoint {
+        c.arg("--checkpoint").arg(p);
+    }
+    run(&mut c)
+}
+
+fn first_with_extension(dir: &Path, ext: &str) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == ext))
+        .unwrap_or_else(|| panic!("no .{ext} file in {}", dir.display()))
+}
+
+#[test]
+fn checkpoints_kept_apart_fail_without_checkpoint_and_the_hint_names_it() {
+    let s = signed_log();
+    let (code, _, err) = verify(&s, Some(&s.ckpt));
+    assert_eq!(code, 0, "with --checkpoint: {err}");
+    assert!(
+        !err.contains("KVH_CHECKPOINT_DIR"),
+        "a hint on a pass: {err}"
+    );
+
+    let (code, out, err) = verify(&s, None);
+    assert_eq!(code, 1, "without --checkpoint: {out}{err}");
+    assert!(out.contains("no checkpoint"), "report: {out}");
+    assert!(
+        err.contains("--checkpoint") && err.contains("KVH_CHECKPOINT_DIR"),
+        "no hint of --checkpoint: {err}"
+    );
+    assert!(
+        err.contains(&s.log.display().to_string()),
+        "the hint does not name where it looked: {err}"
+    );
+}
+
+#[test]
+fn another_file_of_the_log_given_as_checkpoint_is_a_usage_error() {
+    let s = signed_log();
+    let chain_file = first_with_extension(&s.log, "jsonl");
+    for (given, what) in [
+        (&chain_file, "a chain file of the log"),
+        (&s.public, "a key file"),
+        (&s.private, "a key file"),
+    ] {
+        let (code, out, err) = verify(&s, Some(given));
+        assert_eq!(code, 2, "--checkpoint {}: {out}{err}", given.display());
+        assert!(
+            err.contains(what),
+            "--checkpoint {}: {err}",
+            given.display()
+        );
+        assert!(out.is_empty(), "a report for a refused command line: {out}");
+    }
+}
+
+#[test]
+fn a_checkpoint_whose_content_was_replaced_is_still_tampering() {
+    let s = signed_log();
+    let ckpt = first_with_extension(&s.ckpt, "ckpt");
+    let chain_file = first_with_extension(&s.log, "jsonl");
+    std::fs::copy(&chain_file, &ckpt).unwrap();
+    let (code, out, err) = verify(&s, Some(&s.ckpt));
+    assert_eq!(code, 1, "{out}{err}");
+    let (code, out, err) = verify(&s, Some(&ckpt));
+    assert_eq!(code, 1, "{out}{err}");
+}
