@@ -2,7 +2,8 @@
 //! a `--checkpoint` naming another file of the log (a chain file, a prune manifest, a key) is
 //! a usage error (2), and a log whose checkpoints are kept apart (`KVH_CHECKPOINT_DIR`)
 //! verified without `--checkpoint` fails as before, with a hint naming the option. A
-//! checkpoint whose content was replaced stays tampering (1).
+//! checkpoint whose content was replaced stays tampering (1). A checkpoint directory that
+//! cannot be one refuses the start-up before the log directory is made, named as it was given.
 
 mod cli_common;
 
@@ -114,4 +115,43 @@ fn a_checkpoint_whose_content_was_replaced_is_still_tampering() {
     assert_eq!(code, 1, "{out}{err}");
     let (code, out, err) = verify(&s, Some(&ckpt));
     assert_eq!(code, 1, "{out}{err}");
+}
+
+/// `kvh demo --checkpoint-dir FILE`: refused (2) by the option's name, and no log directory is
+/// left behind; the same through the policy (`KVH_CHECKPOINT_DIR`), named by the variable.
+#[test]
+fn a_checkpoint_directory_that_is_a_file_refuses_the_start_and_makes_no_log_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("signer");
+    let (code, _, err) = run(kvh().arg("keygen").arg("--out").arg(&prefix));
+    assert_eq!(code, 0, "keygen: {err}");
+    let not_a_dir = tmp.path().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let key = prefix.with_extension("key");
+
+    let log = tmp.path().join("log-option");
+    let (code, _, err) = run(host_demo(1, 1)
+        .arg("--log-dir")
+        .arg(&log)
+        .arg("--checkpoint-dir")
+        .arg(&not_a_dir)
+        .env("KVH_SIGNING_KEY_FILE", &key));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--checkpoint-dir") && err.contains("not a directory"),
+        "{err}"
+    );
+    assert!(!log.exists(), "the refused run made {}", log.display());
+
+    let log = tmp.path().join("log-policy");
+    let (code, _, err) = run(host_demo(1, 1)
+        .env("KVH_LOG_DIR", &log)
+        .env("KVH_CHECKPOINT_DIR", &not_a_dir)
+        .env("KVH_SIGNING_KEY_FILE", &key));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("KVH_CHECKPOINT_DIR") && err.contains("not a directory"),
+        "{err}"
+    );
+    assert!(!log.exists(), "the refused start made {}", log.display());
 }

@@ -995,6 +995,13 @@ fn demo_checkpoint_dir(
             given.display()
         ));
     }
+    // Said as the option given, before the log directory is made: the writer would name
+    // the policy's variable, after making the log directory.
+    use kvhygiene::forensic::ForensicError as E;
+    kvhygiene::forensic::files::inspect_dir(given, "checkpoint directory").map_err(|e| {
+        let (E::Io(m) | E::Permission(m) | E::Key(m)) = e;
+        format!("--checkpoint-dir {m}")
+    })?;
     Ok(Some(given.clone()))
 }
 

@@ -167,9 +167,9 @@ impl ChainWriter {
             .dir
             .clone()
             .ok_or_else(|| ForensicError::Io("KVH_LOG_DIR is not set".into()))?;
-        files::prepare_dir(&dir, "log directory")?;
-        // Held from here on: every file the writer makes is made in the directory checked now.
-        let log_dir = files::LogDir::open(&dir)?;
+        // Everything that can refuse the start-up without making anything is asked first (the
+        // keys, a checkpoint directory that cannot be one): a refused start leaves no empty
+        // log directory behind.
         let signing = cfg
             .signing_key_file
             .as_deref()
@@ -180,11 +180,18 @@ impl ChainWriter {
         if let (Some(key), Some(signing)) = (&key, &signing) {
             key.refuse_as_signing_key(&signing.verifying_key())?;
         }
+        const CKPT_DIR: &str = "checkpoint directory (KVH_CHECKPOINT_DIR)";
+        if let (Some(_), Some(c)) = (&signing, &cfg.checkpoint_dir) {
+            files::inspect_dir(c, CKPT_DIR)?;
+        }
+        files::prepare_dir(&dir, "log directory")?;
+        // Held from here on: every file the writer makes is made in the directory checked now.
+        let log_dir = files::LogDir::open(&dir)?;
         let ckpt_dir = cfg.checkpoint_dir.clone().unwrap_or_else(|| dir.clone());
         let ckpt = match signing {
             Some(_) => {
                 let what = if cfg.checkpoint_dir.is_some() {
-                    let what = "checkpoint directory (KVH_CHECKPOINT_DIR)";
+                    let what = CKPT_DIR;
                     files::prepare_dir(&ckpt_dir, what)?;
                     what
                 } else {
