@@ -483,7 +483,8 @@ fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
     } else {
         write_text(&mut out, &verdict)
     };
-    written.map_err(|e| format!("cannot write the verdict: {e}"))?;
+    crate::report_out::reader_may_leave(written)
+        .map_err(|e| format!("cannot write the verdict: {e}"))?;
     Ok(if verdict.admitted() {
         EXIT_ADMIT
     } else {
@@ -554,7 +555,8 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
     } else {
         write_processes_text(&mut out, &all)
     };
-    written.map_err(|e| format!("cannot write the verdict: {e}"))?;
+    crate::report_out::reader_may_leave(written)
+        .map_err(|e| format!("cannot write the verdict: {e}"))?;
     Ok(if all.verdict == "admit" {
         EXIT_ADMIT
     } else {

@@ -4,6 +4,11 @@
 //! end a verb half-way (a `prune-log` between two chains) with status 101. A [`ReportOut`]
 //! remembers the first failure instead and stops writing; the verb finishes its work and
 //! then says the report was lost, with its own exit status.
+//!
+//! A closed pipe is not such a failure: the reader of stdout went away (`kvh verify-log DIR |
+//! head`) having taken what it wanted, so nothing is said and the verb's status is that of
+//! its findings ([`reader_may_leave`]). `kvh tail-log` is the exception and does not use
+//! this: there a reader gone means records not delivered.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -47,13 +52,22 @@ impl ReportOut {
         }
     }
 
-    /// Flushes stdout; the first error of the report, if any.
+    /// Flushes stdout; the first error of the report, if any, but a closed pipe
+    /// ([`reader_may_leave`]).
     pub fn finish(mut self) -> io::Result<()> {
         if self.failed.is_none() {
             if let Err(e) = io::stdout().lock().flush() {
                 self.failed = Some(e);
             }
         }
-        self.failed.map_or(Ok(()), Err)
+        reader_may_leave(self.failed.map_or(Ok(()), Err))
+    }
+}
+
+/// `written`, with a closed pipe taken as written (see the module's documentation).
+pub fn reader_may_leave(written: io::Result<()>) -> io::Result<()> {
+    match written {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
     }
 }

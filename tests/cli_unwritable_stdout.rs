@@ -1,5 +1,6 @@
-//! The verbs whose standard output cannot be written (a full disk, a closed pipe) end with
-//! a status of their table in the README, saying why on stderr; none panics.
+//! The verbs whose standard output cannot be written (a full disk) end with a status of their
+//! table in the README, saying why on stderr; none panics. (A closed pipe is a reader that
+//! took what it wanted: tests/cli_closed_pipe.rs.)
 
 mod cli_common;
 mod forensic_common;

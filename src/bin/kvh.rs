@@ -6,7 +6,7 @@
 #![warn(clippy::print_stderr)]
 
 use kvhygiene::preflight::{self, PreflightArgs};
-use kvhygiene::report_out::ReportOut;
+use kvhygiene::report_out::{reader_may_leave, ReportOut};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -809,9 +809,11 @@ fn run_demo(args: DemoArgs) -> ExitCode {
 
 /// What clap's answer to the command line exits with: `--help` and `--version` 0 once printed
 /// (2 when they cannot be written: a script reading them must not take nothing for the
-/// text), a usage error 2.
+/// text; a reader that closed the pipe took what it wanted), a usage error 2.
 fn parse_outcome(e: &clap::Error) -> ExitCode {
-    let printed = e.print().is_ok() && std::io::Write::flush(&mut std::io::stdout()).is_ok();
+    let printed = reader_may_leave(e.print())
+        .and_then(|()| reader_may_leave(std::io::Write::flush(&mut std::io::stdout())))
+        .is_ok();
     match (e.use_stderr(), printed) {
         (false, true) => ExitCode::SUCCESS,
         (false, false) => {
@@ -1044,13 +1046,13 @@ fn usage_error(msg: &str) -> ExitCode {
 }
 
 /// `kvh completions SHELL`. The script is built in memory first: the generator panics on a
-/// failed write, and a closed pipe (`kvh completions bash | head`) must be an error, not a
-/// panic.
+/// failed write, and a full disk must be an error, not a panic (a closed pipe, `kvh
+/// completions bash | head`, is a reader that took what it wanted).
 fn print_completions(shell: clap_complete::Shell) -> ExitCode {
     use std::io::Write;
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "kvh", &mut script);
-    match std::io::stdout().lock().write_all(&script) {
+    match reader_may_leave(std::io::stdout().lock().write_all(&script)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => usage_error(&format!("cannot write the completion script: {e}")),
     }

@@ -242,7 +242,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         write_text(&mut out, &args.dir, &args.archive_dir, &report)
     };
     hint_checkpoint_dir(args, &report);
-    if let Err(e) = written {
+    if let Err(e) = crate::report_out::reader_may_leave(written) {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
         // What the verification found outranks a report that could not be written: a
         // script's `|| page` on a full disk must still learn of tampering.

@@ -430,7 +430,8 @@ fn metrics_one(args: &MetricsArgs, file: &Path) -> Result<i32, String> {
     } else {
         write_text(&mut out, &snap, &r)
     };
-    written.map_err(|e| format!("cannot write the report: {e}"))?;
+    crate::report_out::reader_may_leave(written)
+        .map_err(|e| format!("cannot write the report: {e}"))?;
     Ok(if r.ok { EXIT_OK } else { EXIT_FAILED })
 }
 
@@ -485,7 +486,8 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
     } else {
         write_processes_text(&mut out, &snaps, &all)
     };
-    written.map_err(|e| format!("cannot write the report: {e}"))?;
+    crate::report_out::reader_may_leave(written)
+        .map_err(|e| format!("cannot write the report: {e}"))?;
     Ok(if all.ok { EXIT_OK } else { EXIT_FAILED })
 }
 
