@@ -447,7 +447,8 @@ In Kubernetes, the inference container writes KVH_METRICS_FILE into a shared emp
 verb, in a sidecar container, serves it, so the inference process opens no port. GET /metrics \
 answers the file (Content-Type text/plain; version=0.0.4), or 503 when the file is missing, \
 not a metrics snapshot, or older than --max-age; the 503 body is the same in every case, and \
-the reason (which may quote the file) is written on stderr when it changes. The file is opened \
+the reason (by line and what is wrong, quoting nothing of the file, which may be a key \
+named by mistake) is written on stderr when it changes. The file is opened \
 without blocking and must be a regular file of at most 1 MiB. GET /healthz answers ok \
 while the sidecar runs. Other paths get 404, other methods 405. Requests are limited in size \
 (8 KiB) and time (5 s), and at most 32 connections are served at once; when all are taken, a \
@@ -477,13 +478,13 @@ Examples:
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Number of tenants (one thread each).
+    /// Number of tenants (one thread each), 1 to 64.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     tenants: u32,
-    /// Requests each tenant runs.
+    /// Requests each tenant runs, 1 to 100000.
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     requests: u32,
-    /// Tokens decoded per request (a KV block every 16 tokens).
+    /// Tokens decoded per request (a KV block every 16 tokens), 16 to 65536.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=65_536))]
     decode_tokens: u32,
     /// Sabotage one scrub of a freed block and one of a paged KV block on purpose and show

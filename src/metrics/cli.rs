@@ -34,8 +34,8 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// snapshot is refused: its age, hence its staleness, cannot be judged.
 pub const MAX_FUTURE_SECS: f64 = 5.0;
 
-/// The body of every 503 of `serve-metrics`: the details, which may quote the file, go to its
-/// stderr only.
+/// The body of every 503 of `serve-metrics`: the details (which name the file, and quote
+/// nothing of it) go to its stderr only.
 pub const UNAVAILABLE_BODY: &str =
     "kvh serve-metrics: metrics file missing, stale or not a kvhygiene snapshot\n";
 
@@ -603,7 +603,7 @@ pub struct FileRoutes {
 }
 
 /// Why nothing can be served: the kind of problem (said once while it lasts: a snapshot that
-/// keeps aging is one kind) and the message, which may quote the file.
+/// keeps aging is one kind) and the message, which names the file.
 type Unservable = (String, String);
 
 impl FileRoutes {
@@ -615,7 +615,7 @@ impl FileRoutes {
         }
     }
 
-    /// The exposition to serve now, or why there is none (which may quote the file).
+    /// The exposition to serve now, or why there is none (naming the file).
     pub fn check(&self, now: SystemTime) -> Result<String, String> {
         self.checked(now).map_err(|(_, why)| why)
     }
