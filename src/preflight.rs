@@ -481,7 +481,7 @@ fn with_room(c: &mut Check, dir: &Path) {
     if short_of_bytes.is_some() || short_of_files.is_some() {
         c.status = Status::Fail;
         c.detail = format!(
-            "{}: its file system has {said} left{}; the start-up needs at least {} KiB and {MIN_FREE_FILES} files there for its first records (make room, or archive old chains with kvh prune-log)",
+            "{}: its file system has {said} left{}; a log needs at least {} KiB and {MIN_FREE_FILES} files there for the start-up's records and those of its first minutes: a start-up may get past its first records, and then lose the next ones (make room, or archive old chains with kvh prune-log)",
             printable(&dir.display().to_string()),
             kept_back_said(short_of_bytes.map_or(0, |_| room.kept_back)),
             MIN_FREE_BYTES >> 10,
