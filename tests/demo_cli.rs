@@ -1516,3 +1516,51 @@ fn the_json_verify_command_runs_in_a_shell_when_the_directory_holds_another_chai
         "verify_command of a second run into the directory: {second}\n{out}{err}"
     );
 }
+
+/// `--metrics-file` in a directory this uid cannot write: refused before the run (2, naming
+/// the option and why), not after a whole run whose report then says the snapshot was lost.
+/// Shown for an unprivileged uid (65534) through `setpriv`, from root (root may write any
+/// directory).
+#[test]
+fn a_metrics_file_in_a_directory_this_uid_cannot_write_is_refused_before_the_run() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run kvh as another uid");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = tmp.path().join("kvh.prom");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_kvh"))
+        .args([
+            "demo",
+            "--backend",
+            "host",
+            "--tenants",
+            "1",
+            "--requests",
+            "1",
+        ])
+        .arg("--metrics-file")
+        .arg(&file)
+        .env_clear()
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    if stderr.contains("Permission denied") && !stderr.contains("--metrics-file") {
+        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("--metrics-file") && stderr.contains("not writable"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "the run went ahead: {stdout}");
+}

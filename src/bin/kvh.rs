@@ -649,6 +649,9 @@ fn run_demo(args: DemoArgs) -> ExitCode {
                 file.display()
             ));
         }
+        if let Err(e) = kvhygiene::metrics::textfile::check_writable_dir(&file) {
+            return usage_error(&format!("--metrics-file {}: {e}", file.display()));
+        }
         // The policy's KVH_METRICS_FILE may be a running server's snapshot, which its
         // probes and `kvh gate` read: the demo's counters (a drill's failures) must not
         // stand in for the server's, as its log and checkpoints must not mix with the run's.

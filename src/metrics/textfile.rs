@@ -51,6 +51,28 @@ pub fn replace_snapshot(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     write_atomic(path, contents)
 }
 
+/// Whether the snapshot at `path` can be written: its directory (which must exist) takes new
+/// files from this process, as the temporary file each write renames into place needs. Asked
+/// before a run that writes its snapshot only at the end (`kvh demo --metrics-file`), so that
+/// it fails before the run rather than after it.
+pub fn check_writable_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if crate::forensic::files::may_write(dir) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "its directory {} {}",
+            dir.display(),
+            crate::forensic::files::unwritable_said(dir)
+        ),
+    ))
+}
+
 /// Whether a snapshot may replace what is at `path`: nothing, an empty regular file or one of
 /// zero bytes throughout (a snapshot a power cut emptied, up to a snapshot's largest size),
 /// or a regular file whose first line is a kvhygiene snapshot's (`# HELP kvh_`, `# TYPE kvh_` or
