@@ -108,8 +108,10 @@ counters! {
     out_of_memory,
     oom_recoveries,
     backend_errors,
-    /// `kvh_scrub_blocks` calls that reached the device (also those that stopped part way);
-    /// then the blocks, segments and bytes they and the eviction gate's scrubs read back.
+    /// `kvh_scrub_blocks` calls accepted: those that reached the device (also those that
+    /// stopped part way) and those a graph capture stopped before their launch (their
+    /// `kv_scrub` record says why); then the blocks, segments and bytes they and the eviction
+    /// gate's scrubs read back.
     kv_scrub_calls,
     kv_blocks_scrubbed,
     kv_segments_scrubbed,

@@ -425,6 +425,8 @@ fn capture_and_exit_stop_the_call_without_a_false_verdict() {
         (c.backend_errors, c.kv_blocks_scrubbed, c.kv_blocks_failed),
         (0, 0, 0)
     );
+    // Accepted, as its metric's help says, and not a refusal of its input.
+    assert_eq!((c.kv_scrub_calls, c.kv_scrubs_refused), (1, 0));
     assert!(kv_events(&f, "kv_verify_failed").is_empty());
     // The attempt is on record: nothing verified, and why.
     let r = kv_record(&f, 0);

@@ -52,7 +52,7 @@ fn a_block_whose_scrub_the_backend_refused_is_quarantined() {
     assert!(c.verifications_failed >= 1, "{c:?}");
 }
 
-/// `kvh_kv_scrub_calls_total` counts "kvh_scrub_blocks calls that ran". A `kvh_claim_blocks`
+/// `kvh_kv_scrub_calls_total` counts the `kvh_scrub_blocks` calls accepted. A `kvh_claim_blocks`
 /// call whose eviction gate scrubbed blocks is a claim (`kvh_kv_claim_calls_total`, with the
 /// blocks in `kvh_kv_gate_scrubbed_blocks_total`), not a `kvh_scrub_blocks` call the engine
 /// made: an engine that never scrubs must not look as if it did.

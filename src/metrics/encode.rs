@@ -331,7 +331,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "kvh_scrub_blocks calls that ran (refused ones are counted apart)."
+        "kvh_scrub_blocks calls accepted: those that scrubbed (also part way) and those a CUDA graph capture stopped before their launch (their log record says why); calls refused for their input are counted apart."
     ),
     series!(
         "/counters/kv_scrub_batches",
