@@ -64,7 +64,10 @@ pub struct EvidenceArgs {
     /// (as the tenant of the request, or as the caller of a refused free), for a customer's
     /// audit or an incident. The whole log is still verified; starts, recoveries, summaries
     /// and lost records concern every tenant and stay in, and the counters stay each
-    /// process's own (they are not kept per tenant).
+    /// process's own (they are not kept per tenant). Ids are compared exactly: an id no
+    /// verified record of the log names, in the period or out of it, is an error (status 2,
+    /// no report) whose message lists the tenants the log names (the first 20, sorted), so a
+    /// mistyped id is not reported as a tenant without exceptions.
     #[arg(long, value_name = "ID", value_parser = tenant_id)]
     pub tenant: Option<String>,
 }
@@ -202,7 +205,9 @@ pub struct TenantScope {
     /// tenant's, or a thread's without a context): verified, not counted.
     pub records_left_out: u64,
     /// Whether any verified record names the tenant, in the audit period or out of it: a
-    /// period without its records is not a mistyped id.
+    /// period without its records is not a mistyped id. Always true in the report of a log
+    /// that verified (a tenant no verified record names is refused, status 2); false only in
+    /// that of a log that failed verification, whose unread records may name it.
     pub named_in_log: bool,
 }
 
@@ -427,7 +432,8 @@ pub struct Exception {
 
 /// Runs `kvh evidence`; returns the exit code: 0 the log verified and the report was
 /// written, 1 the log failed verification (the report says where; its figures cover only the
-/// chains that verified), 2 usage or I/O error, or no records.
+/// chains that verified), 2 usage or I/O error, no records, or a `--tenant` that no verified
+/// record of a log that verified names (the message lists the tenants it names).
 pub fn run_evidence(args: &EvidenceArgs) -> i32 {
     let evidence = match collect_with(args, |why| crate::say(format_args!("kvh evidence: {why}"))) {
         Ok(e) => e,
@@ -578,6 +584,15 @@ fn collect_once(
              or an edit); make the report again from a stable copy"
         ));
     }
+    // A tenant no verified record names is most likely a mistyped id: a report saying it has
+    // no exceptions would read as a clean bill. A log that failed verification is reported
+    // as such (its unread records may name the tenant, and its status must stay 1).
+    if let Some(own) = tally.tenant.as_deref() {
+        if !tally.tenant_named && ev.integrity.verified {
+            let unread = !ev.integrity.pruned.is_empty() && args.log.archive_dir.is_empty();
+            return Err(Try::Failed(tenant_not_named(own, &tally, unread)));
+        }
+    }
     ev.tenants = tally.tenants.len() as u64;
     ev.tenant = tally.tenant.as_ref().map(|t| TenantScope {
         tenant_id: t.clone(),
@@ -595,6 +610,63 @@ fn collect_once(
         ev.policy = Some(check_policies(&ev.processes, approved.to_vec()));
     }
     Ok(ev)
+}
+
+/// How many of the tenants a log names the error for a `--tenant` it does not name lists.
+const TENANTS_LISTED: usize = 20;
+
+/// The error for `--tenant own` that no verified record names: the tenants the verified
+/// records name (the first [`TENANTS_LISTED`] in sorted order), or that they name none;
+/// `unread` when records `prune-log` moved were not read. Every id is shown escaped
+/// ([`shown_id`]).
+fn tenant_not_named(own: &str, tally: &Tally, unread: bool) -> String {
+    let mut message = format!(
+        "no verified record of the log names tenant {}, in the audit period or out of it \
+         (tenant ids are compared exactly)",
+        shown_id(own)
+    );
+    let ids: Vec<String> = tally.log_tenants.iter().map(|t| shown_id(t)).collect();
+    message.push_str(&match (ids.len(), tally.log_tenants_more) {
+        (0, _) => ": the log names no tenant at all".to_string(),
+        (_, true) => format!(
+            "; the log names more than {TENANTS_LISTED} tenants, the first {TENANTS_LISTED} \
+             in sorted order: {}",
+            ids.join(", ")
+        ),
+        (1, false) => format!("; the log names one tenant: {}", ids[0]),
+        (n, false) => format!("; the log names {n} tenants: {}", ids.join(", ")),
+    });
+    if unread {
+        message.push_str(
+            "; records kvh prune-log moved to an archive were not read (give --archive-dir \
+             to read them)",
+        );
+    }
+    message
+}
+
+/// A tenant id from the log (or as given) for a terminal: quoted, with quotes, backslashes
+/// and control characters escaped as Rust writes them, and every character that displays as
+/// nothing escaped ([`crate::printable`]), so that no id can move the cursor, reorder the
+/// text or read as another.
+fn shown_id(id: &str) -> String {
+    crate::printable(&format!("{id:?}"))
+}
+
+/// Notes `id` among the least [`TENANTS_LISTED`] of `kept`; `more` is set once more distinct
+/// ids than that were seen. Memory stays bounded whatever the number of tenants.
+fn keep_least(kept: &mut BTreeSet<String>, more: &mut bool, id: &str) {
+    if kept.contains(id) {
+        return;
+    }
+    if kept.len() >= TENANTS_LISTED {
+        *more = true;
+        if kept.last().is_some_and(|last| last.as_str() < id) {
+            return;
+        }
+        kept.pop_last();
+    }
+    kept.insert(id.to_string());
 }
 
 /// Reads every chain that verified in `report` from its files in `chains`, up to its verified
@@ -1212,6 +1284,11 @@ struct Tally {
     records_of_others: u64,
     /// With `--tenant`: a verified record names it, in the period or out of it.
     tenant_named: bool,
+    /// With `--tenant`: the least [`TENANTS_LISTED`] other tenant ids the verified records
+    /// name, in the period or out of it, and whether they name more: what the error for a
+    /// tenant no record names lists ([`keep_least`]).
+    log_tenants: BTreeSet<String>,
+    log_tenants_more: bool,
 }
 
 /// Running state of one chain: the run (process) being read.
@@ -1410,9 +1487,14 @@ impl Tally {
             }
             _ => {}
         }
-        if let Some(own) = &self.tenant {
-            let names = |field: &str| record.get(field).and_then(Value::as_str) == Some(own);
-            self.tenant_named |= names("tenant_id") || names("caller_tenant_id");
+        if let Some(own) = self.tenant.as_deref() {
+            for field in ["tenant_id", "caller_tenant_id"] {
+                match record.get(field).and_then(Value::as_str) {
+                    Some(t) if t == own => self.tenant_named = true,
+                    Some(t) => keep_least(&mut self.log_tenants, &mut self.log_tenants_more, t),
+                    None => {}
+                }
+            }
         }
         // A record without a time cannot be placed in a period; every writer gives one.
         let in_period = ts.map_or(!self.period.is_set(), |t| self.period.contains(t));
@@ -1813,15 +1895,15 @@ fn render_tenant(t: &TenantScope, named: bool, i: &Integrity, push: &mut impl Fn
          tenant's block), that tenant's ids are shown as \"{ANOTHER_TENANT}\", as are those \
          of a caller that set no tenant id; the engine's free-form detail of an anomaly it \
          recorded is not shown.",
-        json_code(&t.tenant_id),
+        id_text(&t.tenant_id),
         t.records_left_out
     ));
     if !named && t.named_in_log {
         push(String::new());
-        push(
-            "No record of the audit period names this tenant; records outside the period do."
-                .into(),
-        );
+        push(format!(
+            "Tenant {} has records outside the audit period, but none in it.",
+            id_text(&t.tenant_id)
+        ));
     } else if !named {
         push(String::new());
         push(
@@ -2659,6 +2741,37 @@ mod tests {
                 "the heading of tenant {id:?} reads as that of tenant \"acme\""
             );
         }
+    }
+
+    /// The tenants listed for a mistyped `--tenant` are the least ones, whatever order the
+    /// log names them in, and `more` says only that there are more distinct ones.
+    #[test]
+    fn keep_least_keeps_the_least_distinct_ids_and_says_when_there_are_more() {
+        let (mut kept, mut more) = (BTreeSet::new(), false);
+        for i in (0..TENANTS_LISTED).rev().chain(0..TENANTS_LISTED) {
+            keep_least(&mut kept, &mut more, &format!("t-{i:02}"));
+        }
+        assert!(
+            !more,
+            "{TENANTS_LISTED} distinct ids, each named twice, are not more"
+        );
+        for i in [TENANTS_LISTED + 3, 0, TENANTS_LISTED + 1] {
+            keep_least(&mut kept, &mut more, &format!("t-{i:02}"));
+        }
+        keep_least(&mut kept, &mut more, "a");
+        let expected: BTreeSet<String> = std::iter::once("a".to_string())
+            .chain((0..TENANTS_LISTED - 1).map(|i| format!("t-{i:02}")))
+            .collect();
+        assert_eq!((kept, more), (expected, true));
+    }
+
+    #[test]
+    fn a_shown_id_is_quoted_and_escaped_for_a_terminal() {
+        assert_eq!(shown_id("acme"), "\"acme\"");
+        assert_eq!(
+            shown_id("a\u{1b}[2J\"b\\\u{202e}\u{200b}"),
+            "\"a\\u{1b}[2J\\\"b\\\\\\u{202e}\\u{200b}\""
+        );
     }
 
     #[test]
