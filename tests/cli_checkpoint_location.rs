@@ -43,11 +43,12 @@ fn signed_log() -> SignedLog {
 }
 
 fn verify(s: &SignedLog, checkpoint: Option<&Path>) -> (i32, String, String) {
+    verb("verify-log", s, checkpoint)
+}
+
+fn verb(name: &str, s: &SignedLog, checkpoint: Option<&Path>) -> (i32, String, String) {
     let mut c = kvh();
-    c.arg("verify-log")
-        .arg(&s.log)
-        .arg("--public-key")
-        .arg(&s.public);
+    c.arg(name).arg(&s.log).arg("--public-key").arg(&s.public);
     if let Some(p) = checkpoint {
         c.arg("--checkpoint").arg(p);
     }
@@ -82,6 +83,15 @@ fn checkpoints_kept_apart_fail_without_checkpoint_and_the_hint_names_it() {
     assert!(
         err.contains(&s.log.display().to_string()),
         "the hint does not name where it looked: {err}"
+    );
+
+    let (code, _, err) = verb("evidence", &s, Some(&s.ckpt));
+    assert_eq!(code, 0, "evidence with --checkpoint: {err}");
+    let (code, _, err) = verb("evidence", &s, None);
+    assert_eq!(code, 1, "evidence without --checkpoint: {err}");
+    assert!(
+        err.contains("--checkpoint") && err.contains("KVH_CHECKPOINT_DIR"),
+        "no hint of --checkpoint from evidence: {err}"
     );
 }
 

@@ -42,7 +42,8 @@ fn report_verbs_are_quiet_when_the_reader_left_and_keep_their_status() {
         .arg(&metrics));
     assert_eq!(code, 0, "demo: {err}");
     let (log, metrics) = (log.as_os_str(), metrics.as_os_str());
-    let cases: [&[&std::ffi::OsStr]; 8] = [
+    let cases: [&[&std::ffi::OsStr]; 9] = [
+        &["evidence".as_ref(), log],
         &[
             "demo".as_ref(),
             "--backend".as_ref(),

@@ -241,7 +241,8 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     } else {
         write_text(&mut out, &args.dir, &args.archive_dir, &report)
     };
-    hint_checkpoint_dir(args, &report);
+    let problems = report.chains.iter().filter_map(|c| c.problem.as_ref());
+    hint_checkpoint_dir(args, problems.map(|p| p.reason.as_str()));
     if let Err(e) = crate::report_out::reader_may_leave(written) {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
         // What the verification found outranks a report that could not be written: a
@@ -368,14 +369,16 @@ fn refuse_other_log_file(p: &Path) -> Result<(), String> {
 /// is there while a chain has none: the likely cause is a writer that keeps them apart
 /// (`KVH_CHECKPOINT_DIR`), which the report's "checkpoint deleted, or never written" does not
 /// suggest. Said on stderr beside the verdict, which stands.
-pub(crate) fn hint_checkpoint_dir(args: &VerifyLogArgs, report: &Report) {
+pub(crate) fn hint_checkpoint_dir<'a>(
+    args: &VerifyLogArgs,
+    problems: impl IntoIterator<Item = &'a str>,
+) {
     if args.checkpoint.is_some() || args.public_key.is_empty() {
         return;
     }
-    let uncovered = report
-        .chains
-        .iter()
-        .any(|c| c.checkpoints_checked && c.checkpoint_seq.is_none());
+    let uncovered = problems
+        .into_iter()
+        .any(|p| p.contains(super::verify::NO_CHECKPOINT));
     let none_here = super::checkpoint::find(&args.dir).is_ok_and(|found| found.is_empty());
     if uncovered && none_here {
         crate::say(format_args!(

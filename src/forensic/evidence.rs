@@ -450,7 +450,9 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
     } else {
         out.write_all(render(&evidence).as_bytes())
     };
-    if let Err(e) = written {
+    let problems = evidence.integrity.problems.iter().map(String::as_str);
+    super::cli::hint_checkpoint_dir(&args.log, problems);
+    if let Err(e) = crate::report_out::reader_may_leave(written) {
         crate::say(format_args!("kvh evidence: cannot write the report: {e}"));
         // A log that failed verification is still reported as such (1).
         if evidence.integrity.verified {

@@ -795,12 +795,16 @@ fn whole_chain_archived(
             c.seq, tail.last_seq
         )),
         None if rep.checkpoints_checked => Err(format!(
-            "no checkpoint for chain {chain} signed by the pinned public key: its end cannot be \
+            "{NO_CHECKPOINT} {chain} signed by the pinned public key: its end cannot be \
              checked (checkpoint deleted, or never written)"
         )),
         None => Ok(()),
     }
 }
+
+/// How the problem of a chain without a checkpoint, under a pinned key, begins: the verbs
+/// look for it to add where checkpoints were looked for (`cli::hint_checkpoint_dir`).
+pub(crate) const NO_CHECKPOINT: &str = "no checkpoint for chain";
 
 /// Why `allow_pruned` without the HMAC key is refused: only a manifest whose MAC verifies
 /// may stand in for files.
@@ -1318,7 +1322,7 @@ fn verify_chain(
             file: last_line.0,
             line: last_line.1 + 1,
             reason: format!(
-                "no checkpoint for chain {chain} signed by the pinned public key: \
+                "{NO_CHECKPOINT} {chain} signed by the pinned public key: \
                  its end cannot be checked (checkpoint deleted, or never written)"
             ),
         });
