@@ -274,7 +274,8 @@ longer verifies, it writes a line {\"kvh_tail_log\": \"tampering\", \"chain\": .
 
 By default the records already in the log are not passed on, only those written from the \
 first pass on (--from-start passes them all); a chain that appears later is passed on whole. \
-With --state FILE a restarted tail goes on where it stopped.
+With --state FILE a restarted tail goes on where it stopped; one tail per state file (a \
+second one given it while the first runs is refused, 2).
 
 On a large log the whole verifications are spaced out (--verify-every; by default they take \
 at most a tenth of one core): the passes between them check each chain's new records from \

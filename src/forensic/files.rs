@@ -1106,8 +1106,22 @@ fn lock_within(f: &File, wait: std::time::Duration) -> bool {
 /// kernel drops it when the process dies, however it dies, which is how a crashed chain is
 /// told apart from one still being written by another process.
 pub fn try_lock(f: &File) -> bool {
+    matches!(try_lock_or_error(f), Ok(true))
+}
+
+/// [`try_lock`], telling a lock held through another open file (`Ok(false)`) from a failure
+/// to lock (`Err`: no lock records left, a file system that refuses locks).
+pub fn try_lock_or_error(f: &File) -> io::Result<bool> {
     // SAFETY: the descriptor is valid for the lifetime of `f`; flock has no memory effects.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 /// fsync of the directory, so a created or renamed entry survives a power failure.

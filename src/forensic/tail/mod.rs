@@ -83,7 +83,9 @@ pub struct TailLogArgs {
     /// So is a stdout that is /dev/null (or closed), which would mark records passed on that
     /// nobody received. Passed on means written to stdout: records still unread in a pipe
     /// when its reader died are not passed on again, so a shipper that can die with unread
-    /// input reads from a file the tail appends to, not from a pipe.
+    /// input reads from a file the tail appends to, not from a pipe. One tail per state
+    /// file: a tail locks it for its whole run (through FILE.lock beside it, which is kept),
+    /// and a second tail given it meanwhile is refused at once (exit 2).
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
     /// Make one pass, then exit (0, or 1 on tampering): for a scheduled job, with --state.
@@ -175,7 +177,9 @@ enum Stop {
 /// Runs `kvh tail-log`; returns the exit code (it returns only with `--once`, on tampering
 /// or on an error).
 pub fn run_tail_log(args: &TailLogArgs) -> i32 {
-    match tail(args) {
+    // The `--state` file's lock, held until the tail has said how it ended.
+    let mut lock = None;
+    match tail(args, &mut lock) {
         Ok(()) => EXIT_OK,
         Err(Stop::Tampered { chain, reason }) => {
             // The reason may quote names and text planted in the directory: escaped on the
@@ -202,7 +206,8 @@ pub fn run_tail_log(args: &TailLogArgs) -> i32 {
     }
 }
 
-fn tail(args: &TailLogArgs) -> Result<(), Stop> {
+/// The tail; `lock` receives the `--state` file's lock, for the caller to hold until the end.
+fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
     if args.log.json {
         return Err(Stop::Error(
             "--json: tail-log always writes JSON lines (the records themselves)".into(),
@@ -217,6 +222,9 @@ fn tail(args: &TailLogArgs) -> Result<(), Stop> {
         Some(path) => {
             check_state_dir(path).map_err(Stop::Error)?;
             refuse_null_stdout(path).map_err(Stop::Error)?;
+            // Before the state is read: one tail at a time reads it, passes on from it and
+            // saves it.
+            *lock = Some(lock_state(path).map_err(Stop::Error)?);
             load_state(path).map_err(Stop::Error)?
         }
         None => None,
@@ -1105,6 +1113,96 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `flock`s on the `--state` file's lock files, held for the life of the value (the kernel
+/// drops them when the process ends, however it ends).
+struct StateLock(#[allow(dead_code)] Vec<std::fs::File>);
+
+/// Locks the `--state` file `path` against another `kvh tail-log`, which would pass every
+/// record on a second time and overwrite this one's positions with its own: refused at once,
+/// not waited for.
+///
+/// The lock is on a file of its own beside the state file, `NAME.lock`, not on the state
+/// file: that is replaced by a rename at every save, so a lock on its inode would be left on
+/// a file no longer named, and the next tail would lock the new one. The lock file is never
+/// written, and never removed (a tail that opened it just before a removal would lock an
+/// inode no longer named while another locked a new file at the name). An `flock` belongs to
+/// the inode, so every spelling of the path (relative, `..`, through a linked directory)
+/// meets the same lock. A state file named through a link is read from the file the link
+/// names and saved at the link's name (the rename replaces the link), so both are locked.
+/// Opened close-on-exec (nothing started later inherits it), without following a link at
+/// its name and without waiting on a FIFO there; it must be an empty regular file (a file
+/// with content is not one a tail made: another tail's state file, say).
+fn lock_state(path: &Path) -> Result<StateLock, String> {
+    let mut held = Vec::new();
+    for lock in lock_paths(path)? {
+        held.push(lock_one(path, &lock)?);
+    }
+    Ok(StateLock(held))
+}
+
+/// Takes the lock file `lock` of the `--state` file `path`.
+fn lock_one(path: &Path, lock: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let said = |what: String| {
+        format!(
+            "--state {}: its lock file {}: {what}",
+            path.display(),
+            lock.display()
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(lock)
+        .map_err(|e| {
+            said(match e.raw_os_error() {
+                Some(libc::ELOOP) => {
+                    "a symbolic link, not a lock file of kvh tail-log (remove it)".into()
+                }
+                _ => format!("cannot be created or opened: {e}"),
+            })
+        })?;
+    let meta = file.metadata().map_err(|e| said(e.to_string()))?;
+    if !meta.is_file() || meta.len() != 0 {
+        return Err(said(
+            "not a lock file of kvh tail-log (those are empty regular files); move it away, \
+             or name the state file otherwise"
+                .into(),
+        ));
+    }
+    match files::try_lock_or_error(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(format!(
+            "--state {}: another kvh tail-log is using this state file (it holds the lock on \
+             {}); run one tail per state file",
+            path.display(),
+            lock.display()
+        )),
+        Err(e) => Err(said(format!("cannot be locked: {e}"))),
+    }
+}
+
+/// The lock files of the `--state` file `path`: `NAME.lock` beside it and, when it is a
+/// link, beside the file it links to.
+fn lock_paths(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let beside = |file: &Path| {
+        let mut name = file.file_name()?.to_os_string();
+        name.push(".lock");
+        Some(file.with_file_name(name))
+    };
+    let own = beside(path).ok_or_else(|| format!("--state {}: names no file", path.display()))?;
+    let mut paths = vec![own];
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        // A dangling link is refused when the state is read.
+        if let Some(linked) = std::fs::canonicalize(path).ok().as_deref().and_then(beside) {
+            paths.push(linked);
+        }
+    }
+    Ok(paths)
 }
 
 /// Refuses a `--state` directory marked append-only or immutable: the state file is
