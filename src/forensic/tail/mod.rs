@@ -1117,7 +1117,9 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
 
 /// `flock`s on the `--state` file's lock files, held for the life of the value (the kernel
 /// drops them when the process ends, however it ends).
-struct StateLock(#[allow(dead_code)] Vec<std::fs::File>);
+struct StateLock {
+    _held: Vec<std::fs::File>,
+}
 
 /// Locks the `--state` file `path` against another `kvh tail-log`, which would pass every
 /// record on a second time and overwrite this one's positions with its own: refused at once,
@@ -1139,7 +1141,7 @@ fn lock_state(path: &Path) -> Result<StateLock, String> {
     for lock in lock_paths(path)? {
         held.push(lock_one(path, &lock)?);
     }
-    Ok(StateLock(held))
+    Ok(StateLock { _held: held })
 }
 
 /// Takes the lock file `lock` of the `--state` file `path`.
