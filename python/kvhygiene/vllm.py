@@ -226,6 +226,15 @@ def _manager_block_layout(name: str, kv, num_blocks: int) -> KvLayout:
             f"layer {name}: its cache of shape {shape} does not count the {num_blocks} KV "
             "blocks (or a whole number of kernel blocks for each) in its first dimension"
         )
+    # A cache with K and V first, ``[2, N, ...]``, fails the count above unless N divides 2.
+    # With N = 1 its one block is the whole tensor, either way; with N = 2 and another
+    # dimension of 2, the shape cannot tell K-and-V-first from blocks-first, and taking the
+    # wrong one would lay block 1 over both blocks' V: refused rather than guessed.
+    if num_blocks == 2 and shape[0] == 2 and 2 in shape[1:]:
+        raise ValueError(
+            f"layer {name}: its cache of shape {shape} with 2 KV blocks is ambiguous: its "
+            "first dimension may be the blocks or K and V; run with more KV cache blocks"
+        )
     esize = kv.element_size()
     block = stride[0] * esize
     outer = [d for d in range(1, len(shape)) if shape[d] > 1 and stride[d] * esize > block]

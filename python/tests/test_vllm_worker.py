@@ -147,6 +147,17 @@ def test_a_cache_the_gate_cannot_lay_out_is_refused_naming_the_layer(cache, matc
         layouts_of_runner(_runner({"l0": cache}))
 
 
+def test_a_two_block_cache_whose_first_dimension_may_be_k_and_v_is_refused():
+    """``[2, N, ...]`` with N = 2 reads as blocks-first as well: taken so, "block 1" would be
+    the V halves of both blocks, and a claim of it would zero another request's V."""
+    kv_first = FakeTensor(0x100000, (2, 2, TOKENS, HEADS, 8), element_size=2, device_index=0)
+    with pytest.raises(ValueError, match="layer l0: .*ambiguous"):
+        layouts_of_runner(_runner({"l0": kv_first}, num_blocks=2))
+    # One block: the whole tensor is its bytes, whichever dimension is which.
+    (layout,), _ = layouts_of_runner(_runner({"l0": kv_first}, num_blocks=1))
+    assert [(r, layout.block_bytes) for r in layout.regions] == [(0x100000, 2 * 2 * PAGE)]
+
+
 def test_a_runner_without_kv_blocks_is_refused_naming_the_count():
     runner = _runner({"l0": _layer(0x100000)}, num_blocks=0)
     with pytest.raises(ValueError, match="num_blocks is 0"):
