@@ -385,7 +385,8 @@ pub fn adopt(
             continue;
         }
         // A chain that names a signer is continued only by that signer. One that names none
-        // may gain one: if its writer did not sign, it has no checkpoint an old key could
+        // may gain one (if sealed: an unsealed one, below, only at that signer's own
+        // checkpoint): if its writer did not sign, it has no checkpoint an old key could
         // stand in for (and one before the signer is named fails verification); if its
         // writer signed before records named signers, its checkpoint names no key, and
         // until our checkpoint replaces it verifiers report the chain as not bound.
@@ -393,6 +394,23 @@ pub fn adopt(
             continue;
         }
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
+            continue;
+        }
+        // Without an HMAC key nothing shows who wrote a record: a signing writer continues
+        // an unsealed chain only up to where its own signed checkpoint already vouches, lest
+        // its next checkpoint vouch for records it cannot tell from forged ones (a whole
+        // chain planted in the log directory, or records rewritten after the last
+        // checkpoint). Such a chain is left as it ended: its records after the checkpoint
+        // are reported as such by the verifiers.
+        if key.is_none()
+            && signer.is_some()
+            && !own_checkpoint_at(ckpt_dir, chain, &head.tail, signer)
+        {
+            continue;
+        }
+        // The next record's seq would not fit (a planted record's seq; a writer never gets
+        // there).
+        if head.tail.seq == u64::MAX {
             continue;
         }
         if !head.links(chain, &file, len, dir) {
@@ -442,6 +460,37 @@ pub fn adopt(
         }));
     }
     Ok(None)
+}
+
+/// Whether the checkpoint of `chain` in `ckpt_dir` is signed by `signer` (hex of the public
+/// key) and covers `tail`, the chain's last whole record: either it is at `tail`, or `tail`
+/// is the `checkpoint` record a writer appends right after signing, which holds nothing the
+/// signed checkpoint does not fix but its time. Every record to be continued is then one that
+/// signer vouched for already.
+fn own_checkpoint_at(ckpt_dir: &Path, chain: &str, tail: &Tail, signer: Option<&str>) -> bool {
+    let Some((hex_key, key)) = signer.and_then(|s| {
+        let bytes = parse_hash(s)?;
+        Some((s, ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()?))
+    }) else {
+        return false;
+    };
+    let Ok(c) = checkpoint::read(&checkpoint::path_for(ckpt_dir, chain), &[key]) else {
+        return false;
+    };
+    if c.chain != chain {
+        return false;
+    }
+    if c.seq == tail.seq {
+        return c.hash == tail.hash;
+    }
+    let r = &tail.record;
+    let text = |field: &str| r.get(field).and_then(Value::as_str);
+    c.seq.checked_add(1) == Some(tail.seq)
+        && text("kind") == Some("checkpoint")
+        && text("prev").and_then(parse_hash) == Some(c.hash)
+        && r.get("ckpt_seq").and_then(Value::as_u64) == Some(c.seq)
+        && text("ckpt_file") == Some(c.file.as_str())
+        && text("signer") == Some(hex_key)
 }
 
 /// The signer `line` names, when it is a `start`, `recovery`, `rotate` or `checkpoint`
