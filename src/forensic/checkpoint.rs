@@ -57,7 +57,7 @@ impl Checkpoint {
 }
 
 /// The name of `chain`'s checkpoint file.
-fn file_name_of(chain: &str) -> String {
+pub(crate) fn file_name_of(chain: &str) -> String {
     format!("kvh-{chain}.ckpt")
 }
 

@@ -1090,8 +1090,17 @@ impl ChainWriter {
     /// Removes file 0 of a chain whose start failed: it holds no record that counts (none, part
     /// of one, or one that is not durable), and left behind it would be a chain that no process
     /// continues and no verification accepts, which would also keep prune-log from freeing
-    /// the disk.
+    /// the disk. Its checkpoint goes too, when one was installed before the start failed (the
+    /// directory's fsync after the rename): left, it would name a chain whose files are gone,
+    /// which verification reports as files deleted. The chain is this process's own (its id
+    /// names the process and the time it started), so no other writer's checkpoint is at
+    /// that name.
     fn remove_new_chain(&self) {
+        if let Some(ckpt) = &self.ckpt {
+            if ckpt.remove(&checkpoint::file_name_of(&self.chain)).is_ok() {
+                let _ = ckpt.sync();
+            }
+        }
         let _ = self.log_dir.remove(&files::file_name(&self.chain, 0));
         let _ = self.log_dir.sync();
     }
@@ -1661,6 +1670,35 @@ mod tests {
             "the chain of a process whose first fsync failed: {:?}",
             r.first_problem()
         );
+    }
+
+    /// A start-up that fails after its first checkpoint was installed (the checkpoint
+    /// directory's fsync) takes back the chain whole: neither file 0 nor the checkpoint is
+    /// left, so no verification finds a checkpoint of a chain whose files are gone.
+    #[test]
+    fn a_new_chain_removed_takes_its_checkpoint_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
+        let cfg = LogConfig {
+            signing_key_file: Some(key),
+            ..test_cfg(&dir)
+        };
+        let w = open_with(&cfg, Arc::new(Shared::default()));
+        let names = || -> Vec<String> {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let ckpt = checkpoint::file_name_of(&w.chain);
+        assert!(
+            names().contains(&ckpt),
+            "no first checkpoint: {:?}",
+            names()
+        );
+        w.remove_new_chain();
+        assert!(names().is_empty(), "left behind: {:?}", names());
     }
 
     /// A failed fsync of the directory at a rotation (the new file's entry may not be
