@@ -72,8 +72,7 @@ fn a_planted_unsealed_chain_gains_no_checkpoint_of_the_genuine_signer() {
     let before = verify(&dir, &s.opts);
     assert!(!before.ok(), "a chain without a checkpoint passed");
 
-    let log = ForensicLog::open_with_secret(&signed_cfg(&dir, &s), start(), None).unwrap();
-    log.stop();
+    restart(&dir, &s);
     let after = verify(&dir, &s.opts);
     assert!(
         !after.ok(),
@@ -140,8 +139,15 @@ fn wait_for_checkpoint_of_last_record(dir: &Path, opts: &VerifyOptions) {
     }
 }
 
+/// A genuine start-up of a signing writer without an HMAC key on `dir`, and its stop.
+fn restart(dir: &Path, s: &Signer) {
+    let log = ForensicLog::open_with_secret(&signed_cfg(dir, s), start(), None).unwrap();
+    log.stop();
+}
+
 /// Runs [`writer_child_entry`] on `dir` and waits for it to die.
-fn crashed_writer(dir: &Path, s: &Signer, public: &Path, mode: &str) {
+fn crashed_writer(dir: &Path, s: &Signer, mode: &str) {
+    let public = s.key.with_extension("pub");
     let spec = format!(
         "{}|{}|{}|{}|{mode}",
         dir.display(),
@@ -166,8 +172,7 @@ fn records_after_the_last_checkpoint_of_an_unsealed_chain_are_not_vouched_for() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let s = signer(tmp.path());
-    let public = s.key.with_extension("pub");
-    crashed_writer(&dir, &s, &public, "between-checkpoints");
+    crashed_writer(&dir, &s, "between-checkpoints");
     let files = chain_files(&dir);
     let n = read_lines(files.last().unwrap()).len();
     forge_from(&files, files.len() - 1, n, None, |m| {
@@ -182,8 +187,7 @@ fn records_after_the_last_checkpoint_of_an_unsealed_chain_are_not_vouched_for() 
         before.chains
     );
 
-    let log = ForensicLog::open_with_secret(&signed_cfg(&dir, &s), start(), None).unwrap();
-    log.stop();
+    restart(&dir, &s);
     assert_eq!(
         chains(&dir),
         2,
@@ -205,10 +209,8 @@ fn an_unsealed_chain_ending_at_its_own_checkpoint_is_continued() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = log_dir(&tmp);
     let s = signer(tmp.path());
-    let public = s.key.with_extension("pub");
-    crashed_writer(&dir, &s, &public, "at-checkpoint");
-    let log = ForensicLog::open_with_secret(&signed_cfg(&dir, &s), start(), None).unwrap();
-    log.stop();
+    crashed_writer(&dir, &s, "at-checkpoint");
+    restart(&dir, &s);
     assert_eq!(
         chains(&dir),
         1,

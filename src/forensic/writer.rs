@@ -1512,6 +1512,17 @@ mod tests {
         }
     }
 
+    /// A log directory in `tmp` and [`test_cfg`] for it, with a signing key made in `tmp`.
+    fn signed_test_cfg(tmp: &Path) -> (PathBuf, LogConfig) {
+        let dir = tmp.join("log");
+        let (key, _) = crate::forensic::cli::keygen(&tmp.join("signer")).unwrap();
+        let cfg = LogConfig {
+            signing_key_file: Some(key),
+            ..test_cfg(&dir)
+        };
+        (dir, cfg)
+    }
+
     fn open_with(cfg: &LogConfig, shared: Arc<Shared>) -> ChainWriter {
         let start = StartInfo::current(Config::default().canonical_json());
         ChainWriter::open(cfg, &start, None, shared).unwrap()
@@ -1678,12 +1689,7 @@ mod tests {
     #[test]
     fn a_new_chain_removed_takes_its_checkpoint_with_it() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("log");
-        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-        let cfg = LogConfig {
-            signing_key_file: Some(key),
-            ..test_cfg(&dir)
-        };
+        let (dir, cfg) = signed_test_cfg(tmp.path());
         let w = open_with(&cfg, Arc::new(Shared::default()));
         let names = || -> Vec<String> {
             std::fs::read_dir(&dir)
@@ -1707,12 +1713,7 @@ mod tests {
     #[test]
     fn a_failed_directory_fsync_at_a_rotation_stops_the_checkpoints() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("log");
-        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-        let cfg = LogConfig {
-            signing_key_file: Some(key),
-            ..test_cfg(&dir)
-        };
+        let (dir, cfg) = signed_test_cfg(tmp.path());
         let shared = Arc::new(Shared::default());
         let mut w = open_with(&cfg, shared.clone());
         let len = small_written(&mut w, 1);
@@ -1887,12 +1888,7 @@ mod tests {
     #[test]
     fn a_checkpoint_signed_with_records_buffered_covers_only_the_records_written() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("log");
-        let (key, _) = crate::forensic::cli::keygen(&tmp.path().join("signer")).unwrap();
-        let cfg = LogConfig {
-            signing_key_file: Some(key),
-            ..test_cfg(&dir)
-        };
+        let (dir, cfg) = signed_test_cfg(tmp.path());
         let mut w = open_with(&cfg, Arc::new(Shared::default()));
         let len = small_written(&mut w, 1);
         // The next record rotates the file; the write of the new file's first batch fails.
