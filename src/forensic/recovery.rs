@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
 use super::checkpoint;
@@ -285,7 +286,7 @@ pub fn check_chain_files(dir: &Path) -> Result<usize, ForensicError> {
 }
 
 /// Finds and locks a crashed chain in `dir` that the key (or its absence) can continue, and
-/// whose writer signed with `signer` (the public key, hex; `None`: no signing key) or did not
+/// whose writer signed with `signer` (the public key; `None`: no signing key) or did not
 /// sign, so that a chain is signed by one key at most. Files with a wrong owner or mode, or planted
 /// symlinks, are refused with an error. `ckpt_dir` is where the chains' checkpoints are: a
 /// chain whose checkpoint is ahead of (or disagrees with) what is on disk lost records and is
@@ -294,8 +295,11 @@ pub fn adopt(
     dir: &Path,
     ckpt_dir: &Path,
     key: Option<&mut EpochKey>,
-    signer: Option<&str>,
+    signer: Option<&VerifyingKey>,
 ) -> Result<Option<Adopted>, ForensicError> {
+    // As the records name it.
+    let signer_hex = signer.map(|k| super::record::hex(k.as_bytes()));
+    let signer_hex = signer_hex.as_deref();
     // Every chain first: whether a refused file stops the start-up must not depend on which
     // chain sorts first, nor differ from what `kvh preflight` found.
     check_chain_files(dir)?;
@@ -390,7 +394,7 @@ pub fn adopt(
         // stand in for (and one before the signer is named fails verification); if its
         // writer signed before records named signers, its checkpoint names no key, and
         // until our checkpoint replaces it verifiers report the chain as not bound.
-        if head.signer.is_some() && head.signer.as_deref() != signer {
+        if head.signer.is_some() && head.signer.as_deref() != signer_hex {
             continue;
         }
         if !checkpoint_agrees(dir, ckpt_dir, chain, &head.tail) {
@@ -402,10 +406,8 @@ pub fn adopt(
         // chain planted in the log directory, or records rewritten after the last
         // checkpoint). Such a chain is left as it ended: its records after the checkpoint
         // are reported as such by the verifiers.
-        if key.is_none()
-            && signer.is_some()
-            && !own_checkpoint_at(ckpt_dir, chain, &head.tail, signer)
-        {
+        let vouched = |signer| own_checkpoint_at(ckpt_dir, chain, &head.tail, signer);
+        if key.is_none() && signer.is_some_and(|k| !vouched(k)) {
             continue;
         }
         // The next record's seq would not fit (a planted record's seq; a writer never gets
@@ -462,19 +464,13 @@ pub fn adopt(
     Ok(None)
 }
 
-/// Whether the checkpoint of `chain` in `ckpt_dir` is signed by `signer` (hex of the public
-/// key) and covers `tail`, the chain's last whole record: either it is at `tail`, or `tail`
-/// is the `checkpoint` record a writer appends right after signing, which holds nothing the
-/// signed checkpoint does not fix but its time. Every record to be continued is then one that
-/// signer vouched for already.
-fn own_checkpoint_at(ckpt_dir: &Path, chain: &str, tail: &Tail, signer: Option<&str>) -> bool {
-    let Some((hex_key, key)) = signer.and_then(|s| {
-        let bytes = parse_hash(s)?;
-        Some((s, ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()?))
-    }) else {
-        return false;
-    };
-    let Ok(c) = checkpoint::read(&checkpoint::path_for(ckpt_dir, chain), &[key]) else {
+/// Whether the checkpoint of `chain` in `ckpt_dir` is signed by `signer` and covers `tail`,
+/// the chain's last whole record: either it is at `tail`, or `tail` is the `checkpoint`
+/// record a writer appends right after signing, which holds nothing the signed checkpoint
+/// does not fix but its time. Every record to be continued is then one that signer vouched
+/// for already.
+fn own_checkpoint_at(ckpt_dir: &Path, chain: &str, tail: &Tail, signer: &VerifyingKey) -> bool {
+    let Ok(c) = checkpoint::read(&checkpoint::path_for(ckpt_dir, chain), &[*signer]) else {
         return false;
     };
     if c.chain != chain {
@@ -490,7 +486,7 @@ fn own_checkpoint_at(ckpt_dir: &Path, chain: &str, tail: &Tail, signer: Option<&
         && text("prev").and_then(parse_hash) == Some(c.hash)
         && r.get("ckpt_seq").and_then(Value::as_u64) == Some(c.seq)
         && text("ckpt_file") == Some(c.file.as_str())
-        && text("signer") == Some(hex_key)
+        && text("signer") == Some(super::record::hex(signer.as_bytes()).as_str())
 }
 
 /// The signer `line` names, when it is a `start`, `recovery`, `rotate` or `checkpoint`

@@ -206,8 +206,8 @@ impl ChainWriter {
         };
         // Taken at epoch 0, before recovery ratchets the key to a crashed chain's epoch.
         let key_id = key.as_ref().map(EpochKey::key_id);
-        let signer = signing.as_ref().map(|k| hex(k.verifying_key().as_bytes()));
-        let adopted = recovery::adopt(&dir, &ckpt_dir, key.as_mut(), signer.as_deref())?;
+        let verifying = signing.as_ref().map(HeldSigningKey::verifying_key);
+        let adopted = recovery::adopt(&dir, &ckpt_dir, key.as_mut(), verifying.as_ref())?;
         let now = SystemTime::now();
         let (chain, index, file, file_len, next_seq, prev) = match &adopted {
             Some(a) => (
