@@ -99,8 +99,12 @@ fn checkpoints_kept_apart_fail_without_checkpoint_and_the_hint_names_it() {
 fn another_file_of_the_log_given_as_checkpoint_is_a_usage_error() {
     let s = signed_log();
     let chain_file = first_with_extension(&s.log, "jsonl");
+    // Judged by its name, as a manifest prune-log writes beside the chain files.
+    let manifest = s.ckpt.with_file_name("kvh-p1-t1.pruned.json");
+    std::fs::write(&manifest, b"{}").unwrap();
     for (given, what) in [
         (&chain_file, "a chain file of the log"),
+        (&manifest, "a prune manifest"),
         (&s.public, "a key file"),
         (&s.private, "a key file"),
     ] {
