@@ -311,40 +311,34 @@ fn a_tail_with_another_state_file_on_the_same_log_is_not_refused() {
 fn a_lock_file_that_cannot_be_made_is_an_error_naming_it() {
     let s = setup();
     let lock = s.states.join("tail.json.lock");
+    // A run refused with exit 2 naming the lock file, before any record is passed on.
+    let refused = |what: &str| {
+        let out = tail_once(&s.dir, &s.state);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && err.contains(&lock.display().to_string()),
+            "{what} at the lock file's name: exit {:?}, stderr: {err}",
+            out.status.code()
+        );
+        assert!(
+            out.stdout.is_empty() && !s.state.exists(),
+            "{what}: records passed on"
+        );
+    };
     std::fs::create_dir(&lock).unwrap();
-    let out = tail_once(&s.dir, &s.state);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) && err.contains(&lock.display().to_string()),
-        "a directory at the lock file's name: exit {:?}, stderr: {err}",
-        out.status.code()
-    );
-    assert!(!s.state.exists(), "the state file was written");
+    refused("a directory");
     std::fs::remove_dir(&lock).unwrap();
 
     let target = s.tmp.path().join("elsewhere");
     std::os::unix::fs::symlink(&target, &lock).unwrap();
-    let out = tail_once(&s.dir, &s.state);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) && err.contains(&lock.display().to_string()),
-        "a link at the lock file's name: exit {:?}, stderr: {err}",
-        out.status.code()
-    );
+    refused("a link");
     assert!(!target.exists(), "the link was followed");
-    assert!(out.stdout.is_empty() && !s.state.exists());
     std::fs::remove_file(&lock).unwrap();
 
     // Not empty: not a lock file the tail made (another tail's state file, say, named as
     // this one's lock), which a tail must not take as its lock.
     std::fs::write(&lock, b"{\"chains\": {}}\n").unwrap();
-    let out = tail_once(&s.dir, &s.state);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) && err.contains(&lock.display().to_string()),
-        "a file with content at the lock file's name: exit {:?}, stderr: {err}",
-        out.status.code()
-    );
+    refused("a file with content");
     std::fs::remove_file(&lock).unwrap();
     assert_ok(&tail_once(&s.dir, &s.state), "with the name free again");
 }
