@@ -164,7 +164,6 @@ _lib_path: Optional[str] = None
 _lib_loaded: Optional[_Loaded] = None
 _allocator = None
 _reset_hook_installed = False
-_local = threading.local()
 
 
 def _candidates(path: Optional[str]) -> list:
@@ -698,10 +697,6 @@ class _Entry:
 #: rather than a thread-local: tasks that take turns on one thread each keep their own.
 _entered: contextvars.ContextVar = contextvars.ContextVar("kvhygiene_contexts", default=())
 
-#: Not given to the library yet on this thread (a thread's ids start cleared there).
-_UNSET = object()
-
-
 def _innermost():
     """The ids of the innermost context that holds here, or ``None``: entries abandoned (left
     in another context than the one that entered them) are skipped."""
@@ -712,13 +707,18 @@ def _innermost():
 
 
 def _resync_context() -> None:
-    """Gives the library this execution context's ids for the calling thread when they are not
-    the ones it holds: the library keeps ids per thread, and another task on this thread, or a
-    context left from another thread, may have set others meanwhile. Before a call whose
-    effect depends on whose request is served (a claim, a scrub)."""
-    ids = _innermost()
-    if getattr(_local, "applied", _UNSET) != ids:
-        _set(ids)
+    """Gives the library this execution context's ids for the calling thread, before a call
+    whose effect depends on whose request is served (a claim, a scrub): the library keeps ids
+    per thread, and another task on this thread, a context left from another thread, native
+    code or another green thread (gevent, eventlet) on this thread may have set others
+    meanwhile.
+
+    Given every time rather than only when they differ from the ids this package gave last:
+    no Python record of what the thread holds survives those writers. A thread-local one is
+    per green thread under gevent's and eventlet's patches, not per thread, and native code
+    writes none; one stale entry would make a claim as the request that wrote a block, which
+    hands the block over unscrubbed."""
+    _set(_innermost())
 
 
 def _set(ids) -> None:
@@ -729,7 +729,6 @@ def _set(ids) -> None:
         lib.kvh_clear_context()
     else:
         _check("kvh_set_context", lib.kvh_set_context(*ids))
-    _local.applied = ids
 
 
 def _encoded_ids(tenant_id, request_id, model_id) -> tuple:
@@ -776,11 +775,11 @@ def context(
     its innermost context at its next :func:`context`, :func:`claim_blocks` or
     :func:`scrub_blocks` (allocations it makes before that still carry the left ids).
 
-    The package remembers the ids it last gave each thread and gives them again only when
-    they change: native code that calls ``kvh_set_context`` or ``kvh_clear_context`` on a
-    thread this package also sets ids on leaves it unaware, and the thread's next
-    :func:`claim_blocks` or :func:`scrub_blocks` may run under the native ids. Set a thread's
-    ids from one side.
+    Each :func:`claim_blocks`, :func:`scrub_blocks` and :func:`refuse_blocks` gives the
+    library the calling context's ids first, so that native code calling ``kvh_set_context``
+    or ``kvh_clear_context`` on the same thread, or another green thread (gevent, eventlet)
+    entering a context on it, does not change whose claim it is. Allocations and frees carry
+    whichever ids were set on the thread last, by either side.
     """
     ids = _encoded_ids(tenant_id, request_id, model_id)
     _set(ids)

@@ -1192,6 +1192,24 @@ def test_contexts_of_interleaved_asyncio_tasks_keep_their_own_ids():
 
 
 @needs_lib
+def test_a_claim_is_made_under_the_python_context_after_native_code_set_other_ids_on_the_thread():
+    # Request r-a wrote its keys to block 5. Inside r-b's context, native code on the same
+    # thread (or another green thread under gevent, which shares the OS thread) sets r-a's
+    # ids; r-b's claim must still be made as r-b, so the block changes owner and is scrubbed.
+    lib = kvhygiene.load()
+    with _cache(0) as p:
+        layout = kvhygiene.KvLayout([p, p + 8 * 128], 128, 8)
+        with kvhygiene.context(tenant_id="t-a", request_id="r-a"):
+            kvhygiene.claim_blocks(layout, [5])
+            ctypes.memset(p + 5 * 128, 0x42, 128)  # r-a's keys
+        with kvhygiene.context(tenant_id="t-b", request_id="r-b"):
+            assert lib.kvh_set_context(b"t-a", b"r-a", None) == 0
+            kvhygiene.claim_blocks(layout, [5])
+            block = ctypes.string_at(p + 5 * 128, 128)
+    assert block == bytes(128), "r-b was handed r-a's bytes: its claim was made under the native ids"
+
+
+@needs_lib
 def test_a_task_created_inside_a_context_claims_under_its_ids_after_its_creator_left_it():
     # context(): "Each asyncio task keeps its own contexts (they are held in a contextvars
     # variable)". A task created inside a context runs in a copy of its creator's context
