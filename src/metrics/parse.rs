@@ -9,6 +9,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+/// What separates a line's tokens in the text format: spaces and tabs only. Other whitespace
+/// (a no-break space, a form feed) is part of a token there, and a scraper refuses the line,
+/// so that a file read here with such a separator would be served to a scrape that fails.
+const BLANKS: [char; 2] = [' ', '\t'];
+
 /// One sample line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
@@ -154,11 +159,11 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                 "the last line has no line end (the file was cut short?)",
             )));
         }
-        if line.trim().is_empty() {
+        if line.trim_matches(BLANKS).is_empty() {
             continue;
         }
         if let Some(comment) = line.strip_prefix('#') {
-            let mut words = comment.trim_start().splitn(3, [' ', '\t']);
+            let mut words = comment.trim_start_matches(BLANKS).splitn(3, BLANKS);
             let keyword = words.next().unwrap_or("");
             if keyword != "HELP" && keyword != "TYPE" {
                 continue; // An ordinary comment.
@@ -170,7 +175,7 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                     format!("# {keyword}: invalid metric name {name:?}"),
                 )));
             }
-            let rest = words.next().unwrap_or("").trim_start();
+            let rest = words.next().unwrap_or("").trim_start_matches(BLANKS);
             if keyword == "HELP" {
                 let help = unescape_help(rest).map_err(|e| {
                     err(Fault::new(
@@ -185,7 +190,7 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                     )));
                 }
             } else {
-                let kind = rest.trim();
+                let kind = rest.trim_end_matches(BLANKS);
                 if !matches!(
                     kind,
                     "counter" | "gauge" | "histogram" | "summary" | "untyped"
@@ -270,7 +275,7 @@ fn parse_sample(line: &str) -> Result<Sample, Fault> {
         labels = parsed;
         rest = remaining;
     }
-    let mut fields = rest.split_whitespace();
+    let mut fields = rest.split(BLANKS).filter(|field| !field.is_empty());
     let value = fields
         .next()
         .ok_or_else(|| Fault::new("a sample without a value", format!("{name}: no value")))?;
@@ -317,14 +322,14 @@ const _: () = assert!(MAX_LABELS == 64, "TOO_MANY_LABELS names the bound");
 fn parse_labels(mut s: &str) -> Result<Labels<'_>, Fault> {
     let mut labels: Vec<(String, String)> = Vec::new();
     loop {
-        s = s.trim_start();
+        s = s.trim_start_matches(BLANKS);
         if let Some(after) = s.strip_prefix('}') {
             return Ok((labels, after));
         }
         let eq = s
             .find('=')
             .ok_or_else(|| Fault::plain("label without '='"))?;
-        let key = s[..eq].trim();
+        let key = s[..eq].trim_matches(BLANKS);
         if !valid_label_name(key) || key.starts_with("__") {
             // Names beginning with "__" are reserved to Prometheus.
             return Err(Fault::new(
@@ -341,7 +346,7 @@ fn parse_labels(mut s: &str) -> Result<Labels<'_>, Fault> {
                 format!("label {key} given twice"),
             ));
         }
-        s = s[eq + 1..].trim_start();
+        s = s[eq + 1..].trim_start_matches(BLANKS);
         s = s.strip_prefix('"').ok_or_else(|| {
             Fault::new(
                 "a label value that is not quoted",
@@ -374,7 +379,7 @@ fn parse_labels(mut s: &str) -> Result<Labels<'_>, Fault> {
             }
         };
         labels.push((key.to_string(), value));
-        s = s[end + 1..].trim_start();
+        s = s[end + 1..].trim_start_matches(BLANKS);
         if let Some(after) = s.strip_prefix(',') {
             s = after;
         } else if !s.starts_with('}') {
@@ -509,6 +514,27 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    /// Tokens are separated by spaces and tabs alone, as a scraper reads them: a no-break
+    /// space or a form feed between a value and a timestamp leaves one token that is no
+    /// number, where splitting at any whitespace read a timestamp the scrape would refuse.
+    #[test]
+    fn only_spaces_and_tabs_separate_tokens() {
+        for text in [
+            "a 1\u{a0}1700000000000\n",
+            "a\u{a0}1\n",
+            "a 1\x0c\n",
+            "a{x=\"1\"}\x0b1\n",
+            "a{\u{a0}x=\"1\"} 1\n",
+            "\x0c\n",
+        ] {
+            assert!(parse(text).is_err(), "{text:?} was read");
+        }
+        let e = parse("a{ x = \"1\" ,\ty=\"2\"}\t2\t1700000000000 \n# TYPE b\tgauge\t\nb 1\n \t\n")
+            .unwrap();
+        assert_eq!(e.value("a", &[("x", "1"), ("y", "2")]), Some(2.0));
+        assert_eq!(e.types["b"], "gauge");
     }
 
     /// A sample carrying a hundred thousand labels (a 1 MiB file, the largest `kvh metrics`,
