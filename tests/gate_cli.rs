@@ -391,6 +391,30 @@ fn a_log_sealed_with_a_rotated_key_is_admitted_with_every_key() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// A snapshot dated over 5 s ahead of the clock (the clock stepped back after it was written)
+/// has no age to judge: a usage error (2), which fails a readiness probe as an eviction
+/// would, until the process writes its next snapshot; 5 s ahead is still judged.
+#[test]
+fn a_snapshot_from_the_future_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    let write_at = |at: SystemTime| {
+        let text = encode(
+            &runtime_stats(PoolCounters::default()),
+            &ExporterStats::default(),
+            at,
+        );
+        std::fs::write(&f, text).unwrap();
+    };
+    write_at(SystemTime::now() + Duration::from_secs(3600));
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("in the future"), "{err}");
+    write_at(SystemTime::now() + Duration::from_secs(4));
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 #[test]
 fn bad_input_is_a_usage_error_not_a_verdict() {
     let dir = tempfile::tempdir().unwrap();

@@ -383,7 +383,8 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      --strict-anomalies), or is on and lacks the series of any signal; the snapshot does not
      say whether the detector is on (kvh_anomaly_enabled missing, or neither 0 nor 1); or
      the log does not verify or holds no record
-  2  usage error, the metrics file is missing, unreadable or not kvhygiene's, the log
+  2  usage error, the metrics file is missing, unreadable, not kvhygiene's or dated over
+     5 s in the future (a clock stepped back fails probes until the next write), the log
      directory does not exist or cannot be read, or the report could not be written
 
 Counters only grow, so an evicted process stays evicted until it restarts.
