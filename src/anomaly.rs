@@ -182,13 +182,22 @@ pub struct Anomaly {
     pub count: u64,
     pub threshold: u64,
     pub baseline: Option<AnomalyBaseline>,
+    /// How long after the tripping event's own time the rules were judged: 0, unless the
+    /// event came late (timed before an event of the key that reached the detector first),
+    /// when the rules are judged as of that newer event.
+    pub judged_after_ms: u64,
 }
 
 impl Anomaly {
-    /// The `anomaly` event, dated like the event that tripped the rule.
+    /// The `anomaly` event, dated when its rule was judged: `at` (the tripping event's time)
+    /// plus [`Anomaly::judged_after_ms`]. Dated at a late event's own time, a burst's record
+    /// could stand less than a window after the key's previous one in the log, where at most
+    /// one is written a window.
     pub fn into_event(self, window_ms: u64, at: std::time::SystemTime) -> Event {
         Event {
-            at,
+            at: at
+                .checked_add(Duration::from_millis(self.judged_after_ms))
+                .unwrap_or(at),
             kind: EventKind::Anomaly {
                 signal: self.signal,
                 rule: self.rule,
@@ -519,6 +528,8 @@ impl Detector {
         let state = &mut self.signals[index(signal)];
         let (key, folded) = state.key(ctx.tenant_id().unwrap_or(""), t, p);
         let fired = key.record(t, p, threshold);
+        // `record` judged the rules at the key's newest time.
+        let judged_after_ms = key.last_ms.saturating_sub(t);
         for f in fired.into_iter().flatten() {
             state.anomalies = state.anomalies.saturating_add(1);
             out.push(Anomaly {
@@ -529,6 +540,7 @@ impl Detector {
                 count: f.count,
                 threshold: f.threshold,
                 baseline: f.baseline,
+                judged_after_ms,
             });
         }
     }
@@ -1026,6 +1038,7 @@ mod tests {
             count: 1,
             threshold: 1,
             baseline: None,
+            judged_after_ms: 0,
         };
         let event = anomaly.into_event(W, SystemTime::now());
         assert!(
@@ -1389,6 +1402,58 @@ mod tests {
             }),
             addr: None,
         }
+    }
+
+    /// A burst fired by an event that reached the detector after a newer one of its key is
+    /// dated when it was judged (the newer event's time), not at the late event's own: the
+    /// log's records of one key and rule stand at least a window apart, as the detector
+    /// fires them.
+    #[test]
+    fn a_burst_tripped_by_a_late_event_is_dated_when_it_was_judged() {
+        let mem = MemorySink::new();
+        let clock = ManualClock::new();
+        let p = Params {
+            window_ms: 1000,
+            burst: [2; 7],
+            ..params()
+        };
+        let sink = AnomalySink::new(p, Some(mem.clone()), clock.clone());
+        let residue_at = |ms: u64| {
+            let mut e = event(
+                EventKind::Quarantined {
+                    reason: QuarantineReason::Residue,
+                    retired_before: false,
+                },
+                tenant("a"),
+            );
+            e.at += Duration::from_millis(ms);
+            (e, clock.origin() + Duration::from_millis(ms))
+        };
+        // 1000 and 1001 fire; 2005 alone does not (the first two left its window); 1950,
+        // timed before 2005 but reaching the detector after it, makes two in the window
+        // judged at 2005, a window after the first burst.
+        for ms in [1000, 1001, 2005, 1950] {
+            let (e, now) = residue_at(ms);
+            sink.emit_at(e, now);
+        }
+        let dates: Vec<u64> = mem
+            .snapshot()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::Anomaly {
+                        signal: AnomalySignal::Residue,
+                        ..
+                    }
+                )
+            })
+            .map(|e| {
+                let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+                e.at.duration_since(base).unwrap().as_millis() as u64
+            })
+            .collect();
+        assert_eq!(dates, [1001, 2005]);
     }
 
     #[test]
