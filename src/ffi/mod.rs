@@ -113,8 +113,10 @@ pub extern "C-unwind" fn kvh_malloc(
         (ptr, Some(throw))
     });
     // A panic caught inside left no answer; the environment alone decides then (starting the
-    // runtime out here, outside the boundary, could panic again).
-    let throw = throw.unwrap_or_else(oom_throws_by_env);
+    // runtime out here, outside the boundary, could panic again). Its reading is caught too,
+    // for this frame unwinds into C++: a panic there throws, as the default policy does.
+    let throw =
+        throw.unwrap_or_else(|| std::panic::catch_unwind(oom_throws_by_env).unwrap_or(true));
     if ptr.is_null() && throw {
         // SAFETY: the shim only throws; the unwind passes through this "C-unwind" frame, which
         // holds no state needing cleanup, outside of any catch_unwind.
