@@ -198,9 +198,10 @@ void kvh_forget_stream(void *stream);
 // (`KVH_ERR_INVALID_LAYOUT`, `KVH_ERR_NOT_LIVE`, `KVH_ERR_INVALID_DEVICE`,
 // `KVH_ERR_NULL_PARAMETER`, and start-up errors such as `KVH_ERR_CONFIG`) scrub nothing;
 // `KVH_ERR_BACKEND`, `KVH_ERR_CAPTURE_ACTIVE`, `KVH_ERR_SHUTTING_DOWN` and
-// `KVH_ERR_OUT_OF_MEMORY` (no device memory for a scrub batch, also after waiting for the
-// batches in flight: the call may be made again once memory was freed) mean the call did
-// not finish. Calls that reach the device leave a `kv_scrub` record (with the error when they
+// `KVH_ERR_OUT_OF_MEMORY` (no device memory for a scrub batch: when none of the call's
+// batches could start, after waiting up to 2 s for the batches in flight to give theirs back;
+// a later batch of a call over 65,536 segments fails at once; the call may be made again once
+// memory was freed) mean the call did not finish. Calls that reach the device leave a `kv_scrub` record (with the error when they
 // did not finish); calls the allocator refuses (layout, ids, memory not live) leave a policy
 // violation; NULLs and over-limit lengths are refused before either.
 //
@@ -243,7 +244,7 @@ int kvh_scrub_blocks(const kvh_kv_layout *layout,
 // `KVH_ERR_KV_TAKEN` when another claim took them while this claim ran (two
 // requests were given the same blocks), or when the gate lost track of them: their ledger
 // was pushed out at every try (claims through another layout of the same memory, or more
-// KV caches claiming than the gate keeps ledgers for; the `policy_violation` record says
+// KV caches claiming than the gate keeps ledgers for, 64; the `policy_violation` record says
 // which). Claim them again. `KVH_ERR_KV_GATE` (enforce): blocks would change
 // owner unscrubbed (or failed their last scrub); they are listed the same way and nothing
 // was handed over. Any other code is one of `kvh_scrub_blocks`'s (`KVH_ERR_NOT_LIVE` also
