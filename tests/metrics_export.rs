@@ -380,6 +380,69 @@ fn a_new_connection_takes_the_slot_of_the_oldest_that_sent_nothing_for_a_second(
     );
 }
 
+/// Routes whose `/big` answers 32 MiB: more than loopback's socket buffers hold, so that a
+/// client that asks for it and reads nothing keeps the server's write waiting.
+struct Big;
+
+impl Routes for Big {
+    fn paths(&self) -> &[&'static str] {
+        &["/big", "/healthz"]
+    }
+
+    fn get(&self, path: &str) -> Response {
+        let body = if path == "/big" {
+            vec![b'#'; 32 << 20]
+        } else {
+            b"ok\n".to_vec()
+        };
+        Response::text(200, body)
+    }
+}
+
+/// Clients that ask for a response and stop reading it stall as surely as clients that send
+/// nothing: a newcomer finding every slot taken by them takes the slot of the one stalled
+/// longest, rather than every probe being refused until the write timeout (here a minute).
+#[test]
+fn a_new_connection_takes_the_slot_of_a_client_that_read_none_of_its_response_for_a_second() {
+    let limits = Limits {
+        max_connections: 2,
+        write_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let server = Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(Big),
+        limits,
+        "test-http",
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let asking: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /big HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // The writes stall once the socket buffers are full, a second after which the slot is
+    // free; probes until then are refused (503).
+    let start = Instant::now();
+    loop {
+        let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n");
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.head);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the probe was kept out by clients that stopped reading: {}",
+            r.head
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(asking);
+}
+
 /// Routes whose `/boom` panics.
 struct Panicking;
 

@@ -9,12 +9,15 @@
 //!
 //! Limits ([`Limits`]): a request head larger than `max_request_bytes` gets 431; a request not
 //! complete within `request_timeout` gets 408; a connection beyond `max_connections` takes the
-//! slot of the oldest one that has not sent a whole request within [`STALL_GRACE`] of
-//! connecting (closed unanswered: a client that slow is stalling, whether it sends nothing or
-//! trickles its head), and with none such gets 503 at once (beyond twice the limit it is closed
-//! unanswered). So clients that open connections and send nothing cannot keep a liveness probe
-//! of `/healthz` out for longer than a second; to hold every slot they must open new ones
-//! faster than `max_connections` a second. Connections are multiplexed without blocking, so a
+//! slot of the one stalled longest: one that has not sent a whole request within
+//! [`STALL_GRACE`] of connecting (a client that slow is stalling, whether it sends nothing or
+//! trickles its head), or whose client has read none of its response for [`STALL_GRACE`] (a
+//! response larger than the kernel buffers, to a client that asked and stopped reading); that
+//! one is closed unanswered or cut short. With none such, the newcomer gets 503 at once
+//! (beyond twice the limit it is closed unanswered). So clients that open connections and send
+//! nothing, or ask and never read, cannot keep a liveness probe of `/healthz` out for longer
+//! than a second; to hold every slot they must open new ones faster than `max_connections` a
+//! second. Connections are multiplexed without blocking, so a
 //! stalled client costs one slot until its deadline, not the server's attention; one pass
 //! accepts at most `max_connections` new ones, so a flood of connections cannot hold off the
 //! deadlines of those already open. Each connection carries one request (`Connection: close`).
@@ -194,13 +197,17 @@ struct Conn {
     buf: Vec<u8>,
     state: State,
     deadline: Instant,
-    opened: Instant,
+    /// Since when the connection has waited on its client: its opening while it reads the
+    /// request, the response's start or its last write that moved bytes while it writes.
+    waiting_since: Instant,
 }
 
 /// How long after connecting a connection may hold its slot without a whole request before a
 /// new connection, finding every slot taken, may take it. Counted from the connection, not
 /// from its last bytes: a scraper or a probe sends its request head in one packet as it
-/// connects, and one still sending after a second is stalling, however it trickles.
+/// connects, and one still sending after a second is stalling, however it trickles. A
+/// response none of which the client read for as long is stalled too: a scraper reads as the
+/// bytes arrive.
 pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// Bytes a draining connection may still discard.
@@ -307,14 +314,16 @@ impl Loop {
             buf: Vec::new(),
             state: State::Reading,
             deadline: deadline_after(now, self.limits.request_timeout),
-            opened: now,
+            waiting_since: now,
         };
         let max = self.limits.max_connections;
         if self.conns.len() >= max {
             // What the connections sent while this thread was busy (a slow route) is read
             // first: a request that arrived in time is answered, and a client that left frees
-            // its slot, rather than either being taken for a stalled one.
+            // its slot, rather than either being taken for a stalled one. So are the responses
+            // their clients read meanwhile.
             self.read_requests(now);
+            self.write_responses(now);
         }
         if self.conns.len() >= max {
             if let Some(i) = self.oldest_stalled(now) {
@@ -360,18 +369,34 @@ impl Loop {
         }
     }
 
-    /// The oldest connection that has not sent a whole request within [`STALL_GRACE`] of
-    /// connecting.
+    /// The connection stalled longest: one that has not sent a whole request within
+    /// [`STALL_GRACE`] of connecting, or whose client has read none of its response for as
+    /// long. (A draining one has sent its whole response and leaves within [`DRAIN_TIME`].)
     fn oldest_stalled(&self, now: Instant) -> Option<usize> {
         self.conns
             .iter()
             .enumerate()
             .filter(|(_, c)| {
-                matches!(c.state, State::Reading)
-                    && now.saturating_duration_since(c.opened) >= STALL_GRACE
+                matches!(c.state, State::Reading | State::Writing { .. })
+                    && now.saturating_duration_since(c.waiting_since) >= STALL_GRACE
             })
-            .min_by_key(|(_, c)| c.opened)
+            .min_by_key(|(_, c)| c.waiting_since)
             .map(|(i, _)| i)
+    }
+
+    /// Writes what the clients of the connections still writing take now, dropping those that
+    /// finished or failed: a client that read since the last pass is not taken for a stalled
+    /// one.
+    fn write_responses(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            let done = matches!(self.conns[i].state, State::Writing { .. }) && self.step(i, now).1;
+            if done {
+                self.conns.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Advances connection `i`; returns (made progress, finished).
@@ -439,6 +464,7 @@ impl Loop {
                     Ok(0) => (true, true),
                     Ok(n) => {
                         *pos += n;
+                        conn.waiting_since = now;
                         if *pos == out.len() {
                             let _ = conn.stream.shutdown(Shutdown::Write);
                             conn.state = State::Draining { drained: 0 };
@@ -488,7 +514,9 @@ fn respond(conn: &mut Conn, r: &Response, head_only: bool, limits: Limits) {
         out: render(r, head_only),
         pos: 0,
     };
-    conn.deadline = deadline_after(Instant::now(), limits.write_timeout);
+    let now = Instant::now();
+    conn.deadline = deadline_after(now, limits.write_timeout);
+    conn.waiting_since = now;
 }
 
 /// Where the head of the request in `buf` ends (an empty line, its line ends CRLF or a bare
