@@ -1343,19 +1343,31 @@ fn demo_and_preflight_signing_with_a_key(
     ((demo_code, format!("{out}{err}")), (preflight_code, report))
 }
 
-/// `kvh keygen`'s signing key `a.key` (its public half `a.pub` beside it) named as the HMAC
-/// key too: the writer refuses it, as every verifier refuses it for `--key-file` (a log sealed
-/// with it could be checked by none of them), naming the file; `kvh preflight` fails it first.
+/// `kvh keygen`'s signing key (`b.key`, a copy of `a.key`, its public half `b.pub` beside it)
+/// named as the HMAC key: the writer refuses it, as every verifier refuses it for `--key-file`
+/// (a log sealed with it could be checked by none of them), naming the file; `kvh preflight`
+/// fails it first. Named by the signing key's own path, the policy is invalid: refused before
+/// any file is read, naming both keys (`kvh config` and `preflight` exit 2).
 #[test]
 fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     keygen_in(root);
     let ((code, err), (preflight, report)) =
-        demo_and_preflight_signing_with_a_key(root, "KVH_HMAC_KEY_FILE", "a.key");
+        demo_and_preflight_signing_with_a_key(root, "KVH_HMAC_KEY_FILE", "./a.key");
+    assert_eq!((code, preflight), (2, 2), "{err}{report}");
+    assert!(
+        err.contains("hmac_key_file (KVH_HMAC_KEY_FILE) and signing_key_file"),
+        "{err}"
+    );
+    for ext in ["key", "pub"] {
+        std::fs::copy(root.join(format!("a.{ext}")), root.join(format!("b.{ext}"))).unwrap();
+    }
+    let ((code, err), (preflight, report)) =
+        demo_and_preflight_signing_with_a_key(root, "KVH_HMAC_KEY_FILE", "b.key");
     assert_eq!(code, 2, "the writer sealed with the signing key: {err}");
     assert!(
-        err.contains("a.key: kvh keygen's signing key"),
+        err.contains("b.key: kvh keygen's signing key"),
         "the refusal does not name the file: {err}"
     );
     // What goes where, in the environment's words (not the verifiers' flags).
@@ -1370,7 +1382,8 @@ fn the_signing_key_named_as_the_hmac_key_is_refused_by_the_writer_and_preflight(
 }
 
 /// The signing key's seed as the HMAC secret, with no public half beside it to tell the key
-/// file apart: one file named as both keys, or `FORENSIC_HMAC_SECRET` holding the seed's hex.
+/// file apart: a copy of the key file named as the HMAC key, or `FORENSIC_HMAC_SECRET`
+/// holding the seed's hex.
 /// The writer refuses it (whoever checks the MACs could sign checkpoints), starting no chain,
 /// and so does `kvh preflight`.
 #[test]
@@ -1380,8 +1393,9 @@ fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
     keygen_in(root);
     std::fs::remove_file(root.join("a.pub")).unwrap();
     let seed = std::fs::read_to_string(root.join("a.key")).unwrap();
+    std::fs::copy(root.join("a.key"), root.join("copy.key")).unwrap();
     for (var, value) in [
-        ("KVH_HMAC_KEY_FILE", "a.key"),
+        ("KVH_HMAC_KEY_FILE", "copy.key"),
         ("FORENSIC_HMAC_SECRET", &seed),
     ] {
         let ((code, err), (preflight, report)) =

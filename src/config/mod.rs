@@ -886,6 +886,47 @@ impl Config {
                     .into(),
             ));
         }
+        self.refuse_one_path_for_two_jobs()
+    }
+
+    /// Refuses two path keys that name one path as written (`a/b/` and `a/./b` are `a/b`):
+    /// a clash the policy alone shows, refused here so that `kvh config` names it, before a
+    /// start-up finds it. What only the file system shows (links, `..`, a copy of one key as
+    /// the other) is refused where the files are opened.
+    fn refuse_one_path_for_two_jobs(&self) -> Result<(), ConfigError> {
+        let paths = [
+            ("hmac_key_file (KVH_HMAC_KEY_FILE)", &self.log.hmac_key_file),
+            (
+                "signing_key_file (KVH_SIGNING_KEY_FILE)",
+                &self.log.signing_key_file,
+            ),
+            ("metrics_file (KVH_METRICS_FILE)", &self.metrics.file),
+            ("log_dir (KVH_LOG_DIR)", &self.log.dir),
+            (
+                "checkpoint_dir (KVH_CHECKPOINT_DIR)",
+                &self.log.checkpoint_dir,
+            ),
+        ];
+        for (i, (first, a)) in paths.iter().enumerate() {
+            for (second, b) in &paths[i + 1..] {
+                let (Some(a), Some(b)) = (a, b) else { continue };
+                // Checkpoints kept in the log's own directory: where they go by default.
+                let both_dirs = first.starts_with("log_dir") && second.starts_with("checkpoint");
+                if both_dirs || !a.components().eq(b.components()) {
+                    continue;
+                }
+                let why = if first.starts_with("hmac") && second.starts_with("signing") {
+                    "the HMAC secret must be a secret of its own: whoever holds it to check the \
+                     log's MACs could sign its checkpoints"
+                } else {
+                    "each needs its own (the metrics file is replaced at every write)"
+                };
+                return Err(ConfigError::Conflict(format!(
+                    "{first} and {second} name one path, {}: {why}",
+                    a.display()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1546,6 +1587,49 @@ mod tests {
             err.contains("anomaly_z") && err.contains("kvh.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn one_path_named_for_two_jobs_is_refused_naming_both_keys() {
+        let refused = |pairs: &[(&str, &str)]| match Config::from_vars(&vars(pairs)) {
+            Err(ConfigError::Conflict(m)) => m,
+            other => panic!("{pairs:?}: {other:?}"),
+        };
+        let log = ("KVH_LOG_DIR", "/log");
+        let m = refused(&[
+            log,
+            ("KVH_HMAC_KEY_FILE", "/keys/a.key"),
+            ("KVH_SIGNING_KEY_FILE", "/keys/./a.key"),
+        ]);
+        assert!(
+            m.contains("hmac_key_file (KVH_HMAC_KEY_FILE) and signing_key_file")
+                && m.contains("/keys/a.key")
+                && m.contains("could sign its checkpoints"),
+            "{m}"
+        );
+        let m = refused(&[
+            ("KVH_METRICS_FILE", "/keys/a.key"),
+            ("KVH_HMAC_KEY_FILE", "/keys/a.key"),
+        ]);
+        assert!(m.contains("metrics_file (KVH_METRICS_FILE)"), "{m}");
+        let m = refused(&[("KVH_METRICS_FILE", "/log/m"), ("KVH_LOG_DIR", "/log/m/")]);
+        assert!(m.contains("log_dir (KVH_LOG_DIR)"), "{m}");
+        // Apart, or the checkpoints in the log's own directory: accepted.
+        for pairs in [
+            &[
+                log,
+                ("KVH_HMAC_KEY_FILE", "/keys/a.key"),
+                ("KVH_SIGNING_KEY_FILE", "/keys/b.key"),
+            ][..],
+            &[
+                log,
+                ("KVH_CHECKPOINT_DIR", "/log/"),
+                ("KVH_SIGNING_KEY_FILE", "/k.key"),
+            ],
+            &[("KVH_METRICS_FILE", "/log/m"), log],
+        ] {
+            assert!(Config::from_vars(&vars(pairs)).is_ok(), "{pairs:?}");
+        }
     }
 
     #[test]
