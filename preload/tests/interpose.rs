@@ -831,6 +831,82 @@ fn a_runtime_found_in_the_global_scope_stays_usable_after_its_loader_closes_it()
     ]);
 }
 
+/// `exit_host.cpp`, linked against the stand-in runtime of [`built`] and
+/// `libexit_engine.so` (`exit_engine.cpp`); `None` without a C++ compiler.
+fn built_exit_host() -> Option<&'static PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let b = built()?;
+            let dir = b.probe.parent().expect("the build directory").to_path_buf();
+            let runtime = dir.join("libcudart.so.12");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart");
+            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+            let os = |s: &str| std::ffi::OsString::from(s);
+            let path = |p: &Path| p.as_os_str().to_owned();
+            let rpath = os(&format!("-Wl,-rpath,{}", dir.display()));
+            let engine = dir.join("libexit_engine.so");
+            let args = vec![
+                os("-shared"),
+                os("-fPIC"),
+                os("-std=c++17"),
+                os("-O1"),
+                os("-Wall"),
+                os("-o"),
+                path(&engine),
+                path(&src.join("exit_engine.cpp")),
+                path(&runtime),
+                rpath.clone(),
+            ];
+            compile(&cxx, &args)?;
+            let host = dir.join("exit_host");
+            let args = vec![
+                os("-std=c++17"),
+                os("-O1"),
+                os("-Wall"),
+                os("-o"),
+                path(&host),
+                path(&src.join("exit_host.cpp")),
+                path(&engine),
+                path(&runtime),
+                rpath,
+                os("-ldl"),
+            ];
+            compile(&cxx, &args)?;
+            Some(host)
+        })
+        .as_ref()
+}
+
+#[test]
+fn a_first_allocation_in_a_linked_librarys_static_destructor_is_refused_at_exit() {
+    // docs/cuda.md: the exit watch the interposer library registers when it is loaded runs
+    // after the main program's static destructors but before those of the shared libraries
+    // the program links, which the loader initialises before an LD_PRELOAD library. A first
+    // allocation in the program's destructor still starts kvhygiene; one in a linked
+    // library's is refused (fails closed) with cudaErrorCudartUnloading and a NULL pointer.
+    let Some(host) = built_exit_host() else {
+        return;
+    };
+    for (which, key) in [("main", "main_dtor"), ("library", "library_dtor")] {
+        let rc = format!("{key}_rc");
+        let null = format!("{key}_null");
+        let mut cmd = Command::new(host);
+        cmd.arg(which);
+        let without = run_command(cmd, false, &[]);
+        without.expect(&[("kvh_loaded", 0), (&rc, 0), (&null, 0)]);
+        let mut cmd = Command::new(host);
+        cmd.arg(which);
+        let r = run_command(cmd, true, &[]);
+        let refused = which == "library";
+        r.expect(&[
+            ("kvh_loaded", 1),
+            (&rc, if refused { 4 } else { 0 }),
+            (&null, i64::from(refused)),
+        ]);
+    }
+}
+
 #[test]
 fn a_free_of_a_block_returned_to_the_device_is_the_runtimes_to_answer() {
     // The engine frees a kvhygiene block, an empty-cache returns it to the device, and the

@@ -19,14 +19,24 @@
 //! still starting, gets `KVH_ERR_FORKED_CHILD`.
 //!
 //! Process exit before start-up is watched too: an `atexit` handler registered when the
-//! library is loaded marks it, and a first allocation after that (a static destructor of a
-//! library loaded earlier, an exit handler registered before this library was loaded) gets
+//! library is loaded marks it, and a first allocation after that gets
 //! `KVH_ERR_SHUTTING_DOWN` rather than a start-up, whose driver calls invariant 6 forbids
 //! once exit has begun. Exit handlers run in the reverse order of their registration, so one
 //! registered after the library was loaded runs before the mark, and its first allocation
-//! still starts the allocator (and its own exit handler then runs next). The LD_PRELOAD
-//! library is loaded before the program and its libraries, so there the mark runs after
-//! nearly every other exit handler and static destructor: it covers little.
+//! still starts the allocator (and its own exit handler then runs next). glibc registers the
+//! loader's finaliser as an exit handler once the shared objects are initialised, before the
+//! main program is; the finaliser runs, object by object, the destructor functions and the
+//! exit handlers each registered while it was initialised (the destructors of its static
+//! objects among them), in load order (the main program, the LD_PRELOAD libraries, the
+//! libraries the program links, `DT_NEEDED`, then those loaded with `dlopen`), each object
+//! before the libraries it depends on. Loaded by `LD_PRELOAD`, the library registers the mark
+//! while it is initialised, after the linked libraries and before the main program. So the
+//! mark runs after the exit handlers registered from the main program's initialisation on
+//! (its static destructors, and those of objects constructed later: function-local statics,
+//! libraries loaded with `dlopen`) and after the main program's destructor functions; it runs
+//! before the static destructors of the objects the linked libraries construct at load, their
+//! destructor functions, and the destructor functions of libraries loaded with `dlopen`,
+//! where a first allocation is refused (`cudaErrorCudartUnloading` from the interposers).
 //!
 //! Metrics (`KVH_METRICS_FILE`, `KVH_METRICS_ADDR`) start last and never stop start-up: a
 //! metrics file that cannot be written or an address in use is said on stderr, and the
