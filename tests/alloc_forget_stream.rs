@@ -80,6 +80,59 @@ fn open_batches_naming_the_stream_are_submitted_and_later_ones_never_name_it() {
 }
 
 #[test]
+fn forgetting_a_stream_not_waited_for_submits_nothing_on_it_and_orders_after_the_legacy_stream() {
+    // The caller's synchronisation of the stream failed and it destroys the stream anyway:
+    // nothing may be submitted on it, even at the call. The scrubs still run, verified, on
+    // the legacy stream, after it wherever they waited for the forgotten stream.
+    let f = Fixture::new(manual_config());
+    let on = f.malloc_zeroed(1024, 0, DOOMED.0);
+    let waits = f.malloc_zeroed(1024, 0, 3);
+    let live = f.malloc_zeroed(4096, 0, 3);
+    f.write(0, on, &common::secret(1024, 1));
+    f.write(0, waits, &common::secret(1024, 2));
+    // Freed on the stream: an open batch on it.
+    f.alloc.free(on, 1024, 0, DOOMED).unwrap();
+    // Recorded on it, freed elsewhere: an open batch waiting for it.
+    assert!(f.alloc.record_stream(waits, DOOMED));
+    f.alloc.free(waits, 1024, 0, StreamHandle(9)).unwrap();
+    // Live, recorded on it.
+    assert!(f.alloc.record_stream(live, DOOMED));
+    let before = batches(&f).len();
+
+    f.alloc.forget_unwaited_stream(DOOMED);
+
+    assert_eq!(batches(&f).len(), before, "nothing submitted at the call");
+    assert!(!f.alloc.uses_stream(DOOMED));
+    for addr in [on, waits] {
+        assert_eq!(f.alloc.block_info(addr).unwrap().state, BlockState::Pending);
+    }
+    f.alloc.free(live, 4096, 0, StreamHandle(13)).unwrap();
+    f.alloc.synchronize().unwrap();
+
+    let later = batches(&f)[before..].to_vec();
+    for b in &later {
+        assert!(
+            !names(b, DOOMED),
+            "a batch after forget_unwaited_stream names it: {b:?}"
+        );
+    }
+    let scrub = |addr| later.iter().find(|b| holds(b, addr)).expect("its scrub");
+    assert_eq!(scrub(on).stream, LEGACY);
+    for addr in [waits, live] {
+        let b = scrub(addr);
+        assert!(
+            b.stream != LEGACY && b.wait_streams.contains(&LEGACY),
+            "{b:?}"
+        );
+    }
+    for addr in [on, waits, live] {
+        assert_eq!(f.alloc.block_info(addr).unwrap().state, BlockState::Clean);
+        assert!(f.read(0, addr, 1024).iter().all(|&b| b == 0));
+    }
+    f.assert_balanced();
+}
+
+#[test]
 fn a_batch_a_capture_defers_moves_to_the_legacy_stream() {
     let f = Fixture::new(manual_config());
     let a = f.malloc_zeroed(1024, 0, DOOMED.0);

@@ -58,7 +58,9 @@
 //!   synchronises the caller's per-thread stream and is scrubbed on the legacy default
 //!   stream; an allocation is made on the legacy stream, as `cudaMalloc`'s is.
 //! - A stream handle is never used by kvhygiene after the engine destroys it with
-//!   `cudaStreamDestroy` ([`kvhygiene::alloc::Allocator::forget_stream`]).
+//!   `cudaStreamDestroy` ([`kvhygiene::alloc::Allocator::forget_stream`], or
+//!   [`kvhygiene::alloc::Allocator::forget_unwaited_stream`] when its synchronisation
+//!   failed).
 
 // Exports take raw pointers by the nature of a C ABI; each documents its contract, and each
 // dereference carries a SAFETY comment.
@@ -291,11 +293,16 @@ pub extern "C" fn cudaFreeAsync_ptsz(dev_ptr: *mut c_void, stream: cudaStream_t)
 /// kvhygiene to order against, and kvhygiene forgets it (open scrub batches naming it are
 /// submitted now; blocks allocated or freed on it are ordered on the legacy stream from then
 /// on); then the real `cudaStreamDestroy` is called. A synchronisation refused by a graph
-/// capture is returned and the stream is not destroyed; after any other failed
-/// synchronisation (a handle destroyed twice, say, whose value may now be another stream's)
-/// kvhygiene forgets nothing and the destroy reports. Streams kvhygiene never saw are
-/// destroyed as the runtime does, without waiting. Cost: for a stream kvhygiene used, the host
-/// waits for its queued work, where the runtime's destroy returns at once.
+/// capture is returned and the stream is not destroyed. After any other failed
+/// synchronisation (an earlier asynchronous error) kvhygiene forgets the stream without
+/// submitting anything on it (`Allocator::forget_unwaited_stream`: open batches on it move,
+/// unsubmitted, to the legacy stream, and waits for it become waits for the legacy stream,
+/// which orders after a blocking stream's work, not a non-blocking one's), then the real
+/// destroy is called and answers; the blocks of those batches are scrubbed and verified at a
+/// later flush (quarantined if that fails), never made clean without it. Streams kvhygiene
+/// never saw are destroyed as the runtime does, without waiting. Cost: for a stream
+/// kvhygiene used, the host waits for its queued work, where the runtime's destroy returns
+/// at once.
 #[no_mangle]
 pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
     boundary(|| {
@@ -312,6 +319,10 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
             }
             if synced == SUCCESS {
                 alloc.forget_stream(handle);
+            } else {
+                // Forgotten before the real destroy, which may succeed: a flush on another
+                // thread must not find the handle after it. Nothing is submitted on it.
+                alloc.forget_unwaited_stream(handle);
             }
         }
         // SAFETY: the caller's argument, passed on unchanged under the runtime's contract.

@@ -37,7 +37,7 @@ pub use block::{BlockInfo, BlockSpan, BlockState};
 pub use kv::{KvLayout, KvScrubError, KvScrubReport};
 pub use kv_gate::{KvClaimError, KvClaimReport};
 pub use memory_stats::MemoryStats;
-use pool::{Aftermath, DevicePool, FreeKey, InFlight, Refused, Release};
+use pool::{Aftermath, DevicePool, Forget, FreeKey, InFlight, Refused, Release};
 use size_class::SizeClass;
 
 /// Why an allocation failed.
@@ -891,13 +891,42 @@ impl Allocator {
     /// The legacy stream itself is never forgotten (a no-op), nor the per-thread default
     /// stream, which the allocator keeps as the legacy one (`StreamHandle::shared`).
     pub fn forget_stream(&self, stream: StreamHandle) {
+        self.forget(stream, true);
+    }
+
+    /// As [`Allocator::forget_stream`], for a stream whose queued work the caller could not
+    /// wait for (its synchronisation failed, as after an earlier asynchronous error) and
+    /// which it is destroying anyway: nothing is submitted on `stream` or after it, not even
+    /// now. The open batches that run on it move to the legacy default stream, unsubmitted,
+    /// as those a capture defers do in [`Allocator::forget_stream`]; their blocks stay
+    /// PENDING until a later flush scrubs and verifies them (a failed scrub quarantines them,
+    /// as ever). Every wait for `stream` (of an open batch, or recorded on a block) becomes a
+    /// wait for the legacy stream, and the allocation and freeing streams become the legacy
+    /// stream, as there: the legacy stream orders those scrubs after the work queued before
+    /// on every blocking stream (`cudaStreamCreate`'s default), `stream` included, but not
+    /// after a non-blocking stream's, whose work the failed synchronisation may have left
+    /// running. The legacy stream itself and the per-thread default stream are never
+    /// forgotten (a no-op).
+    pub fn forget_unwaited_stream(&self, stream: StreamHandle) {
+        self.forget(stream, false);
+    }
+
+    /// [`Allocator::forget_stream`] (`waited`) or [`Allocator::forget_unwaited_stream`].
+    fn forget(&self, stream: StreamHandle, waited: bool) {
         if stream == StreamHandle::LEGACY || stream == StreamHandle::PER_THREAD {
             return;
         }
         let exiting = self.inner.shutting_down.load(Ordering::Acquire);
+        let how = if !waited {
+            Forget::Unwaited
+        } else if exiting {
+            Forget::Unsubmitted
+        } else {
+            Forget::Submitted
+        };
         self.on_every_device(|dev| {
             self.with_pool(dev, |pool, backend, config, after| {
-                pool.forget_stream(stream, !exiting, backend, config, after)
+                pool.forget_stream(stream, how, backend, config, after)
             });
         });
     }

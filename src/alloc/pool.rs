@@ -790,18 +790,19 @@ impl DevicePool {
             })
     }
 
-    /// [`super::Allocator::forget_stream`] on this device: submits (when `submit`) the open
-    /// batches on `stream` or waiting for it, then replaces every reference to it.
+    /// [`super::Allocator::forget_stream`] and [`super::Allocator::forget_unwaited_stream`]
+    /// on this device: submits (under [`Forget::Submitted`]) the open batches on `stream` or
+    /// waiting for it, then replaces every reference to it.
     pub(crate) fn forget_stream(
         &mut self,
         stream: StreamHandle,
-        submit: bool,
+        how: Forget,
         backend: &dyn Backend,
         config: &Config,
         after: &mut Aftermath,
     ) {
         const LEGACY: StreamHandle = StreamHandle(0);
-        if submit {
+        if how == Forget::Submitted {
             let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.open)
                 .into_iter()
                 .partition(|b| b.stream == stream || b.waits.contains(&stream));
@@ -810,22 +811,31 @@ impl DevicePool {
                 self.submit_open(batch, backend, config, after);
             }
         }
-        // Left open: deferred by a capture, or not submitted (exit has begun).
+        // A wait for the stream is dropped when its work is done; otherwise the legacy
+        // stream stands in for it (which orders after a blocking stream's work).
+        let stand_in = (how == Forget::Unwaited).then_some(LEGACY);
+        // Left open: deferred by a capture, or not submitted (exit has begun, or the
+        // stream's work was not waited for).
         for batch in &mut self.open {
             if batch.stream == stream {
                 batch.stream = LEGACY;
             }
             let own = batch.stream;
-            batch.waits.retain(|&w| w != stream && w != own);
+            replace_wait(&mut batch.waits, stream, stand_in);
+            batch.waits.retain(|&w| w != own);
         }
         for block in self.blocks.values_mut() {
-            block.recorded_streams.retain(|&s| s != stream);
             if block.alloc_stream == stream {
                 block.alloc_stream = LEGACY;
             }
             if block.free_stream == stream {
                 block.free_stream = LEGACY;
             }
+            // A freed block's recorded streams are the waits of its scrub on its freeing
+            // stream, which need not wait for itself.
+            let own = (block.state != BlockState::Live).then_some(block.free_stream);
+            let stand_in = stand_in.filter(|&s| Some(s) != own);
+            replace_wait(&mut block.recorded_streams, stream, stand_in);
         }
     }
 
@@ -902,7 +912,8 @@ impl DevicePool {
         // after their ticket completed; 2. a freed block is written by nothing until it is
         // handed out again, which needs this scrub verified first; 3. the streams are the
         // blocks' (caller's contract: valid until this submission, or forgotten before it,
-        // `forget_stream`, which submits their batches first). A backend that panics
+        // `forget_stream`, which submits their batches first, or `forget_unwaited_stream`,
+        // which moves them to the legacy stream). A backend that panics
         // answers an error here (`PanicSafe`): the blocks are never left marked in flight
         // in no batch.
         match unsafe { backend.submit_scrub(batch) } {
@@ -1707,6 +1718,34 @@ impl DevicePool {
                     .get(a)
                     .is_some_and(|b| b.state == BlockState::Clean)
             })
+    }
+}
+
+/// How [`DevicePool::forget_stream`] forgets a stream the caller is destroying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Forget {
+    /// The stream's work was waited for: the open batches naming it are submitted while it
+    /// exists, and waits for it are dropped.
+    Submitted,
+    /// As `Submitted`, but nothing is submitted (exit has begun): the batches stay open.
+    Unsubmitted,
+    /// The stream's work was not waited for: nothing is submitted, and the legacy stream
+    /// stands in for every wait for it.
+    Unwaited,
+}
+
+/// Removes `stream` from `waits`; when it was there, adds `stand_in` (unless already there).
+fn replace_wait(
+    waits: &mut Vec<StreamHandle>,
+    stream: StreamHandle,
+    stand_in: Option<StreamHandle>,
+) {
+    let before = waits.len();
+    waits.retain(|&w| w != stream);
+    if let Some(s) = stand_in.filter(|_| waits.len() != before) {
+        if !waits.contains(&s) {
+            waits.push(s);
+        }
     }
 }
 

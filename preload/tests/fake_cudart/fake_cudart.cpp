@@ -9,7 +9,10 @@
 //
 // Streams: cudaStreamCreate hands out handles it tracks; a destroyed handle given to any
 // stream call afterwards fails with cudaErrorInvalidResourceHandle and is counted
-// (`fake_cudart_dead_stream_uses`). A test can mark any handle as capturing a graph
+// (`fake_cudart_dead_stream_uses`), unless a test asked for handles to be reused
+// (`fake_cudart_reuse_handles`, as the real runtime may hand a destroyed stream's handle to
+// the next stream created): then the next cudaStreamCreate hands out the handle destroyed
+// last, alive again. A test can mark any handle as capturing a graph
 // (`fake_cudart_set_capturing`); the synchronisations then fail as the runtime's do
 // (cudaErrorStreamCaptureUnsupported).
 
@@ -35,6 +38,8 @@ int sync_error = 0;                               // returned by the synchronisa
 uintptr_t next_stream = 0x10000;
 std::set<uintptr_t> streams;                      // created, not destroyed
 std::set<uintptr_t> destroyed;
+bool reuse_handles = false;
+uintptr_t last_destroyed = 0;                     // 0: none to reuse
 std::map<uintptr_t, int> capture_status;          // handle -> cudaStreamCaptureStatus
 std::map<uintptr_t, int> stream_syncs;            // handle -> cudaStreamSynchronize calls
 std::map<uintptr_t, int> syncs_at_destroy;        // handle -> its syncs when destroyed
@@ -207,7 +212,13 @@ int cudaStreamCreate(cudaStream_t* s) {
     count("cudaStreamCreate");
     if (s == nullptr) return 1;
     uintptr_t h = next_stream;
-    next_stream += 0x10;
+    if (reuse_handles && last_destroyed != 0) {
+        h = last_destroyed;
+        destroyed.erase(h);
+        last_destroyed = 0;
+    } else {
+        next_stream += 0x10;
+    }
     streams.insert(h);
     *s = reinterpret_cast<cudaStream_t>(h);
     return 0;
@@ -220,6 +231,7 @@ int cudaStreamDestroy(cudaStream_t s) {
     uintptr_t h = reinterpret_cast<uintptr_t>(s);
     if (streams.erase(h) == 0) return INVALID_RESOURCE_HANDLE;
     destroyed.insert(h);
+    last_destroyed = h;
     syncs_at_destroy[h] = stream_syncs[h];
     return 0;
 }
@@ -267,6 +279,12 @@ int fake_cudart_syncs_at_destroy(cudaStream_t s) {
     std::lock_guard<std::mutex> g(mu);
     auto it = syncs_at_destroy.find(reinterpret_cast<uintptr_t>(s));
     return it == syncs_at_destroy.end() ? -1 : it->second;
+}
+
+// 1: the next cudaStreamCreate calls hand out the handle destroyed last, if any; 0: new ones.
+void fake_cudart_reuse_handles(int on) {
+    std::lock_guard<std::mutex> g(mu);
+    reuse_handles = on != 0;
 }
 
 int fake_cudart_dead_stream_uses(void) {

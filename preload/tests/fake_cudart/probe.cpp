@@ -54,6 +54,7 @@ void fake_cudart_set_capturing(cudaStream_t s, int status);
 int fake_cudart_stream_syncs(cudaStream_t s);
 int fake_cudart_syncs_at_destroy(cudaStream_t s);
 int fake_cudart_dead_stream_uses(void);
+void fake_cudart_reuse_handles(int on);
 int fake_cudart_per_thread_synced_here(void);
 }
 
@@ -480,12 +481,13 @@ static int scenario_streams() {
     out("malloc_on_destroyed_null", stale == nullptr);
     out("kvh_invalid_frees", kvh_counter("invalid_frees"));
     // A destroy whose synchronisation fails with another error than a capture's: kvhygiene
-    // forgets nothing (its open batch on the stream is not submitted there), and the
-    // runtime's destroy is made and answers.
+    // forgets the stream without submitting anything on it (its open batch is not submitted
+    // there), and the runtime's destroy is made and answers.
     cudaStream_t f = nullptr;
     cudaStreamCreate(&f);
     void* y = nullptr;
     out("rc_malloc_y", cudaMallocAsync(&y, N, f));
+    if (y) fill_secret(y, N);
     out("rc_free_y", cudaFreeAsync(y, f));
     long long open_batches = kvh_counter("scrub_batches");
     int destroys_before = fake_cudart_calls("cudaStreamDestroy");
@@ -494,6 +496,22 @@ static int scenario_streams() {
     fake_cudart_fail_syncs(0);
     out("batches_submitted_at_failed_destroy", kvh_counter("scrub_batches") - open_batches);
     out("real_destroys_failed_sync", fake_cudart_calls("cudaStreamDestroy") - destroys_before);
+    // The runtime may give the destroyed stream's handle to the next stream created. That
+    // stream is not one kvhygiene saw: its destroy neither synchronises it nor submits there
+    // the scrub kvhygiene held from the destroyed stream.
+    fake_cudart_reuse_handles(1);
+    cudaStream_t g = nullptr;
+    out("rc_stream_create_reused", cudaStreamCreate(&g));
+    fake_cudart_reuse_handles(0);
+    out("handle_reused", g == f);
+    long long batches_before_reused = kvh_counter("scrub_batches");
+    int syncs_before_reused = fake_cudart_calls("cudaStreamSynchronize");
+    out("rc_destroy_reused", cudaStreamDestroy(g));
+    out("syncs_for_reused_destroy", fake_cudart_calls("cudaStreamSynchronize") - syncs_before_reused);
+    out("batches_submitted_at_reused_destroy", kvh_counter("scrub_batches") - batches_before_reused);
+    // y's scrub is not skipped: it runs, on the legacy stream, at the next flush.
+    kvh_sync();
+    out("y_zero", all_zero(y, N));
     out("done", 1);
     return 0;
 }
