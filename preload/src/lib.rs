@@ -17,7 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
-//! | `cudaDeviceReset` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
+//! | `cudaDeviceReset`, `cudaThreadExit` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
 //! under an invalid `KVH_PRELOAD`, whose allocations are refused there as in the parent.
@@ -36,8 +36,9 @@
 //!   when nothing is allocated there), and is not in kvhygiene's log. kvhygiene cannot tell
 //!   such a double free from the free of an allocation made since at the same address
 //!   outside it (through the driver API, say), which must reach the runtime. Likewise, once
-//!   `cudaDeviceReset` of a device is made, nothing of that device's memory is held any more:
-//!   every free into it goes to the runtime (the reset freed it all).
+//!   `cudaDeviceReset` (or `cudaThreadExit`) of a device is made, nothing of that device's
+//!   memory is held any more: every free into it goes to the runtime (the reset freed it
+//!   all).
 //! - The synchronous entry points keep their synchronous contract, which engines rely on when
 //!   they use a buffer on several streams: `cudaFree` synchronises the block's device before
 //!   the block is freed (the real `cudaFree` does too), and `cudaMalloc` /
@@ -368,40 +369,56 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
 /// reset as by the runtime.
 #[no_mangle]
 pub extern "C" fn cudaDeviceReset() -> cudaError_t {
-    boundary(|| {
-        let alloc = (!forked()).then(started_process_allocator).flatten();
-        if let Some(alloc) = alloc {
-            let device = match current_device() {
-                Ok(d) => d,
-                Err(rc) => return rc,
-            };
-            // SAFETY: no arguments; valid at any time (a capture makes it return an error).
-            let synced = unsafe { real::cudaDeviceSynchronize() };
-            if is_capture_error(synced) {
-                return synced;
-            }
-            // Noted first, so that an allocation refused from here on says why.
-            reset::begun();
-            // From here on nothing of the device's memory is handed out, not even a clean
-            // pooled block; the blocks still handed out are freed (an earlier asynchronous
-            // error does not keep them from their scrub, as in `free_held`; the reset, which
-            // clears such an error, follows) and scrubbed by the shutdown.
-            if let Ok(device) = u32::try_from(device) {
-                alloc.reset_device(device);
-            }
-            kvhygiene::ffi::kvh_shutdown();
-            // SAFETY: no arguments; the runtime's contract.
-            let rc = unsafe { real::cudaDeviceReset() };
-            if rc == SUCCESS {
-                // The device's memory is the runtime's from now on: a pointer into it is
-                // no longer kvhygiene's (until now, a free of one was still the core's).
-                reset::done(device);
-            }
-            return rc;
+    boundary(|| reset_current_device(real::cudaDeviceReset))
+}
+
+/// `cudaThreadExit`, the deprecated form of `cudaDeviceReset` (the CUDA 12 runtime still
+/// exports it): it resets the current device as `cudaDeviceReset` does, and is handled
+/// exactly as [`cudaDeviceReset`] is, the real `cudaThreadExit` taking the real reset's
+/// place.
+#[no_mangle]
+pub extern "C" fn cudaThreadExit() -> cudaError_t {
+    boundary(|| reset_current_device(real::cudaThreadExit))
+}
+
+/// The real function that resets the current device: `cudaDeviceReset` or `cudaThreadExit`.
+type RealReset = unsafe fn() -> cudaError_t;
+
+/// The body of [`cudaDeviceReset`] and [`cudaThreadExit`], `real_reset` the real function.
+fn reset_current_device(real_reset: RealReset) -> cudaError_t {
+    let alloc = (!forked()).then(started_process_allocator).flatten();
+    if let Some(alloc) = alloc {
+        let device = match current_device() {
+            Ok(d) => d,
+            Err(rc) => return rc,
+        };
+        // SAFETY: no arguments; valid at any time (a capture makes it return an error).
+        let synced = unsafe { real::cudaDeviceSynchronize() };
+        if is_capture_error(synced) {
+            return synced;
         }
-        // SAFETY: no arguments; the runtime's contract.
-        unsafe { real::cudaDeviceReset() }
-    })
+        // Noted first, so that an allocation refused from here on says why.
+        reset::begun();
+        // From here on nothing of the device's memory is handed out, not even a clean
+        // pooled block; the blocks still handed out are freed (an earlier asynchronous
+        // error does not keep them from their scrub, as in `free_held`; the reset, which
+        // clears such an error, follows) and scrubbed by the shutdown.
+        if let Ok(device) = u32::try_from(device) {
+            alloc.reset_device(device);
+        }
+        kvhygiene::ffi::kvh_shutdown();
+        // SAFETY: the real `cudaDeviceReset` or `cudaThreadExit`: no arguments, the runtime's
+        // contract.
+        let rc = unsafe { real_reset() };
+        if rc == SUCCESS {
+            // The device's memory is the runtime's from now on: a pointer into it is
+            // no longer kvhygiene's (until now, a free of one was still the core's).
+            reset::done(device);
+        }
+        return rc;
+    }
+    // SAFETY: as above.
+    unsafe { real_reset() }
 }
 
 /// The resets this process made while kvhygiene ran: whether one began (for the one line that
@@ -443,7 +460,8 @@ mod reset {
         if BEGUN.load(Ordering::Acquire) && !SAID.swap(true, Ordering::Relaxed) {
             kvhygiene::stderr_line(
                 "kvhygiene-preload: allocation refused (cudaErrorCudartUnloading): \
-                 cudaDeviceReset destroyed the CUDA context kvhygiene's pools and kernels \
+                 cudaDeviceReset (or cudaThreadExit) destroyed the CUDA context kvhygiene's \
+                 pools and kernels \
                  were in, so kvhygiene shut down (scrubbing what it could first); it does \
                  not start again in this process (restart the process to have it)",
             );

@@ -256,6 +256,8 @@ real_functions! {
     fn cudaDeviceSynchronize();
     /// `cudaError_t cudaDeviceReset(void)`
     fn cudaDeviceReset();
+    /// `cudaError_t cudaThreadExit(void)`: deprecated, the same reset as `cudaDeviceReset`.
+    fn cudaThreadExit();
     /// `cudaError_t cudaStreamSynchronize(cudaStream_t stream)`
     fn cudaStreamSynchronize(stream: cudaStream_t);
     /// `cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *pCaptureStatus)`

@@ -1188,34 +1188,38 @@ fn a_stream_ordered_allocation_on_a_capturing_stream_is_refused_when_kvhygiene_d
 #[test]
 fn without_the_interposer_a_device_reset_destroys_unscrubbed_secrets() {
     let Some(b) = built() else { return };
-    let r = run(b, "device-reset", false, &[]);
-    r.expect(&[
-        ("rc_reset", 0),
-        ("real_resets", 1),
-        ("held_zero", 0),
-        ("freed_zero", 0),
-    ]);
+    for scenario in ["device-reset", "thread-exit"] {
+        let r = run(b, scenario, false, &[]);
+        r.expect(&[
+            ("rc_reset", 0),
+            ("real_resets", 1),
+            ("held_zero", 0),
+            ("freed_zero", 0),
+        ]);
+    }
 }
 
-#[test]
-fn a_device_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first() {
-    // The reset destroys the context kvhygiene's pools live in. Before it: the device is
-    // synchronised, the block still handed out and the one freed just before are scrubbed,
-    // and the forensic log is closed with its stop record. After it, the engine's free of a
-    // pointer into the reset memory goes to the runtime, and allocations are refused (NULL),
-    // with the reason on stderr: kvhygiene does not serve out of a destroyed context.
+/// The probe's `scenario` (`device-reset` or `thread-exit`) with the interposer: the reset
+/// destroys the context kvhygiene's pools live in. Before it: the device is synchronised, the
+/// block still handed out and the one freed just before are scrubbed, and the forensic log
+/// is closed with its stop record; then the real function of the same name is called, and
+/// only it. After it, the engine's free of a pointer into the reset memory goes to the
+/// runtime, and allocations are refused (NULL), with the reason on stderr: kvhygiene does not
+/// serve out of a destroyed context (nor its pooled block of the reset device).
+fn check_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first(scenario: &str) {
     let Some(b) = built() else { return };
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("preload-reset-log-{}", std::process::id()));
+        .join(format!("preload-{scenario}-log-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let log_dir = dir.to_string_lossy().into_owned();
-    let r = run(b, "device-reset", true, &[("KVH_LOG_DIR", &log_dir)]);
+    let r = run(b, scenario, true, &[("KVH_LOG_DIR", &log_dir)]);
     r.expect(&[
         ("rc_malloc_held", 0),
         ("rc_malloc_freed", 0),
         ("rc_free_freed", 0),
         ("rc_reset", 0),
         ("real_resets", 1),
+        ("other_real_resets", 0),
         ("synced_for_reset", 1),
         ("held_zero", 1),
         ("freed_zero", 1),
@@ -1244,17 +1248,31 @@ fn a_device_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first() {
 }
 
 #[test]
+fn a_device_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first() {
+    check_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first("device-reset");
+}
+
+#[test]
+fn a_thread_exit_resets_as_a_device_reset_does() {
+    // cudaThreadExit is the deprecated form of cudaDeviceReset, still in the CUDA 12
+    // runtime: the same reset, handled the same way.
+    check_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first("thread-exit");
+}
+
+#[test]
 fn a_device_reset_refused_by_a_capture_changes_nothing() {
     let Some(b) = built() else { return };
-    let r = run(b, "device-reset-during-capture", true, &[]);
-    r.expect(&[
-        ("rc_reset", 900),
-        ("real_resets", 0),
-        ("held_kept", 1),
-        ("rc_malloc_after_refused_reset", 0),
-        ("rc_free_held", 0),
-        ("rc_free_again", 0),
-    ]);
+    for scenario in ["device-reset-during-capture", "thread-exit-during-capture"] {
+        let r = run(b, scenario, true, &[]);
+        r.expect(&[
+            ("rc_reset", 900),
+            ("real_resets", 0),
+            ("held_kept", 1),
+            ("rc_malloc_after_refused_reset", 0),
+            ("rc_free_held", 0),
+            ("rc_free_again", 0),
+        ]);
+    }
 }
 
 #[test]

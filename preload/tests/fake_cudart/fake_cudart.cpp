@@ -158,14 +158,22 @@ int cudaDeviceSynchronize(void) {
     return sync_error;
 }
 
-// Counted only: the real reset destroys the device's context and every allocation in it,
-// kvhygiene's included; these stand-ins keep the memory readable, so a test can see what the
-// reset would have destroyed.
-int reset_error = 0;                              // returned by cudaDeviceReset when set
+// Counted only: the real reset (cudaDeviceReset, or the deprecated cudaThreadExit) destroys
+// the device's context and every allocation in it, kvhygiene's included; these stand-ins
+// keep the memory readable, so a test can see what the reset would have destroyed.
+int reset_error = 0;                              // returned by both resets when set
 
 int cudaDeviceReset(void) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaDeviceReset");
+    if (any_capturing()) return CAPTURE_UNSUPPORTED;
+    return reset_error;
+}
+
+// The deprecated form of cudaDeviceReset, counted apart.
+int cudaThreadExit(void) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaThreadExit");
     if (any_capturing()) return CAPTURE_UNSUPPORTED;
     return reset_error;
 }

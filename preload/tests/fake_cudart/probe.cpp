@@ -10,7 +10,8 @@
 //        fork-after-c-api-start-only | setenv-before-first-malloc |
 //        per-thread-alloc-during-capture | large-allocation-that-fits |
 //        forwarded-allocation-without-real-function | captured-allocation | device-reset |
-//        device-reset-during-capture | device-reset-that-fails |
+//        thread-exit | device-reset-during-capture | thread-exit-during-capture |
+//        device-reset-that-fails |
 //        device-reset-that-fails-retired | device-reset-c-api-malloc |
 //        device-reset-then-captured-allocation | device-reset-c-api-free
 
@@ -46,6 +47,7 @@ int cudaGetDevice(int* d);
 int cudaStreamCreate(cudaStream_t* s);
 int cudaStreamDestroy(cudaStream_t s);
 int cudaDeviceReset(void);
+int cudaThreadExit(void);
 void fake_cudart_fail_reset(int rc);
 int fake_cudart_calls(const char* name);
 int fake_cudart_last_synced_device(void);
@@ -907,9 +909,21 @@ static int scenario_captured_allocation() {
     return 0;
 }
 
-// cudaDeviceReset at the end of an engine's run: one block still allocated and one freed
-// just before, both holding a secret; then what the engine's later calls get.
-static int scenario_device_reset() {
+// The device resets an engine may call: `real_reset` is the name the stand-in runtime
+// counts the call under, `other_reset` the other's.
+typedef int (*reset_fn)(void);
+struct Reset {
+    reset_fn call;
+    const char* real_reset;
+    const char* other_reset;
+};
+static const Reset DEVICE_RESET = {cudaDeviceReset, "cudaDeviceReset", "cudaThreadExit"};
+static const Reset THREAD_EXIT = {cudaThreadExit, "cudaThreadExit", "cudaDeviceReset"};
+
+// A device reset (cudaDeviceReset, or the deprecated cudaThreadExit) at the end of an
+// engine's run: one block still allocated and one freed just before, both holding a
+// secret; then what the engine's later calls get.
+static int scenario_device_reset(const Reset& reset) {
     const size_t N = 4096;
     void* held = nullptr;
     out("rc_malloc_held", cudaMalloc(&held, N));
@@ -919,8 +933,9 @@ static int scenario_device_reset() {
     if (freed) fill_secret(freed, N);
     out("rc_free_freed", cudaFree(freed));
     int syncs = fake_cudart_calls("cudaDeviceSynchronize");
-    out("rc_reset", cudaDeviceReset());
-    out("real_resets", fake_cudart_calls("cudaDeviceReset"));
+    out("rc_reset", reset.call());
+    out("real_resets", fake_cudart_calls(reset.real_reset));
+    out("other_real_resets", fake_cudart_calls(reset.other_reset));
     out("synced_for_reset", fake_cudart_calls("cudaDeviceSynchronize") > syncs);
     // What the reset would have destroyed (the stand-ins keep it readable).
     out("held_zero", all_zero(held, N));
@@ -973,8 +988,8 @@ static int scenario_device_reset_that_fails_retired() {
     return 0;
 }
 
-// cudaDeviceReset refused by a graph capture under way: nothing of kvhygiene's changes.
-static int scenario_device_reset_during_capture() {
+// A device reset refused by a graph capture under way: nothing of kvhygiene's changes.
+static int scenario_device_reset_during_capture(const Reset& reset) {
     const size_t N = 4096;
     void* held = nullptr;
     out("rc_malloc_held", cudaMalloc(&held, N));
@@ -982,8 +997,8 @@ static int scenario_device_reset_during_capture() {
     cudaStream_t s = nullptr;
     out("rc_stream_create", cudaStreamCreate(&s));
     fake_cudart_set_capturing(s, 1);
-    out("rc_reset", cudaDeviceReset());
-    out("real_resets", fake_cudart_calls("cudaDeviceReset"));
+    out("rc_reset", reset.call());
+    out("real_resets", fake_cudart_calls(reset.real_reset));
     fake_cudart_set_capturing(s, 0);
     out("held_kept", holds_secret(held, N));
     void* again = nullptr;
@@ -1077,8 +1092,12 @@ int main(int argc, char** argv) {
     if (std::strcmp(which, "forwarded-allocation-without-real-function") == 0)
         return scenario_forwarded_allocation_without_real_function();
     if (std::strcmp(which, "captured-allocation") == 0) return scenario_captured_allocation();
-    if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset();
-    if (std::strcmp(which, "device-reset-during-capture") == 0) return scenario_device_reset_during_capture();
+    if (std::strcmp(which, "device-reset") == 0) return scenario_device_reset(DEVICE_RESET);
+    if (std::strcmp(which, "thread-exit") == 0) return scenario_device_reset(THREAD_EXIT);
+    if (std::strcmp(which, "device-reset-during-capture") == 0)
+        return scenario_device_reset_during_capture(DEVICE_RESET);
+    if (std::strcmp(which, "thread-exit-during-capture") == 0)
+        return scenario_device_reset_during_capture(THREAD_EXIT);
     if (std::strcmp(which, "device-reset-that-fails") == 0) return scenario_device_reset_that_fails();
     if (std::strcmp(which, "device-reset-that-fails-retired") == 0)
         return scenario_device_reset_that_fails_retired();
