@@ -58,7 +58,7 @@ enum kvh_result
   // block, or a scrub (a checked free's, a KV scrub) that cannot be launched into the graph.
   KVH_ERR_CAPTURE_ACTIVE = 7015,
   // The allocator was shut down (`kvh_shutdown`, or process exit has begun), or the
-  // allocation's device was reset (`cudaDeviceReset` under the LD_PRELOAD interposers).
+  // allocation's device was reset (`cudaDeviceReset` or `cudaThreadExit` under the LD_PRELOAD interposers).
   KVH_ERR_SHUTTING_DOWN = 7016,
   // `kvh_strerror` was given a code that is not a kvhygiene result.
   KVH_ERR_UNKNOWN_CODE = 7017,

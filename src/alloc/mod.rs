@@ -54,7 +54,7 @@ pub enum AllocError {
     #[error("the allocator is shutting down")]
     ShuttingDown,
     #[error(
-        "device {device} was reset (cudaDeviceReset): the memory kvhygiene held there is \
+        "device {device} was reset (cudaDeviceReset or cudaThreadExit): the memory kvhygiene held there is \
          gone, and it serves no allocation on that device in this process any more"
     )]
     DeviceReset { device: u32 },

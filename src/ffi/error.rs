@@ -48,7 +48,7 @@ pub enum kvh_result {
     /// block, or a scrub (a checked free's, a KV scrub) that cannot be launched into the graph.
     KVH_ERR_CAPTURE_ACTIVE = 7015,
     /// The allocator was shut down (`kvh_shutdown`, or process exit has begun), or the
-    /// allocation's device was reset (`cudaDeviceReset` under the LD_PRELOAD interposers).
+    /// allocation's device was reset (`cudaDeviceReset` or `cudaThreadExit` under the LD_PRELOAD interposers).
     KVH_ERR_SHUTTING_DOWN = 7016,
     /// `kvh_strerror` was given a code that is not a kvhygiene result.
     KVH_ERR_UNKNOWN_CODE = 7017,
@@ -133,7 +133,7 @@ impl kvh_result {
             KVH_ERR_BUFFER_TOO_SMALL => "output buffer too small",
             KVH_ERR_INVALID_DEVICE => "invalid device index",
             KVH_ERR_CAPTURE_ACTIVE => "stream is capturing a CUDA graph: no fresh memory is allocated and no scrub is launched into the graph (allocate before capture)",
-            KVH_ERR_SHUTTING_DOWN => "allocator was shut down (kvh_shutdown, or process exit began), or the device was reset (cudaDeviceReset)",
+            KVH_ERR_SHUTTING_DOWN => "allocator was shut down (kvh_shutdown, or process exit began), or the device was reset (cudaDeviceReset, cudaThreadExit)",
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
             KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
