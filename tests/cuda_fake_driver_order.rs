@@ -180,7 +180,7 @@ fn a_stream_whose_capture_was_invalidated_still_counts_as_capturing() {
     b.release(0, base, 4096).expect("release");
 }
 
-/// While another stream captures in global mode, the legacy default stream cannot be used
+/// While a blocking stream of its context captures, the legacy default stream cannot be used
 /// (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): it reads as capturing, so fresh memory is not zeroed
 /// and no scrub is queued or ordered on it, and the work is deferred; once the capture ends
 /// the same batch runs.
@@ -377,6 +377,42 @@ fn a_batch_deferred_by_a_capturing_recorded_stream_does_not_use_up_a_new_slot_ea
     b.release(0, base, 4096).expect("release");
 }
 
+/// A capture begun on a recorded stream after its capture query captures the event recorded
+/// there, and the driver does not refuse a wait for a captured event: the waiting stream joins
+/// the capture, whose end then fails unjoined while the scrub stream's work goes into the
+/// application's graph. The stream is asked again after the record, and the batch is deferred
+/// without the wait, for a stream of the batch's device and for one of another device (whose
+/// event is recorded in that device's context); it runs once the capture ended.
+#[test]
+fn a_capture_begun_on_a_recorded_stream_after_its_query_defers_the_batch_without_joining_it() {
+    let (path, lib) = fake_or_skip!("capture_after_query");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    for w in [9, 0xD1001] {
+        let mut scrub = batch(one_segment(base, 9), SAMPLED);
+        scrub.stream = StreamHandle(7);
+        scrub.wait_streams = vec![StreamHandle(w)];
+        switch(&lib, "capture_after_query", w as i32);
+        match submit(&b, scrub.clone()) {
+            Err(BackendError::StreamCapturing { stream, .. }) => assert_eq!(stream, w),
+            Err(e) => panic!("{w:#x}: expected the batch deferred as StreamCapturing, got {e}"),
+            Ok(_) => panic!("{w:#x}: the batch was queued after a wait for a captured event"),
+        }
+        assert_eq!(
+            query(&lib, "joined_captures", 0),
+            0,
+            "{w:#x}: the scrub stream waited for an event recorded in a capture"
+        );
+        switch(&lib, "end_capture", 0);
+        assert_eq!(
+            run(&b, scrub)[0].checked,
+            64,
+            "{w:#x}: the deferred batch runs later"
+        );
+    }
+    b.release(0, base, 4096).expect("release");
+}
+
 /// A capture's refusal of a call that orders the batch after a recorded stream (the scrub
 /// stream's wait for the event recorded there, refused with CUDA_ERROR_CAPTURED_EVENT when
 /// a capture began on that stream after its capture query) comes before the scrub kernel is
@@ -406,7 +442,7 @@ fn a_capture_refusing_the_wait_for_a_recorded_stream_defers_the_batch() {
 
 /// Fresh memory is zeroed on the caller's stream once its capture query said it is not
 /// capturing. A capture's refusal of the memset itself (here CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
-/// another stream began a global-mode capture after the query) is a capture found late, as
+/// a blocking stream began a capture after the query) is a capture found late, as
 /// for a batch's calls before its launch (docs/cuda.md, "CUDA graph capture"): the zeroing is
 /// refused with `StreamCapturing` (the allocation then fails as during a capture), not
 /// reported as a driver fault.

@@ -71,8 +71,8 @@
 // - stream handle 0xD1C0D (a stream of device 1) is capturing too, and 0xC0DF is a stream whose
 //   capture was invalidated (CU_STREAM_CAPTURE_STATUS_INVALIDATED, 2: still capturing);
 //   fake_cuda_implicit_capture(1) makes cuStreamIsCapturing on the legacy default stream
-//   (handles 0 and 1) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (906), as while another
-//   stream captures in global mode; fake_cuda_capturing_stream_uses(0) counts event records,
+//   (handles 0 and 1) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (906), as while a blocking
+//   stream of its context captures; fake_cuda_capturing_stream_uses(0) counts event records,
 //   waits, memsets and launches on a stream that is capturing.
 // - fake_cuda_fail_capture_queries(n) makes the next n cuStreamIsCapturing calls fail with
 //   CUDA_ERROR_INVALID_HANDLE (400), without saying whether the stream captures.
@@ -84,6 +84,11 @@
 // - fake_cuda_fail_record_after_scrub(code): the first cuEventRecord after the next scrub
 //   launch (kvh_scrub or kvh_scrub_strided, which runs) fails with `code`, e.g. 906
 //   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT): a capture's refusal of a later call of a batch.
+// - fake_cuda_capture_after_query(h): stream handle h begins a capture just after the next
+//   cuStreamIsCapturing call on it answered (not capturing); fake_cuda_end_capture(0) ends
+//   it. An event recorded on a capturing stream is captured, and a stream that waits for a
+//   captured event joins the capture, as the driver has it (not refused);
+//   fake_cuda_joined_captures(0) counts those waits.
 // - fake_cuda_fail_next_wait(code): the next cuStreamWaitEvent fails with `code`, e.g. 907
 //   (CUDA_ERROR_CAPTURED_EVENT): a capture's refusal of the wait that orders a batch.
 // - fake_cuda_scrub_launches(0) counts the scrub kernel launches (either scrub kernel).
@@ -94,7 +99,7 @@
 //   application); fake_cuda_destroyed_stream_uses(0) counts the calls made since on a destroyed
 //   handle (capture queries, context queries, event records, waits, memsets, launches).
 // - fake_cuda_fail_next_memset(code): the next cuMemsetD8Async fails with `code`, e.g. 906
-//   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: a global-mode capture began elsewhere after the
+//   (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: a blocking stream began a capture after the
 //   stream's capture query).
 #define KVH_HOST_RULE 1
 #include "../../kernels/scrub.cu"
@@ -134,12 +139,20 @@ struct Event {
     std::atomic<int> pending{0};
     void* ctx = nullptr;  // the context current at its creation, whose streams may record it
     void* recorded_on = nullptr;  // the stream of its last record
+    bool captured = false;  // its last record was on a capturing stream
 };
 // Capture status of a stream: 1 capturing, 2 capture invalidated (still in capture mode).
 static const uintptr_t FOREIGN_CAPTURING_STREAM = 0xD1C0D, INVALIDATED_STREAM = 0xC0DF;
+// The stream that begins a capture after its next query, and the one that began one.
+static std::atomic<uintptr_t> g_capture_after_query{0}, g_began_capture{0};
+static std::atomic<int> g_joined_captures{0};
+extern "C" void fake_cuda_capture_after_query(int h) { g_capture_after_query = (uintptr_t)h; }
+extern "C" void fake_cuda_end_capture(int) { g_began_capture = 0; }
+extern "C" int fake_cuda_joined_captures(int) { return g_joined_captures.load(); }
 static int capture_status(void* s) {
     uintptr_t h = (uintptr_t)s;
     if (h == CAPTURING_STREAM || h == FOREIGN_CAPTURING_STREAM) return 1;
+    if (h != 0 && h == g_began_capture.load()) return 1;
     if (h == INVALIDATED_STREAM) return 2;
     return 0;
 }
@@ -453,6 +466,7 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     NEED_CTX();
     if (int code = g_fail_next_wait.exchange(0)) return code;
     if (static_cast<Event*>(e)->ctx != ctx_of(s)) g_cross_device_waits++;
+    if (static_cast<Event*>(e)->captured) g_joined_captures++;
     note_capturing_use(s);
     std::lock_guard<std::mutex> g(g_waits_lock);
     g_waits.emplace_back(s, static_cast<Event*>(e)->recorded_on);
@@ -489,6 +503,10 @@ CUresult cuStreamIsCapturing(void* s, int* status) {
         return STREAM_CAPTURE_IMPLICIT;
     }
     *status = capture_status(s);
+    uintptr_t asked = (uintptr_t)s;
+    if (asked != 0 && g_capture_after_query.compare_exchange_strong(asked, 0)) {
+        g_began_capture = (uintptr_t)s;
+    }
     return OK;
 }
 static void (*g_capture_mode_hook)(void) = nullptr;
@@ -543,6 +561,7 @@ CUresult cuEventRecord(void* e, void* s) {
     note_stream(s);
     note_capturing_use(s);
     static_cast<Event*>(e)->recorded_on = s;
+    static_cast<Event*>(e)->captured = capture_status(s) != 0;
     static_cast<Event*>(e)->pending = g_pending.load();
     return OK;
 }

@@ -429,8 +429,8 @@ pub unsafe fn stream_synchronize(d: &Driver, stream: CUstream) -> Result<(), Bac
 
 /// Whether `stream` is capturing a graph (an invalidated capture still counts: the stream is
 /// in capture mode until the capture ends). The legacy default stream cannot be used at all
-/// while another stream captures in global mode (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`): that
-/// also reads as capturing, so the caller defers its work.
+/// while a blocking stream of its context captures (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`):
+/// that also reads as capturing, so the caller defers its work.
 ///
 /// # Safety
 /// 1. `stream` must be a live stream (or special handle) of the current context.

@@ -393,8 +393,8 @@ impl Inner {
 /// call for device 1 from a thread working on device 0 must not leave it on device 1.
 ///
 /// It also puts the thread in RELAXED stream-capture mode for the call and restores the
-/// previous mode after: kvhygiene's own driver calls (event queries, allocations, launches on
-/// streams that are not capturing) must not invalidate a global-mode capture running elsewhere.
+/// previous mode after: kvhygiene's own driver calls (event queries, allocations) must not
+/// invalidate a global-mode capture running elsewhere.
 struct CurrentCtx<'a> {
     inner: &'a Inner,
     previous: CUcontext,
@@ -816,8 +816,10 @@ impl Backend for CudaBackend {
         // caller's queued work.
         // SAFETY: 1. `[addr, addr + len)` lies in an allocation of this device (checked above);
         // 2. stream as above.
-        // A capture that began since the query (global mode, another thread's) refuses the
-        // memset: that is a capture, not a driver fault.
+        // A capture that refuses the memset (one begun since the query on a blocking stream,
+        // while `s` is the legacy stream) is a capture, not a driver fault. One begun on `s`
+        // itself in between takes the memset into its graph (docs/cuda.md, "CUDA graph
+        // capture").
         unsafe { r::memset_d8_async(d, addr, bytes, s) }
             .map_err(|e| refused_by_capture(e, stream.0, "zeroing fresh memory"))
     }
@@ -1247,8 +1249,8 @@ fn first_device(d: &Driver, count: u32) -> u32 {
 }
 
 /// A driver error that says a capture refused the call (`CUDA_ERROR_STREAM_CAPTURE_*` and
-/// `CUDA_ERROR_CAPTURED_EVENT`, codes 900 to 908: the legacy stream used while another
-/// stream captures in global mode, say) before the scrub kernel was launched is the capture
+/// `CUDA_ERROR_CAPTURED_EVENT`, codes 900 to 908: the legacy stream used while a blocking
+/// stream of its context captures, say) before the scrub kernel was launched is the capture
 /// found after the check: the work is deferred as for a capture found before it, not failed
 /// (a failed scrub quarantines blocks that were never read back, and logs a verification
 /// failure that did not happen). `enqueue` maps only the calls before the launch.
@@ -1471,9 +1473,29 @@ fn order_after_wait_streams(
         // block through kvh_record_stream (PyTorch's), of this device.
         unsafe { r::event_record(d, ev.0, stream_of(w)) }.map_err(|e| record_refusal(e, w))?;
         inner.live()?;
+        // SAFETY: as for the query above.
+        refuse_captured_record(unsafe { r::stream_is_capturing(d, stream_of(w)) }?, w)?;
+        inner.live()?;
         // SAFETY: 1. `s` is the batch's stream, of this device, whose context is current;
         // 2. live event.
         unsafe { r::stream_wait_event(d, s, ev.0) }.map_err(|e| wait_refusal(e, w))?;
+    }
+    Ok(())
+}
+
+/// Refuses the wait for an event just recorded on wait stream `w` when `w` is capturing now
+/// (`capturing`, asked after the record): a capture begun on `w` after its first query may have
+/// captured the record, and a stream that waits for a captured event is not refused by the
+/// driver but joins the capture, so that the application's capture would end unjoined
+/// (`CUDA_ERROR_STREAM_CAPTURE_UNJOINED`) and the scrub stream's work would go into its
+/// graph. Not capturing after the record, the record was not captured. The batch is deferred,
+/// as for a capture found by the first query.
+fn refuse_captured_record(capturing: bool, w: StreamHandle) -> Result<(), BackendError> {
+    if capturing {
+        return Err(BackendError::StreamCapturing {
+            stream: w.0,
+            what: ORDERING_AFTER,
+        });
     }
     Ok(())
 }
@@ -1528,13 +1550,21 @@ fn order_after_foreign_stream(
         })?;
         inner.live()?;
         // SAFETY: 1. `ev` was created in `ctx` just now and `w` is a stream of `ctx`.
-        match unsafe { r::event_record(d, ev, stream_of(w)) } {
+        let recorded = unsafe { r::event_record(d, ev, stream_of(w)) }
+            .map_err(|e| record_refusal(e, w))
+            .and_then(|()| {
+                inner.live()?;
+                // SAFETY: 1. `w` is a live stream of `ctx`, current here.
+                refuse_captured_record(unsafe { r::stream_is_capturing(d, stream_of(w)) }?, w)
+            });
+        match recorded {
             Ok(()) => Ok(ev),
             Err(e) => {
                 inner.live()?;
-                // SAFETY: 1. created above, not recorded, used by nothing.
+                // SAFETY: 1. created above; waited for by nothing (a record taken in a
+                // capture, or none).
                 let _ = unsafe { r::event_destroy(d, ev) };
-                Err(record_refusal(e, w))
+                Err(e)
             }
         }
     };
