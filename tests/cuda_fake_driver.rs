@@ -444,7 +444,45 @@ fn a_driver_that_fails_is_broken_never_absent() {
     }
 }
 
-/// A driver that loads none of the embedded kernel images because it is older than the
+/// Whether the library at `path` is loaded in this process (`dlopen` with `RTLD_NOLOAD`).
+fn loaded(path: &str) -> bool {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: `c` is a NUL-terminated path; RTLD_NOLOAD loads nothing, and the handle it
+    // returns (a reference taken) is closed at once.
+    unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if h.is_null() {
+            return false;
+        }
+        libc::dlclose(h);
+        true
+    }
+}
+
+/// A start-up that fails after `cuInit` keeps the driver library loaded (its threads and a
+/// retained context may live on); one whose `cuInit` failed leaves nothing of its own there.
+#[test]
+fn a_start_up_failed_after_cu_init_keeps_the_driver_loaded() {
+    let (path, lib) = fake_or_skip!("keep_noimage");
+    switch(&lib, "reject_images", 1);
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    let probe = unsafe { probe_library(&path) };
+    assert!(matches!(probe, Probe::Broken(_)), "{probe:?}");
+    drop(lib);
+    assert!(
+        loaded(&path),
+        "the driver was unloaded under a retained context"
+    );
+    let (path, lib) = fake_or_skip!("keep_noinit");
+    switch(&lib, "set_init_result", 100);
+    // SAFETY: 1. as above.
+    let probe = unsafe { probe_library(&path) };
+    assert!(matches!(probe, Probe::Broken(_)), "{probe:?}");
+    drop(lib);
+    assert!(!loaded(&path), "a driver whose cuInit failed stays loaded");
+}
+
+/// A driver that loads none of the embedded kernel images because it is older than the/// A driver that loads none of the embedded kernel images because it is older than the
 /// toolkit that built them (CUDA_ERROR_UNSUPPORTED_PTX_VERSION, 222, as an R470-R535 driver
 /// answers the CUDA 12.4 PTX) makes the backend `Broken`. The error names the driver's
 /// version (`cuDriverGetVersion`, 12.4 here) and the GPU's compute capability (9.0 here), so

@@ -29,7 +29,8 @@ pub enum Probe {
     /// No CUDA driver is installed (libcuda.so.1 cannot be opened). The only case in which
     /// `auto` may use the host backend.
     NoDriver(String),
-    /// The driver works, a device exists and the kernels loaded on device 0.
+    /// The driver works, a device exists and the kernels loaded on the first device opened
+    /// (the device of the calling thread's current context, else device 0).
     Available(CudaBackend),
     /// A driver is present but the backend cannot start. Allocation must fail closed.
     Broken(BackendError),
