@@ -373,7 +373,7 @@ impl Key {
 }
 
 macro_rules! key {
-    ($name:literal, $expected:literal, |$c:ident, $v:ident| $body:expr) => {
+    ($name:literal, $expected:expr, |$c:ident, $v:ident| $body:expr) => {
         Key {
             name: $name,
             expected: $expected,
@@ -382,18 +382,24 @@ macro_rules! key {
     };
 }
 
+/// What a switch key expects, in every spelling [`parse_bool`] reads (a TOML integer `1` or
+/// `0` too, as the environment's text).
+const SWITCH: &str = "true or false (on/off, yes/no and 1/0 alike)";
+
 /// Whether a TOML value's type suits a key, from what the key expects: numbers as TOML
-/// numbers (integers for integer keys), switches as booleans, and any key as a string (the
+/// numbers (integers for integer keys), switches as booleans (or the integers 1 and 0), and any key as a string (the
 /// text the environment gives it). Everything else (paths, words) takes strings only, so
 /// that `log_dir = false` is refused rather than read as a directory named `false`.
 fn toml_type_fits(expected: &str, value: &toml::Value) -> bool {
     match value {
         toml::Value::String(_) => true,
         toml::Value::Integer(_) => {
-            expected.starts_with("an integer") || expected.starts_with("a number")
+            expected.starts_with("an integer")
+                || expected.starts_with("a number")
+                || expected == SWITCH
         }
         toml::Value::Float(_) => expected.starts_with("a number"),
-        toml::Value::Boolean(_) => matches!(expected, "true or false" | "on or off"),
+        toml::Value::Boolean(_) => expected == SWITCH,
         _ => false,
     }
 }
@@ -417,11 +423,11 @@ const KEYS: &[Key] = &[
         c.verify_samples = parse_in(v, 2, 1 << 20)? as u32;
         Some(())
     }),
-    key!("double_pass", "true or false", |c, v| {
+    key!("double_pass", SWITCH, |c, v| {
         c.double_pass = parse_bool(v)?;
         Some(())
     }),
-    key!("full_verify", "true or false", |c, v| {
+    key!("full_verify", SWITCH, |c, v| {
         c.full_verify = parse_bool(v)?;
         Some(())
     }),
@@ -611,7 +617,7 @@ const KEYS: &[Key] = &[
             Some(())
         }
     ),
-    key!("anomaly", "on or off", |c, v| {
+    key!("anomaly", SWITCH, |c, v| {
         c.anomaly.enabled = parse_bool(v)?;
         Some(())
     }),
@@ -1687,9 +1693,13 @@ mod tests {
                 .batch_size,
             64
         );
+        // A switch's 1 and 0 as the environment's text.
+        let c = Config::from_toml_str("double_pass = 1\nanomaly = 0\n").unwrap();
+        assert!(c.double_pass && !c.anomaly.enabled);
         for text in [
             "batch_size = 32.0\n",
-            "double_pass = 1\n",
+            "double_pass = 2\n",
+            "full_verify = 1.0\n",
             "backend = true\n",
             "anomaly_z = [2]\n",
         ] {
