@@ -1226,10 +1226,12 @@ fn a_metrics_directory_in_a_symlink_loop_fails_its_check() {
     assert_eq!(code, 1, "{report}");
 }
 
-/// The metrics file named as the log directory itself, which does not exist yet: the log's
-/// start-up creates a directory at that path before the metrics export starts, so no
-/// snapshot can be renamed there. The preflight's metrics file check passes exactly when the
-/// started library writes the file, so here it fails.
+/// The metrics file named as the log directory itself, which does not exist yet. Spelled as
+/// the log directory is, the policy is invalid (2, naming both keys). Spelled through a link
+/// to the log's parent, it passes the policy: the log's start-up creates a directory at that
+/// path before the metrics export starts, so no snapshot can be renamed there. The
+/// preflight's metrics file check passes exactly when the started library writes the file, so
+/// here it fails.
 #[test]
 fn a_metrics_file_named_as_the_log_directory_not_yet_created_fails_as_the_start_up_writes_none() {
     if started_as_child() {
@@ -1240,6 +1242,17 @@ fn a_metrics_file_named_as_the_log_directory_not_yet_created_fails_as_the_start_
     let log = root.join("kvh/log");
     env.set("KVH_LOG_DIR", log.display().to_string());
     env.set("KVH_METRICS_FILE", log.display().to_string());
+    let (code, out, err) = run(&mut env.command(&["preflight", "--skip-backend"]));
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("metrics_file (KVH_METRICS_FILE) and log_dir (KVH_LOG_DIR)"),
+        "{err}"
+    );
+    std::os::unix::fs::symlink(root.join("kvh"), root.join("alias")).unwrap();
+    env.set(
+        "KVH_METRICS_FILE",
+        root.join("alias/log").display().to_string(),
+    );
     let name =
         "a_metrics_file_named_as_the_log_directory_not_yet_created_fails_as_the_start_up_writes_none";
     assert!(!judged_as_the_start_up_writes(&env, name, &root, &log));

@@ -924,8 +924,11 @@ impl Config {
                 let why = if first.starts_with("hmac") && second.starts_with("signing") {
                     "the HMAC secret must be a secret of its own: whoever holds it to check the \
                      log's MACs could sign its checkpoints"
-                } else {
+                } else if second.starts_with("metrics") || first.starts_with("metrics") {
                     "each needs its own (the metrics file is replaced at every write)"
+                } else {
+                    "each needs its own (a key file is read whole, and the log writes its \
+                     directories)"
                 };
                 return Err(ConfigError::Conflict(format!(
                     "{first} and {second} name one path, {}: {why}",
