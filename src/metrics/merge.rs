@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use super::cli::Snapshot;
-use super::parse::{self, family_of, sample_name};
+use super::parse::{self, family_of, sample_name, BLANKS};
 
 #[derive(Default)]
 struct Family {
@@ -166,16 +166,21 @@ enum Entry<'a> {
 /// The family a line belongs to and what it is; `None` for blank lines and plain comments.
 /// The snapshot parsed already, so every line is well formed.
 fn entry_of<'a>(line: &'a str, snap: &'a Snapshot) -> Option<(&'a str, Entry<'a>)> {
-    if line.trim().is_empty() {
+    // Read as the parser reads it (spaces and tabs alone separate), so that a line it took
+    // for a plain comment is one here too.
+    if line.trim_matches(BLANKS).is_empty() {
         return None;
     }
     if let Some(comment) = line.strip_prefix('#') {
-        let mut words = comment.trim_start().splitn(3, [' ', '\t']);
+        let mut words = comment.trim_start_matches(BLANKS).splitn(3, BLANKS);
         let keyword = words.next().unwrap_or("");
         let name = words.next().unwrap_or("");
         return match keyword {
             "HELP" => Some((name, Entry::Help)),
-            "TYPE" => Some((name, Entry::Type(words.next().unwrap_or("").trim()))),
+            "TYPE" => Some((
+                name,
+                Entry::Type(words.next().unwrap_or("").trim_matches(BLANKS)),
+            )),
             _ => None,
         };
     }
@@ -282,6 +287,22 @@ mod tests {
             err.contains("kvh-1.prom and kvh-2.prom both hold the series kvh_a_total"),
             "{err}"
         );
+    }
+
+    /// A comment the parser reads as plain (its keyword after a no-break space, which does
+    /// not separate) is plain here too: neither a type the processes disagree on nor the
+    /// family's `# TYPE` line in place of the real one.
+    #[test]
+    fn a_comment_the_parser_reads_as_plain_is_no_type_line() {
+        let a = snap(A);
+        let odd = snap(&format!(
+            "#\u{a0}TYPE kvh_a_total gauge\n{}",
+            A.replace("pid=\"1\"", "pid=\"3\"")
+        ));
+        let merged = merge(&[("a", &a), ("odd", &odd)]).unwrap();
+        assert!(merged.contains("# TYPE kvh_a_total counter\n"), "{merged}");
+        assert!(!merged.contains("TYPE kvh_a_total gauge"), "{merged}");
+        parse::parse(&merged).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 /// What separates a line's tokens in the text format: spaces and tabs only. Other whitespace
 /// (a no-break space, a form feed) is part of a token there, and a scraper refuses the line,
 /// so that a file read here with such a separator would be served to a scrape that fails.
-const BLANKS: [char; 2] = [' ', '\t'];
+pub(crate) const BLANKS: [char; 2] = [' ', '\t'];
 
 /// One sample line.
 #[derive(Clone, Debug, PartialEq)]
