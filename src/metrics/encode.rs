@@ -765,8 +765,9 @@ pub const SERIES: &[Series] = &[
 pub struct ExporterStats {
     /// Failed writes of the metrics file.
     pub textfile_errors: u64,
-    /// HTTP requests refused: too slow (408, or closed unanswered when a new connection took
-    /// the slot of one without a whole request a second after connecting), too large (431),
+    /// HTTP requests refused: too slow (408, or closed when a new connection took the slot of
+    /// one without a whole request a second after connecting, or of one whose client read none
+    /// of its response for a second), too large (431),
     /// malformed (400), or
     /// over the connection limit (503, or closed unanswered beyond twice the limit).
     pub http_rejected: u64,
@@ -944,7 +945,7 @@ fn encode_document_labelled(
     fams.add(
         "kvh_metrics_http_rejected_total",
         Kind::Counter,
-        "HTTP exporter requests refused: too slow (408, or closed when a new connection took the slot of one without a whole request a second after connecting), too large (431), malformed (400) or over the connection limit (503, or closed unanswered beyond twice the limit).",
+        "HTTP exporter requests refused: too slow (408, or closed when a new connection took the slot of one without a whole request a second after connecting, or of one whose client read none of its response for a second), too large (431), malformed (400) or over the connection limit (503, or closed unanswered beyond twice the limit).",
         NONE,
         exporter.http_rejected.to_string(),
     );

@@ -138,8 +138,9 @@ impl Server {
         self.addr
     }
 
-    /// Requests refused: too slow (408, or closed unanswered when a new connection took the
-    /// slot of one without a whole request [`STALL_GRACE`] after connecting), too large (431),
+    /// Requests refused: too slow (408, or closed when a new connection took the slot of one
+    /// without a whole request [`STALL_GRACE`] after connecting, or of one whose client read
+    /// none of its response for as long, which is cut short), too large (431),
     /// malformed (400), or over the connection limit (503, or closed unanswered beyond twice
     /// the limit).
     pub fn rejected(&self) -> u64 {
@@ -464,7 +465,9 @@ impl Loop {
                     Ok(0) => (true, true),
                     Ok(n) => {
                         *pos += n;
-                        conn.waiting_since = now;
+                        // The time of the write, not of the pass: a slow route earlier in the
+                        // pass must not make a client that reads look stalled.
+                        conn.waiting_since = Instant::now();
                         if *pos == out.len() {
                             let _ = conn.stream.shutdown(Shutdown::Write);
                             conn.state = State::Draining { drained: 0 };
