@@ -460,9 +460,25 @@ fn loaded(path: &str) -> bool {
 }
 
 /// A start-up that fails after `cuInit` keeps the driver library loaded (its threads and a
-/// retained context may live on); one whose `cuInit` failed leaves nothing of its own there.
+/// retained context may live on), and so does a backend that started and was dropped (as
+/// `kvh preflight` drops the one it tried); one whose `cuInit` failed leaves nothing of its
+/// own there.
 #[test]
 fn a_start_up_failed_after_cu_init_keeps_the_driver_loaded() {
+    let (path, lib) = fake_or_skip!("keep_started");
+    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+    match unsafe { probe_library(&path) } {
+        Probe::Available(backend) => {
+            backend.shutdown();
+            drop(backend);
+        }
+        other => panic!("expected the stand-in to start, got {other:?}"),
+    }
+    drop(lib);
+    assert!(
+        loaded(&path),
+        "the driver was unloaded with a dropped backend"
+    );
     let (path, lib) = fake_or_skip!("keep_noimage");
     switch(&lib, "reject_images", 1);
     // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
@@ -482,7 +498,7 @@ fn a_start_up_failed_after_cu_init_keeps_the_driver_loaded() {
     assert!(!loaded(&path), "a driver whose cuInit failed stays loaded");
 }
 
-/// A driver that loads none of the embedded kernel images because it is older than the/// A driver that loads none of the embedded kernel images because it is older than the
+/// A driver that loads none of the embedded kernel images because it is older than the
 /// toolkit that built them (CUDA_ERROR_UNSUPPORTED_PTX_VERSION, 222, as an R470-R535 driver
 /// answers the CUDA 12.4 PTX) makes the backend `Broken`. The error names the driver's
 /// version (`cuDriverGetVersion`, 12.4 here) and the GPU's compute capability (9.0 here), so

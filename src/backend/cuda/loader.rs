@@ -59,6 +59,15 @@ impl Driver {
     pub(crate) fn api(&self) -> &sys::CudaDriver {
         &self.api
     }
+
+    /// Keeps libcuda loaded for the life of the process, however this handle and its clones
+    /// are dropped: one reference to the entry points (which own the library) is leaked.
+    /// Called once `cuInit` succeeded, from when the driver keeps state of its own in the
+    /// process (its threads, retained primary contexts) that unloading the library would pull
+    /// from under them.
+    pub(crate) fn keep_loaded(&self) {
+        std::mem::forget(Arc::clone(&self.api));
+    }
 }
 
 /// Loads [`LIBCUDA`] from the dynamic loader's search path.

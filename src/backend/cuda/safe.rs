@@ -229,24 +229,18 @@ impl CudaBackend {
     /// that is present but unusable is reported here rather than at the first allocation.
     ///
     /// From `cuInit` on, the driver keeps state of its own in this process (its threads, and
-    /// the primary context a device's opening retains): a start-up that fails after it keeps
-    /// libcuda loaded for the life of the process (the driver handle is leaked, a few hundred
-    /// bytes), rather than unloading the library under them.
+    /// the primary context a device's opening retains): libcuda stays loaded for the life of
+    /// the process from then on ([`Driver::keep_loaded`]), whether this start-up fails or the
+    /// backend is dropped later, rather than being unloaded under them.
     pub fn new(driver: Driver) -> Result<Self, BackendError> {
         r::init(&driver)?;
-        let count = match r::device_count(&driver) {
-            Ok(0) => Err(BackendError::Other(
+        driver.keep_loaded();
+        let count = r::device_count(&driver)?;
+        if count == 0 {
+            return Err(BackendError::Other(
                 "the CUDA driver reports no device".to_string(),
-            )),
-            other => other,
-        };
-        let count = match count {
-            Ok(count) => count,
-            Err(e) => {
-                std::mem::forget(driver);
-                return Err(e);
-            }
-        };
+            ));
+        }
         let inner = Inner {
             driver,
             devices: (0..count).map(|_| OnceLock::new()).collect(),
@@ -261,11 +255,7 @@ impl CudaBackend {
         let backend = CudaBackend {
             inner: Arc::new(inner),
         };
-        let opened = backend.inner.device(first).map(|_| ());
-        if let Err(e) = opened {
-            std::mem::forget(backend);
-            return Err(e);
-        }
+        backend.inner.device(first)?;
         Ok(backend)
     }
 
