@@ -393,7 +393,7 @@ fn a_log_sealed_with_a_rotated_key_is_admitted_with_every_key() {
 
 /// A snapshot dated over 5 s ahead of the clock (the clock stepped back after it was written)
 /// has no age to judge: a usage error (2), which fails a readiness probe as an eviction
-/// would, until the process writes its next snapshot; 5 s ahead is still judged.
+/// would, until the process writes its next snapshot; 4 s ahead is still judged.
 #[test]
 fn a_snapshot_from_the_future_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
