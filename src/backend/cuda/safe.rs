@@ -230,7 +230,7 @@ impl CudaBackend {
     ///
     /// From `cuInit` on, the driver keeps state of its own in this process (its threads, and
     /// the primary context a device's opening retains): libcuda stays loaded for the life of
-    /// the process from then on ([`Driver::keep_loaded`]), whether this start-up fails or the
+    /// the process from then on (`Driver::keep_loaded`), whether this start-up fails or the
     /// backend is dropped later, rather than being unloaded under them.
     pub fn new(driver: Driver) -> Result<Self, BackendError> {
         r::init(&driver)?;
