@@ -12,6 +12,7 @@
 //! the test finds it next to itself (`current_exe`), fresh from the same build.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -36,7 +37,7 @@ struct Built {
 
 /// Runs the C++ compiler with `args`. `None` when there is no compiler at all; a compiler
 /// that runs and fails fails the test, with its output.
-fn compile(cxx: &str, args: &[std::ffi::OsString]) -> Option<()> {
+fn compile(cxx: &str, args: &[OsString]) -> Option<()> {
     match Command::new(cxx).args(args).output() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => panic!("cannot run the C++ compiler {cxx}: {e}"),
@@ -50,83 +51,98 @@ fn compile(cxx: &str, args: &[std::ffi::OsString]) -> Option<()> {
     }
 }
 
+/// The C++ compiler (`CXX`, else `c++`) building the stand-ins of `tests/fake_cudart` into
+/// `dir`, with the flags every one of them takes.
+struct Cxx {
+    cxx: String,
+    dir: PathBuf,
+    src: PathBuf,
+}
+
+impl Cxx {
+    fn in_dir(dir: PathBuf) -> Cxx {
+        std::fs::create_dir_all(&dir).expect("create the build directory");
+        Cxx {
+            cxx: std::env::var("CXX").unwrap_or_else(|_| "c++".to_string()),
+            dir,
+            src: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart"),
+        }
+    }
+
+    /// `-Wl,-rpath,DIR`: the programs and libraries built here find each other.
+    fn rpath(&self) -> OsString {
+        OsString::from(format!("-Wl,-rpath,{}", self.dir.display()))
+    }
+
+    /// Builds `dir/name` from `sources` (a shared library when `shared`), with `link` (the
+    /// libraries, rpath and flags) after them. `None` without a compiler.
+    fn build(
+        &self,
+        name: &str,
+        shared: bool,
+        sources: &[&str],
+        link: &[OsString],
+    ) -> Option<PathBuf> {
+        let out = self.dir.join(name);
+        let mut args: Vec<OsString> = Vec::new();
+        if shared {
+            args.extend(["-shared", "-fPIC"].map(OsString::from));
+        }
+        args.extend(["-std=c++17", "-O1", "-Wall", "-o"].map(OsString::from));
+        args.push(out.clone().into_os_string());
+        args.extend(sources.iter().map(|s| self.src.join(s).into_os_string()));
+        args.extend(link.iter().cloned());
+        compile(&self.cxx, &args).map(|()| out)
+    }
+}
+
+/// `s` as a compiler argument.
+fn arg(s: &str) -> OsString {
+    OsString::from(s)
+}
+
+/// `p` as a compiler argument.
+fn path_arg(p: &Path) -> OsString {
+    p.as_os_str().to_owned()
+}
+
 /// The fake runtime and the engine, compiled once per test process; `None` without a C++
 /// compiler (the compiler is not installed). A compiler that fails fails the tests.
 fn built() -> Option<&'static Built> {
     static BUILT: OnceLock<Option<Built>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload-fake-cudart");
-            std::fs::create_dir_all(&dir).expect("create the build directory");
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart");
-            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-            let os = |s: &str| std::ffi::OsString::from(s);
-            let path = |p: &Path| p.as_os_str().to_owned();
-            let rpath = os(&format!("-Wl,-rpath,{}", dir.display()));
+            let cxx =
+                Cxx::in_dir(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload-fake-cudart"));
+            let rpath = cxx.rpath();
             let runtime_named = |name: &str| {
-                let runtime = dir.join(name);
-                let args = vec![
-                    os("-shared"),
-                    os("-fPIC"),
-                    os("-std=c++17"),
-                    os("-O1"),
-                    os("-Wall"),
-                    os(&format!("-Wl,-soname,{name}")),
-                    os("-o"),
-                    path(&runtime),
-                    path(&src.join("fake_cudart.cpp")),
-                    os("-pthread"),
-                ];
-                compile(&cxx, &args).map(|()| runtime)
+                let soname = arg(&format!("-Wl,-soname,{name}"));
+                cxx.build(name, true, &["fake_cudart.cpp"], &[soname, arg("-pthread")])
             };
             let Some(runtime) = runtime_named("libcudart.so.12") else {
-                eprintln!("no C++ compiler ({cxx} not found); skipping");
+                eprintln!("no C++ compiler ({} not found); skipping", cxx.cxx);
                 return None;
             };
-            let probe = dir.join("probe");
-            let args = vec![
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-o"),
-                path(&probe),
-                path(&src.join("probe.cpp")),
-                path(&runtime),
+            let probe_links = [
+                path_arg(&runtime),
                 rpath.clone(),
-                os("-ldl"),
-                os("-pthread"),
+                arg("-ldl"),
+                arg("-pthread"),
             ];
-            compile(&cxx, &args)?;
+            let probe = cxx.build("probe", false, &["probe.cpp"], &probe_links)?;
             let plugin_linked_to = |name: &str, runtime: &Path| {
-                let plugin = dir.join(name);
-                let args = vec![
-                    os("-shared"),
-                    os("-fPIC"),
-                    os("-std=c++17"),
-                    os("-O1"),
-                    os("-Wall"),
-                    os("-o"),
-                    path(&plugin),
-                    path(&src.join("plugin.cpp")),
-                    path(runtime),
-                    rpath.clone(),
-                ];
-                compile(&cxx, &args).map(|()| plugin)
+                cxx.build(
+                    name,
+                    true,
+                    &["plugin.cpp"],
+                    &[path_arg(runtime), rpath.clone()],
+                )
             };
             let plugin = plugin_linked_to("libengine.so", &runtime)?;
             let vendored = runtime_named("libcudart-0a1b2c3d.so.12")?;
             let vendored_plugin = plugin_linked_to("libengine_vendored.so", &vendored)?;
-            let plugin_host = dir.join("plugin_host");
-            let args = vec![
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-o"),
-                path(&plugin_host),
-                path(&src.join("plugin_host.cpp")),
-                os("-ldl"),
-            ];
-            compile(&cxx, &args)?;
+            let plugin_host =
+                cxx.build("plugin_host", false, &["plugin_host.cpp"], &[arg("-ldl")])?;
             Some(Built {
                 probe,
                 plugin_host,
@@ -779,35 +795,11 @@ fn built_unload() -> Option<&'static (PathBuf, PathBuf)> {
     static BUILT: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload-unload");
-            std::fs::create_dir_all(&dir).expect("create the build directory");
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart");
-            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-            let os = |s: &str| std::ffi::OsString::from(s);
-            let runtime = dir.join("libcudart.so.12");
-            let args = vec![
-                os("-shared"),
-                os("-fPIC"),
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-Wl,-soname,libcudart.so.12"),
-                os("-o"),
-                runtime.as_os_str().to_owned(),
-                src.join("minimal_cudart.cpp").into_os_string(),
-            ];
-            compile(&cxx, &args)?;
-            let host = dir.join("unload_host");
-            let args = vec![
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-o"),
-                host.as_os_str().to_owned(),
-                src.join("unload_host.cpp").into_os_string(),
-                os("-ldl"),
-            ];
-            compile(&cxx, &args)?;
+            let cxx =
+                Cxx::in_dir(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("preload-unload"));
+            let soname = arg("-Wl,-soname,libcudart.so.12");
+            let runtime = cxx.build("libcudart.so.12", true, &["minimal_cudart.cpp"], &[soname])?;
+            let host = cxx.build("unload_host", false, &["unload_host.cpp"], &[arg("-ldl")])?;
             Some((runtime, host))
         })
         .as_ref()
@@ -848,41 +840,18 @@ fn built_exit_host() -> Option<&'static PathBuf> {
     BUILT
         .get_or_init(|| {
             let b = built()?;
-            let dir = b.probe.parent().expect("the build directory").to_path_buf();
-            let runtime = dir.join("libcudart.so.12");
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cudart");
-            let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-            let os = |s: &str| std::ffi::OsString::from(s);
-            let path = |p: &Path| p.as_os_str().to_owned();
-            let rpath = os(&format!("-Wl,-rpath,{}", dir.display()));
-            let engine = dir.join("libexit_engine.so");
-            let args = vec![
-                os("-shared"),
-                os("-fPIC"),
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-o"),
-                path(&engine),
-                path(&src.join("exit_engine.cpp")),
-                path(&runtime),
-                rpath.clone(),
-            ];
-            compile(&cxx, &args)?;
-            let host = dir.join("exit_host");
-            let args = vec![
-                os("-std=c++17"),
-                os("-O1"),
-                os("-Wall"),
-                os("-o"),
-                path(&host),
-                path(&src.join("exit_host.cpp")),
-                path(&engine),
-                path(&runtime),
-                rpath,
-                os("-ldl"),
-            ];
-            compile(&cxx, &args)?;
+            let cxx = Cxx::in_dir(b.probe.parent().expect("the build directory").to_path_buf());
+            let runtime = path_arg(&cxx.dir.join("libcudart.so.12"));
+            let rpath = cxx.rpath();
+            let engine_links = [runtime.clone(), rpath.clone()];
+            let engine = cxx.build(
+                "libexit_engine.so",
+                true,
+                &["exit_engine.cpp"],
+                &engine_links,
+            )?;
+            let host_links = [path_arg(&engine), runtime, rpath, arg("-ldl")];
+            let host = cxx.build("exit_host", false, &["exit_host.cpp"], &host_links)?;
             Some(host)
         })
         .as_ref()

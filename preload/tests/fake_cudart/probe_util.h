@@ -1,5 +1,5 @@
-// Helpers shared by the C++ engines of the interposer tests (probe.cpp, plugin.cpp): one
-// `key value` line of output, and whether a buffer reads zero.
+// Helpers shared by the C++ engines of the interposer tests (probe.cpp, plugin.cpp,
+// exit_alloc.h): one `key value` line of output, and whether a buffer reads zero.
 #pragma once
 
 #include <cstddef>
