@@ -465,37 +465,29 @@ fn loaded(path: &str) -> bool {
 /// own there.
 #[test]
 fn a_start_up_failed_after_cu_init_keeps_the_driver_loaded() {
-    let (path, lib) = fake_or_skip!("keep_started");
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    match unsafe { probe_library(&path) } {
-        Probe::Available(backend) => {
-            backend.shutdown();
-            drop(backend);
+    // (instance, switch and its value, whether the driver stays loaded once the probe's
+    // backend and the test's own handle are dropped)
+    let cases = [
+        ("keep_started", None, true),
+        ("keep_noimage", Some(("reject_images", 1)), true),
+        ("keep_noinit", Some(("set_init_result", 100)), false),
+    ];
+    for (name, set, stays) in cases {
+        let (path, lib) = fake_or_skip!(name);
+        if let Some((switch_name, value)) = set {
+            switch(&lib, switch_name, value);
         }
-        other => panic!("expected the stand-in to start, got {other:?}"),
+        // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
+        let probe = unsafe { probe_library(&path) };
+        match (&probe, set) {
+            (Probe::Available(backend), None) => backend.shutdown(),
+            (Probe::Broken(_), Some(_)) => {}
+            _ => panic!("{name}: {probe:?}"),
+        }
+        drop(probe);
+        drop(lib);
+        assert_eq!(loaded(&path), stays, "{name}: loaded after the probe");
     }
-    drop(lib);
-    assert!(
-        loaded(&path),
-        "the driver was unloaded with a dropped backend"
-    );
-    let (path, lib) = fake_or_skip!("keep_noimage");
-    switch(&lib, "reject_images", 1);
-    // SAFETY: 1. the test suite's stand-in of the driver (tests/fake_cuda).
-    let probe = unsafe { probe_library(&path) };
-    assert!(matches!(probe, Probe::Broken(_)), "{probe:?}");
-    drop(lib);
-    assert!(
-        loaded(&path),
-        "the driver was unloaded under a retained context"
-    );
-    let (path, lib) = fake_or_skip!("keep_noinit");
-    switch(&lib, "set_init_result", 100);
-    // SAFETY: 1. as above.
-    let probe = unsafe { probe_library(&path) };
-    assert!(matches!(probe, Probe::Broken(_)), "{probe:?}");
-    drop(lib);
-    assert!(!loaded(&path), "a driver whose cuInit failed stays loaded");
 }
 
 /// A driver that loads none of the embedded kernel images because it is older than the
