@@ -900,35 +900,50 @@ impl Config {
     /// start-up finds it. What only the file system shows (links, `..`, a copy of one key as
     /// the other) is refused where the files are opened.
     fn refuse_one_path_for_two_jobs(&self) -> Result<(), ConfigError> {
+        use PathJob::*;
         let paths = [
-            ("hmac_key_file (KVH_HMAC_KEY_FILE)", &self.log.hmac_key_file),
             (
+                HmacKey,
+                "hmac_key_file (KVH_HMAC_KEY_FILE)",
+                &self.log.hmac_key_file,
+            ),
+            (
+                SigningKey,
                 "signing_key_file (KVH_SIGNING_KEY_FILE)",
                 &self.log.signing_key_file,
             ),
-            ("metrics_file (KVH_METRICS_FILE)", &self.metrics.file),
-            ("log_dir (KVH_LOG_DIR)", &self.log.dir),
             (
+                Metrics,
+                "metrics_file (KVH_METRICS_FILE)",
+                &self.metrics.file,
+            ),
+            (LogDir, "log_dir (KVH_LOG_DIR)", &self.log.dir),
+            (
+                CheckpointDir,
                 "checkpoint_dir (KVH_CHECKPOINT_DIR)",
                 &self.log.checkpoint_dir,
             ),
         ];
-        for (i, (first, a)) in paths.iter().enumerate() {
-            for (second, b) in &paths[i + 1..] {
+        for (i, (job_a, first, a)) in paths.iter().enumerate() {
+            for (job_b, second, b) in &paths[i + 1..] {
                 let (Some(a), Some(b)) = (a, b) else { continue };
                 // Checkpoints kept in the log's own directory: where they go by default.
-                let both_dirs = first.starts_with("log_dir") && second.starts_with("checkpoint");
+                let both_dirs = (*job_a, *job_b) == (LogDir, CheckpointDir);
                 if both_dirs || !a.components().eq(b.components()) {
                     continue;
                 }
-                let why = if first.starts_with("hmac") && second.starts_with("signing") {
-                    "the HMAC secret must be a secret of its own: whoever holds it to check the \
-                     log's MACs could sign its checkpoints"
-                } else if second.starts_with("metrics") || first.starts_with("metrics") {
-                    "each needs its own (the metrics file is replaced at every write)"
-                } else {
-                    "each needs its own (a key file is read whole, and the log writes its \
-                     directories)"
+                let why = match (job_a, job_b) {
+                    (HmacKey, SigningKey) => {
+                        "the HMAC secret must be a secret of its own: whoever holds it to check \
+                         the log's MACs could sign its checkpoints"
+                    }
+                    (Metrics, _) | (_, Metrics) => {
+                        "each needs its own (the metrics file is replaced at every write)"
+                    }
+                    _ => {
+                        "each needs its own (a key file is read whole, and the log writes its \
+                         directories)"
+                    }
                 };
                 return Err(ConfigError::Conflict(format!(
                     "{first} and {second} name one path, {}: {why}",
@@ -1121,6 +1136,16 @@ fn parse_unit_interval(v: &str) -> Option<f64> {
 fn parse_f64_in(v: &str, min: f64, max: f64) -> Option<f64> {
     let x: f64 = v.trim().parse().ok()?;
     (x.is_finite() && (min..=max).contains(&x)).then_some(x)
+}
+
+/// What a path key of the policy is for ([`Config::check_combination`]'s clash check).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PathJob {
+    HmacKey,
+    SigningKey,
+    Metrics,
+    LogDir,
+    CheckpointDir,
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
