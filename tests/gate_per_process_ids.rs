@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
 use cli_common::{kvh, run, runtime_stats};
-use kvhygiene::metrics::{encode, ExporterStats};
+use kvhygiene::metrics::per_process::ProcessIdentity;
+use kvhygiene::metrics::{encode, encode_process, ExporterStats};
 use kvhygiene::stats::PoolCounters;
 
 fn snapshot(path: &Path, set: impl FnOnce(&mut PoolCounters)) {
@@ -109,6 +110,100 @@ fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
          that file: {out}{err}"
     );
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A live worker's file as its writer wrote it (`pid` label, `identity`), showing a failed
+/// verification, dated now, last modified `modified`.
+fn process_file_failing(path: &Path, pid: u32, identity: &ProcessIdentity, modified: SystemTime) {
+    let mut pool = PoolCounters::default();
+    pool.counters.allocations = 5;
+    pool.counters.verifications_failed = 1;
+    let text = encode_process(
+        &runtime_stats(pool),
+        &ExporterStats::default(),
+        SystemTime::now(),
+        &pid.to_string(),
+        Some(identity),
+    );
+    std::fs::write(path, text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+}
+
+/// The wall clock may be stepped forward after a worker's last write (an NTP correction, a VM
+/// resumed): its file then seems written before the worker started. The identity in the file
+/// (boot and start in clock ticks, which no clock step moves) says it is the worker's: it is
+/// judged (here it fails, so the gate evicts), not skipped as the file of an ended process.
+#[test]
+fn a_file_whose_writer_identity_matches_is_judged_whatever_its_modification_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let mut worker = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid = worker.id();
+    let identity = ProcessIdentity::of(pid).expect("the worker's identity, from /proc");
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    process_file_failing(&file(pid), pid, &identity, hour_ago);
+    let (code, out, err) = run(kvh()
+        .args(["gate", "--json", "--metrics-file"])
+        .arg(&pattern));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(
+        judged_pids(&out).contains(&u64::from(pid)),
+        "the worker's own file (its identity) was not judged: {out}{err}"
+    );
+    assert_eq!(
+        code, 1,
+        "the worker's failed verification evicts: {out}{err}"
+    );
+}
+
+/// A file whose writer identity is not that of the process now holding its id was written by
+/// an ended process, however recent its modification time: listed, not judged.
+#[test]
+fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let live = std::process::id();
+    snapshot(&file(live), |_| {});
+    let mut reuser = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let reused = reuser.id();
+    let now = ProcessIdentity::of(reused).expect("the process's identity, from /proc");
+    let earlier = ProcessIdentity {
+        start_ticks: now.start_ticks.saturating_sub(1),
+        ..now.clone()
+    };
+    let other_boot = ProcessIdentity {
+        boot_id: "00000000-0000-0000-0000-000000000000".into(),
+        ..now
+    };
+    for ended in [earlier, other_boot] {
+        process_file_failing(&file(reused), reused, &ended, SystemTime::now());
+        let (code, out, err) = run(kvh()
+            .args(["gate", "--json", "--metrics-file"])
+            .arg(&pattern));
+        assert!(
+            !judged_pids(&out).contains(&u64::from(reused)),
+            "the file of {ended:?} was judged as process {reused}'s: {out}{err}"
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        assert_eq!(v["gone"][0]["pid"], reused, "{out}");
+    }
+    let _ = reuser.kill();
+    let _ = reuser.wait();
 }
 
 /// `KVH_METRICS_FILE` takes `{pid}` anywhere in the file name, also before a digit

@@ -830,6 +830,53 @@ fn serve_metrics_with_a_per_process_pattern_serves_every_live_process_as_one_exp
     );
 }
 
+/// A live process's id may name a file an ended process wrote (the id was reused), modified
+/// recently: the writer identity in it (`kvh_process_start_ticks`) is not the live process's,
+/// so `serve-metrics` neither serves it nor refuses the whole exposition for its age. The
+/// process's own file, once written, is judged: stale, it is refused.
+#[test]
+fn serve_metrics_with_a_per_process_pattern_skips_the_file_of_an_earlier_holder_of_an_id() {
+    use kvhygiene::metrics::per_process::ProcessIdentity;
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = dir.path().join("kvh-{pid}.prom");
+    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let me = std::process::id();
+    let worker = LiveChild::start();
+    let own = ProcessIdentity::of(worker.pid()).expect("the worker's identity, from /proc");
+    let earlier = ProcessIdentity {
+        start_ticks: own.start_ticks - 1,
+        ..own.clone()
+    };
+    let write = |identity: &ProcessIdentity| {
+        let text = kvhygiene::metrics::encode_process(
+            &runtime_stats(PoolCounters::default()),
+            &ExporterStats::default(),
+            SystemTime::now() - Duration::from_secs(600),
+            &worker.pid().to_string(),
+            Some(identity),
+        );
+        std::fs::write(file(worker.pid()), text).unwrap();
+    };
+    write_process_snapshot(&file(me), me, Duration::ZERO, 0);
+    write(&earlier);
+    let side = sidecar(&pattern, &["--max-age", "60"]);
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    let worker_s = worker.pid().to_string();
+    let parsed = kvhygiene::metrics::parse::parse(&body).unwrap();
+    assert_eq!(
+        parsed
+            .values("kvh_allocations_total", &[("pid", worker_s.as_str())])
+            .count(),
+        0,
+        "the file of an earlier holder of id {worker_s} is served: {body}"
+    );
+    write(&own);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!((status, body.as_str()), (503, UNAVAILABLE));
+}
+
 /// `--listen` takes an IP address and a port; what a user is likely to try instead (a host
 /// name, a port alone) is refused with an example of what it takes.
 #[test]

@@ -11,10 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::encode::{format_f64, BUILD_INFO, CONTENT_TYPE, SNAPSHOT_TIMESTAMP};
+use super::encode::{
+    format_f64, BUILD_INFO, CONTENT_TYPE, PROCESS_START_TICKS, SNAPSHOT_TIMESTAMP,
+};
 use super::http::{self, Response};
 use super::parse::{self, Exposition};
-use super::per_process::{self, Target};
+use super::per_process::{self, ProcessIdentity, Target};
 use crate::config::{read_regular_file, Config};
 use crate::forensic::verify::rfc3339;
 
@@ -173,6 +175,22 @@ impl Snapshot {
             .collect()
     }
 
+    /// The identity of the process that wrote this per-process snapshot
+    /// (`kvh_process_start_ticks`), or `None` when it has none (an older release, no `/proc`)
+    /// or its value is not a whole number of ticks.
+    pub fn process_identity(&self) -> Option<ProcessIdentity> {
+        let sample = self.exposition.sample(PROCESS_START_TICKS)?;
+        let ticks = sample.value;
+        // Below 2^53 every whole number is exact as a double: the text was an integer.
+        if !(0.0..9_007_199_254_740_992.0).contains(&ticks) || ticks.fract() != 0.0 {
+            return None;
+        }
+        Some(ProcessIdentity {
+            boot_id: sample.label("boot_id")?.to_string(),
+            start_ticks: ticks as u64,
+        })
+    }
+
     fn build_label(&self, name: &str) -> Option<String> {
         self.exposition
             .sample(BUILD_INFO)
@@ -186,12 +204,21 @@ pub fn load(path: &Path) -> Result<Snapshot, String> {
     load_at(path, SystemTime::now())
 }
 
-/// [`load`] for the file of process `pid` of a per-process pattern: `None` when the file
-/// cannot be loaded because the process ended meanwhile (a worker that exits may remove its
-/// file, or be caught half-way).
+/// [`load`] for the file of process `pid` of a per-process pattern: `None` when it is not
+/// that process's to judge: the file was written by an ended process that held the id before
+/// ([`per_process::belongs_to`]), or it cannot be loaded because the process ended meanwhile
+/// (a worker that exits may remove its file, or be caught half-way).
 pub fn load_of_process(pid: u32, path: &Path) -> Result<Option<Snapshot>, String> {
-    match load(path) {
-        Ok(snap) => Ok(Some(snap)),
+    load_of_process_at(pid, path, SystemTime::now())
+}
+
+/// [`load_of_process`] as of `now`.
+fn load_of_process_at(pid: u32, path: &Path, now: SystemTime) -> Result<Option<Snapshot>, String> {
+    match load_at(path, now) {
+        Ok(snap) if per_process::belongs_to(pid, path, snap.process_identity().as_ref()) => {
+            Ok(Some(snap))
+        }
+        Ok(_) => Ok(None),
         Err(_) if !per_process::alive(pid) => Ok(None),
         Err(e) => Err(e),
     }
@@ -630,6 +657,16 @@ impl FileRoutes {
     /// The snapshot in `file`, loaded and judged fresh enough.
     fn fresh(&self, file: &Path, now: SystemTime) -> Result<Snapshot, Unservable> {
         let snap = load_at(file, now).map_err(|e| (e.clone(), e))?;
+        self.judged_fresh(file, snap, now)
+    }
+
+    /// `snap`, read from `file`, when it is fresh enough.
+    fn judged_fresh(
+        &self,
+        file: &Path,
+        snap: Snapshot,
+        now: SystemTime,
+    ) -> Result<Snapshot, Unservable> {
         let age = snap.age_seconds(now);
         if let Some(max) = self.max_age.filter(|m| age > *m as f64) {
             return Err((
@@ -653,7 +690,16 @@ impl FileRoutes {
         let mut gone = files.gone.len();
         let mut snaps = Vec::with_capacity(files.live.len());
         for (pid, file) in &files.live {
-            match self.fresh(file, now) {
+            // A file another process held the id before is not served, nor is its age judged
+            // (that it is old says nothing of the process holding the id now).
+            let served = match load_of_process_at(*pid, file, now).map_err(same)? {
+                Some(snap) => self.judged_fresh(file, snap, now),
+                None => {
+                    gone += 1;
+                    continue;
+                }
+            };
+            match served {
                 Ok(snap) => snaps.push((file.display().to_string(), snap)),
                 // Ended since the directory was listed: its last snapshot is not served.
                 Err(_) if !per_process::alive(*pid) => gone += 1,
@@ -789,6 +835,45 @@ mod tests {
                 c.labels
             );
         }
+    }
+
+    #[test]
+    fn a_snapshot_s_writer_identity_is_a_whole_number_of_ticks_with_a_boot() {
+        let identity = ProcessIdentity {
+            boot_id: "5f0c3a6e-0b1d-4c8e-9a57-2d4f1e6b7c80".into(),
+            start_ticks: 123_456_789,
+        };
+        let written = crate::metrics::encode::encode_process(
+            &crate::stats::Stats::merge("host".into(), &[Default::default()], None),
+            &crate::metrics::ExporterStats::default(),
+            SystemTime::now(),
+            "7",
+            Some(&identity),
+        );
+        let read = |text: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("kvh-7.prom");
+            std::fs::write(&file, text).unwrap();
+            load(&file).unwrap().process_identity()
+        };
+        assert_eq!(read(&written), Some(identity));
+        let line = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with(PROCESS_START_TICKS))
+                .unwrap()
+                .to_string()
+        };
+        let sample = line(&written);
+        for (changed, why) in [
+            (sample.replace("123456789", "123456789.5"), "not whole"),
+            (sample.replace("123456789", "-1"), "negative"),
+            (sample.replace("123456789", "NaN"), "not a number"),
+            (sample.replace("boot_id", "boot"), "no boot"),
+        ] {
+            assert_eq!(read(&written.replace(&sample, &changed)), None, "{why}");
+        }
+        let without = written.replace(&format!("{sample}\n"), "");
+        assert_eq!(read(&without), None, "an older writer's file");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
+use super::per_process::ProcessIdentity;
 use crate::stats::Stats;
 
 /// The `Content-Type` of the text this module writes.
@@ -40,6 +41,11 @@ pub const SNAPSHOT_TIMESTAMP: &str = "kvh_snapshot_timestamp_seconds";
 
 /// Metric name of the build information (`version`, `backend` labels; value 1).
 pub const BUILD_INFO: &str = "kvh_build_info";
+
+/// Metric name of a per-process file's writer identity (`boot_id` label; value: the start in
+/// clock ticks since that boot), by which the readers tell the file from that of an ended
+/// process whose id was reused.
+pub const PROCESS_START_TICKS: &str = "kvh_process_start_ticks";
 
 /// A metric family's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -848,7 +854,22 @@ pub fn encode_labelled(
 ) -> String {
     // Plain data with derived impls: serialisation cannot fail.
     let doc = serde_json::to_value(stats).unwrap_or(Value::Null);
-    encode_document_labelled(&doc, exporter, at, common).0
+    encode_document_labelled(&doc, exporter, at, common, None).0
+}
+
+/// The exposition of a per-process metrics file (`KVH_METRICS_FILE` with `{pid}`): [`encode`]
+/// with a `pid` label on every sample and, when known, the writer's `identity`
+/// (`kvh_process_start_ticks`).
+pub fn encode_process(
+    stats: &Stats,
+    exporter: &ExporterStats,
+    at: SystemTime,
+    pid: &str,
+    identity: Option<&ProcessIdentity>,
+) -> String {
+    // Plain data with derived impls: serialisation cannot fail.
+    let doc = serde_json::to_value(stats).unwrap_or(Value::Null);
+    encode_document_labelled(&doc, exporter, at, &[("pid", pid)], identity).0
 }
 
 /// [`encode`] from the stats JSON document; also returns the pointers of the numeric fields
@@ -858,7 +879,7 @@ pub fn encode_document(
     exporter: &ExporterStats,
     at: SystemTime,
 ) -> (String, Vec<String>) {
-    encode_document_labelled(doc, exporter, at, &[])
+    encode_document_labelled(doc, exporter, at, &[], None)
 }
 
 fn encode_document_labelled(
@@ -866,6 +887,7 @@ fn encode_document_labelled(
     exporter: &ExporterStats,
     at: SystemTime,
     common: &[(&str, &str)],
+    identity: Option<&ProcessIdentity>,
 ) -> (String, Vec<String>) {
     let mut fams = Families {
         list: Vec::new(),
@@ -897,6 +919,17 @@ fn encode_document_labelled(
         NONE,
         format_f64(secs),
     );
+    if let Some(id) = identity {
+        fams.add(
+            PROCESS_START_TICKS,
+            Kind::Gauge,
+            "Start of the process that writes this file, in clock ticks since the boot named \
+             by boot_id (field 22 of /proc/PID/stat): tells its file from that of an ended \
+             process whose id was reused.",
+            &[("boot_id", &id.boot_id)],
+            id.start_ticks.to_string(),
+        );
+    }
     for s in SERIES {
         let v = doc.pointer(s.pointer);
         let value = match (s.read, v) {

@@ -44,8 +44,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::MetricsConfig;
 use crate::stats::Stats;
+use per_process::ProcessIdentity;
 
-pub use encode::{encode, encode_labelled, ExporterStats, CONTENT_TYPE};
+pub use encode::{encode, encode_labelled, encode_process, ExporterStats, CONTENT_TYPE};
 
 /// Where the exporters get their snapshot: the allocator's [`Stats`] with the embedding
 /// layer's `log` field set, exactly as `kvh_stats_json` reports them.
@@ -120,6 +121,8 @@ struct Inner {
     file: Option<PathBuf>,
     /// `pid` label on every sample (when the file name holds `{pid}`).
     pid_label: Option<String>,
+    /// Who writes the per-process file (with `pid_label`; `None` without `/proc`).
+    identity: Option<ProcessIdentity>,
     textfile_errors: AtomicU64,
     /// Set while the file cannot be written: an outage is reported on stderr once.
     failing: AtomicBool,
@@ -163,13 +166,11 @@ impl Inner {
     }
 
     fn encode_at(&self, stats: &Stats, at: SystemTime) -> String {
-        let labels: Vec<(&str, &str)> = self
-            .pid_label
-            .as_deref()
-            .map(|p| ("pid", p))
-            .into_iter()
-            .collect();
-        encode_labelled(stats, &self.exporter_stats(), at, &labels)
+        let exporter = self.exporter_stats();
+        match &self.pid_label {
+            Some(pid) => encode_process(stats, &exporter, at, pid, self.identity.as_ref()),
+            None => encode(stats, &exporter, at),
+        }
     }
 
     fn render(&self) -> String {
@@ -336,6 +337,10 @@ impl Exporter {
                 .file_for(pid)
                 .map(|f| std::path::absolute(&f).unwrap_or(f)),
             pid_label: cfg.per_process().then(|| pid.to_string()),
+            identity: cfg
+                .per_process()
+                .then(ProcessIdentity::of_this_process)
+                .flatten(),
             textfile_errors: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
@@ -780,6 +785,13 @@ mod tests {
             .iter()
             .all(|s| s.label("pid") == Some(pid.as_str())));
         assert_eq!(e.value("kvh_allocations_total", &[]), Some(4.0));
+        // The writer's identity, by which readers tell its file from an ended process's.
+        let me = ProcessIdentity::of_this_process().unwrap();
+        let boot = [("boot_id", me.boot_id.as_str()), ("pid", pid.as_str())];
+        assert_eq!(
+            e.value(encode::PROCESS_START_TICKS, &boot),
+            Some(me.start_ticks as f64)
+        );
         // Without `{pid}`, no label.
         let plain = MetricsConfig {
             file: Some(dir.path().join("kvh.prom")),
@@ -788,5 +800,9 @@ mod tests {
         let exporter = Exporter::start(&plain, counting(Arc::new(AtomicU64::new(4)))).unwrap();
         let e = parse::parse(&exporter.render()).unwrap();
         assert!(e.samples.iter().all(|s| s.label("pid").is_none()));
+        assert!(
+            e.sample(encode::PROCESS_START_TICKS).is_none(),
+            "one file, one writer: no identity"
+        );
     }
 }

@@ -7,8 +7,19 @@
 //! written before the process now holding its id started is that of one that ended (the id
 //! was reused).
 //!
+//! The writer tells its file from that of an ended process whose id was reused by the
+//! identity it writes in it ([`ProcessIdentity`]: the boot and the process's start in clock
+//! ticks since that boot), which the reader compares with what the kernel says of the process
+//! now holding the id. Clock ticks since boot do not move when the wall clock is stepped; the
+//! file's modification time, which decides for files without an identity (written by an older
+//! release), does: a clock stepped forward after a worker's last write makes its file seem
+//! older than its process, and a hung worker would be skipped as gone rather than judged
+//! stale.
+//!
 //! Liveness is judged in the pid namespace of the reader: a probe or sidecar must share the
-//! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`).
+//! engine's (in a pod, the engine container itself, or `shareProcessNamespace: true`), and
+//! its time namespace too (the one every container shares unless made otherwise, as CRIU
+//! does): `/proc` gives start ticks offset by the reader's boot-time offset.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -108,7 +119,8 @@ pub struct Judged<S, T> {
 }
 
 /// Loads (`load`) and judges (`judge`) the file of every live process in `files`. A process
-/// found to have ended meanwhile is gone, not judged: its file could not be loaded, or its
+/// found to have ended meanwhile, or whose id now names another process, is gone, not judged
+/// (`load` answers `None`): its file could not be loaded, or its
 /// judgement fails (`passed` false) while it is no longer alive (its last snapshot only ages).
 /// An error when every listed process ended meanwhile: nothing was judged.
 pub fn judge_live<S, T>(
@@ -143,12 +155,64 @@ pub fn judge_live<S, T>(
 }
 
 /// The files in the pattern's directory whose name is the pattern's with `{pid}` replaced by
-/// a process id, split into those of live processes and those of processes that are gone.
+/// a process id, split into those whose id names a live process and those of processes that
+/// are gone. A file of the first kind may still be that of an ended process whose id was
+/// reused: that is known once it is read ([`belongs_to`]).
 pub fn find(pattern: &Path) -> Result<ProcessFiles, String> {
     let (live, gone) = files_of(pattern)?
         .into_iter()
-        .partition(|(pid, file)| alive(*pid) && !written_before_start(*pid, file));
+        .partition(|(pid, _)| alive(*pid));
     Ok(ProcessFiles { live, gone })
+}
+
+/// The process that wrote a per-process file, told apart from every other process that ever
+/// held its id: the boot it ran in and when it started in that boot. Both are kernel facts
+/// that a wall-clock step does not move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    /// `/proc/sys/kernel/random/boot_id`: a new value at each boot.
+    pub boot_id: String,
+    /// Field 22 of `/proc/PID/stat`: the process's start in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+impl ProcessIdentity {
+    /// This process's identity, or `None` without `/proc`.
+    pub fn of_this_process() -> Option<Self> {
+        Self::read("self")
+    }
+
+    /// The identity of process `pid` as this process sees it, or `None` when `/proc` does not
+    /// say (no such process, no `/proc`).
+    pub fn of(pid: u32) -> Option<Self> {
+        Self::read(&pid.to_string())
+    }
+
+    fn read(proc_entry: &str) -> Option<Self> {
+        let start_ticks = start_ticks(proc_entry)?;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let boot_id = boot_id.trim();
+        // A UUID; anything else is no identity to write as a label value.
+        if boot_id.is_empty() || !boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return None;
+        }
+        Some(ProcessIdentity {
+            boot_id: boot_id.to_string(),
+            start_ticks,
+        })
+    }
+}
+
+/// Whether the file of process `pid`, which carries the identity `written` of its writer
+/// (`None` for a file an older release wrote), was written by that process rather than by an
+/// ended one that held the id before. With an identity, the kernel's answer for `pid` decides;
+/// when it cannot be read the file is taken as the process's (judged, so never skipped
+/// unseen). Without one, the file's modification time must not be before the process started.
+pub fn belongs_to(pid: u32, file: &Path, written: Option<&ProcessIdentity>) -> bool {
+    match written {
+        Some(written) => ProcessIdentity::of(pid).is_none_or(|now| *written == now),
+        None => !written_before_start(pid, file),
+    }
 }
 
 /// Whether `file` was last written before process `pid` started: the file of a process that
@@ -169,11 +233,7 @@ const START_MARGIN: Duration = Duration::from_secs(2);
 /// When process `pid` started, as wall-clock time: the boot time (`btime` in `/proc/stat`)
 /// plus the process's start in clock ticks since boot (field 22 of `/proc/PID/stat`).
 fn process_start(pid: u32) -> Option<SystemTime> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 2, the command name, is in parentheses and may hold spaces and parentheses:
-    // the fields after the last ')' are fields 3, 4, ...
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let ticks: u64 = after_name.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let ticks = start_ticks(&pid.to_string())?;
     let boot: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -189,6 +249,20 @@ fn process_start(pid: u32) -> Option<SystemTime> {
     let since_boot = Duration::from_secs(ticks / per_second)
         + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second);
     UNIX_EPOCH.checked_add(Duration::from_secs(boot) + since_boot)
+}
+
+/// Field 22 of `/proc/ENTRY/stat` (`ENTRY` a pid or `self`): the process's start in clock
+/// ticks since boot.
+fn start_ticks(proc_entry: &str) -> Option<u64> {
+    start_ticks_in(&std::fs::read_to_string(format!("/proc/{proc_entry}/stat")).ok()?)
+}
+
+/// Field 22 of the text of a `/proc/PID/stat`.
+fn start_ticks_in(stat: &str) -> Option<u64> {
+    // Field 2, the command name, is in parentheses and may hold spaces and parentheses:
+    // the fields after the last ')' are fields 3, 4, ...
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// Every file of the pattern, by pid.
@@ -325,6 +399,51 @@ mod tests {
         f.set_modified(start - Duration::from_secs(1)).unwrap();
         assert!(!written_before_start(me, &file), "within the margin");
         assert!(!written_before_start(me, &dir.path().join("none")));
+    }
+
+    #[test]
+    fn a_file_with_its_writer_s_identity_belongs_to_the_process_with_that_identity_only() {
+        let me = std::process::id();
+        let mine = ProcessIdentity::of(me).expect("this process's identity, from /proc");
+        assert_eq!(ProcessIdentity::of_this_process(), Some(mine.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvh.prom");
+        let f = std::fs::File::create(&file).unwrap();
+        // Seemingly written an hour before this process started (a wall clock stepped
+        // forward since): the identity decides, not the time.
+        let start = process_start(me).unwrap();
+        f.set_modified(start - Duration::from_secs(3600)).unwrap();
+        assert!(belongs_to(me, &file, Some(&mine)));
+        assert!(
+            !belongs_to(me, &file, None),
+            "no identity: the time decides"
+        );
+        // Written just now, by another process that held the id before.
+        f.set_modified(SystemTime::now()).unwrap();
+        assert!(belongs_to(me, &file, None));
+        let earlier = ProcessIdentity {
+            start_ticks: mine.start_ticks - 1,
+            ..mine.clone()
+        };
+        assert!(!belongs_to(me, &file, Some(&earlier)));
+        let other_boot = ProcessIdentity {
+            boot_id: "0".into(),
+            ..mine
+        };
+        assert!(!belongs_to(me, &file, Some(&other_boot)));
+    }
+
+    #[test]
+    fn the_start_in_ticks_is_read_after_a_command_name_holding_parentheses_and_spaces() {
+        let fields_3_to_21 = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18";
+        let stat = format!("77 (a) b (c) {fields_3_to_21} 4242 99 100\n");
+        assert_eq!(start_ticks_in(&stat), Some(4242));
+        assert_eq!(start_ticks_in("77 (a) S 1 2"), None, "too few fields");
+        assert_eq!(start_ticks_in("77 a S"), None, "no command name");
+        let me = std::process::id().to_string();
+        assert_eq!(start_ticks("self"), start_ticks(&me));
+        assert!(start_ticks(&me).is_some());
+        assert_eq!(start_ticks("no-such-entry"), None);
     }
 
     #[test]
