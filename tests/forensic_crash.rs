@@ -1777,3 +1777,55 @@ fn a_crash_between_creating_the_next_file_and_its_rotate_record_is_continued() {
         continued[1]
     );
 }
+
+/// The same crash, with the file before the empty one made read-only since (mode 0400, or
+/// `chattr +i` where the test runs as root): recovery only reads that file and takes its
+/// lock, so the chain is continued all the same, not left for a new one to replace.
+#[test]
+fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_read_only() {
+    use kvhygiene::forensic::files;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    write_log(&c, 100, true);
+    let list = chain_files(&dir);
+    assert!(list.len() >= 2, "the log did not rotate");
+    let newest = list.last().unwrap().clone();
+    let mut lines = read_lines(&newest);
+    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
+    write_lines(&newest, &lines);
+    let at = files::parse_file_name(&name(&newest)).unwrap();
+    let next = dir.join(files::file_name(&at.chain, at.index + 1));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&next)
+        .unwrap();
+    std::fs::set_permissions(&newest, std::fs::Permissions::from_mode(0o400)).unwrap();
+    // Root writes a file of mode 0400: the attribute makes it read-only for root too.
+    let writable = || OpenOptions::new().append(true).open(&newest).is_ok();
+    let _immutable = if writable() {
+        let Some(attribute) = Attribute::set(&newest, "i") else {
+            return;
+        };
+        Some(attribute)
+    } else {
+        None
+    };
+
+    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let r = verify(&dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the chain was not continued");
+    let continued = read_lines(&next);
+    assert!(
+        continued
+            .get(1)
+            .is_some_and(|l| l.contains("\"kind\":\"recovery\"")),
+        "{continued:?}"
+    );
+}

@@ -581,7 +581,10 @@ fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
             created = DirBuilder::new().mode(0o700).create(level);
         }
         match created {
-            Ok(()) => set_private(level, what)?,
+            Ok(()) => {
+                set_private(level, what)?;
+                sync_parent(level, what)?;
+            }
             // Created meanwhile by another start-up: finished here if it has not been yet.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 if unfinished(level) {
@@ -599,6 +602,30 @@ fn create_missing_levels(dir: &Path, what: &str) -> Result<(), ForensicError> {
         }
     }
     Ok(())
+}
+
+/// fsync of the directory holding `level`, which this call created. An fsync of a file
+/// persists neither its directory's entry in that directory's parent nor any level above: on
+/// a fresh volume, a power failure after the first records were synced could otherwise lose
+/// the directory, and the chain with it. Outermost level first, so each entry is synced once
+/// it exists.
+fn sync_parent(level: &Path, what: &str) -> Result<(), ForensicError> {
+    let parent = match level.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match sync_dir(parent) {
+        Ok(()) => Ok(()),
+        // A parent this user may enter but not read (mode 0311) cannot be opened to be
+        // synced: the entry is then as durable as the filesystem's own ordering makes it, as
+        // it is for every directory above the levels created here.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        Err(e) => Err(io_err(
+            parent,
+            &format!("cannot sync the directory holding the new {what}"),
+            e,
+        )),
+    }
 }
 
 /// Sets a directory this call (or another start-up) created to 0700.

@@ -221,6 +221,20 @@ pub fn mac_of(key: &EpochKey, hash: &[u8; 32]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// Whether `mac` is `HMAC-SHA256(key, hash)`, compared in constant time (`verify_slice`), so
+/// that how long a check takes says nothing of how much of a forged MAC was right.
+pub fn mac_verifies(key: &EpochKey, hash: &[u8; 32], mac: &[u8; 32]) -> bool {
+    let mut m = key.mac();
+    m.update(hash);
+    m.verify_slice(mac).is_ok()
+}
+
+/// [`mac_verifies`] for a MAC as a record writes it (64 lower-case hex digits); anything else
+/// is no MAC.
+pub fn mac_hex_verifies(key: &EpochKey, hash: &[u8; 32], mac: &str) -> bool {
+    parse_hash(mac).is_some_and(|mac| mac_verifies(key, hash, &mac))
+}
+
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -506,6 +520,29 @@ mod tests {
             hex(&mac_of(&k1, &s.hash)),
             "a6d8b2c3038111f67189625763273db5692c6dd76b76f80f1d97de7f3837c598"
         );
+    }
+
+    #[test]
+    fn a_mac_verifies_with_its_key_and_hash_only() {
+        let secret = || zeroize::Zeroizing::new(b"0123456789abcdef-secret".to_vec());
+        let k0 = EpochKey::from_secret(secret()).unwrap();
+        let mut k1 = EpochKey::from_secret(secret()).unwrap();
+        k1.ratchet();
+        let hash = [7u8; 32];
+        let mac = mac_of(&k0, &hash);
+        assert!(mac_verifies(&k0, &hash, &mac));
+        assert!(mac_hex_verifies(&k0, &hash, &hex(&mac)));
+        assert!(!mac_verifies(&k1, &hash, &mac), "another epoch's key");
+        assert!(!mac_verifies(&k0, &[8u8; 32], &mac), "another record");
+        let mut flipped = mac;
+        flipped[31] ^= 1;
+        assert!(!mac_verifies(&k0, &hash, &flipped));
+        let upper = hex(&mac).to_uppercase();
+        assert!(
+            !mac_hex_verifies(&k0, &hash, &upper),
+            "records write lower case"
+        );
+        assert!(!mac_hex_verifies(&k0, &hash, &hex(&mac)[..62]));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::checkpoint;
 use super::files;
 use super::keys::EpochKey;
 use super::lines::{Line, Lines};
-use super::record::{chain_hash_open, mac_of, parse_hash};
+use super::record::{chain_hash_open, mac_hex_verifies, parse_hash};
 use super::scan::scan;
 use super::ForensicError;
 
@@ -375,7 +375,10 @@ pub fn adopt(
         // keeps until it has locked the new one (a few system calls after creating it).
         if let Some(prev) = &head.link_from {
             let prev_path = path.with_file_name(prev);
-            let prev_free = files::open_existing(&prev_path).is_ok_and(|f| files::try_lock(&f));
+            // Opened to read: the lock is all that is asked of it, and a finished file made
+            // read-only since (mode 0400, `chattr +i`) is no sign of a live writer.
+            let prev_free =
+                files::open_regular(&prev_path, u64::MAX).is_ok_and(|(f, _)| files::try_lock(&f));
             if !prev_free {
                 continue; // a live writer between creating its next file and locking it
             }
@@ -658,7 +661,7 @@ fn continuable(
             // Check with a scratch copy of the ratchet state: if the MAC does not match we
             // must keep our epoch-0 key for a fresh chain.
             let probe = probes.key_at(k, index)?;
-            super::record::hex(&mac_of(&probe, &h)) == m
+            mac_hex_verifies(&probe, &h, m)
         }
         _ => false,
     })

@@ -31,7 +31,7 @@ use super::files;
 use super::keys::EpochKey;
 use super::lines::{Line, Lines};
 use super::prune::{self, Manifest};
-use super::record::{chain_hash_open, hex, mac_of, parse_hash, GENESIS_PREV};
+use super::record::{chain_hash_open, hex, mac_verifies, parse_hash, GENESIS_PREV};
 use super::scan::{scan, Scanned, ID_FIELDS};
 
 /// An HMAC secret (the epoch-0 key) a log may be sealed with, and the name reports give it.
@@ -1102,17 +1102,18 @@ impl ChainKey {
     /// a MAC at all); with several candidates, the one that verifies it becomes the chain's
     /// key. Returns the index of the chain's key (`None`: MACs not checked).
     fn check(&mut self, hash: &[u8; 32], mac: Option<[u8; 32]>) -> Result<Option<usize>, String> {
+        let verifies = |key: &EpochKey| mac.is_some_and(|mac| mac_verifies(key, hash, &mac));
         match self {
             ChainKey::Unchecked => Ok(None),
             ChainKey::Absent { wanted, given } => Err(absent(wanted, given)),
-            ChainKey::Pinned(g) if Some(mac_of(&g.key, hash)) == mac => Ok(Some(g.index)),
+            ChainKey::Pinned(g) if verifies(&g.key) => Ok(Some(g.index)),
             ChainKey::Pinned(g) => Err(format!(
                 "MAC mismatch at epoch {}: wrong key or forged record",
                 g.key.epoch()
             )),
             ChainKey::Candidates(keys) => {
                 let epoch = keys.first().map_or(0, |g| g.key.epoch());
-                let Some(pos) = keys.iter().position(|g| Some(mac_of(&g.key, hash)) == mac) else {
+                let Some(pos) = keys.iter().position(|g| verifies(&g.key)) else {
                     return Err(format!(
                         "MAC mismatch at epoch {epoch}: none of the {} keys given seals this \
                          chain (wrong keys or forged record)",

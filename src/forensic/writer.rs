@@ -328,6 +328,8 @@ impl ChainWriter {
         } else {
             w.write_buffer()
         };
+        // Errors name the file: the log, checkpoint and key files may be on different volumes.
+        let path = w.dir.join(files::file_name(&w.chain, w.index));
         if let Err(e) = written {
             if adopted.is_none() {
                 w.remove_new_chain();
@@ -337,9 +339,11 @@ impl ChainWriter {
                 // tail was put back where it was.)
                 let _ = w.cut_torn_tail();
             }
-            return Err(ForensicError::Io(format!(
-                "cannot write the {kind} record: {e}"
-            )));
+            return Err(files::io_err(
+                &path,
+                &format!("cannot write the {kind} record"),
+                e,
+            ));
         }
         if kind == "start" {
             // A failed fsync stops checkpoints for good (`on_fsync_error`): a new chain would
@@ -347,9 +351,7 @@ impl ChainWriter {
             // Start-up fails instead, as when the record cannot be written.
             if let Err(e) = w.sync_with_faults() {
                 w.remove_new_chain();
-                return Err(ForensicError::Io(format!(
-                    "cannot sync the start record: {e}"
-                )));
+                return Err(files::io_err(&path, "cannot sync the start record", e));
             }
             w.dirty_since_sync = false;
             w.last_sync = Instant::now();
@@ -1633,6 +1635,28 @@ mod tests {
         assert!(fsyncs <= 5, "{fsyncs} fsyncs for 200 records");
     }
 
+    /// A start record that cannot be written (a full volume) fails the start-up with an
+    /// error naming the log file, and leaves no file behind.
+    #[test]
+    fn a_failed_write_of_the_start_record_names_the_file_and_leaves_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let shared = Arc::new(Shared::default());
+        shared.injected_faults.store(1, Ordering::SeqCst);
+        let start = StartInfo::current(Config::default().canonical_json());
+        let Err(e) = ChainWriter::open(&test_cfg(&dir), &start, None, shared) else {
+            panic!("a chain whose start record was not written was opened");
+        };
+        let e = e.to_string();
+        assert!(e.contains("cannot write the start record"), "{e}");
+        assert!(
+            e.contains(&dir.display().to_string()) && e.contains(".jsonl"),
+            "the error names the file: {e}"
+        );
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 0, "the failed start left files");
+    }
+
     /// A chain is covered by a signed checkpoint from its first record on, so that a
     /// verification with the pinned public key can check its end. When the fsync of the
     /// `start` record fails (after which no checkpoint is signed), the start-up fails, as it
@@ -1657,6 +1681,10 @@ mod tests {
         assert!(
             e.to_string().contains("cannot sync the start record"),
             "{e}"
+        );
+        assert!(
+            e.to_string().contains(&dir.display().to_string()),
+            "the error names the file: {e}"
         );
         let left: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()

@@ -50,7 +50,7 @@ use super::cli::{
 use super::evidence::is_exception;
 use super::files;
 use super::keys::EpochKey;
-use super::record::{chain_hash_open, hex, mac_of, parse_hash};
+use super::record::{chain_hash_open, hex, mac_hex_verifies, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
 use super::verify::{self, rfc3339, verify_all, ChainReport, Report, VerifyOptions};
@@ -996,7 +996,7 @@ fn read_from(
                     return Ok(None);
                 }
                 k.advance_to(*index);
-                if r.mac != Some(hex(&mac_of(k, &hash)).as_str()) {
+                if !r.mac.is_some_and(|mac| mac_hex_verifies(k, &hash, mac)) {
                     return Ok(None);
                 }
             }
