@@ -391,8 +391,9 @@ Counters only grow, so an evicted process stays evicted until it restarts.
 
 One file per process ({pid} in KVH_METRICS_FILE, as in a tensor-parallel engine): give the
 pattern, and the file of every live process of the probe's pid namespace is judged; one
-evicted process evicts, and files of processes that are gone (or last written before the
-process now holding their id started) are listed, not judged.
+evicted process evicts, and files of processes that are gone (or written by an earlier
+holder of the id: the writer named in the file is not the process holding it now) are
+listed, not judged.
 
 Examples:
   # Kubernetes readinessProbe (exec) of the inference container
@@ -426,8 +427,9 @@ samples, when it was taken and whether it shows a security failure, and exits:
 Without --file the file is this environment's KVH_METRICS_FILE. A file name holding {pid} \
 (one file per process of a multi-process engine, as KVH_METRICS_FILE names them) checks the \
 file of every live process of this pid namespace: the exit status is 1 when one of them \
-fails, 2 when none has a file. Files of processes that are gone (or last written before the \
-process now holding their id started) are listed, not checked.
+fails, 2 when none has a file. Files of processes that are gone (or written by an earlier \
+holder of the id: the writer named in the file is not the process holding it now) are \
+listed, not checked.
 
 Examples:
   # Liveness check (cron, Kubernetes exec probe): fail when the last snapshot is > 60 s old
