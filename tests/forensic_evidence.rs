@@ -2249,6 +2249,101 @@ fn a_chain_whose_first_records_are_written_while_the_report_is_made_leaves_it_ve
     assert_stays_verified(code, &v, "a chain that gained its first records meanwhile");
 }
 
+/// A record the report has yet to read, edited once the first verification is done and the
+/// reading of the chain has begun: the reading fails, and the log no longer verifies. That is
+/// tampering (exit 1, the report unverified, the edit named), not a report that could not be
+/// made (exit 2), which a script would retry rather than page on.
+#[test]
+fn a_record_edited_ahead_of_the_reading_makes_the_report_unverified_not_failed() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 64 << 20), 8_000, false);
+    let big = chain_files(&dir).remove(0);
+    let edit_last_record = || {
+        // A digit of the last record's time: the file keeps its length and its lines, the
+        // record its form, but not its hash.
+        let text = std::fs::read_to_string(&big).unwrap();
+        let last = text.trim_end().rfind('\n').unwrap() + 1;
+        let at = last + text[last..].find("\"ts\":").unwrap() + 6;
+        let digit = text.as_bytes()[at];
+        let other = if digit == b'1' { b'2' } else { b'1' };
+        let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        f.write_all_at(&[other], at as u64).unwrap();
+    };
+    let (code, v, edited) = evidence_after_opens(&dir, &big, 2, edit_last_record);
+    assert!(
+        edited,
+        "the record was not edited while the report was made"
+    );
+    assert_eq!(
+        (code, &v["integrity"]["verified"]),
+        (Some(1), &Value::Bool(false)),
+        "an edit made while the report was read: {v}"
+    );
+    let problems = v["integrity"]["problems"].to_string();
+    assert!(
+        problems.contains("changed while the report"),
+        "the edit met by the reading is not named: {problems}"
+    );
+}
+
+/// Runs `kvh evidence DIR --json` and calls `meanwhile` as soon as it has opened `file` the
+/// `opens`-th time (seen through inotify, before it reads anything of that opening). Returns
+/// the exit status, the report, and whether `meanwhile` ran.
+fn evidence_after_opens(
+    dir: &Path,
+    file: &Path,
+    opens: usize,
+    meanwhile: impl FnOnce(),
+) -> (Option<i32>, Value, bool) {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: no arguments but flags.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(fd >= 0, "inotify: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(file.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `fd` is an inotify descriptor and `path` a NUL-terminated string.
+    let watch = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_OPEN) };
+    assert!(watch >= 0, "inotify: {}", std::io::Error::last_os_error());
+    let out = dir.with_extension("report.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .args(["evidence", dir.to_str().unwrap(), "--json"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut meanwhile = Some(meanwhile);
+    let mut seen = 0;
+    let pid = child.id() as libc::pid_t;
+    while child.try_wait().unwrap().is_none() && meanwhile.is_some() {
+        let mut events = [0u8; 4096];
+        // SAFETY: `events` is valid for writes of its length.
+        let n = unsafe { libc::read(fd, events.as_mut_ptr().cast(), events.len()) };
+        if n <= 0 {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        }
+        // Each event: a header and a name of `len` bytes (none for a watched file).
+        let header = std::mem::size_of::<libc::inotify_event>();
+        seen += (n as usize) / header;
+        if seen >= opens {
+            // Stopped while the file is edited: the edit lands before it reads much further.
+            // SAFETY: `pid` is this function's child, not yet waited for.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            (meanwhile.take().unwrap())();
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+    let code = child.wait().unwrap().code();
+    // SAFETY: `fd` is this function's descriptor, closed once.
+    unsafe { libc::close(fd) };
+    let v = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap_or(Value::Null);
+    (code, v, meanwhile.is_none())
+}
+
 /// A chain `prune-log` moved whole verified without a record read from the log directory,
 /// yet the report takes from it what its MAC-verified manifest says (the chain listed as
 /// pruned, with its archive; the period and keys its records covered). Its manifest removed

@@ -2421,3 +2421,55 @@ fn a_state_position_whose_hash_is_not_a_hash_is_an_error_naming_the_state_file()
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(state.to_str().unwrap()), "{err}");
 }
+
+/// Bytes without a newline appended after a crashed chain's last record (by someone with
+/// write access to the log directory) are a torn tail to the verifier, which measures a line
+/// longer than it holds (64 MiB) without holding it. The tail reads the files as the verifier
+/// does: its memory stays bounded by that line limit, not by the planted bytes.
+#[test]
+fn bytes_planted_after_a_crashed_chain_s_end_are_read_in_bounded_memory() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_log(&cfg(&dir, 1 << 20), 3, false);
+    let newest = chain_files(&dir).pop().unwrap();
+    let text = std::fs::read_to_string(&newest).unwrap();
+    let without_stop = text.trim_end().rsplit_once('\n').unwrap().0.to_string() + "\n";
+    assert!(text[without_stop.len()..].contains("\"kind\":\"stop\""));
+    let mut f = std::fs::File::create(&newest).unwrap();
+    f.write_all(without_stop.as_bytes()).unwrap();
+    const PLANTED: usize = 160 << 20;
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..PLANTED >> 20 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    // Reaped by wait4 below, which also reports its peak memory.
+    #[allow(clippy::zombie_processes)]
+    let child = kvh()
+        .arg("tail-log")
+        .arg(&dir)
+        .args(["--once", "--from-start"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is this test's child, not yet waited for (`child` is never waited on);
+    // `status` and `usage` are valid for writes.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "{}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "tail-log did not pass the crashed chain on (wait status {status})"
+    );
+    let peak_mib = usage.ru_maxrss / 1024;
+    assert!(
+        peak_mib < 128,
+        "tail-log held {peak_mib} MiB reading a file with {} MiB planted after its records",
+        PLANTED >> 20
+    );
+}

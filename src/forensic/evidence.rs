@@ -486,8 +486,9 @@ const MAX_TRIES: u32 = 5;
 /// chain that changed (or whose reading failed) is pruned further at the second
 /// verification than at the first (its manifest, written before the prune removes a file,
 /// accounts for the change), the report is made again (the whole of it, from a new
-/// verification), up to `MAX_TRIES` times, waiting longer each time. A file deleted or
-/// edited otherwise makes the report fail (exit 2) or unverified, as without a prune.
+/// verification), up to `MAX_TRIES` times, waiting longer each time. Otherwise a change that
+/// the second verification finds (an edit, a file deleted) makes the report unverified
+/// (exit 1), and a reading that fails while the log still verifies makes it fail (exit 2).
 pub fn collect_with(
     args: &EvidenceArgs,
     mut on_retry: impl FnMut(&str),
@@ -564,10 +565,20 @@ fn collect_once(
     let read = tally_chains(&report, &chains, &mut ev, &mut tally, args.max_exceptions);
     let again = verify_all(dir, opts).map_err(|e| Try::Failed(e.to_string()))?;
     if let Err((chain, e)) = read {
-        return Err(match pruned_further(&report, &again, &chain) {
-            true => Try::Pruned(pruned_message(&chain)),
-            false => Try::Failed(e),
-        });
+        if pruned_further(&report, &again, &chain) {
+            return Err(Try::Pruned(pruned_message(&chain)));
+        }
+        // A log that verifies again failed to be read for another reason (a file that could
+        // not be opened): no report (exit 2). One that no longer verifies was edited while
+        // the report was made: that is a finding (exit 1), reported as the second
+        // verification found it, not a report that could not be made.
+        if again.ok() {
+            return Err(Try::Failed(e));
+        }
+        ev.integrity = integrity(&again);
+        ev.integrity.problems.push(format!(
+            "chain {chain} changed while the report was being made: {e}"
+        ));
     }
     let head_still_there = |b: &super::verify::ChainReport| {
         let list = chains.iter().find(|(id, _)| *id == b.chain).map(|(_, l)| l);

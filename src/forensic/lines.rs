@@ -41,6 +41,17 @@ pub enum Line<'a> {
     Overlong { len: u64, ended: bool },
 }
 
+impl Line<'_> {
+    /// The bytes of the file the line spans, its newline included.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Line::Whole(l) => l.len() as u64 + 1,
+            Line::Torn(l) => l.len() as u64,
+            Line::Overlong { len, ended } => len + u64::from(*ended),
+        }
+    }
+}
+
 /// The lines of a chain file, read in order through a buffer: memory for one line
 /// ([`MAX_LINE_BYTES`] at most) and one buffer, whatever the file's size.
 pub struct Lines<R> {

@@ -6,7 +6,7 @@
 //! gives way to a whole pass whenever it cannot vouch for what it finds.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read as _, Write};
+use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use super::batch::{Batches, Scout, Take, HOLD_BYTES};
 use super::{directory_gone, pass_on, Pass, PassError, Position, State, Stop};
 use crate::forensic::checkpoint::Checkpoint;
 use crate::forensic::files;
+use crate::forensic::lines::{Line, Lines};
 use crate::forensic::prune;
 use crate::forensic::record::{hex, parse_hash};
 use crate::forensic::scan::scan;
@@ -417,27 +418,35 @@ fn read_appended(
             .filter(|s| (s.seq, s.file) == (from.seq, *index))
             .map_or(0, |s| s.byte);
         file.seek(std::io::SeekFrom::Start(byte)).ok()?;
-        let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
+        // Read as the verifier reads: a line longer than any reader holds (bytes planted
+        // after a crashed chain's end, say) is measured, never held.
+        let mut lines = Lines::new(file, files::MAX_READ_BYTES);
         let mut first_in_file = byte == 0;
         let mut any_line = false;
         loop {
-            let mut line = Vec::new();
             let line_start = byte;
-            byte += reader.read_until(b'\n', &mut line).ok()? as u64;
-            // The end of the file, or a line still being written: only in the newest file,
-            // and not after the chain's stop record.
-            if line.pop() != Some(b'\n') {
-                let closed = check.as_ref().is_some_and(ChainCheck::closed);
-                if !line.is_empty() && (Some(*index) != newest || closed) {
-                    return None;
+            let next = lines.next_line().ok()?;
+            byte += next.as_ref().map_or(0, Line::bytes);
+            let line = match next {
+                Some(Line::Whole(line)) => line,
+                None => break,
+                // A line still being written: only in the newest file, and not after the
+                // chain's stop record.
+                Some(Line::Torn(_) | Line::Overlong { ended: false, .. }) => {
+                    let closed = check.as_ref().is_some_and(ChainCheck::closed);
+                    if Some(*index) != newest || closed {
+                        return None;
+                    }
+                    break;
                 }
-                break;
-            }
+                // No record the verification passed is that long.
+                Some(Line::Overlong { ended: true, .. }) => return None,
+            };
             let first = std::mem::replace(&mut first_in_file, false);
             any_line = true;
             match check.as_mut() {
                 Some(c) => {
-                    let (seq, h) = c.record(*index, &line, first).ok()?;
+                    let (seq, h) = c.record(*index, line, first).ok()?;
                     to = Position {
                         seq,
                         hash: hex(&h),
@@ -448,7 +457,7 @@ fn read_appended(
                         file: *index,
                         byte: line_start,
                     });
-                    if !take.take(line, to.clone(), None) {
+                    if !take.take(line.to_vec(), to.clone(), None) {
                         return None;
                     }
                     // A second reading stops where the first one did: records appended
@@ -459,7 +468,7 @@ fn read_appended(
                 }
                 // Up to the position's record, which must be in its file as it was passed on.
                 None => {
-                    let r = scan(&line).ok()?;
+                    let r = scan(line).ok()?;
                     let seq = r.seq?;
                     if seq < from.seq {
                         continue;

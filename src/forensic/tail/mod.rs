@@ -35,7 +35,7 @@
 //! written while the server shut down are passed on too.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read as _, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -50,6 +50,7 @@ use super::cli::{
 use super::evidence::is_exception;
 use super::files;
 use super::keys::EpochKey;
+use super::lines::{Line, Lines};
 use super::record::{chain_hash_open, hex, mac_hex_verifies, parse_hash};
 use super::scan::scan;
 use super::unix_nanos;
@@ -924,18 +925,19 @@ fn read_from(
         let Ok((file, _)) = files::open_regular(path, files::MAX_READ_BYTES) else {
             return Ok(None);
         };
-        let mut reader = std::io::BufReader::new(file.take(files::MAX_READ_BYTES));
+        // Read as the verifier reads: a line longer than any reader holds (bytes planted
+        // after a crashed chain's end, say) is measured, never held.
+        let mut lines = Lines::new(file, files::MAX_READ_BYTES);
         loop {
-            let mut line = Vec::new();
-            if reader.read_until(b'\n', &mut line).is_err() {
-                return Ok(None);
-            }
-            // The end of the file, or a line still being written (or torn by a crash): the
-            // verification counted neither.
-            if line.pop() != Some(b'\n') {
-                break;
-            }
-            let Ok(r) = scan(&line) else {
+            let line = match lines.next_line() {
+                Ok(Some(Line::Whole(line))) => line,
+                // The end of the file, or a line still being written (or torn by a crash):
+                // the verification counted neither.
+                Ok(None | Some(Line::Torn(_) | Line::Overlong { ended: false, .. })) => break,
+                // No record the verification passed is that long.
+                Ok(Some(Line::Overlong { ended: true, .. })) | Err(_) => return Ok(None),
+            };
+            let Ok(r) = scan(line) else {
                 return Ok(None);
             };
             let Some(seq) = r.seq else {
@@ -1007,7 +1009,7 @@ fn read_from(
                 hash: hex(&hash),
                 file: *index,
             };
-            if !take.take(line, at, gap) {
+            if !take.take(line.to_vec(), at, gap) {
                 return Ok(None);
             }
         }
