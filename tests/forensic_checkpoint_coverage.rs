@@ -296,23 +296,35 @@ fn a_checkpoint_older_than_the_chain_records_is_called_out() {
         checkpoint: Some(ckpt_dir.clone()),
         ..kvhygiene::forensic::cli::VerifyLogArgs::of(dir.clone())
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvh"))
-        .arg("verify-log")
-        .arg(&dir)
-        .arg("--key-file")
-        .arg(&args.key_file[0])
-        .arg("--public-key")
-        .arg(&args.public_key[0])
-        .arg("--checkpoint")
-        .arg(&ckpt_dir)
-        .env_remove("KVH_LOG_DIR")
-        .output()
-        .unwrap();
+    let verify_log = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvh"))
+            .arg("verify-log")
+            .arg(&dir)
+            .arg("--key-file")
+            .arg(&args.key_file[0])
+            .arg("--public-key")
+            .arg(&args.public_key[0])
+            .arg("--checkpoint")
+            .arg(&ckpt_dir)
+            .args(extra)
+            .env_remove("KVH_LOG_DIR")
+            .output()
+            .unwrap()
+    };
+    let out = verify_log(&[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
         text.contains("ATTENTION: its records say a checkpoint at seq"),
         "{text}"
+    );
+    // The same finding for a script reading --json.
+    let out = verify_log(&["--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chain = &json["chains"][0];
+    assert!(
+        chain["checkpoint_behind"].as_u64() > chain["checkpoint_seq"].as_u64(),
+        "{chain}"
     );
     let ev = kvhygiene::forensic::evidence::collect(
         &kvhygiene::forensic::evidence::EvidenceArgs::of(args),

@@ -166,6 +166,24 @@ pub fn shell_word(p: &Path) -> String {
     }
 }
 
+/// `verify-log --json`: the report, each chain with what the text's `ATTENTION` line says
+/// (`checkpoint_behind`: the seq its records say was signed last, later than the checkpoint
+/// read; absent otherwise), which no field of the report alone gives (a checkpoint signed
+/// while the chain was read is not one put back).
+fn json_report(report: &Report) -> serde_json::Value {
+    // Plain data with derived impls: serialisation cannot fail.
+    let mut value = serde_json::to_value(report).unwrap_or(serde_json::Value::Null);
+    let chains = value
+        .get_mut("chains")
+        .and_then(serde_json::Value::as_array_mut);
+    for (json, chain) in chains.into_iter().flatten().zip(&report.chains) {
+        if let (Some(seq), Some(fields)) = (chain.checkpoint_behind(), json.as_object_mut()) {
+            fields.insert("checkpoint_behind".into(), seq.into());
+        }
+    }
+    value
+}
+
 /// What to say of a directory with no chain file when it holds files named `kvh-*.jsonl`
 /// that are not chain files (`kvh-CHAIN-NNNNNN.jsonl`, CHAIN as `p<pid>-t<time>`): that they
 /// were not read, and why. Empty when there are none, or the directory cannot be listed.
@@ -235,7 +253,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     }
     let mut out = std::io::stdout().lock();
     let written = if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)
+        serde_json::to_writer_pretty(&mut out, &json_report(&report))
             .map_err(std::io::Error::from)
             .and_then(|_| writeln!(out))
     } else {
