@@ -416,7 +416,10 @@ fn capture_and_exit_stop_the_call_without_a_false_verdict() {
     let got = f.alloc.scrub_kv_blocks(&layout, &[1], 0, StreamHandle(4));
     assert!(matches!(
         got,
-        Err(KvScrubError::Backend(BackendError::StreamCapturing { .. }))
+        Err(KvScrubError::Backend {
+            error: BackendError::StreamCapturing { .. },
+            ..
+        })
     ));
     f.backend.capturing.store(false, Ordering::SeqCst);
     assert_eq!(f.read(0, a, before.len()), before);
@@ -486,10 +489,15 @@ fn a_later_batch_failing_keeps_the_evidence_of_the_earlier_ones() {
     let got = f.alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
     f.backend.submit_budget.store(-1, Ordering::SeqCst);
     assert!(
-        matches!(&got, Err(KvScrubError::Backend(BackendError::Other(m))) if m.contains("injected")),
+        matches!(&got, Err(KvScrubError::Backend { error: BackendError::Other(m), .. }) if m.contains("injected")),
         "{got:?}"
     );
-    // The sabotaged segment of the first batch is still reported; nothing else is judged.
+    // The sabotaged segment of the first batch is still reported, to the caller too (the
+    // block must be retired whatever is done about the error); nothing else is judged.
+    let Err(KvScrubError::Backend { failed, .. }) = &got else {
+        unreachable!()
+    };
+    assert_eq!(failed, &[0], "the error names the failed block");
     let failed = kv_events(&f, "kv_verify_failed");
     assert_eq!(failed.len(), 1);
     let r = kv_record(&f, 0);
@@ -559,7 +567,7 @@ fn a_failed_first_submission_still_orders_the_cache_free_after_its_stream() {
     let got = f.alloc.scrub_kv_blocks(&layout, &[2], 0, StreamHandle(6));
     f.backend.submit_budget.store(-1, Ordering::SeqCst);
     assert!(
-        matches!(&got, Err(KvScrubError::Backend(BackendError::Other(m))) if m.contains("injected")),
+        matches!(&got, Err(KvScrubError::Backend { error: BackendError::Other(m), .. }) if m.contains("injected")),
         "{got:?}"
     );
     assert!(
@@ -845,7 +853,10 @@ fn a_kv_scrub_on_a_device_out_of_memory_with_nothing_in_flight_fails_at_once() {
     assert!(
         matches!(
             got,
-            Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+            Err(KvScrubError::Backend {
+                error: BackendError::OutOfMemory { .. },
+                ..
+            })
         ),
         "precondition: {got:?}"
     );

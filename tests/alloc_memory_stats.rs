@@ -289,7 +289,10 @@ fn a_kv_scrub_out_of_memory_is_not_an_allocation_out_of_memory() {
     assert!(
         matches!(
             got,
-            Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+            Err(KvScrubError::Backend {
+                error: BackendError::OutOfMemory { .. },
+                ..
+            })
         ),
         "precondition: {got:?}"
     );

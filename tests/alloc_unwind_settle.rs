@@ -617,9 +617,10 @@ fn a_kv_call_whose_launch_records_unwind_leaves_no_batch_counted_in_flight() {
     assert!(
         matches!(
             got,
-            Err(kvhygiene::alloc::KvScrubError::Backend(
-                BackendError::OutOfMemory { .. }
-            ))
+            Err(kvhygiene::alloc::KvScrubError::Backend {
+                error: BackendError::OutOfMemory { .. },
+                ..
+            })
         ),
         "{got:?}"
     );

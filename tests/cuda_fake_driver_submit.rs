@@ -501,10 +501,10 @@ fn a_kv_scrub_refused_by_a_capture_after_its_launch_orders_the_later_free_after_
     assert!(
         matches!(
             scrubbed,
-            Err(KvScrubError::Backend(BackendError::Driver {
-                code: 906,
+            Err(KvScrubError::Backend {
+                error: BackendError::Driver { code: 906, .. },
                 ..
-            }))
+            })
         ),
         "{scrubbed:?}"
     );

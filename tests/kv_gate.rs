@@ -228,10 +228,21 @@ fn a_block_that_failed_its_scrub_is_not_handed_over_until_one_verifies() {
         v.len() == 1 && v[0].contains("failed verification"),
         "{v:?}"
     );
-    // Enforce refuses it too; once a scrub verifies it, it can be claimed.
+    // Enforce refuses it too; once a scrub verifies it, it can be claimed. That scrub reads
+    // back every word after two passes, as the pool's re-scrub of a quarantined block does.
     f.alloc
         .scrub_kv_blocks(&layout, &[6], 0, StreamHandle(2))
         .unwrap();
+    let options = f.backend.batches.lock().unwrap().last().unwrap().options;
+    assert!(options.full_verify && options.double_pass, "{options:?}");
+    f.alloc
+        .scrub_kv_blocks(&layout, &[2], 0, StreamHandle(2))
+        .unwrap();
+    let options = f.backend.batches.lock().unwrap().last().unwrap().options;
+    assert!(
+        !options.full_verify,
+        "a block that did not fail is sampled: {options:?}"
+    );
     let r = as_request("t1", "a", || claim(&f, &layout, &[6])).unwrap();
     assert_eq!((r.claimed, r.refused.len()), (1, 0));
 }
@@ -1064,9 +1075,10 @@ fn a_kv_scrub_that_launched_nothing_leaves_no_block_in_flight() {
     assert!(
         matches!(
             refused,
-            Err(KvScrubError::Backend(
-                kvhygiene::backend::BackendError::OutOfMemory { .. }
-            ))
+            Err(KvScrubError::Backend {
+                error: kvhygiene::backend::BackendError::OutOfMemory { .. },
+                ..
+            })
         ),
         "{refused:?}"
     );
@@ -1262,7 +1274,7 @@ fn a_failed_block_named_by_a_claim_whose_gate_scrub_errs_is_recorded() {
     f.backend.submit_budget.store(0, Ordering::SeqCst);
     let r = as_request("t1", "a", || claim(&f, &layout, &[2, 6]));
     assert!(
-        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend { .. }))),
         "{r:?}"
     );
     let v = gate_violations(&f);
@@ -1346,7 +1358,7 @@ fn blocks_handed_over_by_a_claim_whose_gate_scrub_errs_part_way_are_counted() {
     f.backend.submit_budget.store(1, Ordering::SeqCst);
     let r = as_request("t", "x", || claim(&f, &layout, &ids));
     assert!(
-        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend { .. }))),
         "{r:?}"
     );
     f.backend.submit_budget.store(-1, Ordering::SeqCst);
@@ -1567,7 +1579,7 @@ fn a_scrub_that_launched_nothing_leaves_the_gate_ledger_as_it_was() {
     f.backend
         .capturing
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(matches!(e, KvScrubError::Backend(_)), "{e:?}");
+    assert!(matches!(e, KvScrubError::Backend { .. }), "{e:?}");
     let r = as_request("t1", "y", || claim(&f, &fine, &[3]));
     assert!(
         matches!(&r, Ok(r) if r.claimed == 1),
@@ -1706,7 +1718,7 @@ fn a_failed_verdict_landing_while_a_refused_scrub_displaced_the_ledger_still_ref
         proceed_tx.send(()).unwrap();
         let refused = refused.join().unwrap();
         assert!(
-            matches!(refused, Err(KvScrubError::Backend(_))),
+            matches!(refused, Err(KvScrubError::Backend { .. })),
             "{refused:?}"
         );
         engine
@@ -1764,7 +1776,7 @@ fn a_scrub_refused_after_a_failed_capture_query_leaves_the_gate_ledger_as_it_was
         .capturing
         .store(false, std::sync::atomic::Ordering::SeqCst);
     *f.backend.capture_query_error.lock().unwrap() = None;
-    assert!(matches!(e, KvScrubError::Backend(_)), "{e:?}");
+    assert!(matches!(e, KvScrubError::Backend { .. }), "{e:?}");
     let r = as_request("t1", "y", || claim(&f, &fine, &[3]));
     assert!(
         matches!(&r, Ok(r) if r.claimed == 1),
@@ -1947,7 +1959,10 @@ fn an_engine_scrub_tried_again_is_refused_at_once_when_its_capture_query_stops_a
         assert!(
             matches!(
                 got,
-                Err(KvScrubError::Backend(BackendError::OutOfMemory { .. }))
+                Err(KvScrubError::Backend {
+                    error: BackendError::OutOfMemory { .. },
+                    ..
+                })
             ),
             "precondition ({mode:?}): {got:?}"
         );
@@ -2024,7 +2039,7 @@ fn a_block_whose_gate_scrub_fails_in_a_claim_that_errs_part_way_leaves_a_kv_gate
     let r = as_request("t", "x", || claim(&f, &layout, &ids));
     f.backend.submit_budget.store(-1, Ordering::SeqCst);
     assert!(
-        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend(_)))),
+        matches!(r, Err(KvClaimError::Scrub(KvScrubError::Backend { .. }))),
         "{r:?}"
     );
     let failed = last_gate_scrub_failed_blocks(&f);

@@ -1011,8 +1011,9 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
 
     Raises :class:`ScrubVerificationError` listing the blocks that did not verify (they must not
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
-    may be taken as clean; its ``failed_blocks`` lists those an earlier library call of a large
-    set found failed). Ids must be distinct and below ``layout.blocks_per_region``.
+    may be taken as clean; its ``failed_blocks`` lists those found failed before the call
+    stopped, which must be retired as well). Ids must be distinct and below
+    ``layout.blocks_per_region``.
     """
     failed, scrubbed = [], 0
     for code, named, ids, message in _kv_calls("kvh_scrub_blocks", layout, block_ids, stream):
@@ -1021,9 +1022,10 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
             failed.extend(named)
         elif code != KVH_OK:
             error = KvhError("kvh_scrub_blocks", code, message)
-            # Blocks an earlier library call of a set split in several already found failed:
-            # still to retire, whatever is done about the error.
-            error.failed_blocks = failed
+            # Blocks found failed before the error, by this library call's batches that
+            # completed or by an earlier call of a set split in several: still to retire,
+            # whatever is done about the error (a call made again may verify them once).
+            error.failed_blocks = failed + named
             raise error
     if failed:
         raise ScrubVerificationError(failed, scrubbed)

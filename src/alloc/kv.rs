@@ -112,8 +112,14 @@ pub enum KvScrubError {
     ShuttingDown,
     /// A submission or a wait failed (for example a CUDA graph capture on the stream). What
     /// completed was judged and logged; none of the call's blocks may be taken as clean.
-    #[error("backend error: {0}")]
-    Backend(BackendError),
+    /// `failed`: the blocks that batches completed before the failure found not zero, in the
+    /// order the call named them: as for a call that finished, they must not be reused (a
+    /// call made again may verify them once, which would not clear them).
+    #[error("backend error: {error}")]
+    Backend {
+        error: BackendError,
+        failed: Vec<u32>,
+    },
 }
 
 /// Result of the overlap check.
@@ -581,22 +587,22 @@ impl Allocator {
         match error {
             None => Ok((report, changed, withdrawn)),
             Some(e) => {
+                let failed: std::collections::HashSet<u32> = report
+                    .failed
+                    .iter()
+                    .chain(&changed.failed)
+                    .copied()
+                    .collect();
+                let failed: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| failed.contains(id))
+                    .collect();
                 if trigger == KvScrubTrigger::Gate {
                     // The claim fails and names no block; those that failed are recorded here.
-                    let failed: std::collections::HashSet<u32> = report
-                        .failed
-                        .iter()
-                        .chain(&changed.failed)
-                        .copied()
-                        .collect();
-                    let failed: Vec<u32> = ids
-                        .iter()
-                        .copied()
-                        .filter(|id| failed.contains(id))
-                        .collect();
                     self.report_failed_now(dev, &failed);
                 }
-                Err(self.kv_backend_error(dev, e))
+                Err(self.kv_backend_error(dev, e, failed))
             }
         }
     }
@@ -700,6 +706,14 @@ impl Allocator {
                     batches = call.batches_without(&left_out);
                 }
             }
+            let options = match &launched.seen {
+                Some(seen) if self.ledgers().any_failed(seen) => ScrubOptions {
+                    full_verify: true,
+                    double_pass: true,
+                    ..options
+                },
+                _ => options,
+            };
             let mut any_launched = false;
             for (n, Cut { segments, places }) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
@@ -1007,7 +1021,7 @@ impl Allocator {
     /// allocator's sticky error (a caller's bad stream must not poison later calls); a driver
     /// fault is still counted. A graph capture or process exit is the caller's situation.
     #[cold]
-    fn kv_backend_error(&self, dev: u32, e: BackendError) -> KvScrubError {
+    fn kv_backend_error(&self, dev: u32, e: BackendError, failed: Vec<u32>) -> KvScrubError {
         match e {
             // The caller's situation, no failure of the driver's.
             BackendError::StreamCapturing { .. } | BackendError::ShuttingDown => {}
@@ -1018,7 +1032,7 @@ impl Allocator {
             }
             _ => self.with_pool(dev, |pool, _, _, _| pool.stats.counters.backend_errors += 1),
         }
-        KvScrubError::Backend(e)
+        KvScrubError::Backend { error: e, failed }
     }
 }
 

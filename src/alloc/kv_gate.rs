@@ -13,7 +13,8 @@
 //!                                               │  (kv_gate = scrub) or refuses (enforce)
 //!   CLEAN ◀──kvh_scrub_blocks verified──────────┘
 //!     │ claim by anyone ──▶ OWNED(claimant)
-//!   FAILED (a scrub failed verification): never handed over until a scrub verifies it
+//!   FAILED (a scrub failed verification): never handed over until a scrub verifies it;
+//!          that scrub zeroes twice and reads back every word (as a quarantined block's)
 //! ```
 //!
 //! The owner is the claiming thread's request (`kv_gate_scope = request`: tenant and request
@@ -26,7 +27,9 @@
 //! - **A claimed block was, since its last different owner, verified zero**: by the engine's
 //!   `kvh_scrub_blocks`, or by the gate's own scrub inside the claim. Blocks whose owner the
 //!   ledger does not know (a new cache, a forgotten ledger) count as another owner's.
-//! - **A block whose last scrub failed is never handed over** until a scrub verifies it.
+//! - **A block whose last scrub failed is never handed over** until a scrub verifies it, and
+//!   a scrub of a FAILED block is a full one (double pass, every word read back): one sampled
+//!   verification would clear a block with one stuck word most of the times it ran.
 //! - **Under `enforce` a refused claim changes nothing**; each refusal is a `policy_violation`
 //!   record (policy `kv_gate`), as is a claim of a failed block.
 //! - **A ledger belongs to one cache**: the device, the layout's digest and the allocations
@@ -183,6 +186,8 @@ struct Book {
     /// Scrubs submitted and not yet settled, per block: while one may still write a block, a
     /// claim must not hand the block over without device work ordered after it.
     in_flight: HashMap<u32, Vec<InFlight>>,
+    /// Blocks of `slots` that are FAILED: a ledger holding any is forgotten last.
+    failed: usize,
     /// Set when the book is created or cleared: generations of an earlier epoch mean nothing.
     epoch: u64,
     last_used: u64,
@@ -295,6 +300,7 @@ impl Ledgers {
         let book = &mut self.books[i];
         if book.slots.len() > MAX_LEDGER_SLOTS {
             book.slots.clear();
+            book.failed = 0;
             // Their verdicts land in no ledger now (another epoch's): no mark would be lifted.
             book.in_flight.clear();
             book.epoch = now;
@@ -319,8 +325,10 @@ impl Ledgers {
         let now = self.tick();
         self.books.retain(|b| !b.key.overlaps(key));
         if self.books.len() >= MAX_LEDGERS {
+            // A forgotten FAILED block is unknown again, which one sampled scrub clears: the
+            // ledgers that hold none go first, the least recently used of them.
             let oldest = (0..self.books.len())
-                .min_by_key(|&i| self.books[i].last_used)
+                .min_by_key(|&i| (self.books[i].failed > 0, self.books[i].last_used))
                 .unwrap_or(0);
             self.books.swap_remove(oldest);
         }
@@ -328,6 +336,7 @@ impl Ledgers {
             key: key.clone(),
             slots: HashMap::new(),
             in_flight: HashMap::new(),
+            failed: 0,
             epoch: now,
             last_used: now,
         });
@@ -351,6 +360,20 @@ impl Ledgers {
     fn book_of(&self, seen: &Generations) -> Option<usize> {
         self.find(&seen.key)
             .filter(|&i| self.books[i].epoch == seen.epoch)
+    }
+
+    /// Whether one of the blocks `seen` names is FAILED now: its scrub is then the re-scrub of
+    /// a block that failed verification, which, as the pool's re-scrub of a quarantined block,
+    /// zeroes twice and reads back every word before the block may be verified again (a
+    /// sampled read would miss one stuck word most of the times it is made).
+    pub(crate) fn any_failed(&self, seen: &Generations) -> bool {
+        let Some(i) = self.book_of(seen) else {
+            return false;
+        };
+        let slots = &self.books[i].slots;
+        seen.of
+            .keys()
+            .any(|id| slots.get(id).is_some_and(|e| e.slot == Slot::Failed))
     }
 
     /// A scrub of `seen`'s blocks is about to be submitted (for `claimant`, the gate's; `None`,
@@ -500,14 +523,22 @@ impl Ledgers {
     /// [`Ledgers::set`], by the verdict of the scrub submitted with token `by`.
     fn set_by(&mut self, i: usize, id: u32, slot: Slot, by: u64) {
         let generation = self.tick();
-        self.books[i].slots.insert(
-            id,
-            Entry {
-                slot,
-                generation,
-                by,
-            },
-        );
+        let book = &mut self.books[i];
+        let now_failed = slot == Slot::Failed;
+        let entry = Entry {
+            slot,
+            generation,
+            by,
+        };
+        let was_failed = book
+            .slots
+            .insert(id, entry)
+            .is_some_and(|e| e.slot == Slot::Failed);
+        match (was_failed, now_failed) {
+            (false, true) => book.failed += 1,
+            (true, false) => book.failed -= 1,
+            _ => {}
+        }
     }
 
     /// Sorts a claim's blocks and, unless `all_or_nothing` and some block is dirty or failed,
@@ -1891,6 +1922,39 @@ mod tests {
         // The first cache's ledger was forgotten: its block is unknown again.
         assert_eq!(sort(&mut l, &k(0), &[0], &a).0, vec![0]);
         assert_eq!(sort(&mut l, &k(MAX_LEDGERS as u8), &[0], &a), NONE);
+    }
+
+    /// A ledger holding a FAILED block is forgotten only after every one holding none: the
+    /// block would be unknown again, which one sampled scrub clears. Its mark goes once a
+    /// scrub verifies the block, and the ledger is then forgotten in its turn.
+    #[test]
+    fn a_ledger_with_a_failed_block_is_forgotten_last() {
+        let mut l = Ledgers::default();
+        let a = who("t", "a");
+        let k = |n: u8| LedgerKey {
+            device: 0,
+            layout: [n; 32],
+            allocations: vec![(u64::from(n) + 100, 1)],
+            spans: vec![span_of_allocation(u64::from(n) + 100)],
+        };
+        scrub(&mut l, &k(0), &[1], &[0]);
+        for n in 1..=MAX_LEDGERS as u8 {
+            scrub(&mut l, &k(n), &[0], &[]);
+        }
+        assert_eq!(l.books.len(), MAX_LEDGERS);
+        assert_eq!(
+            sort(&mut l, &k(0), &[0], &a),
+            (vec![], vec![0]),
+            "still FAILED"
+        );
+        // The oldest without a FAILED block went instead.
+        assert_eq!(sort(&mut l, &k(1), &[0], &a).0, vec![0]);
+        scrub(&mut l, &k(0), &[0], &[]);
+        assert_eq!(l.books[l.find(&k(0)).unwrap()].failed, 0);
+        for n in MAX_LEDGERS as u8 + 1..=2 * MAX_LEDGERS as u8 {
+            scrub(&mut l, &k(n), &[0], &[]);
+        }
+        assert!(l.find(&k(0)).is_none(), "verified since, forgotten in turn");
     }
 
     /// A model of the memory the ledgers describe: who wrote each cell since it was last

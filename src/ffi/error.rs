@@ -195,11 +195,21 @@ impl From<&crate::alloc::KvScrubError> for kvh_result {
             E::InvalidLayout(_) | E::InvalidBlocks(_) => KVH_ERR_INVALID_LAYOUT,
             E::InvalidDevice { .. } => KVH_ERR_INVALID_DEVICE,
             E::NotLive { .. } => KVH_ERR_NOT_LIVE,
-            E::ShuttingDown | E::Backend(B::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
-            E::Backend(B::StreamCapturing { .. }) => KVH_ERR_CAPTURE_ACTIVE,
+            E::ShuttingDown
+            | E::Backend {
+                error: B::ShuttingDown,
+                ..
+            } => KVH_ERR_SHUTTING_DOWN,
+            E::Backend {
+                error: B::StreamCapturing { .. },
+                ..
+            } => KVH_ERR_CAPTURE_ACTIVE,
             // As for a checked free: a shortage the engine may wait out, not a device fault.
-            E::Backend(B::OutOfMemory { .. }) => KVH_ERR_OUT_OF_MEMORY,
-            E::Backend(_) => KVH_ERR_BACKEND,
+            E::Backend {
+                error: B::OutOfMemory { .. },
+                ..
+            } => KVH_ERR_OUT_OF_MEMORY,
+            E::Backend { .. } => KVH_ERR_BACKEND,
         }
     }
 }
@@ -235,22 +245,26 @@ mod tests {
     fn a_kv_scrub_out_of_memory_is_out_of_memory() {
         use crate::alloc::{KvClaimError, KvScrubError};
         use crate::backend::BackendError;
-        let oom = || {
-            KvScrubError::Backend(BackendError::OutOfMemory {
+        let oom = || KvScrubError::Backend {
+            error: BackendError::OutOfMemory {
                 device: 0,
                 requested: 64,
-            })
+            },
+            failed: Vec::new(),
         };
         assert_eq!(kvh_result::from(&oom()), KVH_ERR_OUT_OF_MEMORY);
         assert_eq!(
             kvh_result::from(&KvClaimError::Scrub(oom())),
             KVH_ERR_OUT_OF_MEMORY
         );
-        let fault = KvScrubError::Backend(BackendError::Driver {
-            call: "cuLaunchKernel",
-            code: 719,
-            name: "CUDA_ERROR_LAUNCH_FAILED".into(),
-        });
+        let fault = KvScrubError::Backend {
+            error: BackendError::Driver {
+                call: "cuLaunchKernel",
+                code: 719,
+                name: "CUDA_ERROR_LAUNCH_FAILED".into(),
+            },
+            failed: Vec::new(),
+        };
         assert_eq!(kvh_result::from(&fault), KVH_ERR_BACKEND);
     }
 }

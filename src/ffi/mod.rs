@@ -375,7 +375,10 @@ pub struct kvh_kv_layout {
 /// `KVH_ERR_OUT_OF_MEMORY` (no device memory for a scrub batch: when none of the call's
 /// batches could start, after waiting up to 2 s for the batches in flight to give theirs back;
 /// a later batch of a call over 65,536 segments fails at once; the call may be made again once
-/// memory was freed) mean the call did not finish. Calls that reach the device leave a `kv_scrub` record (with the error when they
+/// memory was freed) mean the call did not finish; blocks that the batches completed before
+/// the failure found not zero are still written to `failed_ids` (`*failed_count` says how
+/// many, 0 when none): they must not be reused either, even when a call made again verifies
+/// them. Calls that reach the device leave a `kv_scrub` record (with the error when they
 /// did not finish); calls the allocator refuses (layout, ids, memory not live) leave a policy
 /// violation; NULLs and over-limit lengths are refused before either.
 ///
@@ -428,7 +431,14 @@ pub extern "C" fn kvh_scrub_blocks(
                 .scrub_kv_blocks(&layout, &ids, device, stream_handle(stream))
             {
                 Ok(report) => report,
-                Err(e) => return fail(kvh_result::from(&e), e.to_string()),
+                Err(e) => {
+                    if let crate::alloc::KvScrubError::Backend { failed, .. } = &e {
+                        // SAFETY: as below: `failed_ids` is non-null when `failed_capacity > 0`
+                        // and valid for that many writes; `failed_count` is non-null.
+                        unsafe { write_ids(failed, failed_ids, failed_capacity, failed_count) };
+                    }
+                    return fail(kvh_result::from(&e), e.to_string());
+                }
             };
         if report.failed.is_empty() {
             return ok();
