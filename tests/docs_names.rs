@@ -82,17 +82,25 @@ fn words_of(paths: &[&str]) -> BTreeSet<String> {
 
 /// The sample names of a metrics snapshot the built `kvh` writes for a run with the forensic
 /// log and the anomaly detector on (`kvh demo --log-dir --metrics-file`), with each family name
-/// (`_bucket`, `_sum`, `_count` of histograms and summaries taken off).
+/// (`_bucket`, `_sum`, `_count` of histograms and summaries taken off). The file is a
+/// per-process one (`{pid}`), which holds every series a single file does and the writer's
+/// identity besides.
 fn exported_names(dir: &Path) -> BTreeSet<String> {
     let log = dir.join("log");
-    let file = dir.join("kvh.prom");
+    let metrics = dir.join("metrics");
+    std::fs::create_dir(&metrics).unwrap();
     let (code, out, err) = run(host_demo(2, 8)
         .arg("--log-dir")
         .arg(&log)
         .arg("--metrics-file")
-        .arg(&file));
+        .arg(metrics.join("kvh-{pid}.prom")));
     assert_eq!(code, 0, "kvh demo failed:\n{out}\n{err}");
-    let text = std::fs::read_to_string(&file).unwrap();
+    let written: Vec<_> = std::fs::read_dir(&metrics)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let text = std::fs::read_to_string(&written[0]).unwrap();
     let mut names = BTreeSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {

@@ -149,18 +149,21 @@ fn write_demo_metrics(
         // As the runtime exports a process without a log: its log series say so.
         stats.log = serde_json::to_value(kvhygiene::forensic::LogStats::disabled()).ok();
     }
-    let pid = pid.to_string();
-    let labels: &[(&str, &str)] = if metrics.per_process() {
-        &[("pid", pid.as_str())]
+    let exporter = kvhygiene::metrics::ExporterStats::default();
+    let now = std::time::SystemTime::now();
+    // As the runtime's exporter writes it: a per-process file names its writer.
+    let text = if metrics.per_process() {
+        let identity = kvhygiene::metrics::per_process::ProcessIdentity::of_this_process();
+        kvhygiene::metrics::encode_process(
+            &stats,
+            &exporter,
+            now,
+            &pid.to_string(),
+            identity.as_ref(),
+        )
     } else {
-        &[]
+        kvhygiene::metrics::encode(&stats, &exporter, now)
     };
-    let text = kvhygiene::metrics::encode_labelled(
-        &stats,
-        &kvhygiene::metrics::ExporterStats::default(),
-        std::time::SystemTime::now(),
-        labels,
-    );
     kvhygiene::metrics::textfile::replace_snapshot(&file, text.as_bytes())
         .map_err(|e| format!("--metrics-file {}: {e}", file.display()))?;
     Ok(Some(file))
