@@ -203,8 +203,9 @@ void kvh_forget_stream(void *stream);
 // a later batch of a call over 65,536 segments fails at once; the call may be made again once
 // memory was freed) mean the call did not finish; blocks that the batches completed before
 // the failure found not zero are still written to `failed_ids` (`*failed_count` says how
-// many, 0 when none): they must not be reused either, even when a call made again verifies
-// them. Calls that reach the device leave a `kv_scrub` record (with the error when they
+// many, 0 when none): as with `KVH_ERR_VERIFY_FAILED`, they must not be handed to another
+// request (something wrote them after they were freed), and a retry's verdict on the
+// others does not change that. Calls that reach the device leave a `kv_scrub` record (with the error when they
 // did not finish); calls the allocator refuses (layout, ids, memory not live) leave a policy
 // violation; NULLs and over-limit lengths are refused before either.
 //

@@ -247,6 +247,37 @@ fn a_block_that_failed_its_scrub_is_not_handed_over_until_one_verifies() {
     assert_eq!((r.claimed, r.refused.len()), (1, 0));
 }
 
+/// The full re-scrub of a FAILED block is judged by what it reads (every word), not by the
+/// samples a sampled scrub takes: with blocks larger than those samples (4 KiB, 512 words
+/// against 64), the FAILED block and a clean one scrubbed with it both verify.
+#[test]
+fn a_full_re_scrub_of_a_failed_block_larger_than_the_samples_verifies_it() {
+    const LARGE: u64 = 4096;
+    let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
+    let len = 2 * BLOCKS * LARGE;
+    let a = f.malloc_zeroed(len as i64, 0, 1);
+    f.write(0, a, &secret(len as usize, 0x6b));
+    let layout = KvLayout {
+        regions: vec![a, a + BLOCKS * LARGE],
+        block_bytes: LARGE,
+        block_stride: LARGE,
+        blocks_per_region: BLOCKS,
+    };
+    f.backend.inject_fault_next();
+    let first = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[6, 2], 0, StreamHandle(2));
+    assert_eq!(first.unwrap().failed, vec![6]);
+    let again = f
+        .alloc
+        .scrub_kv_blocks(&layout, &[6, 3], 0, StreamHandle(2));
+    let options = f.backend.batches.lock().unwrap().last().unwrap().options;
+    assert!(options.full_verify && options.double_pass, "{options:?}");
+    assert_eq!(again.unwrap().failed, Vec::<u32>::new());
+    let r = as_request("t1", "a", || claim(&f, &layout, &[6, 3])).unwrap();
+    assert_eq!((r.claimed, r.refused.len()), (2, 0));
+}
+
 #[test]
 fn a_gate_scrub_that_fails_verification_refuses_the_block() {
     let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));

@@ -1012,7 +1012,7 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
     Raises :class:`ScrubVerificationError` listing the blocks that did not verify (they must not
     be reused) and :class:`KvhError` when the call was refused or did not finish (then no block
     may be taken as clean; its ``failed_blocks`` lists those found failed before the call
-    stopped, which must be retired as well). Ids must be distinct and below
+    stopped, not to be handed to another request either). Ids must be distinct and below
     ``layout.blocks_per_region``.
     """
     failed, scrubbed = [], 0
@@ -1023,8 +1023,8 @@ def scrub_blocks(layout: KvLayout, block_ids, stream=None) -> None:
         elif code != KVH_OK:
             error = KvhError("kvh_scrub_blocks", code, message)
             # Blocks found failed before the error, by this library call's batches that
-            # completed or by an earlier call of a set split in several: still to retire,
-            # whatever is done about the error (a call made again may verify them once).
+            # completed or by an earlier call of a set split in several: not to be handed to
+            # another request, whatever is done about the error.
             error.failed_blocks = failed + named
             raise error
     if failed:

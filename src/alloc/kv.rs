@@ -113,8 +113,8 @@ pub enum KvScrubError {
     /// A submission or a wait failed (for example a CUDA graph capture on the stream). What
     /// completed was judged and logged; none of the call's blocks may be taken as clean.
     /// `failed`: the blocks that batches completed before the failure found not zero, in the
-    /// order the call named them: as for a call that finished, they must not be reused (a
-    /// call made again may verify them once, which would not clear them).
+    /// order the call named them: as for a call that finished, the engine must retire them
+    /// (something wrote them after they were freed), whatever a call made again reports.
     #[error("backend error: {error}")]
     Backend {
         error: BackendError,
@@ -439,6 +439,9 @@ struct Launched {
     seen: Option<Generations>,
     /// The gate's scrub: blocks withdrawn before the submission, left out of its batches.
     withdrawn: Withdrawn,
+    /// How the batches were scrubbed and verified: the verdicts are judged by the samples
+    /// these options take (a FAILED block's scrub reads back every word).
+    options: ScrubOptions,
 }
 
 impl Allocator {
@@ -567,8 +570,13 @@ impl Allocator {
         self.inner
             .kv_batches_in_flight
             .fetch_sub(submitted, Ordering::Relaxed);
-        let (report, clean, mut records) =
-            self.judge_kv(&call, &results, &launched.owners, error.as_ref());
+        let (report, clean, mut records) = self.judge_kv(
+            &call,
+            &results,
+            &launched.owners,
+            &launched.options,
+            error.as_ref(),
+        );
         let changed = match &launched.seen {
             Some(seen) => {
                 let scrubbed = LedgerKey::new(dev, layout, &launched.owners);
@@ -674,6 +682,7 @@ impl Allocator {
                         refused_early: true,
                         seen: None,
                         withdrawn: Withdrawn::default(),
+                        options,
                     });
                 }
             }
@@ -687,6 +696,7 @@ impl Allocator {
                 refused_early: false,
                 seen,
                 withdrawn: Withdrawn::default(),
+                options,
             };
             // Before the first submission, under the lock that orders it: a verdict landing
             // from here on knows that this scrub may still write the blocks, and the gate's
@@ -706,14 +716,15 @@ impl Allocator {
                     batches = call.batches_without(&left_out);
                 }
             }
-            let options = match &launched.seen {
-                Some(seen) if self.ledgers().any_failed(seen) => ScrubOptions {
-                    full_verify: true,
-                    double_pass: true,
-                    ..options
-                },
-                _ => options,
-            };
+            if launched
+                .seen
+                .as_ref()
+                .is_some_and(|seen| self.ledgers().any_failed(seen))
+            {
+                launched.options.full_verify = true;
+                launched.options.double_pass = true;
+            }
+            let options = launched.options;
             let mut any_launched = false;
             for (n, Cut { segments, places }) in batches.into_iter().enumerate() {
                 // Invariant 6, checked before each launch: a call larger than one launch may
@@ -816,15 +827,13 @@ impl Allocator {
         call: &KvCall<'_>,
         results: &[Option<SegmentResult>],
         owners: &[BlockRef],
+        options: &ScrubOptions,
         error: Option<&BackendError>,
     ) -> (KvScrubReport, Vec<u32>, KvRecords) {
         let config = &self.inner.config;
         let layout = call.layout;
-        let expected = verify::expected_samples(
-            layout.block_bytes,
-            config.verify_samples,
-            config.full_verify,
-        );
+        let expected =
+            verify::expected_samples(layout.block_bytes, options.samples, options.full_verify);
         let ctx = Context::current();
         let regions = layout.regions.len();
         let mut events = Vec::new();

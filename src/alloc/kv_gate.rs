@@ -29,7 +29,12 @@
 //!   ledger does not know (a new cache, a forgotten ledger) count as another owner's.
 //! - **A block whose last scrub failed is never handed over** until a scrub verifies it, and
 //!   a scrub of a FAILED block is a full one (double pass, every word read back): one sampled
-//!   verification would clear a block with one stuck word most of the times it ran.
+//!   verification would clear a block with one stuck word most of the times it ran. The mark
+//!   lives in the ledger: a ledger forgotten (the least recently used of the 64 kept when
+//!   all hold FAILED blocks, one cleared past 2^24 blocks, or one dropped for
+//!   another layout of the same memory) forgets it, and the block is unknown again (scrubbed,
+//!   sampled, at its next claim). The engine's own list of failed blocks (every scrub call
+//!   returns them) is what retires a block for good.
 //! - **Under `enforce` a refused claim changes nothing**; each refusal is a `policy_violation`
 //!   record (policy `kv_gate`), as is a claim of a failed block.
 //! - **A ledger belongs to one cache**: the device, the layout's digest and the allocations

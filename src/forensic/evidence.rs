@@ -568,11 +568,17 @@ fn collect_once(
         if pruned_further(&report, &again, &chain) {
             return Err(Try::Pruned(pruned_message(&chain)));
         }
-        // A log that verifies again failed to be read for another reason (a file that could
-        // not be opened): no report (exit 2). One that no longer verifies was edited while
-        // the report was made: that is a finding (exit 1), reported as the second
-        // verification found it, not a report that could not be made.
-        if again.ok() {
+        // A chain that verifies again failed to be read for another reason (a file that
+        // could not be opened): no report (exit 2). One that no longer verifies (or is gone)
+        // was edited while the report was made: that is a finding (exit 1), reported as the
+        // second verification found it, not a report that could not be made. Judged on that
+        // chain alone: another's failure, found by both verifications, says nothing of it.
+        let fails_now = again
+            .chains
+            .iter()
+            .find(|c| c.chain == chain)
+            .is_none_or(|c| !c.ok());
+        if !fails_now {
             return Err(Try::Failed(e));
         }
         ev.integrity = integrity(&again);

@@ -121,8 +121,6 @@ struct Inner {
     file: Option<PathBuf>,
     /// `pid` label on every sample (when the file name holds `{pid}`).
     pid_label: Option<String>,
-    /// Who writes the per-process file (with `pid_label`; `None` without `/proc`).
-    identity: Option<ProcessIdentity>,
     textfile_errors: AtomicU64,
     /// Set while the file cannot be written: an outage is reported on stderr once.
     failing: AtomicBool,
@@ -168,7 +166,12 @@ impl Inner {
     fn encode_at(&self, stats: &Stats, at: SystemTime) -> String {
         let exporter = self.exporter_stats();
         match &self.pid_label {
-            Some(pid) => encode_process(stats, &exporter, at, pid, self.identity.as_ref()),
+            // Read at each snapshot, not once: a process checkpointed and restored (CRIU)
+            // keeps its id under another start, or boot, which its file must then name.
+            Some(pid) => {
+                let identity = ProcessIdentity::of_this_process();
+                encode_process(stats, &exporter, at, pid, identity.as_ref())
+            }
             None => encode(stats, &exporter, at),
         }
     }
@@ -337,10 +340,6 @@ impl Exporter {
                 .file_for(pid)
                 .map(|f| std::path::absolute(&f).unwrap_or(f)),
             pid_label: cfg.per_process().then(|| pid.to_string()),
-            identity: cfg
-                .per_process()
-                .then(ProcessIdentity::of_this_process)
-                .flatten(),
             textfile_errors: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
