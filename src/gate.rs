@@ -171,9 +171,17 @@ pub fn judge(
     }
     // The last snapshot of a process whose allocator shut down (`kvh_shutdown`, process
     // exit) stays fresh for a while, and no scrub runs behind it any more. A value that is not
-    // 0 (NaN included) is not a running allocator; an older library lacks the series.
-    // Every sample is judged, as for the security checks.
-    if let Some(v) = snap.exposition.values(SHUT_DOWN, &[]).find(|&v| v != 0.0) {
+    // 0 (NaN included) is not a running allocator. Every sample is judged, as for the security
+    // checks; none at all is a snapshot cut short or not the encoder's (which writes the
+    // series in every snapshot, as it does `kvh_anomaly_enabled`): nothing says the allocator
+    // still runs.
+    let mut shut_down = snap.exposition.values(SHUT_DOWN, &[]).peekable();
+    if shut_down.peek().is_none() {
+        reasons.push(format!(
+            "{SHUT_DOWN} is missing from the snapshot (every snapshot carries it; the file is \
+             cut short or not kvhygiene's): whether the allocator still scrubs cannot be checked"
+        ));
+    } else if let Some(v) = shut_down.find(|&v| v != 0.0) {
         reasons.push(format!(
             "the allocator shut down ({SHUT_DOWN} {}: kvh_shutdown, or the process is \
              exiting): it scrubs no freed memory any more",

@@ -96,6 +96,15 @@ fn a_variable_that_is_not_utf8_is_refused_by_kvh_config_and_by_the_library() {
         err.contains("KVH_LOG_DIR") && err.contains("UTF-8"),
         "{err}"
     );
+    // Bytes that are not text are not shown: a key put in a variable by mistake (one that is
+    // no configuration key) stays out of the terminal and the container logs.
+    let key = OsStr::from_bytes(b"s3cr3tKEY\xff\x01");
+    let (code, _, err) = run(config(&[]).env("KVH_HMAC_KEY", key));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("KVH_HMAC_KEY") && !err.contains("s3cr3t"),
+        "{err}"
+    );
     // The library's own start reads the policy the same way: no log would be no evidence.
     let (code, _, err) = run(kvh()
         .args(["demo", "--tenants", "1", "--requests", "1"])

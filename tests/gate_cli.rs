@@ -1162,6 +1162,31 @@ fn a_shut_down_sample_after_a_running_one_evicts() {
     assert!(out.contains("kvh_shut_down"), "{out}");
 }
 
+/// A snapshot without `kvh_shut_down` (cut short, or not the encoder's, which writes it in
+/// every snapshot) does not say the allocator still runs: it evicts, naming the series.
+#[test]
+fn a_snapshot_without_the_shut_down_series_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    snapshot(&f, Duration::ZERO, |_| {}, &[]);
+    let text: String = std::fs::read_to_string(&f)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("kvh_shut_down"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&f, text).unwrap();
+    let (code, out, err) = gate(&f, &[]);
+    assert_eq!(
+        code, 1,
+        "a snapshot without kvh_shut_down was admitted: {out}{err}"
+    );
+    assert!(
+        out.contains("kvh_shut_down is missing from the snapshot"),
+        "{out}"
+    );
+}
+
 /// A `kvh_shut_down` value that is neither 0 nor 1 evicts, and the reason spells the value the
 /// snapshot holds (as the exposition does), not another one.
 #[test]

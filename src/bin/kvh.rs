@@ -378,8 +378,8 @@ process exports (KVH_METRICS_FILE) and, with --log-dir, its forensic log:
      and KV scrubs, invalid frees, forensic log write errors that lost no record, anomalies
      of caller errors such as a burst of invalid frees)
   1  evict: the snapshot is older than --max-age (default 60 s), says the allocator shut
-     down (kvh_shut_down not 0: it scrubs nothing any more; a snapshot without the series
-     is not judged on it), shows a failed verification, residue, a failed re-scrub, a
+     down (kvh_shut_down not 0, or missing: it scrubs nothing any more, or cannot be
+     shown to), shows a failed verification, residue, a failed re-scrub, a
      failed KV block scrub, lost forensic log records or an asynchronous backend error, or
      lacks one of those series; the anomaly
      detector flagged verify_failed, residue or quarantine (any signal with

@@ -342,15 +342,11 @@ fn refuse_repeated_variables(vars: &[(String, String)]) -> Result<(), ConfigErro
     for (name, value) in vars.iter().filter(|(n, _)| policy(n)) {
         match seen.insert(name.as_str(), value.as_str()) {
             Some(earlier) if earlier != value => {
-                let values: Vec<&str> = vars
-                    .iter()
-                    .filter(|(n, _)| n == name)
-                    .map(|(_, v)| v.as_str())
-                    .collect();
+                let times = vars.iter().filter(|(n, _)| n == name).count();
+                // The values are not shown: a variable set by mistake may hold a secret.
                 return Err(ConfigError::Conflict(format!(
-                    "{name} is set {} times in the environment, to different values \
-                     ({values:?}): programs reading it may take different ones; set it once",
-                    values.len()
+                    "{name} is set {times} times in the environment, to different values: \
+                     programs reading it may take different ones; set it once"
                 )));
             }
             _ => {}
@@ -781,13 +777,19 @@ pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
         match (name.into_string(), value.into_string()) {
             (Ok(name), Ok(value)) => vars.push((name, value)),
             (name, value) => {
-                let lossy = |r: Result<String, std::ffi::OsString>| match r {
+                let name = match name {
                     Ok(s) => s,
                     Err(os) => os.to_string_lossy().into_owned(),
                 };
+                // The value is not quoted: raw bytes (a key put in a variable by mistake) must
+                // not reach the terminal or a container log.
+                let value = match value {
+                    Ok(s) => s,
+                    Err(os) => format!("<{} bytes, not shown>", os.len()),
+                };
                 return Err(ConfigError::Invalid {
-                    key: lossy(name),
-                    value: lossy(value),
+                    key: name,
+                    value,
                     expected: "UTF-8 text (in the variable's name and value)",
                 });
             }
