@@ -116,6 +116,27 @@ fn notice(mode: Mode, raw: Option<String>) {
     // the core's notice), and the standard library's stderr lock would be held for as long
     // as the write blocks (see `mode`).
     kvhygiene::stderr_line(&line);
+    if mode == Mode::Serve && pytorch_loaded() {
+        kvhygiene::stderr_line(&format!(
+            "kvhygiene-preload {VERSION}: PyTorch is loaded in this process: its caching \
+             allocator hands freed tensors out again without cudaFree, so only the memory it \
+             gives back is scrubbed, unless kvhygiene.install() made kvhygiene its allocator \
+             (the package's vLLM and SGLang plugins do)"
+        ));
+    }
+}
+
+/// Whether PyTorch's CUDA library is loaded in this process: then the interposers may serve
+/// only what PyTorch's own caching allocator takes from the runtime and gives back, which is
+/// not every free of a tensor (the notice must not read as a promise it cannot keep).
+/// Known by the file name of the object (`libc10_cuda.so`, or a copy a wheel renamed with a
+/// suffix), not by its soname, which a build may not set.
+fn pytorch_loaded() -> bool {
+    crate::real::loaded_object_names().iter().any(|path| {
+        let path = path.to_bytes();
+        let file = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        file.starts_with(b"libc10_cuda")
+    })
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ fn object_base(addr: *const c_void) -> Option<usize> {
 
 /// The path of every loaded shared object, in load order, except the main program (whose
 /// empty name would open the global scope, where this library's own functions are).
-fn loaded_object_names() -> Vec<CString> {
+pub(crate) fn loaded_object_names() -> Vec<CString> {
     /// Collects one object's name; `data` is the `Vec<CString>` being filled.
     ///
     /// # Safety

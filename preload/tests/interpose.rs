@@ -33,6 +33,8 @@ struct Built {
     /// (`libcudart-0a1b2c3d.so.12`, as wheels rename bundled libraries), so that neither
     /// `RTLD_NEXT` nor a soname finds it.
     vendored_plugin: PathBuf,
+    /// A stand-in for PyTorch's `libc10_cuda.so` (c10_cuda.cpp): loaded, it is PyTorch.
+    pytorch_stand_in: PathBuf,
 }
 
 /// Runs the C++ compiler with `args`. `None` when there is no compiler at all; a compiler
@@ -143,11 +145,13 @@ fn built() -> Option<&'static Built> {
             let vendored_plugin = plugin_linked_to("libengine_vendored.so", &vendored)?;
             let plugin_host =
                 cxx.build("plugin_host", false, &["plugin_host.cpp"], &[arg("-ldl")])?;
+            let pytorch_stand_in = cxx.build("libc10_cuda.so", true, &["c10_cuda.cpp"], &[])?;
             Some(Built {
                 probe,
                 plugin_host,
                 plugin,
                 vendored_plugin,
+                pytorch_stand_in,
             })
         })
         .as_ref()
@@ -434,6 +438,29 @@ fn the_interposer_serves_allocations_scrubbed_and_forwards_the_rest() {
         "the missing symbol is named: {}",
         r.stderr
     );
+}
+
+/// With PyTorch loaded (its `libc10_cuda.so` among the loaded objects), the notice that
+/// kvhygiene serves allocations is followed by a caution: PyTorch's caching allocator hands
+/// freed tensors out again without `cudaFree`, so only `kvhygiene.install()` makes every
+/// free a scrubbed one. Without PyTorch there is no caution.
+#[test]
+fn the_notice_cautions_about_pytorch_s_caching_allocator_when_pytorch_is_loaded() {
+    let Some(b) = built() else { return };
+    let caution = "PyTorch is loaded in this process";
+    let plain = run(b, "main", true, &[]);
+    assert!(
+        plain.stderr.contains("served by kvhygiene") && !plain.stderr.contains(caution),
+        "{}",
+        plain.stderr
+    );
+    let both = format!(
+        "{}:{}",
+        preload_library().display(),
+        b.pytorch_stand_in.display()
+    );
+    let with = run(b, "main", true, &[("LD_PRELOAD", &both)]);
+    assert!(with.stderr.contains(caution), "{}", with.stderr);
 }
 
 #[test]
