@@ -250,7 +250,9 @@ fn scrub_env_value(name: &[u8]) -> bool {
     // no other thread changes the environment meanwhile. kvhygiene cannot enforce that (this
     // runs at start-up, the process's first allocation, or when a start-up ends): a process
     // that calls `setenv` from another thread then breaks it, as it breaks every `getenv` of
-    // the C library. The entries are writable memory: the exec-time environment is on the
+    // the C library; and the removal that follows moves the later entries, which a `getenv`
+    // in another thread at that moment may miss (docs/forensic-log.md: the key file is the
+    // route without either). The entries are writable memory: the exec-time environment is on the
     // initial stack, and `setenv` (which std uses) copies into the heap.
     unsafe {
         let mut p = std::ptr::addr_of!(environ).read();
