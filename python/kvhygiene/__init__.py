@@ -493,7 +493,28 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             # record while CUDA is still up; the library's own exit handler then makes no
             # driver calls, and tensors still alive after it are leaked, not scrubbed.
             atexit.register(lib.kvh_shutdown)
+            _shut_down_in_forked_workers(lib)
         return _lib
+
+
+def _shut_down_in_forked_workers(lib) -> None:
+    """Makes a worker that ``multiprocessing`` forks shut kvhygiene down as it ends.
+
+    A forked worker ends with ``os._exit``, which runs neither Python's ``atexit`` handlers nor
+    the C library's: a kvhygiene the worker started (its first allocation came after the fork)
+    would leave frees unverified and its log chain without a ``stop`` record, which reads as a
+    crash. ``multiprocessing`` runs its finalizers before that ``os._exit``; the worker's
+    registry is emptied as it starts, so the finalizer is registered there, after the fork. In
+    a worker that inherited the parent's kvhygiene, ``kvh_shutdown`` leaves it alone (a forked
+    child never touches the parent's runtime).
+    """
+    import multiprocessing.util as mp_util
+
+    def in_worker(lib) -> None:
+        # Lowest of the priorities run at exit: after finalizers that may still free memory.
+        mp_util.Finalize(lib, lib.kvh_shutdown, exitpriority=0)
+
+    mp_util.register_after_fork(lib, in_worker)
 
 
 def _read_string(fill, call: str) -> str:
