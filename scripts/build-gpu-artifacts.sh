@@ -99,26 +99,29 @@ mkdir -p "$dest"
 # while it built would leave binaries of one tree recorded as another's. Cargo.lock is
 # brought up to date first (cargo would rewrite a stale one during the build).
 "${build_env[@]}" cargo metadata --format-version 1 >/dev/null
-before="$(scripts/gpu/digest-sources.sh)"
+before="$(bash scripts/gpu/digest-sources.sh)"
+# Cargo renders the compiler's diagnostics on stderr (json-render-diagnostics): only its
+# artifact messages reach the captured JSON, and a compile error is shown, not swallowed.
 # The shipped library, preload library and CLI are copied as soon as they are built: the test
 # and bench builds below may build the library again (with the features of the
 # dev-dependencies) over the same paths.
 messages="$("${build_env[@]}" cargo build --release -p kvhygiene --lib --bin kvh \
-    --message-format=json)"
+    --message-format=json-render-diagnostics)"
 lib="$(one_built kvhygiene .so <<<"$messages")"
 cli="$(one_built kvh exe <<<"$messages")"
 cp "$lib" "$cli" "$dest/"
 # The release directory of this build, whose build-script output names the kernels.
 release="$(dirname "$lib")"
 messages="$("${build_env[@]}" cargo build --release -p kvhygiene-preload --lib \
-    --message-format=json)"
+    --message-format=json-render-diagnostics)"
 preload="$(one_built kvhygiene_preload .so <<<"$messages")"
 cp "$preload" "$dest/"
 messages="$("${build_env[@]}" cargo test --release --test gpu_kernel --no-run \
-    --message-format=json)"
+    --message-format=json-render-diagnostics)"
 test_bin="$(one_built gpu_kernel exe <<<"$messages")"
 cp "$test_bin" "$dest/gpu_kernel"
-messages="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run --message-format=json)"
+messages="$("${build_env[@]}" cargo bench --bench gpu_scrub --no-run \
+    --message-format=json-render-diagnostics)"
 bench_bin="$(one_built gpu_scrub exe <<<"$messages")"
 cp "$bench_bin" "$dest/gpu_scrub"
 strip --strip-unneeded "$dest/libkvhygiene.so" "$dest/libkvhygiene_preload.so" \
@@ -146,7 +149,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
     # Changed or new (untracked) source files: the commit alone does not hold what was built.
     # Only for a tree that is a repository of its own (as digest-sources.sh decides).
     if [[ "$(git rev-parse --show-toplevel 2>/dev/null)" == "$root_real" ]]; then
-        mapfile -t digested < <(scripts/gpu/digest-sources.sh --paths)
+        mapfile -t digested < <(bash scripts/gpu/digest-sources.sh --paths)
         changed="$(git status --porcelain --untracked-files=all -- "${digested[@]}")"
         echo "commit: $(git rev-parse HEAD)${changed:+ (with uncommitted changes)}"
     else
@@ -160,7 +163,7 @@ origin="$(grep -ho 'KERNEL_ORIGIN: &str = "[^"]*"' "$images" | cut -d'"' -f2)"
 # The digests of the sources the artifacts were built from, as the tree has them now (with
 # any uncommitted change): gpu-check.sh checks the tree it runs in against them, so that
 # artifacts left from an older build are not taken for this tree's.
-scripts/gpu/digest-sources.sh >"$dest/SOURCES.txt"
+bash scripts/gpu/digest-sources.sh >"$dest/SOURCES.txt"
 if [[ "$(cat "$dest/SOURCES.txt")" != "$before" ]]; then
     rm -rf "$dest"
     echo "build-gpu-artifacts: the sources changed while they were built; removed (build again)" >&2

@@ -26,6 +26,10 @@ out="${OUT:-$root/gpu-check-out}"
 # An earlier run's copies go first, before anything can end this run: a run that cannot
 # start must not leave them to be read as its results.
 if [[ -n "${GPU_CHECK_COPY_TO:-}" ]]; then
+    if ! mkdir -p "$GPU_CHECK_COPY_TO"; then
+        echo "gpu-check: GPU_CHECK_COPY_TO=$GPU_CHECK_COPY_TO cannot be created" >&2
+        exit 2
+    fi
     rm -f "$GPU_CHECK_COPY_TO/results.md" "$GPU_CHECK_COPY_TO/results.json"
 fi
 # This script's outputs carry a marker file; only a directory with it (or an empty or new
@@ -61,7 +65,8 @@ copy_results() {
     local f
     for f in results.md results.json; do
         if [[ -f "$out/$f" ]]; then
-            cp "$out/$f" "$GPU_CHECK_COPY_TO/" 2>/dev/null || true
+            cp "$out/$f" "$GPU_CHECK_COPY_TO/" ||
+                echo "gpu-check: $f not copied to $GPU_CHECK_COPY_TO" >&2
         else
             rm -f "$GPU_CHECK_COPY_TO/$f"
         fi
@@ -128,7 +133,7 @@ if [[ ! -f "$art/SOURCES.txt" ]]; then
     echo "no SOURCES.txt (artifacts from an older build script)" >"$out/status/sources"
 elif ! command -v sha256sum >/dev/null; then
     echo "not checked: no sha256sum on this machine" >"$out/status/sources"
-elif ! now="$(scripts/gpu/digest-sources.sh 2>&1)"; then
+elif ! now="$(bash scripts/gpu/digest-sources.sh 2>&1)"; then
     printf 'not digested here: %s\n' "$now" | head -n 20 >"$out/status/sources"
 elif [[ "$now" == "$(cat "$art/SOURCES.txt")" ]]; then
     echo "same" >"$out/status/sources"

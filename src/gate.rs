@@ -10,7 +10,7 @@
 //!
 //! - **evict** (exit 1) when the snapshot is stale (the process stopped exporting), when it
 //!   says the allocator shut down (`kvh_shut_down` not 0: it scrubs nothing any more; a
-//!   snapshot without the series is not judged on it), when it shows a security failure (the checks of `kvh metrics
+//!   snapshot without the series cannot show it runs, and evicts too), when it shows a security failure (the checks of `kvh metrics
 //!   --fail-on-security`), when the anomaly detector flagged a signal that means the control
 //!   failed (`verify_failed`, `residue`, `quarantine`; any signal with `--strict-anomalies`),
 //!   when a series it must judge is missing (a security counter; a signal of a detector the

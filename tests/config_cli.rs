@@ -105,6 +105,11 @@ fn a_variable_that_is_not_utf8_is_refused_by_kvh_config_and_by_the_library() {
         err.contains("KVH_HMAC_KEY") && !err.contains("s3cr3t"),
         "{err}"
     );
+    // Nor is the text value of a variable whose name is not UTF-8 (never a setting).
+    let name = OsStr::from_bytes(b"KVH_\xffTOKEN");
+    let (code, _, err) = run(config(&[]).env(name, "ghp_s3cr3t"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("UTF-8") && !err.contains("s3cr3t"), "{err}");
     // The library's own start reads the policy the same way: no log would be no evidence.
     let (code, _, err) = run(kvh()
         .args(["demo", "--tenants", "1", "--requests", "1"])

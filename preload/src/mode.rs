@@ -27,8 +27,8 @@ pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// No lock is held while the notice is written: a process may fork while one thread writes
 /// it (to a slow or full stderr pipe), and a lock that thread held would stay held in the
 /// child, where no thread can release it. So the mode is an atomic that threads racing to
-/// read the environment all set to the same value, and the notice is one `write(2)` made
-/// after the mode is published, by the one thread that won the flag.
+/// read the environment all set to the same value, and each line of the notice is one
+/// `write(2)` made after the mode is published, by the one thread that won the flag.
 pub(crate) fn mode() -> Mode {
     let mode = mode_read().unwrap_or_else(read_mode);
     notice_once(mode);
@@ -36,7 +36,7 @@ pub(crate) fn mode() -> Mode {
 }
 
 /// Prints the notice of `mode` unless this process (or its parent, before a fork) printed
-/// it: one `write(2)`, quoting the value read with the mode, never the environment now.
+/// it: a `write(2)` per line, quoting the value read with the mode, never the environment now.
 pub(crate) fn notice_once(mode: Mode) {
     static NOTICED: AtomicBool = AtomicBool::new(false);
     if !NOTICED.load(Ordering::Acquire) && !NOTICED.swap(true, Ordering::AcqRel) {

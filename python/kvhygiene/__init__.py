@@ -500,13 +500,16 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
 def _shut_down_in_forked_workers(lib) -> None:
     """Makes a worker that ``multiprocessing`` forks shut kvhygiene down as it ends.
 
-    A forked worker ends with ``os._exit``, which runs neither Python's ``atexit`` handlers nor
-    the C library's: a kvhygiene the worker started (its first allocation came after the fork)
-    would leave frees unverified and its log chain without a ``stop`` record, which reads as a
-    crash. ``multiprocessing`` runs its finalizers before that ``os._exit``; the worker's
-    registry is emptied as it starts, so the finalizer is registered there, after the fork. In
-    a worker that inherited the parent's kvhygiene, ``kvh_shutdown`` leaves it alone (a forked
-    child never touches the parent's runtime).
+    A forked worker (start method ``fork`` or ``forkserver``) ends with ``os._exit``, which
+    runs neither Python's ``atexit`` handlers nor the C library's: a kvhygiene the worker
+    started (its first allocation came after the fork) would leave frees unverified and its
+    log chain without a ``stop`` record, which reads as a crash. ``multiprocessing`` runs its
+    finalizers before that ``os._exit`` (once the worker's target returned). Loaded in the
+    worker, the finalizer is registered at once; loaded in the parent before the fork, it is
+    registered in the worker as it starts (its registry is emptied then). A spawned worker's
+    interpreter exits normally and runs ``atexit``, later: it gets none. In a worker that
+    inherited the parent's started kvhygiene, ``kvh_shutdown`` leaves it alone (a forked child
+    never touches the parent's runtime).
     """
     import multiprocessing.util as mp_util
 
@@ -515,6 +518,22 @@ def _shut_down_in_forked_workers(lib) -> None:
         mp_util.Finalize(lib, lib.kvh_shutdown, exitpriority=0)
 
     mp_util.register_after_fork(lib, in_worker)
+    if _in_forked_worker():
+        in_worker(lib)
+
+
+def _in_forked_worker() -> bool:
+    """Whether this process is a ``multiprocessing`` worker started by forking (``fork``,
+    ``forkserver``), which ends with ``os._exit``, rather than a spawned one."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return False
+    # A context's Process names its start method; the default one leaves it to the default
+    # context, which a spawned worker is given by its parent and a forked one inherits.
+    method = getattr(multiprocessing.current_process(), "_start_method", None)
+    method = method or multiprocessing.get_start_method(allow_none=True)
+    return method != "spawn"
 
 
 def _read_string(fill, call: str) -> str:

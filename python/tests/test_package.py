@@ -2311,17 +2311,23 @@ def test_the_engine_adapters_are_reached_from_a_bare_import(tmp_path):
     assert run.stdout.split() == ["claim_scheduled", "layouts_of"]
 
 
-def test_a_worker_multiprocessing_forks_ends_its_log_chain_with_a_stop_record(tmp_path):
-    # The worker's kvhygiene starts after the fork (its first allocation) and the worker ends
-    # with os._exit, which skips atexit: without the package's finalizer its chain would end
-    # as a crashed writer's, without `stop`.
+@pytest.mark.parametrize(
+    "method,parent_loads",
+    [("fork", True), ("fork", False), ("forkserver", False), ("spawn", False)],
+)
+def test_a_multiprocessing_worker_ends_its_log_chain_with_a_stop_record(tmp_path, method, parent_loads):
+    # The worker's kvhygiene starts in the worker (its first allocation). A forked worker
+    # ends with os._exit, which skips atexit: without the package's finalizer its chain would
+    # end as a crashed writer's, without `stop`, whether the package was loaded before the
+    # fork or in the worker. A spawned worker exits normally (atexit).
     import json
     import subprocess
     import sys
 
     pkg = str(Path(kvhygiene.__file__).resolve().parent.parent)
     log = tmp_path / "log"
-    code = f"""
+    (tmp_path / "worker_main.py").write_text(
+        f"""
 import sys; sys.path.insert(0, {pkg!r})
 import multiprocessing, os
 import kvhygiene
@@ -2332,14 +2338,19 @@ def work():
     lib.kvh_free(p, 4096, 0, None)
     print("worker", os.getpid(), flush=True)
 
-kvhygiene.load()
-w = multiprocessing.get_context("fork").Process(target=work)
-w.start(); w.join()
-sys.exit(w.exitcode)
+if __name__ == "__main__":
+    if {parent_loads!r}:
+        kvhygiene.load()
+    w = multiprocessing.get_context({method!r}).Process(target=work)
+    w.start(); w.join()
+    sys.exit(w.exitcode)
 """
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVH_") or k == "KVH_LIBRARY"}
     env.update({"KVH_BACKEND": "host", "KVH_LOG_DIR": str(log)})
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "worker_main.py")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     worker = next(line.split()[1] for line in run.stdout.splitlines() if line.startswith("worker "))
     chains = sorted(log.glob(f"kvh-p{worker}-*.jsonl"))

@@ -46,7 +46,7 @@ list() {
 
 digests="$(
     list |
-        sort -zu |
+        LC_ALL=C sort -zu |
         while IFS= read -r -d '' f; do
             if [[ -f "$f" ]]; then printf '%s\0' "$f"; fi
         done |

@@ -324,6 +324,14 @@ pub enum ConfigError {
     Unknown { key: String, known: String },
     #[error("{}: {}", crate::printable(path), crate::printable(message))]
     File { path: String, message: String },
+    /// A `KVH_*` variable whose name or value is not UTF-8. The value is never shown: raw
+    /// bytes (a key put in a variable by mistake) must not reach a terminal or a log.
+    #[error(
+        "{}: not UTF-8 text (its name or its {bytes}-byte value, which is not shown); \
+         expected UTF-8 text in the variable's name and value",
+        crate::printable(name)
+    )]
+    NotText { name: String, bytes: usize },
     /// Keys valid one by one that together would silently lose a safeguard.
     #[error("{}", crate::printable(.0))]
     Conflict(String),
@@ -781,17 +789,11 @@ pub fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
                     Ok(s) => s,
                     Err(os) => os.to_string_lossy().into_owned(),
                 };
-                // The value is not quoted: raw bytes (a key put in a variable by mistake) must
-                // not reach the terminal or a container log.
-                let value = match value {
-                    Ok(s) => s,
-                    Err(os) => format!("<{} bytes, not shown>", os.len()),
+                let bytes = match value {
+                    Ok(s) => s.len(),
+                    Err(os) => os.len(),
                 };
-                return Err(ConfigError::Invalid {
-                    key: name,
-                    value,
-                    expected: "UTF-8 text (in the variable's name and value)",
-                });
+                return Err(ConfigError::NotText { name, bytes });
             }
         }
     }

@@ -920,3 +920,27 @@ def test_the_preload_probe_build_fails_when_the_probe_cannot_find_its_cuda_runti
     )
     ldd = subprocess.run(["ldd", str(probe)], capture_output=True, text=True).stdout if probe.exists() else ""
     assert proc.returncode != 0, f"build reported success for a probe whose runtime is missing:\n{ldd}"
+
+
+def test_gpu_check_creates_its_copy_directory_and_copies_the_results_there(tmp_path):
+    # GPU_CHECK_COPY_TO may name a directory that does not exist yet (a folder under the
+    # device call's $OUT): it is created, and the results of a run, here one that ends at the
+    # sources check, are copied there rather than lost to a copy that failed unseen.
+    root = scratch_gpu_checkout(tmp_path)
+    with open(root / "src" / "lib.rs", "a") as f:
+        f.write("\n// changed since the artifacts were built\n")
+    copy_to = tmp_path / "back" / "gc"
+    env = {
+        **os.environ,
+        "PATH": stand_in_path(tmp_path, "#!/bin/sh\necho 'name, driver_version'\necho 'Stand-in, 1'\n"),
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_COPY_TO": str(copy_to),
+        "GPU_CHECK_BUDGET_S": "30",
+    }
+    proc = subprocess.run(
+        ["bash", str(root / "scripts/gpu-check.sh")], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr[-800:]
+    assert (copy_to / "results.md").is_file() and (copy_to / "results.json").is_file(), proc.stderr[-800:]
+    copied = (copy_to / "results.md").read_text()
+    assert "artifacts built from" in copied, copied
