@@ -1711,3 +1711,40 @@ def test_deleting_the_kustomization_does_not_destroy_the_evidence():
         assert pvc["spec"].get("storageClassName") or re.search(r"reclaimPolicy|Retain", text), (
             f"{name}: deleted with the kustomization, its volume with it under reclaimPolicy Delete"
         )
+
+
+def test_the_metrics_sidecar_serves_the_servers_last_snapshot_before_it_stops(tmp_path):
+    # At the pod's end the sidecar would stop with the server, before the snapshot the server
+    # writes as it shuts down (kvh_shut_down 1) could be scraped. Its preStop waits for that
+    # snapshot, bounded, then one scrape interval, all within the pod's grace period. Run here
+    # with a `sleep` that records what it was asked and returns at once.
+    spec = dict(pod_specs())["deployment/inference-server"]
+    side = next(c for c in spec["containers"] if c["name"] == "kvh-metrics")
+    argv = side["lifecycle"]["preStop"]["exec"]["command"]
+    file = side["args"][side["args"].index("--file") + 1]
+    assert file in argv[-1], argv
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slept = tmp_path / "slept"
+    (bin_dir / "sleep").write_text(f"#!/bin/sh\necho \"$1\" >> '{slept}'\n")
+    (bin_dir / "sleep").chmod(0o755)
+    snapshot = tmp_path / "kvh.prom"
+    script = argv[-1].replace(file, str(snapshot))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def stop(text):
+        snapshot.write_text(text)
+        slept.unlink(missing_ok=True)
+        subprocess.run([argv[0], argv[1], script], env=env, check=True, timeout=30)
+        return slept.read_text().split()
+
+    # The last snapshot is there: one scrape interval, no more.
+    assert stop("kvh_snapshot_timestamp_seconds 1\nkvh_shut_down 1\n") == ["35"]
+    # The server never writes it (killed): the wait ends, bounded, then the same interval.
+    waited = stop("kvh_snapshot_timestamp_seconds 1\nkvh_shut_down 0\n")
+    assert waited[-1] == "35" and len(waited) - 1 == 120, waited[:3]
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    assert 120 + 35 < grace, grace
+    (monitor,) = load_yaml(OPERATOR / "servicemonitor.yaml")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert int(endpoint["interval"].rstrip("s")) < 35, endpoint
