@@ -1001,6 +1001,7 @@ mod tests {
     fn releases_kv_scrub_records_and_anomalies_are_no_signal() {
         let release = EventKind::Released {
             reason: ReleaseReason::MaxReuse,
+            leaked: false,
         };
         assert!(signals(release).is_empty());
         let kv = EventKind::KvScrubbed(Box::new(KvScrubRecord {
@@ -1471,6 +1472,7 @@ mod tests {
         let release = event(
             EventKind::Released {
                 reason: ReleaseReason::IdleTtl,
+                leaked: false,
             },
             tenant("a"),
         );

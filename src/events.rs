@@ -185,8 +185,10 @@ pub enum EventKind {
         /// anomaly detector counts it.
         retired_before: bool,
     },
-    /// A block was returned to the backend.
-    Released { reason: ReleaseReason },
+    /// A block was returned to the backend, or, `leaked`, left to it: the backend refused its
+    /// release (a driver error), and the memory, verified clean, stays allocated on the device
+    /// outside kvhygiene's pools.
+    Released { reason: ReleaseReason, leaked: bool },
     /// A free was refused. The event's ids are the block owner's when the pointer belongs to
     /// a block, and `caller` is the context of the thread that made the call: a caller bug is
     /// the caller's, whoever's block it aimed at.

@@ -379,7 +379,8 @@ fn events_carry_the_owner_context() {
     f.alloc.synchronize().unwrap();
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Released {
-            reason: ReleaseReason::QuarantineCleared
+            reason: ReleaseReason::QuarantineCleared,
+            leaked: false,
         }));
 }
 

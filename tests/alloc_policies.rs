@@ -69,7 +69,8 @@ fn idle_blocks_are_released_after_the_idle_ttl() {
     }
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Released {
-            reason: ReleaseReason::IdleTtl
+            reason: ReleaseReason::IdleTtl,
+            leaked: false,
         }));
     f.assert_balanced();
 }
@@ -135,7 +136,8 @@ fn max_reuse_retires_the_block() {
     assert_ne!(f.alloc.block_info(addr).unwrap().id, id);
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Released {
-            reason: ReleaseReason::MaxReuse
+            reason: ReleaseReason::MaxReuse,
+            leaked: false,
         }));
     f.assert_balanced();
 }
@@ -197,7 +199,8 @@ fn out_of_memory_flushes_scrubs_and_releases_cache_then_retries() {
     assert!(
         reasons.iter().all(|k| *k
             == EventKind::Released {
-                reason: ReleaseReason::OutOfMemory
+                reason: ReleaseReason::OutOfMemory,
+                leaked: false,
             }),
         "{reasons:?}"
     );
@@ -237,7 +240,8 @@ fn out_of_memory_on_shared_memory_releases_other_devices_clean_blocks() {
         released,
         vec![(
             EventKind::Released {
-                reason: ReleaseReason::OutOfMemory
+                reason: ReleaseReason::OutOfMemory,
+                leaked: false,
             },
             1
         )]
@@ -259,7 +263,8 @@ fn empty_cache_returns_clean_blocks() {
     assert!(f.alloc.block_info(a).is_none());
     assert!(f.sink.snapshot().iter().any(|e| e.kind
         == EventKind::Released {
-            reason: ReleaseReason::EmptyCache
+            reason: ReleaseReason::EmptyCache,
+            leaked: false,
         }));
     assert_eq!(f.alloc.block_info(b).unwrap().state, BlockState::Live);
     f.assert_balanced();
@@ -330,7 +335,8 @@ fn free_checked_during_capture_returns_instead_of_waiting() {
 }
 
 /// A backend error while returning verified memory leaks that memory (it is clean) and
-/// becomes the sticky asynchronous error that `synchronize` reports.
+/// becomes the sticky asynchronous error that `synchronize` reports. The block is not counted
+/// as released, and its record says it was left to the backend (`leaked`), not returned.
 #[test]
 fn a_failed_release_is_counted_and_sticky() {
     let f = Fixture::new(Config {
@@ -346,8 +352,25 @@ fn a_failed_release_is_counted_and_sticky() {
     assert!(err.contains("injected release failure"), "{err}");
     let st = f.alloc.stats();
     assert_eq!(st.counters.backend_errors, 1);
-    assert_eq!(st.counters.released, 1);
+    assert_eq!(
+        st.counters.released, 0,
+        "the backend still holds the memory"
+    );
     assert!(f.alloc.block_info(a).is_none());
+    let releases: Vec<EventKind> = f
+        .sink
+        .snapshot()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| matches!(k, EventKind::Released { .. }))
+        .collect();
+    assert_eq!(
+        releases,
+        vec![EventKind::Released {
+            reason: ReleaseReason::MaxReuse,
+            leaked: true,
+        }]
+    );
 }
 
 /// `KVH_IDLE_TTL_MS`: the flusher trims every half TTL (not once a second), so a block idle

@@ -73,7 +73,7 @@ fn dropping_the_last_allocator_handle_leaves_no_freed_bytes_unscrubbed() {
     struct Releases(std::sync::Mutex<Vec<(u64, ReleaseReason)>>);
     impl EventSink for Releases {
         fn emit(&self, event: Event) {
-            if let (EventKind::Released { reason }, Some(block)) = (&event.kind, &event.block) {
+            if let (EventKind::Released { reason, .. }, Some(block)) = (&event.kind, &event.block) {
                 self.0.lock().unwrap().push((block.addr, *reason));
             }
         }

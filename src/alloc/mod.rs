@@ -1549,28 +1549,29 @@ impl Allocator {
             {
                 Ok(()) => {
                     given_back += 1;
-                    returned.push(r);
+                    returned.push((r, false));
                 }
                 Err(BackendError::ShuttingDown) => kept.push(r),
                 Err(e) => {
-                    // The memory is verified clean; failing to return it only leaks it.
+                    // The memory is verified clean; failing to return it only leaks it, and
+                    // the record says so.
                     failed += 1;
                     error.get_or_insert(e);
-                    returned.push(r);
+                    returned.push((r, true));
                 }
             }
         }
         let isolation = self.inner.config.tenant_isolation;
         let mut pool = self.pool(dev);
-        for r in returned.iter().chain(&kept) {
+        for r in returned.iter().map(|(r, _)| r).chain(&kept) {
             pool.release_ended(r);
         }
         pool.stats.counters.backend_errors += failed;
         // PyTorch's count of blocks returned to the driver: not those whose release failed
         // (leaked, the backend still holds them).
         pool.memory.num_device_free += given_back;
-        for r in &returned {
-            pool.released(r, after);
+        for (r, leaked) in &returned {
+            pool.released(r, *leaked, after);
         }
         for r in kept {
             pool.keep_unreleased(r, isolation);

@@ -1475,12 +1475,15 @@ impl DevicePool {
         }
     }
 
-    /// `release`, taken out by [`DevicePool::release`], went back to the backend: counted and
-    /// recorded.
-    pub(crate) fn released(&mut self, release: &Release, after: &mut Aftermath) {
-        self.stats.counters.released += 1;
+    /// `release`, taken out by [`DevicePool::release`], went back to the backend (counted), or
+    /// the backend refused it (`leaked`: not counted as released); recorded either way.
+    pub(crate) fn released(&mut self, release: &Release, leaked: bool, after: &mut Aftermath) {
+        if !leaked {
+            self.stats.counters.released += 1;
+        }
         let kind = EventKind::Released {
             reason: release.reason,
+            leaked,
         };
         after.event(kind, &release.block);
     }

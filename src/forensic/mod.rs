@@ -749,16 +749,23 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                 QuarantineReason::RescrubResidue => "rescrub_residue",
             }),
         ),
-        EventKind::Released { reason } => put(
-            "reason",
-            st(match reason {
-                ReleaseReason::QuarantineCleared => "quarantine_cleared",
-                ReleaseReason::MaxReuse => "max_reuse",
-                ReleaseReason::IdleTtl => "idle_ttl",
-                ReleaseReason::EmptyCache => "empty_cache",
-                ReleaseReason::OutOfMemory => "out_of_memory",
-            }),
-        ),
+        EventKind::Released { reason, leaked } => {
+            put(
+                "reason",
+                st(match reason {
+                    ReleaseReason::QuarantineCleared => "quarantine_cleared",
+                    ReleaseReason::MaxReuse => "max_reuse",
+                    ReleaseReason::IdleTtl => "idle_ttl",
+                    ReleaseReason::EmptyCache => "empty_cache",
+                    ReleaseReason::OutOfMemory => "out_of_memory",
+                }),
+            );
+            // Only when the backend refused the release: a record of a block returned
+            // carries no such field (as before the field existed).
+            if *leaked {
+                put("leaked", Field::Json(serde_json::Value::Bool(true)));
+            }
+        }
         EventKind::InvalidFree {
             reason,
             device,
@@ -1099,5 +1106,36 @@ mod fork_tests {
         );
         // The parent reads every text as before.
         assert_eq!(log.stats().last_error.as_deref(), Some("disk full"));
+    }
+}
+
+#[cfg(test)]
+mod release_record_tests {
+    use super::*;
+
+    /// A release the backend refused says so (`leaked: true`); a release that returned the
+    /// block carries no such field.
+    #[test]
+    fn a_release_record_says_leaked_only_when_the_backend_refused_it() {
+        let record = |leaked: bool| {
+            let e = Event {
+                at: SystemTime::UNIX_EPOCH,
+                kind: EventKind::Released {
+                    reason: ReleaseReason::MaxReuse,
+                    leaked,
+                },
+                context: crate::context::Context::default(),
+                block: None,
+                addr: None,
+            };
+            let (kind, fields) = event_fields(&e);
+            assert_eq!(kind, "release");
+            fields
+                .into_iter()
+                .find(|(name, _)| name == "leaked")
+                .map(|(_, value)| matches!(value, Field::Json(serde_json::Value::Bool(true))))
+        };
+        assert_eq!(record(true), Some(true));
+        assert_eq!(record(false), None);
     }
 }

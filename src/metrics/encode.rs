@@ -280,7 +280,7 @@ pub const SERIES: &[Series] = &[
         Counter,
         Number,
         NONE,
-        "Blocks given back to the backend (idle, reuse limit, emptied cache, re-scrubbed quarantine); one the driver failed to take is counted too, and in kvh_backend_errors_total."
+        "Blocks given back to the backend (idle, reuse limit, emptied cache, re-scrubbed quarantine); one the driver failed to take is not (it counts in kvh_backend_errors_total, and its release record says leaked)."
     ),
     series!(
         "/counters/invalid_frees",

@@ -416,6 +416,11 @@ def schema_problems(r: dict) -> list:
     if kind == "stop":
         # "`start_failed` ... only when the process's start-up failed after the log opened"
         allowed |= {"start_failed"}
+    if kind == "release":
+        # "`leaked: true` only when the backend refused the release"
+        allowed |= {"leaked"}
+        if "leaked" in r and r["leaked"] is not True:
+            out.append(f"release: leaked is {r['leaked']!r}, written only as true")
     if kind == "kv_scrub":
         required -= {"block_ids"}  # "present when there are at most 1024"
         if r.get("trigger") != "claim_gate":  # "only when `trigger` is `claim_gate`"
