@@ -1732,64 +1732,17 @@ fn a_crashed_chain_ending_with_a_line_longer_than_any_record_is_left_alone() {
     assert_crashed_chain_left_alone(&log_dir(&tmp), |_| vec![long], "an overlong line");
 }
 
-/// A writer that died after creating its next file and before writing the `rotate` record
-/// into it left that file empty: the chain's last record is at the end of the file before,
-/// which recovery reads (a line at a time) to continue the chain from it, linking the empty
-/// file to it.
-#[test]
-fn a_crash_between_creating_the_next_file_and_its_rotate_record_is_continued() {
+/// A keyed log (`c`, in `dir`) whose writer died after creating its next file and before
+/// writing the `rotate` record into it: the chain's last record is at the end of the file
+/// before (returned first), and the next file (returned second) is empty.
+fn crashed_after_creating_the_next_file(
+    dir: &std::path::Path,
+    c: &kvhygiene::config::LogConfig,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     use kvhygiene::forensic::files;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 16 * 1024);
-    write_log(&c, 100, true);
-    let list = chain_files(&dir);
-    assert!(list.len() >= 2, "the log did not rotate");
-    let newest = list.last().unwrap();
-    let mut lines = read_lines(newest);
-    assert!(lines.pop().unwrap().contains("\"kind\":\"stop\""));
-    write_lines(newest, &lines);
-    let at = files::parse_file_name(&name(newest)).unwrap();
-    let next = dir.join(files::file_name(&at.chain, at.index + 1));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&next)
-        .unwrap();
-
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(100));
-    log.stop();
-    let r = verify(&dir, &keyed_opts());
-    assert!(r.ok(), "{:?}", r.first_problem());
-    assert_eq!(r.chains.len(), 1, "the chain was not continued");
-    let continued = read_lines(&next);
-    assert!(
-        continued[0].contains("\"kind\":\"rotate\""),
-        "{}",
-        continued[0]
-    );
-    assert!(
-        continued[1].contains("\"kind\":\"recovery\""),
-        "{}",
-        continued[1]
-    );
-}
-
-/// The same crash, with the file before the empty one made read-only since (mode 0400, or
-/// `chattr +i` where the test runs as root): recovery only reads that file and takes its
-/// lock, so the chain is continued all the same, not left for a new one to replace.
-#[test]
-fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_read_only() {
-    use kvhygiene::forensic::files;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = log_dir(&tmp);
-    let c = cfg(&dir, 16 * 1024);
-    write_log(&c, 100, true);
-    let list = chain_files(&dir);
+    write_log(c, 100, true);
+    let list = chain_files(dir);
     assert!(list.len() >= 2, "the log did not rotate");
     let newest = list.last().unwrap().clone();
     let mut lines = read_lines(&newest);
@@ -1803,6 +1756,60 @@ fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_rea
         .mode(0o600)
         .open(&next)
         .unwrap();
+    (newest, next)
+}
+
+/// The next process continues the chain [`crashed_after_creating_the_next_file`] left: one
+/// chain that verifies, its empty file now starting with `rotate` and `recovery`.
+fn assert_continued_into(
+    dir: &std::path::Path,
+    c: &kvhygiene::config::LogConfig,
+    next: &std::path::Path,
+) {
+    let log = ForensicLog::open_with_secret(c, start(), Some(secret())).unwrap();
+    log.emit(event(100));
+    log.stop();
+    let r = verify(dir, &keyed_opts());
+    assert!(r.ok(), "{:?}", r.first_problem());
+    assert_eq!(r.chains.len(), 1, "the chain was not continued");
+    let continued = read_lines(next);
+    assert!(
+        continued
+            .first()
+            .is_some_and(|l| l.contains("\"kind\":\"rotate\"")),
+        "{continued:?}"
+    );
+    assert!(
+        continued
+            .get(1)
+            .is_some_and(|l| l.contains("\"kind\":\"recovery\"")),
+        "{continued:?}"
+    );
+}
+
+/// A writer that died after creating its next file and before writing the `rotate` record
+/// into it left that file empty: the chain's last record is at the end of the file before,
+/// which recovery reads (a line at a time) to continue the chain from it, linking the empty
+/// file to it.
+#[test]
+fn a_crash_between_creating_the_next_file_and_its_rotate_record_is_continued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    let (_, next) = crashed_after_creating_the_next_file(&dir, &c);
+    assert_continued_into(&dir, &c, &next);
+}
+
+/// The same crash, with the file before the empty one made read-only since (mode 0400, or
+/// `chattr +i` where the test runs as root): recovery only reads that file and takes its
+/// lock, so the chain is continued all the same, not left for a new one to replace.
+#[test]
+fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    let c = cfg(&dir, 16 * 1024);
+    let (newest, next) = crashed_after_creating_the_next_file(&dir, &c);
     std::fs::set_permissions(&newest, std::fs::Permissions::from_mode(0o400)).unwrap();
     // Root writes a file of mode 0400: the attribute makes it read-only for root too.
     let writable = || OpenOptions::new().append(true).open(&newest).is_ok();
@@ -1814,18 +1821,5 @@ fn a_crash_after_creating_the_next_file_is_continued_when_the_file_before_is_rea
     } else {
         None
     };
-
-    let log = ForensicLog::open_with_secret(&c, start(), Some(secret())).unwrap();
-    log.emit(event(100));
-    log.stop();
-    let r = verify(&dir, &keyed_opts());
-    assert!(r.ok(), "{:?}", r.first_problem());
-    assert_eq!(r.chains.len(), 1, "the chain was not continued");
-    let continued = read_lines(&next);
-    assert!(
-        continued
-            .get(1)
-            .is_some_and(|l| l.contains("\"kind\":\"recovery\"")),
-        "{continued:?}"
-    );
+    assert_continued_into(&dir, &c, &next);
 }

@@ -50,9 +50,7 @@ fn a_file_named_with_the_id_of_a_thread_is_not_judged_as_a_live_process() {
     snapshot(&file(live), |_| {});
     // The ended worker's last snapshot showed a failure.
     snapshot(&file(tid), |p| p.counters.verifications_failed = 1);
-    let (code, out, err) = run(kvh()
-        .args(["gate", "--json", "--metrics-file"])
-        .arg(&pattern));
+    let (code, out, err) = gate_json(&pattern);
     stop_tx.send(()).unwrap();
     thread.join().unwrap();
     let judged = judged_pids(&out);
@@ -76,11 +74,8 @@ fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
     snapshot(&file(live), |_| {});
     // The ended worker's last snapshot, an hour old, showed a failure; its pid is now held
     // by a process started just now.
-    let mut reuser = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let reused = reuser.id();
+    let reuser = Sleeper::start();
+    let reused = reuser.0.id();
     let hour_ago = SystemTime::now() - Duration::from_secs(3600);
     let text = encode(
         &runtime_stats({
@@ -98,11 +93,7 @@ fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
         .unwrap()
         .set_modified(hour_ago)
         .unwrap();
-    let (code, out, err) = run(kvh()
-        .args(["gate", "--json", "--metrics-file"])
-        .arg(&pattern));
-    let _ = reuser.kill();
-    let _ = reuser.wait();
+    let (code, out, err) = gate_json(&pattern);
     let judged = judged_pids(&out);
     assert!(
         !judged.contains(&u64::from(reused)),
@@ -143,19 +134,12 @@ fn a_file_whose_writer_identity_matches_is_judged_whatever_its_modification_time
     let dir = tempfile::tempdir().unwrap();
     let pattern = dir.path().join("kvh-{pid}.prom");
     let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
-    let mut worker = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let pid = worker.id();
+    let worker = Sleeper::start();
+    let pid = worker.0.id();
     let identity = ProcessIdentity::of(pid).expect("the worker's identity, from /proc");
     let hour_ago = SystemTime::now() - Duration::from_secs(3600);
     process_file_failing(&file(pid), pid, &identity, hour_ago);
-    let (code, out, err) = run(kvh()
-        .args(["gate", "--json", "--metrics-file"])
-        .arg(&pattern));
-    let _ = worker.kill();
-    let _ = worker.wait();
+    let (code, out, err) = gate_json(&pattern);
     assert!(
         judged_pids(&out).contains(&u64::from(pid)),
         "the worker's own file (its identity) was not judged: {out}{err}"
@@ -175,11 +159,8 @@ fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
     let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
     let live = std::process::id();
     snapshot(&file(live), |_| {});
-    let mut reuser = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let reused = reuser.id();
+    let reuser = Sleeper::start();
+    let reused = reuser.0.id();
     let now = ProcessIdentity::of(reused).expect("the process's identity, from /proc");
     let earlier = ProcessIdentity {
         start_ticks: now.start_ticks.saturating_sub(1),
@@ -191,9 +172,7 @@ fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
     };
     for ended in [earlier, other_boot] {
         process_file_failing(&file(reused), reused, &ended, SystemTime::now());
-        let (code, out, err) = run(kvh()
-            .args(["gate", "--json", "--metrics-file"])
-            .arg(&pattern));
+        let (code, out, err) = gate_json(&pattern);
         assert!(
             !judged_pids(&out).contains(&u64::from(reused)),
             "the file of {ended:?} was judged as process {reused}'s: {out}{err}"
@@ -202,8 +181,6 @@ fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         assert_eq!(v["gone"][0]["pid"], reused, "{out}");
     }
-    let _ = reuser.kill();
-    let _ = reuser.wait();
 }
 
 /// `KVH_METRICS_FILE` takes `{pid}` anywhere in the file name, also before a digit
@@ -221,12 +198,38 @@ fn a_pattern_whose_pid_is_followed_by_a_digit_finds_the_live_process_s_file() {
     let written = config.file_for(live).unwrap();
     assert_eq!(written, dir.path().join(format!("kvh-{live}0.prom")));
     snapshot(&written, |_| {});
-    let (code, out, err) = run(kvh()
-        .args(["gate", "--json", "--metrics-file"])
-        .arg(&pattern));
+    let (code, out, err) = gate_json(&pattern);
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!(v["processes"][0]["pid"], live, "{out}");
+}
+
+/// A process holding a pid while a test runs: `sleep`, killed and reaped when dropped.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn start() -> Self {
+        Sleeper(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kvh gate --json --metrics-file PATTERN`: exit status, stdout, stderr.
+fn gate_json(pattern: &Path) -> (i32, String, String) {
+    run(kvh()
+        .args(["gate", "--json", "--metrics-file"])
+        .arg(pattern))
 }
 
 /// The pids `kvh gate --json` judged.

@@ -16,13 +16,18 @@ const BLOCKS: u64 = 8;
 
 /// A K and a V region of `BLOCKS` blocks in one live allocation, filled with a secret.
 fn cache(f: &Fixture) -> (u64, KvLayout) {
-    let len = 2 * BLOCKS * BLOCK;
+    cache_of(f, BLOCK)
+}
+
+/// [`cache`] with blocks of `block` bytes.
+fn cache_of(f: &Fixture, block: u64) -> (u64, KvLayout) {
+    let len = 2 * BLOCKS * block;
     let a = f.malloc_zeroed(len as i64, 0, 1);
     f.write(0, a, &secret(len as usize, 0x6b));
     let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * BLOCK],
-        block_bytes: BLOCK,
-        block_stride: BLOCK,
+        regions: vec![a, a + BLOCKS * block],
+        block_bytes: block,
+        block_stride: block,
         blocks_per_region: BLOCKS,
     };
     (a, layout)
@@ -252,17 +257,8 @@ fn a_block_that_failed_its_scrub_is_not_handed_over_until_one_verifies() {
 /// against 64), the FAILED block and a clean one scrubbed with it both verify.
 #[test]
 fn a_full_re_scrub_of_a_failed_block_larger_than_the_samples_verifies_it() {
-    const LARGE: u64 = 4096;
     let f = Fixture::new(config(KvGateMode::Scrub, KvGateScope::Request));
-    let len = 2 * BLOCKS * LARGE;
-    let a = f.malloc_zeroed(len as i64, 0, 1);
-    f.write(0, a, &secret(len as usize, 0x6b));
-    let layout = KvLayout {
-        regions: vec![a, a + BLOCKS * LARGE],
-        block_bytes: LARGE,
-        block_stride: LARGE,
-        blocks_per_region: BLOCKS,
-    };
+    let (_, layout) = cache_of(&f, 4096);
     f.backend.inject_fault_next();
     let first = f
         .alloc

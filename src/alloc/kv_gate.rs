@@ -1910,16 +1910,21 @@ mod tests {
         assert_eq!(sort(&mut l, &first, &[0], &a), NONE);
     }
 
-    #[test]
-    fn the_least_recently_used_ledger_is_forgotten() {
-        let mut l = Ledgers::default();
-        let a = who("t", "a");
-        let k = |n: u8| LedgerKey {
+    /// The ledger key of cache `n` of many, each its own layout and allocation.
+    fn numbered_cache(n: u8) -> LedgerKey {
+        LedgerKey {
             device: 0,
             layout: [n; 32],
             allocations: vec![(u64::from(n) + 100, 1)],
             spans: vec![span_of_allocation(u64::from(n) + 100)],
-        };
+        }
+    }
+
+    #[test]
+    fn the_least_recently_used_ledger_is_forgotten() {
+        let mut l = Ledgers::default();
+        let a = who("t", "a");
+        let k = numbered_cache;
         for n in 0..=MAX_LEDGERS as u8 {
             scrub(&mut l, &k(n), &[0], &[]);
         }
@@ -1936,12 +1941,7 @@ mod tests {
     fn a_ledger_with_a_failed_block_is_forgotten_last() {
         let mut l = Ledgers::default();
         let a = who("t", "a");
-        let k = |n: u8| LedgerKey {
-            device: 0,
-            layout: [n; 32],
-            allocations: vec![(u64::from(n) + 100, 1)],
-            spans: vec![span_of_allocation(u64::from(n) + 100)],
-        };
+        let k = numbered_cache;
         scrub(&mut l, &k(0), &[1], &[0]);
         for n in 1..=MAX_LEDGERS as u8 {
             scrub(&mut l, &k(n), &[0], &[]);
