@@ -763,16 +763,27 @@ fn backend_check(choice: BackendChoice) -> Check {
         Ok(b) => {
             let kind = b.kind();
             b.shutdown();
-            let detail = match (choice, kind) {
-                (BackendChoice::Auto, BackendKind::Host) => {
-                    "host memory: KVH_BACKEND=auto found no CUDA driver".to_string()
-                }
-                (_, BackendKind::Host) => "host memory (KVH_BACKEND=host)".to_string(),
-                (_, kind) => {
-                    format!("{kind}: the driver loaded and the kernels loaded on device 0")
-                }
-            };
-            check("backend", Status::Ok, detail)
+            match (choice, kind) {
+                // Not a pass: where the server finds the GPU this preflight did not, the
+                // server runs on CUDA, whose driver and kernels were not checked here.
+                (BackendChoice::Auto, BackendKind::Host) => check(
+                    "backend",
+                    Status::Skipped,
+                    "KVH_BACKEND=auto found no CUDA driver here: the CUDA backend was not \
+                     checked (run preflight where the GPU is, or set KVH_BACKEND)"
+                        .to_string(),
+                ),
+                (_, BackendKind::Host) => check(
+                    "backend",
+                    Status::Ok,
+                    "host memory (KVH_BACKEND=host)".to_string(),
+                ),
+                (_, kind) => check(
+                    "backend",
+                    Status::Ok,
+                    format!("{kind}: the driver loaded and the kernels loaded on device 0"),
+                ),
+            }
         }
         Err(e) => check("backend", Status::Fail, printable(&e.to_string())),
     }

@@ -283,6 +283,24 @@ fn the_backend_check_agrees_with_the_start_up() {
     assert_eq!(status(&report, "backend").0, "skipped");
 }
 
+/// `auto` (the default) on a machine without a CUDA driver runs on host memory, which is no
+/// check of the CUDA backend the server gets where the GPU is: skipped, not ok.
+#[test]
+fn auto_without_a_driver_does_not_pass_the_backend_check() {
+    let mut env = Env::new();
+    env.set("KVH_BACKEND", "auto");
+    env.set("LD_LIBRARY_PATH", "/nonexistent");
+    let (code, report) = env.preflight(&[]);
+    let (st, detail) = status(&report, "backend");
+    if detail.starts_with("cuda") {
+        eprintln!("skipped: a CUDA driver is installed here: {detail}");
+        return;
+    }
+    assert_eq!(st, "skipped", "{detail}");
+    assert!(detail.contains("not checked"), "{detail}");
+    assert_eq!(code, 0, "{report}");
+}
+
 #[test]
 fn an_unset_log_or_metrics_file_is_off_not_failed() {
     let (code, out, err) = run(kvh().args(["preflight", "--skip-backend"]));
