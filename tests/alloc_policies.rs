@@ -188,13 +188,7 @@ fn out_of_memory_flushes_scrubs_and_releases_cache_then_retries() {
     assert_eq!(st.counters.oom_recoveries, 1);
     assert!(st.counters.released >= 3);
     // The release records say why: the recovery, not a kvh_empty_cache call.
-    let reasons: Vec<EventKind> = f
-        .sink
-        .snapshot()
-        .into_iter()
-        .map(|e| e.kind)
-        .filter(|k| matches!(k, EventKind::Released { .. }))
-        .collect();
+    let reasons: Vec<EventKind> = release_kinds(&f);
     assert!(reasons.len() >= 3, "{reasons:?}");
     assert!(
         reasons.iter().all(|k| *k
@@ -357,13 +351,7 @@ fn a_failed_release_is_counted_and_sticky() {
         "the backend still holds the memory"
     );
     assert!(f.alloc.block_info(a).is_none());
-    let releases: Vec<EventKind> = f
-        .sink
-        .snapshot()
-        .into_iter()
-        .map(|e| e.kind)
-        .filter(|k| matches!(k, EventKind::Released { .. }))
-        .collect();
+    let releases: Vec<EventKind> = release_kinds(&f);
     assert_eq!(
         releases,
         vec![EventKind::Released {
@@ -416,4 +404,14 @@ fn synchronize_counts_the_blocks_left_unscrubbed_on_every_device() {
         err.contains("2 blocks") || err.contains("device 1"),
         "two blocks (devices 0 and 1) wait for their scrub, but synchronize said: {err}"
     );
+}
+
+/// The kinds of the release events `f`'s sink got, in order.
+fn release_kinds(f: &Fixture) -> Vec<EventKind> {
+    f.sink
+        .snapshot()
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| matches!(k, EventKind::Released { .. }))
+        .collect()
 }

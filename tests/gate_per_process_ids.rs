@@ -32,9 +32,8 @@ fn snapshot(path: &Path, set: impl FnOnce(&mut PoolCounters)) {
 /// live process's healthy snapshot is admitted.
 #[test]
 fn a_file_named_with_the_id_of_a_thread_is_not_judged_as_a_live_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let files = ProcessFiles::new();
+    let (pattern, file) = (files.pattern(), |pid: u32| files.of(pid));
     let live = std::process::id();
     // A thread of this process, alive while the gate runs.
     let (tid_tx, tid_rx) = mpsc::channel();
@@ -67,9 +66,8 @@ fn a_file_named_with_the_id_of_a_thread_is_not_judged_as_a_live_process() {
 /// that is gone, and is listed, not judged, as the file of any other ended process is.
 #[test]
 fn a_file_last_written_before_its_pid_s_process_started_is_not_judged() {
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let files = ProcessFiles::new();
+    let (pattern, file) = (files.pattern(), |pid: u32| files.of(pid));
     let live = std::process::id();
     snapshot(&file(live), |_| {});
     // The ended worker's last snapshot, an hour old, showed a failure; its pid is now held
@@ -131,9 +129,8 @@ fn process_file_failing(path: &Path, pid: u32, identity: &ProcessIdentity, modif
 /// judged (here it fails, so the gate evicts), not skipped as the file of an ended process.
 #[test]
 fn a_file_whose_writer_identity_matches_is_judged_whatever_its_modification_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let files = ProcessFiles::new();
+    let (pattern, file) = (files.pattern(), |pid: u32| files.of(pid));
     let worker = Sleeper::start();
     let pid = worker.0.id();
     let identity = ProcessIdentity::of(pid).expect("the worker's identity, from /proc");
@@ -154,9 +151,8 @@ fn a_file_whose_writer_identity_matches_is_judged_whatever_its_modification_time
 /// an ended process, however recent its modification time: listed, not judged.
 #[test]
 fn a_file_whose_writer_identity_differs_is_not_judged_however_recent() {
-    let dir = tempfile::tempdir().unwrap();
-    let pattern = dir.path().join("kvh-{pid}.prom");
-    let file = |pid: u32| dir.path().join(format!("kvh-{pid}.prom"));
+    let files = ProcessFiles::new();
+    let (pattern, file) = (files.pattern(), |pid: u32| files.of(pid));
     let live = std::process::id();
     snapshot(&file(live), |_| {});
     let reuser = Sleeper::start();
@@ -202,6 +198,25 @@ fn a_pattern_whose_pid_is_followed_by_a_digit_finds_the_live_process_s_file() {
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!(v["processes"][0]["pid"], live, "{out}");
+}
+
+/// A directory of per-process metrics files, `kvh-{pid}.prom`.
+struct ProcessFiles(tempfile::TempDir);
+
+impl ProcessFiles {
+    fn new() -> Self {
+        ProcessFiles(tempfile::tempdir().unwrap())
+    }
+
+    /// The pattern the verbs are given.
+    fn pattern(&self) -> std::path::PathBuf {
+        self.0.path().join("kvh-{pid}.prom")
+    }
+
+    /// The file of process `pid`.
+    fn of(&self, pid: u32) -> std::path::PathBuf {
+        self.0.path().join(format!("kvh-{pid}.prom"))
+    }
 }
 
 /// A process holding a pid while a test runs: `sleep`, killed and reaped when dropped.
