@@ -4,6 +4,9 @@
 //! `--inject-fault` exactly the sabotaged block is reported and retired. The header is also
 //! compiled as C++. Skips, saying so, when there is no C compiler.
 
+#[path = "skip/mod.rs"]
+mod skip;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -30,7 +33,7 @@ fn compile(cmd: &mut Command) -> Option<Output> {
     match cmd.output() {
         Ok(out) => Some(out),
         Err(e) => {
-            eprintln!("no compiler ({cmd:?}: {e}); skipping");
+            skip::skipped(&format!("no compiler ({cmd:?}: {e})"));
             None
         }
     }

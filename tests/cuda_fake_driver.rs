@@ -10,6 +10,8 @@
 mod common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::sync::OnceLock;
 

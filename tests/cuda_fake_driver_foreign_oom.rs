@@ -8,6 +8,8 @@
 mod common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use common::{batch, submit, SAMPLED};
 use fake_cuda::{start, switch};

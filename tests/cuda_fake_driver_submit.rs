@@ -4,6 +4,8 @@
 
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use fake_cuda::{query, start, switch};
 use kvhygiene::alloc::Allocator;

@@ -1,6 +1,9 @@
 //! The CUDA backend on a machine without a GPU or driver (CI): loading fails cleanly and
 //! `auto` may fall back to host memory; on a GPU machine the same tests check the converse.
 
+#[path = "skip/mod.rs"]
+mod skip;
+
 use kvhygiene::backend::cuda::{loader, probe, probe_library, Probe};
 use kvhygiene::backend::{Backend, BackendKind};
 
@@ -243,7 +246,7 @@ fn a_driver_of_another_architecture_in_the_system_library_directory_is_broken() 
         .status()
         .is_ok_and(|s| s.success());
     if !usable {
-        eprintln!("no overlay mount in a private namespace (unshare -rm) here; nothing to check");
+        skip::skipped("no overlay mount in a private namespace (unshare -rm) here");
         return;
     }
     let mut cmd = std::process::Command::new("unshare");

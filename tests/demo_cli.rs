@@ -5,6 +5,8 @@
 mod cli_common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::os::unix::process::CommandExt;
 
@@ -310,7 +312,7 @@ fn a_demo_whose_checkpoints_cannot_be_written_does_not_pass() {
             .status()
             .is_ok_and(|s| s.success());
         if !works {
-            eprintln!("skipped: no way to make the checkpoint directory unwritable here");
+            skip::skipped("no way to make the checkpoint directory unwritable here");
             return;
         }
         let mut c = std::process::Command::new("unshare");
@@ -858,7 +860,7 @@ impl MemoryCgroup {
                 return Some(group);
             }
         }
-        eprintln!("no memory cgroup can be made here; skipping");
+        skip::skipped("no memory cgroup can be made here");
         None
     }
 
@@ -1540,15 +1542,16 @@ fn a_metrics_file_in_a_directory_this_uid_cannot_write_is_refused_before_the_run
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run kvh as another uid");
+        skip::skipped("needs root to run kvh as another uid");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let file = tmp.path().join("kvh.prom");
+    let exe = cli_common::kvh_copy_in(tmp.path());
     let out = std::process::Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_kvh"))
+        .arg(&exe)
         .args([
             "demo",
             "--backend",
@@ -1568,7 +1571,9 @@ fn a_metrics_file_in_a_directory_this_uid_cannot_write_is_refused_before_the_run
         String::from_utf8_lossy(&out.stderr),
     );
     if stderr.contains("Permission denied") && !stderr.contains("--metrics-file") {
-        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {stderr}");
+        skip::skipped(&format!(
+            "the built kvh cannot be run by uid 65534 here: {stderr}"
+        ));
         return;
     }
     assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");

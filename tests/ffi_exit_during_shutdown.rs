@@ -11,6 +11,8 @@
 
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

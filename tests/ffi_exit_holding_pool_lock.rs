@@ -12,6 +12,8 @@
 mod cli_common;
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::path::Path;
 use std::process::Command;

@@ -10,6 +10,8 @@ use kvhygiene::ffi;
 
 #[path = "fake_cuda/mod.rs"]
 mod fake_cuda;
+#[path = "skip/mod.rs"]
+mod skip;
 
 /// Marker telling a child which case to run (not a `KVH_` variable: the configuration refuses
 /// unknown ones).

@@ -3,6 +3,8 @@
 //! record that states how many torn bytes were cut.
 
 mod forensic_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -718,7 +720,7 @@ impl Attribute {
             .status()
             .is_ok_and(|s| s.success());
         if !set {
-            eprintln!("skipped: chattr +{flag} is not available here");
+            skip::skipped(&format!("chattr +{flag} is not available here"));
             return None;
         }
         Some(Attribute {

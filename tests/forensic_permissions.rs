@@ -1,6 +1,8 @@
 //! File and directory modes, planted symlinks, wrong owner or mode on existing files.
 
 mod forensic_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -94,7 +96,7 @@ fn existing_file_with_wrong_mode_is_refused() {
 fn existing_file_with_wrong_owner_is_refused() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: changing a file's owner needs root");
+        skip::skipped("changing a file's owner needs root");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -316,7 +318,7 @@ fn key_files_must_not_be_symlinks_and_must_be_ours() {
     assert!(kvhygiene::forensic::keys::read_key_file(&real).is_ok());
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped the owner check: changing a file's owner needs root");
+        skip::skipped("changing a file's owner needs root");
         return;
     }
     std::os::unix::fs::chown(&real, Some(4242), None).unwrap();
@@ -890,7 +892,7 @@ fn hmac_key_refusal(p: &std::path::Path) -> String {
 fn refused_for_its_owner_as_root(p: &std::path::Path) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped the owner check: changing a file's owner needs root");
+        skip::skipped("changing a file's owner needs root");
         return;
     }
     fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();

@@ -7,6 +7,8 @@
 mod forensic_common;
 #[path = "mounted/mod.rs"]
 mod mounted;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -2093,7 +2095,7 @@ fn prune_log_in_an_append_only_log_directory_says_so_and_leaves_no_temporary_fil
         .status()
         .is_ok_and(|st| st.success());
     if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        skip::skipped("chattr +a is not available here (needs root and ext4 or alike)");
         return;
     }
     let _unmark = AppendOnly(s.log.clone());
@@ -2135,7 +2137,7 @@ fn prune_log_refuses_an_append_only_chain_file_before_copying_or_recording_it() 
         .status()
         .is_ok_and(|st| st.success());
     if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        skip::skipped("chattr +a is not available here (needs root and ext4 or alike)");
         return;
     }
     let _unmark = AppendOnly(first.clone());
@@ -2178,7 +2180,7 @@ fn an_append_only_archive_takes_the_moved_files_and_nothing_else() {
         .status()
         .is_ok_and(|st| st.success());
     if !marked {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return;
     }
     let out = prune(&s, &["--older-than", "0"]);
@@ -2220,7 +2222,7 @@ fn ended_chain_with_marked_file(s: &Setup, index: usize) -> Option<(Vec<PathBuf>
     let files = chain_files(&s.log);
     assert!(files.len() >= 3, "{files:?}");
     if !chattr("+a", &files[index]) {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return None;
     }
     let unmark = Marked(files[index].clone());
@@ -2285,7 +2287,7 @@ fn a_marked_prune_manifest_is_found_before_anything_is_copied() {
     assert_eq!(manifests.len(), 1, "{}", text(&first.stderr));
     let manifest = s.log.join(&manifests[0]);
     if !chattr("+a", &manifest) {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return;
     }
     let _unmark = Marked(manifest.clone());
@@ -2347,11 +2349,11 @@ int open(const char* p, int flags, ...) {
         .status()
         .is_ok_and(|st| st.success());
     if !built {
-        eprintln!("skipped: no C compiler for the shim");
+        skip::skipped("no C compiler for the shim");
         return;
     }
     if !chattr("+a", &s.archive) {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return;
     }
     let _unmark = AppendOnly(s.archive.clone());
@@ -2380,7 +2382,7 @@ fn an_immutable_archive_is_refused_naming_the_mark() {
     let s = setup();
     write_log(&cfg(&s.log, 4096), 30, true);
     if !chattr("+i", &s.archive) {
-        eprintln!("skipped: chattr +i is not available here");
+        skip::skipped("chattr +i is not available here");
         return;
     }
     let _unmark = Marked(s.archive.clone());
@@ -2402,7 +2404,7 @@ fn a_marked_file_too_recent_to_move_does_not_refuse_the_chain() {
     let files = chain_files(&s.log);
     assert!(files.len() >= 3, "{files:?}");
     if !chattr("+a", &files[0]) {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return;
     }
     let _unmark = Marked(files[0].clone());

@@ -2,6 +2,8 @@
 //! and a log that stops verifying, goes back or vanishes reported as tampering.
 
 mod forensic_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -1393,7 +1395,7 @@ fn a_state_file_in_an_append_only_directory_is_refused_before_any_record_is_pass
         .status()
         .is_ok_and(|s| s.success());
     if !marked {
-        eprintln!("skipped: chattr +a is not available here");
+        skip::skipped("chattr +a is not available here");
         return;
     }
     let state = states.join("tail.json");
@@ -1458,7 +1460,7 @@ fn an_immutable_state_file_is_refused_before_any_record_is_passed_on() {
         .status()
         .is_ok_and(|s| s.success());
     if !marked {
-        eprintln!("skipped: chattr +i is not available here");
+        skip::skipped("chattr +i is not available here");
         return;
     }
     let _unmark = Immutable(k.state.clone());
@@ -1487,7 +1489,7 @@ fn a_state_file_in_a_directory_the_user_cannot_write_is_refused_before_any_recor
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run the tail as nobody");
+        skip::skipped("needs root to run the tail as nobody");
         return;
     }
     let k = keyed();

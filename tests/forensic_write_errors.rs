@@ -2,6 +2,8 @@
 //! resumes a `lost` record says what was lost.
 
 mod forensic_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 mod forensic_common;
 #[path = "mounted/mod.rs"]
 mod mounted;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -65,7 +67,7 @@ fn a_checkpoint_directory_that_refuses_the_first_checkpoint_fails_the_open() {
     fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o700)).unwrap();
     let set = Command::new("chattr").arg("+i").arg(&ckpt).output();
     if !set.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: chattr +i is not available here");
+        skip::skipped("chattr +i is not available here");
         return;
     }
     let mut c = cfg(&dir, 1 << 20);

@@ -5,6 +5,8 @@
 mod cli_common;
 #[path = "http_common/mod.rs"]
 mod http_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -958,7 +960,7 @@ fn serve_metrics_as_pid_1_of_its_namespace_ends_on_sigterm() {
         .stderr(Stdio::null())
         .status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("skipped: unshare -Urpf is not available here");
+        skip::skipped("unshare -Urpf is not available here");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,8 @@
 
 #[path = "http_common/mod.rs"]
 mod http_common;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -702,7 +704,7 @@ fn failed_snapshots_in_an_append_only_directory_leave_no_temporary_files() {
         .status()
         .is_ok_and(|s| s.success());
     if !marked {
-        eprintln!("skipped: chattr +a is not available here (needs root and ext4 or alike)");
+        skip::skipped("chattr +a is not available here (needs root and ext4 or alike)");
         return;
     }
     let _unmark = AppendOnlyMark(dir.path().to_path_buf());

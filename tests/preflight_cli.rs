@@ -7,6 +7,8 @@ mod cli_common;
 mod fake_cuda;
 #[path = "mounted/mod.rs"]
 mod mounted;
+#[path = "skip/mod.rs"]
+mod skip;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -293,7 +295,7 @@ fn auto_without_a_driver_does_not_pass_the_backend_check() {
     let (code, report) = env.preflight(&[]);
     let (st, detail) = status(&report, "backend");
     if detail.starts_with("cuda") {
-        eprintln!("skipped: a CUDA driver is installed here: {detail}");
+        skip::skipped(&format!("a CUDA driver is installed here: {detail}"));
         return;
     }
     assert_eq!(st, "skipped", "{detail}");
@@ -435,7 +437,7 @@ fn an_existing_log_directory_that_cannot_be_written_fails_the_preflight() {
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
     let Some(mut start) = with_dir_unwritable(&env, &dir, &START) else {
-        eprintln!("skipped: no way to make the directory unwritable here");
+        skip::skipped("no way to make the directory unwritable here");
         return;
     };
     let (started, _, err) = run(&mut start);
@@ -521,7 +523,7 @@ fn a_crashed_chain_in_a_log_directory_that_cannot_be_written_is_refused_by_both(
     assert_eq!(files.len(), 1, "{files:?}");
     cut_stop_record(&files[0]);
     let Some(mut start) = with_dir_unwritable(&env, &dir, &START) else {
-        eprintln!("skipped: no way to make the directory unwritable here");
+        skip::skipped("no way to make the directory unwritable here");
         return;
     };
     let (started, _, err) = run(&mut start);
@@ -559,7 +561,9 @@ fn mark(flag: char, path: &Path) -> Option<Marked> {
         .status()
         .is_ok_and(|s| s.success());
     if !marked {
-        eprintln!("skipped: chattr +{flag} is not available here (needs root and ext4 or alike)");
+        skip::skipped(&format!(
+            "chattr +{flag} is not available here (needs root and ext4 or alike)"
+        ));
         return None;
     }
     Some(Marked(path.to_path_buf(), flag))
@@ -772,7 +776,7 @@ fn a_metrics_snapshot_of_another_user_in_a_sticky_directory_is_not_ready() {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to give the file to another user");
+        skip::skipped("needs root to give the file to another user");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -784,10 +788,11 @@ fn a_metrics_snapshot_of_another_user_in_a_sticky_directory_is_not_ready() {
     fs::write(&file, "kvh_up 1\n").unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
     std::os::unix::fs::chown(&file, Some(1234), None).unwrap();
+    let exe = cli_common::kvh_copy_in(tmp.path());
     let as_nobody = |args: &[&str]| {
         let mut c = Command::new("setpriv");
         c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_kvh"))
+            .arg(&exe)
             .args(args)
             .env_clear()
             .env("KVH_BACKEND", "host")
@@ -796,7 +801,9 @@ fn a_metrics_snapshot_of_another_user_in_a_sticky_directory_is_not_ready() {
     };
     let (code, out, err) = run(&mut as_nobody(&["preflight", "--skip-backend"]));
     if err.contains("Permission denied") && out.is_empty() {
-        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {err}");
+        skip::skipped(&format!(
+            "the built kvh cannot be run by uid 65534 here: {err}"
+        ));
         return;
     }
     let f = file.display().to_string();
@@ -832,7 +839,7 @@ fn a_checkpoint_directory_the_start_up_cannot_open_fails_the_preflight() {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root to run kvh as another uid");
+        skip::skipped("needs root to run kvh as another uid");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -843,10 +850,11 @@ fn a_checkpoint_directory_the_start_up_cannot_open_fails_the_preflight() {
     fs::create_dir(&ckpt).unwrap();
     std::os::unix::fs::chown(&ckpt, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&ckpt, fs::Permissions::from_mode(0o300)).unwrap();
+    let exe = cli_common::kvh_copy_in(root);
     let as_nobody = |args: &[&str]| {
         let mut c = Command::new("setpriv");
         c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_kvh"))
+            .arg(&exe)
             .args(args)
             .env_clear()
             .env("KVH_BACKEND", "host")
@@ -858,7 +866,9 @@ fn a_checkpoint_directory_the_start_up_cannot_open_fails_the_preflight() {
     let signing = root.join("signing").display().to_string();
     let (made, _, err) = run(&mut as_nobody(&["keygen", "--out", &signing]));
     if made != 0 && err.contains("Permission denied") {
-        eprintln!("skipped: the built kvh cannot be run by uid 65534 here: {err}");
+        skip::skipped(&format!(
+            "the built kvh cannot be run by uid 65534 here: {err}"
+        ));
         return;
     }
     assert_eq!(made, 0, "{err}");
@@ -913,7 +923,7 @@ fn the_start_up_does_not_refuse_a_usable_log_directory_on_faccessat_alone() {
     let mut env = Env::new();
     env.vars.retain(|(k, _)| k != "KVH_SIGNING_KEY_FILE");
     let Some(shim) = faccessat_refusing_shim(env.root()) else {
-        eprintln!("skipped: no C compiler to build the faccessat shim");
+        skip::skipped("no C compiler to build the faccessat shim");
         return;
     };
     let (code, _, err) = run(env.command(&START).env("LD_PRELOAD", &shim));
@@ -1906,7 +1916,7 @@ fn verify_pinned(env: &Env, public: &Path) -> (i32, String, String) {
 fn a_log_file_system_full_but_for_roots_reserve_fails_and_names_the_reserve() {
     use std::io::Write;
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: not root");
+        skip::skipped("not root");
         return;
     }
     let env = Env::new();

@@ -11,6 +11,9 @@
 //! before its integration tests, into the same `deps/` directory as the test executable, so
 //! the test finds it next to itself (`current_exe`), fresh from the same build.
 
+#[path = "../../tests/skip/mod.rs"]
+mod skip;
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::Read;
@@ -122,7 +125,7 @@ fn built() -> Option<&'static Built> {
                 cxx.build(name, true, &["fake_cudart.cpp"], &[soname, arg("-pthread")])
             };
             let Some(runtime) = runtime_named("libcudart.so.12") else {
-                eprintln!("no C++ compiler ({} not found); skipping", cxx.cxx);
+                skip::skipped(&format!("no C++ compiler ({} not found)", cxx.cxx));
                 return None;
             };
             let probe_links = [
@@ -840,6 +843,7 @@ fn a_runtime_found_in_the_global_scope_stays_usable_after_its_loader_closes_it()
     // function the interposer found must stay usable too: the runtime is kept loaded for the
     // life of the process, as real.rs says of every runtime it finds.
     let Some((runtime, host)) = built_unload() else {
+        skip::skipped("no C++ compiler for the unloadable runtime");
         return;
     };
     let mut cmd = Command::new(host);
@@ -892,6 +896,7 @@ fn a_first_allocation_in_a_linked_librarys_static_destructor_is_refused_at_exit(
     // allocation in the program's destructor still starts kvhygiene; one in a linked
     // library's is refused (fails closed) with cudaErrorCudartUnloading and a NULL pointer.
     let Some(host) = built_exit_host() else {
+        skip::skipped("no C++ compiler for the exit host");
         return;
     };
     for (which, key) in [("main", "main_dtor"), ("library", "library_dtor")] {

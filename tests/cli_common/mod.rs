@@ -49,6 +49,17 @@ pub fn kvh() -> Command {
     c
 }
 
+/// A copy of the built `kvh` in `dir` (mode 0755), for a test that runs it as another uid:
+/// the build tree may lie under a directory that uid cannot enter, which would decide the
+/// test instead of the code under test.
+pub fn kvh_copy_in(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = dir.join("kvh");
+    std::fs::copy(env!("CARGO_BIN_EXE_kvh"), &copy).expect("copy kvh");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod kvh");
+    copy
+}
+
 /// Exit code (-1 when killed by a signal), stdout and stderr.
 pub fn run(cmd: &mut Command) -> (i32, String, String) {
     let Output {

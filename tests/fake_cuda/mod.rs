@@ -1,13 +1,18 @@
 //! The tests' stand-in for libcuda.so.1 (fake_libcuda.cpp beside this file), compiled here with
 //! the system C++ compiler (`CXX`, else `c++`). Tests that need it skip, saying so, when there
-//! is none. Included by the test binaries that use it (`#[path = "fake_cuda/mod.rs"]`).
+//! is none (see `skip`); a compiler that fails on the stand-in fails them. Included by the
+//! test binaries that use it (`#[path = "fake_cuda/mod.rs"]`).
 #![allow(dead_code)]
+
+// The including binary declares `mod skip` (tests/skip) beside this module.
+use crate::skip;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Compiles the stand-in to `out`; `false` (said on stderr) without a working compiler.
+/// Compiles the stand-in to `out`; `false` (see `skip`) where there is no compiler. A compiler
+/// that fails panics: a stand-in that no longer compiles must not turn its tests into skips.
 pub fn compile(out: &Path) -> bool {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_libcuda.cpp");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
@@ -18,8 +23,9 @@ pub fn compile(out: &Path) -> bool {
         .status();
     match status {
         Ok(s) if s.success() => true,
-        other => {
-            eprintln!("no fake driver ({cxx}: {other:?}); skipping");
+        Ok(s) => panic!("{cxx} failed to compile {}: {s}", src.display()),
+        Err(e) => {
+            skip::skipped(&format!("no fake driver ({cxx}: {e})"));
             false
         }
     }

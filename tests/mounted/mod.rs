@@ -1,5 +1,8 @@
 //! A small file system mounted on a directory for one test (tmpfs), for the paths a full
-//! file system takes. Mounting needs root: where it is refused, the test says so and skips.
+//! file system takes. Mounting needs root: where it is refused, the test skips (see `skip`).
+
+// The including binary declares `mod skip` (tests/skip) beside this module.
+use crate::skip;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +21,7 @@ impl Mounted {
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
-            eprintln!("skipped: this process may not mount a tmpfs");
+            skip::skipped("this process may not mount a tmpfs");
             return None;
         }
         Some(Mounted(dir.to_path_buf()))
@@ -52,7 +55,7 @@ impl Mounted {
                 .output()
                 .is_ok_and(|o| o.status.success());
         if !ok {
-            eprintln!("skipped: no mkfs.ext4, or this process may not mount a loop device");
+            skip::skipped("no mkfs.ext4, or this process may not mount a loop device");
             return None;
         }
         Some(Mounted(dir.to_path_buf()))
