@@ -60,14 +60,59 @@ fn reading_the_signing_key_file_frees_no_copy_of_the_seed() {
     let path = tmp.path().join("signer.key");
     let seed_hex = b"5a3f0c9e1b7d2468ace013579bdf02468ace13579bdf0246813579bdf0246ace\n";
     write_private(&path, seed_hex);
-    let mut key = None;
-    let copies = freed_copies(&seed_hex[..16], || {
-        key = Some(keys::read_signing_key(&path).unwrap());
-    });
-    drop(key);
+    // Looked for in both forms a copy could take: the file's hex digits and the decoded seed.
+    let raw: Vec<u8> = (0..16)
+        .map(|i| {
+            u8::from_str_radix(
+                std::str::from_utf8(&seed_hex[2 * i..2 * i + 2]).unwrap(),
+                16,
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for needle in [&seed_hex[..16], &raw[..]] {
+        let mut key = None;
+        let copies = freed_copies(needle, || {
+            key = Some(keys::read_signing_key(&path).unwrap());
+        });
+        drop(key);
+        assert_eq!(
+            copies, 0,
+            "{copies} freed heap block(s) still held the signing key's seed read from its file \
+             (needle {needle:02x?})"
+        );
+    }
+}
+
+/// The watch itself: a freed block holding the needle is counted. Without this, a watch that
+/// saw nothing would pass every "no copy" test here.
+#[test]
+fn the_watch_counts_a_freed_copy_of_the_needle() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let needle = *b"Kp2-needle-for-the-watch-itself";
+    let mut block = vec![0u8; 100];
+    block[37..37 + needle.len()].copy_from_slice(&needle);
+    let copies = freed_copies(&needle, || drop(block));
     assert_eq!(
-        copies, 0,
-        "{copies} freed heap block(s) still held the signing key's seed read from its file"
+        copies, 1,
+        "the watch missed a freed block holding the needle"
+    );
+}
+
+/// The form the epoch-key test looks for is the one a heap copy would take: the `hmac`
+/// crate's keyed state, boxed and dropped, is found. So a key type that kept that state in
+/// its own memory (as one built once per key would) fails that test.
+#[test]
+fn a_freed_keyed_hmac_state_is_found_in_the_form_looked_for() {
+    use hmac::Mac;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let secret = b"epoch-key-secret-for-the-memory-test-42";
+    let inner = keyed_state(secret, 0x36);
+    let state = Box::new(hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap());
+    let copies = freed_copies(&inner, || drop(state));
+    assert!(
+        copies >= 1,
+        "a freed HMAC-SHA256 state was not found by its keyed state"
     );
 }
 
@@ -156,9 +201,10 @@ fn the_test_compression_is_sha256() {
     assert_eq!(ours, sha2::Sha256::digest(b"abc").to_vec());
 }
 
-/// An epoch key is zeroized on drop: what it frees holds neither the key nor the keyed HMAC
-/// state derived from it (with that state anyone computes the epoch's MACs, and by the
-/// ratchet every later key).
+/// An epoch key frees no keyed HMAC state (with that state anyone computes the epoch's MACs,
+/// and by the ratchet every later key): the key keeps its bytes alone, in a mapping of its
+/// own that is zeroized before it is unmapped (`key_memory::KeyBytes`), and builds the state
+/// for each MAC on the stack. What a dropped key frees on the heap must not hold that state.
 #[test]
 fn a_dropped_epoch_key_leaves_no_keyed_hmac_state_behind() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -531,11 +531,25 @@ fn a_chain_of_the_current_secret_cannot_be_resealed_with_a_retired_one() {
         "{p}"
     );
     assert!(p.reason.contains("MAC mismatch at epoch 0"), "{p}");
-    // And an edit behind it is caught too (the hashes no longer reach the checkpoint).
+}
+
+/// As above, from a later file: an edit there re-sealed with the retired secret's key of that
+/// epoch is caught at the edited record, on a log untouched otherwise.
+#[test]
+fn an_edit_resealed_with_a_retired_secrets_later_key_is_caught_where_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, victim, opts) = rotated_signed(&tmp);
     forge_from(&victim, 1, 2, Some(k_at(OLD, 1)), |m| {
         m.insert("tenant_id".into(), "someone-else".into());
     });
-    assert!(!verify(&log, &opts).ok());
+    let r = verify(&log, &opts);
+    let p = report_of(&r, &victim).problem.as_ref().expect("caught");
+    assert_eq!(
+        (p.file.as_str(), p.line),
+        (name(&victim[1]).as_str(), 2),
+        "{p}"
+    );
+    assert!(p.reason.contains("MAC mismatch at epoch 1"), "{p}");
 }
 
 /// The key at `epoch` of `secret`.

@@ -48,6 +48,20 @@ fn failed_blocks_are_a_subset_of_scrubbed_blocks_when_a_call_stops() {
         })
         .expect("a kv_scrub record");
     let c = f.alloc.stats().counters;
+    // Blocks 0..21,845 lie wholly in the first batch, every segment of which was left dirty:
+    // each is a failed block (a bound of zero would let the checks below hold vacuously).
+    const WHOLLY_IN_BATCH_1: u64 = 21_845;
+    assert!(
+        c.kv_blocks_failed >= WHOLLY_IN_BATCH_1,
+        "kv_blocks_failed {} (the first batch failed {WHOLLY_IN_BATCH_1} whole blocks)",
+        c.kv_blocks_failed
+    );
+    assert!(
+        record.failed_blocks >= WHOLLY_IN_BATCH_1,
+        "kv_scrub record: failed_blocks {} (the first batch failed {WHOLLY_IN_BATCH_1} whole \
+         blocks)",
+        record.failed_blocks
+    );
     assert!(
         c.kv_blocks_failed <= c.kv_blocks_scrubbed,
         "kv_blocks_failed ({}) exceeds kv_blocks_scrubbed ({}): a failed block was not counted \
@@ -83,6 +97,21 @@ fn a_kv_scrub_submits_no_batch_after_exit_began() {
     let ids: Vec<u32> = (0..blocks as u32).collect();
     common::begin_exit_after_next_submit(&test_backend, &alloc);
     let got = alloc.scrub_kv_blocks(&layout, &ids, 0, StreamHandle(0));
+    // The exit began inside the call, after its first batch: otherwise the check below would
+    // hold for a call that never reached a second submission.
+    assert!(
+        test_backend.sealed.load(Ordering::SeqCst),
+        "exit did not begin during the call"
+    );
+    assert_eq!(
+        test_backend.batches.lock().unwrap().len(),
+        1,
+        "the call submitted more than its first batch"
+    );
+    assert!(
+        got.is_err(),
+        "a call cut short by exit reported success: {got:?}"
+    );
     assert_eq!(
         test_backend.calls_after_seal.load(Ordering::SeqCst),
         0,

@@ -103,6 +103,44 @@ def test_context_nests_and_rejects_bad_ids():
             pass
 
 
+_NESTED_CONTEXTS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+# Frees of pointers kvhygiene never gave out: each is an invalid_free record carrying the
+# ids set on the calling thread (caller_*), in this order.
+with kvhygiene.context(tenant_id="acme", request_id="r-1", model_id="m"):
+    with kvhygiene.context(tenant_id="acme", request_id="r-2"):
+        lib.kvh_free(0xdead0000, 8, 0, None)
+    lib.kvh_free(0xdead0010, 8, 0, None)
+lib.kvh_free(0xdead0020, 8, 0, None)
+lib.kvh_shutdown()
+"""
+
+
+@needs_lib
+def test_leaving_an_inner_context_restores_the_outer_ids_and_leaving_the_outer_clears_them(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "nested.py"
+    script.write_text(_NESTED_CONTEXTS)
+    log = tmp_path / "log"
+    env = dict(os.environ, KVH_BACKEND="host", KVH_LOG_DIR=str(log), KVH_LOG_FSYNC="never")
+    pkg = str(Path(kvhygiene.__file__).resolve().parents[1])
+    run = subprocess.run([sys.executable, str(script), pkg, LIB], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for f in sorted(log.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    callers = [
+        (r["caller_tenant_id"], r["caller_request_id"], r["caller_model_id"])
+        for r in sorted(records, key=lambda r: r["seq"])
+        if r["kind"] == "invalid_free"
+    ]
+    assert callers == [("acme", "r-2", None), ("acme", "r-1", "m"), (None, None, None)], callers
+
+
 def test_an_id_given_as_bytes_is_its_text_not_its_repr():
     assert kvhygiene._encode(b"acme", "tenant_id") == b"acme"
     assert kvhygiene._encode(bytearray(b"r-1"), "request_id") == b"r-1"

@@ -1855,7 +1855,7 @@ impl<'a> Walk<'a> {
     /// The header fields the chain does not link: `ts`, `kind` and the owner ids. Checked
     /// once the hash and MAC are, so that an edit is named as one.
     fn unlinked_header(r: &Scanned<'_>) -> Result<(), String> {
-        r.ts.ok_or("record has no ts")?;
+        r.ts.ok_or("record has no ts (Unix nanoseconds: an integer, 0 or more)")?;
         r.kind.ok_or("record has no kind")?;
         if let Some(missing) = (0..ID_FIELDS.len()).find(|bit| r.ids & (1 << bit) == 0) {
             return Err(format!(

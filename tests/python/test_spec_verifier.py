@@ -923,19 +923,22 @@ def test_env_secret_verifies_with_key_file_without_newline(tmp_path, keys):
 
 
 def test_file_name_with_a_21_digit_pid_is_judged_alike(signed_log, keys, tmp_path):
-    # docs/forensic-log.md: a file whose chain id is not of the form p<digits>-t<digits> is
-    # passed over. kvh-p<21 digits>-t1-000000.jsonl is of that form: both verifiers must
-    # judge it alike (here a copy of another chain's file 0: spliced).
+    # docs/forensic-log.md: a chain id is p<digits>-t<digits> with 1 to 20 digits each; a file
+    # named otherwise is not one of a chain's, and a verifier passes over it. 21 digits are one
+    # too many: the copy of another chain's file 0 placed under that name is passed over by
+    # both (were it taken for a chain, it would be a splice and fail), the log verifies.
     d = copy(signed_log, tmp_path)
     shutil.copy(chain_files(d, chains_of(d)[0])[0], d / f"kvh-p{'1' * 21}-t1-000000.jsonl")
     rc, st, out, res = both(d, keys, with_pub=False)
-    assert rc == st, f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert (rc, st) == (0, 0), f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert f"p{'1' * 21}" not in out, out
 
 
 def test_a_negative_ts_is_judged_alike(signed_log, keys, tmp_path):
-    # The header table: `ts` is an integer (Unix nanoseconds). A resealed record whose ts is
-    # -1 is judged by both verifiers alike.
+    # The header table: `ts` is an integer (Unix nanoseconds), so not negative. A resealed
+    # record whose ts is -1 fails both verifiers, at that record.
     d = copy(signed_log, tmp_path)
     reseal(d, chains_of(d)[0], keys, _set_field("summary", "ts", -1), serialize=_ser_without_private)
     rc, st, out, res = both(d, keys)
-    assert rc == st, f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert (rc, st) == (1, 1), f"kvh verify-log: {rc}\n{out}\nspec verifier: {res}"
+    assert "record has no ts (Unix nanoseconds: an integer, 0 or more)" in out, out
