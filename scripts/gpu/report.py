@@ -284,6 +284,22 @@ def main() -> int:
             "0 and 0",
             None if not k else (k["secret_seen"] == 0 and k["nonzero"] == 0),
         )
+    # Another tenant never gets the writer's block, so zeros above could come from a block
+    # never used: this row shows the scrub itself, on the block that held the secret.
+    k = py(out, "residue_kvh")
+    reuse = ("reused_block", "reused_secret_seen", "reused_nonzero")
+    if k and not all(f in k for f in reuse):
+        k = None
+    row(
+        rows,
+        "residue, kvhygiene, same tenant: the freed block handed back after its scrub",
+        (why(out, "residue_kvh") if not py(out, "residue_kvh") else "no reuse figures")
+        if not k
+        else ("the same block" if k["reused_block"] else "another block (the scrubbed one not reused)")
+        + f", {k['reused_secret_seen']} secret, {k['reused_nonzero']} non-zero",
+        "the same block, 0 and 0",
+        None if not k else (k["reused_block"] is True and k["reused_secret_seen"] == 0 and k["reused_nonzero"] == 0),
+    )
     kv = py(out, "kv_blocks_kvh")
     row(
         rows,

@@ -2,6 +2,11 @@
 
 With PyTorch's default caching allocator it does (the threat); under kvhygiene it must read
 zeros. --threads runs the writer and the reader on two threads under two tenant contexts.
+
+Under kvhygiene the reader of another tenant never gets the writer's block (strict isolation),
+so zeros there could come from a block never used. So kvhygiene also runs the same tenant
+again: free, wait for the scrub, ask for the same size: the pool hands back the very block
+that held the secret (`reused_block`), and only the scrub can have zeroed it.
 """
 
 import sys
@@ -25,6 +30,26 @@ def read_back(torch) -> dict:
     nonzero = int((y != 0).sum().item())
     del y
     return {"secret_seen": seen, "nonzero": nonzero}
+
+
+def reuse_after_scrub(torch) -> dict:
+    """kvhygiene, one tenant: the freed block, once scrubbed, handed back to the same size."""
+    import kvhygiene
+
+    x = torch.full((ELEMENTS,), SECRET, device="cuda")
+    torch.cuda.synchronize()
+    held = x.data_ptr()
+    del x
+    # The free queued the block's scrub; the pool reuses it only once it is CLEAN.
+    kvhygiene.synchronize()
+    y = torch.empty((ELEMENTS,), device="cuda")
+    found = {
+        "reused_block": y.data_ptr() == held,
+        "reused_secret_seen": int((y == SECRET).sum().item()),
+        "reused_nonzero": int((y != 0).sum().item()),
+    }
+    del y
+    return found
 
 
 def tenant(mode, tenant_id, request_id):
@@ -81,6 +106,9 @@ def main():
             write_secret(torch)
         with tenant(args.mode, "tenant-b", "req-b"):
             result.update(read_back(torch))
+        if args.mode == "kvh":
+            with tenant(args.mode, "tenant-a", "req-c"):
+                result.update(reuse_after_scrub(torch))
     write(
         args.out,
         {

@@ -72,7 +72,8 @@ def complete_run(out: Path, batched_ratio: float = 0.85) -> None:
     status(out, "gpu_scrub", 0)
     for name in ["residue", "residue_threads"]:
         py_result(out, f"{name}_default", secret_seen=8, nonzero=8)
-        py_result(out, f"{name}_kvh", secret_seen=0, nonzero=0)
+    py_result(out, "residue_kvh", secret_seen=0, nonzero=0, reused_block=True, reused_secret_seen=0, reused_nonzero=0)
+    py_result(out, "residue_threads_kvh", secret_seen=0, nonzero=0)
     py_result(
         out,
         "kv_blocks_kvh",
@@ -236,6 +237,31 @@ def test_the_eviction_gate_row_fails_on_residue_or_absence(tmp_path, monkeypatch
     code, rows, _ = run_report(tmp_path, monkeypatch)
     gate = next(r for c, r in rows.items() if c.startswith("KV eviction gate"))
     assert gate["verdict"] == verdict, gate
+    assert (code == 0) == (verdict == "PASS")
+
+
+REUSE_ROW = "residue, kvhygiene, same tenant: the freed block handed back after its scrub"
+
+
+@pytest.mark.parametrize(
+    "reuse, verdict",
+    [
+        ({"reused_block": True, "reused_secret_seen": 0, "reused_nonzero": 0}, "PASS"),
+        # Zeros in another block show nothing about the scrub: a block never used reads zero.
+        ({"reused_block": False, "reused_secret_seen": 0, "reused_nonzero": 0}, "FAIL"),
+        ({"reused_block": True, "reused_secret_seen": 0, "reused_nonzero": 7}, "FAIL"),
+        ({"reused_block": True, "reused_secret_seen": 7, "reused_nonzero": 7}, "FAIL"),
+        # A residue step of an older script, without the reuse figures: not measured.
+        ({}, "MISSING"),
+    ],
+)
+def test_the_reused_block_row_needs_the_same_block_and_zeros(tmp_path, monkeypatch, reuse, verdict):
+    complete_run(tmp_path)
+    py_result(tmp_path, "residue_kvh", secret_seen=0, nonzero=0, **reuse)
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[REUSE_ROW]["verdict"] == verdict, rows[REUSE_ROW]
+    # The cross-tenant row judges its own figures only.
+    assert rows["residue, kvhygiene (one thread)"]["verdict"] == "PASS"
     assert (code == 0) == (verdict == "PASS")
 
 
