@@ -13,7 +13,7 @@
 #   MANIFEST                                 sha256 of every other file (sha256sum -c MANIFEST)
 #
 # Nothing in it refers to the build tree: the libraries have no RPATH and the Python package
-# finds the library through KVH_LIBRARY. deploy/Dockerfile copies it to /opt/kvhygiene, and
+# finds the library beside it (lib/), or through KVH_LIBRARY once installed elsewhere. deploy/Dockerfile copies it to /opt/kvhygiene, and
 # scripts/check-release.sh checks a distribution (layout, MANIFEST, and that it runs).
 #
 # The kernels are built as build.rs builds them: with the pinned toolchain in .tools/cuda when
@@ -23,7 +23,7 @@
 #
 # The Python package is shipped as its source tree rather than a wheel: building a wheel needs
 # setuptools from the network (the package is pure Python either way), and the package finds
-# the library through KVH_LIBRARY, which deploy/Dockerfile sets.
+# the library beside it or through KVH_LIBRARY, which deploy/Dockerfile sets.
 #
 # Usage: scripts/build-release.sh [--force] OUTDIR
 #        scripts/build-release.sh --list-layout     (the files a distribution holds; no build)
