@@ -474,3 +474,73 @@ fn the_incident_runbooks_evidence_step_verifies_the_log_its_verify_step_found_in
             .join("\n")
     );
 }
+
+/// `kvh verify-log` without keys checks the hash chain only, and says OK. Its report says
+/// what it left unchecked of this log, not of logs in general: MACs its records carry, and
+/// checkpoints its writer signed, so that a check run without its keys does not read as a
+/// check of the seal; and of a log written without either, that there was none.
+#[test]
+fn verify_log_without_keys_says_which_seals_of_this_log_it_left_unchecked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let (signed, _) = signed_demo(tmp.path());
+    let sealed = tmp.path().join("sealed");
+    sealed_demo(&sealed, &key);
+    let plain = tmp.path().join("plain");
+    short_demo(&plain, &[]);
+    let line = |log: &Path| {
+        let (code, out, err) = verify_log_with(log, &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    let sealed = line(&sealed);
+    assert!(
+        sealed.contains("MACs present, not checked (no --key-file)"),
+        "{sealed}"
+    );
+    let signed = line(&signed);
+    assert!(
+        signed.contains("its writer signed checkpoints, not checked (no --public-key)"),
+        "{signed}"
+    );
+    let plain = line(&plain);
+    assert!(
+        plain.contains("no MACs (written without an HMAC key)"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("no checkpoint checked (no --public-key)"),
+        "{plain}"
+    );
+}
+
+/// A checkpoint signed by another key than the one pinned: the chain fails, and its problem
+/// (the first reason a reader meets) names the refused checkpoint file and why, not a
+/// checkpoint "deleted, or never written".
+#[test]
+fn a_checkpoint_signed_by_another_key_is_the_reason_the_chain_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, _) = signed_demo(tmp.path());
+    let other = tmp.path().join("other");
+    let (code, out, err) = run(kvh().arg("keygen").arg("--out").arg(&other));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--public-key")
+        .arg(other.with_extension("pub"))
+        .arg("--checkpoint")
+        .arg(&log));
+    assert_eq!(code, 1, "{out}{err}");
+    let problem = out
+        .lines()
+        .find(|l| l.contains("no checkpoint for chain"))
+        .unwrap_or_else(|| panic!("no problem line:\n{out}"));
+    assert!(
+        problem.contains(
+            ".ckpt was refused (checkpoint was signed by another key than the pinned public key)"
+        ),
+        "{problem}"
+    );
+    assert!(!problem.contains("deleted, or never written"), "{problem}");
+}

@@ -544,7 +544,8 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
         (true, true) => "MACs verified",
         // The problem line below says what failed, a MAC or something else.
         (true, false) => "MACs checked",
-        (false, _) => "MACs not checked (no --key-file)",
+        (false, _) if c.sealed => "MACs present, not checked (no --key-file)",
+        (false, _) => "no MACs (written without an HMAC key)",
     }
     .to_string();
     if let (true, Some(k)) = (several.secrets, &c.key) {
@@ -570,6 +571,11 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
     notes.push(match c.checkpoint_seq {
         Some(s) => format!("checkpoint at seq {s} verified"),
         None if c.checkpoints_checked => "no checkpoint".into(),
+        // Its writer named a signing key, so it signed checkpoints: said, since without them
+        // a cut tail or a deleted newest file does not show.
+        None if c.signer.is_some() => {
+            "its writer signed checkpoints, not checked (no --public-key)".into()
+        }
         None => "no checkpoint checked (no --public-key)".into(),
     });
     if let Some(recorded) = c.checkpoint_behind() {

@@ -111,6 +111,10 @@ pub struct ChainReport {
     /// Bytes after the last newline of the newest file (a writer crashed mid-line).
     pub torn_bytes: u64,
     pub macs_checked: bool,
+    /// Its records carry MACs (a `mac` field), whether or not a key was given to check them:
+    /// what the report says of a chain read without `--key-file`. A hint, not a check (without
+    /// the key, anyone may have removed them and rehashed the chain).
+    pub sealed: bool,
     /// The chain is bound to its keys: its MACs were checked with the HMAC secret its signed
     /// checkpoint names, and the checkpoint was signed by the key the chain's own records
     /// name (moved whole: its manifest is MACed with that secret). A chain that is not could
@@ -313,7 +317,37 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
             dir.display()
         ));
     }
+    name_refused_checkpoints(&mut report);
     Ok(report)
+}
+
+/// A chain that failed for want of a checkpoint while a checkpoint file of its name was
+/// refused (signed by another key than those pinned, malformed): its problem says so, so that
+/// the first reason a reader meets is the real one, not "deleted, or never written".
+fn name_refused_checkpoints(report: &mut Report) {
+    let Report { chains, errors, .. } = report;
+    for c in chains {
+        let Some(p) = c
+            .problem
+            .as_mut()
+            .filter(|p| p.reason.starts_with(NO_CHECKPOINT))
+        else {
+            continue;
+        };
+        // A checkpoint file's error begins with its path: `.../kvh-CHAIN.ckpt: why`.
+        let name = format!("kvh-{}.ckpt: ", c.chain);
+        let refused = errors.iter().find_map(|e| {
+            let at = e.find(&name)?;
+            (at == 0 || e[..at].ends_with('/')).then(|| &e[at + name.len()..])
+        });
+        if let Some(why) = refused {
+            p.reason = format!(
+                "{NO_CHECKPOINT} {} signed by the pinned public key: its checkpoint file \
+                 kvh-{}.ckpt was refused ({why}), so its end cannot be checked",
+                c.chain, c.chain
+            );
+        }
+    }
 }
 
 /// The files of `chain` as listed now (`None`: none are left).
@@ -1777,6 +1811,7 @@ impl<'a> Walk<'a> {
             return Err("hash mismatch: record modified".into());
         }
         let sealer = self.mac(&hash, r.mac)?;
+        self.report.sealed |= r.mac.is_some();
         Self::unlinked_header(&r)?;
         if self.report.key_index.is_none() {
             self.report.key_index = sealer;
