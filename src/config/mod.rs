@@ -318,10 +318,17 @@ pub enum ConfigError {
         expected: &'static str,
     },
     #[error(
-        "{}: unknown configuration key (known keys: {known})",
-        crate::printable(key)
+        "{}: unknown configuration key{} (known keys: {known})",
+        crate::printable(key),
+        match nearest { Some(k) => format!("; did you mean {k}?"), None => String::new() }
     )]
-    Unknown { key: String, known: String },
+    Unknown {
+        key: String,
+        known: String,
+        /// The known key it most likely meant, in the same spelling (`KVH_*` for a variable,
+        /// the bare name in a file).
+        nearest: Option<String>,
+    },
     #[error("{}: {}", crate::printable(path), crate::printable(message))]
     File { path: String, message: String },
     /// A `KVH_*` variable whose name or value is not UTF-8. The value is never shown: raw
@@ -874,6 +881,7 @@ impl Config {
                 ConfigError::Unknown {
                     key: crate::printable(name),
                     known: known_keys(|k| k.env_name()),
+                    nearest: nearest_key(name).map(Key::env_name),
                 }
             })?;
             config.set(key, name, value)?;
@@ -999,9 +1007,14 @@ impl Config {
                 value,
                 expected,
             },
-            ConfigError::Unknown { key, known } => ConfigError::Unknown {
+            ConfigError::Unknown {
+                key,
+                known,
+                nearest,
+            } => ConfigError::Unknown {
                 key: format!("{key} (in {})", path.display()),
                 known,
+                nearest,
             },
             other => other,
         })
@@ -1032,6 +1045,7 @@ impl Config {
                     // Shown on a terminal: the file's author chose these characters.
                     key: crate::printable(name),
                     known: known_keys(|k| k.name.to_string()),
+                    nearest: nearest_key(name).map(|k| k.name.to_string()),
                 })?;
             let text = match value {
                 _ if !toml_type_fits(key.expected, value) => {
@@ -1122,6 +1136,24 @@ fn settings(config: &Config, source: impl Fn(&Key) -> Source) -> Vec<Setting> {
 
 fn known_keys(name: impl Fn(&Key) -> String) -> String {
     KEYS.iter().map(name).collect::<Vec<_>>().join(", ")
+}
+
+/// The key an unknown `name` most likely meant, so that a typo that stops a server's start
+/// names its fix: the key itself in the other spelling (`KVH_BATCH_SIZE` written in a file,
+/// `batch_size` as a variable), else the key nearest by edit distance (strsim's
+/// Damerau-Levenshtein: a swap of two letters is one edit) when at most a third of its
+/// letters differ, the nearest first. `None` for a name like no key.
+fn nearest_key(name: &str) -> Option<&'static Key> {
+    let bare = name
+        .strip_prefix("KVH_")
+        .or_else(|| name.strip_prefix("kvh_"))
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    KEYS.iter()
+        .map(|k| (strsim::damerau_levenshtein(&bare, k.name), k))
+        .filter(|(d, k)| *d <= (k.name.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 fn parse_in(v: &str, min: u64, max: u64) -> Option<u64> {
@@ -1740,6 +1772,39 @@ mod tests {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
                 other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_it_most_likely_meant_in_its_own_spelling() {
+        let env = |name: &str| {
+            Config::from_vars(&[(name.to_string(), "1".to_string())])
+                .unwrap_err()
+                .to_string()
+        };
+        let file = |text: &str| Config::from_toml_str(text).unwrap_err().to_string();
+        for (err, meant) in [
+            (env("KVH_BATCHSIZE"), "KVH_BATCH_SIZE"),
+            (env("KVH_TENANT_ISOLATON"), "KVH_TENANT_ISOLATION"),
+            (env("KVH_COVERAGE_THRESHHOLD"), "KVH_COVERAGE_THRESHOLD"),
+            (env("KVH_LOG_FSNYC"), "KVH_LOG_FSYNC"),
+            (file("batch_sise = 32\n"), "batch_size"),
+            // A variable's name written in a file: the file's spelling of the same key.
+            (file("KVH_BATCH_SIZE = 32\n"), "batch_size"),
+            (file("idle-ttl-ms = 5\n"), "idle_ttl_ms"),
+        ] {
+            assert!(
+                err.contains(&format!("; did you mean {meant}? (known keys: ")),
+                "{err}"
+            );
+        }
+        // A name like no key gets no guess.
+        for err in [env("KVH_FOO"), file("verbose = true\n")] {
+            assert!(!err.contains("did you mean"), "{err}");
+            assert!(
+                err.contains("unknown configuration key (known keys: "),
+                "{err}"
+            );
         }
     }
 
