@@ -544,3 +544,22 @@ fn a_checkpoint_signed_by_another_key_is_the_reason_the_chain_gives() {
     );
     assert!(!problem.contains("deleted, or never written"), "{problem}");
 }
+
+/// A file named like a log file but not a chain's (`kvh-bogus.jsonl`) is passed over by the
+/// verifier (docs/forensic-log.md), beside chains too: the verdict stands, and stderr names
+/// the file, so that one dropped beside the chains, or a chain's file renamed, is seen.
+#[test]
+fn verify_log_names_a_file_it_passed_over_beside_the_chains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    short_demo(&log, &[]);
+    std::fs::write(log.join("kvh-bogus.jsonl"), "{}\n").unwrap();
+    let (code, out, err) = verify_log_with(&log, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.ends_with("OK\n"), "{out}");
+    assert!(
+        err.contains("1 file(s) named kvh-*.jsonl are not chain files")
+            && err.contains("were not read: kvh-bogus.jsonl"),
+        "{err}"
+    );
+}

@@ -188,9 +188,18 @@ fn json_report(report: &Report) -> serde_json::Value {
 /// that are not chain files (`kvh-CHAIN-NNNNNN.jsonl`, CHAIN as `p<pid>-t<time>`): that they
 /// were not read, and why. Empty when there are none, or the directory cannot be listed.
 fn lookalike_names(dir: &Path) -> String {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return String::new();
-    };
+    match lookalikes(dir) {
+        Some(files) => format!("no forensic log files to verify: {files}"),
+        None => String::new(),
+    }
+}
+
+/// Files in `dir` named `kvh-*.jsonl` that are not chain files, said as "N file(s) ... were
+/// not read: the first three names"; `None` when there are none, or the directory cannot be
+/// listed. A verifier passes over them (docs/forensic-log.md), but says so: a file dropped
+/// beside the chains, or a chain's file renamed, is something an auditor wants to see.
+fn lookalikes(dir: &Path) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -198,17 +207,17 @@ fn lookalike_names(dir: &Path) -> String {
         .filter(|n| files::parse_file_name(n).is_none())
         .collect();
     if names.is_empty() {
-        return String::new();
+        return None;
     }
     names.sort();
     let count = names.len();
     names.truncate(3);
     let shown: Vec<String> = names.iter().map(|n| crate::printable(n)).collect();
-    format!(
-        "no forensic log files to verify: {count} file(s) named kvh-*.jsonl are not chain \
-         files (kvh-p<pid>-t<time>-NNNNNN.jsonl) and were not read: {}",
+    Some(format!(
+        "{count} file(s) named kvh-*.jsonl are not chain files \
+         (kvh-p<pid>-t<time>-NNNNNN.jsonl) and were not read: {}",
         shown.join(", ")
-    )
+    ))
 }
 
 /// Runs `verify-log`; returns the process exit code.
@@ -261,6 +270,13 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     };
     let problems = report.chains.iter().filter_map(|c| c.problem.as_ref());
     hint_checkpoint_dir(args, problems.map(|p| p.reason.as_str()));
+    // Beside chains that were read: said, the verdict stands (they are no chain's files).
+    if let Some(files) = lookalikes(&args.dir) {
+        crate::say(format_args!(
+            "kvh verify-log: note: in {}, {files}",
+            args.dir.display()
+        ));
+    }
     if let Err(e) = crate::report_out::reader_may_leave(written) {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
         // What the verification found outranks a report that could not be written: a
