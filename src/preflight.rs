@@ -343,14 +343,26 @@ fn dir_check(what: &'static str, dir: &Path) -> Check {
     let shown = printable(&dir.display().to_string());
     match files::inspect_dir(dir, what) {
         Ok(DirState::Ready) => check(what, Status::Ok, format!("{shown}: usable (0700, ours)")),
-        Ok(DirState::WouldCreate { parent }) => check(
-            what,
-            Status::Ok,
-            format!(
-                "{shown}: does not exist yet; the first process creates it (0700) in {}",
-                printable(&parent.display().to_string())
-            ),
-        ),
+        Ok(DirState::WouldCreate { parent }) => {
+            let under = printable(&parent.display().to_string());
+            // More than one level missing: each is created, which a mistyped path would
+            // otherwise make unseen.
+            let above = dir.parent().map(|p| match p.as_os_str().is_empty() {
+                true => Path::new("."),
+                false => p,
+            });
+            let said = if above.is_some_and(Path::is_dir) {
+                format!(
+                    "{shown}: does not exist yet; the first process creates it (0700) in {under}"
+                )
+            } else {
+                format!(
+                    "{shown}: does not exist yet; the first process creates it and each missing \
+                     directory above it (0700) under {under}"
+                )
+            };
+            check(what, Status::Ok, said)
+        }
         Err(e) => check(what, Status::Fail, printable(&e.to_string())),
     }
 }

@@ -116,6 +116,30 @@ fn status<'a>(report: &'a Value, check: &str) -> (&'a str, &'a str) {
     (c["status"].as_str().unwrap(), c["detail"].as_str().unwrap())
 }
 
+/// A log directory several levels below the nearest that exists: the start-up creates each
+/// missing level (0700), and preflight says so, naming where they start, so that a mistyped
+/// path is not created unseen. One level missing reads as before.
+#[test]
+fn a_log_directory_missing_several_levels_is_said_to_create_each() {
+    let mut env = Env::new();
+    let deep = env.root().join("a/b/log");
+    env.set("KVH_LOG_DIR", deep.display().to_string());
+    let (code, report) = env.preflight(&["--skip-backend"]);
+    assert_eq!(code, 0, "{report}");
+    let (st, detail) = status(&report, "log directory");
+    assert_eq!(st, "ok", "{detail}");
+    let under = format!(
+        "creates it and each missing directory above it (0700) under {}",
+        env.root().display()
+    );
+    assert!(detail.contains(&under), "{detail}");
+    assert_eq!(env.start(), 0);
+    for level in [env.root().join("a"), env.root().join("a/b"), deep] {
+        let mode = fs::metadata(&level).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", level.display());
+    }
+}
+
 #[test]
 fn a_ready_environment_passes_every_check_and_nothing_is_created() {
     let env = Env::new();
