@@ -141,6 +141,8 @@ fn the_demo_leaves_a_metrics_snapshot_the_gate_judges() {
         .arg(tmp.path().join("{pid}").join("kvh.prom")));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("in the file name only"), "{err}");
+    // Named as every verb names its messages.
+    assert!(err.starts_with("kvh demo: --metrics-file "), "{err}");
     let written: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -577,7 +577,7 @@ fn main() -> ExitCode {
 fn run_demo(args: DemoArgs) -> ExitCode {
     let mut config = match Config::from_env() {
         Ok(c) => c,
-        Err(e) => return usage_error(&format!("configuration: {e}")),
+        Err(e) => return usage_error("demo", &format!("configuration: {e}")),
     };
     if let Some(b) = args.backend {
         config.backend = match b {
@@ -587,11 +587,11 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         };
     }
     if let Some(e) = drill_into_policy_log(&args, &config) {
-        return usage_error(&e);
+        return usage_error("demo", &e);
     }
     let run_checkpoint_dir = match demo_checkpoint_dir(&args, &config) {
         Ok(dir) => dir,
-        Err(e) => return usage_error(&e),
+        Err(e) => return usage_error("demo", &e),
     };
     if args.inject_fault && config.backend == BackendChoice::Auto {
         // The drill sabotages a scrub: only ever on host memory.
@@ -602,15 +602,18 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         // a driver, with a message that would not name --inject-fault), before the log opens
         // (a refused run leaves no chain behind) and before anything is printed.
         let e = kvhygiene::demo::DemoError::FaultNeedsHost(kvhygiene::backend::BackendKind::Cuda);
-        return usage_error(&e.to_string());
+        return usage_error("demo", &e.to_string());
     }
     let backend = match backend::select(config.backend) {
         Ok(b) => b,
         // The demo's own way out, which a server has not: host memory.
         Err(e) => {
-            return usage_error(&format!(
-                "backend: {e} (to run the demo without a usable GPU: kvh demo --backend host)"
-            ))
+            return usage_error(
+                "demo",
+                &format!(
+                    "backend: {e} (to run the demo without a usable GPU: kvh demo --backend host)"
+                ),
+            )
         }
     };
     let opts = DemoOptions {
@@ -624,21 +627,24 @@ fn run_demo(args: DemoArgs) -> ExitCode {
         config.log.checkpoint_dir = run_checkpoint_dir;
         config.log.dir = Some(dir);
         if let Err(e) = config.check_combination() {
-            return usage_error(&format!("configuration: {e}"));
+            return usage_error("demo", &format!("configuration: {e}"));
         }
     }
     // Checked before the run: a pattern the readers would refuse is refused here too, as is
     // a path that names no file (the snapshot could not be written at the end).
     if let Some(f) = &args.metrics_file {
         if !kvhygiene::config::names_a_file(f) {
-            return usage_error(&format!(
-                "--metrics-file {}: names a directory, not a file (it ends with '/', '.' or \
+            return usage_error(
+                "demo",
+                &format!(
+                    "--metrics-file {}: names a directory, not a file (it ends with '/', '.' or \
                  '..')",
-                f.display()
-            ));
+                    f.display()
+                ),
+            );
         }
         if let Err(e) = kvhygiene::metrics::per_process::Target::of(f.clone()) {
-            return usage_error(&format!("--metrics-file {e}"));
+            return usage_error("demo", &format!("--metrics-file {e}"));
         }
     }
     let demo_metrics = kvhygiene::config::MetricsConfig {
@@ -648,34 +654,40 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     // Before the run, as at the write: a file there that is not a snapshot is not replaced.
     if let Some(file) = demo_metrics.file_for(std::process::id()) {
         if let Err(e) = kvhygiene::metrics::textfile::check_replaceable(&file) {
-            return usage_error(&format!("--metrics-file {}: {e}", file.display()));
+            return usage_error("demo", &format!("--metrics-file {}: {e}", file.display()));
         }
         // A run whose snapshot could not be written fails (exit 2): learnt before the run.
         let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
         if dir.is_some_and(|d| !d.is_dir()) {
-            return usage_error(&format!(
-                "--metrics-file {}: its directory does not exist",
-                file.display()
-            ));
+            return usage_error(
+                "demo",
+                &format!(
+                    "--metrics-file {}: its directory does not exist",
+                    file.display()
+                ),
+            );
         }
         if let Err(e) = kvhygiene::metrics::textfile::check_writable_dir(&file) {
-            return usage_error(&format!("--metrics-file {}: {e}", file.display()));
+            return usage_error("demo", &format!("--metrics-file {}: {e}", file.display()));
         }
         // The policy's KVH_METRICS_FILE may be a running server's snapshot, which its
         // probes and `kvh gate` read: the demo's counters (a drill's failures) must not
         // stand in for the server's, as its log and checkpoints must not mix with the run's.
         if policy_metrics_file(&config.metrics, &file) {
-            return usage_error(&format!(
-                "--metrics-file {} is the policy's KVH_METRICS_FILE, which may be a running \
+            return usage_error(
+                "demo",
+                &format!(
+                    "--metrics-file {} is the policy's KVH_METRICS_FILE, which may be a running \
                  server's snapshot (its probes and `kvh gate` read it): name another file",
-                file.display()
-            ));
+                    file.display()
+                ),
+            );
         }
     }
     // Before the log opens: it takes the secret out of the environment.
     let secret_in_env = kvhygiene::forensic::keys::secret_in_env();
     if let Some(e) = sealed_unlike_its_directory(&config, secret_in_env) {
-        return usage_error(&e);
+        return usage_error("demo", &e);
     }
     let log = match open_log(&config) {
         Ok(log) => log,
@@ -695,7 +707,7 @@ fn run_demo(args: DemoArgs) -> ExitCode {
     let progress = demo::stderr_progress();
     let interrupt = match Interrupt::watch() {
         Ok(i) => i,
-        Err(e) => return usage_error(&e),
+        Err(e) => return usage_error("demo", &e),
     };
     let result = demo::run(
         backend,
@@ -715,11 +727,11 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             }
             if let demo::DemoError::Interrupted { .. } = e {
                 kvhygiene::stderr_line(&format!(
-                    "kvh: demo {e}; its forensic log, if any, was stopped"
+                    "kvh demo: {e}; its forensic log, if any, was stopped"
                 ));
                 return interrupt.exit_code();
             }
-            return usage_error(&e.to_string());
+            return usage_error("demo", &e.to_string());
         }
     };
     if let Some(log) = &log {
@@ -859,7 +871,7 @@ fn open_log(config: &Config) -> Result<Option<Arc<ForensicLog>>, ExitCode> {
         return Ok(None);
     }
     ForensicLog::open(&config.log, StartInfo::current(config.canonical_json()))
-        .map_err(|e| usage_error(&e.to_string()))
+        .map_err(|e| usage_error("demo", &e.to_string()))
 }
 
 fn exit_code(code: i32) -> ExitCode {
@@ -1053,8 +1065,9 @@ impl Interrupt {
     }
 }
 
-fn usage_error(msg: &str) -> ExitCode {
-    kvhygiene::stderr_line(&format!("kvh: {msg}"));
+/// `kvh VERB: MSG` on stderr, as every verb begins its messages; the usage status (2).
+fn usage_error(verb: &str, msg: &str) -> ExitCode {
+    kvhygiene::stderr_line(&format!("kvh {verb}: {msg}"));
     ExitCode::from(2)
 }
 
@@ -1067,6 +1080,9 @@ fn print_completions(shell: clap_complete::Shell) -> ExitCode {
     clap_complete::generate(shell, &mut Cli::command(), "kvh", &mut script);
     match reader_may_leave(std::io::stdout().lock().write_all(&script)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => usage_error(&format!("cannot write the completion script: {e}")),
+        Err(e) => usage_error(
+            "completions",
+            &format!("cannot write the completion script: {e}"),
+        ),
     }
 }
