@@ -563,3 +563,26 @@ fn verify_log_names_a_file_it_passed_over_beside_the_chains() {
         "{err}"
     );
 }
+
+/// A sealed chain whose first record was edited fails there, before any record verified: its
+/// line still says its records carry MACs, not that it was written without a key.
+#[test]
+fn a_sealed_chain_failing_at_its_first_record_is_not_said_to_have_no_macs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let log = tmp.path().join("log");
+    sealed_demo(&log, &key);
+    let file = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let edited = text.replacen("\"kind\":\"start\"", "\"kind\":\"stArt\"", 1);
+    assert_ne!(edited, text, "no start record to edit");
+    std::fs::write(&file, edited).unwrap();
+    let (code, out, err) = verify_log_with(&log, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let line = out.lines().next().unwrap_or_default();
+    assert!(line.contains("MACs present, not checked (no --key-file)"), "{line}");
+}

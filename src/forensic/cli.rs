@@ -561,6 +561,8 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
         // The problem line below says what failed, a MAC or something else.
         (true, false) => "MACs checked",
         (false, _) if c.sealed => "MACs present, not checked (no --key-file)",
+        // No record read, none to say MACs of.
+        (false, _) if c.records == 0 => "MACs not checked (no --key-file)",
         (false, _) => "no MACs (written without an HMAC key)",
     }
     .to_string();

@@ -1805,13 +1805,14 @@ impl<'a> Walk<'a> {
 
     fn record(&mut self, line: &[u8], index: u64, first_in_file: bool) -> Result<(), String> {
         let r = scan(line).map_err(|e| scan_reason(line, e))?;
+        // Before any check: a chain failing at its first record still says it carried MACs.
+        self.report.sealed |= r.mac.is_some();
         self.header(&r, index)?;
         let hash = chain_hash_open(&self.prev, r.body_open);
         if parse_hash(r.hash) != Some(hash) {
             return Err("hash mismatch: record modified".into());
         }
         let sealer = self.mac(&hash, r.mac)?;
-        self.report.sealed |= r.mac.is_some();
         Self::unlinked_header(&r)?;
         if self.report.key_index.is_none() {
             self.report.key_index = sealer;
