@@ -934,7 +934,12 @@ fn faccessat_refusing_shim(dir: &Path) -> Option<std::path::PathBuf> {
         .arg(&src)
         .status()
         .ok()?;
-    built.success().then_some(so)
+    // A compiler that fails on the shim is a broken test, not a machine without one.
+    assert!(
+        built.success(),
+        "the faccessat shim does not compile: {built}"
+    );
+    Some(so)
 }
 
 /// The start-up judges a log directory by what it can do in it, not by `faccessat` alone: a
