@@ -796,7 +796,7 @@ fn a_key_file_named_with_a_trailing_slash_is_not_read_as_the_regular_file() {
 /// parser cannot hold it): refused with the usage status and a message naming the key, its
 /// accepted range and the string form that holds the value.
 #[test]
-fn a_file_number_beyond_toml_integers_is_accepted_or_refused_naming_its_key() {
+fn a_file_number_beyond_toml_integers_is_refused_naming_its_key_and_the_string_form() {
     let (code, _, err) = run(config(&[]).env("KVH_LIVE_TTL_MS", "18446744073709551615"));
     assert_eq!(code, 0, "the environment's value is in range: {err}");
     let dir = tempfile::tempdir().unwrap();

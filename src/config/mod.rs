@@ -1142,17 +1142,27 @@ fn known_keys(name: impl Fn(&Key) -> String) -> String {
 /// names its fix: the key itself in the other spelling (`KVH_BATCH_SIZE` written in a file,
 /// `batch_size` as a variable), else the key nearest by edit distance (strsim's
 /// Damerau-Levenshtein: a swap of two letters is one edit) when at most a third of its
-/// letters differ, the nearest first. `None` for a name like no key.
+/// letters differ. The name is compared with and without a `KVH_` prefix (`kvh_gate` is
+/// `kv_gate` mistyped, not `gate`); of keys as near, the one nearest with the separators
+/// left out (`KVH_ANOMALYZ` is `anomaly_z`, not `anomaly`), then the first. `None` for a name
+/// like no key.
 fn nearest_key(name: &str) -> Option<&'static Key> {
-    let bare = name
-        .strip_prefix("KVH_")
-        .or_else(|| name.strip_prefix("kvh_"))
-        .unwrap_or(name)
-        .to_ascii_lowercase();
+    let lower = name.to_ascii_lowercase();
+    let spellings = [lower.strip_prefix("kvh_").unwrap_or(&lower), lower.as_str()];
+    let joined = |s: &str| s.replace(['_', '-'], "");
     KEYS.iter()
-        .map(|k| (strsim::damerau_levenshtein(&bare, k.name), k))
-        .filter(|(d, k)| *d <= (k.name.len() / 3).max(1))
-        .min_by_key(|(d, _)| *d)
+        .filter_map(|k| {
+            let d = spellings
+                .iter()
+                .map(|s| strsim::damerau_levenshtein(s, k.name))
+                .min()?;
+            let without_separators = spellings
+                .iter()
+                .map(|s| strsim::damerau_levenshtein(&joined(s), &joined(k.name)))
+                .min()?;
+            (d <= (k.name.len() / 3).max(1)).then_some(((d, without_separators), k))
+        })
+        .min_by_key(|(distance, _)| *distance)
         .map(|(_, k)| k)
 }
 
@@ -1792,6 +1802,8 @@ mod tests {
             // A variable's name written in a file: the file's spelling of the same key.
             (file("KVH_BATCH_SIZE = 32\n"), "batch_size"),
             (file("idle-ttl-ms = 5\n"), "idle_ttl_ms"),
+            (file("kvh_gate = \"scrub\"\n"), "kv_gate"),
+            (env("KVH_ANOMALYZ"), "KVH_ANOMALY_Z"),
         ] {
             assert!(
                 err.contains(&format!("; did you mean {meant}? (known keys: ")),
