@@ -584,5 +584,63 @@ fn a_sealed_chain_failing_at_its_first_record_is_not_said_to_have_no_macs() {
     let (code, out, err) = verify_log_with(&log, &[]);
     assert_eq!(code, 1, "{out}{err}");
     let line = out.lines().next().unwrap_or_default();
-    assert!(line.contains("MACs present, not checked (no --key-file)"), "{line}");
+    assert!(
+        line.contains("MACs present, not checked (no --key-file)"),
+        "{line}"
+    );
+}
+
+/// `kvh evidence` without keys: its integrity section says the MACs and checkpoints were
+/// not checked and, for a log whose chains carry them, how many do (`unchecked_sealed`,
+/// `unchecked_signed` in the JSON), so that an auditor does not read a report made without
+/// the keys as one made with them.
+#[test]
+fn evidence_without_keys_says_how_many_chains_carried_what_it_left_unchecked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = hmac_key(tmp.path());
+    let (signed, _) = signed_demo(tmp.path());
+    let sealed = tmp.path().join("sealed");
+    sealed_demo(&sealed, &key);
+    let plain = tmp.path().join("plain");
+    short_demo(&plain, &[]);
+    let evidence = |log: &Path, json: bool| {
+        let mut cmd = kvh();
+        cmd.arg("evidence").arg(log);
+        if json {
+            cmd.arg("--json");
+        }
+        let (code, out, err) = run(&mut cmd);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let macs = "MACs: not checked (no --key-file given), though the records of 1 of 1 chains \
+                carry them.";
+    let ckpts = "Signed checkpoints: not checked (no --public-key given), though the writers \
+                 of 1 of 1 chains signed them.";
+    let text = evidence(&sealed, false);
+    assert!(text.contains(macs) && !text.contains(ckpts), "{text}");
+    let text = evidence(&signed, false);
+    assert!(text.contains(ckpts) && !text.contains(macs), "{text}");
+    let text = evidence(&plain, false);
+    assert!(
+        text.contains("- MACs: not checked (no --key-file given).\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- Signed checkpoints: not checked (no --public-key given).\n"),
+        "{text}"
+    );
+    for (log, sealed_n, signed_n) in [(&sealed, 1, 0), (&signed, 0, 1), (&plain, 0, 0)] {
+        let v: serde_json::Value = serde_json::from_str(&evidence(log, true)).unwrap();
+        let i = &v["integrity"];
+        assert_eq!(
+            (
+                i["unchecked_sealed"].as_u64(),
+                i["unchecked_signed"].as_u64()
+            ),
+            (Some(sealed_n), Some(signed_n)),
+            "{}: {i}",
+            log.display()
+        );
+    }
 }

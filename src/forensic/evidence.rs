@@ -280,6 +280,12 @@ pub struct Integrity {
     pub records: u64,
     /// Every chain's MACs were checked (a key was given).
     pub macs_checked: bool,
+    /// Without `--key-file`: the chains whose records carry MACs, left unchecked (a hint, not
+    /// a check: without the key anyone could have taken them off).
+    pub unchecked_sealed: usize,
+    /// Without `--public-key`: the chains that verified whose writer named a signing key, so
+    /// signed checkpoints, left unchecked.
+    pub unchecked_signed: usize,
     /// What each HMAC secret given sealed (the chains that verified), in the order given.
     pub keys: Vec<KeyUse>,
     /// Chains sealed with a secret whose first chain is older than another secret's first
@@ -998,6 +1004,15 @@ fn integrity(r: &Report) -> Integrity {
         files: r.chains.iter().map(|c| c.files).sum(),
         records: r.chains.iter().map(|c| c.records).sum(),
         macs_checked: keyed,
+        unchecked_sealed: r
+            .chains
+            .iter()
+            .filter(|c| !c.macs_checked && c.sealed)
+            .count(),
+        unchecked_signed: match pinned {
+            true => 0,
+            false => r.chains.iter().filter(|c| c.signer.is_some()).count(),
+        },
         keys: key_uses(r),
         late_retired_key: late_retired_key(r),
         unbound: unbound(r),
@@ -2041,10 +2056,14 @@ pub fn render(ev: &Evidence) -> String {
     ));
     push(format!(
         "- MACs: {}.",
-        if i.macs_checked {
-            "checked with the key ratchet"
-        } else {
-            "not checked (no --key-file given)"
+        match (i.macs_checked, i.unchecked_sealed) {
+            (true, _) => "checked with the key ratchet".to_string(),
+            (false, 0) => "not checked (no --key-file given)".to_string(),
+            (false, n) => format!(
+                "not checked (no --key-file given), though the records of {n} of {} chains \
+                 carry them",
+                i.chains
+            ),
         }
     ));
     for k in &i.keys {
@@ -2118,6 +2137,11 @@ pub fn render(ev: &Evidence) -> String {
                 i.chains, i.empty_chains
             ),
             Some(n) => format!("matched for {n} of {} chains", i.chains),
+            None if i.unchecked_signed > 0 => format!(
+                "not checked (no --public-key given), though the writers of {} of {} chains \
+                 signed them",
+                i.unchecked_signed, i.chains
+            ),
             None => "not checked (no --public-key given)".into(),
         }
     ));
