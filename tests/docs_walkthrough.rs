@@ -475,6 +475,18 @@ fn the_incident_runbooks_evidence_step_verifies_the_log_its_verify_step_found_in
     );
 }
 
+/// Three demo logs in `dir`: one with signed checkpoints, one sealed with an HMAC key, one
+/// with neither.
+fn three_logs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let key = hmac_key(dir);
+    let (signed, _) = signed_demo(dir);
+    let sealed = dir.join("sealed");
+    sealed_demo(&sealed, &key);
+    let plain = dir.join("plain");
+    short_demo(&plain, &[]);
+    (signed, sealed, plain)
+}
+
 /// `kvh verify-log` without keys checks the hash chain only, and says OK. Its report says
 /// what it left unchecked of this log, not of logs in general: MACs its records carry, and
 /// checkpoints its writer signed, so that a check run without its keys does not read as a
@@ -482,12 +494,7 @@ fn the_incident_runbooks_evidence_step_verifies_the_log_its_verify_step_found_in
 #[test]
 fn verify_log_without_keys_says_which_seals_of_this_log_it_left_unchecked() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = hmac_key(tmp.path());
-    let (signed, _) = signed_demo(tmp.path());
-    let sealed = tmp.path().join("sealed");
-    sealed_demo(&sealed, &key);
-    let plain = tmp.path().join("plain");
-    short_demo(&plain, &[]);
+    let (signed, sealed, plain) = three_logs(tmp.path());
     let line = |log: &Path| {
         let (code, out, err) = verify_log_with(log, &[]);
         assert_eq!(code, 0, "{out}{err}");
@@ -597,12 +604,7 @@ fn a_sealed_chain_failing_at_its_first_record_is_not_said_to_have_no_macs() {
 #[test]
 fn evidence_without_keys_says_how_many_chains_carried_what_it_left_unchecked() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = hmac_key(tmp.path());
-    let (signed, _) = signed_demo(tmp.path());
-    let sealed = tmp.path().join("sealed");
-    sealed_demo(&sealed, &key);
-    let plain = tmp.path().join("plain");
-    short_demo(&plain, &[]);
+    let (signed, sealed, plain) = three_logs(tmp.path());
     let evidence = |log: &Path, json: bool| {
         let mut cmd = kvh();
         cmd.arg("evidence").arg(log);
