@@ -569,6 +569,21 @@ fn verify_log_names_a_file_it_passed_over_beside_the_chains() {
             && err.contains("were not read: kvh-bogus.jsonl"),
         "{err}"
     );
+    // In an archive directory given too.
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::write(archive.join("kvh-old.jsonl"), "{}\n").unwrap();
+    let (code, out, err) = run(kvh()
+        .arg("verify-log")
+        .arg(&log)
+        .arg("--archive-dir")
+        .arg(&archive));
+    assert_eq!(code, 0, "{out}{err}");
+    let said = format!("note: in {}, 1 file(s)", archive.display());
+    assert!(
+        err.contains(&said) && err.contains("were not read: kvh-old.jsonl"),
+        "{err}"
+    );
 }
 
 /// A sealed chain whose first record was edited fails there, before any record verified: its

@@ -271,11 +271,13 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
     let problems = report.chains.iter().filter_map(|c| c.problem.as_ref());
     hint_checkpoint_dir(args, problems.map(|p| p.reason.as_str()));
     // Beside chains that were read: said, the verdict stands (they are no chain's files).
-    if let Some(files) = lookalikes(&args.dir) {
-        crate::say(format_args!(
-            "kvh verify-log: note: in {}, {files}",
-            args.dir.display()
-        ));
+    for dir in std::iter::once(&args.dir).chain(&args.archive_dir) {
+        if let Some(files) = lookalikes(dir) {
+            crate::say(format_args!(
+                "kvh verify-log: note: in {}, {files}",
+                dir.display()
+            ));
+        }
     }
     if let Err(e) = crate::report_out::reader_may_leave(written) {
         crate::say(format_args!("kvh verify-log: cannot write the report: {e}"));
