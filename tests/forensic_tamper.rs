@@ -610,6 +610,32 @@ fn a_checkpoint_under_another_chains_name_is_an_error() {
     );
 }
 
+/// A chain whose checkpoint is missing gives as its reason its own checkpoint file's
+/// refusal, never another file's: a refused file in a directory whose name reads like the
+/// chain's checkpoint (`kvh-CHAIN.ckpt: old/`) is not that chain's checkpoint.
+#[test]
+fn a_chain_is_told_only_its_own_checkpoint_files_refusal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ck, public) = signed_log(&tmp);
+    let own = fs::read_dir(&ck).unwrap().next().unwrap().unwrap().path();
+    let own_name = name(&own);
+    fs::remove_file(&own).unwrap();
+    let lookalike = tmp.path().join(format!("{own_name}: old"));
+    fs::create_dir(&lookalike).unwrap();
+    fs::write(lookalike.join("kvh-p9-t9.ckpt"), "not a checkpoint\n").unwrap();
+    let mut opts = with_checkpoint(&ck, &public);
+    opts.checkpoints.push(lookalike);
+    let r = verify(&dir, &opts);
+    assert_eq!(r.exit_code(), 1, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("kvh-p9-t9.ckpt: ")),
+        "the malformed file is reported: {r:?}"
+    );
+    let p = r.first_problem().expect("the chain has no checkpoint");
+    assert!(p.reason.starts_with("no checkpoint for chain"), "{p}");
+    assert!(!p.reason.contains("was refused"), "{p}");
+}
+
 /// The canonical form has no duplicate keys, and a record's body is the record without
 /// `hash` and `mac` (docs/forensic-log.md, "Canonical form"): a line whose body holds a
 /// `mac` member of its own, before a seal that ends in another `mac`, is not in canonical

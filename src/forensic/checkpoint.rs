@@ -138,9 +138,14 @@ fn refuse_going_back(dir: &files::LogDir, name: &str, c: &Checkpoint) -> Result<
 /// (several when the signing key was rotated).
 pub fn read(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     // The path as it is named (JSON reports carry it so); the text reports escape it.
-    let text = files::read_regular(path, files::MAX_CKPT_BYTES)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&text, keys).map_err(|e| format!("{}: {e}", path.display()))
+    load(path, keys).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// As [`read`], its error the reason alone, without the path (for a message that names the
+/// file otherwise).
+pub fn load(path: &Path, keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
+    let text = files::read_regular(path, files::MAX_CKPT_BYTES).map_err(|e| e.to_string())?;
+    parse(&text, keys)
 }
 
 /// The unverified content of a chain's checkpoint, `None` when there is none. Recovery uses

@@ -214,6 +214,11 @@ pub struct Report {
     /// Problems not tied to a record (a checkpoint for a chain with no files, a forged
     /// checkpoint).
     pub errors: Vec<String>,
+    /// Why the checkpoint file named after a chain (`kvh-<chain>.ckpt`) was refused, by
+    /// chain: that chain's want of a checkpoint is then told by its real cause. Also in
+    /// `errors`, with the file's path.
+    #[serde(skip)]
+    pub(crate) refused_checkpoints: BTreeMap<String, String>,
 }
 
 impl Report {
@@ -325,7 +330,11 @@ pub fn verify_all(dir: &Path, opts: &VerifyOptions) -> Result<Report, VerifyErro
 /// refused (signed by another key than those pinned, malformed): its problem says so, so that
 /// the first reason a reader meets is the real one, not "deleted, or never written".
 fn name_refused_checkpoints(report: &mut Report) {
-    let Report { chains, errors, .. } = report;
+    let Report {
+        chains,
+        refused_checkpoints,
+        ..
+    } = report;
     for c in chains {
         let Some(p) = c
             .problem
@@ -334,13 +343,7 @@ fn name_refused_checkpoints(report: &mut Report) {
         else {
             continue;
         };
-        // A checkpoint file's error begins with its path: `.../kvh-CHAIN.ckpt: why`.
-        let name = format!("kvh-{}.ckpt: ", c.chain);
-        let refused = errors.iter().find_map(|e| {
-            let at = e.find(&name)?;
-            (at == 0 || e[..at].ends_with('/')).then(|| &e[at + name.len()..])
-        });
-        if let Some(why) = refused {
+        if let Some(why) = refused_checkpoints.get(&c.chain) {
             p.reason = format!(
                 "{NO_CHECKPOINT} {} signed by the pinned public key: its checkpoint file \
                  kvh-{}.ckpt was refused ({why}), so its end cannot be checked",
@@ -896,21 +899,39 @@ fn late_checkpoint(
     };
     // Read once in a verification: a file refused now is not read (and reported) again.
     read.insert(found.clone());
-    match checkpoint::read(&found, &opts.public_keys) {
+    match checkpoint::load(&found, &opts.public_keys) {
         Ok(c) if c.chain == chain => Ok(Some(c)),
         Ok(c) => {
-            report.errors.push(format!(
-                "{}: a checkpoint of chain {} under the name of chain {chain}",
-                found.display(),
-                c.chain
-            ));
+            let why = misnamed(&c, chain);
+            refuse_checkpoint(report, &found, Some(chain), why);
             Ok(None)
         }
-        Err(e) => {
-            report.errors.push(e);
+        Err(why) => {
+            refuse_checkpoint(report, &found, Some(chain), why);
             Ok(None)
         }
     }
+}
+
+/// Why a checkpoint of another chain than the one its file is named after is refused.
+fn misnamed(c: &Checkpoint, named: &str) -> String {
+    format!(
+        "a checkpoint of chain {} under the name of chain {named}",
+        c.chain
+    )
+}
+
+/// Reports the checkpoint file `file` refused for `why`, a problem of the log; when it is
+/// named after a chain (`named`), also as that chain's reason for having no checkpoint (the
+/// first reason given for a file, as the first is reported).
+fn refuse_checkpoint(report: &mut Report, file: &Path, named: Option<&str>, why: String) {
+    if let Some(chain) = named {
+        report
+            .refused_checkpoints
+            .entry(chain.to_owned())
+            .or_insert_with(|| why.clone());
+    }
+    report.errors.push(format!("{}: {why}", file.display()));
 }
 
 /// Every checkpoint in the checkpoint locations, by chain, and the files read.
@@ -985,16 +1006,14 @@ fn load_checkpoints(
                     files::euid()
                 )));
             }
-            match checkpoint::read(&f, &opts.public_keys) {
+            let named = named_chain(&f);
+            match checkpoint::load(&f, &opts.public_keys) {
                 Ok(c) => {
-                    if let Some(named) = named_chain(&f).filter(|n| *n != c.chain) {
+                    if let Some(named) = named.as_deref().filter(|n| *n != c.chain) {
                         // As `late_checkpoint` says: moved onto another chain's name, it
                         // would leave that chain without its checkpoint, unseen.
-                        report.errors.push(format!(
-                            "{}: a checkpoint of chain {} under the name of chain {named}",
-                            f.display(),
-                            c.chain
-                        ));
+                        let why = misnamed(&c, named);
+                        refuse_checkpoint(report, &f, Some(named), why);
                         continue;
                     }
                     if let Some(first) = seen.get(&c.chain) {
@@ -1010,7 +1029,7 @@ fn load_checkpoints(
                     seen.insert(c.chain.clone(), f.clone());
                     out.insert(c.chain.clone(), c);
                 }
-                Err(e) => report.errors.push(e),
+                Err(why) => refuse_checkpoint(report, &f, named.as_deref(), why),
             }
         }
     }
