@@ -69,6 +69,31 @@ fn the_scrub_waits_for_an_event_recorded_on_every_recorded_stream() {
     b.release(0, base, 4096).expect("release");
 }
 
+/// A block freed on a stream of another device (`cudaFreeAsync` takes any stream; the stand-in's
+/// 0xD1001 is a stream of device 1) is scrubbed on its own device: a kernel cannot be launched
+/// into another context's stream, so the batch runs on the device's legacy stream, after the
+/// work queued on the freeing stream, and passes.
+#[test]
+fn a_block_freed_on_a_stream_of_another_device_is_scrubbed_after_it() {
+    let (path, lib) = fake_or_skip!("foreign_free_stream");
+    let b = start(&path);
+    let base = b.allocate(0, 4096).expect("allocate");
+    b.write(0, base, &[0xA5; 4096]).expect("write");
+    let mut scrub = batch(one_segment(base, 8), SAMPLED);
+    scrub.stream = StreamHandle(0xD1001);
+    let results = run(&b, scrub);
+    assert_eq!((results[0].checked, results[0].nonzero), (64, 0));
+    assert_eq!(
+        query(&lib, "scrub_waited_for", 0xD1001),
+        1,
+        "the scrub was not ordered after the work queued on the freeing stream"
+    );
+    let mut back = [1u8; 4096];
+    b.read(0, base, &mut back).expect("read");
+    assert!(back.iter().all(|&x| x == 0), "the block was not zeroed");
+    b.release(0, base, 4096).expect("release");
+}
+
 /// The result slots a batch is read from are cleared before its launch: a segment the kernel
 /// does not reach reads "0 checked" (a failed verification), never the result the slot held
 /// from its previous batch.

@@ -211,10 +211,11 @@ fn oom_throws_by_env() -> bool {
 /// free signature. Never waits: the block is scrubbed and verified asynchronously before any
 /// reuse. `size` is checked against the allocation and never trusted. `ptr == NULL` is a no-op.
 ///
-/// The scrub runs on `stream`, in a batch submitted after the free returns: `stream`, and the
-/// streams recorded on the block (`kvh_record_stream`), must stay valid until then
-/// (`kvh_synchronize` returned), or until `kvh_forget_stream` was called for them. (PyTorch
-/// never destroys the streams of its pool.)
+/// The scrub runs on `stream` (on a stream of another device than `device`: on `device`'s
+/// legacy default stream, after the work queued on `stream`), in a batch submitted after the
+/// free returns: `stream`, and the streams recorded on the block (`kvh_record_stream`), must
+/// stay valid until then (`kvh_synchronize` returned), or until `kvh_forget_stream` was called
+/// for them. (PyTorch never destroys the streams of its pool.)
 ///
 /// Invalid frees (unknown, double, interior, wrong device) change nothing, are logged as
 /// events and leave their code in `kvh_last_error`.

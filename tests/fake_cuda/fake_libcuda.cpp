@@ -44,8 +44,9 @@
 // - devices 0 and 1 have primary contexts of their own; stream handles 0xD1000..0xD1FFF are
 //   streams of device 1's context, every other handle one of the calling thread's current
 //   context (cuStreamGetCtx). An event is recorded only on streams of the context it was
-//   created in (else CUDA_ERROR_INVALID_HANDLE, 400), and cuStreamIsCapturing needs the
-//   stream's context current; fake_cuda_live_events(0) counts events created and not
+//   created in (else CUDA_ERROR_INVALID_HANDLE, 400), a kernel launched only into a stream of
+//   the current context (else 400 as well), and cuStreamIsCapturing needs the stream's
+//   context current; fake_cuda_live_events(0) counts events created and not
 //   destroyed, fake_cuda_cross_device_waits(0) the waits of a stream for an event of
 //   another context.
 // - fake_cuda_on_event_synchronize(cb) runs cb() once inside the next cuEventSynchronize,
@@ -705,6 +706,9 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned, unsigned, unsigned bx, u
                         unsigned, unsigned, void* stream, void** params, void**) {
     note_destroyed_use(stream);
     NEED_CTX();
+    // A kernel is launched only into a stream of the current context (CUDA's "a kernel launch
+    // will fail if it is issued to a stream that is not associated to the current device").
+    if (ctx_of(stream) != t_current) return INVALID_HANDLE;
     note_stream(stream);
     note_capturing_use(stream);
     if (gx == 0 || bx != KVH_BLOCK_THREADS) return INVALID_VALUE;

@@ -830,15 +830,21 @@ impl Backend for CudaBackend {
             .map_err(|e| refused_by_capture(e, stream.0, "zeroing fresh memory"))
     }
 
-    unsafe fn submit_scrub(&self, batch: ScrubBatch) -> Result<Box<dyn ScrubTicket>, BackendError> {
+    unsafe fn submit_scrub(
+        &self,
+        mut batch: ScrubBatch,
+    ) -> Result<Box<dyn ScrubTicket>, BackendError> {
         let (dev, _ctx) = self.inner.device(batch.device)?;
         if batch.segments.is_empty() {
             return Ok(Box::new(CudaTicket::finished(self.inner.clone())));
         }
         let d = &self.inner.driver;
+        self.inner.live()?;
+        run_foreign_free_on_legacy(d, dev, &mut batch)?;
         let s = stream_of(batch.stream);
         // SAFETY: 1. the pool passes the stream the block was freed on, or the stream a
-        // `kvh_scrub_blocks` caller named (its contract: a stream of this device, or NULL).
+        // `kvh_scrub_blocks` caller named, a stream of this device (one of another device
+        // was made a wait stream above), or a special handle.
         if unsafe { r::stream_is_capturing(d, s) }? {
             return Err(BackendError::StreamCapturing {
                 stream: batch.stream.0,
@@ -1517,10 +1523,28 @@ fn foreign_context(
     if w.0 <= 2 {
         return Ok(None);
     }
-    // SAFETY: 1. a stream recorded for the block through kvh_record_stream, live until the
-    // block is freed (its contract).
+    // SAFETY: 1. a stream recorded for the block through kvh_record_stream, or the stream it
+    // was freed on: live until its scrub is submitted (`submit_scrub`'s contract 3).
     let ctx = unsafe { r::stream_get_ctx(d, stream_of(w)) }?;
     Ok((ctx != dev.ctx.0).then_some(ctx))
+}
+
+/// A batch whose own stream is of another context than its device's (a block freed by
+/// `cudaFreeAsync` on a stream of another GPU, which the runtime accepts) cannot be launched
+/// there: the driver refuses a launch into a stream of another context. Such a batch runs on
+/// its device's legacy stream instead, ordered after the caller's stream as after a stream
+/// recorded for the block (`order_after_foreign_stream`): the scrub still follows every use
+/// queued on it.
+fn run_foreign_free_on_legacy(
+    d: &Driver,
+    dev: &Device,
+    batch: &mut ScrubBatch,
+) -> Result<(), BackendError> {
+    if foreign_context(d, dev, batch.stream)?.is_some() {
+        batch.wait_streams.push(batch.stream);
+        batch.stream = StreamHandle::LEGACY;
+    }
+    Ok(())
 }
 
 /// Makes `s`, a stream of `dev`, wait for the work queued so far on `w`, a stream of another
