@@ -468,6 +468,27 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
     expect_failure(&out, 2, "symlink");
 }
 
+/// A directory with no chain and no manifest is no log (a mistyped path): exit 2 naming it,
+/// for a dry run too, and the archive is left as it was (no mark written into it). A
+/// directory whose every chain was moved earlier still holds their manifests: nothing to
+/// move there is done (exit 0).
+#[test]
+fn a_directory_with_no_log_is_refused_and_the_archive_left_alone() {
+    let s = setup();
+    fs::create_dir(&s.log).unwrap();
+    fs::set_permissions(&s.log, fs::Permissions::from_mode(0o700)).unwrap();
+    for extra in [
+        &["--older-than", "0"][..],
+        &["--older-than", "0", "--dry-run"],
+    ] {
+        let out = prune(&s, extra);
+        expect_failure(&out, 2, "no forensic log here");
+        assert!(text(&out.stderr).contains(s.log.to_str().unwrap()));
+        assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
+        assert_eq!(fs::read_dir(&s.archive).unwrap().count(), 0, "{extra:?}");
+    }
+}
+
 #[test]
 fn recent_files_stay() {
     let s = setup();

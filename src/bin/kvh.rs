@@ -251,9 +251,9 @@ moved), and `kvh verify-log DIR --key-file F --archive-dir ARCHIVE` checks the c
 One prune-log at a time per log directory and per archive.
 
 Exit status: 0 done (or nothing to move); 1 the log does not verify (nothing moved), or a \
-chain changed since the verification (that chain not moved); 2 usage or I/O error, a file \
-of another content already in the archive, or the report could not be written (the moves \
-were made).
+chain changed since the verification (that chain not moved); 2 usage or I/O error, no log \
+in DIR (no chain file, no manifest of an earlier run), a file of another content already in \
+the archive, or the report could not be written (the moves were made).
 
 Example (a nightly job keeping 90 days in the log directory):
   kvh prune-log /var/log/kvh/chains --archive-dir /archive/kvh --older-than 90 \

@@ -1161,6 +1161,16 @@ pub fn prune_all(
     if !run.before.ok() {
         return Ok(run);
     }
+    // A directory with no chain and no manifest of an earlier run is not a log (a mistyped
+    // path, a volume mounted elsewhere): a retention job must not report it as done, nor
+    // mark an archive for it.
+    if run.before.chains.is_empty() {
+        return Err(format!(
+            "{}: no forensic log here: no chain files (kvh-CHAIN-NNNNNN.jsonl) and no \
+             manifest of an earlier prune-log run (kvh-CHAIN.pruned.json)",
+            req.dir.display()
+        ));
+    }
     if !req.dry_run {
         mark_archive(req.archive)?;
     }
