@@ -552,6 +552,38 @@ fn a_checkpoint_signed_by_another_key_is_the_reason_the_chain_gives() {
     assert!(!problem.contains("deleted, or never written"), "{problem}");
 }
 
+/// An HMAC secret made as the README says (64 hex digits, as in a public key's file) given as
+/// `--public-key` is a usage error (exit 2) that names the mistake, whether or not its digits
+/// happen to be a point of the curve: pinned, it would read every checkpoint as forged.
+#[test]
+fn an_hmac_secret_given_as_the_public_key_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    std::fs::create_dir(&log).unwrap();
+    let point = |b: u8| ed25519_dalek::VerifyingKey::from_bytes(&[b; 32]).is_ok();
+    let on = (0..=255u8).find(|&b| point(b)).expect("a point");
+    let off = (0..=255u8).find(|&b| !point(b)).expect("not a point");
+    for (b, said) in [
+        (on, "holds the HMAC secret given with --key-file"),
+        (off, "no point of the curve): an HMAC secret"),
+    ] {
+        let secret = tmp.path().join(format!("hmac-{b}.key"));
+        std::fs::write(&secret, format!("{}\n", format!("{b:02x}").repeat(32))).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (code, out, err) = run(kvh()
+            .arg("verify-log")
+            .arg(&log)
+            .arg("--key-file")
+            .arg(&secret)
+            .arg("--public-key")
+            .arg(&secret));
+        assert_eq!(code, 2, "{out}{err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("--public-key ") && err.contains(said), "{err}");
+        assert!(!err.contains("Edwards"), "the library's own words: {err}");
+    }
+}
+
 /// A file named like a log file but not a chain's (`kvh-bogus.jsonl`) is passed over by the
 /// verifier (docs/forensic-log.md), beside chains too: the verdict stands, and stderr names
 /// the file, so that one dropped beside the chains, or a chain's file renamed, is seen.

@@ -322,6 +322,16 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
             ForensicError::Key(m) => format!("--public-key {m}"),
             other => format!("--public-key {}: {other}", p.display()),
         })?;
+        if let Some(k) = hmac_keys.iter().find(|k| is_hex_of(&k.secret, &key)) {
+            // 64 hex digits are both an HMAC secret and (half the time) an Ed25519 point:
+            // pinned, every checkpoint would read as forged.
+            return Err(format!(
+                "--public-key {}: holds the HMAC secret given with --key-file {}, not an \
+                 Ed25519 public key: give kvh keygen's PREFIX.pub",
+                p.display(),
+                k.name
+            ));
+        }
         if !public_keys.contains(&key) {
             public_keys.push(key);
         }
@@ -424,6 +434,11 @@ pub(crate) fn hint_checkpoint_dir<'a>(
             args.dir.display()
         ));
     }
+}
+
+/// Whether `secret` is the text of `key`'s file: its 64 lower-case hex digits.
+fn is_hex_of(secret: &[u8], key: &ed25519_dalek::VerifyingKey) -> bool {
+    secret == hex(key.as_bytes()).as_bytes()
 }
 
 /// The HMAC secret in `p`, as the writer reads it (one trailing newline dropped), of a length

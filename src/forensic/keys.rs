@@ -498,10 +498,10 @@ pub fn read_public_key(p: &Path) -> Result<VerifyingKey, ForensicError> {
             public.display()
         )));
     }
-    VerifyingKey::from_bytes(&bytes).map_err(|e| {
+    VerifyingKey::from_bytes(&bytes).map_err(|_| {
         ForensicError::Key(format!(
-            "{}: not an Ed25519 public key: {e} (kvh keygen's private key, PREFIX.key, given \
-             for PREFIX.pub?)",
+            "{}: not an Ed25519 public key (its 64 hex digits are no point of the curve): an \
+             HMAC secret, or kvh keygen's private key PREFIX.key, given for PREFIX.pub?",
             p.display()
         ))
     })
