@@ -200,15 +200,17 @@ pub fn judge(
     // The encoder writes `kvh_anomaly_enabled 1` with a series for every signal from the
     // start: a snapshot that says the detector is on and lacks a signal's series is cut short
     // or not the encoder's, and the signal cannot be checked.
-    let detector_on = match detector_state(snap) {
-        Ok(on) => on,
+    let (detector_on, detector_known) = match detector_state(snap) {
+        Ok(on) => (on, true),
         Err(reason) => {
             reasons.push(reason);
             // Judged as on: the signals' series are checked rather than noted as off.
-            true
+            (true, false)
         }
     };
     match flagged(snap, ANOMALIES, "signal") {
+        // The detector's state is not known: the reason given for it covers its series too.
+        Flagged::Missing if !detector_known => {}
         Flagged::Missing if detector_on => reasons.push(format!(
             "{ANOMALIES} is missing from the snapshot, which says the anomaly detector is on \
              ({ANOMALY_ENABLED} 1): its anomalies cannot be checked"

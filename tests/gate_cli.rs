@@ -978,7 +978,8 @@ fn forensic_write_errors_without_lost_records_are_a_note() {
 /// holds every security series but neither `kvh_anomaly_enabled` nor any anomaly count. The
 /// process that wrote it has the detector on, and nothing in the file shows whether an anomaly
 /// of a failed control was flagged: what was not checked is not a pass, as for a snapshot cut
-/// after `kvh_anomaly_enabled 1`.
+/// after `kvh_anomaly_enabled 1`. The reason given is the missing gauge, not also a detector
+/// "on" that nothing in the file says.
 #[test]
 fn a_snapshot_cut_before_the_anomaly_family_is_not_admitted() {
     let dir = tempfile::tempdir().unwrap();
@@ -999,6 +1000,15 @@ fn a_snapshot_cut_before_the_anomaly_family_is_not_admitted() {
              {out}{err}",
             full.len() - cut
         );
+        // (Cut inside a line, the file is refused as cut short instead.)
+        if cut == help {
+            let said = format!("{out}{err}");
+            assert!(
+                said.contains("kvh_anomaly_enabled is missing from the snapshot"),
+                "{said}"
+            );
+            assert!(!said.contains("says the anomaly detector is on"), "{said}");
+        }
     }
 }
 
