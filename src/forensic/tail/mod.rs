@@ -1114,6 +1114,18 @@ fn check_state_dir(path: &Path) -> Result<(), String> {
             path.display()
         ));
     }
+    // Something other than a file at the name (a directory, a FIFO) is refused before its lock
+    // file is made: a refused argument leaves nothing behind. (Content is checked once the
+    // lock is held, as another tail may be writing it.)
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(format!(
+                "--state {}: not a regular file (a state file kvh tail-log writes, or a name \
+                 that does not exist yet)",
+                path.display()
+            ));
+        }
+    }
     Ok(())
 }
 
