@@ -162,10 +162,17 @@ pub fn peek(path: &Path) -> Result<Option<Checkpoint>, String> {
 
 /// The unverified fields of a checkpoint file's text.
 fn parse_fields(text: &[u8]) -> Result<Checkpoint, String> {
+    fields(&json_line(text)?)
+}
+
+/// The one JSON line of a checkpoint file's text.
+fn json_line(text: &[u8]) -> Result<Value, String> {
     let line = text.strip_suffix(b"\n").unwrap_or(text);
-    let v: Value =
-        serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
-    fields(&v)
+    if line.iter().all(u8::is_ascii_whitespace) {
+        // A checkpoint is installed whole by a rename: an empty one was emptied since.
+        return Err("empty, not a checkpoint (one signed JSON line)".into());
+    }
+    serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))
 }
 
 /// The checkpoint fields of a parsed checkpoint object.
@@ -187,9 +194,7 @@ fn fields(m: &Value) -> Result<Checkpoint, String> {
 
 fn parse(text: &[u8], keys: &[VerifyingKey]) -> Result<Checkpoint, String> {
     let line = text.strip_suffix(b"\n").unwrap_or(text);
-    let v: Value =
-        serde_json::from_slice(line).map_err(|e| format!("malformed checkpoint: {e}"))?;
-    let Value::Object(mut m) = v else {
+    let Value::Object(mut m) = json_line(text)? else {
         return Err("checkpoint is not a JSON object".into());
     };
     let sig_hex = match m.remove("sig") {
@@ -315,6 +320,18 @@ pub fn find(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_checkpoint_is_said_to_be_empty() {
+        for text in [&b""[..], b"\n", b"  \n"] {
+            let e = parse(text, &[]).unwrap_err();
+            assert!(e.starts_with("empty, not a checkpoint"), "{e}");
+            let e = parse_fields(text).unwrap_err();
+            assert!(e.starts_with("empty, not a checkpoint"), "{e}");
+        }
+        let e = parse(b"{", &[]).unwrap_err();
+        assert!(e.starts_with("malformed checkpoint: "), "{e}");
+    }
 
     fn at(seq: u64) -> Checkpoint {
         Checkpoint {
