@@ -241,7 +241,14 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             }
             current = Some(family);
         }
-        let mut labels = sample.labels.clone();
+        // A label with an empty value is no label to Prometheus: `m{a=""}` and `m` are one
+        // series, of which a scrape keeps one sample.
+        let mut labels: Vec<_> = sample
+            .labels
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .cloned()
+            .collect();
         labels.sort();
         if !series.insert((sample.name.clone(), labels)) {
             return Err(err(Fault::new(
@@ -286,7 +293,9 @@ fn parse_sample(line: &str) -> Result<Sample, Fault> {
         )
     })?;
     if let Some(ts) = fields.next() {
-        ts.parse::<i64>().map_err(|_| {
+        // Digits only: Prometheus' scrape refuses a sign that `i64::from_str` takes.
+        let digits = ts.bytes().all(|b| b.is_ascii_digit());
+        ts.parse::<i64>().ok().filter(|_| digits).ok_or_else(|| {
             Fault::new(
                 "an invalid timestamp",
                 format!("{name}: invalid timestamp {ts:?}"),
@@ -489,6 +498,8 @@ mod tests {
             ("a{x=\"1\",x=\"2\"} 1\n", "twice"),
             ("a 1 2 3\n", "unexpected"),
             ("a 1 soon\n", "timestamp"),
+            ("a 1 -5\n", "timestamp"),
+            ("a 1 +5\n", "timestamp"),
             ("a inf\n", "invalid value"),
             ("# TYPE a info\na 1\n", "unknown type"),
             ("# TYPE a gauge\n# TYPE a gauge\n", "second # TYPE"),
@@ -501,6 +512,9 @@ mod tests {
                 "a{x=\"1\",y=\"2\"} 1\na{y=\"2\",x=\"1\"} 2\n",
                 "same series twice",
             ),
+            // An empty label value is no label: one series, of which a scrape keeps one.
+            ("a{x=\"\"} 1\na 2\n", "same series twice"),
+            ("a{x=\"1\",y=\"\"} 1\na{x=\"1\"} 2\n", "same series twice"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.message.contains(why), "{text:?}: {e}");
