@@ -174,15 +174,15 @@ def _candidates(path: Optional[str]) -> list:
     env = os.environ.get("KVH_LIBRARY")
     if env:
         return [Path(env)]
+    # Only places fixed by where the package lies, never the working directory: a process
+    # started in a directory someone else can write to would load (and run) their library.
     out = []
     here = Path(__file__).resolve().parent
     out.append(here / LIBRARY_NAME)  # a wheel that carries the library
     out.append(here.parent.parent / "lib" / LIBRARY_NAME)  # a release distribution's python/
-    out.append(here.parent.parent / "target" / "release" / LIBRARY_NAME)  # repo checkout
-    try:
-        out.append(Path.cwd() / "target" / "release" / LIBRARY_NAME)
-    except OSError:
-        pass  # the working directory was removed: no candidate there
+    checkout = here.parent.parent
+    if (checkout / "Cargo.toml").is_file() and (checkout / "python" / "kvhygiene").is_dir():
+        out.append(checkout / "target" / "release" / LIBRARY_NAME)  # the source checkout's build
     return out
 
 
@@ -190,8 +190,9 @@ def find_library(path: Optional[str] = None) -> str:
     """The absolute path of ``libkvhygiene.so``: ``path`` if given, else ``$KVH_LIBRARY`` (each
     alone), else the package directory, then ``lib/`` of the release distribution the package
     came in (``OUTDIR/python`` beside ``OUTDIR/lib``), then ``target/release`` of the source
-    checkout and of the current directory. Absolute, since PyTorch loads it again later, maybe from another
-    working directory.
+    checkout the package lies in. Never the current directory, whose files another user may
+    have put there. Absolute, since PyTorch loads it again later, maybe from another working
+    directory.
 
     Raises ``FileNotFoundError`` naming every place searched.
     """

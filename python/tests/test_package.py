@@ -2118,9 +2118,9 @@ def test_an_id_object_whose_text_is_its_address_is_refused():
 
 
 def test_find_library_finds_the_packaged_library_when_the_working_directory_is_gone(tmp_path, monkeypatch):
-    # find_library(): the package directory comes first, the current directory's
-    # target/release last. A process whose working directory was removed (a server started
-    # in a temporary directory cleaned since) still finds the library its package carries.
+    # find_library(): the package directory comes first. A process whose working directory was
+    # removed (a server started in a temporary directory cleaned since) still finds the
+    # library its package carries.
     package = tmp_path / "site" / "kvhygiene"
     package.mkdir(parents=True)
     (package / kvhygiene.LIBRARY_NAME).write_bytes(b"")
@@ -2131,6 +2131,33 @@ def test_find_library_finds_the_packaged_library_when_the_working_directory_is_g
     monkeypatch.chdir(gone)
     gone.rmdir()
     assert kvhygiene.find_library() == str((package / kvhygiene.LIBRARY_NAME).resolve())
+
+
+def test_find_library_never_loads_a_library_from_the_working_directory(tmp_path, monkeypatch):
+    # A process started in a directory another user can write to (a shared /tmp, a job's
+    # scratch space) must not load their target/release/libkvhygiene.so: loading runs its code.
+    # Nor does an installed package look for a source checkout that is not there.
+    package = tmp_path / "site" / "kvhygiene"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(kvhygiene, "__file__", str(package / "__init__.py"))
+    monkeypatch.delenv("KVH_LIBRARY", raising=False)
+    planted = tmp_path / "work" / "target" / "release"
+    planted.mkdir(parents=True)
+    (planted / kvhygiene.LIBRARY_NAME).write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(FileNotFoundError) as e:
+        kvhygiene.find_library()
+    assert str(planted) not in str(e.value), e.value
+    # Beside the package, a checkout's build is found: the package lies in that checkout.
+    built = tmp_path / "target" / "release"
+    built.mkdir(parents=True)
+    (built / kvhygiene.LIBRARY_NAME).write_bytes(b"")
+    monkeypatch.setattr(kvhygiene, "__file__", str(tmp_path / "python" / "kvhygiene" / "__init__.py"))
+    (tmp_path / "python" / "kvhygiene").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError):
+        kvhygiene.find_library()  # no Cargo.toml: not a checkout
+    (tmp_path / "Cargo.toml").write_text("[package]\n")
+    assert kvhygiene.find_library() == str((built / kvhygiene.LIBRARY_NAME).resolve())
 
 
 def test_an_id_given_as_a_bound_method_whose_text_is_its_object_s_address_is_refused():
