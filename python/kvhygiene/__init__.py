@@ -787,14 +787,15 @@ def context(
 ) -> Iterator[None]:
     """Stamps allocations and frees made by this thread inside the block with these ids.
 
-    Contexts nest: leaving an inner block restores the outer ids. Ids are their text (``str``
+    Contexts nest: an id not given (``None``) is the enclosing block's, so that a request's
+    block inside its tenant's keeps the tenant; an empty id is none, for the block. Leaving an
+    inner block restores the outer ids. Ids are their text (``str``
     of a number; a ``str`` subclass's own text, not its ``__str__``; bytes, bytearray and
     memoryview as UTF-8): ``1`` and ``1.0`` are two requests. An object with no text of its
     own (whose ``str()`` is its address, which a later object may take), or a method or
     function given for the id it returns, is refused (``TypeError``), as is text that is not
     UTF-8 or holds a NUL character (``ValueError``). The library refuses ids over 128 bytes or
-    with control or invisible formatting characters (:class:`KvhError`). An empty id is no id,
-    as ``None`` is.
+    with control or invisible formatting characters (:class:`KvhError`).
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):
     a task's :func:`claim_blocks` and :func:`scrub_blocks` are made under its own ids, also
@@ -822,7 +823,13 @@ def context(
     entering a context on it, does not change whose claim it is. Allocations and frees carry
     whichever ids were set on the thread last, by either side.
     """
-    ids = _encoded_ids(tenant_id, request_id, model_id)
+    given = (tenant_id, request_id, model_id)
+    own = _encoded_ids(*given)
+    outer = _innermost()
+    if outer is None:
+        ids = own
+    else:
+        ids = tuple(theirs if g is None else mine for g, mine, theirs in zip(given, own, outer))
     _set(ids)
     # Each entry is its own object: leaving a context marks its entry, wherever it is (one
     # left out of order, by interleaved generators, must not take another's with it).

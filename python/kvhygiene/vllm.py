@@ -685,7 +685,8 @@ def claim_scheduled(
         request = context_id(req_id)
         owner = (tenant, request)
         refused = [list(ids) for ids in shared.get(req_id, [[] for _ in groups])]
-        with context(tenant_id=tenant, request_id=request, model_id=model):
+        # "" and not None: no tenant named is none, not the worker context's.
+        with context(tenant_id=tenant if tenant is not None else "", request_id=request, model_id=model):
             for g, (layout, ids) in enumerate(zip(layouts_, groups)):
                 if refused[g]:
                     # In the forensic log, as the gate's own refusals are.

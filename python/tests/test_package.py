@@ -111,8 +111,10 @@ lib = kvhygiene.load(sys.argv[2])
 # Frees of pointers kvhygiene never gave out: each is an invalid_free record carrying the
 # ids set on the calling thread (caller_*), in this order.
 with kvhygiene.context(tenant_id="acme", request_id="r-1", model_id="m"):
-    with kvhygiene.context(tenant_id="acme", request_id="r-2"):
+    with kvhygiene.context(request_id="r-2"):
         lib.kvh_free(0xdead0000, 8, 0, None)
+        with kvhygiene.context(request_id="r-3", model_id=""):
+            lib.kvh_free(0xdead0008, 8, 0, None)
     lib.kvh_free(0xdead0010, 8, 0, None)
 lib.kvh_free(0xdead0020, 8, 0, None)
 lib.kvh_shutdown()
@@ -120,7 +122,9 @@ lib.kvh_shutdown()
 
 
 @needs_lib
-def test_leaving_an_inner_context_restores_the_outer_ids_and_leaving_the_outer_clears_them(tmp_path):
+def test_an_inner_context_keeps_the_outer_ids_it_does_not_name_and_leaving_restores_them(tmp_path):
+    # A request's block inside its tenant's keeps the tenant and model (an empty id clears one
+    # for the block); leaving it restores the outer ids, and leaving the outer clears them.
     import json
     import subprocess
     import sys
@@ -138,7 +142,12 @@ def test_leaving_an_inner_context_restores_the_outer_ids_and_leaving_the_outer_c
         for r in sorted(records, key=lambda r: r["seq"])
         if r["kind"] == "invalid_free"
     ]
-    assert callers == [("acme", "r-2", None), ("acme", "r-1", "m"), (None, None, None)], callers
+    assert callers == [
+        ("acme", "r-2", "m"),
+        ("acme", "r-3", None),
+        ("acme", "r-1", "m"),
+        (None, None, None),
+    ], callers
 
 
 def test_an_id_given_as_bytes_is_its_text_not_its_repr():
