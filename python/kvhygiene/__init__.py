@@ -1450,7 +1450,8 @@ def install(path: Optional[str] = None):
     library cannot be found (``ValueError`` when ``path`` names another file than the one
     already loaded, ``OSError`` when the file is not a library this process can load, or
     not kvhygiene's),
-    ``RuntimeError`` when this PyTorch build lacks the record-stream hook, and
+    ``RuntimeError`` when this PyTorch build lacks the record-stream hook or CUDA (a CPU-only
+    build), and
     :class:`KvhError` for an invalid configuration (the message names the key). The allocator
     itself starts at the first allocation, in the process that makes it: the files and
     directories the policy names (keys, log directory) are opened then, and a start-up that
@@ -1488,9 +1489,16 @@ def install(path: Optional[str] = None):
         code = lib.kvh_check_config()
         if code != KVH_OK:
             raise _error("kvh_check_config", code)
-        allocator = torch.cuda.memory.CUDAPluggableAllocator(
-            _lib_path, "kvh_malloc", "kvh_free"
-        )
+        try:
+            allocator = torch.cuda.memory.CUDAPluggableAllocator(
+                _lib_path, "kvh_malloc", "kvh_free"
+            )
+        except AttributeError as e:
+            # A CPU-only build of torch lacks the CUDA bindings the allocator is made with.
+            raise RuntimeError(
+                f"kvhygiene.install(): this PyTorch build takes no pluggable CUDA allocator ({e}); "
+                "a CPU-only build has none: install a CUDA build of torch"
+            ) from e
         _register_hooks(allocator.allocator(), lib, torch)
         try:
             torch.cuda.memory.change_current_allocator(allocator)

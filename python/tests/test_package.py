@@ -296,6 +296,24 @@ def test_install_refuses_after_cuda_initialisation(fresh):
 
 
 @needs_lib
+def test_install_on_a_cpu_only_torch_says_so(fresh):
+    # A CPU-only build of torch has no torch._C._cuda_customAllocator, which
+    # CUDAPluggableAllocator calls: install() says what is wrong, not an AttributeError.
+    torch, state = _fake_torch()
+
+    def cpu_only(*args):
+        raise AttributeError("module 'torch._C' has no attribute '_cuda_customAllocator'")
+
+    torch.cuda.memory.CUDAPluggableAllocator = cpu_only
+    fresh.setitem(__import__("sys").modules, "torch", torch)
+    with pytest.raises(RuntimeError, match="CPU-only build") as e:
+        kvhygiene.install(LIB)
+    assert "_cuda_customAllocator" in str(e.value)
+    assert state["changed"] is None
+    assert not kvhygiene.installed()
+
+
+@needs_lib
 def test_install_registers_record_stream_and_reset_hooks(fresh):
     torch, state = _fake_torch()
     fresh.setitem(__import__("sys").modules, "torch", torch)
