@@ -251,7 +251,8 @@ pub fn judge(
             }
         }
     }
-    if detector_on || flagged(snap, ANOMALIES, "signal") != Flagged::Missing {
+    // A detector of unknown state with no anomaly series at all: its reason said it.
+    if (detector_known && detector_on) || flagged(snap, ANOMALIES, "signal") != Flagged::Missing {
         for signal in unchecked_signals(snap) {
             reasons.push(format!(
                 "{ANOMALIES}{{signal=\"{signal}\"}} is missing from the snapshot: the anomaly \

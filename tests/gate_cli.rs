@@ -1008,6 +1008,7 @@ fn a_snapshot_cut_before_the_anomaly_family_is_not_admitted() {
                 "{said}"
             );
             assert!(!said.contains("says the anomaly detector is on"), "{said}");
+            assert!(!said.contains("signal cannot be checked"), "{said}");
         }
     }
 }
