@@ -489,6 +489,27 @@ fn a_directory_with_no_log_is_refused_and_the_archive_left_alone() {
     }
 }
 
+/// Once every chain was moved whole, the log directory holds their manifests alone: a later
+/// run there has nothing to move (exit 0), not "no log".
+#[test]
+fn a_log_whose_every_chain_was_moved_is_still_a_log() {
+    let s = setup();
+    ended_chains(&s.log, 2);
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        chain_files(&s.log).is_empty(),
+        "the ended chain moved whole"
+    );
+    let out = prune(&s, &["--older-than", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("moved 0 files"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 #[test]
 fn recent_files_stay() {
     let s = setup();

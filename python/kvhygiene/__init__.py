@@ -1494,10 +1494,14 @@ def install(path: Optional[str] = None):
                 _lib_path, "kvh_malloc", "kvh_free"
             )
         except AttributeError as e:
-            # A CPU-only build of torch lacks the CUDA bindings the allocator is made with.
+            # A CPU-only build of torch lacks the CUDA bindings the allocator is made with; an
+            # old one, the allocator itself.
+            cpu_only = getattr(getattr(torch, "version", None), "cuda", "") is None
+            why = "a CPU-only build has none: install a CUDA build of torch" if cpu_only else (
+                "kvhygiene needs PyTorch 2.3 or later, built with CUDA"
+            )
             raise RuntimeError(
-                f"kvhygiene.install(): this PyTorch build takes no pluggable CUDA allocator ({e}); "
-                "a CPU-only build has none: install a CUDA build of torch"
+                f"kvhygiene.install(): this PyTorch build takes no pluggable CUDA allocator ({e}); {why}"
             ) from e
         _register_hooks(allocator.allocator(), lib, torch)
         try:

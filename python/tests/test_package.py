@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -305,12 +306,18 @@ def test_install_on_a_cpu_only_torch_says_so(fresh):
         raise AttributeError("module 'torch._C' has no attribute '_cuda_customAllocator'")
 
     torch.cuda.memory.CUDAPluggableAllocator = cpu_only
+    torch.version = types.SimpleNamespace(cuda=None)
     fresh.setitem(__import__("sys").modules, "torch", torch)
     with pytest.raises(RuntimeError, match="CPU-only build") as e:
         kvhygiene.install(LIB)
     assert "_cuda_customAllocator" in str(e.value)
     assert state["changed"] is None
     assert not kvhygiene.installed()
+    # A CUDA build that lacks it is an old one: not told to install a CUDA build.
+    torch.version = types.SimpleNamespace(cuda="12.4")
+    with pytest.raises(RuntimeError, match="PyTorch 2.3 or later") as e:
+        kvhygiene.install(LIB)
+    assert "CPU-only" not in str(e.value)
 
 
 @needs_lib
