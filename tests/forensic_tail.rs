@@ -1436,24 +1436,37 @@ fn a_state_file_in_a_missing_directory_is_refused_before_any_record_is_passed_on
     );
 }
 
-/// A `--state` that names a directory is refused (exit 2, naming it) before anything is passed
-/// on, and without its lock file made beside it: a refused argument leaves nothing behind.
+/// A `--state` that names a directory or a FIFO is refused (exit 2, naming it) before
+/// anything is passed on, and without its lock file made beside it: a refused argument leaves
+/// nothing behind.
 #[test]
-fn a_state_that_is_a_directory_is_refused_without_a_lock_file_left() {
+fn a_state_that_is_a_directory_or_a_fifo_is_refused_without_a_lock_file_left() {
+    use std::os::unix::ffi::OsStrExt;
     let k = keyed();
     write_log(&cfg(&k.dir, 4096), 5, true);
-    let state = k.state.with_file_name("a-directory");
-    std::fs::create_dir(&state).unwrap();
-    let args = k.keyed(&["--state", state.to_str().unwrap(), "--from-start"]);
-    let first = tail_once(&k.dir, &args);
-    let err = String::from_utf8_lossy(&first.stderr);
-    assert_eq!(first.status.code(), Some(2), "{err}");
-    assert!(err.contains("a-directory: not a regular file"), "{err}");
-    assert!(first.stdout.is_empty(), "records passed on:\n{err}");
-    assert!(
-        !state.with_file_name("a-directory.lock").exists(),
-        "a lock file was made for a refused --state"
-    );
+    let directory = k.state.with_file_name("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let fifo = k.state.with_file_name("a-fifo");
+    let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    for state in [directory, fifo] {
+        let args = k.keyed(&["--state", state.to_str().unwrap(), "--from-start"]);
+        let first = tail_once(&k.dir, &args);
+        let err = String::from_utf8_lossy(&first.stderr);
+        assert_eq!(first.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("{}: not a regular file", state.display())),
+            "{err}"
+        );
+        assert!(first.stdout.is_empty(), "records passed on:\n{err}");
+        let mut lock = state.clone().into_os_string();
+        lock.push(".lock");
+        assert!(
+            !PathBuf::from(lock).exists(),
+            "a lock file was made for a refused --state"
+        );
+    }
 }
 
 /// Takes the immutable mark (`chattr -i`) off a file when dropped.
