@@ -420,6 +420,32 @@ fn serve_metrics_serves_the_file_or_says_why_not() {
     assert!(err.contains("serving"), "{err}");
 }
 
+/// The sidecar's refusals are in no snapshot it serves: it says them on stderr, the first one
+/// within seconds (a 431 for a head over the limit here), with the count.
+#[test]
+fn serve_metrics_says_the_requests_it_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("kvh.prom");
+    write_snapshot(&f, Duration::ZERO, 0);
+    let side = sidecar(&f, &["--max-age", "60"]);
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    assert_eq!(http(side.addr, &huge).0, 431);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let said = loop {
+        let err = side.stderr();
+        if err.contains("refused 1 request(s) since it started") {
+            break err;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report of the refusal:\n{err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(said.contains("1 in all"), "{said}");
+    assert_eq!(http(side.addr, "GET /metrics HTTP/1.1\r\n\r\n").0, 200);
+}
+
 /// The text format 0.0.4 ends every line, the last one included, with a line feed, and only
 /// a line feed: Prometheus's parsers refuse a body whose last sample has no line end
 /// ("unexpected end of input stream") and read a carriage return as part of the value. A

@@ -463,7 +463,8 @@ while the sidecar runs. Other paths get 404, other methods 405. Requests are lim
 (8 KiB) and time (5 s), and at most 32 connections are served at once; when all are taken, a \
 new connection takes the slot of one that has not sent a whole request within a second of \
 connecting, so clients that connect and send nothing cannot keep a liveness probe of /healthz \
-out.
+out. Requests refused (slow, oversize, malformed, over the limit) are counted on stderr, the \
+first within a second, then at most once a minute: they are in no snapshot served.
 
 A file name holding {pid} (one file per process of a multi-process engine) serves the files \
 of every live process of this pid namespace as one exposition: each family declared once, \

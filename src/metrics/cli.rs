@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -785,6 +786,7 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    say_refusals(server.rejected_counter());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -799,6 +801,61 @@ pub fn run_serve_metrics(args: &ServeMetricsArgs) -> i32 {
     stop.wait();
     drop(server);
     0
+}
+
+/// How often the refusals reporter looks at the count.
+const REFUSALS_POLL: Duration = Duration::from_secs(1);
+
+/// The least time between two reports of refusals: a flood is said once a minute, not once a
+/// request.
+const REFUSALS_EVERY: Duration = Duration::from_secs(60);
+
+/// Says on stderr, from a thread of its own, how many requests the server refused (slow,
+/// oversize or malformed requests, connections over the limit): the sidecar's count is in no
+/// snapshot it serves (`kvh_metrics_http_rejected_total` is the library's own exporter's), so
+/// its log is where a sidecar turning clients away is seen. The first refusal is said within
+/// [`REFUSALS_POLL`], later ones at most every [`REFUSALS_EVERY`]. The thread ends with the
+/// process.
+fn say_refusals(count: Arc<AtomicU64>) {
+    let spawned = std::thread::Builder::new()
+        .name("kvh-serve-metrics-refusals".into())
+        .spawn(move || {
+            let mut said = 0u64;
+            let mut last: Option<Instant> = None;
+            loop {
+                std::thread::sleep(REFUSALS_POLL);
+                let now = count.load(Ordering::Relaxed);
+                let due = last.is_none_or(|t| t.elapsed() >= REFUSALS_EVERY);
+                if now > said && due {
+                    crate::say(format_args!(
+                        "kvh serve-metrics: {}",
+                        refusals_line(said, now)
+                    ));
+                    said = now;
+                    last = Some(Instant::now());
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Serving matters more than the report of refusals.
+        crate::say(format_args!(
+            "kvh serve-metrics: refused requests will not be reported: {e}"
+        ));
+    }
+}
+
+/// The report of refusals, `before` counted at the last report and `now` in all.
+fn refusals_line(before: u64, now: u64) -> String {
+    format!(
+        "refused {} request(s) since {} (slow, oversize or malformed requests, or connections \
+         over the limit; {now} in all)",
+        now - before,
+        if before == 0 {
+            "it started"
+        } else {
+            "the last report"
+        }
+    )
 }
 
 /// SIGTERM and SIGINT, handled: a sidecar is often PID 1 of its container, whose signals the
@@ -822,6 +879,21 @@ impl StopSignals {
 mod tests {
     use super::*;
     use crate::metrics::encode::SERIES;
+
+    #[test]
+    fn a_report_of_refusals_counts_those_since_the_last_one() {
+        let first = refusals_line(0, 3);
+        assert!(
+            first.starts_with("refused 3 request(s) since it started"),
+            "{first}"
+        );
+        let later = refusals_line(3, 10);
+        assert!(
+            later.starts_with("refused 7 request(s) since the last report"),
+            "{later}"
+        );
+        assert!(later.contains("10 in all"), "{later}");
+    }
 
     #[test]
     fn every_security_check_names_an_exported_series() {
