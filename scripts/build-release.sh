@@ -61,6 +61,7 @@ layout() {
     echo "@libkvhygiene_preload lib/libkvhygiene_preload.so"
     echo "include/kvhygiene.h include/kvhygiene.h"
     echo "python/pyproject.toml python/pyproject.toml"
+    echo "python/setup.py python/setup.py"
     local f
     while IFS= read -r f; do
         echo "$f $f"
