@@ -1428,6 +1428,49 @@ fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
     }
 }
 
+/// The signing key's public half (its `.pub` copied under another name, or its hex in
+/// `FORENSIC_HMAC_SECRET`) as the HMAC secret: every verifier of checkpoints is given it and
+/// could forge the MACs. The writer refuses it, starting no chain, and so does `kvh preflight`.
+#[test]
+fn the_signing_keys_public_half_as_the_hmac_secret_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    keygen_in(root);
+    let public = std::fs::read_to_string(root.join("a.pub")).unwrap();
+    std::fs::write(root.join("pubcopy.key"), &public).unwrap();
+    std::fs::set_permissions(
+        root.join("pubcopy.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    for (var, value) in [
+        ("KVH_HMAC_KEY_FILE", "pubcopy.key"),
+        ("FORENSIC_HMAC_SECRET", public.trim_end()),
+    ] {
+        let ((code, err), (preflight, report)) =
+            demo_and_preflight_signing_with_a_key(root, var, value);
+        assert_eq!(
+            code, 2,
+            "{var}: the writer sealed with the public key: {err}"
+        );
+        assert!(err.contains("signing key's public half"), "{var}: {err}");
+        let chain_files = std::fs::read_dir(root.join("log")).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            })
+            .count()
+        });
+        assert_eq!(chain_files, 0, "{var}: a chain was started");
+        assert_eq!(preflight, 1, "{var}: {report}");
+        assert!(
+            report.contains("signing key's public half"),
+            "{var}: {report}"
+        );
+    }
+}
+
 /// What the demo's metrics line says of its snapshot holds for the commands it prints: on a
 /// snapshot dated an hour back, `kvh gate` (whose `--max-age` is 60 s unless given, as the
 /// line says) evicts, exit 1, and `kvh metrics`, which checks the age only with `--max-age`,

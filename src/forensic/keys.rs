@@ -95,7 +95,9 @@ impl EpochKey {
     /// Refuses a signing key that is this secret (epoch 0) written as text: one file named as
     /// both `KVH_HMAC_KEY_FILE` and `KVH_SIGNING_KEY_FILE` (or `FORENSIC_HMAC_SECRET` holding
     /// the seed's hex). Every verifier of MACs holds the HMAC secret, and with it could sign
-    /// checkpoints, which exist to be trusted by those who cannot: one key, one use.
+    /// checkpoints, which exist to be trusted by those who cannot: one key, one use. Its
+    /// public half (the `.pub`, copied under another name) is refused too: every verifier of
+    /// checkpoints is given it, and could forge MACs.
     pub fn refuse_as_signing_key(&self, signer: &VerifyingKey) -> Result<(), ForensicError> {
         let Some(seed) = std::str::from_utf8(self.key.as_bytes())
             .ok()
@@ -104,6 +106,15 @@ impl EpochKey {
             return Ok(());
         };
         let seed = Zeroizing::new(seed);
+        if *seed == signer.to_bytes() {
+            return Err(ForensicError::Key(
+                "the HMAC secret is the signing key's public half (the .pub of \
+                 KVH_SIGNING_KEY_FILE): every verifier of checkpoints holds it, and could forge \
+                 the MACs; give the HMAC secret a key of its own \
+                 (`(umask 077; openssl rand -hex 32 > hmac.key)`)"
+                    .into(),
+            ));
+        }
         if SigningKey::from_bytes(&seed).verifying_key() != *signer {
             return Ok(());
         }
