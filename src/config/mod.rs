@@ -418,7 +418,7 @@ fn toml_type_fits(expected: &str, value: &toml::Value) -> bool {
 /// Every key, in documentation order. The README's table lists the same keys.
 const KEYS: &[Key] = &[
     key!("backend", "one of auto, host, cuda", |c, v| {
-        c.backend = match v {
+        c.backend = match word(v).as_str() {
             "auto" => BackendChoice::Auto,
             "host" => BackendChoice::Host,
             "cuda" => BackendChoice::Cuda,
@@ -479,7 +479,7 @@ const KEYS: &[Key] = &[
         }
     ),
     key!("tenant_isolation", "one of off, strict", |c, v| {
-        c.tenant_isolation = match v {
+        c.tenant_isolation = match word(v).as_str() {
             "off" => TenantIsolation::Off,
             "strict" => TenantIsolation::Strict,
             _ => return None,
@@ -487,7 +487,7 @@ const KEYS: &[Key] = &[
         Some(())
     }),
     key!("kv_gate", "one of off, scrub, enforce", |c, v| {
-        c.kv_gate = match v {
+        c.kv_gate = match word(v).as_str() {
             "off" => KvGateMode::Off,
             "scrub" => KvGateMode::Scrub,
             "enforce" => KvGateMode::Enforce,
@@ -496,7 +496,7 @@ const KEYS: &[Key] = &[
         Some(())
     }),
     key!("kv_gate_scope", "one of request, tenant", |c, v| {
-        c.kv_gate_scope = match v {
+        c.kv_gate_scope = match word(v).as_str() {
             "request" => KvGateScope::Request,
             "tenant" => KvGateScope::Tenant,
             _ => return None,
@@ -504,7 +504,7 @@ const KEYS: &[Key] = &[
         Some(())
     }),
     key!("failure_mode", "one of quarantine, abort", |c, v| {
-        c.failure_mode = match v {
+        c.failure_mode = match word(v).as_str() {
             "quarantine" => FailureMode::Quarantine,
             "abort" => FailureMode::Abort,
             _ => return None,
@@ -512,7 +512,7 @@ const KEYS: &[Key] = &[
         Some(())
     }),
     key!("oom", "one of throw, null", |c, v| {
-        c.oom = match v {
+        c.oom = match word(v).as_str() {
             "throw" => OomMode::Throw,
             "null" => OomMode::Null,
             _ => return None,
@@ -536,7 +536,7 @@ const KEYS: &[Key] = &[
         }
     ),
     key!("log_fsync", "one of always, interval, never", |c, v| {
-        c.log.fsync = match v {
+        c.log.fsync = match word(v).as_str() {
             "always" => FsyncPolicy::Always,
             "interval" => FsyncPolicy::Interval,
             "never" => FsyncPolicy::Never,
@@ -1194,6 +1194,13 @@ enum PathJob {
     CheckpointDir,
 }
 
+/// A word value (`host`, `null`, `abort`, ...) as the keys compare it: case does not matter,
+/// as for switches (`KVH_OOM=NULL` is `null`, not an invalid policy that falls back to
+/// throwing).
+fn word(v: &str) -> String {
+    v.to_ascii_lowercase()
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -1305,6 +1312,30 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn word_values_are_read_whatever_their_case_as_switches_are() {
+        let c = Config::from_vars(&vars(&[
+            ("KVH_OOM", "NULL"),
+            ("KVH_BACKEND", "Host"),
+            ("KVH_FAILURE_MODE", "ABORT"),
+            ("KVH_TENANT_ISOLATION", "Off"),
+            ("KVH_KV_GATE", "Enforce"),
+            ("KVH_KV_GATE_SCOPE", "TENANT"),
+            ("KVH_LOG_FSYNC", "Never"),
+            ("KVH_FULL_VERIFY", "TRUE"),
+        ]))
+        .unwrap();
+        assert_eq!(c.oom, OomMode::Null);
+        assert_eq!(c.backend, BackendChoice::Host);
+        assert_eq!(c.failure_mode, FailureMode::Abort);
+        assert_eq!(c.tenant_isolation, TenantIsolation::Off);
+        assert_eq!(c.kv_gate, KvGateMode::Enforce);
+        assert_eq!(c.kv_gate_scope, KvGateScope::Tenant);
+        assert_eq!(c.log.fsync, FsyncPolicy::Never);
+        assert!(c.full_verify);
+        assert_eq!(invalid_key(&[("KVH_OOM", "nul")]), "KVH_OOM");
     }
 
     fn invalid_key(pairs: &[(&str, &str)]) -> String {
