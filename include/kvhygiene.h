@@ -321,7 +321,9 @@ void kvh_empty_cache(void);
 int kvh_synchronize(void);
 
 // Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
-// `KVH_*` variables) without starting anything: no thread, device, log or metrics export.
+// `KVH_*` variables, and the length of `FORENSIC_HMAC_SECRET` when it is set and the log is
+// on) without starting anything: no thread, device, log or metrics export; the files the
+// policy names are not opened (`kvh preflight` checks them).
 // Returns `KVH_OK`, or `KVH_ERR_CONFIG` with the message naming the key in
 // `kvh_last_error_message`. For a launcher that forks its workers afterwards (each starts its
 // own allocator; a child forked after `kvh_init` could not): it checks the policy first.

@@ -64,6 +64,43 @@ fn null_mode_from_the_config_file_never_throws_when_start_up_fails() {
     );
 }
 
+/// `kvh_check_config` answers as the start-up would: a `FORENSIC_HMAC_SECRET` shorter than the
+/// library accepts, with the log on, is an invalid configuration (7011) there too, not "valid"
+/// followed by a refusal at the first allocation (a launcher that checks before it forks its
+/// workers would have every worker fail).
+#[test]
+fn a_short_hmac_secret_in_the_environment_fails_kvh_check_config() {
+    let name = "a_short_hmac_secret_in_the_environment_fails_kvh_check_config";
+    if std::env::var_os(CASE).is_some() {
+        let checked = kvhygiene::ffi::kvh_check_config();
+        println!("CHECK-CONFIG {checked}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kvh.toml");
+    let log = dir.path().join("log");
+    std::fs::write(
+        &config,
+        format!("backend = \"host\"\nlog_dir = \"{}\"\n", log.display()),
+    )
+    .unwrap();
+    let run = |secret: &str| {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CASE, "1")
+            .env("KVH_CONFIG", &config)
+            .env("FORENSIC_HMAC_SECRET", secret)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let short = run("short");
+    assert!(short.contains("CHECK-CONFIG 7011"), "{short}");
+    let good = run("a-secret-of-enough-length");
+    assert!(good.contains("CHECK-CONFIG 0"), "{good}");
+    assert!(!log.exists(), "kvh_check_config started something");
+}
+
 /// A start-up that fails after the forensic log opened (here: `backend = "cuda"` and a
 /// `libcuda.so.1` that opens but is not a driver) ends the chain with a `stop` record that
 /// carries the error as `start_failed`: the chain says why the process served no memory

@@ -382,8 +382,8 @@ pub fn report(args: &ConfigArgs) -> Result<Report, String> {
                 .unwrap_or_default()
         ));
     }
-    if hmac == HmacSecret::InEnvironment && config.log.dir.is_some() {
-        check_secret_len()?;
+    if let Some(e) = env_secret_error(&config) {
+        return Err(e);
     }
     let mut weak = weakened(&config, hmac);
     if preload == Some(PreloadSwitch::Forward) {
@@ -418,6 +418,17 @@ fn hmac_secret_of_env() -> HmacSecret {
         Some(_) => HmacSecret::InEnvironment,
         None => HmacSecret::NotInEnvironment,
     }
+}
+
+/// Why the library would not start with `FORENSIC_HMAC_SECRET` under `config`: present (it is
+/// then used whenever the log is on, even empty) and of a length it refuses. `kvh config` and
+/// `kvh_check_config` both ask, so that a launcher told the policy is valid is not met by a
+/// refusal at each worker's first allocation.
+pub(crate) fn env_secret_error(config: &Config) -> Option<String> {
+    let present = hmac_secret_of_env() == HmacSecret::InEnvironment;
+    (present && config.log.dir.is_some())
+        .then(check_secret_len)
+        .and_then(Result::err)
 }
 
 /// The library refuses to start with a secret shorter than [`MIN_SECRET_LEN`] or longer than

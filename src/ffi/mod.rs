@@ -808,7 +808,9 @@ pub extern "C" fn kvh_synchronize() -> c_int {
 }
 
 /// Checks the configuration this process would start with (`KVH_CONFIG`'s file, then the
-/// `KVH_*` variables) without starting anything: no thread, device, log or metrics export.
+/// `KVH_*` variables, and the length of `FORENSIC_HMAC_SECRET` when it is set and the log is
+/// on) without starting anything: no thread, device, log or metrics export; the files the
+/// policy names are not opened (`kvh preflight` checks them).
 /// Returns `KVH_OK`, or `KVH_ERR_CONFIG` with the message naming the key in
 /// `kvh_last_error_message`. For a launcher that forks its workers afterwards (each starts its
 /// own allocator; a child forked after `kvh_init` could not): it checks the policy first.
@@ -823,9 +825,13 @@ pub extern "C" fn kvh_check_config() -> c_int {
 /// Why the policy this process would start with is invalid (the message naming the key), if
 /// it is; nothing is started.
 fn policy_error() -> Option<String> {
-    crate::config::Config::from_env()
-        .err()
-        .map(|e| format!("kvhygiene configuration: {e}"))
+    match crate::config::Config::from_env() {
+        Err(e) => Some(format!("kvhygiene configuration: {e}")),
+        // A secret of a length the start-up refuses: the policy it would start with is not
+        // valid either.
+        Ok(config) => crate::config::cli::env_secret_error(&config)
+            .map(|e| format!("kvhygiene configuration: {e}")),
+    }
 }
 
 /// `kvh_stats_json`'s answer when the allocator has not started in this process (and, with
