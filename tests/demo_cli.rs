@@ -1402,30 +1402,28 @@ fn one_key_as_both_the_hmac_secret_and_the_signing_key_is_refused() {
         ("KVH_HMAC_KEY_FILE", "copy.key"),
         ("FORENSIC_HMAC_SECRET", &seed),
     ] {
-        let ((code, err), (preflight, report)) =
-            demo_and_preflight_signing_with_a_key(root, var, value);
-        assert_eq!(
-            code, 2,
-            "{var}: the writer sealed with the signing key: {err}"
-        );
-        assert!(
-            err.contains("the HMAC secret is the signing key"),
-            "{var}: {err}"
-        );
-        let chain_files = std::fs::read_dir(root.join("log")).map_or(0, |d| {
-            d.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
-            })
-            .count()
-        });
-        assert_eq!(chain_files, 0, "{var}: a chain was started");
-        assert_eq!(preflight, 1, "{var}: {report}");
-        assert!(
-            report.contains("the HMAC secret is the signing key"),
-            "{var}: {report}"
-        );
+        assert_secret_refused(root, var, value, "the HMAC secret is the signing key");
     }
+}
+
+/// `demo` and `kvh preflight` with `var=value` as the HMAC secret of a signing run: the writer
+/// refuses it (exit 2, saying `said`) and starts no chain, and preflight fails it (exit 1)
+/// saying the same.
+fn assert_secret_refused(root: &std::path::Path, var: &str, value: &str, said: &str) {
+    let ((code, err), (preflight, report)) =
+        demo_and_preflight_signing_with_a_key(root, var, value);
+    assert_eq!(code, 2, "{var}: the writer sealed with it: {err}");
+    assert!(err.contains(said), "{var}: {err}");
+    let chain_files = std::fs::read_dir(root.join("log")).map_or(0, |d| {
+        d.filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        })
+        .count()
+    });
+    assert_eq!(chain_files, 0, "{var}: a chain was started");
+    assert_eq!(preflight, 1, "{var}: {report}");
+    assert!(report.contains(said), "{var}: {report}");
 }
 
 /// The signing key's public half (its `.pub` copied under another name, or its hex in
@@ -1448,26 +1446,7 @@ fn the_signing_keys_public_half_as_the_hmac_secret_is_refused() {
         ("KVH_HMAC_KEY_FILE", "pubcopy.key"),
         ("FORENSIC_HMAC_SECRET", public.trim_end()),
     ] {
-        let ((code, err), (preflight, report)) =
-            demo_and_preflight_signing_with_a_key(root, var, value);
-        assert_eq!(
-            code, 2,
-            "{var}: the writer sealed with the public key: {err}"
-        );
-        assert!(err.contains("signing key's public half"), "{var}: {err}");
-        let chain_files = std::fs::read_dir(root.join("log")).map_or(0, |d| {
-            d.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
-            })
-            .count()
-        });
-        assert_eq!(chain_files, 0, "{var}: a chain was started");
-        assert_eq!(preflight, 1, "{var}: {report}");
-        assert!(
-            report.contains("signing key's public half"),
-            "{var}: {report}"
-        );
+        assert_secret_refused(root, var, value, "signing key's public half");
     }
 }
 
