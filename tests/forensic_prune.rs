@@ -164,6 +164,16 @@ fn with_archive(s: &Setup) -> VerifyOptions {
 }
 
 /// Asserts the exit code and that stderr says `needle`.
+/// A run that succeeded (exit 0) and moved nothing.
+fn assert_moved_nothing(out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("moved 0 files"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
 fn expect_failure(out: &Output, code: i32, needle: &str) {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "{err}");
@@ -282,12 +292,7 @@ fn an_open_chain_keeps_its_two_newest_files_and_verifies_from_the_manifest() {
     // A second run finds nothing more to move (the two newest stay), and the manifest keeps
     // its entries once.
     let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("moved 0 files"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_moved_nothing(&out);
     assert_eq!(manifest(&s).1.files.len(), moved.len());
 }
 
@@ -502,12 +507,7 @@ fn a_log_whose_every_chain_was_moved_is_still_a_log() {
         "the ended chain moved whole"
     );
     let out = prune(&s, &["--older-than", "0"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("moved 0 files"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_moved_nothing(&out);
 }
 
 #[test]
@@ -516,12 +516,7 @@ fn recent_files_stay() {
     open_chain(&s.log, 60);
     let before = chain_files(&s.log);
     let out = prune(&s, &["--older-than", "1"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("moved 0 files"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_moved_nothing(&out);
     assert_eq!(chain_files(&s.log), before);
 }
 
