@@ -28,7 +28,8 @@ enum kvh_result
   KVH_ERR_INVALID_SIZE = 7002,
   // No memory, even after flushing scrubs and releasing cached blocks.
   KVH_ERR_OUT_OF_MEMORY = 7003,
-  // Free of a pointer this allocator never returned (or already released).
+  // Free of a pointer this allocator never returned (or already released); or
+  // `kvh_mark_ipc_exported` of a pointer inside no memory it holds.
   KVH_ERR_UNKNOWN_POINTER = 7004,
   // Free of a block that is already free.
   KVH_ERR_DOUBLE_FREE = 7005,
@@ -69,7 +70,9 @@ enum kvh_result
   // an id out of range or named twice, too many segments); nothing was scrubbed.
   KVH_ERR_INVALID_LAYOUT = 7019,
   // `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
-  // kvhygiene on that device; nothing was scrubbed.
+  // kvhygiene on that device; nothing was scrubbed. `kvh_mark_ipc_exported`: the pointer
+  // is inside a block that is not handed out (freed, pooled, quarantined); nothing was
+  // marked.
   KVH_ERR_NOT_LIVE = 7020,
   // `kvh_claim_blocks` with `KVH_KV_GATE=enforce`: some blocks would change owner without a
   // verified scrub since their last owner (or failed their last scrub); nothing was
@@ -178,6 +181,24 @@ void kvh_record_stream(void *ptr, void *stream);
 // kvhygiene started. Leaves `KVH_ERR_SHUTTING_DOWN` in `kvh_last_error` after
 // `kvh_shutdown` (nothing is submitted any more), or the start-up's error.
 void kvh_forget_stream(void *stream);
+
+// Says that the caller is about to export the allocation containing `ptr` for another
+// process (`cudaIpcGetMemHandle`). Call it before taking the handle, for memory from
+// `kvh_malloc` (the LD_PRELOAD library calls it inside its `cudaIpcGetMemHandle`). The
+// importer may keep its mapping after the block is freed, so kvhygiene never pools that
+// block again: its free scrubs and verifies it as always, then returns it to the driver
+// (`release` record, reason `ipc_exported`; a block whose verification fails is
+// quarantined, as any), whose next allocation at that address gets a new handle. The first mark of an allocation is recorded (`ipc_export`, with the caller's
+// context) and counted (`ipc_exported_blocks`); marking it again changes nothing. `ptr` may
+// point anywhere into the allocation, as the driver exports the whole allocation.
+//
+// Returns `KVH_OK` when `ptr` lies in a live allocation of kvhygiene, now marked;
+// `KVH_ERR_UNKNOWN_POINTER` when it lies in no memory kvhygiene holds (also before
+// kvhygiene started, which this call does not do): nothing to mark, the export is the
+// runtime's affair; `KVH_ERR_NOT_LIVE` when it lies in a block that is not handed out
+// (freed, pooled or quarantined), whose memory would be the next owner's: do not export
+// it; `KVH_ERR_NULL_PARAMETER` for NULL; or the start-up's error.
+int kvh_mark_ipc_exported(const void *ptr);
 
 // Zeroes and verifies blocks `block_ids[0..block_count]` of the paged KV cache `layout` on
 // `device`, in stream order on `stream` (after the work queued there and on the streams of

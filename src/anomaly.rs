@@ -113,7 +113,12 @@ pub fn signals_of(kind: &EventKind) -> &'static [AnomalySignal] {
         },
         EventKind::TtlExceeded { .. } => &[S::TtlExceeded],
         EventKind::PolicyViolation { .. } => &[S::PolicyViolation],
-        EventKind::Released { .. } | EventKind::KvScrubbed(_) | EventKind::Anomaly { .. } => &[],
+        // An export is the engine sharing its own block, which the allocator then keeps
+        // from every other owner: a record for the audit, not a failure or a caller error.
+        EventKind::Released { .. }
+        | EventKind::IpcExport { .. }
+        | EventKind::KvScrubbed(_)
+        | EventKind::Anomaly { .. } => &[],
     }
 }
 

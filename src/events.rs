@@ -44,6 +44,10 @@ pub enum ReleaseReason {
     /// Out-of-memory recovery returned cached clean blocks, to retry an allocation the
     /// backend refused.
     OutOfMemory,
+    /// The block was exported for another process (`cudaIpcGetMemHandle`) while it was
+    /// handed out: its memory may still be mapped there, so it is never handed to anyone
+    /// else, and goes back to the driver once its scrub verified.
+    IpcExported,
 }
 
 /// Why a free was refused. The pool is unchanged by every refused free.
@@ -201,6 +205,10 @@ pub enum EventKind {
     /// proceeds with the block table's size (the caller's size is never trusted). `caller` as
     /// for [`EventKind::InvalidFree`].
     SizeMismatch { claimed: i64, caller: Context },
+    /// A handed-out block was exported for another process (`cudaIpcGetMemHandle`, or
+    /// `kvh_mark_ipc_exported`): once per hand-out, at its first export. The event's ids are
+    /// the block owner's; `caller` as for [`EventKind::InvalidFree`].
+    IpcExport { caller: Context },
     /// A time-to-live was exceeded.
     TtlExceeded {
         which: TtlKind,
@@ -346,6 +354,7 @@ impl EventKind {
             EventKind::InvalidFree { .. } => "invalid_free",
             EventKind::SizeMismatch { .. } => "size_mismatch",
             EventKind::TtlExceeded { .. } => "ttl_exceeded",
+            EventKind::IpcExport { .. } => "ipc_export",
             EventKind::PolicyViolation { .. } => "policy_violation",
             EventKind::KvScrubbed(_) => "kv_scrub",
             EventKind::KvVerifyFailed { .. } => "kv_verify_failed",

@@ -112,7 +112,8 @@ pub struct GateArgs {
     /// and on a snapshot without anomaly counts (the detector off), which cannot be checked.
     #[arg(long)]
     pub strict_anomalies: bool,
-    /// Print the verdict as JSON on stdout.
+    /// Print the verdict as JSON on stdout; when none can be made (exit 2), an object whose
+    /// `verdict` is `error`, with the `error`.
     #[arg(long)]
     pub json: bool,
 }
@@ -430,21 +431,18 @@ fn note_if_positive(snap: &Snapshot, notes: &mut Vec<String>, metric: &str, what
 
 /// Runs `gate`; returns the process exit code.
 pub fn run_gate(args: &GateArgs) -> i32 {
-    let target = match target_of(args) {
-        Ok(t) => t,
-        Err(e) => {
-            crate::say(format_args!("kvh gate: {e}"));
-            return EXIT_USAGE;
-        }
-    };
-    let outcome = match target {
+    let outcome = target_of(args).and_then(|target| match target {
         Target::One(file) => gate_one(args, &file),
         Target::PerProcess(pattern) => gate_per_process(args, &pattern),
-    };
+    });
     match outcome {
         Ok(code) => code,
+        // Nothing was written yet: a write that failed is said where it happens.
         Err(e) => {
             crate::say(format_args!("kvh gate: {e}"));
+            if args.json {
+                crate::report_out::json_error(&e, serde_json::json!({ "verdict": "error" }));
+            }
             EXIT_USAGE
         }
     }
@@ -494,13 +492,14 @@ fn gate_one(args: &GateArgs, file: &std::path::Path) -> Result<i32, String> {
     } else {
         write_text(&mut out, &verdict)
     };
-    crate::report_out::reader_may_leave(written)
-        .map_err(|e| format!("cannot write the verdict: {e}"))?;
-    Ok(if verdict.admitted() {
+    let status = if verdict.admitted() {
         EXIT_ADMIT
     } else {
         EXIT_EVICT
-    })
+    };
+    Ok(crate::report_out::status_if_written(
+        "gate", written, status, EXIT_USAGE,
+    ))
 }
 
 /// The verdict on every live process of a per-process pattern (`--json`).
@@ -566,13 +565,14 @@ fn gate_per_process(args: &GateArgs, pattern: &std::path::Path) -> Result<i32, S
     } else {
         write_processes_text(&mut out, &all)
     };
-    crate::report_out::reader_may_leave(written)
-        .map_err(|e| format!("cannot write the verdict: {e}"))?;
-    Ok(if all.verdict == "admit" {
+    let status = if all.verdict == "admit" {
         EXIT_ADMIT
     } else {
         EXIT_EVICT
-    })
+    };
+    Ok(crate::report_out::status_if_written(
+        "gate", written, status, EXIT_USAGE,
+    ))
 }
 
 fn write_processes_text(out: &mut impl Write, all: &ProcessesVerdict) -> std::io::Result<()> {

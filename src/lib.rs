@@ -110,6 +110,44 @@ pub fn stderr_line(line: &str) {
     write_stderr(&text);
 }
 
+/// Says `line` on stderr ([`stderr_line`]) for the first `limit` calls that `said` (a static
+/// of the caller's) counts, the last of them ending with `; {further}`: for failures a caller
+/// may retry in a loop, whose reasons would otherwise flood stderr. Shared with the
+/// interposer library.
+#[doc(hidden)]
+pub fn say_first(
+    said: &std::sync::atomic::AtomicU64,
+    limit: u64,
+    line: std::fmt::Arguments<'_>,
+    further: &str,
+) {
+    let n = said.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match said_as(n, limit) {
+        Some(false) => stderr_line(&line.to_string()),
+        Some(true) => stderr_line(&format!("{line}; {further}")),
+        None => {}
+    }
+}
+
+/// Whether the call counted `n` (from 0) of [`say_first`] is said, and if so whether it is
+/// the last one said.
+fn said_as(n: u64, limit: u64) -> Option<bool> {
+    // Lazily: `n + 1` would overflow for the counter's last value.
+    (n < limit).then(|| n + 1 == limit)
+}
+
+#[cfg(test)]
+mod say_first_tests {
+    #[test]
+    fn the_first_calls_are_said_the_last_of_them_says_so_and_no_more() {
+        assert_eq!(super::said_as(0, 16), Some(false));
+        assert_eq!(super::said_as(14, 16), Some(false));
+        assert_eq!(super::said_as(15, 16), Some(true));
+        assert_eq!(super::said_as(16, 16), None);
+        assert_eq!(super::said_as(u64::MAX, 16), None);
+    }
+}
+
 /// [`stderr_line`] without the line break.
 #[doc(hidden)]
 pub fn stderr_text(text: &str) {

@@ -44,7 +44,8 @@ pub struct PreflightArgs {
     /// init container). The other checks still run.
     #[arg(long)]
     pub skip_backend: bool,
-    /// The checks as JSON.
+    /// The checks as JSON; for an invalid policy (exit 2), an object whose `ready` is false,
+    /// with the `error`.
     #[arg(long)]
     pub json: bool,
 }
@@ -87,6 +88,10 @@ pub fn run_preflight(args: &PreflightArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             crate::say(format_args!("kvh preflight: invalid policy: {e}"));
+            if args.json {
+                let why = format!("invalid policy: {e}");
+                crate::report_out::json_error(&why, serde_json::json!({ "ready": false }));
+            }
             return EXIT_USAGE;
         }
     };

@@ -64,6 +64,37 @@ impl ReportOut {
     }
 }
 
+/// A verb's `--json` form when it could not make its check (its usage status, before any
+/// report was written): one JSON object on stdout in the report's place, `{"error": TEXT}`
+/// with `verdict`'s fields (the report's own verdict field, saying so), so that a script
+/// reading that field (`jq -r .verdict`) reads that nothing was judged, not nothing at all.
+/// The message is said on stderr too, by the verb. A write that fails is let go: stderr
+/// already has the message, and the status says it.
+pub fn json_error(error: &str, verdict: serde_json::Value) {
+    let mut object = match verdict {
+        serde_json::Value::Object(fields) => fields,
+        _ => serde_json::Map::new(),
+    };
+    object.insert("error".into(), error.into());
+    let mut out = io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, &object)
+        .map_err(io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+}
+
+/// `status` when a verb's report was written (a closed pipe counts: [`reader_may_leave`]);
+/// else `usage`, after saying on stderr that `verb`'s report could not be written.
+pub fn status_if_written(verb: &str, written: io::Result<()>, status: i32, usage: i32) -> i32 {
+    match reader_may_leave(written) {
+        Ok(()) => status,
+        Err(e) => {
+            crate::say(format_args!("kvh {verb}: cannot write the report: {e}"));
+            usage
+        }
+    }
+}
+
 /// `written`, with a closed pipe taken as written (see the module's documentation).
 pub fn reader_may_leave(written: io::Result<()>) -> io::Result<()> {
     match written {

@@ -102,6 +102,9 @@ counters! {
     released,
     invalid_frees,
     size_mismatches,
+    /// Blocks exported for another process while handed out (`cudaIpcGetMemHandle`), each
+    /// counted at its first export: their frees retire them instead of pooling them.
+    ipc_exported_blocks,
     ttl_exceeded,
     /// Allocations, and KV scrub calls, that failed for lack of memory after every recovery
     /// step.

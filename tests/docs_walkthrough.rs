@@ -670,6 +670,12 @@ fn evidence_without_keys_says_how_many_chains_carried_what_it_left_unchecked() {
     assert!(text.contains(macs) && !text.contains(ckpts), "{text}");
     let text = evidence(&signed, false);
     assert!(text.contains(ckpts) && !text.contains(macs), "{text}");
+    // And in the headline: a chain cut at its end verifies without its checkpoints.
+    let cut = "Not checked: the signed checkpoints (no --public-key), so records cut off a \
+               chain's end would not be seen.";
+    let headline = text.lines().find(|l| l.starts_with("- VERIFIED")).unwrap();
+    assert!(headline.ends_with(cut), "{headline}");
+    assert!(!evidence(&sealed, false).contains(cut) && !evidence(&plain, false).contains(cut));
     let text = evidence(&plain, false);
     assert!(
         text.contains("- MACs: not checked (no --key-file given).\n"),

@@ -40,6 +40,9 @@ fn the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block(
             ..Config::default()
         };
         let alloc = Allocator::new(backend.clone(), config, Some(Arc::new(Print)));
+        // What the C ABI does there: its last metrics snapshot. Set once.
+        assert!(alloc.on_fail_closed(|| println!("KVH-HOOK ran")));
+        assert!(!alloc.on_fail_closed(|| println!("KVH-HOOK second")));
         let a = alloc.malloc(4096, 0, S).unwrap();
         backend.write(0, a, &[0x5a; 4096]).unwrap();
         let layout = KvLayout {
@@ -71,6 +74,16 @@ fn the_fail_closed_record_of_a_kv_block_failure_does_not_describe_a_freed_block(
         "the record of a KV block's failed verification says a freed block failed: \
          {violation:?}"
     );
+    // The fail-closed hook ran, after the record and before the abort, and only the first.
+    let (record, hook) = (
+        stdout.find("KVH-VIOLATION failure_mode"),
+        stdout.find("KVH-HOOK ran"),
+    );
+    assert!(
+        matches!((record, hook), (Some(r), Some(h)) if r < h),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("KVH-HOOK second"), "{stdout}");
 }
 
 /// Panics at every event (a faulty sink).

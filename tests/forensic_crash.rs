@@ -373,6 +373,45 @@ fn a_crash_before_the_start_record_is_complete_does_not_read_as_tampering() {
     assert!(r.ok(), "{r:?}");
 }
 
+/// A chain file a writer left without a complete record (it died before its first): the log
+/// verifies, and verify-log's line for that chain says that no MAC was there to check, not
+/// "MACs verified".
+#[test]
+fn a_chain_without_a_complete_record_is_not_said_to_have_its_macs_verified() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = log_dir(&tmp);
+    write_log(&cfg(&dir, 1 << 20), 3, true);
+    let empty = dir.join("kvh-p4243-t1700000000000000000-000000.jsonl");
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&empty)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    let out = Command::new(env!("CARGO_BIN_EXE_kvh"))
+        .arg("verify-log")
+        .arg(&dir)
+        .arg("--key-file")
+        .arg(secret_key_file(tmp.path()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("p4243"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("0 records") && line.contains("no record to check a MAC of"),
+        "{text}"
+    );
+    assert!(text.contains("MACs verified"), "the other chain's: {text}");
+}
+
 /// A chain's first file with no complete record that was modified just now may belong to a
 /// writer between creating it and locking it: it is left alone.
 #[test]

@@ -1846,7 +1846,14 @@ fn a_tenant_no_verified_record_names_is_a_usage_error_listing_the_logs_tenants()
     ] {
         let (code, out, err) = tenant_evidence(&dir, "Tenant-A", extra);
         assert_eq!(code, Some(2), "{extra:?}: {err}\n{out}");
-        assert!(out.is_empty(), "{extra:?}: a report was written:\n{out}");
+        if extra.contains(&"--json") {
+            // No report: the error object alone, in the report's place.
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["error"], "{extra:?}: a report was written:\n{out}");
+        } else {
+            assert!(out.is_empty(), "{extra:?}: a report was written:\n{out}");
+        }
         assert!(
             err.contains("\"Tenant-A\"")
                 && err.contains("\"tenant-a\", \"tenant-b\"")
@@ -1876,7 +1883,16 @@ fn a_tenant_no_verified_record_names_is_a_usage_error_listing_the_logs_tenants()
     tenants_log(&dir, &[]);
     let (code, out, err) = tenant_evidence(&dir, "tenant-a", &["--json"]);
     assert_eq!(code, Some(2), "{err}\n{out}");
-    assert!(out.is_empty(), "a report was written:\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["error"].as_str().is_some_and(|e| err.contains(e)),
+        "not the error object alone: {out}"
+    );
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        1,
+        "a report was written:\n{out}"
+    );
     assert!(
         err.contains("\"tenant-a\"") && err.contains("names no tenant"),
         "the message does not say the log names no tenant: {err}"

@@ -131,7 +131,10 @@ fn keygen_refuses_a_directory_for_a_prefix() {
     let slash = format!("{}/", tmp.path().display());
     for prefix in [std::path::PathBuf::from(slash), tmp.path().to_path_buf()] {
         let err = kvhygiene::forensic::cli::keygen(&prefix).unwrap_err();
-        assert!(err.contains("a directory, not a file prefix"), "{err}");
+        assert!(
+            err.contains("names a directory, not a file prefix"),
+            "{err}"
+        );
     }
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),

@@ -471,6 +471,13 @@ fn the_archive_must_be_a_private_directory_other_than_the_log() {
     std::os::unix::fs::symlink(&s.archive, &link).unwrap();
     let out = prune_into(&s, link.to_str().unwrap());
     expect_failure(&out, 2, "symlink");
+    // verify-log refuses the same slip, the log directory or one inside it as the archive.
+    let inside = s.log.join("sub");
+    fs::create_dir(&inside).unwrap();
+    for archive in [log.as_str(), inside.to_str().unwrap()] {
+        let out = kvh(&["verify-log", &log, "--archive-dir", archive]);
+        expect_failure(&out, 2, "or inside it");
+    }
 }
 
 /// A directory with no chain and no manifest is no log (a mistyped path): exit 2 naming it,

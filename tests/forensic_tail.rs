@@ -1246,6 +1246,65 @@ fn a_state_saved_before_the_directory_existed_accepts_the_same_directory_spelled
     assert_eq!(stdout_lines(&out), log_lines(&dir), "passed on whole");
 }
 
+/// A state file saved before its log directory existed names the path it was awaited at:
+/// given later with another directory (that one existing, with chains), it is refused
+/// (exit 2) as one naming an existing directory is, nothing passed on and the state file
+/// untouched; its own directory, once created, is passed on whole.
+#[test]
+fn a_state_saved_before_the_directory_existed_is_refused_with_another_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (awaited, other) = (tmp.path().join("not-yet"), tmp.path().join("other"));
+    write_log(&cfg(&other, 1 << 20), 2, false);
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&awaited, &["--state", st]));
+    let saved = std::fs::read(&state).unwrap();
+    let out = tail_once(&other, &["--state", st]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "passed on another directory's records"
+    );
+    assert!(
+        err.contains(awaited.to_str().unwrap()) && err.contains(other.to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        saved,
+        "the state file changed"
+    );
+    write_log(&cfg(&awaited, 1 << 20), 2, false);
+    let out = tail_once(&awaited, &["--state", st]);
+    assert_ok(&out);
+    assert_eq!(stdout_lines(&out), log_lines(&awaited), "passed on whole");
+}
+
+/// While its directory is still missing, a state file saved for it takes the same directory
+/// in any spelling: through a symlinked parent or the real one, with `..` past a directory
+/// that does not exist either (each run: exit 0, nothing passed on).
+#[test]
+fn a_state_saved_before_the_directory_existed_accepts_its_other_spellings_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let state = tmp.path().join("tail.json");
+    let st = state.to_str().unwrap();
+    assert_ok(&tail_once(&link.join("logs"), &["--state", st]));
+    for spelling in [
+        real.join("logs"),
+        real.join("not-there").join("..").join("logs"),
+        link.join(".").join("logs"),
+    ] {
+        let out = tail_once(&spelling, &["--state", st]);
+        assert_ok(&out);
+        assert!(out.stdout.is_empty(), "{spelling:?}");
+    }
+}
+
 /// A state file given with another existing log directory is refused (exit 2) whatever the
 /// bytes of its directory's name: a name that is not UTF-8 is still the name of a directory
 /// that exists, and the chains of the state are not reported gone (exit 1) from a directory

@@ -787,8 +787,9 @@ fn the_per_process_summary_under_listed_security_failures_names_the_flag() {
 
 /// `serve-metrics` given a per-process pattern serves the live processes' files as one
 /// exposition (each family declared once, every process's samples under it, told apart by
-/// their `pid` label), leaves out the files of processes that are gone, and answers 503 when
-/// one live process's file cannot be served, as for one file.
+/// their `pid` label), leaves out the files of processes that are gone once their last
+/// snapshot is older than `--max-age`, and answers 503 when one live process's file cannot
+/// be served, as for one file.
 #[test]
 fn serve_metrics_with_a_per_process_pattern_serves_every_live_process_as_one_exposition() {
     let dir = tempfile::tempdir().unwrap();
@@ -830,6 +831,23 @@ fn serve_metrics_with_a_per_process_pattern_serves_every_live_process_as_one_exp
         1,
         "{body}"
     );
+    // A process that ended just after its last snapshot (a worker that failed closed): that
+    // snapshot is served while it is no older than --max-age, then left out, without a 503.
+    let just_gone = ended_pid();
+    let just_gone_s = just_gone.to_string();
+    write_process_snapshot(&file(just_gone), just_gone, Duration::ZERO, 0);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    let parsed = kvhygiene::metrics::parse::parse(&body).unwrap();
+    assert_eq!(
+        parsed.value("kvh_allocations_total", &[("pid", just_gone_s.as_str())]),
+        Some(f64::from(just_gone % 1000 + 1)),
+        "the last snapshot of a process just gone is not served: {body}"
+    );
+    write_process_snapshot(&file(just_gone), just_gone, Duration::from_secs(61), 0);
+    let (status, _, body) = http(side.addr, get);
+    assert_eq!(status, 200, "{body}\n{}", side.stderr());
+    assert!(!body.contains(&format!("pid=\"{just_gone}\"")), "{body}");
     // One live process stopped exporting: 503, its file named on stderr.
     write_process_snapshot(
         &file(worker.pid()),

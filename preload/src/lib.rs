@@ -17,6 +17,7 @@
 //! | `cudaMallocAsync` (+ `_ptsz`) | size > 0, on a stream not capturing a graph | size 0, a capturing stream, `KVH_PRELOAD=off` |
 //! | `cudaFree`, `cudaFreeAsync` (+ `_ptsz`) | pointers kvhygiene holds | NULL, every other pointer |
 //! | `cudaStreamDestroy` | forgets a stream it uses (after synchronising it) | always, after that, unless a capture refused the synchronisation |
+//! | `cudaIpcGetMemHandle` | marks a block it hands out as exported (its free then retires it); refuses a block it does not hand out | always, after that, unless refused |
 //! | `cudaDeviceReset`, `cudaThreadExit` | scrubs the device's blocks and shuts kvhygiene down (unless it already was) | always, after that, unless a capture refused the synchronisation or `cudaGetDevice` failed |
 //!
 //! In a forked child of the process that started kvhygiene, every call is forwarded, but
@@ -28,7 +29,8 @@
 //! - One panic boundary each: a panic returns `cudaErrorUnknown` (an allocation's output
 //!   pointer NULL, as for every failed allocation), never unwinds into C.
 //! - A pointer kvhygiene does not hold is never handed to it, and one it holds is never
-//!   handed to the real runtime: the block table decides
+//!   handed to the real runtime (but to `cudaIpcGetMemHandle`, for a block handed out, once
+//!   marked: only the runtime can make its handle): the block table decides
 //!   ([`kvhygiene::alloc::Allocator::block_containing`]), so double and interior frees of
 //!   kvhygiene memory are reported by the core (and logged) and not forwarded. A block
 //!   kvhygiene returned to the device (an empty-cache, the idle TTL, the reuse limit) is no
@@ -75,7 +77,7 @@ mod real;
 use std::ffi::{c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError};
+use kvhygiene::alloc::{AllocError, Allocation, Allocator, BlockSpan, FreeError, IpcExportError};
 use kvhygiene::backend::{BackendError, StreamHandle};
 use kvhygiene::ffi::{
     is_forked_child, kvh_result, process_allocator, started_process_allocator, watch_process,
@@ -329,6 +331,54 @@ pub extern "C" fn cudaStreamDestroy(stream: cudaStream_t) -> cudaError_t {
         // SAFETY: the caller's argument, passed on unchanged under the runtime's contract.
         unsafe { real::cudaStreamDestroy(stream) }
     })
+}
+
+// ----- IPC ------------------------------------------------------------------------------
+
+/// `cudaIpcGetMemHandle`. The handle of a block kvhygiene hands out lets another process map
+/// it, and an importer may keep that mapping after the block is freed: so before the real
+/// call the block is marked exported (`Allocator::mark_ipc_exported`: recorded as an
+/// `ipc_export`, once per allocation), and its free then scrubs and verifies it and returns
+/// it to the driver instead of pooling it for the next request, whose own allocation gets a
+/// new handle. A pointer inside a kvhygiene block that is not handed out (freed, pooled,
+/// quarantined) is refused with `cudaErrorInvalidValue` and not forwarded: that memory is the
+/// pool's, and would be the next owner's. Every other pointer, a NULL `handle` (which the
+/// runtime refuses), and every call in a forked child or after a device reset of the
+/// block's device, go to the real `cudaIpcGetMemHandle` unchanged. The mark comes before the
+/// real call, so that no free can pool the block in between; a block stays marked when the
+/// real call then fails: its free retires it all the same, which costs a new allocation,
+/// never a leak.
+#[no_mangle]
+pub extern "C" fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void) -> cudaError_t {
+    boundary(|| {
+        let held = (!handle.is_null()).then(|| held(dev_ptr)).flatten();
+        if let Some((alloc, _)) = held {
+            match alloc.mark_ipc_exported(dev_ptr as u64) {
+                Err(e @ IpcExportError::NotLive { .. }) => {
+                    refused_export(&e);
+                    return INVALID_VALUE;
+                }
+                // Unknown: released between the look-up and the mark (or freed by a device
+                // reset and since returned), no longer kvhygiene's: the runtime answers.
+                Ok(_) | Err(IpcExportError::UnknownPointer { .. }) => {}
+            }
+        }
+        // SAFETY: the caller's arguments, passed on unchanged under the runtime's contract.
+        unsafe { real::cudaIpcGetMemHandle(handle, dev_ptr) }
+    })
+}
+
+/// Says on stderr why an export was refused, for the first few refusals of the process: an
+/// engine that exports freed memory has a bug that the error code alone does not explain.
+#[cold]
+fn refused_export(e: &IpcExportError) {
+    static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    kvhygiene::say_first(
+        &SAID,
+        16,
+        format_args!("kvhygiene-preload: cudaIpcGetMemHandle refused (cudaErrorInvalidValue): {e}"),
+        "further refusals are not said",
+    );
 }
 
 // ----- device reset -----------------------------------------------------------------------

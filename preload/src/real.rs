@@ -266,4 +266,7 @@ real_functions! {
     fn cudaStreamDestroy(stream: cudaStream_t);
     /// `cudaError_t cudaThreadExchangeStreamCaptureMode(enum cudaStreamCaptureMode *mode)`
     fn cudaThreadExchangeStreamCaptureMode(mode: *mut c_int);
+    /// `cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t *handle, void *devPtr)`: the
+    /// handle is a 64-byte struct the runtime writes, passed through untouched.
+    fn cudaIpcGetMemHandle(handle: *mut c_void, dev_ptr: *mut c_void);
 }

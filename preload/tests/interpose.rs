@@ -205,6 +205,23 @@ impl Run {
     }
 }
 
+/// An empty directory for the forensic log of one probe run of `scenario` (it does not
+/// exist yet: the log creates it).
+fn fresh_log_dir(scenario: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("preload-{scenario}-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every file of the log in `dir`, one after the other.
+fn log_text(dir: &Path) -> String {
+    std::fs::read_dir(dir)
+        .expect("the log directory")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("a log file"))
+        .collect()
+}
+
 /// Runs the probe's `scenario`, with the interposer preloaded when `preload`, on the host
 /// backend, with `env` added. The test's own `KVH_*` and `LD_PRELOAD` variables are removed.
 fn run(built: &Built, scenario: &str, preload: bool, env: &[(&str, &str)]) -> Run {
@@ -585,11 +602,8 @@ fn a_runtime_loaded_with_rtld_local_is_found_by_its_soname() {
 #[test]
 fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
     let Some(b) = built() else { return };
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("preload-log-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let log_dir = dir.to_string_lossy().into_owned();
-    let r = run(b, "main", true, &[("KVH_LOG_DIR", &log_dir)]);
+    let dir = fresh_log_dir("main");
+    let r = run(b, "main", true, &[("KVH_LOG_DIR", &dir.to_string_lossy())]);
     r.expect(&[("rc_double_free", 1), ("rc_interior_free", 1)]);
     let mut reasons = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("the log directory") {
@@ -609,6 +623,61 @@ fn invalid_frees_through_the_runtime_api_reach_the_forensic_log() {
     // The two invalid frees of kvhygiene memory, and nothing about the foreign pointers,
     // which went to the runtime without being offered to the core.
     assert_eq!(reasons, ["double_free", "interior_pointer"], "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_the_interposer_an_exported_buffer_goes_to_the_next_allocation_unchanged() {
+    let Some(b) = built() else { return };
+    let r = run(b, "ipc", false, &[]);
+    r.expect(&[
+        ("rc_export", 0),
+        ("real_exports", 2),
+        ("secret_seen", 1),
+        ("exported_blocks", -1),
+    ]);
+}
+
+/// An exported block is never pooled: its free scrubs it and returns it to the device, the
+/// next allocation of its size is new memory, and the forensic log says who exported what
+/// and why the block went back. A freed block's export is refused (its memory is the next
+/// owner's) and never reaches the runtime; the runtime's own memory is its affair.
+#[test]
+fn an_exported_block_is_returned_to_the_device_at_its_free_never_reused() {
+    let Some(b) = built() else { return };
+    let dir = fresh_log_dir("ipc");
+    let r = run(b, "ipc", true, &[("KVH_LOG_DIR", &dir.to_string_lossy())]);
+    r.expect(&[
+        ("rc_malloc", 0),
+        ("rc_export", 0),
+        ("rc_export_again", 0),
+        ("real_exports", 2),
+        ("rc_free", 0),
+        ("rc_malloc_again", 0),
+        ("secret_seen", 0),
+        ("exported_blocks", 1),
+        ("released", 1),
+        ("pool_hits", 0),
+        ("rc_export_no_handle", 1),
+        ("rc_free_again", 0),
+        ("exported_blocks_after", 1),
+        ("released_after", 1),
+        ("rc_export_freed", 1),
+        ("freed_export_forwarded", 0),
+        ("rc_managed", 0),
+        ("rc_export_runtime", 0),
+        ("runtime_export_forwarded", 1),
+    ]);
+    assert!(
+        r.stderr
+            .contains("cudaIpcGetMemHandle refused (cudaErrorInvalidValue)"),
+        "{}",
+        r.stderr
+    );
+    let text = log_text(&dir);
+    let exports = text.matches(r#""kind":"ipc_export""#).count();
+    let releases = text.matches(r#""reason":"ipc_exported""#).count();
+    assert_eq!((exports, releases), (1, 1), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1209,11 +1278,13 @@ fn without_the_interposer_a_device_reset_destroys_unscrubbed_secrets() {
 /// serve out of a destroyed context (nor its pooled block of the reset device).
 fn check_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first(scenario: &str) {
     let Some(b) = built() else { return };
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("preload-{scenario}-log-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let log_dir = dir.to_string_lossy().into_owned();
-    let r = run(b, scenario, true, &[("KVH_LOG_DIR", &log_dir)]);
+    let dir = fresh_log_dir(scenario);
+    let r = run(
+        b,
+        scenario,
+        true,
+        &[("KVH_LOG_DIR", &dir.to_string_lossy())],
+    );
     r.expect(&[
         ("rc_malloc_held", 0),
         ("rc_malloc_freed", 0),
@@ -1230,10 +1301,7 @@ fn check_reset_scrubs_the_devices_blocks_and_shuts_kvhygiene_down_first(scenario
         ("real_mallocs_after_reset", 0),
     ]);
     assert!(r.stderr.contains("cudaDeviceReset"), "{}", r.stderr);
-    let log: String = std::fs::read_dir(&dir)
-        .expect("the log directory")
-        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("a log file"))
-        .collect();
+    let log = log_text(&dir);
     let kinds: Vec<&str> = log
         .lines()
         .filter_map(|l| l.split(r#""kind":""#).nth(1)?.split('"').next())

@@ -70,21 +70,47 @@ __all__ = [
     "synchronize",
     "empty_cache",
     "forget_stream",
+    "mark_ipc_exported",
     "version",
 ]
 
 LIBRARY_NAME = "libkvhygiene.so"
 #: The LD_PRELOAD library, which exports the same C API as ``LIBRARY_NAME``.
 PRELOAD_LIBRARY_NAME = "libkvhygiene_preload.so"
-#: Error code the C ABI returns when a caller's buffer is too small (out_len says how much).
-KVH_ERR_BUFFER_TOO_SMALL = 7013
-#: Error code of a scrub that did not verify.
-KVH_ERR_VERIFY_FAILED = 7009
-#: Error code of a claim the eviction gate refused (``KVH_KV_GATE=enforce``).
-KVH_ERR_KV_GATE = 7021
-#: Error code of a claim some of whose blocks another claim took while the claim ran.
-KVH_ERR_KV_TAKEN = 7022
+# The C ABI's result codes (``kvh_result`` in include/kvhygiene.h, which says what each
+# means): what :attr:`KvhError.code` holds.
 KVH_OK = 0
+KVH_ERR_PANIC = 7000
+KVH_ERR_NULL_PARAMETER = 7001
+KVH_ERR_INVALID_SIZE = 7002
+KVH_ERR_OUT_OF_MEMORY = 7003
+#: A pointer inside no memory kvhygiene holds (an invalid free; mark_ipc_exported: not its to
+#: mark).
+KVH_ERR_UNKNOWN_POINTER = 7004
+KVH_ERR_DOUBLE_FREE = 7005
+KVH_ERR_INTERIOR_POINTER = 7006
+KVH_ERR_SIZE_MISMATCH = 7007
+KVH_ERR_WRONG_DEVICE = 7008
+#: A scrub that did not verify.
+KVH_ERR_VERIFY_FAILED = 7009
+KVH_ERR_INVALID_CONTEXT = 7010
+KVH_ERR_CONFIG = 7011
+KVH_ERR_BACKEND = 7012
+#: A caller's buffer too small (out_len says how much).
+KVH_ERR_BUFFER_TOO_SMALL = 7013
+KVH_ERR_INVALID_DEVICE = 7014
+KVH_ERR_CAPTURE_ACTIVE = 7015
+KVH_ERR_SHUTTING_DOWN = 7016
+KVH_ERR_UNKNOWN_CODE = 7017
+KVH_ERR_LOG = 7018
+KVH_ERR_INVALID_LAYOUT = 7019
+#: Memory not inside a live allocation of kvhygiene.
+KVH_ERR_NOT_LIVE = 7020
+#: A claim the eviction gate refused (``KVH_KV_GATE=enforce``).
+KVH_ERR_KV_GATE = 7021
+#: A claim some of whose blocks another claim took while the claim ran.
+KVH_ERR_KV_TAKEN = 7022
+KVH_ERR_FORKED_CHILD = 7023
 
 
 class KvhError(RuntimeError):
@@ -250,6 +276,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ),
         "kvh_record_stream": (None, [ctypes.c_void_p, ctypes.c_void_p]),
         "kvh_forget_stream": (None, [ctypes.c_void_p]),
+        "kvh_mark_ipc_exported": (ctypes.c_int, [ctypes.c_void_p]),
         "kvh_empty_cache": (None, []),
         "kvh_set_context": (
             ctypes.c_int,
@@ -664,6 +691,31 @@ def forget_stream(stream) -> None:
     _check("kvh_forget_stream", lib.kvh_last_error())
 
 
+def mark_ipc_exported(memory) -> bool:
+    """Says that ``memory`` is about to be exported to another process through a CUDA IPC
+    handle the application takes itself (``cudaIpcGetMemHandle`` from a C++ extension, cupy
+    or cuda-python; PyTorch's own tensor sharing raises under the pluggable allocator). The
+    importer may keep its mapping after the tensor is freed, so kvhygiene then never pools
+    that allocation again: its free scrubs and verifies it, then returns it to the driver.
+    ``memory`` is a tensor (its ``data_ptr()``), or an address anywhere inside the allocation
+    (an integer, a ``ctypes.c_void_p``, cuda-python's ``CUdeviceptr``). Returns True when
+    kvhygiene holds the allocation (now marked), False when it does not (memory of another
+    allocator, or none: an empty tensor's NULL; also before kvhygiene started). Raises
+    :class:`KvhError` with
+    ``KVH_ERR_NOT_LIVE`` (7020) for memory kvhygiene holds that is not allocated (freed or
+    pooled: exporting it would hand out the next owner's bytes), or when the allocator could
+    not start."""
+    raw = memory.data_ptr() if hasattr(memory, "data_ptr") else memory
+    address = _raw_u64(raw, "memory", "a device address")
+    if address == 0:
+        return False
+    code = load().kvh_mark_ipc_exported(ctypes.c_void_p(address))
+    if code == KVH_ERR_UNKNOWN_POINTER:
+        return False
+    _check("kvh_mark_ipc_exported", code)
+    return True
+
+
 _CONTEXT_FIELDS = ("tenant_id", "request_id", "model_id")
 
 
@@ -683,6 +735,9 @@ def _text_is_an_address(value) -> bool:
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     if value is None:
         return None
+    # A container's or a bool's text ("['a']", "True") is a mis-passed argument, not an id.
+    if isinstance(value, (bool, list, tuple, dict, set, frozenset)):
+        raise TypeError(f"{name} {value!r} is a {type(value).__name__}, not an id: give it as a str")
     if isinstance(value, (bytes, bytearray, memoryview)):
         # Their text, not their repr: b"acme" is the tenant "acme", not "b'acme'".
         try:
@@ -866,14 +921,30 @@ class KvLayout:
     """
 
     def __init__(self, regions, block_bytes: int, blocks_per_region: int, *, block_stride=None, device: int = 0):
-        self.regions = tuple(_u64(r, "region base") for r in regions)
-        self.block_bytes = _u64(block_bytes, "block_bytes")
-        self.block_stride = _u64(block_bytes if block_stride is None else block_stride, "block_stride")
-        self.blocks_per_region = _u64(blocks_per_region, "blocks_per_region")
-        self.device = _integer(device, "device")
-        # The C argument is an int: ctypes would wrap a larger value silently (2**32 is 0).
-        if not 0 <= self.device < 2**31:
-            raise ValueError(f"device {self.device} is not a device index (0 .. 2**31 - 1)")
+        self.regions = regions
+        self.block_bytes = block_bytes
+        self.block_stride = block_bytes if block_stride is None else block_stride
+        self.blocks_per_region = blocks_per_region
+        self.device = device
+
+    def __setattr__(self, name, value) -> None:
+        """Each field is checked when it is set, at construction and after: a value changed
+        later (``layout.device = 2**32``) would otherwise reach the C call wrapped by ctypes,
+        and the call would scrub another device, or another size, than the one named."""
+        if name == "regions":
+            if isinstance(value, (str, bytes, bytearray)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"regions {value!r} is not a sequence of region base addresses")
+            value = tuple(_u64(r, "region base") for r in value)
+        elif name in ("block_bytes", "block_stride", "blocks_per_region"):
+            value = _u64(value, name)
+        elif name == "device":
+            value = _integer(value, "device")
+            # The C argument is an int: ctypes would wrap a larger value silently (2**32 is 0).
+            if not 0 <= value < 2**31:
+                raise ValueError(f"device {value} is not a device index (0 .. 2**31 - 1)")
+        # Other attributes (an integration's own, as kvhygiene.sglang's page_size) are the
+        # caller's: kept as given, never read by the C call.
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         return (
@@ -978,21 +1049,27 @@ def _stream_handle(stream) -> int:
     ``CUstream``, numba's streams). Checked to be a 64-bit value: ctypes would keep only the
     low 64 bits of a larger or negative one, and the call would run on another stream than
     the one named, unordered with its work; a float or a string is no handle."""
-    raw = getattr(stream, "cuda_stream", stream)
+    return _raw_u64(getattr(stream, "cuda_stream", stream), "stream", "a stream handle")
+
+
+def _raw_u64(raw, name: str, what: str) -> int:
+    """A raw 64-bit value (a stream handle, a device address): an integer, a
+    ``ctypes.c_void_p``, or an object that converts with ``int()`` (cuda-python's ``CUstream``
+    and ``CUdeviceptr``). A number with a fraction (numpy's floats, Fraction, Decimal), which
+    ``int()`` would truncate onto another value, a bool, a string or bytes is refused
+    (TypeError), and so is a value outside 64 bits (ValueError)."""
     if isinstance(raw, ctypes.c_void_p):
         raw = raw.value or 0
-    # A number with a fraction (numpy's floats, Fraction, Decimal) would be truncated onto
-    # another stream by int().
     fractional = isinstance(raw, numbers.Number) and not isinstance(raw, numbers.Integral)
     if fractional or isinstance(raw, (bool, str, bytes, bytearray)):
-        raise TypeError(f"stream {raw!r} is not a stream handle")
+        raise TypeError(f"{name} {raw!r} is not {what}")
     try:
         value = operator.index(raw)
     except TypeError:
         if not hasattr(type(raw), "__int__"):
-            raise TypeError(f"stream {raw!r} is not a stream handle") from None
+            raise TypeError(f"{name} {raw!r} is not {what}") from None
         value = int(raw)
-    return _u64(value, "stream")
+    return _u64(value, name)
 
 
 def _u64(value, name: str) -> int:
@@ -1186,6 +1263,11 @@ def _id_list(block_ids) -> list:
         block_ids = block_ids.tolist()
         if isinstance(block_ids, int):  # a 0-d tensor: one id
             return [block_ids]
+    if not hasattr(block_ids, "__iter__"):
+        raise TypeError(
+            f"block ids given as {type(block_ids).__name__}: pass a sequence of integers "
+            "(a list, a tuple, a tensor or an array)"
+        )
     return block_ids if isinstance(block_ids, list) else list(block_ids)
 
 

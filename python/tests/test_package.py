@@ -10,6 +10,7 @@ The tests of this directory need the built library and skip unless KVH_LIBRARY n
 import contextlib
 import ctypes
 import os
+import re
 import threading
 import types
 from pathlib import Path
@@ -102,6 +103,11 @@ def test_context_nests_and_rejects_bad_ids():
     with pytest.raises(kvhygiene.KvhError):
         with kvhygiene.context(request_id="x" * 129):
             pass
+    # A container's or a bool's text ("['a']", "True") is a mis-passed argument, not an id.
+    for bad in (["a"], ("a",), {"a": 1}, {"a"}, True):
+        with pytest.raises(TypeError, match="not an id"):
+            with kvhygiene.context(request_id=bad):
+                pass
 
 
 _NESTED_CONTEXTS = """
@@ -1217,6 +1223,31 @@ def test_a_layout_device_that_a_c_int_cannot_hold_is_refused():
     assert kvhygiene.KvLayout([0x1000], 128, 8, device=2**31 - 1).device == 2**31 - 1
 
 
+def test_a_layout_field_changed_after_construction_is_checked_as_at_construction():
+    # ctypes would wrap layout.device = 2**32 to device 0, and block_bytes = 2**64 + 1024 to
+    # 1024: the call would scrub another device or size than the one named.
+    layout = kvhygiene.KvLayout([0x1000], 128, 8)
+    with pytest.raises(ValueError, match="not a device index"):
+        layout.device = 2**32
+    with pytest.raises(ValueError, match="block_bytes"):
+        layout.block_bytes = 2**64 + 1024
+    with pytest.raises(TypeError, match="region base addresses"):
+        layout.regions = 0x1000
+    assert (layout.device, layout.block_bytes, layout.regions) == (0, 128, (0x1000,))
+    layout.blocks_per_region = 4
+    assert layout.blocks_per_region == 4
+    with pytest.raises(TypeError, match="block ids given as NoneType"):
+        kvhygiene.scrub_blocks(layout, None)
+
+
+def test_the_result_codes_are_the_headers():
+    # Every kvh_result of include/kvhygiene.h is a constant of the package, with its value.
+    header = (Path(__file__).resolve().parents[2] / "include" / "kvhygiene.h").read_text()
+    codes = dict(re.findall(r"^\s*(KVH_(?:OK|ERR_[A-Z_]+)) = (\d+),", header, re.M))
+    assert len(codes) == 25, codes
+    assert {name: getattr(kvhygiene, name, None) for name in codes} == {n: int(v) for n, v in codes.items()}
+
+
 def _block_5_as_the_second_of_two_tasks_finds_it(ids_a: dict, ids_b: dict) -> bytes:
     """Two requests served by asyncio tasks on one thread, each inside its own context (ids
     ``ids_a``, ``ids_b``): the first claims block 5 and writes its keys there while the second
@@ -2206,6 +2237,66 @@ def test_an_id_given_as_a_bound_method_whose_text_is_its_object_s_address_is_ref
 
     with pytest.raises((TypeError, ValueError)):
         kvhygiene._encode(Request().request_id, "request_id")
+
+
+_MARK_IPC_EXPORTED = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import kvhygiene
+lib = kvhygiene.load(sys.argv[2])
+print("before start", kvhygiene.mark_ipc_exported(0x7000), kvhygiene.stats()["started"])
+class Tensor:  # what the call reads of a torch tensor
+    def __init__(self, ptr):
+        self.ptr = ptr
+    def data_ptr(self):
+        return self.ptr
+shared = lib.kvh_malloc(4096, 0, None)
+print("tensor", kvhygiene.mark_ipc_exported(Tensor(shared + 64)))
+print("foreign", kvhygiene.mark_ipc_exported(ctypes.c_void_p(0xdead0000)))
+lib.kvh_free(shared, 4096, 0, None)
+plain = lib.kvh_malloc(4096, 0, None)
+lib.kvh_free(plain, 4096, 0, None)
+kvhygiene.synchronize()
+try:
+    kvhygiene.mark_ipc_exported(plain)
+except kvhygiene.KvhError as e:
+    print("pooled raised", e.code)
+print("empty tensor", kvhygiene.mark_ipc_exported(Tensor(0)))
+class DevicePtr:  # cuda-python's CUdeviceptr converts with int()
+    def __int__(self):
+        return 0xbeef0000
+print("device pointer", kvhygiene.mark_ipc_exported(DevicePtr()))
+for bad in (-1, 1.5, "0x1000"):
+    try:
+        kvhygiene.mark_ipc_exported(bad)
+    except (TypeError, ValueError) as e:
+        print("refused", type(e).__name__)
+c = kvhygiene.stats()["counters"]
+print("exported", c["ipc_exported_blocks"], "released", c["released"])
+"""
+
+
+@needs_lib
+def test_mark_ipc_exported_retires_the_allocation_and_refuses_pooled_memory(tmp_path):
+    # An allocation the application exports itself is marked (True) and goes back to the
+    # driver at its free; memory kvhygiene does not hold is not its to mark (False, also
+    # before a start-up, which it does not cause, and an empty tensor's NULL); pooled memory
+    # is refused (7020, the next owner's bytes); a negative, fractional or text address is no
+    # address.
+    run = _run_script(tmp_path, _MARK_IPC_EXPORTED, KVH_BACKEND="host")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "before start False False",
+        "tensor True",
+        "foreign False",
+        "pooled raised 7020",
+        "empty tensor False",
+        "device pointer False",
+        "refused ValueError",
+        "refused TypeError",
+        "refused TypeError",
+        "exported 1 released 1",
+    ], run.stdout
 
 
 _FORGET_STREAM = """

@@ -3,7 +3,10 @@
 // again and copies the new memory back: with the plain runtime the secret may come back (the
 // threat), under LD_PRELOAD=libkvhygiene_preload.so it must read zero. It does so for the
 // synchronous pair (cudaMalloc / cudaFree) and the stream-ordered pair (cudaMallocAsync /
-// cudaFreeAsync), and prints one JSON object.
+// cudaFreeAsync), and prints one JSON object. A third round exports the buffer for another
+// process (cudaIpcGetMemHandle) before its free: under kvhygiene that block goes back to the
+// driver at its free, never to the pool (`kvh_ipc_exported_blocks`, `kvh_released`), and the
+// next allocation of its size is fresh memory, zeroed.
 //
 // When kvhygiene is loaded (its C API is then in the process: `kvh_loaded`), the probe waits
 // with kvh_synchronize between the free and the new allocation, so the freed block is
@@ -32,6 +35,10 @@ int cudaStreamCreate(cudaStream_t* s);
 int cudaStreamSynchronize(cudaStream_t s);
 int cudaMemcpy(void* dst, const void* src, size_t n, int kind);
 int cudaDeviceSynchronize(void);
+struct cudaIpcMemHandle_st {
+    char reserved[64];
+};
+int cudaIpcGetMemHandle(cudaIpcMemHandle_st* handle, void* p);
 }
 
 static const int HOST_TO_DEVICE = 1;
@@ -83,14 +90,17 @@ static void inspect(Round& r, void* p, std::vector<char>& host) {
         r.secret += std::memcmp(host.data() + i, SECRET, sizeof SECRET - 1) == 0;
 }
 
-// cudaMalloc, write the secret, cudaFree, cudaMalloc again, read back.
-static Round sync_round(std::vector<char>& secret, std::vector<char>& host) {
+// cudaMalloc, write the secret, cudaFree, cudaMalloc again, read back. With `export_rc`, the
+// buffer is exported (cudaIpcGetMemHandle) before its free, and the result stored there.
+static Round sync_round(std::vector<char>& secret, std::vector<char>& host, int* export_rc = nullptr) {
     Round r;
     void* a = nullptr;
     void* b = nullptr;
+    cudaIpcMemHandle_st handle;
     note(r, cudaMalloc(&a, BYTES));
     if (a) note(r, cudaMemcpy(a, secret.data(), BYTES, HOST_TO_DEVICE));
     note(r, cudaDeviceSynchronize());
+    if (export_rc) *export_rc = a ? cudaIpcGetMemHandle(&handle, a) : -1;
     note(r, cudaFree(a));
     settle();
     note(r, cudaMalloc(&b, BYTES));
@@ -132,16 +142,22 @@ int main() {
         std::memcpy(secret.data() + i, SECRET, sizeof SECRET);
     Round s = sync_round(secret, host);
     Round a = async_round(secret, host);
+    int export_rc = 0;
+    Round i = sync_round(secret, host, &export_rc);
     settle();
     std::printf("{\n");
     std::printf("  \"kvh_loaded\": %d,\n", kvh_sync() ? 1 : 0);
     std::printf("  \"kvh_verifications_passed\": %lld,\n", kvh_counter("verifications_passed"));
     std::printf("  \"kvh_verifications_failed\": %lld,\n", kvh_counter("verifications_failed"));
+    std::printf("  \"kvh_ipc_exported_blocks\": %lld,\n", kvh_counter("ipc_exported_blocks"));
+    std::printf("  \"kvh_released\": %lld,\n", kvh_counter("released"));
+    std::printf("  \"ipc_export_rc\": %d,\n", export_rc);
     print("sync", s, false);
-    print("async", a, true);
+    print("async", a, false);
+    print("ipc", i, true);
     std::printf("}\n");
     // Flushed now: stdio would otherwise flush after the libraries' exit handlers, and a crash
     // there would lose the result.
     std::fflush(stdout);
-    return s.rc != 0 || a.rc != 0 ? 1 : 0;
+    return s.rc != 0 || a.rc != 0 || i.rc != 0 ? 1 : 0;
 }

@@ -369,6 +369,31 @@ def main() -> int:
             for n in ("sync", "async")
         ),
     )
+    # Under the library, a block exported with cudaIpcGetMemHandle must go back to the driver
+    # at its free (another process may still map it), never to the pool: the export
+    # succeeded, kvhygiene counted it and released a block, and the next allocation of the
+    # size read zero.
+    ipc = k.get("ipc") if k else None
+    row(
+        rows,
+        "LD_PRELOAD probe: a block exported with cudaIpcGetMemHandle is released at its free, never reused",
+        probe_missing("preload_kvh")
+        if not k
+        else "the probe printed no ipc round"
+        if not ipc
+        else f"export {k.get('ipc_export_rc')}; kvhygiene counted {k.get('kvh_ipc_exported_blocks')} exported, "
+        + f"{k.get('kvh_released')} released; the next allocation: {ipc['secret_seen']} secret copies, "
+        + f"{ipc['nonzero']} non-zero bytes",
+        "export 0, 1 exported, >= 1 released, 0 and 0",
+        None
+        if not ipc
+        else k.get("ipc_export_rc") == 0
+        and k.get("kvh_ipc_exported_blocks") == 1
+        and (k.get("kvh_released") or 0) >= 1
+        and ipc["rc"] == 0
+        and ipc["secret_seen"] == 0
+        and ipc["nonzero"] == 0,
+    )
     example_rc = step_rc(out, "example_torch")
     # Its exit status is its figure, but for 124: timed out, or skipped when the budget ran
     # out, so it never finished.

@@ -22,6 +22,18 @@ pub enum BlockState {
     Quarantined,
 }
 
+impl BlockState {
+    /// The state's name, as the stats JSON writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockState::Live => "live",
+            BlockState::Pending => "pending",
+            BlockState::Clean => "clean",
+            BlockState::Quarantined => "quarantined",
+        }
+    }
+}
+
 /// What happens to a block once its scrub completes and verifies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
@@ -66,6 +78,11 @@ pub struct Block {
     /// The block's LIVE time exceeded the live TTL and was reported (by the flusher, while it
     /// was still LIVE): its free does not report it again. Cleared at every hand-out.
     pub live_ttl_reported: bool,
+    /// The block was exported for another process while LIVE (`cudaIpcGetMemHandle`): the
+    /// importer may keep its mapping past the free, so the block's next free retires it (its
+    /// memory goes back to the driver once verified clean) instead of pooling it. Never
+    /// cleared: a block marked once is never handed out again after that free.
+    pub ipc_exported: bool,
 }
 
 impl Block {
@@ -133,4 +150,16 @@ pub struct BlockSpan {
     pub capacity: u64,
     /// Whether the block is LIVE: a free of it at `addr` would be valid when asked.
     pub live: bool,
+}
+
+impl BlockSpan {
+    pub(crate) fn of(b: &Block) -> Self {
+        BlockSpan {
+            device: b.device,
+            addr: b.addr,
+            requested: b.requested,
+            capacity: b.capacity(),
+            live: b.state == BlockState::Live,
+        }
+    }
 }

@@ -23,7 +23,7 @@ mod pool;
 pub mod size_class;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{Backend, BackendError, StreamHandle};
@@ -99,6 +99,22 @@ pub enum FreeError {
     Backend(BackendError),
 }
 
+/// Why [`Allocator::mark_ipc_exported`] refused a pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IpcExportError {
+    /// Not inside any block the allocator holds: memory of the runtime or of another
+    /// allocator, whose export is none of kvhygiene's business.
+    #[error("{addr:#x} is not inside memory kvhygiene holds")]
+    UnknownPointer { addr: u64 },
+    /// Inside a block that is not handed out (freed, pooled or quarantined): its memory is
+    /// the pool's, and would be the next owner's, so it must not be exported.
+    #[error(
+        "{addr:#x} is inside a kvhygiene block that is not allocated (it is {state}): its \
+         memory is the pool's, not the caller's, and must not be exported"
+    )]
+    NotLive { addr: u64, state: &'static str },
+}
+
 /// A free that was accepted, with what it noticed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FreeReport {
@@ -133,6 +149,69 @@ struct Inner {
     handles: AtomicUsize,
     /// The process that made the allocator: a forked child's drop of its copy does nothing.
     pid: u32,
+    /// The flusher thread, once started: unparked when work arrives while it sleeps idle.
+    flusher: OnceLock<std::thread::Thread>,
+    /// Set by the flusher before it looks for work on every device and parks, idle, until
+    /// its next housekeeping (`spawn_flusher`); a pool lock released with work pending while
+    /// it is set wakes the flusher ([`PoolGuard`]). Shared, so the parked flusher clears it
+    /// without holding the allocator.
+    flusher_idle: Arc<AtomicBool>,
+    /// Run after the record of a fail-closed stop, just before the abort
+    /// ([`Allocator::on_fail_closed`]).
+    fail_closed_hook: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Inner {
+    /// Wakes the flusher if it is parked (or makes its next park return at once).
+    fn wake_flusher(&self) {
+        if let Some(flusher) = self.flusher.get() {
+            flusher.unpark();
+        }
+    }
+
+    /// Whether any device has a batch open or in flight, or a re-scrub waiting: work the
+    /// flusher must not park on. Takes each pool lock in turn, as plain locks: a
+    /// [`PoolGuard`] would wake the flusher that asks.
+    fn has_pending_work(&self) -> bool {
+        self.pools.iter().any(|pool| {
+            pool.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .has_pending_work()
+        })
+    }
+}
+
+/// A device's pool, locked. Every change to a pool is made under one, so its release is
+/// where work for the flusher appears (a batch opened, a scrub submitted, a re-scrub
+/// queued): when the flusher is parked idle, that release wakes it, which keeps the time
+/// bound of a batch (`batch_max_delay_us`) while an idle allocator's flusher sleeps.
+struct PoolGuard<'a> {
+    pool: MutexGuard<'a, DevicePool>,
+    inner: &'a Inner,
+}
+
+impl std::ops::Deref for PoolGuard<'_> {
+    type Target = DevicePool;
+    fn deref(&self) -> &DevicePool {
+        &self.pool
+    }
+}
+
+impl std::ops::DerefMut for PoolGuard<'_> {
+    fn deref_mut(&mut self) -> &mut DevicePool {
+        &mut self.pool
+    }
+}
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        // Still under the lock. The flusher sets `flusher_idle` (SeqCst) before it locks each
+        // pool to look for work: either it saw this pool's work, or it looked first, and then
+        // this load, ordered after its look by the lock, sees the flag set.
+        if self.inner.flusher_idle.load(Ordering::SeqCst) && self.pool.has_pending_work() {
+            self.inner.wake_flusher();
+        }
+    }
 }
 
 /// Rounds in which a whole-pool wait (`Allocator::drain_pool`) also waits for frees made
@@ -244,8 +323,9 @@ impl Drop for Allocator {
             self.drain_everything();
         }));
         // This allocator stops; the backend does not: the caller's `Arc` may serve another
-        // allocator (`shutdown`, for process exit, stops both).
+        // allocator (`shutdown`, for process exit, stops both). The flusher, parked, ends now.
         self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.wake_flusher();
         if settled.is_err() {
             crate::say(format_args!(
                 "kvhygiene: the allocator's drop panicked while it scrubbed what was freed; \
@@ -288,8 +368,14 @@ impl Allocator {
             started_at: crate::stats::unix_seconds(std::time::SystemTime::now()),
             handles: AtomicUsize::new(1),
             pid: std::process::id(),
+            flusher: OnceLock::new(),
+            flusher_idle: Arc::new(AtomicBool::new(false)),
+            fail_closed_hook: OnceLock::new(),
         });
-        spawn_flusher(Arc::downgrade(&inner));
+        if let Some(flusher) = spawn_flusher(Arc::downgrade(&inner)) {
+            // Set once, here, before any caller can reach the pools.
+            let _ = inner.flusher.set(flusher);
+        }
         Allocator {
             inner,
             counted: true,
@@ -598,6 +684,7 @@ impl Allocator {
             disposition: Disposition::Reuse,
             scrub_in_flight: false,
             live_ttl_reported: false,
+            ipc_exported: false,
         };
         // Exit may have begun while the backend allocated: no backend call after it
         // (invariant 6). The memory, never zeroed and never handed out, is left to the
@@ -1122,6 +1209,7 @@ impl Allocator {
     pub fn begin_exit(&self) {
         if !self.inner.shutting_down.swap(true, Ordering::AcqRel) {
             self.inner.backend.shutdown();
+            self.inner.wake_flusher();
         }
     }
 
@@ -1209,17 +1297,20 @@ impl Allocator {
     /// `watch_live`, also report blocks LIVE past the live TTL (a scan of the block table).
     ///
     /// Returns whether a device's pass panicked (a pool or sink bug: the backend's calls do
-    /// not panic); the other devices' passes run all the same.
-    fn tick(&self, trim: bool, watch_live: bool) -> bool {
+    /// not panic; the other devices' passes run all the same), and whether work may be left
+    /// for the next tick: a device with work after its pass, a pass that panicked, or a tick
+    /// cut short by shutdown. (The flusher parks only when there is none, after looking again
+    /// with its idle flag set.)
+    fn tick(&self, trim: bool, watch_live: bool) -> (bool, bool) {
         let idle_ttl = u64::try_from(self.inner.config.idle_ttl_ms)
             .ok()
             .filter(|_| trim)
             .map(Duration::from_millis);
         let watch_live = watch_live && self.inner.config.live_ttl_ms > 0;
-        let mut panicked = false;
+        let (mut panicked, mut work_left) = (false, false);
         for dev in 0..self.inner.pools.len() as u32 {
             if self.inner.shutting_down.load(Ordering::Acquire) {
-                break;
+                return (panicked, true);
             }
             let pass = || {
                 self.with_pool(dev, |pool, backend, config, after| {
@@ -1230,7 +1321,7 @@ impl Allocator {
                         pool.drop_empty_free_lists();
                     }
                     if !pool.has_pending_work() && idle_ttl.is_none() {
-                        return;
+                        return false;
                     }
                     pool.flush_open(true, backend, config, after);
                     pool.harvest(backend, config, after);
@@ -1238,11 +1329,15 @@ impl Allocator {
                     if let Some(ttl) = idle_ttl {
                         pool.trim_idle(ttl, after);
                     }
+                    pool.has_pending_work()
                 })
             };
-            panicked |= std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)).is_err();
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(pass)) {
+                Ok(left) => work_left |= left,
+                Err(_) => (panicked, work_left) = (true, true),
+            }
         }
-        panicked
+        (panicked, work_left)
     }
 
     // ----- inspection -----------------------------------------------------------------------
@@ -1302,15 +1397,48 @@ impl Allocator {
     /// allocation: cheap enough for a front end to ask on every free whether a pointer is
     /// kvhygiene's before handing it over (the LD_PRELOAD interposers do).
     pub fn block_containing(&self, ptr: u64) -> Option<BlockSpan> {
-        (0..self.inner.pools.len() as u32).find_map(|d| {
-            self.pool(d).block_containing(ptr).map(|b| BlockSpan {
-                device: b.device,
-                addr: b.addr,
-                requested: b.requested,
-                capacity: b.capacity(),
-                live: b.state == BlockState::Live,
-            })
-        })
+        (0..self.inner.pools.len() as u32)
+            .find_map(|d| self.pool(d).block_containing(ptr).map(BlockSpan::of))
+    }
+
+    /// Sets what runs when this allocator fails closed (`failure_mode = abort`), after the
+    /// failure and its `policy_violation` record reached the event sink and just before the
+    /// process aborts: the C ABI writes its last metrics snapshot there, so the failure shows
+    /// in the metrics as well as in the log. The hook may not rely on the process going on;
+    /// a panic in it is caught, and one that hangs is cut short by the abort, at most 40 s
+    /// after the failure. Set once: returns false (and keeps the first) when one was set.
+    pub fn on_fail_closed(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
+        self.inner.fail_closed_hook.set(Box::new(hook)).is_ok()
+    }
+
+    /// The caller is about to export the LIVE block containing `ptr` for another process
+    /// (`cudaIpcGetMemHandle`: the LD_PRELOAD interposer calls this first, and so should an
+    /// engine that exports memory from `kvh_malloc` itself). The importer may keep its
+    /// mapping after the block is freed, and a pooled block's next owner would share it
+    /// through that mapping: so the block's free retires it instead, scrubbed and verified,
+    /// then returned to the driver ([`ReleaseReason::IpcExported`]), whose next allocation at
+    /// that address gets a new handle. The first mark of a hand-out counts in
+    /// `ipc_exported_blocks` and is recorded (`ipc_export`); marking again changes nothing.
+    /// A block not handed out is refused: exporting pooled memory would hand the next
+    /// owner's bytes to the importer.
+    pub fn mark_ipc_exported(&self, ptr: u64) -> Result<BlockSpan, IpcExportError> {
+        let caller = Context::current();
+        for dev in 0..self.inner.pools.len() as u32 {
+            let found = self.with_pool(dev, |pool, _, _, after| {
+                pool.mark_ipc_exported(ptr, &caller, after)
+            });
+            match found {
+                Some(Ok(span)) => return Ok(span),
+                Some(Err(state)) => {
+                    return Err(IpcExportError::NotLive {
+                        addr: ptr,
+                        state: state.name(),
+                    })
+                }
+                None => {}
+            }
+        }
+        Err(IpcExportError::UnknownPointer { addr: ptr })
     }
 
     /// A block [`Allocator::reset_device`] freed on its holder's behalf whose holder has not
@@ -1418,12 +1546,16 @@ impl Allocator {
     }
 
     #[inline]
-    fn pool(&self, dev: u32) -> MutexGuard<'_, DevicePool> {
+    fn pool(&self, dev: u32) -> PoolGuard<'_> {
         // A panic while holding the lock cannot leave a block half-moved between states in a
         // way that hands out dirty memory (states change last), so a poisoned lock is usable.
-        self.inner.pools[dev as usize]
+        let pool = self.inner.pools[dev as usize]
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|p| p.into_inner());
+        PoolGuard {
+            pool,
+            inner: &self.inner,
+        }
     }
 
     /// Runs `f` under the pool lock, then emits its events and acts on its aftermath.
@@ -1582,10 +1714,14 @@ impl Allocator {
     /// KV blocks) is logged, then the process stops.
     #[cold]
     fn fail_closed(&self, owner: Context) -> ! {
-        // Whatever the sink does (a panic included), the process stops below.
+        // Whatever the sink or the hook does (a panic included), the process stops below;
+        // one that hangs is cut short by the abort timer its caller set.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.fail_closed_record(owner)
         }));
+        if let Some(hook) = self.inner.fail_closed_hook.get() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook));
+        }
         crate::say(format_args!(
             "kvhygiene: a scrub failed verification or read residue and failure_mode=abort: \
              aborting the process"
@@ -1679,10 +1815,21 @@ fn trim_period(ttl_ms: i64, tick: Duration) -> Duration {
     half_ttl.clamp(tick, Duration::from_secs(1))
 }
 
+/// The longest an idle flusher sleeps: how late it may notice an allocator dropped meanwhile
+/// (a thread left parked that long), never how late a batch is submitted (a free wakes it).
+const IDLE_PARK_MAX: Duration = Duration::from_secs(1);
+
 /// The flusher: bounds how long a free waits in an open batch and how long a completed
 /// scrub waits to be harvested. Holds only a weak reference, so dropping the allocator ends it.
-fn spawn_flusher(inner: Weak<Inner>) {
-    let (period, trim_every, watch_every) = match inner.upgrade() {
+///
+/// It wakes every `batch_max_delay_us` (100 µs .. 10 ms) while any device has work (a batch
+/// open or in flight, a re-scrub waiting). Idle, it parks instead until its next
+/// housekeeping is due (the idle TTL's trim, the live TTL's watch; at most
+/// `IDLE_PARK_MAX`), and the pool lock release that leaves work behind wakes it
+/// ([`PoolGuard`]): an idle process costs about one wake a second, not a thousand. Returns
+/// the thread, which the allocator unparks; `None` when it could not be started.
+fn spawn_flusher(inner: Weak<Inner>) -> Option<std::thread::Thread> {
+    let (period, trim_every, watch_every, trims, watches, idle) = match inner.upgrade() {
         Some(i) => {
             let period = Duration::from_micros(i.config.batch_max_delay_us.clamp(100, 10_000));
             let live_ttl = i64::try_from(i.config.live_ttl_ms).unwrap_or(i64::MAX);
@@ -1690,9 +1837,14 @@ fn spawn_flusher(inner: Weak<Inner>) {
                 period,
                 trim_period(i.config.idle_ttl_ms, period),
                 trim_period(live_ttl, period),
+                // Housekeeping an idle pool still needs: idle blocks to return, live blocks
+                // to report. (Without an idle TTL the trim only tidies empty free lists.)
+                i.config.idle_ttl_ms > 0,
+                i.config.live_ttl_ms > 0,
+                i.flusher_idle.clone(),
             )
         }
-        None => return,
+        None => return None,
     };
     let spawned = std::thread::Builder::new()
         .name("kvh-flusher".into())
@@ -1720,21 +1872,48 @@ fn spawn_flusher(inner: Weak<Inner>) {
                     inner,
                     counted: false,
                 };
-                let panicked = view.tick(trim, watch);
+                let (panicked, work_left) = view.tick(trim, watch);
                 if panicked && !said_panic {
                     said_panic = true;
                     crate::say(format_args!(
                         "kvhygiene: a flusher pass panicked; the flusher goes on (said once)"
                     ));
                 }
+                if work_left {
+                    continue;
+                }
+                // Set before the look at every pool (see `PoolGuard`'s drop): work that
+                // appears after the look wakes the park below.
+                idle.store(true, Ordering::SeqCst);
+                if view.inner.has_pending_work() {
+                    idle.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                // The allocator is not held while parked: its last handle's drop proceeds.
+                drop(view);
+                let mut park = IDLE_PARK_MAX;
+                if trims {
+                    park = park.min(trim_every.saturating_sub(last_trim.elapsed()));
+                }
+                if watches {
+                    park = park.min(watch_every.saturating_sub(last_watch.elapsed()));
+                }
+                // Returns early when unparked (a token left by an earlier unpark included),
+                // or spuriously: either way one more pass, which is harmless.
+                std::thread::park_timeout(park);
+                idle.store(false, Ordering::SeqCst);
             }
         });
-    if let Err(e) = spawned {
-        // Without the flusher, batches still flush when full, when malloc needs memory and on
-        // synchronize; only the time bound is lost. Say so once.
-        crate::say(format_args!(
-            "kvhygiene: cannot start the flusher thread ({e}); batches flush by count only"
-        ));
+    match spawned {
+        Ok(handle) => Some(handle.thread().clone()),
+        Err(e) => {
+            // Without the flusher, batches still flush when full, when malloc needs memory
+            // and on synchronize; only the time bound is lost. Say so once.
+            crate::say(format_args!(
+                "kvhygiene: cannot start the flusher thread ({e}); batches flush by count only"
+            ));
+            None
+        }
     }
 }
 

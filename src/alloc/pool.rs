@@ -21,7 +21,7 @@ use crate::events::{
 };
 use crate::stats::PoolCounters;
 
-use super::block::{Block, BlockState, Disposition};
+use super::block::{Block, BlockSpan, BlockState, Disposition};
 use super::memory_stats::MemoryStats;
 use super::size_class::{SizeClass, EXACT_INDEX};
 
@@ -641,6 +641,10 @@ impl DevicePool {
         }
         block.disposition = if !config.reuse_enabled() {
             Disposition::Quarantine(QuarantineReason::NeverReusePolicy)
+        } else if block.ipc_exported {
+            // Another process may still map it: scrubbed and verified, then back to the
+            // driver, whose next allocation there gets a new export handle.
+            Disposition::Retire(ReleaseReason::IpcExported)
         } else if config.max_reuse > 0 && block.reuse_count >= config.max_reuse {
             Disposition::Retire(ReleaseReason::MaxReuse)
         } else {
@@ -1593,13 +1597,7 @@ impl DevicePool {
         // The block containing `addr`, not only one starting there: an engine records the
         // data pointer of a view (a layer's slice of one allocation), and a record that
         // missed would let the block's scrub run while that stream still uses it.
-        let block = self
-            .blocks
-            .range_mut(..=addr)
-            .next_back()
-            .map(|(_, b)| b)
-            .filter(|b| addr < b.addr + b.capacity());
-        match block {
+        match containing_mut(&mut self.blocks, addr) {
             Some(b) if b.state == BlockState::Live => {
                 if b.alloc_stream != stream && !b.recorded_streams.contains(&stream) {
                     b.recorded_streams.push(stream);
@@ -1608,6 +1606,32 @@ impl DevicePool {
             }
             _ => false,
         }
+    }
+
+    /// Marks the block containing `addr` as exported for another process, if it is LIVE:
+    /// its next free retires it ([`ReleaseReason::IpcExported`]). The first mark of a
+    /// hand-out is counted and recorded (`ipc_export`, with `caller`'s ids); later ones
+    /// change nothing. Any address inside the block marks it, as the driver exports the
+    /// whole allocation of an interior pointer.
+    pub(crate) fn mark_ipc_exported(
+        &mut self,
+        addr: u64,
+        caller: &Context,
+        after: &mut Aftermath,
+    ) -> Option<Result<BlockSpan, BlockState>> {
+        let block = containing_mut(&mut self.blocks, addr)?;
+        if block.state != BlockState::Live {
+            return Some(Err(block.state));
+        }
+        if !block.ipc_exported {
+            block.ipc_exported = true;
+            self.stats.counters.ipc_exported_blocks += 1;
+            let kind = EventKind::IpcExport {
+                caller: caller.clone(),
+            };
+            after.event(kind, block);
+        }
+        Some(Ok(BlockSpan::of(block)))
     }
 
     /// The LIVE block whose requested bytes contain `[addr, addr + len)`, for a scrub of part
@@ -1770,6 +1794,17 @@ fn gauge(accounting: &mut crate::stats::Accounting, state: BlockState) -> &mut c
         BlockState::Clean => &mut accounting.clean,
         BlockState::Quarantined => &mut accounting.quarantined,
     }
+}
+
+/// The block of `blocks` whose memory holds `addr` (its start or any byte inside), to change
+/// it; a free function over the table alone, so that the pool's other fields (its counters)
+/// stay usable while the block is borrowed. [`DevicePool::block_containing`] reads it.
+fn containing_mut(blocks: &mut BTreeMap<u64, Block>, addr: u64) -> Option<&mut Block> {
+    blocks
+        .range_mut(..=addr)
+        .next_back()
+        .map(|(_, b)| b)
+        .filter(|b| addr < b.addr + b.capacity())
 }
 
 #[cfg(test)]

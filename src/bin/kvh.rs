@@ -443,8 +443,8 @@ Examples:
   # The same for every process of a tensor-parallel engine
   kvh metrics --file '/run/kvh/kvh-{pid}.prom' --max-age 60
 
-  # Alert when the control failed or evidence was lost
-  kvh metrics --file /run/kvh/kvh.prom --fail-on-security || page-oncall
+  # Alert when the control failed or evidence was lost, or the process stopped exporting
+  kvh metrics --file /run/kvh/kvh.prom --fail-on-security --max-age 60 || page-oncall
 
   # Structured summary for scripts
   kvh metrics --file /run/kvh/kvh.prom --json | jq '.security_failures'";
@@ -468,9 +468,11 @@ first within a second, then at most once a minute: they are in no snapshot serve
 
 A file name holding {pid} (one file per process of a multi-process engine) serves the files \
 of every live process of this pid namespace as one exposition: each family declared once, \
-every process's samples under it (each carries its pid label). A process that is gone (or \
-whose id a later process holds) is left out; one live process's file that cannot be served makes the answer 503, as one file \
-does. In a pod, the sidecar must share the engine's processes (shareProcessNamespace: true).
+every process's samples under it (each carries its pid label). A process that is gone is \
+served with its last snapshot while that is no older than --max-age (left out without it, or \
+once older), so that what it counted last (a failure it aborted on) is scraped; a file whose \
+id a later process holds is left out; one live process's file that cannot be served makes \
+the answer 503, as one file does. In a pod, the sidecar must share the engine's processes (shareProcessNamespace: true).
 
 Runs until SIGTERM or SIGINT, then exits 0 (also as PID 1 of a container, where the kernel \
 drops signals a process does not handle); exits 2 at once when the address cannot be bound or \

@@ -51,7 +51,8 @@ pub struct ConfigArgs {
     /// Exit 1 when the policy turns a control off or weakens it (each is listed with its risk).
     #[arg(long)]
     pub strict: bool,
-    /// Print the report as JSON instead of text.
+    /// Print the report as JSON instead of text; for an invalid policy (exit 2), an object
+    /// with the `error`.
     #[arg(long)]
     pub json: bool,
 }
@@ -456,6 +457,10 @@ pub fn run_config(args: &ConfigArgs) -> i32 {
         Ok(r) => r,
         Err(e) => {
             crate::say(format_args!("kvh config: invalid policy: {e}"));
+            if args.json {
+                let why = format!("invalid policy: {e}");
+                crate::report_out::json_error(&why, serde_json::json!({}));
+            }
             return EXIT_USAGE;
         }
     };

@@ -18,7 +18,8 @@ pub enum kvh_result {
     KVH_ERR_INVALID_SIZE = 7002,
     /// No memory, even after flushing scrubs and releasing cached blocks.
     KVH_ERR_OUT_OF_MEMORY = 7003,
-    /// Free of a pointer this allocator never returned (or already released).
+    /// Free of a pointer this allocator never returned (or already released); or
+    /// `kvh_mark_ipc_exported` of a pointer inside no memory it holds.
     KVH_ERR_UNKNOWN_POINTER = 7004,
     /// Free of a block that is already free.
     KVH_ERR_DOUBLE_FREE = 7005,
@@ -59,7 +60,9 @@ pub enum kvh_result {
     /// an id out of range or named twice, too many segments); nothing was scrubbed.
     KVH_ERR_INVALID_LAYOUT = 7019,
     /// `kvh_scrub_blocks`: a region of the layout is not inside a live allocation of
-    /// kvhygiene on that device; nothing was scrubbed.
+    /// kvhygiene on that device; nothing was scrubbed. `kvh_mark_ipc_exported`: the pointer
+    /// is inside a block that is not handed out (freed, pooled, quarantined); nothing was
+    /// marked.
     KVH_ERR_NOT_LIVE = 7020,
     /// `kvh_claim_blocks` with `KVH_KV_GATE=enforce`: some blocks would change owner without a
     /// verified scrub since their last owner (or failed their last scrub); nothing was
@@ -121,7 +124,7 @@ impl kvh_result {
             KVH_ERR_NULL_PARAMETER => "a required pointer argument was NULL",
             KVH_ERR_INVALID_SIZE => "invalid size: sizes must be positive",
             KVH_ERR_OUT_OF_MEMORY => "out of memory after flushing scrubs and releasing cached blocks",
-            KVH_ERR_UNKNOWN_POINTER => "invalid free: pointer was not allocated by kvhygiene",
+            KVH_ERR_UNKNOWN_POINTER => "pointer was not allocated by kvhygiene (an invalid free, or an export of memory it does not hold)",
             KVH_ERR_DOUBLE_FREE => "invalid free: block is already free",
             KVH_ERR_INTERIOR_POINTER => "invalid free: pointer is inside a block, not at its start",
             KVH_ERR_SIZE_MISMATCH => "size given to free differs from the allocation (block freed with the recorded size)",
@@ -137,7 +140,7 @@ impl kvh_result {
             KVH_ERR_UNKNOWN_CODE => "unknown result code",
             KVH_ERR_LOG => "the forensic log could not be opened; the allocator did not start",
             KVH_ERR_INVALID_LAYOUT => "invalid KV cache layout or block ids; nothing was scrubbed or claimed",
-            KVH_ERR_NOT_LIVE => "KV cache region is not inside a live kvhygiene allocation; nothing was scrubbed or claimed",
+            KVH_ERR_NOT_LIVE => "memory is not inside a live kvhygiene allocation (a KV cache region: nothing was scrubbed or claimed; an export: the block is not handed out)",
             KVH_ERR_KV_GATE => "KV blocks would change owner without a verified scrub; nothing was claimed",
             KVH_ERR_KV_TAKEN => "KV blocks were not handed over: another claim took them while the claim ran, or the gate lost track of them",
             KVH_ERR_FORKED_CHILD => "forked child: kvhygiene started in the parent process, and a child cannot use the allocator it inherited",
@@ -183,6 +186,16 @@ impl From<&crate::alloc::FreeError> for kvh_result {
             E::Backend(crate::backend::BackendError::OutOfMemory { .. }) => KVH_ERR_OUT_OF_MEMORY,
             E::Backend(crate::backend::BackendError::ShuttingDown) => KVH_ERR_SHUTTING_DOWN,
             E::Backend(_) => KVH_ERR_BACKEND,
+        }
+    }
+}
+
+impl From<&crate::alloc::IpcExportError> for kvh_result {
+    fn from(e: &crate::alloc::IpcExportError) -> Self {
+        use crate::alloc::IpcExportError as E;
+        match e {
+            E::UnknownPointer { .. } => KVH_ERR_UNKNOWN_POINTER,
+            E::NotLive { .. } => KVH_ERR_NOT_LIVE,
         }
     }
 }

@@ -171,26 +171,19 @@ fn malloc_inner(size: libc::ssize_t, device: c_int, stream: *mut c_void) -> (*mu
 /// failure is a CUDA graph capture's refusal, which the message explains.
 #[cold]
 fn say_thrown(e: &dyn std::fmt::Display, capture: bool) {
-    const SAID_AT_MOST: u64 = 16;
     static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SAID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if n >= SAID_AT_MOST {
-        return;
-    }
     let capture = if capture {
         " (PyTorch keeps no graph memory pool for a pluggable allocator: run without CUDA \
          graphs, docs/cuda.md)"
     } else {
         ""
     };
-    let last = if n + 1 == SAID_AT_MOST {
-        "; further failures are not said"
-    } else {
-        ""
-    };
-    crate::say(format_args!(
-        "kvhygiene: kvh_malloc throws std::bad_alloc: {e}{capture}{last}"
-    ));
+    crate::say_first(
+        &SAID,
+        16,
+        format_args!("kvhygiene: kvh_malloc throws std::bad_alloc: {e}{capture}"),
+        "further failures are not said",
+    );
 }
 
 /// Whether a failed `kvh_malloc` throws when no configuration was read (it was invalid, or a
@@ -333,6 +326,46 @@ pub extern "C" fn kvh_forget_stream(stream: *mut c_void) {
             clear_last_error();
         }
         Some(Err(e)) => set_last_error(e.code(), e.to_string()),
+    })
+}
+
+/// Says that the caller is about to export the allocation containing `ptr` for another
+/// process (`cudaIpcGetMemHandle`). Call it before taking the handle, for memory from
+/// `kvh_malloc` (the LD_PRELOAD library calls it inside its `cudaIpcGetMemHandle`). The
+/// importer may keep its mapping after the block is freed, so kvhygiene never pools that
+/// block again: its free scrubs and verifies it as always, then returns it to the driver
+/// (`release` record, reason `ipc_exported`; a block whose verification fails is
+/// quarantined, as any), whose next allocation at that address gets a new handle. The first mark of an allocation is recorded (`ipc_export`, with the caller's
+/// context) and counted (`ipc_exported_blocks`); marking it again changes nothing. `ptr` may
+/// point anywhere into the allocation, as the driver exports the whole allocation.
+///
+/// Returns `KVH_OK` when `ptr` lies in a live allocation of kvhygiene, now marked;
+/// `KVH_ERR_UNKNOWN_POINTER` when it lies in no memory kvhygiene holds (also before
+/// kvhygiene started, which this call does not do): nothing to mark, the export is the
+/// runtime's affair; `KVH_ERR_NOT_LIVE` when it lies in a block that is not handed out
+/// (freed, pooled or quarantined), whose memory would be the next owner's: do not export
+/// it; `KVH_ERR_NULL_PARAMETER` for NULL; or the start-up's error.
+#[no_mangle]
+pub extern "C" fn kvh_mark_ipc_exported(ptr: *const c_void) -> c_int {
+    boundary(KVH_ERR_PANIC as c_int, || {
+        if ptr.is_null() {
+            return fail(KVH_ERR_NULL_PARAMETER, "kvh_mark_ipc_exported: ptr is NULL");
+        }
+        match runtime::get_if_begun() {
+            // Before start-up kvhygiene holds no memory.
+            None => fail(
+                KVH_ERR_UNKNOWN_POINTER,
+                format!(
+                    "{:#x} is not inside memory kvhygiene holds (it has not started)",
+                    ptr as u64
+                ),
+            ),
+            Some(Ok(rt)) => match rt.allocator.mark_ipc_exported(ptr as u64) {
+                Ok(_) => ok(),
+                Err(e) => fail(kvh_result::from(&e), e.to_string()),
+            },
+            Some(Err(e)) => fail(e.code(), e.to_string()),
+        }
     })
 }
 

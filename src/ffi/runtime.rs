@@ -428,6 +428,13 @@ fn start_on_log(
         &metrics_config,
         Arc::new(move || snapshot(&a, l.as_deref(), d.as_deref(), &c)),
     );
+    // Under failure_mode=abort the process stops without its exit handler: the snapshot that
+    // counts the failure is written first, for the alerts and `kvh gate` to see it.
+    allocator.on_fail_closed(|| {
+        if let Some(rt) = own_runtime() {
+            write_metrics(rt);
+        }
+    });
     Ok(Runtime {
         allocator,
         log,

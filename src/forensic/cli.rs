@@ -56,7 +56,8 @@ pub struct VerifyLogArgs {
     /// DIR's, so the chains are checked whole. Repeatable.
     #[arg(long, value_name = "ARCHIVE")]
     pub archive_dir: Vec<PathBuf>,
-    /// Print the report as JSON on stdout.
+    /// Print the report as JSON on stdout; when nothing can be verified (exit 2), an object
+    /// with the `error` (and for verify-log, no `chains` and the error among `errors`).
     #[arg(long)]
     pub json: bool,
 }
@@ -109,7 +110,8 @@ pub struct PruneLogArgs {
     /// nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Print the result as JSON on stdout.
+    /// Print the result as JSON on stdout; when the run cannot be made (exit 2 before any
+    /// move), an object with the `error`.
     #[arg(long)]
     pub json: bool,
 }
@@ -222,19 +224,11 @@ fn lookalikes(dir: &Path) -> Option<String> {
 
 /// Runs `verify-log`; returns the process exit code.
 pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
-    let opts = match options(args) {
-        Ok(o) => o,
-        Err(e) => {
-            crate::say(format_args!("kvh verify-log: {e}"));
-            return EXIT_USAGE;
-        }
-    };
-    let report = match verify_all(&args.dir, &opts) {
+    let report = match options(args)
+        .and_then(|opts| verify_all(&args.dir, &opts).map_err(|e| e.to_string()))
+    {
         Ok(r) => r,
-        Err(e) => {
-            crate::say(format_args!("kvh verify-log: {e}"));
-            return EXIT_USAGE;
-        }
+        Err(e) => return unverified(args, &e),
     };
     if report.errors.is_empty() && report.chains.iter().all(|c| c.ok() && c.records == 0) {
         // Nothing verified is not "verified": a mistyped directory, or chain files without a
@@ -254,11 +248,7 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         } else {
             "no records in its forensic log files to verify"
         };
-        crate::say(format_args!(
-            "kvh verify-log: {}: {what}",
-            args.dir.display()
-        ));
-        return EXIT_USAGE;
+        return unverified(args, &format!("{}: {what}", args.dir.display()));
     }
     let mut out = std::io::stdout().lock();
     let written = if args.json {
@@ -288,6 +278,17 @@ pub fn run_verify_log(args: &VerifyLogArgs) -> i32 {
         }
     }
     report.exit_code()
+}
+
+/// `verify-log` could not verify (`why`): said, and under `--json` a report in the
+/// report's shape that verified no chain and has `why` among its errors. The usage status.
+fn unverified(args: &VerifyLogArgs, why: &str) -> i32 {
+    crate::say(format_args!("kvh verify-log: {why}"));
+    if args.json {
+        let verdict = serde_json::json!({ "chains": [], "errors": [why] });
+        crate::report_out::json_error(why, verdict);
+    }
+    EXIT_USAGE
 }
 
 /// Checks the arguments and reads the keys they name.
@@ -369,6 +370,20 @@ pub(crate) fn options_but_dir(args: &VerifyLogArgs) -> Result<VerifyOptions, Str
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(format!("--archive-dir {}: not a directory", a.display())),
             Err(e) => return Err(format!("--archive-dir {}: {e}", a.display())),
+        }
+        // As prune-log refuses it: an archive is where files were moved out of the log
+        // directory to, never the log directory (a slip that would verify nothing extra).
+        let inside = std::fs::canonicalize(a).is_ok_and(|c| {
+            c.ancestors()
+                .any(|up| super::prune::same_place(up, &args.dir))
+        });
+        if inside {
+            return Err(format!(
+                "--archive-dir {} is the log directory {} or inside it: name the directory \
+                 prune-log moved files to",
+                a.display(),
+                args.dir.display()
+            ));
         }
     }
     let mut dirs = vec![args.dir.as_path()];
@@ -574,6 +589,9 @@ fn chain_line(c: &ChainReport, several: Several) -> String {
         ));
     }
     let mut macs = match (c.macs_checked, c.ok()) {
+        // A file without a complete record (a writer that died before its first): nothing
+        // was verified, and "MACs verified" would say otherwise.
+        (true, true) if c.records == 0 => "no record to check a MAC of",
         (true, true) => "MACs verified",
         // The problem line below says what failed, a MAC or something else.
         (true, false) => "MACs checked",
@@ -670,8 +688,12 @@ fn say_refused(refused: &[prune::PruneError]) {
 pub fn run_prune_log(args: &PruneLogArgs) -> i32 {
     match prune_log(args) {
         Ok(code) => code,
+        // Under --json nothing is written before the end: the error takes the report's place.
         Err(e) => {
             crate::say(format_args!("kvh prune-log: {e}"));
+            if args.json {
+                crate::report_out::json_error(&e, serde_json::json!({}));
+            }
             EXIT_USAGE
         }
     }
@@ -891,7 +913,7 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), String> {
     let names_dir = prefix.as_os_str().as_encoded_bytes().ends_with(b"/") || prefix.is_dir();
     if names_dir || prefix.as_os_str().is_empty() {
         return Err(format!(
-            "--out {}: a directory, not a file prefix; give one such as {}",
+            "--out {}: names a directory, not a file prefix; give one such as {}",
             prefix.display(),
             prefix.join("checkpoint").display()
         ));

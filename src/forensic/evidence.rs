@@ -445,6 +445,9 @@ pub fn run_evidence(args: &EvidenceArgs) -> i32 {
         Ok(e) => e,
         Err(e) => {
             crate::say(format_args!("kvh evidence: {e}"));
+            if args.log.json {
+                crate::report_out::json_error(&e.to_string(), serde_json::json!({}));
+            }
             return EXIT_USAGE;
         }
     };
@@ -2048,11 +2051,19 @@ pub fn render(ev: &Evidence) -> String {
     push(String::new());
     let i = &ev.integrity;
     push(format!(
-        "- {}: {} chains, {} files, {} records; hash chain, sequence and rotation links checked.",
+        "- {}: {} chains, {} files, {} records; hash chain, sequence and rotation links checked.{}",
         if i.verified { "VERIFIED" } else { "FAILED" },
         i.chains,
         i.files,
-        i.records
+        i.records,
+        // Said up front: without the signed checkpoints, records cut off a chain's end leave
+        // a chain that verifies.
+        if i.checkpoints_matched.is_none() && i.unchecked_signed > 0 {
+            " Not checked: the signed checkpoints (no --public-key), so records cut off a \
+             chain's end would not be seen."
+        } else {
+            ""
+        }
     ));
     push(format!(
         "- MACs: {}.",

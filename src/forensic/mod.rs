@@ -712,8 +712,9 @@ pub(crate) fn context_fields<'a>(c: &'a crate::context::Context, m: &mut Fields<
     m.push((b("model_id"), opt(c.model_id())));
 }
 
-/// The ids of the thread that made a refused or mismatched free (`caller_tenant_id`,
-/// `caller_request_id`, `caller_model_id`): the record's own ids are the block owner's.
+/// The ids of the thread that made a refused or mismatched free, or an export
+/// (`caller_tenant_id`, `caller_request_id`, `caller_model_id`): the record's own ids are the
+/// block owner's.
 fn put_caller<'a>(
     put: &mut impl FnMut(&'static str, Field<'a>),
     caller: &'a crate::context::Context,
@@ -758,6 +759,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
                     ReleaseReason::IdleTtl => "idle_ttl",
                     ReleaseReason::EmptyCache => "empty_cache",
                     ReleaseReason::OutOfMemory => "out_of_memory",
+                    ReleaseReason::IpcExported => "ipc_exported",
                 }),
             );
             // Only when the backend refused the release: a record of a block returned
@@ -788,6 +790,7 @@ fn kind_fields<'a>(k: &'a EventKind, m: &mut Fields<'a>) {
             put_caller(&mut put, caller);
             put("claimed", Field::I(*claimed));
         }
+        EventKind::IpcExport { caller } => put_caller(&mut put, caller),
         EventKind::TtlExceeded {
             which,
             age_ms,

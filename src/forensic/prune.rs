@@ -774,7 +774,7 @@ fn check_archive_marks(archive: &Path) -> Result<(), String> {
 }
 
 /// Whether two paths name the same existing directory (device and inode).
-fn same_place(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_place(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
         _ => false,

@@ -105,7 +105,8 @@ pub struct MetricsArgs {
     /// to check is not a pass).
     #[arg(long)]
     pub fail_on_security: bool,
-    /// Print a JSON summary on stdout instead of the samples and verdict.
+    /// Print a JSON summary on stdout instead of the samples and verdict; when the file
+    /// cannot be checked (exit 2), an object with `ok` false and the `error`.
     #[arg(long)]
     pub json: bool,
 }
@@ -442,8 +443,12 @@ pub fn run_metrics(args: &MetricsArgs) -> i32 {
     });
     match outcome {
         Ok(code) => code,
+        // Nothing was written yet: a write that failed is said where it happens.
         Err(e) => {
             crate::say(format_args!("kvh metrics: {e}"));
+            if args.json {
+                crate::report_out::json_error(&e, serde_json::json!({ "ok": false }));
+            }
             EXIT_USAGE
         }
     }
@@ -458,9 +463,10 @@ fn metrics_one(args: &MetricsArgs, file: &Path) -> Result<i32, String> {
     } else {
         write_text(&mut out, &snap, &r)
     };
-    crate::report_out::reader_may_leave(written)
-        .map_err(|e| format!("cannot write the report: {e}"))?;
-    Ok(if r.ok { EXIT_OK } else { EXIT_FAILED })
+    let status = if r.ok { EXIT_OK } else { EXIT_FAILED };
+    Ok(crate::report_out::status_if_written(
+        "metrics", written, status, EXIT_USAGE,
+    ))
 }
 
 /// The report on every live process of a per-process pattern (`--json`).
@@ -514,9 +520,10 @@ fn metrics_per_process(args: &MetricsArgs, pattern: &Path) -> Result<i32, String
     } else {
         write_processes_text(&mut out, &snaps, &all)
     };
-    crate::report_out::reader_may_leave(written)
-        .map_err(|e| format!("cannot write the report: {e}"))?;
-    Ok(if all.ok { EXIT_OK } else { EXIT_FAILED })
+    let status = if all.ok { EXIT_OK } else { EXIT_FAILED };
+    Ok(crate::report_out::status_if_written(
+        "metrics", written, status, EXIT_USAGE,
+    ))
 }
 
 /// `v` as pretty JSON and a newline (the `--json` output of the verbs).
@@ -684,34 +691,61 @@ impl FileRoutes {
 
     /// Every live process's snapshot as one exposition; nothing when one of them cannot be
     /// served (as for one file: a scrape that fails is what the KvhMetricsDown alert sees),
-    /// or when no live process has a file.
+    /// or when no live process has a file. With `--max-age`, the last snapshot of a process
+    /// that is gone is served too while it is that fresh ([`FileRoutes::last_words`]).
     fn merged(&self, pattern: &Path, now: SystemTime) -> Result<String, Unservable> {
         let same = |e: String| (e.clone(), e);
         let files = per_process::find(pattern).map_err(same)?;
-        let mut gone = files.gone.len();
+        let mut gone = files.gone.clone();
         let mut snaps = Vec::with_capacity(files.live.len());
+        let mut earlier_holders = 0;
         for (pid, file) in &files.live {
             // A file another process held the id before is not served, nor is its age judged
             // (that it is old says nothing of the process holding the id now).
             let served = match load_of_process_at(*pid, file, now).map_err(same)? {
                 Some(snap) => self.judged_fresh(file, snap, now),
+                None if per_process::alive(*pid) => {
+                    earlier_holders += 1;
+                    continue;
+                }
                 None => {
-                    gone += 1;
+                    gone.push((*pid, file.clone()));
                     continue;
                 }
             };
             match served {
                 Ok(snap) => snaps.push((file.display().to_string(), snap)),
-                // Ended since the directory was listed: its last snapshot is not served.
-                Err(_) if !per_process::alive(*pid) => gone += 1,
+                // Ended since the directory was listed: gone.
+                Err(_) if !per_process::alive(*pid) => gone.push((*pid, file.clone())),
                 Err(e) => return Err(e),
             }
         }
+        snaps.extend(self.last_words(&gone, now));
         if snaps.is_empty() {
-            return Err(same(per_process::none_live(pattern, gone)));
+            return Err(same(per_process::none_live(
+                pattern,
+                gone.len() + earlier_holders,
+            )));
         }
         let named: Vec<(&str, &Snapshot)> = snaps.iter().map(|(f, s)| (f.as_str(), s)).collect();
         super::merge::merge(&named).map_err(|e| same(format!("{}: {e}", pattern.display())))
+    }
+
+    /// The last snapshots of processes that are gone, those no older than `--max-age`
+    /// (none without it): a worker that ended, or aborted under `failure_mode=abort` after
+    /// writing the snapshot that counts its failure, is scraped once more, so what it counted
+    /// last reaches the alerts; then it ages out. A file of a gone process that cannot be
+    /// read or is stale is left out, never a reason to answer 503 for the live ones.
+    fn last_words(&self, gone: &[(u32, PathBuf)], now: SystemTime) -> Vec<(String, Snapshot)> {
+        let Some(max) = self.max_age else {
+            return Vec::new();
+        };
+        gone.iter()
+            .filter_map(|(_, file)| {
+                let snap = load_at(file, now).ok()?;
+                (snap.age_seconds(now) <= max as f64).then(|| (file.display().to_string(), snap))
+            })
+            .collect()
     }
 
     /// [`FileRoutes::check`], saying on stderr when the problem changes or goes away.

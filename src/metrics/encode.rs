@@ -299,6 +299,14 @@ pub const SERIES: &[Series] = &[
         "Frees whose size differed from the block's recorded size."
     ),
     series!(
+        "/counters/ipc_exported_blocks",
+        "kvh_ipc_exported_blocks_total",
+        Counter,
+        Number,
+        NONE,
+        "Blocks exported for another process (cudaIpcGetMemHandle) while handed out; their frees return them to the driver once verified, never to the pool."
+    ),
+    series!(
         "/counters/ttl_exceeded",
         "kvh_ttl_exceeded_total",
         Counter,

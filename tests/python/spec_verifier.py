@@ -353,6 +353,7 @@ KINDS = {
     "release": BLOCK | {"reason"},
     "invalid_free": {"ptr", "call_device", "reason", "caller_tenant_id", "caller_request_id", "caller_model_id"},  # + block fields when the pointer belongs to a block
     "size_mismatch": BLOCK | {"claimed", "caller_tenant_id", "caller_request_id", "caller_model_id"},
+    "ipc_export": BLOCK | {"caller_tenant_id", "caller_request_id", "caller_model_id"},
     "ttl_exceeded": BLOCK | {"which", "age_ms", "limit_ms"},
     "policy_violation": {"policy", "detail"},
     "kv_scrub": {
@@ -377,7 +378,8 @@ KINDS = {
 
 ENUMS = {
     ("quarantine", "reason"): {"verify_failed", "never_reuse_policy", "rescrub_failed", "residue", "rescrub_residue"},
-    ("release", "reason"): {"quarantine_cleared", "max_reuse", "idle_ttl", "empty_cache", "out_of_memory"},
+    ("release", "reason"): {"quarantine_cleared", "max_reuse", "idle_ttl", "empty_cache", "out_of_memory",
+                            "ipc_exported"},
     ("invalid_free", "reason"): {"unknown_pointer", "double_free", "interior_pointer", "wrong_device", "invalid_device"},
     ("ttl_exceeded", "which"): {"live"},
     ("policy_violation", "policy"): {"kv_scrub", "kv_gate", "failure_mode"},

@@ -157,6 +157,44 @@ def test_invalid_frees_return_codes_and_leave_blocks_intact():
     assert "already free" in out["message"]
 
 
+def test_an_exported_allocation_is_never_handed_out_again_and_pooled_memory_is_not_exported():
+    out = run_child(
+        """
+        lib.kvh_mark_ipc_exported.argtypes = [ctypes.c_void_p]
+        codes = {}
+        codes["before_start"] = lib.kvh_mark_ipc_exported(0x7000)
+        shared = lib.kvh_malloc(4096, 0, STREAM)
+        ctypes.memset(shared, 0x5A, 4096)
+        codes["null"] = lib.kvh_mark_ipc_exported(None)
+        codes["interior"] = lib.kvh_mark_ipc_exported(shared + 100)
+        codes["unknown"] = lib.kvh_mark_ipc_exported(0xdead0000)
+        out["unknown_message"] = text(lib.kvh_last_error_message)
+        lib.kvh_free(shared, 4096, 0, STREAM)
+        lib.kvh_synchronize()
+        plain = lib.kvh_malloc(4096, 0, STREAM)
+        out["fresh_zero"] = zero(plain, 4096)
+        lib.kvh_free(plain, 4096, 0, STREAM)
+        lib.kvh_synchronize()
+        codes["pooled"] = lib.kvh_mark_ipc_exported(plain)
+        out["pooled_message"] = text(lib.kvh_last_error_message)
+        # The unexported block is pooled and comes back; the exported one never does.
+        again = lib.kvh_malloc(4096, 0, STREAM)
+        out["pooled_back"] = again == plain
+        out["codes"] = codes
+        out["stats"] = stats()
+        """
+    )
+    c = out["codes"]
+    assert c == {"before_start": 7004, "null": 7001, "interior": 0, "unknown": 7004, "pooled": 7020}, c
+    assert "not inside memory kvhygiene holds" in out["unknown_message"]
+    assert "not allocated (it is clean)" in out["pooled_message"]
+    assert out["fresh_zero"] and out["pooled_back"]
+    counters = out["stats"]["counters"]
+    assert counters["ipc_exported_blocks"] == 1
+    assert counters["released"] == 1
+    assert counters["pool_hits"] == 1
+
+
 def test_free_checked_reports_a_sabotaged_scrub_and_quarantines():
     out = run_child(
         """

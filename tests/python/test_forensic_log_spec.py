@@ -93,6 +93,8 @@ PRELUDE = textwrap.dedent(
     lib.kvh_free_checked.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
     lib.kvh_free_checked.restype = ctypes.c_int
     lib.kvh_set_context.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p]
+    lib.kvh_mark_ipc_exported.argtypes = [ctypes.c_void_p]
+    lib.kvh_mark_ipc_exported.restype = ctypes.c_int
     class Layout(ctypes.Structure):
         _fields_ = [("region_bases", ctypes.POINTER(ctypes.c_uint64)), ("region_count", ctypes.c_size_t),
                     ("block_bytes", ctypes.c_uint64), ("block_stride", ctypes.c_uint64),
@@ -124,7 +126,8 @@ SECRET = b"0123456789abcdef-spec-secret"
 def rare_kinds_log(tmp: Path):
     """A log with invalid_free, size_mismatch, ttl_exceeded, policy_violation (kv_scrub),
     a `lost` record (writes refused by RLIMIT_FSIZE, then allowed again), a process that
-    crashed, and the `recovery` of its chain by the next process."""
+    crashed, and the `recovery` of its chain by the next process, which exports a block
+    (`ipc_export`, then its `release` for `ipc_exported`)."""
     log = tmp / "rare"
     sk, pk = key_pair(tmp, "rare-signer")
     hk = hmac_key(tmp, "rare-hmac", SECRET)
@@ -169,6 +172,10 @@ def rare_kinds_log(tmp: Path):
         """
         lib.kvh_set_context(b"tenant-b", b"req-2", b"model-x")
         lib.kvh_free(0xfeed0000, 8, 0, None)
+        shared = lib.kvh_malloc(4096, 0, None)
+        assert lib.kvh_mark_ipc_exported(shared + 8) == 0
+        lib.kvh_free(shared, 4096, 0, None)
+        lib.kvh_synchronize()
         lib.kvh_shutdown()
         """,
         **env,
@@ -321,8 +328,13 @@ def test_the_rarer_record_kinds_have_the_documented_fields(rare):
     assert all(ours_ok(r) for r in ours.values()), ours
     records = [r for res in ours.values() for _, _, r in res["records"]]
     kinds = {r["kind"] for r in records}
-    for kind in ["invalid_free", "size_mismatch", "ttl_exceeded", "policy_violation", "lost", "recovery"]:
+    for kind in ["invalid_free", "size_mismatch", "ttl_exceeded", "policy_violation", "lost", "recovery",
+                 "ipc_export"]:
         assert kind in kinds, sorted(kinds)
+    (export,) = [r for r in records if r["kind"] == "ipc_export"]
+    assert (export["tenant_id"], export["caller_tenant_id"]) == ("tenant-b", "tenant-b")
+    (retired,) = [r for r in records if r["kind"] == "release" and r["reason"] == "ipc_exported"]
+    assert retired["block_id"] == export["block_id"]
     problems = [p for r in records for p in schema_problems(r)]
     assert problems == []
 

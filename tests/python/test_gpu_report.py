@@ -34,10 +34,14 @@ def preload_kvh(**round_changes) -> dict:
     clean = {"rc": 0, "secret_seen": 0, "nonzero": 0, "same_address": True}
     return {
         "kvh_loaded": 1,
-        "kvh_verifications_passed": 4,
+        "kvh_verifications_passed": 6,
         "kvh_verifications_failed": 0,
+        "kvh_ipc_exported_blocks": 1,
+        "kvh_released": 1,
+        "ipc_export_rc": 0,
         "sync": clean,
         "async": {**clean, **round_changes},
+        "ipc": {**clean, "same_address": False},
     }
 
 
@@ -299,6 +303,29 @@ def test_the_preload_probe_must_show_the_freed_block_clean(tmp_path, monkeypatch
     code, rows, _ = run_report(tmp_path, monkeypatch)
     assert rows[KVH_PROBE]["verdict"] == "FAIL"
     assert code == 1
+
+
+IPC_PROBE = "LD_PRELOAD probe: a block exported with cudaIpcGetMemHandle is released at its free, never reused"
+
+
+@pytest.mark.parametrize(
+    "changes, verdict",
+    [
+        ({}, "PASS"),
+        ({"kvh_released": 0}, "FAIL"),  # pooled, not returned to the driver
+        ({"kvh_ipc_exported_blocks": 0}, "FAIL"),  # the export was not seen
+        ({"ipc_export_rc": 1}, "FAIL"),  # the runtime refused the export
+        ({"ipc": {"rc": 0, "secret_seen": 3, "nonzero": 9, "same_address": True}}, "FAIL"),
+        ({"ipc": None}, "MISSING"),  # a probe without the round
+    ],
+)
+def test_the_ipc_round_needs_the_exported_block_released_and_zeros_after(tmp_path, monkeypatch, changes, verdict):
+    complete_run(tmp_path)
+    probe = {**preload_kvh(), **changes}
+    py_result(tmp_path, "preload_kvh", **{k: v for k, v in probe.items() if v is not None})
+    code, rows, _ = run_report(tmp_path, monkeypatch)
+    assert rows[IPC_PROBE]["verdict"] == verdict, rows[IPC_PROBE]
+    assert code == (0 if verdict == "PASS" else 1)
 
 
 def test_a_quiet_plain_runtime_is_information_not_a_failure(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 
-from test_c_abi import kvh_binary, library, run_child
+from test_c_abi import PRELUDE, kvh_binary, library, run_child
 
 
 def sample(text: str, series: str) -> float:
@@ -49,6 +49,37 @@ def test_metrics_file_is_written_at_exit_with_the_final_counters(tmp_path):
     ok = subprocess.run([kvh_binary(), "metrics", "--file", str(prom), "--max-age", "600", "--fail-on-security"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_a_process_that_fails_closed_writes_the_snapshot_counting_its_failure_first(tmp_path):
+    # Under KVH_FAILURE_MODE=abort the process aborts without its exit handler. Its last
+    # snapshot is written before the abort, so the failure shows in the metrics (the alerts,
+    # `kvh metrics --fail-on-security`, `kvh gate`), not only in the forensic log.
+    prom = tmp_path / "kvh.prom"
+    body = f"""
+import os, time
+assert lib.kvh_init() == 0
+deadline = time.time() + 10
+while not os.path.exists({str(prom)!r}):
+    assert time.time() < deadline, "no metrics file written at start"
+    time.sleep(0.01)
+p = lib.kvh_malloc(4096, 0, STREAM)
+ctypes.memset(p, 0x33, 4096)
+lib.kvh_inject_fault(1)
+lib.kvh_free_checked(p, 4096, 0, STREAM)
+print("KVH-CHILD-SURVIVED", flush=True)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("KVH_")}
+    env.update(KVH_BACKEND="host", KVH_OOM="null", KVH_FAILURE_MODE="abort", KVH_METRICS_FILE=str(prom),
+               KVH_METRICS_INTERVAL_MS="3600000")
+    code = f"LIB = {library()!r}\n" + PRELUDE + body
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode != 0 and "KVH-CHILD-SURVIVED" not in child.stdout, child.stdout + child.stderr
+    text = prom.read_text()
+    assert sample(text, 'kvh_verifications_total{result="failed"}') == 1, text
+    failed = subprocess.run([kvh_binary(), "metrics", "--file", str(prom), "--max-age", "600", "--fail-on-security"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
 
 
 def test_http_exporter_serves_the_live_counters(tmp_path):

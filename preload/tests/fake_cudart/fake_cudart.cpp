@@ -134,6 +134,16 @@ int cudaFreeAsync(void* p, cudaStream_t) {
     return release(p);
 }
 
+// The handle (a 64-byte struct) of any non-NULL pointer: the pointer itself, zero-padded.
+int cudaIpcGetMemHandle(void* handle, void* p) {
+    std::lock_guard<std::mutex> g(mu);
+    count("cudaIpcGetMemHandle");
+    if (handle == nullptr || p == nullptr) return 1;  // cudaErrorInvalidValue
+    std::memset(handle, 0, 64);
+    std::memcpy(handle, &p, sizeof p);
+    return 0;
+}
+
 int cudaGetDevice(int* d) {
     std::lock_guard<std::mutex> g(mu);
     count("cudaGetDevice");

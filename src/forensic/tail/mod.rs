@@ -80,7 +80,8 @@ pub struct TailLogArgs {
     /// records is passed on again: deduplicate on `chain` and `seq`) and still detects a
     /// chain that went back or vanished meanwhile. Written atomically (0600) after each pass
     /// that moved, and after each batch of a backlog passed on in batches (more than 8 MiB).
-    /// It names its log directory: given with another one, it is refused (exit 2).
+    /// It names its log directory (by its path while it does not exist yet): given with
+    /// another one, it is refused (exit 2).
     /// So is a stdout that is /dev/null (or closed), which would mark records passed on that
     /// nobody received. Passed on means written to stdout: records still unread in a pipe
     /// when its reader died are not passed on again, so a shipper that can die with unread
@@ -126,6 +127,11 @@ struct State {
     /// deleted. Absent in state files of earlier versions and before the directory existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     log_dir: Option<DirId>,
+    /// Before the directory existed: the absolute path it was awaited at, so that a state
+    /// file saved then is refused with another directory as well (`log_dir` replaces it once
+    /// the directory exists). Absent in state files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    awaited_dir: Option<std::ffi::OsString>,
     chains: BTreeMap<String, Position>,
     /// Passes in a row whose bytes did not hash to the chain's verified head, per chain: kept
     /// across runs, so that scheduled `--once` runs count them too.
@@ -253,6 +259,23 @@ fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
             )));
         }
     }
+    if let (Some(path), Some(theirs)) = (
+        &args.state,
+        saved
+            .as_ref()
+            .filter(|s| s.log_dir.is_none())
+            .and_then(|s| s.awaited_dir.as_ref()),
+    ) {
+        if !same_awaited_dir(Path::new(theirs), &args.log.dir) {
+            return Err(Stop::Error(format!(
+                "--state {} was saved for log directory {} (which did not exist then), not \
+                 {}: give that directory, or another --state file for this one",
+                path.display(),
+                Path::new(theirs).display(),
+                args.log.dir.display()
+            )));
+        }
+    }
     let stop = if args.once {
         // A scheduled pass keeps the signals' default action: killed is killed.
         None
@@ -269,7 +292,11 @@ fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
         // the next scheduled run) must know it too. The file's presence also says the tail
         // has started (a start-up probe can wait for it before the writers start).
         if let Some(path) = &args.state {
-            save_state(path, &State::default()).map_err(Stop::Error)?;
+            let awaited = State {
+                awaited_dir: resolved(&args.log.dir).map(PathBuf::into_os_string),
+                ..State::default()
+            };
+            save_state(path, &awaited).map_err(Stop::Error)?;
         }
         let Some(stop) = &stop else {
             // A scheduled run before the writers created the directory: a log with no chain
@@ -294,6 +321,9 @@ fn tail(args: &TailLogArgs, lock: &mut Option<StateLock>) -> Result<(), Stop> {
     let mut state = saved.unwrap_or_default();
     // Named now that the directory exists (a state saved before it did names none).
     state.log_dir = DirId::of(&args.log.dir).or(state.log_dir);
+    if state.log_dir.is_some() {
+        state.awaited_dir = None;
+    }
     if let Some(gone) = directory_gone(&args.log.dir, &state) {
         return Err(gone);
     }
@@ -431,6 +461,42 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
         std::thread::sleep(step);
         left -= step;
     }
+}
+
+/// Whether `given` names the directory a state file awaited at `awaited` (what [`resolved`]
+/// made of the path it was given as): the same path however it is spelled (relative, through
+/// a symlink, with `..`), also while the directory does not exist yet. `awaited` is resolved
+/// again too: a symlink that dangled then (a volume linked into place before it was
+/// mounted) leads to its target now.
+fn same_awaited_dir(awaited: &Path, given: &Path) -> bool {
+    let Some(given) = resolved(given) else {
+        return false;
+    };
+    given == awaited || resolved(awaited).is_some_and(|a| a == given)
+}
+
+/// `dir` as one absolute path for all its spellings, whether it exists or not: its deepest
+/// existing ancestor resolved as `canonicalize` does (symlinks followed, `..` applied), and
+/// the components below it, which exist nowhere yet and so hold no symlink, applied
+/// lexically (`.` dropped, `..` the ancestor's parent). `None` when no ancestor can be
+/// resolved (no working directory, say).
+fn resolved(dir: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let absolute = std::path::absolute(dir).ok()?;
+    let parts: Vec<Component> = absolute.components().collect();
+    (1..=parts.len()).rev().find_map(|existing| {
+        let mut path = std::fs::canonicalize(parts[..existing].iter().collect::<PathBuf>()).ok()?;
+        for part in &parts[existing..] {
+            match part {
+                Component::ParentDir => {
+                    path.pop();
+                }
+                Component::Normal(name) => path.push(name),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        Some(path)
+    })
 }
 
 /// Tampering when the log directory itself is gone (removed or renamed) after chains were
