@@ -200,6 +200,28 @@ fn a_second_kvh_shutdown_does_not_refresh_the_metrics_file() {
     );
 }
 
+/// `KVH_OOM` is read whatever its case, as the policy reads it: `NULL` asks for NULL also when
+/// another variable is invalid and no policy was read. A C caller that cannot take a C++
+/// exception must get NULL and `KVH_ERR_CONFIG`, not an exception unwinding through it.
+#[test]
+fn null_mode_in_upper_case_holds_when_another_variable_is_invalid() {
+    let name = "null_mode_in_upper_case_holds_when_another_variable_is_invalid";
+    if in_child() {
+        let p = ffi::kvh_malloc(4096, 0, std::ptr::null_mut());
+        println!(
+            "RETURNED null={} code={}",
+            p.is_null(),
+            ffi::kvh_last_error()
+        );
+        return;
+    }
+    let (ok, stdout, stderr) = child(name, &[("KVH_OOM", "NULL"), ("KVH_BATCH_SIZE", "0")]);
+    assert!(
+        ok && stdout.contains("RETURNED null=true code=7011"),
+        "kvh_malloc did not return NULL with KVH_ERR_CONFIG under KVH_OOM=NULL:\n{stdout}\n{stderr}"
+    );
+}
+
 /// `kvh_malloc`: "On failure (also when the runtime could not start): with the policy's
 /// `oom = "throw"` (`KVH_OOM` or the `KVH_CONFIG` file ...) throws `std::bad_alloc`; with
 /// `oom = "null"` returns NULL and sets the last error." A file that asks for `null` (a

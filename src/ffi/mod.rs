@@ -187,11 +187,11 @@ fn say_thrown(e: &dyn std::fmt::Display, capture: bool) {
 }
 
 /// Whether a failed `kvh_malloc` throws when no configuration was read (it was invalid, or a
-/// panic left no answer): the raw `KVH_OOM` variable, throwing unless it says `null`, since
-/// PyTorch would otherwise use a NULL pointer.
+/// panic left no answer): the raw `KVH_OOM` variable, throwing unless it says `null` (in any
+/// case, as the policy reads it), since PyTorch would otherwise use a NULL pointer.
 fn oom_throws_by_env() -> bool {
     match std::env::var("KVH_OOM") {
-        Ok(v) => v.trim() != "null",
+        Ok(v) => !v.trim().eq_ignore_ascii_case("null"),
         // Not in the environment: the `KVH_CONFIG` file's `oom`, when that file reads (the
         // environment failed on another key), else throw.
         Err(_) => std::env::var_os("KVH_CONFIG")
