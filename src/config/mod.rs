@@ -317,6 +317,21 @@ pub enum ConfigError {
         value: String,
         expected: &'static str,
     },
+    /// A file's value of a TOML type the key does not take (`log_dir = 5`): its TOML text
+    /// is shown, not the text it would convert to, which could be valid (`"5"`).
+    #[error(
+        "{}: {value} is a TOML {kind}, which this key does not take; expected {expected}{}",
+        crate::printable(key),
+        if *.strings_only { ", given as a quoted string" } else { "" }
+    )]
+    WrongType {
+        key: String,
+        value: String,
+        kind: &'static str,
+        expected: &'static str,
+        /// The key takes strings only (a path, a word), not numbers or switches.
+        strings_only: bool,
+    },
     #[error(
         "{}: unknown configuration key{} (known keys: {known})",
         crate::printable(key),
@@ -413,6 +428,12 @@ fn toml_type_fits(expected: &str, value: &toml::Value) -> bool {
         toml::Value::Boolean(_) => expected == SWITCH,
         _ => false,
     }
+}
+
+/// Whether a key takes its value from a TOML string only (a path, a word): no TOML number
+/// or boolean fits it (`toml_type_fits`).
+fn takes_strings_only(expected: &str) -> bool {
+    !(expected.starts_with("an integer") || expected.starts_with("a number") || expected == SWITCH)
 }
 
 /// Every key, in documentation order. The README's table lists the same keys.
@@ -659,6 +680,13 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
     let message = e.message().trim_end().replace('\n', "; ");
+    // The parser gives no description where a value should begin and none does (`key =` at
+    // the end of a line or of the file): say what is missing.
+    let message = if message.is_empty() {
+        "expected a value (a quoted string, a number or true/false)".to_string()
+    } else {
+        message
+    };
     let hint = beyond_toml_integers(text, span.start, &message).unwrap_or_default();
     format!("line {line}, column {column}: {message}{hint}")
 }
@@ -1007,6 +1035,19 @@ impl Config {
                 value,
                 expected,
             },
+            ConfigError::WrongType {
+                key,
+                value,
+                kind,
+                expected,
+                strings_only,
+            } => ConfigError::WrongType {
+                key: format!("{key} (in {})", path.display()),
+                value,
+                kind,
+                expected,
+                strings_only,
+            },
             ConfigError::Unknown {
                 key,
                 known,
@@ -1049,10 +1090,12 @@ impl Config {
                 })?;
             let text = match value {
                 _ if !toml_type_fits(key.expected, value) => {
-                    return Err(ConfigError::Invalid {
+                    return Err(ConfigError::WrongType {
                         key: name.clone(),
                         value: value.to_string(),
+                        kind: value.type_str(),
                         expected: key.expected,
+                        strings_only: takes_strings_only(key.expected),
                     })
                 }
                 toml::Value::String(s) => s.clone(),
@@ -1810,7 +1853,11 @@ mod tests {
         ] {
             let key = text.split(' ').next().unwrap();
             match Config::from_toml_str(text) {
-                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                Err(
+                    ConfigError::Invalid { key: k, .. } | ConfigError::WrongType { key: k, .. },
+                ) => {
+                    assert_eq!(k, key, "{text}")
+                }
                 other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
             }
         }
@@ -1876,10 +1923,28 @@ mod tests {
         ] {
             let key = text.split(' ').next().unwrap();
             match Config::from_toml_str(text) {
-                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
-                other => panic!("{text:?}: expected an invalid-value error, got {other:?}"),
+                Err(e @ ConfigError::WrongType { .. }) => {
+                    let shown = e.to_string();
+                    // The TOML value as written, not the text "5" it would convert to, which
+                    // a path key would take.
+                    let value = text.split(" = ").nth(1).unwrap().trim();
+                    assert!(
+                        shown.starts_with(&format!("{key}: {value} is a TOML "))
+                            && shown.ends_with("given as a quoted string"),
+                        "{text:?}: {shown}"
+                    );
+                }
+                other => panic!("{text:?}: expected a wrong-type error, got {other:?}"),
             }
         }
+        // A number key given a boolean: no advice to quote it.
+        let e = Config::from_toml_str("batch_size = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("batch_size: true is a TOML boolean") && !e.contains("quoted"),
+            "{e}"
+        );
         // A string is still a path.
         let c = Config::from_toml_str("log_dir = \"false\"\n").unwrap();
         assert_eq!(c.log.dir.as_deref(), Some(Path::new("false")));
@@ -1923,6 +1988,18 @@ mod tests {
             matches!(Config::from_toml_str(text), Err(ConfigError::Conflict(_))),
             "from_toml_str accepted a policy the library refuses"
         );
+    }
+
+    #[test]
+    fn a_key_without_a_value_is_said_to_miss_one() {
+        for text in [
+            "batch_size =",
+            "batch_size = ",
+            "double_pass = true\nbatch_size =",
+        ] {
+            let err = Config::from_toml_str(text).unwrap_err().to_string();
+            assert!(err.contains("expected a value"), "{text:?}: {err}");
+        }
     }
 
     #[test]
