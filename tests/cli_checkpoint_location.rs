@@ -95,6 +95,27 @@ fn checkpoints_kept_apart_fail_without_checkpoint_and_the_hint_names_it() {
     );
 }
 
+/// A `--checkpoint` directory holding no checkpoint (a volume not mounted, a mistyped path)
+/// fails as a deletion does, the verdict unchanged, with a hint naming that directory.
+#[test]
+fn an_empty_checkpoint_directory_fails_with_a_hint_naming_it() {
+    let s = signed_log();
+    let empty = s.log.parent().unwrap().join("not-mounted");
+    std::fs::create_dir(&empty).unwrap();
+    for name in ["verify-log", "evidence"] {
+        let (code, out, err) = verb(name, &s, Some(&empty));
+        assert_eq!(code, 1, "{name} with an empty --checkpoint: {out}{err}");
+        assert!(
+            err.contains("--checkpoint") && err.contains(&empty.display().to_string()),
+            "{name}: the hint does not name the empty --checkpoint directory: {err}"
+        );
+    }
+    // The right directory: no hint.
+    let (code, _, err) = verify(&s, Some(&s.ckpt));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("mounted"), "a hint on a pass: {err}");
+}
+
 #[test]
 fn another_file_of_the_log_given_as_checkpoint_is_a_usage_error() {
     let s = signed_log();

@@ -426,28 +426,40 @@ fn refuse_other_log_file(p: &Path) -> Result<(), String> {
     ))
 }
 
-/// Where checkpoints were looked for in the log directory only (no `--checkpoint`) and none
-/// is there while a chain has none: the likely cause is a writer that keeps them apart
-/// (`KVH_CHECKPOINT_DIR`), which the report's "checkpoint deleted, or never written" does not
-/// suggest. Said on stderr beside the verdict, which stands.
+/// Where checkpoints were looked for holds none while a chain has none: the likely cause is
+/// the wrong place, which the report's "checkpoint deleted, or never written" does not
+/// suggest. Without `--checkpoint` the log directory was searched (a writer may keep them
+/// apart, `KVH_CHECKPOINT_DIR`); with a `--checkpoint` directory, that one (the wrong one, or
+/// a volume not mounted). Said on stderr beside the verdict, which stands: checkpoints that
+/// are missing from where they should be are what a deletion looks like too.
 pub(crate) fn hint_checkpoint_dir<'a>(
     args: &VerifyLogArgs,
     problems: impl IntoIterator<Item = &'a str>,
 ) {
-    if args.checkpoint.is_some() || args.public_key.is_empty() {
+    if args.public_key.is_empty() {
         return;
     }
     let uncovered = problems
         .into_iter()
         .any(|p| p.contains(super::verify::NO_CHECKPOINT));
-    let none_here = super::checkpoint::find(&args.dir).is_ok_and(|found| found.is_empty());
-    if uncovered && none_here {
-        crate::say(format_args!(
+    if !uncovered {
+        return;
+    }
+    let holds_none = |dir: &Path| super::checkpoint::find(dir).is_ok_and(|found| found.is_empty());
+    match &args.checkpoint {
+        None if holds_none(&args.dir) => crate::say(format_args!(
             "kvh: no checkpoint file (kvh-*.ckpt) in {}, where checkpoints are looked for \
              without --checkpoint: if the writer keeps them apart (KVH_CHECKPOINT_DIR), give \
              --checkpoint with that directory",
             args.dir.display()
-        ));
+        )),
+        Some(dir) if dir.is_dir() && holds_none(dir) => crate::say(format_args!(
+            "kvh: no checkpoint file (kvh-*.ckpt) in --checkpoint {}: is it the directory the \
+             writer signs them into (its KVH_CHECKPOINT_DIR, the log directory when unset), \
+             and is its volume mounted?",
+            dir.display()
+        )),
+        _ => {}
     }
 }
 
