@@ -44,6 +44,7 @@ import json
 import numbers
 import operator
 import os
+import re
 import sys
 import threading
 import types
@@ -732,6 +733,13 @@ def _text_is_an_address(value) -> bool:
     )
 
 
+# Python's default text of an object, which names where it lives: "<coroutine object f at
+# 0x7f...>" (an async id getter called without await), "<Future at 0x... state=pending>",
+# "<weakref at 0x...; to ...>", also inside other text (f"req-{obj}"). The name before the
+# address may hold brackets of its own ("<coroutine object f.<locals>.g at 0x...>").
+_ADDRESS_TEXT = re.compile(r"<.*\bat 0x[0-9a-fA-F]+")
+
+
 def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     if value is None:
         return None
@@ -761,6 +769,15 @@ def _encode(value: Optional[str], name: str) -> Optional[bytes]:
     # the library as "acme", and two tenants would share one identity.
     if b"\0" in raw:
         raise ValueError(f"{name} {value!r} contains a NUL character")
+    # An object's address, which another object takes once this one is gone: two requests
+    # would share one identity. Objects whose text is their default one are refused above;
+    # this catches those that print their address in a text of their own (coroutines,
+    # generators, futures, locks, weak references) and ids built from such a text.
+    if _ADDRESS_TEXT.search(text):
+        raise (ValueError if isinstance(value, str) else TypeError)(
+            f"{name} {text!r} names an object's memory address, which a later object may "
+            "take; give the id itself as a str"
+        )
     return raw
 
 
@@ -848,8 +865,10 @@ def context(
     of a number; a ``str`` subclass's own text, not its ``__str__``; bytes, bytearray and
     memoryview as UTF-8): ``1`` and ``1.0`` are two requests. An object with no text of its
     own (whose ``str()`` is its address, which a later object may take), or a method or
-    function given for the id it returns, is refused (``TypeError``), as is text that is not
-    UTF-8 or holds a NUL character (``ValueError``). The library refuses ids over 128 bytes or
+    function given for the id it returns, or any other object whose text names its address
+    (a coroutine called without ``await``, a generator, a future), is refused
+    (``TypeError``), as is text that is not UTF-8, holds a NUL character or names an
+    object's address (``"<... at 0x...>"``, ``ValueError``). The library refuses ids over 128 bytes or
     with control or invisible formatting characters (:class:`KvhError`).
 
     Each asyncio task keeps its own contexts (they are held in a :mod:`contextvars` variable):

@@ -2239,6 +2239,39 @@ def test_an_id_given_as_a_bound_method_whose_text_is_its_object_s_address_is_ref
         kvhygiene._encode(Request().request_id, "request_id")
 
 
+def test_an_id_object_that_prints_its_own_address_is_refused():
+    # An id getter called without await (a coroutine), a generator, a future or a weak
+    # reference has a text of its own, and that text names its address
+    # ("<coroutine object request_id at 0x7f...>"): the next such object can be at the same
+    # address once the first is gone, and two requests would be one owner to the eviction
+    # gate, which would then hand one's KV blocks to the other unscrubbed.
+    import concurrent.futures
+    import weakref
+
+    async def request_id():
+        return "r-1"
+
+    def ids():
+        yield "r-1"
+
+    class Request:
+        pass
+
+    request = Request()
+    coroutine = request_id()
+    try:
+        for value in (coroutine, ids(), concurrent.futures.Future(), weakref.ref(request), threading.Lock()):
+            with pytest.raises(TypeError, match="address"):
+                kvhygiene._encode(value, "request_id")
+    finally:
+        coroutine.close()
+    # Text built from such an object is the same address.
+    with pytest.raises(ValueError, match="address"):
+        kvhygiene._encode(f"req-{weakref.ref(request)}", "request_id")
+    # Text that only looks alike is an id.
+    assert kvhygiene._encode("meet at 0x10 <noon>", "request_id") == b"meet at 0x10 <noon>"
+
+
 _MARK_IPC_EXPORTED = """
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
